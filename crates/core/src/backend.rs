@@ -1,0 +1,96 @@
+//! The contract between the engine and a compute backend (CPU reference, CUDA).
+//!
+//! The engine owns scheduling and KV *bookkeeping* (which physical block holds which positions
+//! of which sequence); the backend owns KV *memory* and the math. KV is paged in two groups with
+//! one block size:
+//! - the full-attention group: every position of a sequence has a slot; blocks are ref-counted
+//!   and shared between sequences through prefix caching;
+//! - the sliding-window group: same indexing, but the engine releases blocks that lie wholly
+//!   outside every window (their table entries become [`NULL_BLOCK`]), so a running sequence
+//!   holds about `window / block_size + 1` of them.
+//!
+//! Position `p` of a sequence lives in block `table[p / block_size]` at offset `p % block_size`,
+//! in both groups. A layer's K/V layout inside a block is the backend's business.
+
+use crate::{ModelSpec, Result};
+
+/// Marks a block-table entry that holds no block (a sliding-window block released by the engine).
+pub const NULL_BLOCK: u32 = u32::MAX;
+
+/// Block counts decided by the engine from the memory budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvConfig {
+    /// Tokens per block.
+    pub block_size: usize,
+    pub num_full_blocks: usize,
+    pub num_swa_blocks: usize,
+}
+
+/// Bytes of one block in each group, summed over the layers of that group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvBlockBytes {
+    pub full: usize,
+    pub swa: usize,
+}
+
+/// Which positions of a chunk need logits back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputRows {
+    /// None (a prefill chunk that is not the last one).
+    None,
+    /// The last position only (decode, last prefill chunk).
+    Last,
+    /// Every position of the chunk (prompt logprobs; speculative verification).
+    All,
+}
+
+/// One sequence's part of a forward step: `tokens` at positions `start_pos..start_pos+len`.
+/// Everything before `start_pos` is already in the KV cache (or, for sliding-window layers, at
+/// least the last `window - 1` positions before it).
+#[derive(Debug, Clone)]
+pub struct SeqForward {
+    pub seq_id: u64,
+    pub tokens: Vec<u32>,
+    pub start_pos: usize,
+    /// Full-attention block table, covering at least positions `0..start_pos + tokens.len()`.
+    pub full_blocks: Vec<u32>,
+    /// Sliding-window block table with the same indexing; entries wholly outside the window of
+    /// every position in this chunk may be [`NULL_BLOCK`].
+    pub swa_blocks: Vec<u32>,
+    pub output: OutputRows,
+}
+
+/// Logits returned for one sequence: `rows` rows of `vocab_size` f32 each, in position order.
+#[derive(Debug, Clone, Default)]
+pub struct Logits {
+    pub rows: usize,
+    pub data: Vec<f32>,
+}
+
+impl Logits {
+    pub fn row(&self, i: usize) -> &[f32] {
+        let v = self.data.len() / self.rows.max(1);
+        &self.data[i * v..(i + 1) * v]
+    }
+    pub fn last(&self) -> Option<&[f32]> {
+        (self.rows > 0).then(|| self.row(self.rows - 1))
+    }
+}
+
+/// A compute backend. The engine calls it from one thread.
+pub trait Backend: Send {
+    fn spec(&self) -> &ModelSpec;
+
+    /// Bytes one KV block of `block_size` tokens takes in each group.
+    fn kv_block_bytes(&self, block_size: usize) -> KvBlockBytes;
+
+    /// Allocate (or re-allocate, dropping contents) the KV pools.
+    fn init_kv(&mut self, config: KvConfig) -> Result<()>;
+
+    /// Run one forward step over a batch of sequences: write their new K/V into the given
+    /// blocks and return, per sequence and in batch order, the logits asked for by `output`.
+    fn forward(&mut self, batch: &[SeqForward]) -> Result<Vec<Logits>>;
+
+    /// A short name for logs and metrics ("cpu", "cuda").
+    fn name(&self) -> &str;
+}

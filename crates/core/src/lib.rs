@@ -1,0 +1,21 @@
+//! Shared types of Peregrine. Every other crate depends on this one and on nothing above it.
+//!
+//! - [`spec`]: `ModelSpec`, the one per-layer description of a model that loaders produce and
+//!   backends read;
+//! - [`dtype`]: element types and the storage formats weights keep (BF16, FP8 block, MXFP4);
+//! - [`sampling`]: the sampling parameters of one request;
+//! - [`error`]: the error type shared by the loaders and backends.
+
+pub mod backend;
+pub mod dtype;
+pub mod error;
+pub mod sampling;
+pub mod spec;
+
+pub use dtype::{DType, QuantFormat};
+pub use error::{Error, Result};
+pub use sampling::SamplingParams;
+pub use spec::{
+    AttentionKind, AttentionSpec, LayerSpec, MlpSpec, ModelSpec, MoeSpec, QkvLayout, RopeSpec,
+    RouterScoring,
+};

@@ -1,0 +1,53 @@
+//! Sampling parameters of one request, after validation by the server.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SamplingParams {
+    /// 0 means greedy.
+    pub temperature: f32,
+    /// 1.0 disables.
+    pub top_p: f32,
+    /// 0 disables.
+    pub top_k: usize,
+    /// 0.0 disables.
+    pub min_p: f32,
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    /// 1.0 disables; applies to prompt and generated tokens (HF/vLLM semantics).
+    pub repetition_penalty: f32,
+    /// Added to the logits of these token ids before everything else.
+    pub logit_bias: BTreeMap<u32, f32>,
+    /// Same seed and same request give the same output, whatever else is in the batch.
+    pub seed: Option<u64>,
+    /// Return this many top log-probabilities per token (None: no logprobs).
+    pub logprobs: Option<usize>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            min_p: 0.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            repetition_penalty: 1.0,
+            logit_bias: BTreeMap::new(),
+            seed: None,
+            logprobs: None,
+        }
+    }
+}
+
+impl SamplingParams {
+    pub fn greedy() -> Self {
+        SamplingParams { temperature: 0.0, ..Default::default() }
+    }
+    pub fn is_greedy(&self) -> bool {
+        self.temperature <= 0.0
+    }
+}

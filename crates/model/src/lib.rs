@@ -1,0 +1,12 @@
+//! Everything about a model on disk: its description, its weights, its tokenizer.
+//!
+//! - [`config`]: HF `config.json` (`mimo_v2_flash`, `mimo_v2`, Llama-style) -> `ModelSpec`;
+//! - [`formats`]: element and block decoders (BF16/F16/F32, FP8 e4m3 + 128x128 scales, MXFP4);
+//! - [`checkpoint`]: safetensors through mmap, single-file and sharded;
+//! - [`hub`]: `org/name` ids resolved in the local HF cache, offline;
+//! - [`weights`]: [`weights::WeightSource`], tensors by canonical HF name as f32 for the CPU
+//!   reference, whatever layout and format the checkpoint stores them in;
+//! - [`tokenizer`], [`chat_template`]: tokenizer.json and the Jinja chat template.
+
+pub mod chat_template;
+pub mod tokenizer;
