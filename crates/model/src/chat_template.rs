@@ -1,1 +1,244 @@
-//! The chat template of tokenizer_config.json, rendered with minijinja and HF semantics.
+//! The chat template of tokenizer_config.json rendered with minijinja and HF semantics:
+//! trim_blocks and lstrip_blocks, Python string/dict/list methods (minijinja-contrib's pycompat),
+//! a `tojson` that matches Python's `json.dumps` byte for byte (no HTML escaping, `", "`/`": "`
+//! separators, insertion order), `raise_exception`, `strftime_now`, and the HF context variables.
+
+use minijinja::value::{Kwargs, Value as JValue};
+use minijinja::{Environment, ErrorKind};
+use peregrine_core::{Error, Result};
+use serde_json::{Map, Value};
+
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    bos: Option<String>,
+    eos: Option<String>,
+}
+
+impl ChatTemplate {
+    pub fn new(source: &str, bos_token: Option<&str>, eos_token: Option<&str>) -> Result<Self> {
+        let mut env = Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", raise_exception);
+        env.add_function("strftime_now", strftime_now);
+        env.add_filter("tojson", tojson);
+        env.add_template_owned("chat", source.to_owned())
+            .map_err(|e| Error::Template(format!("cannot parse the chat template: {e:#}")))?;
+        Ok(ChatTemplate { env, bos: bos_token.map(str::to_owned), eos: eos_token.map(str::to_owned) })
+    }
+
+    /// Renders `messages` (a JSON array of OpenAI-style messages) with optional `tools`;
+    /// `extra` (chat_template_kwargs) is merged into the context last.
+    pub fn render(
+        &self,
+        messages: &Value,
+        tools: Option<&Value>,
+        add_generation_prompt: bool,
+        extra: &Map<String, Value>,
+    ) -> Result<String> {
+        let mut ctx = Map::new();
+        ctx.insert("messages".into(), normalize_messages(messages)?);
+        ctx.insert("tools".into(), tools.cloned().unwrap_or(Value::Null));
+        ctx.insert("add_generation_prompt".into(), Value::Bool(add_generation_prompt));
+        ctx.insert("bos_token".into(), self.bos.clone().map(Value::String).unwrap_or(Value::String(String::new())));
+        ctx.insert("eos_token".into(), self.eos.clone().map(Value::String).unwrap_or(Value::String(String::new())));
+        for (k, v) in extra {
+            ctx.insert(k.clone(), v.clone());
+        }
+        let tmpl = self.env.get_template("chat").map_err(|e| Error::Template(e.to_string()))?;
+        tmpl.render(JValue::from_serialize(&Value::Object(ctx))).map_err(|e| {
+            // Show the template's own message for raise_exception.
+            match e.kind() {
+                ErrorKind::InvalidOperation => Error::Template(e.detail().unwrap_or("invalid operation").to_owned()),
+                _ => Error::Template(format!("{e:#}")),
+            }
+        })
+    }
+}
+
+/// HF passes `tool_calls[].function.arguments` to templates as given; when a client sends the
+/// OpenAI wire form (a JSON string) templates that iterate it as a mapping need the parsed
+/// object, which is what transformers' chat pipelines hand over. Parse strings that hold a JSON
+/// object; leave anything else untouched.
+fn normalize_messages(messages: &Value) -> Result<Value> {
+    let list = messages.as_array().ok_or_else(|| Error::Template("messages must be a list".into()))?;
+    let mut out = Vec::with_capacity(list.len());
+    for m in list {
+        let mut m = m.clone();
+        if let Some(calls) = m.get_mut("tool_calls").and_then(Value::as_array_mut) {
+            for c in calls {
+                if let Some(args) = c.get_mut("function").and_then(|f| f.get_mut("arguments")) {
+                    if let Value::String(s) = args {
+                        if let Ok(v @ Value::Object(_)) = serde_json::from_str::<Value>(s) {
+                            *args = v;
+                        }
+                    }
+                }
+            }
+        }
+        out.push(m);
+    }
+    Ok(Value::Array(out))
+}
+
+fn raise_exception(msg: String) -> std::result::Result<JValue, minijinja::Error> {
+    Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+}
+
+/// `strftime_now(fmt)`: the current UTC time, with the common strftime fields.
+fn strftime_now(fmt: String) -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    format_time(secs, &fmt)
+}
+
+pub(crate) fn format_time(secs: i64, fmt: &str) -> String {
+    const MONTHS: [&str; 12] = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
+    const DAYS: [&str; 7] = ["Thursday", "Friday", "Saturday", "Sunday", "Monday", "Tuesday", "Wednesday"];
+    let days = secs.div_euclid(86_400);
+    let tod = secs.rem_euclid(86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    let wd = DAYS[days.rem_euclid(7) as usize];
+    let mut out = String::new();
+    let mut chars = fmt.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('Y') => out += &y.to_string(),
+            Some('m') => out += &format!("{m:02}"),
+            Some('d') => out += &format!("{d:02}"),
+            Some('-') => match chars.next() {
+                Some('d') => out += &d.to_string(),
+                Some('m') => out += &m.to_string(),
+                Some(o) => { out.push_str("%-"); out.push(o) }
+                None => out.push_str("%-"),
+            },
+            Some('B') => out += MONTHS[(m - 1) as usize],
+            Some('b') => out += &MONTHS[(m - 1) as usize][..3],
+            Some('A') => out += wd,
+            Some('a') => out += &wd[..3],
+            Some('H') => out += &format!("{:02}", tod / 3600),
+            Some('M') => out += &format!("{:02}", tod % 3600 / 60),
+            Some('S') => out += &format!("{:02}", tod % 60),
+            Some('%') => out.push('%'),
+            Some(o) => { out.push('%'); out.push(o) }
+            None => out.push('%'),
+        }
+    }
+    out
+}
+
+/// Python's `json.dumps(value, ensure_ascii=False, indent=indent, separators=..., sort_keys=...)`.
+fn tojson(value: JValue, kwargs: Kwargs) -> std::result::Result<JValue, minijinja::Error> {
+    let indent: Option<usize> = kwargs.get("indent")?;
+    let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
+    let separators: Option<Vec<String>> = kwargs.get("separators")?;
+    let _: Option<bool> = kwargs.get("ensure_ascii")?;
+    kwargs.assert_all_used()?;
+    let json = serde_json::to_value(&value)
+        .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
+    let (item_sep, key_sep) = match &separators {
+        Some(s) if s.len() == 2 => (s[0].clone(), s[1].clone()),
+        _ => (if indent.is_some() { ",".to_owned() } else { ", ".to_owned() }, ": ".to_owned()),
+    };
+    let mut out = String::new();
+    python_dumps(&json, indent, &item_sep, &key_sep, sort_keys.unwrap_or(false), 0, &mut out);
+    Ok(JValue::from_safe_string(out))
+}
+
+fn python_dumps(v: &Value, indent: Option<usize>, item_sep: &str, key_sep: &str, sort: bool, level: usize, out: &mut String) {
+    let newline = |out: &mut String, level: usize| {
+        if let Some(n) = indent {
+            out.push('\n');
+            out.push_str(&" ".repeat(n * level));
+        }
+    };
+    match v {
+        Value::Null => out.push_str("null"),
+        Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+        Value::Number(n) => {
+            if let Some(f) = n.as_f64().filter(|_| n.is_f64()) {
+                if f.is_finite() && f.fract() == 0.0 && f.abs() < 1e16 {
+                    out.push_str(&format!("{f:.1}"));
+                } else {
+                    out.push_str(&n.to_string());
+                }
+            } else {
+                out.push_str(&n.to_string());
+            }
+        }
+        Value::String(s) => python_str(s, out),
+        Value::Array(a) => {
+            if a.is_empty() {
+                out.push_str("[]");
+                return;
+            }
+            out.push('[');
+            for (i, x) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(item_sep);
+                }
+                newline(out, level + 1);
+                python_dumps(x, indent, item_sep, key_sep, sort, level + 1, out);
+            }
+            newline(out, level);
+            out.push(']');
+        }
+        Value::Object(o) => {
+            if o.is_empty() {
+                out.push_str("{}");
+                return;
+            }
+            let mut keys: Vec<&String> = o.keys().collect();
+            if sort {
+                keys.sort();
+            }
+            out.push('{');
+            for (i, k) in keys.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(item_sep);
+                }
+                newline(out, level + 1);
+                python_str(k, out);
+                out.push_str(key_sep);
+                python_dumps(&o[*k], indent, item_sep, key_sep, sort, level + 1, out);
+            }
+            newline(out, level);
+            out.push('}');
+        }
+    }
+}
+
+/// A JSON string as Python writes it with ensure_ascii=False.
+fn python_str(s: &str, out: &mut String) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\u{08}' => out.push_str("\\b"),
+            '\u{0c}' => out.push_str("\\f"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}

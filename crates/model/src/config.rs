@@ -1,0 +1,584 @@
+//! HF `config.json` -> [`ModelSpec`].
+//!
+//! Supported `model_type`s:
+//! - `mimo_v2_flash` (HF transformers' native class; every field and default of
+//!   `MiMoV2FlashConfig`);
+//! - `mimo_v2` (MiMo-V2.5-Pro remote code: `hybrid_layer_pattern`, `swa_*`, `moe_layer_freq`,
+//!   fused or split qkv);
+//! - dense Llama-style stacks (`llama`, `mistral`, `qwen2`, `qwen3`).
+//!
+//! Every error names the offending field; nothing here panics on user data.
+
+use std::path::Path;
+
+use peregrine_core::spec::RopeStyle;
+use peregrine_core::{
+    AttentionKind, AttentionSpec, DType, Error, LayerSpec, MlpSpec, ModelSpec, MoeSpec, QkvLayout,
+    QuantFormat, Result, RopeSpec, RouterScoring,
+};
+use peregrine_core::spec::QuantSpec;
+use serde_json::{Map, Value};
+
+/// Reads `config.json` (and `generation_config.json` when present) from a model directory.
+pub fn load_spec(dir: &Path) -> Result<ModelSpec> {
+    let path = dir.join("config.json");
+    let config = read_json(&path)?;
+    let gen_path = dir.join("generation_config.json");
+    let generation = if gen_path.is_file() { Some(read_json(&gen_path)?) } else { None };
+    parse_config(&config, generation.as_ref())
+}
+
+pub(crate) fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::file(path, format!("invalid JSON: {e}")))
+}
+
+/// Parses a config.json value (plus an optional generation_config.json value).
+pub fn parse_config(config: &Value, generation_config: Option<&Value>) -> Result<ModelSpec> {
+    let c = Fields::new(config, "")?;
+    let model_type = c.req_str("model_type")?;
+    let mut spec = match model_type.as_str() {
+        "mimo_v2_flash" => parse_mimo_v2_flash(&c)?,
+        "mimo_v2" => parse_mimo_v2(&c)?,
+        "llama" | "mistral" | "qwen2" | "qwen3" => parse_dense(&c, &model_type)?,
+        other => {
+            return Err(Error::config(
+                "model_type",
+                format!("unsupported model type `{other}` (supported: mimo_v2_flash, mimo_v2, llama, mistral, qwen2, qwen3)"),
+            ))
+        }
+    };
+    spec.quant = parse_quant(config.get("quantization_config"))?;
+    if let Some(g) = generation_config {
+        let g = Fields::new(g, "generation_config.")?;
+        for id in g.opt_ids("eos_token_id")? {
+            if !spec.eos_token_ids.contains(&id) {
+                spec.eos_token_ids.push(id);
+            }
+        }
+        if spec.bos_token_id.is_none() {
+            spec.bos_token_id = g.opt_ids("bos_token_id")?.first().copied();
+        }
+    }
+    validate(&spec)?;
+    Ok(spec)
+}
+
+/// Typed access to a JSON object, with errors naming the field.
+pub(crate) struct Fields<'a> {
+    map: &'a Map<String, Value>,
+    prefix: &'a str,
+}
+
+impl<'a> Fields<'a> {
+    pub(crate) fn new(v: &'a Value, prefix: &'a str) -> Result<Self> {
+        let map = v
+            .as_object()
+            .ok_or_else(|| Error::config(prefix.trim_end_matches('.'), "expected a JSON object"))?;
+        Ok(Fields { map, prefix })
+    }
+    fn name(&self, key: &str) -> String {
+        format!("{}{}", self.prefix, key)
+    }
+    /// The value, treating JSON null as absent.
+    pub(crate) fn get(&self, key: &str) -> Option<&'a Value> {
+        self.map.get(key).filter(|v| !v.is_null())
+    }
+    pub(crate) fn req_str(&self, key: &str) -> Result<String> {
+        match self.get(key) {
+            Some(Value::String(s)) => Ok(s.clone()),
+            Some(_) => Err(Error::config(self.name(key), "expected a string")),
+            None => Err(Error::config(self.name(key), "missing")),
+        }
+    }
+    pub(crate) fn opt_str(&self, key: &str) -> Result<Option<String>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(Error::config(self.name(key), "expected a string")),
+        }
+    }
+    pub(crate) fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => match v.as_u64() {
+                Some(n) => usize::try_from(n)
+                    .map(Some)
+                    .map_err(|_| Error::config(self.name(key), "too large")),
+                None => match v.as_f64() {
+                    Some(f) if f >= 0.0 && f.fract() == 0.0 && f < 1e15 => Ok(Some(f as usize)),
+                    _ => Err(Error::config(self.name(key), format!("expected a non-negative integer, got {v}"))),
+                },
+            },
+        }
+    }
+    pub(crate) fn usize_or(&self, key: &str, default: usize) -> Result<usize> {
+        Ok(self.opt_usize(key)?.unwrap_or(default))
+    }
+    pub(crate) fn req_usize(&self, key: &str) -> Result<usize> {
+        self.opt_usize(key)?.ok_or_else(|| Error::config(self.name(key), "missing"))
+    }
+    pub(crate) fn opt_f64(&self, key: &str) -> Result<Option<f64>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .filter(|f| f.is_finite())
+                .map(Some)
+                .ok_or_else(|| Error::config(self.name(key), format!("expected a number, got {v}"))),
+        }
+    }
+    pub(crate) fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
+        Ok(self.opt_f64(key)?.unwrap_or(default))
+    }
+    pub(crate) fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(_) => Err(Error::config(self.name(key), "expected true or false")),
+        }
+    }
+    /// A token id given as an integer or a list of integers.
+    pub(crate) fn opt_ids(&self, key: &str) -> Result<Vec<u32>> {
+        let bad = || Error::config(self.name(key), "expected a token id or a list of token ids");
+        let one = |v: &Value| v.as_u64().and_then(|n| u32::try_from(n).ok()).ok_or_else(bad);
+        match self.get(key) {
+            None => Ok(Vec::new()),
+            Some(Value::Array(items)) => items.iter().map(one).collect(),
+            Some(v) => Ok(vec![one(v)?]),
+        }
+    }
+    fn opt_list(&self, key: &str) -> Result<Option<&'a Vec<Value>>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Array(a)) => Ok(Some(a)),
+            Some(_) => Err(Error::config(self.name(key), "expected a list")),
+        }
+    }
+    fn opt_str_list(&self, key: &str) -> Result<Option<Vec<String>>> {
+        self.opt_list(key)?
+            .map(|a| {
+                a.iter()
+                    .map(|v| {
+                        v.as_str().map(str::to_owned).ok_or_else(|| {
+                            Error::config(self.name(key), "expected a list of strings")
+                        })
+                    })
+                    .collect()
+            })
+            .transpose()
+    }
+    fn opt_int_list(&self, key: &str) -> Result<Option<Vec<u64>>> {
+        self.opt_list(key)?
+            .map(|a| {
+                a.iter()
+                    .map(|v| {
+                        v.as_u64().ok_or_else(|| {
+                            Error::config(self.name(key), "expected a list of integers")
+                        })
+                    })
+                    .collect()
+            })
+            .transpose()
+    }
+    fn sub(&self, key: &str) -> Result<Option<Value>> {
+        Ok(self.get(key).cloned())
+    }
+}
+
+/// Python's `int(head_dim * factor)`, in f64 like Python.
+fn rotary_dim(head_dim: usize, factor: f64) -> usize {
+    (head_dim as f64 * factor).floor() as usize
+}
+
+struct Common {
+    vocab_size: usize,
+    hidden_size: usize,
+    num_layers: usize,
+    max_pos: usize,
+    tie: bool,
+    bos: Option<u32>,
+    eos: Vec<u32>,
+    pad: Option<u32>,
+}
+
+fn common(c: &Fields, bos_default: Option<u32>, max_pos_default: usize) -> Result<Common> {
+    let bos = match c.get("bos_token_id") {
+        None if !c.map.contains_key("bos_token_id") => bos_default,
+        _ => c.opt_ids("bos_token_id")?.first().copied(),
+    };
+    Ok(Common {
+        vocab_size: c.req_usize("vocab_size")?,
+        hidden_size: c.req_usize("hidden_size")?,
+        num_layers: c.req_usize("num_hidden_layers")?,
+        max_pos: c.usize_or("max_position_embeddings", max_pos_default)?,
+        tie: c.bool_or("tie_word_embeddings", false)?,
+        bos,
+        eos: c.opt_ids("eos_token_id")?,
+        pad: c.opt_ids("pad_token_id")?.first().copied(),
+    })
+}
+
+fn spec_from(com: Common, model_type: &str, eps: f64, layers: Vec<LayerSpec>) -> ModelSpec {
+    ModelSpec {
+        model_type: model_type.to_owned(),
+        vocab_size: com.vocab_size,
+        hidden_size: com.hidden_size,
+        rms_norm_eps: eps as f32,
+        max_position_embeddings: com.max_pos,
+        tie_word_embeddings: com.tie,
+        bos_token_id: com.bos,
+        eos_token_ids: com.eos,
+        pad_token_id: com.pad,
+        layers,
+        quant: QuantSpec::unquantized(),
+    }
+}
+
+fn parse_moe(c: &Fields, defaults: (usize, usize, usize)) -> Result<MoeSpec> {
+    let scoring = match c.opt_str("scoring_func")?.as_deref() {
+        None | Some("sigmoid") => RouterScoring::Sigmoid,
+        Some("softmax") => RouterScoring::Softmax,
+        Some(o) => return Err(Error::config("scoring_func", format!("unsupported `{o}` (sigmoid, softmax)"))),
+    };
+    let correction_bias = match c.opt_str("topk_method")?.as_deref() {
+        None => scoring == RouterScoring::Sigmoid,
+        Some("noaux_tc") => true,
+        Some("greedy") | Some("group_limited_greedy") => false,
+        Some(o) => return Err(Error::config("topk_method", format!("unsupported `{o}`"))),
+    };
+    Ok(MoeSpec {
+        num_experts: c.usize_or("n_routed_experts", defaults.0)?,
+        top_k: c.usize_or("num_experts_per_tok", defaults.1)?,
+        intermediate_size: c.usize_or("moe_intermediate_size", defaults.2)?,
+        scoring,
+        correction_bias,
+        n_group: c.usize_or("n_group", 1)?,
+        topk_group: c.usize_or("topk_group", 1)?,
+        norm_topk_prob: c.bool_or("norm_topk_prob", true)?,
+        // The hub stores null, which HF reads as 1.0.
+        routed_scaling_factor: c.f64_or("routed_scaling_factor", 1.0)? as f32,
+    })
+}
+
+fn parse_mimo_v2_flash(c: &Fields) -> Result<ModelSpec> {
+    let com = common(c, Some(1), 131072)?;
+    let n = com.num_layers;
+    let heads = c.usize_or("num_attention_heads", 64)?;
+    let kv_heads = c.usize_or("num_key_value_heads", 4)?;
+    let head_dim = c.usize_or("head_dim", 192)?;
+    let v_head_dim = c.usize_or("v_head_dim", 128)?;
+    let window = c.usize_or("sliding_window", 128)?;
+    let value_scale = c.f64_or("attention_value_scale", 1.0)?;
+    // HF: `attention_value_scale` defaults to 0.707 when the key is absent, 1.0 when null.
+    let value_scale = if c.map.contains_key("attention_value_scale") { value_scale } else { 0.707 };
+    let bias = c.bool_or("attention_bias", false)?;
+    let eps = c.f64_or("rms_norm_eps", 1e-5)?;
+    let intermediate = c.usize_or("intermediate_size", 16384)?;
+    let moe = parse_moe(c, (256, 8, 2048))?;
+
+    let layer_types = c.opt_str_list("layer_types")?.unwrap_or_else(|| {
+        (0..n)
+            .map(|i| if i == 0 || (i + 1) % 6 == 0 { "full_attention" } else { "sliding_attention" }.to_owned())
+            .collect()
+    });
+    let mlp_types = c.opt_str_list("mlp_layer_types")?.unwrap_or_else(|| {
+        (0..n).map(|i| if i == 0 { "dense" } else { "sparse" }.to_owned()).collect()
+    });
+    check_len("layer_types", layer_types.len(), n)?;
+    check_len("mlp_layer_types", mlp_types.len(), n)?;
+
+    let rope_for = |layer_type: &str| -> Result<RopeSpec> {
+        let (theta_default, field) = match layer_type {
+            "full_attention" => (5_000_000.0, "rope_parameters.full_attention"),
+            _ => (10_000.0, "rope_parameters.sliding_attention"),
+        };
+        let params = c.sub("rope_parameters")?;
+        let (theta, factor) = match params {
+            None => (c.f64_or("rope_theta", theta_default)?, c.f64_or("partial_rotary_factor", 0.334)?),
+            Some(p) => {
+                let per = p.get(layer_type).filter(|v| !v.is_null());
+                match per {
+                    None => return Err(Error::config(field, "missing")),
+                    Some(v) => {
+                        let f = Fields::new(v, "rope_parameters.")?;
+                        match f.opt_str("rope_type")?.as_deref() {
+                            None | Some("default") => {}
+                            Some(o) => return Err(Error::config(format!("{field}.rope_type"), format!("unsupported `{o}` (only default)"))),
+                        }
+                        (
+                            f.opt_f64("rope_theta")?.ok_or_else(|| Error::config(format!("{field}.rope_theta"), "missing"))?,
+                            f.f64_or("partial_rotary_factor", 0.334)?,
+                        )
+                    }
+                }
+            }
+        };
+        Ok(RopeSpec { theta, rotary_dim: rotary_dim(head_dim, factor), style: RopeStyle::NeoX })
+    };
+
+    let mut layers = Vec::with_capacity(n);
+    for i in 0..n {
+        let swa = match layer_types[i].as_str() {
+            "full_attention" => false,
+            "sliding_attention" => true,
+            o => return Err(Error::config(format!("layer_types[{i}]"), format!("unknown layer type `{o}`"))),
+        };
+        let attention = AttentionSpec {
+            kind: if swa { AttentionKind::Sliding { window } } else { AttentionKind::Full },
+            num_heads: heads,
+            // HF doubles the KV heads of sliding-window layers.
+            num_kv_heads: if swa { kv_heads * 2 } else { kv_heads },
+            head_dim,
+            v_head_dim,
+            rope: rope_for(&layer_types[i])?,
+            sinks: swa,
+            value_scale: value_scale as f32,
+            softmax_scale: (head_dim as f32).powf(-0.5),
+            qkv_layout: QkvLayout::Separate,
+            qkv_bias: bias,
+            qk_norm: false,
+        };
+        let mlp = match mlp_types[i].as_str() {
+            "dense" => MlpSpec::Dense { intermediate_size: intermediate },
+            "sparse" => MlpSpec::Moe(moe),
+            o => return Err(Error::config(format!("mlp_layer_types[{i}]"), format!("unknown MLP type `{o}`"))),
+        };
+        layers.push(LayerSpec { attention, mlp });
+    }
+    Ok(spec_from(com, "mimo_v2_flash", eps, layers))
+}
+
+fn parse_mimo_v2(c: &Fields) -> Result<ModelSpec> {
+    let com = common(c, None, 1_048_576)?;
+    let n = com.num_layers;
+    let heads = c.req_usize("num_attention_heads")?;
+    let kv_heads = c.req_usize("num_key_value_heads")?;
+    let head_dim = c.usize_or("head_dim", 192)?;
+    let v_head_dim = c.usize_or("v_head_dim", head_dim)?;
+    let swa_heads = c.usize_or("swa_num_attention_heads", heads)?;
+    let swa_kv = c.usize_or("swa_num_key_value_heads", kv_heads)?;
+    let swa_head_dim = c.usize_or("swa_head_dim", head_dim)?;
+    let swa_v_head_dim = c.usize_or("swa_v_head_dim", v_head_dim)?;
+    let theta = c.f64_or("rope_theta", 10_000_000.0)?;
+    let swa_theta = c.f64_or("swa_rope_theta", 10_000.0)?;
+    let factor = c.f64_or("partial_rotary_factor", 1.0)?;
+    let window = match c.opt_usize("sliding_window")? {
+        Some(w) => w,
+        None => c.usize_or("sliding_window_size", 128)?,
+    };
+    let eps = match c.opt_f64("layernorm_epsilon")? {
+        Some(e) => e,
+        None => c.f64_or("rms_norm_eps", 1e-5)?,
+    };
+    let value_scale = c.f64_or("attention_value_scale", 1.0)?;
+    let bias = c.bool_or("attention_bias", false)?;
+    let full_sinks = c.bool_or("add_full_attention_sink_bias", false)?;
+    let swa_sinks = c.bool_or("add_swa_attention_sink_bias", true)?;
+    let layout = match c.opt_str("attention_projection_layout")?.as_deref() {
+        None | Some("split") => QkvLayout::Separate,
+        Some("fused_qkv") | Some("fused") => QkvLayout::FusedPerKvHead,
+        Some(o) => return Err(Error::config("attention_projection_layout", format!("unknown `{o}` (split, fused_qkv)"))),
+    };
+    let intermediate = c.req_usize("intermediate_size")?;
+    let moe = parse_moe(c, (256, 8, 2048))?;
+    let pattern = c
+        .opt_int_list("hybrid_layer_pattern")?
+        .unwrap_or_else(|| (0..n).map(|i| u64::from(i != 0 && i % 6 != 5)).collect());
+    let moe_freq = c
+        .opt_int_list("moe_layer_freq")?
+        .unwrap_or_else(|| (0..n).map(|i| u64::from(i != 0)).collect());
+    check_len("hybrid_layer_pattern", pattern.len(), n)?;
+    check_len("moe_layer_freq", moe_freq.len(), n)?;
+
+    let mut layers = Vec::with_capacity(n);
+    for i in 0..n {
+        let swa = match pattern[i] {
+            0 => false,
+            1 => true,
+            o => return Err(Error::config(format!("hybrid_layer_pattern[{i}]"), format!("expected 0 or 1, got {o}"))),
+        };
+        let (h, kv, d, vd, th) = if swa {
+            (swa_heads, swa_kv, swa_head_dim, swa_v_head_dim, swa_theta)
+        } else {
+            (heads, kv_heads, head_dim, v_head_dim, theta)
+        };
+        let attention = AttentionSpec {
+            kind: if swa { AttentionKind::Sliding { window } } else { AttentionKind::Full },
+            num_heads: h,
+            num_kv_heads: kv,
+            head_dim: d,
+            v_head_dim: vd,
+            rope: RopeSpec { theta: th, rotary_dim: rotary_dim(d, factor), style: RopeStyle::NeoX },
+            sinks: if swa { swa_sinks } else { full_sinks },
+            value_scale: value_scale as f32,
+            softmax_scale: (d as f32).powf(-0.5),
+            qkv_layout: layout,
+            qkv_bias: bias,
+            qk_norm: false,
+        };
+        let mlp = match moe_freq[i] {
+            0 => MlpSpec::Dense { intermediate_size: intermediate },
+            1 => MlpSpec::Moe(moe),
+            o => return Err(Error::config(format!("moe_layer_freq[{i}]"), format!("expected 0 or 1, got {o}"))),
+        };
+        layers.push(LayerSpec { attention, mlp });
+    }
+    Ok(spec_from(com, "mimo_v2", eps, layers))
+}
+
+fn parse_dense(c: &Fields, model_type: &str) -> Result<ModelSpec> {
+    let com = common(c, None, 4096)?;
+    let heads = c.req_usize("num_attention_heads")?;
+    let kv = c.usize_or("num_key_value_heads", heads)?;
+    if heads == 0 {
+        return Err(Error::config("num_attention_heads", "must be positive"));
+    }
+    let head_dim = c.usize_or("head_dim", com.hidden_size / heads)?;
+    let theta = c.f64_or("rope_theta", 10_000.0)?;
+    let factor = c.f64_or("partial_rotary_factor", 1.0)?;
+    if let Some(s) = c.get("rope_scaling") {
+        let kind = s.get("rope_type").or_else(|| s.get("type")).and_then(Value::as_str);
+        if !matches!(kind, None | Some("default")) {
+            return Err(Error::config("rope_scaling", format!("unsupported rope scaling {s}")));
+        }
+    }
+    let eps = c.f64_or("rms_norm_eps", 1e-6)?;
+    let intermediate = c.req_usize("intermediate_size")?;
+    let window = if c.bool_or("use_sliding_window", false)? { c.opt_usize("sliding_window")? } else { None };
+    let attention = AttentionSpec {
+        kind: match window {
+            Some(w) => AttentionKind::Sliding { window: w },
+            None => AttentionKind::Full,
+        },
+        num_heads: heads,
+        num_kv_heads: kv,
+        head_dim,
+        v_head_dim: head_dim,
+        rope: RopeSpec { theta, rotary_dim: rotary_dim(head_dim, factor), style: RopeStyle::NeoX },
+        sinks: false,
+        value_scale: 1.0,
+        softmax_scale: (head_dim as f32).powf(-0.5),
+        qkv_layout: QkvLayout::Separate,
+        qkv_bias: c.bool_or("attention_bias", model_type == "qwen2")?,
+        qk_norm: model_type == "qwen3",
+    };
+    let layers = (0..com.num_layers)
+        .map(|_| LayerSpec { attention, mlp: MlpSpec::Dense { intermediate_size: intermediate } })
+        .collect();
+    Ok(spec_from(com, model_type, eps, layers))
+}
+
+fn parse_quant(q: Option<&Value>) -> Result<QuantSpec> {
+    let Some(q) = q.filter(|v| !v.is_null()) else { return Ok(QuantSpec::unquantized()) };
+    let f = Fields::new(q, "quantization_config.")?;
+    let method = f.req_str("quant_method")?;
+    let ignored = |key: &str| -> Result<Vec<String>> { Ok(f.opt_str_list(key)?.unwrap_or_default()) };
+    match method.as_str() {
+        "fp8" => {
+            let (bn, bk) = match f.opt_int_list("weight_block_size")? {
+                None => (128, 128),
+                Some(b) if b.len() == 2 && b[0] > 0 && b[1] > 0 => (b[0] as usize, b[1] as usize),
+                Some(_) => return Err(Error::config("quantization_config.weight_block_size", "expected two positive integers")),
+            };
+            let linear = QuantFormat::Fp8Block { block_n: bn, block_k: bk };
+            let experts = match f.opt_str("store_dtype")?.as_deref() {
+                None | Some("fp8") | Some("float8_e4m3fn") => linear,
+                Some("mxfp4") => {
+                    let b = f.usize_or("mxfp4_block_size", 32)?;
+                    if b != 32 {
+                        return Err(Error::config("quantization_config.mxfp4_block_size", format!("only 32 is supported, got {b}")));
+                    }
+                    QuantFormat::Mxfp4
+                }
+                Some(o) => return Err(Error::config("quantization_config.store_dtype", format!("unsupported `{o}`"))),
+            };
+            Ok(QuantSpec { linear, experts, ignored: ignored("ignored_layers")? })
+        }
+        "mxfp4" => Ok(QuantSpec {
+            linear: QuantFormat::Plain(DType::BF16),
+            experts: QuantFormat::Mxfp4,
+            ignored: ignored("modules_to_not_convert")?,
+        }),
+        o => Err(Error::config("quantization_config.quant_method", format!("unsupported `{o}` (fp8, mxfp4)"))),
+    }
+}
+
+fn check_len(field: &str, got: usize, want: usize) -> Result<()> {
+    if got != want {
+        return Err(Error::config(field, format!("has {got} entries but num_hidden_layers is {want}")));
+    }
+    Ok(())
+}
+
+/// Cross-field consistency checks shared by every model type.
+fn validate(spec: &ModelSpec) -> Result<()> {
+    let pos = |field: &str, v: usize| {
+        if v == 0 {
+            Err(Error::config(field, "must be positive"))
+        } else {
+            Ok(())
+        }
+    };
+    pos("vocab_size", spec.vocab_size)?;
+    pos("hidden_size", spec.hidden_size)?;
+    pos("num_hidden_layers", spec.layers.len())?;
+    pos("max_position_embeddings", spec.max_position_embeddings)?;
+    if !(spec.rms_norm_eps > 0.0) {
+        return Err(Error::config("rms_norm_eps", "must be positive"));
+    }
+    for id in spec.eos_token_ids.iter().chain(spec.bos_token_id.iter()) {
+        if *id as usize >= spec.vocab_size {
+            return Err(Error::config("eos_token_id", format!("token id {id} outside the vocabulary of {}", spec.vocab_size)));
+        }
+    }
+    for (i, l) in spec.layers.iter().enumerate() {
+        let a = &l.attention;
+        pos("num_attention_heads", a.num_heads)?;
+        pos("num_key_value_heads", a.num_kv_heads)?;
+        pos("head_dim", a.head_dim)?;
+        pos("v_head_dim", a.v_head_dim)?;
+        if a.num_heads % a.num_kv_heads != 0 {
+            return Err(Error::config("num_key_value_heads", format!("layer {i}: {} query heads are not a multiple of {} KV heads", a.num_heads, a.num_kv_heads)));
+        }
+        if a.rope.rotary_dim % 2 != 0 || a.rope.rotary_dim > a.head_dim {
+            return Err(Error::config("partial_rotary_factor", format!("layer {i}: rotary dim {} must be even and at most head_dim {}", a.rope.rotary_dim, a.head_dim)));
+        }
+        if !(a.rope.theta > 0.0) {
+            return Err(Error::config("rope_theta", format!("layer {i}: must be positive")));
+        }
+        if let AttentionKind::Sliding { window } = a.kind {
+            pos("sliding_window", window)?;
+        }
+        match l.mlp {
+            MlpSpec::Dense { intermediate_size } => pos("intermediate_size", intermediate_size)?,
+            MlpSpec::Moe(m) => {
+                pos("n_routed_experts", m.num_experts)?;
+                pos("moe_intermediate_size", m.intermediate_size)?;
+                pos("num_experts_per_tok", m.top_k)?;
+                pos("n_group", m.n_group)?;
+                pos("topk_group", m.topk_group)?;
+                if m.top_k > m.num_experts {
+                    return Err(Error::config("num_experts_per_tok", format!("{} exceeds n_routed_experts {}", m.top_k, m.num_experts)));
+                }
+                if m.num_experts % m.n_group != 0 {
+                    return Err(Error::config("n_group", format!("{} does not divide n_routed_experts {}", m.n_group, m.num_experts)));
+                }
+                if m.topk_group > m.n_group {
+                    return Err(Error::config("topk_group", format!("{} exceeds n_group {}", m.topk_group, m.n_group)));
+                }
+                let per_group = m.num_experts / m.n_group;
+                if m.n_group > 1 && per_group < 2 {
+                    return Err(Error::config("n_group", "group-limited routing needs at least 2 experts per group"));
+                }
+                if m.top_k > m.topk_group * per_group {
+                    return Err(Error::config("num_experts_per_tok", format!("{} exceeds the experts of the {} chosen groups", m.top_k, m.topk_group)));
+                }
+                if !m.routed_scaling_factor.is_finite() {
+                    return Err(Error::config("routed_scaling_factor", "must be finite"));
+                }
+            }
+        }
+    }
+    Ok(())
+}

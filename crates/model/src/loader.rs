@@ -1,0 +1,113 @@
+//! Opens a model given as a directory, a weights file, or an HF id in the local cache, and
+//! returns everything a backend and the server need.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use peregrine_core::{Error, ModelSpec, QkvLayout, QuantFormat, Result};
+
+use crate::checkpoint::Checkpoint;
+use crate::tokenizer::Tokenizer;
+use crate::weights::{SafetensorsWeights, WeightSource};
+
+pub struct ModelFiles {
+    pub dir: PathBuf,
+    pub spec: ModelSpec,
+    pub weights: Arc<dyn WeightSource>,
+    pub tokenizer_json: Option<PathBuf>,
+    pub tokenizer_config: Option<serde_json::Value>,
+    /// tokenizer.json with tokenizer_config.json applied, when the model has them.
+    pub tokenizer: Option<Tokenizer>,
+    /// The default chat template (tokenizer_config.json or chat_template.jinja).
+    pub chat_template: Option<String>,
+}
+
+/// Opens `path_or_id`: a directory with config.json, a `.safetensors` file (config.json beside
+/// it), or an `org/name` id found in the local HF cache.
+pub fn open_model(path_or_id: &str) -> Result<ModelFiles> {
+    let path = Path::new(path_or_id);
+    if path.is_file() {
+        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+        return match ext {
+            "safetensors" => {
+                let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+                open_dir(&dir, Some(path))
+            }
+            "json" if path.file_name().is_some_and(|n| n == "config.json") => {
+                open_dir(path.parent().unwrap_or(Path::new(".")), None)
+            }
+            _ => Err(Error::ModelNotFound(path_or_id.to_owned(), "unsupported file type (expected a model directory, a .safetensors file or config.json)".into())),
+        };
+    }
+    if path.is_dir() {
+        return open_dir(path, None);
+    }
+    if !path_or_id.starts_with('.') && !path_or_id.starts_with('/') && path_or_id.matches('/').count() == 1 {
+        if let Some(dir) = crate::hub::resolve(path_or_id) {
+            return open_dir(&dir, None);
+        }
+        let roots: Vec<String> = crate::hub::cache_roots().iter().map(|p| p.display().to_string()).collect();
+        return Err(Error::ModelNotFound(
+            path_or_id.to_owned(),
+            format!("no such file or directory, and not in the local Hugging Face cache (searched {}); downloads are never made", roots.join(", ")),
+        ));
+    }
+    Err(Error::ModelNotFound(path_or_id.to_owned(), "no such file or directory".into()))
+}
+
+fn open_dir(dir: &Path, weights_file: Option<&Path>) -> Result<ModelFiles> {
+    if !dir.join("config.json").is_file() {
+        return Err(Error::ModelNotFound(dir.display().to_string(), "directory has no config.json".into()));
+    }
+    let mut spec = crate::config::load_spec(dir)?;
+    let ckpt = match weights_file {
+        Some(f) => Checkpoint::open(f)?,
+        None => Checkpoint::open(dir)?,
+    };
+    // A fused qkv_proj in the checkpoint decides the layout even when the config is silent.
+    for (i, l) in spec.layers.iter_mut().enumerate() {
+        let fused = format!("model.layers.{i}.self_attn.qkv_proj.weight");
+        if ckpt.contains(&fused) {
+            l.attention.qkv_layout = QkvLayout::FusedPerKvHead;
+        }
+    }
+    let fp8_block = match spec.quant.linear {
+        QuantFormat::Fp8Block { block_n, block_k } => (block_n, block_k),
+        _ => (128, 128),
+    };
+    let tokenizer_json = Some(dir.join("tokenizer.json")).filter(|p| p.is_file());
+    let tc_path = dir.join("tokenizer_config.json");
+    let tokenizer_config = if tc_path.is_file() { Some(crate::config::read_json(&tc_path)?) } else { None };
+    let tokenizer = match &tokenizer_json {
+        Some(p) => {
+            let t = Tokenizer::from_file(p)?;
+            Some(match &tokenizer_config {
+                Some(c) => t.with_config(c)?,
+                None => t,
+            })
+        }
+        None => None,
+    };
+    let jinja = dir.join("chat_template.jinja");
+    let chat_template = if jinja.is_file() {
+        Some(std::fs::read_to_string(&jinja).map_err(|e| Error::file(&jinja, e))?)
+    } else {
+        tokenizer.as_ref().and_then(|t| t.chat_template().map(str::to_owned))
+    };
+    if let Some(t) = &tokenizer {
+        for id in t.eos_token_ids() {
+            if !spec.eos_token_ids.contains(&id) && (id as usize) < spec.vocab_size {
+                spec.eos_token_ids.push(id);
+            }
+        }
+    }
+    Ok(ModelFiles {
+        dir: dir.to_path_buf(),
+        spec,
+        weights: Arc::new(SafetensorsWeights::new(ckpt, fp8_block)),
+        tokenizer_json,
+        tokenizer_config,
+        tokenizer,
+        chat_template,
+    })
+}
