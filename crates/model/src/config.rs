@@ -64,6 +64,11 @@ pub fn parse_config(config: &Value, generation_config: Option<&Value>) -> Result
     Ok(spec)
 }
 
+/// Largest integer accepted for any size or count (2^32).
+const MAX_SIZE: u64 = 1 << 32;
+/// Largest `num_hidden_layers` accepted: the spec allocates one entry per layer.
+const MAX_LAYERS: usize = 1 << 16;
+
 /// Typed access to a JSON object, with errors naming the field.
 pub(crate) struct Fields<'a> {
     map: &'a Map<String, Value>,
@@ -102,11 +107,11 @@ impl<'a> Fields<'a> {
         match self.get(key) {
             None => Ok(None),
             Some(v) => match v.as_u64() {
-                Some(n) => usize::try_from(n)
-                    .map(Some)
-                    .map_err(|_| Error::config(self.name(key), "too large")),
+                // Bounded so that products of sizes cannot overflow (real sizes are far below).
+                Some(n) if n <= MAX_SIZE => Ok(Some(n as usize)),
+                Some(n) => Err(Error::config(self.name(key), format!("{n} is too large (at most {MAX_SIZE})"))),
                 None => match v.as_f64() {
-                    Some(f) if f >= 0.0 && f.fract() == 0.0 && f < 1e15 => Ok(Some(f as usize)),
+                    Some(f) if f >= 0.0 && f.fract() == 0.0 && f <= MAX_SIZE as f64 => Ok(Some(f as usize)),
                     _ => Err(Error::config(self.name(key), format!("expected a non-negative integer, got {v}"))),
                 },
             },
@@ -202,15 +207,26 @@ struct Common {
     pad: Option<u32>,
 }
 
-fn common(c: &Fields, bos_default: Option<u32>, max_pos_default: usize) -> Result<Common> {
+/// Defaults of vocab_size, hidden_size and num_hidden_layers, where the HF class has them.
+type SizeDefaults = Option<(usize, usize, usize)>;
+
+fn common(c: &Fields, sizes: SizeDefaults, bos_default: Option<u32>, max_pos_default: usize) -> Result<Common> {
+    let size = |key: &str, d: Option<usize>| match d {
+        Some(d) => c.usize_or(key, d),
+        None => c.req_usize(key),
+    };
+    let num_layers = size("num_hidden_layers", sizes.map(|s| s.2))?;
+    if num_layers > MAX_LAYERS {
+        return Err(Error::config("num_hidden_layers", format!("{num_layers} is too large")));
+    }
     let bos = match c.get("bos_token_id") {
         None if !c.map.contains_key("bos_token_id") => bos_default,
         _ => c.opt_ids("bos_token_id")?.first().copied(),
     };
     Ok(Common {
-        vocab_size: c.req_usize("vocab_size")?,
-        hidden_size: c.req_usize("hidden_size")?,
-        num_layers: c.req_usize("num_hidden_layers")?,
+        vocab_size: size("vocab_size", sizes.map(|s| s.0))?,
+        hidden_size: size("hidden_size", sizes.map(|s| s.1))?,
+        num_layers,
         max_pos: c.usize_or("max_position_embeddings", max_pos_default)?,
         tie: c.bool_or("tie_word_embeddings", false)?,
         bos,
@@ -262,7 +278,7 @@ fn parse_moe(c: &Fields, defaults: (usize, usize, usize)) -> Result<MoeSpec> {
 }
 
 fn parse_mimo_v2_flash(c: &Fields) -> Result<ModelSpec> {
-    let com = common(c, Some(1), 131072)?;
+    let com = common(c, Some((152576, 4096, 48)), Some(1), 131072)?;
     let n = com.num_layers;
     let heads = c.usize_or("num_attention_heads", 64)?;
     let kv_heads = c.usize_or("num_key_value_heads", 4)?;
@@ -350,7 +366,7 @@ fn parse_mimo_v2_flash(c: &Fields) -> Result<ModelSpec> {
 }
 
 fn parse_mimo_v2(c: &Fields) -> Result<ModelSpec> {
-    let com = common(c, None, 1_048_576)?;
+    let com = common(c, None, None, 1_048_576)?;
     let n = com.num_layers;
     let heads = c.req_usize("num_attention_heads")?;
     let kv_heads = c.req_usize("num_key_value_heads")?;
@@ -428,7 +444,7 @@ fn parse_mimo_v2(c: &Fields) -> Result<ModelSpec> {
 }
 
 fn parse_dense(c: &Fields, model_type: &str) -> Result<ModelSpec> {
-    let com = common(c, None, 4096)?;
+    let com = common(c, None, None, 4096)?;
     let heads = c.req_usize("num_attention_heads")?;
     let kv = c.usize_or("num_key_value_heads", heads)?;
     if heads == 0 {

@@ -92,9 +92,19 @@ pub fn dequant_mxfp4(blocks: &[u8], scales: &[u8], rows: usize, cols: usize) -> 
 }
 
 /// gpt-oss layout: `blocks` U8 `[.., rows, cols/32, 16]` and `scales` U8 `[.., rows, cols/32]`
-/// is the MiMo layout with the last two block dims flattened, so the bytes decode identically.
+/// is the MiMo layout with the last two block dims flattened. Scales follow HF's
+/// `convert_moe_packed_tensors` exactly (`ldexp(v, s - 127)`): 0xFF means 2^128, so zeros stay
+/// zero, 0.5 becomes 2^127 and larger values overflow to inf — not the OCP NaN of [`dequant_mxfp4`].
 pub fn dequant_mxfp4_gpt_oss(blocks: &[u8], scales: &[u8], rows: usize, cols: usize) -> Vec<f32> {
-    dequant_mxfp4(blocks, scales, rows, cols)
+    let mut out = Vec::with_capacity(rows * cols);
+    for (i, &b) in blocks[..rows * cols / 2].iter().enumerate() {
+        let sb = scales[(2 * i) / MXFP4_BLOCK];
+        // 2^128 is not an f32: scale by 2^127 then by 2, both exact or overflowing like ldexp.
+        let ldexp = |v: f32| if sb == 0xff { v * 2f32.powi(127) * 2.0 } else { v * e8m0_to_f32(sb) };
+        out.push(ldexp(E2M1_VALUES[(b & 0x0f) as usize]));
+        out.push(ldexp(E2M1_VALUES[(b >> 4) as usize]));
+    }
+    out
 }
 
 /// Quantises one row-major f32 matrix to MXFP4 (scale = floor(log2(amax)) - 2, nearest E2M1,

@@ -20,7 +20,8 @@ pub trait WeightSource: Send + Sync {
 /// - MXFP4 in the MiMo layout: U8 `X.weight` [N, K/2] with U8 `X.weight_scale` [N, K/32];
 /// - experts asked per expert (`...mlp.experts.{e}.gate_proj.weight`) but stored fused in HF's
 ///   layout (`mlp.experts.gate_up_proj` [E, 2I, H], gate rows first; `mlp.experts.down_proj`
-///   [E, H, I]) or in the gpt-oss MXFP4 layout (`..._blocks` [E, N, K/32, 16] + `..._scales`);
+///   [E, H, I]) or in the gpt-oss MXFP4 layout (`..._blocks` [E, N, K/32, 16] + `..._scales`;
+///   gate_up rows interleaved gate/up as HF's gpt-oss does; biases are not handled here);
 /// - `self_attn.attention_sink_bias` stored as HF's `self_attn.sinks`.
 pub struct SafetensorsWeights {
     ckpt: Checkpoint,
@@ -139,7 +140,9 @@ impl SafetensorsWeights {
                 fused_rows,
                 cols,
             );
-            return Ok(Some(select_half(all, half, rows, cols)));
+            // gpt-oss interleaves: HF takes `gate_up[..., ::2]` / `[..., 1::2]` after transposing
+            // the dequantised [2I, H] to [H, 2I], so gate = even rows, up = odd rows here.
+            return Ok(Some(select_interleaved(all, half, rows, cols)));
         }
         Ok(None)
     }
@@ -162,6 +165,14 @@ fn select_half(all: Vec<f32>, half: Option<usize>, rows: usize, cols: usize) -> 
     match half {
         None => all,
         Some(h) => all[h * rows * cols..(h + 1) * rows * cols].to_vec(),
+    }
+}
+
+/// Rows `h, h + 2, h + 4, ..` of a `[2 * rows, cols]` matrix; `half = None` keeps all.
+fn select_interleaved(all: Vec<f32>, half: Option<usize>, rows: usize, cols: usize) -> Vec<f32> {
+    match half {
+        None => all,
+        Some(h) => (0..rows).flat_map(|r| all[(2 * r + h) * cols..(2 * r + h + 1) * cols].iter().copied()).collect(),
     }
 }
 
