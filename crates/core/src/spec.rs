@@ -59,9 +59,18 @@ pub enum RopeStyle {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct RopeSpec {
     pub theta: f64,
-    /// Number of leading head dims that are rotated (even); the rest pass through.
+    /// `int(head_dim * partial_rotary_factor)` as HF computes it. HF takes frequencies
+    /// `1/theta^(2i/rotary_dim)` for `i < ceil(rotary_dim/2)` and rotates the first
+    /// `2*ceil(rotary_dim/2)` dims (one more when `rotary_dim` is odd); the rest pass through.
     pub rotary_dim: usize,
     pub style: RopeStyle,
+}
+
+impl RopeSpec {
+    /// Head dims actually rotated.
+    pub fn rotated_dims(&self) -> usize {
+        self.rotary_dim.div_ceil(2).saturating_mul(2)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

@@ -86,9 +86,10 @@ pub fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
 }
 
-/// RoPE inverse frequencies as HF computes them: `1 / theta^(2i / dim)`.
+/// RoPE inverse frequencies as HF computes them: `1 / theta^(2i / dim)` for `2i < dim`
+/// (so an odd `dim` gets `ceil(dim/2)` frequencies).
 pub fn rope_inv_freq(theta: f64, rotary_dim: usize) -> Vec<f32> {
-    (0..rotary_dim / 2)
+    (0..rotary_dim.div_ceil(2))
         .map(|i| {
             let e = (2 * i) as f32 / rotary_dim as f32;
             (1.0 / (theta as f32).powf(e)) as f32

@@ -540,7 +540,7 @@ fn validate(spec: &ModelSpec) -> Result<()> {
     pos("hidden_size", spec.hidden_size)?;
     pos("num_hidden_layers", spec.layers.len())?;
     pos("max_position_embeddings", spec.max_position_embeddings)?;
-    if !(spec.rms_norm_eps > 0.0) {
+    if spec.rms_norm_eps.is_nan() || spec.rms_norm_eps <= 0.0 {
         return Err(Error::config("rms_norm_eps", "must be positive"));
     }
     for id in spec.eos_token_ids.iter().chain(spec.bos_token_id.iter()) {
@@ -557,10 +557,10 @@ fn validate(spec: &ModelSpec) -> Result<()> {
         if a.num_heads % a.num_kv_heads != 0 {
             return Err(Error::config("num_key_value_heads", format!("layer {i}: {} query heads are not a multiple of {} KV heads", a.num_heads, a.num_kv_heads)));
         }
-        if a.rope.rotary_dim % 2 != 0 || a.rope.rotary_dim > a.head_dim {
-            return Err(Error::config("partial_rotary_factor", format!("layer {i}: rotary dim {} must be even and at most head_dim {}", a.rope.rotary_dim, a.head_dim)));
+        if a.rope.rotated_dims() > a.head_dim {
+            return Err(Error::config("partial_rotary_factor", format!("layer {i}: {} rotated dims exceed head_dim {}", a.rope.rotated_dims(), a.head_dim)));
         }
-        if !(a.rope.theta > 0.0) {
+        if a.rope.theta.is_nan() || a.rope.theta <= 0.0 {
             return Err(Error::config("rope_theta", format!("layer {i}: must be positive")));
         }
         if let AttentionKind::Sliding { window } = a.kind {

@@ -130,7 +130,7 @@ pub fn quantize_mxfp4(w: &[f32], rows: usize, cols: usize) -> (Vec<u8>, Vec<u8>)
                 }
                 let code = best as u8 | if v < 0.0 && best != 0 { 8 } else { 0 };
                 let idx = r * cols + g * MXFP4_BLOCK + j;
-                if idx % 2 == 0 {
+                if idx.is_multiple_of(2) {
                     blocks[idx / 2] |= code;
                 } else {
                     blocks[idx / 2] |= code << 4;

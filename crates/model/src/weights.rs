@@ -57,7 +57,7 @@ impl SafetensorsWeights {
         match t.dtype {
             DType::U8 => {
                 let scale_name = format!("{base}.weight_scale");
-                if cols % formats::MXFP4_BLOCK != 0 {
+                if !cols.is_multiple_of(formats::MXFP4_BLOCK) {
                     return Err(Error::tensor(name, format!("MXFP4 needs K divisible by 32, K = {cols}")));
                 }
                 if t.shape != [rows, cols / 2] {
@@ -115,6 +115,10 @@ impl SafetensorsWeights {
             if t.shape.len() != 3 || e >= t.shape[0] || t.shape[1] != fused_rows || t.shape[2] != cols {
                 return Err(Error::tensor(&fname, format!("shape {:?}, expected [E > {e}, {fused_rows}, {cols}]", t.shape)));
             }
+            if t.dtype == DType::F8E4M3 {
+                // Its block scales would be silently dropped by a plain decode.
+                return Err(Error::tensor(&fname, "FP8 fused expert tensors are not supported (store experts per expert)"));
+            }
             let per = fused_rows * cols * t.dtype.size();
             let sub = TensorView { dtype: t.dtype, shape: &t.shape[1..], data: &t.data[e * per..(e + 1) * per] };
             let all = Self::plain(&fname, sub)?;
@@ -124,6 +128,9 @@ impl SafetensorsWeights {
         let bname = format!("{base}.{fused}_blocks");
         if self.ckpt.contains(&bname) {
             let sname = format!("{base}.{fused}_scales");
+            if !cols.is_multiple_of(formats::MXFP4_BLOCK) {
+                return Err(Error::tensor(&bname, format!("MXFP4 needs K divisible by 32, K = {cols}")));
+            }
             let b = self.ckpt.get(&bname)?;
             let s = self.ckpt.get(&sname)?;
             if b.dtype != DType::U8 || b.shape.len() != 4 || e >= b.shape[0] || b.shape[1..] != [fused_rows, cols / 32, 16] {

@@ -67,7 +67,8 @@ fn pro_preset_shapes() {
     assert_eq!((m.num_experts, m.top_k, m.intermediate_size), (384, 8, 2048));
     assert_eq!(s.quant.experts, QuantFormat::Mxfp4);
     assert_eq!(s.quant.linear, QuantFormat::Fp8Block { block_n: 128, block_k: 128 });
-    assert_eq!(s.eos_token_ids, [151645, 151643]);
+    assert_eq!(s.eos_token_ids, [151645]);
+    assert_eq!(s.quant.ignored.len(), 70, "every o_proj stays BF16");
     let p = s.num_parameters() as f64;
     assert!((p / 1.02e12 - 1.0).abs() < 0.03, "Pro has {p:e} parameters");
 }
@@ -85,15 +86,15 @@ fn flash_hf_defaults_from_a_bare_config() {
 
 #[test]
 fn rotary_dim_like_python_int_of_f64_product() {
-    // int(128 * 0.3) in Python is 38 (0.3*128 = 38.4); int(100 * 0.29) = 28 (28.999999999999996).
-    for (hd, f, want) in [(128usize, 0.3f64, 38usize), (100, 0.29, 28), (192, 0.5, 96), (192, 1.0, 192)] {
+    // int(128 * 0.3) = 38 (38.4); int(100 * 0.29) = 28 (28.999999999999996); int(16 * 0.334) = 5,
+    // odd, which HF rotates as ceil(5/2) = 3 pairs.
+    for (hd, f, want) in [(128usize, 0.3f64, 38usize), (100, 0.29, 28), (192, 0.5, 96), (192, 1.0, 192), (16, 0.334, 5)] {
         let cfg = json!({"model_type": "mimo_v2", "num_hidden_layers": 2, "hidden_size": 64,
             "vocab_size": 10, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": hd,
             "intermediate_size": 32, "partial_rotary_factor": f});
-        match parse_config(&cfg, None) {
-            Ok(s) => assert_eq!(s.layers[0].attention.rope.rotary_dim, want, "{hd} * {f}"),
-            Err(e) => assert!(want % 2 == 1, "{hd} * {f}: {e}"),
-        }
+        let s = parse_config(&cfg, None).unwrap();
+        assert_eq!(s.layers[0].attention.rope.rotary_dim, want, "{hd} * {f}");
+        assert_eq!(s.layers[0].attention.rope.rotated_dims(), want.div_ceil(2) * 2);
     }
 }
 
@@ -113,6 +114,44 @@ fn mimo_v2_defaults_and_aliases() {
     assert_eq!(s.rms_norm_eps, 1e-6);
     assert_eq!(s.eos_token_ids, [3, 5]);
     assert_eq!(s.quant, peregrine_core::spec::QuantSpec::unquantized());
+}
+
+fn flash_min() -> Value {
+    json!({"model_type": "mimo_v2_flash", "vocab_size": 100, "hidden_size": 32, "num_hidden_layers": 7,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "v_head_dim": 8,
+           "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16,
+           "intermediate_size": 24})
+}
+
+#[test]
+fn hf_defaults_apply() {
+    let s = parse_config(&flash_min(), None).unwrap();
+    let kinds: Vec<bool> = s.layers.iter().map(|l| l.attention.kind == AttentionKind::Full).collect();
+    assert_eq!(kinds, [true, false, false, false, false, true, false]);
+    assert_eq!(s.layers[1].attention.num_kv_heads, 4, "SWA layers double the KV heads");
+    assert_eq!(s.layers[0].attention.rope.rotary_dim, 5, "int(16 * 0.334)");
+    assert_eq!(s.layers[0].attention.rope.rotated_dims(), 6, "HF rotates ceil(5/2) frequency pairs");
+    assert!((s.layers[0].attention.value_scale - 0.707).abs() < 1e-7, "absent value scale defaults to 0.707");
+    assert_eq!(s.bos_token_id, Some(1));
+    let mut c = flash_min();
+    c["attention_value_scale"] = Value::Null;
+    c["routed_scaling_factor"] = Value::Null;
+    c["eos_token_id"] = json!([3, 7]);
+    let s = parse_config(&c, Some(&json!({"eos_token_id": [7, 9]}))).unwrap();
+    assert_eq!(s.layers[0].attention.value_scale, 1.0, "null value scale means 1.0");
+    let MlpSpec::Moe(m) = s.layers[1].mlp else { panic!() };
+    assert_eq!(m.routed_scaling_factor, 1.0);
+    assert_eq!(s.eos_token_ids, [3, 7, 9]);
+}
+
+#[test]
+fn flash_missing_sizes_take_hf_defaults_but_mimo_v2_requires_them() {
+    let mut c = flash_min();
+    c.as_object_mut().unwrap().remove("vocab_size");
+    assert_eq!(parse_config(&c, None).unwrap().vocab_size, 152576, "MiMoV2FlashConfig default");
+    let mut c = preset("mimo-v2.5-pro.json");
+    c.as_object_mut().unwrap().remove("vocab_size");
+    assert_eq!(field_of(parse_config(&c, None)), "vocab_size");
 }
 
 #[test]
@@ -184,7 +223,7 @@ fn load_spec_reads_generation_config_eos() {
     std::fs::write(dir.path().join("config.json"), preset("mimo-v2-flash.json").to_string()).unwrap();
     std::fs::write(dir.path().join("generation_config.json"), r#"{"eos_token_id": [151645, 151643]}"#).unwrap();
     let s = load_spec(dir.path()).unwrap();
-    assert_eq!(s.eos_token_ids, [151645, 151643]);
+    assert_eq!(s.eos_token_ids, [151645, 151643], "config.json's id, then generation_config.json's new one");
     std::fs::write(dir.path().join("config.json"), "{ not json").unwrap();
     assert!(matches!(load_spec(dir.path()), Err(Error::File { .. })));
 }
@@ -251,4 +290,15 @@ fn mutated_configs_never_panic() {
         }
     }
     assert!(ok > 100 && err > 100, "mutations exercise both paths: {ok} ok, {err} errors");
+}
+
+#[test]
+fn dense_llama_config() {
+    let c = json!({"model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "num_hidden_layers": 30,
+                   "num_attention_heads": 9, "num_key_value_heads": 3, "intermediate_size": 1536,
+                   "rope_theta": 100000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": true});
+    let s = parse_config(&c, None).unwrap();
+    let a = s.layers[0].attention;
+    assert_eq!((a.head_dim, a.rope.rotary_dim, a.num_kv_heads), (64, 64, 3));
+    assert!(s.tie_word_embeddings && !a.sinks && a.kind == AttentionKind::Full);
 }

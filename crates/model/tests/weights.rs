@@ -38,7 +38,8 @@ fn bf16b(v: &[f32]) -> Vec<u8> {
 }
 /// Values exactly representable in bf16, FP8 and (per 32-block) MXFP4 at scale 1.
 fn grid(n: usize, seed: usize) -> Vec<f32> {
-    (0..n).map(|i| E2M1_VALUES[(i * 7 + seed * 3) % 16]).collect()
+    // A multiplicative hash, so that rows and experts differ (row-selection bugs show).
+    (0..n).map(|i| E2M1_VALUES[((i as u64 * 2654435761 + seed as u64 * 97) >> 9) as usize % 16]).collect()
 }
 fn tensor_err(r: peregrine_core::Result<impl std::fmt::Debug>) -> String {
     match r {
@@ -107,6 +108,7 @@ fn fused_expert_layouts() {
         ("model.layers.2.mlp.experts.down_proj_scales", "U8", vec![e, 32, 1], ds),
     ]);
     let ws = SafetensorsWeights::new(Checkpoint::open(dir.path()).unwrap(), (128, 128));
+    assert_ne!(gate_up[..h], gate_up[h..2 * h], "test data has distinct rows");
     let rows = |m: &[f32], from: usize, n: usize, step: usize, cols: usize| -> Vec<f32> {
         (0..n).flat_map(|r| m[(from + r * step) * cols..(from + r * step + 1) * cols].to_vec()).collect()
     };

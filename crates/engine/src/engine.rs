@@ -1,0 +1,552 @@
+//! The engine thread: request intake, scheduling, the forward step, sampling and output.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use peregrine_core::backend::{Backend, KvConfig, OutputRows, SeqForward};
+use peregrine_core::{Error, ModelSpec};
+use peregrine_model::tokenizer::IncrementalDecoder;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
+
+use crate::api::*;
+use crate::kv::{KvManager, SeqBlocks};
+use crate::metrics::Metrics;
+use crate::sampler::{self, SeqRng};
+
+enum Cmd {
+    Submit(Box<Seq>),
+    Shutdown,
+}
+
+/// Handle to the engine thread; cheap to clone.
+#[derive(Clone)]
+pub struct EngineHandle {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    tx: Mutex<mpsc::Sender<Cmd>>,
+    waiting: Arc<AtomicUsize>,
+    stats: Arc<Mutex<EngineStats>>,
+    metrics: Arc<Metrics>,
+    tokenizer: SharedTokenizer,
+    spec: ModelSpec,
+    config: EngineConfig,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// Sizes the KV pools, initialises the backend's KV memory and starts the engine thread.
+pub fn start_engine(mut backend: Box<dyn Backend>, tokenizer: SharedTokenizer, config: EngineConfig) -> Result<EngineHandle, Error> {
+    let spec = backend.spec().clone();
+    let bs = config.block_size;
+    if bs == 0 || config.max_num_seqs == 0 || config.max_num_batched_tokens == 0 || config.max_model_len == 0 {
+        return Err(Error::config("engine", "block_size, max_num_seqs, max_num_batched_tokens and max_model_len must be > 0"));
+    }
+    let window = spec.layers.iter().filter_map(|l| l.attention.window()).max();
+    let bytes = backend.kv_block_bytes(bs);
+    let num_swa = match window {
+        Some(w) if bytes.swa > 0 => config.max_num_seqs * (w / bs + 2) + config.max_num_batched_tokens.div_ceil(bs) + 1,
+        _ => 0,
+    };
+    let swa_bytes = num_swa * bytes.swa;
+    let need_full = config.max_model_len.div_ceil(bs);
+    let num_full = if bytes.full == 0 { need_full * config.max_num_seqs } else { config.kv_cache_memory_bytes.saturating_sub(swa_bytes) / bytes.full };
+    if num_full < need_full {
+        return Err(Error::config(
+            "kv_cache_memory_bytes",
+            format!(
+                "{} bytes hold {num_full} full-attention blocks after {num_swa} sliding-window blocks ({swa_bytes} bytes); one sequence of max_model_len {} needs {need_full} blocks of {} bytes",
+                config.kv_cache_memory_bytes, config.max_model_len, bytes.full
+            ),
+        ));
+    }
+    backend.init_kv(KvConfig { block_size: bs, num_full_blocks: num_full, num_swa_blocks: num_swa })?;
+    tracing::info!(
+        backend = backend.name(),
+        full_blocks = num_full,
+        swa_blocks = num_swa,
+        full_bytes = num_full * bytes.full,
+        swa_bytes,
+        block_size = bs,
+        "KV cache allocated"
+    );
+    let metrics = Arc::new(Metrics::new(&spec.model_type));
+    let kv = KvManager::new(num_full, num_swa, bs, window, config.enable_prefix_caching);
+    let (tx, rx) = mpsc::channel();
+    let waiting = Arc::new(AtomicUsize::new(0));
+    let stats = Arc::new(Mutex::new(EngineStats { total_full_blocks: num_full, free_full_blocks: num_full, ..Default::default() }));
+    let mut eos = spec.eos_token_ids.clone();
+    eos.extend(tokenizer.eos_token_ids());
+    let core = Core {
+        backend,
+        kv,
+        config: config.clone(),
+        waiting: VecDeque::new(),
+        running: Vec::new(),
+        waiting_count: waiting.clone(),
+        stats: stats.clone(),
+        metrics: metrics.clone(),
+        eos,
+        next_id: 0,
+    };
+    let thread = std::thread::Builder::new()
+        .name("peregrine-engine".into())
+        .spawn(move || core.run(rx))
+        .map_err(|e| Error::Backend(format!("cannot spawn the engine thread: {e}")))?;
+    Ok(EngineHandle {
+        inner: Arc::new(Inner {
+            tx: Mutex::new(tx),
+            waiting,
+            stats,
+            metrics,
+            tokenizer,
+            spec,
+            config,
+            thread: Mutex::new(Some(thread)),
+        }),
+    })
+}
+
+impl EngineHandle {
+    pub fn submit(&self, req: GenerateRequest) -> Result<RequestStream, SubmitError> {
+        let cfg = &self.inner.config;
+        if req.prompt_tokens.is_empty() {
+            return Err(SubmitError::Invalid("the prompt is empty".into()));
+        }
+        if req.prompt_tokens.len() >= cfg.max_model_len {
+            return Err(SubmitError::Invalid(format!(
+                "the prompt has {} tokens; this model's context is {} tokens (prompt + output)",
+                req.prompt_tokens.len(),
+                cfg.max_model_len
+            )));
+        }
+        let vocab = self.inner.spec.vocab_size as u32;
+        if let Some(t) = req.prompt_tokens.iter().find(|&&t| t >= vocab) {
+            return Err(SubmitError::Invalid(format!("prompt token id {t} is outside the vocabulary ({vocab})")));
+        }
+        if self.inner.waiting.fetch_add(1, Ordering::SeqCst) >= cfg.max_waiting {
+            self.inner.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(SubmitError::QueueFull);
+        }
+        let (tx, rx) = unbounded_channel();
+        let seq = Seq::new(req, tx, self.inner.tokenizer.clone());
+        if self.inner.tx.lock().unwrap().send(Cmd::Submit(Box::new(seq))).is_err() {
+            self.inner.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(SubmitError::ShuttingDown);
+        }
+        Ok(rx)
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        *self.inner.stats.lock().unwrap()
+    }
+    pub fn registry(&self) -> &prometheus::Registry {
+        &self.inner.metrics.registry
+    }
+    pub fn render_metrics(&self) -> String {
+        self.inner.metrics.render()
+    }
+    /// Aborts every request (each gets `Finished{Abort}`) and waits for the engine thread.
+    pub fn shutdown(&self) {
+        let _ = self.inner.tx.lock().unwrap().send(Cmd::Shutdown);
+        if let Some(t) = self.inner.thread.lock().unwrap().take() {
+            let _ = t.join();
+        }
+    }
+    pub fn tokenizer(&self) -> &SharedTokenizer {
+        &self.inner.tokenizer
+    }
+    pub fn spec(&self) -> &ModelSpec {
+        &self.inner.spec
+    }
+    pub fn max_model_len(&self) -> usize {
+        self.inner.config.max_model_len
+    }
+}
+
+/// One request's state inside the engine.
+struct Seq {
+    id: u64,
+    req: GenerateRequest,
+    tx: UnboundedSender<RequestEvent>,
+    output: Vec<u32>,
+    /// All tokens (prompt + output) whose K/V are written.
+    computed: usize,
+    blocks: SeqBlocks,
+    decoder: IncrementalDecoder,
+    /// Decoded text not yet sent: it could be the start of a stop string.
+    held: String,
+    rng: SeqRng,
+    cached_tokens: usize,
+    prompt_lp: Vec<Option<TokenLogprob>>,
+    prompt_lp_done: bool,
+    first_scheduled: Option<Instant>,
+    last_token: Option<Instant>,
+    finish_reason: Option<FinishReason>,
+}
+
+impl Seq {
+    fn new(req: GenerateRequest, tx: UnboundedSender<RequestEvent>, tok: SharedTokenizer) -> Self {
+        let seed = req.sampling.seed.unwrap_or_else(|| sampler::fnv1a(req.request_id.as_bytes()));
+        let decoder = IncrementalDecoder::new(tok, &req.prompt_tokens, req.stop.skip_special_tokens);
+        Seq {
+            id: 0,
+            tx,
+            output: Vec::new(),
+            computed: 0,
+            blocks: SeqBlocks::default(),
+            decoder,
+            held: String::new(),
+            rng: SeqRng::new(seed),
+            cached_tokens: 0,
+            prompt_lp: Vec::new(),
+            prompt_lp_done: req.prompt_logprobs.is_none(),
+            first_scheduled: None,
+            last_token: None,
+            finish_reason: None,
+            req,
+        }
+    }
+    fn len(&self) -> usize {
+        self.req.prompt_tokens.len() + self.output.len()
+    }
+    fn tokens(&self) -> Vec<u32> {
+        let mut t = self.req.prompt_tokens.clone();
+        t.extend(&self.output);
+        t
+    }
+    fn token_at(&self, i: usize) -> u32 {
+        let p = self.req.prompt_tokens.len();
+        if i < p { self.req.prompt_tokens[i] } else { self.output[i - p] }
+    }
+}
+
+struct Core {
+    backend: Box<dyn Backend>,
+    kv: KvManager,
+    config: EngineConfig,
+    waiting: VecDeque<Seq>,
+    running: Vec<Seq>,
+    waiting_count: Arc<AtomicUsize>,
+    stats: Arc<Mutex<EngineStats>>,
+    metrics: Arc<Metrics>,
+    eos: Vec<u32>,
+    next_id: u64,
+}
+
+impl Core {
+    fn run(mut self, rx: mpsc::Receiver<Cmd>) {
+        loop {
+            // Block only when idle.
+            let first = if self.running.is_empty() && self.waiting.is_empty() {
+                match rx.recv() {
+                    Ok(c) => Some(c),
+                    Err(_) => return,
+                }
+            } else {
+                None
+            };
+            let mut shutdown = false;
+            for cmd in first.into_iter().chain(std::iter::from_fn(|| rx.try_recv().ok())) {
+                match cmd {
+                    Cmd::Submit(mut s) => {
+                        s.id = self.next_id;
+                        self.next_id += 1;
+                        let pos = self.waiting.iter().position(|w| w.req.priority > s.req.priority).unwrap_or(self.waiting.len());
+                        self.waiting.insert(pos, *s);
+                    }
+                    Cmd::Shutdown => shutdown = true,
+                }
+            }
+            if shutdown {
+                for mut s in self.running.drain(..).chain(self.waiting.drain(..)).collect::<Vec<_>>() {
+                    self.finish(&mut s, FinishReason::Abort);
+                }
+                self.waiting_count.store(0, Ordering::SeqCst);
+                self.publish();
+                return;
+            }
+            self.step();
+            self.publish();
+        }
+    }
+
+    fn publish(&self) {
+        let st = EngineStats {
+            running: self.running.len(),
+            waiting: self.waiting.len(),
+            kv_usage: self.kv.usage(),
+            total_full_blocks: self.kv.total_full(),
+            free_full_blocks: self.kv.free_full(),
+        };
+        *self.stats.lock().unwrap() = st;
+        self.metrics.running.set(st.running as i64);
+        self.metrics.waiting.set(st.waiting as i64);
+        self.metrics.kv_usage.set(st.kv_usage);
+    }
+
+    /// Sends the final events, frees the blocks and records metrics.
+    fn finish(&mut self, s: &mut Seq, reason: FinishReason) {
+        if reason != FinishReason::Abort {
+            let mut text = std::mem::take(&mut s.held);
+            if reason == FinishReason::Length {
+                text.push_str(&s.decoder.flush());
+            }
+            if !text.is_empty() {
+                let _ = s.tx.send(RequestEvent::Delta { text, token_ids: vec![], logprobs: vec![] });
+            }
+        }
+        self.kv.free(&mut s.blocks);
+        let usage = Usage { prompt_tokens: s.req.prompt_tokens.len(), completion_tokens: s.output.len(), cached_tokens: s.cached_tokens };
+        let _ = s.tx.send(RequestEvent::Finished { reason, usage });
+        self.metrics.success.with_label_values(&[reason.as_str()]).inc();
+        self.metrics.e2e.observe(s.req.arrival.elapsed().as_secs_f64());
+    }
+
+    fn drop_gone_clients(&mut self) {
+        let mut i = 0;
+        while i < self.waiting.len() {
+            if self.waiting[i].tx.is_closed() {
+                let mut s = self.waiting.remove(i).unwrap();
+                self.waiting_count.fetch_sub(1, Ordering::SeqCst);
+                self.finish(&mut s, FinishReason::Abort);
+            } else {
+                i += 1;
+            }
+        }
+        let mut i = 0;
+        while i < self.running.len() {
+            if self.running[i].tx.is_closed() {
+                let mut s = self.running.remove(i);
+                self.finish(&mut s, FinishReason::Abort);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Frees the newest running sequence and puts it back at the front of the queue.
+    fn preempt_newest(&mut self) -> bool {
+        let Some(mut s) = self.running.pop() else { return false };
+        self.kv.free(&mut s.blocks);
+        s.computed = 0;
+        s.prompt_lp.clear();
+        self.metrics.preemptions.inc();
+        self.waiting.push_front(s);
+        self.waiting_count.fetch_add(1, Ordering::SeqCst);
+        true
+    }
+
+    fn step(&mut self) {
+        let t0 = Instant::now();
+        self.drop_gone_clients();
+        let mut budget = self.config.max_num_batched_tokens;
+        // (index into running, chunk length); decodes first, then prefill chunks.
+        let mut plan: Vec<(u64, usize)> = Vec::new();
+        let mut preempted = false;
+        let mut order: Vec<u64> = self.running.iter().filter(|s| s.len() - s.computed == 1).map(|s| s.id).collect();
+        order.extend(self.running.iter().filter(|s| s.len() - s.computed > 1).map(|s| s.id));
+        for id in order {
+            if budget == 0 {
+                break;
+            }
+            loop {
+                let Some(i) = self.running.iter().position(|s| s.id == id) else { break };
+                let s = &mut self.running[i];
+                let chunk = (s.len() - s.computed).min(budget);
+                if self.kv.allocate(&mut s.blocks, s.computed, s.computed + chunk) {
+                    plan.push((id, chunk));
+                    budget -= chunk;
+                    break;
+                }
+                preempted = true;
+                let newest = self.running.last().unwrap().id;
+                self.preempt_newest();
+                plan.retain(|p| p.0 != newest);
+                if newest == id {
+                    break;
+                }
+            }
+        }
+        // Admit new sequences while blocks, slots and budget allow.
+        while !preempted && budget > 0 && self.running.len() < self.config.max_num_seqs {
+            let Some(mut s) = self.waiting.pop_front() else { break };
+            if s.computed == 0 && s.blocks.full.is_empty() && s.prompt_lp_done {
+                let toks = s.tokens();
+                let hit = self.kv.match_prefix(&mut s.blocks, &toks);
+                s.computed = hit;
+                if s.first_scheduled.is_none() {
+                    s.cached_tokens = hit;
+                }
+            }
+            let chunk = (s.len() - s.computed).min(budget);
+            if !self.kv.allocate(&mut s.blocks, s.computed, s.computed + chunk) {
+                self.kv.free(&mut s.blocks);
+                s.computed = 0;
+                self.waiting.push_front(s);
+                break;
+            }
+            self.waiting_count.fetch_sub(1, Ordering::SeqCst);
+            if s.first_scheduled.is_none() {
+                s.first_scheduled = Some(Instant::now());
+                self.metrics.queue_time.observe(s.req.arrival.elapsed().as_secs_f64());
+            }
+            plan.push((s.id, chunk));
+            budget -= chunk;
+            self.running.push(s);
+        }
+        self.metrics.prefix_queries.inc_by(self.kv.queries);
+        self.metrics.prefix_hits.inc_by(self.kv.hits);
+        self.kv.queries = 0;
+        self.kv.hits = 0;
+        if plan.is_empty() {
+            return;
+        }
+        let mut batch = Vec::with_capacity(plan.len());
+        for &(id, chunk) in &plan {
+            let s = self.running.iter().find(|s| s.id == id).unwrap();
+            let end = s.computed + chunk;
+            let output = if !s.prompt_lp_done {
+                OutputRows::All
+            } else if end == s.len() {
+                OutputRows::Last
+            } else {
+                OutputRows::None
+            };
+            batch.push(SeqForward {
+                seq_id: id,
+                tokens: (s.computed..end).map(|i| s.token_at(i)).collect(),
+                start_pos: s.computed,
+                full_blocks: s.blocks.full.clone(),
+                swa_blocks: s.blocks.swa.clone(),
+                output,
+            });
+        }
+        let ntok: usize = plan.iter().map(|p| p.1).sum();
+        let result = self.backend.forward(&batch);
+        let logits = match result {
+            Ok(l) if l.len() == plan.len() => l,
+            other => {
+                let msg = match other {
+                    Err(e) => e.to_string(),
+                    Ok(l) => format!("backend returned {} logits for a batch of {}", l.len(), plan.len()),
+                };
+                tracing::error!("forward failed: {msg}");
+                for &(id, _) in &plan {
+                    if let Some(i) = self.running.iter().position(|s| s.id == id) {
+                        let mut s = self.running.remove(i);
+                        self.kv.free(&mut s.blocks);
+                        let _ = s.tx.send(RequestEvent::Error(msg.clone()));
+                    }
+                }
+                return;
+            }
+        };
+        self.metrics.batch_size.observe(plan.len() as f64);
+        self.metrics.step_tokens.observe(ntok as f64);
+        let mut done = Vec::new();
+        for ((id, chunk), lg) in plan.into_iter().zip(logits) {
+            let i = self.running.iter().position(|s| s.id == id).unwrap();
+            let s = &mut self.running[i];
+            let start = s.computed;
+            s.computed += chunk;
+            let toks = s.tokens();
+            self.kv.commit(&mut s.blocks, &toks, s.computed);
+            let plen = s.req.prompt_tokens.len();
+            if !s.prompt_lp_done {
+                // Row r predicts position start + r + 1.
+                if start == 0 {
+                    s.prompt_lp.push(None);
+                }
+                let top = s.req.prompt_logprobs.unwrap_or(0);
+                for r in 0..lg.rows {
+                    let p = start + r + 1;
+                    if p < plen {
+                        s.prompt_lp.push(Some(sampler::logprobs(lg.row(r), toks[p], top)));
+                    }
+                }
+                if s.computed >= plen {
+                    s.prompt_lp_done = true;
+                    let _ = s.tx.send(RequestEvent::PromptLogprobs(std::mem::take(&mut s.prompt_lp)));
+                }
+            }
+            if s.computed < s.len() {
+                continue;
+            }
+            let Some(raw) = lg.last() else {
+                done.push((id, Some("backend returned no logits for a finished chunk".to_string())));
+                continue;
+            };
+            if s.output.is_empty() {
+                self.metrics.prompt_tokens.inc_by(plen as u64);
+            }
+            let mut proc = raw.to_vec();
+            sampler::apply_penalties(&mut proc, &s.req.sampling, &s.req.prompt_tokens, &s.output);
+            let tok = sampler::sample(&proc, &s.req.sampling, &mut s.rng);
+            let lp = s.req.sampling.logprobs.map(|k| sampler::logprobs(raw, tok, k));
+            s.output.push(tok);
+            self.metrics.generation_tokens.inc();
+            let now = Instant::now();
+            match s.last_token {
+                None => self.metrics.ttft.observe((now - s.req.arrival).as_secs_f64()),
+                Some(t) => self.metrics.itl.observe((now - t).as_secs_f64()),
+            }
+            s.last_token = Some(now);
+            let (text, fin) = commit_token(s, tok, &self.eos, self.config.max_model_len);
+            let _ = s.tx.send(RequestEvent::Delta { text, token_ids: vec![tok], logprobs: lp.into_iter().collect() });
+            if fin.is_some() {
+                s.finish_reason = fin;
+                done.push((id, None));
+            }
+        }
+        for (id, err) in done {
+            let i = self.running.iter().position(|s| s.id == id).unwrap();
+            let mut s = self.running.remove(i);
+            if let Some(e) = err {
+                self.kv.free(&mut s.blocks);
+                let _ = s.tx.send(RequestEvent::Error(e));
+                continue;
+            }
+            let reason = s.finish_reason.unwrap_or(FinishReason::Length);
+            self.finish(&mut s, reason);
+        }
+        self.metrics.step_time.observe(t0.elapsed().as_secs_f64());
+    }
+}
+
+/// Decodes a new token, applies the stop conditions and returns the text that may be sent now
+/// and the finish reason if the sequence ends here.
+fn commit_token(s: &mut Seq, tok: u32, eos: &[u32], max_model_len: usize) -> (String, Option<FinishReason>) {
+    let stop = &s.req.stop;
+    let can_stop = s.output.len() >= stop.min_tokens;
+    if can_stop && (stop.stop_token_ids.contains(&tok) || (!stop.ignore_eos && eos.contains(&tok))) {
+        // The stop token's text is not emitted; held text is, by finish().
+        return (String::new(), Some(FinishReason::Stop));
+    }
+    let new = s.decoder.push(tok).unwrap_or_default();
+    s.held.push_str(&new);
+    let mut out = String::new();
+    if can_stop && !stop.stop_strings.is_empty() {
+        if let Some(i) = stop.stop_strings.iter().filter(|x| !x.is_empty()).filter_map(|x| s.held.find(x.as_str())).min() {
+            out = s.held[..i].to_string();
+            s.held.clear();
+            return (out, Some(FinishReason::Stop));
+        }
+        // Hold back the longest tail that could start a stop string.
+        let cut = (0..=s.held.len())
+            .filter(|&i| s.held.is_char_boundary(i))
+            .find(|&i| i < s.held.len() && stop.stop_strings.iter().any(|x| x.starts_with(&s.held[i..])))
+            .unwrap_or(s.held.len());
+        out.push_str(&s.held[..cut]);
+        s.held.drain(..cut);
+    } else {
+        out = std::mem::take(&mut s.held);
+    }
+    if s.output.len() >= stop.max_tokens || s.len() >= max_model_len {
+        return (out, Some(FinishReason::Length));
+    }
+    (out, None)
+}

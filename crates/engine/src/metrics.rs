@@ -1,0 +1,92 @@
+//! Prometheus metrics with vLLM's names (REFERENCE.md §5) plus `peregrine:*` extras.
+
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Gauge, Opts, Registry};
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub running: IntGauge,
+    pub waiting: IntGauge,
+    pub kv_usage: Gauge,
+    pub prompt_tokens: IntCounter,
+    pub generation_tokens: IntCounter,
+    pub success: IntCounterVec,
+    pub preemptions: IntCounter,
+    pub prefix_queries: IntCounter,
+    pub prefix_hits: IntCounter,
+    pub ttft: Histogram,
+    pub itl: Histogram,
+    pub e2e: Histogram,
+    pub queue_time: Histogram,
+    pub step_time: Histogram,
+    pub batch_size: Histogram,
+    pub step_tokens: Histogram,
+}
+
+fn buckets() -> Vec<f64> {
+    // 100us .. ~100s, four per decade.
+    let mut v = Vec::new();
+    let mut x = 1e-4;
+    while x < 200.0 {
+        for m in [1.0, 2.5, 5.0, 7.5] {
+            v.push(x * m);
+        }
+        x *= 10.0;
+    }
+    v
+}
+
+impl Metrics {
+    pub fn new(model_name: &str) -> Self {
+        let registry = Registry::new();
+        let lbl = |o: Opts| o.const_label("model_name", model_name);
+        let hist = |name: &str, help: &str, b: Vec<f64>| {
+            let h = Histogram::with_opts(HistogramOpts::new(name, help).const_label("model_name", model_name).buckets(b)).unwrap();
+            registry.register(Box::new(h.clone())).unwrap();
+            h
+        };
+        let ig = |name: &str, help: &str| {
+            let g = IntGauge::with_opts(lbl(Opts::new(name, help))).unwrap();
+            registry.register(Box::new(g.clone())).unwrap();
+            g
+        };
+        let ic = |name: &str, help: &str| {
+            let c = IntCounter::with_opts(lbl(Opts::new(name, help))).unwrap();
+            registry.register(Box::new(c.clone())).unwrap();
+            c
+        };
+        let kv_usage = Gauge::with_opts(lbl(Opts::new("vllm:kv_cache_usage_perc", "Fraction of KV blocks in use"))).unwrap();
+        registry.register(Box::new(kv_usage.clone())).unwrap();
+        let success = IntCounterVec::new(lbl(Opts::new("vllm:request_success_total", "Finished requests")), &["finished_reason"]).unwrap();
+        registry.register(Box::new(success.clone())).unwrap();
+        for name in ["vllm:spec_decode_num_drafts_total", "vllm:spec_decode_num_draft_tokens_total", "vllm:spec_decode_num_accepted_tokens_total"] {
+            ic(name, "Speculative decoding (not enabled)");
+        }
+        let tok_buckets = vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0];
+        Metrics {
+            running: ig("vllm:num_requests_running", "Requests running"),
+            waiting: ig("vllm:num_requests_waiting", "Requests waiting"),
+            kv_usage,
+            prompt_tokens: ic("vllm:prompt_tokens_total", "Prompt tokens processed"),
+            generation_tokens: ic("vllm:generation_tokens_total", "Tokens generated"),
+            success,
+            preemptions: ic("vllm:num_preemptions_total", "Preemptions"),
+            prefix_queries: ic("vllm:prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache"),
+            prefix_hits: ic("vllm:prefix_cache_hits_total", "Prompt tokens found in the prefix cache"),
+            ttft: hist("vllm:time_to_first_token_seconds", "Time to first token", buckets()),
+            itl: hist("vllm:inter_token_latency_seconds", "Time between output tokens", buckets()),
+            e2e: hist("vllm:e2e_request_latency_seconds", "Request latency", buckets()),
+            queue_time: hist("vllm:request_queue_time_seconds", "Time waiting before first schedule", buckets()),
+            step_time: hist("peregrine:step_duration_seconds", "Duration of one engine step", buckets()),
+            batch_size: hist("peregrine:batch_size", "Sequences per step", tok_buckets.clone()),
+            step_tokens: hist("peregrine:tokens_per_step", "Tokens per step", tok_buckets),
+            registry,
+        }
+    }
+
+    pub fn render(&self) -> String {
+        use prometheus::Encoder;
+        let mut buf = Vec::new();
+        prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut buf).ok();
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}

@@ -1,0 +1,414 @@
+//! Engine behaviour over a deterministic mock backend whose logits are computed from the tokens
+//! it reads back through the block tables, so any KV bookkeeping error changes the output.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use peregrine_core::backend::*;
+use peregrine_core::{AttentionKind, ModelSpec, Result, SamplingParams};
+use peregrine_engine::*;
+use peregrine_model::tokenizer::Tokenizer;
+
+const FIX: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/golden/default");
+
+struct Mock {
+    spec: ModelSpec,
+    window: Option<usize>,
+    bs: usize,
+    full: Vec<Option<u32>>,
+    swa: Vec<Option<u32>>,
+}
+
+impl Mock {
+    fn read(pool: &[Option<u32>], table: &[u32], bs: usize, p: usize, what: &str) -> Result<u32> {
+        let b = table.get(p / bs).copied().unwrap_or(NULL_BLOCK);
+        if b == NULL_BLOCK {
+            return Err(peregrine_core::Error::Backend(format!("{what} position {p} has no block")));
+        }
+        pool[b as usize * bs + p % bs].ok_or_else(|| peregrine_core::Error::Backend(format!("{what} position {p} unwritten")))
+    }
+}
+
+impl Backend for Mock {
+    fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+    fn kv_block_bytes(&self, _bs: usize) -> KvBlockBytes {
+        KvBlockBytes { full: 100, swa: if self.window.is_some() { 50 } else { 0 } }
+    }
+    fn init_kv(&mut self, c: KvConfig) -> Result<()> {
+        self.bs = c.block_size;
+        self.full = vec![None; c.num_full_blocks * c.block_size];
+        self.swa = vec![None; c.num_swa_blocks * c.block_size];
+        Ok(())
+    }
+    fn forward(&mut self, batch: &[SeqForward]) -> Result<Vec<Logits>> {
+        let v = self.spec.vocab_size;
+        let bs = self.bs;
+        let mut out = Vec::new();
+        for s in batch {
+            let mut rows = Vec::new();
+            for (k, &t) in s.tokens.iter().enumerate() {
+                let p = s.start_pos + k;
+                let b = s.full_blocks[p / bs] as usize;
+                self.full[b * bs + p % bs] = Some(t);
+                if self.window.is_some() {
+                    let b = s.swa_blocks[p / bs] as usize;
+                    self.swa[b * bs + p % bs] = Some(t);
+                }
+                // Everything the model "attends to", read back from the cache.
+                let mut h: u64 = 17;
+                for j in 0..=p {
+                    h = h.wrapping_mul(31).wrapping_add(Mock::read(&self.full, &s.full_blocks, bs, j, "full")? as u64 + 1);
+                }
+                if let Some(w) = self.window {
+                    for j in p.saturating_sub(w - 1)..=p {
+                        h = h.wrapping_mul(7).wrapping_add(Mock::read(&self.swa, &s.swa_blocks, bs, j, "swa")? as u64);
+                    }
+                }
+                let want = match s.output {
+                    OutputRows::None => false,
+                    OutputRows::Last => k + 1 == s.tokens.len(),
+                    OutputRows::All => true,
+                };
+                if want {
+                    // A printable-ish target token, plus a spread so sampling has choices.
+                    let target = 20 + (h % 60) as usize;
+                    rows.extend((0..v).map(|i| {
+                        let base = ((i as u64 * 2654435761 ^ h) % 97) as f32 / 40.0;
+                        if i == target { base + 3.0 } else if i < 20 { -5.0 } else { base }
+                    }));
+                }
+            }
+            let n = rows.len() / v;
+            out.push(Logits { rows: n, data: rows });
+        }
+        Ok(out)
+    }
+    fn name(&self) -> &str {
+        "mock"
+    }
+}
+
+fn spec(window: Option<usize>) -> ModelSpec {
+    let mut s = peregrine_model::config::load_spec(Path::new(FIX)).unwrap();
+    for l in &mut s.layers {
+        if let AttentionKind::Sliding { .. } = l.attention.kind {
+            l.attention.kind = match window {
+                Some(w) => AttentionKind::Sliding { window: w },
+                None => AttentionKind::Full,
+            };
+        }
+    }
+    s
+}
+
+fn tokenizer() -> SharedTokenizer {
+    Arc::new(Tokenizer::from_file(&Path::new(FIX).join("tokenizer.json")).unwrap())
+}
+
+fn engine(window: Option<usize>, cfg: EngineConfig) -> EngineHandle {
+    let spec = spec(window);
+    let mock = Mock { spec, window, bs: 0, full: vec![], swa: vec![] };
+    start_engine(Box::new(mock), tokenizer(), cfg).unwrap()
+}
+
+fn cfg() -> EngineConfig {
+    EngineConfig { max_num_seqs: 16, max_num_batched_tokens: 64, max_model_len: 256, kv_cache_memory_bytes: 100 * 400, block_size: 4, max_waiting: 64, enable_prefix_caching: true }
+}
+
+fn req(id: &str, prompt: Vec<u32>, sampling: SamplingParams, max_tokens: usize) -> GenerateRequest {
+    GenerateRequest {
+        request_id: id.into(),
+        prompt_tokens: prompt,
+        sampling,
+        stop: StopParams { max_tokens, ignore_eos: true, skip_special_tokens: true, ..Default::default() },
+        prompt_logprobs: None,
+        priority: 0,
+        arrival: Instant::now(),
+    }
+}
+
+#[derive(Debug, Default, PartialEq)]
+struct Out {
+    tokens: Vec<u32>,
+    text: String,
+    reason: Option<FinishReason>,
+    usage: Usage,
+}
+
+fn collect(mut rx: RequestStream) -> Out {
+    let mut o = Out::default();
+    while let Some(ev) = rx.blocking_recv() {
+        match ev {
+            RequestEvent::Delta { text, token_ids, .. } => {
+                o.text.push_str(&text);
+                o.tokens.extend(token_ids);
+            }
+            RequestEvent::Finished { reason, usage } => {
+                o.reason = Some(reason);
+                o.usage = usage;
+                break;
+            }
+            RequestEvent::Error(e) => panic!("request failed: {e}"),
+            RequestEvent::PromptLogprobs(_) => {}
+        }
+    }
+    o
+}
+
+fn wait_idle(e: &EngineHandle) -> EngineStats {
+    let t = Instant::now();
+    loop {
+        let s = e.stats();
+        if s.running == 0 && s.waiting == 0 && s.kv_usage == 0.0 && s.free_full_blocks == s.total_full_blocks {
+            return s;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "engine not idle: {s:?}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn prompts() -> Vec<Vec<u32>> {
+    (0..10).map(|i| (0..(5 + i * 7)).map(|j| 20 + ((j * 13 + i * 5) % 70) as u32).collect()).collect()
+}
+
+fn sampling(i: usize) -> SamplingParams {
+    if i % 2 == 0 {
+        SamplingParams::greedy()
+    } else {
+        SamplingParams { temperature: 0.9, top_p: 0.95, seed: Some(i as u64), ..Default::default() }
+    }
+}
+
+fn run_alone(window: Option<usize>, c: EngineConfig) -> Vec<Out> {
+    let e = engine(window, c);
+    let outs = prompts().into_iter().enumerate().map(|(i, p)| collect(e.submit(req(&format!("r{i}"), p, sampling(i), 20)).unwrap())).collect();
+    wait_idle(&e);
+    e.shutdown();
+    outs
+}
+
+fn run_together(window: Option<usize>, c: EngineConfig) -> (Vec<Out>, String) {
+    let e = engine(window, c);
+    let rx: Vec<_> = prompts().into_iter().enumerate().map(|(i, p)| e.submit(req(&format!("r{i}"), p, sampling(i), 20)).unwrap()).collect();
+    let outs = rx.into_iter().map(collect).collect();
+    wait_idle(&e);
+    let m = e.render_metrics();
+    e.shutdown();
+    (outs, m)
+}
+
+fn counter(metrics: &str, name: &str) -> f64 {
+    metrics.lines().find(|l| l.starts_with(name)).and_then(|l| l.rsplit(' ').next()).unwrap().parse().unwrap()
+}
+
+#[test]
+fn batched_and_chunked_equals_alone() {
+    for window in [None, Some(6)] {
+        let alone = run_alone(window, EngineConfig { max_num_seqs: 1, enable_prefix_caching: false, ..cfg() });
+        assert!(alone.iter().all(|o| o.tokens.len() == 20 && o.reason == Some(FinishReason::Length)));
+        let c = EngineConfig { max_num_batched_tokens: 16, ..cfg() };
+        let (together, m) = run_together(window, c);
+        assert_eq!(alone, together, "window {window:?}");
+        assert!(counter(&m, "vllm:generation_tokens_total") >= 200.0);
+    }
+}
+
+#[test]
+fn preemption_under_tiny_kv_keeps_outputs() {
+    for window in [None, Some(6)] {
+        let alone = run_alone(window, EngineConfig { max_num_seqs: 1, enable_prefix_caching: false, ..cfg() });
+        // 90 tokens of context need 23 blocks; 40 blocks cannot hold all ten sequences.
+        let swa = if window.is_some() { 16 * 3 + 5 } else { 0 };
+        let c = EngineConfig { max_model_len: 90, kv_cache_memory_bytes: 100 * 40 + 50 * swa, ..cfg() };
+        let (together, m) = run_together(window, c);
+        assert!(counter(&m, "vllm:num_preemptions_total") > 0.0, "no preemption happened");
+        for (a, t) in alone.iter().zip(&together) {
+            assert_eq!(a.tokens, t.tokens);
+            assert_eq!(a.text, t.text);
+        }
+    }
+}
+
+#[test]
+fn prefix_cache_reuse_gives_same_output() {
+    let e = engine(None, cfg());
+    let p = prompts()[5].clone();
+    let a = collect(e.submit(req("a", p.clone(), SamplingParams::greedy(), 10)).unwrap());
+    assert_eq!(a.usage.cached_tokens, 0);
+    let b = collect(e.submit(req("b", p.clone(), SamplingParams::greedy(), 10)).unwrap());
+    assert_eq!(b.usage.cached_tokens, (p.len() - 1) / 4 * 4);
+    assert!(b.usage.cached_tokens > 0);
+    assert_eq!(a.tokens, b.tokens);
+    wait_idle(&e);
+    let m = e.render_metrics();
+    assert!(counter(&m, "vllm:prefix_cache_hits_total") > 0.0);
+    // With sliding-window layers reuse is disabled, and output is still right.
+    let e2 = engine(Some(6), cfg());
+    let c = collect(e2.submit(req("a", p.clone(), SamplingParams::greedy(), 10)).unwrap());
+    let d = collect(e2.submit(req("b", p, SamplingParams::greedy(), 10)).unwrap());
+    assert_eq!(d.usage.cached_tokens, 0);
+    assert_eq!(c.tokens, d.tokens);
+    wait_idle(&e2);
+}
+
+#[test]
+fn dropped_streams_free_everything() {
+    let e = engine(Some(6), EngineConfig { max_num_batched_tokens: 8, max_num_seqs: 2, ..cfg() });
+    let long: Vec<u32> = (0..100).map(|i| 20 + i % 50).collect();
+    // Mid-decode: read one delta, then drop.
+    let mut rx = e.submit(req("a", prompts()[0].clone(), SamplingParams::greedy(), 200)).unwrap();
+    assert!(matches!(rx.blocking_recv(), Some(RequestEvent::Delta { .. })));
+    // Mid-prefill (100 tokens at 8 per step) and still waiting.
+    let rx2 = e.submit(req("b", long.clone(), SamplingParams::greedy(), 200)).unwrap();
+    let rx3 = e.submit(req("c", long, SamplingParams::greedy(), 200)).unwrap();
+    drop(rx);
+    drop(rx2);
+    drop(rx3);
+    wait_idle(&e);
+    // The engine still serves.
+    let o = collect(e.submit(req("d", prompts()[1].clone(), SamplingParams::greedy(), 3)).unwrap());
+    assert_eq!(o.tokens.len(), 3);
+    wait_idle(&e);
+    e.shutdown();
+}
+
+#[test]
+fn stop_strings_across_token_boundaries() {
+    let e = engine(None, cfg());
+    let p = prompts()[2].clone();
+    let full = collect(e.submit(req("a", p.clone(), SamplingParams::greedy(), 30)).unwrap());
+    let chars: Vec<(usize, char)> = full.text.char_indices().collect();
+    assert!(chars.len() > 12, "text too short: {:?}", full.text);
+    // A stop string spanning several tokens, starting in the middle of the text.
+    let (s, _) = chars[chars.len() / 2];
+    let (e_, _) = chars[chars.len() / 2 + 5];
+    let stop = full.text[s..e_].to_string();
+    let first = full.text.find(&stop).unwrap();
+    let mut r = req("b", p, SamplingParams::greedy(), 30);
+    r.stop.stop_strings = vec!["\u{1}never".into(), stop.clone()];
+    let o = collect(e.submit(r).unwrap());
+    assert_eq!(o.reason, Some(FinishReason::Stop));
+    assert_eq!(o.text, full.text[..first], "stop {stop:?}");
+    assert!(o.tokens.len() < full.tokens.len());
+    // Stop token id: ends at that token, its text not emitted.
+    let mut r = req("c", prompts()[2].clone(), SamplingParams::greedy(), 30);
+    let k = 7;
+    r.stop.stop_token_ids = vec![full.tokens[k]];
+    let o = collect(e.submit(r).unwrap());
+    let at = full.tokens.iter().position(|&t| t == full.tokens[k]).unwrap();
+    assert_eq!(o.tokens, full.tokens[..=at]);
+    assert_eq!(o.reason, Some(FinishReason::Stop));
+    wait_idle(&e);
+}
+
+#[test]
+fn queue_full_invalid_and_shutdown() {
+    let e = engine(None, EngineConfig { max_waiting: 2, max_num_seqs: 1, ..cfg() });
+    let mut rxs = vec![];
+    let mut full = false;
+    for i in 0..20 {
+        match e.submit(req(&format!("q{i}"), prompts()[9].clone(), SamplingParams::greedy(), 100)) {
+            Ok(rx) => rxs.push(rx),
+            Err(SubmitError::QueueFull) => full = true,
+            Err(x) => panic!("{x:?}"),
+        }
+    }
+    assert!(full);
+    let too_long = vec![30u32; 300];
+    assert!(matches!(e.submit(req("x", too_long, SamplingParams::greedy(), 1)), Err(SubmitError::Invalid(_))));
+    e.shutdown();
+    for rx in rxs {
+        let o = collect(rx);
+        assert!(matches!(o.reason, Some(FinishReason::Abort) | Some(FinishReason::Length)));
+    }
+    assert_eq!(e.submit(req("y", vec![30], SamplingParams::greedy(), 1)).unwrap_err(), SubmitError::ShuttingDown);
+}
+
+#[test]
+fn too_small_kv_is_a_clear_error() {
+    let mock = Mock { spec: spec(None), window: None, bs: 0, full: vec![], swa: vec![] };
+    let err = start_engine(Box::new(mock), tokenizer(), EngineConfig { kv_cache_memory_bytes: 1000, ..cfg() }).err().unwrap();
+    assert!(err.to_string().contains("kv_cache_memory_bytes"), "{err}");
+}
+
+fn logprob_run(chunk: usize) -> (Vec<Option<TokenLogprob>>, Vec<TokenLogprob>, Vec<u32>) {
+    let e = engine(Some(6), EngineConfig { max_num_batched_tokens: chunk, ..cfg() });
+    let p = prompts()[3].clone();
+    let mut r = req("lp", p, SamplingParams { logprobs: Some(3), ..SamplingParams::greedy() }, 5);
+    r.prompt_logprobs = Some(2);
+    let mut rx = e.submit(r).unwrap();
+    let (mut plp, mut lps, mut toks) = (None, vec![], vec![]);
+    while let Some(ev) = rx.blocking_recv() {
+        match ev {
+            RequestEvent::PromptLogprobs(v) => {
+                assert!(toks.is_empty(), "prompt logprobs come first");
+                plp = Some(v)
+            }
+            RequestEvent::Delta { logprobs, token_ids, .. } => {
+                lps.extend(logprobs);
+                toks.extend(token_ids)
+            }
+            RequestEvent::Finished { .. } => break,
+            RequestEvent::Error(e) => panic!("{e}"),
+        }
+    }
+    wait_idle(&e);
+    (plp.expect("no prompt logprobs"), lps, toks)
+}
+
+#[test]
+fn logprobs_and_prompt_logprobs() {
+    let p = prompts()[3].clone();
+    let (plp, lps, toks) = logprob_run(4);
+    assert_eq!(plp.len(), p.len());
+    assert!(plp[0].is_none());
+    for (i, e) in plp.iter().enumerate().skip(1) {
+        let e = e.as_ref().unwrap();
+        assert_eq!(e.token_id, p[i]);
+        assert_eq!(e.top.len(), 2);
+        assert!(e.logprob <= 0.0 && e.top[0].1 >= e.top[1].1);
+    }
+    assert_eq!(lps.len(), toks.len());
+    for (l, &t) in lps.iter().zip(&toks) {
+        assert_eq!(l.token_id, t);
+        assert_eq!(l.top.len(), 3);
+        // Greedy picks the most likely raw token here (no penalties).
+        assert_eq!(l.top[0], (t, l.logprob));
+        let total: f32 = l.top.iter().map(|x| x.1.exp()).sum();
+        assert!(total <= 1.0 + 1e-5);
+    }
+    // Chunking does not change anything.
+    assert_eq!(logprob_run(64), (plp, lps, toks));
+}
+
+#[test]
+fn priority_orders_waiting_requests() {
+    let e = engine(None, EngineConfig { max_num_seqs: 1, ..cfg() });
+    // Occupy the only slot, then queue a low- and a high-priority request.
+    let busy = e.submit(req("busy", prompts()[0].clone(), SamplingParams::greedy(), 30)).unwrap();
+    let mut low = req("low", prompts()[1].clone(), SamplingParams::greedy(), 2);
+    low.priority = 5;
+    let mut high = req("high", prompts()[2].clone(), SamplingParams::greedy(), 2);
+    high.priority = -1;
+    let mut rl = e.submit(low).unwrap();
+    let mut rh = e.submit(high).unwrap();
+    collect(busy);
+    let first = loop {
+        if let Ok(ev) = rh.try_recv() {
+            if matches!(ev, RequestEvent::Finished { .. }) {
+                // high finished; low must not have finished yet or must finish later.
+                break "high";
+            }
+        }
+        if let Ok(RequestEvent::Finished { .. }) = rl.try_recv() {
+            break "low";
+        }
+        std::thread::yield_now();
+    };
+    assert_eq!(first, "high");
+    collect(rl);
+    wait_idle(&e);
+}
