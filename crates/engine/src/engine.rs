@@ -53,7 +53,8 @@ pub fn start_engine(mut backend: Box<dyn Backend>, tokenizer: SharedTokenizer, c
     };
     let swa_bytes = num_swa * bytes.swa;
     let need_full = config.max_model_len.div_ceil(bs);
-    let num_full = if bytes.full == 0 { need_full * config.max_num_seqs } else { config.kv_cache_memory_bytes.saturating_sub(swa_bytes) / bytes.full };
+    // A backend without full-attention layers still gets block tables (of no memory).
+    let num_full = config.kv_cache_memory_bytes.saturating_sub(swa_bytes).checked_div(bytes.full).unwrap_or(need_full * config.max_num_seqs);
     if num_full < need_full {
         return Err(Error::config(
             "kv_cache_memory_bytes",
@@ -353,8 +354,7 @@ impl Core {
             if budget == 0 {
                 break;
             }
-            loop {
-                let Some(i) = self.running.iter().position(|s| s.id == id) else { break };
+            while let Some(i) = self.running.iter().position(|s| s.id == id) {
                 let s = &mut self.running[i];
                 let chunk = (s.len() - s.computed).min(budget);
                 if self.kv.allocate(&mut s.blocks, s.computed, s.computed + chunk) {
@@ -365,7 +365,10 @@ impl Core {
                 preempted = true;
                 let newest = self.running.last().unwrap().id;
                 self.preempt_newest();
-                plan.retain(|p| p.0 != newest);
+                // Give back the budget of a chunk already planned for it.
+                if let Some(k) = plan.iter().position(|p| p.0 == newest) {
+                    budget += plan.remove(k).1;
+                }
                 if newest == id {
                     break;
                 }

@@ -18,25 +18,93 @@ pub struct SeqBlocks {
     pub hashes: Vec<u64>,
 }
 
-pub struct KvManager {
-    block_size: usize,
-    window: Option<usize>,
-    prefix_caching: bool,
+/// One group's blocks: reference counts, the hash of each filled block, and the free list
+/// ordered by free time (oldest reallocated first; unhashed blocks before all hashed ones).
+struct Pool {
     refcnt: Vec<u32>,
     block_hash: Vec<Option<u64>>,
     cached: HashMap<u64, u32>,
-    /// Free full blocks by free time (oldest evicted first); `stamp[b]` is its key.
-    free_full: BTreeMap<u64, u32>,
+    free: BTreeMap<u64, u32>,
     stamp: Vec<u64>,
     clock: u64,
-    free_swa: Vec<u32>,
-    num_swa: usize,
-    pub queries: u64,
-    pub hits: u64,
 }
 
 /// Free-list keys start here so unhashed blocks can be put in front (keys below it).
 const BASE: u64 = 1 << 62;
+
+impl Pool {
+    fn new(n: usize) -> Self {
+        Pool {
+            refcnt: vec![0; n],
+            block_hash: vec![None; n],
+            cached: HashMap::new(),
+            free: (0..n).map(|b| (BASE + b as u64, b as u32)).collect(),
+            stamp: (0..n as u64).map(|b| BASE + b).collect(),
+            clock: BASE + n as u64,
+        }
+    }
+    fn total(&self) -> usize {
+        self.refcnt.len()
+    }
+    fn num_free(&self) -> usize {
+        self.free.len()
+    }
+    fn alloc(&mut self) -> u32 {
+        let (_, b) = self.free.pop_first().expect("caller checked the free count");
+        if let Some(h) = self.block_hash[b as usize].take() {
+            if self.cached.get(&h) == Some(&b) {
+                self.cached.remove(&h);
+            }
+        }
+        self.refcnt[b as usize] = 1;
+        b
+    }
+    fn is_cached(&self, h: u64) -> bool {
+        self.cached.contains_key(&h)
+    }
+    /// Takes a reference on the cached block with hash `h`.
+    fn take_cached(&mut self, h: u64) -> u32 {
+        let b = self.cached[&h];
+        if self.refcnt[b as usize] == 0 {
+            self.free.remove(&self.stamp[b as usize]);
+        }
+        self.refcnt[b as usize] += 1;
+        b
+    }
+    fn register(&mut self, b: u32, h: u64) {
+        self.cached.entry(h).or_insert(b);
+        if self.block_hash[b as usize].is_none() {
+            self.block_hash[b as usize] = Some(h);
+        }
+    }
+    fn release(&mut self, b: u32) {
+        let r = &mut self.refcnt[b as usize];
+        *r -= 1;
+        if *r > 0 {
+            return;
+        }
+        let key = if self.block_hash[b as usize].is_some() {
+            self.clock += 1;
+            self.clock
+        } else {
+            // Unhashed blocks hold nothing reusable: reallocate them first.
+            self.free.keys().next().copied().unwrap_or(BASE).min(BASE) - 1
+        };
+        self.stamp[b as usize] = key;
+        self.free.insert(key, b);
+    }
+}
+
+pub struct KvManager {
+    block_size: usize,
+    /// The sliding window (None: no sliding-window group).
+    window: Option<usize>,
+    prefix_caching: bool,
+    full: Pool,
+    swa: Pool,
+    pub queries: u64,
+    pub hits: u64,
+}
 
 pub fn block_hash(parent: u64, tokens: &[u32]) -> u64 {
     let mut h = parent ^ 0x9e3779b97f4a7c15;
@@ -48,51 +116,50 @@ pub fn block_hash(parent: u64, tokens: &[u32]) -> u64 {
 }
 
 impl KvManager {
-    /// `window`: the largest sliding window of the model (None: no sliding-window layers).
-    /// Prefix reuse is only enabled for models without sliding-window layers: a hit would also
-    /// need the sliding-window blocks before the hit point, which this manager does not cache.
+    /// `window`: the largest sliding window of the model, with `num_swa > 0` blocks for it
+    /// (None: no sliding-window group). Sliding-window blocks are hashed like full ones, and
+    /// a prefix hit at position H is only taken when the full blocks before H AND the
+    /// sliding-window blocks covering positions `H - (window - 1)..H` are all still cached.
     pub fn new(num_full: usize, num_swa: usize, block_size: usize, window: Option<usize>, prefix_caching: bool) -> Self {
-        let mut free_full = BTreeMap::new();
-        for b in 0..num_full {
-            free_full.insert(BASE + b as u64, b as u32);
-        }
         KvManager {
             block_size,
-            window,
-            prefix_caching: prefix_caching && window.is_none(),
-            refcnt: vec![0; num_full],
-            block_hash: vec![None; num_full],
-            cached: HashMap::new(),
-            free_full,
-            stamp: (0..num_full as u64).map(|b| BASE + b).collect(),
-            clock: BASE + num_full as u64,
-            free_swa: (0..num_swa as u32).rev().collect(),
-            num_swa,
+            window: window.filter(|_| num_swa > 0),
+            prefix_caching,
+            full: Pool::new(num_full),
+            swa: Pool::new(num_swa),
             queries: 0,
             hits: 0,
         }
     }
 
     pub fn total_full(&self) -> usize {
-        self.refcnt.len()
+        self.full.total()
     }
     pub fn free_full(&self) -> usize {
-        self.free_full.len()
+        self.full.num_free()
     }
     pub fn used_swa(&self) -> usize {
-        self.num_swa - self.free_swa.len()
+        self.swa.total() - self.swa.num_free()
     }
     /// Fraction of blocks (both groups) held by sequences.
     pub fn usage(&self) -> f64 {
-        let total = self.total_full() + self.num_swa;
+        let total = self.full.total() + self.swa.total();
         if total == 0 {
             return 0.0;
         }
-        (self.total_full() - self.free_full() + self.used_swa()) as f64 / total as f64
+        (self.full.total() - self.full.num_free() + self.used_swa()) as f64 / total as f64
     }
 
-    /// Looks up the longest cached prefix of `tokens` (leaving at least one token to compute),
-    /// takes references on those blocks and returns the number of cached tokens.
+    /// First block index whose sliding-window block positions `>= pos` still need.
+    fn first_swa_block(&self, pos: usize) -> usize {
+        match self.window {
+            Some(w) => pos.saturating_sub(w.saturating_sub(1)) / self.block_size,
+            None => usize::MAX,
+        }
+    }
+
+    /// Looks up the longest usable cached prefix of `tokens` (leaving at least one token to
+    /// compute), takes references on its blocks and returns the number of cached tokens.
     pub fn match_prefix(&mut self, seq: &mut SeqBlocks, tokens: &[u32]) -> usize {
         debug_assert!(seq.full.is_empty());
         if !self.prefix_caching {
@@ -101,42 +168,48 @@ impl KvManager {
         let bs = self.block_size;
         let max_blocks = tokens.len().saturating_sub(1) / bs;
         self.queries += tokens.len() as u64;
+        let mut hashes = Vec::new();
         let mut parent = 0u64;
         for i in 0..max_blocks {
             let h = block_hash(parent, &tokens[i * bs..(i + 1) * bs]);
-            let Some(&b) = self.cached.get(&h) else { break };
-            if self.refcnt[b as usize] == 0 {
-                self.free_full.remove(&self.stamp[b as usize]);
+            if !self.full.is_cached(h) {
+                break;
             }
-            self.refcnt[b as usize] += 1;
-            seq.full.push(b);
-            seq.swa.push(NULL_BLOCK);
-            seq.hashes.push(h);
+            hashes.push(h);
             parent = h;
         }
-        let n = seq.full.len() * bs;
+        // The longest hit whose window blocks are cached too.
+        let mut k = hashes.len();
+        if self.window.is_some() {
+            while k > 0 && !(self.first_swa_block(k * bs)..k).all(|j| self.swa.is_cached(hashes[j])) {
+                k -= 1;
+            }
+        }
+        let first_swa = self.first_swa_block(k * bs);
+        for (j, &h) in hashes[..k].iter().enumerate() {
+            seq.full.push(self.full.take_cached(h));
+            seq.swa.push(if self.window.is_some() && j >= first_swa { self.swa.take_cached(h) } else { NULL_BLOCK });
+            seq.hashes.push(h);
+        }
+        let n = k * bs;
         self.hits += n as u64;
         n
     }
 
-    fn swa_releasable(&self, seq: &SeqBlocks, start: usize) -> Vec<usize> {
-        let Some(w) = self.window else { return vec![] };
-        // Positions >= start attend back to start - (w - 1).
-        let first_needed = start.saturating_sub(w.saturating_sub(1));
-        let end_block = first_needed / self.block_size;
-        (0..end_block.min(seq.swa.len())).filter(|&i| seq.swa[i] != NULL_BLOCK).collect()
+    fn swa_releasable(&self, seq: &SeqBlocks, start: usize) -> usize {
+        let end = self.first_swa_block(start).min(seq.swa.len());
+        if self.window.is_none() {
+            return 0;
+        }
+        seq.swa[..end].iter().filter(|&&b| b != NULL_BLOCK).count()
     }
 
     /// Full and sliding-window blocks still to allocate so that the tables cover `0..upto`
     /// when the next computed position is `start`.
-    pub fn blocks_needed(&self, seq: &SeqBlocks, start: usize, upto: usize) -> (usize, usize) {
+    pub fn blocks_needed(&self, seq: &SeqBlocks, _start: usize, upto: usize) -> (usize, usize) {
         let n = upto.div_ceil(self.block_size);
         let full = n.saturating_sub(seq.full.len());
-        let swa = if self.num_swa > 0 || self.window.is_some() {
-            (n.saturating_sub(seq.swa.len())).saturating_sub(self.swa_releasable(seq, start).len())
-        } else {
-            0
-        };
+        let swa = if self.window.is_some() { n.saturating_sub(seq.swa.len()) } else { 0 };
         (full, swa)
     }
 
@@ -144,35 +217,29 @@ impl KvManager {
     /// `>= start` no longer see. Returns false (changing nothing) if blocks are short.
     pub fn allocate(&mut self, seq: &mut SeqBlocks, start: usize, upto: usize) -> bool {
         let (nf, ns) = self.blocks_needed(seq, start, upto);
-        if nf > self.free_full.len() || (self.window.is_some() && ns > self.free_swa.len()) {
+        if nf > self.full.num_free() || ns > self.swa.num_free() + self.swa_releasable(seq, start) {
             return false;
         }
-        for i in self.swa_releasable(seq, start) {
-            self.free_swa.push(seq.swa[i]);
-            seq.swa[i] = NULL_BLOCK;
+        if self.window.is_some() {
+            let end = self.first_swa_block(start).min(seq.swa.len());
+            for i in 0..end {
+                if seq.swa[i] != NULL_BLOCK {
+                    self.swa.release(seq.swa[i]);
+                    seq.swa[i] = NULL_BLOCK;
+                }
+            }
         }
         let n = upto.div_ceil(self.block_size);
         while seq.full.len() < n {
-            let (_, b) = self.free_full.pop_first().expect("counted above");
-            if let Some(h) = self.block_hash[b as usize].take() {
-                if self.cached.get(&h) == Some(&b) {
-                    self.cached.remove(&h);
-                }
-            }
-            self.refcnt[b as usize] = 1;
-            seq.full.push(b);
+            seq.full.push(self.full.alloc());
         }
         while seq.swa.len() < n {
-            if self.window.is_some() {
-                seq.swa.push(self.free_swa.pop().expect("counted above"));
-            } else {
-                seq.swa.push(NULL_BLOCK);
-            }
+            seq.swa.push(if self.window.is_some() { self.swa.alloc() } else { NULL_BLOCK });
         }
         true
     }
 
-    /// Registers the completely filled full blocks among the first `computed` tokens.
+    /// Registers the completely filled blocks among the first `computed` tokens.
     pub fn commit(&mut self, seq: &mut SeqBlocks, tokens: &[u32], computed: usize) {
         if !self.prefix_caching {
             return;
@@ -182,10 +249,9 @@ impl KvManager {
             let i = seq.hashes.len();
             let parent = if i == 0 { 0 } else { seq.hashes[i - 1] };
             let h = block_hash(parent, &tokens[i * bs..(i + 1) * bs]);
-            let b = seq.full[i];
-            self.cached.entry(h).or_insert(b);
-            if self.block_hash[b as usize].is_none() {
-                self.block_hash[b as usize] = Some(h);
+            self.full.register(seq.full[i], h);
+            if self.window.is_some() && seq.swa[i] != NULL_BLOCK {
+                self.swa.register(seq.swa[i], h);
             }
             seq.hashes.push(h);
         }
@@ -193,34 +259,16 @@ impl KvManager {
 
     /// Drops the sequence's references; cached blocks stay findable until reallocated.
     pub fn free(&mut self, seq: &mut SeqBlocks) {
-        // Free tail blocks first so a later eviction takes them before the shared prefix.
+        // Tail blocks first, so eviction takes them before the shared prefix.
         for &b in seq.full.iter().rev() {
-            let r = &mut self.refcnt[b as usize];
-            *r -= 1;
-            if *r == 0 {
-                let key = if self.block_hash[b as usize].is_some() {
-                    self.clock += 1;
-                    self.clock
-                } else {
-                    // Unhashed blocks hold nothing reusable: reallocate them first.
-                    self.min_key()
-                };
-                self.stamp[b as usize] = key;
-                self.free_full.insert(key, b);
-            }
+            self.full.release(b);
         }
-        for &b in &seq.swa {
+        for &b in seq.swa.iter().rev() {
             if b != NULL_BLOCK {
-                self.free_swa.push(b);
+                self.swa.release(b);
             }
         }
         *seq = SeqBlocks::default();
-    }
-
-    fn min_key(&mut self) -> u64 {
-        // Keys below every hashed stamp: count down from the smallest key in use.
-        let lowest = self.free_full.keys().next().copied().unwrap_or(BASE);
-        lowest.min(BASE) - 1
     }
 }
 
@@ -272,22 +320,36 @@ mod tests {
     }
 
     #[test]
-    fn sliding_window_releases_old_blocks_and_disables_reuse() {
+    fn sliding_window_release_and_prefix_hits_need_window_blocks() {
         let mut kv = KvManager::new(16, 4, 4, Some(4), true);
         let mut a = SeqBlocks::default();
         assert!(kv.allocate(&mut a, 0, 8));
         assert_eq!(kv.used_swa(), 2);
-        // Next position 12 sees 9..=12: blocks 0 and 1 are released, block 2 and 3 allocated.
+        let toks: Vec<u32> = (0..13).collect();
+        kv.commit(&mut a, &toks, 8);
+        // Next position 12 sees 9..=12: blocks 0 and 1 are released, blocks 2 and 3 allocated.
         assert!(kv.allocate(&mut a, 12, 13));
         assert_eq!(a.swa[0], NULL_BLOCK);
         assert_eq!(a.swa[1], NULL_BLOCK);
         assert_eq!(kv.used_swa(), 2);
-        let toks: Vec<u32> = (0..13).collect();
         kv.commit(&mut a, &toks, 13);
-        let mut b = SeqBlocks::default();
-        assert_eq!(kv.match_prefix(&mut b, &toks), 0);
         kv.free(&mut a);
-        kv.free(&mut b);
         assert_eq!(kv.usage(), 0.0);
+        // A hit at 12 needs the window block 2 (positions 9..11), which is cached.
+        let mut b = SeqBlocks::default();
+        assert_eq!(kv.match_prefix(&mut b, &toks), 12);
+        assert_eq!(&b.swa[..2], &[NULL_BLOCK, NULL_BLOCK]);
+        assert_ne!(b.swa[2], NULL_BLOCK);
+        kv.free(&mut b);
+        // Another sequence reallocates every sliding-window block: the full blocks are still
+        // cached, but without the window block no hit is valid.
+        let mut c = SeqBlocks::default();
+        assert!(kv.allocate(&mut c, 0, 16));
+        kv.free(&mut c);
+        let mut d = SeqBlocks::default();
+        assert_eq!(kv.match_prefix(&mut d, &toks), 0);
+        kv.free(&mut d);
+        assert_eq!(kv.usage(), 0.0);
+        assert_eq!(kv.free_full(), 16);
     }
 }

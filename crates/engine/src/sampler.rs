@@ -82,7 +82,7 @@ pub fn sampling_distribution(logits: &[f32], p: &SamplingParams) -> Vec<(u32, f6
     let t = p.temperature.max(1e-6) as f64;
     let mut v: Vec<(u32, f64)> =
         logits.iter().enumerate().filter(|(_, l)| l.is_finite()).map(|(i, &l)| (i as u32, l as f64 / t)).collect();
-    v.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap().then(a.0.cmp(&b.0)));
+    v.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     if p.top_k > 0 && v.len() > p.top_k {
         v.truncate(p.top_k);
     }
@@ -148,9 +148,9 @@ pub fn logprobs(raw: &[f32], chosen: u32, top: usize) -> TokenLogprob {
     let mut idx: Vec<usize> = (0..raw.len()).collect();
     let k = top.min(raw.len());
     if k > 0 {
-        idx.select_nth_unstable_by(k - 1, |&a, &b| raw[b].partial_cmp(&raw[a]).unwrap().then(a.cmp(&b)));
+        idx.select_nth_unstable_by(k - 1, |&a, &b| raw[b].total_cmp(&raw[a]).then(a.cmp(&b)));
         idx.truncate(k);
-        idx.sort_by(|&a, &b| raw[b].partial_cmp(&raw[a]).unwrap().then(a.cmp(&b)));
+        idx.sort_by(|&a, &b| raw[b].total_cmp(&raw[a]).then(a.cmp(&b)));
     } else {
         idx.clear();
     }

@@ -51,7 +51,8 @@ fn engine_greedy_equals_direct_greedy() {
             .unwrap()
         })
         .collect();
-    for (mut rx, want) in rxs.into_iter().zip(expected) {
+    let mut outs = Vec::new();
+    for (mut rx, want) in rxs.into_iter().zip(expected.clone()) {
         let mut got = Vec::new();
         while let Some(ev) = rx.blocking_recv() {
             match ev {
@@ -65,7 +66,34 @@ fn engine_greedy_equals_direct_greedy() {
             }
         }
         assert_eq!(got, want);
+        outs.push(got);
     }
+    // Prefix caching with sliding-window layers (window 16): the same prompt again hits the
+    // cache and still decodes the same tokens.
+    let mut rx = e
+        .submit(GenerateRequest {
+            request_id: "again".into(),
+            prompt_tokens: prompts[2].clone(),
+            sampling: SamplingParams::greedy(),
+            stop: StopParams { max_tokens: n_out, ignore_eos: true, skip_special_tokens: true, ..Default::default() },
+            prompt_logprobs: None,
+            priority: 0,
+            arrival: Instant::now(),
+        })
+        .unwrap();
+    let mut got = Vec::new();
+    while let Some(ev) = rx.blocking_recv() {
+        match ev {
+            RequestEvent::Delta { token_ids, .. } => got.extend(token_ids),
+            RequestEvent::Finished { usage, .. } => {
+                assert_eq!(usage.cached_tokens, 36);
+                break;
+            }
+            RequestEvent::Error(e) => panic!("{e}"),
+            _ => {}
+        }
+    }
+    assert_eq!(got, expected[2]);
     e.shutdown();
     assert_eq!(e.stats().kv_usage, 0.0);
 }

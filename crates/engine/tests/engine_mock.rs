@@ -76,7 +76,7 @@ impl Backend for Mock {
                     // A printable-ish target token, plus a spread so sampling has choices.
                     let target = 20 + (h % 60) as usize;
                     rows.extend((0..v).map(|i| {
-                        let base = ((i as u64 * 2654435761 ^ h) % 97) as f32 / 40.0;
+                        let base = (((i as u64 * 2654435761) ^ h) % 97) as f32 / 40.0;
                         if i == target { base + 3.0 } else if i < 20 { -5.0 } else { base }
                     }));
                 }
@@ -175,7 +175,7 @@ fn prompts() -> Vec<Vec<u32>> {
 }
 
 fn sampling(i: usize) -> SamplingParams {
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         SamplingParams::greedy()
     } else {
         SamplingParams { temperature: 0.9, top_p: 0.95, seed: Some(i as u64), ..Default::default() }
@@ -245,13 +245,24 @@ fn prefix_cache_reuse_gives_same_output() {
     wait_idle(&e);
     let m = e.render_metrics();
     assert!(counter(&m, "vllm:prefix_cache_hits_total") > 0.0);
-    // With sliding-window layers reuse is disabled, and output is still right.
+    // With sliding-window layers the window blocks before the hit are cached too.
     let e2 = engine(Some(6), cfg());
     let c = collect(e2.submit(req("a", p.clone(), SamplingParams::greedy(), 10)).unwrap());
-    let d = collect(e2.submit(req("b", p, SamplingParams::greedy(), 10)).unwrap());
-    assert_eq!(d.usage.cached_tokens, 0);
+    let d = collect(e2.submit(req("b", p.clone(), SamplingParams::greedy(), 10)).unwrap());
+    assert_eq!(d.usage.cached_tokens, (p.len() - 1) / 4 * 4);
     assert_eq!(c.tokens, d.tokens);
+    // A longer prompt sharing the prompt + generated text hits past the original prompt.
+    let mut longer = p.clone();
+    longer.extend(&c.tokens);
+    longer.push(33);
+    let f = collect(e2.submit(req("f", longer.clone(), SamplingParams::greedy(), 10)).unwrap());
+    assert!(f.usage.cached_tokens > d.usage.cached_tokens);
+    let e3 = engine(Some(6), EngineConfig { enable_prefix_caching: false, ..cfg() });
+    let g = collect(e3.submit(req("g", longer, SamplingParams::greedy(), 10)).unwrap());
+    assert_eq!(g.usage.cached_tokens, 0);
+    assert_eq!(f.tokens, g.tokens);
     wait_idle(&e2);
+    wait_idle(&e3);
 }
 
 #[test]
@@ -386,16 +397,18 @@ fn logprobs_and_prompt_logprobs() {
 
 #[test]
 fn priority_orders_waiting_requests() {
-    let e = engine(None, EngineConfig { max_num_seqs: 1, ..cfg() });
-    // Occupy the only slot, then queue a low- and a high-priority request.
-    let busy = e.submit(req("busy", prompts()[0].clone(), SamplingParams::greedy(), 30)).unwrap();
+    let e = engine(None, EngineConfig { max_num_seqs: 1, max_model_len: 4096, kv_cache_memory_bytes: 100 * 1100, ..cfg() });
+    // Occupy the only slot with a long request, queue a low- and a high-priority request, then
+    // free the slot by dropping the long one.
+    let mut busy = e.submit(req("busy", prompts()[0].clone(), SamplingParams::greedy(), 4000)).unwrap();
+    assert!(matches!(busy.blocking_recv(), Some(RequestEvent::Delta { .. })));
     let mut low = req("low", prompts()[1].clone(), SamplingParams::greedy(), 2);
     low.priority = 5;
     let mut high = req("high", prompts()[2].clone(), SamplingParams::greedy(), 2);
     high.priority = -1;
     let mut rl = e.submit(low).unwrap();
     let mut rh = e.submit(high).unwrap();
-    collect(busy);
+    drop(busy);
     let first = loop {
         if let Ok(ev) = rh.try_recv() {
             if matches!(ev, RequestEvent::Finished { .. }) {
@@ -411,4 +424,59 @@ fn priority_orders_waiting_requests() {
     assert_eq!(first, "high");
     collect(rl);
     wait_idle(&e);
+}
+
+#[test]
+fn unmatched_stop_prefix_is_held_then_released() {
+    let e = engine(None, cfg());
+    let p = prompts()[4].clone();
+    let full = collect(e.submit(req("a", p.clone(), SamplingParams::greedy(), 25)).unwrap());
+    // Starts like the output but never completes: the text is held back, then all released.
+    let head: String = full.text.chars().take(3).collect();
+    let mut r = req("b", p, SamplingParams::greedy(), 25);
+    r.stop.stop_strings = vec![format!("{head}\u{2}")];
+    let stop = format!("{head}\u{2}");
+    let mut rx = e.submit(r).unwrap();
+    let mut text = String::new();
+    let mut checked = 0;
+    while let Some(ev) = rx.blocking_recv() {
+        match ev {
+            RequestEvent::Delta { text: t, token_ids, .. } => {
+                text.push_str(&t);
+                if !token_ids.is_empty() && text.len() < full.text.len() {
+                    // While generating, sent text never ends with a possible stop-string start.
+                    let bad = (1..=stop.len()).filter(|&n| stop.is_char_boundary(n)).any(|n| text.ends_with(&stop[..n]));
+                    assert!(!bad, "held-back text was sent: {text:?}");
+                    checked += 1;
+                }
+            }
+            RequestEvent::Finished { reason, .. } => {
+                assert_eq!(reason, FinishReason::Length);
+                break;
+            }
+            _ => {}
+        }
+    }
+    assert!(checked > 5);
+    assert_eq!(text, full.text);
+    wait_idle(&e);
+}
+
+#[test]
+fn concurrent_copies_of_a_seeded_request_agree() {
+    let e = engine(Some(6), EngineConfig { max_num_batched_tokens: 12, ..cfg() });
+    let s = SamplingParams { temperature: 1.3, top_k: 20, seed: Some(99), ..Default::default() };
+    let rxs: Vec<_> = (0..6).map(|i| e.submit(req(&format!("c{i}"), prompts()[6].clone(), s.clone(), 30)).unwrap()).collect();
+    let outs: Vec<Out> = rxs.into_iter().map(collect).collect();
+    for o in &outs[1..] {
+        assert_eq!(o.tokens, outs[0].tokens);
+    }
+    // A different seed gives a different sample path.
+    let other = collect(e.submit(req("d", prompts()[6].clone(), SamplingParams { seed: Some(100), ..s }, 30)).unwrap());
+    assert_ne!(other.tokens, outs[0].tokens);
+    wait_idle(&e);
+    let m = e.render_metrics();
+    assert!(m.contains("vllm:time_to_first_token_seconds_bucket{model_name=\"mimo_v2_flash\",le=\"0.0001\"}"), "{m}");
+    assert!(m.contains("vllm:request_success_total{finished_reason=\"length\",model_name=\"mimo_v2_flash\"} 7"), "{m}");
+    assert!(m.contains("peregrine:step_duration_seconds_count"));
 }
