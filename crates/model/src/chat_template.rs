@@ -57,29 +57,14 @@ impl ChatTemplate {
     }
 }
 
-/// HF passes `tool_calls[].function.arguments` to templates as given; when a client sends the
-/// OpenAI wire form (a JSON string) templates that iterate it as a mapping need the parsed
-/// object, which is what transformers' chat pipelines hand over. Parse strings that hold a JSON
-/// object; leave anything else untouched.
+/// transformers 5.17's apply_chat_template hands messages to the template as given: a
+/// `tool_calls[].function.arguments` JSON *string* stays a string (Qwen3's template prints it
+/// verbatim, an object goes through `tojson`), so nothing is rewritten here.
 fn normalize_messages(messages: &Value) -> Result<Value> {
-    let list = messages.as_array().ok_or_else(|| Error::Template("messages must be a list".into()))?;
-    let mut out = Vec::with_capacity(list.len());
-    for m in list {
-        let mut m = m.clone();
-        if let Some(calls) = m.get_mut("tool_calls").and_then(Value::as_array_mut) {
-            for c in calls {
-                if let Some(args) = c.get_mut("function").and_then(|f| f.get_mut("arguments")) {
-                    if let Value::String(s) = args {
-                        if let Ok(v @ Value::Object(_)) = serde_json::from_str::<Value>(s) {
-                            *args = v;
-                        }
-                    }
-                }
-            }
-        }
-        out.push(m);
+    if !messages.is_array() {
+        return Err(Error::Template("messages must be a list".into()));
     }
-    Ok(Value::Array(out))
+    Ok(messages.clone())
 }
 
 fn raise_exception(msg: String) -> std::result::Result<JValue, minijinja::Error> {

@@ -1,0 +1,89 @@
+//! Chat template rendering with HF semantics (ChatML / SmolLM2-style template, tojson,
+//! raise_exception).
+
+use peregrine_core::Error;
+use peregrine_model::chat_template::ChatTemplate;
+use serde_json::{json, Map};
+
+const CHATML: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+#[test]
+fn chatml_renders_like_hf() {
+    let t = ChatTemplate::new(CHATML, None, Some("<|im_end|>")).unwrap();
+    let msgs = json!([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]);
+    let out = t.render(&msgs, None, true, &Map::new()).unwrap();
+    assert_eq!(
+        out,
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
+         <|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>assistant\n"
+    );
+    let out = t.render(&json!([{"role": "system", "content": "S"}]), None, false, &Map::new()).unwrap();
+    assert_eq!(out, "<|im_start|>system\nS<|im_end|>\n");
+}
+
+#[test]
+fn trim_and_lstrip_blocks() {
+    let src = "{% for m in messages %}\n    {% if m.role == 'user' %}\nU:{{ m.content }}\n    {% endif %}\n{% endfor %}\n";
+    let t = ChatTemplate::new(src, None, None).unwrap();
+    let out = t.render(&json!([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]), None, false, &Map::new()).unwrap();
+    assert_eq!(out, "U:a\nU:b\n");
+}
+
+#[test]
+fn tojson_matches_python_json_dumps() {
+    let t = ChatTemplate::new("{{ tools | tojson }}|{{ tools[0] | tojson(indent=2) }}", None, None).unwrap();
+    let tools = json!([{"name": "f<&>", "z": 1, "a": [1.0, "é\n"], "e": {}}]);
+    let out = t.render(&json!([]), Some(&tools), false, &Map::new()).unwrap();
+    assert_eq!(
+        out,
+        "[{\"name\": \"f<&>\", \"z\": 1, \"a\": [1.0, \"é\\n\"], \"e\": {}}]|{\n  \"name\": \"f<&>\",\n  \"z\": 1,\n  \"a\": [\n    1.0,\n    \"é\\n\"\n  ],\n  \"e\": {}\n}"
+    );
+}
+
+#[test]
+fn pycompat_methods_and_extra_kwargs() {
+    let src = "{{ messages[0].content.strip().upper() }}{% if enable_thinking is defined and not enable_thinking %}|nothink{% endif %}{{ bos_token }}";
+    let t = ChatTemplate::new(src, Some("<s>"), None).unwrap();
+    let mut extra = Map::new();
+    extra.insert("enable_thinking".into(), json!(false));
+    let out = t.render(&json!([{"role": "user", "content": "  hi  "}]), None, false, &extra).unwrap();
+    assert_eq!(out, "HI|nothink<s>");
+}
+
+#[test]
+fn tool_call_arguments_string_passes_through_like_hf() {
+    let src = "{% for m in messages %}{% for c in m.tool_calls %}{% if c.function.arguments is string %}{{ c.function.arguments }}{% else %}{{ c.function.arguments | tojson }}{% endif %};{% endfor %}{% endfor %}";
+    let t = ChatTemplate::new(src, None, None).unwrap();
+    let msgs = json!([{"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "f", "arguments": "{\"x\":1}"}},
+        {"type": "function", "function": {"name": "g", "arguments": {"x": 1}}}]}]);
+    assert_eq!(t.render(&msgs, None, false, &Map::new()).unwrap(), "{\"x\":1};{\"x\": 1};");
+}
+
+#[test]
+fn raise_exception_is_a_template_error() {
+    let t = ChatTemplate::new("{% if messages[0].role != 'user' %}{{ raise_exception('first message must be user') }}{% endif %}ok", None, None).unwrap();
+    assert_eq!(t.render(&json!([{"role": "user", "content": "x"}]), None, false, &Map::new()).unwrap(), "ok");
+    match t.render(&json!([{"role": "system", "content": "x"}]), None, false, &Map::new()) {
+        Err(Error::Template(msg)) => assert!(msg.contains("first message must be user"), "{msg}"),
+        other => panic!("expected Error::Template, got {:?}", other.map(|_| ())),
+    }
+    assert!(matches!(ChatTemplate::new("{% if %}", None, None), Err(Error::Template(_))));
+}
+
+/// Qwen3's real template against transformers' apply_chat_template (tools/chat_template_reference.py).
+#[test]
+fn qwen3_template_matches_transformers() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/chat");
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(format!("{dir}/qwen3_tokenizer_config.json")).unwrap()).unwrap();
+    let fixture: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(format!("{dir}/qwen3_reference.json")).unwrap()).unwrap();
+    let t = ChatTemplate::new(cfg["chat_template"].as_str().unwrap(), None, cfg["eos_token"].as_str()).unwrap();
+    let cases = fixture["cases"].as_array().unwrap();
+    assert!(cases.len() >= 7);
+    for case in cases {
+        let tools = case["tools"].as_array().map(|_| &case["tools"]);
+        let extra = case["chat_template_kwargs"].as_object().unwrap();
+        let out = t.render(&case["messages"], tools, case["add_generation_prompt"].as_bool().unwrap(), extra).unwrap();
+        assert_eq!(out, case["expected"].as_str().unwrap(), "case {}", case["name"]);
+    }
+}
