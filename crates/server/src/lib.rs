@@ -1,1 +1,9 @@
-//! The OpenAI-compatible HTTP front end.
+//! The OpenAI-compatible HTTP front end (axum): request validation, the OpenAI wire format with
+//! SSE streaming, Prometheus metrics, and the `peregrine` binary's startup.
+
+pub mod cli;
+pub mod default_model;
+pub mod error;
+pub mod protocol;
+pub mod routes;
+pub mod state;

@@ -1,0 +1,215 @@
+//! `peregrine serve`: flags (each also an environment variable), model loading and the server's
+//! life cycle (listen at once, answer 503 while loading, graceful shutdown on SIGTERM/ctrl-c).
+
+use std::io::IsTerminal;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand, ValueEnum};
+use peregrine_engine::{start_engine, EngineConfig};
+use peregrine_model::chat_template::ChatTemplate;
+
+use crate::state::{unix_now, AppState, Ready, Settings};
+
+#[derive(Parser, Debug)]
+#[command(name = "peregrine", version, about = "OpenAI-compatible inference server for MiMo-V2 models")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Serve a model over HTTP.
+    Serve(ServeArgs),
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Device {
+    Cpu,
+    Cuda,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    /// A model directory, a weights file, or an `org/name` id in the local HF cache. Without it,
+    /// the embedded default model.
+    #[arg(env = "PEREGRINE_MODEL")]
+    pub model: Option<String>,
+    #[arg(long, env = "PEREGRINE_HOST", default_value = "127.0.0.1")]
+    pub host: String,
+    #[arg(long, env = "PEREGRINE_PORT", default_value_t = 8000)]
+    pub port: u16,
+    #[arg(long, env = "PEREGRINE_DEVICE", value_enum, default_value_t = Device::Cpu)]
+    pub device: Device,
+    /// Tensor-parallel degree (GPUs).
+    #[arg(long, env = "PEREGRINE_TP", default_value_t = 1)]
+    pub tp: usize,
+    #[arg(long, env = "PEREGRINE_MAX_NUM_SEQS", default_value_t = 64)]
+    pub max_num_seqs: usize,
+    /// Prompt + output tokens per sequence (default: the model's max_position_embeddings, capped
+    /// at 8192 on the CPU).
+    #[arg(long, env = "PEREGRINE_MAX_MODEL_LEN")]
+    pub max_model_len: Option<usize>,
+    /// Memory for the KV cache, e.g. 512MiB, 4GiB.
+    #[arg(long, env = "PEREGRINE_KV_CACHE_MEMORY", default_value = "512MiB", value_parser = parse_bytes)]
+    pub kv_cache_memory: usize,
+    #[arg(long, env = "PEREGRINE_MAX_NUM_BATCHED_TOKENS", default_value_t = 2048)]
+    pub max_num_batched_tokens: usize,
+    /// Waiting requests at most; more are answered 429.
+    #[arg(long, env = "PEREGRINE_MAX_WAITING", default_value_t = 1024)]
+    pub max_waiting: usize,
+    /// Require `Authorization: Bearer <key>` on the API routes.
+    #[arg(long, env = "PEREGRINE_API_KEY")]
+    pub api_key: Option<String>,
+    /// The model name clients use (default: the directory or id, or the default model's name).
+    #[arg(long, env = "PEREGRINE_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+    /// A chat template file, or the template itself, overriding the model's.
+    #[arg(long, env = "PEREGRINE_CHAT_TEMPLATE")]
+    pub chat_template: Option<String>,
+    /// Send the usage chunk on every stream, as if `stream_options.include_usage` were set.
+    #[arg(long, env = "PEREGRINE_ALWAYS_INCLUDE_USAGE")]
+    pub always_include_usage: bool,
+    #[arg(long, env = "PEREGRINE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Largest accepted request body, in bytes.
+    #[arg(long, env = "PEREGRINE_MAX_BODY_BYTES", default_value_t = 32 << 20, value_parser = parse_bytes)]
+    pub max_body_bytes: usize,
+}
+
+/// "512MiB", "4GiB", "1G", "1000000" -> bytes.
+pub fn parse_bytes(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("invalid size `{s}`"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "kib" => 1024.0,
+        "m" | "mb" => 1e6,
+        "mib" => 1024.0 * 1024.0,
+        "g" | "gb" => 1e9,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        "t" | "tb" => 1e12,
+        "tib" => 1024f64.powi(4),
+        u => return Err(format!("unknown unit `{u}` in `{s}` (use B, KiB, MiB, GiB, TiB)")),
+    };
+    Ok((n * mult) as usize)
+}
+
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => b.json().init(),
+        LogFormat::Text => b.init(),
+    }
+}
+
+/// Loads the model and starts the engine (blocking; runs on a worker thread).
+pub fn load(args: &ServeArgs) -> anyhow::Result<Ready> {
+    match args.device {
+        Device::Cpu => {}
+        Device::Cuda => bail!("the CUDA backend is not part of this build yet; run with `--device cpu`"),
+    }
+    if args.tp != 1 {
+        bail!("--tp {} needs the CUDA backend; the CPU backend runs with --tp 1", args.tp);
+    }
+    let (path, default_name) = match &args.model {
+        Some(m) => (m.clone(), m.trim_end_matches('/').to_owned()),
+        None => (crate::default_model::unpack()?.display().to_string(), crate::default_model::NAME.to_owned()),
+    };
+    let spinner = std::io::stderr().is_terminal().then(|| {
+        let p = indicatif::ProgressBar::new_spinner();
+        p.set_message(format!("loading weights of {default_name}"));
+        p.enable_steady_tick(std::time::Duration::from_millis(120));
+        p
+    });
+    let files = peregrine_model::loader::open_model(&path).with_context(|| format!("cannot open model `{path}`"))?;
+    let tokenizer = files.tokenizer.ok_or_else(|| anyhow::anyhow!("model `{path}` has no tokenizer.json"))?;
+    let template_src = match &args.chat_template {
+        Some(t) if std::path::Path::new(t).is_file() => Some(std::fs::read_to_string(t).with_context(|| format!("reading {t}"))?),
+        Some(t) => Some(t.clone()),
+        None => files.chat_template.clone(),
+    };
+    let template = template_src
+        .map(|s| ChatTemplate::new(&s, tokenizer.bos_token(), tokenizer.eos_token()))
+        .transpose()
+        .context("invalid chat template")?;
+    let t0 = std::time::Instant::now();
+    let model = peregrine_cpu::CpuModel::load(&files.spec, files.weights.as_ref()).context("loading weights")?;
+    if let Some(p) = spinner {
+        p.finish_and_clear();
+    }
+    tracing::info!(model = %default_name, params = files.spec.num_parameters(), secs = t0.elapsed().as_secs_f32(), "weights loaded (cpu)");
+    let max_model_len = args.max_model_len.unwrap_or(files.spec.max_position_embeddings.min(8192));
+    if max_model_len > files.spec.max_position_embeddings {
+        bail!("--max-model-len {max_model_len} exceeds the model's max_position_embeddings {}", files.spec.max_position_embeddings);
+    }
+    let config = EngineConfig {
+        max_num_seqs: args.max_num_seqs,
+        max_num_batched_tokens: args.max_num_batched_tokens,
+        max_model_len,
+        kv_cache_memory_bytes: args.kv_cache_memory,
+        max_waiting: args.max_waiting,
+        ..EngineConfig::default()
+    };
+    let engine = start_engine(Box::new(model), Arc::new(tokenizer), config)?;
+    Ok(Ready {
+        engine,
+        template,
+        model_name: args.served_model_name.clone().unwrap_or(default_name),
+        created: unix_now(),
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let addr = format!("{}:{}", args.host, args.port);
+    let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+    let state = AppState::new(Settings { api_key: args.api_key.clone(), always_include_usage: args.always_include_usage });
+    tracing::info!(%addr, "listening (503 until the model is loaded)");
+    let app = crate::routes::router(state.clone(), args.max_body_bytes);
+    let shutdown_state = state.clone();
+    let server = tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown({
+        let state = shutdown_state;
+        async move {
+            shutdown_signal().await;
+            tracing::info!("shutting down: finishing in-flight requests");
+            if let Some(r) = state.ready.get() {
+                let e = r.engine.clone();
+                let _ = tokio::task::spawn_blocking(move || e.shutdown()).await;
+            }
+        }
+    }).await });
+    let ready = tokio::task::spawn_blocking(move || load(&args)).await??;
+    tracing::info!(model = %ready.model_name, "ready");
+    let _ = state.ready.set(ready);
+    server.await??;
+    Ok(())
+}

@@ -1,0 +1,55 @@
+//! The embedded default model: its files are compiled into the binary and unpacked once into a
+//! content-addressed cache directory, so `peregrine serve` works from anywhere with no download.
+
+use std::path::PathBuf;
+
+macro_rules! model_file {
+    ($name:literal) => {
+        ($name, include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/golden/default/", $name)).as_slice())
+    };
+}
+
+/// Interim default: the small random MiMo-V2 golden model (`tests/fixtures/golden/default`),
+/// until the trained demo model lands.
+pub const NAME: &str = "peregrine-mimo-tiny-random";
+
+const FILES: &[(&str, &[u8])] = &[
+    model_file!("config.json"),
+    model_file!("model.safetensors"),
+    model_file!("tokenizer.json"),
+    model_file!("tokenizer_config.json"),
+];
+
+fn fnv1a(bytes: &[u8], mut h: u64) -> u64 {
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x100_0000_01b3);
+    }
+    h
+}
+
+/// Unpacks the embedded files (once per content) and returns the directory.
+pub fn unpack() -> anyhow::Result<PathBuf> {
+    let hash = FILES.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, (n, b)| fnv1a(b, fnv1a(n.as_bytes(), h)));
+    let base = std::env::var_os("PEREGRINE_CACHE_DIR")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|p| PathBuf::from(p).join("peregrine")))
+        .or_else(|| std::env::var_os("HOME").map(|p| PathBuf::from(p).join(".cache/peregrine")))
+        .unwrap_or_else(|| std::env::temp_dir().join("peregrine"));
+    let dir = base.join(format!("{NAME}-{hash:016x}"));
+    if FILES.iter().all(|(n, b)| std::fs::metadata(dir.join(n)).is_ok_and(|m| m.len() == b.len() as u64)) {
+        return Ok(dir);
+    }
+    // Write into a private temp dir, then rename into place (safe against concurrent starts).
+    std::fs::create_dir_all(&base)?;
+    let tmp = base.join(format!(".tmp-{}-{:x}", std::process::id(), rand::random::<u64>()));
+    std::fs::create_dir_all(&tmp)?;
+    for (n, b) in FILES {
+        std::fs::write(tmp.join(n), b)?;
+    }
+    if std::fs::rename(&tmp, &dir).is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+        anyhow::ensure!(dir.is_dir(), "could not unpack the default model into {}", dir.display());
+    }
+    Ok(dir)
+}

@@ -1,0 +1,310 @@
+//! Request bodies of the OpenAI routes, parsed strictly (types and ranges, naming the
+//! parameter) into what the engine needs. Unknown fields are ignored and logged at debug level.
+
+use std::collections::{BTreeMap, HashMap};
+
+use peregrine_core::SamplingParams;
+use peregrine_engine::StopParams;
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::error::ApiError;
+
+/// Parses JSON into `T`, turning serde's complaint into a 400 that names the field.
+pub fn parse_body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let text = std::str::from_utf8(bytes).map_err(|e| ApiError::invalid(format!("request body is not valid UTF-8: {e}")))?;
+    let value: Value = serde_json::from_str(text).map_err(|e| ApiError::invalid(format!("request body is not valid JSON: {e}")))?;
+    if !value.is_object() {
+        return Err(ApiError::invalid("request body must be a JSON object"));
+    }
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let msg = e.inner().to_string();
+        if path == "." || path.is_empty() {
+            ApiError::invalid(msg)
+        } else {
+            let param = path.split(['.', '[']).next().unwrap_or(&path).to_owned();
+            ApiError::param(&param, format!("`{path}`: {msg}"))
+        }
+    })
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum StopField {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: Option<bool>,
+}
+
+/// Sampling and stopping fields shared by both routes.
+#[derive(Debug, Deserialize, Default)]
+pub struct CommonParams {
+    pub model: Option<String>,
+    pub max_tokens: Option<i64>,
+    pub max_completion_tokens: Option<i64>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<i64>,
+    pub min_p: Option<f64>,
+    pub n: Option<i64>,
+    #[serde(default)]
+    pub stream: Option<bool>,
+    pub stream_options: Option<StreamOptions>,
+    pub stop: Option<StopField>,
+    pub stop_token_ids: Option<Vec<u32>>,
+    pub seed: Option<i64>,
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+    pub repetition_penalty: Option<f64>,
+    pub logit_bias: Option<HashMap<String, f64>>,
+    pub ignore_eos: Option<bool>,
+    pub min_tokens: Option<i64>,
+    pub priority: Option<i32>,
+    pub skip_special_tokens: Option<bool>,
+    pub user: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ChatRequest {
+    pub messages: Value,
+    pub logprobs: Option<bool>,
+    pub top_logprobs: Option<i64>,
+    pub tools: Option<Value>,
+    pub tool_choice: Option<Value>,
+    pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
+    pub add_generation_prompt: Option<bool>,
+    #[serde(flatten)]
+    pub common: CommonParams,
+    #[serde(flatten)]
+    pub extra: HashMap<String, Value>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct CompletionRequest {
+    pub prompt: Value,
+    pub echo: Option<bool>,
+    pub logprobs: Option<i64>,
+    pub suffix: Option<String>,
+    #[serde(flatten)]
+    pub common: CommonParams,
+    #[serde(flatten)]
+    pub extra: HashMap<String, Value>,
+}
+
+pub const MAX_N: usize = 64;
+pub const MAX_STOP_STRINGS: usize = 16;
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// What one choice needs from the engine, before the prompt is known.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub sampling: SamplingParams,
+    pub stop: StopParams,
+    /// None: up to the context limit.
+    pub max_tokens: Option<usize>,
+    pub n: usize,
+    pub stream: bool,
+    pub include_usage: bool,
+    pub priority: i32,
+}
+
+fn range(param: &str, v: Option<f64>, lo: f64, hi: f64, lo_open: bool) -> Result<Option<f64>, ApiError> {
+    match v {
+        None => Ok(None),
+        Some(x) if !x.is_finite() || x > hi || x < lo || (lo_open && x == lo) => Err(ApiError::param(
+            param,
+            format!("`{param}` must be {} {lo} and <= {hi}, got {x}", if lo_open { ">" } else { ">=" }),
+        )),
+        Some(x) => Ok(Some(x)),
+    }
+}
+
+pub fn log_unknown(route: &str, extra: &HashMap<String, Value>) {
+    if !extra.is_empty() {
+        let keys: Vec<&String> = extra.keys().collect();
+        tracing::debug!(route, ?keys, "ignoring unknown request fields");
+    }
+}
+
+/// Validates the shared fields. `logprobs` is the number of top log-probabilities asked for.
+pub fn plan(c: &CommonParams, logprobs: Option<usize>, vocab_size: usize, always_usage: bool) -> Result<Plan, ApiError> {
+    let mut s = SamplingParams::default();
+    if let Some(t) = range("temperature", c.temperature, 0.0, 2.0, false)? {
+        s.temperature = t as f32;
+    }
+    if let Some(p) = range("top_p", c.top_p, 0.0, 1.0, true)? {
+        s.top_p = p as f32;
+    }
+    if let Some(k) = c.top_k {
+        if k < -1 {
+            return Err(ApiError::param("top_k", format!("`top_k` must be -1 (disabled) or >= 0, got {k}")));
+        }
+        s.top_k = k.max(0) as usize;
+    }
+    if let Some(p) = range("min_p", c.min_p, 0.0, 1.0, false)? {
+        s.min_p = p as f32;
+    }
+    if let Some(p) = range("presence_penalty", c.presence_penalty, -2.0, 2.0, false)? {
+        s.presence_penalty = p as f32;
+    }
+    if let Some(p) = range("frequency_penalty", c.frequency_penalty, -2.0, 2.0, false)? {
+        s.frequency_penalty = p as f32;
+    }
+    if let Some(p) = range("repetition_penalty", c.repetition_penalty, 0.0, 10.0, true)? {
+        s.repetition_penalty = p as f32;
+    }
+    if let Some(bias) = &c.logit_bias {
+        let mut m = BTreeMap::new();
+        for (k, v) in bias {
+            let id: u32 = k.parse().map_err(|_| ApiError::param("logit_bias", format!("`logit_bias` keys must be token ids, got `{k}`")))?;
+            if id as usize >= vocab_size {
+                return Err(ApiError::param("logit_bias", format!("token id {id} is outside the vocabulary ({vocab_size})")));
+            }
+            range("logit_bias", Some(*v), -100.0, 100.0, false)?;
+            m.insert(id, *v as f32);
+        }
+        s.logit_bias = m;
+    }
+    s.seed = c.seed.map(|x| x as u64);
+    s.logprobs = logprobs;
+
+    let n = match c.n {
+        None => 1,
+        Some(n) if n >= 1 && n as usize <= MAX_N => n as usize,
+        Some(n) => return Err(ApiError::param("n", format!("`n` must be between 1 and {MAX_N}, got {n}"))),
+    };
+    let max_tokens = match (c.max_completion_tokens, c.max_tokens) {
+        (Some(m), _) | (None, Some(m)) if m < 1 => {
+            let p = if c.max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" };
+            return Err(ApiError::param(p, format!("`{p}` must be at least 1, got {m}")));
+        }
+        (Some(m), _) | (None, Some(m)) => Some(m as usize),
+        (None, None) => None,
+    };
+    let stop_strings = match &c.stop {
+        None => vec![],
+        Some(StopField::One(s)) => vec![s.clone()],
+        Some(StopField::Many(v)) => v.clone(),
+    };
+    if stop_strings.len() > MAX_STOP_STRINGS {
+        return Err(ApiError::param("stop", format!("at most {MAX_STOP_STRINGS} stop sequences, got {}", stop_strings.len())));
+    }
+    if stop_strings.iter().any(String::is_empty) {
+        return Err(ApiError::param("stop", "stop sequences must not be empty"));
+    }
+    let stop_token_ids = c.stop_token_ids.clone().unwrap_or_default();
+    if let Some(id) = stop_token_ids.iter().find(|&&id| id as usize >= vocab_size) {
+        return Err(ApiError::param("stop_token_ids", format!("token id {id} is outside the vocabulary ({vocab_size})")));
+    }
+    let min_tokens = match c.min_tokens {
+        None => 0,
+        Some(m) if m >= 0 => m as usize,
+        Some(m) => return Err(ApiError::param("min_tokens", format!("`min_tokens` must be >= 0, got {m}"))),
+    };
+    if let Some(m) = max_tokens {
+        if min_tokens > m {
+            return Err(ApiError::param("min_tokens", format!("`min_tokens` ({min_tokens}) exceeds max_tokens ({m})")));
+        }
+    }
+    let stream = c.stream.unwrap_or(false);
+    if c.stream_options.is_some() && !stream {
+        return Err(ApiError::param("stream_options", "`stream_options` is only allowed with `stream: true`"));
+    }
+    let include_usage = always_usage || c.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false);
+    Ok(Plan {
+        sampling: s,
+        stop: StopParams {
+            stop_strings,
+            stop_token_ids,
+            ignore_eos: c.ignore_eos.unwrap_or(false),
+            min_tokens,
+            max_tokens: max_tokens.unwrap_or(usize::MAX),
+            skip_special_tokens: c.skip_special_tokens.unwrap_or(true),
+        },
+        max_tokens,
+        n,
+        stream,
+        include_usage,
+        priority: c.priority.unwrap_or(0),
+    })
+}
+
+/// The prompt of /v1/completions: a string, a list of strings, a list of token ids, or a list of
+/// lists of token ids.
+pub enum PromptInput {
+    Text(String),
+    Tokens(Vec<u32>),
+}
+
+pub fn prompts(v: &Value) -> Result<Vec<PromptInput>, ApiError> {
+    let bad = || ApiError::param("prompt", "`prompt` must be a string, a list of strings, a list of token ids, or a list of lists of token ids");
+    let ids = |a: &[Value]| -> Result<Vec<u32>, ApiError> {
+        a.iter()
+            .map(|x| x.as_u64().and_then(|n| u32::try_from(n).ok()).ok_or_else(|| ApiError::param("prompt", format!("invalid token id {x}"))))
+            .collect()
+    };
+    let out = match v {
+        Value::String(s) => vec![PromptInput::Text(s.clone())],
+        Value::Array(a) if a.is_empty() => return Err(ApiError::param("prompt", "`prompt` must not be empty")),
+        Value::Array(a) if a.iter().all(Value::is_string) => a.iter().map(|s| PromptInput::Text(s.as_str().unwrap().to_owned())).collect(),
+        Value::Array(a) if a.iter().all(Value::is_number) => vec![PromptInput::Tokens(ids(a)?)],
+        Value::Array(a) if a.iter().all(Value::is_array) => {
+            a.iter().map(|x| ids(x.as_array().unwrap()).map(PromptInput::Tokens)).collect::<Result<_, _>>()?
+        }
+        _ => return Err(bad()),
+    };
+    if out.len() > MAX_N {
+        return Err(ApiError::param("prompt", format!("at most {MAX_N} prompts per request")));
+    }
+    Ok(out)
+}
+
+/// Checks OpenAI chat messages and flattens text-part lists into strings (templates expect
+/// strings). Returns the messages as the template will see them.
+pub fn chat_messages(v: &Value) -> Result<Value, ApiError> {
+    let list = v.as_array().ok_or_else(|| ApiError::param("messages", "`messages` must be a list"))?;
+    if list.is_empty() {
+        return Err(ApiError::param("messages", "`messages` must contain at least one message"));
+    }
+    let mut out = Vec::with_capacity(list.len());
+    for (i, m) in list.iter().enumerate() {
+        let p = format!("messages[{i}]");
+        let obj = m.as_object().ok_or_else(|| ApiError::param("messages", format!("`{p}` must be an object")))?;
+        let role = obj.get("role").and_then(Value::as_str).ok_or_else(|| ApiError::param("messages", format!("`{p}.role` is required and must be a string")))?;
+        if !matches!(role, "system" | "developer" | "user" | "assistant" | "tool" | "function") {
+            return Err(ApiError::param("messages", format!("`{p}.role` `{role}` is not one of system, developer, user, assistant, tool")));
+        }
+        let mut m = obj.clone();
+        match obj.get("content") {
+            None | Some(Value::Null) => {
+                let has_calls = obj.get("tool_calls").is_some_and(|c| c.is_array());
+                if role != "assistant" || !has_calls {
+                    return Err(ApiError::param("messages", format!("`{p}.content` is required")));
+                }
+            }
+            Some(Value::String(_)) => {}
+            Some(Value::Array(parts)) => {
+                let mut text = String::new();
+                for (j, part) in parts.iter().enumerate() {
+                    match (part.get("type").and_then(Value::as_str), part.get("text").and_then(Value::as_str)) {
+                        (Some("text"), Some(t)) => text.push_str(t),
+                        (Some(t), _) if t != "text" => {
+                            return Err(ApiError::param("messages", format!("`{p}.content[{j}]`: content type `{t}` is not supported by this model")))
+                        }
+                        _ => return Err(ApiError::param("messages", format!("`{p}.content[{j}]` must be {{\"type\": \"text\", \"text\": ...}}"))),
+                    }
+                }
+                m.insert("content".into(), Value::String(text));
+            }
+            Some(_) => return Err(ApiError::param("messages", format!("`{p}.content` must be a string or a list of text parts"))),
+        }
+        out.push(Value::Object(m));
+    }
+    Ok(Value::Array(out))
+}

@@ -1,0 +1,577 @@
+//! The HTTP routes: OpenAI chat and text completions (streaming and not), models, health,
+//! metrics, tokenize/detokenize; JSON errors everywhere, also for rejections and unknown routes.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures::stream::{self, SelectAll, StreamExt};
+use peregrine_engine::{FinishReason, GenerateRequest, RequestEvent, RequestStream, SubmitError, TokenLogprob};
+use serde_json::{json, Value};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+
+use crate::error::ApiError;
+use crate::protocol::{self, ChatRequest, CompletionRequest, Plan, PromptInput};
+use crate::state::{random_id, unix_now, AppState, Ready};
+
+pub fn router(state: AppState, max_body_bytes: usize) -> Router {
+    let api = Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(models))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth));
+    Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .merge(api)
+        .fallback(|| async { ApiError::not_found("no such route") })
+        .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
+        .layer(axum::extract::DefaultBodyLimit::max(max_body_bytes))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| {
+            ApiError::internal("internal error while handling the request").into_response()
+        }))
+        .with_state(state)
+}
+
+/// Bearer-token check with a constant-time comparison.
+async fn auth(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    if let Some(key) = &state.settings.api_key {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !constant_time_eq(given.as_bytes(), key.as_bytes()) {
+            return ApiError::unauthorized().into_response();
+        }
+    }
+    next.run(req).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    // Compare over the longer length so the time does not depend on where they differ.
+    let n = a.len().max(b.len());
+    let mut diff = (a.len() ^ b.len()) as u8 | u8::from(a.len() != b.len());
+    for i in 0..n {
+        diff |= a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0);
+    }
+    diff == 0
+}
+
+fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::too_large(format!("request body too large: {}", r.body_text()))
+        } else {
+            ApiError::invalid(r.body_text())
+        }
+    })
+}
+
+async fn health(State(state): State<AppState>) -> Response {
+    match state.ready.get() {
+        Some(_) => (StatusCode::OK, Json(json!({"status": "ok"}))).into_response(),
+        None => ApiError::loading().into_response(),
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let body = state.ready.get().map(|r| r.engine.render_metrics()).unwrap_or_default();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}
+
+async fn models(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let r = state.ready()?;
+    Ok(Json(json!({"object": "list", "data": [{
+        "id": r.model_name, "object": "model", "created": r.created, "owned_by": "peregrine",
+        "max_model_len": r.engine.max_model_len()}]})))
+}
+
+fn check_model(r: &Ready, model: &Option<String>) -> Result<(), ApiError> {
+    match model {
+        Some(m) if m != &r.model_name => Err(ApiError::model_not_found(m)),
+        _ => Ok(()),
+    }
+}
+
+/// Submits one engine request per (prompt, choice); on failure drops those already submitted.
+struct Submitted {
+    /// (choice index, prompt index, stream)
+    streams: Vec<(usize, usize, RequestStream)>,
+    prompt_lens: Vec<usize>,
+}
+
+fn submit_all(r: &Ready, id: &str, prompts: &[Vec<u32>], plan: &Plan, prompt_logprobs: Option<usize>) -> Result<Submitted, ApiError> {
+    let max_len = r.engine.max_model_len();
+    let vocab = r.engine.spec().vocab_size;
+    let mut streams = Vec::new();
+    let mut prompt_lens = Vec::new();
+    for (pi, p) in prompts.iter().enumerate() {
+        if p.is_empty() {
+            return Err(ApiError::param("prompt", "the prompt is empty"));
+        }
+        if let Some(&bad) = p.iter().find(|&&t| t as usize >= vocab) {
+            return Err(ApiError::param("prompt", format!("token id {bad} is outside the vocabulary ({vocab})")));
+        }
+        if p.len() >= max_len {
+            return Err(ApiError::param("messages", format!(
+                "This model's maximum context length is {max_len} tokens. However, your prompt has {} tokens.", p.len())));
+        }
+        let room = max_len - p.len();
+        let max_tokens = match plan.max_tokens {
+            Some(m) if m > room => {
+                return Err(ApiError::param("max_tokens", format!(
+                    "This model's maximum context length is {max_len} tokens. However, you requested {} tokens ({} in the prompt, {m} for the completion).",
+                    p.len() + m, p.len())))
+            }
+            Some(m) => m,
+            None => room,
+        };
+        prompt_lens.push(p.len());
+        for i in 0..plan.n {
+            let mut sampling = plan.sampling.clone();
+            if let Some(s) = sampling.seed {
+                sampling.seed = Some(s.wrapping_add((pi * plan.n + i) as u64));
+            }
+            let mut stop = plan.stop.clone();
+            stop.max_tokens = max_tokens;
+            let req = GenerateRequest {
+                request_id: format!("{id}-{pi}-{i}"),
+                prompt_tokens: p.clone(),
+                sampling,
+                stop,
+                prompt_logprobs,
+                priority: plan.priority,
+                arrival: Instant::now(),
+            };
+            match r.engine.submit(req) {
+                Ok(rx) => streams.push((pi * plan.n + i, pi, rx)),
+                Err(SubmitError::QueueFull) => return Err(ApiError::overloaded()),
+                Err(SubmitError::Invalid(m)) => return Err(ApiError::invalid(m)),
+                Err(SubmitError::ShuttingDown) => return Err(ApiError::unavailable("the server is shutting down")),
+            }
+        }
+    }
+    Ok(Submitted { streams, prompt_lens })
+}
+
+fn finish_str(f: FinishReason) -> &'static str {
+    f.as_str()
+}
+
+/// The text of one token as the logprobs formats show it.
+fn token_text(r: &Ready, id: u32) -> String {
+    r.engine.tokenizer().decode(&[id], false).unwrap_or_default()
+}
+
+fn chat_logprob_entry(r: &Ready, lp: &TokenLogprob) -> Value {
+    let t = token_text(r, lp.token_id);
+    json!({"token": t, "logprob": lp.logprob, "bytes": t.as_bytes(),
+           "top_logprobs": lp.top.iter().map(|&(id, l)| {
+               let s = token_text(r, id);
+               json!({"token": s, "logprob": l, "bytes": s.as_bytes()})
+           }).collect::<Vec<_>>()})
+}
+
+/// Legacy completions logprobs for a run of tokens (prompt entries may be None).
+fn legacy_logprobs(r: &Ready, entries: &[Option<TokenLogprob>], ids: &[u32], start_offset: usize) -> Value {
+    let mut tokens = Vec::new();
+    let mut lps = Vec::new();
+    let mut tops = Vec::new();
+    let mut offsets = Vec::new();
+    let mut off = start_offset;
+    for (e, &id) in entries.iter().zip(ids) {
+        let t = token_text(r, id);
+        offsets.push(off);
+        off += t.chars().count();
+        tokens.push(t);
+        match e {
+            Some(lp) => {
+                lps.push(json!(lp.logprob));
+                let mut m = serde_json::Map::new();
+                for &(tid, l) in &lp.top {
+                    m.insert(token_text(r, tid), json!(l));
+                }
+                tops.push(Value::Object(m));
+            }
+            None => {
+                lps.push(Value::Null);
+                tops.push(Value::Null);
+            }
+        }
+    }
+    json!({"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets})
+}
+
+fn usage_json(prompt: usize, completion: usize, cached: usize) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+           "prompt_tokens_details": {"cached_tokens": cached}})
+}
+
+/// One choice's collected output.
+#[derive(Default)]
+struct Collected {
+    text: String,
+    ids: Vec<u32>,
+    logprobs: Vec<TokenLogprob>,
+    prompt_logprobs: Option<Vec<Option<TokenLogprob>>>,
+    finish: Option<FinishReason>,
+    completion_tokens: usize,
+    cached: usize,
+}
+
+async fn collect(sub: Submitted) -> Result<Vec<(usize, usize, Collected)>, ApiError> {
+    let futs = sub.streams.into_iter().map(|(ci, pi, mut rx)| async move {
+        let mut c = Collected::default();
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                RequestEvent::PromptLogprobs(p) => c.prompt_logprobs = Some(p),
+                RequestEvent::Delta { text, token_ids, logprobs } => {
+                    c.text.push_str(&text);
+                    c.ids.extend(token_ids);
+                    c.logprobs.extend(logprobs);
+                }
+                RequestEvent::Finished { reason, usage } => {
+                    c.finish = Some(reason);
+                    c.completion_tokens = usage.completion_tokens;
+                    c.cached = usage.cached_tokens;
+                }
+                RequestEvent::Error(m) => return Err(ApiError::internal(m)),
+            }
+        }
+        if c.finish.is_none() {
+            return Err(ApiError::unavailable("the request was aborted (server shutting down)"));
+        }
+        Ok((ci, pi, c))
+    });
+    let mut out = futures::future::try_join_all(futs).await?;
+    out.sort_by_key(|x| x.0);
+    Ok(out)
+}
+
+fn total_usage(results: &[(usize, usize, Collected)], prompt_lens: &[usize]) -> Value {
+    let completion: usize = results.iter().map(|x| x.2.completion_tokens).sum();
+    let mut cached = vec![0; prompt_lens.len()];
+    for (_, pi, c) in results {
+        cached[*pi] = cached[*pi].max(c.cached);
+    }
+    usage_json(prompt_lens.iter().sum(), completion, cached.iter().sum())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Chat completions
+// ---------------------------------------------------------------------------------------------
+
+async fn chat(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let body = body_bytes(body)?;
+    let r = state.ready()?;
+    let req: ChatRequest = protocol::parse_body(&body)?;
+    protocol::log_unknown("chat", &req.extra);
+    check_model(r, &req.common.model)?;
+    let top = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
+        (false, Some(_)) => return Err(ApiError::param("top_logprobs", "`top_logprobs` requires `logprobs: true`")),
+        (false, None) => None,
+        (true, None) => Some(0),
+        (true, Some(k)) if (0..=protocol::MAX_TOP_LOGPROBS as i64).contains(&k) => Some(k as usize),
+        (true, Some(k)) => return Err(ApiError::param("top_logprobs", format!("`top_logprobs` must be between 0 and {}, got {k}", protocol::MAX_TOP_LOGPROBS))),
+    };
+    let tok = r.engine.tokenizer();
+    let plan = protocol::plan(&req.common, top, r.engine.spec().vocab_size, state.settings.always_include_usage)?;
+    let messages = protocol::chat_messages(&req.messages)?;
+    let template = r.template.as_ref().ok_or_else(|| ApiError::invalid("this model has no chat template: use /v1/completions or start the server with --chat-template"))?;
+    let text = template
+        .render(&messages, req.tools.as_ref(), req.add_generation_prompt.unwrap_or(true), &req.chat_template_kwargs.clone().unwrap_or_default())
+        .map_err(|e| ApiError::param("messages", e.to_string()))?;
+    let ids = tok.encode(&text, false).map_err(|e| ApiError::invalid(e.to_string()))?;
+    let id = random_id("chatcmpl");
+    let sub = submit_all(r, &id, &[ids], &plan, None)?;
+    let created = unix_now();
+    if plan.stream {
+        return Ok(sse(StreamState::new(state.clone(), sub, id, created, true, plan.include_usage, None)).into_response());
+    }
+    let prompt_lens = sub.prompt_lens.clone();
+    let results = collect(sub).await?;
+    let choices: Vec<Value> = results
+        .iter()
+        .map(|(ci, _, c)| {
+            json!({"index": ci, "message": {"role": "assistant", "content": c.text},
+                   "logprobs": top.map(|_| json!({"content": c.logprobs.iter().map(|lp| chat_logprob_entry(r, lp)).collect::<Vec<_>>()})),
+                   "finish_reason": c.finish.map(finish_str)})
+        })
+        .collect();
+    Ok(Json(json!({"id": id, "object": "chat.completion", "created": created, "model": r.model_name,
+                   "choices": choices, "usage": total_usage(&results, &prompt_lens)})).into_response())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Text completions
+// ---------------------------------------------------------------------------------------------
+
+async fn completions(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let body = body_bytes(body)?;
+    let r = state.ready()?;
+    let req: CompletionRequest = protocol::parse_body(&body)?;
+    protocol::log_unknown("completions", &req.extra);
+    check_model(r, &req.common.model)?;
+    if req.suffix.is_some() {
+        return Err(ApiError::param("suffix", "`suffix` is not supported"));
+    }
+    let top = match req.logprobs {
+        None => None,
+        Some(k) if (0..=protocol::MAX_TOP_LOGPROBS as i64).contains(&k) => Some(k as usize),
+        Some(k) => return Err(ApiError::param("logprobs", format!("`logprobs` must be between 0 and {}, got {k}", protocol::MAX_TOP_LOGPROBS))),
+    };
+    let plan = protocol::plan(&req.common, top, r.engine.spec().vocab_size, state.settings.always_include_usage)?;
+    let echo = req.echo.unwrap_or(false);
+    let tok = r.engine.tokenizer();
+    let mut prompts = Vec::new();
+    for p in protocol::prompts(&req.prompt)? {
+        prompts.push(match p {
+            PromptInput::Text(t) => tok.encode(&t, true).map_err(|e| ApiError::invalid(e.to_string()))?,
+            PromptInput::Tokens(ids) => ids,
+        });
+    }
+    let id = random_id("cmpl");
+    let prompt_lp = if echo { top } else { None };
+    let sub = submit_all(r, &id, &prompts, &plan, prompt_lp)?;
+    let created = unix_now();
+    let echo_texts: Option<Vec<String>> = if echo {
+        Some(prompts.iter().map(|p| tok.decode(p, false).unwrap_or_default()).collect())
+    } else {
+        None
+    };
+    if plan.stream {
+        let st = StreamState::new(state.clone(), sub, id, created, false, plan.include_usage, echo_texts);
+        return Ok(sse(st).into_response());
+    }
+    let prompt_lens = sub.prompt_lens.clone();
+    let results = collect(sub).await?;
+    let choices: Vec<Value> = results
+        .iter()
+        .map(|(ci, pi, c)| {
+            let prefix = echo_texts.as_ref().map(|e| e[*pi].clone()).unwrap_or_default();
+            let logprobs = top.map(|_| {
+                let mut entries: Vec<Option<TokenLogprob>> = Vec::new();
+                let mut ids: Vec<u32> = Vec::new();
+                if echo {
+                    let pl = c.prompt_logprobs.clone().unwrap_or_default();
+                    entries.extend(pl);
+                    ids.extend(&prompts[*pi]);
+                    entries.resize(ids.len(), None);
+                }
+                entries.extend(c.logprobs.iter().cloned().map(Some));
+                ids.extend(c.logprobs.iter().map(|l| l.token_id));
+                legacy_logprobs(r, &entries, &ids, 0)
+            });
+            json!({"index": ci, "text": format!("{prefix}{}", c.text), "logprobs": logprobs,
+                   "finish_reason": c.finish.map(finish_str)})
+        })
+        .collect();
+    Ok(Json(json!({"id": id, "object": "text_completion", "created": created, "model": r.model_name,
+                   "choices": choices, "usage": total_usage(&results, &prompt_lens)})).into_response())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Streaming (SSE)
+// ---------------------------------------------------------------------------------------------
+
+type Tagged = futures::stream::Map<UnboundedReceiverStream<RequestEvent>, Box<dyn FnMut(RequestEvent) -> (usize, usize, RequestEvent) + Send>>;
+
+/// Turns the engine events of every choice into OpenAI chunks. Dropping it (client gone) drops
+/// the engine streams, which aborts the requests at the next engine step.
+struct StreamState {
+    state: AppState,
+    merged: SelectAll<Tagged>,
+    pending: VecDeque<String>,
+    id: String,
+    created: u64,
+    chat: bool,
+    include_usage: bool,
+    echo: Option<Vec<String>>,
+    prompt_lens: Vec<usize>,
+    completion_tokens: usize,
+    cached: Vec<usize>,
+    done: bool,
+}
+
+impl StreamState {
+    fn new(state: AppState, sub: Submitted, id: String, created: u64, chat: bool, include_usage: bool, echo: Option<Vec<String>>) -> Self {
+        let mut merged = SelectAll::new();
+        let mut st = StreamState {
+            state,
+            merged: SelectAll::new(),
+            pending: VecDeque::new(),
+            id,
+            created,
+            chat,
+            include_usage,
+            echo,
+            cached: vec![0; sub.prompt_lens.len()],
+            prompt_lens: sub.prompt_lens,
+            completion_tokens: 0,
+            done: false,
+        };
+        for (ci, pi, rx) in sub.streams {
+            if chat {
+                let c = st.chunk(ci, json!({"role": "assistant", "content": ""}), Value::Null, None);
+                st.pending.push_back(c);
+            } else if let Some(e) = &st.echo {
+                let c = st.chunk(ci, json!(e[pi]), Value::Null, None);
+                st.pending.push_back(c);
+            }
+            let f: Box<dyn FnMut(RequestEvent) -> (usize, usize, RequestEvent) + Send> = Box::new(move |ev| (ci, pi, ev));
+            merged.push(UnboundedReceiverStream::new(rx).map(f));
+        }
+        st.merged = merged;
+        st
+    }
+
+    fn model(&self) -> String {
+        self.state.ready.get().map(|r| r.model_name.clone()).unwrap_or_default()
+    }
+
+    /// One chunk; `delta` is the chat delta object or the completions text.
+    fn chunk(&self, index: usize, delta: Value, logprobs: Value, finish: Option<&str>) -> String {
+        let choice = if self.chat {
+            json!({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
+        } else {
+            json!({"index": index, "text": delta, "logprobs": logprobs, "finish_reason": finish})
+        };
+        let object = if self.chat { "chat.completion.chunk" } else { "text_completion" };
+        json!({"id": self.id, "object": object, "created": self.created, "model": self.model(), "choices": [choice]}).to_string()
+    }
+
+    fn handle(&mut self, ci: usize, pi: usize, ev: RequestEvent) {
+        let Some(r) = self.state.ready.get() else { return };
+        match ev {
+            RequestEvent::PromptLogprobs(_) => {}
+            RequestEvent::Delta { text, logprobs, .. } => {
+                if text.is_empty() && logprobs.is_empty() {
+                    return;
+                }
+                let lp = if logprobs.is_empty() {
+                    Value::Null
+                } else if self.chat {
+                    json!({"content": logprobs.iter().map(|l| chat_logprob_entry(r, l)).collect::<Vec<_>>()})
+                } else {
+                    let entries: Vec<Option<TokenLogprob>> = logprobs.iter().cloned().map(Some).collect();
+                    let ids: Vec<u32> = logprobs.iter().map(|l| l.token_id).collect();
+                    legacy_logprobs(r, &entries, &ids, 0)
+                };
+                let delta = if self.chat { json!({"content": text}) } else { json!(text) };
+                let c = self.chunk(ci, delta, lp, None);
+                self.pending.push_back(c);
+            }
+            RequestEvent::Finished { reason, usage } => {
+                self.completion_tokens += usage.completion_tokens;
+                self.cached[pi] = self.cached[pi].max(usage.cached_tokens);
+                let delta = if self.chat { json!({}) } else { json!("") };
+                let c = self.chunk(ci, delta, Value::Null, Some(finish_str(reason)));
+                self.pending.push_back(c);
+            }
+            RequestEvent::Error(m) => {
+                self.pending.push_back(ApiError::internal(m).body().to_string());
+                self.pending.push_back("[DONE]".into());
+                self.done = true;
+            }
+        }
+    }
+
+    fn finish(&mut self) {
+        if self.include_usage {
+            let object = if self.chat { "chat.completion.chunk" } else { "text_completion" };
+            let u = usage_json(self.prompt_lens.iter().sum(), self.completion_tokens, self.cached.iter().sum());
+            let c = json!({"id": self.id, "object": object, "created": self.created, "model": self.model(), "choices": [], "usage": u});
+            self.pending.push_back(c.to_string());
+        }
+        self.pending.push_back("[DONE]".into());
+        self.done = true;
+    }
+}
+
+fn sse(st: StreamState) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
+    let s = stream::unfold(st, |mut st| async move {
+        loop {
+            if let Some(data) = st.pending.pop_front() {
+                return Some((Ok(Event::default().data(data)), st));
+            }
+            if st.done {
+                return None;
+            }
+            match st.merged.next().await {
+                Some((ci, pi, ev)) => st.handle(ci, pi, ev),
+                None => st.finish(),
+            }
+        }
+    });
+    Sse::new(s).keep_alive(KeepAlive::default())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tokenize / detokenize (vLLM shapes)
+// ---------------------------------------------------------------------------------------------
+
+#[derive(serde::Deserialize)]
+struct TokenizeRequest {
+    model: Option<String>,
+    prompt: Option<String>,
+    messages: Option<Value>,
+    add_special_tokens: Option<bool>,
+    add_generation_prompt: Option<bool>,
+    tools: Option<Value>,
+    chat_template_kwargs: Option<serde_json::Map<String, Value>>,
+}
+
+async fn tokenize(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Json<Value>, ApiError> {
+    let body = body_bytes(body)?;
+    let r = state.ready()?;
+    let req: TokenizeRequest = protocol::parse_body(&body)?;
+    check_model(r, &req.model)?;
+    let tok = r.engine.tokenizer();
+    let tokens = match (req.prompt, req.messages) {
+        (Some(p), None) => tok.encode(&p, req.add_special_tokens.unwrap_or(true)),
+        (None, Some(m)) => {
+            let messages = protocol::chat_messages(&m)?;
+            let t = r.template.as_ref().ok_or_else(|| ApiError::invalid("this model has no chat template"))?;
+            let text = t
+                .render(&messages, req.tools.as_ref(), req.add_generation_prompt.unwrap_or(true), &req.chat_template_kwargs.unwrap_or_default())
+                .map_err(|e| ApiError::param("messages", e.to_string()))?;
+            tok.encode(&text, req.add_special_tokens.unwrap_or(false))
+        }
+        _ => return Err(ApiError::invalid("give exactly one of `prompt` or `messages`")),
+    }
+    .map_err(|e| ApiError::invalid(e.to_string()))?;
+    Ok(Json(json!({"tokens": tokens, "count": tokens.len(), "max_model_len": r.engine.max_model_len()})))
+}
+
+#[derive(serde::Deserialize)]
+struct DetokenizeRequest {
+    model: Option<String>,
+    tokens: Vec<u32>,
+}
+
+async fn detokenize(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Json<Value>, ApiError> {
+    let body = body_bytes(body)?;
+    let r = state.ready()?;
+    let req: DetokenizeRequest = protocol::parse_body(&body)?;
+    check_model(r, &req.model)?;
+    let vocab = r.engine.spec().vocab_size;
+    if let Some(t) = req.tokens.iter().find(|&&t| t as usize >= vocab) {
+        return Err(ApiError::param("tokens", format!("token id {t} is outside the vocabulary ({vocab})")));
+    }
+    let text = r.engine.tokenizer().decode(&req.tokens, false).map_err(|e| ApiError::invalid(e.to_string()))?;
+    Ok(Json(json!({"prompt": text})))
+}
+

@@ -1,0 +1,45 @@
+//! Shared server state: the engine once the model is loaded, the chat template, and settings.
+
+use std::sync::{Arc, OnceLock};
+
+use peregrine_engine::EngineHandle;
+use peregrine_model::chat_template::ChatTemplate;
+
+use crate::error::ApiError;
+
+/// Everything that exists once the model is loaded.
+pub struct Ready {
+    pub engine: EngineHandle,
+    pub template: Option<ChatTemplate>,
+    pub model_name: String,
+    pub created: u64,
+}
+
+pub struct Settings {
+    pub api_key: Option<String>,
+    pub always_include_usage: bool,
+}
+
+#[derive(Clone)]
+pub struct AppState {
+    pub ready: Arc<OnceLock<Ready>>,
+    pub settings: Arc<Settings>,
+}
+
+impl AppState {
+    pub fn new(settings: Settings) -> Self {
+        AppState { ready: Arc::new(OnceLock::new()), settings: Arc::new(settings) }
+    }
+    pub fn ready(&self) -> Result<&Ready, ApiError> {
+        self.ready.get().ok_or_else(ApiError::loading)
+    }
+}
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// A random request id suffix (ids also seed unseeded sampling, so they must not repeat).
+pub fn random_id(prefix: &str) -> String {
+    format!("{prefix}-{:032x}", rand::random::<u128>())
+}
