@@ -12,16 +12,51 @@ use crate::error::ApiError;
 
 /// Parses JSON into `T`, turning serde's complaint into a 400 that names the field.
 pub fn parse_body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    from_value(body_value(bytes)?)
+}
+
+/// The body as a JSON object.
+pub fn body_value(bytes: &[u8]) -> Result<Value, ApiError> {
     let text = std::str::from_utf8(bytes).map_err(|e| ApiError::invalid(format!("request body is not valid UTF-8: {e}")))?;
     let value: Value = serde_json::from_str(text).map_err(|e| ApiError::invalid(format!("request body is not valid JSON: {e}")))?;
     if !value.is_object() {
         return Err(ApiError::invalid("request body must be a JSON object"));
     }
+    Ok(value)
+}
+
+/// A route's own fields and the shared ones, each parsed from the same body (no `flatten`, which
+/// would hide the failing field's name), with unknown fields logged.
+pub fn parse_request<T: serde::de::DeserializeOwned>(bytes: &[u8], route: &str, own: &[&str]) -> Result<(T, CommonParams), ApiError> {
+    let value = body_value(bytes)?;
+    let unknown: Vec<&String> = value
+        .as_object()
+        .map(|o| o.keys().filter(|k| !own.contains(&k.as_str()) && !COMMON_FIELDS.contains(&k.as_str())).collect())
+        .unwrap_or_default();
+    if !unknown.is_empty() {
+        tracing::debug!(route, ?unknown, "ignoring unknown request fields");
+    }
+    Ok((from_value(value.clone())?, from_value(value)?))
+}
+
+const COMMON_FIELDS: &[&str] = &[
+    "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "n", "stream",
+    "stream_options", "stop", "stop_token_ids", "seed", "presence_penalty", "frequency_penalty",
+    "repetition_penalty", "logit_bias", "ignore_eos", "min_tokens", "priority", "skip_special_tokens", "user",
+];
+pub const CHAT_FIELDS: &[&str] = &["messages", "logprobs", "top_logprobs", "tools", "tool_choice", "chat_template_kwargs", "add_generation_prompt"];
+pub const COMPLETION_FIELDS: &[&str] = &["prompt", "echo", "logprobs", "suffix"];
+
+fn from_value<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, ApiError> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let msg = e.inner().to_string();
         if path == "." || path.is_empty() {
-            ApiError::invalid(msg)
+            // Top-level complaints ("missing field `messages`") still name their field.
+            match msg.strip_prefix("missing field `").and_then(|r| r.split('`').next()) {
+                Some(field) => ApiError::param(field, msg.clone()),
+                None => ApiError::invalid(msg),
+            }
         } else {
             let param = path.split(['.', '[']).next().unwrap_or(&path).to_owned();
             ApiError::param(&param, format!("`{path}`: {msg}"))
@@ -79,10 +114,6 @@ pub struct ChatRequest {
     pub tool_choice: Option<Value>,
     pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
     pub add_generation_prompt: Option<bool>,
-    #[serde(flatten)]
-    pub common: CommonParams,
-    #[serde(flatten)]
-    pub extra: HashMap<String, Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -91,10 +122,6 @@ pub struct CompletionRequest {
     pub echo: Option<bool>,
     pub logprobs: Option<i64>,
     pub suffix: Option<String>,
-    #[serde(flatten)]
-    pub common: CommonParams,
-    #[serde(flatten)]
-    pub extra: HashMap<String, Value>,
 }
 
 pub const MAX_N: usize = 64;
@@ -122,13 +149,6 @@ fn range(param: &str, v: Option<f64>, lo: f64, hi: f64, lo_open: bool) -> Result
             format!("`{param}` must be {} {lo} and <= {hi}, got {x}", if lo_open { ">" } else { ">=" }),
         )),
         Some(x) => Ok(Some(x)),
-    }
-}
-
-pub fn log_unknown(route: &str, extra: &HashMap<String, Value>) {
-    if !extra.is_empty() {
-        let keys: Vec<&String> = extra.keys().collect();
-        tracing::debug!(route, ?keys, "ignoring unknown request fields");
     }
 }
 

@@ -277,9 +277,8 @@ fn total_usage(results: &[(usize, usize, Collected)], prompt_lens: &[usize]) -> 
 async fn chat(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let body = body_bytes(body)?;
     let r = state.ready()?;
-    let req: ChatRequest = protocol::parse_body(&body)?;
-    protocol::log_unknown("chat", &req.extra);
-    check_model(r, &req.common.model)?;
+    let (req, common): (ChatRequest, _) = protocol::parse_request(&body, "chat", protocol::CHAT_FIELDS)?;
+    check_model(r, &common.model)?;
     let top = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
         (false, Some(_)) => return Err(ApiError::param("top_logprobs", "`top_logprobs` requires `logprobs: true`")),
         (false, None) => None,
@@ -288,7 +287,7 @@ async fn chat(State(state): State<AppState>, body: Result<Bytes, BytesRejection>
         (true, Some(k)) => return Err(ApiError::param("top_logprobs", format!("`top_logprobs` must be between 0 and {}, got {k}", protocol::MAX_TOP_LOGPROBS))),
     };
     let tok = r.engine.tokenizer();
-    let plan = protocol::plan(&req.common, top, r.engine.spec().vocab_size, state.settings.always_include_usage)?;
+    let plan = protocol::plan(&common, top, r.engine.spec().vocab_size, state.settings.always_include_usage)?;
     let messages = protocol::chat_messages(&req.messages)?;
     let template = r.template.as_ref().ok_or_else(|| ApiError::invalid("this model has no chat template: use /v1/completions or start the server with --chat-template"))?;
     let text = template
@@ -322,9 +321,8 @@ async fn chat(State(state): State<AppState>, body: Result<Bytes, BytesRejection>
 async fn completions(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let body = body_bytes(body)?;
     let r = state.ready()?;
-    let req: CompletionRequest = protocol::parse_body(&body)?;
-    protocol::log_unknown("completions", &req.extra);
-    check_model(r, &req.common.model)?;
+    let (req, common): (CompletionRequest, _) = protocol::parse_request(&body, "completions", protocol::COMPLETION_FIELDS)?;
+    check_model(r, &common.model)?;
     if req.suffix.is_some() {
         return Err(ApiError::param("suffix", "`suffix` is not supported"));
     }
@@ -333,7 +331,7 @@ async fn completions(State(state): State<AppState>, body: Result<Bytes, BytesRej
         Some(k) if (0..=protocol::MAX_TOP_LOGPROBS as i64).contains(&k) => Some(k as usize),
         Some(k) => return Err(ApiError::param("logprobs", format!("`logprobs` must be between 0 and {}, got {k}", protocol::MAX_TOP_LOGPROBS))),
     };
-    let plan = protocol::plan(&req.common, top, r.engine.spec().vocab_size, state.settings.always_include_usage)?;
+    let plan = protocol::plan(&common, top, r.engine.spec().vocab_size, state.settings.always_include_usage)?;
     let echo = req.echo.unwrap_or(false);
     let tok = r.engine.tokenizer();
     let mut prompts = Vec::new();

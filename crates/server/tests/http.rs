@@ -1,0 +1,272 @@
+//! End-to-end over real HTTP against a spawned `peregrine serve` (CPU backend, embedded model).
+
+mod common;
+
+use common::Server;
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+fn chat_body(extra: Value) -> Value {
+    let mut b = json!({"messages": [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "def fib(n):"}]});
+    b.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+    b
+}
+
+fn text_of(v: &Value, i: usize) -> String {
+    let c = &v["choices"][i];
+    c["message"]["content"].as_str().or(c["text"].as_str()).unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn chat_and_completions_end_to_end() {
+    let s = Server::start(&[]).await;
+
+    // Models.
+    let m: Value = s.client.get(s.url("/v1/models")).send().await.unwrap().json().await.unwrap();
+    let model = m["data"][0]["id"].as_str().unwrap().to_owned();
+    assert_eq!(m["object"], "list");
+
+    // Non-streaming chat, greedy: usage is exact (prompt = the /tokenize count of the same messages).
+    let (st, v) = s.post("/v1/chat/completions", chat_body(json!({"model": model, "temperature": 0, "max_tokens": 12, "ignore_eos": true}))).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    assert_eq!(v["usage"]["completion_tokens"], 12);
+    let (_, t) = s.post("/tokenize", json!({"messages": chat_body(json!({}))["messages"]})).await;
+    assert_eq!(v["usage"]["prompt_tokens"], t["count"]);
+    assert_eq!(v["usage"]["total_tokens"].as_u64().unwrap(), t["count"].as_u64().unwrap() + 12);
+    let greedy = text_of(&v, 0);
+
+    // Greedy is deterministic, and the stream carries the same text.
+    let (_, v2) = s.post("/v1/chat/completions", chat_body(json!({"temperature": 0, "max_tokens": 12, "ignore_eos": true}))).await;
+    assert_eq!(text_of(&v2, 0), greedy);
+    let events = s.stream("/v1/chat/completions", chat_body(json!({"temperature": 0, "max_tokens": 12, "ignore_eos": true, "stream": true, "stream_options": {"include_usage": true}}))).await;
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"], json!({"role": "assistant", "content": ""}));
+    let usage = chunks.last().unwrap();
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"]["completion_tokens"], 12);
+    let finish = &chunks[chunks.len() - 2]["choices"][0];
+    assert_eq!(finish["finish_reason"], "length");
+    assert_eq!(finish["delta"], json!({}));
+    let streamed: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    assert_eq!(streamed, greedy);
+
+    // Seeds: same seed, same output; sampling at temperature 1 differs across seeds at least once.
+    let sample = |seed: u64| chat_body(json!({"temperature": 1.0, "max_tokens": 16, "seed": seed, "ignore_eos": true}));
+    let (_, a) = s.post("/v1/chat/completions", sample(7)).await;
+    let (_, b) = s.post("/v1/chat/completions", sample(7)).await;
+    assert_eq!(text_of(&a, 0), text_of(&b, 0));
+    let mut differs = false;
+    for seed in 8..12 {
+        let (_, c) = s.post("/v1/chat/completions", sample(seed)).await;
+        differs |= text_of(&c, 0) != text_of(&a, 0);
+    }
+    assert!(differs, "different seeds never changed the output");
+
+    // n > 1 with a seed: n choices, indices 0..n, reproducible.
+    let (_, v) = s.post("/v1/chat/completions", chat_body(json!({"n": 3, "seed": 1, "max_tokens": 6, "ignore_eos": true}))).await;
+    let idx: Vec<u64> = v["choices"].as_array().unwrap().iter().map(|c| c["index"].as_u64().unwrap()).collect();
+    assert_eq!(idx, [0, 1, 2]);
+    assert_eq!(v["usage"]["completion_tokens"], 18);
+
+    // Stop strings are not emitted: stop at a piece of the greedy text.
+    let chars: Vec<char> = greedy.chars().collect();
+    let cut = chars.len() / 2;
+    let stop: String = chars[cut..cut + 2].iter().collect();
+    let (_, v) = s.post("/v1/chat/completions", chat_body(json!({"temperature": 0, "max_tokens": 12, "ignore_eos": true, "stop": [stop.clone()]}))).await;
+    let got = text_of(&v, 0);
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    assert!(greedy.starts_with(&got) && !got.contains(&stop), "got {got:?}, greedy {greedy:?}, stop {stop:?}");
+
+    // Chat logprobs: top entries sorted, chosen logprob <= 0, one entry per token.
+    let (_, v) = s.post("/v1/chat/completions", chat_body(json!({"temperature": 0, "max_tokens": 5, "ignore_eos": true, "logprobs": true, "top_logprobs": 3}))).await;
+    let content = v["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(content.len(), 5);
+    for e in content {
+        let top = e["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 3);
+        let lps: Vec<f64> = top.iter().map(|t| t["logprob"].as_f64().unwrap()).collect();
+        assert!(lps.windows(2).all(|w| w[0] >= w[1]));
+        // Greedy: the chosen token is the most likely one.
+        assert_eq!(e["logprob"].as_f64().unwrap(), lps[0]);
+        assert!(lps[0] <= 0.0);
+    }
+
+    // Completions: string, list of strings, token ids, list of lists.
+    for prompt in [json!("import os\n"), json!(["a = 1", "b = 2"]), json!([11, 12, 13]), json!([[11, 12], [13, 14, 15]])] {
+        let (st, v) = s.post("/v1/completions", json!({"prompt": prompt, "max_tokens": 4, "temperature": 0, "ignore_eos": true})).await;
+        assert_eq!(st, 200, "{v}");
+        let want = if prompt.is_array() && (prompt[0].is_string() || prompt[0].is_array()) { 2 } else { 1 };
+        assert_eq!(v["choices"].as_array().unwrap().len(), want);
+        assert_eq!(v["usage"]["completion_tokens"], 4 * want);
+    }
+    // Token-id prompt usage is exact.
+    let (_, v) = s.post("/v1/completions", json!({"prompt": [11, 12, 13], "max_tokens": 2})).await;
+    assert_eq!(v["usage"]["prompt_tokens"], 3);
+
+    // Echo with logprobs: the prompt text comes first and the first prompt token has no logprob.
+    let (_, v) = s.post("/v1/completions", json!({"prompt": "x = 1", "max_tokens": 3, "echo": true, "logprobs": 2, "temperature": 0, "ignore_eos": true})).await;
+    let text = text_of(&v, 0);
+    assert!(text.starts_with("x = 1"), "{text}");
+    let lp = &v["choices"][0]["logprobs"];
+    assert!(lp["token_logprobs"][0].is_null());
+    let n_prompt = v["usage"]["prompt_tokens"].as_u64().unwrap() as usize;
+    assert_eq!(lp["tokens"].as_array().unwrap().len(), n_prompt + 3);
+    assert!(lp["token_logprobs"][1].as_f64().unwrap() <= 0.0);
+
+    // Streaming completions end with a finish chunk and [DONE].
+    let events = s.stream("/v1/completions", json!({"prompt": "def ", "max_tokens": 3, "stream": true, "ignore_eos": true})).await;
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let fin: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert_eq!(fin["choices"][0]["finish_reason"], "length");
+
+    // Sampling parameters are accepted and keep outputs well formed.
+    let (st, v) = s.post("/v1/completions", json!({"prompt": "for i in", "max_tokens": 8, "temperature": 0.8, "top_p": 0.9, "top_k": 20, "min_p": 0.05,
+        "presence_penalty": 0.5, "frequency_penalty": 0.5, "repetition_penalty": 1.2, "logit_bias": {"7": 5.0}, "min_tokens": 2, "stop_token_ids": [4], "seed": 3})).await;
+    assert_eq!(st, 200, "{v}");
+    // A huge logit bias forces the token.
+    let (_, v) = s.post("/v1/completions", json!({"prompt": [11, 12], "max_tokens": 3, "temperature": 0, "logit_bias": {"100": 100}, "ignore_eos": true})).await;
+    let (_, d) = s.post("/detokenize", json!({"tokens": [100, 100, 100]})).await;
+    assert_eq!(text_of(&v, 0), d["prompt"].as_str().unwrap());
+}
+
+#[tokio::test]
+async fn errors_are_openai_error_objects() {
+    let s = Server::start(&[]).await;
+    let check = |st: u16, v: &Value, want: u16, param: Option<&str>| {
+        assert_eq!(st, want, "{v}");
+        assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+        assert!(v["error"]["type"].is_string(), "{v}");
+        if let Some(p) = param {
+            assert_eq!(v["error"]["param"], p, "{v}");
+        }
+    };
+    let (st, v) = s.post_raw("/v1/chat/completions", b"{not json".to_vec()).await;
+    check(st, &v, 400, None);
+    let (st, v) = s.post_raw("/v1/chat/completions", vec![0xff, 0xfe, b'{']).await;
+    check(st, &v, 400, None);
+    let (st, v) = s.post("/v1/chat/completions", chat_body(json!({"temperature": "hot"}))).await;
+    check(st, &v, 400, Some("temperature"));
+    let (st, v) = s.post("/v1/chat/completions", chat_body(json!({"temperature": 3}))).await;
+    check(st, &v, 400, Some("temperature"));
+    let (st, v) = s.post("/v1/chat/completions", chat_body(json!({"top_p": 0}))).await;
+    check(st, &v, 400, Some("top_p"));
+    let (st, v) = s.post("/v1/chat/completions", chat_body(json!({"n": 0}))).await;
+    check(st, &v, 400, Some("n"));
+    let (st, v) = s.post("/v1/chat/completions", chat_body(json!({"max_tokens": 0}))).await;
+    check(st, &v, 400, Some("max_tokens"));
+    let (st, v) = s.post("/v1/chat/completions", chat_body(json!({"top_logprobs": 50, "logprobs": true}))).await;
+    check(st, &v, 400, Some("top_logprobs"));
+    let (st, v) = s.post("/v1/chat/completions", chat_body(json!({"logit_bias": {"abc": 1}}))).await;
+    check(st, &v, 400, Some("logit_bias"));
+    let (st, v) = s.post("/v1/chat/completions", chat_body(json!({"model": "no-such-model"}))).await;
+    check(st, &v, 404, Some("model"));
+    let (st, v) = s.post("/v1/chat/completions", json!({"messages": []})).await;
+    check(st, &v, 400, Some("messages"));
+    let (st, v) = s.post("/v1/chat/completions", json!({"messages": [{"content": "no role"}]})).await;
+    check(st, &v, 400, Some("messages"));
+    let (st, v) = s.post("/v1/chat/completions", json!({"messages": [{"role": "wizard", "content": "x"}]})).await;
+    check(st, &v, 400, Some("messages"));
+    let (st, v) = s.post("/v1/chat/completions", json!({})).await;
+    check(st, &v, 400, Some("messages"));
+    let (st, v) = s.post("/v1/completions", json!({"prompt": [1, 2, 99999999]})).await;
+    check(st, &v, 400, Some("prompt"));
+    let (st, v) = s.post("/v1/completions", json!({"prompt": {"a": 1}})).await;
+    check(st, &v, 400, Some("prompt"));
+    let long: Vec<u32> = vec![11; 5000];
+    let (st, v) = s.post("/v1/completions", json!({"prompt": long})).await;
+    check(st, &v, 400, None);
+    let (st, v) = s.post("/v1/completions", json!({"prompt": [1, 2], "max_tokens": 100000})).await;
+    check(st, &v, 400, Some("max_tokens"));
+    // Over the body limit (32 MiB by default); a separate client, since the server closes that
+    // connection without reading the rest.
+    let big = vec![b' '; 40 << 20];
+    let r = reqwest::Client::new().post(s.url("/v1/completions")).header("content-type", "application/json").body(big).send().await.unwrap();
+    let st = r.status().as_u16();
+    let v: Value = r.json().await.unwrap();
+    check(st, &v, 413, None);
+    let r = s.client.get(s.url("/v1/nothing")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    let v: Value = r.json().await.unwrap();
+    assert!(v["error"]["message"].is_string());
+    let r = s.client.get(s.url("/v1/chat/completions")).send().await.unwrap();
+    assert_eq!(r.status(), 405);
+    let v: Value = r.json().await.unwrap();
+    assert!(v["error"]["message"].is_string());
+    // Unknown fields are ignored.
+    let (st, _) = s.post("/v1/completions", json!({"prompt": "x", "max_tokens": 1, "frobnicate": true})).await;
+    assert_eq!(st, 200);
+    // The server is still fine.
+    let (st, _) = s.post("/v1/completions", json!({"prompt": "x", "max_tokens": 1})).await;
+    assert_eq!(st, 200);
+}
+
+#[tokio::test]
+async fn api_key_is_required_when_set() {
+    let s = Server::start(&["--api-key", "sekret"]).await;
+    let (st, v) = s.post("/v1/completions", json!({"prompt": "x", "max_tokens": 1})).await;
+    assert_eq!(st, 401, "{v}");
+    assert_eq!(v["error"]["code"], "invalid_api_key");
+    let r = s.client.post(s.url("/v1/completions")).bearer_auth("wrong").json(&json!({"prompt": "x", "max_tokens": 1})).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let r = s.client.post(s.url("/v1/completions")).bearer_auth("sekret").json(&json!({"prompt": "x", "max_tokens": 1})).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    // Health and metrics stay open.
+    assert_eq!(s.client.get(s.url("/health")).send().await.unwrap().status(), 200);
+    assert_eq!(s.client.get(s.url("/metrics")).send().await.unwrap().status(), 200);
+}
+
+/// 64 concurrent streams, about half dropped mid-stream: afterwards nothing runs and every KV
+/// block is free again.
+#[tokio::test]
+async fn concurrent_streams_with_disconnects_leave_no_running_requests_or_kv() {
+    let s = Server::start(&["--max-num-seqs", "16"]).await;
+    let mut tasks = Vec::new();
+    for i in 0..64u64 {
+        let client = s.client.clone();
+        let url = s.url("/v1/completions");
+        tasks.push(tokio::spawn(async move {
+            let body = json!({"prompt": format!("item_{i} = "), "max_tokens": 48, "stream": true, "ignore_eos": true, "seed": i, "temperature": 1.0});
+            let r = client.post(url).json(&body).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            let mut stream = r.bytes_stream();
+            let drop_after = if i % 2 == 0 { (i % 5) as usize + 1 } else { usize::MAX };
+            let mut n = 0;
+            let mut done = false;
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.unwrap();
+                n += 1;
+                if String::from_utf8_lossy(&chunk).contains("[DONE]") {
+                    done = true;
+                }
+                if n >= drop_after {
+                    return false; // disconnect: the stream is dropped here
+                }
+            }
+            assert!(done, "a kept stream must end with [DONE]");
+            true
+        }));
+    }
+    let mut finished = 0;
+    for t in tasks {
+        finished += usize::from(t.await.unwrap());
+    }
+    assert_eq!(finished, 32);
+    // The engine notices dropped streams at its next step.
+    let t0 = std::time::Instant::now();
+    loop {
+        let running = s.metric("vllm:num_requests_running").await;
+        let waiting = s.metric("vllm:num_requests_waiting").await;
+        let kv = s.metric("vllm:kv_cache_usage_perc").await;
+        if running == 0.0 && waiting == 0.0 && kv == 0.0 {
+            break;
+        }
+        assert!(t0.elapsed().as_secs() < 30, "still running {running}, waiting {waiting}, kv {kv}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // And it still serves.
+    let (st, _) = s.post("/v1/completions", json!({"prompt": "x", "max_tokens": 2})).await;
+    assert_eq!(st, 200);
+}
