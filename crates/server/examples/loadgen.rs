@@ -1,0 +1,94 @@
+//! Load generator for a running Peregrine (or any OpenAI-compatible) server: streamed text
+//! completions at several concurrency levels; reports TTFT, inter-token latency (gaps between
+//! streamed chunks) and output tokens/s (from the usage chunk).
+//!
+//!     cargo run --release -p peregrine-server --example loadgen -- URL [CONCURRENCY,...] [REQUESTS] [MAX_TOKENS]
+//!     e.g. loadgen http://127.0.0.1:8000 1,4,16,64 64 64
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+struct Sample {
+    ttft: Duration,
+    gaps: Vec<Duration>,
+    tokens: u64,
+}
+
+async fn one(client: &reqwest::Client, url: &str, i: usize, max_tokens: usize) -> Sample {
+    let body = json!({"prompt": format!("def function_{i}(x):\n    "), "max_tokens": max_tokens, "stream": true,
+                      "ignore_eos": true, "temperature": 0.7, "seed": i, "stream_options": {"include_usage": true}});
+    let t0 = Instant::now();
+    let r = client.post(format!("{url}/v1/completions")).json(&body).send().await.expect("request");
+    assert!(r.status().is_success(), "status {}", r.status());
+    let mut stream = r.bytes_stream();
+    let (mut first, mut last, mut gaps, mut tokens, mut buf) = (None, t0, Vec::new(), 0, String::new());
+    while let Some(chunk) = stream.next().await {
+        buf.push_str(&String::from_utf8_lossy(&chunk.expect("chunk")));
+        while let Some(end) = buf.find("\n\n") {
+            let event: String = buf.drain(..end + 2).collect();
+            let Some(data) = event.trim().strip_prefix("data: ") else { continue };
+            if data == "[DONE]" {
+                continue;
+            }
+            let v: Value = serde_json::from_str(data).expect("json chunk");
+            if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
+                tokens = u["completion_tokens"].as_u64().unwrap_or(0);
+            }
+            if v["choices"][0]["text"].as_str().is_some_and(|t| !t.is_empty()) {
+                let now = Instant::now();
+                match first {
+                    None => first = Some(now - t0),
+                    Some(_) => gaps.push(now - last),
+                }
+                last = now;
+            }
+        }
+    }
+    Sample { ttft: first.unwrap_or_default(), gaps, tokens }
+}
+
+fn pct(v: &mut [Duration], p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort();
+    v[((v.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1e3
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let url = args.get(1).cloned().unwrap_or_else(|| "http://127.0.0.1:8000".into());
+    let levels: Vec<usize> = args.get(2).map_or("1,4,16,64".into(), Clone::clone).split(',').map(|x| x.parse().unwrap()).collect();
+    let requests: usize = args.get(3).map_or(64, |x| x.parse().unwrap());
+    let max_tokens: usize = args.get(4).map_or(64, |x| x.parse().unwrap());
+    let client = reqwest::Client::new();
+    println!("{:>5} {:>9} {:>10} {:>10} {:>10} {:>10} {:>12}", "conc", "requests", "ttft_p50", "ttft_p90", "itl_p50", "itl_p90", "out_tok/s");
+    for &c in &levels {
+        let t0 = Instant::now();
+        let tasks: Vec<_> = (0..c)
+            .map(|w| {
+                let (client, url) = (client.clone(), url.clone());
+                tokio::spawn(async move {
+                    let mut out = Vec::new();
+                    for i in (w..requests).step_by(c) {
+                        out.push(one(&client, &url, i, max_tokens).await);
+                    }
+                    out
+                })
+            })
+            .collect();
+        let mut samples = Vec::new();
+        for t in tasks {
+            samples.extend(t.await.unwrap());
+        }
+        let wall = t0.elapsed().as_secs_f64();
+        let mut ttft: Vec<Duration> = samples.iter().map(|s| s.ttft).collect();
+        let mut gaps: Vec<Duration> = samples.iter().flat_map(|s| s.gaps.clone()).collect();
+        let tokens: u64 = samples.iter().map(|s| s.tokens).sum();
+        println!("{c:>5} {:>9} {:>8.1}ms {:>8.1}ms {:>8.2}ms {:>8.2}ms {:>12.1}", samples.len(), pct(&mut ttft, 0.5), pct(&mut ttft, 0.9),
+                 pct(&mut gaps, 0.5), pct(&mut gaps, 0.9), tokens as f64 / wall);
+    }
+}
