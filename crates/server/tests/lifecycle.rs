@@ -1,0 +1,60 @@
+//! Overload (429 with Retry-After) and graceful shutdown on SIGTERM.
+
+mod common;
+
+use common::Server;
+use futures::StreamExt;
+use serde_json::json;
+
+#[tokio::test]
+async fn a_full_queue_answers_429_with_retry_after() {
+    let s = Server::start(&["--max-num-seqs", "1", "--max-waiting", "1"]).await;
+    let mut tasks = Vec::new();
+    for i in 0..12 {
+        let (client, url) = (s.client.clone(), s.url("/v1/completions"));
+        tasks.push(tokio::spawn(async move {
+            let r = client.post(url).json(&json!({"prompt": format!("x{i}"), "max_tokens": 200, "ignore_eos": true})).send().await.unwrap();
+            let status = r.status().as_u16();
+            let retry = r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_owned());
+            let body: serde_json::Value = r.json().await.unwrap();
+            (status, retry, body)
+        }));
+    }
+    let (mut ok, mut limited) = (0, 0);
+    for t in tasks {
+        let (status, retry, body) = t.await.unwrap();
+        match status {
+            200 => ok += 1,
+            429 => {
+                limited += 1;
+                assert!(retry.is_some(), "429 without Retry-After");
+                assert_eq!(body["error"]["type"], "rate_limit_error");
+            }
+            other => panic!("unexpected status {other}: {body}"),
+        }
+    }
+    assert!(ok >= 1 && limited >= 1, "ok {ok}, limited {limited}");
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn sigterm_ends_streams_cleanly_and_exits() {
+    let mut s = Server::start(&[]).await;
+    let r = s.client.post(s.url("/v1/completions"))
+        .json(&json!({"prompt": "x", "max_tokens": 3000, "ignore_eos": true, "stream": true}))
+        .send().await.unwrap();
+    let mut stream = r.bytes_stream();
+    // Wait for the first chunk, then ask the server to stop.
+    let first = stream.next().await.unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&first).contains("data: "));
+    let pid = s.child.id().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let mut rest = String::new();
+    while let Some(c) = stream.next().await {
+        rest.push_str(&String::from_utf8_lossy(&c.unwrap()));
+    }
+    assert!(rest.contains("\"finish_reason\":\"abort\""), "stream did not end with a finish chunk");
+    assert!(rest.trim_end().ends_with("data: [DONE]"), "stream did not end with [DONE]: {}", &rest[rest.len().saturating_sub(200)..]);
+    let status = tokio::task::spawn_blocking(move || s.child.wait().unwrap()).await.unwrap();
+    assert!(status.success(), "server exit status {status}");
+}
