@@ -13,6 +13,7 @@ pub mod chat_template;
 pub mod checkpoint;
 pub mod config;
 pub mod formats;
+pub mod gguf;
 pub mod hub;
 pub mod loader;
 pub mod tokenizer;

@@ -33,12 +33,12 @@ pub fn open_model(path_or_id: &str) -> Result<ModelFiles> {
                 let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
                 open_dir(&dir, Some(path))
             }
-            // GGUF: the GGUF helper adds `"gguf" => crate::gguf::open(path)` here, filling
-            // ModelFiles (spec, weights, tokenizer, chat template) from the file alone.
+            // GGUF: spec, weights, tokenizer and chat template all come from the one file.
+            "gguf" => crate::gguf::open_gguf(path),
             "json" if path.file_name().is_some_and(|n| n == "config.json") => {
                 open_dir(path.parent().unwrap_or(Path::new(".")), None)
             }
-            _ => Err(Error::ModelNotFound(path_or_id.to_owned(), format!("unsupported file type `.{ext}` (expected a model directory, a .safetensors file or config.json)"))),
+            _ => Err(Error::ModelNotFound(path_or_id.to_owned(), format!("unsupported file type `.{ext}` (expected a model directory, a .safetensors or .gguf file, or config.json)"))),
         };
     }
     if path.is_dir() {
