@@ -24,9 +24,12 @@ impl Server {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn peregrine");
-        let s = Server { child, base: format!("http://127.0.0.1:{port}"), client: reqwest::Client::new() };
+        let mut s = Server { child, base: format!("http://127.0.0.1:{port}"), client: reqwest::Client::new() };
         let t0 = Instant::now();
         loop {
+            if let Some(status) = s.child.try_wait().unwrap() {
+                panic!("server exited during start-up: {status}");
+            }
             if let Ok(r) = s.client.get(format!("{}/health", s.base)).send().await {
                 if r.status() == 200 {
                     return s;
