@@ -105,17 +105,17 @@ impl AttentionSpec {
     }
     /// Rows of the q, k and v projections.
     pub fn q_dim(&self) -> usize {
-        self.num_heads * self.head_dim
+        self.num_heads.saturating_mul(self.head_dim)
     }
     pub fn k_dim(&self) -> usize {
-        self.num_kv_heads * self.head_dim
+        self.num_kv_heads.saturating_mul(self.head_dim)
     }
     pub fn v_dim(&self) -> usize {
-        self.num_kv_heads * self.v_head_dim
+        self.num_kv_heads.saturating_mul(self.v_head_dim)
     }
     /// Input width of o_proj.
     pub fn o_dim(&self) -> usize {
-        self.num_heads * self.v_head_dim
+        self.num_heads.saturating_mul(self.v_head_dim)
     }
 }
 
@@ -181,34 +181,35 @@ impl ModelSpec {
     }
 
     /// Parameters of the whole model (embedding, layers, final norm, lm_head when untied).
+    /// Counted in u128 and saturated, so absurd configs cannot overflow.
     pub fn num_parameters(&self) -> usize {
-        let h = self.hidden_size;
-        let mut n = self.vocab_size * h + h;
+        let h = self.hidden_size as u128;
+        let vocab = self.vocab_size as u128;
+        let mut n = vocab * h + h;
         if !self.tie_word_embeddings {
-            n += self.vocab_size * h;
+            n += vocab * h;
         }
         for l in &self.layers {
             let a = &l.attention;
-            n += 2 * h; // two norms
-            n += h * (a.q_dim() + a.k_dim() + a.v_dim()) + a.o_dim() * h;
+            let (q, k, v, o) = (a.q_dim() as u128, a.k_dim() as u128, a.v_dim() as u128, a.o_dim() as u128);
+            n += 2 * h + h * (q + k + v) + o * h;
             if a.qkv_bias {
-                n += a.q_dim() + a.k_dim() + a.v_dim();
+                n += q + k + v;
             }
             if a.sinks {
-                n += a.num_heads;
+                n += a.num_heads as u128;
             }
             if a.qk_norm {
-                n += 2 * a.head_dim;
+                n += 2 * a.head_dim as u128;
             }
             n += match l.mlp {
-                MlpSpec::Dense { intermediate_size } => 3 * h * intermediate_size,
+                MlpSpec::Dense { intermediate_size } => 3 * h * intermediate_size as u128,
                 MlpSpec::Moe(m) => {
-                    m.num_experts * 3 * h * m.intermediate_size
-                        + m.num_experts * h
-                        + if m.correction_bias { m.num_experts } else { 0 }
+                    let e = m.num_experts as u128;
+                    e * 3 * h * m.intermediate_size as u128 + e * h + if m.correction_bias { e } else { 0 }
                 }
             };
         }
-        n
+        usize::try_from(n).unwrap_or(usize::MAX)
     }
 }
