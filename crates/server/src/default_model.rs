@@ -5,17 +5,20 @@ use std::path::PathBuf;
 
 macro_rules! model_file {
     ($name:literal) => {
-        ($name, include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/golden/default/", $name)).as_slice())
+        ($name, include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/peregrine-mimo-tiny/", $name)).as_slice())
     };
 }
 
-/// Interim default: the small random MiMo-V2 golden model (`tests/fixtures/golden/default`),
-/// until the trained demo model lands.
-pub const NAME: &str = "peregrine-mimo-tiny-random";
+/// The small MiMo-V2 model trained on Python sources (`models/peregrine-mimo-tiny`, 21.5M
+/// parameters, MXFP4 experts; see its model card).
+pub const NAME: &str = "peregrine-mimo-tiny";
 
 const FILES: &[(&str, &[u8])] = &[
     model_file!("config.json"),
-    model_file!("model.safetensors"),
+    model_file!("generation_config.json"),
+    model_file!("model.safetensors.index.json"),
+    model_file!("model-00001-of-00002.safetensors"),
+    model_file!("model-00002-of-00002.safetensors"),
     model_file!("tokenizer.json"),
     model_file!("tokenizer_config.json"),
 ];

@@ -270,3 +270,16 @@ async fn concurrent_streams_with_disconnects_leave_no_running_requests_or_kv() {
     let (st, _) = s.post("/v1/completions", json!({"prompt": "x", "max_tokens": 2})).await;
     assert_eq!(st, 200);
 }
+
+/// With no MODEL the binary serves the embedded, trained demo model, which continues Python code.
+#[tokio::test]
+async fn embedded_default_model_completes_python() {
+    let s = Server::start_embedded(&[]).await;
+    let m: Value = s.client.get(s.url("/v1/models")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(m["data"][0]["id"], "peregrine-mimo-tiny");
+    let (st, v) = s.post("/v1/completions", json!({"prompt": "def fibonacci(n):\n", "max_tokens": 24, "temperature": 0})).await;
+    assert_eq!(st, 200, "{v}");
+    let text = text_of(&v, 0);
+    // Greedy output of the committed weights (identical to HF transformers', see the model card).
+    assert!(text.starts_with("\ndef _fibonacci(n):\n    \"\"\""), "{text:?}");
+}

@@ -12,7 +12,24 @@ pub struct Server {
 }
 
 impl Server {
+    /// A server on the small random golden model (fast, deterministic), unless `extra` starts
+    /// with a model path.
     pub async fn start(extra: &[&str]) -> Server {
+        let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/golden/default");
+        let mut args: Vec<&str> = Vec::new();
+        if extra.first().is_none_or(|a| a.starts_with("--")) {
+            args.push(fixture);
+        }
+        args.extend_from_slice(extra);
+        Self::spawn(&args).await
+    }
+
+    /// A server on the embedded default model (no MODEL argument).
+    pub async fn start_embedded(extra: &[&str]) -> Server {
+        Self::spawn(extra).await
+    }
+
+    async fn spawn(extra: &[&str]) -> Server {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let cache = std::env::temp_dir().join("peregrine-test-cache");
         let child = Command::new(env!("CARGO_BIN_EXE_peregrine"))
