@@ -12,7 +12,7 @@
 //! Position `p` of a sequence lives in block `table[p / block_size]` at offset `p % block_size`,
 //! in both groups. A layer's K/V layout inside a block is the backend's business.
 
-use crate::{ModelSpec, Result};
+use crate::{DraftSpec, Error, ModelSpec, Result};
 
 /// Marks a block-table entry that holds no block (a sliding-window block released by the engine).
 pub const NULL_BLOCK: u32 = u32::MAX;
@@ -77,6 +77,22 @@ impl Logits {
     }
 }
 
+/// One sequence's draft request: the block `[last_token, MASK x num_drafts]` at positions
+/// `start_pos..=start_pos + num_drafts`. The drafter's context is every position before
+/// `start_pos`, whose context K/V the backend wrote during the target forwards that computed
+/// them (so it lives in the full-attention blocks and follows prefix caching and rollback
+/// exactly like the target's own K/V).
+#[derive(Debug, Clone)]
+pub struct DraftForward {
+    pub seq_id: u64,
+    pub last_token: u32,
+    pub start_pos: usize,
+    /// Drafts wanted, `1..block_size`.
+    pub num_drafts: usize,
+    /// Full-attention block table covering at least `0..start_pos`.
+    pub full_blocks: Vec<u32>,
+}
+
 /// A compute backend. The engine calls it from one thread.
 pub trait Backend: Send {
     fn spec(&self) -> &ModelSpec;
@@ -93,4 +109,16 @@ pub trait Backend: Send {
 
     /// A short name for logs and metrics ("cpu", "cuda").
     fn name(&self) -> &str;
+
+    /// The attached DFlash drafter, if any. While one is attached, every `forward` also writes
+    /// the drafter's context K/V for each position it computes (counted in `kv_block_bytes`).
+    fn draft_spec(&self) -> Option<&DraftSpec> {
+        None
+    }
+
+    /// Greedy drafts for each sequence, in batch order (`num_drafts` tokens each).
+    fn draft(&mut self, batch: &[DraftForward]) -> Result<Vec<Vec<u32>>> {
+        let _ = batch;
+        Err(Error::Unsupported(format!("the {} backend has no drafter attached", self.name())))
+    }
 }

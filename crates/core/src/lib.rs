@@ -2,16 +2,19 @@
 //!
 //! - [`spec`]: `ModelSpec`, the one per-layer description of a model that loaders produce and
 //!   backends read;
+//! - [`draft`]: `DraftSpec`, the shape of a DFlash block drafter;
 //! - [`dtype`]: element types and the storage formats weights keep (BF16, FP8 block, MXFP4);
 //! - [`sampling`]: the sampling parameters of one request;
 //! - [`error`]: the error type shared by the loaders and backends.
 
 pub mod backend;
+pub mod draft;
 pub mod dtype;
 pub mod error;
 pub mod sampling;
 pub mod spec;
 
+pub use draft::{DraftLayerSpec, DraftSpec};
 pub use dtype::{DType, QuantFormat};
 pub use error::{Error, Result};
 pub use sampling::SamplingParams;

@@ -1,29 +1,31 @@
 //! The exact f32 forward of the whole MiMo-V2 stack (and Llama-style dense stacks), read only
 //! from `ModelSpec`, with a paged two-group KV cache (see `peregrine_core::backend`).
 
-use peregrine_core::backend::{Backend, KvBlockBytes, KvConfig, Logits, OutputRows, SeqForward, NULL_BLOCK};
-use peregrine_core::{AttentionKind, AttentionSpec, Error, MlpSpec, ModelSpec, MoeSpec, QkvLayout, Result, RouterScoring};
+use peregrine_core::backend::{Backend, DraftForward, KvBlockBytes, KvConfig, Logits, OutputRows, SeqForward, NULL_BLOCK};
+use peregrine_core::{AttentionKind, DraftSpec, AttentionSpec, Error, MlpSpec, ModelSpec, MoeSpec, QkvLayout, Result, RouterScoring};
+use peregrine_model::dflash::DraftFiles;
 use peregrine_model::weights::WeightSource;
 use rayon::prelude::*;
 
+use crate::draft::Drafter;
 use crate::ops::{self, dot, matmul, rms_norm, silu};
 
-struct Attention {
-    spec: AttentionSpec,
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
+pub(crate) struct Attention {
+    pub(crate) spec: AttentionSpec,
+    pub(crate) q: Vec<f32>,
+    pub(crate) k: Vec<f32>,
+    pub(crate) v: Vec<f32>,
     q_bias: Option<Vec<f32>>,
     k_bias: Option<Vec<f32>>,
     v_bias: Option<Vec<f32>>,
-    q_norm: Option<Vec<f32>>,
-    k_norm: Option<Vec<f32>>,
-    o: Vec<f32>,
-    sinks: Option<Vec<f32>>,
-    inv_freq: Vec<f32>,
+    pub(crate) q_norm: Option<Vec<f32>>,
+    pub(crate) k_norm: Option<Vec<f32>>,
+    pub(crate) o: Vec<f32>,
+    pub(crate) sinks: Option<Vec<f32>>,
+    pub(crate) inv_freq: Vec<f32>,
 }
 
-struct Expert {
+pub(crate) struct Expert {
     gate: Vec<f32>,
     up: Vec<f32>,
     down: Vec<f32>,
@@ -45,9 +47,9 @@ struct Layer {
 }
 
 /// One layer's K and V pools: `[blocks * block_size, kv_heads, dim]`.
-struct LayerKv {
-    k: Vec<f32>,
-    v: Vec<f32>,
+pub(crate) struct LayerKv {
+    pub(crate) k: Vec<f32>,
+    pub(crate) v: Vec<f32>,
 }
 
 pub struct CpuModel {
@@ -58,9 +60,12 @@ pub struct CpuModel {
     layers: Vec<Layer>,
     kv: Vec<LayerKv>,
     kv_config: Option<KvConfig>,
+    drafter: Option<Drafter>,
+    /// The drafter's context K/V, one pool per drafter layer, indexed like the full group.
+    draft_kv: Vec<LayerKv>,
 }
 
-fn load_expert(w: &dyn WeightSource, p: &str, h: usize, i: usize) -> Result<Expert> {
+pub(crate) fn load_expert(w: &dyn WeightSource, p: &str, h: usize, i: usize) -> Result<Expert> {
     Ok(Expert {
         gate: w.matrix(&format!("{p}.gate_proj.weight"), i, h)?,
         up: w.matrix(&format!("{p}.up_proj.weight"), i, h)?,
@@ -68,7 +73,7 @@ fn load_expert(w: &dyn WeightSource, p: &str, h: usize, i: usize) -> Result<Expe
     })
 }
 
-fn load_attention(w: &dyn WeightSource, p: &str, a: &AttentionSpec, h: usize) -> Result<Attention> {
+pub(crate) fn load_attention(w: &dyn WeightSource, p: &str, a: &AttentionSpec, h: usize) -> Result<Attention> {
     let (qd, kd, vd) = (a.q_dim(), a.k_dim(), a.v_dim());
     let (q, k, v) = match a.qkv_layout {
         QkvLayout::Separate => (
@@ -171,7 +176,19 @@ impl CpuModel {
             layers,
             kv: Vec::new(),
             kv_config: None,
+            drafter: None,
+            draft_kv: Vec::new(),
         })
+    }
+
+    /// Attaches a DFlash drafter. Call before `init_kv`: its context K/V take room in every
+    /// full-attention block.
+    pub fn attach_drafter(&mut self, files: &DraftFiles) -> Result<()> {
+        if self.kv_config.is_some() {
+            return Err(Error::Backend("attach the drafter before the KV cache is allocated".into()));
+        }
+        self.drafter = Some(Drafter::load(&self.spec, files)?);
+        Ok(())
     }
 
     fn per_token_kv_floats(a: &AttentionSpec) -> usize {
@@ -350,7 +367,7 @@ fn slot_of(seq: &SeqForward, swa: bool, pos: usize, bs: usize) -> Result<usize> 
     }
 }
 
-fn expert_forward(e: &Expert, x: &[f32], n: usize, h: usize) -> Vec<f32> {
+pub(crate) fn expert_forward(e: &Expert, x: &[f32], n: usize, h: usize) -> Vec<f32> {
     let i = e.gate.len() / h;
     let g = matmul(x, n, &e.gate, i, h);
     let u = matmul(x, n, &e.up, i, h);
@@ -417,6 +434,9 @@ impl Backend for CpuModel {
             let per = block_size * Self::per_token_kv_floats(&l.attn.spec) * 4;
             if l.swa { b.swa += per } else { b.full += per }
         }
+        if let Some(d) = &self.drafter {
+            b.full += block_size * d.kv_floats_per_token() * 4;
+        }
         b
     }
 
@@ -431,6 +451,10 @@ impl Backend for CpuModel {
             }
         }
         self.kv = kv;
+        self.draft_kv = match &self.drafter {
+            Some(d) => d.alloc_kv(config.num_full_blocks * config.block_size),
+            None => Vec::new(),
+        };
         self.kv_config = Some(config);
         Ok(())
     }
@@ -457,11 +481,39 @@ impl Backend for CpuModel {
             }
             x.extend_from_slice(&self.embed[t * h..(t + 1) * h]);
         }
+        // Target features for the drafter's context: (layer, row-major [n, h]) per target layer id.
+        let capture: Vec<usize> = self.drafter.as_ref().map(|d| d.spec.target_layer_ids.clone()).unwrap_or_default();
+        let mut captured: Vec<Option<Vec<f32>>> = vec![None; capture.len()];
+        let last = self.layers.len() - 1;
         for li in 0..self.layers.len() {
             let o = self.attention_layer(li, &x, batch, &rows)?;
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
             let m = self.mlp_layer(li, &x, n);
             x.iter_mut().zip(&m).for_each(|(a, b)| *a += b);
+            for (c, &id) in captured.iter_mut().zip(&capture) {
+                if id == li {
+                    // The last layer's feature is taken after the final norm (HF hidden_states[-1]).
+                    *c = Some(if li == last { rms_norm(&x, &self.final_norm, self.spec.rms_norm_eps) } else { x.clone() });
+                }
+            }
+        }
+        if let Some(d) = &self.drafter {
+            let cd = d.spec.context_dim();
+            let mut features = vec![0f32; n * cd];
+            for (ci, c) in captured.iter().enumerate() {
+                let c = c.as_ref().expect("every target layer id was checked against the target at attach time");
+                for r in 0..n {
+                    features[r * cd + ci * h..r * cd + (ci + 1) * h].copy_from_slice(&c[r * h..(r + 1) * h]);
+                }
+            }
+            let bs = self.kv_config.map(|c| c.block_size).unwrap_or(16);
+            let positions: Vec<usize> = rows.iter().map(|&(si, ti)| batch[si].start_pos + ti).collect();
+            let slots = rows
+                .iter()
+                .zip(&positions)
+                .map(|(&(si, _), &p)| slot_of(&batch[si], false, p, bs))
+                .collect::<Result<Vec<_>>>()?;
+            d.write_context(&features, &positions, &slots, &mut self.draft_kv);
         }
         // Logits only for the rows asked for.
         let mut want = Vec::new();
@@ -497,5 +549,20 @@ impl Backend for CpuModel {
 
     fn name(&self) -> &str {
         "cpu"
+    }
+
+    fn draft_spec(&self) -> Option<&DraftSpec> {
+        self.drafter.as_ref().map(|d| &d.spec)
+    }
+
+    fn draft(&mut self, batch: &[DraftForward]) -> Result<Vec<Vec<u32>>> {
+        let Some(d) = &self.drafter else {
+            return Err(Error::Unsupported("no drafter is attached to the CPU backend".into()));
+        };
+        let Some(cfg) = self.kv_config else {
+            return Err(Error::Backend("draft before init_kv".into()));
+        };
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        d.draft(batch, &self.draft_kv, cfg.block_size, &self.embed, head, self.spec.vocab_size)
     }
 }

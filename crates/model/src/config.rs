@@ -17,6 +17,7 @@ use peregrine_core::{
     QuantFormat, Result, RopeSpec, RouterScoring,
 };
 use peregrine_core::spec::QuantSpec;
+use peregrine_core::{DraftLayerSpec, DraftSpec};
 use serde_json::{Map, Value};
 
 /// Reads `config.json` (and `generation_config.json` when present) from a model directory.
@@ -451,14 +452,7 @@ fn parse_dense(c: &Fields, model_type: &str) -> Result<ModelSpec> {
         return Err(Error::config("num_attention_heads", "must be positive"));
     }
     let head_dim = c.usize_or("head_dim", com.hidden_size / heads)?;
-    let theta = c.f64_or("rope_theta", 10_000.0)?;
-    let factor = c.f64_or("partial_rotary_factor", 1.0)?;
-    if let Some(s) = c.get("rope_scaling") {
-        let kind = s.get("rope_type").or_else(|| s.get("type")).and_then(Value::as_str);
-        if !matches!(kind, None | Some("default")) {
-            return Err(Error::config("rope_scaling", format!("unsupported rope scaling {s}")));
-        }
-    }
+    let (theta, factor) = flat_rope(c)?;
     let eps = c.f64_or("rms_norm_eps", 1e-6)?;
     let intermediate = c.req_usize("intermediate_size")?;
     let window = if c.bool_or("use_sliding_window", false)? { c.opt_usize("sliding_window")? } else { None };
@@ -483,6 +477,167 @@ fn parse_dense(c: &Fields, model_type: &str) -> Result<ModelSpec> {
         .map(|_| LayerSpec { attention, mlp: MlpSpec::Dense { intermediate_size: intermediate } })
         .collect();
     Ok(spec_from(com, model_type, eps, layers))
+}
+
+/// RoPE base and partial factor of a single-rope config: transformers 5's flat
+/// `rope_parameters` or the older top-level `rope_theta` / `rope_scaling`.
+fn flat_rope(c: &Fields) -> Result<(f64, f64)> {
+    for key in ["rope_scaling", "rope_parameters"] {
+        if let Some(s) = c.get(key) {
+            let kind = s.get("rope_type").or_else(|| s.get("type")).and_then(Value::as_str);
+            if !matches!(kind, None | Some("default")) {
+                return Err(Error::config(key, format!("unsupported rope type in {s} (only default)")));
+            }
+        }
+    }
+    let p = match c.get("rope_parameters") {
+        Some(v) => Some(Fields::new(v, "rope_parameters.")?),
+        None => None,
+    };
+    let theta = match p.as_ref().map(|p| p.opt_f64("rope_theta")).transpose()?.flatten() {
+        Some(t) => t,
+        None => c.f64_or("rope_theta", 10_000.0)?,
+    };
+    let factor = match p.as_ref().map(|p| p.opt_f64("partial_rotary_factor")).transpose()?.flatten() {
+        Some(f) => f,
+        None => c.f64_or("partial_rotary_factor", 1.0)?,
+    };
+    Ok((theta, factor))
+}
+
+/// Parses a DFlash drafter's config.json (a Qwen3 config plus `dflash_config`; each DFlash
+/// field may also sit at the top level, as in the reference's `_draft_value`).
+pub fn parse_draft_config(config: &Value) -> Result<DraftSpec> {
+    let c = Fields::new(config, "")?;
+    let d = match c.get("dflash_config") {
+        Some(v) => Some(Fields::new(v, "dflash_config.")?),
+        None => None,
+    };
+    let hidden = c.req_usize("hidden_size")?;
+    let n = c.req_usize("num_hidden_layers")?;
+    if n == 0 || n > MAX_LAYERS {
+        return Err(Error::config("num_hidden_layers", format!("{n} is out of range")));
+    }
+    let heads = c.req_usize("num_attention_heads")?;
+    if heads == 0 {
+        return Err(Error::config("num_attention_heads", "must be positive"));
+    }
+    let kv = c.usize_or("num_key_value_heads", heads)?;
+    let head_dim = c.usize_or("head_dim", hidden / heads)?;
+    let (theta, factor) = flat_rope(&c)?;
+    let eps = c.f64_or("rms_norm_eps", 1e-6)?;
+    let layer_types = c.opt_str_list("layer_types")?.unwrap_or_else(|| vec!["full_attention".into(); n]);
+    check_len("layer_types", layer_types.len(), n)?;
+    let is_causal = match c.get("is_causal") {
+        None => None,
+        Some(Value::Bool(b)) => Some(*b),
+        Some(_) => return Err(Error::config("is_causal", "expected true or false")),
+    };
+    let value_scale = c.f64_or("attention_value_scale", 1.0)?;
+    let draft_usize = |key: &str| -> Result<Option<usize>> {
+        match d.as_ref().map(|d| d.opt_usize(key)).transpose()?.flatten() {
+            Some(v) => Ok(Some(v)),
+            None => c.opt_usize(key),
+        }
+    };
+    let draft_f64 = |key: &str| -> Result<Option<f64>> {
+        match d.as_ref().map(|d| d.opt_f64(key)).transpose()?.flatten() {
+            Some(v) => Ok(Some(v)),
+            None => c.opt_f64(key),
+        }
+    };
+    let target_layer_ids: Vec<usize> = match d.as_ref().map(|d| d.opt_int_list("target_layer_ids")).transpose()?.flatten() {
+        Some(ids) => ids.into_iter().map(|i| i as usize).collect(),
+        None => match c.opt_int_list("target_layer_ids")? {
+            Some(ids) => ids.into_iter().map(|i| i as usize).collect(),
+            None => {
+                // The reference's `build_target_layer_ids`.
+                let t = c.req_usize("num_target_layers").map_err(|_| {
+                    Error::config("dflash_config.target_layer_ids", "missing (and no num_target_layers to derive it from)")
+                })?;
+                if n == 1 {
+                    vec![t / 2]
+                } else {
+                    let (start, end) = (1.0, t as f64 - 3.0);
+                    (0..n).map(|i| (start + i as f64 * (end - start) / (n - 1) as f64).round() as usize).collect()
+                }
+            }
+        },
+    };
+    if target_layer_ids.is_empty() {
+        return Err(Error::config("dflash_config.target_layer_ids", "must not be empty"));
+    }
+    let mask_token_id = draft_usize("mask_token_id")?
+        .ok_or_else(|| Error::config("dflash_config.mask_token_id", "missing"))?;
+    let mask_token_id = u32::try_from(mask_token_id).map_err(|_| Error::config("dflash_config.mask_token_id", "too large"))?;
+    let block_size = draft_usize("block_size")?.unwrap_or(16);
+    if !(2..=64).contains(&block_size) {
+        return Err(Error::config("dflash_config.block_size", format!("{block_size} is outside 2..=64")));
+    }
+    let sinks_full = c.bool_or("add_full_attention_sink_bias", false)?;
+    let sinks_swa = c.bool_or("add_swa_attention_sink_bias", c.bool_or("attention_sink_bias", false)?)?;
+    let window = c.opt_usize("sliding_window")?;
+    let mut layers = Vec::with_capacity(n);
+    for (i, t) in layer_types.iter().enumerate() {
+        let swa = match t.as_str() {
+            "full_attention" => false,
+            "sliding_attention" => true,
+            o => return Err(Error::config(format!("layer_types[{i}]"), format!("unknown layer type `{o}`"))),
+        };
+        let kind = match (swa, window) {
+            (true, Some(w)) if w > 0 => AttentionKind::Sliding { window: w },
+            (true, _) => return Err(Error::config("sliding_window", "sliding_attention layers need a positive sliding_window")),
+            (false, _) => AttentionKind::Full,
+        };
+        let attention = AttentionSpec {
+            kind,
+            num_heads: heads,
+            num_kv_heads: kv,
+            head_dim,
+            v_head_dim: head_dim,
+            rope: RopeSpec { theta, rotary_dim: rotary_dim(head_dim, factor), style: RopeStyle::NeoX },
+            sinks: if swa { sinks_swa } else { sinks_full },
+            value_scale: value_scale as f32,
+            softmax_scale: (head_dim as f32).powf(-0.5),
+            qkv_layout: QkvLayout::Separate,
+            qkv_bias: c.bool_or("attention_bias", false)?,
+            qk_norm: true,
+        };
+        layers.push(DraftLayerSpec {
+            attention,
+            // The reference: sliding layers are causal unless `is_causal` says otherwise.
+            causal: is_causal.unwrap_or(swa),
+            intermediate_size: c.req_usize("intermediate_size")?,
+        });
+    }
+    let spec = DraftSpec {
+        block_size,
+        mask_token_id,
+        target_layer_ids,
+        hidden_size: hidden,
+        rms_norm_eps: eps as f32,
+        vocab_size: c.usize_or("vocab_size", 0)?,
+        layers,
+        input_embedding_scale: draft_f64("input_embedding_scale")?.unwrap_or(1.0) as f32,
+        output_multiplier: draft_f64("output_multiplier")?.unwrap_or(1.0) as f32,
+        final_logit_softcapping: draft_f64("final_logit_softcapping")?.filter(|&c| c > 0.0).map(|c| c as f32),
+    };
+    for (i, l) in spec.layers.iter().enumerate() {
+        let a = &l.attention;
+        if kv == 0 || heads % kv != 0 {
+            return Err(Error::config("num_key_value_heads", format!("{heads} query heads are not a multiple of {kv} KV heads")));
+        }
+        if head_dim == 0 || l.intermediate_size == 0 || hidden == 0 {
+            return Err(Error::config("hidden_size", "hidden_size, head_dim and intermediate_size must be positive"));
+        }
+        if a.rope.rotated_dims() > head_dim || theta <= 0.0 {
+            return Err(Error::config("rope_parameters", format!("layer {i}: bad rotary setup (theta {theta}, {} rotated dims of {head_dim})", a.rope.rotated_dims())));
+        }
+    }
+    if spec.rms_norm_eps.is_nan() || spec.rms_norm_eps <= 0.0 {
+        return Err(Error::config("rms_norm_eps", "must be positive"));
+    }
+    Ok(spec)
 }
 
 fn parse_quant(q: Option<&Value>) -> Result<QuantSpec> {

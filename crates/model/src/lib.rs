@@ -7,14 +7,18 @@
 //! - [`weights`]: [`weights::WeightSource`], tensors by canonical HF name as f32 for the CPU
 //!   reference, whatever layout and format the checkpoint stores them in;
 //! - [`tokenizer`], [`chat_template`]: tokenizer.json and the Jinja chat template;
+//! - [`dflash`]: DFlash drafter checkpoints (config, weights, `mask_embedding.pt` through
+//!   [`torch_file`], a Python-free reader of small `torch.save` files);
 //! - [`loader`]: one entry point from a path or id to all of the above.
 
 pub mod chat_template;
 pub mod checkpoint;
 pub mod config;
+pub mod dflash;
 pub mod formats;
 pub mod gguf;
 pub mod hub;
 pub mod loader;
+pub mod torch_file;
 pub mod tokenizer;
 pub mod weights;
