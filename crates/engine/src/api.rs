@@ -71,6 +71,10 @@ pub struct Usage {
     pub completion_tokens: usize,
     /// Prompt tokens served from the prefix cache.
     pub cached_tokens: usize,
+    /// Speculative decoding: drafted tokens that were accepted (and are part of the output)...
+    pub accepted_prediction_tokens: usize,
+    /// ... and drafted tokens that were not.
+    pub rejected_prediction_tokens: usize,
 }
 
 /// What the engine sends back for one request, in order.
@@ -115,6 +119,9 @@ pub struct EngineConfig {
     /// Waiting requests at most before `QueueFull`.
     pub max_waiting: usize,
     pub enable_prefix_caching: bool,
+    /// Speculative block size (the last token plus `n - 1` drafts) when the backend has a
+    /// drafter; None takes the drafter's own. Ignored without a drafter.
+    pub speculative_block_size: Option<usize>,
 }
 
 impl Default for EngineConfig {
@@ -127,6 +134,7 @@ impl Default for EngineConfig {
             block_size: 16,
             max_waiting: 1024,
             enable_prefix_caching: true,
+            speculative_block_size: None,
         }
     }
 }

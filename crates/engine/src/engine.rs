@@ -6,7 +6,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use peregrine_core::backend::{Backend, KvConfig, OutputRows, SeqForward};
+use peregrine_core::backend::{Backend, DraftForward, KvConfig, OutputRows, SeqForward};
 use peregrine_core::{Error, ModelSpec};
 use peregrine_model::tokenizer::IncrementalDecoder;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
@@ -35,6 +35,7 @@ struct Inner {
     tokenizer: SharedTokenizer,
     spec: ModelSpec,
     config: EngineConfig,
+    spec_block: Option<usize>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -45,10 +46,18 @@ pub fn start_engine(mut backend: Box<dyn Backend>, tokenizer: SharedTokenizer, c
     if bs == 0 || config.max_num_seqs == 0 || config.max_num_batched_tokens == 0 || config.max_model_len == 0 {
         return Err(Error::config("engine", "block_size, max_num_seqs, max_num_batched_tokens and max_model_len must be > 0"));
     }
+    let spec_block = match (backend.draft_spec(), config.speculative_block_size) {
+        (None, _) => None,
+        (Some(d), None) => Some(d.block_size),
+        (Some(_), Some(b)) if (2..=16).contains(&b) => Some(b),
+        (Some(_), Some(b)) => return Err(Error::config("speculative_block_size", format!("{b} is outside 2..=16"))),
+    };
     let window = spec.layers.iter().filter_map(|l| l.attention.window()).max();
     let bytes = backend.kv_block_bytes(bs);
+    // Each running sequence may look ahead `block - 1` positions past its window.
+    let lookahead = spec_block.map_or(0, |b| b.div_ceil(bs));
     let num_swa = match window {
-        Some(w) if bytes.swa > 0 => config.max_num_seqs * (w / bs + 2) + config.max_num_batched_tokens.div_ceil(bs) + 1,
+        Some(w) if bytes.swa > 0 => config.max_num_seqs * (w / bs + 2 + lookahead) + config.max_num_batched_tokens.div_ceil(bs) + 1,
         _ => 0,
     };
     let swa_bytes = num_swa * bytes.swa;
@@ -72,6 +81,7 @@ pub fn start_engine(mut backend: Box<dyn Backend>, tokenizer: SharedTokenizer, c
         full_bytes = num_full * bytes.full,
         swa_bytes,
         block_size = bs,
+        speculative_block = spec_block,
         "KV cache allocated"
     );
     let metrics = Arc::new(Metrics::new(&spec.model_type));
@@ -92,6 +102,7 @@ pub fn start_engine(mut backend: Box<dyn Backend>, tokenizer: SharedTokenizer, c
         metrics: metrics.clone(),
         eos,
         next_id: 0,
+        spec_block,
     };
     let thread = std::thread::Builder::new()
         .name("peregrine-engine".into())
@@ -106,6 +117,7 @@ pub fn start_engine(mut backend: Box<dyn Backend>, tokenizer: SharedTokenizer, c
             tokenizer,
             spec,
             config,
+            spec_block,
             thread: Mutex::new(Some(thread)),
         }),
     })
@@ -166,6 +178,10 @@ impl EngineHandle {
     pub fn max_model_len(&self) -> usize {
         self.inner.config.max_model_len
     }
+    /// The speculative block size when a drafter is attached (speculation is on).
+    pub fn speculative_block_size(&self) -> Option<usize> {
+        self.inner.spec_block
+    }
 }
 
 /// One request's state inside the engine.
@@ -182,6 +198,9 @@ struct Seq {
     held: String,
     rng: SeqRng,
     cached_tokens: usize,
+    /// Speculation: drafts accepted into the output, and drafts proposed.
+    spec_accepted: usize,
+    spec_drafted: usize,
     prompt_lp: Vec<Option<TokenLogprob>>,
     prompt_lp_done: bool,
     first_scheduled: Option<Instant>,
@@ -203,6 +222,8 @@ impl Seq {
             held: String::new(),
             rng: SeqRng::new(seed),
             cached_tokens: 0,
+            spec_accepted: 0,
+            spec_drafted: 0,
             prompt_lp: Vec::new(),
             prompt_lp_done: req.prompt_logprobs.is_none(),
             first_scheduled: None,
@@ -236,6 +257,7 @@ struct Core {
     metrics: Arc<Metrics>,
     eos: Vec<u32>,
     next_id: u64,
+    spec_block: Option<usize>,
 }
 
 impl Core {
@@ -301,7 +323,13 @@ impl Core {
             }
         }
         self.kv.free(&mut s.blocks);
-        let usage = Usage { prompt_tokens: s.req.prompt_tokens.len(), completion_tokens: s.output.len(), cached_tokens: s.cached_tokens };
+        let usage = Usage {
+            prompt_tokens: s.req.prompt_tokens.len(),
+            completion_tokens: s.output.len(),
+            cached_tokens: s.cached_tokens,
+            accepted_prediction_tokens: s.spec_accepted,
+            rejected_prediction_tokens: s.spec_drafted - s.spec_accepted,
+        };
         let _ = s.tx.send(RequestEvent::Finished { reason, usage });
         self.metrics.success.with_label_values(&[reason.as_str()]).inc();
         self.metrics.e2e.observe(s.req.arrival.elapsed().as_secs_f64());
@@ -341,12 +369,24 @@ impl Core {
         true
     }
 
+    /// Drafts a decoding sequence may verify this step: `block - 1`, fewer near its
+    /// max_tokens or the context limit (the reference's `min(block, max_length - start)`).
+    fn drafts_wanted(&self, s: &Seq) -> usize {
+        let Some(block) = self.spec_block else { return 0 };
+        if s.len() - s.computed != 1 || !s.prompt_lp_done {
+            return 0;
+        }
+        let left = s.req.stop.max_tokens.saturating_sub(s.output.len());
+        let room = self.config.max_model_len.saturating_sub(s.len());
+        (block - 1).min(left).min(room)
+    }
+
     fn step(&mut self) {
         let t0 = Instant::now();
         self.drop_gone_clients();
         let mut budget = self.config.max_num_batched_tokens;
-        // (index into running, chunk length); decodes first, then prefill chunks.
-        let mut plan: Vec<(u64, usize)> = Vec::new();
+        // (sequence id, tokens to compute, drafts to verify); decodes first, then prefill chunks.
+        let mut plan: Vec<(u64, usize, usize)> = Vec::new();
         let mut preempted = false;
         let mut order: Vec<u64> = self.running.iter().filter(|s| s.len() - s.computed == 1).map(|s| s.id).collect();
         order.extend(self.running.iter().filter(|s| s.len() - s.computed > 1).map(|s| s.id));
@@ -355,11 +395,14 @@ impl Core {
                 break;
             }
             while let Some(i) = self.running.iter().position(|s| s.id == id) {
+                let k = self.drafts_wanted(&self.running[i]).min(budget - 1);
                 let s = &mut self.running[i];
                 let chunk = (s.len() - s.computed).min(budget);
-                if self.kv.allocate(&mut s.blocks, s.computed, s.computed + chunk) {
-                    plan.push((id, chunk));
-                    budget -= chunk;
+                // A verify step writes K/V for its drafts too; without room for them, decode plainly.
+                let k = if k > 0 && self.kv.allocate(&mut s.blocks, s.computed, s.computed + chunk + k) { k } else { 0 };
+                if k > 0 || self.kv.allocate(&mut s.blocks, s.computed, s.computed + chunk) {
+                    plan.push((id, chunk, k));
+                    budget -= chunk + k;
                     break;
                 }
                 preempted = true;
@@ -367,7 +410,8 @@ impl Core {
                 self.preempt_newest();
                 // Give back the budget of a chunk already planned for it.
                 if let Some(k) = plan.iter().position(|p| p.0 == newest) {
-                    budget += plan.remove(k).1;
+                    let (_, c, d) = plan.remove(k);
+                    budget += c + d;
                 }
                 if newest == id {
                     break;
@@ -397,7 +441,7 @@ impl Core {
                 s.first_scheduled = Some(Instant::now());
                 self.metrics.queue_time.observe(s.req.arrival.elapsed().as_secs_f64());
             }
-            plan.push((s.id, chunk));
+            plan.push((s.id, chunk, 0));
             budget -= chunk;
             self.running.push(s);
         }
@@ -408,27 +452,30 @@ impl Core {
         if plan.is_empty() {
             return;
         }
+        let drafts = self.draft(&plan);
         let mut batch = Vec::with_capacity(plan.len());
-        for &(id, chunk) in &plan {
+        for (&(id, chunk, _), d) in plan.iter().zip(&drafts) {
             let s = self.running.iter().find(|s| s.id == id).unwrap();
             let end = s.computed + chunk;
-            let output = if !s.prompt_lp_done {
+            let output = if !s.prompt_lp_done || !d.is_empty() {
                 OutputRows::All
             } else if end == s.len() {
                 OutputRows::Last
             } else {
                 OutputRows::None
             };
+            let mut tokens: Vec<u32> = (s.computed..end).map(|i| s.token_at(i)).collect();
+            tokens.extend(d);
             batch.push(SeqForward {
                 seq_id: id,
-                tokens: (s.computed..end).map(|i| s.token_at(i)).collect(),
+                tokens,
                 start_pos: s.computed,
                 full_blocks: s.blocks.full.clone(),
                 swa_blocks: s.blocks.swa.clone(),
                 output,
             });
         }
-        let ntok: usize = plan.iter().map(|p| p.1).sum();
+        let ntok: usize = batch.iter().map(|b| b.tokens.len()).sum();
         let result = self.backend.forward(&batch);
         let logits = match result {
             Ok(l) if l.len() == plan.len() => l,
@@ -438,7 +485,7 @@ impl Core {
                     Ok(l) => format!("backend returned {} logits for a batch of {}", l.len(), plan.len()),
                 };
                 tracing::error!("forward failed: {msg}");
-                for &(id, _) in &plan {
+                for &(id, _, _) in &plan {
                     if let Some(i) = self.running.iter().position(|s| s.id == id) {
                         let mut s = self.running.remove(i);
                         self.kv.free(&mut s.blocks);
@@ -451,14 +498,16 @@ impl Core {
         self.metrics.batch_size.observe(plan.len() as f64);
         self.metrics.step_tokens.observe(ntok as f64);
         let mut done = Vec::new();
-        for ((id, chunk), lg) in plan.into_iter().zip(logits) {
+        for (((id, chunk, _), lg), drafts) in plan.into_iter().zip(logits).zip(drafts) {
             let i = self.running.iter().position(|s| s.id == id).unwrap();
             let s = &mut self.running[i];
             let start = s.computed;
-            s.computed += chunk;
-            let toks = s.tokens();
-            self.kv.commit(&mut s.blocks, &toks, s.computed);
             let plen = s.req.prompt_tokens.len();
+            if drafts.is_empty() {
+                s.computed += chunk;
+                let toks = s.tokens();
+                self.kv.commit(&mut s.blocks, &toks, s.computed);
+            }
             if !s.prompt_lp_done {
                 // Row r predicts position start + r + 1.
                 if start == 0 {
@@ -468,7 +517,7 @@ impl Core {
                 for r in 0..lg.rows {
                     let p = start + r + 1;
                     if p < plen {
-                        s.prompt_lp.push(Some(sampler::logprobs(lg.row(r), toks[p], top)));
+                        s.prompt_lp.push(Some(sampler::logprobs(lg.row(r), s.token_at(p), top)));
                     }
                 }
                 if s.computed >= plen {
@@ -476,30 +525,73 @@ impl Core {
                     let _ = s.tx.send(RequestEvent::PromptLogprobs(std::mem::take(&mut s.prompt_lp)));
                 }
             }
-            if s.computed < s.len() {
+            if drafts.is_empty() && s.computed < s.len() {
                 continue;
             }
-            let Some(raw) = lg.last() else {
-                done.push((id, Some("backend returned no logits for a finished chunk".to_string())));
-                continue;
+            // The rows to sample: the last one, or (verification) one per fed token.
+            let rows: Vec<&[f32]> = if drafts.is_empty() {
+                lg.last().into_iter().collect()
+            } else {
+                (0..lg.rows).map(|r| lg.row(r)).collect()
             };
+            if rows.len() != drafts.len() + 1 {
+                done.push((id, Some(format!("backend returned {} logit rows for {} positions", rows.len(), drafts.len() + 1))));
+                continue;
+            }
             if s.output.is_empty() {
                 self.metrics.prompt_tokens.inc_by(plen as u64);
             }
-            let mut proc = raw.to_vec();
-            sampler::apply_penalties(&mut proc, &s.req.sampling, &s.req.prompt_tokens, &s.output);
-            let tok = sampler::sample(&proc, &s.req.sampling, &mut s.rng);
-            let lp = s.req.sampling.logprobs.map(|k| sampler::logprobs(raw, tok, k));
-            s.output.push(tok);
-            self.metrics.generation_tokens.inc();
+            let (mut text, mut ids, mut lps, mut fin) = (String::new(), Vec::new(), Vec::new(), None);
+            for (r, raw) in rows.iter().enumerate() {
+                // Plain sampling of this position, with the history (penalties) and the random
+                // number (seed, output index) that decoding token by token would have used.
+                // Accepting draft x exactly when the sample equals x accepts it with
+                // probability p(x), and a mismatch is a sample from p without x,
+                // renormalised: the rejection-sampling rule for one-hot proposals.
+                let mut proc = raw.to_vec();
+                sampler::apply_penalties(&mut proc, &s.req.sampling, &s.req.prompt_tokens, &s.output);
+                let tok = sampler::sample(&proc, &s.req.sampling, &s.rng, s.output.len() as u64);
+                if let Some(k) = s.req.sampling.logprobs {
+                    lps.push(sampler::logprobs(raw, tok, k));
+                }
+                s.output.push(tok);
+                ids.push(tok);
+                let (t, f) = commit_token(s, tok, &self.eos, self.config.max_model_len);
+                text.push_str(&t);
+                let accepted = r < drafts.len() && drafts[r] == tok;
+                if accepted {
+                    s.spec_accepted += 1;
+                    self.metrics.spec_accepted.inc();
+                    self.metrics.spec_accepted_per_pos.with_label_values(&[&r.to_string()]).inc();
+                }
+                if f.is_some() {
+                    fin = f;
+                    break;
+                }
+                if !accepted {
+                    break;
+                }
+            }
+            if !drafts.is_empty() {
+                // Positions start..start+c hold the fed tokens that were committed; the K/V
+                // written for rejected drafts lie past `computed` and are overwritten later.
+                s.computed = start + ids.len();
+                let toks = s.tokens();
+                self.kv.commit(&mut s.blocks, &toks, s.computed.min(toks.len()));
+            }
+            self.metrics.generation_tokens.inc_by(ids.len() as u64);
             let now = Instant::now();
             match s.last_token {
                 None => self.metrics.ttft.observe((now - s.req.arrival).as_secs_f64()),
-                Some(t) => self.metrics.itl.observe((now - t).as_secs_f64()),
+                Some(t) => {
+                    let per = (now - t).as_secs_f64() / ids.len() as f64;
+                    for _ in 0..ids.len() {
+                        self.metrics.itl.observe(per);
+                    }
+                }
             }
             s.last_token = Some(now);
-            let (text, fin) = commit_token(s, tok, &self.eos, self.config.max_model_len);
-            let _ = s.tx.send(RequestEvent::Delta { text, token_ids: vec![tok], logprobs: lp.into_iter().collect() });
+            let _ = s.tx.send(RequestEvent::Delta { text, token_ids: ids, logprobs: lps });
             if fin.is_some() {
                 s.finish_reason = fin;
                 done.push((id, None));
@@ -517,6 +609,54 @@ impl Core {
             self.finish(&mut s, reason);
         }
         self.metrics.step_time.observe(t0.elapsed().as_secs_f64());
+    }
+
+    /// Runs the drafter for the planned verify steps; returns each plan entry's drafts (empty
+    /// for prefill chunks and plain decodes). A failed or malformed draft pass is logged and
+    /// counted, and the step decodes without drafts: drafts never affect correctness.
+    fn draft(&mut self, plan: &[(u64, usize, usize)]) -> Vec<Vec<u32>> {
+        let mut out = vec![Vec::new(); plan.len()];
+        let mut reqs = Vec::new();
+        let mut idx = Vec::new();
+        for (pi, &(id, _, k)) in plan.iter().enumerate() {
+            if k == 0 {
+                continue;
+            }
+            let s = self.running.iter().find(|s| s.id == id).unwrap();
+            reqs.push(DraftForward {
+                seq_id: id,
+                last_token: s.token_at(s.computed),
+                start_pos: s.computed,
+                num_drafts: k,
+                full_blocks: s.blocks.full.clone(),
+            });
+            idx.push(pi);
+        }
+        if reqs.is_empty() {
+            return out;
+        }
+        let vocab = self.backend.spec().vocab_size as u32;
+        match self.backend.draft(&reqs) {
+            Ok(d) if d.len() == reqs.len() && d.iter().zip(&reqs).all(|(d, r)| d.len() == r.num_drafts && d.iter().all(|&t| t < vocab)) => {
+                for ((pi, d), r) in idx.into_iter().zip(d).zip(&reqs) {
+                    self.metrics.spec_drafts.inc();
+                    self.metrics.spec_draft_tokens.inc_by(r.num_drafts as u64);
+                    if let Some(s) = self.running.iter_mut().find(|s| s.id == r.seq_id) {
+                        s.spec_drafted += r.num_drafts;
+                    }
+                    out[pi] = d;
+                }
+            }
+            other => {
+                let why = match other {
+                    Err(e) => e.to_string(),
+                    Ok(_) => "the drafter returned drafts of the wrong count or outside the vocabulary".into(),
+                };
+                tracing::error!("draft pass failed, decoding without drafts this step: {why}");
+                self.metrics.spec_draft_failures.inc();
+            }
+        }
+        out
     }
 }
 

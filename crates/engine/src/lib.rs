@@ -17,10 +17,24 @@
 //!   position H is only taken when the full blocks before H AND the sliding-window blocks
 //!   covering `H - (window - 1)..H` are still cached, else the hit shrinks (possibly to 0).
 //!   At least one prompt token is always computed.
+//! - Speculative decoding (DFlash), when the backend has a drafter attached: each decoding
+//!   sequence drafts `block - 1` tokens (`Backend::draft`, fewer near max_tokens or the context
+//!   limit), and the step's one forward verifies `[last, drafts...]` (all rows' logits). Each
+//!   row is then sampled exactly as plain decoding would sample that position (penalties over the
+//!   tokens committed so far, the position's own random number); the draft is accepted when the
+//!   sample equals it, and the first mismatch (or the row after the last draft) commits the
+//!   sample itself. For one-hot drafts this IS rejection sampling (accept x with probability
+//!   p(x); on rejection a draw from p without x, renormalised), and it makes seeded and greedy
+//!   output identical with or without speculation. Stops, min/max tokens and logprobs run per
+//!   committed token, so a stop inside an accepted block truncates there. Rejected positions are
+//!   rolled back by not counting them as computed: their K/V (target and drafter context) lie
+//!   past `computed` and are overwritten; prefix-cache blocks are registered only over computed
+//!   positions. Sequences with different acceptance share one batch. A failed draft pass makes
+//!   that step decode without drafts (counted in `peregrine:spec_decode_draft_failures_total`).
 //! - [`sampler`]: host-side sampling; logprobs are the log-softmax of the RAW model logits
-//!   (vLLM's default), sampling uses the processed ones. Every non-greedy sample draws exactly
-//!   one number from the request's own RNG (seed, or a hash of request_id), so outputs do not
-//!   depend on batch composition.
+//!   (vLLM's default), sampling uses the processed ones. Output token n is drawn with a uniform
+//!   number that depends only on the request's seed (or a hash of request_id) and n, so outputs
+//!   depend neither on batch composition nor on speculation.
 //!   Without a seed, the seed is a hash of `request_id` (so give each request a unique id).
 //!   `Usage.cached_tokens` is the prefix-cache hit of the request's first admission.
 //! - Stop strings: decoded text that could begin a stop string is held back; a match ends the

@@ -20,6 +20,11 @@ pub struct Metrics {
     pub step_time: Histogram,
     pub batch_size: Histogram,
     pub step_tokens: Histogram,
+    pub spec_drafts: IntCounter,
+    pub spec_draft_tokens: IntCounter,
+    pub spec_accepted: IntCounter,
+    pub spec_accepted_per_pos: IntCounterVec,
+    pub spec_draft_failures: IntCounter,
 }
 
 fn buckets() -> Vec<f64> {
@@ -58,9 +63,12 @@ impl Metrics {
         registry.register(Box::new(kv_usage.clone())).unwrap();
         let success = IntCounterVec::new(lbl(Opts::new("vllm:request_success_total", "Finished requests")), &["finished_reason"]).unwrap();
         registry.register(Box::new(success.clone())).unwrap();
-        for name in ["vllm:spec_decode_num_drafts_total", "vllm:spec_decode_num_draft_tokens_total", "vllm:spec_decode_num_accepted_tokens_total"] {
-            ic(name, "Speculative decoding (not enabled)");
-        }
+        let per_pos = IntCounterVec::new(
+            lbl(Opts::new("vllm:spec_decode_num_accepted_tokens_per_pos_total", "Accepted drafts by position in the block (0 = first draft)")),
+            &["position"],
+        )
+        .unwrap();
+        registry.register(Box::new(per_pos.clone())).unwrap();
         let tok_buckets = vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0];
         Metrics {
             running: ig("vllm:num_requests_running", "Requests running"),
@@ -79,6 +87,11 @@ impl Metrics {
             step_time: hist("peregrine:step_duration_seconds", "Duration of one engine step", buckets()),
             batch_size: hist("peregrine:batch_size", "Sequences per step", tok_buckets.clone()),
             step_tokens: hist("peregrine:tokens_per_step", "Tokens per step", tok_buckets),
+            spec_drafts: ic("vllm:spec_decode_num_drafts_total", "Draft rounds (one per sequence and step)"),
+            spec_draft_tokens: ic("vllm:spec_decode_num_draft_tokens_total", "Drafted tokens"),
+            spec_accepted: ic("vllm:spec_decode_num_accepted_tokens_total", "Drafted tokens accepted"),
+            spec_accepted_per_pos: per_pos,
+            spec_draft_failures: ic("peregrine:spec_decode_draft_failures_total", "Draft passes that failed (those steps decode without drafts)"),
             registry,
         }
     }

@@ -9,15 +9,28 @@ use rand::rngs::StdRng;
 
 use crate::api::TokenLogprob;
 
-/// A per-request random stream: its draws depend only on the seed and the number of draws.
-pub struct SeqRng(StdRng);
+/// A per-request source of randomness indexed by output position: the draw for output token
+/// `n` depends only on the seed and `n`. Speculative decoding relies on this: verifying a
+/// block samples each position with the number plain decoding would have used there, so a
+/// seeded request gives the same tokens with or without speculation (see `engine`).
+#[derive(Debug, Clone, Copy)]
+pub struct SeqRng {
+    seed: u64,
+}
 
 impl SeqRng {
     pub fn new(seed: u64) -> Self {
-        SeqRng(StdRng::seed_from_u64(seed))
+        SeqRng { seed }
     }
-    pub fn uniform(&mut self) -> f64 {
-        self.0.random::<f64>()
+    /// A uniform number in [0, 1) for output position `n`.
+    pub fn uniform_at(&self, n: u64) -> f64 {
+        // SplitMix64 finaliser over (seed, n), then a fresh StdRng: position streams are
+        // independent and well mixed.
+        let mut z = self.seed ^ n.wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        StdRng::seed_from_u64(z).random::<f64>()
     }
 }
 
@@ -122,14 +135,14 @@ pub fn sampling_distribution(logits: &[f32], p: &SamplingParams) -> Vec<(u32, f6
     v
 }
 
-/// Chooses the next token from processed logits.
-pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut SeqRng) -> u32 {
+/// Chooses output token number `n` from processed logits: inverse-CDF sampling of the
+/// sampling distribution with the request's uniform for position `n`.
+pub fn sample(logits: &[f32], p: &SamplingParams, rng: &SeqRng, n: u64) -> u32 {
     if p.is_greedy() {
         return argmax(logits);
     }
     let dist = sampling_distribution(logits, p);
-    // Always draw, so the stream position depends only on the number of sampled tokens.
-    let u = rng.uniform();
+    let u = rng.uniform_at(n);
     let mut acc = 0.0;
     for &(id, pr) in &dist {
         acc += pr;
@@ -178,11 +191,11 @@ mod tests {
     fn temperature_follows_softmax_chi_square() {
         let logits = [0.0f32, 1.0, 2.0, 0.5];
         let t = 0.7;
-        let mut rng = SeqRng::new(7);
+        let rng = SeqRng::new(7);
         let n = 40000;
         let mut counts = [0usize; 4];
-        for _ in 0..n {
-            counts[sample(&logits, &params(t), &mut rng) as usize] += 1;
+        for i in 0..n {
+            counts[sample(&logits, &params(t), &rng, i) as usize] += 1;
         }
         let ex: Vec<f64> = logits.iter().map(|&l| (l as f64 / t as f64).exp()).collect();
         let s: f64 = ex.iter().sum();

@@ -79,6 +79,14 @@ pub struct ServeArgs {
     pub always_include_usage: bool,
     #[arg(long, env = "PEREGRINE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// DFlash drafter directory for speculative decoding, or `none` to decode without one.
+    /// Default: the model's own `dflash/` subfolder when it has one.
+    #[arg(long, env = "PEREGRINE_SPECULATIVE_MODEL")]
+    pub speculative_model: Option<String>,
+    /// Tokens per speculative block (the last token plus N-1 drafts), 2..=16. Default: the
+    /// drafter's `block_size`.
+    #[arg(long, env = "PEREGRINE_SPECULATIVE_BLOCK_SIZE", value_parser = clap::value_parser!(u16).range(2..=16))]
+    pub speculative_block_size: Option<u16>,
     /// Largest accepted request body, in bytes.
     #[arg(long, env = "PEREGRINE_MAX_BODY_BYTES", default_value_t = 32 << 20, value_parser = parse_bytes)]
     pub max_body_bytes: usize,
@@ -145,7 +153,20 @@ pub fn load(args: &ServeArgs) -> anyhow::Result<Ready> {
         .transpose()
         .context("invalid chat template")?;
     let t0 = std::time::Instant::now();
-    let model = peregrine_cpu::CpuModel::load(&files.spec, files.weights.as_ref()).context("loading weights")?;
+    let mut model = peregrine_cpu::CpuModel::load(&files.spec, files.weights.as_ref()).context("loading weights")?;
+    let drafter_dir = match args.speculative_model.as_deref() {
+        Some("none") => None,
+        Some(p) => Some(std::path::PathBuf::from(p)),
+        None => peregrine_model::dflash::bundled_drafter(&files.dir),
+    };
+    if args.speculative_block_size.is_some() && drafter_dir.is_none() {
+        bail!("--speculative-block-size needs a drafter (--speculative-model PATH, or a model with a dflash/ subfolder)");
+    }
+    if let Some(dir) = &drafter_dir {
+        let draft = peregrine_model::dflash::open_drafter(dir).with_context(|| format!("cannot open the drafter in {}", dir.display()))?;
+        model.attach_drafter(&draft).with_context(|| format!("drafter {} does not fit this model", dir.display()))?;
+        tracing::info!(drafter = %dir.display(), block_size = args.speculative_block_size.map_or(draft.spec.block_size, usize::from), layers = draft.spec.layers.len(), "DFlash speculative decoding on");
+    }
     if let Some(p) = spinner {
         p.finish_and_clear();
     }
@@ -160,6 +181,7 @@ pub fn load(args: &ServeArgs) -> anyhow::Result<Ready> {
         max_model_len,
         kv_cache_memory_bytes: args.kv_cache_memory,
         max_waiting: args.max_waiting,
+        speculative_block_size: args.speculative_block_size.map(usize::from),
         ..EngineConfig::default()
     };
     let engine = start_engine(Box::new(model), Arc::new(tokenizer), config)?;

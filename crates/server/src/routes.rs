@@ -215,9 +215,21 @@ fn legacy_logprobs(r: &Ready, entries: &[Option<TokenLogprob>], ids: &[u32], sta
     json!({"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets})
 }
 
-fn usage_json(prompt: usize, completion: usize, cached: usize) -> Value {
-    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-           "prompt_tokens_details": {"cached_tokens": cached}})
+/// OpenAI's usage object. With speculation on, `completion_tokens_details` counts the drafted
+/// tokens that were accepted and rejected (as vLLM and OpenAI's predicted outputs report them).
+fn usage_json(prompt: usize, completion: usize, cached: usize, spec: Option<(usize, usize)>) -> Value {
+    let mut u = json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+           "prompt_tokens_details": {"cached_tokens": cached}});
+    if let Some((accepted, rejected)) = spec {
+        u["completion_tokens_details"] =
+            json!({"accepted_prediction_tokens": accepted, "rejected_prediction_tokens": rejected});
+    }
+    u
+}
+
+/// Accepted and rejected draft tokens, when the engine speculates.
+fn spec_sums(speculative: bool, accepted: usize, rejected: usize) -> Option<(usize, usize)> {
+    speculative.then_some((accepted, rejected))
 }
 
 /// One choice's collected output.
@@ -230,6 +242,8 @@ struct Collected {
     finish: Option<FinishReason>,
     completion_tokens: usize,
     cached: usize,
+    accepted: usize,
+    rejected: usize,
 }
 
 async fn collect(sub: Submitted) -> Result<Vec<(usize, usize, Collected)>, ApiError> {
@@ -247,6 +261,8 @@ async fn collect(sub: Submitted) -> Result<Vec<(usize, usize, Collected)>, ApiEr
                     c.finish = Some(reason);
                     c.completion_tokens = usage.completion_tokens;
                     c.cached = usage.cached_tokens;
+                    c.accepted = usage.accepted_prediction_tokens;
+                    c.rejected = usage.rejected_prediction_tokens;
                 }
                 RequestEvent::Error(m) => return Err(ApiError::internal(m)),
             }
@@ -261,13 +277,15 @@ async fn collect(sub: Submitted) -> Result<Vec<(usize, usize, Collected)>, ApiEr
     Ok(out)
 }
 
-fn total_usage(results: &[(usize, usize, Collected)], prompt_lens: &[usize]) -> Value {
+fn total_usage(results: &[(usize, usize, Collected)], prompt_lens: &[usize], speculative: bool) -> Value {
     let completion: usize = results.iter().map(|x| x.2.completion_tokens).sum();
     let mut cached = vec![0; prompt_lens.len()];
     for (_, pi, c) in results {
         cached[*pi] = cached[*pi].max(c.cached);
     }
-    usage_json(prompt_lens.iter().sum(), completion, cached.iter().sum())
+    let accepted = results.iter().map(|x| x.2.accepted).sum();
+    let rejected = results.iter().map(|x| x.2.rejected).sum();
+    usage_json(prompt_lens.iter().sum(), completion, cached.iter().sum(), spec_sums(speculative, accepted, rejected))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -311,7 +329,7 @@ async fn chat(State(state): State<AppState>, body: Result<Bytes, BytesRejection>
         })
         .collect();
     Ok(Json(json!({"id": id, "object": "chat.completion", "created": created, "model": r.model_name,
-                   "choices": choices, "usage": total_usage(&results, &prompt_lens)})).into_response())
+                   "choices": choices, "usage": total_usage(&results, &prompt_lens, r.engine.speculative_block_size().is_some())})).into_response())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -378,7 +396,7 @@ async fn completions(State(state): State<AppState>, body: Result<Bytes, BytesRej
         })
         .collect();
     Ok(Json(json!({"id": id, "object": "text_completion", "created": created, "model": r.model_name,
-                   "choices": choices, "usage": total_usage(&results, &prompt_lens)})).into_response())
+                   "choices": choices, "usage": total_usage(&results, &prompt_lens, r.engine.speculative_block_size().is_some())})).into_response())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -401,6 +419,8 @@ struct StreamState {
     prompt_lens: Vec<usize>,
     completion_tokens: usize,
     cached: Vec<usize>,
+    accepted: usize,
+    rejected: usize,
     done: bool,
 }
 
@@ -419,6 +439,8 @@ impl StreamState {
             cached: vec![0; sub.prompt_lens.len()],
             prompt_lens: sub.prompt_lens,
             completion_tokens: 0,
+            accepted: 0,
+            rejected: 0,
             done: false,
         };
         for (ci, pi, rx) in sub.streams {
@@ -475,6 +497,8 @@ impl StreamState {
             RequestEvent::Finished { reason, usage } => {
                 self.completion_tokens += usage.completion_tokens;
                 self.cached[pi] = self.cached[pi].max(usage.cached_tokens);
+                self.accepted += usage.accepted_prediction_tokens;
+                self.rejected += usage.rejected_prediction_tokens;
                 let delta = if self.chat { json!({}) } else { json!("") };
                 let c = self.chunk(ci, delta, Value::Null, Some(finish_str(reason)));
                 self.pending.push_back(c);
@@ -490,7 +514,9 @@ impl StreamState {
     fn finish(&mut self) {
         if self.include_usage {
             let object = if self.chat { "chat.completion.chunk" } else { "text_completion" };
-            let u = usage_json(self.prompt_lens.iter().sum(), self.completion_tokens, self.cached.iter().sum());
+            let speculative = self.state.ready.get().is_some_and(|r| r.engine.speculative_block_size().is_some());
+            let spec = spec_sums(speculative, self.accepted, self.rejected);
+            let u = usage_json(self.prompt_lens.iter().sum(), self.completion_tokens, self.cached.iter().sum(), spec);
             let c = json!({"id": self.id, "object": object, "created": self.created, "model": self.model(), "choices": [], "usage": u});
             self.pending.push_back(c.to_string());
         }

@@ -1,0 +1,342 @@
+//! DFlash speculative decoding inside continuous batching, on the CPU reference:
+//! - greedy output with speculation equals greedy output without it, token for token;
+//! - seeded sampling (penalties, logit_bias, stop strings, min_tokens, logprobs) is identical too,
+//!   because each position is sampled with the random number plain decoding would use there;
+//! - under KV pressure (preemption) and with prefix caching it stays identical;
+//! - a chi-square test that speculative sampling follows the target's distribution;
+//! - usage and the spec-decode metrics add up.
+//!
+//! Pairs: the golden random target with the random reference drafter (acceptance ~0: rejection
+//! paths) and, when the repository carries it, the trained demo model with its drafter
+//! (acceptance well above 1: multi-token accepts, rollback).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use peregrine_core::SamplingParams;
+use peregrine_cpu::CpuModel;
+use peregrine_engine::*;
+use peregrine_model::dflash::open_drafter;
+use peregrine_model::loader::open_model;
+use peregrine_model::tokenizer::Tokenizer;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+struct Pair {
+    name: &'static str,
+    target: PathBuf,
+    drafter: PathBuf,
+    /// Least mean tokens per verify round expected from greedy decoding of the prompts below.
+    min_greedy_acceptance: f64,
+}
+
+fn pairs() -> Vec<Pair> {
+    let mut v = vec![Pair {
+        name: "golden+random",
+        target: root().join("tests/fixtures/golden/default"),
+        drafter: root().join("tests/fixtures/dflash/random"),
+        min_greedy_acceptance: 1.0,
+    }];
+    let demo = root().join("models/peregrine-mimo-tiny");
+    if demo.join("dflash/config.json").is_file() {
+        v.push(Pair { name: "demo", target: demo.clone(), drafter: demo.join("dflash"), min_greedy_acceptance: 2.0 });
+    }
+    v
+}
+
+fn config() -> EngineConfig {
+    EngineConfig {
+        max_num_seqs: 8,
+        max_num_batched_tokens: 96,
+        max_model_len: 256,
+        kv_cache_memory_bytes: 32 << 20,
+        block_size: 4,
+        max_waiting: 256,
+        enable_prefix_caching: true,
+        speculative_block_size: None,
+    }
+}
+
+/// An engine over the pair's target; with `block` Some, the drafter attached and that block size.
+fn engine(p: &Pair, block: Option<usize>, cfg: EngineConfig) -> EngineHandle {
+    let files = open_model(p.target.to_str().unwrap()).unwrap();
+    let mut m = CpuModel::load(&files.spec, files.weights.as_ref()).unwrap();
+    if let Some(b) = block {
+        m.attach_drafter(&open_drafter(&p.drafter).unwrap()).unwrap();
+        let cfg = EngineConfig { speculative_block_size: Some(b), ..cfg };
+        return start_engine(Box::new(m), Arc::new(files.tokenizer.unwrap()), cfg).unwrap();
+    }
+    start_engine(Box::new(m), Arc::new(files.tokenizer.unwrap()), cfg).unwrap()
+}
+
+fn tokenizer(p: &Pair) -> Tokenizer {
+    open_model(p.target.to_str().unwrap()).unwrap().tokenizer.unwrap()
+}
+
+const SNIPPETS: &[&str] = &[
+    "import os\n\ndef list_python_files(path):\n",
+    "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):\n",
+    "def fibonacci(n):\n",
+    "for i in range(10):\n    print(",
+    "import json\n\nwith open('config.json') as f:\n    data = ",
+    "def __repr__(self):\n        return ",
+    "    if not isinstance(value, str):\n        raise TypeError(",
+    "from collections import defaultdict\n\ncounts = defaultdict(int)\nfor word in words:\n",
+    "\"\"\"Utilities for parsing command-line arguments.\"\"\"\n\nimport argparse\n",
+    "    def test_empty(self):\n        self.assertEqual(",
+    "try:\n    import numpy as np\nexcept ImportError:\n",
+    "x",
+];
+
+#[derive(Debug, Clone, PartialEq)]
+struct Outcome {
+    text: String,
+    ids: Vec<u32>,
+    logprobs: Vec<TokenLogprob>,
+    finish: FinishReason,
+    usage: Usage,
+}
+
+fn request(id: &str, prompt: Vec<u32>, sampling: SamplingParams, stop: StopParams) -> GenerateRequest {
+    GenerateRequest { request_id: id.into(), prompt_tokens: prompt, sampling, stop, prompt_logprobs: None, priority: 0, arrival: Instant::now() }
+}
+
+/// Submits every request at once (they batch together) and collects their outcomes.
+fn run(e: &EngineHandle, reqs: Vec<GenerateRequest>) -> Vec<Outcome> {
+    let rxs: Vec<_> = reqs.into_iter().map(|r| e.submit(r).unwrap()).collect();
+    rxs.into_iter()
+        .map(|mut rx| {
+            let (mut text, mut ids, mut logprobs) = (String::new(), Vec::new(), Vec::new());
+            while let Some(ev) = rx.blocking_recv() {
+                match ev {
+                    RequestEvent::Delta { text: t, token_ids, logprobs: l } => {
+                        text.push_str(&t);
+                        ids.extend(token_ids);
+                        logprobs.extend(l);
+                    }
+                    RequestEvent::Finished { reason, usage } => return Outcome { text, ids, logprobs, finish: reason, usage },
+                    RequestEvent::Error(e) => panic!("request failed: {e}"),
+                    RequestEvent::PromptLogprobs(_) => {}
+                }
+            }
+            panic!("stream ended without Finished")
+        })
+        .collect()
+}
+
+fn metric(e: &EngineHandle, name: &str) -> f64 {
+    e.render_metrics()
+        .lines()
+        .filter(|l| l.starts_with(name) && (l.as_bytes().get(name.len()) == Some(&b'{') || l.as_bytes().get(name.len()) == Some(&b' ')))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn prompts(t: &Tokenizer) -> Vec<Vec<u32>> {
+    SNIPPETS.iter().map(|s| t.encode(s, false).unwrap()).collect()
+}
+
+fn greedy_requests(t: &Tokenizer, max_tokens: usize) -> Vec<GenerateRequest> {
+    prompts(t)
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| {
+            request(&format!("g{i}"), p, SamplingParams::greedy(), StopParams { max_tokens, skip_special_tokens: true, ..Default::default() })
+        })
+        .collect()
+}
+
+/// Compares outcomes, ignoring the speculation counters of usage.
+fn assert_same(name: &str, base: &[Outcome], spec: &[Outcome]) {
+    assert_eq!(base.len(), spec.len());
+    for (i, (a, b)) in base.iter().zip(spec).enumerate() {
+        assert_eq!(a.ids, b.ids, "{name}: request {i} token ids");
+        assert_eq!(a.text, b.text, "{name}: request {i} text");
+        assert_eq!(a.finish, b.finish, "{name}: request {i} finish reason");
+        assert_eq!(a.logprobs, b.logprobs, "{name}: request {i} logprobs");
+        assert_eq!(a.usage.completion_tokens, b.usage.completion_tokens, "{name}: request {i} completion tokens");
+        assert_eq!(a.usage.prompt_tokens, b.usage.prompt_tokens);
+        assert!(b.usage.accepted_prediction_tokens <= b.usage.completion_tokens);
+    }
+}
+
+#[test]
+fn greedy_with_speculation_equals_greedy_without() {
+    for p in pairs() {
+        let t = tokenizer(&p);
+        let base = run(&engine(&p, None, config()), greedy_requests(&t, 48));
+        assert!(base.iter().map(|o| o.ids.len()).sum::<usize>() > 200, "{}: too little output to compare", p.name);
+        for block in [8, 3] {
+            let e = engine(&p, Some(block), config());
+            let spec = run(&e, greedy_requests(&t, 48));
+            assert_same(&format!("{} block {block}", p.name), &base, &spec);
+            // Usage and metrics add up: every draft is accepted or rejected, per position too.
+            let accepted: usize = spec.iter().map(|o| o.usage.accepted_prediction_tokens).sum();
+            let rejected: usize = spec.iter().map(|o| o.usage.rejected_prediction_tokens).sum();
+            assert_eq!(metric(&e, "vllm:spec_decode_num_accepted_tokens_total") as usize, accepted, "{}", p.name);
+            assert_eq!(metric(&e, "vllm:spec_decode_num_draft_tokens_total") as usize, accepted + rejected, "{}", p.name);
+            assert_eq!(metric(&e, "vllm:spec_decode_num_accepted_tokens_per_pos_total") as usize, accepted);
+            assert_eq!(metric(&e, "peregrine:spec_decode_draft_failures_total"), 0.0);
+            let rounds = metric(&e, "vllm:spec_decode_num_drafts_total");
+            assert!(rounds > 0.0, "{}: no draft rounds ran", p.name);
+            // Tokens per round: the verified token plus the accepted drafts.
+            let per_round = (rounds + accepted as f64) / rounds;
+            eprintln!("{} block {block}: {rounds} rounds, {accepted} accepted, {rejected} rejected, {per_round:.2} tokens/round", p.name);
+            if block == 8 {
+                assert!(per_round >= p.min_greedy_acceptance, "{}: {per_round:.2} tokens per round", p.name);
+            }
+        }
+    }
+}
+
+fn sampling_requests(t: &Tokenizer) -> Vec<GenerateRequest> {
+    let mut bias = std::collections::BTreeMap::new();
+    bias.insert(t.encode(" the", false).unwrap()[0], 2.0f32);
+    prompts(t)
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let sampling = SamplingParams {
+                temperature: [0.7, 1.0, 0.3][i % 3],
+                top_p: [1.0, 0.9, 0.95][i % 3],
+                top_k: [0, 50, 0][i % 3],
+                min_p: [0.0, 0.0, 0.05][i % 3],
+                repetition_penalty: if i % 2 == 0 { 1.15 } else { 1.0 },
+                presence_penalty: if i % 4 == 1 { 0.4 } else { 0.0 },
+                frequency_penalty: if i % 4 == 3 { 0.3 } else { 0.0 },
+                logit_bias: if i % 5 == 0 { bias.clone() } else { Default::default() },
+                seed: Some(1000 + i as u64),
+                logprobs: Some(2),
+                ..SamplingParams::greedy()
+            };
+            let stop = StopParams {
+                max_tokens: 40,
+                min_tokens: if i % 3 == 0 { 10 } else { 0 },
+                stop_strings: if i % 2 == 0 { vec!["\n\n".into(), "):".into()] } else { vec![] },
+                skip_special_tokens: true,
+                ..Default::default()
+            };
+            request(&format!("s{i}"), p, sampling, stop)
+        })
+        .collect()
+}
+
+#[test]
+fn seeded_sampling_with_every_option_is_identical_with_speculation() {
+    for p in pairs() {
+        let t = tokenizer(&p);
+        let base = run(&engine(&p, None, config()), sampling_requests(&t));
+        assert!(base.iter().any(|o| o.finish == FinishReason::Stop) || p.name != "demo", "{}: no request stopped early", p.name);
+        let e = engine(&p, Some(8), config());
+        let spec = run(&e, sampling_requests(&t));
+        assert_same(&format!("{} sampling", p.name), &base, &spec);
+    }
+}
+
+#[test]
+fn preemption_and_prefix_caching_keep_speculation_exact() {
+    for p in pairs() {
+        let t = tokenizer(&p);
+        // Twice each prompt (prefix hits) under a KV budget that forces preemptions.
+        let reqs = || {
+            let mut r = greedy_requests(&t, 40);
+            r.extend(greedy_requests(&t, 40));
+            r
+        };
+        let base = run(&engine(&p, None, config()), reqs());
+        let files = open_model(p.target.to_str().unwrap()).unwrap();
+        let mut probe = CpuModel::load(&files.spec, files.weights.as_ref()).unwrap();
+        probe.attach_drafter(&open_drafter(&p.drafter).unwrap()).unwrap();
+        let bytes = peregrine_core::backend::Backend::kv_block_bytes(&probe, 4);
+        // The engine's sliding-window pool (start_engine's formula), then 48 full blocks: about
+        // two sequences' worth, for eight running sequences.
+        let cfg = config();
+        let window = files.spec.layers.iter().filter_map(|l| l.attention.window()).max().unwrap_or(0);
+        let num_swa = cfg.max_num_seqs * (window / 4 + 2 + 2) + cfg.max_num_batched_tokens.div_ceil(4) + 1;
+        let tight = EngineConfig { kv_cache_memory_bytes: bytes.full * 48 + bytes.swa * num_swa, max_model_len: 104, ..cfg };
+        let e = engine(&p, Some(8), tight);
+        let spec = run(&e, reqs());
+        assert_same(&format!("{} tight KV", p.name), &base, &spec);
+        assert!(metric(&e, "vllm:num_preemptions_total") > 0.0, "{}: the KV budget did not force a preemption", p.name);
+        assert!(metric(&e, "vllm:prefix_cache_hits_total") > 0.0, "{}: no prefix-cache hit", p.name);
+    }
+}
+
+/// Exact target probabilities of sampling (T=1, top-k 4): p(first) and p(second | first) ...
+fn topk_probs(m: &mut CpuModel, ctx: &[u32], k: usize) -> Vec<(u32, f64)> {
+    let rows = m.forward_sequence(ctx).unwrap();
+    let params = SamplingParams { temperature: 1.0, top_k: k, ..SamplingParams::greedy() };
+    peregrine_engine::sampler::sampling_distribution(rows.last().unwrap(), &params)
+}
+
+#[test]
+fn speculative_sampling_follows_the_target_distribution() {
+    // The pair with the best drafter, so accepted drafts are common.
+    let p = pairs().pop().unwrap();
+    let t = tokenizer(&p);
+    let prompt = t.encode(SNIPPETS[0], false).unwrap();
+    let files = open_model(p.target.to_str().unwrap()).unwrap();
+    let mut m = CpuModel::load(&files.spec, files.weights.as_ref()).unwrap();
+    // The exact distribution of the first three sampled tokens.
+    let mut expected: HashMap<Vec<u32>, f64> = HashMap::new();
+    for (a, pa) in topk_probs(&mut m, &prompt, 4) {
+        let ctx_a = [prompt.clone(), vec![a]].concat();
+        for (b, pb) in topk_probs(&mut m, &ctx_a, 4) {
+            let ctx_b = [ctx_a.clone(), vec![b]].concat();
+            for (c, pc) in topk_probs(&mut m, &ctx_b, 4) {
+                expected.insert(vec![a, b, c], pa * pb * pc);
+            }
+        }
+    }
+    let n = 3000;
+    let e = engine(&p, Some(8), EngineConfig { max_num_seqs: 64, max_num_batched_tokens: 1024, max_waiting: 4096, ..config() });
+    let params = SamplingParams { temperature: 1.0, top_k: 4, ..SamplingParams::greedy() };
+    let reqs: Vec<_> = (0..n)
+        .map(|i| {
+            let sampling = SamplingParams { seed: Some(7_000_000 + i as u64), ..params.clone() };
+            request(&format!("c{i}"), prompt.clone(), sampling, StopParams { max_tokens: 3, ignore_eos: true, skip_special_tokens: true, ..Default::default() })
+        })
+        .collect();
+    let out = run(&e, reqs);
+    let mut counts: HashMap<Vec<u32>, usize> = HashMap::new();
+    for o in &out {
+        assert_eq!(o.ids.len(), 3);
+        *counts.entry(o.ids.clone()).or_default() += 1;
+    }
+    for k in counts.keys() {
+        assert!(expected.contains_key(k), "sampled {k:?}, which has probability 0 under top-k 4");
+    }
+    // Chi-square over cells with expected count >= 5; the rest pooled into one cell.
+    let (mut chi, mut dof, mut pool_e, mut pool_o) = (0.0, 0usize, 0.0, 0.0);
+    for (k, pr) in &expected {
+        let ex = pr * n as f64;
+        let ob = *counts.get(k).unwrap_or(&0) as f64;
+        if ex >= 5.0 {
+            chi += (ob - ex).powi(2) / ex;
+            dof += 1;
+        } else {
+            pool_e += ex;
+            pool_o += ob;
+        }
+    }
+    if pool_e > 0.0 {
+        chi += (pool_o - pool_e).powi(2) / pool_e.max(1e-9);
+        dof += 1;
+    }
+    let dof = dof - 1;
+    // Wilson-Hilferty p = 0.001 critical value of chi-square with `dof` degrees of freedom.
+    let z = 3.090;
+    let d = dof as f64;
+    let crit = d * (1.0 - 2.0 / (9.0 * d) + z * (2.0 / (9.0 * d)).sqrt()).powi(3);
+    let accepted = metric(&e, "vllm:spec_decode_num_accepted_tokens_total");
+    eprintln!("{}: chi-square {chi:.1} over {dof} dof (critical {crit:.1}), {accepted} drafts accepted", p.name);
+    assert!(chi < crit, "chi-square {chi:.1} >= {crit:.1} ({dof} dof)");
+    assert!(dof >= 5, "too few cells ({dof}) for a meaningful test");
+    if p.name == "demo" {
+        assert!(accepted > n as f64 * 0.2, "only {accepted} drafts accepted: the acceptance path was barely exercised");
+    }
+}
