@@ -1,0 +1,87 @@
+//! Speculative decoding over HTTP: same output as without, usage's completion_tokens_details,
+//! spec-decode metrics, and the CLI's validation.
+
+mod common;
+
+use common::Server;
+use serde_json::{json, Value};
+
+const DRAFTER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/dflash/random");
+
+fn body(stream: bool) -> Value {
+    let mut b = json!({"messages": [{"role": "user", "content": "def main():"}], "max_tokens": 24,
+           "temperature": 0.8, "seed": 42, "logprobs": true, "top_logprobs": 2, "stream": stream});
+    if stream {
+        b["stream_options"] = json!({"include_usage": true});
+    }
+    b
+}
+
+#[tokio::test]
+async fn speculation_changes_nothing_but_speed_and_reports_drafts() {
+    let plain = Server::start(&[]).await;
+    let spec = Server::start(&["--speculative-model", DRAFTER, "--speculative-block-size", "4"]).await;
+    let (st, a) = plain.post("/v1/chat/completions", body(false)).await;
+    assert_eq!(st, 200, "{a}");
+    let (st, b) = spec.post("/v1/chat/completions", body(false)).await;
+    assert_eq!(st, 200, "{b}");
+    assert_eq!(a["choices"], b["choices"], "seeded output differs with speculation");
+    assert!(a["usage"].get("completion_tokens_details").is_none());
+    let d = &b["usage"]["completion_tokens_details"];
+    let (acc, rej) = (d["accepted_prediction_tokens"].as_u64().unwrap(), d["rejected_prediction_tokens"].as_u64().unwrap());
+    assert!(acc + rej > 0, "no drafts were proposed: {d}");
+    assert_eq!(b["usage"]["completion_tokens"], a["usage"]["completion_tokens"]);
+    // Streaming gives the same text, and the usage chunk carries the draft counts.
+    let chunks = spec.stream("/v1/chat/completions", body(true)).await;
+    let mut text = String::new();
+    let mut usage = Value::Null;
+    for c in chunks.iter().filter(|c| *c != "[DONE]") {
+        let v: Value = serde_json::from_str(c).unwrap();
+        if let Some(t) = v["choices"].get(0).and_then(|c| c["delta"]["content"].as_str()) {
+            text.push_str(t);
+        }
+        if !v["usage"].is_null() {
+            usage = v["usage"].clone();
+        }
+    }
+    assert_eq!(text, b["choices"][0]["message"]["content"].as_str().unwrap());
+    assert!(usage["completion_tokens_details"]["rejected_prediction_tokens"].as_u64().unwrap() > 0, "{usage}");
+    // Metrics: two requests' drafts.
+    let drafted = spec.metric("vllm:spec_decode_num_draft_tokens_total").await;
+    let accepted = spec.metric("vllm:spec_decode_num_accepted_tokens_total").await;
+    assert_eq!(drafted as u64, 2 * (acc + rej));
+    assert_eq!(accepted as u64, 2 * acc);
+    assert!(spec.metric("vllm:spec_decode_num_drafts_total").await > 0.0);
+    assert_eq!(plain.metric("vllm:spec_decode_num_drafts_total").await, 0.0);
+}
+
+fn serve_fails(args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_peregrine"))
+        .arg("serve")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/golden/default"))
+        .args(["--port", "0"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "serve {args:?} should fail");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn bad_speculation_flags_fail_clearly() {
+    let e = serve_fails(&["--speculative-block-size", "4"]);
+    assert!(e.contains("needs a drafter"), "{e}");
+    let e = serve_fails(&["--speculative-model", DRAFTER, "--speculative-block-size", "17"]);
+    assert!(e.contains("17") && e.contains("speculative-block-size"), "{e}");
+    let e = serve_fails(&["--speculative-model", "/nonexistent/drafter"]);
+    assert!(e.contains("/nonexistent/drafter"), "{e}");
+    // A drafter built for another target (hidden size 64 vs the demo model's 256) is refused.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_peregrine"))
+        .args(["serve", "--port", "0", "--speculative-model", DRAFTER])
+        .env("PEREGRINE_CACHE_DIR", std::env::temp_dir().join("peregrine-test-cache"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("hidden size"), "{e}");
+}
