@@ -71,19 +71,23 @@ def randomize(model, seed):
                 p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
 
 
-def run(name, cfg, seed, target, prompts, mask_embedding=None):
-    torch.manual_seed(seed)
-    cfg._attn_implementation = "sdpa"
-    model = dm.DFlashDraftModel(cfg).float().eval()
-    randomize(model, seed)
+def run(name, cfg, seed, target, prompts, mask_embedding=None, trained=None):
     d = os.path.join(OUT, name)
     os.makedirs(d, exist_ok=True)
-    model.config.torch_dtype = "float32"
-    model.save_pretrained(d, safe_serialization=True)
-    cfg_path = os.path.join(d, "config.json")
-    c = json.load(open(cfg_path))
-    c.pop("transformers_version", None)
-    json.dump(c, open(cfg_path, "w"), indent=2, sort_keys=True)
+    if trained is None:
+        torch.manual_seed(seed)
+        cfg._attn_implementation = "sdpa"
+        model = dm.DFlashDraftModel(cfg).float().eval()
+        randomize(model, seed)
+        model.config.torch_dtype = "float32"
+        model.save_pretrained(d, safe_serialization=True)
+        cfg_path = os.path.join(d, "config.json")
+        c = json.load(open(cfg_path))
+        c.pop("transformers_version", None)
+        json.dump(c, open(cfg_path, "w"), indent=2, sort_keys=True)
+    else:
+        # A committed drafter: only the reference run is stored here.
+        model = dm.DFlashDraftModel.from_pretrained(trained, dtype=torch.float32).eval()
     if mask_embedding is not None:
         torch.save({"mask_token_id": 2, "embedding": mask_embedding.to(torch.bfloat16)}, os.path.join(d, "mask_embedding.pt"))
         mask_row = mask_embedding.to(torch.bfloat16).float()
@@ -115,7 +119,11 @@ def run(name, cfg, seed, target, prompts, mask_embedding=None):
     dm.DFlashDraftModel.compute_logits = plain_logits
     if mask_embedding is not None:
         dm._raw_input_embeddings = plain
-    json.dump({"max_new_tokens": 40, "block_size": 8, "cases": cases}, open(os.path.join(d, "reference.json"), "w"))
+    meta = {"max_new_tokens": 40, "block_size": 8, "cases": cases}
+    if trained is not None:
+        meta["target"] = "models/peregrine-mimo-tiny"
+        meta["drafter"] = "models/peregrine-mimo-tiny/dflash"
+    json.dump(meta, open(os.path.join(d, "reference.json"), "w"))
     acc = [a for c in cases for a in c["acceptance_lengths"]]
     print(name, "rounds", len(acc), "mean acceptance", sum(acc) / len(acc))
 
@@ -132,6 +140,16 @@ def main():
                               rope_parameters={"rope_type": "default", "rope_theta": 50000.0},
                               input_embedding_scale=1.5, output_multiplier=0.8),
         12, target, prompts)
+    # The trained demo pair: real acceptance (multi-token accepts) through the reference.
+    sys.path.insert(0, os.path.join(ROOT, "tools", "train"))
+    from train_dflash import load_target as load_demo
+    from tokenizers import Tokenizer
+    demo = os.path.join(ROOT, "models", "peregrine-mimo-tiny")
+    demo_target, _ = load_demo(demo, "cpu")
+    tok = Tokenizer.from_file(os.path.join(demo, "tokenizer.json"))
+    code = ["import os\n\ndef list_python_files(path):\n", "class Stack:\n    def __init__(self):\n",
+            "def fibonacci(n):\n", "    def __repr__(self):\n        return "]
+    run("trained", None, 0, demo_target, [tok.encode(c).ids for c in code], trained=os.path.join(demo, "dflash"))
 
 
 if __name__ == "__main__":

@@ -72,13 +72,17 @@ fn generate(m: &mut CpuModel, prompt: &[u32], max_new: usize, block: usize) -> R
     Run { output: out[prompt.len()..].to_vec(), acceptance, drafts }
 }
 
-fn check(name: &str) {
-    let files = open_model(root().join("tests/fixtures/golden/default").to_str().unwrap()).unwrap();
-    let mut m = CpuModel::load(&files.spec, files.weights.as_ref()).unwrap();
+fn check(name: &str) -> usize {
     let dir = root().join("tests/fixtures/dflash").join(name);
-    let draft = open_drafter(&dir).unwrap();
-    m.attach_drafter(&draft).unwrap();
     let reference: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("reference.json")).unwrap()).unwrap();
+    // The random drafters sit beside their reference over the golden target; the trained one's
+    // reference names the committed demo pair.
+    let target = reference["target"].as_str().unwrap_or("tests/fixtures/golden/default");
+    let drafter = reference["drafter"].as_str().map_or(dir.clone(), |d| root().join(d));
+    let files = open_model(root().join(target).to_str().unwrap()).unwrap();
+    let mut m = CpuModel::load(&files.spec, files.weights.as_ref()).unwrap();
+    let draft = open_drafter(&drafter).unwrap();
+    m.attach_drafter(&draft).unwrap();
     let ids = |v: &serde_json::Value| -> Vec<u32> { v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect() };
     let max_new = reference["max_new_tokens"].as_u64().unwrap() as usize;
     let block = reference["block_size"].as_u64().unwrap() as usize;
@@ -97,6 +101,7 @@ fn check(name: &str) {
         rounds += run.drafts.len();
     }
     assert!(rounds > 50, "{name}: only {rounds} draft rounds checked");
+    rounds
 }
 
 #[test]
@@ -107,6 +112,12 @@ fn random_drafter_with_mask_embedding_matches_reference() {
 #[test]
 fn sliding_causal_drafter_matches_reference() {
     check("swa");
+}
+
+/// The trained demo drafter over the demo model: multi-token acceptances, exactly as the reference.
+#[test]
+fn trained_demo_drafter_matches_reference() {
+    check("trained");
 }
 
 #[test]

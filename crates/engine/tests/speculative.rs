@@ -293,7 +293,7 @@ fn speculative_sampling_follows_the_target_distribution() {
         }
     }
     let n = 3000;
-    let e = engine(&p, Some(8), EngineConfig { max_num_seqs: 64, max_num_batched_tokens: 1024, max_waiting: 4096, ..config() });
+    let e = engine(&p, Some(8), EngineConfig { max_num_seqs: 64, max_num_batched_tokens: 1024, max_waiting: 4096, kv_cache_memory_bytes: 256 << 20, ..config() });
     let params = SamplingParams { temperature: 1.0, top_k: 4, ..SamplingParams::greedy() };
     let reqs: Vec<_> = (0..n)
         .map(|i| {
