@@ -10,7 +10,7 @@ macro_rules! model_file {
 }
 
 /// The small MiMo-V2 model trained on Python sources (`models/peregrine-mimo-tiny`, 21.5M
-/// parameters, MXFP4 experts; see its model card).
+/// parameters, MXFP4 experts, with a 1.8M-parameter DFlash drafter; see its model card).
 pub const NAME: &str = "peregrine-mimo-tiny";
 
 const FILES: &[(&str, &[u8])] = &[
@@ -21,6 +21,9 @@ const FILES: &[(&str, &[u8])] = &[
     model_file!("model-00002-of-00002.safetensors"),
     model_file!("tokenizer.json"),
     model_file!("tokenizer_config.json"),
+    // Its DFlash drafter: `serve` with no model speculates by default.
+    model_file!("dflash/config.json"),
+    model_file!("dflash/model.safetensors"),
 ];
 
 fn fnv1a(bytes: &[u8], mut h: u64) -> u64 {
@@ -46,7 +49,7 @@ pub fn unpack() -> anyhow::Result<PathBuf> {
     // Write into a private temp dir, then rename into place (safe against concurrent starts).
     std::fs::create_dir_all(&base)?;
     let tmp = base.join(format!(".tmp-{}-{:x}", std::process::id(), rand::random::<u64>()));
-    std::fs::create_dir_all(&tmp)?;
+    std::fs::create_dir_all(tmp.join("dflash"))?;
     for (n, b) in FILES {
         std::fs::write(tmp.join(n), b)?;
     }

@@ -282,4 +282,8 @@ async fn embedded_default_model_completes_python() {
     let text = text_of(&v, 0);
     // Greedy output of the committed weights (identical to HF transformers', see the model card).
     assert!(text.starts_with("\ndef _fibonacci(n):\n    \"\"\""), "{text:?}");
+    // Its drafter is on by default, and drafts are accepted.
+    let details = &v["usage"]["completion_tokens_details"];
+    assert!(details["accepted_prediction_tokens"].as_u64().unwrap() > 0, "{v}");
+    assert!(s.metric("vllm:spec_decode_num_drafts_total").await > 0.0);
 }

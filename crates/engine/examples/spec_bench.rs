@@ -1,0 +1,134 @@
+//! Speculative decoding on the CPU backend: acceptance length and output tokens/s with and without
+//! the drafter, greedy and at temperature 0.7, over held-out prompts.
+//!
+//!     cargo run --release -p peregrine-engine --example spec_bench -- \
+//!         [MODEL_DIR] [PROMPTS_JSON] [MAX_TOKENS] [CONCURRENCY]
+//!
+//! Defaults: models/peregrine-mimo-tiny (drafter: its dflash/), benches/data/heldout_prompts.json,
+//! 128 tokens, concurrency 1 (requests one after another). Acceptance length = tokens committed
+//! per verify round = 1 + accepted drafts per round.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use peregrine_core::SamplingParams;
+use peregrine_cpu::CpuModel;
+use peregrine_engine::*;
+use peregrine_model::dflash::{bundled_drafter, open_drafter};
+use peregrine_model::loader::open_model;
+
+fn metric(e: &EngineHandle, name: &str) -> f64 {
+    e.render_metrics()
+        .lines()
+        .filter(|l| l.starts_with(name) && matches!(l.as_bytes().get(name.len()), Some(b' ') | Some(b'{')))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Median wall time of one verify forward of n = 1..8 tokens after a 256-token context, and of one
+/// draft pass of 7 drafts, on the CPU backend.
+fn cost_breakdown(files: &peregrine_model::loader::ModelFiles, drafter: &peregrine_model::dflash::DraftFiles, prompt: &[u32]) {
+    use peregrine_core::backend::{Backend, DraftForward, KvConfig, OutputRows, SeqForward};
+    let mut m = CpuModel::load(&files.spec, files.weights.as_ref()).unwrap();
+    m.attach_drafter(drafter).unwrap();
+    let bs = 16;
+    m.init_kv(KvConfig { block_size: bs, num_full_blocks: 64, num_swa_blocks: 64 }).unwrap();
+    let table: Vec<u32> = (0..64).collect();
+    let ctx: Vec<u32> = prompt.iter().copied().cycle().take(256).collect();
+    let fwd = |m: &mut CpuModel, tokens: Vec<u32>, start: usize, output| {
+        m.forward(&[SeqForward { seq_id: 1, tokens, start_pos: start, full_blocks: table.clone(), swa_blocks: table.clone(), output }]).unwrap();
+    };
+    fwd(&mut m, ctx.clone(), 0, OutputRows::None);
+    let median = |f: &mut dyn FnMut()| {
+        let mut t: Vec<f64> = (0..25).map(|_| { let t0 = Instant::now(); f(); t0.elapsed().as_secs_f64() * 1e3 }).collect();
+        t.sort_by(f64::total_cmp);
+        t[12]
+    };
+    let one = median(&mut || fwd(&mut m, vec![ctx[0]], 256, OutputRows::All));
+    let mut line = format!("verify forward ms (x of 1 token):");
+    for n in [1, 2, 4, 8] {
+        let t = median(&mut || fwd(&mut m, ctx[..n].to_vec(), 256, OutputRows::All));
+        line += &format!(" n={n}: {t:.2} ({:.2}x)", t / one);
+    }
+    println!("{line}");
+    let d = median(&mut || {
+        m.draft(&[DraftForward { seq_id: 1, last_token: ctx[0], start_pos: 256, num_drafts: 7, full_blocks: table.clone() }]).unwrap();
+    });
+    println!("draft pass (7 drafts) ms: {d:.2} ({:.2}x a 1-token forward)", d / one);
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let model = args.get(1).cloned().unwrap_or_else(|| "models/peregrine-mimo-tiny".into());
+    let prompts_path = args.get(2).cloned().unwrap_or_else(|| "benches/data/heldout_prompts.json".into());
+    let max_tokens: usize = args.get(3).map_or(128, |s| s.parse().unwrap());
+    let conc: usize = args.get(4).map_or(1, |s| s.parse().unwrap());
+    let mut files = open_model(&model).unwrap();
+    let tok = Arc::new(files.tokenizer.take().unwrap());
+    let prompts: serde_json::Value = serde_json::from_slice(&std::fs::read(&prompts_path).unwrap()).unwrap();
+    let prompts: Vec<Vec<u32>> = prompts["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| tok.encode(p["prompt"].as_str().unwrap(), false).unwrap())
+        .collect();
+    let drafter = open_drafter(&bundled_drafter(&files.dir).expect("the model has no dflash/ drafter")).unwrap();
+    println!("model {model}, {} prompts, {max_tokens} tokens each, concurrency {conc}, rayon threads {}", prompts.len(), rayon::current_num_threads());
+    cost_breakdown(&files, &drafter, &prompts[0]);
+    println!("{:<8} {:<6} {:>9} {:>10} {:>12} {:>10}", "sampling", "spec", "tokens", "seconds", "tokens/s", "accept_len");
+    for (label, temp) in [("greedy", 0.0f32), ("T=0.7", 0.7)] {
+        let mut base_tps = 0.0;
+        for spec in [false, true] {
+            let mut m = CpuModel::load(&files.spec, files.weights.as_ref()).unwrap();
+            if spec {
+                m.attach_drafter(&drafter).unwrap();
+            }
+            let cfg = EngineConfig { max_num_seqs: conc.max(1), max_model_len: 1024, kv_cache_memory_bytes: 256 << 20, ..EngineConfig::default() };
+            let e = start_engine(Box::new(m), tok.clone(), cfg).unwrap();
+            let t0 = Instant::now();
+            let mut total = 0;
+            for chunk in prompts.chunks(conc.max(1)) {
+                let rxs: Vec<_> = chunk
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| {
+                        let sampling = SamplingParams { temperature: temp, seed: Some(i as u64), ..SamplingParams::greedy() };
+                        e.submit(GenerateRequest {
+                            request_id: format!("b{i}"),
+                            prompt_tokens: p.clone(),
+                            sampling,
+                            stop: StopParams { max_tokens, ignore_eos: true, skip_special_tokens: true, ..Default::default() },
+                            prompt_logprobs: None,
+                            priority: 0,
+                            arrival: Instant::now(),
+                        })
+                        .unwrap()
+                    })
+                    .collect();
+                for mut rx in rxs {
+                    while let Some(ev) = rx.blocking_recv() {
+                        match ev {
+                            RequestEvent::Finished { usage, .. } => {
+                                total += usage.completion_tokens;
+                                break;
+                            }
+                            RequestEvent::Error(err) => panic!("{err}"),
+                            _ => {}
+                        }
+                    }
+                }
+            }
+            let secs = t0.elapsed().as_secs_f64();
+            let tps = total as f64 / secs;
+            let rounds = metric(&e, "vllm:spec_decode_num_drafts_total");
+            let accepted = metric(&e, "vllm:spec_decode_num_accepted_tokens_total");
+            let acc = if rounds > 0.0 { format!("{:.2}", (rounds + accepted) / rounds) } else { "-".into() };
+            if !spec {
+                base_tps = tps;
+            }
+            let speedup = if spec { format!("  ({:.2}x)", tps / base_tps) } else { String::new() };
+            println!("{label:<8} {:<6} {total:>9} {secs:>10.2} {tps:>12.1} {acc:>10}{speedup}", if spec { "dflash" } else { "off" });
+            e.shutdown();
+        }
+    }
+}
