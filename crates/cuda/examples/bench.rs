@@ -1,0 +1,136 @@
+//! Decode-kernel bandwidth on the GPU: the device's copy bandwidth, then the BF16/FP8/MXFP4
+//! GEMV and the MXFP4 MoE decode (MiMo-V2-Flash and MiMo-V2.5-Pro expert shapes, uniform random
+//! routing, 1..64 tokens): bytes each must move and the fraction of the copy bandwidth reached.
+//! CUDA-event timing, warm-up, median of the runs.
+//!
+//!     cargo run --release -p peregrine-cuda --example bench
+
+use cudarc::driver::sys::CUevent_flags;
+use peregrine_cuda::kernels::MoeWeights;
+use peregrine_cuda::{probe, Kernels, MoeRouting};
+use rand::{Rng, SeedableRng};
+
+fn median(mut v: Vec<f32>) -> f32 {
+    v.sort_by(f32::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    let g = match probe(0) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(2);
+        }
+    };
+    let k = Kernels::load(&g).unwrap();
+    println!("GPU {} sm_{}{}, {:.1} GiB", g.name, g.capability.0, g.capability.1, g.total_memory as f64 / (1u64 << 30) as f64);
+    let s = &g.stream;
+    let ev = || g.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).unwrap();
+    let (e0, e1) = (ev(), ev());
+    // Median milliseconds of `f` over `runs` timed runs after 3 warm-ups.
+    let time = |runs: usize, f: &mut dyn FnMut(usize)| -> f32 {
+        for i in 0..3 {
+            f(i);
+        }
+        let mut t = Vec::with_capacity(runs);
+        for i in 0..runs {
+            e0.record(s).unwrap();
+            f(i);
+            e1.record(s).unwrap();
+            e1.synchronize().unwrap();
+            t.push(e0.elapsed_ms(&e1).unwrap());
+        }
+        median(t)
+    };
+
+    // Copy bandwidth: read + write of 2 GiB.
+    let n = 2usize << 30;
+    let src = s.alloc_zeros::<u8>(n).unwrap();
+    let mut dst = s.alloc_zeros::<u8>(n).unwrap();
+    let ms = time(20, &mut |_| s.memcpy_dtod(&src, &mut dst).unwrap());
+    let copy_bw = 2.0 * n as f64 / (ms as f64 * 1e-3);
+    println!("copy: 2 GiB device-to-device in {ms:.3} ms = {:.0} GB/s (read + write)", copy_bw / 1e9);
+    drop(src);
+    drop(dst);
+
+    // GEMV: matrices much larger than the 50 MB L2.
+    let (rows, cols) = (16384usize, 8192usize);
+    let x = s.clone_htod(&vec![0.5f32; 64 * cols]).unwrap();
+    let mut y = s.alloc_zeros::<f32>(64 * rows).unwrap();
+    println!("\nGEMV {rows}x{cols}: tokens, weight bytes, ms, GB/s, fraction of copy bandwidth");
+    {
+        let w = s.alloc_zeros::<u16>(rows * cols).unwrap();
+        for t in [1usize, 8] {
+            let ms = time(20, &mut |_| k.gemv_bf16(&w, &x, &mut y, rows, cols, t).unwrap());
+            let b = (rows * cols * 2) as f64;
+            println!("bf16   T={t:<2} {:>10.1} MB {ms:8.3} ms {:7.0} GB/s {:5.1}%", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, 100.0 * b / (ms as f64 * 1e-3) / copy_bw);
+        }
+    }
+    {
+        let w = s.alloc_zeros::<u8>(rows * cols).unwrap();
+        let sc = s.clone_htod(&vec![1.0f32; rows / 128 * cols / 128]).unwrap();
+        for t in [1usize, 8] {
+            let ms = time(20, &mut |_| k.gemv_fp8(&w, &sc, &x, &mut y, rows, cols, t).unwrap());
+            let b = (rows * cols) as f64 + (rows / 128 * cols / 128 * 4) as f64;
+            println!("fp8    T={t:<2} {:>10.1} MB {ms:8.3} ms {:7.0} GB/s {:5.1}%", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, 100.0 * b / (ms as f64 * 1e-3) / copy_bw);
+        }
+    }
+    {
+        let (rows, cols) = (32768usize, 8192usize);
+        let w = s.alloc_zeros::<u8>(rows * cols / 2).unwrap();
+        let sc = s.clone_htod(&vec![127u8; rows * cols / 32]).unwrap();
+        let mut y = s.alloc_zeros::<f32>(8 * rows).unwrap();
+        for t in [1usize, 8] {
+            let ms = time(20, &mut |_| k.gemv_mxfp4(&w, &sc, &x, &mut y, rows, cols, t).unwrap());
+            let b = (rows * cols / 2 + rows * cols / 32) as f64;
+            println!("mxfp4  T={t:<2} {:>10.1} MB {ms:8.3} ms {:7.0} GB/s {:5.1}%  ({rows}x{cols})", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, 100.0 * b / (ms as f64 * 1e-3) / copy_bw);
+        }
+    }
+    drop(y);
+
+    // MXFP4 MoE decode, one layer.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    for (name, e, h, i, top_k) in [("MiMo-V2-Flash", 256usize, 4096usize, 2048usize, 8usize), ("MiMo-V2.5-Pro", 384, 6144, 2048, 8)] {
+        let w = MoeWeights {
+            gate: s.alloc_zeros(e * i * h / 2).unwrap(),
+            gate_s: s.clone_htod(&vec![127u8; e * i * h / 32]).unwrap(),
+            up: s.alloc_zeros(e * i * h / 2).unwrap(),
+            up_s: s.clone_htod(&vec![127u8; e * i * h / 32]).unwrap(),
+            down: s.alloc_zeros(e * h * i / 2).unwrap(),
+            down_s: s.clone_htod(&vec![127u8; e * h * i / 32]).unwrap(),
+            num_experts: e,
+            hidden: h,
+            inter: i,
+        };
+        println!("\nMoE MXFP4 decode, {name}: {e} experts, hidden {h}, expert intermediate {i}, top-{top_k}, uniform routing");
+        println!("tokens  experts  bytes(MB)       ms     GB/s  of copy bw");
+        let x = s.clone_htod(&vec![0.1f32; 64 * h]).unwrap();
+        let mut y = s.alloc_zeros::<f32>(64 * h).unwrap();
+        let mut scratch = k.moe_scratch(&w, 64 * top_k).unwrap();
+        for t in [1usize, 2, 4, 8, 16, 64] {
+            // Fresh routing per run, so experts are not served from L2.
+            let routings: Vec<_> = (0..23)
+                .map(|_| {
+                    let choices: Vec<Vec<(usize, f32)>> = (0..t)
+                        .map(|_| {
+                            let mut ex: Vec<usize> = (0..e).collect();
+                            for j in 0..top_k {
+                                let kk = rng.random_range(j..e);
+                                ex.swap(j, kk);
+                            }
+                            ex[..top_k].iter().map(|&x| (x, 1.0 / top_k as f32)).collect()
+                        })
+                        .collect();
+                    MoeRouting::new(&choices)
+                })
+                .collect();
+            let dev: Vec<_> = routings.iter().map(|r| k.upload_routing(r, e).unwrap()).collect();
+            let ms = time(20, &mut |run| k.moe_mxfp4(&w, &dev[run % dev.len()], &x, &mut scratch, &mut y).unwrap());
+            let used = routings.iter().map(|r| r.experts.len()).sum::<usize>() as f64 / routings.len() as f64;
+            let b = used * w.expert_bytes() as f64;
+            let bw = b / (ms as f64 * 1e-3);
+            println!("{t:>6} {used:>8.1} {:>10.1} {ms:>8.3} {:>8.0} {:>9.1}%", b / 1e6, bw / 1e9, 100.0 * bw / copy_bw);
+        }
+    }
+}

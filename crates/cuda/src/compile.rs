@@ -1,0 +1,59 @@
+//! NVRTC compilation of the embedded kernel sources, cached on disk by content hash (source,
+//! architecture, options), so a server start compiles each kernel file once per GPU type.
+
+use std::path::PathBuf;
+
+use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
+use peregrine_core::{Error, Result};
+
+/// The kernel sources compiled into the binary.
+pub const GEMV_CU: &str = include_str!("../../../kernels/gemv.cu");
+
+fn fnv1a(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in parts {
+        for b in p.iter().chain(&[0xffu8]) {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    h
+}
+
+/// `$PEREGRINE_CACHE_DIR/kernels`, else `$XDG_CACHE_HOME/peregrine/kernels`, else
+/// `~/.cache/peregrine/kernels`.
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("PEREGRINE_CACHE_DIR")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|p| PathBuf::from(p).join("peregrine")))
+        .or_else(|| std::env::var_os("HOME").map(|p| PathBuf::from(p).join(".cache/peregrine")))
+        .unwrap_or_else(|| std::env::temp_dir().join("peregrine"))
+        .join("kernels")
+}
+
+const OPTIONS: &[&str] = &["--std=c++17", "-lineinfo"];
+
+/// PTX of `src` for `arch` (e.g. "sm_90a"), from the cache or freshly compiled. Returns the PTX
+/// and whether it came from the cache.
+pub fn ptx(name: &str, src: &str, arch: &'static str) -> Result<(Ptx, bool)> {
+    let key = fnv1a(&[src.as_bytes(), arch.as_bytes(), OPTIONS.join(" ").as_bytes()]);
+    let path = cache_dir().join(format!("{name}-{arch}-{key:016x}.ptx"));
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        return Ok((Ptx::from_src(text), true));
+    }
+    let opts = CompileOptions {
+        arch: Some(arch),
+        options: OPTIONS.iter().map(|s| s.to_string()).collect(),
+        name: Some(format!("{name}.cu")),
+        ..Default::default()
+    };
+    let ptx = compile_ptx_with_opts(src, opts).map_err(|e| Error::Backend(format!("NVRTC failed on {name}.cu for {arch}: {e}")))?;
+    // Best effort: a read-only cache only costs a recompile next time.
+    if std::fs::create_dir_all(path.parent().unwrap()).is_ok() {
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        if std::fs::write(&tmp, ptx.to_src()).is_ok() {
+            let _ = std::fs::rename(&tmp, &path);
+        }
+    }
+    Ok((ptx, false))
+}

@@ -1,0 +1,246 @@
+//! Typed launches of the decode kernels in `kernels/gemv.cu`.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+use peregrine_core::{Error, Result};
+
+use crate::compile;
+use crate::device::{nvrtc_arch, Gpu};
+
+/// Tokens one kernel pass handles (MAXT in the source); more are done in passes.
+pub const MAX_TOKENS_PER_PASS: usize = 8;
+/// Output rows per thread block (WARPS in the source: one warp per row).
+const ROWS_PER_BLOCK: u32 = 8;
+
+pub struct Kernels {
+    stream: Arc<CudaStream>,
+    bf16: CudaFunction,
+    fp8: CudaFunction,
+    mxfp4: CudaFunction,
+    gate_up: CudaFunction,
+    down: CudaFunction,
+    combine: CudaFunction,
+    /// The PTX came from the on-disk cache.
+    pub cached: bool,
+}
+
+fn drv(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
+    move |e| Error::Backend(format!("{what}: {e}"))
+}
+
+fn check(cond: bool, msg: impl FnOnce() -> String) -> Result<()> {
+    if cond {
+        Ok(())
+    } else {
+        Err(Error::Backend(msg()))
+    }
+}
+
+/// Host-side grouping of a batch's routing (token -> top-k (expert, weight)) by expert, so
+/// each routed expert's weights are streamed once for all its tokens.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MoeRouting {
+    /// Distinct experts, ascending.
+    pub experts: Vec<i32>,
+    /// Pairs of expert u: `pair_off[u]..pair_off[u + 1]`.
+    pub pair_off: Vec<i32>,
+    /// Token of each (token, slot) pair, grouped by expert.
+    pub pair_tok: Vec<i32>,
+    /// Routing weight of each pair.
+    pub pair_w: Vec<f32>,
+    /// `tok_pairs[t * top_k + s]`: the pair of token t's slot s.
+    pub tok_pairs: Vec<i32>,
+    pub top_k: usize,
+}
+
+impl MoeRouting {
+    pub fn new(choices: &[Vec<(usize, f32)>]) -> MoeRouting {
+        let top_k = choices.first().map_or(0, Vec::len);
+        let mut pairs: Vec<(usize, usize, usize, f32)> = Vec::new(); // (expert, token, slot, w)
+        for (t, c) in choices.iter().enumerate() {
+            for (s, &(e, w)) in c.iter().enumerate() {
+                pairs.push((e, t, s, w));
+            }
+        }
+        pairs.sort_by_key(|p| (p.0, p.1, p.2));
+        let mut r = MoeRouting { top_k, tok_pairs: vec![0; choices.len() * top_k], ..Default::default() };
+        for (i, &(e, t, s, w)) in pairs.iter().enumerate() {
+            if r.experts.last() != Some(&(e as i32)) {
+                r.experts.push(e as i32);
+                r.pair_off.push(i as i32);
+            }
+            r.pair_tok.push(t as i32);
+            r.pair_w.push(w);
+            r.tok_pairs[t * top_k + s] = i as i32;
+        }
+        r.pair_off.push(pairs.len() as i32);
+        r
+    }
+    pub fn num_pairs(&self) -> usize {
+        self.pair_tok.len()
+    }
+}
+
+/// The routing uploaded to the GPU.
+pub struct DeviceRouting {
+    experts: CudaSlice<i32>,
+    pair_off: CudaSlice<i32>,
+    pair_tok: CudaSlice<i32>,
+    pair_w: CudaSlice<f32>,
+    tok_pairs: CudaSlice<i32>,
+    num_experts_used: usize,
+    num_pairs: usize,
+    num_tokens: usize,
+    top_k: usize,
+}
+
+/// One layer's experts in MXFP4: gate/up [E, I, H/2] + scales [E, I, H/32], down [E, H, I/2] +
+/// scales [E, H, I/32].
+pub struct MoeWeights {
+    pub gate: CudaSlice<u8>,
+    pub gate_s: CudaSlice<u8>,
+    pub up: CudaSlice<u8>,
+    pub up_s: CudaSlice<u8>,
+    pub down: CudaSlice<u8>,
+    pub down_s: CudaSlice<u8>,
+    pub num_experts: usize,
+    pub hidden: usize,
+    pub inter: usize,
+}
+
+impl MoeWeights {
+    /// Bytes of one expert (the three matrices with their scales).
+    pub fn expert_bytes(&self) -> usize {
+        3 * (self.hidden * self.inter / 2 + self.hidden * self.inter / 32)
+    }
+}
+
+/// Scratch of the MoE decode: `h` [pairs, I], `out` [pairs, H].
+pub struct MoeScratch {
+    pub h: CudaSlice<f32>,
+    pub out: CudaSlice<f32>,
+}
+
+impl Kernels {
+    pub fn load(gpu: &Gpu) -> Result<Kernels> {
+        let (ptx, cached) = compile::ptx("gemv", compile::GEMV_CU, nvrtc_arch(gpu.capability))?;
+        let m = gpu.ctx.load_module(ptx).map_err(drv("loading gemv.cu"))?;
+        let f = |n: &str| m.load_function(n).map_err(|e| Error::Backend(format!("kernel {n}: {e}")));
+        Ok(Kernels {
+            stream: gpu.stream.clone(),
+            bf16: f("gemv_bf16")?,
+            fp8: f("gemv_fp8")?,
+            mxfp4: f("gemv_mxfp4")?,
+            gate_up: f("moe_gate_up_mxfp4")?,
+            down: f("moe_down_mxfp4")?,
+            combine: f("moe_combine")?,
+            cached,
+        })
+    }
+
+    fn rows_cfg(n: usize, y: u32) -> LaunchConfig {
+        LaunchConfig { grid_dim: ((n as u32).div_ceil(ROWS_PER_BLOCK), y, 1), block_dim: (32 * ROWS_PER_BLOCK, 1, 1), shared_mem_bytes: 0 }
+    }
+
+    /// Runs `launch(x_chunk, y_chunk, tokens)` over chunks of at most 8 tokens.
+    fn per_pass(
+        x: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+        n: usize,
+        k: usize,
+        t: usize,
+        mut launch: impl FnMut(CudaView<'_, f32>, CudaViewMut<'_, f32>, i32) -> Result<()>,
+    ) -> Result<()> {
+        check(x.len() >= t * k && y.len() >= t * n, || format!("gemv buffers too small for {t} tokens of {k} -> {n}"))?;
+        let mut t0 = 0;
+        while t0 < t {
+            let tt = (t - t0).min(MAX_TOKENS_PER_PASS);
+            launch(x.slice(t0 * k..(t0 + tt) * k), y.slice_mut(t0 * n..(t0 + tt) * n), tt as i32)?;
+            t0 += tt;
+        }
+        Ok(())
+    }
+
+    /// `y[t, n] = W[n, :] · x[t, :]` for BF16 `W` [N, K] (as u16 bits); K % 32 == 0.
+    pub fn gemv_bf16(&self, w: &CudaSlice<u16>, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>, n: usize, k: usize, t: usize) -> Result<()> {
+        check(k % 32 == 0 && w.len() >= n * k, || format!("gemv_bf16: K {k} must be a multiple of 32 and W hold {n}x{k}"))?;
+        let (ni, ki) = (n as i32, k as i32);
+        Self::per_pass(x, y, n, k, t, |xs, mut ys, tt| {
+            let mut b = self.stream.launch_builder(&self.bf16);
+            b.arg(w).arg(&xs).arg(&mut ys).arg(&ni).arg(&ki).arg(&tt);
+            unsafe { b.launch(Self::rows_cfg(n, 1)) }.map(|_| ()).map_err(drv("gemv_bf16"))
+        })
+    }
+
+    /// FP8 e4m3 `W` [N, K] with f32 block scales [ceil(N/128), K/128]; K % 128 == 0.
+    pub fn gemv_fp8(&self, w: &CudaSlice<u8>, scales: &CudaSlice<f32>, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>, n: usize, k: usize, t: usize) -> Result<()> {
+        check(k % 128 == 0 && w.len() >= n * k && scales.len() >= n.div_ceil(128) * (k / 128), || format!("gemv_fp8: bad shapes {n}x{k}"))?;
+        let (ni, ki) = (n as i32, k as i32);
+        Self::per_pass(x, y, n, k, t, |xs, mut ys, tt| {
+            let mut b = self.stream.launch_builder(&self.fp8);
+            b.arg(w).arg(scales).arg(&xs).arg(&mut ys).arg(&ni).arg(&ki).arg(&tt);
+            unsafe { b.launch(Self::rows_cfg(n, 1)) }.map(|_| ()).map_err(drv("gemv_fp8"))
+        })
+    }
+
+    /// MXFP4 `W` [N, K/2] bytes with E8M0 scales [N, K/32]; K % 32 == 0.
+    pub fn gemv_mxfp4(&self, w: &CudaSlice<u8>, s: &CudaSlice<u8>, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>, n: usize, k: usize, t: usize) -> Result<()> {
+        check(k % 32 == 0 && w.len() >= n * k / 2 && s.len() >= n * k / 32, || format!("gemv_mxfp4: bad shapes {n}x{k}"))?;
+        let (ni, ki) = (n as i32, k as i32);
+        Self::per_pass(x, y, n, k, t, |xs, mut ys, tt| {
+            let mut b = self.stream.launch_builder(&self.mxfp4);
+            b.arg(w).arg(s).arg(&xs).arg(&mut ys).arg(&ni).arg(&ki).arg(&tt);
+            unsafe { b.launch(Self::rows_cfg(n, 1)) }.map(|_| ()).map_err(drv("gemv_mxfp4"))
+        })
+    }
+
+    pub fn upload_routing(&self, r: &MoeRouting, num_experts: usize) -> Result<DeviceRouting> {
+        check(r.experts.iter().all(|&e| (e as usize) < num_experts), || "routing names an expert out of range".into())?;
+        let up_i = |v: &[i32]| self.stream.clone_htod(v).map_err(drv("routing upload"));
+        Ok(DeviceRouting {
+            experts: up_i(&r.experts)?,
+            pair_off: up_i(&r.pair_off)?,
+            pair_tok: up_i(&r.pair_tok)?,
+            pair_w: self.stream.clone_htod(&r.pair_w).map_err(drv("routing upload"))?,
+            tok_pairs: up_i(&r.tok_pairs)?,
+            num_experts_used: r.experts.len(),
+            num_pairs: r.num_pairs(),
+            num_tokens: r.tok_pairs.len() / r.top_k.max(1),
+            top_k: r.top_k,
+        })
+    }
+
+    pub fn moe_scratch(&self, w: &MoeWeights, max_pairs: usize) -> Result<MoeScratch> {
+        Ok(MoeScratch {
+            h: self.stream.alloc_zeros(max_pairs * w.inter).map_err(drv("alloc"))?,
+            out: self.stream.alloc_zeros(max_pairs * w.hidden).map_err(drv("alloc"))?,
+        })
+    }
+
+    /// The MXFP4 MoE decode: `y[t] = sum_s w[t,s] * down_e(silu(gate_e x_t) * up_e x_t)` over
+    /// token t's routed experts e (slot order), for x [T, H] -> y [T, H].
+    pub fn moe_mxfp4(&self, w: &MoeWeights, r: &DeviceRouting, x: &CudaSlice<f32>, scratch: &mut MoeScratch, y: &mut CudaSlice<f32>) -> Result<()> {
+        let (h, i) = (w.hidden, w.inter);
+        check(h % 32 == 0 && i % 32 == 0, || format!("MoE dims {h}, {i} must be multiples of 32"))?;
+        check(scratch.h.len() >= r.num_pairs * i && scratch.out.len() >= r.num_pairs * h, || "MoE scratch too small".into())?;
+        check(x.len() >= r.num_tokens * h && y.len() >= r.num_tokens * h, || "MoE activations too small".into())?;
+        let u = r.num_experts_used as u32;
+        if u == 0 {
+            return Ok(());
+        }
+        let (hh, ii) = (h as i32, i as i32);
+        let mut b = self.stream.launch_builder(&self.gate_up);
+        b.arg(&w.gate).arg(&w.gate_s).arg(&w.up).arg(&w.up_s).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_tok).arg(x).arg(&mut scratch.h).arg(&hh).arg(&ii);
+        unsafe { b.launch(Self::rows_cfg(i, u)) }.map_err(drv("moe_gate_up_mxfp4"))?;
+        let mut b = self.stream.launch_builder(&self.down);
+        b.arg(&w.down).arg(&w.down_s).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_w).arg(&scratch.h).arg(&mut scratch.out).arg(&hh).arg(&ii);
+        unsafe { b.launch(Self::rows_cfg(h, u)) }.map_err(drv("moe_down_mxfp4"))?;
+        let mut b = self.stream.launch_builder(&self.combine);
+        let topk = r.top_k as i32;
+        b.arg(&scratch.out).arg(&r.tok_pairs).arg(&mut *y).arg(&hh).arg(&topk);
+        let cfg = LaunchConfig { grid_dim: ((h as u32).div_ceil(256), r.num_tokens as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        unsafe { b.launch(cfg) }.map_err(drv("moe_combine"))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,15 @@
+//! The CUDA backend, first slice (issue 6): finding the GPU without panicking, compiling the
+//! kernels of `kernels/` with NVRTC for the GPU found (cached on disk by content hash), and the
+//! decode kernels over weights in their stored formats — BF16, FP8 e4m3 with 128x128 block
+//! scales, MXFP4 with E8M0 scales — including the MXFP4 MoE decode. Each kernel is checked
+//! against the CPU reference on the GPU machine (`scripts/gpu-check.sh`) and benchmarked
+//! against the device's copy bandwidth (`examples/bench.rs`).
+//!
+//! Not yet here: the `Backend` implementation (attention, norms, router, sampling, graphs).
+
+pub mod compile;
+pub mod device;
+pub mod kernels;
+
+pub use device::{probe, Gpu};
+pub use kernels::{Kernels, MoeRouting};

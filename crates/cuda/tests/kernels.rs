@@ -1,0 +1,194 @@
+//! The decode kernels against the CPU reference on fresh random inputs (the seed is printed).
+//! Outputs are poisoned with NaN before every launch and a NaN anywhere fails. Without an
+//! NVIDIA driver the GPU tests say `skipped:` and pass; scripts/gpu-check.sh runs them on the GPU
+//! machine. NVRTC compilation is checked wherever libnvrtc loads (no GPU needed).
+
+use peregrine_cuda::{probe, Gpu, Kernels, MoeRouting};
+use peregrine_cuda::kernels::MoeWeights;
+use peregrine_model::formats::{dequant_fp8_block, dequant_mxfp4, fp8_e4m3_to_f32};
+use rand::{Rng, SeedableRng};
+
+fn gpu() -> Option<(Gpu, Kernels)> {
+    match probe(0) {
+        Ok(g) => {
+            let k = Kernels::load(&g).expect("kernels compile and load");
+            Some((g, k))
+        }
+        Err(e) => {
+            eprintln!("skipped: {e}");
+            None
+        }
+    }
+}
+
+fn rng() -> rand::rngs::StdRng {
+    let seed: u64 = std::env::var("PEREGRINE_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+    });
+    eprintln!("seed {seed} (PEREGRINE_TEST_SEED reproduces it)");
+    rand::rngs::StdRng::seed_from_u64(seed)
+}
+
+fn randn(r: &mut impl Rng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| r.random::<f32>() * 2.0 - 1.0).collect()
+}
+
+/// out[t, n] = sum_k w[n, k] x[t, k] in f64.
+fn reference(w: &[f32], x: &[f32], n: usize, k: usize, t: usize) -> Vec<f32> {
+    let mut y = vec![0f32; t * n];
+    for ti in 0..t {
+        for ni in 0..n {
+            y[ti * n + ni] = (0..k).map(|i| w[ni * k + i] as f64 * x[ti * k + i] as f64).sum::<f64>() as f32;
+        }
+    }
+    y
+}
+
+fn assert_close(name: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len());
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+    let mut worst = 0f32;
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(g.is_finite(), "{name}: element {i} is {g} (want {w})");
+        worst = worst.max((g - w).abs() / scale);
+    }
+    eprintln!("{name}: max |gpu - cpu| / max |cpu| = {worst:.2e}");
+    assert!(worst < 1e-5, "{name}: relative error {worst:.2e}");
+}
+
+fn poisoned(g: &Gpu, n: usize) -> cudarc::driver::CudaSlice<f32> {
+    g.stream.clone_htod(&vec![f32::NAN; n]).unwrap()
+}
+
+#[test]
+fn nvrtc_compiles_the_kernels() {
+    // SAFETY: only tries to dlopen libnvrtc.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        eprintln!("skipped: libnvrtc not found");
+        return;
+    }
+    let src = peregrine_cuda::compile::GEMV_CU;
+    let opts = cudarc::nvrtc::CompileOptions { arch: Some("sm_90a"), options: vec!["--std=c++17".into()], ..Default::default() };
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(src, opts).expect("gemv.cu compiles for sm_90a");
+    let text = ptx.to_src();
+    for k in ["gemv_bf16", "gemv_fp8", "gemv_mxfp4", "moe_gate_up_mxfp4", "moe_down_mxfp4", "moe_combine"] {
+        assert!(text.contains(&format!(".entry {k}")), "kernel {k} missing from the PTX");
+    }
+}
+
+#[test]
+fn gemv_kernels_match_the_cpu_reference() {
+    let Some((g, kern)) = gpu() else { return };
+    eprintln!("GPU: {} (sm_{}{})", g.name, g.capability.0, g.capability.1);
+    let mut r = rng();
+    for &(n, k) in &[(200usize, 256usize), (513, 1024), (2048, 4096)] {
+        for &t in &[1usize, 3, 8, 11] {
+            let x = randn(&mut r, t * k);
+            let xd = g.stream.clone_htod(&x).unwrap();
+            // BF16
+            let wb: Vec<u16> = (0..n * k).map(|_| half::bf16::from_f32(r.random::<f32>() - 0.5).to_bits()).collect();
+            let wf: Vec<f32> = wb.iter().map(|&b| half::bf16::from_bits(b).to_f32()).collect();
+            let mut y = poisoned(&g, t * n);
+            kern.gemv_bf16(&g.stream.clone_htod(&wb).unwrap(), &xd, &mut y, n, k, t).unwrap();
+            assert_close(&format!("bf16 {n}x{k} T={t}"), &g.stream.clone_dtoh(&y).unwrap(), &reference(&wf, &x, n, k, t));
+            // FP8 block
+            if k % 128 == 0 {
+                let w8: Vec<u8> = (0..n * k).map(|_| loop { let b: u8 = r.random(); if fp8_e4m3_to_f32(b).is_finite() { break b } }).collect();
+                let sc: Vec<f32> = (0..n.div_ceil(128) * (k / 128)).map(|_| 0.01 + r.random::<f32>() * 0.1).collect();
+                let wf = dequant_fp8_block(&w8, &sc, n, k, 128, 128);
+                let mut y = poisoned(&g, t * n);
+                kern.gemv_fp8(&g.stream.clone_htod(&w8).unwrap(), &g.stream.clone_htod(&sc).unwrap(), &xd, &mut y, n, k, t).unwrap();
+                assert_close(&format!("fp8 {n}x{k} T={t}"), &g.stream.clone_dtoh(&y).unwrap(), &reference(&wf, &x, n, k, t));
+            }
+            // MXFP4
+            let w4: Vec<u8> = (0..n * k / 2).map(|_| r.random()).collect();
+            let s4: Vec<u8> = (0..n * k / 32).map(|_| r.random_range(115..135)).collect();
+            let wf = dequant_mxfp4(&w4, &s4, n, k);
+            let mut y = poisoned(&g, t * n);
+            kern.gemv_mxfp4(&g.stream.clone_htod(&w4).unwrap(), &g.stream.clone_htod(&s4).unwrap(), &xd, &mut y, n, k, t).unwrap();
+            assert_close(&format!("mxfp4 {n}x{k} T={t}"), &g.stream.clone_dtoh(&y).unwrap(), &reference(&wf, &x, n, k, t));
+        }
+    }
+}
+
+#[test]
+fn mxfp4_moe_decode_matches_the_cpu_reference() {
+    let Some((g, kern)) = gpu() else { return };
+    let mut r = rng();
+    let (e, h, i, top_k) = (16usize, 512usize, 256usize, 4usize);
+    let bytes = |r: &mut rand::rngs::StdRng, n: usize| -> Vec<u8> { (0..n).map(|_| r.random()).collect() };
+    let scales = |r: &mut rand::rngs::StdRng, n: usize| -> Vec<u8> { (0..n).map(|_| r.random_range(118..128)).collect() };
+    let (gate, gate_s, up, up_s) = (bytes(&mut r, e * i * h / 2), scales(&mut r, e * i * h / 32), bytes(&mut r, e * i * h / 2), scales(&mut r, e * i * h / 32));
+    let (down, down_s) = (bytes(&mut r, e * h * i / 2), scales(&mut r, e * h * i / 32));
+    let w = MoeWeights {
+        gate: g.stream.clone_htod(&gate).unwrap(),
+        gate_s: g.stream.clone_htod(&gate_s).unwrap(),
+        up: g.stream.clone_htod(&up).unwrap(),
+        up_s: g.stream.clone_htod(&up_s).unwrap(),
+        down: g.stream.clone_htod(&down).unwrap(),
+        down_s: g.stream.clone_htod(&down_s).unwrap(),
+        num_experts: e,
+        hidden: h,
+        inter: i,
+    };
+    let deq = |b: &[u8], s: &[u8], ex: usize, rows: usize, cols: usize| {
+        dequant_mxfp4(&b[ex * rows * cols / 2..(ex + 1) * rows * cols / 2], &s[ex * rows * cols / 32..(ex + 1) * rows * cols / 32], rows, cols)
+    };
+    for &t in &[1usize, 2, 5, 16, 40] {
+        let x = randn(&mut r, t * h);
+        // Distinct experts per token; with 40 tokens of 4 among 16 experts some share 10+ tokens.
+        let choices: Vec<Vec<(usize, f32)>> = (0..t)
+            .map(|_| {
+                let mut ex: Vec<usize> = (0..e).collect();
+                for j in 0..top_k {
+                    let k = r.random_range(j..e);
+                    ex.swap(j, k);
+                }
+                ex[..top_k].iter().map(|&x| (x, r.random::<f32>())).collect()
+            })
+            .collect();
+        let routing = MoeRouting::new(&choices);
+        let dr = kern.upload_routing(&routing, e).unwrap();
+        let mut scratch = kern.moe_scratch(&w, t * top_k).unwrap();
+        let xd = g.stream.clone_htod(&x).unwrap();
+        let mut y = poisoned(&g, t * h);
+        kern.moe_mxfp4(&w, &dr, &xd, &mut scratch, &mut y).unwrap();
+        // CPU: for each token and slot, down(silu(gate x) * up x) * weight, summed in slot order.
+        let mut want = vec![0f32; t * h];
+        for (ti, c) in choices.iter().enumerate() {
+            let xt = &x[ti * h..(ti + 1) * h];
+            for &(ex, wgt) in c {
+                let gx = reference(&deq(&gate, &gate_s, ex, i, h), xt, i, h, 1);
+                let ux = reference(&deq(&up, &up_s, ex, i, h), xt, i, h, 1);
+                let act: Vec<f32> = gx.iter().zip(&ux).map(|(a, b)| a / (1.0 + (-a).exp()) * b).collect();
+                let d = reference(&deq(&down, &down_s, ex, h, i), &act, h, i, 1);
+                for (o, v) in want[ti * h..(ti + 1) * h].iter_mut().zip(d) {
+                    *o += v * wgt;
+                }
+            }
+        }
+        assert_close(&format!("moe mxfp4 T={t}"), &g.stream.clone_dtoh(&y).unwrap(), &want);
+    }
+}
+
+#[test]
+fn routing_groups_pairs_by_expert() {
+    let r = MoeRouting::new(&[vec![(3, 0.5), (1, 0.25)], vec![(1, 1.0), (7, 2.0)]]);
+    assert_eq!(r.experts, vec![1, 3, 7]);
+    assert_eq!(r.pair_off, vec![0, 2, 3, 4]);
+    assert_eq!(r.pair_tok, vec![0, 1, 0, 1]);
+    assert_eq!(r.pair_w, vec![0.25, 1.0, 0.5, 2.0]);
+    // token 0: slot 0 -> expert 3 (pair 2), slot 1 -> expert 1 (pair 0)
+    assert_eq!(r.tok_pairs, vec![2, 0, 1, 3]);
+}
+
+#[test]
+fn probe_without_a_driver_says_what_to_do() {
+    // SAFETY: only tries to dlopen libcuda.
+    if unsafe { cudarc::driver::sys::is_culib_present() } {
+        eprintln!("skipped: this machine has a driver");
+        return;
+    }
+    let err = probe(0).err().expect("no driver, no GPU").to_string();
+    assert!(err.contains("--device cpu"), "{err}");
+}
