@@ -126,7 +126,16 @@ pub fn init_logging(format: LogFormat) {
 pub fn load(args: &ServeArgs) -> anyhow::Result<Ready> {
     match args.device {
         Device::Cpu => {}
-        Device::Cuda => bail!("the CUDA backend is not part of this build yet; run with `--device cpu`"),
+        Device::Cuda => {
+            // Say first whether there is a GPU at all; then what the CUDA backend lacks.
+            let gpu = peregrine_cuda::probe(0)?;
+            bail!(
+                "found {} (sm_{}{}), but the CUDA backend only has its decode kernels so far, not the model forward; run with `--device cpu`",
+                gpu.name,
+                gpu.capability.0,
+                gpu.capability.1
+            );
+        }
     }
     if args.tp != 1 {
         bail!("--tp {} needs the CUDA backend; the CPU backend runs with --tp 1", args.tp);

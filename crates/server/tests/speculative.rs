@@ -1,5 +1,5 @@
 //! Speculative decoding over HTTP: same output as without, usage's completion_tokens_details,
-//! spec-decode metrics, and the CLI's validation.
+//! spec-decode metrics, and the CLI's validation (speculation and device flags).
 
 mod common;
 
@@ -84,4 +84,19 @@ fn bad_speculation_flags_fail_clearly() {
     assert!(!out.status.success());
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(e.contains("hidden size"), "{e}");
+}
+
+/// `--device cuda` on a machine without a GPU fails at start-up, pointing at `--device cpu`.
+#[test]
+fn device_cuda_without_a_gpu_fails_clearly() {
+    if has_driver() {
+        eprintln!("skipped: this machine has an NVIDIA driver");
+        return;
+    }
+    let e = serve_fails(&["--device", "cuda"]);
+    assert!(e.contains("--device cpu"), "{e}");
+}
+
+fn has_driver() -> bool {
+    std::path::Path::new("/usr/lib/x86_64-linux-gnu/libcuda.so.1").exists() || std::path::Path::new("/usr/lib64/libcuda.so.1").exists()
 }
