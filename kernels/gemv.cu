@@ -34,6 +34,22 @@ __device__ __forceinline__ float e2m1_to_f32(unsigned c) {
     return __int_as_float(bits | ((c & 8u) << 28));
 }
 
+// Eight MXFP4 codes (one u32, element j in nibble j) -> eight floats equal to the E2M1 values
+// times 2^-14, in ~3 instructions per value: each pair of nibbles is moved into the sign and
+// exponent/mantissa bits of an f16 pair (E2M1 [s e1 e0 m] -> f16 with exponent e and mantissa m,
+// which is the value scaled by 2^-14, subnormal 0.5 included), then converted. Callers fold
+// 2^14 into the block scale. Pairs: (0,4) (1,5) (2,6) (3,7).
+__device__ __forceinline__ void mxfp4_decode8(unsigned u, float w[8]) {
+    unsigned a = ((u & 0x00070007u) << 9) | ((u & 0x00080008u) << 12);
+    unsigned b = ((u & 0x00700070u) << 5) | ((u & 0x00800080u) << 8);
+    unsigned c = ((u & 0x07000700u) << 1) | ((u & 0x08000800u) << 4);
+    unsigned d = ((u & 0x70007000u) >> 3) | (u & 0x80008000u);
+    asm("{.reg .f16 l, h; mov.b32 {l, h}, %2; cvt.f32.f16 %0, l; cvt.f32.f16 %1, h;}" : "=f"(w[0]), "=f"(w[4]) : "r"(a));
+    asm("{.reg .f16 l, h; mov.b32 {l, h}, %2; cvt.f32.f16 %0, l; cvt.f32.f16 %1, h;}" : "=f"(w[1]), "=f"(w[5]) : "r"(b));
+    asm("{.reg .f16 l, h; mov.b32 {l, h}, %2; cvt.f32.f16 %0, l; cvt.f32.f16 %1, h;}" : "=f"(w[2]), "=f"(w[6]) : "r"(c));
+    asm("{.reg .f16 l, h; mov.b32 {l, h}, %2; cvt.f32.f16 %0, l; cvt.f32.f16 %1, h;}" : "=f"(w[3]), "=f"(w[7]) : "r"(d));
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -123,16 +139,14 @@ extern "C" __global__ void gemv_fp8(const unsigned char* __restrict__ W, const f
 
 // One MXFP4 row segment: 16 packed bytes = 32 weights sharing one E8M0 scale.
 __device__ __forceinline__ void mxfp4_chunk(uint4 q, unsigned scale_byte, float w[32]) {
-    float sc = e8m0_to_f32(scale_byte);
+    float sc = e8m0_to_f32(scale_byte) * 16384.f;
     unsigned u[4] = {q.x, q.y, q.z, q.w};
 #pragma unroll
-    for (int i = 0; i < 4; i++)
+    for (int i = 0; i < 4; i++) {
+        mxfp4_decode8(u[i], w + 8 * i);
 #pragma unroll
-        for (int b = 0; b < 4; b++) {
-            unsigned byte = (u[i] >> (8 * b)) & 255u;
-            w[8 * i + 2 * b] = e2m1_to_f32(byte & 15u) * sc;  // low nibble: even element
-            w[8 * i + 2 * b + 1] = e2m1_to_f32(byte >> 4) * sc;
-        }
+        for (int j = 0; j < 8; j++) w[8 * i + j] *= sc;
+    }
 }
 
 // W MXFP4 [N, K/2] bytes + E8M0 scales [N, K/32]; K % 1024 == 0 not required: K % 32 == 0.
@@ -246,4 +260,175 @@ extern "C" __global__ void moe_combine(const float* __restrict__ out, const int*
     float s = 0.f;
     for (int k = 0; k < topk; k++) s += out[(size_t)tok_pairs[t * topk + k] * H + n];
     y[(size_t)t * H + n] = s;
+}
+
+// ---------------------------------------------------------------------------------------------
+// MXFP4 GEMV, v2: each warp computes R rows for a compile-time T tokens, so the activations a
+// lane loads (32 per chunk and token) serve R rows instead of one; the weights of the R rows are
+// loaded before any use (R x 16 bytes in flight per lane).
+template <int T, int R>
+__device__ __forceinline__ void mxfp4_rows_acc(const unsigned char* __restrict__ W, const unsigned char* __restrict__ S,
+                                               const float* __restrict__ x, const int xrow[T],
+                                               int n0, int N, int K, float acc[R][T]) {
+    int lane = threadIdx.x & 31;
+    float part[R][T];
+#pragma unroll
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int t = 0; t < T; t++) acc[r][t] = part[r][t] = 0.f;
+    const int chunks = K / 32;
+    for (int c = lane; c < chunks; c += 32) {
+        uint4 q[R];
+        unsigned sb[R];
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            int n = min(n0 + r, N - 1);
+            q[r] = __ldg(reinterpret_cast<const uint4*>(W + (size_t)n * (K / 2)) + c);
+            sb[r] = __ldg(S + (size_t)n * chunks + c);
+        }
+#pragma unroll
+        for (int sub = 0; sub < 4; sub++) {
+            float xv[T][8];
+#pragma unroll
+            for (int t = 0; t < T; t++) {
+                const float4* xp = reinterpret_cast<const float4*>(x + (size_t)xrow[t] * K + c * 32 + sub * 8);
+                float4 a = __ldg(xp), b = __ldg(xp + 1);
+                xv[t][0] = a.x; xv[t][1] = a.y; xv[t][2] = a.z; xv[t][3] = a.w;
+                xv[t][4] = b.x; xv[t][5] = b.y; xv[t][6] = b.z; xv[t][7] = b.w;
+            }
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                unsigned u = sub == 0 ? q[r].x : sub == 1 ? q[r].y : sub == 2 ? q[r].z : q[r].w;
+                float w[8];
+                mxfp4_decode8(u, w);
+#pragma unroll
+                for (int t = 0; t < T; t++) {
+                    float a = part[r][t];
+#pragma unroll
+                    for (int j = 0; j < 8; j++) a += w[j] * xv[t][j];
+                    part[r][t] = a;
+                }
+            }
+        }
+        // The block scale (and the decode's 2^14) once per 32 weights.
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            float sc = e8m0_to_f32(sb[r]) * 16384.f;
+#pragma unroll
+            for (int t = 0; t < T; t++) {
+                acc[r][t] += part[r][t] * sc;
+                part[r][t] = 0.f;
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int t = 0; t < T; t++) acc[r][t] = warp_sum(acc[r][t]);
+}
+
+template <int T, int R>
+__device__ __forceinline__ void mxfp4_rows(const unsigned char* __restrict__ W, const unsigned char* __restrict__ S,
+                                           const float* __restrict__ x, float* __restrict__ y,
+                                           int n0, int N, int K, int T_valid) {
+    int xrow[T];
+#pragma unroll
+    for (int t = 0; t < T; t++) xrow[t] = min(t, T_valid - 1);
+    float acc[R][T];
+    mxfp4_rows_acc<T, R>(W, S, x, xrow, n0, N, K, acc);
+    if ((threadIdx.x & 31) == 0)
+#pragma unroll
+        for (int r = 0; r < R; r++)
+#pragma unroll
+            for (int t = 0; t < T; t++)
+                if (n0 + r < N && t < T_valid) y[(size_t)t * N + n0 + r] = acc[r][t];
+}
+
+#define GEMV_MXFP4_V2(T, R)                                                                                          \
+    extern "C" __global__ void __launch_bounds__(256) gemv_mxfp4_t##T(const unsigned char* __restrict__ W,          \
+        const unsigned char* __restrict__ S, const float* __restrict__ x, float* __restrict__ y, int N, int K,      \
+        int T_valid) {                                                                                               \
+        int n0 = (blockIdx.x * WARPS + (threadIdx.x >> 5)) * R;                                                      \
+        if (n0 >= N) return;                                                                                         \
+        mxfp4_rows<T, R>(W, S, x, y, n0, N, K, T_valid);                                                            \
+    }
+GEMV_MXFP4_V2(1, 4)
+GEMV_MXFP4_V2(2, 4)
+GEMV_MXFP4_V2(4, 4)
+GEMV_MXFP4_V2(8, 4)
+
+// MoE decode v2: the same phases as above, with RM rows per warp and a compile-time token count
+// per expert (1, 2, 4 or 8 pairs per pass).
+#define RM 4
+
+template <int T>
+__device__ __forceinline__ void moe_gate_up_pass(const unsigned char* Wg, const unsigned char* Sg, const unsigned char* Wu,
+                                                 const unsigned char* Su, const int* pair_tok, int p0, int np,
+                                                 const float* x, float* h, int i0, int H, int I) {
+    int xrow[T];
+#pragma unroll
+    for (int t = 0; t < T; t++) xrow[t] = pair_tok[p0 + min(t, np - 1)];
+    float g[RM][T], u[RM][T];
+    mxfp4_rows_acc<T, RM>(Wg, Sg, x, xrow, i0, I, H, g);
+    mxfp4_rows_acc<T, RM>(Wu, Su, x, xrow, i0, I, H, u);
+    if ((threadIdx.x & 31) == 0)
+#pragma unroll
+        for (int r = 0; r < RM; r++)
+#pragma unroll
+            for (int t = 0; t < T; t++)
+                if (i0 + r < I && t < np) h[(size_t)(p0 + t) * I + i0 + r] = g[r][t] / (1.f + __expf(-g[r][t])) * u[r][t];
+}
+
+extern "C" __global__ void __launch_bounds__(256) moe_gate_up_mxfp4_v2(
+    const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Sg, const unsigned char* __restrict__ Wu,
+    const unsigned char* __restrict__ Su, const int* __restrict__ experts, const int* __restrict__ pair_off,
+    const int* __restrict__ pair_tok, const float* __restrict__ x, float* __restrict__ h, int H, int I) {
+    int i0 = (blockIdx.x * WARPS + (threadIdx.x >> 5)) * RM, u = blockIdx.y;
+    if (i0 >= I) return;
+    size_t e = (size_t)experts[u];
+    const unsigned char* wg = Wg + e * I * (H / 2);
+    const unsigned char* sg = Sg + e * I * (H / 32);
+    const unsigned char* wu = Wu + e * I * (H / 2);
+    const unsigned char* su = Su + e * I * (H / 32);
+    for (int p0 = pair_off[u]; p0 < pair_off[u + 1]; p0 += 8) {
+        int np = min(8, pair_off[u + 1] - p0);
+        if (np == 1) moe_gate_up_pass<1>(wg, sg, wu, su, pair_tok, p0, np, x, h, i0, H, I);
+        else if (np == 2) moe_gate_up_pass<2>(wg, sg, wu, su, pair_tok, p0, np, x, h, i0, H, I);
+        else if (np <= 4) moe_gate_up_pass<4>(wg, sg, wu, su, pair_tok, p0, np, x, h, i0, H, I);
+        else moe_gate_up_pass<8>(wg, sg, wu, su, pair_tok, p0, np, x, h, i0, H, I);
+    }
+}
+
+template <int T>
+__device__ __forceinline__ void moe_down_pass(const unsigned char* Wd, const unsigned char* Sd, const float* pair_w,
+                                              int p0, int np, const float* h, float* out, int n0, int H, int I) {
+    int xrow[T];
+#pragma unroll
+    for (int t = 0; t < T; t++) xrow[t] = p0 + min(t, np - 1);
+    float acc[RM][T];
+    mxfp4_rows_acc<T, RM>(Wd, Sd, h, xrow, n0, H, I, acc);
+    if ((threadIdx.x & 31) == 0)
+#pragma unroll
+        for (int r = 0; r < RM; r++)
+#pragma unroll
+            for (int t = 0; t < T; t++)
+                if (n0 + r < H && t < np) out[(size_t)(p0 + t) * H + n0 + r] = acc[r][t] * pair_w[p0 + t];
+}
+
+extern "C" __global__ void __launch_bounds__(256) moe_down_mxfp4_v2(
+    const unsigned char* __restrict__ Wd, const unsigned char* __restrict__ Sd, const int* __restrict__ experts,
+    const int* __restrict__ pair_off, const float* __restrict__ pair_w, const float* __restrict__ h,
+    float* __restrict__ out, int H, int I) {
+    int n0 = (blockIdx.x * WARPS + (threadIdx.x >> 5)) * RM, u = blockIdx.y;
+    if (n0 >= H) return;
+    size_t e = (size_t)experts[u];
+    const unsigned char* wd = Wd + e * H * (I / 2);
+    const unsigned char* sd = Sd + e * H * (I / 32);
+    for (int p0 = pair_off[u]; p0 < pair_off[u + 1]; p0 += 8) {
+        int np = min(8, pair_off[u + 1] - p0);
+        if (np == 1) moe_down_pass<1>(wd, sd, pair_w, p0, np, h, out, n0, H, I);
+        else if (np == 2) moe_down_pass<2>(wd, sd, pair_w, p0, np, h, out, n0, H, I);
+        else if (np <= 4) moe_down_pass<4>(wd, sd, pair_w, p0, np, h, out, n0, H, I);
+        else moe_down_pass<8>(wd, sd, pair_w, p0, np, h, out, n0, H, I);
+    }
 }

@@ -81,10 +81,11 @@ fn main() {
         let w = s.alloc_zeros::<u8>(rows * cols / 2).unwrap();
         let sc = s.clone_htod(&vec![127u8; rows * cols / 32]).unwrap();
         let mut y = s.alloc_zeros::<f32>(8 * rows).unwrap();
-        for t in [1usize, 8] {
-            let ms = time(20, &mut |_| k.gemv_mxfp4(&w, &sc, &x, &mut y, rows, cols, t).unwrap());
+        for t in [1usize, 2, 4, 8] {
             let b = (rows * cols / 2 + rows * cols / 32) as f64;
-            println!("mxfp4  T={t:<2} {:>10.1} MB {ms:8.3} ms {:7.0} GB/s {:5.1}%  ({rows}x{cols})", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, 100.0 * b / (ms as f64 * 1e-3) / copy_bw);
+            let ms1 = time(20, &mut |_| k.gemv_mxfp4_v1(&w, &sc, &x, &mut y, rows, cols, t).unwrap());
+            let ms = time(20, &mut |_| k.gemv_mxfp4(&w, &sc, &x, &mut y, rows, cols, t).unwrap());
+            println!("mxfp4  T={t:<2} {:>10.1} MB {ms:8.3} ms {:7.0} GB/s {:5.1}%  ({rows}x{cols}; one-row-per-warp v1: {:.1}%)", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, 100.0 * b / (ms as f64 * 1e-3) / copy_bw, 100.0 * b / (ms1 as f64 * 1e-3) / copy_bw);
         }
     }
     drop(y);
@@ -126,11 +127,12 @@ fn main() {
                 })
                 .collect();
             let dev: Vec<_> = routings.iter().map(|r| k.upload_routing(r, e).unwrap()).collect();
+            let ms1 = time(20, &mut |run| k.moe_mxfp4_with(false, &w, &dev[run % dev.len()], &x, &mut scratch, &mut y).unwrap());
             let ms = time(20, &mut |run| k.moe_mxfp4(&w, &dev[run % dev.len()], &x, &mut scratch, &mut y).unwrap());
             let used = routings.iter().map(|r| r.experts.len()).sum::<usize>() as f64 / routings.len() as f64;
             let b = used * w.expert_bytes() as f64;
             let bw = b / (ms as f64 * 1e-3);
-            println!("{t:>6} {used:>8.1} {:>10.1} {ms:>8.3} {:>8.0} {:>9.1}%", b / 1e6, bw / 1e9, 100.0 * bw / copy_bw);
+            println!("{t:>6} {used:>8.1} {:>10.1} {ms:>8.3} {:>8.0} {:>9.1}%   (v1: {:.1}%)", b / 1e6, bw / 1e9, 100.0 * bw / copy_bw, 100.0 * b / (ms1 as f64 * 1e-3) / copy_bw);
         }
     }
 }

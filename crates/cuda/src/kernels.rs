@@ -18,8 +18,12 @@ pub struct Kernels {
     bf16: CudaFunction,
     fp8: CudaFunction,
     mxfp4: CudaFunction,
+    /// MXFP4 GEMV v2 for 1, 2, 4, 8 tokens (4 rows per warp).
+    mxfp4_t: [CudaFunction; 4],
     gate_up: CudaFunction,
     down: CudaFunction,
+    gate_up_v2: CudaFunction,
+    down_v2: CudaFunction,
     combine: CudaFunction,
     /// The PTX came from the on-disk cache.
     pub cached: bool,
@@ -132,8 +136,11 @@ impl Kernels {
             bf16: f("gemv_bf16")?,
             fp8: f("gemv_fp8")?,
             mxfp4: f("gemv_mxfp4")?,
+            mxfp4_t: [f("gemv_mxfp4_t1")?, f("gemv_mxfp4_t2")?, f("gemv_mxfp4_t4")?, f("gemv_mxfp4_t8")?],
             gate_up: f("moe_gate_up_mxfp4")?,
             down: f("moe_down_mxfp4")?,
+            gate_up_v2: f("moe_gate_up_mxfp4_v2")?,
+            down_v2: f("moe_down_mxfp4_v2")?,
             combine: f("moe_combine")?,
             cached,
         })
@@ -189,6 +196,20 @@ impl Kernels {
         check(k % 32 == 0 && w.len() >= n * k / 2 && s.len() >= n * k / 32, || format!("gemv_mxfp4: bad shapes {n}x{k}"))?;
         let (ni, ki) = (n as i32, k as i32);
         Self::per_pass(x, y, n, k, t, |xs, mut ys, tt| {
+            // The smallest compiled token count that covers this pass.
+            let v = match tt { 1 => 0, 2 => 1, 3 | 4 => 2, _ => 3 };
+            let mut b = self.stream.launch_builder(&self.mxfp4_t[v]);
+            b.arg(w).arg(s).arg(&xs).arg(&mut ys).arg(&ni).arg(&ki).arg(&tt);
+            let cfg = LaunchConfig { grid_dim: ((n as u32).div_ceil(ROWS_PER_BLOCK * 4), 1, 1), block_dim: (32 * ROWS_PER_BLOCK, 1, 1), shared_mem_bytes: 0 };
+            unsafe { b.launch(cfg) }.map(|_| ()).map_err(drv("gemv_mxfp4"))
+        })
+    }
+
+    /// The first MXFP4 GEMV (one row per warp), kept for comparison in the bench.
+    pub fn gemv_mxfp4_v1(&self, w: &CudaSlice<u8>, s: &CudaSlice<u8>, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>, n: usize, k: usize, t: usize) -> Result<()> {
+        check(k % 32 == 0 && w.len() >= n * k / 2 && s.len() >= n * k / 32, || format!("gemv_mxfp4: bad shapes {n}x{k}"))?;
+        let (ni, ki) = (n as i32, k as i32);
+        Self::per_pass(x, y, n, k, t, |xs, mut ys, tt| {
             let mut b = self.stream.launch_builder(&self.mxfp4);
             b.arg(w).arg(s).arg(&xs).arg(&mut ys).arg(&ni).arg(&ki).arg(&tt);
             unsafe { b.launch(Self::rows_cfg(n, 1)) }.map(|_| ()).map_err(drv("gemv_mxfp4"))
@@ -221,6 +242,12 @@ impl Kernels {
     /// The MXFP4 MoE decode: `y[t] = sum_s w[t,s] * down_e(silu(gate_e x_t) * up_e x_t)` over
     /// token t's routed experts e (slot order), for x [T, H] -> y [T, H].
     pub fn moe_mxfp4(&self, w: &MoeWeights, r: &DeviceRouting, x: &CudaSlice<f32>, scratch: &mut MoeScratch, y: &mut CudaSlice<f32>) -> Result<()> {
+        self.moe_mxfp4_with(true, w, r, x, scratch, y)
+    }
+
+    /// `v2`: 4 rows per warp and per-expert compile-time token counts; `false` runs the first,
+    /// one-row-per-warp kernels (kept for comparison in the bench).
+    pub fn moe_mxfp4_with(&self, v2: bool, w: &MoeWeights, r: &DeviceRouting, x: &CudaSlice<f32>, scratch: &mut MoeScratch, y: &mut CudaSlice<f32>) -> Result<()> {
         let (h, i) = (w.hidden, w.inter);
         check(h % 32 == 0 && i % 32 == 0, || format!("MoE dims {h}, {i} must be multiples of 32"))?;
         check(scratch.h.len() >= r.num_pairs * i && scratch.out.len() >= r.num_pairs * h, || "MoE scratch too small".into())?;
@@ -230,12 +257,14 @@ impl Kernels {
             return Ok(());
         }
         let (hh, ii) = (h as i32, i as i32);
-        let mut b = self.stream.launch_builder(&self.gate_up);
+        let rows = if v2 { 4 } else { 1 };
+        let cfg_rows = |n: usize| LaunchConfig { grid_dim: ((n as u32).div_ceil(ROWS_PER_BLOCK * rows), u, 1), block_dim: (32 * ROWS_PER_BLOCK, 1, 1), shared_mem_bytes: 0 };
+        let mut b = self.stream.launch_builder(if v2 { &self.gate_up_v2 } else { &self.gate_up });
         b.arg(&w.gate).arg(&w.gate_s).arg(&w.up).arg(&w.up_s).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_tok).arg(x).arg(&mut scratch.h).arg(&hh).arg(&ii);
-        unsafe { b.launch(Self::rows_cfg(i, u)) }.map_err(drv("moe_gate_up_mxfp4"))?;
-        let mut b = self.stream.launch_builder(&self.down);
+        unsafe { b.launch(cfg_rows(i)) }.map_err(drv("moe_gate_up_mxfp4"))?;
+        let mut b = self.stream.launch_builder(if v2 { &self.down_v2 } else { &self.down });
         b.arg(&w.down).arg(&w.down_s).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_w).arg(&scratch.h).arg(&mut scratch.out).arg(&hh).arg(&ii);
-        unsafe { b.launch(Self::rows_cfg(h, u)) }.map_err(drv("moe_down_mxfp4"))?;
+        unsafe { b.launch(cfg_rows(h)) }.map_err(drv("moe_down_mxfp4"))?;
         let mut b = self.stream.launch_builder(&self.combine);
         let topk = r.top_k as i32;
         b.arg(&scratch.out).arg(&r.tok_pairs).arg(&mut *y).arg(&hh).arg(&topk);

@@ -71,7 +71,7 @@ fn nvrtc_compiles_the_kernels() {
     let opts = cudarc::nvrtc::CompileOptions { arch: Some("sm_90a"), options: vec!["--std=c++17".into()], ..Default::default() };
     let ptx = cudarc::nvrtc::compile_ptx_with_opts(src, opts).expect("gemv.cu compiles for sm_90a");
     let text = ptx.to_src();
-    for k in ["gemv_bf16", "gemv_fp8", "gemv_mxfp4", "moe_gate_up_mxfp4", "moe_down_mxfp4", "moe_combine"] {
+    for k in ["gemv_bf16", "gemv_fp8", "gemv_mxfp4", "gemv_mxfp4_t1", "gemv_mxfp4_t2", "gemv_mxfp4_t4", "gemv_mxfp4_t8", "moe_gate_up_mxfp4", "moe_down_mxfp4", "moe_gate_up_mxfp4_v2", "moe_down_mxfp4_v2", "moe_combine"] {
         assert!(text.contains(&format!(".entry {k}")), "kernel {k} missing from the PTX");
     }
 }
@@ -153,6 +153,8 @@ fn mxfp4_moe_decode_matches_the_cpu_reference() {
         let xd = g.stream.clone_htod(&x).unwrap();
         let mut y = poisoned(&g, t * h);
         kern.moe_mxfp4(&w, &dr, &xd, &mut scratch, &mut y).unwrap();
+        let mut y1 = poisoned(&g, t * h);
+        kern.moe_mxfp4_with(false, &w, &dr, &xd, &mut scratch, &mut y1).unwrap();
         // CPU: for each token and slot, down(silu(gate x) * up x) * weight, summed in slot order.
         let mut want = vec![0f32; t * h];
         for (ti, c) in choices.iter().enumerate() {
@@ -168,6 +170,7 @@ fn mxfp4_moe_decode_matches_the_cpu_reference() {
             }
         }
         assert_close(&format!("moe mxfp4 T={t}"), &g.stream.clone_dtoh(&y).unwrap(), &want);
+        assert_close(&format!("moe mxfp4 (v1) T={t}"), &g.stream.clone_dtoh(&y1).unwrap(), &want);
     }
 }
 
