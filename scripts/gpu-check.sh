@@ -10,8 +10,15 @@ if [[ "${1:-}" == "--build" ]]; then
     exe=$(cargo test --release -p peregrine-cuda --test kernels --no-run --message-format=json 2>/dev/null \
         | python3 -c 'import json,sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable")][-1])')
     cp "$exe" .bin/cuda-kernels
+    exe=$(cargo test --release -p peregrine-cuda --test model --no-run --message-format=json 2>/dev/null \
+        | python3 -c 'import json,sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable")][-1])')
+    cp "$exe" .bin/cuda-model
+    # Without the embedded model (the tree carries models/ already; the carry limit is 64 MiB).
+    cargo build --release -p peregrine-server --no-default-features --target-dir target/gpu-check
+    strip -o .bin/peregrine target/gpu-check/release/peregrine
+    strip .bin/cuda-kernels .bin/cuda-model
     cargo build --release -p peregrine-cuda --example bench
-    cp target/release/examples/bench .bin/cuda-bench
+    strip -o .bin/cuda-bench target/release/examples/bench
     ls -la .bin
     exit 0
 fi
@@ -22,5 +29,26 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$LOG
 echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)" | tee -a "$LOG/device.txt"
 status=0
 .bin/cuda-kernels --nocapture --test-threads 1 2>&1 | tee "$LOG/kernels.log" || status=1
+.bin/cuda-model --nocapture --test-threads 1 2>&1 | tee "$LOG/model.log" || status=1
+# End to end over HTTP: the same greedy completions from --device cuda and --device cpu.
+e2e() {  # $1 device, $2 port, $3.. model args
+    local dev=$1 port=$2; shift 2
+    PEREGRINE_CACHE_DIR=/tmp/pcache .bin/peregrine serve "$@" --device "$dev" --port "$port" --speculative-model none \
+        > "$LOG/serve-$dev-$port.log" 2>&1 &
+    local pid=$!
+    for _ in $(seq 1 120); do curl -sf "localhost:$port/health" >/dev/null && break; sleep 0.5; done
+    for prompt in 'def fibonacci(n):\n' 'import os\n\ndef list_python_files(path):\n' 'class Stack:\n'; do
+        curl -s "localhost:$port/v1/completions" -H 'content-type: application/json' \
+            -d "{\"prompt\":\"$prompt\",\"max_tokens\":64,\"temperature\":0}" | python3 -c 'import json,sys; print(json.dumps(json.load(sys.stdin)["choices"][0]["text"]))'
+    done
+    kill $pid; wait $pid 2>/dev/null || true
+}
+for m in models/peregrine-mimo-tiny tests/fixtures/golden/default; do
+    e2e cuda 8201 $m > "$LOG/e2e-cuda.txt"; e2e cpu 8202 $m > "$LOG/e2e-cpu.txt"
+    echo "e2e $m: cuda"; cat "$LOG/e2e-cuda.txt"
+    if cmp -s "$LOG/e2e-cuda.txt" "$LOG/e2e-cpu.txt" && [ -s "$LOG/e2e-cuda.txt" ]; then echo "e2e $m: identical to --device cpu"; else echo "e2e $m: DIFFERS from --device cpu:"; cat "$LOG/e2e-cpu.txt"; status=1; fi
+done > "$LOG/e2e.log"
+cat "$LOG/e2e.log"
+grep -q DIFFERS "$LOG/e2e.log" && status=1
 .bin/cuda-bench 2>&1 | tee "$LOG/bench.log" || status=1
 exit $status

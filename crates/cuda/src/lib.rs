@@ -5,11 +5,13 @@
 //! against the CPU reference on the GPU machine (`scripts/gpu-check.sh`) and benchmarked
 //! against the device's copy bandwidth (`examples/bench.rs`).
 //!
-//! Not yet here: the `Backend` implementation (attention, norms, router, sampling, graphs).
+//! [`CudaModel`] implements the `Backend` for the whole model, correctness first (see its docs).
 
+pub mod backend;
 pub mod compile;
 pub mod device;
 pub mod kernels;
 
+pub use backend::CudaModel;
 pub use device::{probe, Gpu};
 pub use kernels::{Kernels, MoeRouting};

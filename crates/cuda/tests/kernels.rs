@@ -71,6 +71,15 @@ fn nvrtc_compiles_the_kernels() {
     let opts = cudarc::nvrtc::CompileOptions { arch: Some("sm_90a"), options: vec!["--std=c++17".into()], ..Default::default() };
     let ptx = cudarc::nvrtc::compile_ptx_with_opts(src, opts).expect("gemv.cu compiles for sm_90a");
     let text = ptx.to_src();
+    let ops = cudarc::nvrtc::compile_ptx_with_opts(
+        peregrine_cuda::compile::OPS_CU,
+        cudarc::nvrtc::CompileOptions { arch: Some("sm_90a"), options: vec!["--std=c++17".into()], ..Default::default() },
+    )
+    .expect("ops.cu compiles for sm_90a")
+    .to_src();
+    for k in ["embed", "rms_norm", "add_bias", "add_inplace", "rope", "kv_write", "attention", "silu_mul", "gather_rows", "scatter_add_scaled", "gemv_f32"] {
+        assert!(ops.contains(&format!(".entry {k}")), "kernel {k} missing from the PTX");
+    }
     for k in ["gemv_bf16", "gemv_fp8", "gemv_mxfp4", "gemv_mxfp4_t1", "gemv_mxfp4_t2", "gemv_mxfp4_t4", "gemv_mxfp4_t8", "moe_gate_up_mxfp4", "moe_down_mxfp4", "moe_gate_up_mxfp4_v2", "moe_down_mxfp4_v2", "moe_combine"] {
         assert!(text.contains(&format!(".entry {k}")), "kernel {k} missing from the PTX");
     }

@@ -12,6 +12,12 @@ pub trait WeightSource: Send + Sync {
     /// A 1-D tensor (norm weights, biases, sinks, router bias) as f32.
     fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>>;
     fn contains(&self, name: &str) -> bool;
+    /// The tensor exactly as stored (format, shape, bytes), for backends that keep stored
+    /// formats on the device. None when the source has no such stored tensor.
+    fn stored(&self, name: &str) -> Option<crate::checkpoint::TensorView<'_>> {
+        let _ = name;
+        None
+    }
 }
 
 /// A [`WeightSource`] over a safetensors [`Checkpoint`]. Understands:
@@ -205,5 +211,9 @@ impl WeightSource for SafetensorsWeights {
 
     fn contains(&self, name: &str) -> bool {
         self.ckpt.contains(name) || self.ckpt.contains(&self.resolve_alias(name))
+    }
+
+    fn stored(&self, name: &str) -> Option<TensorView<'_>> {
+        self.ckpt.get(name).ok()
     }
 }

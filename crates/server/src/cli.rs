@@ -124,21 +124,8 @@ pub fn init_logging(format: LogFormat) {
 
 /// Loads the model and starts the engine (blocking; runs on a worker thread).
 pub fn load(args: &ServeArgs) -> anyhow::Result<Ready> {
-    match args.device {
-        Device::Cpu => {}
-        Device::Cuda => {
-            // Say first whether there is a GPU at all; then what the CUDA backend lacks.
-            let gpu = peregrine_cuda::probe(0)?;
-            bail!(
-                "found {} (sm_{}{}), but the CUDA backend only has its decode kernels so far, not the model forward; run with `--device cpu`",
-                gpu.name,
-                gpu.capability.0,
-                gpu.capability.1
-            );
-        }
-    }
     if args.tp != 1 {
-        bail!("--tp {} needs the CUDA backend; the CPU backend runs with --tp 1", args.tp);
+        bail!("--tp {} is not supported yet (one GPU or the CPU)", args.tp);
     }
     let (path, default_name) = match &args.model {
         Some(m) => (m.clone(), m.trim_end_matches('/').to_owned()),
@@ -162,7 +149,6 @@ pub fn load(args: &ServeArgs) -> anyhow::Result<Ready> {
         .transpose()
         .context("invalid chat template")?;
     let t0 = std::time::Instant::now();
-    let mut model = peregrine_cpu::CpuModel::load(&files.spec, files.weights.as_ref()).context("loading weights")?;
     let drafter_dir = match args.speculative_model.as_deref() {
         Some("none") => None,
         Some(p) => Some(std::path::PathBuf::from(p)),
@@ -171,15 +157,35 @@ pub fn load(args: &ServeArgs) -> anyhow::Result<Ready> {
     if args.speculative_block_size.is_some() && drafter_dir.is_none() {
         bail!("--speculative-block-size needs a drafter (--speculative-model PATH, or a model with a dflash/ subfolder)");
     }
-    if let Some(dir) = &drafter_dir {
-        let draft = peregrine_model::dflash::open_drafter(dir).with_context(|| format!("cannot open the drafter in {}", dir.display()))?;
-        model.attach_drafter(&draft).with_context(|| format!("drafter {} does not fit this model", dir.display()))?;
-        tracing::info!(drafter = %dir.display(), block_size = args.speculative_block_size.map_or(draft.spec.block_size, usize::from), layers = draft.spec.layers.len(), "DFlash speculative decoding on");
-    }
+    let backend: Box<dyn peregrine_core::backend::Backend> = match args.device {
+        Device::Cpu => {
+            let mut model = peregrine_cpu::CpuModel::load(&files.spec, files.weights.as_ref()).context("loading weights")?;
+            if let Some(dir) = &drafter_dir {
+                let draft = peregrine_model::dflash::open_drafter(dir).with_context(|| format!("cannot open the drafter in {}", dir.display()))?;
+                model.attach_drafter(&draft).with_context(|| format!("drafter {} does not fit this model", dir.display()))?;
+                tracing::info!(drafter = %dir.display(), block_size = args.speculative_block_size.map_or(draft.spec.block_size, usize::from), layers = draft.spec.layers.len(), "DFlash speculative decoding on");
+            }
+            Box::new(model)
+        }
+        Device::Cuda => {
+            let gpu = peregrine_cuda::probe(0)?;
+            tracing::info!(gpu = %gpu.name, capability = ?gpu.capability, "CUDA device");
+            if let Some(dir) = &drafter_dir {
+                if args.speculative_model.is_some() {
+                    bail!("speculative decoding runs on the CPU backend only so far; drop --speculative-model {} or use --device cpu", dir.display());
+                }
+                tracing::warn!(drafter = %dir.display(), "the model's drafter is not used: speculative decoding runs on the CPU backend only so far");
+            }
+            if args.speculative_block_size.is_some() {
+                bail!("--speculative-block-size needs the CPU backend so far");
+            }
+            Box::new(peregrine_cuda::CudaModel::load(gpu, &files.spec, files.weights.as_ref()).context("loading weights onto the GPU")?)
+        }
+    };
     if let Some(p) = spinner {
         p.finish_and_clear();
     }
-    tracing::info!(model = %default_name, params = files.spec.num_parameters(), secs = t0.elapsed().as_secs_f32(), "weights loaded (cpu)");
+    tracing::info!(model = %default_name, params = files.spec.num_parameters(), secs = t0.elapsed().as_secs_f32(), backend = backend.name(), "weights loaded");
     let max_model_len = args.max_model_len.unwrap_or(files.spec.max_position_embeddings.min(8192));
     if max_model_len > files.spec.max_position_embeddings {
         bail!("--max-model-len {max_model_len} exceeds the model's max_position_embeddings {}", files.spec.max_position_embeddings);
@@ -193,7 +199,7 @@ pub fn load(args: &ServeArgs) -> anyhow::Result<Ready> {
         speculative_block_size: args.speculative_block_size.map(usize::from),
         ..EngineConfig::default()
     };
-    let engine = start_engine(Box::new(model), Arc::new(tokenizer), config)?;
+    let engine = start_engine(backend, Arc::new(tokenizer), config)?;
     Ok(Ready {
         engine,
         template,

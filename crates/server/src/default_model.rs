@@ -13,6 +13,7 @@ macro_rules! model_file {
 /// parameters, MXFP4 experts, with a 1.8M-parameter DFlash drafter; see its model card).
 pub const NAME: &str = "peregrine-mimo-tiny";
 
+#[cfg(feature = "embedded-model")]
 const FILES: &[(&str, &[u8])] = &[
     model_file!("config.json"),
     model_file!("generation_config.json"),
@@ -25,6 +26,9 @@ const FILES: &[(&str, &[u8])] = &[
     model_file!("dflash/config.json"),
     model_file!("dflash/model.safetensors"),
 ];
+/// A build without the `embedded-model` feature (e.g. a small binary for a GPU machine).
+#[cfg(not(feature = "embedded-model"))]
+const FILES: &[(&str, &[u8])] = &[];
 
 fn fnv1a(bytes: &[u8], mut h: u64) -> u64 {
     for b in bytes {
@@ -36,6 +40,7 @@ fn fnv1a(bytes: &[u8], mut h: u64) -> u64 {
 
 /// Unpacks the embedded files (once per content) and returns the directory.
 pub fn unpack() -> anyhow::Result<PathBuf> {
+    anyhow::ensure!(!FILES.is_empty(), "this build has no embedded model (built without the `embedded-model` feature): give a MODEL");
     let hash = FILES.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, (n, b)| fnv1a(b, fnv1a(n.as_bytes(), h)));
     let base = std::env::var_os("PEREGRINE_CACHE_DIR")
         .map(PathBuf::from)
