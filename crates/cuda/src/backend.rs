@@ -136,7 +136,22 @@ fn load_ffn(s: &Arc<CudaStream>, w: &dyn WeightSource, p: &str, h: usize, i: usi
 }
 
 impl CudaModel {
+    /// Uploads the weights. Running out of GPU memory is reported with the numbers.
     pub fn load(gpu: Gpu, spec: &ModelSpec, w: &dyn WeightSource) -> Result<CudaModel> {
+        let (free0, total) = gpu.ctx.mem_get_info().map_err(drv)?;
+        Self::load_inner(gpu, spec, w).map_err(|e| {
+            if e.to_string().contains("OUT_OF_MEMORY") {
+                Error::Backend(format!(
+                    "the GPU ran out of memory while loading the weights of a {}-parameter model: {free0} of {total} bytes were free (run with `--device cpu`, or use a larger GPU)",
+                    spec.num_parameters()
+                ))
+            } else {
+                e
+            }
+        })
+    }
+
+    fn load_inner(gpu: Gpu, spec: &ModelSpec, w: &dyn WeightSource) -> Result<CudaModel> {
         let s = gpu.stream.clone();
         let kernels = Kernels::load(&gpu)?;
         let (ptx, _) = compile::ptx("ops", compile::OPS_CU, nvrtc_arch(gpu.capability))?;
