@@ -60,6 +60,40 @@ pub struct SeqForward {
     pub output: OutputRows,
 }
 
+/// The flattened rows (sequence after sequence, token after token) whose logits a batch asks
+/// for, and how many of them belong to each sequence.
+pub fn output_rows(batch: &[SeqForward]) -> (Vec<usize>, Vec<usize>) {
+    let mut want = Vec::new();
+    let mut counts = Vec::with_capacity(batch.len());
+    let mut r0 = 0;
+    for s in batch {
+        let len = s.tokens.len();
+        let before = want.len();
+        match s.output {
+            OutputRows::None => {}
+            OutputRows::Last if len > 0 => want.push(r0 + len - 1),
+            OutputRows::Last => {}
+            OutputRows::All => want.extend(r0..r0 + len),
+        }
+        counts.push(want.len() - before);
+        r0 += len;
+    }
+    (want, counts)
+}
+
+/// Splits `rows x vocab` logits, in `output_rows` order, into one `Logits` per sequence.
+pub fn split_logits(data: &[f32], counts: &[usize], vocab: usize) -> Vec<Logits> {
+    let mut off = 0;
+    counts
+        .iter()
+        .map(|&c| {
+            let l = Logits { rows: c, data: data[off * vocab..(off + c) * vocab].to_vec() };
+            off += c;
+            l
+        })
+        .collect()
+}
+
 /// Logits returned for one sequence: `rows` rows of `vocab_size` f32 each, in position order.
 #[derive(Debug, Clone, Default)]
 pub struct Logits {

@@ -516,21 +516,7 @@ impl Backend for CpuModel {
             d.write_context(&features, &positions, &slots, &mut self.draft_kv);
         }
         // Logits only for the rows asked for.
-        let mut want = Vec::new();
-        let mut counts = Vec::with_capacity(batch.len());
-        let mut r0 = 0;
-        for s in batch {
-            let len = s.tokens.len();
-            let sel: Vec<usize> = match s.output {
-                OutputRows::None => vec![],
-                OutputRows::Last if len > 0 => vec![r0 + len - 1],
-                OutputRows::Last => vec![],
-                OutputRows::All => (r0..r0 + len).collect(),
-            };
-            counts.push(sel.len());
-            want.extend(sel);
-            r0 += len;
-        }
+        let (want, counts) = peregrine_core::backend::output_rows(batch);
         let mut sel_x = Vec::with_capacity(want.len() * h);
         for &r in &want {
             sel_x.extend_from_slice(&x[r * h..(r + 1) * h]);
@@ -538,13 +524,7 @@ impl Backend for CpuModel {
         let normed = rms_norm(&sel_x, &self.final_norm, self.spec.rms_norm_eps);
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let logits = matmul(&normed, want.len(), head, v, h);
-        let mut out = Vec::with_capacity(batch.len());
-        let mut off = 0;
-        for c in counts {
-            out.push(Logits { rows: c, data: logits[off * v..(off + c) * v].to_vec() });
-            off += c;
-        }
-        Ok(out)
+        Ok(peregrine_core::backend::split_logits(&logits, &counts, v))
     }
 
     fn name(&self) -> &str {

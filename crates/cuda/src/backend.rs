@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream, CudaFunction, LaunchConfig, PushKernelArg};
-use peregrine_core::backend::{Backend, KvBlockBytes, KvConfig, Logits, OutputRows, SeqForward, NULL_BLOCK};
+use peregrine_core::backend::{Backend, KvBlockBytes, KvConfig, Logits, SeqForward, NULL_BLOCK};
 use peregrine_core::{AttentionKind, AttentionSpec, DType, Error, MlpSpec, ModelSpec, MoeSpec, QkvLayout, Result};
 use peregrine_model::weights::WeightSource;
 
@@ -507,22 +507,8 @@ impl Backend for CudaModel {
             self.add_inplace(&mut x, &m, n * h)?;
         }
         // Logits for the rows asked for.
-        let mut want = Vec::new();
-        let mut counts = Vec::with_capacity(batch.len());
-        let mut r0 = 0;
-        for s in batch {
-            let len = s.tokens.len();
-            let sel: Vec<i32> = match s.output {
-                OutputRows::None => vec![],
-                OutputRows::Last if len > 0 => vec![(r0 + len - 1) as i32],
-                OutputRows::Last => vec![],
-                OutputRows::All => (r0..r0 + len).map(|r| r as i32).collect(),
-            };
-            counts.push(sel.len());
-            want.extend(sel);
-            r0 += len;
-        }
-        let mut out = Vec::with_capacity(batch.len());
+        let (want, counts) = peregrine_core::backend::output_rows(batch);
+        let want: Vec<i32> = want.into_iter().map(|r| r as i32).collect();
         let data = if want.is_empty() {
             Vec::new()
         } else {
@@ -540,12 +526,7 @@ impl Backend for CudaModel {
             };
             st.clone_dtoh(&logits).map_err(drv)?
         };
-        let mut off = 0;
-        for c in counts {
-            out.push(Logits { rows: c, data: data[off * vocab..(off + c) * vocab].to_vec() });
-            off += c;
-        }
-        Ok(out)
+        Ok(peregrine_core::backend::split_logits(&data, &counts, vocab))
     }
 
     fn name(&self) -> &str {
