@@ -145,3 +145,84 @@ extern "C" __global__ void gemv_f32(const float* __restrict__ W, const float* __
     for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
     if (lane == 0) y[(size_t)t * N + n] = s;
 }
+
+// dst[r, off + j] = src[r, j] for j < D (dst rows of width W): building concatenated features.
+extern "C" __global__ void copy_cols(const float* __restrict__ src, float* __restrict__ dst, int D, int W, int off) {
+    int r = blockIdx.x;
+    for (int j = threadIdx.x; j < D; j += blockDim.x) dst[(size_t)r * W + off + j] = src[(size_t)r * D + j];
+}
+
+// x[rows[j], :] = v (e.g. the MASK embedding), then nothing else.
+extern "C" __global__ void fill_rows(float* __restrict__ x, const int* __restrict__ rows, const float* __restrict__ v, int D) {
+    int j = blockIdx.x;
+    for (int i = threadIdx.x; i < D; i += blockDim.x) x[(size_t)rows[j] * D + i] = v[i];
+}
+
+// a[i] *= s
+extern "C" __global__ void scale(float* __restrict__ a, float s, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) a[i] *= s;
+}
+
+// DFlash draft attention, one warp per (block row, head): keys are the drafter's context K/V in
+// the paged pool at positions [lo, start) of the row's sequence, then the block's own rows
+// (first .. first + nb), at positions start .. start + nb - 1. Visible: kpos <= qpos when causal,
+// |qpos - kpos| < window when windowed. Online softmax, optional sinks.
+extern "C" __global__ void draft_attention(const float* __restrict__ q, const float* __restrict__ kb, const float* __restrict__ vb,
+                                           const float* __restrict__ kc, const float* __restrict__ vc, float* __restrict__ o,
+                                           const int* __restrict__ row_seq, const int* __restrict__ row_idx,
+                                           const int* __restrict__ seq_start, const int* __restrict__ seq_first,
+                                           const int* __restrict__ seq_nb, const int* __restrict__ tables, int max_blocks,
+                                           int block_size, int heads, int kv_heads, int hd, int vd, int window, int causal,
+                                           float scale, const float* __restrict__ sinks) {
+    int r = blockIdx.x, h = blockIdx.y, lane = threadIdx.x;
+    int kvh = h / (heads / kv_heads);
+    int s = row_seq[r], start = seq_start[s], first = seq_first[s], nb = seq_nb[s];
+    int qpos = start + row_idx[r];
+    const float* qv = q + ((size_t)r * heads + h) * hd;
+    const int* table = tables + (size_t)s * max_blocks;
+    float m = __int_as_float(0xff800000u), l = 0.f;
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    int lo = window > 0 ? max(0, qpos - window + 1) : 0;
+    for (int j = lo; j < start + nb; j++) {
+        if (causal && j > qpos) break;
+        if (window > 0 && abs(qpos - j) >= window) { if (j > qpos) break; else continue; }
+        const float *kv, *vv;
+        if (j < start) {
+            size_t slot = (size_t)table[j / block_size] * block_size + j % block_size;
+            kv = kc + (slot * kv_heads + kvh) * hd;
+            vv = vc + (slot * kv_heads + kvh) * vd;
+        } else {
+            size_t br = (size_t)(first + j - start);
+            kv = kb + (br * kv_heads + kvh) * hd;
+            vv = vb + (br * kv_heads + kvh) * vd;
+        }
+        float d = 0.f;
+        for (int i = lane; i < hd; i += 32) d += qv[i] * kv[i];
+        for (int o2 = 16; o2 > 0; o2 >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o2);
+        float sc = d * scale;
+        float mn = fmaxf(m, sc);
+        float corr = __expf(m - mn), pe = __expf(sc - mn);
+        l = l * corr + pe;
+#pragma unroll
+        for (int c = 0; c < 4; c++) {
+            int i = lane + 32 * c;
+            acc[c] = acc[c] * corr + (i < vd ? pe * vv[i] : 0.f);
+        }
+        m = mn;
+    }
+    if (sinks) {
+        float sc = sinks[h];
+        float mn = fmaxf(m, sc);
+        float corr = __expf(m - mn);
+        l = l * corr + __expf(sc - mn);
+#pragma unroll
+        for (int c = 0; c < 4; c++) acc[c] *= corr;
+    }
+    float* ov = o + ((size_t)r * heads + h) * vd;
+#pragma unroll
+    for (int c = 0; c < 4; c++) {
+        int i = lane + 32 * c;
+        if (i < vd) ov[i] = acc[c] / l;
+    }
+}

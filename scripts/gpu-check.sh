@@ -31,9 +31,10 @@ status=0
 .bin/cuda-kernels --nocapture --test-threads 1 2>&1 | tee "$LOG/kernels.log" || status=1
 .bin/cuda-model --nocapture --test-threads 1 2>&1 | tee "$LOG/model.log" || status=1
 # End to end over HTTP: the same greedy completions from --device cuda and --device cpu.
-e2e() {  # $1 device, $2 port, $3.. model args
-    local dev=$1 port=$2; shift 2
-    PEREGRINE_CACHE_DIR=/tmp/pcache .bin/peregrine serve "$@" --device "$dev" --port "$port" --speculative-model none \
+e2e() {  # $1 device, $2 port, $3 speculative model (none: off; default: the model's own), $4.. model args
+    local dev=$1 port=$2 spec=$3; shift 3
+    local sflag=(--speculative-model "$spec"); [ "$spec" = default ] && sflag=()
+    PEREGRINE_CACHE_DIR=/tmp/pcache .bin/peregrine serve "$@" --device "$dev" --port "$port" "${sflag[@]}" \
         > "$LOG/serve-$dev-$port.log" 2>&1 &
     local pid=$!
     for _ in $(seq 1 120); do curl -sf "localhost:$port/health" >/dev/null && break; sleep 0.5; done
@@ -41,14 +42,22 @@ e2e() {  # $1 device, $2 port, $3.. model args
         curl -s "localhost:$port/v1/completions" -H 'content-type: application/json' \
             -d "{\"prompt\":\"$prompt\",\"max_tokens\":64,\"temperature\":0}" | python3 -c 'import json,sys; print(json.dumps(json.load(sys.stdin)["choices"][0]["text"]))'
     done
+    curl -s "localhost:$port/metrics" | grep -E "^vllm:spec_decode_num_(drafts|accepted_tokens)_total" > "$LOG/metrics-$dev-$port.txt" || true
     kill $pid; wait $pid 2>/dev/null || true
 }
 for m in models/peregrine-mimo-tiny tests/fixtures/golden/default; do
-    e2e cuda 8201 $m > "$LOG/e2e-cuda.txt"; e2e cpu 8202 $m > "$LOG/e2e-cpu.txt"
+    e2e cuda 8201 none $m > "$LOG/e2e-cuda.txt"; e2e cpu 8202 none $m > "$LOG/e2e-cpu.txt"
     echo "e2e $m: cuda"; cat "$LOG/e2e-cuda.txt"
     if cmp -s "$LOG/e2e-cuda.txt" "$LOG/e2e-cpu.txt" && [ -s "$LOG/e2e-cuda.txt" ]; then echo "e2e $m: identical to --device cpu"; else echo "e2e $m: DIFFERS from --device cpu:"; cat "$LOG/e2e-cpu.txt"; status=1; fi
 done > "$LOG/e2e.log"
 cat "$LOG/e2e.log"
+# Speculation on the GPU (the demo model's own drafter) must not change greedy output either.
+e2e cuda 8203 default models/peregrine-mimo-tiny > "$LOG/e2e-cuda-spec.txt"
+e2e cpu 8204 none models/peregrine-mimo-tiny > "$LOG/e2e-cpu.txt"
+if cmp -s "$LOG/e2e-cuda-spec.txt" "$LOG/e2e-cpu.txt" && [ -s "$LOG/e2e-cpu.txt" ]; then echo "e2e demo with DFlash on cuda: identical to --device cpu without speculation"; else echo "e2e demo with DFlash on cuda: DIFFERS"; cat "$LOG/e2e-cuda-spec.txt"; fi >> "$LOG/e2e.log"
+cat "$LOG/metrics-cuda-8203.txt" >> "$LOG/e2e.log"
+grep -q 'accepted_tokens_total{[^}]*} [1-9]' "$LOG/metrics-cuda-8203.txt" || echo "e2e: no draft accepted on cuda: DIFFERS" >> "$LOG/e2e.log"
+tail -3 "$LOG/e2e.log"
 grep -q DIFFERS "$LOG/e2e.log" && status=1
 .bin/cuda-bench 2>&1 | tee "$LOG/bench.log" || status=1
 exit $status

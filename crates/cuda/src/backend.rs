@@ -13,39 +13,40 @@ use peregrine_model::weights::WeightSource;
 
 use crate::compile;
 use crate::device::{nvrtc_arch, Gpu};
+use crate::draft::Drafter;
 use crate::kernels::Kernels;
 
-fn drv(e: cudarc::driver::DriverError) -> Error {
+pub(crate) fn drv(e: cudarc::driver::DriverError) -> Error {
     Error::Backend(format!("CUDA: {e}"))
 }
 
 /// A weight matrix [n, k] on the GPU, in the format it was stored in when a kernel reads it.
-enum GpuMatrix {
+pub(crate) enum GpuMatrix {
     F32(CudaSlice<f32>),
     Bf16(CudaSlice<u16>),
     Fp8 { w: CudaSlice<u8>, s: CudaSlice<f32> },
     Mxfp4 { w: CudaSlice<u8>, s: CudaSlice<u8> },
 }
 
-struct Mat {
-    m: GpuMatrix,
-    n: usize,
-    k: usize,
+pub(crate) struct Mat {
+    pub(crate) m: GpuMatrix,
+    pub(crate) n: usize,
+    pub(crate) k: usize,
 }
 
-struct Attn {
-    spec: AttentionSpec,
-    q: Mat,
-    k: Mat,
-    v: Mat,
-    bias: Option<(CudaSlice<f32>, CudaSlice<f32>, CudaSlice<f32>)>,
-    q_norm: Option<CudaSlice<f32>>,
-    k_norm: Option<CudaSlice<f32>>,
-    o: Mat,
-    sinks: Option<CudaSlice<f32>>,
+pub(crate) struct Attn {
+    pub(crate) spec: AttentionSpec,
+    pub(crate) q: Mat,
+    pub(crate) k: Mat,
+    pub(crate) v: Mat,
+    pub(crate) bias: Option<(CudaSlice<f32>, CudaSlice<f32>, CudaSlice<f32>)>,
+    pub(crate) q_norm: Option<CudaSlice<f32>>,
+    pub(crate) k_norm: Option<CudaSlice<f32>>,
+    pub(crate) o: Mat,
+    pub(crate) sinks: Option<CudaSlice<f32>>,
 }
 
-struct Ffn {
+pub(crate) struct Ffn {
     gate: Mat,
     up: Mat,
     down: Mat,
@@ -64,8 +65,8 @@ struct Layer {
     swa: bool,
 }
 
-struct Ops {
-    embed: CudaFunction,
+pub(crate) struct Ops {
+    pub(crate) embed: CudaFunction,
     rms_norm: CudaFunction,
     add_bias: CudaFunction,
     add_inplace: CudaFunction,
@@ -73,32 +74,39 @@ struct Ops {
     kv_write: CudaFunction,
     attention: CudaFunction,
     silu_mul: CudaFunction,
-    gather_rows: CudaFunction,
+    pub(crate) gather_rows: CudaFunction,
     scatter_add_scaled: CudaFunction,
     gemv_f32: CudaFunction,
+    pub(crate) copy_cols: CudaFunction,
+    pub(crate) fill_rows: CudaFunction,
+    pub(crate) scale: CudaFunction,
+    pub(crate) draft_attention: CudaFunction,
 }
 
 pub struct CudaModel {
-    spec: ModelSpec,
+    pub(crate) spec: ModelSpec,
     gpu: Gpu,
-    stream: Arc<CudaStream>,
+    pub(crate) stream: Arc<CudaStream>,
     kernels: Kernels,
-    ops: Ops,
-    embed: CudaSlice<f32>,
-    lm_head: Option<Mat>,
-    final_norm: CudaSlice<f32>,
+    pub(crate) ops: Ops,
+    pub(crate) embed: CudaSlice<f32>,
+    pub(crate) lm_head: Option<Mat>,
+    pub(crate) final_norm: CudaSlice<f32>,
     layers: Vec<Layer>,
     /// Per layer: K and V pools [slots, kv_heads, dim].
     kv: Vec<(CudaSlice<f32>, CudaSlice<f32>)>,
-    kv_config: Option<KvConfig>,
+    pub(crate) kv_config: Option<KvConfig>,
+    pub(crate) drafter: Option<Drafter>,
+    /// The drafter's context K/V per drafter layer, indexed like the full-attention group.
+    pub(crate) draft_kv: Vec<(CudaSlice<f32>, CudaSlice<f32>)>,
 }
 
-fn upload<T: cudarc::driver::DeviceRepr>(s: &Arc<CudaStream>, v: &[T]) -> Result<CudaSlice<T>> {
+pub(crate) fn upload<T: cudarc::driver::DeviceRepr>(s: &Arc<CudaStream>, v: &[T]) -> Result<CudaSlice<T>> {
     s.clone_htod(v).map_err(drv)
 }
 
 /// Loads `name` [rows, cols] in its stored format when a kernel reads that format at this shape.
-fn load_mat(s: &Arc<CudaStream>, w: &dyn WeightSource, name: &str, rows: usize, cols: usize) -> Result<Mat> {
+pub(crate) fn load_mat(s: &Arc<CudaStream>, w: &dyn WeightSource, name: &str, rows: usize, cols: usize) -> Result<Mat> {
     let base = name.strip_suffix(".weight").unwrap_or(name);
     if let Some(t) = w.stored(name) {
         match t.dtype {
@@ -127,7 +135,7 @@ fn load_mat(s: &Arc<CudaStream>, w: &dyn WeightSource, name: &str, rows: usize, 
     Ok(Mat { m: GpuMatrix::F32(upload(s, &w.matrix(name, rows, cols)?)?), n: rows, k: cols })
 }
 
-fn load_ffn(s: &Arc<CudaStream>, w: &dyn WeightSource, p: &str, h: usize, i: usize) -> Result<Ffn> {
+pub(crate) fn load_ffn(s: &Arc<CudaStream>, w: &dyn WeightSource, p: &str, h: usize, i: usize) -> Result<Ffn> {
     Ok(Ffn {
         gate: load_mat(s, w, &format!("{p}.gate_proj.weight"), i, h)?,
         up: load_mat(s, w, &format!("{p}.up_proj.weight"), i, h)?,
@@ -169,6 +177,10 @@ impl CudaModel {
             gather_rows: f("gather_rows")?,
             scatter_add_scaled: f("scatter_add_scaled")?,
             gemv_f32: f("gemv_f32")?,
+            copy_cols: f("copy_cols")?,
+            fill_rows: f("fill_rows")?,
+            scale: f("scale")?,
+            draft_attention: f("draft_attention")?,
         };
         let h = spec.hidden_size;
         let mut layers = Vec::with_capacity(spec.layers.len());
@@ -239,6 +251,8 @@ impl CudaModel {
             layers,
             kv: Vec::new(),
             kv_config: None,
+            drafter: None,
+            draft_kv: Vec::new(),
         })
     }
 
@@ -246,11 +260,11 @@ impl CudaModel {
         &self.gpu
     }
 
-    fn zeros(&self, n: usize) -> Result<CudaSlice<f32>> {
+    pub(crate) fn zeros(&self, n: usize) -> Result<CudaSlice<f32>> {
         self.stream.alloc_zeros(n.max(1)).map_err(drv)
     }
 
-    fn matvec(&self, m: &Mat, x: &CudaSlice<f32>, t: usize) -> Result<CudaSlice<f32>> {
+    pub(crate) fn matvec(&self, m: &Mat, x: &CudaSlice<f32>, t: usize) -> Result<CudaSlice<f32>> {
         let mut y = self.zeros(t * m.n)?;
         match &m.m {
             GpuMatrix::Bf16(w) => self.kernels.gemv_bf16(w, x, &mut y, m.n, m.k, t)?,
@@ -261,7 +275,7 @@ impl CudaModel {
         Ok(y)
     }
 
-    fn gemv_f32(&self, w: &CudaSlice<f32>, n: usize, k: usize, x: &CudaSlice<f32>, t: usize) -> Result<CudaSlice<f32>> {
+    pub(crate) fn gemv_f32(&self, w: &CudaSlice<f32>, n: usize, k: usize, x: &CudaSlice<f32>, t: usize) -> Result<CudaSlice<f32>> {
         let mut y = self.zeros(t * n)?;
         let (ni, ki, tt) = (n as i32, k as i32, t as i32);
         let mut b = self.stream.launch_builder(&self.ops.gemv_f32);
@@ -271,7 +285,7 @@ impl CudaModel {
         Ok(y)
     }
 
-    fn rms_norm(&self, x: &CudaSlice<f32>, w: &CudaSlice<f32>, rows: usize, d: usize) -> Result<CudaSlice<f32>> {
+    pub(crate) fn rms_norm(&self, x: &CudaSlice<f32>, w: &CudaSlice<f32>, rows: usize, d: usize) -> Result<CudaSlice<f32>> {
         let mut y = self.zeros(rows * d)?;
         self.rms_norm_into(x, w, &mut y, rows, d)?;
         Ok(y)
@@ -285,7 +299,7 @@ impl CudaModel {
         Ok(())
     }
 
-    fn add_inplace(&self, a: &mut CudaSlice<f32>, b2: &CudaSlice<f32>, n: usize) -> Result<()> {
+    pub(crate) fn add_inplace(&self, a: &mut CudaSlice<f32>, b2: &CudaSlice<f32>, n: usize) -> Result<()> {
         let nn = n as i32;
         let mut b = self.stream.launch_builder(&self.ops.add_inplace);
         b.arg(a).arg(b2).arg(&nn);
@@ -293,7 +307,7 @@ impl CudaModel {
         Ok(())
     }
 
-    fn ffn(&self, f: &Ffn, x: &CudaSlice<f32>, t: usize) -> Result<CudaSlice<f32>> {
+    pub(crate) fn ffn(&self, f: &Ffn, x: &CudaSlice<f32>, t: usize) -> Result<CudaSlice<f32>> {
         let g = self.matvec(&f.gate, x, t)?;
         let u = self.matvec(&f.up, x, t)?;
         let n = t * f.gate.n;
@@ -324,23 +338,11 @@ impl CudaModel {
             q = self.rms_norm(&q, qn, n * s.num_heads, s.head_dim)?;
             k = self.rms_norm(&k, kn, n * s.num_kv_heads, s.head_dim)?;
         }
-        let half = s.rope.rotary_dim.div_ceil(2);
-        if half > 0 {
-            for (t, heads) in [(&mut q, s.num_heads), (&mut k, s.num_kv_heads)] {
-                let (hh, hd, hf, rd, th) = (heads as i32, s.head_dim as i32, half as i32, s.rope.rotary_dim as i32, s.rope.theta as f32);
-                let mut b = self.stream.launch_builder(&self.ops.rope);
-                b.arg(&mut *t).arg(&meta.pos).arg(&hh).arg(&hd).arg(&hf).arg(&rd).arg(&th);
-                unsafe { b.launch(LaunchConfig { grid_dim: (n as u32, heads as u32, 1), block_dim: (half.next_multiple_of(32) as u32, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
-            }
-        }
+        self.rope(&mut q, &meta.pos, n, s.num_heads, &s)?;
+        self.rope(&mut k, &meta.pos, n, s.num_kv_heads, &s)?;
         let (kc, vc) = &self.kv[li];
         let slots = if l.swa { &meta.swa_slots } else { &meta.full_slots };
-        {
-            let (kd, vd, vs) = (s.k_dim() as i32, s.v_dim() as i32, s.value_scale);
-            let mut b = self.stream.launch_builder(&self.ops.kv_write);
-            b.arg(&k).arg(&v).arg(kc).arg(vc).arg(slots).arg(&kd).arg(&vd).arg(&vs);
-            unsafe { b.launch(LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
-        }
+        self.kv_write(&k, &v, kc, vc, slots, n, &s)?;
         let mut o = self.zeros(n * s.o_dim())?;
         {
             let tables = if l.swa { &meta.swa_tables } else { &meta.full_tables };
@@ -356,6 +358,29 @@ impl CudaModel {
             unsafe { b.launch(LaunchConfig { grid_dim: (n as u32, s.num_heads as u32, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
         }
         self.matvec(&a.o, &o, n)
+    }
+
+    /// Rotate-half RoPE of `heads` head vectors per row at the rows' positions.
+    pub(crate) fn rope(&self, t: &mut CudaSlice<f32>, pos: &CudaSlice<i32>, n: usize, heads: usize, s: &AttentionSpec) -> Result<()> {
+        let half = s.rope.rotary_dim.div_ceil(2);
+        if half == 0 {
+            return Ok(());
+        }
+        let (hh, hd, hf, rd, th) = (heads as i32, s.head_dim as i32, half as i32, s.rope.rotary_dim as i32, s.rope.theta as f32);
+        let mut b = self.stream.launch_builder(&self.ops.rope);
+        b.arg(t).arg(pos).arg(&hh).arg(&hd).arg(&hf).arg(&rd).arg(&th);
+        unsafe { b.launch(LaunchConfig { grid_dim: (n as u32, heads as u32, 1), block_dim: (half.next_multiple_of(32) as u32, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
+        Ok(())
+    }
+
+    /// K/V rows into paged pools (V times the value scale).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn kv_write(&self, k: &CudaSlice<f32>, v: &CudaSlice<f32>, kc: &CudaSlice<f32>, vc: &CudaSlice<f32>, slots: &CudaSlice<i64>, n: usize, s: &AttentionSpec) -> Result<()> {
+        let (kd, vd, vs) = (s.k_dim() as i32, s.v_dim() as i32, s.value_scale);
+        let mut b = self.stream.launch_builder(&self.ops.kv_write);
+        b.arg(k).arg(v).arg(kc).arg(vc).arg(slots).arg(&kd).arg(&vd).arg(&vs);
+        unsafe { b.launch(LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
+        Ok(())
     }
 
     fn moe(&self, spec: &MoeSpec, router: &Mat, bias: Option<&[f32]>, experts: &[Ffn], hn: &CudaSlice<f32>, n: usize) -> Result<CudaSlice<f32>> {
@@ -408,6 +433,9 @@ impl Backend for CudaModel {
             let per = block_size * (l.attn.spec.k_dim() + l.attn.spec.v_dim()) * 4;
             if l.swa { b.swa += per } else { b.full += per }
         }
+        if let Some(d) = &self.drafter {
+            b.full += block_size * d.kv_floats_per_token() * 4;
+        }
         b
     }
 
@@ -420,7 +448,9 @@ impl Backend for CudaModel {
                 let blocks = if l.swa { config.num_swa_blocks } else { config.num_full_blocks };
                 blocks * config.block_size * (l.attn.spec.k_dim() + l.attn.spec.v_dim()) * 4
             })
-            .sum();
+            .sum::<usize>()
+            + self.drafter.as_ref().map_or(0, |d| config.num_full_blocks * config.block_size * d.kv_floats_per_token() * 4);
+        self.draft_kv.clear();
         let (free, total) = self.gpu.ctx.mem_get_info().map_err(drv)?;
         if bytes > free {
             return Err(Error::Backend(format!(
@@ -432,6 +462,13 @@ impl Backend for CudaModel {
             let slots = (blocks * config.block_size).max(1);
             let s = &l.attn.spec;
             self.kv.push((self.zeros(slots * s.k_dim())?, self.zeros(slots * s.v_dim())?));
+        }
+        if let Some(d) = &self.drafter {
+            let slots = (config.num_full_blocks * config.block_size).max(1);
+            for l in &d.layers {
+                let s = &l.attn.spec;
+                self.draft_kv.push((self.zeros(slots * s.k_dim())?, self.zeros(slots * s.v_dim())?));
+            }
         }
         self.kv_config = Some(config);
         Ok(())
@@ -495,6 +532,7 @@ impl Backend for CudaModel {
             b.arg(&self.embed).arg(&tok_d).arg(&mut x).arg(&hh);
             unsafe { b.launch(LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
         }
+        let mut features = None;
         for li in 0..self.layers.len() {
             let hn = self.rms_norm(&x, &self.layers[li].input_norm, n, h)?;
             let o = self.attention(li, &hn, n, &meta)?;
@@ -505,6 +543,10 @@ impl Backend for CudaModel {
                 Mlp::Moe { spec, router, bias, experts } => self.moe(spec, router, bias.as_deref(), experts, &hn, n)?,
             };
             self.add_inplace(&mut x, &m, n * h)?;
+            self.capture(li, &x, n, &mut features)?;
+        }
+        if let Some(f) = &features {
+            self.write_draft_context(f, n, &meta.pos, &meta.full_slots)?;
         }
         // Logits for the rows asked for.
         let (want, counts) = peregrine_core::backend::output_rows(batch);
@@ -531,5 +573,13 @@ impl Backend for CudaModel {
 
     fn name(&self) -> &str {
         "cuda"
+    }
+
+    fn draft_spec(&self) -> Option<&peregrine_core::DraftSpec> {
+        self.drafter.as_ref().map(|d| &d.spec)
+    }
+
+    fn draft(&mut self, batch: &[peregrine_core::backend::DraftForward]) -> Result<Vec<Vec<u32>>> {
+        self.draft_pass(batch)
     }
 }

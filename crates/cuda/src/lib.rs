@@ -10,6 +10,7 @@
 pub mod backend;
 pub mod compile;
 pub mod device;
+mod draft;
 pub mod kernels;
 
 pub use backend::CudaModel;

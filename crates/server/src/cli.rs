@@ -170,16 +170,13 @@ pub fn load(args: &ServeArgs) -> anyhow::Result<Ready> {
         Device::Cuda => {
             let gpu = peregrine_cuda::probe(0)?;
             tracing::info!(gpu = %gpu.name, capability = ?gpu.capability, "CUDA device");
+            let mut model = peregrine_cuda::CudaModel::load(gpu, &files.spec, files.weights.as_ref()).context("loading weights onto the GPU")?;
             if let Some(dir) = &drafter_dir {
-                if args.speculative_model.is_some() {
-                    bail!("speculative decoding runs on the CPU backend only so far; drop --speculative-model {} or use --device cpu", dir.display());
-                }
-                tracing::warn!(drafter = %dir.display(), "the model's drafter is not used: speculative decoding runs on the CPU backend only so far");
+                let draft = peregrine_model::dflash::open_drafter(dir).with_context(|| format!("cannot open the drafter in {}", dir.display()))?;
+                model.attach_drafter(&draft).with_context(|| format!("drafter {} does not fit this model", dir.display()))?;
+                tracing::info!(drafter = %dir.display(), layers = draft.spec.layers.len(), "DFlash speculative decoding on (cuda)");
             }
-            if args.speculative_block_size.is_some() {
-                bail!("--speculative-block-size needs the CPU backend so far");
-            }
-            Box::new(peregrine_cuda::CudaModel::load(gpu, &files.spec, files.weights.as_ref()).context("loading weights onto the GPU")?)
+            Box::new(model)
         }
     };
     if let Some(p) = spinner {
