@@ -135,6 +135,24 @@ pub(crate) fn load_mat(s: &Arc<CudaStream>, w: &dyn WeightSource, name: &str, ro
     Ok(Mat { m: GpuMatrix::F32(upload(s, &w.matrix(name, rows, cols)?)?), n: rows, k: cols })
 }
 
+/// MiMo-V2.5-Pro's fused `qkv_proj` (rows grouped per KV head: [Q of its heads | K | V]) split
+/// into q, k and v as exact f32 (a 128-row FP8 scale block may straddle K and V, so the split is
+/// done after decoding, as the CPU reference does).
+fn split_fused_qkv(s: &Arc<CudaStream>, w: &dyn WeightSource, pa: &str, a: &AttentionSpec, h: usize) -> Result<(Mat, Mat, Mat)> {
+    let fused = w.matrix(&format!("{pa}.qkv_proj.weight"), a.q_dim() + a.k_dim() + a.v_dim(), h)?;
+    let qpg = a.num_heads / a.num_kv_heads * a.head_dim;
+    let group = qpg + a.head_dim + a.v_head_dim;
+    let (mut q, mut k, mut v) = (Vec::new(), Vec::new(), Vec::new());
+    for g in 0..a.num_kv_heads {
+        let base = g * group * h;
+        q.extend_from_slice(&fused[base..base + qpg * h]);
+        k.extend_from_slice(&fused[base + qpg * h..base + (qpg + a.head_dim) * h]);
+        v.extend_from_slice(&fused[base + (qpg + a.head_dim) * h..base + group * h]);
+    }
+    let m = |d: Vec<f32>, n: usize| -> Result<Mat> { Ok(Mat { m: GpuMatrix::F32(upload(s, &d)?), n, k: h }) };
+    Ok((m(q, a.q_dim())?, m(k, a.k_dim())?, m(v, a.v_dim())?))
+}
+
 pub(crate) fn load_ffn(s: &Arc<CudaStream>, w: &dyn WeightSource, p: &str, h: usize, i: usize) -> Result<Ffn> {
     Ok(Ffn {
         gate: load_mat(s, w, &format!("{p}.gate_proj.weight"), i, h)?,
@@ -186,9 +204,6 @@ impl CudaModel {
         let mut layers = Vec::with_capacity(spec.layers.len());
         for (li, ls) in spec.layers.iter().enumerate() {
             let a = ls.attention;
-            if a.qkv_layout == QkvLayout::FusedPerKvHead {
-                return Err(Error::Unsupported("fused qkv_proj on the CUDA backend (use the CPU backend)".into()));
-            }
             if a.v_head_dim > 128 {
                 return Err(Error::Unsupported(format!("V head dim {} > 128 on the CUDA backend", a.v_head_dim)));
             }
@@ -203,11 +218,19 @@ impl CudaModel {
             } else {
                 None
             };
+            let (q, k, v) = match a.qkv_layout {
+                QkvLayout::Separate => (
+                    load_mat(&s, w, &format!("{pa}.q_proj.weight"), a.q_dim(), h)?,
+                    load_mat(&s, w, &format!("{pa}.k_proj.weight"), a.k_dim(), h)?,
+                    load_mat(&s, w, &format!("{pa}.v_proj.weight"), a.v_dim(), h)?,
+                ),
+                QkvLayout::FusedPerKvHead => split_fused_qkv(&s, w, &pa, &a, h)?,
+            };
             let attn = Attn {
                 spec: a,
-                q: load_mat(&s, w, &format!("{pa}.q_proj.weight"), a.q_dim(), h)?,
-                k: load_mat(&s, w, &format!("{pa}.k_proj.weight"), a.k_dim(), h)?,
-                v: load_mat(&s, w, &format!("{pa}.v_proj.weight"), a.v_dim(), h)?,
+                q,
+                k,
+                v,
                 bias,
                 q_norm: if a.qk_norm { Some(upload(&s, &w.vector(&format!("{pa}.q_norm.weight"), a.head_dim)?)?) } else { None },
                 k_norm: if a.qk_norm { Some(upload(&s, &w.vector(&format!("{pa}.k_norm.weight"), a.head_dim)?)?) } else { None },
