@@ -122,6 +122,8 @@ pub struct EngineConfig {
     /// Speculative block size (the last token plus `n - 1` drafts) when the backend has a
     /// drafter; None takes the drafter's own. Ignored without a drafter.
     pub speculative_block_size: Option<usize>,
+    /// The `model_name` label of the metrics (the served model name); None: the model type.
+    pub model_name: Option<String>,
 }
 
 impl Default for EngineConfig {
@@ -135,6 +137,7 @@ impl Default for EngineConfig {
             max_waiting: 1024,
             enable_prefix_caching: true,
             speculative_block_size: None,
+            model_name: None,
         }
     }
 }

@@ -84,7 +84,7 @@ pub fn start_engine(mut backend: Box<dyn Backend>, tokenizer: SharedTokenizer, c
         speculative_block = spec_block,
         "KV cache allocated"
     );
-    let metrics = Arc::new(Metrics::new(&spec.model_type));
+    let metrics = Arc::new(Metrics::new(config.model_name.as_deref().unwrap_or(&spec.model_type)));
     let kv = KvManager::new(num_full, num_swa, bs, window, config.enable_prefix_caching);
     let (tx, rx) = mpsc::channel();
     let waiting = Arc::new(AtomicUsize::new(0));

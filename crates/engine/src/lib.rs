@@ -40,7 +40,8 @@
 //! - Stop strings: decoded text that could begin a stop string is held back; a match ends the
 //!   request and is never sent. Stop token ids / EOS are sent as token ids, not as text.
 //!   At least one token is always generated (`max_tokens == 0` behaves as 1: the server clamps).
-//! - [`metrics`]: vLLM names (`vllm:*`, const label `model_name` = the spec's model_type) and
+//! - [`metrics`]: vLLM names (`vllm:*`, const label `model_name` = `EngineConfig::model_name`, the
+//!   served model name, else the spec's model_type) and
 //!   `peregrine:*` extras (step duration, batch size, tokens per step); histograms start at
 //!   100 µs. Read them with `EngineHandle::render_metrics()` or `registry()`.
 

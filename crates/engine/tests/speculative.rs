@@ -58,6 +58,7 @@ fn config() -> EngineConfig {
         max_waiting: 256,
         enable_prefix_caching: true,
         speculative_block_size: None,
+        model_name: None,
     }
 }
 

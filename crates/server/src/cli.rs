@@ -194,6 +194,7 @@ pub fn load(args: &ServeArgs) -> anyhow::Result<Ready> {
         kv_cache_memory_bytes: args.kv_cache_memory,
         max_waiting: args.max_waiting,
         speculative_block_size: args.speculative_block_size.map(usize::from),
+        model_name: Some(args.served_model_name.clone().unwrap_or_else(|| default_name.clone())),
         ..EngineConfig::default()
     };
     let engine = start_engine(backend, Arc::new(tokenizer), config)?;

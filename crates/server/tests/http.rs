@@ -286,4 +286,7 @@ async fn embedded_default_model_completes_python() {
     let details = &v["usage"]["completion_tokens_details"];
     assert!(details["accepted_prediction_tokens"].as_u64().unwrap() > 0, "{v}");
     assert!(s.metric("vllm:spec_decode_num_drafts_total").await > 0.0);
+    // Metrics carry the served model name, as vLLM's do.
+    let text = s.client.get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(text.contains("vllm:generation_tokens_total{model_name=\"peregrine-mimo-tiny\"}"), "{text}");
 }
