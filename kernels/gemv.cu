@@ -251,14 +251,25 @@ extern "C" __global__ void moe_down_mxfp4(const unsigned char* __restrict__ Wd, 
     }
 }
 
-// MoE decode, phase 3: y[t, n] = sum over t's pairs (in slot order) of out[p, n]; deterministic.
-// tok_pairs[t * topk + s] is the pair index of token t's slot s. Grid: (ceil(H / 256), T).
+// MoE decode, phase 3: y[t, n] = sum over t's pairs of out[p, n], in ascending pair order
+// (pairs are grouped by ascending expert, so this is the CPU reference's expert order);
+// deterministic. tok_pairs[t * topk + s] is the pair index of token t's slot s.
+// Grid: (ceil(H / 256), T).
 extern "C" __global__ void moe_combine(const float* __restrict__ out, const int* __restrict__ tok_pairs,
                                        float* __restrict__ y, int H, int topk) {
     int n = blockIdx.x * blockDim.x + threadIdx.x, t = blockIdx.y;
     if (n >= H) return;
     float s = 0.f;
-    for (int k = 0; k < topk; k++) s += out[(size_t)tok_pairs[t * topk + k] * H + n];
+    int last = -1;
+    for (int k = 0; k < topk; k++) {
+        int next = 0x7fffffff;
+        for (int j = 0; j < topk; j++) {
+            int p = tok_pairs[t * topk + j];
+            if (p > last && p < next) next = p;
+        }
+        s += out[(size_t)next * H + n];
+        last = next;
+    }
     y[(size_t)t * H + n] = s;
 }
 
@@ -432,3 +443,158 @@ extern "C" __global__ void __launch_bounds__(256) moe_down_mxfp4_v2(
         else moe_down_pass<8>(wd, sd, pair_w, p0, np, h, out, n0, H, I);
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Tensor-core GEMV for BF16 and FP8 weights (any T; 8*NT tokens per pass), K % 128 == 0.
+// mma.sync m16n8k16 (bf16 in, f32 accumulate): A = 16 weight rows (FP8 expanded to BF16
+// exactly), B = 8 tokens of x. x is f32, so it is split into hi + lo BF16 parts (split_bf16)
+// and each tile takes two MMAs: products are exact and x keeps ~16 mantissa bits, which keeps
+// the result within ~1e-5 of f32 arithmetic. The dot product does not care about the order of
+// k, so each lane owns 16 consecutive k of a 64-k chunk (one 16-byte load per row for FP8): mma
+// step s uses the lane's elements s*4..s*4+3 as the fragment's k pairs {2q,2q+1} and {2q+8,2q+9},
+// for A and B alike. Block: 8 warps on the same 16 rows, splitting K in 128-wide blocks (FP8's
+// scale blocks, applied per block), reduced through shared memory in a fixed order.
+
+__device__ __forceinline__ unsigned short f32_to_bf16_rn(float v) {
+    unsigned u = __float_as_uint(v);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (unsigned short)(u >> 16);
+}
+
+// x [n] f32 -> xh = bf16(x), xl = bf16(x - xh).
+extern "C" __global__ void split_bf16(const float* __restrict__ x, unsigned short* __restrict__ xh, unsigned short* __restrict__ xl, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float v = x[i];
+    unsigned short h = f32_to_bf16_rn(v);
+    xh[i] = h;
+    xl[i] = f32_to_bf16_rn(v - __uint_as_float((unsigned)h << 16));
+}
+
+// Two FP8 e4m3 (low byte = first element) -> two BF16 (low half = first), exactly.
+__device__ __forceinline__ unsigned fp8x2_to_bf16x2(unsigned v) {
+#if __CUDA_ARCH__ >= 890
+    unsigned h;
+    unsigned short s = (unsigned short)v;
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h) : "h"(s));
+    // f16 normal -> bf16: exponent rebias (+112), mantissa >> 3 (e4m3 values are f16 normals).
+    unsigned t = (h >> 3) & 0x0fff0fffu;
+    unsigned add = ((t & 0xffffu) ? 0x3800u : 0u) | ((t >> 16) ? 0x38000000u : 0u);
+    return (t + add) | (h & 0x80008000u);
+#else
+    unsigned lo = __float_as_uint(e4m3_to_f32(v & 0xffu)) >> 16, hi = __float_as_uint(e4m3_to_f32((v >> 8) & 0xffu)) >> 16;
+    return lo | (hi << 16);
+#endif
+}
+
+__device__ __forceinline__ void mma_bf16(float c[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+#define MMA_WARPS 8
+
+template <int NT, bool FP8>
+__device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, const float* __restrict__ S,
+                                         const unsigned short* __restrict__ XH, const unsigned short* __restrict__ XL,
+                                         float* __restrict__ y, int N, int K, int T) {
+    __shared__ float red[MMA_WARPS][16 * NT * 8];
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane >> 2, q = lane & 3;
+    int n0 = blockIdx.x * 16, t0 = blockIdx.y * NT * 8;
+    int r0 = min(n0 + g, N - 1), r1 = min(n0 + g + 8, N - 1);  // loads clamped, stores guarded
+    int KB = K / 128;
+    float acc[NT][4];
+#pragma unroll
+    for (int tt = 0; tt < NT; tt++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) acc[tt][i] = 0.f;
+    for (int kb = w; kb < KB; kb += MMA_WARPS) {
+        float part[NT][4];
+#pragma unroll
+        for (int tt = 0; tt < NT; tt++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) part[tt][i] = 0.f;
+#pragma unroll
+        for (int c = 0; c < 2; c++) {
+            int k = kb * 128 + c * 64 + q * 16;
+            unsigned a0[8], a1[8];
+            if (FP8) {
+                uint4 v0 = __ldg(reinterpret_cast<const uint4*>(W + (size_t)r0 * K + k));
+                uint4 v1 = __ldg(reinterpret_cast<const uint4*>(W + (size_t)r1 * K + k));
+                unsigned u0[4] = {v0.x, v0.y, v0.z, v0.w}, u1[4] = {v1.x, v1.y, v1.z, v1.w};
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    a0[2 * i] = fp8x2_to_bf16x2(u0[i] & 0xffffu);
+                    a0[2 * i + 1] = fp8x2_to_bf16x2(u0[i] >> 16);
+                    a1[2 * i] = fp8x2_to_bf16x2(u1[i] & 0xffffu);
+                    a1[2 * i + 1] = fp8x2_to_bf16x2(u1[i] >> 16);
+                }
+            } else {
+                const uint4* p0 = reinterpret_cast<const uint4*>(reinterpret_cast<const unsigned short*>(W) + (size_t)r0 * K + k);
+                const uint4* p1 = reinterpret_cast<const uint4*>(reinterpret_cast<const unsigned short*>(W) + (size_t)r1 * K + k);
+                uint4 x0 = __ldg(p0), x1 = __ldg(p0 + 1), y0 = __ldg(p1), y1 = __ldg(p1 + 1);
+                a0[0] = x0.x; a0[1] = x0.y; a0[2] = x0.z; a0[3] = x0.w; a0[4] = x1.x; a0[5] = x1.y; a0[6] = x1.z; a0[7] = x1.w;
+                a1[0] = y0.x; a1[1] = y0.y; a1[2] = y0.z; a1[3] = y0.w; a1[4] = y1.x; a1[5] = y1.y; a1[6] = y1.z; a1[7] = y1.w;
+            }
+#pragma unroll
+            for (int tt = 0; tt < NT; tt++) {
+                int t = t0 + tt * 8 + g;
+                unsigned bh[8], bl[8];
+                if (t < T) {
+                    const uint4* ph = reinterpret_cast<const uint4*>(XH + (size_t)t * K + k);
+                    const uint4* pl = reinterpret_cast<const uint4*>(XL + (size_t)t * K + k);
+                    uint4 h0 = __ldg(ph), h1 = __ldg(ph + 1), l0 = __ldg(pl), l1 = __ldg(pl + 1);
+                    bh[0] = h0.x; bh[1] = h0.y; bh[2] = h0.z; bh[3] = h0.w; bh[4] = h1.x; bh[5] = h1.y; bh[6] = h1.z; bh[7] = h1.w;
+                    bl[0] = l0.x; bl[1] = l0.y; bl[2] = l0.z; bl[3] = l0.w; bl[4] = l1.x; bl[5] = l1.y; bl[6] = l1.z; bl[7] = l1.w;
+                } else {
+#pragma unroll
+                    for (int i = 0; i < 8; i++) { bh[i] = 0u; bl[i] = 0u; }
+                }
+                float* C = FP8 ? part[tt] : acc[tt];
+#pragma unroll
+                for (int s = 0; s < 4; s++) {
+                    mma_bf16(C, a0[2 * s], a1[2 * s], a0[2 * s + 1], a1[2 * s + 1], bh[2 * s], bh[2 * s + 1]);
+                    mma_bf16(C, a0[2 * s], a1[2 * s], a0[2 * s + 1], a1[2 * s + 1], bl[2 * s], bl[2 * s + 1]);
+                }
+            }
+        }
+        if (FP8) {
+            float sc = S[(size_t)(n0 / 128) * KB + kb];
+#pragma unroll
+            for (int tt = 0; tt < NT; tt++)
+#pragma unroll
+                for (int i = 0; i < 4; i++) acc[tt][i] += sc * part[tt][i];
+        }
+    }
+    // C fragment: c0 (row g, token 2q), c1 (g, 2q+1), c2 (g+8, 2q), c3 (g+8, 2q+1) of tile tt.
+    float* rw = red[w];
+#pragma unroll
+    for (int tt = 0; tt < NT; tt++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) rw[(g + (i >> 1) * 8) * (NT * 8) + tt * 8 + 2 * q + (i & 1)] = acc[tt][i];
+    __syncthreads();
+    for (int e = threadIdx.x; e < 16 * NT * 8; e += blockDim.x) {
+        float s = 0.f;
+#pragma unroll
+        for (int i = 0; i < MMA_WARPS; i++) s += red[i][e];
+        int n = n0 + e / (NT * 8), t = t0 + e % (NT * 8);
+        if (n < N && t < T) y[(size_t)t * N + n] = s;
+    }
+}
+
+#define GEMV_MMA(NT)                                                                                                      \
+    extern "C" __global__ void __launch_bounds__(256) gemv_mma_fp8_t##NT(                                                \
+        const unsigned char* __restrict__ W, const float* __restrict__ S, const unsigned short* __restrict__ XH,          \
+        const unsigned short* __restrict__ XL, float* __restrict__ y, int N, int K, int T) {                              \
+        gemv_mma<NT, true>(W, S, XH, XL, y, N, K, T);                                                                     \
+    }                                                                                                                     \
+    extern "C" __global__ void __launch_bounds__(256) gemv_mma_bf16_t##NT(                                               \
+        const unsigned char* __restrict__ W, const float* __restrict__ S, const unsigned short* __restrict__ XH,          \
+        const unsigned short* __restrict__ XL, float* __restrict__ y, int N, int K, int T) {                              \
+        gemv_mma<NT, false>(W, S, XH, XL, y, N, K, T);                                                                    \
+    }
+GEMV_MMA(1)
+GEMV_MMA(2)
+GEMV_MMA(4)
+GEMV_MMA(8)

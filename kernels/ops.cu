@@ -226,3 +226,335 @@ extern "C" __global__ void draft_attention(const float* __restrict__ q, const fl
         if (i < vd) ov[i] = acc[c] / l;
     }
 }
+
+// x[r, :] = table[tok[r], :] for a BF16 table (u16 bits).
+extern "C" __global__ void embed_bf16(const unsigned short* __restrict__ table, const int* __restrict__ tok, float* __restrict__ x, int H) {
+    int r = blockIdx.x;
+    for (int i = threadIdx.x; i < H; i += blockDim.x)
+        x[(size_t)r * H + i] = __uint_as_float((unsigned)table[(size_t)tok[r] * H + i] << 16);
+}
+
+// The residual add fused with the next RMSNorm: x[r] += a[r]; y[r] = w * (x[r] * rsqrt(mean(x[r]^2) + eps)).
+// Same arithmetic as add_inplace followed by rms_norm.
+extern "C" __global__ void add_rms_norm(float* __restrict__ x, const float* __restrict__ a, const float* __restrict__ w,
+                                        float* __restrict__ y, int D, float eps) {
+    __shared__ float sh[32];
+    size_t r = blockIdx.x;
+    float s = 0.f;
+    for (int i = threadIdx.x; i < D; i += blockDim.x) {
+        float v = x[r * D + i] + a[r * D + i];
+        x[r * D + i] = v;
+        s += v * v;
+    }
+    s = block_sum(s, sh);
+    float inv = 1.f / sqrtf(s / D + eps);
+    for (int i = threadIdx.x; i < D; i += blockDim.x) y[r * D + i] = w[i] * (x[r * D + i] * inv);
+}
+
+// Partial RoPE fused with the KV-cache write, one block per row: q rotated in place; k rotated
+// on its way into the paged pool; v scaled by vscale into the pool. Same arithmetic as rope +
+// kv_write.
+extern "C" __global__ void rope_kv_write(float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
+                                         float* __restrict__ kc, float* __restrict__ vc, const int* __restrict__ pos,
+                                         const long long* __restrict__ slot, int heads, int kv_heads, int hd, int vd,
+                                         int half, int rotary_dim, float theta, float vscale) {
+    int r = blockIdx.x;
+    float p = (float)pos[r];
+    size_t s = (size_t)slot[r];
+    for (int j = threadIdx.x; j < heads * half; j += blockDim.x) {
+        int h = j / half, i = j % half;
+        float f = 1.f / powf(theta, (float)(2 * i) / (float)rotary_dim);
+        float sn, c;
+        sincosf(p * f, &sn, &c);
+        float* qv = q + ((size_t)r * heads + h) * hd;
+        float a = qv[i], b = qv[i + half];
+        qv[i] = a * c - b * sn;
+        qv[i + half] = b * c + a * sn;
+    }
+    int kd = kv_heads * hd;
+    for (int j = threadIdx.x; j < kd; j += blockDim.x) {
+        int i = j % hd;
+        const float* kv = k + (size_t)r * kd + (j - i);
+        float out = kv[i];
+        if (i < 2 * half) {
+            int ii = i < half ? i : i - half;
+            float f = 1.f / powf(theta, (float)(2 * ii) / (float)rotary_dim);
+            float sn, c;
+            sincosf(p * f, &sn, &c);
+            float a = kv[ii], b = kv[ii + half];
+            out = i < half ? a * c - b * sn : b * c + a * sn;
+        }
+        kc[s * kd + j] = out;
+    }
+    int vdd = kv_heads * vd;
+    for (int j = threadIdx.x; j < vdd; j += blockDim.x) vc[s * vdd + j] = v[(size_t)r * vdd + j] * vscale;
+}
+
+// The MoE router of one token per block (HF MiMoV2FlashTopkRouter / DeepSeek-V3 noaux_tc, as
+// peregrine_cpu::model::route): scores = sigmoid (or softmax) of the logits; the choice adds the
+// correction bias; with n_group > 1 only the topk_group best groups (by the sum of their top-2)
+// compete; top-K by choice, ties to the lower index; weights = chosen unbiased scores,
+// normalised to sum 1 (+1e-20) when norm, times scale. Dynamic shared memory: 2 * E floats.
+__device__ __forceinline__ void block_argmax(float v, int i, float* sv, int* si, float* out_v, int* out_i) {
+    for (int o = 16; o > 0; o >>= 1) {
+        float v2 = __shfl_xor_sync(0xffffffffu, v, o);
+        int i2 = __shfl_xor_sync(0xffffffffu, i, o);
+        if (v2 > v || (v2 == v && i2 < i)) { v = v2; i = i2; }
+    }
+    int w = threadIdx.x >> 5, l = threadIdx.x & 31;
+    if (l == 0) { sv[w] = v; si[w] = i; }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float bv = sv[0];
+        int bi = si[0];
+        for (int k = 1; k < (int)(blockDim.x + 31) / 32; k++)
+            if (sv[k] > bv || (sv[k] == bv && si[k] < bi)) { bv = sv[k]; bi = si[k]; }
+        *out_v = bv;
+        *out_i = bi;
+    }
+    __syncthreads();
+}
+
+extern "C" __global__ void moe_route(const float* __restrict__ logits, const float* __restrict__ bias, int* __restrict__ topk_idx,
+                                     float* __restrict__ topk_w, int E, int K, int softmax, int n_group, int topk_group,
+                                     int norm, float scale) {
+    extern __shared__ float smem[];
+    float* scores = smem;
+    float* choice = smem + E;
+    __shared__ float sv[32], sh[32], best_v;
+    __shared__ int si[32], best_i, keep[64];
+    const float NEG_INF = __int_as_float(0xff800000u);
+    int t = blockIdx.x;
+    const float* l = logits + (size_t)t * E;
+    if (softmax) {
+        float m = NEG_INF;
+        for (int e = threadIdx.x; e < E; e += blockDim.x) m = fmaxf(m, l[e]);
+        block_argmax(m, 0, sv, si, &best_v, &best_i);
+        m = best_v;
+        float s = 0.f;
+        for (int e = threadIdx.x; e < E; e += blockDim.x) { float x = expf(l[e] - m); scores[e] = x; s += x; }
+        s = block_sum(s, sh);
+        for (int e = threadIdx.x; e < E; e += blockDim.x) scores[e] /= s;
+    } else {
+        for (int e = threadIdx.x; e < E; e += blockDim.x) scores[e] = 1.f / (1.f + expf(-l[e]));
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < E; e += blockDim.x) choice[e] = bias ? scores[e] + bias[e] : scores[e];
+    __syncthreads();
+    if (n_group > 1) {
+        int per = E / n_group;
+        if (threadIdx.x == 0) {
+            // Group scores (top-2 sums), then the topk_group best groups, ties to the lower index.
+            float gs[64];
+            for (int g = 0; g < n_group; g++) {
+                float a = NEG_INF, b = NEG_INF;
+                for (int e = g * per; e < (g + 1) * per; e++) {
+                    float c = choice[e];
+                    if (c > a) { b = a; a = c; } else if (c > b) b = c;
+                }
+                gs[g] = a + b;
+                keep[g] = 0;
+            }
+            for (int k = 0; k < topk_group; k++) {
+                int bi = -1;
+                for (int g = 0; g < n_group; g++)
+                    if (!keep[g] && (bi < 0 || gs[g] > gs[bi])) bi = g;
+                keep[bi] = 1;
+            }
+        }
+        __syncthreads();
+        for (int e = threadIdx.x; e < E; e += blockDim.x)
+            if (!keep[e / per]) choice[e] = NEG_INF;
+        __syncthreads();
+    }
+    float wsum = 0.f;
+    for (int k = 0; k < K; k++) {
+        float v = NEG_INF;
+        int i = 0x7fffffff;
+        for (int e = threadIdx.x; e < E; e += blockDim.x)
+            if (choice[e] > v || (choice[e] == v && e < i)) { v = choice[e]; i = e; }
+        block_argmax(v, i, sv, si, &best_v, &best_i);
+        if (threadIdx.x == 0) {
+            topk_idx[t * K + k] = best_i;
+            topk_w[t * K + k] = scores[best_i];
+            wsum += scores[best_i];
+            choice[best_i] = __int_as_float(0x7fc00000u);  // NaN: compares false, never chosen again
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        float denom = wsum + 1e-20f;
+        for (int k = 0; k < K; k++) {
+            float w = topk_w[t * K + k];
+            if (norm) w /= denom;
+            topk_w[t * K + k] = w * scale;
+        }
+    }
+}
+
+// Groups a batch's routing by expert on the GPU (as kernels::MoeRouting::new does on the host),
+// so the MoE kernels stream each routed expert once: pairs p = t * K + s sorted by (expert, p).
+// experts[u] / pair_off[u..u+1] for the used experts ascending, then empty slots up to max_u
+// (pair_off = P), so a launch with grid.y = max_u needs no host round trip. One block.
+// Dynamic shared memory: 2 * E ints.
+extern "C" __global__ void moe_group(const int* __restrict__ topk_idx, const float* __restrict__ topk_w, int P, int K, int E,
+                                     int max_u, int* __restrict__ experts, int* __restrict__ pair_off, int* __restrict__ pair_tok,
+                                     float* __restrict__ pair_w, int* __restrict__ tok_pairs) {
+    extern __shared__ int ism[];
+    int* count = ism;
+    int* start = ism + E;
+    for (int e = threadIdx.x; e < E; e += blockDim.x) count[e] = 0;
+    __syncthreads();
+    for (int p = threadIdx.x; p < P; p += blockDim.x) atomicAdd(&count[topk_idx[p]], 1);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int off = 0, u = 0;
+        for (int e = 0; e < E; e++) {
+            start[e] = off;
+            if (count[e] > 0) { experts[u] = e; pair_off[u] = off; u++; off += count[e]; }
+        }
+        for (; u < max_u; u++) { experts[u] = 0; pair_off[u] = P; }
+        pair_off[max_u] = P;
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+        if (count[e] == 0) continue;
+        int q = start[e];
+        for (int p = 0; p < P; p++)
+            if (topk_idx[p] == e) { pair_tok[q] = p / K; pair_w[q] = topk_w[p]; tok_pairs[p] = q; q++; }
+    }
+}
+
+// y[r] = argmax of logits row r (ties to the lower index), so greedy decoding brings back only ids.
+extern "C" __global__ void argmax_rows(const float* __restrict__ logits, int V, int* __restrict__ out) {
+    __shared__ float sv[32], best_v;
+    __shared__ int si[32], best_i;
+    const float* l = logits + (size_t)blockIdx.x * V;
+    float v = __int_as_float(0xff800000u);
+    int i = 0x7fffffff;
+    for (int e = threadIdx.x; e < V; e += blockDim.x)
+        if (l[e] > v) { v = l[e]; i = e; }
+    block_argmax(v, i, sv, si, &best_v, &best_i);
+    if (threadIdx.x == 0) out[blockIdx.x] = best_i;
+}
+
+// Synthetic weights (benchmarks without checkpoints): counter-based hashing, so any size fills
+// in one pass and the same seed gives the same weights.
+__device__ __forceinline__ unsigned long long mix64(unsigned long long z) {
+    z += 0x9e3779b97f4a7c15ull;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+// kind 0: any byte (MXFP4 codes); 1: lo + h % span (E8M0 scales); 2: FP8 e4m3 with exponent
+// field lo..lo+span-1 (never NaN).
+extern "C" __global__ void fill_random_u8(unsigned char* __restrict__ p, unsigned long long n, unsigned long long seed, int kind, int lo, int span) {
+    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (unsigned long long)gridDim.x * blockDim.x) {
+        unsigned long long h = mix64(seed ^ (i * 0x2545f4914f6cdd1dull));
+        unsigned char b;
+        if (kind == 0) b = (unsigned char)h;
+        else if (kind == 1) b = (unsigned char)(lo + (int)(h % (unsigned long long)span));
+        else b = (unsigned char)((h & 0x80) | ((lo + (int)((h >> 8) % (unsigned long long)span)) << 3) | ((h >> 16) & 7));
+        p[i] = b;
+    }
+}
+
+// Uniform in [offset - amp, offset + amp): f32, or BF16 bits when bf16 != 0 (p then holds u16).
+extern "C" __global__ void fill_random_f(void* __restrict__ p, unsigned long long n, unsigned long long seed, float amp, float offset, int bf16) {
+    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (unsigned long long)gridDim.x * blockDim.x) {
+        unsigned long long h = mix64(seed ^ (i * 0x2545f4914f6cdd1dull));
+        float u = (float)(h >> 40) * (1.f / 16777216.f);
+        float v = offset + amp * (2.f * u - 1.f);
+        if (bf16) ((unsigned short*)p)[i] = (unsigned short)(__float_as_uint(v) >> 16);
+        else ((float*)p)[i] = v;
+    }
+}
+
+// Paged attention, v2: one block of 8 warps per (row, head). Warps split the key positions
+// (4 at a time each, loads issued together), each keeps its own online softmax, and the 8 partial
+// states are merged at the end (then the sink logit). Same semantics as `attention`; hd <= 256,
+// vd <= 128.
+#define ATT_WARPS 8
+#define ATT_UNROLL 4
+extern "C" __global__ void __launch_bounds__(256) attention_v2(
+    const float* __restrict__ q, const float* __restrict__ kc, const float* __restrict__ vc, float* __restrict__ o,
+    const int* __restrict__ pos, const int* __restrict__ seq, const int* __restrict__ tables, int max_blocks,
+    int block_size, int heads, int kv_heads, int hd, int vd, int window, float scale, const float* __restrict__ sinks) {
+    __shared__ float sm_m[ATT_WARPS], sm_l[ATT_WARPS], sm_acc[ATT_WARPS][128];
+    int r = blockIdx.x, h = blockIdx.y, lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    int kvh = h / (heads / kv_heads);
+    const float* qv = q + ((size_t)r * heads + h) * hd;
+    const int* table = tables + (size_t)seq[r] * max_blocks;
+    int p = pos[r];
+    int lo = window > 0 ? max(0, p + 1 - window) : 0;
+    const float NEG_INF = __int_as_float(0xff800000u);
+    float qr[8];
+#pragma unroll
+    for (int c = 0; c < 8; c++) qr[c] = (lane + 32 * c < hd) ? qv[lane + 32 * c] : 0.f;
+    float m = NEG_INF, l = 0.f;
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int j0 = lo + w * ATT_UNROLL; j0 <= p; j0 += ATT_WARPS * ATT_UNROLL) {
+        float d[ATT_UNROLL];
+        size_t slot[ATT_UNROLL];
+#pragma unroll
+        for (int u = 0; u < ATT_UNROLL; u++) {
+            int j = min(j0 + u, p);
+            slot[u] = (size_t)table[j / block_size] * block_size + j % block_size;
+            const float* kv = kc + (slot[u] * kv_heads + kvh) * hd;
+            float s = 0.f;
+#pragma unroll
+            for (int c = 0; c < 8; c++)
+                if (lane + 32 * c < hd) s += qr[c] * kv[lane + 32 * c];
+            d[u] = s;
+        }
+#pragma unroll
+        for (int o2 = 16; o2 > 0; o2 >>= 1)
+#pragma unroll
+            for (int u = 0; u < ATT_UNROLL; u++) d[u] += __shfl_xor_sync(0xffffffffu, d[u], o2);
+        float vv[ATT_UNROLL][4];
+#pragma unroll
+        for (int u = 0; u < ATT_UNROLL; u++) {
+            const float* vr = vc + (slot[u] * kv_heads + kvh) * vd;
+#pragma unroll
+            for (int c = 0; c < 4; c++) vv[u][c] = (lane + 32 * c < vd) ? vr[lane + 32 * c] : 0.f;
+        }
+#pragma unroll
+        for (int u = 0; u < ATT_UNROLL; u++) {
+            if (j0 + u > p) break;
+            float sc = d[u] * scale;
+            float mn = fmaxf(m, sc);
+            float corr = __expf(m - mn), pe = __expf(sc - mn);
+            l = l * corr + pe;
+#pragma unroll
+            for (int c = 0; c < 4; c++) acc[c] = acc[c] * corr + pe * vv[u][c];
+            m = mn;
+        }
+    }
+    if (lane == 0) { sm_m[w] = m; sm_l[w] = l; }
+#pragma unroll
+    for (int c = 0; c < 4; c++)
+        if (lane + 32 * c < vd) sm_acc[w][lane + 32 * c] = acc[c];
+    __syncthreads();
+    float M = NEG_INF;
+    for (int i = 0; i < ATT_WARPS; i++) M = fmaxf(M, sm_m[i]);
+    float L = 0.f;
+    for (int i = 0; i < ATT_WARPS; i++) L += sm_m[i] == NEG_INF ? 0.f : sm_l[i] * __expf(sm_m[i] - M);
+    float sink_w = 0.f;
+    if (sinks) {
+        float sc = sinks[h];
+        float mn = fmaxf(M, sc);
+        float corr = __expf(M - mn);
+        L = L * corr;
+        sink_w = __expf(sc - mn);
+        L += sink_w;
+        M = mn;
+    }
+    float* ov = o + ((size_t)r * heads + h) * vd;
+    for (int i = threadIdx.x; i < vd; i += blockDim.x) {
+        float a = 0.f;
+        for (int k = 0; k < ATT_WARPS; k++)
+            if (sm_m[k] != NEG_INF) a += sm_acc[k][i] * __expf(sm_m[k] - M);
+        ov[i] = a / L;
+    }
+}

@@ -13,12 +13,16 @@ if [[ "${1:-}" == "--build" ]]; then
     exe=$(cargo test --release -p peregrine-cuda --test model --no-run --message-format=json 2>/dev/null \
         | python3 -c 'import json,sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable")][-1])')
     cp "$exe" .bin/cuda-model
+    exe=$(cargo test --release -p peregrine-cuda --test ops --no-run --message-format=json 2>/dev/null \
+        | python3 -c 'import json,sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable")][-1])')
+    cp "$exe" .bin/cuda-ops
     # Without the embedded model (the tree carries models/ already; the carry limit is 64 MiB).
     cargo build --release -p peregrine-server --no-default-features --target-dir target/gpu-check
     strip -o .bin/peregrine target/gpu-check/release/peregrine
-    strip .bin/cuda-kernels .bin/cuda-model
-    cargo build --release -p peregrine-cuda --example bench
+    strip .bin/cuda-kernels .bin/cuda-model .bin/cuda-ops
+    cargo build --release -p peregrine-cuda --example bench --example step_bench
     strip -o .bin/cuda-bench target/release/examples/bench
+    strip -o .bin/step-bench target/release/examples/step_bench
     ls -la .bin
     exit 0
 fi
@@ -30,6 +34,7 @@ echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)" | tee -
 status=0
 .bin/cuda-kernels --nocapture --test-threads 1 2>&1 | tee "$LOG/kernels.log" || status=1
 .bin/cuda-model --nocapture --test-threads 1 2>&1 | tee "$LOG/model.log" || status=1
+.bin/cuda-ops --nocapture --test-threads 1 2>&1 | tee "$LOG/ops.log" || status=1
 # End to end over HTTP: the same greedy completions from --device cuda and --device cpu.
 e2e() {  # $1 device, $2 port, $3 speculative model (none: off; default: the model's own), $4.. model args
     local dev=$1 port=$2 spec=$3; shift 3
@@ -60,4 +65,5 @@ grep -q 'accepted_tokens_total{[^}]*} [1-9]' "$LOG/metrics-cuda-8203.txt" || ech
 tail -3 "$LOG/e2e.log"
 grep -q DIFFERS "$LOG/e2e.log" && status=1
 .bin/cuda-bench 2>&1 | tee "$LOG/bench.log" || status=1
+.bin/step-bench --config configs/mimo-v2-flash.json 2>&1 | tee "$LOG/step-bench.log" || status=1
 exit $status

@@ -61,19 +61,21 @@ fn main() {
     println!("\nGEMV {rows}x{cols}: tokens, weight bytes, ms, GB/s, fraction of copy bandwidth");
     {
         let w = s.alloc_zeros::<u16>(rows * cols).unwrap();
-        for t in [1usize, 8] {
+        for t in [1usize, 2, 4, 8, 16, 64] {
             let ms = time(20, &mut |_| k.gemv_bf16(&w, &x, &mut y, rows, cols, t).unwrap());
+            let ms0 = time(20, &mut |_| k.gemv_bf16_simt(&w, &x, &mut y, rows, cols, t).unwrap());
             let b = (rows * cols * 2) as f64;
-            println!("bf16   T={t:<2} {:>10.1} MB {ms:8.3} ms {:7.0} GB/s {:5.1}%", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, 100.0 * b / (ms as f64 * 1e-3) / copy_bw);
+            println!("bf16   T={t:<2} {:>10.1} MB {ms:8.3} ms {:7.0} GB/s {:5.1}%  (tensor cores; CUDA-core kernel: {:.1}%)", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, 100.0 * b / (ms as f64 * 1e-3) / copy_bw, 100.0 * b / (ms0 as f64 * 1e-3) / copy_bw);
         }
     }
     {
         let w = s.alloc_zeros::<u8>(rows * cols).unwrap();
         let sc = s.clone_htod(&vec![1.0f32; rows / 128 * cols / 128]).unwrap();
-        for t in [1usize, 8] {
+        for t in [1usize, 2, 4, 8, 16, 64] {
             let ms = time(20, &mut |_| k.gemv_fp8(&w, &sc, &x, &mut y, rows, cols, t).unwrap());
+            let ms0 = time(20, &mut |_| k.gemv_fp8_simt(&w, &sc, &x, &mut y, rows, cols, t).unwrap());
             let b = (rows * cols) as f64 + (rows / 128 * cols / 128 * 4) as f64;
-            println!("fp8    T={t:<2} {:>10.1} MB {ms:8.3} ms {:7.0} GB/s {:5.1}%", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, 100.0 * b / (ms as f64 * 1e-3) / copy_bw);
+            println!("fp8    T={t:<2} {:>10.1} MB {ms:8.3} ms {:7.0} GB/s {:5.1}%  (tensor cores; CUDA-core kernel: {:.1}%)", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, 100.0 * b / (ms as f64 * 1e-3) / copy_bw, 100.0 * b / (ms0 as f64 * 1e-3) / copy_bw);
         }
     }
     {

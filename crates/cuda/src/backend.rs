@@ -1,20 +1,24 @@
 //! `CudaModel`: the whole MiMo-V2 / Llama-style forward on one GPU, implementing
-//! `peregrine_core::Backend`. Correctness first: f32 activations, one kernel per operation (the
-//! operations of the CPU reference, in its order), weights in their stored formats where a
-//! kernel exists for them (MXFP4, FP8 blocks, BF16), f32 otherwise; the MoE router runs on the
-//! host between kernels. Not yet: fused kernels, CUDA graphs, GPU sampling, the drafter.
+//! `peregrine_core::Backend`. f32 activations; the operations of the CPU reference in its order,
+//! with the residual add fused into the next RMSNorm and RoPE fused with the KV-cache write;
+//! weights in their stored formats where a kernel exists for them (MXFP4, FP8 blocks, BF16), f32
+//! otherwise. MXFP4 experts are stacked per layer and run by the grouped MoE kernels, with the
+//! router and the token/expert grouping on the GPU, so a forward has no host round trip before
+//! the logits. Weights come from a checkpoint or are synthetic (see `weights.rs`).
 
 use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream, CudaFunction, LaunchConfig, PushKernelArg};
 use peregrine_core::backend::{Backend, KvBlockBytes, KvConfig, Logits, SeqForward, NULL_BLOCK};
-use peregrine_core::{AttentionKind, AttentionSpec, DType, Error, MlpSpec, ModelSpec, MoeSpec, QkvLayout, Result};
+use peregrine_core::{AttentionKind, AttentionSpec, Error, MlpSpec, ModelSpec, MoeSpec, QkvLayout, Result, RouterScoring};
 use peregrine_model::weights::WeightSource;
 
 use crate::compile;
 use crate::device::{nvrtc_arch, Gpu};
 use crate::draft::Drafter;
-use crate::kernels::Kernels;
+use crate::kernels::{DeviceRouting, Kernels, MoeRouting, MoeWeights};
+use crate::graph::Graphs;
+use crate::weights::{Embed, Source, Synthetic};
 
 pub(crate) fn drv(e: cudarc::driver::DriverError) -> Error {
     Error::Backend(format!("CUDA: {e}"))
@@ -52,9 +56,22 @@ pub(crate) struct Ffn {
     down: Mat,
 }
 
+enum Experts {
+    /// MXFP4 experts stacked for the grouped MoE kernels (routing stays on the GPU).
+    Stacked(MoeWeights),
+    /// Any other format: one GEMV chain per routed expert, routed on the host.
+    PerExpert(Vec<Ffn>),
+}
+
 enum Mlp {
     Dense(Ffn),
-    Moe { spec: MoeSpec, router: Mat, bias: Option<Vec<f32>>, experts: Vec<Ffn> },
+    Moe {
+        spec: MoeSpec,
+        router: Mat,
+        /// The correction bias on the GPU, and on the host for the per-expert path.
+        bias: Option<(CudaSlice<f32>, Vec<f32>)>,
+        experts: Experts,
+    },
 }
 
 struct Layer {
@@ -81,6 +98,13 @@ pub(crate) struct Ops {
     pub(crate) fill_rows: CudaFunction,
     pub(crate) scale: CudaFunction,
     pub(crate) draft_attention: CudaFunction,
+    embed_bf16: CudaFunction,
+    add_rms_norm: CudaFunction,
+    rope_kv_write: CudaFunction,
+    moe_route: CudaFunction,
+    moe_group: CudaFunction,
+    argmax_rows: CudaFunction,
+    attention_v2: CudaFunction,
 }
 
 pub struct CudaModel {
@@ -89,7 +113,7 @@ pub struct CudaModel {
     pub(crate) stream: Arc<CudaStream>,
     kernels: Kernels,
     pub(crate) ops: Ops,
-    pub(crate) embed: CudaSlice<f32>,
+    pub(crate) embed: Embed,
     pub(crate) lm_head: Option<Mat>,
     pub(crate) final_norm: CudaSlice<f32>,
     layers: Vec<Layer>,
@@ -99,40 +123,12 @@ pub struct CudaModel {
     pub(crate) drafter: Option<Drafter>,
     /// The drafter's context K/V per drafter layer, indexed like the full-attention group.
     pub(crate) draft_kv: Vec<(CudaSlice<f32>, CudaSlice<f32>)>,
+    /// Captured decode-step graphs.
+    pub(crate) graphs: Graphs,
 }
 
 pub(crate) fn upload<T: cudarc::driver::DeviceRepr>(s: &Arc<CudaStream>, v: &[T]) -> Result<CudaSlice<T>> {
     s.clone_htod(v).map_err(drv)
-}
-
-/// Loads `name` [rows, cols] in its stored format when a kernel reads that format at this shape.
-pub(crate) fn load_mat(s: &Arc<CudaStream>, w: &dyn WeightSource, name: &str, rows: usize, cols: usize) -> Result<Mat> {
-    let base = name.strip_suffix(".weight").unwrap_or(name);
-    if let Some(t) = w.stored(name) {
-        match t.dtype {
-            DType::U8 if cols % 32 == 0 && t.shape == [rows, cols / 2] => {
-                if let Some(sc) = w.stored(&format!("{base}.weight_scale")).filter(|x| x.dtype == DType::U8 && x.shape == [rows, cols / 32]) {
-                    return Ok(Mat { m: GpuMatrix::Mxfp4 { w: upload(s, t.data)?, s: upload(s, sc.data)? }, n: rows, k: cols });
-                }
-            }
-            DType::F8E4M3 if cols % 128 == 0 && t.shape == [rows, cols] => {
-                let sname = format!("{base}.weight_scale_inv");
-                if let Some(sc) = w.stored(&sname).filter(|x| x.shape == [rows.div_ceil(128), cols / 128]) {
-                    let scales = w.vector(&sname, sc.shape.iter().product()).ok();
-                    if let Some(scales) = scales {
-                        return Ok(Mat { m: GpuMatrix::Fp8 { w: upload(s, t.data)?, s: upload(s, &scales)? }, n: rows, k: cols });
-                    }
-                }
-            }
-            DType::BF16 if cols % 32 == 0 && t.shape == [rows, cols] => {
-                let bits: Vec<u16> = t.data.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect();
-                return Ok(Mat { m: GpuMatrix::Bf16(upload(s, &bits)?), n: rows, k: cols });
-            }
-            _ => {}
-        }
-    }
-    // Everything else (f32/f16 tensors, fused layouts, GGUF blocks) as exact f32.
-    Ok(Mat { m: GpuMatrix::F32(upload(s, &w.matrix(name, rows, cols)?)?), n: rows, k: cols })
 }
 
 /// MiMo-V2.5-Pro's fused `qkv_proj` (rows grouped per KV head: [Q of its heads | K | V]) split
@@ -153,19 +149,31 @@ fn split_fused_qkv(s: &Arc<CudaStream>, w: &dyn WeightSource, pa: &str, a: &Atte
     Ok((m(q, a.q_dim())?, m(k, a.k_dim())?, m(v, a.v_dim())?))
 }
 
-pub(crate) fn load_ffn(s: &Arc<CudaStream>, w: &dyn WeightSource, p: &str, h: usize, i: usize) -> Result<Ffn> {
+pub(crate) fn load_ffn(s: &Arc<CudaStream>, w: &Source, p: &str, h: usize, i: usize) -> Result<Ffn> {
     Ok(Ffn {
-        gate: load_mat(s, w, &format!("{p}.gate_proj.weight"), i, h)?,
-        up: load_mat(s, w, &format!("{p}.up_proj.weight"), i, h)?,
-        down: load_mat(s, w, &format!("{p}.down_proj.weight"), h, i)?,
+        gate: w.mat(s, &format!("{p}.gate_proj.weight"), i, h)?,
+        up: w.mat(s, &format!("{p}.up_proj.weight"), i, h)?,
+        down: w.mat(s, &format!("{p}.down_proj.weight"), h, i)?,
     })
 }
 
 impl CudaModel {
     /// Uploads the weights. Running out of GPU memory is reported with the numbers.
     pub fn load(gpu: Gpu, spec: &ModelSpec, w: &dyn WeightSource) -> Result<CudaModel> {
+        Self::build(gpu, spec, None, Some(w))
+    }
+
+    /// A model of `spec`'s shapes with random weights generated on the GPU, in the formats a
+    /// checkpoint would hold (MXFP4 experts, FP8 block linear layers when the config quantises
+    /// them, BF16 o_proj, embedding and lm_head, f32 routers): for benchmarks without checkpoints.
+    /// Random routers spread tokens about uniformly over the experts.
+    pub fn synthetic(gpu: Gpu, spec: &ModelSpec, seed: u64) -> Result<CudaModel> {
+        Self::build(gpu, spec, Some(seed), None)
+    }
+
+    fn build(gpu: Gpu, spec: &ModelSpec, seed: Option<u64>, w: Option<&dyn WeightSource>) -> Result<CudaModel> {
         let (free0, total) = gpu.ctx.mem_get_info().map_err(drv)?;
-        Self::load_inner(gpu, spec, w).map_err(|e| {
+        Self::load_inner(gpu, spec, seed, w).map_err(|e| {
             if e.to_string().contains("OUT_OF_MEMORY") {
                 Error::Backend(format!(
                     "the GPU ran out of memory while loading the weights of a {}-parameter model: {free0} of {total} bytes were free (run with `--device cpu`, or use a larger GPU)",
@@ -177,7 +185,7 @@ impl CudaModel {
         })
     }
 
-    fn load_inner(gpu: Gpu, spec: &ModelSpec, w: &dyn WeightSource) -> Result<CudaModel> {
+    fn load_inner(gpu: Gpu, spec: &ModelSpec, seed: Option<u64>, files: Option<&dyn WeightSource>) -> Result<CudaModel> {
         let s = gpu.stream.clone();
         let kernels = Kernels::load(&gpu)?;
         let (ptx, _) = compile::ptx("ops", compile::OPS_CU, nvrtc_arch(gpu.capability))?;
@@ -199,6 +207,19 @@ impl CudaModel {
             fill_rows: f("fill_rows")?,
             scale: f("scale")?,
             draft_attention: f("draft_attention")?,
+            embed_bf16: f("embed_bf16")?,
+            add_rms_norm: f("add_rms_norm")?,
+            rope_kv_write: f("rope_kv_write")?,
+            moe_route: f("moe_route")?,
+            moe_group: f("moe_group")?,
+            argmax_rows: f("argmax_rows")?,
+            attention_v2: f("attention_v2")?,
+        };
+        let synth = seed.map(|seed| -> Result<Synthetic> { Ok(Synthetic::new(f("fill_random_u8")?, f("fill_random_f")?, spec.quant.linear, seed)) }).transpose()?;
+        let w = match (files, &synth) {
+            (Some(w), _) => Source::Files(w),
+            (None, Some(sy)) => Source::Synthetic(sy),
+            (None, None) => return Err(Error::Backend("no weights".into())),
         };
         let h = spec.hidden_size;
         let mut layers = Vec::with_capacity(spec.layers.len());
@@ -211,20 +232,20 @@ impl CudaModel {
             let pa = format!("{p}.self_attn");
             let bias = if a.qkv_bias {
                 Some((
-                    upload(&s, &w.vector(&format!("{pa}.q_proj.bias"), a.q_dim())?)?,
-                    upload(&s, &w.vector(&format!("{pa}.k_proj.bias"), a.k_dim())?)?,
-                    upload(&s, &w.vector(&format!("{pa}.v_proj.bias"), a.v_dim())?)?,
+                    w.vector(&s, &format!("{pa}.q_proj.bias"), a.q_dim())?,
+                    w.vector(&s, &format!("{pa}.k_proj.bias"), a.k_dim())?,
+                    w.vector(&s, &format!("{pa}.v_proj.bias"), a.v_dim())?,
                 ))
             } else {
                 None
             };
-            let (q, k, v) = match a.qkv_layout {
-                QkvLayout::Separate => (
-                    load_mat(&s, w, &format!("{pa}.q_proj.weight"), a.q_dim(), h)?,
-                    load_mat(&s, w, &format!("{pa}.k_proj.weight"), a.k_dim(), h)?,
-                    load_mat(&s, w, &format!("{pa}.v_proj.weight"), a.v_dim(), h)?,
+            let (q, k, v) = match (a.qkv_layout, &w) {
+                (QkvLayout::FusedPerKvHead, Source::Files(fw)) => split_fused_qkv(&s, *fw, &pa, &a, h)?,
+                _ => (
+                    w.mat(&s, &format!("{pa}.q_proj.weight"), a.q_dim(), h)?,
+                    w.mat(&s, &format!("{pa}.k_proj.weight"), a.k_dim(), h)?,
+                    w.mat(&s, &format!("{pa}.v_proj.weight"), a.v_dim(), h)?,
                 ),
-                QkvLayout::FusedPerKvHead => split_fused_qkv(&s, w, &pa, &a, h)?,
             };
             let attn = Attn {
                 spec: a,
@@ -232,39 +253,59 @@ impl CudaModel {
                 k,
                 v,
                 bias,
-                q_norm: if a.qk_norm { Some(upload(&s, &w.vector(&format!("{pa}.q_norm.weight"), a.head_dim)?)?) } else { None },
-                k_norm: if a.qk_norm { Some(upload(&s, &w.vector(&format!("{pa}.k_norm.weight"), a.head_dim)?)?) } else { None },
-                o: load_mat(&s, w, &format!("{pa}.o_proj.weight"), h, a.o_dim())?,
-                sinks: if a.sinks { Some(upload(&s, &w.vector(&format!("{pa}.attention_sink_bias"), a.num_heads)?)?) } else { None },
+                q_norm: if a.qk_norm { Some(w.vector(&s, &format!("{pa}.q_norm.weight"), a.head_dim)?) } else { None },
+                k_norm: if a.qk_norm { Some(w.vector(&s, &format!("{pa}.k_norm.weight"), a.head_dim)?) } else { None },
+                o: w.mat(&s, &format!("{pa}.o_proj.weight"), h, a.o_dim())?,
+                sinks: if a.sinks { Some(w.vector(&s, &format!("{pa}.attention_sink_bias"), a.num_heads)?) } else { None },
             };
             let mlp = match ls.mlp {
-                MlpSpec::Dense { intermediate_size } => Mlp::Dense(load_ffn(&s, w, &format!("{p}.mlp"), h, intermediate_size)?),
-                MlpSpec::Moe(ms) => Mlp::Moe {
-                    spec: ms,
-                    router: load_mat(&s, w, &format!("{p}.mlp.gate.weight"), ms.num_experts, h)?,
-                    bias: if ms.correction_bias { Some(w.vector(&format!("{p}.mlp.gate.e_score_correction_bias"), ms.num_experts)?) } else { None },
-                    experts: (0..ms.num_experts)
-                        .map(|e| load_ffn(&s, w, &format!("{p}.mlp.experts.{e}"), h, ms.intermediate_size))
-                        .collect::<Result<_>>()?,
-                },
+                MlpSpec::Dense { intermediate_size } => Mlp::Dense(load_ffn(&s, &w, &format!("{p}.mlp"), h, intermediate_size)?),
+                MlpSpec::Moe(ms) => {
+                    if ms.n_group > 64 || ms.num_experts > 4096 {
+                        return Err(Error::Unsupported(format!("{} experts in {} groups on the CUDA backend", ms.num_experts, ms.n_group)));
+                    }
+                    let bias = if ms.correction_bias {
+                        let name = format!("{p}.mlp.gate.e_score_correction_bias");
+                        let host = match &w {
+                            Source::Files(fw) => fw.vector(&name, ms.num_experts)?,
+                            Source::Synthetic(_) => Vec::new(),
+                        };
+                        Some((w.vector(&s, &name, ms.num_experts)?, host))
+                    } else {
+                        None
+                    };
+                    let experts = match w.experts_mxfp4(&s, &format!("{p}.mlp.experts"), ms.num_experts, h, ms.intermediate_size)? {
+                        Some(stacked) => Experts::Stacked(stacked),
+                        None => Experts::PerExpert(
+                            (0..ms.num_experts)
+                                .map(|e| load_ffn(&s, &w, &format!("{p}.mlp.experts.{e}"), h, ms.intermediate_size))
+                                .collect::<Result<_>>()?,
+                        ),
+                    };
+                    Mlp::Moe { spec: ms, router: w.mat(&s, &format!("{p}.mlp.gate.weight"), ms.num_experts, h)?, bias, experts }
+                }
             };
             layers.push(Layer {
-                input_norm: upload(&s, &w.vector(&format!("{p}.input_layernorm.weight"), h)?)?,
-                post_norm: upload(&s, &w.vector(&format!("{p}.post_attention_layernorm.weight"), h)?)?,
+                input_norm: w.vector(&s, &format!("{p}.input_layernorm.weight"), h)?,
+                post_norm: w.vector(&s, &format!("{p}.post_attention_layernorm.weight"), h)?,
                 attn,
                 mlp,
                 swa: matches!(a.kind, AttentionKind::Sliding { .. }),
             });
         }
-        let embed = upload(&s, &w.matrix("model.embed_tokens.weight", spec.vocab_size, h)?)?;
-        let lm_head = if spec.tie_word_embeddings && !w.contains("lm_head.weight") {
+        let embed = w.embed(&s, spec.vocab_size, h)?;
+        let lm_head = if spec.tie_word_embeddings && !(matches!(w, Source::Files(_)) && w.contains("lm_head.weight")) {
             None
         } else {
-            Some(load_mat(&s, w, "lm_head.weight", spec.vocab_size, h)?)
+            Some(w.mat(&s, "lm_head.weight", spec.vocab_size, h)?)
         };
+        let final_norm = w.vector(&s, "model.norm.weight", h)?;
+        s.synchronize().map_err(drv)?;
+        // A step can be captured when nothing in it needs the host.
+        let capturable = layers.iter().all(|l| !matches!(l.mlp, Mlp::Moe { experts: Experts::PerExpert(_), .. }));
         Ok(CudaModel {
             spec: spec.clone(),
-            final_norm: upload(&s, &w.vector("model.norm.weight", h)?)?,
+            final_norm,
             stream: s,
             gpu,
             kernels,
@@ -276,7 +317,16 @@ impl CudaModel {
             kv_config: None,
             drafter: None,
             draft_kv: Vec::new(),
+            graphs: Graphs::new(capturable),
         })
+    }
+
+    /// Random-weight generation for `attach_synthetic_drafter`.
+    pub(crate) fn synthetic_source(&self, seed: u64) -> Result<Synthetic> {
+        let (ptx, _) = compile::ptx("ops", compile::OPS_CU, nvrtc_arch(self.gpu.capability))?;
+        let m = self.gpu.ctx.load_module(ptx).map_err(drv)?;
+        let f = |n: &str| m.load_function(n).map_err(|e| Error::Backend(format!("kernel {n}: {e}")));
+        Ok(Synthetic::new(f("fill_random_u8")?, f("fill_random_f")?, self.spec.quant.linear, seed))
     }
 
     pub fn gpu(&self) -> &Gpu {
@@ -289,23 +339,26 @@ impl CudaModel {
 
     pub(crate) fn matvec(&self, m: &Mat, x: &CudaSlice<f32>, t: usize) -> Result<CudaSlice<f32>> {
         let mut y = self.zeros(t * m.n)?;
-        match &m.m {
-            GpuMatrix::Bf16(w) => self.kernels.gemv_bf16(w, x, &mut y, m.n, m.k, t)?,
-            GpuMatrix::Fp8 { w, s } => self.kernels.gemv_fp8(w, s, x, &mut y, m.n, m.k, t)?,
-            GpuMatrix::Mxfp4 { w, s } => self.kernels.gemv_mxfp4(w, s, x, &mut y, m.n, m.k, t)?,
-            GpuMatrix::F32(w) => return self.gemv_f32(w, m.n, m.k, x, t),
-        }
+        self.matvec_into(m, x, t, &mut y)?;
         Ok(y)
     }
 
-    pub(crate) fn gemv_f32(&self, w: &CudaSlice<f32>, n: usize, k: usize, x: &CudaSlice<f32>, t: usize) -> Result<CudaSlice<f32>> {
-        let mut y = self.zeros(t * n)?;
+    pub(crate) fn matvec_into(&self, m: &Mat, x: &CudaSlice<f32>, t: usize, y: &mut CudaSlice<f32>) -> Result<()> {
+        match &m.m {
+            GpuMatrix::Bf16(w) => self.kernels.gemv_bf16(w, x, y, m.n, m.k, t),
+            GpuMatrix::Fp8 { w, s } => self.kernels.gemv_fp8(w, s, x, y, m.n, m.k, t),
+            GpuMatrix::Mxfp4 { w, s } => self.kernels.gemv_mxfp4(w, s, x, y, m.n, m.k, t),
+            GpuMatrix::F32(w) => self.gemv_f32_into(w, m.n, m.k, x, t, y),
+        }
+    }
+
+    fn gemv_f32_into(&self, w: &CudaSlice<f32>, n: usize, k: usize, x: &CudaSlice<f32>, t: usize, y: &mut CudaSlice<f32>) -> Result<()> {
         let (ni, ki, tt) = (n as i32, k as i32, t as i32);
         let mut b = self.stream.launch_builder(&self.ops.gemv_f32);
-        b.arg(w).arg(x).arg(&mut y).arg(&ni).arg(&ki).arg(&tt);
+        b.arg(w).arg(x).arg(y).arg(&ni).arg(&ki).arg(&tt);
         let warps = (n * t) as u32;
         unsafe { b.launch(LaunchConfig { grid_dim: (warps.div_ceil(8), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
-        Ok(y)
+        Ok(())
     }
 
     pub(crate) fn rms_norm(&self, x: &CudaSlice<f32>, w: &CudaSlice<f32>, rows: usize, d: usize) -> Result<CudaSlice<f32>> {
@@ -361,24 +414,25 @@ impl CudaModel {
             q = self.rms_norm(&q, qn, n * s.num_heads, s.head_dim)?;
             k = self.rms_norm(&k, kn, n * s.num_kv_heads, s.head_dim)?;
         }
-        self.rope(&mut q, &meta.pos, n, s.num_heads, &s)?;
-        self.rope(&mut k, &meta.pos, n, s.num_kv_heads, &s)?;
         let (kc, vc) = &self.kv[li];
         let slots = if l.swa { &meta.swa_slots } else { &meta.full_slots };
-        self.kv_write(&k, &v, kc, vc, slots, n, &s)?;
+        self.rope_kv_write(&mut q, &k, &v, kc, vc, &meta.pos, slots, n, &s)?;
         let mut o = self.zeros(n * s.o_dim())?;
         {
             let tables = if l.swa { &meta.swa_tables } else { &meta.full_tables };
             let (mb, bs, hh, kvh, hd, vd) = (meta.max_blocks as i32, meta.block_size as i32, s.num_heads as i32, s.num_kv_heads as i32, s.head_dim as i32, s.v_head_dim as i32);
             let window = s.window().map_or(0, |w| w as i32);
             let scale = s.softmax_scale;
-            let mut b = self.stream.launch_builder(&self.ops.attention);
+            // v2 (8 warps per head over the positions) unless the K head is wider than it holds.
+            let v2 = s.head_dim <= 256;
+            let mut b = self.stream.launch_builder(if v2 { &self.ops.attention_v2 } else { &self.ops.attention });
             b.arg(&q).arg(kc).arg(vc).arg(&mut o).arg(&meta.pos).arg(&meta.seq).arg(tables).arg(&mb).arg(&bs).arg(&hh).arg(&kvh).arg(&hd).arg(&vd).arg(&window).arg(&scale);
             match &a.sinks {
                 Some(sk) => b.arg(sk),
                 None => b.arg(&0u64),
             };
-            unsafe { b.launch(LaunchConfig { grid_dim: (n as u32, s.num_heads as u32, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
+            let threads = if v2 { 256 } else { 32 };
+            unsafe { b.launch(LaunchConfig { grid_dim: (n as u32, s.num_heads as u32, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
         }
         self.matvec(&a.o, &o, n)
     }
@@ -396,6 +450,62 @@ impl CudaModel {
         Ok(())
     }
 
+    /// RoPE of q (in place) and k fused with the KV-cache write (V times the value scale).
+    #[allow(clippy::too_many_arguments)]
+    fn rope_kv_write(&self, q: &mut CudaSlice<f32>, k: &CudaSlice<f32>, v: &CudaSlice<f32>, kc: &CudaSlice<f32>, vc: &CudaSlice<f32>, pos: &CudaSlice<i32>, slots: &CudaSlice<i64>, n: usize, s: &AttentionSpec) -> Result<()> {
+        let half = s.rope.rotary_dim.div_ceil(2);
+        let (hh, kvh, hd, vd, hf, rd, th, vs) = (s.num_heads as i32, s.num_kv_heads as i32, s.head_dim as i32, s.v_head_dim as i32, half as i32, s.rope.rotary_dim as i32, s.rope.theta as f32, s.value_scale);
+        let mut b = self.stream.launch_builder(&self.ops.rope_kv_write);
+        b.arg(q).arg(k).arg(v).arg(kc).arg(vc).arg(pos).arg(slots).arg(&hh).arg(&kvh).arg(&hd).arg(&vd).arg(&hf).arg(&rd).arg(&th).arg(&vs);
+        unsafe { b.launch(LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
+        Ok(())
+    }
+
+    /// `x += a` then `RMSNorm(x) * w` in one kernel (the residual add fused with the next norm).
+    fn add_rms_norm(&self, x: &mut CudaSlice<f32>, a: &CudaSlice<f32>, w: &CudaSlice<f32>, rows: usize, d: usize) -> Result<CudaSlice<f32>> {
+        let mut y = self.zeros(rows * d)?;
+        let (dd, eps) = (d as i32, self.spec.rms_norm_eps);
+        let mut b = self.stream.launch_builder(&self.ops.add_rms_norm);
+        b.arg(x).arg(a).arg(w).arg(&mut y).arg(&dd).arg(&eps);
+        unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
+        Ok(y)
+    }
+
+    /// Embedding rows of the token ids `tok` [n].
+    pub(crate) fn embed_rows(&self, tok: &CudaSlice<i32>, n: usize) -> Result<CudaSlice<f32>> {
+        let h = self.spec.hidden_size;
+        let mut x = self.zeros(n * h)?;
+        let hh = h as i32;
+        let mut b = self.stream.launch_builder(match &self.embed {
+            Embed::F32(_) => &self.ops.embed,
+            Embed::Bf16(_) => &self.ops.embed_bf16,
+        });
+        match &self.embed {
+            Embed::F32(t) => b.arg(t),
+            Embed::Bf16(t) => b.arg(t),
+        };
+        b.arg(tok).arg(&mut x).arg(&hh);
+        unsafe { b.launch(LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
+        Ok(x)
+    }
+
+    /// Logits [rows, vocab] of final-normed hidden rows through the lm_head (or the tied
+    /// embedding), into `y`.
+    pub(crate) fn lm_head_into(&self, normed: &CudaSlice<f32>, rows: usize, y: &mut CudaSlice<f32>) -> Result<()> {
+        let (vocab, h) = (self.spec.vocab_size, self.spec.hidden_size);
+        match (&self.lm_head, &self.embed) {
+            (Some(m), _) => self.matvec_into(m, normed, rows, y),
+            (None, Embed::F32(t)) => self.gemv_f32_into(t, vocab, h, normed, rows, y),
+            (None, Embed::Bf16(t)) => self.kernels.gemv_bf16(t, normed, y, vocab, h, rows),
+        }
+    }
+
+    pub(crate) fn lm_head_logits(&self, normed: &CudaSlice<f32>, rows: usize) -> Result<CudaSlice<f32>> {
+        let mut y = self.zeros(rows * self.spec.vocab_size)?;
+        self.lm_head_into(normed, rows, &mut y)?;
+        Ok(y)
+    }
+
     /// K/V rows into paged pools (V times the value scale).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn kv_write(&self, k: &CudaSlice<f32>, v: &CudaSlice<f32>, kc: &CudaSlice<f32>, vc: &CudaSlice<f32>, slots: &CudaSlice<i64>, n: usize, s: &AttentionSpec) -> Result<()> {
@@ -406,9 +516,93 @@ impl CudaModel {
         Ok(())
     }
 
-    fn moe(&self, spec: &MoeSpec, router: &Mat, bias: Option<&[f32]>, experts: &[Ffn], hn: &CudaSlice<f32>, n: usize) -> Result<CudaSlice<f32>> {
+    /// The routed MLP of rows `hn` [n, H] -> [n, H].
+    fn moe(&self, spec: &MoeSpec, router: &Mat, bias: Option<&(CudaSlice<f32>, Vec<f32>)>, experts: &Experts, hn: &CudaSlice<f32>, n: usize) -> Result<CudaSlice<f32>> {
+        let logits = self.matvec(router, hn, n)?;
+        match experts {
+            Experts::Stacked(w) => self.moe_stacked(spec, &logits, bias.map(|b| &b.0), w, hn, n),
+            Experts::PerExpert(e) => self.moe_per_expert(spec, &logits, bias.map(|b| b.1.as_slice()), e, hn, n),
+        }
+    }
+
+    /// Router, grouping and the grouped MXFP4 kernels, all on the GPU: no host round trip.
+    fn moe_stacked(&self, spec: &MoeSpec, logits: &CudaSlice<f32>, bias: Option<&CudaSlice<f32>>, w: &MoeWeights, hn: &CudaSlice<f32>, n: usize) -> Result<CudaSlice<f32>> {
+        let (r, _, _) = self.route_device(spec, logits, bias, n)?;
+        let mut scratch = self.kernels.moe_scratch(w, r.num_pairs)?;
+        let mut y = self.zeros(n * self.spec.hidden_size)?;
+        self.kernels.moe_mxfp4(w, &r, hn, &mut scratch, &mut y)?;
+        Ok(y)
+    }
+
+    /// The router (`moe_route`) and the token/expert grouping (`moe_group`) of `n` rows of
+    /// router logits. The routing lists `min(n * top_k, E)` expert slots; the unused ones are
+    /// empty, so launches need no host round trip. Also returns the per-token choices.
+    fn route_device(&self, spec: &MoeSpec, logits: &CudaSlice<f32>, bias: Option<&CudaSlice<f32>>, n: usize) -> Result<(DeviceRouting, CudaSlice<i32>, CudaSlice<f32>)> {
+        let (e, k) = (spec.num_experts, spec.top_k);
+        let p = n * k;
+        let st = &self.stream;
+        let mut topk_idx = st.alloc_zeros::<i32>(p.max(1)).map_err(drv)?;
+        let mut topk_w = self.zeros(p)?;
+        {
+            let (ei, ki, sm, ng, tg, norm, sc) = (e as i32, k as i32, matches!(spec.scoring, RouterScoring::Softmax) as i32, spec.n_group as i32, spec.topk_group as i32, spec.norm_topk_prob as i32, spec.routed_scaling_factor);
+            let mut b = st.launch_builder(&self.ops.moe_route);
+            b.arg(logits);
+            match bias {
+                Some(bb) => b.arg(bb),
+                None => b.arg(&0u64),
+            };
+            b.arg(&mut topk_idx).arg(&mut topk_w).arg(&ei).arg(&ki).arg(&sm).arg(&ng).arg(&tg).arg(&norm).arg(&sc);
+            unsafe { b.launch(LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: (2 * e * 4) as u32 }) }.map_err(drv)?;
+        }
+        let max_u = p.min(e);
+        let mut r = DeviceRouting {
+            experts: st.alloc_zeros::<i32>(max_u.max(1)).map_err(drv)?,
+            pair_off: st.alloc_zeros::<i32>(max_u + 1).map_err(drv)?,
+            pair_tok: st.alloc_zeros::<i32>(p.max(1)).map_err(drv)?,
+            pair_w: self.zeros(p)?,
+            tok_pairs: st.alloc_zeros::<i32>(p.max(1)).map_err(drv)?,
+            num_experts_used: max_u,
+            num_pairs: p,
+            num_tokens: n,
+            top_k: k,
+        };
+        {
+            let (pi, ki, ei, mu) = (p as i32, k as i32, e as i32, max_u as i32);
+            let mut b = st.launch_builder(&self.ops.moe_group);
+            b.arg(&topk_idx).arg(&topk_w).arg(&pi).arg(&ki).arg(&ei).arg(&mu).arg(&mut r.experts).arg(&mut r.pair_off).arg(&mut r.pair_tok).arg(&mut r.pair_w).arg(&mut r.tok_pairs);
+            unsafe { b.launch(LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: (2 * e * 4) as u32 }) }.map_err(drv)?;
+        }
+        Ok((r, topk_idx, topk_w))
+    }
+
+    /// The GPU router and grouping on host logits [n, E], brought back: each token's (expert,
+    /// weight) choices and the grouping (for the kernel tests against the CPU reference).
+    pub fn route_on_gpu(&self, spec: &MoeSpec, logits: &[f32], bias: Option<&[f32]>) -> Result<(Vec<Vec<(usize, f32)>>, MoeRouting)> {
+        let (e, k) = (spec.num_experts, spec.top_k);
+        let n = logits.len() / e;
+        let st = &self.stream;
+        let bias_d = bias.map(|b| upload(st, b)).transpose()?;
+        let (r, idx, w) = self.route_device(spec, &upload(st, logits)?, bias_d.as_ref(), n)?;
+        let (idx, w) = (st.clone_dtoh(&idx).map_err(drv)?, st.clone_dtoh(&w).map_err(drv)?);
+        let choices = (0..n).map(|t| (0..k).map(|s| (idx[t * k + s] as usize, w[t * k + s])).collect()).collect();
+        let get = |d: &CudaSlice<i32>, len: usize| -> Result<Vec<i32>> { Ok(st.clone_dtoh(d).map_err(drv)?[..len].to_vec()) };
+        let pair_off = get(&r.pair_off, r.num_experts_used + 1)?;
+        let used = pair_off.iter().position(|&o| o as usize == r.num_pairs).unwrap_or(r.num_experts_used).min(r.num_experts_used);
+        let routing = MoeRouting {
+            experts: get(&r.experts, used)?,
+            pair_off: pair_off[..=used].to_vec(),
+            pair_tok: get(&r.pair_tok, r.num_pairs)?,
+            pair_w: st.clone_dtoh(&r.pair_w).map_err(drv)?[..r.num_pairs].to_vec(),
+            tok_pairs: get(&r.tok_pairs, r.num_pairs)?,
+            top_k: k,
+        };
+        Ok((choices, routing))
+    }
+
+    /// Experts in other formats: routed on the host, one GEMV chain per routed expert.
+    fn moe_per_expert(&self, spec: &MoeSpec, logits: &CudaSlice<f32>, bias: Option<&[f32]>, experts: &[Ffn], hn: &CudaSlice<f32>, n: usize) -> Result<CudaSlice<f32>> {
         let h = self.spec.hidden_size;
-        let logits = self.stream.clone_dtoh(&self.matvec(router, hn, n)?).map_err(drv)?;
+        let logits = self.stream.clone_dtoh(logits).map_err(drv)?;
         let mut per_expert: Vec<Vec<(i32, f32)>> = vec![Vec::new(); spec.num_experts];
         for t in 0..n {
             for (e, wgt) in peregrine_cpu::model::route(spec, &logits[t * spec.num_experts..(t + 1) * spec.num_experts], bias) {
@@ -434,23 +628,36 @@ impl CudaModel {
 }
 
 /// Per-row data of one forward, on the GPU.
-struct RowMeta {
-    pos: CudaSlice<i32>,
-    seq: CudaSlice<i32>,
-    full_slots: CudaSlice<i64>,
-    swa_slots: CudaSlice<i64>,
-    full_tables: CudaSlice<i32>,
-    swa_tables: CudaSlice<i32>,
-    max_blocks: usize,
-    block_size: usize,
+pub(crate) struct RowMeta {
+    pub(crate) tok: CudaSlice<i32>,
+    pub(crate) pos: CudaSlice<i32>,
+    pub(crate) seq: CudaSlice<i32>,
+    pub(crate) full_slots: CudaSlice<i64>,
+    pub(crate) swa_slots: CudaSlice<i64>,
+    pub(crate) full_tables: CudaSlice<i32>,
+    pub(crate) swa_tables: CudaSlice<i32>,
+    pub(crate) max_blocks: usize,
+    pub(crate) block_size: usize,
 }
 
-impl Backend for CudaModel {
-    fn spec(&self) -> &ModelSpec {
-        &self.spec
-    }
+/// The rows of a batch and their paging metadata, on the host.
+pub(crate) struct HostRows {
+    pub(crate) toks: Vec<i32>,
+    pub(crate) pos: Vec<i32>,
+    pub(crate) seq: Vec<i32>,
+    pub(crate) full_slots: Vec<i64>,
+    pub(crate) swa_slots: Vec<i64>,
+    /// Per sequence, `max_blocks` entries each.
+    pub(crate) full_tables: Vec<i32>,
+    pub(crate) swa_tables: Vec<i32>,
+    pub(crate) max_blocks: usize,
+    /// Rows whose logits are asked for, and how many belong to each sequence.
+    pub(crate) want: Vec<usize>,
+    pub(crate) counts: Vec<usize>,
+}
 
-    fn kv_block_bytes(&self, block_size: usize) -> KvBlockBytes {
+impl CudaModel {
+    fn kv_bytes_per_block(&self, block_size: usize) -> KvBlockBytes {
         let mut b = KvBlockBytes { full: 0, swa: 0 };
         for l in &self.layers {
             let per = block_size * (l.attn.spec.k_dim() + l.attn.spec.v_dim()) * 4;
@@ -462,18 +669,18 @@ impl Backend for CudaModel {
         b
     }
 
-    fn init_kv(&mut self, config: KvConfig) -> Result<()> {
+    fn init_kv_pools(&mut self, config: KvConfig) -> Result<()> {
+        self.graphs.clear();
         self.kv.clear();
+        self.draft_kv.clear();
+        // One scratch block past the last of each pool: padding rows of graph replays use it.
+        let (full, swa) = (config.num_full_blocks + 1, config.num_swa_blocks + 1);
         let bytes: usize = self
             .layers
             .iter()
-            .map(|l| {
-                let blocks = if l.swa { config.num_swa_blocks } else { config.num_full_blocks };
-                blocks * config.block_size * (l.attn.spec.k_dim() + l.attn.spec.v_dim()) * 4
-            })
+            .map(|l| (if l.swa { swa } else { full }) * config.block_size * (l.attn.spec.k_dim() + l.attn.spec.v_dim()) * 4)
             .sum::<usize>()
-            + self.drafter.as_ref().map_or(0, |d| config.num_full_blocks * config.block_size * d.kv_floats_per_token() * 4);
-        self.draft_kv.clear();
+            + self.drafter.as_ref().map_or(0, |d| full * config.block_size * d.kv_floats_per_token() * 4);
         let (free, total) = self.gpu.ctx.mem_get_info().map_err(drv)?;
         if bytes > free {
             return Err(Error::Backend(format!(
@@ -481,13 +688,12 @@ impl Backend for CudaModel {
             )));
         }
         for l in &self.layers {
-            let blocks = if l.swa { config.num_swa_blocks } else { config.num_full_blocks };
-            let slots = (blocks * config.block_size).max(1);
+            let slots = (if l.swa { swa } else { full }) * config.block_size;
             let s = &l.attn.spec;
             self.kv.push((self.zeros(slots * s.k_dim())?, self.zeros(slots * s.v_dim())?));
         }
         if let Some(d) = &self.drafter {
-            let slots = (config.num_full_blocks * config.block_size).max(1);
+            let slots = full * config.block_size;
             for l in &d.layers {
                 let s = &l.attn.spec;
                 self.draft_kv.push((self.zeros(slots * s.k_dim())?, self.zeros(slots * s.v_dim())?));
@@ -497,24 +703,32 @@ impl Backend for CudaModel {
         Ok(())
     }
 
-    fn forward(&mut self, batch: &[SeqForward]) -> Result<Vec<Logits>> {
+    /// Flattens `batch` into rows with their positions, KV slots and block tables, checking
+    /// token ids and that every position has its KV block.
+    fn host_rows(&self, batch: &[SeqForward]) -> Result<HostRows> {
         let cfg = self.kv_config.ok_or_else(|| Error::Backend("forward before init_kv".into()))?;
-        let (h, vocab, bs) = (self.spec.hidden_size, self.spec.vocab_size, cfg.block_size);
-        // Rows and their paging metadata.
-        let mut toks = Vec::new();
-        let mut pos = Vec::new();
-        let mut seq = Vec::new();
-        let mut full_slots = Vec::new();
-        let mut swa_slots = Vec::new();
+        let (vocab, bs) = (self.spec.vocab_size, cfg.block_size);
         let max_blocks = batch.iter().map(|s| s.full_blocks.len().max(s.swa_blocks.len())).max().unwrap_or(1).max(1);
-        let mut full_tables = vec![0i32; batch.len() * max_blocks];
-        let mut swa_tables = vec![0i32; batch.len() * max_blocks];
+        let (want, counts) = peregrine_core::backend::output_rows(batch);
+        let mut r = HostRows {
+            toks: Vec::new(),
+            pos: Vec::new(),
+            seq: Vec::new(),
+            full_slots: Vec::new(),
+            swa_slots: Vec::new(),
+            full_tables: vec![0i32; batch.len() * max_blocks],
+            swa_tables: vec![0i32; batch.len() * max_blocks],
+            max_blocks,
+            want,
+            counts,
+        };
+        let any_swa = self.layers.iter().any(|l| l.swa);
         for (si, s) in batch.iter().enumerate() {
             for (j, &b) in s.full_blocks.iter().enumerate() {
-                full_tables[si * max_blocks + j] = if b == NULL_BLOCK { 0 } else { b as i32 };
+                r.full_tables[si * max_blocks + j] = if b == NULL_BLOCK { 0 } else { b as i32 };
             }
             for (j, &b) in s.swa_blocks.iter().enumerate() {
-                swa_tables[si * max_blocks + j] = if b == NULL_BLOCK { 0 } else { b as i32 };
+                r.swa_tables[si * max_blocks + j] = if b == NULL_BLOCK { 0 } else { b as i32 };
             }
             for (ti, &t) in s.tokens.iter().enumerate() {
                 if t as usize >= vocab {
@@ -525,73 +739,139 @@ impl Backend for CudaModel {
                     Some(&b) if b != NULL_BLOCK => Ok(b as i64 * bs as i64 + (p % bs) as i64),
                     _ => Err(Error::Backend(format!("sequence {}: no {group} KV block for position {p}", s.seq_id))),
                 };
-                full_slots.push(slot(&s.full_blocks, "full-attention")?);
-                swa_slots.push(if self.layers.iter().any(|l| l.swa) { slot(&s.swa_blocks, "sliding-window")? } else { 0 });
-                toks.push(t as i32);
-                pos.push(p as i32);
-                seq.push(si as i32);
+                r.full_slots.push(slot(&s.full_blocks, "full-attention")?);
+                r.swa_slots.push(if any_swa { slot(&s.swa_blocks, "sliding-window")? } else { 0 });
+                r.toks.push(t as i32);
+                r.pos.push(p as i32);
+                r.seq.push(si as i32);
             }
         }
-        let n = toks.len();
-        if n == 0 {
-            return Ok(batch.iter().map(|_| Logits::default()).collect());
-        }
+        Ok(r)
+    }
+
+    /// One forward step on the GPU with no host round trip (so it can be captured as a CUDA
+    /// graph): the embedding, every layer, the drafter's context K/V, then the final norm and
+    /// lm_head of the rows `out_rows` (every row when None) into `logits` [rows, vocab] and their
+    /// argmax into `ids`.
+    pub(crate) fn step_body(&self, meta: &RowMeta, n: usize, out_rows: Option<(&CudaSlice<i32>, usize)>, logits: &mut CudaSlice<f32>, ids: &mut CudaSlice<i32>) -> Result<()> {
+        let h = self.spec.hidden_size;
         let st = &self.stream;
-        let meta = RowMeta {
-            pos: upload(st, &pos)?,
-            seq: upload(st, &seq)?,
-            full_slots: upload(st, &full_slots)?,
-            swa_slots: upload(st, &swa_slots)?,
-            full_tables: upload(st, &full_tables)?,
-            swa_tables: upload(st, &swa_tables)?,
-            max_blocks,
-            block_size: bs,
-        };
-        let tok_d = upload(st, &toks)?;
-        let mut x = self.zeros(n * h)?;
-        {
-            let hh = h as i32;
-            let mut b = st.launch_builder(&self.ops.embed);
-            b.arg(&self.embed).arg(&tok_d).arg(&mut x).arg(&hh);
-            unsafe { b.launch(LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
-        }
+        let mut x = self.embed_rows(&meta.tok, n)?;
         let mut features = None;
-        for li in 0..self.layers.len() {
-            let hn = self.rms_norm(&x, &self.layers[li].input_norm, n, h)?;
-            let o = self.attention(li, &hn, n, &meta)?;
-            self.add_inplace(&mut x, &o, n * h)?;
-            let hn = self.rms_norm(&x, &self.layers[li].post_norm, n, h)?;
+        let nl = self.layers.len();
+        let mut hn = self.rms_norm(&x, &self.layers[0].input_norm, n, h)?;
+        for li in 0..nl {
+            let o = self.attention(li, &hn, n, meta)?;
+            let hn2 = self.add_rms_norm(&mut x, &o, &self.layers[li].post_norm, n, h)?;
             let m = match &self.layers[li].mlp {
-                Mlp::Dense(f) => self.ffn(f, &hn, n)?,
-                Mlp::Moe { spec, router, bias, experts } => self.moe(spec, router, bias.as_deref(), experts, &hn, n)?,
+                Mlp::Dense(f) => self.ffn(f, &hn2, n)?,
+                Mlp::Moe { spec, router, bias, experts } => self.moe(spec, router, bias.as_ref(), experts, &hn2, n)?,
             };
-            self.add_inplace(&mut x, &m, n * h)?;
+            if li + 1 < nl {
+                hn = self.add_rms_norm(&mut x, &m, &self.layers[li + 1].input_norm, n, h)?;
+            } else {
+                self.add_inplace(&mut x, &m, n * h)?;
+            }
             self.capture(li, &x, n, &mut features)?;
         }
         if let Some(f) = &features {
             self.write_draft_context(f, n, &meta.pos, &meta.full_slots)?;
         }
-        // Logits for the rows asked for.
-        let (want, counts) = peregrine_core::backend::output_rows(batch);
-        let want: Vec<i32> = want.into_iter().map(|r| r as i32).collect();
-        let data = if want.is_empty() {
-            Vec::new()
-        } else {
-            let idx = upload(st, &want)?;
-            let mut sel = self.zeros(want.len() * h)?;
-            let hh = h as i32;
-            let mut b = st.launch_builder(&self.ops.gather_rows);
-            b.arg(&x).arg(&idx).arg(&mut sel).arg(&hh);
-            unsafe { b.launch(LaunchConfig { grid_dim: (want.len() as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
-            let normed = self.rms_norm(&sel, &self.final_norm, want.len(), h)?;
-            let logits = match &self.lm_head {
-                Some(m) => self.matvec(m, &normed, want.len())?,
-                // Tied: the f32 embedding table is the head.
-                None => self.gemv_f32(&self.embed, vocab, h, &normed, want.len())?,
-            };
-            st.clone_dtoh(&logits).map_err(drv)?
+        let (sel, rows) = match out_rows {
+            Some((_, 0)) => return Ok(()),
+            None => (x, n),
+            Some((idx, rows)) => {
+                let mut sel = self.zeros(rows * h)?;
+                let hh = h as i32;
+                let mut b = st.launch_builder(&self.ops.gather_rows);
+                b.arg(&x).arg(idx).arg(&mut sel).arg(&hh);
+                unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
+                (sel, rows)
+            }
         };
-        Ok(peregrine_core::backend::split_logits(&data, &counts, vocab))
+        let normed = self.rms_norm(&sel, &self.final_norm, rows, h)?;
+        self.lm_head_into(&normed, rows, logits)?;
+        let v = self.spec.vocab_size as i32;
+        let mut b = st.launch_builder(&self.ops.argmax_rows);
+        b.arg(&*logits).arg(&v).arg(ids);
+        unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
+        Ok(())
+    }
+
+    /// Runs `batch` (through a captured graph when it qualifies) and brings back the logits
+    /// (`want_logits`) or only the argmax ids of the asked-for rows, with per-sequence counts.
+    fn run(&mut self, batch: &[SeqForward], want_logits: bool) -> Result<(Vec<f32>, Vec<i32>, Vec<usize>)> {
+        let rows = self.host_rows(batch)?;
+        let n = rows.toks.len();
+        if n == 0 {
+            return Ok((Vec::new(), Vec::new(), rows.counts));
+        }
+        let vocab = self.spec.vocab_size;
+        let fetch = |st: &Arc<CudaStream>, logits: &CudaSlice<f32>, ids: &CudaSlice<i32>, k: usize| -> Result<(Vec<f32>, Vec<i32>)> {
+            Ok(if k == 0 {
+                // Nothing asked for (a prefill chunk): still wait for the step to finish.
+                st.synchronize().map_err(drv)?;
+                (Vec::new(), Vec::new())
+            } else if want_logits {
+                (st.clone_dtoh(&logits.slice(..k * vocab)).map_err(drv)?, Vec::new())
+            } else {
+                (Vec::new(), st.clone_dtoh(&ids.slice(..k)).map_err(drv)?)
+            })
+        };
+        if let Some(g) = self.graph_for(&rows)? {
+            let k = rows.want.len();
+            let fetched = fetch(&self.stream, &g.logits, &g.ids, k);
+            self.graphs.put_back(g);
+            let (l, i) = fetched?;
+            return Ok((l, i, rows.counts));
+        }
+        let st = self.stream.clone();
+        let bs = self.kv_config.map_or(1, |c| c.block_size);
+        let meta = RowMeta {
+            tok: upload(&st, &rows.toks)?,
+            pos: upload(&st, &rows.pos)?,
+            seq: upload(&st, &rows.seq)?,
+            full_slots: upload(&st, &rows.full_slots)?,
+            swa_slots: upload(&st, &rows.swa_slots)?,
+            full_tables: upload(&st, &rows.full_tables)?,
+            swa_tables: upload(&st, &rows.swa_tables)?,
+            max_blocks: rows.max_blocks,
+            block_size: bs,
+        };
+        let k = rows.want.len();
+        let idx = upload(&st, &rows.want.iter().map(|&r| r as i32).chain([0]).collect::<Vec<_>>())?; // never empty
+        let mut logits = self.zeros(k * vocab)?;
+        let mut ids = st.alloc_zeros::<i32>(k.max(1)).map_err(drv)?;
+        self.step_body(&meta, n, Some((&idx, k)), &mut logits, &mut ids)?;
+        let (l, i) = fetch(&st, &logits, &ids, k)?;
+        Ok((l, i, rows.counts))
+    }
+
+    /// Greedy decoding without logits on the host: the argmax token of every asked-for row
+    /// (ties to the lower id), per sequence.
+    pub fn forward_argmax(&mut self, batch: &[SeqForward]) -> Result<Vec<Vec<u32>>> {
+        let (_, ids, counts) = self.run(batch, false)?;
+        let mut it = ids.into_iter().map(|t| t as u32);
+        Ok(counts.iter().map(|&c| it.by_ref().take(c).collect()).collect())
+    }
+}
+
+impl Backend for CudaModel {
+    fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    fn kv_block_bytes(&self, block_size: usize) -> KvBlockBytes {
+        self.kv_bytes_per_block(block_size)
+    }
+
+    fn init_kv(&mut self, config: KvConfig) -> Result<()> {
+        self.init_kv_pools(config)
+    }
+
+    fn forward(&mut self, batch: &[SeqForward]) -> Result<Vec<Logits>> {
+        let (data, _, counts) = self.run(batch, true)?;
+        Ok(peregrine_core::backend::split_logits(&data, &counts, self.spec.vocab_size))
     }
 
     fn name(&self) -> &str {

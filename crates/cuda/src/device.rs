@@ -48,6 +48,11 @@ pub fn probe(ordinal: usize) -> Result<Gpu> {
     let name = ctx.name().map_err(err)?;
     let capability = ctx.compute_capability().map_err(err)?;
     let total_memory = ctx.total_mem().map_err(err)?;
-    let stream = ctx.default_stream();
+    // One stream does all the work, so cudarc's cross-stream event tracking is only overhead
+    // (and would record events inside CUDA-graph captures); a created stream, not the legacy
+    // default one, because graphs cannot be captured on the legacy stream.
+    // SAFETY: nothing is allocated yet, and every later allocation and launch uses `stream`.
+    unsafe { ctx.disable_event_tracking() };
+    let stream = ctx.new_stream().map_err(err)?;
     Ok(Gpu { ctx, stream, name, capability, total_memory })
 }

@@ -7,7 +7,8 @@ use peregrine_core::backend::{DraftForward, NULL_BLOCK};
 use peregrine_core::{DraftSpec, Error, Result};
 use peregrine_model::dflash::DraftFiles;
 
-use crate::backend::{drv, load_ffn, load_mat, upload, Attn, CudaModel, Ffn, Mat};
+use crate::backend::{drv, load_ffn, upload, Attn, CudaModel, Ffn, Mat};
+use crate::weights::Source;
 
 pub(crate) struct DraftLayer {
     input_norm: CudaSlice<f32>,
@@ -35,10 +36,19 @@ impl Drafter {
 impl CudaModel {
     /// Attaches a DFlash drafter (before `init_kv`), checked against the target like on the CPU.
     pub fn attach_drafter(&mut self, files: &DraftFiles) -> Result<()> {
+        self.attach_drafter_from(&Source::Files(files.weights.as_ref()), &files.spec, &files.prefix, files.mask_embedding.as_deref())
+    }
+
+    /// A drafter of `spec`'s shapes with random weights generated on the GPU (benchmarks).
+    pub fn attach_synthetic_drafter(&mut self, spec: &DraftSpec, seed: u64) -> Result<()> {
+        let synth = self.synthetic_source(seed)?;
+        self.attach_drafter_from(&Source::Synthetic(&synth), spec, "", None)
+    }
+
+    fn attach_drafter_from(&mut self, w: &Source, s: &DraftSpec, p: &str, mask_embedding: Option<&[f32]>) -> Result<()> {
         if self.kv_config.is_some() {
             return Err(Error::Backend("attach the drafter before the KV cache is allocated".into()));
         }
-        let s = &files.spec;
         let h = s.hidden_size;
         if h != self.spec.hidden_size {
             return Err(Error::config("hidden_size", format!("the drafter's hidden size {h} differs from the target's {}", self.spec.hidden_size)));
@@ -52,38 +62,36 @@ impl CudaModel {
         if s.layers.iter().any(|l| l.attention.v_head_dim > 128) {
             return Err(Error::Unsupported("drafter V head dim > 128 on the CUDA backend".into()));
         }
-        let w = files.weights.as_ref();
         let st = &self.stream;
-        let p = &files.prefix;
         let mut layers = Vec::with_capacity(s.layers.len());
         for (i, l) in s.layers.iter().enumerate() {
             let lp = format!("{p}layers.{i}");
             let a = l.attention;
             let pa = format!("{lp}.self_attn");
             layers.push(DraftLayer {
-                input_norm: upload(st, &w.vector(&format!("{lp}.input_layernorm.weight"), h)?)?,
-                post_norm: upload(st, &w.vector(&format!("{lp}.post_attention_layernorm.weight"), h)?)?,
+                input_norm: w.vector(st, &format!("{lp}.input_layernorm.weight"), h)?,
+                post_norm: w.vector(st, &format!("{lp}.post_attention_layernorm.weight"), h)?,
                 attn: Attn {
                     spec: a,
-                    q: load_mat(st, w, &format!("{pa}.q_proj.weight"), a.q_dim(), h)?,
-                    k: load_mat(st, w, &format!("{pa}.k_proj.weight"), a.k_dim(), h)?,
-                    v: load_mat(st, w, &format!("{pa}.v_proj.weight"), a.v_dim(), h)?,
+                    q: w.mat(st, &format!("{pa}.q_proj.weight"), a.q_dim(), h)?,
+                    k: w.mat(st, &format!("{pa}.k_proj.weight"), a.k_dim(), h)?,
+                    v: w.mat(st, &format!("{pa}.v_proj.weight"), a.v_dim(), h)?,
                     bias: None,
-                    q_norm: Some(upload(st, &w.vector(&format!("{pa}.q_norm.weight"), a.head_dim)?)?),
-                    k_norm: Some(upload(st, &w.vector(&format!("{pa}.k_norm.weight"), a.head_dim)?)?),
-                    o: load_mat(st, w, &format!("{pa}.o_proj.weight"), h, a.o_dim())?,
-                    sinks: if a.sinks { Some(upload(st, &w.vector(&format!("{pa}.attention_sink_bias"), a.num_heads)?)?) } else { None },
+                    q_norm: Some(w.vector(st, &format!("{pa}.q_norm.weight"), a.head_dim)?),
+                    k_norm: Some(w.vector(st, &format!("{pa}.k_norm.weight"), a.head_dim)?),
+                    o: w.mat(st, &format!("{pa}.o_proj.weight"), h, a.o_dim())?,
+                    sinks: if a.sinks { Some(w.vector(st, &format!("{pa}.attention_sink_bias"), a.num_heads)?) } else { None },
                 },
                 causal: l.causal,
                 mlp: load_ffn(st, w, &format!("{lp}.mlp"), h, l.intermediate_size)?,
             });
         }
         self.drafter = Some(Drafter {
-            fc: load_mat(st, w, &format!("{p}fc.weight"), h, s.context_dim())?,
-            hidden_norm: upload(st, &w.vector(&format!("{p}hidden_norm.weight"), h)?)?,
-            norm: upload(st, &w.vector(&format!("{p}norm.weight"), h)?)?,
+            fc: w.mat(st, &format!("{p}fc.weight"), h, s.context_dim())?,
+            hidden_norm: w.vector(st, &format!("{p}hidden_norm.weight"), h)?,
+            norm: w.vector(st, &format!("{p}norm.weight"), h)?,
             layers,
-            mask_embedding: files.mask_embedding.as_deref().map(|m| upload(st, m)).transpose()?,
+            mask_embedding: mask_embedding.map(|m| upload(st, m)).transpose()?,
             spec: s.clone(),
         });
         Ok(())
@@ -164,11 +172,8 @@ impl CudaModel {
         let n = toks.len();
         let st = self.stream.clone();
         let tok_d = upload(&st, &toks)?;
-        let mut x = self.zeros(n * h)?;
+        let mut x = self.embed_rows(&tok_d, n)?;
         let hh = h as i32;
-        let mut b = st.launch_builder(&self.ops.embed);
-        b.arg(&self.embed).arg(&tok_d).arg(&mut x).arg(&hh);
-        unsafe { b.launch(LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
         if let Some(m) = &d.mask_embedding {
             let rows = upload(&st, &mask_rows)?;
             let mut b = st.launch_builder(&self.ops.fill_rows);
@@ -225,11 +230,7 @@ impl CudaModel {
         b.arg(&x).arg(&idx).arg(&mut sel).arg(&hh);
         unsafe { b.launch(LaunchConfig { grid_dim: (want.len() as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
         let normed = self.rms_norm(&sel, &d.norm, want.len(), h)?;
-        let logits = match &self.lm_head {
-            Some(m) => self.matvec(m, &normed, want.len())?,
-            None => self.gemv_f32(&self.embed, vocab, h, &normed, want.len())?,
-        };
-        let logits = st.clone_dtoh(&logits).map_err(drv)?;
+        let logits = st.clone_dtoh(&self.lm_head_logits(&normed, want.len())?).map_err(drv)?;
         let (mult, cap) = (d.spec.output_multiplier, d.spec.final_logit_softcapping);
         let mut out: Vec<Vec<u32>> = batch.iter().map(|x| Vec::with_capacity(x.num_drafts)).collect();
         for (i, &r) in want.iter().enumerate() {

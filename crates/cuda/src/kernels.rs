@@ -25,6 +25,10 @@ pub struct Kernels {
     gate_up_v2: CudaFunction,
     down_v2: CudaFunction,
     combine: CudaFunction,
+    /// Tensor-core GEMV for 8, 16, 32, 64 tokens per pass, FP8 and BF16 weights.
+    mma_fp8: [CudaFunction; 4],
+    mma_bf16: [CudaFunction; 4],
+    split_bf16: CudaFunction,
     /// The PTX came from the on-disk cache.
     pub cached: bool,
 }
@@ -88,15 +92,15 @@ impl MoeRouting {
 
 /// The routing uploaded to the GPU.
 pub struct DeviceRouting {
-    experts: CudaSlice<i32>,
-    pair_off: CudaSlice<i32>,
-    pair_tok: CudaSlice<i32>,
-    pair_w: CudaSlice<f32>,
-    tok_pairs: CudaSlice<i32>,
-    num_experts_used: usize,
-    num_pairs: usize,
-    num_tokens: usize,
-    top_k: usize,
+    pub(crate) experts: CudaSlice<i32>,
+    pub(crate) pair_off: CudaSlice<i32>,
+    pub(crate) pair_tok: CudaSlice<i32>,
+    pub(crate) pair_w: CudaSlice<f32>,
+    pub(crate) tok_pairs: CudaSlice<i32>,
+    pub(crate) num_experts_used: usize,
+    pub(crate) num_pairs: usize,
+    pub(crate) num_tokens: usize,
+    pub(crate) top_k: usize,
 }
 
 /// One layer's experts in MXFP4: gate/up [E, I, H/2] + scales [E, I, H/32], down [E, H, I/2] +
@@ -142,6 +146,9 @@ impl Kernels {
             gate_up_v2: f("moe_gate_up_mxfp4_v2")?,
             down_v2: f("moe_down_mxfp4_v2")?,
             combine: f("moe_combine")?,
+            mma_fp8: [f("gemv_mma_fp8_t1")?, f("gemv_mma_fp8_t2")?, f("gemv_mma_fp8_t4")?, f("gemv_mma_fp8_t8")?],
+            mma_bf16: [f("gemv_mma_bf16_t1")?, f("gemv_mma_bf16_t2")?, f("gemv_mma_bf16_t4")?, f("gemv_mma_bf16_t8")?],
+            split_bf16: f("split_bf16")?,
             cached,
         })
     }
@@ -169,8 +176,20 @@ impl Kernels {
         Ok(())
     }
 
-    /// `y[t, n] = W[n, :] · x[t, :]` for BF16 `W` [N, K] (as u16 bits); K % 32 == 0.
+    /// `y[t, n] = W[n, :] · x[t, :]` for BF16 `W` [N, K] (as u16 bits); K % 32 == 0. The
+    /// tensor-core kernel when K % 128 == 0, else the one-row-per-warp kernel.
     pub fn gemv_bf16(&self, w: &CudaSlice<u16>, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>, n: usize, k: usize, t: usize) -> Result<()> {
+        if k % 128 == 0 {
+            check(w.len() >= n * k, || format!("gemv_bf16: W must hold {n}x{k}"))?;
+            let (ptr, _sync) = cudarc::driver::DevicePtr::device_ptr(w, &self.stream);
+            return self.gemv_mma(false, ptr, None, x, y, n, k, t);
+        }
+        self.gemv_bf16_simt(w, x, y, n, k, t)
+    }
+
+    /// The one-row-per-warp BF16 GEMV (CUDA cores), kept for shapes the tensor-core kernel
+    /// does not take and for comparison in the bench.
+    pub fn gemv_bf16_simt(&self, w: &CudaSlice<u16>, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>, n: usize, k: usize, t: usize) -> Result<()> {
         check(k % 32 == 0 && w.len() >= n * k, || format!("gemv_bf16: K {k} must be a multiple of 32 and W hold {n}x{k}"))?;
         let (ni, ki) = (n as i32, k as i32);
         Self::per_pass(x, y, n, k, t, |xs, mut ys, tt| {
@@ -180,8 +199,16 @@ impl Kernels {
         })
     }
 
-    /// FP8 e4m3 `W` [N, K] with f32 block scales [ceil(N/128), K/128]; K % 128 == 0.
+    /// FP8 e4m3 `W` [N, K] with f32 block scales [ceil(N/128), K/128]; K % 128 == 0
+    /// (tensor-core kernel).
     pub fn gemv_fp8(&self, w: &CudaSlice<u8>, scales: &CudaSlice<f32>, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>, n: usize, k: usize, t: usize) -> Result<()> {
+        check(k % 128 == 0 && w.len() >= n * k && scales.len() >= n.div_ceil(128) * (k / 128), || format!("gemv_fp8: bad shapes {n}x{k}"))?;
+        let (ptr, _sync) = cudarc::driver::DevicePtr::device_ptr(w, &self.stream);
+        self.gemv_mma(true, ptr, Some(scales), x, y, n, k, t)
+    }
+
+    /// The one-row-per-warp FP8 GEMV (CUDA cores), kept for comparison in the bench.
+    pub fn gemv_fp8_simt(&self, w: &CudaSlice<u8>, scales: &CudaSlice<f32>, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>, n: usize, k: usize, t: usize) -> Result<()> {
         check(k % 128 == 0 && w.len() >= n * k && scales.len() >= n.div_ceil(128) * (k / 128), || format!("gemv_fp8: bad shapes {n}x{k}"))?;
         let (ni, ki) = (n as i32, k as i32);
         Self::per_pass(x, y, n, k, t, |xs, mut ys, tt| {
@@ -189,6 +216,36 @@ impl Kernels {
             b.arg(w).arg(scales).arg(&xs).arg(&mut ys).arg(&ni).arg(&ki).arg(&tt);
             unsafe { b.launch(Self::rows_cfg(n, 1)) }.map(|_| ()).map_err(drv("gemv_fp8"))
         })
+    }
+
+    /// The tensor-core GEMV: x split into BF16 hi + lo, then 16 rows per block of 8 warps,
+    /// 8, 16, 32 or 64 tokens per pass (grid.y passes).
+    #[allow(clippy::too_many_arguments)]
+    fn gemv_mma(&self, fp8: bool, w: cudarc::driver::sys::CUdeviceptr, scales: Option<&CudaSlice<f32>>, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>, n: usize, k: usize, t: usize) -> Result<()> {
+        check(x.len() >= t * k && y.len() >= t * n, || format!("gemv buffers too small for {t} tokens of {k} -> {n}"))?;
+        if t == 0 || n == 0 {
+            return Ok(());
+        }
+        let len = t * k;
+        let mut xh = unsafe { self.stream.alloc::<u16>(len) }.map_err(drv("alloc"))?;
+        let mut xl = unsafe { self.stream.alloc::<u16>(len) }.map_err(drv("alloc"))?;
+        let li = len as i32;
+        let mut b = self.stream.launch_builder(&self.split_bf16);
+        b.arg(x).arg(&mut xh).arg(&mut xl).arg(&li);
+        unsafe { b.launch(LaunchConfig::for_num_elems(len as u32)) }.map_err(drv("split_bf16"))?;
+        let (v, per) = match t { 1..=8 => (0, 8), 9..=16 => (1, 16), 17..=32 => (2, 32), _ => (3, 64) };
+        let f = if fp8 { &self.mma_fp8[v] } else { &self.mma_bf16[v] };
+        let (ni, ki, ti) = (n as i32, k as i32, t as i32);
+        let mut b = self.stream.launch_builder(f);
+        b.arg(&w);
+        match scales {
+            Some(s) => b.arg(s),
+            None => b.arg(&0u64),
+        };
+        b.arg(&xh).arg(&xl).arg(&mut *y).arg(&ni).arg(&ki).arg(&ti);
+        let cfg = LaunchConfig { grid_dim: (n.div_ceil(16) as u32, t.div_ceil(per) as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        unsafe { b.launch(cfg) }.map_err(drv(if fp8 { "gemv_mma_fp8" } else { "gemv_mma_bf16" }))?;
+        Ok(())
     }
 
     /// MXFP4 `W` [N, K/2] bytes with E8M0 scales [N, K/32]; K % 32 == 0.

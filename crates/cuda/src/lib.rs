@@ -11,7 +11,9 @@ pub mod backend;
 pub mod compile;
 pub mod device;
 mod draft;
+mod graph;
 pub mod kernels;
+mod weights;
 
 pub use backend::CudaModel;
 pub use device::{probe, Gpu};

@@ -77,10 +77,10 @@ fn nvrtc_compiles_the_kernels() {
     )
     .expect("ops.cu compiles for sm_90a")
     .to_src();
-    for k in ["embed", "rms_norm", "add_bias", "add_inplace", "rope", "kv_write", "attention", "silu_mul", "gather_rows", "scatter_add_scaled", "gemv_f32", "copy_cols", "fill_rows", "scale", "draft_attention"] {
+    for k in ["embed", "rms_norm", "add_bias", "add_inplace", "rope", "kv_write", "attention", "silu_mul", "gather_rows", "scatter_add_scaled", "gemv_f32", "copy_cols", "fill_rows", "scale", "draft_attention", "embed_bf16", "add_rms_norm", "rope_kv_write", "moe_route", "moe_group", "argmax_rows", "fill_random_u8", "fill_random_f", "attention_v2"] {
         assert!(ops.contains(&format!(".entry {k}")), "kernel {k} missing from the PTX");
     }
-    for k in ["gemv_bf16", "gemv_fp8", "gemv_mxfp4", "gemv_mxfp4_t1", "gemv_mxfp4_t2", "gemv_mxfp4_t4", "gemv_mxfp4_t8", "moe_gate_up_mxfp4", "moe_down_mxfp4", "moe_gate_up_mxfp4_v2", "moe_down_mxfp4_v2", "moe_combine"] {
+    for k in ["gemv_bf16", "gemv_fp8", "gemv_mxfp4", "gemv_mxfp4_t1", "gemv_mxfp4_t2", "gemv_mxfp4_t4", "gemv_mxfp4_t8", "moe_gate_up_mxfp4", "moe_down_mxfp4", "moe_gate_up_mxfp4_v2", "moe_down_mxfp4_v2", "moe_combine", "split_bf16", "gemv_mma_fp8_t1", "gemv_mma_fp8_t8", "gemv_mma_bf16_t1", "gemv_mma_bf16_t8"] {
         assert!(text.contains(&format!(".entry {k}")), "kernel {k} missing from the PTX");
     }
 }
@@ -90,8 +90,9 @@ fn gemv_kernels_match_the_cpu_reference() {
     let Some((g, kern)) = gpu() else { return };
     eprintln!("GPU: {} (sm_{}{})", g.name, g.capability.0, g.capability.1);
     let mut r = rng();
-    for &(n, k) in &[(200usize, 256usize), (513, 1024), (2048, 4096)] {
-        for &t in &[1usize, 3, 8, 11] {
+    for &(n, k) in &[(200usize, 256usize), (513, 1024), (2048, 4096), (72, 96)] {
+        // 1..11: one tensor-core pass of 8/16 tokens; 40, 130: 64-token passes with a tail.
+        for &t in &[1usize, 3, 8, 11, 40, 130] {
             let x = randn(&mut r, t * k);
             let xd = g.stream.clone_htod(&x).unwrap();
             // BF16
@@ -99,7 +100,13 @@ fn gemv_kernels_match_the_cpu_reference() {
             let wf: Vec<f32> = wb.iter().map(|&b| half::bf16::from_bits(b).to_f32()).collect();
             let mut y = poisoned(&g, t * n);
             kern.gemv_bf16(&g.stream.clone_htod(&wb).unwrap(), &xd, &mut y, n, k, t).unwrap();
-            assert_close(&format!("bf16 {n}x{k} T={t}"), &g.stream.clone_dtoh(&y).unwrap(), &reference(&wf, &x, n, k, t));
+            let want = reference(&wf, &x, n, k, t);
+            assert_close(&format!("bf16 {n}x{k} T={t}"), &g.stream.clone_dtoh(&y).unwrap(), &want);
+            if t <= 11 {
+                let mut y = poisoned(&g, t * n);
+                kern.gemv_bf16_simt(&g.stream.clone_htod(&wb).unwrap(), &xd, &mut y, n, k, t).unwrap();
+                assert_close(&format!("bf16 (CUDA cores) {n}x{k} T={t}"), &g.stream.clone_dtoh(&y).unwrap(), &want);
+            }
             // FP8 block
             if k % 128 == 0 {
                 let w8: Vec<u8> = (0..n * k).map(|_| loop { let b: u8 = r.random(); if fp8_e4m3_to_f32(b).is_finite() { break b } }).collect();
@@ -107,7 +114,13 @@ fn gemv_kernels_match_the_cpu_reference() {
                 let wf = dequant_fp8_block(&w8, &sc, n, k, 128, 128);
                 let mut y = poisoned(&g, t * n);
                 kern.gemv_fp8(&g.stream.clone_htod(&w8).unwrap(), &g.stream.clone_htod(&sc).unwrap(), &xd, &mut y, n, k, t).unwrap();
-                assert_close(&format!("fp8 {n}x{k} T={t}"), &g.stream.clone_dtoh(&y).unwrap(), &reference(&wf, &x, n, k, t));
+                let want = reference(&wf, &x, n, k, t);
+                assert_close(&format!("fp8 {n}x{k} T={t}"), &g.stream.clone_dtoh(&y).unwrap(), &want);
+                if t <= 11 {
+                    let mut y = poisoned(&g, t * n);
+                    kern.gemv_fp8_simt(&g.stream.clone_htod(&w8).unwrap(), &g.stream.clone_htod(&sc).unwrap(), &xd, &mut y, n, k, t).unwrap();
+                    assert_close(&format!("fp8 (CUDA cores) {n}x{k} T={t}"), &g.stream.clone_dtoh(&y).unwrap(), &want);
+                }
             }
             // MXFP4
             let w4: Vec<u8> = (0..n * k / 2).map(|_| r.random()).collect();

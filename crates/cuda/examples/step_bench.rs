@@ -1,0 +1,267 @@
+//! Whole decode steps of a MiMo-V2-Flash-shaped model with synthetic weights on one GPU (as many
+//! layers as fit), against the byte floor: every weight byte a step must stream once (attention
+//! FP8 + BF16 o_proj, f32 routers, the dense MLP, the distinct MXFP4 experts the batch routes
+//! to, lm_head) plus the KV cache it reads, at the device's measured copy bandwidth.
+//! Reports per batch size the median step time and output tokens/s, the cost of verifying
+//! 1..8 tokens of one sequence relative to a 1-token step, and the cost of a DFlash draft pass
+//! (a synthetic drafter of the MiMo-V2.5-Pro drafter's layout at Flash's hidden size).
+//!
+//!     cargo run --release -p peregrine-cuda --example step_bench -- \
+//!         --config configs/mimo-v2-flash.json [--layers N] [--batches 1,8,32,64] [--context 128]
+
+use std::time::Instant;
+
+use clap::Parser;
+use cudarc::driver::sys::CUevent_flags;
+use peregrine_core::backend::{Backend, KvConfig, OutputRows, SeqForward};
+use peregrine_core::{MlpSpec, ModelSpec};
+use peregrine_cuda::{probe, CudaModel};
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long, default_value = "configs/mimo-v2-flash.json")]
+    config: String,
+    /// Decoder layers to keep (default: as many as fit in 85% of the free memory).
+    #[arg(long)]
+    layers: Option<usize>,
+    #[arg(long, default_value = "1,8,32,64", value_delimiter = ',')]
+    batches: Vec<usize>,
+    /// Tokens of context each sequence holds before the timed steps.
+    #[arg(long, default_value_t = 128)]
+    context: usize,
+    #[arg(long, default_value_t = 15)]
+    steps: usize,
+    /// Draft layers of the synthetic drafter (0: no drafter benchmark).
+    #[arg(long, default_value_t = 5)]
+    draft_layers: usize,
+}
+
+const BS: usize = 16;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Bytes of one layer's weights other than the routed experts, and of one routed expert, in
+/// the formats the synthetic model uses.
+fn layer_bytes(spec: &ModelSpec, li: usize) -> (f64, f64) {
+    let h = spec.hidden_size as f64;
+    let l = &spec.layers[li];
+    let a = l.attention;
+    let fp8 = |n: f64, k: f64| n * k + (n / 128.0).ceil() * (k / 128.0).ceil() * 4.0;
+    let mut shared = fp8(a.q_dim() as f64, h) + fp8(a.k_dim() as f64, h) + fp8(a.v_dim() as f64, h) + a.o_dim() as f64 * h * 2.0 + 2.0 * h * 4.0;
+    let mut expert = 0.0;
+    match l.mlp {
+        MlpSpec::Dense { intermediate_size } => shared += 3.0 * fp8(intermediate_size as f64, h),
+        MlpSpec::Moe(m) => {
+            shared += m.num_experts as f64 * h * 4.0;
+            expert = 3.0 * h * m.intermediate_size as f64 * (0.5 + 1.0 / 32.0);
+        }
+    }
+    (shared, expert)
+}
+
+/// Expected distinct experts of E that B tokens with top-k uniform routing touch.
+fn distinct_experts(e: usize, k: usize, b: usize) -> f64 {
+    e as f64 * (1.0 - (1.0 - k as f64 / e as f64).powi(b as i32))
+}
+
+struct Floor {
+    bytes: f64,
+}
+
+fn floor(spec: &ModelSpec, tokens: usize, seqs: usize, context: usize) -> Floor {
+    let mut bytes = spec.vocab_size as f64 * spec.hidden_size as f64 * 2.0; // lm_head (BF16)
+    for li in 0..spec.layers.len() {
+        let (shared, expert) = layer_bytes(spec, li);
+        bytes += shared;
+        if let MlpSpec::Moe(m) = spec.layers[li].mlp {
+            bytes += expert * distinct_experts(m.num_experts, m.top_k, tokens);
+        }
+        let a = spec.layers[li].attention;
+        let span = a.window().map_or(context, |w| w.min(context)) as f64;
+        bytes += seqs as f64 * span * (a.k_dim() + a.v_dim()) as f64 * 4.0; // f32 KV read
+    }
+    Floor { bytes }
+}
+
+fn main() {
+    let args = Args::parse();
+    let gpu = match probe(0) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(2);
+        }
+    };
+    let text = std::fs::read_to_string(&args.config).expect("config");
+    let mut spec = peregrine_model::config::parse_config(&serde_json::from_str(&text).expect("json"), None).expect("config parses");
+    let (free, total) = gpu.ctx.mem_get_info().unwrap();
+    println!("GPU {} sm_{}{}, {:.1} of {:.1} GiB free", gpu.name, gpu.capability.0, gpu.capability.1, free as f64 / 1073741824.0, total as f64 / 1073741824.0);
+
+    // Copy bandwidth: device-to-device copies of 1 GiB (read + write), median of 10.
+    let ev = || gpu.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).unwrap();
+    let (e0, e1) = (ev(), ev());
+    let copy_bw = {
+        let n = 1usize << 30;
+        let a = gpu.stream.alloc_zeros::<u8>(n).unwrap();
+        let mut b = gpu.stream.alloc_zeros::<u8>(n).unwrap();
+        let mut t = Vec::new();
+        for i in 0..13 {
+            e0.record(&gpu.stream).unwrap();
+            gpu.stream.memcpy_dtod(&a, &mut b).unwrap();
+            e1.record(&gpu.stream).unwrap();
+            e1.synchronize().unwrap();
+            if i >= 3 {
+                t.push(e0.elapsed_ms(&e1).unwrap() as f64);
+            }
+        }
+        2.0 * n as f64 / (median(t) / 1e3)
+    };
+    println!("copy bandwidth: {:.0} GB/s", copy_bw / 1e9);
+
+    // As many layers as fit in 85% of the free memory, leaving the KV cache and activations room.
+    let fixed = spec.vocab_size as f64 * spec.hidden_size as f64 * 4.0 + 6e9;
+    let per_layer: Vec<f64> = (0..spec.layers.len())
+        .map(|li| {
+            let (s, e) = layer_bytes(&spec, li);
+            s + e * match spec.layers[li].mlp {
+                MlpSpec::Moe(m) => m.num_experts as f64,
+                MlpSpec::Dense { .. } => 0.0,
+            }
+        })
+        .collect();
+    let fit = {
+        let mut used = fixed;
+        per_layer.iter().take_while(|&&b| {
+            used += b;
+            used < free as f64 * 0.85
+        }).count()
+    };
+    let layers = args.layers.unwrap_or(fit).min(spec.layers.len());
+    spec.layers.truncate(layers);
+    let weight_bytes: f64 = per_layer[..layers].iter().sum::<f64>() + fixed - 6e9;
+    println!("model: {} layers of {} ({} full-attention), {:.1} GB of weights", layers, args.config, spec.layers.iter().filter(|l| l.attention.window().is_none()).count(), weight_bytes / 1e9);
+
+    let t0 = Instant::now();
+    let mut model = CudaModel::synthetic(gpu, &spec, 1).expect("synthetic weights");
+    println!("synthetic weights generated in {:.1} s", t0.elapsed().as_secs_f64());
+    let max_batch = args.batches.iter().copied().max().unwrap_or(1);
+    let draft_spec = (args.draft_layers > 0).then(|| {
+        // The MiMo-V2.5-Pro drafter's layout (head_dim 128, 8 KV heads, partial rotary 0.5,
+        // non-causal window 1024 with sinks, block 8) at Flash's hidden size.
+        let h = spec.hidden_size;
+        let ids: Vec<usize> = (0..5).map(|i| i * (layers - 1) / 4).collect();
+        let cfg = serde_json::json!({
+            "hidden_size": h, "intermediate_size": 4 * h, "num_hidden_layers": args.draft_layers,
+            "num_attention_heads": h / 128, "num_key_value_heads": 8, "head_dim": 128,
+            "rms_norm_eps": 1e-6, "vocab_size": spec.vocab_size, "max_position_embeddings": 65536,
+            "rope_theta": 10000.0, "partial_rotary_factor": 0.5, "sliding_window": 1024,
+            "layer_types": vec!["sliding_attention"; args.draft_layers], "use_sliding_window": true,
+            "attention_value_scale": 0.612, "add_swa_attention_sink_bias": true, "is_causal": false,
+            "dflash_config": {"block_size": 8, "mask_token_id": 1, "target_layer_ids": ids}
+        });
+        peregrine_model::config::parse_draft_config(&cfg).expect("draft config")
+    });
+    if let Some(d) = &draft_spec {
+        model.attach_synthetic_drafter(d, 2).expect("synthetic drafter");
+    }
+    let per_seq_blocks = (args.context + args.steps + 16).div_ceil(BS) + 1;
+    let blocks = max_batch * per_seq_blocks + 1;
+    model.init_kv(KvConfig { block_size: BS, num_full_blocks: blocks, num_swa_blocks: blocks }).expect("KV cache");
+    let table = |s: usize| -> Vec<u32> { (0..per_seq_blocks).map(|b| (s * per_seq_blocks + b) as u32).collect() };
+    let seqf = |s: usize, tokens: Vec<u32>, start: usize, output| SeqForward { seq_id: s as u64, tokens, start_pos: start, full_blocks: table(s), swa_blocks: table(s), output };
+    let tok = |s: usize, p: usize| ((s * 7919 + p * 104_729) % (spec.vocab_size - 8) + 8) as u32;
+
+    // Prefill every sequence's context once (chunks of 64 tokens).
+    for s in 0..max_batch {
+        for c0 in (0..args.context).step_by(64) {
+            let c1 = (c0 + 64).min(args.context);
+            model.forward(&[seqf(s, (c0..c1).map(|p| tok(s, p)).collect(), c0, OutputRows::None)]).unwrap();
+        }
+    }
+
+    println!("\n| batch | eager step ms (ids only) | graph step ms (logits to host) | graph step ms (ids only) | tokens/s | floor GB | floor ms | step / floor |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for &b in &args.batches {
+        let step = |i: usize, ids_only: bool, model: &mut CudaModel| {
+            let batch: Vec<SeqForward> = (0..b).map(|s| seqf(s, vec![tok(s, args.context + i)], args.context + i % 8, OutputRows::Last)).collect();
+            if ids_only {
+                model.forward_argmax(&batch).unwrap();
+            } else {
+                model.forward(&batch).unwrap();
+            }
+        };
+        let mut timed = |ids_only: bool, graphs: bool| {
+            model.set_cuda_graphs(graphs);
+            for i in 0..3 {
+                step(i, ids_only, &mut model);
+            }
+            let mut t = Vec::new();
+            for i in 0..args.steps {
+                let t0 = Instant::now();
+                step(i, ids_only, &mut model);
+                t.push(t0.elapsed().as_secs_f64() * 1e3);
+            }
+            median(t)
+        };
+        let (eager_ms, logits_ms, ids_ms) = (timed(true, false), timed(false, true), timed(true, true));
+        let f = floor(&spec, b, b, args.context);
+        let floor_ms = f.bytes / copy_bw * 1e3;
+        println!("| {b} | {eager_ms:.3} | {logits_ms:.3} | {ids_ms:.3} | {:.0} | {:.2} | {floor_ms:.3} | {:.2}x |", b as f64 / (ids_ms / 1e3), f.bytes / 1e9, ids_ms / floor_ms);
+    }
+
+    println!("({} CUDA graphs captured)", model.cuda_graphs());
+    println!("\nverify cost (one sequence, T tokens with logits for all, ids only, graphs):");
+    println!("| T | step ms | relative to T=1 | floor ms | step / floor |");
+    println!("|---|---|---|---|---|");
+    let mut base = 0.0;
+    for t in 1..=8usize {
+        let mut ts = Vec::new();
+        for i in 0..(args.steps + 3) {
+            let batch = [seqf(0, (0..t).map(|j| tok(0, j + i)).collect(), args.context, OutputRows::All)];
+            let t0 = Instant::now();
+            model.forward_argmax(&batch).unwrap();
+            if i >= 3 {
+                ts.push(t0.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        let ms = median(ts);
+        if t == 1 {
+            base = ms;
+        }
+        let floor_ms = floor(&spec, t, 1, args.context).bytes / copy_bw * 1e3;
+        println!("| {t} | {ms:.3} | {:.2}x | {floor_ms:.3} | {:.2}x |", ms / base, ms / floor_ms);
+    }
+
+    if let Some(d) = &draft_spec {
+        let drafter_bytes: f64 = d.layers.iter().map(|l| {
+            let a = l.attention;
+            let h = d.hidden_size as f64;
+            let fp8 = |n: f64, k: f64| n * k + (n / 128.0).ceil() * (k / 128.0).ceil() * 4.0;
+            fp8(a.q_dim() as f64, h) + fp8(a.k_dim() as f64, h) + fp8(a.v_dim() as f64, h) + a.o_dim() as f64 * h * 2.0 + 3.0 * fp8(l.intermediate_size as f64, h)
+        }).sum::<f64>()
+            + d.hidden_size as f64 * d.context_dim() as f64
+            + spec.vocab_size as f64 * spec.hidden_size as f64 * 2.0;
+        println!("\ndraft pass (block {}, {} layers, target lm_head over {} rows per sequence):", d.block_size, d.layers.len(), d.block_size - 1);
+        println!("| batch | draft ms | floor ms | draft / floor | draft / 1-token target step |");
+        println!("|---|---|---|---|---|");
+        for &b in &args.batches {
+            let fwd: Vec<peregrine_core::backend::DraftForward> = (0..b)
+                .map(|s| peregrine_core::backend::DraftForward { seq_id: s as u64, last_token: tok(s, args.context), start_pos: args.context, num_drafts: d.block_size - 1, full_blocks: table(s) })
+                .collect();
+            let mut ts = Vec::new();
+            for i in 0..(args.steps + 3) {
+                let t0 = Instant::now();
+                model.draft(&fwd).unwrap();
+                if i >= 3 {
+                    ts.push(t0.elapsed().as_secs_f64() * 1e3);
+                }
+            }
+            let ms = median(ts);
+            let floor_ms = drafter_bytes / copy_bw * 1e3;
+            println!("| {b} | {ms:.3} | {floor_ms:.3} | {:.2}x | {:.2}x |", ms / floor_ms, ms / base);
+        }
+    }
+}

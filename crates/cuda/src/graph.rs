@@ -1,0 +1,158 @@
+//! CUDA graphs of the decode step. A batch whose every row wants logits (decode steps and
+//! speculative verify blocks) of at most 64 rows replays a graph captured once per (row bucket,
+//! block-table width): the step's inputs are copied into the graph's static buffers, padding
+//! rows point at a scratch KV block, and one launch replaces the step's few hundred kernel
+//! launches and allocations. Prefill chunks and other shapes run eagerly.
+//! `PEREGRINE_CUDA_GRAPHS=0` turns graphs off.
+
+use std::collections::HashMap;
+
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::{CudaGraph, CudaSlice};
+use peregrine_core::{Error, Result};
+
+use crate::backend::{drv, CudaModel, HostRows, RowMeta};
+
+/// Row counts a graph is captured for; a batch uses the smallest that holds it.
+pub(crate) const ROW_BUCKETS: [usize; 14] = [1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32, 48, 64];
+
+/// A captured graph. CUDA graph objects may be used from any thread as long as calls are
+/// serialised; a `CudaModel` (and so its graphs) is owned and used by one thread at a time.
+struct Graph(CudaGraph);
+// SAFETY: see above; the graph is only touched through `&mut CudaModel`.
+unsafe impl Send for Graph {}
+
+pub(crate) struct StepGraph {
+    key: (usize, usize),
+    meta: RowMeta,
+    pub(crate) logits: CudaSlice<f32>,
+    pub(crate) ids: CudaSlice<i32>,
+    graph: Graph,
+}
+
+pub(crate) struct Graphs {
+    /// False when turned off, when the model has a layer that needs the host mid-step (experts
+    /// routed on the host), or after a capture failed.
+    pub(crate) enabled: bool,
+    capturable: bool,
+    cache: HashMap<(usize, usize), StepGraph>,
+}
+
+impl Graphs {
+    pub(crate) fn new(capturable: bool) -> Graphs {
+        let enabled = capturable;
+        let off = std::env::var("PEREGRINE_CUDA_GRAPHS").is_ok_and(|v| v == "0");
+        Graphs { enabled: enabled && !off, capturable: enabled, cache: HashMap::new() }
+    }
+
+    pub(crate) fn put_back(&mut self, g: StepGraph) {
+        self.cache.insert(g.key, g);
+    }
+
+    /// Drops every graph (the KV pools they point at are being replaced).
+    pub(crate) fn clear(&mut self) {
+        self.cache.clear();
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.cache.len()
+    }
+}
+
+impl CudaModel {
+    /// Turns decode-step graphs on or off (they stay off for models that cannot be captured).
+    pub fn set_cuda_graphs(&mut self, on: bool) {
+        self.graphs.enabled = on && self.graphs.capturable;
+    }
+
+    /// How many decode-step graphs have been captured and are cached.
+    pub fn cuda_graphs(&self) -> usize {
+        self.graphs.len()
+    }
+
+    /// Launches the graph for `rows` (capturing it first if needed) with the rows' inputs, or
+    /// None when the batch runs eagerly. The caller reads `logits`/`ids` and puts it back.
+    pub(crate) fn graph_for(&mut self, rows: &HostRows) -> Result<Option<StepGraph>> {
+        let n = rows.toks.len();
+        if !self.graphs.enabled || rows.want.len() != n {
+            return Ok(None);
+        }
+        let Some(&bucket) = ROW_BUCKETS.iter().find(|&&b| b >= n) else { return Ok(None) };
+        let width = rows.max_blocks.next_power_of_two().max(8);
+        let key = (bucket, width);
+        let mut g = match self.graphs.cache.remove(&key) {
+            Some(g) => g,
+            None => match self.capture_graph(key) {
+                Ok(g) => g,
+                Err(e) => {
+                    tracing::warn!("CUDA graph capture failed, running eagerly from now on: {e}");
+                    self.graphs.enabled = false;
+                    return Ok(None);
+                }
+            },
+        };
+        self.write_inputs(&mut g, rows)?;
+        g.graph.0.launch().map_err(drv)?;
+        Ok(Some(g))
+    }
+
+    fn capture_graph(&self, key: (usize, usize)) -> Result<StepGraph> {
+        let (rows, width) = key;
+        let st = &self.stream;
+        let bs = self.kv_config.map_or(1, |c| c.block_size);
+        let z32 = |n: usize| st.alloc_zeros::<i32>(n).map_err(drv);
+        let z64 = |n: usize| st.alloc_zeros::<i64>(n).map_err(drv);
+        let meta = RowMeta {
+            tok: z32(rows)?,
+            pos: z32(rows)?,
+            seq: z32(rows)?,
+            full_slots: z64(rows)?,
+            swa_slots: z64(rows)?,
+            full_tables: z32(rows * width)?,
+            swa_tables: z32(rows * width)?,
+            max_blocks: width,
+            block_size: bs,
+        };
+        let mut logits = self.zeros(rows * self.spec.vocab_size)?;
+        let mut ids = z32(rows)?;
+        st.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(drv)?;
+        let body = self.step_body(&meta, rows, None, &mut logits, &mut ids);
+        let graph = st.end_capture(CUgraphInstantiate_flags(0));
+        body?;
+        let graph = graph.map_err(drv)?.ok_or_else(|| Error::Backend("CUDA graph capture produced no graph".into()))?;
+        graph.upload().map_err(drv)?;
+        tracing::debug!(rows, width, graphs = self.graphs.len() + 1, "captured a decode-step CUDA graph");
+        Ok(StepGraph { key, meta, logits, ids, graph: Graph(graph) })
+    }
+
+    /// The rows' inputs into the graph's static buffers; padding rows read and write only the
+    /// scratch block that `init_kv` reserves past the last block of each pool.
+    fn write_inputs(&self, g: &mut StepGraph, rows: &HostRows) -> Result<()> {
+        let (bucket, width) = g.key;
+        let cfg = self.kv_config.ok_or_else(|| Error::Backend("forward before init_kv".into()))?;
+        let bs = cfg.block_size as i64;
+        let (scratch_full, scratch_swa) = (cfg.num_full_blocks as i32, cfg.num_swa_blocks as i32);
+        let n = rows.toks.len();
+        let pad = |v: &[i32], fill: i32| -> Vec<i32> { v.iter().copied().chain(std::iter::repeat(fill)).take(bucket).collect() };
+        let pad64 = |v: &[i64], fill: i64| -> Vec<i64> { v.iter().copied().chain(std::iter::repeat(fill)).take(bucket).collect() };
+        // One table per row (rows of a sequence share its table).
+        let tables = |src: &[i32], scratch: i32| -> Vec<i32> {
+            let mut t = vec![scratch; bucket * width];
+            for r in 0..n {
+                let s = rows.seq[r] as usize;
+                t[r * width..r * width + rows.max_blocks].copy_from_slice(&src[s * rows.max_blocks..(s + 1) * rows.max_blocks]);
+            }
+            t
+        };
+        let st = &self.stream;
+        let m = &mut g.meta;
+        st.memcpy_htod(&pad(&rows.toks, 0), &mut m.tok).map_err(drv)?;
+        st.memcpy_htod(&pad(&rows.pos, 0), &mut m.pos).map_err(drv)?;
+        st.memcpy_htod(&(0..bucket as i32).collect::<Vec<_>>(), &mut m.seq).map_err(drv)?;
+        st.memcpy_htod(&pad64(&rows.full_slots, scratch_full as i64 * bs), &mut m.full_slots).map_err(drv)?;
+        st.memcpy_htod(&pad64(&rows.swa_slots, scratch_swa as i64 * bs), &mut m.swa_slots).map_err(drv)?;
+        st.memcpy_htod(&tables(&rows.full_tables, scratch_full), &mut m.full_tables).map_err(drv)?;
+        st.memcpy_htod(&tables(&rows.swa_tables, scratch_swa), &mut m.swa_tables).map_err(drv)?;
+        Ok(())
+    }
+}
