@@ -498,7 +498,8 @@ __device__ __forceinline__ void mma_bf16(float c[4], unsigned a0, unsigned a1, u
 template <int NT, bool FP8>
 __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, const float* __restrict__ S,
                                          const unsigned short* __restrict__ XH, const unsigned short* __restrict__ XL,
-                                         float* __restrict__ y, int N, int K, int T) {
+                                         float* __restrict__ y, float* __restrict__ y1, float* __restrict__ y2,
+                                         int N0, int N1, int N, int K, int T) {
     __shared__ float red[MMA_WARPS][16 * NT * 8];
     int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane >> 2, q = lane & 3;
     int n0 = blockIdx.x * 16, t0 = blockIdx.y * NT * 8;
@@ -579,20 +580,28 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
 #pragma unroll
         for (int i = 0; i < MMA_WARPS; i++) s += red[i][e];
         int n = n0 + e / (NT * 8), t = t0 + e % (NT * 8);
-        if (n < N && t < T) y[(size_t)t * N + n] = s;
+        if (n < N && t < T) {
+            // Rows [0, N0) go to y, [N0, N0 + N1) to y1, the rest to y2 (a fused q/k/v
+            // projection writes q, k and v as separate [T, rows] arrays).
+            if (n < N0) y[(size_t)t * N0 + n] = s;
+            else if (n < N0 + N1) y1[(size_t)t * N1 + (n - N0)] = s;
+            else y2[(size_t)t * (N - N0 - N1) + (n - N0 - N1)] = s;
+        }
     }
 }
 
 #define GEMV_MMA(NT)                                                                                                      \
     extern "C" __global__ void __launch_bounds__(256) gemv_mma_fp8_t##NT(                                                \
         const unsigned char* __restrict__ W, const float* __restrict__ S, const unsigned short* __restrict__ XH,          \
-        const unsigned short* __restrict__ XL, float* __restrict__ y, int N, int K, int T) {                              \
-        gemv_mma<NT, true>(W, S, XH, XL, y, N, K, T);                                                                     \
+        const unsigned short* __restrict__ XL, float* __restrict__ y, float* __restrict__ y1, float* __restrict__ y2,      \
+        int N0, int N1, int N, int K, int T) {                                                                            \
+        gemv_mma<NT, true>(W, S, XH, XL, y, y1, y2, N0, N1, N, K, T);                                                     \
     }                                                                                                                     \
     extern "C" __global__ void __launch_bounds__(256) gemv_mma_bf16_t##NT(                                               \
         const unsigned char* __restrict__ W, const float* __restrict__ S, const unsigned short* __restrict__ XH,          \
-        const unsigned short* __restrict__ XL, float* __restrict__ y, int N, int K, int T) {                              \
-        gemv_mma<NT, false>(W, S, XH, XL, y, N, K, T);                                                                    \
+        const unsigned short* __restrict__ XL, float* __restrict__ y, float* __restrict__ y1, float* __restrict__ y2,      \
+        int N0, int N1, int N, int K, int T) {                                                                            \
+        gemv_mma<NT, false>(W, S, XH, XL, y, y1, y2, N0, N1, N, K, T);                                                    \
     }
 GEMV_MMA(1)
 GEMV_MMA(2)

@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, CudaFunction, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
 use peregrine_core::backend::{Backend, KvBlockBytes, KvConfig, Logits, SeqForward, NULL_BLOCK};
 use peregrine_core::{AttentionKind, AttentionSpec, Error, MlpSpec, ModelSpec, MoeSpec, QkvLayout, Result, RouterScoring};
 use peregrine_model::weights::WeightSource;
@@ -38,11 +38,59 @@ pub(crate) struct Mat {
     pub(crate) k: usize,
 }
 
+/// The q, k and v projections: three matrices, or one with their rows stacked (one launch
+/// and one read of the activations; when all three share a tensor-core format).
+pub(crate) enum Qkv {
+    Separate { q: Mat, k: Mat, v: Mat },
+    Stacked { m: Mat, rows: [usize; 3] },
+}
+
+impl Qkv {
+    /// Stacks q, k and v when the tensor-core GEMV can run them as one: all FP8 with whole
+    /// 128-row scale blocks, or all BF16, with K % 128 == 0. The copies are made on the GPU.
+    fn stack(st: &Arc<CudaStream>, q: Mat, k: Mat, v: Mat) -> Result<Qkv> {
+        let rows = [q.n, k.n, v.n];
+        let (kk, n) = (q.k, q.n + k.n + v.n);
+        if kk % 128 != 0 || k.k != kk || v.k != kk {
+            return Ok(Qkv::Separate { q, k, v });
+        }
+        let cat = |parts: [&CudaSlice<u8>; 3]| -> Result<CudaSlice<u8>> {
+            let mut out = unsafe { st.alloc::<u8>(parts.iter().map(|p| p.len()).sum()) }.map_err(drv)?;
+            let mut off = 0;
+            for p in parts {
+                st.memcpy_dtod(p, &mut out.slice_mut(off..off + p.len())).map_err(drv)?;
+                off += p.len();
+            }
+            Ok(out)
+        };
+        let m = match (&q.m, &k.m, &v.m) {
+            (GpuMatrix::Fp8 { w: wq, s: sq }, GpuMatrix::Fp8 { w: wk, s: sk }, GpuMatrix::Fp8 { w: wv, s: sv }) if q.n % 128 == 0 && k.n % 128 == 0 => {
+                let mut s = st.alloc_zeros::<f32>(sq.len() + sk.len() + sv.len()).map_err(drv)?;
+                let mut off = 0;
+                for p in [sq, sk, sv] {
+                    st.memcpy_dtod(p, &mut s.slice_mut(off..off + p.len())).map_err(drv)?;
+                    off += p.len();
+                }
+                GpuMatrix::Fp8 { w: cat([wq, wk, wv])?, s }
+            }
+            (GpuMatrix::Bf16(a), GpuMatrix::Bf16(b), GpuMatrix::Bf16(c)) => {
+                let mut out = unsafe { st.alloc::<u16>(a.len() + b.len() + c.len()) }.map_err(drv)?;
+                let mut off = 0;
+                for p in [a, b, c] {
+                    st.memcpy_dtod(p, &mut out.slice_mut(off..off + p.len())).map_err(drv)?;
+                    off += p.len();
+                }
+                GpuMatrix::Bf16(out)
+            }
+            _ => return Ok(Qkv::Separate { q, k, v }),
+        };
+        Ok(Qkv::Stacked { m: Mat { m, n, k: kk }, rows })
+    }
+}
+
 pub(crate) struct Attn {
     pub(crate) spec: AttentionSpec,
-    pub(crate) q: Mat,
-    pub(crate) k: Mat,
-    pub(crate) v: Mat,
+    pub(crate) qkv: Qkv,
     pub(crate) bias: Option<(CudaSlice<f32>, CudaSlice<f32>, CudaSlice<f32>)>,
     pub(crate) q_norm: Option<CudaSlice<f32>>,
     pub(crate) k_norm: Option<CudaSlice<f32>>,
@@ -103,7 +151,7 @@ pub(crate) struct Ops {
     rope_kv_write: CudaFunction,
     moe_route: CudaFunction,
     moe_group: CudaFunction,
-    argmax_rows: CudaFunction,
+    pub(crate) argmax_rows: CudaFunction,
     attention_v2: CudaFunction,
 }
 
@@ -249,9 +297,7 @@ impl CudaModel {
             };
             let attn = Attn {
                 spec: a,
-                q,
-                k,
-                v,
+                qkv: Qkv::stack(&s, q, k, v)?,
                 bias,
                 q_norm: if a.qk_norm { Some(w.vector(&s, &format!("{pa}.q_norm.weight"), a.head_dim)?) } else { None },
                 k_norm: if a.qk_norm { Some(w.vector(&s, &format!("{pa}.k_norm.weight"), a.head_dim)?) } else { None },
@@ -337,8 +383,14 @@ impl CudaModel {
         self.stream.alloc_zeros(n.max(1)).map_err(drv)
     }
 
+    /// An uninitialised buffer, for outputs a kernel writes in full (saves a memset per op).
+    pub(crate) fn empty(&self, n: usize) -> Result<CudaSlice<f32>> {
+        // SAFETY: every caller passes it to a kernel that writes all `n` elements before reads.
+        unsafe { self.stream.alloc::<f32>(n.max(1)) }.map_err(drv)
+    }
+
     pub(crate) fn matvec(&self, m: &Mat, x: &CudaSlice<f32>, t: usize) -> Result<CudaSlice<f32>> {
-        let mut y = self.zeros(t * m.n)?;
+        let mut y = self.empty(t * m.n)?;
         self.matvec_into(m, x, t, &mut y)?;
         Ok(y)
     }
@@ -362,7 +414,7 @@ impl CudaModel {
     }
 
     pub(crate) fn rms_norm(&self, x: &CudaSlice<f32>, w: &CudaSlice<f32>, rows: usize, d: usize) -> Result<CudaSlice<f32>> {
-        let mut y = self.zeros(rows * d)?;
+        let mut y = self.empty(rows * d)?;
         self.rms_norm_into(x, w, &mut y, rows, d)?;
         Ok(y)
     }
@@ -387,7 +439,7 @@ impl CudaModel {
         let g = self.matvec(&f.gate, x, t)?;
         let u = self.matvec(&f.up, x, t)?;
         let n = t * f.gate.n;
-        let mut a = self.zeros(n)?;
+        let mut a = self.empty(n)?;
         let nn = n as i32;
         let mut b = self.stream.launch_builder(&self.ops.silu_mul);
         b.arg(&g).arg(&u).arg(&mut a).arg(&nn);
@@ -399,9 +451,7 @@ impl CudaModel {
         let l = &self.layers[li];
         let a = &l.attn;
         let s = a.spec;
-        let mut q = self.matvec(&a.q, hn, n)?;
-        let mut k = self.matvec(&a.k, hn, n)?;
-        let mut v = self.matvec(&a.v, hn, n)?;
+        let (mut q, mut k, mut v) = self.project_qkv(&a.qkv, hn, n)?;
         if let Some((bq, bk, bv)) = &a.bias {
             for (t, bb, d) in [(&mut q, bq, s.q_dim()), (&mut k, bk, s.k_dim()), (&mut v, bv, s.v_dim())] {
                 let (dd, nn) = (d as i32, n as i32);
@@ -417,7 +467,7 @@ impl CudaModel {
         let (kc, vc) = &self.kv[li];
         let slots = if l.swa { &meta.swa_slots } else { &meta.full_slots };
         self.rope_kv_write(&mut q, &k, &v, kc, vc, &meta.pos, slots, n, &s)?;
-        let mut o = self.zeros(n * s.o_dim())?;
+        let mut o = self.empty(n * s.o_dim())?;
         {
             let tables = if l.swa { &meta.swa_tables } else { &meta.full_tables };
             let (mb, bs, hh, kvh, hd, vd) = (meta.max_blocks as i32, meta.block_size as i32, s.num_heads as i32, s.num_kv_heads as i32, s.head_dim as i32, s.v_head_dim as i32);
@@ -450,6 +500,23 @@ impl CudaModel {
         Ok(())
     }
 
+    /// q, k and v [n, rows] of the rows `x`.
+    pub(crate) fn project_qkv(&self, qkv: &Qkv, x: &CudaSlice<f32>, n: usize) -> Result<(CudaSlice<f32>, CudaSlice<f32>, CudaSlice<f32>)> {
+        match qkv {
+            Qkv::Separate { q, k, v } => Ok((self.matvec(q, x, n)?, self.matvec(k, x, n)?, self.matvec(v, x, n)?)),
+            Qkv::Stacked { m, rows } => {
+                let (mut q, mut k, mut v) = (self.empty(n * rows[0])?, self.empty(n * rows[1])?, self.empty(n * rows[2])?);
+                let (w, s) = match &m.m {
+                    GpuMatrix::Fp8 { w, s } => (w.device_ptr(&self.stream).0, Some(s)),
+                    GpuMatrix::Bf16(w) => (w.device_ptr(&self.stream).0, None),
+                    _ => return Err(Error::Backend("stacked q/k/v must be FP8 or BF16".into())),
+                };
+                self.kernels.gemv_split3(w, s, x, [&mut q, &mut k, &mut v], *rows, m.k, n)?;
+                Ok((q, k, v))
+            }
+        }
+    }
+
     /// RoPE of q (in place) and k fused with the KV-cache write (V times the value scale).
     #[allow(clippy::too_many_arguments)]
     fn rope_kv_write(&self, q: &mut CudaSlice<f32>, k: &CudaSlice<f32>, v: &CudaSlice<f32>, kc: &CudaSlice<f32>, vc: &CudaSlice<f32>, pos: &CudaSlice<i32>, slots: &CudaSlice<i64>, n: usize, s: &AttentionSpec) -> Result<()> {
@@ -463,7 +530,7 @@ impl CudaModel {
 
     /// `x += a` then `RMSNorm(x) * w` in one kernel (the residual add fused with the next norm).
     fn add_rms_norm(&self, x: &mut CudaSlice<f32>, a: &CudaSlice<f32>, w: &CudaSlice<f32>, rows: usize, d: usize) -> Result<CudaSlice<f32>> {
-        let mut y = self.zeros(rows * d)?;
+        let mut y = self.empty(rows * d)?;
         let (dd, eps) = (d as i32, self.spec.rms_norm_eps);
         let mut b = self.stream.launch_builder(&self.ops.add_rms_norm);
         b.arg(x).arg(a).arg(w).arg(&mut y).arg(&dd).arg(&eps);
@@ -474,7 +541,7 @@ impl CudaModel {
     /// Embedding rows of the token ids `tok` [n].
     pub(crate) fn embed_rows(&self, tok: &CudaSlice<i32>, n: usize) -> Result<CudaSlice<f32>> {
         let h = self.spec.hidden_size;
-        let mut x = self.zeros(n * h)?;
+        let mut x = self.empty(n * h)?;
         let hh = h as i32;
         let mut b = self.stream.launch_builder(match &self.embed {
             Embed::F32(_) => &self.ops.embed,
@@ -501,7 +568,7 @@ impl CudaModel {
     }
 
     pub(crate) fn lm_head_logits(&self, normed: &CudaSlice<f32>, rows: usize) -> Result<CudaSlice<f32>> {
-        let mut y = self.zeros(rows * self.spec.vocab_size)?;
+        let mut y = self.empty(rows * self.spec.vocab_size)?;
         self.lm_head_into(normed, rows, &mut y)?;
         Ok(y)
     }
@@ -529,7 +596,7 @@ impl CudaModel {
     fn moe_stacked(&self, spec: &MoeSpec, logits: &CudaSlice<f32>, bias: Option<&CudaSlice<f32>>, w: &MoeWeights, hn: &CudaSlice<f32>, n: usize) -> Result<CudaSlice<f32>> {
         let (r, _, _) = self.route_device(spec, logits, bias, n)?;
         let mut scratch = self.kernels.moe_scratch(w, r.num_pairs)?;
-        let mut y = self.zeros(n * self.spec.hidden_size)?;
+        let mut y = self.empty(n * self.spec.hidden_size)?;
         self.kernels.moe_mxfp4(w, &r, hn, &mut scratch, &mut y)?;
         Ok(y)
     }
@@ -541,8 +608,8 @@ impl CudaModel {
         let (e, k) = (spec.num_experts, spec.top_k);
         let p = n * k;
         let st = &self.stream;
-        let mut topk_idx = st.alloc_zeros::<i32>(p.max(1)).map_err(drv)?;
-        let mut topk_w = self.zeros(p)?;
+        let mut topk_idx = unsafe { st.alloc::<i32>(p.max(1)) }.map_err(drv)?; // written in full by moe_route
+        let mut topk_w = self.empty(p)?;
         {
             let (ei, ki, sm, ng, tg, norm, sc) = (e as i32, k as i32, matches!(spec.scoring, RouterScoring::Softmax) as i32, spec.n_group as i32, spec.topk_group as i32, spec.norm_topk_prob as i32, spec.routed_scaling_factor);
             let mut b = st.launch_builder(&self.ops.moe_route);
@@ -556,11 +623,12 @@ impl CudaModel {
         }
         let max_u = p.min(e);
         let mut r = DeviceRouting {
-            experts: st.alloc_zeros::<i32>(max_u.max(1)).map_err(drv)?,
-            pair_off: st.alloc_zeros::<i32>(max_u + 1).map_err(drv)?,
-            pair_tok: st.alloc_zeros::<i32>(p.max(1)).map_err(drv)?,
-            pair_w: self.zeros(p)?,
-            tok_pairs: st.alloc_zeros::<i32>(p.max(1)).map_err(drv)?,
+            // All written in full by moe_group.
+            experts: unsafe { st.alloc::<i32>(max_u.max(1)) }.map_err(drv)?,
+            pair_off: unsafe { st.alloc::<i32>(max_u + 1) }.map_err(drv)?,
+            pair_tok: unsafe { st.alloc::<i32>(p.max(1)) }.map_err(drv)?,
+            pair_w: self.empty(p)?,
+            tok_pairs: unsafe { st.alloc::<i32>(p.max(1)) }.map_err(drv)?,
             num_experts_used: max_u,
             num_pairs: p,
             num_tokens: n,
@@ -781,7 +849,7 @@ impl CudaModel {
             Some((_, 0)) => return Ok(()),
             None => (x, n),
             Some((idx, rows)) => {
-                let mut sel = self.zeros(rows * h)?;
+                let mut sel = self.empty(rows * h)?;
                 let hh = h as i32;
                 let mut b = st.launch_builder(&self.ops.gather_rows);
                 b.arg(&x).arg(idx).arg(&mut sel).arg(&hh);
@@ -818,9 +886,9 @@ impl CudaModel {
                 (Vec::new(), st.clone_dtoh(&ids.slice(..k)).map_err(drv)?)
             })
         };
-        if let Some(g) = self.graph_for(&rows)? {
+        if let Some(mut g) = self.graph_for(&rows)? {
             let k = rows.want.len();
-            let fetched = fetch(&self.stream, &g.logits, &g.ids, k);
+            let fetched = if want_logits { g.fetch_logits(&self.stream, k * vocab).map(|l| (l, Vec::new())) } else { fetch(&self.stream, &g.logits, &g.ids, k) };
             self.graphs.put_back(g);
             let (l, i) = fetched?;
             return Ok((l, i, rows.counts));

@@ -7,7 +7,7 @@ use peregrine_core::backend::{DraftForward, NULL_BLOCK};
 use peregrine_core::{DraftSpec, Error, Result};
 use peregrine_model::dflash::DraftFiles;
 
-use crate::backend::{drv, load_ffn, upload, Attn, CudaModel, Ffn, Mat};
+use crate::backend::{drv, load_ffn, upload, Attn, CudaModel, Ffn, Mat, Qkv};
 use crate::weights::Source;
 
 pub(crate) struct DraftLayer {
@@ -73,9 +73,12 @@ impl CudaModel {
                 post_norm: w.vector(st, &format!("{lp}.post_attention_layernorm.weight"), h)?,
                 attn: Attn {
                     spec: a,
-                    q: w.mat(st, &format!("{pa}.q_proj.weight"), a.q_dim(), h)?,
-                    k: w.mat(st, &format!("{pa}.k_proj.weight"), a.k_dim(), h)?,
-                    v: w.mat(st, &format!("{pa}.v_proj.weight"), a.v_dim(), h)?,
+                    // Separate: context rows need only k and v.
+                    qkv: Qkv::Separate {
+                        q: w.mat(st, &format!("{pa}.q_proj.weight"), a.q_dim(), h)?,
+                        k: w.mat(st, &format!("{pa}.k_proj.weight"), a.k_dim(), h)?,
+                        v: w.mat(st, &format!("{pa}.v_proj.weight"), a.v_dim(), h)?,
+                    },
                     bias: None,
                     q_norm: Some(w.vector(st, &format!("{pa}.q_norm.weight"), a.head_dim)?),
                     k_norm: Some(w.vector(st, &format!("{pa}.k_norm.weight"), a.head_dim)?),
@@ -129,8 +132,11 @@ impl CudaModel {
         let ctx = self.rms_norm(&self.matvec(&d.fc, features, n)?, &d.hidden_norm, n, h)?;
         for (layer, (kc, vc)) in d.layers.iter().zip(&self.draft_kv) {
             let s = layer.attn.spec;
-            let mut k = self.matvec(&layer.attn.k, &ctx, n)?;
-            let v = self.matvec(&layer.attn.v, &ctx, n)?;
+            let Qkv::Separate { k: wk, v: wv, .. } = &layer.attn.qkv else {
+                return Err(Error::Backend("drafter layers keep separate k and v projections".into()));
+            };
+            let mut k = self.matvec(wk, &ctx, n)?;
+            let v = self.matvec(wv, &ctx, n)?;
             k = self.rms_norm(&k, layer.attn.k_norm.as_ref().unwrap(), n * s.num_kv_heads, s.head_dim)?;
             self.rope(&mut k, pos, n, s.num_kv_heads, &s)?;
             self.kv_write(&k, &v, kc, vc, slots, n, &s)?;
@@ -192,9 +198,7 @@ impl CudaModel {
             let a = &layer.attn;
             let s = a.spec;
             let hn = self.rms_norm(&x, &layer.input_norm, n, h)?;
-            let mut q = self.matvec(&a.q, &hn, n)?;
-            let mut k = self.matvec(&a.k, &hn, n)?;
-            let mut v = self.matvec(&a.v, &hn, n)?;
+            let (mut q, mut k, mut v) = self.project_qkv(&a.qkv, &hn, n)?;
             q = self.rms_norm(&q, a.q_norm.as_ref().unwrap(), n * s.num_heads, s.head_dim)?;
             k = self.rms_norm(&k, a.k_norm.as_ref().unwrap(), n * s.num_kv_heads, s.head_dim)?;
             self.rope(&mut q, &pos_d, n, s.num_heads, &s)?;
@@ -205,7 +209,7 @@ impl CudaModel {
                 b.arg(&mut v).arg(&sc).arg(&nn);
                 unsafe { b.launch(LaunchConfig::for_num_elems((n * s.v_dim()) as u32)) }.map_err(drv)?;
             }
-            let mut o = self.zeros(n * s.o_dim())?;
+            let mut o = self.empty(n * s.o_dim())?;
             let (mb, bsi, hh2, kvh, hd, vd) = (max_blocks as i32, bs as i32, s.num_heads as i32, s.num_kv_heads as i32, s.head_dim as i32, s.v_head_dim as i32);
             let (window, causal, scale) = (s.window().map_or(0, |w| w as i32), layer.causal as i32, s.softmax_scale);
             let mut b = st.launch_builder(&self.ops.draft_attention);
@@ -225,14 +229,28 @@ impl CudaModel {
         // Block rows 1.. through the target's lm_head; multiplier, soft cap and argmax on the host.
         let want: Vec<i32> = (0..n as i32).filter(|&r| row_idx[r as usize] > 0).collect();
         let idx = upload(&st, &want)?;
-        let mut sel = self.zeros(want.len() * h)?;
+        let mut sel = self.empty(want.len() * h)?;
         let mut b = st.launch_builder(&self.ops.gather_rows);
         b.arg(&x).arg(&idx).arg(&mut sel).arg(&hh);
         unsafe { b.launch(LaunchConfig { grid_dim: (want.len() as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
         let normed = self.rms_norm(&sel, &d.norm, want.len(), h)?;
-        let logits = st.clone_dtoh(&self.lm_head_logits(&normed, want.len())?).map_err(drv)?;
+        let logits_d = self.lm_head_logits(&normed, want.len())?;
         let (mult, cap) = (d.spec.output_multiplier, d.spec.final_logit_softcapping);
         let mut out: Vec<Vec<u32>> = batch.iter().map(|x| Vec::with_capacity(x.num_drafts)).collect();
+        if mult == 1.0 && cap.is_none() {
+            // Plain logits: pick the drafts on the GPU (ties to the lower id, as on the host)
+            // and bring back only ids.
+            let mut ids = st.alloc_zeros::<i32>(want.len()).map_err(drv)?;
+            let v = vocab as i32;
+            let mut b = st.launch_builder(&self.ops.argmax_rows);
+            b.arg(&logits_d).arg(&v).arg(&mut ids);
+            unsafe { b.launch(LaunchConfig { grid_dim: (want.len() as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
+            for (i, id) in st.clone_dtoh(&ids).map_err(drv)?.into_iter().enumerate() {
+                out[row_seq[want[i] as usize] as usize].push(id as u32);
+            }
+            return Ok(out);
+        }
+        let logits = st.clone_dtoh(&logits_d).map_err(drv)?;
         for (i, &r) in want.iter().enumerate() {
             let row = &logits[i * vocab..(i + 1) * vocab];
             let mut best = (0usize, f32::NEG_INFINITY);

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-use cudarc::driver::{CudaGraph, CudaSlice};
+use cudarc::driver::{CudaGraph, CudaSlice, PinnedHostSlice};
 use peregrine_core::{Error, Result};
 
 use crate::backend::{drv, CudaModel, HostRows, RowMeta};
@@ -27,7 +27,24 @@ pub(crate) struct StepGraph {
     meta: RowMeta,
     pub(crate) logits: CudaSlice<f32>,
     pub(crate) ids: CudaSlice<i32>,
+    /// Page-locked host copy of `logits` (allocated on first use): a device-to-host copy into
+    /// pageable memory is several times slower.
+    host: Option<PinnedHostSlice<f32>>,
     graph: Graph,
+}
+
+impl StepGraph {
+    /// The first `len` logits, through the pinned buffer.
+    pub(crate) fn fetch_logits(&mut self, st: &std::sync::Arc<cudarc::driver::CudaStream>, len: usize) -> Result<Vec<f32>> {
+        if self.host.is_none() {
+            // SAFETY: the buffer is only read after the copy into it completed (as_slice syncs).
+            self.host = Some(unsafe { st.context().alloc_pinned::<f32>(self.logits.len()) }.map_err(drv)?);
+        }
+        let host = self.host.as_mut().unwrap();
+        st.memcpy_dtoh(&self.logits.slice(..len), host).map_err(drv)?;
+        st.synchronize().map_err(drv)?;
+        Ok(host.as_slice().map_err(drv)?[..len].to_vec())
+    }
 }
 
 pub(crate) struct Graphs {
@@ -122,7 +139,7 @@ impl CudaModel {
         let graph = graph.map_err(drv)?.ok_or_else(|| Error::Backend("CUDA graph capture produced no graph".into()))?;
         graph.upload().map_err(drv)?;
         tracing::debug!(rows, width, graphs = self.graphs.len() + 1, "captured a decode-step CUDA graph");
-        Ok(StepGraph { key, meta, logits, ids, graph: Graph(graph) })
+        Ok(StepGraph { key, meta, logits, ids, host: None, graph: Graph(graph) })
     }
 
     /// The rows' inputs into the graph's static buffers; padding rows read and write only the

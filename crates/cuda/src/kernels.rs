@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 use peregrine_core::{Error, Result};
 
 use crate::compile;
@@ -180,11 +180,24 @@ impl Kernels {
     /// tensor-core kernel when K % 128 == 0, else the one-row-per-warp kernel.
     pub fn gemv_bf16(&self, w: &CudaSlice<u16>, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>, n: usize, k: usize, t: usize) -> Result<()> {
         if k % 128 == 0 {
-            check(w.len() >= n * k, || format!("gemv_bf16: W must hold {n}x{k}"))?;
-            let (ptr, _sync) = cudarc::driver::DevicePtr::device_ptr(w, &self.stream);
-            return self.gemv_mma(false, ptr, None, x, y, n, k, t);
+            check(w.len() >= n * k && y.len() >= t * n, || format!("gemv_bf16: W must hold {n}x{k} and y {t}x{n}"))?;
+            let (wp, _w) = w.device_ptr(&self.stream);
+            let (yp, _y) = y.device_ptr_mut(&self.stream);
+            return self.gemv_mma(false, wp, None, x, [yp; 3], [n, 0, 0], k, t);
         }
         self.gemv_bf16_simt(w, x, y, n, k, t)
+    }
+
+    /// One GEMV whose rows are split over three outputs: rows `[0, n[0])` into `ys[0]`
+    /// ([T, n[0]]), the next `n[1]` into `ys[1]`, the last `n[2]` into `ys[2]` (a fused q/k/v
+    /// projection). `W` is FP8 (with `scales`) or BF16 (`scales` None); K % 128 == 0.
+    pub fn gemv_split3(&self, w: cudarc::driver::sys::CUdeviceptr, scales: Option<&CudaSlice<f32>>, x: &CudaSlice<f32>, ys: [&mut CudaSlice<f32>; 3], n: [usize; 3], k: usize, t: usize) -> Result<()> {
+        check(k % 128 == 0 && ys.iter().zip(n).all(|(y, r)| y.len() >= t * r), || format!("gemv_split3: bad shapes {n:?}x{k}"))?;
+        let [y0, y1, y2] = ys;
+        let (p0, _a) = y0.device_ptr_mut(&self.stream);
+        let (p1, _b) = y1.device_ptr_mut(&self.stream);
+        let (p2, _c) = y2.device_ptr_mut(&self.stream);
+        self.gemv_mma(scales.is_some(), w, scales, x, [p0, p1, p2], n, k, t)
     }
 
     /// The one-row-per-warp BF16 GEMV (CUDA cores), kept for shapes the tensor-core kernel
@@ -203,8 +216,10 @@ impl Kernels {
     /// (tensor-core kernel).
     pub fn gemv_fp8(&self, w: &CudaSlice<u8>, scales: &CudaSlice<f32>, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>, n: usize, k: usize, t: usize) -> Result<()> {
         check(k % 128 == 0 && w.len() >= n * k && scales.len() >= n.div_ceil(128) * (k / 128), || format!("gemv_fp8: bad shapes {n}x{k}"))?;
-        let (ptr, _sync) = cudarc::driver::DevicePtr::device_ptr(w, &self.stream);
-        self.gemv_mma(true, ptr, Some(scales), x, y, n, k, t)
+        check(y.len() >= t * n, || format!("gemv_fp8: y must hold {t}x{n}"))?;
+        let (wp, _w) = w.device_ptr(&self.stream);
+        let (yp, _y) = y.device_ptr_mut(&self.stream);
+        self.gemv_mma(true, wp, Some(scales), x, [yp; 3], [n, 0, 0], k, t)
     }
 
     /// The one-row-per-warp FP8 GEMV (CUDA cores), kept for comparison in the bench.
@@ -221,8 +236,9 @@ impl Kernels {
     /// The tensor-core GEMV: x split into BF16 hi + lo, then 16 rows per block of 8 warps,
     /// 8, 16, 32 or 64 tokens per pass (grid.y passes).
     #[allow(clippy::too_many_arguments)]
-    fn gemv_mma(&self, fp8: bool, w: cudarc::driver::sys::CUdeviceptr, scales: Option<&CudaSlice<f32>>, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>, n: usize, k: usize, t: usize) -> Result<()> {
-        check(x.len() >= t * k && y.len() >= t * n, || format!("gemv buffers too small for {t} tokens of {k} -> {n}"))?;
+    fn gemv_mma(&self, fp8: bool, w: cudarc::driver::sys::CUdeviceptr, scales: Option<&CudaSlice<f32>>, x: &CudaSlice<f32>, ys: [cudarc::driver::sys::CUdeviceptr; 3], rows: [usize; 3], k: usize, t: usize) -> Result<()> {
+        let n = rows.iter().sum::<usize>();
+        check(x.len() >= t * k, || format!("gemv input too small for {t} tokens of {k}"))?;
         if t == 0 || n == 0 {
             return Ok(());
         }
@@ -242,7 +258,8 @@ impl Kernels {
             Some(s) => b.arg(s),
             None => b.arg(&0u64),
         };
-        b.arg(&xh).arg(&xl).arg(&mut *y).arg(&ni).arg(&ki).arg(&ti);
+        let (n0, n1) = (rows[0] as i32, rows[1] as i32);
+        b.arg(&xh).arg(&xl).arg(&ys[0]).arg(&ys[1]).arg(&ys[2]).arg(&n0).arg(&n1).arg(&ni).arg(&ki).arg(&ti);
         let cfg = LaunchConfig { grid_dim: (n.div_ceil(16) as u32, t.div_ceil(per) as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         unsafe { b.launch(cfg) }.map_err(drv(if fp8 { "gemv_mma_fp8" } else { "gemv_mma_bf16" }))?;
         Ok(())
@@ -291,8 +308,9 @@ impl Kernels {
 
     pub fn moe_scratch(&self, w: &MoeWeights, max_pairs: usize) -> Result<MoeScratch> {
         Ok(MoeScratch {
-            h: self.stream.alloc_zeros(max_pairs * w.inter).map_err(drv("alloc"))?,
-            out: self.stream.alloc_zeros(max_pairs * w.hidden).map_err(drv("alloc"))?,
+            // Written in full (rows of every pair) before they are read.
+            h: unsafe { self.stream.alloc(max_pairs.max(1) * w.inter) }.map_err(drv("alloc"))?,
+            out: unsafe { self.stream.alloc(max_pairs.max(1) * w.hidden) }.map_err(drv("alloc"))?,
         })
     }
 
