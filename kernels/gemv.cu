@@ -471,6 +471,73 @@ extern "C" __global__ void split_bf16(const float* __restrict__ x, unsigned shor
     xl[i] = f32_to_bf16_rn(v - __uint_as_float((unsigned)h << 16));
 }
 
+// Two FP8 e4m3 (low byte = first element) -> two F16 (low half = first), exactly (one
+// instruction on sm_89+; every e4m3 value is an f16 normal).
+__device__ __forceinline__ unsigned fp8x2_to_f16x2(unsigned v) {
+#if __CUDA_ARCH__ >= 890
+    unsigned h;
+    unsigned short s = (unsigned short)v;
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h) : "h"(s));
+    return h;
+#else
+    unsigned short lo, hi;
+    float a = e4m3_to_f32(v & 0xffu), b = e4m3_to_f32((v >> 8) & 0xffu);
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(lo) : "f"(a));
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(hi) : "f"(b));
+    return (unsigned)lo | ((unsigned)hi << 16);
+#endif
+}
+
+__device__ __forceinline__ void mma_f16(float c[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ unsigned short f32_to_f16_rn(float v) {
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    return h;
+}
+
+__device__ __forceinline__ float f16_to_f32(unsigned short h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+// x [rows, K] f32 -> F16 hi + lo parts of x * 2^s(row), with the power of two chosen per row so
+// its largest magnitude lands below 2^14 (no overflow, small rows kept in the normal range);
+// inv[row] = 2^-s(row) undoes it in the GEMV's epilogue. interleave: within each aligned group of
+// 8, store elements in the order 0,4,1,5,2,6,3,7 (the pairing the MXFP4 decode produces).
+// One block per row.
+extern "C" __global__ void __launch_bounds__(1024) split_f16(const float* __restrict__ x, unsigned short* __restrict__ xh, unsigned short* __restrict__ xl,
+                                     float* __restrict__ inv, int K, int interleave) {
+    __shared__ float sh[32];
+    size_t r = blockIdx.x;
+    const float* xr = x + r * K;
+    float m = 0.f;
+    for (int k = threadIdx.x; k < K; k += blockDim.x) m = fmaxf(m, fabsf(xr[k]));
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    if ((threadIdx.x & 31) == 0) sh[threadIdx.x >> 5] = m;
+    __syncthreads();
+    m = 0.f;
+    for (int i = 0; i < (int)(blockDim.x + 31) / 32; i++) m = fmaxf(m, sh[i]);
+    int ex = 0;
+    if (m > 0.f && m < __int_as_float(0x7f800000u)) frexpf(m, &ex);  // m < 2^ex
+    int sh_ = min(max(14 - ex, -100), 100);
+    float s = ldexpf(1.f, sh_);
+    if (threadIdx.x == 0) inv[r] = ldexpf(1.f, -sh_);
+    for (int k = threadIdx.x; k < K; k += blockDim.x) {
+        float v = xr[k] * s;
+        unsigned short h = f32_to_f16_rn(v);
+        unsigned short l = f32_to_f16_rn(v - f16_to_f32(h));
+        int j = k & 7, d = interleave ? (k & ~7) + (j < 4 ? 2 * j : 2 * (j - 4) + 1) : k;
+        xh[r * K + d] = h;
+        xl[r * K + d] = l;
+    }
+}
+
 // Two FP8 e4m3 (low byte = first element) -> two BF16 (low half = first), exactly.
 __device__ __forceinline__ unsigned fp8x2_to_bf16x2(unsigned v) {
 #if __CUDA_ARCH__ >= 890
@@ -498,8 +565,8 @@ __device__ __forceinline__ void mma_bf16(float c[4], unsigned a0, unsigned a1, u
 template <int NT, bool FP8>
 __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, const float* __restrict__ S,
                                          const unsigned short* __restrict__ XH, const unsigned short* __restrict__ XL,
-                                         float* __restrict__ y, float* __restrict__ y1, float* __restrict__ y2,
-                                         int N0, int N1, int N, int K, int T) {
+                                         const float* __restrict__ xinv, float* __restrict__ y, float* __restrict__ y1,
+                                         float* __restrict__ y2, int N0, int N1, int N, int K, int T) {
     __shared__ float red[MMA_WARPS][16 * NT * 8];
     int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane >> 2, q = lane & 3;
     int n0 = blockIdx.x * 16, t0 = blockIdx.y * NT * 8;
@@ -526,10 +593,10 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
                 unsigned u0[4] = {v0.x, v0.y, v0.z, v0.w}, u1[4] = {v1.x, v1.y, v1.z, v1.w};
 #pragma unroll
                 for (int i = 0; i < 4; i++) {
-                    a0[2 * i] = fp8x2_to_bf16x2(u0[i] & 0xffffu);
-                    a0[2 * i + 1] = fp8x2_to_bf16x2(u0[i] >> 16);
-                    a1[2 * i] = fp8x2_to_bf16x2(u1[i] & 0xffffu);
-                    a1[2 * i + 1] = fp8x2_to_bf16x2(u1[i] >> 16);
+                    a0[2 * i] = fp8x2_to_f16x2(u0[i] & 0xffffu);
+                    a0[2 * i + 1] = fp8x2_to_f16x2(u0[i] >> 16);
+                    a1[2 * i] = fp8x2_to_f16x2(u1[i] & 0xffffu);
+                    a1[2 * i + 1] = fp8x2_to_f16x2(u1[i] >> 16);
                 }
             } else {
                 const uint4* p0 = reinterpret_cast<const uint4*>(reinterpret_cast<const unsigned short*>(W) + (size_t)r0 * K + k);
@@ -555,8 +622,13 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
                 float* C = FP8 ? part[tt] : acc[tt];
 #pragma unroll
                 for (int s = 0; s < 4; s++) {
-                    mma_bf16(C, a0[2 * s], a1[2 * s], a0[2 * s + 1], a1[2 * s + 1], bh[2 * s], bh[2 * s + 1]);
-                    mma_bf16(C, a0[2 * s], a1[2 * s], a0[2 * s + 1], a1[2 * s + 1], bl[2 * s], bl[2 * s + 1]);
+                    if (FP8) {  // F16 weights and F16 hi/lo activations
+                        mma_f16(C, a0[2 * s], a1[2 * s], a0[2 * s + 1], a1[2 * s + 1], bh[2 * s], bh[2 * s + 1]);
+                        mma_f16(C, a0[2 * s], a1[2 * s], a0[2 * s + 1], a1[2 * s + 1], bl[2 * s], bl[2 * s + 1]);
+                    } else {
+                        mma_bf16(C, a0[2 * s], a1[2 * s], a0[2 * s + 1], a1[2 * s + 1], bh[2 * s], bh[2 * s + 1]);
+                        mma_bf16(C, a0[2 * s], a1[2 * s], a0[2 * s + 1], a1[2 * s + 1], bl[2 * s], bl[2 * s + 1]);
+                    }
                 }
             }
         }
@@ -581,6 +653,7 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
         for (int i = 0; i < MMA_WARPS; i++) s += red[i][e];
         int n = n0 + e / (NT * 8), t = t0 + e % (NT * 8);
         if (n < N && t < T) {
+            if (xinv) s *= xinv[t];
             // Rows [0, N0) go to y, [N0, N0 + N1) to y1, the rest to y2 (a fused q/k/v
             // projection writes q, k and v as separate [T, rows] arrays).
             if (n < N0) y[(size_t)t * N0 + n] = s;
@@ -593,17 +666,163 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
 #define GEMV_MMA(NT)                                                                                                      \
     extern "C" __global__ void __launch_bounds__(256) gemv_mma_fp8_t##NT(                                                \
         const unsigned char* __restrict__ W, const float* __restrict__ S, const unsigned short* __restrict__ XH,          \
-        const unsigned short* __restrict__ XL, float* __restrict__ y, float* __restrict__ y1, float* __restrict__ y2,      \
+        const unsigned short* __restrict__ XL, const float* __restrict__ xinv, float* __restrict__ y,                     \
+        float* __restrict__ y1, float* __restrict__ y2,                                                                   \
         int N0, int N1, int N, int K, int T) {                                                                            \
-        gemv_mma<NT, true>(W, S, XH, XL, y, y1, y2, N0, N1, N, K, T);                                                     \
+        gemv_mma<NT, true>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T);                                                     \
     }                                                                                                                     \
     extern "C" __global__ void __launch_bounds__(256) gemv_mma_bf16_t##NT(                                               \
         const unsigned char* __restrict__ W, const float* __restrict__ S, const unsigned short* __restrict__ XH,          \
-        const unsigned short* __restrict__ XL, float* __restrict__ y, float* __restrict__ y1, float* __restrict__ y2,      \
+        const unsigned short* __restrict__ XL, const float* __restrict__ xinv, float* __restrict__ y,                     \
+        float* __restrict__ y1, float* __restrict__ y2,                                                                   \
         int N0, int N1, int N, int K, int T) {                                                                            \
-        gemv_mma<NT, false>(W, S, XH, XL, y, y1, y2, N0, N1, N, K, T);                                                    \
+        gemv_mma<NT, false>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T);                                                    \
     }
 GEMV_MMA(1)
 GEMV_MMA(2)
 GEMV_MMA(4)
 GEMV_MMA(8)
+
+// ---------------------------------------------------------------------------------------------
+// MXFP4 MoE decode on tensor cores. Per block: 16 rows of one routed expert, 8 warps splitting
+// K in 64-wide chunks, up to 8 of the expert's (token, slot) pairs per pass as the MMA's 8
+// columns. E2M1 codes become F16 (value x 2^-14, exact) with the bit moves of mxfp4_decode8,
+// pairing elements (0,4) (1,5) (2,6) (3,7) of each lane's 8; the activations were split into
+// F16 hi + lo (per-row power-of-two scale) and stored in that same order, so each B register is
+// one 32-bit load. Each lane's 8 elements share one E8M0 scale, applied to the partial sums of
+// its 32-group (rows g and g+8 have their own scales). K % 64 == 0.
+
+// The four f16x2 words of mxfp4_decode8 (codes of u, element j in nibble j): (0,4) (1,5) (2,6) (3,7).
+__device__ __forceinline__ void mxfp4_f16x4(unsigned u, unsigned r[4]) {
+    r[0] = ((u & 0x00070007u) << 9) | ((u & 0x00080008u) << 12);
+    r[1] = ((u & 0x00700070u) << 5) | ((u & 0x00800080u) << 8);
+    r[2] = ((u & 0x07000700u) << 1) | ((u & 0x08000800u) << 4);
+    r[3] = ((u & 0x70007000u) >> 3) | (u & 0x80008000u);
+}
+
+// Accumulates one 32-group of rows (g, g+8) of W (MXFP4 codes, row stride K/2 bytes) against
+// the lane's B words (hi, lo), scaled by the rows' E8M0 scales.
+__device__ __forceinline__ void mxfp4_mma_group(const unsigned char* __restrict__ W, const unsigned char* __restrict__ S,
+                                                int r0, int r1, int K, int kg, int q, uint4 bh, uint4 bl, float acc[4]) {
+    unsigned w0 = __ldg(reinterpret_cast<const unsigned*>(W + (size_t)r0 * (K / 2) + kg * 16 + q * 4));
+    unsigned w1 = __ldg(reinterpret_cast<const unsigned*>(W + (size_t)r1 * (K / 2) + kg * 16 + q * 4));
+    float s0 = e8m0_to_f32(__ldg(S + (size_t)r0 * (K / 32) + kg)) * 16384.f;
+    float s1 = e8m0_to_f32(__ldg(S + (size_t)r1 * (K / 32) + kg)) * 16384.f;
+    unsigned a[4], b[4];
+    mxfp4_f16x4(w0, a);
+    mxfp4_f16x4(w1, b);
+    float part[4] = {0.f, 0.f, 0.f, 0.f};
+    mma_f16(part, a[0], b[0], a[1], b[1], bh.x, bh.y);
+    mma_f16(part, a[0], b[0], a[1], b[1], bl.x, bl.y);
+    mma_f16(part, a[2], b[2], a[3], b[3], bh.z, bh.w);
+    mma_f16(part, a[2], b[2], a[3], b[3], bl.z, bl.w);
+    acc[0] += s0 * part[0];
+    acc[1] += s0 * part[1];
+    acc[2] += s1 * part[2];
+    acc[3] += s1 * part[3];
+}
+
+// The lane's B words for column token row `xr` (or zeros when xr < 0) at 32-group kg.
+__device__ __forceinline__ void mma_b_words(const unsigned short* __restrict__ XH, const unsigned short* __restrict__ XL,
+                                            int xr, int K, int kg, int q, uint4& bh, uint4& bl) {
+    if (xr >= 0) {
+        bh = __ldg(reinterpret_cast<const uint4*>(XH + (size_t)xr * K + kg * 32 + q * 8));
+        bl = __ldg(reinterpret_cast<const uint4*>(XL + (size_t)xr * K + kg * 32 + q * 8));
+    } else {
+        bh = make_uint4(0u, 0u, 0u, 0u);
+        bl = bh;
+    }
+}
+
+// h[p, i] = silu(gate_e x_t) * (up_e x_t) for the pairs p = (token t, expert e) of routed slot u.
+extern "C" __global__ void __launch_bounds__(256) moe_gate_up_mma(
+    const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Sg, const unsigned char* __restrict__ Wu,
+    const unsigned char* __restrict__ Su, const int* __restrict__ experts, const int* __restrict__ pair_off,
+    const int* __restrict__ pair_tok, const unsigned short* __restrict__ XH, const unsigned short* __restrict__ XL,
+    const float* __restrict__ xinv, float* __restrict__ h, int H, int I) {
+    __shared__ float red[MMA_WARPS][2][128];
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane >> 2, q = lane & 3;
+    int i0 = blockIdx.x * 16, u = blockIdx.y;
+    int r0 = min(i0 + g, I - 1), r1 = min(i0 + g + 8, I - 1);
+    size_t e = (size_t)experts[u];
+    const unsigned char* wg = Wg + e * I * (H / 2);
+    const unsigned char* sg = Sg + e * I * (H / 32);
+    const unsigned char* wu = Wu + e * I * (H / 2);
+    const unsigned char* su = Su + e * I * (H / 32);
+    for (int p0 = pair_off[u]; p0 < pair_off[u + 1]; p0 += 8) {
+        int np = min(8, pair_off[u + 1] - p0);
+        int xr = g < np ? pair_tok[p0 + g] : -1;
+        float accg[4] = {0.f, 0.f, 0.f, 0.f}, accu[4] = {0.f, 0.f, 0.f, 0.f};
+        for (int kg = 2 * w; kg < H / 32; kg += 2 * MMA_WARPS) {
+#pragma unroll
+            for (int j = 0; j < 2; j++) {
+                uint4 bh, bl;
+                mma_b_words(XH, XL, xr, H, kg + j, q, bh, bl);
+                mxfp4_mma_group(wg, sg, r0, r1, H, kg + j, q, bh, bl, accg);
+                mxfp4_mma_group(wu, su, r0, r1, H, kg + j, q, bh, bl, accu);
+            }
+        }
+        // C fragment: c0 (row g, col 2q), c1 (g, 2q+1), c2 (g+8, 2q), c3 (g+8, 2q+1).
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            int idx = (g + (i >> 1) * 8) * 8 + 2 * q + (i & 1);
+            red[w][0][idx] = accg[i];
+            red[w][1][idx] = accu[i];
+        }
+        __syncthreads();
+        if (threadIdx.x < 128) {
+            int row = threadIdx.x >> 3, col = threadIdx.x & 7;
+            if (col < np && i0 + row < I) {
+                float gs = 0.f, us = 0.f;
+#pragma unroll
+                for (int k = 0; k < MMA_WARPS; k++) { gs += red[k][0][threadIdx.x]; us += red[k][1][threadIdx.x]; }
+                float sc = xinv[pair_tok[p0 + col]];
+                gs *= sc;
+                us *= sc;
+                h[(size_t)(p0 + col) * I + i0 + row] = gs / (1.f + __expf(-gs)) * us;
+            }
+        }
+        __syncthreads();
+    }
+}
+
+// out[p, n] = pair_w[p] * (down_e h_p)[n] for the pairs of routed slot u (h split like x, one
+// row per pair).
+extern "C" __global__ void __launch_bounds__(256) moe_down_mma(
+    const unsigned char* __restrict__ Wd, const unsigned char* __restrict__ Sd, const int* __restrict__ experts,
+    const int* __restrict__ pair_off, const float* __restrict__ pair_w, const unsigned short* __restrict__ HH,
+    const unsigned short* __restrict__ HL, const float* __restrict__ hinv, float* __restrict__ out, int H, int I) {
+    __shared__ float red[MMA_WARPS][128];
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane >> 2, q = lane & 3;
+    int n0 = blockIdx.x * 16, u = blockIdx.y;
+    int r0 = min(n0 + g, H - 1), r1 = min(n0 + g + 8, H - 1);
+    size_t e = (size_t)experts[u];
+    const unsigned char* wd = Wd + e * H * (I / 2);
+    const unsigned char* sd = Sd + e * H * (I / 32);
+    for (int p0 = pair_off[u]; p0 < pair_off[u + 1]; p0 += 8) {
+        int np = min(8, pair_off[u + 1] - p0);
+        int xr = g < np ? p0 + g : -1;
+        float acc[4] = {0.f, 0.f, 0.f, 0.f};
+        for (int kg = 2 * w; kg < I / 32; kg += 2 * MMA_WARPS) {
+#pragma unroll
+            for (int j = 0; j < 2; j++) {
+                uint4 bh, bl;
+                mma_b_words(HH, HL, xr, I, kg + j, q, bh, bl);
+                mxfp4_mma_group(wd, sd, r0, r1, I, kg + j, q, bh, bl, acc);
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < 4; i++) red[w][(g + (i >> 1) * 8) * 8 + 2 * q + (i & 1)] = acc[i];
+        __syncthreads();
+        if (threadIdx.x < 128) {
+            int row = threadIdx.x >> 3, col = threadIdx.x & 7;
+            if (col < np && n0 + row < H) {
+                float s = 0.f;
+#pragma unroll
+                for (int k = 0; k < MMA_WARPS; k++) s += red[k][threadIdx.x];
+                out[(size_t)(p0 + col) * H + n0 + row] = s * hinv[p0 + col] * pair_w[p0 + col];
+            }
+        }
+        __syncthreads();
+    }
+}

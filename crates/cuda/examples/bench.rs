@@ -7,7 +7,7 @@
 
 use cudarc::driver::sys::CUevent_flags;
 use peregrine_cuda::kernels::MoeWeights;
-use peregrine_cuda::{probe, Kernels, MoeRouting};
+use peregrine_cuda::{probe, Kernels, MoeKernel, MoeRouting};
 use rand::{Rng, SeedableRng};
 
 fn median(mut v: Vec<f32>) -> f32 {
@@ -129,12 +129,12 @@ fn main() {
                 })
                 .collect();
             let dev: Vec<_> = routings.iter().map(|r| k.upload_routing(r, e).unwrap()).collect();
-            let ms1 = time(20, &mut |run| k.moe_mxfp4_with(false, &w, &dev[run % dev.len()], &x, &mut scratch, &mut y).unwrap());
-            let ms = time(20, &mut |run| k.moe_mxfp4(&w, &dev[run % dev.len()], &x, &mut scratch, &mut y).unwrap());
+            let ms1 = time(20, &mut |run| k.moe_mxfp4_with(MoeKernel::V2, &w, &dev[run % dev.len()], &x, &mut scratch, &mut y).unwrap());
+            let ms = time(20, &mut |run| k.moe_mxfp4_with(MoeKernel::TensorCore, &w, &dev[run % dev.len()], &x, &mut scratch, &mut y).unwrap());
             let used = routings.iter().map(|r| r.experts.len()).sum::<usize>() as f64 / routings.len() as f64;
             let b = used * w.expert_bytes() as f64;
             let bw = b / (ms as f64 * 1e-3);
-            println!("{t:>6} {used:>8.1} {:>10.1} {ms:>8.3} {:>8.0} {:>9.1}%   (v1: {:.1}%)", b / 1e6, bw / 1e9, 100.0 * bw / copy_bw, 100.0 * b / (ms1 as f64 * 1e-3) / copy_bw);
+            println!("{t:>6} {used:>8.1} {:>10.1} {ms:>8.3} {:>8.0} {:>9.1}%   (tensor cores; CUDA-core v2: {:.1}%)", b / 1e6, bw / 1e9, 100.0 * bw / copy_bw, 100.0 * b / (ms1 as f64 * 1e-3) / copy_bw);
         }
     }
 }

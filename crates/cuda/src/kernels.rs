@@ -29,6 +29,9 @@ pub struct Kernels {
     mma_fp8: [CudaFunction; 4],
     mma_bf16: [CudaFunction; 4],
     split_bf16: CudaFunction,
+    split_f16: CudaFunction,
+    gate_up_mma: CudaFunction,
+    down_mma: CudaFunction,
     /// The PTX came from the on-disk cache.
     pub cached: bool,
 }
@@ -43,6 +46,17 @@ fn check(cond: bool, msg: impl FnOnce() -> String) -> Result<()> {
     } else {
         Err(Error::Backend(msg()))
     }
+}
+
+/// The generations of the MXFP4 MoE decode kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MoeKernel {
+    /// One output row per warp (CUDA cores).
+    V1,
+    /// Four rows per warp, compile-time pair counts (CUDA cores).
+    V2,
+    /// mma.sync on F16 with the activations split into hi + lo parts.
+    TensorCore,
 }
 
 /// Host-side grouping of a batch's routing (token -> top-k (expert, weight)) by expert, so
@@ -149,6 +163,9 @@ impl Kernels {
             mma_fp8: [f("gemv_mma_fp8_t1")?, f("gemv_mma_fp8_t2")?, f("gemv_mma_fp8_t4")?, f("gemv_mma_fp8_t8")?],
             mma_bf16: [f("gemv_mma_bf16_t1")?, f("gemv_mma_bf16_t2")?, f("gemv_mma_bf16_t4")?, f("gemv_mma_bf16_t8")?],
             split_bf16: f("split_bf16")?,
+            split_f16: f("split_f16")?,
+            gate_up_mma: f("moe_gate_up_mma")?,
+            down_mma: f("moe_down_mma")?,
             cached,
         })
     }
@@ -233,6 +250,32 @@ impl Kernels {
         })
     }
 
+    /// x [n] -> BF16 hi and lo parts.
+    fn split_bf16(&self, x: &CudaSlice<f32>, len: usize) -> Result<(CudaSlice<u16>, CudaSlice<u16>, Option<CudaSlice<f32>>)> {
+        let mut xh = unsafe { self.stream.alloc::<u16>(len) }.map_err(drv("alloc"))?;
+        let mut xl = unsafe { self.stream.alloc::<u16>(len) }.map_err(drv("alloc"))?;
+        let li = len as i32;
+        let mut b = self.stream.launch_builder(&self.split_bf16);
+        b.arg(x).arg(&mut xh).arg(&mut xl).arg(&li);
+        unsafe { b.launch(LaunchConfig::for_num_elems(len as u32)) }.map_err(drv("split_bf16"))?;
+        Ok((xh, xl, None))
+    }
+
+    /// x [rows, K] -> F16 hi and lo parts of x scaled per row by a power of two, and the inverse
+    /// scales; `interleave` stores each group of 8 as 0,4,1,5,2,6,3,7 (the MXFP4 kernels' order).
+    fn split_f16(&self, x: &CudaSlice<f32>, rows: usize, k: usize, interleave: bool) -> Result<(CudaSlice<u16>, CudaSlice<u16>, CudaSlice<f32>)> {
+        let len = rows * k;
+        let mut xh = unsafe { self.stream.alloc::<u16>(len.max(1)) }.map_err(drv("alloc"))?;
+        let mut xl = unsafe { self.stream.alloc::<u16>(len.max(1)) }.map_err(drv("alloc"))?;
+        let mut inv = unsafe { self.stream.alloc::<f32>(rows.max(1)) }.map_err(drv("alloc"))?;
+        let (ki, il) = (k as i32, interleave as i32);
+        let mut b = self.stream.launch_builder(&self.split_f16);
+        b.arg(x).arg(&mut xh).arg(&mut xl).arg(&mut inv).arg(&ki).arg(&il);
+        // One block per row: 1024 threads, since decode has few rows and each needs a max first.
+        unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv("split_f16"))?;
+        Ok((xh, xl, inv))
+    }
+
     /// The tensor-core GEMV: x split into BF16 hi + lo, then 16 rows per block of 8 warps,
     /// 8, 16, 32 or 64 tokens per pass (grid.y passes).
     #[allow(clippy::too_many_arguments)]
@@ -242,13 +285,14 @@ impl Kernels {
         if t == 0 || n == 0 {
             return Ok(());
         }
-        let len = t * k;
-        let mut xh = unsafe { self.stream.alloc::<u16>(len) }.map_err(drv("alloc"))?;
-        let mut xl = unsafe { self.stream.alloc::<u16>(len) }.map_err(drv("alloc"))?;
-        let li = len as i32;
-        let mut b = self.stream.launch_builder(&self.split_bf16);
-        b.arg(x).arg(&mut xh).arg(&mut xl).arg(&li);
-        unsafe { b.launch(LaunchConfig::for_num_elems(len as u32)) }.map_err(drv("split_bf16"))?;
+        // FP8 weights run as F16 (exact) against F16 hi + lo activations scaled per row by a
+        // power of two; BF16 weights against BF16 hi + lo activations.
+        let (xh, xl, inv) = if fp8 {
+            let (h, l, inv) = self.split_f16(x, t, k, false)?;
+            (h, l, Some(inv))
+        } else {
+            self.split_bf16(x, t * k)?
+        };
         let (v, per) = match t { 1..=8 => (0, 8), 9..=16 => (1, 16), 17..=32 => (2, 32), _ => (3, 64) };
         let f = if fp8 { &self.mma_fp8[v] } else { &self.mma_bf16[v] };
         let (ni, ki, ti) = (n as i32, k as i32, t as i32);
@@ -259,7 +303,12 @@ impl Kernels {
             None => b.arg(&0u64),
         };
         let (n0, n1) = (rows[0] as i32, rows[1] as i32);
-        b.arg(&xh).arg(&xl).arg(&ys[0]).arg(&ys[1]).arg(&ys[2]).arg(&n0).arg(&n1).arg(&ni).arg(&ki).arg(&ti);
+        b.arg(&xh).arg(&xl);
+        match &inv {
+            Some(i) => b.arg(i),
+            None => b.arg(&0u64),
+        };
+        b.arg(&ys[0]).arg(&ys[1]).arg(&ys[2]).arg(&n0).arg(&n1).arg(&ni).arg(&ki).arg(&ti);
         let cfg = LaunchConfig { grid_dim: (n.div_ceil(16) as u32, t.div_ceil(per) as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         unsafe { b.launch(cfg) }.map_err(drv(if fp8 { "gemv_mma_fp8" } else { "gemv_mma_bf16" }))?;
         Ok(())
@@ -315,14 +364,15 @@ impl Kernels {
     }
 
     /// The MXFP4 MoE decode: `y[t] = sum_s w[t,s] * down_e(silu(gate_e x_t) * up_e x_t)` over
-    /// token t's routed experts e (slot order), for x [T, H] -> y [T, H].
+    /// token t's routed experts e, for x [T, H] -> y [T, H]: the tensor-core kernels when H and
+    /// I are multiples of 64, else the CUDA-core v2 kernels.
     pub fn moe_mxfp4(&self, w: &MoeWeights, r: &DeviceRouting, x: &CudaSlice<f32>, scratch: &mut MoeScratch, y: &mut CudaSlice<f32>) -> Result<()> {
-        self.moe_mxfp4_with(true, w, r, x, scratch, y)
+        let kind = if w.hidden % 64 == 0 && w.inter % 64 == 0 { MoeKernel::TensorCore } else { MoeKernel::V2 };
+        self.moe_mxfp4_with(kind, w, r, x, scratch, y)
     }
 
-    /// `v2`: 4 rows per warp and per-expert compile-time token counts; `false` runs the first,
-    /// one-row-per-warp kernels (kept for comparison in the bench).
-    pub fn moe_mxfp4_with(&self, v2: bool, w: &MoeWeights, r: &DeviceRouting, x: &CudaSlice<f32>, scratch: &mut MoeScratch, y: &mut CudaSlice<f32>) -> Result<()> {
+    /// The MoE decode with a chosen kernel generation (the bench compares them).
+    pub fn moe_mxfp4_with(&self, kind: MoeKernel, w: &MoeWeights, r: &DeviceRouting, x: &CudaSlice<f32>, scratch: &mut MoeScratch, y: &mut CudaSlice<f32>) -> Result<()> {
         let (h, i) = (w.hidden, w.inter);
         check(h % 32 == 0 && i % 32 == 0, || format!("MoE dims {h}, {i} must be multiples of 32"))?;
         check(scratch.h.len() >= r.num_pairs * i && scratch.out.len() >= r.num_pairs * h, || "MoE scratch too small".into())?;
@@ -332,6 +382,33 @@ impl Kernels {
             return Ok(());
         }
         let (hh, ii) = (h as i32, i as i32);
+        if kind == MoeKernel::TensorCore {
+            check(h % 64 == 0 && i % 64 == 0, || format!("MoE dims {h}, {i} must be multiples of 64 for the tensor-core kernels"))?;
+            let cfg = |rows: usize| LaunchConfig { grid_dim: (rows.div_ceil(16) as u32, u, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            let (xh, xl, xinv) = self.split_f16(x, r.num_tokens, h, true)?;
+            let mut b = self.stream.launch_builder(&self.gate_up_mma);
+            b.arg(&w.gate).arg(&w.gate_s).arg(&w.up).arg(&w.up_s).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_tok).arg(&xh).arg(&xl).arg(&xinv).arg(&mut scratch.h).arg(&hh).arg(&ii);
+            unsafe { b.launch(cfg(i)) }.map_err(drv("moe_gate_up_mma"))?;
+            let (hh_, hl, hinv) = self.split_f16(&scratch.h, r.num_pairs, i, true)?;
+            let mut b = self.stream.launch_builder(&self.down_mma);
+            b.arg(&w.down).arg(&w.down_s).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_w).arg(&hh_).arg(&hl).arg(&hinv).arg(&mut scratch.out).arg(&hh).arg(&ii);
+            unsafe { b.launch(cfg(h)) }.map_err(drv("moe_down_mma"))?;
+        } else {
+            self.moe_simt(kind == MoeKernel::V2, w, r, x, scratch)?;
+        }
+        let mut b = self.stream.launch_builder(&self.combine);
+        let topk = r.top_k as i32;
+        b.arg(&scratch.out).arg(&r.tok_pairs).arg(&mut *y).arg(&hh).arg(&topk);
+        let cfg = LaunchConfig { grid_dim: ((h as u32).div_ceil(256), r.num_tokens as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        unsafe { b.launch(cfg) }.map_err(drv("moe_combine"))?;
+        Ok(())
+    }
+
+    /// The CUDA-core gate_up and down phases (v2: 4 rows per warp; v1: one row per warp).
+    fn moe_simt(&self, v2: bool, w: &MoeWeights, r: &DeviceRouting, x: &CudaSlice<f32>, scratch: &mut MoeScratch) -> Result<()> {
+        let (h, i) = (w.hidden, w.inter);
+        let u = r.num_experts_used as u32;
+        let (hh, ii) = (h as i32, i as i32);
         let rows = if v2 { 4 } else { 1 };
         let cfg_rows = |n: usize| LaunchConfig { grid_dim: ((n as u32).div_ceil(ROWS_PER_BLOCK * rows), u, 1), block_dim: (32 * ROWS_PER_BLOCK, 1, 1), shared_mem_bytes: 0 };
         let mut b = self.stream.launch_builder(if v2 { &self.gate_up_v2 } else { &self.gate_up });
@@ -340,11 +417,6 @@ impl Kernels {
         let mut b = self.stream.launch_builder(if v2 { &self.down_v2 } else { &self.down });
         b.arg(&w.down).arg(&w.down_s).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_w).arg(&scratch.h).arg(&mut scratch.out).arg(&hh).arg(&ii);
         unsafe { b.launch(cfg_rows(h)) }.map_err(drv("moe_down_mxfp4"))?;
-        let mut b = self.stream.launch_builder(&self.combine);
-        let topk = r.top_k as i32;
-        b.arg(&scratch.out).arg(&r.tok_pairs).arg(&mut *y).arg(&hh).arg(&topk);
-        let cfg = LaunchConfig { grid_dim: ((h as u32).div_ceil(256), r.num_tokens as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        unsafe { b.launch(cfg) }.map_err(drv("moe_combine"))?;
         Ok(())
     }
 }

@@ -17,4 +17,4 @@ mod weights;
 
 pub use backend::CudaModel;
 pub use device::{probe, Gpu};
-pub use kernels::{Kernels, MoeRouting};
+pub use kernels::{Kernels, MoeKernel, MoeRouting};

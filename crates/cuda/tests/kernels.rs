@@ -3,7 +3,7 @@
 //! NVIDIA driver the GPU tests say `skipped:` and pass; scripts/gpu-check.sh runs them on the GPU
 //! machine. NVRTC compilation is checked wherever libnvrtc loads (no GPU needed).
 
-use peregrine_cuda::{probe, Gpu, Kernels, MoeRouting};
+use peregrine_cuda::{probe, Gpu, Kernels, MoeKernel, MoeRouting};
 use peregrine_cuda::kernels::MoeWeights;
 use peregrine_model::formats::{dequant_fp8_block, dequant_mxfp4, fp8_e4m3_to_f32};
 use rand::{Rng, SeedableRng};
@@ -80,7 +80,7 @@ fn nvrtc_compiles_the_kernels() {
     for k in ["embed", "rms_norm", "add_bias", "add_inplace", "rope", "kv_write", "attention", "silu_mul", "gather_rows", "scatter_add_scaled", "gemv_f32", "copy_cols", "fill_rows", "scale", "draft_attention", "embed_bf16", "add_rms_norm", "rope_kv_write", "moe_route", "moe_group", "argmax_rows", "fill_random_u8", "fill_random_f", "attention_v2"] {
         assert!(ops.contains(&format!(".entry {k}")), "kernel {k} missing from the PTX");
     }
-    for k in ["gemv_bf16", "gemv_fp8", "gemv_mxfp4", "gemv_mxfp4_t1", "gemv_mxfp4_t2", "gemv_mxfp4_t4", "gemv_mxfp4_t8", "moe_gate_up_mxfp4", "moe_down_mxfp4", "moe_gate_up_mxfp4_v2", "moe_down_mxfp4_v2", "moe_combine", "split_bf16", "gemv_mma_fp8_t1", "gemv_mma_fp8_t8", "gemv_mma_bf16_t1", "gemv_mma_bf16_t8"] {
+    for k in ["gemv_bf16", "gemv_fp8", "gemv_mxfp4", "gemv_mxfp4_t1", "gemv_mxfp4_t2", "gemv_mxfp4_t4", "gemv_mxfp4_t8", "moe_gate_up_mxfp4", "moe_down_mxfp4", "moe_gate_up_mxfp4_v2", "moe_down_mxfp4_v2", "moe_combine", "split_bf16", "gemv_mma_fp8_t1", "gemv_mma_fp8_t8", "gemv_mma_bf16_t1", "gemv_mma_bf16_t8", "split_f16", "moe_gate_up_mma", "moe_down_mma"] {
         assert!(text.contains(&format!(".entry {k}")), "kernel {k} missing from the PTX");
     }
 }
@@ -211,7 +211,9 @@ fn mxfp4_moe_decode_matches_the_cpu_reference() {
         let mut y = poisoned(&g, t * h);
         kern.moe_mxfp4(&w, &dr, &xd, &mut scratch, &mut y).unwrap();
         let mut y1 = poisoned(&g, t * h);
-        kern.moe_mxfp4_with(false, &w, &dr, &xd, &mut scratch, &mut y1).unwrap();
+        kern.moe_mxfp4_with(MoeKernel::V1, &w, &dr, &xd, &mut scratch, &mut y1).unwrap();
+        let mut y2 = poisoned(&g, t * h);
+        kern.moe_mxfp4_with(MoeKernel::V2, &w, &dr, &xd, &mut scratch, &mut y2).unwrap();
         // CPU: for each token and slot, down(silu(gate x) * up x) * weight, summed in slot order.
         let mut want = vec![0f32; t * h];
         for (ti, c) in choices.iter().enumerate() {
@@ -228,6 +230,7 @@ fn mxfp4_moe_decode_matches_the_cpu_reference() {
         }
         assert_close(&format!("moe mxfp4 T={t}"), &g.stream.clone_dtoh(&y).unwrap(), &want);
         assert_close(&format!("moe mxfp4 (v1) T={t}"), &g.stream.clone_dtoh(&y1).unwrap(), &want);
+        assert_close(&format!("moe mxfp4 (v2) T={t}"), &g.stream.clone_dtoh(&y2).unwrap(), &want);
     }
 }
 
