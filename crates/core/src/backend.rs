@@ -141,6 +141,16 @@ pub trait Backend: Send {
     /// blocks and return, per sequence and in batch order, the logits asked for by `output`.
     fn forward(&mut self, batch: &[SeqForward]) -> Result<Vec<Logits>>;
 
+    /// Like `forward`, but returns only the argmax token id of every row `forward` would return
+    /// logits for (ties to the lowest id), per sequence in batch order, so a backend that keeps
+    /// logits on its device brings back ids alone. The engine calls it when every sequence in
+    /// the batch decodes greedily with nothing else reading the logits (no penalties, bias or
+    /// logprobs). `Ok(None)`: no such path; the engine then calls `forward`.
+    fn forward_greedy(&mut self, batch: &[SeqForward]) -> Result<Option<Vec<Vec<u32>>>> {
+        let _ = batch;
+        Ok(None)
+    }
+
     /// A short name for logs and metrics ("cpu", "cuda").
     fn name(&self) -> &str;
 
@@ -155,4 +165,26 @@ pub trait Backend: Send {
         let _ = batch;
         Err(Error::Unsupported(format!("the {} backend has no drafter attached", self.name())))
     }
+}
+
+/// The argmax of every row of `logits` (ties to the lowest id; NaN never wins): what a backend
+/// whose logits are on the host returns from `forward_greedy`.
+pub fn argmax_rows(logits: &[Logits]) -> Vec<Vec<u32>> {
+    logits
+        .iter()
+        .map(|l| {
+            (0..l.rows)
+                .map(|r| {
+                    let row = l.row(r);
+                    let mut best = 0;
+                    for (i, &v) in row.iter().enumerate() {
+                        if v > row[best] {
+                            best = i;
+                        }
+                    }
+                    best as u32
+                })
+                .collect()
+        })
+        .collect()
 }

@@ -459,6 +459,12 @@ impl Backend for CpuModel {
         Ok(())
     }
 
+    /// The argmax of the logits `forward` computes (the CPU has no cheaper way, but answering
+    /// lets the engine's greedy-ids path run, and be tested, everywhere).
+    fn forward_greedy(&mut self, batch: &[SeqForward]) -> Result<Option<Vec<Vec<u32>>>> {
+        Ok(Some(peregrine_core::backend::argmax_rows(&self.forward(batch)?)))
+    }
+
     fn forward(&mut self, batch: &[SeqForward]) -> Result<Vec<Logits>> {
         if self.kv_config.is_none() {
             return Err(Error::Backend("forward before init_kv".into()));

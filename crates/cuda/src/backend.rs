@@ -942,6 +942,10 @@ impl Backend for CudaModel {
         Ok(peregrine_core::backend::split_logits(&data, &counts, self.spec.vocab_size))
     }
 
+    fn forward_greedy(&mut self, batch: &[SeqForward]) -> Result<Option<Vec<Vec<u32>>>> {
+        self.forward_argmax(batch).map(Some)
+    }
+
     fn name(&self) -> &str {
         "cuda"
     }

@@ -476,7 +476,18 @@ impl Core {
             });
         }
         let ntok: usize = batch.iter().map(|b| b.tokens.len()).sum();
-        let result = self.backend.forward(&batch);
+        // When nothing but the argmax is read from any row, ask for ids only (a GPU backend
+        // then keeps the logits on the device).
+        let ids_only = plan.iter().all(|&(id, _, _)| self.running.iter().find(|s| s.id == id).is_some_and(greedy_ids_suffice));
+        let result = if ids_only {
+            match self.backend.forward_greedy(&batch) {
+                Ok(Some(ids)) => Ok(ids.into_iter().map(StepRows::Ids).collect()),
+                Ok(None) => self.backend.forward(&batch).map(|l| l.into_iter().map(StepRows::Logits).collect()),
+                Err(e) => Err(e),
+            }
+        } else {
+            self.backend.forward(&batch).map(|l| l.into_iter().map(StepRows::Logits).collect::<Vec<_>>())
+        };
         let logits = match result {
             Ok(l) if l.len() == plan.len() => l,
             other => {
@@ -508,7 +519,7 @@ impl Core {
                 let toks = s.tokens();
                 self.kv.commit(&mut s.blocks, &toks, s.computed);
             }
-            if !s.prompt_lp_done {
+            if let (false, StepRows::Logits(lg)) = (s.prompt_lp_done, &lg) {
                 // Row r predicts position start + r + 1.
                 if start == 0 {
                     s.prompt_lp.push(None);
@@ -529,10 +540,11 @@ impl Core {
                 continue;
             }
             // The rows to sample: the last one, or (verification) one per fed token.
-            let rows: Vec<&[f32]> = if drafts.is_empty() {
-                lg.last().into_iter().collect()
-            } else {
-                (0..lg.rows).map(|r| lg.row(r)).collect()
+            let rows: Vec<Row> = match &lg {
+                StepRows::Logits(lg) if drafts.is_empty() => lg.last().into_iter().map(Row::Logits).collect(),
+                StepRows::Logits(lg) => (0..lg.rows).map(|r| Row::Logits(lg.row(r))).collect(),
+                StepRows::Ids(ids) if drafts.is_empty() => ids.last().map(|&t| Row::Id(t)).into_iter().collect(),
+                StepRows::Ids(ids) => ids.iter().map(|&t| Row::Id(t)).collect(),
             };
             if rows.len() != drafts.len() + 1 {
                 done.push((id, Some(format!("backend returned {} logit rows for {} positions", rows.len(), drafts.len() + 1))));
@@ -542,18 +554,25 @@ impl Core {
                 self.metrics.prompt_tokens.inc_by(plen as u64);
             }
             let (mut text, mut ids, mut lps, mut fin) = (String::new(), Vec::new(), Vec::new(), None);
-            for (r, raw) in rows.iter().enumerate() {
+            for (r, row) in rows.iter().enumerate() {
                 // Plain sampling of this position, with the history (penalties) and the random
                 // number (seed, output index) that decoding token by token would have used.
                 // Accepting draft x exactly when the sample equals x accepts it with
                 // probability p(x), and a mismatch is a sample from p without x,
                 // renormalised: the rejection-sampling rule for one-hot proposals.
-                let mut proc = raw.to_vec();
-                sampler::apply_penalties(&mut proc, &s.req.sampling, &s.req.prompt_tokens, &s.output);
-                let tok = sampler::sample(&proc, &s.req.sampling, &s.rng, s.output.len() as u64);
-                if let Some(k) = s.req.sampling.logprobs {
-                    lps.push(sampler::logprobs(raw, tok, k));
-                }
+                let tok = match *row {
+                    Row::Logits(raw) => {
+                        let mut proc = raw.to_vec();
+                        sampler::apply_penalties(&mut proc, &s.req.sampling, &s.req.prompt_tokens, &s.output);
+                        let tok = sampler::sample(&proc, &s.req.sampling, &s.rng, s.output.len() as u64);
+                        if let Some(k) = s.req.sampling.logprobs {
+                            lps.push(sampler::logprobs(raw, tok, k));
+                        }
+                        tok
+                    }
+                    // Greedy with nothing else reading the logits: the argmax is the sample.
+                    Row::Id(tok) => tok,
+                };
                 s.output.push(tok);
                 ids.push(tok);
                 let (t, f) = commit_token(s, tok, &self.eos, self.config.max_model_len);
@@ -692,4 +711,29 @@ fn commit_token(s: &mut Seq, tok: u32, eos: &[u32], max_model_len: usize) -> (St
         return (out, Some(FinishReason::Length));
     }
     (out, None)
+}
+
+/// What a step brought back for one sequence: its logits rows, or only their argmax ids.
+enum StepRows {
+    Logits(peregrine_core::backend::Logits),
+    Ids(Vec<u32>),
+}
+
+/// One row to sample from.
+enum Row<'a> {
+    Logits(&'a [f32]),
+    Id(u32),
+}
+
+/// Whether the argmax of each row is all this sequence needs from a step: greedy decoding past
+/// its prompt logprobs, with no bias, penalties or logprobs reading the logits.
+fn greedy_ids_suffice(s: &Seq) -> bool {
+    let p = &s.req.sampling;
+    s.prompt_lp_done
+        && p.is_greedy()
+        && p.logprobs.is_none()
+        && p.logit_bias.is_empty()
+        && (p.repetition_penalty == 1.0 || p.repetition_penalty <= 0.0)
+        && p.presence_penalty == 0.0
+        && p.frequency_penalty == 0.0
 }

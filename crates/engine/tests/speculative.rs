@@ -341,3 +341,77 @@ fn speculative_sampling_follows_the_target_distribution() {
         assert!(accepted > n as f64 * 0.2, "only {accepted} drafts accepted: the acceptance path was barely exercised");
     }
 }
+
+/// A backend wrapper: `ids` false hides `forward_greedy` (the engine then reads logits);
+/// true forwards it and counts the steps it answered.
+struct Wrap {
+    inner: CpuModel,
+    ids: bool,
+    answered: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl peregrine_core::backend::Backend for Wrap {
+    fn spec(&self) -> &peregrine_core::ModelSpec {
+        self.inner.spec()
+    }
+    fn kv_block_bytes(&self, bs: usize) -> peregrine_core::backend::KvBlockBytes {
+        self.inner.kv_block_bytes(bs)
+    }
+    fn init_kv(&mut self, c: peregrine_core::backend::KvConfig) -> peregrine_core::Result<()> {
+        self.inner.init_kv(c)
+    }
+    fn forward(&mut self, b: &[peregrine_core::backend::SeqForward]) -> peregrine_core::Result<Vec<peregrine_core::backend::Logits>> {
+        self.inner.forward(b)
+    }
+    fn forward_greedy(&mut self, b: &[peregrine_core::backend::SeqForward]) -> peregrine_core::Result<Option<Vec<Vec<u32>>>> {
+        if !self.ids {
+            return Ok(None);
+        }
+        let r = self.inner.forward_greedy(b)?;
+        self.answered.fetch_add(r.is_some() as usize, std::sync::atomic::Ordering::SeqCst);
+        Ok(r)
+    }
+    fn name(&self) -> &str {
+        "wrapped-cpu"
+    }
+    fn draft_spec(&self) -> Option<&peregrine_core::DraftSpec> {
+        self.inner.draft_spec()
+    }
+    fn draft(&mut self, b: &[peregrine_core::backend::DraftForward]) -> peregrine_core::Result<Vec<Vec<u32>>> {
+        self.inner.draft(b)
+    }
+}
+
+/// Greedy steps can bring back ids only (`forward_greedy`): the outputs equal those read from
+/// logits, with and without speculation, and a batch with one request that needs logits
+/// (logprobs) still gets them.
+#[test]
+fn greedy_ids_path_equals_the_logits_path() {
+    for p in pairs() {
+        let t = tokenizer(&p);
+        let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let start = |ids: bool, block: Option<usize>| {
+            let files = open_model(p.target.to_str().unwrap()).unwrap();
+            let mut m = CpuModel::load(&files.spec, files.weights.as_ref()).unwrap();
+            if block.is_some() {
+                m.attach_drafter(&open_drafter(&p.drafter).unwrap()).unwrap();
+            }
+            let cfg = EngineConfig { speculative_block_size: block, ..config() };
+            start_engine(Box::new(Wrap { inner: m, ids, answered: answered.clone() }), Arc::new(files.tokenizer.unwrap()), cfg).unwrap()
+        };
+        let mut mixed = greedy_requests(&t, 24);
+        mixed[3].sampling.logprobs = Some(3);
+        for block in [None, Some(8)] {
+            let base = run(&start(false, block), greedy_requests(&t, 32));
+            assert_eq!(answered.load(std::sync::atomic::Ordering::SeqCst), 0);
+            let ids = run(&start(true, block), greedy_requests(&t, 32));
+            assert_same(&format!("{} ids path, block {block:?}", p.name), &base, &ids);
+            assert!(answered.swap(0, std::sync::atomic::Ordering::SeqCst) > 0, "{}: no step used the ids path", p.name);
+            let base = run(&start(false, block), mixed.clone());
+            let got = run(&start(true, block), mixed.clone());
+            assert_same(&format!("{} mixed batch, block {block:?}", p.name), &base, &got);
+            assert_eq!(got[3].logprobs.len(), got[3].ids.len(), "{}: the logprobs request lost its logprobs", p.name);
+            answered.store(0, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+}
