@@ -23,6 +23,8 @@ if [[ "${1:-}" == "--build" ]]; then
     cargo build --release -p peregrine-cuda --example bench --example step_bench
     strip -o .bin/cuda-bench target/release/examples/bench
     strip -o .bin/step-bench target/release/examples/step_bench
+    cargo build --release -p peregrine-engine --example spec_bench
+    strip -o .bin/spec-bench target/release/examples/spec_bench
     ls -la .bin
     exit 0
 fi
@@ -66,4 +68,6 @@ tail -3 "$LOG/e2e.log"
 grep -q DIFFERS "$LOG/e2e.log" && status=1
 .bin/cuda-bench 2>&1 | tee "$LOG/bench.log" || status=1
 .bin/step-bench --config configs/mimo-v2-flash.json 2>&1 | tee "$LOG/step-bench.log" || status=1
+# Speculation with the demo model's trained drafter on the GPU: acceptance and tokens/s.
+.bin/spec-bench models/peregrine-mimo-tiny benches/data/heldout_prompts.json 128 1 cuda 2>&1 | tee "$LOG/spec-bench.log" || status=1
 exit $status

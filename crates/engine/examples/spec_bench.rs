@@ -2,7 +2,7 @@
 //! the drafter, greedy and at temperature 0.7, over held-out prompts.
 //!
 //!     cargo run --release -p peregrine-engine --example spec_bench -- \
-//!         [MODEL_DIR] [PROMPTS_JSON] [MAX_TOKENS] [CONCURRENCY]
+//!         [MODEL_DIR] [PROMPTS_JSON] [MAX_TOKENS] [CONCURRENCY] [cpu|cuda]
 //!
 //! Defaults: models/peregrine-mimo-tiny (drafter: its dflash/), benches/data/heldout_prompts.json,
 //! 128 tokens, concurrency 1 (requests one after another). Acceptance length = tokens committed
@@ -11,6 +11,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use peregrine_core::backend::Backend;
 use peregrine_core::SamplingParams;
 use peregrine_cpu::CpuModel;
 use peregrine_engine::*;
@@ -25,17 +26,32 @@ fn metric(e: &EngineHandle, name: &str) -> f64 {
         .sum()
 }
 
-/// Median wall time of one verify forward of n = 1..8 tokens after a 256-token context, and of one
-/// draft pass of 7 drafts, on the CPU backend.
-fn cost_breakdown(files: &peregrine_model::loader::ModelFiles, drafter: &peregrine_model::dflash::DraftFiles, prompt: &[u32]) {
-    use peregrine_core::backend::{Backend, DraftForward, KvConfig, OutputRows, SeqForward};
+/// The target model on `device`, with the drafter attached when given.
+fn load(device: &str, files: &peregrine_model::loader::ModelFiles, drafter: Option<&peregrine_model::dflash::DraftFiles>) -> Box<dyn Backend> {
+    if device == "cuda" {
+        let mut m = peregrine_cuda::CudaModel::load(peregrine_cuda::probe(0).unwrap(), &files.spec, files.weights.as_ref()).unwrap();
+        if let Some(d) = drafter {
+            m.attach_drafter(d).unwrap();
+        }
+        return Box::new(m);
+    }
     let mut m = CpuModel::load(&files.spec, files.weights.as_ref()).unwrap();
-    m.attach_drafter(drafter).unwrap();
+    if let Some(d) = drafter {
+        m.attach_drafter(d).unwrap();
+    }
+    Box::new(m)
+}
+
+/// Median wall time of one verify forward of n = 1..8 tokens after a 256-token context, and of one
+/// draft pass of 7 drafts.
+fn cost_breakdown(device: &str, files: &peregrine_model::loader::ModelFiles, drafter: &peregrine_model::dflash::DraftFiles, prompt: &[u32]) {
+    use peregrine_core::backend::{DraftForward, KvConfig, OutputRows, SeqForward};
+    let mut m = load(device, files, Some(drafter));
     let bs = 16;
     m.init_kv(KvConfig { block_size: bs, num_full_blocks: 64, num_swa_blocks: 64 }).unwrap();
     let table: Vec<u32> = (0..64).collect();
     let ctx: Vec<u32> = prompt.iter().copied().cycle().take(256).collect();
-    let fwd = |m: &mut CpuModel, tokens: Vec<u32>, start: usize, output| {
+    let fwd = |m: &mut Box<dyn Backend>, tokens: Vec<u32>, start: usize, output| {
         m.forward(&[SeqForward { seq_id: 1, tokens, start_pos: start, full_blocks: table.clone(), swa_blocks: table.clone(), output }]).unwrap();
     };
     fwd(&mut m, ctx.clone(), 0, OutputRows::None);
@@ -63,6 +79,7 @@ fn main() {
     let prompts_path = args.get(2).cloned().unwrap_or_else(|| "benches/data/heldout_prompts.json".into());
     let max_tokens: usize = args.get(3).map_or(128, |s| s.parse().unwrap());
     let conc: usize = args.get(4).map_or(1, |s| s.parse().unwrap());
+    let device = args.get(5).cloned().unwrap_or_else(|| "cpu".into());
     let mut files = open_model(&model).unwrap();
     let tok = Arc::new(files.tokenizer.take().unwrap());
     let prompts: serde_json::Value = serde_json::from_slice(&std::fs::read(&prompts_path).unwrap()).unwrap();
@@ -73,18 +90,15 @@ fn main() {
         .map(|p| tok.encode(p["prompt"].as_str().unwrap(), false).unwrap())
         .collect();
     let drafter = open_drafter(&bundled_drafter(&files.dir).expect("the model has no dflash/ drafter")).unwrap();
-    println!("model {model}, {} prompts, {max_tokens} tokens each, concurrency {conc}, rayon threads {}", prompts.len(), rayon::current_num_threads());
-    cost_breakdown(&files, &drafter, &prompts[0]);
+    println!("model {model} on {device}, {} prompts, {max_tokens} tokens each, concurrency {conc}, rayon threads {}", prompts.len(), rayon::current_num_threads());
+    cost_breakdown(&device, &files, &drafter, &prompts[0]);
     println!("{:<8} {:<6} {:>9} {:>10} {:>12} {:>10}", "sampling", "spec", "tokens", "seconds", "tokens/s", "accept_len");
     for (label, temp) in [("greedy", 0.0f32), ("T=0.7", 0.7)] {
         let mut base_tps = 0.0;
         for spec in [false, true] {
-            let mut m = CpuModel::load(&files.spec, files.weights.as_ref()).unwrap();
-            if spec {
-                m.attach_drafter(&drafter).unwrap();
-            }
+            let m = load(&device, &files, spec.then_some(&drafter));
             let cfg = EngineConfig { max_num_seqs: conc.max(1), max_model_len: 1024, kv_cache_memory_bytes: 256 << 20, ..EngineConfig::default() };
-            let e = start_engine(Box::new(m), tok.clone(), cfg).unwrap();
+            let e = start_engine(m, tok.clone(), cfg).unwrap();
             let t0 = Instant::now();
             let mut total = 0;
             for chunk in prompts.chunks(conc.max(1)) {
