@@ -49,6 +49,15 @@ e2e() {  # $1 device, $2 port, $3 speculative model (none: off; default: the mod
         curl -s "localhost:$port/v1/completions" -H 'content-type: application/json' \
             -d "{\"prompt\":\"$prompt\",\"max_tokens\":64,\"temperature\":0}" | python3 -c 'import json,sys; print(json.dumps(json.load(sys.stdin)["choices"][0]["text"]))'
     done
+    # Seeded sampling (on the GPU for --device cuda): the same seed twice gives the same text.
+    local a b
+    a=$(curl -s "localhost:$port/v1/completions" -H 'content-type: application/json' -d '{"prompt":"def main():\n","max_tokens":48,"temperature":0.8,"top_p":0.95,"seed":7}')
+    b=$(curl -s "localhost:$port/v1/completions" -H 'content-type: application/json' -d '{"prompt":"def main():\n","max_tokens":48,"temperature":0.8,"top_p":0.95,"seed":7}')
+    if [ "$(echo "$a" | python3 -c 'import json,sys; print(json.load(sys.stdin)["choices"][0]["text"])')" = "$(echo "$b" | python3 -c 'import json,sys; print(json.load(sys.stdin)["choices"][0]["text"])')" ]; then
+        echo "seeded sampling on $dev: reproducible" >> "$LOG/seeded.txt"
+    else
+        echo "seeded sampling on $dev: DIFFERS between identical requests" >> "$LOG/seeded.txt"
+    fi
     curl -s "localhost:$port/metrics" | grep -E "^vllm:spec_decode_num_(drafts|accepted_tokens)_total" > "$LOG/metrics-$dev-$port.txt" || true
     kill $pid; wait $pid 2>/dev/null || true
 }
@@ -64,7 +73,8 @@ e2e cpu 8204 none models/peregrine-mimo-tiny > "$LOG/e2e-cpu.txt"
 if cmp -s "$LOG/e2e-cuda-spec.txt" "$LOG/e2e-cpu.txt" && [ -s "$LOG/e2e-cpu.txt" ]; then echo "e2e demo with DFlash on cuda: identical to --device cpu without speculation"; else echo "e2e demo with DFlash on cuda: DIFFERS"; cat "$LOG/e2e-cuda-spec.txt"; fi >> "$LOG/e2e.log"
 cat "$LOG/metrics-cuda-8203.txt" >> "$LOG/e2e.log"
 grep -q 'accepted_tokens_total{[^}]*} [1-9]' "$LOG/metrics-cuda-8203.txt" || echo "e2e: no draft accepted on cuda: DIFFERS" >> "$LOG/e2e.log"
-tail -3 "$LOG/e2e.log"
+cat "$LOG/seeded.txt" >> "$LOG/e2e.log"
+tail -8 "$LOG/e2e.log"
 grep -q DIFFERS "$LOG/e2e.log" && status=1
 .bin/cuda-bench 2>&1 | tee "$LOG/bench.log" || status=1
 .bin/step-bench --config configs/mimo-v2-flash.json 2>&1 | tee "$LOG/step-bench.log" || status=1

@@ -151,6 +151,15 @@ pub trait Backend: Send {
         Ok(None)
     }
 
+    /// Like `forward`, but samples every row `forward` would return logits for on the backend
+    /// and returns only the token ids, per sequence in batch order. `rows` holds one entry per
+    /// such row, in `output_rows` order. The engine calls it when nothing but the sampled token
+    /// is read from the logits (no penalties, bias or logprobs). `Ok(None)`: no such path.
+    fn forward_sampled(&mut self, batch: &[SeqForward], rows: &[RowSampling]) -> Result<Option<Vec<Vec<u32>>>> {
+        let _ = (batch, rows);
+        Ok(None)
+    }
+
     /// A short name for logs and metrics ("cpu", "cuda").
     fn name(&self) -> &str;
 
@@ -165,6 +174,20 @@ pub trait Backend: Send {
         let _ = batch;
         Err(Error::Unsupported(format!("the {} backend has no drafter attached", self.name())))
     }
+}
+
+/// How to sample one row on the backend: temperature (<= 0: greedy), top-k (0: off), top-p,
+/// min-p, as the engine's host sampler applies them, and the row's uniform number in [0, 1)
+/// (the engine's per-output-position draw, which keeps speculative verification coupled with
+/// plain decoding).
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[repr(C)]
+pub struct RowSampling {
+    pub temperature: f32,
+    pub top_k: i32,
+    pub top_p: f32,
+    pub min_p: f32,
+    pub u: f64,
 }
 
 /// The argmax of every row of `logits` (ties to the lowest id; NaN never wins): what a backend

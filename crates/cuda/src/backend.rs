@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
-use peregrine_core::backend::{Backend, KvBlockBytes, KvConfig, Logits, SeqForward, NULL_BLOCK};
+use peregrine_core::backend::{Backend, KvBlockBytes, KvConfig, Logits, RowSampling, SeqForward, NULL_BLOCK};
 use peregrine_core::{AttentionKind, AttentionSpec, Error, MlpSpec, ModelSpec, MoeSpec, QkvLayout, Result, RouterScoring};
 use peregrine_model::weights::WeightSource;
 
@@ -866,29 +866,27 @@ impl CudaModel {
         Ok(())
     }
 
-    /// Runs `batch` (through a captured graph when it qualifies) and brings back the logits
-    /// (`want_logits`) or only the argmax ids of the asked-for rows, with per-sequence counts.
-    fn run(&mut self, batch: &[SeqForward], want_logits: bool) -> Result<(Vec<f32>, Vec<i32>, Vec<usize>)> {
+    /// Runs `batch` (through a captured graph when it qualifies) and brings back, for the
+    /// asked-for rows, what `out` says: logits, argmax ids or ids sampled on the GPU; with the
+    /// per-sequence row counts.
+    fn run(&mut self, batch: &[SeqForward], out: Out) -> Result<(Vec<f32>, Vec<i32>, Vec<usize>)> {
         let rows = self.host_rows(batch)?;
         let n = rows.toks.len();
         if n == 0 {
             return Ok((Vec::new(), Vec::new(), rows.counts));
         }
+        let k = rows.want.len();
+        if let Out::Sample(p) = out {
+            if p.len() != k {
+                return Err(Error::Backend(format!("{} sampling rows for {k} output rows", p.len())));
+            }
+        }
         let vocab = self.spec.vocab_size;
-        let fetch = |st: &Arc<CudaStream>, logits: &CudaSlice<f32>, ids: &CudaSlice<i32>, k: usize| -> Result<(Vec<f32>, Vec<i32>)> {
-            Ok(if k == 0 {
-                // Nothing asked for (a prefill chunk): still wait for the step to finish.
-                st.synchronize().map_err(drv)?;
-                (Vec::new(), Vec::new())
-            } else if want_logits {
-                (st.clone_dtoh(&logits.slice(..k * vocab)).map_err(drv)?, Vec::new())
-            } else {
-                (Vec::new(), st.clone_dtoh(&ids.slice(..k)).map_err(drv)?)
-            })
-        };
         if let Some(mut g) = self.graph_for(&rows)? {
-            let k = rows.want.len();
-            let fetched = if want_logits { g.fetch_logits(&self.stream, k * vocab).map(|l| (l, Vec::new())) } else { fetch(&self.stream, &g.logits, &g.ids, k) };
+            let fetched = match out {
+                Out::Logits if k > 0 => g.fetch_logits(&self.stream, k * vocab).map(|l| (l, Vec::new())),
+                _ => fetch(&self.kernels, &self.stream, out, k, vocab, &g.logits, &g.ids),
+            };
             self.graphs.put_back(g);
             let (l, i) = fetched?;
             return Ok((l, i, rows.counts));
@@ -906,22 +904,53 @@ impl CudaModel {
             max_blocks: rows.max_blocks,
             block_size: bs,
         };
-        let k = rows.want.len();
         let idx = upload(&st, &rows.want.iter().map(|&r| r as i32).chain([0]).collect::<Vec<_>>())?; // never empty
         let mut logits = self.zeros(k * vocab)?;
         let mut ids = st.alloc_zeros::<i32>(k.max(1)).map_err(drv)?;
         self.step_body(&meta, n, Some((&idx, k)), &mut logits, &mut ids)?;
-        let (l, i) = fetch(&st, &logits, &ids, k)?;
+        let (l, i) = fetch(&self.kernels, &st, out, k, vocab, &logits, &ids)?;
         Ok((l, i, rows.counts))
     }
 
     /// Greedy decoding without logits on the host: the argmax token of every asked-for row
     /// (ties to the lower id), per sequence.
     pub fn forward_argmax(&mut self, batch: &[SeqForward]) -> Result<Vec<Vec<u32>>> {
-        let (_, ids, counts) = self.run(batch, false)?;
-        let mut it = ids.into_iter().map(|t| t as u32);
-        Ok(counts.iter().map(|&c| it.by_ref().take(c).collect()).collect())
+        let (_, ids, counts) = self.run(batch, Out::Argmax)?;
+        Ok(per_sequence(ids, &counts))
     }
+
+    /// Sampling on the GPU: one token id per asked-for row, drawn with that row's parameters.
+    pub fn forward_sample(&mut self, batch: &[SeqForward], rows: &[RowSampling]) -> Result<Vec<Vec<u32>>> {
+        let (_, ids, counts) = self.run(batch, Out::Sample(rows))?;
+        Ok(per_sequence(ids, &counts))
+    }
+}
+
+/// What a forward brings back for the asked-for rows.
+#[derive(Clone, Copy)]
+enum Out<'a> {
+    Logits,
+    Argmax,
+    Sample(&'a [RowSampling]),
+}
+
+/// Brings back what `out` asks for of the first `k` rows of a step's logits / argmax ids.
+fn fetch(kern: &Kernels, st: &Arc<CudaStream>, out: Out, k: usize, vocab: usize, logits: &CudaSlice<f32>, ids: &CudaSlice<i32>) -> Result<(Vec<f32>, Vec<i32>)> {
+    Ok(match out {
+        // Nothing asked for (a prefill chunk): still wait for the step to finish.
+        _ if k == 0 => {
+            st.synchronize().map_err(drv)?;
+            (Vec::new(), Vec::new())
+        }
+        Out::Logits => (st.clone_dtoh(&logits.slice(..k * vocab)).map_err(drv)?, Vec::new()),
+        Out::Argmax => (Vec::new(), st.clone_dtoh(&ids.slice(..k)).map_err(drv)?),
+        Out::Sample(p) => (Vec::new(), st.clone_dtoh(&kern.sample_rows(logits, vocab, p)?).map_err(drv)?),
+    })
+}
+
+fn per_sequence(ids: Vec<i32>, counts: &[usize]) -> Vec<Vec<u32>> {
+    let mut it = ids.into_iter().map(|t| t as u32);
+    counts.iter().map(|&c| it.by_ref().take(c).collect()).collect()
 }
 
 impl Backend for CudaModel {
@@ -938,12 +967,16 @@ impl Backend for CudaModel {
     }
 
     fn forward(&mut self, batch: &[SeqForward]) -> Result<Vec<Logits>> {
-        let (data, _, counts) = self.run(batch, true)?;
+        let (data, _, counts) = self.run(batch, Out::Logits)?;
         Ok(peregrine_core::backend::split_logits(&data, &counts, self.spec.vocab_size))
     }
 
     fn forward_greedy(&mut self, batch: &[SeqForward]) -> Result<Option<Vec<Vec<u32>>>> {
         self.forward_argmax(batch).map(Some)
+    }
+
+    fn forward_sampled(&mut self, batch: &[SeqForward], rows: &[RowSampling]) -> Result<Option<Vec<Vec<u32>>>> {
+        self.forward_sample(batch, rows).map(Some)
     }
 
     fn name(&self) -> &str {

@@ -3,7 +3,15 @@
 use std::sync::Arc;
 
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use peregrine_core::backend::RowSampling;
 use peregrine_core::{Error, Result};
+
+/// The sampling parameters of one row as the kernel reads them (same C layout).
+#[derive(Clone, Copy)]
+#[repr(transparent)]
+struct DeviceRowSampling(RowSampling);
+// SAFETY: RowSampling is #[repr(C)] plain data (f32, i32, f32, f32, f64), as the kernel's struct.
+unsafe impl cudarc::driver::DeviceRepr for DeviceRowSampling {}
 
 use crate::compile;
 use crate::device::{nvrtc_arch, Gpu};
@@ -32,6 +40,7 @@ pub struct Kernels {
     split_f16: CudaFunction,
     gate_up_mma: CudaFunction,
     down_mma: CudaFunction,
+    sample: CudaFunction,
     /// The PTX came from the on-disk cache.
     pub cached: bool,
 }
@@ -149,6 +158,8 @@ impl Kernels {
         let (ptx, cached) = compile::ptx("gemv", compile::GEMV_CU, nvrtc_arch(gpu.capability))?;
         let m = gpu.ctx.load_module(ptx).map_err(drv("loading gemv.cu"))?;
         let f = |n: &str| m.load_function(n).map_err(|e| Error::Backend(format!("kernel {n}: {e}")));
+        let (sptx, _) = compile::ptx("sample", compile::SAMPLE_CU, nvrtc_arch(gpu.capability))?;
+        let sample = gpu.ctx.load_module(sptx).map_err(drv("loading sample.cu"))?.load_function("sample_rows").map_err(drv("kernel sample_rows"))?;
         Ok(Kernels {
             stream: gpu.stream.clone(),
             bf16: f("gemv_bf16")?,
@@ -166,6 +177,7 @@ impl Kernels {
             split_f16: f("split_f16")?,
             gate_up_mma: f("moe_gate_up_mma")?,
             down_mma: f("moe_down_mma")?,
+            sample,
             cached,
         })
     }
@@ -248,6 +260,20 @@ impl Kernels {
             b.arg(w).arg(scales).arg(&xs).arg(&mut ys).arg(&ni).arg(&ki).arg(&tt);
             unsafe { b.launch(Self::rows_cfg(n, 1)) }.map(|_| ()).map_err(drv("gemv_fp8"))
         })
+    }
+
+    /// Samples each of the first `params.len()` rows of `logits` [rows, V] on the GPU (see
+    /// kernels/sample.cu): the token ids.
+    pub fn sample_rows(&self, logits: &CudaSlice<f32>, v: usize, params: &[RowSampling]) -> Result<CudaSlice<i32>> {
+        let rows = params.len();
+        check(logits.len() >= rows * v && rows > 0, || format!("sample_rows: logits hold fewer than {rows} rows of {v}"))?;
+        let p = self.stream.clone_htod(&params.iter().map(|&r| DeviceRowSampling(r)).collect::<Vec<_>>()).map_err(drv("upload"))?;
+        let mut out = self.stream.alloc_zeros::<i32>(rows).map_err(drv("alloc"))?;
+        let vi = v as i32;
+        let mut b = self.stream.launch_builder(&self.sample);
+        b.arg(logits).arg(&vi).arg(&p).arg(&mut out);
+        unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv("sample_rows"))?;
+        Ok(out)
     }
 
     /// x [n] -> BF16 hi and lo parts.

@@ -80,6 +80,13 @@ fn nvrtc_compiles_the_kernels() {
     for k in ["embed", "rms_norm", "add_bias", "add_inplace", "rope", "kv_write", "attention", "silu_mul", "gather_rows", "scatter_add_scaled", "gemv_f32", "copy_cols", "fill_rows", "scale", "draft_attention", "embed_bf16", "add_rms_norm", "rope_kv_write", "moe_route", "moe_group", "argmax_rows", "fill_random_u8", "fill_random_f", "attention_v2"] {
         assert!(ops.contains(&format!(".entry {k}")), "kernel {k} missing from the PTX");
     }
+    let sample = cudarc::nvrtc::compile_ptx_with_opts(
+        peregrine_cuda::compile::SAMPLE_CU,
+        cudarc::nvrtc::CompileOptions { arch: Some("sm_90a"), options: vec!["--std=c++17".into()], ..Default::default() },
+    )
+    .expect("sample.cu compiles for sm_90a")
+    .to_src();
+    assert!(sample.contains(".entry sample_rows"), "kernel sample_rows missing from the PTX");
     for k in ["gemv_bf16", "gemv_fp8", "gemv_mxfp4", "gemv_mxfp4_t1", "gemv_mxfp4_t2", "gemv_mxfp4_t4", "gemv_mxfp4_t8", "moe_gate_up_mxfp4", "moe_down_mxfp4", "moe_gate_up_mxfp4_v2", "moe_down_mxfp4_v2", "moe_combine", "split_bf16", "gemv_mma_fp8_t1", "gemv_mma_fp8_t8", "gemv_mma_bf16_t1", "gemv_mma_bf16_t8", "split_f16", "moe_gate_up_mma", "moe_down_mma"] {
         assert!(text.contains(&format!(".entry {k}")), "kernel {k} missing from the PTX");
     }
@@ -254,4 +261,100 @@ fn probe_without_a_driver_says_what_to_do() {
     }
     let err = probe(0).err().expect("no driver, no GPU").to_string();
     assert!(err.contains("--device cpu"), "{err}");
+}
+
+/// The host sampler's distribution (crates/engine/src/sampler.rs, `sampling_distribution`):
+/// (token, probability) after temperature, top-k, top-p and min-p, ties to the lowest id.
+fn host_distribution(logits: &[f32], t: f32, top_k: usize, top_p: f32, min_p: f32) -> Vec<(u32, f64)> {
+    let t = t.max(1e-6) as f64;
+    let mut v: Vec<(u32, f64)> = logits.iter().enumerate().filter(|(_, l)| l.is_finite()).map(|(i, &l)| (i as u32, l as f64 / t)).collect();
+    v.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    if top_k > 0 && v.len() > top_k {
+        v.truncate(top_k);
+    }
+    let max = v[0].1;
+    let mut sum = 0.0;
+    for e in v.iter_mut() {
+        e.1 = (e.1 - max).exp();
+        sum += e.1;
+    }
+    for e in v.iter_mut() {
+        e.1 /= sum;
+    }
+    if top_p < 1.0 {
+        let mut acc = 0.0;
+        let mut keep = v.len();
+        for (i, e) in v.iter().enumerate() {
+            acc += e.1;
+            if acc >= top_p as f64 {
+                keep = i + 1;
+                break;
+            }
+        }
+        v.truncate(keep);
+    }
+    if min_p > 0.0 {
+        let thr = v[0].1 * min_p as f64;
+        v.retain(|e| e.1 >= thr);
+    }
+    let s: f64 = v.iter().map(|e| e.1).sum();
+    v.iter().map(|&(i, p)| (i, p / s)).collect()
+}
+
+/// Sampling on the GPU: with stratified uniforms u = (i + 0.5) / N every token is drawn
+/// N * p times to within 2 (p from the host sampler's distribution), nothing outside the host's
+/// kept set is ever drawn (top-k and top-p ties at the threshold included), greedy rows are the
+/// argmax, and the same inputs give the same ids.
+#[test]
+fn sampling_on_the_gpu_matches_the_host_distribution() {
+    use peregrine_core::backend::RowSampling;
+    let Some((g, kern)) = gpu() else { return };
+    let mut r = rng();
+    for &v in &[1000usize, 152_576] {
+        let mut logits: Vec<f32> = (0..v).map(|_| (r.random::<f32>() - 0.5) * 12.0).collect();
+        // Ties at the top: 10 tokens share the largest logit, so top-k 5 keeps the 5 lowest ids.
+        for j in 0..10 {
+            logits[(j * 37 + 11) % v] = 9.0;
+        }
+        let cases: [(f32, usize, f32, f32); 7] =
+            [(1.0, 0, 1.0, 0.0), (0.7, 50, 1.0, 0.0), (1.0, 0, 0.9, 0.0), (1.3, 0, 1.0, 0.05), (0.5, 20, 0.8, 0.02), (1.0, 5, 1.0, 0.0), (2.0, 12, 0.5, 0.0)];
+        for (t, k, p, mp) in cases {
+            let want = host_distribution(&logits, t, k, p, mp);
+            let n = 4096usize;
+            let per = 128usize;
+            let rows_d = g.stream.clone_htod(&logits.repeat(per)).unwrap();
+            let mut counts = std::collections::HashMap::<u32, usize>::new();
+            let mut first = Vec::new();
+            for c in 0..n / per {
+                let params: Vec<RowSampling> = (0..per)
+                    .map(|i| RowSampling { temperature: t, top_k: k as i32, top_p: p, min_p: mp, u: ((c * per + i) as f64 + 0.5) / n as f64 })
+                    .collect();
+                let ids = g.stream.clone_dtoh(&kern.sample_rows(&rows_d, v, &params).unwrap()).unwrap();
+                if c == 0 {
+                    let again = g.stream.clone_dtoh(&kern.sample_rows(&rows_d, v, &params).unwrap()).unwrap();
+                    assert_eq!(ids, again, "V={v} {t}/{k}/{p}/{mp}: not deterministic");
+                    first = ids.clone();
+                }
+                for id in ids {
+                    *counts.entry(id as u32).or_default() += 1;
+                }
+            }
+            let kept: std::collections::HashMap<u32, f64> = want.iter().copied().collect();
+            for (&id, &c) in &counts {
+                assert!(kept.contains_key(&id), "V={v} T={t} k={k} p={p} min_p={mp}: drew token {id} ({c} times), outside the host's kept set of {}", kept.len());
+            }
+            let mut worst = 0f64;
+            for (&id, &pr) in &kept {
+                let d = (*counts.get(&id).unwrap_or(&0) as f64 - pr * n as f64).abs();
+                worst = worst.max(d);
+            }
+            eprintln!("V={v} T={t} top_k={k} top_p={p} min_p={mp}: {} kept, {} drawn, max |count - N p| = {worst:.2}", kept.len(), counts.len());
+            assert!(worst <= 2.0, "V={v} T={t} k={k} p={p} min_p={mp}: a count is {worst:.2} from N p");
+            assert!(!first.is_empty());
+        }
+        // Greedy rows: the argmax, ties to the lowest id (token 11 holds the first 9.0).
+        let rows_d = g.stream.clone_htod(&logits).unwrap();
+        let ids = g.stream.clone_dtoh(&kern.sample_rows(&rows_d, v, &[RowSampling { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, u: 0.3 }]).unwrap()).unwrap();
+        assert_eq!(ids, vec![11], "V={v}: greedy row");
+    }
 }

@@ -6,7 +6,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use peregrine_core::backend::{Backend, DraftForward, KvConfig, OutputRows, SeqForward};
+use peregrine_core::backend::{Backend, DraftForward, KvConfig, OutputRows, RowSampling, SeqForward};
 use peregrine_core::{Error, ModelSpec};
 use peregrine_model::tokenizer::IncrementalDecoder;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
@@ -476,17 +476,24 @@ impl Core {
             });
         }
         let ntok: usize = batch.iter().map(|b| b.tokens.len()).sum();
-        // When nothing but the argmax is read from any row, ask for ids only (a GPU backend
-        // then keeps the logits on the device).
-        let ids_only = plan.iter().all(|&(id, _, _)| self.running.iter().find(|s| s.id == id).is_some_and(greedy_ids_suffice));
-        let result = if ids_only {
-            match self.backend.forward_greedy(&batch) {
-                Ok(Some(ids)) => Ok(ids.into_iter().map(StepRows::Ids).collect()),
-                Ok(None) => self.backend.forward(&batch).map(|l| l.into_iter().map(StepRows::Logits).collect()),
-                Err(e) => Err(e),
-            }
+        // When nothing but the sampled token is read from any row, ask for ids only (a GPU
+        // backend then keeps the logits on the device): the argmax when every sequence is
+        // greedy, else a draw on the backend with each row's parameters and uniform number.
+        let seqs: Vec<&Seq> = plan.iter().filter_map(|&(id, _, _)| self.running.iter().find(|s| s.id == id)).collect();
+        let greedy = seqs.len() == plan.len() && seqs.iter().all(|s| s.req.sampling.is_greedy() && sampled_ids_suffice(s));
+        let sampled = seqs.len() == plan.len() && seqs.iter().all(|s| sampled_ids_suffice(s));
+        let ids = if greedy {
+            self.backend.forward_greedy(&batch)
+        } else if sampled {
+            let rows = row_sampling(&seqs, &batch);
+            self.backend.forward_sampled(&batch, &rows)
         } else {
-            self.backend.forward(&batch).map(|l| l.into_iter().map(StepRows::Logits).collect::<Vec<_>>())
+            Ok(None)
+        };
+        let result = match ids {
+            Ok(Some(ids)) => Ok(ids.into_iter().map(StepRows::Ids).collect()),
+            Ok(None) => self.backend.forward(&batch).map(|l| l.into_iter().map(StepRows::Logits).collect::<Vec<_>>()),
+            Err(e) => Err(e),
         };
         let logits = match result {
             Ok(l) if l.len() == plan.len() => l,
@@ -725,15 +732,39 @@ enum Row<'a> {
     Id(u32),
 }
 
-/// Whether the argmax of each row is all this sequence needs from a step: greedy decoding past
-/// its prompt logprobs, with no bias, penalties or logprobs reading the logits.
-fn greedy_ids_suffice(s: &Seq) -> bool {
+/// Whether the sampled token of each row is all this sequence needs from a step: past its
+/// prompt logprobs, with no bias, penalties or logprobs reading the logits.
+fn sampled_ids_suffice(s: &Seq) -> bool {
     let p = &s.req.sampling;
     s.prompt_lp_done
-        && p.is_greedy()
         && p.logprobs.is_none()
         && p.logit_bias.is_empty()
         && (p.repetition_penalty == 1.0 || p.repetition_penalty <= 0.0)
         && p.presence_penalty == 0.0
         && p.frequency_penalty == 0.0
+}
+
+/// The sampling of every output row of `batch` (`output_rows` order): the sequence's parameters
+/// and the uniform number of the output position the row samples (row r of a verify block
+/// samples output token `output.len() + r`, as plain decoding would).
+fn row_sampling(seqs: &[&Seq], batch: &[SeqForward]) -> Vec<RowSampling> {
+    let mut rows = Vec::new();
+    for (s, b) in seqs.iter().zip(batch) {
+        let n = match b.output {
+            OutputRows::None => 0,
+            OutputRows::Last => usize::from(!b.tokens.is_empty()),
+            OutputRows::All => b.tokens.len(),
+        };
+        let p = &s.req.sampling;
+        for r in 0..n {
+            rows.push(RowSampling {
+                temperature: p.temperature,
+                top_k: i32::try_from(p.top_k).unwrap_or(i32::MAX),
+                top_p: p.top_p,
+                min_p: p.min_p,
+                u: s.rng.uniform_at((s.output.len() + r) as u64),
+            });
+        }
+    }
+    rows
 }

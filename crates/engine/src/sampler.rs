@@ -141,8 +141,15 @@ pub fn sample(logits: &[f32], p: &SamplingParams, rng: &SeqRng, n: u64) -> u32 {
     if p.is_greedy() {
         return argmax(logits);
     }
+    sample_with(logits, p, rng.uniform_at(n))
+}
+
+/// Inverse-CDF sampling of the sampling distribution with the uniform number `u` in [0, 1).
+pub fn sample_with(logits: &[f32], p: &SamplingParams, u: f64) -> u32 {
+    if p.is_greedy() {
+        return argmax(logits);
+    }
     let dist = sampling_distribution(logits, p);
-    let u = rng.uniform_at(n);
     let mut acc = 0.0;
     for &(id, pr) in &dist {
         acc += pr;

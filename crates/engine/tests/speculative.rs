@@ -371,6 +371,31 @@ impl peregrine_core::backend::Backend for Wrap {
         self.answered.fetch_add(r.is_some() as usize, std::sync::atomic::Ordering::SeqCst);
         Ok(r)
     }
+    /// Draws each row on the "backend" with the row's parameters and uniform number, through
+    /// the host sampler (what a GPU sampler computes in its own order).
+    fn forward_sampled(&mut self, b: &[peregrine_core::backend::SeqForward], rows: &[peregrine_core::backend::RowSampling]) -> peregrine_core::Result<Option<Vec<Vec<u32>>>> {
+        if !self.ids {
+            return Ok(None);
+        }
+        let logits = self.inner.forward(b)?;
+        let mut it = rows.iter();
+        let out = logits
+            .iter()
+            .map(|l| {
+                (0..l.rows)
+                    .map(|r| {
+                        let p = it.next().expect("one sampling row per output row");
+                        let params = SamplingParams { temperature: p.temperature, top_k: p.top_k as usize, top_p: p.top_p, min_p: p.min_p, ..SamplingParams::greedy() };
+                        peregrine_engine::sampler::sample_with(l.row(r), &params, p.u)
+                    })
+                    .collect()
+            })
+            .collect();
+        assert!(it.next().is_none(), "more sampling rows than output rows");
+        self.answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(Some(out))
+    }
+
     fn name(&self) -> &str {
         "wrapped-cpu"
     }
@@ -382,9 +407,10 @@ impl peregrine_core::backend::Backend for Wrap {
     }
 }
 
-/// Greedy steps can bring back ids only (`forward_greedy`): the outputs equal those read from
-/// logits, with and without speculation, and a batch with one request that needs logits
-/// (logprobs) still gets them.
+/// Steps can bring back ids only (`forward_greedy`, `forward_sampled`): the outputs equal those
+/// sampled from logits on the host, greedy and seeded, with and without speculation (so the
+/// rows' uniform numbers follow the output positions), and a batch with one request that needs
+/// logits (logprobs) still gets them.
 #[test]
 fn greedy_ids_path_equals_the_logits_path() {
     for p in pairs() {
@@ -401,6 +427,19 @@ fn greedy_ids_path_equals_the_logits_path() {
         };
         let mut mixed = greedy_requests(&t, 24);
         mixed[3].sampling.logprobs = Some(3);
+        // Seeded sampling with every sampler-side option (no penalties, bias or logprobs, which
+        // need the logits on the host), plus one greedy request in the same batches.
+        let mut sampled = sampling_requests(&t);
+        for (i, r) in sampled.iter_mut().enumerate() {
+            r.sampling.repetition_penalty = 1.0;
+            r.sampling.presence_penalty = 0.0;
+            r.sampling.frequency_penalty = 0.0;
+            r.sampling.logit_bias.clear();
+            r.sampling.logprobs = None;
+            if i == 4 {
+                r.sampling.temperature = 0.0;
+            }
+        }
         for block in [None, Some(8)] {
             let base = run(&start(false, block), greedy_requests(&t, 32));
             assert_eq!(answered.load(std::sync::atomic::Ordering::SeqCst), 0);
@@ -412,6 +451,10 @@ fn greedy_ids_path_equals_the_logits_path() {
             assert_same(&format!("{} mixed batch, block {block:?}", p.name), &base, &got);
             assert_eq!(got[3].logprobs.len(), got[3].ids.len(), "{}: the logprobs request lost its logprobs", p.name);
             answered.store(0, std::sync::atomic::Ordering::SeqCst);
+            let base = run(&start(false, block), sampled.clone());
+            let got = run(&start(true, block), sampled.clone());
+            assert_same(&format!("{} sampled on the backend, block {block:?}", p.name), &base, &got);
+            assert!(answered.swap(0, std::sync::atomic::Ordering::SeqCst) > 0, "{}: no step sampled on the backend", p.name);
         }
     }
 }

@@ -1,0 +1,245 @@
+// Sampling on the GPU, one block of 1024 threads per logits row, so only token ids come back.
+//
+// Per row: temperature (<= 0: greedy argmax, ties to the lowest id), top-k, top-p and min-p with
+// the host sampler's semantics (crates/engine/src/sampler.rs): top-k keeps the k largest logits
+// (ties to the lowest ids), top-p the smallest prefix in descending-probability order (ties to
+// the lowest ids) whose mass reaches top_p, min-p the tokens whose probability is at least
+// min_p times the largest. The draw is an inverse CDF over the kept tokens in id order with the
+// row's uniform u (the engine's per-output-position number, so speculative verification couples
+// with plain decoding).
+//
+// Determinism: probabilities are exp((l - max) / T) in (0, 1], held as u64 fixed point (x 2^32),
+// so every sum and histogram is an integer and exact in any order (a token whose weight rounds
+// to 0, below 2^-33 of the largest, cannot be drawn). Thresholds are found by radix selection
+// over an order-preserving key of the logits (4 passes of 8 bits), then the ties at the
+// threshold are resolved by id with a chunked prefix count.
+
+#define ST 1024
+#define NW (ST / 32)
+
+struct RowSampling {
+    float temperature;
+    int top_k;
+    float top_p;
+    float min_p;
+    double u;
+};
+
+// Larger float -> larger key; NaN keys are never selected (callers skip non-finite logits).
+__device__ __forceinline__ unsigned fkey(float f) {
+    unsigned u = __float_as_uint(f);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+__device__ __forceinline__ unsigned long long block_sum_u64(unsigned long long v, unsigned long long* sh) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if ((threadIdx.x & 31) == 0) sh[threadIdx.x >> 5] = v;
+    __syncthreads();
+    unsigned long long s = 0;
+    for (int i = 0; i < NW; i++) s += sh[i];
+    __syncthreads();
+    return s;
+}
+
+// Exclusive prefix over threads of a per-thread u64 (thread order = id-chunk order).
+__device__ __forceinline__ unsigned long long block_exclusive_u64(unsigned long long v, unsigned long long* sh, unsigned long long* total) {
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    unsigned long long x = v;
+    for (int o = 1; o < 32; o <<= 1) {
+        unsigned long long y = __shfl_up_sync(0xffffffffu, x, o);
+        if (lane >= o) x += y;
+    }
+    if (lane == 31) sh[w] = x;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        unsigned long long acc = 0;
+        for (int i = 0; i < NW; i++) { unsigned long long t = sh[i]; sh[i] = acc; acc += t; }
+        sh[NW] = acc;
+    }
+    __syncthreads();
+    unsigned long long r = sh[w] + x - v;
+    *total = sh[NW];
+    __syncthreads();
+    return r;
+}
+
+// Radix selection over keys of the finite logits: the key K at which the descending cumulative
+// measure (count when weights == 0, else fixed-point mass) first reaches `need`; returns K and
+// leaves in *left how much of `need` the tokens with key == K must supply.
+template <bool MASS>
+__device__ unsigned radix_select(const float* __restrict__ l, int V, unsigned long long need, float m, float inv_t,
+                                 unsigned kkey, int kcut, unsigned long long* hist, unsigned long long* left) {
+    unsigned prefix = 0, mask = 0;
+    __shared__ unsigned sel;
+    __shared__ unsigned long long rem;
+    if (threadIdx.x == 0) rem = need;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int b = threadIdx.x; b < 256; b += ST) hist[b] = 0;
+        __syncthreads();
+        for (int i = threadIdx.x; i < V; i += ST) {
+            float x = l[i];
+            if (!isfinite(x)) continue;
+            unsigned key = fkey(x);
+            if ((key & mask) != prefix) continue;
+            if (MASS) {
+                // Only tokens top-k kept count towards top-p.
+                if (key < kkey || (key == kkey && i > kcut)) continue;
+                unsigned long long w = (unsigned long long)llrint((double)expf((x - m) * inv_t) * 4294967296.0);
+                atomicAdd(&hist[(key >> shift) & 255], w);
+            } else {
+                atomicAdd(&hist[(key >> shift) & 255], 1ull);
+            }
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            unsigned long long cum = 0;
+            int b = 255;
+            for (; b > 0; b--) {
+                if (cum + hist[b] >= rem) break;
+                cum += hist[b];
+            }
+            rem -= cum;
+            sel = (unsigned)b;
+        }
+        __syncthreads();
+        prefix |= sel << shift;
+        mask |= 255u << shift;
+    }
+    *left = rem;
+    return prefix;
+}
+
+// The id of the token, among those with key == K in id order, at which the running measure
+// (count, or mass when MASS) first reaches `left` (> 0). Chunked by thread for the id order.
+template <bool MASS>
+__device__ int tie_cut(const float* __restrict__ l, int V, unsigned K, unsigned long long left, float m, float inv_t,
+                       unsigned kkey, int kcut, unsigned long long* sh) {
+    int chunk = (V + ST - 1) / ST, c0 = threadIdx.x * chunk, c1 = min(V, c0 + chunk);
+    unsigned long long mine = 0;
+    // Tokens top-k dropped (ties at its threshold past its cut) do not count.
+    for (int i = c0; i < c1; i++) {
+        float x = l[i];
+        if (isfinite(x) && fkey(x) == K && !(K == kkey && i > kcut))
+            mine += MASS ? (unsigned long long)llrint((double)expf((x - m) * inv_t) * 4294967296.0) : 1ull;
+    }
+    unsigned long long total;
+    unsigned long long base = block_exclusive_u64(mine, sh, &total);
+    __shared__ int cut;
+    if (threadIdx.x == 0) cut = V - 1;
+    __syncthreads();
+    if (base < left && base + mine >= left) {
+        unsigned long long acc = base;
+        for (int i = c0; i < c1; i++) {
+            float x = l[i];
+            if (isfinite(x) && fkey(x) == K && !(K == kkey && i > kcut)) {
+                acc += MASS ? (unsigned long long)llrint((double)expf((x - m) * inv_t) * 4294967296.0) : 1ull;
+                if (acc >= left) { cut = i; break; }
+            }
+        }
+    }
+    __syncthreads();
+    return cut;
+}
+
+extern "C" __global__ void __launch_bounds__(ST) sample_rows(const float* __restrict__ logits, int V,
+                                                             const RowSampling* __restrict__ params, int* __restrict__ out) {
+    __shared__ unsigned long long shu[NW + 1];
+    __shared__ unsigned long long hist[256];
+    const float* l = logits + (size_t)blockIdx.x * V;
+    RowSampling p = params[blockIdx.x];
+    // Greedy and the max: argmax with ties to the lowest id.
+    float best = __int_as_float(0xff800000u);
+    int bi = 0x7fffffff;
+    for (int i = threadIdx.x; i < V; i += ST) {
+        float x = l[i];
+        if (x > best) { best = x; bi = i; }
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        float b2 = __shfl_xor_sync(0xffffffffu, best, o);
+        int i2 = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (b2 > best || (b2 == best && i2 < bi)) { best = b2; bi = i2; }
+    }
+    __shared__ float wbest[NW];
+    __shared__ int wbi[NW];
+    __shared__ int argmax_id;
+    __shared__ float mx;
+    if ((threadIdx.x & 31) == 0) { wbest[threadIdx.x >> 5] = best; wbi[threadIdx.x >> 5] = bi; }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float b = wbest[0];
+        int id = wbi[0];
+        for (int k = 1; k < NW; k++)
+            if (wbest[k] > b || (wbest[k] == b && wbi[k] < id)) { b = wbest[k]; id = wbi[k]; }
+        argmax_id = id == 0x7fffffff ? 0 : id;
+        mx = b;
+    }
+    __syncthreads();
+    if (p.temperature <= 0.f || !isfinite(mx)) {
+        if (threadIdx.x == 0) out[blockIdx.x] = argmax_id;
+        return;
+    }
+    float m = mx, inv_t = 1.f / fmaxf(p.temperature, 1e-6f);
+    // top-k: keep keys above kkey, and ties at kkey up to id kcut.
+    unsigned kkey = 0;
+    int kcut = V - 1;
+    if (p.top_k > 0 && p.top_k < V) {
+        unsigned long long left;
+        kkey = radix_select<false>(l, V, (unsigned long long)p.top_k, m, inv_t, 0, V - 1, hist, &left);
+        kcut = tie_cut<false>(l, V, kkey, left, m, inv_t, 0, V - 1, shu);
+    }
+    // Fixed-point weights of the top-k set and their total.
+    unsigned long long z = 0;
+    for (int i = threadIdx.x; i < V; i += ST) {
+        float x = l[i];
+        if (!isfinite(x)) continue;
+        unsigned key = fkey(x);
+        if (key < kkey || (key == kkey && i > kcut)) continue;
+        z += (unsigned long long)llrint((double)expf((x - m) * inv_t) * 4294967296.0);
+    }
+    z = block_sum_u64(z, shu);
+    // top-p: the smallest descending prefix whose mass reaches top_p * z.
+    unsigned pkey = 0;
+    int pcut = V - 1;
+    if (p.top_p < 1.f) {
+        unsigned long long need = (unsigned long long)ceil((double)p.top_p * (double)z);
+        if (need < 1) need = 1;
+        unsigned long long left;
+        pkey = radix_select<true>(l, V, need, m, inv_t, kkey, kcut, hist, &left);
+        pcut = tie_cut<true>(l, V, pkey, left, m, inv_t, kkey, kcut, shu);
+    }
+    // min-p: weight at least min_p times the largest (whose weight is 2^32).
+    unsigned long long wmin = p.min_p > 0.f ? (unsigned long long)ceil((double)p.min_p * 4294967296.0) : 0ull;
+    // The draw: inverse CDF over the kept tokens in id order.
+    int chunk = (V + ST - 1) / ST, c0 = threadIdx.x * chunk, c1 = min(V, c0 + chunk);
+    unsigned long long mine = 0;
+    for (int i = c0; i < c1; i++) {
+        float x = l[i];
+        if (!isfinite(x)) continue;
+        unsigned key = fkey(x);
+        if (key < kkey || (key == kkey && i > kcut) || key < pkey || (key == pkey && i > pcut)) continue;
+        unsigned long long w = (unsigned long long)llrint((double)expf((x - m) * inv_t) * 4294967296.0);
+        if (w >= wmin) mine += w;
+    }
+    unsigned long long total;
+    unsigned long long base = block_exclusive_u64(mine, shu, &total);
+    unsigned long long target = (unsigned long long)(p.u * (double)total);
+    if (target >= total) target = total - 1;
+    __shared__ int pick;
+    if (threadIdx.x == 0) pick = argmax_id;
+    __syncthreads();
+    if (base <= target && target < base + mine) {
+        unsigned long long acc = base;
+        for (int i = c0; i < c1; i++) {
+            float x = l[i];
+            if (!isfinite(x)) continue;
+            unsigned key = fkey(x);
+            if (key < kkey || (key == kkey && i > kcut) || key < pkey || (key == pkey && i > pcut)) continue;
+            unsigned long long w = (unsigned long long)llrint((double)expf((x - m) * inv_t) * 4294967296.0);
+            if (w < wmin) continue;
+            acc += w;
+            if (acc > target) { pick = i; break; }
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) out[blockIdx.x] = pick;
+}
