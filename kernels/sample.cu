@@ -23,7 +23,30 @@ struct RowSampling {
     float top_p;
     float min_p;
     double u;
+    unsigned adj_start, adj_len;
 };
+
+// Bias and penalties of one token (peregrine_core::backend::LogitAdjust).
+struct LogitAdjust {
+    unsigned token;
+    float bias, repetition, subtract;
+};
+
+// Applies each row's adjustments to its logits in place, in the host sampler's order: bias,
+// repetition penalty (divide positive logits, multiply the others), presence + frequency.
+// A row's tokens are distinct. Grid: one block per row.
+extern "C" __global__ void adjust_logits(float* __restrict__ logits, int V, const RowSampling* __restrict__ params,
+                                         const LogitAdjust* __restrict__ adj) {
+    RowSampling p = params[blockIdx.x];
+    float* l = logits + (size_t)blockIdx.x * V;
+    for (unsigned j = threadIdx.x; j < p.adj_len; j += blockDim.x) {
+        LogitAdjust a = adj[p.adj_start + j];
+        if (a.token >= (unsigned)V) continue;
+        float x = l[a.token] + a.bias;
+        if (a.repetition != 1.f) x = x > 0.f ? x / a.repetition : x * a.repetition;
+        l[a.token] = x - a.subtract;
+    }
+}
 
 // Larger float -> larger key; NaN keys are never selected (callers skip non-finite logits).
 __device__ __forceinline__ unsigned fkey(float f) {

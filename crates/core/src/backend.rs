@@ -153,10 +153,11 @@ pub trait Backend: Send {
 
     /// Like `forward`, but samples every row `forward` would return logits for on the backend
     /// and returns only the token ids, per sequence in batch order. `rows` holds one entry per
-    /// such row, in `output_rows` order. The engine calls it when nothing but the sampled token
-    /// is read from the logits (no penalties, bias or logprobs). `Ok(None)`: no such path.
-    fn forward_sampled(&mut self, batch: &[SeqForward], rows: &[RowSampling]) -> Result<Option<Vec<Vec<u32>>>> {
-        let _ = (batch, rows);
+    /// such row, in `output_rows` order, each naming its slice of `adjust` (bias and penalties,
+    /// applied before sampling). The engine calls it when nothing but the sampled token is read
+    /// from the logits (no logprobs). `Ok(None)`: no such path.
+    fn forward_sampled(&mut self, batch: &[SeqForward], rows: &[RowSampling], adjust: &[LogitAdjust]) -> Result<Option<Vec<Vec<u32>>>> {
+        let _ = (batch, rows, adjust);
         Ok(None)
     }
 
@@ -188,6 +189,21 @@ pub struct RowSampling {
     pub top_p: f32,
     pub min_p: f32,
     pub u: f64,
+    /// This row's logit adjustments: `adjust[adj_start..adj_start + adj_len]`.
+    pub adj_start: u32,
+    pub adj_len: u32,
+}
+
+/// One token's logit adjustment before sampling, as the engine's `apply_penalties` computes it:
+/// `l += bias`; then, when `repetition` != 1, `l = l > 0 ? l / repetition : l * repetition`;
+/// then `l -= subtract` (presence + frequency x count). Token ids past the vocabulary are ignored.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[repr(C)]
+pub struct LogitAdjust {
+    pub token: u32,
+    pub bias: f32,
+    pub repetition: f32,
+    pub subtract: f32,
 }
 
 /// The argmax of every row of `logits` (ties to the lowest id; NaN never wins): what a backend

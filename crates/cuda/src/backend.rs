@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
-use peregrine_core::backend::{Backend, KvBlockBytes, KvConfig, Logits, RowSampling, SeqForward, NULL_BLOCK};
+use peregrine_core::backend::{Backend, KvBlockBytes, KvConfig, LogitAdjust, Logits, RowSampling, SeqForward, NULL_BLOCK};
 use peregrine_core::{AttentionKind, AttentionSpec, Error, MlpSpec, ModelSpec, MoeSpec, QkvLayout, Result, RouterScoring};
 use peregrine_model::weights::WeightSource;
 
@@ -876,7 +876,7 @@ impl CudaModel {
             return Ok((Vec::new(), Vec::new(), rows.counts));
         }
         let k = rows.want.len();
-        if let Out::Sample(p) = out {
+        if let Out::Sample(p, _) = out {
             if p.len() != k {
                 return Err(Error::Backend(format!("{} sampling rows for {k} output rows", p.len())));
             }
@@ -885,7 +885,7 @@ impl CudaModel {
         if let Some(mut g) = self.graph_for(&rows)? {
             let fetched = match out {
                 Out::Logits if k > 0 => g.fetch_logits(&self.stream, k * vocab).map(|l| (l, Vec::new())),
-                _ => fetch(&self.kernels, &self.stream, out, k, vocab, &g.logits, &g.ids),
+                _ => fetch(&self.kernels, &self.stream, out, k, vocab, &mut g.logits, &g.ids),
             };
             self.graphs.put_back(g);
             let (l, i) = fetched?;
@@ -908,7 +908,7 @@ impl CudaModel {
         let mut logits = self.zeros(k * vocab)?;
         let mut ids = st.alloc_zeros::<i32>(k.max(1)).map_err(drv)?;
         self.step_body(&meta, n, Some((&idx, k)), &mut logits, &mut ids)?;
-        let (l, i) = fetch(&self.kernels, &st, out, k, vocab, &logits, &ids)?;
+        let (l, i) = fetch(&self.kernels, &st, out, k, vocab, &mut logits, &ids)?;
         Ok((l, i, rows.counts))
     }
 
@@ -919,9 +919,10 @@ impl CudaModel {
         Ok(per_sequence(ids, &counts))
     }
 
-    /// Sampling on the GPU: one token id per asked-for row, drawn with that row's parameters.
-    pub fn forward_sample(&mut self, batch: &[SeqForward], rows: &[RowSampling]) -> Result<Vec<Vec<u32>>> {
-        let (_, ids, counts) = self.run(batch, Out::Sample(rows))?;
+    /// Sampling on the GPU: one token id per asked-for row, drawn with that row's parameters
+    /// after its logit adjustments (bias, penalties).
+    pub fn forward_sample(&mut self, batch: &[SeqForward], rows: &[RowSampling], adjust: &[LogitAdjust]) -> Result<Vec<Vec<u32>>> {
+        let (_, ids, counts) = self.run(batch, Out::Sample(rows, adjust))?;
         Ok(per_sequence(ids, &counts))
     }
 }
@@ -931,11 +932,11 @@ impl CudaModel {
 enum Out<'a> {
     Logits,
     Argmax,
-    Sample(&'a [RowSampling]),
+    Sample(&'a [RowSampling], &'a [LogitAdjust]),
 }
 
 /// Brings back what `out` asks for of the first `k` rows of a step's logits / argmax ids.
-fn fetch(kern: &Kernels, st: &Arc<CudaStream>, out: Out, k: usize, vocab: usize, logits: &CudaSlice<f32>, ids: &CudaSlice<i32>) -> Result<(Vec<f32>, Vec<i32>)> {
+fn fetch(kern: &Kernels, st: &Arc<CudaStream>, out: Out, k: usize, vocab: usize, logits: &mut CudaSlice<f32>, ids: &CudaSlice<i32>) -> Result<(Vec<f32>, Vec<i32>)> {
     Ok(match out {
         // Nothing asked for (a prefill chunk): still wait for the step to finish.
         _ if k == 0 => {
@@ -944,7 +945,7 @@ fn fetch(kern: &Kernels, st: &Arc<CudaStream>, out: Out, k: usize, vocab: usize,
         }
         Out::Logits => (st.clone_dtoh(&logits.slice(..k * vocab)).map_err(drv)?, Vec::new()),
         Out::Argmax => (Vec::new(), st.clone_dtoh(&ids.slice(..k)).map_err(drv)?),
-        Out::Sample(p) => (Vec::new(), st.clone_dtoh(&kern.sample_rows(logits, vocab, p)?).map_err(drv)?),
+        Out::Sample(p, adj) => (Vec::new(), st.clone_dtoh(&kern.sample_rows_adjusted(logits, vocab, p, adj)?).map_err(drv)?),
     })
 }
 
@@ -975,8 +976,8 @@ impl Backend for CudaModel {
         self.forward_argmax(batch).map(Some)
     }
 
-    fn forward_sampled(&mut self, batch: &[SeqForward], rows: &[RowSampling]) -> Result<Option<Vec<Vec<u32>>>> {
-        self.forward_sample(batch, rows).map(Some)
+    fn forward_sampled(&mut self, batch: &[SeqForward], rows: &[RowSampling], adjust: &[LogitAdjust]) -> Result<Option<Vec<Vec<u32>>>> {
+        self.forward_sample(batch, rows, adjust).map(Some)
     }
 
     fn name(&self) -> &str {

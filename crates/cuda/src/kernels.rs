@@ -3,15 +3,22 @@
 use std::sync::Arc;
 
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
-use peregrine_core::backend::RowSampling;
+use peregrine_core::backend::{LogitAdjust, RowSampling};
 use peregrine_core::{Error, Result};
 
 /// The sampling parameters of one row as the kernel reads them (same C layout).
 #[derive(Clone, Copy)]
 #[repr(transparent)]
 struct DeviceRowSampling(RowSampling);
-// SAFETY: RowSampling is #[repr(C)] plain data (f32, i32, f32, f32, f64), as the kernel's struct.
+// SAFETY: RowSampling is #[repr(C)] plain data (f32, i32, f32, f32, f64, u32, u32), as the
+// kernel's struct.
 unsafe impl cudarc::driver::DeviceRepr for DeviceRowSampling {}
+
+#[derive(Clone, Copy)]
+#[repr(transparent)]
+struct DeviceLogitAdjust(LogitAdjust);
+// SAFETY: LogitAdjust is #[repr(C)] plain data (u32, f32, f32, f32), as the kernel's struct.
+unsafe impl cudarc::driver::DeviceRepr for DeviceLogitAdjust {}
 
 use crate::compile;
 use crate::device::{nvrtc_arch, Gpu};
@@ -41,6 +48,7 @@ pub struct Kernels {
     gate_up_mma: CudaFunction,
     down_mma: CudaFunction,
     sample: CudaFunction,
+    adjust: CudaFunction,
     /// The PTX came from the on-disk cache.
     pub cached: bool,
 }
@@ -159,7 +167,9 @@ impl Kernels {
         let m = gpu.ctx.load_module(ptx).map_err(drv("loading gemv.cu"))?;
         let f = |n: &str| m.load_function(n).map_err(|e| Error::Backend(format!("kernel {n}: {e}")));
         let (sptx, _) = compile::ptx("sample", compile::SAMPLE_CU, nvrtc_arch(gpu.capability))?;
-        let sample = gpu.ctx.load_module(sptx).map_err(drv("loading sample.cu"))?.load_function("sample_rows").map_err(drv("kernel sample_rows"))?;
+        let sm = gpu.ctx.load_module(sptx).map_err(drv("loading sample.cu"))?;
+        let sample = sm.load_function("sample_rows").map_err(drv("kernel sample_rows"))?;
+        let adjust = sm.load_function("adjust_logits").map_err(drv("kernel adjust_logits"))?;
         Ok(Kernels {
             stream: gpu.stream.clone(),
             bf16: f("gemv_bf16")?,
@@ -178,6 +188,7 @@ impl Kernels {
             gate_up_mma: f("moe_gate_up_mma")?,
             down_mma: f("moe_down_mma")?,
             sample,
+            adjust,
             cached,
         })
     }
@@ -274,6 +285,23 @@ impl Kernels {
         b.arg(logits).arg(&vi).arg(&p).arg(&mut out);
         unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv("sample_rows"))?;
         Ok(out)
+    }
+
+    /// Applies each row's logit adjustments (bias, penalties) to `logits` in place, then samples
+    /// the rows.
+    pub fn sample_rows_adjusted(&self, logits: &mut CudaSlice<f32>, v: usize, params: &[RowSampling], adjust: &[LogitAdjust]) -> Result<CudaSlice<i32>> {
+        let rows = params.len();
+        check(logits.len() >= rows * v && rows > 0, || format!("sample_rows: logits hold fewer than {rows} rows of {v}"))?;
+        check(params.iter().all(|p| (p.adj_start as usize + p.adj_len as usize) <= adjust.len()), || "sampling rows name adjustments out of range".into())?;
+        if !adjust.is_empty() {
+            let p = self.stream.clone_htod(&params.iter().map(|&r| DeviceRowSampling(r)).collect::<Vec<_>>()).map_err(drv("upload"))?;
+            let a = self.stream.clone_htod(&adjust.iter().map(|&a| DeviceLogitAdjust(a)).collect::<Vec<_>>()).map_err(drv("upload"))?;
+            let vi = v as i32;
+            let mut b = self.stream.launch_builder(&self.adjust);
+            b.arg(&mut *logits).arg(&vi).arg(&p).arg(&a);
+            unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv("adjust_logits"))?;
+        }
+        self.sample_rows(logits, v, params)
     }
 
     /// x [n] -> BF16 hi and lo parts.

@@ -327,7 +327,7 @@ fn sampling_on_the_gpu_matches_the_host_distribution() {
             let mut first = Vec::new();
             for c in 0..n / per {
                 let params: Vec<RowSampling> = (0..per)
-                    .map(|i| RowSampling { temperature: t, top_k: k as i32, top_p: p, min_p: mp, u: ((c * per + i) as f64 + 0.5) / n as f64 })
+                    .map(|i| RowSampling { temperature: t, top_k: k as i32, top_p: p, min_p: mp, u: ((c * per + i) as f64 + 0.5) / n as f64, adj_start: 0, adj_len: 0 })
                     .collect();
                 let ids = g.stream.clone_dtoh(&kern.sample_rows(&rows_d, v, &params).unwrap()).unwrap();
                 if c == 0 {
@@ -354,7 +354,53 @@ fn sampling_on_the_gpu_matches_the_host_distribution() {
         }
         // Greedy rows: the argmax, ties to the lowest id (token 11 holds the first 9.0).
         let rows_d = g.stream.clone_htod(&logits).unwrap();
-        let ids = g.stream.clone_dtoh(&kern.sample_rows(&rows_d, v, &[RowSampling { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, u: 0.3 }]).unwrap()).unwrap();
+        let ids = g.stream.clone_dtoh(&kern.sample_rows(&rows_d, v, &[RowSampling { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, u: 0.3, adj_start: 0, adj_len: 0 }]).unwrap()).unwrap();
         assert_eq!(ids, vec![11], "V={v}: greedy row");
+    }
+}
+
+/// Logit adjustments (bias, repetition, presence/frequency) on the GPU equal the host's
+/// arithmetic bit for bit, per row, ignoring ids past the vocabulary.
+#[test]
+fn logit_adjustments_match_the_host() {
+    use peregrine_core::backend::{LogitAdjust, RowSampling};
+    let Some((g, kern)) = gpu() else { return };
+    let mut r = rng();
+    let (v, rows) = (1000usize, 3usize);
+    let logits: Vec<f32> = (0..rows * v).map(|_| (r.random::<f32>() - 0.5) * 8.0).collect();
+    let mut adjust = Vec::new();
+    let mut params = Vec::new();
+    for _ in 0..rows {
+        let start = adjust.len();
+        let mut ids: Vec<u32> = (0..40).map(|_| r.random_range(0..v as u32 + 5)).collect();
+        ids.sort();
+        ids.dedup();
+        for t in ids {
+            adjust.push(LogitAdjust { token: t, bias: r.random::<f32>() - 0.5, repetition: if r.random::<bool>() { 1.3 } else { 1.0 }, subtract: r.random::<f32>() * 0.5 });
+        }
+        params.push(RowSampling { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, u: 0.5, adj_start: start as u32, adj_len: (adjust.len() - start) as u32 });
+    }
+    let mut want = logits.clone();
+    for (ri, p) in params.iter().enumerate() {
+        for a in &adjust[p.adj_start as usize..(p.adj_start + p.adj_len) as usize] {
+            if a.token as usize >= v {
+                continue;
+            }
+            let x = &mut want[ri * v + a.token as usize];
+            *x += a.bias;
+            if a.repetition != 1.0 {
+                *x = if *x > 0.0 { *x / a.repetition } else { *x * a.repetition };
+            }
+            *x -= a.subtract;
+        }
+    }
+    let mut d = g.stream.clone_htod(&logits).unwrap();
+    let ids = g.stream.clone_dtoh(&kern.sample_rows_adjusted(&mut d, v, &params, &adjust).unwrap()).unwrap();
+    let got = g.stream.clone_dtoh(&d).unwrap();
+    assert_eq!(got, want, "adjusted logits differ from the host's");
+    for (ri, id) in ids.iter().enumerate() {
+        let row = &want[ri * v..(ri + 1) * v];
+        let best = (0..v).fold(0, |b, i| if row[i] > row[b] { i } else { b });
+        assert_eq!(*id as usize, best, "row {ri}: greedy after adjustments");
     }
 }

@@ -6,8 +6,8 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use peregrine_core::backend::{Backend, DraftForward, KvConfig, OutputRows, RowSampling, SeqForward};
-use peregrine_core::{Error, ModelSpec};
+use peregrine_core::backend::{Backend, DraftForward, KvConfig, LogitAdjust, OutputRows, RowSampling, SeqForward};
+use peregrine_core::{Error, ModelSpec, SamplingParams};
 use peregrine_model::tokenizer::IncrementalDecoder;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 
@@ -485,8 +485,8 @@ impl Core {
         let ids = if greedy {
             self.backend.forward_greedy(&batch)
         } else if sampled {
-            let rows = row_sampling(&seqs, &batch);
-            self.backend.forward_sampled(&batch, &rows)
+            let (rows, adjust) = row_sampling(&seqs, &batch, self.backend.spec().vocab_size);
+            self.backend.forward_sampled(&batch, &rows, &adjust)
         } else {
             Ok(None)
         };
@@ -733,22 +733,48 @@ enum Row<'a> {
 }
 
 /// Whether the sampled token of each row is all this sequence needs from a step: past its
-/// prompt logprobs, with no bias, penalties or logprobs reading the logits.
+/// prompt logprobs and with no logprobs (bias and penalties travel as logit adjustments).
 fn sampled_ids_suffice(s: &Seq) -> bool {
-    let p = &s.req.sampling;
-    s.prompt_lp_done
-        && p.logprobs.is_none()
-        && p.logit_bias.is_empty()
-        && (p.repetition_penalty == 1.0 || p.repetition_penalty <= 0.0)
-        && p.presence_penalty == 0.0
-        && p.frequency_penalty == 0.0
+    s.prompt_lp_done && s.req.sampling.logprobs.is_none()
+}
+
+/// The logit adjustments of one row, exactly as `sampler::apply_penalties` would apply them with
+/// `output` as the tokens generated so far (one entry per touched token, ascending ids).
+fn row_adjustments(p: &SamplingParams, prompt: &[u32], output: &[u32], vocab: usize, out: &mut Vec<LogitAdjust>) {
+    let mut touched: std::collections::BTreeMap<u32, LogitAdjust> = std::collections::BTreeMap::new();
+    let none = |t: u32| LogitAdjust { token: t, bias: 0.0, repetition: 1.0, subtract: 0.0 };
+    for (&t, &b) in &p.logit_bias {
+        if (t as usize) < vocab {
+            touched.entry(t).or_insert_with(|| none(t)).bias += b;
+        }
+    }
+    if p.repetition_penalty != 1.0 && p.repetition_penalty > 0.0 {
+        for &t in prompt.iter().chain(output) {
+            if (t as usize) < vocab {
+                touched.entry(t).or_insert_with(|| none(t)).repetition = p.repetition_penalty;
+            }
+        }
+    }
+    if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+        let mut counts = std::collections::HashMap::<u32, u32>::new();
+        for &t in output {
+            *counts.entry(t).or_default() += 1;
+        }
+        for (t, c) in counts {
+            if (t as usize) < vocab {
+                touched.entry(t).or_insert_with(|| none(t)).subtract = p.presence_penalty + p.frequency_penalty * c as f32;
+            }
+        }
+    }
+    out.extend(touched.into_values());
 }
 
 /// The sampling of every output row of `batch` (`output_rows` order): the sequence's parameters
 /// and the uniform number of the output position the row samples (row r of a verify block
 /// samples output token `output.len() + r`, as plain decoding would).
-fn row_sampling(seqs: &[&Seq], batch: &[SeqForward]) -> Vec<RowSampling> {
+fn row_sampling(seqs: &[&Seq], batch: &[SeqForward], vocab: usize) -> (Vec<RowSampling>, Vec<LogitAdjust>) {
     let mut rows = Vec::new();
+    let mut adjust = Vec::new();
     for (s, b) in seqs.iter().zip(batch) {
         let n = match b.output {
             OutputRows::None => 0,
@@ -756,15 +782,26 @@ fn row_sampling(seqs: &[&Seq], batch: &[SeqForward]) -> Vec<RowSampling> {
             OutputRows::All => b.tokens.len(),
         };
         let p = &s.req.sampling;
+        // Row r of a verify block samples after the drafts before it were accepted: its history
+        // is the output so far plus those drafts (the fed tokens past the first).
+        let fed = &b.tokens[b.tokens.len() - n..];
+        let mut history = s.output.clone();
         for r in 0..n {
+            if r > 0 {
+                history.push(fed[r]);
+            }
+            let start = adjust.len();
+            row_adjustments(p, &s.req.prompt_tokens, &history, vocab, &mut adjust);
             rows.push(RowSampling {
                 temperature: p.temperature,
                 top_k: i32::try_from(p.top_k).unwrap_or(i32::MAX),
                 top_p: p.top_p,
                 min_p: p.min_p,
                 u: s.rng.uniform_at((s.output.len() + r) as u64),
+                adj_start: start as u32,
+                adj_len: (adjust.len() - start) as u32,
             });
         }
     }
-    rows
+    (rows, adjust)
 }

@@ -373,7 +373,7 @@ impl peregrine_core::backend::Backend for Wrap {
     }
     /// Draws each row on the "backend" with the row's parameters and uniform number, through
     /// the host sampler (what a GPU sampler computes in its own order).
-    fn forward_sampled(&mut self, b: &[peregrine_core::backend::SeqForward], rows: &[peregrine_core::backend::RowSampling]) -> peregrine_core::Result<Option<Vec<Vec<u32>>>> {
+    fn forward_sampled(&mut self, b: &[peregrine_core::backend::SeqForward], rows: &[peregrine_core::backend::RowSampling], adjust: &[peregrine_core::backend::LogitAdjust]) -> peregrine_core::Result<Option<Vec<Vec<u32>>>> {
         if !self.ids {
             return Ok(None);
         }
@@ -386,7 +386,17 @@ impl peregrine_core::backend::Backend for Wrap {
                     .map(|r| {
                         let p = it.next().expect("one sampling row per output row");
                         let params = SamplingParams { temperature: p.temperature, top_k: p.top_k as usize, top_p: p.top_p, min_p: p.min_p, ..SamplingParams::greedy() };
-                        peregrine_engine::sampler::sample_with(l.row(r), &params, p.u)
+                        // The adjustments as LogitAdjust documents them (what the GPU applies).
+                        let mut row = l.row(r).to_vec();
+                        for a in &adjust[p.adj_start as usize..(p.adj_start + p.adj_len) as usize] {
+                            let x = &mut row[a.token as usize];
+                            *x += a.bias;
+                            if a.repetition != 1.0 {
+                                *x = if *x > 0.0 { *x / a.repetition } else { *x * a.repetition };
+                            }
+                            *x -= a.subtract;
+                        }
+                        peregrine_engine::sampler::sample_with(&row, &params, p.u)
                     })
                     .collect()
             })
@@ -427,14 +437,10 @@ fn greedy_ids_path_equals_the_logits_path() {
         };
         let mut mixed = greedy_requests(&t, 24);
         mixed[3].sampling.logprobs = Some(3);
-        // Seeded sampling with every sampler-side option (no penalties, bias or logprobs, which
-        // need the logits on the host), plus one greedy request in the same batches.
+        // Seeded sampling with every option but logprobs (which need the logits on the host):
+        // penalties and bias travel as per-row logit adjustments; one request is greedy.
         let mut sampled = sampling_requests(&t);
         for (i, r) in sampled.iter_mut().enumerate() {
-            r.sampling.repetition_penalty = 1.0;
-            r.sampling.presence_penalty = 0.0;
-            r.sampling.frequency_penalty = 0.0;
-            r.sampling.logit_bias.clear();
             r.sampling.logprobs = None;
             if i == 4 {
                 r.sampling.temperature = 0.0;
