@@ -16,10 +16,13 @@ if [[ "${1:-}" == "--build" ]]; then
     exe=$(cargo test --release -p peregrine-cuda --test ops --no-run --message-format=json 2>/dev/null \
         | python3 -c 'import json,sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable")][-1])')
     cp "$exe" .bin/cuda-ops
+    exe=$(cargo test --release -p peregrine-cuda --lib --no-run --message-format=json 2>/dev/null \
+        | python3 -c 'import json,sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable")][-1])')
+    cp "$exe" .bin/cuda-lib
     # Without the embedded model (the tree carries models/ already; the carry limit is 64 MiB).
     cargo build --release -p peregrine-server --no-default-features --target-dir target/gpu-check
     strip -o .bin/peregrine target/gpu-check/release/peregrine
-    strip .bin/cuda-kernels .bin/cuda-model .bin/cuda-ops
+    strip .bin/cuda-kernels .bin/cuda-model .bin/cuda-ops .bin/cuda-lib
     cargo build --release -p peregrine-cuda --example bench --example step_bench
     strip -o .bin/cuda-bench target/release/examples/bench
     strip -o .bin/step-bench target/release/examples/step_bench
@@ -37,6 +40,7 @@ status=0
 .bin/cuda-kernels --nocapture --test-threads 1 2>&1 | tee "$LOG/kernels.log" || status=1
 .bin/cuda-model --nocapture --test-threads 1 2>&1 | tee "$LOG/model.log" || status=1
 .bin/cuda-ops --nocapture --test-threads 1 2>&1 | tee "$LOG/ops.log" || status=1
+.bin/cuda-lib --nocapture --test-threads 1 2>&1 | tee "$LOG/lib.log" || status=1
 # End to end over HTTP: the same greedy completions from --device cuda and --device cpu.
 e2e() {  # $1 device, $2 port, $3 speculative model (none: off; default: the model's own), $4.. model args
     local dev=$1 port=$2 spec=$3; shift 3

@@ -467,24 +467,30 @@ impl CudaModel {
         let (kc, vc) = &self.kv[li];
         let slots = if l.swa { &meta.swa_slots } else { &meta.full_slots };
         self.rope_kv_write(&mut q, &k, &v, kc, vc, &meta.pos, slots, n, &s)?;
-        let mut o = self.empty(n * s.o_dim())?;
-        {
-            let tables = if l.swa { &meta.swa_tables } else { &meta.full_tables };
-            let (mb, bs, hh, kvh, hd, vd) = (meta.max_blocks as i32, meta.block_size as i32, s.num_heads as i32, s.num_kv_heads as i32, s.head_dim as i32, s.v_head_dim as i32);
-            let window = s.window().map_or(0, |w| w as i32);
-            let scale = s.softmax_scale;
-            // v2 (8 warps per head over the positions) unless the K head is wider than it holds.
-            let v2 = s.head_dim <= 256;
-            let mut b = self.stream.launch_builder(if v2 { &self.ops.attention_v2 } else { &self.ops.attention });
-            b.arg(&q).arg(kc).arg(vc).arg(&mut o).arg(&meta.pos).arg(&meta.seq).arg(tables).arg(&mb).arg(&bs).arg(&hh).arg(&kvh).arg(&hd).arg(&vd).arg(&window).arg(&scale);
-            match &a.sinks {
-                Some(sk) => b.arg(sk),
-                None => b.arg(&0u64),
-            };
-            let threads = if v2 { 256 } else { 32 };
-            unsafe { b.launch(LaunchConfig { grid_dim: (n as u32, s.num_heads as u32, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
-        }
+        let tables = if l.swa { &meta.swa_tables } else { &meta.full_tables };
+        // v2 (8 warps per head over the positions) unless the K head is wider than it holds.
+        let o = self.attend(&q, kc, vc, &meta.pos, &meta.seq, tables, meta.max_blocks, meta.block_size, n, &s, a.sinks.as_ref(), s.head_dim <= 256)?;
         self.matvec(&a.o, &o, n)
+    }
+
+    /// Paged attention of `n` query rows over the K/V pools (`attention_v2`, or the one-warp
+    /// `attention` when `v2` is false): row r at position pos[r] of sequence seq[r], whose
+    /// block table is `tables[seq[r] * max_blocks..]`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn attend(&self, q: &CudaSlice<f32>, kc: &CudaSlice<f32>, vc: &CudaSlice<f32>, pos: &CudaSlice<i32>, seq: &CudaSlice<i32>, tables: &CudaSlice<i32>, max_blocks: usize, block_size: usize, n: usize, s: &AttentionSpec, sinks: Option<&CudaSlice<f32>>, v2: bool) -> Result<CudaSlice<f32>> {
+        let mut o = self.empty(n * s.o_dim())?;
+        let (mb, bs, hh, kvh, hd, vd) = (max_blocks as i32, block_size as i32, s.num_heads as i32, s.num_kv_heads as i32, s.head_dim as i32, s.v_head_dim as i32);
+        let window = s.window().map_or(0, |w| w as i32);
+        let scale = s.softmax_scale;
+        let mut b = self.stream.launch_builder(if v2 { &self.ops.attention_v2 } else { &self.ops.attention });
+        b.arg(q).arg(kc).arg(vc).arg(&mut o).arg(pos).arg(seq).arg(tables).arg(&mb).arg(&bs).arg(&hh).arg(&kvh).arg(&hd).arg(&vd).arg(&window).arg(&scale);
+        match sinks {
+            Some(sk) => b.arg(sk),
+            None => b.arg(&0u64),
+        };
+        let threads = if v2 { 256 } else { 32 };
+        unsafe { b.launch(LaunchConfig { grid_dim: (n as u32, s.num_heads as u32, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
+        Ok(o)
     }
 
     /// Rotate-half RoPE of `heads` head vectors per row at the rows' positions.
@@ -519,7 +525,7 @@ impl CudaModel {
 
     /// RoPE of q (in place) and k fused with the KV-cache write (V times the value scale).
     #[allow(clippy::too_many_arguments)]
-    fn rope_kv_write(&self, q: &mut CudaSlice<f32>, k: &CudaSlice<f32>, v: &CudaSlice<f32>, kc: &CudaSlice<f32>, vc: &CudaSlice<f32>, pos: &CudaSlice<i32>, slots: &CudaSlice<i64>, n: usize, s: &AttentionSpec) -> Result<()> {
+    pub(crate) fn rope_kv_write(&self, q: &mut CudaSlice<f32>, k: &CudaSlice<f32>, v: &CudaSlice<f32>, kc: &CudaSlice<f32>, vc: &CudaSlice<f32>, pos: &CudaSlice<i32>, slots: &CudaSlice<i64>, n: usize, s: &AttentionSpec) -> Result<()> {
         let half = s.rope.rotary_dim.div_ceil(2);
         let (hh, kvh, hd, vd, hf, rd, th, vs) = (s.num_heads as i32, s.num_kv_heads as i32, s.head_dim as i32, s.v_head_dim as i32, half as i32, s.rope.rotary_dim as i32, s.rope.theta as f32, s.value_scale);
         let mut b = self.stream.launch_builder(&self.ops.rope_kv_write);
@@ -529,7 +535,7 @@ impl CudaModel {
     }
 
     /// `x += a` then `RMSNorm(x) * w` in one kernel (the residual add fused with the next norm).
-    fn add_rms_norm(&self, x: &mut CudaSlice<f32>, a: &CudaSlice<f32>, w: &CudaSlice<f32>, rows: usize, d: usize) -> Result<CudaSlice<f32>> {
+    pub(crate) fn add_rms_norm(&self, x: &mut CudaSlice<f32>, a: &CudaSlice<f32>, w: &CudaSlice<f32>, rows: usize, d: usize) -> Result<CudaSlice<f32>> {
         let mut y = self.empty(rows * d)?;
         let (dd, eps) = (d as i32, self.spec.rms_norm_eps);
         let mut b = self.stream.launch_builder(&self.ops.add_rms_norm);

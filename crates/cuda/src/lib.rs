@@ -14,6 +14,8 @@ mod draft;
 mod graph;
 pub mod kernels;
 mod weights;
+#[cfg(test)]
+mod op_tests;
 
 pub use backend::CudaModel;
 pub use device::{probe, Gpu};

@@ -1,0 +1,238 @@
+//! The model's element-wise and attention kernels one by one against the CPU reference on fresh
+//! random inputs (the seed is printed; PEREGRINE_TEST_SEED reproduces it). Outputs start
+//! poisoned with NaN where a kernel writes into an existing buffer, and NaN never passes.
+//! Without an NVIDIA driver they say `skipped:` and pass; scripts/gpu-check.sh runs them.
+
+use cudarc::driver::CudaSlice;
+use peregrine_core::spec::RopeStyle;
+use peregrine_core::{AttentionKind, AttentionSpec, QkvLayout, RopeSpec};
+use peregrine_cpu::ops;
+use rand::{Rng, SeedableRng};
+
+use crate::backend::CudaModel;
+use crate::probe;
+
+fn model() -> Option<CudaModel> {
+    let gpu = match probe(0) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("skipped: {e}");
+            return None;
+        }
+    };
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/golden/default");
+    let spec = peregrine_model::config::load_spec(&dir).expect("fixture config");
+    Some(CudaModel::synthetic(gpu, &spec, 3).expect("synthetic model"))
+}
+
+fn rng() -> rand::rngs::StdRng {
+    let seed: u64 = std::env::var("PEREGRINE_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+    });
+    eprintln!("seed {seed} (PEREGRINE_TEST_SEED reproduces it)");
+    rand::rngs::StdRng::seed_from_u64(seed)
+}
+
+fn randn(r: &mut impl Rng, n: usize, amp: f32) -> Vec<f32> {
+    (0..n).map(|_| (r.random::<f32>() * 2.0 - 1.0) * amp).collect()
+}
+
+fn close(name: &str, got: &[f32], want: &[f32], tol: f32) {
+    assert_eq!(got.len(), want.len(), "{name}: length");
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+    let mut worst = 0f32;
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(g.is_finite(), "{name}: element {i} is {g} (want {w})");
+        worst = worst.max((g - w).abs() / scale);
+    }
+    eprintln!("{name}: max |gpu - cpu| / max |cpu| = {worst:.2e}");
+    assert!(worst <= tol, "{name}: relative error {worst:.2e}");
+}
+
+fn attn_spec(heads: usize, kv_heads: usize, hd: usize, vd: usize, rotary: usize, window: Option<usize>, sinks: bool) -> AttentionSpec {
+    AttentionSpec {
+        kind: window.map_or(AttentionKind::Full, |w| AttentionKind::Sliding { window: w }),
+        num_heads: heads,
+        num_kv_heads: kv_heads,
+        head_dim: hd,
+        v_head_dim: vd,
+        rope: RopeSpec { theta: 10_000.0, rotary_dim: rotary, style: RopeStyle::NeoX },
+        sinks,
+        value_scale: 0.707,
+        softmax_scale: (hd as f32).powf(-0.5),
+        qkv_layout: QkvLayout::Separate,
+        qkv_bias: false,
+        qk_norm: false,
+    }
+}
+
+/// RMSNorm in f64 (the CPU backend's f32 version sums sequentially, so it carries ~sqrt(d) ulps
+/// of its own error).
+fn rms_norm_f64(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    x.chunks(w.len())
+        .flat_map(|r| {
+            let ms = r.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / r.len() as f64;
+            let inv = 1.0 / (ms + eps as f64).sqrt();
+            r.iter().zip(w).map(move |(&v, &g)| (g as f64 * v as f64 * inv) as f32).collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+#[test]
+fn norms_match_the_cpu_reference() {
+    let Some(m) = model() else { return };
+    let mut r = rng();
+    let st = m.stream.clone();
+    let eps = m.spec.rms_norm_eps;
+    for (rows, d) in [(5usize, 4096usize), (64 * 3, 192), (1, 256)] {
+        let x = randn(&mut r, rows * d, 3.0);
+        let a = randn(&mut r, rows * d, 1.0);
+        let w = randn(&mut r, d, 1.0);
+        let (xd, wd) = (st.clone_htod(&x).unwrap(), st.clone_htod(&w).unwrap());
+        let y = st.clone_dtoh(&m.rms_norm(&xd, &wd, rows, d).unwrap()).unwrap();
+        close(&format!("rms_norm {rows}x{d}"), &y, &rms_norm_f64(&x, &w, eps), 1e-6);
+        // The residual add fused with the norm: x += a, y = norm(x).
+        let mut xd = st.clone_htod(&x).unwrap();
+        let y = st.clone_dtoh(&m.add_rms_norm(&mut xd, &st.clone_htod(&a).unwrap(), &wd, rows, d).unwrap()).unwrap();
+        let sum: Vec<f32> = x.iter().zip(&a).map(|(p, q)| p + q).collect();
+        assert_eq!(st.clone_dtoh(&xd).unwrap(), sum, "add_rms_norm {rows}x{d}: residual");
+        close(&format!("add_rms_norm {rows}x{d}"), &y, &rms_norm_f64(&sum, &w, eps), 1e-6);
+        // The CPU backend's f32 norm (sequential sum) agrees within its own rounding.
+        close(&format!("add_rms_norm {rows}x{d} vs the f32 CPU norm"), &y, &ops::rms_norm(&sum, &w, eps), 1e-5);
+    }
+}
+
+fn poisoned(m: &CudaModel, n: usize) -> CudaSlice<f32> {
+    m.stream.clone_htod(&vec![f32::NAN; n]).unwrap()
+}
+
+#[test]
+fn rope_with_kv_write_matches_the_cpu_reference() {
+    let Some(m) = model() else { return };
+    let mut r = rng();
+    let st = m.stream.clone();
+    // MiMo-V2-Flash's full layer (partial rotary 64 of 192, K 192 != V 128), a full-rotary head
+    // and an odd rotary dim.
+    for s in [attn_spec(64, 4, 192, 128, 64, None, false), attn_spec(8, 2, 64, 64, 64, None, false), attn_spec(4, 1, 48, 32, 15, None, false)] {
+        let n = 7;
+        let slots_total = 64;
+        let q = randn(&mut r, n * s.q_dim(), 2.0);
+        let k = randn(&mut r, n * s.k_dim(), 2.0);
+        let v = randn(&mut r, n * s.v_dim(), 2.0);
+        // Positions below 512: one ulp of a RoPE frequency moves the angle by ~pos * 6e-8.
+        let pos: Vec<i32> = (0..n).map(|_| r.random_range(0..512)).collect();
+        let slots: Vec<i64> = (0..n as i64).map(|i| i * 9 % slots_total).collect();
+        let mut qd = st.clone_htod(&q).unwrap();
+        let (kc, vc) = (poisoned(&m, slots_total as usize * s.k_dim()), poisoned(&m, slots_total as usize * s.v_dim()));
+        let (pd, sd) = (st.clone_htod(&pos).unwrap(), st.clone_htod(&slots).unwrap());
+        m.rope_kv_write(&mut qd, &st.clone_htod(&k).unwrap(), &st.clone_htod(&v).unwrap(), &kc, &vc, &pd, &sd, n, &s).unwrap();
+        let inv = ops::rope_inv_freq(s.rope.theta, s.rope.rotary_dim);
+        let (mut qw, mut kw) = (q.clone(), k.clone());
+        for row in 0..n {
+            for h in 0..s.num_heads {
+                ops::apply_rope(&mut qw[(row * s.num_heads + h) * s.head_dim..][..s.head_dim], pos[row] as usize, &inv);
+            }
+            for h in 0..s.num_kv_heads {
+                ops::apply_rope(&mut kw[(row * s.num_kv_heads + h) * s.head_dim..][..s.head_dim], pos[row] as usize, &inv);
+            }
+        }
+        let name = format!("rope_kv_write h{} kv{} d{} rot{}", s.num_heads, s.num_kv_heads, s.head_dim, s.rope.rotary_dim);
+        close(&format!("{name} q"), &st.clone_dtoh(&qd).unwrap(), &qw, 1e-4);
+        let (kcache, vcache) = (st.clone_dtoh(&kc).unwrap(), st.clone_dtoh(&vc).unwrap());
+        let (kd, vd) = (s.k_dim(), s.v_dim());
+        let got_k: Vec<f32> = slots.iter().flat_map(|&sl| kcache[sl as usize * kd..][..kd].to_vec()).collect();
+        let got_v: Vec<f32> = slots.iter().flat_map(|&sl| vcache[sl as usize * vd..][..vd].to_vec()).collect();
+        close(&format!("{name} k in the cache"), &got_k, &kw, 1e-4);
+        close(&format!("{name} v in the cache"), &got_v, &v.iter().map(|x| x * s.value_scale).collect::<Vec<_>>(), 1e-7);
+    }
+}
+
+/// Reference paged attention in f64: row r attends positions lo..=pos of its sequence (lo from
+/// the window), plus a sink logit per head, softmax, weighted V.
+#[allow(clippy::too_many_arguments)]
+fn attention_reference(s: &AttentionSpec, q: &[f32], kc: &[f32], vc: &[f32], pos: &[i32], seq: &[i32], tables: &[i32], max_blocks: usize, bs: usize, sinks: Option<&[f32]>) -> Vec<f32> {
+    let (hd, vd, kvh) = (s.head_dim, s.v_head_dim, s.num_kv_heads);
+    let group = s.num_heads / kvh;
+    let mut out = vec![0f32; pos.len() * s.o_dim()];
+    for (row, &p) in pos.iter().enumerate() {
+        let p = p as usize;
+        let lo = s.window().map_or(0, |w| (p + 1).saturating_sub(w));
+        for h in 0..s.num_heads {
+            let g = h / group;
+            let qv = &q[(row * s.num_heads + h) * hd..][..hd];
+            let slot = |j: usize| tables[seq[row] as usize * max_blocks + j / bs] as usize * bs + j % bs;
+            let scores: Vec<f64> = (lo..=p)
+                .map(|j| qv.iter().zip(&kc[(slot(j) * kvh + g) * hd..][..hd]).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() * s.softmax_scale as f64)
+                .collect();
+            let mut mx = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            if let Some(sk) = sinks {
+                mx = mx.max(sk[h] as f64);
+            }
+            let mut z: f64 = scores.iter().map(|x| (x - mx).exp()).sum();
+            if let Some(sk) = sinks {
+                z += (sk[h] as f64 - mx).exp();
+            }
+            let o = &mut out[(row * s.num_heads + h) * vd..][..vd];
+            for (jj, j) in (lo..=p).enumerate() {
+                let w = (scores[jj] - mx).exp() / z;
+                for (oi, vv) in o.iter_mut().zip(&vc[(slot(j) * kvh + g) * vd..][..vd]) {
+                    *oi += (w * *vv as f64) as f32;
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn attention_matches_the_cpu_reference() {
+    let Some(m) = model() else { return };
+    let mut r = rng();
+    let st = m.stream.clone();
+    let bs = 16;
+    // MiMo-V2-Flash's full layer (GQA 16:1, K 192, V 128) and sliding layer (window 128, sinks,
+    // 8 KV heads), a tiny layer, and one past v2's K limit (the one-warp kernel).
+    let cases = [
+        attn_spec(64, 4, 192, 128, 64, None, false),
+        attn_spec(64, 8, 192, 128, 64, Some(128), true),
+        attn_spec(4, 1, 64, 48, 64, Some(5), true),
+        attn_spec(4, 2, 320, 64, 64, None, false),
+    ];
+    for s in cases {
+        let seqs = 3usize;
+        let max_blocks = 24usize;
+        let blocks = seqs * max_blocks;
+        let kc = randn(&mut r, blocks * bs * s.k_dim(), 1.0);
+        let vc = randn(&mut r, blocks * bs * s.v_dim(), 1.0);
+        // Each sequence's table is a shuffled set of blocks.
+        let mut ids: Vec<i32> = (0..blocks as i32).collect();
+        for i in (1..ids.len()).rev() {
+            ids.swap(i, r.random_range(0..=i));
+        }
+        let tables = ids.clone();
+        // Rows: several positions per sequence, including short (pos 0) and long contexts.
+        let mut pos = Vec::new();
+        let mut seq = Vec::new();
+        for si in 0..seqs {
+            for &p in &[0usize, 3, 130, 200, max_blocks * bs - 1] {
+                pos.push(p as i32);
+                seq.push(si as i32);
+            }
+        }
+        let n = pos.len();
+        let q = randn(&mut r, n * s.q_dim(), 1.0);
+        let sinks: Option<Vec<f32>> = s.sinks.then(|| randn(&mut r, s.num_heads, 2.0));
+        let want = attention_reference(&s, &q, &kc, &vc, &pos, &seq, &tables, max_blocks, bs, sinks.as_deref());
+        let (qd, kd, vd) = (st.clone_htod(&q).unwrap(), st.clone_htod(&kc).unwrap(), st.clone_htod(&vc).unwrap());
+        let (pd, sd, td) = (st.clone_htod(&pos).unwrap(), st.clone_htod(&seq).unwrap(), st.clone_htod(&tables).unwrap());
+        let sk = sinks.as_ref().map(|v| st.clone_htod(v).unwrap());
+        for v2 in [true, false] {
+            if v2 && s.head_dim > 256 {
+                continue;
+            }
+            let o = m.attend(&qd, &kd, &vd, &pd, &sd, &td, max_blocks, bs, n, &s, sk.as_ref(), v2).unwrap();
+            let name = format!("attention{} h{} kv{} d{}/{} window {:?} sinks {}", if v2 { "_v2" } else { "" }, s.num_heads, s.num_kv_heads, s.head_dim, s.v_head_dim, s.window(), s.sinks);
+            close(&name, &st.clone_dtoh(&o).unwrap(), &want, 2e-5);
+        }
+    }
+}
