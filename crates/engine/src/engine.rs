@@ -480,7 +480,7 @@ impl Core {
         // backend then keeps the logits on the device): the argmax when every sequence is
         // greedy, else a draw on the backend with each row's parameters and uniform number.
         let seqs: Vec<&Seq> = plan.iter().filter_map(|&(id, _, _)| self.running.iter().find(|s| s.id == id)).collect();
-        let greedy = seqs.len() == plan.len() && seqs.iter().all(|s| s.req.sampling.is_greedy() && sampled_ids_suffice(s));
+        let greedy = seqs.len() == plan.len() && seqs.iter().all(|s| s.req.sampling.is_greedy() && no_adjustments(&s.req.sampling) && sampled_ids_suffice(s));
         let sampled = seqs.len() == plan.len() && seqs.iter().all(|s| sampled_ids_suffice(s));
         let ids = if greedy {
             self.backend.forward_greedy(&batch)
@@ -736,6 +736,12 @@ enum Row<'a> {
 /// prompt logprobs and with no logprobs (bias and penalties travel as logit adjustments).
 fn sampled_ids_suffice(s: &Seq) -> bool {
     s.prompt_lp_done && s.req.sampling.logprobs.is_none()
+}
+
+/// Whether sampling reads the raw logits (no bias, no penalties): then a greedy row's sample is
+/// the argmax of the logits.
+fn no_adjustments(p: &SamplingParams) -> bool {
+    p.logit_bias.is_empty() && (p.repetition_penalty == 1.0 || p.repetition_penalty <= 0.0) && p.presence_penalty == 0.0 && p.frequency_penalty == 0.0
 }
 
 /// The logit adjustments of one row, exactly as `sampler::apply_penalties` would apply them with

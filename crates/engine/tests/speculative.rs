@@ -437,6 +437,17 @@ fn greedy_ids_path_equals_the_logits_path() {
         };
         let mut mixed = greedy_requests(&t, 24);
         mixed[3].sampling.logprobs = Some(3);
+        // Greedy only, with bias and penalties: the argmax of the raw logits would be wrong.
+        let mut greedy_adjusted = greedy_requests(&t, 24);
+        for (i, r) in greedy_adjusted.iter_mut().enumerate() {
+            match i % 3 {
+                0 => r.sampling.repetition_penalty = 1.3,
+                1 => r.sampling.presence_penalty = 0.8,
+                _ => {
+                    r.sampling.logit_bias.insert(t.encode(" the", false).unwrap()[0], 5.0);
+                }
+            }
+        }
         // Seeded sampling with every option but logprobs (which need the logits on the host):
         // penalties and bias travel as per-row logit adjustments; one request is greedy.
         let mut sampled = sampling_requests(&t);
@@ -456,6 +467,10 @@ fn greedy_ids_path_equals_the_logits_path() {
             let got = run(&start(true, block), mixed.clone());
             assert_same(&format!("{} mixed batch, block {block:?}", p.name), &base, &got);
             assert_eq!(got[3].logprobs.len(), got[3].ids.len(), "{}: the logprobs request lost its logprobs", p.name);
+            answered.store(0, std::sync::atomic::Ordering::SeqCst);
+            let base = run(&start(false, block), greedy_adjusted.clone());
+            let got = run(&start(true, block), greedy_adjusted.clone());
+            assert_same(&format!("{} greedy with bias and penalties, block {block:?}", p.name), &base, &got);
             answered.store(0, std::sync::atomic::Ordering::SeqCst);
             let base = run(&start(false, block), sampled.clone());
             let got = run(&start(true, block), sampled.clone());
