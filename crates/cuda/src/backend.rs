@@ -573,11 +573,6 @@ impl CudaModel {
         }
     }
 
-    pub(crate) fn lm_head_logits(&self, normed: &CudaSlice<f32>, rows: usize) -> Result<CudaSlice<f32>> {
-        let mut y = self.empty(rows * self.spec.vocab_size)?;
-        self.lm_head_into(normed, rows, &mut y)?;
-        Ok(y)
-    }
 
     /// K/V rows into paged pools (V times the value scale).
     #[allow(clippy::too_many_arguments)]

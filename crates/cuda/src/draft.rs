@@ -145,113 +145,38 @@ impl CudaModel {
     }
 
     pub(crate) fn draft_pass(&mut self, batch: &[DraftForward]) -> Result<Vec<Vec<u32>>> {
-        let cfg = self.kv_config.ok_or_else(|| Error::Backend("draft before init_kv".into()))?;
+        let rows = self.draft_rows(batch)?;
         let d = self.drafter.as_ref().ok_or_else(|| Error::Unsupported("no drafter is attached to the CUDA backend".into()))?;
-        let (h, vocab, bs) = (self.spec.hidden_size, self.spec.vocab_size, cfg.block_size);
-        let max_blocks = batch.iter().map(|x| x.full_blocks.len()).max().unwrap_or(1).max(1);
-        let (mut toks, mut row_seq, mut row_idx, mut pos, mut mask_rows) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        let (mut seq_start, mut seq_first, mut seq_nb) = (Vec::new(), Vec::new(), Vec::new());
-        let mut tables = vec![0i32; batch.len() * max_blocks];
-        for (si, x) in batch.iter().enumerate() {
-            if x.num_drafts == 0 || x.num_drafts >= d.spec.block_size.max(2) {
-                return Err(Error::Backend(format!("sequence {}: {} drafts asked of a drafter with block size {}", x.seq_id, x.num_drafts, d.spec.block_size)));
-            }
-            if x.last_token as usize >= vocab || x.full_blocks.len() * bs < x.start_pos {
-                return Err(Error::Backend(format!("sequence {}: bad draft request", x.seq_id)));
-            }
-            for (j, &b) in x.full_blocks.iter().enumerate() {
-                tables[si * max_blocks + j] = if b == NULL_BLOCK { 0 } else { b as i32 };
-            }
-            seq_start.push(x.start_pos as i32);
-            seq_first.push(toks.len() as i32);
-            seq_nb.push((x.num_drafts + 1) as i32);
-            for r in 0..=x.num_drafts {
-                if r > 0 {
-                    mask_rows.push(toks.len() as i32);
-                }
-                toks.push(if r == 0 { x.last_token as i32 } else { d.spec.mask_token_id as i32 });
-                row_seq.push(si as i32);
-                row_idx.push(r as i32);
-                pos.push((x.start_pos + r) as i32);
-            }
-        }
-        let n = toks.len();
-        let st = self.stream.clone();
-        let tok_d = upload(&st, &toks)?;
-        let mut x = self.embed_rows(&tok_d, n)?;
-        let hh = h as i32;
-        if let Some(m) = &d.mask_embedding {
-            let rows = upload(&st, &mask_rows)?;
-            let mut b = st.launch_builder(&self.ops.fill_rows);
-            b.arg(&mut x).arg(&rows).arg(m).arg(&hh);
-            unsafe { b.launch(LaunchConfig { grid_dim: (mask_rows.len() as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
-        }
-        if d.spec.input_embedding_scale != 1.0 {
-            let (sc, nn) = (d.spec.input_embedding_scale, (n * h) as i32);
-            let mut b = st.launch_builder(&self.ops.scale);
-            b.arg(&mut x).arg(&sc).arg(&nn);
-            unsafe { b.launch(LaunchConfig::for_num_elems((n * h) as u32)) }.map_err(drv)?;
-        }
-        let (pos_d, row_seq_d, row_idx_d) = (upload(&st, &pos)?, upload(&st, &row_seq)?, upload(&st, &row_idx)?);
-        let (start_d, first_d, nb_d, tables_d) = (upload(&st, &seq_start)?, upload(&st, &seq_first)?, upload(&st, &seq_nb)?, upload(&st, &tables)?);
-        for (layer, (kc, vc)) in d.layers.iter().zip(&self.draft_kv) {
-            let a = &layer.attn;
-            let s = a.spec;
-            let hn = self.rms_norm(&x, &layer.input_norm, n, h)?;
-            let (mut q, mut k, mut v) = self.project_qkv(&a.qkv, &hn, n)?;
-            q = self.rms_norm(&q, a.q_norm.as_ref().unwrap(), n * s.num_heads, s.head_dim)?;
-            k = self.rms_norm(&k, a.k_norm.as_ref().unwrap(), n * s.num_kv_heads, s.head_dim)?;
-            self.rope(&mut q, &pos_d, n, s.num_heads, &s)?;
-            self.rope(&mut k, &pos_d, n, s.num_kv_heads, &s)?;
-            if s.value_scale != 1.0 {
-                let (sc, nn) = (s.value_scale, (n * s.v_dim()) as i32);
-                let mut b = st.launch_builder(&self.ops.scale);
-                b.arg(&mut v).arg(&sc).arg(&nn);
-                unsafe { b.launch(LaunchConfig::for_num_elems((n * s.v_dim()) as u32)) }.map_err(drv)?;
-            }
-            let mut o = self.empty(n * s.o_dim())?;
-            let (mb, bsi, hh2, kvh, hd, vd) = (max_blocks as i32, bs as i32, s.num_heads as i32, s.num_kv_heads as i32, s.head_dim as i32, s.v_head_dim as i32);
-            let (window, causal, scale) = (s.window().map_or(0, |w| w as i32), layer.causal as i32, s.softmax_scale);
-            let mut b = st.launch_builder(&self.ops.draft_attention);
-            b.arg(&q).arg(&k).arg(&v).arg(kc).arg(vc).arg(&mut o).arg(&row_seq_d).arg(&row_idx_d).arg(&start_d).arg(&first_d).arg(&nb_d).arg(&tables_d)
-                .arg(&mb).arg(&bsi).arg(&hh2).arg(&kvh).arg(&hd).arg(&vd).arg(&window).arg(&causal).arg(&scale);
-            match &a.sinks {
-                Some(sk) => b.arg(sk),
-                None => b.arg(&0u64),
-            };
-            unsafe { b.launch(LaunchConfig { grid_dim: (n as u32, s.num_heads as u32, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
-            let o = self.matvec(&a.o, &o, n)?;
-            self.add_inplace(&mut x, &o, n * h)?;
-            let hn = self.rms_norm(&x, &layer.post_norm, n, h)?;
-            let m = self.ffn(&layer.mlp, &hn, n)?;
-            self.add_inplace(&mut x, &m, n * h)?;
-        }
-        // Block rows 1.. through the target's lm_head; multiplier, soft cap and argmax on the host.
-        let want: Vec<i32> = (0..n as i32).filter(|&r| row_idx[r as usize] > 0).collect();
-        let idx = upload(&st, &want)?;
-        let mut sel = self.empty(want.len() * h)?;
-        let mut b = st.launch_builder(&self.ops.gather_rows);
-        b.arg(&x).arg(&idx).arg(&mut sel).arg(&hh);
-        unsafe { b.launch(LaunchConfig { grid_dim: (want.len() as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
-        let normed = self.rms_norm(&sel, &d.norm, want.len(), h)?;
-        let logits_d = self.lm_head_logits(&normed, want.len())?;
-        let (mult, cap) = (d.spec.output_multiplier, d.spec.final_logit_softcapping);
+        let plain = d.spec.output_multiplier == 1.0 && d.spec.final_logit_softcapping.is_none();
         let mut out: Vec<Vec<u32>> = batch.iter().map(|x| Vec::with_capacity(x.num_drafts)).collect();
-        if mult == 1.0 && cap.is_none() {
-            // Plain logits: pick the drafts on the GPU (ties to the lower id, as on the host)
-            // and bring back only ids.
-            let mut ids = st.alloc_zeros::<i32>(want.len()).map_err(drv)?;
-            let v = vocab as i32;
-            let mut b = st.launch_builder(&self.ops.argmax_rows);
-            b.arg(&logits_d).arg(&v).arg(&mut ids);
-            unsafe { b.launch(LaunchConfig { grid_dim: (want.len() as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
+        // Plain logits: drafts are argmax ids picked on the GPU (ties to the lower id, as on
+        // the host), through a captured graph when the batch's shape allows.
+        if plain {
+            if let Some(ids) = self.draft_graph_run(&rows)? {
+                for (i, id) in ids.into_iter().enumerate() {
+                    out[rows.row_seq[rows.want[i] as usize] as usize].push(id as u32);
+                }
+                return Ok(out);
+            }
+        }
+        let st = self.stream.clone();
+        let meta = DraftMeta::upload(&st, &rows)?;
+        let (n, k) = (rows.toks.len(), rows.want.len());
+        let vocab = self.spec.vocab_size;
+        let mut logits = self.empty(k * vocab)?;
+        let mut ids = st.alloc_zeros::<i32>(k).map_err(drv)?;
+        self.draft_body(&meta, n, rows.mask_rows.len(), k, &mut logits, &mut ids)?;
+        if plain {
             for (i, id) in st.clone_dtoh(&ids).map_err(drv)?.into_iter().enumerate() {
-                out[row_seq[want[i] as usize] as usize].push(id as u32);
+                out[rows.row_seq[rows.want[i] as usize] as usize].push(id as u32);
             }
             return Ok(out);
         }
-        let logits = st.clone_dtoh(&logits_d).map_err(drv)?;
-        for (i, &r) in want.iter().enumerate() {
+        // Multiplier and soft cap on the host, then the argmax.
+        let d = self.drafter.as_ref().ok_or_else(|| Error::Unsupported("no drafter is attached to the CUDA backend".into()))?;
+        let (mult, cap) = (d.spec.output_multiplier, d.spec.final_logit_softcapping);
+        let logits = st.clone_dtoh(&logits).map_err(drv)?;
+        for (i, &r) in rows.want.iter().enumerate() {
             let row = &logits[i * vocab..(i + 1) * vocab];
             let mut best = (0usize, f32::NEG_INFINITY);
             for (t, &l) in row.iter().enumerate() {
@@ -263,8 +188,165 @@ impl CudaModel {
                     best = (t, v);
                 }
             }
-            out[row_seq[r as usize] as usize].push(best.0 as u32);
+            out[rows.row_seq[r as usize] as usize].push(best.0 as u32);
         }
         Ok(out)
+    }
+
+    /// The block rows of a draft pass: per sequence `[last, MASK x num_drafts]` at positions
+    /// start_pos.., with the paging and the rows whose drafts are read (block rows 1..).
+    fn draft_rows(&self, batch: &[DraftForward]) -> Result<DraftRows> {
+        let cfg = self.kv_config.ok_or_else(|| Error::Backend("draft before init_kv".into()))?;
+        let d = self.drafter.as_ref().ok_or_else(|| Error::Unsupported("no drafter is attached to the CUDA backend".into()))?;
+        let (vocab, bs) = (self.spec.vocab_size, cfg.block_size);
+        let max_blocks = batch.iter().map(|x| x.full_blocks.len()).max().unwrap_or(1).max(1);
+        let mut r = DraftRows { tables: vec![0i32; batch.len() * max_blocks], max_blocks, ..Default::default() };
+        for (si, x) in batch.iter().enumerate() {
+            if x.num_drafts == 0 || x.num_drafts >= d.spec.block_size.max(2) {
+                return Err(Error::Backend(format!("sequence {}: {} drafts asked of a drafter with block size {}", x.seq_id, x.num_drafts, d.spec.block_size)));
+            }
+            if x.last_token as usize >= vocab || x.full_blocks.len() * bs < x.start_pos {
+                return Err(Error::Backend(format!("sequence {}: bad draft request", x.seq_id)));
+            }
+            for (j, &b) in x.full_blocks.iter().enumerate() {
+                r.tables[si * max_blocks + j] = if b == NULL_BLOCK { 0 } else { b as i32 };
+            }
+            r.seq_start.push(x.start_pos as i32);
+            r.seq_first.push(r.toks.len() as i32);
+            r.seq_nb.push((x.num_drafts + 1) as i32);
+            for k in 0..=x.num_drafts {
+                if k > 0 {
+                    r.mask_rows.push(r.toks.len() as i32);
+                    r.want.push(r.toks.len() as i32);
+                }
+                r.toks.push(if k == 0 { x.last_token as i32 } else { d.spec.mask_token_id as i32 });
+                r.row_seq.push(si as i32);
+                r.row_idx.push(k as i32);
+                r.pos.push((x.start_pos + k) as i32);
+            }
+        }
+        Ok(r)
+    }
+
+    /// The draft pass on the GPU with no host round trip (so it can be captured): embedding and
+    /// MASK rows, the drafter's layers over [context, block], the final norm and the target's
+    /// lm_head on the `k` wanted rows into `logits`, their argmax into `ids`.
+    pub(crate) fn draft_body(&self, m: &DraftMeta, n: usize, n_mask: usize, k: usize, logits: &mut CudaSlice<f32>, ids: &mut CudaSlice<i32>) -> Result<()> {
+        let d = self.drafter.as_ref().ok_or_else(|| Error::Unsupported("no drafter is attached to the CUDA backend".into()))?;
+        let (h, vocab) = (self.spec.hidden_size, self.spec.vocab_size);
+        let st = &self.stream;
+        let mut x = self.embed_rows(&m.tok, n)?;
+        let hh = h as i32;
+        if let Some(me) = &d.mask_embedding {
+            if n_mask > 0 {
+                let mut b = st.launch_builder(&self.ops.fill_rows);
+                b.arg(&mut x).arg(&m.mask_rows).arg(me).arg(&hh);
+                unsafe { b.launch(LaunchConfig { grid_dim: (n_mask as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
+            }
+        }
+        if d.spec.input_embedding_scale != 1.0 {
+            let (sc, nn) = (d.spec.input_embedding_scale, (n * h) as i32);
+            let mut b = st.launch_builder(&self.ops.scale);
+            b.arg(&mut x).arg(&sc).arg(&nn);
+            unsafe { b.launch(LaunchConfig::for_num_elems((n * h) as u32)) }.map_err(drv)?;
+        }
+        let cfg = self.kv_config.ok_or_else(|| Error::Backend("draft before init_kv".into()))?;
+        for (layer, (kc, vc)) in d.layers.iter().zip(&self.draft_kv) {
+            let a = &layer.attn;
+            let s = a.spec;
+            let (Some(qn), Some(kn)) = (a.q_norm.as_ref(), a.k_norm.as_ref()) else {
+                return Err(Error::Backend("drafter layers need q and k norms".into()));
+            };
+            let hn = self.rms_norm(&x, &layer.input_norm, n, h)?;
+            let (mut q, mut k, mut v) = self.project_qkv(&a.qkv, &hn, n)?;
+            q = self.rms_norm(&q, qn, n * s.num_heads, s.head_dim)?;
+            k = self.rms_norm(&k, kn, n * s.num_kv_heads, s.head_dim)?;
+            self.rope(&mut q, &m.pos, n, s.num_heads, &s)?;
+            self.rope(&mut k, &m.pos, n, s.num_kv_heads, &s)?;
+            if s.value_scale != 1.0 {
+                let (sc, nn) = (s.value_scale, (n * s.v_dim()) as i32);
+                let mut b = st.launch_builder(&self.ops.scale);
+                b.arg(&mut v).arg(&sc).arg(&nn);
+                unsafe { b.launch(LaunchConfig::for_num_elems((n * s.v_dim()) as u32)) }.map_err(drv)?;
+            }
+            let mut o = self.empty(n * s.o_dim())?;
+            let (mb, bsi, hh2, kvh, hd, vd) = (m.max_blocks as i32, cfg.block_size as i32, s.num_heads as i32, s.num_kv_heads as i32, s.head_dim as i32, s.v_head_dim as i32);
+            let (window, causal, scale) = (s.window().map_or(0, |w| w as i32), layer.causal as i32, s.softmax_scale);
+            let mut b = st.launch_builder(&self.ops.draft_attention);
+            b.arg(&q).arg(&k).arg(&v).arg(kc).arg(vc).arg(&mut o).arg(&m.row_seq).arg(&m.row_idx).arg(&m.seq_start).arg(&m.seq_first).arg(&m.seq_nb).arg(&m.tables)
+                .arg(&mb).arg(&bsi).arg(&hh2).arg(&kvh).arg(&hd).arg(&vd).arg(&window).arg(&causal).arg(&scale);
+            match &a.sinks {
+                Some(sk) => b.arg(sk),
+                None => b.arg(&0u64),
+            };
+            unsafe { b.launch(LaunchConfig { grid_dim: (n as u32, s.num_heads as u32, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
+            let o = self.matvec(&a.o, &o, n)?;
+            self.add_inplace(&mut x, &o, n * h)?;
+            let hn = self.rms_norm(&x, &layer.post_norm, n, h)?;
+            let mm = self.ffn(&layer.mlp, &hn, n)?;
+            self.add_inplace(&mut x, &mm, n * h)?;
+        }
+        let mut sel = self.empty(k * h)?;
+        let mut b = st.launch_builder(&self.ops.gather_rows);
+        b.arg(&x).arg(&m.want).arg(&mut sel).arg(&hh);
+        unsafe { b.launch(LaunchConfig { grid_dim: (k as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
+        let normed = self.rms_norm(&sel, &d.norm, k, h)?;
+        self.lm_head_into(&normed, k, logits)?;
+        let v = vocab as i32;
+        let mut b = st.launch_builder(&self.ops.argmax_rows);
+        b.arg(&*logits).arg(&v).arg(ids);
+        unsafe { b.launch(LaunchConfig { grid_dim: (k as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
+        Ok(())
+    }
+}
+
+/// A draft pass's rows on the host.
+#[derive(Default)]
+pub(crate) struct DraftRows {
+    pub(crate) toks: Vec<i32>,
+    pub(crate) row_seq: Vec<i32>,
+    pub(crate) row_idx: Vec<i32>,
+    pub(crate) pos: Vec<i32>,
+    pub(crate) mask_rows: Vec<i32>,
+    pub(crate) want: Vec<i32>,
+    pub(crate) seq_start: Vec<i32>,
+    pub(crate) seq_first: Vec<i32>,
+    pub(crate) seq_nb: Vec<i32>,
+    pub(crate) tables: Vec<i32>,
+    pub(crate) max_blocks: usize,
+}
+
+/// A draft pass's rows on the GPU.
+pub(crate) struct DraftMeta {
+    pub(crate) tok: CudaSlice<i32>,
+    pub(crate) row_seq: CudaSlice<i32>,
+    pub(crate) row_idx: CudaSlice<i32>,
+    pub(crate) pos: CudaSlice<i32>,
+    pub(crate) mask_rows: CudaSlice<i32>,
+    pub(crate) want: CudaSlice<i32>,
+    pub(crate) seq_start: CudaSlice<i32>,
+    pub(crate) seq_first: CudaSlice<i32>,
+    pub(crate) seq_nb: CudaSlice<i32>,
+    pub(crate) tables: CudaSlice<i32>,
+    pub(crate) max_blocks: usize,
+}
+
+impl DraftMeta {
+    fn upload(st: &std::sync::Arc<cudarc::driver::CudaStream>, r: &DraftRows) -> Result<DraftMeta> {
+        // Never empty (a zero-length upload is an error).
+        let up = |v: &[i32]| upload(st, if v.is_empty() { &[0] } else { v });
+        Ok(DraftMeta {
+            tok: up(&r.toks)?,
+            row_seq: up(&r.row_seq)?,
+            row_idx: up(&r.row_idx)?,
+            pos: up(&r.pos)?,
+            mask_rows: up(&r.mask_rows)?,
+            want: up(&r.want)?,
+            seq_start: up(&r.seq_start)?,
+            seq_first: up(&r.seq_first)?,
+            seq_nb: up(&r.seq_nb)?,
+            tables: up(&r.tables)?,
+            max_blocks: r.max_blocks,
+        })
     }
 }

@@ -12,13 +12,14 @@ use cudarc::driver::{CudaGraph, CudaSlice, PinnedHostSlice};
 use peregrine_core::{Error, Result};
 
 use crate::backend::{drv, CudaModel, HostRows, RowMeta};
+use crate::draft::{DraftMeta, DraftRows};
 
 /// Row counts a graph is captured for; a batch uses the smallest that holds it.
 pub(crate) const ROW_BUCKETS: [usize; 14] = [1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32, 48, 64];
 
 /// A captured graph. CUDA graph objects may be used from any thread as long as calls are
 /// serialised; a `CudaModel` (and so its graphs) is owned and used by one thread at a time.
-struct Graph(CudaGraph);
+pub(crate) struct Graph(pub(crate) CudaGraph);
 // SAFETY: see above; the graph is only touched through `&mut CudaModel`.
 unsafe impl Send for Graph {}
 
@@ -53,13 +54,28 @@ pub(crate) struct Graphs {
     pub(crate) enabled: bool,
     capturable: bool,
     cache: HashMap<(usize, usize), StepGraph>,
+    /// Draft-pass graphs by (sequence bucket, block rows per sequence, table width).
+    drafts: HashMap<(usize, usize, usize), DraftGraph>,
+}
+
+/// Sequence counts a draft-pass graph is captured for (each holds logits for every draft row,
+/// so larger batches draft eagerly).
+const DRAFT_SEQ_BUCKETS: [usize; 5] = [1, 2, 4, 8, 16];
+
+pub(crate) struct DraftGraph {
+    meta: DraftMeta,
+    /// The draft logits the graph writes (kept alive with it).
+    #[allow(dead_code)]
+    logits: CudaSlice<f32>,
+    ids: CudaSlice<i32>,
+    graph: Graph,
 }
 
 impl Graphs {
     pub(crate) fn new(capturable: bool) -> Graphs {
         let enabled = capturable;
         let off = std::env::var("PEREGRINE_CUDA_GRAPHS").is_ok_and(|v| v == "0");
-        Graphs { enabled: enabled && !off, capturable: enabled, cache: HashMap::new() }
+        Graphs { enabled: enabled && !off, capturable: enabled, cache: HashMap::new(), drafts: HashMap::new() }
     }
 
     pub(crate) fn put_back(&mut self, g: StepGraph) {
@@ -69,10 +85,11 @@ impl Graphs {
     /// Drops every graph (the KV pools they point at are being replaced).
     pub(crate) fn clear(&mut self) {
         self.cache.clear();
+        self.drafts.clear();
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.cache.len()
+        self.cache.len() + self.drafts.len()
     }
 }
 
@@ -170,6 +187,109 @@ impl CudaModel {
         st.memcpy_htod(&pad64(&rows.swa_slots, scratch_swa as i64 * bs), &mut m.swa_slots).map_err(drv)?;
         st.memcpy_htod(&tables(&rows.full_tables, scratch_full), &mut m.full_tables).map_err(drv)?;
         st.memcpy_htod(&tables(&rows.swa_tables, scratch_swa), &mut m.swa_tables).map_err(drv)?;
+        Ok(())
+    }
+}
+
+impl CudaModel {
+    /// Runs a draft pass through its captured graph (capturing it first if needed) and returns
+    /// the draft ids of the real rows; None when the batch drafts eagerly (graphs off, sequences
+    /// asking for different numbers of drafts, or more sequences than the largest bucket).
+    pub(crate) fn draft_graph_run(&mut self, rows: &DraftRows) -> Result<Option<Vec<i32>>> {
+        let seqs = rows.seq_nb.len();
+        let Some(&nb) = rows.seq_nb.first() else { return Ok(None) };
+        if !self.graphs.enabled || rows.seq_nb.iter().any(|&x| x != nb) {
+            return Ok(None);
+        }
+        let Some(&bucket) = DRAFT_SEQ_BUCKETS.iter().find(|&&b| b >= seqs) else { return Ok(None) };
+        let (nb, width) = (nb as usize, rows.max_blocks.next_power_of_two().max(8));
+        let key = (bucket, nb, width);
+        let mut g = match self.graphs.drafts.remove(&key) {
+            Some(g) => g,
+            None => match self.capture_draft(key) {
+                Ok(g) => g,
+                Err(e) => {
+                    tracing::warn!("CUDA graph capture of the draft pass failed, running eagerly from now on: {e}");
+                    self.graphs.enabled = false;
+                    return Ok(None);
+                }
+            },
+        };
+        let res = self.write_draft_inputs(&mut g, key, rows).and_then(|_| {
+            g.graph.0.launch().map_err(drv)?;
+            self.stream.clone_dtoh(&g.ids.slice(..seqs * (nb - 1))).map_err(drv)
+        });
+        self.graphs.drafts.insert(key, g);
+        res.map(Some)
+    }
+
+    fn capture_draft(&self, key: (usize, usize, usize)) -> Result<DraftGraph> {
+        let (seqs, nb, width) = key;
+        let st = &self.stream;
+        let (n, k) = (seqs * nb, seqs * (nb - 1));
+        let z = |len: usize| st.alloc_zeros::<i32>(len.max(1)).map_err(drv);
+        let meta = DraftMeta {
+            tok: z(n)?,
+            row_seq: z(n)?,
+            row_idx: z(n)?,
+            pos: z(n)?,
+            mask_rows: z(k)?,
+            want: z(k)?,
+            seq_start: z(seqs)?,
+            seq_first: z(seqs)?,
+            seq_nb: z(seqs)?,
+            tables: z(seqs * width)?,
+            max_blocks: width,
+        };
+        let mut logits = self.zeros(k * self.spec.vocab_size)?;
+        let mut ids = z(k)?;
+        st.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(drv)?;
+        let body = self.draft_body(&meta, n, k, k, &mut logits, &mut ids);
+        let graph = st.end_capture(CUgraphInstantiate_flags(0));
+        body?;
+        let graph = graph.map_err(drv)?.ok_or_else(|| Error::Backend("CUDA graph capture produced no graph".into()))?;
+        graph.upload().map_err(drv)?;
+        tracing::debug!(seqs, nb, width, "captured a draft-pass CUDA graph");
+        Ok(DraftGraph { meta, logits, ids, graph: Graph(graph) })
+    }
+
+    /// The draft rows into the graph's static buffers; padding sequences draft from position 0
+    /// with no context, their K/V reads pointed at the scratch block.
+    fn write_draft_inputs(&self, g: &mut DraftGraph, key: (usize, usize, usize), r: &DraftRows) -> Result<()> {
+        let (seqs, nb, width) = key;
+        let cfg = self.kv_config.ok_or_else(|| Error::Backend("draft before init_kv".into()))?;
+        let mask = self.drafter.as_ref().map_or(0, |d| d.spec.mask_token_id as i32);
+        let real = r.seq_nb.len();
+        let n = seqs * nb;
+        let mut toks = r.toks.clone();
+        let (mut row_seq, mut row_idx, mut pos) = (r.row_seq.clone(), r.row_idx.clone(), r.pos.clone());
+        for si in real..seqs {
+            for k in 0..nb {
+                toks.push(if k == 0 { 0 } else { mask });
+                row_seq.push(si as i32);
+                row_idx.push(k as i32);
+                pos.push(k as i32);
+            }
+        }
+        let blocks: Vec<i32> = (0..seqs).flat_map(|si| (1..nb).map(move |k| (si * nb + k) as i32)).collect();
+        let mut tables = vec![cfg.num_full_blocks as i32; seqs * width];
+        for si in 0..real {
+            tables[si * width..si * width + r.max_blocks].copy_from_slice(&r.tables[si * r.max_blocks..(si + 1) * r.max_blocks]);
+        }
+        let pad = |v: &[i32], fill: i32| -> Vec<i32> { v.iter().copied().chain(std::iter::repeat(fill)).take(seqs).collect() };
+        let st = &self.stream;
+        let m = &mut g.meta;
+        debug_assert_eq!(toks.len(), n);
+        st.memcpy_htod(&toks, &mut m.tok).map_err(drv)?;
+        st.memcpy_htod(&row_seq, &mut m.row_seq).map_err(drv)?;
+        st.memcpy_htod(&row_idx, &mut m.row_idx).map_err(drv)?;
+        st.memcpy_htod(&pos, &mut m.pos).map_err(drv)?;
+        st.memcpy_htod(&blocks, &mut m.mask_rows).map_err(drv)?;
+        st.memcpy_htod(&blocks, &mut m.want).map_err(drv)?;
+        st.memcpy_htod(&pad(&r.seq_start, 0), &mut m.seq_start).map_err(drv)?;
+        st.memcpy_htod(&(0..seqs as i32).map(|si| si * nb as i32).collect::<Vec<_>>(), &mut m.seq_first).map_err(drv)?;
+        st.memcpy_htod(&vec![nb as i32; seqs], &mut m.seq_nb).map_err(drv)?;
+        st.memcpy_htod(&tables, &mut m.tables).map_err(drv)?;
         Ok(())
     }
 }

@@ -148,3 +148,41 @@ fn synthetic_models_prefill_equals_decode_and_argmax_on_gpu() {
         }
     }
 }
+
+/// The draft pass replayed from a captured graph equals the eager pass (synthetic target and
+/// drafter, two sequences with context, and a padded bucket of three).
+#[test]
+fn draft_graph_equals_the_eager_draft_pass() {
+    use peregrine_core::backend::DraftForward;
+    let spec = spec_of("default");
+    let Some(mut model) = synthetic(&spec) else { return };
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/dflash/random/config.json");
+    let cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(dir).unwrap()).unwrap();
+    let dspec = peregrine_model::config::parse_draft_config(&cfg).unwrap();
+    model.attach_synthetic_drafter(&dspec, 9).unwrap();
+    let bs = kv(&mut model, 64);
+    let mut r = rng();
+    let tables: Vec<Vec<u32>> = (0..3u32).map(|s| (0..8).map(|b| s * 8 + b).collect()).collect();
+    let lens = [20usize, 33, 7];
+    for (i, &len) in lens.iter().enumerate() {
+        let toks: Vec<u32> = (0..len).map(|_| r.random_range(0..spec.vocab_size as u32)).collect();
+        model.forward(&[seq(i as u64, toks, 0, &tables[i], OutputRows::Last)]).unwrap();
+    }
+    let nd = dspec.block_size - 1;
+    for seqs in [2usize, 3] {
+        let batch: Vec<DraftForward> = (0..seqs)
+            .map(|i| DraftForward { seq_id: i as u64, last_token: 5 + i as u32, start_pos: lens[i], num_drafts: nd, full_blocks: tables[i].clone() })
+            .collect();
+        model.set_cuda_graphs(false);
+        let eager = model.draft(&batch).unwrap();
+        model.set_cuda_graphs(true);
+        let before = model.cuda_graphs();
+        let graphed = model.draft(&batch).unwrap();
+        let again = model.draft(&batch).unwrap();
+        assert!(model.cuda_graphs() > before, "{seqs} sequences: the draft pass was not captured");
+        assert_eq!(graphed, eager, "{seqs} sequences: graph replay drafts differ from the eager pass");
+        assert_eq!(again, eager, "{seqs} sequences: second replay differs");
+        assert!(eager.iter().all(|d| d.len() == nd));
+    }
+    let _ = bs;
+}
