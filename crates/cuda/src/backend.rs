@@ -104,14 +104,14 @@ pub(crate) struct Ffn {
     down: Mat,
 }
 
-enum Experts {
+pub(crate) enum Experts {
     /// MXFP4 experts stacked for the grouped MoE kernels (routing stays on the GPU).
     Stacked(MoeWeights),
     /// Any other format: one GEMV chain per routed expert, routed on the host.
     PerExpert(Vec<Ffn>),
 }
 
-enum Mlp {
+pub(crate) enum Mlp {
     Dense(Ffn),
     Moe {
         spec: MoeSpec,
@@ -122,11 +122,11 @@ enum Mlp {
     },
 }
 
-struct Layer {
-    input_norm: CudaSlice<f32>,
-    post_norm: CudaSlice<f32>,
+pub(crate) struct Layer {
+    pub(crate) input_norm: CudaSlice<f32>,
+    pub(crate) post_norm: CudaSlice<f32>,
     attn: Attn,
-    mlp: Mlp,
+    pub(crate) mlp: Mlp,
     swa: bool,
 }
 
@@ -164,7 +164,7 @@ pub struct CudaModel {
     pub(crate) embed: Embed,
     pub(crate) lm_head: Option<Mat>,
     pub(crate) final_norm: CudaSlice<f32>,
-    layers: Vec<Layer>,
+    pub(crate) layers: Vec<Layer>,
     /// Per layer: K and V pools [slots, kv_heads, dim].
     kv: Vec<(CudaSlice<f32>, CudaSlice<f32>)>,
     pub(crate) kv_config: Option<KvConfig>,
@@ -447,7 +447,7 @@ impl CudaModel {
         self.matvec(&f.down, &a, t)
     }
 
-    fn attention(&self, li: usize, hn: &CudaSlice<f32>, n: usize, meta: &RowMeta) -> Result<CudaSlice<f32>> {
+    pub(crate) fn attention(&self, li: usize, hn: &CudaSlice<f32>, n: usize, meta: &RowMeta) -> Result<CudaSlice<f32>> {
         let l = &self.layers[li];
         let a = &l.attn;
         let s = a.spec;
@@ -585,7 +585,7 @@ impl CudaModel {
     }
 
     /// The routed MLP of rows `hn` [n, H] -> [n, H].
-    fn moe(&self, spec: &MoeSpec, router: &Mat, bias: Option<&(CudaSlice<f32>, Vec<f32>)>, experts: &Experts, hn: &CudaSlice<f32>, n: usize) -> Result<CudaSlice<f32>> {
+    pub(crate) fn moe(&self, spec: &MoeSpec, router: &Mat, bias: Option<&(CudaSlice<f32>, Vec<f32>)>, experts: &Experts, hn: &CudaSlice<f32>, n: usize) -> Result<CudaSlice<f32>> {
         let logits = self.matvec(router, hn, n)?;
         match experts {
             Experts::Stacked(w) => self.moe_stacked(spec, &logits, bias.map(|b| &b.0), w, hn, n),
@@ -823,48 +823,8 @@ impl CudaModel {
     /// lm_head of the rows `out_rows` (every row when None) into `logits` [rows, vocab] and their
     /// argmax into `ids`.
     pub(crate) fn step_body(&self, meta: &RowMeta, n: usize, out_rows: Option<(&CudaSlice<i32>, usize)>, logits: &mut CudaSlice<f32>, ids: &mut CudaSlice<i32>) -> Result<()> {
-        let h = self.spec.hidden_size;
-        let st = &self.stream;
-        let mut x = self.embed_rows(&meta.tok, n)?;
-        let mut features = None;
-        let nl = self.layers.len();
-        let mut hn = self.rms_norm(&x, &self.layers[0].input_norm, n, h)?;
-        for li in 0..nl {
-            let o = self.attention(li, &hn, n, meta)?;
-            let hn2 = self.add_rms_norm(&mut x, &o, &self.layers[li].post_norm, n, h)?;
-            let m = match &self.layers[li].mlp {
-                Mlp::Dense(f) => self.ffn(f, &hn2, n)?,
-                Mlp::Moe { spec, router, bias, experts } => self.moe(spec, router, bias.as_ref(), experts, &hn2, n)?,
-            };
-            if li + 1 < nl {
-                hn = self.add_rms_norm(&mut x, &m, &self.layers[li + 1].input_norm, n, h)?;
-            } else {
-                self.add_inplace(&mut x, &m, n * h)?;
-            }
-            self.capture(li, &x, n, &mut features)?;
-        }
-        if let Some(f) = &features {
-            self.write_draft_context(f, n, &meta.pos, &meta.full_slots)?;
-        }
-        let (sel, rows) = match out_rows {
-            Some((_, 0)) => return Ok(()),
-            None => (x, n),
-            Some((idx, rows)) => {
-                let mut sel = self.empty(rows * h)?;
-                let hh = h as i32;
-                let mut b = st.launch_builder(&self.ops.gather_rows);
-                b.arg(&x).arg(idx).arg(&mut sel).arg(&hh);
-                unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
-                (sel, rows)
-            }
-        };
-        let normed = self.rms_norm(&sel, &self.final_norm, rows, h)?;
-        self.lm_head_into(&normed, rows, logits)?;
-        let v = self.spec.vocab_size as i32;
-        let mut b = st.launch_builder(&self.ops.argmax_rows);
-        b.arg(&*logits).arg(&v).arg(ids);
-        unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
-        Ok(())
+        let plan = self.step_plan(n, out_rows.map(|o| o.1));
+        self.execute(&plan, meta, out_rows.map(|o| o.0), logits, ids)
     }
 
     /// Runs `batch` (through a captured graph when it qualifies) and brings back, for the

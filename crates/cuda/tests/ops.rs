@@ -186,3 +186,43 @@ fn draft_graph_equals_the_eager_draft_pass() {
     }
     let _ = bs;
 }
+
+/// The step as data: one Attention and one Mlp per layer in order, the drafter's captures at its
+/// target layers, the gather only when some rows are asked for, and logits then argmax last.
+#[test]
+fn the_step_is_a_plan_of_operations() {
+    use peregrine_cuda::step::Op;
+    let spec = spec_of("default");
+    let Some(mut model) = synthetic(&spec) else { return };
+    let nl = spec.layers.len();
+    let plan = model.step_plan(4, None);
+    eprintln!("{} operations: {:?}", plan.len(), plan);
+    assert_eq!(plan.first(), Some(&Op::Embed { rows: 4 }));
+    assert_eq!(plan.last(), Some(&Op::Argmax { rows: 4 }));
+    let layers_of = |p: &[Op], attn: bool| -> Vec<usize> {
+        p.iter()
+            .filter_map(|o| match *o {
+                Op::Attention { layer, .. } if attn => Some(layer),
+                Op::Mlp { layer, .. } if !attn => Some(layer),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(layers_of(&plan, true), (0..nl).collect::<Vec<_>>());
+    assert_eq!(layers_of(&plan, false), (0..nl).collect::<Vec<_>>());
+    assert!(!plan.iter().any(|o| matches!(o, Op::CaptureFeatures { .. } | Op::DraftContext { .. } | Op::GatherRows { .. })));
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/dflash/random/config.json");
+    let dspec = peregrine_model::config::parse_draft_config(&serde_json::from_slice(&std::fs::read(dir).unwrap()).unwrap()).unwrap();
+    model.attach_synthetic_drafter(&dspec, 1).unwrap();
+    let plan = model.step_plan(6, Some(2));
+    let captured: Vec<usize> = plan.iter().filter_map(|o| if let Op::CaptureFeatures { layer, .. } = *o { Some(layer) } else { None }).collect();
+    let mut want = dspec.target_layer_ids.clone();
+    want.sort();
+    want.dedup();
+    assert_eq!(captured, want);
+    let pos = |f: &dyn Fn(&Op) -> bool| plan.iter().position(f).unwrap();
+    assert!(pos(&|o| matches!(o, Op::DraftContext { rows: 6 })) < pos(&|o| matches!(o, Op::GatherRows { rows: 2 })));
+    assert_eq!(plan.last(), Some(&Op::Argmax { rows: 2 }));
+    let none = model.step_plan(6, Some(0));
+    assert!(!none.iter().any(|o| matches!(o, Op::LmHead { .. } | Op::Argmax { .. })));
+}

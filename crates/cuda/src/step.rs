@@ -1,0 +1,191 @@
+//! The forward step described as data: an ordered list of operations over named activations,
+//! built for a step's shape (`CudaModel::step_plan`) and executed by `CudaModel::execute`. The
+//! eager path and the CUDA-graph capture both run a plan; a persistent engine would interpret the
+//! same list. Weights are named by layer, not by pointer, so a plan holds for any device that
+//! holds (a shard of) the model.
+
+use std::fmt;
+
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use peregrine_core::{Error, Result};
+
+use crate::backend::{drv, CudaModel, Mlp, RowMeta};
+
+/// The activations a step passes between operations (each [rows, width]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Act {
+    /// The residual stream [rows, hidden].
+    Hidden,
+    /// The input of the next attention (normed residual).
+    AttnIn,
+    /// The input of the next MLP (normed residual).
+    MlpIn,
+    /// o_proj's output.
+    AttnOut,
+    /// The MLP's output.
+    MlpOut,
+    /// The rows whose logits are asked for.
+    Selected,
+    /// Selected after the final norm.
+    Final,
+}
+
+const ACTS: usize = 7;
+
+/// Which RMSNorm weight an operation applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NormWeight {
+    Input(usize),
+    PostAttention(usize),
+    Final,
+}
+
+/// One operation of a step. `rows` is the number of rows it processes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// Hidden = the embeddings of the step's tokens.
+    Embed { rows: usize },
+    /// dst = RMSNorm(src) * weight.
+    Norm { src: Act, dst: Act, weight: NormWeight, rows: usize },
+    /// Hidden += add, then dst = RMSNorm(Hidden) * weight (one kernel).
+    AddNorm { add: Act, dst: Act, weight: NormWeight, rows: usize },
+    /// Hidden += add.
+    Add { add: Act, rows: usize },
+    /// AttnOut = o_proj(attention) of layer `layer` over src: q/k/v projections, bias, q/k norms,
+    /// RoPE fused with the paged K/V write, paged attention with its window and sinks.
+    Attention { layer: usize, src: Act, rows: usize },
+    /// MlpOut = the layer's dense MLP, or its MoE (router, grouping, experts, combine).
+    Mlp { layer: usize, src: Act, rows: usize },
+    /// The drafter reads this layer: its output (after the final norm for the last layer) joins
+    /// the context features.
+    CaptureFeatures { layer: usize, rows: usize },
+    /// The drafter's context K/V of every row, from the features.
+    DraftContext { rows: usize },
+    /// Selected = Hidden at the asked-for rows.
+    GatherRows { rows: usize },
+    /// logits = lm_head(src) (or the tied embedding).
+    LmHead { src: Act, rows: usize },
+    /// ids = argmax of each logits row.
+    Argmax { rows: usize },
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{self:?}")
+    }
+}
+
+impl CudaModel {
+    /// The operations of a forward over `rows` rows; `out_rows` Some(k): logits for k gathered
+    /// rows (None: for every row; Some(0): none).
+    pub fn step_plan(&self, rows: usize, out_rows: Option<usize>) -> Vec<Op> {
+        let nl = self.layers.len();
+        let mut ops = vec![Op::Embed { rows }, Op::Norm { src: Act::Hidden, dst: Act::AttnIn, weight: NormWeight::Input(0), rows }];
+        let drafted = |li: usize| self.drafter.as_ref().is_some_and(|d| d.spec.target_layer_ids.contains(&li));
+        for li in 0..nl {
+            ops.push(Op::Attention { layer: li, src: Act::AttnIn, rows });
+            ops.push(Op::AddNorm { add: Act::AttnOut, dst: Act::MlpIn, weight: NormWeight::PostAttention(li), rows });
+            ops.push(Op::Mlp { layer: li, src: Act::MlpIn, rows });
+            if li + 1 < nl {
+                ops.push(Op::AddNorm { add: Act::MlpOut, dst: Act::AttnIn, weight: NormWeight::Input(li + 1), rows });
+            } else {
+                ops.push(Op::Add { add: Act::MlpOut, rows });
+            }
+            if drafted(li) {
+                ops.push(Op::CaptureFeatures { layer: li, rows });
+            }
+        }
+        if self.drafter.is_some() {
+            ops.push(Op::DraftContext { rows });
+        }
+        let (src, k) = match out_rows {
+            Some(0) => return ops,
+            None => (Act::Hidden, rows),
+            Some(k) => {
+                ops.push(Op::GatherRows { rows: k });
+                (Act::Selected, k)
+            }
+        };
+        ops.push(Op::Norm { src, dst: Act::Final, weight: NormWeight::Final, rows: k });
+        ops.push(Op::LmHead { src: Act::Final, rows: k });
+        ops.push(Op::Argmax { rows: k });
+        ops
+    }
+
+    /// Runs a plan on the GPU with no host round trip (so it can be captured): `meta` holds the
+    /// rows' tokens, positions and paging, `out_idx` the asked-for rows (for GatherRows), and
+    /// `logits`/`ids` receive LmHead's and Argmax's results.
+    pub(crate) fn execute(&self, ops: &[Op], meta: &RowMeta, out_idx: Option<&CudaSlice<i32>>, logits: &mut CudaSlice<f32>, ids: &mut CudaSlice<i32>) -> Result<()> {
+        let h = self.spec.hidden_size;
+        let mut acts: [Option<CudaSlice<f32>>; ACTS] = Default::default();
+        let mut features = None;
+        let norm_weight = |w: NormWeight| match w {
+            NormWeight::Input(l) => &self.layers[l].input_norm,
+            NormWeight::PostAttention(l) => &self.layers[l].post_norm,
+            NormWeight::Final => &self.final_norm,
+        };
+        for &op in ops {
+            match op {
+                Op::Embed { rows } => acts[Act::Hidden as usize] = Some(self.embed_rows(&meta.tok, rows)?),
+                Op::Norm { src, dst, weight, rows } => {
+                    let y = self.rms_norm(acts[src as usize].as_ref().ok_or_else(|| Error::Backend(format!("step plan reads {src:?} before writing it")))?, norm_weight(weight), rows, h)?;
+                    acts[dst as usize] = Some(y);
+                }
+                Op::AddNorm { add, dst, weight, rows } => {
+                    let mut x = acts[Act::Hidden as usize].take().ok_or_else(|| Error::Backend("step plan adds to the residual before the embedding".into()))?;
+                    let y = self.add_rms_norm(&mut x, acts[add as usize].as_ref().ok_or_else(|| Error::Backend(format!("step plan reads {add:?} before writing it")))?, norm_weight(weight), rows, h);
+                    acts[Act::Hidden as usize] = Some(x);
+                    acts[dst as usize] = Some(y?);
+                }
+                Op::Add { add, rows } => {
+                    let mut x = acts[Act::Hidden as usize].take().ok_or_else(|| Error::Backend("step plan adds to the residual before the embedding".into()))?;
+                    let r = self.add_inplace(&mut x, acts[add as usize].as_ref().ok_or_else(|| Error::Backend(format!("step plan reads {add:?} before writing it")))?, rows * h);
+                    acts[Act::Hidden as usize] = Some(x);
+                    r?;
+                }
+                Op::Attention { layer, src, rows } => {
+                    let o = self.attention(layer, acts[src as usize].as_ref().ok_or_else(|| Error::Backend(format!("step plan reads {src:?} before writing it")))?, rows, meta)?;
+                    acts[Act::AttnOut as usize] = Some(o);
+                }
+                Op::Mlp { layer, src, rows } => {
+                    let x = acts[src as usize].as_ref().ok_or_else(|| Error::Backend(format!("step plan reads {src:?} before writing it")))?;
+                    let m = match &self.layers[layer].mlp {
+                        Mlp::Dense(f) => self.ffn(f, x, rows)?,
+                        Mlp::Moe { spec, router, bias, experts } => self.moe(spec, router, bias.as_ref(), experts, x, rows)?,
+                    };
+                    acts[Act::MlpOut as usize] = Some(m);
+                }
+                Op::CaptureFeatures { layer, rows } => {
+                    let x = acts[Act::Hidden as usize].as_ref().ok_or_else(|| Error::Backend("step plan captures before the embedding".into()))?;
+                    self.capture(layer, x, rows, &mut features)?;
+                }
+                Op::DraftContext { rows } => {
+                    if let Some(f) = &features {
+                        self.write_draft_context(f, rows, &meta.pos, &meta.full_slots)?;
+                    }
+                }
+                Op::GatherRows { rows } => {
+                    let idx = out_idx.ok_or_else(|| Error::Backend("step plan gathers rows without their indices".into()))?;
+                    let x = acts[Act::Hidden as usize].as_ref().ok_or_else(|| Error::Backend("step plan gathers before the embedding".into()))?;
+                    let mut sel = self.empty(rows * h)?;
+                    let hh = h as i32;
+                    let mut b = self.stream.launch_builder(&self.ops.gather_rows);
+                    b.arg(x).arg(idx).arg(&mut sel).arg(&hh);
+                    unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
+                    acts[Act::Selected as usize] = Some(sel);
+                }
+                Op::LmHead { src, rows } => {
+                    let x = acts[src as usize].as_ref().ok_or_else(|| Error::Backend(format!("step plan reads {src:?} before writing it")))?;
+                    self.lm_head_into(x, rows, logits)?;
+                }
+                Op::Argmax { rows } => {
+                    let v = self.spec.vocab_size as i32;
+                    let mut b = self.stream.launch_builder(&self.ops.argmax_rows);
+                    b.arg(&*logits).arg(&v).arg(&mut *ids);
+                    unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
