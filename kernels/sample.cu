@@ -54,6 +54,16 @@ __device__ __forceinline__ unsigned fkey(float f) {
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
+// exp((x - max) / T) in u64 fixed point (x 2^32): the largest logit weighs exactly 2^32.
+__device__ __forceinline__ unsigned long long weight_of(float x, float m, float inv_t) {
+    return (unsigned long long)llrint((double)expf((x - m) * inv_t) * 4294967296.0);
+}
+
+// Whether a threshold (key K, ties kept up to id cut) keeps token i of key `key`.
+__device__ __forceinline__ bool above(unsigned key, int i, unsigned K, int cut) {
+    return key > K || (key == K && i <= cut);
+}
+
 __device__ __forceinline__ unsigned long long block_sum_u64(unsigned long long v, unsigned long long* sh) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     if ((threadIdx.x & 31) == 0) sh[threadIdx.x >> 5] = v;
@@ -106,9 +116,8 @@ __device__ unsigned radix_select(const float* __restrict__ l, int V, unsigned lo
             if ((key & mask) != prefix) continue;
             if (MASS) {
                 // Only tokens top-k kept count towards top-p.
-                if (key < kkey || (key == kkey && i > kcut)) continue;
-                unsigned long long w = (unsigned long long)llrint((double)expf((x - m) * inv_t) * 4294967296.0);
-                atomicAdd(&hist[(key >> shift) & 255], w);
+                if (!above(key, i, kkey, kcut)) continue;
+                atomicAdd(&hist[(key >> shift) & 255], weight_of(x, m, inv_t));
             } else {
                 atomicAdd(&hist[(key >> shift) & 255], 1ull);
             }
@@ -143,7 +152,7 @@ __device__ int tie_cut(const float* __restrict__ l, int V, unsigned K, unsigned 
     for (int i = c0; i < c1; i++) {
         float x = l[i];
         if (isfinite(x) && fkey(x) == K && !(K == kkey && i > kcut))
-            mine += MASS ? (unsigned long long)llrint((double)expf((x - m) * inv_t) * 4294967296.0) : 1ull;
+            mine += MASS ? weight_of(x, m, inv_t) : 1ull;
     }
     unsigned long long total;
     unsigned long long base = block_exclusive_u64(mine, sh, &total);
@@ -155,7 +164,7 @@ __device__ int tie_cut(const float* __restrict__ l, int V, unsigned K, unsigned 
         for (int i = c0; i < c1; i++) {
             float x = l[i];
             if (isfinite(x) && fkey(x) == K && !(K == kkey && i > kcut)) {
-                acc += MASS ? (unsigned long long)llrint((double)expf((x - m) * inv_t) * 4294967296.0) : 1ull;
+                acc += MASS ? weight_of(x, m, inv_t) : 1ull;
                 if (acc >= left) { cut = i; break; }
             }
         }
@@ -216,8 +225,7 @@ extern "C" __global__ void __launch_bounds__(ST) sample_rows(const float* __rest
         float x = l[i];
         if (!isfinite(x)) continue;
         unsigned key = fkey(x);
-        if (key < kkey || (key == kkey && i > kcut)) continue;
-        z += (unsigned long long)llrint((double)expf((x - m) * inv_t) * 4294967296.0);
+        if (above(key, i, kkey, kcut)) z += weight_of(x, m, inv_t);
     }
     z = block_sum_u64(z, shu);
     // top-p: the smallest descending prefix whose mass reaches top_p * z.
@@ -234,15 +242,17 @@ extern "C" __global__ void __launch_bounds__(ST) sample_rows(const float* __rest
     unsigned long long wmin = p.min_p > 0.f ? (unsigned long long)ceil((double)p.min_p * 4294967296.0) : 0ull;
     // The draw: inverse CDF over the kept tokens in id order.
     int chunk = (V + ST - 1) / ST, c0 = threadIdx.x * chunk, c1 = min(V, c0 + chunk);
-    unsigned long long mine = 0;
-    for (int i = c0; i < c1; i++) {
+    // The weight token i is drawn with: kept by top-k, top-p and min-p, else 0.
+    auto drawn = [&](int i) -> unsigned long long {
         float x = l[i];
-        if (!isfinite(x)) continue;
+        if (!isfinite(x)) return 0ull;
         unsigned key = fkey(x);
-        if (key < kkey || (key == kkey && i > kcut) || key < pkey || (key == pkey && i > pcut)) continue;
-        unsigned long long w = (unsigned long long)llrint((double)expf((x - m) * inv_t) * 4294967296.0);
-        if (w >= wmin) mine += w;
-    }
+        if (!above(key, i, kkey, kcut) || !above(key, i, pkey, pcut)) return 0ull;
+        unsigned long long w = weight_of(x, m, inv_t);
+        return w >= wmin ? w : 0ull;
+    };
+    unsigned long long mine = 0;
+    for (int i = c0; i < c1; i++) mine += drawn(i);
     unsigned long long total;
     unsigned long long base = block_exclusive_u64(mine, shu, &total);
     unsigned long long target = (unsigned long long)(p.u * (double)total);
@@ -253,12 +263,8 @@ extern "C" __global__ void __launch_bounds__(ST) sample_rows(const float* __rest
     if (base <= target && target < base + mine) {
         unsigned long long acc = base;
         for (int i = c0; i < c1; i++) {
-            float x = l[i];
-            if (!isfinite(x)) continue;
-            unsigned key = fkey(x);
-            if (key < kkey || (key == kkey && i > kcut) || key < pkey || (key == pkey && i > pcut)) continue;
-            unsigned long long w = (unsigned long long)llrint((double)expf((x - m) * inv_t) * 4294967296.0);
-            if (w < wmin) continue;
+            unsigned long long w = drawn(i);
+            if (w == 0) continue;
             acc += w;
             if (acc > target) { pick = i; break; }
         }
