@@ -104,6 +104,19 @@ impl CudaModel {
         self.graphs.len()
     }
 
+    /// Captures what `body` launches on the stream as an instantiated, uploaded graph. The
+    /// capture is ended even when `body` fails, so the stream is usable again.
+    fn record(&self, body: impl FnOnce() -> Result<()>) -> Result<Graph> {
+        let st = &self.stream;
+        st.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(drv)?;
+        let body = body();
+        let graph = st.end_capture(CUgraphInstantiate_flags(0));
+        body?;
+        let graph = graph.map_err(drv)?.ok_or_else(|| Error::Backend("CUDA graph capture produced no graph".into()))?;
+        graph.upload().map_err(drv)?;
+        Ok(Graph(graph))
+    }
+
     /// Launches the graph for `rows` (capturing it first if needed) with the rows' inputs, or
     /// None when the batch runs eagerly. The caller reads `logits`/`ids` and puts it back.
     pub(crate) fn graph_for(&mut self, rows: &HostRows) -> Result<Option<StepGraph>> {
@@ -149,14 +162,9 @@ impl CudaModel {
         };
         let mut logits = self.zeros(rows * self.spec.vocab_size)?;
         let mut ids = z32(rows)?;
-        st.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(drv)?;
-        let body = self.step_body(&meta, rows, None, &mut logits, &mut ids);
-        let graph = st.end_capture(CUgraphInstantiate_flags(0));
-        body?;
-        let graph = graph.map_err(drv)?.ok_or_else(|| Error::Backend("CUDA graph capture produced no graph".into()))?;
-        graph.upload().map_err(drv)?;
+        let graph = self.record(|| self.step_body(&meta, rows, None, &mut logits, &mut ids))?;
         tracing::debug!(rows, width, graphs = self.graphs.len() + 1, "captured a decode-step CUDA graph");
-        Ok(StepGraph { key, meta, logits, ids, host: None, graph: Graph(graph) })
+        Ok(StepGraph { key, meta, logits, ids, host: None, graph })
     }
 
     /// The rows' inputs into the graph's static buffers; padding rows read and write only the
@@ -243,14 +251,9 @@ impl CudaModel {
         };
         let mut logits = self.zeros(k * self.spec.vocab_size)?;
         let mut ids = z(k)?;
-        st.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(drv)?;
-        let body = self.draft_body(&meta, n, k, k, &mut logits, &mut ids);
-        let graph = st.end_capture(CUgraphInstantiate_flags(0));
-        body?;
-        let graph = graph.map_err(drv)?.ok_or_else(|| Error::Backend("CUDA graph capture produced no graph".into()))?;
-        graph.upload().map_err(drv)?;
+        let graph = self.record(|| self.draft_body(&meta, n, k, k, &mut logits, &mut ids))?;
         tracing::debug!(seqs, nb, width, "captured a draft-pass CUDA graph");
-        Ok(DraftGraph { meta, logits, ids, graph: Graph(graph) })
+        Ok(DraftGraph { meta, logits, ids, graph })
     }
 
     /// The draft rows into the graph's static buffers; padding sequences draft from position 0
