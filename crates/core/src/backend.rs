@@ -161,6 +161,19 @@ pub trait Backend: Send {
         Ok(None)
     }
 
+    /// A whole speculative step on the backend, with one round trip: for every sequence of
+    /// `batch` (a verify block `[last token, placeholder x num_drafts]` at `start_pos..`, output
+    /// `All`), draft with the attached drafter, put the drafts in place of the placeholders, run
+    /// the target over the block, sample every row as `sampling` says, and accept the longest
+    /// prefix of drafts equal to the samples ([`accepted_prefix`]). `Sampled` rows follow
+    /// `forward_sampled`; their adjustments must not depend on the drafts (no penalties), since
+    /// the caller does not know the drafts when it builds them. `Ok(None)`: no such path for
+    /// this batch; the engine then drafts and verifies in two calls.
+    fn forward_speculative(&mut self, batch: &[SeqForward], sampling: SpecSampling) -> Result<Option<Vec<SpecRows>>> {
+        let _ = (batch, sampling);
+        Ok(None)
+    }
+
     /// A short name for logs and metrics ("cpu", "cuda").
     fn name(&self) -> &str;
 
@@ -175,6 +188,72 @@ pub trait Backend: Send {
         let _ = batch;
         Err(Error::Unsupported(format!("the {} backend has no drafter attached", self.name())))
     }
+}
+
+/// How `forward_speculative` samples the verify rows.
+#[derive(Debug, Clone, Copy)]
+pub enum SpecSampling<'a> {
+    /// The argmax of every row (ties to the lowest id).
+    Greedy,
+    /// As `forward_sampled`: one `RowSampling` per row, in batch order, naming slices of `adjust`.
+    Sampled { rows: &'a [RowSampling], adjust: &'a [LogitAdjust] },
+}
+
+/// One sequence's result of `forward_speculative`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpecRows {
+    /// The drafts that were verified (`num_drafts`).
+    pub drafts: Vec<u32>,
+    /// The target's sample at every row of the block (`num_drafts + 1`).
+    pub ids: Vec<u32>,
+    /// How many leading drafts equal the samples: the sequence commits `ids[..=accepted]`.
+    pub accepted: usize,
+}
+
+/// The acceptance rule with sampled verification: the number of leading drafts equal to the
+/// target's samples at their positions. Sampling each row exactly as plain decoding would and
+/// accepting draft x when the sample is x accepts it with probability p(x); the first mismatch is
+/// a sample from p without x, renormalised (rejection sampling for one-hot proposals).
+pub fn accepted_prefix(drafts: &[u32], samples: &[u32]) -> usize {
+    drafts.iter().zip(samples).take_while(|(d, s)| d == s).count()
+}
+
+/// `forward_speculative` composed of the two calls a backend without a fused path makes:
+/// `draft`, then `forward_greedy` / `forward_sampled` on the blocks with their drafts in place,
+/// then the acceptance on the host. `Ok(None)` when `backend` has no ids path.
+pub fn speculate_in_two_calls(backend: &mut dyn Backend, batch: &[SeqForward], sampling: SpecSampling) -> Result<Option<Vec<SpecRows>>> {
+    let reqs: Vec<DraftForward> = batch
+        .iter()
+        .map(|s| DraftForward {
+            seq_id: s.seq_id,
+            last_token: s.tokens.first().copied().unwrap_or(0),
+            start_pos: s.start_pos,
+            num_drafts: s.tokens.len().saturating_sub(1),
+            full_blocks: s.full_blocks.clone(),
+        })
+        .collect();
+    let drafts = backend.draft(&reqs)?;
+    if drafts.len() != batch.len() {
+        return Err(Error::Backend(format!("the drafter returned {} draft lists for {} sequences", drafts.len(), batch.len())));
+    }
+    let mut filled = batch.to_vec();
+    for (s, d) in filled.iter_mut().zip(&drafts) {
+        if d.len() + 1 != s.tokens.len() {
+            return Err(Error::Backend(format!("sequence {}: {} drafts for {} placeholders", s.seq_id, d.len(), s.tokens.len() - 1)));
+        }
+        s.tokens[1..].copy_from_slice(d);
+    }
+    let ids = match sampling {
+        SpecSampling::Greedy => backend.forward_greedy(&filled)?,
+        SpecSampling::Sampled { rows, adjust } => backend.forward_sampled(&filled, rows, adjust)?,
+    };
+    Ok(ids.map(|ids| {
+        drafts
+            .into_iter()
+            .zip(ids)
+            .map(|(drafts, ids)| SpecRows { accepted: accepted_prefix(&drafts, &ids), drafts, ids })
+            .collect()
+    }))
 }
 
 /// How to sample one row on the backend: temperature (<= 0: greedy), top-k (0: off), top-p,

@@ -6,7 +6,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use peregrine_core::backend::{Backend, DraftForward, KvConfig, LogitAdjust, OutputRows, RowSampling, SeqForward};
+use peregrine_core::backend::{accepted_prefix, Backend, DraftForward, KvConfig, LogitAdjust, OutputRows, RowSampling, SeqForward, SpecRows, SpecSampling};
 use peregrine_core::{Error, ModelSpec, SamplingParams};
 use peregrine_model::tokenizer::IncrementalDecoder;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
@@ -452,7 +452,12 @@ impl Core {
         if plan.is_empty() {
             return;
         }
-        let drafts = self.draft(&plan);
+        // Speculation in one backend call (draft, verify, accept) when it applies, else two.
+        let fused = self.speculate_fused(&plan);
+        let drafts = match &fused {
+            Some(f) => f.iter().map(|r| r.drafts.clone()).collect(),
+            None => self.draft(&plan),
+        };
         let mut batch = Vec::with_capacity(plan.len());
         for (&(id, chunk, _), d) in plan.iter().zip(&drafts) {
             let s = self.running.iter().find(|s| s.id == id).unwrap();
@@ -482,7 +487,9 @@ impl Core {
         let seqs: Vec<&Seq> = plan.iter().filter_map(|&(id, _, _)| self.running.iter().find(|s| s.id == id)).collect();
         let greedy = seqs.len() == plan.len() && seqs.iter().all(|s| s.req.sampling.is_greedy() && no_adjustments(&s.req.sampling) && sampled_ids_suffice(s));
         let sampled = seqs.len() == plan.len() && seqs.iter().all(|s| sampled_ids_suffice(s));
-        let ids = if greedy {
+        let ids = if let Some(f) = fused {
+            Ok(Some(f.into_iter().map(|r| r.ids).collect()))
+        } else if greedy {
             self.backend.forward_greedy(&batch)
         } else if sampled {
             let (rows, adjust) = row_sampling(&seqs, &batch, self.backend.spec().vocab_size);
@@ -637,6 +644,70 @@ impl Core {
         self.metrics.step_time.observe(t0.elapsed().as_secs_f64());
     }
 
+    /// The whole speculative step in one backend call (draft, verify, accept on the backend),
+    /// when every planned sequence verifies drafts and reads nothing but the sampled ids, with no
+    /// penalties (their adjustments would depend on the drafts). None: the step drafts and
+    /// verifies in two calls (also after a failed or malformed fused call, which is logged and
+    /// counted; nothing was committed, so the retry overwrites what it wrote).
+    fn speculate_fused(&mut self, plan: &[(u64, usize, usize)]) -> Option<Vec<SpecRows>> {
+        let mask = self.backend.draft_spec()?.mask_token_id;
+        if plan.is_empty() || plan.iter().any(|&(_, chunk, k)| chunk != 1 || k == 0) {
+            return None;
+        }
+        let seqs: Vec<&Seq> = plan.iter().map(|&(id, _, _)| self.running.iter().find(|s| s.id == id)).collect::<Option<_>>()?;
+        if !seqs.iter().all(|s| sampled_ids_suffice(s)) {
+            return None;
+        }
+        let greedy = seqs.iter().all(|s| s.req.sampling.is_greedy() && no_adjustments(&s.req.sampling));
+        if !greedy && !seqs.iter().all(|s| no_penalties(&s.req.sampling)) {
+            return None;
+        }
+        let batch: Vec<SeqForward> = plan
+            .iter()
+            .zip(&seqs)
+            .map(|(&(id, _, k), s)| SeqForward {
+                seq_id: id,
+                tokens: std::iter::once(s.token_at(s.computed)).chain(std::iter::repeat_n(mask, k)).collect(),
+                start_pos: s.computed,
+                full_blocks: s.blocks.full.clone(),
+                swa_blocks: s.blocks.swa.clone(),
+                output: OutputRows::All,
+            })
+            .collect();
+        let vocab = self.backend.spec().vocab_size;
+        let (rows, adjust) = if greedy { (Vec::new(), Vec::new()) } else { row_sampling(&seqs, &batch, vocab) };
+        let sampling = if greedy { SpecSampling::Greedy } else { SpecSampling::Sampled { rows: &rows, adjust: &adjust } };
+        let res = match self.backend.forward_speculative(&batch, sampling) {
+            Ok(None) => return None,
+            Ok(Some(r)) => r,
+            Err(e) => {
+                tracing::error!("fused speculative step failed, drafting and verifying in two calls: {e}");
+                self.metrics.spec_draft_failures.inc();
+                return None;
+            }
+        };
+        let well_formed = res.len() == plan.len()
+            && res.iter().zip(plan).all(|(r, &(_, _, k))| {
+                r.drafts.len() == k
+                    && r.ids.len() == k + 1
+                    && r.drafts.iter().chain(&r.ids).all(|&t| (t as usize) < vocab)
+                    && r.accepted == accepted_prefix(&r.drafts, &r.ids)
+            });
+        if !well_formed {
+            tracing::error!("the backend's fused speculative step returned malformed rows; drafting and verifying in two calls");
+            self.metrics.spec_draft_failures.inc();
+            return None;
+        }
+        for &(id, _, k) in plan {
+            self.metrics.spec_drafts.inc();
+            self.metrics.spec_draft_tokens.inc_by(k as u64);
+            if let Some(s) = self.running.iter_mut().find(|s| s.id == id) {
+                s.spec_drafted += k;
+            }
+        }
+        Some(res)
+    }
+
     /// Runs the drafter for the planned verify steps; returns each plan entry's drafts (empty
     /// for prefill chunks and plain decodes). A failed or malformed draft pass is logged and
     /// counted, and the step decodes without drafts: drafts never affect correctness.
@@ -741,7 +812,12 @@ fn sampled_ids_suffice(s: &Seq) -> bool {
 /// Whether sampling reads the raw logits (no bias, no penalties): then a greedy row's sample is
 /// the argmax of the logits.
 fn no_adjustments(p: &SamplingParams) -> bool {
-    p.logit_bias.is_empty() && (p.repetition_penalty == 1.0 || p.repetition_penalty <= 0.0) && p.presence_penalty == 0.0 && p.frequency_penalty == 0.0
+    p.logit_bias.is_empty() && no_penalties(p)
+}
+
+/// Whether sampling has no history-dependent adjustment (repetition, presence, frequency).
+fn no_penalties(p: &SamplingParams) -> bool {
+    (p.repetition_penalty == 1.0 || p.repetition_penalty <= 0.0) && p.presence_penalty == 0.0 && p.frequency_penalty == 0.0
 }
 
 /// The logit adjustments of one row, exactly as `sampler::apply_penalties` would apply them with

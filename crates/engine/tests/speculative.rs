@@ -348,6 +348,8 @@ struct Wrap {
     inner: CpuModel,
     ids: bool,
     answered: Arc<std::sync::atomic::AtomicUsize>,
+    /// Answer `forward_speculative` (composed of the two calls) and count the steps it answered.
+    fused: Option<Arc<std::sync::atomic::AtomicUsize>>,
 }
 
 impl peregrine_core::backend::Backend for Wrap {
@@ -406,6 +408,18 @@ impl peregrine_core::backend::Backend for Wrap {
         Ok(Some(out))
     }
 
+    fn forward_speculative(&mut self, b: &[peregrine_core::backend::SeqForward], sampling: peregrine_core::backend::SpecSampling) -> peregrine_core::Result<Option<Vec<peregrine_core::backend::SpecRows>>> {
+        let Some(count) = self.fused.clone() else { return Ok(None) };
+        for s in b {
+            assert_eq!(s.output, peregrine_core::backend::OutputRows::All, "a fused step's blocks want every row");
+            let mask = self.inner.draft_spec().unwrap().mask_token_id;
+            assert!(s.tokens.len() >= 2 && s.tokens[1..].iter().all(|&t| t == mask), "placeholders are the mask token");
+        }
+        let r = peregrine_core::backend::speculate_in_two_calls(self, b, sampling)?;
+        count.fetch_add(r.is_some() as usize, std::sync::atomic::Ordering::SeqCst);
+        Ok(r)
+    }
+
     fn name(&self) -> &str {
         "wrapped-cpu"
     }
@@ -433,7 +447,7 @@ fn greedy_ids_path_equals_the_logits_path() {
                 m.attach_drafter(&open_drafter(&p.drafter).unwrap()).unwrap();
             }
             let cfg = EngineConfig { speculative_block_size: block, ..config() };
-            start_engine(Box::new(Wrap { inner: m, ids, answered: answered.clone() }), Arc::new(files.tokenizer.unwrap()), cfg).unwrap()
+            start_engine(Box::new(Wrap { inner: m, ids, answered: answered.clone(), fused: None }), Arc::new(files.tokenizer.unwrap()), cfg).unwrap()
         };
         let mut mixed = greedy_requests(&t, 24);
         mixed[3].sampling.logprobs = Some(3);
@@ -476,6 +490,51 @@ fn greedy_ids_path_equals_the_logits_path() {
             let got = run(&start(true, block), sampled.clone());
             assert_same(&format!("{} sampled on the backend, block {block:?}", p.name), &base, &got);
             assert!(answered.swap(0, std::sync::atomic::Ordering::SeqCst) > 0, "{}: no step sampled on the backend", p.name);
+        }
+    }
+}
+
+/// The fused speculative step (`forward_speculative`: draft, verify and accept in one backend
+/// call) gives exactly what the two-call path gives: greedy, and seeded sampling with bias (no
+/// penalties, which keep the two calls); a batch with penalties or logprobs still decodes
+/// correctly through the two calls.
+#[test]
+fn fused_speculative_step_equals_the_two_call_path() {
+    for p in pairs() {
+        let t = tokenizer(&p);
+        let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let fused = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let start = |f: bool| {
+            let files = open_model(p.target.to_str().unwrap()).unwrap();
+            let mut m = CpuModel::load(&files.spec, files.weights.as_ref()).unwrap();
+            m.attach_drafter(&open_drafter(&p.drafter).unwrap()).unwrap();
+            let cfg = EngineConfig { speculative_block_size: Some(8), ..config() };
+            let w = Wrap { inner: m, ids: true, answered: answered.clone(), fused: f.then(|| fused.clone()) };
+            start_engine(Box::new(w), Arc::new(files.tokenizer.unwrap()), cfg).unwrap()
+        };
+        let mut plain_sampled = sampling_requests(&t);
+        for r in plain_sampled.iter_mut() {
+            r.sampling.logprobs = None;
+            r.sampling.repetition_penalty = 1.0;
+            r.sampling.presence_penalty = 0.0;
+            r.sampling.frequency_penalty = 0.0;
+        }
+        let mut with_penalties = sampling_requests(&t);
+        for r in with_penalties.iter_mut() {
+            r.sampling.logprobs = None;
+        }
+        for (what, reqs, expect_fused) in [
+            ("greedy", greedy_requests(&t, 32), true),
+            ("sampled with bias", plain_sampled, true),
+            ("sampled with penalties", with_penalties, false),
+        ] {
+            let base = run(&start(false), reqs.clone());
+            assert_eq!(fused.load(std::sync::atomic::Ordering::SeqCst), 0);
+            let got = run(&start(true), reqs);
+            assert_same(&format!("{} fused, {what}", p.name), &base, &got);
+            let n = fused.swap(0, std::sync::atomic::Ordering::SeqCst);
+            // Penalties depend on the drafts, so those batches must keep the two calls.
+            assert_eq!(n > 0, expect_fused, "{}: fused steps taken: {n} ({what})", p.name);
         }
     }
 }
