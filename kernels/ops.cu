@@ -438,6 +438,28 @@ extern "C" __global__ void argmax_rows(const float* __restrict__ logits, int V, 
     if (threadIdx.x == 0) out[blockIdx.x] = best_i == 0x7fffffff ? 0 : best_i;  // all -inf/NaN: id 0, as the host does
 }
 
+// The fused speculative step (crates/cuda/src/speculate.rs). Verify row s*nb + 1 + j takes
+// draft j of sequence s (drafts are [seqs, nb - 1], rows [seqs, nb]).
+extern "C" __global__ void place_drafts(const int* __restrict__ drafts, int* __restrict__ tok, int nb, int k) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < k) tok[(i / (nb - 1)) * nb + 1 + i % (nb - 1)] = drafts[i];
+}
+
+// Per sequence s: accepted = the number of leading drafts equal to the target's samples at their
+// rows. out[s * 2nb ..]: the nb samples, the nb - 1 drafts, accepted (one copy brings all back).
+extern "C" __global__ void accept_drafts(const int* __restrict__ drafts, const int* __restrict__ samples, int nb, int seqs, int* __restrict__ out) {
+    int s = blockIdx.x * blockDim.x + threadIdx.x;
+    if (s >= seqs) return;
+    const int* d = drafts + (size_t)s * (nb - 1);
+    const int* t = samples + (size_t)s * nb;
+    int* o = out + (size_t)s * 2 * nb;
+    int acc = 0;
+    while (acc < nb - 1 && d[acc] == t[acc]) acc++;
+    for (int j = 0; j < nb; j++) o[j] = t[j];
+    for (int j = 0; j < nb - 1; j++) o[nb + j] = d[j];
+    o[2 * nb - 1] = acc;
+}
+
 // Synthetic weights (benchmarks without checkpoints): counter-based hashing, so any size fills
 // in one pass and the same seed gives the same weights.
 __device__ __forceinline__ unsigned long long mix64(unsigned long long z) {

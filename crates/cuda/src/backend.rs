@@ -153,13 +153,15 @@ pub(crate) struct Ops {
     moe_group: CudaFunction,
     pub(crate) argmax_rows: CudaFunction,
     attention_v2: CudaFunction,
+    pub(crate) place_drafts: CudaFunction,
+    pub(crate) accept_drafts: CudaFunction,
 }
 
 pub struct CudaModel {
     pub(crate) spec: ModelSpec,
     gpu: Gpu,
     pub(crate) stream: Arc<CudaStream>,
-    kernels: Kernels,
+    pub(crate) kernels: Kernels,
     pub(crate) ops: Ops,
     pub(crate) embed: Embed,
     pub(crate) lm_head: Option<Mat>,
@@ -262,6 +264,8 @@ impl CudaModel {
             moe_group: f("moe_group")?,
             argmax_rows: f("argmax_rows")?,
             attention_v2: f("attention_v2")?,
+            place_drafts: f("place_drafts")?,
+            accept_drafts: f("accept_drafts")?,
         };
         let synth = seed.map(|seed| -> Result<Synthetic> { Ok(Synthetic::new(f("fill_random_u8")?, f("fill_random_f")?, spec.quant.linear, seed)) }).transpose()?;
         let w = match (files, &synth) {
@@ -774,7 +778,7 @@ impl CudaModel {
 
     /// Flattens `batch` into rows with their positions, KV slots and block tables, checking
     /// token ids and that every position has its KV block.
-    fn host_rows(&self, batch: &[SeqForward]) -> Result<HostRows> {
+    pub(crate) fn host_rows(&self, batch: &[SeqForward]) -> Result<HostRows> {
         let cfg = self.kv_config.ok_or_else(|| Error::Backend("forward before init_kv".into()))?;
         let (vocab, bs) = (self.spec.vocab_size, cfg.block_size);
         let max_blocks = batch.iter().map(|s| s.full_blocks.len().max(s.swa_blocks.len())).max().unwrap_or(1).max(1);
@@ -939,6 +943,10 @@ impl Backend for CudaModel {
 
     fn forward_sampled(&mut self, batch: &[SeqForward], rows: &[RowSampling], adjust: &[LogitAdjust]) -> Result<Option<Vec<Vec<u32>>>> {
         self.forward_sample(batch, rows, adjust).map(Some)
+    }
+
+    fn forward_speculative(&mut self, batch: &[SeqForward], sampling: peregrine_core::backend::SpecSampling) -> Result<Option<Vec<peregrine_core::backend::SpecRows>>> {
+        self.speculate(batch, sampling)
     }
 
     fn name(&self) -> &str {

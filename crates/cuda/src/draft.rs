@@ -195,7 +195,7 @@ impl CudaModel {
 
     /// The block rows of a draft pass: per sequence `[last, MASK x num_drafts]` at positions
     /// start_pos.., with the paging and the rows whose drafts are read (block rows 1..).
-    fn draft_rows(&self, batch: &[DraftForward]) -> Result<DraftRows> {
+    pub(crate) fn draft_rows(&self, batch: &[DraftForward]) -> Result<DraftRows> {
         let cfg = self.kv_config.ok_or_else(|| Error::Backend("draft before init_kv".into()))?;
         let d = self.drafter.as_ref().ok_or_else(|| Error::Unsupported("no drafter is attached to the CUDA backend".into()))?;
         let (vocab, bs) = (self.spec.vocab_size, cfg.block_size);

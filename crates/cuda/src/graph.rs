@@ -13,6 +13,7 @@ use peregrine_core::{Error, Result};
 
 use crate::backend::{drv, CudaModel, HostRows, RowMeta};
 use crate::draft::{DraftMeta, DraftRows};
+use crate::speculate::{SpecKey, SpecStep};
 
 /// Row counts a graph is captured for; a batch uses the smallest that holds it.
 pub(crate) const ROW_BUCKETS: [usize; 14] = [1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32, 48, 64];
@@ -56,6 +57,8 @@ pub(crate) struct Graphs {
     cache: HashMap<(usize, usize), StepGraph>,
     /// Draft-pass graphs by (sequence bucket, block rows per sequence, table width).
     drafts: HashMap<(usize, usize, usize), DraftGraph>,
+    /// Fused speculative steps (draft, verify, accept).
+    pub(crate) spec: HashMap<SpecKey, SpecStep>,
 }
 
 /// Sequence counts a draft-pass graph is captured for (each holds logits for every draft row,
@@ -75,7 +78,7 @@ impl Graphs {
     pub(crate) fn new(capturable: bool) -> Graphs {
         let enabled = capturable;
         let off = std::env::var("PEREGRINE_CUDA_GRAPHS").is_ok_and(|v| v == "0");
-        Graphs { enabled: enabled && !off, capturable: enabled, cache: HashMap::new(), drafts: HashMap::new() }
+        Graphs { enabled: enabled && !off, capturable: enabled, cache: HashMap::new(), drafts: HashMap::new(), spec: HashMap::new() }
     }
 
     pub(crate) fn put_back(&mut self, g: StepGraph) {
@@ -86,10 +89,11 @@ impl Graphs {
     pub(crate) fn clear(&mut self) {
         self.cache.clear();
         self.drafts.clear();
+        self.spec.clear();
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.cache.len() + self.drafts.len()
+        self.cache.len() + self.drafts.len() + self.spec.values().filter(|s| s.captured()).count()
     }
 }
 
@@ -106,7 +110,7 @@ impl CudaModel {
 
     /// Captures what `body` launches on the stream as an instantiated, uploaded graph. The
     /// capture is ended even when `body` fails, so the stream is usable again.
-    fn record(&self, body: impl FnOnce() -> Result<()>) -> Result<Graph> {
+    pub(crate) fn record(&self, body: impl FnOnce() -> Result<()>) -> Result<Graph> {
         let st = &self.stream;
         st.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(drv)?;
         let body = body();
@@ -138,18 +142,28 @@ impl CudaModel {
                 }
             },
         };
-        self.write_inputs(&mut g, rows)?;
+        self.write_row_meta(&mut g.meta, bucket, width, rows)?;
         g.graph.0.launch().map_err(drv)?;
         Ok(Some(g))
     }
 
     fn capture_graph(&self, key: (usize, usize)) -> Result<StepGraph> {
         let (rows, width) = key;
+        let meta = self.alloc_row_meta(rows, width)?;
+        let mut logits = self.zeros(rows * self.spec.vocab_size)?;
+        let mut ids = self.stream.alloc_zeros::<i32>(rows).map_err(drv)?;
+        let graph = self.record(|| self.step_body(&meta, rows, None, &mut logits, &mut ids))?;
+        tracing::debug!(rows, width, graphs = self.graphs.len() + 1, "captured a decode-step CUDA graph");
+        Ok(StepGraph { key, meta, logits, ids, host: None, graph })
+    }
+
+    /// Static per-row buffers for `rows` rows and block tables `width` wide.
+    pub(crate) fn alloc_row_meta(&self, rows: usize, width: usize) -> Result<RowMeta> {
         let st = &self.stream;
         let bs = self.kv_config.map_or(1, |c| c.block_size);
         let z32 = |n: usize| st.alloc_zeros::<i32>(n).map_err(drv);
         let z64 = |n: usize| st.alloc_zeros::<i64>(n).map_err(drv);
-        let meta = RowMeta {
+        Ok(RowMeta {
             tok: z32(rows)?,
             pos: z32(rows)?,
             seq: z32(rows)?,
@@ -159,18 +173,13 @@ impl CudaModel {
             swa_tables: z32(rows * width)?,
             max_blocks: width,
             block_size: bs,
-        };
-        let mut logits = self.zeros(rows * self.spec.vocab_size)?;
-        let mut ids = z32(rows)?;
-        let graph = self.record(|| self.step_body(&meta, rows, None, &mut logits, &mut ids))?;
-        tracing::debug!(rows, width, graphs = self.graphs.len() + 1, "captured a decode-step CUDA graph");
-        Ok(StepGraph { key, meta, logits, ids, host: None, graph })
+        })
     }
 
-    /// The rows' inputs into the graph's static buffers; padding rows read and write only the
-    /// scratch block that `init_kv` reserves past the last block of each pool.
-    fn write_inputs(&self, g: &mut StepGraph, rows: &HostRows) -> Result<()> {
-        let (bucket, width) = g.key;
+    /// The rows' inputs into a graph's static buffers (`bucket` rows, tables `width` wide);
+    /// padding rows read and write only the scratch block that `init_kv` reserves past the last
+    /// block of each pool.
+    pub(crate) fn write_row_meta(&self, m: &mut RowMeta, bucket: usize, width: usize, rows: &HostRows) -> Result<()> {
         let cfg = self.kv_config.ok_or_else(|| Error::Backend("forward before init_kv".into()))?;
         let bs = cfg.block_size as i64;
         let (scratch_full, scratch_swa) = (cfg.num_full_blocks as i32, cfg.num_swa_blocks as i32);
@@ -187,7 +196,6 @@ impl CudaModel {
             t
         };
         let st = &self.stream;
-        let m = &mut g.meta;
         st.memcpy_htod(&pad(&rows.toks, 0), &mut m.tok).map_err(drv)?;
         st.memcpy_htod(&pad(&rows.pos, 0), &mut m.pos).map_err(drv)?;
         st.memcpy_htod(&(0..bucket as i32).collect::<Vec<_>>(), &mut m.seq).map_err(drv)?;
@@ -223,7 +231,7 @@ impl CudaModel {
                 }
             },
         };
-        let res = self.write_draft_inputs(&mut g, key, rows).and_then(|_| {
+        let res = self.write_draft_meta(&mut g.meta, key, rows).and_then(|_| {
             g.graph.0.launch().map_err(drv)?;
             self.stream.clone_dtoh(&g.ids.slice(..seqs * (nb - 1))).map_err(drv)
         });
@@ -233,10 +241,21 @@ impl CudaModel {
 
     fn capture_draft(&self, key: (usize, usize, usize)) -> Result<DraftGraph> {
         let (seqs, nb, width) = key;
+        let (n, k) = (seqs * nb, seqs * (nb - 1));
+        let meta = self.alloc_draft_meta(seqs, nb, width)?;
+        let mut logits = self.zeros(k * self.spec.vocab_size)?;
+        let mut ids = self.stream.alloc_zeros::<i32>(k.max(1)).map_err(drv)?;
+        let graph = self.record(|| self.draft_body(&meta, n, k, k, &mut logits, &mut ids))?;
+        tracing::debug!(seqs, nb, width, "captured a draft-pass CUDA graph");
+        Ok(DraftGraph { meta, logits, ids, graph })
+    }
+
+    /// Static draft-pass buffers for `seqs` sequences of `nb` block rows, tables `width` wide.
+    pub(crate) fn alloc_draft_meta(&self, seqs: usize, nb: usize, width: usize) -> Result<DraftMeta> {
         let st = &self.stream;
         let (n, k) = (seqs * nb, seqs * (nb - 1));
         let z = |len: usize| st.alloc_zeros::<i32>(len.max(1)).map_err(drv);
-        let meta = DraftMeta {
+        Ok(DraftMeta {
             tok: z(n)?,
             row_seq: z(n)?,
             row_idx: z(n)?,
@@ -248,17 +267,13 @@ impl CudaModel {
             seq_nb: z(seqs)?,
             tables: z(seqs * width)?,
             max_blocks: width,
-        };
-        let mut logits = self.zeros(k * self.spec.vocab_size)?;
-        let mut ids = z(k)?;
-        let graph = self.record(|| self.draft_body(&meta, n, k, k, &mut logits, &mut ids))?;
-        tracing::debug!(seqs, nb, width, "captured a draft-pass CUDA graph");
-        Ok(DraftGraph { meta, logits, ids, graph })
+        })
     }
 
-    /// The draft rows into the graph's static buffers; padding sequences draft from position 0
-    /// with no context, their K/V reads pointed at the scratch block.
-    fn write_draft_inputs(&self, g: &mut DraftGraph, key: (usize, usize, usize), r: &DraftRows) -> Result<()> {
+    /// The draft rows into a graph's static buffers (`key`: sequences, block rows, table
+    /// width); padding sequences draft from position 0 with no context, their K/V reads pointed
+    /// at the scratch block.
+    pub(crate) fn write_draft_meta(&self, m: &mut DraftMeta, key: (usize, usize, usize), r: &DraftRows) -> Result<()> {
         let (seqs, nb, width) = key;
         let cfg = self.kv_config.ok_or_else(|| Error::Backend("draft before init_kv".into()))?;
         let mask = self.drafter.as_ref().map_or(0, |d| d.spec.mask_token_id as i32);
@@ -281,7 +296,6 @@ impl CudaModel {
         }
         let pad = |v: &[i32], fill: i32| -> Vec<i32> { v.iter().copied().chain(std::iter::repeat(fill)).take(seqs).collect() };
         let st = &self.stream;
-        let m = &mut g.meta;
         debug_assert_eq!(toks.len(), n);
         st.memcpy_htod(&toks, &mut m.tok).map_err(drv)?;
         st.memcpy_htod(&row_seq, &mut m.row_seq).map_err(drv)?;

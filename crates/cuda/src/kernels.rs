@@ -20,6 +20,44 @@ struct DeviceLogitAdjust(LogitAdjust);
 // SAFETY: LogitAdjust is #[repr(C)] plain data (u32, f32, f32, f32), as the kernel's struct.
 unsafe impl cudarc::driver::DeviceRepr for DeviceLogitAdjust {}
 
+/// Device buffers of per-row sampling parameters and logit adjustments, written before each
+/// replay of a graph that samples on the GPU.
+pub(crate) struct SamplingBuffers {
+    params: CudaSlice<DeviceRowSampling>,
+    adjust: CudaSlice<DeviceLogitAdjust>,
+    rows: usize,
+}
+
+impl SamplingBuffers {
+    /// Room for `rows` rows and `adjust_cap` adjustments in all.
+    pub(crate) fn new(stream: &Arc<CudaStream>, rows: usize, adjust_cap: usize) -> Result<SamplingBuffers> {
+        let greedy = RowSampling { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, u: 0.0, adj_start: 0, adj_len: 0 };
+        let none = LogitAdjust { token: 0, bias: 0.0, repetition: 1.0, subtract: 0.0 };
+        Ok(SamplingBuffers {
+            params: stream.clone_htod(&vec![DeviceRowSampling(greedy); rows.max(1)]).map_err(drv("upload"))?,
+            adjust: stream.clone_htod(&vec![DeviceLogitAdjust(none); adjust_cap.max(1)]).map_err(drv("upload"))?,
+            rows: rows.max(1),
+        })
+    }
+
+    /// Writes the rows' parameters (rows past `params.len()` become greedy with no
+    /// adjustments); false, writing nothing, when they do not fit or name adjustments outside
+    /// `adjust`.
+    pub(crate) fn write(&mut self, stream: &Arc<CudaStream>, params: &[RowSampling], adjust: &[LogitAdjust]) -> Result<bool> {
+        if params.len() > self.rows || adjust.len() > self.adjust.len() || params.iter().any(|p| p.adj_start as usize + p.adj_len as usize > adjust.len()) {
+            return Ok(false);
+        }
+        let greedy = RowSampling { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, u: 0.0, adj_start: 0, adj_len: 0 };
+        let rows: Vec<DeviceRowSampling> = params.iter().copied().chain(std::iter::repeat(greedy)).take(self.rows).map(DeviceRowSampling).collect();
+        stream.memcpy_htod(&rows, &mut self.params).map_err(drv("upload"))?;
+        if !adjust.is_empty() {
+            let a: Vec<DeviceLogitAdjust> = adjust.iter().map(|&a| DeviceLogitAdjust(a)).collect();
+            stream.memcpy_htod(&a, &mut self.adjust.slice_mut(..a.len())).map_err(drv("upload"))?;
+        }
+        Ok(true)
+    }
+}
+
 use crate::compile;
 use crate::device::{nvrtc_arch, Gpu};
 
@@ -302,6 +340,21 @@ impl Kernels {
             unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv("adjust_logits"))?;
         }
         self.sample_rows(logits, v, params)
+    }
+
+    /// Like `sample_rows_adjusted`, with the rows' parameters and adjustments already in device
+    /// buffers (so a CUDA graph can capture it): adjusts the first `rows` rows of `logits` in
+    /// place and writes their samples into `out`.
+    pub(crate) fn sample_from_buffers(&self, logits: &mut CudaSlice<f32>, v: usize, rows: usize, bufs: &SamplingBuffers, out: &mut CudaSlice<i32>) -> Result<()> {
+        check(rows > 0 && rows <= bufs.rows && logits.len() >= rows * v && out.len() >= rows, || format!("sample_from_buffers: {rows} rows"))?;
+        let vi = v as i32;
+        let cfg = |threads| LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+        let mut b = self.stream.launch_builder(&self.adjust);
+        b.arg(&mut *logits).arg(&vi).arg(&bufs.params).arg(&bufs.adjust);
+        unsafe { b.launch(cfg(256)) }.map_err(drv("adjust_logits"))?;
+        let mut b = self.stream.launch_builder(&self.sample);
+        b.arg(&*logits).arg(&vi).arg(&bufs.params).arg(out);
+        unsafe { b.launch(cfg(1024)) }.map(|_| ()).map_err(drv("sample_rows"))
     }
 
     /// x [n] -> BF16 hi and lo parts.

@@ -12,6 +12,7 @@ pub mod compile;
 pub mod device;
 mod draft;
 mod graph;
+mod speculate;
 pub mod step;
 pub mod kernels;
 mod weights;

@@ -226,3 +226,55 @@ fn the_step_is_a_plan_of_operations() {
     let none = model.step_plan(6, Some(0));
     assert!(!none.iter().any(|o| matches!(o, Op::LmHead { .. } | Op::Argmax { .. })));
 }
+
+/// The fused speculative step (draft, verify and accept in one captured graph) equals the two
+/// calls it replaces (draft, then a verify forward with the drafts in place, then the host's
+/// acceptance), greedy and sampled with bias, eagerly and from the graph, for one sequence and
+/// for three (a padded bucket).
+#[test]
+fn fused_speculative_step_equals_the_two_call_path() {
+    use peregrine_core::backend::{accepted_prefix, speculate_in_two_calls, LogitAdjust, RowSampling, SpecSampling};
+    let spec = spec_of("default");
+    let Some(mut model) = synthetic(&spec) else { return };
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/dflash/random/config.json");
+    let cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(dir).unwrap()).unwrap();
+    let dspec = peregrine_model::config::parse_draft_config(&cfg).unwrap();
+    model.attach_synthetic_drafter(&dspec, 9).unwrap();
+    kv(&mut model, 64);
+    let mut r = rng();
+    let tables: Vec<Vec<u32>> = (0..3u32).map(|s| (0..8).map(|b| s * 8 + b).collect()).collect();
+    let lens = [20usize, 33, 7];
+    for (i, &len) in lens.iter().enumerate() {
+        let toks: Vec<u32> = (0..len).map(|_| r.random_range(0..spec.vocab_size as u32)).collect();
+        model.forward(&[seq(i as u64, toks, 0, &tables[i], OutputRows::Last)]).unwrap();
+    }
+    let nb = dspec.block_size;
+    let mask = dspec.mask_token_id;
+    for seqs in [1usize, 3] {
+        let batch: Vec<SeqForward> = (0..seqs)
+            .map(|i| seq(i as u64, std::iter::once(5 + i as u32).chain(std::iter::repeat_n(mask, nb - 1)).collect(), lens[i], &tables[i], OutputRows::All))
+            .collect();
+        let rows: Vec<RowSampling> = (0..seqs * nb)
+            .map(|_| RowSampling { temperature: 0.8, top_k: 0, top_p: 0.95, min_p: 0.0, u: r.random::<f64>(), adj_start: 0, adj_len: 2 })
+            .collect();
+        let adjust = [LogitAdjust { token: 3, bias: 4.0, repetition: 1.0, subtract: 0.0 }, LogitAdjust { token: 11, bias: -2.0, repetition: 1.0, subtract: 0.0 }];
+        for (what, sampling) in [("greedy", SpecSampling::Greedy), ("sampled", SpecSampling::Sampled { rows: &rows, adjust: &adjust })] {
+            model.set_cuda_graphs(false);
+            let two = speculate_in_two_calls(&mut model, &batch, sampling).unwrap().expect("two calls");
+            let eager = model.forward_speculative(&batch, sampling).unwrap().expect("a fused step");
+            model.set_cuda_graphs(true);
+            let before = model.cuda_graphs();
+            let graphed = model.forward_speculative(&batch, sampling).unwrap().expect("a fused step");
+            let again = model.forward_speculative(&batch, sampling).unwrap().expect("a fused step");
+            assert!(model.cuda_graphs() > before, "{seqs} sequences, {what}: the fused step was not captured");
+            assert_eq!(eager, two, "{seqs} sequences, {what}: the eager fused step differs from the two calls");
+            assert_eq!(graphed, two, "{seqs} sequences, {what}: the fused graph differs from the two calls");
+            assert_eq!(again, two, "{seqs} sequences, {what}: the second replay differs");
+            for s in &graphed {
+                assert_eq!((s.drafts.len(), s.ids.len()), (nb - 1, nb));
+                assert_eq!(s.accepted, accepted_prefix(&s.drafts, &s.ids), "{what}: accepted count");
+            }
+            eprintln!("{seqs} sequences, {what}: accepted {:?}", graphed.iter().map(|s| s.accepted).collect::<Vec<_>>());
+        }
+    }
+}
