@@ -26,6 +26,13 @@ __device__ __forceinline__ float e8m0_to_f32(unsigned e) {
     return e ? __int_as_float(e << 23) : __int_as_float(0x00400000u);
 }
 
+// e8m0_to_f32(e) * 2^14 (undoing the F16 decode's 2^-14) as selects, not branches: two of
+// them per 32-group sat in the MoE kernels' inner loop. e = 0 gives 2^-113, still a normal
+// float; 241..254 overflow to inf as the product would.
+__device__ __forceinline__ float e8m0_x16384(unsigned e) {
+    return __int_as_float(e <= 240u ? (e + 14u) << 23 : (e == 255u ? 0x7fc00000u : 0x7f800000u));
+}
+
 // FP4 E2M1 code -> float with bit operations (a lookup table in constant memory would serialise
 // when lanes index it differently): codes 0..7 = {0, .5, 1, 1.5, 2, 3, 4, 6}, bit 3 = sign.
 __device__ __forceinline__ float e2m1_to_f32(unsigned c) {
@@ -139,7 +146,7 @@ extern "C" __global__ void gemv_fp8(const unsigned char* __restrict__ W, const f
 
 // One MXFP4 row segment: 16 packed bytes = 32 weights sharing one E8M0 scale.
 __device__ __forceinline__ void mxfp4_chunk(uint4 q, unsigned scale_byte, float w[32]) {
-    float sc = e8m0_to_f32(scale_byte) * 16384.f;
+    float sc = e8m0_x16384(scale_byte);
     unsigned u[4] = {q.x, q.y, q.z, q.w};
 #pragma unroll
     for (int i = 0; i < 4; i++) {
@@ -324,7 +331,7 @@ __device__ __forceinline__ void mxfp4_rows_acc(const unsigned char* __restrict__
         // The block scale (and the decode's 2^14) once per 32 weights.
 #pragma unroll
         for (int r = 0; r < R; r++) {
-            float sc = e8m0_to_f32(sb[r]) * 16384.f;
+            float sc = e8m0_x16384(sb[r]);
 #pragma unroll
             for (int t = 0; t < T; t++) {
                 acc[r][t] += part[r][t] * sc;
@@ -510,31 +517,68 @@ __device__ __forceinline__ float f16_to_f32(unsigned short h) {
 // its largest magnitude lands below 2^14 (no overflow, small rows kept in the normal range);
 // inv[row] = 2^-s(row) undoes it in the GEMV's epilogue. interleave: within each aligned group of
 // 8, store elements in the order 0,4,1,5,2,6,3,7 (the pairing the MXFP4 decode produces).
-// One block per row.
+// One block per row. When K % 8 == 0 and K <= 8 x blockDim each thread keeps its 8 elements in
+// registers between the max and the split and stores 16 bytes at a time (the element-wise loop
+// took ~8 us for one row of 4096 on the H100, as long as a layer's attention projections).
+__device__ __forceinline__ void split_pair(float v, unsigned short& h, unsigned short& l) {
+    h = f32_to_f16_rn(v);
+    l = f32_to_f16_rn(v - f16_to_f32(h));
+}
+
 extern "C" __global__ void __launch_bounds__(1024) split_f16(const float* __restrict__ x, unsigned short* __restrict__ xh, unsigned short* __restrict__ xl,
                                      float* __restrict__ inv, int K, int interleave) {
     __shared__ float sh[32];
+    __shared__ float row_max;
     size_t r = blockIdx.x;
     const float* xr = x + r * K;
+    bool vec = (K & 7) == 0 && K <= 8 * (int)blockDim.x;
+    float v[8];
     float m = 0.f;
-    for (int k = threadIdx.x; k < K; k += blockDim.x) m = fmaxf(m, fabsf(xr[k]));
+    if (vec) {
+        int c = threadIdx.x * 8;
+        if (c < K) {
+            float4 a = *reinterpret_cast<const float4*>(xr + c), b = *reinterpret_cast<const float4*>(xr + c + 4);
+            v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+#pragma unroll
+            for (int i = 0; i < 8; i++) m = fmaxf(m, fabsf(v[i]));
+        }
+    } else {
+        for (int k = threadIdx.x; k < K; k += blockDim.x) m = fmaxf(m, fabsf(xr[k]));
+    }
     for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
     if ((threadIdx.x & 31) == 0) sh[threadIdx.x >> 5] = m;
     __syncthreads();
-    m = 0.f;
-    for (int i = 0; i < (int)(blockDim.x + 31) / 32; i++) m = fmaxf(m, sh[i]);
-    int ex = 0;
-    if (m > 0.f && m < __int_as_float(0x7f800000u)) frexpf(m, &ex);  // m < 2^ex
+    if (threadIdx.x < 32) {
+        m = threadIdx.x < (blockDim.x + 31) / 32 ? sh[threadIdx.x] : 0.f;
+        for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+        if (threadIdx.x == 0) row_max = m;
+    }
+    __syncthreads();
+    m = row_max;
+    // m < 2^ex (the exponent field of a finite m; 0 or non-finite: no scaling).
+    int ex = (m > 0.f && m < __int_as_float(0x7f800000u)) ? (int)((__float_as_uint(m) >> 23) & 0xffu) - 126 : 0;
     int sh_ = min(max(14 - ex, -100), 100);
-    float s = ldexpf(1.f, sh_);
-    if (threadIdx.x == 0) inv[r] = ldexpf(1.f, -sh_);
+    float s = __int_as_float((unsigned)(sh_ + 127) << 23);
+    if (threadIdx.x == 0) inv[r] = __int_as_float((unsigned)(127 - sh_) << 23);
+    if (vec) {
+        int c = threadIdx.x * 8;
+        if (c < K) {
+            unsigned short h[8], l[8];
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+                int d = interleave ? (i < 4 ? 2 * i : 2 * (i - 4) + 1) : i;
+                split_pair(v[i] * s, h[d], l[d]);
+            }
+            uint4 hv = make_uint4(h[0] | (unsigned)h[1] << 16, h[2] | (unsigned)h[3] << 16, h[4] | (unsigned)h[5] << 16, h[6] | (unsigned)h[7] << 16);
+            uint4 lv = make_uint4(l[0] | (unsigned)l[1] << 16, l[2] | (unsigned)l[3] << 16, l[4] | (unsigned)l[5] << 16, l[6] | (unsigned)l[7] << 16);
+            *reinterpret_cast<uint4*>(xh + r * K + c) = hv;
+            *reinterpret_cast<uint4*>(xl + r * K + c) = lv;
+        }
+        return;
+    }
     for (int k = threadIdx.x; k < K; k += blockDim.x) {
-        float v = xr[k] * s;
-        unsigned short h = f32_to_f16_rn(v);
-        unsigned short l = f32_to_f16_rn(v - f16_to_f32(h));
         int j = k & 7, d = interleave ? (k & ~7) + (j < 4 ? 2 * j : 2 * (j - 4) + 1) : k;
-        xh[r * K + d] = h;
-        xl[r * K + d] = l;
+        split_pair(xr[k] * s, xh[r * K + d], xl[r * K + d]);
     }
 }
 
@@ -706,8 +750,8 @@ __device__ __forceinline__ void mxfp4_mma_group(const unsigned char* __restrict_
                                                 int r0, int r1, int K, int kg, int q, uint4 bh, uint4 bl, float acc[4]) {
     unsigned w0 = __ldg(reinterpret_cast<const unsigned*>(W + (size_t)r0 * (K / 2) + kg * 16 + q * 4));
     unsigned w1 = __ldg(reinterpret_cast<const unsigned*>(W + (size_t)r1 * (K / 2) + kg * 16 + q * 4));
-    float s0 = e8m0_to_f32(__ldg(S + (size_t)r0 * (K / 32) + kg)) * 16384.f;
-    float s1 = e8m0_to_f32(__ldg(S + (size_t)r1 * (K / 32) + kg)) * 16384.f;
+    float s0 = e8m0_x16384(__ldg(S + (size_t)r0 * (K / 32) + kg));
+    float s1 = e8m0_x16384(__ldg(S + (size_t)r1 * (K / 32) + kg));
     unsigned a[4], b[4];
     mxfp4_f16x4(w0, a);
     mxfp4_f16x4(w1, b);
@@ -828,3 +872,220 @@ extern "C" __global__ void __launch_bounds__(256) moe_down_mma(
         __syncthreads();
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// MXFP4 MoE decode, pipelined. Same MMA layout and arithmetic as moe_gate_up_mma/moe_down_mma,
+// but each warp streams its 16-row tile through a private ring of PIPE shared-memory stages with
+// cp.async (16 bytes per lane, 32 contiguous bytes per row), so up to PIPE - 1 steps of weights
+// are in flight per warp without holding registers: the register-loaded kernels were latency
+// bound (ncu: 31% DRAM, stalls on L1 loads, occupancy capped by registers). A step is 64 values
+// of K (two 32-groups, 32 bytes per row); each warp takes a contiguous range of steps. The E8M0
+// scales of the next step are loaded into registers one step ahead.
+
+#define PIPE 4
+#define SROW 48  // bytes per row in a stage: 32 of codes + 16 of padding (conflict-free reads)
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+    unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_pipe() { asm volatile("cp.async.wait_group %0;" ::"n"(PIPE - 1) : "memory"); }
+
+// Accumulates rows (g, g+8) of the 16-row tiles at i0 of NM matrices W[m] (MXFP4, K columns,
+// `rows` rows) over steps [s0, s1) against the B words of column token row xr (< 0: zeros).
+template <int NM>
+__device__ __forceinline__ void mxfp4_tile_pipe(const unsigned char* const* W, const unsigned char* const* S, unsigned char* ring,
+                                                int i0, int rows, int K, int s0, int s1, int xr, const unsigned short* __restrict__ XH,
+                                                const unsigned short* __restrict__ XL, float acc[NM][4]) {
+    int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+    int crow = min(i0 + (lane >> 1), rows - 1), half = lane & 1;
+    int r0 = min(i0 + g, rows - 1), r1 = min(i0 + g + 8, rows - 1);
+    size_t rb = K / 2, sb = K / 32;
+    int n = s1 - s0;
+    const int STAGE = NM * 16 * SROW;
+#pragma unroll
+    for (int p = 0; p < PIPE - 1; p++) {
+        if (p < n) {
+#pragma unroll
+            for (int m = 0; m < NM; m++)
+                cp_async16(ring + p * STAGE + m * 16 * SROW + (lane >> 1) * SROW + half * 16, W[m] + crow * rb + (size_t)(s0 + p) * 32 + half * 16);
+        }
+        cp_async_commit();
+    }
+    unsigned short sc[NM][2];
+#pragma unroll
+    for (int m = 0; m < NM; m++) {
+        sc[m][0] = n > 0 ? __ldg(reinterpret_cast<const unsigned short*>(S[m] + r0 * sb + 2 * s0)) : 0;
+        sc[m][1] = n > 0 ? __ldg(reinterpret_cast<const unsigned short*>(S[m] + r1 * sb + 2 * s0)) : 0;
+    }
+    for (int it = 0; it < n; it++) {
+        int nx = it + PIPE - 1;
+        if (nx < n) {
+            unsigned char* st = ring + (nx % PIPE) * STAGE;
+#pragma unroll
+            for (int m = 0; m < NM; m++)
+                cp_async16(st + m * 16 * SROW + (lane >> 1) * SROW + half * 16, W[m] + crow * rb + (size_t)(s0 + nx) * 32 + half * 16);
+        }
+        cp_async_commit();
+        unsigned short scn[NM][2];
+        bool more = it + 1 < n;
+#pragma unroll
+        for (int m = 0; m < NM; m++) {
+            scn[m][0] = more ? __ldg(reinterpret_cast<const unsigned short*>(S[m] + r0 * sb + 2 * (s0 + it + 1))) : 0;
+            scn[m][1] = more ? __ldg(reinterpret_cast<const unsigned short*>(S[m] + r1 * sb + 2 * (s0 + it + 1))) : 0;
+        }
+        uint4 bh[2], bl[2];
+#pragma unroll
+        for (int j = 0; j < 2; j++) mma_b_words(XH, XL, xr, K, 2 * (s0 + it) + j, q, bh[j], bl[j]);
+        cp_async_wait_pipe();
+        __syncwarp();
+        const unsigned char* st = ring + (it % PIPE) * STAGE;
+#pragma unroll
+        for (int m = 0; m < NM; m++) {
+#pragma unroll
+            for (int j = 0; j < 2; j++) {
+                unsigned w0 = *reinterpret_cast<const unsigned*>(st + m * 16 * SROW + g * SROW + j * 16 + q * 4);
+                unsigned w1 = *reinterpret_cast<const unsigned*>(st + m * 16 * SROW + (g + 8) * SROW + j * 16 + q * 4);
+                float f0 = e8m0_x16384((sc[m][0] >> (8 * j)) & 0xffu);
+                float f1 = e8m0_x16384((sc[m][1] >> (8 * j)) & 0xffu);
+                unsigned a[4], b[4];
+                mxfp4_f16x4(w0, a);
+                mxfp4_f16x4(w1, b);
+                float part[4] = {0.f, 0.f, 0.f, 0.f};
+                mma_f16(part, a[0], b[0], a[1], b[1], bh[j].x, bh[j].y);
+                mma_f16(part, a[0], b[0], a[1], b[1], bl[j].x, bl[j].y);
+                mma_f16(part, a[2], b[2], a[3], b[3], bh[j].z, bh[j].w);
+                mma_f16(part, a[2], b[2], a[3], b[3], bl[j].z, bl[j].w);
+                acc[m][0] += f0 * part[0];
+                acc[m][1] += f0 * part[1];
+                acc[m][2] += f1 * part[2];
+                acc[m][3] += f1 * part[3];
+            }
+        }
+        __syncwarp();  // every lane has read this stage before a later step overwrites it
+#pragma unroll
+        for (int m = 0; m < NM; m++) { sc[m][0] = scn[m][0]; sc[m][1] = scn[m][1]; }
+    }
+    asm volatile("cp.async.wait_all;" ::: "memory");
+}
+
+// Warp kw's contiguous range of the K/64 steps, when `split` warps share a tile's K.
+__device__ __forceinline__ void warp_steps(int K, int kw, int split, int& s0, int& s1) {
+    int total = K / 64, per = (total + split - 1) / split;
+    s0 = min(kw * per, total);
+    s1 = min(s0 + per, total);
+}
+
+// h[p, i] = silu(gate_e x_t) * (up_e x_t), as moe_gate_up_mma. A block holds 8 / SPLIT tiles of
+// 16 rows; SPLIT warps share each tile's K (fewer, longer-lived warps per tile when SPLIT is
+// small; more blocks when it is large).
+template <int SPLIT>
+__device__ __forceinline__ void gate_up_pipe(const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Sg,
+                                             const unsigned char* __restrict__ Wu, const unsigned char* __restrict__ Su,
+                                             const int* __restrict__ experts, const int* __restrict__ pair_off,
+                                             const int* __restrict__ pair_tok, const unsigned short* __restrict__ XH,
+                                             const unsigned short* __restrict__ XL, const float* __restrict__ xinv,
+                                             float* __restrict__ h, int H, int I) {
+    constexpr int TILES = MMA_WARPS / SPLIT;
+    __shared__ __align__(16) unsigned char smem[MMA_WARPS * PIPE * 2 * 16 * SROW];
+    float(*red)[2][128] = reinterpret_cast<float(*)[2][128]>(smem);
+    int w = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+    int tile = w / SPLIT, kw = w % SPLIT;
+    int i0 = (blockIdx.x * TILES + tile) * 16, u = blockIdx.y;
+    size_t e = (size_t)experts[u];
+    const unsigned char* W[2] = {Wg + e * I * (H / 2), Wu + e * I * (H / 2)};
+    const unsigned char* S[2] = {Sg + e * I * (H / 32), Su + e * I * (H / 32)};
+    unsigned char* ring = smem + w * PIPE * 2 * 16 * SROW;
+    int s0, s1;
+    warp_steps(H, kw, SPLIT, s0, s1);
+    for (int p0 = pair_off[u]; p0 < pair_off[u + 1]; p0 += 8) {
+        int np = min(8, pair_off[u + 1] - p0);
+        int xr = g < np ? pair_tok[p0 + g] : -1;
+        float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+        mxfp4_tile_pipe<2>(W, S, ring, i0, I, H, s0, s1, xr, XH, XL, acc);
+        __syncthreads();  // every warp is done with its ring before it becomes the reduction buffer
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            int idx = (g + (i >> 1) * 8) * 8 + 2 * q + (i & 1);
+            red[w][0][idx] = acc[0][i];
+            red[w][1][idx] = acc[1][i];
+        }
+        __syncthreads();
+        for (int ent = threadIdx.x; ent < TILES * 128; ent += blockDim.x) {
+            int t = ent >> 7, el = ent & 127, row = el >> 3, col = el & 7;
+            int r = (blockIdx.x * TILES + t) * 16 + row;
+            if (col < np && r < I) {
+                float gs = 0.f, us = 0.f;
+#pragma unroll
+                for (int k = 0; k < SPLIT; k++) { gs += red[t * SPLIT + k][0][el]; us += red[t * SPLIT + k][1][el]; }
+                float sc = xinv[pair_tok[p0 + col]];
+                gs *= sc;
+                us *= sc;
+                h[(size_t)(p0 + col) * I + r] = gs / (1.f + __expf(-gs)) * us;
+            }
+        }
+        __syncthreads();
+    }
+}
+
+// out[p, n] = pair_w[p] * (down_e h_p)[n], as moe_down_mma; tiles as gate_up_pipe.
+template <int SPLIT>
+__device__ __forceinline__ void down_pipe(const unsigned char* __restrict__ Wd, const unsigned char* __restrict__ Sd,
+                                          const int* __restrict__ experts, const int* __restrict__ pair_off,
+                                          const float* __restrict__ pair_w, const unsigned short* __restrict__ HH,
+                                          const unsigned short* __restrict__ HL, const float* __restrict__ hinv,
+                                          float* __restrict__ out, int H, int I) {
+    constexpr int TILES = MMA_WARPS / SPLIT;
+    __shared__ __align__(16) unsigned char smem[MMA_WARPS * PIPE * 16 * SROW];
+    float(*red)[128] = reinterpret_cast<float(*)[128]>(smem);
+    int w = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+    int tile = w / SPLIT, kw = w % SPLIT;
+    int n0 = (blockIdx.x * TILES + tile) * 16, u = blockIdx.y;
+    size_t e = (size_t)experts[u];
+    const unsigned char* W[1] = {Wd + e * H * (I / 2)};
+    const unsigned char* S[1] = {Sd + e * H * (I / 32)};
+    unsigned char* ring = smem + w * PIPE * 16 * SROW;
+    int s0, s1;
+    warp_steps(I, kw, SPLIT, s0, s1);
+    for (int p0 = pair_off[u]; p0 < pair_off[u + 1]; p0 += 8) {
+        int np = min(8, pair_off[u + 1] - p0);
+        int xr = g < np ? p0 + g : -1;
+        float acc[1][4] = {{0.f, 0.f, 0.f, 0.f}};
+        mxfp4_tile_pipe<1>(W, S, ring, n0, H, I, s0, s1, xr, HH, HL, acc);
+        __syncthreads();
+#pragma unroll
+        for (int i = 0; i < 4; i++) red[w][(g + (i >> 1) * 8) * 8 + 2 * q + (i & 1)] = acc[0][i];
+        __syncthreads();
+        for (int ent = threadIdx.x; ent < TILES * 128; ent += blockDim.x) {
+            int t = ent >> 7, el = ent & 127, row = el >> 3, col = el & 7;
+            int r = (blockIdx.x * TILES + t) * 16 + row;
+            if (col < np && r < H) {
+                float s = 0.f;
+#pragma unroll
+                for (int k = 0; k < SPLIT; k++) s += red[t * SPLIT + k][el];
+                out[(size_t)(p0 + col) * H + r] = s * hinv[p0 + col] * pair_w[p0 + col];
+            }
+        }
+        __syncthreads();
+    }
+}
+
+#define MOE_PIPE(SPLIT)                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(256, 4) moe_gate_up_pipe_s##SPLIT(                                      \
+        const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Sg, const unsigned char* __restrict__ Wu, \
+        const unsigned char* __restrict__ Su, const int* __restrict__ experts, const int* __restrict__ pair_off,         \
+        const int* __restrict__ pair_tok, const unsigned short* __restrict__ XH, const unsigned short* __restrict__ XL,   \
+        const float* __restrict__ xinv, float* __restrict__ h, int H, int I) {                                          \
+        gate_up_pipe<SPLIT>(Wg, Sg, Wu, Su, experts, pair_off, pair_tok, XH, XL, xinv, h, H, I);                         \
+    }                                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(256, 4) moe_down_pipe_s##SPLIT(                                         \
+        const unsigned char* __restrict__ Wd, const unsigned char* __restrict__ Sd, const int* __restrict__ experts,     \
+        const int* __restrict__ pair_off, const float* __restrict__ pair_w, const unsigned short* __restrict__ HH,       \
+        const unsigned short* __restrict__ HL, const float* __restrict__ hinv, float* __restrict__ out, int H, int I) {  \
+        down_pipe<SPLIT>(Wd, Sd, experts, pair_off, pair_w, HH, HL, hinv, out, H, I);                                    \
+    }
+MOE_PIPE(1)
+MOE_PIPE(2)
+MOE_PIPE(4)
+MOE_PIPE(8)

@@ -130,11 +130,26 @@ fn main() {
                 .collect();
             let dev: Vec<_> = routings.iter().map(|r| k.upload_routing(r, e).unwrap()).collect();
             let ms1 = time(20, &mut |run| k.moe_mxfp4_with(MoeKernel::V2, &w, &dev[run % dev.len()], &x, &mut scratch, &mut y).unwrap());
-            let ms = time(20, &mut |run| k.moe_mxfp4_with(MoeKernel::TensorCore, &w, &dev[run % dev.len()], &x, &mut scratch, &mut y).unwrap());
+            let ms2 = time(20, &mut |run| k.moe_mxfp4_with(MoeKernel::TensorCore, &w, &dev[run % dev.len()], &x, &mut scratch, &mut y).unwrap());
+            let ms = time(20, &mut |run| k.moe_mxfp4_with(MoeKernel::PIPELINED, &w, &dev[run % dev.len()], &x, &mut scratch, &mut y).unwrap());
+            // The pipelined kernels' K splits (warps sharing a 16-row tile), gate_up x down.
+            if std::env::var("PEREGRINE_BENCH_SWEEP").is_ok() && [1, 8, 64].contains(&t) {
+                let used = routings.iter().map(|r| r.experts.len()).sum::<usize>() as f64 / routings.len() as f64;
+                let b = used * w.expert_bytes() as f64;
+                let mut line = format!("  sweep T={t}: split gate_up/down -> % of copy bw:");
+                for gu in [1usize, 2, 4, 8] {
+                    for dn in [1usize, 2, 4, 8] {
+                        let kind = MoeKernel::Pipelined { gate_up_split: gu, down_split: dn };
+                        let m = time(20, &mut |run| k.moe_mxfp4_with(kind, &w, &dev[run % dev.len()], &x, &mut scratch, &mut y).unwrap());
+                        line += &format!(" {gu}/{dn}={:.1}", 100.0 * b / (m as f64 * 1e-3) / copy_bw);
+                    }
+                }
+                println!("{line}");
+            }
             let used = routings.iter().map(|r| r.experts.len()).sum::<usize>() as f64 / routings.len() as f64;
             let b = used * w.expert_bytes() as f64;
             let bw = b / (ms as f64 * 1e-3);
-            println!("{t:>6} {used:>8.1} {:>10.1} {ms:>8.3} {:>8.0} {:>9.1}%   (tensor cores; CUDA-core v2: {:.1}%)", b / 1e6, bw / 1e9, 100.0 * bw / copy_bw, 100.0 * b / (ms1 as f64 * 1e-3) / copy_bw);
+            println!("{t:>6} {used:>8.1} {:>10.1} {ms:>8.3} {:>8.0} {:>9.1}%   (pipelined tensor cores; register-loaded: {:.1}%, CUDA-core v2: {:.1}%)", b / 1e6, bw / 1e9, 100.0 * bw / copy_bw, 100.0 * b / (ms2 as f64 * 1e-3) / copy_bw, 100.0 * b / (ms1 as f64 * 1e-3) / copy_bw);
         }
     }
 }

@@ -77,7 +77,7 @@ fn nvrtc_compiles_the_kernels() {
     )
     .expect("ops.cu compiles for sm_90a")
     .to_src();
-    for k in ["embed", "rms_norm", "add_bias", "add_inplace", "rope", "kv_write", "attention", "silu_mul", "gather_rows", "scatter_add_scaled", "gemv_f32", "copy_cols", "fill_rows", "scale", "draft_attention", "embed_bf16", "add_rms_norm", "rope_kv_write", "moe_route", "moe_group", "argmax_rows", "fill_random_u8", "fill_random_f", "attention_v2"] {
+    for k in ["embed", "rms_norm", "add_bias", "add_inplace", "rope", "kv_write", "attention", "silu_mul", "gather_rows", "scatter_add_scaled", "gemv_f32", "copy_cols", "fill_rows", "scale", "draft_attention", "embed_bf16", "add_rms_norm", "rope_kv_write", "moe_route", "moe_group", "argmax_rows", "fill_random_u8", "fill_random_f", "attention_v2", "place_drafts", "accept_drafts"] {
         assert!(ops.contains(&format!(".entry {k}")), "kernel {k} missing from the PTX");
     }
     let sample = cudarc::nvrtc::compile_ptx_with_opts(
@@ -87,7 +87,7 @@ fn nvrtc_compiles_the_kernels() {
     .expect("sample.cu compiles for sm_90a")
     .to_src();
     assert!(sample.contains(".entry sample_rows"), "kernel sample_rows missing from the PTX");
-    for k in ["gemv_bf16", "gemv_fp8", "gemv_mxfp4", "gemv_mxfp4_t1", "gemv_mxfp4_t2", "gemv_mxfp4_t4", "gemv_mxfp4_t8", "moe_gate_up_mxfp4", "moe_down_mxfp4", "moe_gate_up_mxfp4_v2", "moe_down_mxfp4_v2", "moe_combine", "split_bf16", "gemv_mma_fp8_t1", "gemv_mma_fp8_t8", "gemv_mma_bf16_t1", "gemv_mma_bf16_t8", "split_f16", "moe_gate_up_mma", "moe_down_mma"] {
+    for k in ["gemv_bf16", "gemv_fp8", "gemv_mxfp4", "gemv_mxfp4_t1", "gemv_mxfp4_t2", "gemv_mxfp4_t4", "gemv_mxfp4_t8", "moe_gate_up_mxfp4", "moe_down_mxfp4", "moe_gate_up_mxfp4_v2", "moe_down_mxfp4_v2", "moe_combine", "split_bf16", "gemv_mma_fp8_t1", "gemv_mma_fp8_t8", "gemv_mma_bf16_t1", "gemv_mma_bf16_t8", "split_f16", "moe_gate_up_mma", "moe_down_mma", "moe_gate_up_pipe_s1", "moe_gate_up_pipe_s2", "moe_gate_up_pipe_s4", "moe_gate_up_pipe_s8", "moe_down_pipe_s1", "moe_down_pipe_s2", "moe_down_pipe_s4", "moe_down_pipe_s8"] {
         assert!(text.contains(&format!(".entry {k}")), "kernel {k} missing from the PTX");
     }
 }
@@ -179,65 +179,76 @@ fn stacked_qkv_gemv_matches_the_cpu_reference() {
 fn mxfp4_moe_decode_matches_the_cpu_reference() {
     let Some((g, kern)) = gpu() else { return };
     let mut r = rng();
-    let (e, h, i, top_k) = (16usize, 512usize, 256usize, 4usize);
-    let bytes = |r: &mut rand::rngs::StdRng, n: usize| -> Vec<u8> { (0..n).map(|_| r.random()).collect() };
-    let scales = |r: &mut rand::rngs::StdRng, n: usize| -> Vec<u8> { (0..n).map(|_| r.random_range(118..128)).collect() };
-    let (gate, gate_s, up, up_s) = (bytes(&mut r, e * i * h / 2), scales(&mut r, e * i * h / 32), bytes(&mut r, e * i * h / 2), scales(&mut r, e * i * h / 32));
-    let (down, down_s) = (bytes(&mut r, e * h * i / 2), scales(&mut r, e * h * i / 32));
-    let w = MoeWeights {
-        gate: g.stream.clone_htod(&gate).unwrap(),
-        gate_s: g.stream.clone_htod(&gate_s).unwrap(),
-        up: g.stream.clone_htod(&up).unwrap(),
-        up_s: g.stream.clone_htod(&up_s).unwrap(),
-        down: g.stream.clone_htod(&down).unwrap(),
-        down_s: g.stream.clone_htod(&down_s).unwrap(),
-        num_experts: e,
-        hidden: h,
-        inter: i,
-    };
-    let deq = |b: &[u8], s: &[u8], ex: usize, rows: usize, cols: usize| {
-        dequant_mxfp4(&b[ex * rows * cols / 2..(ex + 1) * rows * cols / 2], &s[ex * rows * cols / 32..(ex + 1) * rows * cols / 32], rows, cols)
-    };
-    for &t in &[1usize, 2, 5, 16, 40] {
-        let x = randn(&mut r, t * h);
-        // Distinct experts per token; with 40 tokens of 4 among 16 experts some share 10+ tokens.
-        let choices: Vec<Vec<(usize, f32)>> = (0..t)
-            .map(|_| {
-                let mut ex: Vec<usize> = (0..e).collect();
-                for j in 0..top_k {
-                    let k = r.random_range(j..e);
-                    ex.swap(j, k);
-                }
-                ex[..top_k].iter().map(|&x| (x, r.random::<f32>())).collect()
-            })
-            .collect();
-        let routing = MoeRouting::new(&choices);
-        let dr = kern.upload_routing(&routing, e).unwrap();
-        let mut scratch = kern.moe_scratch(&w, t * top_k).unwrap();
-        let xd = g.stream.clone_htod(&x).unwrap();
-        let mut y = poisoned(&g, t * h);
-        kern.moe_mxfp4(&w, &dr, &xd, &mut scratch, &mut y).unwrap();
-        let mut y1 = poisoned(&g, t * h);
-        kern.moe_mxfp4_with(MoeKernel::V1, &w, &dr, &xd, &mut scratch, &mut y1).unwrap();
-        let mut y2 = poisoned(&g, t * h);
-        kern.moe_mxfp4_with(MoeKernel::V2, &w, &dr, &xd, &mut scratch, &mut y2).unwrap();
-        // CPU: for each token and slot, down(silu(gate x) * up x) * weight, summed in slot order.
-        let mut want = vec![0f32; t * h];
-        for (ti, c) in choices.iter().enumerate() {
-            let xt = &x[ti * h..(ti + 1) * h];
-            for &(ex, wgt) in c {
-                let gx = reference(&deq(&gate, &gate_s, ex, i, h), xt, i, h, 1);
-                let ux = reference(&deq(&up, &up_s, ex, i, h), xt, i, h, 1);
-                let act: Vec<f32> = gx.iter().zip(&ux).map(|(a, b)| a / (1.0 + (-a).exp()) * b).collect();
-                let d = reference(&deq(&down, &down_s, ex, h, i), &act, h, i, 1);
-                for (o, v) in want[ti * h..(ti + 1) * h].iter_mut().zip(d) {
-                    *o += v * wgt;
+    // The second shape splits K unevenly over the pipelined kernels' 8 warps (9 and 5 steps).
+    for (e, h, i, top_k) in [(16usize, 512usize, 256usize, 4usize), (8, 576, 320, 3)] {
+        let bytes = |r: &mut rand::rngs::StdRng, n: usize| -> Vec<u8> { (0..n).map(|_| r.random()).collect() };
+        let scales = |r: &mut rand::rngs::StdRng, n: usize| -> Vec<u8> { (0..n).map(|_| r.random_range(118..128)).collect() };
+        let (gate, gate_s, up, up_s) = (bytes(&mut r, e * i * h / 2), scales(&mut r, e * i * h / 32), bytes(&mut r, e * i * h / 2), scales(&mut r, e * i * h / 32));
+        let (down, down_s) = (bytes(&mut r, e * h * i / 2), scales(&mut r, e * h * i / 32));
+        let w = MoeWeights {
+            gate: g.stream.clone_htod(&gate).unwrap(),
+            gate_s: g.stream.clone_htod(&gate_s).unwrap(),
+            up: g.stream.clone_htod(&up).unwrap(),
+            up_s: g.stream.clone_htod(&up_s).unwrap(),
+            down: g.stream.clone_htod(&down).unwrap(),
+            down_s: g.stream.clone_htod(&down_s).unwrap(),
+            num_experts: e,
+            hidden: h,
+            inter: i,
+        };
+        let deq = |b: &[u8], s: &[u8], ex: usize, rows: usize, cols: usize| {
+            dequant_mxfp4(&b[ex * rows * cols / 2..(ex + 1) * rows * cols / 2], &s[ex * rows * cols / 32..(ex + 1) * rows * cols / 32], rows, cols)
+        };
+        for &t in &[1usize, 2, 5, 16, 40] {
+            let x = randn(&mut r, t * h);
+            // Distinct experts per token; with 40 tokens of 4 among 16 experts some share 10+ tokens.
+            let choices: Vec<Vec<(usize, f32)>> = (0..t)
+                .map(|_| {
+                    let mut ex: Vec<usize> = (0..e).collect();
+                    for j in 0..top_k {
+                        let k = r.random_range(j..e);
+                        ex.swap(j, k);
+                    }
+                    ex[..top_k].iter().map(|&x| (x, r.random::<f32>())).collect()
+                })
+                .collect();
+            let routing = MoeRouting::new(&choices);
+            let dr = kern.upload_routing(&routing, e).unwrap();
+            let mut scratch = kern.moe_scratch(&w, t * top_k).unwrap();
+            let xd = g.stream.clone_htod(&x).unwrap();
+            let mut y = poisoned(&g, t * h);
+            kern.moe_mxfp4(&w, &dr, &xd, &mut scratch, &mut y).unwrap();
+            let mut y1 = poisoned(&g, t * h);
+            kern.moe_mxfp4_with(MoeKernel::V1, &w, &dr, &xd, &mut scratch, &mut y1).unwrap();
+            let mut y2 = poisoned(&g, t * h);
+            kern.moe_mxfp4_with(MoeKernel::V2, &w, &dr, &xd, &mut scratch, &mut y2).unwrap();
+            let mut y3 = poisoned(&g, t * h);
+            kern.moe_mxfp4_with(MoeKernel::TensorCore, &w, &dr, &xd, &mut scratch, &mut y3).unwrap();
+            // CPU: for each token and slot, down(silu(gate x) * up x) * weight, summed in slot order.
+            let mut want = vec![0f32; t * h];
+            for (ti, c) in choices.iter().enumerate() {
+                let xt = &x[ti * h..(ti + 1) * h];
+                for &(ex, wgt) in c {
+                    let gx = reference(&deq(&gate, &gate_s, ex, i, h), xt, i, h, 1);
+                    let ux = reference(&deq(&up, &up_s, ex, i, h), xt, i, h, 1);
+                    let act: Vec<f32> = gx.iter().zip(&ux).map(|(a, b)| a / (1.0 + (-a).exp()) * b).collect();
+                    let d = reference(&deq(&down, &down_s, ex, h, i), &act, h, i, 1);
+                    for (o, v) in want[ti * h..(ti + 1) * h].iter_mut().zip(d) {
+                        *o += v * wgt;
+                    }
                 }
             }
+            assert_close(&format!("moe mxfp4 (default) {h}x{i} T={t}"), &g.stream.clone_dtoh(&y).unwrap(), &want);
+            assert_close(&format!("moe mxfp4 (v1) T={t}"), &g.stream.clone_dtoh(&y1).unwrap(), &want);
+            assert_close(&format!("moe mxfp4 (v2) T={t}"), &g.stream.clone_dtoh(&y2).unwrap(), &want);
+            assert_close(&format!("moe mxfp4 (tensor cores, registers) {h}x{i} T={t}"), &g.stream.clone_dtoh(&y3).unwrap(), &want);
+            // Every K split of the pipelined kernels (the default is one of them).
+            for (gate_up_split, down_split) in [(1, 8), (2, 4), (4, 2), (8, 1)] {
+                let mut y4 = poisoned(&g, t * h);
+                kern.moe_mxfp4_with(MoeKernel::Pipelined { gate_up_split, down_split }, &w, &dr, &xd, &mut scratch, &mut y4).unwrap();
+                assert_close(&format!("moe mxfp4 (pipelined, splits {gate_up_split}/{down_split}) {h}x{i} T={t}"), &g.stream.clone_dtoh(&y4).unwrap(), &want);
+            }
         }
-        assert_close(&format!("moe mxfp4 T={t}"), &g.stream.clone_dtoh(&y).unwrap(), &want);
-        assert_close(&format!("moe mxfp4 (v1) T={t}"), &g.stream.clone_dtoh(&y1).unwrap(), &want);
-        assert_close(&format!("moe mxfp4 (v2) T={t}"), &g.stream.clone_dtoh(&y2).unwrap(), &want);
     }
 }
 

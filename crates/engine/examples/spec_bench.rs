@@ -140,7 +140,8 @@ fn main() {
             if !spec {
                 base_tps = tps;
             }
-            let speedup = if spec { format!("  ({:.2}x)", tps / base_tps) } else { String::new() };
+            let fused = metric(&e, "peregrine:spec_decode_fused_steps_total");
+            let speedup = if spec { format!("  ({:.2}x; {fused} steps drafted, verified and accepted in one backend call)", tps / base_tps) } else { String::new() };
             println!("{label:<8} {:<6} {total:>9} {secs:>10.2} {tps:>12.1} {acc:>10}{speedup}", if spec { "dflash" } else { "off" });
             e.shutdown();
         }

@@ -698,6 +698,7 @@ impl Core {
             self.metrics.spec_draft_failures.inc();
             return None;
         }
+        self.metrics.spec_fused_steps.inc();
         for &(id, _, k) in plan {
             self.metrics.spec_drafts.inc();
             self.metrics.spec_draft_tokens.inc_by(k as u64);

@@ -25,6 +25,7 @@ pub struct Metrics {
     pub spec_accepted: IntCounter,
     pub spec_accepted_per_pos: IntCounterVec,
     pub spec_draft_failures: IntCounter,
+    pub spec_fused_steps: IntCounter,
 }
 
 fn buckets() -> Vec<f64> {
@@ -92,6 +93,7 @@ impl Metrics {
             spec_accepted: ic("vllm:spec_decode_num_accepted_tokens_total", "Drafted tokens accepted"),
             spec_accepted_per_pos: per_pos,
             spec_draft_failures: ic("peregrine:spec_decode_draft_failures_total", "Draft passes that failed (those steps decode without drafts)"),
+            spec_fused_steps: ic("peregrine:spec_decode_fused_steps_total", "Speculative steps drafted, verified and accepted in one backend call"),
             registry,
         }
     }
