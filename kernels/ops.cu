@@ -18,11 +18,42 @@ __device__ __forceinline__ float block_sum(float v, float* sh) {
     return s;
 }
 
+// Rows whose D is a multiple of 4 and at most 4 x NORM_V x blockDim keep their float4s in
+// registers between the sum of squares and the scaling (one read of x, 16-byte accesses): the
+// element-wise loops took ~17 us per 4096-wide row on the H100, 12% of a decode step.
+#define NORM_V 4
+
+__device__ __forceinline__ float sumsq4(float4 v) { return v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w; }
+
+__device__ __forceinline__ float4 scale4(float4 w, float4 v, float inv) {
+    return make_float4(w.x * (v.x * inv), w.y * (v.y * inv), w.z * (v.z * inv), w.w * (v.w * inv));
+}
+
 // HF RMSNorm per row of D: y = w * (x * rsqrt(mean(x^2) + eps)). Rows may be per-head
 // (w has D entries, applied to every row).
 extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, int D, float eps) {
     __shared__ float sh[32];
     size_t r = blockIdx.x;
+    if ((D & 3) == 0 && D <= 4 * NORM_V * (int)blockDim.x) {
+        const float4* x4 = reinterpret_cast<const float4*>(x + r * D);
+        float4* y4 = reinterpret_cast<float4*>(y + r * D);
+        const float4* w4 = reinterpret_cast<const float4*>(w);
+        float4 v[NORM_V];
+        float s = 0.f;
+#pragma unroll
+        for (int j = 0; j < NORM_V; j++) {
+            int c = threadIdx.x + j * blockDim.x;
+            if (c < D / 4) { v[j] = x4[c]; s += sumsq4(v[j]); }
+        }
+        s = block_sum(s, sh);
+        float inv = 1.f / sqrtf(s / D + eps);
+#pragma unroll
+        for (int j = 0; j < NORM_V; j++) {
+            int c = threadIdx.x + j * blockDim.x;
+            if (c < D / 4) y4[c] = scale4(w4[c], v[j], inv);
+        }
+        return;
+    }
     float s = 0.f;
     for (int i = threadIdx.x; i < D; i += blockDim.x) { float v = x[r * D + i]; s += v * v; }
     s = block_sum(s, sh);
@@ -235,11 +266,37 @@ extern "C" __global__ void embed_bf16(const unsigned short* __restrict__ table, 
 }
 
 // The residual add fused with the next RMSNorm: x[r] += a[r]; y[r] = w * (x[r] * rsqrt(mean(x[r]^2) + eps)).
-// Same arithmetic as add_inplace followed by rms_norm.
+// Same arithmetic as add_inplace followed by rms_norm (float4s in registers as there).
 extern "C" __global__ void add_rms_norm(float* __restrict__ x, const float* __restrict__ a, const float* __restrict__ w,
                                         float* __restrict__ y, int D, float eps) {
     __shared__ float sh[32];
     size_t r = blockIdx.x;
+    if ((D & 3) == 0 && D <= 4 * NORM_V * (int)blockDim.x) {
+        float4* x4 = reinterpret_cast<float4*>(x + r * D);
+        const float4* a4 = reinterpret_cast<const float4*>(a + r * D);
+        float4* y4 = reinterpret_cast<float4*>(y + r * D);
+        const float4* w4 = reinterpret_cast<const float4*>(w);
+        float4 v[NORM_V];
+        float s = 0.f;
+#pragma unroll
+        for (int j = 0; j < NORM_V; j++) {
+            int c = threadIdx.x + j * blockDim.x;
+            if (c < D / 4) {
+                float4 p = x4[c], q = a4[c];
+                v[j] = make_float4(p.x + q.x, p.y + q.y, p.z + q.z, p.w + q.w);
+                x4[c] = v[j];
+                s += sumsq4(v[j]);
+            }
+        }
+        s = block_sum(s, sh);
+        float inv = 1.f / sqrtf(s / D + eps);
+#pragma unroll
+        for (int j = 0; j < NORM_V; j++) {
+            int c = threadIdx.x + j * blockDim.x;
+            if (c < D / 4) y4[c] = scale4(w4[c], v[j], inv);
+        }
+        return;
+    }
     float s = 0.f;
     for (int i = threadIdx.x; i < D; i += blockDim.x) {
         float v = x[r * D + i] + a[r * D + i];
@@ -251,7 +308,7 @@ extern "C" __global__ void add_rms_norm(float* __restrict__ x, const float* __re
     for (int i = threadIdx.x; i < D; i += blockDim.x) y[r * D + i] = w[i] * (x[r * D + i] * inv);
 }
 
-// Partial RoPE fused with the KV-cache write, one block per row: q rotated in place; k rotated
+// Partial RoPE fused with the KV-cache write, gridDim.y blocks per row: q rotated in place; k rotated
 // on its way into the paged pool; v scaled by vscale into the pool. Same arithmetic as rope +
 // kv_write.
 extern "C" __global__ void rope_kv_write(float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
@@ -259,9 +316,11 @@ extern "C" __global__ void rope_kv_write(float* __restrict__ q, const float* __r
                                          const long long* __restrict__ slot, int heads, int kv_heads, int hd, int vd,
                                          int half, int rotary_dim, float theta, float vscale) {
     int r = blockIdx.x;
+    // gridDim.y blocks share a row (one block per row computed 64 heads' sin/cos alone).
+    int j0 = blockIdx.y * blockDim.x + threadIdx.x, stride = blockDim.x * gridDim.y;
     float p = (float)pos[r];
     size_t s = (size_t)slot[r];
-    for (int j = threadIdx.x; j < heads * half; j += blockDim.x) {
+    for (int j = j0; j < heads * half; j += stride) {
         int h = j / half, i = j % half;
         float f = 1.f / powf(theta, (float)(2 * i) / (float)rotary_dim);
         float sn, c;
@@ -272,7 +331,7 @@ extern "C" __global__ void rope_kv_write(float* __restrict__ q, const float* __r
         qv[i + half] = b * c + a * sn;
     }
     int kd = kv_heads * hd;
-    for (int j = threadIdx.x; j < kd; j += blockDim.x) {
+    for (int j = j0; j < kd; j += stride) {
         int i = j % hd;
         const float* kv = k + (size_t)r * kd + (j - i);
         float out = kv[i];
@@ -287,7 +346,7 @@ extern "C" __global__ void rope_kv_write(float* __restrict__ q, const float* __r
         kc[s * kd + j] = out;
     }
     int vdd = kv_heads * vd;
-    for (int j = threadIdx.x; j < vdd; j += blockDim.x) vc[s * vdd + j] = v[(size_t)r * vdd + j] * vscale;
+    for (int j = j0; j < vdd; j += stride) vc[s * vdd + j] = v[(size_t)r * vdd + j] * vscale;
 }
 
 // The MoE router of one token per block (HF MiMoV2FlashTopkRouter / DeepSeek-V3 noaux_tc, as

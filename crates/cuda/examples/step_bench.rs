@@ -15,6 +15,7 @@ use clap::Parser;
 use cudarc::driver::sys::CUevent_flags;
 use peregrine_core::backend::{Backend, KvConfig, OutputRows, SeqForward};
 use peregrine_core::{MlpSpec, ModelSpec};
+use peregrine_cuda::step::Op;
 use peregrine_cuda::{probe, CudaModel};
 
 #[derive(Parser)]
@@ -43,14 +44,21 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// Bytes of one layer's attention weights (FP8 q/k/v with block scales, BF16 o_proj).
+fn attention_bytes(spec: &ModelSpec, li: usize) -> f64 {
+    let h = spec.hidden_size as f64;
+    let a = spec.layers[li].attention;
+    let fp8 = |n: f64, k: f64| n * k + (n / 128.0).ceil() * (k / 128.0).ceil() * 4.0;
+    fp8(a.q_dim() as f64, h) + fp8(a.k_dim() as f64, h) + fp8(a.v_dim() as f64, h) + a.o_dim() as f64 * h * 2.0
+}
+
 /// Bytes of one layer's weights other than the routed experts, and of one routed expert, in
 /// the formats the synthetic model uses.
 fn layer_bytes(spec: &ModelSpec, li: usize) -> (f64, f64) {
     let h = spec.hidden_size as f64;
     let l = &spec.layers[li];
-    let a = l.attention;
     let fp8 = |n: f64, k: f64| n * k + (n / 128.0).ceil() * (k / 128.0).ceil() * 4.0;
-    let mut shared = fp8(a.q_dim() as f64, h) + fp8(a.k_dim() as f64, h) + fp8(a.v_dim() as f64, h) + a.o_dim() as f64 * h * 2.0 + 2.0 * h * 4.0;
+    let mut shared = attention_bytes(spec, li) + 2.0 * h * 4.0;
     let mut expert = 0.0;
     match l.mlp {
         MlpSpec::Dense { intermediate_size } => shared += 3.0 * fp8(intermediate_size as f64, h),
@@ -213,6 +221,57 @@ fn main() {
     }
 
     println!("({} CUDA graphs captured)", model.cuda_graphs());
+
+    // Where a step's time goes: CUDA events around every operation of the plan (eager), with
+    // each kind's share of the byte floor.
+    for &b in args.batches.iter().filter(|&&b| b == 1 || b == 8) {
+        let batch: Vec<SeqForward> = (0..b).map(|s| seqf(s, vec![tok(s, args.context)], args.context, OutputRows::Last)).collect();
+        let prof = model.profile_plan(&batch, args.steps).expect("profile");
+        let mut kinds: Vec<(&str, f64, f64)> = Vec::new();
+        let mut add = |name: &'static str, ms: f64, bytes: f64| match kinds.iter_mut().find(|k| k.0 == name) {
+            Some(k) => {
+                k.1 += ms;
+                k.2 += bytes;
+            }
+            None => kinds.push((name, ms, bytes)),
+        };
+        for (op, ms) in prof {
+            let ms = ms as f64;
+            match op {
+                Op::Attention { layer, .. } => {
+                    let a = spec.layers[layer].attention;
+                    let span = a.window().map_or(args.context, |w| w.min(args.context)) as f64;
+                    let kv = b as f64 * span * (a.k_dim() + a.v_dim()) as f64 * 4.0;
+                    let w = attention_bytes(&spec, layer);
+                    add(if a.window().is_some() { "attention (sliding window)" } else { "attention (full)" }, ms, w + kv);
+                }
+                Op::Mlp { layer, .. } => match spec.layers[layer].mlp {
+                    MlpSpec::Moe(m) => {
+                        let (_, expert) = layer_bytes(&spec, layer);
+                        add("MoE (router, grouping, experts, combine)", ms, m.num_experts as f64 * spec.hidden_size as f64 * 4.0 + expert * distinct_experts(m.num_experts, m.top_k, b));
+                    }
+                    MlpSpec::Dense { intermediate_size } => {
+                        let (i, h) = (intermediate_size as f64, spec.hidden_size as f64);
+                        add("dense MLP", ms, 3.0 * (i * h + (i / 128.0).ceil() * (h / 128.0).ceil() * 4.0))
+                    }
+                },
+                Op::Norm { .. } | Op::AddNorm { .. } | Op::Add { .. } => add("norms and residual adds", ms, 0.0),
+                Op::LmHead { .. } => add("lm_head and argmax", ms, spec.vocab_size as f64 * spec.hidden_size as f64 * 2.0),
+                Op::Argmax { .. } | Op::GatherRows { .. } => add("lm_head and argmax", ms, 0.0),
+                Op::CaptureFeatures { .. } | Op::DraftContext { .. } => add("drafter context (features, fc, K/V)", ms, 0.0),
+                Op::Embed { .. } => add("embedding", ms, 0.0),
+            }
+        }
+        let total: f64 = kinds.iter().map(|k| k.1).sum();
+        println!("\nwhere a batch-{b} step goes (eager, CUDA events around each operation, median of {} runs; sum {total:.3} ms):", args.steps);
+        println!("| operations | ms | share | floor ms | ms / floor |");
+        println!("|---|---|---|---|---|");
+        for (name, ms, bytes) in kinds {
+            let fl = bytes / copy_bw * 1e3;
+            let ratio = if fl > 0.0 { format!("{:.2}x", ms / fl) } else { "-".into() };
+            println!("| {name} | {ms:.3} | {:.1}% | {fl:.3} | {ratio} |", 100.0 * ms / total);
+        }
+    }
     println!("\nverify cost (one sequence, T tokens with logits for all, ids only, graphs):");
     println!("| T | step ms | relative to T=1 | floor ms | step / floor |");
     println!("|---|---|---|---|---|");

@@ -427,7 +427,7 @@ impl CudaModel {
         let (dd, eps) = (d as i32, self.spec.rms_norm_eps);
         let mut b = self.stream.launch_builder(&self.ops.rms_norm);
         b.arg(x).arg(w).arg(y).arg(&dd).arg(&eps);
-        unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
+        unsafe { b.launch(norm_cfg(rows, d)) }.map_err(drv)?;
         Ok(())
     }
 
@@ -534,7 +534,9 @@ impl CudaModel {
         let (hh, kvh, hd, vd, hf, rd, th, vs) = (s.num_heads as i32, s.num_kv_heads as i32, s.head_dim as i32, s.v_head_dim as i32, half as i32, s.rope.rotary_dim as i32, s.rope.theta as f32, s.value_scale);
         let mut b = self.stream.launch_builder(&self.ops.rope_kv_write);
         b.arg(q).arg(k).arg(v).arg(kc).arg(vc).arg(pos).arg(slots).arg(&hh).arg(&kvh).arg(&hd).arg(&vd).arg(&hf).arg(&rd).arg(&th).arg(&vs);
-        unsafe { b.launch(LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
+        // Enough blocks per row for about one rotated q pair per thread (at most 32).
+        let per_row = (s.num_heads * half).max(s.num_kv_heads * s.head_dim).div_ceil(256).clamp(1, 32) as u32;
+        unsafe { b.launch(LaunchConfig { grid_dim: (n as u32, per_row, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
         Ok(())
     }
 
@@ -544,7 +546,7 @@ impl CudaModel {
         let (dd, eps) = (d as i32, self.spec.rms_norm_eps);
         let mut b = self.stream.launch_builder(&self.ops.add_rms_norm);
         b.arg(x).arg(a).arg(w).arg(&mut y).arg(&dd).arg(&eps);
-        unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
+        unsafe { b.launch(norm_cfg(rows, d)) }.map_err(drv)?;
         Ok(y)
     }
 
@@ -700,6 +702,13 @@ impl CudaModel {
     }
 }
 
+/// One block per row of `d`: a thread per float4 (the norm kernels' register path, whole
+/// warps, at most 1024), or 256 threads for rows that are not a multiple of 4.
+fn norm_cfg(rows: usize, d: usize) -> LaunchConfig {
+    let threads = if d % 4 == 0 { (d / 4).div_ceil(32).clamp(1, 32) * 32 } else { 256 };
+    LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: 0 }
+}
+
 /// Per-row data of one forward, on the GPU.
 pub(crate) struct RowMeta {
     pub(crate) tok: CudaSlice<i32>,
@@ -822,6 +831,24 @@ impl CudaModel {
         Ok(r)
     }
 
+    /// A batch's rows on the GPU for an eager step, and the indices of the asked-for rows.
+    pub(crate) fn upload_rows(&self, rows: &HostRows) -> Result<(RowMeta, CudaSlice<i32>)> {
+        let st = &self.stream;
+        let meta = RowMeta {
+            tok: upload(st, &rows.toks)?,
+            pos: upload(st, &rows.pos)?,
+            seq: upload(st, &rows.seq)?,
+            full_slots: upload(st, &rows.full_slots)?,
+            swa_slots: upload(st, &rows.swa_slots)?,
+            full_tables: upload(st, &rows.full_tables)?,
+            swa_tables: upload(st, &rows.swa_tables)?,
+            max_blocks: rows.max_blocks,
+            block_size: self.kv_config.map_or(1, |c| c.block_size),
+        };
+        let idx = upload(st, &rows.want.iter().map(|&r| r as i32).chain([0]).collect::<Vec<_>>())?; // never empty
+        Ok((meta, idx))
+    }
+
     /// One forward step on the GPU with no host round trip (so it can be captured as a CUDA
     /// graph): the embedding, every layer, the drafter's context K/V, then the final norm and
     /// lm_head of the rows `out_rows` (every row when None) into `logits` [rows, vocab] and their
@@ -857,19 +884,7 @@ impl CudaModel {
             return Ok((l, i, rows.counts));
         }
         let st = self.stream.clone();
-        let bs = self.kv_config.map_or(1, |c| c.block_size);
-        let meta = RowMeta {
-            tok: upload(&st, &rows.toks)?,
-            pos: upload(&st, &rows.pos)?,
-            seq: upload(&st, &rows.seq)?,
-            full_slots: upload(&st, &rows.full_slots)?,
-            swa_slots: upload(&st, &rows.swa_slots)?,
-            full_tables: upload(&st, &rows.full_tables)?,
-            swa_tables: upload(&st, &rows.swa_tables)?,
-            max_blocks: rows.max_blocks,
-            block_size: bs,
-        };
-        let idx = upload(&st, &rows.want.iter().map(|&r| r as i32).chain([0]).collect::<Vec<_>>())?; // never empty
+        let (meta, idx) = self.upload_rows(&rows)?;
         let mut logits = self.zeros(k * vocab)?;
         let mut ids = st.alloc_zeros::<i32>(k.max(1)).map_err(drv)?;
         self.step_body(&meta, n, Some((&idx, k)), &mut logits, &mut ids)?;

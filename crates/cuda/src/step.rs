@@ -6,7 +6,9 @@
 
 use std::fmt;
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::{CudaEvent, CudaSlice, LaunchConfig, PushKernelArg};
+use peregrine_core::backend::SeqForward;
 use peregrine_core::{Error, Result};
 
 use crate::backend::{drv, CudaModel, Mlp, RowMeta};
@@ -116,6 +118,18 @@ impl CudaModel {
     /// rows' tokens, positions and paging, `out_idx` the asked-for rows (for GatherRows), and
     /// `logits`/`ids` receive LmHead's and Argmax's results.
     pub(crate) fn execute(&self, ops: &[Op], meta: &RowMeta, out_idx: Option<&CudaSlice<i32>>, logits: &mut CudaSlice<f32>, ids: &mut CudaSlice<i32>) -> Result<()> {
+        self.execute_marked(ops, meta, out_idx, logits, ids, None)
+    }
+
+    /// `execute`, recording a timing event on the stream before every operation and after the
+    /// last when `marks` is given (so `marks[i]..marks[i + 1]` is operation i).
+    fn execute_marked(&self, ops: &[Op], meta: &RowMeta, out_idx: Option<&CudaSlice<i32>>, logits: &mut CudaSlice<f32>, ids: &mut CudaSlice<i32>, mut marks: Option<&mut Vec<CudaEvent>>) -> Result<()> {
+        let mark = |marks: &mut Option<&mut Vec<CudaEvent>>| -> Result<()> {
+            if let Some(m) = marks.as_deref_mut() {
+                m.push(self.stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(drv)?);
+            }
+            Ok(())
+        };
         let h = self.spec.hidden_size;
         let mut acts: [Option<CudaSlice<f32>>; ACTS] = Default::default();
         let mut features = None;
@@ -125,6 +139,7 @@ impl CudaModel {
             NormWeight::Final => &self.final_norm,
         };
         for &op in ops {
+            mark(&mut marks)?;
             match op {
                 Op::Embed { rows } => acts[Act::Hidden as usize] = Some(self.embed_rows(&meta.tok, rows)?),
                 Op::Norm { src, dst, weight, rows } => {
@@ -186,6 +201,38 @@ impl CudaModel {
                 }
             }
         }
-        Ok(())
+        mark(&mut marks)
+    }
+
+    /// Where a forward's time goes: runs `batch` eagerly `reps` times (after one warm-up) with
+    /// CUDA events around every operation of its plan and returns each operation with its median
+    /// time in ms. Eager launches, so the sum exceeds a graph replay by the launch gaps.
+    pub fn profile_plan(&mut self, batch: &[SeqForward], reps: usize) -> Result<Vec<(Op, f32)>> {
+        let rows = self.host_rows(batch)?;
+        let st = self.stream.clone();
+        let (n, k) = (rows.toks.len(), rows.want.len());
+        let (meta, idx) = self.upload_rows(&rows)?;
+        let plan = self.step_plan(n, Some(k));
+        let mut logits = self.zeros(k.max(1) * self.spec.vocab_size)?;
+        let mut ids = st.alloc_zeros::<i32>(k.max(1)).map_err(drv)?;
+        let mut times: Vec<Vec<f32>> = vec![Vec::new(); plan.len()];
+        for rep in 0..=reps {
+            let mut marks = Vec::with_capacity(plan.len() + 1);
+            self.execute_marked(&plan, &meta, Some(&idx), &mut logits, &mut ids, Some(&mut marks))?;
+            st.synchronize().map_err(drv)?;
+            if rep > 0 {
+                for (i, t) in times.iter_mut().enumerate() {
+                    t.push(marks[i].elapsed_ms(&marks[i + 1]).map_err(drv)?);
+                }
+            }
+        }
+        Ok(plan
+            .into_iter()
+            .zip(times)
+            .map(|(op, mut t)| {
+                t.sort_by(f32::total_cmp);
+                (op, t.get(t.len() / 2).copied().unwrap_or(0.0))
+            })
+            .collect())
     }
 }
