@@ -264,7 +264,27 @@ extern "C" __global__ void moe_down_mxfp4(const unsigned char* __restrict__ Wd, 
 // Grid: (ceil(H / 256), T).
 extern "C" __global__ void moe_combine(const float* __restrict__ out, const int* __restrict__ tok_pairs,
                                        float* __restrict__ y, int H, int topk) {
+    // The token's pair indices in ascending order, once per block (each thread used to find
+    // them again with topk scans of tok_pairs, one dependent round trip per slot).
+    __shared__ int raw[64], order[64];
     int n = blockIdx.x * blockDim.x + threadIdx.x, t = blockIdx.y;
+    if (topk <= 64 && (int)blockDim.x >= topk) {
+        if ((int)threadIdx.x < topk) raw[threadIdx.x] = tok_pairs[t * topk + threadIdx.x];
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            for (int k = 0; k < topk; k++) {
+                int p = raw[k], j = k;
+                for (; j > 0 && order[j - 1] > p; j--) order[j] = order[j - 1];
+                order[j] = p;
+            }
+        }
+        __syncthreads();
+        if (n >= H) return;
+        float s = 0.f;
+        for (int k = 0; k < topk; k++) s += out[(size_t)order[k] * H + n];
+        y[(size_t)t * H + n] = s;
+        return;
+    }
     if (n >= H) return;
     float s = 0.f;
     int last = -1;

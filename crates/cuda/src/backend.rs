@@ -151,7 +151,8 @@ pub(crate) struct Ops {
     rope_kv_write: CudaFunction,
     moe_route: CudaFunction,
     moe_group: CudaFunction,
-    pub(crate) argmax_rows: CudaFunction,
+    argmax_rows: CudaFunction,
+    argmax_final: CudaFunction,
     attention_v2: CudaFunction,
     pub(crate) place_drafts: CudaFunction,
     pub(crate) accept_drafts: CudaFunction,
@@ -263,6 +264,7 @@ impl CudaModel {
             moe_route: f("moe_route")?,
             moe_group: f("moe_group")?,
             argmax_rows: f("argmax_rows")?,
+            argmax_final: f("argmax_final")?,
             attention_v2: f("attention_v2")?,
             place_drafts: f("place_drafts")?,
             accept_drafts: f("accept_drafts")?,
@@ -412,8 +414,9 @@ impl CudaModel {
         let (ni, ki, tt) = (n as i32, k as i32, t as i32);
         let mut b = self.stream.launch_builder(&self.ops.gemv_f32);
         b.arg(w).arg(x).arg(y).arg(&ni).arg(&ki).arg(&tt);
-        let warps = (n * t) as u32;
-        unsafe { b.launch(LaunchConfig { grid_dim: (warps.div_ceil(8), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
+        // One block per row; up to four float4s of it per thread (the kernel's register path).
+        let threads = if k % 4 == 0 { (k / 4).div_ceil(4).div_ceil(32).clamp(1, 32) * 32 } else { 256 };
+        unsafe { b.launch(LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
         Ok(())
     }
 
@@ -564,8 +567,36 @@ impl CudaModel {
             Embed::Bf16(t) => b.arg(t),
         };
         b.arg(tok).arg(&mut x).arg(&hh);
-        unsafe { b.launch(LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
+        unsafe { b.launch(row_copy_cfg(n, h)) }.map_err(drv)?;
         Ok(x)
+    }
+
+    /// y[j] = x[idx[j]] for `rows` rows of `d`.
+    pub(crate) fn gather_rows(&self, x: &CudaSlice<f32>, idx: &CudaSlice<i32>, y: &mut CudaSlice<f32>, rows: usize, d: usize) -> Result<()> {
+        let dd = d as i32;
+        let mut b = self.stream.launch_builder(&self.ops.gather_rows);
+        b.arg(x).arg(idx).arg(y).arg(&dd);
+        unsafe { b.launch(row_copy_cfg(rows, d)) }.map_err(drv)?;
+        Ok(())
+    }
+
+    /// ids[r] = the argmax of logits row r (ties to the lower id; all -inf/NaN: 0) for `rows`
+    /// rows of the vocabulary: partial maxima over slices of ~2048 by many blocks, then one
+    /// small block per row.
+    pub(crate) fn argmax_into(&self, logits: &CudaSlice<f32>, rows: usize, ids: &mut CudaSlice<i32>) -> Result<()> {
+        let v = self.spec.vocab_size;
+        let parts = v.div_ceil(2048).clamp(1, 128);
+        let part_v = self.empty(rows * parts)?;
+        let mut part_i = self.stream.alloc_zeros::<i32>(rows * parts).map_err(drv)?;
+        let (vi, pi) = (v as i32, parts as i32);
+        let mut part_v = part_v;
+        let mut b = self.stream.launch_builder(&self.ops.argmax_rows);
+        b.arg(logits).arg(&vi).arg(&mut part_v).arg(&mut part_i);
+        unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, parts as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
+        let mut b = self.stream.launch_builder(&self.ops.argmax_final);
+        b.arg(&part_v).arg(&part_i).arg(&pi).arg(ids);
+        unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
+        Ok(())
     }
 
     /// Logits [rows, vocab] of final-normed hidden rows through the lm_head (or the tied
@@ -690,9 +721,7 @@ impl CudaModel {
             let idx = upload(&self.stream, &toks.iter().map(|x| x.0).collect::<Vec<_>>())?;
             let wts = upload(&self.stream, &toks.iter().map(|x| x.1).collect::<Vec<_>>())?;
             let mut xs = self.zeros(toks.len() * h)?;
-            let mut b = self.stream.launch_builder(&self.ops.gather_rows);
-            b.arg(hn).arg(&idx).arg(&mut xs).arg(&hh);
-            unsafe { b.launch(LaunchConfig { grid_dim: (toks.len() as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
+            self.gather_rows(hn, &idx, &mut xs, toks.len(), h)?;
             let out = self.ffn(&experts[e], &xs, toks.len())?;
             let mut b = self.stream.launch_builder(&self.ops.scatter_add_scaled);
             b.arg(&out).arg(&idx).arg(&wts).arg(&mut y).arg(&hh);
@@ -700,6 +729,12 @@ impl CudaModel {
         }
         Ok(y)
     }
+}
+
+/// Row copies (embedding, gathers): 256 threads, enough blocks per row for one element each
+/// (at most 64).
+fn row_copy_cfg(rows: usize, d: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (rows as u32, d.div_ceil(256).clamp(1, 64) as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
 }
 
 /// One block per row of `d`: a thread per float4 (the norm kernels' register path, whole

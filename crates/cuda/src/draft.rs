@@ -233,7 +233,7 @@ impl CudaModel {
     /// lm_head on the `k` wanted rows into `logits`, their argmax into `ids`.
     pub(crate) fn draft_body(&self, m: &DraftMeta, n: usize, n_mask: usize, k: usize, logits: &mut CudaSlice<f32>, ids: &mut CudaSlice<i32>) -> Result<()> {
         let d = self.drafter.as_ref().ok_or_else(|| Error::Unsupported("no drafter is attached to the CUDA backend".into()))?;
-        let (h, vocab) = (self.spec.hidden_size, self.spec.vocab_size);
+        let h = self.spec.hidden_size;
         let st = &self.stream;
         let mut x = self.embed_rows(&m.tok, n)?;
         let hh = h as i32;
@@ -287,16 +287,10 @@ impl CudaModel {
             self.add_inplace(&mut x, &mm, n * h)?;
         }
         let mut sel = self.empty(k * h)?;
-        let mut b = st.launch_builder(&self.ops.gather_rows);
-        b.arg(&x).arg(&m.want).arg(&mut sel).arg(&hh);
-        unsafe { b.launch(LaunchConfig { grid_dim: (k as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
+        self.gather_rows(&x, &m.want, &mut sel, k, h)?;
         let normed = self.rms_norm(&sel, &d.norm, k, h)?;
         self.lm_head_into(&normed, k, logits)?;
-        let v = vocab as i32;
-        let mut b = st.launch_builder(&self.ops.argmax_rows);
-        b.arg(&*logits).arg(&v).arg(ids);
-        unsafe { b.launch(LaunchConfig { grid_dim: (k as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
-        Ok(())
+        self.argmax_into(logits, k, ids)
     }
 }
 

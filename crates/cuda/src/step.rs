@@ -7,7 +7,7 @@
 use std::fmt;
 
 use cudarc::driver::sys::CUevent_flags;
-use cudarc::driver::{CudaEvent, CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaEvent, CudaSlice};
 use peregrine_core::backend::SeqForward;
 use peregrine_core::{Error, Result};
 
@@ -183,22 +183,14 @@ impl CudaModel {
                     let idx = out_idx.ok_or_else(|| Error::Backend("step plan gathers rows without their indices".into()))?;
                     let x = acts[Act::Hidden as usize].as_ref().ok_or_else(|| Error::Backend("step plan gathers before the embedding".into()))?;
                     let mut sel = self.empty(rows * h)?;
-                    let hh = h as i32;
-                    let mut b = self.stream.launch_builder(&self.ops.gather_rows);
-                    b.arg(x).arg(idx).arg(&mut sel).arg(&hh);
-                    unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
+                    self.gather_rows(x, idx, &mut sel, rows, h)?;
                     acts[Act::Selected as usize] = Some(sel);
                 }
                 Op::LmHead { src, rows } => {
                     let x = acts[src as usize].as_ref().ok_or_else(|| Error::Backend(format!("step plan reads {src:?} before writing it")))?;
                     self.lm_head_into(x, rows, logits)?;
                 }
-                Op::Argmax { rows } => {
-                    let v = self.spec.vocab_size as i32;
-                    let mut b = self.stream.launch_builder(&self.ops.argmax_rows);
-                    b.arg(&*logits).arg(&v).arg(&mut *ids);
-                    unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
-                }
+                Op::Argmax { rows } => self.argmax_into(logits, rows, ids)?,
             }
         }
         mark(&mut marks)
