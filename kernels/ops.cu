@@ -458,20 +458,29 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, const flo
             if (!keep[e / per]) choice[e] = NEG_INF;
         __syncthreads();
     }
+    // The top K by one warp, shuffles only (K block-wide argmax rounds, two barriers each, made
+    // this kernel ~11 us per layer on the H100 under ncu). Same order: largest choice, ties to
+    // the lower index.
+    if (threadIdx.x >= 32) return;
     float wsum = 0.f;
     for (int k = 0; k < K; k++) {
         float v = NEG_INF;
         int i = 0x7fffffff;
-        for (int e = threadIdx.x; e < E; e += blockDim.x)
+        for (int e = threadIdx.x; e < E; e += 32)
             if (choice[e] > v || (choice[e] == v && e < i)) { v = choice[e]; i = e; }
-        block_argmax(v, i, sv, si, &best_v, &best_i);
-        if (threadIdx.x == 0) {
-            topk_idx[t * K + k] = best_i;
-            topk_w[t * K + k] = scores[best_i];
-            wsum += scores[best_i];
-            choice[best_i] = __int_as_float(0x7fc00000u);  // NaN: compares false, never chosen again
+        for (int o = 16; o > 0; o >>= 1) {
+            float v2 = __shfl_xor_sync(0xffffffffu, v, o);
+            int i2 = __shfl_xor_sync(0xffffffffu, i, o);
+            if (v2 > v || (v2 == v && i2 < i)) { v = v2; i = i2; }
         }
-        __syncthreads();
+        if (i >= E) i = 0;  // fewer than K candidates (K > E): expert 0, never out of bounds
+        wsum += scores[i];
+        if (threadIdx.x == 0) {
+            topk_idx[t * K + k] = i;
+            topk_w[t * K + k] = scores[i];
+            choice[i] = __int_as_float(0x7fc00000u);  // NaN: compares false, never chosen again
+        }
+        __syncwarp();
     }
     if (threadIdx.x == 0) {
         float denom = wsum + 1e-20f;

@@ -174,6 +174,15 @@ pub trait Backend: Send {
         Ok(None)
     }
 
+    /// `forward_sampled`, also returning, for every row whose `top` entry is Some(n) (n at most
+    /// [`MAX_BACKEND_TOP_LOGPROBS`]), log-probabilities under the row's raw logits (before
+    /// adjustments and sampling transforms, as the engine's host `logprobs` computes them): the
+    /// sampled token's and the n most likely tokens'. `Ok(None)`: no such path.
+    fn forward_sampled_logprobs(&mut self, batch: &[SeqForward], rows: &[RowSampling], adjust: &[LogitAdjust], top: &[Option<u32>]) -> Result<Option<Vec<Vec<(u32, Option<RowLogprobs>)>>>> {
+        let _ = (batch, rows, adjust, top);
+        Ok(None)
+    }
+
     /// A short name for logs and metrics ("cpu", "cuda").
     fn name(&self) -> &str;
 
@@ -188,6 +197,17 @@ pub trait Backend: Send {
         let _ = batch;
         Err(Error::Unsupported(format!("the {} backend has no drafter attached", self.name())))
     }
+}
+
+/// The most top log-probabilities `forward_sampled_logprobs` lists per row (the API's maximum).
+pub const MAX_BACKEND_TOP_LOGPROBS: usize = 20;
+
+/// Log-probabilities of one row under its raw logits: the sampled token's, and the most likely
+/// tokens', descending, ties to the lower id. Non-finite logits are never listed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowLogprobs {
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
 }
 
 /// How `forward_speculative` samples the verify rows.

@@ -54,6 +54,25 @@ fn main() {
     drop(src);
     drop(dst);
 
+    // Sampling and logprobs over a MiMo-sized vocabulary: ids come back, logits stay.
+    {
+        use peregrine_core::backend::RowSampling;
+        let v = 152_064usize;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        println!("\nsampling on the GPU, vocabulary {v} (ms per call, rows in parallel):");
+        println!("| rows | greedy | T=0.8 | T=0.8, top-p 0.95 | T=0.8, top-k 50 | logprobs (top 5) |");
+        println!("|---|---|---|---|---|---|");
+        for rows in [1usize, 64] {
+            let logits = s.clone_htod(&(0..rows * v).map(|_| (rng.random::<f32>() - 0.5) * 16.0).collect::<Vec<_>>()).unwrap();
+            let row = |t: f32, top_p: f32, top_k: i32| RowSampling { temperature: t, top_k, top_p, min_p: 0.0, u: 0.37, adj_start: 0, adj_len: 0 };
+            let cell = |p: RowSampling| time(10, &mut |_| drop(k.sample_rows(&logits, v, &vec![p; rows]).unwrap()));
+            let (g0, t1, tp, tk) = (cell(row(0.0, 1.0, 0)), cell(row(0.8, 1.0, 0)), cell(row(0.8, 0.95, 0)), cell(row(0.8, 1.0, 50)));
+            let chosen = s.alloc_zeros::<i32>(rows).unwrap();
+            let lp = time(10, &mut |_| drop(k.row_logprobs(&logits, v, &chosen, &vec![Some(5); rows]).unwrap()));
+            println!("| {rows} | {g0:.3} | {t1:.3} | {tp:.3} | {tk:.3} | {lp:.3} |");
+        }
+    }
+
     // GEMV: matrices much larger than the 50 MB L2.
     let (rows, cols) = (16384usize, 8192usize);
     let x = s.clone_htod(&vec![0.5f32; 64 * cols]).unwrap();

@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use clap::Parser;
 use cudarc::driver::sys::CUevent_flags;
-use peregrine_core::backend::{Backend, KvConfig, OutputRows, SeqForward};
+use peregrine_core::backend::{Backend, KvConfig, OutputRows, RowSampling, SeqForward};
 use peregrine_core::{MlpSpec, ModelSpec};
 use peregrine_cuda::step::Op;
 use peregrine_cuda::{probe, CudaModel};
@@ -190,34 +190,43 @@ fn main() {
         }
     }
 
-    println!("\n| batch | eager step ms (ids only) | graph step ms (logits to host) | graph step ms (ids only) | tokens/s | floor GB | floor ms | step / floor |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("\n| batch | eager step ms (ids only) | graph step ms (logits to host) | graph step ms (sampled, 5 logprobs on the GPU) | graph step ms (ids only) | tokens/s | floor GB | floor ms | step / floor |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    #[derive(Clone, Copy)]
+    enum Bring {
+        Ids,
+        Logits,
+        Logprobs,
+    }
     for &b in &args.batches {
-        let step = |i: usize, ids_only: bool, model: &mut CudaModel| {
+        let step = |i: usize, bring: Bring, model: &mut CudaModel| {
             let batch: Vec<SeqForward> = (0..b).map(|s| seqf(s, vec![tok(s, args.context + i)], args.context + i % 8, OutputRows::Last)).collect();
-            if ids_only {
-                model.forward_argmax(&batch).unwrap();
-            } else {
-                model.forward(&batch).unwrap();
+            match bring {
+                Bring::Ids => drop(model.forward_argmax(&batch).unwrap()),
+                Bring::Logits => drop(model.forward(&batch).unwrap()),
+                Bring::Logprobs => {
+                    let rows: Vec<RowSampling> = (0..b).map(|s| RowSampling { temperature: 0.8, top_k: 0, top_p: 0.95, min_p: 0.0, u: ((s * 37 + i) % 100) as f64 / 100.0, adj_start: 0, adj_len: 0 }).collect();
+                    drop(model.forward_sample_logprobs(&batch, &rows, &[], &vec![Some(5); b]).unwrap());
+                }
             }
         };
-        let mut timed = |ids_only: bool, graphs: bool| {
+        let mut timed = |bring: Bring, graphs: bool| {
             model.set_cuda_graphs(graphs);
             for i in 0..3 {
-                step(i, ids_only, &mut model);
+                step(i, bring, &mut model);
             }
             let mut t = Vec::new();
             for i in 0..args.steps {
                 let t0 = Instant::now();
-                step(i, ids_only, &mut model);
+                step(i, bring, &mut model);
                 t.push(t0.elapsed().as_secs_f64() * 1e3);
             }
             median(t)
         };
-        let (eager_ms, logits_ms, ids_ms) = (timed(true, false), timed(false, true), timed(true, true));
+        let (eager_ms, logits_ms, lp_ms, ids_ms) = (timed(Bring::Ids, false), timed(Bring::Logits, true), timed(Bring::Logprobs, true), timed(Bring::Ids, true));
         let f = floor(&spec, b, b, args.context);
         let floor_ms = f.bytes / copy_bw * 1e3;
-        println!("| {b} | {eager_ms:.3} | {logits_ms:.3} | {ids_ms:.3} | {:.0} | {:.2} | {floor_ms:.3} | {:.2}x |", b as f64 / (ids_ms / 1e3), f.bytes / 1e9, ids_ms / floor_ms);
+        println!("| {b} | {eager_ms:.3} | {logits_ms:.3} | {lp_ms:.3} | {ids_ms:.3} | {:.0} | {:.2} | {floor_ms:.3} | {:.2}x |", b as f64 / (ids_ms / 1e3), f.bytes / 1e9, ids_ms / floor_ms);
     }
 
     println!("({} CUDA graphs captured)", model.cuda_graphs());

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
-use peregrine_core::backend::{Backend, KvBlockBytes, KvConfig, LogitAdjust, Logits, RowSampling, SeqForward, NULL_BLOCK};
+use peregrine_core::backend::{Backend, KvBlockBytes, KvConfig, LogitAdjust, Logits, RowLogprobs, RowSampling, SeqForward, NULL_BLOCK};
 use peregrine_core::{AttentionKind, AttentionSpec, Error, MlpSpec, ModelSpec, MoeSpec, QkvLayout, Result, RouterScoring};
 use peregrine_model::weights::WeightSource;
 
@@ -896,14 +896,14 @@ impl CudaModel {
     /// Runs `batch` (through a captured graph when it qualifies) and brings back, for the
     /// asked-for rows, what `out` says: logits, argmax ids or ids sampled on the GPU; with the
     /// per-sequence row counts.
-    fn run(&mut self, batch: &[SeqForward], out: Out) -> Result<(Vec<f32>, Vec<i32>, Vec<usize>)> {
+    fn run(&mut self, batch: &[SeqForward], out: Out) -> Result<(Fetched, Vec<usize>)> {
         let rows = self.host_rows(batch)?;
         let n = rows.toks.len();
         if n == 0 {
-            return Ok((Vec::new(), Vec::new(), rows.counts));
+            return Ok((Fetched::default(), rows.counts));
         }
         let k = rows.want.len();
-        if let Out::Sample(p, _) = out {
+        if let Out::Sample(p, _) | Out::SampleLogprobs(p, _, _) = out {
             if p.len() != k {
                 return Err(Error::Backend(format!("{} sampling rows for {k} output rows", p.len())));
             }
@@ -911,34 +911,43 @@ impl CudaModel {
         let vocab = self.spec.vocab_size;
         if let Some(mut g) = self.graph_for(&rows)? {
             let fetched = match out {
-                Out::Logits if k > 0 => g.fetch_logits(&self.stream, k * vocab).map(|l| (l, Vec::new())),
+                Out::Logits if k > 0 => g.fetch_logits(&self.stream, k * vocab).map(|logits| Fetched { logits, ..Default::default() }),
                 _ => fetch(&self.kernels, &self.stream, out, k, vocab, &mut g.logits, &g.ids),
             };
             self.graphs.put_back(g);
-            let (l, i) = fetched?;
-            return Ok((l, i, rows.counts));
+            return Ok((fetched?, rows.counts));
         }
         let st = self.stream.clone();
         let (meta, idx) = self.upload_rows(&rows)?;
         let mut logits = self.zeros(k * vocab)?;
         let mut ids = st.alloc_zeros::<i32>(k.max(1)).map_err(drv)?;
         self.step_body(&meta, n, Some((&idx, k)), &mut logits, &mut ids)?;
-        let (l, i) = fetch(&self.kernels, &st, out, k, vocab, &mut logits, &ids)?;
-        Ok((l, i, rows.counts))
+        Ok((fetch(&self.kernels, &st, out, k, vocab, &mut logits, &ids)?, rows.counts))
     }
 
     /// Greedy decoding without logits on the host: the argmax token of every asked-for row
     /// (ties to the lower id), per sequence.
     pub fn forward_argmax(&mut self, batch: &[SeqForward]) -> Result<Vec<Vec<u32>>> {
-        let (_, ids, counts) = self.run(batch, Out::Argmax)?;
-        Ok(per_sequence(ids, &counts))
+        let (f, counts) = self.run(batch, Out::Argmax)?;
+        Ok(per_sequence(f.ids, &counts))
     }
 
     /// Sampling on the GPU: one token id per asked-for row, drawn with that row's parameters
     /// after its logit adjustments (bias, penalties).
     pub fn forward_sample(&mut self, batch: &[SeqForward], rows: &[RowSampling], adjust: &[LogitAdjust]) -> Result<Vec<Vec<u32>>> {
-        let (_, ids, counts) = self.run(batch, Out::Sample(rows, adjust))?;
-        Ok(per_sequence(ids, &counts))
+        let (f, counts) = self.run(batch, Out::Sample(rows, adjust))?;
+        Ok(per_sequence(f.ids, &counts))
+    }
+
+    /// `forward_sample` with the raw logits' logprobs of the rows whose `top` entry is Some(n):
+    /// the sampled token's and the n most likely (computed on the GPU; only they come back).
+    pub fn forward_sample_logprobs(&mut self, batch: &[SeqForward], rows: &[RowSampling], adjust: &[LogitAdjust], top: &[Option<u32>]) -> Result<Vec<Vec<(u32, Option<RowLogprobs>)>>> {
+        if top.len() != rows.len() {
+            return Err(Error::Backend(format!("{} logprobs entries for {} sampling rows", top.len(), rows.len())));
+        }
+        let (f, counts) = self.run(batch, Out::SampleLogprobs(rows, adjust, top))?;
+        let mut it = f.ids.into_iter().map(|t| t as u32).zip(f.logprobs);
+        Ok(counts.iter().map(|&c| it.by_ref().take(c).collect()).collect())
     }
 }
 
@@ -948,19 +957,33 @@ enum Out<'a> {
     Logits,
     Argmax,
     Sample(&'a [RowSampling], &'a [LogitAdjust]),
+    /// Sample, with the raw logits' logprobs of the rows whose entry is Some(top).
+    SampleLogprobs(&'a [RowSampling], &'a [LogitAdjust], &'a [Option<u32>]),
+}
+
+/// What a forward brought back: logits, or ids (with logprobs when asked).
+#[derive(Default)]
+struct Fetched {
+    logits: Vec<f32>,
+    ids: Vec<i32>,
+    logprobs: Vec<Option<RowLogprobs>>,
 }
 
 /// Brings back what `out` asks for of the first `k` rows of a step's logits / argmax ids.
-fn fetch(kern: &Kernels, st: &Arc<CudaStream>, out: Out, k: usize, vocab: usize, logits: &mut CudaSlice<f32>, ids: &CudaSlice<i32>) -> Result<(Vec<f32>, Vec<i32>)> {
+fn fetch(kern: &Kernels, st: &Arc<CudaStream>, out: Out, k: usize, vocab: usize, logits: &mut CudaSlice<f32>, ids: &CudaSlice<i32>) -> Result<Fetched> {
     Ok(match out {
         // Nothing asked for (a prefill chunk): still wait for the step to finish.
         _ if k == 0 => {
             st.synchronize().map_err(drv)?;
-            (Vec::new(), Vec::new())
+            Fetched::default()
         }
-        Out::Logits => (st.clone_dtoh(&logits.slice(..k * vocab)).map_err(drv)?, Vec::new()),
-        Out::Argmax => (Vec::new(), st.clone_dtoh(&ids.slice(..k)).map_err(drv)?),
-        Out::Sample(p, adj) => (Vec::new(), st.clone_dtoh(&kern.sample_rows_adjusted(logits, vocab, p, adj)?).map_err(drv)?),
+        Out::Logits => Fetched { logits: st.clone_dtoh(&logits.slice(..k * vocab)).map_err(drv)?, ..Default::default() },
+        Out::Argmax => Fetched { ids: st.clone_dtoh(&ids.slice(..k)).map_err(drv)?, ..Default::default() },
+        Out::Sample(p, adj) => Fetched { ids: st.clone_dtoh(&kern.sample_rows_adjusted(logits, vocab, p, adj)?).map_err(drv)?, ..Default::default() },
+        Out::SampleLogprobs(p, adj, top) => {
+            let (ids, logprobs) = kern.sample_rows_with_logprobs(logits, vocab, p, adj, top)?;
+            Fetched { ids, logprobs, ..Default::default() }
+        }
     })
 }
 
@@ -983,8 +1006,8 @@ impl Backend for CudaModel {
     }
 
     fn forward(&mut self, batch: &[SeqForward]) -> Result<Vec<Logits>> {
-        let (data, _, counts) = self.run(batch, Out::Logits)?;
-        Ok(peregrine_core::backend::split_logits(&data, &counts, self.spec.vocab_size))
+        let (f, counts) = self.run(batch, Out::Logits)?;
+        Ok(peregrine_core::backend::split_logits(&f.logits, &counts, self.spec.vocab_size))
     }
 
     fn forward_greedy(&mut self, batch: &[SeqForward]) -> Result<Option<Vec<Vec<u32>>>> {
@@ -993,6 +1016,10 @@ impl Backend for CudaModel {
 
     fn forward_sampled(&mut self, batch: &[SeqForward], rows: &[RowSampling], adjust: &[LogitAdjust]) -> Result<Option<Vec<Vec<u32>>>> {
         self.forward_sample(batch, rows, adjust).map(Some)
+    }
+
+    fn forward_sampled_logprobs(&mut self, batch: &[SeqForward], rows: &[RowSampling], adjust: &[LogitAdjust], top: &[Option<u32>]) -> Result<Option<Vec<Vec<(u32, Option<RowLogprobs>)>>>> {
+        self.forward_sample_logprobs(batch, rows, adjust, top).map(Some)
     }
 
     fn forward_speculative(&mut self, batch: &[SeqForward], sampling: peregrine_core::backend::SpecSampling) -> Result<Option<Vec<peregrine_core::backend::SpecRows>>> {

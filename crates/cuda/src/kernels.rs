@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
-use peregrine_core::backend::{LogitAdjust, RowSampling};
+use peregrine_core::backend::{LogitAdjust, RowLogprobs, RowSampling};
 use peregrine_core::{Error, Result};
 
 /// The sampling parameters of one row as the kernel reads them (same C layout).
@@ -90,6 +90,7 @@ pub struct Kernels {
     down_pipe: [CudaFunction; 4],
     sample: CudaFunction,
     adjust: CudaFunction,
+    logprobs: CudaFunction,
     /// The PTX came from the on-disk cache.
     pub cached: bool,
 }
@@ -229,6 +230,7 @@ impl Kernels {
         let sm = gpu.ctx.load_module(sptx).map_err(drv("loading sample.cu"))?;
         let sample = sm.load_function("sample_rows").map_err(drv("kernel sample_rows"))?;
         let adjust = sm.load_function("adjust_logits").map_err(drv("kernel adjust_logits"))?;
+        let logprobs = sm.load_function("row_logprobs").map_err(drv("kernel row_logprobs"))?;
         Ok(Kernels {
             stream: gpu.stream.clone(),
             bf16: f("gemv_bf16")?,
@@ -250,6 +252,7 @@ impl Kernels {
             down_pipe: [f("moe_down_pipe_s1")?, f("moe_down_pipe_s2")?, f("moe_down_pipe_s4")?, f("moe_down_pipe_s8")?],
             sample,
             adjust,
+            logprobs,
             cached,
         })
     }
@@ -363,6 +366,52 @@ impl Kernels {
             unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv("adjust_logits"))?;
         }
         self.sample_rows(logits, v, params)
+    }
+
+    /// Log-probabilities under the raw logits (see kernels/sample.cu `row_logprobs`) of the first
+    /// `tops.len()` rows of `logits` [rows, V]: for each row with `tops[r]` Some(n), the logprob
+    /// of token `chosen[r]` and the n (at most MAX_BACKEND_TOP_LOGPROBS) most likely tokens.
+    pub fn row_logprobs(&self, logits: &CudaSlice<f32>, v: usize, chosen: &CudaSlice<i32>, tops: &[Option<u32>]) -> Result<Vec<Option<RowLogprobs>>> {
+        let rows = tops.len();
+        check(rows > 0 && logits.len() >= rows * v && chosen.len() >= rows, || format!("row_logprobs: {rows} rows"))?;
+        const MAXTOP: usize = peregrine_core::backend::MAX_BACKEND_TOP_LOGPROBS;
+        check(tops.iter().flatten().all(|&n| n as usize <= MAXTOP), || format!("row_logprobs: at most {MAXTOP} top logprobs"))?;
+        let t: Vec<i32> = tops.iter().map(|t| t.map_or(-1, |n| n as i32)).collect();
+        let st = &self.stream;
+        let td = st.clone_htod(&t).map_err(drv("upload"))?;
+        let mut lp = st.alloc_zeros::<f32>(rows).map_err(drv("alloc"))?;
+        let mut ids = st.alloc_zeros::<i32>(rows * MAXTOP).map_err(drv("alloc"))?;
+        let mut lps = st.alloc_zeros::<f32>(rows * MAXTOP).map_err(drv("alloc"))?;
+        let mut count = st.alloc_zeros::<i32>(rows).map_err(drv("alloc"))?;
+        let vi = v as i32;
+        let mut b = st.launch_builder(&self.logprobs);
+        b.arg(logits).arg(&vi).arg(chosen).arg(&td).arg(&mut lp).arg(&mut ids).arg(&mut lps).arg(&mut count);
+        unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv("row_logprobs"))?;
+        let (lp, ids, lps, count) = (st.clone_dtoh(&lp).map_err(drv("download"))?, st.clone_dtoh(&ids).map_err(drv("download"))?, st.clone_dtoh(&lps).map_err(drv("download"))?, st.clone_dtoh(&count).map_err(drv("download"))?);
+        Ok((0..rows)
+            .map(|r| {
+                tops[r].map(|_| RowLogprobs {
+                    logprob: lp[r],
+                    top: (0..count[r].max(0) as usize).map(|j| (ids[r * MAXTOP + j] as u32, lps[r * MAXTOP + j])).collect(),
+                })
+            })
+            .collect())
+    }
+
+    /// Samples like `sample_rows_adjusted` without touching `logits` (adjustments go to a copy
+    /// when there are any), then the logprobs of the sampled tokens under the raw logits.
+    pub fn sample_rows_with_logprobs(&self, logits: &CudaSlice<f32>, v: usize, params: &[RowSampling], adjust: &[LogitAdjust], tops: &[Option<u32>]) -> Result<(Vec<i32>, Vec<Option<RowLogprobs>>)> {
+        let rows = params.len();
+        check(tops.len() == rows, || format!("{} logprobs entries for {rows} sampling rows", tops.len()))?;
+        let ids = if adjust.is_empty() {
+            self.sample_rows(logits, v, params)?
+        } else {
+            let mut work = unsafe { self.stream.alloc::<f32>(rows * v) }.map_err(drv("alloc"))?;
+            self.stream.memcpy_dtod(&logits.slice(..rows * v), &mut work).map_err(drv("copy"))?;
+            self.sample_rows_adjusted(&mut work, v, params, adjust)?
+        };
+        let lps = self.row_logprobs(logits, v, &ids, tops)?;
+        Ok((self.stream.clone_dtoh(&ids).map_err(drv("download"))?, lps))
     }
 
     /// Like `sample_rows_adjusted`, with the rows' parameters and adjustments already in device

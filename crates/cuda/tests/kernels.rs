@@ -86,7 +86,9 @@ fn nvrtc_compiles_the_kernels() {
     )
     .expect("sample.cu compiles for sm_90a")
     .to_src();
-    assert!(sample.contains(".entry sample_rows"), "kernel sample_rows missing from the PTX");
+    for k in ["sample_rows", "adjust_logits", "row_logprobs"] {
+        assert!(sample.contains(&format!(".entry {k}")), "kernel {k} missing from the PTX");
+    }
     for k in ["gemv_bf16", "gemv_fp8", "gemv_mxfp4", "gemv_mxfp4_t1", "gemv_mxfp4_t2", "gemv_mxfp4_t4", "gemv_mxfp4_t8", "moe_gate_up_mxfp4", "moe_down_mxfp4", "moe_gate_up_mxfp4_v2", "moe_down_mxfp4_v2", "moe_combine", "split_bf16", "gemv_mma_fp8_t1", "gemv_mma_fp8_t8", "gemv_mma_bf16_t1", "gemv_mma_bf16_t8", "split_f16", "moe_gate_up_mma", "moe_down_mma", "moe_gate_up_pipe_s1", "moe_gate_up_pipe_s2", "moe_gate_up_pipe_s4", "moe_gate_up_pipe_s8", "moe_down_pipe_s1", "moe_down_pipe_s2", "moe_down_pipe_s4", "moe_down_pipe_s8"] {
         assert!(text.contains(&format!(".entry {k}")), "kernel {k} missing from the PTX");
     }
@@ -413,5 +415,72 @@ fn logit_adjustments_match_the_host() {
         let row = &want[ri * v..(ri + 1) * v];
         let best = (0..v).fold(0, |b, i| if row[i] > row[b] { i } else { b });
         assert_eq!(*id as usize, best, "row {ri}: greedy after adjustments");
+    }
+}
+
+/// The host's `logprobs` (crates/engine/src/sampler.rs) on one row: the chosen token's logprob
+/// and the `top` most likely, descending, ties to the lower id.
+fn host_logprobs(raw: &[f32], chosen: usize, top: usize) -> (f32, Vec<(u32, f32)>) {
+    let max = raw.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let lse = max as f64 + raw.iter().map(|&l| ((l - max) as f64).exp()).sum::<f64>().ln();
+    let lp = |i: usize| (raw[i] as f64 - lse) as f32;
+    let mut idx: Vec<usize> = (0..raw.len()).collect();
+    idx.sort_by(|&a, &b| raw[b].total_cmp(&raw[a]).then(a.cmp(&b)));
+    (lp(chosen), idx[..top].iter().map(|&i| (i as u32, lp(i))).collect())
+}
+
+/// Logprobs on the GPU equal the host's on fresh random logits with ties at the top (ids exactly,
+/// values within 1e-6), for 0, 1, 5 and 20 alternatives and a row that wants none; sampling with
+/// logprobs leaves the raw logits untouched (adjustments go to a copy) and draws what
+/// `sample_rows_adjusted` draws.
+#[test]
+fn logprobs_on_the_gpu_match_the_host() {
+    use peregrine_core::backend::{LogitAdjust, RowSampling};
+    let Some((g, kern)) = gpu() else { return };
+    let mut r = rng();
+    for v in [5000usize, 152_064] {
+        let rows = 5;
+        let mut logits: Vec<f32> = (0..rows * v).map(|_| (r.random::<f32>() - 0.5) * 12.0).collect();
+        for row in 0..rows {
+            // Ties: several tokens share the row's largest value, one of them the chosen one.
+            let top = (0..v).map(|i| logits[row * v + i]).fold(f32::MIN, f32::max) + 1.0;
+            for _ in 0..4 {
+                let i = r.random_range(0..v);
+                logits[row * v + i] = top;
+            }
+        }
+        let chosen: Vec<i32> = (0..rows).map(|_| r.random_range(0..v as i32)).collect();
+        let tops = [Some(0u32), Some(1), Some(5), Some(20), None];
+        let d = g.stream.clone_htod(&logits).unwrap();
+        let cd = g.stream.clone_htod(&chosen).unwrap();
+        let got = kern.row_logprobs(&d, v, &cd, &tops).unwrap();
+        for row in 0..rows {
+            let Some(n) = tops[row] else {
+                assert!(got[row].is_none(), "row {row} asked for nothing");
+                continue;
+            };
+            let g = got[row].as_ref().expect("logprobs");
+            let (lp, top) = host_logprobs(&logits[row * v..(row + 1) * v], chosen[row] as usize, n as usize);
+            assert!(lp.is_finite() && (g.logprob - lp).abs() <= 1e-6, "V={v} row {row}: chosen logprob {} vs host {lp}", g.logprob);
+            assert_eq!(g.top.iter().map(|t| t.0).collect::<Vec<_>>(), top.iter().map(|t| t.0).collect::<Vec<_>>(), "V={v} row {row}: top ids");
+            for (a, b) in g.top.iter().zip(&top) {
+                assert!((a.1 - b.1).abs() <= 1e-6, "V={v} row {row}: top logprob {} vs host {}", a.1, b.1);
+            }
+        }
+        // Sampling with logprobs: the raw logits stay, the draw is the adjusted one.
+        let params: Vec<RowSampling> = (0..rows).map(|i| RowSampling { temperature: 0.8, top_k: 0, top_p: 0.9, min_p: 0.0, u: r.random(), adj_start: 0, adj_len: if i % 2 == 0 { 2 } else { 0 } }).collect();
+        let adjust = [LogitAdjust { token: 7, bias: 30.0, repetition: 1.0, subtract: 0.0 }, LogitAdjust { token: 9, bias: -3.0, repetition: 1.2, subtract: 0.1 }];
+        let (ids, lps) = kern.sample_rows_with_logprobs(&d, v, &params, &adjust, &tops).unwrap();
+        assert_eq!(g.stream.clone_dtoh(&d).unwrap(), logits, "V={v}: sampling with logprobs changed the raw logits");
+        let mut copy = g.stream.clone_htod(&logits).unwrap();
+        let want = g.stream.clone_dtoh(&kern.sample_rows_adjusted(&mut copy, v, &params, &adjust).unwrap()).unwrap();
+        assert_eq!(ids, want, "V={v}: draws with and without logprobs differ");
+        assert_eq!(ids[0], 7, "V={v}: a bias of +30 decides row 0's draw");
+        for row in 0..rows {
+            if let (Some(n), Some(lp)) = (tops[row], &lps[row]) {
+                let (want_lp, want_top) = host_logprobs(&logits[row * v..(row + 1) * v], ids[row] as usize, n as usize);
+                assert!((lp.logprob - want_lp).abs() <= 1e-6 && lp.top.len() == want_top.len(), "V={v} row {row}: logprobs of the draw");
+            }
+        }
     }
 }

@@ -6,7 +6,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use peregrine_core::backend::{accepted_prefix, Backend, DraftForward, KvConfig, LogitAdjust, OutputRows, RowSampling, SeqForward, SpecRows, SpecSampling};
+use peregrine_core::backend::{accepted_prefix, Backend, DraftForward, KvConfig, LogitAdjust, OutputRows, RowLogprobs, RowSampling, SeqForward, SpecRows, SpecSampling, MAX_BACKEND_TOP_LOGPROBS};
 use peregrine_core::{Error, ModelSpec, SamplingParams};
 use peregrine_model::tokenizer::IncrementalDecoder;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
@@ -487,6 +487,20 @@ impl Core {
         let seqs: Vec<&Seq> = plan.iter().filter_map(|&(id, _, _)| self.running.iter().find(|s| s.id == id)).collect();
         let greedy = seqs.len() == plan.len() && seqs.iter().all(|s| s.req.sampling.is_greedy() && no_adjustments(&s.req.sampling) && sampled_ids_suffice(s));
         let sampled = seqs.len() == plan.len() && seqs.iter().all(|s| sampled_ids_suffice(s));
+        // Logprobs (past the prompt's) are computed on the backend too when it can.
+        let with_logprobs = !sampled && seqs.len() == plan.len() && seqs.iter().all(|s| s.prompt_lp_done && s.req.sampling.logprobs.is_none_or(|k| k <= MAX_BACKEND_TOP_LOGPROBS));
+        let vocab = self.backend.spec().vocab_size;
+        if with_logprobs {
+            let (rows, adjust) = row_sampling(&seqs, &batch, vocab);
+            let top: Vec<Option<u32>> = seqs.iter().zip(&batch).flat_map(|(s, b)| std::iter::repeat_n(s.req.sampling.logprobs.map(|k| k as u32), output_row_count(b))).collect();
+            match self.backend.forward_sampled_logprobs(&batch, &rows, &adjust, &top) {
+                Ok(None) => {}
+                other => {
+                    let rows = other.map(|o| o.unwrap_or_default().into_iter().map(StepRows::IdsLp).collect());
+                    return self.finish_step(t0, plan, drafts, rows, ntok);
+                }
+            }
+        }
         let ids = if let Some(f) = fused {
             Ok(Some(f.into_iter().map(|r| r.ids).collect()))
         } else if greedy {
@@ -502,6 +516,13 @@ impl Core {
             Ok(None) => self.backend.forward(&batch).map(|l| l.into_iter().map(StepRows::Logits).collect::<Vec<_>>()),
             Err(e) => Err(e),
         };
+        self.finish_step(t0, plan, drafts, result, ntok);
+    }
+
+    /// Commits a step's results: samples (or takes the sampled ids of) every asked-for row,
+    /// accepts drafts, streams the new tokens and finishes the sequences that stop; a failed
+    /// step fails its sequences.
+    fn finish_step(&mut self, t0: Instant, plan: Vec<(u64, usize, usize)>, drafts: Vec<Vec<u32>>, result: Result<Vec<StepRows>, peregrine_core::Error>, ntok: usize) {
         let logits = match result {
             Ok(l) if l.len() == plan.len() => l,
             other => {
@@ -557,9 +578,15 @@ impl Core {
             let rows: Vec<Row> = match &lg {
                 StepRows::Logits(lg) if drafts.is_empty() => lg.last().into_iter().map(Row::Logits).collect(),
                 StepRows::Logits(lg) => (0..lg.rows).map(|r| Row::Logits(lg.row(r))).collect(),
-                StepRows::Ids(ids) if drafts.is_empty() => ids.last().map(|&t| Row::Id(t)).into_iter().collect(),
-                StepRows::Ids(ids) => ids.iter().map(|&t| Row::Id(t)).collect(),
+                StepRows::Ids(ids) if drafts.is_empty() => ids.last().map(|&t| Row::Id(t, None)).into_iter().collect(),
+                StepRows::Ids(ids) => ids.iter().map(|&t| Row::Id(t, None)).collect(),
+                StepRows::IdsLp(rows) if drafts.is_empty() => rows.last().map(|(t, lp)| Row::Id(*t, lp.as_ref())).into_iter().collect(),
+                StepRows::IdsLp(rows) => rows.iter().map(|(t, lp)| Row::Id(*t, lp.as_ref())).collect(),
             };
+            if s.req.sampling.logprobs.is_some() && rows.iter().any(|r| matches!(r, Row::Id(_, None))) {
+                done.push((id, Some("the backend sampled without the logprobs this request asked for".into())));
+                continue;
+            }
             if rows.len() != drafts.len() + 1 {
                 done.push((id, Some(format!("backend returned {} logit rows for {} positions", rows.len(), drafts.len() + 1))));
                 continue;
@@ -584,8 +611,13 @@ impl Core {
                         }
                         tok
                     }
-                    // Greedy with nothing else reading the logits: the argmax is the sample.
-                    Row::Id(tok) => tok,
+                    // Sampled on the backend (with the logprobs, when asked, from the raw logits).
+                    Row::Id(tok, lp) => {
+                        if let Some(lp) = lp {
+                            lps.push(TokenLogprob { token_id: tok, logprob: lp.logprob, top: lp.top.clone() });
+                        }
+                        tok
+                    }
                 };
                 s.output.push(tok);
                 ids.push(tok);
@@ -796,12 +828,23 @@ fn commit_token(s: &mut Seq, tok: u32, eos: &[u32], max_model_len: usize) -> (St
 enum StepRows {
     Logits(peregrine_core::backend::Logits),
     Ids(Vec<u32>),
+    /// Sampled ids with their logprobs (rows of sequences that asked for them).
+    IdsLp(Vec<(u32, Option<RowLogprobs>)>),
 }
 
-/// One row to sample from.
+/// One row to sample from, or its sample from the backend (with its logprobs when computed there).
 enum Row<'a> {
     Logits(&'a [f32]),
-    Id(u32),
+    Id(u32, Option<&'a RowLogprobs>),
+}
+
+/// How many rows of `b` ask for logits (its `output`).
+fn output_row_count(b: &SeqForward) -> usize {
+    match b.output {
+        OutputRows::None => 0,
+        OutputRows::Last => usize::from(!b.tokens.is_empty()),
+        OutputRows::All => b.tokens.len(),
+    }
 }
 
 /// Whether the sampled token of each row is all this sequence needs from a step: past its
@@ -859,11 +902,7 @@ fn row_sampling(seqs: &[&Seq], batch: &[SeqForward], vocab: usize) -> (Vec<RowSa
     let mut rows = Vec::new();
     let mut adjust = Vec::new();
     for (s, b) in seqs.iter().zip(batch) {
-        let n = match b.output {
-            OutputRows::None => 0,
-            OutputRows::Last => usize::from(!b.tokens.is_empty()),
-            OutputRows::All => b.tokens.len(),
-        };
+        let n = output_row_count(b);
         let p = &s.req.sampling;
         // Row r of a verify block samples after the drafts before it were accepted: its history
         // is the output so far plus those drafts (the fed tokens past the first).

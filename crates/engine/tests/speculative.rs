@@ -350,6 +350,53 @@ struct Wrap {
     answered: Arc<std::sync::atomic::AtomicUsize>,
     /// Answer `forward_speculative` (composed of the two calls) and count the steps it answered.
     fused: Option<Arc<std::sync::atomic::AtomicUsize>>,
+    /// Steps answered with logprobs computed on the "backend".
+    logprob_steps: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Wrap {
+    /// Every output row sampled through the host sampler with its parameters, uniform number
+    /// and adjustments (as LogitAdjust documents them: what the GPU applies), and its logprobs
+    /// from the raw logits when `top` asks.
+    #[allow(clippy::type_complexity)]
+    fn sample_rows(&mut self, b: &[peregrine_core::backend::SeqForward], rows: &[peregrine_core::backend::RowSampling], adjust: &[peregrine_core::backend::LogitAdjust], top: &[Option<u32>]) -> peregrine_core::Result<Option<Vec<Vec<(u32, Option<peregrine_core::backend::RowLogprobs>)>>>> {
+        if !self.ids {
+            return Ok(None);
+        }
+        assert_eq!(rows.len(), top.len(), "one logprobs entry per sampling row");
+        let logits = peregrine_core::backend::Backend::forward(&mut self.inner, b)?;
+        let mut it = rows.iter().zip(top);
+        let out = logits
+            .iter()
+            .map(|l| {
+                (0..l.rows)
+                    .map(|r| {
+                        let (p, top) = it.next().expect("one sampling row per output row");
+                        let params = SamplingParams { temperature: p.temperature, top_k: p.top_k as usize, top_p: p.top_p, min_p: p.min_p, ..SamplingParams::greedy() };
+                        let raw = l.row(r);
+                        let mut row = raw.to_vec();
+                        for a in &adjust[p.adj_start as usize..(p.adj_start + p.adj_len) as usize] {
+                            let x = &mut row[a.token as usize];
+                            *x += a.bias;
+                            if a.repetition != 1.0 {
+                                *x = if *x > 0.0 { *x / a.repetition } else { *x * a.repetition };
+                            }
+                            *x -= a.subtract;
+                        }
+                        let tok = peregrine_engine::sampler::sample_with(&row, &params, p.u);
+                        let lp = top.map(|k| {
+                            let t = peregrine_engine::sampler::logprobs(raw, tok, k as usize);
+                            peregrine_core::backend::RowLogprobs { logprob: t.logprob, top: t.top }
+                        });
+                        (tok, lp)
+                    })
+                    .collect()
+            })
+            .collect();
+        assert!(it.next().is_none(), "more sampling rows than output rows");
+        self.answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(Some(out))
+    }
 }
 
 impl peregrine_core::backend::Backend for Wrap {
@@ -376,36 +423,16 @@ impl peregrine_core::backend::Backend for Wrap {
     /// Draws each row on the "backend" with the row's parameters and uniform number, through
     /// the host sampler (what a GPU sampler computes in its own order).
     fn forward_sampled(&mut self, b: &[peregrine_core::backend::SeqForward], rows: &[peregrine_core::backend::RowSampling], adjust: &[peregrine_core::backend::LogitAdjust]) -> peregrine_core::Result<Option<Vec<Vec<u32>>>> {
-        if !self.ids {
-            return Ok(None);
+        let top = vec![None; rows.len()];
+        Ok(self.sample_rows(b, rows, adjust, &top)?.map(|v| v.into_iter().map(|r| r.into_iter().map(|x| x.0).collect()).collect()))
+    }
+    /// As forward_sampled, with each asked-for row's logprobs from its raw logits.
+    fn forward_sampled_logprobs(&mut self, b: &[peregrine_core::backend::SeqForward], rows: &[peregrine_core::backend::RowSampling], adjust: &[peregrine_core::backend::LogitAdjust], top: &[Option<u32>]) -> peregrine_core::Result<Option<Vec<Vec<(u32, Option<peregrine_core::backend::RowLogprobs>)>>>> {
+        let r = self.sample_rows(b, rows, adjust, top)?;
+        if r.is_some() {
+            self.logprob_steps.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
-        let logits = self.inner.forward(b)?;
-        let mut it = rows.iter();
-        let out = logits
-            .iter()
-            .map(|l| {
-                (0..l.rows)
-                    .map(|r| {
-                        let p = it.next().expect("one sampling row per output row");
-                        let params = SamplingParams { temperature: p.temperature, top_k: p.top_k as usize, top_p: p.top_p, min_p: p.min_p, ..SamplingParams::greedy() };
-                        // The adjustments as LogitAdjust documents them (what the GPU applies).
-                        let mut row = l.row(r).to_vec();
-                        for a in &adjust[p.adj_start as usize..(p.adj_start + p.adj_len) as usize] {
-                            let x = &mut row[a.token as usize];
-                            *x += a.bias;
-                            if a.repetition != 1.0 {
-                                *x = if *x > 0.0 { *x / a.repetition } else { *x * a.repetition };
-                            }
-                            *x -= a.subtract;
-                        }
-                        peregrine_engine::sampler::sample_with(&row, &params, p.u)
-                    })
-                    .collect()
-            })
-            .collect();
-        assert!(it.next().is_none(), "more sampling rows than output rows");
-        self.answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        Ok(Some(out))
+        Ok(r)
     }
 
     fn forward_speculative(&mut self, b: &[peregrine_core::backend::SeqForward], sampling: peregrine_core::backend::SpecSampling) -> peregrine_core::Result<Option<Vec<peregrine_core::backend::SpecRows>>> {
@@ -440,6 +467,7 @@ fn greedy_ids_path_equals_the_logits_path() {
     for p in pairs() {
         let t = tokenizer(&p);
         let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let logprob_steps = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let start = |ids: bool, block: Option<usize>| {
             let files = open_model(p.target.to_str().unwrap()).unwrap();
             let mut m = CpuModel::load(&files.spec, files.weights.as_ref()).unwrap();
@@ -447,7 +475,7 @@ fn greedy_ids_path_equals_the_logits_path() {
                 m.attach_drafter(&open_drafter(&p.drafter).unwrap()).unwrap();
             }
             let cfg = EngineConfig { speculative_block_size: block, ..config() };
-            start_engine(Box::new(Wrap { inner: m, ids, answered: answered.clone(), fused: None }), Arc::new(files.tokenizer.unwrap()), cfg).unwrap()
+            start_engine(Box::new(Wrap { inner: m, ids, answered: answered.clone(), fused: None, logprob_steps: logprob_steps.clone() }), Arc::new(files.tokenizer.unwrap()), cfg).unwrap()
         };
         let mut mixed = greedy_requests(&t, 24);
         mixed[3].sampling.logprobs = Some(3);
@@ -471,6 +499,10 @@ fn greedy_ids_path_equals_the_logits_path() {
                 r.sampling.temperature = 0.0;
             }
         }
+        // Logprobs (2 alternatives) with sampling, penalties and bias, and greedy with 5.
+        let mut with_logprobs = sampling_requests(&t);
+        with_logprobs[4].sampling.temperature = 0.0;
+        with_logprobs[4].sampling.logprobs = Some(5);
         for block in [None, Some(8)] {
             let base = run(&start(false, block), greedy_requests(&t, 32));
             assert_eq!(answered.load(std::sync::atomic::Ordering::SeqCst), 0);
@@ -490,6 +522,15 @@ fn greedy_ids_path_equals_the_logits_path() {
             let got = run(&start(true, block), sampled.clone());
             assert_same(&format!("{} sampled on the backend, block {block:?}", p.name), &base, &got);
             assert!(answered.swap(0, std::sync::atomic::Ordering::SeqCst) > 0, "{}: no step sampled on the backend", p.name);
+            // Logprobs computed with the sample on the backend: every option, verify rows too.
+            logprob_steps.store(0, std::sync::atomic::Ordering::SeqCst);
+            let base = run(&start(false, block), with_logprobs.clone());
+            assert_eq!(logprob_steps.load(std::sync::atomic::Ordering::SeqCst), 0);
+            let got = run(&start(true, block), with_logprobs.clone());
+            assert_same(&format!("{} logprobs on the backend, block {block:?}", p.name), &base, &got);
+            assert!(logprob_steps.swap(0, std::sync::atomic::Ordering::SeqCst) > 0, "{}: no step computed logprobs on the backend", p.name);
+            assert!(got.iter().all(|o| o.logprobs.len() == o.ids.len()), "{}: a token lost its logprobs", p.name);
+            answered.store(0, std::sync::atomic::Ordering::SeqCst);
         }
     }
 }
@@ -509,7 +550,7 @@ fn fused_speculative_step_equals_the_two_call_path() {
             let mut m = CpuModel::load(&files.spec, files.weights.as_ref()).unwrap();
             m.attach_drafter(&open_drafter(&p.drafter).unwrap()).unwrap();
             let cfg = EngineConfig { speculative_block_size: Some(8), ..config() };
-            let w = Wrap { inner: m, ids: true, answered: answered.clone(), fused: f.then(|| fused.clone()) };
+            let w = Wrap { inner: m, ids: true, answered: answered.clone(), fused: f.then(|| fused.clone()), logprob_steps: Default::default() };
             start_engine(Box::new(w), Arc::new(files.tokenizer.unwrap()), cfg).unwrap()
         };
         let mut plain_sampled = sampling_requests(&t);
