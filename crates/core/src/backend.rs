@@ -178,7 +178,7 @@ pub trait Backend: Send {
     /// [`MAX_BACKEND_TOP_LOGPROBS`]), log-probabilities under the row's raw logits (before
     /// adjustments and sampling transforms, as the engine's host `logprobs` computes them): the
     /// sampled token's and the n most likely tokens'. `Ok(None)`: no such path.
-    fn forward_sampled_logprobs(&mut self, batch: &[SeqForward], rows: &[RowSampling], adjust: &[LogitAdjust], top: &[Option<u32>]) -> Result<Option<Vec<Vec<(u32, Option<RowLogprobs>)>>>> {
+    fn forward_sampled_logprobs(&mut self, batch: &[SeqForward], rows: &[RowSampling], adjust: &[LogitAdjust], top: &[Option<u32>]) -> Result<Option<SampledRows>> {
         let _ = (batch, rows, adjust, top);
         Ok(None)
     }
@@ -201,6 +201,9 @@ pub trait Backend: Send {
 
 /// The most top log-probabilities `forward_sampled_logprobs` lists per row (the API's maximum).
 pub const MAX_BACKEND_TOP_LOGPROBS: usize = 20;
+
+/// Per sequence, each sampled row's token and, when asked, its logprobs.
+pub type SampledRows = Vec<Vec<(u32, Option<RowLogprobs>)>>;
 
 /// Log-probabilities of one row under its raw logits: the sampled token's, and the most likely
 /// tokens', descending, ties to the lower id. Non-finite logits are never listed.

@@ -330,6 +330,8 @@ impl CpuModel {
                         per_expert[e].push((t, wgt));
                     }
                 }
+                // Per routed expert: its (token, weight) pairs and their outputs.
+                #[allow(clippy::type_complexity)]
                 let partial: Vec<(Vec<(usize, f32)>, Vec<f32>)> = per_expert
                     .into_par_iter()
                     .enumerate()

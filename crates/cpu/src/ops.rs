@@ -92,7 +92,7 @@ pub fn rope_inv_freq(theta: f64, rotary_dim: usize) -> Vec<f32> {
     (0..rotary_dim.div_ceil(2))
         .map(|i| {
             let e = (2 * i) as f32 / rotary_dim as f32;
-            (1.0 / (theta as f32).powf(e)) as f32
+            1.0 / (theta as f32).powf(e)
         })
         .collect()
 }

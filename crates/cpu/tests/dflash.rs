@@ -132,14 +132,14 @@ fn drafter_config_errors_name_the_field() {
     std::fs::write(tmp.path().join("config.json"), cfg.to_string()).unwrap();
     let files = open_model(root().join("tests/fixtures/golden/default").to_str().unwrap()).unwrap();
     let mut m = CpuModel::load(&files.spec, files.weights.as_ref()).unwrap();
-    let err = m.attach_drafter(&open_drafter(tmp.path()).unwrap()).err().expect("layer 9 of 7 must be refused").to_string();
+    let err = m.attach_drafter(&open_drafter(tmp.path()).unwrap()).expect_err("layer 9 of 7 must be refused").to_string();
     assert!(err.contains("target_layer_ids") && err.contains('9'), "{err}");
     cfg["dflash_config"]["target_layer_ids"] = serde_json::json!([1, 4, 6]);
     cfg["hidden_size"] = serde_json::json!(32);
     std::fs::write(tmp.path().join("config.json"), cfg.to_string()).unwrap();
     let err = match open_drafter(tmp.path()) {
         Err(e) => e.to_string(),
-        Ok(d) => m.attach_drafter(&d).err().expect("a hidden size mismatch must be refused").to_string(),
+        Ok(d) => m.attach_drafter(&d).expect_err("a hidden size mismatch must be refused").to_string(),
     };
     assert!(err.contains("hidden") || err.contains("shape"), "{err}");
     // A mask embedding of the wrong width is refused with the file named.

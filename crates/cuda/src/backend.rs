@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
-use peregrine_core::backend::{Backend, KvBlockBytes, KvConfig, LogitAdjust, Logits, RowLogprobs, RowSampling, SeqForward, NULL_BLOCK};
+use peregrine_core::backend::{Backend, KvBlockBytes, KvConfig, LogitAdjust, Logits, RowLogprobs, RowSampling, SampledRows, SeqForward, NULL_BLOCK};
 use peregrine_core::{AttentionKind, AttentionSpec, Error, MlpSpec, ModelSpec, MoeSpec, QkvLayout, Result, RouterScoring};
 use peregrine_model::weights::WeightSource;
 
@@ -39,7 +39,9 @@ pub(crate) struct Mat {
 }
 
 /// The q, k and v projections: three matrices, or one with their rows stacked (one launch
-/// and one read of the activations; when all three share a tensor-core format).
+/// and one read of the activations; when all three share a tensor-core format). One per layer:
+/// the size difference between the variants does not matter.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Qkv {
     Separate { q: Mat, k: Mat, v: Mat },
     Stacked { m: Mat, rows: [usize; 3] },
@@ -64,7 +66,7 @@ impl Qkv {
             Ok(out)
         };
         let m = match (&q.m, &k.m, &v.m) {
-            (GpuMatrix::Fp8 { w: wq, s: sq }, GpuMatrix::Fp8 { w: wk, s: sk }, GpuMatrix::Fp8 { w: wv, s: sv }) if q.n % 128 == 0 && k.n % 128 == 0 => {
+            (GpuMatrix::Fp8 { w: wq, s: sq }, GpuMatrix::Fp8 { w: wk, s: sk }, GpuMatrix::Fp8 { w: wv, s: sv }) if q.n.is_multiple_of(128) && k.n.is_multiple_of(128) => {
                 let mut s = st.alloc_zeros::<f32>(sq.len() + sk.len() + sv.len()).map_err(drv)?;
                 let mut off = 0;
                 for p in [sq, sk, sv] {
@@ -104,6 +106,7 @@ pub(crate) struct Ffn {
     down: Mat,
 }
 
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Experts {
     /// MXFP4 experts stacked for the grouped MoE kernels (routing stays on the GPU).
     Stacked(MoeWeights),
@@ -111,6 +114,7 @@ pub(crate) enum Experts {
     PerExpert(Vec<Ffn>),
 }
 
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Mlp {
     Dense(Ffn),
     Moe {
@@ -415,7 +419,7 @@ impl CudaModel {
         let mut b = self.stream.launch_builder(&self.ops.gemv_f32);
         b.arg(w).arg(x).arg(y).arg(&ni).arg(&ki).arg(&tt);
         // One block per row; up to four float4s of it per thread (the kernel's register path).
-        let threads = if k % 4 == 0 { (k / 4).div_ceil(4).div_ceil(32).clamp(1, 32) * 32 } else { 256 };
+        let threads = if k.is_multiple_of(4) { (k / 4).div_ceil(4).div_ceil(32).clamp(1, 32) * 32 } else { 256 };
         unsafe { b.launch(LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
         Ok(())
     }
@@ -683,6 +687,7 @@ impl CudaModel {
 
     /// The GPU router and grouping on host logits [n, E], brought back: each token's (expert,
     /// weight) choices and the grouping (for the kernel tests against the CPU reference).
+    #[allow(clippy::type_complexity)]
     pub fn route_on_gpu(&self, spec: &MoeSpec, logits: &[f32], bias: Option<&[f32]>) -> Result<(Vec<Vec<(usize, f32)>>, MoeRouting)> {
         let (e, k) = (spec.num_experts, spec.top_k);
         let n = logits.len() / e;
@@ -740,7 +745,7 @@ fn row_copy_cfg(rows: usize, d: usize) -> LaunchConfig {
 /// One block per row of `d`: a thread per float4 (the norm kernels' register path, whole
 /// warps, at most 1024), or 256 threads for rows that are not a multiple of 4.
 fn norm_cfg(rows: usize, d: usize) -> LaunchConfig {
-    let threads = if d % 4 == 0 { (d / 4).div_ceil(32).clamp(1, 32) * 32 } else { 256 };
+    let threads = if d.is_multiple_of(4) { (d / 4).div_ceil(32).clamp(1, 32) * 32 } else { 256 };
     LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: 0 }
 }
 
@@ -941,7 +946,7 @@ impl CudaModel {
 
     /// `forward_sample` with the raw logits' logprobs of the rows whose `top` entry is Some(n):
     /// the sampled token's and the n most likely (computed on the GPU; only they come back).
-    pub fn forward_sample_logprobs(&mut self, batch: &[SeqForward], rows: &[RowSampling], adjust: &[LogitAdjust], top: &[Option<u32>]) -> Result<Vec<Vec<(u32, Option<RowLogprobs>)>>> {
+    pub fn forward_sample_logprobs(&mut self, batch: &[SeqForward], rows: &[RowSampling], adjust: &[LogitAdjust], top: &[Option<u32>]) -> Result<SampledRows> {
         if top.len() != rows.len() {
             return Err(Error::Backend(format!("{} logprobs entries for {} sampling rows", top.len(), rows.len())));
         }
@@ -1018,7 +1023,7 @@ impl Backend for CudaModel {
         self.forward_sample(batch, rows, adjust).map(Some)
     }
 
-    fn forward_sampled_logprobs(&mut self, batch: &[SeqForward], rows: &[RowSampling], adjust: &[LogitAdjust], top: &[Option<u32>]) -> Result<Option<Vec<Vec<(u32, Option<RowLogprobs>)>>>> {
+    fn forward_sampled_logprobs(&mut self, batch: &[SeqForward], rows: &[RowSampling], adjust: &[LogitAdjust], top: &[Option<u32>]) -> Result<Option<SampledRows>> {
         self.forward_sample_logprobs(batch, rows, adjust, top).map(Some)
     }
 

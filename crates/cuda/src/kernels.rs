@@ -1,5 +1,8 @@
 //! Typed launches of the decode kernels in `kernels/gemv.cu`.
 
+// Kernel launches take their buffers and shapes explicitly.
+#![allow(clippy::too_many_arguments)]
+
 use std::sync::Arc;
 
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
@@ -283,7 +286,7 @@ impl Kernels {
     /// `y[t, n] = W[n, :] · x[t, :]` for BF16 `W` [N, K] (as u16 bits); K % 32 == 0. The
     /// tensor-core kernel when K % 128 == 0, else the one-row-per-warp kernel.
     pub fn gemv_bf16(&self, w: &CudaSlice<u16>, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>, n: usize, k: usize, t: usize) -> Result<()> {
-        if k % 128 == 0 {
+        if k.is_multiple_of(128) {
             check(w.len() >= n * k && y.len() >= t * n, || format!("gemv_bf16: W must hold {n}x{k} and y {t}x{n}"))?;
             let (wp, _w) = w.device_ptr(&self.stream);
             let (yp, _y) = y.device_ptr_mut(&self.stream);
@@ -296,7 +299,7 @@ impl Kernels {
     /// ([T, n[0]]), the next `n[1]` into `ys[1]`, the last `n[2]` into `ys[2]` (a fused q/k/v
     /// projection). `W` is FP8 (with `scales`) or BF16 (`scales` None); K % 128 == 0.
     pub fn gemv_split3(&self, w: cudarc::driver::sys::CUdeviceptr, scales: Option<&CudaSlice<f32>>, x: &CudaSlice<f32>, ys: [&mut CudaSlice<f32>; 3], n: [usize; 3], k: usize, t: usize) -> Result<()> {
-        check(k % 128 == 0 && ys.iter().zip(n).all(|(y, r)| y.len() >= t * r), || format!("gemv_split3: bad shapes {n:?}x{k}"))?;
+        check(k.is_multiple_of(128) && ys.iter().zip(n).all(|(y, r)| y.len() >= t * r), || format!("gemv_split3: bad shapes {n:?}x{k}"))?;
         let [y0, y1, y2] = ys;
         let (p0, _a) = y0.device_ptr_mut(&self.stream);
         let (p1, _b) = y1.device_ptr_mut(&self.stream);
@@ -307,7 +310,7 @@ impl Kernels {
     /// The one-row-per-warp BF16 GEMV (CUDA cores), kept for shapes the tensor-core kernel
     /// does not take and for comparison in the bench.
     pub fn gemv_bf16_simt(&self, w: &CudaSlice<u16>, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>, n: usize, k: usize, t: usize) -> Result<()> {
-        check(k % 32 == 0 && w.len() >= n * k, || format!("gemv_bf16: K {k} must be a multiple of 32 and W hold {n}x{k}"))?;
+        check(k.is_multiple_of(32) && w.len() >= n * k, || format!("gemv_bf16: K {k} must be a multiple of 32 and W hold {n}x{k}"))?;
         let (ni, ki) = (n as i32, k as i32);
         Self::per_pass(x, y, n, k, t, |xs, mut ys, tt| {
             let mut b = self.stream.launch_builder(&self.bf16);
@@ -319,7 +322,7 @@ impl Kernels {
     /// FP8 e4m3 `W` [N, K] with f32 block scales [ceil(N/128), K/128]; K % 128 == 0
     /// (tensor-core kernel).
     pub fn gemv_fp8(&self, w: &CudaSlice<u8>, scales: &CudaSlice<f32>, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>, n: usize, k: usize, t: usize) -> Result<()> {
-        check(k % 128 == 0 && w.len() >= n * k && scales.len() >= n.div_ceil(128) * (k / 128), || format!("gemv_fp8: bad shapes {n}x{k}"))?;
+        check(k.is_multiple_of(128) && w.len() >= n * k && scales.len() >= n.div_ceil(128) * (k / 128), || format!("gemv_fp8: bad shapes {n}x{k}"))?;
         check(y.len() >= t * n, || format!("gemv_fp8: y must hold {t}x{n}"))?;
         let (wp, _w) = w.device_ptr(&self.stream);
         let (yp, _y) = y.device_ptr_mut(&self.stream);
@@ -328,7 +331,7 @@ impl Kernels {
 
     /// The one-row-per-warp FP8 GEMV (CUDA cores), kept for comparison in the bench.
     pub fn gemv_fp8_simt(&self, w: &CudaSlice<u8>, scales: &CudaSlice<f32>, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>, n: usize, k: usize, t: usize) -> Result<()> {
-        check(k % 128 == 0 && w.len() >= n * k && scales.len() >= n.div_ceil(128) * (k / 128), || format!("gemv_fp8: bad shapes {n}x{k}"))?;
+        check(k.is_multiple_of(128) && w.len() >= n * k && scales.len() >= n.div_ceil(128) * (k / 128), || format!("gemv_fp8: bad shapes {n}x{k}"))?;
         let (ni, ki) = (n as i32, k as i32);
         Self::per_pass(x, y, n, k, t, |xs, mut ys, tt| {
             let mut b = self.stream.launch_builder(&self.fp8);
@@ -430,6 +433,7 @@ impl Kernels {
     }
 
     /// x [n] -> BF16 hi and lo parts.
+    #[allow(clippy::type_complexity)]
     fn split_bf16(&self, x: &CudaSlice<f32>, len: usize) -> Result<(CudaSlice<u16>, CudaSlice<u16>, Option<CudaSlice<f32>>)> {
         let mut xh = unsafe { self.stream.alloc::<u16>(len) }.map_err(drv("alloc"))?;
         let mut xl = unsafe { self.stream.alloc::<u16>(len) }.map_err(drv("alloc"))?;
@@ -452,7 +456,7 @@ impl Kernels {
         b.arg(x).arg(&mut xh).arg(&mut xl).arg(&mut inv).arg(&ki).arg(&il);
         // One block per row, since decode has few rows and each needs a max first: a thread per 8
         // elements when the row fits (the kernel's register path), else 1024 threads.
-        let threads = if k % 8 == 0 && k <= 8 * 1024 { (k / 8).div_ceil(32).max(1) * 32 } else { 1024 };
+        let threads = if k.is_multiple_of(8) && k <= 8 * 1024 { (k / 8).div_ceil(32).max(1) * 32 } else { 1024 };
         unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv("split_f16"))?;
         Ok((xh, xl, inv))
     }
@@ -497,7 +501,7 @@ impl Kernels {
 
     /// MXFP4 `W` [N, K/2] bytes with E8M0 scales [N, K/32]; K % 32 == 0.
     pub fn gemv_mxfp4(&self, w: &CudaSlice<u8>, s: &CudaSlice<u8>, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>, n: usize, k: usize, t: usize) -> Result<()> {
-        check(k % 32 == 0 && w.len() >= n * k / 2 && s.len() >= n * k / 32, || format!("gemv_mxfp4: bad shapes {n}x{k}"))?;
+        check(k.is_multiple_of(32) && w.len() >= n * k / 2 && s.len() >= n * k / 32, || format!("gemv_mxfp4: bad shapes {n}x{k}"))?;
         let (ni, ki) = (n as i32, k as i32);
         Self::per_pass(x, y, n, k, t, |xs, mut ys, tt| {
             // The smallest compiled token count that covers this pass.
@@ -511,7 +515,7 @@ impl Kernels {
 
     /// The first MXFP4 GEMV (one row per warp), kept for comparison in the bench.
     pub fn gemv_mxfp4_v1(&self, w: &CudaSlice<u8>, s: &CudaSlice<u8>, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>, n: usize, k: usize, t: usize) -> Result<()> {
-        check(k % 32 == 0 && w.len() >= n * k / 2 && s.len() >= n * k / 32, || format!("gemv_mxfp4: bad shapes {n}x{k}"))?;
+        check(k.is_multiple_of(32) && w.len() >= n * k / 2 && s.len() >= n * k / 32, || format!("gemv_mxfp4: bad shapes {n}x{k}"))?;
         let (ni, ki) = (n as i32, k as i32);
         Self::per_pass(x, y, n, k, t, |xs, mut ys, tt| {
             let mut b = self.stream.launch_builder(&self.mxfp4);
@@ -548,7 +552,7 @@ impl Kernels {
     /// token t's routed experts e, for x [T, H] -> y [T, H]: the tensor-core kernels when H and
     /// I are multiples of 64, else the CUDA-core v2 kernels.
     pub fn moe_mxfp4(&self, w: &MoeWeights, r: &DeviceRouting, x: &CudaSlice<f32>, scratch: &mut MoeScratch, y: &mut CudaSlice<f32>) -> Result<()> {
-        let kind = if w.hidden % 64 == 0 && w.inter % 64 == 0 { MoeKernel::for_tokens(r.num_tokens) } else { MoeKernel::V2 };
+        let kind = if w.hidden.is_multiple_of(64) && w.inter.is_multiple_of(64) { MoeKernel::for_tokens(r.num_tokens) } else { MoeKernel::V2 };
         self.moe_mxfp4_with(kind, w, r, x, scratch, y)
     }
 

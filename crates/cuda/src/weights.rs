@@ -90,9 +90,9 @@ impl Synthetic {
     fn matrix(&self, st: &Arc<CudaStream>, name: &str, n: usize, k: usize) -> Result<Mat> {
         // Entries of RMS ~1/sqrt(k) keep activations O(1) through any depth.
         let amp = (3.0 / k as f32).sqrt();
-        let m = if name.ends_with("mlp.gate.weight") || k % 32 != 0 {
+        let m = if name.ends_with("mlp.gate.weight") || !k.is_multiple_of(32) {
             GpuMatrix::F32(self.floats(st, n * k, amp, 0.0)?) // routers are kept in f32
-        } else if self.fp8_linear && k % 128 == 0 && !name.contains("o_proj") && !name.contains("lm_head") {
+        } else if self.fp8_linear && k.is_multiple_of(128) && !name.contains("o_proj") && !name.contains("lm_head") {
             // e4m3 with exponent field 4..7: |w| in [0.125, 1.875], RMS ~0.9.
             let w = self.u8s(st, n * k, 2, 4, 4)?;
             let s = upload(st, &vec![1.0 / (0.9 * (k as f32).sqrt()); n.div_ceil(128) * (k / 128)])?;
@@ -145,7 +145,7 @@ impl Source<'_> {
     /// A layer's routed experts stacked for the MXFP4 MoE kernels, when every expert is stored
     /// in MXFP4 (always for synthetic weights); None otherwise (the per-expert path is used).
     pub(crate) fn experts_mxfp4(&self, st: &Arc<CudaStream>, p: &str, num: usize, h: usize, inter: usize) -> Result<Option<MoeWeights>> {
-        if h % 32 != 0 || inter % 32 != 0 {
+        if !h.is_multiple_of(32) || !inter.is_multiple_of(32) {
             return Ok(None);
         }
         // [E, rows, cols/2] codes and [E, rows, cols/32] scales per projection.
@@ -203,12 +203,12 @@ pub(crate) fn load_mat(s: &Arc<CudaStream>, w: &dyn WeightSource, name: &str, ro
     let base = name.strip_suffix(".weight").unwrap_or(name);
     if let Some(t) = w.stored(name) {
         match t.dtype {
-            DType::U8 if cols % 32 == 0 && t.shape == [rows, cols / 2] => {
+            DType::U8 if cols.is_multiple_of(32) && t.shape == [rows, cols / 2] => {
                 if let Some(sc) = w.stored(&format!("{base}.weight_scale")).filter(|x| x.dtype == DType::U8 && x.shape == [rows, cols / 32]) {
                     return Ok(Mat { m: GpuMatrix::Mxfp4 { w: upload(s, t.data)?, s: upload(s, sc.data)? }, n: rows, k: cols });
                 }
             }
-            DType::F8E4M3 if cols % 128 == 0 && t.shape == [rows, cols] => {
+            DType::F8E4M3 if cols.is_multiple_of(128) && t.shape == [rows, cols] => {
                 let sname = format!("{base}.weight_scale_inv");
                 if let Some(sc) = w.stored(&sname).filter(|x| x.shape == [rows.div_ceil(128), cols / 128]) {
                     let scales = w.vector(&sname, sc.shape.iter().product()).ok();
@@ -217,7 +217,7 @@ pub(crate) fn load_mat(s: &Arc<CudaStream>, w: &dyn WeightSource, name: &str, ro
                     }
                 }
             }
-            DType::BF16 if cols % 32 == 0 && t.shape == [rows, cols] => {
+            DType::BF16 if cols.is_multiple_of(32) && t.shape == [rows, cols] => {
                 return Ok(Mat { m: GpuMatrix::Bf16(upload(s, &bf16_bits(t.data))?), n: rows, k: cols });
             }
             _ => {}

@@ -61,7 +61,7 @@ fn cost_breakdown(device: &str, files: &peregrine_model::loader::ModelFiles, dra
         t[12]
     };
     let one = median(&mut || fwd(&mut m, vec![ctx[0]], 256, OutputRows::All));
-    let mut line = format!("verify forward ms (x of 1 token):");
+    let mut line = "verify forward ms (x of 1 token):".to_string();
     for n in [1, 2, 4, 8] {
         let t = median(&mut || fwd(&mut m, ctx[..n].to_vec(), 256, OutputRows::All));
         line += &format!(" n={n}: {t:.2} ({:.2}x)", t / one);

@@ -908,9 +908,9 @@ fn row_sampling(seqs: &[&Seq], batch: &[SeqForward], vocab: usize) -> (Vec<RowSa
         // is the output so far plus those drafts (the fed tokens past the first).
         let fed = &b.tokens[b.tokens.len() - n..];
         let mut history = s.output.clone();
-        for r in 0..n {
+        for (r, &tok) in fed.iter().enumerate() {
             if r > 0 {
-                history.push(fed[r]);
+                history.push(tok);
             }
             let start = adjust.len();
             row_adjustments(p, &s.req.prompt_tokens, &history, vocab, &mut adjust);

@@ -47,7 +47,7 @@ impl ChatTemplate {
             ctx.insert(k.clone(), v.clone());
         }
         let tmpl = self.env.get_template("chat").map_err(|e| Error::Template(e.to_string()))?;
-        tmpl.render(JValue::from_serialize(&Value::Object(ctx))).map_err(|e| {
+        tmpl.render(JValue::from_serialize(Value::Object(ctx))).map_err(|e| {
             // Show the template's own message for raise_exception.
             match e.kind() {
                 ErrorKind::InvalidOperation => Error::Template(e.detail().unwrap_or("invalid operation").to_owned()),

@@ -154,7 +154,7 @@ fn f16_at(b: &[u8]) -> f32 {
 /// Dequantises `n` elements of type `ty` from `data` (llama.cpp's formulas, in f32).
 pub fn dequantize(ty: u32, data: &[u8], n: usize) -> std::result::Result<Vec<f32>, String> {
     let (be, bb, name) = block_layout(ty).ok_or_else(|| format!("unsupported ggml tensor type {ty}"))?;
-    if n % be != 0 || data.len() != n / be * bb {
+    if !n.is_multiple_of(be) || data.len() != n / be * bb {
         return Err(format!("{name}: {} bytes do not hold {n} elements", data.len()));
     }
     let mut out = Vec::with_capacity(n);
