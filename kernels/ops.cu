@@ -31,13 +31,15 @@ __device__ __forceinline__ float4 scale4(float4 w, float4 v, float inv) {
     return make_float4(w.x * (v.x * inv), w.y * (v.y * inv), w.z * (v.z * inv), w.w * (v.w * inv));
 }
 
-// HF RMSNorm per row of D: y = w * (x * rsqrt(mean(x^2) + eps)). Rows may be per-head
-// (w has D entries, applied to every row).
-extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, int D, float eps) {
+// One row r of RMSNorm, y = w * (x * rsqrt(mean(x^2) + eps)), after the residual add x += a
+// (written back) when ADD.
+template <bool ADD>
+__device__ __forceinline__ void norm_row(float* __restrict__ x, const float* __restrict__ a, const float* __restrict__ w,
+                                         float* __restrict__ y, int D, float eps) {
     __shared__ float sh[32];
     size_t r = blockIdx.x;
     if ((D & 3) == 0 && D <= 4 * NORM_V * (int)blockDim.x) {
-        const float4* x4 = reinterpret_cast<const float4*>(x + r * D);
+        float4* x4 = reinterpret_cast<float4*>(x + r * D);
         float4* y4 = reinterpret_cast<float4*>(y + r * D);
         const float4* w4 = reinterpret_cast<const float4*>(w);
         float4 v[NORM_V];
@@ -45,7 +47,15 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
 #pragma unroll
         for (int j = 0; j < NORM_V; j++) {
             int c = threadIdx.x + j * blockDim.x;
-            if (c < D / 4) { v[j] = x4[c]; s += sumsq4(v[j]); }
+            if (c < D / 4) {
+                v[j] = x4[c];
+                if (ADD) {
+                    float4 q = reinterpret_cast<const float4*>(a + r * D)[c];
+                    v[j] = make_float4(v[j].x + q.x, v[j].y + q.y, v[j].z + q.z, v[j].w + q.w);
+                    x4[c] = v[j];
+                }
+                s += sumsq4(v[j]);
+            }
         }
         s = block_sum(s, sh);
         float inv = 1.f / sqrtf(s / D + eps);
@@ -57,10 +67,22 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
         return;
     }
     float s = 0.f;
-    for (int i = threadIdx.x; i < D; i += blockDim.x) { float v = x[r * D + i]; s += v * v; }
+    for (int i = threadIdx.x; i < D; i += blockDim.x) {
+        float v = x[r * D + i];
+        if (ADD) {
+            v += a[r * D + i];
+            x[r * D + i] = v;
+        }
+        s += v * v;
+    }
     s = block_sum(s, sh);
     float inv = 1.f / sqrtf(s / D + eps);
     for (int i = threadIdx.x; i < D; i += blockDim.x) y[r * D + i] = w[i] * (x[r * D + i] * inv);
+}
+
+// HF RMSNorm per row of D. Rows may be per-head (w has D entries, applied to every row).
+extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, int D, float eps) {
+    norm_row<false>(const_cast<float*>(x), nullptr, w, y, D, eps);  // x is only read
 }
 
 // x[r, i] += b[i] (bias), over n rows of D.
@@ -297,47 +319,11 @@ extern "C" __global__ void embed_bf16(const unsigned short* __restrict__ table, 
         x[(size_t)r * H + i] = __uint_as_float((unsigned)table[(size_t)tok[r] * H + i] << 16);
 }
 
-// The residual add fused with the next RMSNorm: x[r] += a[r]; y[r] = w * (x[r] * rsqrt(mean(x[r]^2) + eps)).
-// Same arithmetic as add_inplace followed by rms_norm (float4s in registers as there).
+// The residual add fused with the next RMSNorm: x[r] += a[r]; y[r] = RMSNorm(x[r]) * w (the
+// same arithmetic as add_inplace followed by rms_norm).
 extern "C" __global__ void add_rms_norm(float* __restrict__ x, const float* __restrict__ a, const float* __restrict__ w,
                                         float* __restrict__ y, int D, float eps) {
-    __shared__ float sh[32];
-    size_t r = blockIdx.x;
-    if ((D & 3) == 0 && D <= 4 * NORM_V * (int)blockDim.x) {
-        float4* x4 = reinterpret_cast<float4*>(x + r * D);
-        const float4* a4 = reinterpret_cast<const float4*>(a + r * D);
-        float4* y4 = reinterpret_cast<float4*>(y + r * D);
-        const float4* w4 = reinterpret_cast<const float4*>(w);
-        float4 v[NORM_V];
-        float s = 0.f;
-#pragma unroll
-        for (int j = 0; j < NORM_V; j++) {
-            int c = threadIdx.x + j * blockDim.x;
-            if (c < D / 4) {
-                float4 p = x4[c], q = a4[c];
-                v[j] = make_float4(p.x + q.x, p.y + q.y, p.z + q.z, p.w + q.w);
-                x4[c] = v[j];
-                s += sumsq4(v[j]);
-            }
-        }
-        s = block_sum(s, sh);
-        float inv = 1.f / sqrtf(s / D + eps);
-#pragma unroll
-        for (int j = 0; j < NORM_V; j++) {
-            int c = threadIdx.x + j * blockDim.x;
-            if (c < D / 4) y4[c] = scale4(w4[c], v[j], inv);
-        }
-        return;
-    }
-    float s = 0.f;
-    for (int i = threadIdx.x; i < D; i += blockDim.x) {
-        float v = x[r * D + i] + a[r * D + i];
-        x[r * D + i] = v;
-        s += v * v;
-    }
-    s = block_sum(s, sh);
-    float inv = 1.f / sqrtf(s / D + eps);
-    for (int i = threadIdx.x; i < D; i += blockDim.x) y[r * D + i] = w[i] * (x[r * D + i] * inv);
+    norm_row<true>(x, a, w, y, D, eps);
 }
 
 // Partial RoPE fused with the KV-cache write, gridDim.y blocks per row: q rotated in place; k rotated

@@ -149,18 +149,18 @@ fn synthetic_models_prefill_equals_decode_and_argmax_on_gpu() {
     }
 }
 
-/// The draft pass replayed from a captured graph equals the eager pass (synthetic target and
-/// drafter, two sequences with context, and a padded bucket of three).
-#[test]
-fn draft_graph_equals_the_eager_draft_pass() {
-    use peregrine_core::backend::DraftForward;
+/// A synthetic model of the "default" fixture's shapes with the random DFlash fixture's drafter
+/// attached, and three sequences (block tables of 8 blocks) whose 20, 33 and 7 random tokens of
+/// context are computed; None without a GPU.
+#[allow(clippy::type_complexity)]
+fn drafted_model_with_context() -> Option<(CudaModel, peregrine_core::DraftSpec, Vec<Vec<u32>>, [usize; 3])> {
     let spec = spec_of("default");
-    let Some(mut model) = synthetic(&spec) else { return };
+    let mut model = synthetic(&spec)?;
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/dflash/random/config.json");
     let cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(dir).unwrap()).unwrap();
     let dspec = peregrine_model::config::parse_draft_config(&cfg).unwrap();
     model.attach_synthetic_drafter(&dspec, 9).unwrap();
-    let bs = kv(&mut model, 64);
+    kv(&mut model, 64);
     let mut r = rng();
     let tables: Vec<Vec<u32>> = (0..3u32).map(|s| (0..8).map(|b| s * 8 + b).collect()).collect();
     let lens = [20usize, 33, 7];
@@ -168,6 +168,15 @@ fn draft_graph_equals_the_eager_draft_pass() {
         let toks: Vec<u32> = (0..len).map(|_| r.random_range(0..spec.vocab_size as u32)).collect();
         model.forward(&[seq(i as u64, toks, 0, &tables[i], OutputRows::Last)]).unwrap();
     }
+    Some((model, dspec, tables, lens))
+}
+
+/// The draft pass replayed from a captured graph equals the eager pass (synthetic target and
+/// drafter, two sequences with context, and a padded bucket of three).
+#[test]
+fn draft_graph_equals_the_eager_draft_pass() {
+    use peregrine_core::backend::DraftForward;
+    let Some((mut model, dspec, tables, lens)) = drafted_model_with_context() else { return };
     let nd = dspec.block_size - 1;
     for seqs in [2usize, 3] {
         let batch: Vec<DraftForward> = (0..seqs)
@@ -184,7 +193,6 @@ fn draft_graph_equals_the_eager_draft_pass() {
         assert_eq!(again, eager, "{seqs} sequences: second replay differs");
         assert!(eager.iter().all(|d| d.len() == nd));
     }
-    let _ = bs;
 }
 
 /// The step as data: one Attention and one Mlp per layer in order, the drafter's captures at its
@@ -234,20 +242,8 @@ fn the_step_is_a_plan_of_operations() {
 #[test]
 fn fused_speculative_step_equals_the_two_call_path() {
     use peregrine_core::backend::{accepted_prefix, speculate_in_two_calls, LogitAdjust, RowSampling, SpecSampling};
-    let spec = spec_of("default");
-    let Some(mut model) = synthetic(&spec) else { return };
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/dflash/random/config.json");
-    let cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(dir).unwrap()).unwrap();
-    let dspec = peregrine_model::config::parse_draft_config(&cfg).unwrap();
-    model.attach_synthetic_drafter(&dspec, 9).unwrap();
-    kv(&mut model, 64);
+    let Some((mut model, dspec, tables, lens)) = drafted_model_with_context() else { return };
     let mut r = rng();
-    let tables: Vec<Vec<u32>> = (0..3u32).map(|s| (0..8).map(|b| s * 8 + b).collect()).collect();
-    let lens = [20usize, 33, 7];
-    for (i, &len) in lens.iter().enumerate() {
-        let toks: Vec<u32> = (0..len).map(|_| r.random_range(0..spec.vocab_size as u32)).collect();
-        model.forward(&[seq(i as u64, toks, 0, &tables[i], OutputRows::Last)]).unwrap();
-    }
     let nb = dspec.block_size;
     let mask = dspec.mask_token_id;
     for seqs in [1usize, 3] {
