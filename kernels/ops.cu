@@ -618,16 +618,20 @@ extern "C" __global__ void fill_random_f(void* __restrict__ p, unsigned long lon
     }
 }
 
-// Paged attention, v2: one block of 8 warps per (row, head). Warps split the key positions
-// (4 at a time each, loads issued together), each keeps its own online softmax, and the 8 partial
-// states are merged at the end (then the sink logit). Same semantics as `attention`; hd <= 256,
-// vd <= 128.
+// Paged attention, v2: one block of 8 warps per (row, head, split). Warps split the block's key
+// positions (4 at a time each, loads issued together), each keeps its own online softmax, and the
+// 8 partial states are merged at the end. With gridDim.z == 1 the block covers the row's whole
+// range and writes the output (after the sink logit); with more splits (long contexts, where one
+// block per head streamed every position alone) split z covers the z-th part of the range and
+// writes its unnormalised state (max, sum, accumulator) for attention_combine. Same semantics as
+// `attention`; hd <= 256, vd <= 128.
 #define ATT_WARPS 8
 #define ATT_UNROLL 4
 extern "C" __global__ void __launch_bounds__(256) attention_v2(
     const float* __restrict__ q, const float* __restrict__ kc, const float* __restrict__ vc, float* __restrict__ o,
     const int* __restrict__ pos, const int* __restrict__ seq, const int* __restrict__ tables, int max_blocks,
-    int block_size, int heads, int kv_heads, int hd, int vd, int window, float scale, const float* __restrict__ sinks) {
+    int block_size, int heads, int kv_heads, int hd, int vd, int window, float scale, const float* __restrict__ sinks,
+    float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc) {
     __shared__ float sm_m[ATT_WARPS], sm_l[ATT_WARPS], sm_acc[ATT_WARPS][128];
     int r = blockIdx.x, h = blockIdx.y, lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     int kvh = h / (heads / kv_heads);
@@ -635,18 +639,20 @@ extern "C" __global__ void __launch_bounds__(256) attention_v2(
     const int* table = tables + (size_t)seq[r] * max_blocks;
     int p = pos[r];
     int lo = window > 0 ? max(0, p + 1 - window) : 0;
+    int splits = gridDim.z, chunk = (p - lo + splits) / splits;
+    int j_lo = lo + blockIdx.z * chunk, j_hi = min(j_lo + chunk - 1, p);
     const float NEG_INF = __int_as_float(0xff800000u);
     float qr[8];
 #pragma unroll
     for (int c = 0; c < 8; c++) qr[c] = (lane + 32 * c < hd) ? qv[lane + 32 * c] : 0.f;
     float m = NEG_INF, l = 0.f;
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
-    for (int j0 = lo + w * ATT_UNROLL; j0 <= p; j0 += ATT_WARPS * ATT_UNROLL) {
+    for (int j0 = j_lo + w * ATT_UNROLL; j0 <= j_hi; j0 += ATT_WARPS * ATT_UNROLL) {
         float d[ATT_UNROLL];
         size_t slot[ATT_UNROLL];
 #pragma unroll
         for (int u = 0; u < ATT_UNROLL; u++) {
-            int j = min(j0 + u, p);
+            int j = min(j0 + u, j_hi);
             slot[u] = (size_t)table[j / block_size] * block_size + j % block_size;
             const float* kv = kc + (slot[u] * kv_heads + kvh) * hd;
             float s = 0.f;
@@ -668,7 +674,7 @@ extern "C" __global__ void __launch_bounds__(256) attention_v2(
         }
 #pragma unroll
         for (int u = 0; u < ATT_UNROLL; u++) {
-            if (j0 + u > p) break;
+            if (j0 + u > j_hi) break;
             float sc = d[u] * scale;
             float mn = fmaxf(m, sc);
             float corr = __expf(m - mn), pe = __expf(sc - mn);
@@ -687,6 +693,18 @@ extern "C" __global__ void __launch_bounds__(256) attention_v2(
     for (int i = 0; i < ATT_WARPS; i++) M = fmaxf(M, sm_m[i]);
     float L = 0.f;
     for (int i = 0; i < ATT_WARPS; i++) L += sm_m[i] == NEG_INF ? 0.f : sm_l[i] * __expf(sm_m[i] - M);
+    if (splits > 1) {
+        // This split's state, relative to its own max (an empty split: max -inf, sum 0).
+        size_t ps = ((size_t)r * heads + h) * splits + blockIdx.z;
+        if (threadIdx.x == 0) { part_m[ps] = M; part_l[ps] = L; }
+        for (int i = threadIdx.x; i < vd; i += blockDim.x) {
+            float a = 0.f;
+            for (int k = 0; k < ATT_WARPS; k++)
+                if (sm_m[k] != NEG_INF) a += sm_acc[k][i] * __expf(sm_m[k] - M);
+            part_acc[ps * vd + i] = a;
+        }
+        return;
+    }
     float sink_w = 0.f;
     if (sinks) {
         float sc = sinks[h];
@@ -702,6 +720,33 @@ extern "C" __global__ void __launch_bounds__(256) attention_v2(
         float a = 0.f;
         for (int k = 0; k < ATT_WARPS; k++)
             if (sm_m[k] != NEG_INF) a += sm_acc[k][i] * __expf(sm_m[k] - M);
+        ov[i] = a / L;
+    }
+}
+
+// Merges attention_v2's `splits` partial states of each (row, head) as its epilogue merges warps,
+// then the sink logit: o = sum_s acc_s e^(m_s - M) / (sum_s l_s e^(m_s - M) [+ sink]).
+extern "C" __global__ void attention_combine(const float* __restrict__ part_m, const float* __restrict__ part_l,
+                                             const float* __restrict__ part_acc, float* __restrict__ o, int heads, int vd,
+                                             int splits, const float* __restrict__ sinks) {
+    int r = blockIdx.x, h = blockIdx.y;
+    const float NEG_INF = __int_as_float(0xff800000u);
+    size_t p0 = ((size_t)r * heads + h) * splits;
+    float M = NEG_INF;
+    for (int s = 0; s < splits; s++) M = fmaxf(M, part_m[p0 + s]);
+    float L = 0.f;
+    for (int s = 0; s < splits; s++) L += part_m[p0 + s] == NEG_INF ? 0.f : part_l[p0 + s] * __expf(part_m[p0 + s] - M);
+    if (sinks) {
+        float sc = sinks[h];
+        float mn = fmaxf(M, sc);
+        L = L * __expf(M - mn) + __expf(sc - mn);
+        M = mn;
+    }
+    float* ov = o + ((size_t)r * heads + h) * vd;
+    for (int i = threadIdx.x; i < vd; i += blockDim.x) {
+        float a = 0.f;
+        for (int s = 0; s < splits; s++)
+            if (part_m[p0 + s] != NEG_INF) a += part_acc[(p0 + s) * vd + i] * __expf(part_m[p0 + s] - M);
         ov[i] = a / L;
     }
 }

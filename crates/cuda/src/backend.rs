@@ -158,6 +158,7 @@ pub(crate) struct Ops {
     argmax_rows: CudaFunction,
     argmax_final: CudaFunction,
     attention_v2: CudaFunction,
+    attention_combine: CudaFunction,
     pub(crate) place_drafts: CudaFunction,
     pub(crate) accept_drafts: CudaFunction,
 }
@@ -270,6 +271,7 @@ impl CudaModel {
             argmax_rows: f("argmax_rows")?,
             argmax_final: f("argmax_final")?,
             attention_v2: f("attention_v2")?,
+            attention_combine: f("attention_combine")?,
             place_drafts: f("place_drafts")?,
             accept_drafts: f("accept_drafts")?,
         };
@@ -493,14 +495,34 @@ impl CudaModel {
         let (mb, bs, hh, kvh, hd, vd) = (max_blocks as i32, block_size as i32, s.num_heads as i32, s.num_kv_heads as i32, s.head_dim as i32, s.v_head_dim as i32);
         let window = s.window().map_or(0, |w| w as i32);
         let scale = s.softmax_scale;
+        // v2 splits long ranges over several blocks per (row, head), about 512 positions each, as
+        // the block tables allow (so a graph captured for a table width keeps its split count).
+        let span = window.max(0) as usize;
+        let span = if span > 0 { span.min(max_blocks * block_size) } else { max_blocks * block_size };
+        let splits = if v2 && span > 1024 { span.div_ceil(512).min(64) } else { 1 };
+        let parts = n * s.num_heads * splits;
+        let (mut pm, mut pl, mut pa) = if splits > 1 { (self.empty(parts)?, self.empty(parts)?, self.empty(parts * s.v_head_dim)?) } else { (self.empty(1)?, self.empty(1)?, self.empty(1)?) };
         let mut b = self.stream.launch_builder(if v2 { &self.ops.attention_v2 } else { &self.ops.attention });
         b.arg(q).arg(kc).arg(vc).arg(&mut o).arg(pos).arg(seq).arg(tables).arg(&mb).arg(&bs).arg(&hh).arg(&kvh).arg(&hd).arg(&vd).arg(&window).arg(&scale);
         match sinks {
             Some(sk) => b.arg(sk),
             None => b.arg(&0u64),
         };
+        if v2 {
+            b.arg(&mut pm).arg(&mut pl).arg(&mut pa);
+        }
         let threads = if v2 { 256 } else { 32 };
-        unsafe { b.launch(LaunchConfig { grid_dim: (n as u32, s.num_heads as u32, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
+        unsafe { b.launch(LaunchConfig { grid_dim: (n as u32, s.num_heads as u32, splits as u32), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
+        if splits > 1 {
+            let sp = splits as i32;
+            let mut b = self.stream.launch_builder(&self.ops.attention_combine);
+            b.arg(&pm).arg(&pl).arg(&pa).arg(&mut o).arg(&hh).arg(&vd).arg(&sp);
+            match sinks {
+                Some(sk) => b.arg(sk),
+                None => b.arg(&0u64),
+            };
+            unsafe { b.launch(LaunchConfig { grid_dim: (n as u32, s.num_heads as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
+        }
         Ok(o)
     }
 

@@ -191,16 +191,18 @@ fn attention_matches_the_cpu_reference() {
     let st = m.stream.clone();
     let bs = 16;
     // MiMo-V2-Flash's full layer (GQA 16:1, K 192, V 128) and sliding layer (window 128, sinks,
-    // 8 KV heads), a tiny layer, and one past v2's K limit (the one-warp kernel).
+    // 8 KV heads), a tiny layer, one past v2's K limit (the one-warp kernel), and a wide window
+    // with sinks. Tables of 160 blocks (2560 positions) make v2 split the long ranges over
+    // several blocks per head (and leave some splits empty at short positions).
     let cases = [
         attn_spec(64, 4, 192, 128, 64, None, false),
         attn_spec(64, 8, 192, 128, 64, Some(128), true),
         attn_spec(4, 1, 64, 48, 64, Some(5), true),
         attn_spec(4, 2, 320, 64, 64, None, false),
+        attn_spec(8, 2, 128, 128, 64, Some(2000), true),
     ];
-    for s in cases {
+    for (s, max_blocks) in cases.iter().flat_map(|&s| [(s, 24usize), (s, 160)]) {
         let seqs = 3usize;
-        let max_blocks = 24usize;
         let blocks = seqs * max_blocks;
         let kc = randn(&mut r, blocks * bs * s.k_dim(), 1.0);
         let vc = randn(&mut r, blocks * bs * s.v_dim(), 1.0);
@@ -231,7 +233,7 @@ fn attention_matches_the_cpu_reference() {
                 continue;
             }
             let o = m.attend(&qd, &kd, &vd, &pd, &sd, &td, max_blocks, bs, n, &s, sk.as_ref(), v2).unwrap();
-            let name = format!("attention{} h{} kv{} d{}/{} window {:?} sinks {}", if v2 { "_v2" } else { "" }, s.num_heads, s.num_kv_heads, s.head_dim, s.v_head_dim, s.window(), s.sinks);
+            let name = format!("attention{} h{} kv{} d{}/{} window {:?} sinks {}, {} positions", if v2 { "_v2" } else { "" }, s.num_heads, s.num_kv_heads, s.head_dim, s.v_head_dim, s.window(), s.sinks, max_blocks * bs);
             close(&name, &st.clone_dtoh(&o).unwrap(), &want, 2e-5);
         }
     }
