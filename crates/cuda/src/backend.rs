@@ -181,6 +181,9 @@ pub struct CudaModel {
     pub(crate) draft_kv: Vec<(CudaSlice<f32>, CudaSlice<f32>)>,
     /// Captured decode-step graphs.
     pub(crate) graphs: Graphs,
+    /// Positions per split of decode attention (`PEREGRINE_ATTN_SPLIT`, default 512): ranges
+    /// longer than twice this are split over several blocks per (row, head).
+    attn_split: usize,
 }
 
 pub(crate) fn upload<T: cudarc::driver::DeviceRepr>(s: &Arc<CudaStream>, v: &[T]) -> Result<CudaSlice<T>> {
@@ -376,6 +379,7 @@ impl CudaModel {
             drafter: None,
             draft_kv: Vec::new(),
             graphs: Graphs::new(capturable),
+            attn_split: std::env::var("PEREGRINE_ATTN_SPLIT").ok().and_then(|v| v.parse().ok()).filter(|&v: &usize| v >= 32).unwrap_or(512),
         })
     }
 
@@ -495,11 +499,11 @@ impl CudaModel {
         let (mb, bs, hh, kvh, hd, vd) = (max_blocks as i32, block_size as i32, s.num_heads as i32, s.num_kv_heads as i32, s.head_dim as i32, s.v_head_dim as i32);
         let window = s.window().map_or(0, |w| w as i32);
         let scale = s.softmax_scale;
-        // v2 splits long ranges over several blocks per (row, head), about 512 positions each, as
-        // the block tables allow (so a graph captured for a table width keeps its split count).
+        // v2 splits long ranges over several blocks per (row, head), `attn_split` positions each,
+        // as the block tables allow (so a graph captured for a table width keeps its split count).
         let span = window.max(0) as usize;
         let span = if span > 0 { span.min(max_blocks * block_size) } else { max_blocks * block_size };
-        let splits = if v2 && span > 1024 { span.div_ceil(512).min(64) } else { 1 };
+        let splits = if v2 && span > 2 * self.attn_split { span.div_ceil(self.attn_split).min(64) } else { 1 };
         let parts = n * s.num_heads * splits;
         let (mut pm, mut pl, mut pa) = if splits > 1 { (self.empty(parts)?, self.empty(parts)?, self.empty(parts * s.v_head_dim)?) } else { (self.empty(1)?, self.empty(1)?, self.empty(1)?) };
         let mut b = self.stream.launch_builder(if v2 { &self.ops.attention_v2 } else { &self.ops.attention });
