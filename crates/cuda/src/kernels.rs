@@ -23,6 +23,9 @@ struct DeviceLogitAdjust(LogitAdjust);
 // SAFETY: LogitAdjust is #[repr(C)] plain data (u32, f32, f32, f32), as the kernel's struct.
 unsafe impl cudarc::driver::DeviceRepr for DeviceLogitAdjust {}
 
+/// The parameters of a padding row: greedy, no adjustments.
+const GREEDY_ROW: RowSampling = RowSampling { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, u: 0.0, adj_start: 0, adj_len: 0 };
+
 /// Device buffers of per-row sampling parameters and logit adjustments, written before each
 /// replay of a graph that samples on the GPU.
 pub(crate) struct SamplingBuffers {
@@ -34,10 +37,9 @@ pub(crate) struct SamplingBuffers {
 impl SamplingBuffers {
     /// Room for `rows` rows and `adjust_cap` adjustments in all.
     pub(crate) fn new(stream: &Arc<CudaStream>, rows: usize, adjust_cap: usize) -> Result<SamplingBuffers> {
-        let greedy = RowSampling { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, u: 0.0, adj_start: 0, adj_len: 0 };
         let none = LogitAdjust { token: 0, bias: 0.0, repetition: 1.0, subtract: 0.0 };
         Ok(SamplingBuffers {
-            params: stream.clone_htod(&vec![DeviceRowSampling(greedy); rows.max(1)]).map_err(drv("upload"))?,
+            params: stream.clone_htod(&vec![DeviceRowSampling(GREEDY_ROW); rows.max(1)]).map_err(drv("upload"))?,
             adjust: stream.clone_htod(&vec![DeviceLogitAdjust(none); adjust_cap.max(1)]).map_err(drv("upload"))?,
             rows: rows.max(1),
         })
@@ -50,8 +52,7 @@ impl SamplingBuffers {
         if params.len() > self.rows || adjust.len() > self.adjust.len() || params.iter().any(|p| p.adj_start as usize + p.adj_len as usize > adjust.len()) {
             return Ok(false);
         }
-        let greedy = RowSampling { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, u: 0.0, adj_start: 0, adj_len: 0 };
-        let rows: Vec<DeviceRowSampling> = params.iter().copied().chain(std::iter::repeat(greedy)).take(self.rows).map(DeviceRowSampling).collect();
+        let rows: Vec<DeviceRowSampling> = params.iter().copied().chain(std::iter::repeat(GREEDY_ROW)).take(self.rows).map(DeviceRowSampling).collect();
         stream.memcpy_htod(&rows, &mut self.params).map_err(drv("upload"))?;
         if !adjust.is_empty() {
             let a: Vec<DeviceLogitAdjust> = adjust.iter().map(|&a| DeviceLogitAdjust(a)).collect();
