@@ -66,6 +66,15 @@ __device__ __forceinline__ bool above(unsigned key, int i, unsigned K, int cut) 
     return key > K || (key == K && i <= cut);
 }
 
+// The best (value desc, id asc) of the warp's candidates; every lane gets it.
+__device__ __forceinline__ void warp_best(float& v, int& i) {
+    for (int o = 16; o > 0; o >>= 1) {
+        float v2 = __shfl_xor_sync(0xffffffffu, v, o);
+        int i2 = __shfl_xor_sync(0xffffffffu, i, o);
+        if (v2 > v || (v2 == v && i2 < i)) { v = v2; i = i2; }
+    }
+}
+
 __device__ __forceinline__ unsigned long long block_sum_u64(unsigned long long v, unsigned long long* sh) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     if ((threadIdx.x & 31) == 0) sh[threadIdx.x >> 5] = v;
@@ -206,11 +215,7 @@ extern "C" __global__ void __launch_bounds__(ST) sample_rows(const float* __rest
         float x = l[i];
         if (x > best) { best = x; bi = i; }
     }
-    for (int o = 16; o > 0; o >>= 1) {
-        float b2 = __shfl_xor_sync(0xffffffffu, best, o);
-        int i2 = __shfl_xor_sync(0xffffffffu, bi, o);
-        if (b2 > best || (b2 == best && i2 < bi)) { best = b2; bi = i2; }
-    }
+    warp_best(best, bi);
     __shared__ float wbest[NW];
     __shared__ int wbi[NW];
     __shared__ int argmax_id;
@@ -299,18 +304,9 @@ extern "C" __global__ void __launch_bounds__(ST) sample_rows(const float* __rest
 // finite logits, descending, ties to the lowest id, as ids and logprobs, with their count.
 // tops[r] < 0: the row wants nothing. One block per row. The top list: every thread keeps its
 // own best (it scans ids in ascending order, so an equal value never displaces an earlier id),
-// then each warp merges its lanes' lists and warp 0 merges the warps' (radix selection, as the
-// sampler's top-k does it, serialised on shared-memory atomics: milliseconds per row).
+// then each warp merges its lanes' lists and warp 0 merges the warps' (no histogram atomics,
+// unlike the radix selection the sampler's top-k uses).
 #define MAXTOP 20
-
-// The best (value desc, id asc) of the warp's candidates; every lane gets it.
-__device__ __forceinline__ void warp_best(float& v, int& i) {
-    for (int o = 16; o > 0; o >>= 1) {
-        float v2 = __shfl_xor_sync(0xffffffffu, v, o);
-        int i2 = __shfl_xor_sync(0xffffffffu, i, o);
-        if (v2 > v || (v2 == v && i2 < i)) { v = v2; i = i2; }
-    }
-}
 
 extern "C" __global__ void __launch_bounds__(ST) row_logprobs(const float* __restrict__ logits, int V, const int* __restrict__ chosen,
                                                               const int* __restrict__ tops, float* __restrict__ lp,

@@ -616,10 +616,9 @@ impl CudaModel {
     pub(crate) fn argmax_into(&self, logits: &CudaSlice<f32>, rows: usize, ids: &mut CudaSlice<i32>) -> Result<()> {
         let v = self.spec.vocab_size;
         let parts = v.div_ceil(2048).clamp(1, 128);
-        let part_v = self.empty(rows * parts)?;
+        let mut part_v = self.empty(rows * parts)?;
         let mut part_i = self.stream.alloc_zeros::<i32>(rows * parts).map_err(drv)?;
         let (vi, pi) = (v as i32, parts as i32);
-        let mut part_v = part_v;
         let mut b = self.stream.launch_builder(&self.ops.argmax_rows);
         b.arg(logits).arg(&vi).arg(&mut part_v).arg(&mut part_i);
         unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, parts as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;

@@ -28,6 +28,12 @@ pub(crate) struct Drafter {
 }
 
 impl Drafter {
+    /// Whether draft logits are the lm_head's as they are (no multiplier, no soft cap), so the
+    /// drafts are their argmax on the GPU.
+    pub(crate) fn plain_output(&self) -> bool {
+        self.spec.output_multiplier == 1.0 && self.spec.final_logit_softcapping.is_none()
+    }
+
     pub(crate) fn kv_floats_per_token(&self) -> usize {
         self.layers.iter().map(|l| l.attn.spec.k_dim() + l.attn.spec.v_dim()).sum()
     }
@@ -147,7 +153,7 @@ impl CudaModel {
     pub(crate) fn draft_pass(&mut self, batch: &[DraftForward]) -> Result<Vec<Vec<u32>>> {
         let rows = self.draft_rows(batch)?;
         let d = self.drafter.as_ref().ok_or_else(|| Error::Unsupported("no drafter is attached to the CUDA backend".into()))?;
-        let plain = d.spec.output_multiplier == 1.0 && d.spec.final_logit_softcapping.is_none();
+        let plain = d.plain_output();
         let mut out: Vec<Vec<u32>> = batch.iter().map(|x| Vec::with_capacity(x.num_drafts)).collect();
         // Plain logits: drafts are argmax ids picked on the GPU (ties to the lower id, as on
         // the host), through a captured graph when the batch's shape allows.

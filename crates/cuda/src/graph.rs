@@ -63,7 +63,7 @@ pub(crate) struct Graphs {
 
 /// Sequence counts a draft-pass graph is captured for (each holds logits for every draft row,
 /// so larger batches draft eagerly).
-const DRAFT_SEQ_BUCKETS: [usize; 5] = [1, 2, 4, 8, 16];
+pub(crate) const DRAFT_SEQ_BUCKETS: [usize; 5] = [1, 2, 4, 8, 16];
 
 pub(crate) struct DraftGraph {
     meta: DraftMeta,

@@ -10,11 +10,9 @@ use peregrine_core::{Error, Result};
 
 use crate::backend::{drv, CudaModel, RowMeta};
 use crate::draft::DraftMeta;
-use crate::graph::Graph;
+use crate::graph::{Graph, DRAFT_SEQ_BUCKETS};
 use crate::kernels::SamplingBuffers;
 
-/// Sequence counts a fused step is built for.
-const SEQ_BUCKETS: [usize; 5] = [1, 2, 4, 8, 16];
 /// At most this many verify rows (bucket x block rows): each step object holds their logits.
 const MAX_ROWS: usize = 128;
 /// Logit adjustments (bias entries) a sampled step has room for, per row.
@@ -51,12 +49,13 @@ impl CudaModel {
     /// too many adjustments).
     pub(crate) fn speculate(&mut self, batch: &[SeqForward], sampling: SpecSampling) -> Result<Option<Vec<SpecRows>>> {
         let Some(d) = &self.drafter else { return Ok(None) };
-        let plain = d.spec.output_multiplier == 1.0 && d.spec.final_logit_softcapping.is_none();
+        let plain = d.plain_output();
         let Some(nb) = batch.first().map(|s| s.tokens.len()) else { return Ok(None) };
         if !plain || nb < 2 || batch.iter().any(|s| s.tokens.len() != nb || s.output != OutputRows::All) {
             return Ok(None);
         }
-        let Some(&bucket) = SEQ_BUCKETS.iter().find(|&&b| b >= batch.len()) else { return Ok(None) };
+        // The draft pass's sequence buckets (its logits for every draft row bound the size).
+        let Some(&bucket) = DRAFT_SEQ_BUCKETS.iter().find(|&&b| b >= batch.len()) else { return Ok(None) };
         if bucket * nb > MAX_ROWS {
             return Ok(None);
         }
