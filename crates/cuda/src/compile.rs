@@ -10,6 +10,7 @@ use peregrine_core::{Error, Result};
 pub const GEMV_CU: &str = include_str!("../../../kernels/gemv.cu");
 pub const OPS_CU: &str = include_str!("../../../kernels/ops.cu");
 pub const SAMPLE_CU: &str = include_str!("../../../kernels/sample.cu");
+pub const MOE_CU: &str = include_str!("../../../kernels/moe.cu");
 
 fn fnv1a(parts: &[&[u8]]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;

@@ -15,10 +15,11 @@ mod graph;
 mod speculate;
 pub mod step;
 pub mod kernels;
+pub mod mxfp4_tiles;
 mod weights;
 #[cfg(test)]
 mod op_tests;
 
 pub use backend::CudaModel;
 pub use device::{probe, Gpu};
-pub use kernels::{Kernels, MoeKernel, MoeRouting};
+pub use kernels::{Kernels, MoeKernel, MoeLayout, MoeRouting};

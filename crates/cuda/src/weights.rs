@@ -11,7 +11,8 @@ use peregrine_core::{DType, QuantFormat, Result};
 use peregrine_model::weights::WeightSource;
 
 use crate::backend::{drv, upload, GpuMatrix, Mat};
-use crate::kernels::MoeWeights;
+use crate::kernels::{MoeLayout, MoeWeights};
+use crate::mxfp4_tiles;
 
 /// The embedding table on the GPU.
 pub(crate) enum Embed {
@@ -144,52 +145,83 @@ impl Source<'_> {
 
     /// A layer's routed experts stacked for the MXFP4 MoE kernels, when every expert is stored
     /// in MXFP4 (always for synthetic weights); None otherwise (the per-expert path is used).
+    /// Shapes the tiled kernels take are re-laid out on the host one expert at a time
+    /// (`mxfp4_tiles`), so the checkpoint is never held twice.
     pub(crate) fn experts_mxfp4(&self, st: &Arc<CudaStream>, p: &str, num: usize, h: usize, inter: usize) -> Result<Option<MoeWeights>> {
         if !h.is_multiple_of(32) || !inter.is_multiple_of(32) {
             return Ok(None);
         }
+        let tiled = mxfp4_tiles::moe_tileable(h, inter);
         // [E, rows, cols/2] codes and [E, rows, cols/32] scales per projection.
         let shapes = [("gate_proj", inter, h), ("up_proj", inter, h), ("down_proj", h, inter)];
-        let mut bufs = Vec::with_capacity(6);
-        match self {
+        let (cn, sn) = (inter * h / 2, inter * h / 32); // one expert's matrix, any of the three
+        let alloc = |n: usize| unsafe { st.alloc::<u8>(n) }.map_err(drv);
+        let layout = match self {
             Source::Files(w) => {
-                for (proj, rows, cols) in shapes {
-                    let mut codes = unsafe { st.alloc::<u8>(num * rows * cols / 2) }.map_err(drv)?;
-                    let mut scales = unsafe { st.alloc::<u8>(num * rows * cols / 32) }.map_err(drv)?;
+                let stored = |e: usize, proj: &str, rows: usize, cols: usize| {
+                    let c = w.stored(&format!("{p}.{e}.{proj}.weight")).filter(|t| t.dtype == DType::U8 && t.shape == [rows, cols / 2]);
+                    let s = w.stored(&format!("{p}.{e}.{proj}.weight_scale")).filter(|t| t.dtype == DType::U8 && t.shape == [rows, cols / 32]);
+                    c.zip(s).map(|(c, s)| mxfp4_tiles::RowMajor { codes: c.data, scales: s.data, cols })
+                };
+                if (0..num).any(|e| shapes.iter().any(|&(proj, rows, cols)| stored(e, proj, rows, cols).is_none())) {
+                    return Ok(None);
+                }
+                let get = |e: usize, i: usize| stored(e, shapes[i].0, shapes[i].1, shapes[i].2).expect("checked above");
+                if tiled {
+                    let (mut gu, mut gus, mut d, mut ds) = (alloc(2 * num * cn)?, alloc(2 * num * sn)?, alloc(num * cn)?, alloc(num * sn)?);
+                    let (mut c, mut s) = (Vec::with_capacity(2 * cn), Vec::with_capacity(2 * sn));
                     for e in 0..num {
-                        let name = format!("{p}.{e}.{proj}.weight");
-                        let c = w.stored(&name).filter(|t| t.dtype == DType::U8 && t.shape == [rows, cols / 2]);
-                        let s = w.stored(&format!("{p}.{e}.{proj}.weight_scale")).filter(|t| t.dtype == DType::U8 && t.shape == [rows, cols / 32]);
-                        let (Some(c), Some(s)) = (c, s) else { return Ok(None) };
-                        let (cn, sn) = (rows * cols / 2, rows * cols / 32);
-                        st.memcpy_htod(c.data, &mut codes.slice_mut(e * cn..(e + 1) * cn)).map_err(drv)?;
-                        st.memcpy_htod(s.data, &mut scales.slice_mut(e * sn..(e + 1) * sn)).map_err(drv)?;
+                        (c.clear(), s.clear());
+                        mxfp4_tiles::tile_gate_up(get(e, 0), get(e, 1), inter, &mut c, &mut s);
+                        st.memcpy_htod(&c, &mut gu.slice_mut(2 * e * cn..2 * (e + 1) * cn)).map_err(drv)?;
+                        st.memcpy_htod(&s, &mut gus.slice_mut(2 * e * sn..2 * (e + 1) * sn)).map_err(drv)?;
+                        (c.clear(), s.clear());
+                        mxfp4_tiles::tile_matrix(get(e, 2), h, &mut c, &mut s);
+                        st.memcpy_htod(&c, &mut d.slice_mut(e * cn..(e + 1) * cn)).map_err(drv)?;
+                        st.memcpy_htod(&s, &mut ds.slice_mut(e * sn..(e + 1) * sn)).map_err(drv)?;
+                        // The host buffers are reused: wait for the copies out of them.
+                        st.synchronize().map_err(drv)?;
                     }
-                    bufs.push(codes);
-                    bufs.push(scales);
+                    MoeLayout::Tiled { gate_up: gu, gate_up_s: gus, down: d, down_s: ds }
+                } else {
+                    let mut bufs = Vec::with_capacity(6);
+                    for i in 0..3 {
+                        let (mut codes, mut scales) = (alloc(num * cn)?, alloc(num * sn)?);
+                        for e in 0..num {
+                            let m = get(e, i);
+                            st.memcpy_htod(m.codes, &mut codes.slice_mut(e * cn..(e + 1) * cn)).map_err(drv)?;
+                            st.memcpy_htod(m.scales, &mut scales.slice_mut(e * sn..(e + 1) * sn)).map_err(drv)?;
+                        }
+                        bufs.push(codes);
+                        bufs.push(scales);
+                    }
+                    let mut it = bufs.into_iter();
+                    let mut next = || it.next().expect("six buffers");
+                    MoeLayout::RowMajor { gate: next(), gate_s: next(), up: next(), up_s: next(), down: next(), down_s: next() }
                 }
             }
             Source::Synthetic(s) => {
-                for (_, rows, cols) in shapes {
-                    bufs.push(s.u8s(st, num * rows * cols / 2, 0, 0, 1)?);
-                    let e = Synthetic::e8m0_for(cols);
-                    bufs.push(s.u8s(st, num * rows * cols / 32, 1, e - 1, 3)?);
+                // Any byte is a valid pair of codes in either layout; scales as a real layer's.
+                let codes = |n: usize| s.u8s(st, n, 0, 0, 1);
+                let scales = |n: usize, k: usize| {
+                    let e = Synthetic::e8m0_for(k);
+                    s.u8s(st, n, 1, e - 1, 3)
+                };
+                if tiled {
+                    MoeLayout::Tiled { gate_up: codes(2 * num * cn)?, gate_up_s: scales(2 * num * sn, h)?, down: codes(num * cn)?, down_s: scales(num * sn, inter)? }
+                } else {
+                    MoeLayout::RowMajor {
+                        gate: codes(num * cn)?,
+                        gate_s: scales(num * sn, h)?,
+                        up: codes(num * cn)?,
+                        up_s: scales(num * sn, h)?,
+                        down: codes(num * cn)?,
+                        down_s: scales(num * sn, inter)?,
+                    }
                 }
             }
-        }
-        let mut it = bufs.into_iter();
-        let mut next = || it.next().unwrap();
-        Ok(Some(MoeWeights {
-            gate: next(),
-            gate_s: next(),
-            up: next(),
-            up_s: next(),
-            down: next(),
-            down_s: next(),
-            num_experts: num,
-            hidden: h,
-            inter,
-        }))
+        };
+        Ok(Some(MoeWeights { layout, num_experts: num, hidden: h, inter }))
     }
 }
 

@@ -89,6 +89,22 @@ fn nvrtc_compiles_the_kernels() {
     for k in ["sample_rows", "adjust_logits", "row_logprobs"] {
         assert!(sample.contains(&format!(".entry {k}")), "kernel {k} missing from the PTX");
     }
+    let moe = cudarc::nvrtc::compile_ptx_with_opts(
+        peregrine_cuda::compile::MOE_CU,
+        cudarc::nvrtc::CompileOptions { arch: Some("sm_90a"), options: vec!["--std=c++17".into()], ..Default::default() },
+    )
+    .expect("moe.cu compiles for sm_90a")
+    .to_src();
+    for (d, s) in peregrine_cuda::kernels::TILED_VARIANTS {
+        for k in [format!("moe_gate_up_tiled_d{d}_s{s}"), format!("moe_down_tiled_d{d}_s{s}")] {
+            assert!(moe.contains(&format!(".entry {k}")), "moe.cu lacks {k}");
+        }
+    }
+    for (n, c) in peregrine_cuda::kernels::BULK_VARIANTS {
+        for k in [format!("moe_gate_up_bulk_n{n}_c{c}"), format!("moe_down_bulk_n{n}_c{c}")] {
+            assert!(moe.contains(&format!(".entry {k}")), "moe.cu lacks {k}");
+        }
+    }
     for k in ["gemv_bf16", "gemv_fp8", "gemv_mxfp4", "gemv_mxfp4_t1", "gemv_mxfp4_t2", "gemv_mxfp4_t4", "gemv_mxfp4_t8", "moe_gate_up_mxfp4", "moe_down_mxfp4", "moe_gate_up_mxfp4_v2", "moe_down_mxfp4_v2", "moe_combine", "split_bf16", "gemv_mma_fp8_t1", "gemv_mma_fp8_t8", "gemv_mma_bf16_t1", "gemv_mma_bf16_t8", "split_f16", "moe_gate_up_mma", "moe_down_mma", "moe_gate_up_pipe_s1", "moe_gate_up_pipe_s2", "moe_gate_up_pipe_s4", "moe_gate_up_pipe_s8", "moe_down_pipe_s1", "moe_down_pipe_s2", "moe_down_pipe_s4", "moe_down_pipe_s8"] {
         assert!(text.contains(&format!(".entry {k}")), "kernel {k} missing from the PTX");
     }
@@ -187,17 +203,9 @@ fn mxfp4_moe_decode_matches_the_cpu_reference() {
         let scales = |r: &mut rand::rngs::StdRng, n: usize| -> Vec<u8> { (0..n).map(|_| r.random_range(118..128)).collect() };
         let (gate, gate_s, up, up_s) = (bytes(&mut r, e * i * h / 2), scales(&mut r, e * i * h / 32), bytes(&mut r, e * i * h / 2), scales(&mut r, e * i * h / 32));
         let (down, down_s) = (bytes(&mut r, e * h * i / 2), scales(&mut r, e * h * i / 32));
-        let w = MoeWeights {
-            gate: g.stream.clone_htod(&gate).unwrap(),
-            gate_s: g.stream.clone_htod(&gate_s).unwrap(),
-            up: g.stream.clone_htod(&up).unwrap(),
-            up_s: g.stream.clone_htod(&up_s).unwrap(),
-            down: g.stream.clone_htod(&down).unwrap(),
-            down_s: g.stream.clone_htod(&down_s).unwrap(),
-            num_experts: e,
-            hidden: h,
-            inter: i,
-        };
+        let w = MoeWeights::upload(&g.stream, false, &gate, &gate_s, &up, &up_s, &down, &down_s, e, h, i).unwrap();
+        // The same experts in the tiled layout (re-laid out on the host, as the loader does).
+        let wt = MoeWeights::upload(&g.stream, true, &gate, &gate_s, &up, &up_s, &down, &down_s, e, h, i).unwrap();
         let deq = |b: &[u8], s: &[u8], ex: usize, rows: usize, cols: usize| {
             dequant_mxfp4(&b[ex * rows * cols / 2..(ex + 1) * rows * cols / 2], &s[ex * rows * cols / 32..(ex + 1) * rows * cols / 32], rows, cols)
         };
@@ -226,6 +234,25 @@ fn mxfp4_moe_decode_matches_the_cpu_reference() {
             kern.moe_mxfp4_with(MoeKernel::V2, &w, &dr, &xd, &mut scratch, &mut y2).unwrap();
             let mut y3 = poisoned(&g, t * h);
             kern.moe_mxfp4_with(MoeKernel::TensorCore, &w, &dr, &xd, &mut scratch, &mut y3).unwrap();
+            let mut yt = poisoned(&g, t * h);
+            kern.moe_mxfp4(&wt, &dr, &xd, &mut scratch, &mut yt).unwrap();
+            // Every compiled (depth, split), each twice: the fused combine's counters must
+            // come back to zero after a call.
+            let mut yt_all = Vec::new();
+            let kinds = peregrine_cuda::kernels::TILED_VARIANTS
+                .iter()
+                .map(|&(depth, split)| MoeKernel::Tiled { depth, split })
+                .chain(peregrine_cuda::kernels::BULK_VARIANTS.iter().map(|&(stages, steps)| MoeKernel::TiledBulk { stages, steps }));
+            for kind in kinds {
+                for _ in 0..2 {
+                    let mut yv = poisoned(&g, t * h);
+                    kern.moe_mxfp4_with(kind, &wt, &dr, &xd, &mut scratch, &mut yv).unwrap();
+                    yt_all.push((kind, yv));
+                }
+            }
+            let mut yt4 = poisoned(&g, t * h);
+            // A kernel that does not read the layout is refused, not run.
+            assert!(kern.moe_mxfp4_with(MoeKernel::TensorCore, &wt, &dr, &xd, &mut scratch, &mut yt4).is_err());
             // CPU: for each token and slot, down(silu(gate x) * up x) * weight, summed in slot order.
             let mut want = vec![0f32; t * h];
             for (ti, c) in choices.iter().enumerate() {
@@ -244,6 +271,11 @@ fn mxfp4_moe_decode_matches_the_cpu_reference() {
             assert_close(&format!("moe mxfp4 (v1) T={t}"), &g.stream.clone_dtoh(&y1).unwrap(), &want);
             assert_close(&format!("moe mxfp4 (v2) T={t}"), &g.stream.clone_dtoh(&y2).unwrap(), &want);
             assert_close(&format!("moe mxfp4 (tensor cores, registers) {h}x{i} T={t}"), &g.stream.clone_dtoh(&y3).unwrap(), &want);
+            assert_close(&format!("moe mxfp4 (tiled, default) {h}x{i} T={t}"), &g.stream.clone_dtoh(&yt).unwrap(), &want);
+            for (kind, yv) in &yt_all {
+                assert_close(&format!("moe mxfp4 ({kind:?}) {h}x{i} T={t}"), &g.stream.clone_dtoh(yv).unwrap(), &want);
+            }
+            assert_eq!(g.stream.clone_dtoh(&scratch.counters).unwrap().iter().filter(|&&c| c != 0).count(), 0, "combine counters left non-zero");
             // Every K split of the pipelined kernels (the default is one of them).
             for (gate_up_split, down_split) in [(1, 8), (2, 4), (4, 2), (8, 1)] {
                 let mut y4 = poisoned(&g, t * h);

@@ -1,0 +1,479 @@
+// MXFP4 MoE decode over "tiled" expert weights: the layout crates/cuda/src/mxfp4_tiles.rs
+// writes at load time (still 4.25 bits per weight), built so that the bandwidth-bound 1..8-token
+// decode spends as few instructions per weight as possible.
+//
+// Why: the row-major kernels in gemv.cu reached 36% of copy bandwidth at 1 token because they
+// issued ~5.5 lane instructions per weight (4-byte loads, E2M1 decoded with bit moves into f16,
+// split kernels for the activations). Streaming 4.25-bit weights at ~85% of an H100's 3 TB/s
+// leaves an SM ~6 lane instructions per weight at full issue, so the decode must cost far less.
+//
+// Layout (per expert, per matrix of R rows x K columns, R % 16 == 0, K % 64 == 0):
+//   codes:  [R/16 row tiles][K/64 steps][32 lanes][16 bytes]: lane l = 4g + t holds, for the
+//           four m16n8k16 MMAs s = 0..3 of the step, one 32-bit word of 8 codes: its A fragment
+//           (rows g and g+8, k = 16s + 2t + {0, 1, 8, 9}). In each byte the first code sits in
+//           bits {7: sign, 4..2: e1 e0 m}, which IS the e4m3 byte of its value x 2^-6, and the
+//           second in bits {5: sign, 6: e1, 1: e0, 0: m}. So a word decodes with one AND plus
+//           four shifts/ands and four cvt.rn.f16x2.e4m3x2 (exact).
+//   scales: [R/16][K/64][8 groups g][4 bytes]: E8M0 of (row g, k32 block 2j), (g, 2j+1),
+//           (g+8, 2j), (g+8, 2j+1) for step j.
+// Gate and up are interleaved: row tile r holds gate rows 8r..8r+7 then up rows 8r..8r+7, so
+// one lane ends with a gate and an up value of the same intermediate row and fuses the SiLU.
+//
+// Each block stages the f32 activations of up to NP routed pairs in shared memory as B
+// fragments: F16 hi + lo of x * 2^s (a power of two per row puts the row's largest magnitude
+// just under 2^14), hi and lo as two of the MMA's 8 columns, so one MMA covers both and the
+// products stay exact. Each warp streams one 16-row tile over all of K with a register ring of
+// D steps (512 bytes per step and warp) in flight, and applies each 32-block's E8M0 scale to
+// the MMA's partial sums. No split kernels, no reduction between warps.
+//
+// E8M0 scales become f32 with a shift and a mask: 1..254 exactly; 0 (2^-127) becomes 0 and
+// 255 (NaN) becomes +inf, so a NaN scale still gives a non-finite output.
+
+#define TW 8  // warps per block, one 16-row tile each
+#define NP 4  // routed pairs per pass (MMA columns: hi and lo of each)
+
+// Four e4m3 bytes -> two f16x2 (low byte first in each), exactly.
+__device__ __forceinline__ void e4m3x4_to_f16x2x2(unsigned e, unsigned& lo, unsigned& hi) {
+    asm("{.reg .b16 l, h; mov.b32 {l, h}, %2; cvt.rn.f16x2.e4m3x2 %0, l; cvt.rn.f16x2.e4m3x2 %1, h;}"
+        : "=r"(lo), "=r"(hi)
+        : "r"(e));
+}
+
+// One tiled word (8 codes) -> the A fragment a0..a3 of one MMA, each value x 2^-6.
+__device__ __forceinline__ void tile_decode(unsigned w, unsigned a[4]) {
+    unsigned ea = w & 0x9C9C9C9Cu;
+    unsigned eb = ((w << 2) & 0x8C8C8C8Cu) | ((w >> 2) & 0x10101010u);
+    e4m3x4_to_f16x2x2(ea, a[0], a[1]);
+    e4m3x4_to_f16x2x2(eb, a[2], a[3]);
+}
+
+// d = A B (C = 0) and d += A B, m16n8k16 f16 -> f32.
+__device__ __forceinline__ void mma_zero(float d[4], const unsigned a[4], unsigned b0, unsigned b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%10,%10,%10};"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.f));
+}
+__device__ __forceinline__ void mma_acc(float d[4], const unsigned a[4], unsigned b0, unsigned b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ unsigned short to_f16(float v) {
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    return h;
+}
+__device__ __forceinline__ float from_f16(unsigned short h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+// Hi and lo F16 words of the pairs (a, b): hi = f16(v), lo = f16(v - hi).
+__device__ __forceinline__ void split2(float a, float b, unsigned& hi, unsigned& lo) {
+    unsigned short ha = to_f16(a), hb = to_f16(b);
+    unsigned short la = to_f16(a - from_f16(ha)), lb = to_f16(b - from_f16(hb));
+    hi = (unsigned)ha | ((unsigned)hb << 16);
+    lo = (unsigned)la | ((unsigned)lb << 16);
+}
+
+// Stages rows rows[0..np) of x (f32, K each) as B fragments in `frag` and their 2^-s in inv.
+// Fragment layout (uint4 units): [K/64 steps][2 halves][8 np lanes], lane 4g + t of column
+// g = 2j + part (part 0 = hi, 1 = lo of pair j); half h holds MMAs 2h and 2h+1 as {b0, b1, b0, b1}.
+// Lanes >= 8 np read no fragment (their columns are zero).
+__device__ __forceinline__ void stage_b(const float* __restrict__ x, const int* rows, int np, int K, unsigned* frag,
+                                        float* red, float* scale, float* inv) {
+    int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
+    for (int j = 0; j < np; j++) {
+        const float4* xr = reinterpret_cast<const float4*>(x + (size_t)rows[j] * K);
+        float m = 0.f;
+        for (int i = tid; i < K / 4; i += blockDim.x) {
+            float4 v = xr[i];
+            m = fmaxf(m, fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w))));
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+        if (lane == 0) red[w * NP + j] = m;
+    }
+    __syncthreads();
+    if (tid < np) {
+        float m = 0.f;
+        for (int i = 0; i < TW; i++) m = fmaxf(m, red[i * NP + tid]);
+        // m < 2^ex; scale by 2^(14 - ex) (0 or non-finite: no scaling), as split_f16 does.
+        int ex = (m > 0.f && m < __int_as_float(0x7f800000u)) ? (int)((__float_as_uint(m) >> 23) & 0xffu) - 126 : 0;
+        int sh = min(max(14 - ex, -100), 100);
+        scale[tid] = __int_as_float((unsigned)(sh + 127) << 23);
+        inv[tid] = __int_as_float((unsigned)(127 - sh) << 23);
+    }
+    __syncthreads();
+    int L = 8 * np, q16 = K / 16, items = np * q16 * 4;
+    for (int it = tid; it < items; it += blockDim.x) {
+        int t = it & 3, q = (it >> 2) % q16, j = (it >> 2) / q16;
+        const float* xr = x + (size_t)rows[j] * K + 16 * q + 2 * t;
+        float2 v0 = *reinterpret_cast<const float2*>(xr), v1 = *reinterpret_cast<const float2*>(xr + 8);
+        float s = scale[j];
+        unsigned h0, l0, h1, l1;
+        split2(v0.x * s, v0.y * s, h0, l0);
+        split2(v1.x * s, v1.y * s, h1, l1);
+        int ks = q >> 2, sub = q & 3, half = sub >> 1, i0 = (sub & 1) * 2;
+        unsigned* base = frag + (size_t)(ks * 2 + half) * L * 4;
+        unsigned* ph = base + (4 * (2 * j) + t) * 4 + i0;
+        unsigned* pl = base + (4 * (2 * j + 1) + t) * 4 + i0;
+        ph[0] = h0;
+        ph[1] = h1;
+        pl[0] = l0;
+        pl[1] = l1;
+    }
+    __syncthreads();
+}
+
+__device__ __forceinline__ float e8m0_bits(unsigned v) { return __uint_as_float(v & 0x7f800000u); }
+
+// One warp's share of a 16-row tile against the staged fragments: steps k0, k0 + stride, ...
+// below KS. acc = rows (g, g+8) x columns (2t, 2t+1), i.e. hi and lo of pair t. wt/st point at
+// the tile's first step (the lane's uint4, the group's scale word).
+template <int D>
+__device__ __forceinline__ void tile_stream(const uint4* __restrict__ wt, const unsigned* __restrict__ st, int KS, int k0,
+                                            int stride, const uint4* frag, int L, float acc[4]) {
+    int lane = threadIdx.x & 31;
+    bool hasb = lane < L;
+    int n = k0 < KS ? (KS - k0 + stride - 1) / stride : 0;
+    wt += (size_t)k0 * 32;
+    st += (size_t)k0 * 8;
+    uint4 wb[D];
+    unsigned sb[D];
+#pragma unroll
+    for (int d = 0; d < D; d++) {
+        if (d < n) {
+            wb[d] = __ldg(wt + (size_t)d * stride * 32);
+            sb[d] = __ldg(st + (size_t)d * stride * 8);
+        }
+    }
+    for (int i0 = 0; i0 < n; i0 += D) {
+#pragma unroll
+        for (int d = 0; d < D; d++) {
+            int i = i0 + d;
+            if (i < n) {
+                uint4 wv = wb[d];
+                unsigned sv = sb[d];
+                if (i + D < n) {
+                    wb[d] = __ldg(wt + (size_t)(i + D) * stride * 32);
+                    sb[d] = __ldg(st + (size_t)(i + D) * stride * 8);
+                }
+                int k = k0 + i * stride;
+                uint4 b01 = make_uint4(0u, 0u, 0u, 0u), b23 = b01;
+                if (hasb) {
+                    b01 = frag[(size_t)(2 * k) * L + lane];
+                    b23 = frag[(size_t)(2 * k + 1) * L + lane];
+                }
+                unsigned a[4];
+                float tp[4];
+                tile_decode(wv.x, a);
+                mma_zero(tp, a, b01.x, b01.y);
+                tile_decode(wv.y, a);
+                mma_acc(tp, a, b01.z, b01.w);
+                float f0 = e8m0_bits(sv << 23), f1 = e8m0_bits(sv << 7);  // (g, 2k), (g + 8, 2k)
+                acc[0] += f0 * tp[0];
+                acc[1] += f0 * tp[1];
+                acc[2] += f1 * tp[2];
+                acc[3] += f1 * tp[3];
+                tile_decode(wv.z, a);
+                mma_zero(tp, a, b23.x, b23.y);
+                tile_decode(wv.w, a);
+                mma_acc(tp, a, b23.z, b23.w);
+                f0 = e8m0_bits(sv << 15);  // (g, 2k + 1)
+                f1 = e8m0_bits(sv >> 1);   // (g + 8, 2k + 1)
+                acc[0] += f0 * tp[0];
+                acc[1] += f0 * tp[1];
+                acc[2] += f1 * tp[2];
+                acc[3] += f1 * tp[3];
+            }
+        }
+    }
+}
+
+// The same stream with the weights brought by the bulk-copy engine (cp.async.bulk, completing on
+// an mbarrier) into a per-warp shared-memory ring of NS stages of CS steps (CS x 512 bytes of
+// codes and CS x 32 of scales each): one lane asks for a whole stage, so bytes in flight no
+// longer cost registers or per-lane load instructions. `seq` counts the stages this warp has
+// used before (the barriers' phases run on across passes).
+__device__ __forceinline__ void mbar_init(unsigned long long* bar) {
+    unsigned a = (unsigned)__cvta_generic_to_shared(bar);
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(a) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(unsigned long long* bar, unsigned parity) {
+    unsigned a = (unsigned)__cvta_generic_to_shared(bar);
+    asm volatile(
+        "{.reg .pred p;\n"
+        "WAIT_%=:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+        "@!p bra WAIT_%=;}" ::"r"(a),
+        "r"(parity)
+        : "memory");
+}
+__device__ __forceinline__ void bulk_load(void* smem, const void* gmem, unsigned bytes, unsigned long long* bar) {
+    unsigned d = (unsigned)__cvta_generic_to_shared(smem), b = (unsigned)__cvta_generic_to_shared(bar);
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(d), "l"(gmem), "r"(bytes), "r"(b)
+                 : "memory");
+}
+__device__ __forceinline__ void mbar_expect(unsigned long long* bar, unsigned bytes) {
+    unsigned a = (unsigned)__cvta_generic_to_shared(bar);
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(a), "r"(bytes) : "memory");
+}
+
+// Stage j (of this pass) of a warp's ring: one lane asks for it.
+template <int NS, int CS>
+__device__ __forceinline__ void bulk_issue(int j, int seq, const unsigned char* __restrict__ wt, const unsigned char* __restrict__ st, int KS,
+                                           unsigned char* ring, unsigned long long* bars) {
+    int slot = (seq + j) % NS, steps = min(CS, KS - j * CS);
+    unsigned char* dst = ring + slot * CS * 544;
+    mbar_expect(bars + slot, steps * 544);
+    bulk_load(dst, wt + (size_t)j * CS * 512, steps * 512, bars + slot);
+    bulk_load(dst + CS * 512, st + (size_t)j * CS * 32, steps * 32, bars + slot);
+}
+
+// The first NS stages of a pass, asked for before the activations are staged.
+template <int NS, int CS>
+__device__ __forceinline__ void bulk_prologue(int seq, const unsigned char* __restrict__ wt, const unsigned char* __restrict__ st, int KS,
+                                              unsigned char* ring, unsigned long long* bars) {
+    int nst = (KS + CS - 1) / CS;
+    if ((threadIdx.x & 31) == 0)
+        for (int j = 0; j < min(NS, nst); j++) bulk_issue<NS, CS>(j, seq, wt, st, KS, ring, bars);
+}
+
+template <int NS, int CS>
+__device__ __forceinline__ void tile_stream_bulk(const unsigned char* __restrict__ wt, const unsigned char* __restrict__ st, int KS,
+                                                 const uint4* frag, int L, float acc[4], unsigned char* ring,
+                                                 unsigned long long* bars, int& seq) {
+    constexpr int STAGE = CS * 544;
+    int lane = threadIdx.x & 31, g = lane >> 2;
+    bool hasb = lane < L;
+    int nst = (KS + CS - 1) / CS;
+    for (int j = 0; j < nst; j++) {
+        int slot = (seq + j) % NS;
+        mbar_wait(bars + slot, ((seq + j) / NS) & 1);
+        const unsigned char* stage = ring + slot * STAGE;
+#pragma unroll
+        for (int c = 0; c < CS; c++) {
+            int k = j * CS + c;
+            if (k < KS) {
+                uint4 wv = reinterpret_cast<const uint4*>(stage)[c * 32 + lane];
+                unsigned sv = reinterpret_cast<const unsigned*>(stage + CS * 512)[c * 8 + g];
+                uint4 b01 = make_uint4(0u, 0u, 0u, 0u), b23 = b01;
+                if (hasb) {
+                    b01 = frag[(size_t)(2 * k) * L + lane];
+                    b23 = frag[(size_t)(2 * k + 1) * L + lane];
+                }
+                unsigned a[4];
+                float tp[4];
+                tile_decode(wv.x, a);
+                mma_zero(tp, a, b01.x, b01.y);
+                tile_decode(wv.y, a);
+                mma_acc(tp, a, b01.z, b01.w);
+                float f0 = e8m0_bits(sv << 23), f1 = e8m0_bits(sv << 7);
+                acc[0] += f0 * tp[0];
+                acc[1] += f0 * tp[1];
+                acc[2] += f1 * tp[2];
+                acc[3] += f1 * tp[3];
+                tile_decode(wv.z, a);
+                mma_zero(tp, a, b23.x, b23.y);
+                tile_decode(wv.w, a);
+                mma_acc(tp, a, b23.z, b23.w);
+                f0 = e8m0_bits(sv << 15);
+                f1 = e8m0_bits(sv >> 1);
+                acc[0] += f0 * tp[0];
+                acc[1] += f0 * tp[1];
+                acc[2] += f1 * tp[2];
+                acc[3] += f1 * tp[3];
+            }
+        }
+        __syncwarp();  // every lane has read the stage before it is refilled
+        if (lane == 0 && j + NS < nst) {
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+            bulk_issue<NS, CS>(j + NS, seq, wt, st, KS, ring, bars);
+        }
+    }
+    seq += nst;
+}
+
+// The routed-combine of the down kernel, done by the last block to finish each group of rows
+// (a per-group arrival counter; the block that brings it to the number of used expert slots
+// sums, then resets it for the next call): y[t, n] = sum of out[p, n] over token t's pairs in
+// ascending pair order, i.e. ascending expert, as the CPU reference and moe_combine do.
+#define MAX_FUSED_TOPK 32
+#define COMBINE_CHUNK 32
+__device__ __forceinline__ void combine_rows(const float* __restrict__ out, const int* __restrict__ tok_pairs, float* __restrict__ y,
+                                             int H, int n0, int rows, int T, int topk) {
+    __shared__ int sorted[COMBINE_CHUNK * MAX_FUSED_TOPK];
+    for (int c0 = 0; c0 < T; c0 += COMBINE_CHUNK) {
+        int ct = min(COMBINE_CHUNK, T - c0);
+        __syncthreads();
+        // Each of a token's pairs goes to its rank among the token's pairs.
+        for (int i = threadIdx.x; i < ct * topk; i += blockDim.x) {
+            int t = i / topk, s = i % topk;
+            const int* tp = tok_pairs + (size_t)(c0 + t) * topk;
+            int p = tp[s], rank = 0;
+            for (int j = 0; j < topk; j++) rank += tp[j] < p;
+            sorted[t * topk + rank] = p;
+        }
+        __syncthreads();
+        for (int i = threadIdx.x; i < ct * rows; i += blockDim.x) {
+            int t = i / rows, n = n0 + i % rows;
+            float acc = 0.f;
+            for (int j = 0; j < topk; j++) acc += __ldcg(out + (size_t)sorted[t * topk + j] * H + n);
+            y[(size_t)(c0 + t) * H + n] = acc;
+        }
+    }
+}
+
+// GATE_UP: W = interleaved gate/up tiles [E][I/8][H/64], x [T, H] rows by pair_tok, writes
+//          h[p, i] = silu(gate_e x) * (up_e x) for i = 8 r + g.
+// else:    W = down tiles [E][H/16][I/64], x = h [pairs, I], writes out[p, n] = pair_w[p] *
+//          down_e h_p, and with `counters` also the combine into y [T, H].
+// SPLIT warps share a tile's K, taking its steps in turn (neighbouring warps read neighbouring
+// 512-byte chunks); their sums meet in shared memory in warp order.
+// Grid: (ceil(tiles / (TW / SPLIT)), expert slots); dynamic shared memory K * 4 * min(NP, max
+// pairs) bytes.
+template <int D, bool GATE_UP, int SPLIT, int NS, int CS>
+__device__ __forceinline__ void moe_tiled(const uint4* __restrict__ W, const unsigned* __restrict__ S, const int* __restrict__ experts,
+                                          const int* __restrict__ pair_off, const int* __restrict__ pair_tok,
+                                          const float* __restrict__ pair_w, const float* __restrict__ x, float* __restrict__ y,
+                                          int K, int tiles, int ldy, unsigned* counters, const int* __restrict__ tok_pairs,
+                                          float* __restrict__ comb, int T, int topk) {
+    constexpr int TILES = TW / SPLIT;
+    // Dynamic shared memory: with the bulk copies, the warps' rings (TW x NS x CS x 544 bytes)
+    // come first, then the staged fragments.
+    constexpr int RING = NS > 0 ? TW * NS * CS * 544 : 0;
+    extern __shared__ uint4 dsm[];
+    uint4* frag = dsm + RING / 16;
+    constexpr int NSB = NS > 0 ? NS : 1;
+    __shared__ unsigned long long bars[TW * NSB];
+    __shared__ float red[TW * NP], scale[NP], inv[NP];
+    __shared__ float part[SPLIT > 1 ? TW * 32 * 4 : 1];
+    __shared__ int rows[NP];
+    __shared__ int last;
+    int u = blockIdx.y;
+    int pb = pair_off[u], pe = pair_off[u + 1];
+    if (pb >= pe) return;  // an unused expert slot (the whole block leaves)
+    size_t e = (size_t)experts[u];
+    int w = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    int rt = blockIdx.x * TILES + w / SPLIT, kw = w % SPLIT, KS = K / 64;
+    bool active = rt < tiles;
+    const uint4* wt = W + ((e * tiles + (active ? rt : 0)) * KS) * 32 + lane;
+    const unsigned* st = S + ((e * tiles + (active ? rt : 0)) * KS) * 8 + g;
+    int seq = 0;
+    if (NS > 0) {
+        if (lane == 0)
+            for (int i = 0; i < NS; i++) mbar_init(bars + w * NS + i);
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        __syncwarp();
+    }
+    for (int p0 = pb; p0 < pe; p0 += NP) {
+        int np = min(NP, pe - p0);
+        if ((int)threadIdx.x < np) rows[threadIdx.x] = GATE_UP ? pair_tok[p0 + threadIdx.x] : p0 + threadIdx.x;
+        if (NS > 0 && active)
+            bulk_prologue<NSB, CS>(seq, reinterpret_cast<const unsigned char*>(wt - lane), reinterpret_cast<const unsigned char*>(st - g), KS,
+                                   reinterpret_cast<unsigned char*>(dsm) + w * NSB * CS * 544, bars + w * NSB);
+        // The down kernel may be launched while gate_up still runs (programmatic dependent
+        // launch): its weights are asked for above, h only after gate_up has finished.
+        if (!GATE_UP) asm volatile("griddepcontrol.wait;" ::: "memory");
+        __syncthreads();
+        stage_b(x, rows, np, K, reinterpret_cast<unsigned*>(frag), red, scale, inv);
+        float acc[4] = {0.f, 0.f, 0.f, 0.f};
+        if (NS > 0) {
+            // (SPLIT is 1 here: a warp streams its whole tile.)
+            if (active)
+                tile_stream_bulk<NSB, CS>(reinterpret_cast<const unsigned char*>(wt - lane), reinterpret_cast<const unsigned char*>(st - g), KS, frag, 8 * np,
+                                          acc, reinterpret_cast<unsigned char*>(dsm) + w * NSB * CS * 544, bars + w * NSB, seq);
+        } else if (active) {
+            tile_stream<D>(wt, st, KS, kw, SPLIT, frag, 8 * np, acc);
+        }
+        // Past its weights, gate_up lets the down kernel start and fetch its own.
+        if (GATE_UP) asm volatile("griddepcontrol.launch_dependents;");
+        if (SPLIT > 1) {
+#pragma unroll
+            for (int i = 0; i < 4; i++) part[(w * 32 + lane) * 4 + i] = acc[i];
+            __syncthreads();
+            if (kw == 0) {
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    float s = 0.f;
+                    for (int j = 0; j < SPLIT; j++) s += part[((w + j) * 32 + lane) * 4 + i];
+                    acc[i] = s;
+                }
+            }
+        }
+        if (active && kw == 0 && t < np) {
+            float f = inv[t] * 64.f;  // undo the activation scale and the decode's 2^-6
+            // Rows g and g + 8 of the tile (gate and up of one intermediate row for GATE_UP).
+            float r0 = (acc[0] + acc[1]) * f, r1 = (acc[2] + acc[3]) * f;
+            if (GATE_UP) {
+                y[(size_t)(p0 + t) * ldy + rt * 8 + g] = r0 / (1.f + __expf(-r0)) * r1;
+            } else {
+                float pw = pair_w[p0 + t];
+                y[(size_t)(p0 + t) * ldy + rt * 16 + g] = r0 * pw;
+                y[(size_t)(p0 + t) * ldy + rt * 16 + g + 8] = r1 * pw;
+            }
+        }
+        __syncthreads();  // every warp is done with the fragments before the next pass restages
+    }
+    if (GATE_UP || counters == nullptr) return;
+    __threadfence();  // this block's outputs are visible before it is counted
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int used = 0;
+        for (int i = 0; i < (int)gridDim.y; i++) used += pair_off[i] < pair_off[i + 1];
+        last = atomicAdd(counters + blockIdx.x, 1u) + 1 == (unsigned)used;
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    int n0 = blockIdx.x * TILES * 16;
+    combine_rows(y, tok_pairs, comb, ldy, n0, min(TILES * 16, ldy - n0), T, topk);
+    if (threadIdx.x == 0) counters[blockIdx.x] = 0u;
+}
+
+#define MOE_TILED(D, SPLIT)                                                                                              \
+    extern "C" __global__ void __launch_bounds__(256, 2) moe_gate_up_tiled_d##D##_s##SPLIT(                              \
+        const uint4* __restrict__ W, const unsigned* __restrict__ S, const int* __restrict__ experts,                    \
+        const int* __restrict__ pair_off, const int* __restrict__ pair_tok, const float* __restrict__ x,                 \
+        float* __restrict__ h, int H, int I) {                                                                           \
+        moe_tiled<D, true, SPLIT, 0, 1>(W, S, experts, pair_off, pair_tok, nullptr, x, h, H, I / 8, I, nullptr, nullptr, \
+                                        nullptr, 0, 0);                                                                  \
+    }                                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(256, 2) moe_down_tiled_d##D##_s##SPLIT(                                 \
+        const uint4* __restrict__ W, const unsigned* __restrict__ S, const int* __restrict__ experts,                    \
+        const int* __restrict__ pair_off, const float* __restrict__ pair_w, const float* __restrict__ h,                 \
+        float* __restrict__ out, int H, int I, unsigned* counters, const int* __restrict__ tok_pairs,                   \
+        float* __restrict__ y, int T, int topk) {                                                                        \
+        moe_tiled<D, false, SPLIT, 0, 1>(W, S, experts, pair_off, nullptr, pair_w, h, out, I, H / 16, H, counters,     \
+                                         tok_pairs, y, T, topk);                                                         \
+    }
+MOE_TILED(4, 1)
+MOE_TILED(4, 2)
+MOE_TILED(4, 4)
+MOE_TILED(8, 2)
+
+// Bulk-copy variants: NS stages of CS steps per warp.
+#define MOE_BULK(NS, CS)                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(256, 2) moe_gate_up_bulk_n##NS##_c##CS(                                 \
+        const uint4* __restrict__ W, const unsigned* __restrict__ S, const int* __restrict__ experts,                    \
+        const int* __restrict__ pair_off, const int* __restrict__ pair_tok, const float* __restrict__ x,                 \
+        float* __restrict__ h, int H, int I) {                                                                           \
+        moe_tiled<1, true, 1, NS, CS>(W, S, experts, pair_off, pair_tok, nullptr, x, h, H, I / 8, I, nullptr, nullptr,   \
+                                      nullptr, 0, 0);                                                                    \
+    }                                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(256, 2) moe_down_bulk_n##NS##_c##CS(                                    \
+        const uint4* __restrict__ W, const unsigned* __restrict__ S, const int* __restrict__ experts,                    \
+        const int* __restrict__ pair_off, const float* __restrict__ pair_w, const float* __restrict__ h,                 \
+        float* __restrict__ out, int H, int I, unsigned* counters, const int* __restrict__ tok_pairs,                   \
+        float* __restrict__ y, int T, int topk) {                                                                        \
+        moe_tiled<1, false, 1, NS, CS>(W, S, experts, pair_off, nullptr, pair_w, h, out, I, H / 16, H, counters,       \
+                                       tok_pairs, y, T, topk);                                                           \
+    }
+MOE_BULK(4, 2)
+MOE_BULK(3, 2)
+MOE_BULK(2, 4)
+MOE_BULK(8, 1)
+MOE_BULK(6, 1)
