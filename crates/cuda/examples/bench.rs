@@ -6,7 +6,7 @@
 //!     cargo run --release -p peregrine-cuda --example bench
 
 use cudarc::driver::sys::CUevent_flags;
-use peregrine_cuda::kernels::MoeWeights;
+use peregrine_cuda::kernels::{MoeLayout, MoeWeights};
 use peregrine_cuda::{probe, Kernels, MoeKernel, MoeRouting};
 use rand::{Rng, SeedableRng};
 
@@ -54,8 +54,10 @@ fn main() {
     drop(src);
     drop(dst);
 
+    // PEREGRINE_BENCH_ONLY=moe skips the sampling and GEMV sections.
+    let only_moe = std::env::var("PEREGRINE_BENCH_ONLY").is_ok_and(|v| v == "moe");
     // Sampling and logprobs over a MiMo-sized vocabulary: ids come back, logits stay.
-    {
+    if !only_moe {
         use peregrine_core::backend::RowSampling;
         let v = 152_064usize;
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
@@ -73,61 +75,95 @@ fn main() {
         }
     }
 
+    // Random bytes for weights (never zeros: they can run faster than real data).
+    let mut wrng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut random_bytes = |n: usize| -> Vec<u8> {
+        let mut v = vec![0u8; n];
+        wrng.fill(&mut v[..]);
+        v
+    };
     // GEMV: matrices much larger than the 50 MB L2.
-    let (rows, cols) = (16384usize, 8192usize);
-    let x = s.clone_htod(&vec![0.5f32; 64 * cols]).unwrap();
-    let mut y = s.alloc_zeros::<f32>(64 * rows).unwrap();
-    println!("\nGEMV {rows}x{cols}: tokens, weight bytes, ms, GB/s, fraction of copy bandwidth");
-    {
-        let w = s.alloc_zeros::<u16>(rows * cols).unwrap();
-        for t in [1usize, 2, 4, 8, 16, 64] {
-            let ms = time(20, &mut |_| k.gemv_bf16(&w, &x, &mut y, rows, cols, t).unwrap());
-            let ms0 = time(20, &mut |_| k.gemv_bf16_simt(&w, &x, &mut y, rows, cols, t).unwrap());
-            let b = (rows * cols * 2) as f64;
-            println!("bf16   T={t:<2} {:>10.1} MB {ms:8.3} ms {:7.0} GB/s {:5.1}%  (tensor cores; CUDA-core kernel: {:.1}%)", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, 100.0 * b / (ms as f64 * 1e-3) / copy_bw, 100.0 * b / (ms0 as f64 * 1e-3) / copy_bw);
+    if !only_moe {
+        let (rows, cols) = (16384usize, 8192usize);
+        let x = s.clone_htod(&random_bytes(64 * cols).iter().map(|&b| b as f32 / 128.0 - 1.0).collect::<Vec<_>>()).unwrap();
+        let mut y = s.alloc_zeros::<f32>(64 * rows).unwrap();
+        println!("\nGEMV {rows}x{cols}: tokens, weight bytes, ms, GB/s, fraction of copy bandwidth");
+        {
+            // BF16 of uniform values in (-1, 1): random sign, exponent 119..126, mantissa.
+            let w = s.clone_htod(&random_bytes(2 * rows * cols).chunks(2).map(|b| ((b[1] as u16 & 0x80) << 8) | ((119 + (b[1] as u16 & 7)) << 7) | (b[0] as u16 & 0x7f)).collect::<Vec<_>>()).unwrap();
+            for t in [1usize, 2, 4, 8, 16, 64] {
+                let ms = time(20, &mut |_| k.gemv_bf16(&w, &x, &mut y, rows, cols, t).unwrap());
+                let ms0 = time(20, &mut |_| k.gemv_bf16_simt(&w, &x, &mut y, rows, cols, t).unwrap());
+                let b = (rows * cols * 2) as f64;
+                println!("bf16   T={t:<2} {:>10.1} MB {ms:8.3} ms {:7.0} GB/s {:5.1}%  (tensor cores; CUDA-core kernel: {:.1}%)", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, 100.0 * b / (ms as f64 * 1e-3) / copy_bw, 100.0 * b / (ms0 as f64 * 1e-3) / copy_bw);
+            }
         }
-    }
-    {
-        let w = s.alloc_zeros::<u8>(rows * cols).unwrap();
-        let sc = s.clone_htod(&vec![1.0f32; rows / 128 * cols / 128]).unwrap();
-        for t in [1usize, 2, 4, 8, 16, 64] {
-            let ms = time(20, &mut |_| k.gemv_fp8(&w, &sc, &x, &mut y, rows, cols, t).unwrap());
-            let ms0 = time(20, &mut |_| k.gemv_fp8_simt(&w, &sc, &x, &mut y, rows, cols, t).unwrap());
-            let b = (rows * cols) as f64 + (rows / 128 * cols / 128 * 4) as f64;
-            println!("fp8    T={t:<2} {:>10.1} MB {ms:8.3} ms {:7.0} GB/s {:5.1}%  (tensor cores; CUDA-core kernel: {:.1}%)", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, 100.0 * b / (ms as f64 * 1e-3) / copy_bw, 100.0 * b / (ms0 as f64 * 1e-3) / copy_bw);
+        {
+            // Random e4m3 bytes, NaN (0x7f / 0xff) excluded.
+            let w = s.clone_htod(&random_bytes(rows * cols).iter().map(|&b| if b & 0x7f == 0x7f { b ^ 1 } else { b }).collect::<Vec<_>>()).unwrap();
+            let sc = s.clone_htod(&vec![1.0f32; rows / 128 * cols / 128]).unwrap();
+            for t in [1usize, 2, 4, 8, 16, 64] {
+                let ms = time(20, &mut |_| k.gemv_fp8(&w, &sc, &x, &mut y, rows, cols, t).unwrap());
+                let ms0 = time(20, &mut |_| k.gemv_fp8_simt(&w, &sc, &x, &mut y, rows, cols, t).unwrap());
+                let b = (rows * cols) as f64 + (rows / 128 * cols / 128 * 4) as f64;
+                println!("fp8    T={t:<2} {:>10.1} MB {ms:8.3} ms {:7.0} GB/s {:5.1}%  (tensor cores; CUDA-core kernel: {:.1}%)", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, 100.0 * b / (ms as f64 * 1e-3) / copy_bw, 100.0 * b / (ms0 as f64 * 1e-3) / copy_bw);
+            }
         }
-    }
-    {
-        let (rows, cols) = (32768usize, 8192usize);
-        let w = s.alloc_zeros::<u8>(rows * cols / 2).unwrap();
-        let sc = s.clone_htod(&vec![127u8; rows * cols / 32]).unwrap();
-        let mut y = s.alloc_zeros::<f32>(8 * rows).unwrap();
-        for t in [1usize, 2, 4, 8] {
-            let b = (rows * cols / 2 + rows * cols / 32) as f64;
-            let ms1 = time(20, &mut |_| k.gemv_mxfp4_v1(&w, &sc, &x, &mut y, rows, cols, t).unwrap());
-            let ms = time(20, &mut |_| k.gemv_mxfp4(&w, &sc, &x, &mut y, rows, cols, t).unwrap());
-            println!("mxfp4  T={t:<2} {:>10.1} MB {ms:8.3} ms {:7.0} GB/s {:5.1}%  ({rows}x{cols}; one-row-per-warp v1: {:.1}%)", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, 100.0 * b / (ms as f64 * 1e-3) / copy_bw, 100.0 * b / (ms1 as f64 * 1e-3) / copy_bw);
+        {
+            let (rows, cols) = (32768usize, 8192usize);
+            let w = s.clone_htod(&random_bytes(rows * cols / 2)).unwrap();
+            let sc = s.clone_htod(&random_bytes(rows * cols / 32).iter().map(|b| 118 + b % 8).collect::<Vec<_>>()).unwrap();
+            let mut y = s.alloc_zeros::<f32>(8 * rows).unwrap();
+            for t in [1usize, 2, 4, 8] {
+                let b = (rows * cols / 2 + rows * cols / 32) as f64;
+                let ms1 = time(20, &mut |_| k.gemv_mxfp4_v1(&w, &sc, &x, &mut y, rows, cols, t).unwrap());
+                let ms = time(20, &mut |_| k.gemv_mxfp4(&w, &sc, &x, &mut y, rows, cols, t).unwrap());
+                println!("mxfp4  T={t:<2} {:>10.1} MB {ms:8.3} ms {:7.0} GB/s {:5.1}%  ({rows}x{cols}; one-row-per-warp v1: {:.1}%)", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, 100.0 * b / (ms as f64 * 1e-3) / copy_bw, 100.0 * b / (ms1 as f64 * 1e-3) / copy_bw);
+            }
         }
+        drop(y);
     }
-    drop(y);
 
-    // MXFP4 MoE decode, one layer.
+    // MXFP4 MoE decode, one layer, on random codes and scales (never zeros: they can run
+    // faster than real data). Random bytes are valid codes in both layouts.
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    let mut random = |n: usize, lo: u8, span: u8| -> Vec<u8> {
+        let mut v = vec![0u8; n];
+        for c in v.chunks_mut(8) {
+            let r: u64 = rng.random();
+            for (i, b) in c.iter_mut().enumerate() {
+                let x = (r >> (8 * i)) as u8;
+                *b = if span == 0 { x } else { lo + x % span };
+            }
+        }
+        v
+    };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(2);
     for (name, e, h, i, top_k) in [("MiMo-V2-Flash", 256usize, 4096usize, 2048usize, 8usize), ("MiMo-V2.5-Pro", 384, 6144, 2048, 8)] {
+        let (cn, sn) = (e * i * h / 2, e * i * h / 32);
+        let up = |v: Vec<u8>| s.clone_htod(&v).unwrap();
         let w = MoeWeights {
-            gate: s.alloc_zeros(e * i * h / 2).unwrap(),
-            gate_s: s.clone_htod(&vec![127u8; e * i * h / 32]).unwrap(),
-            up: s.alloc_zeros(e * i * h / 2).unwrap(),
-            up_s: s.clone_htod(&vec![127u8; e * i * h / 32]).unwrap(),
-            down: s.alloc_zeros(e * h * i / 2).unwrap(),
-            down_s: s.clone_htod(&vec![127u8; e * h * i / 32]).unwrap(),
+            layout: MoeLayout::RowMajor {
+                gate: up(random(cn, 0, 0)),
+                gate_s: up(random(sn, 118, 8)),
+                up: up(random(cn, 0, 0)),
+                up_s: up(random(sn, 118, 8)),
+                down: up(random(cn, 0, 0)),
+                down_s: up(random(sn, 118, 8)),
+            },
+            num_experts: e,
+            hidden: h,
+            inter: i,
+        };
+        let wt = MoeWeights {
+            layout: MoeLayout::Tiled { gate_up: up(random(2 * cn, 0, 0)), gate_up_s: up(random(2 * sn, 118, 8)), down: up(random(cn, 0, 0)), down_s: up(random(sn, 118, 8)) },
             num_experts: e,
             hidden: h,
             inter: i,
         };
         println!("\nMoE MXFP4 decode, {name}: {e} experts, hidden {h}, expert intermediate {i}, top-{top_k}, uniform routing");
         println!("tokens  experts  bytes(MB)       ms     GB/s  of copy bw");
-        let x = s.clone_htod(&vec![0.1f32; 64 * h]).unwrap();
+        let x = s.clone_htod(&(0..64 * h).map(|_| rng.random::<f32>() - 0.5).collect::<Vec<_>>()).unwrap();
         let mut y = s.alloc_zeros::<f32>(64 * h).unwrap();
         let mut scratch = k.moe_scratch(&w, 64 * top_k).unwrap();
         for t in [1usize, 2, 4, 8, 16, 64] {
@@ -148,27 +184,38 @@ fn main() {
                 })
                 .collect();
             let dev: Vec<_> = routings.iter().map(|r| k.upload_routing(r, e).unwrap()).collect();
-            let ms1 = time(20, &mut |run| k.moe_mxfp4_with(MoeKernel::V2, &w, &dev[run % dev.len()], &x, &mut scratch, &mut y).unwrap());
-            let ms2 = time(20, &mut |run| k.moe_mxfp4_with(MoeKernel::TensorCore, &w, &dev[run % dev.len()], &x, &mut scratch, &mut y).unwrap());
-            let ms = time(20, &mut |run| k.moe_mxfp4_with(MoeKernel::PIPELINED, &w, &dev[run % dev.len()], &x, &mut scratch, &mut y).unwrap());
+            let used = routings.iter().map(|r| r.experts.len()).sum::<usize>() as f64 / routings.len() as f64;
+            let b = used * w.expert_bytes() as f64;
+            let pct = |ms: f32| 100.0 * b / (ms as f64 * 1e-3) / copy_bw;
+            let mut run = |kind: MoeKernel, w: &MoeWeights| time(20, &mut |run| k.moe_mxfp4_with(kind, w, &dev[run % dev.len()], &x, &mut scratch, &mut y).unwrap());
+            let ms = run(MoeKernel::TILED, &wt);
+            let kinds: Vec<(String, MoeKernel)> = peregrine_cuda::kernels::TILED_VARIANTS
+                .iter()
+                .map(|&(depth, split)| (format!("d{depth}s{split}"), MoeKernel::Tiled { depth, split }))
+                .chain(peregrine_cuda::kernels::BULK_VARIANTS.iter().map(|&(stages, steps)| (format!("bulk {stages}x{steps}"), MoeKernel::TiledBulk { stages, steps })))
+                .collect();
+            let variants: Vec<String> = kinds.into_iter().map(|(name, kind)| format!("{name} {:.1}%", pct(run(kind, &wt)))).collect();
+            let ms2 = run(MoeKernel::TensorCore, &w);
+            let ms3 = run(MoeKernel::PIPELINED, &w);
             // The pipelined kernels' K splits (warps sharing a 16-row tile), gate_up x down.
             if std::env::var("PEREGRINE_BENCH_SWEEP").is_ok() && [1, 8, 64].contains(&t) {
-                let used = routings.iter().map(|r| r.experts.len()).sum::<usize>() as f64 / routings.len() as f64;
-                let b = used * w.expert_bytes() as f64;
                 let mut line = format!("  sweep T={t}: split gate_up/down -> % of copy bw:");
                 for gu in [1usize, 2, 4, 8] {
                     for dn in [1usize, 2, 4, 8] {
-                        let kind = MoeKernel::Pipelined { gate_up_split: gu, down_split: dn };
-                        let m = time(20, &mut |run| k.moe_mxfp4_with(kind, &w, &dev[run % dev.len()], &x, &mut scratch, &mut y).unwrap());
-                        line += &format!(" {gu}/{dn}={:.1}", 100.0 * b / (m as f64 * 1e-3) / copy_bw);
+                        line += &format!(" {gu}/{dn}={:.1}", pct(run(MoeKernel::Pipelined { gate_up_split: gu, down_split: dn }, &w)));
                     }
                 }
                 println!("{line}");
             }
-            let used = routings.iter().map(|r| r.experts.len()).sum::<usize>() as f64 / routings.len() as f64;
-            let b = used * w.expert_bytes() as f64;
-            let bw = b / (ms as f64 * 1e-3);
-            println!("{t:>6} {used:>8.1} {:>10.1} {ms:>8.3} {:>8.0} {:>9.1}%   (pipelined tensor cores; register-loaded: {:.1}%, CUDA-core v2: {:.1}%)", b / 1e6, bw / 1e9, 100.0 * bw / copy_bw, 100.0 * b / (ms2 as f64 * 1e-3) / copy_bw, 100.0 * b / (ms1 as f64 * 1e-3) / copy_bw);
+            println!(
+                "{t:>6} {used:>8.1} {:>10.1} {ms:>8.3} {:>8.0} {:>9.1}%   (tiled default; {}; row-major tensor cores: {:.1}%, pipelined: {:.1}%)",
+                b / 1e6,
+                b / (ms as f64 * 1e-3) / 1e9,
+                pct(ms),
+                variants.join(", "),
+                pct(ms2),
+                pct(ms3)
+            );
         }
     }
 }
