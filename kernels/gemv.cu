@@ -9,6 +9,22 @@
 //
 // Compiled at run time by NVRTC (no headers needed: formats are decoded with bit operations).
 
+// Programmatic dependent launch (crates/cuda/src/launch.rs): wait until the kernel before this
+// one in the stream has finished and its writes are visible, then let the next kernel's blocks
+// be scheduled. Every kernel starts with it (moe.cu's down kernels place the wait later).
+#if __CUDA_ARCH__ >= 900
+#define PDL_WAIT() asm volatile("griddepcontrol.wait;" ::: "memory")
+#define PDL_TRIGGER() asm volatile("griddepcontrol.launch_dependents;" ::: "memory")
+#else
+#define PDL_WAIT()
+#define PDL_TRIGGER()
+#endif
+#define PDL_ENTER() \
+    do {            \
+        PDL_WAIT(); \
+        PDL_TRIGGER(); \
+    } while (0)
+
 #define MAXT 8
 #define WARPS 8
 
@@ -82,7 +98,7 @@ __device__ __forceinline__ void fma32(float acc[MAXT], const float w[32], const 
 
 // y[t, n] = sum_k W[n, k] x[t, k]; W bf16 [N, K], K % 256 == 0.
 extern "C" __global__ void gemv_bf16(const unsigned short* __restrict__ W, const float* __restrict__ x,
-                                     float* __restrict__ y, int N, int K, int T) {
+                                     float* __restrict__ y, int N, int K, int T) { PDL_ENTER();
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int n = blockIdx.x * WARPS + warp;
     if (n >= N) return;
@@ -116,7 +132,7 @@ extern "C" __global__ void gemv_bf16(const unsigned short* __restrict__ W, const
 
 // W e4m3 [N, K] with f32 scales [ceil(N/128), K/128] (scale_inv, multiplied); K % 512 == 0.
 extern "C" __global__ void gemv_fp8(const unsigned char* __restrict__ W, const float* __restrict__ scales,
-                                    const float* __restrict__ x, float* __restrict__ y, int N, int K, int T) {
+                                    const float* __restrict__ x, float* __restrict__ y, int N, int K, int T) { PDL_ENTER();
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int n = blockIdx.x * WARPS + warp;
     if (n >= N) return;
@@ -158,7 +174,7 @@ __device__ __forceinline__ void mxfp4_chunk(uint4 q, unsigned scale_byte, float 
 
 // W MXFP4 [N, K/2] bytes + E8M0 scales [N, K/32]; K % 1024 == 0 not required: K % 32 == 0.
 extern "C" __global__ void gemv_mxfp4(const unsigned char* __restrict__ W, const unsigned char* __restrict__ S,
-                                      const float* __restrict__ x, float* __restrict__ y, int N, int K, int T) {
+                                      const float* __restrict__ x, float* __restrict__ y, int N, int K, int T) { PDL_ENTER();
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int n = blockIdx.x * WARPS + warp;
     if (n >= N) return;
@@ -187,7 +203,7 @@ extern "C" __global__ void moe_gate_up_mxfp4(const unsigned char* __restrict__ W
                                              const unsigned char* __restrict__ Wu, const unsigned char* __restrict__ Su,
                                              const int* __restrict__ experts, const int* __restrict__ pair_off,
                                              const int* __restrict__ pair_tok, const float* __restrict__ x,
-                                             float* __restrict__ h, int H, int I) {
+                                             float* __restrict__ h, int H, int I) { PDL_ENTER();
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int i = blockIdx.x * WARPS + warp, u = blockIdx.y;
     if (i >= I) return;
@@ -233,7 +249,7 @@ extern "C" __global__ void moe_gate_up_mxfp4(const unsigned char* __restrict__ W
 extern "C" __global__ void moe_down_mxfp4(const unsigned char* __restrict__ Wd, const unsigned char* __restrict__ Sd,
                                           const int* __restrict__ experts, const int* __restrict__ pair_off,
                                           const float* __restrict__ pair_w, const float* __restrict__ h,
-                                          float* __restrict__ out, int H, int I) {
+                                          float* __restrict__ out, int H, int I) { PDL_ENTER();
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int n = blockIdx.x * WARPS + warp, u = blockIdx.y;
     if (n >= H) return;
@@ -263,7 +279,7 @@ extern "C" __global__ void moe_down_mxfp4(const unsigned char* __restrict__ Wd, 
 // deterministic. tok_pairs[t * topk + s] is the pair index of token t's slot s.
 // Grid: (ceil(H / 256), T).
 extern "C" __global__ void moe_combine(const float* __restrict__ out, const int* __restrict__ tok_pairs,
-                                       float* __restrict__ y, int H, int topk) {
+                                       float* __restrict__ y, int H, int topk) { PDL_ENTER();
     // The token's pair indices in ascending order, once per block (each thread used to find
     // them again with topk scans of tok_pairs, one dependent round trip per slot).
     __shared__ int raw[64], order[64];
@@ -385,7 +401,7 @@ __device__ __forceinline__ void mxfp4_rows(const unsigned char* __restrict__ W, 
 #define GEMV_MXFP4_V2(T, R)                                                                                          \
     extern "C" __global__ void __launch_bounds__(256) gemv_mxfp4_t##T(const unsigned char* __restrict__ W,          \
         const unsigned char* __restrict__ S, const float* __restrict__ x, float* __restrict__ y, int N, int K,      \
-        int T_valid) {                                                                                               \
+        int T_valid) { PDL_ENTER();                                                                                               \
         int n0 = (blockIdx.x * WARPS + (threadIdx.x >> 5)) * R;                                                      \
         if (n0 >= N) return;                                                                                         \
         mxfp4_rows<T, R>(W, S, x, y, n0, N, K, T_valid);                                                            \
@@ -420,7 +436,7 @@ __device__ __forceinline__ void moe_gate_up_pass(const unsigned char* Wg, const 
 extern "C" __global__ void __launch_bounds__(256) moe_gate_up_mxfp4_v2(
     const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Sg, const unsigned char* __restrict__ Wu,
     const unsigned char* __restrict__ Su, const int* __restrict__ experts, const int* __restrict__ pair_off,
-    const int* __restrict__ pair_tok, const float* __restrict__ x, float* __restrict__ h, int H, int I) {
+    const int* __restrict__ pair_tok, const float* __restrict__ x, float* __restrict__ h, int H, int I) { PDL_ENTER();
     int i0 = (blockIdx.x * WARPS + (threadIdx.x >> 5)) * RM, u = blockIdx.y;
     if (i0 >= I) return;
     size_t e = (size_t)experts[u];
@@ -456,7 +472,7 @@ __device__ __forceinline__ void moe_down_pass(const unsigned char* Wd, const uns
 extern "C" __global__ void __launch_bounds__(256) moe_down_mxfp4_v2(
     const unsigned char* __restrict__ Wd, const unsigned char* __restrict__ Sd, const int* __restrict__ experts,
     const int* __restrict__ pair_off, const float* __restrict__ pair_w, const float* __restrict__ h,
-    float* __restrict__ out, int H, int I) {
+    float* __restrict__ out, int H, int I) { PDL_ENTER();
     int n0 = (blockIdx.x * WARPS + (threadIdx.x >> 5)) * RM, u = blockIdx.y;
     if (n0 >= H) return;
     size_t e = (size_t)experts[u];
@@ -489,7 +505,7 @@ __device__ __forceinline__ unsigned short f32_to_bf16_rn(float v) {
 }
 
 // x [n] f32 -> xh = bf16(x), xl = bf16(x - xh).
-extern "C" __global__ void split_bf16(const float* __restrict__ x, unsigned short* __restrict__ xh, unsigned short* __restrict__ xl, int n) {
+extern "C" __global__ void split_bf16(const float* __restrict__ x, unsigned short* __restrict__ xh, unsigned short* __restrict__ xl, int n) { PDL_ENTER();
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     float v = x[i];
@@ -546,7 +562,7 @@ __device__ __forceinline__ void split_pair(float v, unsigned short& h, unsigned 
 }
 
 extern "C" __global__ void __launch_bounds__(1024) split_f16(const float* __restrict__ x, unsigned short* __restrict__ xh, unsigned short* __restrict__ xl,
-                                     float* __restrict__ inv, int K, int interleave) {
+                                     float* __restrict__ inv, int K, int interleave) { PDL_ENTER();
     __shared__ float sh[32];
     __shared__ float row_max;
     size_t r = blockIdx.x;
@@ -732,14 +748,14 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
         const unsigned char* __restrict__ W, const float* __restrict__ S, const unsigned short* __restrict__ XH,          \
         const unsigned short* __restrict__ XL, const float* __restrict__ xinv, float* __restrict__ y,                     \
         float* __restrict__ y1, float* __restrict__ y2,                                                                   \
-        int N0, int N1, int N, int K, int T) {                                                                            \
+        int N0, int N1, int N, int K, int T) { PDL_ENTER();                                                                            \
         gemv_mma<NT, true>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T);                                                     \
     }                                                                                                                     \
     extern "C" __global__ void __launch_bounds__(256) gemv_mma_bf16_t##NT(                                               \
         const unsigned char* __restrict__ W, const float* __restrict__ S, const unsigned short* __restrict__ XH,          \
         const unsigned short* __restrict__ XL, const float* __restrict__ xinv, float* __restrict__ y,                     \
         float* __restrict__ y1, float* __restrict__ y2,                                                                   \
-        int N0, int N1, int N, int K, int T) {                                                                            \
+        int N0, int N1, int N, int K, int T) { PDL_ENTER();                                                                            \
         gemv_mma<NT, false>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T);                                                    \
     }
 GEMV_MMA(1)
@@ -805,7 +821,7 @@ extern "C" __global__ void __launch_bounds__(256, 4) moe_gate_up_mma(
     const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Sg, const unsigned char* __restrict__ Wu,
     const unsigned char* __restrict__ Su, const int* __restrict__ experts, const int* __restrict__ pair_off,
     const int* __restrict__ pair_tok, const unsigned short* __restrict__ XH, const unsigned short* __restrict__ XL,
-    const float* __restrict__ xinv, float* __restrict__ h, int H, int I) {
+    const float* __restrict__ xinv, float* __restrict__ h, int H, int I) { PDL_ENTER();
     __shared__ float red[MMA_WARPS][2][128];
     int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane >> 2, q = lane & 3;
     int i0 = blockIdx.x * 16, u = blockIdx.y;
@@ -857,7 +873,7 @@ extern "C" __global__ void __launch_bounds__(256, 4) moe_gate_up_mma(
 extern "C" __global__ void __launch_bounds__(256) moe_down_mma(
     const unsigned char* __restrict__ Wd, const unsigned char* __restrict__ Sd, const int* __restrict__ experts,
     const int* __restrict__ pair_off, const float* __restrict__ pair_w, const unsigned short* __restrict__ HH,
-    const unsigned short* __restrict__ HL, const float* __restrict__ hinv, float* __restrict__ out, int H, int I) {
+    const unsigned short* __restrict__ HL, const float* __restrict__ hinv, float* __restrict__ out, int H, int I) { PDL_ENTER();
     __shared__ float red[MMA_WARPS][128];
     int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane >> 2, q = lane & 3;
     int n0 = blockIdx.x * 16, u = blockIdx.y;
@@ -1096,13 +1112,13 @@ __device__ __forceinline__ void down_pipe(const unsigned char* __restrict__ Wd, 
         const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Sg, const unsigned char* __restrict__ Wu, \
         const unsigned char* __restrict__ Su, const int* __restrict__ experts, const int* __restrict__ pair_off,         \
         const int* __restrict__ pair_tok, const unsigned short* __restrict__ XH, const unsigned short* __restrict__ XL,   \
-        const float* __restrict__ xinv, float* __restrict__ h, int H, int I) {                                          \
+        const float* __restrict__ xinv, float* __restrict__ h, int H, int I) { PDL_ENTER();                                          \
         gate_up_pipe<SPLIT>(Wg, Sg, Wu, Su, experts, pair_off, pair_tok, XH, XL, xinv, h, H, I);                         \
     }                                                                                                                    \
     extern "C" __global__ void __launch_bounds__(256, 4) moe_down_pipe_s##SPLIT(                                         \
         const unsigned char* __restrict__ Wd, const unsigned char* __restrict__ Sd, const int* __restrict__ experts,     \
         const int* __restrict__ pair_off, const float* __restrict__ pair_w, const unsigned short* __restrict__ HH,       \
-        const unsigned short* __restrict__ HL, const float* __restrict__ hinv, float* __restrict__ out, int H, int I) {  \
+        const unsigned short* __restrict__ HL, const float* __restrict__ hinv, float* __restrict__ out, int H, int I) { PDL_ENTER();  \
         down_pipe<SPLIT>(Wd, Sd, experts, pair_off, pair_w, HH, HL, hinv, out, H, I);                                    \
     }
 MOE_PIPE(1)

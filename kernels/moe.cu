@@ -29,6 +29,23 @@
 // E8M0 scales become f32 with a shift and a mask: 1..254 exactly; 0 (2^-127) becomes 0 and
 // 255 (NaN) becomes +inf, so a NaN scale still gives a non-finite output.
 
+// Programmatic dependent launch (crates/cuda/src/launch.rs): wait until the kernel before this
+// one in the stream has finished and its writes are visible, then let the next kernel's blocks
+// be scheduled. Every kernel starts with it, except the MoE down kernels: they trigger at once
+// and wait only after asking for their weights (which no kernel writes).
+#if __CUDA_ARCH__ >= 900
+#define PDL_WAIT() asm volatile("griddepcontrol.wait;" ::: "memory")
+#define PDL_TRIGGER() asm volatile("griddepcontrol.launch_dependents;" ::: "memory")
+#else
+#define PDL_WAIT()
+#define PDL_TRIGGER()
+#endif
+#define PDL_ENTER() \
+    do {            \
+        PDL_WAIT(); \
+        PDL_TRIGGER(); \
+    } while (0)
+
 #define TW 8  // warps per block, one 16-row tile each
 #define NP 4  // routed pairs per pass (MMA columns: hi and lo of each)
 
@@ -377,7 +394,7 @@ __device__ __forceinline__ void moe_tiled(const uint4* __restrict__ W, const uns
                                    reinterpret_cast<unsigned char*>(dsm) + w * NSB * CS * 544, bars + w * NSB);
         // The down kernel may be launched while gate_up still runs (programmatic dependent
         // launch): its weights are asked for above, h only after gate_up has finished.
-        if (!GATE_UP) asm volatile("griddepcontrol.wait;" ::: "memory");
+        if (!GATE_UP) PDL_WAIT();
         __syncthreads();
         stage_b(x, rows, np, K, reinterpret_cast<unsigned*>(frag), red, scale, inv);
         float acc[4] = {0.f, 0.f, 0.f, 0.f};
@@ -389,8 +406,6 @@ __device__ __forceinline__ void moe_tiled(const uint4* __restrict__ W, const uns
         } else if (active) {
             tile_stream<D>(wt, st, KS, kw, SPLIT, frag, 8 * np, acc);
         }
-        // Past its weights, gate_up lets the down kernel start and fetch its own.
-        if (GATE_UP) asm volatile("griddepcontrol.launch_dependents;");
         if (SPLIT > 1) {
 #pragma unroll
             for (int i = 0; i < 4; i++) part[(w * 32 + lane) * 4 + i] = acc[i];
@@ -438,7 +453,7 @@ __device__ __forceinline__ void moe_tiled(const uint4* __restrict__ W, const uns
     extern "C" __global__ void __launch_bounds__(256, 2) moe_gate_up_tiled_d##D##_s##SPLIT(                              \
         const uint4* __restrict__ W, const unsigned* __restrict__ S, const int* __restrict__ experts,                    \
         const int* __restrict__ pair_off, const int* __restrict__ pair_tok, const float* __restrict__ x,                 \
-        float* __restrict__ h, int H, int I) {                                                                           \
+        float* __restrict__ h, int H, int I) { PDL_ENTER();                                                                           \
         moe_tiled<D, true, SPLIT, 0, 1>(W, S, experts, pair_off, pair_tok, nullptr, x, h, H, I / 8, I, nullptr, nullptr, \
                                         nullptr, 0, 0);                                                                  \
     }                                                                                                                    \
@@ -446,7 +461,7 @@ __device__ __forceinline__ void moe_tiled(const uint4* __restrict__ W, const uns
         const uint4* __restrict__ W, const unsigned* __restrict__ S, const int* __restrict__ experts,                    \
         const int* __restrict__ pair_off, const float* __restrict__ pair_w, const float* __restrict__ h,                 \
         float* __restrict__ out, int H, int I, unsigned* counters, const int* __restrict__ tok_pairs,                   \
-        float* __restrict__ y, int T, int topk) {                                                                        \
+        float* __restrict__ y, int T, int topk) { PDL_TRIGGER();                                                                        \
         moe_tiled<D, false, SPLIT, 0, 1>(W, S, experts, pair_off, nullptr, pair_w, h, out, I, H / 16, H, counters,     \
                                          tok_pairs, y, T, topk);                                                         \
     }
@@ -460,7 +475,7 @@ MOE_TILED(8, 2)
     extern "C" __global__ void __launch_bounds__(256, 2) moe_gate_up_bulk_n##NS##_c##CS(                                 \
         const uint4* __restrict__ W, const unsigned* __restrict__ S, const int* __restrict__ experts,                    \
         const int* __restrict__ pair_off, const int* __restrict__ pair_tok, const float* __restrict__ x,                 \
-        float* __restrict__ h, int H, int I) {                                                                           \
+        float* __restrict__ h, int H, int I) { PDL_ENTER();                                                                           \
         moe_tiled<1, true, 1, NS, CS>(W, S, experts, pair_off, pair_tok, nullptr, x, h, H, I / 8, I, nullptr, nullptr,   \
                                       nullptr, 0, 0);                                                                    \
     }                                                                                                                    \
@@ -468,7 +483,7 @@ MOE_TILED(8, 2)
         const uint4* __restrict__ W, const unsigned* __restrict__ S, const int* __restrict__ experts,                    \
         const int* __restrict__ pair_off, const float* __restrict__ pair_w, const float* __restrict__ h,                 \
         float* __restrict__ out, int H, int I, unsigned* counters, const int* __restrict__ tok_pairs,                   \
-        float* __restrict__ y, int T, int topk) {                                                                        \
+        float* __restrict__ y, int T, int topk) { PDL_TRIGGER();                                                                        \
         moe_tiled<1, false, 1, NS, CS>(W, S, experts, pair_off, nullptr, pair_w, h, out, I, H / 16, H, counters,       \
                                        tok_pairs, y, T, topk);                                                           \
     }

@@ -4,7 +4,23 @@
 // x[r, :] = table[tok[r], :] (f32 table).
 // Row-copy kernels run gridDim.y blocks per row: at decode sizes one block per row serialised
 // its loads (the H100 spent ~17 us embedding one row of 4096).
-extern "C" __global__ void embed(const float* __restrict__ table, const int* __restrict__ tok, float* __restrict__ x, int H) {
+// Programmatic dependent launch (crates/cuda/src/launch.rs): wait until the kernel before this
+// one in the stream has finished and its writes are visible, then let the next kernel's blocks
+// be scheduled. Every kernel starts with it (moe.cu's down kernels place the wait later).
+#if __CUDA_ARCH__ >= 900
+#define PDL_WAIT() asm volatile("griddepcontrol.wait;" ::: "memory")
+#define PDL_TRIGGER() asm volatile("griddepcontrol.launch_dependents;" ::: "memory")
+#else
+#define PDL_WAIT()
+#define PDL_TRIGGER()
+#endif
+#define PDL_ENTER() \
+    do {            \
+        PDL_WAIT(); \
+        PDL_TRIGGER(); \
+    } while (0)
+
+extern "C" __global__ void embed(const float* __restrict__ table, const int* __restrict__ tok, float* __restrict__ x, int H) { PDL_ENTER();
     int r = blockIdx.x;
     for (int i = blockIdx.y * blockDim.x + threadIdx.x; i < H; i += blockDim.x * gridDim.y) x[(size_t)r * H + i] = table[(size_t)tok[r] * H + i];
 }
@@ -81,18 +97,18 @@ __device__ __forceinline__ void norm_row(float* __restrict__ x, const float* __r
 }
 
 // HF RMSNorm per row of D. Rows may be per-head (w has D entries, applied to every row).
-extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, int D, float eps) {
+extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, int D, float eps) { PDL_ENTER();
     norm_row<false>(const_cast<float*>(x), nullptr, w, y, D, eps);  // x is only read
 }
 
 // x[r, i] += b[i] (bias), over n rows of D.
-extern "C" __global__ void add_bias(float* __restrict__ x, const float* __restrict__ b, int D, int n) {
+extern "C" __global__ void add_bias(float* __restrict__ x, const float* __restrict__ b, int D, int n) { PDL_ENTER();
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < (size_t)n * D) x[i] += b[i % D];
 }
 
 // a[i] += b[i]
-extern "C" __global__ void add_inplace(float* __restrict__ a, const float* __restrict__ b, int n) {
+extern "C" __global__ void add_inplace(float* __restrict__ a, const float* __restrict__ b, int n) { PDL_ENTER();
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) a[i] += b[i];
 }
@@ -100,7 +116,7 @@ extern "C" __global__ void add_inplace(float* __restrict__ a, const float* __res
 // Rotate-half RoPE on the first 2*half dims of each head vector of row r (position pos[r]):
 // inv_freq[i] = 1 / theta^(2i / rotary_dim), as the CPU reference computes it in f32.
 extern "C" __global__ void rope(float* __restrict__ x, const int* __restrict__ pos, int heads, int hd, int half,
-                                int rotary_dim, float theta) {
+                                int rotary_dim, float theta) { PDL_ENTER();
     int r = blockIdx.x, h = blockIdx.y, i = threadIdx.x;
     if (i >= half) return;
     float f = 1.f / powf(theta, (float)(2 * i) / (float)rotary_dim);
@@ -114,7 +130,7 @@ extern "C" __global__ void rope(float* __restrict__ x, const int* __restrict__ p
 
 // K/V rows into the paged pool: slot[r] = block * block_size + offset; v scaled by vscale.
 extern "C" __global__ void kv_write(const float* __restrict__ k, const float* __restrict__ v, float* __restrict__ kc,
-                                    float* __restrict__ vc, const long long* __restrict__ slot, int kd, int vd, float vscale) {
+                                    float* __restrict__ vc, const long long* __restrict__ slot, int kd, int vd, float vscale) { PDL_ENTER();
     int r = blockIdx.x;
     size_t s = (size_t)slot[r];
     for (int i = threadIdx.x; i < kd; i += blockDim.x) kc[s * kd + i] = k[(size_t)r * kd + i];
@@ -127,7 +143,7 @@ extern "C" __global__ void kv_write(const float* __restrict__ k, const float* __
 extern "C" __global__ void attention(const float* __restrict__ q, const float* __restrict__ kc, const float* __restrict__ vc,
                                      float* __restrict__ o, const int* __restrict__ pos, const int* __restrict__ seq,
                                      const int* __restrict__ tables, int max_blocks, int block_size, int heads, int kv_heads,
-                                     int hd, int vd, int window, float scale, const float* __restrict__ sinks) {
+                                     int hd, int vd, int window, float scale, const float* __restrict__ sinks) { PDL_ENTER();
     int r = blockIdx.x, h = blockIdx.y, lane = threadIdx.x;
     int kvh = h / (heads / kv_heads);
     const float* qv = q + ((size_t)r * heads + h) * hd;
@@ -171,13 +187,13 @@ extern "C" __global__ void attention(const float* __restrict__ q, const float* _
 }
 
 // a[i] = silu(g[i]) * u[i]
-extern "C" __global__ void silu_mul(const float* __restrict__ g, const float* __restrict__ u, float* __restrict__ a, int n) {
+extern "C" __global__ void silu_mul(const float* __restrict__ g, const float* __restrict__ u, float* __restrict__ a, int n) { PDL_ENTER();
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) { float x = g[i]; a[i] = x / (1.f + expf(-x)) * u[i]; }
 }
 
 // y[j, :] = x[idx[j], :]
-extern "C" __global__ void gather_rows(const float* __restrict__ x, const int* __restrict__ idx, float* __restrict__ y, int D) {
+extern "C" __global__ void gather_rows(const float* __restrict__ x, const int* __restrict__ idx, float* __restrict__ y, int D) { PDL_ENTER();
     int j = blockIdx.x;
     for (int i = blockIdx.y * blockDim.x + threadIdx.x; i < D; i += blockDim.x * gridDim.y) y[(size_t)j * D + i] = x[(size_t)idx[j] * D + i];
 }
@@ -185,7 +201,7 @@ extern "C" __global__ void gather_rows(const float* __restrict__ x, const int* _
 // y[idx[j], :] += w[j] * x[j, :], for j in order (one launch per expert: rows of one launch are
 // distinct tokens, so there are no write conflicts).
 extern "C" __global__ void scatter_add_scaled(const float* __restrict__ x, const int* __restrict__ idx, const float* __restrict__ w,
-                                              float* __restrict__ y, int D) {
+                                              float* __restrict__ y, int D) { PDL_ENTER();
     int j = blockIdx.x;
     for (int i = threadIdx.x; i < D; i += blockDim.x) y[(size_t)idx[j] * D + i] += w[j] * x[(size_t)j * D + i];
 }
@@ -195,7 +211,7 @@ extern "C" __global__ void scatter_add_scaled(const float* __restrict__ x, const
 // When K % 4 == 0 and K <= 16 x blockDim each thread holds its slice of the row in registers and
 // reuses it for every token (one warp per (row, token) walking K alone was latency bound: 13.5 us
 // for a 256 x 4096 router, 300 GB/s).
-extern "C" __global__ void gemv_f32(const float* __restrict__ W, const float* __restrict__ x, float* __restrict__ y, int N, int K, int T) {
+extern "C" __global__ void gemv_f32(const float* __restrict__ W, const float* __restrict__ x, float* __restrict__ y, int N, int K, int T) { PDL_ENTER();
     __shared__ float sh[32];
     int n = blockIdx.x;
     const float* wr = W + (size_t)n * K;
@@ -232,19 +248,19 @@ extern "C" __global__ void gemv_f32(const float* __restrict__ W, const float* __
 }
 
 // dst[r, off + j] = src[r, j] for j < D (dst rows of width W): building concatenated features.
-extern "C" __global__ void copy_cols(const float* __restrict__ src, float* __restrict__ dst, int D, int W, int off) {
+extern "C" __global__ void copy_cols(const float* __restrict__ src, float* __restrict__ dst, int D, int W, int off) { PDL_ENTER();
     int r = blockIdx.x;
     for (int j = threadIdx.x; j < D; j += blockDim.x) dst[(size_t)r * W + off + j] = src[(size_t)r * D + j];
 }
 
 // x[rows[j], :] = v (e.g. the MASK embedding), then nothing else.
-extern "C" __global__ void fill_rows(float* __restrict__ x, const int* __restrict__ rows, const float* __restrict__ v, int D) {
+extern "C" __global__ void fill_rows(float* __restrict__ x, const int* __restrict__ rows, const float* __restrict__ v, int D) { PDL_ENTER();
     int j = blockIdx.x;
     for (int i = threadIdx.x; i < D; i += blockDim.x) x[(size_t)rows[j] * D + i] = v[i];
 }
 
 // a[i] *= s
-extern "C" __global__ void scale(float* __restrict__ a, float s, int n) {
+extern "C" __global__ void scale(float* __restrict__ a, float s, int n) { PDL_ENTER();
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) a[i] *= s;
 }
@@ -259,7 +275,7 @@ extern "C" __global__ void draft_attention(const float* __restrict__ q, const fl
                                            const int* __restrict__ seq_start, const int* __restrict__ seq_first,
                                            const int* __restrict__ seq_nb, const int* __restrict__ tables, int max_blocks,
                                            int block_size, int heads, int kv_heads, int hd, int vd, int window, int causal,
-                                           float scale, const float* __restrict__ sinks) {
+                                           float scale, const float* __restrict__ sinks) { PDL_ENTER();
     int r = blockIdx.x, h = blockIdx.y, lane = threadIdx.x;
     int kvh = h / (heads / kv_heads);
     int s = row_seq[r], start = seq_start[s], first = seq_first[s], nb = seq_nb[s];
@@ -313,7 +329,7 @@ extern "C" __global__ void draft_attention(const float* __restrict__ q, const fl
 }
 
 // x[r, :] = table[tok[r], :] for a BF16 table (u16 bits).
-extern "C" __global__ void embed_bf16(const unsigned short* __restrict__ table, const int* __restrict__ tok, float* __restrict__ x, int H) {
+extern "C" __global__ void embed_bf16(const unsigned short* __restrict__ table, const int* __restrict__ tok, float* __restrict__ x, int H) { PDL_ENTER();
     int r = blockIdx.x;
     for (int i = blockIdx.y * blockDim.x + threadIdx.x; i < H; i += blockDim.x * gridDim.y)
         x[(size_t)r * H + i] = __uint_as_float((unsigned)table[(size_t)tok[r] * H + i] << 16);
@@ -322,7 +338,7 @@ extern "C" __global__ void embed_bf16(const unsigned short* __restrict__ table, 
 // The residual add fused with the next RMSNorm: x[r] += a[r]; y[r] = RMSNorm(x[r]) * w (the
 // same arithmetic as add_inplace followed by rms_norm).
 extern "C" __global__ void add_rms_norm(float* __restrict__ x, const float* __restrict__ a, const float* __restrict__ w,
-                                        float* __restrict__ y, int D, float eps) {
+                                        float* __restrict__ y, int D, float eps) { PDL_ENTER();
     norm_row<true>(x, a, w, y, D, eps);
 }
 
@@ -332,7 +348,7 @@ extern "C" __global__ void add_rms_norm(float* __restrict__ x, const float* __re
 extern "C" __global__ void rope_kv_write(float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
                                          float* __restrict__ kc, float* __restrict__ vc, const int* __restrict__ pos,
                                          const long long* __restrict__ slot, int heads, int kv_heads, int hd, int vd,
-                                         int half, int rotary_dim, float theta, float vscale) {
+                                         int half, int rotary_dim, float theta, float vscale) { PDL_ENTER();
     int r = blockIdx.x;
     // gridDim.y blocks share a row (one block per row computed 64 heads' sin/cos alone).
     int j0 = blockIdx.y * blockDim.x + threadIdx.x, stride = blockDim.x * gridDim.y;
@@ -394,7 +410,7 @@ __device__ __forceinline__ void block_argmax(float v, int i, float* sv, int* si,
 
 extern "C" __global__ void moe_route(const float* __restrict__ logits, const float* __restrict__ bias, int* __restrict__ topk_idx,
                                      float* __restrict__ topk_w, int E, int K, int softmax, int n_group, int topk_group,
-                                     int norm, float scale) {
+                                     int norm, float scale) { PDL_ENTER();
     extern __shared__ float smem[];
     float* scores = smem;
     float* choice = smem + E;
@@ -485,7 +501,7 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, const flo
 // Dynamic shared memory: 2 * E ints.
 extern "C" __global__ void moe_group(const int* __restrict__ topk_idx, const float* __restrict__ topk_w, int P, int K, int E,
                                      int max_u, int* __restrict__ experts, int* __restrict__ pair_off, int* __restrict__ pair_tok,
-                                     float* __restrict__ pair_w, int* __restrict__ tok_pairs) {
+                                     float* __restrict__ pair_w, int* __restrict__ tok_pairs) { PDL_ENTER();
     extern __shared__ int ism[];
     __shared__ int wsum[2][32];
     int* count = ism;
@@ -532,7 +548,7 @@ extern "C" __global__ void moe_group(const int* __restrict__ topk_idx, const flo
 // y[r] = argmax of logits row r (ties to the lower index), so greedy decoding brings back only
 // ids. Two stages: gridDim.y blocks per row each reduce a slice into part[r, blockIdx.y]
 // (one block per row took ~65 us over a vocabulary of 152k), then argmax_final.
-extern "C" __global__ void argmax_rows(const float* __restrict__ logits, int V, float* __restrict__ part_v, int* __restrict__ part_i) {
+extern "C" __global__ void argmax_rows(const float* __restrict__ logits, int V, float* __restrict__ part_v, int* __restrict__ part_i) { PDL_ENTER();
     __shared__ float sv[32], best_v;
     __shared__ int si[32], best_i;
     const float* l = logits + (size_t)blockIdx.x * V;
@@ -549,7 +565,7 @@ extern "C" __global__ void argmax_rows(const float* __restrict__ logits, int V, 
 }
 
 // out[r] = the best of row r's `parts` partial results; all -inf/NaN: id 0, as the host does.
-extern "C" __global__ void argmax_final(const float* __restrict__ part_v, const int* __restrict__ part_i, int parts, int* __restrict__ out) {
+extern "C" __global__ void argmax_final(const float* __restrict__ part_v, const int* __restrict__ part_i, int parts, int* __restrict__ out) { PDL_ENTER();
     __shared__ float sv[32], best_v;
     __shared__ int si[32], best_i;
     float v = __int_as_float(0xff800000u);
@@ -565,14 +581,14 @@ extern "C" __global__ void argmax_final(const float* __restrict__ part_v, const 
 
 // The fused speculative step (crates/cuda/src/speculate.rs). Verify row s*nb + 1 + j takes
 // draft j of sequence s (drafts are [seqs, nb - 1], rows [seqs, nb]).
-extern "C" __global__ void place_drafts(const int* __restrict__ drafts, int* __restrict__ tok, int nb, int k) {
+extern "C" __global__ void place_drafts(const int* __restrict__ drafts, int* __restrict__ tok, int nb, int k) { PDL_ENTER();
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < k) tok[(i / (nb - 1)) * nb + 1 + i % (nb - 1)] = drafts[i];
 }
 
 // Per sequence s: accepted = the number of leading drafts equal to the target's samples at their
 // rows. out[s * 2nb ..]: the nb samples, the nb - 1 drafts, accepted (one copy brings all back).
-extern "C" __global__ void accept_drafts(const int* __restrict__ drafts, const int* __restrict__ samples, int nb, int seqs, int* __restrict__ out) {
+extern "C" __global__ void accept_drafts(const int* __restrict__ drafts, const int* __restrict__ samples, int nb, int seqs, int* __restrict__ out) { PDL_ENTER();
     int s = blockIdx.x * blockDim.x + threadIdx.x;
     if (s >= seqs) return;
     const int* d = drafts + (size_t)s * (nb - 1);
@@ -596,7 +612,7 @@ __device__ __forceinline__ unsigned long long mix64(unsigned long long z) {
 
 // kind 0: any byte (MXFP4 codes); 1: lo + h % span (E8M0 scales); 2: FP8 e4m3 with exponent
 // field lo..lo+span-1 (never NaN).
-extern "C" __global__ void fill_random_u8(unsigned char* __restrict__ p, unsigned long long n, unsigned long long seed, int kind, int lo, int span) {
+extern "C" __global__ void fill_random_u8(unsigned char* __restrict__ p, unsigned long long n, unsigned long long seed, int kind, int lo, int span) { PDL_ENTER();
     for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (unsigned long long)gridDim.x * blockDim.x) {
         unsigned long long h = mix64(seed ^ (i * 0x2545f4914f6cdd1dull));
         unsigned char b;
@@ -608,7 +624,7 @@ extern "C" __global__ void fill_random_u8(unsigned char* __restrict__ p, unsigne
 }
 
 // Uniform in [offset - amp, offset + amp): f32, or BF16 bits when bf16 != 0 (p then holds u16).
-extern "C" __global__ void fill_random_f(void* __restrict__ p, unsigned long long n, unsigned long long seed, float amp, float offset, int bf16) {
+extern "C" __global__ void fill_random_f(void* __restrict__ p, unsigned long long n, unsigned long long seed, float amp, float offset, int bf16) { PDL_ENTER();
     for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (unsigned long long)gridDim.x * blockDim.x) {
         unsigned long long h = mix64(seed ^ (i * 0x2545f4914f6cdd1dull));
         float u = (float)(h >> 40) * (1.f / 16777216.f);
@@ -631,7 +647,7 @@ extern "C" __global__ void __launch_bounds__(256) attention_v2(
     const float* __restrict__ q, const float* __restrict__ kc, const float* __restrict__ vc, float* __restrict__ o,
     const int* __restrict__ pos, const int* __restrict__ seq, const int* __restrict__ tables, int max_blocks,
     int block_size, int heads, int kv_heads, int hd, int vd, int window, float scale, const float* __restrict__ sinks,
-    float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc) {
+    float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc) { PDL_ENTER();
     __shared__ float sm_m[ATT_WARPS], sm_l[ATT_WARPS], sm_acc[ATT_WARPS][128];
     int r = blockIdx.x, h = blockIdx.y, lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     int kvh = h / (heads / kv_heads);
@@ -728,7 +744,7 @@ extern "C" __global__ void __launch_bounds__(256) attention_v2(
 // then the sink logit: o = sum_s acc_s e^(m_s - M) / (sum_s l_s e^(m_s - M) [+ sink]).
 extern "C" __global__ void attention_combine(const float* __restrict__ part_m, const float* __restrict__ part_l,
                                              const float* __restrict__ part_acc, float* __restrict__ o, int heads, int vd,
-                                             int splits, const float* __restrict__ sinks) {
+                                             int splits, const float* __restrict__ sinks) { PDL_ENTER();
     int r = blockIdx.x, h = blockIdx.y;
     const float NEG_INF = __int_as_float(0xff800000u);
     size_t p0 = ((size_t)r * heads + h) * splits;

@@ -14,6 +14,22 @@
 // over an order-preserving key of the logits (4 passes of 8 bits), then the ties at the
 // threshold are resolved by id with a chunked prefix count.
 
+// Programmatic dependent launch (crates/cuda/src/launch.rs): wait until the kernel before this
+// one in the stream has finished and its writes are visible, then let the next kernel's blocks
+// be scheduled. Every kernel starts with it (moe.cu's down kernels place the wait later).
+#if __CUDA_ARCH__ >= 900
+#define PDL_WAIT() asm volatile("griddepcontrol.wait;" ::: "memory")
+#define PDL_TRIGGER() asm volatile("griddepcontrol.launch_dependents;" ::: "memory")
+#else
+#define PDL_WAIT()
+#define PDL_TRIGGER()
+#endif
+#define PDL_ENTER() \
+    do {            \
+        PDL_WAIT(); \
+        PDL_TRIGGER(); \
+    } while (0)
+
 #define ST 1024
 #define NW (ST / 32)
 // Copies of the radix histogram (each shared by NW / HCOPIES warps).
@@ -38,7 +54,7 @@ struct LogitAdjust {
 // repetition penalty (divide positive logits, multiply the others), presence + frequency.
 // A row's tokens are distinct. Grid: one block per row.
 extern "C" __global__ void adjust_logits(float* __restrict__ logits, int V, const RowSampling* __restrict__ params,
-                                         const LogitAdjust* __restrict__ adj) {
+                                         const LogitAdjust* __restrict__ adj) { PDL_ENTER();
     RowSampling p = params[blockIdx.x];
     float* l = logits + (size_t)blockIdx.x * V;
     for (unsigned j = threadIdx.x; j < p.adj_len; j += blockDim.x) {
@@ -202,7 +218,7 @@ __device__ int tie_cut(const float* __restrict__ l, int V, unsigned K, unsigned 
 }
 
 extern "C" __global__ void __launch_bounds__(ST) sample_rows(const float* __restrict__ logits, int V,
-                                                             const RowSampling* __restrict__ params, int* __restrict__ out) {
+                                                             const RowSampling* __restrict__ params, int* __restrict__ out) { PDL_ENTER();
     __shared__ unsigned long long shu[NW + 1];
     __shared__ unsigned long long hist[256];
     __shared__ unsigned hlo[HCOPIES * 256], hhi[HCOPIES * 256];
@@ -310,7 +326,7 @@ extern "C" __global__ void __launch_bounds__(ST) sample_rows(const float* __rest
 
 extern "C" __global__ void __launch_bounds__(ST) row_logprobs(const float* __restrict__ logits, int V, const int* __restrict__ chosen,
                                                               const int* __restrict__ tops, float* __restrict__ lp,
-                                                              int* __restrict__ top_ids, float* __restrict__ top_lp, int* __restrict__ top_count) {
+                                                              int* __restrict__ top_ids, float* __restrict__ top_lp, int* __restrict__ top_count) { PDL_ENTER();
     __shared__ float wmax[NW];
     __shared__ double wsum[NW];
     __shared__ float cv[NW][MAXTOP];

@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig};
 use peregrine_core::backend::{Backend, KvBlockBytes, KvConfig, LogitAdjust, Logits, RowLogprobs, RowSampling, SampledRows, SeqForward, NULL_BLOCK};
 use peregrine_core::{AttentionKind, AttentionSpec, Error, MlpSpec, ModelSpec, MoeSpec, QkvLayout, Result, RouterScoring};
 use peregrine_model::weights::WeightSource;
@@ -422,7 +422,7 @@ impl CudaModel {
 
     fn gemv_f32_into(&self, w: &CudaSlice<f32>, n: usize, k: usize, x: &CudaSlice<f32>, t: usize, y: &mut CudaSlice<f32>) -> Result<()> {
         let (ni, ki, tt) = (n as i32, k as i32, t as i32);
-        let mut b = self.stream.launch_builder(&self.ops.gemv_f32);
+        let mut b = crate::launch::builder(&self.stream, &self.ops.gemv_f32);
         b.arg(w).arg(x).arg(y).arg(&ni).arg(&ki).arg(&tt);
         // One block per row; up to four float4s of it per thread (the kernel's register path).
         let threads = if k.is_multiple_of(4) { (k / 4).div_ceil(4).div_ceil(32).clamp(1, 32) * 32 } else { 256 };
@@ -438,7 +438,7 @@ impl CudaModel {
 
     fn rms_norm_into(&self, x: &CudaSlice<f32>, w: &CudaSlice<f32>, y: &mut CudaSlice<f32>, rows: usize, d: usize) -> Result<()> {
         let (dd, eps) = (d as i32, self.spec.rms_norm_eps);
-        let mut b = self.stream.launch_builder(&self.ops.rms_norm);
+        let mut b = crate::launch::builder(&self.stream, &self.ops.rms_norm);
         b.arg(x).arg(w).arg(y).arg(&dd).arg(&eps);
         unsafe { b.launch(norm_cfg(rows, d)) }.map_err(drv)?;
         Ok(())
@@ -446,7 +446,7 @@ impl CudaModel {
 
     pub(crate) fn add_inplace(&self, a: &mut CudaSlice<f32>, b2: &CudaSlice<f32>, n: usize) -> Result<()> {
         let nn = n as i32;
-        let mut b = self.stream.launch_builder(&self.ops.add_inplace);
+        let mut b = crate::launch::builder(&self.stream, &self.ops.add_inplace);
         b.arg(a).arg(b2).arg(&nn);
         unsafe { b.launch(LaunchConfig::for_num_elems(n as u32)) }.map_err(drv)?;
         Ok(())
@@ -458,7 +458,7 @@ impl CudaModel {
         let n = t * f.gate.n;
         let mut a = self.empty(n)?;
         let nn = n as i32;
-        let mut b = self.stream.launch_builder(&self.ops.silu_mul);
+        let mut b = crate::launch::builder(&self.stream, &self.ops.silu_mul);
         b.arg(&g).arg(&u).arg(&mut a).arg(&nn);
         unsafe { b.launch(LaunchConfig::for_num_elems(n as u32)) }.map_err(drv)?;
         self.matvec(&f.down, &a, t)
@@ -472,7 +472,7 @@ impl CudaModel {
         if let Some((bq, bk, bv)) = &a.bias {
             for (t, bb, d) in [(&mut q, bq, s.q_dim()), (&mut k, bk, s.k_dim()), (&mut v, bv, s.v_dim())] {
                 let (dd, nn) = (d as i32, n as i32);
-                let mut b = self.stream.launch_builder(&self.ops.add_bias);
+                let mut b = crate::launch::builder(&self.stream, &self.ops.add_bias);
                 b.arg(&mut *t).arg(bb).arg(&dd).arg(&nn);
                 unsafe { b.launch(LaunchConfig::for_num_elems((n * d) as u32)) }.map_err(drv)?;
             }
@@ -506,7 +506,7 @@ impl CudaModel {
         let splits = if v2 && span > 2 * self.attn_split { span.div_ceil(self.attn_split).min(64) } else { 1 };
         let parts = n * s.num_heads * splits;
         let (mut pm, mut pl, mut pa) = if splits > 1 { (self.empty(parts)?, self.empty(parts)?, self.empty(parts * s.v_head_dim)?) } else { (self.empty(1)?, self.empty(1)?, self.empty(1)?) };
-        let mut b = self.stream.launch_builder(if v2 { &self.ops.attention_v2 } else { &self.ops.attention });
+        let mut b = crate::launch::builder(&self.stream, if v2 { &self.ops.attention_v2 } else { &self.ops.attention });
         b.arg(q).arg(kc).arg(vc).arg(&mut o).arg(pos).arg(seq).arg(tables).arg(&mb).arg(&bs).arg(&hh).arg(&kvh).arg(&hd).arg(&vd).arg(&window).arg(&scale);
         match sinks {
             Some(sk) => b.arg(sk),
@@ -519,7 +519,7 @@ impl CudaModel {
         unsafe { b.launch(LaunchConfig { grid_dim: (n as u32, s.num_heads as u32, splits as u32), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
         if splits > 1 {
             let sp = splits as i32;
-            let mut b = self.stream.launch_builder(&self.ops.attention_combine);
+            let mut b = crate::launch::builder(&self.stream, &self.ops.attention_combine);
             b.arg(&pm).arg(&pl).arg(&pa).arg(&mut o).arg(&hh).arg(&vd).arg(&sp);
             match sinks {
                 Some(sk) => b.arg(sk),
@@ -537,7 +537,7 @@ impl CudaModel {
             return Ok(());
         }
         let (hh, hd, hf, rd, th) = (heads as i32, s.head_dim as i32, half as i32, s.rope.rotary_dim as i32, s.rope.theta as f32);
-        let mut b = self.stream.launch_builder(&self.ops.rope);
+        let mut b = crate::launch::builder(&self.stream, &self.ops.rope);
         b.arg(t).arg(pos).arg(&hh).arg(&hd).arg(&hf).arg(&rd).arg(&th);
         unsafe { b.launch(LaunchConfig { grid_dim: (n as u32, heads as u32, 1), block_dim: (half.next_multiple_of(32) as u32, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
         Ok(())
@@ -565,7 +565,7 @@ impl CudaModel {
     pub(crate) fn rope_kv_write(&self, q: &mut CudaSlice<f32>, k: &CudaSlice<f32>, v: &CudaSlice<f32>, kc: &CudaSlice<f32>, vc: &CudaSlice<f32>, pos: &CudaSlice<i32>, slots: &CudaSlice<i64>, n: usize, s: &AttentionSpec) -> Result<()> {
         let half = s.rope.rotary_dim.div_ceil(2);
         let (hh, kvh, hd, vd, hf, rd, th, vs) = (s.num_heads as i32, s.num_kv_heads as i32, s.head_dim as i32, s.v_head_dim as i32, half as i32, s.rope.rotary_dim as i32, s.rope.theta as f32, s.value_scale);
-        let mut b = self.stream.launch_builder(&self.ops.rope_kv_write);
+        let mut b = crate::launch::builder(&self.stream, &self.ops.rope_kv_write);
         b.arg(q).arg(k).arg(v).arg(kc).arg(vc).arg(pos).arg(slots).arg(&hh).arg(&kvh).arg(&hd).arg(&vd).arg(&hf).arg(&rd).arg(&th).arg(&vs);
         // Enough blocks per row for about one rotated q pair per thread (at most 32).
         let per_row = (s.num_heads * half).max(s.num_kv_heads * s.head_dim).div_ceil(256).clamp(1, 32) as u32;
@@ -577,7 +577,7 @@ impl CudaModel {
     pub(crate) fn add_rms_norm(&self, x: &mut CudaSlice<f32>, a: &CudaSlice<f32>, w: &CudaSlice<f32>, rows: usize, d: usize) -> Result<CudaSlice<f32>> {
         let mut y = self.empty(rows * d)?;
         let (dd, eps) = (d as i32, self.spec.rms_norm_eps);
-        let mut b = self.stream.launch_builder(&self.ops.add_rms_norm);
+        let mut b = crate::launch::builder(&self.stream, &self.ops.add_rms_norm);
         b.arg(x).arg(a).arg(w).arg(&mut y).arg(&dd).arg(&eps);
         unsafe { b.launch(norm_cfg(rows, d)) }.map_err(drv)?;
         Ok(y)
@@ -588,7 +588,7 @@ impl CudaModel {
         let h = self.spec.hidden_size;
         let mut x = self.empty(n * h)?;
         let hh = h as i32;
-        let mut b = self.stream.launch_builder(match &self.embed {
+        let mut b = crate::launch::builder(&self.stream, match &self.embed {
             Embed::F32(_) => &self.ops.embed,
             Embed::Bf16(_) => &self.ops.embed_bf16,
         });
@@ -604,7 +604,7 @@ impl CudaModel {
     /// y[j] = x[idx[j]] for `rows` rows of `d`.
     pub(crate) fn gather_rows(&self, x: &CudaSlice<f32>, idx: &CudaSlice<i32>, y: &mut CudaSlice<f32>, rows: usize, d: usize) -> Result<()> {
         let dd = d as i32;
-        let mut b = self.stream.launch_builder(&self.ops.gather_rows);
+        let mut b = crate::launch::builder(&self.stream, &self.ops.gather_rows);
         b.arg(x).arg(idx).arg(y).arg(&dd);
         unsafe { b.launch(row_copy_cfg(rows, d)) }.map_err(drv)?;
         Ok(())
@@ -619,10 +619,10 @@ impl CudaModel {
         let mut part_v = self.empty(rows * parts)?;
         let mut part_i = self.stream.alloc_zeros::<i32>(rows * parts).map_err(drv)?;
         let (vi, pi) = (v as i32, parts as i32);
-        let mut b = self.stream.launch_builder(&self.ops.argmax_rows);
+        let mut b = crate::launch::builder(&self.stream, &self.ops.argmax_rows);
         b.arg(logits).arg(&vi).arg(&mut part_v).arg(&mut part_i);
         unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, parts as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
-        let mut b = self.stream.launch_builder(&self.ops.argmax_final);
+        let mut b = crate::launch::builder(&self.stream, &self.ops.argmax_final);
         b.arg(&part_v).arg(&part_i).arg(&pi).arg(ids);
         unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
         Ok(())
@@ -644,7 +644,7 @@ impl CudaModel {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn kv_write(&self, k: &CudaSlice<f32>, v: &CudaSlice<f32>, kc: &CudaSlice<f32>, vc: &CudaSlice<f32>, slots: &CudaSlice<i64>, n: usize, s: &AttentionSpec) -> Result<()> {
         let (kd, vd, vs) = (s.k_dim() as i32, s.v_dim() as i32, s.value_scale);
-        let mut b = self.stream.launch_builder(&self.ops.kv_write);
+        let mut b = crate::launch::builder(&self.stream, &self.ops.kv_write);
         b.arg(k).arg(v).arg(kc).arg(vc).arg(slots).arg(&kd).arg(&vd).arg(&vs);
         unsafe { b.launch(LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
         Ok(())
@@ -679,7 +679,7 @@ impl CudaModel {
         let mut topk_w = self.empty(p)?;
         {
             let (ei, ki, sm, ng, tg, norm, sc) = (e as i32, k as i32, matches!(spec.scoring, RouterScoring::Softmax) as i32, spec.n_group as i32, spec.topk_group as i32, spec.norm_topk_prob as i32, spec.routed_scaling_factor);
-            let mut b = st.launch_builder(&self.ops.moe_route);
+            let mut b = crate::launch::builder(st, &self.ops.moe_route);
             b.arg(logits);
             match bias {
                 Some(bb) => b.arg(bb),
@@ -703,7 +703,7 @@ impl CudaModel {
         };
         {
             let (pi, ki, ei, mu) = (p as i32, k as i32, e as i32, max_u as i32);
-            let mut b = st.launch_builder(&self.ops.moe_group);
+            let mut b = crate::launch::builder(st, &self.ops.moe_group);
             b.arg(&topk_idx).arg(&topk_w).arg(&pi).arg(&ki).arg(&ei).arg(&mu).arg(&mut r.experts).arg(&mut r.pair_off).arg(&mut r.pair_tok).arg(&mut r.pair_w).arg(&mut r.tok_pairs);
             unsafe { b.launch(LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: (2 * e * 4) as u32 }) }.map_err(drv)?;
         }
@@ -753,7 +753,7 @@ impl CudaModel {
             let mut xs = self.zeros(toks.len() * h)?;
             self.gather_rows(hn, &idx, &mut xs, toks.len(), h)?;
             let out = self.ffn(&experts[e], &xs, toks.len())?;
-            let mut b = self.stream.launch_builder(&self.ops.scatter_add_scaled);
+            let mut b = crate::launch::builder(&self.stream, &self.ops.scatter_add_scaled);
             b.arg(&out).arg(&idx).arg(&wts).arg(&mut y).arg(&hh);
             unsafe { b.launch(LaunchConfig { grid_dim: (toks.len() as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
         }

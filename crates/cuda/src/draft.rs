@@ -2,7 +2,7 @@
 //! written during target forwards into pools indexed like the full-attention group; a draft pass
 //! computes only the block `[last, MASK...]`. Drafts are chosen on the host from the draft logits.
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig};
 use peregrine_core::backend::{DraftForward, NULL_BLOCK};
 use peregrine_core::{DraftSpec, Error, Result};
 use peregrine_model::dflash::DraftFiles;
@@ -124,7 +124,7 @@ impl CudaModel {
                 x
             };
             let (hh, ww, off) = (h as i32, cd as i32, (ci * h) as i32);
-            let mut b = self.stream.launch_builder(&self.ops.copy_cols);
+            let mut b = crate::launch::builder(&self.stream, &self.ops.copy_cols);
             b.arg(src).arg(features.as_mut().unwrap()).arg(&hh).arg(&ww).arg(&off);
             unsafe { b.launch(LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
         }
@@ -245,14 +245,14 @@ impl CudaModel {
         let hh = h as i32;
         if let Some(me) = &d.mask_embedding {
             if n_mask > 0 {
-                let mut b = st.launch_builder(&self.ops.fill_rows);
+                let mut b = crate::launch::builder(st, &self.ops.fill_rows);
                 b.arg(&mut x).arg(&m.mask_rows).arg(me).arg(&hh);
                 unsafe { b.launch(LaunchConfig { grid_dim: (n_mask as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
             }
         }
         if d.spec.input_embedding_scale != 1.0 {
             let (sc, nn) = (d.spec.input_embedding_scale, (n * h) as i32);
-            let mut b = st.launch_builder(&self.ops.scale);
+            let mut b = crate::launch::builder(st, &self.ops.scale);
             b.arg(&mut x).arg(&sc).arg(&nn);
             unsafe { b.launch(LaunchConfig::for_num_elems((n * h) as u32)) }.map_err(drv)?;
         }
@@ -271,14 +271,14 @@ impl CudaModel {
             self.rope(&mut k, &m.pos, n, s.num_kv_heads, &s)?;
             if s.value_scale != 1.0 {
                 let (sc, nn) = (s.value_scale, (n * s.v_dim()) as i32);
-                let mut b = st.launch_builder(&self.ops.scale);
+                let mut b = crate::launch::builder(st, &self.ops.scale);
                 b.arg(&mut v).arg(&sc).arg(&nn);
                 unsafe { b.launch(LaunchConfig::for_num_elems((n * s.v_dim()) as u32)) }.map_err(drv)?;
             }
             let mut o = self.empty(n * s.o_dim())?;
             let (mb, bsi, hh2, kvh, hd, vd) = (m.max_blocks as i32, cfg.block_size as i32, s.num_heads as i32, s.num_kv_heads as i32, s.head_dim as i32, s.v_head_dim as i32);
             let (window, causal, scale) = (s.window().map_or(0, |w| w as i32), layer.causal as i32, s.softmax_scale);
-            let mut b = st.launch_builder(&self.ops.draft_attention);
+            let mut b = crate::launch::builder(st, &self.ops.draft_attention);
             b.arg(&q).arg(&k).arg(&v).arg(kc).arg(vc).arg(&mut o).arg(&m.row_seq).arg(&m.row_idx).arg(&m.seq_start).arg(&m.seq_first).arg(&m.seq_nb).arg(&m.tables)
                 .arg(&mb).arg(&bsi).arg(&hh2).arg(&kvh).arg(&hd).arg(&vd).arg(&window).arg(&causal).arg(&scale);
             match &a.sinks {

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig};
 use peregrine_core::backend::{LogitAdjust, RowLogprobs, RowSampling};
 use peregrine_core::{Error, Result};
 
@@ -117,34 +117,6 @@ fn drv(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
     move |e| Error::Backend(format!("{what}: {e}"))
 }
 
-/// Launches `f` with programmatic dependent launch allowed: its blocks may be scheduled once
-/// the kernel before it in the stream calls `griddepcontrol.launch_dependents` (or ends), so
-/// it must `griddepcontrol.wait` before reading anything that kernel writes. `params` point at
-/// the kernel's arguments in order. (cudarc's launch builder sets no launch attributes.)
-///
-/// # Safety
-/// `params` must match the kernel's parameters; the buffers must outlive the kernel.
-unsafe fn launch_pdl(stream: &CudaStream, f: &CudaFunction, cfg: LaunchConfig, params: &mut [*mut std::ffi::c_void]) -> std::result::Result<(), cudarc::driver::DriverError> {
-    use cudarc::driver::sys;
-    stream.context().bind_to_thread()?;
-    let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
-    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-    attr.value.programmaticStreamSerializationAllowed = 1;
-    let config = sys::CUlaunchConfig {
-        gridDimX: cfg.grid_dim.0,
-        gridDimY: cfg.grid_dim.1,
-        gridDimZ: cfg.grid_dim.2,
-        blockDimX: cfg.block_dim.0,
-        blockDimY: cfg.block_dim.1,
-        blockDimZ: cfg.block_dim.2,
-        sharedMemBytes: cfg.shared_mem_bytes,
-        hStream: stream.cu_stream(),
-        attrs: &mut attr,
-        numAttrs: 1,
-    };
-    sys::cuLaunchKernelEx(&config, f.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()).result()
-}
-
 fn check(cond: bool, msg: impl FnOnce() -> String) -> Result<()> {
     if cond {
         Ok(())
@@ -190,10 +162,10 @@ impl MoeKernel {
         if tokens <= 16 { MoeKernel::TensorCore } else { MoeKernel::PIPELINED }
     }
 
-    /// The tiled layout's default kernel: bulk copies, 4 stages of 2 steps (H100, Flash and
+    /// The tiled layout's default kernel: bulk copies, 2 stages of 4 steps (H100, Flash and
     /// Pro expert shapes, 1..64 tokens: 57-77% of copy bandwidth against 48-70% for the best
     /// register-ring variant, d4s1; benches/results/2026-11-23-moe-tiled.md).
-    pub const TILED: MoeKernel = MoeKernel::TiledBulk { stages: 4, steps: 2 };
+    pub const TILED: MoeKernel = MoeKernel::TiledBulk { stages: 2, steps: 4 };
 }
 
 /// Host-side grouping of a batch's routing (token -> top-k (expert, weight)) by expert, so
@@ -422,7 +394,7 @@ impl Kernels {
         check(k.is_multiple_of(32) && w.len() >= n * k, || format!("gemv_bf16: K {k} must be a multiple of 32 and W hold {n}x{k}"))?;
         let (ni, ki) = (n as i32, k as i32);
         Self::per_pass(x, y, n, k, t, |xs, mut ys, tt| {
-            let mut b = self.stream.launch_builder(&self.bf16);
+            let mut b = crate::launch::builder(&self.stream, &self.bf16);
             b.arg(w).arg(&xs).arg(&mut ys).arg(&ni).arg(&ki).arg(&tt);
             unsafe { b.launch(Self::rows_cfg(n, 1)) }.map(|_| ()).map_err(drv("gemv_bf16"))
         })
@@ -443,7 +415,7 @@ impl Kernels {
         check(k.is_multiple_of(128) && w.len() >= n * k && scales.len() >= n.div_ceil(128) * (k / 128), || format!("gemv_fp8: bad shapes {n}x{k}"))?;
         let (ni, ki) = (n as i32, k as i32);
         Self::per_pass(x, y, n, k, t, |xs, mut ys, tt| {
-            let mut b = self.stream.launch_builder(&self.fp8);
+            let mut b = crate::launch::builder(&self.stream, &self.fp8);
             b.arg(w).arg(scales).arg(&xs).arg(&mut ys).arg(&ni).arg(&ki).arg(&tt);
             unsafe { b.launch(Self::rows_cfg(n, 1)) }.map(|_| ()).map_err(drv("gemv_fp8"))
         })
@@ -457,7 +429,7 @@ impl Kernels {
         let p = self.stream.clone_htod(&params.iter().map(|&r| DeviceRowSampling(r)).collect::<Vec<_>>()).map_err(drv("upload"))?;
         let mut out = self.stream.alloc_zeros::<i32>(rows).map_err(drv("alloc"))?;
         let vi = v as i32;
-        let mut b = self.stream.launch_builder(&self.sample);
+        let mut b = crate::launch::builder(&self.stream, &self.sample);
         b.arg(logits).arg(&vi).arg(&p).arg(&mut out);
         unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv("sample_rows"))?;
         Ok(out)
@@ -473,7 +445,7 @@ impl Kernels {
             let p = self.stream.clone_htod(&params.iter().map(|&r| DeviceRowSampling(r)).collect::<Vec<_>>()).map_err(drv("upload"))?;
             let a = self.stream.clone_htod(&adjust.iter().map(|&a| DeviceLogitAdjust(a)).collect::<Vec<_>>()).map_err(drv("upload"))?;
             let vi = v as i32;
-            let mut b = self.stream.launch_builder(&self.adjust);
+            let mut b = crate::launch::builder(&self.stream, &self.adjust);
             b.arg(&mut *logits).arg(&vi).arg(&p).arg(&a);
             unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv("adjust_logits"))?;
         }
@@ -496,7 +468,7 @@ impl Kernels {
         let mut lps = st.alloc_zeros::<f32>(rows * MAXTOP).map_err(drv("alloc"))?;
         let mut count = st.alloc_zeros::<i32>(rows).map_err(drv("alloc"))?;
         let vi = v as i32;
-        let mut b = st.launch_builder(&self.logprobs);
+        let mut b = crate::launch::builder(st, &self.logprobs);
         b.arg(logits).arg(&vi).arg(chosen).arg(&td).arg(&mut lp).arg(&mut ids).arg(&mut lps).arg(&mut count);
         unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv("row_logprobs"))?;
         let (lp, ids, lps, count) = (st.clone_dtoh(&lp).map_err(drv("download"))?, st.clone_dtoh(&ids).map_err(drv("download"))?, st.clone_dtoh(&lps).map_err(drv("download"))?, st.clone_dtoh(&count).map_err(drv("download"))?);
@@ -533,10 +505,10 @@ impl Kernels {
         check(rows > 0 && rows <= bufs.rows && logits.len() >= rows * v && out.len() >= rows, || format!("sample_from_buffers: {rows} rows"))?;
         let vi = v as i32;
         let cfg = |threads| LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
-        let mut b = self.stream.launch_builder(&self.adjust);
+        let mut b = crate::launch::builder(&self.stream, &self.adjust);
         b.arg(&mut *logits).arg(&vi).arg(&bufs.params).arg(&bufs.adjust);
         unsafe { b.launch(cfg(256)) }.map_err(drv("adjust_logits"))?;
-        let mut b = self.stream.launch_builder(&self.sample);
+        let mut b = crate::launch::builder(&self.stream, &self.sample);
         b.arg(&*logits).arg(&vi).arg(&bufs.params).arg(out);
         unsafe { b.launch(cfg(1024)) }.map(|_| ()).map_err(drv("sample_rows"))
     }
@@ -547,7 +519,7 @@ impl Kernels {
         let mut xh = unsafe { self.stream.alloc::<u16>(len) }.map_err(drv("alloc"))?;
         let mut xl = unsafe { self.stream.alloc::<u16>(len) }.map_err(drv("alloc"))?;
         let li = len as i32;
-        let mut b = self.stream.launch_builder(&self.split_bf16);
+        let mut b = crate::launch::builder(&self.stream, &self.split_bf16);
         b.arg(x).arg(&mut xh).arg(&mut xl).arg(&li);
         unsafe { b.launch(LaunchConfig::for_num_elems(len as u32)) }.map_err(drv("split_bf16"))?;
         Ok((xh, xl, None))
@@ -561,7 +533,7 @@ impl Kernels {
         let mut xl = unsafe { self.stream.alloc::<u16>(len.max(1)) }.map_err(drv("alloc"))?;
         let mut inv = unsafe { self.stream.alloc::<f32>(rows.max(1)) }.map_err(drv("alloc"))?;
         let (ki, il) = (k as i32, interleave as i32);
-        let mut b = self.stream.launch_builder(&self.split_f16);
+        let mut b = crate::launch::builder(&self.stream, &self.split_f16);
         b.arg(x).arg(&mut xh).arg(&mut xl).arg(&mut inv).arg(&ki).arg(&il);
         // One block per row, since decode has few rows and each needs a max first: a thread per 8
         // elements when the row fits (the kernel's register path), else 1024 threads.
@@ -590,7 +562,7 @@ impl Kernels {
         let (v, per) = match t { 1..=8 => (0, 8), 9..=16 => (1, 16), 17..=32 => (2, 32), _ => (3, 64) };
         let f = if fp8 { &self.mma_fp8[v] } else { &self.mma_bf16[v] };
         let (ni, ki, ti) = (n as i32, k as i32, t as i32);
-        let mut b = self.stream.launch_builder(f);
+        let mut b = crate::launch::builder(&self.stream, f);
         b.arg(&w);
         match scales {
             Some(s) => b.arg(s),
@@ -615,7 +587,7 @@ impl Kernels {
         Self::per_pass(x, y, n, k, t, |xs, mut ys, tt| {
             // The smallest compiled token count that covers this pass.
             let v = match tt { 1 => 0, 2 => 1, 3 | 4 => 2, _ => 3 };
-            let mut b = self.stream.launch_builder(&self.mxfp4_t[v]);
+            let mut b = crate::launch::builder(&self.stream, &self.mxfp4_t[v]);
             b.arg(w).arg(s).arg(&xs).arg(&mut ys).arg(&ni).arg(&ki).arg(&tt);
             let cfg = LaunchConfig { grid_dim: ((n as u32).div_ceil(ROWS_PER_BLOCK * 4), 1, 1), block_dim: (32 * ROWS_PER_BLOCK, 1, 1), shared_mem_bytes: 0 };
             unsafe { b.launch(cfg) }.map(|_| ()).map_err(drv("gemv_mxfp4"))
@@ -627,7 +599,7 @@ impl Kernels {
         check(k.is_multiple_of(32) && w.len() >= n * k / 2 && s.len() >= n * k / 32, || format!("gemv_mxfp4: bad shapes {n}x{k}"))?;
         let (ni, ki) = (n as i32, k as i32);
         Self::per_pass(x, y, n, k, t, |xs, mut ys, tt| {
-            let mut b = self.stream.launch_builder(&self.mxfp4);
+            let mut b = crate::launch::builder(&self.stream, &self.mxfp4);
             b.arg(w).arg(s).arg(&xs).arg(&mut ys).arg(&ni).arg(&ki).arg(&tt);
             unsafe { b.launch(Self::rows_cfg(n, 1)) }.map(|_| ()).map_err(drv("gemv_mxfp4"))
         })
@@ -709,46 +681,22 @@ impl Kernels {
                 check(gu_smem.max(d_smem) <= TILED_MAX_SMEM, || format!("MoE dims {h}, {i} need more than {TILED_MAX_SMEM} bytes of shared memory"))?;
                 let per_block = 8 / split;
                 let cfg = |tiles: usize, smem: usize| LaunchConfig { grid_dim: (tiles.div_ceil(per_block) as u32, u, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem as u32 };
-                let mut b = self.stream.launch_builder(fg);
+                let mut b = crate::launch::builder(&self.stream, fg);
                 b.arg(gate_up).arg(gate_up_s).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_tok).arg(x).arg(&mut scratch.h).arg(&hh).arg(&ii);
                 unsafe { b.launch(cfg(2 * i / 16, gu_smem)) }.map_err(drv("moe gate_up (tiled)"))?;
                 let fused = r.top_k <= MAX_FUSED_TOPK;
                 check(scratch.counters.len() >= (h / 16).div_ceil(per_block), || "MoE scratch counters too small".into())?;
-                // The down kernel goes in with programmatic dependent launch: it asks for its
-                // weights while gate_up finishes, and waits (griddepcontrol.wait) before h.
-                let st = &self.stream;
-                let (p_w, _g0) = down.device_ptr(st);
-                let (p_s, _g1) = down_s.device_ptr(st);
-                let (p_e, _g2) = r.experts.device_ptr(st);
-                let (p_o, _g3) = r.pair_off.device_ptr(st);
-                let (p_pw, _g4) = r.pair_w.device_ptr(st);
-                let (p_h, _g5) = scratch.h.device_ptr(st);
-                let (p_out, _g6) = scratch.out.device_ptr_mut(st);
-                let (p_c, _g7) = scratch.counters.device_ptr_mut(st);
-                let (p_tp, _g8) = r.tok_pairs.device_ptr(st);
-                let (p_y, _g9) = y.device_ptr_mut(st);
-                let mut args: [u64; 10] = [p_w, p_s, p_e, p_o, p_pw, p_h, p_out, if fused { p_c } else { 0 }, p_tp, p_y];
-                let (mut h32, mut i32_, mut t32, mut k32) = (hh, ii, r.num_tokens as i32, r.top_k as i32);
-                let a = &mut args;
-                let mut params: [*mut std::ffi::c_void; 14] = [
-                    &mut a[0] as *mut u64 as *mut _,
-                    &mut a[1] as *mut u64 as *mut _,
-                    &mut a[2] as *mut u64 as *mut _,
-                    &mut a[3] as *mut u64 as *mut _,
-                    &mut a[4] as *mut u64 as *mut _,
-                    &mut a[5] as *mut u64 as *mut _,
-                    &mut a[6] as *mut u64 as *mut _,
-                    &mut h32 as *mut i32 as *mut _,
-                    &mut i32_ as *mut i32 as *mut _,
-                    &mut a[7] as *mut u64 as *mut _,
-                    &mut a[8] as *mut u64 as *mut _,
-                    &mut a[9] as *mut u64 as *mut _,
-                    &mut t32 as *mut i32 as *mut _,
-                    &mut k32 as *mut i32 as *mut _,
-                ];
-                // SAFETY: the parameters match moe_down_{tiled,bulk}_*'s signature in order and
-                // type, and every buffer outlives the launch (guards held until here).
-                unsafe { launch_pdl(st, fd, cfg(h / 16, d_smem), &mut params) }.map_err(drv("moe down (tiled)"))?;
+                // The down kernel asks for its weights before it waits for gate_up (see launch.rs).
+                let (ti, ki) = (r.num_tokens as i32, r.top_k as i32);
+                let mut b = crate::launch::builder(&self.stream, fd);
+                b.arg(down).arg(down_s).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_w).arg(&scratch.h).arg(&mut scratch.out).arg(&hh).arg(&ii);
+                if fused {
+                    b.arg(&mut scratch.counters);
+                } else {
+                    b.arg(&0u64);
+                }
+                b.arg(&r.tok_pairs).arg(&mut *y).arg(&ti).arg(&ki);
+                unsafe { b.launch(cfg(h / 16, d_smem)) }.map_err(drv("moe down (tiled)"))?;
                 if fused {
                     return Ok(());
                 }
@@ -766,11 +714,11 @@ impl Kernels {
                 };
                 let cfg = |rows: usize, per: usize| LaunchConfig { grid_dim: (rows.div_ceil(per) as u32, u, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
                 let (xh, xl, xinv) = self.split_f16(x, r.num_tokens, h, true)?;
-                let mut b = self.stream.launch_builder(fg);
+                let mut b = crate::launch::builder(&self.stream, fg);
                 b.arg(gate).arg(gate_s).arg(up).arg(up_s).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_tok).arg(&xh).arg(&xl).arg(&xinv).arg(&mut scratch.h).arg(&hh).arg(&ii);
                 unsafe { b.launch(cfg(i, rg)) }.map_err(drv("moe gate_up"))?;
                 let (hh_, hl, hinv) = self.split_f16(&scratch.h, r.num_pairs, i, true)?;
-                let mut b = self.stream.launch_builder(fd);
+                let mut b = crate::launch::builder(&self.stream, fd);
                 b.arg(down).arg(down_s).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_w).arg(&hh_).arg(&hl).arg(&hinv).arg(&mut scratch.out).arg(&hh).arg(&ii);
                 unsafe { b.launch(cfg(h, rd)) }.map_err(drv("moe down"))?;
             }
@@ -779,7 +727,7 @@ impl Kernels {
             }
             _ => return Err(Error::Backend(format!("MoE kernel {kind:?} does not read this weight layout"))),
         }
-        let mut b = self.stream.launch_builder(&self.combine);
+        let mut b = crate::launch::builder(&self.stream, &self.combine);
         let topk = r.top_k as i32;
         b.arg(&scratch.out).arg(&r.tok_pairs).arg(&mut *y).arg(&hh).arg(&topk);
         let cfg = LaunchConfig { grid_dim: ((h as u32).div_ceil(256), r.num_tokens as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
@@ -795,10 +743,10 @@ impl Kernels {
         let (hh, ii) = (h as i32, i as i32);
         let rows = if v2 { 4 } else { 1 };
         let cfg_rows = |n: usize| LaunchConfig { grid_dim: ((n as u32).div_ceil(ROWS_PER_BLOCK * rows), u, 1), block_dim: (32 * ROWS_PER_BLOCK, 1, 1), shared_mem_bytes: 0 };
-        let mut b = self.stream.launch_builder(if v2 { &self.gate_up_v2 } else { &self.gate_up });
+        let mut b = crate::launch::builder(&self.stream, if v2 { &self.gate_up_v2 } else { &self.gate_up });
         b.arg(gate).arg(gate_s).arg(up).arg(up_s).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_tok).arg(x).arg(&mut scratch.h).arg(&hh).arg(&ii);
         unsafe { b.launch(cfg_rows(i)) }.map_err(drv("moe_gate_up_mxfp4"))?;
-        let mut b = self.stream.launch_builder(if v2 { &self.down_v2 } else { &self.down });
+        let mut b = crate::launch::builder(&self.stream, if v2 { &self.down_v2 } else { &self.down });
         b.arg(down).arg(down_s).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_w).arg(&scratch.h).arg(&mut scratch.out).arg(&hh).arg(&ii);
         unsafe { b.launch(cfg_rows(h)) }.map_err(drv("moe_down_mxfp4"))?;
         Ok(())

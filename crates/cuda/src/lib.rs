@@ -15,6 +15,7 @@ mod graph;
 mod speculate;
 pub mod step;
 pub mod kernels;
+mod launch;
 pub mod mxfp4_tiles;
 mod weights;
 #[cfg(test)]

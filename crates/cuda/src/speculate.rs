@@ -4,7 +4,7 @@
 //! brings back each sequence's samples, drafts and accepted count; the host never sees the
 //! drafts before the target has verified them.
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PinnedHostSlice, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig, PinnedHostSlice};
 use peregrine_core::backend::{DraftForward, OutputRows, SeqForward, SpecRows, SpecSampling};
 use peregrine_core::{Error, Result};
 
@@ -128,7 +128,7 @@ impl CudaModel {
         self.draft_body(&s.draft, n, k, k, &mut s.draft_logits, &mut s.drafts)?;
         let st = &self.stream;
         let (nbi, ki, si) = (nb as i32, k as i32, seqs as i32);
-        let mut b = st.launch_builder(&self.ops.place_drafts);
+        let mut b = crate::launch::builder(st, &self.ops.place_drafts);
         b.arg(&s.drafts).arg(&mut s.verify.tok).arg(&nbi).arg(&ki);
         unsafe { b.launch(LaunchConfig::for_num_elems(k as u32)) }.map_err(drv)?;
         self.step_body(&s.verify, n, None, &mut s.logits, &mut s.argmax)?;
@@ -139,7 +139,7 @@ impl CudaModel {
             }
             None => &s.argmax,
         };
-        let mut b = st.launch_builder(&self.ops.accept_drafts);
+        let mut b = crate::launch::builder(st, &self.ops.accept_drafts);
         b.arg(&s.drafts).arg(samples).arg(&nbi).arg(&si).arg(&mut s.out);
         unsafe { b.launch(LaunchConfig::for_num_elems(seqs as u32)) }.map_err(drv)?;
         Ok(())

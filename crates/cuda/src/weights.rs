@@ -6,7 +6,7 @@
 use std::cell::Cell;
 use std::sync::Arc;
 
-use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, LaunchConfig};
 use peregrine_core::{DType, QuantFormat, Result};
 use peregrine_model::weights::WeightSource;
 
@@ -52,7 +52,7 @@ impl Synthetic {
     /// kind 0: random bytes; 1: `lo + h % span`; 2: FP8 e4m3 with exponent field in lo..lo+span.
     fn bytes(&self, st: &Arc<CudaStream>, buf: &mut CudaSlice<u8>, n: usize, kind: i32, lo: i32, span: i32) -> Result<()> {
         let (nn, seed) = (n as u64, self.next_seed());
-        let mut b = st.launch_builder(&self.fill_u8);
+        let mut b = crate::launch::builder(st, &self.fill_u8);
         b.arg(buf).arg(&nn).arg(&seed).arg(&kind).arg(&lo).arg(&span);
         unsafe { b.launch(grid(n)) }.map_err(drv)?;
         Ok(())
@@ -68,7 +68,7 @@ impl Synthetic {
     pub(crate) fn floats(&self, st: &Arc<CudaStream>, n: usize, amp: f32, offset: f32) -> Result<CudaSlice<f32>> {
         let mut buf = unsafe { st.alloc::<f32>(n.max(1)) }.map_err(drv)?;
         let (nn, seed, bf) = (n as u64, self.next_seed(), 0i32);
-        let mut b = st.launch_builder(&self.fill_f);
+        let mut b = crate::launch::builder(st, &self.fill_f);
         b.arg(&mut buf).arg(&nn).arg(&seed).arg(&amp).arg(&offset).arg(&bf);
         unsafe { b.launch(grid(n)) }.map_err(drv)?;
         Ok(buf)
@@ -77,7 +77,7 @@ impl Synthetic {
     fn bf16(&self, st: &Arc<CudaStream>, n: usize, amp: f32) -> Result<CudaSlice<u16>> {
         let mut buf = unsafe { st.alloc::<u16>(n.max(1)) }.map_err(drv)?;
         let (nn, seed, off, bf) = (n as u64, self.next_seed(), 0f32, 1i32);
-        let mut b = st.launch_builder(&self.fill_f);
+        let mut b = crate::launch::builder(st, &self.fill_f);
         b.arg(&mut buf).arg(&nn).arg(&seed).arg(&amp).arg(&off).arg(&bf);
         unsafe { b.launch(grid(n)) }.map_err(drv)?;
         Ok(buf)
@@ -171,11 +171,13 @@ impl Source<'_> {
                     let (mut gu, mut gus, mut d, mut ds) = (alloc(2 * num * cn)?, alloc(2 * num * sn)?, alloc(num * cn)?, alloc(num * sn)?);
                     let (mut c, mut s) = (Vec::with_capacity(2 * cn), Vec::with_capacity(2 * sn));
                     for e in 0..num {
-                        (c.clear(), s.clear());
+                        c.clear();
+                        s.clear();
                         mxfp4_tiles::tile_gate_up(get(e, 0), get(e, 1), inter, &mut c, &mut s);
                         st.memcpy_htod(&c, &mut gu.slice_mut(2 * e * cn..2 * (e + 1) * cn)).map_err(drv)?;
                         st.memcpy_htod(&s, &mut gus.slice_mut(2 * e * sn..2 * (e + 1) * sn)).map_err(drv)?;
-                        (c.clear(), s.clear());
+                        c.clear();
+                        s.clear();
                         mxfp4_tiles::tile_matrix(get(e, 2), h, &mut c, &mut s);
                         st.memcpy_htod(&c, &mut d.slice_mut(e * cn..(e + 1) * cn)).map_err(drv)?;
                         st.memcpy_htod(&s, &mut ds.slice_mut(e * sn..(e + 1) * sn)).map_err(drv)?;

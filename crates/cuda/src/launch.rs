@@ -1,0 +1,115 @@
+//! Kernel launches with programmatic dependent launch (PDL, compute capability 9.0+): a kernel's
+//! blocks may be scheduled while the kernel before it in the stream is still finishing, instead
+//! of after a full drain and a fresh launch. Every kernel in `kernels/*.cu` begins with
+//! `PDL_ENTER()` (`griddepcontrol.wait`, then `griddepcontrol.launch_dependents`), so it touches
+//! nothing the previous kernel writes before that kernel has finished and its writes are
+//! visible; what is saved is the launch and block dispatch between dependent kernels, and
+//! kernels that read only weights first (the MoE down projection) may fetch them before
+//! waiting. Graph capture turns these launches into programmatic edges.
+//!
+//! cudarc's launch builder sets no launch attributes, so this is a small builder of its own
+//! over `cuLaunchKernelEx`. `PEREGRINE_PDL=0` launches every kernel plainly (for comparison).
+
+use std::ffi::c_void;
+use std::sync::OnceLock;
+
+use cudarc::driver::{sys, CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DriverError, LaunchConfig};
+
+/// One kernel argument as the 8-byte word the driver reads from (scalars use its low bytes).
+pub(crate) trait KernelArg {
+    fn word(&self, stream: &CudaStream) -> u64;
+}
+
+impl<T> KernelArg for CudaSlice<T> {
+    fn word(&self, stream: &CudaStream) -> u64 {
+        self.device_ptr(stream).0
+    }
+}
+impl<T> KernelArg for CudaView<'_, T> {
+    fn word(&self, stream: &CudaStream) -> u64 {
+        self.device_ptr(stream).0
+    }
+}
+impl<T> KernelArg for CudaViewMut<'_, T> {
+    fn word(&self, stream: &CudaStream) -> u64 {
+        self.device_ptr(stream).0
+    }
+}
+macro_rules! scalar_arg {
+    ($($t:ty => $e:expr),*) => {$(
+        impl KernelArg for $t {
+            fn word(&self, _: &CudaStream) -> u64 {
+                let f: fn($t) -> u64 = $e;
+                f(*self)
+            }
+        }
+    )*};
+}
+scalar_arg!(i32 => |v| v as u32 as u64, u32 => |v| v as u64, f32 => |v| v.to_bits() as u64, u64 => |v| v, i64 => |v| v as u64, f64 => |v| v.to_bits());
+
+/// What `Launch::arg` takes: a shared reference to an input, or a mutable one to an output.
+pub(crate) trait ArgRef {
+    fn word(self, stream: &CudaStream) -> u64;
+}
+impl<T: KernelArg + ?Sized> ArgRef for &T {
+    fn word(self, stream: &CudaStream) -> u64 {
+        KernelArg::word(self, stream)
+    }
+}
+impl<T: KernelArg + ?Sized> ArgRef for &mut T {
+    fn word(self, stream: &CudaStream) -> u64 {
+        KernelArg::word(&*self, stream)
+    }
+}
+
+/// A kernel launch being built: `arg` in the kernel's parameter order, then `launch`.
+pub(crate) struct Launch<'a> {
+    stream: &'a CudaStream,
+    f: &'a CudaFunction,
+    words: Vec<u64>,
+}
+
+pub(crate) fn builder<'a>(stream: &'a CudaStream, f: &'a CudaFunction) -> Launch<'a> {
+    Launch { stream, f, words: Vec::with_capacity(16) }
+}
+
+/// Whether launches use PDL: the device supports it and `PEREGRINE_PDL` is not `0`.
+fn pdl_enabled(stream: &CudaStream) -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| {
+        let major = stream.context().attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR).unwrap_or(0);
+        major >= 9 && std::env::var("PEREGRINE_PDL").map_or(true, |v| v != "0")
+    })
+}
+
+impl Launch<'_> {
+    pub(crate) fn arg(&mut self, a: impl ArgRef) -> &mut Self {
+        self.words.push(a.word(self.stream));
+        self
+    }
+
+    /// # Safety
+    /// The arguments must match the kernel's parameters in order and type, and every buffer
+    /// must outlive the kernel's execution.
+    pub(crate) unsafe fn launch(&mut self, cfg: LaunchConfig) -> Result<(), DriverError> {
+        self.stream.context().bind_to_thread()?;
+        let mut params: Vec<*mut c_void> = self.words.iter_mut().map(|w| w as *mut u64 as *mut c_void).collect();
+        let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let pdl = pdl_enabled(self.stream);
+        let config = sys::CUlaunchConfig {
+            gridDimX: cfg.grid_dim.0,
+            gridDimY: cfg.grid_dim.1,
+            gridDimZ: cfg.grid_dim.2,
+            blockDimX: cfg.block_dim.0,
+            blockDimY: cfg.block_dim.1,
+            blockDimZ: cfg.block_dim.2,
+            sharedMemBytes: cfg.shared_mem_bytes,
+            hStream: self.stream.cu_stream(),
+            attrs: if pdl { &mut attr } else { std::ptr::null_mut() },
+            numAttrs: pdl as u32,
+        };
+        sys::cuLaunchKernelEx(&config, self.f.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()).result()
+    }
+}
