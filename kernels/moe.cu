@@ -261,7 +261,7 @@ __device__ __forceinline__ void bulk_prologue(int seq, const unsigned char* __re
 
 template <int NS, int CS>
 __device__ __forceinline__ void tile_stream_bulk(const unsigned char* __restrict__ wt, const unsigned char* __restrict__ st, int KS,
-                                                 const uint4* frag, int L, float acc[4], unsigned char* ring,
+                                                 int kbase, const uint4* frag, int L, float acc[4], unsigned char* ring,
                                                  unsigned long long* bars, int& seq) {
     constexpr int STAGE = CS * 544;
     int lane = threadIdx.x & 31, g = lane >> 2;
@@ -279,8 +279,8 @@ __device__ __forceinline__ void tile_stream_bulk(const unsigned char* __restrict
                 unsigned sv = reinterpret_cast<const unsigned*>(stage + CS * 512)[c * 8 + g];
                 uint4 b01 = make_uint4(0u, 0u, 0u, 0u), b23 = b01;
                 if (hasb) {
-                    b01 = frag[(size_t)(2 * k) * L + lane];
-                    b23 = frag[(size_t)(2 * k + 1) * L + lane];
+                    b01 = frag[(size_t)(2 * (kbase + k)) * L + lane];
+                    b23 = frag[(size_t)(2 * (kbase + k) + 1) * L + lane];
                 }
                 unsigned a[4];
                 float tp[4];
@@ -386,11 +386,15 @@ __device__ __forceinline__ void moe_tiled(const uint4* __restrict__ W, const uns
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
         __syncwarp();
     }
+    // The bulk-copy warps of a tile take contiguous ranges of its steps.
+    int per = (KS + SPLIT - 1) / SPLIT, bs0 = min(kw * per, KS), bn = min(per, KS - bs0);
+    const unsigned char* bw = reinterpret_cast<const unsigned char*>(wt - lane) + (size_t)bs0 * 512;
+    const unsigned char* bsc = reinterpret_cast<const unsigned char*>(st - g) + (size_t)bs0 * 32;
     for (int p0 = pb; p0 < pe; p0 += NP) {
         int np = min(NP, pe - p0);
         if ((int)threadIdx.x < np) rows[threadIdx.x] = GATE_UP ? pair_tok[p0 + threadIdx.x] : p0 + threadIdx.x;
         if (NS > 0 && active)
-            bulk_prologue<NSB, CS>(seq, reinterpret_cast<const unsigned char*>(wt - lane), reinterpret_cast<const unsigned char*>(st - g), KS,
+            bulk_prologue<NSB, CS>(seq, bw, bsc, bn,
                                    reinterpret_cast<unsigned char*>(dsm) + w * NSB * CS * 544, bars + w * NSB);
         // The down kernel may be launched while gate_up still runs (programmatic dependent
         // launch): its weights are asked for above, h only after gate_up has finished.
@@ -399,10 +403,9 @@ __device__ __forceinline__ void moe_tiled(const uint4* __restrict__ W, const uns
         stage_b(x, rows, np, K, reinterpret_cast<unsigned*>(frag), red, scale, inv);
         float acc[4] = {0.f, 0.f, 0.f, 0.f};
         if (NS > 0) {
-            // (SPLIT is 1 here: a warp streams its whole tile.)
             if (active)
-                tile_stream_bulk<NSB, CS>(reinterpret_cast<const unsigned char*>(wt - lane), reinterpret_cast<const unsigned char*>(st - g), KS, frag, 8 * np,
-                                          acc, reinterpret_cast<unsigned char*>(dsm) + w * NSB * CS * 544, bars + w * NSB, seq);
+                tile_stream_bulk<NSB, CS>(bw, bsc, bn, bs0, frag, 8 * np, acc, reinterpret_cast<unsigned char*>(dsm) + w * NSB * CS * 544,
+                                          bars + w * NSB, seq);
         } else if (active) {
             tile_stream<D>(wt, st, KS, kw, SPLIT, frag, 8 * np, acc);
         }
@@ -466,29 +469,24 @@ __device__ __forceinline__ void moe_tiled(const uint4* __restrict__ W, const uns
                                          tok_pairs, y, T, topk);                                                         \
     }
 MOE_TILED(4, 1)
-MOE_TILED(4, 2)
-MOE_TILED(4, 4)
-MOE_TILED(8, 2)
 
 // Bulk-copy variants: NS stages of CS steps per warp.
-#define MOE_BULK(NS, CS)                                                                                                 \
-    extern "C" __global__ void __launch_bounds__(256, 2) moe_gate_up_bulk_n##NS##_c##CS(                                 \
+#define MOE_BULK(NS, CS, SPLIT)                                                                                          \
+    extern "C" __global__ void __launch_bounds__(256, 2) moe_gate_up_bulk_n##NS##_c##CS##_s##SPLIT(                      \
         const uint4* __restrict__ W, const unsigned* __restrict__ S, const int* __restrict__ experts,                    \
         const int* __restrict__ pair_off, const int* __restrict__ pair_tok, const float* __restrict__ x,                 \
-        float* __restrict__ h, int H, int I) { PDL_ENTER();                                                                           \
-        moe_tiled<1, true, 1, NS, CS>(W, S, experts, pair_off, pair_tok, nullptr, x, h, H, I / 8, I, nullptr, nullptr,   \
-                                      nullptr, 0, 0);                                                                    \
+        float* __restrict__ h, int H, int I) { PDL_ENTER();                                                              \
+        moe_tiled<1, true, SPLIT, NS, CS>(W, S, experts, pair_off, pair_tok, nullptr, x, h, H, I / 8, I, nullptr,        \
+                                          nullptr, nullptr, 0, 0);                                                       \
     }                                                                                                                    \
-    extern "C" __global__ void __launch_bounds__(256, 2) moe_down_bulk_n##NS##_c##CS(                                    \
+    extern "C" __global__ void __launch_bounds__(256, 2) moe_down_bulk_n##NS##_c##CS##_s##SPLIT(                         \
         const uint4* __restrict__ W, const unsigned* __restrict__ S, const int* __restrict__ experts,                    \
         const int* __restrict__ pair_off, const float* __restrict__ pair_w, const float* __restrict__ h,                 \
         float* __restrict__ out, int H, int I, unsigned* counters, const int* __restrict__ tok_pairs,                   \
-        float* __restrict__ y, int T, int topk) { PDL_TRIGGER();                                                                        \
-        moe_tiled<1, false, 1, NS, CS>(W, S, experts, pair_off, nullptr, pair_w, h, out, I, H / 16, H, counters,       \
-                                       tok_pairs, y, T, topk);                                                           \
+        float* __restrict__ y, int T, int topk) { PDL_TRIGGER();                                                         \
+        moe_tiled<1, false, SPLIT, NS, CS>(W, S, experts, pair_off, nullptr, pair_w, h, out, I, H / 16, H, counters,   \
+                                           tok_pairs, y, T, topk);                                                       \
     }
-MOE_BULK(4, 2)
-MOE_BULK(3, 2)
-MOE_BULK(2, 4)
-MOE_BULK(8, 1)
-MOE_BULK(6, 1)
+MOE_BULK(2, 4, 1)
+MOE_BULK(4, 2, 1)
+MOE_BULK(2, 4, 2)

@@ -408,9 +408,61 @@ __device__ __forceinline__ void block_argmax(float v, int i, float* sv, int* si,
     __syncthreads();
 }
 
+// Groups P routed (token, slot) pairs by expert: per expert its pairs in token order, the used
+// experts ascending in `max_u` slots (the rest empty). `ism` holds 2 E ints. Reads the choices
+// with __ldcg: other blocks of moe_route wrote them.
+__device__ __forceinline__ void group_pairs(const int* __restrict__ topk_idx, const float* __restrict__ topk_w, int P, int K, int E,
+                                            int max_u, int* __restrict__ experts, int* __restrict__ pair_off, int* __restrict__ pair_tok,
+                                            float* __restrict__ pair_w, int* __restrict__ tok_pairs, int* ism) {
+    __shared__ int wsum[2][32];
+    int* count = ism;
+    int* start = ism + E;
+    for (int e = threadIdx.x; e < E; e += blockDim.x) count[e] = 0;
+    __syncthreads();
+    for (int p = threadIdx.x; p < P; p += blockDim.x) atomicAdd(&count[__ldcg(topk_idx + p)], 1);
+    __syncthreads();
+    // Each thread owns a contiguous run of experts; a block-wide exclusive scan of (used
+    // experts, pairs) over the runs gives every expert its slot and first pair (with one thread
+    // walking E the kernel measured ~14 us per layer on the H100, under ncu).
+    int per = (E + blockDim.x - 1) / blockDim.x, e0 = min((int)threadIdx.x * per, E), e1 = min(e0 + per, E);
+    int used = 0, pairs = 0;
+    for (int e = e0; e < e1; e++) { used += count[e] > 0; pairs += count[e]; }
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    int iu = used, ip = pairs;  // inclusive scans within the warp
+    for (int o = 1; o < 32; o <<= 1) {
+        int a = __shfl_up_sync(0xffffffffu, iu, o), b = __shfl_up_sync(0xffffffffu, ip, o);
+        if (lane >= o) { iu += a; ip += b; }
+    }
+    if (lane == 31) { wsum[0][w] = iu; wsum[1][w] = ip; }
+    __syncthreads();
+    int bu = 0, bp = 0, tu = 0;
+    for (int k = 0; k < nw; k++) {
+        if (k < w) { bu += wsum[0][k]; bp += wsum[1][k]; }
+        tu += wsum[0][k];
+    }
+    int u = bu + iu - used, off = bp + ip - pairs;
+    for (int e = e0; e < e1; e++) {
+        start[e] = off;
+        if (count[e] > 0) { experts[u] = e; pair_off[u] = off; u++; off += count[e]; }
+    }
+    for (int k = tu + threadIdx.x; k < max_u; k += blockDim.x) { experts[k] = 0; pair_off[k] = P; }
+    if (threadIdx.x == 0) pair_off[max_u] = P;
+    __syncthreads();
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+        if (count[e] == 0) continue;
+        int q = start[e];
+        for (int p = 0; p < P; p++)
+            if (__ldcg(topk_idx + p) == e) { pair_tok[q] = p / K; pair_w[q] = __ldcg(topk_w + p); tok_pairs[p] = q; q++; }
+    }
+}
+
+// With `counter` (zero between calls), the last block to finish routing also groups every
+// token's pairs by expert (one launch for routing and grouping) and resets the counter.
 extern "C" __global__ void moe_route(const float* __restrict__ logits, const float* __restrict__ bias, int* __restrict__ topk_idx,
                                      float* __restrict__ topk_w, int E, int K, int softmax, int n_group, int topk_group,
-                                     int norm, float scale) { PDL_ENTER();
+                                     int norm, float scale, unsigned* counter, int max_u, int* __restrict__ experts,
+                                     int* __restrict__ pair_off, int* __restrict__ pair_tok, float* __restrict__ pair_w,
+                                     int* __restrict__ tok_pairs) { PDL_ENTER();
     extern __shared__ float smem[];
     float* scores = smem;
     float* choice = smem + E;
@@ -463,35 +515,47 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, const flo
     // The top K by one warp, shuffles only (K block-wide argmax rounds, two barriers each, made
     // this kernel ~11 us per layer on the H100 under ncu). Same order: largest choice, ties to
     // the lower index.
-    if (threadIdx.x >= 32) return;
-    float wsum = 0.f;
-    for (int k = 0; k < K; k++) {
-        float v = NEG_INF;
-        int i = 0x7fffffff;
-        for (int e = threadIdx.x; e < E; e += 32)
-            if (choice[e] > v || (choice[e] == v && e < i)) { v = choice[e]; i = e; }
-        for (int o = 16; o > 0; o >>= 1) {
-            float v2 = __shfl_xor_sync(0xffffffffu, v, o);
-            int i2 = __shfl_xor_sync(0xffffffffu, i, o);
-            if (v2 > v || (v2 == v && i2 < i)) { v = v2; i = i2; }
-        }
-        if (i >= E) i = 0;  // fewer than K candidates (K > E): expert 0, never out of bounds
-        wsum += scores[i];
-        if (threadIdx.x == 0) {
-            topk_idx[t * K + k] = i;
-            topk_w[t * K + k] = scores[i];
-            choice[i] = __int_as_float(0x7fc00000u);  // NaN: compares false, never chosen again
-        }
-        __syncwarp();
-    }
-    if (threadIdx.x == 0) {
-        float denom = wsum + 1e-20f;
+    if (threadIdx.x < 32) {
+        float wsum = 0.f;
         for (int k = 0; k < K; k++) {
-            float w = topk_w[t * K + k];
-            if (norm) w /= denom;
-            topk_w[t * K + k] = w * scale;
+            float v = NEG_INF;
+            int i = 0x7fffffff;
+            for (int e = threadIdx.x; e < E; e += 32)
+                if (choice[e] > v || (choice[e] == v && e < i)) { v = choice[e]; i = e; }
+            for (int o = 16; o > 0; o >>= 1) {
+                float v2 = __shfl_xor_sync(0xffffffffu, v, o);
+                int i2 = __shfl_xor_sync(0xffffffffu, i, o);
+                if (v2 > v || (v2 == v && i2 < i)) { v = v2; i = i2; }
+            }
+            if (i >= E) i = 0;  // fewer than K candidates (K > E): expert 0, never out of bounds
+            wsum += scores[i];
+            if (threadIdx.x == 0) {
+                topk_idx[t * K + k] = i;
+                topk_w[t * K + k] = scores[i];
+                choice[i] = __int_as_float(0x7fc00000u);  // NaN: compares false, never chosen again
+            }
+            __syncwarp();
+        }
+        if (threadIdx.x == 0) {
+            float denom = wsum + 1e-20f;
+            for (int k = 0; k < K; k++) {
+                float w = topk_w[t * K + k];
+                if (norm) w /= denom;
+                topk_w[t * K + k] = w * scale;
+            }
         }
     }
+    if (counter == nullptr) return;
+    __shared__ int last;
+    __threadfence();  // this token's choices are visible before it is counted
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(counter, 1u) + 1 == gridDim.x;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    group_pairs(topk_idx, topk_w, (int)gridDim.x * K, K, E, max_u, experts, pair_off, pair_tok, pair_w, tok_pairs,
+                reinterpret_cast<int*>(smem));
+    if (threadIdx.x == 0) *counter = 0u;
 }
 
 // Groups a batch's routing by expert on the GPU (as kernels::MoeRouting::new does on the host),
@@ -499,51 +563,6 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, const flo
 // experts[u] / pair_off[u..u+1] for the used experts ascending, then empty slots up to max_u
 // (pair_off = P), so a launch with grid.y = max_u needs no host round trip. One block.
 // Dynamic shared memory: 2 * E ints.
-extern "C" __global__ void moe_group(const int* __restrict__ topk_idx, const float* __restrict__ topk_w, int P, int K, int E,
-                                     int max_u, int* __restrict__ experts, int* __restrict__ pair_off, int* __restrict__ pair_tok,
-                                     float* __restrict__ pair_w, int* __restrict__ tok_pairs) { PDL_ENTER();
-    extern __shared__ int ism[];
-    __shared__ int wsum[2][32];
-    int* count = ism;
-    int* start = ism + E;
-    for (int e = threadIdx.x; e < E; e += blockDim.x) count[e] = 0;
-    __syncthreads();
-    for (int p = threadIdx.x; p < P; p += blockDim.x) atomicAdd(&count[topk_idx[p]], 1);
-    __syncthreads();
-    // Each thread owns a contiguous run of experts; a block-wide exclusive scan of (used
-    // experts, pairs) over the runs gives every expert its slot and first pair (with one thread
-    // walking E the kernel measured ~14 us per layer on the H100, under ncu).
-    int per = (E + blockDim.x - 1) / blockDim.x, e0 = min((int)threadIdx.x * per, E), e1 = min(e0 + per, E);
-    int used = 0, pairs = 0;
-    for (int e = e0; e < e1; e++) { used += count[e] > 0; pairs += count[e]; }
-    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
-    int iu = used, ip = pairs;  // inclusive scans within the warp
-    for (int o = 1; o < 32; o <<= 1) {
-        int a = __shfl_up_sync(0xffffffffu, iu, o), b = __shfl_up_sync(0xffffffffu, ip, o);
-        if (lane >= o) { iu += a; ip += b; }
-    }
-    if (lane == 31) { wsum[0][w] = iu; wsum[1][w] = ip; }
-    __syncthreads();
-    int bu = 0, bp = 0, tu = 0;
-    for (int k = 0; k < nw; k++) {
-        if (k < w) { bu += wsum[0][k]; bp += wsum[1][k]; }
-        tu += wsum[0][k];
-    }
-    int u = bu + iu - used, off = bp + ip - pairs;
-    for (int e = e0; e < e1; e++) {
-        start[e] = off;
-        if (count[e] > 0) { experts[u] = e; pair_off[u] = off; u++; off += count[e]; }
-    }
-    for (int k = tu + threadIdx.x; k < max_u; k += blockDim.x) { experts[k] = 0; pair_off[k] = P; }
-    if (threadIdx.x == 0) pair_off[max_u] = P;
-    __syncthreads();
-    for (int e = threadIdx.x; e < E; e += blockDim.x) {
-        if (count[e] == 0) continue;
-        int q = start[e];
-        for (int p = 0; p < P; p++)
-            if (topk_idx[p] == e) { pair_tok[q] = p / K; pair_w[q] = topk_w[p]; tok_pairs[p] = q; q++; }
-    }
-}
 
 // y[r] = argmax of logits row r (ties to the lower index), so greedy decoding brings back only
 // ids. Two stages: gridDim.y blocks per row each reduce a slice into part[r, blockIdx.y]

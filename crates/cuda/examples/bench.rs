@@ -192,7 +192,7 @@ fn main() {
             let kinds: Vec<(String, MoeKernel)> = peregrine_cuda::kernels::TILED_VARIANTS
                 .iter()
                 .map(|&(depth, split)| (format!("d{depth}s{split}"), MoeKernel::Tiled { depth, split }))
-                .chain(peregrine_cuda::kernels::BULK_VARIANTS.iter().map(|&(stages, steps)| (format!("bulk {stages}x{steps}"), MoeKernel::TiledBulk { stages, steps })))
+                .chain(peregrine_cuda::kernels::BULK_VARIANTS.iter().map(|&(stages, steps, split)| (format!("bulk {stages}x{steps}s{split}"), MoeKernel::TiledBulk { stages, steps, split })))
                 .collect();
             let variants: Vec<String> = kinds.into_iter().map(|(name, kind)| format!("{name} {:.1}%", pct(run(kind, &wt)))).collect();
             let ms2 = run(MoeKernel::TensorCore, &w);

@@ -154,7 +154,6 @@ pub(crate) struct Ops {
     add_rms_norm: CudaFunction,
     rope_kv_write: CudaFunction,
     moe_route: CudaFunction,
-    moe_group: CudaFunction,
     argmax_rows: CudaFunction,
     argmax_final: CudaFunction,
     attention_v2: CudaFunction,
@@ -270,7 +269,6 @@ impl CudaModel {
             add_rms_norm: f("add_rms_norm")?,
             rope_kv_write: f("rope_kv_write")?,
             moe_route: f("moe_route")?,
-            moe_group: f("moe_group")?,
             argmax_rows: f("argmax_rows")?,
             argmax_final: f("argmax_final")?,
             attention_v2: f("attention_v2")?,
@@ -668,7 +666,7 @@ impl CudaModel {
         Ok(y)
     }
 
-    /// The router (`moe_route`) and the token/expert grouping (`moe_group`) of `n` rows of
+    /// The router and the token/expert grouping (`moe_route`, one launch) of `n` rows of
     /// router logits. The routing lists `min(n * top_k, E)` expert slots; the unused ones are
     /// empty, so launches need no host round trip. Also returns the per-token choices.
     fn route_device(&self, spec: &MoeSpec, logits: &CudaSlice<f32>, bias: Option<&CudaSlice<f32>>, n: usize) -> Result<(DeviceRouting, CudaSlice<i32>, CudaSlice<f32>)> {
@@ -677,20 +675,9 @@ impl CudaModel {
         let st = &self.stream;
         let mut topk_idx = unsafe { st.alloc::<i32>(p.max(1)) }.map_err(drv)?; // written in full by moe_route
         let mut topk_w = self.empty(p)?;
-        {
-            let (ei, ki, sm, ng, tg, norm, sc) = (e as i32, k as i32, matches!(spec.scoring, RouterScoring::Softmax) as i32, spec.n_group as i32, spec.topk_group as i32, spec.norm_topk_prob as i32, spec.routed_scaling_factor);
-            let mut b = crate::launch::builder(st, &self.ops.moe_route);
-            b.arg(logits);
-            match bias {
-                Some(bb) => b.arg(bb),
-                None => b.arg(&0u64),
-            };
-            b.arg(&mut topk_idx).arg(&mut topk_w).arg(&ei).arg(&ki).arg(&sm).arg(&ng).arg(&tg).arg(&norm).arg(&sc);
-            unsafe { b.launch(LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: (2 * e * 4) as u32 }) }.map_err(drv)?;
-        }
         let max_u = p.min(e);
         let mut r = DeviceRouting {
-            // All written in full by moe_group.
+            // All written in full by the grouping.
             experts: unsafe { st.alloc::<i32>(max_u.max(1)) }.map_err(drv)?,
             pair_off: unsafe { st.alloc::<i32>(max_u + 1) }.map_err(drv)?,
             pair_tok: unsafe { st.alloc::<i32>(p.max(1)) }.map_err(drv)?,
@@ -701,12 +688,19 @@ impl CudaModel {
             num_tokens: n,
             top_k: k,
         };
-        {
-            let (pi, ki, ei, mu) = (p as i32, k as i32, e as i32, max_u as i32);
-            let mut b = crate::launch::builder(st, &self.ops.moe_group);
-            b.arg(&topk_idx).arg(&topk_w).arg(&pi).arg(&ki).arg(&ei).arg(&mu).arg(&mut r.experts).arg(&mut r.pair_off).arg(&mut r.pair_tok).arg(&mut r.pair_w).arg(&mut r.tok_pairs);
-            unsafe { b.launch(LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: (2 * e * 4) as u32 }) }.map_err(drv)?;
-        }
+        // One launch: every token's routing, then the last block to finish groups the pairs by
+        // expert (the arrival counter comes back to zero).
+        let mut counter = st.alloc_zeros::<u32>(1).map_err(drv)?;
+        let (ei, ki, sm, ng, tg, norm, sc, mu) = (e as i32, k as i32, matches!(spec.scoring, RouterScoring::Softmax) as i32, spec.n_group as i32, spec.topk_group as i32, spec.norm_topk_prob as i32, spec.routed_scaling_factor, max_u as i32);
+        let mut b = crate::launch::builder(st, &self.ops.moe_route);
+        b.arg(logits);
+        match bias {
+            Some(bb) => b.arg(bb),
+            None => b.arg(&0u64),
+        };
+        b.arg(&mut topk_idx).arg(&mut topk_w).arg(&ei).arg(&ki).arg(&sm).arg(&ng).arg(&tg).arg(&norm).arg(&sc);
+        b.arg(&mut counter).arg(&mu).arg(&mut r.experts).arg(&mut r.pair_off).arg(&mut r.pair_tok).arg(&mut r.pair_w).arg(&mut r.tok_pairs);
+        unsafe { b.launch(LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: (2 * e * 4) as u32 }) }.map_err(drv)?;
         Ok((r, topk_idx, topk_w))
     }
 

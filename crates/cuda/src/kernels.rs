@@ -67,10 +67,13 @@ use crate::device::{nvrtc_arch, Gpu};
 
 /// Tokens one kernel pass handles (MAXT in the source); more are done in passes.
 pub const MAX_TOKENS_PER_PASS: usize = 8;
-/// The (ring depth, K split) pairs the tiled MoE kernels are compiled for.
-pub const TILED_VARIANTS: [(usize, usize); 4] = [(4, 1), (4, 2), (4, 4), (8, 2)];
-/// The (stages, steps per stage) pairs the bulk-copy MoE kernels are compiled for.
-pub const BULK_VARIANTS: [(usize, usize); 5] = [(4, 2), (3, 2), (2, 4), (8, 1), (6, 1)];
+/// The (ring depth, K split) pairs the register-ring tiled MoE kernels are compiled for (the
+/// bulk-copy kernels beat them; 4-deep unsplit was the best of (4|8, 1|2|4) on the H100).
+pub const TILED_VARIANTS: [(usize, usize); 1] = [(4, 1)];
+/// The (stages, steps per stage, K split) the bulk-copy MoE kernels are compiled for. Measured
+/// on the H100 (benches/results/2026-11-23-moe-tiled.md): 2 x 4 unsplit best at 1-64 tokens;
+/// 3 x 2, 8 x 1, 6 x 1, 4 x 4, and splits of 2 and 4 warps per tile were slower and dropped.
+pub const BULK_VARIANTS: [(usize, usize, usize); 3] = [(2, 4, 1), (4, 2, 1), (2, 4, 2)];
 /// The largest top-k whose combine the tiled down kernel fuses (MAX_FUSED_TOPK in moe.cu).
 const MAX_FUSED_TOPK: usize = 32;
 /// Dynamic shared memory the tiled MoE kernels may ask for (their staged activations).
@@ -145,8 +148,9 @@ pub enum MoeKernel {
     Tiled { depth: usize, split: usize },
     /// The tiled kernels with each warp's weights brought by the bulk-copy engine
     /// (cp.async.bulk on an mbarrier) into a shared-memory ring of `stages` x `steps` steps of
-    /// 544 bytes. Compiled pairs: `BULK_VARIANTS`.
-    TiledBulk { stages: usize, steps: usize },
+    /// 544 bytes; `split` warps share a tile, each a contiguous part of its K. Compiled
+    /// triples: `BULK_VARIANTS`.
+    TiledBulk { stages: usize, steps: usize, split: usize },
 }
 
 impl MoeKernel {
@@ -165,7 +169,7 @@ impl MoeKernel {
     /// The tiled layout's default kernel: bulk copies, 2 stages of 4 steps (H100, Flash and
     /// Pro expert shapes, 1..64 tokens: 57-77% of copy bandwidth against 48-70% for the best
     /// register-ring variant, d4s1; benches/results/2026-11-23-moe-tiled.md).
-    pub const TILED: MoeKernel = MoeKernel::TiledBulk { stages: 2, steps: 4 };
+    pub const TILED: MoeKernel = MoeKernel::TiledBulk { stages: 2, steps: 4, split: 1 };
 }
 
 /// Host-side grouping of a batch's routing (token -> top-k (expert, weight)) by expert, so
@@ -332,8 +336,8 @@ impl Kernels {
             down_pipe: [f("moe_down_pipe_s1")?, f("moe_down_pipe_s2")?, f("moe_down_pipe_s4")?, f("moe_down_pipe_s8")?],
             gate_up_tiled: TILED_VARIANTS.iter().map(|(d, s)| fm(&format!("moe_gate_up_tiled_d{d}_s{s}"))).collect::<Result<_>>()?,
             down_tiled: TILED_VARIANTS.iter().map(|(d, s)| fm(&format!("moe_down_tiled_d{d}_s{s}"))).collect::<Result<_>>()?,
-            gate_up_bulk: BULK_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_gate_up_bulk_n{n}_c{c}"))).collect::<Result<_>>()?,
-            down_bulk: BULK_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_down_bulk_n{n}_c{c}"))).collect::<Result<_>>()?,
+            gate_up_bulk: BULK_VARIANTS.iter().map(|(n, c, s)| fm(&format!("moe_gate_up_bulk_n{n}_c{c}_s{s}"))).collect::<Result<_>>()?,
+            down_bulk: BULK_VARIANTS.iter().map(|(n, c, s)| fm(&format!("moe_down_bulk_n{n}_c{c}_s{s}"))).collect::<Result<_>>()?,
             sample,
             adjust,
             logprobs,
@@ -666,12 +670,12 @@ impl Kernels {
                             .ok_or_else(|| Error::Backend(format!("tiled MoE kernel (depth {depth}, split {split}) is not compiled; have {TILED_VARIANTS:?}")))?;
                         (&self.gate_up_tiled[v], &self.down_tiled[v], split, 0)
                     }
-                    MoeKernel::TiledBulk { stages, steps } => {
+                    MoeKernel::TiledBulk { stages, steps, split } => {
                         let v = BULK_VARIANTS
                             .iter()
-                            .position(|&p| p == (stages, steps))
-                            .ok_or_else(|| Error::Backend(format!("bulk-copy MoE kernel ({stages} stages of {steps}) is not compiled; have {BULK_VARIANTS:?}")))?;
-                        (&self.gate_up_bulk[v], &self.down_bulk[v], 1, 8 * stages * steps * 544)
+                            .position(|&p| p == (stages, steps, split))
+                            .ok_or_else(|| Error::Backend(format!("bulk-copy MoE kernel ({stages} stages of {steps}, split {split}) is not compiled; have {BULK_VARIANTS:?}")))?;
+                        (&self.gate_up_bulk[v], &self.down_bulk[v], split, 8 * stages * steps * 544)
                     }
                     _ => unreachable!("matched above"),
                 };

@@ -77,7 +77,7 @@ fn nvrtc_compiles_the_kernels() {
     )
     .expect("ops.cu compiles for sm_90a")
     .to_src();
-    for k in ["embed", "rms_norm", "add_bias", "add_inplace", "rope", "kv_write", "attention", "silu_mul", "gather_rows", "scatter_add_scaled", "gemv_f32", "copy_cols", "fill_rows", "scale", "draft_attention", "embed_bf16", "add_rms_norm", "rope_kv_write", "moe_route", "moe_group", "argmax_rows", "argmax_final", "fill_random_u8", "fill_random_f", "attention_v2", "attention_combine", "place_drafts", "accept_drafts"] {
+    for k in ["embed", "rms_norm", "add_bias", "add_inplace", "rope", "kv_write", "attention", "silu_mul", "gather_rows", "scatter_add_scaled", "gemv_f32", "copy_cols", "fill_rows", "scale", "draft_attention", "embed_bf16", "add_rms_norm", "rope_kv_write", "moe_route", "argmax_rows", "argmax_final", "fill_random_u8", "fill_random_f", "attention_v2", "attention_combine", "place_drafts", "accept_drafts"] {
         assert!(ops.contains(&format!(".entry {k}")), "kernel {k} missing from the PTX");
     }
     let sample = cudarc::nvrtc::compile_ptx_with_opts(
@@ -100,8 +100,8 @@ fn nvrtc_compiles_the_kernels() {
             assert!(moe.contains(&format!(".entry {k}")), "moe.cu lacks {k}");
         }
     }
-    for (n, c) in peregrine_cuda::kernels::BULK_VARIANTS {
-        for k in [format!("moe_gate_up_bulk_n{n}_c{c}"), format!("moe_down_bulk_n{n}_c{c}")] {
+    for (n, c, s) in peregrine_cuda::kernels::BULK_VARIANTS {
+        for k in [format!("moe_gate_up_bulk_n{n}_c{c}_s{s}"), format!("moe_down_bulk_n{n}_c{c}_s{s}")] {
             assert!(moe.contains(&format!(".entry {k}")), "moe.cu lacks {k}");
         }
     }
@@ -242,7 +242,7 @@ fn mxfp4_moe_decode_matches_the_cpu_reference() {
             let kinds = peregrine_cuda::kernels::TILED_VARIANTS
                 .iter()
                 .map(|&(depth, split)| MoeKernel::Tiled { depth, split })
-                .chain(peregrine_cuda::kernels::BULK_VARIANTS.iter().map(|&(stages, steps)| MoeKernel::TiledBulk { stages, steps }));
+                .chain(peregrine_cuda::kernels::BULK_VARIANTS.iter().map(|&(stages, steps, split)| MoeKernel::TiledBulk { stages, steps, split }));
             for kind in kinds {
                 for _ in 0..2 {
                     let mut yv = poisoned(&g, t * h);
