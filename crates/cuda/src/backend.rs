@@ -320,8 +320,8 @@ impl CudaModel {
             let mlp = match ls.mlp {
                 MlpSpec::Dense { intermediate_size } => Mlp::Dense(load_ffn(&s, &w, &format!("{p}.mlp"), h, intermediate_size)?),
                 MlpSpec::Moe(ms) => {
-                    if ms.n_group > 64 || ms.num_experts > 4096 {
-                        return Err(Error::Unsupported(format!("{} experts in {} groups on the CUDA backend", ms.num_experts, ms.n_group)));
+                    if ms.n_group > 64 || ms.num_experts > 4096 || ms.top_k > 64 {
+                        return Err(Error::Unsupported(format!("{} experts in {} groups, top-{}, on the CUDA backend (at most 4096, 64, 64)", ms.num_experts, ms.n_group, ms.top_k)));
                     }
                     let bias = if ms.correction_bias {
                         let name = format!("{p}.mlp.gate.e_score_correction_bias");
@@ -513,7 +513,7 @@ impl CudaModel {
         if v2 {
             b.arg(&mut pm).arg(&mut pl).arg(&mut pa);
         }
-        let threads = if v2 { 256 } else { 32 };
+        let threads = if v2 { 256 } else { 32 }; // 32 x ATT_WARPS for attention_v2
         unsafe { b.launch(LaunchConfig { grid_dim: (n as u32, s.num_heads as u32, splits as u32), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
         if splits > 1 {
             let sp = splits as i32;
@@ -700,7 +700,10 @@ impl CudaModel {
         };
         b.arg(&mut topk_idx).arg(&mut topk_w).arg(&ei).arg(&ki).arg(&sm).arg(&ng).arg(&tg).arg(&norm).arg(&sc);
         b.arg(&mut counter).arg(&mu).arg(&mut r.experts).arg(&mut r.pair_off).arg(&mut r.pair_tok).arg(&mut r.pair_w).arg(&mut r.tok_pairs);
-        unsafe { b.launch(LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: (2 * e * 4) as u32 }) }.map_err(drv)?;
+        // Shared memory: scores and choices (2 E floats) while routing; counts, starts and a
+        // chunk of 1024 choices (GROUP_CHUNK in ops.cu) while grouping.
+        let smem = 4 * (2 * e + 1024);
+        unsafe { b.launch(LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem as u32 }) }.map_err(drv)?;
         Ok((r, topk_idx, topk_w))
     }
 
