@@ -473,6 +473,15 @@ __device__ __forceinline__ void group_pairs(const int* __restrict__ topk_idx, co
     }
 }
 
+// The grouping as its own kernel (one block), for batches too large for moe_route's last block
+// to group alone: 1024 threads share the per-expert scans.
+extern "C" __global__ void moe_group(const int* __restrict__ topk_idx, const float* __restrict__ topk_w, int P, int K, int E,
+                                     int max_u, int* __restrict__ experts, int* __restrict__ pair_off, int* __restrict__ pair_tok,
+                                     float* __restrict__ pair_w, int* __restrict__ tok_pairs) { PDL_ENTER();
+    extern __shared__ int ism[];
+    group_pairs(topk_idx, topk_w, P, K, E, max_u, experts, pair_off, pair_tok, pair_w, tok_pairs, ism);
+}
+
 // With `counter` (zero between calls), the last block to finish routing also groups every
 // token's pairs by expert (one launch for routing and grouping) and resets the counter.
 extern "C" __global__ void moe_route(const float* __restrict__ logits, const float* __restrict__ bias, int* __restrict__ topk_idx,

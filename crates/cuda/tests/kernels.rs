@@ -77,7 +77,7 @@ fn nvrtc_compiles_the_kernels() {
     )
     .expect("ops.cu compiles for sm_90a")
     .to_src();
-    for k in ["embed", "rms_norm", "add_bias", "add_inplace", "rope", "kv_write", "attention", "silu_mul", "gather_rows", "scatter_add_scaled", "gemv_f32", "copy_cols", "fill_rows", "scale", "draft_attention", "embed_bf16", "add_rms_norm", "rope_kv_write", "moe_route", "argmax_rows", "argmax_final", "fill_random_u8", "fill_random_f", "attention_v2", "attention_combine", "place_drafts", "accept_drafts"] {
+    for k in ["embed", "rms_norm", "add_bias", "add_inplace", "rope", "kv_write", "attention", "silu_mul", "gather_rows", "scatter_add_scaled", "gemv_f32", "copy_cols", "fill_rows", "scale", "draft_attention", "embed_bf16", "add_rms_norm", "rope_kv_write", "moe_route", "moe_group", "argmax_rows", "argmax_final", "fill_random_u8", "fill_random_f", "attention_v2", "attention_combine", "place_drafts", "accept_drafts"] {
         assert!(ops.contains(&format!(".entry {k}")), "kernel {k} missing from the PTX");
     }
     let sample = cudarc::nvrtc::compile_ptx_with_opts(
