@@ -9,21 +9,7 @@
 //
 // Compiled at run time by NVRTC (no headers needed: formats are decoded with bit operations).
 
-// Programmatic dependent launch (crates/cuda/src/launch.rs): wait until the kernel before this
-// one in the stream has finished and its writes are visible, then let the next kernel's blocks
-// be scheduled. Every kernel starts with it (moe.cu's down kernels place the wait later).
-#if __CUDA_ARCH__ >= 900
-#define PDL_WAIT() asm volatile("griddepcontrol.wait;" ::: "memory")
-#define PDL_TRIGGER() asm volatile("griddepcontrol.launch_dependents;" ::: "memory")
-#else
-#define PDL_WAIT()
-#define PDL_TRIGGER()
-#endif
-#define PDL_ENTER() \
-    do {            \
-        PDL_WAIT(); \
-        PDL_TRIGGER(); \
-    } while (0)
+// (PDL_ENTER and the f16 helpers come from kernels/common.cuh, prepended by compile.rs.)
 
 #define MAXT 8
 #define WARPS 8
@@ -498,20 +484,13 @@ extern "C" __global__ void __launch_bounds__(256) moe_down_mxfp4_v2(
 // for A and B alike. Block: 8 warps on the same 16 rows, splitting K in 128-wide blocks (FP8's
 // scale blocks, applied per block), reduced through shared memory in a fixed order.
 
-__device__ __forceinline__ unsigned short f32_to_bf16_rn(float v) {
-    unsigned u = __float_as_uint(v);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (unsigned short)(u >> 16);
-}
 
 // x [n] f32 -> xh = bf16(x), xl = bf16(x - xh).
 extern "C" __global__ void split_bf16(const float* __restrict__ x, unsigned short* __restrict__ xh, unsigned short* __restrict__ xl, int n) { PDL_ENTER();
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     float v = x[i];
-    unsigned short h = f32_to_bf16_rn(v);
-    xh[i] = h;
-    xl[i] = f32_to_bf16_rn(v - __uint_as_float((unsigned)h << 16));
+    split_bf16_value(v, xh[i], xl[i]);
 }
 
 // Two FP8 e4m3 (low byte = first element) -> two F16 (low half = first), exactly (one
@@ -537,17 +516,6 @@ __device__ __forceinline__ void mma_f16(float c[4], unsigned a0, unsigned a1, un
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-__device__ __forceinline__ unsigned short f32_to_f16_rn(float v) {
-    unsigned short h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
-    return h;
-}
-
-__device__ __forceinline__ float f16_to_f32(unsigned short h) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
-}
 
 // x [rows, K] f32 -> F16 hi + lo parts of x * 2^s(row), with the power of two chosen per row so
 // its largest magnitude lands below 2^14 (no overflow, small rows kept in the normal range);

@@ -29,22 +29,7 @@
 // E8M0 scales become f32 with a shift and a mask: 1..254 exactly; 0 (2^-127) becomes 0 and
 // 255 (NaN) becomes +inf, so a NaN scale still gives a non-finite output.
 
-// Programmatic dependent launch (crates/cuda/src/launch.rs): wait until the kernel before this
-// one in the stream has finished and its writes are visible, then let the next kernel's blocks
-// be scheduled. Every kernel starts with it, except the MoE down kernels: they trigger at once
-// and wait only after asking for their weights (which no kernel writes).
-#if __CUDA_ARCH__ >= 900
-#define PDL_WAIT() asm volatile("griddepcontrol.wait;" ::: "memory")
-#define PDL_TRIGGER() asm volatile("griddepcontrol.launch_dependents;" ::: "memory")
-#else
-#define PDL_WAIT()
-#define PDL_TRIGGER()
-#endif
-#define PDL_ENTER() \
-    do {            \
-        PDL_WAIT(); \
-        PDL_TRIGGER(); \
-    } while (0)
+// (PDL_ENTER and the f16 helpers come from kernels/common.cuh, prepended by compile.rs.)
 
 #define TW 8  // warps per block, one 16-row tile each
 #define NP 4  // routed pairs per pass (MMA columns: hi and lo of each)
@@ -76,21 +61,11 @@ __device__ __forceinline__ void mma_acc(float d[4], const unsigned a[4], unsigne
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-__device__ __forceinline__ unsigned short to_f16(float v) {
-    unsigned short h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
-    return h;
-}
-__device__ __forceinline__ float from_f16(unsigned short h) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
-}
 
 // Hi and lo F16 words of the pairs (a, b): hi = f16(v), lo = f16(v - hi).
 __device__ __forceinline__ void split2(float a, float b, unsigned& hi, unsigned& lo) {
-    unsigned short ha = to_f16(a), hb = to_f16(b);
-    unsigned short la = to_f16(a - from_f16(ha)), lb = to_f16(b - from_f16(hb));
+    unsigned short ha = f32_to_f16_rn(a), hb = f32_to_f16_rn(b);
+    unsigned short la = f32_to_f16_rn(a - f16_to_f32(ha)), lb = f32_to_f16_rn(b - f16_to_f32(hb));
     hi = (unsigned)ha | ((unsigned)hb << 16);
     lo = (unsigned)la | ((unsigned)lb << 16);
 }
@@ -147,6 +122,39 @@ __device__ __forceinline__ void stage_b(const float* __restrict__ x, const int* 
 
 __device__ __forceinline__ float e8m0_bits(unsigned v) { return __uint_as_float(v & 0x7f800000u); }
 
+// One step (64 values of K) of a lane: its 16 bytes of codes `wv` (four MMAs' A fragments),
+// its group's scale word `sv`, the staged B fragments of step k; the E8M0 scale of each
+// 32-block multiplies that block's partial sums: acc[0..1] row g, acc[2..3] row g + 8.
+__device__ __forceinline__ void tile_step(uint4 wv, unsigned sv, const uint4* frag, int L, int k, bool hasb, float acc[4]) {
+    int lane = threadIdx.x & 31;
+    uint4 b01 = make_uint4(0u, 0u, 0u, 0u), b23 = b01;
+    if (hasb) {
+        b01 = frag[(size_t)(2 * k) * L + lane];
+        b23 = frag[(size_t)(2 * k + 1) * L + lane];
+    }
+    unsigned a[4];
+    float tp[4];
+    tile_decode(wv.x, a);
+    mma_zero(tp, a, b01.x, b01.y);
+    tile_decode(wv.y, a);
+    mma_acc(tp, a, b01.z, b01.w);
+    float f0 = e8m0_bits(sv << 23), f1 = e8m0_bits(sv << 7);  // (g, 2k), (g + 8, 2k)
+    acc[0] += f0 * tp[0];
+    acc[1] += f0 * tp[1];
+    acc[2] += f1 * tp[2];
+    acc[3] += f1 * tp[3];
+    tile_decode(wv.z, a);
+    mma_zero(tp, a, b23.x, b23.y);
+    tile_decode(wv.w, a);
+    mma_acc(tp, a, b23.z, b23.w);
+    f0 = e8m0_bits(sv << 15);  // (g, 2k + 1)
+    f1 = e8m0_bits(sv >> 1);   // (g + 8, 2k + 1)
+    acc[0] += f0 * tp[0];
+    acc[1] += f0 * tp[1];
+    acc[2] += f1 * tp[2];
+    acc[3] += f1 * tp[3];
+}
+
 // One warp's share of a 16-row tile against the staged fragments: steps k0, k0 + stride, ...
 // below KS. acc = rows (g, g+8) x columns (2t, 2t+1), i.e. hi and lo of pair t. wt/st point at
 // the tile's first step (the lane's uint4, the group's scale word).
@@ -178,33 +186,7 @@ __device__ __forceinline__ void tile_stream(const uint4* __restrict__ wt, const 
                     wb[d] = __ldg(wt + (size_t)(i + D) * stride * 32);
                     sb[d] = __ldg(st + (size_t)(i + D) * stride * 8);
                 }
-                int k = k0 + i * stride;
-                uint4 b01 = make_uint4(0u, 0u, 0u, 0u), b23 = b01;
-                if (hasb) {
-                    b01 = frag[(size_t)(2 * k) * L + lane];
-                    b23 = frag[(size_t)(2 * k + 1) * L + lane];
-                }
-                unsigned a[4];
-                float tp[4];
-                tile_decode(wv.x, a);
-                mma_zero(tp, a, b01.x, b01.y);
-                tile_decode(wv.y, a);
-                mma_acc(tp, a, b01.z, b01.w);
-                float f0 = e8m0_bits(sv << 23), f1 = e8m0_bits(sv << 7);  // (g, 2k), (g + 8, 2k)
-                acc[0] += f0 * tp[0];
-                acc[1] += f0 * tp[1];
-                acc[2] += f1 * tp[2];
-                acc[3] += f1 * tp[3];
-                tile_decode(wv.z, a);
-                mma_zero(tp, a, b23.x, b23.y);
-                tile_decode(wv.w, a);
-                mma_acc(tp, a, b23.z, b23.w);
-                f0 = e8m0_bits(sv << 15);  // (g, 2k + 1)
-                f1 = e8m0_bits(sv >> 1);   // (g + 8, 2k + 1)
-                acc[0] += f0 * tp[0];
-                acc[1] += f0 * tp[1];
-                acc[2] += f1 * tp[2];
-                acc[3] += f1 * tp[3];
+                tile_step(wv, sv, frag, L, k0 + i * stride, hasb, acc);
             }
         }
     }
@@ -277,32 +259,7 @@ __device__ __forceinline__ void tile_stream_bulk(const unsigned char* __restrict
             if (k < KS) {
                 uint4 wv = reinterpret_cast<const uint4*>(stage)[c * 32 + lane];
                 unsigned sv = reinterpret_cast<const unsigned*>(stage + CS * 512)[c * 8 + g];
-                uint4 b01 = make_uint4(0u, 0u, 0u, 0u), b23 = b01;
-                if (hasb) {
-                    b01 = frag[(size_t)(2 * (kbase + k)) * L + lane];
-                    b23 = frag[(size_t)(2 * (kbase + k) + 1) * L + lane];
-                }
-                unsigned a[4];
-                float tp[4];
-                tile_decode(wv.x, a);
-                mma_zero(tp, a, b01.x, b01.y);
-                tile_decode(wv.y, a);
-                mma_acc(tp, a, b01.z, b01.w);
-                float f0 = e8m0_bits(sv << 23), f1 = e8m0_bits(sv << 7);
-                acc[0] += f0 * tp[0];
-                acc[1] += f0 * tp[1];
-                acc[2] += f1 * tp[2];
-                acc[3] += f1 * tp[3];
-                tile_decode(wv.z, a);
-                mma_zero(tp, a, b23.x, b23.y);
-                tile_decode(wv.w, a);
-                mma_acc(tp, a, b23.z, b23.w);
-                f0 = e8m0_bits(sv << 15);
-                f1 = e8m0_bits(sv >> 1);
-                acc[0] += f0 * tp[0];
-                acc[1] += f0 * tp[1];
-                acc[2] += f1 * tp[2];
-                acc[3] += f1 * tp[3];
+                tile_step(wv, sv, frag, L, kbase + k, hasb, acc);
             }
         }
         __syncwarp();  // every lane has read the stage before it is refilled

@@ -4,21 +4,7 @@
 // x[r, :] = table[tok[r], :] (f32 table).
 // Row-copy kernels run gridDim.y blocks per row: at decode sizes one block per row serialised
 // its loads (the H100 spent ~17 us embedding one row of 4096).
-// Programmatic dependent launch (crates/cuda/src/launch.rs): wait until the kernel before this
-// one in the stream has finished and its writes are visible, then let the next kernel's blocks
-// be scheduled. Every kernel starts with it (moe.cu's down kernels place the wait later).
-#if __CUDA_ARCH__ >= 900
-#define PDL_WAIT() asm volatile("griddepcontrol.wait;" ::: "memory")
-#define PDL_TRIGGER() asm volatile("griddepcontrol.launch_dependents;" ::: "memory")
-#else
-#define PDL_WAIT()
-#define PDL_TRIGGER()
-#endif
-#define PDL_ENTER() \
-    do {            \
-        PDL_WAIT(); \
-        PDL_TRIGGER(); \
-    } while (0)
+// (PDL_ENTER and the f16 helpers come from kernels/common.cuh, prepended by compile.rs.)
 
 extern "C" __global__ void embed(const float* __restrict__ table, const int* __restrict__ tok, float* __restrict__ x, int H) { PDL_ENTER();
     int r = blockIdx.x;
@@ -696,7 +682,8 @@ extern "C" __global__ void __launch_bounds__(256) attention_v2(
     const float* __restrict__ q, const float* __restrict__ kc, const float* __restrict__ vc, float* __restrict__ o,
     const int* __restrict__ pos, const int* __restrict__ seq, const int* __restrict__ tables, int max_blocks,
     int block_size, int heads, int kv_heads, int hd, int vd, int window, float scale, const float* __restrict__ sinks,
-    float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc) { PDL_ENTER();
+    float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc, unsigned short* __restrict__ oh,
+    unsigned short* __restrict__ ol) { PDL_ENTER();
     __shared__ float sm_m[ATT_WARPS], sm_l[ATT_WARPS], sm_acc[ATT_WARPS][128];
     int r = blockIdx.x, h = blockIdx.y, lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     int kvh = h / (heads / kv_heads);
@@ -780,12 +767,14 @@ extern "C" __global__ void __launch_bounds__(256) attention_v2(
         L += sink_w;
         M = mn;
     }
-    float* ov = o + ((size_t)r * heads + h) * vd;
+    size_t ob = ((size_t)r * heads + h) * vd;
     for (int i = threadIdx.x; i < vd; i += blockDim.x) {
         float a = 0.f;
         for (int k = 0; k < ATT_WARPS; k++)
             if (sm_m[k] != NEG_INF) a += sm_acc[k][i] * __expf(sm_m[k] - M);
-        ov[i] = a / L;
+        a /= L;
+        o[ob + i] = a;
+        if (oh) split_bf16_value(a, oh[ob + i], ol[ob + i]);  // o_proj's BF16 GEMV input
     }
 }
 
@@ -793,7 +782,8 @@ extern "C" __global__ void __launch_bounds__(256) attention_v2(
 // then the sink logit: o = sum_s acc_s e^(m_s - M) / (sum_s l_s e^(m_s - M) [+ sink]).
 extern "C" __global__ void attention_combine(const float* __restrict__ part_m, const float* __restrict__ part_l,
                                              const float* __restrict__ part_acc, float* __restrict__ o, int heads, int vd,
-                                             int splits, const float* __restrict__ sinks) { PDL_ENTER();
+                                             int splits, const float* __restrict__ sinks, unsigned short* __restrict__ oh,
+                                             unsigned short* __restrict__ ol) { PDL_ENTER();
     int r = blockIdx.x, h = blockIdx.y;
     const float NEG_INF = __int_as_float(0xff800000u);
     size_t p0 = ((size_t)r * heads + h) * splits;
@@ -807,11 +797,13 @@ extern "C" __global__ void attention_combine(const float* __restrict__ part_m, c
         L = L * __expf(M - mn) + __expf(sc - mn);
         M = mn;
     }
-    float* ov = o + ((size_t)r * heads + h) * vd;
+    size_t ob = ((size_t)r * heads + h) * vd;
     for (int i = threadIdx.x; i < vd; i += blockDim.x) {
         float a = 0.f;
         for (int s = 0; s < splits; s++)
             if (part_m[p0 + s] != NEG_INF) a += part_acc[(p0 + s) * vd + i] * __expf(part_m[p0 + s] - M);
-        ov[i] = a / L;
+        a /= L;
+        o[ob + i] = a;
+        if (oh) split_bf16_value(a, oh[ob + i], ol[ob + i]);
     }
 }

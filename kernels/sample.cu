@@ -14,21 +14,7 @@
 // over an order-preserving key of the logits (4 passes of 8 bits), then the ties at the
 // threshold are resolved by id with a chunked prefix count.
 
-// Programmatic dependent launch (crates/cuda/src/launch.rs): wait until the kernel before this
-// one in the stream has finished and its writes are visible, then let the next kernel's blocks
-// be scheduled. Every kernel starts with it (moe.cu's down kernels place the wait later).
-#if __CUDA_ARCH__ >= 900
-#define PDL_WAIT() asm volatile("griddepcontrol.wait;" ::: "memory")
-#define PDL_TRIGGER() asm volatile("griddepcontrol.launch_dependents;" ::: "memory")
-#else
-#define PDL_WAIT()
-#define PDL_TRIGGER()
-#endif
-#define PDL_ENTER() \
-    do {            \
-        PDL_WAIT(); \
-        PDL_TRIGGER(); \
-    } while (0)
+// (PDL_ENTER and the f16 helpers come from kernels/common.cuh, prepended by compile.rs.)
 
 #define ST 1024
 #define NW (ST / 32)

@@ -20,6 +20,9 @@ use crate::kernels::{DeviceRouting, Kernels, MoeRouting, MoeWeights};
 use crate::graph::Graphs;
 use crate::weights::{Embed, Source, Synthetic};
 
+/// Activations as their BF16 hi and lo parts (the BF16 tensor-core GEMV's input).
+pub(crate) type Bf16Split = (CudaSlice<u16>, CudaSlice<u16>);
+
 /// Up to this many tokens, `moe_route`'s last block also groups the pairs (one launch).
 const FUSED_GROUP_MAX_TOKENS: usize = 8;
 
@@ -489,16 +492,35 @@ impl CudaModel {
         self.rope_kv_write(&mut q, &k, &v, kc, vc, &meta.pos, slots, n, &s)?;
         let tables = if l.swa { &meta.swa_tables } else { &meta.full_tables };
         // v2 (8 warps per head over the positions) unless the K head is wider than it holds.
-        let o = self.attend(&q, kc, vc, &meta.pos, &meta.seq, tables, meta.max_blocks, meta.block_size, n, &s, a.sinks.as_ref(), s.head_dim <= 256)?;
-        self.matvec(&a.o, &o, n)
+        let v2 = s.head_dim <= 256;
+        // A BF16 o_proj on the tensor-core path reads the attention's own BF16 split of o.
+        let presplit = v2 && a.o.k.is_multiple_of(128) && matches!(a.o.m, GpuMatrix::Bf16(_));
+        let (o, split) = self.attend(&q, kc, vc, &meta.pos, &meta.seq, tables, meta.max_blocks, meta.block_size, n, &s, a.sinks.as_ref(), v2, presplit)?;
+        match (&a.o.m, split) {
+            (GpuMatrix::Bf16(w), Some((oh, ol))) => {
+                let mut y = self.empty(n * a.o.n)?;
+                self.kernels.gemv_bf16_presplit(w, &oh, &ol, &mut y, a.o.n, a.o.k, n)?;
+                Ok(y)
+            }
+            _ => self.matvec(&a.o, &o, n),
+        }
     }
 
     /// Paged attention of `n` query rows over the K/V pools (`attention_v2`, or the one-warp
     /// `attention` when `v2` is false): row r at position pos[r] of sequence seq[r], whose
     /// block table is `tables[seq[r] * max_blocks..]`.
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn attend(&self, q: &CudaSlice<f32>, kc: &CudaSlice<f32>, vc: &CudaSlice<f32>, pos: &CudaSlice<i32>, seq: &CudaSlice<i32>, tables: &CudaSlice<i32>, max_blocks: usize, block_size: usize, n: usize, s: &AttentionSpec, sinks: Option<&CudaSlice<f32>>, v2: bool) -> Result<CudaSlice<f32>> {
+    /// With `bf16_split` (v2 only) the kernels also write o's BF16 hi + lo parts, which the
+    /// o_proj tensor-core GEMV reads directly (no split kernel).
+    pub(crate) fn attend(&self, q: &CudaSlice<f32>, kc: &CudaSlice<f32>, vc: &CudaSlice<f32>, pos: &CudaSlice<i32>, seq: &CudaSlice<i32>, tables: &CudaSlice<i32>, max_blocks: usize, block_size: usize, n: usize, s: &AttentionSpec, sinks: Option<&CudaSlice<f32>>, v2: bool, bf16_split: bool) -> Result<(CudaSlice<f32>, Option<Bf16Split>)> {
         let mut o = self.empty(n * s.o_dim())?;
+        let mut split = if v2 && bf16_split {
+            // Written in full by the attention kernels.
+            let alloc = || unsafe { self.stream.alloc::<u16>((n * s.o_dim()).max(1)) }.map_err(drv);
+            Some((alloc()?, alloc()?))
+        } else {
+            None
+        };
         let (mb, bs, hh, kvh, hd, vd) = (max_blocks as i32, block_size as i32, s.num_heads as i32, s.num_kv_heads as i32, s.head_dim as i32, s.v_head_dim as i32);
         let window = s.window().map_or(0, |w| w as i32);
         let scale = s.softmax_scale;
@@ -517,6 +539,10 @@ impl CudaModel {
         };
         if v2 {
             b.arg(&mut pm).arg(&mut pl).arg(&mut pa);
+            match &mut split {
+                Some((oh, ol)) => b.arg(oh).arg(ol),
+                None => b.arg(&0u64).arg(&0u64),
+            };
         }
         let threads = if v2 { 256 } else { 32 }; // 32 x ATT_WARPS for attention_v2
         unsafe { b.launch(LaunchConfig { grid_dim: (n as u32, s.num_heads as u32, splits as u32), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
@@ -528,9 +554,13 @@ impl CudaModel {
                 Some(sk) => b.arg(sk),
                 None => b.arg(&0u64),
             };
+            match &mut split {
+                Some((oh, ol)) => b.arg(oh).arg(ol),
+                None => b.arg(&0u64).arg(&0u64),
+            };
             unsafe { b.launch(LaunchConfig { grid_dim: (n as u32, s.num_heads as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
         }
-        Ok(o)
+        Ok((o, split))
     }
 
     /// Rotate-half RoPE of `heads` head vectors per row at the rows' positions.

@@ -6,11 +6,17 @@ use std::path::PathBuf;
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
 use peregrine_core::{Error, Result};
 
-/// The kernel sources compiled into the binary.
-pub const GEMV_CU: &str = include_str!("../../../kernels/gemv.cu");
-pub const OPS_CU: &str = include_str!("../../../kernels/ops.cu");
-pub const SAMPLE_CU: &str = include_str!("../../../kernels/sample.cu");
-pub const MOE_CU: &str = include_str!("../../../kernels/moe.cu");
+/// The kernel sources compiled into the binary, each behind `kernels/common.cuh` (NVRTC gets
+/// no include paths; line numbers in its messages count the header's lines too).
+macro_rules! kernel_source {
+    ($file:literal) => {
+        concat!(include_str!("../../../kernels/common.cuh"), include_str!(concat!("../../../kernels/", $file)))
+    };
+}
+pub const GEMV_CU: &str = kernel_source!("gemv.cu");
+pub const OPS_CU: &str = kernel_source!("ops.cu");
+pub const SAMPLE_CU: &str = kernel_source!("sample.cu");
+pub const MOE_CU: &str = kernel_source!("moe.cu");
 
 fn fnv1a(parts: &[&[u8]]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;

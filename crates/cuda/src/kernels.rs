@@ -563,6 +563,12 @@ impl Kernels {
         } else {
             self.split_bf16(x, t * k)?
         };
+        self.mma_launch(fp8, w, scales, &xh, &xl, inv.as_ref(), ys, rows, k, t)
+    }
+
+    /// The tensor-core GEMV over activations already split into hi + lo parts.
+    fn mma_launch(&self, fp8: bool, w: cudarc::driver::sys::CUdeviceptr, scales: Option<&CudaSlice<f32>>, xh: &CudaSlice<u16>, xl: &CudaSlice<u16>, inv: Option<&CudaSlice<f32>>, ys: [cudarc::driver::sys::CUdeviceptr; 3], rows: [usize; 3], k: usize, t: usize) -> Result<()> {
+        let n = rows.iter().sum::<usize>();
         let (v, per) = match t { 1..=8 => (0, 8), 9..=16 => (1, 16), 17..=32 => (2, 32), _ => (3, 64) };
         let f = if fp8 { &self.mma_fp8[v] } else { &self.mma_bf16[v] };
         let (ni, ki, ti) = (n as i32, k as i32, t as i32);
@@ -573,8 +579,8 @@ impl Kernels {
             None => b.arg(&0u64),
         };
         let (n0, n1) = (rows[0] as i32, rows[1] as i32);
-        b.arg(&xh).arg(&xl);
-        match &inv {
+        b.arg(xh).arg(xl);
+        match inv {
             Some(i) => b.arg(i),
             None => b.arg(&0u64),
         };
@@ -582,6 +588,18 @@ impl Kernels {
         let cfg = LaunchConfig { grid_dim: (n.div_ceil(16) as u32, t.div_ceil(per) as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         unsafe { b.launch(cfg) }.map_err(drv(if fp8 { "gemv_mma_fp8" } else { "gemv_mma_bf16" }))?;
         Ok(())
+    }
+
+    /// `y[t, n] = W[n, :] · x[t, :]` for BF16 `W` [N, K] with x given as its BF16 hi + lo parts
+    /// [T, K] (as the attention kernels write them); K % 128 == 0.
+    pub fn gemv_bf16_presplit(&self, w: &CudaSlice<u16>, xh: &CudaSlice<u16>, xl: &CudaSlice<u16>, y: &mut CudaSlice<f32>, n: usize, k: usize, t: usize) -> Result<()> {
+        check(k.is_multiple_of(128) && w.len() >= n * k && xh.len() >= t * k && xl.len() >= t * k && y.len() >= t * n, || format!("gemv_bf16_presplit: bad shapes {n}x{k}, {t} tokens"))?;
+        if t == 0 || n == 0 {
+            return Ok(());
+        }
+        let (wp, _w) = w.device_ptr(&self.stream);
+        let (yp, _y) = y.device_ptr_mut(&self.stream);
+        self.mma_launch(false, wp, None, xh, xl, None, [yp; 3], [n, 0, 0], k, t)
     }
 
     /// MXFP4 `W` [N, K/2] bytes with E8M0 scales [N, K/32]; K % 32 == 0.

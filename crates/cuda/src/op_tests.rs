@@ -232,9 +232,21 @@ fn attention_matches_the_cpu_reference() {
             if v2 && s.head_dim > 256 {
                 continue;
             }
-            let o = m.attend(&qd, &kd, &vd, &pd, &sd, &td, max_blocks, bs, n, &s, sk.as_ref(), v2).unwrap();
+            let (o, split) = m.attend(&qd, &kd, &vd, &pd, &sd, &td, max_blocks, bs, n, &s, sk.as_ref(), v2, v2).unwrap();
             let name = format!("attention{} h{} kv{} d{}/{} window {:?} sinks {}, {} positions", if v2 { "_v2" } else { "" }, s.num_heads, s.num_kv_heads, s.head_dim, s.v_head_dim, s.window(), s.sinks, max_blocks * bs);
-            close(&name, &st.clone_dtoh(&o).unwrap(), &want, 2e-5);
+            let o = st.clone_dtoh(&o).unwrap();
+            close(&name, &o, &want, 2e-5);
+            // v2 also writes o's BF16 hi + lo parts for the o_proj GEMV: exactly the split of o.
+            assert_eq!(split.is_some(), v2, "{name}: BF16 split written only when asked (v2)");
+            if let Some((oh, ol)) = split {
+                let (oh, ol) = (st.clone_dtoh(&oh).unwrap(), st.clone_dtoh(&ol).unwrap());
+                let bf16 = |v: f32| half::bf16::from_f32(v).to_bits();
+                for (i, &v) in o.iter().enumerate() {
+                    let hi = bf16(v);
+                    let lo = bf16(v - half::bf16::from_bits(hi).to_f32());
+                    assert_eq!((oh[i], ol[i]), (hi, lo), "{name}: BF16 split of element {i} ({v})");
+                }
+            }
         }
     }
 }

@@ -1,0 +1,44 @@
+// Shared by every kernel file: compile.rs puts this in front of each before NVRTC compiles it
+// (NVRTC is given no include paths).
+
+// Programmatic dependent launch (crates/cuda/src/launch.rs): wait until the kernel before this
+// one in the stream has finished and its writes are visible, then let the next kernel's blocks
+// be scheduled. Every kernel starts with it (moe.cu's down kernels place the wait later).
+#if __CUDA_ARCH__ >= 900
+#define PDL_WAIT() asm volatile("griddepcontrol.wait;" ::: "memory")
+#define PDL_TRIGGER() asm volatile("griddepcontrol.launch_dependents;" ::: "memory")
+#else
+#define PDL_WAIT()
+#define PDL_TRIGGER()
+#endif
+#define PDL_ENTER()    \
+    do {               \
+        PDL_WAIT();    \
+        PDL_TRIGGER(); \
+    } while (0)
+
+// f32 <-> f16 (round to nearest even), as bits.
+__device__ __forceinline__ unsigned short f32_to_f16_rn(float v) {
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    return h;
+}
+
+__device__ __forceinline__ float f16_to_f32(unsigned short h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+// f32 -> bf16 (round to nearest even), as bits; and a value's BF16 hi + lo parts (hi = bf16(v),
+// lo = bf16(v - hi)), the form the BF16 tensor-core GEMV reads.
+__device__ __forceinline__ unsigned short f32_to_bf16_rn(float v) {
+    unsigned u = __float_as_uint(v);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (unsigned short)(u >> 16);
+}
+
+__device__ __forceinline__ void split_bf16_value(float v, unsigned short& hi, unsigned short& lo) {
+    hi = f32_to_bf16_rn(v);
+    lo = f32_to_bf16_rn(v - __uint_as_float((unsigned)hi << 16));
+}
