@@ -328,6 +328,69 @@ extern "C" __global__ void add_rms_norm(float* __restrict__ x, const float* __re
     norm_row<true>(x, a, w, y, D, eps);
 }
 
+// add_rms_norm that also writes y's F16 hi + lo parts and their inverse scale, exactly as
+// split_f16 (interleave 0) would from y, for the FP8 q/k/v GEMV that reads them (one launch
+// fewer per layer). Rows whose D is a multiple of 4 and at most 4 x NORM_V x blockDim only.
+extern "C" __global__ void add_rms_norm_split(float* __restrict__ x, const float* __restrict__ a, const float* __restrict__ w,
+                                              float* __restrict__ y, unsigned short* __restrict__ yh, unsigned short* __restrict__ yl,
+                                              float* __restrict__ yinv, int D, float eps) { PDL_ENTER();
+    __shared__ float sh[32];
+    size_t r = blockIdx.x;
+    float4* x4 = reinterpret_cast<float4*>(x + r * D);
+    float4* y4 = reinterpret_cast<float4*>(y + r * D);
+    const float4* w4 = reinterpret_cast<const float4*>(w);
+    float4 v[NORM_V];
+    float s = 0.f;
+#pragma unroll
+    for (int j = 0; j < NORM_V; j++) {
+        int c = threadIdx.x + j * blockDim.x;
+        if (c < D / 4) {
+            float4 q = reinterpret_cast<const float4*>(a + r * D)[c];
+            float4 xv = x4[c];
+            v[j] = make_float4(xv.x + q.x, xv.y + q.y, xv.z + q.z, xv.w + q.w);
+            x4[c] = v[j];
+            s += sumsq4(v[j]);
+        }
+    }
+    s = block_sum(s, sh);
+    float inv = 1.f / sqrtf(s / D + eps);
+    float m = 0.f;
+#pragma unroll
+    for (int j = 0; j < NORM_V; j++) {
+        int c = threadIdx.x + j * blockDim.x;
+        if (c < D / 4) {
+            v[j] = scale4(w4[c], v[j], inv);
+            y4[c] = v[j];
+            m = fmaxf(m, fmaxf(fmaxf(fabsf(v[j].x), fabsf(v[j].y)), fmaxf(fabsf(v[j].z), fabsf(v[j].w))));
+        }
+    }
+    // The row's largest magnitude (all threads), then split_f16's power of two.
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    if ((threadIdx.x & 31) == 0) sh[threadIdx.x >> 5] = m;
+    __syncthreads();
+    m = 0.f;
+    for (int i = 0; i < (int)(blockDim.x + 31) / 32; i++) m = fmaxf(m, sh[i]);
+    int ex = (m > 0.f && m < __int_as_float(0x7f800000u)) ? (int)((__float_as_uint(m) >> 23) & 0xffu) - 126 : 0;
+    int sh_ = min(max(14 - ex, -100), 100);
+    float sc = __int_as_float((unsigned)(sh_ + 127) << 23);
+    if (threadIdx.x == 0) yinv[r] = __int_as_float((unsigned)(127 - sh_) << 23);
+#pragma unroll
+    for (int j = 0; j < NORM_V; j++) {
+        int c = threadIdx.x + j * blockDim.x;
+        if (c < D / 4) {
+            float e[4] = {v[j].x * sc, v[j].y * sc, v[j].z * sc, v[j].w * sc};
+            unsigned short h[4], l[4];
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                h[i] = f32_to_f16_rn(e[i]);
+                l[i] = f32_to_f16_rn(e[i] - f16_to_f32(h[i]));
+            }
+            reinterpret_cast<uint2*>(yh + r * D)[c] = make_uint2(h[0] | (unsigned)h[1] << 16, h[2] | (unsigned)h[3] << 16);
+            reinterpret_cast<uint2*>(yl + r * D)[c] = make_uint2(l[0] | (unsigned)l[1] << 16, l[2] | (unsigned)l[3] << 16);
+        }
+    }
+}
+
 // Partial RoPE fused with the KV-cache write, gridDim.y blocks per row: q rotated in place; k rotated
 // on its way into the paged pool; v scaled by vscale into the pool. Same arithmetic as rope +
 // kv_write.

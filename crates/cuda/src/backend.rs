@@ -22,6 +22,9 @@ use crate::weights::{Embed, Source, Synthetic};
 
 /// Activations as their BF16 hi and lo parts (the BF16 tensor-core GEMV's input).
 pub(crate) type Bf16Split = (CudaSlice<u16>, CudaSlice<u16>);
+/// Activations as F16 hi and lo parts of each row times a power of two, and the inverse powers
+/// (the FP8 tensor-core GEMV's input; `split_f16`'s output).
+pub(crate) type F16Split = (CudaSlice<u16>, CudaSlice<u16>, CudaSlice<f32>);
 
 /// Up to this many tokens, `moe_route`'s last block also groups the pairs (one launch).
 const FUSED_GROUP_MAX_TOKENS: usize = 8;
@@ -158,6 +161,7 @@ pub(crate) struct Ops {
     pub(crate) draft_attention: CudaFunction,
     embed_bf16: CudaFunction,
     add_rms_norm: CudaFunction,
+    add_rms_norm_split: CudaFunction,
     rope_kv_write: CudaFunction,
     moe_route: CudaFunction,
     moe_group: CudaFunction,
@@ -274,6 +278,7 @@ impl CudaModel {
             draft_attention: f("draft_attention")?,
             embed_bf16: f("embed_bf16")?,
             add_rms_norm: f("add_rms_norm")?,
+            add_rms_norm_split: f("add_rms_norm_split")?,
             rope_kv_write: f("rope_kv_write")?,
             moe_route: f("moe_route")?,
             moe_group: f("moe_group")?,
@@ -470,11 +475,12 @@ impl CudaModel {
         self.matvec(&f.down, &a, t)
     }
 
-    pub(crate) fn attention(&self, li: usize, hn: &CudaSlice<f32>, n: usize, meta: &RowMeta) -> Result<CudaSlice<f32>> {
+    /// `hn_split`: hn's F16 split when the norm wrote it (`wants_f16_split`).
+    pub(crate) fn attention(&self, li: usize, hn: &CudaSlice<f32>, hn_split: Option<&F16Split>, n: usize, meta: &RowMeta) -> Result<CudaSlice<f32>> {
         let l = &self.layers[li];
         let a = &l.attn;
         let s = a.spec;
-        let (mut q, mut k, mut v) = self.project_qkv(&a.qkv, hn, n)?;
+        let (mut q, mut k, mut v) = self.project_qkv(&a.qkv, hn, hn_split, n)?;
         if let Some((bq, bk, bv)) = &a.bias {
             for (t, bb, d) in [(&mut q, bq, s.q_dim()), (&mut k, bk, s.k_dim()), (&mut v, bv, s.v_dim())] {
                 let (dd, nn) = (d as i32, n as i32);
@@ -577,7 +583,8 @@ impl CudaModel {
     }
 
     /// q, k and v [n, rows] of the rows `x`.
-    pub(crate) fn project_qkv(&self, qkv: &Qkv, x: &CudaSlice<f32>, n: usize) -> Result<(CudaSlice<f32>, CudaSlice<f32>, CudaSlice<f32>)> {
+    /// q, k and v of rows `x`; `x_split` (x's F16 split) is used by a stacked FP8 projection.
+    pub(crate) fn project_qkv(&self, qkv: &Qkv, x: &CudaSlice<f32>, x_split: Option<&F16Split>, n: usize) -> Result<(CudaSlice<f32>, CudaSlice<f32>, CudaSlice<f32>)> {
         match qkv {
             Qkv::Separate { q, k, v } => Ok((self.matvec(q, x, n)?, self.matvec(k, x, n)?, self.matvec(v, x, n)?)),
             Qkv::Stacked { m, rows } => {
@@ -587,7 +594,10 @@ impl CudaModel {
                     GpuMatrix::Bf16(w) => (w.device_ptr(&self.stream).0, None),
                     _ => return Err(Error::Backend("stacked q/k/v must be FP8 or BF16".into())),
                 };
-                self.kernels.gemv_split3(w, s, x, [&mut q, &mut k, &mut v], *rows, m.k, n)?;
+                match (s, x_split) {
+                    (Some(s), Some(split)) => self.kernels.gemv_split3_presplit(w, s, split, [&mut q, &mut k, &mut v], *rows, m.k, n)?,
+                    _ => self.kernels.gemv_split3(w, s, x, [&mut q, &mut k, &mut v], *rows, m.k, n)?,
+                }
                 Ok((q, k, v))
             }
         }
@@ -614,6 +624,28 @@ impl CudaModel {
         b.arg(x).arg(a).arg(w).arg(&mut y).arg(&dd).arg(&eps);
         unsafe { b.launch(norm_cfg(rows, d)) }.map_err(drv)?;
         Ok(y)
+    }
+
+    /// Whether layer `li`'s q/k/v GEMV reads F16-split activations that `add_rms_norm_split`
+    /// can write (a stacked FP8 projection, and a row the norm keeps in registers).
+    pub(crate) fn wants_f16_split(&self, li: usize) -> bool {
+        let d = self.spec.hidden_size;
+        let fits = d.is_multiple_of(4) && d <= 4 * 4 * norm_cfg(1, d).block_dim.0 as usize; // NORM_V = 4
+        fits && matches!(&self.layers[li].attn.qkv, Qkv::Stacked { m, .. } if matches!(m.m, GpuMatrix::Fp8 { .. }))
+    }
+
+    /// `add_rms_norm`, also writing y's F16 split exactly as `split_f16` would.
+    pub(crate) fn add_rms_norm_split(&self, x: &mut CudaSlice<f32>, a: &CudaSlice<f32>, w: &CudaSlice<f32>, rows: usize, d: usize) -> Result<(CudaSlice<f32>, F16Split)> {
+        let mut y = self.empty(rows * d)?;
+        // All written in full by the kernel.
+        let mut yh = unsafe { self.stream.alloc::<u16>((rows * d).max(1)) }.map_err(drv)?;
+        let mut yl = unsafe { self.stream.alloc::<u16>((rows * d).max(1)) }.map_err(drv)?;
+        let mut yinv = self.empty(rows)?;
+        let (dd, eps) = (d as i32, self.spec.rms_norm_eps);
+        let mut b = crate::launch::builder(&self.stream, &self.ops.add_rms_norm_split);
+        b.arg(x).arg(a).arg(w).arg(&mut y).arg(&mut yh).arg(&mut yl).arg(&mut yinv).arg(&dd).arg(&eps);
+        unsafe { b.launch(norm_cfg(rows, d)) }.map_err(drv)?;
+        Ok((y, (yh, yl, yinv)))
     }
 
     /// Embedding rows of the token ids `tok` [n].

@@ -264,7 +264,7 @@ impl CudaModel {
                 return Err(Error::Backend("drafter layers need q and k norms".into()));
             };
             let hn = self.rms_norm(&x, &layer.input_norm, n, h)?;
-            let (mut q, mut k, mut v) = self.project_qkv(&a.qkv, &hn, n)?;
+            let (mut q, mut k, mut v) = self.project_qkv(&a.qkv, &hn, None, n)?;
             q = self.rms_norm(&q, qn, n * s.num_heads, s.head_dim)?;
             k = self.rms_norm(&k, kn, n * s.num_kv_heads, s.head_dim)?;
             self.rope(&mut q, &m.pos, n, s.num_heads, &s)?;

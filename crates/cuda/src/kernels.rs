@@ -392,6 +392,22 @@ impl Kernels {
         self.gemv_mma(scales.is_some(), w, scales, x, [p0, p1, p2], n, k, t)
     }
 
+    /// `gemv_split3` for FP8 weights over activations already split by `add_rms_norm_split`
+    /// (F16 hi, lo and the rows' inverse scales, as `split_f16` writes them).
+    pub fn gemv_split3_presplit(&self, w: cudarc::driver::sys::CUdeviceptr, scales: &CudaSlice<f32>, x: &(CudaSlice<u16>, CudaSlice<u16>, CudaSlice<f32>), ys: [&mut CudaSlice<f32>; 3], n: [usize; 3], k: usize, t: usize) -> Result<()> {
+        check(k.is_multiple_of(128) && ys.iter().zip(n).all(|(y, r)| y.len() >= t * r), || format!("gemv_split3: bad shapes {n:?}x{k}"))?;
+        let (xh, xl, inv) = x;
+        check(xh.len() >= t * k && xl.len() >= t * k && inv.len() >= t, || format!("gemv_split3: split input too small for {t} tokens of {k}"))?;
+        if t == 0 || n.iter().sum::<usize>() == 0 {
+            return Ok(());
+        }
+        let [y0, y1, y2] = ys;
+        let (p0, _a) = y0.device_ptr_mut(&self.stream);
+        let (p1, _b) = y1.device_ptr_mut(&self.stream);
+        let (p2, _c) = y2.device_ptr_mut(&self.stream);
+        self.mma_launch(true, w, Some(scales), xh, xl, Some(inv), [p0, p1, p2], n, k, t)
+    }
+
     /// The one-row-per-warp BF16 GEMV (CUDA cores), kept for shapes the tensor-core kernel
     /// does not take and for comparison in the bench.
     pub fn gemv_bf16_simt(&self, w: &CudaSlice<u16>, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>, n: usize, k: usize, t: usize) -> Result<()> {

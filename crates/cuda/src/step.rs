@@ -132,6 +132,8 @@ impl CudaModel {
         };
         let h = self.spec.hidden_size;
         let mut acts: [Option<CudaSlice<f32>>; ACTS] = Default::default();
+        // The F16 split of AttnIn, when the norm that wrote AttnIn also split it.
+        let mut attn_split = None;
         let mut features = None;
         let norm_weight = |w: NormWeight| match w {
             NormWeight::Input(l) => &self.layers[l].input_norm,
@@ -148,7 +150,19 @@ impl CudaModel {
                 }
                 Op::AddNorm { add, dst, weight, rows } => {
                     let mut x = acts[Act::Hidden as usize].take().ok_or_else(|| Error::Backend("step plan adds to the residual before the embedding".into()))?;
-                    let y = self.add_rms_norm(&mut x, acts[add as usize].as_ref().ok_or_else(|| Error::Backend(format!("step plan reads {add:?} before writing it")))?, norm_weight(weight), rows, h);
+                    let a = acts[add as usize].as_ref().ok_or_else(|| Error::Backend(format!("step plan reads {add:?} before writing it")))?;
+                    // A layer input whose q/k/v GEMV reads F16-split activations gets them
+                    // from the norm (one launch fewer).
+                    if dst == Act::AttnIn {
+                        attn_split = None;
+                    }
+                    let y = match weight {
+                        NormWeight::Input(l) if dst == Act::AttnIn && self.wants_f16_split(l) => self.add_rms_norm_split(&mut x, a, norm_weight(weight), rows, h).map(|(y, sp)| {
+                            attn_split = Some(sp);
+                            y
+                        }),
+                        _ => self.add_rms_norm(&mut x, a, norm_weight(weight), rows, h),
+                    };
                     acts[Act::Hidden as usize] = Some(x);
                     acts[dst as usize] = Some(y?);
                 }
@@ -159,7 +173,8 @@ impl CudaModel {
                     r?;
                 }
                 Op::Attention { layer, src, rows } => {
-                    let o = self.attention(layer, acts[src as usize].as_ref().ok_or_else(|| Error::Backend(format!("step plan reads {src:?} before writing it")))?, rows, meta)?;
+                    let split = if src == Act::AttnIn { attn_split.take() } else { None };
+                    let o = self.attention(layer, acts[src as usize].as_ref().ok_or_else(|| Error::Backend(format!("step plan reads {src:?} before writing it")))?, split.as_ref(), rows, meta)?;
                     acts[Act::AttnOut as usize] = Some(o);
                 }
                 Op::Mlp { layer, src, rows } => {
