@@ -33,6 +33,42 @@ __device__ __forceinline__ float4 scale4(float4 w, float4 v, float inv) {
     return make_float4(w.x * (v.x * inv), w.y * (v.y * inv), w.z * (v.z * inv), w.w * (v.w * inv));
 }
 
+// The register path of one row r of RMSNorm (D % 4 == 0, D <= 4 x NORM_V x blockDim): y = w *
+// (x * rsqrt(mean(x^2) + eps)) after the residual add x += a (written back) when ADD; leaves
+// the thread's float4s of y in v.
+template <bool ADD>
+__device__ __forceinline__ void norm_row_regs(float* __restrict__ x, const float* __restrict__ a, const float* __restrict__ w,
+                                              float* __restrict__ y, int D, float eps, float4 v[NORM_V], float* sh) {
+    size_t r = blockIdx.x;
+    float4* x4 = reinterpret_cast<float4*>(x + r * D);
+    float4* y4 = reinterpret_cast<float4*>(y + r * D);
+    const float4* w4 = reinterpret_cast<const float4*>(w);
+    float s = 0.f;
+#pragma unroll
+    for (int j = 0; j < NORM_V; j++) {
+        int c = threadIdx.x + j * blockDim.x;
+        if (c < D / 4) {
+            v[j] = x4[c];
+            if (ADD) {
+                float4 q = reinterpret_cast<const float4*>(a + r * D)[c];
+                v[j] = make_float4(v[j].x + q.x, v[j].y + q.y, v[j].z + q.z, v[j].w + q.w);
+                x4[c] = v[j];
+            }
+            s += sumsq4(v[j]);
+        }
+    }
+    s = block_sum(s, sh);
+    float inv = 1.f / sqrtf(s / D + eps);
+#pragma unroll
+    for (int j = 0; j < NORM_V; j++) {
+        int c = threadIdx.x + j * blockDim.x;
+        if (c < D / 4) {
+            v[j] = scale4(w4[c], v[j], inv);
+            y4[c] = v[j];
+        }
+    }
+}
+
 // One row r of RMSNorm, y = w * (x * rsqrt(mean(x^2) + eps)), after the residual add x += a
 // (written back) when ADD.
 template <bool ADD>
@@ -41,31 +77,8 @@ __device__ __forceinline__ void norm_row(float* __restrict__ x, const float* __r
     __shared__ float sh[32];
     size_t r = blockIdx.x;
     if ((D & 3) == 0 && D <= 4 * NORM_V * (int)blockDim.x) {
-        float4* x4 = reinterpret_cast<float4*>(x + r * D);
-        float4* y4 = reinterpret_cast<float4*>(y + r * D);
-        const float4* w4 = reinterpret_cast<const float4*>(w);
         float4 v[NORM_V];
-        float s = 0.f;
-#pragma unroll
-        for (int j = 0; j < NORM_V; j++) {
-            int c = threadIdx.x + j * blockDim.x;
-            if (c < D / 4) {
-                v[j] = x4[c];
-                if (ADD) {
-                    float4 q = reinterpret_cast<const float4*>(a + r * D)[c];
-                    v[j] = make_float4(v[j].x + q.x, v[j].y + q.y, v[j].z + q.z, v[j].w + q.w);
-                    x4[c] = v[j];
-                }
-                s += sumsq4(v[j]);
-            }
-        }
-        s = block_sum(s, sh);
-        float inv = 1.f / sqrtf(s / D + eps);
-#pragma unroll
-        for (int j = 0; j < NORM_V; j++) {
-            int c = threadIdx.x + j * blockDim.x;
-            if (c < D / 4) y4[c] = scale4(w4[c], v[j], inv);
-        }
+        norm_row_regs<ADD>(x, a, w, y, D, eps, v, sh);
         return;
     }
     float s = 0.f;
@@ -336,34 +349,13 @@ extern "C" __global__ void add_rms_norm_split(float* __restrict__ x, const float
                                               float* __restrict__ yinv, int D, float eps) { PDL_ENTER();
     __shared__ float sh[32];
     size_t r = blockIdx.x;
-    float4* x4 = reinterpret_cast<float4*>(x + r * D);
-    float4* y4 = reinterpret_cast<float4*>(y + r * D);
-    const float4* w4 = reinterpret_cast<const float4*>(w);
     float4 v[NORM_V];
-    float s = 0.f;
-#pragma unroll
-    for (int j = 0; j < NORM_V; j++) {
-        int c = threadIdx.x + j * blockDim.x;
-        if (c < D / 4) {
-            float4 q = reinterpret_cast<const float4*>(a + r * D)[c];
-            float4 xv = x4[c];
-            v[j] = make_float4(xv.x + q.x, xv.y + q.y, xv.z + q.z, xv.w + q.w);
-            x4[c] = v[j];
-            s += sumsq4(v[j]);
-        }
-    }
-    s = block_sum(s, sh);
-    float inv = 1.f / sqrtf(s / D + eps);
+    norm_row_regs<true>(x, a, w, y, D, eps, v, sh);
     float m = 0.f;
 #pragma unroll
-    for (int j = 0; j < NORM_V; j++) {
-        int c = threadIdx.x + j * blockDim.x;
-        if (c < D / 4) {
-            v[j] = scale4(w4[c], v[j], inv);
-            y4[c] = v[j];
+    for (int j = 0; j < NORM_V; j++)
+        if ((int)(threadIdx.x + j * blockDim.x) < D / 4)
             m = fmaxf(m, fmaxf(fmaxf(fabsf(v[j].x), fabsf(v[j].y)), fmaxf(fabsf(v[j].z), fabsf(v[j].w))));
-        }
-    }
     // The row's largest magnitude (all threads), then split_f16's power of two.
     for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
     if ((threadIdx.x & 31) == 0) sh[threadIdx.x >> 5] = m;

@@ -547,7 +547,7 @@ impl Kernels {
 
     /// x [rows, K] -> F16 hi and lo parts of x scaled per row by a power of two, and the inverse
     /// scales; `interleave` stores each group of 8 as 0,4,1,5,2,6,3,7 (the MXFP4 kernels' order).
-    fn split_f16(&self, x: &CudaSlice<f32>, rows: usize, k: usize, interleave: bool) -> Result<(CudaSlice<u16>, CudaSlice<u16>, CudaSlice<f32>)> {
+    pub(crate) fn split_f16(&self, x: &CudaSlice<f32>, rows: usize, k: usize, interleave: bool) -> Result<(CudaSlice<u16>, CudaSlice<u16>, CudaSlice<f32>)> {
         let len = rows * k;
         let mut xh = unsafe { self.stream.alloc::<u16>(len.max(1)) }.map_err(drv("alloc"))?;
         let mut xl = unsafe { self.stream.alloc::<u16>(len.max(1)) }.map_err(drv("alloc"))?;

@@ -99,6 +99,19 @@ fn norms_match_the_cpu_reference() {
         close(&format!("add_rms_norm {rows}x{d}"), &y, &rms_norm_f64(&sum, &w, eps), 1e-6);
         // The CPU backend's f32 norm (sequential sum) agrees within its own rounding.
         close(&format!("add_rms_norm {rows}x{d} vs the f32 CPU norm"), &y, &ops::rms_norm(&sum, &w, eps), 1e-5);
+        // The norm that also writes the F16 split: the same residual and y, and exactly the
+        // split split_f16 makes of that y (the FP8 q/k/v GEMV reads one or the other).
+        if d.is_multiple_of(4) && d <= 4 * 4 * 1024 {
+            let mut xd = st.clone_htod(&x).unwrap();
+            let (ys, (yh, yl, yinv)) = m.add_rms_norm_split(&mut xd, &st.clone_htod(&a).unwrap(), &wd, rows, d).unwrap();
+            assert_eq!(st.clone_dtoh(&xd).unwrap(), sum, "add_rms_norm_split {rows}x{d}: residual");
+            let ys_host = st.clone_dtoh(&ys).unwrap();
+            assert_eq!(ys_host, y, "add_rms_norm_split {rows}x{d}: y");
+            let (wh, wl, winv) = m.kernels.split_f16(&ys, rows, d, false).unwrap();
+            assert_eq!(st.clone_dtoh(&yh).unwrap(), st.clone_dtoh(&wh).unwrap(), "add_rms_norm_split {rows}x{d}: hi parts");
+            assert_eq!(st.clone_dtoh(&yl).unwrap(), st.clone_dtoh(&wl).unwrap(), "add_rms_norm_split {rows}x{d}: lo parts");
+            assert_eq!(st.clone_dtoh(&yinv).unwrap(), st.clone_dtoh(&winv).unwrap(), "add_rms_norm_split {rows}x{d}: inverse scales");
+        }
     }
 }
 
