@@ -71,7 +71,7 @@ pub const MAX_TOKENS_PER_PASS: usize = 8;
 /// bulk-copy kernels beat them; 4-deep unsplit was the best of (4|8, 1|2|4) on the H100).
 pub const TILED_VARIANTS: [(usize, usize); 1] = [(4, 1)];
 /// The (stages, steps per stage, K split) the bulk-copy MoE kernels are compiled for. Measured
-/// on the H100 (benches/results/2026-11-23-moe-tiled.md): 2 x 4 unsplit best at 1-64 tokens;
+/// on the H100 (benches/results/2026-11-23-moe-tiled-pdl.md): 2 x 4 unsplit best at 1-64 tokens;
 /// 3 x 2, 8 x 1, 6 x 1, 4 x 4, and splits of 2 and 4 warps per tile were slower and dropped.
 pub const BULK_VARIANTS: [(usize, usize, usize); 3] = [(2, 4, 1), (4, 2, 1), (2, 4, 2)];
 /// The largest top-k whose combine the tiled down kernel fuses (MAX_FUSED_TOPK in moe.cu).
@@ -158,8 +158,9 @@ impl MoeKernel {
     /// tokens, Flash and Pro shapes: within 1% of each other except split 1, 6-8% slower).
     pub const PIPELINED: MoeKernel = MoeKernel::Pipelined { gate_up_split: 4, down_split: 2 };
 
-    /// The kernel `moe_mxfp4` uses for `tokens` tokens when both dimensions are multiples of
-    /// 64: register-loaded up to 16 tokens, pipelined above, as measured on the H100 (1 token:
+    /// The kernel `moe_mxfp4` uses for row-major weights and `tokens` tokens when both
+    /// dimensions are multiples of 64: register-loaded up to 16 tokens, pipelined above, as
+    /// measured on the H100 (1 token:
     /// 35.7% against 34.3% of copy bandwidth for Flash shapes, 42.1% against 38.6% for Pro; 64
     /// tokens: 54.1% against 58.2%, 59.6% against 60.2%).
     pub fn for_tokens(tokens: usize) -> MoeKernel {
@@ -168,7 +169,7 @@ impl MoeKernel {
 
     /// The tiled layout's default kernel: bulk copies, 2 stages of 4 steps (H100, Flash and
     /// Pro expert shapes, 1..64 tokens: 57-77% of copy bandwidth against 48-70% for the best
-    /// register-ring variant, d4s1; benches/results/2026-11-23-moe-tiled.md).
+    /// register-ring variant, d4s1; benches/results/2026-11-23-moe-tiled-pdl.md).
     pub const TILED: MoeKernel = MoeKernel::TiledBulk { stages: 2, steps: 4, split: 1 };
 }
 
