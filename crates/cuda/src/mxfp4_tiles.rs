@@ -206,3 +206,4 @@ mod tests {
         assert!(moe_tileable(256, 256) && moe_tileable(4096, 2048) && !moe_tileable(64, 32) && !moe_tileable(160, 96));
     }
 }
+
