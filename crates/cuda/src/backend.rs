@@ -760,7 +760,7 @@ impl CudaModel {
         // (prefill chunks) group in a separate 1024-thread kernel: one 256-thread block took
         // 44 us per layer for 64 tokens under ncu.
         let fused = n <= FUSED_GROUP_MAX_TOKENS;
-        let mut counter = st.alloc_zeros::<u32>(1).map_err(drv)?;
+        let mut counter = if fused { Some(st.alloc_zeros::<u32>(1).map_err(drv)?) } else { None };
         let (ei, ki, sm, ng, tg, norm, sc, mu, pi) = (e as i32, k as i32, matches!(spec.scoring, RouterScoring::Softmax) as i32, spec.n_group as i32, spec.topk_group as i32, spec.norm_topk_prob as i32, spec.routed_scaling_factor, max_u as i32, p as i32);
         let mut b = crate::launch::builder(st, &self.ops.moe_route);
         b.arg(logits);
@@ -769,11 +769,10 @@ impl CudaModel {
             None => b.arg(&0u64),
         };
         b.arg(&mut topk_idx).arg(&mut topk_w).arg(&ei).arg(&ki).arg(&sm).arg(&ng).arg(&tg).arg(&norm).arg(&sc);
-        if fused {
-            b.arg(&mut counter);
-        } else {
-            b.arg(&0u64);
-        }
+        match &mut counter {
+            Some(c) => b.arg(c),
+            None => b.arg(&0u64),
+        };
         b.arg(&mu).arg(&mut r.experts).arg(&mut r.pair_off).arg(&mut r.pair_tok).arg(&mut r.pair_w).arg(&mut r.tok_pairs);
         // Shared memory: scores and choices (2 E floats) while routing; counts, starts and a
         // chunk of 1024 choices (GROUP_CHUNK in ops.cu) while grouping.
