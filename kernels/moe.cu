@@ -22,9 +22,9 @@
 // Each block stages the f32 activations of up to NP routed pairs in shared memory as B
 // fragments: F16 hi + lo of x * 2^s (a power of two per row puts the row's largest magnitude
 // just under 2^14), hi and lo as two of the MMA's 8 columns, so one MMA covers both and the
-// products stay exact. Each warp streams one 16-row tile over all of K with a register ring of
-// D steps (512 bytes per step and warp) in flight, and applies each 32-block's E8M0 scale to
-// the MMA's partial sums. No split kernels, no reduction between warps.
+// products stay exact. Each warp streams one 16-row tile over all of K through a shared-memory
+// ring filled by bulk copies, and applies each 32-block's E8M0 scale to the MMA's partial sums.
+// No split kernels, no reduction between warps.
 //
 // E8M0 scales become f32 with a shift and a mask: 1..254 exactly; 0 (2^-127) becomes 0 and
 // 255 (NaN) becomes +inf, so a NaN scale still gives a non-finite output.
@@ -155,48 +155,13 @@ __device__ __forceinline__ void tile_step(uint4 wv, unsigned sv, const uint4* fr
     acc[3] += f1 * tp[3];
 }
 
-// One warp's share of a 16-row tile against the staged fragments: steps k0, k0 + stride, ...
-// below KS. acc = rows (g, g+8) x columns (2t, 2t+1), i.e. hi and lo of pair t. wt/st point at
-// the tile's first step (the lane's uint4, the group's scale word).
-template <int D>
-__device__ __forceinline__ void tile_stream(const uint4* __restrict__ wt, const unsigned* __restrict__ st, int KS, int k0,
-                                            int stride, const uint4* frag, int L, float acc[4]) {
-    int lane = threadIdx.x & 31;
-    bool hasb = lane < L;
-    int n = k0 < KS ? (KS - k0 + stride - 1) / stride : 0;
-    wt += (size_t)k0 * 32;
-    st += (size_t)k0 * 8;
-    uint4 wb[D];
-    unsigned sb[D];
-#pragma unroll
-    for (int d = 0; d < D; d++) {
-        if (d < n) {
-            wb[d] = __ldg(wt + (size_t)d * stride * 32);
-            sb[d] = __ldg(st + (size_t)d * stride * 8);
-        }
-    }
-    for (int i0 = 0; i0 < n; i0 += D) {
-#pragma unroll
-        for (int d = 0; d < D; d++) {
-            int i = i0 + d;
-            if (i < n) {
-                uint4 wv = wb[d];
-                unsigned sv = sb[d];
-                if (i + D < n) {
-                    wb[d] = __ldg(wt + (size_t)(i + D) * stride * 32);
-                    sb[d] = __ldg(st + (size_t)(i + D) * stride * 8);
-                }
-                tile_step(wv, sv, frag, L, k0 + i * stride, hasb, acc);
-            }
-        }
-    }
-}
-
-// The same stream with the weights brought by the bulk-copy engine (cp.async.bulk, completing on
-// an mbarrier) into a per-warp shared-memory ring of NS stages of CS steps (CS x 512 bytes of
-// codes and CS x 32 of scales each): one lane asks for a whole stage, so bytes in flight no
-// longer cost registers or per-lane load instructions. `seq` counts the stages this warp has
-// used before (the barriers' phases run on across passes).
+// A warp streams its 16-row tile through its own shared-memory ring of NS stages of CS steps
+// (CS x 512 bytes of codes and CS x 32 of scales each), filled by the bulk-copy engine
+// (cp.async.bulk, completing on an mbarrier): one lane asks for a whole stage, so bytes in
+// flight cost neither registers nor per-lane load instructions. (A register ring of 4-8 steps
+// per warp, and 2 or 4 warps sharing a tile's K, measured slower at every token count on the
+// H100.) `seq` counts the stages this warp has used before (the barriers' phases run on across
+// passes).
 __device__ __forceinline__ void mbar_init(unsigned long long* bar) {
     unsigned a = (unsigned)__cvta_generic_to_shared(bar);
     asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(a) : "memory");
@@ -243,8 +208,8 @@ __device__ __forceinline__ void bulk_prologue(int seq, const unsigned char* __re
 
 template <int NS, int CS>
 __device__ __forceinline__ void tile_stream_bulk(const unsigned char* __restrict__ wt, const unsigned char* __restrict__ st, int KS,
-                                                 int kbase, const uint4* frag, int L, float acc[4], unsigned char* ring,
-                                                 unsigned long long* bars, int& seq) {
+                                                 const uint4* frag, int L, float acc[4], unsigned char* ring, unsigned long long* bars,
+                                                 int& seq) {
     constexpr int STAGE = CS * 544;
     int lane = threadIdx.x & 31, g = lane >> 2;
     bool hasb = lane < L;
@@ -259,7 +224,7 @@ __device__ __forceinline__ void tile_stream_bulk(const unsigned char* __restrict
             if (k < KS) {
                 uint4 wv = reinterpret_cast<const uint4*>(stage)[c * 32 + lane];
                 unsigned sv = reinterpret_cast<const unsigned*>(stage + CS * 512)[c * 8 + g];
-                tile_step(wv, sv, frag, L, kbase + k, hasb, acc);
+                tile_step(wv, sv, frag, L, k, hasb, acc);
             }
         }
         __syncwarp();  // every lane has read the stage before it is refilled
@@ -305,26 +270,20 @@ __device__ __forceinline__ void combine_rows(const float* __restrict__ out, cons
 //          h[p, i] = silu(gate_e x) * (up_e x) for i = 8 r + g.
 // else:    W = down tiles [E][H/16][I/64], x = h [pairs, I], writes out[p, n] = pair_w[p] *
 //          down_e h_p, and with `counters` also the combine into y [T, H].
-// SPLIT warps share a tile's K, taking its steps in turn (neighbouring warps read neighbouring
-// 512-byte chunks); their sums meet in shared memory in warp order.
-// Grid: (ceil(tiles / (TW / SPLIT)), expert slots); dynamic shared memory K * 4 * min(NP, max
-// pairs) bytes.
-template <int D, bool GATE_UP, int SPLIT, int NS, int CS>
-__device__ __forceinline__ void moe_tiled(const uint4* __restrict__ W, const unsigned* __restrict__ S, const int* __restrict__ experts,
-                                          const int* __restrict__ pair_off, const int* __restrict__ pair_tok,
-                                          const float* __restrict__ pair_w, const float* __restrict__ x, float* __restrict__ y,
-                                          int K, int tiles, int ldy, unsigned* counters, const int* __restrict__ tok_pairs,
-                                          float* __restrict__ comb, int T, int topk) {
-    constexpr int TILES = TW / SPLIT;
-    // Dynamic shared memory: with the bulk copies, the warps' rings (TW x NS x CS x 544 bytes)
-    // come first, then the staged fragments.
-    constexpr int RING = NS > 0 ? TW * NS * CS * 544 : 0;
+// Grid: (ceil(tiles / TW), expert slots); dynamic shared memory TW x NS x CS x 544 bytes of
+// rings, then K * 4 * min(NP, max pairs) bytes of staged activations.
+template <bool GATE_UP, int NS, int CS>
+__device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, const unsigned char* __restrict__ S,
+                                          const int* __restrict__ experts, const int* __restrict__ pair_off,
+                                          const int* __restrict__ pair_tok, const float* __restrict__ pair_w,
+                                          const float* __restrict__ x, float* __restrict__ y, int K, int tiles, int ldy,
+                                          unsigned* counters, const int* __restrict__ tok_pairs, float* __restrict__ comb, int T,
+                                          int topk) {
+    constexpr int RING = NS * CS * 544;  // bytes per warp
     extern __shared__ uint4 dsm[];
-    uint4* frag = dsm + RING / 16;
-    constexpr int NSB = NS > 0 ? NS : 1;
-    __shared__ unsigned long long bars[TW * NSB];
+    uint4* frag = dsm + TW * RING / 16;
+    __shared__ unsigned long long bars[TW * NS];
     __shared__ float red[TW * NP], scale[NP], inv[NP];
-    __shared__ float part[SPLIT > 1 ? TW * 32 * 4 : 1];
     __shared__ int rows[NP];
     __shared__ int last;
     int u = blockIdx.y;
@@ -332,54 +291,30 @@ __device__ __forceinline__ void moe_tiled(const uint4* __restrict__ W, const uns
     if (pb >= pe) return;  // an unused expert slot (the whole block leaves)
     size_t e = (size_t)experts[u];
     int w = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    int rt = blockIdx.x * TILES + w / SPLIT, kw = w % SPLIT, KS = K / 64;
+    int rt = blockIdx.x * TW + w, KS = K / 64;
     bool active = rt < tiles;
-    const uint4* wt = W + ((e * tiles + (active ? rt : 0)) * KS) * 32 + lane;
-    const unsigned* st = S + ((e * tiles + (active ? rt : 0)) * KS) * 8 + g;
+    size_t tile = (e * tiles + (active ? rt : 0)) * KS;  // the warp's tile, in steps
+    const unsigned char* wt = W + tile * 512;
+    const unsigned char* st = S + tile * 32;
+    unsigned char* ring = reinterpret_cast<unsigned char*>(dsm) + w * RING;
+    unsigned long long* wbars = bars + w * NS;
     int seq = 0;
-    if (NS > 0) {
-        if (lane == 0)
-            for (int i = 0; i < NS; i++) mbar_init(bars + w * NS + i);
-        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-        __syncwarp();
-    }
-    // The bulk-copy warps of a tile take contiguous ranges of its steps.
-    int per = (KS + SPLIT - 1) / SPLIT, bs0 = min(kw * per, KS), bn = min(per, KS - bs0);
-    const unsigned char* bw = reinterpret_cast<const unsigned char*>(wt - lane) + (size_t)bs0 * 512;
-    const unsigned char* bsc = reinterpret_cast<const unsigned char*>(st - g) + (size_t)bs0 * 32;
+    if (lane == 0)
+        for (int i = 0; i < NS; i++) mbar_init(wbars + i);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    __syncwarp();
     for (int p0 = pb; p0 < pe; p0 += NP) {
         int np = min(NP, pe - p0);
         if ((int)threadIdx.x < np) rows[threadIdx.x] = GATE_UP ? pair_tok[p0 + threadIdx.x] : p0 + threadIdx.x;
-        if (NS > 0 && active)
-            bulk_prologue<NSB, CS>(seq, bw, bsc, bn,
-                                   reinterpret_cast<unsigned char*>(dsm) + w * NSB * CS * 544, bars + w * NSB);
+        if (active) bulk_prologue<NS, CS>(seq, wt, st, KS, ring, wbars);
         // The down kernel may be launched while gate_up still runs (programmatic dependent
         // launch): its weights are asked for above, h only after gate_up has finished.
         if (!GATE_UP) PDL_WAIT();
         __syncthreads();
         stage_b(x, rows, np, K, reinterpret_cast<unsigned*>(frag), red, scale, inv);
         float acc[4] = {0.f, 0.f, 0.f, 0.f};
-        if (NS > 0) {
-            if (active)
-                tile_stream_bulk<NSB, CS>(bw, bsc, bn, bs0, frag, 8 * np, acc, reinterpret_cast<unsigned char*>(dsm) + w * NSB * CS * 544,
-                                          bars + w * NSB, seq);
-        } else if (active) {
-            tile_stream<D>(wt, st, KS, kw, SPLIT, frag, 8 * np, acc);
-        }
-        if (SPLIT > 1) {
-#pragma unroll
-            for (int i = 0; i < 4; i++) part[(w * 32 + lane) * 4 + i] = acc[i];
-            __syncthreads();
-            if (kw == 0) {
-#pragma unroll
-                for (int i = 0; i < 4; i++) {
-                    float s = 0.f;
-                    for (int j = 0; j < SPLIT; j++) s += part[((w + j) * 32 + lane) * 4 + i];
-                    acc[i] = s;
-                }
-            }
-        }
-        if (active && kw == 0 && t < np) {
+        if (active) tile_stream_bulk<NS, CS>(wt, st, KS, frag, 8 * np, acc, ring, wbars, seq);
+        if (active && t < np) {
             float f = inv[t] * 64.f;  // undo the activation scale and the decode's 2^-6
             // Rows g and g + 8 of the tile (gate and up of one intermediate row for GATE_UP).
             float r0 = (acc[0] + acc[1]) * f, r1 = (acc[2] + acc[3]) * f;
@@ -404,46 +339,27 @@ __device__ __forceinline__ void moe_tiled(const uint4* __restrict__ W, const uns
     __syncthreads();
     if (!last) return;
     __threadfence();
-    int n0 = blockIdx.x * TILES * 16;
-    combine_rows(y, tok_pairs, comb, ldy, n0, min(TILES * 16, ldy - n0), T, topk);
+    int n0 = blockIdx.x * TW * 16;
+    combine_rows(y, tok_pairs, comb, ldy, n0, min(TW * 16, ldy - n0), T, topk);
     if (threadIdx.x == 0) counters[blockIdx.x] = 0u;
 }
 
-#define MOE_TILED(D, SPLIT)                                                                                              \
-    extern "C" __global__ void __launch_bounds__(256, 2) moe_gate_up_tiled_d##D##_s##SPLIT(                              \
-        const uint4* __restrict__ W, const unsigned* __restrict__ S, const int* __restrict__ experts,                    \
-        const int* __restrict__ pair_off, const int* __restrict__ pair_tok, const float* __restrict__ x,                 \
-        float* __restrict__ h, int H, int I) { PDL_ENTER();                                                                           \
-        moe_tiled<D, true, SPLIT, 0, 1>(W, S, experts, pair_off, pair_tok, nullptr, x, h, H, I / 8, I, nullptr, nullptr, \
-                                        nullptr, 0, 0);                                                                  \
-    }                                                                                                                    \
-    extern "C" __global__ void __launch_bounds__(256, 2) moe_down_tiled_d##D##_s##SPLIT(                                 \
-        const uint4* __restrict__ W, const unsigned* __restrict__ S, const int* __restrict__ experts,                    \
-        const int* __restrict__ pair_off, const float* __restrict__ pair_w, const float* __restrict__ h,                 \
-        float* __restrict__ out, int H, int I, unsigned* counters, const int* __restrict__ tok_pairs,                   \
-        float* __restrict__ y, int T, int topk) { PDL_TRIGGER();                                                                        \
-        moe_tiled<D, false, SPLIT, 0, 1>(W, S, experts, pair_off, nullptr, pair_w, h, out, I, H / 16, H, counters,     \
-                                         tok_pairs, y, T, topk);                                                         \
-    }
-MOE_TILED(4, 1)
-
-// Bulk-copy variants: NS stages of CS steps per warp.
-#define MOE_BULK(NS, CS, SPLIT)                                                                                          \
-    extern "C" __global__ void __launch_bounds__(256, 2) moe_gate_up_bulk_n##NS##_c##CS##_s##SPLIT(                      \
-        const uint4* __restrict__ W, const unsigned* __restrict__ S, const int* __restrict__ experts,                    \
+// Ring shapes: NS stages of CS steps.
+#define MOE_BULK(NS, CS)                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(256, 2) moe_gate_up_bulk_n##NS##_c##CS(                                 \
+        const unsigned char* __restrict__ W, const unsigned char* __restrict__ S, const int* __restrict__ experts,       \
         const int* __restrict__ pair_off, const int* __restrict__ pair_tok, const float* __restrict__ x,                 \
         float* __restrict__ h, int H, int I) { PDL_ENTER();                                                              \
-        moe_tiled<1, true, SPLIT, NS, CS>(W, S, experts, pair_off, pair_tok, nullptr, x, h, H, I / 8, I, nullptr,        \
-                                          nullptr, nullptr, 0, 0);                                                       \
+        moe_tiled<true, NS, CS>(W, S, experts, pair_off, pair_tok, nullptr, x, h, H, I / 8, I, nullptr, nullptr, nullptr, \
+                                0, 0);                                                                                   \
     }                                                                                                                    \
-    extern "C" __global__ void __launch_bounds__(256, 2) moe_down_bulk_n##NS##_c##CS##_s##SPLIT(                         \
-        const uint4* __restrict__ W, const unsigned* __restrict__ S, const int* __restrict__ experts,                    \
+    extern "C" __global__ void __launch_bounds__(256, 2) moe_down_bulk_n##NS##_c##CS(                                    \
+        const unsigned char* __restrict__ W, const unsigned char* __restrict__ S, const int* __restrict__ experts,       \
         const int* __restrict__ pair_off, const float* __restrict__ pair_w, const float* __restrict__ h,                 \
         float* __restrict__ out, int H, int I, unsigned* counters, const int* __restrict__ tok_pairs,                   \
         float* __restrict__ y, int T, int topk) { PDL_TRIGGER();                                                         \
-        moe_tiled<1, false, SPLIT, NS, CS>(W, S, experts, pair_off, nullptr, pair_w, h, out, I, H / 16, H, counters,   \
-                                           tok_pairs, y, T, topk);                                                       \
+        moe_tiled<false, NS, CS>(W, S, experts, pair_off, nullptr, pair_w, h, out, I, H / 16, H, counters, tok_pairs, y, \
+                                 T, topk);                                                                               \
     }
-MOE_BULK(2, 4, 1)
-MOE_BULK(4, 2, 1)
-MOE_BULK(2, 4, 2)
+MOE_BULK(2, 4)
+MOE_BULK(4, 2)

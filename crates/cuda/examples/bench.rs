@@ -189,11 +189,7 @@ fn main() {
             let pct = |ms: f32| 100.0 * b / (ms as f64 * 1e-3) / copy_bw;
             let mut run = |kind: MoeKernel, w: &MoeWeights| time(20, &mut |run| k.moe_mxfp4_with(kind, w, &dev[run % dev.len()], &x, &mut scratch, &mut y).unwrap());
             let ms = run(MoeKernel::TILED, &wt);
-            let kinds: Vec<(String, MoeKernel)> = peregrine_cuda::kernels::TILED_VARIANTS
-                .iter()
-                .map(|&(depth, split)| (format!("d{depth}s{split}"), MoeKernel::Tiled { depth, split }))
-                .chain(peregrine_cuda::kernels::BULK_VARIANTS.iter().map(|&(stages, steps, split)| (format!("bulk {stages}x{steps}s{split}"), MoeKernel::TiledBulk { stages, steps, split })))
-                .collect();
+            let kinds: Vec<(String, MoeKernel)> = peregrine_cuda::kernels::TILED_VARIANTS.iter().map(|&(stages, steps)| (format!("ring {stages}x{steps}"), MoeKernel::Tiled { stages, steps })).collect();
             let variants: Vec<String> = kinds.into_iter().map(|(name, kind)| format!("{name} {:.1}%", pct(run(kind, &wt)))).collect();
             let ms2 = run(MoeKernel::TensorCore, &w);
             let ms3 = run(MoeKernel::PIPELINED, &w);

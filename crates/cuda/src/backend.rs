@@ -16,15 +16,12 @@ use peregrine_model::weights::WeightSource;
 use crate::compile;
 use crate::device::{nvrtc_arch, Gpu};
 use crate::draft::Drafter;
-use crate::kernels::{DeviceRouting, Kernels, MoeRouting, MoeWeights};
+use crate::kernels::{DeviceRouting, F16Split, Kernels, MoeRouting, MoeWeights};
 use crate::graph::Graphs;
 use crate::weights::{Embed, Source, Synthetic};
 
 /// Activations as their BF16 hi and lo parts (the BF16 tensor-core GEMV's input).
 pub(crate) type Bf16Split = (CudaSlice<u16>, CudaSlice<u16>);
-/// Activations as F16 hi and lo parts of each row times a power of two, and the inverse powers
-/// (the FP8 tensor-core GEMV's input; `split_f16`'s output).
-pub(crate) type F16Split = (CudaSlice<u16>, CudaSlice<u16>, CudaSlice<f32>);
 
 /// Up to this many tokens, `moe_route`'s last block also groups the pairs (one launch).
 const FUSED_GROUP_MAX_TOKENS: usize = 8;
@@ -594,10 +591,7 @@ impl CudaModel {
                     GpuMatrix::Bf16(w) => (w.device_ptr(&self.stream).0, None),
                     _ => return Err(Error::Backend("stacked q/k/v must be FP8 or BF16".into())),
                 };
-                match (s, x_split) {
-                    (Some(s), Some(split)) => self.kernels.gemv_split3_presplit(w, s, split, [&mut q, &mut k, &mut v], *rows, m.k, n)?,
-                    _ => self.kernels.gemv_split3(w, s, x, [&mut q, &mut k, &mut v], *rows, m.k, n)?,
-                }
+                self.kernels.gemv_split3(w, s, x, x_split, [&mut q, &mut k, &mut v], *rows, m.k, n)?;
                 Ok((q, k, v))
             }
         }

@@ -67,16 +67,18 @@ use crate::device::{nvrtc_arch, Gpu};
 
 /// Tokens one kernel pass handles (MAXT in the source); more are done in passes.
 pub const MAX_TOKENS_PER_PASS: usize = 8;
-/// The (ring depth, K split) pairs the register-ring tiled MoE kernels are compiled for (the
-/// bulk-copy kernels beat them; 4-deep unsplit was the best of (4|8, 1|2|4) on the H100).
-pub const TILED_VARIANTS: [(usize, usize); 1] = [(4, 1)];
-/// The (stages, steps per stage, K split) the bulk-copy MoE kernels are compiled for. Measured
-/// on the H100 (benches/results/2026-11-23-moe-tiled-pdl.md): 2 x 4 unsplit best at 1-64 tokens;
-/// 3 x 2, 8 x 1, 6 x 1, 4 x 4, and splits of 2 and 4 warps per tile were slower and dropped.
-pub const BULK_VARIANTS: [(usize, usize, usize); 3] = [(2, 4, 1), (4, 2, 1), (2, 4, 2)];
+/// The (stages, steps per stage) rings the tiled MoE kernels are compiled for. Measured on the
+/// H100 (benches/results/2026-11-23-moe-tiled-pdl.md): 2 x 4 best or within noise of the best
+/// at 1-64 tokens; 3 x 2, 4 x 4, 8 x 2, 8 x 1 and 6 x 1 rings, register rings of 4 and 8 steps,
+/// and 2 or 4 warps sharing a tile's K were slower and dropped.
+pub const TILED_VARIANTS: [(usize, usize); 2] = [(2, 4), (4, 2)];
+/// Activations as F16 hi and lo parts of each row times a power of two, and the inverse powers
+/// (the FP8 tensor-core GEMV's input; `split_f16`'s output).
+pub type F16Split = (CudaSlice<u16>, CudaSlice<u16>, CudaSlice<f32>);
 /// The largest top-k whose combine the tiled down kernel fuses (MAX_FUSED_TOPK in moe.cu).
 const MAX_FUSED_TOPK: usize = 32;
-/// Dynamic shared memory the tiled MoE kernels may ask for (their staged activations).
+/// Dynamic shared memory the tiled MoE kernels may ask for (8 warps' rings and the staged
+/// activations; `mxfp4_tiles::MAX_TILED_K` keeps the shapes it takes within it).
 pub const TILED_MAX_SMEM: usize = 200 * 1024;
 /// Output rows per thread block (WARPS in the source: one warp per row).
 const ROWS_PER_BLOCK: u32 = 8;
@@ -106,9 +108,6 @@ pub struct Kernels {
     /// Tiled-layout MoE kernels (kernels/moe.cu), one per `TILED_VARIANTS` entry.
     gate_up_tiled: Vec<CudaFunction>,
     down_tiled: Vec<CudaFunction>,
-    /// Bulk-copy MoE kernels, one per `BULK_VARIANTS` entry.
-    gate_up_bulk: Vec<CudaFunction>,
-    down_bulk: Vec<CudaFunction>,
     sample: CudaFunction,
     adjust: CudaFunction,
     logprobs: CudaFunction,
@@ -142,15 +141,11 @@ pub enum MoeKernel {
     /// (1, 2, 4 or 8) share each 16-row tile's K in the gate_up and down kernels.
     Pipelined { gate_up_split: usize, down_split: usize },
     /// `kernels/moe.cu` over the tiled layout (`MoeLayout::Tiled`): 16-byte fragment loads,
-    /// e4m3 decode, activations staged per block, `depth` steps in flight per warp, `split`
-    /// warps taking turns over each tile's K; the routed combine fused into the down kernel.
-    /// Compiled pairs (depth, split): `TILED_VARIANTS`.
-    Tiled { depth: usize, split: usize },
-    /// The tiled kernels with each warp's weights brought by the bulk-copy engine
-    /// (cp.async.bulk on an mbarrier) into a shared-memory ring of `stages` x `steps` steps of
-    /// 544 bytes; `split` warps share a tile, each a contiguous part of its K. Compiled
-    /// triples: `BULK_VARIANTS`.
-    TiledBulk { stages: usize, steps: usize, split: usize },
+    /// e4m3 decode, activations staged per block, each warp's weights brought by the bulk-copy
+    /// engine (cp.async.bulk on an mbarrier) into a shared-memory ring of `stages` x `steps`
+    /// steps of 544 bytes; the routed combine fused into the down kernel. Compiled rings:
+    /// `TILED_VARIANTS`.
+    Tiled { stages: usize, steps: usize },
 }
 
 impl MoeKernel {
@@ -167,10 +162,9 @@ impl MoeKernel {
         if tokens <= 16 { MoeKernel::TensorCore } else { MoeKernel::PIPELINED }
     }
 
-    /// The tiled layout's default kernel: bulk copies, 2 stages of 4 steps (H100, Flash and
-    /// Pro expert shapes, 1..64 tokens: 57-77% of copy bandwidth against 48-70% for the best
-    /// register-ring variant, d4s1; benches/results/2026-11-23-moe-tiled-pdl.md).
-    pub const TILED: MoeKernel = MoeKernel::TiledBulk { stages: 2, steps: 4, split: 1 };
+    /// The tiled layout's default kernel: 2 stages of 4 steps (H100, Flash and Pro expert
+    /// shapes, 1..64 tokens: 57-80% of copy bandwidth; benches/results/2026-11-23-moe-tiled-pdl.md).
+    pub const TILED: MoeKernel = MoeKernel::Tiled { stages: 2, steps: 4 };
 }
 
 /// Host-side grouping of a batch's routing (token -> top-k (expert, weight)) by expert, so
@@ -271,14 +265,18 @@ impl MoeWeights {
         let up_ = |v: &[u8]| stream.clone_htod(v).map_err(drv("expert upload"));
         let layout = if tiled {
             check(crate::mxfp4_tiles::moe_tileable(h, i), || format!("experts {h}x{i} cannot be tiled"))?;
+            // Expert x's matrix of `codes`/`scales` (each expert's slice is the same size).
+            fn part<'a>(codes: &'a [u8], scales: &'a [u8], x: usize, cols: usize, rows: usize) -> crate::mxfp4_tiles::RowMajor<'a> {
+                let (cb, sb) = (rows * cols / 2, rows * cols / 32);
+                crate::mxfp4_tiles::RowMajor { codes: &codes[x * cb..(x + 1) * cb], scales: &scales[x * sb..(x + 1) * sb], cols }
+            }
             let (mut gu, mut gus, mut d, mut ds) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for x in 0..e {
-                let (cb, sb) = (i * h / 2, i * h / 32);
-                fn m<'a>(c: &'a [u8], s: &'a [u8], x: usize, cols: usize, cb: usize, sb: usize) -> crate::mxfp4_tiles::RowMajor<'a> {
-                    crate::mxfp4_tiles::RowMajor { codes: &c[x * cb..(x + 1) * cb], scales: &s[x * sb..(x + 1) * sb], cols }
-                }
-                crate::mxfp4_tiles::tile_gate_up(m(gate, gate_s, x, h, cb, sb), m(up, up_s, x, h, cb, sb), i, &mut gu, &mut gus);
-                crate::mxfp4_tiles::tile_matrix(m(down, down_s, x, i, cb, sb), h, &mut d, &mut ds);
+                let [c, s, dc, dsc] = crate::mxfp4_tiles::tile_expert(part(gate, gate_s, x, h, i), part(up, up_s, x, h, i), part(down, down_s, x, i, h), i, h);
+                gu.extend(c);
+                gus.extend(s);
+                d.extend(dc);
+                ds.extend(dsc);
             }
             MoeLayout::Tiled { gate_up: up_(&gu)?, gate_up_s: up_(&gus)?, down: up_(&d)?, down_s: up_(&ds)? }
         } else {
@@ -335,10 +333,8 @@ impl Kernels {
             down_mma: f("moe_down_mma")?,
             gate_up_pipe: [f("moe_gate_up_pipe_s1")?, f("moe_gate_up_pipe_s2")?, f("moe_gate_up_pipe_s4")?, f("moe_gate_up_pipe_s8")?],
             down_pipe: [f("moe_down_pipe_s1")?, f("moe_down_pipe_s2")?, f("moe_down_pipe_s4")?, f("moe_down_pipe_s8")?],
-            gate_up_tiled: TILED_VARIANTS.iter().map(|(d, s)| fm(&format!("moe_gate_up_tiled_d{d}_s{s}"))).collect::<Result<_>>()?,
-            down_tiled: TILED_VARIANTS.iter().map(|(d, s)| fm(&format!("moe_down_tiled_d{d}_s{s}"))).collect::<Result<_>>()?,
-            gate_up_bulk: BULK_VARIANTS.iter().map(|(n, c, s)| fm(&format!("moe_gate_up_bulk_n{n}_c{c}_s{s}"))).collect::<Result<_>>()?,
-            down_bulk: BULK_VARIANTS.iter().map(|(n, c, s)| fm(&format!("moe_down_bulk_n{n}_c{c}_s{s}"))).collect::<Result<_>>()?,
+            gate_up_tiled: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_gate_up_bulk_n{n}_c{c}"))).collect::<Result<_>>()?,
+            down_tiled: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_down_bulk_n{n}_c{c}"))).collect::<Result<_>>()?,
             sample,
             adjust,
             logprobs,
@@ -383,30 +379,25 @@ impl Kernels {
 
     /// One GEMV whose rows are split over three outputs: rows `[0, n[0])` into `ys[0]`
     /// ([T, n[0]]), the next `n[1]` into `ys[1]`, the last `n[2]` into `ys[2]` (a fused q/k/v
-    /// projection). `W` is FP8 (with `scales`) or BF16 (`scales` None); K % 128 == 0.
-    pub fn gemv_split3(&self, w: cudarc::driver::sys::CUdeviceptr, scales: Option<&CudaSlice<f32>>, x: &CudaSlice<f32>, ys: [&mut CudaSlice<f32>; 3], n: [usize; 3], k: usize, t: usize) -> Result<()> {
+    /// projection). `W` is FP8 (with `scales`) or BF16 (`scales` None); K % 128 == 0. An FP8
+    /// GEMV may be given `x_split`, x already split as `split_f16` would (by
+    /// `add_rms_norm_split`: F16 hi, lo and the rows' inverse scales), instead of splitting x.
+    pub fn gemv_split3(&self, w: cudarc::driver::sys::CUdeviceptr, scales: Option<&CudaSlice<f32>>, x: &CudaSlice<f32>, x_split: Option<&F16Split>, ys: [&mut CudaSlice<f32>; 3], n: [usize; 3], k: usize, t: usize) -> Result<()> {
         check(k.is_multiple_of(128) && ys.iter().zip(n).all(|(y, r)| y.len() >= t * r), || format!("gemv_split3: bad shapes {n:?}x{k}"))?;
         let [y0, y1, y2] = ys;
         let (p0, _a) = y0.device_ptr_mut(&self.stream);
         let (p1, _b) = y1.device_ptr_mut(&self.stream);
         let (p2, _c) = y2.device_ptr_mut(&self.stream);
-        self.gemv_mma(scales.is_some(), w, scales, x, [p0, p1, p2], n, k, t)
-    }
-
-    /// `gemv_split3` for FP8 weights over activations already split by `add_rms_norm_split`
-    /// (F16 hi, lo and the rows' inverse scales, as `split_f16` writes them).
-    pub fn gemv_split3_presplit(&self, w: cudarc::driver::sys::CUdeviceptr, scales: &CudaSlice<f32>, x: &(CudaSlice<u16>, CudaSlice<u16>, CudaSlice<f32>), ys: [&mut CudaSlice<f32>; 3], n: [usize; 3], k: usize, t: usize) -> Result<()> {
-        check(k.is_multiple_of(128) && ys.iter().zip(n).all(|(y, r)| y.len() >= t * r), || format!("gemv_split3: bad shapes {n:?}x{k}"))?;
-        let (xh, xl, inv) = x;
-        check(xh.len() >= t * k && xl.len() >= t * k && inv.len() >= t, || format!("gemv_split3: split input too small for {t} tokens of {k}"))?;
-        if t == 0 || n.iter().sum::<usize>() == 0 {
-            return Ok(());
+        match (scales, x_split) {
+            (Some(sc), Some((xh, xl, inv))) => {
+                check(xh.len() >= t * k && xl.len() >= t * k && inv.len() >= t, || format!("gemv_split3: split input too small for {t} tokens of {k}"))?;
+                if t == 0 || n.iter().sum::<usize>() == 0 {
+                    return Ok(());
+                }
+                self.mma_launch(true, w, Some(sc), xh, xl, Some(inv), [p0, p1, p2], n, k, t)
+            }
+            _ => self.gemv_mma(scales.is_some(), w, scales, x, [p0, p1, p2], n, k, t),
         }
-        let [y0, y1, y2] = ys;
-        let (p0, _a) = y0.device_ptr_mut(&self.stream);
-        let (p1, _b) = y1.device_ptr_mut(&self.stream);
-        let (p2, _c) = y2.device_ptr_mut(&self.stream);
-        self.mma_launch(true, w, Some(scales), xh, xl, Some(inv), [p0, p1, p2], n, k, t)
     }
 
     /// The one-row-per-warp BF16 GEMV (CUDA cores), kept for shapes the tensor-core kernel
@@ -548,7 +539,7 @@ impl Kernels {
 
     /// x [rows, K] -> F16 hi and lo parts of x scaled per row by a power of two, and the inverse
     /// scales; `interleave` stores each group of 8 as 0,4,1,5,2,6,3,7 (the MXFP4 kernels' order).
-    pub(crate) fn split_f16(&self, x: &CudaSlice<f32>, rows: usize, k: usize, interleave: bool) -> Result<(CudaSlice<u16>, CudaSlice<u16>, CudaSlice<f32>)> {
+    pub(crate) fn split_f16(&self, x: &CudaSlice<f32>, rows: usize, k: usize, interleave: bool) -> Result<F16Split> {
         let len = rows * k;
         let mut xh = unsafe { self.stream.alloc::<u16>(len.max(1)) }.map_err(drv("alloc"))?;
         let mut xl = unsafe { self.stream.alloc::<u16>(len.max(1)) }.map_err(drv("alloc"))?;
@@ -665,7 +656,7 @@ impl Kernels {
             // Written in full (rows of every pair) before they are read.
             h: unsafe { self.stream.alloc(max_pairs.max(1) * w.inter) }.map_err(drv("alloc"))?,
             out: unsafe { self.stream.alloc(max_pairs.max(1) * w.hidden) }.map_err(drv("alloc"))?,
-            counters: self.stream.alloc_zeros((w.hidden / 16).max(1)).map_err(drv("alloc"))?,
+            counters: self.stream.alloc_zeros((w.hidden / 16).div_ceil(8).max(1)).map_err(drv("alloc"))?,
         })
     }
 
@@ -695,36 +686,23 @@ impl Kernels {
         }
         let (hh, ii) = (h as i32, i as i32);
         match (&w.layout, kind) {
-            (MoeLayout::Tiled { gate_up, gate_up_s, down, down_s }, MoeKernel::Tiled { .. } | MoeKernel::TiledBulk { .. }) => {
-                // (gate_up kernel, down kernel, K split, shared-memory ring bytes).
-                let (fg, fd, split, ring) = match kind {
-                    MoeKernel::Tiled { depth, split } => {
-                        let v = TILED_VARIANTS
-                            .iter()
-                            .position(|&p| p == (depth, split))
-                            .ok_or_else(|| Error::Backend(format!("tiled MoE kernel (depth {depth}, split {split}) is not compiled; have {TILED_VARIANTS:?}")))?;
-                        (&self.gate_up_tiled[v], &self.down_tiled[v], split, 0)
-                    }
-                    MoeKernel::TiledBulk { stages, steps, split } => {
-                        let v = BULK_VARIANTS
-                            .iter()
-                            .position(|&p| p == (stages, steps, split))
-                            .ok_or_else(|| Error::Backend(format!("bulk-copy MoE kernel ({stages} stages of {steps}, split {split}) is not compiled; have {BULK_VARIANTS:?}")))?;
-                        (&self.gate_up_bulk[v], &self.down_bulk[v], split, 8 * stages * steps * 544)
-                    }
-                    _ => unreachable!("matched above"),
-                };
+            (MoeLayout::Tiled { gate_up, gate_up_s, down, down_s }, MoeKernel::Tiled { stages, steps }) => {
+                let v = TILED_VARIANTS
+                    .iter()
+                    .position(|&p| p == (stages, steps))
+                    .ok_or_else(|| Error::Backend(format!("tiled MoE kernel ({stages} stages of {steps}) is not compiled; have {TILED_VARIANTS:?}")))?;
+                let (fg, fd, ring) = (&self.gate_up_tiled[v], &self.down_tiled[v], 8 * stages * steps * 544);
                 // A routed expert has at most one pair per token; a pass stages up to 4.
                 let np = r.num_tokens.clamp(1, 4);
                 let (gu_smem, d_smem) = (ring + h * 4 * np, ring + i * 4 * np);
                 check(gu_smem.max(d_smem) <= TILED_MAX_SMEM, || format!("MoE dims {h}, {i} need more than {TILED_MAX_SMEM} bytes of shared memory"))?;
-                let per_block = 8 / split;
-                let cfg = |tiles: usize, smem: usize| LaunchConfig { grid_dim: (tiles.div_ceil(per_block) as u32, u, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem as u32 };
+                // A block's 8 warps stream one 16-row tile each.
+                let cfg = |tiles: usize, smem: usize| LaunchConfig { grid_dim: (tiles.div_ceil(8) as u32, u, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem as u32 };
                 let mut b = crate::launch::builder(&self.stream, fg);
                 b.arg(gate_up).arg(gate_up_s).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_tok).arg(x).arg(&mut scratch.h).arg(&hh).arg(&ii);
                 unsafe { b.launch(cfg(2 * i / 16, gu_smem)) }.map_err(drv("moe gate_up (tiled)"))?;
                 let fused = r.top_k <= MAX_FUSED_TOPK;
-                check(scratch.counters.len() >= (h / 16).div_ceil(per_block), || "MoE scratch counters too small".into())?;
+                check(scratch.counters.len() >= (h / 16).div_ceil(8), || "MoE scratch counters too small".into())?;
                 // The down kernel asks for its weights before it waits for gate_up (see launch.rs).
                 let (ti, ki) = (r.num_tokens as i32, r.top_k as i32);
                 let mut b = crate::launch::builder(&self.stream, fd);

@@ -98,9 +98,17 @@ pub fn tile_gate_up(gate: RowMajor<'_>, up: RowMajor<'_>, inter: usize, codes: &
     tile_rows(2 * inter, gate.cols, |r| if r % 16 < 8 { (gate, 8 * (r / 16) + r % 16) } else { (up, 8 * (r / 16) + r % 16 - 8) }, codes, scales);
 }
 
-/// The largest K the tiled kernels stage (K * 16 bytes of shared memory at 4 pairs per pass,
-/// within `kernels::TILED_MAX_SMEM`).
-pub const MAX_TILED_K: usize = 12 * 1024;
+/// One expert in the tiled layout: [gate/up codes, gate/up scales, down codes, down scales].
+pub fn tile_expert(gate: RowMajor<'_>, up: RowMajor<'_>, down: RowMajor<'_>, inter: usize, hidden: usize) -> [Vec<u8>; 4] {
+    let (mut c, mut s, mut dc, mut ds) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    tile_gate_up(gate, up, inter, &mut c, &mut s);
+    tile_matrix(down, hidden, &mut dc, &mut ds);
+    [c, s, dc, ds]
+}
+
+/// The largest K the tiled kernels stage: K * 16 bytes of shared memory at 4 pairs per pass,
+/// plus 8 warps' rings (35 KB), within `kernels::TILED_MAX_SMEM` (200 KB).
+pub const MAX_TILED_K: usize = 10 * 1024;
 
 /// Whether an expert stack of hidden size `hidden` and expert intermediate `inter` can use the
 /// tiled kernels.

@@ -177,12 +177,7 @@ impl Source<'_> {
                     for e0 in (0..num).step_by(TILE_BATCH) {
                         let tiles: Vec<[Vec<u8>; 4]> = (e0..(e0 + TILE_BATCH).min(num))
                             .into_par_iter()
-                            .map(|e| {
-                                let (mut c, mut s, mut dc, mut dsc) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-                                mxfp4_tiles::tile_gate_up(get(e, 0), get(e, 1), inter, &mut c, &mut s);
-                                mxfp4_tiles::tile_matrix(get(e, 2), h, &mut dc, &mut dsc);
-                                [c, s, dc, dsc]
-                            })
+                            .map(|e| mxfp4_tiles::tile_expert(get(e, 0), get(e, 1), get(e, 2), inter, h))
                             .collect();
                         for (i, [c, s, dc, dsc]) in tiles.iter().enumerate() {
                             let e = e0 + i;

@@ -95,13 +95,8 @@ fn nvrtc_compiles_the_kernels() {
     )
     .expect("moe.cu compiles for sm_90a")
     .to_src();
-    for (d, s) in peregrine_cuda::kernels::TILED_VARIANTS {
-        for k in [format!("moe_gate_up_tiled_d{d}_s{s}"), format!("moe_down_tiled_d{d}_s{s}")] {
-            assert!(moe.contains(&format!(".entry {k}")), "moe.cu lacks {k}");
-        }
-    }
-    for (n, c, s) in peregrine_cuda::kernels::BULK_VARIANTS {
-        for k in [format!("moe_gate_up_bulk_n{n}_c{c}_s{s}"), format!("moe_down_bulk_n{n}_c{c}_s{s}")] {
+    for (n, c) in peregrine_cuda::kernels::TILED_VARIANTS {
+        for k in [format!("moe_gate_up_bulk_n{n}_c{c}"), format!("moe_down_bulk_n{n}_c{c}")] {
             assert!(moe.contains(&format!(".entry {k}")), "moe.cu lacks {k}");
         }
     }
@@ -181,7 +176,7 @@ fn stacked_qkv_gemv_matches_the_cpu_reference() {
             let (mut y0, mut y1, mut y2) = (poisoned(&g, t * rows[0]), poisoned(&g, t * rows[1]), poisoned(&g, t * rows[2]));
             let (w8d, scd, wbd) = (g.stream.clone_htod(&w8).unwrap(), g.stream.clone_htod(&sc).unwrap(), g.stream.clone_htod(&wb).unwrap());
             let wp = if fp8 { w8d.device_ptr(&g.stream).0 } else { wbd.device_ptr(&g.stream).0 };
-            kern.gemv_split3(wp, fp8.then_some(&scd), &xd, [&mut y0, &mut y1, &mut y2], rows, k, t).unwrap();
+            kern.gemv_split3(wp, fp8.then_some(&scd), &xd, None, [&mut y0, &mut y1, &mut y2], rows, k, t).unwrap();
             let mut off = 0;
             for (i, y) in [y0, y1, y2].iter().enumerate() {
                 let got = g.stream.clone_dtoh(y).unwrap();
@@ -239,11 +234,7 @@ fn mxfp4_moe_decode_matches_the_cpu_reference() {
             // Every compiled (depth, split), each twice: the fused combine's counters must
             // come back to zero after a call.
             let mut yt_all = Vec::new();
-            let kinds = peregrine_cuda::kernels::TILED_VARIANTS
-                .iter()
-                .map(|&(depth, split)| MoeKernel::Tiled { depth, split })
-                .chain(peregrine_cuda::kernels::BULK_VARIANTS.iter().map(|&(stages, steps, split)| MoeKernel::TiledBulk { stages, steps, split }));
-            for kind in kinds {
+            for kind in peregrine_cuda::kernels::TILED_VARIANTS.iter().map(|&(stages, steps)| MoeKernel::Tiled { stages, steps }) {
                 for _ in 0..2 {
                     let mut yv = poisoned(&g, t * h);
                     kern.moe_mxfp4_with(kind, &wt, &dr, &xd, &mut scratch, &mut yv).unwrap();
