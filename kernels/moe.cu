@@ -81,7 +81,7 @@ __device__ __forceinline__ void stage_b(const float* __restrict__ x, const int* 
         const float4* xr = reinterpret_cast<const float4*>(x + (size_t)rows[j] * K);
         float m = 0.f;
         for (int i = tid; i < K / 4; i += blockDim.x) {
-            float4 v = xr[i];
+            float4 v = __ldcg(xr + i);
             m = fmaxf(m, fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w))));
         }
 #pragma unroll
@@ -103,7 +103,7 @@ __device__ __forceinline__ void stage_b(const float* __restrict__ x, const int* 
     for (int it = tid; it < items; it += blockDim.x) {
         int t = it & 3, q = (it >> 2) % q16, j = (it >> 2) / q16;
         const float* xr = x + (size_t)rows[j] * K + 16 * q + 2 * t;
-        float2 v0 = *reinterpret_cast<const float2*>(xr), v1 = *reinterpret_cast<const float2*>(xr + 8);
+        float2 v0 = __ldcg(reinterpret_cast<const float2*>(xr)), v1 = __ldcg(reinterpret_cast<const float2*>(xr + 8));
         float s = scale[j];
         unsigned h0, l0, h1, l1;
         split2(v0.x * s, v0.y * s, h0, l0);
@@ -197,23 +197,28 @@ __device__ __forceinline__ void bulk_issue(int j, int seq, const unsigned char* 
     bulk_load(dst + CS * 512, st + (size_t)j * CS * 32, steps * 32, bars + slot);
 }
 
-// The first NS stages of a pass, asked for before the activations are staged.
+// The first NS stages of a pass, asked for before the activations are staged; stages below
+// `from` were already asked for by the previous pass (the ring runs on across passes).
 template <int NS, int CS>
 __device__ __forceinline__ void bulk_prologue(int seq, const unsigned char* __restrict__ wt, const unsigned char* __restrict__ st, int KS,
-                                              unsigned char* ring, unsigned long long* bars) {
+                                              unsigned char* ring, unsigned long long* bars, int from = 0) {
     int nst = (KS + CS - 1) / CS;
     if ((threadIdx.x & 31) == 0)
-        for (int j = 0; j < min(NS, nst); j++) bulk_issue<NS, CS>(j, seq, wt, st, KS, ring, bars);
+        for (int j = from; j < min(NS, nst); j++) bulk_issue<NS, CS>(j, seq, wt, st, KS, ring, bars);
 }
 
+// Streams the warp's current pass (wt, st, KS steps). As its last NS stages are consumed, the
+// freed slots are refilled with the first stages of the warp's next pass (nwt, nst_, nKS; nKS
+// = 0: none), so the ring never drains between passes; returns how many were asked for.
 template <int NS, int CS>
-__device__ __forceinline__ void tile_stream_bulk(const unsigned char* __restrict__ wt, const unsigned char* __restrict__ st, int KS,
-                                                 const uint4* frag, int L, float acc[4], unsigned char* ring, unsigned long long* bars,
-                                                 int& seq) {
+__device__ __forceinline__ int tile_stream_bulk(const unsigned char* __restrict__ wt, const unsigned char* __restrict__ st, int KS,
+                                                const uint4* frag, int L, float acc[4], unsigned char* ring, unsigned long long* bars,
+                                                int& seq, const unsigned char* nwt = nullptr, const unsigned char* nst_ = nullptr,
+                                                int nKS = 0) {
     constexpr int STAGE = CS * 544;
     int lane = threadIdx.x & 31, g = lane >> 2;
     bool hasb = lane < L;
-    int nst = (KS + CS - 1) / CS;
+    int nst = (KS + CS - 1) / CS, nnst = (nKS + CS - 1) / CS, pre = 0;
     for (int j = 0; j < nst; j++) {
         int slot = (seq + j) % NS;
         mbar_wait(bars + slot, ((seq + j) / NS) & 1);
@@ -228,12 +233,23 @@ __device__ __forceinline__ void tile_stream_bulk(const unsigned char* __restrict
             }
         }
         __syncwarp();  // every lane has read the stage before it is refilled
-        if (lane == 0 && j + NS < nst) {
-            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-            bulk_issue<NS, CS>(j + NS, seq, wt, st, KS, ring, bars);
+        // Stage q (counted over passes) may be asked for once stage q - NS has been read.
+        if (j + NS < nst) {
+            if (lane == 0) {
+                asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+                bulk_issue<NS, CS>(j + NS, seq, wt, st, KS, ring, bars);
+            }
+        } else {
+            // The next pass's stages in order; with a pass shorter than the ring several at once.
+            if (lane == 0 && pre < nnst && nst + pre - NS <= j) asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+            while (pre < nnst && nst + pre - NS <= j) {
+                if (lane == 0) bulk_issue<NS, CS>(pre, seq + nst, nwt, nst_, nKS, ring, bars);
+                pre++;
+            }
         }
     }
     seq += nst;
+    return pre;
 }
 
 // The routed-combine of the down kernel, done by the last block to finish each group of rows
@@ -344,6 +360,142 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
     if (threadIdx.x == 0) counters[blockIdx.x] = 0u;
 }
 
+// One launch for the whole routed MLP (gate_up, then down with the combine) on a grid that is
+// resident at once (the host sizes it by occupancy). An item is one expert slot's group of TW
+// row tiles; all gate_up items come before all down items. A down item's weights are asked
+// for before it waits for its slot's gate_up items; each warp's ring runs on from one pass to
+// the next, so it does not drain at the boundary between gate_up and down as between two
+// launches. counters: [H/16/TW] combine arrivals per down row group, then per slot the
+// gate_up items done and the down items past their wait (the last one resets both).
+__device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
+    unsigned v;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+
+// Item n's (is down, slot, row group); gu_items = U x gate_up groups.
+__device__ __forceinline__ void fused_item(int n, int gu_items, int gug, int dg, bool& down, int& slot, int& grp) {
+    down = n >= gu_items;
+    int m = down ? n - gu_items : n, per = down ? dg : gug;
+    slot = m / per;
+    grp = m % per;
+}
+
+template <int NS, int CS>
+__device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Sg,
+                                          const unsigned char* __restrict__ Wd, const unsigned char* __restrict__ Sd,
+                                          const int* __restrict__ experts, const int* __restrict__ pair_off,
+                                          const int* __restrict__ pair_tok, const float* __restrict__ pair_w,
+                                          const float* __restrict__ x, float* __restrict__ h, float* __restrict__ out, int H,
+                                          int I, int U, unsigned* counters, const int* __restrict__ tok_pairs,
+                                          float* __restrict__ y, int T, int topk) {
+    constexpr int RING = NS * CS * 544;
+    extern __shared__ uint4 dsm[];
+    uint4* frag = dsm + TW * RING / 16;
+    __shared__ unsigned long long bars[TW * NS];
+    __shared__ float red[TW * NP], scale[NP], inv[NP];
+    __shared__ int rows[NP];
+    __shared__ int last;
+    int w = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int gu_tiles = I / 8, d_tiles = H / 16;  // 16-row tiles (gate_up rows interleaved)
+    const int gug = (gu_tiles + TW - 1) / TW, dg = (d_tiles + TW - 1) / TW;
+    const int gu_items = U * gug, items = gu_items + U * dg;
+    unsigned* done = counters + dg;      // per slot: gate_up items finished
+    unsigned* passed = counters + dg + U;  // per slot: down items past their wait
+    unsigned char* ring = reinterpret_cast<unsigned char*>(dsm) + w * RING;
+    unsigned long long* wbars = bars + w * NS;
+    if (lane == 0)
+        for (int i = 0; i < NS; i++) mbar_init(wbars + i);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    __syncwarp();
+    int seq = 0, pre = 0;  // the warp's stages so far; stages of its next pass already asked for
+    // This warp's tile of item n: weights, scales, steps (0 when the warp has no tile there).
+    auto seg = [&](int n, const unsigned char*& wt, const unsigned char*& st) -> int {
+        bool down;
+        int slot, grp;
+        fused_item(n, gu_items, gug, dg, down, slot, grp);
+        int rt = grp * TW + w, tiles = down ? d_tiles : gu_tiles, KS = (down ? I : H) / 64;
+        if (rt >= tiles || pair_off[slot] >= pair_off[slot + 1]) return 0;
+        size_t tile = ((size_t)experts[slot] * tiles + rt) * KS;
+        wt = (down ? Wd : Wg) + tile * 512;
+        st = (down ? Sd : Sg) + tile * 32;
+        return KS;
+    };
+    // Block b takes items b, b + grid, b + 2 grid, ...: every gate_up item comes before any
+    // down item in each block's list, so a block waiting in a down item waits only for gate_up
+    // items of blocks that do not wait, and the host keeps the whole grid resident at once.
+    // (Blocks taking items from a queue was slower at 1 token and is not kept; see
+    // benches/results/2026-11-23-moe-fused.md.)
+    for (int n = blockIdx.x; n < items; n += gridDim.x) {
+        int nn = n + (int)gridDim.x;
+        bool down;
+        int slot, grp;
+        fused_item(n, gu_items, gug, dg, down, slot, grp);
+        int pb = pair_off[slot], pe = pair_off[slot + 1];
+        const unsigned char *wt = nullptr, *st = nullptr;
+        int KS = seg(n, wt, st), rt = grp * TW + w;
+        for (int p0 = pb; p0 < pe; p0 += NP) {  // no passes for an unused expert slot
+            int np = min(NP, pe - p0);
+            if ((int)threadIdx.x < np) rows[threadIdx.x] = down ? p0 + threadIdx.x : pair_tok[p0 + threadIdx.x];
+            if (KS) bulk_prologue<NS, CS>(seq, wt, st, KS, ring, wbars, pre);
+            // The warp's next pass: this tile again for the slot's next pairs, else its tile of
+            // the block's next item.
+            const unsigned char *nwt = wt, *nst = st;
+            int nKS = KS;
+            if (p0 + NP >= pe) {
+                nKS = 0;
+                if (nn < items) nKS = seg(nn, nwt, nst);
+            }
+            if (down && p0 == pb && threadIdx.x == 0) {
+                // h of this slot is complete when all its gate_up items are (the weights are
+                // already on their way).
+                while (ld_acquire(done + slot) < (unsigned)gug) __nanosleep(64);
+                if (atomicAdd(passed + slot, 1u) + 1 == (unsigned)dg) {
+                    done[slot] = 0u;  // every down item of the slot is past its wait: reset for the next call
+                    passed[slot] = 0u;
+                }
+            }
+            __syncthreads();
+            stage_b(down ? h : x, rows, np, down ? I : H, reinterpret_cast<unsigned*>(frag), red, scale, inv);
+            float acc[4] = {0.f, 0.f, 0.f, 0.f};
+            pre = 0;
+            if (KS) pre = tile_stream_bulk<NS, CS>(wt, st, KS, frag, 8 * np, acc, ring, wbars, seq, nwt, nst, nKS);
+            if (KS && t < np) {
+                float f = inv[t] * 64.f;  // undo the activation scale and the decode's 2^-6
+                float r0 = (acc[0] + acc[1]) * f, r1 = (acc[2] + acc[3]) * f;
+                if (!down) {
+                    h[(size_t)(p0 + t) * I + rt * 8 + g] = r0 / (1.f + __expf(-r0)) * r1;
+                } else {
+                    float pw = pair_w[p0 + t];
+                    out[(size_t)(p0 + t) * H + rt * 16 + g] = r0 * pw;
+                    out[(size_t)(p0 + t) * H + rt * 16 + g + 8] = r1 * pw;
+                }
+            }
+            __syncthreads();  // every warp is done with the fragments before the next pass restages
+        }
+        if (pb < pe) {
+            __threadfence();  // this item's outputs are visible before it is counted
+            __syncthreads();
+            if (!down) {
+                if (threadIdx.x == 0) atomicAdd(done + slot, 1u);
+            } else {
+                if (threadIdx.x == 0) {
+                    int used = 0;
+                    for (int i = 0; i < U; i++) used += pair_off[i] < pair_off[i + 1];
+                    last = atomicAdd(counters + grp, 1u) + 1 == (unsigned)used;
+                }
+                __syncthreads();
+                if (last) {
+                    __threadfence();
+                    int n0 = grp * TW * 16;
+                    combine_rows(out, tok_pairs, y, H, n0, min(TW * 16, H - n0), T, topk);
+                    if (threadIdx.x == 0) counters[grp] = 0u;
+                }
+            }
+        }
+    }
+}
+
 // Ring shapes: NS stages of CS steps.
 #define MOE_BULK(NS, CS)                                                                                                 \
     extern "C" __global__ void __launch_bounds__(256, 2) moe_gate_up_bulk_n##NS##_c##CS(                                 \
@@ -360,6 +512,15 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
         float* __restrict__ y, int T, int topk) { PDL_TRIGGER();                                                         \
         moe_tiled<false, NS, CS>(W, S, experts, pair_off, nullptr, pair_w, h, out, I, H / 16, H, counters, tok_pairs, y, \
                                  T, topk);                                                                               \
+    }                                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(256, 2) moe_fused_bulk_n##NS##_c##CS(                                   \
+        const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Sg, const unsigned char* __restrict__ Wd, \
+        const unsigned char* __restrict__ Sd, const int* __restrict__ experts, const int* __restrict__ pair_off,         \
+        const int* __restrict__ pair_tok, const float* __restrict__ pair_w, const float* __restrict__ x,                  \
+        float* __restrict__ h, float* __restrict__ out, int H, int I, int U, unsigned* counters,                         \
+        const int* __restrict__ tok_pairs, float* __restrict__ y, int T, int topk) { PDL_ENTER();                        \
+        moe_fused<NS, CS>(Wg, Sg, Wd, Sd, experts, pair_off, pair_tok, pair_w, x, h, out, H, I, U, counters, tok_pairs,  \
+                          y, T, topk);                                                                                   \
     }
 MOE_BULK(2, 4)
 MOE_BULK(4, 2)

@@ -43,6 +43,26 @@ fn main() {
         }
         median(t)
     };
+    // Median milliseconds per call of `f` over 20 calls issued back to back between two events
+    // (7 such runs after 3 warm-up calls): no host launch latency in the number, as in a decode
+    // step's graph, where each launch follows the one before.
+    let time_b2b = |f: &mut dyn FnMut(usize)| -> f32 {
+        for i in 0..3 {
+            f(i);
+        }
+        let mut t = Vec::with_capacity(7);
+        for _ in 0..7 {
+            e0.record(s).unwrap();
+            for i in 0..20 {
+                f(i);
+            }
+            e1.record(s).unwrap();
+            e1.synchronize().unwrap();
+            t.push(e0.elapsed_ms(&e1).unwrap() / 20.0);
+        }
+        median(t)
+    };
+    let sms = g.ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).unwrap() as usize;
 
     // Copy bandwidth: read + write of 2 GiB.
     let n = 2usize << 30;
@@ -92,10 +112,11 @@ fn main() {
             // BF16 of uniform values in (-1, 1): random sign, exponent 119..126, mantissa.
             let w = s.clone_htod(&random_bytes(2 * rows * cols).chunks(2).map(|b| ((b[1] as u16 & 0x80) << 8) | ((119 + (b[1] as u16 & 7)) << 7) | (b[0] as u16 & 0x7f)).collect::<Vec<_>>()).unwrap();
             for t in [1usize, 2, 4, 8, 16, 64] {
-                let ms = time(20, &mut |_| k.gemv_bf16(&w, &x, &mut y, rows, cols, t).unwrap());
+                let ms = time_b2b(&mut |_| k.gemv_bf16(&w, &x, &mut y, rows, cols, t).unwrap());
+                let ms_alone = time(20, &mut |_| k.gemv_bf16(&w, &x, &mut y, rows, cols, t).unwrap());
                 let ms0 = time(20, &mut |_| k.gemv_bf16_simt(&w, &x, &mut y, rows, cols, t).unwrap());
                 let b = (rows * cols * 2) as f64;
-                println!("bf16   T={t:<2} {:>10.1} MB {ms:8.3} ms {:7.0} GB/s {:5.1}%  (tensor cores; CUDA-core kernel: {:.1}%)", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, 100.0 * b / (ms as f64 * 1e-3) / copy_bw, 100.0 * b / (ms0 as f64 * 1e-3) / copy_bw);
+                println!("bf16   T={t:<2} {:>10.1} MB {ms:8.3} ms {:7.0} GB/s {:5.1}%  (tensor cores, back to back; alone {:.1}%; CUDA-core kernel alone: {:.1}%)", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, 100.0 * b / (ms as f64 * 1e-3) / copy_bw, 100.0 * b / (ms_alone as f64 * 1e-3) / copy_bw, 100.0 * b / (ms0 as f64 * 1e-3) / copy_bw);
             }
         }
         {
@@ -103,10 +124,11 @@ fn main() {
             let w = s.clone_htod(&random_bytes(rows * cols).iter().map(|&b| if b & 0x7f == 0x7f { b ^ 1 } else { b }).collect::<Vec<_>>()).unwrap();
             let sc = s.clone_htod(&vec![1.0f32; rows / 128 * cols / 128]).unwrap();
             for t in [1usize, 2, 4, 8, 16, 64] {
-                let ms = time(20, &mut |_| k.gemv_fp8(&w, &sc, &x, &mut y, rows, cols, t).unwrap());
+                let ms = time_b2b(&mut |_| k.gemv_fp8(&w, &sc, &x, &mut y, rows, cols, t).unwrap());
+                let ms_alone = time(20, &mut |_| k.gemv_fp8(&w, &sc, &x, &mut y, rows, cols, t).unwrap());
                 let ms0 = time(20, &mut |_| k.gemv_fp8_simt(&w, &sc, &x, &mut y, rows, cols, t).unwrap());
                 let b = (rows * cols) as f64 + (rows / 128 * cols / 128 * 4) as f64;
-                println!("fp8    T={t:<2} {:>10.1} MB {ms:8.3} ms {:7.0} GB/s {:5.1}%  (tensor cores; CUDA-core kernel: {:.1}%)", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, 100.0 * b / (ms as f64 * 1e-3) / copy_bw, 100.0 * b / (ms0 as f64 * 1e-3) / copy_bw);
+                println!("fp8    T={t:<2} {:>10.1} MB {ms:8.3} ms {:7.0} GB/s {:5.1}%  (tensor cores, back to back; alone {:.1}%; CUDA-core kernel alone: {:.1}%)", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, 100.0 * b / (ms as f64 * 1e-3) / copy_bw, 100.0 * b / (ms_alone as f64 * 1e-3) / copy_bw, 100.0 * b / (ms0 as f64 * 1e-3) / copy_bw);
             }
         }
         {
@@ -162,7 +184,7 @@ fn main() {
             inter: i,
         };
         println!("\nMoE MXFP4 decode, {name}: {e} experts, hidden {h}, expert intermediate {i}, top-{top_k}, uniform routing");
-        println!("tokens  experts  bytes(MB)       ms     GB/s  of copy bw");
+        println!("tokens  experts  bytes(MB)       ms     GB/s  of copy bw   (the default kernel, 20 calls back to back between events)");
         let x = s.clone_htod(&(0..64 * h).map(|_| rng.random::<f32>() - 0.5).collect::<Vec<_>>()).unwrap();
         let mut y = s.alloc_zeros::<f32>(64 * h).unwrap();
         let mut scratch = k.moe_scratch(&w, 64 * top_k).unwrap();
@@ -187,12 +209,22 @@ fn main() {
             let used = routings.iter().map(|r| r.experts.len()).sum::<usize>() as f64 / routings.len() as f64;
             let b = used * w.expert_bytes() as f64;
             let pct = |ms: f32| 100.0 * b / (ms as f64 * 1e-3) / copy_bw;
-            let mut run = |kind: MoeKernel, w: &MoeWeights| time(20, &mut |run| k.moe_mxfp4_with(kind, w, &dev[run % dev.len()], &x, &mut scratch, &mut y).unwrap());
-            let ms = run(MoeKernel::TILED, &wt);
-            let kinds: Vec<(String, MoeKernel)> = peregrine_cuda::kernels::TILED_VARIANTS.iter().map(|&(stages, steps)| (format!("ring {stages}x{steps}"), MoeKernel::Tiled { stages, steps })).collect();
+            // One call at a time (synchronised after each, so the first launch's host latency
+            // is in the number), then back to back.
+            let mut alone = |kind: MoeKernel, w: &MoeWeights| time(20, &mut |run| k.moe_mxfp4_with(kind, w, &dev[run % dev.len()], &x, &mut scratch, &mut y).unwrap());
+            let default = MoeKernel::for_tiled(t, top_k);
+            let ms_alone = alone(default, &wt);
+            let ms2 = alone(MoeKernel::TensorCore, &w);
+            let ms3 = alone(MoeKernel::PIPELINED, &w);
+            let mut run = |kind: MoeKernel, w: &MoeWeights| time_b2b(&mut |run| k.moe_mxfp4_with(kind, w, &dev[run % dev.len()], &x, &mut scratch, &mut y).unwrap());
+            let ms = run(default, &wt);
+            let mut kinds: Vec<(String, MoeKernel)> = Vec::new();
+            for &(stages, steps) in peregrine_cuda::kernels::TILED_VARIANTS.iter() {
+                kinds.push((format!("two launches {stages}x{steps}"), MoeKernel::Tiled { stages, steps }));
+                kinds.push((format!("fused {stages}x{steps}"), MoeKernel::Fused { stages, steps, max_blocks: 0 }));
+                kinds.push((format!("fused {stages}x{steps} on {sms} blocks"), MoeKernel::Fused { stages, steps, max_blocks: sms }));
+            }
             let variants: Vec<String> = kinds.into_iter().map(|(name, kind)| format!("{name} {:.1}%", pct(run(kind, &wt)))).collect();
-            let ms2 = run(MoeKernel::TensorCore, &w);
-            let ms3 = run(MoeKernel::PIPELINED, &w);
             // The pipelined kernels' K splits (warps sharing a 16-row tile), gate_up x down.
             if std::env::var("PEREGRINE_BENCH_SWEEP").is_ok() && [1, 8, 64].contains(&t) {
                 let mut line = format!("  sweep T={t}: split gate_up/down -> % of copy bw:");
@@ -204,11 +236,12 @@ fn main() {
                 println!("{line}");
             }
             println!(
-                "{t:>6} {used:>8.1} {:>10.1} {ms:>8.3} {:>8.0} {:>9.1}%   (tiled default; {}; row-major tensor cores: {:.1}%, pipelined: {:.1}%)",
+                "{t:>6} {used:>8.1} {:>10.1} {ms:>8.3} {:>8.0} {:>9.1}%   ({default:?}; back to back: {}; alone: the same {:.1}%, row-major tensor cores {:.1}%, pipelined {:.1}%)",
                 b / 1e6,
                 b / (ms as f64 * 1e-3) / 1e9,
                 pct(ms),
                 variants.join(", "),
+                pct(ms_alone),
                 pct(ms2),
                 pct(ms3)
             );

@@ -188,6 +188,12 @@ pub struct CudaModel {
     pub(crate) draft_kv: Vec<(CudaSlice<f32>, CudaSlice<f32>)>,
     /// Captured decode-step graphs.
     pub(crate) graphs: Graphs,
+    /// The MoE kernels' counters, shared by every layer (they are zero again after each call),
+    /// sized for all expert slots at load so graphs keep a fixed address. Taken out while a
+    /// layer runs.
+    moe_counters: std::sync::Mutex<Option<CudaSlice<u32>>>,
+    /// The routing kernel's arrival counter (zero between calls, it resets itself).
+    route_counter: CudaSlice<u32>,
     /// Positions per split of decode attention (`PEREGRINE_ATTN_SPLIT`, default 512): ranges
     /// longer than twice this are split over several blocks per (row, head).
     attn_split: usize,
@@ -372,6 +378,15 @@ impl CudaModel {
         s.synchronize().map_err(drv)?;
         // A step can be captured when nothing in it needs the host.
         let capturable = layers.iter().all(|l| !matches!(l.mlp, Mlp::Moe { experts: Experts::PerExpert(_), .. }));
+        let counters = layers
+            .iter()
+            .filter_map(|l| match &l.mlp {
+                Mlp::Moe { experts: Experts::Stacked(w), .. } => Some(Kernels::moe_counters(w, usize::MAX)),
+                _ => None,
+            })
+            .max();
+        let moe_counters = counters.map(|n| s.alloc_zeros::<u32>(n)).transpose().map_err(drv)?;
+        let route_counter = s.alloc_zeros::<u32>(1).map_err(drv)?;
         Ok(CudaModel {
             spec: spec.clone(),
             final_norm,
@@ -387,6 +402,8 @@ impl CudaModel {
             drafter: None,
             draft_kv: Vec::new(),
             graphs: Graphs::new(capturable),
+            moe_counters: std::sync::Mutex::new(moe_counters),
+            route_counter,
             attn_split: std::env::var("PEREGRINE_ATTN_SPLIT").ok().and_then(|v| v.parse().ok()).filter(|&v: &usize| v >= 32).unwrap_or(512),
         })
     }
@@ -676,7 +693,8 @@ impl CudaModel {
         let v = self.spec.vocab_size;
         let parts = v.div_ceil(2048).clamp(1, 128);
         let mut part_v = self.empty(rows * parts)?;
-        let mut part_i = self.stream.alloc_zeros::<i32>(rows * parts).map_err(drv)?;
+        // SAFETY: argmax_rows writes every (row, part) of both.
+        let mut part_i = unsafe { self.stream.alloc::<i32>(rows * parts) }.map_err(drv)?;
         let (vi, pi) = (v as i32, parts as i32);
         let mut b = crate::launch::builder(&self.stream, &self.ops.argmax_rows);
         b.arg(logits).arg(&vi).arg(&mut part_v).arg(&mut part_i);
@@ -721,9 +739,21 @@ impl CudaModel {
     /// Router, grouping and the grouped MXFP4 kernels, all on the GPU: no host round trip.
     fn moe_stacked(&self, spec: &MoeSpec, logits: &CudaSlice<f32>, bias: Option<&CudaSlice<f32>>, w: &MoeWeights, hn: &CudaSlice<f32>, n: usize) -> Result<CudaSlice<f32>> {
         let (r, _, _) = self.route_device(spec, logits, bias, n)?;
-        let mut scratch = self.kernels.moe_scratch(w, r.num_pairs)?;
+        // The model's counters (zero between calls), unless this layer needs more of them.
+        let mut slot = self.moe_counters.lock().map_err(|_| Error::Backend("MoE counters lock poisoned".into()))?;
+        let kept = slot.take_if(|c| c.len() >= Kernels::moe_counters(w, r.num_pairs));
+        drop(slot);
+        let was_kept = kept.is_some();
+        let mut scratch = match kept {
+            Some(c) => self.kernels.moe_scratch_with(w, r.num_pairs, c)?,
+            None => self.kernels.moe_scratch(w, r.num_pairs)?,
+        };
         let mut y = self.empty(n * self.spec.hidden_size)?;
-        self.kernels.moe_mxfp4(w, &r, hn, &mut scratch, &mut y)?;
+        let run = self.kernels.moe_mxfp4(w, &r, hn, &mut scratch, &mut y);
+        if was_kept {
+            *self.moe_counters.lock().map_err(|_| Error::Backend("MoE counters lock poisoned".into()))? = Some(scratch.counters);
+        }
+        run?;
         Ok(y)
     }
 
@@ -754,7 +784,6 @@ impl CudaModel {
         // (prefill chunks) group in a separate 1024-thread kernel: one 256-thread block took
         // 44 us per layer for 64 tokens under ncu.
         let fused = n <= FUSED_GROUP_MAX_TOKENS;
-        let mut counter = if fused { Some(st.alloc_zeros::<u32>(1).map_err(drv)?) } else { None };
         let (ei, ki, sm, ng, tg, norm, sc, mu, pi) = (e as i32, k as i32, matches!(spec.scoring, RouterScoring::Softmax) as i32, spec.n_group as i32, spec.topk_group as i32, spec.norm_topk_prob as i32, spec.routed_scaling_factor, max_u as i32, p as i32);
         let mut b = crate::launch::builder(st, &self.ops.moe_route);
         b.arg(logits);
@@ -763,10 +792,12 @@ impl CudaModel {
             None => b.arg(&0u64),
         };
         b.arg(&mut topk_idx).arg(&mut topk_w).arg(&ei).arg(&ki).arg(&sm).arg(&ng).arg(&tg).arg(&norm).arg(&sc);
-        match &mut counter {
-            Some(c) => b.arg(c),
-            None => b.arg(&0u64),
-        };
+        // The model's counter: no memset per layer (the kernel leaves it at zero).
+        if fused {
+            b.arg(&self.route_counter);
+        } else {
+            b.arg(&0u64);
+        }
         b.arg(&mu).arg(&mut r.experts).arg(&mut r.pair_off).arg(&mut r.pair_tok).arg(&mut r.pair_w).arg(&mut r.tok_pairs);
         // Shared memory: scores and choices (2 E floats) while routing; counts, starts and a
         // chunk of 1024 choices (GROUP_CHUNK in ops.cu) while grouping.

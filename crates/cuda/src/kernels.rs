@@ -108,6 +108,10 @@ pub struct Kernels {
     /// Tiled-layout MoE kernels (kernels/moe.cu), one per `TILED_VARIANTS` entry.
     gate_up_tiled: Vec<CudaFunction>,
     down_tiled: Vec<CudaFunction>,
+    /// The one-launch gate_up + down kernels, one per `TILED_VARIANTS` entry.
+    fused_tiled: Vec<CudaFunction>,
+    /// Streaming multiprocessors of the GPU (the fused MoE's resident grid).
+    sms: usize,
     sample: CudaFunction,
     adjust: CudaFunction,
     logprobs: CudaFunction,
@@ -146,6 +150,12 @@ pub enum MoeKernel {
     /// steps of 544 bytes; the routed combine fused into the down kernel. Compiled rings:
     /// `TILED_VARIANTS`.
     Tiled { stages: usize, steps: usize },
+    /// Tiled's arithmetic and rings in one persistent launch (`moe_fused_bulk_*`): gate_up
+    /// items, then down items that wait per expert slot for its gate_up items, each warp's ring
+    /// running on from one item to the next; block b takes items b, b + grid, ... At most
+    /// `max_blocks` blocks (0: as many as are resident at once; never more, which the waits
+    /// rely on).
+    Fused { stages: usize, steps: usize, max_blocks: usize },
 }
 
 impl MoeKernel {
@@ -165,6 +175,26 @@ impl MoeKernel {
     /// The tiled layout's default kernel: 2 stages of 4 steps (H100, Flash and Pro expert
     /// shapes, 1..64 tokens: 57-80% of copy bandwidth; benches/results/2026-11-23-moe-tiled-pdl.md).
     pub const TILED: MoeKernel = MoeKernel::Tiled { stages: 2, steps: 4 };
+
+    /// The one-launch form of `TILED`, on as many blocks as are resident.
+    pub const FUSED: MoeKernel = MoeKernel::Fused { stages: 2, steps: 4, max_blocks: 0 };
+
+    /// The kernel `moe_mxfp4` uses for tiled weights and `tokens` tokens: the one-launch kernel
+    /// at 1 token, where the boundary between two launches costs most (H100, calls back to
+    /// back: Flash shapes 67.3% of copy bandwidth against 50.5%, Pro 64.6% against 59.3%); two
+    /// launches above (2 tokens within 2% either way, 8 tokens 80.7% against 74.8%;
+    /// benches/results/2026-11-23-moe-fused.md). `PEREGRINE_MOE_KERNEL=tiled` or `fused`
+    /// forces one (for measurements); the fused kernel needs top-k <= 32.
+    pub fn for_tiled(tokens: usize, top_k: usize) -> MoeKernel {
+        static CHOICE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+        let fused_ok = top_k <= MAX_FUSED_TOPK;
+        match CHOICE.get_or_init(|| std::env::var("PEREGRINE_MOE_KERNEL").ok()).as_deref() {
+            Some("fused") if fused_ok => MoeKernel::FUSED,
+            Some("tiled") => MoeKernel::TILED,
+            _ if fused_ok && tokens == 1 => MoeKernel::FUSED,
+            _ => MoeKernel::TILED,
+        }
+    }
 }
 
 /// Host-side grouping of a batch's routing (token -> top-k (expert, weight)) by expert, so
@@ -335,6 +365,8 @@ impl Kernels {
             down_pipe: [f("moe_down_pipe_s1")?, f("moe_down_pipe_s2")?, f("moe_down_pipe_s4")?, f("moe_down_pipe_s8")?],
             gate_up_tiled: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_gate_up_bulk_n{n}_c{c}"))).collect::<Result<_>>()?,
             down_tiled: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_down_bulk_n{n}_c{c}"))).collect::<Result<_>>()?,
+            fused_tiled: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_fused_bulk_n{n}_c{c}"))).collect::<Result<_>>()?,
+            sms: gpu.ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(drv("SM count"))? as usize,
             sample,
             adjust,
             logprobs,
@@ -651,12 +683,26 @@ impl Kernels {
         })
     }
 
+    /// Counters the tiled kernels need for up to `max_pairs` pairs: the combine's arrivals per
+    /// group of 8 down tiles, then two per expert slot for the fused kernel's waits.
+    pub fn moe_counters(w: &MoeWeights, max_pairs: usize) -> usize {
+        (w.hidden / 16).div_ceil(8) + 2 * max_pairs.min(w.num_experts)
+    }
+
     pub fn moe_scratch(&self, w: &MoeWeights, max_pairs: usize) -> Result<MoeScratch> {
+        let counters = self.stream.alloc_zeros(Self::moe_counters(w, max_pairs)).map_err(drv("alloc"))?;
+        self.moe_scratch_with(w, max_pairs, counters)
+    }
+
+    /// Scratch around counters kept from an earlier call (zero between calls: the kernels reset
+    /// them), so a decode step sets no memory per layer.
+    pub fn moe_scratch_with(&self, w: &MoeWeights, max_pairs: usize, counters: CudaSlice<u32>) -> Result<MoeScratch> {
+        check(counters.len() >= Self::moe_counters(w, max_pairs), || "MoE counters too small".into())?;
         Ok(MoeScratch {
             // Written in full (rows of every pair) before they are read.
             h: unsafe { self.stream.alloc(max_pairs.max(1) * w.inter) }.map_err(drv("alloc"))?,
             out: unsafe { self.stream.alloc(max_pairs.max(1) * w.hidden) }.map_err(drv("alloc"))?,
-            counters: self.stream.alloc_zeros((w.hidden / 16).div_ceil(8).max(1)).map_err(drv("alloc"))?,
+            counters,
         })
     }
 
@@ -666,7 +712,7 @@ impl Kernels {
     /// else the CUDA-core v2 kernels.
     pub fn moe_mxfp4(&self, w: &MoeWeights, r: &DeviceRouting, x: &CudaSlice<f32>, scratch: &mut MoeScratch, y: &mut CudaSlice<f32>) -> Result<()> {
         let kind = match w.layout {
-            MoeLayout::Tiled { .. } => MoeKernel::TILED,
+            MoeLayout::Tiled { .. } => MoeKernel::for_tiled(r.num_tokens, r.top_k),
             MoeLayout::RowMajor { .. } if w.hidden.is_multiple_of(64) && w.inter.is_multiple_of(64) => MoeKernel::for_tokens(r.num_tokens),
             MoeLayout::RowMajor { .. } => MoeKernel::V2,
         };
@@ -717,6 +763,33 @@ impl Kernels {
                 if fused {
                     return Ok(());
                 }
+            }
+            (MoeLayout::Tiled { gate_up, gate_up_s, down, down_s }, MoeKernel::Fused { stages, steps, max_blocks }) => {
+                let v = TILED_VARIANTS
+                    .iter()
+                    .position(|&p| p == (stages, steps))
+                    .ok_or_else(|| Error::Backend(format!("tiled MoE kernel ({stages} stages of {steps}) is not compiled; have {TILED_VARIANTS:?}")))?;
+                check(r.top_k <= MAX_FUSED_TOPK, || format!("the fused MoE kernel combines at most {MAX_FUSED_TOPK} experts per token, not {}", r.top_k))?;
+                let np = r.num_tokens.clamp(1, 4);
+                let smem = 8 * stages * steps * 544 + h.max(i) * 4 * np;
+                check(smem <= TILED_MAX_SMEM, || format!("MoE dims {h}, {i} need more than {TILED_MAX_SMEM} bytes of shared memory"))?;
+                let f = &self.fused_tiled[v];
+                let (gug, dg) = ((i / 8).div_ceil(8), (h / 16).div_ceil(8));
+                check(scratch.counters.len() >= dg + 2 * u as usize, || "MoE scratch counters too small".into())?;
+                // Block b starts with item b, and down items wait on gate_up items: the grid
+                // must be resident at once, so it is never larger than what fits.
+                let fit = f.occupancy_max_active_blocks_per_multiprocessor(256, smem, None).map_err(drv("MoE occupancy"))? as usize;
+                check(fit > 0, || format!("the fused MoE kernel does not fit an SM with {smem} bytes of shared memory"))?;
+                let resident = fit * self.sms;
+                let blocks = if max_blocks == 0 { resident } else { max_blocks.min(resident) };
+                let items = u as usize * (gug + dg);
+                let cfg = LaunchConfig { grid_dim: (items.min(blocks) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem as u32 };
+                let (ti, ki, ui) = (r.num_tokens as i32, r.top_k as i32, u as i32);
+                let mut b = crate::launch::builder(&self.stream, f);
+                b.arg(gate_up).arg(gate_up_s).arg(down).arg(down_s).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_tok).arg(&r.pair_w).arg(x);
+                b.arg(&mut scratch.h).arg(&mut scratch.out).arg(&hh).arg(&ii).arg(&ui).arg(&mut scratch.counters).arg(&r.tok_pairs).arg(&mut *y).arg(&ti).arg(&ki);
+                unsafe { b.launch(cfg) }.map_err(drv("moe (fused, tiled)"))?;
+                return Ok(());
             }
             (MoeLayout::RowMajor { gate, gate_s, up, up_s, down, down_s }, MoeKernel::TensorCore | MoeKernel::Pipelined { .. }) => {
                 check(h % 64 == 0 && i % 64 == 0, || format!("MoE dims {h}, {i} must be multiples of 64 for the tensor-core kernels"))?;

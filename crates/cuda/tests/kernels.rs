@@ -231,10 +231,15 @@ fn mxfp4_moe_decode_matches_the_cpu_reference() {
             kern.moe_mxfp4_with(MoeKernel::TensorCore, &w, &dr, &xd, &mut scratch, &mut y3).unwrap();
             let mut yt = poisoned(&g, t * h);
             kern.moe_mxfp4(&wt, &dr, &xd, &mut scratch, &mut yt).unwrap();
-            // Every compiled (depth, split), each twice: the fused combine's counters must
-            // come back to zero after a call.
+            // Every compiled ring, each twice: the counters (the fused combine's, the fused
+            // kernel's waits) must come back to zero after a call.
             let mut yt_all = Vec::new();
-            for kind in peregrine_cuda::kernels::TILED_VARIANTS.iter().map(|&(stages, steps)| MoeKernel::Tiled { stages, steps }) {
+            // The fused kernel as wide as fits, and on 1 and 3 blocks (each block then runs many items,
+            // gate_up then down, with its ring running on between them).
+            let kinds = peregrine_cuda::kernels::TILED_VARIANTS.iter().flat_map(|&(stages, steps)| {
+                [MoeKernel::Tiled { stages, steps }, MoeKernel::Fused { stages, steps, max_blocks: 0 }, MoeKernel::Fused { stages, steps, max_blocks: 1 }, MoeKernel::Fused { stages, steps, max_blocks: 3 }]
+            });
+            for kind in kinds {
                 for _ in 0..2 {
                     let mut yv = poisoned(&g, t * h);
                     kern.moe_mxfp4_with(kind, &wt, &dr, &xd, &mut scratch, &mut yv).unwrap();
