@@ -524,3 +524,5 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
     }
 MOE_BULK(2, 4)
 MOE_BULK(4, 2)
+MOE_BULK(3, 4)
+MOE_BULK(4, 4)

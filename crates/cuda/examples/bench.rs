@@ -183,7 +183,10 @@ fn main() {
             hidden: h,
             inter: i,
         };
+        let t0 = std::time::Instant::now();
+        let tuned = k.tune_moe(&wt, top_k).unwrap();
         println!("\nMoE MXFP4 decode, {name}: {e} experts, hidden {h}, expert intermediate {i}, top-{top_k}, uniform routing");
+        println!("(kernels tuned in {:.2} s over {} candidates; the default below is the tuned choice up to {} tokens)", t0.elapsed().as_secs_f64(), tuned.len(), peregrine_cuda::moe_tune::TUNED_TOKENS);
         println!("tokens  experts  bytes(MB)       ms     GB/s  of copy bw   (the default kernel, 20 calls back to back between events)");
         let x = s.clone_htod(&(0..64 * h).map(|_| rng.random::<f32>() - 0.5).collect::<Vec<_>>()).unwrap();
         let mut y = s.alloc_zeros::<f32>(64 * h).unwrap();
@@ -212,7 +215,7 @@ fn main() {
             // One call at a time (synchronised after each, so the first launch's host latency
             // is in the number), then back to back.
             let mut alone = |kind: MoeKernel, w: &MoeWeights| time(20, &mut |run| k.moe_mxfp4_with(kind, w, &dev[run % dev.len()], &x, &mut scratch, &mut y).unwrap());
-            let default = MoeKernel::for_tiled(t, top_k);
+            let default = k.tuned_moe(&wt, top_k, t).unwrap_or(MoeKernel::for_tiled(t, top_k));
             let ms_alone = alone(default, &wt);
             let ms2 = alone(MoeKernel::TensorCore, &w);
             let ms3 = alone(MoeKernel::PIPELINED, &w);

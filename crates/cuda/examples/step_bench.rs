@@ -154,7 +154,9 @@ fn main() {
 
     let t0 = Instant::now();
     let mut model = CudaModel::synthetic(gpu, &spec, 1).expect("synthetic weights");
-    println!("synthetic weights generated in {:.1} s", t0.elapsed().as_secs_f64());
+    println!("synthetic weights generated (and the MoE kernels tuned) in {:.1} s", t0.elapsed().as_secs_f64());
+    let choices: Vec<String> = model.moe_kernel_choices().iter().map(|(t, k)| format!("{t}: {k:?}")).collect();
+    println!("MoE kernel per token count (measured at load): {}", choices.join(", "));
     let max_batch = args.batches.iter().copied().max().unwrap_or(1);
     let draft_spec = (args.draft_layers > 0).then(|| {
         // The MiMo-V2.5-Pro drafter's layout (head_dim 128, 8 KV heads, partial rotary 0.5,

@@ -387,6 +387,20 @@ impl CudaModel {
             .max();
         let moe_counters = counters.map(|n| s.alloc_zeros::<u32>(n)).transpose().map_err(drv)?;
         let route_counter = s.alloc_zeros::<u32>(1).map_err(drv)?;
+        // The MoE decode kernel per token count, measured on the first MoE layer's experts
+        // (every MoE layer of a model has the same shapes).
+        let first_moe = layers.iter().find_map(|l| match &l.mlp {
+            Mlp::Moe { spec, experts: Experts::Stacked(w), .. } => Some((w, spec.top_k)),
+            _ => None,
+        });
+        if let Some((w, top_k)) = first_moe {
+            let t0 = std::time::Instant::now();
+            let timings = kernels.tune_moe(w, top_k)?;
+            if !timings.is_empty() {
+                let chosen: Vec<String> = (1..=crate::moe_tune::TUNED_TOKENS).filter_map(|t| kernels.tuned_moe(w, top_k, t).map(|k| format!("{t}: {k:?}"))).collect();
+                tracing::info!("MoE kernels tuned in {:.2} s: {}", t0.elapsed().as_secs_f64(), chosen.join(", "));
+            }
+        }
         Ok(CudaModel {
             spec: spec.clone(),
             final_norm,
@@ -418,6 +432,18 @@ impl CudaModel {
 
     pub fn gpu(&self) -> &Gpu {
         &self.gpu
+    }
+
+    /// The MoE decode kernel chosen per token count (1..=`moe_tune::TUNED_TOKENS`) for this
+    /// model's experts, as `tune_moe` measured at load; empty when nothing was tuned.
+    pub fn moe_kernel_choices(&self) -> Vec<(usize, crate::MoeKernel)> {
+        self.layers
+            .iter()
+            .find_map(|l| match &l.mlp {
+                Mlp::Moe { spec, experts: Experts::Stacked(w), .. } => Some((1..=crate::moe_tune::TUNED_TOKENS).filter_map(|t| self.kernels.tuned_moe(w, spec.top_k, t).map(|k| (t, k))).collect()),
+                _ => None,
+            })
+            .unwrap_or_default()
     }
 
     pub(crate) fn zeros(&self, n: usize) -> Result<CudaSlice<f32>> {

@@ -67,11 +67,13 @@ use crate::device::{nvrtc_arch, Gpu};
 
 /// Tokens one kernel pass handles (MAXT in the source); more are done in passes.
 pub const MAX_TOKENS_PER_PASS: usize = 8;
-/// The (stages, steps per stage) rings the tiled MoE kernels are compiled for. Measured on the
-/// H100 (benches/results/2026-11-23-moe-tiled-pdl.md): 2 x 4 best or within noise of the best
-/// at 1-64 tokens; 3 x 2, 4 x 4, 8 x 2, 8 x 1 and 6 x 1 rings, register rings of 4 and 8 steps,
-/// and 2 or 4 warps sharing a tile's K were slower and dropped.
-pub const TILED_VARIANTS: [(usize, usize); 2] = [(2, 4), (4, 2)];
+/// The (stages, steps per stage) rings the tiled MoE kernels are compiled for, each as two
+/// launches and as one; `Kernels::tune_moe` picks among them per shape and token count. On the
+/// H100 (benches/results/2026-11-23-moe-fused.md) 2 x 4 is the best two-launch ring from 4 to
+/// 64 tokens for both MiMo shapes, but 3 x 4 is best at 1-2 tokens for MiMo-V2.5-Pro's experts
+/// and 4 x 4 nearly so at 1 token for Flash's; 3 x 2, 8 x 2, 8 x 1 and 6 x 1 rings, register
+/// rings of 4 and 8 steps, and 2 or 4 warps sharing a tile's K were slower and dropped.
+pub const TILED_VARIANTS: [(usize, usize); 4] = [(2, 4), (4, 2), (3, 4), (4, 4)];
 /// Activations as F16 hi and lo parts of each row times a power of two, and the inverse powers
 /// (the FP8 tensor-core GEMV's input; `split_f16`'s output).
 pub type F16Split = (CudaSlice<u16>, CudaSlice<u16>, CudaSlice<f32>);
@@ -84,7 +86,7 @@ pub const TILED_MAX_SMEM: usize = 200 * 1024;
 const ROWS_PER_BLOCK: u32 = 8;
 
 pub struct Kernels {
-    stream: Arc<CudaStream>,
+    pub(crate) stream: Arc<CudaStream>,
     bf16: CudaFunction,
     fp8: CudaFunction,
     mxfp4: CudaFunction,
@@ -112,6 +114,8 @@ pub struct Kernels {
     fused_tiled: Vec<CudaFunction>,
     /// Streaming multiprocessors of the GPU (the fused MoE's resident grid).
     sms: usize,
+    /// MoE kernels chosen by measurement (`tune_moe`).
+    pub(crate) moe_choices: std::sync::Mutex<crate::moe_tune::MoeChoices>,
     sample: CudaFunction,
     adjust: CudaFunction,
     logprobs: CudaFunction,
@@ -179,20 +183,25 @@ impl MoeKernel {
     /// The one-launch form of `TILED`, on as many blocks as are resident.
     pub const FUSED: MoeKernel = MoeKernel::Fused { stages: 2, steps: 4, max_blocks: 0 };
 
-    /// The kernel `moe_mxfp4` uses for tiled weights and `tokens` tokens: the one-launch kernel
-    /// at 1 token, where the boundary between two launches costs most (H100, calls back to
-    /// back: Flash shapes 67.3% of copy bandwidth against 50.5%, Pro 64.6% against 59.3%); two
-    /// launches above (2 tokens within 2% either way, 8 tokens 80.7% against 74.8%;
-    /// benches/results/2026-11-23-moe-fused.md). `PEREGRINE_MOE_KERNEL=tiled` or `fused`
-    /// forces one (for measurements); the fused kernel needs top-k <= 32.
+    /// The kernel `moe_mxfp4` uses for tiled weights and `tokens` tokens when nothing was
+    /// tuned (`Kernels::tune_moe`) for the shape: the one-launch kernel at 1 token, where the
+    /// boundary between two launches costs most (H100, calls back to back: Flash shapes 67.3%
+    /// of copy bandwidth against 50.5%, Pro 64.6% against 59.3%); two launches above (2 tokens
+    /// within 2% either way, 8 tokens 80.7% against 74.8%; benches/results/2026-11-23-moe-fused.md).
     pub fn for_tiled(tokens: usize, top_k: usize) -> MoeKernel {
+        if top_k <= MAX_FUSED_TOPK && tokens == 1 { MoeKernel::FUSED } else { MoeKernel::TILED }
+    }
+
+    /// `PEREGRINE_MOE_KERNEL=tiled` (two launches, 2 x 4 ring), `fused` (one launch, 2 x 4) or
+    /// `default` (`for_tiled`, no tuning) overrides the tuned choice, for measurements:
+    /// Some(Some(kind)), Some(None) for `default`, None when unset.
+    fn forced() -> Option<Option<MoeKernel>> {
         static CHOICE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-        let fused_ok = top_k <= MAX_FUSED_TOPK;
         match CHOICE.get_or_init(|| std::env::var("PEREGRINE_MOE_KERNEL").ok()).as_deref() {
-            Some("fused") if fused_ok => MoeKernel::FUSED,
-            Some("tiled") => MoeKernel::TILED,
-            _ if fused_ok && tokens == 1 => MoeKernel::FUSED,
-            _ => MoeKernel::TILED,
+            Some("fused") => Some(Some(MoeKernel::FUSED)),
+            Some("tiled") => Some(Some(MoeKernel::TILED)),
+            Some("default") => Some(None),
+            _ => None,
         }
     }
 }
@@ -366,6 +375,7 @@ impl Kernels {
             gate_up_tiled: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_gate_up_bulk_n{n}_c{c}"))).collect::<Result<_>>()?,
             down_tiled: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_down_bulk_n{n}_c{c}"))).collect::<Result<_>>()?,
             fused_tiled: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_fused_bulk_n{n}_c{c}"))).collect::<Result<_>>()?,
+            moe_choices: Default::default(),
             sms: gpu.ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(drv("SM count"))? as usize,
             sample,
             adjust,
@@ -712,7 +722,10 @@ impl Kernels {
     /// else the CUDA-core v2 kernels.
     pub fn moe_mxfp4(&self, w: &MoeWeights, r: &DeviceRouting, x: &CudaSlice<f32>, scratch: &mut MoeScratch, y: &mut CudaSlice<f32>) -> Result<()> {
         let kind = match w.layout {
-            MoeLayout::Tiled { .. } => MoeKernel::for_tiled(r.num_tokens, r.top_k),
+            MoeLayout::Tiled { .. } => match MoeKernel::forced() {
+                Some(kind) => kind.filter(|k| !matches!(k, MoeKernel::Fused { .. }) || r.top_k <= MAX_FUSED_TOPK).unwrap_or_else(|| MoeKernel::for_tiled(r.num_tokens, r.top_k)),
+                None => self.tuned_moe(w, r.top_k, r.num_tokens).unwrap_or_else(|| MoeKernel::for_tiled(r.num_tokens, r.top_k)),
+            },
             MoeLayout::RowMajor { .. } if w.hidden.is_multiple_of(64) && w.inter.is_multiple_of(64) => MoeKernel::for_tokens(r.num_tokens),
             MoeLayout::RowMajor { .. } => MoeKernel::V2,
         };

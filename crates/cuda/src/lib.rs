@@ -18,6 +18,7 @@ mod speculate;
 pub mod step;
 pub mod kernels;
 mod launch;
+pub mod moe_tune;
 pub mod mxfp4_tiles;
 mod weights;
 #[cfg(test)]

@@ -201,6 +201,12 @@ fn mxfp4_moe_decode_matches_the_cpu_reference() {
         let w = MoeWeights::upload(&g.stream, false, &gate, &gate_s, &up, &up_s, &down, &down_s, e, h, i).unwrap();
         // The same experts in the tiled layout (re-laid out on the host, as the loader does).
         let wt = MoeWeights::upload(&g.stream, true, &gate, &gate_s, &up, &up_s, &down, &down_s, e, h, i).unwrap();
+        // The default for tiled weights becomes the measured fastest kernel per token count.
+        let timings = kern.tune_moe(&wt, top_k).unwrap();
+        assert!(timings.iter().all(|&(_, _, ms)| ms.is_finite() && ms > 0.0), "MoE tuning timings: {timings:?}");
+        for t in 1..=peregrine_cuda::moe_tune::TUNED_TOKENS {
+            assert!(kern.tuned_moe(&wt, top_k, t).is_some(), "no MoE kernel tuned for {t} tokens");
+        }
         let deq = |b: &[u8], s: &[u8], ex: usize, rows: usize, cols: usize| {
             dequant_mxfp4(&b[ex * rows * cols / 2..(ex + 1) * rows * cols / 2], &s[ex * rows * cols / 32..(ex + 1) * rows * cols / 32], rows, cols)
         };
@@ -268,8 +274,13 @@ fn mxfp4_moe_decode_matches_the_cpu_reference() {
             assert_close(&format!("moe mxfp4 (v2) T={t}"), &g.stream.clone_dtoh(&y2).unwrap(), &want);
             assert_close(&format!("moe mxfp4 (tensor cores, registers) {h}x{i} T={t}"), &g.stream.clone_dtoh(&y3).unwrap(), &want);
             assert_close(&format!("moe mxfp4 (tiled, default) {h}x{i} T={t}"), &g.stream.clone_dtoh(&yt).unwrap(), &want);
+            // Every tiled kernel does the same arithmetic in the same order (which is what lets
+            // the tuner choose among them freely): bit-identical outputs.
+            let yt_host = g.stream.clone_dtoh(&yt).unwrap();
             for (kind, yv) in &yt_all {
-                assert_close(&format!("moe mxfp4 ({kind:?}) {h}x{i} T={t}"), &g.stream.clone_dtoh(yv).unwrap(), &want);
+                let yv = g.stream.clone_dtoh(yv).unwrap();
+                assert_close(&format!("moe mxfp4 ({kind:?}) {h}x{i} T={t}"), &yv, &want);
+                assert!(yv.iter().zip(&yt_host).all(|(a, b)| a.to_bits() == b.to_bits()), "moe mxfp4 ({kind:?}) {h}x{i} T={t} differs from the default in some bit");
             }
             assert_eq!(g.stream.clone_dtoh(&scratch.counters).unwrap().iter().filter(|&&c| c != 0).count(), 0, "combine counters left non-zero");
             // Every K split of the pipelined kernels (the default is one of them).

@@ -1,0 +1,118 @@
+//! Choosing the MXFP4 MoE decode kernel by measurement. Which ring shape, and whether gate_up
+//! and down run as one launch or two, is fastest depends on the expert shape and the token
+//! count (on the H100 at 1 token: the one-launch 2 x 4 ring for MiMo-V2-Flash experts, two
+//! launches with a 3 x 4 ring for MiMo-V2.5-Pro's; benches/results/2026-11-23-moe-fused.md).
+//! Every candidate computes each output with the same arithmetic in the same order, so the
+//! choice changes speed only, never results. Tuned once per expert shape at model load, outside
+//! any graph capture.
+
+use std::collections::HashMap;
+
+use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::CudaSlice;
+use peregrine_core::Result;
+
+use crate::kernels::{Kernels, MoeKernel, MoeLayout, MoeRouting, MoeWeights, TILED_VARIANTS};
+
+/// Token counts tuned; larger batches use the default (`MoeKernel::for_tiled`).
+pub const TUNED_TOKENS: usize = 8;
+
+/// (hidden, intermediate, experts, top-k, tokens) -> the kernel measured fastest.
+pub(crate) type MoeChoices = HashMap<(usize, usize, usize, usize, usize), MoeKernel>;
+
+/// One measured candidate: token count, kernel, milliseconds per call.
+pub type MoeTiming = (usize, MoeKernel, f32);
+
+impl Kernels {
+    /// Times every compiled tiled kernel (two launches and one launch, each ring) on `w` with
+    /// uniform random routings of 1..=`TUNED_TOKENS` tokens, and keeps the fastest per token
+    /// count for `moe_mxfp4`. Returns every timing (for logs and benches). Row-major weights and
+    /// `PEREGRINE_MOE_TUNE=0` tune nothing.
+    pub fn tune_moe(&self, w: &MoeWeights, top_k: usize) -> Result<Vec<MoeTiming>> {
+        if !matches!(w.layout, MoeLayout::Tiled { .. }) || std::env::var("PEREGRINE_MOE_TUNE").is_ok_and(|v| v == "0") {
+            return Ok(Vec::new());
+        }
+        let (e, h) = (w.num_experts, w.hidden);
+        let k_route = top_k.min(e);
+        let st = &self.stream;
+        let drv = |e: cudarc::driver::DriverError| peregrine_core::Error::Backend(format!("MoE tuning: {e}"));
+        let ev = || st.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(drv);
+        let (e0, e1) = (ev()?, ev()?);
+        // A fixed-seed generator: the same routings every load.
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let x: Vec<f32> = (0..TUNED_TOKENS * h).map(|_| (next() % 2001) as f32 / 1000.0 - 1.0).collect();
+        let x = st.clone_htod(&x).map_err(drv)?;
+        let mut y: CudaSlice<f32> = st.alloc_zeros(TUNED_TOKENS * h).map_err(drv)?;
+        let mut scratch = self.moe_scratch(w, TUNED_TOKENS * k_route)?;
+        let mut kinds = Vec::new();
+        for &(stages, steps) in TILED_VARIANTS.iter() {
+            kinds.push(MoeKernel::Tiled { stages, steps });
+            kinds.push(MoeKernel::Fused { stages, steps, max_blocks: 0 });
+        }
+        let mut timings = Vec::new();
+        let mut chosen = Vec::new();
+        for t in 1..=TUNED_TOKENS {
+            // Four routings in turn, so an expert's weights are rarely still in L2.
+            let routings = (0..4)
+                .map(|_| {
+                    let choices: Vec<Vec<(usize, f32)>> = (0..t)
+                        .map(|_| {
+                            let mut ex: Vec<usize> = (0..e).collect();
+                            for j in 0..k_route {
+                                let k = j + (next() as usize) % (e - j);
+                                ex.swap(j, k);
+                            }
+                            ex[..k_route].iter().map(|&x| (x, 1.0 / k_route as f32)).collect()
+                        })
+                        .collect();
+                    self.upload_routing(&MoeRouting::new(&choices), e)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let mut best: Option<(MoeKernel, f32)> = None;
+            for &kind in &kinds {
+                let mut call = |i: usize| self.moe_mxfp4_with(kind, w, &routings[i % routings.len()], &x, &mut scratch, &mut y);
+                // A kernel that cannot run this shape (shared memory, top-k) is skipped.
+                if call(0).is_err() {
+                    continue;
+                }
+                call(1)?;
+                let mut runs = Vec::with_capacity(3);
+                for _ in 0..3 {
+                    e0.record(st).map_err(drv)?;
+                    for i in 0..8 {
+                        call(i)?;
+                    }
+                    e1.record(st).map_err(drv)?;
+                    e1.synchronize().map_err(drv)?;
+                    runs.push(e0.elapsed_ms(&e1).map_err(drv)? / 8.0);
+                }
+                runs.sort_by(f32::total_cmp);
+                let ms = runs[1];
+                timings.push((t, kind, ms));
+                if best.is_none_or(|(_, b)| ms < b) {
+                    best = Some((kind, ms));
+                }
+            }
+            if let Some((kind, _)) = best {
+                chosen.push((t, kind));
+            }
+        }
+        let mut table = self.moe_choices.lock().map_err(|_| peregrine_core::Error::Backend("MoE choices lock poisoned".into()))?;
+        for (t, kind) in chosen {
+            table.insert((h, w.inter, e, top_k, t), kind);
+        }
+        Ok(timings)
+    }
+
+    /// The tuned kernel for this shape and token count, if `tune_moe` measured one.
+    pub fn tuned_moe(&self, w: &MoeWeights, top_k: usize, tokens: usize) -> Option<MoeKernel> {
+        let table = self.moe_choices.lock().ok()?;
+        table.get(&(w.hidden, w.inter, w.num_experts, top_k, tokens)).copied()
+    }
+}
