@@ -176,8 +176,9 @@ impl MoeKernel {
         if tokens <= 16 { MoeKernel::TensorCore } else { MoeKernel::PIPELINED }
     }
 
-    /// The tiled layout's default kernel: 2 stages of 4 steps (H100, Flash and Pro expert
-    /// shapes, 1..64 tokens: 57-80% of copy bandwidth; benches/results/2026-11-23-moe-tiled-pdl.md).
+    /// Two launches with a ring of 2 stages of 4 steps: the default above 1 token (H100, calls
+    /// back to back, Flash shapes 4-64 tokens: 73-82% of copy bandwidth;
+    /// benches/results/2026-11-23-moe-fused.md).
     pub const TILED: MoeKernel = MoeKernel::Tiled { stages: 2, steps: 4 };
 
     /// The one-launch form of `TILED`, on as many blocks as are resident.
