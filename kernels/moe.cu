@@ -282,6 +282,45 @@ __device__ __forceinline__ void combine_rows(const float* __restrict__ out, cons
     }
 }
 
+// A lane's results of one pass for pair p: rows g and g + 8 of 16-row tile rt. For gate_up they
+// are the gate and up of one intermediate row: h[p, 8 rt + g] = silu(gate) * up. For down,
+// out[p, 16 rt + g (+ 8)] times the pair's routing weight. `inv` undoes the activation scale.
+__device__ __forceinline__ void tile_store(bool gate_up, const float acc[4], float inv, float* __restrict__ y, int ldy, int p,
+                                           int rt, const float* __restrict__ pair_w) {
+    int g = (threadIdx.x & 31) >> 2;
+    float f = inv * 64.f;  // and the decode's 2^-6
+    float r0 = (acc[0] + acc[1]) * f, r1 = (acc[2] + acc[3]) * f;
+    if (gate_up) {
+        y[(size_t)p * ldy + rt * 8 + g] = r0 / (1.f + __expf(-r0)) * r1;
+    } else {
+        float pw = pair_w[p];
+        y[(size_t)p * ldy + rt * 16 + g] = r0 * pw;
+        y[(size_t)p * ldy + rt * 16 + g + 8] = r1 * pw;
+    }
+}
+
+// After a block's down outputs for row group grp (TW x 16 rows of H): counted on counters[grp];
+// the block that brings it to the number of used expert slots (of U) sums the group's rows of
+// every token (combine_rows) and resets the counter.
+__device__ __forceinline__ void combine_if_last(unsigned* counters, int grp, const int* __restrict__ pair_off, int U,
+                                                const float* __restrict__ out, const int* __restrict__ tok_pairs,
+                                                float* __restrict__ y, int H, int T, int topk) {
+    __shared__ int last;
+    __threadfence();  // this block's outputs are visible before it is counted
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int used = 0;
+        for (int i = 0; i < U; i++) used += pair_off[i] < pair_off[i + 1];
+        last = atomicAdd(counters + grp, 1u) + 1 == (unsigned)used;
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    int n0 = grp * TW * 16;
+    combine_rows(out, tok_pairs, y, H, n0, min(TW * 16, H - n0), T, topk);
+    if (threadIdx.x == 0) counters[grp] = 0u;
+}
+
 // GATE_UP: W = interleaved gate/up tiles [E][I/8][H/64], x [T, H] rows by pair_tok, writes
 //          h[p, i] = silu(gate_e x) * (up_e x) for i = 8 r + g.
 // else:    W = down tiles [E][H/16][I/64], x = h [pairs, I], writes out[p, n] = pair_w[p] *
@@ -301,12 +340,11 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
     __shared__ unsigned long long bars[TW * NS];
     __shared__ float red[TW * NP], scale[NP], inv[NP];
     __shared__ int rows[NP];
-    __shared__ int last;
     int u = blockIdx.y;
     int pb = pair_off[u], pe = pair_off[u + 1];
     if (pb >= pe) return;  // an unused expert slot (the whole block leaves)
     size_t e = (size_t)experts[u];
-    int w = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    int w = threadIdx.x >> 5, lane = threadIdx.x & 31, t = lane & 3;
     int rt = blockIdx.x * TW + w, KS = K / 64;
     bool active = rt < tiles;
     size_t tile = (e * tiles + (active ? rt : 0)) * KS;  // the warp's tile, in steps
@@ -330,34 +368,11 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
         stage_b(x, rows, np, K, reinterpret_cast<unsigned*>(frag), red, scale, inv);
         float acc[4] = {0.f, 0.f, 0.f, 0.f};
         if (active) tile_stream_bulk<NS, CS>(wt, st, KS, frag, 8 * np, acc, ring, wbars, seq);
-        if (active && t < np) {
-            float f = inv[t] * 64.f;  // undo the activation scale and the decode's 2^-6
-            // Rows g and g + 8 of the tile (gate and up of one intermediate row for GATE_UP).
-            float r0 = (acc[0] + acc[1]) * f, r1 = (acc[2] + acc[3]) * f;
-            if (GATE_UP) {
-                y[(size_t)(p0 + t) * ldy + rt * 8 + g] = r0 / (1.f + __expf(-r0)) * r1;
-            } else {
-                float pw = pair_w[p0 + t];
-                y[(size_t)(p0 + t) * ldy + rt * 16 + g] = r0 * pw;
-                y[(size_t)(p0 + t) * ldy + rt * 16 + g + 8] = r1 * pw;
-            }
-        }
+        if (active && t < np) tile_store(GATE_UP, acc, inv[t], y, ldy, p0 + t, rt, pair_w);
         __syncthreads();  // every warp is done with the fragments before the next pass restages
     }
     if (GATE_UP || counters == nullptr) return;
-    __threadfence();  // this block's outputs are visible before it is counted
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        int used = 0;
-        for (int i = 0; i < (int)gridDim.y; i++) used += pair_off[i] < pair_off[i + 1];
-        last = atomicAdd(counters + blockIdx.x, 1u) + 1 == (unsigned)used;
-    }
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    int n0 = blockIdx.x * TW * 16;
-    combine_rows(y, tok_pairs, comb, ldy, n0, min(TW * 16, ldy - n0), T, topk);
-    if (threadIdx.x == 0) counters[blockIdx.x] = 0u;
+    combine_if_last(counters, blockIdx.x, pair_off, gridDim.y, y, tok_pairs, comb, ldy, T, topk);
 }
 
 // One launch for the whole routed MLP (gate_up, then down with the combine) on a grid that is
@@ -395,8 +410,7 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
     __shared__ unsigned long long bars[TW * NS];
     __shared__ float red[TW * NP], scale[NP], inv[NP];
     __shared__ int rows[NP];
-    __shared__ int last;
-    int w = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    int w = threadIdx.x >> 5, lane = threadIdx.x & 31, t = lane & 3;
     const int gu_tiles = I / 8, d_tiles = H / 16;  // 16-row tiles (gate_up rows interleaved)
     const int gug = (gu_tiles + TW - 1) / TW, dg = (d_tiles + TW - 1) / TW;
     const int gu_items = U * gug, items = gu_items + U * dg;
@@ -460,38 +474,16 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
             float acc[4] = {0.f, 0.f, 0.f, 0.f};
             pre = 0;
             if (KS) pre = tile_stream_bulk<NS, CS>(wt, st, KS, frag, 8 * np, acc, ring, wbars, seq, nwt, nst, nKS);
-            if (KS && t < np) {
-                float f = inv[t] * 64.f;  // undo the activation scale and the decode's 2^-6
-                float r0 = (acc[0] + acc[1]) * f, r1 = (acc[2] + acc[3]) * f;
-                if (!down) {
-                    h[(size_t)(p0 + t) * I + rt * 8 + g] = r0 / (1.f + __expf(-r0)) * r1;
-                } else {
-                    float pw = pair_w[p0 + t];
-                    out[(size_t)(p0 + t) * H + rt * 16 + g] = r0 * pw;
-                    out[(size_t)(p0 + t) * H + rt * 16 + g + 8] = r1 * pw;
-                }
-            }
+            if (KS && t < np) tile_store(!down, acc, inv[t], down ? out : h, down ? H : I, p0 + t, rt, pair_w);
             __syncthreads();  // every warp is done with the fragments before the next pass restages
         }
-        if (pb < pe) {
-            __threadfence();  // this item's outputs are visible before it is counted
+        if (pb >= pe) continue;  // an unused expert slot
+        if (down) {
+            combine_if_last(counters, grp, pair_off, U, out, tok_pairs, y, H, T, topk);
+        } else {
+            __threadfence();  // this item's h is visible before it is counted
             __syncthreads();
-            if (!down) {
-                if (threadIdx.x == 0) atomicAdd(done + slot, 1u);
-            } else {
-                if (threadIdx.x == 0) {
-                    int used = 0;
-                    for (int i = 0; i < U; i++) used += pair_off[i] < pair_off[i + 1];
-                    last = atomicAdd(counters + grp, 1u) + 1 == (unsigned)used;
-                }
-                __syncthreads();
-                if (last) {
-                    __threadfence();
-                    int n0 = grp * TW * 16;
-                    combine_rows(out, tok_pairs, y, H, n0, min(TW * 16, H - n0), T, topk);
-                    if (threadIdx.x == 0) counters[grp] = 0u;
-                }
-            }
+            if (threadIdx.x == 0) atomicAdd(done + slot, 1u);
         }
     }
 }
