@@ -387,21 +387,7 @@ impl CudaModel {
             .max();
         let moe_counters = counters.map(|n| s.alloc_zeros::<u32>(n)).transpose().map_err(drv)?;
         let route_counter = s.alloc_zeros::<u32>(1).map_err(drv)?;
-        // The MoE decode kernel per token count, measured on the first MoE layer's experts
-        // (every MoE layer of a model has the same shapes).
-        let first_moe = layers.iter().find_map(|l| match &l.mlp {
-            Mlp::Moe { spec, experts: Experts::Stacked(w), .. } => Some((w, spec.top_k)),
-            _ => None,
-        });
-        if let Some((w, top_k)) = first_moe {
-            let t0 = std::time::Instant::now();
-            let timings = kernels.tune_moe(w, top_k)?;
-            if !timings.is_empty() {
-                let chosen: Vec<String> = (1..=crate::moe_tune::TUNED_TOKENS).filter_map(|t| kernels.tuned_moe(w, top_k, t).map(|k| format!("{t}: {k:?}"))).collect();
-                tracing::info!("MoE kernels tuned in {:.2} s: {}", t0.elapsed().as_secs_f64(), chosen.join(", "));
-            }
-        }
-        Ok(CudaModel {
+        let model = CudaModel {
             spec: spec.clone(),
             final_norm,
             stream: s,
@@ -419,6 +405,24 @@ impl CudaModel {
             moe_counters: std::sync::Mutex::new(moe_counters),
             route_counter,
             attn_split: std::env::var("PEREGRINE_ATTN_SPLIT").ok().and_then(|v| v.parse().ok()).filter(|&v: &usize| v >= 32).unwrap_or(512),
+        };
+        // The MoE decode kernel per token count, measured on the first MoE layer's experts
+        // (every MoE layer of a model has the same shapes).
+        if let Some((w, top_k)) = model.first_moe() {
+            let t0 = std::time::Instant::now();
+            if !model.kernels.tune_moe(w, top_k)?.is_empty() {
+                let chosen: Vec<String> = model.moe_kernel_choices().iter().map(|(t, k)| format!("{t}: {k:?}")).collect();
+                tracing::info!("MoE kernels tuned in {:.2} s: {}", t0.elapsed().as_secs_f64(), chosen.join(", "));
+            }
+        }
+        Ok(model)
+    }
+
+    /// The first layer with stacked (GPU-routed) experts: its weights and top-k.
+    fn first_moe(&self) -> Option<(&MoeWeights, usize)> {
+        self.layers.iter().find_map(|l| match &l.mlp {
+            Mlp::Moe { spec, experts: Experts::Stacked(w), .. } => Some((w, spec.top_k)),
+            _ => None,
         })
     }
 
@@ -437,13 +441,8 @@ impl CudaModel {
     /// The MoE decode kernel chosen per token count (1..=`moe_tune::TUNED_TOKENS`) for this
     /// model's experts, as `tune_moe` measured at load; empty when nothing was tuned.
     pub fn moe_kernel_choices(&self) -> Vec<(usize, crate::MoeKernel)> {
-        self.layers
-            .iter()
-            .find_map(|l| match &l.mlp {
-                Mlp::Moe { spec, experts: Experts::Stacked(w), .. } => Some((1..=crate::moe_tune::TUNED_TOKENS).filter_map(|t| self.kernels.tuned_moe(w, spec.top_k, t).map(|k| (t, k))).collect()),
-                _ => None,
-            })
-            .unwrap_or_default()
+        let Some((w, top_k)) = self.first_moe() else { return Vec::new() };
+        (1..=crate::moe_tune::TUNED_TOKENS).filter_map(|t| self.kernels.tuned_moe(w, top_k, t).map(|k| (t, k))).collect()
     }
 
     pub(crate) fn zeros(&self, n: usize) -> Result<CudaSlice<f32>> {

@@ -697,7 +697,7 @@ impl Kernels {
     /// Counters the tiled kernels need for up to `max_pairs` pairs: the combine's arrivals per
     /// group of 8 down tiles, then two per expert slot for the fused kernel's waits.
     pub fn moe_counters(w: &MoeWeights, max_pairs: usize) -> usize {
-        (w.hidden / 16).div_ceil(8) + 2 * max_pairs.min(w.num_experts)
+        ((w.hidden / 16).div_ceil(8) + 2 * max_pairs.min(w.num_experts)).max(1)
     }
 
     pub fn moe_scratch(&self, w: &MoeWeights, max_pairs: usize) -> Result<MoeScratch> {
