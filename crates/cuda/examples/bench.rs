@@ -215,7 +215,7 @@ fn main() {
             // One call at a time (synchronised after each, so the first launch's host latency
             // is in the number), then back to back.
             let mut alone = |kind: MoeKernel, w: &MoeWeights| time(20, &mut |run| k.moe_mxfp4_with(kind, w, &dev[run % dev.len()], &x, &mut scratch, &mut y).unwrap());
-            let default = k.tuned_moe(&wt, top_k, t).unwrap_or(MoeKernel::for_tiled(t, top_k));
+            let default = k.moe_kernel(&wt, t, top_k);
             let ms_alone = alone(default, &wt);
             let ms2 = alone(MoeKernel::TensorCore, &w);
             let ms3 = alone(MoeKernel::PIPELINED, &w);

@@ -71,8 +71,9 @@ pub const MAX_TOKENS_PER_PASS: usize = 8;
 /// launches and as one; `Kernels::tune_moe` picks among them per shape and token count. On the
 /// H100 (benches/results/2026-11-23-moe-fused.md) 2 x 4 is the best two-launch ring from 4 to
 /// 64 tokens for both MiMo shapes, but 3 x 4 is best at 1-2 tokens for MiMo-V2.5-Pro's experts
-/// and 4 x 4 nearly so at 1 token for Flash's; 3 x 2, 8 x 2, 8 x 1 and 6 x 1 rings, register
-/// rings of 4 and 8 steps, and 2 or 4 warps sharing a tile's K were slower and dropped.
+/// and 4 x 4 at 1 token for Flash's (where one launch beats every two-launch ring); 3 x 2,
+/// 8 x 2, 8 x 1 and 6 x 1 rings, register rings of 4 and 8 steps, and 2 or 4 warps sharing a
+/// tile's K were slower and dropped.
 pub const TILED_VARIANTS: [(usize, usize); 4] = [(2, 4), (4, 2), (3, 4), (4, 4)];
 /// Activations as F16 hi and lo parts of each row times a power of two, and the inverse powers
 /// (the FP8 tensor-core GEMV's input; `split_f16`'s output).
@@ -722,15 +723,20 @@ impl Kernels {
     /// weights; for row-major ones the tensor-core kernels when H and I are multiples of 64,
     /// else the CUDA-core v2 kernels.
     pub fn moe_mxfp4(&self, w: &MoeWeights, r: &DeviceRouting, x: &CudaSlice<f32>, scratch: &mut MoeScratch, y: &mut CudaSlice<f32>) -> Result<()> {
-        let kind = match w.layout {
+        self.moe_mxfp4_with(self.moe_kernel(w, r.num_tokens, r.top_k), w, r, x, scratch, y)
+    }
+
+    /// The kernel `moe_mxfp4` runs for `tokens` tokens of top-k routing over `w`: for tiled
+    /// weights the forced one (`PEREGRINE_MOE_KERNEL`), else the tuned one, else `for_tiled`.
+    pub fn moe_kernel(&self, w: &MoeWeights, tokens: usize, top_k: usize) -> MoeKernel {
+        match w.layout {
             MoeLayout::Tiled { .. } => match MoeKernel::forced() {
-                Some(kind) => kind.filter(|k| !matches!(k, MoeKernel::Fused { .. }) || r.top_k <= MAX_FUSED_TOPK).unwrap_or_else(|| MoeKernel::for_tiled(r.num_tokens, r.top_k)),
-                None => self.tuned_moe(w, r.top_k, r.num_tokens).unwrap_or_else(|| MoeKernel::for_tiled(r.num_tokens, r.top_k)),
+                Some(kind) => kind.filter(|k| !matches!(k, MoeKernel::Fused { .. }) || top_k <= MAX_FUSED_TOPK).unwrap_or_else(|| MoeKernel::for_tiled(tokens, top_k)),
+                None => self.tuned_moe(w, top_k, tokens).unwrap_or_else(|| MoeKernel::for_tiled(tokens, top_k)),
             },
-            MoeLayout::RowMajor { .. } if w.hidden.is_multiple_of(64) && w.inter.is_multiple_of(64) => MoeKernel::for_tokens(r.num_tokens),
+            MoeLayout::RowMajor { .. } if w.hidden.is_multiple_of(64) && w.inter.is_multiple_of(64) => MoeKernel::for_tokens(tokens),
             MoeLayout::RowMajor { .. } => MoeKernel::V2,
-        };
-        self.moe_mxfp4_with(kind, w, r, x, scratch, y)
+        }
     }
 
     /// The MoE decode with a chosen kernel generation (the bench compares them); the kernel
