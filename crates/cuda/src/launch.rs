@@ -9,6 +9,11 @@
 //!
 //! cudarc's launch builder sets no launch attributes, so this is a small builder of its own
 //! over `cuLaunchKernelEx`. `PEREGRINE_PDL=0` launches every kernel plainly (for comparison).
+//!
+//! `PEREGRINE_REPEAT_KERNELS=name,prefix*,...` (benchmarks only) launches each named kernel
+//! twice in a row: a captured step then shows what one more of that kernel costs inside the
+//! graph, which per-operation events (they break the PDL overlap) cannot. Output is wrong while
+//! it is set (in-place kernels apply twice).
 
 use std::ffi::c_void;
 use std::sync::OnceLock;
@@ -82,6 +87,39 @@ fn pdl_enabled(stream: &CudaStream) -> bool {
     })
 }
 
+/// The kernel names (or `prefix*` patterns) `PEREGRINE_REPEAT_KERNELS` asks to launch twice.
+fn repeated() -> &'static [String] {
+    static NAMES: OnceLock<Vec<String>> = OnceLock::new();
+    NAMES.get_or_init(|| std::env::var("PEREGRINE_REPEAT_KERNELS").map(|v| v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()).unwrap_or_default())
+}
+
+/// Whether `f` is one of the kernels to launch twice.
+fn repeats(f: &CudaFunction) -> bool {
+    let pats = repeated();
+    if pats.is_empty() {
+        return false;
+    }
+    let mut name: *const std::ffi::c_char = std::ptr::null();
+    // SAFETY: cuFuncGetName writes a pointer to a driver-owned NUL-terminated string.
+    if unsafe { sys::cuFuncGetName(&mut name, f.cu_function()) }.result().is_err() || name.is_null() {
+        return false;
+    }
+    let name = unsafe { std::ffi::CStr::from_ptr(name) }.to_string_lossy();
+    let hit = pats.iter().any(|p| match p.strip_suffix('*') {
+        Some(pre) => name.starts_with(pre),
+        None => name == p.as_str(),
+    });
+    if hit {
+        static SEEN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+        let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+        if !seen.iter().any(|s| *s == name) {
+            eprintln!("PEREGRINE_REPEAT_KERNELS: launching {name} twice");
+            seen.push(name.to_string());
+        }
+    }
+    hit
+}
+
 impl Launch<'_> {
     pub(crate) fn arg(&mut self, a: impl ArgRef) -> &mut Self {
         self.words.push(a.word(self.stream));
@@ -110,6 +148,10 @@ impl Launch<'_> {
             attrs: if pdl { &mut attr } else { std::ptr::null_mut() },
             numAttrs: pdl as u32,
         };
-        sys::cuLaunchKernelEx(&config, self.f.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()).result()
+        let times = if repeats(self.f) { 2 } else { 1 };
+        for _ in 0..times {
+            sys::cuLaunchKernelEx(&config, self.f.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()).result()?;
+        }
+        Ok(())
     }
 }
