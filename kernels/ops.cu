@@ -383,6 +383,19 @@ extern "C" __global__ void add_rms_norm_split(float* __restrict__ x, const float
     }
 }
 
+// Dim i of a head vector after partial rotate-half RoPE at position p (dims past rotary_dim pass
+// through): the one formula rope_kv_write and attention_v2's fused path share, so both give the
+// same bits.
+__device__ __forceinline__ float rope_dim(const float* vec, int i, int half, int rotary_dim, float theta, float p) {
+    if (i >= 2 * half) return vec[i];
+    int ii = i < half ? i : i - half;
+    float f = 1.f / powf(theta, (float)(2 * ii) / (float)rotary_dim);
+    float sn, c;
+    sincosf(p * f, &sn, &c);
+    float a = vec[ii], b = vec[ii + half];
+    return i < half ? a * c - b * sn : b * c + a * sn;
+}
+
 // Partial RoPE fused with the KV-cache write, gridDim.y blocks per row: q rotated in place; k rotated
 // on its way into the paged pool; v scaled by vscale into the pool. Same arithmetic as rope +
 // kv_write.
@@ -397,28 +410,15 @@ extern "C" __global__ void rope_kv_write(float* __restrict__ q, const float* __r
     size_t s = (size_t)slot[r];
     for (int j = j0; j < heads * half; j += stride) {
         int h = j / half, i = j % half;
-        float f = 1.f / powf(theta, (float)(2 * i) / (float)rotary_dim);
-        float sn, c;
-        sincosf(p * f, &sn, &c);
         float* qv = q + ((size_t)r * heads + h) * hd;
-        float a = qv[i], b = qv[i + half];
-        qv[i] = a * c - b * sn;
-        qv[i + half] = b * c + a * sn;
+        float a = rope_dim(qv, i, half, rotary_dim, theta, p), b = rope_dim(qv, i + half, half, rotary_dim, theta, p);
+        qv[i] = a;
+        qv[i + half] = b;
     }
     int kd = kv_heads * hd;
     for (int j = j0; j < kd; j += stride) {
         int i = j % hd;
-        const float* kv = k + (size_t)r * kd + (j - i);
-        float out = kv[i];
-        if (i < 2 * half) {
-            int ii = i < half ? i : i - half;
-            float f = 1.f / powf(theta, (float)(2 * ii) / (float)rotary_dim);
-            float sn, c;
-            sincosf(p * f, &sn, &c);
-            float a = kv[ii], b = kv[ii + half];
-            out = i < half ? a * c - b * sn : b * c + a * sn;
-        }
-        kc[s * kd + j] = out;
+        kc[s * kd + j] = rope_dim(k + (size_t)r * kd + (j - i), i, half, rotary_dim, theta, p);
     }
     int vdd = kv_heads * vd;
     for (int j = j0; j < vdd; j += stride) vc[s * vdd + j] = v[(size_t)r * vdd + j] * vscale;
@@ -582,6 +582,11 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, const flo
     // The top K by one warp, shuffles only (K block-wide argmax rounds, two barriers each, made
     // this kernel ~11 us per layer on the H100 under ncu). Same order: largest choice, ties to
     // the lower index.
+    // One token alone (a batch-1 decode step) whose K choices are distinct experts: this block
+    // writes the grouping too (one pair per expert, ascending), from shared memory, without the
+    // arrival counter and group_pairs' global round trips. (With fewer than K candidates, K > E
+    // or NaN logits, the fallback expert 0 repeats and group_pairs counts it.)
+    __shared__ bool alone;
     if (threadIdx.x < 32) {
         float wsum = 0.f;
         for (int k = 0; k < K; k++) {
@@ -605,15 +610,35 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, const flo
         // The choices written once, by K lanes (thread 0 used to read back and rewrite each
         // weight in global memory: K dependent round trips).
         float denom = wsum + 1e-20f;
+        bool repeat = false;
+        for (int k = threadIdx.x; k < K; k += 32)
+            for (int j = 0; j < k; j++) repeat |= sel[j] == sel[k];
+        bool one = counter != nullptr && gridDim.x == 1 && !__any_sync(0xffffffffu, repeat);
+        if (threadIdx.x == 0) alone = one;
         for (int k = threadIdx.x; k < K; k += 32) {
             int i = sel[k];
             float w = scores[i];
             if (norm) w /= denom;
             topk_idx[t * K + k] = i;
             topk_w[t * K + k] = w * scale;
+            if (one) {
+                // Its slot: the choices in ascending expert order, one pair each.
+                int u = 0;
+                for (int j = 0; j < K; j++) u += sel[j] < i;
+                experts[u] = i;
+                pair_off[u] = u;
+                pair_tok[u] = 0;
+                pair_w[u] = w * scale;
+                tok_pairs[k] = u;
+            }
+        }
+        if (one) {
+            for (int k = K + threadIdx.x; k < max_u; k += 32) { experts[k] = 0; pair_off[k] = K; }
+            if (threadIdx.x == 0) pair_off[max_u] = K;
         }
     }
-    if (counter == nullptr) return;
+    __syncthreads();
+    if (counter == nullptr || alone) return;
     __shared__ int last;
     __threadfence();  // this token's choices are visible before it is counted
     __syncthreads();
@@ -733,12 +758,14 @@ extern "C" __global__ void fill_random_f(void* __restrict__ p, unsigned long lon
 // block per SM by registers.)
 #define ATT_WARPS 8
 #define ATT_UNROLL 4
-extern "C" __global__ void __launch_bounds__(256) attention_v2(
+template <bool FUSED>
+__device__ __forceinline__ void attention_v2_body(
     const float* __restrict__ q, const float* __restrict__ kc, const float* __restrict__ vc, float* __restrict__ o,
     const int* __restrict__ pos, const int* __restrict__ seq, const int* __restrict__ tables, int max_blocks,
     int block_size, int heads, int kv_heads, int hd, int vd, int window, float scale, const float* __restrict__ sinks,
     float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc, unsigned short* __restrict__ oh,
-    unsigned short* __restrict__ ol) { PDL_ENTER();
+    unsigned short* __restrict__ ol, const float* __restrict__ knew, const float* __restrict__ vnew, float* kc_out,
+    float* vc_out, const long long* __restrict__ slots, int half, int rotary_dim, float theta, float vscale) {
     __shared__ float sm_m[ATT_WARPS], sm_l[ATT_WARPS], sm_acc[ATT_WARPS][128];
     int r = blockIdx.x, h = blockIdx.y, lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     int kvh = h / (heads / kv_heads);
@@ -749,9 +776,39 @@ extern "C" __global__ void __launch_bounds__(256) attention_v2(
     int splits = gridDim.z, chunk = (p - lo + splits) / splits;
     int j_lo = lo + blockIdx.z * chunk, j_hi = min(j_lo + chunk - 1, p);
     const float NEG_INF = __int_as_float(0xff800000u);
+    // FUSED (attention_v2_kv; every row the only new token of its sequence): q arrives unrotated,
+    // and the row's own position p is scored against its new K and V (RoPE and value scale
+    // applied here, exactly as rope_kv_write would store them) rather than read from the pool,
+    // which this kernel writes at the end. No other row reads slot p in this step.
+    constexpr bool fused = FUSED;
+    // The rotated q and new k, the scaled new v and q . k_new, computed once per block into shared
+    // memory (one RoPE call site each: inlined per unrolled element they made the kernel 4x larger
+    // and spill, slowing the pooled loop for every caller).
+    __shared__ float sm_q[256], sm_k[256], sm_v[128], sm_dnew;
+    if (fused) {
+        const float* kn_head = knew + ((size_t)r * kv_heads + kvh) * hd;
+        for (int i = threadIdx.x; i < hd; i += blockDim.x) {
+            sm_q[i] = rope_dim(qv, i, half, rotary_dim, theta, (float)p);
+            sm_k[i] = rope_dim(kn_head, i, half, rotary_dim, theta, (float)p);
+        }
+        for (int i = threadIdx.x; i < vd; i += blockDim.x) sm_v[i] = vnew[((size_t)r * kv_heads + kvh) * vd + i] * vscale;
+        __syncthreads();
+        qv = sm_q;
+    }
     float qr[8];
 #pragma unroll
     for (int c = 0; c < 8; c++) qr[c] = (lane + 32 * c < hd) ? qv[lane + 32 * c] : 0.f;
+    if (fused && w == 0) {
+        // q . k_new, in the order the loop below reduces a pooled key.
+        float d = 0.f;
+#pragma unroll
+        for (int c = 0; c < 8; c++)
+            if (lane + 32 * c < hd) d += qr[c] * sm_k[lane + 32 * c];
+#pragma unroll
+        for (int o2 = 16; o2 > 0; o2 >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o2);
+        if (lane == 0) sm_dnew = d;
+    }
+    if (fused) __syncthreads();
     float m = NEG_INF, l = 0.f;
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
     for (int j0 = j_lo + w * ATT_UNROLL; j0 <= j_hi; j0 += ATT_WARPS * ATT_UNROLL) {
@@ -778,6 +835,15 @@ extern "C" __global__ void __launch_bounds__(256) attention_v2(
             const float* vr = vc + (slot[u] * kv_heads + kvh) * vd;
 #pragma unroll
             for (int c = 0; c < 4; c++) vv[u][c] = (lane + 32 * c < vd) ? vr[lane + 32 * c] : 0.f;
+            // FUSED: position p's score and value are the new ones (the pool's slot p, read
+            // above, holds the previous step's leftovers). Replacing them here, in the order the
+            // unfused kernel reads them, keeps its bits. (Scoring p after the loop instead fits
+            // 64 registers, not 80, but measured ~9 us slower per call on the H100.)
+            if (fused && min(j0 + u, j_hi) == p) {
+                d[u] = sm_dnew;
+#pragma unroll
+                for (int c = 0; c < 4; c++) vv[u][c] = (lane + 32 * c < vd) ? sm_v[lane + 32 * c] : 0.f;
+            }
         }
 #pragma unroll
         for (int u = 0; u < ATT_UNROLL; u++) {
@@ -790,6 +856,13 @@ extern "C" __global__ void __launch_bounds__(256) attention_v2(
             for (int c = 0; c < 4; c++) acc[c] = acc[c] * corr + pe * vv[u][c];
             m = mn;
         }
+    }
+    // The new K (rotated) and V (scaled) into the pool, after this block's reads: one block per KV
+    // head. (Other blocks may still read slot p's leftovers, which they replace as above.)
+    if (fused && h % (heads / kv_heads) == 0 && blockIdx.z == 0) {
+        size_t s = (size_t)slots[r];
+        for (int i = threadIdx.x; i < hd; i += blockDim.x) kc_out[(s * kv_heads + kvh) * hd + i] = sm_k[i];
+        for (int i = threadIdx.x; i < vd; i += blockDim.x) vc_out[(s * kv_heads + kvh) * vd + i] = sm_v[i];
     }
     if (lane == 0) { sm_m[w] = m; sm_l[w] = l; }
 #pragma unroll
@@ -831,6 +904,33 @@ extern "C" __global__ void __launch_bounds__(256) attention_v2(
         o[ob + i] = a;
         if (oh) split_bf16_value(a, oh[ob + i], ol[ob + i]);  // o_proj's BF16 GEMV input
     }
+}
+
+// attention_v2 over the pools (q already rotated, the rows' K/V already written).
+extern "C" __global__ void __launch_bounds__(256) attention_v2(
+    const float* __restrict__ q, const float* __restrict__ kc, const float* __restrict__ vc, float* __restrict__ o,
+    const int* __restrict__ pos, const int* __restrict__ seq, const int* __restrict__ tables, int max_blocks,
+    int block_size, int heads, int kv_heads, int hd, int vd, int window, float scale, const float* __restrict__ sinks,
+    float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc, unsigned short* __restrict__ oh,
+    unsigned short* __restrict__ ol, const float* __restrict__ knew, const float* __restrict__ vnew, float* kc_out,
+    float* vc_out, const long long* __restrict__ slots, int half, int rotary_dim, float theta, float vscale) { PDL_ENTER();
+    attention_v2_body<false>(q, kc, vc, o, pos, seq, tables, max_blocks, block_size, heads, kv_heads, hd, vd, window, scale, sinks,
+                             part_m, part_l, part_acc, oh, ol, knew, vnew, kc_out, vc_out, slots, half, rotary_dim, theta, vscale);
+}
+
+// attention_v2 for decode rows with RoPE and the K/V write inside (the fused mode above). It
+// takes 80 registers (3 blocks of 256 per SM against attention_v2's 4), so the host uses it only
+// while its grid fits one wave: at batch 8 its 512 blocks needed a second and the step was ~2%
+// slower than with rope_kv_write.
+extern "C" __global__ void __launch_bounds__(256) attention_v2_kv(
+    const float* __restrict__ q, const float* __restrict__ kc, const float* __restrict__ vc, float* __restrict__ o,
+    const int* __restrict__ pos, const int* __restrict__ seq, const int* __restrict__ tables, int max_blocks,
+    int block_size, int heads, int kv_heads, int hd, int vd, int window, float scale, const float* __restrict__ sinks,
+    float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc, unsigned short* __restrict__ oh,
+    unsigned short* __restrict__ ol, const float* __restrict__ knew, const float* __restrict__ vnew, float* kc_out,
+    float* vc_out, const long long* __restrict__ slots, int half, int rotary_dim, float theta, float vscale) { PDL_ENTER();
+    attention_v2_body<true>(q, kc, vc, o, pos, seq, tables, max_blocks, block_size, heads, kv_heads, hd, vd, window, scale, sinks,
+                            part_m, part_l, part_acc, oh, ol, knew, vnew, kc_out, vc_out, slots, half, rotary_dim, theta, vscale);
 }
 
 // Merges attention_v2's `splits` partial states of each (row, head) as its epilogue merges warps,

@@ -165,6 +165,7 @@ pub(crate) struct Ops {
     argmax_rows: CudaFunction,
     argmax_final: CudaFunction,
     attention_v2: CudaFunction,
+    attention_v2_kv: CudaFunction,
     attention_combine: CudaFunction,
     pub(crate) place_drafts: CudaFunction,
     pub(crate) accept_drafts: CudaFunction,
@@ -197,6 +198,11 @@ pub struct CudaModel {
     /// Positions per split of decode attention (`PEREGRINE_ATTN_SPLIT`, default 512): ranges
     /// longer than twice this are split over several blocks per (row, head).
     attn_split: usize,
+    /// Decode attention applies RoPE and writes the new K/V itself (`PEREGRINE_KV_IN_ATTENTION=0`
+    /// keeps the separate `rope_kv_write` launch, for comparison).
+    kv_in_attention: bool,
+    /// Blocks of `attention_v2_kv` resident at once on the whole GPU (one wave).
+    attention_kv_wave: usize,
 }
 
 pub(crate) fn upload<T: cudarc::driver::DeviceRepr>(s: &Arc<CudaStream>, v: &[T]) -> Result<CudaSlice<T>> {
@@ -288,10 +294,13 @@ impl CudaModel {
             argmax_rows: f("argmax_rows")?,
             argmax_final: f("argmax_final")?,
             attention_v2: f("attention_v2")?,
+            attention_v2_kv: f("attention_v2_kv")?,
             attention_combine: f("attention_combine")?,
             place_drafts: f("place_drafts")?,
             accept_drafts: f("accept_drafts")?,
         };
+        let sms = gpu.ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(drv)? as usize;
+        let attention_kv_wave = ops.attention_v2_kv.occupancy_max_active_blocks_per_multiprocessor(256, 0, None).map_err(drv)? as usize * sms;
         let synth = seed.map(|seed| -> Result<Synthetic> { Ok(Synthetic::new(f("fill_random_u8")?, f("fill_random_f")?, spec.quant.linear, seed)) }).transpose()?;
         let w = match (files, &synth) {
             (Some(w), _) => Source::Files(w),
@@ -405,6 +414,8 @@ impl CudaModel {
             moe_counters: std::sync::Mutex::new(moe_counters),
             route_counter,
             attn_split: std::env::var("PEREGRINE_ATTN_SPLIT").ok().and_then(|v| v.parse().ok()).filter(|&v: &usize| v >= 32).unwrap_or(512),
+            kv_in_attention: std::env::var("PEREGRINE_KV_IN_ATTENTION").map_or(true, |v| v != "0"),
+            attention_kv_wave,
         };
         // The MoE decode kernel per token count, measured on the first MoE layer's experts
         // (every MoE layer of a model has the same shapes).
@@ -514,8 +525,15 @@ impl CudaModel {
         self.matvec(&f.down, &a, t)
     }
 
-    /// `hn_split`: hn's F16 split when the norm wrote it (`wants_f16_split`).
-    pub(crate) fn attention(&self, li: usize, hn: &CudaSlice<f32>, hn_split: Option<&F16Split>, n: usize, meta: &RowMeta) -> Result<CudaSlice<f32>> {
+    /// Whether layer `li`'s attention kernel can apply RoPE and write the new K/V itself (the
+    /// v2 kernel, for decode rows: `Op::Attention::kv_in_attention`).
+    pub(crate) fn attention_takes_kv(&self, li: usize) -> bool {
+        self.kv_in_attention && self.layers[li].attn.spec.head_dim <= 256
+    }
+
+    /// `hn_split`: hn's F16 split when the norm wrote it (`wants_f16_split`); `kv_in_attention`:
+    /// the attention kernel rotates q and k and writes the pool (decode rows only).
+    pub(crate) fn attention(&self, li: usize, hn: &CudaSlice<f32>, hn_split: Option<&F16Split>, n: usize, meta: &RowMeta, kv_in_attention: bool) -> Result<CudaSlice<f32>> {
         let l = &self.layers[li];
         let a = &l.attn;
         let s = a.spec;
@@ -534,13 +552,21 @@ impl CudaModel {
         }
         let (kc, vc) = &self.kv[li];
         let slots = if l.swa { &meta.swa_slots } else { &meta.full_slots };
-        self.rope_kv_write(&mut q, &k, &v, kc, vc, &meta.pos, slots, n, &s)?;
-        let tables = if l.swa { &meta.swa_tables } else { &meta.full_tables };
         // v2 (8 warps per head over the positions) unless the K head is wider than it holds.
         let v2 = s.head_dim <= 256;
+        // The fused kernel holds fewer blocks per SM than attention_v2: only while its grid fits
+        // one wave is it the faster of the two (a second wave cost more than the launch saved).
+        let grid = n * s.num_heads * self.attn_splits(&s, meta.max_blocks, meta.block_size);
+        let fresh = if kv_in_attention && v2 && grid <= self.attention_kv_wave {
+            Some(FreshKv { k: &k, v: &v, slots })
+        } else {
+            self.rope_kv_write(&mut q, &k, &v, kc, vc, &meta.pos, slots, n, &s)?;
+            None
+        };
+        let tables = if l.swa { &meta.swa_tables } else { &meta.full_tables };
         // A BF16 o_proj on the tensor-core path reads the attention's own BF16 split of o.
         let presplit = v2 && a.o.k.is_multiple_of(128) && matches!(a.o.m, GpuMatrix::Bf16(_));
-        let (o, split) = self.attend(&q, kc, vc, &meta.pos, &meta.seq, tables, meta.max_blocks, meta.block_size, n, &s, a.sinks.as_ref(), v2, presplit)?;
+        let (o, split) = self.attend(&q, kc, vc, &meta.pos, &meta.seq, tables, meta.max_blocks, meta.block_size, n, &s, a.sinks.as_ref(), v2, presplit, fresh)?;
         match (&a.o.m, split) {
             (GpuMatrix::Bf16(w), Some((oh, ol))) => {
                 let mut y = self.empty(n * a.o.n)?;
@@ -551,13 +577,25 @@ impl CudaModel {
         }
     }
 
+    /// Blocks per (row, head) of `attention_v2`: long ranges are split, `attn_split` positions
+    /// each, as the block tables allow (so a graph captured for a table width keeps its count).
+    fn attn_splits(&self, s: &AttentionSpec, max_blocks: usize, block_size: usize) -> usize {
+        let span = s.window().map_or(max_blocks * block_size, |w| w.min(max_blocks * block_size));
+        if span > 2 * self.attn_split { span.div_ceil(self.attn_split).min(64) } else { 1 }
+    }
+
     /// Paged attention of `n` query rows over the K/V pools (`attention_v2`, or the one-warp
     /// `attention` when `v2` is false): row r at position pos[r] of sequence seq[r], whose
     /// block table is `tables[seq[r] * max_blocks..]`.
     #[allow(clippy::too_many_arguments)]
     /// With `bf16_split` (v2 only) the kernels also write o's BF16 hi + lo parts, which the
-    /// o_proj tensor-core GEMV reads directly (no split kernel).
-    pub(crate) fn attend(&self, q: &CudaSlice<f32>, kc: &CudaSlice<f32>, vc: &CudaSlice<f32>, pos: &CudaSlice<i32>, seq: &CudaSlice<i32>, tables: &CudaSlice<i32>, max_blocks: usize, block_size: usize, n: usize, s: &AttentionSpec, sinks: Option<&CudaSlice<f32>>, v2: bool, bf16_split: bool) -> Result<(CudaSlice<f32>, Option<Bf16Split>)> {
+    /// o_proj tensor-core GEMV reads directly (no split kernel). With `fresh` (v2 only; decode
+    /// rows) q is unrotated and the rows' new K/V are not yet in the pools: the kernel applies
+    /// RoPE, scores each row's own position against its new K/V and writes them to the pools.
+    pub(crate) fn attend(&self, q: &CudaSlice<f32>, kc: &CudaSlice<f32>, vc: &CudaSlice<f32>, pos: &CudaSlice<i32>, seq: &CudaSlice<i32>, tables: &CudaSlice<i32>, max_blocks: usize, block_size: usize, n: usize, s: &AttentionSpec, sinks: Option<&CudaSlice<f32>>, v2: bool, bf16_split: bool, fresh: Option<FreshKv>) -> Result<(CudaSlice<f32>, Option<Bf16Split>)> {
+        if fresh.is_some() && !v2 {
+            return Err(Error::Backend("the one-warp attention kernel cannot write the new K/V itself".into()));
+        }
         let mut o = self.empty(n * s.o_dim())?;
         let mut split = if v2 && bf16_split {
             // Written in full by the attention kernels.
@@ -569,14 +607,15 @@ impl CudaModel {
         let (mb, bs, hh, kvh, hd, vd) = (max_blocks as i32, block_size as i32, s.num_heads as i32, s.num_kv_heads as i32, s.head_dim as i32, s.v_head_dim as i32);
         let window = s.window().map_or(0, |w| w as i32);
         let scale = s.softmax_scale;
-        // v2 splits long ranges over several blocks per (row, head), `attn_split` positions each,
-        // as the block tables allow (so a graph captured for a table width keeps its split count).
-        let span = window.max(0) as usize;
-        let span = if span > 0 { span.min(max_blocks * block_size) } else { max_blocks * block_size };
-        let splits = if v2 && span > 2 * self.attn_split { span.div_ceil(self.attn_split).min(64) } else { 1 };
+        let splits = if v2 { self.attn_splits(s, max_blocks, block_size) } else { 1 };
         let parts = n * s.num_heads * splits;
         let (mut pm, mut pl, mut pa) = if splits > 1 { (self.empty(parts)?, self.empty(parts)?, self.empty(parts * s.v_head_dim)?) } else { (self.empty(1)?, self.empty(1)?, self.empty(1)?) };
-        let mut b = crate::launch::builder(&self.stream, if v2 { &self.ops.attention_v2 } else { &self.ops.attention });
+        let kernel = match (v2, fresh.is_some()) {
+            (true, true) => &self.ops.attention_v2_kv,
+            (true, false) => &self.ops.attention_v2,
+            (false, _) => &self.ops.attention,
+        };
+        let mut b = crate::launch::builder(&self.stream, kernel);
         b.arg(q).arg(kc).arg(vc).arg(&mut o).arg(pos).arg(seq).arg(tables).arg(&mb).arg(&bs).arg(&hh).arg(&kvh).arg(&hd).arg(&vd).arg(&window).arg(&scale);
         match sinks {
             Some(sk) => b.arg(sk),
@@ -588,6 +627,12 @@ impl CudaModel {
                 Some((oh, ol)) => b.arg(oh).arg(ol),
                 None => b.arg(&0u64).arg(&0u64),
             };
+            let (half, rd, th, vs) = (s.rope.rotary_dim.div_ceil(2) as i32, s.rope.rotary_dim as i32, s.rope.theta as f32, s.value_scale);
+            match &fresh {
+                Some(f) => b.arg(f.k).arg(f.v).arg(kc).arg(vc).arg(f.slots),
+                None => b.arg(&0u64).arg(&0u64).arg(&0u64).arg(&0u64).arg(&0u64),
+            };
+            b.arg(&half).arg(&rd).arg(&th).arg(&vs);
         }
         let threads = if v2 { 256 } else { 32 }; // 32 x ATT_WARPS for attention_v2
         unsafe { b.launch(LaunchConfig { grid_dim: (n as u32, s.num_heads as u32, splits as u32), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
@@ -913,6 +958,14 @@ pub(crate) struct RowMeta {
     pub(crate) block_size: usize,
 }
 
+/// A decode step's new K and V rows (before RoPE and the value scale) and their pool slots, for
+/// `attend` to write.
+pub(crate) struct FreshKv<'a> {
+    pub(crate) k: &'a CudaSlice<f32>,
+    pub(crate) v: &'a CudaSlice<f32>,
+    pub(crate) slots: &'a CudaSlice<i64>,
+}
+
 /// The rows of a batch and their paging metadata, on the host.
 pub(crate) struct HostRows {
     pub(crate) toks: Vec<i32>,
@@ -927,6 +980,8 @@ pub(crate) struct HostRows {
     /// Rows whose logits are asked for, and how many belong to each sequence.
     pub(crate) want: Vec<usize>,
     pub(crate) counts: Vec<usize>,
+    /// Every sequence brings exactly one new token (a decode step).
+    pub(crate) one_per_seq: bool,
 }
 
 impl CudaModel {
@@ -994,6 +1049,7 @@ impl CudaModel {
             max_blocks,
             want,
             counts,
+            one_per_seq: batch.iter().all(|s| s.tokens.len() == 1),
         };
         let any_swa = self.layers.iter().any(|l| l.swa);
         for (si, s) in batch.iter().enumerate() {
@@ -1044,8 +1100,9 @@ impl CudaModel {
     /// graph): the embedding, every layer, the drafter's context K/V, then the final norm and
     /// lm_head of the rows `out_rows` (every row when None) into `logits` [rows, vocab] and their
     /// argmax into `ids`.
-    pub(crate) fn step_body(&self, meta: &RowMeta, n: usize, out_rows: Option<(&CudaSlice<i32>, usize)>, logits: &mut CudaSlice<f32>, ids: &mut CudaSlice<i32>) -> Result<()> {
-        let plan = self.step_plan(n, out_rows.map(|o| o.1));
+    /// `decode`: every row is its sequence's only new token.
+    pub(crate) fn step_body(&self, meta: &RowMeta, n: usize, out_rows: Option<(&CudaSlice<i32>, usize)>, decode: bool, logits: &mut CudaSlice<f32>, ids: &mut CudaSlice<i32>) -> Result<()> {
+        let plan = self.step_plan(n, out_rows.map(|o| o.1), decode);
         self.execute(&plan, meta, out_rows.map(|o| o.0), logits, ids)
     }
 
@@ -1077,7 +1134,7 @@ impl CudaModel {
         let (meta, idx) = self.upload_rows(&rows)?;
         let mut logits = self.zeros(k * vocab)?;
         let mut ids = st.alloc_zeros::<i32>(k.max(1)).map_err(drv)?;
-        self.step_body(&meta, n, Some((&idx, k)), &mut logits, &mut ids)?;
+        self.step_body(&meta, n, Some((&idx, k)), rows.one_per_seq, &mut logits, &mut ids)?;
         Ok((fetch(&self.kernels, &st, out, k, vocab, &mut logits, &ids)?, rows.counts))
     }
 

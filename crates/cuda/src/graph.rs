@@ -25,7 +25,8 @@ pub(crate) struct Graph(pub(crate) CudaGraph);
 unsafe impl Send for Graph {}
 
 pub(crate) struct StepGraph {
-    key: (usize, usize),
+    /// (row bucket, table width, decode: every row its sequence's only new token).
+    key: (usize, usize, bool),
     meta: RowMeta,
     pub(crate) logits: CudaSlice<f32>,
     pub(crate) ids: CudaSlice<i32>,
@@ -54,7 +55,7 @@ pub(crate) struct Graphs {
     /// routed on the host), or after a capture failed.
     pub(crate) enabled: bool,
     capturable: bool,
-    cache: HashMap<(usize, usize), StepGraph>,
+    cache: HashMap<(usize, usize, bool), StepGraph>,
     /// Draft-pass graphs by (sequence bucket, block rows per sequence, table width).
     drafts: HashMap<(usize, usize, usize), DraftGraph>,
     /// Fused speculative steps (draft, verify, accept).
@@ -130,7 +131,7 @@ impl CudaModel {
         }
         let Some(&bucket) = ROW_BUCKETS.iter().find(|&&b| b >= n) else { return Ok(None) };
         let width = rows.max_blocks.next_power_of_two().max(8);
-        let key = (bucket, width);
+        let key = (bucket, width, rows.one_per_seq);
         let mut g = match self.graphs.cache.remove(&key) {
             Some(g) => g,
             None => match self.capture_graph(key) {
@@ -147,12 +148,12 @@ impl CudaModel {
         Ok(Some(g))
     }
 
-    fn capture_graph(&self, key: (usize, usize)) -> Result<StepGraph> {
-        let (rows, width) = key;
+    fn capture_graph(&self, key: (usize, usize, bool)) -> Result<StepGraph> {
+        let (rows, width, decode) = key;
         let meta = self.alloc_row_meta(rows, width)?;
         let mut logits = self.zeros(rows * self.spec.vocab_size)?;
         let mut ids = self.stream.alloc_zeros::<i32>(rows).map_err(drv)?;
-        let graph = self.record(|| self.step_body(&meta, rows, None, &mut logits, &mut ids))?;
+        let graph = self.record(|| self.step_body(&meta, rows, None, decode, &mut logits, &mut ids))?;
         tracing::debug!(rows, width, graphs = self.graphs.len() + 1, "captured a decode-step CUDA graph");
         Ok(StepGraph { key, meta, logits, ids, host: None, graph })
     }

@@ -9,7 +9,7 @@ use peregrine_core::{AttentionKind, AttentionSpec, QkvLayout, RopeSpec};
 use peregrine_cpu::ops;
 use rand::{Rng, SeedableRng};
 
-use crate::backend::CudaModel;
+use crate::backend::{CudaModel, FreshKv};
 use crate::probe;
 
 fn model() -> Option<CudaModel> {
@@ -245,7 +245,7 @@ fn attention_matches_the_cpu_reference() {
             if v2 && s.head_dim > 256 {
                 continue;
             }
-            let (o, split) = m.attend(&qd, &kd, &vd, &pd, &sd, &td, max_blocks, bs, n, &s, sk.as_ref(), v2, v2).unwrap();
+            let (o, split) = m.attend(&qd, &kd, &vd, &pd, &sd, &td, max_blocks, bs, n, &s, sk.as_ref(), v2, v2, None).unwrap();
             let name = format!("attention{} h{} kv{} d{}/{} window {:?} sinks {}, {} positions", if v2 { "_v2" } else { "" }, s.num_heads, s.num_kv_heads, s.head_dim, s.v_head_dim, s.window(), s.sinks, max_blocks * bs);
             let o = st.clone_dtoh(&o).unwrap();
             close(&name, &o, &want, 2e-5);
@@ -261,5 +261,65 @@ fn attention_matches_the_cpu_reference() {
                 }
             }
         }
+    }
+}
+
+/// A decode step's attention with RoPE and the K/V write inside the kernel (`FreshKv`) gives
+/// the same bits as `rope_kv_write` followed by the kernel: o, its BF16 split and both pools,
+/// over one row per sequence at short and long positions (long ones split over several blocks).
+#[test]
+fn attention_writing_the_new_kv_matches_rope_kv_write_then_attention() {
+    let Some(m) = model() else { return };
+    let mut r = rng();
+    let st = m.stream.clone();
+    let bs = 16;
+    let cases = [
+        attn_spec(64, 4, 192, 128, 64, None, false),
+        attn_spec(64, 8, 192, 128, 64, Some(128), true),
+        attn_spec(4, 1, 64, 48, 15, Some(5), true),
+        attn_spec(8, 2, 128, 128, 128, Some(2000), true),
+    ];
+    for (s, max_blocks) in cases.iter().flat_map(|&s| [(s, 24usize), (s, 160)]) {
+        // One row per sequence (a decode step), at positions 0, 3, 130, 200 and the last.
+        let pos: Vec<i32> = [0usize, 3, 130, 200, max_blocks * bs - 1].iter().map(|&p| p as i32).collect();
+        let n = pos.len();
+        let blocks = n * max_blocks;
+        let mut ids: Vec<i32> = (0..blocks as i32).collect();
+        for i in (1..ids.len()).rev() {
+            ids.swap(i, r.random_range(0..=i));
+        }
+        let seq: Vec<i32> = (0..n as i32).collect();
+        let slots: Vec<i64> = (0..n).map(|row| {
+            let p = pos[row] as usize;
+            ids[row * max_blocks + p / bs] as i64 * bs as i64 + (p % bs) as i64
+        }).collect();
+        let (kc, vc) = (randn(&mut r, blocks * bs * s.k_dim(), 1.0), randn(&mut r, blocks * bs * s.v_dim(), 1.0));
+        let (q, k, v) = (randn(&mut r, n * s.q_dim(), 1.0), randn(&mut r, n * s.k_dim(), 1.0), randn(&mut r, n * s.v_dim(), 1.0));
+        let sinks: Option<Vec<f32>> = s.sinks.then(|| randn(&mut r, s.num_heads, 2.0));
+        let (pd, sd, td, sl) = (st.clone_htod(&pos).unwrap(), st.clone_htod(&seq).unwrap(), st.clone_htod(&ids).unwrap(), st.clone_htod(&slots).unwrap());
+        let (kd, vd) = (st.clone_htod(&k).unwrap(), st.clone_htod(&v).unwrap());
+        let sk = sinks.as_ref().map(|v| st.clone_htod(v).unwrap());
+        let name = format!("attention_v2 with the K/V write, h{} kv{} d{}/{} rot{} window {:?}, {} positions", s.num_heads, s.num_kv_heads, s.head_dim, s.v_head_dim, s.rope.rotary_dim, s.window(), max_blocks * bs);
+        // Two launches: RoPE + pool write, then attention over the pools.
+        let (kc1, vc1) = (st.clone_htod(&kc).unwrap(), st.clone_htod(&vc).unwrap());
+        let mut q1 = st.clone_htod(&q).unwrap();
+        m.rope_kv_write(&mut q1, &kd, &vd, &kc1, &vc1, &pd, &sl, n, &s).unwrap();
+        let (o1, split1) = m.attend(&q1, &kc1, &vc1, &pd, &sd, &td, max_blocks, bs, n, &s, sk.as_ref(), true, true, None).unwrap();
+        // One launch: unrotated q, the new K/V handed to the kernel.
+        let (kc2, vc2) = (st.clone_htod(&kc).unwrap(), st.clone_htod(&vc).unwrap());
+        let q2 = st.clone_htod(&q).unwrap();
+        let fresh = FreshKv { k: &kd, v: &vd, slots: &sl };
+        let (o2, split2) = m.attend(&q2, &kc2, &vc2, &pd, &sd, &td, max_blocks, bs, n, &s, sk.as_ref(), true, true, Some(fresh)).unwrap();
+        let (o1, o2) = (st.clone_dtoh(&o1).unwrap(), st.clone_dtoh(&o2).unwrap());
+        assert!(o2.iter().all(|x| x.is_finite()), "{name}: non-finite output");
+        assert!(o1 == o2, "{name}: o differs at {:?}", o1.iter().zip(&o2).position(|(a, b)| a != b));
+        let ((h1, l1), (h2, l2)) = (split1.unwrap(), split2.unwrap());
+        assert_eq!(st.clone_dtoh(&h1).unwrap(), st.clone_dtoh(&h2).unwrap(), "{name}: BF16 hi parts");
+        assert_eq!(st.clone_dtoh(&l1).unwrap(), st.clone_dtoh(&l2).unwrap(), "{name}: BF16 lo parts");
+        let (k1, k2) = (st.clone_dtoh(&kc1).unwrap(), st.clone_dtoh(&kc2).unwrap());
+        assert!(k1 == k2, "{name}: K pools differ at {:?}", k1.iter().zip(&k2).position(|(a, b)| a != b));
+        assert_ne!(k1, kc, "{name}: the new K reached the pool");
+        assert_eq!(st.clone_dtoh(&vc1).unwrap(), st.clone_dtoh(&vc2).unwrap(), "{name}: V pools");
+        eprintln!("{name}: identical");
     }
 }

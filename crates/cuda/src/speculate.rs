@@ -131,7 +131,8 @@ impl CudaModel {
         let mut b = crate::launch::builder(st, &self.ops.place_drafts);
         b.arg(&s.drafts).arg(&mut s.verify.tok).arg(&nbi).arg(&ki);
         unsafe { b.launch(LaunchConfig::for_num_elems(k as u32)) }.map_err(drv)?;
-        self.step_body(&s.verify, n, None, &mut s.logits, &mut s.argmax)?;
+        // Verify rows: several per sequence, each reading the K/V of the rows before it.
+        self.step_body(&s.verify, n, None, false, &mut s.logits, &mut s.argmax)?;
         let samples = match &mut s.sampling {
             Some((bufs, ids)) => {
                 self.kernels.sample_from_buffers(&mut s.logits, vocab, n, bufs, ids)?;

@@ -54,8 +54,11 @@ pub enum Op {
     /// Hidden += add.
     Add { add: Act, rows: usize },
     /// AttnOut = o_proj(attention) of layer `layer` over src: q/k/v projections, bias, q/k norms,
-    /// RoPE fused with the paged K/V write, paged attention with its window and sinks.
-    Attention { layer: usize, src: Act, rows: usize },
+    /// RoPE fused with the paged K/V write, paged attention with its window and sinks. With
+    /// `kv_in_attention` (every row is its sequence's only new token, so no row reads another's
+    /// new K/V) the attention kernel may apply RoPE and write the pool itself, one launch fewer:
+    /// it does while its grid fits one wave of the GPU (small decode batches).
+    Attention { layer: usize, src: Act, rows: usize, kv_in_attention: bool },
     /// MlpOut = the layer's dense MLP, or its MoE (router, grouping, experts, combine).
     Mlp { layer: usize, src: Act, rows: usize },
     /// The drafter reads this layer: its output (after the final norm for the last layer) joins
@@ -79,13 +82,14 @@ impl fmt::Display for Op {
 
 impl CudaModel {
     /// The operations of a forward over `rows` rows; `out_rows` Some(k): logits for k gathered
-    /// rows (None: for every row; Some(0): none).
-    pub fn step_plan(&self, rows: usize, out_rows: Option<usize>) -> Vec<Op> {
+    /// rows (None: for every row; Some(0): none); `decode`: every row is the only new token of
+    /// its sequence.
+    pub fn step_plan(&self, rows: usize, out_rows: Option<usize>, decode: bool) -> Vec<Op> {
         let nl = self.layers.len();
         let mut ops = vec![Op::Embed { rows }, Op::Norm { src: Act::Hidden, dst: Act::AttnIn, weight: NormWeight::Input(0), rows }];
         let drafted = |li: usize| self.drafter.as_ref().is_some_and(|d| d.spec.target_layer_ids.contains(&li));
         for li in 0..nl {
-            ops.push(Op::Attention { layer: li, src: Act::AttnIn, rows });
+            ops.push(Op::Attention { layer: li, src: Act::AttnIn, rows, kv_in_attention: decode && self.attention_takes_kv(li) });
             ops.push(Op::AddNorm { add: Act::AttnOut, dst: Act::MlpIn, weight: NormWeight::PostAttention(li), rows });
             ops.push(Op::Mlp { layer: li, src: Act::MlpIn, rows });
             if li + 1 < nl {
@@ -172,9 +176,9 @@ impl CudaModel {
                     acts[Act::Hidden as usize] = Some(x);
                     r?;
                 }
-                Op::Attention { layer, src, rows } => {
+                Op::Attention { layer, src, rows, kv_in_attention } => {
                     let split = if src == Act::AttnIn { attn_split.take() } else { None };
-                    let o = self.attention(layer, acts[src as usize].as_ref().ok_or_else(|| Error::Backend(format!("step plan reads {src:?} before writing it")))?, split.as_ref(), rows, meta)?;
+                    let o = self.attention(layer, acts[src as usize].as_ref().ok_or_else(|| Error::Backend(format!("step plan reads {src:?} before writing it")))?, split.as_ref(), rows, meta, kv_in_attention)?;
                     acts[Act::AttnOut as usize] = Some(o);
                 }
                 Op::Mlp { layer, src, rows } => {
@@ -219,7 +223,7 @@ impl CudaModel {
         let st = self.stream.clone();
         let (n, k) = (rows.toks.len(), rows.want.len());
         let (meta, idx) = self.upload_rows(&rows)?;
-        let plan = self.step_plan(n, Some(k));
+        let plan = self.step_plan(n, Some(k), rows.one_per_seq);
         let mut logits = self.zeros(k.max(1) * self.spec.vocab_size)?;
         let mut ids = st.alloc_zeros::<i32>(k.max(1)).map_err(drv)?;
         let mut times: Vec<Vec<f32>> = vec![Vec::new(); plan.len()];

@@ -196,15 +196,19 @@ fn draft_graph_equals_the_eager_draft_pass() {
 }
 
 /// The step as data: one Attention and one Mlp per layer in order, the drafter's captures at its
-/// target layers, the gather only when some rows are asked for, and logits then argmax last.
+/// target layers, the gather only when some rows are asked for, and logits then argmax last; the
+/// attention writes the new K/V itself only in decode plans (one new token per sequence).
 #[test]
 fn the_step_is_a_plan_of_operations() {
     use peregrine_cuda::step::Op;
     let spec = spec_of("default");
     let Some(mut model) = synthetic(&spec) else { return };
     let nl = spec.layers.len();
-    let plan = model.step_plan(4, None);
+    let plan = model.step_plan(4, None, true);
     eprintln!("{} operations: {:?}", plan.len(), plan);
+    let kv_in_attention = |p: &[Op]| p.iter().filter(|o| matches!(o, Op::Attention { kv_in_attention: true, .. })).count();
+    assert_eq!(kv_in_attention(&plan), nl, "a decode plan's attention writes the new K/V itself");
+    assert_eq!(kv_in_attention(&model.step_plan(4, None, false)), 0, "rows that read each other's new K/V keep the separate write");
     assert_eq!(plan.first(), Some(&Op::Embed { rows: 4 }));
     assert_eq!(plan.last(), Some(&Op::Argmax { rows: 4 }));
     let layers_of = |p: &[Op], attn: bool| -> Vec<usize> {
@@ -222,7 +226,7 @@ fn the_step_is_a_plan_of_operations() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/dflash/random/config.json");
     let dspec = peregrine_model::config::parse_draft_config(&serde_json::from_slice(&std::fs::read(dir).unwrap()).unwrap()).unwrap();
     model.attach_synthetic_drafter(&dspec, 1).unwrap();
-    let plan = model.step_plan(6, Some(2));
+    let plan = model.step_plan(6, Some(2), false);
     let captured: Vec<usize> = plan.iter().filter_map(|o| if let Op::CaptureFeatures { layer, .. } = *o { Some(layer) } else { None }).collect();
     let mut want = dspec.target_layer_ids.clone();
     want.sort();
@@ -231,7 +235,7 @@ fn the_step_is_a_plan_of_operations() {
     let pos = |f: &dyn Fn(&Op) -> bool| plan.iter().position(f).unwrap();
     assert!(pos(&|o| matches!(o, Op::DraftContext { rows: 6 })) < pos(&|o| matches!(o, Op::GatherRows { rows: 2 })));
     assert_eq!(plan.last(), Some(&Op::Argmax { rows: 2 }));
-    let none = model.step_plan(6, Some(0));
+    let none = model.step_plan(6, Some(0), false);
     assert!(!none.iter().any(|o| matches!(o, Op::LmHead { .. } | Op::Argmax { .. })));
 }
 
