@@ -84,6 +84,23 @@ fn router_and_grouping_match_the_cpu_reference() {
         }
         eprintln!("{name}: routing identical to the CPU reference");
     }
+    // NaN logits (a diverged model) leave fewer than K candidates: one token's routing repeats
+    // the fallback expert, and its grouping (the single-token path defers to the general one
+    // then) still names only real experts and accounts for every pair.
+    let spec = cases[0].1;
+    for nan_at in [vec![0usize], (0..spec.num_experts).collect::<Vec<_>>()] {
+        let mut logits: Vec<f32> = (0..spec.num_experts).map(|_| (r.random::<f32>() - 0.5) * 6.0).collect();
+        for &i in &nan_at {
+            logits[i] = f32::NAN;
+        }
+        let (_, routing) = model.route_on_gpu(&spec, &logits, None).expect("GPU routing of NaN logits");
+        assert!(routing.experts.iter().all(|&e| (e as usize) < spec.num_experts), "NaN logits: experts {:?}", routing.experts);
+        assert_eq!(routing.pair_off.last().copied(), Some(spec.top_k as i32), "NaN logits ({} NaN): pair offsets {:?}", nan_at.len(), routing.pair_off);
+        assert!(routing.pair_off.windows(2).all(|w| w[0] < w[1]), "NaN logits: every used expert has pairs: {:?}", routing.pair_off);
+        let mut seen = routing.tok_pairs.clone();
+        seen.sort();
+        assert_eq!(seen, (0..spec.top_k as i32).collect::<Vec<_>>(), "NaN logits: every pair in exactly one slot");
+    }
 }
 
 fn kv(model: &mut CudaModel, blocks: usize) -> usize {
