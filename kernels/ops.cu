@@ -906,32 +906,28 @@ __device__ __forceinline__ void attention_v2_body(
     }
 }
 
+// The two entry points of attention_v2_body, one parameter list.
+#define ATTENTION_V2_KERNEL(NAME, FUSED)                                                                                     \
+    extern "C" __global__ void __launch_bounds__(256) NAME(                                                                  \
+        const float* __restrict__ q, const float* __restrict__ kc, const float* __restrict__ vc, float* __restrict__ o,      \
+        const int* __restrict__ pos, const int* __restrict__ seq, const int* __restrict__ tables, int max_blocks,            \
+        int block_size, int heads, int kv_heads, int hd, int vd, int window, float scale, const float* __restrict__ sinks,   \
+        float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc,                                \
+        unsigned short* __restrict__ oh, unsigned short* __restrict__ ol, const float* __restrict__ knew,                    \
+        const float* __restrict__ vnew, float* kc_out, float* vc_out, const long long* __restrict__ slots, int half,         \
+        int rotary_dim, float theta, float vscale) {                                                                         \
+        PDL_ENTER();                                                                                                         \
+        attention_v2_body<FUSED>(q, kc, vc, o, pos, seq, tables, max_blocks, block_size, heads, kv_heads, hd, vd, window,    \
+                                 scale, sinks, part_m, part_l, part_acc, oh, ol, knew, vnew, kc_out, vc_out, slots, half,    \
+                                 rotary_dim, theta, vscale);                                                                 \
+    }
 // attention_v2 over the pools (q already rotated, the rows' K/V already written).
-extern "C" __global__ void __launch_bounds__(256) attention_v2(
-    const float* __restrict__ q, const float* __restrict__ kc, const float* __restrict__ vc, float* __restrict__ o,
-    const int* __restrict__ pos, const int* __restrict__ seq, const int* __restrict__ tables, int max_blocks,
-    int block_size, int heads, int kv_heads, int hd, int vd, int window, float scale, const float* __restrict__ sinks,
-    float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc, unsigned short* __restrict__ oh,
-    unsigned short* __restrict__ ol, const float* __restrict__ knew, const float* __restrict__ vnew, float* kc_out,
-    float* vc_out, const long long* __restrict__ slots, int half, int rotary_dim, float theta, float vscale) { PDL_ENTER();
-    attention_v2_body<false>(q, kc, vc, o, pos, seq, tables, max_blocks, block_size, heads, kv_heads, hd, vd, window, scale, sinks,
-                             part_m, part_l, part_acc, oh, ol, knew, vnew, kc_out, vc_out, slots, half, rotary_dim, theta, vscale);
-}
-
+ATTENTION_V2_KERNEL(attention_v2, false)
 // attention_v2 for decode rows with RoPE and the K/V write inside (the fused mode above). It
 // takes 80 registers (3 blocks of 256 per SM against attention_v2's 4), so the host uses it only
 // while its grid fits one wave: at batch 8 its 512 blocks needed a second and the step was ~2%
 // slower than with rope_kv_write.
-extern "C" __global__ void __launch_bounds__(256) attention_v2_kv(
-    const float* __restrict__ q, const float* __restrict__ kc, const float* __restrict__ vc, float* __restrict__ o,
-    const int* __restrict__ pos, const int* __restrict__ seq, const int* __restrict__ tables, int max_blocks,
-    int block_size, int heads, int kv_heads, int hd, int vd, int window, float scale, const float* __restrict__ sinks,
-    float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc, unsigned short* __restrict__ oh,
-    unsigned short* __restrict__ ol, const float* __restrict__ knew, const float* __restrict__ vnew, float* kc_out,
-    float* vc_out, const long long* __restrict__ slots, int half, int rotary_dim, float theta, float vscale) { PDL_ENTER();
-    attention_v2_body<true>(q, kc, vc, o, pos, seq, tables, max_blocks, block_size, heads, kv_heads, hd, vd, window, scale, sinks,
-                            part_m, part_l, part_acc, oh, ol, knew, vnew, kc_out, vc_out, slots, half, rotary_dim, theta, vscale);
-}
+ATTENTION_V2_KERNEL(attention_v2_kv, true)
 
 // Merges attention_v2's `splits` partial states of each (row, head) as its epilogue merges warps,
 // then the sink logit: o = sum_s acc_s e^(m_s - M) / (sum_s l_s e^(m_s - M) [+ sink]).
