@@ -778,12 +778,12 @@ __device__ __forceinline__ void attention_v2_body(
     const float NEG_INF = __int_as_float(0xff800000u);
     // FUSED (attention_v2_kv; every row the only new token of its sequence): q arrives unrotated,
     // and the row's own position p is scored against its new K and V (RoPE and value scale
-    // applied here, exactly as rope_kv_write would store them) rather than read from the pool,
-    // which this kernel writes at the end. No other row reads slot p in this step.
+    // applied here, exactly as rope_kv_write would store them) in place of what the pool's slot p
+    // still holds; this kernel writes slot p at the end. No other row attends to slot p.
     constexpr bool fused = FUSED;
     // The rotated q and new k, the scaled new v and q . k_new, computed once per block into shared
     // memory (one RoPE call site each: inlined per unrolled element they made the kernel 4x larger
-    // and spill, slowing the pooled loop for every caller).
+    // and slower).
     __shared__ float sm_q[256], sm_k[256], sm_v[128], sm_dnew;
     if (fused) {
         const float* kn_head = knew + ((size_t)r * kv_heads + kvh) * hd;

@@ -528,7 +528,7 @@ impl CudaModel {
     /// Whether layer `li`'s attention kernel can apply RoPE and write the new K/V itself (the
     /// v2 kernel, for decode rows: `Op::Attention::kv_in_attention`).
     pub(crate) fn attention_takes_kv(&self, li: usize) -> bool {
-        self.kv_in_attention && self.layers[li].attn.spec.head_dim <= 256
+        self.kv_in_attention && uses_attention_v2(&self.layers[li].attn.spec)
     }
 
     /// `hn_split`: hn's F16 split when the norm wrote it (`wants_f16_split`); `kv_in_attention`:
@@ -552,8 +552,7 @@ impl CudaModel {
         }
         let (kc, vc) = &self.kv[li];
         let slots = if l.swa { &meta.swa_slots } else { &meta.full_slots };
-        // v2 (8 warps per head over the positions) unless the K head is wider than it holds.
-        let v2 = s.head_dim <= 256;
+        let v2 = uses_attention_v2(&s);
         // The fused kernel holds fewer blocks per SM than attention_v2: only while its grid fits
         // one wave is it the faster of the two (a second wave cost more than the launch saved).
         let grid = n * s.num_heads * self.attn_splits(&s, meta.max_blocks, meta.block_size);
@@ -956,6 +955,12 @@ pub(crate) struct RowMeta {
     pub(crate) swa_tables: CudaSlice<i32>,
     pub(crate) max_blocks: usize,
     pub(crate) block_size: usize,
+}
+
+/// Whether a layer's attention runs `attention_v2` (8 warps per head over the positions), not
+/// the one-warp kernel: unless its K head is wider than v2 holds.
+fn uses_attention_v2(s: &AttentionSpec) -> bool {
+    s.head_dim <= 256
 }
 
 /// A decode step's new K and V rows (before RoPE and the value scale) and their pool slots, for

@@ -160,6 +160,15 @@ fn rope_with_kv_write_matches_the_cpu_reference() {
     }
 }
 
+/// Block ids 0..n in a random order (sequence si's table is entries si * max_blocks..).
+fn shuffled_blocks(r: &mut impl Rng, n: usize) -> Vec<i32> {
+    let mut ids: Vec<i32> = (0..n as i32).collect();
+    for i in (1..ids.len()).rev() {
+        ids.swap(i, r.random_range(0..=i));
+    }
+    ids
+}
+
 /// Reference paged attention in f64: row r attends positions lo..=pos of its sequence (lo from
 /// the window), plus a sink logit per head, softmax, weighted V.
 #[allow(clippy::too_many_arguments)]
@@ -220,11 +229,7 @@ fn attention_matches_the_cpu_reference() {
         let kc = randn(&mut r, blocks * bs * s.k_dim(), 1.0);
         let vc = randn(&mut r, blocks * bs * s.v_dim(), 1.0);
         // Each sequence's table is a shuffled set of blocks.
-        let mut ids: Vec<i32> = (0..blocks as i32).collect();
-        for i in (1..ids.len()).rev() {
-            ids.swap(i, r.random_range(0..=i));
-        }
-        let tables = ids.clone();
+        let tables = shuffled_blocks(&mut r, blocks);
         // Rows: several positions per sequence, including short (pos 0) and long contexts.
         let mut pos = Vec::new();
         let mut seq = Vec::new();
@@ -284,10 +289,7 @@ fn attention_writing_the_new_kv_matches_rope_kv_write_then_attention() {
         let pos: Vec<i32> = [0usize, 3, 130, 200, max_blocks * bs - 1].iter().map(|&p| p as i32).collect();
         let n = pos.len();
         let blocks = n * max_blocks;
-        let mut ids: Vec<i32> = (0..blocks as i32).collect();
-        for i in (1..ids.len()).rev() {
-            ids.swap(i, r.random_range(0..=i));
-        }
+        let ids = shuffled_blocks(&mut r, blocks);
         let seq: Vec<i32> = (0..n as i32).collect();
         let slots: Vec<i64> = (0..n).map(|row| {
             let p = pos[row] as usize;
