@@ -210,7 +210,9 @@ extern "C" __global__ void scatter_add_scaled(const float* __restrict__ x, const
 // When K % 4 == 0 and K <= 16 x blockDim each thread holds its slice of the row in registers and
 // reuses it for every token (one warp per (row, token) walking K alone was latency bound: 13.5 us
 // for a 256 x 4096 router, 300 GB/s).
-extern "C" __global__ void gemv_f32(const float* __restrict__ W, const float* __restrict__ x, float* __restrict__ y, int N, int K, int T) { PDL_ENTER();
+// The row is loaded before the wait for the kernel ahead (programmatic dependent launch; weights
+// never depend on it), so a router's 4 MB come in while the norm before it runs.
+extern "C" __global__ void gemv_f32(const float* __restrict__ W, const float* __restrict__ x, float* __restrict__ y, int N, int K, int T) {
     __shared__ float sh[32];
     int n = blockIdx.x;
     const float* wr = W + (size_t)n * K;
@@ -220,8 +222,9 @@ extern "C" __global__ void gemv_f32(const float* __restrict__ W, const float* __
 #pragma unroll
         for (int j = 0; j < 4; j++) {
             int c = threadIdx.x + j * blockDim.x;
-            w[j] = c < K / 4 ? w4[c] : make_float4(0.f, 0.f, 0.f, 0.f);
+            w[j] = c < K / 4 ? __ldg(w4 + c) : make_float4(0.f, 0.f, 0.f, 0.f);
         }
+        PDL_ENTER();
         for (int t = 0; t < T; t++) {
             const float4* x4 = reinterpret_cast<const float4*>(x + (size_t)t * K);
             float s = 0.f;
@@ -238,6 +241,7 @@ extern "C" __global__ void gemv_f32(const float* __restrict__ W, const float* __
         }
         return;
     }
+    PDL_ENTER();
     for (int t = 0; t < T; t++) {
         float s = 0.f;
         for (int k = threadIdx.x; k < K; k += blockDim.x) s += wr[k] * x[(size_t)t * K + k];
