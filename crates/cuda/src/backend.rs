@@ -203,6 +203,23 @@ pub struct CudaModel {
     kv_in_attention: bool,
     /// Blocks of `attention_v2_kv` resident at once on the whole GPU (one wave).
     attention_kv_wave: usize,
+    /// Decode attention of few rows is split over more blocks to fill the GPU
+    /// (`attn_splits`; `PEREGRINE_ATTN_FILL=0` turns it off, for comparison).
+    attn_fill: bool,
+}
+
+/// Blocks per (row, head) of decode attention over `span` positions, for `row_heads` (rows x
+/// heads) of them: a span longer than twice `split` is split `split` positions per block (at
+/// most 64 blocks). With `fill` (one wave of `attention_v2_kv`, in blocks), rows x heads blocks
+/// that leave most SMs idle (a decode step of one or two sequences) are split further, as long
+/// as the grid still fits that wave and each block keeps 32 positions of the span: at batch 1
+/// on the H100 (Flash shapes, 64 heads, 128 positions: 4 splits, 256 blocks) the attention and
+/// its combine launch took the 18-layer step from 2.916 to 2.817 ms; batch 4 and up are not
+/// split (benches/results/2026-11-23-attention-fill-moe-trace.md).
+pub(crate) fn attention_splits(span: usize, split: usize, fill: Option<usize>, row_heads: usize) -> usize {
+    let by_len = if span > 2 * split { span.div_ceil(split) } else { 1 };
+    let by_fill = fill.map_or(1, |wave| (wave / row_heads.max(1)).min(span / 32));
+    by_len.max(by_fill).clamp(1, 64)
 }
 
 pub(crate) fn upload<T: cudarc::driver::DeviceRepr>(s: &Arc<CudaStream>, v: &[T]) -> Result<CudaSlice<T>> {
@@ -416,6 +433,7 @@ impl CudaModel {
             attn_split: std::env::var("PEREGRINE_ATTN_SPLIT").ok().and_then(|v| v.parse().ok()).filter(|&v: &usize| v >= 32).unwrap_or(512),
             kv_in_attention: std::env::var("PEREGRINE_KV_IN_ATTENTION").map_or(true, |v| v != "0"),
             attention_kv_wave,
+            attn_fill: std::env::var("PEREGRINE_ATTN_FILL").map_or(true, |v| v != "0"),
         };
         // The MoE decode kernel per token count, measured on the first MoE layer's experts
         // (every MoE layer of a model has the same shapes).
@@ -555,7 +573,7 @@ impl CudaModel {
         let v2 = uses_attention_v2(&s);
         // The fused kernel holds fewer blocks per SM than attention_v2: only while its grid fits
         // one wave is it the faster of the two (a second wave cost more than the launch saved).
-        let grid = n * s.num_heads * self.attn_splits(&s, meta.max_blocks, meta.block_size);
+        let grid = n * s.num_heads * self.attn_splits(&s, meta.max_blocks, meta.block_size, n);
         let fresh = if kv_in_attention && v2 && grid <= self.attention_kv_wave {
             Some(FreshKv { k: &k, v: &v, slots })
         } else {
@@ -576,11 +594,11 @@ impl CudaModel {
         }
     }
 
-    /// Blocks per (row, head) of `attention_v2`: long ranges are split, `attn_split` positions
-    /// each, as the block tables allow (so a graph captured for a table width keeps its count).
-    fn attn_splits(&self, s: &AttentionSpec, max_blocks: usize, block_size: usize) -> usize {
+    /// Blocks per (row, head) of `attention_v2` for `rows` rows (`attention_splits`), as the
+    /// block tables allow, so a graph captured for a table width and row bucket keeps its count.
+    fn attn_splits(&self, s: &AttentionSpec, max_blocks: usize, block_size: usize, rows: usize) -> usize {
         let span = s.window().map_or(max_blocks * block_size, |w| w.min(max_blocks * block_size));
-        if span > 2 * self.attn_split { span.div_ceil(self.attn_split).min(64) } else { 1 }
+        attention_splits(span, self.attn_split, self.attn_fill.then_some(self.attention_kv_wave), rows * s.num_heads)
     }
 
     /// Paged attention of `n` query rows over the K/V pools (`attention_v2`, or the one-warp
@@ -606,7 +624,7 @@ impl CudaModel {
         let (mb, bs, hh, kvh, hd, vd) = (max_blocks as i32, block_size as i32, s.num_heads as i32, s.num_kv_heads as i32, s.head_dim as i32, s.v_head_dim as i32);
         let window = s.window().map_or(0, |w| w as i32);
         let scale = s.softmax_scale;
-        let splits = if v2 { self.attn_splits(s, max_blocks, block_size) } else { 1 };
+        let splits = if v2 { self.attn_splits(s, max_blocks, block_size, n) } else { 1 };
         let parts = n * s.num_heads * splits;
         let (mut pm, mut pl, mut pa) = if splits > 1 { (self.empty(parts)?, self.empty(parts)?, self.empty(parts * s.v_head_dim)?) } else { (self.empty(1)?, self.empty(1)?, self.empty(1)?) };
         let kernel = match (v2, fresh.is_some()) {
@@ -1254,5 +1272,41 @@ impl Backend for CudaModel {
 
     fn draft(&mut self, batch: &[peregrine_core::backend::DraftForward]) -> Result<Vec<Vec<u32>>> {
         self.draft_pass(batch)
+    }
+}
+
+#[cfg(test)]
+mod split_tests {
+    use super::attention_splits;
+
+    /// One wave of attention_v2_kv on the H100: 3 blocks on each of 132 SMs.
+    const WAVE: Option<usize> = Some(396);
+
+    #[test]
+    fn decode_attention_of_few_rows_is_split_to_fill_the_gpu_within_one_wave() {
+        // Flash shapes at batch 1: 64 heads over a 128-position window -> 4 blocks of 32.
+        assert_eq!(attention_splits(128, 512, WAVE, 64), 4);
+        // Batch 2: 128 row-heads, 3 splits (384 blocks) still fit the wave; batch 4 and up not split.
+        assert_eq!(attention_splits(128, 512, WAVE, 128), 3);
+        assert_eq!(attention_splits(128, 512, WAVE, 256), 1);
+        assert_eq!(attention_splits(128, 512, WAVE, 8 * 64), 1);
+        for row_heads in [1usize, 4, 64, 100, 200, 396] {
+            let s = attention_splits(4096, 512, WAVE, row_heads);
+            assert!(s == 8 || s * row_heads <= 396, "{row_heads} row-heads: {s} splits overflow the wave");
+        }
+        // Never below 32 positions per block, never more than 64 blocks per (row, head).
+        assert_eq!(attention_splits(40, 512, WAVE, 1), 1);
+        assert_eq!(attention_splits(96, 512, WAVE, 1), 3);
+        assert_eq!(attention_splits(1 << 20, 512, WAVE, 1), 64);
+    }
+
+    #[test]
+    fn long_spans_split_by_length_with_or_without_filling() {
+        assert_eq!(attention_splits(1024, 512, None, 64), 1);
+        assert_eq!(attention_splits(1025, 512, None, 64), 3);
+        assert_eq!(attention_splits(8192, 512, None, 64), 16);
+        assert_eq!(attention_splits(8192, 512, WAVE, 64), 16);
+        assert_eq!(attention_splits(128, 512, None, 64), 1);
+        assert_eq!(attention_splits(1 << 20, 512, None, 8), 64);
     }
 }
