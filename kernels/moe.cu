@@ -32,6 +32,36 @@
 // (PDL_ENTER and the f16 helpers come from kernels/common.cuh, prepended by compile.rs.)
 
 #define TW 8  // warps per block, one 16-row tile each
+
+// Measurement builds only (PEREGRINE_KERNEL_DEFINES=-DMOE_TRACE): the fused kernel stamps
+// %globaltimer at fixed points of each block's work into moe_trace (MOE_TRACE_SLOTS per block,
+// the first MOE_TRACE_BLOCKS blocks; Kernels::moe_trace reads it). Slot 0: the SM; 1: entry;
+// 2: past the wait for the kernel ahead; per item i < 2 at 3 + 5i: start, past the wait for
+// gate_up (down items), activations staged, weights streamed (all warps), item done; 13: exit.
+#define MOE_TRACE_BLOCKS 512
+#define MOE_TRACE_SLOTS 16
+#ifdef MOE_TRACE
+__device__ unsigned long long moe_trace[MOE_TRACE_BLOCKS * MOE_TRACE_SLOTS];
+#define TRACE(slot)                                                                      \
+    do {                                                                                 \
+        if (threadIdx.x == 0 && blockIdx.x < MOE_TRACE_BLOCKS) {                        \
+            unsigned long long t_;                                                       \
+            asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_));                     \
+            moe_trace[blockIdx.x * MOE_TRACE_SLOTS + (slot)] = t_;                       \
+        }                                                                                \
+    } while (0)
+#define TRACE_SM()                                                                       \
+    do {                                                                                 \
+        if (threadIdx.x == 0 && blockIdx.x < MOE_TRACE_BLOCKS) {                        \
+            unsigned sm_;                                                                \
+            asm volatile("mov.u32 %0, %%smid;" : "=r"(sm_));                            \
+            moe_trace[blockIdx.x * MOE_TRACE_SLOTS] = sm_;                               \
+        }                                                                                \
+    } while (0)
+#else
+#define TRACE(slot)
+#define TRACE_SM()
+#endif
 #define NP 4  // routed pairs per pass (MMA columns: hi and lo of each)
 
 // Four e4m3 bytes -> two f16x2 (low byte first in each), exactly.
@@ -442,6 +472,9 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
     // benches/results/2026-11-23-moe-fused.md.)
     for (int n = blockIdx.x; n < items; n += gridDim.x) {
         int nn = n + (int)gridDim.x;
+        const int ti = (n - (int)blockIdx.x) / (int)gridDim.x < 2 ? 3 + 5 * ((n - (int)blockIdx.x) / (int)gridDim.x) : 14;  // trace slots
+        (void)ti;
+        TRACE(ti);
         bool down;
         int slot, grp;
         fused_item(n, gu_items, gug, dg, down, slot, grp);
@@ -470,12 +503,15 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
                 }
             }
             __syncthreads();
+            if (ti < 14 && p0 == pb) TRACE(ti + 1);
             stage_b(down ? h : x, rows, np, down ? I : H, reinterpret_cast<unsigned*>(frag), red, scale, inv);
+            if (ti < 14 && p0 == pb) TRACE(ti + 2);
             float acc[4] = {0.f, 0.f, 0.f, 0.f};
             pre = 0;
             if (KS) pre = tile_stream_bulk<NS, CS>(wt, st, KS, frag, 8 * np, acc, ring, wbars, seq, nwt, nst, nKS);
             if (KS && t < np) tile_store(!down, acc, inv[t], down ? out : h, down ? H : I, p0 + t, rt, pair_w);
             __syncthreads();  // every warp is done with the fragments before the next pass restages
+            if (ti < 14) TRACE(ti + 3);
         }
         if (pb >= pe) continue;  // an unused expert slot
         if (down) {
@@ -485,7 +521,9 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
             __syncthreads();
             if (threadIdx.x == 0) atomicAdd(done + slot, 1u);
         }
+        if (ti < 14) TRACE(ti + 4);
     }
+    TRACE(13);
 }
 
 // Ring shapes: NS stages of CS steps.
@@ -510,7 +548,11 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
         const unsigned char* __restrict__ Sd, const int* __restrict__ experts, const int* __restrict__ pair_off,         \
         const int* __restrict__ pair_tok, const float* __restrict__ pair_w, const float* __restrict__ x,                  \
         float* __restrict__ h, float* __restrict__ out, int H, int I, int U, unsigned* counters,                         \
-        const int* __restrict__ tok_pairs, float* __restrict__ y, int T, int topk) { PDL_ENTER();                        \
+        const int* __restrict__ tok_pairs, float* __restrict__ y, int T, int topk) {                                     \
+        TRACE_SM();                                                                                                      \
+        TRACE(1);                                                                                                        \
+        PDL_ENTER();                                                                                                     \
+        TRACE(2);                                                                                                        \
         moe_fused<NS, CS>(Wg, Sg, Wd, Sd, experts, pair_off, pair_tok, pair_w, x, h, out, H, I, U, counters, tok_pairs,  \
                           y, T, topk);                                                                                   \
     }

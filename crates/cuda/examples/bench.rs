@@ -238,6 +238,18 @@ fn main() {
                 }
                 println!("{line}");
             }
+            // A measurement build of the kernels (PEREGRINE_KERNEL_DEFINES=-DMOE_TRACE): where
+            // one fused call's time goes, from its blocks' %globaltimer stamps.
+            if t == 1 && k.moe_trace().unwrap().is_some() {
+                for stages in [2usize, 4] {
+                    let kind = MoeKernel::Fused { stages, steps: 4, max_blocks: 0 };
+                    for _ in 0..6 {
+                        k.moe_mxfp4_with(kind, &wt, &dev[0], &x, &mut scratch, &mut y).unwrap();
+                    }
+                    s.synchronize().unwrap();
+                    print_moe_trace(&format!("{name}, {t} token(s), fused {stages}x4, the last of 6 calls back to back"), &k.moe_trace().unwrap().unwrap(), (2 * i / 16).div_ceil(8) * routings[0].experts.len());
+                }
+            }
             println!(
                 "{t:>6} {used:>8.1} {:>10.1} {ms:>8.3} {:>8.0} {:>9.1}%   ({default:?}; back to back: {}; alone: the same {:.1}%, row-major tensor cores {:.1}%, pipelined {:.1}%)",
                 b / 1e6,
@@ -250,4 +262,48 @@ fn main() {
             );
         }
     }
+}
+
+/// Percentiles of the fused MoE kernel's trace stamps (kernels/moe.cu, MOE_TRACE), in us after
+/// the first block got past its wait for the kernel ahead; `gu_items`: its gate_up items (a
+/// block's first item is gate_up below that index, its second item always down).
+fn print_moe_trace(what: &str, tr: &[u64], gu_items: usize) {
+    const SLOTS: usize = 16;
+    let blocks: Vec<&[u64]> = tr.chunks(SLOTS).filter(|b| b[2] != 0).collect();
+    let Some(t0) = blocks.iter().map(|b| b[2]).min() else { return };
+    let rel = |v: u64| (v as f64 - t0 as f64) / 1e3;
+    println!("\ntrace: {what}: {} blocks; us after the first block passed its wait (min / p10 / median / p90 / max)", blocks.len());
+    let row = |label: &str, vals: Vec<f64>| {
+        if vals.is_empty() {
+            return;
+        }
+        let mut v = vals;
+        v.sort_by(f64::total_cmp);
+        let p = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+        println!("  {label:<34} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>7.2}  (n={})", p(0.0), p(0.1), p(0.5), p(0.9), p(1.0), v.len());
+    };
+    let pick = |first_down: Option<bool>, item: usize, slot: usize| -> Vec<f64> {
+        blocks
+            .iter()
+            .enumerate()
+            .filter(|(bi, b)| b[3 + 5 * item] != 0 && first_down.is_none_or(|d| (*bi >= gu_items) == d))
+            .map(|(_, b)| rel(b[3 + 5 * item + slot]))
+            .collect()
+    };
+    row("entry (before the wait)", blocks.iter().map(|b| rel(b[1])).collect());
+    row("past the wait", blocks.iter().map(|b| rel(b[2])).collect());
+    let names = ["start", "past its gate_up wait", "activations staged", "weights streamed", "done"];
+    for (label, first_down, item) in [("gate_up item", Some(false), 0), ("down item (first)", Some(true), 0), ("down item (second)", None, 1)] {
+        for (si, n) in names.iter().enumerate() {
+            if si == 1 && label.starts_with("gate_up") {
+                continue;
+            }
+            row(&format!("{label}: {n}"), pick(first_down, item, si));
+        }
+    }
+    row("exit", blocks.iter().map(|b| rel(b[13])).collect());
+    let mut sms: Vec<u64> = blocks.iter().map(|b| b[0]).collect();
+    sms.sort();
+    sms.dedup();
+    println!("  on {} SMs", sms.len());
 }

@@ -42,17 +42,25 @@ pub fn cache_dir() -> PathBuf {
 
 const OPTIONS: &[&str] = &["--std=c++17", "-lineinfo"];
 
+/// The NVRTC options: `OPTIONS`, then each word of `PEREGRINE_KERNEL_DEFINES` (for measurement
+/// builds only, e.g. `-DMOE_TRACE`; they are part of the cache key).
+fn options() -> Vec<String> {
+    let extra = std::env::var("PEREGRINE_KERNEL_DEFINES").unwrap_or_default();
+    OPTIONS.iter().map(|s| s.to_string()).chain(extra.split_whitespace().map(str::to_string)).collect()
+}
+
 /// PTX of `src` for `arch` (e.g. "sm_90a"), from the cache or freshly compiled. Returns the PTX
 /// and whether it came from the cache.
 pub fn ptx(name: &str, src: &str, arch: &'static str) -> Result<(Ptx, bool)> {
-    let key = fnv1a(&[src.as_bytes(), arch.as_bytes(), OPTIONS.join(" ").as_bytes()]);
+    let options = options();
+    let key = fnv1a(&[src.as_bytes(), arch.as_bytes(), options.join(" ").as_bytes()]);
     let path = cache_dir().join(format!("{name}-{arch}-{key:016x}.ptx"));
     if let Ok(text) = std::fs::read_to_string(&path) {
         return Ok((Ptx::from_src(text), true));
     }
     let opts = CompileOptions {
         arch: Some(arch),
-        options: OPTIONS.iter().map(|s| s.to_string()).collect(),
+        options,
         name: Some(format!("{name}.cu")),
         ..Default::default()
     };

@@ -122,6 +122,8 @@ pub struct Kernels {
     logprobs: CudaFunction,
     /// The PTX came from the on-disk cache.
     pub cached: bool,
+    /// kernels/moe.cu's module (for `moe_trace`).
+    moe_module: Arc<cudarc::driver::CudaModule>,
 }
 
 fn drv(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
@@ -383,6 +385,7 @@ impl Kernels {
             adjust,
             logprobs,
             cached,
+            moe_module: mm.clone(),
         })
     }
 
@@ -724,6 +727,18 @@ impl Kernels {
     /// else the CUDA-core v2 kernels.
     pub fn moe_mxfp4(&self, w: &MoeWeights, r: &DeviceRouting, x: &CudaSlice<f32>, scratch: &mut MoeScratch, y: &mut CudaSlice<f32>) -> Result<()> {
         self.moe_mxfp4_with(self.moe_kernel(w, r.num_tokens, r.top_k), w, r, x, scratch, y)
+    }
+
+    /// The fused MoE kernel's %globaltimer stamps from its last call (`MOE_TRACE_SLOTS` per
+    /// block; see kernels/moe.cu), then zeroed: only in a measurement build of the kernels
+    /// (`PEREGRINE_KERNEL_DEFINES=-DMOE_TRACE`), else None.
+    pub fn moe_trace(&self) -> Result<Option<Vec<u64>>> {
+        let Ok(mut g) = self.moe_module.get_global("moe_trace", &self.stream) else { return Ok(None) };
+        let n = g.len() / 8;
+        let mut v = unsafe { g.transmute_mut::<u64>(n) }.ok_or_else(|| Error::Backend("moe_trace: bad size".into()))?;
+        let host = self.stream.clone_dtoh(&v).map_err(drv("moe_trace"))?;
+        self.stream.memset_zeros(&mut v).map_err(drv("moe_trace"))?;
+        Ok(Some(host))
     }
 
     /// The kernel `moe_mxfp4` runs for `tokens` tokens of top-k routing over `w`: for tiled
