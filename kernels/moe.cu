@@ -104,9 +104,67 @@ __device__ __forceinline__ void split2(float a, float b, unsigned& hi, unsigned&
 // Fragment layout (uint4 units): [K/64 steps][2 halves][8 np lanes], lane 4g + t of column
 // g = 2j + part (part 0 = hi, 1 = lo of pair j); half h holds MMAs 2h and 2h+1 as {b0, b1, b0, b1}.
 // Lanes >= 8 np read no fragment (their columns are zero).
+#define STAGE_REGS 8  // items per thread a one-row staging keeps in registers (K <= 8192)
 __device__ __forceinline__ void stage_b(const float* __restrict__ x, const int* rows, int np, int K, unsigned* frag,
                                         float* red, float* scale, float* inv) {
     int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
+    const int q16 = K / 16;
+    if (np == 1 && q16 * 4 <= STAGE_REGS * (int)blockDim.x) {
+        // One routed pair (every pass of a 1-token step): the row is read once. Each thread
+        // loads the values its items convert and their largest magnitude, then converts from
+        // registers once the block's maximum is known. Reading x twice put a second global
+        // round trip, queued behind the rings' first weight copies, into every item's start
+        // (the fused kernel's trace: ~7 us from start to staged). Same values, same maximum,
+        // same split as the general path below.
+        const float* xr = x + (size_t)rows[0] * K;
+        float2 v0[STAGE_REGS], v1[STAGE_REGS];
+        float m = 0.f;
+#pragma unroll
+        for (int i = 0; i < STAGE_REGS; i++) {
+            int it = tid + i * (int)blockDim.x;
+            v0[i] = v1[i] = make_float2(0.f, 0.f);
+            if (it < q16 * 4) {
+                const float* p = xr + 16 * (it >> 2) + 2 * (it & 3);
+                v0[i] = __ldcg(reinterpret_cast<const float2*>(p));
+                v1[i] = __ldcg(reinterpret_cast<const float2*>(p + 8));
+            }
+            m = fmaxf(m, fmaxf(fmaxf(fabsf(v0[i].x), fabsf(v0[i].y)), fmaxf(fabsf(v1[i].x), fabsf(v1[i].y))));
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+        if (lane == 0) red[w * NP] = m;
+        __syncthreads();
+        if (tid == 0) {
+            m = 0.f;
+            for (int i = 0; i < TW; i++) m = fmaxf(m, red[i * NP]);
+            int ex = (m > 0.f && m < __int_as_float(0x7f800000u)) ? (int)((__float_as_uint(m) >> 23) & 0xffu) - 126 : 0;
+            int sh = min(max(14 - ex, -100), 100);
+            scale[0] = __int_as_float((unsigned)(sh + 127) << 23);
+            inv[0] = __int_as_float((unsigned)(127 - sh) << 23);
+        }
+        __syncthreads();
+        float s = scale[0];
+#pragma unroll
+        for (int i = 0; i < STAGE_REGS; i++) {
+            int it = tid + i * (int)blockDim.x;
+            if (it < q16 * 4) {
+                int t = it & 3, q = it >> 2;
+                unsigned h0, l0, h1, l1;
+                split2(v0[i].x * s, v0[i].y * s, h0, l0);
+                split2(v1[i].x * s, v1[i].y * s, h1, l1);
+                int ks = q >> 2, sub = q & 3, half = sub >> 1, i0 = (sub & 1) * 2;
+                unsigned* base = frag + (size_t)(ks * 2 + half) * 8 * 4;
+                unsigned* ph = base + t * 4 + i0;
+                unsigned* pl = base + (4 + t) * 4 + i0;
+                ph[0] = h0;
+                ph[1] = h1;
+                pl[0] = l0;
+                pl[1] = l1;
+            }
+        }
+        __syncthreads();
+        return;
+    }
     for (int j = 0; j < np; j++) {
         const float4* xr = reinterpret_cast<const float4*>(x + (size_t)rows[j] * K);
         float m = 0.f;
@@ -129,7 +187,7 @@ __device__ __forceinline__ void stage_b(const float* __restrict__ x, const int* 
         inv[tid] = __int_as_float((unsigned)(127 - sh) << 23);
     }
     __syncthreads();
-    int L = 8 * np, q16 = K / 16, items = np * q16 * 4;
+    int L = 8 * np, items = np * q16 * 4;
     for (int it = tid; it < items; it += blockDim.x) {
         int t = it & 3, q = (it >> 2) % q16, j = (it >> 2) / q16;
         const float* xr = x + (size_t)rows[j] * K + 16 * q + 2 * t;
