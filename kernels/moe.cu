@@ -104,6 +104,34 @@ __device__ __forceinline__ void split2(float a, float b, unsigned& hi, unsigned&
 // Fragment layout (uint4 units): [K/64 steps][2 halves][8 np lanes], lane 4g + t of column
 // g = 2j + part (part 0 = hi, 1 = lo of pair j); half h holds MMAs 2h and 2h+1 as {b0, b1, b0, b1}.
 // Lanes >= 8 np read no fragment (their columns are zero).
+// One staging item: x values 16q + 2t + {0, 1} (v0) and + {8, 9} (v1) of pair j, scaled by
+// s, split into hi and lo and stored as the B fragments of its column pair (layout above; L =
+// 8 np lanes).
+__device__ __forceinline__ void stage_item(unsigned* frag, int L, int j, int q, int t, float2 v0, float2 v1, float s) {
+    unsigned h0, l0, h1, l1;
+    split2(v0.x * s, v0.y * s, h0, l0);
+    split2(v1.x * s, v1.y * s, h1, l1);
+    int ks = q >> 2, sub = q & 3, half = sub >> 1, i0 = (sub & 1) * 2;
+    unsigned* base = frag + (size_t)(ks * 2 + half) * L * 4;
+    unsigned* ph = base + (4 * (2 * j) + t) * 4 + i0;
+    unsigned* pl = base + (4 * (2 * j + 1) + t) * 4 + i0;
+    ph[0] = h0;
+    ph[1] = h1;
+    pl[0] = l0;
+    pl[1] = l1;
+}
+
+// Pair j's power-of-two scale from its warps' largest magnitudes red[w * NP + j]: m < 2^ex;
+// scale by 2^(14 - ex) (0 or non-finite: no scaling), as split_f16 does; inv undoes it.
+__device__ __forceinline__ void row_scale(const float* red, int j, float* scale, float* inv) {
+    float m = 0.f;
+    for (int i = 0; i < TW; i++) m = fmaxf(m, red[i * NP + j]);
+    int ex = (m > 0.f && m < __int_as_float(0x7f800000u)) ? (int)((__float_as_uint(m) >> 23) & 0xffu) - 126 : 0;
+    int sh = min(max(14 - ex, -100), 100);
+    scale[j] = __int_as_float((unsigned)(sh + 127) << 23);
+    inv[j] = __int_as_float((unsigned)(127 - sh) << 23);
+}
+
 #define STAGE_REGS 8  // items per thread a one-row staging keeps in registers (K <= 8192)
 __device__ __forceinline__ void stage_b(const float* __restrict__ x, const int* rows, int np, int K, unsigned* frag,
                                         float* red, float* scale, float* inv) {
@@ -134,32 +162,14 @@ __device__ __forceinline__ void stage_b(const float* __restrict__ x, const int* 
         for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
         if (lane == 0) red[w * NP] = m;
         __syncthreads();
-        if (tid == 0) {
-            m = 0.f;
-            for (int i = 0; i < TW; i++) m = fmaxf(m, red[i * NP]);
-            int ex = (m > 0.f && m < __int_as_float(0x7f800000u)) ? (int)((__float_as_uint(m) >> 23) & 0xffu) - 126 : 0;
-            int sh = min(max(14 - ex, -100), 100);
-            scale[0] = __int_as_float((unsigned)(sh + 127) << 23);
-            inv[0] = __int_as_float((unsigned)(127 - sh) << 23);
-        }
+        if (tid == 0) row_scale(red, 0, scale, inv);
         __syncthreads();
         float s = scale[0];
 #pragma unroll
         for (int i = 0; i < STAGE_REGS; i++) {
             int it = tid + i * (int)blockDim.x;
             if (it < q16 * 4) {
-                int t = it & 3, q = it >> 2;
-                unsigned h0, l0, h1, l1;
-                split2(v0[i].x * s, v0[i].y * s, h0, l0);
-                split2(v1[i].x * s, v1[i].y * s, h1, l1);
-                int ks = q >> 2, sub = q & 3, half = sub >> 1, i0 = (sub & 1) * 2;
-                unsigned* base = frag + (size_t)(ks * 2 + half) * 8 * 4;
-                unsigned* ph = base + t * 4 + i0;
-                unsigned* pl = base + (4 + t) * 4 + i0;
-                ph[0] = h0;
-                ph[1] = h1;
-                pl[0] = l0;
-                pl[1] = l1;
+                stage_item(frag, 8, 0, it >> 2, it & 3, v0[i], v1[i], s);
             }
         }
         __syncthreads();
@@ -177,15 +187,7 @@ __device__ __forceinline__ void stage_b(const float* __restrict__ x, const int* 
         if (lane == 0) red[w * NP + j] = m;
     }
     __syncthreads();
-    if (tid < np) {
-        float m = 0.f;
-        for (int i = 0; i < TW; i++) m = fmaxf(m, red[i * NP + tid]);
-        // m < 2^ex; scale by 2^(14 - ex) (0 or non-finite: no scaling), as split_f16 does.
-        int ex = (m > 0.f && m < __int_as_float(0x7f800000u)) ? (int)((__float_as_uint(m) >> 23) & 0xffu) - 126 : 0;
-        int sh = min(max(14 - ex, -100), 100);
-        scale[tid] = __int_as_float((unsigned)(sh + 127) << 23);
-        inv[tid] = __int_as_float((unsigned)(127 - sh) << 23);
-    }
+    if (tid < np) row_scale(red, tid, scale, inv);
     __syncthreads();
     int L = 8 * np, items = np * q16 * 4;
     for (int it = tid; it < items; it += blockDim.x) {
@@ -193,17 +195,7 @@ __device__ __forceinline__ void stage_b(const float* __restrict__ x, const int* 
         const float* xr = x + (size_t)rows[j] * K + 16 * q + 2 * t;
         float2 v0 = __ldcg(reinterpret_cast<const float2*>(xr)), v1 = __ldcg(reinterpret_cast<const float2*>(xr + 8));
         float s = scale[j];
-        unsigned h0, l0, h1, l1;
-        split2(v0.x * s, v0.y * s, h0, l0);
-        split2(v1.x * s, v1.y * s, h1, l1);
-        int ks = q >> 2, sub = q & 3, half = sub >> 1, i0 = (sub & 1) * 2;
-        unsigned* base = frag + (size_t)(ks * 2 + half) * L * 4;
-        unsigned* ph = base + (4 * (2 * j) + t) * 4 + i0;
-        unsigned* pl = base + (4 * (2 * j + 1) + t) * 4 + i0;
-        ph[0] = h0;
-        ph[1] = h1;
-        pl[0] = l0;
-        pl[1] = l1;
+        stage_item(frag, L, j, q, t, v0, v1, s);
     }
     __syncthreads();
 }
