@@ -32,6 +32,7 @@
 // (PDL_ENTER and the f16 helpers come from kernels/common.cuh, prepended by compile.rs.)
 
 #define TW 8  // warps per block, one 16-row tile each
+#define NP 4  // routed pairs per pass (MMA columns: hi and lo of each)
 
 // Measurement builds only (PEREGRINE_KERNEL_DEFINES=-DMOE_TRACE): the fused kernel stamps
 // %globaltimer at fixed points of each block's work into moe_trace (MOE_TRACE_SLOTS per block,
@@ -62,7 +63,6 @@ __device__ unsigned long long moe_trace[MOE_TRACE_BLOCKS * MOE_TRACE_SLOTS];
 #define TRACE(slot)
 #define TRACE_SM()
 #endif
-#define NP 4  // routed pairs per pass (MMA columns: hi and lo of each)
 
 // Four e4m3 bytes -> two f16x2 (low byte first in each), exactly.
 __device__ __forceinline__ void e4m3x4_to_f16x2x2(unsigned e, unsigned& lo, unsigned& hi) {
@@ -100,13 +100,9 @@ __device__ __forceinline__ void split2(float a, float b, unsigned& hi, unsigned&
     lo = (unsigned)la | ((unsigned)lb << 16);
 }
 
-// Stages rows rows[0..np) of x (f32, K each) as B fragments in `frag` and their 2^-s in inv.
-// Fragment layout (uint4 units): [K/64 steps][2 halves][8 np lanes], lane 4g + t of column
-// g = 2j + part (part 0 = hi, 1 = lo of pair j); half h holds MMAs 2h and 2h+1 as {b0, b1, b0, b1}.
-// Lanes >= 8 np read no fragment (their columns are zero).
 // One staging item: x values 16q + 2t + {0, 1} (v0) and + {8, 9} (v1) of pair j, scaled by
-// s, split into hi and lo and stored as the B fragments of its column pair (layout above; L =
-// 8 np lanes).
+// s, split into hi and lo and stored as the B fragments of its column pair (layout at stage_b;
+// L = 8 np lanes).
 __device__ __forceinline__ void stage_item(unsigned* frag, int L, int j, int q, int t, float2 v0, float2 v1, float s) {
     unsigned h0, l0, h1, l1;
     split2(v0.x * s, v0.y * s, h0, l0);
@@ -133,6 +129,10 @@ __device__ __forceinline__ void row_scale(const float* red, int j, float* scale,
 }
 
 #define STAGE_REGS 8  // items per thread a one-row staging keeps in registers (K <= 8192)
+// Stages rows rows[0..np) of x (f32, K each) as B fragments in `frag` and their 2^-s in inv.
+// Fragment layout (uint4 units): [K/64 steps][2 halves][8 np lanes], lane 4g + t of column
+// g = 2j + part (part 0 = hi, 1 = lo of pair j); half h holds MMAs 2h and 2h+1 as {b0, b1, b0, b1}.
+// Lanes >= 8 np read no fragment (their columns are zero).
 __device__ __forceinline__ void stage_b(const float* __restrict__ x, const int* rows, int np, int K, unsigned* frag,
                                         float* red, float* scale, float* inv) {
     int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
