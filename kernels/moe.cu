@@ -29,7 +29,8 @@
 // E8M0 scales become f32 with a shift and a mask: 1..254 exactly; 0 (2^-127) becomes 0 and
 // 255 (NaN) becomes +inf, so a NaN scale still gives a non-finite output.
 
-// (PDL_ENTER and the f16 helpers come from kernels/common.cuh, prepended by compile.rs.)
+// (PDL_ENTER and the f16 helpers come from kernels/common.cuh, the router from kernels/route.cuh:
+// compile.rs prepends both.)
 
 #define TW 8  // warps per block, one 16-row tile each
 #define NP 4  // routed pairs per pass (MMA columns: hi and lo of each)
@@ -198,6 +199,16 @@ __device__ __forceinline__ void stage_b(const float* __restrict__ x, const int* 
         stage_item(frag, L, j, q, t, v0, v1, s);
     }
     __syncthreads();
+}
+
+// Rows of activations a pass over K may stage: the host sizes the shared memory for the rings
+// (ring_bytes) and min(tokens, NP) rows of the wider of H and I (4 K bytes each). An expert
+// slot holding more pairs than that (a repeated expert, when fewer than top-k experts could be
+// chosen: NaN logits) takes more passes instead of staging past the end.
+__device__ __forceinline__ int pass_rows(int K, int ring_bytes) {
+    unsigned dyn;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
+    return max(1, min(NP, (int)((dyn - (unsigned)ring_bytes) / (4u * (unsigned)K))));
 }
 
 __device__ __forceinline__ float e8m0_bits(unsigned v) { return __uint_as_float(v & 0x7f800000u); }
@@ -437,8 +448,9 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
         for (int i = 0; i < NS; i++) mbar_init(wbars + i);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     __syncwarp();
-    for (int p0 = pb; p0 < pe; p0 += NP) {
-        int np = min(NP, pe - p0);
+    const int cap = pass_rows(K, TW * RING);
+    for (int p0 = pb; p0 < pe; p0 += cap) {
+        int np = min(cap, pe - p0);
         if ((int)threadIdx.x < np) rows[threadIdx.x] = GATE_UP ? pair_tok[p0 + threadIdx.x] : p0 + threadIdx.x;
         if (active) bulk_prologue<NS, CS>(seq, wt, st, KS, ring, wbars);
         // The down kernel may be launched while gate_up still runs (programmatic dependent
@@ -531,15 +543,16 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
         int pb = pair_off[slot], pe = pair_off[slot + 1];
         const unsigned char *wt = nullptr, *st = nullptr;
         int KS = seg(n, wt, st), rt = grp * TW + w;
-        for (int p0 = pb; p0 < pe; p0 += NP) {  // no passes for an unused expert slot
-            int np = min(NP, pe - p0);
+        const int cap = pass_rows(down ? I : H, TW * RING);
+        for (int p0 = pb; p0 < pe; p0 += cap) {  // no passes for an unused expert slot
+            int np = min(cap, pe - p0);
             if ((int)threadIdx.x < np) rows[threadIdx.x] = down ? p0 + threadIdx.x : pair_tok[p0 + threadIdx.x];
             if (KS) bulk_prologue<NS, CS>(seq, wt, st, KS, ring, wbars, pre);
             // The warp's next pass: this tile again for the slot's next pairs, else its tile of
             // the block's next item.
             const unsigned char *nwt = wt, *nst = st;
             int nKS = KS;
-            if (p0 + NP >= pe) {
+            if (p0 + cap >= pe) {
                 nKS = 0;
                 if (nn < items) nKS = seg(nn, nwt, nst);
             }
@@ -576,6 +589,32 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
     TRACE(13);
 }
 
+// The fused kernel for one token that routes it itself: every block runs the router on the
+// token's logits (route_token, the code moe_route runs, so the same experts and weights bit for
+// bit) and groups the choices in shared memory (group_one_token), then runs moe_fused on that
+// routing. The routing launch and its global round trips leave a batch-1 step; each block reads
+// E logits and biases (L2), and the scores' scratch is the ring's shared memory (2 E floats,
+// before any copy lands there). U = min(K, E) expert slots; K <= MAX_FUSED_TOPK.
+template <int NS, int CS>
+__device__ __forceinline__ void moe_fused_routed(const float* __restrict__ logits, const float* __restrict__ bias, int E, int K,
+                                                 int softmax, int n_group, int topk_group, int norm, float scale,
+                                                 const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Sg,
+                                                 const unsigned char* __restrict__ Wd, const unsigned char* __restrict__ Sd,
+                                                 const float* __restrict__ x, float* __restrict__ h, float* __restrict__ out,
+                                                 int H, int I, int U, unsigned* counters, float* __restrict__ y) {
+    extern __shared__ uint4 dsm[];
+    __shared__ int sel[MAX_FUSED_TOPK], experts[MAX_FUSED_TOPK], pair_off[MAX_FUSED_TOPK + 1], pair_tok[MAX_FUSED_TOPK],
+        tok_pairs[MAX_FUSED_TOPK];
+    __shared__ float wsel[MAX_FUSED_TOPK], pair_w[MAX_FUSED_TOPK];
+    float* scores = reinterpret_cast<float*>(dsm);
+    route_token(logits, bias, E, K, softmax, n_group, topk_group, norm, scale, scores, scores + E, sel, wsel);
+    group_one_token(sel, wsel, K, U, experts, pair_off, pair_tok, pair_w, tok_pairs);
+    __syncthreads();  // the routing is visible, and the scores' scratch free for the rings
+    // The rings' bulk copies (async proxy) will land where the scores were written (generic).
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    moe_fused<NS, CS>(Wg, Sg, Wd, Sd, experts, pair_off, pair_tok, pair_w, x, h, out, H, I, U, counters, tok_pairs, y, 1, K);
+}
+
 // Ring shapes: NS stages of CS steps.
 #define MOE_BULK(NS, CS)                                                                                                 \
     extern "C" __global__ void __launch_bounds__(256, 2) moe_gate_up_bulk_n##NS##_c##CS(                                 \
@@ -605,6 +644,18 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
         TRACE(2);                                                                                                        \
         moe_fused<NS, CS>(Wg, Sg, Wd, Sd, experts, pair_off, pair_tok, pair_w, x, h, out, H, I, U, counters, tok_pairs,  \
                           y, T, topk);                                                                                   \
+    }                                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(256, 2) moe_fused_routed_bulk_n##NS##_c##CS(                            \
+        const float* __restrict__ logits, const float* __restrict__ bias, int E, int K, int softmax, int n_group,        \
+        int topk_group, int norm, float scale, const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Sg, \
+        const unsigned char* __restrict__ Wd, const unsigned char* __restrict__ Sd, const float* __restrict__ x,          \
+        float* __restrict__ h, float* __restrict__ out, int H, int I, int U, unsigned* counters, float* __restrict__ y) { \
+        TRACE_SM();                                                                                                      \
+        TRACE(1);                                                                                                        \
+        PDL_ENTER();                                                                                                     \
+        TRACE(2);                                                                                                        \
+        moe_fused_routed<NS, CS>(logits, bias, E, K, softmax, n_group, topk_group, norm, scale, Wg, Sg, Wd, Sd, x, h, out, \
+                                 H, I, U, counters, y);                                                                  \
     }
 MOE_BULK(2, 4)
 MOE_BULK(4, 2)

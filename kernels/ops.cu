@@ -4,22 +4,12 @@
 // x[r, :] = table[tok[r], :] (f32 table).
 // Row-copy kernels run gridDim.y blocks per row: at decode sizes one block per row serialised
 // its loads (the H100 spent ~17 us embedding one row of 4096).
-// (PDL_ENTER and the f16 helpers come from kernels/common.cuh, prepended by compile.rs.)
+// (PDL_ENTER and the f16 helpers come from kernels/common.cuh, block_sum, block_argmax and the
+// router from kernels/route.cuh: compile.rs prepends both.)
 
 extern "C" __global__ void embed(const float* __restrict__ table, const int* __restrict__ tok, float* __restrict__ x, int H) { PDL_ENTER();
     int r = blockIdx.x;
     for (int i = blockIdx.y * blockDim.x + threadIdx.x; i < H; i += blockDim.x * gridDim.y) x[(size_t)r * H + i] = table[(size_t)tok[r] * H + i];
-}
-
-__device__ __forceinline__ float block_sum(float v, float* sh) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    int w = threadIdx.x >> 5, l = threadIdx.x & 31;
-    if (l == 0) sh[w] = v;
-    __syncthreads();
-    float s = 0.f;
-    for (int i = 0; i < (blockDim.x + 31) / 32; i++) s += sh[i];
-    __syncthreads();
-    return s;
 }
 
 // Rows whose D is a multiple of 4 and at most 4 x NORM_V x blockDim keep their float4s in
@@ -428,30 +418,6 @@ extern "C" __global__ void rope_kv_write(float* __restrict__ q, const float* __r
     for (int j = j0; j < vdd; j += stride) vc[s * vdd + j] = v[(size_t)r * vdd + j] * vscale;
 }
 
-// The MoE router of one token per block (HF MiMoV2FlashTopkRouter / DeepSeek-V3 noaux_tc, as
-// peregrine_cpu::model::route): scores = sigmoid (or softmax) of the logits; the choice adds the
-// correction bias; with n_group > 1 only the topk_group best groups (by the sum of their top-2)
-// compete; top-K by choice, ties to the lower index; weights = chosen unbiased scores,
-// normalised to sum 1 (+1e-20) when norm, times scale. Dynamic shared memory: 2 * E floats.
-__device__ __forceinline__ void block_argmax(float v, int i, float* sv, int* si, float* out_v, int* out_i) {
-    for (int o = 16; o > 0; o >>= 1) {
-        float v2 = __shfl_xor_sync(0xffffffffu, v, o);
-        int i2 = __shfl_xor_sync(0xffffffffu, i, o);
-        if (v2 > v || (v2 == v && i2 < i)) { v = v2; i = i2; }
-    }
-    int w = threadIdx.x >> 5, l = threadIdx.x & 31;
-    if (l == 0) { sv[w] = v; si[w] = i; }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        float bv = sv[0];
-        int bi = si[0];
-        for (int k = 1; k < (int)(blockDim.x + 31) / 32; k++)
-            if (sv[k] > bv || (sv[k] == bv && si[k] < bi)) { bv = sv[k]; bi = si[k]; }
-        *out_v = bv;
-        *out_i = bi;
-    }
-    __syncthreads();
-}
 
 // Groups P routed (token, slot) pairs by expert: per expert its pairs in token order, the used
 // experts ascending in `max_u` slots (the rest empty). `ism` holds 2 E + GROUP_CHUNK ints.
@@ -527,122 +493,30 @@ extern "C" __global__ void moe_group(const int* __restrict__ topk_idx, const flo
     group_pairs(topk_idx, topk_w, P, K, E, max_u, experts, pair_off, pair_tok, pair_w, tok_pairs, ism);
 }
 
-// With `counter` (zero between calls), the last block to finish routing also groups every
-// token's pairs by expert (one launch for routing and grouping) and resets the counter.
+// The MoE router (route_token in kernels/route.cuh), one token per block. With `counter` (zero
+// between calls), the last block to finish routing also groups every token's pairs by expert
+// (one launch for routing and grouping) and resets the counter; a batch of one token is grouped
+// by its own block from shared memory (group_one_token), without the counter and group_pairs'
+// global round trips. Dynamic shared memory: 2 E + GROUP_CHUNK floats.
 extern "C" __global__ void moe_route(const float* __restrict__ logits, const float* __restrict__ bias, int* __restrict__ topk_idx,
                                      float* __restrict__ topk_w, int E, int K, int softmax, int n_group, int topk_group,
                                      int norm, float scale, unsigned* counter, int max_u, int* __restrict__ experts,
                                      int* __restrict__ pair_off, int* __restrict__ pair_tok, float* __restrict__ pair_w,
                                      int* __restrict__ tok_pairs) { PDL_ENTER();
     extern __shared__ float smem[];
-    float* scores = smem;
-    float* choice = smem + E;
-    __shared__ float sv[32], sh[32], best_v;
-    __shared__ int si[32], best_i, keep[64], sel[64];  // K <= 64 (checked at load)
-    const float NEG_INF = __int_as_float(0xff800000u);
+    __shared__ int sel[ROUTE_MAX_K];
+    __shared__ float wsel[ROUTE_MAX_K];
     int t = blockIdx.x;
-    const float* l = logits + (size_t)t * E;
-    if (softmax) {
-        float m = NEG_INF;
-        for (int e = threadIdx.x; e < E; e += blockDim.x) m = fmaxf(m, l[e]);
-        block_argmax(m, 0, sv, si, &best_v, &best_i);
-        m = best_v;
-        float s = 0.f;
-        for (int e = threadIdx.x; e < E; e += blockDim.x) { float x = expf(l[e] - m); scores[e] = x; s += x; }
-        s = block_sum(s, sh);
-        for (int e = threadIdx.x; e < E; e += blockDim.x) scores[e] /= s;
-    } else {
-        for (int e = threadIdx.x; e < E; e += blockDim.x) scores[e] = 1.f / (1.f + expf(-l[e]));
+    route_token(logits + (size_t)t * E, bias, E, K, softmax, n_group, topk_group, norm, scale, smem, smem + E, sel, wsel);
+    for (int k = threadIdx.x; k < K; k += blockDim.x) {
+        topk_idx[t * K + k] = sel[k];
+        topk_w[t * K + k] = wsel[k];
     }
-    __syncthreads();
-    for (int e = threadIdx.x; e < E; e += blockDim.x) choice[e] = bias ? scores[e] + bias[e] : scores[e];
-    __syncthreads();
-    if (n_group > 1) {
-        int per = E / n_group;
-        if (threadIdx.x == 0) {
-            // Group scores (top-2 sums), then the topk_group best groups, ties to the lower index.
-            float gs[64];
-            for (int g = 0; g < n_group; g++) {
-                float a = NEG_INF, b = NEG_INF;
-                for (int e = g * per; e < (g + 1) * per; e++) {
-                    float c = choice[e];
-                    if (c > a) { b = a; a = c; } else if (c > b) b = c;
-                }
-                gs[g] = a + b;
-                keep[g] = 0;
-            }
-            for (int k = 0; k < topk_group; k++) {
-                int bi = -1;
-                for (int g = 0; g < n_group; g++)
-                    if (!keep[g] && (bi < 0 || gs[g] > gs[bi])) bi = g;
-                keep[bi] = 1;
-            }
-        }
-        __syncthreads();
-        for (int e = threadIdx.x; e < E; e += blockDim.x)
-            if (!keep[e / per]) choice[e] = NEG_INF;
-        __syncthreads();
+    if (counter == nullptr) return;
+    if (gridDim.x == 1) {
+        group_one_token(sel, wsel, K, max_u, experts, pair_off, pair_tok, pair_w, tok_pairs);
+        return;
     }
-    // The top K by one warp, shuffles only (K block-wide argmax rounds, two barriers each, made
-    // this kernel ~11 us per layer on the H100 under ncu). Same order: largest choice, ties to
-    // the lower index.
-    // One token alone (a batch-1 decode step) whose K choices are distinct experts: this block
-    // writes the grouping too (one pair per expert, ascending), from shared memory, without the
-    // arrival counter and group_pairs' global round trips. (With fewer than K candidates, K > E
-    // or NaN logits, the fallback expert 0 repeats and group_pairs counts it.)
-    __shared__ bool alone;
-    if (threadIdx.x < 32) {
-        float wsum = 0.f;
-        for (int k = 0; k < K; k++) {
-            float v = NEG_INF;
-            int i = 0x7fffffff;
-            for (int e = threadIdx.x; e < E; e += 32)
-                if (choice[e] > v || (choice[e] == v && e < i)) { v = choice[e]; i = e; }
-            for (int o = 16; o > 0; o >>= 1) {
-                float v2 = __shfl_xor_sync(0xffffffffu, v, o);
-                int i2 = __shfl_xor_sync(0xffffffffu, i, o);
-                if (v2 > v || (v2 == v && i2 < i)) { v = v2; i = i2; }
-            }
-            if (i >= E) i = 0;  // fewer than K candidates (K > E): expert 0, never out of bounds
-            wsum += scores[i];
-            if (threadIdx.x == 0) {
-                sel[k] = i;
-                choice[i] = __int_as_float(0x7fc00000u);  // NaN: compares false, never chosen again
-            }
-            __syncwarp();
-        }
-        // The choices written once, by K lanes (thread 0 used to read back and rewrite each
-        // weight in global memory: K dependent round trips).
-        float denom = wsum + 1e-20f;
-        bool repeat = false;
-        for (int k = threadIdx.x; k < K; k += 32)
-            for (int j = 0; j < k; j++) repeat |= sel[j] == sel[k];
-        bool one = counter != nullptr && gridDim.x == 1 && !__any_sync(0xffffffffu, repeat);
-        if (threadIdx.x == 0) alone = one;
-        for (int k = threadIdx.x; k < K; k += 32) {
-            int i = sel[k];
-            float w = scores[i];
-            if (norm) w /= denom;
-            topk_idx[t * K + k] = i;
-            topk_w[t * K + k] = w * scale;
-            if (one) {
-                // Its slot: the choices in ascending expert order, one pair each.
-                int u = 0;
-                for (int j = 0; j < K; j++) u += sel[j] < i;
-                experts[u] = i;
-                pair_off[u] = u;
-                pair_tok[u] = 0;
-                pair_w[u] = w * scale;
-                tok_pairs[k] = u;
-            }
-        }
-        if (one) {
-            for (int k = K + threadIdx.x; k < max_u; k += 32) { experts[k] = 0; pair_off[k] = K; }
-            if (threadIdx.x == 0) pair_off[max_u] = K;
-        }
-    }
-    __syncthreads();
-    if (counter == nullptr || alone) return;
     __shared__ int last;
     __threadfence();  // this token's choices are visible before it is counted
     __syncthreads();

@@ -74,10 +74,11 @@ fn main() {
     drop(src);
     drop(dst);
 
-    // PEREGRINE_BENCH_ONLY=moe skips the sampling and GEMV sections.
-    let only_moe = std::env::var("PEREGRINE_BENCH_ONLY").is_ok_and(|v| v == "moe");
+    // PEREGRINE_BENCH_ONLY=moe skips the sampling and GEMV sections, =gemv all but GEMV.
+    let only = std::env::var("PEREGRINE_BENCH_ONLY").unwrap_or_default();
+    let (only_moe, only_gemv) = (only == "moe", only == "gemv");
     // Sampling and logprobs over a MiMo-sized vocabulary: ids come back, logits stay.
-    if !only_moe {
+    if !only_moe && !only_gemv {
         use peregrine_core::backend::RowSampling;
         let v = 152_064usize;
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
@@ -143,7 +144,35 @@ fn main() {
                 println!("mxfp4  T={t:<2} {:>10.1} MB {ms:8.3} ms {:7.0} GB/s {:5.1}%  ({rows}x{cols}; one-row-per-warp v1: {:.1}%)", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, 100.0 * b / (ms as f64 * 1e-3) / copy_bw, 100.0 * b / (ms1 as f64 * 1e-3) / copy_bw);
             }
         }
+        // The decode step's own shapes (MiMo-V2-Flash): the stacked FP8 q/k/v projection
+        // (13568 x 4096, 55.6 MB) and the BF16 o_proj (4096 x 8192, 67 MB). Two copies of the
+        // weights in turn, so a call never finds the previous one's bytes in the 50 MB L2.
+        println!("\nGEMV, decode shapes (two weight copies in turn, back to back):");
+        {
+            let (rows, cols) = (13568usize, 4096usize);
+            let e4m3 = |b: &u8| if b & 0x7f == 0x7f { b ^ 1 } else { *b };
+            let ws: Vec<_> = (0..2).map(|_| s.clone_htod(&random_bytes(rows * cols).iter().map(e4m3).collect::<Vec<_>>()).unwrap()).collect();
+            let sc = s.clone_htod(&vec![1.0f32; rows.div_ceil(128) * cols / 128]).unwrap();
+            for t in [1usize, 8] {
+                let ms = time_b2b(&mut |i| k.gemv_fp8(&ws[i % 2], &sc, &x, &mut y, rows, cols, t).unwrap());
+                let b = (rows * cols) as f64 + (rows.div_ceil(128) * cols / 128 * 4) as f64;
+                println!("fp8    T={t:<2} {:>10.1} MB {ms:8.3} ms {:7.0} GB/s {:5.1}%  ({rows}x{cols}, q/k/v)", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, 100.0 * b / (ms as f64 * 1e-3) / copy_bw);
+            }
+        }
+        {
+            let (rows, cols) = (4096usize, 8192usize);
+            let bf16 = |b: &[u8]| ((b[1] as u16 & 0x80) << 8) | ((119 + (b[1] as u16 & 7)) << 7) | (b[0] as u16 & 0x7f);
+            let ws: Vec<_> = (0..2).map(|_| s.clone_htod(&random_bytes(2 * rows * cols).chunks(2).map(bf16).collect::<Vec<_>>()).unwrap()).collect();
+            for t in [1usize, 8] {
+                let ms = time_b2b(&mut |i| k.gemv_bf16(&ws[i % 2], &x, &mut y, rows, cols, t).unwrap());
+                let b = (rows * cols * 2) as f64;
+                println!("bf16   T={t:<2} {:>10.1} MB {ms:8.3} ms {:7.0} GB/s {:5.1}%  ({rows}x{cols}, o_proj)", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, 100.0 * b / (ms as f64 * 1e-3) / copy_bw);
+            }
+        }
         drop(y);
+    }
+    if only_gemv {
+        return;
     }
 
     // MXFP4 MoE decode, one layer, on random codes and scales (never zeros: they can run

@@ -16,7 +16,7 @@ use peregrine_model::weights::WeightSource;
 use crate::compile;
 use crate::device::{nvrtc_arch, Gpu};
 use crate::draft::Drafter;
-use crate::kernels::{DeviceRouting, F16Split, Kernels, MoeRouting, MoeWeights};
+use crate::kernels::{DeviceRouting, F16Split, Kernels, MoeKernel, MoeRouting, MoeWeights};
 use crate::graph::Graphs;
 use crate::weights::{Embed, Source, Synthetic};
 
@@ -206,6 +206,10 @@ pub struct CudaModel {
     /// Decode attention of few rows is split over more blocks to fill the GPU
     /// (`attn_splits`; `PEREGRINE_ATTN_FILL=0` turns it off, for comparison).
     attn_fill: bool,
+    /// A one-token MoE on the fused kernel routes inside that kernel (`moe_mxfp4_routed`; no
+    /// `moe_route` launch). `PEREGRINE_MOE_ROUTE_IN_KERNEL=0` keeps the routing launch, for
+    /// comparison.
+    route_in_moe: bool,
 }
 
 /// Blocks per (row, head) of decode attention over `span` positions, for `row_heads` (rows x
@@ -434,6 +438,7 @@ impl CudaModel {
             kv_in_attention: std::env::var("PEREGRINE_KV_IN_ATTENTION").map_or(true, |v| v != "0"),
             attention_kv_wave,
             attn_fill: std::env::var("PEREGRINE_ATTN_FILL").map_or(true, |v| v != "0"),
+            route_in_moe: std::env::var("PEREGRINE_MOE_ROUTE_IN_KERNEL").map_or(true, |v| v != "0"),
         };
         // The MoE decode kernel per token count, measured on the first MoE layer's experts
         // (every MoE layer of a model has the same shapes).
@@ -823,25 +828,36 @@ impl CudaModel {
         }
     }
 
-    /// Router, grouping and the grouped MXFP4 kernels, all on the GPU: no host round trip.
+    /// Router, grouping and the grouped MXFP4 kernels, all on the GPU: no host round trip. One
+    /// token on the fused kernel is routed inside it (`route_in_moe`).
     fn moe_stacked(&self, spec: &MoeSpec, logits: &CudaSlice<f32>, bias: Option<&CudaSlice<f32>>, w: &MoeWeights, hn: &CudaSlice<f32>, n: usize) -> Result<CudaSlice<f32>> {
+        let mut y = self.empty(n * self.spec.hidden_size)?;
+        let kind = self.kernels.moe_kernel(w, n, spec.top_k);
+        if n == 1 && self.route_in_moe && matches!(kind, MoeKernel::Fused { .. }) && w.is_tiled() {
+            self.with_moe_scratch(w, spec.top_k, |scratch| self.kernels.moe_mxfp4_routed(kind, spec, w, logits, bias, hn, scratch, &mut y))?;
+            return Ok(y);
+        }
         let (r, _, _) = self.route_device(spec, logits, bias, n)?;
-        // The model's counters (zero between calls), unless this layer needs more of them.
+        self.with_moe_scratch(w, r.num_pairs, |scratch| self.kernels.moe_mxfp4(w, &r, hn, scratch, &mut y))?;
+        Ok(y)
+    }
+
+    /// Runs `f` on MoE scratch for `pairs` routed pairs around the model's counters (zero
+    /// between calls; kept unless this layer needs more of them).
+    fn with_moe_scratch(&self, w: &MoeWeights, pairs: usize, f: impl FnOnce(&mut crate::kernels::MoeScratch) -> Result<()>) -> Result<()> {
         let mut slot = self.moe_counters.lock().map_err(|_| Error::Backend("MoE counters lock poisoned".into()))?;
-        let kept = slot.take_if(|c| c.len() >= Kernels::moe_counters(w, r.num_pairs));
+        let kept = slot.take_if(|c| c.len() >= Kernels::moe_counters(w, pairs));
         drop(slot);
         let was_kept = kept.is_some();
         let mut scratch = match kept {
-            Some(c) => self.kernels.moe_scratch_with(w, r.num_pairs, c)?,
-            None => self.kernels.moe_scratch(w, r.num_pairs)?,
+            Some(c) => self.kernels.moe_scratch_with(w, pairs, c)?,
+            None => self.kernels.moe_scratch(w, pairs)?,
         };
-        let mut y = self.empty(n * self.spec.hidden_size)?;
-        let run = self.kernels.moe_mxfp4(w, &r, hn, &mut scratch, &mut y);
+        let run = f(&mut scratch);
         if was_kept {
             *self.moe_counters.lock().map_err(|_| Error::Backend("MoE counters lock poisoned".into()))? = Some(scratch.counters);
         }
-        run?;
-        Ok(y)
+        run
     }
 
     /// The router and the token/expert grouping (`moe_route`, one launch) of `n` rows of

@@ -6,17 +6,19 @@ use std::path::PathBuf;
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
 use peregrine_core::{Error, Result};
 
-/// The kernel sources compiled into the binary, each behind `kernels/common.cuh` (NVRTC gets
-/// no include paths; line numbers in its messages count the header's lines too).
+/// The kernel sources compiled into the binary, each behind `kernels/common.cuh` and the headers
+/// named (NVRTC gets no include paths; line numbers in its messages count the headers' lines
+/// too).
 macro_rules! kernel_source {
-    ($file:literal) => {
-        concat!(include_str!("../../../kernels/common.cuh"), include_str!(concat!("../../../kernels/", $file)))
+    ($file:literal $(, $header:literal)*) => {
+        concat!(include_str!("../../../kernels/common.cuh"), $(include_str!(concat!("../../../kernels/", $header)),)* include_str!(concat!("../../../kernels/", $file)))
     };
 }
 pub const GEMV_CU: &str = kernel_source!("gemv.cu");
-pub const OPS_CU: &str = kernel_source!("ops.cu");
+/// ops.cu's moe_route and moe.cu's routed fused kernel share the router (`route.cuh`).
+pub const OPS_CU: &str = kernel_source!("ops.cu", "route.cuh");
 pub const SAMPLE_CU: &str = kernel_source!("sample.cu");
-pub const MOE_CU: &str = kernel_source!("moe.cu");
+pub const MOE_CU: &str = kernel_source!("moe.cu", "route.cuh");
 
 fn fnv1a(parts: &[&[u8]]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;

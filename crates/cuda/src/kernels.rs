@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig};
 use peregrine_core::backend::{LogitAdjust, RowLogprobs, RowSampling};
-use peregrine_core::{Error, Result};
+use peregrine_core::{Error, MoeSpec, Result, RouterScoring};
 
 /// The sampling parameters of one row as the kernel reads them (same C layout).
 #[derive(Clone, Copy)]
@@ -113,6 +113,8 @@ pub struct Kernels {
     down_tiled: Vec<CudaFunction>,
     /// The one-launch gate_up + down kernels, one per `TILED_VARIANTS` entry.
     fused_tiled: Vec<CudaFunction>,
+    /// The same for one token, routing it in the kernel (`moe_mxfp4_routed`).
+    fused_routed: Vec<CudaFunction>,
     /// Streaming multiprocessors of the GPU (the fused MoE's resident grid).
     sms: usize,
     /// MoE kernels chosen by measurement (`tune_moe`).
@@ -293,6 +295,11 @@ pub struct MoeWeights {
 }
 
 impl MoeWeights {
+    /// Whether the experts are in the tiled layout (kernels/moe.cu).
+    pub fn is_tiled(&self) -> bool {
+        matches!(self.layout, MoeLayout::Tiled { .. })
+    }
+
     /// Bytes of one expert (the three matrices with their scales).
     pub fn expert_bytes(&self) -> usize {
         3 * (self.hidden * self.inter / 2 + self.hidden * self.inter / 32)
@@ -379,6 +386,7 @@ impl Kernels {
             gate_up_tiled: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_gate_up_bulk_n{n}_c{c}"))).collect::<Result<_>>()?,
             down_tiled: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_down_bulk_n{n}_c{c}"))).collect::<Result<_>>()?,
             fused_tiled: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_fused_bulk_n{n}_c{c}"))).collect::<Result<_>>()?,
+            fused_routed: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_fused_routed_bulk_n{n}_c{c}"))).collect::<Result<_>>()?,
             moe_choices: Default::default(),
             sms: gpu.ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(drv("SM count"))? as usize,
             sample,
@@ -754,6 +762,65 @@ impl Kernels {
         }
     }
 
+    /// The index in `TILED_VARIANTS` of a ring of `stages` x `steps`.
+    fn tiled_variant(stages: usize, steps: usize) -> Result<usize> {
+        TILED_VARIANTS
+            .iter()
+            .position(|&p| p == (stages, steps))
+            .ok_or_else(|| Error::Backend(format!("tiled MoE kernel ({stages} stages of {steps}) is not compiled; have {TILED_VARIANTS:?}")))
+    }
+
+    /// The launch of fused kernel `f` (a ring of `stages` x `steps`) for `tokens` tokens over
+    /// `u` expert slots: shared memory for the rings and up to 4 staged rows (at least
+    /// `scratch` bytes), a grid no larger than what is resident at once (block b starts with
+    /// item b, and down items wait on gate_up items), at most `max_blocks` blocks (0: no limit).
+    #[allow(clippy::too_many_arguments)]
+    fn fused_grid(&self, f: &CudaFunction, w: &MoeWeights, stages: usize, steps: usize, max_blocks: usize, tokens: usize, u: usize, scratch: usize, counters: &CudaSlice<u32>) -> Result<LaunchConfig> {
+        let (h, i) = (w.hidden, w.inter);
+        let np = tokens.clamp(1, 4);
+        let smem = (8 * stages * steps * 544 + h.max(i) * 4 * np).max(scratch);
+        check(smem <= TILED_MAX_SMEM, || format!("MoE dims {h}, {i} need more than {TILED_MAX_SMEM} bytes of shared memory"))?;
+        let (gug, dg) = ((i / 8).div_ceil(8), (h / 16).div_ceil(8));
+        check(counters.len() >= dg + 2 * u, || "MoE scratch counters too small".into())?;
+        let fit = f.occupancy_max_active_blocks_per_multiprocessor(256, smem, None).map_err(drv("MoE occupancy"))? as usize;
+        check(fit > 0, || format!("the fused MoE kernel does not fit an SM with {smem} bytes of shared memory"))?;
+        let resident = fit * self.sms;
+        let blocks = if max_blocks == 0 { resident } else { max_blocks.min(resident) };
+        let items = u * (gug + dg);
+        Ok(LaunchConfig { grid_dim: (items.min(blocks) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem as u32 })
+    }
+
+    /// One token's routed MLP with its routing done inside the fused kernel
+    /// (`moe_fused_routed_*`: each block runs moe_route's router on the token's `logits` [E] and
+    /// groups the choices itself), so a batch-1 step has no routing launch. Same experts,
+    /// weights and arithmetic as `moe_route` followed by `moe_mxfp4_with(kind, ..)`, bit for bit.
+    /// `kind` must be `MoeKernel::Fused` and the weights tiled.
+    #[allow(clippy::too_many_arguments)]
+    pub fn moe_mxfp4_routed(&self, kind: MoeKernel, spec: &MoeSpec, w: &MoeWeights, logits: &CudaSlice<f32>, bias: Option<&CudaSlice<f32>>, x: &CudaSlice<f32>, scratch: &mut MoeScratch, y: &mut CudaSlice<f32>) -> Result<()> {
+        let (e, k, h) = (spec.num_experts, spec.top_k, w.hidden);
+        let (MoeLayout::Tiled { gate_up, gate_up_s, down, down_s }, MoeKernel::Fused { stages, steps, max_blocks }) = (&w.layout, kind) else {
+            return Err(Error::Backend(format!("the routed MoE kernel runs the fused kernel over tiled weights, not {kind:?}")));
+        };
+        check(e == w.num_experts && (1..=MAX_FUSED_TOPK).contains(&k) && spec.n_group <= 64 && (spec.n_group <= 1 || e.is_multiple_of(spec.n_group)), || format!("routed MoE: {e} experts in {} groups, top-{k}", spec.n_group))?;
+        check(logits.len() >= e && bias.is_none_or(|b| b.len() >= e) && x.len() >= h && y.len() >= h, || "routed MoE: buffers too small".into())?;
+        check(scratch.h.len() >= k * w.inter && scratch.out.len() >= k * h, || "MoE scratch too small".into())?;
+        let u = k.min(e);
+        let f = &self.fused_routed[Self::tiled_variant(stages, steps)?];
+        let cfg = self.fused_grid(f, w, stages, steps, max_blocks, 1, u, 8 * e, &scratch.counters)?;
+        let (ei, ki, sm, ng, tg, norm, sc) = (e as i32, k as i32, matches!(spec.scoring, RouterScoring::Softmax) as i32, spec.n_group as i32, spec.topk_group as i32, spec.norm_topk_prob as i32, spec.routed_scaling_factor);
+        let (hh, ii, ui) = (h as i32, w.inter as i32, u as i32);
+        let mut b = crate::launch::builder(&self.stream, f);
+        b.arg(logits);
+        match bias {
+            Some(bb) => b.arg(bb),
+            None => b.arg(&0u64),
+        };
+        b.arg(&ei).arg(&ki).arg(&sm).arg(&ng).arg(&tg).arg(&norm).arg(&sc);
+        b.arg(gate_up).arg(gate_up_s).arg(down).arg(down_s).arg(x).arg(&mut scratch.h).arg(&mut scratch.out).arg(&hh).arg(&ii).arg(&ui).arg(&mut scratch.counters).arg(&mut *y);
+        unsafe { b.launch(cfg) }.map_err(drv("moe (fused, routed)"))?;
+        Ok(())
+    }
+
     /// The MoE decode with a chosen kernel generation (the bench compares them); the kernel
     /// must read the weights' layout.
     pub fn moe_mxfp4_with(&self, kind: MoeKernel, w: &MoeWeights, r: &DeviceRouting, x: &CudaSlice<f32>, scratch: &mut MoeScratch, y: &mut CudaSlice<f32>) -> Result<()> {
@@ -768,10 +835,7 @@ impl Kernels {
         let (hh, ii) = (h as i32, i as i32);
         match (&w.layout, kind) {
             (MoeLayout::Tiled { gate_up, gate_up_s, down, down_s }, MoeKernel::Tiled { stages, steps }) => {
-                let v = TILED_VARIANTS
-                    .iter()
-                    .position(|&p| p == (stages, steps))
-                    .ok_or_else(|| Error::Backend(format!("tiled MoE kernel ({stages} stages of {steps}) is not compiled; have {TILED_VARIANTS:?}")))?;
+                let v = Self::tiled_variant(stages, steps)?;
                 let (fg, fd, ring) = (&self.gate_up_tiled[v], &self.down_tiled[v], 8 * stages * steps * 544);
                 // A routed expert has at most one pair per token; a pass stages up to 4.
                 let np = r.num_tokens.clamp(1, 4);
@@ -800,25 +864,9 @@ impl Kernels {
                 }
             }
             (MoeLayout::Tiled { gate_up, gate_up_s, down, down_s }, MoeKernel::Fused { stages, steps, max_blocks }) => {
-                let v = TILED_VARIANTS
-                    .iter()
-                    .position(|&p| p == (stages, steps))
-                    .ok_or_else(|| Error::Backend(format!("tiled MoE kernel ({stages} stages of {steps}) is not compiled; have {TILED_VARIANTS:?}")))?;
                 check(r.top_k <= MAX_FUSED_TOPK, || format!("the fused MoE kernel combines at most {MAX_FUSED_TOPK} experts per token, not {}", r.top_k))?;
-                let np = r.num_tokens.clamp(1, 4);
-                let smem = 8 * stages * steps * 544 + h.max(i) * 4 * np;
-                check(smem <= TILED_MAX_SMEM, || format!("MoE dims {h}, {i} need more than {TILED_MAX_SMEM} bytes of shared memory"))?;
-                let f = &self.fused_tiled[v];
-                let (gug, dg) = ((i / 8).div_ceil(8), (h / 16).div_ceil(8));
-                check(scratch.counters.len() >= dg + 2 * u as usize, || "MoE scratch counters too small".into())?;
-                // Block b starts with item b, and down items wait on gate_up items: the grid
-                // must be resident at once, so it is never larger than what fits.
-                let fit = f.occupancy_max_active_blocks_per_multiprocessor(256, smem, None).map_err(drv("MoE occupancy"))? as usize;
-                check(fit > 0, || format!("the fused MoE kernel does not fit an SM with {smem} bytes of shared memory"))?;
-                let resident = fit * self.sms;
-                let blocks = if max_blocks == 0 { resident } else { max_blocks.min(resident) };
-                let items = u as usize * (gug + dg);
-                let cfg = LaunchConfig { grid_dim: (items.min(blocks) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem as u32 };
+                let f = &self.fused_tiled[Self::tiled_variant(stages, steps)?];
+                let cfg = self.fused_grid(f, w, stages, steps, max_blocks, r.num_tokens, u as usize, 0, &scratch.counters)?;
                 let (ti, ki, ui) = (r.num_tokens as i32, r.top_k as i32, u as i32);
                 let mut b = crate::launch::builder(&self.stream, f);
                 b.arg(gate_up).arg(gate_up_s).arg(down).arg(down_s).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_tok).arg(&r.pair_w).arg(x);

@@ -96,7 +96,7 @@ fn nvrtc_compiles_the_kernels() {
     .expect("moe.cu compiles for sm_90a")
     .to_src();
     for (n, c) in peregrine_cuda::kernels::TILED_VARIANTS {
-        for k in [format!("moe_gate_up_bulk_n{n}_c{c}"), format!("moe_down_bulk_n{n}_c{c}")] {
+        for k in [format!("moe_gate_up_bulk_n{n}_c{c}"), format!("moe_down_bulk_n{n}_c{c}"), format!("moe_fused_bulk_n{n}_c{c}"), format!("moe_fused_routed_bulk_n{n}_c{c}")] {
             assert!(moe.contains(&format!(".entry {k}")), "moe.cu lacks {k}");
         }
     }

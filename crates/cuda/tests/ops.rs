@@ -8,7 +8,8 @@ use std::path::Path;
 
 use peregrine_core::backend::{Backend, KvConfig, OutputRows, SeqForward};
 use peregrine_core::{ModelSpec, MoeSpec, RouterScoring};
-use peregrine_cuda::{probe, CudaModel, MoeRouting};
+use peregrine_cuda::kernels::MoeWeights;
+use peregrine_cuda::{probe, CudaModel, Kernels, MoeKernel, MoeRouting};
 use rand::{Rng, SeedableRng};
 
 fn rng() -> rand::rngs::StdRng {
@@ -85,22 +86,108 @@ fn router_and_grouping_match_the_cpu_reference() {
         eprintln!("{name}: routing identical to the CPU reference");
     }
     // NaN logits (a diverged model) leave fewer than K candidates: one token's routing repeats
-    // the fallback expert, and its grouping (the single-token path defers to the general one
-    // then) still names only real experts and accounts for every pair.
+    // the fallback expert, and its grouping (group_one_token, in the routing block) is the host
+    // grouping of the same choices: only real experts, every pair accounted for once.
     let spec = cases[0].1;
     for nan_at in [vec![0usize], (0..spec.num_experts).collect::<Vec<_>>()] {
         let mut logits: Vec<f32> = (0..spec.num_experts).map(|_| (r.random::<f32>() - 0.5) * 6.0).collect();
         for &i in &nan_at {
             logits[i] = f32::NAN;
         }
-        let (_, routing) = model.route_on_gpu(&spec, &logits, None).expect("GPU routing of NaN logits");
+        let (got, routing) = model.route_on_gpu(&spec, &logits, None).expect("GPU routing of NaN logits");
         assert!(routing.experts.iter().all(|&e| (e as usize) < spec.num_experts), "NaN logits: experts {:?}", routing.experts);
         assert_eq!(routing.pair_off.last().copied(), Some(spec.top_k as i32), "NaN logits ({} NaN): pair offsets {:?}", nan_at.len(), routing.pair_off);
         assert!(routing.pair_off.windows(2).all(|w| w[0] < w[1]), "NaN logits: every used expert has pairs: {:?}", routing.pair_off);
         let mut seen = routing.tok_pairs.clone();
         seen.sort();
         assert_eq!(seen, (0..spec.top_k as i32).collect::<Vec<_>>(), "NaN logits: every pair in exactly one slot");
+        let host = MoeRouting::new(&got);
+        assert_eq!((&routing.experts, &routing.pair_off, &routing.pair_tok, &routing.tok_pairs), (&host.experts, &host.pair_off, &host.pair_tok, &host.tok_pairs), "NaN logits ({} NaN): grouping", nan_at.len());
+        assert!(routing.pair_w.iter().zip(&host.pair_w).all(|(a, b)| a.to_bits() == b.to_bits()), "NaN logits: pair weights");
     }
+}
+
+/// One token routed inside the fused MoE kernel (`moe_mxfp4_routed`: every block runs the
+/// router and groups the choices itself) equals the routing kernel followed by the fused
+/// kernel, bit for bit: each router form, each compiled ring, the widest grid and a 3-block one
+/// (blocks then run many items), NaN logits (the fallback expert repeated); the kernel's
+/// counters come back to zero.
+#[test]
+fn moe_routed_inside_the_fused_kernel_equals_routing_then_moe() {
+    let Some(model) = synthetic(&spec_of("default")) else { return };
+    let g = model.gpu();
+    let kern = Kernels::load(g).expect("kernels compile and load");
+    let mut r = rng();
+    let (h, i) = (512usize, 256usize);
+    let moe = |num_experts, top_k, scoring, correction_bias, n_group, topk_group, norm_topk_prob, routed_scaling_factor| MoeSpec {
+        num_experts,
+        top_k,
+        intermediate_size: i,
+        scoring,
+        correction_bias,
+        n_group,
+        topk_group,
+        norm_topk_prob,
+        routed_scaling_factor,
+    };
+    let cases = [
+        ("sigmoid + bias", moe(64, 8, RouterScoring::Sigmoid, true, 1, 1, true, 1.0), false),
+        ("groups", moe(64, 8, RouterScoring::Sigmoid, true, 8, 4, true, 2.5), false),
+        ("softmax", moe(16, 4, RouterScoring::Softmax, false, 1, 1, false, 1.0), false),
+        ("softmax groups", moe(64, 6, RouterScoring::Softmax, false, 4, 2, true, 1.0), false),
+        ("NaN logits", moe(16, 4, RouterScoring::Sigmoid, false, 1, 1, true, 1.0), true),
+    ];
+    for (name, spec, nan) in cases {
+        let e = spec.num_experts;
+        let bytes = |r: &mut rand::rngs::StdRng, n: usize| -> Vec<u8> { (0..n).map(|_| r.random()).collect() };
+        let scales = |r: &mut rand::rngs::StdRng, n: usize| -> Vec<u8> { (0..n).map(|_| r.random_range(118..128)).collect() };
+        let (gate, gate_s, up, up_s) = (bytes(&mut r, e * i * h / 2), scales(&mut r, e * i * h / 32), bytes(&mut r, e * i * h / 2), scales(&mut r, e * i * h / 32));
+        let (down, down_s) = (bytes(&mut r, e * h * i / 2), scales(&mut r, e * h * i / 32));
+        let w = MoeWeights::upload(&g.stream, true, &gate, &gate_s, &up, &up_s, &down, &down_s, e, h, i).unwrap();
+        let mut logits: Vec<f32> = (0..e).map(|_| (r.random::<f32>() - 0.5) * 6.0).collect();
+        if nan {
+            // One NaN, then all: fewer than K candidates repeat the fallback expert.
+            logits[3] = f32::NAN;
+        }
+        let bias: Option<Vec<f32>> = spec.correction_bias.then(|| (0..e).map(|_| (r.random::<f32>() - 0.5) * 0.2).collect());
+        let x: Vec<f32> = (0..h).map(|_| r.random::<f32>() - 0.5).collect();
+        let up_f = |v: &[f32]| g.stream.clone_htod(v).unwrap();
+        let (xd, bd) = (up_f(&x), bias.as_deref().map(up_f));
+        let mut all_nan = logits.clone();
+        all_nan.iter_mut().for_each(|v| *v = f32::NAN);
+        let runs: Vec<Vec<f32>> = if nan { vec![logits, all_nan] } else { vec![logits] };
+        for lg in runs {
+            let ld2 = up_f(&lg);
+            let (_, routing) = model.route_on_gpu(&spec, &lg, bias.as_deref()).expect("GPU routing");
+            let dr = kern.upload_routing(&routing, e).unwrap();
+            let mut scratch = kern.moe_scratch(&w, spec.top_k).unwrap();
+            for &(stages, steps) in peregrine_cuda::kernels::TILED_VARIANTS.iter() {
+                for max_blocks in [0, 3] {
+                    let kind = MoeKernel::Fused { stages, steps, max_blocks };
+                    let mut want = g.stream.clone_htod(&vec![f32::NAN; h]).unwrap();
+                    kern.moe_mxfp4_with(kind, &w, &dr, &xd, &mut scratch, &mut want).unwrap();
+                    let mut got = g.stream.clone_htod(&vec![f32::NAN; h]).unwrap();
+                    kern.moe_mxfp4_routed(kind, &spec, &w, &ld2, bd.as_ref(), &xd, &mut scratch, &mut got).unwrap();
+                    let (want, got) = (g.stream.clone_dtoh(&want).unwrap(), g.stream.clone_dtoh(&got).unwrap());
+                    if !lg.iter().any(|v| v.is_nan()) {
+                        assert!(want.iter().all(|v| v.is_finite()), "{name}: the reference MoE output is finite");
+                    }
+                    assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{name} ({kind:?}): routed in the kernel differs from routing then the kernel");
+                    assert!(g.stream.clone_dtoh(&scratch.counters).unwrap().iter().all(|&c| c == 0), "{name} ({kind:?}): counters left non-zero");
+                }
+            }
+        }
+        eprintln!("{name}: routed inside the fused kernel, bit-identical");
+    }
+    // A kernel other than the fused one is refused, not run.
+    let spec = cases[0].1;
+    let e = spec.num_experts;
+    let zeros = |n: usize| vec![0u8; n];
+    let w = MoeWeights::upload(&g.stream, true, &zeros(e * i * h / 2), &zeros(e * i * h / 32), &zeros(e * i * h / 2), &zeros(e * i * h / 32), &zeros(e * h * i / 2), &zeros(e * h * i / 32), e, h, i).unwrap();
+    let mut scratch = kern.moe_scratch(&w, spec.top_k).unwrap();
+    let (ld, xd) = (g.stream.clone_htod(&vec![0f32; e]).unwrap(), g.stream.clone_htod(&vec![0f32; h]).unwrap());
+    let mut y = g.stream.clone_htod(&vec![0f32; h]).unwrap();
+    assert!(kern.moe_mxfp4_routed(MoeKernel::Tiled { stages: 2, steps: 4 }, &spec, &w, &ld, None, &xd, &mut scratch, &mut y).is_err());
 }
 
 fn kv(model: &mut CudaModel, blocks: usize) -> usize {
