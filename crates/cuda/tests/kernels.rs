@@ -34,6 +34,18 @@ fn randn(r: &mut impl Rng, n: usize) -> Vec<f32> {
 }
 
 /// out[t, n] = sum_k w[n, k] x[t, k] in f64.
+/// BF16 weights uniform in (-0.5, 0.5), as bits.
+fn random_bf16(r: &mut impl Rng, n: usize) -> Vec<u16> {
+    (0..n).map(|_| half::bf16::from_f32(r.random::<f32>() - 0.5).to_bits()).collect()
+}
+
+/// FP8 e4m3 weights [n, k] (finite codes only) and their 128 x 128 block scales.
+fn random_fp8(r: &mut impl Rng, n: usize, k: usize) -> (Vec<u8>, Vec<f32>) {
+    let w = (0..n * k).map(|_| loop { let b: u8 = r.random(); if fp8_e4m3_to_f32(b).is_finite() { break b } }).collect();
+    let sc = (0..n.div_ceil(128) * (k / 128)).map(|_| 0.01 + r.random::<f32>() * 0.1).collect();
+    (w, sc)
+}
+
 fn reference(w: &[f32], x: &[f32], n: usize, k: usize, t: usize) -> Vec<f32> {
     let mut y = vec![0f32; t * n];
     for ti in 0..t {
@@ -116,7 +128,7 @@ fn gemv_kernels_match_the_cpu_reference() {
             let x = randn(&mut r, t * k);
             let xd = g.stream.clone_htod(&x).unwrap();
             // BF16
-            let wb: Vec<u16> = (0..n * k).map(|_| half::bf16::from_f32(r.random::<f32>() - 0.5).to_bits()).collect();
+            let wb = random_bf16(&mut r, n * k);
             let wf: Vec<f32> = wb.iter().map(|&b| half::bf16::from_bits(b).to_f32()).collect();
             let mut y = poisoned(&g, t * n);
             kern.gemv_bf16(&g.stream.clone_htod(&wb).unwrap(), &xd, &mut y, n, k, t).unwrap();
@@ -129,8 +141,7 @@ fn gemv_kernels_match_the_cpu_reference() {
             }
             // FP8 block
             if k % 128 == 0 {
-                let w8: Vec<u8> = (0..n * k).map(|_| loop { let b: u8 = r.random(); if fp8_e4m3_to_f32(b).is_finite() { break b } }).collect();
-                let sc: Vec<f32> = (0..n.div_ceil(128) * (k / 128)).map(|_| 0.01 + r.random::<f32>() * 0.1).collect();
+                let (w8, sc) = random_fp8(&mut r, n, k);
                 let wf = dequant_fp8_block(&w8, &sc, n, k, 128, 128);
                 let mut y = poisoned(&g, t * n);
                 kern.gemv_fp8(&g.stream.clone_htod(&w8).unwrap(), &g.stream.clone_htod(&sc).unwrap(), &xd, &mut y, n, k, t).unwrap();
@@ -164,13 +175,12 @@ fn tall_gemv_matches_the_cpu_reference() {
     for t in [1usize, 11] {
         let x = randn(&mut r, t * k);
         let xd = g.stream.clone_htod(&x).unwrap();
-        let wb: Vec<u16> = (0..n * k).map(|_| half::bf16::from_f32(r.random::<f32>() - 0.5).to_bits()).collect();
+        let wb = random_bf16(&mut r, n * k);
         let wf: Vec<f32> = wb.iter().map(|&b| half::bf16::from_bits(b).to_f32()).collect();
         let mut y = poisoned(&g, t * n);
         kern.gemv_bf16(&g.stream.clone_htod(&wb).unwrap(), &xd, &mut y, n, k, t).unwrap();
         assert_close(&format!("tall bf16 {n}x{k} T={t}"), &g.stream.clone_dtoh(&y).unwrap(), &reference(&wf, &x, n, k, t));
-        let w8: Vec<u8> = (0..n * k).map(|_| loop { let b: u8 = r.random(); if fp8_e4m3_to_f32(b).is_finite() { break b } }).collect();
-        let sc: Vec<f32> = (0..n.div_ceil(128) * (k / 128)).map(|_| 0.01 + r.random::<f32>() * 0.1).collect();
+        let (w8, sc) = random_fp8(&mut r, n, k);
         let wf = dequant_fp8_block(&w8, &sc, n, k, 128, 128);
         let mut y = poisoned(&g, t * n);
         kern.gemv_fp8(&g.stream.clone_htod(&w8).unwrap(), &g.stream.clone_htod(&sc).unwrap(), &xd, &mut y, n, k, t).unwrap();
@@ -189,9 +199,8 @@ fn stacked_qkv_gemv_matches_the_cpu_reference() {
     for &t in &[1usize, 5, 70] {
         let x = randn(&mut r, t * k);
         let xd = g.stream.clone_htod(&x).unwrap();
-        let w8: Vec<u8> = (0..n * k).map(|_| loop { let b: u8 = r.random(); if fp8_e4m3_to_f32(b).is_finite() { break b } }).collect();
-        let sc: Vec<f32> = (0..n.div_ceil(128) * (k / 128)).map(|_| 0.01 + r.random::<f32>() * 0.1).collect();
-        let wb: Vec<u16> = (0..n * k).map(|_| half::bf16::from_f32(r.random::<f32>() - 0.5).to_bits()).collect();
+        let (w8, sc) = random_fp8(&mut r, n, k);
+        let wb = random_bf16(&mut r, n * k);
         let cases: [(&str, Vec<f32>, bool); 2] = [
             ("fp8", dequant_fp8_block(&w8, &sc, n, k, 128, 128), true),
             ("bf16", wb.iter().map(|&b| half::bf16::from_bits(b).to_f32()).collect(), false),

@@ -35,21 +35,18 @@ fn synthetic(spec: &ModelSpec) -> Option<CudaModel> {
     }
 }
 
+/// A MoE layer's router: experts, top-k, expert intermediate size, scoring, correction bias,
+/// groups (count, kept), normalised weights, scale.
+#[allow(clippy::too_many_arguments)]
+fn moe_spec(num_experts: usize, top_k: usize, intermediate_size: usize, scoring: RouterScoring, correction_bias: bool, n_group: usize, topk_group: usize, norm_topk_prob: bool, routed_scaling_factor: f32) -> MoeSpec {
+    MoeSpec { num_experts, top_k, intermediate_size, scoring, correction_bias, n_group, topk_group, norm_topk_prob, routed_scaling_factor }
+}
+
 #[test]
 fn router_and_grouping_match_the_cpu_reference() {
     let Some(model) = synthetic(&spec_of("default")) else { return };
     let mut r = rng();
-    let moe = |num_experts, top_k, scoring, correction_bias, n_group, topk_group, norm_topk_prob, routed_scaling_factor| MoeSpec {
-        num_experts,
-        top_k,
-        intermediate_size: 64,
-        scoring,
-        correction_bias,
-        n_group,
-        topk_group,
-        norm_topk_prob,
-        routed_scaling_factor,
-    };
+    let moe = |experts, top_k, scoring, bias, n_group, topk_group, norm, scale| moe_spec(experts, top_k, 64, scoring, bias, n_group, topk_group, norm, scale);
     let cases = [
         ("flash", moe(256, 8, RouterScoring::Sigmoid, true, 1, 1, true, 1.0)),
         ("pro", moe(384, 8, RouterScoring::Sigmoid, true, 1, 1, true, 1.0)),
@@ -119,17 +116,7 @@ fn moe_routed_inside_the_fused_kernel_equals_routing_then_moe() {
     let kern = Kernels::load(g).expect("kernels compile and load");
     let mut r = rng();
     let (h, i) = (512usize, 256usize);
-    let moe = |num_experts, top_k, scoring, correction_bias, n_group, topk_group, norm_topk_prob, routed_scaling_factor| MoeSpec {
-        num_experts,
-        top_k,
-        intermediate_size: i,
-        scoring,
-        correction_bias,
-        n_group,
-        topk_group,
-        norm_topk_prob,
-        routed_scaling_factor,
-    };
+    let moe = |experts, top_k, scoring, bias, n_group, topk_group, norm, scale| moe_spec(experts, top_k, i, scoring, bias, n_group, topk_group, norm, scale);
     let cases = [
         ("sigmoid + bias", moe(64, 8, RouterScoring::Sigmoid, true, 1, 1, true, 1.0), false),
         ("groups", moe(64, 8, RouterScoring::Sigmoid, true, 8, 4, true, 2.5), false),
