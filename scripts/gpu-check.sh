@@ -34,6 +34,7 @@ fi
 LOG=${OUT:-target/gpu-check}
 mkdir -p "$LOG"
 export NCCL_NVLS_ENABLE=0
+export PEREGRINE_REQUIRE_GPU=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$LOG/device.txt"
 echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)" | tee -a "$LOG/device.txt"
 status=0

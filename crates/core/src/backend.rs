@@ -186,6 +186,15 @@ pub trait Backend: Send {
     /// A short name for logs and metrics ("cpu", "cuda").
     fn name(&self) -> &str;
 
+    /// Whether the backend can still serve, asked by the engine after a failed step. `Ok`: the
+    /// failure was the step's own (for example an allocation that did not fit) and later steps
+    /// may succeed; the engine fails only that step's sequences. `Err`: the backend can serve
+    /// nothing more (for example a lost GPU context) and the message says why; the engine then
+    /// fails every request and refuses new ones. The default: always healthy.
+    fn check_health(&mut self) -> Result<()> {
+        Ok(())
+    }
+
     /// The attached DFlash drafter, if any. While one is attached, every `forward` also writes
     /// the drafter's context K/V for each position it computes (counted in `kv_block_bytes`).
     fn draft_spec(&self) -> Option<&DraftSpec> {

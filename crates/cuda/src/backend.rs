@@ -1289,6 +1289,13 @@ impl Backend for CudaModel {
     fn draft(&mut self, batch: &[peregrine_core::backend::DraftForward]) -> Result<Vec<Vec<u32>>> {
         self.draft_pass(batch)
     }
+
+    /// A sticky error (an illegal address, a trapped kernel) poisons the context, and every later
+    /// call, synchronizing included, returns it; a step's own failure (an allocation that did not
+    /// fit) leaves the stream synchronizing, so the backend stays healthy.
+    fn check_health(&mut self) -> Result<()> {
+        self.stream.synchronize().map_err(|e| Error::Backend(format!("the GPU context is lost ({e}); restart the server")))
+    }
 }
 
 #[cfg(test)]

@@ -25,5 +25,5 @@ mod weights;
 mod op_tests;
 
 pub use backend::CudaModel;
-pub use device::{probe, Gpu};
+pub use device::{probe, probe_for_tests, Gpu, REQUIRE_GPU_ENV};
 pub use kernels::{Kernels, MoeKernel, MoeLayout, MoeRouting};

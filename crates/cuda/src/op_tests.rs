@@ -1,7 +1,9 @@
 //! The model's element-wise and attention kernels one by one against the CPU reference on fresh
 //! random inputs (the seed is printed; PEREGRINE_TEST_SEED reproduces it). Outputs start
 //! poisoned with NaN where a kernel writes into an existing buffer, and NaN never passes.
-//! Without an NVIDIA driver they say `skipped:` and pass; scripts/gpu-check.sh runs them.
+//! They say `skipped:` and pass only on a machine with no GPU at all (no driver, or no device)
+//! and without `PEREGRINE_REQUIRE_GPU`; a GPU that cannot be opened (a context lost to an earlier
+//! test) fails them (`probe_for_tests`). scripts/gpu-check.sh runs them with the variable set.
 
 use cudarc::driver::CudaSlice;
 use peregrine_core::spec::RopeStyle;
@@ -10,16 +12,10 @@ use peregrine_cpu::ops;
 use rand::{Rng, SeedableRng};
 
 use crate::backend::{CudaModel, FreshKv};
-use crate::probe;
+use crate::probe_for_tests;
 
 fn model() -> Option<CudaModel> {
-    let gpu = match probe(0) {
-        Ok(g) => g,
-        Err(e) => {
-            eprintln!("skipped: {e}");
-            return None;
-        }
-    };
+    let gpu = probe_for_tests(0)?;
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/golden/default");
     let spec = peregrine_model::config::load_spec(&dir).expect("fixture config");
     Some(CudaModel::synthetic(gpu, &spec, 3).expect("synthetic model"))

@@ -1,12 +1,14 @@
 //! The CUDA backend against the CPU reference on the golden fixtures: logits of a whole prompt
 //! (prefill), then 64 greedy tokens decoded one by one through the paged KV cache, identical.
-//! Without a GPU these tests say `skipped:` and pass (scripts/gpu-check.sh runs them).
+//! These tests say `skipped:` and pass only on a machine with no GPU at all (no driver, or no
+//! device) and without `PEREGRINE_REQUIRE_GPU`; a GPU that cannot be opened (a context lost to an
+//! earlier test) fails them (`probe_for_tests`). scripts/gpu-check.sh runs them with the variable set.
 
 use std::path::Path;
 
 use peregrine_core::backend::{Backend, KvConfig, OutputRows, SeqForward};
 use peregrine_cpu::CpuModel;
-use peregrine_cuda::{probe, CudaModel};
+use peregrine_cuda::{probe, probe_for_tests, CudaModel};
 use peregrine_model::loader::open_model;
 
 fn fixture(name: &str) -> String {
@@ -32,8 +34,7 @@ fn step(m: &mut dyn Backend, tokens: Vec<u32>, start: usize, table: &[u32], outp
 
 #[test]
 fn golden_fixtures_match_the_cpu_backend() {
-    if let Err(e) = probe(0) {
-        eprintln!("skipped: {e}");
+    if probe_for_tests(0).is_none() {
         return;
     }
     for name in ["default", "groups", "mxfp4", "fp8", "mimo_v2_fused"] {
@@ -115,8 +116,7 @@ fn spec_generate(m: &mut dyn Backend, prompt: &[u32], max_new: usize, block: usi
 /// (tests/fixtures/dflash: two random drafters over the golden target, the trained demo pair).
 #[test]
 fn drafter_matches_the_dflash_reference_on_the_gpu() {
-    if let Err(e) = probe(0) {
-        eprintln!("skipped: {e}");
+    if probe_for_tests(0).is_none() {
         return;
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");

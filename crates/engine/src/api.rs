@@ -101,6 +101,9 @@ pub enum SubmitError {
     Invalid(String),
     /// The engine is shutting down or has stopped.
     ShuttingDown,
+    /// The backend can serve nothing more (for example a lost GPU context); the message says
+    /// why. Every later submit gets this too: the server must be restarted.
+    BackendFailed(String),
 }
 
 /// Sizing and policy of the engine.

@@ -3,7 +3,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use peregrine_core::backend::{accepted_prefix, Backend, DraftForward, KvConfig, LogitAdjust, OutputRows, RowLogprobs, RowSampling, SeqForward, SpecRows, SpecSampling, MAX_BACKEND_TOP_LOGPROBS};
@@ -32,6 +32,8 @@ struct Inner {
     waiting: Arc<AtomicUsize>,
     stats: Arc<Mutex<EngineStats>>,
     metrics: Arc<Metrics>,
+    /// Set once when the backend can serve nothing more (`Backend::check_health` failed).
+    failure: Arc<OnceLock<String>>,
     tokenizer: SharedTokenizer,
     spec: ModelSpec,
     config: EngineConfig,
@@ -89,6 +91,7 @@ pub fn start_engine(mut backend: Box<dyn Backend>, tokenizer: SharedTokenizer, c
     let (tx, rx) = mpsc::channel();
     let waiting = Arc::new(AtomicUsize::new(0));
     let stats = Arc::new(Mutex::new(EngineStats { total_full_blocks: num_full, free_full_blocks: num_full, ..Default::default() }));
+    let failure = Arc::new(OnceLock::new());
     let mut eos = spec.eos_token_ids.clone();
     eos.extend(tokenizer.eos_token_ids());
     let core = Core {
@@ -100,6 +103,7 @@ pub fn start_engine(mut backend: Box<dyn Backend>, tokenizer: SharedTokenizer, c
         waiting_count: waiting.clone(),
         stats: stats.clone(),
         metrics: metrics.clone(),
+        failure: failure.clone(),
         eos,
         next_id: 0,
         spec_block,
@@ -114,6 +118,7 @@ pub fn start_engine(mut backend: Box<dyn Backend>, tokenizer: SharedTokenizer, c
             waiting,
             stats,
             metrics,
+            failure,
             tokenizer,
             spec,
             config,
@@ -125,6 +130,9 @@ pub fn start_engine(mut backend: Box<dyn Backend>, tokenizer: SharedTokenizer, c
 
 impl EngineHandle {
     pub fn submit(&self, req: GenerateRequest) -> Result<RequestStream, SubmitError> {
+        if let Some(why) = self.inner.failure.get() {
+            return Err(SubmitError::BackendFailed(why.clone()));
+        }
         let cfg = &self.inner.config;
         if req.prompt_tokens.is_empty() {
             return Err(SubmitError::Invalid("the prompt is empty".into()));
@@ -155,6 +163,12 @@ impl EngineHandle {
 
     pub fn stats(&self) -> EngineStats {
         *self.inner.stats.lock().unwrap()
+    }
+    /// Why the engine has failed, once the backend reported that it can serve nothing more
+    /// (`Backend::check_health` after a failed step): every request then failed and every later
+    /// submit is refused with `SubmitError::BackendFailed`. None while the engine serves.
+    pub fn failure(&self) -> Option<String> {
+        self.inner.failure.get().cloned()
     }
     pub fn registry(&self) -> &prometheus::Registry {
         &self.inner.metrics.registry
@@ -255,6 +269,7 @@ struct Core {
     waiting_count: Arc<AtomicUsize>,
     stats: Arc<Mutex<EngineStats>>,
     metrics: Arc<Metrics>,
+    failure: Arc<OnceLock<String>>,
     eos: Vec<u32>,
     next_id: u64,
     spec_block: Option<usize>,
@@ -275,6 +290,11 @@ impl Core {
             let mut shutdown = false;
             for cmd in first.into_iter().chain(std::iter::from_fn(|| rx.try_recv().ok())) {
                 match cmd {
+                    Cmd::Submit(s) if self.failure.get().is_some() => {
+                        // Submitted before the failure was visible to the handle.
+                        self.waiting_count.fetch_sub(1, Ordering::SeqCst);
+                        let _ = s.tx.send(RequestEvent::Error(self.failure.get().cloned().unwrap_or_default()));
+                    }
                     Cmd::Submit(mut s) => {
                         s.id = self.next_id;
                         self.next_id += 1;
@@ -333,6 +353,19 @@ impl Core {
         let _ = s.tx.send(RequestEvent::Finished { reason, usage });
         self.metrics.success.with_label_values(&[reason.as_str()]).inc();
         self.metrics.e2e.observe(s.req.arrival.elapsed().as_secs_f64());
+    }
+
+    /// The backend can serve nothing more: remembers why (the handle then refuses submits),
+    /// fails every running and waiting request with that message and frees their blocks.
+    fn fail_engine(&mut self, why: String) {
+        tracing::error!("the backend cannot serve any more, failing every request: {why}");
+        let _ = self.failure.set(why.clone());
+        self.metrics.backend_failed.set(1);
+        self.waiting_count.fetch_sub(self.waiting.len(), Ordering::SeqCst);
+        for mut s in self.running.drain(..).chain(self.waiting.drain(..)).collect::<Vec<_>>() {
+            self.kv.free(&mut s.blocks);
+            let _ = s.tx.send(RequestEvent::Error(why.clone()));
+        }
     }
 
     fn drop_gone_clients(&mut self) {
@@ -521,7 +554,8 @@ impl Core {
 
     /// Commits a step's results: samples (or takes the sampled ids of) every asked-for row,
     /// accepts drafts, streams the new tokens and finishes the sequences that stop; a failed
-    /// step fails its sequences.
+    /// step fails its sequences, or, when the backend then reports that it can serve nothing
+    /// more (`check_health`), every request and the engine itself.
     fn finish_step(&mut self, t0: Instant, plan: Vec<(u64, usize, usize)>, drafts: Vec<Vec<u32>>, result: Result<Vec<StepRows>, peregrine_core::Error>, ntok: usize) {
         let logits = match result {
             Ok(l) if l.len() == plan.len() => l,
@@ -531,6 +565,10 @@ impl Core {
                     Ok(l) => format!("backend returned {} logits for a batch of {}", l.len(), plan.len()),
                 };
                 tracing::error!("forward failed: {msg}");
+                if let Err(e) = self.backend.check_health() {
+                    self.fail_engine(e.to_string());
+                    return;
+                }
                 for &(id, _, _) in &plan {
                     if let Some(i) = self.running.iter().position(|s| s.id == id) {
                         let mut s = self.running.remove(i);

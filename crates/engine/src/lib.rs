@@ -11,6 +11,10 @@
 //!   queue; later it is recomputed from prompt + generated tokens, and since its detokeniser,
 //!   held-back text and RNG stream live in the sequence, the client sees a seamless stream.
 //!   A dropped receiver aborts the request at the next step (waiting, prefilling or decoding).
+//!   A failed step fails its sequences; the engine then asks `Backend::check_health`, and when
+//!   the backend can serve nothing more (a lost GPU context) every running and waiting request
+//!   gets `RequestEvent::Error`, later submits get `SubmitError::BackendFailed`, and
+//!   `EngineHandle::failure()` says why (the server's /health answers 503 with it).
 //! - [`kv`]: block bookkeeping. Prefix caching hashes full blocks as a chain; freed hashed
 //!   blocks stay findable until reallocated (least recently freed first). Sliding-window
 //!   blocks are ref-counted and hashed the same way (released ones stay cached too); a hit at

@@ -482,3 +482,174 @@ fn concurrent_copies_of_a_seeded_request_agree() {
     assert!(m.contains("vllm:request_success_total{finished_reason=\"length\",model_name=\"mimo_v2_flash\"} 7"), "{m}");
     assert!(m.contains("peregrine:step_duration_seconds_count"));
 }
+
+/// The mock with an injected failure: forward call number `fail_at` (from 1) fails. A `sticky`
+/// failure breaks the backend for good, like a lost GPU context: every later forward fails and
+/// `check_health` reports it; otherwise only that call fails and the backend stays healthy.
+/// Forward calls first wait for `gate`, so a test holding it can queue requests before the
+/// engine's second step.
+struct Failing {
+    inner: Mock,
+    /// Forward calls so far.
+    calls: Arc<std::sync::atomic::AtomicUsize>,
+    fail_at: usize,
+    sticky: bool,
+    broken: bool,
+    gate: Arc<std::sync::Mutex<()>>,
+    /// Sequences in the batch of the failed call.
+    failed_batch: Arc<std::sync::Mutex<Option<usize>>>,
+    health_checks: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+const LOST: &str = "the GPU context is lost (injected CUDA_ERROR_ILLEGAL_ADDRESS); restart the server";
+
+impl Backend for Failing {
+    fn spec(&self) -> &ModelSpec {
+        self.inner.spec()
+    }
+    fn kv_block_bytes(&self, bs: usize) -> KvBlockBytes {
+        self.inner.kv_block_bytes(bs)
+    }
+    fn init_kv(&mut self, c: KvConfig) -> Result<()> {
+        self.inner.init_kv(c)
+    }
+    fn forward(&mut self, batch: &[SeqForward]) -> Result<Vec<Logits>> {
+        drop(self.gate.lock().unwrap());
+        let call = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        if self.broken {
+            return Err(peregrine_core::Error::Backend("CUDA_ERROR_ILLEGAL_ADDRESS".into()));
+        }
+        if call == self.fail_at {
+            self.broken = self.sticky;
+            *self.failed_batch.lock().unwrap() = Some(batch.len());
+            return Err(peregrine_core::Error::Backend("injected forward failure".into()));
+        }
+        self.inner.forward(batch)
+    }
+    fn name(&self) -> &str {
+        "failing-mock"
+    }
+    fn check_health(&mut self) -> Result<()> {
+        self.health_checks.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if self.broken {
+            return Err(peregrine_core::Error::Backend(LOST.into()));
+        }
+        Ok(())
+    }
+}
+
+struct FailingEngine {
+    e: EngineHandle,
+    calls: Arc<std::sync::atomic::AtomicUsize>,
+    gate: Arc<std::sync::Mutex<()>>,
+    failed_batch: Arc<std::sync::Mutex<Option<usize>>>,
+    health_checks: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+fn failing_engine(fail_at: usize, sticky: bool, c: EngineConfig) -> FailingEngine {
+    let gate = Arc::new(std::sync::Mutex::new(()));
+    let failed_batch = Arc::new(std::sync::Mutex::new(None));
+    let health_checks = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let backend = Failing {
+        inner: Mock { spec: spec(None), window: None, bs: 0, full: vec![], swa: vec![] },
+        calls: calls.clone(),
+        fail_at,
+        sticky,
+        broken: false,
+        gate: gate.clone(),
+        failed_batch: failed_batch.clone(),
+        health_checks: health_checks.clone(),
+    };
+    let e = start_engine(Box::new(backend), tokenizer(), c).unwrap();
+    FailingEngine { e, calls, gate, failed_batch, health_checks }
+}
+
+/// Submits four greedy requests while the backend is held, so that the second forward call
+/// runs `f0` and `f1` (two slots) with `f2` and `f3` waiting, whatever the thread timing.
+fn submit_four(f: &FailingEngine) -> Vec<RequestStream> {
+    let held = f.gate.lock().unwrap();
+    let rxs = (0..4).map(|i| f.e.submit(req(&format!("f{i}"), prompts()[i].clone(), SamplingParams::greedy(), 100)).unwrap()).collect();
+    drop(held);
+    rxs
+}
+
+/// The events of a request that must fail: the error message, after checking that nothing
+/// follows it and that it did not finish.
+fn expect_error(mut rx: RequestStream) -> String {
+    while let Some(ev) = rx.blocking_recv() {
+        match ev {
+            RequestEvent::Error(m) => {
+                assert!(rx.blocking_recv().is_none(), "an event followed the error");
+                return m;
+            }
+            RequestEvent::Finished { reason, .. } => panic!("finished ({reason:?}) instead of failing"),
+            RequestEvent::Delta { .. } | RequestEvent::PromptLogprobs(_) => {}
+        }
+    }
+    panic!("the stream closed without an error");
+}
+
+#[test]
+fn lost_backend_fails_every_request_and_refuses_new_ones() {
+    let f = failing_engine(2, true, EngineConfig { max_num_seqs: 2, ..cfg() });
+    assert_eq!(f.e.failure(), None);
+    let rxs = submit_four(&f);
+    // Running and waiting requests alike get the backend's reason.
+    let msgs: Vec<String> = rxs.into_iter().map(expect_error).collect();
+    assert_eq!(*f.failed_batch.lock().unwrap(), Some(2), "the failed step ran two sequences; two were waiting");
+    let failure = f.e.failure().expect("the engine has failed");
+    assert!(failure.contains(LOST), "{failure}");
+    for m in &msgs {
+        assert_eq!(m, &failure);
+    }
+    // Every block is back, nothing runs or waits.
+    let st = wait_idle(&f.e);
+    assert_eq!(st.kv_usage, 0.0);
+    assert_eq!(st.free_full_blocks, st.total_full_blocks);
+    // Later submits are refused with the reason, before touching the queue.
+    for i in 0..3 {
+        match f.e.submit(req(&format!("late{i}"), prompts()[0].clone(), SamplingParams::greedy(), 5)) {
+            Err(SubmitError::BackendFailed(m)) => assert_eq!(m, failure),
+            Err(x) => panic!("{x:?}"),
+            Ok(_) => panic!("a failed engine accepted a request"),
+        }
+    }
+    assert_eq!(f.e.stats().waiting, 0);
+    // The waiting requests failed at once: nothing was scheduled after the failed step.
+    assert_eq!(f.calls.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert_eq!(f.health_checks.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(counter(&f.e.render_metrics(), "peregrine:backend_failed"), 1.0);
+    f.e.shutdown();
+    assert_eq!(f.e.failure(), Some(failure));
+}
+
+#[test]
+fn failed_step_with_a_healthy_backend_fails_only_its_sequences() {
+    let c = EngineConfig { max_num_seqs: 2, ..cfg() };
+    let f = failing_engine(2, false, c.clone());
+    let mut rxs = submit_four(&f);
+    let waiting = rxs.split_off(2);
+    // The step's two sequences fail with the forward's error...
+    for rx in rxs {
+        let m = expect_error(rx);
+        assert!(m.contains("injected forward failure"), "{m}");
+    }
+    assert_eq!(*f.failed_batch.lock().unwrap(), Some(2));
+    // ... the waiting ones run afterwards exactly as on a backend that never failed ...
+    let got: Vec<Out> = waiting.into_iter().map(collect).collect();
+    let clean = engine(None, c);
+    let want: Vec<Out> = (2..4).map(|i| collect(clean.submit(req(&format!("f{i}"), prompts()[i].clone(), SamplingParams::greedy(), 100)).unwrap())).collect();
+    assert_eq!(got, want);
+    assert!(got.iter().all(|o| o.tokens.len() == 100 && o.reason == Some(FinishReason::Length)));
+    // ... and the engine keeps serving new requests.
+    let o = collect(f.e.submit(req("after", prompts()[5].clone(), SamplingParams::greedy(), 7)).unwrap());
+    assert_eq!(o.tokens.len(), 7);
+    assert_eq!(f.e.failure(), None);
+    assert_eq!(f.health_checks.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(counter(&f.e.render_metrics(), "peregrine:backend_failed"), 0.0);
+    wait_idle(&f.e);
+    wait_idle(&clean);
+    f.e.shutdown();
+    clean.shutdown();
+}

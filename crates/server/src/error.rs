@@ -61,6 +61,13 @@ impl ApiError {
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", message)
     }
+    /// 503 once the engine's backend can serve nothing more (for example a lost GPU context):
+    /// only a restart helps, so no Retry-After.
+    pub fn backend_failed(why: &str) -> Self {
+        let mut e = Self::unavailable(format!("The inference backend has failed and cannot serve requests until the server is restarted: {why}"));
+        e.code = Some("backend_failed");
+        e
+    }
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
     }

@@ -81,8 +81,15 @@ fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
 }
 
 async fn health(State(state): State<AppState>) -> Response {
-    match state.ready.get() {
-        Some(_) => (StatusCode::OK, Json(json!({"status": "ok"}))).into_response(),
+    health_response(state.ready.get().map(|r| r.engine.failure()))
+}
+
+/// /health: 200 while the engine serves; 503 while the model loads (`ready` None) or once the
+/// engine has failed (`Some(Some(why))`, named in the error object).
+fn health_response(ready: Option<Option<String>>) -> Response {
+    match ready {
+        Some(None) => (StatusCode::OK, Json(json!({"status": "ok"}))).into_response(),
+        Some(Some(why)) => ApiError::backend_failed(&why).into_response(),
         None => ApiError::loading().into_response(),
     }
 }
@@ -161,6 +168,7 @@ fn submit_all(r: &Ready, id: &str, prompts: &[Vec<u32>], plan: &Plan, prompt_log
                 Err(SubmitError::QueueFull) => return Err(ApiError::overloaded()),
                 Err(SubmitError::Invalid(m)) => return Err(ApiError::invalid(m)),
                 Err(SubmitError::ShuttingDown) => return Err(ApiError::unavailable("the server is shutting down")),
+                Err(SubmitError::BackendFailed(why)) => return Err(ApiError::backend_failed(&why)),
             }
         }
     }
