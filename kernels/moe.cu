@@ -201,6 +201,34 @@ __device__ __forceinline__ void stage_b(const float* __restrict__ x, const int* 
     __syncthreads();
 }
 
+// A block's staging state in shared memory (stage_b's reduction, the rows' scales, the rows).
+struct StageSmem {
+    float red[TW * NP], scale[NP], inv[NP];
+    int rows[NP];
+};
+
+// One token's activations staged before the kernel waits for the one ahead (PDL). x was written
+// at least two launches back (the norm, then the router GEMV, then moe_route when routing is a
+// launch of its own), and every kernel before this one waits for its own predecessor before it
+// lets the next one launch, so by the time any block of this kernel runs, the norm has finished
+// and its writes are visible (x is read through L2, __ldcg). Callers keep that precondition
+// (Kernels::moe_mxfp4 / moe_mxfp4_routed say so). Staging then
+// overlaps the kernel ahead instead of queueing behind this kernel's first weight copies (the
+// fused kernel's trace: ~5 us from an item's start to its activations staged). Returns whether
+// `frag` holds x's row 0 as a one-pair pass (np = 1) would stage it. -DMOE_STAGE_LATE keeps
+// the old order (staging after the wait), for measurements.
+__device__ __forceinline__ bool stage_token_early(const float* __restrict__ x, int T, int K, uint4* frag, StageSmem& ss) {
+#ifdef MOE_STAGE_LATE
+    (void)x; (void)T; (void)K; (void)frag; (void)ss;
+    return false;
+#else
+    if (T != 1) return false;
+    const int row0[1] = {0};
+    stage_b(x, row0, 1, K, reinterpret_cast<unsigned*>(frag), ss.red, ss.scale, ss.inv);
+    return true;
+#endif
+}
+
 // Rows of activations a pass over K may stage: the host sizes the shared memory for the rings
 // (ring_bytes) and min(tokens, NP) rows of the wider of H and I (4 K bytes each). An expert
 // slot holding more pairs than that (a repeated expert, when fewer than top-k experts could be
@@ -429,8 +457,14 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
     extern __shared__ uint4 dsm[];
     uint4* frag = dsm + TW * RING / 16;
     __shared__ unsigned long long bars[TW * NS];
-    __shared__ float red[TW * NP], scale[NP], inv[NP];
-    __shared__ int rows[NP];
+    __shared__ StageSmem ss;
+    // gate_up waits for the kernel ahead here, after staging one token's x (the down kernel
+    // waits later, after asking for its weights).
+    bool staged = false;
+    if (GATE_UP) {
+        staged = stage_token_early(x, T, K, frag, ss);
+        PDL_ENTER();
+    }
     int u = blockIdx.y;
     int pb = pair_off[u], pe = pair_off[u + 1];
     if (pb >= pe) return;  // an unused expert slot (the whole block leaves)
@@ -451,16 +485,18 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
     const int cap = pass_rows(K, TW * RING);
     for (int p0 = pb; p0 < pe; p0 += cap) {
         int np = min(cap, pe - p0);
-        if ((int)threadIdx.x < np) rows[threadIdx.x] = GATE_UP ? pair_tok[p0 + threadIdx.x] : p0 + threadIdx.x;
+        if ((int)threadIdx.x < np) ss.rows[threadIdx.x] = GATE_UP ? pair_tok[p0 + threadIdx.x] : p0 + threadIdx.x;
         if (active) bulk_prologue<NS, CS>(seq, wt, st, KS, ring, wbars);
         // The down kernel may be launched while gate_up still runs (programmatic dependent
         // launch): its weights are asked for above, h only after gate_up has finished.
         if (!GATE_UP) PDL_WAIT();
         __syncthreads();
-        stage_b(x, rows, np, K, reinterpret_cast<unsigned*>(frag), red, scale, inv);
+        // The early staging holds one pair; a slot with more (a repeated expert) restages.
+        if (!(staged && np == 1)) stage_b(x, ss.rows, np, K, reinterpret_cast<unsigned*>(frag), ss.red, ss.scale, ss.inv);
+        staged = false;
         float acc[4] = {0.f, 0.f, 0.f, 0.f};
         if (active) tile_stream_bulk<NS, CS>(wt, st, KS, frag, 8 * np, acc, ring, wbars, seq);
-        if (active && t < np) tile_store(GATE_UP, acc, inv[t], y, ldy, p0 + t, rt, pair_w);
+        if (active && t < np) tile_store(GATE_UP, acc, ss.inv[t], y, ldy, p0 + t, rt, pair_w);
         __syncthreads();  // every warp is done with the fragments before the next pass restages
     }
     if (GATE_UP || counters == nullptr) return;
@@ -480,6 +516,12 @@ __device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
     return v;
 }
 
+// The staged activations of the fused kernels: after the TW warps' rings of `ring` bytes each.
+__device__ __forceinline__ uint4* fused_frag(int ring) {
+    extern __shared__ uint4 dsm[];
+    return dsm + TW * ring / 16;
+}
+
 // Item n's (is down, slot, row group); gu_items = U x gate_up groups.
 __device__ __forceinline__ void fused_item(int n, int gu_items, int gug, int dg, bool& down, int& slot, int& grp) {
     down = n >= gu_items;
@@ -495,13 +537,11 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
                                           const int* __restrict__ pair_tok, const float* __restrict__ pair_w,
                                           const float* __restrict__ x, float* __restrict__ h, float* __restrict__ out, int H,
                                           int I, int U, unsigned* counters, const int* __restrict__ tok_pairs,
-                                          float* __restrict__ y, int T, int topk) {
+                                          float* __restrict__ y, int T, int topk, StageSmem& ss, bool x_staged) {
     constexpr int RING = NS * CS * 544;
     extern __shared__ uint4 dsm[];
-    uint4* frag = dsm + TW * RING / 16;
+    uint4* frag = fused_frag(RING);
     __shared__ unsigned long long bars[TW * NS];
-    __shared__ float red[TW * NP], scale[NP], inv[NP];
-    __shared__ int rows[NP];
     int w = threadIdx.x >> 5, lane = threadIdx.x & 31, t = lane & 3;
     const int gu_tiles = I / 8, d_tiles = H / 16;  // 16-row tiles (gate_up rows interleaved)
     const int gug = (gu_tiles + TW - 1) / TW, dg = (d_tiles + TW - 1) / TW;
@@ -546,7 +586,7 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
         const int cap = pass_rows(down ? I : H, TW * RING);
         for (int p0 = pb; p0 < pe; p0 += cap) {  // no passes for an unused expert slot
             int np = min(cap, pe - p0);
-            if ((int)threadIdx.x < np) rows[threadIdx.x] = down ? p0 + threadIdx.x : pair_tok[p0 + threadIdx.x];
+            if ((int)threadIdx.x < np) ss.rows[threadIdx.x] = down ? p0 + threadIdx.x : pair_tok[p0 + threadIdx.x];
             if (KS) bulk_prologue<NS, CS>(seq, wt, st, KS, ring, wbars, pre);
             // The warp's next pass: this tile again for the slot's next pairs, else its tile of
             // the block's next item.
@@ -567,12 +607,15 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
             }
             __syncthreads();
             if (ti < 14 && p0 == pb) TRACE(ti + 1);
-            stage_b(down ? h : x, rows, np, down ? I : H, reinterpret_cast<unsigned*>(frag), red, scale, inv);
+            // x staged before the wait serves the block's first gate_up pass if it has one pair.
+            if (!(x_staged && !down && np == 1))
+                stage_b(down ? h : x, ss.rows, np, down ? I : H, reinterpret_cast<unsigned*>(frag), ss.red, ss.scale, ss.inv);
+            x_staged = false;
             if (ti < 14 && p0 == pb) TRACE(ti + 2);
             float acc[4] = {0.f, 0.f, 0.f, 0.f};
             pre = 0;
             if (KS) pre = tile_stream_bulk<NS, CS>(wt, st, KS, frag, 8 * np, acc, ring, wbars, seq, nwt, nst, nKS);
-            if (KS && t < np) tile_store(!down, acc, inv[t], down ? out : h, down ? H : I, p0 + t, rt, pair_w);
+            if (KS && t < np) tile_store(!down, acc, ss.inv[t], down ? out : h, down ? H : I, p0 + t, rt, pair_w);
             __syncthreads();  // every warp is done with the fragments before the next pass restages
             if (ti < 14) TRACE(ti + 3);
         }
@@ -606,13 +649,18 @@ __device__ __forceinline__ void moe_fused_routed(const float* __restrict__ logit
     __shared__ int sel[MAX_FUSED_TOPK], experts[MAX_FUSED_TOPK], pair_off[MAX_FUSED_TOPK + 1], pair_tok[MAX_FUSED_TOPK],
         tok_pairs[MAX_FUSED_TOPK];
     __shared__ float wsel[MAX_FUSED_TOPK], pair_w[MAX_FUSED_TOPK];
+    __shared__ StageSmem ss;
     float* scores = reinterpret_cast<float*>(dsm);
+    bool staged = stage_token_early(x, 1, H, fused_frag(NS * CS * 544), ss);
+    PDL_ENTER();
+    TRACE(2);
     route_token(logits, bias, E, K, softmax, n_group, topk_group, norm, scale, scores, scores + E, sel, wsel);
     group_one_token(sel, wsel, K, U, experts, pair_off, pair_tok, pair_w, tok_pairs);
     __syncthreads();  // the routing is visible, and the scores' scratch free for the rings
     // The rings' bulk copies (async proxy) will land where the scores were written (generic).
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-    moe_fused<NS, CS>(Wg, Sg, Wd, Sd, experts, pair_off, pair_tok, pair_w, x, h, out, H, I, U, counters, tok_pairs, y, 1, K);
+    moe_fused<NS, CS>(Wg, Sg, Wd, Sd, experts, pair_off, pair_tok, pair_w, x, h, out, H, I, U, counters, tok_pairs, y, 1, K, ss,
+                      staged);
 }
 
 // Ring shapes: NS stages of CS steps.
@@ -620,9 +668,9 @@ __device__ __forceinline__ void moe_fused_routed(const float* __restrict__ logit
     extern "C" __global__ void __launch_bounds__(256, 2) moe_gate_up_bulk_n##NS##_c##CS(                                 \
         const unsigned char* __restrict__ W, const unsigned char* __restrict__ S, const int* __restrict__ experts,       \
         const int* __restrict__ pair_off, const int* __restrict__ pair_tok, const float* __restrict__ x,                 \
-        float* __restrict__ h, int H, int I) { PDL_ENTER();                                                              \
+        float* __restrict__ h, int H, int I, int T) {                                                                    \
         moe_tiled<true, NS, CS>(W, S, experts, pair_off, pair_tok, nullptr, x, h, H, I / 8, I, nullptr, nullptr, nullptr, \
-                                0, 0);                                                                                   \
+                                T, 0);                                                                                   \
     }                                                                                                                    \
     extern "C" __global__ void __launch_bounds__(256, 2) moe_down_bulk_n##NS##_c##CS(                                    \
         const unsigned char* __restrict__ W, const unsigned char* __restrict__ S, const int* __restrict__ experts,       \
@@ -640,10 +688,12 @@ __device__ __forceinline__ void moe_fused_routed(const float* __restrict__ logit
         const int* __restrict__ tok_pairs, float* __restrict__ y, int T, int topk) {                                     \
         TRACE_SM();                                                                                                      \
         TRACE(1);                                                                                                        \
+        __shared__ StageSmem ss;                                                                                         \
+        bool staged = stage_token_early(x, T, H, fused_frag(NS * CS * 544), ss);                                        \
         PDL_ENTER();                                                                                                     \
         TRACE(2);                                                                                                        \
         moe_fused<NS, CS>(Wg, Sg, Wd, Sd, experts, pair_off, pair_tok, pair_w, x, h, out, H, I, U, counters, tok_pairs,  \
-                          y, T, topk);                                                                                   \
+                          y, T, topk, ss, staged);                                                                       \
     }                                                                                                                    \
     extern "C" __global__ void __launch_bounds__(256, 2) moe_fused_routed_bulk_n##NS##_c##CS(                            \
         const float* __restrict__ logits, const float* __restrict__ bias, int E, int K, int softmax, int n_group,        \
@@ -652,8 +702,6 @@ __device__ __forceinline__ void moe_fused_routed(const float* __restrict__ logit
         float* __restrict__ h, float* __restrict__ out, int H, int I, int U, unsigned* counters, float* __restrict__ y) { \
         TRACE_SM();                                                                                                      \
         TRACE(1);                                                                                                        \
-        PDL_ENTER();                                                                                                     \
-        TRACE(2);                                                                                                        \
         moe_fused_routed<NS, CS>(logits, bias, E, K, softmax, n_group, topk_group, norm, scale, Wg, Sg, Wd, Sd, x, h, out, \
                                  H, I, U, counters, y);                                                                  \
     }

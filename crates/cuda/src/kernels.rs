@@ -733,6 +733,10 @@ impl Kernels {
     /// token t's routed experts e, for x [T, H] -> y [T, H]: the tiled kernels for tiled
     /// weights; for row-major ones the tensor-core kernels when H and I are multiples of 64,
     /// else the CUDA-core v2 kernels.
+    ///
+    /// With one token the tiled kernels read `x` before waiting for the kernel ahead (moe.cu,
+    /// `stage_token_early`): `x` must have been written at least two launches earlier (by the
+    /// norm, with the router and the routing launched since), never by the launch just before.
     pub fn moe_mxfp4(&self, w: &MoeWeights, r: &DeviceRouting, x: &CudaSlice<f32>, scratch: &mut MoeScratch, y: &mut CudaSlice<f32>) -> Result<()> {
         self.moe_mxfp4_with(self.moe_kernel(w, r.num_tokens, r.top_k), w, r, x, scratch, y)
     }
@@ -794,7 +798,8 @@ impl Kernels {
     /// (`moe_fused_routed_*`: each block runs moe_route's router on the token's `logits` [E] and
     /// groups the choices itself), so a batch-1 step has no routing launch. Same experts,
     /// weights and arithmetic as `moe_route` followed by `moe_mxfp4_with(kind, ..)`, bit for bit.
-    /// `kind` must be `MoeKernel::Fused` and the weights tiled.
+    /// `kind` must be `MoeKernel::Fused` and the weights tiled. As for `moe_mxfp4`, `x` is read
+    /// before the wait for the kernel ahead (the router GEMV), so it must be older than that.
     #[allow(clippy::too_many_arguments)]
     pub fn moe_mxfp4_routed(&self, kind: MoeKernel, spec: &MoeSpec, w: &MoeWeights, logits: &CudaSlice<f32>, bias: Option<&CudaSlice<f32>>, x: &CudaSlice<f32>, scratch: &mut MoeScratch, y: &mut CudaSlice<f32>) -> Result<()> {
         let (e, k, h) = (spec.num_experts, spec.top_k, w.hidden);
@@ -843,13 +848,15 @@ impl Kernels {
                 check(gu_smem.max(d_smem) <= TILED_MAX_SMEM, || format!("MoE dims {h}, {i} need more than {TILED_MAX_SMEM} bytes of shared memory"))?;
                 // A block's 8 warps stream one 16-row tile each.
                 let cfg = |tiles: usize, smem: usize| LaunchConfig { grid_dim: (tiles.div_ceil(8) as u32, u, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem as u32 };
+                // One token's x is staged before the kernel waits for the one ahead (moe.cu,
+                // stage_token_early).
+                let (ti, ki) = (r.num_tokens as i32, r.top_k as i32);
                 let mut b = crate::launch::builder(&self.stream, fg);
-                b.arg(gate_up).arg(gate_up_s).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_tok).arg(x).arg(&mut scratch.h).arg(&hh).arg(&ii);
+                b.arg(gate_up).arg(gate_up_s).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_tok).arg(x).arg(&mut scratch.h).arg(&hh).arg(&ii).arg(&ti);
                 unsafe { b.launch(cfg(2 * i / 16, gu_smem)) }.map_err(drv("moe gate_up (tiled)"))?;
                 let fused = r.top_k <= MAX_FUSED_TOPK;
                 check(scratch.counters.len() >= (h / 16).div_ceil(8), || "MoE scratch counters too small".into())?;
                 // The down kernel asks for its weights before it waits for gate_up (see launch.rs).
-                let (ti, ki) = (r.num_tokens as i32, r.top_k as i32);
                 let mut b = crate::launch::builder(&self.stream, fd);
                 b.arg(down).arg(down_s).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_w).arg(&scratch.h).arg(&mut scratch.out).arg(&hh).arg(&ii);
                 if fused {
