@@ -19,10 +19,14 @@ if [[ "${1:-}" == "--build" ]]; then
     exe=$(cargo test --release -p peregrine-cuda --lib --no-run --message-format=json 2>/dev/null \
         | python3 -c 'import json,sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable")][-1])')
     cp "$exe" .bin/cuda-lib
+    # Its own binary: the kernel fault it injects poisons the process's GPU context for good.
+    exe=$(cargo test --release -p peregrine-engine --test lost_gpu --no-run --message-format=json 2>/dev/null \
+        | python3 -c 'import json,sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable")][-1])')
+    cp "$exe" .bin/engine-lost-gpu
     # Without the embedded model (the tree carries models/ already; the carry limit is 64 MiB).
     cargo build --release -p peregrine-server --no-default-features --target-dir target/gpu-check
     strip -o .bin/peregrine target/gpu-check/release/peregrine
-    strip .bin/cuda-kernels .bin/cuda-model .bin/cuda-ops .bin/cuda-lib
+    strip .bin/cuda-kernels .bin/cuda-model .bin/cuda-ops .bin/cuda-lib .bin/engine-lost-gpu
     cargo build --release -p peregrine-cuda --example bench --example step_bench
     strip -o .bin/cuda-bench target/release/examples/bench
     strip -o .bin/step-bench target/release/examples/step_bench
@@ -42,6 +46,7 @@ status=0
 .bin/cuda-model --nocapture --test-threads 1 2>&1 | tee "$LOG/model.log" || status=1
 .bin/cuda-ops --nocapture --test-threads 1 2>&1 | tee "$LOG/ops.log" || status=1
 .bin/cuda-lib --nocapture --test-threads 1 2>&1 | tee "$LOG/lib.log" || status=1
+.bin/engine-lost-gpu --nocapture 2>&1 | tee "$LOG/lost-gpu.log" || status=1
 # End to end over HTTP: the same greedy completions from --device cuda and --device cpu.
 e2e() {  # $1 device, $2 port, $3 speculative model (none: off; default: the model's own), $4.. model args
     local dev=$1 port=$2 spec=$3; shift 3
