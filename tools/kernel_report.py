@@ -1,0 +1,139 @@
+#!/usr/bin/env python3
+"""Registers, stack, spills and static shared memory of every kernel, on a machine without a GPU.
+
+Compiles kernels/*.cu exactly as crates/cuda/src/compile.rs does (common.cuh and the file's
+headers in front, compile.rs's NVRTC options, the arch, any -D defines) with NVRTC, then runs
+ptxas -v on the PTX. With --base REV it compiles the sources of git revision REV too and prints
+only the kernels whose numbers differ. Occupancy questions ("does this change cost a block per
+SM?") need no device time this way.
+
+Needs libnvrtc and ptxas of CUDA 13: scripts/kernel-report.sh fetches them from PyPI
+(nvidia-cuda-nvrtc, nvidia-cuda-nvcc) into target/cuda-tools and runs this script.
+
+    scripts/kernel-report.sh [--arch sm_90a] [--base REV] [-DNAME ...] [FILE.cu ...]
+"""
+import argparse
+import ctypes
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def git_show(rev, path):
+    return subprocess.run(["git", "-C", ROOT, "show", f"{rev}:{path}"], check=True, capture_output=True, text=True).stdout
+
+
+def read(rev, path):
+    if rev is None:
+        with open(os.path.join(ROOT, path)) as f:
+            return f.read()
+    return git_show(rev, path)
+
+
+def compile_rs_layout(rev):
+    """(file -> headers, NVRTC options) as compile.rs states them."""
+    src = read(rev, "crates/cuda/src/compile.rs")
+    files = {}
+    for m in re.finditer(r'kernel_source!\(\s*"([\w.]+)"((?:\s*,\s*"[\w.]+")*)\s*\)', src):
+        files[m.group(1)] = re.findall(r'"([\w.]+)"', m.group(2))
+    opts = re.search(r"const OPTIONS: &\[&str\] = &\[([^\]]*)\]", src)
+    options = re.findall(r'"([^"]+)"', opts.group(1)) if opts else []
+    return files, options
+
+
+def nvrtc_ptx(lib, name, source, options):
+    prog = ctypes.c_void_p()
+    if lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), name.encode(), 0, None, None) != 0:
+        sys.exit(f"{name}: nvrtcCreateProgram failed")
+    opts = [o.encode() for o in options]
+    rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+    n = ctypes.c_size_t()
+    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(n))
+    log = ctypes.create_string_buffer(n.value)
+    lib.nvrtcGetProgramLog(prog, log)
+    if rc != 0:
+        sys.exit(f"{name}: NVRTC failed\n{log.value.decode()}")
+    if log.value.strip():
+        print(log.value.decode(), file=sys.stderr)
+    lib.nvrtcGetPTXSize(prog, ctypes.byref(n))
+    ptx = ctypes.create_string_buffer(n.value)
+    lib.nvrtcGetPTX(prog, ptx)
+    return ptx.value
+
+
+def ptxas_report(ptxas, arch, ptx):
+    """kernel -> (registers, stack bytes, spill stores, spill loads, static smem bytes)."""
+    with tempfile.TemporaryDirectory() as d:
+        p = os.path.join(d, "k.ptx")
+        with open(p, "wb") as f:
+            f.write(ptx)
+        r = subprocess.run([ptxas, f"-arch={arch}", "-v", p, "-o", os.path.join(d, "k.cubin")], capture_output=True, text=True)
+    if r.returncode:
+        sys.exit(r.stderr)
+    out, name = {}, None
+    for line in r.stderr.splitlines():
+        m = re.search(r"Compiling entry function '(\w+)'", line)
+        if m:
+            name = m.group(1)
+            out[name] = [0, 0, 0, 0, 0]
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m and name:
+            out[name][1:4] = [int(g) for g in m.groups()]
+        m = re.search(r"Used (\d+) registers", line)
+        if m and name:
+            out[name][0] = int(m.group(1))
+            s = re.search(r"(\d+) bytes smem", line)
+            out[name][4] = int(s.group(1)) if s else 0
+    return out
+
+
+def report(lib, ptxas, rev, arch, defines, only):
+    files, options = compile_rs_layout(rev)
+    unknown = [f for f in only if f not in files]
+    if unknown:
+        sys.exit(f"not a kernel file compile.rs embeds: {unknown} (it embeds {sorted(files)})")
+    result = {}
+    for f, headers in files.items():
+        if only and f not in only:
+            continue
+        source = read(rev, "kernels/common.cuh") + "".join(read(rev, f"kernels/{h}") for h in headers) + read(rev, f"kernels/{f}")
+        ptx = nvrtc_ptx(lib, f, source, [f"--gpu-architecture={arch}"] + options + defines)
+        for k, v in ptxas_report(ptxas, arch, ptx).items():
+            result[(f, k)] = v
+    return result
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", default="sm_90a")
+    ap.add_argument("--base", help="git revision to compare with (only differing kernels are printed)")
+    ap.add_argument("--tools", default=os.path.join(ROOT, "target/cuda-tools/nvidia/cu13"))
+    ap.add_argument("files", nargs="*", help="kernel files (default: every file compile.rs embeds)")
+    args, rest = ap.parse_known_args()
+    defines = [a for a in rest if a.startswith("-D")]
+    if len(defines) != len(rest):
+        ap.error(f"unknown arguments: {[a for a in rest if not a.startswith('-D')]}")
+    lib = ctypes.CDLL(os.path.join(args.tools, "lib/libnvrtc.so.13"))
+    ptxas = os.path.join(args.tools, "bin/ptxas")
+    now = report(lib, ptxas, None, args.arch, defines, args.files)
+    base = report(lib, ptxas, args.base, args.arch, defines, args.files) if args.base else None
+    fmt = "{:<44} {:>5} {:>6} {:>7} {:>7} {:>6}"
+    print(fmt.format("kernel", "regs", "stack", "spill st", "spill ld", "smem"))
+    for (f, k), v in sorted(now.items()):
+        if base is not None:
+            b = base.get((f, k))
+            if b == v:
+                continue
+            print(fmt.format(f"{k} (base)", *b) if b else f"{k}: new")
+        print(fmt.format(k, *v))
+    if base is not None:
+        for (f, k) in sorted(set(base) - set(now)):
+            print(f"{k}: gone")
+
+
+if __name__ == "__main__":
+    main()
