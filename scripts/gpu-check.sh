@@ -32,6 +32,8 @@ if [[ "${1:-}" == "--build" ]]; then
     strip -o .bin/step-bench target/release/examples/step_bench
     cargo build --release -p peregrine-engine --example spec_bench
     strip -o .bin/spec-bench target/release/examples/spec_bench
+    # The device machine's copy of .git can be stale: the build records what it built.
+    { git rev-parse --short HEAD; git diff --quiet HEAD -- crates kernels || echo "(plus uncommitted changes)"; } | paste -sd' ' > .bin/commit
     ls -la .bin
     exit 0
 fi
@@ -40,7 +42,7 @@ mkdir -p "$LOG"
 export NCCL_NVLS_ENABLE=0
 export PEREGRINE_REQUIRE_GPU=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$LOG/device.txt"
-echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)" | tee -a "$LOG/device.txt"
+echo "commit: $(cat .bin/commit 2>/dev/null || echo "unknown (no .bin/commit; run --build)")" | tee -a "$LOG/device.txt"
 status=0
 .bin/cuda-kernels --nocapture --test-threads 1 2>&1 | tee "$LOG/kernels.log" || status=1
 .bin/cuda-model --nocapture --test-threads 1 2>&1 | tee "$LOG/model.log" || status=1
