@@ -159,6 +159,16 @@ fn moe_routed_inside_the_fused_kernel_equals_routing_then_moe() {
                     assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{name} ({kind:?}): routed in the kernel differs from routing then the kernel");
                     assert!(g.stream.clone_dtoh(&scratch.counters).unwrap().iter().all(|&c| c == 0), "{name} ({kind:?}): counters left non-zero");
                 }
+                // The two-launch kernels over the same routing: one token's x is staged before
+                // their wait too, and a slot holding several pairs (the repeated fallback expert
+                // of all-NaN logits) restages them; every tiled kernel gives the same bits.
+                let kind = MoeKernel::Tiled { stages, steps };
+                let mut tiled = g.stream.clone_htod(&vec![f32::NAN; h]).unwrap();
+                kern.moe_mxfp4_with(kind, &w, &dr, &xd, &mut scratch, &mut tiled).unwrap();
+                let mut fused = g.stream.clone_htod(&vec![f32::NAN; h]).unwrap();
+                kern.moe_mxfp4_routed(MoeKernel::Fused { stages, steps, max_blocks: 0 }, &spec, &w, &ld2, bd.as_ref(), &xd, &mut scratch, &mut fused).unwrap();
+                let (tiled, fused) = (g.stream.clone_dtoh(&tiled).unwrap(), g.stream.clone_dtoh(&fused).unwrap());
+                assert!(tiled.iter().zip(&fused).all(|(a, b)| a.to_bits() == b.to_bits()), "{name} ({kind:?}): two launches differ from the routed fused kernel");
             }
         }
         eprintln!("{name}: routed inside the fused kernel, bit-identical");
