@@ -212,11 +212,11 @@ struct StageSmem {
 // launch of its own), and every kernel before this one waits for its own predecessor before it
 // lets the next one launch, so by the time any block of this kernel runs, the norm has finished
 // and its writes are visible (x is read through L2, __ldcg). Callers keep that precondition
-// (Kernels::moe_mxfp4 / moe_mxfp4_routed say so). Staging then
-// overlaps the kernel ahead instead of queueing behind this kernel's first weight copies (the
-// fused kernel's trace: ~5 us from an item's start to its activations staged). Returns whether
-// `frag` holds x's row 0 as a one-pair pass (np = 1) would stage it. -DMOE_STAGE_LATE keeps
-// the old order (staging after the wait), for measurements.
+// (Kernels::moe_mxfp4 / moe_mxfp4_routed say so). Staging then overlaps the kernel ahead instead
+// of queueing behind this kernel's first weight copies (the fused kernel's trace: ~5 us from an
+// item's start to its activations staged). Returns whether `frag` holds x's row 0 as a one-pair
+// pass (np = 1) would stage it. -DMOE_STAGE_LATE keeps the old order (staging after the wait),
+// for measurements.
 __device__ __forceinline__ bool stage_token_early(const float* __restrict__ x, int T, int K, uint4* frag, StageSmem& ss) {
 #ifdef MOE_STAGE_LATE
     (void)x; (void)T; (void)K; (void)frag; (void)ss;

@@ -108,26 +108,18 @@ fn test_gpu_decision(no_gpu: Option<&str>, require_gpu: Option<&str>) -> TestGpu
 /// (for example a GPU whose context was lost by an earlier test in the same process) or when a
 /// GPU is required and there is none.
 pub fn probe_for_tests(ordinal: usize) -> Option<Gpu> {
-    let found = presence();
-    let no_gpu = match &found {
-        Ok(Presence::NoGpu(why)) => Some(why.as_str()),
+    let no_gpu = match presence() {
+        Ok(Presence::NoGpu(why)) => Some(why),
         _ => None,
     };
     let require = std::env::var_os(REQUIRE_GPU_ENV).map(|v| v.to_string_lossy().into_owned());
-    match test_gpu_decision(no_gpu, require.as_deref()) {
+    match test_gpu_decision(no_gpu.as_deref(), require.as_deref()) {
         TestGpu::Skip(why) => {
             eprintln!("skipped: {why}");
             None
         }
         TestGpu::Fail(msg) => panic!("{msg}"),
-        TestGpu::Open => {
-            let gpu = match found {
-                Ok(Presence::Devices(count)) => open(ordinal, count),
-                Ok(Presence::NoGpu(why)) => Err(Error::Backend(why)),
-                Err(e) => Err(e),
-            };
-            Some(gpu.unwrap_or_else(|e| panic!("this machine has a GPU driver and a GPU, but GPU {ordinal} cannot be used: {e}")))
-        }
+        TestGpu::Open => Some(probe(ordinal).unwrap_or_else(|e| panic!("this machine has a GPU driver and a GPU, but GPU {ordinal} cannot be used: {e}"))),
     }
 }
 
