@@ -663,6 +663,406 @@ __device__ __forceinline__ void moe_fused_routed(const float* __restrict__ logit
                       staged);
 }
 
+// ---------------------------------------------------------------------------------------------
+// One token's routed MLP split along the intermediate dimension (split-K down), in one launch
+// that never waits on another block's work. An item is (expert slot, chunk of 64 intermediate
+// rows): the block's 8 warps stream the chunk's 8 gate_up tiles (one each, over all of H), the
+// block stages the chunk's 64 h values as one down step's B fragments (its own power-of-two
+// scale), then each warp streams that one step (64 columns of down) of its share of the H/16
+// down row tiles, and the block adds pair_w x its partial down product into y with vector
+// atomics. Why: in moe_fused every down item waits for its slot's slowest gate_up item (the
+// trace: 31-35 us before any down item may start, gate_up finishing between 23 and 33 us
+// depending on the SM's share of bandwidth), so SMs idle mid-kernel; here every SM streams
+// from its first byte to its last.
+//
+// The sum over a token's 8 x I/64 partials is done by f32 atomics, in whatever order they land:
+// results differ from moe_fused's (and between runs) within f32 rounding, not bit for bit.
+// y is zeroed by the kernel itself: every block zeroes a share after the wait for the kernel
+// ahead and counts itself on counters[0]; a block adds into y only once all have (by then
+// long done); the last block to leave resets counters[0..2).
+#define SPLIT_CHUNK 64  // intermediate rows per item: one down step, one gate_up tile per warp
+
+// A stream of `steps` 544-byte steps: codes of step i at w + i * stride, its scales at s + i *
+// stride / 16 (stride 512: one tile's steps, contiguous; else one step of consecutive tiles).
+struct SplitPass {
+    const unsigned char* w;
+    const unsigned char* s;
+    int steps, stride;
+};
+
+template <int NS, int CS>
+__device__ __forceinline__ void split_issue(int j, int seq, const SplitPass& p, unsigned char* ring, unsigned long long* bars) {
+    int slot = (seq + j) % NS, steps = min(CS, p.steps - j * CS);
+    unsigned char* dst = ring + slot * CS * 544;
+    mbar_expect(bars + slot, steps * 544);
+    if (p.stride == 512) {
+        bulk_load(dst, p.w + (size_t)j * CS * 512, steps * 512, bars + slot);
+        bulk_load(dst + CS * 512, p.s + (size_t)j * CS * 32, steps * 32, bars + slot);
+    } else {
+        for (int c = 0; c < steps; c++) {
+            size_t i = (size_t)j * CS + c;
+            bulk_load(dst + c * 512, p.w + i * p.stride, 512, bars + slot);
+            bulk_load(dst + CS * 512 + c * 32, p.s + i * (p.stride / 16), 32, bars + slot);
+        }
+    }
+}
+
+template <int NS, int CS>
+__device__ __forceinline__ void split_prologue(int seq, const SplitPass& p, unsigned char* ring, unsigned long long* bars, int from) {
+    int nst = (p.steps + CS - 1) / CS;
+    if ((threadIdx.x & 31) == 0)
+        for (int j = from; j < min(NS, nst); j++) split_issue<NS, CS>(j, seq, p, ring, bars);
+}
+
+// Streams pass `p` through the warp's ring as tile_stream_bulk does (the next pass `nx`'s first
+// stages asked for as the last of p's are consumed; returns how many). PER_STEP = false: one
+// tile over K, the steps accumulate into acc (B fragments of step k). PER_STEP = true: each step
+// is its own tile's one step (B fragments of step 0), and store(i, acc) takes step i's result.
+template <int NS, int CS, bool PER_STEP, typename Store>
+__device__ __forceinline__ int split_stream(const SplitPass& p, const SplitPass& nx, const uint4* frag, float acc[4],
+                                            unsigned char* ring, unsigned long long* bars, int& seq, Store store) {
+    constexpr int STAGE = CS * 544;
+    int lane = threadIdx.x & 31, g = lane >> 2;
+    bool hasb = lane < 8;
+    int nst = (p.steps + CS - 1) / CS, nnst = (nx.steps + CS - 1) / CS, pre = 0;
+    for (int j = 0; j < nst; j++) {
+        int slot = (seq + j) % NS;
+        mbar_wait(bars + slot, ((seq + j) / NS) & 1);
+        const unsigned char* stage = ring + slot * STAGE;
+#pragma unroll
+        for (int c = 0; c < CS; c++) {
+            int k = j * CS + c;
+            if (k < p.steps) {
+                uint4 wv = reinterpret_cast<const uint4*>(stage)[c * 32 + lane];
+                unsigned sv = reinterpret_cast<const unsigned*>(stage + CS * 512)[c * 8 + g];
+                if (PER_STEP) {
+                    float a[4] = {0.f, 0.f, 0.f, 0.f};
+                    tile_step(wv, sv, frag, 8, 0, hasb, a);
+                    store(k, a);
+                } else {
+                    tile_step(wv, sv, frag, 8, k, hasb, acc);
+                }
+            }
+        }
+        __syncwarp();  // every lane has read the stage before it is refilled
+        if (j + NS < nst) {
+            if (lane == 0) {
+                asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+                split_issue<NS, CS>(j + NS, seq, p, ring, bars);
+            }
+        } else {
+            if (lane == 0 && pre < nnst && nst + pre - NS <= j) asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+            while (pre < nnst && nst + pre - NS <= j) {
+                if (lane == 0) split_issue<NS, CS>(pre, seq + nst, nx, ring, bars);
+                pre++;
+            }
+        }
+    }
+    seq += nst;
+    return pre;
+}
+
+// y[n] += v[n] for n < H (H % 4 == 0), four at a time (sm_90 vector reduction).
+__device__ __forceinline__ void red_add_v4(float* y, const float* v, int H) {
+    for (int i = threadIdx.x; i < H / 4; i += blockDim.x) {
+        float4 a = reinterpret_cast<const float4*>(v)[i];
+        asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(y + 4 * i), "f"(a.x), "f"(a.y), "f"(a.z), "f"(a.w)
+                     : "memory");
+    }
+}
+
+// Shared memory after the rings: x's fragments (H x 4 bytes), two buffers of a chunk's h
+// fragments (2 x 8 uint4, then {1/scale, pair weight}), h (64 floats), the block's partial y (H
+// floats).
+//
+// Balance: blocks get very different shares of DRAM bandwidth (the static kernel's trace: the
+// same 417 KB item done between 34 and 47 us), so only the gate_up half of an item, which needs
+// all of the item's 8 tiles in one block, is assigned statically (block b: items b, b + grid,
+// ...). Its down step is cut in `parts` row ranges: the block streams part 0 itself (its ring
+// running on from gate_up), publishes the chunk's h fragments (hq[n]: 16 uint4, then {h_inv,
+// pair weight}) and lists the item on done_list in the order items finish; parts 1.. are taken
+// from there by whichever block is free first (d_head), so fast blocks take more of them and
+// none waits for a particular slow one. A slot holding several pairs (a repeated expert) streams
+// all its parts itself. counters: [0] blocks that zeroed their shares of y and done_list, [1]
+// blocks that left, [2] items listed, [3] parts taken; the last block to leave resets them.
+template <int NS, int CS>
+__device__ __forceinline__ void moe_split(const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Sg,
+                                          const unsigned char* __restrict__ Wd, const unsigned char* __restrict__ Sd,
+                                          const int* __restrict__ experts, const int* __restrict__ pair_off,
+                                          const float* __restrict__ pair_w, const float* __restrict__ x, int H, int I, int U,
+                                          int parts, unsigned* counters, uint4* hq, int* done_list, float* __restrict__ y,
+                                          StageSmem& ss, bool x_staged) {
+    constexpr int RING = NS * CS * 544;
+    extern __shared__ uint4 dsm[];
+    uint4* xfrag = fused_frag(RING);
+    uint4* hfrag = xfrag + H / 4;  // two buffers of 16 fragments + {h_inv, weight}
+    float* hs = reinterpret_cast<float*>(hfrag + 34);
+    float* ys = hs + SPLIT_CHUNK;
+    __shared__ unsigned long long bars[TW * NS];
+    __shared__ float h_inv;
+    __shared__ int task_n[2], task_part[2], last_block;
+    int w = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int gu_tiles = I / 8, d_tiles = H / 16, KSg = H / 64, KSd = I / 64, chunks = I / SPLIT_CHUNK;
+    const int pt = (d_tiles + parts - 1) / parts;  // row tiles per part
+    const int items = U * chunks;
+    unsigned* zeroed = counters;
+    unsigned* left = counters + 1;
+    unsigned* listed = counters + 2;
+    unsigned* d_head = counters + 3;
+    unsigned char* ring = reinterpret_cast<unsigned char*>(dsm) + w * RING;
+    unsigned long long* wbars = bars + w * NS;
+    if (lane == 0)
+        for (int i = 0; i < NS; i++) mbar_init(wbars + i);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    __syncwarp();
+    // This block's shares of y and of the list are zero before anyone adds or lists.
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < H; i += gridDim.x * blockDim.x) y[i] = 0.f;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < items; i += gridDim.x * blockDim.x) done_list[i] = 0;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) atomicAdd(zeroed, 1u);
+    if (!x_staged) {
+        const int row0[1] = {0};
+        stage_b(x, row0, 1, H, reinterpret_cast<unsigned*>(xfrag), ss.red, ss.scale, ss.inv);
+    }
+    bool all_zeroed = false;
+    auto wait_zeroed = [&]() {  // every block has zeroed its shares (long since, in practice)
+        if (all_zeroed) return;
+        if (threadIdx.x == 0)
+            while (ld_acquire(zeroed) < gridDim.x) __nanosleep(32);
+        __syncthreads();
+        all_zeroed = true;
+    };
+    const float x_inv = ss.inv[0];
+    // Item n's gate_up tile of this warp; its down step over this warp's share of part `part`.
+    auto gu_pass = [&](int n) -> SplitPass {
+        SplitPass p{nullptr, nullptr, 0, 512};
+        if (n >= items) return p;
+        int u = n / chunks, c = n % chunks;
+        if (pair_off[u] >= pair_off[u + 1]) return p;
+        size_t tile = ((size_t)experts[u] * gu_tiles + (size_t)c * TW + w) * KSg;
+        return SplitPass{Wg + tile * 512, Sg + tile * 32, KSg, 512};
+    };
+    auto d_rows = [&](int part, int& r0) -> int {  // this warp's row tiles of the part
+        int b = part * pt, m = max(0, min(pt, d_tiles - b)), per = (m + TW - 1) / TW;
+        r0 = b + min(w * per, m);
+        return max(0, min(per, m - w * per));
+    };
+    auto d_pass = [&](int n, int part) -> SplitPass {
+        int u = n / chunks, c = n % chunks, r0;
+        int nd = d_rows(part, r0);
+        if (nd == 0) return SplitPass{nullptr, nullptr, 0, 512};
+        size_t step = ((size_t)experts[u] * d_tiles + r0) * KSd + c;
+        return SplitPass{Wd + step * 512, Sd + step * 32, nd, KSd * 512};
+    };
+    int seq = 0, pre = 0;
+    // Streams part `part` of item n's down step (h fragments staged, f = h_inv x 64 x weight)
+    // and adds it into y; nx: the warp's next pass, for its ring.
+    auto down_part = [&](int n, int part, float f, const SplitPass& nx, const uint4* frag) {
+        SplitPass dn = d_pass(n, part);
+        int r0;
+        d_rows(part, r0);
+        split_prologue<NS, CS>(seq, dn, ring, wbars, pre);
+        float unused[4];
+        pre = split_stream<NS, CS, true>(dn, nx, frag, unused, ring, wbars, seq,
+                                         [&](int i, const float* a) {
+                                             if (t == 0) {
+                                                 int r = (r0 + i) * 16 + g;
+                                                 ys[r] = (a[0] + a[1]) * f;
+                                                 ys[r + 8] = (a[2] + a[3]) * f;
+                                             }
+                                         });
+        __syncthreads();
+        wait_zeroed();
+        int b = part * pt * 16, e = min((part + 1) * pt, d_tiles) * 16;
+        if (b < e) red_add_v4(y + b, ys + b, e - b);
+        __syncthreads();  // ys and the fragments are free for the next pass
+    };
+    for (int n = blockIdx.x; n < items; n += gridDim.x) {
+        const int it = (n - (int)blockIdx.x) / (int)gridDim.x, ti = it < 2 ? 3 + 5 * it : 14;
+        (void)ti;
+        TRACE(ti);
+        int u = n / chunks, pb = pair_off[u], pe = pair_off[u + 1];
+        if (pb >= pe) continue;  // an unused expert slot
+        const bool publish = parts > 1 && pe - pb == 1;
+        const int own = publish ? 1 : parts;
+        for (int p = pb; p < pe; p++) {  // one pair per pass (more only for a repeated expert)
+            SplitPass gu = gu_pass(n);
+            split_prologue<NS, CS>(seq, gu, ring, wbars, pre);
+            float acc[4] = {0.f, 0.f, 0.f, 0.f};
+            pre = split_stream<NS, CS, false>(gu, d_pass(n, 0), xfrag, acc, ring, wbars, seq, [](int, const float*) {});
+            if (t == 0) {
+                float f = x_inv * 64.f, r0 = (acc[0] + acc[1]) * f, r1 = (acc[2] + acc[3]) * f;
+                hs[w * 8 + g] = r0 / (1.f + __expf(-r0)) * r1;
+            }
+            __syncthreads();
+            if (ti < 14 && p == pb) TRACE(ti + 1);
+            // The chunk's h as one step's B fragments, scaled as stage_b scales a row.
+            if (w == 0) {
+                int q = lane >> 2;
+                float2 v0 = make_float2(0.f, 0.f), v1 = v0;
+                if (lane < 16) {
+                    v0 = make_float2(hs[16 * q + 2 * t], hs[16 * q + 2 * t + 1]);
+                    v1 = make_float2(hs[16 * q + 2 * t + 8], hs[16 * q + 2 * t + 9]);
+                }
+                float m = fmaxf(fmaxf(fabsf(v0.x), fabsf(v0.y)), fmaxf(fabsf(v1.x), fabsf(v1.y)));
+#pragma unroll
+                for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+                int ex = (m > 0.f && m < __int_as_float(0x7f800000u)) ? (int)((__float_as_uint(m) >> 23) & 0xffu) - 126 : 0;
+                int sh = min(max(14 - ex, -100), 100);
+                float s = __int_as_float((unsigned)(sh + 127) << 23);
+                if (lane < 16) stage_item(reinterpret_cast<unsigned*>(hfrag), 8, 0, q, t, v0, v1, s);
+                if (lane == 0) h_inv = __int_as_float((unsigned)(127 - sh) << 23);
+            }
+            __syncthreads();
+            if (publish && w == 0) {  // h fragments for the other parts' blocks (listed below)
+                if (lane < 16) __stcg(hq + (size_t)n * 17 + lane, hfrag[lane]);
+                if (lane == 16) __stcg(hq + (size_t)n * 17 + 16, make_uint4(__float_as_uint(h_inv), __float_as_uint(pair_w[p]), 0u, 0u));
+            }
+            if (ti < 14 && p == pb) TRACE(ti + 2);
+            const float f = h_inv * 64.f * pair_w[p];
+            for (int part = 0; part < own; part++) {
+                // The warp's next pass: the next part, this chunk again for the slot's next pair,
+                // else the block's next item.
+                SplitPass nx = part + 1 < own ? d_pass(n, part + 1) : p + 1 < pe ? gu : gu_pass(n + (int)gridDim.x);
+                down_part(n, part, f, nx, hfrag);
+            }
+            if (publish && w == 0) {
+                // Listed once part 0 is streamed (the list's atomic round trip off the stream's
+                // path): warp 0's h stores above are ordered before the release by the warp
+                // barrier, and every block zeroed the list before any adds into y (down_part).
+                __syncwarp();
+                if (lane == 0) {
+                    unsigned r = atomicAdd(listed, 1u);
+                    asm volatile("st.release.gpu.global.s32 [%0], %1;" ::"l"(done_list + r), "r"(n + 1) : "memory");
+                }
+                __syncwarp();
+            }
+            if (ti < 14 && p == pb) TRACE(ti + 3);
+        }
+        if (ti < 14) TRACE(ti + 4);
+    }
+    // The published parts, first come first served. Thread 0 claims a part ahead (d_head) and
+    // looks it up on the list without waiting: when it is listed, its h fragments are copied
+    // (cp.async) into the other buffer and this warp's ring runs on into it while the current
+    // part streams; only a part not yet listed is waited for, after the current one.
+    if (parts > 1) {
+        int single = 0;  // slots holding one pair: their items publish
+        for (int v = 0; v < U; v++) single += pair_off[v + 1] - pair_off[v] == 1;
+        const int total = single * chunks * (parts - 1);
+        wait_zeroed();
+        int q_next = -1, taken = 0, cur = 0;
+        auto claim = [&]() -> int {
+            int q = (int)atomicAdd(d_head, 1u);
+            return q < total ? q : -1;
+        };
+        auto listed_item = [&](int q) -> int {
+            int v;
+            asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(done_list + q / (parts - 1)) : "memory");
+            return v - 1;
+        };
+        // Task slot b: (item or -1 none left or -2 not listed yet, part); its fragments hbuf(b).
+        auto hbuf = [&](int b) { return hfrag + 17 * b; };
+        auto fetch = [&](int b) {  // h fragments of slot b's item: cp.async, 17 x 16 bytes
+            int n = task_n[b];
+            if (n >= 0 && threadIdx.x < 17) {
+                unsigned d = (unsigned)__cvta_generic_to_shared(hbuf(b) + threadIdx.x);
+                asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(hq + (size_t)n * 17 + threadIdx.x) : "memory");
+            }
+            asm volatile("cp.async.commit_group;" ::: "memory");
+        };
+        auto resolve = [&](int b, bool wait) {  // thread 0: slot b from q_next
+            int n = -1, part = 0;
+            if (q_next >= 0) {
+                n = listed_item(q_next);
+                while (wait && n < 0) {
+                    __nanosleep(64);
+                    n = listed_item(q_next);
+                }
+                if (n >= 0) {
+                    part = 1 + q_next % (parts - 1);
+                    q_next = claim();
+                } else {
+                    n = -2;
+                }
+            }
+            task_n[b] = n;
+            task_part[b] = part;
+        };
+        if (threadIdx.x == 0) {
+            q_next = claim();
+            resolve(0, true);
+        }
+        __syncthreads();
+        fetch(0);
+        asm volatile("cp.async.wait_all;" ::: "memory");
+        __syncthreads();
+        for (;;) {
+            const int n = task_n[cur], part = task_part[cur];
+            if (n < 0) break;
+            if (taken == 0) TRACE(14);
+            if (threadIdx.x == 0) resolve(cur ^ 1, false);
+            __syncthreads();
+            fetch(cur ^ 1);
+            const int nn = task_n[cur ^ 1];
+            const uint4 hw = hbuf(cur)[16];
+            down_part(n, part, __uint_as_float(hw.x) * 64.f * __uint_as_float(hw.y), nn >= 0 ? d_pass(nn, task_part[cur ^ 1]) : SplitPass{nullptr, nullptr, 0, 512}, hbuf(cur));
+            taken++;
+            if (nn == -2) {  // not listed when asked: wait for it now
+                if (threadIdx.x == 0) resolve(cur ^ 1, true);
+                __syncthreads();
+                fetch(cur ^ 1);
+            }
+            asm volatile("cp.async.wait_all;" ::: "memory");
+            __syncthreads();
+            cur ^= 1;
+        }
+#ifdef MOE_TRACE
+        if (threadIdx.x == 0 && blockIdx.x < MOE_TRACE_BLOCKS) moe_trace[blockIdx.x * MOE_TRACE_SLOTS + 15] = taken;
+#endif
+    }
+    TRACE(13);
+    // The last block to leave resets the counters and the list for the next call (every block
+    // counted itself on `zeroed` before it could leave, and none waits on anything any more).
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        last_block = atomicAdd(left, 1u) + 1 == gridDim.x;
+    }
+    __syncthreads();
+    if (last_block) {
+        if (threadIdx.x == 0) {
+            *zeroed = 0u;
+            *left = 0u;
+            *listed = 0u;
+            *d_head = 0u;
+        }
+    }
+}
+
+template <int NS, int CS>
+__device__ __forceinline__ void moe_split_routed(const float* __restrict__ logits, const float* __restrict__ bias, int E, int K,
+                                                 int softmax, int n_group, int topk_group, int norm, float scale,
+                                                 const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Sg,
+                                                 const unsigned char* __restrict__ Wd, const unsigned char* __restrict__ Sd,
+                                                 const float* __restrict__ x, int H, int I, int U, int parts,
+                                                 unsigned* counters, uint4* hq, int* done_list, float* __restrict__ y) {
+    extern __shared__ uint4 dsm[];
+    __shared__ int sel[MAX_FUSED_TOPK], experts[MAX_FUSED_TOPK], pair_off[MAX_FUSED_TOPK + 1], pair_tok[MAX_FUSED_TOPK],
+        tok_pairs[MAX_FUSED_TOPK];
+    __shared__ float wsel[MAX_FUSED_TOPK], pair_w[MAX_FUSED_TOPK];
+    __shared__ StageSmem ss;
+    float* scores = reinterpret_cast<float*>(dsm);
+    bool staged = stage_token_early(x, 1, H, fused_frag(NS * CS * 544), ss);
+    PDL_ENTER();
+    TRACE(2);
+    route_token(logits, bias, E, K, softmax, n_group, topk_group, norm, scale, scores, scores + E, sel, wsel);
+    group_one_token(sel, wsel, K, U, experts, pair_off, pair_tok, pair_w, tok_pairs);
+    __syncthreads();
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    moe_split<NS, CS>(Wg, Sg, Wd, Sd, experts, pair_off, pair_w, x, H, I, U, parts, counters, hq, done_list, y, ss, staged);
+}
+
 // Ring shapes: NS stages of CS steps.
 #define MOE_BULK(NS, CS)                                                                                                 \
     extern "C" __global__ void __launch_bounds__(256, 2) moe_gate_up_bulk_n##NS##_c##CS(                                 \
@@ -709,3 +1109,34 @@ MOE_BULK(2, 4)
 MOE_BULK(4, 2)
 MOE_BULK(3, 4)
 MOE_BULK(4, 4)
+
+// The split-K kernels (one token): with the routing given, and routing the token itself.
+#define MOE_SPLIT(NS, CS)                                                                                                \
+    extern "C" __global__ void __launch_bounds__(256, 2) moe_split_bulk_n##NS##_c##CS(                                   \
+        const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Sg, const unsigned char* __restrict__ Wd, \
+        const unsigned char* __restrict__ Sd, const int* __restrict__ experts, const int* __restrict__ pair_off,         \
+        const float* __restrict__ pair_w, const float* __restrict__ x, int H, int I, int U, int parts,                   \
+        unsigned* counters, uint4* hq, int* done_list, float* __restrict__ y) {                                          \
+        TRACE_SM();                                                                                                      \
+        TRACE(1);                                                                                                        \
+        __shared__ StageSmem ss;                                                                                         \
+        bool staged = stage_token_early(x, 1, H, fused_frag(NS * CS * 544), ss);                                        \
+        PDL_ENTER();                                                                                                     \
+        TRACE(2);                                                                                                        \
+        moe_split<NS, CS>(Wg, Sg, Wd, Sd, experts, pair_off, pair_w, x, H, I, U, parts, counters, hq, done_list, y, ss,  \
+                          staged);                                                                                       \
+    }                                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(256, 2) moe_split_routed_bulk_n##NS##_c##CS(                            \
+        const float* __restrict__ logits, const float* __restrict__ bias, int E, int K, int softmax, int n_group,        \
+        int topk_group, int norm, float scale, const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Sg, \
+        const unsigned char* __restrict__ Wd, const unsigned char* __restrict__ Sd, const float* __restrict__ x, int H,   \
+        int I, int U, int parts, unsigned* counters, uint4* hq, int* done_list, float* __restrict__ y) {                  \
+        TRACE_SM();                                                                                                      \
+        TRACE(1);                                                                                                        \
+        moe_split_routed<NS, CS>(logits, bias, E, K, softmax, n_group, topk_group, norm, scale, Wg, Sg, Wd, Sd, x, H, I, \
+                                 U, parts, counters, hq, done_list, y);                                                  \
+    }
+MOE_SPLIT(2, 4)
+MOE_SPLIT(4, 2)
+MOE_SPLIT(3, 4)
+MOE_SPLIT(4, 4)
