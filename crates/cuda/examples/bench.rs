@@ -256,13 +256,6 @@ fn main() {
                 kinds.push((format!("fused {stages}x{steps}"), MoeKernel::Fused { stages, steps, max_blocks: 0 }));
                 kinds.push((format!("fused {stages}x{steps} on {sms} blocks"), MoeKernel::Fused { stages, steps, max_blocks: sms }));
             }
-            if t == 1 {
-                for (stages, steps) in [(2, 4), (3, 4)] {
-                    for parts in [1, 2, 4, 8] {
-                        kinds.push((format!("split {stages}x{steps} in {parts} parts"), MoeKernel::Split { stages, steps, parts, max_blocks: 0 }));
-                    }
-                }
-            }
             let variants: Vec<String> = kinds.into_iter().map(|(name, kind)| format!("{name} {:.1}%", pct(run(kind, &wt)))).collect();
             // The pipelined kernels' K splits (warps sharing a 16-row tile), gate_up x down.
             if std::env::var("PEREGRINE_BENCH_SWEEP").is_ok() && [1, 8, 64].contains(&t) {
@@ -284,14 +277,6 @@ fn main() {
                     }
                     s.synchronize().unwrap();
                     print_moe_trace(&format!("{name}, {t} token(s), fused {stages}x4, the last of 6 calls back to back"), &k.moe_trace().unwrap().unwrap(), (2 * i / 16).div_ceil(8) * routings[0].experts.len());
-                }
-                for parts in [1usize, 4] {
-                    let kind = MoeKernel::Split { stages: 2, steps: 4, parts, max_blocks: 0 };
-                    for _ in 0..6 {
-                        k.moe_mxfp4_with(kind, &wt, &dev[0], &x, &mut scratch, &mut y).unwrap();
-                    }
-                    s.synchronize().unwrap();
-                    print_split_trace(&format!("{name}, 1 token, split 2x4 in {parts} parts, the last of 6 calls back to back"), &k.moe_trace().unwrap().unwrap());
                 }
             }
             println!(
@@ -350,42 +335,4 @@ fn print_moe_trace(what: &str, tr: &[u64], gu_items: usize) {
     sms.sort();
     sms.dedup();
     println!("  on {} SMs", sms.len());
-}
-
-/// Percentiles of the split MoE kernel's trace stamps (kernels/moe.cu, MOE_TRACE; per item i < 2
-/// at 3 + 5i: start, gate_up streamed, h staged (and published), its own down parts streamed and
-/// added, done; 14: the first part taken from the list; 15: how many were taken), in us after
-/// the first block got past its wait; also the spread of each SM's last stamp.
-fn print_split_trace(what: &str, tr: &[u64]) {
-    const SLOTS: usize = 16;
-    let blocks: Vec<&[u64]> = tr.chunks(SLOTS).filter(|b| b[2] != 0).collect();
-    let Some(t0) = blocks.iter().map(|b| b[2]).min() else { return };
-    let rel = |v: u64| (v as f64 - t0 as f64) / 1e3;
-    println!("\ntrace: {what}: {} blocks; us after the first block passed its wait (min / p10 / median / p90 / max)", blocks.len());
-    let row = |label: &str, vals: Vec<f64>| {
-        if vals.is_empty() {
-            return;
-        }
-        let mut v = vals;
-        v.sort_by(f64::total_cmp);
-        let p = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
-        println!("  {label:<34} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>7.2}  (n={})", p(0.0), p(0.1), p(0.5), p(0.9), p(1.0), v.len());
-    };
-    row("entry (before the wait)", blocks.iter().map(|b| rel(b[1])).collect());
-    row("past the wait", blocks.iter().map(|b| rel(b[2])).collect());
-    let names = ["start", "gate_up streamed", "h staged", "down streamed", "added into y"];
-    for item in 0..2 {
-        for (si, n) in names.iter().enumerate() {
-            row(&format!("item {item}: {n}"), blocks.iter().filter(|b| b[3 + 5 * item] != 0).map(|b| rel(b[3 + 5 * item + si])).collect());
-        }
-    }
-    row("first part taken from the list", blocks.iter().filter(|b| b[14] != 0).map(|b| rel(b[14])).collect());
-    row("parts taken from the list (count)", blocks.iter().map(|b| b[15] as f64).collect());
-    row("exit", blocks.iter().map(|b| rel(b[13])).collect());
-    let mut per_sm: std::collections::BTreeMap<u64, f64> = Default::default();
-    for b in &blocks {
-        let e = per_sm.entry(b[0]).or_insert(f64::MIN);
-        *e = e.max(rel(b[13]));
-    }
-    row("an SM's last exit", per_sm.values().copied().collect());
 }

@@ -115,10 +115,6 @@ pub struct Kernels {
     fused_tiled: Vec<CudaFunction>,
     /// The same for one token, routing it in the kernel (`moe_mxfp4_routed`).
     fused_routed: Vec<CudaFunction>,
-    /// The one-token split-K kernels (`MoeKernel::Split`), given the routing and routing the
-    /// token themselves, one per `TILED_VARIANTS` entry.
-    split_tiled: Vec<CudaFunction>,
-    split_routed: Vec<CudaFunction>,
     /// Streaming multiprocessors of the GPU (the fused MoE's resident grid).
     sms: usize,
     /// MoE kernels chosen by measurement (`tune_moe`).
@@ -169,16 +165,6 @@ pub enum MoeKernel {
     /// `max_blocks` blocks (0: as many as are resident at once; never more, which the waits
     /// rely on).
     Fused { stages: usize, steps: usize, max_blocks: usize },
-    /// One token only (`moe_split_bulk_*`): Tiled's arithmetic and rings in one launch split
-    /// along the intermediate dimension, so no block waits for another: an item is (expert
-    /// slot, 64 intermediate rows), its gate_up tiles then that one step of every down row tile,
-    /// its partial output added into y with f32 atomics. The sum's order varies, so results
-    /// match the other kernels (and earlier runs) within f32 rounding, not bit for bit.
-    /// Each item's down step is cut in `parts` row ranges: the item's block streams the first,
-    /// the others go to whichever block is free first (1: the block streams them all). At most
-    /// `max_blocks` blocks (0: as many as are resident at once; never more: every block waits
-    /// once for all of them to have zeroed their share of y).
-    Split { stages: usize, steps: usize, parts: usize, max_blocks: usize },
 }
 
 impl MoeKernel {
@@ -203,14 +189,6 @@ impl MoeKernel {
     /// The one-launch form of `TILED`, on as many blocks as are resident.
     pub const FUSED: MoeKernel = MoeKernel::Fused { stages: 2, steps: 4, max_blocks: 0 };
 
-    /// The split-K one-token kernel with `TILED`'s ring.
-    pub const SPLIT: MoeKernel = MoeKernel::Split { stages: 2, steps: 4, parts: 4, max_blocks: 0 };
-
-    /// Whether the kernel runs on one token only (`moe_mxfp4_routed` runs it and `Fused`).
-    pub fn one_launch(self) -> bool {
-        matches!(self, MoeKernel::Fused { .. } | MoeKernel::Split { .. })
-    }
-
     /// The kernel `moe_mxfp4` uses for tiled weights and `tokens` tokens when nothing was
     /// tuned (`Kernels::tune_moe`) for the shape: the one-launch kernel at 1 token, where the
     /// boundary between two launches costs most (H100, calls back to back: Flash shapes 67.3%
@@ -228,7 +206,6 @@ impl MoeKernel {
         match CHOICE.get_or_init(|| std::env::var("PEREGRINE_MOE_KERNEL").ok()).as_deref() {
             Some("fused") => Some(Some(MoeKernel::FUSED)),
             Some("tiled") => Some(Some(MoeKernel::TILED)),
-            Some("split") => Some(Some(MoeKernel::SPLIT)),
             Some("default") => Some(None),
             _ => None,
         }
@@ -410,8 +387,6 @@ impl Kernels {
             down_tiled: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_down_bulk_n{n}_c{c}"))).collect::<Result<_>>()?,
             fused_tiled: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_fused_bulk_n{n}_c{c}"))).collect::<Result<_>>()?,
             fused_routed: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_fused_routed_bulk_n{n}_c{c}"))).collect::<Result<_>>()?,
-            split_tiled: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_split_bulk_n{n}_c{c}"))).collect::<Result<_>>()?,
-            split_routed: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_split_routed_bulk_n{n}_c{c}"))).collect::<Result<_>>()?,
             moe_choices: Default::default(),
             sms: gpu.ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(drv("SM count"))? as usize,
             sample,
@@ -732,10 +707,9 @@ impl Kernels {
     }
 
     /// Counters the tiled kernels need for up to `max_pairs` pairs: the combine's arrivals per
-    /// group of 8 down tiles, then two per expert slot for the fused kernel's waits (at least
-    /// the split kernel's four).
+    /// group of 8 down tiles, then two per expert slot for the fused kernel's waits.
     pub fn moe_counters(w: &MoeWeights, max_pairs: usize) -> usize {
-        ((w.hidden / 16).div_ceil(8) + 2 * max_pairs.min(w.num_experts)).max(4)
+        ((w.hidden / 16).div_ceil(8) + 2 * max_pairs.min(w.num_experts)).max(1)
     }
 
     pub fn moe_scratch(&self, w: &MoeWeights, max_pairs: usize) -> Result<MoeScratch> {
@@ -784,10 +758,7 @@ impl Kernels {
     pub fn moe_kernel(&self, w: &MoeWeights, tokens: usize, top_k: usize) -> MoeKernel {
         match w.layout {
             MoeLayout::Tiled { .. } => match MoeKernel::forced() {
-                Some(kind) => kind
-                    .filter(|k| !k.one_launch() || top_k <= MAX_FUSED_TOPK)
-                    .filter(|k| !matches!(k, MoeKernel::Split { .. }) || tokens == 1)
-                    .unwrap_or_else(|| MoeKernel::for_tiled(tokens, top_k)),
+                Some(kind) => kind.filter(|k| !matches!(k, MoeKernel::Fused { .. }) || top_k <= MAX_FUSED_TOPK).unwrap_or_else(|| MoeKernel::for_tiled(tokens, top_k)),
                 None => self.tuned_moe(w, top_k, tokens).unwrap_or_else(|| MoeKernel::for_tiled(tokens, top_k)),
             },
             MoeLayout::RowMajor { .. } if w.hidden.is_multiple_of(64) && w.inter.is_multiple_of(64) => MoeKernel::for_tokens(tokens),
@@ -823,29 +794,6 @@ impl Kernels {
         Ok(LaunchConfig { grid_dim: (items.min(blocks) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem as u32 })
     }
 
-    /// The launch of split kernel `f` for one token over `u` expert slots: shared memory for the
-    /// rings, x's and one h step's fragments, 64 h values and a partial y (at least `scratch`
-    /// bytes); one block per item up to what is resident at once (blocks wait, once, for every
-    /// block to have zeroed its share of y).
-    #[allow(clippy::too_many_arguments)]
-    fn split_grid(&self, f: &CudaFunction, w: &MoeWeights, stages: usize, steps: usize, parts: usize, max_blocks: usize, u: usize, scratch: usize, bufs: &MoeScratch) -> Result<LaunchConfig> {
-        let (h, i) = (w.hidden, w.inter);
-        let counters = &bufs.counters;
-        check(h.is_multiple_of(64) && i.is_multiple_of(64), || format!("the split MoE kernel needs dims that are multiples of 64, not {h}, {i}"))?;
-        check((1..=h / 16).contains(&parts), || format!("the split MoE kernel cuts {} row tiles in 1 to {} parts, not {parts}", h / 16, h / 16))?;
-        // Published h fragments (17 uint4 per item) in `out`, the list of items in `h`.
-        let items = u * (i / 64);
-        check(bufs.out.len() >= items * 68 && bufs.h.len() >= items, || format!("MoE scratch too small for the split kernel's {items} items"))?;
-        let smem = (8 * stages * steps * 544 + 2 * h * 4 + 34 * 16 + 64 * 4).max(scratch);
-        check(smem <= TILED_MAX_SMEM, || format!("MoE dims {h}, {i} need more than {TILED_MAX_SMEM} bytes of shared memory"))?;
-        check(counters.len() >= 4, || "MoE scratch counters too small".into())?;
-        let fit = f.occupancy_max_active_blocks_per_multiprocessor(256, smem, None).map_err(drv("MoE occupancy"))? as usize;
-        check(fit > 0, || format!("the split MoE kernel does not fit an SM with {smem} bytes of shared memory"))?;
-        let resident = fit * self.sms;
-        let blocks = if max_blocks == 0 { resident } else { max_blocks.min(resident) };
-        Ok(LaunchConfig { grid_dim: (items.min(blocks).max(1) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem as u32 })
-    }
-
     /// One token's routed MLP with its routing done inside the fused kernel
     /// (`moe_fused_routed_*`: each block runs moe_route's router on the token's `logits` [E] and
     /// groups the choices itself), so a batch-1 step has no routing launch. Same experts,
@@ -855,28 +803,15 @@ impl Kernels {
     #[allow(clippy::too_many_arguments)]
     pub fn moe_mxfp4_routed(&self, kind: MoeKernel, spec: &MoeSpec, w: &MoeWeights, logits: &CudaSlice<f32>, bias: Option<&CudaSlice<f32>>, x: &CudaSlice<f32>, scratch: &mut MoeScratch, y: &mut CudaSlice<f32>) -> Result<()> {
         let (e, k, h) = (spec.num_experts, spec.top_k, w.hidden);
-        let (MoeLayout::Tiled { gate_up, gate_up_s, down, down_s }, true) = (&w.layout, kind.one_launch()) else {
-            return Err(Error::Backend(format!("the routed MoE kernel runs the fused or split kernel over tiled weights, not {kind:?}")));
+        let (MoeLayout::Tiled { gate_up, gate_up_s, down, down_s }, MoeKernel::Fused { stages, steps, max_blocks }) = (&w.layout, kind) else {
+            return Err(Error::Backend(format!("the routed MoE kernel runs the fused kernel over tiled weights, not {kind:?}")));
         };
         check(e == w.num_experts && (1..=MAX_FUSED_TOPK).contains(&k) && spec.n_group <= 64 && (spec.n_group <= 1 || e.is_multiple_of(spec.n_group)), || format!("routed MoE: {e} experts in {} groups, top-{k}", spec.n_group))?;
         check(logits.len() >= e && bias.is_none_or(|b| b.len() >= e) && x.len() >= h && y.len() >= h, || "routed MoE: buffers too small".into())?;
         check(scratch.h.len() >= k * w.inter && scratch.out.len() >= k * h, || "MoE scratch too small".into())?;
         let u = k.min(e);
-        let (f, cfg) = match kind {
-            MoeKernel::Split { stages, steps, parts, max_blocks } => {
-                let f = &self.split_routed[Self::tiled_variant(stages, steps)?];
-                (f, self.split_grid(f, w, stages, steps, parts, max_blocks, u, 8 * e, scratch)?)
-            }
-            MoeKernel::Fused { stages, steps, max_blocks } => {
-                let f = &self.fused_routed[Self::tiled_variant(stages, steps)?];
-                (f, self.fused_grid(f, w, stages, steps, max_blocks, 1, u, 8 * e, &scratch.counters)?)
-            }
-            _ => unreachable!("one_launch"),
-        };
-        let parts = match kind {
-            MoeKernel::Split { parts, .. } => Some(parts as i32),
-            _ => None,
-        };
+        let f = &self.fused_routed[Self::tiled_variant(stages, steps)?];
+        let cfg = self.fused_grid(f, w, stages, steps, max_blocks, 1, u, 8 * e, &scratch.counters)?;
         let (ei, ki, sm, ng, tg, norm, sc) = (e as i32, k as i32, matches!(spec.scoring, RouterScoring::Softmax) as i32, spec.n_group as i32, spec.topk_group as i32, spec.norm_topk_prob as i32, spec.routed_scaling_factor);
         let (hh, ii, ui) = (h as i32, w.inter as i32, u as i32);
         let mut b = crate::launch::builder(&self.stream, f);
@@ -886,13 +821,8 @@ impl Kernels {
             None => b.arg(&0u64),
         };
         b.arg(&ei).arg(&ki).arg(&sm).arg(&ng).arg(&tg).arg(&norm).arg(&sc);
-        b.arg(gate_up).arg(gate_up_s).arg(down).arg(down_s).arg(x);
-        match &parts {
-            None => b.arg(&mut scratch.h).arg(&mut scratch.out).arg(&hh).arg(&ii).arg(&ui).arg(&mut scratch.counters),
-            Some(p) => b.arg(&hh).arg(&ii).arg(&ui).arg(p).arg(&mut scratch.counters).arg(&mut scratch.out).arg(&mut scratch.h),
-        };
-        b.arg(&mut *y);
-        unsafe { b.launch(cfg) }.map_err(drv("moe (one launch, routed)"))?;
+        b.arg(gate_up).arg(gate_up_s).arg(down).arg(down_s).arg(x).arg(&mut scratch.h).arg(&mut scratch.out).arg(&hh).arg(&ii).arg(&ui).arg(&mut scratch.counters).arg(&mut *y);
+        unsafe { b.launch(cfg) }.map_err(drv("moe (fused, routed)"))?;
         Ok(())
     }
 
@@ -949,17 +879,6 @@ impl Kernels {
                 b.arg(gate_up).arg(gate_up_s).arg(down).arg(down_s).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_tok).arg(&r.pair_w).arg(x);
                 b.arg(&mut scratch.h).arg(&mut scratch.out).arg(&hh).arg(&ii).arg(&ui).arg(&mut scratch.counters).arg(&r.tok_pairs).arg(&mut *y).arg(&ti).arg(&ki);
                 unsafe { b.launch(cfg) }.map_err(drv("moe (fused, tiled)"))?;
-                return Ok(());
-            }
-            (MoeLayout::Tiled { gate_up, gate_up_s, down, down_s }, MoeKernel::Split { stages, steps, parts, max_blocks }) => {
-                check(r.num_tokens == 1, || format!("the split MoE kernel runs one token, not {}", r.num_tokens))?;
-                let f = &self.split_tiled[Self::tiled_variant(stages, steps)?];
-                let cfg = self.split_grid(f, w, stages, steps, parts, max_blocks, u as usize, 0, scratch)?;
-                let (ui, pi) = (u as i32, parts as i32);
-                let mut b = crate::launch::builder(&self.stream, f);
-                b.arg(gate_up).arg(gate_up_s).arg(down).arg(down_s).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_w).arg(x);
-                b.arg(&hh).arg(&ii).arg(&ui).arg(&pi).arg(&mut scratch.counters).arg(&mut scratch.out).arg(&mut scratch.h).arg(&mut *y);
-                unsafe { b.launch(cfg) }.map_err(drv("moe (split, tiled)"))?;
                 return Ok(());
             }
             (MoeLayout::RowMajor { gate, gate_s, up, up_s, down, down_s }, MoeKernel::TensorCore | MoeKernel::Pipelined { .. }) => {

@@ -169,25 +169,9 @@ fn moe_routed_inside_the_fused_kernel_equals_routing_then_moe() {
                 kern.moe_mxfp4_routed(MoeKernel::Fused { stages, steps, max_blocks: 0 }, &spec, &w, &ld2, bd.as_ref(), &xd, &mut scratch, &mut fused).unwrap();
                 let (tiled, fused) = (g.stream.clone_dtoh(&tiled).unwrap(), g.stream.clone_dtoh(&fused).unwrap());
                 assert!(tiled.iter().zip(&fused).all(|(a, b)| a.to_bits() == b.to_bits()), "{name} ({kind:?}): two launches differ from the routed fused kernel");
-                // The split-K kernel, routed in the kernel and given the routing, on the widest
-                // grid and on 3 blocks: the same experts and weights, its sum in another order,
-                // so equal to the fused kernel within f32 rounding (NaN where it has NaN).
-                for (parts, max_blocks) in [(4, 0), (2, 3), (1, 0)] {
-                    let kind = MoeKernel::Split { stages, steps, parts, max_blocks };
-                    let mut given = g.stream.clone_htod(&vec![f32::NAN; h]).unwrap();
-                    kern.moe_mxfp4_with(kind, &w, &dr, &xd, &mut scratch, &mut given).unwrap();
-                    let mut routed = g.stream.clone_htod(&vec![f32::NAN; h]).unwrap();
-                    kern.moe_mxfp4_routed(kind, &spec, &w, &ld2, bd.as_ref(), &xd, &mut scratch, &mut routed).unwrap();
-                    let scale = fused.iter().filter(|v| v.is_finite()).fold(0f32, |m, v| m.max(v.abs()));
-                    for (what, got) in [("given the routing", g.stream.clone_dtoh(&given).unwrap()), ("routed", g.stream.clone_dtoh(&routed).unwrap())] {
-                        let bad = got.iter().zip(&fused).position(|(a, b)| a.is_nan() != b.is_nan() || (b.is_finite() && (a - b).abs() > 1e-5 * scale));
-                        assert!(bad.is_none(), "{name} ({kind:?}, {what}): output {bad:?} {:?} against the fused kernel's {:?}", bad.map(|j| got[j]), bad.map(|j| fused[j]));
-                    }
-                    assert!(g.stream.clone_dtoh(&scratch.counters).unwrap().iter().all(|&c| c == 0), "{name} ({kind:?}): counters left non-zero");
-                }
             }
         }
-        eprintln!("{name}: routed inside the fused kernel, bit-identical; the split kernel within f32 rounding");
+        eprintln!("{name}: routed inside the fused kernel, bit-identical");
     }
     // A kernel other than the fused one is refused, not run.
     let spec = cases[0].1;
