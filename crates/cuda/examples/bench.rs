@@ -278,6 +278,25 @@ fn main() {
                     s.synchronize().unwrap();
                     print_moe_trace(&format!("{name}, {t} token(s), fused {stages}x4, the last of 6 calls back to back"), &k.moe_trace().unwrap().unwrap(), (2 * i / 16).div_ceil(8) * routings[0].experts.len());
                 }
+                // PEREGRINE_TRACE_DUMP=DIR: the raw stamps of 8 separate calls of the fused 2x4
+                // kernel (each the last of 3 back to back, a fresh routing each), one CSV per
+                // shape, to see whether the same SMs are slow in every call.
+                if let Ok(dir) = std::env::var("PEREGRINE_TRACE_DUMP") {
+                    let mut csv = String::from("call,block,sm,stamp_us...\n");
+                    for call in 0..8 {
+                        for j in 0..3 {
+                            k.moe_mxfp4_with(MoeKernel::FUSED, &wt, &dev[(call * 3 + j) % dev.len()], &x, &mut scratch, &mut y).unwrap();
+                        }
+                        s.synchronize().unwrap();
+                        let tr = k.moe_trace().unwrap().unwrap();
+                        let t0 = tr.chunks(16).filter(|b| b[2] != 0).map(|b| b[2]).min().unwrap_or(0);
+                        for (bi, b) in tr.chunks(16).enumerate().filter(|(_, b)| b[2] != 0) {
+                            let stamps: Vec<String> = b[1..].iter().map(|&v| if v == 0 { String::new() } else { format!("{:.2}", (v as f64 - t0 as f64) / 1e3) }).collect();
+                            csv += &format!("{call},{bi},{},{}\n", b[0], stamps.join(","));
+                        }
+                    }
+                    std::fs::write(format!("{dir}/trace-{}.csv", name.replace(['.', ' '], "_")), csv).unwrap();
+                }
             }
             println!(
                 "{t:>6} {used:>8.1} {:>10.1} {ms:>8.3} {:>8.0} {:>9.1}%   ({default:?}; back to back: {}; alone: the same {:.1}%, row-major tensor cores {:.1}%, pipelined {:.1}%)",
