@@ -69,12 +69,13 @@ use crate::device::{nvrtc_arch, Gpu};
 pub const MAX_TOKENS_PER_PASS: usize = 8;
 /// The (stages, steps per stage) rings the tiled MoE kernels are compiled for, each as two
 /// launches and as one; `Kernels::tune_moe` picks among them per shape and token count. On the
-/// H100 (benches/results/2026-11-23-moe-fused.md) 2 x 4 is the best two-launch ring from 4 to
-/// 64 tokens for both MiMo shapes, but 3 x 4 is best at 1-2 tokens for MiMo-V2.5-Pro's experts
-/// and 4 x 4 at 1 token for Flash's (where one launch beats every two-launch ring); 3 x 2,
-/// 8 x 2, 8 x 1 and 6 x 1 rings, register rings of 4 and 8 steps, and 2 or 4 warps sharing a
-/// tile's K were slower and dropped.
-pub const TILED_VARIANTS: [(usize, usize); 4] = [(2, 4), (4, 2), (3, 4), (4, 4)];
+/// H100 (benches/results/2026-11-23-moe-fused.md, 2026-11-23-moe-ring-variants.md): at 1 token
+/// one launch with 2 x 3 for MiMo-V2-Flash's experts and two launches with 3 x 4 for
+/// MiMo-V2.5-Pro's; 3 x 4 at 2 tokens for both; 3 x 3 from 4 to 16 tokens for Flash's and 2 x 6
+/// for Pro's; 2 x 4 at 64. 3 x 2, 8 x 2, 8 x 1, 6 x 1 and 2 x 8 rings, register rings of 4 and 8
+/// steps, and 2 or 4 warps sharing a tile's K were slower everywhere and dropped; 4 x 2 and 4 x 4
+/// no longer win on the H100 and stay as candidates for other GPUs.
+pub const TILED_VARIANTS: [(usize, usize); 7] = [(2, 4), (4, 2), (3, 4), (4, 4), (2, 3), (3, 3), (2, 6)];
 /// Activations as F16 hi and lo parts of each row times a power of two, and the inverse powers
 /// (the FP8 tensor-core GEMV's input; `split_f16`'s output).
 pub type F16Split = (CudaSlice<u16>, CudaSlice<u16>, CudaSlice<f32>);
