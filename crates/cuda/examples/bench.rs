@@ -289,8 +289,8 @@ fn main() {
                         }
                         s.synchronize().unwrap();
                         let tr = k.moe_trace().unwrap().unwrap();
-                        let t0 = tr.chunks(16).filter(|b| b[2] != 0).map(|b| b[2]).min().unwrap_or(0);
-                        for (bi, b) in tr.chunks(16).enumerate().filter(|(_, b)| b[2] != 0) {
+                        let t0 = tr.chunks(MOE_TRACE_SLOTS).filter(|b| b[2] != 0).map(|b| b[2]).min().unwrap_or(0);
+                        for (bi, b) in tr.chunks(MOE_TRACE_SLOTS).enumerate().filter(|(_, b)| b[2] != 0) {
                             let stamps: Vec<String> = b[1..].iter().map(|&v| if v == 0 { String::new() } else { format!("{:.2}", (v as f64 - t0 as f64) / 1e3) }).collect();
                             csv += &format!("{call},{bi},{},{}\n", b[0], stamps.join(","));
                         }
@@ -312,12 +312,14 @@ fn main() {
     }
 }
 
+/// Stamps per block in the MoE kernel's trace (MOE_TRACE_SLOTS in kernels/moe.cu).
+const MOE_TRACE_SLOTS: usize = 16;
+
 /// Percentiles of the fused MoE kernel's trace stamps (kernels/moe.cu, MOE_TRACE), in us after
 /// the first block got past its wait for the kernel ahead; `gu_items`: its gate_up items (a
 /// block's first item is gate_up below that index, its second item always down).
 fn print_moe_trace(what: &str, tr: &[u64], gu_items: usize) {
-    const SLOTS: usize = 16;
-    let blocks: Vec<&[u64]> = tr.chunks(SLOTS).filter(|b| b[2] != 0).collect();
+    let blocks: Vec<&[u64]> = tr.chunks(MOE_TRACE_SLOTS).filter(|b| b[2] != 0).collect();
     let Some(t0) = blocks.iter().map(|b| b[2]).min() else { return };
     let rel = |v: u64| (v as f64 - t0 as f64) / 1e3;
     println!("\ntrace: {what}: {} blocks; us after the first block passed its wait (min / p10 / median / p90 / max)", blocks.len());

@@ -28,7 +28,6 @@ fn randn(r: &mut impl Rng, n: usize) -> Vec<f32> {
     (0..n).map(|_| r.random::<f32>() * 2.0 - 1.0).collect()
 }
 
-/// out[t, n] = sum_k w[n, k] x[t, k] in f64.
 /// BF16 weights uniform in (-0.5, 0.5), as bits.
 fn random_bf16(r: &mut impl Rng, n: usize) -> Vec<u16> {
     (0..n).map(|_| half::bf16::from_f32(r.random::<f32>() - 0.5).to_bits()).collect()
@@ -41,6 +40,7 @@ fn random_fp8(r: &mut impl Rng, n: usize, k: usize) -> (Vec<u8>, Vec<f32>) {
     (w, sc)
 }
 
+/// out[t, n] = sum_k w[n, k] x[t, k] in f64.
 fn reference(w: &[f32], x: &[f32], n: usize, k: usize, t: usize) -> Vec<f32> {
     let mut y = vec![0f32; t * n];
     for ti in 0..t {
