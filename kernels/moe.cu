@@ -120,16 +120,13 @@ __device__ __forceinline__ void stage_item(unsigned* frag, int L, int j, int q, 
 
 // Pair j's power-of-two scale from its warps' largest magnitudes red[w * NP + j]: m < 2^ex;
 // scale by 2^(14 - ex) (0 or non-finite: no scaling), as split_f16 does; inv undoes it.
-__device__ __forceinline__ void scale_for_max(float m, float& scale, float& inv) {
-    int ex = (m > 0.f && m < __int_as_float(0x7f800000u)) ? (int)((__float_as_uint(m) >> 23) & 0xffu) - 126 : 0;
-    int sh = min(max(14 - ex, -100), 100);
-    scale = __int_as_float((unsigned)(sh + 127) << 23);
-    inv = __int_as_float((unsigned)(127 - sh) << 23);
-}
 __device__ __forceinline__ void row_scale(const float* red, int j, float* scale, float* inv) {
     float m = 0.f;
     for (int i = 0; i < TW; i++) m = fmaxf(m, red[i * NP + j]);
-    scale_for_max(m, scale[j], inv[j]);
+    int ex = (m > 0.f && m < __int_as_float(0x7f800000u)) ? (int)((__float_as_uint(m) >> 23) & 0xffu) - 126 : 0;
+    int sh = min(max(14 - ex, -100), 100);
+    scale[j] = __int_as_float((unsigned)(sh + 127) << 23);
+    inv[j] = __int_as_float((unsigned)(127 - sh) << 23);
 }
 
 #define STAGE_REGS 8  // items per thread a one-row staging keeps in registers (K <= 8192)
@@ -230,15 +227,6 @@ __device__ __forceinline__ bool stage_token_early(const float* __restrict__ x, i
     stage_b(x, row0, 1, K, reinterpret_cast<unsigned*>(frag), ss.red, ss.scale, ss.inv);
     return true;
 #endif
-}
-
-// The queue kernel's x when stage_token_early did not stage it (MOE_STAGE_LATE): staged now,
-// after the wait, by the whole block.
-__device__ __forceinline__ void stage_x_if_late(const float* __restrict__ x, int H, int ring, bool staged, StageSmem& ss) {
-    if (staged) return;
-    const int row0[1] = {0};
-    extern __shared__ uint4 dsm[];
-    stage_b(x, row0, 1, H, reinterpret_cast<unsigned*>(dsm + TW * ring / 16), ss.red, ss.scale, ss.inv);
 }
 
 // Rows of activations a pass over K may stage: the host sizes the shared memory for the rings
@@ -644,195 +632,13 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
     TRACE(13);
 }
 
-// ---- One token, work handed out per warp (`moe_queue_*`) ----
-//
-// The fused kernel's blocks each take a fixed list of items, and its one-token trace showed why
-// that ends late: SMs get unequal and changing shares of DRAM bandwidth (blocks with identical
-// work finish between 34 and 47 us; an SM's speed correlates 0.17 between calls), so a static
-// list leaves the slow SMs' items for the tail. Here an item is one warp's 16-row tile, and a
-// warp takes its next item from a global counter while it still streams the current one: the
-// grab is a single atomic a whole item ahead, and the ring already holds the next item's first
-// stages when the current one ends, so a hand-off drains nothing. Fast warps take more items.
-//
-// Items: every used slot's gate_up tiles (slot-major), then its down tiles. A block stages x
-// once (before its wait, as the fused kernel does) and each slot's h once, by the first of its
-// warps to need it, after the slot's gate_up tiles are all done (QUEUE_SLOTS slots of I * 4
-// bytes of shared memory). The arithmetic is the fused kernel's, tile for tile (one pair's
-// column; a slot holding a repeated expert's several pairs stores the one result for each, as
-// the MMA's identical columns would), and the combine sums each token's pairs in ascending
-// order, so the outputs are bit-identical to every other tiled kernel's.
-//
-// counters: [H/16/TW] combine arrivals per group of TW down tiles, U gate_up tiles done per
-// slot, U unused (the fused kernel's), then the queue and the warps that have left. The last warp
-// to leave resets the queue and the slots' counts for the next call; the combining warp resets
-// its group's.
-#define QUEUE_SLOTS 8
-
-// Stages one row xr of K values as a one-pair pass would (stage_b: same maximum, same scale,
-// same split), with one warp: the row is read twice from L2 (the maximum, then the split).
-// Returns the inverse scale (lane 0's is the one used; all lanes agree).
-__device__ __forceinline__ float stage_row_warp(const float* __restrict__ xr, int K, unsigned* frag) {
-    int lane = threadIdx.x & 31;
-    float m = 0.f;
-    for (int i = lane; i < K / 4; i += 32) {
-        float4 v = __ldcg(reinterpret_cast<const float4*>(xr) + i);
-        m = fmaxf(m, fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w))));
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-    float s, inv;
-    scale_for_max(m, s, inv);
-    for (int it = lane; it < K / 4; it += 32) {
-        const float* p = xr + 16 * (it >> 2) + 2 * (it & 3);
-        float2 v0 = __ldcg(reinterpret_cast<const float2*>(p)), v1 = __ldcg(reinterpret_cast<const float2*>(p + 8));
-        stage_item(frag, 8, 0, it >> 2, it & 3, v0, v1, s);
-    }
-    return inv;
-}
-
-template <int NS, int CS>
-__device__ __forceinline__ void moe_queue(const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Sg,
-                                          const unsigned char* __restrict__ Wd, const unsigned char* __restrict__ Sd,
-                                          const int* __restrict__ experts, const int* __restrict__ pair_off,
-                                          const float* __restrict__ pair_w, float* __restrict__ h, float* __restrict__ out,
-                                          int H, int I, int U, unsigned* counters, float* __restrict__ y, const StageSmem& ss) {
-    constexpr int RING = NS * CS * 544;
-    extern __shared__ uint4 dsm[];
-    const uint4* xfrag = fused_frag(RING);
-    uint4* hfrags = fused_frag(RING) + H / 4;  // QUEUE_SLOTS x I / 4 uint4 after x's H * 4 bytes
-    __shared__ unsigned long long bars[TW * NS];
-    __shared__ int slot_state[QUEUE_SLOTS];  // 0: h not staged, 1: a warp stages it, 2: staged
-    __shared__ float slot_inv[QUEUE_SLOTS];
-    int w = threadIdx.x >> 5, lane = threadIdx.x & 31, t = lane & 3;
-    const int GT = I / 8, DT = H / 16, dg = (DT + TW - 1) / TW;
-    const int gu_items = U * GT, items = gu_items + U * DT;
-    unsigned* done = counters + dg;
-    unsigned* queue = counters + dg + 2 * U;
-    unsigned* left = queue + 1;
-    int used = 0;
-    for (int i = 0; i < U; i++) used += pair_off[i] < pair_off[i + 1];
-    const int pairs = pair_off[U];
-    if (threadIdx.x < QUEUE_SLOTS) slot_state[threadIdx.x] = 0;
-    unsigned char* ring = reinterpret_cast<unsigned char*>(dsm) + w * RING;
-    unsigned long long* wbars = bars + w * NS;
-    if (lane == 0)
-        for (int i = 0; i < NS; i++) mbar_init(wbars + i);
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    __syncthreads();  // slot_state is set before any warp reads it
-    // Item n: is it down, its slot and row tile; its weights, scales and steps (0: none).
-    auto item = [&](int n, bool& down, int& slot, int& rt) {
-        down = n >= gu_items;
-        int m = down ? n - gu_items : n, per = down ? DT : GT;
-        slot = m / per;
-        rt = m % per;
-    };
-    auto seg = [&](int n, const unsigned char*& wt, const unsigned char*& st) -> int {
-        if (n >= items) return 0;
-        bool down;
-        int slot, rt;
-        item(n, down, slot, rt);
-        if (pair_off[slot] >= pair_off[slot + 1]) return 0;  // an unused slot
-        int tiles = down ? DT : GT, KS = (down ? I : H) / 64;
-        size_t tile = ((size_t)experts[slot] * tiles + rt) * KS;
-        wt = (down ? Wd : Wg) + tile * 512;
-        st = (down ? Sd : Sg) + tile * 32;
-        return KS;
-    };
-    const int G = (int)gridDim.x * TW;  // warps; each takes item (its index) first, then the queue's
-    int n = (int)blockIdx.x * TW + w, seq = 0, pre = 0;
-    const unsigned char *wt = nullptr, *st = nullptr;
-    int KS = seg(n, wt, st);
-    if (KS) bulk_prologue<NS, CS>(seq, wt, st, KS, ring, wbars);
-    unsigned q = 0;
-    if (lane == 0 && n < items) q = atomicAdd(queue, 1u);
-    while (n < items) {
-        int nn = G + __shfl_sync(0xffffffffu, (int)q, 0);
-        // The item after next, asked for now and read a whole item later.
-        if (lane == 0 && nn < items) q = atomicAdd(queue, 1u);
-        const unsigned char *nwt = nullptr, *nst = nullptr;
-        int nKS = seg(nn, nwt, nst);
-        pre = 0;
-        if (KS) {
-            bool down;
-            int slot, rt;
-            item(n, down, slot, rt);
-            int pb = pair_off[slot], pe = pair_off[slot + 1];
-            const uint4* frag = xfrag;
-            float inv = ss.inv[0];
-            if (down) {
-                // The slot's h, staged once per block by the first warp that needs it, once
-                // the slot's gate_up tiles are all done (this item's weights are on their way).
-                uint4* hf = hfrags + (size_t)slot * (I / 4);
-                int state = 0;
-                if (lane == 0) state = atomicCAS(slot_state + slot, 0, 1);
-                state = __shfl_sync(0xffffffffu, state, 0);
-                if (state == 0) {
-                    if (lane == 0)
-                        while (ld_acquire(done + slot) < (unsigned)GT) __nanosleep(64);
-                    __syncwarp();
-                    float si = stage_row_warp(h + (size_t)pb * I, I, reinterpret_cast<unsigned*>(hf));
-                    if (lane == 0) slot_inv[slot] = si;
-                    __threadfence_block();
-                    __syncwarp();
-                    if (lane == 0) atomicExch(slot_state + slot, 2);
-                } else {
-                    if (lane == 0)
-                        while (*reinterpret_cast<volatile int*>(slot_state + slot) != 2) __nanosleep(32);
-                    __syncwarp();
-                    __threadfence_block();
-                }
-                frag = hf;
-                inv = slot_inv[slot];
-            }
-            float acc[4] = {0.f, 0.f, 0.f, 0.f};
-            pre = tile_stream_bulk<NS, CS>(wt, st, KS, frag, 8, acc, ring, wbars, seq, nwt, nst, nKS);
-            if (t == 0)
-                for (int p = pb; p < pe; p++) tile_store(!down, acc, inv, down ? out : h, down ? H : I, p, rt, pair_w);
-            __threadfence();  // this tile's outputs are visible before it is counted
-            __syncwarp();
-            if (!down) {
-                if (lane == 0) atomicAdd(done + slot, 1u);
-            } else {
-                // The last of a group's down tiles (over the used slots) sums the group's rows.
-                int grp = rt / TW, ntile = min(TW, DT - grp * TW);
-                int last = 0;
-                if (lane == 0) last = atomicAdd(counters + grp, 1u) + 1 == (unsigned)(used * ntile);
-                if (__shfl_sync(0xffffffffu, last, 0)) {
-                    __threadfence();
-                    int n0 = grp * TW * 16, rows = min(TW * 16, H - n0);
-                    for (int r = lane; r < rows; r += 32) {
-                        float a = 0.f;
-                        for (int p = 0; p < pairs; p++) a += __ldcg(out + (size_t)p * H + n0 + r);
-                        y[n0 + r] = a;
-                    }
-                    if (lane == 0) counters[grp] = 0u;
-                }
-            }
-        }
-        n = nn;
-        wt = nwt;
-        st = nst;
-        KS = nKS;
-        if (KS) bulk_prologue<NS, CS>(seq, wt, st, KS, ring, wbars, pre);
-    }
-    // The last warp to leave resets the queue and the slots' counts (every wait has passed).
-    if (lane == 0) {
-        __threadfence();
-        if (atomicAdd(left, 1u) + 1 == (unsigned)G) {
-            for (int i = 0; i < U; i++) done[i] = 0u;
-            *queue = 0u;
-            *left = 0u;
-        }
-    }
-}
-
 // The fused kernel for one token that routes it itself: every block runs the router on the
 // token's logits (route_token, the code moe_route runs, so the same experts and weights bit for
 // bit) and groups the choices in shared memory (group_one_token), then runs moe_fused on that
 // routing. The routing launch and its global round trips leave a batch-1 step; each block reads
 // E logits and biases (L2), and the scores' scratch is the ring's shared memory (2 E floats,
 // before any copy lands there). U = min(K, E) expert slots; K <= MAX_FUSED_TOPK.
-template <int NS, int CS, bool QUEUE>
+template <int NS, int CS>
 __device__ __forceinline__ void moe_fused_routed(const float* __restrict__ logits, const float* __restrict__ bias, int E, int K,
                                                  int softmax, int n_group, int topk_group, int norm, float scale,
                                                  const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Sg,
@@ -853,13 +659,8 @@ __device__ __forceinline__ void moe_fused_routed(const float* __restrict__ logit
     __syncthreads();  // the routing is visible, and the scores' scratch free for the rings
     // The rings' bulk copies (async proxy) will land where the scores were written (generic).
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-    if (QUEUE) {
-        stage_x_if_late(x, H, NS * CS * 544, staged, ss);
-        moe_queue<NS, CS>(Wg, Sg, Wd, Sd, experts, pair_off, pair_w, h, out, H, I, U, counters, y, ss);
-    } else {
-        moe_fused<NS, CS>(Wg, Sg, Wd, Sd, experts, pair_off, pair_tok, pair_w, x, h, out, H, I, U, counters, tok_pairs, y, 1, K,
-                          ss, staged);
-    }
+    moe_fused<NS, CS>(Wg, Sg, Wd, Sd, experts, pair_off, pair_tok, pair_w, x, h, out, H, I, U, counters, tok_pairs, y, 1, K, ss,
+                      staged);
 }
 
 // Ring shapes: NS stages of CS steps.
@@ -901,27 +702,8 @@ __device__ __forceinline__ void moe_fused_routed(const float* __restrict__ logit
         float* __restrict__ h, float* __restrict__ out, int H, int I, int U, unsigned* counters, float* __restrict__ y) { \
         TRACE_SM();                                                                                                      \
         TRACE(1);                                                                                                        \
-        moe_fused_routed<NS, CS, false>(logits, bias, E, K, softmax, n_group, topk_group, norm, scale, Wg, Sg, Wd, Sd, x, h, \
-                                        out, H, I, U, counters, y);                                                      \
-    }                                                                                                                    \
-    extern "C" __global__ void __launch_bounds__(256, 2) moe_queue_bulk_n##NS##_c##CS(                                   \
-        const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Sg, const unsigned char* __restrict__ Wd, \
-        const unsigned char* __restrict__ Sd, const int* __restrict__ experts, const int* __restrict__ pair_off,         \
-        const float* __restrict__ pair_w, const float* __restrict__ x, float* __restrict__ h, float* __restrict__ out,   \
-        int H, int I, int U, unsigned* counters, float* __restrict__ y) {                                                \
-        __shared__ StageSmem ss;                                                                                         \
-        bool staged = stage_token_early(x, 1, H, fused_frag(NS * CS * 544), ss);                                        \
-        PDL_ENTER();                                                                                                     \
-        stage_x_if_late(x, H, NS * CS * 544, staged, ss);                                                                \
-        moe_queue<NS, CS>(Wg, Sg, Wd, Sd, experts, pair_off, pair_w, h, out, H, I, U, counters, y, ss);                 \
-    }                                                                                                                    \
-    extern "C" __global__ void __launch_bounds__(256, 2) moe_queue_routed_bulk_n##NS##_c##CS(                            \
-        const float* __restrict__ logits, const float* __restrict__ bias, int E, int K, int softmax, int n_group,        \
-        int topk_group, int norm, float scale, const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Sg, \
-        const unsigned char* __restrict__ Wd, const unsigned char* __restrict__ Sd, const float* __restrict__ x,          \
-        float* __restrict__ h, float* __restrict__ out, int H, int I, int U, unsigned* counters, float* __restrict__ y) { \
-        moe_fused_routed<NS, CS, true>(logits, bias, E, K, softmax, n_group, topk_group, norm, scale, Wg, Sg, Wd, Sd, x, h, \
-                                       out, H, I, U, counters, y);                                                       \
+        moe_fused_routed<NS, CS>(logits, bias, E, K, softmax, n_group, topk_group, norm, scale, Wg, Sg, Wd, Sd, x, h, out, \
+                                 H, I, U, counters, y);                                                                  \
     }
 MOE_BULK(2, 4)
 MOE_BULK(4, 2)

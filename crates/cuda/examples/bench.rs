@@ -255,10 +255,6 @@ fn main() {
                 kinds.push((format!("two launches {stages}x{steps}"), MoeKernel::Tiled { stages, steps }));
                 kinds.push((format!("fused {stages}x{steps}"), MoeKernel::Fused { stages, steps, max_blocks: 0 }));
                 kinds.push((format!("fused {stages}x{steps} on {sms} blocks"), MoeKernel::Fused { stages, steps, max_blocks: sms }));
-                if t == 1 {
-                    kinds.push((format!("queue {stages}x{steps}"), MoeKernel::Queue { stages, steps, max_blocks: 0 }));
-                    kinds.push((format!("queue {stages}x{steps} on {sms} blocks"), MoeKernel::Queue { stages, steps, max_blocks: sms }));
-                }
             }
             let variants: Vec<String> = kinds.into_iter().map(|(name, kind)| format!("{name} {:.1}%", pct(run(kind, &wt)))).collect();
             // The pipelined kernels' K splits (warps sharing a 16-row tile), gate_up x down.

@@ -206,7 +206,7 @@ pub struct CudaModel {
     /// Decode attention of few rows is split over more blocks to fill the GPU
     /// (`attn_splits`; `PEREGRINE_ATTN_FILL=0` turns it off, for comparison).
     attn_fill: bool,
-    /// A one-token MoE on the fused or queue kernel routes inside that kernel (`moe_mxfp4_routed`; no
+    /// A one-token MoE on the fused kernel routes inside that kernel (`moe_mxfp4_routed`; no
     /// `moe_route` launch). `PEREGRINE_MOE_ROUTE_IN_KERNEL=0` keeps the routing launch, for
     /// comparison.
     route_in_moe: bool,
@@ -829,11 +829,11 @@ impl CudaModel {
     }
 
     /// Router, grouping and the grouped MXFP4 kernels, all on the GPU: no host round trip. One
-    /// token on the fused or queue kernel is routed inside it (`route_in_moe`).
+    /// token on the fused kernel is routed inside it (`route_in_moe`).
     fn moe_stacked(&self, spec: &MoeSpec, logits: &CudaSlice<f32>, bias: Option<&CudaSlice<f32>>, w: &MoeWeights, hn: &CudaSlice<f32>, n: usize) -> Result<CudaSlice<f32>> {
         let mut y = self.empty(n * self.spec.hidden_size)?;
         let kind = self.kernels.moe_kernel(w, n, spec.top_k);
-        if n == 1 && self.route_in_moe && matches!(kind, MoeKernel::Fused { .. } | MoeKernel::Queue { .. }) && w.is_tiled() {
+        if n == 1 && self.route_in_moe && matches!(kind, MoeKernel::Fused { .. }) && w.is_tiled() {
             self.with_moe_scratch(w, spec.top_k, |scratch| self.kernels.moe_mxfp4_routed(kind, spec, w, logits, bias, hn, scratch, &mut y))?;
             return Ok(y);
         }

@@ -81,8 +81,6 @@ pub const TILED_VARIANTS: [(usize, usize); 7] = [(2, 4), (4, 2), (3, 4), (4, 4),
 pub type F16Split = (CudaSlice<u16>, CudaSlice<u16>, CudaSlice<f32>);
 /// The largest top-k whose combine the tiled down kernel fuses (MAX_FUSED_TOPK in moe.cu).
 const MAX_FUSED_TOPK: usize = 32;
-/// The most expert slots the queue kernel stages h for (QUEUE_SLOTS in moe.cu).
-pub const QUEUE_SLOTS: usize = 8;
 /// Dynamic shared memory the tiled MoE kernels may ask for (8 warps' rings and the staged
 /// activations; `mxfp4_tiles::MAX_TILED_K` keeps the shapes it takes within it).
 pub const TILED_MAX_SMEM: usize = 200 * 1024;
@@ -118,10 +116,6 @@ pub struct Kernels {
     fused_tiled: Vec<CudaFunction>,
     /// The same for one token, routing it in the kernel (`moe_mxfp4_routed`).
     fused_routed: Vec<CudaFunction>,
-    /// One token with the items handed out per warp (`MoeKernel::Queue`), one per
-    /// `TILED_VARIANTS` entry; and the same routing the token itself.
-    queue_tiled: Vec<CudaFunction>,
-    queue_routed: Vec<CudaFunction>,
     /// Streaming multiprocessors of the GPU (the fused MoE's resident grid).
     sms: usize,
     /// MoE kernels chosen by measurement (`tune_moe`).
@@ -172,12 +166,6 @@ pub enum MoeKernel {
     /// `max_blocks` blocks (0: as many as are resident at once; never more, which the waits
     /// rely on).
     Fused { stages: usize, steps: usize, max_blocks: usize },
-    /// One token only: Fused's arithmetic with every warp taking its next 16-row tile from a
-    /// global counter a whole tile ahead (`moe_queue_bulk_*`), so warps on SMs that get more
-    /// DRAM bandwidth take more tiles; each block stages x once and each expert slot's h once
-    /// (at most `QUEUE_SLOTS` slots). Bit-identical to the other tiled kernels. At most
-    /// `max_blocks` blocks (0: as many as are resident at once).
-    Queue { stages: usize, steps: usize, max_blocks: usize },
 }
 
 impl MoeKernel {
@@ -218,7 +206,6 @@ impl MoeKernel {
         static CHOICE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
         match CHOICE.get_or_init(|| std::env::var("PEREGRINE_MOE_KERNEL").ok()).as_deref() {
             Some("fused") => Some(Some(MoeKernel::FUSED)),
-            Some("queue") => Some(Some(MoeKernel::Queue { stages: 2, steps: 3, max_blocks: 0 })),
             Some("tiled") => Some(Some(MoeKernel::TILED)),
             Some("default") => Some(None),
             _ => None,
@@ -401,8 +388,6 @@ impl Kernels {
             down_tiled: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_down_bulk_n{n}_c{c}"))).collect::<Result<_>>()?,
             fused_tiled: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_fused_bulk_n{n}_c{c}"))).collect::<Result<_>>()?,
             fused_routed: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_fused_routed_bulk_n{n}_c{c}"))).collect::<Result<_>>()?,
-            queue_tiled: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_queue_bulk_n{n}_c{c}"))).collect::<Result<_>>()?,
-            queue_routed: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_queue_routed_bulk_n{n}_c{c}"))).collect::<Result<_>>()?,
             moe_choices: Default::default(),
             sms: gpu.ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(drv("SM count"))? as usize,
             sample,
@@ -723,10 +708,9 @@ impl Kernels {
     }
 
     /// Counters the tiled kernels need for up to `max_pairs` pairs: the combine's arrivals per
-    /// group of 8 down tiles, two per expert slot for the fused kernel's waits, then the queue
-    /// kernel's queue and count of warps that have left.
+    /// group of 8 down tiles, then two per expert slot for the fused kernel's waits.
     pub fn moe_counters(w: &MoeWeights, max_pairs: usize) -> usize {
-        (w.hidden / 16).div_ceil(8) + 2 * max_pairs.min(w.num_experts) + 2
+        ((w.hidden / 16).div_ceil(8) + 2 * max_pairs.min(w.num_experts)).max(1)
     }
 
     pub fn moe_scratch(&self, w: &MoeWeights, max_pairs: usize) -> Result<MoeScratch> {
@@ -775,13 +759,7 @@ impl Kernels {
     pub fn moe_kernel(&self, w: &MoeWeights, tokens: usize, top_k: usize) -> MoeKernel {
         match w.layout {
             MoeLayout::Tiled { .. } => match MoeKernel::forced() {
-                Some(kind) => kind
-                    .filter(|k| match k {
-                        MoeKernel::Fused { .. } => top_k <= MAX_FUSED_TOPK,
-                        MoeKernel::Queue { .. } => tokens == 1 && top_k <= QUEUE_SLOTS,
-                        _ => true,
-                    })
-                    .unwrap_or_else(|| MoeKernel::for_tiled(tokens, top_k)),
+                Some(kind) => kind.filter(|k| !matches!(k, MoeKernel::Fused { .. }) || top_k <= MAX_FUSED_TOPK).unwrap_or_else(|| MoeKernel::for_tiled(tokens, top_k)),
                 None => self.tuned_moe(w, top_k, tokens).unwrap_or_else(|| MoeKernel::for_tiled(tokens, top_k)),
             },
             MoeLayout::RowMajor { .. } if w.hidden.is_multiple_of(64) && w.inter.is_multiple_of(64) => MoeKernel::for_tokens(tokens),
@@ -817,50 +795,24 @@ impl Kernels {
         Ok(LaunchConfig { grid_dim: (items.min(blocks) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem as u32 })
     }
 
-    /// The launch of queue kernel `f` (a ring of `stages` x `steps`) over `u` expert slots of
-    /// one token: shared memory for the rings, x and `QUEUE_SLOTS` rows of h staged (at least
-    /// `scratch` bytes), a grid resident at once (down tiles wait on gate_up tiles), at most
-    /// `max_blocks` blocks (0: no limit) and no more than there are tiles for its warps.
-    #[allow(clippy::too_many_arguments)]
-    fn queue_grid(&self, f: &CudaFunction, w: &MoeWeights, stages: usize, steps: usize, max_blocks: usize, u: usize, scratch: usize, counters: &CudaSlice<u32>) -> Result<LaunchConfig> {
-        let (h, i) = (w.hidden, w.inter);
-        check(u <= QUEUE_SLOTS, || format!("the queue MoE kernel stages at most {QUEUE_SLOTS} expert slots, not {u}"))?;
-        let smem = (8 * stages * steps * 544 + h * 4 + QUEUE_SLOTS * i * 4).max(scratch);
-        check(smem <= TILED_MAX_SMEM, || format!("MoE dims {h}, {i} need more than {TILED_MAX_SMEM} bytes of shared memory for the queue kernel"))?;
-        let (gt, dt) = (i / 8, h / 16);
-        check(counters.len() >= dt.div_ceil(8) + 2 * u + 2, || "MoE scratch counters too small".into())?;
-        let fit = f.occupancy_max_active_blocks_per_multiprocessor(256, smem, None).map_err(drv("MoE occupancy"))? as usize;
-        check(fit > 0, || format!("the queue MoE kernel does not fit an SM with {smem} bytes of shared memory"))?;
-        let resident = fit * self.sms;
-        let blocks = if max_blocks == 0 { resident } else { max_blocks.min(resident) };
-        let tiles = u * (gt + dt);
-        Ok(LaunchConfig { grid_dim: (tiles.div_ceil(8).min(blocks) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem as u32 })
-    }
-
     /// One token's routed MLP with its routing done inside the fused kernel
     /// (`moe_fused_routed_*`: each block runs moe_route's router on the token's `logits` [E] and
     /// groups the choices itself), so a batch-1 step has no routing launch. Same experts,
     /// weights and arithmetic as `moe_route` followed by `moe_mxfp4_with(kind, ..)`, bit for bit.
-    /// `kind` must be `MoeKernel::Fused` or `Queue` and the weights tiled. As for `moe_mxfp4`, `x` is read
+    /// `kind` must be `MoeKernel::Fused` and the weights tiled. As for `moe_mxfp4`, `x` is read
     /// before the wait for the kernel ahead (the router GEMV), so it must be older than that.
     #[allow(clippy::too_many_arguments)]
     pub fn moe_mxfp4_routed(&self, kind: MoeKernel, spec: &MoeSpec, w: &MoeWeights, logits: &CudaSlice<f32>, bias: Option<&CudaSlice<f32>>, x: &CudaSlice<f32>, scratch: &mut MoeScratch, y: &mut CudaSlice<f32>) -> Result<()> {
         let (e, k, h) = (spec.num_experts, spec.top_k, w.hidden);
-        let (MoeLayout::Tiled { gate_up, gate_up_s, down, down_s }, MoeKernel::Fused { stages, steps, max_blocks } | MoeKernel::Queue { stages, steps, max_blocks }) = (&w.layout, kind) else {
-            return Err(Error::Backend(format!("the routed MoE kernel runs the fused or queue kernel over tiled weights, not {kind:?}")));
+        let (MoeLayout::Tiled { gate_up, gate_up_s, down, down_s }, MoeKernel::Fused { stages, steps, max_blocks }) = (&w.layout, kind) else {
+            return Err(Error::Backend(format!("the routed MoE kernel runs the fused kernel over tiled weights, not {kind:?}")));
         };
         check(e == w.num_experts && (1..=MAX_FUSED_TOPK).contains(&k) && spec.n_group <= 64 && (spec.n_group <= 1 || e.is_multiple_of(spec.n_group)), || format!("routed MoE: {e} experts in {} groups, top-{k}", spec.n_group))?;
         check(logits.len() >= e && bias.is_none_or(|b| b.len() >= e) && x.len() >= h && y.len() >= h, || "routed MoE: buffers too small".into())?;
         check(scratch.h.len() >= k * w.inter && scratch.out.len() >= k * h, || "MoE scratch too small".into())?;
         let u = k.min(e);
-        let v = Self::tiled_variant(stages, steps)?;
-        let (f, cfg) = if matches!(kind, MoeKernel::Queue { .. }) {
-            let f = &self.queue_routed[v];
-            (f, self.queue_grid(f, w, stages, steps, max_blocks, u, 8 * e, &scratch.counters)?)
-        } else {
-            let f = &self.fused_routed[v];
-            (f, self.fused_grid(f, w, stages, steps, max_blocks, 1, u, 8 * e, &scratch.counters)?)
-        };
+        let f = &self.fused_routed[Self::tiled_variant(stages, steps)?];
+        let cfg = self.fused_grid(f, w, stages, steps, max_blocks, 1, u, 8 * e, &scratch.counters)?;
         let (ei, ki, sm, ng, tg, norm, sc) = (e as i32, k as i32, matches!(spec.scoring, RouterScoring::Softmax) as i32, spec.n_group as i32, spec.topk_group as i32, spec.norm_topk_prob as i32, spec.routed_scaling_factor);
         let (hh, ii, ui) = (h as i32, w.inter as i32, u as i32);
         let mut b = crate::launch::builder(&self.stream, f);
@@ -871,7 +823,7 @@ impl Kernels {
         };
         b.arg(&ei).arg(&ki).arg(&sm).arg(&ng).arg(&tg).arg(&norm).arg(&sc);
         b.arg(gate_up).arg(gate_up_s).arg(down).arg(down_s).arg(x).arg(&mut scratch.h).arg(&mut scratch.out).arg(&hh).arg(&ii).arg(&ui).arg(&mut scratch.counters).arg(&mut *y);
-        unsafe { b.launch(cfg) }.map_err(drv("moe (routed)"))?;
+        unsafe { b.launch(cfg) }.map_err(drv("moe (fused, routed)"))?;
         Ok(())
     }
 
@@ -928,17 +880,6 @@ impl Kernels {
                 b.arg(gate_up).arg(gate_up_s).arg(down).arg(down_s).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_tok).arg(&r.pair_w).arg(x);
                 b.arg(&mut scratch.h).arg(&mut scratch.out).arg(&hh).arg(&ii).arg(&ui).arg(&mut scratch.counters).arg(&r.tok_pairs).arg(&mut *y).arg(&ti).arg(&ki);
                 unsafe { b.launch(cfg) }.map_err(drv("moe (fused, tiled)"))?;
-                return Ok(());
-            }
-            (MoeLayout::Tiled { gate_up, gate_up_s, down, down_s }, MoeKernel::Queue { stages, steps, max_blocks }) => {
-                check(r.num_tokens == 1 && r.top_k <= QUEUE_SLOTS, || format!("the queue MoE kernel takes one token of top-{QUEUE_SLOTS} at most, not {} of top-{}", r.num_tokens, r.top_k))?;
-                let f = &self.queue_tiled[Self::tiled_variant(stages, steps)?];
-                let cfg = self.queue_grid(f, w, stages, steps, max_blocks, u as usize, 0, &scratch.counters)?;
-                let ui = u as i32;
-                let mut b = crate::launch::builder(&self.stream, f);
-                b.arg(gate_up).arg(gate_up_s).arg(down).arg(down_s).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_w).arg(x);
-                b.arg(&mut scratch.h).arg(&mut scratch.out).arg(&hh).arg(&ii).arg(&ui).arg(&mut scratch.counters).arg(&mut *y);
-                unsafe { b.launch(cfg) }.map_err(drv("moe (queue, tiled)"))?;
                 return Ok(());
             }
             (MoeLayout::RowMajor { gate, gate_s, up, up_s, down, down_s }, MoeKernel::TensorCore | MoeKernel::Pipelined { .. }) => {

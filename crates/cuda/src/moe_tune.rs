@@ -54,8 +54,6 @@ impl Kernels {
         for &(stages, steps) in TILED_VARIANTS.iter() {
             kinds.push(MoeKernel::Tiled { stages, steps });
             kinds.push(MoeKernel::Fused { stages, steps, max_blocks: 0 });
-            // One token only (refused, so skipped, at more).
-            kinds.push(MoeKernel::Queue { stages, steps, max_blocks: 0 });
         }
         let mut timings = Vec::new();
         let mut chosen = Vec::new();

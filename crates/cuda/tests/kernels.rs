@@ -252,15 +252,7 @@ fn mxfp4_moe_decode_matches_the_cpu_reference() {
             let kinds = peregrine_cuda::kernels::TILED_VARIANTS.iter().flat_map(|&(stages, steps)| {
                 [MoeKernel::Tiled { stages, steps }, MoeKernel::Fused { stages, steps, max_blocks: 0 }, MoeKernel::Fused { stages, steps, max_blocks: 1 }, MoeKernel::Fused { stages, steps, max_blocks: 3 }]
             });
-            // The queue kernel (one token): as wide as fits, and on 1 and 3 blocks (warps then
-            // take many tiles from the queue, gate_up and down).
-            let queue = |max_blocks| peregrine_cuda::kernels::TILED_VARIANTS.iter().map(move |&(stages, steps)| MoeKernel::Queue { stages, steps, max_blocks });
-            let queue_kinds: Vec<MoeKernel> = if t == 1 { queue(0).chain(queue(1)).chain(queue(3)).collect() } else { Vec::new() };
-            if t > 1 {
-                let mut yq = poisoned(&g, t * h);
-                assert!(kern.moe_mxfp4_with(MoeKernel::Queue { stages: 2, steps: 3, max_blocks: 0 }, &wt, &dr, &xd, &mut scratch, &mut yq).is_err(), "the queue kernel takes one token only");
-            }
-            for kind in kinds.chain(queue_kinds) {
+            for kind in kinds {
                 for _ in 0..2 {
                     let mut yv = poisoned(&g, t * h);
                     kern.moe_mxfp4_with(kind, &wt, &dr, &xd, &mut scratch, &mut yv).unwrap();
