@@ -207,22 +207,22 @@ struct StageSmem {
     int rows[NP];
 };
 
-// One token's activations staged before the kernel waits for the one ahead (PDL). x was written
-// at least two launches back (the norm, then the router GEMV, then moe_route when routing is a
-// launch of its own), and every kernel before this one waits for its own predecessor before it
-// lets the next one launch, so by the time any block of this kernel runs, the norm has finished
-// and its writes are visible (x is read through L2, __ldcg). Callers keep that precondition
-// (Kernels::moe_mxfp4 / moe_mxfp4_routed say so). Staging then overlaps the kernel ahead instead
-// of queueing behind this kernel's first weight copies (the fused kernel's trace: ~5 us from an
-// item's start to its activations staged). Returns whether `frag` holds x's row 0 as a one-pair
-// pass (np = 1) would stage it. -DMOE_STAGE_LATE keeps the old order (staging after the wait),
-// for measurements.
-__device__ __forceinline__ bool stage_token_early(const float* __restrict__ x, int T, int K, uint4* frag, StageSmem& ss) {
+// One token's activations staged before the kernel waits for the one ahead (PDL), when the host
+// says x is settled (`settled`, Kernels' MoeInput::Settled): written at least two launches back
+// (the norm, then the router GEMV, then moe_route when routing is a launch of its own). Every
+// kernel before this one waits for its own predecessor before it lets the next one launch, so by
+// the time any block of this kernel runs, the norm has finished and its writes are visible (x is
+// read through L2, __ldcg). Staging then overlaps the kernel ahead instead of queueing behind
+// this kernel's first weight copies (the fused kernel's trace: ~5 us from an item's start to its
+// activations staged). x from the launch just before (not settled) is staged after the wait.
+// Returns whether `frag` holds x's row 0 as a one-pair pass (np = 1) would stage it.
+// -DMOE_STAGE_LATE keeps the old order (staging after the wait), for measurements.
+__device__ __forceinline__ bool stage_token_early(const float* __restrict__ x, int T, int K, uint4* frag, StageSmem& ss, int settled) {
 #ifdef MOE_STAGE_LATE
-    (void)x; (void)T; (void)K; (void)frag; (void)ss;
+    (void)x; (void)T; (void)K; (void)frag; (void)ss; (void)settled;
     return false;
 #else
-    if (T != 1) return false;
+    if (T != 1 || !settled) return false;
     const int row0[1] = {0};
     stage_b(x, row0, 1, K, reinterpret_cast<unsigned*>(frag), ss.red, ss.scale, ss.inv);
     return true;
@@ -452,7 +452,7 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
                                           const int* __restrict__ pair_tok, const float* __restrict__ pair_w,
                                           const float* __restrict__ x, float* __restrict__ y, int K, int tiles, int ldy,
                                           unsigned* counters, const int* __restrict__ tok_pairs, float* __restrict__ comb, int T,
-                                          int topk) {
+                                          int topk, int x_settled) {
     constexpr int RING = NS * CS * 544;  // bytes per warp
     extern __shared__ uint4 dsm[];
     uint4* frag = dsm + TW * RING / 16;
@@ -462,7 +462,7 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
     // waits later, after asking for its weights).
     bool staged = false;
     if (GATE_UP) {
-        staged = stage_token_early(x, T, K, frag, ss);
+        staged = stage_token_early(x, T, K, frag, ss, x_settled);
         PDL_ENTER();
     }
     int u = blockIdx.y;
@@ -644,14 +644,14 @@ __device__ __forceinline__ void moe_fused_routed(const float* __restrict__ logit
                                                  const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Sg,
                                                  const unsigned char* __restrict__ Wd, const unsigned char* __restrict__ Sd,
                                                  const float* __restrict__ x, float* __restrict__ h, float* __restrict__ out,
-                                                 int H, int I, int U, unsigned* counters, float* __restrict__ y) {
+                                                 int H, int I, int U, unsigned* counters, float* __restrict__ y, int x_settled) {
     extern __shared__ uint4 dsm[];
     __shared__ int sel[MAX_FUSED_TOPK], experts[MAX_FUSED_TOPK], pair_off[MAX_FUSED_TOPK + 1], pair_tok[MAX_FUSED_TOPK],
         tok_pairs[MAX_FUSED_TOPK];
     __shared__ float wsel[MAX_FUSED_TOPK], pair_w[MAX_FUSED_TOPK];
     __shared__ StageSmem ss;
     float* scores = reinterpret_cast<float*>(dsm);
-    bool staged = stage_token_early(x, 1, H, fused_frag(NS * CS * 544), ss);
+    bool staged = stage_token_early(x, 1, H, fused_frag(NS * CS * 544), ss, x_settled);
     PDL_ENTER();
     TRACE(2);
     route_token(logits, bias, E, K, softmax, n_group, topk_group, norm, scale, scores, scores + E, sel, wsel);
@@ -668,9 +668,9 @@ __device__ __forceinline__ void moe_fused_routed(const float* __restrict__ logit
     extern "C" __global__ void __launch_bounds__(256, 2) moe_gate_up_bulk_n##NS##_c##CS(                                 \
         const unsigned char* __restrict__ W, const unsigned char* __restrict__ S, const int* __restrict__ experts,       \
         const int* __restrict__ pair_off, const int* __restrict__ pair_tok, const float* __restrict__ x,                 \
-        float* __restrict__ h, int H, int I, int T) {                                                                    \
+        float* __restrict__ h, int H, int I, int T, int x_settled) {                                                     \
         moe_tiled<true, NS, CS>(W, S, experts, pair_off, pair_tok, nullptr, x, h, H, I / 8, I, nullptr, nullptr, nullptr, \
-                                T, 0);                                                                                   \
+                                T, 0, x_settled);                                                                        \
     }                                                                                                                    \
     extern "C" __global__ void __launch_bounds__(256, 2) moe_down_bulk_n##NS##_c##CS(                                    \
         const unsigned char* __restrict__ W, const unsigned char* __restrict__ S, const int* __restrict__ experts,       \
@@ -678,18 +678,18 @@ __device__ __forceinline__ void moe_fused_routed(const float* __restrict__ logit
         float* __restrict__ out, int H, int I, unsigned* counters, const int* __restrict__ tok_pairs,                   \
         float* __restrict__ y, int T, int topk) { PDL_TRIGGER();                                                         \
         moe_tiled<false, NS, CS>(W, S, experts, pair_off, nullptr, pair_w, h, out, I, H / 16, H, counters, tok_pairs, y, \
-                                 T, topk);                                                                               \
+                                 T, topk, 0);                                                                            \
     }                                                                                                                    \
     extern "C" __global__ void __launch_bounds__(256, 2) moe_fused_bulk_n##NS##_c##CS(                                   \
         const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Sg, const unsigned char* __restrict__ Wd, \
         const unsigned char* __restrict__ Sd, const int* __restrict__ experts, const int* __restrict__ pair_off,         \
         const int* __restrict__ pair_tok, const float* __restrict__ pair_w, const float* __restrict__ x,                  \
         float* __restrict__ h, float* __restrict__ out, int H, int I, int U, unsigned* counters,                         \
-        const int* __restrict__ tok_pairs, float* __restrict__ y, int T, int topk) {                                     \
+        const int* __restrict__ tok_pairs, float* __restrict__ y, int T, int topk, int x_settled) {                      \
         TRACE_SM();                                                                                                      \
         TRACE(1);                                                                                                        \
         __shared__ StageSmem ss;                                                                                         \
-        bool staged = stage_token_early(x, T, H, fused_frag(NS * CS * 544), ss);                                        \
+        bool staged = stage_token_early(x, T, H, fused_frag(NS * CS * 544), ss, x_settled);                             \
         PDL_ENTER();                                                                                                     \
         TRACE(2);                                                                                                        \
         moe_fused<NS, CS>(Wg, Sg, Wd, Sd, experts, pair_off, pair_tok, pair_w, x, h, out, H, I, U, counters, tok_pairs,  \
@@ -699,11 +699,12 @@ __device__ __forceinline__ void moe_fused_routed(const float* __restrict__ logit
         const float* __restrict__ logits, const float* __restrict__ bias, int E, int K, int softmax, int n_group,        \
         int topk_group, int norm, float scale, const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Sg, \
         const unsigned char* __restrict__ Wd, const unsigned char* __restrict__ Sd, const float* __restrict__ x,          \
-        float* __restrict__ h, float* __restrict__ out, int H, int I, int U, unsigned* counters, float* __restrict__ y) { \
+        float* __restrict__ h, float* __restrict__ out, int H, int I, int U, unsigned* counters, float* __restrict__ y,  \
+        int x_settled) {                                                                                                 \
         TRACE_SM();                                                                                                      \
         TRACE(1);                                                                                                        \
         moe_fused_routed<NS, CS>(logits, bias, E, K, softmax, n_group, topk_group, norm, scale, Wg, Sg, Wd, Sd, x, h, out, \
-                                 H, I, U, counters, y);                                                                  \
+                                 H, I, U, counters, y, x_settled);                                                       \
     }
 MOE_BULK(2, 4)
 MOE_BULK(4, 2)

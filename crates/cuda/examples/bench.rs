@@ -6,7 +6,7 @@
 //!     cargo run --release -p peregrine-cuda --example bench
 
 use cudarc::driver::sys::CUevent_flags;
-use peregrine_cuda::kernels::{MoeLayout, MoeWeights};
+use peregrine_cuda::kernels::{MoeInput, MoeLayout, MoeWeights};
 use peregrine_cuda::{probe, Kernels, MoeKernel, MoeRouting};
 use rand::{Rng, SeedableRng};
 
@@ -243,12 +243,12 @@ fn main() {
             let pct = |ms: f32| 100.0 * b / (ms as f64 * 1e-3) / copy_bw;
             // One call at a time (synchronised after each, so the first launch's host latency
             // is in the number), then back to back.
-            let mut alone = |kind: MoeKernel, w: &MoeWeights| time(20, &mut |run| k.moe_mxfp4_with(kind, w, &dev[run % dev.len()], &x, &mut scratch, &mut y).unwrap());
+            let mut alone = |kind: MoeKernel, w: &MoeWeights| time(20, &mut |run| k.moe_mxfp4_with(kind, w, &dev[run % dev.len()], &x, MoeInput::Settled, &mut scratch, &mut y).unwrap());
             let default = k.moe_kernel(&wt, t, top_k);
             let ms_alone = alone(default, &wt);
             let ms2 = alone(MoeKernel::TensorCore, &w);
             let ms3 = alone(MoeKernel::PIPELINED, &w);
-            let mut run = |kind: MoeKernel, w: &MoeWeights| time_b2b(&mut |run| k.moe_mxfp4_with(kind, w, &dev[run % dev.len()], &x, &mut scratch, &mut y).unwrap());
+            let mut run = |kind: MoeKernel, w: &MoeWeights| time_b2b(&mut |run| k.moe_mxfp4_with(kind, w, &dev[run % dev.len()], &x, MoeInput::Settled, &mut scratch, &mut y).unwrap());
             let ms = run(default, &wt);
             let mut kinds: Vec<(String, MoeKernel)> = Vec::new();
             for &(stages, steps) in peregrine_cuda::kernels::TILED_VARIANTS.iter() {
@@ -273,7 +273,7 @@ fn main() {
                 for stages in [2usize, 4] {
                     let kind = MoeKernel::Fused { stages, steps: 4, max_blocks: 0 };
                     for _ in 0..6 {
-                        k.moe_mxfp4_with(kind, &wt, &dev[0], &x, &mut scratch, &mut y).unwrap();
+                        k.moe_mxfp4_with(kind, &wt, &dev[0], &x, MoeInput::Settled, &mut scratch, &mut y).unwrap();
                     }
                     s.synchronize().unwrap();
                     print_moe_trace(&format!("{name}, {t} token(s), fused {stages}x4, the last of 6 calls back to back"), &k.moe_trace().unwrap().unwrap(), (2 * i / 16).div_ceil(8) * routings[0].experts.len());
@@ -285,7 +285,7 @@ fn main() {
                     let mut csv = String::from("call,block,sm,stamp_us...\n");
                     for call in 0..8 {
                         for j in 0..3 {
-                            k.moe_mxfp4_with(MoeKernel::FUSED, &wt, &dev[(call * 3 + j) % dev.len()], &x, &mut scratch, &mut y).unwrap();
+                            k.moe_mxfp4_with(MoeKernel::FUSED, &wt, &dev[(call * 3 + j) % dev.len()], &x, MoeInput::Settled, &mut scratch, &mut y).unwrap();
                         }
                         s.synchronize().unwrap();
                         let tr = k.moe_trace().unwrap().unwrap();

@@ -16,7 +16,7 @@ use peregrine_model::weights::WeightSource;
 use crate::compile;
 use crate::device::{nvrtc_arch, Gpu};
 use crate::draft::Drafter;
-use crate::kernels::{DeviceRouting, F16Split, Kernels, MoeKernel, MoeRouting, MoeWeights};
+use crate::kernels::{DeviceRouting, F16Split, Kernels, MoeInput, MoeKernel, MoeRouting, MoeWeights};
 use crate::graph::Graphs;
 use crate::weights::{Embed, Source, Synthetic};
 
@@ -823,22 +823,25 @@ impl CudaModel {
     pub(crate) fn moe(&self, spec: &MoeSpec, router: &Mat, bias: Option<&(CudaSlice<f32>, Vec<f32>)>, experts: &Experts, hn: &CudaSlice<f32>, n: usize) -> Result<CudaSlice<f32>> {
         let logits = self.matvec(router, hn, n)?;
         match experts {
-            Experts::Stacked(w) => self.moe_stacked(spec, &logits, bias.map(|b| &b.0), w, hn, n),
+            // hn was written before this call, and the router launched on it since: by the
+            // expert kernels it is settled (staged while the router still runs).
+            Experts::Stacked(w) => self.moe_stacked(spec, &logits, bias.map(|b| &b.0), w, hn, MoeInput::Settled, n),
             Experts::PerExpert(e) => self.moe_per_expert(spec, &logits, bias.map(|b| b.1.as_slice()), e, hn, n),
         }
     }
 
     /// Router, grouping and the grouped MXFP4 kernels, all on the GPU: no host round trip. One
     /// token on the fused kernel is routed inside it (`route_in_moe`).
-    fn moe_stacked(&self, spec: &MoeSpec, logits: &CudaSlice<f32>, bias: Option<&CudaSlice<f32>>, w: &MoeWeights, hn: &CudaSlice<f32>, n: usize) -> Result<CudaSlice<f32>> {
+    #[allow(clippy::too_many_arguments)]
+    fn moe_stacked(&self, spec: &MoeSpec, logits: &CudaSlice<f32>, bias: Option<&CudaSlice<f32>>, w: &MoeWeights, hn: &CudaSlice<f32>, input: MoeInput, n: usize) -> Result<CudaSlice<f32>> {
         let mut y = self.empty(n * self.spec.hidden_size)?;
         let kind = self.kernels.moe_kernel(w, n, spec.top_k);
         if n == 1 && self.route_in_moe && matches!(kind, MoeKernel::Fused { .. }) && w.is_tiled() {
-            self.with_moe_scratch(w, spec.top_k, |scratch| self.kernels.moe_mxfp4_routed(kind, spec, w, logits, bias, hn, scratch, &mut y))?;
+            self.with_moe_scratch(w, spec.top_k, |scratch| self.kernels.moe_mxfp4_routed(kind, spec, w, logits, bias, hn, input, scratch, &mut y))?;
             return Ok(y);
         }
         let (r, _, _) = self.route_device(spec, logits, bias, n)?;
-        self.with_moe_scratch(w, r.num_pairs, |scratch| self.kernels.moe_mxfp4(w, &r, hn, scratch, &mut y))?;
+        self.with_moe_scratch(w, r.num_pairs, |scratch| self.kernels.moe_mxfp4(w, &r, hn, input, scratch, &mut y))?;
         Ok(y)
     }
 

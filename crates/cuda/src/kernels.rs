@@ -79,6 +79,25 @@ pub const TILED_VARIANTS: [(usize, usize); 7] = [(2, 4), (4, 2), (3, 4), (4, 4),
 /// Activations as F16 hi and lo parts of each row times a power of two, and the inverse powers
 /// (the FP8 tensor-core GEMV's input; `split_f16`'s output).
 pub type F16Split = (CudaSlice<u16>, CudaSlice<u16>, CudaSlice<f32>);
+/// How old a MoE call's input x is, which decides when the tiled kernels may read it. With one
+/// token they stage x before they wait for the kernel ahead (programmatic dependent launch lets
+/// their blocks run while that kernel still does), which only x written at least two launches
+/// earlier makes safe: the launch in between waited for the writer before it let this one start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MoeInput {
+    /// Written two or more launches before the MoE call (a decode step's norm, with the router
+    /// GEMV launched since) or by a finished copy: staged early, overlapping the kernel ahead.
+    Settled,
+    /// Possibly written by the launch just before: staged after the wait.
+    Fresh,
+}
+
+impl MoeInput {
+    fn settled_flag(self) -> i32 {
+        (self == MoeInput::Settled) as i32
+    }
+}
+
 /// The largest top-k whose combine the tiled down kernel fuses (MAX_FUSED_TOPK in moe.cu).
 const MAX_FUSED_TOPK: usize = 32;
 /// Dynamic shared memory the tiled MoE kernels may ask for (8 warps' rings and the staged
@@ -735,11 +754,11 @@ impl Kernels {
     /// weights; for row-major ones the tensor-core kernels when H and I are multiples of 64,
     /// else the CUDA-core v2 kernels.
     ///
-    /// With one token the tiled kernels read `x` before waiting for the kernel ahead (moe.cu,
-    /// `stage_token_early`): `x` must have been written at least two launches earlier (by the
-    /// norm, with the router and the routing launched since), never by the launch just before.
-    pub fn moe_mxfp4(&self, w: &MoeWeights, r: &DeviceRouting, x: &CudaSlice<f32>, scratch: &mut MoeScratch, y: &mut CudaSlice<f32>) -> Result<()> {
-        self.moe_mxfp4_with(self.moe_kernel(w, r.num_tokens, r.top_k), w, r, x, scratch, y)
+    /// `input` says how old `x` is: with `MoeInput::Settled` one token's x is read before the
+    /// kernel waits for the one ahead (see `MoeInput`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn moe_mxfp4(&self, w: &MoeWeights, r: &DeviceRouting, x: &CudaSlice<f32>, input: MoeInput, scratch: &mut MoeScratch, y: &mut CudaSlice<f32>) -> Result<()> {
+        self.moe_mxfp4_with(self.moe_kernel(w, r.num_tokens, r.top_k), w, r, x, input, scratch, y)
     }
 
     /// The fused MoE kernel's %globaltimer stamps from its last call (`MOE_TRACE_SLOTS` per
@@ -799,10 +818,10 @@ impl Kernels {
     /// (`moe_fused_routed_*`: each block runs moe_route's router on the token's `logits` [E] and
     /// groups the choices itself), so a batch-1 step has no routing launch. Same experts,
     /// weights and arithmetic as `moe_route` followed by `moe_mxfp4_with(kind, ..)`, bit for bit.
-    /// `kind` must be `MoeKernel::Fused` and the weights tiled. As for `moe_mxfp4`, `x` is read
-    /// before the wait for the kernel ahead (the router GEMV), so it must be older than that.
+    /// `kind` must be `MoeKernel::Fused` and the weights tiled. `input` as for `moe_mxfp4`: x is
+    /// settled when it is older than the launch that wrote `logits` (the router GEMV).
     #[allow(clippy::too_many_arguments)]
-    pub fn moe_mxfp4_routed(&self, kind: MoeKernel, spec: &MoeSpec, w: &MoeWeights, logits: &CudaSlice<f32>, bias: Option<&CudaSlice<f32>>, x: &CudaSlice<f32>, scratch: &mut MoeScratch, y: &mut CudaSlice<f32>) -> Result<()> {
+    pub fn moe_mxfp4_routed(&self, kind: MoeKernel, spec: &MoeSpec, w: &MoeWeights, logits: &CudaSlice<f32>, bias: Option<&CudaSlice<f32>>, x: &CudaSlice<f32>, input: MoeInput, scratch: &mut MoeScratch, y: &mut CudaSlice<f32>) -> Result<()> {
         let (e, k, h) = (spec.num_experts, spec.top_k, w.hidden);
         let (MoeLayout::Tiled { gate_up, gate_up_s, down, down_s }, MoeKernel::Fused { stages, steps, max_blocks }) = (&w.layout, kind) else {
             return Err(Error::Backend(format!("the routed MoE kernel runs the fused kernel over tiled weights, not {kind:?}")));
@@ -823,13 +842,16 @@ impl Kernels {
         };
         b.arg(&ei).arg(&ki).arg(&sm).arg(&ng).arg(&tg).arg(&norm).arg(&sc);
         b.arg(gate_up).arg(gate_up_s).arg(down).arg(down_s).arg(x).arg(&mut scratch.h).arg(&mut scratch.out).arg(&hh).arg(&ii).arg(&ui).arg(&mut scratch.counters).arg(&mut *y);
+        let settled = input.settled_flag();
+        b.arg(&settled);
         unsafe { b.launch(cfg) }.map_err(drv("moe (fused, routed)"))?;
         Ok(())
     }
 
     /// The MoE decode with a chosen kernel generation (the bench compares them); the kernel
     /// must read the weights' layout.
-    pub fn moe_mxfp4_with(&self, kind: MoeKernel, w: &MoeWeights, r: &DeviceRouting, x: &CudaSlice<f32>, scratch: &mut MoeScratch, y: &mut CudaSlice<f32>) -> Result<()> {
+    #[allow(clippy::too_many_arguments)]
+    pub fn moe_mxfp4_with(&self, kind: MoeKernel, w: &MoeWeights, r: &DeviceRouting, x: &CudaSlice<f32>, input: MoeInput, scratch: &mut MoeScratch, y: &mut CudaSlice<f32>) -> Result<()> {
         let (h, i) = (w.hidden, w.inter);
         check(h % 32 == 0 && i % 32 == 0, || format!("MoE dims {h}, {i} must be multiples of 32"))?;
         check(scratch.h.len() >= r.num_pairs * i && scratch.out.len() >= r.num_pairs * h, || "MoE scratch too small".into())?;
@@ -849,11 +871,11 @@ impl Kernels {
                 check(gu_smem.max(d_smem) <= TILED_MAX_SMEM, || format!("MoE dims {h}, {i} need more than {TILED_MAX_SMEM} bytes of shared memory"))?;
                 // A block's 8 warps stream one 16-row tile each.
                 let cfg = |tiles: usize, smem: usize| LaunchConfig { grid_dim: (tiles.div_ceil(8) as u32, u, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem as u32 };
-                // One token's x is staged before the kernel waits for the one ahead (moe.cu,
-                // stage_token_early).
-                let (ti, ki) = (r.num_tokens as i32, r.top_k as i32);
+                // One settled token's x is staged before the kernel waits for the one ahead
+                // (moe.cu, stage_token_early).
+                let (ti, ki, settled) = (r.num_tokens as i32, r.top_k as i32, input.settled_flag());
                 let mut b = crate::launch::builder(&self.stream, fg);
-                b.arg(gate_up).arg(gate_up_s).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_tok).arg(x).arg(&mut scratch.h).arg(&hh).arg(&ii).arg(&ti);
+                b.arg(gate_up).arg(gate_up_s).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_tok).arg(x).arg(&mut scratch.h).arg(&hh).arg(&ii).arg(&ti).arg(&settled);
                 unsafe { b.launch(cfg(2 * i / 16, gu_smem)) }.map_err(drv("moe gate_up (tiled)"))?;
                 let fused = r.top_k <= MAX_FUSED_TOPK;
                 check(scratch.counters.len() >= (h / 16).div_ceil(8), || "MoE scratch counters too small".into())?;
@@ -879,6 +901,8 @@ impl Kernels {
                 let mut b = crate::launch::builder(&self.stream, f);
                 b.arg(gate_up).arg(gate_up_s).arg(down).arg(down_s).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_tok).arg(&r.pair_w).arg(x);
                 b.arg(&mut scratch.h).arg(&mut scratch.out).arg(&hh).arg(&ii).arg(&ui).arg(&mut scratch.counters).arg(&r.tok_pairs).arg(&mut *y).arg(&ti).arg(&ki);
+                let settled = input.settled_flag();
+                b.arg(&settled);
                 unsafe { b.launch(cfg) }.map_err(drv("moe (fused, tiled)"))?;
                 return Ok(());
             }

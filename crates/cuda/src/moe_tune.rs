@@ -12,7 +12,7 @@ use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::CudaSlice;
 use peregrine_core::Result;
 
-use crate::kernels::{Kernels, MoeKernel, MoeLayout, MoeRouting, MoeWeights, TILED_VARIANTS};
+use crate::kernels::{Kernels, MoeInput, MoeKernel, MoeLayout, MoeRouting, MoeWeights, TILED_VARIANTS};
 
 /// Token counts tuned; larger batches use the default (`MoeKernel::for_tiled`).
 pub const TUNED_TOKENS: usize = 8;
@@ -76,7 +76,7 @@ impl Kernels {
                 .collect::<Result<Vec<_>>>()?;
             let mut best: Option<(MoeKernel, f32)> = None;
             for &kind in &kinds {
-                let mut call = |i: usize| self.moe_mxfp4_with(kind, w, &routings[i % routings.len()], &x, &mut scratch, &mut y);
+                let mut call = |i: usize| self.moe_mxfp4_with(kind, w, &routings[i % routings.len()], &x, MoeInput::Settled, &mut scratch, &mut y);
                 // A kernel that cannot run this shape (shared memory, top-k) is skipped.
                 if call(0).is_err() {
                     continue;

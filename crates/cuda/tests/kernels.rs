@@ -6,7 +6,7 @@
 //! set. NVRTC compilation is checked wherever libnvrtc loads (no GPU needed).
 
 use peregrine_cuda::{probe, probe_for_tests, Gpu, Kernels, MoeKernel, MoeRouting};
-use peregrine_cuda::kernels::MoeWeights;
+use peregrine_cuda::kernels::{MoeInput, MoeWeights};
 use peregrine_model::formats::{dequant_fp8_block, dequant_mxfp4, fp8_e4m3_to_f32};
 use rand::{Rng, SeedableRng};
 
@@ -235,15 +235,15 @@ fn mxfp4_moe_decode_matches_the_cpu_reference() {
             let mut scratch = kern.moe_scratch(&w, t * top_k).unwrap();
             let xd = g.stream.clone_htod(&x).unwrap();
             let mut y = poisoned(&g, t * h);
-            kern.moe_mxfp4(&w, &dr, &xd, &mut scratch, &mut y).unwrap();
+            kern.moe_mxfp4(&w, &dr, &xd, MoeInput::Settled, &mut scratch, &mut y).unwrap();
             let mut y1 = poisoned(&g, t * h);
-            kern.moe_mxfp4_with(MoeKernel::V1, &w, &dr, &xd, &mut scratch, &mut y1).unwrap();
+            kern.moe_mxfp4_with(MoeKernel::V1, &w, &dr, &xd, MoeInput::Settled, &mut scratch, &mut y1).unwrap();
             let mut y2 = poisoned(&g, t * h);
-            kern.moe_mxfp4_with(MoeKernel::V2, &w, &dr, &xd, &mut scratch, &mut y2).unwrap();
+            kern.moe_mxfp4_with(MoeKernel::V2, &w, &dr, &xd, MoeInput::Settled, &mut scratch, &mut y2).unwrap();
             let mut y3 = poisoned(&g, t * h);
-            kern.moe_mxfp4_with(MoeKernel::TensorCore, &w, &dr, &xd, &mut scratch, &mut y3).unwrap();
+            kern.moe_mxfp4_with(MoeKernel::TensorCore, &w, &dr, &xd, MoeInput::Settled, &mut scratch, &mut y3).unwrap();
             let mut yt = poisoned(&g, t * h);
-            kern.moe_mxfp4(&wt, &dr, &xd, &mut scratch, &mut yt).unwrap();
+            kern.moe_mxfp4(&wt, &dr, &xd, MoeInput::Settled, &mut scratch, &mut yt).unwrap();
             // Every compiled ring, each twice: the counters (the fused combine's, the fused
             // kernel's waits) must come back to zero after a call.
             let mut yt_all = Vec::new();
@@ -255,13 +255,13 @@ fn mxfp4_moe_decode_matches_the_cpu_reference() {
             for kind in kinds {
                 for _ in 0..2 {
                     let mut yv = poisoned(&g, t * h);
-                    kern.moe_mxfp4_with(kind, &wt, &dr, &xd, &mut scratch, &mut yv).unwrap();
+                    kern.moe_mxfp4_with(kind, &wt, &dr, &xd, MoeInput::Settled, &mut scratch, &mut yv).unwrap();
                     yt_all.push((kind, yv));
                 }
             }
             let mut yt4 = poisoned(&g, t * h);
             // A kernel that does not read the layout is refused, not run.
-            assert!(kern.moe_mxfp4_with(MoeKernel::TensorCore, &wt, &dr, &xd, &mut scratch, &mut yt4).is_err());
+            assert!(kern.moe_mxfp4_with(MoeKernel::TensorCore, &wt, &dr, &xd, MoeInput::Settled, &mut scratch, &mut yt4).is_err());
             // CPU: for each token and slot, down(silu(gate x) * up x) * weight, summed in slot order.
             let mut want = vec![0f32; t * h];
             for (ti, c) in choices.iter().enumerate() {
@@ -290,10 +290,30 @@ fn mxfp4_moe_decode_matches_the_cpu_reference() {
                 assert!(yv.iter().zip(&yt_host).all(|(a, b)| a.to_bits() == b.to_bits()), "moe mxfp4 ({kind:?}) {h}x{i} T={t} differs from the default in some bit");
             }
             assert_eq!(g.stream.clone_dtoh(&scratch.counters).unwrap().iter().filter(|&&c| c != 0).count(), 0, "combine counters left non-zero");
+            // x written by the launch just before (`MoeInput::Fresh`): one call's output is the
+            // next one's input, launched back to back, so the second call's blocks may start
+            // while the first still writes; it must wait before staging x, and give the bits
+            // of the same call on a finished x.
+            if t == 1 {
+                for &(stages, steps) in peregrine_cuda::kernels::TILED_VARIANTS.iter() {
+                    for kind in [MoeKernel::Tiled { stages, steps }, MoeKernel::Fused { stages, steps, max_blocks: 0 }] {
+                        let mut first = poisoned(&g, h);
+                        let mut second = poisoned(&g, h);
+                        kern.moe_mxfp4_with(kind, &wt, &dr, &xd, MoeInput::Settled, &mut scratch, &mut first).unwrap();
+                        kern.moe_mxfp4_with(kind, &wt, &dr, &first, MoeInput::Fresh, &mut scratch, &mut second).unwrap();
+                        let chained = g.stream.clone_dtoh(&second).unwrap();
+                        let mut again = poisoned(&g, h);
+                        kern.moe_mxfp4_with(kind, &wt, &dr, &first, MoeInput::Settled, &mut scratch, &mut again).unwrap();
+                        let again = g.stream.clone_dtoh(&again).unwrap();
+                        assert!(again.iter().all(|v| v.is_finite()), "moe mxfp4 ({kind:?}) of a MoE output is finite");
+                        assert!(chained.iter().zip(&again).all(|(a, b)| a.to_bits() == b.to_bits()), "moe mxfp4 ({kind:?}): x from the launch just before (Fresh) differs from the same x settled");
+                    }
+                }
+            }
             // Every K split of the pipelined kernels (the default is one of them).
             for (gate_up_split, down_split) in [(1, 8), (2, 4), (4, 2), (8, 1)] {
                 let mut y4 = poisoned(&g, t * h);
-                kern.moe_mxfp4_with(MoeKernel::Pipelined { gate_up_split, down_split }, &w, &dr, &xd, &mut scratch, &mut y4).unwrap();
+                kern.moe_mxfp4_with(MoeKernel::Pipelined { gate_up_split, down_split }, &w, &dr, &xd, MoeInput::Settled, &mut scratch, &mut y4).unwrap();
                 assert_close(&format!("moe mxfp4 (pipelined, splits {gate_up_split}/{down_split}) {h}x{i} T={t}"), &g.stream.clone_dtoh(&y4).unwrap(), &want);
             }
         }

@@ -10,7 +10,7 @@ use std::path::Path;
 
 use peregrine_core::backend::{Backend, KvConfig, OutputRows, SeqForward};
 use peregrine_core::{ModelSpec, MoeSpec, RouterScoring};
-use peregrine_cuda::kernels::MoeWeights;
+use peregrine_cuda::kernels::{MoeInput, MoeWeights};
 use peregrine_cuda::{probe_for_tests, CudaModel, Kernels, MoeKernel, MoeRouting};
 use rand::{Rng, SeedableRng};
 
@@ -149,14 +149,19 @@ fn moe_routed_inside_the_fused_kernel_equals_routing_then_moe() {
                 for max_blocks in [0, 3] {
                     let kind = MoeKernel::Fused { stages, steps, max_blocks };
                     let mut want = g.stream.clone_htod(&vec![f32::NAN; h]).unwrap();
-                    kern.moe_mxfp4_with(kind, &w, &dr, &xd, &mut scratch, &mut want).unwrap();
+                    kern.moe_mxfp4_with(kind, &w, &dr, &xd, MoeInput::Settled, &mut scratch, &mut want).unwrap();
                     let mut got = g.stream.clone_htod(&vec![f32::NAN; h]).unwrap();
-                    kern.moe_mxfp4_routed(kind, &spec, &w, &ld2, bd.as_ref(), &xd, &mut scratch, &mut got).unwrap();
+                    kern.moe_mxfp4_routed(kind, &spec, &w, &ld2, bd.as_ref(), &xd, MoeInput::Settled, &mut scratch, &mut got).unwrap();
+                    // x staged after the wait (as for x from the launch just before) gives the same bits.
+                    let mut fresh = g.stream.clone_htod(&vec![f32::NAN; h]).unwrap();
+                    kern.moe_mxfp4_routed(kind, &spec, &w, &ld2, bd.as_ref(), &xd, MoeInput::Fresh, &mut scratch, &mut fresh).unwrap();
+                    let fresh = g.stream.clone_dtoh(&fresh).unwrap();
                     let (want, got) = (g.stream.clone_dtoh(&want).unwrap(), g.stream.clone_dtoh(&got).unwrap());
                     if !lg.iter().any(|v| v.is_nan()) {
                         assert!(want.iter().all(|v| v.is_finite()), "{name}: the reference MoE output is finite");
                     }
                     assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{name} ({kind:?}): routed in the kernel differs from routing then the kernel");
+                    assert!(fresh.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{name} ({kind:?}): routed with x staged after the wait differs");
                     assert!(g.stream.clone_dtoh(&scratch.counters).unwrap().iter().all(|&c| c == 0), "{name} ({kind:?}): counters left non-zero");
                 }
                 // The two-launch kernels over the same routing: one token's x is staged before
@@ -164,9 +169,9 @@ fn moe_routed_inside_the_fused_kernel_equals_routing_then_moe() {
                 // of all-NaN logits) restages them; every tiled kernel gives the same bits.
                 let kind = MoeKernel::Tiled { stages, steps };
                 let mut tiled = g.stream.clone_htod(&vec![f32::NAN; h]).unwrap();
-                kern.moe_mxfp4_with(kind, &w, &dr, &xd, &mut scratch, &mut tiled).unwrap();
+                kern.moe_mxfp4_with(kind, &w, &dr, &xd, MoeInput::Settled, &mut scratch, &mut tiled).unwrap();
                 let mut fused = g.stream.clone_htod(&vec![f32::NAN; h]).unwrap();
-                kern.moe_mxfp4_routed(MoeKernel::Fused { stages, steps, max_blocks: 0 }, &spec, &w, &ld2, bd.as_ref(), &xd, &mut scratch, &mut fused).unwrap();
+                kern.moe_mxfp4_routed(MoeKernel::Fused { stages, steps, max_blocks: 0 }, &spec, &w, &ld2, bd.as_ref(), &xd, MoeInput::Settled, &mut scratch, &mut fused).unwrap();
                 let (tiled, fused) = (g.stream.clone_dtoh(&tiled).unwrap(), g.stream.clone_dtoh(&fused).unwrap());
                 assert!(tiled.iter().zip(&fused).all(|(a, b)| a.to_bits() == b.to_bits()), "{name} ({kind:?}): two launches differ from the routed fused kernel");
             }
@@ -181,7 +186,7 @@ fn moe_routed_inside_the_fused_kernel_equals_routing_then_moe() {
     let mut scratch = kern.moe_scratch(&w, spec.top_k).unwrap();
     let (ld, xd) = (g.stream.clone_htod(&vec![0f32; e]).unwrap(), g.stream.clone_htod(&vec![0f32; h]).unwrap());
     let mut y = g.stream.clone_htod(&vec![0f32; h]).unwrap();
-    assert!(kern.moe_mxfp4_routed(MoeKernel::Tiled { stages: 2, steps: 4 }, &spec, &w, &ld, None, &xd, &mut scratch, &mut y).is_err());
+    assert!(kern.moe_mxfp4_routed(MoeKernel::Tiled { stages: 2, steps: 4 }, &spec, &w, &ld, None, &xd, MoeInput::Settled, &mut scratch, &mut y).is_err());
 }
 
 fn kv(model: &mut CudaModel, blocks: usize) -> usize {
