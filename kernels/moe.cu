@@ -33,6 +33,11 @@
 // compile.rs prepends both.)
 
 #define TW 8  // warps per block, one 16-row tile each
+// Blocks per SM the tiled kernels' register budget is cut for (measurement builds may ask for
+// more with PEREGRINE_KERNEL_DEFINES=-DMOE_MIN_BLOCKS=3).
+#ifndef MOE_MIN_BLOCKS
+#define MOE_MIN_BLOCKS 2
+#endif
 #define NP 4  // routed pairs per pass (MMA columns: hi and lo of each)
 
 // Measurement builds only (PEREGRINE_KERNEL_DEFINES=-DMOE_TRACE): the fused kernel stamps
@@ -665,14 +670,14 @@ __device__ __forceinline__ void moe_fused_routed(const float* __restrict__ logit
 
 // Ring shapes: NS stages of CS steps.
 #define MOE_BULK(NS, CS)                                                                                                 \
-    extern "C" __global__ void __launch_bounds__(256, 2) moe_gate_up_bulk_n##NS##_c##CS(                                 \
+    extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_gate_up_bulk_n##NS##_c##CS(                                 \
         const unsigned char* __restrict__ W, const unsigned char* __restrict__ S, const int* __restrict__ experts,       \
         const int* __restrict__ pair_off, const int* __restrict__ pair_tok, const float* __restrict__ x,                 \
         float* __restrict__ h, int H, int I, int T, int x_settled) {                                                     \
         moe_tiled<true, NS, CS>(W, S, experts, pair_off, pair_tok, nullptr, x, h, H, I / 8, I, nullptr, nullptr, nullptr, \
                                 T, 0, x_settled);                                                                        \
     }                                                                                                                    \
-    extern "C" __global__ void __launch_bounds__(256, 2) moe_down_bulk_n##NS##_c##CS(                                    \
+    extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_down_bulk_n##NS##_c##CS(                                    \
         const unsigned char* __restrict__ W, const unsigned char* __restrict__ S, const int* __restrict__ experts,       \
         const int* __restrict__ pair_off, const float* __restrict__ pair_w, const float* __restrict__ h,                 \
         float* __restrict__ out, int H, int I, unsigned* counters, const int* __restrict__ tok_pairs,                   \
@@ -680,7 +685,7 @@ __device__ __forceinline__ void moe_fused_routed(const float* __restrict__ logit
         moe_tiled<false, NS, CS>(W, S, experts, pair_off, nullptr, pair_w, h, out, I, H / 16, H, counters, tok_pairs, y, \
                                  T, topk, 0);                                                                            \
     }                                                                                                                    \
-    extern "C" __global__ void __launch_bounds__(256, 2) moe_fused_bulk_n##NS##_c##CS(                                   \
+    extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_fused_bulk_n##NS##_c##CS(                                   \
         const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Sg, const unsigned char* __restrict__ Wd, \
         const unsigned char* __restrict__ Sd, const int* __restrict__ experts, const int* __restrict__ pair_off,         \
         const int* __restrict__ pair_tok, const float* __restrict__ pair_w, const float* __restrict__ x,                  \
@@ -695,7 +700,7 @@ __device__ __forceinline__ void moe_fused_routed(const float* __restrict__ logit
         moe_fused<NS, CS>(Wg, Sg, Wd, Sd, experts, pair_off, pair_tok, pair_w, x, h, out, H, I, U, counters, tok_pairs,  \
                           y, T, topk, ss, staged);                                                                       \
     }                                                                                                                    \
-    extern "C" __global__ void __launch_bounds__(256, 2) moe_fused_routed_bulk_n##NS##_c##CS(                            \
+    extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_fused_routed_bulk_n##NS##_c##CS(                            \
         const float* __restrict__ logits, const float* __restrict__ bias, int E, int K, int softmax, int n_group,        \
         int topk_group, int norm, float scale, const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Sg, \
         const unsigned char* __restrict__ Wd, const unsigned char* __restrict__ Sd, const float* __restrict__ x,          \
