@@ -212,6 +212,13 @@ struct StageSmem {
     int rows[NP];
 };
 
+// Where the tiled kernels stage activations: in dynamic shared memory after the TW warps' rings
+// of `ring` bytes each.
+__device__ __forceinline__ uint4* staged_frag(int ring) {
+    extern __shared__ uint4 dsm[];
+    return dsm + TW * ring / 16;
+}
+
 // One token's activations staged before the kernel waits for the one ahead (PDL), when the host
 // says x is settled (`settled`, Kernels' MoeInput::Settled): written at least two launches back
 // (the norm, then the router GEMV, then moe_route when routing is a launch of its own). Every
@@ -460,7 +467,7 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
                                           int topk, int x_settled) {
     constexpr int RING = NS * CS * 544;  // bytes per warp
     extern __shared__ uint4 dsm[];
-    uint4* frag = dsm + TW * RING / 16;
+    uint4* frag = staged_frag(RING);
     __shared__ unsigned long long bars[TW * NS];
     __shared__ StageSmem ss;
     // gate_up waits for the kernel ahead here, after staging one token's x (the down kernel
@@ -521,12 +528,6 @@ __device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
     return v;
 }
 
-// The staged activations of the fused kernels: after the TW warps' rings of `ring` bytes each.
-__device__ __forceinline__ uint4* fused_frag(int ring) {
-    extern __shared__ uint4 dsm[];
-    return dsm + TW * ring / 16;
-}
-
 // Item n's (is down, slot, row group); gu_items = U x gate_up groups.
 __device__ __forceinline__ void fused_item(int n, int gu_items, int gug, int dg, bool& down, int& slot, int& grp) {
     down = n >= gu_items;
@@ -545,7 +546,7 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
                                           float* __restrict__ y, int T, int topk, StageSmem& ss, bool x_staged) {
     constexpr int RING = NS * CS * 544;
     extern __shared__ uint4 dsm[];
-    uint4* frag = fused_frag(RING);
+    uint4* frag = staged_frag(RING);
     __shared__ unsigned long long bars[TW * NS];
     int w = threadIdx.x >> 5, lane = threadIdx.x & 31, t = lane & 3;
     const int gu_tiles = I / 8, d_tiles = H / 16;  // 16-row tiles (gate_up rows interleaved)
@@ -656,7 +657,7 @@ __device__ __forceinline__ void moe_fused_routed(const float* __restrict__ logit
     __shared__ float wsel[MAX_FUSED_TOPK], pair_w[MAX_FUSED_TOPK];
     __shared__ StageSmem ss;
     float* scores = reinterpret_cast<float*>(dsm);
-    bool staged = stage_token_early(x, 1, H, fused_frag(NS * CS * 544), ss, x_settled);
+    bool staged = stage_token_early(x, 1, H, staged_frag(NS * CS * 544), ss, x_settled);
     PDL_ENTER();
     TRACE(2);
     route_token(logits, bias, E, K, softmax, n_group, topk_group, norm, scale, scores, scores + E, sel, wsel);
@@ -670,40 +671,40 @@ __device__ __forceinline__ void moe_fused_routed(const float* __restrict__ logit
 
 // Ring shapes: NS stages of CS steps.
 #define MOE_BULK(NS, CS)                                                                                                 \
-    extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_gate_up_bulk_n##NS##_c##CS(                                 \
+    extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_gate_up_bulk_n##NS##_c##CS(                    \
         const unsigned char* __restrict__ W, const unsigned char* __restrict__ S, const int* __restrict__ experts,       \
         const int* __restrict__ pair_off, const int* __restrict__ pair_tok, const float* __restrict__ x,                 \
         float* __restrict__ h, int H, int I, int T, int x_settled) {                                                     \
         moe_tiled<true, NS, CS>(W, S, experts, pair_off, pair_tok, nullptr, x, h, H, I / 8, I, nullptr, nullptr, nullptr, \
                                 T, 0, x_settled);                                                                        \
     }                                                                                                                    \
-    extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_down_bulk_n##NS##_c##CS(                                    \
+    extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_down_bulk_n##NS##_c##CS(                       \
         const unsigned char* __restrict__ W, const unsigned char* __restrict__ S, const int* __restrict__ experts,       \
         const int* __restrict__ pair_off, const float* __restrict__ pair_w, const float* __restrict__ h,                 \
-        float* __restrict__ out, int H, int I, unsigned* counters, const int* __restrict__ tok_pairs,                   \
+        float* __restrict__ out, int H, int I, unsigned* counters, const int* __restrict__ tok_pairs,                    \
         float* __restrict__ y, int T, int topk) { PDL_TRIGGER();                                                         \
         moe_tiled<false, NS, CS>(W, S, experts, pair_off, nullptr, pair_w, h, out, I, H / 16, H, counters, tok_pairs, y, \
                                  T, topk, 0);                                                                            \
     }                                                                                                                    \
-    extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_fused_bulk_n##NS##_c##CS(                                   \
+    extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_fused_bulk_n##NS##_c##CS(                      \
         const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Sg, const unsigned char* __restrict__ Wd, \
         const unsigned char* __restrict__ Sd, const int* __restrict__ experts, const int* __restrict__ pair_off,         \
-        const int* __restrict__ pair_tok, const float* __restrict__ pair_w, const float* __restrict__ x,                  \
+        const int* __restrict__ pair_tok, const float* __restrict__ pair_w, const float* __restrict__ x,                 \
         float* __restrict__ h, float* __restrict__ out, int H, int I, int U, unsigned* counters,                         \
         const int* __restrict__ tok_pairs, float* __restrict__ y, int T, int topk, int x_settled) {                      \
         TRACE_SM();                                                                                                      \
         TRACE(1);                                                                                                        \
         __shared__ StageSmem ss;                                                                                         \
-        bool staged = stage_token_early(x, T, H, fused_frag(NS * CS * 544), ss, x_settled);                             \
+        bool staged = stage_token_early(x, T, H, staged_frag(NS * CS * 544), ss, x_settled);                             \
         PDL_ENTER();                                                                                                     \
         TRACE(2);                                                                                                        \
         moe_fused<NS, CS>(Wg, Sg, Wd, Sd, experts, pair_off, pair_tok, pair_w, x, h, out, H, I, U, counters, tok_pairs,  \
                           y, T, topk, ss, staged);                                                                       \
     }                                                                                                                    \
-    extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_fused_routed_bulk_n##NS##_c##CS(                            \
+    extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_fused_routed_bulk_n##NS##_c##CS(               \
         const float* __restrict__ logits, const float* __restrict__ bias, int E, int K, int softmax, int n_group,        \
         int topk_group, int norm, float scale, const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Sg, \
-        const unsigned char* __restrict__ Wd, const unsigned char* __restrict__ Sd, const float* __restrict__ x,          \
+        const unsigned char* __restrict__ Wd, const unsigned char* __restrict__ Sd, const float* __restrict__ x,         \
         float* __restrict__ h, float* __restrict__ out, int H, int I, int U, unsigned* counters, float* __restrict__ y,  \
         int x_settled) {                                                                                                 \
         TRACE_SM();                                                                                                      \

@@ -179,13 +179,17 @@ mod tests {
     #[test]
     fn probe_reports_the_shared_presence_check() {
         // Whatever this machine has: without a GPU `probe` fails with the reason `presence`
-        // gives (the one `probe_for_tests` prints); with one, `presence` sees a device.
+        // gives (the one `probe_for_tests` prints); with n GPUs, `probe` refuses ordinal n with
+        // the count `presence` found.
         match presence() {
             Ok(Presence::NoGpu(why)) => {
                 assert!(why.contains("--device cpu"), "{why}");
                 assert_eq!(probe(0).err().map(|e| e.to_string()).unwrap_or_default(), Error::Backend(why).to_string());
             }
-            Ok(Presence::Devices(n)) => assert!(n > 0),
+            Ok(Presence::Devices(n)) => {
+                let e = probe(n).err().map(|e| e.to_string()).unwrap_or_default();
+                assert!(e.contains(&format!("GPU {n} requested but {n} found")) && e.contains("--device cpu"), "{e}");
+            }
             Err(e) => assert!(e.to_string().contains("--device cpu"), "{e}"),
         }
     }

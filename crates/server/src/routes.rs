@@ -80,14 +80,10 @@ fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     })
 }
 
+/// /health: 200 while the engine serves; 503 while the model loads or once the engine has
+/// failed (the failure named in the error object).
 async fn health(State(state): State<AppState>) -> Response {
-    health_response(state.ready.get().map(|r| r.engine.failure()))
-}
-
-/// /health: 200 while the engine serves; 503 while the model loads (`ready` None) or once the
-/// engine has failed (`Some(Some(why))`, named in the error object).
-fn health_response(ready: Option<Option<String>>) -> Response {
-    match ready {
+    match state.ready.get().map(|r| r.engine.failure()) {
         Some(None) => (StatusCode::OK, Json(json!({"status": "ok"}))).into_response(),
         Some(Some(why)) => ApiError::backend_failed(&why).into_response(),
         None => ApiError::loading().into_response(),

@@ -28,6 +28,8 @@ async fn openapi_fuzzing_finds_no_server_errors() {
         .args(["--include-operation-id", "createChatCompletion", "--include-operation-id", "createCompletion", "--include-operation-id", "listModels"])
         .args(["--checks", "not_a_server_error", "--max-examples", "30", "--generation-deterministic"])
         .env("NO_COLOR", "1")
+        // schemathesis keeps a cache in its working directory: under target/, not in the tree.
+        .current_dir(env!("CARGO_TARGET_TMPDIR"))
         .output()
         .await
         .unwrap();
