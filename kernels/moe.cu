@@ -452,19 +452,29 @@ __device__ __forceinline__ void combine_if_last(unsigned* counters, int grp, con
     if (threadIdx.x == 0) counters[grp] = 0u;
 }
 
+// A counter read with acquire semantics: writes made before its release are visible after it.
+__device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
+    unsigned v;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+
 // GATE_UP: W = interleaved gate/up tiles [E][I/8][H/64], x [T, H] rows by pair_tok, writes
 //          h[p, i] = silu(gate_e x) * (up_e x) for i = 8 r + g.
 // else:    W = down tiles [E][H/16][I/64], x = h [pairs, I], writes out[p, n] = pair_w[p] *
 //          down_e h_p, and with `counters` also the combine into y [T, H].
 // Grid: (ceil(tiles / TW), expert slots); dynamic shared memory TW x NS x CS x 544 bytes of
 // rings, then K * 4 * min(NP, max pairs) bytes of staged activations.
+// slot_done / slot_passed (per expert slot, zero between calls; null: the down kernel waits for
+// the whole gate_up grid instead): gate_up blocks count themselves done per slot, down blocks
+// wait for their slot's count and the last one past the wait resets both.
 template <bool GATE_UP, int NS, int CS>
 __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, const unsigned char* __restrict__ S,
                                           const int* __restrict__ experts, const int* __restrict__ pair_off,
                                           const int* __restrict__ pair_tok, const float* __restrict__ pair_w,
                                           const float* __restrict__ x, float* __restrict__ y, int K, int tiles, int ldy,
                                           unsigned* counters, const int* __restrict__ tok_pairs, float* __restrict__ comb, int T,
-                                          int topk, int x_settled) {
+                                          int topk, int x_settled, unsigned* slot_done, unsigned* slot_passed) {
     constexpr int RING = NS * CS * 544;  // bytes per warp
     extern __shared__ uint4 dsm[];
     uint4* frag = staged_frag(RING);
@@ -500,8 +510,23 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
         if ((int)threadIdx.x < np) ss.rows[threadIdx.x] = GATE_UP ? pair_tok[p0 + threadIdx.x] : p0 + threadIdx.x;
         if (active) bulk_prologue<NS, CS>(seq, wt, st, KS, ring, wbars);
         // The down kernel may be launched while gate_up still runs (programmatic dependent
-        // launch): its weights are asked for above, h only after gate_up has finished.
-        if (!GATE_UP) PDL_WAIT();
+        // launch): its weights are asked for above, h only after gate_up has finished. With
+        // `slot_done` a block waits only for its own slot's gate_up blocks (gate_up counts them
+        // there), so the slots finished first fill the GPU while the last gate_up blocks drain.
+        // Every gate_up block has started by the time any down block runs (the down kernel is
+        // launched only once each has passed its launch_dependents), so the wait always ends.
+        if (!GATE_UP) {
+            if (slot_done == nullptr) {
+                PDL_WAIT();
+            } else if (p0 == pb && threadIdx.x == 0) {
+                const unsigned gu_blocks = (unsigned)((K / 8 + TW - 1) / TW);  // K = I: I / 8 gate_up tiles
+                while (ld_acquire(slot_done + u) < gu_blocks) __nanosleep(64);
+                if (atomicAdd(slot_passed + u, 1u) + 1 == gridDim.x) {
+                    slot_done[u] = 0u;  // every down block of the slot is past its wait: reset for the next call
+                    slot_passed[u] = 0u;
+                }
+            }
+        }
         __syncthreads();
         // The early staging holds one pair; a slot with more (a repeated expert) restages.
         if (!(staged && np == 1)) stage_b(x, ss.rows, np, K, reinterpret_cast<unsigned*>(frag), ss.red, ss.scale, ss.inv);
@@ -511,7 +536,15 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
         if (active && t < np) tile_store(GATE_UP, acc, ss.inv[t], y, ldy, p0 + t, rt, pair_w);
         __syncthreads();  // every warp is done with the fragments before the next pass restages
     }
-    if (GATE_UP || counters == nullptr) return;
+    if (GATE_UP) {
+        if (slot_done != nullptr) {
+            __threadfence();  // this block's h is visible before it is counted
+            __syncthreads();
+            if (threadIdx.x == 0) atomicAdd(slot_done + u, 1u);
+        }
+        return;
+    }
+    if (counters == nullptr) return;
     combine_if_last(counters, blockIdx.x, pair_off, gridDim.y, y, tok_pairs, comb, ldy, T, topk);
 }
 
@@ -522,11 +555,6 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
 // the next, so it does not drain at the boundary between gate_up and down as between two
 // launches. counters: [H/16/TW] combine arrivals per down row group, then per slot the
 // gate_up items done and the down items past their wait (the last one resets both).
-__device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
-    unsigned v;
-    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-    return v;
-}
 
 // Item n's (is down, slot, row group); gu_items = U x gate_up groups.
 __device__ __forceinline__ void fused_item(int n, int gu_items, int gug, int dg, bool& down, int& slot, int& grp) {
@@ -674,17 +702,17 @@ __device__ __forceinline__ void moe_fused_routed(const float* __restrict__ logit
     extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_gate_up_bulk_n##NS##_c##CS(                    \
         const unsigned char* __restrict__ W, const unsigned char* __restrict__ S, const int* __restrict__ experts,       \
         const int* __restrict__ pair_off, const int* __restrict__ pair_tok, const float* __restrict__ x,                 \
-        float* __restrict__ h, int H, int I, int T, int x_settled) {                                                     \
+        float* __restrict__ h, int H, int I, int T, int x_settled, unsigned* slots) {                                    \
         moe_tiled<true, NS, CS>(W, S, experts, pair_off, pair_tok, nullptr, x, h, H, I / 8, I, nullptr, nullptr, nullptr, \
-                                T, 0, x_settled);                                                                        \
+                                T, 0, x_settled, slots, nullptr);                                                        \
     }                                                                                                                    \
     extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_down_bulk_n##NS##_c##CS(                       \
         const unsigned char* __restrict__ W, const unsigned char* __restrict__ S, const int* __restrict__ experts,       \
         const int* __restrict__ pair_off, const float* __restrict__ pair_w, const float* __restrict__ h,                 \
         float* __restrict__ out, int H, int I, unsigned* counters, const int* __restrict__ tok_pairs,                    \
-        float* __restrict__ y, int T, int topk) { PDL_TRIGGER();                                                         \
+        float* __restrict__ y, int T, int topk, unsigned* slots) { PDL_TRIGGER();                                        \
         moe_tiled<false, NS, CS>(W, S, experts, pair_off, nullptr, pair_w, h, out, I, H / 16, H, counters, tok_pairs, y, \
-                                 T, topk, 0);                                                                            \
+                                 T, topk, 0, slots, slots ? slots + gridDim.y : nullptr);                                \
     }                                                                                                                    \
     extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_fused_bulk_n##NS##_c##CS(                      \
         const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Sg, const unsigned char* __restrict__ Wd, \

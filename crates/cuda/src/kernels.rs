@@ -137,6 +137,10 @@ pub struct Kernels {
     fused_routed: Vec<CudaFunction>,
     /// Streaming multiprocessors of the GPU (the fused MoE's resident grid).
     sms: usize,
+    /// From `SLOT_WAIT_MIN_TOKENS` tokens, the two-launch tiled MoE's down blocks wait for their
+    /// own expert slot's gate_up blocks (per-slot counters) rather than the whole gate_up grid;
+    /// `PEREGRINE_MOE_SLOT_WAIT=0` keeps the whole-grid wait at every size, for comparison.
+    slot_wait: bool,
     /// MoE kernels chosen by measurement (`tune_moe`).
     pub(crate) moe_choices: std::sync::Mutex<crate::moe_tune::MoeChoices>,
     sample: CudaFunction,
@@ -147,6 +151,13 @@ pub struct Kernels {
     /// kernels/moe.cu's module (for `moe_trace`).
     moe_module: Arc<cudarc::driver::CudaModule>,
 }
+
+/// Tokens from which the two-launch MoE's down blocks wait per expert slot: the slots whose
+/// gate_up finished first then stream their down while the last gate_up blocks drain. On the
+/// H100 (Flash shapes) that took the 4-token MoE from ~80% to ~83-84% of copy bandwidth and
+/// the batch-4 step from 5.11 to 5.03 ms, but made the batch-2 step 1.5-2% slower (3.66-3.70
+/// against 3.59-3.62 ms) for a reason not found (benches/results/2026-11-23-moe-slot-wait.md).
+const SLOT_WAIT_MIN_TOKENS: usize = 4;
 
 fn drv(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
     move |e| Error::Backend(format!("{what}: {e}"))
@@ -408,6 +419,7 @@ impl Kernels {
             fused_tiled: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_fused_bulk_n{n}_c{c}"))).collect::<Result<_>>()?,
             fused_routed: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_fused_routed_bulk_n{n}_c{c}"))).collect::<Result<_>>()?,
             moe_choices: Default::default(),
+            slot_wait: std::env::var("PEREGRINE_MOE_SLOT_WAIT").map_or(true, |v| v != "0"),
             sms: gpu.ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(drv("SM count"))? as usize,
             sample,
             adjust,
@@ -727,7 +739,8 @@ impl Kernels {
     }
 
     /// Counters the tiled kernels need for up to `max_pairs` pairs: the combine's arrivals per
-    /// group of 8 down tiles, then two per expert slot for the fused kernel's waits.
+    /// group of 8 down tiles, then two per expert slot for the waits of the fused kernel and of
+    /// the two-launch down kernel.
     pub fn moe_counters(w: &MoeWeights, max_pairs: usize) -> usize {
         ((w.hidden / 16).div_ceil(8) + 2 * max_pairs.min(w.num_experts)).max(1)
     }
@@ -874,11 +887,20 @@ impl Kernels {
                 // One settled token's x is staged before the kernel waits for the one ahead
                 // (moe.cu, stage_token_early).
                 let (ti, ki, settled) = (r.num_tokens as i32, r.top_k as i32, input.settled_flag());
-                let mut b = crate::launch::builder(&self.stream, fg);
-                b.arg(gate_up).arg(gate_up_s).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_tok).arg(x).arg(&mut scratch.h).arg(&hh).arg(&ii).arg(&ti).arg(&settled);
-                unsafe { b.launch(cfg(2 * i / 16, gu_smem)) }.map_err(drv("moe gate_up (tiled)"))?;
                 let fused = r.top_k <= MAX_FUSED_TOPK;
-                check(scratch.counters.len() >= (h / 16).div_ceil(8), || "MoE scratch counters too small".into())?;
+                let groups = (h / 16).div_ceil(8);
+                check(scratch.counters.len() >= groups, || "MoE scratch counters too small".into())?;
+                // Per-slot counters after the combine's (done, then passed; moe_counters sizes
+                // them), zero between calls like the combine's.
+                let slot_wait = self.slot_wait && r.num_tokens >= SLOT_WAIT_MIN_TOKENS;
+                let slots = (slot_wait && fused && scratch.counters.len() >= groups + 2 * u as usize).then_some(groups);
+                let slot_ptr = match slots {
+                    Some(off) => scratch.counters.device_ptr(&self.stream).0 + 4 * off as u64,
+                    None => 0u64,
+                };
+                let mut b = crate::launch::builder(&self.stream, fg);
+                b.arg(gate_up).arg(gate_up_s).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_tok).arg(x).arg(&mut scratch.h).arg(&hh).arg(&ii).arg(&ti).arg(&settled).arg(&slot_ptr);
+                unsafe { b.launch(cfg(2 * i / 16, gu_smem)) }.map_err(drv("moe gate_up (tiled)"))?;
                 // The down kernel asks for its weights before it waits for gate_up (see launch.rs).
                 let mut b = crate::launch::builder(&self.stream, fd);
                 b.arg(down).arg(down_s).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_w).arg(&scratch.h).arg(&mut scratch.out).arg(&hh).arg(&ii);
@@ -887,7 +909,7 @@ impl Kernels {
                 } else {
                     b.arg(&0u64);
                 }
-                b.arg(&r.tok_pairs).arg(&mut *y).arg(&ti).arg(&ki);
+                b.arg(&r.tok_pairs).arg(&mut *y).arg(&ti).arg(&ki).arg(&slot_ptr);
                 unsafe { b.launch(cfg(h / 16, d_smem)) }.map_err(drv("moe down (tiled)"))?;
                 if fused {
                     return Ok(());

@@ -13,7 +13,8 @@
 //! `PEREGRINE_REPEAT_KERNELS=name,prefix*,...` (benchmarks only) launches each named kernel
 //! twice in a row: a captured step then shows what one more of that kernel costs inside the
 //! graph, which per-operation events (they break the PDL overlap) cannot. Output is wrong while
-//! it is set (in-place kernels apply twice).
+//! it is set (in-place kernels apply twice). `PEREGRINE_SKIP_KERNELS` (same form) launches them
+//! not at all: a step without them bounds what fusing them away could save (output is wrong).
 
 use std::ffi::c_void;
 use std::sync::OnceLock;
@@ -87,37 +88,45 @@ fn pdl_enabled(stream: &CudaStream) -> bool {
     })
 }
 
-/// The kernel names (or `prefix*` patterns) `PEREGRINE_REPEAT_KERNELS` asks to launch twice.
-fn repeated() -> &'static [String] {
-    static NAMES: OnceLock<Vec<String>> = OnceLock::new();
-    NAMES.get_or_init(|| std::env::var("PEREGRINE_REPEAT_KERNELS").map(|v| v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()).unwrap_or_default())
+/// Kernel names (or `prefix*` patterns) from the environment variable `var`.
+fn kernel_patterns(var: &str) -> Vec<String> {
+    std::env::var(var).map(|v| v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()).unwrap_or_default()
 }
 
-/// Whether `f` is one of the kernels to launch twice.
-fn repeats(f: &CudaFunction) -> bool {
-    let pats = repeated();
-    if pats.is_empty() {
-        return false;
+/// How many times to launch `f`: 2 when `PEREGRINE_REPEAT_KERNELS` names it, 0 when
+/// `PEREGRINE_SKIP_KERNELS` does, else 1. Each name is reported once on stderr.
+fn launches(f: &CudaFunction) -> usize {
+    static PATTERNS: OnceLock<(Vec<String>, Vec<String>)> = OnceLock::new();
+    let (repeat, skip) = PATTERNS.get_or_init(|| (kernel_patterns("PEREGRINE_REPEAT_KERNELS"), kernel_patterns("PEREGRINE_SKIP_KERNELS")));
+    if repeat.is_empty() && skip.is_empty() {
+        return 1;
     }
     let mut name: *const std::ffi::c_char = std::ptr::null();
     // SAFETY: cuFuncGetName writes a pointer to a driver-owned NUL-terminated string.
     if unsafe { sys::cuFuncGetName(&mut name, f.cu_function()) }.result().is_err() || name.is_null() {
-        return false;
+        return 1;
     }
     let name = unsafe { std::ffi::CStr::from_ptr(name) }.to_string_lossy();
-    let hit = pats.iter().any(|p| match p.strip_suffix('*') {
-        Some(pre) => name.starts_with(pre),
-        None => name == p.as_str(),
-    });
-    if hit {
-        static SEEN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
-        let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
-        if !seen.iter().any(|s| *s == name) {
-            eprintln!("PEREGRINE_REPEAT_KERNELS: launching {name} twice");
-            seen.push(name.to_string());
-        }
+    let hit = |pats: &[String]| {
+        pats.iter().any(|p| match p.strip_suffix('*') {
+            Some(pre) => name.starts_with(pre),
+            None => name == p.as_str(),
+        })
+    };
+    let (times, what) = if hit(skip) {
+        (0, "skipping")
+    } else if hit(repeat) {
+        (2, "launching twice")
+    } else {
+        return 1;
+    };
+    static SEEN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+    if !seen.iter().any(|s| *s == name) {
+        eprintln!("PEREGRINE_REPEAT_KERNELS / PEREGRINE_SKIP_KERNELS: {what} {name}");
+        seen.push(name.to_string());
     }
-    hit
+    times
 }
 
 impl Launch<'_> {
@@ -148,8 +157,7 @@ impl Launch<'_> {
             attrs: if pdl { &mut attr } else { std::ptr::null_mut() },
             numAttrs: pdl as u32,
         };
-        let times = if repeats(self.f) { 2 } else { 1 };
-        for _ in 0..times {
+        for _ in 0..launches(self.f) {
             sys::cuLaunchKernelEx(&config, self.f.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()).result()?;
         }
         Ok(())
