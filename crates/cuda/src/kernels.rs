@@ -137,7 +137,7 @@ pub struct Kernels {
     fused_routed: Vec<CudaFunction>,
     /// Streaming multiprocessors of the GPU (the fused MoE's resident grid).
     sms: usize,
-    /// From `SLOT_WAIT_MIN_TOKENS` tokens, the two-launch tiled MoE's down blocks wait for their
+    /// At `SLOT_WAIT_TOKENS` tokens, the two-launch tiled MoE's down blocks wait for their
     /// own expert slot's gate_up blocks (per-slot counters) rather than the whole gate_up grid;
     /// `PEREGRINE_MOE_SLOT_WAIT=0` keeps the whole-grid wait at every size, for comparison.
     slot_wait: bool,
@@ -152,12 +152,13 @@ pub struct Kernels {
     moe_module: Arc<cudarc::driver::CudaModule>,
 }
 
-/// Tokens from which the two-launch MoE's down blocks wait per expert slot: the slots whose
+/// Token counts at which the two-launch MoE's down blocks wait per expert slot: the slots whose
 /// gate_up finished first then stream their down while the last gate_up blocks drain. On the
-/// H100 (Flash shapes) that took the 4-token MoE from ~80% to ~83-84% of copy bandwidth and
-/// the batch-4 step from 5.11 to 5.03 ms, but made the batch-2 step 1.5-2% slower (3.66-3.70
-/// against 3.59-3.62 ms) for a reason not found (benches/results/2026-11-23-moe-slot-wait.md).
-const SLOT_WAIT_MIN_TOKENS: usize = 4;
+/// H100 (Flash shapes) that took the 4-token MoE from ~80% to ~83% of copy bandwidth and the
+/// batch-4 step from 5.12-5.14 to 5.01-5.03 ms (batch 8: 7.63-7.67 to 7.59-7.60), but made the
+/// steps of batch 2 (1.5-2%), 32 (1%) and 64 (0.6%) slower, for a reason not found; so only
+/// here (benches/results/2026-11-23-moe-slot-wait.md).
+const SLOT_WAIT_TOKENS: std::ops::RangeInclusive<usize> = 4..=16;
 
 fn drv(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
     move |e| Error::Backend(format!("{what}: {e}"))
@@ -892,7 +893,7 @@ impl Kernels {
                 check(scratch.counters.len() >= groups, || "MoE scratch counters too small".into())?;
                 // Per-slot counters after the combine's (done, then passed; moe_counters sizes
                 // them), zero between calls like the combine's.
-                let slot_wait = self.slot_wait && r.num_tokens >= SLOT_WAIT_MIN_TOKENS;
+                let slot_wait = self.slot_wait && SLOT_WAIT_TOKENS.contains(&r.num_tokens);
                 let slots = (slot_wait && fused && scratch.counters.len() >= groups + 2 * u as usize).then_some(groups);
                 let slot_ptr = match slots {
                     Some(off) => scratch.counters.device_ptr(&self.stream).0 + 4 * off as u64,
