@@ -624,66 +624,18 @@ extern "C" __global__ void fill_random_f(void* __restrict__ p, unsigned long lon
     }
 }
 
-// Merges attention_v2's `splits` partial states of (row r, head h) as its epilogue merges warps,
-// then the sink logit: o = sum_s acc_s e^(m_s - M) / (sum_s l_s e^(m_s - M) [+ sink]). The
-// partials are read through L2 (__ldcg): the folded path reads other blocks' writes.
-__device__ __forceinline__ void combine_head(const float* __restrict__ part_m, const float* __restrict__ part_l,
-                                             const float* __restrict__ part_acc, float* __restrict__ o, int r, int h, int heads,
-                                             int vd, int splits, const float* __restrict__ sinks, unsigned short* __restrict__ oh,
-                                             unsigned short* __restrict__ ol) {
-    const float NEG_INF = __int_as_float(0xff800000u);
-    size_t p0 = ((size_t)r * heads + h) * splits;
-    float M = NEG_INF;
-    for (int s = 0; s < splits; s++) M = fmaxf(M, __ldcg(part_m + p0 + s));
-    float L = 0.f;
-    for (int s = 0; s < splits; s++) {
-        float ms = __ldcg(part_m + p0 + s);
-        L += ms == NEG_INF ? 0.f : __ldcg(part_l + p0 + s) * __expf(ms - M);
-    }
-    if (sinks) {
-        float sc = sinks[h];
-        float mn = fmaxf(M, sc);
-        L = L * __expf(M - mn) + __expf(sc - mn);
-        M = mn;
-    }
-    size_t ob = ((size_t)r * heads + h) * vd;
-    for (int i = threadIdx.x; i < vd; i += blockDim.x) {
-        float a = 0.f;
-        for (int s = 0; s < splits; s++) {
-            float ms = __ldcg(part_m + p0 + s);
-            if (ms != NEG_INF) a += __ldcg(part_acc + (p0 + s) * vd + i) * __expf(ms - M);
-        }
-        a /= L;
-        o[ob + i] = a;
-        if (oh) split_bf16_value(a, oh[ob + i], ol[ob + i]);
-    }
-}
-
-extern "C" __global__ void attention_combine(const float* __restrict__ part_m, const float* __restrict__ part_l,
-                                             const float* __restrict__ part_acc, float* __restrict__ o, int heads, int vd,
-                                             int splits, const float* __restrict__ sinks, unsigned short* __restrict__ oh,
-                                             unsigned short* __restrict__ ol) { PDL_ENTER();
-    combine_head(part_m, part_l, part_acc, o, blockIdx.x, blockIdx.y, heads, vd, splits, sinks, oh, ol);
-}
-
 // Paged attention, v2: one block of 8 warps per (row, head, split). Warps split the block's key
 // positions (4 at a time each, loads issued together), each keeps its own online softmax, and the
 // 8 partial states are merged at the end. With gridDim.z == 1 the block covers the row's whole
 // range and writes the output (after the sink logit); with more splits (long contexts, where one
 // block per head streamed every position alone) split z covers the z-th part of the range and
-// writes its unnormalised state (max, sum, accumulator) for attention_combine, or, given
-// `counters` (one per row x head, zero between calls), the last split of each (row, head) merges
-// them itself and no combine launch follows. Same semantics as `attention`; hd <= 256, vd <= 128.
+// writes its unnormalised state (max, sum, accumulator) for attention_combine. Same semantics as
+// `attention`; hd <= 256, vd <= 128.
 // Launched with 32 * ATT_WARPS threads. (16 warps of 8 positions, one round of loads for a
 // 128-token window, measured no faster at batch 1 on the H100 and 1.7x slower at batch 8: one
 // block per SM by registers.)
 #define ATT_WARPS 8
 #define ATT_UNROLL 4
-// The fused decode kernel's L2 prefetch of its first K/V rows before the PDL wait (measurement
-// builds may turn it off: PEREGRINE_KERNEL_DEFINES=-DATT_PREFETCH=0).
-#ifndef ATT_PREFETCH
-#define ATT_PREFETCH 1
-#endif
 template <bool FUSED>
 __device__ __forceinline__ void attention_v2_body(
     const float* __restrict__ q, const float* __restrict__ kc, const float* __restrict__ vc, float* __restrict__ o,
@@ -691,37 +643,17 @@ __device__ __forceinline__ void attention_v2_body(
     int block_size, int heads, int kv_heads, int hd, int vd, int window, float scale, const float* __restrict__ sinks,
     float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc, unsigned short* __restrict__ oh,
     unsigned short* __restrict__ ol, const float* __restrict__ knew, const float* __restrict__ vnew, float* kc_out,
-    float* vc_out, const long long* __restrict__ slots, int half, int rotary_dim, float theta, float vscale,
-    unsigned* counters) {
+    float* vc_out, const long long* __restrict__ slots, int half, int rotary_dim, float theta, float vscale) {
     __shared__ float sm_m[ATT_WARPS], sm_l[ATT_WARPS], sm_acc[ATT_WARPS][128];
     int r = blockIdx.x, h = blockIdx.y, lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     int kvh = h / (heads / kv_heads);
     const float* qv = q + ((size_t)r * heads + h) * hd;
-    // (Read through L2: the fused kernel reads them before its PDL wait.)
-    const int* table = tables + (size_t)__ldcg(seq + r) * max_blocks;
-    int p = __ldcg(pos + r);
+    const int* table = tables + (size_t)seq[r] * max_blocks;
+    int p = pos[r];
     int lo = window > 0 ? max(0, p + 1 - window) : 0;
     int splits = gridDim.z, chunk = (p - lo + splits) / splits;
     int j_lo = lo + blockIdx.z * chunk, j_hi = min(j_lo + chunk - 1, p);
     const float NEG_INF = __int_as_float(0xff800000u);
-    if (FUSED) {
-        // Positions before p were written by earlier steps, and the rows, positions and tables
-        // by the host before the step: none depends on the kernels ahead. So before waiting for
-        // them (the q/k/v projection's last blocks), lanes 0-3 of each warp ask L2 for the K and
-        // V rows of the warp's first four positions; after the wait the loop finds them in L2
-        // instead of DRAM. (Slot p's leftovers are fetched too, and replaced as below.)
-#if ATT_PREFETCH
-        int j = j_lo + w * ATT_UNROLL + lane;
-        if (lane < ATT_UNROLL && j <= j_hi) {
-            size_t sl = (size_t)__ldcg(table + j / block_size) * block_size + j % block_size;
-            const char* kr = reinterpret_cast<const char*>(kc + (sl * kv_heads + kvh) * hd);
-            const char* vr = reinterpret_cast<const char*>(vc + (sl * kv_heads + kvh) * vd);
-            for (int b = 0; b < hd * 4; b += 128) asm volatile("prefetch.global.L2 [%0];" ::"l"(kr + b));
-            for (int b = 0; b < vd * 4; b += 128) asm volatile("prefetch.global.L2 [%0];" ::"l"(vr + b));
-        }
-#endif
-        PDL_ENTER();
-    }
     // FUSED (attention_v2_kv; every row the only new token of its sequence): q arrives unrotated,
     // and the row's own position p is scored against its new K and V (RoPE and value scale
     // applied here, exactly as rope_kv_write would store them) in place of what the pool's slot p
@@ -829,20 +761,6 @@ __device__ __forceinline__ void attention_v2_body(
                 if (sm_m[k] != NEG_INF) a += sm_acc[k][i] * __expf(sm_m[k] - M);
             part_acc[ps * vd + i] = a;
         }
-        if (counters) {
-            // Folded combine: the split that arrives last on its (row, head)'s counter merges
-            // all of them (combine_head, as attention_combine would) and resets the counter.
-            __shared__ bool last;
-            __threadfence();  // this split's state is visible before it is counted
-            __syncthreads();
-            unsigned* c = counters + (size_t)r * heads + h;
-            if (threadIdx.x == 0) last = atomicAdd(c, 1u) + 1 == (unsigned)splits;
-            __syncthreads();
-            if (!last) return;
-            __threadfence();
-            combine_head(part_m, part_l, part_acc, o, r, h, heads, vd, splits, sinks, oh, ol);
-            if (threadIdx.x == 0) *c = 0u;
-        }
         return;
     }
     float sink_w = 0.f;
@@ -875,11 +793,11 @@ __device__ __forceinline__ void attention_v2_body(
         float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc,                                \
         unsigned short* __restrict__ oh, unsigned short* __restrict__ ol, const float* __restrict__ knew,                    \
         const float* __restrict__ vnew, float* kc_out, float* vc_out, const long long* __restrict__ slots, int half,         \
-        int rotary_dim, float theta, float vscale, unsigned* counters) {                                                     \
-        if (!FUSED) PDL_ENTER(); /* the fused body enters after its prefetch */                                           \
+        int rotary_dim, float theta, float vscale) {                                                                         \
+        PDL_ENTER();                                                                                                         \
         attention_v2_body<FUSED>(q, kc, vc, o, pos, seq, tables, max_blocks, block_size, heads, kv_heads, hd, vd, window,    \
                                  scale, sinks, part_m, part_l, part_acc, oh, ol, knew, vnew, kc_out, vc_out, slots, half,    \
-                                 rotary_dim, theta, vscale, counters);                                                       \
+                                 rotary_dim, theta, vscale);                                                                 \
     }
 // attention_v2 over the pools (q already rotated, the rows' K/V already written).
 ATTENTION_V2_KERNEL(attention_v2, false)
@@ -889,3 +807,32 @@ ATTENTION_V2_KERNEL(attention_v2, false)
 // slower than with rope_kv_write.
 ATTENTION_V2_KERNEL(attention_v2_kv, true)
 
+// Merges attention_v2's `splits` partial states of each (row, head) as its epilogue merges warps,
+// then the sink logit: o = sum_s acc_s e^(m_s - M) / (sum_s l_s e^(m_s - M) [+ sink]).
+extern "C" __global__ void attention_combine(const float* __restrict__ part_m, const float* __restrict__ part_l,
+                                             const float* __restrict__ part_acc, float* __restrict__ o, int heads, int vd,
+                                             int splits, const float* __restrict__ sinks, unsigned short* __restrict__ oh,
+                                             unsigned short* __restrict__ ol) { PDL_ENTER();
+    int r = blockIdx.x, h = blockIdx.y;
+    const float NEG_INF = __int_as_float(0xff800000u);
+    size_t p0 = ((size_t)r * heads + h) * splits;
+    float M = NEG_INF;
+    for (int s = 0; s < splits; s++) M = fmaxf(M, part_m[p0 + s]);
+    float L = 0.f;
+    for (int s = 0; s < splits; s++) L += part_m[p0 + s] == NEG_INF ? 0.f : part_l[p0 + s] * __expf(part_m[p0 + s] - M);
+    if (sinks) {
+        float sc = sinks[h];
+        float mn = fmaxf(M, sc);
+        L = L * __expf(M - mn) + __expf(sc - mn);
+        M = mn;
+    }
+    size_t ob = ((size_t)r * heads + h) * vd;
+    for (int i = threadIdx.x; i < vd; i += blockDim.x) {
+        float a = 0.f;
+        for (int s = 0; s < splits; s++)
+            if (part_m[p0 + s] != NEG_INF) a += part_acc[(p0 + s) * vd + i] * __expf(part_m[p0 + s] - M);
+        a /= L;
+        o[ob + i] = a;
+        if (oh) split_bf16_value(a, oh[ob + i], ol[ob + i]);
+    }
+}

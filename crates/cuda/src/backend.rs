@@ -206,11 +206,6 @@ pub struct CudaModel {
     /// Decode attention of few rows is split over more blocks to fill the GPU
     /// (`attn_splits`; `PEREGRINE_ATTN_FILL=0` turns it off, for comparison).
     attn_fill: bool,
-    /// Arrival counters of split decode attention, one per (row, head), zero between calls: with
-    /// them the last split of each (row, head) merges the splits itself, one launch fewer than
-    /// `attention_combine` (`PEREGRINE_ATTN_FOLD=0` keeps the launch, for comparison). Rows x
-    /// heads beyond their count take the launch.
-    pub(crate) attn_counters: Option<CudaSlice<u32>>,
     /// A one-token MoE on the fused kernel routes inside that kernel (`moe_mxfp4_routed`; no
     /// `moe_route` launch). `PEREGRINE_MOE_ROUTE_IN_KERNEL=0` keeps the routing launch, for
     /// comparison.
@@ -225,10 +220,6 @@ pub struct CudaModel {
 /// on the H100 (Flash shapes, 64 heads, 128 positions: 4 splits, 256 blocks) the attention and
 /// its combine launch took the 18-layer step from 2.916 to 2.817 ms; batch 4 and up are not
 /// split (benches/results/2026-11-23-attention-fill-moe-trace.md).
-/// Rows x heads of split decode attention whose splits merge themselves (`attn_counters`): 128
-/// rows of Flash's 64 heads, 64 of Pro's 128.
-const ATTN_FOLD_ROW_HEADS: usize = 8192;
-
 pub(crate) fn attention_splits(span: usize, split: usize, fill: Option<usize>, row_heads: usize) -> usize {
     let by_len = if span > 2 * split { span.div_ceil(split) } else { 1 };
     let by_fill = fill.map_or(1, |wave| (wave / row_heads.max(1)).min(span / 32));
@@ -426,10 +417,6 @@ impl CudaModel {
             .max();
         let moe_counters = counters.map(|n| s.alloc_zeros::<u32>(n)).transpose().map_err(drv)?;
         let route_counter = s.alloc_zeros::<u32>(1).map_err(drv)?;
-        let attn_counters = match std::env::var("PEREGRINE_ATTN_FOLD").map_or(true, |v| v != "0") {
-            true => Some(s.alloc_zeros::<u32>(ATTN_FOLD_ROW_HEADS).map_err(drv)?),
-            false => None,
-        };
         let model = CudaModel {
             spec: spec.clone(),
             final_norm,
@@ -447,7 +434,6 @@ impl CudaModel {
             graphs: Graphs::new(capturable),
             moe_counters: std::sync::Mutex::new(moe_counters),
             route_counter,
-            attn_counters,
             attn_split: std::env::var("PEREGRINE_ATTN_SPLIT").ok().and_then(|v| v.parse().ok()).filter(|&v: &usize| v >= 32).unwrap_or(512),
             kv_in_attention: std::env::var("PEREGRINE_KV_IN_ATTENTION").map_or(true, |v| v != "0"),
             attention_kv_wave,
@@ -646,8 +632,6 @@ impl CudaModel {
         let splits = if v2 { self.attn_splits(s, max_blocks, block_size, n) } else { 1 };
         let parts = n * s.num_heads * splits;
         let (mut pm, mut pl, mut pa) = if splits > 1 { (self.empty(parts)?, self.empty(parts)?, self.empty(parts * s.v_head_dim)?) } else { (self.empty(1)?, self.empty(1)?, self.empty(1)?) };
-        // The splits merge themselves while the counters cover every (row, head).
-        let fold = self.attn_counters.as_ref().filter(|c| splits > 1 && n * s.num_heads <= c.len());
         let kernel = match (v2, fresh.is_some()) {
             (true, true) => &self.ops.attention_v2_kv,
             (true, false) => &self.ops.attention_v2,
@@ -671,14 +655,10 @@ impl CudaModel {
                 None => b.arg(&0u64).arg(&0u64).arg(&0u64).arg(&0u64).arg(&0u64),
             };
             b.arg(&half).arg(&rd).arg(&th).arg(&vs);
-            match fold {
-                Some(c) => b.arg(c),
-                None => b.arg(&0u64),
-            };
         }
         let threads = if v2 { 256 } else { 32 }; // 32 x ATT_WARPS for attention_v2
         unsafe { b.launch(LaunchConfig { grid_dim: (n as u32, s.num_heads as u32, splits as u32), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
-        if splits > 1 && fold.is_none() {
+        if splits > 1 {
             let sp = splits as i32;
             let mut b = crate::launch::builder(&self.stream, &self.ops.attention_combine);
             b.arg(&pm).arg(&pl).arg(&pa).arg(&mut o).arg(&hh).arg(&vd).arg(&sp);
