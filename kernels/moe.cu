@@ -459,6 +459,25 @@ __device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
     return v;
 }
 
+// The per-slot hand-off from gate_up to down (the fused kernel's items, the two-launch kernels'
+// blocks), on two counters per expert slot that are zero between calls. A gate_up unit counts
+// itself done once its h is written (every thread of the block calls this).
+__device__ __forceinline__ void gate_up_unit_done(unsigned* done) {
+    __threadfence();  // this unit's h is visible before it is counted
+    __syncthreads();
+    if (threadIdx.x == 0) atomicAdd(done, 1u);
+}
+
+// A down unit's first thread waits for all `gate_up_units` of its slot, then counts itself past
+// the wait; the last of the slot's `down_units` resets both counters for the next call.
+__device__ __forceinline__ void down_unit_wait(unsigned* done, unsigned* passed, unsigned gate_up_units, unsigned down_units) {
+    while (ld_acquire(done) < gate_up_units) __nanosleep(64);
+    if (atomicAdd(passed, 1u) + 1 == down_units) {
+        *done = 0u;
+        *passed = 0u;
+    }
+}
+
 // GATE_UP: W = interleaved gate/up tiles [E][I/8][H/64], x [T, H] rows by pair_tok, writes
 //          h[p, i] = silu(gate_e x) * (up_e x) for i = 8 r + g.
 // else:    W = down tiles [E][H/16][I/64], x = h [pairs, I], writes out[p, n] = pair_w[p] *
@@ -520,11 +539,7 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
                 PDL_WAIT();
             } else if (p0 == pb && threadIdx.x == 0) {
                 const unsigned gu_blocks = (unsigned)((K / 8 + TW - 1) / TW);  // K = I: I / 8 gate_up tiles
-                while (ld_acquire(slot_done + u) < gu_blocks) __nanosleep(64);
-                if (atomicAdd(slot_passed + u, 1u) + 1 == gridDim.x) {
-                    slot_done[u] = 0u;  // every down block of the slot is past its wait: reset for the next call
-                    slot_passed[u] = 0u;
-                }
+                down_unit_wait(slot_done + u, slot_passed + u, gu_blocks, gridDim.x);
             }
         }
         __syncthreads();
@@ -537,11 +552,7 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
         __syncthreads();  // every warp is done with the fragments before the next pass restages
     }
     if (GATE_UP) {
-        if (slot_done != nullptr) {
-            __threadfence();  // this block's h is visible before it is counted
-            __syncthreads();
-            if (threadIdx.x == 0) atomicAdd(slot_done + u, 1u);
-        }
+        if (slot_done != nullptr) gate_up_unit_done(slot_done + u);
         return;
     }
     if (counters == nullptr) return;
@@ -633,11 +644,7 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
             if (down && p0 == pb && threadIdx.x == 0) {
                 // h of this slot is complete when all its gate_up items are (the weights are
                 // already on their way).
-                while (ld_acquire(done + slot) < (unsigned)gug) __nanosleep(64);
-                if (atomicAdd(passed + slot, 1u) + 1 == (unsigned)dg) {
-                    done[slot] = 0u;  // every down item of the slot is past its wait: reset for the next call
-                    passed[slot] = 0u;
-                }
+                down_unit_wait(done + slot, passed + slot, (unsigned)gug, (unsigned)dg);
             }
             __syncthreads();
             if (ti < 14 && p0 == pb) TRACE(ti + 1);
@@ -657,9 +664,7 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
         if (down) {
             combine_if_last(counters, grp, pair_off, U, out, tok_pairs, y, H, T, topk);
         } else {
-            __threadfence();  // this item's h is visible before it is counted
-            __syncthreads();
-            if (threadIdx.x == 0) atomicAdd(done + slot, 1u);
+            gate_up_unit_done(done + slot);
         }
         if (ti < 14) TRACE(ti + 4);
     }

@@ -892,13 +892,9 @@ impl Kernels {
                 let groups = (h / 16).div_ceil(8);
                 check(scratch.counters.len() >= groups, || "MoE scratch counters too small".into())?;
                 // Per-slot counters after the combine's (done, then passed; moe_counters sizes
-                // them), zero between calls like the combine's.
-                let slot_wait = self.slot_wait && SLOT_WAIT_TOKENS.contains(&r.num_tokens);
-                let slots = (slot_wait && fused && scratch.counters.len() >= groups + 2 * u as usize).then_some(groups);
-                let slot_ptr = match slots {
-                    Some(off) => scratch.counters.device_ptr(&self.stream).0 + 4 * off as u64,
-                    None => 0u64,
-                };
+                // them), zero between calls like the combine's; 0: the whole-grid wait.
+                let slot_wait = self.slot_wait && fused && SLOT_WAIT_TOKENS.contains(&r.num_tokens) && scratch.counters.len() >= groups + 2 * u as usize;
+                let slot_ptr = if slot_wait { scratch.counters.device_ptr(&self.stream).0 + (groups * std::mem::size_of::<u32>()) as u64 } else { 0u64 };
                 let mut b = crate::launch::builder(&self.stream, fg);
                 b.arg(gate_up).arg(gate_up_s).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_tok).arg(x).arg(&mut scratch.h).arg(&hh).arg(&ii).arg(&ti).arg(&settled).arg(&slot_ptr);
                 unsafe { b.launch(cfg(2 * i / 16, gu_smem)) }.map_err(drv("moe gate_up (tiled)"))?;
