@@ -153,7 +153,7 @@ fn main() {
             let e4m3 = |b: &u8| if b & 0x7f == 0x7f { b ^ 1 } else { *b };
             let ws: Vec<_> = (0..2).map(|_| s.clone_htod(&random_bytes(rows * cols).iter().map(e4m3).collect::<Vec<_>>()).unwrap()).collect();
             let sc = s.clone_htod(&vec![1.0f32; rows.div_ceil(128) * cols / 128]).unwrap();
-            for t in [1usize, 8] {
+            for t in [1usize, 2, 4, 8, 16, 64] {
                 let ms = time_b2b(&mut |i| k.gemv_fp8(&ws[i % 2], &sc, &x, &mut y, rows, cols, t).unwrap());
                 let b = (rows * cols) as f64 + (rows.div_ceil(128) * cols / 128 * 4) as f64;
                 println!("fp8    T={t:<2} {:>10.1} MB {ms:8.3} ms {:7.0} GB/s {:5.1}%  ({rows}x{cols}, q/k/v)", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, 100.0 * b / (ms as f64 * 1e-3) / copy_bw);
@@ -163,7 +163,7 @@ fn main() {
             let (rows, cols) = (4096usize, 8192usize);
             let bf16 = |b: &[u8]| ((b[1] as u16 & 0x80) << 8) | ((119 + (b[1] as u16 & 7)) << 7) | (b[0] as u16 & 0x7f);
             let ws: Vec<_> = (0..2).map(|_| s.clone_htod(&random_bytes(2 * rows * cols).chunks(2).map(bf16).collect::<Vec<_>>()).unwrap()).collect();
-            for t in [1usize, 8] {
+            for t in [1usize, 2, 4, 8, 16, 64] {
                 let ms = time_b2b(&mut |i| k.gemv_bf16(&ws[i % 2], &x, &mut y, rows, cols, t).unwrap());
                 let b = (rows * cols * 2) as f64;
                 println!("bf16   T={t:<2} {:>10.1} MB {ms:8.3} ms {:7.0} GB/s {:5.1}%  ({rows}x{cols}, o_proj)", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, 100.0 * b / (ms as f64 * 1e-3) / copy_bw);
@@ -308,6 +308,33 @@ fn main() {
                 pct(ms2),
                 pct(ms3)
             );
+            // Routing that shares experts between tokens (as consecutive tokens of one text
+            // often do): every token draws its top-k from the same 2 x top-k experts (a fresh
+            // pool per run), so an expert holds ~T/2 pairs and passes that stage fewer pairs
+            // than that stream its weights again.
+            if [4usize, 8, 16].contains(&t) {
+                let pools: Vec<_> = (0..23)
+                    .map(|_| {
+                        let base = rng.random_range(0..e - 2 * top_k);
+                        let choices: Vec<Vec<(usize, f32)>> = (0..t)
+                            .map(|_| {
+                                let mut ex: Vec<usize> = (base..base + 2 * top_k).collect();
+                                for j in 0..top_k {
+                                    let kk = rng.random_range(j..ex.len());
+                                    ex.swap(j, kk);
+                                }
+                                ex[..top_k].iter().map(|&x| (x, 1.0 / top_k as f32)).collect()
+                            })
+                            .collect();
+                        MoeRouting::new(&choices)
+                    })
+                    .collect();
+                let pdev: Vec<_> = pools.iter().map(|r| k.upload_routing(r, e).unwrap()).collect();
+                let pused = pools.iter().map(|r| r.experts.len()).sum::<usize>() as f64 / pools.len() as f64;
+                let pb = pused * w.expert_bytes() as f64;
+                let pms = time_b2b(&mut |run| k.moe_mxfp4_with(default, &wt, &pdev[run % pdev.len()], &x, MoeInput::Settled, &mut scratch, &mut y).unwrap());
+                println!("{t:>6} {pused:>8.1} {:>10.1} {pms:>8.3} {:>8.0} {:>9.1}%   (clustered routing: every token's experts from one pool of {}; {default:?})", pb / 1e6, pb / (pms as f64 * 1e-3) / 1e9, 100.0 * pb / (pms as f64 * 1e-3) / copy_bw, 2 * top_k);
+            }
         }
     }
 }

@@ -141,6 +141,9 @@ pub struct Kernels {
     /// own expert slot's gate_up blocks (per-slot counters) rather than the whole gate_up grid;
     /// `PEREGRINE_MOE_SLOT_WAIT=0` keeps the whole-grid wait at every size, for comparison.
     slot_wait: bool,
+    /// A pass of the tiled MoE kernels stages fewer pairs than it could when that keeps two
+    /// blocks per SM (`staged_pairs`); `PEREGRINE_MOE_TWO_BLOCKS=0` sizes by tokens alone.
+    two_blocks: bool,
     /// MoE kernels chosen by measurement (`tune_moe`).
     pub(crate) moe_choices: std::sync::Mutex<crate::moe_tune::MoeChoices>,
     sample: CudaFunction,
@@ -421,6 +424,7 @@ impl Kernels {
             fused_routed: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_fused_routed_bulk_n{n}_c{c}"))).collect::<Result<_>>()?,
             moe_choices: Default::default(),
             slot_wait: std::env::var("PEREGRINE_MOE_SLOT_WAIT").map_or(true, |v| v != "0"),
+            two_blocks: std::env::var("PEREGRINE_MOE_TWO_BLOCKS").map_or(true, |v| v != "0"),
             sms: gpu.ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(drv("SM count"))? as usize,
             sample,
             adjust,
@@ -800,6 +804,36 @@ impl Kernels {
         }
     }
 
+    /// Pairs one pass of the two-launch tiled MoE kernel with a `stages` x `steps` ring stages
+    /// for `tokens` tokens of `w` (tests check that wide experts take fewer than 4).
+    pub fn moe_tiled_staged_pairs(&self, w: &MoeWeights, stages: usize, steps: usize, tokens: usize) -> Result<usize> {
+        let v = Self::tiled_variant(stages, steps)?;
+        self.staged_pairs(&self.gate_up_tiled[v], 8 * stages * steps * 544, w.hidden.max(w.inter), tokens, 0)
+    }
+
+    /// Pairs a pass of tiled MoE kernel `f` stages (shared memory: `ring` bytes of rings, 4 `k`
+    /// bytes per staged pair, at least `floor` bytes): one per token, at most 4 (`NP` in
+    /// moe.cu), and fewer where that keeps two blocks resident per SM. Eight warps alone do not
+    /// keep enough bytes in flight: 4 staged rows of a 6144-wide x (MiMo-V2.5-Pro) left room
+    /// for one block, and its 4-16 token MoE ran at 77-79% of copy bandwidth against 86-90%
+    /// now. The price: an expert with more pairs than a pass stages streams its weights again
+    /// per extra pass, which costs where tokens share experts (all 8 tokens drawing from 16
+    /// experts: 44 -> 35%; benches/results/2026-11-23-moe-two-blocks.md).
+    fn staged_pairs(&self, f: &CudaFunction, ring: usize, k: usize, tokens: usize, floor: usize) -> Result<usize> {
+        let mut np = tokens.clamp(1, 4);
+        if !self.two_blocks {
+            return Ok(np);
+        }
+        while np > 1 {
+            let smem = (ring + k * 4 * np).max(floor);
+            if smem <= TILED_MAX_SMEM && f.occupancy_max_active_blocks_per_multiprocessor(256, smem, None).map_err(drv("MoE occupancy"))? >= 2 {
+                break;
+            }
+            np -= 1;
+        }
+        Ok(np)
+    }
+
     /// The index in `TILED_VARIANTS` of a ring of `stages` x `steps`.
     fn tiled_variant(stages: usize, steps: usize) -> Result<usize> {
         TILED_VARIANTS
@@ -815,7 +849,7 @@ impl Kernels {
     #[allow(clippy::too_many_arguments)]
     fn fused_grid(&self, f: &CudaFunction, w: &MoeWeights, stages: usize, steps: usize, max_blocks: usize, tokens: usize, u: usize, scratch: usize, counters: &CudaSlice<u32>) -> Result<LaunchConfig> {
         let (h, i) = (w.hidden, w.inter);
-        let np = tokens.clamp(1, 4);
+        let np = self.staged_pairs(f, 8 * stages * steps * 544, h.max(i), tokens, scratch)?;
         let smem = (8 * stages * steps * 544 + h.max(i) * 4 * np).max(scratch);
         check(smem <= TILED_MAX_SMEM, || format!("MoE dims {h}, {i} need more than {TILED_MAX_SMEM} bytes of shared memory"))?;
         let (gug, dg) = ((i / 8).div_ceil(8), (h / 16).div_ceil(8));
@@ -880,7 +914,7 @@ impl Kernels {
                 let v = Self::tiled_variant(stages, steps)?;
                 let (fg, fd, ring) = (&self.gate_up_tiled[v], &self.down_tiled[v], 8 * stages * steps * 544);
                 // A routed expert has at most one pair per token; a pass stages up to 4.
-                let np = r.num_tokens.clamp(1, 4);
+                let np = self.staged_pairs(fg, ring, h.max(i), r.num_tokens, 0)?;
                 let (gu_smem, d_smem) = (ring + h * 4 * np, ring + i * 4 * np);
                 check(gu_smem.max(d_smem) <= TILED_MAX_SMEM, || format!("MoE dims {h}, {i} need more than {TILED_MAX_SMEM} bytes of shared memory"))?;
                 // A block's 8 warps stream one 16-row tile each.

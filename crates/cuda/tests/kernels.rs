@@ -200,7 +200,9 @@ fn mxfp4_moe_decode_matches_the_cpu_reference() {
     let Some((g, kern)) = gpu() else { return };
     let mut r = rng();
     // The second shape splits K unevenly over the pipelined kernels' 8 warps (9 and 5 steps).
-    for (e, h, i, top_k) in [(16usize, 512usize, 256usize, 4usize), (8, 576, 320, 3)] {
+    // The third is as wide as MiMo-V2.5-Pro's x (6144): four staged rows would leave room for
+    // one block per SM, so passes stage fewer and experts with more pairs take more passes.
+    for (e, h, i, top_k) in [(16usize, 512usize, 256usize, 4usize), (8, 576, 320, 3), (6, 6144, 64, 2)] {
         let bytes = |r: &mut rand::rngs::StdRng, n: usize| -> Vec<u8> { (0..n).map(|_| r.random()).collect() };
         let scales = |r: &mut rand::rngs::StdRng, n: usize| -> Vec<u8> { (0..n).map(|_| r.random_range(118..128)).collect() };
         let (gate, gate_s, up, up_s) = (bytes(&mut r, e * i * h / 2), scales(&mut r, e * i * h / 32), bytes(&mut r, e * i * h / 2), scales(&mut r, e * i * h / 32));
@@ -209,6 +211,10 @@ fn mxfp4_moe_decode_matches_the_cpu_reference() {
         // The same experts in the tiled layout (re-laid out on the host, as the loader does).
         let wt = MoeWeights::upload(&g.stream, true, &gate, &gate_s, &up, &up_s, &down, &down_s, e, h, i).unwrap();
         // The default for tiled weights becomes the measured fastest kernel per token count.
+        if h == 6144 {
+            let np = kern.moe_tiled_staged_pairs(&wt, 2, 4, 8).unwrap();
+            assert!((1..4).contains(&np), "a 6144-wide x should stage fewer than 4 pairs per pass to keep two blocks per SM, stages {np}");
+        }
         let timings = kern.tune_moe(&wt, top_k).unwrap();
         assert!(timings.iter().all(|&(_, _, ms)| ms.is_finite() && ms > 0.0), "MoE tuning timings: {timings:?}");
         for t in 1..=peregrine_cuda::moe_tune::TUNED_TOKENS {
