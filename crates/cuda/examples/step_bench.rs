@@ -3,8 +3,9 @@
 //! FP8 + BF16 o_proj, f32 routers, the dense MLP, the distinct MXFP4 experts the batch routes
 //! to, lm_head) plus the KV cache it reads, at the device's measured copy bandwidth.
 //! Reports per batch size the median step time and output tokens/s, the cost of verifying
-//! 1..8 tokens of one sequence relative to a 1-token step, and the cost of a DFlash draft pass
-//! (a synthetic drafter of the MiMo-V2.5-Pro drafter's layout at Flash's hidden size).
+//! 1..8 tokens of one sequence relative to a 1-token step, the cost of a DFlash draft pass
+//! (a synthetic drafter of the MiMo-V2.5-Pro drafter's layout at Flash's hidden size), and with
+//! `--prefill N,..` the time of one N-token prefill.
 //!
 //!     cargo run --release -p peregrine-cuda --example step_bench -- \
 //!         --config configs/mimo-v2-flash.json [--layers N] [--batches 1,8,32,64] [--context 128]
@@ -35,6 +36,10 @@ struct Args {
     /// Draft layers of the synthetic drafter (0: no drafter benchmark).
     #[arg(long, default_value_t = 5)]
     draft_layers: usize,
+    /// Prompt lengths to time as one prefill each (one sequence, one forward, the last row's
+    /// logits; e.g. 512,2048). The KV cache is sized for the longest.
+    #[arg(long, value_delimiter = ',')]
+    prefill: Vec<usize>,
 }
 
 const BS: usize = 16;
@@ -177,7 +182,8 @@ fn main() {
     if let Some(d) = &draft_spec {
         model.attach_synthetic_drafter(d, 2).expect("synthetic drafter");
     }
-    let per_seq_blocks = (args.context + args.steps + 16).div_ceil(BS) + 1;
+    let longest = args.prefill.iter().copied().max().unwrap_or(0).max(args.context);
+    let per_seq_blocks = (longest + args.steps + 16).div_ceil(BS) + 1;
     let blocks = max_batch * per_seq_blocks + 1;
     model.init_kv(KvConfig { block_size: BS, num_full_blocks: blocks, num_swa_blocks: blocks }).expect("KV cache");
     let table = |s: usize| -> Vec<u32> { (0..per_seq_blocks).map(|b| (s * per_seq_blocks + b) as u32).collect() };
@@ -283,6 +289,29 @@ fn main() {
             println!("| {name} | {ms:.3} | {:.1}% | {fl:.3} | {ratio} |", 100.0 * ms / total);
         }
     }
+    // Prefill: one prompt in one forward (eager: prompts are not captured), sequence 0's
+    // blocks from position 0, after a warm-up call. The floor counts weight bytes only (every
+    // expert is touched at these lengths); prefill is bound by compute and attention instead.
+    if !args.prefill.is_empty() {
+        println!("\nprefill (one sequence, the whole prompt in one forward, the last row's logits, ids only, eager):");
+        println!("| prompt tokens | ms | prompt tokens/s | weight-byte floor ms |");
+        println!("|---|---|---|---|");
+        for &n in &args.prefill {
+            let mut ts = Vec::new();
+            for i in 0..4 {
+                let batch = [seqf(0, (0..n).map(|p| tok(0, p + i)).collect(), 0, OutputRows::Last)];
+                let t0 = Instant::now();
+                model.forward_argmax(&batch).unwrap();
+                if i >= 1 {
+                    ts.push(t0.elapsed().as_secs_f64() * 1e3);
+                }
+            }
+            let ms = median(ts);
+            let floor_ms = floor(&spec, n, 1, 0).bytes / copy_bw * 1e3;
+            println!("| {n} | {ms:.1} | {:.0} | {floor_ms:.3} |", n as f64 / (ms / 1e3));
+        }
+    }
+
     println!("\nverify cost (one sequence, T tokens with logits for all, ids only, graphs):");
     println!("| T | step ms | relative to T=1 | floor ms | step / floor |");
     println!("|---|---|---|---|---|");
