@@ -310,6 +310,27 @@ fn main() {
             let floor_ms = floor(&spec, n, 1, 0).bytes / copy_bw * 1e3;
             println!("| {n} | {ms:.1} | {:.0} | {floor_ms:.3} |", n as f64 / (ms / 1e3));
         }
+        // Where the longest prompt's time goes (CUDA events around each operation).
+        let n = args.prefill.iter().copied().max().unwrap_or(0);
+        let batch = [seqf(0, (0..n).map(|p| tok(0, p)).collect(), 0, OutputRows::Last)];
+        let mut groups: Vec<(&str, f64)> = Vec::new();
+        for (op, ms) in model.profile_plan(&batch, 2).expect("profile") {
+            let name = match op {
+                Op::Attention { .. } => "attention (q/k/v, RoPE, K/V write, attention, o_proj)",
+                Op::Mlp { layer, .. } if matches!(spec.layers[layer].mlp, MlpSpec::Moe(_)) => "MoE (router, grouping, experts, combine)",
+                Op::Mlp { .. } => "dense MLP",
+                _ => "norms, embedding, lm_head, argmax",
+            };
+            match groups.iter_mut().find(|g| g.0 == name) {
+                Some(g) => g.1 += ms as f64,
+                None => groups.push((name, ms as f64)),
+            }
+        }
+        let total: f64 = groups.iter().map(|g| g.1).sum();
+        println!("\nwhere a {n}-token prefill goes (eager, CUDA events around each operation; sum {total:.1} ms):");
+        for (name, ms) in groups {
+            println!("| {name} | {ms:.1} ms | {:.1}% |", 100.0 * ms / total);
+        }
     }
 
     println!("\nverify cost (one sequence, T tokens with logits for all, ids only, graphs):");
