@@ -223,19 +223,7 @@ fn main() {
         for t in [1usize, 2, 4, 8, 16, 64] {
             // Fresh routing per run, so experts are not served from L2.
             let routings: Vec<_> = (0..23)
-                .map(|_| {
-                    let choices: Vec<Vec<(usize, f32)>> = (0..t)
-                        .map(|_| {
-                            let mut ex: Vec<usize> = (0..e).collect();
-                            for j in 0..top_k {
-                                let kk = rng.random_range(j..e);
-                                ex.swap(j, kk);
-                            }
-                            ex[..top_k].iter().map(|&x| (x, 1.0 / top_k as f32)).collect()
-                        })
-                        .collect();
-                    MoeRouting::new(&choices)
-                })
+                .map(|_| routing_from_pool(&mut rng, t, 0..e, top_k))
                 .collect();
             let dev: Vec<_> = routings.iter().map(|r| k.upload_routing(r, e).unwrap()).collect();
             let used = routings.iter().map(|r| r.experts.len()).sum::<usize>() as f64 / routings.len() as f64;
@@ -316,17 +304,7 @@ fn main() {
                 let pools: Vec<_> = (0..23)
                     .map(|_| {
                         let base = rng.random_range(0..e - 2 * top_k);
-                        let choices: Vec<Vec<(usize, f32)>> = (0..t)
-                            .map(|_| {
-                                let mut ex: Vec<usize> = (base..base + 2 * top_k).collect();
-                                for j in 0..top_k {
-                                    let kk = rng.random_range(j..ex.len());
-                                    ex.swap(j, kk);
-                                }
-                                ex[..top_k].iter().map(|&x| (x, 1.0 / top_k as f32)).collect()
-                            })
-                            .collect();
-                        MoeRouting::new(&choices)
+                        routing_from_pool(&mut rng, t, base..base + 2 * top_k, top_k)
                     })
                     .collect();
                 let pdev: Vec<_> = pools.iter().map(|r| k.upload_routing(r, e).unwrap()).collect();
@@ -345,6 +323,22 @@ const MOE_TRACE_SLOTS: usize = 16;
 /// Percentiles of the fused MoE kernel's trace stamps (kernels/moe.cu, MOE_TRACE), in us after
 /// the first block got past its wait for the kernel ahead; `gu_items`: its gate_up items (a
 /// block's first item is gate_up below that index, its second item always down).
+/// Routing of `t` tokens, each to `top_k` distinct experts drawn uniformly from `pool`, with
+/// equal weights.
+fn routing_from_pool(rng: &mut impl Rng, t: usize, pool: std::ops::Range<usize>, top_k: usize) -> MoeRouting {
+    let choices: Vec<Vec<(usize, f32)>> = (0..t)
+        .map(|_| {
+            let mut ex: Vec<usize> = pool.clone().collect();
+            for j in 0..top_k {
+                let kk = rng.random_range(j..ex.len());
+                ex.swap(j, kk);
+            }
+            ex[..top_k].iter().map(|&x| (x, 1.0 / top_k as f32)).collect()
+        })
+        .collect();
+    MoeRouting::new(&choices)
+}
+
 fn print_moe_trace(what: &str, tr: &[u64], gu_items: usize) {
     let blocks: Vec<&[u64]> = tr.chunks(MOE_TRACE_SLOTS).filter(|b| b[2] != 0).collect();
     let Some(t0) = blocks.iter().map(|b| b[2]).min() else { return };
