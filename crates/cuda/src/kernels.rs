@@ -155,6 +155,12 @@ pub struct Kernels {
     moe_module: Arc<cudarc::driver::CudaModule>,
 }
 
+/// Shared memory of a tiled MoE block's rings: 8 warps x `stages` x `steps` steps of 544
+/// bytes (a step's 512 bytes of codes and 32 of scales).
+const fn ring_bytes(stages: usize, steps: usize) -> usize {
+    8 * stages * steps * 544
+}
+
 /// Token counts at which the two-launch MoE's down blocks wait per expert slot: the slots whose
 /// gate_up finished first then stream their down while the last gate_up blocks drain. On the
 /// H100 (Flash shapes) that took the 4-token MoE from ~80% to ~83% of copy bandwidth and the
@@ -808,7 +814,7 @@ impl Kernels {
     /// for `tokens` tokens of `w` (tests check that wide experts take fewer than 4).
     pub fn moe_tiled_staged_pairs(&self, w: &MoeWeights, stages: usize, steps: usize, tokens: usize) -> Result<usize> {
         let v = Self::tiled_variant(stages, steps)?;
-        self.staged_pairs(&self.gate_up_tiled[v], 8 * stages * steps * 544, w.hidden.max(w.inter), tokens, 0)
+        self.staged_pairs(&self.gate_up_tiled[v], ring_bytes(stages, steps), w.hidden.max(w.inter), tokens, 0)
     }
 
     /// Pairs a pass of tiled MoE kernel `f` stages (shared memory: `ring` bytes of rings, 4 `k`
@@ -849,8 +855,9 @@ impl Kernels {
     #[allow(clippy::too_many_arguments)]
     fn fused_grid(&self, f: &CudaFunction, w: &MoeWeights, stages: usize, steps: usize, max_blocks: usize, tokens: usize, u: usize, scratch: usize, counters: &CudaSlice<u32>) -> Result<LaunchConfig> {
         let (h, i) = (w.hidden, w.inter);
-        let np = self.staged_pairs(f, 8 * stages * steps * 544, h.max(i), tokens, scratch)?;
-        let smem = (8 * stages * steps * 544 + h.max(i) * 4 * np).max(scratch);
+        let ring = ring_bytes(stages, steps);
+        let np = self.staged_pairs(f, ring, h.max(i), tokens, scratch)?;
+        let smem = (ring + h.max(i) * 4 * np).max(scratch);
         check(smem <= TILED_MAX_SMEM, || format!("MoE dims {h}, {i} need more than {TILED_MAX_SMEM} bytes of shared memory"))?;
         let (gug, dg) = ((i / 8).div_ceil(8), (h / 16).div_ceil(8));
         check(counters.len() >= dg + 2 * u, || "MoE scratch counters too small".into())?;
@@ -912,7 +919,7 @@ impl Kernels {
         match (&w.layout, kind) {
             (MoeLayout::Tiled { gate_up, gate_up_s, down, down_s }, MoeKernel::Tiled { stages, steps }) => {
                 let v = Self::tiled_variant(stages, steps)?;
-                let (fg, fd, ring) = (&self.gate_up_tiled[v], &self.down_tiled[v], 8 * stages * steps * 544);
+                let (fg, fd, ring) = (&self.gate_up_tiled[v], &self.down_tiled[v], ring_bytes(stages, steps));
                 // A routed expert has at most one pair per token; a pass stages up to 4.
                 let np = self.staged_pairs(fg, ring, h.max(i), r.num_tokens, 0)?;
                 let (gu_smem, d_smem) = (ring + h * 4 * np, ring + i * 4 * np);
