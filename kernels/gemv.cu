@@ -610,48 +610,75 @@ __device__ __forceinline__ void mma_bf16(float c[4], unsigned a0, unsigned a1, u
 
 #define MMA_WARPS 8
 
-template <int NT, bool FP8>
+// R row tiles of 16 per block: each activation fragment a lane loads serves R tiles. At 16-64
+// tokens one tile per block read the whole [T, K] hi + lo activations per 16 rows (1 MB per
+// tile at 64 tokens), from L2, which bounded those GEMVs; every row's sum is the same as with
+// R = 1 (each warp still takes K blocks w, w + 8, ... and the warps reduce in order).
+template <int NT, int R, bool FP8>
 __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, const float* __restrict__ S,
                                          const unsigned short* __restrict__ XH, const unsigned short* __restrict__ XL,
                                          const float* __restrict__ xinv, float* __restrict__ y, float* __restrict__ y1,
                                          float* __restrict__ y2, int N0, int N1, int N, int K, int T) {
     __shared__ float red[MMA_WARPS][16 * NT * 8];
     int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane >> 2, q = lane & 3;
-    int n0 = blockIdx.x * 16, t0 = blockIdx.y * NT * 8;
-    int r0 = min(n0 + g, N - 1), r1 = min(n0 + g + 8, N - 1);  // loads clamped, stores guarded
+    // R > 1: the blocks of one row group over its token groups are adjacent in launch order
+    // (grid.x), so they run together and all but the first find the weights in L2. R = 1 (the
+    // decode path up to 8 tokens) keeps token groups on grid.y and no division.
+    int nb, t0;
+    if (R == 1) {
+        nb = blockIdx.x * 16;
+        t0 = blockIdx.y * NT * 8;
+    } else {
+        const int ny = (T + NT * 8 - 1) / (NT * 8);
+        nb = (blockIdx.x / ny) * 16 * R;
+        t0 = (blockIdx.x % ny) * NT * 8;
+    }
+    int rr[R][2];  // each tile's two rows of this lane: loads clamped, stores guarded
+#pragma unroll
+    for (int rt = 0; rt < R; rt++) {
+        rr[rt][0] = min(nb + rt * 16 + g, N - 1);
+        rr[rt][1] = min(nb + rt * 16 + g + 8, N - 1);
+    }
     int KB = K / 128;
-    float acc[NT][4];
+    float acc[R][NT][4];
 #pragma unroll
-    for (int tt = 0; tt < NT; tt++)
-#pragma unroll
-        for (int i = 0; i < 4; i++) acc[tt][i] = 0.f;
-    for (int kb = w; kb < KB; kb += MMA_WARPS) {
-        float part[NT][4];
+    for (int rt = 0; rt < R; rt++)
 #pragma unroll
         for (int tt = 0; tt < NT; tt++)
 #pragma unroll
-            for (int i = 0; i < 4; i++) part[tt][i] = 0.f;
+            for (int i = 0; i < 4; i++) acc[rt][tt][i] = 0.f;
+    for (int kb = w; kb < KB; kb += MMA_WARPS) {
+        float part[R][NT][4];
+#pragma unroll
+        for (int rt = 0; rt < R; rt++)
+#pragma unroll
+            for (int tt = 0; tt < NT; tt++)
+#pragma unroll
+                for (int i = 0; i < 4; i++) part[rt][tt][i] = 0.f;
 #pragma unroll
         for (int c = 0; c < 2; c++) {
             int k = kb * 128 + c * 64 + q * 16;
-            unsigned a0[8], a1[8];
-            if (FP8) {
-                uint4 v0 = __ldg(reinterpret_cast<const uint4*>(W + (size_t)r0 * K + k));
-                uint4 v1 = __ldg(reinterpret_cast<const uint4*>(W + (size_t)r1 * K + k));
-                unsigned u0[4] = {v0.x, v0.y, v0.z, v0.w}, u1[4] = {v1.x, v1.y, v1.z, v1.w};
+            unsigned a0[R][8], a1[R][8];
 #pragma unroll
-                for (int i = 0; i < 4; i++) {
-                    a0[2 * i] = fp8x2_to_f16x2(u0[i] & 0xffffu);
-                    a0[2 * i + 1] = fp8x2_to_f16x2(u0[i] >> 16);
-                    a1[2 * i] = fp8x2_to_f16x2(u1[i] & 0xffffu);
-                    a1[2 * i + 1] = fp8x2_to_f16x2(u1[i] >> 16);
+            for (int rt = 0; rt < R; rt++) {
+                if (FP8) {
+                    uint4 v0 = __ldg(reinterpret_cast<const uint4*>(W + (size_t)rr[rt][0] * K + k));
+                    uint4 v1 = __ldg(reinterpret_cast<const uint4*>(W + (size_t)rr[rt][1] * K + k));
+                    unsigned u0[4] = {v0.x, v0.y, v0.z, v0.w}, u1[4] = {v1.x, v1.y, v1.z, v1.w};
+#pragma unroll
+                    for (int i = 0; i < 4; i++) {
+                        a0[rt][2 * i] = fp8x2_to_f16x2(u0[i] & 0xffffu);
+                        a0[rt][2 * i + 1] = fp8x2_to_f16x2(u0[i] >> 16);
+                        a1[rt][2 * i] = fp8x2_to_f16x2(u1[i] & 0xffffu);
+                        a1[rt][2 * i + 1] = fp8x2_to_f16x2(u1[i] >> 16);
+                    }
+                } else {
+                    const uint4* p0 = reinterpret_cast<const uint4*>(reinterpret_cast<const unsigned short*>(W) + (size_t)rr[rt][0] * K + k);
+                    const uint4* p1 = reinterpret_cast<const uint4*>(reinterpret_cast<const unsigned short*>(W) + (size_t)rr[rt][1] * K + k);
+                    uint4 x0 = __ldg(p0), x1 = __ldg(p0 + 1), y0 = __ldg(p1), y1 = __ldg(p1 + 1);
+                    a0[rt][0] = x0.x; a0[rt][1] = x0.y; a0[rt][2] = x0.z; a0[rt][3] = x0.w; a0[rt][4] = x1.x; a0[rt][5] = x1.y; a0[rt][6] = x1.z; a0[rt][7] = x1.w;
+                    a1[rt][0] = y0.x; a1[rt][1] = y0.y; a1[rt][2] = y0.z; a1[rt][3] = y0.w; a1[rt][4] = y1.x; a1[rt][5] = y1.y; a1[rt][6] = y1.z; a1[rt][7] = y1.w;
                 }
-            } else {
-                const uint4* p0 = reinterpret_cast<const uint4*>(reinterpret_cast<const unsigned short*>(W) + (size_t)r0 * K + k);
-                const uint4* p1 = reinterpret_cast<const uint4*>(reinterpret_cast<const unsigned short*>(W) + (size_t)r1 * K + k);
-                uint4 x0 = __ldg(p0), x1 = __ldg(p0 + 1), y0 = __ldg(p1), y1 = __ldg(p1 + 1);
-                a0[0] = x0.x; a0[1] = x0.y; a0[2] = x0.z; a0[3] = x0.w; a0[4] = x1.x; a0[5] = x1.y; a0[6] = x1.z; a0[7] = x1.w;
-                a1[0] = y0.x; a1[1] = y0.y; a1[2] = y0.z; a1[3] = y0.w; a1[4] = y1.x; a1[5] = y1.y; a1[6] = y1.z; a1[7] = y1.w;
             }
 #pragma unroll
             for (int tt = 0; tt < NT; tt++) {
@@ -667,69 +694,85 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
 #pragma unroll
                     for (int i = 0; i < 8; i++) { bh[i] = 0u; bl[i] = 0u; }
                 }
-                float* C = FP8 ? part[tt] : acc[tt];
 #pragma unroll
-                for (int s = 0; s < 4; s++) {
-                    if (FP8) {  // F16 weights and F16 hi/lo activations
-                        mma_f16(C, a0[2 * s], a1[2 * s], a0[2 * s + 1], a1[2 * s + 1], bh[2 * s], bh[2 * s + 1]);
-                        mma_f16(C, a0[2 * s], a1[2 * s], a0[2 * s + 1], a1[2 * s + 1], bl[2 * s], bl[2 * s + 1]);
-                    } else {
-                        mma_bf16(C, a0[2 * s], a1[2 * s], a0[2 * s + 1], a1[2 * s + 1], bh[2 * s], bh[2 * s + 1]);
-                        mma_bf16(C, a0[2 * s], a1[2 * s], a0[2 * s + 1], a1[2 * s + 1], bl[2 * s], bl[2 * s + 1]);
+                for (int rt = 0; rt < R; rt++) {
+                    float* C = FP8 ? part[rt][tt] : acc[rt][tt];
+#pragma unroll
+                    for (int s = 0; s < 4; s++) {
+                        if (FP8) {  // F16 weights and F16 hi/lo activations
+                            mma_f16(C, a0[rt][2 * s], a1[rt][2 * s], a0[rt][2 * s + 1], a1[rt][2 * s + 1], bh[2 * s], bh[2 * s + 1]);
+                            mma_f16(C, a0[rt][2 * s], a1[rt][2 * s], a0[rt][2 * s + 1], a1[rt][2 * s + 1], bl[2 * s], bl[2 * s + 1]);
+                        } else {
+                            mma_bf16(C, a0[rt][2 * s], a1[rt][2 * s], a0[rt][2 * s + 1], a1[rt][2 * s + 1], bh[2 * s], bh[2 * s + 1]);
+                            mma_bf16(C, a0[rt][2 * s], a1[rt][2 * s], a0[rt][2 * s + 1], a1[rt][2 * s + 1], bl[2 * s], bl[2 * s + 1]);
+                        }
                     }
                 }
             }
         }
         if (FP8) {
-            float sc = S[(size_t)(n0 / 128) * KB + kb];
 #pragma unroll
-            for (int tt = 0; tt < NT; tt++)
+            for (int rt = 0; rt < R; rt++) {
+                // Each 16-row tile lies inside one 128-row scale block (16 divides 128).
+                float sc = S[(size_t)((nb + rt * 16) / 128) * KB + kb];
 #pragma unroll
-                for (int i = 0; i < 4; i++) acc[tt][i] += sc * part[tt][i];
+                for (int tt = 0; tt < NT; tt++)
+#pragma unroll
+                    for (int i = 0; i < 4; i++) acc[rt][tt][i] += sc * part[rt][tt][i];
+            }
         }
     }
     // C fragment: c0 (row g, token 2q), c1 (g, 2q+1), c2 (g+8, 2q), c3 (g+8, 2q+1) of tile tt.
-    float* rw = red[w];
+    // One row tile at a time through the shared buffer (it holds one tile's warps).
 #pragma unroll
-    for (int tt = 0; tt < NT; tt++)
+    for (int rt = 0; rt < R; rt++) {
+        if (rt > 0) __syncthreads();  // the previous tile's sums have been read
+        float* rw = red[w];
 #pragma unroll
-        for (int i = 0; i < 4; i++) rw[(g + (i >> 1) * 8) * (NT * 8) + tt * 8 + 2 * q + (i & 1)] = acc[tt][i];
-    __syncthreads();
-    for (int e = threadIdx.x; e < 16 * NT * 8; e += blockDim.x) {
-        float s = 0.f;
+        for (int tt = 0; tt < NT; tt++)
 #pragma unroll
-        for (int i = 0; i < MMA_WARPS; i++) s += red[i][e];
-        int n = n0 + e / (NT * 8), t = t0 + e % (NT * 8);
-        if (n < N && t < T) {
-            if (xinv) s *= xinv[t];
-            // Rows [0, N0) go to y, [N0, N0 + N1) to y1, the rest to y2 (a fused q/k/v
-            // projection writes q, k and v as separate [T, rows] arrays).
-            if (n < N0) y[(size_t)t * N0 + n] = s;
-            else if (n < N0 + N1) y1[(size_t)t * N1 + (n - N0)] = s;
-            else y2[(size_t)t * (N - N0 - N1) + (n - N0 - N1)] = s;
+            for (int i = 0; i < 4; i++) rw[(g + (i >> 1) * 8) * (NT * 8) + tt * 8 + 2 * q + (i & 1)] = acc[rt][tt][i];
+        __syncthreads();
+        for (int e = threadIdx.x; e < 16 * NT * 8; e += blockDim.x) {
+            float s = 0.f;
+#pragma unroll
+            for (int i = 0; i < MMA_WARPS; i++) s += red[i][e];
+            int n = nb + rt * 16 + e / (NT * 8), t = t0 + e % (NT * 8);
+            if (n < N && t < T) {
+                if (xinv) s *= xinv[t];
+                // Rows [0, N0) go to y, [N0, N0 + N1) to y1, the rest to y2 (a fused q/k/v
+                // projection writes q, k and v as separate [T, rows] arrays).
+                if (n < N0) y[(size_t)t * N0 + n] = s;
+                else if (n < N0 + N1) y1[(size_t)t * N1 + (n - N0)] = s;
+                else y2[(size_t)t * (N - N0 - N1) + (n - N0 - N1)] = s;
+            }
         }
     }
 }
 
-#define GEMV_MMA(NT)                                                                                                      \
-    extern "C" __global__ void __launch_bounds__(256) gemv_mma_fp8_t##NT(                                                \
+// gemv_mma_{fp8,bf16}_t<NT> (one row tile per block) and ..._t<NT>_r<R>.
+#define GEMV_MMA(NT, R, SUFFIX)                                                                                           \
+    extern "C" __global__ void __launch_bounds__(256) gemv_mma_fp8_t##NT##SUFFIX(                                        \
         const unsigned char* __restrict__ W, const float* __restrict__ S, const unsigned short* __restrict__ XH,          \
         const unsigned short* __restrict__ XL, const float* __restrict__ xinv, float* __restrict__ y,                     \
         float* __restrict__ y1, float* __restrict__ y2,                                                                   \
-        int N0, int N1, int N, int K, int T) { PDL_ENTER();                                                                            \
-        gemv_mma<NT, true>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T);                                                     \
+        int N0, int N1, int N, int K, int T) { PDL_ENTER();                                                               \
+        gemv_mma<NT, R, true>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T);                                            \
     }                                                                                                                     \
-    extern "C" __global__ void __launch_bounds__(256) gemv_mma_bf16_t##NT(                                               \
+    extern "C" __global__ void __launch_bounds__(256) gemv_mma_bf16_t##NT##SUFFIX(                                       \
         const unsigned char* __restrict__ W, const float* __restrict__ S, const unsigned short* __restrict__ XH,          \
         const unsigned short* __restrict__ XL, const float* __restrict__ xinv, float* __restrict__ y,                     \
         float* __restrict__ y1, float* __restrict__ y2,                                                                   \
-        int N0, int N1, int N, int K, int T) { PDL_ENTER();                                                                            \
-        gemv_mma<NT, false>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T);                                                    \
+        int N0, int N1, int N, int K, int T) { PDL_ENTER();                                                               \
+        gemv_mma<NT, R, false>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T);                                           \
     }
-GEMV_MMA(1)
-GEMV_MMA(2)
-GEMV_MMA(4)
-GEMV_MMA(8)
+// Measured on the H100 and not kept (benches/results/2026-11-23-gemv-row-tiles.md): one row
+// tile of 16, 32 or 64 tokens per block (the activations read from L2 once per 16 rows bound
+// them at 16-64 tokens), 2 row tiles of 8 or 32 tokens; FP8 2 x 2 and BF16 2 x 4 are compiled
+// because the macro makes both formats.
+GEMV_MMA(1, 1, )
+GEMV_MMA(2, 2, _r2)
+GEMV_MMA(2, 4, _r4)
 
 // ---------------------------------------------------------------------------------------------
 // MXFP4 MoE decode on tensor cores. Per block: 16 rows of one routed expert, 8 warps splitting

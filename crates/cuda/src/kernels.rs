@@ -118,9 +118,11 @@ pub struct Kernels {
     gate_up_v2: CudaFunction,
     down_v2: CudaFunction,
     combine: CudaFunction,
-    /// Tensor-core GEMV for 8, 16, 32, 64 tokens per pass, FP8 and BF16 weights.
-    mma_fp8: [CudaFunction; 4],
-    mma_bf16: [CudaFunction; 4],
+    /// Tensor-core GEMVs, FP8 and BF16 weights, one per `MMA_GEMV_TILES` entry.
+    mma_fp8: Vec<CudaFunction>,
+    mma_bf16: Vec<CudaFunction>,
+    /// `PEREGRINE_GEMV_TILE=NTxR` forces that tile shape at every token count (benchmarks).
+    mma_forced: Option<usize>,
     split_bf16: CudaFunction,
     split_f16: CudaFunction,
     gate_up_mma: CudaFunction,
@@ -153,6 +155,33 @@ pub struct Kernels {
     pub cached: bool,
     /// kernels/moe.cu's module (for `moe_trace`).
     moe_module: Arc<cudarc::driver::CudaModule>,
+}
+
+/// Tile shapes of the tensor-core GEMV kernels (kernels/gemv.cu, `GEMV_MMA`): 8 NT tokens and
+/// 16 R rows per block. More rows per block share each activation load; more tokens per block
+/// share each weight load but cost registers.
+pub const MMA_GEMV_TILES: [(usize, usize); 3] = [(1, 1), (2, 2), (2, 4)];
+
+fn mma_gemv_name(format: &str, nt: usize, r: usize) -> String {
+    if r == 1 { format!("gemv_mma_{format}_t{nt}") } else { format!("gemv_mma_{format}_t{nt}_r{r}") }
+}
+
+/// The index in `MMA_GEMV_TILES` of the tile shape for `t` tokens: up to 8 tokens one tile of
+/// 16 rows per block; above, 2 or 4 row tiles per block of 16 tokens each, so the activations
+/// are read from L2 2-4 times less. H100, decode shapes (q/k/v FP8, o_proj BF16) at 16 / 64
+/// tokens: FP8 48 -> 55% / 10 -> 21% of copy bandwidth, BF16 60 -> 70% / 25 -> 37%
+/// (benches/results/2026-11-23-gemv-row-tiles.md).
+fn mma_gemv_tile(fp8: bool, t: usize) -> usize {
+    let tile = match (t, fp8) {
+        (0..=8, _) => (1, 1),
+        (_, true) => (2, 4),
+        (_, false) => (2, 2),
+    };
+    mma_gemv_index(tile).expect("a compiled tile")
+}
+
+fn mma_gemv_index(tile: (usize, usize)) -> Result<usize> {
+    MMA_GEMV_TILES.iter().position(|&x| x == tile).ok_or_else(|| Error::Backend(format!("GEMV tile {tile:?} is not one of {MMA_GEMV_TILES:?} (NT x R)")))
 }
 
 /// Shared memory of a tiled MoE block's rings: 8 warps x `stages` x `steps` steps of 544
@@ -416,8 +445,15 @@ impl Kernels {
             gate_up_v2: f("moe_gate_up_mxfp4_v2")?,
             down_v2: f("moe_down_mxfp4_v2")?,
             combine: f("moe_combine")?,
-            mma_fp8: [f("gemv_mma_fp8_t1")?, f("gemv_mma_fp8_t2")?, f("gemv_mma_fp8_t4")?, f("gemv_mma_fp8_t8")?],
-            mma_bf16: [f("gemv_mma_bf16_t1")?, f("gemv_mma_bf16_t2")?, f("gemv_mma_bf16_t4")?, f("gemv_mma_bf16_t8")?],
+            mma_fp8: MMA_GEMV_TILES.iter().map(|&(nt, r)| f(&mma_gemv_name("fp8", nt, r))).collect::<Result<_>>()?,
+            mma_bf16: MMA_GEMV_TILES.iter().map(|&(nt, r)| f(&mma_gemv_name("bf16", nt, r))).collect::<Result<_>>()?,
+            mma_forced: match std::env::var("PEREGRINE_GEMV_TILE") {
+                Ok(v) => {
+                    let tile = v.split_once('x').and_then(|(nt, r)| Some((nt.parse().ok()?, r.parse().ok()?)));
+                    Some(mma_gemv_index(tile.ok_or_else(|| Error::Backend(format!("PEREGRINE_GEMV_TILE={v}: expected NTxR, e.g. 2x4")))?)?)
+                }
+                Err(_) => None,
+            },
             split_bf16: f("split_bf16")?,
             split_f16: f("split_f16")?,
             gate_up_mma: f("moe_gate_up_mma")?,
@@ -672,10 +708,18 @@ impl Kernels {
         self.mma_launch(fp8, w, scales, &xh, &xl, inv.as_ref(), ys, rows, k, t)
     }
 
+    /// Runs the tensor-core GEMVs with tile `(nt, r)` (one of `MMA_GEMV_TILES`) at every token
+    /// count, or with the default per token count (`None`). Every tile gives the same bits.
+    pub fn force_gemv_tile(&mut self, tile: Option<(usize, usize)>) -> Result<()> {
+        self.mma_forced = tile.map(mma_gemv_index).transpose()?;
+        Ok(())
+    }
+
     /// The tensor-core GEMV over activations already split into hi + lo parts.
     fn mma_launch(&self, fp8: bool, w: cudarc::driver::sys::CUdeviceptr, scales: Option<&CudaSlice<f32>>, xh: &CudaSlice<u16>, xl: &CudaSlice<u16>, inv: Option<&CudaSlice<f32>>, ys: [cudarc::driver::sys::CUdeviceptr; 3], rows: [usize; 3], k: usize, t: usize) -> Result<()> {
         let n = rows.iter().sum::<usize>();
-        let (v, per) = match t { 1..=8 => (0, 8), 9..=16 => (1, 16), 17..=32 => (2, 32), _ => (3, 64) };
+        let v = self.mma_forced.unwrap_or_else(|| mma_gemv_tile(fp8, t));
+        let (nt, r) = MMA_GEMV_TILES[v];
         let f = if fp8 { &self.mma_fp8[v] } else { &self.mma_bf16[v] };
         let (ni, ki, ti) = (n as i32, k as i32, t as i32);
         let mut b = crate::launch::builder(&self.stream, f);
@@ -691,7 +735,11 @@ impl Kernels {
             None => b.arg(&0u64),
         };
         b.arg(&ys[0]).arg(&ys[1]).arg(&ys[2]).arg(&n0).arg(&n1).arg(&ni).arg(&ki).arg(&ti);
-        let cfg = LaunchConfig { grid_dim: (n.div_ceil(16) as u32, t.div_ceil(per) as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // Row groups of 16 r rows x token groups of 8 nt: one row tile per block on grid (x, y);
+        // several, as one index the kernel splits (a row group's token groups adjacent).
+        let (groups, ty) = (n.div_ceil(16 * r), t.div_ceil(8 * nt));
+        let grid_dim = if r == 1 { (groups as u32, ty as u32, 1) } else { ((groups * ty) as u32, 1, 1) };
+        let cfg = LaunchConfig { grid_dim, block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         unsafe { b.launch(cfg) }.map_err(drv(if fp8 { "gemv_mma_fp8" } else { "gemv_mma_bf16" }))?;
         Ok(())
     }

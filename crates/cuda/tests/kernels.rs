@@ -107,14 +107,14 @@ fn nvrtc_compiles_the_kernels() {
             assert!(moe.contains(&format!(".entry {k}")), "moe.cu lacks {k}");
         }
     }
-    for k in ["gemv_bf16", "gemv_fp8", "gemv_mxfp4", "gemv_mxfp4_t1", "gemv_mxfp4_t2", "gemv_mxfp4_t4", "gemv_mxfp4_t8", "moe_gate_up_mxfp4", "moe_down_mxfp4", "moe_gate_up_mxfp4_v2", "moe_down_mxfp4_v2", "moe_combine", "split_bf16", "gemv_mma_fp8_t1", "gemv_mma_fp8_t8", "gemv_mma_bf16_t1", "gemv_mma_bf16_t8", "split_f16", "moe_gate_up_mma", "moe_down_mma", "moe_gate_up_pipe_s1", "moe_gate_up_pipe_s2", "moe_gate_up_pipe_s4", "moe_gate_up_pipe_s8", "moe_down_pipe_s1", "moe_down_pipe_s2", "moe_down_pipe_s4", "moe_down_pipe_s8"] {
+    for k in ["gemv_bf16", "gemv_fp8", "gemv_mxfp4", "gemv_mxfp4_t1", "gemv_mxfp4_t2", "gemv_mxfp4_t4", "gemv_mxfp4_t8", "moe_gate_up_mxfp4", "moe_down_mxfp4", "moe_gate_up_mxfp4_v2", "moe_down_mxfp4_v2", "moe_combine", "split_bf16", "gemv_mma_fp8_t1", "gemv_mma_fp8_t2_r4", "gemv_mma_bf16_t1", "gemv_mma_bf16_t2_r2", "split_f16", "moe_gate_up_mma", "moe_down_mma", "moe_gate_up_pipe_s1", "moe_gate_up_pipe_s2", "moe_gate_up_pipe_s4", "moe_gate_up_pipe_s8", "moe_down_pipe_s1", "moe_down_pipe_s2", "moe_down_pipe_s4", "moe_down_pipe_s8"] {
         assert!(text.contains(&format!(".entry {k}")), "kernel {k} missing from the PTX");
     }
 }
 
 #[test]
 fn gemv_kernels_match_the_cpu_reference() {
-    let Some((g, kern)) = gpu() else { return };
+    let Some((g, mut kern)) = gpu() else { return };
     eprintln!("GPU: {} (sm_{}{})", g.name, g.capability.0, g.capability.1);
     let mut r = rng();
     // 19205 rows: more 16-row tiles (1201, the last partial) than the tensor-core GEMV keeps
@@ -127,10 +127,13 @@ fn gemv_kernels_match_the_cpu_reference() {
             // BF16
             let wb = random_bf16(&mut r, n * k);
             let wf: Vec<f32> = wb.iter().map(|&b| half::bf16::from_bits(b).to_f32()).collect();
-            let mut y = poisoned(&g, t * n);
-            kern.gemv_bf16(&g.stream.clone_htod(&wb).unwrap(), &xd, &mut y, n, k, t).unwrap();
             let want = reference(&wf, &x, n, k, t);
-            assert_close(&format!("bf16 {n}x{k} T={t}"), &g.stream.clone_dtoh(&y).unwrap(), &want);
+            let wbd = g.stream.clone_htod(&wb).unwrap();
+            every_gemv_tile(&mut kern, &format!("bf16 {n}x{k} T={t}"), &want, |kern| {
+                let mut y = poisoned(&g, t * n);
+                kern.gemv_bf16(&wbd, &xd, &mut y, n, k, t).unwrap();
+                g.stream.clone_dtoh(&y).unwrap()
+            });
             if t <= 11 {
                 let mut y = poisoned(&g, t * n);
                 kern.gemv_bf16_simt(&g.stream.clone_htod(&wb).unwrap(), &xd, &mut y, n, k, t).unwrap();
@@ -140,10 +143,13 @@ fn gemv_kernels_match_the_cpu_reference() {
             if k % 128 == 0 {
                 let (w8, sc) = random_fp8(&mut r, n, k);
                 let wf = dequant_fp8_block(&w8, &sc, n, k, 128, 128);
-                let mut y = poisoned(&g, t * n);
-                kern.gemv_fp8(&g.stream.clone_htod(&w8).unwrap(), &g.stream.clone_htod(&sc).unwrap(), &xd, &mut y, n, k, t).unwrap();
                 let want = reference(&wf, &x, n, k, t);
-                assert_close(&format!("fp8 {n}x{k} T={t}"), &g.stream.clone_dtoh(&y).unwrap(), &want);
+                let (w8d, scd) = (g.stream.clone_htod(&w8).unwrap(), g.stream.clone_htod(&sc).unwrap());
+                every_gemv_tile(&mut kern, &format!("fp8 {n}x{k} T={t}"), &want, |kern| {
+                    let mut y = poisoned(&g, t * n);
+                    kern.gemv_fp8(&w8d, &scd, &xd, &mut y, n, k, t).unwrap();
+                    g.stream.clone_dtoh(&y).unwrap()
+                });
                 if t <= 11 {
                     let mut y = poisoned(&g, t * n);
                     kern.gemv_fp8_simt(&g.stream.clone_htod(&w8).unwrap(), &g.stream.clone_htod(&sc).unwrap(), &xd, &mut y, n, k, t).unwrap();
@@ -159,6 +165,21 @@ fn gemv_kernels_match_the_cpu_reference() {
             assert_close(&format!("mxfp4 {n}x{k} T={t}"), &g.stream.clone_dtoh(&y).unwrap(), &reference(&wf, &x, n, k, t));
         }
     }
+}
+
+/// Runs a tensor-core GEMV with the default tile for its token count and then with every tile
+/// shape forced: each must match the CPU and give the default's bits (a tile only changes which
+/// block computes a row, not the row's arithmetic).
+fn every_gemv_tile(kern: &mut Kernels, what: &str, want: &[f32], mut run: impl FnMut(&Kernels) -> Vec<f32>) {
+    kern.force_gemv_tile(None).unwrap();
+    let base = run(kern);
+    assert_close(what, &base, want);
+    for &tile in peregrine_cuda::kernels::MMA_GEMV_TILES.iter() {
+        kern.force_gemv_tile(Some(tile)).unwrap();
+        let got = run(kern);
+        assert!(got.iter().zip(&base).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: tile {tile:?} differs from the default in some bit");
+    }
+    kern.force_gemv_tile(None).unwrap();
 }
 
 /// One GEMV over stacked q/k/v rows writing three outputs (FP8 and BF16).
