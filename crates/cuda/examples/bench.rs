@@ -320,9 +320,6 @@ fn main() {
 /// Stamps per block in the MoE kernel's trace (MOE_TRACE_SLOTS in kernels/moe.cu).
 const MOE_TRACE_SLOTS: usize = 16;
 
-/// Percentiles of the fused MoE kernel's trace stamps (kernels/moe.cu, MOE_TRACE), in us after
-/// the first block got past its wait for the kernel ahead; `gu_items`: its gate_up items (a
-/// block's first item is gate_up below that index, its second item always down).
 /// Routing of `t` tokens, each to `top_k` distinct experts drawn uniformly from `pool`, with
 /// equal weights.
 fn routing_from_pool(rng: &mut impl Rng, t: usize, pool: std::ops::Range<usize>, top_k: usize) -> MoeRouting {
@@ -339,6 +336,9 @@ fn routing_from_pool(rng: &mut impl Rng, t: usize, pool: std::ops::Range<usize>,
     MoeRouting::new(&choices)
 }
 
+/// Percentiles of the fused MoE kernel's trace stamps (kernels/moe.cu, MOE_TRACE), in us after
+/// the first block got past its wait for the kernel ahead; `gu_items`: its gate_up items (a
+/// block's first item is gate_up below that index, its second item always down).
 fn print_moe_trace(what: &str, tr: &[u64], gu_items: usize) {
     let blocks: Vec<&[u64]> = tr.chunks(MOE_TRACE_SLOTS).filter(|b| b[2] != 0).collect();
     let Some(t0) = blocks.iter().map(|b| b[2]).min() else { return };

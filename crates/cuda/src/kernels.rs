@@ -146,6 +146,9 @@ pub struct Kernels {
     /// A pass of the tiled MoE kernels stages fewer pairs than it could when that keeps two
     /// blocks per SM (`staged_pairs`); `PEREGRINE_MOE_TWO_BLOCKS=0` sizes by tokens alone.
     two_blocks: bool,
+    /// Resident 256-thread blocks per SM by (kernel, dynamic shared memory), asked of the
+    /// driver once: every eager MoE launch needs them.
+    occupancy: std::sync::Mutex<std::collections::HashMap<(usize, usize), usize>>,
     /// MoE kernels chosen by measurement (`tune_moe`).
     pub(crate) moe_choices: std::sync::Mutex<crate::moe_tune::MoeChoices>,
     sample: CudaFunction,
@@ -467,6 +470,7 @@ impl Kernels {
             moe_choices: Default::default(),
             slot_wait: std::env::var("PEREGRINE_MOE_SLOT_WAIT").map_or(true, |v| v != "0"),
             two_blocks: std::env::var("PEREGRINE_MOE_TWO_BLOCKS").map_or(true, |v| v != "0"),
+            occupancy: Default::default(),
             sms: gpu.ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(drv("SM count"))? as usize,
             sample,
             adjust,
@@ -869,7 +873,7 @@ impl Kernels {
     /// bytes per staged pair, at least `floor` bytes): one per token, at most 4 (`NP` in
     /// moe.cu), and fewer where that keeps two blocks resident per SM. Eight warps alone do not
     /// keep enough bytes in flight: 4 staged rows of a 6144-wide x (MiMo-V2.5-Pro) left room
-    /// for one block, and its 4-16 token MoE ran at 77-79% of copy bandwidth against 86-90%
+    /// for one block, and its 4-16 token MoE ran at 77-79% of copy bandwidth against 86-91%
     /// now. The price: an expert with more pairs than a pass stages streams its weights again
     /// per extra pass, which costs where tokens share experts (all 8 tokens drawing from 16
     /// experts: 44 -> 35%; benches/results/2026-11-23-moe-two-blocks.md).
@@ -880,12 +884,24 @@ impl Kernels {
         }
         while np > 1 {
             let smem = (ring + k * 4 * np).max(floor);
-            if smem <= TILED_MAX_SMEM && f.occupancy_max_active_blocks_per_multiprocessor(256, smem, None).map_err(drv("MoE occupancy"))? >= 2 {
+            if smem <= TILED_MAX_SMEM && self.blocks_per_sm(f, smem)? >= 2 {
                 break;
             }
             np -= 1;
         }
         Ok(np)
+    }
+
+    /// Resident 256-thread blocks of `f` per SM with `smem` bytes of dynamic shared memory.
+    fn blocks_per_sm(&self, f: &CudaFunction, smem: usize) -> Result<usize> {
+        let key = (f.cu_function() as usize, smem);
+        let mut cache = self.occupancy.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(&n) = cache.get(&key) {
+            return Ok(n);
+        }
+        let n = f.occupancy_max_active_blocks_per_multiprocessor(256, smem, None).map_err(drv("MoE occupancy"))? as usize;
+        cache.insert(key, n);
+        Ok(n)
     }
 
     /// The index in `TILED_VARIANTS` of a ring of `stages` x `steps`.
@@ -909,7 +925,7 @@ impl Kernels {
         check(smem <= TILED_MAX_SMEM, || format!("MoE dims {h}, {i} need more than {TILED_MAX_SMEM} bytes of shared memory"))?;
         let (gug, dg) = ((i / 8).div_ceil(8), (h / 16).div_ceil(8));
         check(counters.len() >= dg + 2 * u, || "MoE scratch counters too small".into())?;
-        let fit = f.occupancy_max_active_blocks_per_multiprocessor(256, smem, None).map_err(drv("MoE occupancy"))? as usize;
+        let fit = self.blocks_per_sm(f, smem)?;
         check(fit > 0, || format!("the fused MoE kernel does not fit an SM with {smem} bytes of shared memory"))?;
         let resident = fit * self.sms;
         let blocks = if max_blocks == 0 { resident } else { max_blocks.min(resident) };
