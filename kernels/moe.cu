@@ -752,3 +752,213 @@ MOE_BULK(4, 4)
 MOE_BULK(2, 3)
 MOE_BULK(3, 3)
 MOE_BULK(2, 6)
+
+// ---------------------------------------------------------------------------------------------
+// MoE GEMM for prefill-sized batches: many pairs per expert.
+//
+// Why: the kernels above stage at most NP = 4 pairs per pass and stream the expert's weights
+// again for every pass, so a 2048-token prompt (~64 pairs per expert) re-streamed each expert
+// ~16 times and its MoE ran at a few % of the tensor cores (69% of the prompt's time). Here a
+// block takes 16 row tiles (2 per warp) of one expert slot and 32 pairs at a time; each weight
+// fragment it decodes feeds 8 n-tiles of MMAs, and each activation fragment it reads from
+// shared memory feeds 2 row tiles.
+//
+// Same bits as the kernels above: each pair's row is split by moe_split_rows exactly as stage_b
+// stages it (the row's power of two, then stage_item into a one-pair fragment: 256 bytes per
+// 64 values of K), the MMAs, E8M0 scaling and accumulation order per column are tile_step's,
+// and the epilogue is tile_store; MMA columns are independent, so the 32-pair tiles give what
+// 4-pair passes gave.
+//
+// Per chunk of 32 pairs the block walks K in chunks of GEMM_KC steps through GEMM_STAGES
+// shared-memory stages filled by cp.async: the pairs' split rows, then the 16 tiles' codes and
+// scales (plain 16-byte copies: the work is bound by the MMAs, not by bytes in flight).
+#define GEMM_RT 2                        // row tiles per warp
+#define GEMM_NT 8                        // n8 tiles (4 pairs each) per chunk of pairs
+#define GEMM_PAIRS (4 * GEMM_NT)         // pairs per chunk
+#define GEMM_KC 4                        // steps of 64 K per stage
+#define GEMM_STAGES 2
+#define GEMM_TILES (TW * GEMM_RT)        // row tiles per block
+#define GEMM_B_BYTES (GEMM_PAIRS * GEMM_KC * 256)
+#define GEMM_W_BYTES (GEMM_TILES * GEMM_KC * 512)
+#define GEMM_S_BYTES (GEMM_TILES * GEMM_KC * 32)
+#define GEMM_STAGE_BYTES (GEMM_B_BYTES + GEMM_W_BYTES + GEMM_S_BYTES)
+
+// rows x [rows, K] f32 -> xs [rows][K/64 steps][256 bytes]: each row's F16 hi + lo of x * 2^s
+// as stage_b stages one pair (row_scale's power of two, stage_item's layout with L = 8 lanes),
+// and inv[row] = 2^-s. One block of TW warps per row; K % 64 == 0.
+extern "C" __global__ void __launch_bounds__(256) moe_split_rows(const float* __restrict__ x, int K, unsigned* __restrict__ xs,
+                                                                 float* __restrict__ inv) {
+    PDL_ENTER();
+    __shared__ float red[TW * NP], scale[NP], inv_s[NP];
+    int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
+    const float* xr = x + (size_t)blockIdx.x * K;
+    float m = 0.f;
+    for (int i = tid; i < K / 4; i += blockDim.x) {
+        float4 v = reinterpret_cast<const float4*>(xr)[i];
+        m = fmaxf(m, fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w))));
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    if (lane == 0) red[w * NP] = m;
+    __syncthreads();
+    if (tid == 0) row_scale(red, 0, scale, inv_s);
+    __syncthreads();
+    float s = scale[0];
+    unsigned* frag = xs + (size_t)blockIdx.x * K;
+    for (int it = tid; it < K / 4; it += blockDim.x) {
+        int q = it >> 2, t = it & 3;
+        const float* p = xr + 16 * q + 2 * t;
+        stage_item(frag, 8, 0, q, t, *reinterpret_cast<const float2*>(p), *reinterpret_cast<const float2*>(p + 8), s);
+    }
+    if (tid == 0) inv[blockIdx.x] = inv_s[0];
+}
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+    unsigned d = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+
+// GATE_UP: W = interleaved gate/up tiles [E][I/8][H/64], xs = moe_split_rows of x [T, H] (rows
+//          by pair_tok), writes h[p, i] = silu(gate_e x) * (up_e x) for i = 8 r + g.
+// else:    W = down tiles [E][H/16][I/64], xs = moe_split_rows of h [pairs, I] (row p for pair
+//          p), writes out[p, n] = pair_w[p] * down_e h_p (moe_combine then sums each token's).
+// Grid: (ceil(tiles / GEMM_TILES), expert slots); 256 threads; GEMM_STAGES x GEMM_STAGE_BYTES
+// of dynamic shared memory.
+template <bool GATE_UP>
+__device__ __forceinline__ void moe_gemm(const unsigned char* __restrict__ W, const unsigned char* __restrict__ S,
+                                         const int* __restrict__ experts, const int* __restrict__ pair_off,
+                                         const int* __restrict__ pair_tok, const float* __restrict__ pair_w,
+                                         const unsigned* __restrict__ xs, const float* __restrict__ inv, float* __restrict__ y,
+                                         int K, int tiles, int ldy) {
+    extern __shared__ uint4 dsm[];
+    __shared__ int rows[GEMM_PAIRS];
+    int u = blockIdx.y;
+    int pb = pair_off[u], pe = pair_off[u + 1];
+    if (pb >= pe) return;  // an unused expert slot
+    size_t e = (size_t)experts[u];
+    int tid = threadIdx.x, w = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    const int KS = K / 64, nkc = (KS + GEMM_KC - 1) / GEMM_KC;
+    const int rt0 = blockIdx.x * GEMM_TILES, bt = min(GEMM_TILES, tiles - rt0);  // the block's tiles
+    unsigned char* smem = reinterpret_cast<unsigned char*>(dsm);
+    for (int p0 = pb; p0 < pe; p0 += GEMM_PAIRS) {
+        const int np = min(GEMM_PAIRS, pe - p0), nt = (np + 3) / 4;
+        __syncthreads();  // the previous chunk is done with rows and the stages
+        if (tid < np) rows[tid] = GATE_UP ? pair_tok[p0 + tid] : p0 + tid;
+        __syncthreads();
+        // Stage c (K chunk c) into buffer c % GEMM_STAGES: the pairs' split rows, the tiles'
+        // codes and scales of steps k0 .. k0 + kc.
+        auto issue = [&](int c) {
+            unsigned char* st = smem + (c % GEMM_STAGES) * GEMM_STAGE_BYTES;
+            int k0 = c * GEMM_KC, kc = min(GEMM_KC, KS - k0);
+            for (int i = tid; i < np * kc * 16; i += blockDim.x) {
+                int j = i / (kc * 16), o = i % (kc * 16);
+                cp_async16(st + j * (GEMM_KC * 256) + o * 16, reinterpret_cast<const unsigned char*>(xs + (size_t)rows[j] * K) + k0 * 256 + o * 16);
+            }
+            unsigned char* sw = st + GEMM_B_BYTES;
+            for (int i = tid; i < bt * kc * 32; i += blockDim.x) {
+                int r = i / (kc * 32), o = i % (kc * 32);
+                size_t tile = (e * tiles + rt0 + r) * KS + k0;
+                cp_async16(sw + r * (GEMM_KC * 512) + o * 16, W + tile * 512 + o * 16);
+            }
+            unsigned char* ss = sw + GEMM_W_BYTES;
+            for (int i = tid; i < bt * kc * 2; i += blockDim.x) {
+                int r = i / (kc * 2), o = i % (kc * 2);
+                size_t tile = (e * tiles + rt0 + r) * KS + k0;
+                cp_async16(ss + r * (GEMM_KC * 32) + o * 16, S + tile * 32 + o * 16);
+            }
+        };
+        float acc[GEMM_RT][GEMM_NT][4];
+#pragma unroll
+        for (int r = 0; r < GEMM_RT; r++)
+#pragma unroll
+            for (int n = 0; n < GEMM_NT; n++)
+#pragma unroll
+                for (int i = 0; i < 4; i++) acc[r][n][i] = 0.f;
+        issue(0);
+        cp_async_commit();
+        for (int c = 0; c < nkc; c++) {
+            if (c + 1 < nkc) issue(c + 1);
+            cp_async_commit();  // (an empty group past the last chunk)
+            cp_async_wait<1>();
+            __syncthreads();
+            const unsigned char* st = smem + (c % GEMM_STAGES) * GEMM_STAGE_BYTES;
+            const unsigned char* sw = st + GEMM_B_BYTES;
+            const unsigned char* ss = sw + GEMM_W_BYTES;
+            const int kc = min(GEMM_KC, KS - c * GEMM_KC);
+            for (int kk = 0; kk < kc; kk++) {
+                // The warp's row tiles: codes decoded once for all n-tiles, E8M0 scales of the
+                // step's two 32-blocks for rows g and g + 8.
+                unsigned a[GEMM_RT][4][4];
+                float f[GEMM_RT][4];
+#pragma unroll
+                for (int r = 0; r < GEMM_RT; r++) {
+                    int lt = 2 * w + r < bt ? 2 * w + r : 0;  // a warp past the block's tiles computes tile 0 and stores nothing
+                    uint4 wv = reinterpret_cast<const uint4*>(sw + lt * (GEMM_KC * 512) + kk * 512)[lane];
+                    unsigned sv = reinterpret_cast<const unsigned*>(ss + lt * (GEMM_KC * 32) + kk * 32)[g];
+                    tile_decode(wv.x, a[r][0]);
+                    tile_decode(wv.y, a[r][1]);
+                    tile_decode(wv.z, a[r][2]);
+                    tile_decode(wv.w, a[r][3]);
+                    f[r][0] = e8m0_bits(sv << 23);  // (g, 2k)
+                    f[r][1] = e8m0_bits(sv << 7);   // (g + 8, 2k)
+                    f[r][2] = e8m0_bits(sv << 15);  // (g, 2k + 1)
+                    f[r][3] = e8m0_bits(sv >> 1);   // (g + 8, 2k + 1)
+                }
+#pragma unroll
+                for (int n = 0; n < GEMM_NT; n++) {
+                    if (n < nt) {
+                        // Lane (g, t) reads column g of n-tile n: pair 4n + g/2, hi (g even) or lo.
+                        const uint4* bp = reinterpret_cast<const uint4*>(st + (4 * n + (g >> 1)) * (GEMM_KC * 256) + kk * 256 + (g & 1) * 64 + t * 16);
+                        uint4 b01 = bp[0], b23 = bp[8];  // halves 0 and 1 (128 bytes apart)
+#pragma unroll
+                        for (int r = 0; r < GEMM_RT; r++) {
+                            float tp[4];
+                            float* ac = acc[r][n];
+                            mma_zero(tp, a[r][0], b01.x, b01.y);
+                            mma_acc(tp, a[r][1], b01.z, b01.w);
+                            ac[0] += f[r][0] * tp[0];
+                            ac[1] += f[r][0] * tp[1];
+                            ac[2] += f[r][1] * tp[2];
+                            ac[3] += f[r][1] * tp[3];
+                            mma_zero(tp, a[r][2], b23.x, b23.y);
+                            mma_acc(tp, a[r][3], b23.z, b23.w);
+                            ac[0] += f[r][2] * tp[0];
+                            ac[1] += f[r][2] * tp[1];
+                            ac[2] += f[r][3] * tp[2];
+                            ac[3] += f[r][3] * tp[3];
+                        }
+                    }
+                }
+            }
+            __syncthreads();  // every warp is done with this stage before it is refilled
+        }
+#pragma unroll
+        for (int r = 0; r < GEMM_RT; r++) {
+            if (2 * w + r >= bt) continue;
+#pragma unroll
+            for (int n = 0; n < GEMM_NT; n++) {
+                int j = 4 * n + t;
+                if (j < np) tile_store(GATE_UP, acc[r][n], inv[rows[j]], y, ldy, p0 + j, rt0 + 2 * w + r, pair_w);
+            }
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256, 1) moe_gemm_gate_up(const unsigned char* __restrict__ W, const unsigned char* __restrict__ S,
+                                                                    const int* __restrict__ experts, const int* __restrict__ pair_off,
+                                                                    const int* __restrict__ pair_tok, const unsigned* __restrict__ xs,
+                                                                    const float* __restrict__ inv, float* __restrict__ h, int H, int I) {
+    PDL_ENTER();
+    moe_gemm<true>(W, S, experts, pair_off, pair_tok, nullptr, xs, inv, h, H, I / 8, I);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 1) moe_gemm_down(const unsigned char* __restrict__ W, const unsigned char* __restrict__ S,
+                                                                 const int* __restrict__ experts, const int* __restrict__ pair_off,
+                                                                 const float* __restrict__ pair_w, const unsigned* __restrict__ hs,
+                                                                 const float* __restrict__ inv, float* __restrict__ out, int H, int I) {
+    PDL_ENTER();
+    moe_gemm<false>(W, S, experts, pair_off, nullptr, pair_w, hs, inv, out, I, H / 16, H);
+}

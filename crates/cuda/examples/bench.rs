@@ -76,7 +76,8 @@ fn main() {
 
     // PEREGRINE_BENCH_ONLY=moe skips the sampling and GEMV sections, =gemv all but GEMV.
     let only = std::env::var("PEREGRINE_BENCH_ONLY").unwrap_or_default();
-    let (only_moe, only_gemv) = (only == "moe", only == "gemv");
+    // =prefill-moe: only the MoE at prefill sizes (tiled kernels against the MoE GEMM).
+    let (only_moe, only_gemv, only_prefill_moe) = (only == "moe" || only == "prefill-moe", only == "gemv", only == "prefill-moe");
     // Sampling and logprobs over a MiMo-sized vocabulary: ids come back, logits stay.
     if !only_moe && !only_gemv {
         use peregrine_core::backend::RowSampling;
@@ -220,7 +221,8 @@ fn main() {
         let x = s.clone_htod(&(0..64 * h).map(|_| rng.random::<f32>() - 0.5).collect::<Vec<_>>()).unwrap();
         let mut y = s.alloc_zeros::<f32>(64 * h).unwrap();
         let mut scratch = k.moe_scratch(&w, 64 * top_k).unwrap();
-        for t in [1usize, 2, 4, 8, 16, 64] {
+        let decode_tokens: &[usize] = if only_prefill_moe { &[] } else { &[1, 2, 4, 8, 16, 64] };
+        for &t in decode_tokens {
             // Fresh routing per run, so experts are not served from L2.
             let routings: Vec<_> = (0..23)
                 .map(|_| routing_from_pool(&mut rng, t, 0..e, top_k))
@@ -314,6 +316,52 @@ fn main() {
                 println!("{t:>6} {pused:>8.1} {:>10.1} {pms:>8.3} {:>8.0} {:>9.1}%   (clustered routing: every token's experts from one pool of {}; {default:?})", pb / 1e6, pb / (pms as f64 * 1e-3) / 1e9, 100.0 * pb / (pms as f64 * 1e-3) / copy_bw, 2 * top_k);
             }
         }
+        drop(scratch);
+        moe_prefill_bench(&k, s, &wt, name, top_k, copy_bw, &time, &mut rng);
+    }
+}
+
+/// Median milliseconds of a closure over a number of timed runs (`time` in main).
+type Timer<'a> = dyn Fn(usize, &mut dyn FnMut(usize)) -> f32 + 'a;
+
+/// The MoE at prefill sizes: the two-launch tiled kernels (2 x 4 ring) against the MoE GEMM,
+/// uniform routing (a fresh one per call) and, at 16 tokens, every token's experts drawn from
+/// one pool of 2 top-k (the routing of a verify block whose tokens share experts). Reports
+/// milliseconds per call and the useful arithmetic rate: 2 x 3 x H x I flops per routed pair
+/// (the MMAs do twice that: hi and lo columns), against the copy bandwidth for the bytes.
+#[allow(clippy::too_many_arguments)]
+fn moe_prefill_bench(k: &Kernels, s: &std::sync::Arc<cudarc::driver::CudaStream>, wt: &MoeWeights, name: &str, top_k: usize, copy_bw: f64, time: &Timer, rng: &mut dyn rand::RngCore) {
+    let (e, h, i) = (wt.num_experts, wt.hidden, wt.inter);
+    let max_t = 2048usize;
+    let x = s.clone_htod(&(0..max_t * h).map(|_| rng.random::<f32>() - 0.5).collect::<Vec<_>>()).unwrap();
+    let mut y = s.alloc_zeros::<f32>(max_t * h).unwrap();
+    let mut scratch = k.moe_scratch(wt, max_t * top_k).unwrap();
+    println!("\nMoE at prefill sizes, {name} (ms per call, median of 9 after warm-up; useful TFLOP/s = 6 H I per pair; bytes = distinct experts):");
+    println!("| tokens | routing | experts | pairs per expert | tiled 2x4 ms | GEMM ms | GEMM / tiled | GEMM TFLOP/s | GEMM % of copy bw | default |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    let mut line = |rng: &mut dyn rand::RngCore, t: usize, what: &str, pool: std::ops::Range<usize>| {
+        let routings: Vec<_> = (0..5).map(|_| routing_from_pool(rng, t, pool.clone(), top_k)).collect();
+        let dev: Vec<_> = routings.iter().map(|r| k.upload_routing(r, e).unwrap()).collect();
+        let used = routings.iter().map(|r| r.experts.len()).sum::<usize>() as f64 / routings.len() as f64;
+        let mut run = |kind: MoeKernel| time(9, &mut |c| k.moe_mxfp4_with(kind, wt, &dev[c % dev.len()], &x, MoeInput::Settled, &mut scratch, &mut y).unwrap());
+        let (tiled, gemm) = (run(MoeKernel::TILED), run(MoeKernel::Gemm));
+        let flops = (t * top_k) as f64 * 6.0 * (h * i) as f64;
+        let bytes = used * wt.expert_bytes() as f64;
+        println!(
+            "| {t} | {what} | {used:.1} | {:.1} | {tiled:.3} | {gemm:.3} | {:.2}x | {:.1} | {:.1}% | {:?} |",
+            (t * top_k) as f64 / used,
+            gemm / tiled,
+            flops / (gemm as f64 * 1e-3) / 1e12,
+            100.0 * bytes / (gemm as f64 * 1e-3) / copy_bw,
+            k.moe_kernel(wt, t, top_k)
+        );
+    };
+    for t in [16usize, 32, 64, 128, 256, 512, 1024, 2048] {
+        line(rng, t, "uniform", 0..e);
+    }
+    for t in [8usize, 16] {
+        let base = rng.random_range(0..e - 2 * top_k);
+        line(rng, t, "pool of 2 top-k", base..base + 2 * top_k);
     }
 }
 
@@ -322,7 +370,7 @@ const MOE_TRACE_SLOTS: usize = 16;
 
 /// Routing of `t` tokens, each to `top_k` distinct experts drawn uniformly from `pool`, with
 /// equal weights.
-fn routing_from_pool(rng: &mut impl Rng, t: usize, pool: std::ops::Range<usize>, top_k: usize) -> MoeRouting {
+fn routing_from_pool(rng: &mut (impl Rng + ?Sized), t: usize, pool: std::ops::Range<usize>, top_k: usize) -> MoeRouting {
     let choices: Vec<Vec<(usize, f32)>> = (0..t)
         .map(|_| {
             let mut ex: Vec<usize> = pool.clone().collect();

@@ -103,6 +103,15 @@ const MAX_FUSED_TOPK: usize = 32;
 /// Dynamic shared memory the tiled MoE kernels may ask for (8 warps' rings and the staged
 /// activations; `mxfp4_tiles::MAX_TILED_K` keeps the shapes it takes within it).
 pub const TILED_MAX_SMEM: usize = 200 * 1024;
+/// Dynamic shared memory of the MoE GEMM kernels (`GEMM_*` in moe.cu): two stages, each the
+/// split rows of 32 pairs (256 bytes per step) and 16 row tiles' codes and scales (544 bytes
+/// per step), over 4 steps of K.
+const GEMM_SMEM: usize = 2 * (32 * 4 * 256 + 16 * 4 * 544);
+/// Row tiles of 16 per MoE GEMM block (8 warps of 2).
+const GEMM_TILES: usize = 16;
+/// Expected pairs per routed expert from which `moe_mxfp4` takes the MoE GEMM over the tiled
+/// kernels (`MoeKernel::gemm_pays`).
+const GEMM_MIN_PAIRS: usize = 8;
 /// Output rows per thread block (WARPS in the source: one warp per row).
 const ROWS_PER_BLOCK: u32 = 8;
 
@@ -137,6 +146,10 @@ pub struct Kernels {
     fused_tiled: Vec<CudaFunction>,
     /// The same for one token, routing it in the kernel (`moe_mxfp4_routed`).
     fused_routed: Vec<CudaFunction>,
+    /// The grouped-GEMM MoE kernels (`MoeKernel::Gemm`) and the row split they read.
+    gemm_gate_up: CudaFunction,
+    gemm_down: CudaFunction,
+    split_rows: CudaFunction,
     /// Streaming multiprocessors of the GPU (the fused MoE's resident grid).
     sms: usize,
     /// At `SLOT_WAIT_TOKENS` tokens, the two-launch tiled MoE's down blocks wait for their
@@ -238,6 +251,12 @@ pub enum MoeKernel {
     /// `max_blocks` blocks (0: as many as are resident at once; never more, which the waits
     /// rely on).
     Fused { stages: usize, steps: usize, max_blocks: usize },
+    /// For many pairs per expert (prefill): the tiled layout's arithmetic as a grouped GEMM
+    /// (`moe_gemm_*` in kernels/moe.cu): each block takes 16 row tiles of one expert slot and
+    /// 32 of its pairs at a time, so a weight fragment is decoded once for 8 MMA column tiles
+    /// instead of streamed again for every 4 pairs. The pairs' rows are split once per call
+    /// (`moe_split_rows`), and the results are bit-identical to `Tiled`'s.
+    Gemm,
 }
 
 impl MoeKernel {
@@ -271,14 +290,23 @@ impl MoeKernel {
         if top_k <= MAX_FUSED_TOPK && tokens == 1 { MoeKernel::FUSED } else { MoeKernel::TILED }
     }
 
-    /// `PEREGRINE_MOE_KERNEL=tiled` (two launches, 2 x 4 ring), `fused` (one launch, 2 x 4) or
-    /// `default` (`for_tiled`, no tuning) overrides the tuned choice, for measurements:
+    /// Whether `tokens` tokens of top-`top_k` routing over `experts` experts give the routed
+    /// experts enough pairs on average (`GEMM_MIN_PAIRS`, uniform routing) for the MoE GEMM
+    /// to beat the tiled kernels, which stream an expert's weights again per 4 pairs.
+    pub fn gemm_pays(tokens: usize, top_k: usize, experts: usize) -> bool {
+        let pairs = tokens * top_k;
+        pairs >= GEMM_MIN_PAIRS * pairs.min(experts).max(1)
+    }
+
+    /// `PEREGRINE_MOE_KERNEL=tiled` (two launches, 2 x 4 ring), `fused` (one launch, 2 x 4),
+    /// `gemm` or `default` (`for_tiled`, no tuning) overrides the tuned choice, for measurements:
     /// Some(Some(kind)), Some(None) for `default`, None when unset.
     fn forced() -> Option<Option<MoeKernel>> {
         static CHOICE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
         match CHOICE.get_or_init(|| std::env::var("PEREGRINE_MOE_KERNEL").ok()).as_deref() {
             Some("fused") => Some(Some(MoeKernel::FUSED)),
             Some("tiled") => Some(Some(MoeKernel::TILED)),
+            Some("gemm") => Some(Some(MoeKernel::Gemm)),
             Some("default") => Some(None),
             _ => None,
         }
@@ -467,6 +495,9 @@ impl Kernels {
             down_tiled: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_down_bulk_n{n}_c{c}"))).collect::<Result<_>>()?,
             fused_tiled: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_fused_bulk_n{n}_c{c}"))).collect::<Result<_>>()?,
             fused_routed: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_fused_routed_bulk_n{n}_c{c}"))).collect::<Result<_>>()?,
+            gemm_gate_up: fm("moe_gemm_gate_up")?,
+            gemm_down: fm("moe_gemm_down")?,
+            split_rows: fm("moe_split_rows")?,
             moe_choices: Default::default(),
             slot_wait: std::env::var("PEREGRINE_MOE_SLOT_WAIT").map_or(true, |v| v != "0"),
             two_blocks: std::env::var("PEREGRINE_MOE_TWO_BLOCKS").map_or(true, |v| v != "0"),
@@ -855,6 +886,7 @@ impl Kernels {
         match w.layout {
             MoeLayout::Tiled { .. } => match MoeKernel::forced() {
                 Some(kind) => kind.filter(|k| !matches!(k, MoeKernel::Fused { .. }) || top_k <= MAX_FUSED_TOPK).unwrap_or_else(|| MoeKernel::for_tiled(tokens, top_k)),
+                None if MoeKernel::gemm_pays(tokens, top_k, w.num_experts) => MoeKernel::Gemm,
                 None => self.tuned_moe(w, top_k, tokens).unwrap_or_else(|| MoeKernel::for_tiled(tokens, top_k)),
             },
             MoeLayout::RowMajor { .. } if w.hidden.is_multiple_of(64) && w.inter.is_multiple_of(64) => MoeKernel::for_tokens(tokens),
@@ -1030,6 +1062,23 @@ impl Kernels {
                 unsafe { b.launch(cfg) }.map_err(drv("moe (fused, tiled)"))?;
                 return Ok(());
             }
+            (MoeLayout::Tiled { gate_up, gate_up_s, down, down_s }, MoeKernel::Gemm) => {
+                let (t, p) = (r.num_tokens, r.num_pairs);
+                // Both written in full by moe_split_rows.
+                let alloc_u32 = |n: usize| unsafe { self.stream.alloc::<u32>(n.max(1)) }.map_err(drv("alloc"));
+                let alloc_f32 = |n: usize| unsafe { self.stream.alloc::<f32>(n.max(1)) }.map_err(drv("alloc"));
+                let (mut xs, mut xinv) = (alloc_u32(t * h)?, alloc_f32(t)?);
+                self.split_rows(x, t, h, &mut xs, &mut xinv)?;
+                let cfg = |tiles: usize| LaunchConfig { grid_dim: (tiles.div_ceil(GEMM_TILES) as u32, u, 1), block_dim: (256, 1, 1), shared_mem_bytes: GEMM_SMEM as u32 };
+                let mut b = crate::launch::builder(&self.stream, &self.gemm_gate_up);
+                b.arg(gate_up).arg(gate_up_s).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_tok).arg(&xs).arg(&xinv).arg(&mut scratch.h).arg(&hh).arg(&ii);
+                unsafe { b.launch(cfg(i / 8)) }.map_err(drv("moe gate_up (GEMM)"))?;
+                let (mut hs, mut hinv) = (alloc_u32(p * i)?, alloc_f32(p)?);
+                self.split_rows(&scratch.h, p, i, &mut hs, &mut hinv)?;
+                let mut b = crate::launch::builder(&self.stream, &self.gemm_down);
+                b.arg(down).arg(down_s).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_w).arg(&hs).arg(&hinv).arg(&mut scratch.out).arg(&hh).arg(&ii);
+                unsafe { b.launch(cfg(h / 16)) }.map_err(drv("moe down (GEMM)"))?;
+            }
             (MoeLayout::RowMajor { gate, gate_s, up, up_s, down, down_s }, MoeKernel::TensorCore | MoeKernel::Pipelined { .. }) => {
                 check(h % 64 == 0 && i % 64 == 0, || format!("MoE dims {h}, {i} must be multiples of 64 for the tensor-core kernels"))?;
                 // (gate_up kernel, down kernel, rows per block of each).
@@ -1061,6 +1110,20 @@ impl Kernels {
         b.arg(&scratch.out).arg(&r.tok_pairs).arg(&mut *y).arg(&hh).arg(&topk);
         let cfg = LaunchConfig { grid_dim: ((h as u32).div_ceil(256), r.num_tokens as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         unsafe { b.launch(cfg) }.map_err(drv("moe_combine"))?;
+        Ok(())
+    }
+
+    /// `rows` rows of `x` [rows, k] split for the MoE GEMM (`moe_split_rows`): each row's F16
+    /// hi + lo of x * 2^s in one pair's staged-fragment layout, and 2^-s per row.
+    fn split_rows(&self, x: &CudaSlice<f32>, rows: usize, k: usize, xs: &mut CudaSlice<u32>, inv: &mut CudaSlice<f32>) -> Result<()> {
+        check(k.is_multiple_of(64) && x.len() >= rows * k && xs.len() >= rows * k && inv.len() >= rows, || format!("moe_split_rows: {rows} rows of {k}"))?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let ki = k as i32;
+        let mut b = crate::launch::builder(&self.stream, &self.split_rows);
+        b.arg(x).arg(&ki).arg(xs).arg(inv);
+        unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv("moe_split_rows"))?;
         Ok(())
     }
 

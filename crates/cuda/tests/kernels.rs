@@ -244,7 +244,9 @@ fn mxfp4_moe_decode_matches_the_cpu_reference() {
         let deq = |b: &[u8], s: &[u8], ex: usize, rows: usize, cols: usize| {
             dequant_mxfp4(&b[ex * rows * cols / 2..(ex + 1) * rows * cols / 2], &s[ex * rows * cols / 32..(ex + 1) * rows * cols / 32], rows, cols)
         };
-        for &t in &[1usize, 2, 5, 16, 40] {
+        // 160 tokens give every expert 40-60 pairs: the MoE GEMM's chunks of 32 pairs, the
+        // last one partial, and (its default from 8 pairs per expert) the default at 40 and 160.
+        for &t in &[1usize, 2, 5, 16, 40, 160] {
             let x = randn(&mut r, t * h);
             // Distinct experts per token; with 40 tokens of 4 among 16 experts some share 10+ tokens.
             let choices: Vec<Vec<(usize, f32)>> = (0..t)
@@ -276,9 +278,10 @@ fn mxfp4_moe_decode_matches_the_cpu_reference() {
             let mut yt_all = Vec::new();
             // The fused kernel as wide as fits, and on 1 and 3 blocks (each block then runs many items,
             // gate_up then down, with its ring running on between them).
+            // The MoE GEMM (any token count) as well.
             let kinds = peregrine_cuda::kernels::TILED_VARIANTS.iter().flat_map(|&(stages, steps)| {
                 [MoeKernel::Tiled { stages, steps }, MoeKernel::Fused { stages, steps, max_blocks: 0 }, MoeKernel::Fused { stages, steps, max_blocks: 1 }, MoeKernel::Fused { stages, steps, max_blocks: 3 }]
-            });
+            }).chain([MoeKernel::Gemm]);
             for kind in kinds {
                 for _ in 0..2 {
                     let mut yv = poisoned(&g, t * h);
