@@ -636,16 +636,19 @@ extern "C" __global__ void fill_random_f(void* __restrict__ p, unsigned long lon
 // block per SM by registers.)
 #define ATT_WARPS 8
 #define ATT_UNROLL 4
-template <bool FUSED>
+template <bool FUSED, bool ROWS = false>
 __device__ __forceinline__ void attention_v2_body(
     const float* __restrict__ q, const float* __restrict__ kc, const float* __restrict__ vc, float* __restrict__ o,
     const int* __restrict__ pos, const int* __restrict__ seq, const int* __restrict__ tables, int max_blocks,
     int block_size, int heads, int kv_heads, int hd, int vd, int window, float scale, const float* __restrict__ sinks,
     float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc, unsigned short* __restrict__ oh,
     unsigned short* __restrict__ ol, const float* __restrict__ knew, const float* __restrict__ vnew, float* kc_out,
-    float* vc_out, const long long* __restrict__ slots, int half, int rotary_dim, float theta, float vscale) {
+    float* vc_out, const long long* __restrict__ slots, int half, int rotary_dim, float theta, float vscale,
+    const int* __restrict__ rows = nullptr) {
     __shared__ float sm_m[ATT_WARPS], sm_l[ATT_WARPS], sm_acc[ATT_WARPS][128];
-    int r = blockIdx.x, h = blockIdx.y, lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    // ROWS: block x serves row rows[x] (the rows of a prefill batch that attention_prefill's
+    // tiles leave out); else row x.
+    int r = ROWS ? rows[blockIdx.x] : blockIdx.x, h = blockIdx.y, lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     int kvh = h / (heads / kv_heads);
     const float* qv = q + ((size_t)r * heads + h) * hd;
     const int* table = tables + (size_t)seq[r] * max_blocks;
@@ -806,14 +809,29 @@ ATTENTION_V2_KERNEL(attention_v2, false)
 // while its grid fits one wave: at batch 8 its 512 blocks needed a second and the step was ~2%
 // slower than with rope_kv_write.
 ATTENTION_V2_KERNEL(attention_v2_kv, true)
+// attention_v2 over a list of rows (block x serves row rows[x]): in a prefill batch, the rows
+// that no attention_prefill tile covers (decode rows of other sequences).
+extern "C" __global__ void __launch_bounds__(256) attention_v2_rows(
+    const float* __restrict__ q, const float* __restrict__ kc, const float* __restrict__ vc, float* __restrict__ o,
+    const int* __restrict__ pos, const int* __restrict__ seq, const int* __restrict__ tables, int max_blocks,
+    int block_size, int heads, int kv_heads, int hd, int vd, int window, float scale, const float* __restrict__ sinks,
+    float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc, unsigned short* __restrict__ oh,
+    unsigned short* __restrict__ ol, const int* __restrict__ rows) {
+    PDL_ENTER();
+    attention_v2_body<false, true>(q, kc, vc, o, pos, seq, tables, max_blocks, block_size, heads, kv_heads, hd, vd, window, scale,
+                                   sinks, part_m, part_l, part_acc, oh, ol, nullptr, nullptr, nullptr, nullptr, nullptr, 0, 0,
+                                   0.f, 0.f, rows);
+}
 
 // Merges attention_v2's `splits` partial states of each (row, head) as its epilogue merges warps,
 // then the sink logit: o = sum_s acc_s e^(m_s - M) / (sum_s l_s e^(m_s - M) [+ sink]).
-extern "C" __global__ void attention_combine(const float* __restrict__ part_m, const float* __restrict__ part_l,
-                                             const float* __restrict__ part_acc, float* __restrict__ o, int heads, int vd,
-                                             int splits, const float* __restrict__ sinks, unsigned short* __restrict__ oh,
-                                             unsigned short* __restrict__ ol) { PDL_ENTER();
-    int r = blockIdx.x, h = blockIdx.y;
+// With `rows` (attention_v2_rows' list), block x merges row rows[x].
+template <bool ROWS>
+__device__ __forceinline__ void attention_combine_body(const float* __restrict__ part_m, const float* __restrict__ part_l,
+                                                       const float* __restrict__ part_acc, float* __restrict__ o, int heads, int vd,
+                                                       int splits, const float* __restrict__ sinks, unsigned short* __restrict__ oh,
+                                                       unsigned short* __restrict__ ol, const int* __restrict__ rows) {
+    int r = ROWS ? rows[blockIdx.x] : blockIdx.x, h = blockIdx.y;
     const float NEG_INF = __int_as_float(0xff800000u);
     size_t p0 = ((size_t)r * heads + h) * splits;
     float M = NEG_INF;
@@ -834,5 +852,266 @@ extern "C" __global__ void attention_combine(const float* __restrict__ part_m, c
         a /= L;
         o[ob + i] = a;
         if (oh) split_bf16_value(a, oh[ob + i], ol[ob + i]);
+    }
+}
+extern "C" __global__ void attention_combine(const float* __restrict__ part_m, const float* __restrict__ part_l,
+                                             const float* __restrict__ part_acc, float* __restrict__ o, int heads, int vd,
+                                             int splits, const float* __restrict__ sinks, unsigned short* __restrict__ oh,
+                                             unsigned short* __restrict__ ol) {
+    PDL_ENTER();
+    attention_combine_body<false>(part_m, part_l, part_acc, o, heads, vd, splits, sinks, oh, ol, nullptr);
+}
+extern "C" __global__ void attention_combine_rows(const float* __restrict__ part_m, const float* __restrict__ part_l,
+                                                  const float* __restrict__ part_acc, float* __restrict__ o, int heads, int vd,
+                                                  int splits, const float* __restrict__ sinks, unsigned short* __restrict__ oh,
+                                                  unsigned short* __restrict__ ol, const int* __restrict__ rows) {
+    PDL_ENTER();
+    attention_combine_body<true>(part_m, part_l, part_acc, o, heads, vd, splits, sinks, oh, ol, rows);
+}
+
+// Paged attention for prefill: one block per (query tile, head), a tile being up to PT_Q rows
+// of one sequence (tiles[2 t] = first row, tiles[2 t + 1] = row count; the host cuts a batch's
+// runs of rows of one sequence). attention_v2 streams every row's keys alone, so a 2048-token
+// prompt read its K/V from L2 once per row and head (~170 GB per full layer: 28% of the
+// prompt's time); here each key block of PT_K positions, staged in shared memory, serves the
+// tile's PT_Q rows. f32 on the CUDA cores, online softmax per row, the same masks (window,
+// causal), sinks, value scale (in the pool) and outputs as attention_v2 (o, and its BF16 split
+// for o_proj when oh is given); hd % 4 == 0, hd <= 256, vd % 4 == 0, vd <= 128.
+// 256 threads: thread (ty, tx) = (tid / 16, tid % 16) owns rows 4 ty .. 4 ty + 3 of the tile,
+// score columns tx + 16 b (b < 4) of each key block and value columns 4 tx + 64 m (m < 2).
+// Dynamic shared memory: Q [PT_Q][hd + 4], K [PT_K][hd + 4], V [PT_K][vd + 4], P [PT_Q][PT_K + 4]
+// floats (the +4 puts consecutive rows 16 bytes apart in the banks).
+#define PT_Q 64
+#define PT_K 64
+extern "C" __global__ void __launch_bounds__(256) attention_prefill(
+    const float* __restrict__ q, const float* __restrict__ kc, const float* __restrict__ vc, float* __restrict__ o,
+    const int* __restrict__ pos, const int* __restrict__ seq, const int* __restrict__ tables, int max_blocks,
+    int block_size, int heads, int kv_heads, int hd, int vd, int window, float scale, const float* __restrict__ sinks,
+    unsigned short* __restrict__ oh, unsigned short* __restrict__ ol, const int* __restrict__ tiles) {
+    PDL_ENTER();
+    extern __shared__ float4 sm4[];
+    float* smem = reinterpret_cast<float*>(sm4);
+    const int hp = hd + 4, vp = vd + 4, pp = PT_K + 4;
+    float* Qs = smem;
+    float* Ks = Qs + PT_Q * hp;
+    float* Vs = Ks + PT_K * hp;
+    float* Ps = Vs + PT_K * vp;
+    __shared__ int s_lo[PT_Q], s_hi[PT_Q], s_range[2];
+    const int tid = threadIdx.x, ty = tid >> 4, tx = tid & 15, h = blockIdx.y;
+    const int r0 = tiles[2 * blockIdx.x], cnt = tiles[2 * blockIdx.x + 1];
+    const int kvh = h / (heads / kv_heads);
+    const int* table = tables + (size_t)seq[r0] * max_blocks;
+    const float NEG_INF = __int_as_float(0xff800000u);
+    // Rows' key ranges [lo, p] and the tile's union.
+    if (tid < PT_Q) {
+        int p = tid < cnt ? pos[r0 + tid] : -1;
+        s_lo[tid] = tid < cnt ? (window > 0 ? max(0, p + 1 - window) : 0) : 0x7fffffff;
+        s_hi[tid] = p;
+    }
+    __syncthreads();
+    if (tid == 0) {
+        int lo = 0x7fffffff, hi = -1;
+        for (int i = 0; i < cnt; i++) {
+            lo = min(lo, s_lo[i]);
+            hi = max(hi, s_hi[i]);
+        }
+        s_range[0] = lo;
+        s_range[1] = hi;
+    }
+    // The tile's queries (rows past cnt are zero; their results are not stored).
+    const int hd4 = hd / 4, vd4 = vd / 4;
+    for (int i = tid; i < PT_Q * hd4; i += blockDim.x) {
+        int row = i / hd4, c = i % hd4;
+        float4 v = row < cnt ? reinterpret_cast<const float4*>(q + ((size_t)(r0 + row) * heads + h) * hd)[c] : make_float4(0.f, 0.f, 0.f, 0.f);
+        *reinterpret_cast<float4*>(Qs + row * hp + 4 * c) = v;
+    }
+    __syncthreads();
+    const int lo = s_range[0], hi = s_range[1];
+    int rlo[4], rhi[4];
+#pragma unroll
+    for (int a = 0; a < 4; a++) {
+        rlo[a] = s_lo[4 * ty + a];
+        rhi[a] = s_hi[4 * ty + a];
+    }
+    float m[4], l[4], acc[4][8];
+#pragma unroll
+    for (int a = 0; a < 4; a++) {
+        m[a] = NEG_INF;
+        l[a] = 0.f;
+#pragma unroll
+        for (int c = 0; c < 8; c++) acc[a][c] = 0.f;
+    }
+    // Warps whose 8 rows are all past cnt compute nothing (a short last tile). Warp-uniform:
+    // the row reductions below shuffle across the whole warp's mask.
+    const bool active = 8 * (ty >> 1) < cnt;
+    for (int j0 = lo; j0 <= hi; j0 += PT_K) {
+        const int nk = min(PT_K, hi - j0 + 1);
+        // Stage the key block's K and V rows (paged) in shared memory.
+        for (int i = tid; i < PT_K * hd4; i += blockDim.x) {
+            int jj = i / hd4, c = i % hd4;
+            float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (jj < nk) {
+                int j = j0 + jj;
+                size_t slot = (size_t)table[j / block_size] * block_size + j % block_size;
+                v = reinterpret_cast<const float4*>(kc + (slot * kv_heads + kvh) * hd)[c];
+            }
+            *reinterpret_cast<float4*>(Ks + jj * hp + 4 * c) = v;
+        }
+        for (int i = tid; i < PT_K * vd4; i += blockDim.x) {
+            int jj = i / vd4, c = i % vd4;
+            float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (jj < nk) {
+                int j = j0 + jj;
+                size_t slot = (size_t)table[j / block_size] * block_size + j % block_size;
+                v = reinterpret_cast<const float4*>(vc + (slot * kv_heads + kvh) * vd)[c];
+            }
+            *reinterpret_cast<float4*>(Vs + jj * vp + 4 * c) = v;
+        }
+        __syncthreads();
+        if (active) {
+        // Scores of the thread's 4 rows x 4 columns.
+        float s[4][4];
+#pragma unroll
+        for (int a = 0; a < 4; a++)
+#pragma unroll
+            for (int b = 0; b < 4; b++) s[a][b] = 0.f;
+        for (int d = 0; d < hd; d += 4) {
+            float4 qv[4], kv[4];
+#pragma unroll
+            for (int a = 0; a < 4; a++) qv[a] = *reinterpret_cast<const float4*>(Qs + (4 * ty + a) * hp + d);
+#pragma unroll
+            for (int b = 0; b < 4; b++) kv[b] = *reinterpret_cast<const float4*>(Ks + (tx + 16 * b) * hp + d);
+#pragma unroll
+            for (int a = 0; a < 4; a++)
+#pragma unroll
+                for (int b = 0; b < 4; b++) s[a][b] += qv[a].x * kv[b].x + qv[a].y * kv[b].y + qv[a].z * kv[b].z + qv[a].w * kv[b].w;
+        }
+        // Online softmax per row: the 16 threads of a row (tx) reduce its block maximum and sum.
+#pragma unroll
+        for (int a = 0; a < 4; a++) {
+            float mx = NEG_INF;
+#pragma unroll
+            for (int b = 0; b < 4; b++) {
+                int j = j0 + tx + 16 * b;
+                bool vis = j >= rlo[a] && j <= rhi[a];  // (tx + 16 b < nk follows from j <= hi)
+                s[a][b] = vis ? s[a][b] * scale : NEG_INF;
+                mx = fmaxf(mx, s[a][b]);
+            }
+#pragma unroll
+            for (int off = 8; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+            float mn = fmaxf(m[a], mx);
+            // A row with nothing visible so far keeps m = -inf (no NaN from -inf - -inf).
+            float corr = mn == NEG_INF ? 1.f : __expf(m[a] - mn);
+            float sum = 0.f;
+#pragma unroll
+            for (int b = 0; b < 4; b++) {
+                float pe = s[a][b] == NEG_INF ? 0.f : __expf(s[a][b] - mn);
+                Ps[(4 * ty + a) * pp + tx + 16 * b] = pe;
+                sum += pe;
+            }
+#pragma unroll
+            for (int off = 8; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+            l[a] = l[a] * corr + sum;
+            m[a] = mn;
+#pragma unroll
+            for (int c = 0; c < 8; c++) acc[a][c] *= corr;
+        }
+        }
+        __syncthreads();
+        // acc += P V over the block's keys (rows 4 ty + a, value columns 4 tx + 64 mm + i).
+        for (int jj = 0; active && jj < nk; jj++) {
+            float pv[4];
+#pragma unroll
+            for (int a = 0; a < 4; a++) pv[a] = Ps[(4 * ty + a) * pp + jj];
+#pragma unroll
+            for (int mm = 0; mm < 2; mm++) {
+                int c = 4 * tx + 64 * mm;
+                if (c < vd) {
+                    float4 v = *reinterpret_cast<const float4*>(Vs + jj * vp + c);
+#pragma unroll
+                    for (int a = 0; a < 4; a++) {
+                        acc[a][4 * mm] += pv[a] * v.x;
+                        acc[a][4 * mm + 1] += pv[a] * v.y;
+                        acc[a][4 * mm + 2] += pv[a] * v.z;
+                        acc[a][4 * mm + 3] += pv[a] * v.w;
+                    }
+                }
+            }
+        }
+        __syncthreads();  // K, V and P are refilled next
+    }
+    // The sink logit, then the outputs (and o's BF16 split for o_proj).
+#pragma unroll
+    for (int a = 0; a < 4; a++) {
+        int row = 4 * ty + a;
+        if (row >= cnt) continue;
+        float M = m[a], L = l[a], f = 1.f;
+        if (sinks) {
+            float sc = sinks[h], mn = fmaxf(M, sc);
+            f = __expf(M - mn);
+            L = L * f + __expf(sc - mn);
+        }
+        size_t ob = ((size_t)(r0 + row) * heads + h) * vd;
+#pragma unroll
+        for (int mm = 0; mm < 2; mm++) {
+            int c = 4 * tx + 64 * mm;
+            if (c >= vd) continue;
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                float v = acc[a][4 * mm + i] * f / L;
+                o[ob + c + i] = v;
+                if (oh) split_bf16_value(v, oh[ob + c + i], ol[ob + c + i]);
+            }
+        }
+    }
+}
+
+// y[t, n] = W[n] . x[t] for f32 W [N, K] and many rows x [T, K] (a router over a prefill chunk):
+// gemv_f32 walks the rows one block per weight row, token after token, and took ~2.5 ms per
+// layer for 2048 tokens of a 256 x 4096 router. Tiles of 64 tokens x 64 weight rows, K in
+// chunks of 16 through shared memory; thread (ty, tx) = (tid / 16, tid % 16) owns tokens
+// 4 ty .. 4 ty + 3 and rows 4 tx .. 4 tx + 3. Grid (ceil(N / 64), ceil(T / 64)).
+#define SG_TILE 64
+#define SG_K 16
+extern "C" __global__ void __launch_bounds__(256) gemm_f32_nt(const float* __restrict__ W, const float* __restrict__ x, float* __restrict__ y,
+                                                              int N, int K, int T) {
+    PDL_ENTER();
+    __shared__ __align__(16) float xs[SG_K][SG_TILE + 4];
+    __shared__ __align__(16) float ws[SG_K][SG_TILE + 4];
+    const int t0 = blockIdx.y * SG_TILE, n0 = blockIdx.x * SG_TILE;
+    const int tid = threadIdx.x, ty = tid >> 4, tx = tid & 15;
+    float acc[4][4];
+#pragma unroll
+    for (int a = 0; a < 4; a++)
+#pragma unroll
+        for (int b = 0; b < 4; b++) acc[a][b] = 0.f;
+    for (int k0 = 0; k0 < K; k0 += SG_K) {
+        for (int i = tid; i < SG_TILE * SG_K; i += blockDim.x) {
+            int r = i / SG_K, c = i % SG_K, k = k0 + c;
+            xs[c][r] = t0 + r < T && k < K ? x[(size_t)(t0 + r) * K + k] : 0.f;
+            ws[c][r] = n0 + r < N && k < K ? W[(size_t)(n0 + r) * K + k] : 0.f;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int c = 0; c < SG_K; c++) {
+            float4 a4 = *reinterpret_cast<const float4*>(&xs[c][4 * ty]);
+            float4 b4 = *reinterpret_cast<const float4*>(&ws[c][4 * tx]);
+            float av[4] = {a4.x, a4.y, a4.z, a4.w}, bv[4] = {b4.x, b4.y, b4.z, b4.w};
+#pragma unroll
+            for (int a = 0; a < 4; a++)
+#pragma unroll
+                for (int b = 0; b < 4; b++) acc[a][b] += av[a] * bv[b];
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int a = 0; a < 4; a++) {
+        int t = t0 + 4 * ty + a;
+        if (t >= T) continue;
+#pragma unroll
+        for (int b = 0; b < 4; b++) {
+            int n = n0 + 4 * tx + b;
+            if (n < N) y[(size_t)t * N + n] = acc[a][b];
+        }
     }
 }

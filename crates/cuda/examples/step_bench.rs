@@ -40,6 +40,17 @@ struct Args {
     /// logits; e.g. 512,2048). The KV cache is sized for the longest.
     #[arg(long, value_delimiter = ',')]
     prefill: Vec<usize>,
+    /// Time only the prefills (no decode steps, verify or draft passes; e.g. under a profiler).
+    #[arg(long)]
+    only_prefill: bool,
+    /// Bracket one more forward of the longest prompt with cuProfilerStart/Stop (for
+    /// `ncu --profile-from-start off`).
+    #[arg(long)]
+    profile_range: bool,
+}
+
+fn gpu_sync(model: &CudaModel) {
+    model.gpu().stream.synchronize().unwrap();
 }
 
 const BS: usize = 16;
@@ -198,6 +209,7 @@ fn main() {
         }
     }
 
+    let batches: &[usize] = if args.only_prefill { &[] } else { &args.batches };
     println!("\n| batch | eager step ms (ids only) | graph step ms (logits to host) | graph step ms (sampled, 5 logprobs on the GPU) | graph step ms (ids only) | tokens/s | floor GB | floor ms | step / floor |");
     println!("|---|---|---|---|---|---|---|---|---|");
     #[derive(Clone, Copy)]
@@ -206,7 +218,7 @@ fn main() {
         Logits,
         Logprobs,
     }
-    for &b in &args.batches {
+    for &b in batches {
         let step = |i: usize, bring: Bring, model: &mut CudaModel| {
             let batch: Vec<SeqForward> = (0..b).map(|s| seqf(s, vec![tok(s, args.context + i)], args.context + i % 8, OutputRows::Last)).collect();
             match bring {
@@ -241,7 +253,7 @@ fn main() {
 
     // Where a step's time goes: CUDA events around every operation of the plan (eager), with
     // each kind's share of the byte floor.
-    for &b in args.batches.iter().filter(|&&b| b == 1 || b == 8) {
+    for &b in batches.iter().filter(|&&b| b == 1 || b == 8) {
         let batch: Vec<SeqForward> = (0..b).map(|s| seqf(s, vec![tok(s, args.context)], args.context, OutputRows::Last)).collect();
         let prof = model.profile_plan(&batch, args.steps).expect("profile");
         let mut kinds: Vec<(&str, f64, f64)> = Vec::new();
@@ -313,6 +325,15 @@ fn main() {
         // Where the longest prompt's time goes (CUDA events around each operation).
         let n = args.prefill.iter().copied().max().unwrap_or(0);
         let batch = [seqf(0, (0..n).map(|p| tok(0, p)).collect(), 0, OutputRows::Last)];
+        // Under a profiler started with its collection off (ncu --profile-from-start off), one
+        // more forward of the longest prompt is what it sees: every kernel of one prefill.
+        if args.profile_range {
+            gpu_sync(&model);
+            unsafe { cudarc::driver::sys::cuProfilerStart() };
+            model.forward_argmax(&batch).unwrap();
+            gpu_sync(&model);
+            unsafe { cudarc::driver::sys::cuProfilerStop() };
+        }
         let mut groups: Vec<(&str, f64)> = Vec::new();
         for (op, ms) in model.profile_plan(&batch, 2).expect("profile") {
             let name = match op {
@@ -333,6 +354,9 @@ fn main() {
         }
     }
 
+    if args.only_prefill {
+        return;
+    }
     println!("\nverify cost (one sequence, T tokens with logits for all, ids only, graphs):");
     println!("| T | step ms | relative to T=1 | floor ms | step / floor |");
     println!("|---|---|---|---|---|");

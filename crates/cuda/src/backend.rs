@@ -167,6 +167,10 @@ pub(crate) struct Ops {
     attention_v2: CudaFunction,
     attention_v2_kv: CudaFunction,
     attention_combine: CudaFunction,
+    attention_prefill: CudaFunction,
+    attention_v2_rows: CudaFunction,
+    attention_combine_rows: CudaFunction,
+    gemm_f32_nt: CudaFunction,
     pub(crate) place_drafts: CudaFunction,
     pub(crate) accept_drafts: CudaFunction,
 }
@@ -317,6 +321,16 @@ impl CudaModel {
             attention_v2: f("attention_v2")?,
             attention_v2_kv: f("attention_v2_kv")?,
             attention_combine: f("attention_combine")?,
+            attention_prefill: {
+                let k = f("attention_prefill")?;
+                // Q, K, V and P tiles of up to 184 KB (K head dim 256). Best effort: a GPU with
+                // less shared memory fails at launch instead.
+                let _ = k.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, prefill_attention_smem(256, 128) as i32);
+                k
+            },
+            attention_v2_rows: f("attention_v2_rows")?,
+            attention_combine_rows: f("attention_combine_rows")?,
+            gemm_f32_nt: f("gemm_f32_nt")?,
             place_drafts: f("place_drafts")?,
             accept_drafts: f("accept_drafts")?,
         };
@@ -504,8 +518,18 @@ impl CudaModel {
         }
     }
 
+    /// f32 weights (routers, exact fallbacks): `gemv_f32` for decode-sized batches, the tiled
+    /// `gemm_f32_nt` from `GEMM_F32_MIN_ROWS` rows (a prefill chunk: gemv_f32 walks the rows
+    /// one block per weight row, token after token, ~2.5 ms per layer for 2048 tokens of
+    /// MiMo-V2-Flash's router).
     fn gemv_f32_into(&self, w: &CudaSlice<f32>, n: usize, k: usize, x: &CudaSlice<f32>, t: usize, y: &mut CudaSlice<f32>) -> Result<()> {
         let (ni, ki, tt) = (n as i32, k as i32, t as i32);
+        if t >= GEMM_F32_MIN_ROWS {
+            let mut b = crate::launch::builder(&self.stream, &self.ops.gemm_f32_nt);
+            b.arg(w).arg(x).arg(y).arg(&ni).arg(&ki).arg(&tt);
+            unsafe { b.launch(LaunchConfig { grid_dim: (n.div_ceil(64) as u32, t.div_ceil(64) as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
+            return Ok(());
+        }
         let mut b = crate::launch::builder(&self.stream, &self.ops.gemv_f32);
         b.arg(w).arg(x).arg(y).arg(&ni).arg(&ki).arg(&tt);
         // One block per row; up to four float4s of it per thread (the kernel's register path).
@@ -588,7 +612,8 @@ impl CudaModel {
         let tables = if l.swa { &meta.swa_tables } else { &meta.full_tables };
         // A BF16 o_proj on the tensor-core path reads the attention's own BF16 split of o.
         let presplit = v2 && a.o.k.is_multiple_of(128) && matches!(a.o.m, GpuMatrix::Bf16(_));
-        let (o, split) = self.attend(&q, kc, vc, &meta.pos, &meta.seq, tables, meta.max_blocks, meta.block_size, n, &s, a.sinks.as_ref(), v2, presplit, fresh)?;
+        let prefill = if fresh.is_none() { meta.prefill.as_ref() } else { None };
+        let (o, split) = self.attend(&q, kc, vc, &meta.pos, &meta.seq, tables, meta.max_blocks, meta.block_size, n, &s, a.sinks.as_ref(), v2, presplit, fresh, prefill)?;
         match (&a.o.m, split) {
             (GpuMatrix::Bf16(w), Some((oh, ol))) => {
                 let mut y = self.empty(n * a.o.n)?;
@@ -614,10 +639,13 @@ impl CudaModel {
     /// o_proj tensor-core GEMV reads directly (no split kernel). With `fresh` (v2 only; decode
     /// rows) q is unrotated and the rows' new K/V are not yet in the pools: the kernel applies
     /// RoPE, scores each row's own position against its new K/V and writes them to the pools.
-    pub(crate) fn attend(&self, q: &CudaSlice<f32>, kc: &CudaSlice<f32>, vc: &CudaSlice<f32>, pos: &CudaSlice<i32>, seq: &CudaSlice<i32>, tables: &CudaSlice<i32>, max_blocks: usize, block_size: usize, n: usize, s: &AttentionSpec, sinks: Option<&CudaSlice<f32>>, v2: bool, bf16_split: bool, fresh: Option<FreshKv>) -> Result<(CudaSlice<f32>, Option<Bf16Split>)> {
+    /// With `prefill` (a batch with prompt chunks; v2 only, not with `fresh`), its tiles run
+    /// `attention_prefill` and its other rows `attention_v2_rows`.
+    pub(crate) fn attend(&self, q: &CudaSlice<f32>, kc: &CudaSlice<f32>, vc: &CudaSlice<f32>, pos: &CudaSlice<i32>, seq: &CudaSlice<i32>, tables: &CudaSlice<i32>, max_blocks: usize, block_size: usize, n: usize, s: &AttentionSpec, sinks: Option<&CudaSlice<f32>>, v2: bool, bf16_split: bool, fresh: Option<FreshKv>, prefill: Option<&PrefillRows>) -> Result<(CudaSlice<f32>, Option<Bf16Split>)> {
         if fresh.is_some() && !v2 {
             return Err(Error::Backend("the one-warp attention kernel cannot write the new K/V itself".into()));
         }
+        let prefill = prefill.filter(|_| v2 && fresh.is_none() && s.head_dim.is_multiple_of(4) && s.v_head_dim.is_multiple_of(4) && s.v_head_dim <= 128);
         let mut o = self.empty(n * s.o_dim())?;
         let mut split = if v2 && bf16_split {
             // Written in full by the attention kernels.
@@ -629,13 +657,37 @@ impl CudaModel {
         let (mb, bs, hh, kvh, hd, vd) = (max_blocks as i32, block_size as i32, s.num_heads as i32, s.num_kv_heads as i32, s.head_dim as i32, s.v_head_dim as i32);
         let window = s.window().map_or(0, |w| w as i32);
         let scale = s.softmax_scale;
+        if let Some(pf) = prefill {
+            let mut b = crate::launch::builder(&self.stream, &self.ops.attention_prefill);
+            b.arg(q).arg(kc).arg(vc).arg(&mut o).arg(pos).arg(seq).arg(tables).arg(&mb).arg(&bs).arg(&hh).arg(&kvh).arg(&hd).arg(&vd).arg(&window).arg(&scale);
+            match sinks {
+                Some(sk) => b.arg(sk),
+                None => b.arg(&0u64),
+            };
+            match &mut split {
+                Some((oh, ol)) => b.arg(oh).arg(ol),
+                None => b.arg(&0u64).arg(&0u64),
+            };
+            b.arg(&pf.tiles);
+            let smem = prefill_attention_smem(s.head_dim, s.v_head_dim) as u32;
+            unsafe { b.launch(LaunchConfig { grid_dim: (pf.num_tiles as u32, s.num_heads as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem }) }.map_err(drv)?;
+            if pf.num_rest == 0 {
+                return Ok((o, split));
+            }
+        }
+        // The rows attention_v2 serves: all, or a prefill batch's rows outside its tiles.
+        let (grid_rows, rows) = match prefill {
+            Some(pf) => (pf.num_rest, Some(&pf.rest)),
+            None => (n, None),
+        };
         let splits = if v2 { self.attn_splits(s, max_blocks, block_size, n) } else { 1 };
         let parts = n * s.num_heads * splits;
         let (mut pm, mut pl, mut pa) = if splits > 1 { (self.empty(parts)?, self.empty(parts)?, self.empty(parts * s.v_head_dim)?) } else { (self.empty(1)?, self.empty(1)?, self.empty(1)?) };
-        let kernel = match (v2, fresh.is_some()) {
-            (true, true) => &self.ops.attention_v2_kv,
-            (true, false) => &self.ops.attention_v2,
-            (false, _) => &self.ops.attention,
+        let kernel = match (v2, fresh.is_some(), rows.is_some()) {
+            (true, true, _) => &self.ops.attention_v2_kv,
+            (true, false, true) => &self.ops.attention_v2_rows,
+            (true, false, false) => &self.ops.attention_v2,
+            (false, _, _) => &self.ops.attention,
         };
         let mut b = crate::launch::builder(&self.stream, kernel);
         b.arg(q).arg(kc).arg(vc).arg(&mut o).arg(pos).arg(seq).arg(tables).arg(&mb).arg(&bs).arg(&hh).arg(&kvh).arg(&hd).arg(&vd).arg(&window).arg(&scale);
@@ -650,17 +702,26 @@ impl CudaModel {
                 None => b.arg(&0u64).arg(&0u64),
             };
             let (half, rd, th, vs) = (s.rope.rotary_dim.div_ceil(2) as i32, s.rope.rotary_dim as i32, s.rope.theta as f32, s.value_scale);
-            match &fresh {
-                Some(f) => b.arg(f.k).arg(f.v).arg(kc).arg(vc).arg(f.slots),
-                None => b.arg(&0u64).arg(&0u64).arg(&0u64).arg(&0u64).arg(&0u64),
-            };
-            b.arg(&half).arg(&rd).arg(&th).arg(&vs);
+            match (&fresh, rows) {
+                (Some(f), _) => {
+                    b.arg(f.k).arg(f.v).arg(kc).arg(vc).arg(f.slots);
+                }
+                (None, Some(rows)) => {
+                    b.arg(rows);
+                }
+                (None, None) => {
+                    b.arg(&0u64).arg(&0u64).arg(&0u64).arg(&0u64).arg(&0u64);
+                }
+            }
+            if rows.is_none() {
+                b.arg(&half).arg(&rd).arg(&th).arg(&vs);
+            }
         }
         let threads = if v2 { 256 } else { 32 }; // 32 x ATT_WARPS for attention_v2
-        unsafe { b.launch(LaunchConfig { grid_dim: (n as u32, s.num_heads as u32, splits as u32), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
+        unsafe { b.launch(LaunchConfig { grid_dim: (grid_rows as u32, s.num_heads as u32, splits as u32), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
         if splits > 1 {
             let sp = splits as i32;
-            let mut b = crate::launch::builder(&self.stream, &self.ops.attention_combine);
+            let mut b = crate::launch::builder(&self.stream, if rows.is_some() { &self.ops.attention_combine_rows } else { &self.ops.attention_combine });
             b.arg(&pm).arg(&pl).arg(&pa).arg(&mut o).arg(&hh).arg(&vd).arg(&sp);
             match sinks {
                 Some(sk) => b.arg(sk),
@@ -670,7 +731,10 @@ impl CudaModel {
                 Some((oh, ol)) => b.arg(oh).arg(ol),
                 None => b.arg(&0u64).arg(&0u64),
             };
-            unsafe { b.launch(LaunchConfig { grid_dim: (n as u32, s.num_heads as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
+            if let Some(rows) = rows {
+                b.arg(rows);
+            }
+            unsafe { b.launch(LaunchConfig { grid_dim: (grid_rows as u32, s.num_heads as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
         }
         Ok((o, split))
     }
@@ -992,6 +1056,58 @@ pub(crate) struct RowMeta {
     pub(crate) swa_tables: CudaSlice<i32>,
     pub(crate) max_blocks: usize,
     pub(crate) block_size: usize,
+    /// A batch with prompt chunks: the rows attention takes in tiles (`attention_prefill`), and
+    /// the rest (None for decode batches and graphs).
+    pub(crate) prefill: Option<PrefillRows>,
+}
+
+/// A batch's rows as `attention_prefill` takes them: runs of at least `PREFILL_TILE_MIN` rows of
+/// one sequence at consecutive positions, cut into tiles of up to `PREFILL_TILE` rows
+/// ([first row, count] pairs), and the rows no tile covers (decode rows of other sequences),
+/// which `attention_v2_rows` serves.
+pub(crate) struct PrefillRows {
+    pub(crate) tiles: CudaSlice<i32>,
+    pub(crate) num_tiles: usize,
+    pub(crate) rest: CudaSlice<i32>,
+    pub(crate) num_rest: usize,
+}
+
+/// Rows from which an f32 matrix is applied by the tiled `gemm_f32_nt` (`gemv_f32_into`).
+pub(crate) const GEMM_F32_MIN_ROWS: usize = 32;
+
+/// Query rows per `attention_prefill` tile (PT_Q in ops.cu).
+pub(crate) const PREFILL_TILE: usize = 64;
+/// Shortest run of one sequence's rows taken in tiles. A tile's block walks the run's whole key
+/// range alone, so a few rows over a long context (a verify block) are faster on
+/// attention_v2, which splits the range over many blocks.
+pub(crate) const PREFILL_TILE_MIN: usize = 32;
+
+/// `attention_prefill`'s dynamic shared memory for K head dim `hd` and V head dim `vd`: Q and
+/// K tiles [64][hd + 4], V [64][vd + 4] and P [64][68] floats.
+pub(crate) fn prefill_attention_smem(hd: usize, vd: usize) -> usize {
+    4 * (2 * PREFILL_TILE * (hd + 4) + PREFILL_TILE * (vd + 4) + PREFILL_TILE * (PREFILL_TILE + 4))
+}
+
+/// The tiles and the remaining rows of a batch (`PrefillRows`) from its rows' sequences and
+/// positions; None when no run is long enough.
+pub(crate) fn prefill_tiles(seq: &[i32], pos: &[i32]) -> Option<(Vec<i32>, Vec<i32>)> {
+    let (mut tiles, mut rest) = (Vec::new(), Vec::new());
+    let mut r = 0;
+    while r < seq.len() {
+        let mut e = r + 1;
+        while e < seq.len() && seq[e] == seq[r] && pos[e] == pos[e - 1] + 1 {
+            e += 1;
+        }
+        if e - r >= PREFILL_TILE_MIN {
+            for t0 in (r..e).step_by(PREFILL_TILE) {
+                tiles.extend([t0 as i32, (e - t0).min(PREFILL_TILE) as i32]);
+            }
+        } else {
+            rest.extend((r..e).map(|x| x as i32));
+        }
+        r = e;
+    }
+    (!tiles.is_empty()).then_some((tiles, rest))
 }
 
 /// Whether a layer's attention runs `attention_v2` (8 warps per head over the positions), not
@@ -1133,6 +1249,10 @@ impl CudaModel {
             swa_tables: upload(st, &rows.swa_tables)?,
             max_blocks: rows.max_blocks,
             block_size: self.kv_config.map_or(1, |c| c.block_size),
+            prefill: match prefill_tiles(&rows.seq, &rows.pos) {
+                Some((tiles, rest)) => Some(PrefillRows { num_tiles: tiles.len() / 2, tiles: upload(st, &tiles)?, num_rest: rest.len(), rest: upload(st, &rest.iter().copied().chain([0]).collect::<Vec<_>>())? }),
+                None => None,
+            },
         };
         let idx = upload(st, &rows.want.iter().map(|&r| r as i32).chain([0]).collect::<Vec<_>>())?; // never empty
         Ok((meta, idx))
@@ -1334,5 +1454,44 @@ mod split_tests {
         assert_eq!(attention_splits(8192, 512, WAVE, 64), 16);
         assert_eq!(attention_splits(128, 512, None, 64), 1);
         assert_eq!(attention_splits(1 << 20, 512, None, 8), 64);
+    }
+}
+
+#[cfg(test)]
+mod prefill_tile_tests {
+    use super::{prefill_tiles, PREFILL_TILE_MIN};
+
+    #[test]
+    fn decode_batches_make_no_tiles() {
+        // One row per sequence, and a verify block shorter than PREFILL_TILE_MIN.
+        assert_eq!(prefill_tiles(&[0, 1, 2], &[500, 7, 9]), None);
+        let n = PREFILL_TILE_MIN as i32 - 1;
+        assert_eq!(prefill_tiles(&vec![0; n as usize], &(100..100 + n).collect::<Vec<_>>()), None);
+    }
+
+    #[test]
+    fn runs_of_one_sequence_are_cut_into_tiles_and_the_rest_listed() {
+        // seq 0: 130 rows from 0 (tiles 64 + 64 + 2); seq 1: one decode row; seq 2: 40 rows,
+        // then a gap in its positions starts a second run of 3 (too short: listed).
+        let mut seq = vec![0; 130];
+        let mut pos: Vec<i32> = (0..130).collect();
+        seq.push(1);
+        pos.push(999);
+        seq.extend([2; 43]);
+        pos.extend((10..50).chain(60..63));
+        let (tiles, rest) = prefill_tiles(&seq, &pos).unwrap();
+        assert_eq!(tiles, vec![0, 64, 64, 64, 128, 2, 131, 40]);
+        assert_eq!(rest, vec![130, 171, 172, 173]);
+        // Every row is in exactly one tile or the rest.
+        let mut covered: Vec<i32> = tiles.chunks(2).flat_map(|t| t[0]..t[0] + t[1]).chain(rest).collect();
+        covered.sort();
+        assert_eq!(covered, (0..seq.len() as i32).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_sequence_change_ends_a_run_even_at_the_next_position() {
+        let seq = [[0; 40], [1; 40]].concat();
+        let pos: Vec<i32> = (0..80).collect();
+        assert_eq!(prefill_tiles(&seq, &pos).unwrap(), (vec![0, 40, 40, 40], vec![]));
     }
 }

@@ -174,6 +174,7 @@ impl CudaModel {
             swa_tables: z32(rows * width)?,
             max_blocks: width,
             block_size: bs,
+            prefill: None,
         })
     }
 

@@ -246,7 +246,7 @@ fn attention_matches_the_cpu_reference() {
             if v2 && s.head_dim > 256 {
                 continue;
             }
-            let (o, split) = m.attend(&qd, &kd, &vd, &pd, &sd, &td, max_blocks, bs, n, &s, sk.as_ref(), v2, v2, None).unwrap();
+            let (o, split) = m.attend(&qd, &kd, &vd, &pd, &sd, &td, max_blocks, bs, n, &s, sk.as_ref(), v2, v2, None, None).unwrap();
             let name = format!("attention{} h{} kv{} d{}/{} window {:?} sinks {}, {} positions", if v2 { "_v2" } else { "" }, s.num_heads, s.num_kv_heads, s.head_dim, s.v_head_dim, s.window(), s.sinks, max_blocks * bs);
             let o = st.clone_dtoh(&o).unwrap();
             close(&name, &o, &want, 2e-5);
@@ -302,12 +302,12 @@ fn attention_writing_the_new_kv_matches_rope_kv_write_then_attention() {
         let (kc1, vc1) = (st.clone_htod(&kc).unwrap(), st.clone_htod(&vc).unwrap());
         let mut q1 = st.clone_htod(&q).unwrap();
         m.rope_kv_write(&mut q1, &kd, &vd, &kc1, &vc1, &pd, &sl, n, &s).unwrap();
-        let (o1, split1) = m.attend(&q1, &kc1, &vc1, &pd, &sd, &td, max_blocks, bs, n, &s, sk.as_ref(), true, true, None).unwrap();
+        let (o1, split1) = m.attend(&q1, &kc1, &vc1, &pd, &sd, &td, max_blocks, bs, n, &s, sk.as_ref(), true, true, None, None).unwrap();
         // One launch: unrotated q, the new K/V handed to the kernel.
         let (kc2, vc2) = (st.clone_htod(&kc).unwrap(), st.clone_htod(&vc).unwrap());
         let q2 = st.clone_htod(&q).unwrap();
         let fresh = FreshKv { k: &kd, v: &vd, slots: &sl };
-        let (o2, split2) = m.attend(&q2, &kc2, &vc2, &pd, &sd, &td, max_blocks, bs, n, &s, sk.as_ref(), true, true, Some(fresh)).unwrap();
+        let (o2, split2) = m.attend(&q2, &kc2, &vc2, &pd, &sd, &td, max_blocks, bs, n, &s, sk.as_ref(), true, true, Some(fresh), None).unwrap();
         let (o1, o2) = (st.clone_dtoh(&o1).unwrap(), st.clone_dtoh(&o2).unwrap());
         assert!(o2.iter().all(|x| x.is_finite()), "{name}: non-finite output");
         assert!(o1 == o2, "{name}: o differs at {:?}", o1.iter().zip(&o2).position(|(a, b)| a != b));
@@ -319,5 +319,80 @@ fn attention_writing_the_new_kv_matches_rope_kv_write_then_attention() {
         assert_ne!(k1, kc, "{name}: the new K reached the pool");
         assert_eq!(st.clone_dtoh(&vc1).unwrap(), st.clone_dtoh(&vc2).unwrap(), "{name}: V pools");
         eprintln!("{name}: identical");
+    }
+}
+
+/// A batch with prompt chunks: its runs of one sequence's rows go through `attention_prefill`
+/// in tiles of up to 64 rows (a full tile and a partial one, windows that drop early keys for
+/// the tile's later rows, sinks, GQA), the other rows (a decode row, a run too short for a
+/// tile) through `attention_v2_rows`, split over several blocks on long tables. Every row
+/// matches the f64 reference, and o's BF16 split is exactly the split of o.
+#[test]
+fn prefill_attention_matches_the_cpu_reference() {
+    let Some(m) = model() else { return };
+    let mut r = rng();
+    let st = m.stream.clone();
+    let bs = 16;
+    let cases = [
+        attn_spec(64, 4, 192, 128, 64, None, false),
+        attn_spec(64, 8, 192, 128, 64, Some(128), true),
+        attn_spec(4, 1, 64, 48, 64, Some(5), true),
+        attn_spec(8, 2, 128, 128, 128, Some(40), true),
+    ];
+    for (s, max_blocks) in cases.iter().flat_map(|&s| [(s, 24usize), (s, 160)]) {
+        let seqs = 4usize;
+        let blocks = seqs * max_blocks;
+        let kc = randn(&mut r, blocks * bs * s.k_dim(), 1.0);
+        let vc = randn(&mut r, blocks * bs * s.v_dim(), 1.0);
+        let tables = shuffled_blocks(&mut r, blocks);
+        // Sequence 0: a decode row late in its table; 1: a 100-row chunk from position 0;
+        // 2: a 70-row chunk from position 150; 3: a run of 5 rows (too short for a tile).
+        let runs = [(0usize, max_blocks * bs - 1, 1usize), (1, 0, 100), (2, 150, 70), (3, 40, 5)];
+        let (mut pos, mut seq) = (Vec::new(), Vec::new());
+        for &(si, p0, len) in &runs {
+            for p in p0..p0 + len {
+                pos.push(p as i32);
+                seq.push(si as i32);
+            }
+        }
+        let n = pos.len();
+        let (tiles, rest) = crate::backend::prefill_tiles(&seq, &pos).expect("the chunks make tiles");
+        assert_eq!(tiles, vec![1, 64, 65, 36, 101, 64, 165, 6], "tiles of the 100- and 70-row runs");
+        assert_eq!(rest, vec![0, 171, 172, 173, 174, 175], "the decode row and the 5-row run");
+        let q = randn(&mut r, n * s.q_dim(), 1.0);
+        let sinks: Option<Vec<f32>> = s.sinks.then(|| randn(&mut r, s.num_heads, 2.0));
+        let want = attention_reference(&s, &q, &kc, &vc, &pos, &seq, &tables, max_blocks, bs, sinks.as_deref());
+        let (qd, kd, vd) = (st.clone_htod(&q).unwrap(), st.clone_htod(&kc).unwrap(), st.clone_htod(&vc).unwrap());
+        let (pd, sd, td) = (st.clone_htod(&pos).unwrap(), st.clone_htod(&seq).unwrap(), st.clone_htod(&tables).unwrap());
+        let sk = sinks.as_ref().map(|v| st.clone_htod(v).unwrap());
+        let pf = crate::backend::PrefillRows { num_tiles: tiles.len() / 2, tiles: st.clone_htod(&tiles).unwrap(), num_rest: rest.len(), rest: st.clone_htod(&rest).unwrap() };
+        let (o, split) = m.attend(&qd, &kd, &vd, &pd, &sd, &td, max_blocks, bs, n, &s, sk.as_ref(), true, true, None, Some(&pf)).unwrap();
+        let name = format!("attention_prefill h{} kv{} d{}/{} window {:?} sinks {}, {} positions", s.num_heads, s.num_kv_heads, s.head_dim, s.v_head_dim, s.window(), s.sinks, max_blocks * bs);
+        let o = st.clone_dtoh(&o).unwrap();
+        close(&name, &o, &want, 2e-5);
+        let (oh, ol) = split.expect("BF16 split asked for");
+        let (oh, ol) = (st.clone_dtoh(&oh).unwrap(), st.clone_dtoh(&ol).unwrap());
+        let bf16 = |v: f32| half::bf16::from_f32(v).to_bits();
+        for (i, &v) in o.iter().enumerate() {
+            let hi = bf16(v);
+            assert_eq!((oh[i], ol[i]), (hi, bf16(v - half::bf16::from_bits(hi).to_f32())), "{name}: BF16 split of element {i} ({v})");
+        }
+    }
+}
+
+/// f32 weights applied to a few rows (`gemv_f32`) and to a prefill chunk (`gemm_f32_nt`, partial
+/// tiles in every dimension) match the f64 reference.
+#[test]
+fn f32_matrices_match_the_cpu_reference() {
+    let Some(m) = model() else { return };
+    let mut r = rng();
+    let st = m.stream.clone();
+    for (n, k, t) in [(256usize, 4096usize, 1usize), (300, 520, 5), (300, 520, crate::backend::GEMM_F32_MIN_ROWS), (256, 4096, 100), (70, 36, 130)] {
+        let w = randn(&mut r, n * k, 1.0);
+        let x = randn(&mut r, t * k, 1.0);
+        let mat = crate::backend::Mat { m: crate::backend::GpuMatrix::F32(st.clone_htod(&w).unwrap()), n, k };
+        let y = st.clone_dtoh(&m.matvec(&mat, &st.clone_htod(&x).unwrap(), t).unwrap()).unwrap();
+        let want: Vec<f32> = (0..t).flat_map(|ti| (0..n).map(|ni| (0..k).map(|i| w[ni * k + i] as f64 * x[ti * k + i] as f64).sum::<f64>() as f32).collect::<Vec<_>>()).collect();
+        close(&format!("f32 matrix {n}x{k}, {t} rows"), &y, &want, 1e-5);
     }
 }

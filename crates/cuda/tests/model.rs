@@ -37,11 +37,14 @@ fn golden_fixtures_match_the_cpu_backend() {
     if probe_for_tests(0).is_none() {
         return;
     }
-    for name in ["default", "groups", "mxfp4", "fp8", "mimo_v2_fused"] {
+    // 40 prompt tokens make one prefill attention tile, 150 two full ones and a partial one
+    // (and prompt-sized GEMMs wherever a fixture's shapes take them).
+    for (name, len) in ["default", "groups", "mxfp4", "fp8", "mimo_v2_fused"].into_iter().flat_map(|n| [(n, 40u32), (n, 150)]) {
         let files = open_model(&fixture(name)).unwrap();
         let mut cpu = CpuModel::load(&files.spec, files.weights.as_ref()).unwrap();
         let mut gpu = CudaModel::load(probe(0).unwrap(), &files.spec, files.weights.as_ref()).unwrap();
-        let prompt: Vec<u32> = (0..40u32).map(|i| 7 + (i * 37) % 500).collect();
+        let prompt: Vec<u32> = (0..len).map(|i| 7 + (i * 37) % 500).collect();
+        let name = format!("{name}, {len}-token prompt");
         let n_new = 64;
         let bs = 16;
         let blocks = (prompt.len() + n_new + bs).div_ceil(bs);
