@@ -42,3 +42,13 @@ __device__ __forceinline__ void split_bf16_value(float v, unsigned short& hi, un
     hi = f32_to_bf16_rn(v);
     lo = f32_to_bf16_rn(v - __uint_as_float((unsigned)hi << 16));
 }
+
+// 16-byte asynchronous copies global -> shared (cp.async, L2 only) and their groups.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+    unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+// Wait until at most N of this thread's groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }

@@ -932,12 +932,8 @@ extern "C" __global__ void __launch_bounds__(256) moe_down_mma(
 #define PIPE 4
 #define SROW 48  // bytes per row in a stage: 32 of codes + 16 of padding (conflict-free reads)
 
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-    unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-__device__ __forceinline__ void cp_async_wait_pipe() { asm volatile("cp.async.wait_group %0;" ::"n"(PIPE - 1) : "memory"); }
+// (cp_async16 and cp_async_commit come from kernels/common.cuh.)
+__device__ __forceinline__ void cp_async_wait_pipe() { cp_async_wait<PIPE - 1>(); }
 
 // Accumulates rows (g, g+8) of the 16-row tiles at i0 of NM matrices W[m] (MXFP4, K columns,
 // `rows` rows) over steps [s0, s1) against the B words of column token row xr (< 0: zeros).

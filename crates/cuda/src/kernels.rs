@@ -107,11 +107,12 @@ pub const TILED_MAX_SMEM: usize = 200 * 1024;
 /// split rows of 32 pairs (256 bytes per step) and 16 row tiles' codes and scales (544 bytes
 /// per step), over 4 steps of K.
 const GEMM_SMEM: usize = 2 * (32 * 4 * 256 + 16 * 4 * 544);
-/// Row tiles of 16 per MoE GEMM block (8 warps of 2).
+/// Row tiles of 16 per MoE GEMM block (GEMM_TILES in moe.cu).
 const GEMM_TILES: usize = 16;
-/// Expected pairs per routed expert from which `moe_mxfp4` takes the MoE GEMM over the tiled
-/// kernels (`MoeKernel::gemm_pays`).
-const GEMM_MIN_PAIRS: usize = 8;
+/// Row tiles per warp of the compiled MoE GEMM kernels (`moe_gemm_*_r{1,2}`), the default
+/// first: one tile per warp (16 warps per block, 128 registers) against two (8 warps, 255
+/// registers, each staged activation fragment read once for both tiles).
+pub const GEMM_ROW_TILES: [usize; 2] = [1, 2];
 /// Output rows per thread block (WARPS in the source: one warp per row).
 const ROWS_PER_BLOCK: u32 = 8;
 
@@ -146,9 +147,10 @@ pub struct Kernels {
     fused_tiled: Vec<CudaFunction>,
     /// The same for one token, routing it in the kernel (`moe_mxfp4_routed`).
     fused_routed: Vec<CudaFunction>,
-    /// The grouped-GEMM MoE kernels (`MoeKernel::Gemm`) and the row split they read.
-    gemm_gate_up: CudaFunction,
-    gemm_down: CudaFunction,
+    /// The grouped-GEMM MoE kernels (`MoeKernel::Gemm`), one per `GEMM_ROW_TILES` entry, and
+    /// the row split they read.
+    gemm_gate_up: Vec<CudaFunction>,
+    gemm_down: Vec<CudaFunction>,
     split_rows: CudaFunction,
     /// Streaming multiprocessors of the GPU (the fused MoE's resident grid).
     sms: usize,
@@ -255,8 +257,9 @@ pub enum MoeKernel {
     /// (`moe_gemm_*` in kernels/moe.cu): each block takes 16 row tiles of one expert slot and
     /// 32 of its pairs at a time, so a weight fragment is decoded once for 8 MMA column tiles
     /// instead of streamed again for every 4 pairs. The pairs' rows are split once per call
-    /// (`moe_split_rows`), and the results are bit-identical to `Tiled`'s.
-    Gemm,
+    /// (`moe_split_rows`), and the results are bit-identical to `Tiled`'s. `row_tiles` per warp:
+    /// 2 (8 warps per block) or 1 (16 warps, `GEMM_ROW_TILES`).
+    Gemm { row_tiles: usize },
 }
 
 impl MoeKernel {
@@ -278,6 +281,9 @@ impl MoeKernel {
     /// benches/results/2026-11-23-moe-fused.md).
     pub const TILED: MoeKernel = MoeKernel::Tiled { stages: 2, steps: 4 };
 
+    /// The MoE GEMM with the default row tiles per warp.
+    pub const GEMM: MoeKernel = MoeKernel::Gemm { row_tiles: GEMM_ROW_TILES[0] };
+
     /// The one-launch form of `TILED`, on as many blocks as are resident.
     pub const FUSED: MoeKernel = MoeKernel::Fused { stages: 2, steps: 4, max_blocks: 0 };
 
@@ -286,16 +292,18 @@ impl MoeKernel {
     /// boundary between two launches costs most (H100, calls back to back: Flash shapes 67.3%
     /// of copy bandwidth against 50.5%, Pro 64.6% against 59.3%); two launches above (2 tokens
     /// within 2% either way, 8 tokens 80.7% against 74.8%; benches/results/2026-11-23-moe-fused.md).
+    /// Above the tuned token counts, the MoE GEMM: on the H100 it took 0.95-1.01x the tiled
+    /// kernels' time at 16-32 tokens of uniform routing, 0.85x at 64 and 0.3x at 2048, and
+    /// 0.5-0.7x at 8-16 tokens drawn from one pool of experts, as a verify block's tokens often
+    /// are (benches/results/2026-11-24-prefill-gemm.md).
     pub fn for_tiled(tokens: usize, top_k: usize) -> MoeKernel {
-        if top_k <= MAX_FUSED_TOPK && tokens == 1 { MoeKernel::FUSED } else { MoeKernel::TILED }
-    }
-
-    /// Whether `tokens` tokens of top-`top_k` routing over `experts` experts give the routed
-    /// experts enough pairs on average (`GEMM_MIN_PAIRS`, uniform routing) for the MoE GEMM
-    /// to beat the tiled kernels, which stream an expert's weights again per 4 pairs.
-    pub fn gemm_pays(tokens: usize, top_k: usize, experts: usize) -> bool {
-        let pairs = tokens * top_k;
-        pairs >= GEMM_MIN_PAIRS * pairs.min(experts).max(1)
+        if tokens > crate::moe_tune::TUNED_TOKENS {
+            MoeKernel::GEMM
+        } else if top_k <= MAX_FUSED_TOPK && tokens == 1 {
+            MoeKernel::FUSED
+        } else {
+            MoeKernel::TILED
+        }
     }
 
     /// `PEREGRINE_MOE_KERNEL=tiled` (two launches, 2 x 4 ring), `fused` (one launch, 2 x 4),
@@ -306,7 +314,7 @@ impl MoeKernel {
         match CHOICE.get_or_init(|| std::env::var("PEREGRINE_MOE_KERNEL").ok()).as_deref() {
             Some("fused") => Some(Some(MoeKernel::FUSED)),
             Some("tiled") => Some(Some(MoeKernel::TILED)),
-            Some("gemm") => Some(Some(MoeKernel::Gemm)),
+            Some("gemm") => Some(Some(MoeKernel::GEMM)),
             Some("default") => Some(None),
             _ => None,
         }
@@ -495,8 +503,8 @@ impl Kernels {
             down_tiled: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_down_bulk_n{n}_c{c}"))).collect::<Result<_>>()?,
             fused_tiled: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_fused_bulk_n{n}_c{c}"))).collect::<Result<_>>()?,
             fused_routed: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_fused_routed_bulk_n{n}_c{c}"))).collect::<Result<_>>()?,
-            gemm_gate_up: fm("moe_gemm_gate_up")?,
-            gemm_down: fm("moe_gemm_down")?,
+            gemm_gate_up: GEMM_ROW_TILES.iter().map(|r| fm(&format!("moe_gemm_gate_up_r{r}"))).collect::<Result<_>>()?,
+            gemm_down: GEMM_ROW_TILES.iter().map(|r| fm(&format!("moe_gemm_down_r{r}"))).collect::<Result<_>>()?,
             split_rows: fm("moe_split_rows")?,
             moe_choices: Default::default(),
             slot_wait: std::env::var("PEREGRINE_MOE_SLOT_WAIT").map_or(true, |v| v != "0"),
@@ -886,7 +894,6 @@ impl Kernels {
         match w.layout {
             MoeLayout::Tiled { .. } => match MoeKernel::forced() {
                 Some(kind) => kind.filter(|k| !matches!(k, MoeKernel::Fused { .. }) || top_k <= MAX_FUSED_TOPK).unwrap_or_else(|| MoeKernel::for_tiled(tokens, top_k)),
-                None if MoeKernel::gemm_pays(tokens, top_k, w.num_experts) => MoeKernel::Gemm,
                 None => self.tuned_moe(w, top_k, tokens).unwrap_or_else(|| MoeKernel::for_tiled(tokens, top_k)),
             },
             MoeLayout::RowMajor { .. } if w.hidden.is_multiple_of(64) && w.inter.is_multiple_of(64) => MoeKernel::for_tokens(tokens),
@@ -1062,20 +1069,22 @@ impl Kernels {
                 unsafe { b.launch(cfg) }.map_err(drv("moe (fused, tiled)"))?;
                 return Ok(());
             }
-            (MoeLayout::Tiled { gate_up, gate_up_s, down, down_s }, MoeKernel::Gemm) => {
+            (MoeLayout::Tiled { gate_up, gate_up_s, down, down_s }, MoeKernel::Gemm { row_tiles }) => {
+                let v = GEMM_ROW_TILES.iter().position(|&r| r == row_tiles).ok_or_else(|| Error::Backend(format!("MoE GEMM with {row_tiles} row tiles per warp is not compiled; have {GEMM_ROW_TILES:?}")))?;
                 let (t, p) = (r.num_tokens, r.num_pairs);
                 // Both written in full by moe_split_rows.
                 let alloc_u32 = |n: usize| unsafe { self.stream.alloc::<u32>(n.max(1)) }.map_err(drv("alloc"));
                 let alloc_f32 = |n: usize| unsafe { self.stream.alloc::<f32>(n.max(1)) }.map_err(drv("alloc"));
                 let (mut xs, mut xinv) = (alloc_u32(t * h)?, alloc_f32(t)?);
                 self.split_rows(x, t, h, &mut xs, &mut xinv)?;
-                let cfg = |tiles: usize| LaunchConfig { grid_dim: (tiles.div_ceil(GEMM_TILES) as u32, u, 1), block_dim: (256, 1, 1), shared_mem_bytes: GEMM_SMEM as u32 };
-                let mut b = crate::launch::builder(&self.stream, &self.gemm_gate_up);
+                let threads = (32 * GEMM_TILES / row_tiles) as u32;
+                let cfg = |tiles: usize| LaunchConfig { grid_dim: (tiles.div_ceil(GEMM_TILES) as u32, u, 1), block_dim: (threads, 1, 1), shared_mem_bytes: GEMM_SMEM as u32 };
+                let mut b = crate::launch::builder(&self.stream, &self.gemm_gate_up[v]);
                 b.arg(gate_up).arg(gate_up_s).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_tok).arg(&xs).arg(&xinv).arg(&mut scratch.h).arg(&hh).arg(&ii);
                 unsafe { b.launch(cfg(i / 8)) }.map_err(drv("moe gate_up (GEMM)"))?;
                 let (mut hs, mut hinv) = (alloc_u32(p * i)?, alloc_f32(p)?);
                 self.split_rows(&scratch.h, p, i, &mut hs, &mut hinv)?;
-                let mut b = crate::launch::builder(&self.stream, &self.gemm_down);
+                let mut b = crate::launch::builder(&self.stream, &self.gemm_down[v]);
                 b.arg(down).arg(down_s).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_w).arg(&hs).arg(&hinv).arg(&mut scratch.out).arg(&hh).arg(&ii);
                 unsafe { b.launch(cfg(h / 16)) }.map_err(drv("moe down (GEMM)"))?;
             }
