@@ -167,7 +167,7 @@ pub(crate) struct Ops {
     attention_v2: CudaFunction,
     attention_v2_kv: CudaFunction,
     attention_combine: CudaFunction,
-    attention_prefill: CudaFunction,
+    pub(crate) attention_prefill: PrefillAttention,
     attention_v2_rows: CudaFunction,
     attention_combine_rows: CudaFunction,
     gemm_f32_nt: CudaFunction,
@@ -322,11 +322,20 @@ impl CudaModel {
             attention_v2_kv: f("attention_v2_kv")?,
             attention_combine: f("attention_combine")?,
             attention_prefill: {
-                let k = f("attention_prefill")?;
-                // Q, K, V and P tiles of up to 184 KB (K head dim 256). Best effort: a GPU with
-                // less shared memory fails at launch instead.
-                let _ = k.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, prefill_attention_smem(256, 128) as i32);
-                k
+                let keys = std::env::var("PEREGRINE_PREFILL_ATTN_KEYS").ok().map_or(Ok(PREFILL_KEYS[0]), |v| {
+                    v.parse().ok().filter(|k| PREFILL_KEYS.contains(k)).ok_or_else(|| Error::Backend(format!("PEREGRINE_PREFILL_ATTN_KEYS={v}: the prefill attention kernel is compiled for key blocks of {PREFILL_KEYS:?}")))
+                })?;
+                let kernels = PREFILL_KEYS
+                    .iter()
+                    .map(|&k| {
+                        let kernel = f(&format!("attention_prefill_k{k}"))?;
+                        // Q, K, V and P tiles of up to 184 KB (K head dim 256). Best effort: a
+                        // GPU with less shared memory fails at launch instead.
+                        let _ = kernel.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, prefill_attention_smem(256, 128, k) as i32);
+                        Ok(kernel)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                PrefillAttention { kernels, keys }
             },
             attention_v2_rows: f("attention_v2_rows")?,
             attention_combine_rows: f("attention_combine_rows")?,
@@ -519,15 +528,15 @@ impl CudaModel {
     }
 
     /// f32 weights (routers, exact fallbacks): `gemv_f32` for decode-sized batches, the tiled
-    /// `gemm_f32_nt` from `GEMM_F32_MIN_ROWS` rows (a prefill chunk: gemv_f32 walks the rows
+    /// `gemm_f32_nt` from `GEMM_F32_MIN_ROWS` rows when K % 4 == 0 (a prefill chunk: gemv_f32 walks the rows
     /// one block per weight row, token after token, ~2.5 ms per layer for 2048 tokens of
     /// MiMo-V2-Flash's router).
     fn gemv_f32_into(&self, w: &CudaSlice<f32>, n: usize, k: usize, x: &CudaSlice<f32>, t: usize, y: &mut CudaSlice<f32>) -> Result<()> {
         let (ni, ki, tt) = (n as i32, k as i32, t as i32);
-        if t >= GEMM_F32_MIN_ROWS {
+        if t >= GEMM_F32_MIN_ROWS && k.is_multiple_of(4) {
             let mut b = crate::launch::builder(&self.stream, &self.ops.gemm_f32_nt);
             b.arg(w).arg(x).arg(y).arg(&ni).arg(&ki).arg(&tt);
-            unsafe { b.launch(LaunchConfig { grid_dim: (n.div_ceil(64) as u32, t.div_ceil(64) as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
+            unsafe { b.launch(LaunchConfig { grid_dim: (n.div_ceil(64) as u32, t.div_ceil(32) as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
             return Ok(());
         }
         let mut b = crate::launch::builder(&self.stream, &self.ops.gemv_f32);
@@ -658,18 +667,13 @@ impl CudaModel {
         let window = s.window().map_or(0, |w| w as i32);
         let scale = s.softmax_scale;
         if let Some(pf) = prefill {
-            let mut b = crate::launch::builder(&self.stream, &self.ops.attention_prefill);
+            let keys = self.ops.attention_prefill.keys;
+            let kernel = &self.ops.attention_prefill.kernels[PREFILL_KEYS.iter().position(|&k| k == keys).ok_or_else(|| Error::Backend(format!("no prefill attention kernel for key blocks of {keys}")))?];
+            let mut b = crate::launch::builder(&self.stream, kernel);
             b.arg(q).arg(kc).arg(vc).arg(&mut o).arg(pos).arg(seq).arg(tables).arg(&mb).arg(&bs).arg(&hh).arg(&kvh).arg(&hd).arg(&vd).arg(&window).arg(&scale);
-            match sinks {
-                Some(sk) => b.arg(sk),
-                None => b.arg(&0u64),
-            };
-            match &mut split {
-                Some((oh, ol)) => b.arg(oh).arg(ol),
-                None => b.arg(&0u64).arg(&0u64),
-            };
+            b.arg_or_null(sinks).arg_or_null(split.as_mut().map(|s| &mut s.0)).arg_or_null(split.as_mut().map(|s| &mut s.1));
             b.arg(&pf.tiles);
-            let smem = prefill_attention_smem(s.head_dim, s.v_head_dim) as u32;
+            let smem = prefill_attention_smem(s.head_dim, s.v_head_dim, keys) as u32;
             unsafe { b.launch(LaunchConfig { grid_dim: (pf.num_tiles as u32, s.num_heads as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem }) }.map_err(drv)?;
             if pf.num_rest == 0 {
                 return Ok((o, split));
@@ -691,16 +695,9 @@ impl CudaModel {
         };
         let mut b = crate::launch::builder(&self.stream, kernel);
         b.arg(q).arg(kc).arg(vc).arg(&mut o).arg(pos).arg(seq).arg(tables).arg(&mb).arg(&bs).arg(&hh).arg(&kvh).arg(&hd).arg(&vd).arg(&window).arg(&scale);
-        match sinks {
-            Some(sk) => b.arg(sk),
-            None => b.arg(&0u64),
-        };
+        b.arg_or_null(sinks);
         if v2 {
-            b.arg(&mut pm).arg(&mut pl).arg(&mut pa);
-            match &mut split {
-                Some((oh, ol)) => b.arg(oh).arg(ol),
-                None => b.arg(&0u64).arg(&0u64),
-            };
+            b.arg(&mut pm).arg(&mut pl).arg(&mut pa).arg_or_null(split.as_mut().map(|s| &mut s.0)).arg_or_null(split.as_mut().map(|s| &mut s.1));
             let (half, rd, th, vs) = (s.rope.rotary_dim.div_ceil(2) as i32, s.rope.rotary_dim as i32, s.rope.theta as f32, s.value_scale);
             match (&fresh, rows) {
                 (Some(f), _) => {
@@ -723,14 +720,7 @@ impl CudaModel {
             let sp = splits as i32;
             let mut b = crate::launch::builder(&self.stream, if rows.is_some() { &self.ops.attention_combine_rows } else { &self.ops.attention_combine });
             b.arg(&pm).arg(&pl).arg(&pa).arg(&mut o).arg(&hh).arg(&vd).arg(&sp);
-            match sinks {
-                Some(sk) => b.arg(sk),
-                None => b.arg(&0u64),
-            };
-            match &mut split {
-                Some((oh, ol)) => b.arg(oh).arg(ol),
-                None => b.arg(&0u64).arg(&0u64),
-            };
+            b.arg_or_null(sinks).arg_or_null(split.as_mut().map(|s| &mut s.0)).arg_or_null(split.as_mut().map(|s| &mut s.1));
             if let Some(rows) = rows {
                 b.arg(rows);
             }
@@ -974,9 +964,14 @@ impl CudaModel {
         let smem = (4 * (2 * e + 1024)) as u32;
         unsafe { b.launch(LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem }) }.map_err(drv)?;
         if !fused {
+            // moe_group also keeps a u16 count per warp (32) and expert; its per-expert totals
+            // share the chunk's area, so E <= 1024.
+            if e > 1024 {
+                return Err(Error::Backend(format!("the MoE grouping kernel takes at most 1024 experts, not {e}")));
+            }
             let mut b = crate::launch::builder(st, &self.ops.moe_group);
             b.arg(&topk_idx).arg(&topk_w).arg(&pi).arg(&ki).arg(&ei).arg(&mu).arg(&mut r.experts).arg(&mut r.pair_off).arg(&mut r.pair_tok).arg(&mut r.pair_w).arg(&mut r.tok_pairs);
-            unsafe { b.launch(LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: smem }) }.map_err(drv)?;
+            unsafe { b.launch(LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: smem + (2 * 32 * e) as u32 }) }.map_err(drv)?;
         }
         Ok((r, topk_idx, topk_w))
     }
@@ -1082,10 +1077,21 @@ pub(crate) const PREFILL_TILE: usize = 64;
 /// attention_v2, which splits the range over many blocks.
 pub(crate) const PREFILL_TILE_MIN: usize = 32;
 
-/// `attention_prefill`'s dynamic shared memory for K head dim `hd` and V head dim `vd`: Q and
-/// K tiles [64][hd + 4], V [64][vd + 4] and P [64][68] floats.
-pub(crate) fn prefill_attention_smem(hd: usize, vd: usize) -> usize {
-    4 * (2 * PREFILL_TILE * (hd + 4) + PREFILL_TILE * (vd + 4) + PREFILL_TILE * (PREFILL_TILE + 4))
+/// Key positions per block of the compiled `attention_prefill_k*` kernels (PT_K), the default
+/// first; `PEREGRINE_PREFILL_ATTN_KEYS` picks another.
+pub(crate) const PREFILL_KEYS: [usize; 2] = [64, 32];
+
+/// The prefill attention kernels, one per `PREFILL_KEYS` entry, and the key block in use.
+pub(crate) struct PrefillAttention {
+    pub(crate) kernels: Vec<CudaFunction>,
+    pub(crate) keys: usize,
+}
+
+/// `attention_prefill`'s dynamic shared memory for K head dim `hd`, V head dim `vd` and key
+/// blocks of `keys`: Q [64][hd + 4], K [keys][hd + 4], V [keys][vd + 4] and P [64][keys + 4]
+/// floats.
+pub(crate) fn prefill_attention_smem(hd: usize, vd: usize, keys: usize) -> usize {
+    4 * (PREFILL_TILE * (hd + 4) + keys * (hd + 4) + keys * (vd + 4) + PREFILL_TILE * (keys + 4))
 }
 
 /// The tiles and the remaining rows of a batch (`PrefillRows`) from its rows' sequences and

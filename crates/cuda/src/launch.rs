@@ -135,6 +135,14 @@ impl Launch<'_> {
         self
     }
 
+    /// An optional buffer: its address, or a null pointer for the kernel to test.
+    pub(crate) fn arg_or_null(&mut self, a: Option<impl ArgRef>) -> &mut Self {
+        match a {
+            Some(a) => self.arg(a),
+            None => self.arg(&0u64),
+        }
+    }
+
     /// # Safety
     /// The arguments must match the kernel's parameters in order and type, and every buffer
     /// must outlive the kernel's execution.

@@ -329,7 +329,7 @@ fn attention_writing_the_new_kv_matches_rope_kv_write_then_attention() {
 /// matches the f64 reference, and o's BF16 split is exactly the split of o.
 #[test]
 fn prefill_attention_matches_the_cpu_reference() {
-    let Some(m) = model() else { return };
+    let Some(mut m) = model() else { return };
     let mut r = rng();
     let st = m.stream.clone();
     let bs = 16;
@@ -366,28 +366,32 @@ fn prefill_attention_matches_the_cpu_reference() {
         let (pd, sd, td) = (st.clone_htod(&pos).unwrap(), st.clone_htod(&seq).unwrap(), st.clone_htod(&tables).unwrap());
         let sk = sinks.as_ref().map(|v| st.clone_htod(v).unwrap());
         let pf = crate::backend::PrefillRows { num_tiles: tiles.len() / 2, tiles: st.clone_htod(&tiles).unwrap(), num_rest: rest.len(), rest: st.clone_htod(&rest).unwrap() };
-        let (o, split) = m.attend(&qd, &kd, &vd, &pd, &sd, &td, max_blocks, bs, n, &s, sk.as_ref(), true, true, None, Some(&pf)).unwrap();
-        let name = format!("attention_prefill h{} kv{} d{}/{} window {:?} sinks {}, {} positions", s.num_heads, s.num_kv_heads, s.head_dim, s.v_head_dim, s.window(), s.sinks, max_blocks * bs);
-        let o = st.clone_dtoh(&o).unwrap();
-        close(&name, &o, &want, 2e-5);
-        let (oh, ol) = split.expect("BF16 split asked for");
-        let (oh, ol) = (st.clone_dtoh(&oh).unwrap(), st.clone_dtoh(&ol).unwrap());
-        let bf16 = |v: f32| half::bf16::from_f32(v).to_bits();
-        for (i, &v) in o.iter().enumerate() {
-            let hi = bf16(v);
-            assert_eq!((oh[i], ol[i]), (hi, bf16(v - half::bf16::from_bits(hi).to_f32())), "{name}: BF16 split of element {i} ({v})");
+        // Every compiled key block.
+        for keys in crate::backend::PREFILL_KEYS {
+            m.ops.attention_prefill.keys = keys;
+            let (o, split) = m.attend(&qd, &kd, &vd, &pd, &sd, &td, max_blocks, bs, n, &s, sk.as_ref(), true, true, None, Some(&pf)).unwrap();
+            let name = format!("attention_prefill (keys {keys}) h{} kv{} d{}/{} window {:?} sinks {}, {} positions", s.num_heads, s.num_kv_heads, s.head_dim, s.v_head_dim, s.window(), s.sinks, max_blocks * bs);
+            let o = st.clone_dtoh(&o).unwrap();
+            close(&name, &o, &want, 2e-5);
+            let (oh, ol) = split.expect("BF16 split asked for");
+            let (oh, ol) = (st.clone_dtoh(&oh).unwrap(), st.clone_dtoh(&ol).unwrap());
+            let bf16 = |v: f32| half::bf16::from_f32(v).to_bits();
+            for (i, &v) in o.iter().enumerate() {
+                let hi = bf16(v);
+                assert_eq!((oh[i], ol[i]), (hi, bf16(v - half::bf16::from_bits(hi).to_f32())), "{name}: BF16 split of element {i} ({v})");
+            }
         }
     }
 }
 
 /// f32 weights applied to a few rows (`gemv_f32`) and to a prefill chunk (`gemm_f32_nt`, partial
-/// tiles in every dimension) match the f64 reference.
+/// tiles in every dimension; K not a multiple of 4 keeps gemv_f32) match the f64 reference.
 #[test]
 fn f32_matrices_match_the_cpu_reference() {
     let Some(m) = model() else { return };
     let mut r = rng();
     let st = m.stream.clone();
-    for (n, k, t) in [(256usize, 4096usize, 1usize), (300, 520, 5), (300, 520, crate::backend::GEMM_F32_MIN_ROWS), (256, 4096, 100), (70, 36, 130)] {
+    for (n, k, t) in [(256usize, 4096usize, 1usize), (300, 520, 5), (300, 520, crate::backend::GEMM_F32_MIN_ROWS), (256, 4096, 100), (70, 36, 130), (50, 37, 40)] {
         let w = randn(&mut r, n * k, 1.0);
         let x = randn(&mut r, t * k, 1.0);
         let mat = crate::backend::Mat { m: crate::backend::GpuMatrix::F32(st.clone_htod(&w).unwrap()), n, k };
