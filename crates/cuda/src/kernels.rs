@@ -161,9 +161,10 @@ pub struct Kernels {
     /// A pass of the tiled MoE kernels stages fewer pairs than it could when that keeps two
     /// blocks per SM (`staged_pairs`); `PEREGRINE_MOE_TWO_BLOCKS=0` sizes by tokens alone.
     two_blocks: bool,
-    /// Above the tuned token counts `moe_mxfp4` takes the MoE GEMM (`MoeKernel::for_tiled`);
-    /// `PEREGRINE_MOE_GEMM=0` keeps the two-launch tiled kernels there, for comparison.
-    gemm_above_tuned: bool,
+    /// The MoE GEMM is a tuning candidate from 2 tokens and the kernel above the tuned token
+    /// counts (`MoeKernel::for_tiled`); `PEREGRINE_MOE_GEMM=0` keeps to the tiled kernels (unless
+    /// forced), for comparison.
+    gemm: bool,
     /// Resident 256-thread blocks per SM by (kernel, dynamic shared memory), asked of the
     /// driver once: every eager MoE launch needs them.
     occupancy: std::sync::Mutex<std::collections::HashMap<(usize, usize), usize>>,
@@ -512,7 +513,7 @@ impl Kernels {
             moe_choices: Default::default(),
             slot_wait: std::env::var("PEREGRINE_MOE_SLOT_WAIT").map_or(true, |v| v != "0"),
             two_blocks: std::env::var("PEREGRINE_MOE_TWO_BLOCKS").map_or(true, |v| v != "0"),
-            gemm_above_tuned: std::env::var("PEREGRINE_MOE_GEMM").map_or(true, |v| v != "0"),
+            gemm: std::env::var("PEREGRINE_MOE_GEMM").map_or(true, |v| v != "0"),
             occupancy: Default::default(),
             sms: gpu.ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(drv("SM count"))? as usize,
             sample,
@@ -898,12 +899,17 @@ impl Kernels {
         match w.layout {
             MoeLayout::Tiled { .. } => match MoeKernel::forced() {
                 Some(kind) => kind.filter(|k| !matches!(k, MoeKernel::Fused { .. }) || top_k <= MAX_FUSED_TOPK).unwrap_or_else(|| MoeKernel::for_tiled(tokens, top_k)),
-                None if !self.gemm_above_tuned && tokens > crate::moe_tune::TUNED_TOKENS => MoeKernel::TILED,
+                None if !self.gemm && tokens > crate::moe_tune::TUNED_TOKENS => MoeKernel::TILED,
                 None => self.tuned_moe(w, top_k, tokens).unwrap_or_else(|| MoeKernel::for_tiled(tokens, top_k)),
             },
             MoeLayout::RowMajor { .. } if w.hidden.is_multiple_of(64) && w.inter.is_multiple_of(64) => MoeKernel::for_tokens(tokens),
             MoeLayout::RowMajor { .. } => MoeKernel::V2,
         }
+    }
+
+    /// Whether the MoE GEMM may be chosen without being forced (`PEREGRINE_MOE_GEMM`).
+    pub(crate) fn gemm_enabled(&self) -> bool {
+        self.gemm
     }
 
     /// Pairs one pass of the two-launch tiled MoE kernel with a `stages` x `steps` ring stages

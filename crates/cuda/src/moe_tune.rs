@@ -24,8 +24,8 @@ pub(crate) type MoeChoices = HashMap<(usize, usize, usize, usize, usize), MoeKer
 pub type MoeTiming = (usize, MoeKernel, f32);
 
 impl Kernels {
-    /// Times every compiled tiled kernel (two launches and one launch, each ring) on `w` with
-    /// uniform random routings of 1..=`TUNED_TOKENS` tokens, and keeps the fastest per token
+    /// Times every compiled tiled kernel (two launches and one launch, each ring; the MoE GEMM
+    /// from 2 tokens) on `w` with uniform random routings of 1..=`TUNED_TOKENS` tokens, and keeps the fastest per token
     /// count for `moe_mxfp4`. Returns every timing (for logs and benches). Row-major weights and
     /// `PEREGRINE_MOE_TUNE=0` tune nothing.
     pub fn tune_moe(&self, w: &MoeWeights, top_k: usize) -> Result<Vec<MoeTiming>> {
@@ -55,6 +55,8 @@ impl Kernels {
             kinds.push(MoeKernel::Tiled { stages, steps });
             kinds.push(MoeKernel::Fused { stages, steps, max_blocks: 0 });
         }
+        // The MoE GEMM from 2 tokens (one token keeps the fused kernel that routes itself).
+        let gemm_from = if self.gemm_enabled() { 2 } else { usize::MAX };
         let mut timings = Vec::new();
         let mut chosen = Vec::new();
         for t in 1..=TUNED_TOKENS {
@@ -75,7 +77,7 @@ impl Kernels {
                 })
                 .collect::<Result<Vec<_>>>()?;
             let mut best: Option<(MoeKernel, f32)> = None;
-            for &kind in &kinds {
+            for &kind in kinds.iter().chain((t >= gemm_from).then_some(&MoeKernel::GEMM)) {
                 let mut call = |i: usize| self.moe_mxfp4_with(kind, w, &routings[i % routings.len()], &x, MoeInput::Settled, &mut scratch, &mut y);
                 // A kernel that cannot run this shape (shared memory, top-k) is skipped.
                 if call(0).is_err() {
