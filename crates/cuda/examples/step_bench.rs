@@ -5,7 +5,9 @@
 //! Reports per batch size the median step time and output tokens/s, the cost of verifying
 //! 1..8 tokens of one sequence relative to a 1-token step, the cost of a DFlash draft pass
 //! (a synthetic drafter of the MiMo-V2.5-Pro drafter's layout at Flash's hidden size), and with
-//! `--prefill N,..` the time of one N-token prefill.
+//! `--prefill N,..` the time of one N-token prefill (`--only-prefill`: nothing else; with
+//! `--profile-range` one more prefill between cuProfilerStart/Stop, for
+//! `ncu --profile-from-start off`).
 //!
 //!     cargo run --release -p peregrine-cuda --example step_bench -- \
 //!         --config configs/mimo-v2-flash.json [--layers N] [--batches 1,8,32,64] [--context 128]
