@@ -315,7 +315,12 @@ impl CudaModel {
             add_rms_norm_split: f("add_rms_norm_split")?,
             rope_kv_write: f("rope_kv_write")?,
             moe_route: f("moe_route")?,
-            moe_group: f("moe_group")?,
+            moe_group: {
+                let k = f("moe_group")?;
+                // Up to 1024 experts: (2 E + 1024) ints and 32 E u16 of shared memory (76 KB).
+                let _ = k.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, 80 * 1024);
+                k
+            },
             argmax_rows: f("argmax_rows")?,
             argmax_final: f("argmax_final")?,
             attention_v2: f("attention_v2")?,
@@ -965,7 +970,7 @@ impl CudaModel {
         unsafe { b.launch(LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem }) }.map_err(drv)?;
         if !fused {
             // moe_group also keeps a u16 count per warp (32) and expert; its per-expert totals
-            // share the chunk's area, so E <= 1024.
+            // share the chunk's area, so E <= 1024 (its shared memory is sized for that at load).
             if e > 1024 {
                 return Err(Error::Backend(format!("the MoE grouping kernel takes at most 1024 experts, not {e}")));
             }

@@ -50,6 +50,8 @@ fn router_and_grouping_match_the_cpu_reference() {
         ("deepseek groups", moe(256, 8, RouterScoring::Sigmoid, true, 8, 4, true, 2.5)),
         ("softmax", moe(16, 4, RouterScoring::Softmax, false, 1, 1, false, 1.0)),
         ("softmax groups", moe(64, 6, RouterScoring::Softmax, false, 4, 2, true, 1.0)),
+        // The most experts the grouping kernel takes (its per-warp counts fill 64 KB).
+        ("1024 experts", moe(1024, 8, RouterScoring::Sigmoid, true, 1, 1, true, 1.0)),
     ];
     for (name, spec) in cases {
         for n in [1usize, 3, 8, 64, 300] {
