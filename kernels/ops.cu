@@ -1210,3 +1210,243 @@ extern "C" __global__ void __launch_bounds__(128) gemm_f32_nt(const float* __res
         }
     }
 }
+
+// Prefill attention on the tensor cores: the tiles of attention_prefill, two heads of one KV
+// head per block (8 warps: warp w serves head 2 blockIdx.y + w / 4, tile rows 16 (w % 4) ..
+// + 15), S = Q K^T and O += P V as mma.sync m16n8k8 on TF32 with each f32 operand split into a
+// TF32 hi and lo part: hi.hi + hi.lo + lo.hi keeps ~22 bits of every product (the lo.lo term is
+// ~2^-22 of it), about what f32 arithmetic gives, without any range scaling (TF32 has f32's
+// exponent). The f32 kernel waited on shared memory with 8 warps per SM; here each staged key
+// block also serves two heads. Each key block's K and V are staged split (hi and lo); Q is staged
+// raw once and split per use; P goes through each warp's own shared rows (the S accumulator
+// layout is not the A operand layout). Same masks, online softmax per row, sinks and outputs as
+// attention_prefill. Heads per KV head even; HD, VD compile-time multiples of 8, VD <= 128.
+// Dynamic shared memory (4-byte words): Q [2][64][HD + 4], K hi, lo [TK][HD + 4], V hi, lo
+// [TK][VD + 8], P [8][16][TK + 4] (pitches that make every fragment read conflict-free).
+#define TK 32  // keys per staged block
+__device__ __forceinline__ void tf32_split(float x, unsigned& hi, unsigned& lo) {
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(hi) : "f"(x));
+    float r = x - __uint_as_float(hi);
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(lo) : "f"(r));
+}
+__device__ __forceinline__ void mma_tf32(float d[4], const unsigned a[4], unsigned b0, unsigned b1) {
+    asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+// d += a b with both split: the small cross terms first.
+__device__ __forceinline__ void mma_tf32x3(float d[4], const unsigned ah[4], const unsigned al[4], unsigned bh0, unsigned bh1,
+                                           unsigned bl0, unsigned bl1) {
+    mma_tf32(d, al, bh0, bh1);
+    mma_tf32(d, ah, bl0, bl1);
+    mma_tf32(d, ah, bh0, bh1);
+}
+// A fragment (m16n8k8) of rows r, r + 8 and columns c, c + 4 of a row-major f32 tile, split.
+__device__ __forceinline__ void load_a_split(const float* base, int pitch, int r, int c, unsigned ah[4], unsigned al[4]) {
+    tf32_split(base[r * pitch + c], ah[0], al[0]);
+    tf32_split(base[(r + 8) * pitch + c], ah[1], al[1]);
+    tf32_split(base[r * pitch + c + 4], ah[2], al[2]);
+    tf32_split(base[(r + 8) * pitch + c + 4], ah[3], al[3]);
+}
+// Rows j0 .. j0 + nk of a paged pool (`dim` floats per KV head) split into TF32 hi and lo rows of
+// shared memory `pitch` words apart; rows nk .. TK are zero.
+__device__ __forceinline__ void stage_pool_rows_split(const float* __restrict__ pool, unsigned* hi, unsigned* lo, int pitch, int dim, int j0,
+                                                      int nk, const int* __restrict__ table, int block_size, int kv_heads, int kvh) {
+    const int d4 = dim / 4;
+    for (int i = threadIdx.x; i < TK * d4; i += blockDim.x) {
+        int jj = i / d4, c = i % d4;
+        float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (jj < nk) {
+            int j = j0 + jj;
+            size_t slot = (size_t)table[j / block_size] * block_size + j % block_size;
+            v = reinterpret_cast<const float4*>(pool + (slot * kv_heads + kvh) * dim)[c];
+        }
+        uint4 h, l;
+        tf32_split(v.x, h.x, l.x);
+        tf32_split(v.y, h.y, l.y);
+        tf32_split(v.z, h.z, l.z);
+        tf32_split(v.w, h.w, l.w);
+        *reinterpret_cast<uint4*>(hi + jj * pitch + 4 * c) = h;
+        *reinterpret_cast<uint4*>(lo + jj * pitch + 4 * c) = l;
+    }
+}
+template <int HD, int VD>
+__device__ __forceinline__ void attention_prefill_tc_body(
+    const float* __restrict__ q, const float* __restrict__ kc, const float* __restrict__ vc, float* __restrict__ o,
+    const int* __restrict__ pos, const int* __restrict__ seq, const int* __restrict__ tables, int max_blocks,
+    int block_size, int heads, int kv_heads, int window, float scale, const float* __restrict__ sinks,
+    unsigned short* __restrict__ oh, unsigned short* __restrict__ ol, const int* __restrict__ tiles) {
+    constexpr int QP = HD + 4, KP = HD + 4, VP = VD + 8, PP = TK + 4;
+    extern __shared__ float4 sm4[];
+    float* Qs = reinterpret_cast<float*>(sm4);
+    unsigned* Kh = reinterpret_cast<unsigned*>(Qs + 2 * PT_Q * QP);
+    unsigned* Kl = Kh + TK * KP;
+    unsigned* Vh = Kl + TK * KP;
+    unsigned* Vl = Vh + TK * VP;
+    float* Ps = reinterpret_cast<float*>(Vl + TK * VP);
+    __shared__ int s_lo[PT_Q], s_hi[PT_Q], s_range[2];
+    const int tid = threadIdx.x, w = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    const int h = 2 * blockIdx.y + (w >> 2), rw0 = 16 * (w & 3);
+    const int r0 = tiles[2 * blockIdx.x], cnt = tiles[2 * blockIdx.x + 1];
+    const int kvh = h / (heads / kv_heads);
+    const int* table = tables + (size_t)seq[r0] * max_blocks;
+    const float NEG_INF = __int_as_float(0xff800000u);
+    if (tid < PT_Q) {
+        int p = tid < cnt ? pos[r0 + tid] : -1;
+        s_lo[tid] = tid < cnt ? (window > 0 ? max(0, p + 1 - window) : 0) : 0x7fffffff;
+        s_hi[tid] = p;
+    }
+    __syncthreads();
+    if (tid == 0) {
+        int lo = 0x7fffffff, hi = -1;
+        for (int i = 0; i < cnt; i++) {
+            lo = min(lo, s_lo[i]);
+            hi = max(hi, s_hi[i]);
+        }
+        s_range[0] = lo;
+        s_range[1] = hi;
+    }
+    // Each warp stages its own 16 query rows of its head (rows past cnt zero) in its part of
+    // the Q tile [2 heads][64 rows][HD + 4].
+    float* Qw = Qs + ((w >> 2) * PT_Q + rw0) * QP;
+    for (int i = lane; i < 16 * (HD / 4); i += 32) {
+        int row = i / (HD / 4), c = i % (HD / 4);
+        float4 v = rw0 + row < cnt ? reinterpret_cast<const float4*>(q + ((size_t)(r0 + rw0 + row) * heads + h) * HD)[c] : make_float4(0.f, 0.f, 0.f, 0.f);
+        *reinterpret_cast<float4*>(Qw + row * QP + 4 * c) = v;
+    }
+    __syncthreads();  // (s_range too)
+    const int lo = s_range[0], hi = s_range[1];
+    const int lo_a = s_lo[rw0 + g], hi_a = s_hi[rw0 + g], lo_b = s_lo[rw0 + g + 8], hi_b = s_hi[rw0 + g + 8];
+    const bool active = rw0 < cnt;  // warp-uniform
+    float m_a = NEG_INF, m_b = NEG_INF, l_a = 0.f, l_b = 0.f;
+    float acc[VD / 8][4];
+#pragma unroll
+    for (int c = 0; c < VD / 8; c++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) acc[c][i] = 0.f;
+    float* P = Ps + w * 16 * PP;
+    for (int j0 = lo; j0 <= hi; j0 += TK) {
+        const int nk = min(TK, hi - j0 + 1);
+        stage_pool_rows_split(kc, Kh, Kl, KP, HD, j0, nk, table, block_size, kv_heads, kvh);
+        stage_pool_rows_split(vc, Vh, Vl, VP, VD, j0, nk, table, block_size, kv_heads, kvh);
+        __syncthreads();
+        if (active) {
+            float s[TK / 8][4];
+#pragma unroll
+            for (int n = 0; n < TK / 8; n++)
+#pragma unroll
+                for (int i = 0; i < 4; i++) s[n][i] = 0.f;
+#pragma unroll 4
+            for (int kd = 0; kd < HD / 8; kd++) {
+                unsigned ah[4], al[4];
+                load_a_split(Qw, QP, g, 8 * kd + t, ah, al);
+#pragma unroll
+                for (int n = 0; n < TK / 8; n++) {
+                    const int kr = (8 * n + g) * KP + 8 * kd + t;
+                    mma_tf32x3(s[n], ah, al, Kh[kr], Kh[kr + 4], Kl[kr], Kl[kr + 4]);
+                }
+            }
+            // Online softmax of rows a (g) and b (g + 8); a row's TK scores sit on the 4 lanes t.
+            float mx_a = NEG_INF, mx_b = NEG_INF;
+#pragma unroll
+            for (int n = 0; n < TK / 8; n++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    int j = j0 + 8 * n + 2 * t + e;
+                    s[n][e] = j >= lo_a && j <= hi_a ? s[n][e] * scale : NEG_INF;
+                    s[n][2 + e] = j >= lo_b && j <= hi_b ? s[n][2 + e] * scale : NEG_INF;
+                    mx_a = fmaxf(mx_a, s[n][e]);
+                    mx_b = fmaxf(mx_b, s[n][2 + e]);
+                }
+#pragma unroll
+            for (int off = 1; off < 4; off <<= 1) {
+                mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, off));
+                mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, off));
+            }
+            const float mn_a = fmaxf(m_a, mx_a), mn_b = fmaxf(m_b, mx_b);
+            // A row with nothing visible so far keeps m = -inf (no NaN from -inf - -inf).
+            const float corr_a = mn_a == NEG_INF ? 1.f : __expf(m_a - mn_a), corr_b = mn_b == NEG_INF ? 1.f : __expf(m_b - mn_b);
+            float sum_a = 0.f, sum_b = 0.f;
+#pragma unroll
+            for (int n = 0; n < TK / 8; n++) {
+                float2 pa, pb;
+                pa.x = s[n][0] == NEG_INF ? 0.f : __expf(s[n][0] - mn_a);
+                pa.y = s[n][1] == NEG_INF ? 0.f : __expf(s[n][1] - mn_a);
+                pb.x = s[n][2] == NEG_INF ? 0.f : __expf(s[n][2] - mn_b);
+                pb.y = s[n][3] == NEG_INF ? 0.f : __expf(s[n][3] - mn_b);
+                sum_a += pa.x + pa.y;
+                sum_b += pb.x + pb.y;
+                *reinterpret_cast<float2*>(P + g * PP + 8 * n + 2 * t) = pa;
+                *reinterpret_cast<float2*>(P + (g + 8) * PP + 8 * n + 2 * t) = pb;
+            }
+#pragma unroll
+            for (int off = 1; off < 4; off <<= 1) {
+                sum_a += __shfl_xor_sync(0xffffffffu, sum_a, off);
+                sum_b += __shfl_xor_sync(0xffffffffu, sum_b, off);
+            }
+            l_a = l_a * corr_a + sum_a;
+            l_b = l_b * corr_b + sum_b;
+            m_a = mn_a;
+            m_b = mn_b;
+#pragma unroll
+            for (int c = 0; c < VD / 8; c++) {
+                acc[c][0] *= corr_a;
+                acc[c][1] *= corr_a;
+                acc[c][2] *= corr_b;
+                acc[c][3] *= corr_b;
+            }
+            __syncwarp();  // the warp's P rows are written
+            // acc += P V over the block's keys, 8 at a time.
+#pragma unroll
+            for (int kj = 0; kj < TK / 8; kj++) {
+                unsigned ah[4], al[4];
+                load_a_split(P, PP, g, 8 * kj + t, ah, al);
+#pragma unroll
+                for (int c = 0; c < VD / 8; c++) {
+                    const int vr = (8 * kj + t) * VP + 8 * c + g;
+                    mma_tf32x3(acc[c], ah, al, Vh[vr], Vh[vr + 4 * VP], Vl[vr], Vl[vr + 4 * VP]);
+                }
+            }
+        }
+        __syncthreads();  // K, V and P are refilled next
+    }
+    if (!active) return;
+    // The sink logit, then the outputs (and o's BF16 split for o_proj): lane (g, t) holds rows
+    // g and g + 8, columns 8 c + 2 t and + 1.
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+        const int row = rw0 + g + 8 * half;
+        if (row >= cnt) continue;
+        float M = half ? m_b : m_a, L = half ? l_b : l_a, f = 1.f;
+        if (sinks) {
+            float sc = sinks[h], mn = fmaxf(M, sc);
+            f = __expf(M - mn);
+            L = L * f + __expf(sc - mn);
+        }
+        const size_t ob = ((size_t)(r0 + row) * heads + h) * VD;
+#pragma unroll
+        for (int c = 0; c < VD / 8; c++) {
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const int col = 8 * c + 2 * t + e;
+                float v = acc[c][2 * half + e] * f / L;
+                o[ob + col] = v;
+                if (oh) split_bf16_value(v, oh[ob + col], ol[ob + col]);
+            }
+        }
+    }
+}
+#define ATTENTION_PREFILL_TC_KERNEL(HD, VD)                                                                                  \
+    extern "C" __global__ void __launch_bounds__(256, 1) attention_prefill_tc_d##HD##_v##VD(                                 \
+        const float* __restrict__ q, const float* __restrict__ kc, const float* __restrict__ vc, float* __restrict__ o,      \
+        const int* __restrict__ pos, const int* __restrict__ seq, const int* __restrict__ tables, int max_blocks,            \
+        int block_size, int heads, int kv_heads, int window, float scale, const float* __restrict__ sinks,                   \
+        unsigned short* __restrict__ oh, unsigned short* __restrict__ ol, const int* __restrict__ tiles) {                  \
+        PDL_ENTER();                                                                                                         \
+        attention_prefill_tc_body<HD, VD>(q, kc, vc, o, pos, seq, tables, max_blocks, block_size, heads, kv_heads, window,  \
+                                          scale, sinks, oh, ol, tiles);                                                      \
+    }
+// MiMo's attention (K 192, V 128) and two square shapes.
+ATTENTION_PREFILL_TC_KERNEL(192, 128)
+ATTENTION_PREFILL_TC_KERNEL(128, 128)
+ATTENTION_PREFILL_TC_KERNEL(64, 64)

@@ -340,7 +340,17 @@ impl CudaModel {
                         Ok(kernel)
                     })
                     .collect::<Result<Vec<_>>>()?;
-                PrefillAttention { kernels, keys }
+                let tensor_cores = std::env::var("PEREGRINE_PREFILL_ATTN").map_or(true, |v| v != "f32");
+                let tc = PREFILL_TC_SHAPES
+                    .iter()
+                    .map(|&(hd, vd)| {
+                        let kernel = f(&format!("attention_prefill_tc_d{hd}_v{vd}"))?;
+                        // Best effort, as above (up to 199 KB at K head dim 192).
+                        let _ = kernel.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, prefill_attention_tc_smem(hd, vd) as i32);
+                        Ok(kernel)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                PrefillAttention { kernels, keys, tc, tensor_cores }
             },
             attention_v2_rows: f("attention_v2_rows")?,
             attention_combine_rows: f("attention_combine_rows")?,
@@ -672,14 +682,24 @@ impl CudaModel {
         let window = s.window().map_or(0, |w| w as i32);
         let scale = s.softmax_scale;
         if let Some(pf) = prefill {
-            let keys = self.ops.attention_prefill.keys;
-            let kernel = &self.ops.attention_prefill.kernels[PREFILL_KEYS.iter().position(|&k| k == keys).ok_or_else(|| Error::Backend(format!("no prefill attention kernel for key blocks of {keys}")))?];
-            let mut b = crate::launch::builder(&self.stream, kernel);
-            b.arg(q).arg(kc).arg(vc).arg(&mut o).arg(pos).arg(seq).arg(tables).arg(&mb).arg(&bs).arg(&hh).arg(&kvh).arg(&hd).arg(&vd).arg(&window).arg(&scale);
-            b.arg_or_null(sinks).arg_or_null(split.as_mut().map(|s| &mut s.0)).arg_or_null(split.as_mut().map(|s| &mut s.1));
-            b.arg(&pf.tiles);
-            let smem = prefill_attention_smem(s.head_dim, s.v_head_dim, keys) as u32;
-            unsafe { b.launch(LaunchConfig { grid_dim: (pf.num_tiles as u32, s.num_heads as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem }) }.map_err(drv)?;
+            let pa = &self.ops.attention_prefill;
+            if let Some(kernel) = pa.tensor_core_kernel(s) {
+                // Two heads of one KV head per block.
+                let mut b = crate::launch::builder(&self.stream, kernel);
+                b.arg(q).arg(kc).arg(vc).arg(&mut o).arg(pos).arg(seq).arg(tables).arg(&mb).arg(&bs).arg(&hh).arg(&kvh).arg(&window).arg(&scale);
+                b.arg_or_null(sinks).arg_or_null(split.as_mut().map(|s| &mut s.0)).arg_or_null(split.as_mut().map(|s| &mut s.1));
+                b.arg(&pf.tiles);
+                let smem = prefill_attention_tc_smem(s.head_dim, s.v_head_dim) as u32;
+                unsafe { b.launch(LaunchConfig { grid_dim: (pf.num_tiles as u32, (s.num_heads / 2) as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem }) }.map_err(drv)?;
+            } else {
+                let kernel = &pa.kernels[PREFILL_KEYS.iter().position(|&k| k == pa.keys).ok_or_else(|| Error::Backend(format!("no prefill attention kernel for key blocks of {}", pa.keys)))?];
+                let mut b = crate::launch::builder(&self.stream, kernel);
+                b.arg(q).arg(kc).arg(vc).arg(&mut o).arg(pos).arg(seq).arg(tables).arg(&mb).arg(&bs).arg(&hh).arg(&kvh).arg(&hd).arg(&vd).arg(&window).arg(&scale);
+                b.arg_or_null(sinks).arg_or_null(split.as_mut().map(|s| &mut s.0)).arg_or_null(split.as_mut().map(|s| &mut s.1));
+                b.arg(&pf.tiles);
+                let smem = prefill_attention_smem(s.head_dim, s.v_head_dim, pa.keys) as u32;
+                unsafe { b.launch(LaunchConfig { grid_dim: (pf.num_tiles as u32, s.num_heads as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem }) }.map_err(drv)?;
+            }
             if pf.num_rest == 0 {
                 return Ok((o, split));
             }
@@ -1086,10 +1106,35 @@ pub(crate) const PREFILL_TILE_MIN: usize = 32;
 /// first; `PEREGRINE_PREFILL_ATTN_KEYS` picks another.
 pub(crate) const PREFILL_KEYS: [usize; 2] = [64, 32];
 
-/// The prefill attention kernels, one per `PREFILL_KEYS` entry, and the key block in use.
+/// (K head dim, V head dim) of the compiled tensor-core prefill attention kernels
+/// (`attention_prefill_tc_d{hd}_v{vd}`); other shapes take the f32 kernels.
+pub(crate) const PREFILL_TC_SHAPES: [(usize, usize); 3] = [(192, 128), (128, 128), (64, 64)];
+
+/// The prefill attention kernels: f32 ones per `PREFILL_KEYS` entry with the key block in use,
+/// and tensor-core ones per `PREFILL_TC_SHAPES` entry, used where a layer's shape has one and
+/// its heads per KV head are even (two heads per block), unless `tensor_cores` is off
+/// (`PEREGRINE_PREFILL_ATTN=f32`).
 pub(crate) struct PrefillAttention {
     pub(crate) kernels: Vec<CudaFunction>,
     pub(crate) keys: usize,
+    tc: Vec<CudaFunction>,
+    pub(crate) tensor_cores: bool,
+}
+
+impl PrefillAttention {
+    /// The tensor-core kernel for attention `s`, if one serves it.
+    fn tensor_core_kernel(&self, s: &AttentionSpec) -> Option<&CudaFunction> {
+        let even_group = s.num_kv_heads > 0 && s.num_heads.is_multiple_of(s.num_kv_heads) && (s.num_heads / s.num_kv_heads).is_multiple_of(2);
+        let i = PREFILL_TC_SHAPES.iter().position(|&d| d == (s.head_dim, s.v_head_dim))?;
+        (self.tensor_cores && even_group).then(|| &self.tc[i])
+    }
+}
+
+/// The tensor-core prefill attention kernel's dynamic shared memory (TK = 32 keys per block,
+/// two heads' 64 query rows): Q [2][64][hd + 4], K hi and lo [32][hd + 4], V hi and lo
+/// [32][vd + 8], P [8][16][36] words.
+pub(crate) fn prefill_attention_tc_smem(hd: usize, vd: usize) -> usize {
+    4 * (2 * PREFILL_TILE * (hd + 4) + 2 * 32 * (hd + 4) + 2 * 32 * (vd + 8) + 8 * 16 * 36)
 }
 
 /// `attention_prefill`'s dynamic shared memory for K head dim `hd`, V head dim `vd` and key

@@ -326,7 +326,8 @@ fn attention_writing_the_new_kv_matches_rope_kv_write_then_attention() {
 /// in tiles of up to 64 rows (a full tile and a partial one, windows that drop early keys for
 /// the tile's later rows, sinks, GQA), the other rows (a decode row, a run too short for a
 /// tile) through `attention_v2_rows`, split over several blocks on long tables. Every row
-/// matches the f64 reference, and o's BF16 split is exactly the split of o.
+/// matches the f64 reference, and o's BF16 split is exactly the split of o, for the f32 kernels
+/// (each key block) and the tensor-core kernel (shapes it is compiled for).
 #[test]
 fn prefill_attention_matches_the_cpu_reference() {
     let Some(mut m) = model() else { return };
@@ -338,6 +339,7 @@ fn prefill_attention_matches_the_cpu_reference() {
         attn_spec(64, 8, 192, 128, 64, Some(128), true),
         attn_spec(4, 1, 64, 48, 64, Some(5), true),
         attn_spec(8, 2, 128, 128, 128, Some(40), true),
+        attn_spec(8, 4, 64, 64, 32, Some(50), false),
     ];
     for (s, max_blocks) in cases.iter().flat_map(|&s| [(s, 24usize), (s, 160)]) {
         let seqs = 4usize;
@@ -366,11 +368,18 @@ fn prefill_attention_matches_the_cpu_reference() {
         let (pd, sd, td) = (st.clone_htod(&pos).unwrap(), st.clone_htod(&seq).unwrap(), st.clone_htod(&tables).unwrap());
         let sk = sinks.as_ref().map(|v| st.clone_htod(v).unwrap());
         let pf = crate::backend::PrefillRows { num_tiles: tiles.len() / 2, tiles: st.clone_htod(&tiles).unwrap(), num_rest: rest.len(), rest: st.clone_htod(&rest).unwrap() };
-        // Every compiled key block.
-        for keys in crate::backend::PREFILL_KEYS {
-            m.ops.attention_prefill.keys = keys;
+        // Every compiled key block of the f32 kernel, then the tensor-core kernel where the
+        // shape has one.
+        let tc = crate::backend::PREFILL_TC_SHAPES.contains(&(s.head_dim, s.v_head_dim));
+        let runs = crate::backend::PREFILL_KEYS.iter().map(|&k| (k, false)).chain(tc.then_some((0, true)));
+        for (keys, tensor_cores) in runs {
+            m.ops.attention_prefill.tensor_cores = tensor_cores;
+            if !tensor_cores {
+                m.ops.attention_prefill.keys = keys;
+            }
             let (o, split) = m.attend(&qd, &kd, &vd, &pd, &sd, &td, max_blocks, bs, n, &s, sk.as_ref(), true, true, None, Some(&pf)).unwrap();
-            let name = format!("attention_prefill (keys {keys}) h{} kv{} d{}/{} window {:?} sinks {}, {} positions", s.num_heads, s.num_kv_heads, s.head_dim, s.v_head_dim, s.window(), s.sinks, max_blocks * bs);
+            let kernel = if tensor_cores { "tensor cores, 3xTF32".to_string() } else { format!("f32, keys {keys}") };
+            let name = format!("attention_prefill ({kernel}) h{} kv{} d{}/{} window {:?} sinks {}, {} positions", s.num_heads, s.num_kv_heads, s.head_dim, s.v_head_dim, s.window(), s.sinks, max_blocks * bs);
             let o = st.clone_dtoh(&o).unwrap();
             close(&name, &o, &want, 2e-5);
             let (oh, ol) = split.expect("BF16 split asked for");
