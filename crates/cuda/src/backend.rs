@@ -214,6 +214,9 @@ pub struct CudaModel {
     /// `moe_route` launch). `PEREGRINE_MOE_ROUTE_IN_KERNEL=0` keeps the routing launch, for
     /// comparison.
     route_in_moe: bool,
+    /// Steps with prompt chunks launch with PDL too (`PEREGRINE_PREFILL_PDL=1`; by default they
+    /// launch plainly, see `launch::PlainLaunches`).
+    pub(crate) prefill_pdl: bool,
 }
 
 /// Blocks per (row, head) of decode attention over `span` positions, for `row_heads` (rows x
@@ -477,6 +480,7 @@ impl CudaModel {
             attention_kv_wave,
             attn_fill: std::env::var("PEREGRINE_ATTN_FILL").map_or(true, |v| v != "0"),
             route_in_moe: std::env::var("PEREGRINE_MOE_ROUTE_IN_KERNEL").map_or(true, |v| v != "0"),
+            prefill_pdl: std::env::var("PEREGRINE_PREFILL_PDL").is_ok_and(|v| v == "1"),
         };
         // The MoE decode kernel per token count, measured on the first MoE layer's experts
         // (every MoE layer of a model has the same shapes).

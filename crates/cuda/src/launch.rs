@@ -79,6 +79,31 @@ pub(crate) fn builder<'a>(stream: &'a CudaStream, f: &'a CudaFunction) -> Launch
     Launch { stream, f, words: Vec::with_capacity(16) }
 }
 
+thread_local! {
+    /// Live `PlainLaunches` guards on this thread.
+    static PLAIN: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// While one lives, this thread's launches go without programmatic dependent launch. A prompt's
+/// kernels are long grids of many waves, and with PDL each next grid's blocks take SMs (and the
+/// shared-memory carveout) while they wait: on the H100 a 2048-token prefill took 295.7 ms with
+/// PDL and 262.5 ms without (the tensor-core attention, 199 KB of shared memory per block, lost
+/// most; benches/results/2026-11-24-prefill-gemm.md). Decode steps keep PDL.
+pub(crate) struct PlainLaunches(());
+
+impl PlainLaunches {
+    pub(crate) fn new() -> PlainLaunches {
+        PLAIN.with(|c| c.set(c.get() + 1));
+        PlainLaunches(())
+    }
+}
+
+impl Drop for PlainLaunches {
+    fn drop(&mut self) {
+        PLAIN.with(|c| c.set(c.get() - 1));
+    }
+}
+
 /// Whether launches use PDL: the device supports it and `PEREGRINE_PDL` is not `0`.
 fn pdl_enabled(stream: &CudaStream) -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
@@ -152,7 +177,7 @@ impl Launch<'_> {
         let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
         attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
         attr.value.programmaticStreamSerializationAllowed = 1;
-        let pdl = pdl_enabled(self.stream);
+        let pdl = pdl_enabled(self.stream) && PLAIN.with(|c| c.get() == 0);
         let config = sys::CUlaunchConfig {
             gridDimX: cfg.grid_dim.0,
             gridDimY: cfg.grid_dim.1,

@@ -134,6 +134,9 @@ impl CudaModel {
             }
             Ok(())
         };
+        // A batch with prompt chunks launches plainly (`PlainLaunches`), unless
+        // PEREGRINE_PREFILL_PDL=1 (measurements).
+        let _plain = (meta.prefill.is_some() && !self.prefill_pdl).then(crate::launch::PlainLaunches::new);
         let h = self.spec.hidden_size;
         let mut acts: [Option<CudaSlice<f32>>; ACTS] = Default::default();
         // The F16 split of AttnIn, when the norm that wrote AttnIn also split it.
