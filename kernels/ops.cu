@@ -932,11 +932,34 @@ extern "C" __global__ void attention_combine_rows(const float* __restrict__ part
 // Dynamic shared memory: Q [PT_Q][hd + 4], K [PT_K][hd + 4], V [PT_K][vd + 4], P [PT_Q][PT_K + 4]
 // floats (the +4 puts consecutive rows 16 bytes apart in the banks).
 #define PT_Q 64
-// Rows of positions j0 .. j0 + nk of a paged pool (`dim` floats per KV head, head kvh) into
-// shared memory rows `pitch` floats apart; rows nk .. ROWS are zeroed.
-template <int ROWS>
-__device__ __forceinline__ void stage_pool_rows(const float* __restrict__ pool, float* dst, int pitch, int dim, int j0, int nk,
-                                                const int* __restrict__ table, int block_size, int kv_heads, int kvh) {
+// A prefill tile's key ranges: s_lo[i], s_hi[i] = [lo, p] of row i (lo from the window; rows
+// past cnt empty) and, from thread 0, s_range = their union, visible after the caller's next
+// __syncthreads.
+__device__ __forceinline__ void prefill_tile_ranges(const int* __restrict__ pos, int r0, int cnt, int window, int* s_lo, int* s_hi,
+                                                    int* s_range) {
+    const int tid = threadIdx.x;
+    if (tid < PT_Q) {
+        int p = tid < cnt ? pos[r0 + tid] : -1;
+        s_lo[tid] = tid < cnt ? (window > 0 ? max(0, p + 1 - window) : 0) : 0x7fffffff;
+        s_hi[tid] = p;
+    }
+    __syncthreads();
+    if (tid == 0) {
+        int lo = 0x7fffffff, hi = -1;
+        for (int i = 0; i < cnt; i++) {
+            lo = min(lo, s_lo[i]);
+            hi = max(hi, s_hi[i]);
+        }
+        s_range[0] = lo;
+        s_range[1] = hi;
+    }
+}
+// The rows of positions j0 .. j0 + nk of a paged pool (`dim` floats per KV head, head kvh), as
+// float4s handed to put(row, float4 index, value) by the block's threads; rows nk .. ROWS get
+// zeros.
+template <int ROWS, typename Put>
+__device__ __forceinline__ void for_pool_rows(const float* __restrict__ pool, int dim, int j0, int nk, const int* __restrict__ table,
+                                              int block_size, int kv_heads, int kvh, Put put) {
     const int d4 = dim / 4;
     for (int i = threadIdx.x; i < ROWS * d4; i += blockDim.x) {
         int jj = i / d4, c = i % d4;
@@ -946,8 +969,15 @@ __device__ __forceinline__ void stage_pool_rows(const float* __restrict__ pool, 
             size_t slot = (size_t)table[j / block_size] * block_size + j % block_size;
             v = reinterpret_cast<const float4*>(pool + (slot * kv_heads + kvh) * dim)[c];
         }
-        *reinterpret_cast<float4*>(dst + jj * pitch + 4 * c) = v;
+        put(jj, c, v);
     }
+}
+// Those rows into shared memory rows `pitch` floats apart.
+template <int ROWS>
+__device__ __forceinline__ void stage_pool_rows(const float* __restrict__ pool, float* dst, int pitch, int dim, int j0, int nk,
+                                                const int* __restrict__ table, int block_size, int kv_heads, int kvh) {
+    for_pool_rows<ROWS>(pool, dim, j0, nk, table, block_size, kv_heads, kvh,
+                        [&](int jj, int c, float4 v) { *reinterpret_cast<float4*>(dst + jj * pitch + 4 * c) = v; });
 }
 template <int PT_K>
 __device__ __forceinline__ void attention_prefill_body(
@@ -969,22 +999,7 @@ __device__ __forceinline__ void attention_prefill_body(
     const int kvh = h / (heads / kv_heads);
     const int* table = tables + (size_t)seq[r0] * max_blocks;
     const float NEG_INF = __int_as_float(0xff800000u);
-    // Rows' key ranges [lo, p] and the tile's union.
-    if (tid < PT_Q) {
-        int p = tid < cnt ? pos[r0 + tid] : -1;
-        s_lo[tid] = tid < cnt ? (window > 0 ? max(0, p + 1 - window) : 0) : 0x7fffffff;
-        s_hi[tid] = p;
-    }
-    __syncthreads();
-    if (tid == 0) {
-        int lo = 0x7fffffff, hi = -1;
-        for (int i = 0; i < cnt; i++) {
-            lo = min(lo, s_lo[i]);
-            hi = max(hi, s_hi[i]);
-        }
-        s_range[0] = lo;
-        s_range[1] = hi;
-    }
+    prefill_tile_ranges(pos, r0, cnt, window, s_lo, s_hi, s_range);
     // The tile's queries (rows past cnt are zero; their results are not stored).
     const int hd4 = hd / 4;
     for (int i = tid; i < PT_Q * hd4; i += blockDim.x) {
@@ -1248,19 +1263,11 @@ __device__ __forceinline__ void load_a_split(const float* base, int pitch, int r
     tf32_split(base[r * pitch + c + 4], ah[2], al[2]);
     tf32_split(base[(r + 8) * pitch + c + 4], ah[3], al[3]);
 }
-// Rows j0 .. j0 + nk of a paged pool (`dim` floats per KV head) split into TF32 hi and lo rows of
-// shared memory `pitch` words apart; rows nk .. TK are zero.
+// The rows of positions j0 .. j0 + nk of a paged pool split into TF32 hi and lo rows of shared
+// memory `pitch` words apart; rows nk .. TK are zero.
 __device__ __forceinline__ void stage_pool_rows_split(const float* __restrict__ pool, unsigned* hi, unsigned* lo, int pitch, int dim, int j0,
                                                       int nk, const int* __restrict__ table, int block_size, int kv_heads, int kvh) {
-    const int d4 = dim / 4;
-    for (int i = threadIdx.x; i < TK * d4; i += blockDim.x) {
-        int jj = i / d4, c = i % d4;
-        float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-        if (jj < nk) {
-            int j = j0 + jj;
-            size_t slot = (size_t)table[j / block_size] * block_size + j % block_size;
-            v = reinterpret_cast<const float4*>(pool + (slot * kv_heads + kvh) * dim)[c];
-        }
+    for_pool_rows<TK>(pool, dim, j0, nk, table, block_size, kv_heads, kvh, [&](int jj, int c, float4 v) {
         uint4 h, l;
         tf32_split(v.x, h.x, l.x);
         tf32_split(v.y, h.y, l.y);
@@ -1268,7 +1275,7 @@ __device__ __forceinline__ void stage_pool_rows_split(const float* __restrict__ 
         tf32_split(v.w, h.w, l.w);
         *reinterpret_cast<uint4*>(hi + jj * pitch + 4 * c) = h;
         *reinterpret_cast<uint4*>(lo + jj * pitch + 4 * c) = l;
-    }
+    });
 }
 template <int HD, int VD>
 __device__ __forceinline__ void attention_prefill_tc_body(
@@ -1291,21 +1298,7 @@ __device__ __forceinline__ void attention_prefill_tc_body(
     const int kvh = h / (heads / kv_heads);
     const int* table = tables + (size_t)seq[r0] * max_blocks;
     const float NEG_INF = __int_as_float(0xff800000u);
-    if (tid < PT_Q) {
-        int p = tid < cnt ? pos[r0 + tid] : -1;
-        s_lo[tid] = tid < cnt ? (window > 0 ? max(0, p + 1 - window) : 0) : 0x7fffffff;
-        s_hi[tid] = p;
-    }
-    __syncthreads();
-    if (tid == 0) {
-        int lo = 0x7fffffff, hi = -1;
-        for (int i = 0; i < cnt; i++) {
-            lo = min(lo, s_lo[i]);
-            hi = max(hi, s_hi[i]);
-        }
-        s_range[0] = lo;
-        s_range[1] = hi;
-    }
+    prefill_tile_ranges(pos, r0, cnt, window, s_lo, s_hi, s_range);
     // Each warp stages its own 16 query rows of its head (rows past cnt zero) in its part of
     // the Q tile [2 heads][64 rows][HD + 4].
     float* Qw = Qs + ((w >> 2) * PT_Q + rw0) * QP;
