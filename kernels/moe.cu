@@ -759,11 +759,11 @@ MOE_BULK(2, 6)
 // Why: the kernels above stage at most NP = 4 pairs per pass and stream the expert's weights
 // again for every pass, so a 2048-token prompt (~64 pairs per expert) re-streamed each expert
 // ~16 times and its MoE ran at a few % of the tensor cores (69% of the prompt's time). Here a
-// block takes 16 row tiles of one expert slot (1 per warp, or 2) and 32 pairs at a time; each
-// weight fragment it decodes feeds 8 n-tiles of MMAs. On the H100 one tile per warp (16 warps
-// of 128 registers) matched two (8 warps of 255, each staged activation fragment read once for
-// both tiles) at 2048 tokens and was faster below: two warps per scheduler left the per-32-block
-// scaling's MMA -> MMA -> FFMA chains waiting (ncu: "wait" the first stall reason).
+// block takes 16 row tiles of one expert slot (one per warp) and 32 pairs at a time; each weight
+// fragment it decodes feeds 8 n-tiles of MMAs. (Two tiles per warp on 8 warps, each staged
+// activation fragment read once for both, measured equal at 2048 tokens and slower below on the
+// H100: 255 registers, two warps per scheduler left the per-32-block scaling's MMA -> MMA ->
+// FFMA chains waiting, ncu's first stall reason "wait"; benches/results/2026-11-24-prefill-gemm.md.)
 //
 // Same bits as the kernels above: each pair's row is split by moe_split_rows exactly as stage_b
 // stages it (the row's power of two, then stage_item into a one-pair fragment: 256 bytes per
@@ -778,7 +778,8 @@ MOE_BULK(2, 6)
 #define GEMM_PAIRS (4 * GEMM_NT)         // pairs per chunk
 #define GEMM_KC 4                        // steps of 64 K per stage
 #define GEMM_STAGES 2
-#define GEMM_TILES 16                    // row tiles per block: 8 warps of 2 (RT 2) or 16 of 1
+#define GEMM_TILES 16                    // row tiles per block, one per warp (512 threads)
+#define GEMM_THREADS (32 * GEMM_TILES)
 #define GEMM_B_BYTES (GEMM_PAIRS * GEMM_KC * 256)
 #define GEMM_W_BYTES (GEMM_TILES * GEMM_KC * 512)
 #define GEMM_S_BYTES (GEMM_TILES * GEMM_KC * 32)
@@ -816,20 +817,19 @@ extern "C" __global__ void __launch_bounds__(256) moe_split_rows(const float* __
 
 
 // One chunk of up to 4 NT pairs (rows[0 .. np)) of expert e against the block's tiles rt0 ..
-// rt0 + bt: K in chunks of GEMM_KC steps through GEMM_STAGES shared-memory stages filled by
+// rt0 + bt (warp w: tile rt0 + w): K in chunks of GEMM_KC steps through GEMM_STAGES shared-memory stages filled by
 // cp.async, then the epilogue. NT is a compile-time count of n-tiles so the inner loop is
 // straight-line code the compiler can interleave (with a run-time bound each n-tile was its own
 // basic block: its B loads, 8 dependent MMAs and their scaling serialised, 2 warps per
 // scheduler to hide them). Columns of n-tiles past np compute on stale staged rows and are not
 // stored (MMA columns are independent).
-template <bool GATE_UP, int RT, int NT>
+template <bool GATE_UP, int NT>
 __device__ __forceinline__ void moe_gemm_chunk(const unsigned char* __restrict__ W, const unsigned char* __restrict__ S, size_t e,
                                                const int* rows, int np, int p0, const float* __restrict__ pair_w,
                                                const unsigned* __restrict__ xs, const float* __restrict__ inv, float* __restrict__ y,
                                                int K, int tiles, int ldy, int rt0, int bt) {
     extern __shared__ uint4 dsm[];
     unsigned char* smem = reinterpret_cast<unsigned char*>(dsm);
-    constexpr int THREADS = 32 * GEMM_TILES / RT;
     const int tid = threadIdx.x, w = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
     const int KS = K / 64, nkc = (KS + GEMM_KC - 1) / GEMM_KC;
     // Stage c (K chunk c) into buffer c % GEMM_STAGES: the pairs' split rows, the tiles' codes
@@ -841,7 +841,7 @@ __device__ __forceinline__ void moe_gemm_chunk(const unsigned char* __restrict__
         unsigned char* st = smem + (c % GEMM_STAGES) * GEMM_STAGE_BYTES;
         const int k0 = c * GEMM_KC, kc = min(GEMM_KC, KS - k0);
 #pragma unroll
-        for (int i0 = 0; i0 < rows_units; i0 += THREADS) {
+        for (int i0 = 0; i0 < rows_units; i0 += GEMM_THREADS) {
             int i = i0 + tid, j = i / (16 * GEMM_KC), o = i % (16 * GEMM_KC);
             if (j < np && o < 16 * kc)
                 cp_async16(st + j * (GEMM_KC * 256) + o * 16, reinterpret_cast<const unsigned char*>(xs + (size_t)rows[j] * K) + k0 * 256 + o * 16);
@@ -849,7 +849,7 @@ __device__ __forceinline__ void moe_gemm_chunk(const unsigned char* __restrict__
         unsigned char* sw = st + GEMM_B_BYTES;
         const unsigned char* wsrc = W + ((e * tiles + rt0) * KS + k0) * 512;
 #pragma unroll
-        for (int i0 = 0; i0 < GEMM_TILES * 32 * GEMM_KC; i0 += THREADS) {
+        for (int i0 = 0; i0 < GEMM_TILES * 32 * GEMM_KC; i0 += GEMM_THREADS) {
             int i = i0 + tid, r = i / (32 * GEMM_KC), o = i % (32 * GEMM_KC);
             if (r < bt && o < 32 * kc) cp_async16(sw + r * (GEMM_KC * 512) + o * 16, wsrc + (size_t)r * KS * 512 + o * 16);
         }
@@ -860,13 +860,12 @@ __device__ __forceinline__ void moe_gemm_chunk(const unsigned char* __restrict__
             if (r < bt && o < 2 * kc) cp_async16(ss + r * (GEMM_KC * 32) + o * 16, ssrc + (size_t)r * KS * 32 + o * 16);
         }
     };
-    float acc[RT][NT][4];
+    const int lt = w < bt ? w : 0;  // a warp past the block's tiles computes tile 0 and stores nothing
+    float acc[NT][4];
 #pragma unroll
-    for (int r = 0; r < RT; r++)
+    for (int n = 0; n < NT; n++)
 #pragma unroll
-        for (int n = 0; n < NT; n++)
-#pragma unroll
-            for (int i = 0; i < 4; i++) acc[r][n][i] = 0.f;
+        for (int i = 0; i < 4; i++) acc[n][i] = 0.f;
     issue(0);
     cp_async_commit();
     for (int c = 0; c < nkc; c++) {
@@ -879,59 +878,46 @@ __device__ __forceinline__ void moe_gemm_chunk(const unsigned char* __restrict__
         const unsigned char* ss = sw + GEMM_W_BYTES;
         const int kc = min(GEMM_KC, KS - c * GEMM_KC);
         for (int kk = 0; kk < kc; kk++) {
-            // The warp's row tiles: codes decoded once for all n-tiles, E8M0 scales of the
+            // The warp's row tile: codes decoded once for all n-tiles, E8M0 scales of the
             // step's two 32-blocks for rows g and g + 8.
-            unsigned a[RT][4][4];
-            float f[RT][4];
-#pragma unroll
-            for (int r = 0; r < RT; r++) {
-                int lt = RT * w + r < bt ? RT * w + r : 0;  // a warp past the block's tiles computes tile 0 and stores nothing
-                uint4 wv = reinterpret_cast<const uint4*>(sw + lt * (GEMM_KC * 512) + kk * 512)[lane];
-                unsigned sv = reinterpret_cast<const unsigned*>(ss + lt * (GEMM_KC * 32) + kk * 32)[g];
-                tile_decode(wv.x, a[r][0]);
-                tile_decode(wv.y, a[r][1]);
-                tile_decode(wv.z, a[r][2]);
-                tile_decode(wv.w, a[r][3]);
-                f[r][0] = e8m0_bits(sv << 23);  // (g, 2k)
-                f[r][1] = e8m0_bits(sv << 7);   // (g + 8, 2k)
-                f[r][2] = e8m0_bits(sv << 15);  // (g, 2k + 1)
-                f[r][3] = e8m0_bits(sv >> 1);   // (g + 8, 2k + 1)
-            }
+            unsigned a[4][4];
+            const uint4 wv = reinterpret_cast<const uint4*>(sw + lt * (GEMM_KC * 512) + kk * 512)[lane];
+            const unsigned sv = reinterpret_cast<const unsigned*>(ss + lt * (GEMM_KC * 32) + kk * 32)[g];
+            tile_decode(wv.x, a[0]);
+            tile_decode(wv.y, a[1]);
+            tile_decode(wv.z, a[2]);
+            tile_decode(wv.w, a[3]);
+            const float f0 = e8m0_bits(sv << 23), f1 = e8m0_bits(sv << 7);   // (g, 2k), (g + 8, 2k)
+            const float f2 = e8m0_bits(sv << 15), f3 = e8m0_bits(sv >> 1);  // (g, 2k + 1), (g + 8, 2k + 1)
 #pragma unroll
             for (int n = 0; n < NT; n++) {
                 // Lane (g, t) reads column g of n-tile n: pair 4n + g/2, hi (g even) or lo.
                 const uint4* bp = reinterpret_cast<const uint4*>(st + (4 * n + (g >> 1)) * (GEMM_KC * 256) + kk * 256 + (g & 1) * 64 + t * 16);
                 uint4 b01 = bp[0], b23 = bp[8];  // halves 0 and 1 (128 bytes apart)
-#pragma unroll
-                for (int r = 0; r < RT; r++) {
-                    // tile_step's arithmetic, in its order.
-                    float tp[4];
-                    float* ac = acc[r][n];
-                    mma_zero(tp, a[r][0], b01.x, b01.y);
-                    mma_acc(tp, a[r][1], b01.z, b01.w);
-                    ac[0] += f[r][0] * tp[0];
-                    ac[1] += f[r][0] * tp[1];
-                    ac[2] += f[r][1] * tp[2];
-                    ac[3] += f[r][1] * tp[3];
-                    mma_zero(tp, a[r][2], b23.x, b23.y);
-                    mma_acc(tp, a[r][3], b23.z, b23.w);
-                    ac[0] += f[r][2] * tp[0];
-                    ac[1] += f[r][2] * tp[1];
-                    ac[2] += f[r][3] * tp[2];
-                    ac[3] += f[r][3] * tp[3];
-                }
+                // tile_step's arithmetic, in its order.
+                float tp[4];
+                float* ac = acc[n];
+                mma_zero(tp, a[0], b01.x, b01.y);
+                mma_acc(tp, a[1], b01.z, b01.w);
+                ac[0] += f0 * tp[0];
+                ac[1] += f0 * tp[1];
+                ac[2] += f1 * tp[2];
+                ac[3] += f1 * tp[3];
+                mma_zero(tp, a[2], b23.x, b23.y);
+                mma_acc(tp, a[3], b23.z, b23.w);
+                ac[0] += f2 * tp[0];
+                ac[1] += f2 * tp[1];
+                ac[2] += f3 * tp[2];
+                ac[3] += f3 * tp[3];
             }
         }
         __syncthreads();  // every warp is done with this stage before it is refilled
     }
+    if (w >= bt) return;
 #pragma unroll
-    for (int r = 0; r < RT; r++) {
-        if (RT * w + r >= bt) continue;
-#pragma unroll
-        for (int n = 0; n < NT; n++) {
-            int j = 4 * n + t;
-            if (j < np) tile_store(GATE_UP, acc[r][n], inv[rows[j]], y, ldy, p0 + j, rt0 + RT * w + r, pair_w);
-        }
+    for (int n = 0; n < NT; n++) {
+        int j = 4 * n + t;
+        if (j < np) tile_store(GATE_UP, acc[n], inv[rows[j]], y, ldy, p0 + j, rt0 + w, pair_w);
     }
 }
 
@@ -939,12 +925,10 @@ __device__ __forceinline__ void moe_gemm_chunk(const unsigned char* __restrict__
 //          by pair_tok), writes h[p, i] = silu(gate_e x) * (up_e x) for i = 8 r + g.
 // else:    W = down tiles [E][H/16][I/64], xs = moe_split_rows of h [pairs, I] (row p for pair
 //          p), writes out[p, n] = pair_w[p] * down_e h_p (moe_combine then sums each token's).
-// Grid: (ceil(tiles / GEMM_TILES), expert slots); 32 x 16 / RT threads (RT row tiles per warp);
-// GEMM_STAGES x GEMM_STAGE_BYTES of dynamic shared memory. A chunk of np pairs runs the n-tile
-// count of 1, 2, 4 or 8 that covers it. RT 2 reads each staged activation fragment for two
-// tiles but holds 231+ registers (8 warps per SM); RT 1 fits 128 (16 warps) and reads them
-// twice as often.
-template <bool GATE_UP, int RT>
+// Grid: (ceil(tiles / GEMM_TILES), expert slots); GEMM_THREADS threads; GEMM_STAGES x
+// GEMM_STAGE_BYTES of dynamic shared memory. A chunk of np pairs runs the n-tile count of 1, 2,
+// 4 or 8 that covers it.
+template <bool GATE_UP>
 __device__ __forceinline__ void moe_gemm(const unsigned char* __restrict__ W, const unsigned char* __restrict__ S,
                                          const int* __restrict__ experts, const int* __restrict__ pair_off,
                                          const int* __restrict__ pair_tok, const float* __restrict__ pair_w,
@@ -962,27 +946,25 @@ __device__ __forceinline__ void moe_gemm(const unsigned char* __restrict__ W, co
         __syncthreads();  // the previous chunk is done with rows and the stages
         if (tid < np) rows[tid] = GATE_UP ? pair_tok[p0 + tid] : p0 + tid;
         __syncthreads();
-        if (np <= 4) moe_gemm_chunk<GATE_UP, RT, 1>(W, S, e, rows, np, p0, pair_w, xs, inv, y, K, tiles, ldy, rt0, bt);
-        else if (np <= 8) moe_gemm_chunk<GATE_UP, RT, 2>(W, S, e, rows, np, p0, pair_w, xs, inv, y, K, tiles, ldy, rt0, bt);
-        else if (np <= 16) moe_gemm_chunk<GATE_UP, RT, 4>(W, S, e, rows, np, p0, pair_w, xs, inv, y, K, tiles, ldy, rt0, bt);
-        else moe_gemm_chunk<GATE_UP, RT, 8>(W, S, e, rows, np, p0, pair_w, xs, inv, y, K, tiles, ldy, rt0, bt);
+        if (np <= 4) moe_gemm_chunk<GATE_UP, 1>(W, S, e, rows, np, p0, pair_w, xs, inv, y, K, tiles, ldy, rt0, bt);
+        else if (np <= 8) moe_gemm_chunk<GATE_UP, 2>(W, S, e, rows, np, p0, pair_w, xs, inv, y, K, tiles, ldy, rt0, bt);
+        else if (np <= 16) moe_gemm_chunk<GATE_UP, 4>(W, S, e, rows, np, p0, pair_w, xs, inv, y, K, tiles, ldy, rt0, bt);
+        else moe_gemm_chunk<GATE_UP, 8>(W, S, e, rows, np, p0, pair_w, xs, inv, y, K, tiles, ldy, rt0, bt);
     }
 }
 
-#define MOE_GEMM(RT, THREADS)                                                                                        \
-    extern "C" __global__ void __launch_bounds__(THREADS, 1) moe_gemm_gate_up_r##RT(                                   \
-        const unsigned char* __restrict__ W, const unsigned char* __restrict__ S, const int* __restrict__ experts,       \
-        const int* __restrict__ pair_off, const int* __restrict__ pair_tok, const unsigned* __restrict__ xs,            \
-        const float* __restrict__ inv, float* __restrict__ h, int H, int I) {                                            \
-        PDL_ENTER();                                                                                                     \
-        moe_gemm<true, RT>(W, S, experts, pair_off, pair_tok, nullptr, xs, inv, h, H, I / 8, I);                         \
-    }                                                                                                                    \
-    extern "C" __global__ void __launch_bounds__(THREADS, 1) moe_gemm_down_r##RT(                                      \
-        const unsigned char* __restrict__ W, const unsigned char* __restrict__ S, const int* __restrict__ experts,       \
-        const int* __restrict__ pair_off, const float* __restrict__ pair_w, const unsigned* __restrict__ hs,            \
-        const float* __restrict__ inv, float* __restrict__ out, int H, int I) {                                          \
-        PDL_ENTER();                                                                                                     \
-        moe_gemm<false, RT>(W, S, experts, pair_off, nullptr, pair_w, hs, inv, out, I, H / 16, H);                       \
-    }
-MOE_GEMM(2, 256)
-MOE_GEMM(1, 512)
+extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 1) moe_gemm_gate_up(const unsigned char* __restrict__ W, const unsigned char* __restrict__ S,
+                                                                             const int* __restrict__ experts, const int* __restrict__ pair_off,
+                                                                             const int* __restrict__ pair_tok, const unsigned* __restrict__ xs,
+                                                                             const float* __restrict__ inv, float* __restrict__ h, int H, int I) {
+    PDL_ENTER();
+    moe_gemm<true>(W, S, experts, pair_off, pair_tok, nullptr, xs, inv, h, H, I / 8, I);
+}
+
+extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 1) moe_gemm_down(const unsigned char* __restrict__ W, const unsigned char* __restrict__ S,
+                                                                          const int* __restrict__ experts, const int* __restrict__ pair_off,
+                                                                          const float* __restrict__ pair_w, const unsigned* __restrict__ hs,
+                                                                          const float* __restrict__ inv, float* __restrict__ out, int H, int I) {
+    PDL_ENTER();
+    moe_gemm<false>(W, S, experts, pair_off, nullptr, pair_w, hs, inv, out, I, H / 16, H);
+}

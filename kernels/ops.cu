@@ -932,6 +932,14 @@ extern "C" __global__ void attention_combine_rows(const float* __restrict__ part
 // Dynamic shared memory: Q [PT_Q][hd + 4], K [PT_K][hd + 4], V [PT_K][vd + 4], P [PT_Q][PT_K + 4]
 // floats (the +4 puts consecutive rows 16 bytes apart in the banks).
 #define PT_Q 64
+// A row's softmax state (max M, sum L) with head h's sink logit, if any, joined: L is updated
+// and the returned factor rescales the row's accumulator (o = acc * f / L).
+__device__ __forceinline__ float sink_rescale(const float* __restrict__ sinks, int h, float M, float& L) {
+    if (!sinks) return 1.f;
+    float sc = sinks[h], mn = fmaxf(M, sc), f = __expf(M - mn);
+    L = L * f + __expf(sc - mn);
+    return f;
+}
 // A prefill tile's key ranges: s_lo[i], s_hi[i] = [lo, p] of row i (lo from the window; rows
 // past cnt empty) and, from thread 0, s_range = their union, visible after the caller's next
 // __syncthreads.
@@ -979,7 +987,7 @@ __device__ __forceinline__ void stage_pool_rows(const float* __restrict__ pool, 
     for_pool_rows<ROWS>(pool, dim, j0, nk, table, block_size, kv_heads, kvh,
                         [&](int jj, int c, float4 v) { *reinterpret_cast<float4*>(dst + jj * pitch + 4 * c) = v; });
 }
-template <int PT_K>
+#define PT_K 64  // keys per staged block
 __device__ __forceinline__ void attention_prefill_body(
     const float* __restrict__ q, const float* __restrict__ kc, const float* __restrict__ vc, float* __restrict__ o,
     const int* __restrict__ pos, const int* __restrict__ seq, const int* __restrict__ tables, int max_blocks,
@@ -1033,54 +1041,54 @@ __device__ __forceinline__ void attention_prefill_body(
         stage_pool_rows<PT_K>(vc, Vs, vp, vd, j0, nk, table, block_size, kv_heads, kvh);
         __syncthreads();
         if (active) {
-        // Scores of the thread's 4 rows x 4 columns.
-        float s[4][NB];
-#pragma unroll
-        for (int a = 0; a < 4; a++)
-#pragma unroll
-            for (int b = 0; b < NB; b++) s[a][b] = 0.f;
-#pragma unroll 4
-        for (int d = 0; d < hd; d += 4) {
-            float4 qv[4], kv[NB];
-#pragma unroll
-            for (int a = 0; a < 4; a++) qv[a] = *reinterpret_cast<const float4*>(Qs + (4 * ty + a) * hp + d);
-#pragma unroll
-            for (int b = 0; b < NB; b++) kv[b] = *reinterpret_cast<const float4*>(Ks + (tx + 16 * b) * hp + d);
+            // Scores of the thread's 4 rows x 4 columns.
+            float s[4][NB];
 #pragma unroll
             for (int a = 0; a < 4; a++)
 #pragma unroll
-                for (int b = 0; b < NB; b++) s[a][b] += qv[a].x * kv[b].x + qv[a].y * kv[b].y + qv[a].z * kv[b].z + qv[a].w * kv[b].w;
-        }
-        // Online softmax per row: the 16 threads of a row (tx) reduce its block maximum and sum.
+                for (int b = 0; b < NB; b++) s[a][b] = 0.f;
+#pragma unroll 4
+            for (int d = 0; d < hd; d += 4) {
+                float4 qv[4], kv[NB];
 #pragma unroll
-        for (int a = 0; a < 4; a++) {
-            float mx = NEG_INF;
+                for (int a = 0; a < 4; a++) qv[a] = *reinterpret_cast<const float4*>(Qs + (4 * ty + a) * hp + d);
 #pragma unroll
-            for (int b = 0; b < NB; b++) {
-                int j = j0 + tx + 16 * b;
-                bool vis = j >= rlo[a] && j <= rhi[a];  // (tx + 16 b < nk follows from j <= hi)
-                s[a][b] = vis ? s[a][b] * scale : NEG_INF;
-                mx = fmaxf(mx, s[a][b]);
+                for (int b = 0; b < NB; b++) kv[b] = *reinterpret_cast<const float4*>(Ks + (tx + 16 * b) * hp + d);
+#pragma unroll
+                for (int a = 0; a < 4; a++)
+#pragma unroll
+                    for (int b = 0; b < NB; b++) s[a][b] += qv[a].x * kv[b].x + qv[a].y * kv[b].y + qv[a].z * kv[b].z + qv[a].w * kv[b].w;
             }
+            // Online softmax per row: the 16 threads of a row (tx) reduce its block maximum and sum.
 #pragma unroll
-            for (int off = 8; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-            float mn = fmaxf(m[a], mx);
-            // A row with nothing visible so far keeps m = -inf (no NaN from -inf - -inf).
-            float corr = mn == NEG_INF ? 1.f : __expf(m[a] - mn);
-            float sum = 0.f;
+            for (int a = 0; a < 4; a++) {
+                float mx = NEG_INF;
 #pragma unroll
-            for (int b = 0; b < NB; b++) {
-                float pe = s[a][b] == NEG_INF ? 0.f : __expf(s[a][b] - mn);
-                Ps[(4 * ty + a) * pp + tx + 16 * b] = pe;
-                sum += pe;
+                for (int b = 0; b < NB; b++) {
+                    int j = j0 + tx + 16 * b;
+                    bool vis = j >= rlo[a] && j <= rhi[a];  // (tx + 16 b < nk follows from j <= hi)
+                    s[a][b] = vis ? s[a][b] * scale : NEG_INF;
+                    mx = fmaxf(mx, s[a][b]);
+                }
+#pragma unroll
+                for (int off = 8; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+                float mn = fmaxf(m[a], mx);
+                // A row with nothing visible so far keeps m = -inf (no NaN from -inf - -inf).
+                float corr = mn == NEG_INF ? 1.f : __expf(m[a] - mn);
+                float sum = 0.f;
+#pragma unroll
+                for (int b = 0; b < NB; b++) {
+                    float pe = s[a][b] == NEG_INF ? 0.f : __expf(s[a][b] - mn);
+                    Ps[(4 * ty + a) * pp + tx + 16 * b] = pe;
+                    sum += pe;
+                }
+#pragma unroll
+                for (int off = 8; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+                l[a] = l[a] * corr + sum;
+                m[a] = mn;
+#pragma unroll
+                for (int c = 0; c < 8; c++) acc[a][c] *= corr;
             }
-#pragma unroll
-            for (int off = 8; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-            l[a] = l[a] * corr + sum;
-            m[a] = mn;
-#pragma unroll
-            for (int c = 0; c < 8; c++) acc[a][c] *= corr;
-        }
         }
         __syncthreads();
         // acc += P V over the block's keys (rows 4 ty + a, value columns 4 tx + 64 mm + i).
@@ -1111,12 +1119,7 @@ __device__ __forceinline__ void attention_prefill_body(
     for (int a = 0; a < 4; a++) {
         int row = 4 * ty + a;
         if (row >= cnt) continue;
-        float M = m[a], L = l[a], f = 1.f;
-        if (sinks) {
-            float sc = sinks[h], mn = fmaxf(M, sc);
-            f = __expf(M - mn);
-            L = L * f + __expf(sc - mn);
-        }
+        float L = l[a], f = sink_rescale(sinks, h, m[a], L);
         size_t ob = ((size_t)(r0 + row) * heads + h) * vd;
 #pragma unroll
         for (int mm = 0; mm < 2; mm++) {
@@ -1132,20 +1135,17 @@ __device__ __forceinline__ void attention_prefill_body(
     }
 }
 
-// Key blocks of 64 (one block per SM: Q, K, V and P take ~151 KB at K head dim 192) or of 32
-// (~101 KB and at most 128 registers: two blocks per SM, twice the warps to hide latency).
-#define ATTENTION_PREFILL_KERNEL(KEYS, BOUNDS)                                                                           \
-    extern "C" __global__ void __launch_bounds__ BOUNDS attention_prefill_k##KEYS(                                     \
-        const float* __restrict__ q, const float* __restrict__ kc, const float* __restrict__ vc, float* __restrict__ o,      \
-        const int* __restrict__ pos, const int* __restrict__ seq, const int* __restrict__ tables, int max_blocks,            \
-        int block_size, int heads, int kv_heads, int hd, int vd, int window, float scale, const float* __restrict__ sinks,   \
-        unsigned short* __restrict__ oh, unsigned short* __restrict__ ol, const int* __restrict__ tiles) {                  \
-        PDL_ENTER();                                                                                                         \
-        attention_prefill_body<KEYS>(q, kc, vc, o, pos, seq, tables, max_blocks, block_size, heads, kv_heads, hd, vd, window, \
-                                     scale, sinks, oh, ol, tiles);                                                           \
-    }
-ATTENTION_PREFILL_KERNEL(64, (256))
-ATTENTION_PREFILL_KERNEL(32, (256, 2))
+// (Key blocks of 32, two blocks per SM, were faster alone under ncu but slower in a prompt while
+// its steps launched with PDL, and were not kept: benches/results/2026-11-24-prefill-gemm.md.)
+extern "C" __global__ void __launch_bounds__(256) attention_prefill(
+    const float* __restrict__ q, const float* __restrict__ kc, const float* __restrict__ vc, float* __restrict__ o,
+    const int* __restrict__ pos, const int* __restrict__ seq, const int* __restrict__ tables, int max_blocks,
+    int block_size, int heads, int kv_heads, int hd, int vd, int window, float scale, const float* __restrict__ sinks,
+    unsigned short* __restrict__ oh, unsigned short* __restrict__ ol, const int* __restrict__ tiles) {
+    PDL_ENTER();
+    attention_prefill_body(q, kc, vc, o, pos, seq, tables, max_blocks, block_size, heads, kv_heads, hd, vd, window, scale, sinks, oh,
+                           ol, tiles);
+}
 
 // y[t, n] = W[n] . x[t] for f32 W [N, K] and many rows x [T, K] (a router over a prefill chunk):
 // gemv_f32 walks the rows one block per weight row, token after token, and took ~2.5 ms per
@@ -1159,7 +1159,7 @@ ATTENTION_PREFILL_KERNEL(32, (256, 2))
 extern "C" __global__ void __launch_bounds__(128) gemm_f32_nt(const float* __restrict__ W, const float* __restrict__ x, float* __restrict__ y,
                                                               int N, int K, int T) {
     PDL_ENTER();
-    __shared__ __align__(16) float xs[SG_K][SG_T + 4];
+    __shared__ __align__(16) float xs[SG_K][SG_N + 4];  // (SG_T of each row used; one width for both tiles)
     __shared__ __align__(16) float ws[SG_K][SG_N + 4];
     const int t0 = blockIdx.y * SG_T, n0 = blockIdx.x * SG_N;
     const int tid = threadIdx.x, ty = tid >> 4, tx = tid & 15;
@@ -1185,22 +1185,18 @@ extern "C" __global__ void __launch_bounds__(128) gemm_f32_nt(const float* __res
     load(0);
     for (int k0 = 0; k0 < K; k0 += SG_K) {
         __syncthreads();  // the previous chunk is used up
-#pragma unroll
-        for (int i = 0; i < 2; i++) {
+        // Float4 i of this thread's share -> column r of rows c .. c + 3 (K-major tiles).
+        auto put = [&](float (*dst)[SG_N + 4], int i, float4 v) {
             int f = tid + i * 128, r = f / (SG_K / 4), c = 4 * (f % (SG_K / 4));
-            xs[c][r] = xr[i].x;
-            xs[c + 1][r] = xr[i].y;
-            xs[c + 2][r] = xr[i].z;
-            xs[c + 3][r] = xr[i].w;
-        }
+            dst[c][r] = v.x;
+            dst[c + 1][r] = v.y;
+            dst[c + 2][r] = v.z;
+            dst[c + 3][r] = v.w;
+        };
 #pragma unroll
-        for (int i = 0; i < 4; i++) {
-            int f = tid + i * 128, r = f / (SG_K / 4), c = 4 * (f % (SG_K / 4));
-            ws[c][r] = wr[i].x;
-            ws[c + 1][r] = wr[i].y;
-            ws[c + 2][r] = wr[i].z;
-            ws[c + 3][r] = wr[i].w;
-        }
+        for (int i = 0; i < 2; i++) put(xs, i, xr[i]);
+#pragma unroll
+        for (int i = 0; i < 4; i++) put(ws, i, wr[i]);
         __syncthreads();
         if (k0 + SG_K < K) load(k0 + SG_K);
 #pragma unroll
@@ -1410,12 +1406,7 @@ __device__ __forceinline__ void attention_prefill_tc_body(
     for (int half = 0; half < 2; half++) {
         const int row = rw0 + g + 8 * half;
         if (row >= cnt) continue;
-        float M = half ? m_b : m_a, L = half ? l_b : l_a, f = 1.f;
-        if (sinks) {
-            float sc = sinks[h], mn = fmaxf(M, sc);
-            f = __expf(M - mn);
-            L = L * f + __expf(sc - mn);
-        }
+        float L = half ? l_b : l_a, f = sink_rescale(sinks, h, half ? m_b : m_a, L);
         const size_t ob = ((size_t)(r0 + row) * heads + h) * VD;
 #pragma unroll
         for (int c = 0; c < VD / 8; c++) {

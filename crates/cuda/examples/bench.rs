@@ -337,18 +337,18 @@ fn moe_prefill_bench(k: &Kernels, s: &std::sync::Arc<cudarc::driver::CudaStream>
     let mut y = s.alloc_zeros::<f32>(max_t * h).unwrap();
     let mut scratch = k.moe_scratch(wt, max_t * top_k).unwrap();
     println!("\nMoE at prefill sizes, {name} (ms per call, median of 9 after warm-up; useful TFLOP/s = 6 H I per pair; bytes = distinct experts):");
-    println!("| tokens | routing | experts | pairs per expert | tiled 2x4 ms | GEMM ms (1 row tile per warp) | GEMM ms (2) | GEMM (1) / tiled | GEMM (1) TFLOP/s | GEMM (1) % of copy bw | default |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| tokens | routing | experts | pairs per expert | tiled 2x4 ms | GEMM ms | GEMM / tiled | GEMM TFLOP/s | GEMM % of copy bw | default |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     let mut line = |rng: &mut dyn rand::RngCore, t: usize, what: &str, pool: std::ops::Range<usize>| {
         let routings: Vec<_> = (0..5).map(|_| routing_from_pool(rng, t, pool.clone(), top_k)).collect();
         let dev: Vec<_> = routings.iter().map(|r| k.upload_routing(r, e).unwrap()).collect();
         let used = routings.iter().map(|r| r.experts.len()).sum::<usize>() as f64 / routings.len() as f64;
         let mut run = |kind: MoeKernel| time(9, &mut |c| k.moe_mxfp4_with(kind, wt, &dev[c % dev.len()], &x, MoeInput::Settled, &mut scratch, &mut y).unwrap());
-        let (tiled, gemm, gemm2) = (run(MoeKernel::TILED), run(MoeKernel::Gemm { row_tiles: 1 }), run(MoeKernel::Gemm { row_tiles: 2 }));
+        let (tiled, gemm) = (run(MoeKernel::TILED), run(MoeKernel::Gemm));
         let flops = (t * top_k) as f64 * 6.0 * (h * i) as f64;
         let bytes = used * wt.expert_bytes() as f64;
         println!(
-            "| {t} | {what} | {used:.1} | {:.1} | {tiled:.3} | {gemm:.3} | {gemm2:.3} | {:.2}x | {:.1} | {:.1}% | {:?} |",
+            "| {t} | {what} | {used:.1} | {:.1} | {tiled:.3} | {gemm:.3} | {:.2}x | {:.1} | {:.1}% | {:?} |",
             (t * top_k) as f64 / used,
             gemm / tiled,
             flops / (gemm as f64 * 1e-3) / 1e12,

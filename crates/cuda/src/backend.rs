@@ -330,30 +330,19 @@ impl CudaModel {
             attention_v2_kv: f("attention_v2_kv")?,
             attention_combine: f("attention_combine")?,
             attention_prefill: {
-                let keys = std::env::var("PEREGRINE_PREFILL_ATTN_KEYS").ok().map_or(Ok(PREFILL_KEYS[0]), |v| {
-                    v.parse().ok().filter(|k| PREFILL_KEYS.contains(k)).ok_or_else(|| Error::Backend(format!("PEREGRINE_PREFILL_ATTN_KEYS={v}: the prefill attention kernel is compiled for key blocks of {PREFILL_KEYS:?}")))
-                })?;
-                let kernels = PREFILL_KEYS
-                    .iter()
-                    .map(|&k| {
-                        let kernel = f(&format!("attention_prefill_k{k}"))?;
-                        // Q, K, V and P tiles of up to 184 KB (K head dim 256). Best effort: a
-                        // GPU with less shared memory fails at launch instead.
-                        let _ = kernel.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, prefill_attention_smem(256, 128, k) as i32);
-                        Ok(kernel)
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                let tensor_cores = std::env::var("PEREGRINE_PREFILL_ATTN").map_or(true, |v| v != "f32");
-                let tc = PREFILL_TC_SHAPES
-                    .iter()
-                    .map(|&(hd, vd)| {
-                        let kernel = f(&format!("attention_prefill_tc_d{hd}_v{vd}"))?;
-                        // Best effort, as above (up to 199 KB at K head dim 192).
-                        let _ = kernel.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, prefill_attention_tc_smem(hd, vd) as i32);
-                        Ok(kernel)
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                PrefillAttention { kernels, keys, tc, tensor_cores }
+                // Q, K, V and P tiles of up to 184 KB (f32, K head dim 256) and 199 KB (tensor
+                // cores, K head dim 192). Best effort: a GPU with less shared memory fails at
+                // launch instead.
+                let with_smem = |name: &str, bytes: usize| -> Result<CudaFunction> {
+                    let k = f(name)?;
+                    let _ = k.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32);
+                    Ok(k)
+                };
+                PrefillAttention {
+                    f32: with_smem("attention_prefill", prefill_attention_smem(256, 128))?,
+                    tc: PREFILL_TC_SHAPES.iter().map(|&(hd, vd)| with_smem(&format!("attention_prefill_tc_d{hd}_v{vd}"), prefill_attention_tc_smem(hd, vd))).collect::<Result<_>>()?,
+                    tensor_cores: std::env::var("PEREGRINE_PREFILL_ATTN").map_or(true, |v| v != "f32"),
+                }
             },
             attention_v2_rows: f("attention_v2_rows")?,
             attention_combine_rows: f("attention_combine_rows")?,
@@ -696,12 +685,11 @@ impl CudaModel {
                 let smem = prefill_attention_tc_smem(s.head_dim, s.v_head_dim) as u32;
                 unsafe { b.launch(LaunchConfig { grid_dim: (pf.num_tiles as u32, (s.num_heads / 2) as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem }) }.map_err(drv)?;
             } else {
-                let kernel = &pa.kernels[PREFILL_KEYS.iter().position(|&k| k == pa.keys).ok_or_else(|| Error::Backend(format!("no prefill attention kernel for key blocks of {}", pa.keys)))?];
-                let mut b = crate::launch::builder(&self.stream, kernel);
+                let mut b = crate::launch::builder(&self.stream, &pa.f32);
                 b.arg(q).arg(kc).arg(vc).arg(&mut o).arg(pos).arg(seq).arg(tables).arg(&mb).arg(&bs).arg(&hh).arg(&kvh).arg(&hd).arg(&vd).arg(&window).arg(&scale);
                 b.arg_or_null(sinks).arg_or_null(split.as_mut().map(|s| &mut s.0)).arg_or_null(split.as_mut().map(|s| &mut s.1));
                 b.arg(&pf.tiles);
-                let smem = prefill_attention_smem(s.head_dim, s.v_head_dim, pa.keys) as u32;
+                let smem = prefill_attention_smem(s.head_dim, s.v_head_dim) as u32;
                 unsafe { b.launch(LaunchConfig { grid_dim: (pf.num_tiles as u32, s.num_heads as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem }) }.map_err(drv)?;
             }
             if pf.num_rest == 0 {
@@ -1106,21 +1094,15 @@ pub(crate) const PREFILL_TILE: usize = 64;
 /// attention_v2, which splits the range over many blocks.
 pub(crate) const PREFILL_TILE_MIN: usize = 32;
 
-/// Key positions per block of the compiled `attention_prefill_k*` kernels (PT_K), the default
-/// first; `PEREGRINE_PREFILL_ATTN_KEYS` picks another.
-pub(crate) const PREFILL_KEYS: [usize; 2] = [64, 32];
-
 /// (K head dim, V head dim) of the compiled tensor-core prefill attention kernels
 /// (`attention_prefill_tc_d{hd}_v{vd}`); other shapes take the f32 kernels.
 pub(crate) const PREFILL_TC_SHAPES: [(usize, usize); 3] = [(192, 128), (128, 128), (64, 64)];
 
-/// The prefill attention kernels: f32 ones per `PREFILL_KEYS` entry with the key block in use,
-/// and tensor-core ones per `PREFILL_TC_SHAPES` entry, used where a layer's shape has one and
-/// its heads per KV head are even (two heads per block), unless `tensor_cores` is off
-/// (`PEREGRINE_PREFILL_ATTN=f32`).
+/// The prefill attention kernels: the f32 one, and the tensor-core ones per `PREFILL_TC_SHAPES`
+/// entry, used where a layer's shape has one and its heads per KV head are even (two heads per
+/// block), unless `tensor_cores` is off (`PEREGRINE_PREFILL_ATTN=f32`).
 pub(crate) struct PrefillAttention {
-    pub(crate) kernels: Vec<CudaFunction>,
-    pub(crate) keys: usize,
+    f32: CudaFunction,
     tc: Vec<CudaFunction>,
     pub(crate) tensor_cores: bool,
 }
@@ -1141,11 +1123,10 @@ pub(crate) fn prefill_attention_tc_smem(hd: usize, vd: usize) -> usize {
     4 * (2 * PREFILL_TILE * (hd + 4) + 2 * 32 * (hd + 4) + 2 * 32 * (vd + 8) + 8 * 16 * 36)
 }
 
-/// `attention_prefill`'s dynamic shared memory for K head dim `hd`, V head dim `vd` and key
-/// blocks of `keys`: Q [64][hd + 4], K [keys][hd + 4], V [keys][vd + 4] and P [64][keys + 4]
-/// floats.
-pub(crate) fn prefill_attention_smem(hd: usize, vd: usize, keys: usize) -> usize {
-    4 * (PREFILL_TILE * (hd + 4) + keys * (hd + 4) + keys * (vd + 4) + PREFILL_TILE * (keys + 4))
+/// `attention_prefill`'s dynamic shared memory for K head dim `hd` and V head dim `vd`: Q and K
+/// [64][hd + 4], V [64][vd + 4] and P [64][68] floats (64 keys per staged block).
+pub(crate) fn prefill_attention_smem(hd: usize, vd: usize) -> usize {
+    4 * PREFILL_TILE * (2 * (hd + 4) + (vd + 4) + (PREFILL_TILE + 4))
 }
 
 /// The tiles and the remaining rows of a batch (`PrefillRows`) from its rows' sequences and

@@ -107,12 +107,8 @@ pub const TILED_MAX_SMEM: usize = 200 * 1024;
 /// split rows of 32 pairs (256 bytes per step) and 16 row tiles' codes and scales (544 bytes
 /// per step), over 4 steps of K.
 const GEMM_SMEM: usize = 2 * (32 * 4 * 256 + 16 * 4 * 544);
-/// Row tiles of 16 per MoE GEMM block (GEMM_TILES in moe.cu).
+/// Row tiles of 16 per MoE GEMM block, one per warp (GEMM_TILES in moe.cu).
 const GEMM_TILES: usize = 16;
-/// Row tiles per warp of the compiled MoE GEMM kernels (`moe_gemm_*_r{1,2}`), the default
-/// first: one tile per warp (16 warps per block, 128 registers) against two (8 warps, 255
-/// registers, each staged activation fragment read once for both tiles).
-pub const GEMM_ROW_TILES: [usize; 2] = [1, 2];
 /// Output rows per thread block (WARPS in the source: one warp per row).
 const ROWS_PER_BLOCK: u32 = 8;
 
@@ -147,10 +143,9 @@ pub struct Kernels {
     fused_tiled: Vec<CudaFunction>,
     /// The same for one token, routing it in the kernel (`moe_mxfp4_routed`).
     fused_routed: Vec<CudaFunction>,
-    /// The grouped-GEMM MoE kernels (`MoeKernel::Gemm`), one per `GEMM_ROW_TILES` entry, and
-    /// the row split they read.
-    gemm_gate_up: Vec<CudaFunction>,
-    gemm_down: Vec<CudaFunction>,
+    /// The grouped-GEMM MoE kernels (`MoeKernel::Gemm`) and the row split they read.
+    gemm_gate_up: CudaFunction,
+    gemm_down: CudaFunction,
     split_rows: CudaFunction,
     /// Streaming multiprocessors of the GPU (the fused MoE's resident grid).
     sms: usize,
@@ -261,9 +256,8 @@ pub enum MoeKernel {
     /// (`moe_gemm_*` in kernels/moe.cu): each block takes 16 row tiles of one expert slot and
     /// 32 of its pairs at a time, so a weight fragment is decoded once for 8 MMA column tiles
     /// instead of streamed again for every 4 pairs. The pairs' rows are split once per call
-    /// (`moe_split_rows`), and the results are bit-identical to `Tiled`'s. `row_tiles` per warp:
-    /// 2 (8 warps per block) or 1 (16 warps, `GEMM_ROW_TILES`).
-    Gemm { row_tiles: usize },
+    /// (`moe_split_rows`), and the results are bit-identical to `Tiled`'s.
+    Gemm,
 }
 
 impl MoeKernel {
@@ -285,9 +279,6 @@ impl MoeKernel {
     /// benches/results/2026-11-23-moe-fused.md).
     pub const TILED: MoeKernel = MoeKernel::Tiled { stages: 2, steps: 4 };
 
-    /// The MoE GEMM with the default row tiles per warp.
-    pub const GEMM: MoeKernel = MoeKernel::Gemm { row_tiles: GEMM_ROW_TILES[0] };
-
     /// The one-launch form of `TILED`, on as many blocks as are resident.
     pub const FUSED: MoeKernel = MoeKernel::Fused { stages: 2, steps: 4, max_blocks: 0 };
 
@@ -298,11 +289,11 @@ impl MoeKernel {
     /// within 2% either way, 8 tokens 80.7% against 74.8%; benches/results/2026-11-23-moe-fused.md).
     /// Above the tuned token counts, the MoE GEMM: on the H100 it took 0.95-1.01x the tiled
     /// kernels' time at 16-32 tokens of uniform routing, 0.85x at 64 and 0.3x at 2048, and
-    /// 0.5-0.7x at 8-16 tokens drawn from one pool of experts, as a verify block's tokens often
-    /// are (benches/results/2026-11-24-prefill-gemm.md).
+    /// 0.5-0.7x at 8-16 tokens drawn from one pool of 16 experts, as a verify block's tokens may
+    /// be (benches/results/2026-11-24-prefill-gemm.md).
     pub fn for_tiled(tokens: usize, top_k: usize) -> MoeKernel {
         if tokens > crate::moe_tune::TUNED_TOKENS {
-            MoeKernel::GEMM
+            MoeKernel::Gemm
         } else if top_k <= MAX_FUSED_TOPK && tokens == 1 {
             MoeKernel::FUSED
         } else {
@@ -318,7 +309,7 @@ impl MoeKernel {
         match CHOICE.get_or_init(|| std::env::var("PEREGRINE_MOE_KERNEL").ok()).as_deref() {
             Some("fused") => Some(Some(MoeKernel::FUSED)),
             Some("tiled") => Some(Some(MoeKernel::TILED)),
-            Some("gemm") => Some(Some(MoeKernel::GEMM)),
+            Some("gemm") => Some(Some(MoeKernel::Gemm)),
             Some("default") => Some(None),
             _ => None,
         }
@@ -507,8 +498,8 @@ impl Kernels {
             down_tiled: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_down_bulk_n{n}_c{c}"))).collect::<Result<_>>()?,
             fused_tiled: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_fused_bulk_n{n}_c{c}"))).collect::<Result<_>>()?,
             fused_routed: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_fused_routed_bulk_n{n}_c{c}"))).collect::<Result<_>>()?,
-            gemm_gate_up: GEMM_ROW_TILES.iter().map(|r| fm(&format!("moe_gemm_gate_up_r{r}"))).collect::<Result<_>>()?,
-            gemm_down: GEMM_ROW_TILES.iter().map(|r| fm(&format!("moe_gemm_down_r{r}"))).collect::<Result<_>>()?,
+            gemm_gate_up: fm("moe_gemm_gate_up")?,
+            gemm_down: fm("moe_gemm_down")?,
             split_rows: fm("moe_split_rows")?,
             moe_choices: Default::default(),
             slot_wait: std::env::var("PEREGRINE_MOE_SLOT_WAIT").map_or(true, |v| v != "0"),
@@ -1080,22 +1071,20 @@ impl Kernels {
                 unsafe { b.launch(cfg) }.map_err(drv("moe (fused, tiled)"))?;
                 return Ok(());
             }
-            (MoeLayout::Tiled { gate_up, gate_up_s, down, down_s }, MoeKernel::Gemm { row_tiles }) => {
-                let v = GEMM_ROW_TILES.iter().position(|&r| r == row_tiles).ok_or_else(|| Error::Backend(format!("MoE GEMM with {row_tiles} row tiles per warp is not compiled; have {GEMM_ROW_TILES:?}")))?;
+            (MoeLayout::Tiled { gate_up, gate_up_s, down, down_s }, MoeKernel::Gemm) => {
                 let (t, p) = (r.num_tokens, r.num_pairs);
                 // Both written in full by moe_split_rows.
                 let alloc_u32 = |n: usize| unsafe { self.stream.alloc::<u32>(n.max(1)) }.map_err(drv("alloc"));
                 let alloc_f32 = |n: usize| unsafe { self.stream.alloc::<f32>(n.max(1)) }.map_err(drv("alloc"));
                 let (mut xs, mut xinv) = (alloc_u32(t * h)?, alloc_f32(t)?);
                 self.split_rows(x, t, h, &mut xs, &mut xinv)?;
-                let threads = (32 * GEMM_TILES / row_tiles) as u32;
-                let cfg = |tiles: usize| LaunchConfig { grid_dim: (tiles.div_ceil(GEMM_TILES) as u32, u, 1), block_dim: (threads, 1, 1), shared_mem_bytes: GEMM_SMEM as u32 };
-                let mut b = crate::launch::builder(&self.stream, &self.gemm_gate_up[v]);
+                let cfg = |tiles: usize| LaunchConfig { grid_dim: (tiles.div_ceil(GEMM_TILES) as u32, u, 1), block_dim: (32 * GEMM_TILES as u32, 1, 1), shared_mem_bytes: GEMM_SMEM as u32 };
+                let mut b = crate::launch::builder(&self.stream, &self.gemm_gate_up);
                 b.arg(gate_up).arg(gate_up_s).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_tok).arg(&xs).arg(&xinv).arg(&mut scratch.h).arg(&hh).arg(&ii);
                 unsafe { b.launch(cfg(i / 8)) }.map_err(drv("moe gate_up (GEMM)"))?;
                 let (mut hs, mut hinv) = (alloc_u32(p * i)?, alloc_f32(p)?);
                 self.split_rows(&scratch.h, p, i, &mut hs, &mut hinv)?;
-                let mut b = crate::launch::builder(&self.stream, &self.gemm_down[v]);
+                let mut b = crate::launch::builder(&self.stream, &self.gemm_down);
                 b.arg(down).arg(down_s).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_w).arg(&hs).arg(&hinv).arg(&mut scratch.out).arg(&hh).arg(&ii);
                 unsafe { b.launch(cfg(h / 16)) }.map_err(drv("moe down (GEMM)"))?;
             }

@@ -77,7 +77,7 @@ impl Kernels {
                 })
                 .collect::<Result<Vec<_>>>()?;
             let mut best: Option<(MoeKernel, f32)> = None;
-            for &kind in kinds.iter().chain((t >= gemm_from).then_some(&MoeKernel::GEMM)) {
+            for &kind in kinds.iter().chain((t >= gemm_from).then_some(&MoeKernel::Gemm)) {
                 let mut call = |i: usize| self.moe_mxfp4_with(kind, w, &routings[i % routings.len()], &x, MoeInput::Settled, &mut scratch, &mut y);
                 // A kernel that cannot run this shape (shared memory, top-k) is skipped.
                 if call(0).is_err() {
