@@ -674,6 +674,41 @@ extern "C" __global__ void fill_random_f(void* __restrict__ p, unsigned long lon
     }
 }
 
+// Merges attention_v2's `splits` partial states of (row r, head h) as its epilogue merges
+// warps, then the sink logit: o = sum_s acc_s e^(m_s - M) / (sum_s l_s e^(m_s - M) [+ sink]).
+// The states are read through L2 (__ldcg): inside attention_v2 other blocks wrote them.
+__device__ __forceinline__ void attention_combine_head(const float* part_m, const float* part_l, const float* part_acc,
+                                                       float* __restrict__ o, int r, int h, int heads, int vd, int splits,
+                                                       const float* __restrict__ sinks, unsigned short* __restrict__ oh,
+                                                       unsigned short* __restrict__ ol) {
+    const float NEG_INF = __int_as_float(0xff800000u);
+    size_t p0 = ((size_t)r * heads + h) * splits;
+    float M = NEG_INF;
+    for (int s = 0; s < splits; s++) M = fmaxf(M, __ldcg(part_m + p0 + s));
+    float L = 0.f;
+    for (int s = 0; s < splits; s++) {
+        float ms = __ldcg(part_m + p0 + s);
+        L += ms == NEG_INF ? 0.f : __ldcg(part_l + p0 + s) * __expf(ms - M);
+    }
+    if (sinks) {
+        float sc = sinks[h];
+        float mn = fmaxf(M, sc);
+        L = L * __expf(M - mn) + __expf(sc - mn);
+        M = mn;
+    }
+    size_t ob = ((size_t)r * heads + h) * vd;
+    for (int i = threadIdx.x; i < vd; i += blockDim.x) {
+        float a = 0.f;
+        for (int s = 0; s < splits; s++) {
+            float ms = __ldcg(part_m + p0 + s);
+            if (ms != NEG_INF) a += __ldcg(part_acc + (p0 + s) * vd + i) * __expf(ms - M);
+        }
+        a /= L;
+        o[ob + i] = a;
+        if (oh) split_bf16_value(a, oh[ob + i], ol[ob + i]);
+    }
+}
+
 // Paged attention, v2: one block of 8 warps per (row, head, split). Warps split the block's key
 // positions (4 at a time each, loads issued together), each keeps its own online softmax, and the
 // 8 partial states are merged at the end. With gridDim.z == 1 the block covers the row's whole
@@ -694,7 +729,7 @@ __device__ __forceinline__ void attention_v2_body(
     float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc, unsigned short* __restrict__ oh,
     unsigned short* __restrict__ ol, const float* __restrict__ knew, const float* __restrict__ vnew, float* kc_out,
     float* vc_out, const long long* __restrict__ slots, int half, int rotary_dim, float theta, float vscale,
-    const int* __restrict__ rows = nullptr) {
+    unsigned* __restrict__ counters, const int* __restrict__ rows = nullptr) {
     __shared__ float sm_m[ATT_WARPS], sm_l[ATT_WARPS], sm_acc[ATT_WARPS][128];
     // ROWS: block x serves row rows[x] (the rows of a prefill batch that attention_prefill's
     // tiles leave out); else row x.
@@ -814,6 +849,22 @@ __device__ __forceinline__ void attention_v2_body(
                 if (sm_m[k] != NEG_INF) a += sm_acc[k][i] * __expf(sm_m[k] - M);
             part_acc[ps * vd + i] = a;
         }
+        if (!counters) return;  // attention_combine merges the splits
+        // The last split of (r, h) to finish merges them all, as attention_combine would (one
+        // launch fewer): every split publishes its state, then counts itself in; the counter is
+        // zero again for the next call.
+        __shared__ bool merges;
+        __threadfence();
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            unsigned* c = counters + (size_t)r * heads + h;
+            merges = atomicAdd(c, 1u) == (unsigned)splits - 1;
+            if (merges) *c = 0u;
+        }
+        __syncthreads();
+        if (!merges) return;
+        __threadfence();
+        attention_combine_head(part_m, part_l, part_acc, o, r, h, heads, vd, splits, sinks, oh, ol);
         return;
     }
     float sink_w = 0.f;
@@ -846,11 +897,11 @@ __device__ __forceinline__ void attention_v2_body(
         float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc,                                \
         unsigned short* __restrict__ oh, unsigned short* __restrict__ ol, const float* __restrict__ knew,                    \
         const float* __restrict__ vnew, float* kc_out, float* vc_out, const long long* __restrict__ slots, int half,         \
-        int rotary_dim, float theta, float vscale) {                                                                         \
+        int rotary_dim, float theta, float vscale, unsigned* __restrict__ counters) {                                        \
         PDL_ENTER();                                                                                                         \
         attention_v2_body<FUSED>(q, kc, vc, o, pos, seq, tables, max_blocks, block_size, heads, kv_heads, hd, vd, window,    \
                                  scale, sinks, part_m, part_l, part_acc, oh, ol, knew, vnew, kc_out, vc_out, slots, half,    \
-                                 rotary_dim, theta, vscale);                                                                 \
+                                 rotary_dim, theta, vscale, counters);                                                       \
     }
 // attention_v2 over the pools (q already rotated, the rows' K/V already written).
 ATTENTION_V2_KERNEL(attention_v2, false)
@@ -870,39 +921,18 @@ extern "C" __global__ void __launch_bounds__(256) attention_v2_rows(
     PDL_ENTER();
     attention_v2_body<false, true>(q, kc, vc, o, pos, seq, tables, max_blocks, block_size, heads, kv_heads, hd, vd, window, scale,
                                    sinks, part_m, part_l, part_acc, oh, ol, nullptr, nullptr, nullptr, nullptr, nullptr, 0, 0,
-                                   0.f, 0.f, rows);
+                                   0.f, 0.f, nullptr, rows);
 }
 
-// Merges attention_v2's `splits` partial states of each (row, head) as its epilogue merges warps,
-// then the sink logit: o = sum_s acc_s e^(m_s - M) / (sum_s l_s e^(m_s - M) [+ sink]).
-// With `rows` (attention_v2_rows' list), block x merges row rows[x].
+// The combine as a launch of its own: block (x, h) merges row x, or with `rows`
+// (attention_v2_rows' list) row rows[x].
 template <bool ROWS>
 __device__ __forceinline__ void attention_combine_body(const float* __restrict__ part_m, const float* __restrict__ part_l,
                                                        const float* __restrict__ part_acc, float* __restrict__ o, int heads, int vd,
                                                        int splits, const float* __restrict__ sinks, unsigned short* __restrict__ oh,
                                                        unsigned short* __restrict__ ol, const int* __restrict__ rows) {
-    int r = ROWS ? rows[blockIdx.x] : blockIdx.x, h = blockIdx.y;
-    const float NEG_INF = __int_as_float(0xff800000u);
-    size_t p0 = ((size_t)r * heads + h) * splits;
-    float M = NEG_INF;
-    for (int s = 0; s < splits; s++) M = fmaxf(M, part_m[p0 + s]);
-    float L = 0.f;
-    for (int s = 0; s < splits; s++) L += part_m[p0 + s] == NEG_INF ? 0.f : part_l[p0 + s] * __expf(part_m[p0 + s] - M);
-    if (sinks) {
-        float sc = sinks[h];
-        float mn = fmaxf(M, sc);
-        L = L * __expf(M - mn) + __expf(sc - mn);
-        M = mn;
-    }
-    size_t ob = ((size_t)r * heads + h) * vd;
-    for (int i = threadIdx.x; i < vd; i += blockDim.x) {
-        float a = 0.f;
-        for (int s = 0; s < splits; s++)
-            if (part_m[p0 + s] != NEG_INF) a += part_acc[(p0 + s) * vd + i] * __expf(part_m[p0 + s] - M);
-        a /= L;
-        o[ob + i] = a;
-        if (oh) split_bf16_value(a, oh[ob + i], ol[ob + i]);
-    }
+    int r = ROWS ? rows[blockIdx.x] : blockIdx.x;
+    attention_combine_head(part_m, part_l, part_acc, o, r, blockIdx.y, heads, vd, splits, sinks, oh, ol);
 }
 extern "C" __global__ void attention_combine(const float* __restrict__ part_m, const float* __restrict__ part_l,
                                              const float* __restrict__ part_acc, float* __restrict__ o, int heads, int vd,

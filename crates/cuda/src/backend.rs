@@ -207,6 +207,13 @@ pub struct CudaModel {
     kv_in_attention: bool,
     /// Blocks of `attention_v2_kv` resident at once on the whole GPU (one wave).
     attention_kv_wave: usize,
+    /// Arrival counters of split decode attention, one per (row, head) of up to
+    /// `MERGE_IN_ATTENTION_ROWS` rows (zero between calls: the kernel resets them). With them
+    /// the last split of each (row, head) merges the splits, and no `attention_combine` runs.
+    pub(crate) attn_counters: CudaSlice<u32>,
+    /// Split attention merges inside the kernel (`PEREGRINE_ATTN_MERGE_IN_KERNEL=0` launches
+    /// `attention_combine`, for comparison; tests flip it to compare the two).
+    pub(crate) merge_in_attention: std::sync::atomic::AtomicBool,
     /// Decode attention of few rows is split over more blocks to fill the GPU
     /// (`attn_splits`; `PEREGRINE_ATTN_FILL=0` turns it off, for comparison).
     attn_fill: bool,
@@ -227,6 +234,10 @@ pub struct CudaModel {
 /// on the H100 (Flash shapes, 64 heads, 128 positions: 4 splits, 256 blocks) the attention and
 /// its combine launch took the 18-layer step from 2.916 to 2.817 ms; batch 4 and up are not
 /// split (benches/results/2026-11-23-attention-fill-moe-trace.md).
+/// Rows of split decode attention whose splits merge inside the kernel: the arrival counters
+/// cover this many rows x heads (at least 64 heads), every decode graph's bucket.
+const MERGE_IN_ATTENTION_ROWS: usize = 64;
+
 pub(crate) fn attention_splits(span: usize, split: usize, fill: Option<usize>, row_heads: usize) -> usize {
     let by_len = if span > 2 * split { span.div_ceil(split) } else { 1 };
     let by_fill = fill.map_or(1, |wave| (wave / row_heads.max(1)).min(span / 32));
@@ -447,6 +458,8 @@ impl CudaModel {
             .max();
         let moe_counters = counters.map(|n| s.alloc_zeros::<u32>(n)).transpose().map_err(drv)?;
         let route_counter = s.alloc_zeros::<u32>(1).map_err(drv)?;
+        let max_heads = spec.layers.iter().map(|l| l.attention.num_heads).max().unwrap_or(1);
+        let attn_counters = s.alloc_zeros::<u32>(MERGE_IN_ATTENTION_ROWS * max_heads.max(64)).map_err(drv)?;
         let model = CudaModel {
             spec: spec.clone(),
             final_norm,
@@ -467,6 +480,8 @@ impl CudaModel {
             attn_split: std::env::var("PEREGRINE_ATTN_SPLIT").ok().and_then(|v| v.parse().ok()).filter(|&v: &usize| v >= 32).unwrap_or(512),
             kv_in_attention: std::env::var("PEREGRINE_KV_IN_ATTENTION").map_or(true, |v| v != "0"),
             attention_kv_wave,
+            attn_counters,
+            merge_in_attention: std::sync::atomic::AtomicBool::new(std::env::var("PEREGRINE_ATTN_MERGE_IN_KERNEL").map_or(true, |v| v != "0")),
             attn_fill: std::env::var("PEREGRINE_ATTN_FILL").map_or(true, |v| v != "0"),
             route_in_moe: std::env::var("PEREGRINE_MOE_ROUTE_IN_KERNEL").map_or(true, |v| v != "0"),
             prefill_pdl: std::env::var("PEREGRINE_PREFILL_PDL").is_ok_and(|v| v == "1"),
@@ -704,6 +719,13 @@ impl CudaModel {
         let splits = if v2 { self.attn_splits(s, max_blocks, block_size, n) } else { 1 };
         let parts = n * s.num_heads * splits;
         let (mut pm, mut pl, mut pa) = if splits > 1 { (self.empty(parts)?, self.empty(parts)?, self.empty(parts * s.v_head_dim)?) } else { (self.empty(1)?, self.empty(1)?, self.empty(1)?) };
+        // The last split of each (row, head) merges them (no combine launch) while the counters
+        // cover the rows; a prefill batch's row list keeps attention_combine_rows.
+        let merge_in_kernel = splits > 1
+            && rows.is_none()
+            && n * s.num_heads <= self.attn_counters.len()
+            && self.merge_in_attention.load(std::sync::atomic::Ordering::Relaxed);
+        let counters = merge_in_kernel.then_some(&self.attn_counters);
         let kernel = match (v2, fresh.is_some(), rows.is_some()) {
             (true, true, _) => &self.ops.attention_v2_kv,
             (true, false, true) => &self.ops.attention_v2_rows,
@@ -728,12 +750,12 @@ impl CudaModel {
                 }
             }
             if rows.is_none() {
-                b.arg(&half).arg(&rd).arg(&th).arg(&vs);
+                b.arg(&half).arg(&rd).arg(&th).arg(&vs).arg_or_null(counters);
             }
         }
         let threads = if v2 { 256 } else { 32 }; // 32 x ATT_WARPS for attention_v2
         unsafe { b.launch(LaunchConfig { grid_dim: (grid_rows as u32, s.num_heads as u32, splits as u32), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
-        if splits > 1 {
+        if splits > 1 && !merge_in_kernel {
             let sp = splits as i32;
             let mut b = crate::launch::builder(&self.stream, if rows.is_some() { &self.ops.attention_combine_rows } else { &self.ops.attention_combine });
             b.arg(&pm).arg(&pl).arg(&pa).arg(&mut o).arg(&hh).arg(&vd).arg(&sp);

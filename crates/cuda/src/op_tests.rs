@@ -11,7 +11,7 @@ use peregrine_core::{AttentionKind, AttentionSpec, QkvLayout, RopeSpec};
 use peregrine_cpu::ops;
 use rand::{Rng, SeedableRng};
 
-use crate::backend::{CudaModel, FreshKv};
+use crate::backend::{Bf16Split, CudaModel, FreshKv};
 use crate::probe_for_tests;
 
 fn model() -> Option<CudaModel> {
@@ -249,6 +249,19 @@ fn attention_matches_the_cpu_reference() {
             let (o, split) = m.attend(&qd, &kd, &vd, &pd, &sd, &td, max_blocks, bs, n, &s, sk.as_ref(), v2, v2, None, None).unwrap();
             let name = format!("attention{} h{} kv{} d{}/{} window {:?} sinks {}, {} positions", if v2 { "_v2" } else { "" }, s.num_heads, s.num_kv_heads, s.head_dim, s.v_head_dim, s.window(), s.sinks, max_blocks * bs);
             let o = st.clone_dtoh(&o).unwrap();
+            if v2 {
+                // Long ranges are split; their last split merges them inside the kernel. The
+                // separate merge launch (attention_combine) gives the same bits, and the
+                // arrival counters are zero again.
+                let split_hl = |sp: &Option<Bf16Split>| sp.as_ref().map(|(h, l)| (st.clone_dtoh(h).unwrap(), st.clone_dtoh(l).unwrap()));
+                m.merge_in_attention.store(false, std::sync::atomic::Ordering::Relaxed);
+                let (o_sep, split_sep) = m.attend(&qd, &kd, &vd, &pd, &sd, &td, max_blocks, bs, n, &s, sk.as_ref(), v2, v2, None, None).unwrap();
+                m.merge_in_attention.store(true, std::sync::atomic::Ordering::Relaxed);
+                let o_sep = st.clone_dtoh(&o_sep).unwrap();
+                assert!(o == o_sep, "{name}: merged in the kernel and by attention_combine differ at {:?}", o.iter().zip(&o_sep).position(|(a, b)| a != b));
+                assert!(split_hl(&split) == split_hl(&split_sep), "{name}: BF16 splits differ between the two merges");
+                assert!(st.clone_dtoh(&m.attn_counters).unwrap().iter().all(|&c| c == 0), "{name}: attention arrival counters left non-zero");
+            }
             close(&name, &o, &want, 2e-5);
             // v2 also writes o's BF16 hi + lo parts for the o_proj GEMV: exactly the split of o.
             assert_eq!(split.is_some(), v2, "{name}: BF16 split written only when asked (v2)");
@@ -318,6 +331,7 @@ fn attention_writing_the_new_kv_matches_rope_kv_write_then_attention() {
         assert!(k1 == k2, "{name}: K pools differ at {:?}", k1.iter().zip(&k2).position(|(a, b)| a != b));
         assert_ne!(k1, kc, "{name}: the new K reached the pool");
         assert_eq!(st.clone_dtoh(&vc1).unwrap(), st.clone_dtoh(&vc2).unwrap(), "{name}: V pools");
+        assert!(st.clone_dtoh(&m.attn_counters).unwrap().iter().all(|&c| c == 0), "{name}: attention arrival counters left non-zero");
         eprintln!("{name}: identical");
     }
 }
