@@ -608,6 +608,48 @@ __device__ __forceinline__ void mma_bf16(float c[4], unsigned a0, unsigned a1, u
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+// A fragments of one 16-row tile for a lane's 16 consecutive k of a 64-k chunk: w0 / w1 hold
+// rows g and g + 8 (FP8: 16 bytes each in v[0]; BF16: 32 bytes each in v[0..1]), decoded into
+// the MMA's F16 (FP8) or BF16 registers a0 (row g) and a1 (row g + 8), 8 each.
+template <bool FP8>
+__device__ __forceinline__ void mma_a_frags(const uint4 w0[2], const uint4 w1[2], unsigned a0[8], unsigned a1[8]) {
+    if (FP8) {
+        unsigned u0[4] = {w0[0].x, w0[0].y, w0[0].z, w0[0].w}, u1[4] = {w1[0].x, w1[0].y, w1[0].z, w1[0].w};
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            a0[2 * i] = fp8x2_to_f16x2(u0[i] & 0xffffu);
+            a0[2 * i + 1] = fp8x2_to_f16x2(u0[i] >> 16);
+            a1[2 * i] = fp8x2_to_f16x2(u1[i] & 0xffffu);
+            a1[2 * i + 1] = fp8x2_to_f16x2(u1[i] >> 16);
+        }
+    } else {
+        a0[0] = w0[0].x; a0[1] = w0[0].y; a0[2] = w0[0].z; a0[3] = w0[0].w; a0[4] = w0[1].x; a0[5] = w0[1].y; a0[6] = w0[1].z; a0[7] = w0[1].w;
+        a1[0] = w1[0].x; a1[1] = w1[0].y; a1[2] = w1[0].z; a1[3] = w1[0].w; a1[4] = w1[1].x; a1[5] = w1[1].y; a1[6] = w1[1].z; a1[7] = w1[1].w;
+    }
+}
+
+// One tile's MMAs over a lane's 16 k: for each 4-k step, the hi part then the lo part of the
+// activations (bh, bl: 16 halves of the lane's token) into C. Every tensor-core GEMV and GEMM
+// path runs this order, so they give the same bits.
+template <bool FP8>
+__device__ __forceinline__ void mma_k16(float C[4], const unsigned a0[8], const unsigned a1[8], const unsigned bh[8], const unsigned bl[8]) {
+#pragma unroll
+    for (int s = 0; s < 4; s++) {
+        if (FP8) {  // F16 weights and F16 hi/lo activations
+            mma_f16(C, a0[2 * s], a1[2 * s], a0[2 * s + 1], a1[2 * s + 1], bh[2 * s], bh[2 * s + 1]);
+            mma_f16(C, a0[2 * s], a1[2 * s], a0[2 * s + 1], a1[2 * s + 1], bl[2 * s], bl[2 * s + 1]);
+        } else {
+            mma_bf16(C, a0[2 * s], a1[2 * s], a0[2 * s + 1], a1[2 * s + 1], bh[2 * s], bh[2 * s + 1]);
+            mma_bf16(C, a0[2 * s], a1[2 * s], a0[2 * s + 1], a1[2 * s + 1], bl[2 * s], bl[2 * s + 1]);
+        }
+    }
+}
+
+// 16 halves (32 bytes) as 8 B registers.
+__device__ __forceinline__ void b_regs(uint4 x0, uint4 x1, unsigned b[8]) {
+    b[0] = x0.x; b[1] = x0.y; b[2] = x0.z; b[3] = x0.w; b[4] = x1.x; b[5] = x1.y; b[6] = x1.z; b[7] = x1.w;
+}
+
 #define MMA_WARPS 8
 
 // R row tiles of 16 per block: each activation fragment a lane loads serves R tiles. At 16-64
@@ -661,24 +703,16 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
             unsigned a0[R][8], a1[R][8];
 #pragma unroll
             for (int rt = 0; rt < R; rt++) {
+                uint4 w0[2], w1[2];
                 if (FP8) {
-                    uint4 v0 = __ldg(reinterpret_cast<const uint4*>(W + (size_t)rr[rt][0] * K + k));
-                    uint4 v1 = __ldg(reinterpret_cast<const uint4*>(W + (size_t)rr[rt][1] * K + k));
-                    unsigned u0[4] = {v0.x, v0.y, v0.z, v0.w}, u1[4] = {v1.x, v1.y, v1.z, v1.w};
-#pragma unroll
-                    for (int i = 0; i < 4; i++) {
-                        a0[rt][2 * i] = fp8x2_to_f16x2(u0[i] & 0xffffu);
-                        a0[rt][2 * i + 1] = fp8x2_to_f16x2(u0[i] >> 16);
-                        a1[rt][2 * i] = fp8x2_to_f16x2(u1[i] & 0xffffu);
-                        a1[rt][2 * i + 1] = fp8x2_to_f16x2(u1[i] >> 16);
-                    }
+                    w0[0] = __ldg(reinterpret_cast<const uint4*>(W + (size_t)rr[rt][0] * K + k));
+                    w1[0] = __ldg(reinterpret_cast<const uint4*>(W + (size_t)rr[rt][1] * K + k));
                 } else {
                     const uint4* p0 = reinterpret_cast<const uint4*>(reinterpret_cast<const unsigned short*>(W) + (size_t)rr[rt][0] * K + k);
                     const uint4* p1 = reinterpret_cast<const uint4*>(reinterpret_cast<const unsigned short*>(W) + (size_t)rr[rt][1] * K + k);
-                    uint4 x0 = __ldg(p0), x1 = __ldg(p0 + 1), y0 = __ldg(p1), y1 = __ldg(p1 + 1);
-                    a0[rt][0] = x0.x; a0[rt][1] = x0.y; a0[rt][2] = x0.z; a0[rt][3] = x0.w; a0[rt][4] = x1.x; a0[rt][5] = x1.y; a0[rt][6] = x1.z; a0[rt][7] = x1.w;
-                    a1[rt][0] = y0.x; a1[rt][1] = y0.y; a1[rt][2] = y0.z; a1[rt][3] = y0.w; a1[rt][4] = y1.x; a1[rt][5] = y1.y; a1[rt][6] = y1.z; a1[rt][7] = y1.w;
+                    w0[0] = __ldg(p0); w0[1] = __ldg(p0 + 1); w1[0] = __ldg(p1); w1[1] = __ldg(p1 + 1);
                 }
+                mma_a_frags<FP8>(w0, w1, a0[rt], a1[rt]);
             }
 #pragma unroll
             for (int tt = 0; tt < NT; tt++) {
@@ -687,27 +721,14 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
                 if (t < T) {
                     const uint4* ph = reinterpret_cast<const uint4*>(XH + (size_t)t * K + k);
                     const uint4* pl = reinterpret_cast<const uint4*>(XL + (size_t)t * K + k);
-                    uint4 h0 = __ldg(ph), h1 = __ldg(ph + 1), l0 = __ldg(pl), l1 = __ldg(pl + 1);
-                    bh[0] = h0.x; bh[1] = h0.y; bh[2] = h0.z; bh[3] = h0.w; bh[4] = h1.x; bh[5] = h1.y; bh[6] = h1.z; bh[7] = h1.w;
-                    bl[0] = l0.x; bl[1] = l0.y; bl[2] = l0.z; bl[3] = l0.w; bl[4] = l1.x; bl[5] = l1.y; bl[6] = l1.z; bl[7] = l1.w;
+                    b_regs(__ldg(ph), __ldg(ph + 1), bh);
+                    b_regs(__ldg(pl), __ldg(pl + 1), bl);
                 } else {
 #pragma unroll
                     for (int i = 0; i < 8; i++) { bh[i] = 0u; bl[i] = 0u; }
                 }
 #pragma unroll
-                for (int rt = 0; rt < R; rt++) {
-                    float* C = FP8 ? part[rt][tt] : acc[rt][tt];
-#pragma unroll
-                    for (int s = 0; s < 4; s++) {
-                        if (FP8) {  // F16 weights and F16 hi/lo activations
-                            mma_f16(C, a0[rt][2 * s], a1[rt][2 * s], a0[rt][2 * s + 1], a1[rt][2 * s + 1], bh[2 * s], bh[2 * s + 1]);
-                            mma_f16(C, a0[rt][2 * s], a1[rt][2 * s], a0[rt][2 * s + 1], a1[rt][2 * s + 1], bl[2 * s], bl[2 * s + 1]);
-                        } else {
-                            mma_bf16(C, a0[rt][2 * s], a1[rt][2 * s], a0[rt][2 * s + 1], a1[rt][2 * s + 1], bh[2 * s], bh[2 * s + 1]);
-                            mma_bf16(C, a0[rt][2 * s], a1[rt][2 * s], a0[rt][2 * s + 1], a1[rt][2 * s + 1], bl[2 * s], bl[2 * s + 1]);
-                        }
-                    }
-                }
+                for (int rt = 0; rt < R; rt++) mma_k16<FP8>(FP8 ? part[rt][tt] : acc[rt][tt], a0[rt], a1[rt], bh, bl);
             }
         }
         if (FP8) {
@@ -749,6 +770,169 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
         }
     }
 }
+
+// The tensor-core GEMV's arithmetic as a GEMM, for many tokens (prefill): a block of 8 warps
+// takes 128 rows x 64 tokens, each warp 32 rows x 32 tokens (2 x 4 MMA tiles), with the
+// weights and the activations' hi + lo parts of each 64-k chunk staged in shared memory by
+// cp.async, GEMMT_STAGES chunks in flight. gemv_mma split K over a block's 8 warps, so every
+// block read all of its tokens' activations (4 bytes per element) per 16-64 rows from L2, which
+// bounded it. The bits are gemv_mma's: its warp w summed K blocks w, w + 8, ... (each FP8
+// block's MMAs into a zeroed part, then acc += scale x part) and the block added the 8 warp sums
+// in order; here every warp visits the K blocks in that order (class w = 0..7, then its
+// blocks), keeps one class sum at a time and adds it to the total, and every MMA sees the same
+// fragments in the same order.
+#define GEMMT_ROWS 128
+#define GEMMT_TOKENS 64
+#define GEMMT_STAGES 2
+#define GEMMT_XROW 144  // bytes per token per 64-k chunk in shared memory (128 + 16: no bank conflicts)
+template <bool FP8>
+struct GemmTile {
+    static constexpr int WROW = FP8 ? 64 : 144;  // weight bytes per row per chunk in shared memory
+    static constexpr int WUNITS = FP8 ? 4 : 8;   // 16-byte units of a row's chunk in global memory
+    static constexpr int W_BYTES = GEMMT_ROWS * WROW;
+    static constexpr int X_BYTES = GEMMT_TOKENS * GEMMT_XROW;
+    static constexpr int STAGE = W_BYTES + 2 * X_BYTES;
+};
+template <bool FP8>
+__device__ __forceinline__ void gemm_mma(const unsigned char* __restrict__ W, const float* __restrict__ S,
+                                         const unsigned short* __restrict__ XH, const unsigned short* __restrict__ XL,
+                                         const float* __restrict__ xinv, float* __restrict__ y, float* __restrict__ y1,
+                                         float* __restrict__ y2, int N0, int N1, int N, int K, int T) {
+    using G = GemmTile<FP8>;
+    extern __shared__ uint4 dsm[];
+    unsigned char* smem = reinterpret_cast<unsigned char*>(dsm);
+    const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, g = lane >> 2, q = lane & 3;
+    const int wm = w & 3, wn = w >> 2;  // the warp's 32 rows and 32 tokens of the block's 128 x 64
+    const int nb = blockIdx.x * GEMMT_ROWS, t0 = blockIdx.y * GEMMT_TOKENS;
+    const int KB = K / 128, NC = 2 * KB;
+    // The k offset of chunk p in the visiting order: K block (class w, j-th) = w + 8 j, half c.
+    auto chunk_k = [&](int p) {
+        int kbi = p >> 1, cls = 0;
+        for (; cls < 7; cls++) {
+            int nj = KB > cls ? (KB - cls + 7) / 8 : 0;
+            if (kbi < nj) break;
+            kbi -= nj;
+        }
+        return (cls + 8 * kbi) * 128 + (p & 1) * 64;
+    };
+    auto issue = [&](int p) {
+        if (p < NC) {
+            unsigned char* st = smem + (p % GEMMT_STAGES) * G::STAGE;
+            const int k0 = chunk_k(p);
+            // Weights: 128 rows (clamped to N - 1: loaded, never stored).
+#pragma unroll
+            for (int i = tid; i < GEMMT_ROWS * G::WUNITS; i += 256) {
+                int r = i / G::WUNITS, o = i % G::WUNITS;
+                cp_async16(st + r * G::WROW + o * 16, W + ((size_t)min(nb + r, N - 1) * K + k0) * (FP8 ? 1 : 2) + o * 16);
+            }
+            // Activations: 64 tokens (clamped to T - 1) x 64 halves, hi then lo.
+#pragma unroll
+            for (int i = tid; i < 2 * GEMMT_TOKENS * 8; i += 256) {
+                int part = i / (GEMMT_TOKENS * 8), t = (i / 8) % GEMMT_TOKENS, o = i % 8;
+                const unsigned short* src = (part ? XL : XH) + (size_t)min(t0 + t, T - 1) * K + k0;
+                cp_async16(st + G::W_BYTES + part * G::X_BYTES + t * GEMMT_XROW + o * 16, reinterpret_cast<const unsigned char*>(src) + o * 16);
+            }
+        }
+        cp_async_commit();  // empty groups past the end keep the wait's count
+    };
+    float total[2][4][4], acc[2][4][4], part[2][4][4];
+#pragma unroll
+    for (int a = 0; a < 2; a++)
+#pragma unroll
+        for (int b = 0; b < 4; b++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) total[a][b][i] = acc[a][b][i] = part[a][b][i] = 0.f;
+#pragma unroll
+    for (int p = 0; p < GEMMT_STAGES - 1; p++) issue(p);
+    int cls = 0, left = (KB + 7) / 8;  // K blocks left in the current class (K >= 128)
+    for (int p = 0; p < NC; p++) {
+        cp_async_wait<GEMMT_STAGES - 2>();  // chunk p has landed (this thread's copies)
+        __syncthreads();                    // everyone's copies; chunk p - 1's stage is free
+        issue(p + GEMMT_STAGES - 1);
+        const unsigned char* st = smem + (p % GEMMT_STAGES) * G::STAGE;
+        // A fragments of the warp's two row tiles: rows g and g + 8, this lane's 16 k.
+        unsigned a0[2][8], a1[2][8];
+#pragma unroll
+        for (int mt = 0; mt < 2; mt++) {
+            const uint4* r0 = reinterpret_cast<const uint4*>(st + (wm * 32 + mt * 16 + g) * G::WROW + q * (FP8 ? 16 : 32));
+            const uint4* r1 = reinterpret_cast<const uint4*>(reinterpret_cast<const unsigned char*>(r0) + 8 * G::WROW);
+            uint4 w0[2] = {r0[0], FP8 ? r0[0] : r0[1]}, w1[2] = {r1[0], FP8 ? r1[0] : r1[1]};
+            mma_a_frags<FP8>(w0, w1, a0[mt], a1[mt]);
+        }
+#pragma unroll
+        for (int nt = 0; nt < 4; nt++) {
+            // B fragments: token (wn * 32 + nt * 8 + g), this lane's 16 k, hi and lo.
+            const uint4* xb = reinterpret_cast<const uint4*>(st + G::W_BYTES + (wn * 32 + nt * 8 + g) * GEMMT_XROW + q * 32);
+            const uint4* xl = reinterpret_cast<const uint4*>(reinterpret_cast<const unsigned char*>(xb) + G::X_BYTES);
+            unsigned bh[8], bl[8];
+            b_regs(xb[0], xb[1], bh);
+            b_regs(xl[0], xl[1], bl);
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++) mma_k16<FP8>(FP8 ? part[mt][nt] : acc[mt][nt], a0[mt], a1[mt], bh, bl);
+        }
+        if (p & 1) {
+            // The K block is complete: FP8 scales it into the class sum (as gemv_mma's warp).
+            if (FP8) {
+                const int kb = chunk_k(p) / 128;
+#pragma unroll
+                for (int mt = 0; mt < 2; mt++) {
+                    // Each 16-row tile lies inside one 128-row scale block (16 divides 128).
+                    float sc = S[(size_t)(min(nb + wm * 32 + mt * 16, N - 1) / 128) * KB + kb];
+#pragma unroll
+                    for (int nt = 0; nt < 4; nt++)
+#pragma unroll
+                        for (int i = 0; i < 4; i++) {
+                            acc[mt][nt][i] += sc * part[mt][nt][i];
+                            part[mt][nt][i] = 0.f;
+                        }
+                }
+            }
+            if (--left == 0) {
+                // The class is done: the block reduction's next terms (warps 0..7 in order; the
+                // empty classes of K < 1024 add their zero sums too).
+                do {
+#pragma unroll
+                    for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+                        for (int nt = 0; nt < 4; nt++)
+#pragma unroll
+                            for (int i = 0; i < 4; i++) {
+                                total[mt][nt][i] += acc[mt][nt][i];
+                                acc[mt][nt][i] = 0.f;
+                            }
+                    cls++;
+                    left = KB > cls ? (KB - cls + 7) / 8 : 0;
+                } while (cls < 8 && left == 0);
+            }
+        }
+    }
+    // C fragment: c0 (row g, token 2q), c1 (g, 2q + 1), c2 (g + 8, 2q), c3 (g + 8, 2q + 1).
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+        for (int nt = 0; nt < 4; nt++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                int n = nb + wm * 32 + mt * 16 + g + (i >> 1) * 8, t = t0 + wn * 32 + nt * 8 + 2 * q + (i & 1);
+                if (n < N && t < T) {
+                    float v = total[mt][nt][i];
+                    if (xinv) v *= xinv[t];
+                    if (n < N0) y[(size_t)t * N0 + n] = v;
+                    else if (n < N0 + N1) y1[(size_t)t * N1 + (n - N0)] = v;
+                    else y2[(size_t)t * (N - N0 - N1) + (n - N0 - N1)] = v;
+                }
+            }
+}
+#define GEMM_MMA_KERNEL(FMT, IS_FP8)                                                                                      \
+    extern "C" __global__ void __launch_bounds__(256, 2) gemm_mma_##FMT(                                                   \
+        const unsigned char* __restrict__ W, const float* __restrict__ S, const unsigned short* __restrict__ XH,          \
+        const unsigned short* __restrict__ XL, const float* __restrict__ xinv, float* __restrict__ y,                     \
+        float* __restrict__ y1, float* __restrict__ y2, int N0, int N1, int N, int K, int T) {                             \
+        PDL_ENTER();                                                                                                      \
+        gemm_mma<IS_FP8>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T);                                                 \
+    }
+GEMM_MMA_KERNEL(fp8, true)
+GEMM_MMA_KERNEL(bf16, false)
 
 // gemv_mma_{fp8,bf16}_t<NT> (one row tile per block) and ..._t<NT>_r<R>.
 #define GEMV_MMA(NT, R, SUFFIX)                                                                                           \

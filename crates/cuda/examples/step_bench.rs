@@ -253,6 +253,18 @@ fn main() {
 
     println!("({} CUDA graphs captured)", model.cuda_graphs());
 
+    // The graph alone: replays back to back on the GPU against the whole step's wall time
+    // (the difference is the host's share: inputs copied in, the launch, ids copied back).
+    println!("\n| batch | graph replay ms (GPU, back to back) |");
+    println!("|---|---|");
+    for &b in batches.iter() {
+        let batch: Vec<SeqForward> = (0..b).map(|s| seqf(s, vec![tok(s, args.context)], args.context, OutputRows::Last)).collect();
+        model.set_cuda_graphs(true);
+        if let Some(ms) = model.graph_replay_ms(&batch, args.steps).expect("graph replay") {
+            println!("| {b} | {ms:.3} |");
+        }
+    }
+
     // Where a step's time goes: CUDA events around every operation of the plan (eager), with
     // each kind's share of the byte floor.
     for &b in batches.iter().filter(|&&b| b == 1 || b == 8) {

@@ -148,6 +148,30 @@ impl CudaModel {
         Ok(Some(g))
     }
 
+    /// For benchmarks: the GPU time of one replay of `batch`'s decode-step graph, from `n`
+    /// replays launched back to back between CUDA events (inputs written once), so a step's
+    /// wall time can be split into the graph and the host work around it. None when the batch
+    /// runs eagerly.
+    pub fn graph_replay_ms(&mut self, batch: &[peregrine_core::backend::SeqForward], n: usize) -> Result<Option<f32>> {
+        use cudarc::driver::sys::CUevent_flags;
+        let rows = self.host_rows(batch)?;
+        let Some(g) = self.graph_for(&rows)? else { return Ok(None) };
+        let st = self.stream.clone();
+        let ev = || st.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(drv);
+        let (e0, e1) = (ev()?, ev()?);
+        let timed = (|| {
+            e0.record(&st).map_err(drv)?;
+            for _ in 0..n {
+                g.graph.0.launch().map_err(drv)?;
+            }
+            e1.record(&st).map_err(drv)?;
+            st.synchronize().map_err(drv)?;
+            e0.elapsed_ms(&e1).map_err(drv)
+        })();
+        self.graphs.put_back(g);
+        Ok(Some(timed? / n.max(1) as f32))
+    }
+
     fn capture_graph(&self, key: (usize, usize, bool)) -> Result<StepGraph> {
         let (rows, width, decode) = key;
         let meta = self.alloc_row_meta(rows, width)?;
