@@ -645,6 +645,17 @@ __device__ __forceinline__ void mma_k16(float C[4], const unsigned a0[8], const 
     }
 }
 
+// Output row n, token t of a tensor-core GEMV or GEMM, times the activations' inverse scale:
+// rows [0, N0) go to y, [N0, N0 + N1) to y1, the rest to y2 (a fused q/k/v projection writes
+// q, k and v as separate [T, rows] arrays).
+__device__ __forceinline__ void store_out(float v, const float* __restrict__ xinv, float* __restrict__ y, float* __restrict__ y1,
+                                          float* __restrict__ y2, int N0, int N1, int N, int n, int t) {
+    if (xinv) v *= xinv[t];
+    if (n < N0) y[(size_t)t * N0 + n] = v;
+    else if (n < N0 + N1) y1[(size_t)t * N1 + (n - N0)] = v;
+    else y2[(size_t)t * (N - N0 - N1) + (n - N0 - N1)] = v;
+}
+
 // 16 halves (32 bytes) as 8 B registers.
 __device__ __forceinline__ void b_regs(uint4 x0, uint4 x1, unsigned b[8]) {
     b[0] = x0.x; b[1] = x0.y; b[2] = x0.z; b[3] = x0.w; b[4] = x1.x; b[5] = x1.y; b[6] = x1.z; b[7] = x1.w;
@@ -759,14 +770,7 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
 #pragma unroll
             for (int i = 0; i < MMA_WARPS; i++) s += red[i][e];
             int n = nb + rt * 16 + e / (NT * 8), t = t0 + e % (NT * 8);
-            if (n < N && t < T) {
-                if (xinv) s *= xinv[t];
-                // Rows [0, N0) go to y, [N0, N0 + N1) to y1, the rest to y2 (a fused q/k/v
-                // projection writes q, k and v as separate [T, rows] arrays).
-                if (n < N0) y[(size_t)t * N0 + n] = s;
-                else if (n < N0 + N1) y1[(size_t)t * N1 + (n - N0)] = s;
-                else y2[(size_t)t * (N - N0 - N1) + (n - N0 - N1)] = s;
-            }
+            if (n < N && t < T) store_out(s, xinv, y, y1, y2, N0, N1, N, n, t);
         }
     }
 }
@@ -914,13 +918,7 @@ __device__ __forceinline__ void gemm_mma(const unsigned char* __restrict__ W, co
 #pragma unroll
             for (int i = 0; i < 4; i++) {
                 int n = nb + wm * 32 + mt * 16 + g + (i >> 1) * 8, t = t0 + wn * 32 + nt * 8 + 2 * q + (i & 1);
-                if (n < N && t < T) {
-                    float v = total[mt][nt][i];
-                    if (xinv) v *= xinv[t];
-                    if (n < N0) y[(size_t)t * N0 + n] = v;
-                    else if (n < N0 + N1) y1[(size_t)t * N1 + (n - N0)] = v;
-                    else y2[(size_t)t * (N - N0 - N1) + (n - N0 - N1)] = v;
-                }
+                if (n < N && t < T) store_out(total[mt][nt][i], xinv, y, y1, y2, N0, N1, N, n, t);
             }
 }
 #define GEMM_MMA_KERNEL(FMT, IS_FP8)                                                                                      \
