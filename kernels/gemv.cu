@@ -809,33 +809,40 @@ __device__ __forceinline__ void gemm_mma(const unsigned char* __restrict__ W, co
     const int wm = w & 3, wn = w >> 2;  // the warp's 32 rows and 32 tokens of the block's 128 x 64
     const int nb = blockIdx.x * GEMMT_ROWS, t0 = blockIdx.y * GEMMT_TOKENS;
     const int KB = K / 128, NC = 2 * KB;
-    // The k offset of chunk p in the visiting order: K block (class w, j-th) = w + 8 j, half c.
-    auto chunk_k = [&](int p) {
-        int kbi = p >> 1, cls = 0;
-        for (; cls < 7; cls++) {
-            int nj = KB > cls ? (KB - cls + 7) / 8 : 0;
-            if (kbi < nj) break;
-            kbi -= nj;
-        }
-        return (cls + 8 * kbi) * 128 + (p & 1) * 64;
+    // Each thread's 16-byte units of a stage, at k = 0 (a chunk adds its k offset): the weights'
+    // 128 rows (clamped to N - 1: loaded, never stored), then the activations' 64 tokens
+    // (clamped to T - 1), hi and lo. Offsets from the block's bases, computed once: per chunk
+    // the address arithmetic had kept the integer pipe busier than the tensor pipe.
+    constexpr int NWU = GEMMT_ROWS * G::WUNITS / 256, ESIZE = FP8 ? 1 : 2;
+    constexpr int WSTEP = 256 / G::WUNITS;  // rows between a thread's weight units
+    const unsigned char* wbase = W + (size_t)nb * K * ESIZE + (tid % G::WUNITS) * 16;
+    const unsigned char* hbase = reinterpret_cast<const unsigned char*>(XH + (size_t)t0 * K) + (tid % 8) * 16;
+    const unsigned char* lbase = reinterpret_cast<const unsigned char*>(XL + (size_t)t0 * K) + (tid % 8) * 16;
+    unsigned wofs[NWU], xofs[2];
+#pragma unroll
+    for (int u = 0; u < NWU; u++) wofs[u] = (unsigned)(min(nb + tid / G::WUNITS + WSTEP * u, N - 1) - nb) * K * ESIZE;
+#pragma unroll
+    for (int u = 0; u < 2; u++) xofs[u] = (unsigned)(min(t0 + tid / 8 + 32 * u, T - 1) - t0) * K * 2;
+    const int wdst = (tid / G::WUNITS) * G::WROW + (tid % G::WUNITS) * 16;
+    const int xdst = G::W_BYTES + (tid / 8) * GEMMT_XROW + (tid % 8) * 16;
+    // Chunks in the visiting order: k offsets of K block (class w, j-th) = w + 8 j, halves 0, 1.
+    auto next_k = [&](int k) {
+        if (!(k & 64)) return k + 64;
+        int kb = (k >> 7) + 8;
+        return kb * 128 < K ? kb * 128 : ((kb & 7) + 1) * 128;  // else the next class's first block
     };
+    int k_issue = 0;
     auto issue = [&](int p) {
         if (p < NC) {
             unsigned char* st = smem + (p % GEMMT_STAGES) * G::STAGE;
-            const int k0 = chunk_k(p);
-            // Weights: 128 rows (clamped to N - 1: loaded, never stored).
 #pragma unroll
-            for (int i = tid; i < GEMMT_ROWS * G::WUNITS; i += 256) {
-                int r = i / G::WUNITS, o = i % G::WUNITS;
-                cp_async16(st + r * G::WROW + o * 16, W + ((size_t)min(nb + r, N - 1) * K + k0) * (FP8 ? 1 : 2) + o * 16);
-            }
-            // Activations: 64 tokens (clamped to T - 1) x 64 halves, hi then lo.
+            for (int u = 0; u < NWU; u++) cp_async16(st + wdst + u * WSTEP * G::WROW, wbase + wofs[u] + k_issue * ESIZE);
 #pragma unroll
-            for (int i = tid; i < 2 * GEMMT_TOKENS * 8; i += 256) {
-                int part = i / (GEMMT_TOKENS * 8), t = (i / 8) % GEMMT_TOKENS, o = i % 8;
-                const unsigned short* src = (part ? XL : XH) + (size_t)min(t0 + t, T - 1) * K + k0;
-                cp_async16(st + G::W_BYTES + part * G::X_BYTES + t * GEMMT_XROW + o * 16, reinterpret_cast<const unsigned char*>(src) + o * 16);
+            for (int u = 0; u < 2; u++) {
+                cp_async16(st + xdst + u * 32 * GEMMT_XROW, hbase + xofs[u] + k_issue * 2);
+                cp_async16(st + xdst + u * 32 * GEMMT_XROW + G::X_BYTES, lbase + xofs[u] + k_issue * 2);
             }
+            k_issue = next_k(k_issue);
         }
         cp_async_commit();  // empty groups past the end keep the wait's count
     };
@@ -849,7 +856,8 @@ __device__ __forceinline__ void gemm_mma(const unsigned char* __restrict__ W, co
 #pragma unroll
     for (int p = 0; p < GEMMT_STAGES - 1; p++) issue(p);
     int cls = 0, left = (KB + 7) / 8;  // K blocks left in the current class (K >= 128)
-    for (int p = 0; p < NC; p++) {
+    int k_cur = 0;                     // chunk p's k offset
+    for (int p = 0; p < NC; p++, k_cur = next_k(k_cur)) {
         cp_async_wait<GEMMT_STAGES - 2>();  // chunk p has landed (this thread's copies)
         __syncthreads();                    // everyone's copies; chunk p - 1's stage is free
         issue(p + GEMMT_STAGES - 1);
@@ -877,7 +885,7 @@ __device__ __forceinline__ void gemm_mma(const unsigned char* __restrict__ W, co
         if (p & 1) {
             // The K block is complete: FP8 scales it into the class sum (as gemv_mma's warp).
             if (FP8) {
-                const int kb = chunk_k(p) / 128;
+                const int kb = k_cur >> 7;
 #pragma unroll
                 for (int mt = 0; mt < 2; mt++) {
                     // Each 16-row tile lies inside one 128-row scale block (16 divides 128).
