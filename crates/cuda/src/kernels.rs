@@ -207,7 +207,7 @@ fn mma_gemv_name(format: &str, nt: usize, r: usize) -> String {
 /// are read from L2 2-4 times less. H100, decode shapes (q/k/v FP8, o_proj BF16) at 16 / 64
 /// tokens: FP8 48 -> 55% / 10 -> 21% of copy bandwidth, BF16 60 -> 70% / 25 -> 37%
 /// (benches/results/2026-11-23-gemv-row-tiles.md). From `gemm_min_tokens()` (128) the GEMM:
-/// the 2048-token prompt's attention block 109 -> 96 ms; at 64 tokens its few blocks (q/k/v
+/// the 2048-token prompt's attention block 109 -> 87 ms; at 64 tokens its few blocks (q/k/v
 /// 106, o_proj 32) lose to the GEMV tiles (benches/results/2026-11-24-decode-launches.md).
 fn mma_gemv_tile(fp8: bool, t: usize, gemm: bool) -> usize {
     let tile = match (t, fp8) {
