@@ -206,9 +206,10 @@ fn mma_gemv_name(format: &str, nt: usize, r: usize) -> String {
 /// 16 rows per block; above, 2 or 4 row tiles per block of 16 tokens each, so the activations
 /// are read from L2 2-4 times less. H100, decode shapes (q/k/v FP8, o_proj BF16) at 16 / 64
 /// tokens: FP8 48 -> 55% / 10 -> 21% of copy bandwidth, BF16 60 -> 70% / 25 -> 37%
-/// (benches/results/2026-11-23-gemv-row-tiles.md). From `gemm_min_tokens()` (128) the GEMM:
-/// the 2048-token prompt's attention block 109 -> 87 ms; at 64 tokens its few blocks (q/k/v
-/// 106, o_proj 32) lose to the GEMV tiles (benches/results/2026-11-24-decode-launches.md).
+/// (benches/results/2026-11-23-gemv-row-tiles.md). From `gemm_min_tokens()` (256) the GEMM:
+/// the 2048-token prompt's attention block 109 -> 87 ms, a 256-token prompt 43.6 -> 42.4 ms; at
+/// 128 tokens it was 4% slower and at 64 its few blocks (q/k/v 106, o_proj 32) lose clearly
+/// (benches/results/2026-11-24-decode-launches.md).
 fn mma_gemv_tile(fp8: bool, t: usize, gemm: bool) -> usize {
     let tile = match (t, fp8) {
         (0..=8, _) => (1, 1),
@@ -223,7 +224,7 @@ fn mma_gemv_tile(fp8: bool, t: usize, gemm: bool) -> usize {
 /// measurements).
 fn gemm_min_tokens() -> usize {
     static MIN: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *MIN.get_or_init(|| std::env::var("PEREGRINE_GEMM_MIN_TOKENS").ok().and_then(|v| v.parse().ok()).unwrap_or(128))
+    *MIN.get_or_init(|| std::env::var("PEREGRINE_GEMM_MIN_TOKENS").ok().and_then(|v| v.parse().ok()).unwrap_or(256))
 }
 
 fn mma_gemv_index(tile: (usize, usize)) -> Result<usize> {
