@@ -195,12 +195,18 @@ fn main() {
     if let Some(d) = &draft_spec {
         model.attach_synthetic_drafter(d, 2).expect("synthetic drafter");
     }
-    let longest = args.prefill.iter().copied().max().unwrap_or(0).max(args.context);
-    let per_seq_blocks = (longest + args.steps + 16).div_ceil(BS) + 1;
-    let blocks = max_batch * per_seq_blocks + 1;
+    // Decode sequences get tables for the context and the steps (and verify blocks); the
+    // prompts of --prefill run as one more sequence with a table of their own, so long prompts
+    // neither multiply the KV cache by the batch nor widen the decode steps' tables (which
+    // set their attention splits).
+    let per_seq_blocks = (args.context + args.steps + 16).div_ceil(BS) + 1;
+    let prompt_blocks = args.prefill.iter().copied().max().map_or(0, |n| n.div_ceil(BS) + 1);
+    let blocks = max_batch * per_seq_blocks + prompt_blocks + 1;
     model.init_kv(KvConfig { block_size: BS, num_full_blocks: blocks, num_swa_blocks: blocks }).expect("KV cache");
     let table = |s: usize| -> Vec<u32> { (0..per_seq_blocks).map(|b| (s * per_seq_blocks + b) as u32).collect() };
     let seqf = |s: usize, tokens: Vec<u32>, start: usize, output| SeqForward { seq_id: s as u64, tokens, start_pos: start, full_blocks: table(s), swa_blocks: table(s), output };
+    let prompt_table: Vec<u32> = (0..prompt_blocks).map(|b| (max_batch * per_seq_blocks + b) as u32).collect();
+    let prompt = |tokens: Vec<u32>| SeqForward { seq_id: max_batch as u64, tokens, start_pos: 0, full_blocks: prompt_table.clone(), swa_blocks: prompt_table.clone(), output: OutputRows::Last };
     let tok = |s: usize, p: usize| ((s * 7919 + p * 104_729) % (spec.vocab_size - 8) + 8) as u32;
 
     // Prefill every sequence's context once (chunks of 64 tokens).
@@ -325,7 +331,7 @@ fn main() {
         for &n in &args.prefill {
             let mut ts = Vec::new();
             for i in 0..4 {
-                let batch = [seqf(0, (0..n).map(|p| tok(0, p + i)).collect(), 0, OutputRows::Last)];
+                let batch = [prompt((0..n).map(|p| tok(0, p + i)).collect())];
                 let t0 = Instant::now();
                 model.forward_argmax(&batch).unwrap();
                 if i >= 1 {
@@ -338,7 +344,7 @@ fn main() {
         }
         // Where the longest prompt's time goes (CUDA events around each operation).
         let n = args.prefill.iter().copied().max().unwrap_or(0);
-        let batch = [seqf(0, (0..n).map(|p| tok(0, p)).collect(), 0, OutputRows::Last)];
+        let batch = [prompt((0..n).map(|p| tok(0, p)).collect())];
         // Under a profiler started with its collection off (ncu --profile-from-start off), one
         // more forward of the longest prompt is what it sees: every kernel of one prefill.
         if args.profile_range {
