@@ -785,36 +785,18 @@ MOE_BULK(2, 6)
 #define GEMM_S_BYTES (GEMM_TILES * GEMM_KC * 32)
 #define GEMM_STAGE_BYTES (GEMM_B_BYTES + GEMM_W_BYTES + GEMM_S_BYTES)
 
-// rows x [rows, K] f32 -> xs [rows][K/64 steps][256 bytes]: each row's F16 hi + lo of x * 2^s
-// as stage_b stages one pair (row_scale's power of two, stage_item's layout with L = 8 lanes),
-// and inv[row] = 2^-s. One block of TW warps per row; K % 64 == 0.
+// rows x [rows, K] f32 -> xs [rows][K/64 steps][256 bytes]: each row staged by stage_b as one
+// pair (row_scale's power of two, stage_item's layout with L = 8 lanes) into global memory, and
+// inv[row] = 2^-s. One block of TW warps per row; K % 64 == 0.
 extern "C" __global__ void __launch_bounds__(256) moe_split_rows(const float* __restrict__ x, int K, unsigned* __restrict__ xs,
                                                                  float* __restrict__ inv) {
     PDL_ENTER();
-    __shared__ float red[TW * NP], scale[NP], inv_s[NP];
-    int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
-    const float* xr = x + (size_t)blockIdx.x * K;
-    float m = 0.f;
-    for (int i = tid; i < K / 4; i += blockDim.x) {
-        float4 v = reinterpret_cast<const float4*>(xr)[i];
-        m = fmaxf(m, fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w))));
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-    if (lane == 0) red[w * NP] = m;
+    __shared__ StageSmem ss;
+    if (threadIdx.x == 0) ss.rows[0] = blockIdx.x;
     __syncthreads();
-    if (tid == 0) row_scale(red, 0, scale, inv_s);
-    __syncthreads();
-    float s = scale[0];
-    unsigned* frag = xs + (size_t)blockIdx.x * K;
-    for (int it = tid; it < K / 4; it += blockDim.x) {
-        int q = it >> 2, t = it & 3;
-        const float* p = xr + 16 * q + 2 * t;
-        stage_item(frag, 8, 0, q, t, *reinterpret_cast<const float2*>(p), *reinterpret_cast<const float2*>(p + 8), s);
-    }
-    if (tid == 0) inv[blockIdx.x] = inv_s[0];
+    stage_b(x, ss.rows, 1, K, xs + (size_t)blockIdx.x * K, ss.red, ss.scale, ss.inv);
+    if (threadIdx.x == 0) inv[blockIdx.x] = ss.inv[0];
 }
-
 
 // One chunk of up to 4 NT pairs (rows[0 .. np)) of expert e against the block's tiles rt0 ..
 // rt0 + bt (warp w: tile rt0 + w): K in chunks of GEMM_KC steps through GEMM_STAGES shared-memory stages filled by

@@ -924,29 +924,21 @@ extern "C" __global__ void __launch_bounds__(256) attention_v2_rows(
                                    0.f, 0.f, nullptr, rows);
 }
 
-// The combine as a launch of its own: block (x, h) merges row x, or with `rows`
-// (attention_v2_rows' list) row rows[x].
-template <bool ROWS>
-__device__ __forceinline__ void attention_combine_body(const float* __restrict__ part_m, const float* __restrict__ part_l,
-                                                       const float* __restrict__ part_acc, float* __restrict__ o, int heads, int vd,
-                                                       int splits, const float* __restrict__ sinks, unsigned short* __restrict__ oh,
-                                                       unsigned short* __restrict__ ol, const int* __restrict__ rows) {
-    int r = ROWS ? rows[blockIdx.x] : blockIdx.x;
-    attention_combine_head(part_m, part_l, part_acc, o, r, blockIdx.y, heads, vd, splits, sinks, oh, ol);
-}
+// The combine as a launch of its own: block (x, h) merges row x, or (attention_combine_rows)
+// row rows[x] of attention_v2_rows' list.
 extern "C" __global__ void attention_combine(const float* __restrict__ part_m, const float* __restrict__ part_l,
                                              const float* __restrict__ part_acc, float* __restrict__ o, int heads, int vd,
                                              int splits, const float* __restrict__ sinks, unsigned short* __restrict__ oh,
                                              unsigned short* __restrict__ ol) {
     PDL_ENTER();
-    attention_combine_body<false>(part_m, part_l, part_acc, o, heads, vd, splits, sinks, oh, ol, nullptr);
+    attention_combine_head(part_m, part_l, part_acc, o, blockIdx.x, blockIdx.y, heads, vd, splits, sinks, oh, ol);
 }
 extern "C" __global__ void attention_combine_rows(const float* __restrict__ part_m, const float* __restrict__ part_l,
                                                   const float* __restrict__ part_acc, float* __restrict__ o, int heads, int vd,
                                                   int splits, const float* __restrict__ sinks, unsigned short* __restrict__ oh,
                                                   unsigned short* __restrict__ ol, const int* __restrict__ rows) {
     PDL_ENTER();
-    attention_combine_body<true>(part_m, part_l, part_acc, o, heads, vd, splits, sinks, oh, ol, rows);
+    attention_combine_head(part_m, part_l, part_acc, o, rows[blockIdx.x], blockIdx.y, heads, vd, splits, sinks, oh, ol);
 }
 
 // Paged attention for prefill: one block per (query tile, head), a tile being up to PT_Q rows

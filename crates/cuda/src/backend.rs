@@ -213,7 +213,7 @@ pub struct CudaModel {
     pub(crate) attn_counters: CudaSlice<u32>,
     /// Split attention merges inside the kernel (`PEREGRINE_ATTN_MERGE_IN_KERNEL=0` launches
     /// `attention_combine`, for comparison; tests flip it to compare the two).
-    pub(crate) merge_in_attention: std::sync::atomic::AtomicBool,
+    pub(crate) merge_in_attention: bool,
     /// Decode attention of few rows is split over more blocks to fill the GPU
     /// (`attn_splits`; `PEREGRINE_ATTN_FILL=0` turns it off, for comparison).
     attn_fill: bool,
@@ -226,6 +226,10 @@ pub struct CudaModel {
     pub(crate) prefill_pdl: bool,
 }
 
+/// Rows of split decode attention whose splits merge inside the kernel: the arrival counters
+/// cover this many rows x heads (at least 64 heads), every decode graph's bucket.
+const MERGE_IN_ATTENTION_ROWS: usize = 64;
+
 /// Blocks per (row, head) of decode attention over `span` positions, for `row_heads` (rows x
 /// heads) of them: a span longer than twice `split` is split `split` positions per block (at
 /// most 64 blocks). With `fill` (one wave of `attention_v2_kv`, in blocks), rows x heads blocks
@@ -234,10 +238,6 @@ pub struct CudaModel {
 /// on the H100 (Flash shapes, 64 heads, 128 positions: 4 splits, 256 blocks) the attention and
 /// its combine launch took the 18-layer step from 2.916 to 2.817 ms; batch 4 and up are not
 /// split (benches/results/2026-11-23-attention-fill-moe-trace.md).
-/// Rows of split decode attention whose splits merge inside the kernel: the arrival counters
-/// cover this many rows x heads (at least 64 heads), every decode graph's bucket.
-const MERGE_IN_ATTENTION_ROWS: usize = 64;
-
 pub(crate) fn attention_splits(span: usize, split: usize, fill: Option<usize>, row_heads: usize) -> usize {
     let by_len = if span > 2 * split { span.div_ceil(split) } else { 1 };
     let by_fill = fill.map_or(1, |wave| (wave / row_heads.max(1)).min(span / 32));
@@ -481,7 +481,7 @@ impl CudaModel {
             kv_in_attention: std::env::var("PEREGRINE_KV_IN_ATTENTION").map_or(true, |v| v != "0"),
             attention_kv_wave,
             attn_counters,
-            merge_in_attention: std::sync::atomic::AtomicBool::new(std::env::var("PEREGRINE_ATTN_MERGE_IN_KERNEL").map_or(true, |v| v != "0")),
+            merge_in_attention: std::env::var("PEREGRINE_ATTN_MERGE_IN_KERNEL").map_or(true, |v| v != "0"),
             attn_fill: std::env::var("PEREGRINE_ATTN_FILL").map_or(true, |v| v != "0"),
             route_in_moe: std::env::var("PEREGRINE_MOE_ROUTE_IN_KERNEL").map_or(true, |v| v != "0"),
             prefill_pdl: std::env::var("PEREGRINE_PREFILL_PDL").is_ok_and(|v| v == "1"),
@@ -721,10 +721,7 @@ impl CudaModel {
         let (mut pm, mut pl, mut pa) = if splits > 1 { (self.empty(parts)?, self.empty(parts)?, self.empty(parts * s.v_head_dim)?) } else { (self.empty(1)?, self.empty(1)?, self.empty(1)?) };
         // The last split of each (row, head) merges them (no combine launch) while the counters
         // cover the rows; a prefill batch's row list keeps attention_combine_rows.
-        let merge_in_kernel = splits > 1
-            && rows.is_none()
-            && n * s.num_heads <= self.attn_counters.len()
-            && self.merge_in_attention.load(std::sync::atomic::Ordering::Relaxed);
+        let merge_in_kernel = self.merge_in_attention && splits > 1 && rows.is_none() && n * s.num_heads <= self.attn_counters.len();
         let counters = merge_in_kernel.then_some(&self.attn_counters);
         let kernel = match (v2, fresh.is_some(), rows.is_some()) {
             (true, true, _) => &self.ops.attention_v2_kv,

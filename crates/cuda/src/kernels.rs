@@ -128,8 +128,8 @@ pub struct Kernels {
     mma_fp8: Vec<CudaFunction>,
     mma_bf16: Vec<CudaFunction>,
     /// The GEMM entry of `MMA_GEMV_TILES` got its shared memory (chosen from
-    /// `gemm_min_tokens()` tokens).
-    gemm_mma: bool,
+    /// `dense_gemm_min_tokens()` tokens).
+    dense_gemm: bool,
     /// `PEREGRINE_GEMV_TILE=NTxR` forces that tile shape at every token count (benchmarks).
     mma_forced: Option<usize>,
     split_bf16: CudaFunction,
@@ -180,20 +180,20 @@ pub struct Kernels {
 /// Tile shapes of the tensor-core GEMV kernels (kernels/gemv.cu, `GEMV_MMA`): 8 NT tokens and
 /// 16 R rows per block. More rows per block share each activation load; more tokens per block
 /// share each weight load but cost registers.
-pub const MMA_GEMV_TILES: [(usize, usize); 4] = [(1, 1), (2, 2), (2, 4), GEMM_TILE];
+pub const MMA_GEMV_TILES: [(usize, usize); 4] = [(1, 1), (2, 2), (2, 4), DENSE_GEMM_TILE];
 
 /// The entry of `MMA_GEMV_TILES` that is the GEMM (`gemm_mma_*`: 128 rows x 64 tokens per
 /// block, weights and activations staged in shared memory; the GEMV's bits).
-const GEMM_TILE: (usize, usize) = (8, 8);
+const DENSE_GEMM_TILE: (usize, usize) = (8, 8);
 
 /// Shared memory of a `gemm_mma_*` block (kernels/gemv.cu's GemmTile): 2 stages of 128 rows'
 /// weights and 64 tokens' hi + lo parts of a 64-k chunk, rows padded to 144 bytes but FP8's.
-const fn gemm_mma_smem(fp8: bool) -> usize {
+const fn dense_gemm_smem(fp8: bool) -> usize {
     2 * (128 * if fp8 { 64 } else { 144 } + 2 * 64 * 144)
 }
 
 fn mma_gemv_name(format: &str, nt: usize, r: usize) -> String {
-    if (nt, r) == GEMM_TILE {
+    if (nt, r) == DENSE_GEMM_TILE {
         format!("gemm_mma_{format}")
     } else if r == 1 {
         format!("gemv_mma_{format}_t{nt}")
@@ -206,14 +206,14 @@ fn mma_gemv_name(format: &str, nt: usize, r: usize) -> String {
 /// 16 rows per block; above, 2 or 4 row tiles per block of 16 tokens each, so the activations
 /// are read from L2 2-4 times less. H100, decode shapes (q/k/v FP8, o_proj BF16) at 16 / 64
 /// tokens: FP8 48 -> 55% / 10 -> 21% of copy bandwidth, BF16 60 -> 70% / 25 -> 37%
-/// (benches/results/2026-11-23-gemv-row-tiles.md). From `gemm_min_tokens()` (256) the GEMM:
+/// (benches/results/2026-11-23-gemv-row-tiles.md). From `dense_gemm_min_tokens()` (256) the GEMM:
 /// the 2048-token prompt's attention block 109 -> 87 ms, a 256-token prompt 43.6 -> 42.4 ms; at
 /// 128 tokens it was 4% slower and at 64 its few blocks (q/k/v 106, o_proj 32) lose clearly
 /// (benches/results/2026-11-24-decode-launches.md).
-fn mma_gemv_tile(fp8: bool, t: usize, gemm: bool) -> usize {
+fn mma_gemv_tile(fp8: bool, t: usize, dense_gemm: bool) -> usize {
     let tile = match (t, fp8) {
         (0..=8, _) => (1, 1),
-        _ if gemm && t >= gemm_min_tokens() => GEMM_TILE,
+        _ if dense_gemm && t >= dense_gemm_min_tokens() => DENSE_GEMM_TILE,
         (_, true) => (2, 4),
         (_, false) => (2, 2),
     };
@@ -222,7 +222,7 @@ fn mma_gemv_tile(fp8: bool, t: usize, gemm: bool) -> usize {
 
 /// Tokens from which the tensor-core GEMV runs as the GEMM (`PEREGRINE_GEMM_MIN_TOKENS`, for
 /// measurements).
-fn gemm_min_tokens() -> usize {
+fn dense_gemm_min_tokens() -> usize {
     static MIN: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *MIN.get_or_init(|| std::env::var("PEREGRINE_GEMM_MIN_TOKENS").ok().and_then(|v| v.parse().ok()).unwrap_or(256))
 }
@@ -502,10 +502,10 @@ impl Kernels {
         let mma_bf16 = MMA_GEMV_TILES.iter().map(|&(nt, r)| f(&mma_gemv_name("bf16", nt, r))).collect::<Result<Vec<_>>>()?;
         // The GEMM's stages take more than the default 48 KB of dynamic shared memory; a GPU
         // that cannot give them keeps the GEMV tiles.
-        let gi = mma_gemv_index(GEMM_TILE)?;
-        let gemm_mma = [(&mma_fp8[gi], true), (&mma_bf16[gi], false)]
+        let gi = mma_gemv_index(DENSE_GEMM_TILE)?;
+        let dense_gemm = [(&mma_fp8[gi], true), (&mma_bf16[gi], false)]
             .iter()
-            .all(|(func, fp8)| func.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, gemm_mma_smem(*fp8) as i32).is_ok());
+            .all(|(func, fp8)| func.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, dense_gemm_smem(*fp8) as i32).is_ok());
         Ok(Kernels {
             stream: gpu.stream.clone(),
             bf16: f("gemv_bf16")?,
@@ -519,7 +519,7 @@ impl Kernels {
             combine: f("moe_combine")?,
             mma_fp8,
             mma_bf16,
-            gemm_mma,
+            dense_gemm,
             mma_forced: match std::env::var("PEREGRINE_GEMV_TILE") {
                 Ok(v) => {
                     let tile = v.split_once('x').and_then(|(nt, r)| Some((nt.parse().ok()?, r.parse().ok()?)));
@@ -796,7 +796,7 @@ impl Kernels {
     /// The tensor-core GEMV over activations already split into hi + lo parts.
     fn mma_launch(&self, fp8: bool, w: cudarc::driver::sys::CUdeviceptr, scales: Option<&CudaSlice<f32>>, xh: &CudaSlice<u16>, xl: &CudaSlice<u16>, inv: Option<&CudaSlice<f32>>, ys: [cudarc::driver::sys::CUdeviceptr; 3], rows: [usize; 3], k: usize, t: usize) -> Result<()> {
         let n = rows.iter().sum::<usize>();
-        let v = self.mma_forced.unwrap_or_else(|| mma_gemv_tile(fp8, t, self.gemm_mma));
+        let v = self.mma_forced.unwrap_or_else(|| mma_gemv_tile(fp8, t, self.dense_gemm));
         let (nt, r) = MMA_GEMV_TILES[v];
         let f = if fp8 { &self.mma_fp8[v] } else { &self.mma_bf16[v] };
         let (ni, ki, ti) = (n as i32, k as i32, t as i32);
@@ -816,9 +816,9 @@ impl Kernels {
         // Row groups of 16 r rows x token groups of 8 nt: one row tile per block on grid (x, y);
         // several, as one index the kernel splits (a row group's token groups adjacent).
         let (groups, ty) = (n.div_ceil(16 * r), t.div_ceil(8 * nt));
-        let gemm = (nt, r) == GEMM_TILE;
-        let grid_dim = if r == 1 || gemm { (groups as u32, ty as u32, 1) } else { ((groups * ty) as u32, 1, 1) };
-        let smem = if gemm { gemm_mma_smem(fp8) as u32 } else { 0 };
+        let dense_gemm = (nt, r) == DENSE_GEMM_TILE;
+        let grid_dim = if r == 1 || dense_gemm { (groups as u32, ty as u32, 1) } else { ((groups * ty) as u32, 1, 1) };
+        let smem = if dense_gemm { dense_gemm_smem(fp8) as u32 } else { 0 };
         let cfg = LaunchConfig { grid_dim, block_dim: (256, 1, 1), shared_mem_bytes: smem };
         unsafe { b.launch(cfg) }.map_err(drv(if fp8 { "gemv_mma_fp8" } else { "gemv_mma_bf16" }))?;
         Ok(())

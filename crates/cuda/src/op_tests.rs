@@ -202,9 +202,20 @@ fn attention_reference(s: &AttentionSpec, q: &[f32], kc: &[f32], vc: &[f32], pos
     out
 }
 
+/// `oh`, `ol` are exactly o's BF16 hi + lo parts (hi = bf16(v), lo = bf16(v - hi)), as the
+/// attention kernels write them for the o_proj GEMV.
+fn assert_bf16_split(name: &str, o: &[f32], oh: &[u16], ol: &[u16]) {
+    let bf16 = |v: f32| half::bf16::from_f32(v).to_bits();
+    for (i, &v) in o.iter().enumerate() {
+        let hi = bf16(v);
+        let lo = bf16(v - half::bf16::from_bits(hi).to_f32());
+        assert_eq!((oh[i], ol[i]), (hi, lo), "{name}: BF16 split of element {i} ({v})");
+    }
+}
+
 #[test]
 fn attention_matches_the_cpu_reference() {
-    let Some(m) = model() else { return };
+    let Some(mut m) = model() else { return };
     let mut r = rng();
     let st = m.stream.clone();
     let bs = 16;
@@ -254,9 +265,9 @@ fn attention_matches_the_cpu_reference() {
                 // separate merge launch (attention_combine) gives the same bits, and the
                 // arrival counters are zero again.
                 let split_hl = |sp: &Option<Bf16Split>| sp.as_ref().map(|(h, l)| (st.clone_dtoh(h).unwrap(), st.clone_dtoh(l).unwrap()));
-                m.merge_in_attention.store(false, std::sync::atomic::Ordering::Relaxed);
+                m.merge_in_attention = false;
                 let (o_sep, split_sep) = m.attend(&qd, &kd, &vd, &pd, &sd, &td, max_blocks, bs, n, &s, sk.as_ref(), v2, v2, None, None).unwrap();
-                m.merge_in_attention.store(true, std::sync::atomic::Ordering::Relaxed);
+                m.merge_in_attention = true;
                 let o_sep = st.clone_dtoh(&o_sep).unwrap();
                 assert!(o == o_sep, "{name}: merged in the kernel and by attention_combine differ at {:?}", o.iter().zip(&o_sep).position(|(a, b)| a != b));
                 assert!(split_hl(&split) == split_hl(&split_sep), "{name}: BF16 splits differ between the two merges");
@@ -265,14 +276,8 @@ fn attention_matches_the_cpu_reference() {
             close(&name, &o, &want, 2e-5);
             // v2 also writes o's BF16 hi + lo parts for the o_proj GEMV: exactly the split of o.
             assert_eq!(split.is_some(), v2, "{name}: BF16 split written only when asked (v2)");
-            if let Some((oh, ol)) = split {
-                let (oh, ol) = (st.clone_dtoh(&oh).unwrap(), st.clone_dtoh(&ol).unwrap());
-                let bf16 = |v: f32| half::bf16::from_f32(v).to_bits();
-                for (i, &v) in o.iter().enumerate() {
-                    let hi = bf16(v);
-                    let lo = bf16(v - half::bf16::from_bits(hi).to_f32());
-                    assert_eq!((oh[i], ol[i]), (hi, lo), "{name}: BF16 split of element {i} ({v})");
-                }
+            if let Some(sp) = &split {
+                assert_bf16_split(&name, &o, &st.clone_dtoh(&sp.0).unwrap(), &st.clone_dtoh(&sp.1).unwrap());
             }
         }
     }
@@ -392,12 +397,7 @@ fn prefill_attention_matches_the_cpu_reference() {
             let o = st.clone_dtoh(&o).unwrap();
             close(&name, &o, &want, 2e-5);
             let (oh, ol) = split.expect("BF16 split asked for");
-            let (oh, ol) = (st.clone_dtoh(&oh).unwrap(), st.clone_dtoh(&ol).unwrap());
-            let bf16 = |v: f32| half::bf16::from_f32(v).to_bits();
-            for (i, &v) in o.iter().enumerate() {
-                let hi = bf16(v);
-                assert_eq!((oh[i], ol[i]), (hi, bf16(v - half::bf16::from_bits(hi).to_f32())), "{name}: BF16 split of element {i} ({v})");
-            }
+            assert_bf16_split(&name, &o, &st.clone_dtoh(&oh).unwrap(), &st.clone_dtoh(&ol).unwrap());
         }
     }
 }
