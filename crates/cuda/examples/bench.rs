@@ -154,7 +154,7 @@ fn main() {
             let e4m3 = |b: &u8| if b & 0x7f == 0x7f { b ^ 1 } else { *b };
             let ws: Vec<_> = (0..2).map(|_| s.clone_htod(&random_bytes(rows * cols).iter().map(e4m3).collect::<Vec<_>>()).unwrap()).collect();
             let sc = s.clone_htod(&vec![1.0f32; rows.div_ceil(128) * cols / 128]).unwrap();
-            for t in [1usize, 2, 4, 8, 16, 64] {
+            for t in [1usize, 2, 4, 8, 16, 32, 64] {
                 let ms = time_b2b(&mut |i| k.gemv_fp8(&ws[i % 2], &sc, &x, &mut y, rows, cols, t).unwrap());
                 let b = (rows * cols) as f64 + (rows.div_ceil(128) * cols / 128 * 4) as f64;
                 println!("fp8    T={t:<2} {:>10.1} MB {ms:8.3} ms {:7.0} GB/s {:5.1}%  ({rows}x{cols}, q/k/v)", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, 100.0 * b / (ms as f64 * 1e-3) / copy_bw);
@@ -164,7 +164,7 @@ fn main() {
             let (rows, cols) = (4096usize, 8192usize);
             let bf16 = |b: &[u8]| ((b[1] as u16 & 0x80) << 8) | ((119 + (b[1] as u16 & 7)) << 7) | (b[0] as u16 & 0x7f);
             let ws: Vec<_> = (0..2).map(|_| s.clone_htod(&random_bytes(2 * rows * cols).chunks(2).map(bf16).collect::<Vec<_>>()).unwrap()).collect();
-            for t in [1usize, 2, 4, 8, 16, 64] {
+            for t in [1usize, 2, 4, 8, 16, 32, 64] {
                 let ms = time_b2b(&mut |i| k.gemv_bf16(&ws[i % 2], &x, &mut y, rows, cols, t).unwrap());
                 let b = (rows * cols * 2) as f64;
                 println!("bf16   T={t:<2} {:>10.1} MB {ms:8.3} ms {:7.0} GB/s {:5.1}%  ({rows}x{cols}, o_proj)", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, 100.0 * b / (ms as f64 * 1e-3) / copy_bw);

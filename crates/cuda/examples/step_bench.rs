@@ -273,7 +273,7 @@ fn main() {
 
     // Where a step's time goes: CUDA events around every operation of the plan (eager), with
     // each kind's share of the byte floor.
-    for &b in batches.iter().filter(|&&b| b == 1 || b == 8) {
+    for &b in batches {
         let batch: Vec<SeqForward> = (0..b).map(|s| seqf(s, vec![tok(s, args.context)], args.context, OutputRows::Last)).collect();
         let prof = model.profile_plan(&batch, args.steps).expect("profile");
         let mut kinds: Vec<(&str, f64, f64)> = Vec::new();
