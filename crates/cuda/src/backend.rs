@@ -872,7 +872,11 @@ impl CudaModel {
     /// rows of the vocabulary: partial maxima over slices of ~2048 by many blocks, then one
     /// small block per row.
     pub(crate) fn argmax_into(&self, logits: &CudaSlice<f32>, rows: usize, ids: &mut CudaSlice<i32>) -> Result<()> {
-        let v = self.spec.vocab_size;
+        self.argmax_rows_into(logits, rows, self.spec.vocab_size, ids)
+    }
+
+    /// `argmax_into` over rows of `v` logits.
+    pub(crate) fn argmax_rows_into(&self, logits: &CudaSlice<f32>, rows: usize, v: usize, ids: &mut CudaSlice<i32>) -> Result<()> {
         let parts = v.div_ceil(2048).clamp(1, 128);
         let mut part_v = self.empty(rows * parts)?;
         // SAFETY: argmax_rows writes every (row, part) of both.

@@ -74,6 +74,60 @@ fn rms_norm_f64(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
         .collect()
 }
 
+/// The argmax of each row as the host takes it: the lowest index of the largest value; NaN is
+/// never the largest; all -inf/NaN: 0.
+fn argmax_host(row: &[f32]) -> i32 {
+    let mut best: Option<(f32, usize)> = None;
+    for (i, &v) in row.iter().enumerate() {
+        if v > best.map_or(f32::NEG_INFINITY, |b| b.0) {
+            best = Some((v, i));
+        }
+    }
+    best.map_or(0, |b| b.1 as i32)
+}
+
+/// Over many blocks per row (a 152k vocabulary takes 75), with the largest value twice in
+/// different blocks, NaNs, -inf, and rows of nothing else.
+#[test]
+fn argmax_matches_the_host() {
+    let Some(m) = model() else { return };
+    let mut r = rng();
+    let st = m.stream.clone();
+    for (rows, v) in [(1usize, 152_064usize), (3, 152_064), (2, 5_000), (4, 512), (65, 2_049)] {
+        let mut x = randn(&mut r, rows * v, 8.0);
+        for (ri, row) in x.chunks_mut(v).enumerate() {
+            match ri % 4 {
+                // The largest value twice, far apart (different blocks): the lower index wins.
+                0 => {
+                    let (a, b) = (r.random_range(0..v / 2), r.random_range(v / 2..v));
+                    row[a] = 100.0;
+                    row[b] = 100.0;
+                }
+                // NaNs and -inf around a largest value near the end.
+                1 => {
+                    for e in row.iter_mut().step_by(7) {
+                        *e = f32::NAN;
+                    }
+                    row[v - 1] = f32::NEG_INFINITY;
+                    row[v - 2] = 50.0;
+                }
+                // Nothing but -inf and NaN: id 0.
+                2 => {
+                    for (i, e) in row.iter_mut().enumerate() {
+                        *e = if i % 3 == 0 { f32::NAN } else { f32::NEG_INFINITY };
+                    }
+                }
+                _ => {}
+            }
+        }
+        let want: Vec<i32> = x.chunks(v).map(argmax_host).collect();
+        let mut ids = st.clone_htod(&vec![-7i32; rows]).unwrap();
+        m.argmax_rows_into(&st.clone_htod(&x).unwrap(), rows, v, &mut ids).unwrap();
+        assert_eq!(st.clone_dtoh(&ids).unwrap(), want, "argmax of {rows} rows of {v}");
+        eprintln!("argmax of {rows} rows of {v}: as the host");
+    }
+}
+
 #[test]
 fn norms_match_the_cpu_reference() {
     let Some(m) = model() else { return };
