@@ -676,11 +676,12 @@ extern "C" __global__ void fill_random_f(void* __restrict__ p, unsigned long lon
 
 // Merges attention_v2's `splits` partial states of (row r, head h) as its epilogue merges
 // warps, then the sink logit: o = sum_s acc_s e^(m_s - M) / (sum_s l_s e^(m_s - M) [+ sink]).
-// The states are read through L2 (__ldcg): inside attention_v2 other blocks wrote them.
+// The states are read through L2 (__ldcg): inside attention_v2 other blocks wrote them. Thread
+// tid of nthreads (a block, or one warp's lanes) writes o's elements tid, tid + nthreads, ...
 __device__ __forceinline__ void attention_combine_head(const float* part_m, const float* part_l, const float* part_acc,
                                                        float* __restrict__ o, int r, int h, int heads, int vd, int splits,
                                                        const float* __restrict__ sinks, unsigned short* __restrict__ oh,
-                                                       unsigned short* __restrict__ ol) {
+                                                       unsigned short* __restrict__ ol, int tid, int nthreads) {
     const float NEG_INF = __int_as_float(0xff800000u);
     size_t p0 = ((size_t)r * heads + h) * splits;
     float M = NEG_INF;
@@ -697,7 +698,7 @@ __device__ __forceinline__ void attention_combine_head(const float* part_m, cons
         M = mn;
     }
     size_t ob = ((size_t)r * heads + h) * vd;
-    for (int i = threadIdx.x; i < vd; i += blockDim.x) {
+    for (int i = tid; i < vd; i += nthreads) {
         float a = 0.f;
         for (int s = 0; s < splits; s++) {
             float ms = __ldcg(part_m + p0 + s);
@@ -864,7 +865,7 @@ __device__ __forceinline__ void attention_v2_body(
         __syncthreads();
         if (!merges) return;
         __threadfence();
-        attention_combine_head(part_m, part_l, part_acc, o, r, h, heads, vd, splits, sinks, oh, ol);
+        attention_combine_head(part_m, part_l, part_acc, o, r, h, heads, vd, splits, sinks, oh, ol, threadIdx.x, blockDim.x);
         return;
     }
     float sink_w = 0.f;
@@ -910,6 +911,181 @@ ATTENTION_V2_KERNEL(attention_v2, false)
 // while its grid fits one wave: at batch 8 its 512 blocks needed a second and the step was ~2%
 // slower than with rope_kv_write.
 ATTENTION_V2_KERNEL(attention_v2_kv, true)
+
+// Decode attention with one warp per head: block (r, y, z) serves heads ATT_WARPS y .. + 7 of
+// row r over split z's positions. The block stages the K and V rows of ATT_TILE positions at a
+// time in shared memory (cp.async, ATT_STAGES tiles in flight), so heads that share a KV head
+// read its cache once per block: attention_v2 gives each head blocks of its own, and at batch
+// 64 of Flash shapes (16 heads per KV head, 128 positions) those read ~660 MB of K/V from L2
+// per layer for 42-84 MB of cache (125-131 us under ncu; this kernel 61-65 us). Each warp
+// scores a tile with lane l taking position l % 16 and half l / 16 of the head dimension (one
+// float4 dot product each, halves added by one shuffle), updates its running softmax once per
+// tile, and adds the tile's V rows with lane l holding output elements l + 32 c. (A warp
+// scoring 4 positions at a time with lane-strided dot products, as attention_v2's warps do,
+// issued ~100 instructions per position: 76-78 us, issue-bound.) q is rotated and the rows'
+// K/V are in the pools (rope_kv_write ran); hd % 8 == 0, vd % 4 == 0, hd <= 256, vd <= 128.
+// Dynamic shared memory: attention_heads_smem on the host (the tiles, rows padded to an odd
+// count of 16-byte units so a quarter warp's float4 reads of 8 rows hit distinct banks, then
+// the 8 heads' q). With splits (gridDim.z > 1) each warp writes its head's state for
+// attention_combine, or with `counters` the last block of (r, y) to finish merges its heads
+// (counter r * heads + ATT_WARPS y, zero again after). Same semantics as attention_v2, not the
+// same bits.
+// (80 registers, 3 blocks per SM; cut for 4, ptxas spills 64 bytes. Three tiles in flight
+// measured no faster: 63 against 61 us at batch 64.)
+#define ATT_TILE 16
+#define ATT_STAGES 2
+extern "C" __global__ void __launch_bounds__(256, 3) attention_v2_heads(
+    const float* __restrict__ q, const float* __restrict__ kc, const float* __restrict__ vc, float* __restrict__ o,
+    const int* __restrict__ pos, const int* __restrict__ seq, const int* __restrict__ tables, int max_blocks,
+    int block_size, int heads, int kv_heads, int hd, int vd, int window, float scale, const float* __restrict__ sinks,
+    float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc, unsigned short* __restrict__ oh,
+    unsigned short* __restrict__ ol, unsigned* __restrict__ counters) {
+    PDL_ENTER();
+    constexpr int stages = ATT_STAGES;
+    extern __shared__ float4 att_smem[];
+    int r = blockIdx.x, lane = threadIdx.x & 31, w = threadIdx.x >> 5, h = blockIdx.y * ATT_WARPS + w;
+    bool active = h < heads;
+    int group = heads / kv_heads;
+    const int* table = tables + (size_t)seq[r] * max_blocks;
+    int p = pos[r];
+    int lo = window > 0 ? max(0, p + 1 - window) : 0;
+    int splits = gridDim.z, chunk = (p - lo + splits) / splits;
+    int j_lo = lo + blockIdx.z * chunk, j_hi = min(j_lo + chunk - 1, p);
+    const int kq = hd / 4, rq = (hd + vd) / 4;  // 16-byte units of a K row, of a K + V row
+    const int row = 4 * (rq | 1);               // floats per staged row (padded: odd units)
+    // A block's heads may span KV heads (fewer than 8 heads per KV head): a tile holds, per
+    // position, the rows of the KV heads of its first to its last head.
+    int kv0 = (blockIdx.y * ATT_WARPS) / group, kv1 = (min(blockIdx.y * ATT_WARPS + ATT_WARPS, heads) - 1) / group;
+    int nkv = kv1 - kv0 + 1;  // 1 unless group < ATT_WARPS
+    float* tiles = reinterpret_cast<float*>(att_smem);            // [stages][ATT_TILE][nkv][row]
+    float* sq = tiles + (size_t)stages * ATT_TILE * nkv * row;      // [ATT_WARPS][hd]
+    // Warp w stages positions PW w + a of a tile, lane-strided 16-byte units of their rows;
+    // `ent` holds their block-table entries, loaded a tile ahead so the copies never wait.
+    constexpr int PW = ATT_TILE / ATT_WARPS;
+    auto entries = [&](int t0, int ent[PW]) {
+#pragma unroll
+        for (int a = 0; a < PW; a++) ent[a] = __ldg(table + min(t0 + PW * w + a, j_hi) / block_size);
+    };
+    auto stage = [&](int t0, int b, const int ent[PW]) {
+        float* t = tiles + (size_t)b * ATT_TILE * nkv * row;
+#pragma unroll
+        for (int a = 0; a < PW; a++) {
+            int jj = PW * w + a, j = t0 + jj;
+            if (j > j_hi) break;
+            size_t slot = (size_t)ent[a] * block_size + j % block_size;
+            for (int kk = 0; kk < nkv; kk++) {
+                const float* ks = kc + (slot * kv_heads + kv0 + kk) * hd;
+                const float* vs = vc + (slot * kv_heads + kv0 + kk) * vd;
+                float* dst = t + ((size_t)jj * nkv + kk) * row;
+                for (int c = lane; c < rq; c += 32) cp_async16(dst + 4 * c, c < kq ? ks + 4 * c : vs + 4 * (c - kq));
+            }
+        }
+        cp_async_commit();
+    };
+    // The first stages - 1 tiles; then each step stages the tile stages - 1 ahead (a commit
+    // group each, empty past j_hi, so the wait below is by count).
+    int ent[PW];
+    for (int i = 0; i < stages - 1; i++) {
+        entries(j_lo + i * ATT_TILE, ent);
+        stage(j_lo + i * ATT_TILE, i, ent);
+    }
+    entries(j_lo + (stages - 1) * ATT_TILE, ent);
+    // The warp's q, for its lanes' float4 reads.
+    int hq = min(h, heads - 1), kk = hq / group - kv0;  // kk: the warp's KV head among the staged
+    for (int i = lane; i < hd; i += 32) sq[w * hd + i] = q[((size_t)r * heads + hq) * hd + i];
+    __syncwarp();
+    const float NEG_INF = __int_as_float(0xff800000u);
+    float m = NEG_INF, l = 0.f;
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    const int jl = lane & (ATT_TILE - 1), half = lane / ATT_TILE, hh = hd / 2;  // position, half of hd
+    const float4* qh = reinterpret_cast<const float4*>(sq + w * hd + half * hh);
+    for (int t0 = j_lo, b = 0; t0 <= j_hi; t0 += ATT_TILE, b = b + 1 == stages ? 0 : b + 1) {
+        int ta = t0 + (stages - 1) * ATT_TILE;  // the tile asked for now, into the buffer freed last step
+        stage(ta, b == 0 ? stages - 1 : b - 1, ent);
+        entries(ta + ATT_TILE, ent);  // used a step from now
+        cp_async_wait<stages - 1>();
+        __syncthreads();  // tile t0 is in buffer b for every warp
+        const float* tb = tiles + (size_t)b * ATT_TILE * nkv * row + kk * row;  // position 0's row
+        const int nt = min(ATT_TILE, j_hi - t0 + 1);                             // staged positions
+        if (active) {
+            // Scores: lane (jl, half) takes half of q . k_jl; unstaged positions score -inf.
+            const float4* kr = reinterpret_cast<const float4*>(tb + (size_t)jl * nkv * row + half * hh);
+            float sc = 0.f;
+            for (int i = 0; i < hh / 4; i++) {
+                float4 a4 = qh[i], k4 = kr[i];
+                sc += a4.x * k4.x + a4.y * k4.y + a4.z * k4.z + a4.w * k4.w;
+            }
+            sc += __shfl_xor_sync(0xffffffffu, sc, ATT_TILE);
+            sc = jl < nt ? sc * scale : NEG_INF;
+            // The running softmax joins the tile's scores.
+            float mt = sc;
+#pragma unroll
+            for (int o2 = ATT_TILE / 2; o2 > 0; o2 >>= 1) mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, o2));
+            float mn = fmaxf(m, mt);
+            float pe = jl < nt ? __expf(sc - mn) : 0.f, corr = __expf(m - mn);
+            float ps = pe;
+#pragma unroll
+            for (int o2 = ATT_TILE / 2; o2 > 0; o2 >>= 1) ps += __shfl_xor_sync(0xffffffffu, ps, o2);
+            l = l * corr + ps;
+            m = mn;
+#pragma unroll
+            for (int c = 0; c < 4; c++) acc[c] *= corr;
+            // V: lane holds output elements lane + 32 c.
+            for (int jj = 0; jj < nt; jj++) {
+                float pj = __shfl_sync(0xffffffffu, pe, jj);
+                const float* vr = tb + (size_t)jj * nkv * row + hd;
+#pragma unroll
+                for (int c = 0; c < 4; c++)
+                    if (lane + 32 * c < vd) acc[c] += pj * vr[lane + 32 * c];
+            }
+        }
+        __syncthreads();  // every warp is done with buffer b before it is staged again
+    }
+    size_t hb = (size_t)r * heads + h;
+    if (splits == 1) {
+        if (!active) return;
+        // The sink logit joins the softmax: the running max may rise, rescaling the sum and acc.
+        float L = l, corr = 1.f;
+        if (sinks) {
+            float sc = sinks[h];
+            float mn = fmaxf(m, sc);
+            corr = __expf(m - mn);
+            L = L * corr + __expf(sc - mn);
+        }
+#pragma unroll
+        for (int c = 0; c < 4; c++) {
+            int i = lane + 32 * c;
+            if (i < vd) {
+                float a = acc[c] * corr / L;
+                o[hb * vd + i] = a;
+                if (oh) split_bf16_value(a, oh[hb * vd + i], ol[hb * vd + i]);  // o_proj's BF16 GEMV input
+            }
+        }
+        return;
+    }
+    // This split's state of the warp's head (an empty split: max -inf, sum 0).
+    if (active) {
+        size_t ps = hb * splits + blockIdx.z;
+        if (lane == 0) { part_m[ps] = m; part_l[ps] = l; }
+#pragma unroll
+        for (int c = 0; c < 4; c++)
+            if (lane + 32 * c < vd) part_acc[ps * vd + lane + 32 * c] = acc[c];
+    }
+    if (!counters) return;  // attention_combine merges the splits
+    __shared__ bool merges;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        unsigned* c = counters + (size_t)r * heads + blockIdx.y * ATT_WARPS;
+        merges = atomicAdd(c, 1u) == (unsigned)splits - 1;
+        if (merges) *c = 0u;
+    }
+    __syncthreads();
+    if (!merges || !active) return;
+    __threadfence();
+    attention_combine_head(part_m, part_l, part_acc, o, r, h, heads, vd, splits, sinks, oh, ol, lane, 32);
+}
+
 // attention_v2 over a list of rows (block x serves row rows[x]): in a prefill batch, the rows
 // that no attention_prefill tile covers (decode rows of other sequences).
 extern "C" __global__ void __launch_bounds__(256) attention_v2_rows(
@@ -931,14 +1107,14 @@ extern "C" __global__ void attention_combine(const float* __restrict__ part_m, c
                                              int splits, const float* __restrict__ sinks, unsigned short* __restrict__ oh,
                                              unsigned short* __restrict__ ol) {
     PDL_ENTER();
-    attention_combine_head(part_m, part_l, part_acc, o, blockIdx.x, blockIdx.y, heads, vd, splits, sinks, oh, ol);
+    attention_combine_head(part_m, part_l, part_acc, o, blockIdx.x, blockIdx.y, heads, vd, splits, sinks, oh, ol, threadIdx.x, blockDim.x);
 }
 extern "C" __global__ void attention_combine_rows(const float* __restrict__ part_m, const float* __restrict__ part_l,
                                                   const float* __restrict__ part_acc, float* __restrict__ o, int heads, int vd,
                                                   int splits, const float* __restrict__ sinks, unsigned short* __restrict__ oh,
                                                   unsigned short* __restrict__ ol, const int* __restrict__ rows) {
     PDL_ENTER();
-    attention_combine_head(part_m, part_l, part_acc, o, rows[blockIdx.x], blockIdx.y, heads, vd, splits, sinks, oh, ol);
+    attention_combine_head(part_m, part_l, part_acc, o, rows[blockIdx.x], blockIdx.y, heads, vd, splits, sinks, oh, ol, threadIdx.x, blockDim.x);
 }
 
 // Paged attention for prefill: one block per (query tile, head), a tile being up to PT_Q rows

@@ -166,6 +166,7 @@ pub(crate) struct Ops {
     argmax_final: CudaFunction,
     attention_v2: CudaFunction,
     attention_v2_kv: CudaFunction,
+    attention_v2_heads: CudaFunction,
     attention_combine: CudaFunction,
     pub(crate) attention_prefill: PrefillAttention,
     attention_v2_rows: CudaFunction,
@@ -207,6 +208,12 @@ pub struct CudaModel {
     kv_in_attention: bool,
     /// Blocks of `attention_v2_kv` resident at once on the whole GPU (one wave).
     attention_kv_wave: usize,
+    /// The GPU's SMs.
+    sm_count: usize,
+    /// Decode rows from which attention without the K/V write inside runs one warp per head
+    /// (`attention_v2_heads`, the heads of a KV head in one block) instead of a block per head
+    /// (`PEREGRINE_ATTN_HEADS_MIN_ROWS`; tests set it to compare the two).
+    pub(crate) attn_heads_min_rows: usize,
     /// Arrival counters of split decode attention, one per (row, head) of up to
     /// `MERGE_IN_ATTENTION_ROWS` rows (zero between calls: the kernel resets them). With them
     /// the last split of each (row, head) merges the splits, and no `attention_combine` runs.
@@ -229,6 +236,13 @@ pub struct CudaModel {
 /// Rows of split decode attention whose splits merge inside the kernel: the arrival counters
 /// cover this many rows x heads (at least 64 heads), every decode graph's bucket.
 const MERGE_IN_ATTENTION_ROWS: usize = 64;
+
+/// Warps (heads) per block of `attention_v2_heads` (ATT_WARPS in kernels/ops.cu).
+const ATT_WARPS: usize = 8;
+
+/// Decode rows from which `attention_v2_heads` serves attention without the K/V write inside
+/// (`CudaModel::attn_heads_min_rows`).
+const ATTN_HEADS_MIN_ROWS: usize = 8;
 
 /// Blocks per (row, head) of decode attention over `span` positions, for `row_heads` (rows x
 /// heads) of them: a span longer than twice `split` is split `split` positions per block (at
@@ -339,6 +353,12 @@ impl CudaModel {
             argmax_final: f("argmax_final")?,
             attention_v2: f("attention_v2")?,
             attention_v2_kv: f("attention_v2_kv")?,
+            attention_v2_heads: {
+                // Best effort, as below: a GPU with less shared memory fails at launch.
+                let k = f("attention_v2_heads")?;
+                let _ = k.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, ATT_HEADS_MAX_SMEM as i32);
+                k
+            },
             attention_combine: f("attention_combine")?,
             attention_prefill: {
                 // Q, K, V and P tiles of up to 184 KB (f32, K head dim 256) and 199 KB (tensor
@@ -480,6 +500,8 @@ impl CudaModel {
             attn_split: std::env::var("PEREGRINE_ATTN_SPLIT").ok().and_then(|v| v.parse().ok()).filter(|&v: &usize| v >= 32).unwrap_or(512),
             kv_in_attention: std::env::var("PEREGRINE_KV_IN_ATTENTION").map_or(true, |v| v != "0"),
             attention_kv_wave,
+            sm_count: sms,
+            attn_heads_min_rows: std::env::var("PEREGRINE_ATTN_HEADS_MIN_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(ATTN_HEADS_MIN_ROWS),
             attn_counters,
             merge_in_attention: std::env::var("PEREGRINE_ATTN_MERGE_IN_KERNEL").map_or(true, |v| v != "0"),
             attn_fill: std::env::var("PEREGRINE_ATTN_FILL").map_or(true, |v| v != "0"),
@@ -663,6 +685,15 @@ impl CudaModel {
         attention_splits(span, self.attn_split, self.attn_fill.then_some(self.attention_kv_wave), rows * s.num_heads)
     }
 
+    /// Blocks per (row, block of 8 heads) of `attention_v2_heads` for `rows` rows, whose
+    /// blocks take `smem` bytes: as for `attention_v2`, its blocks counted per 8 heads and
+    /// filling its own wave.
+    fn attn_heads_splits(&self, s: &AttentionSpec, max_blocks: usize, block_size: usize, rows: usize, smem: usize) -> Result<usize> {
+        let span = s.window().map_or(max_blocks * block_size, |w| w.min(max_blocks * block_size));
+        let wave = self.ops.attention_v2_heads.occupancy_max_active_blocks_per_multiprocessor(256, smem, None).map_err(drv)? as usize * self.sm_count;
+        Ok(attention_splits(span, self.attn_split, self.attn_fill.then_some(wave), rows * s.num_heads.div_ceil(ATT_WARPS)))
+    }
+
     /// Paged attention of `n` query rows over the K/V pools (`attention_v2`, or the one-warp
     /// `attention` when `v2` is false): row r at position pos[r] of sequence seq[r], whose
     /// block table is `tables[seq[r] * max_blocks..]`.
@@ -716,7 +747,16 @@ impl CudaModel {
             Some(pf) => (pf.num_rest, Some(&pf.rest)),
             None => (n, None),
         };
-        let splits = if v2 { self.attn_splits(s, max_blocks, block_size, n) } else { 1 };
+        // Decode rows whose K/V are in the pools: one warp per head from attn_heads_min_rows,
+        // for the shapes it takes (attention_heads_smem).
+        let heads_smem = attention_heads_smem(s);
+        let per_head_warps = v2 && fresh.is_none() && rows.is_none() && n >= self.attn_heads_min_rows && heads_smem.is_some();
+        let heads_smem = heads_smem.unwrap_or(0);
+        let splits = match (v2, per_head_warps) {
+            (false, _) => 1,
+            (true, true) => self.attn_heads_splits(s, max_blocks, block_size, n, heads_smem)?,
+            (true, false) => self.attn_splits(s, max_blocks, block_size, n),
+        };
         let parts = n * s.num_heads * splits;
         let (mut pm, mut pl, mut pa) = if splits > 1 { (self.empty(parts)?, self.empty(parts)?, self.empty(parts * s.v_head_dim)?) } else { (self.empty(1)?, self.empty(1)?, self.empty(1)?) };
         // The last split of each (row, head) merges them (no combine launch) while the counters
@@ -724,6 +764,7 @@ impl CudaModel {
         let merge_in_kernel = self.merge_in_attention && splits > 1 && rows.is_none() && n * s.num_heads <= self.attn_counters.len();
         let counters = merge_in_kernel.then_some(&self.attn_counters);
         let kernel = match (v2, fresh.is_some(), rows.is_some()) {
+            _ if per_head_warps => &self.ops.attention_v2_heads,
             (true, true, _) => &self.ops.attention_v2_kv,
             (true, false, true) => &self.ops.attention_v2_rows,
             (true, false, false) => &self.ops.attention_v2,
@@ -732,7 +773,10 @@ impl CudaModel {
         let mut b = crate::launch::builder(&self.stream, kernel);
         b.arg(q).arg(kc).arg(vc).arg(&mut o).arg(pos).arg(seq).arg(tables).arg(&mb).arg(&bs).arg(&hh).arg(&kvh).arg(&hd).arg(&vd).arg(&window).arg(&scale);
         b.arg_or_null(sinks);
-        if v2 {
+        if per_head_warps {
+            b.arg(&mut pm).arg(&mut pl).arg(&mut pa).arg_or_null(split.as_mut().map(|s| &mut s.0)).arg_or_null(split.as_mut().map(|s| &mut s.1));
+            b.arg_or_null(counters);
+        } else if v2 {
             b.arg(&mut pm).arg(&mut pl).arg(&mut pa).arg_or_null(split.as_mut().map(|s| &mut s.0)).arg_or_null(split.as_mut().map(|s| &mut s.1));
             let (half, rd, th, vs) = (s.rope.rotary_dim.div_ceil(2) as i32, s.rope.rotary_dim as i32, s.rope.theta as f32, s.value_scale);
             match (&fresh, rows) {
@@ -751,7 +795,8 @@ impl CudaModel {
             }
         }
         let threads = if v2 { 256 } else { 32 }; // 32 x ATT_WARPS for attention_v2
-        unsafe { b.launch(LaunchConfig { grid_dim: (grid_rows as u32, s.num_heads as u32, splits as u32), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
+        let (head_blocks, smem) = if per_head_warps { (s.num_heads.div_ceil(ATT_WARPS), heads_smem) } else { (s.num_heads, 0) };
+        unsafe { b.launch(LaunchConfig { grid_dim: (grid_rows as u32, head_blocks as u32, splits as u32), block_dim: (threads, 1, 1), shared_mem_bytes: smem as u32 }) }.map_err(drv)?;
         if splits > 1 && !merge_in_kernel {
             let sp = splits as i32;
             let mut b = crate::launch::builder(&self.stream, if rows.is_some() { &self.ops.attention_combine_rows } else { &self.ops.attention_combine });
@@ -1180,6 +1225,33 @@ fn uses_attention_v2(s: &AttentionSpec) -> bool {
     s.head_dim <= 256
 }
 
+/// Positions of K/V `attention_v2_heads` stages per tile (ATT_TILE in kernels/ops.cu).
+const ATT_TILE: usize = 16;
+
+/// Tiles of K/V `attention_v2_heads` keeps in flight (ATT_STAGES in kernels/ops.cu).
+const ATT_STAGES: usize = 2;
+
+/// Dynamic shared memory an `attention_v2_heads` block may ask for (opted into at load).
+const ATT_HEADS_MAX_SMEM: usize = 96 * 1024;
+
+/// Dynamic shared memory of an `attention_v2_heads` block for `s`, if `s` suits it: its tiles
+/// in flight of the K + V rows of every KV head its 8 heads read (each row padded to an odd
+/// count of 16-byte units), then the 8 heads' q; head dims of whole float4 halves, V of whole
+/// float4s, the limits of attention_v2 (hd <= 256, vd <= 128), and at most
+/// `ATT_HEADS_MAX_SMEM`.
+pub(crate) fn attention_heads_smem(s: &AttentionSpec) -> Option<usize> {
+    let group = s.num_heads / s.num_kv_heads.max(1);
+    if group == 0 {
+        return None;
+    }
+    let kv_per_block = (0..s.num_heads.div_ceil(ATT_WARPS))
+        .map(|y| ((y * ATT_WARPS + ATT_WARPS).min(s.num_heads) - 1) / group - y * ATT_WARPS / group + 1)
+        .max()?;
+    let row = 4 * (((s.head_dim + s.v_head_dim) / 4) | 1);
+    let bytes = (ATT_STAGES * ATT_TILE * kv_per_block * row + ATT_WARPS * s.head_dim) * 4;
+    (s.head_dim.is_multiple_of(8) && s.v_head_dim.is_multiple_of(4) && s.head_dim <= 256 && s.v_head_dim <= 128 && bytes <= ATT_HEADS_MAX_SMEM).then_some(bytes)
+}
+
 /// A decode step's new K and V rows (before RoPE and the value scale) and their pool slots, for
 /// `attend` to write.
 pub(crate) struct FreshKv<'a> {
@@ -1518,6 +1590,49 @@ mod split_tests {
         assert_eq!(attention_splits(8192, 512, WAVE, 64), 16);
         assert_eq!(attention_splits(128, 512, None, 64), 1);
         assert_eq!(attention_splits(1 << 20, 512, None, 8), 64);
+    }
+}
+
+#[cfg(test)]
+mod heads_attention_tests {
+    use super::attention_heads_smem;
+    use peregrine_core::spec::RopeStyle;
+    use peregrine_core::{AttentionKind, AttentionSpec, QkvLayout, RopeSpec};
+
+    fn spec(heads: usize, kv_heads: usize, hd: usize, vd: usize) -> AttentionSpec {
+        AttentionSpec {
+            kind: AttentionKind::Full,
+            num_heads: heads,
+            num_kv_heads: kv_heads,
+            head_dim: hd,
+            v_head_dim: vd,
+            rope: RopeSpec { theta: 10_000.0, rotary_dim: 64, style: RopeStyle::NeoX },
+            sinks: false,
+            value_scale: 1.0,
+            softmax_scale: 0.1,
+            qkv_layout: QkvLayout::Separate,
+            qkv_bias: false,
+            qk_norm: false,
+        }
+    }
+
+    #[test]
+    fn one_warp_per_head_attention_takes_shapes_whose_tiles_fit() {
+        // Flash: one KV head per block, rows of 320 floats padded to 324 (81 float4s), two
+        // tiles of 16, then 8 heads' q of 192.
+        assert_eq!(attention_heads_smem(&spec(64, 4, 192, 128)), Some((2 * 16 * 324 + 8 * 192) * 4));
+        assert_eq!(attention_heads_smem(&spec(64, 8, 192, 128)), Some((2 * 16 * 324 + 8 * 192) * 4));
+        // Four heads per KV head: a block stages two KV heads (rows of 256 floats padded to 260).
+        assert_eq!(attention_heads_smem(&spec(8, 2, 128, 128)), Some((2 * 16 * 2 * 260 + 8 * 128) * 4));
+        // Two heads per KV head: four KV heads a block; rows of 80 floats (20 float4s) padded to 84.
+        assert_eq!(attention_heads_smem(&spec(12, 6, 48, 32)), Some((2 * 16 * 4 * 84 + 8 * 48) * 4));
+        // Multi-head attention of 128-wide heads: eight KV heads a block, past the 96 KiB.
+        assert_eq!(attention_heads_smem(&spec(32, 32, 128, 128)), None);
+        // Head dims that are not whole float4 halves, V not whole float4s, past attention_v2's limits.
+        assert_eq!(attention_heads_smem(&spec(8, 1, 100, 128)), None);
+        assert_eq!(attention_heads_smem(&spec(8, 1, 128, 126)), None);
+        assert_eq!(attention_heads_smem(&spec(8, 1, 320, 64)), None);
+        assert_eq!(attention_heads_smem(&spec(8, 1, 128, 256)), None);
     }
 }
 

@@ -274,15 +274,18 @@ fn attention_matches_the_cpu_reference() {
     let st = m.stream.clone();
     let bs = 16;
     // MiMo-V2-Flash's full layer (GQA 16:1, K 192, V 128) and sliding layer (window 128, sinks,
-    // 8 KV heads), a tiny layer, one past v2's K limit (the one-warp kernel), and a wide window
-    // with sinks. Tables of 160 blocks (2560 positions) make v2 split the long ranges over
-    // several blocks per head (and leave some splits empty at short positions).
+    // 8 KV heads), a tiny layer, one past v2's K limit (the one-warp kernel), a wide window
+    // with sinks, and two heads per KV head. Tables of 160 blocks (2560 positions) make v2 split
+    // the long ranges over several blocks per head (and leave some splits empty at short
+    // positions).
     let cases = [
         attn_spec(64, 4, 192, 128, 64, None, false),
         attn_spec(64, 8, 192, 128, 64, Some(128), true),
         attn_spec(4, 1, 64, 48, 64, Some(5), true),
         attn_spec(4, 2, 320, 64, 64, None, false),
         attn_spec(8, 2, 128, 128, 64, Some(2000), true),
+        // Two heads per KV head: a block of attention_v2_heads stages four KV heads' rows.
+        attn_spec(12, 6, 48, 32, 32, Some(40), true),
     ];
     for (s, max_blocks) in cases.iter().flat_map(|&s| [(s, 24usize), (s, 160)]) {
         let seqs = 3usize;
@@ -307,12 +310,20 @@ fn attention_matches_the_cpu_reference() {
         let (qd, kd, vd) = (st.clone_htod(&q).unwrap(), st.clone_htod(&kc).unwrap(), st.clone_htod(&vc).unwrap());
         let (pd, sd, td) = (st.clone_htod(&pos).unwrap(), st.clone_htod(&seq).unwrap(), st.clone_htod(&tables).unwrap());
         let sk = sinks.as_ref().map(|v| st.clone_htod(v).unwrap());
-        for v2 in [true, false] {
+        // attention_v2 (a block per head), attention_v2_heads (a warp per head), the one-warp kernel.
+        for (v2, per_head_warps) in [(true, false), (true, true), (false, false)] {
             if v2 && s.head_dim > 256 {
                 continue;
             }
+            m.attn_heads_min_rows = if per_head_warps { 1 } else { usize::MAX };
             let (o, split) = m.attend(&qd, &kd, &vd, &pd, &sd, &td, max_blocks, bs, n, &s, sk.as_ref(), v2, v2, None, None).unwrap();
-            let name = format!("attention{} h{} kv{} d{}/{} window {:?} sinks {}, {} positions", if v2 { "_v2" } else { "" }, s.num_heads, s.num_kv_heads, s.head_dim, s.v_head_dim, s.window(), s.sinks, max_blocks * bs);
+            let kernel = match (v2, per_head_warps) {
+                (true, true) if crate::backend::attention_heads_smem(&s).is_some() => "_v2_heads",
+                (true, true) => "_v2 (no attention_v2_heads for these shapes)",
+                (true, false) => "_v2",
+                _ => "",
+            };
+            let name = format!("attention{kernel} h{} kv{} d{}/{} window {:?} sinks {}, {} positions", s.num_heads, s.num_kv_heads, s.head_dim, s.v_head_dim, s.window(), s.sinks, max_blocks * bs);
             let o = st.clone_dtoh(&o).unwrap();
             if v2 {
                 // Long ranges are split; their last split merges them inside the kernel. The
