@@ -170,6 +170,18 @@ fn main() {
                 println!("bf16   T={t:<2} {:>10.1} MB {ms:8.3} ms {:7.0} GB/s {:5.1}%  ({rows}x{cols}, o_proj)", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, 100.0 * b / (ms as f64 * 1e-3) / copy_bw);
             }
         }
+        {
+            // The lm_head (BF16, 152064 x 4096, 1.25 GB; one copy is far past the L2).
+            let (rows, cols) = (152064usize, 4096usize);
+            let bf16 = |b: &[u8]| ((b[1] as u16 & 0x80) << 8) | ((119 + (b[1] as u16 & 7)) << 7) | (b[0] as u16 & 0x7f);
+            let w = s.clone_htod(&random_bytes(2 * rows * cols).chunks(2).map(bf16).collect::<Vec<_>>()).unwrap();
+            let mut y = s.alloc_zeros::<f32>(64 * rows).unwrap();
+            for t in [1usize, 8, 16, 32, 64] {
+                let ms = time_b2b(&mut |_| k.gemv_bf16(&w, &x, &mut y, rows, cols, t).unwrap());
+                let b = (rows * cols * 2) as f64;
+                println!("bf16   T={t:<2} {:>10.1} MB {ms:8.3} ms {:7.0} GB/s {:5.1}%  ({rows}x{cols}, lm_head)", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, 100.0 * b / (ms as f64 * 1e-3) / copy_bw);
+            }
+        }
         drop(y);
     }
     if only_gemv {

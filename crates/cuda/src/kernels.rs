@@ -210,10 +210,16 @@ fn mma_gemv_name(format: &str, nt: usize, r: usize) -> String {
 /// the 2048-token prompt's attention block 109 -> 87 ms, a 256-token prompt 43.6 -> 42.4 ms; at
 /// 128 tokens it was 4% slower and at 64 its few blocks (q/k/v 106, o_proj 32) lose clearly
 /// (benches/results/2026-11-24-decode-launches.md).
-fn mma_gemv_tile(fp8: bool, t: usize, dense_gemm: bool) -> usize {
+/// From 64 tokens, a matrix of at least `dense_gemm_min_blocks()` GEMM tiles (the lm_head of a
+/// 152k vocabulary: 1188) runs the GEMM too: at 64 tokens the lm_head's GEMV tiles read 35.6% of
+/// copy bandwidth and the GEMM 58.1% (q/k/v's 106 tiles: 21.4 against 18.9%; at 32 tokens the
+/// lm_head's GEMV tiles 73.1 against 48.7%; benches/results/2026-11-24-attention-heads.md).
+fn mma_gemv_tile(fp8: bool, t: usize, n: usize, dense_gemm: bool) -> usize {
+    let gemm_blocks = n.div_ceil(128) * t.div_ceil(64);
     let tile = match (t, fp8) {
         (0..=8, _) => (1, 1),
         _ if dense_gemm && t >= dense_gemm_min_tokens() => DENSE_GEMM_TILE,
+        _ if dense_gemm && t >= 64 && gemm_blocks >= dense_gemm_min_blocks() => DENSE_GEMM_TILE,
         (_, true) => (2, 4),
         (_, false) => (2, 2),
     };
@@ -225,6 +231,13 @@ fn mma_gemv_tile(fp8: bool, t: usize, dense_gemm: bool) -> usize {
 fn dense_gemm_min_tokens() -> usize {
     static MIN: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *MIN.get_or_init(|| std::env::var("PEREGRINE_GEMM_MIN_TOKENS").ok().and_then(|v| v.parse().ok()).unwrap_or(256))
+}
+
+/// GEMM tiles from which a matrix runs the GEMM from 64 tokens (see `mma_gemv_tile`;
+/// `PEREGRINE_GEMM_MIN_BLOCKS`, for measurements).
+fn dense_gemm_min_blocks() -> usize {
+    static MIN: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MIN.get_or_init(|| std::env::var("PEREGRINE_GEMM_MIN_BLOCKS").ok().and_then(|v| v.parse().ok()).unwrap_or(1024))
 }
 
 fn mma_gemv_index(tile: (usize, usize)) -> Result<usize> {
@@ -796,7 +809,7 @@ impl Kernels {
     /// The tensor-core GEMV over activations already split into hi + lo parts.
     fn mma_launch(&self, fp8: bool, w: cudarc::driver::sys::CUdeviceptr, scales: Option<&CudaSlice<f32>>, xh: &CudaSlice<u16>, xl: &CudaSlice<u16>, inv: Option<&CudaSlice<f32>>, ys: [cudarc::driver::sys::CUdeviceptr; 3], rows: [usize; 3], k: usize, t: usize) -> Result<()> {
         let n = rows.iter().sum::<usize>();
-        let v = self.mma_forced.unwrap_or_else(|| mma_gemv_tile(fp8, t, self.dense_gemm));
+        let v = self.mma_forced.unwrap_or_else(|| mma_gemv_tile(fp8, t, n, self.dense_gemm));
         let (nt, r) = MMA_GEMV_TILES[v];
         let f = if fp8 { &self.mma_fp8[v] } else { &self.mma_bf16[v] };
         let (ni, ki, ti) = (n as i32, k as i32, t as i32);
