@@ -797,7 +797,7 @@ struct GemmTile {
     static constexpr int X_BYTES = GEMMT_TOKENS * GEMMT_XROW;
     static constexpr int STAGE = W_BYTES + 2 * X_BYTES;
 };
-template <bool FP8>
+template <bool FP8, int STAGES = GEMMT_STAGES>
 __device__ __forceinline__ void gemm_mma(const unsigned char* __restrict__ W, const float* __restrict__ S,
                                          const unsigned short* __restrict__ XH, const unsigned short* __restrict__ XL,
                                          const float* __restrict__ xinv, float* __restrict__ y, float* __restrict__ y1,
@@ -834,7 +834,7 @@ __device__ __forceinline__ void gemm_mma(const unsigned char* __restrict__ W, co
     int k_issue = 0;
     auto issue = [&](int p) {
         if (p < NC) {
-            unsigned char* st = smem + (p % GEMMT_STAGES) * G::STAGE;
+            unsigned char* st = smem + (p % STAGES) * G::STAGE;
 #pragma unroll
             for (int u = 0; u < NWU; u++) cp_async16(st + wdst + u * WSTEP * G::WROW, wbase + wofs[u] + k_issue * ESIZE);
 #pragma unroll
@@ -854,16 +854,16 @@ __device__ __forceinline__ void gemm_mma(const unsigned char* __restrict__ W, co
 #pragma unroll
             for (int i = 0; i < 4; i++) total[a][b][i] = acc[a][b][i] = part[a][b][i] = 0.f;
 #pragma unroll
-    for (int p = 0; p < GEMMT_STAGES - 1; p++) issue(p);
+    for (int p = 0; p < STAGES - 1; p++) issue(p);
     // K blocks left in the current class (K >= 128). Deriving the class's end from k_cur instead
     // made ptxas spill 360 bytes in the FP8 kernel (scripts/kernel-report.sh), so it is counted.
     int cls = 0, left = (KB + 7) / 8;
     int k_cur = 0;                     // chunk p's k offset
     for (int p = 0; p < NC; p++, k_cur = next_k(k_cur)) {
-        cp_async_wait<GEMMT_STAGES - 2>();  // chunk p has landed (this thread's copies)
+        cp_async_wait<STAGES - 2>();  // chunk p has landed (this thread's copies)
         __syncthreads();                    // everyone's copies; chunk p - 1's stage is free
-        issue(p + GEMMT_STAGES - 1);
-        const unsigned char* st = smem + (p % GEMMT_STAGES) * G::STAGE;
+        issue(p + STAGES - 1);
+        const unsigned char* st = smem + (p % STAGES) * G::STAGE;
         // A fragments of the warp's two row tiles: rows g and g + 8, this lane's 16 k.
         unsigned a0[2][8], a1[2][8];
 #pragma unroll
@@ -941,6 +941,20 @@ __device__ __forceinline__ void gemm_mma(const unsigned char* __restrict__ W, co
     }
 GEMM_MMA_KERNEL(fp8, true)
 GEMM_MMA_KERNEL(bf16, false)
+// The GEMM for decode batches of 32-255 tokens, whose tiles number about one per SM (q/k/v at 64
+// tokens: 106): one block per SM holds GEMMT_DEEP_STAGES chunks in flight instead of two (the
+// stages are what bounds a lone block's bandwidth).
+#define GEMMT_DEEP_STAGES(IS_FP8) ((IS_FP8) ? 6 : 5)
+#define GEMM_MMA_DEEP_KERNEL(FMT, IS_FP8)                                                                                 \
+    extern "C" __global__ void __launch_bounds__(256, 1) gemm_mma_deep_##FMT(                                              \
+        const unsigned char* __restrict__ W, const float* __restrict__ S, const unsigned short* __restrict__ XH,          \
+        const unsigned short* __restrict__ XL, const float* __restrict__ xinv, float* __restrict__ y,                     \
+        float* __restrict__ y1, float* __restrict__ y2, int N0, int N1, int N, int K, int T) {                             \
+        PDL_ENTER();                                                                                                      \
+        gemm_mma<IS_FP8, GEMMT_DEEP_STAGES(IS_FP8)>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T);                      \
+    }
+GEMM_MMA_DEEP_KERNEL(fp8, true)
+GEMM_MMA_DEEP_KERNEL(bf16, false)
 
 // gemv_mma_{fp8,bf16}_t<NT> (one row tile per block) and ..._t<NT>_r<R>.
 #define GEMV_MMA(NT, R, SUFFIX)                                                                                           \

@@ -180,20 +180,32 @@ pub struct Kernels {
 /// Tile shapes of the tensor-core GEMV kernels (kernels/gemv.cu, `GEMV_MMA`): 8 NT tokens and
 /// 16 R rows per block. More rows per block share each activation load; more tokens per block
 /// share each weight load but cost registers.
-pub const MMA_GEMV_TILES: [(usize, usize); 4] = [(1, 1), (2, 2), (2, 4), DENSE_GEMM_TILE];
+pub const MMA_GEMV_TILES: [(usize, usize); 5] = [(1, 1), (2, 2), (2, 4), DENSE_GEMM_TILE, DEEP_GEMM_TILE];
 
 /// The entry of `MMA_GEMV_TILES` that is the GEMM (`gemm_mma_*`: 128 rows x 64 tokens per
 /// block, weights and activations staged in shared memory; the GEMV's bits).
 const DENSE_GEMM_TILE: (usize, usize) = (8, 8);
 
+/// The entry that is the GEMM with a deep pipeline for decode batches (`gemm_mma_deep_*`: one
+/// block per SM, 6 (FP8) or 5 (BF16) chunks in flight). (8, 6) is its label.
+const DEEP_GEMM_TILE: (usize, usize) = (8, 6);
+
 /// Shared memory of a `gemm_mma_*` block (kernels/gemv.cu's GemmTile): 2 stages of 128 rows'
-/// weights and 64 tokens' hi + lo parts of a 64-k chunk, rows padded to 144 bytes but FP8's.
-const fn dense_gemm_smem(fp8: bool) -> usize {
-    2 * (128 * if fp8 { 64 } else { 144 } + 2 * 64 * 144)
+/// weights and 64 tokens' hi + lo parts of a 64-k chunk, rows padded to 144 bytes but FP8's;
+/// `gemm_mma_deep_*` (`deep`) has GEMMT_DEEP_STAGES: 6 (FP8) or 5 (BF16).
+const fn dense_gemm_smem(fp8: bool, deep: bool) -> usize {
+    let stages = match (deep, fp8) {
+        (false, _) => 2,
+        (true, true) => 6,
+        (true, false) => 5,
+    };
+    stages * (128 * if fp8 { 64 } else { 144 } + 2 * 64 * 144)
 }
 
 fn mma_gemv_name(format: &str, nt: usize, r: usize) -> String {
-    if (nt, r) == DENSE_GEMM_TILE {
+    if (nt, r) == DEEP_GEMM_TILE {
+        format!("gemm_mma_deep_{format}")
+    } else if (nt, r) == DENSE_GEMM_TILE {
         format!("gemm_mma_{format}")
     } else if r == 1 {
         format!("gemv_mma_{format}_t{nt}")
@@ -212,14 +224,17 @@ fn mma_gemv_name(format: &str, nt: usize, r: usize) -> String {
 /// (benches/results/2026-11-24-decode-launches.md).
 /// From 64 tokens, a matrix of at least `dense_gemm_min_blocks()` GEMM tiles (the lm_head of a
 /// 152k vocabulary: 1188) runs the GEMM too: at 64 tokens the lm_head's GEMV tiles read 35.6% of
-/// copy bandwidth and the GEMM 58.1% (q/k/v's 106 tiles: 21.4 against 18.9%; at 32 tokens the
-/// lm_head's GEMV tiles 73.1 against 48.7%; benches/results/2026-11-24-attention-heads.md).
+/// copy bandwidth and the GEMM 58.1% (at 32 tokens the GEMV tiles 73.1 against 48.7%). At 64-127
+/// tokens a matrix of 64-1023 tiles runs the deep GEMM (one block per SM, 5-6 chunks in flight):
+/// q/k/v's 106 tiles at 64 tokens 25.6% against the GEMV tiles' 21.4% and the GEMM's 18.9% (at
+/// 32 tokens 19.1 against 34.3%; benches/results/2026-11-24-attention-heads.md).
 fn mma_gemv_tile(fp8: bool, t: usize, n: usize, dense_gemm: bool) -> usize {
     let gemm_blocks = n.div_ceil(128) * t.div_ceil(64);
     let tile = match (t, fp8) {
         (0..=8, _) => (1, 1),
         _ if dense_gemm && t >= dense_gemm_min_tokens() => DENSE_GEMM_TILE,
         _ if dense_gemm && t >= 64 && gemm_blocks >= dense_gemm_min_blocks() => DENSE_GEMM_TILE,
+        _ if dense_gemm && (deep_gemm_min_tokens()..128).contains(&t) && gemm_blocks >= DEEP_GEMM_MIN_BLOCKS => DEEP_GEMM_TILE,
         (_, true) => (2, 4),
         (_, false) => (2, 2),
     };
@@ -239,6 +254,18 @@ fn dense_gemm_min_blocks() -> usize {
     static MIN: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *MIN.get_or_init(|| std::env::var("PEREGRINE_GEMM_MIN_BLOCKS").ok().and_then(|v| v.parse().ok()).unwrap_or(1024))
 }
+
+/// Tokens from which a decode batch's matrix of `DEEP_GEMM_MIN_BLOCKS` to
+/// `dense_gemm_min_blocks()` GEMM tiles runs the deep GEMM, up to 127
+/// (`PEREGRINE_GEMM_DEEP_MIN_TOKENS`, for measurements).
+fn deep_gemm_min_tokens() -> usize {
+    static MIN: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MIN.get_or_init(|| std::env::var("PEREGRINE_GEMM_DEEP_MIN_TOKENS").ok().and_then(|v| v.parse().ok()).unwrap_or(64))
+}
+
+/// GEMM tiles from which the deep GEMM may run (o_proj's 32 at 64 tokens keep the GEMV tiles:
+/// 14.9% of copy bandwidth as the deep GEMM against 37.1%).
+const DEEP_GEMM_MIN_BLOCKS: usize = 64;
 
 fn mma_gemv_index(tile: (usize, usize)) -> Result<usize> {
     MMA_GEMV_TILES.iter().position(|&x| x == tile).ok_or_else(|| Error::Backend(format!("GEMV tile {tile:?} is not one of {MMA_GEMV_TILES:?} (NT x R)")))
@@ -515,10 +542,10 @@ impl Kernels {
         let mma_bf16 = MMA_GEMV_TILES.iter().map(|&(nt, r)| f(&mma_gemv_name("bf16", nt, r))).collect::<Result<Vec<_>>>()?;
         // The GEMM's stages take more than the default 48 KB of dynamic shared memory; a GPU
         // that cannot give them keeps the GEMV tiles.
-        let gi = mma_gemv_index(DENSE_GEMM_TILE)?;
-        let dense_gemm = [(&mma_fp8[gi], true), (&mma_bf16[gi], false)]
+        let (gi, di) = (mma_gemv_index(DENSE_GEMM_TILE)?, mma_gemv_index(DEEP_GEMM_TILE)?);
+        let dense_gemm = [(&mma_fp8[gi], true, false), (&mma_bf16[gi], false, false), (&mma_fp8[di], true, true), (&mma_bf16[di], false, true)]
             .iter()
-            .all(|(func, fp8)| func.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, dense_gemm_smem(*fp8) as i32).is_ok());
+            .all(|(func, fp8, deep)| func.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, dense_gemm_smem(*fp8, *deep) as i32).is_ok());
         Ok(Kernels {
             stream: gpu.stream.clone(),
             bf16: f("gemv_bf16")?,
@@ -829,9 +856,14 @@ impl Kernels {
         // Row groups of 16 r rows x token groups of 8 nt: one row tile per block on grid (x, y);
         // several, as one index the kernel splits (a row group's token groups adjacent).
         let (groups, ty) = (n.div_ceil(16 * r), t.div_ceil(8 * nt));
-        let dense_gemm = (nt, r) == DENSE_GEMM_TILE;
-        let grid_dim = if r == 1 || dense_gemm { (groups as u32, ty as u32, 1) } else { ((groups * ty) as u32, 1, 1) };
-        let smem = if dense_gemm { dense_gemm_smem(fp8) as u32 } else { 0 };
+        let (dense_gemm, deep) = ((nt, r) == DENSE_GEMM_TILE, (nt, r) == DEEP_GEMM_TILE);
+        // The GEMMs: 128-row x 64-token tiles.
+        let grid_dim = match () {
+            _ if deep => (n.div_ceil(128) as u32, t.div_ceil(64) as u32, 1),
+            _ if r == 1 || dense_gemm => (groups as u32, ty as u32, 1),
+            _ => ((groups * ty) as u32, 1, 1),
+        };
+        let smem = if dense_gemm || deep { dense_gemm_smem(fp8, deep) as u32 } else { 0 };
         let cfg = LaunchConfig { grid_dim, block_dim: (256, 1, 1), shared_mem_bytes: smem };
         unsafe { b.launch(cfg) }.map_err(drv(if fp8 { "gemv_mma_fp8" } else { "gemv_mma_bf16" }))?;
         Ok(())
