@@ -931,30 +931,22 @@ __device__ __forceinline__ void gemm_mma(const unsigned char* __restrict__ W, co
                 if (n < N && t < T) store_out(total[mt][nt][i], xinv, y, y1, y2, N0, N1, N, n, t);
             }
 }
-#define GEMM_MMA_KERNEL(FMT, IS_FP8)                                                                                      \
-    extern "C" __global__ void __launch_bounds__(256, 2) gemm_mma_##FMT(                                                   \
+// gemm_mma_{fp8,bf16}: two chunks in flight, two blocks per SM. gemm_mma_deep_{fp8,bf16}: for
+// decode batches of 64-127 tokens whose tiles number about one per SM (q/k/v at 64 tokens: 106),
+// one block per SM with 6 (FP8) or 5 (BF16) chunks in flight (the stages are what bounds a lone
+// block's bandwidth).
+#define GEMM_MMA_KERNEL(NAME, IS_FP8, MIN_BLOCKS, STAGES)                                                                 \
+    extern "C" __global__ void __launch_bounds__(256, MIN_BLOCKS) NAME(                                                   \
         const unsigned char* __restrict__ W, const float* __restrict__ S, const unsigned short* __restrict__ XH,          \
         const unsigned short* __restrict__ XL, const float* __restrict__ xinv, float* __restrict__ y,                     \
         float* __restrict__ y1, float* __restrict__ y2, int N0, int N1, int N, int K, int T) {                             \
         PDL_ENTER();                                                                                                      \
-        gemm_mma<IS_FP8>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T);                                                 \
+        gemm_mma<IS_FP8, STAGES>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T);                                         \
     }
-GEMM_MMA_KERNEL(fp8, true)
-GEMM_MMA_KERNEL(bf16, false)
-// The GEMM for decode batches of 32-255 tokens, whose tiles number about one per SM (q/k/v at 64
-// tokens: 106): one block per SM holds GEMMT_DEEP_STAGES chunks in flight instead of two (the
-// stages are what bounds a lone block's bandwidth).
-#define GEMMT_DEEP_STAGES(IS_FP8) ((IS_FP8) ? 6 : 5)
-#define GEMM_MMA_DEEP_KERNEL(FMT, IS_FP8)                                                                                 \
-    extern "C" __global__ void __launch_bounds__(256, 1) gemm_mma_deep_##FMT(                                              \
-        const unsigned char* __restrict__ W, const float* __restrict__ S, const unsigned short* __restrict__ XH,          \
-        const unsigned short* __restrict__ XL, const float* __restrict__ xinv, float* __restrict__ y,                     \
-        float* __restrict__ y1, float* __restrict__ y2, int N0, int N1, int N, int K, int T) {                             \
-        PDL_ENTER();                                                                                                      \
-        gemm_mma<IS_FP8, GEMMT_DEEP_STAGES(IS_FP8)>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T);                      \
-    }
-GEMM_MMA_DEEP_KERNEL(fp8, true)
-GEMM_MMA_DEEP_KERNEL(bf16, false)
+GEMM_MMA_KERNEL(gemm_mma_fp8, true, 2, GEMMT_STAGES)
+GEMM_MMA_KERNEL(gemm_mma_bf16, false, 2, GEMMT_STAGES)
+GEMM_MMA_KERNEL(gemm_mma_deep_fp8, true, 1, 6)
+GEMM_MMA_KERNEL(gemm_mma_deep_bf16, false, 1, 5)
 
 // gemv_mma_{fp8,bf16}_t<NT> (one row tile per block) and ..._t<NT>_r<R>.
 #define GEMV_MMA(NT, R, SUFFIX)                                                                                           \

@@ -192,7 +192,7 @@ const DEEP_GEMM_TILE: (usize, usize) = (8, 6);
 
 /// Shared memory of a `gemm_mma_*` block (kernels/gemv.cu's GemmTile): 2 stages of 128 rows'
 /// weights and 64 tokens' hi + lo parts of a 64-k chunk, rows padded to 144 bytes but FP8's;
-/// `gemm_mma_deep_*` (`deep`) has GEMMT_DEEP_STAGES: 6 (FP8) or 5 (BF16).
+/// `gemm_mma_deep_*` (`deep`) has 6 (FP8) or 5 (BF16), as kernels/gemv.cu instantiates it.
 const fn dense_gemm_smem(fp8: bool, deep: bool) -> usize {
     let stages = match (deep, fp8) {
         (false, _) => 2,
