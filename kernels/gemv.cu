@@ -823,6 +823,11 @@ __device__ __forceinline__ void gemm_mma(const unsigned char* __restrict__ W, co
     for (int u = 0; u < NWU; u++) wofs[u] = (unsigned)(min(nb + tid / G::WUNITS + WSTEP * u, N - 1) - nb) * K * ESIZE;
 #pragma unroll
     for (int u = 0; u < 2; u++) xofs[u] = (unsigned)(min(t0 + tid / 8 + 32 * u, T - 1) - t0) * K * 2;
+    // The deep kernels (decode batches, often fewer than 64 tokens a tile) leave token rows past
+    // T unloaded instead of copying token T - 1 into them: every block re-reading those same
+    // lines crowded one place of L2. (Their columns' MMA results are never stored.)
+    constexpr bool skip_past_t = STAGES != GEMMT_STAGES;
+    bool xload[2] = {!skip_past_t || t0 + tid / 8 < T, !skip_past_t || t0 + tid / 8 + 32 < T};
     const int wdst = (tid / G::WUNITS) * G::WROW + (tid % G::WUNITS) * 16;
     const int xdst = G::W_BYTES + (tid / 8) * GEMMT_XROW + (tid % 8) * 16;
     // Chunks in the visiting order: k offsets of K block (class w, j-th) = w + 8 j, halves 0, 1.
@@ -838,10 +843,11 @@ __device__ __forceinline__ void gemm_mma(const unsigned char* __restrict__ W, co
 #pragma unroll
             for (int u = 0; u < NWU; u++) cp_async16(st + wdst + u * WSTEP * G::WROW, wbase + wofs[u] + k_issue * ESIZE);
 #pragma unroll
-            for (int u = 0; u < 2; u++) {
-                cp_async16(st + xdst + u * 32 * GEMMT_XROW, hbase + xofs[u] + k_issue * 2);
-                cp_async16(st + xdst + u * 32 * GEMMT_XROW + G::X_BYTES, lbase + xofs[u] + k_issue * 2);
-            }
+            for (int u = 0; u < 2; u++)
+                if (xload[u]) {
+                    cp_async16(st + xdst + u * 32 * GEMMT_XROW, hbase + xofs[u] + k_issue * 2);
+                    cp_async16(st + xdst + u * 32 * GEMMT_XROW + G::X_BYTES, lbase + xofs[u] + k_issue * 2);
+                }
             k_issue = next_k(k_issue);
         }
         cp_async_commit();  // empty groups past the end keep the wait's count
