@@ -257,6 +257,8 @@ __device__ __forceinline__ float e8m0_bits(unsigned v) { return __uint_as_float(
 // its group's scale word `sv`, the staged B fragments of step k; the E8M0 scale of each
 // 32-block multiplies that block's partial sums: acc[0..1] row g, acc[2..3] row g + 8.
 __device__ __forceinline__ void tile_step(uint4 wv, unsigned sv, const uint4* frag, int L, int k, bool hasb, float acc[4]) {
+    // (It decodes each word just before its MMA, so it spells out mma_k32_scaled's arithmetic
+    // in place: calling it, all four words decoded first, changed the decode kernels' code.)
     int lane = threadIdx.x & 31;
     uint4 b01 = make_uint4(0u, 0u, 0u, 0u), b23 = b01;
     if (hasb) {
@@ -284,6 +286,20 @@ __device__ __forceinline__ void tile_step(uint4 wv, unsigned sv, const uint4* fr
     acc[1] += f0 * tp[1];
     acc[2] += f1 * tp[2];
     acc[3] += f1 * tp[3];
+}
+
+// tile_step's arithmetic for 32 values of k of a tile whose A fragments are decoded already
+// (the MoE GEMM, which reuses them for several column tiles): A fragments a0 (k 0..15) and a1
+// (k 16..31) against B words b (b.x, b.y then b.z, b.w) summed from zero, then scaled into acc
+// by the 32-block's E8M0 scales: f_g for row g (acc[0..1]), f_g8 for row g + 8 (acc[2..3]).
+__device__ __forceinline__ void mma_k32_scaled(float acc[4], const unsigned a0[4], const unsigned a1[4], uint4 b, float f_g, float f_g8) {
+    float tp[4];
+    mma_zero(tp, a0, b.x, b.y);
+    mma_acc(tp, a1, b.z, b.w);
+    acc[0] += f_g * tp[0];
+    acc[1] += f_g * tp[1];
+    acc[2] += f_g8 * tp[2];
+    acc[3] += f_g8 * tp[3];
 }
 
 // A warp streams its 16-row tile through its own shared-memory ring of NS stages of CS steps
@@ -877,20 +893,8 @@ __device__ __forceinline__ void moe_gemm_chunk(const unsigned char* __restrict__
                 const uint4* bp = reinterpret_cast<const uint4*>(st + (4 * n + (g >> 1)) * (GEMM_KC * 256) + kk * 256 + (g & 1) * 64 + t * 16);
                 uint4 b01 = bp[0], b23 = bp[8];  // halves 0 and 1 (128 bytes apart)
                 // tile_step's arithmetic, in its order.
-                float tp[4];
-                float* ac = acc[n];
-                mma_zero(tp, a[0], b01.x, b01.y);
-                mma_acc(tp, a[1], b01.z, b01.w);
-                ac[0] += f0 * tp[0];
-                ac[1] += f0 * tp[1];
-                ac[2] += f1 * tp[2];
-                ac[3] += f1 * tp[3];
-                mma_zero(tp, a[2], b23.x, b23.y);
-                mma_acc(tp, a[3], b23.z, b23.w);
-                ac[0] += f2 * tp[0];
-                ac[1] += f2 * tp[1];
-                ac[2] += f3 * tp[2];
-                ac[3] += f3 * tp[3];
+                mma_k32_scaled(acc[n], a[0], a[1], b01, f0, f1);
+                mma_k32_scaled(acc[n], a[2], a[3], b23, f2, f3);
             }
         }
         __syncthreads();  // every warp is done with this stage before it is refilled
