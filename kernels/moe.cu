@@ -357,14 +357,22 @@ __device__ __forceinline__ void bulk_prologue(int seq, const unsigned char* __re
 // Streams the warp's current pass (wt, st, KS steps). As its last NS stages are consumed, the
 // freed slots are refilled with the first stages of the warp's next pass (nwt, nst_, nKS; nKS
 // = 0: none), so the ring never drains between passes; returns how many were asked for.
+// frag holds L / 8 pairs' B fragments, interleaved as stage_b stages them, or (rowstride > 0)
+// row after row.
 template <int NS, int CS>
 __device__ __forceinline__ int tile_stream_bulk(const unsigned char* __restrict__ wt, const unsigned char* __restrict__ st, int KS,
                                                 const uint4* frag, int L, float acc[4], unsigned char* ring, unsigned long long* bars,
                                                 int& seq, const unsigned char* nwt = nullptr, const unsigned char* nst_ = nullptr,
-                                                int nKS = 0) {
+                                                int nKS = 0, int rowstride = 0) {
     constexpr int STAGE = CS * 544;
     int lane = threadIdx.x & 31, g = lane >> 2;
     bool hasb = lane < L;
+    // Rows staged one after another (rowstride uint4s apart, each as a one-pair pass stages it)
+    // instead of interleaved: lane 8 j + i reads lane i of row j's fragments.
+    if (rowstride) {
+        frag += (lane >> 3) * rowstride - (lane & ~7);
+        L = 8;
+    }
     int nst = (KS + CS - 1) / CS, nnst = (nKS + CS - 1) / CS, pre = 0;
     for (int j = 0; j < nst; j++) {
         int slot = (seq + j) % NS;
@@ -509,7 +517,8 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
                                           const int* __restrict__ pair_tok, const float* __restrict__ pair_w,
                                           const float* __restrict__ x, float* __restrict__ y, int K, int tiles, int ldy,
                                           unsigned* counters, const int* __restrict__ tok_pairs, float* __restrict__ comb, int T,
-                                          int topk, int x_settled, unsigned* slot_done, unsigned* slot_passed) {
+                                          int topk, int x_settled, unsigned* slot_done, unsigned* slot_passed,
+                                          const unsigned* __restrict__ xs = nullptr, const float* __restrict__ xinv = nullptr) {
     constexpr int RING = NS * CS * 544;  // bytes per warp
     extern __shared__ uint4 dsm[];
     uint4* frag = staged_frag(RING);
@@ -519,7 +528,7 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
     // waits later, after asking for its weights).
     bool staged = false;
     if (GATE_UP) {
-        staged = stage_token_early(x, T, K, frag, ss, x_settled);
+        staged = xs == nullptr && stage_token_early(x, T, K, frag, ss, x_settled);
         PDL_ENTER();
     }
     int u = blockIdx.y;
@@ -535,14 +544,29 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
     unsigned char* ring = reinterpret_cast<unsigned char*>(dsm) + w * RING;
     unsigned long long* wbars = bars + w * NS;
     int seq = 0;
+    // With xs (gate_up only): the tokens' rows come split already (moe_split_rows), and a pass's
+    // rows land in `frag` by bulk copies on xbar, asked for with the weights: no staging round
+    // trip after the wait, which every block of a multi-wave grid paid.
+    __shared__ unsigned long long xbar;
+    int xpass = 0;
     if (lane == 0)
         for (int i = 0; i < NS; i++) mbar_init(wbars + i);
+    if (xs != nullptr && threadIdx.x == 0) mbar_init(&xbar);  // (thread 0 uses it first; others past the pass's barrier)
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     __syncwarp();
     const int cap = pass_rows(K, TW * RING);
     for (int p0 = pb; p0 < pe; p0 += cap) {
         int np = min(cap, pe - p0);
         if ((int)threadIdx.x < np) ss.rows[threadIdx.x] = GATE_UP ? pair_tok[p0 + threadIdx.x] : p0 + threadIdx.x;
+        if (GATE_UP && xs != nullptr) {
+            // (The previous pass's readers are past the barrier that ends it.)
+            if (threadIdx.x == 0) {
+                asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+                mbar_expect(&xbar, (unsigned)(np * K * 4));
+                for (int j = 0; j < np; j++) bulk_load(frag + (size_t)j * (K / 4), xs + (size_t)pair_tok[p0 + j] * K, (unsigned)(K * 4), &xbar);
+            }
+            if ((int)threadIdx.x < np) ss.inv[threadIdx.x] = xinv[pair_tok[p0 + threadIdx.x]];
+        }
         if (active) bulk_prologue<NS, CS>(seq, wt, st, KS, ring, wbars);
         // The down kernel may be launched while gate_up still runs (programmatic dependent
         // launch): its weights are asked for above, h only after gate_up has finished. With
@@ -559,11 +583,18 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
             }
         }
         __syncthreads();
-        // The early staging holds one pair; a slot with more (a repeated expert) restages.
-        if (!(staged && np == 1)) stage_b(x, ss.rows, np, K, reinterpret_cast<unsigned*>(frag), ss.red, ss.scale, ss.inv);
+        if (GATE_UP && xs != nullptr) {
+            mbar_wait(&xbar, xpass & 1);
+            xpass++;
+        } else if (!(staged && np == 1)) {
+            // The early staging holds one pair; a slot with more (a repeated expert) restages.
+            stage_b(x, ss.rows, np, K, reinterpret_cast<unsigned*>(frag), ss.red, ss.scale, ss.inv);
+        }
         staged = false;
         float acc[4] = {0.f, 0.f, 0.f, 0.f};
-        if (active) tile_stream_bulk<NS, CS>(wt, st, KS, frag, 8 * np, acc, ring, wbars, seq);
+        if (active)
+            tile_stream_bulk<NS, CS>(wt, st, KS, frag, 8 * np, acc, ring, wbars, seq, nullptr, nullptr, 0,
+                                     GATE_UP && xs != nullptr ? K / 4 : 0);
         if (active && t < np) tile_store(GATE_UP, acc, ss.inv[t], y, ldy, p0 + t, rt, pair_w);
         __syncthreads();  // every warp is done with the fragments before the next pass restages
     }
@@ -723,9 +754,10 @@ __device__ __forceinline__ void moe_fused_routed(const float* __restrict__ logit
     extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_gate_up_bulk_n##NS##_c##CS(                    \
         const unsigned char* __restrict__ W, const unsigned char* __restrict__ S, const int* __restrict__ experts,       \
         const int* __restrict__ pair_off, const int* __restrict__ pair_tok, const float* __restrict__ x,                 \
-        float* __restrict__ h, int H, int I, int T, int x_settled, unsigned* slots) {                                    \
+        float* __restrict__ h, int H, int I, int T, int x_settled, unsigned* slots, const unsigned* __restrict__ xs,     \
+        const float* __restrict__ xinv) {                                                                                \
         moe_tiled<true, NS, CS>(W, S, experts, pair_off, pair_tok, nullptr, x, h, H, I / 8, I, nullptr, nullptr, nullptr, \
-                                T, 0, x_settled, slots, nullptr);                                                        \
+                                T, 0, x_settled, slots, nullptr, xs, xinv);                                              \
     }                                                                                                                    \
     extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_down_bulk_n##NS##_c##CS(                       \
         const unsigned char* __restrict__ W, const unsigned char* __restrict__ S, const int* __restrict__ experts,       \

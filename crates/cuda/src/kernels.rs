@@ -159,6 +159,10 @@ pub struct Kernels {
     /// A pass of the tiled MoE kernels stages fewer pairs than it could when that keeps two
     /// blocks per SM (`staged_pairs`); `PEREGRINE_MOE_TWO_BLOCKS=0` sizes by tokens alone.
     two_blocks: bool,
+    /// From 2 tokens the two-launch tiled MoE's gate_up reads x split already (`moe_split_rows`,
+    /// one launch before it) by bulk copies with its weights, instead of every block staging its
+    /// pairs' rows after the wait; `PEREGRINE_MOE_PRESPLIT=0` stages in the kernel, for comparison.
+    presplit: bool,
     /// The MoE GEMM is a tuning candidate from 2 tokens and the kernel above the tuned token
     /// counts (`MoeKernel::for_tiled`); `PEREGRINE_MOE_GEMM=0` keeps to the tiled kernels (unless
     /// forced), for comparison.
@@ -583,6 +587,7 @@ impl Kernels {
             moe_choices: Default::default(),
             slot_wait: std::env::var("PEREGRINE_MOE_SLOT_WAIT").map_or(true, |v| v != "0"),
             two_blocks: std::env::var("PEREGRINE_MOE_TWO_BLOCKS").map_or(true, |v| v != "0"),
+            presplit: std::env::var("PEREGRINE_MOE_PRESPLIT").map_or(true, |v| v != "0"),
             gemm: std::env::var("PEREGRINE_MOE_GEMM").map_or(true, |v| v != "0"),
             occupancy: Default::default(),
             sms: gpu.ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(drv("SM count"))? as usize,
@@ -1127,8 +1132,22 @@ impl Kernels {
                 // them), zero between calls like the combine's; 0: the whole-grid wait.
                 let slot_wait = self.slot_wait && fused && SLOT_WAIT_TOKENS.contains(&r.num_tokens) && scratch.counters.len() >= groups + 2 * u as usize;
                 let slot_ptr = if slot_wait { scratch.counters.device_ptr(&self.stream).0 + (groups * std::mem::size_of::<u32>()) as u64 } else { 0u64 };
+                // x split once per token (written in full by moe_split_rows), not per block.
+                let presplit = if self.presplit && r.num_tokens >= 2 {
+                    let t = r.num_tokens;
+                    let mut xs = unsafe { self.stream.alloc::<u32>(t * h) }.map_err(drv("alloc"))?;
+                    let mut xinv = unsafe { self.stream.alloc::<f32>(t) }.map_err(drv("alloc"))?;
+                    self.split_rows(x, t, h, &mut xs, &mut xinv)?;
+                    Some((xs, xinv))
+                } else {
+                    None
+                };
                 let mut b = crate::launch::builder(&self.stream, fg);
                 b.arg(gate_up).arg(gate_up_s).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_tok).arg(x).arg(&mut scratch.h).arg(&hh).arg(&ii).arg(&ti).arg(&settled).arg(&slot_ptr);
+                match &presplit {
+                    Some((xs, xinv)) => b.arg(xs).arg(xinv),
+                    None => b.arg(&0u64).arg(&0u64),
+                };
                 unsafe { b.launch(cfg(2 * i / 16, gu_smem)) }.map_err(drv("moe gate_up (tiled)"))?;
                 // The down kernel asks for its weights before it waits for gate_up (see launch.rs).
                 let mut b = crate::launch::builder(&self.stream, fd);
