@@ -502,6 +502,27 @@ __device__ __forceinline__ void down_unit_wait(unsigned* done, unsigned* passed,
     }
 }
 
+// gate_up_unit_done for a unit that must know whether it was the slot's last of `units`; the
+// last one sees every other unit's h.
+__device__ __forceinline__ bool gate_up_unit_last(unsigned* done, unsigned units) {
+    __shared__ int last;
+    __threadfence();  // this unit's h is visible before it is counted
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(done, 1u) + 1 == units;
+    __syncthreads();
+    if (last) __threadfence();
+    return last;
+}
+
+// Row p of y [rows, K] split as stage_b stages one pair (moe_split_rows' layout): xs + p K,
+// its 2^-s at inv[p]. Every thread of the block calls it.
+__device__ __forceinline__ void split_row(const float* __restrict__ y, int p, int K, unsigned* __restrict__ xs, float* __restrict__ inv,
+                                          StageSmem& ss) {
+    const int row[1] = {p};
+    stage_b(y, row, 1, K, xs + (size_t)p * K, ss.red, ss.scale, ss.inv);
+    if (threadIdx.x == 0) inv[p] = ss.inv[0];
+}
+
 // GATE_UP: W = interleaved gate/up tiles [E][I/8][H/64], x [T, H] rows by pair_tok, writes
 //          h[p, i] = silu(gate_e x) * (up_e x) for i = 8 r + g.
 // else:    W = down tiles [E][H/16][I/64], x = h [pairs, I], writes out[p, n] = pair_w[p] *
@@ -518,7 +539,8 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
                                           const float* __restrict__ x, float* __restrict__ y, int K, int tiles, int ldy,
                                           unsigned* counters, const int* __restrict__ tok_pairs, float* __restrict__ comb, int T,
                                           int topk, int x_settled, unsigned* slot_done, unsigned* slot_passed,
-                                          const unsigned* __restrict__ xs = nullptr, const float* __restrict__ xinv = nullptr) {
+                                          const unsigned* __restrict__ xs, const float* __restrict__ xinv, unsigned* __restrict__ hs,
+                                          float* __restrict__ hinv) {
     constexpr int RING = NS * CS * 544;  // bytes per warp
     extern __shared__ uint4 dsm[];
     uint4* frag = staged_frag(RING);
@@ -544,9 +566,11 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
     unsigned char* ring = reinterpret_cast<unsigned char*>(dsm) + w * RING;
     unsigned long long* wbars = bars + w * NS;
     int seq = 0;
-    // With xs (gate_up only): the tokens' rows come split already (moe_split_rows), and a pass's
-    // rows land in `frag` by bulk copies on xbar, asked for with the weights: no staging round
-    // trip after the wait, which every block of a multi-wave grid paid.
+    // With xs the rows come split already (x by moe_split_rows one launch ahead; h by the last
+    // gate_up block of the slot, split_row), row r at xs + r K with its 2^-s at xinv[r]: a
+    // pass's rows land in `frag` by bulk copies on xbar, asked for with the weights (down: once
+    // past its wait), so no block stages after the wait: every block of a multi-wave grid paid
+    // that round trip while its ring sat full.
     __shared__ unsigned long long xbar;
     int xpass = 0;
     if (lane == 0)
@@ -558,15 +582,17 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
     for (int p0 = pb; p0 < pe; p0 += cap) {
         int np = min(cap, pe - p0);
         if ((int)threadIdx.x < np) ss.rows[threadIdx.x] = GATE_UP ? pair_tok[p0 + threadIdx.x] : p0 + threadIdx.x;
-        if (GATE_UP && xs != nullptr) {
-            // (The previous pass's readers are past the barrier that ends it.)
-            if (threadIdx.x == 0) {
-                asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-                mbar_expect(&xbar, (unsigned)(np * K * 4));
-                for (int j = 0; j < np; j++) bulk_load(frag + (size_t)j * (K / 4), xs + (size_t)pair_tok[p0 + j] * K, (unsigned)(K * 4), &xbar);
+        // The pass's split rows, asked for by thread 0 (the previous pass's readers are past
+        // the barrier that ends it).
+        auto fetch_rows = [&]() {
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+            mbar_expect(&xbar, (unsigned)(np * K * 4));
+            for (int j = 0; j < np; j++) {
+                const int r = GATE_UP ? pair_tok[p0 + j] : p0 + j;
+                bulk_load(frag + (size_t)j * (K / 4), xs + (size_t)r * K, (unsigned)(K * 4), &xbar);
             }
-            if ((int)threadIdx.x < np) ss.inv[threadIdx.x] = xinv[pair_tok[p0 + threadIdx.x]];
-        }
+        };
+        if (GATE_UP && xs != nullptr && threadIdx.x == 0) fetch_rows();
         if (active) bulk_prologue<NS, CS>(seq, wt, st, KS, ring, wbars);
         // The down kernel may be launched while gate_up still runs (programmatic dependent
         // launch): its weights are asked for above, h only after gate_up has finished. With
@@ -578,28 +604,46 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
             if (slot_done == nullptr) {
                 PDL_WAIT();
             } else if (p0 == pb && threadIdx.x == 0) {
-                const unsigned gu_blocks = (unsigned)((K / 8 + TW - 1) / TW);  // K = I: I / 8 gate_up tiles
+                // With split rows the slot's last gate_up block counts once more once it has
+                // written them.
+                const unsigned gu_blocks = (unsigned)((K / 8 + TW - 1) / TW) + (xs != nullptr);  // K = I: I / 8 gate_up tiles
                 down_unit_wait(slot_done + u, slot_passed + u, gu_blocks, gridDim.x);
+                // (They were written through the generic proxy; the bulk copies read through
+                // the async one.)
+                asm volatile("fence.proxy.async.global;" ::: "memory");
             }
+            if (xs != nullptr && threadIdx.x == 0) fetch_rows();
         }
         __syncthreads();
-        if (GATE_UP && xs != nullptr) {
+        float inv = 0.f;  // the 2^-s of the lane's pair (lanes t < np)
+        if (xs != nullptr) {
+            if (t < np) inv = __ldcg(xinv + (GATE_UP ? ss.rows[t] : p0 + t));
             mbar_wait(&xbar, xpass & 1);
             xpass++;
-        } else if (!(staged && np == 1)) {
+        } else {
             // The early staging holds one pair; a slot with more (a repeated expert) restages.
-            stage_b(x, ss.rows, np, K, reinterpret_cast<unsigned*>(frag), ss.red, ss.scale, ss.inv);
+            if (!(staged && np == 1)) stage_b(x, ss.rows, np, K, reinterpret_cast<unsigned*>(frag), ss.red, ss.scale, ss.inv);
+            if (t < np) inv = ss.inv[t];
         }
         staged = false;
         float acc[4] = {0.f, 0.f, 0.f, 0.f};
-        if (active)
-            tile_stream_bulk<NS, CS>(wt, st, KS, frag, 8 * np, acc, ring, wbars, seq, nullptr, nullptr, 0,
-                                     GATE_UP && xs != nullptr ? K / 4 : 0);
-        if (active && t < np) tile_store(GATE_UP, acc, ss.inv[t], y, ldy, p0 + t, rt, pair_w);
+        if (active) tile_stream_bulk<NS, CS>(wt, st, KS, frag, 8 * np, acc, ring, wbars, seq, nullptr, nullptr, 0, xs != nullptr ? K / 4 : 0);
+        if (active && t < np) tile_store(GATE_UP, acc, inv, y, ldy, p0 + t, rt, pair_w);
         __syncthreads();  // every warp is done with the fragments before the next pass restages
     }
     if (GATE_UP) {
-        if (slot_done != nullptr) gate_up_unit_done(slot_done + u);
+        if (slot_done == nullptr) return;
+        if (hs == nullptr) {
+            gate_up_unit_done(slot_done + u);
+        } else if (gate_up_unit_last(slot_done + u, gridDim.x)) {
+            // The slot's last gate_up block splits its pairs' h rows for the down blocks, then
+            // counts once more: they wait for that count.
+            for (int p = pb; p < pe; p++) split_row(y, p, ldy, hs, hinv, ss);
+            asm volatile("fence.proxy.async.global;" ::: "memory");
+            __threadfence();
+            __syncthreads();
+            if (threadIdx.x == 0) atomicAdd(slot_done + u, 1u);
+        }
         return;
     }
     if (counters == nullptr) return;
@@ -755,17 +799,18 @@ __device__ __forceinline__ void moe_fused_routed(const float* __restrict__ logit
         const unsigned char* __restrict__ W, const unsigned char* __restrict__ S, const int* __restrict__ experts,       \
         const int* __restrict__ pair_off, const int* __restrict__ pair_tok, const float* __restrict__ x,                 \
         float* __restrict__ h, int H, int I, int T, int x_settled, unsigned* slots, const unsigned* __restrict__ xs,     \
-        const float* __restrict__ xinv) {                                                                                \
+        const float* __restrict__ xinv, unsigned* __restrict__ hs, float* __restrict__ hinv) {                           \
         moe_tiled<true, NS, CS>(W, S, experts, pair_off, pair_tok, nullptr, x, h, H, I / 8, I, nullptr, nullptr, nullptr, \
-                                T, 0, x_settled, slots, nullptr, xs, xinv);                                              \
+                                T, 0, x_settled, slots, nullptr, xs, xinv, hs, hinv);                                    \
     }                                                                                                                    \
     extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_down_bulk_n##NS##_c##CS(                       \
         const unsigned char* __restrict__ W, const unsigned char* __restrict__ S, const int* __restrict__ experts,       \
         const int* __restrict__ pair_off, const float* __restrict__ pair_w, const float* __restrict__ h,                 \
         float* __restrict__ out, int H, int I, unsigned* counters, const int* __restrict__ tok_pairs,                    \
-        float* __restrict__ y, int T, int topk, unsigned* slots) { PDL_TRIGGER();                                        \
+        float* __restrict__ y, int T, int topk, unsigned* slots, const unsigned* __restrict__ hs,                        \
+        const float* __restrict__ hinv) { PDL_TRIGGER();                                                                 \
         moe_tiled<false, NS, CS>(W, S, experts, pair_off, nullptr, pair_w, h, out, I, H / 16, H, counters, tok_pairs, y, \
-                                 T, topk, 0, slots, slots ? slots + gridDim.y : nullptr);                                \
+                                 T, topk, 0, slots, slots ? slots + gridDim.y : nullptr, hs, hinv, nullptr, nullptr);    \
     }                                                                                                                    \
     extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_fused_bulk_n##NS##_c##CS(                      \
         const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Sg, const unsigned char* __restrict__ Wd, \

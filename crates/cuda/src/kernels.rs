@@ -161,8 +161,11 @@ pub struct Kernels {
     two_blocks: bool,
     /// From 2 tokens the two-launch tiled MoE's gate_up reads x split already (`moe_split_rows`,
     /// one launch before it) by bulk copies with its weights, instead of every block staging its
-    /// pairs' rows after the wait; `PEREGRINE_MOE_PRESPLIT=0` stages in the kernel, for comparison.
+    /// pairs' rows after the wait; with the per-slot wait (`SLOT_WAIT_TOKENS`) the down blocks
+    /// read h split by their slot's last gate_up block. `PEREGRINE_MOE_PRESPLIT=0` stages in
+    /// the kernels, `=x` splits x only, for comparison.
     presplit: bool,
+    presplit_h: bool,
     /// The MoE GEMM is a tuning candidate from 2 tokens and the kernel above the tuned token
     /// counts (`MoeKernel::for_tiled`); `PEREGRINE_MOE_GEMM=0` keeps to the tiled kernels (unless
     /// forced), for comparison.
@@ -588,6 +591,7 @@ impl Kernels {
             slot_wait: std::env::var("PEREGRINE_MOE_SLOT_WAIT").map_or(true, |v| v != "0"),
             two_blocks: std::env::var("PEREGRINE_MOE_TWO_BLOCKS").map_or(true, |v| v != "0"),
             presplit: std::env::var("PEREGRINE_MOE_PRESPLIT").map_or(true, |v| v != "0"),
+            presplit_h: std::env::var("PEREGRINE_MOE_PRESPLIT").map_or(true, |v| v != "0" && v != "x"),
             gemm: std::env::var("PEREGRINE_MOE_GEMM").map_or(true, |v| v != "0"),
             occupancy: Default::default(),
             sms: gpu.ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(drv("SM count"))? as usize,
@@ -1142,10 +1146,22 @@ impl Kernels {
                 } else {
                     None
                 };
+                // With the per-slot wait, h too: the slot's last gate_up block splits its rows
+                // (written in full before the down blocks may read them).
+                let mut hsplit = if presplit.is_some() && self.presplit_h && slot_wait {
+                    let p = r.num_pairs;
+                    Some((unsafe { self.stream.alloc::<u32>(p * i) }.map_err(drv("alloc"))?, unsafe { self.stream.alloc::<f32>(p) }.map_err(drv("alloc"))?))
+                } else {
+                    None
+                };
                 let mut b = crate::launch::builder(&self.stream, fg);
                 b.arg(gate_up).arg(gate_up_s).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_tok).arg(x).arg(&mut scratch.h).arg(&hh).arg(&ii).arg(&ti).arg(&settled).arg(&slot_ptr);
                 match &presplit {
                     Some((xs, xinv)) => b.arg(xs).arg(xinv),
+                    None => b.arg(&0u64).arg(&0u64),
+                };
+                match &mut hsplit {
+                    Some((hs, hinv)) => b.arg(hs).arg(hinv),
                     None => b.arg(&0u64).arg(&0u64),
                 };
                 unsafe { b.launch(cfg(2 * i / 16, gu_smem)) }.map_err(drv("moe gate_up (tiled)"))?;
@@ -1158,6 +1174,10 @@ impl Kernels {
                     b.arg(&0u64);
                 }
                 b.arg(&r.tok_pairs).arg(&mut *y).arg(&ti).arg(&ki).arg(&slot_ptr);
+                match &hsplit {
+                    Some((hs, hinv)) => b.arg(hs).arg(hinv),
+                    None => b.arg(&0u64).arg(&0u64),
+                };
                 unsafe { b.launch(cfg(h / 16, d_smem)) }.map_err(drv("moe down (tiled)"))?;
                 if fused {
                     return Ok(());
