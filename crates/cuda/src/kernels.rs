@@ -154,8 +154,9 @@ pub struct Kernels {
     sms: usize,
     /// At `SLOT_WAIT_TOKENS` tokens, the two-launch tiled MoE's down blocks wait for their
     /// own expert slot's gate_up blocks (per-slot counters) rather than the whole gate_up grid;
-    /// `PEREGRINE_MOE_SLOT_WAIT=0` keeps the whole-grid wait at every size, for comparison.
-    slot_wait: bool,
+    /// `PEREGRINE_MOE_SLOT_WAIT=0` keeps the whole-grid wait at every size, for comparison;
+    /// `PEREGRINE_MOE_SLOT_WAIT=a-b` sets the token counts instead.
+    slot_wait: std::ops::RangeInclusive<usize>,
     /// A pass of the tiled MoE kernels stages fewer pairs than it could when that keeps two
     /// blocks per SM (`staged_pairs`); `PEREGRINE_MOE_TWO_BLOCKS=0` sizes by tokens alone.
     two_blocks: bool,
@@ -288,9 +289,11 @@ const fn ring_bytes(stages: usize, steps: usize) -> usize {
 /// gate_up finished first then stream their down while the last gate_up blocks drain. On the
 /// H100 (Flash shapes) that took the 4-token MoE from ~80% to ~83% of copy bandwidth and the
 /// batch-4 step from 5.12-5.14 to 5.01-5.03 ms (batch 8: 7.63-7.67 to 7.59-7.60), but made the
-/// steps of batch 2 (1.5-2%), 32 (1%) and 64 (0.6%) slower, for a reason not found; so only
-/// here (benches/results/2026-11-23-moe-slot-wait.md).
-const SLOT_WAIT_TOKENS: std::ops::RangeInclusive<usize> = 4..=16;
+/// steps of batch 2 (1.5-2%), 32 (1%) and 64 (0.6%) slower, for a reason not found
+/// (benches/results/2026-11-23-moe-slot-wait.md). With h split once per slot for the down blocks
+/// (which needs this wait) it pays at 2 tokens too: Flash 78.1-78.2% against 76.0%, the batch-2
+/// step 3.619-3.638 against 3.661-3.671 ms (benches/results/2026-11-24-moe-presplit.md).
+const SLOT_WAIT_TOKENS: std::ops::RangeInclusive<usize> = 2..=16;
 
 fn drv(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
     move |e| Error::Backend(format!("{what}: {e}"))
@@ -588,7 +591,11 @@ impl Kernels {
             gemm_down: fm("moe_gemm_down")?,
             split_rows: fm("moe_split_rows")?,
             moe_choices: Default::default(),
-            slot_wait: std::env::var("PEREGRINE_MOE_SLOT_WAIT").map_or(true, |v| v != "0"),
+            slot_wait: match std::env::var("PEREGRINE_MOE_SLOT_WAIT").as_deref() {
+                Ok("0") => 1..=0,
+                Ok(v) => v.split_once('-').and_then(|(a, b)| Some(a.trim().parse().ok()?..=b.trim().parse().ok()?)).unwrap_or(SLOT_WAIT_TOKENS),
+                Err(_) => SLOT_WAIT_TOKENS,
+            },
             two_blocks: std::env::var("PEREGRINE_MOE_TWO_BLOCKS").map_or(true, |v| v != "0"),
             presplit: std::env::var("PEREGRINE_MOE_PRESPLIT").map_or(true, |v| v != "0"),
             presplit_h: std::env::var("PEREGRINE_MOE_PRESPLIT").map_or(true, |v| v != "0" && v != "x"),
@@ -1134,7 +1141,7 @@ impl Kernels {
                 check(scratch.counters.len() >= groups, || "MoE scratch counters too small".into())?;
                 // Per-slot counters after the combine's (done, then passed; moe_counters sizes
                 // them), zero between calls like the combine's; 0: the whole-grid wait.
-                let slot_wait = self.slot_wait && fused && SLOT_WAIT_TOKENS.contains(&r.num_tokens) && scratch.counters.len() >= groups + 2 * u as usize;
+                let slot_wait = fused && self.slot_wait.contains(&r.num_tokens) && scratch.counters.len() >= groups + 2 * u as usize;
                 let slot_ptr = if slot_wait { scratch.counters.device_ptr(&self.stream).0 + (groups * std::mem::size_of::<u32>()) as u64 } else { 0u64 };
                 // x split once per token (written in full by moe_split_rows), not per block.
                 let presplit = if self.presplit && r.num_tokens >= 2 {
