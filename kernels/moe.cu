@@ -532,15 +532,15 @@ __device__ __forceinline__ void split_row(const float* __restrict__ y, int p, in
 // slot_done / slot_passed (per expert slot, zero between calls; null: the down kernel waits for
 // the whole gate_up grid instead): gate_up blocks count themselves done per slot, down blocks
 // wait for their slot's count and the last one past the wait resets both.
-template <bool GATE_UP, int NS, int CS>
+template <bool GATE_UP, int NS, int CS, bool SPLIT>
 __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, const unsigned char* __restrict__ S,
                                           const int* __restrict__ experts, const int* __restrict__ pair_off,
                                           const int* __restrict__ pair_tok, const float* __restrict__ pair_w,
                                           const float* __restrict__ x, float* __restrict__ y, int K, int tiles, int ldy,
                                           unsigned* counters, const int* __restrict__ tok_pairs, float* __restrict__ comb, int T,
                                           int topk, int x_settled, unsigned* slot_done, unsigned* slot_passed,
-                                          const unsigned* __restrict__ xs, const float* __restrict__ xinv, unsigned* __restrict__ hs,
-                                          float* __restrict__ hinv) {
+                                          const unsigned* __restrict__ xs = nullptr, const float* __restrict__ xinv = nullptr,
+                                          unsigned* __restrict__ hs = nullptr, float* __restrict__ hinv = nullptr) {
     constexpr int RING = NS * CS * 544;  // bytes per warp
     extern __shared__ uint4 dsm[];
     uint4* frag = staged_frag(RING);
@@ -550,7 +550,7 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
     // waits later, after asking for its weights).
     bool staged = false;
     if (GATE_UP) {
-        staged = xs == nullptr && stage_token_early(x, T, K, frag, ss, x_settled);
+        staged = !SPLIT && stage_token_early(x, T, K, frag, ss, x_settled);
         PDL_ENTER();
     }
     int u = blockIdx.y;
@@ -566,16 +566,17 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
     unsigned char* ring = reinterpret_cast<unsigned char*>(dsm) + w * RING;
     unsigned long long* wbars = bars + w * NS;
     int seq = 0;
-    // With xs the rows come split already (x by moe_split_rows one launch ahead; h by the last
+    // SPLIT: the rows come split already (x by moe_split_rows one launch ahead; h by the last
     // gate_up block of the slot, split_row), row r at xs + r K with its 2^-s at xinv[r]: a
     // pass's rows land in `frag` by bulk copies on xbar, asked for with the weights (down: once
     // past its wait), so no block stages after the wait: every block of a multi-wave grid paid
-    // that round trip while its ring sat full.
+    // that round trip while its ring sat full. (A template parameter: the same code with
+    // run-time checks cost the one-token kernels, which never split, up to 4 points.)
     __shared__ unsigned long long xbar;
     int xpass = 0;
     if (lane == 0)
         for (int i = 0; i < NS; i++) mbar_init(wbars + i);
-    if (xs != nullptr && threadIdx.x == 0) mbar_init(&xbar);  // (thread 0 uses it first; others past the pass's barrier)
+    if (SPLIT && threadIdx.x == 0) mbar_init(&xbar);  // (thread 0 uses it first; others past the pass's barrier)
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     __syncwarp();
     const int cap = pass_rows(K, TW * RING);
@@ -592,7 +593,7 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
                 bulk_load(frag + (size_t)j * (K / 4), xs + (size_t)r * K, (unsigned)(K * 4), &xbar);
             }
         };
-        if (GATE_UP && xs != nullptr && threadIdx.x == 0) fetch_rows();
+        if (SPLIT && GATE_UP && threadIdx.x == 0) fetch_rows();
         if (active) bulk_prologue<NS, CS>(seq, wt, st, KS, ring, wbars);
         // The down kernel may be launched while gate_up still runs (programmatic dependent
         // launch): its weights are asked for above, h only after gate_up has finished. With
@@ -606,34 +607,33 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
             } else if (p0 == pb && threadIdx.x == 0) {
                 // With split rows the slot's last gate_up block counts once more once it has
                 // written them.
-                const unsigned gu_blocks = (unsigned)((K / 8 + TW - 1) / TW) + (xs != nullptr);  // K = I: I / 8 gate_up tiles
+                const unsigned gu_blocks = (unsigned)((K / 8 + TW - 1) / TW) + SPLIT;  // K = I: I / 8 gate_up tiles
                 down_unit_wait(slot_done + u, slot_passed + u, gu_blocks, gridDim.x);
                 // (They were written through the generic proxy; the bulk copies read through
                 // the async one.)
-                asm volatile("fence.proxy.async.global;" ::: "memory");
+                if (SPLIT) asm volatile("fence.proxy.async.global;" ::: "memory");
             }
-            if (xs != nullptr && threadIdx.x == 0) fetch_rows();
+            if (SPLIT && threadIdx.x == 0) fetch_rows();
         }
         __syncthreads();
-        float inv = 0.f;  // the 2^-s of the lane's pair (lanes t < np)
-        if (xs != nullptr) {
+        float inv = 0.f;  // SPLIT: the 2^-s of the lane's pair (lanes t < np)
+        if (SPLIT) {
             if (t < np) inv = __ldcg(xinv + (GATE_UP ? ss.rows[t] : p0 + t));
             mbar_wait(&xbar, xpass & 1);
             xpass++;
-        } else {
+        } else if (!(staged && np == 1)) {
             // The early staging holds one pair; a slot with more (a repeated expert) restages.
-            if (!(staged && np == 1)) stage_b(x, ss.rows, np, K, reinterpret_cast<unsigned*>(frag), ss.red, ss.scale, ss.inv);
-            if (t < np) inv = ss.inv[t];
+            stage_b(x, ss.rows, np, K, reinterpret_cast<unsigned*>(frag), ss.red, ss.scale, ss.inv);
         }
         staged = false;
         float acc[4] = {0.f, 0.f, 0.f, 0.f};
-        if (active) tile_stream_bulk<NS, CS>(wt, st, KS, frag, 8 * np, acc, ring, wbars, seq, nullptr, nullptr, 0, xs != nullptr ? K / 4 : 0);
-        if (active && t < np) tile_store(GATE_UP, acc, inv, y, ldy, p0 + t, rt, pair_w);
+        if (active) tile_stream_bulk<NS, CS>(wt, st, KS, frag, 8 * np, acc, ring, wbars, seq, nullptr, nullptr, 0, SPLIT ? K / 4 : 0);
+        if (active && t < np) tile_store(GATE_UP, acc, SPLIT ? inv : ss.inv[t], y, ldy, p0 + t, rt, pair_w);
         __syncthreads();  // every warp is done with the fragments before the next pass restages
     }
     if (GATE_UP) {
         if (slot_done == nullptr) return;
-        if (hs == nullptr) {
+        if (!SPLIT || hs == nullptr) {
             gate_up_unit_done(slot_done + u);
         } else if (gate_up_unit_last(slot_done + u, gridDim.x)) {
             // The slot's last gate_up block splits its pairs' h rows for the down blocks, then
@@ -793,24 +793,39 @@ __device__ __forceinline__ void moe_fused_routed(const float* __restrict__ logit
                       staged);
 }
 
-// Ring shapes: NS stages of CS steps.
+// Ring shapes: NS stages of CS steps. The _split_ kernels read their rows split already (moe_tiled's SPLIT).
 #define MOE_BULK(NS, CS)                                                                                                 \
     extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_gate_up_bulk_n##NS##_c##CS(                    \
         const unsigned char* __restrict__ W, const unsigned char* __restrict__ S, const int* __restrict__ experts,       \
         const int* __restrict__ pair_off, const int* __restrict__ pair_tok, const float* __restrict__ x,                 \
-        float* __restrict__ h, int H, int I, int T, int x_settled, unsigned* slots, const unsigned* __restrict__ xs,     \
-        const float* __restrict__ xinv, unsigned* __restrict__ hs, float* __restrict__ hinv) {                           \
-        moe_tiled<true, NS, CS>(W, S, experts, pair_off, pair_tok, nullptr, x, h, H, I / 8, I, nullptr, nullptr, nullptr, \
-                                T, 0, x_settled, slots, nullptr, xs, xinv, hs, hinv);                                    \
+        float* __restrict__ h, int H, int I, int T, int x_settled, unsigned* slots) {                                    \
+        moe_tiled<true, NS, CS, false>(W, S, experts, pair_off, pair_tok, nullptr, x, h, H, I / 8, I, nullptr, nullptr,  \
+                                       nullptr, T, 0, x_settled, slots, nullptr);                                        \
     }                                                                                                                    \
     extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_down_bulk_n##NS##_c##CS(                       \
         const unsigned char* __restrict__ W, const unsigned char* __restrict__ S, const int* __restrict__ experts,       \
         const int* __restrict__ pair_off, const float* __restrict__ pair_w, const float* __restrict__ h,                 \
         float* __restrict__ out, int H, int I, unsigned* counters, const int* __restrict__ tok_pairs,                    \
+        float* __restrict__ y, int T, int topk, unsigned* slots) { PDL_TRIGGER();                                        \
+        moe_tiled<false, NS, CS, false>(W, S, experts, pair_off, nullptr, pair_w, h, out, I, H / 16, H, counters, tok_pairs,\
+                                        y, T, topk, 0, slots, slots ? slots + gridDim.y : nullptr);                      \
+    }                                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_gate_up_split_n##NS##_c##CS(                   \
+        const unsigned char* __restrict__ W, const unsigned char* __restrict__ S, const int* __restrict__ experts,       \
+        const int* __restrict__ pair_off, const int* __restrict__ pair_tok, const float* __restrict__ x,                 \
+        float* __restrict__ h, int H, int I, int T, unsigned* slots, const unsigned* __restrict__ xs,                    \
+        const float* __restrict__ xinv, unsigned* __restrict__ hs, float* __restrict__ hinv) {                           \
+        moe_tiled<true, NS, CS, true>(W, S, experts, pair_off, pair_tok, nullptr, x, h, H, I / 8, I, nullptr, nullptr,   \
+                                      nullptr, T, 0, 0, slots, nullptr, xs, xinv, hs, hinv);                             \
+    }                                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_down_split_n##NS##_c##CS(                      \
+        const unsigned char* __restrict__ W, const unsigned char* __restrict__ S, const int* __restrict__ experts,       \
+        const int* __restrict__ pair_off, const float* __restrict__ pair_w, const float* __restrict__ h,                 \
+        float* __restrict__ out, int H, int I, unsigned* counters, const int* __restrict__ tok_pairs,                    \
         float* __restrict__ y, int T, int topk, unsigned* slots, const unsigned* __restrict__ hs,                        \
         const float* __restrict__ hinv) { PDL_TRIGGER();                                                                 \
-        moe_tiled<false, NS, CS>(W, S, experts, pair_off, nullptr, pair_w, h, out, I, H / 16, H, counters, tok_pairs, y, \
-                                 T, topk, 0, slots, slots ? slots + gridDim.y : nullptr, hs, hinv, nullptr, nullptr);    \
+        moe_tiled<false, NS, CS, true>(W, S, experts, pair_off, nullptr, pair_w, h, out, I, H / 16, H, counters, tok_pairs,\
+                                       y, T, topk, 0, slots, slots + gridDim.y, hs, hinv, nullptr, nullptr);             \
     }                                                                                                                    \
     extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_fused_bulk_n##NS##_c##CS(                      \
         const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Sg, const unsigned char* __restrict__ Wd, \

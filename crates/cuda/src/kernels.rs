@@ -142,6 +142,9 @@ pub struct Kernels {
     /// Tiled-layout MoE kernels (kernels/moe.cu), one per `TILED_VARIANTS` entry.
     gate_up_tiled: Vec<CudaFunction>,
     down_tiled: Vec<CudaFunction>,
+    /// The same rings reading rows split already (`presplit`).
+    gate_up_split: Vec<CudaFunction>,
+    down_split: Vec<CudaFunction>,
     /// The one-launch gate_up + down kernels, one per `TILED_VARIANTS` entry.
     fused_tiled: Vec<CudaFunction>,
     /// The same for one token, routing it in the kernel (`moe_mxfp4_routed`).
@@ -585,6 +588,8 @@ impl Kernels {
             down_pipe: [f("moe_down_pipe_s1")?, f("moe_down_pipe_s2")?, f("moe_down_pipe_s4")?, f("moe_down_pipe_s8")?],
             gate_up_tiled: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_gate_up_bulk_n{n}_c{c}"))).collect::<Result<_>>()?,
             down_tiled: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_down_bulk_n{n}_c{c}"))).collect::<Result<_>>()?,
+            gate_up_split: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_gate_up_split_n{n}_c{c}"))).collect::<Result<_>>()?,
+            down_split: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_down_split_n{n}_c{c}"))).collect::<Result<_>>()?,
             fused_tiled: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_fused_bulk_n{n}_c{c}"))).collect::<Result<_>>()?,
             fused_routed: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_fused_routed_bulk_n{n}_c{c}"))).collect::<Result<_>>()?,
             gemm_gate_up: fm("moe_gemm_gate_up")?,
@@ -1126,15 +1131,6 @@ impl Kernels {
         match (&w.layout, kind) {
             (MoeLayout::Tiled { gate_up, gate_up_s, down, down_s }, MoeKernel::Tiled { stages, steps }) => {
                 let v = Self::tiled_variant(stages, steps)?;
-                let (fg, fd, ring) = (&self.gate_up_tiled[v], &self.down_tiled[v], ring_bytes(stages, steps));
-                // A routed expert has at most one pair per token; a pass stages up to 4.
-                let np = self.staged_pairs(fg, ring, h.max(i), r.num_tokens, 0)?;
-                let (gu_smem, d_smem) = (ring + h * 4 * np, ring + i * 4 * np);
-                check(gu_smem.max(d_smem) <= TILED_MAX_SMEM, || format!("MoE dims {h}, {i} need more than {TILED_MAX_SMEM} bytes of shared memory"))?;
-                // A block's 8 warps stream one 16-row tile each.
-                let cfg = |tiles: usize, smem: usize| LaunchConfig { grid_dim: (tiles.div_ceil(8) as u32, u, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem as u32 };
-                // One settled token's x is staged before the kernel waits for the one ahead
-                // (moe.cu, stage_token_early).
                 let (ti, ki, settled) = (r.num_tokens as i32, r.top_k as i32, input.settled_flag());
                 let fused = r.top_k <= MAX_FUSED_TOPK;
                 let groups = (h / 16).div_ceil(8);
@@ -1143,35 +1139,43 @@ impl Kernels {
                 // them), zero between calls like the combine's; 0: the whole-grid wait.
                 let slot_wait = fused && self.slot_wait.contains(&r.num_tokens) && scratch.counters.len() >= groups + 2 * u as usize;
                 let slot_ptr = if slot_wait { scratch.counters.device_ptr(&self.stream).0 + (groups * std::mem::size_of::<u32>()) as u64 } else { 0u64 };
-                // x split once per token (written in full by moe_split_rows), not per block.
-                let presplit = if self.presplit && r.num_tokens >= 2 {
-                    let t = r.num_tokens;
-                    let mut xs = unsafe { self.stream.alloc::<u32>(t * h) }.map_err(drv("alloc"))?;
-                    let mut xinv = unsafe { self.stream.alloc::<f32>(t) }.map_err(drv("alloc"))?;
-                    self.split_rows(x, t, h, &mut xs, &mut xinv)?;
-                    Some((xs, xinv))
-                } else {
-                    None
-                };
-                // With the per-slot wait, h too: the slot's last gate_up block splits its rows
-                // (written in full before the down blocks may read them).
-                let mut hsplit = if presplit.is_some() && self.presplit_h && slot_wait {
-                    let p = r.num_pairs;
-                    Some((unsafe { self.stream.alloc::<u32>(p * i) }.map_err(drv("alloc"))?, unsafe { self.stream.alloc::<f32>(p) }.map_err(drv("alloc"))?))
-                } else {
-                    None
-                };
+                // From 2 tokens the _split_ kernels: x split once per token (here), and with the
+                // per-slot wait h once per slot (by its last gate_up block); both written in full
+                // before they are read.
+                let split_x = self.presplit && r.num_tokens >= 2;
+                let split_h = split_x && self.presplit_h && slot_wait;
+                let fg = if split_x { &self.gate_up_split[v] } else { &self.gate_up_tiled[v] };
+                let fd = if split_h { &self.down_split[v] } else { &self.down_tiled[v] };
+                let ring = ring_bytes(stages, steps);
+                // A routed expert has at most one pair per token; a pass stages up to 4.
+                let np = self.staged_pairs(fg, ring, h.max(i), r.num_tokens, 0)?;
+                let (gu_smem, d_smem) = (ring + h * 4 * np, ring + i * 4 * np);
+                check(gu_smem.max(d_smem) <= TILED_MAX_SMEM, || format!("MoE dims {h}, {i} need more than {TILED_MAX_SMEM} bytes of shared memory"))?;
+                // A block's 8 warps stream one 16-row tile each.
+                let cfg = |tiles: usize, smem: usize| LaunchConfig { grid_dim: (tiles.div_ceil(8) as u32, u, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem as u32 };
+                let alloc_u32 = |n: usize| unsafe { self.stream.alloc::<u32>(n) }.map_err(drv("alloc"));
+                let alloc_f32 = |n: usize| unsafe { self.stream.alloc::<f32>(n) }.map_err(drv("alloc"));
                 let mut b = crate::launch::builder(&self.stream, fg);
-                b.arg(gate_up).arg(gate_up_s).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_tok).arg(x).arg(&mut scratch.h).arg(&hh).arg(&ii).arg(&ti).arg(&settled).arg(&slot_ptr);
-                match &presplit {
-                    Some((xs, xinv)) => b.arg(xs).arg(xinv),
-                    None => b.arg(&0u64).arg(&0u64),
+                b.arg(gate_up).arg(gate_up_s).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_tok).arg(x).arg(&mut scratch.h).arg(&hh).arg(&ii).arg(&ti);
+                let (_xsplit, mut hsplit) = if split_x {
+                    let t = r.num_tokens;
+                    let (mut xs, mut xinv) = (alloc_u32(t * h)?, alloc_f32(t)?);
+                    self.split_rows(x, t, h, &mut xs, &mut xinv)?;
+                    let mut hsplit = if split_h { Some((alloc_u32(r.num_pairs * i)?, alloc_f32(r.num_pairs)?)) } else { None };
+                    b.arg(&slot_ptr).arg(&xs).arg(&xinv);
+                    match &mut hsplit {
+                        Some((hs, hinv)) => b.arg(hs).arg(hinv),
+                        None => b.arg(&0u64).arg(&0u64),
+                    };
+                    unsafe { b.launch(cfg(2 * i / 16, gu_smem)) }.map_err(drv("moe gate_up (tiled, split)"))?;
+                    (Some((xs, xinv)), hsplit)
+                } else {
+                    // One settled token's x is staged before the kernel waits for the one ahead
+                    // (moe.cu, stage_token_early).
+                    b.arg(&settled).arg(&slot_ptr);
+                    unsafe { b.launch(cfg(2 * i / 16, gu_smem)) }.map_err(drv("moe gate_up (tiled)"))?;
+                    (None, None)
                 };
-                match &mut hsplit {
-                    Some((hs, hinv)) => b.arg(hs).arg(hinv),
-                    None => b.arg(&0u64).arg(&0u64),
-                };
-                unsafe { b.launch(cfg(2 * i / 16, gu_smem)) }.map_err(drv("moe gate_up (tiled)"))?;
                 // The down kernel asks for its weights before it waits for gate_up (see launch.rs).
                 let mut b = crate::launch::builder(&self.stream, fd);
                 b.arg(down).arg(down_s).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_w).arg(&scratch.h).arg(&mut scratch.out).arg(&hh).arg(&ii);
@@ -1181,10 +1185,9 @@ impl Kernels {
                     b.arg(&0u64);
                 }
                 b.arg(&r.tok_pairs).arg(&mut *y).arg(&ti).arg(&ki).arg(&slot_ptr);
-                match &hsplit {
-                    Some((hs, hinv)) => b.arg(hs).arg(hinv),
-                    None => b.arg(&0u64).arg(&0u64),
-                };
+                if let Some((hs, hinv)) = &mut hsplit {
+                    b.arg(&*hs).arg(&*hinv);
+                }
                 unsafe { b.launch(cfg(h / 16, d_smem)) }.map_err(drv("moe down (tiled)"))?;
                 if fused {
                     return Ok(());
