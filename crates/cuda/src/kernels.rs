@@ -165,10 +165,11 @@ pub struct Kernels {
     two_blocks: bool,
     /// From 2 tokens the two-launch tiled MoE's gate_up reads x split already (`moe_split_rows`,
     /// one launch before it) by bulk copies with its weights, instead of every block staging its
-    /// pairs' rows after the wait; with the per-slot wait (`SLOT_WAIT_TOKENS`) the down blocks
-    /// read h split by their slot's last gate_up block. `PEREGRINE_MOE_PRESPLIT=0` stages in
-    /// the kernels, `=x` splits x only, for comparison.
+    /// pairs' rows after the wait; with the per-slot wait (`slot_wait`) the down blocks read h
+    /// split by their slot's last gate_up block. `PEREGRINE_MOE_PRESPLIT=0` stages in the
+    /// kernels, for comparison.
     presplit: bool,
+    /// h split too (`PEREGRINE_MOE_PRESPLIT=x` splits x only, for comparison).
     presplit_h: bool,
     /// The MoE GEMM is a tuning candidate from 2 tokens and the kernel above the tuned token
     /// counts (`MoeKernel::for_tiled`); `PEREGRINE_MOE_GEMM=0` keeps to the tiled kernels (unless
@@ -597,7 +598,7 @@ impl Kernels {
             split_rows: fm("moe_split_rows")?,
             moe_choices: Default::default(),
             slot_wait: match std::env::var("PEREGRINE_MOE_SLOT_WAIT").as_deref() {
-                Ok("0") => 1..=0,
+                Ok("0") => 0..=0, // (no MoE call that reaches the kernels has 0 tokens)
                 Ok(v) => v.split_once('-').and_then(|(a, b)| Some(a.trim().parse().ok()?..=b.trim().parse().ok()?)).unwrap_or(SLOT_WAIT_TOKENS),
                 Err(_) => SLOT_WAIT_TOKENS,
             },
@@ -1157,6 +1158,7 @@ impl Kernels {
                 let alloc_f32 = |n: usize| unsafe { self.stream.alloc::<f32>(n) }.map_err(drv("alloc"));
                 let mut b = crate::launch::builder(&self.stream, fg);
                 b.arg(gate_up).arg(gate_up_s).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_tok).arg(x).arg(&mut scratch.h).arg(&hh).arg(&ii).arg(&ti);
+                // (The split rows live to the end of the call: freed in stream order after both launches.)
                 let (_xsplit, mut hsplit) = if split_x {
                     let t = r.num_tokens;
                     let (mut xs, mut xinv) = (alloc_u32(t * h)?, alloc_f32(t)?);
