@@ -773,11 +773,12 @@ impl CudaModel {
         let mut b = crate::launch::builder(&self.stream, kernel);
         b.arg(q).arg(kc).arg(vc).arg(&mut o).arg(pos).arg(seq).arg(tables).arg(&mb).arg(&bs).arg(&hh).arg(&kvh).arg(&hd).arg(&vd).arg(&window).arg(&scale);
         b.arg_or_null(sinks);
-        if per_head_warps {
+        if v2 {
             b.arg(&mut pm).arg(&mut pl).arg(&mut pa).arg_or_null(split.as_mut().map(|s| &mut s.0)).arg_or_null(split.as_mut().map(|s| &mut s.1));
+        }
+        if per_head_warps {
             b.arg_or_null(counters);
         } else if v2 {
-            b.arg(&mut pm).arg(&mut pl).arg(&mut pa).arg_or_null(split.as_mut().map(|s| &mut s.0)).arg_or_null(split.as_mut().map(|s| &mut s.1));
             let (half, rd, th, vs) = (s.rope.rotary_dim.div_ceil(2) as i32, s.rope.rotary_dim as i32, s.rope.theta as f32, s.value_scale);
             match (&fresh, rows) {
                 (Some(f), _) => {
