@@ -233,7 +233,13 @@ fn main() {
         let x = s.clone_htod(&(0..64 * h).map(|_| rng.random::<f32>() - 0.5).collect::<Vec<_>>()).unwrap();
         let mut y = s.alloc_zeros::<f32>(64 * h).unwrap();
         let mut scratch = k.moe_scratch(&w, 64 * top_k).unwrap();
-        let decode_tokens: &[usize] = if only_prefill_moe { &[] } else { &[1, 2, 4, 8, 16, 64] };
+        // PEREGRINE_BENCH_MOE_TOKENS=1,2: only those decode sizes, and no prefill sizes.
+        let tokens_env: Option<Vec<usize>> = std::env::var("PEREGRINE_BENCH_MOE_TOKENS").ok().map(|v| v.split(',').filter_map(|t| t.trim().parse().ok()).collect());
+        let decode_tokens: &[usize] = match &tokens_env {
+            Some(t) => t,
+            None if only_prefill_moe => &[],
+            None => &[1, 2, 4, 8, 16, 64],
+        };
         for &t in decode_tokens {
             // Fresh routing per run, so experts are not served from L2.
             let routings: Vec<_> = (0..23)
@@ -257,6 +263,11 @@ fn main() {
                 kinds.push((format!("two launches {stages}x{steps}"), MoeKernel::Tiled { stages, steps }));
                 kinds.push((format!("fused {stages}x{steps}"), MoeKernel::Fused { stages, steps, max_blocks: 0 }));
                 kinds.push((format!("fused {stages}x{steps} on {sms} blocks"), MoeKernel::Fused { stages, steps, max_blocks: sms }));
+            }
+            if t == 1 {
+                for &(stages, steps, warps) in peregrine_cuda::kernels::QUEUE_VARIANTS.iter() {
+                    kinds.push((format!("queue {warps}w {stages}x{steps}"), MoeKernel::Queue { stages, steps, warps }));
+                }
             }
             let variants: Vec<String> = kinds.into_iter().map(|(name, kind)| format!("{name} {:.1}%", pct(run(kind, &wt)))).collect();
             // The pipelined kernels' K splits (warps sharing a 16-row tile), gate_up x down.
@@ -329,6 +340,9 @@ fn main() {
             }
         }
         drop(scratch);
+        if tokens_env.is_some() {
+            continue;
+        }
         moe_prefill_bench(&k, s, &wt, name, top_k, copy_bw, &time, &mut rng);
     }
 }
