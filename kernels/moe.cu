@@ -123,19 +123,15 @@ __device__ __forceinline__ void stage_item(unsigned* frag, int L, int j, int q, 
     pl[1] = l1;
 }
 
-// The power-of-two scale of a row whose largest magnitude is m < 2^ex: 2^(14 - ex) (0 or
-// non-finite: no scaling), as split_f16 does; inv undoes it. row_scale: pair j's, from its
-// warps' largest magnitudes red[w * NP + j].
-__device__ __forceinline__ void pow2_scale(float m, float& scale, float& inv) {
-    int ex = (m > 0.f && m < __int_as_float(0x7f800000u)) ? (int)((__float_as_uint(m) >> 23) & 0xffu) - 126 : 0;
-    int sh = min(max(14 - ex, -100), 100);
-    scale = __int_as_float((unsigned)(sh + 127) << 23);
-    inv = __int_as_float((unsigned)(127 - sh) << 23);
-}
+// Pair j's power-of-two scale from its warps' largest magnitudes red[w * NP + j]: m < 2^ex;
+// scale by 2^(14 - ex) (0 or non-finite: no scaling), as split_f16 does; inv undoes it.
 __device__ __forceinline__ void row_scale(const float* red, int j, float* scale, float* inv) {
     float m = 0.f;
     for (int i = 0; i < TW; i++) m = fmaxf(m, red[i * NP + j]);
-    pow2_scale(m, scale[j], inv[j]);
+    int ex = (m > 0.f && m < __int_as_float(0x7f800000u)) ? (int)((__float_as_uint(m) >> 23) & 0xffu) - 126 : 0;
+    int sh = min(max(14 - ex, -100), 100);
+    scale[j] = __int_as_float((unsigned)(sh + 127) << 23);
+    inv[j] = __int_as_float((unsigned)(127 - sh) << 23);
 }
 
 #define STAGE_REGS 8  // items per thread a one-row staging keeps in registers (K <= 8192)
@@ -358,27 +354,6 @@ __device__ __forceinline__ void bulk_prologue(int seq, const unsigned char* __re
         for (int j = from; j < min(NS, nst); j++) bulk_issue<NS, CS>(j, seq, wt, st, KS, ring, bars);
 }
 
-// Stage j of the warp's current pass (KS steps; `seq` stages used before it): waits for its
-// bytes, runs its steps into acc, and leaves it free to refill.
-template <int NS, int CS>
-__device__ __forceinline__ void stage_consume(int j, int seq, int KS, const uint4* frag, int L, bool hasb, float acc[4],
-                                              const unsigned char* ring, unsigned long long* bars) {
-    int lane = threadIdx.x & 31, g = lane >> 2;
-    int slot = (seq + j) % NS;
-    mbar_wait(bars + slot, ((seq + j) / NS) & 1);
-    const unsigned char* stage = ring + slot * CS * 544;
-#pragma unroll
-    for (int c = 0; c < CS; c++) {
-        int k = j * CS + c;
-        if (k < KS) {
-            uint4 wv = reinterpret_cast<const uint4*>(stage)[c * 32 + lane];
-            unsigned sv = reinterpret_cast<const unsigned*>(stage + CS * 512)[c * 8 + g];
-            tile_step(wv, sv, frag, L, k, hasb, acc);
-        }
-    }
-    __syncwarp();  // every lane has read the stage before it is refilled
-}
-
 // Streams the warp's current pass (wt, st, KS steps). As its last NS stages are consumed, the
 // freed slots are refilled with the first stages of the warp's next pass (nwt, nst_, nKS; nKS
 // = 0: none), so the ring never drains between passes; returns how many were asked for.
@@ -389,7 +364,8 @@ __device__ __forceinline__ int tile_stream_bulk(const unsigned char* __restrict_
                                                 const uint4* frag, int L, float acc[4], unsigned char* ring, unsigned long long* bars,
                                                 int& seq, const unsigned char* nwt = nullptr, const unsigned char* nst_ = nullptr,
                                                 int nKS = 0, int rowstride = 0) {
-    int lane = threadIdx.x & 31;
+    constexpr int STAGE = CS * 544;
+    int lane = threadIdx.x & 31, g = lane >> 2;
     bool hasb = lane < L;
     // Rows staged one after another (rowstride uint4s apart, each as a one-pair pass stages it)
     // instead of interleaved: lane 8 j + i reads lane i of row j's fragments.
@@ -399,7 +375,19 @@ __device__ __forceinline__ int tile_stream_bulk(const unsigned char* __restrict_
     }
     int nst = (KS + CS - 1) / CS, nnst = (nKS + CS - 1) / CS, pre = 0;
     for (int j = 0; j < nst; j++) {
-        stage_consume<NS, CS>(j, seq, KS, frag, L, hasb, acc, ring, bars);
+        int slot = (seq + j) % NS;
+        mbar_wait(bars + slot, ((seq + j) / NS) & 1);
+        const unsigned char* stage = ring + slot * STAGE;
+#pragma unroll
+        for (int c = 0; c < CS; c++) {
+            int k = j * CS + c;
+            if (k < KS) {
+                uint4 wv = reinterpret_cast<const uint4*>(stage)[c * 32 + lane];
+                unsigned sv = reinterpret_cast<const unsigned*>(stage + CS * 512)[c * 8 + g];
+                tile_step(wv, sv, frag, L, k, hasb, acc);
+            }
+        }
+        __syncwarp();  // every lane has read the stage before it is refilled
         // Stage q (counted over passes) may be asked for once stage q - NS has been read.
         if (j + NS < nst) {
             if (lane == 0) {
@@ -492,13 +480,6 @@ __device__ __forceinline__ void combine_if_last(unsigned* counters, int grp, con
 __device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
     unsigned v;
     asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-    return v;
-}
-
-// An atomic add of 1 with release and acquire semantics (gpu scope); returns the old value.
-__device__ __forceinline__ unsigned atom_add_acq_rel(unsigned* p) {
-    unsigned v;
-    asm volatile("atom.add.acq_rel.gpu.global.u32 %0, [%1], 1;" : "=r"(v) : "l"(p) : "memory");
     return v;
 }
 
@@ -879,338 +860,6 @@ MOE_BULK(4, 4)
 MOE_BULK(2, 3)
 MOE_BULK(3, 3)
 MOE_BULK(2, 6)
-
-// ---------------------------------------------------------------------------------------------
-// One token's MoE on a queue of tiles (moe_queue_*).
-//
-// Why: the fused kernel hands each block its items up front, and its 16 warps per SM each
-// stream one 16-row tile at a sixteenth of the SM's bandwidth (12-24 us a tile), so the SMs'
-// unequal shares of DRAM bandwidth decide when it ends: blocks with equal work finish between
-// 34 and 47 us (benches/results/2026-11-23-moe-split-k.md). Here one block per SM runs CW
-// streaming warps with deeper rings, so a tile takes a few us, and each warp claims its next
-// tile from a global counter as it starts the current one: a fast SM takes more tiles. The
-// claim is read only when the ring needs the next tile's first stage, so its round trip
-// overlaps streaming, and the ring runs on from one tile to the next.
-//
-// Units, in claim order: every (expert slot, gate_up tile), slot by slot, then every (slot, down
-// tile). A down unit waits only for its own slot's gate_up units, all claimed before it.
-//
-// The same arithmetic as the fused kernel, bit for bit: x staged once per block as a one-pair
-// pass stages it; each tile streamed whole by one warp, one pair per pass (tile_step,
-// tile_store). The warp that finishes a slot's last gate_up tile splits the slot's h rows as
-// stage_b stages one pair (warp_split_row: row p at hs + p (I + 4), its 2^-s in word I), and
-// the first warp of a block that needs them bulk-copies them into shared memory; the warp that
-// finishes the last down unit of a 16-row tile sums the tile's rows over the token's pairs in
-// ascending order, as combine_rows does.
-//
-// counters (zero between calls): [0] units claimed, [1] warps finished, then per expert slot
-// its gate_up tiles done (+1 once its h is split), then per 16-row down tile its slots done.
-// The last warp to finish resets the first three groups; each tile's combiner resets its own.
-#define QUEUE_HEAD 2
-
-// One row of K values (f32, through L2) split by one warp as stage_b stages one pair: K u32
-// at dst, then its 2^-s in dst[K].
-__device__ __forceinline__ void warp_split_row(const float* __restrict__ row, int K, unsigned* __restrict__ dst) {
-    const int lane = threadIdx.x & 31, items = K / 4;
-    float m = 0.f;
-    for (int it = lane; it < items; it += 32) {
-        const float* p = row + 16 * (it >> 2) + 2 * (it & 3);
-        float2 v0 = __ldcg(reinterpret_cast<const float2*>(p)), v1 = __ldcg(reinterpret_cast<const float2*>(p + 8));
-        m = fmaxf(m, fmaxf(fmaxf(fabsf(v0.x), fabsf(v0.y)), fmaxf(fabsf(v1.x), fabsf(v1.y))));
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-    float s, inv;
-    pow2_scale(m, s, inv);
-    for (int it = lane; it < items; it += 32) {
-        const float* p = row + 16 * (it >> 2) + 2 * (it & 3);
-        float2 v0 = __ldcg(reinterpret_cast<const float2*>(p)), v1 = __ldcg(reinterpret_cast<const float2*>(p + 8));
-        stage_item(dst, 8, 0, it >> 2, it & 3, v0, v1, s);
-    }
-    if (lane == 0) dst[K] = __float_as_uint(inv);
-}
-
-// tile_stream_bulk for one pair per pass whose next pass is found only when the ring needs its
-// first stage: next(nwt, nst) returns its steps (0: none) and is called once, by the whole warp.
-// Returns how many of the next pass's stages were asked for.
-template <int NS, int CS, class Next>
-__device__ __forceinline__ int tile_stream_queue(const unsigned char* __restrict__ wt, const unsigned char* __restrict__ st, int KS,
-                                                 const uint4* frag, float acc[4], unsigned char* ring, unsigned long long* bars,
-                                                 int& seq, Next next) {
-    const int lane = threadIdx.x & 31;
-    const int nst = (KS + CS - 1) / CS;
-    int nnst = -1, pre = 0;
-    const unsigned char *nwt = nullptr, *nst_ = nullptr;
-    int nKS = 0;
-    for (int j = 0; j < nst; j++) {
-        stage_consume<NS, CS>(j, seq, KS, frag, 8, lane < 8, acc, ring, bars);
-        if (j + NS < nst) {
-            if (lane == 0) {
-                asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-                bulk_issue<NS, CS>(j + NS, seq, wt, st, KS, ring, bars);
-            }
-        } else {
-            if (nnst < 0) {
-                nKS = next(nwt, nst_);
-                nnst = (nKS + CS - 1) / CS;
-            }
-            if (lane == 0 && pre < nnst && nst + pre - NS <= j) asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-            while (pre < nnst && nst + pre - NS <= j) {
-                if (lane == 0) bulk_issue<NS, CS>(pre, seq + nst, nwt, nst_, nKS, ring, bars);
-                pre++;
-            }
-        }
-    }
-    seq += nst;
-    return pre;
-}
-
-// The queue kernel's work once the block has its routing (experts, pair_off, pair_w: any
-// address space) and x staged in shared memory (its 2^-s: xinv). Every thread of the block
-// calls it; warps past CW leave at once. Kp: the token's pairs (top-k).
-template <int NS, int CS, int CW>
-__device__ __forceinline__ void moe_queue(const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Sg,
-                                          const unsigned char* __restrict__ Wd, const unsigned char* __restrict__ Sd,
-                                          const int* experts, const int* pair_off, const float* pair_w, float xinv,
-                                          float* __restrict__ h, unsigned* __restrict__ hs, float* __restrict__ out, int H, int I,
-                                          int U, int Kp, unsigned* counters, float* __restrict__ y, unsigned first) {
-    constexpr int RING = NS * CS * 544;
-    extern __shared__ uint4 dsm[];
-    const uint4* xfrag = dsm + CW * RING / 16;
-    const uint4* hcache = dsm + (CW * RING + H * 4) / 16;  // pair p's split row at p (I + 4) u32
-    __shared__ unsigned long long bars[CW * NS], hbar[MAX_FUSED_TOPK];
-    __shared__ int hasked[MAX_FUSED_TOPK];
-    const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, t = lane & 3;
-    if (threadIdx.x < MAX_FUSED_TOPK) {
-        mbar_init(hbar + threadIdx.x);
-        hasked[threadIdx.x] = 0;
-    }
-    if (w < CW && lane == 0)
-        for (int i = 0; i < NS; i++) mbar_init(bars + w * NS + i);
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    __syncthreads();
-    if (w >= CW) return;
-    const int gu_tiles = I / 8, d_tiles = H / 16;
-    const int gu_units = U * gu_tiles, units = gu_units + U * d_tiles;
-    unsigned* done = counters + QUEUE_HEAD;  // per slot
-    unsigned* comb = done + U;               // per down tile
-    int used = 0;
-    for (int u = 0; u < U; u++) used += pair_off[u] < pair_off[u + 1];
-    unsigned char* ring = reinterpret_cast<unsigned char*>(dsm) + w * RING;
-    unsigned long long* wbars = bars + w * NS;
-    // Unit n's slot, tile and weights; 0 steps for a unit of an empty slot.
-    auto unit = [&](int n, bool& down, int& slot, int& rt, const unsigned char*& wt, const unsigned char*& st) -> int {
-        down = n >= gu_units;
-        const int m = down ? n - gu_units : n, tiles = down ? d_tiles : gu_tiles, KS = (down ? I : H) / 64;
-        slot = m / tiles;
-        rt = m % tiles;
-        if (pair_off[slot] >= pair_off[slot + 1]) return 0;
-        const size_t tile = ((size_t)experts[slot] * tiles + rt) * KS;
-        wt = (down ? Wd : Wg) + tile * 512;
-        st = (down ? Sd : Sg) + tile * 32;
-        return KS;
-    };
-    // The first unit of a used slot at or after claim c (claiming again past empty ones).
-    auto settle = [&](unsigned c, bool& down, int& slot, int& rt, const unsigned char*& wt, const unsigned char*& st, int& KS) -> int {
-        int n = (int)__shfl_sync(0xffffffffu, c, 0);
-        KS = 0;
-        while (n < units && (KS = unit(n, down, slot, rt, wt, st)) == 0) {
-            unsigned c2 = 0;
-            if (lane == 0) c2 = atomicAdd(counters, 1u);
-            n = (int)__shfl_sync(0xffffffffu, c2, 0);
-        }
-        return n;
-    };
-    bool down;
-    int slot, rt, KS, seq = 0, pre = 0;
-    const unsigned char *wt = nullptr, *st = nullptr;
-    // A finished unit is counted (its slot's gate_up tiles done, or its down tile's slots done)
-    // at the next unit's resolve point, when its outputs' stores have long landed, so the
-    // release costs little; the count's result is read at the resolve point after that, where
-    // the warp that completed a slot splits its h and the one that completed a tile combines
-    // it. Before a down unit waits for h, and at the end, everything pending is settled.
-    int sig = 0, sslot = 0, srt = 0;             // finished, not counted: 1 gate_up, 2 down
-    int chk = 0, cslot = 0, crt = 0;             // counted, result not read
-    unsigned cval = 0;                           // (lane 0) the count before this unit's
-    auto check = [&]() {
-        if (!chk) return;
-        const unsigned c = __shfl_sync(0xffffffffu, cval, 0) + 1u;
-        if (chk == 1 && c == (unsigned)gu_tiles) {
-            // The slot's last gate_up tile: split its h rows, then count once more.
-            __threadfence();
-            for (int p = pair_off[cslot]; p < pair_off[cslot + 1]; p++) warp_split_row(h + (size_t)p * I, I, hs + (size_t)p * (I + 4));
-            asm volatile("fence.proxy.async.global;" ::: "memory");
-            __threadfence();
-            __syncwarp();
-            if (lane == 0) atomicAdd(done + cslot, 1u);
-        } else if (chk == 2 && c == (unsigned)used) {
-            // The tile's last slot: y over the token's pairs, in ascending pair order.
-            __threadfence();
-            if (lane < 16) {
-                const int n = crt * 16 + lane;
-                float a = 0.f;
-                for (int q = 0; q < Kp; q++) a += __ldcg(out + (size_t)q * H + n);
-                y[n] = a;
-            }
-            if (lane == 0) comb[crt] = 0u;
-        }
-        chk = 0;
-    };
-    auto signal = [&]() {
-        if (!sig) return;
-        __syncwarp();  // every lane's stores come before lane 0's release
-        if (lane == 0) cval = atom_add_acq_rel(sig == 1 ? done + sslot : comb + srt);
-        chk = sig;
-        cslot = sslot;
-        crt = srt;
-        sig = 0;
-    };
-    auto settle_all = [&]() {
-        check();
-        signal();
-        check();
-    };
-    // The claim read at the next resolve point: made at the resolve point before (QUEUE_AHEAD2,
-    // a measurement switch) or as the unit starts.
-#ifdef QUEUE_AHEAD2
-    unsigned claim = lane == 0 ? atomicAdd(counters, 1u) : 0u;
-#endif
-    int cur = settle(first, down, slot, rt, wt, st, KS);
-    while (cur < units) {
-#ifndef QUEUE_AHEAD2
-        unsigned claim = lane == 0 ? atomicAdd(counters, 1u) : 0u;
-#endif
-        const int pb = pair_off[slot], pe = pair_off[slot + 1];
-        bool ndown = false;
-        int nslot = 0, nrt = 0, nKS = 0, nxt = units;
-        const unsigned char *nwt_u = nullptr, *nst_u = nullptr;
-        // The first pass's weights before any wait for h.
-        bulk_prologue<NS, CS>(seq, wt, st, KS, ring, wbars, pre);
-        pre = min(NS, (KS + CS - 1) / CS);
-#ifndef QUEUE_NOSYNC
-        if (down) {
-            // A gate_up count this warp still owes may be what h waits for.
-            if (sig == 1 || chk == 1) settle_all();
-            // The slot's split h rows, brought once per block by its first warp to need them.
-            if (lane == 0 && atomicExch(hasked + slot, 1) == 0) {
-                while (ld_acquire(done + slot) < (unsigned)gu_tiles + 1u) __nanosleep(64);
-                asm volatile("fence.proxy.async.global;" ::: "memory");
-                const unsigned row = (unsigned)(I + 4) * 4u;
-                mbar_expect(hbar + slot, (unsigned)(pe - pb) * row);
-                for (int p = pb; p < pe; p++) bulk_load((void*)(hcache + (size_t)p * (I + 4) / 4), hs + (size_t)p * (I + 4), row, hbar + slot);
-            }
-            mbar_wait(hbar + slot, 0);
-        }
-#endif
-        for (int p = pb; p < pe; p++) {
-            bulk_prologue<NS, CS>(seq, wt, st, KS, ring, wbars, pre);  // (what the last pass did not ask for)
-            const uint4* frag = down ? hcache + (size_t)p * (I + 4) / 4 : xfrag;
-            float acc[4] = {0.f, 0.f, 0.f, 0.f};
-            auto next = [&](const unsigned char*& a, const unsigned char*& b) -> int {
-                if (p + 1 < pe) {  // this tile again for the slot's next pair
-                    a = wt;
-                    b = st;
-                    return KS;
-                }
-                // The resolve point.
-#ifndef QUEUE_NOSYNC
-                check();
-                signal();
-#endif
-                nxt = settle(claim, ndown, nslot, nrt, nwt_u, nst_u, nKS);
-#ifdef QUEUE_AHEAD2
-                claim = lane == 0 ? atomicAdd(counters, 1u) : 0u;
-#endif
-                a = nwt_u;
-                b = nst_u;
-                return nxt < units ? nKS : 0;
-            };
-            pre = tile_stream_queue<NS, CS>(wt, st, KS, frag, acc, ring, wbars, seq, next);
-            float inv = down ? __uint_as_float(reinterpret_cast<const unsigned*>(frag)[I]) : xinv;
-            if (t == 0) tile_store(!down, acc, inv, down ? out : h, down ? H : I, p, rt, pair_w);
-        }
-        sig = down ? 2 : 1;
-        sslot = slot;
-        srt = rt;
-        cur = nxt;
-        down = ndown;
-        slot = nslot;
-        rt = nrt;
-        KS = nKS;
-        wt = nwt_u;
-        st = nst_u;
-    }
-#ifndef QUEUE_NOSYNC
-    settle_all();
-#endif
-    if (lane == 0) {
-        __threadfence();
-        if (atomicAdd(counters + 1, 1u) + 1u == gridDim.x * CW) {
-            for (int u = 0; u < U; u++) done[u] = 0u;
-            counters[0] = 0u;
-            counters[1] = 0u;
-        }
-    }
-}
-
-// The first unit of each streaming warp, claimed as soon as the kernel ahead has finished (the
-// counters are reset by the previous call's last warp; PDL lets this kernel start before).
-template <int CW>
-__device__ __forceinline__ unsigned queue_first_claim(unsigned* counters) {
-    return ((threadIdx.x >> 5) < CW && (threadIdx.x & 31) == 0) ? atomicAdd(counters, 1u) : 0u;
-}
-
-// Entry points, 256 threads on one block per SM (the host's grid): moe_queue_* takes the
-// routing of moe_route (one token: T = 1), moe_queue_routed_* routes the token itself as
-// moe_fused_routed does. x is staged before the wait when settled (stage_token_early).
-#define MOE_QUEUE(NS, CS, CW)                                                                                          \
-    extern "C" __global__ void __launch_bounds__(256, 1) moe_queue_n##NS##_c##CS##_w##CW(                              \
-        const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Sg, const unsigned char* __restrict__ Wd, \
-        const unsigned char* __restrict__ Sd, const int* __restrict__ experts, const int* __restrict__ pair_off,         \
-        const float* __restrict__ pair_w, const float* __restrict__ x, float* __restrict__ h, unsigned* __restrict__ hs, \
-        float* __restrict__ out, int H, int I, int U, int Kp, unsigned* counters, float* __restrict__ y, int x_settled) { \
-        extern __shared__ uint4 dsm[];                                                                                   \
-        __shared__ StageSmem ss;                                                                                         \
-        uint4* xfrag = dsm + CW * NS * CS * 544 / 16;                                                                    \
-        bool staged = stage_token_early(x, 1, H, xfrag, ss, x_settled);                                                 \
-        PDL_ENTER();                                                                                                     \
-        unsigned first = queue_first_claim<CW>(counters);                                                                \
-        const int row0[1] = {0};                                                                                         \
-        if (!staged) stage_b(x, row0, 1, H, reinterpret_cast<unsigned*>(xfrag), ss.red, ss.scale, ss.inv);              \
-        moe_queue<NS, CS, CW>(Wg, Sg, Wd, Sd, experts, pair_off, pair_w, ss.inv[0], h, hs, out, H, I, U, Kp, counters, y, \
-                              first);                                                                                    \
-    }                                                                                                                    \
-    extern "C" __global__ void __launch_bounds__(256, 1) moe_queue_routed_n##NS##_c##CS##_w##CW(                       \
-        const float* __restrict__ logits, const float* __restrict__ bias, int E, int K, int softmax, int n_group,        \
-        int topk_group, int norm, float scale, const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Sg, \
-        const unsigned char* __restrict__ Wd, const unsigned char* __restrict__ Sd, const float* __restrict__ x,         \
-        float* __restrict__ h, unsigned* __restrict__ hs, float* __restrict__ out, int H, int I, int U,                  \
-        unsigned* counters, float* __restrict__ y, int x_settled) {                                                      \
-        extern __shared__ uint4 dsm[];                                                                                   \
-        __shared__ int sel[MAX_FUSED_TOPK], experts[MAX_FUSED_TOPK], pair_off[MAX_FUSED_TOPK + 1],                       \
-            pair_tok[MAX_FUSED_TOPK], tok_pairs[MAX_FUSED_TOPK];                                                         \
-        __shared__ float wsel[MAX_FUSED_TOPK], pair_w[MAX_FUSED_TOPK];                                                   \
-        __shared__ StageSmem ss;                                                                                         \
-        uint4* xfrag = dsm + CW * NS * CS * 544 / 16;                                                                    \
-        float* scores = reinterpret_cast<float*>(dsm); /* 2 E floats in the rings' space, before any copy lands */     \
-        bool staged = stage_token_early(x, 1, H, xfrag, ss, x_settled);                                                 \
-        PDL_ENTER();                                                                                                     \
-        unsigned first = queue_first_claim<CW>(counters);                                                                \
-        route_token(logits, bias, E, K, softmax, n_group, topk_group, norm, scale, scores, scores + E, sel, wsel);       \
-        group_one_token(sel, wsel, K, U, experts, pair_off, pair_tok, pair_w, tok_pairs);                                \
-        __syncthreads();                                                                                                 \
-        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");                                                   \
-        const int row0[1] = {0};                                                                                         \
-        if (!staged) stage_b(x, row0, 1, H, reinterpret_cast<unsigned*>(xfrag), ss.red, ss.scale, ss.inv);              \
-        moe_queue<NS, CS, CW>(Wg, Sg, Wd, Sd, experts, pair_off, pair_w, ss.inv[0], h, hs, out, H, I, U, K, counters, y,  \
-                              first);                                                                                    \
-    }
-MOE_QUEUE(4, 8, 4)
-MOE_QUEUE(3, 8, 4)
-MOE_QUEUE(6, 4, 4)
-MOE_QUEUE(8, 4, 4)
-MOE_QUEUE(4, 4, 8)
-MOE_QUEUE(3, 4, 8)
 
 // ---------------------------------------------------------------------------------------------
 // MoE GEMM for prefill-sized batches: many pairs per expert.

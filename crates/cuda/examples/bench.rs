@@ -264,11 +264,6 @@ fn main() {
                 kinds.push((format!("fused {stages}x{steps}"), MoeKernel::Fused { stages, steps, max_blocks: 0 }));
                 kinds.push((format!("fused {stages}x{steps} on {sms} blocks"), MoeKernel::Fused { stages, steps, max_blocks: sms }));
             }
-            if t == 1 {
-                for &(stages, steps, warps) in peregrine_cuda::kernels::QUEUE_VARIANTS.iter() {
-                    kinds.push((format!("queue {warps}w {stages}x{steps}"), MoeKernel::Queue { stages, steps, warps }));
-                }
-            }
             let variants: Vec<String> = kinds.into_iter().map(|(name, kind)| format!("{name} {:.1}%", pct(run(kind, &wt)))).collect();
             // The pipelined kernels' K splits (warps sharing a 16-row tile), gate_up x down.
             if std::env::var("PEREGRINE_BENCH_SWEEP").is_ok() && [1, 8, 64].contains(&t) {

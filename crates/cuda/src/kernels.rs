@@ -76,12 +76,6 @@ pub const MAX_TOKENS_PER_PASS: usize = 8;
 /// steps, and 2 or 4 warps sharing a tile's K were slower everywhere and dropped; 4 x 2 and 4 x 4
 /// no longer win on the H100 and stay as candidates for other GPUs.
 pub const TILED_VARIANTS: [(usize, usize); 7] = [(2, 4), (4, 2), (3, 4), (4, 4), (2, 3), (3, 3), (2, 6)];
-/// The (stages, steps per stage, streaming warps) the one-token queue kernel (`MoeKernel::Queue`,
-/// `moe_queue_*` in moe.cu) is compiled for: one block per SM, each of its `warps` warps with a
-/// ring of `stages` x `steps` steps, so 52-70 KB in flight per SM as the tiled kernels keep.
-pub const QUEUE_VARIANTS: [(usize, usize, usize); 6] = [(4, 8, 4), (3, 8, 4), (6, 4, 4), (8, 4, 4), (4, 4, 8), (3, 4, 8)];
-/// Counters at the head of the queue kernel's (QUEUE_HEAD in moe.cu): units claimed, warps done.
-const QUEUE_HEAD: usize = 2;
 /// Activations as F16 hi and lo parts of each row times a power of two, and the inverse powers
 /// (the FP8 tensor-core GEMV's input; `split_f16`'s output).
 pub type F16Split = (CudaSlice<u16>, CudaSlice<u16>, CudaSlice<f32>);
@@ -155,10 +149,6 @@ pub struct Kernels {
     fused_tiled: Vec<CudaFunction>,
     /// The same for one token, routing it in the kernel (`moe_mxfp4_routed`).
     fused_routed: Vec<CudaFunction>,
-    /// The one-token queue kernels, one per `QUEUE_VARIANTS` entry, given the routing and
-    /// routing the token themselves.
-    queue: Vec<CudaFunction>,
-    queue_routed: Vec<CudaFunction>,
     /// The grouped-GEMM MoE kernels (`MoeKernel::Gemm`) and the row split they read.
     gemm_gate_up: CudaFunction,
     gemm_down: CudaFunction,
@@ -346,11 +336,6 @@ pub enum MoeKernel {
     /// `max_blocks` blocks (0: as many as are resident at once; never more, which the waits
     /// rely on).
     Fused { stages: usize, steps: usize, max_blocks: usize },
-    /// One token only: Tiled's arithmetic (bit for bit) on one block per SM whose `warps` warps
-    /// (rings of `stages` x `steps`) each claim their next 16-row tile from a global counter
-    /// (`moe_queue_*`): gate_up tiles slot by slot, then down tiles, so SMs that stream faster
-    /// take more of them. Compiled shapes: `QUEUE_VARIANTS`.
-    Queue { stages: usize, steps: usize, warps: usize },
     /// For many pairs per expert (prefill): the tiled layout's arithmetic as a grouped GEMM
     /// (`moe_gemm_*` in kernels/moe.cu): each block takes 16 row tiles of one expert slot and
     /// 32 of its pairs at a time, so a weight fragment is decoded once for 8 MMA column tiles
@@ -381,15 +366,6 @@ impl MoeKernel {
     /// The one-launch form of `TILED`, on as many blocks as are resident.
     pub const FUSED: MoeKernel = MoeKernel::Fused { stages: 2, steps: 4, max_blocks: 0 };
 
-    /// The queue kernel forced by `PEREGRINE_MOE_KERNEL=queue` (one token; more fall back to
-    /// `for_tiled`).
-    pub const QUEUE: MoeKernel = MoeKernel::Queue { stages: 4, steps: 8, warps: 4 };
-
-    /// Whether the kernel routes one token itself when asked (`Kernels::moe_mxfp4_routed`).
-    pub fn routes_one_token(self) -> bool {
-        matches!(self, MoeKernel::Fused { .. } | MoeKernel::Queue { .. })
-    }
-
     /// The kernel `moe_mxfp4` uses for tiled weights and `tokens` tokens when nothing was
     /// tuned (`Kernels::tune_moe`) for the shape: the one-launch kernel at 1 token, where the
     /// boundary between two launches costs most (H100, calls back to back: Flash shapes 67.3%
@@ -410,7 +386,7 @@ impl MoeKernel {
     }
 
     /// `PEREGRINE_MOE_KERNEL=tiled` (two launches, 2 x 4 ring), `fused` (one launch, 2 x 4),
-    /// `queue` (`QUEUE`), `gemm` or `default` (`for_tiled`, no tuning) overrides the tuned choice, for measurements:
+    /// `gemm` or `default` (`for_tiled`, no tuning) overrides the tuned choice, for measurements:
     /// Some(Some(kind)), Some(None) for `default`, None when unset.
     fn forced() -> Option<Option<MoeKernel>> {
         static CHOICE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
@@ -418,7 +394,6 @@ impl MoeKernel {
             Some("fused") => Some(Some(MoeKernel::FUSED)),
             Some("tiled") => Some(Some(MoeKernel::TILED)),
             Some("gemm") => Some(Some(MoeKernel::Gemm)),
-            Some("queue") => Some(Some(MoeKernel::QUEUE)),
             Some("default") => Some(None),
             _ => None,
         }
@@ -618,8 +593,6 @@ impl Kernels {
             down_split: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_down_split_n{n}_c{c}"))).collect::<Result<_>>()?,
             fused_tiled: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_fused_bulk_n{n}_c{c}"))).collect::<Result<_>>()?,
             fused_routed: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_fused_routed_bulk_n{n}_c{c}"))).collect::<Result<_>>()?,
-            queue: QUEUE_VARIANTS.iter().map(|(n, c, w)| fm(&format!("moe_queue_n{n}_c{c}_w{w}"))).collect::<Result<_>>()?,
-            queue_routed: QUEUE_VARIANTS.iter().map(|(n, c, w)| fm(&format!("moe_queue_routed_n{n}_c{c}_w{w}"))).collect::<Result<_>>()?,
             gemm_gate_up: fm("moe_gemm_gate_up")?,
             gemm_down: fm("moe_gemm_down")?,
             split_rows: fm("moe_split_rows")?,
@@ -973,12 +946,9 @@ impl Kernels {
 
     /// Counters the tiled kernels need for up to `max_pairs` pairs: the combine's arrivals per
     /// group of 8 down tiles, then two per expert slot for the waits of the fused kernel and of
-    /// the two-launch down kernel; or the queue kernel's, if more.
+    /// the two-launch down kernel.
     pub fn moe_counters(w: &MoeWeights, max_pairs: usize) -> usize {
-        let slots = max_pairs.min(w.num_experts);
-        // The queue kernel's: its head, one per slot, one per 16-row down tile.
-        let queue = QUEUE_HEAD + slots + w.hidden / 16;
-        ((w.hidden / 16).div_ceil(8) + 2 * slots).max(queue).max(1)
+        ((w.hidden / 16).div_ceil(8) + 2 * max_pairs.min(w.num_experts)).max(1)
     }
 
     pub fn moe_scratch(&self, w: &MoeWeights, max_pairs: usize) -> Result<MoeScratch> {
@@ -1027,10 +997,7 @@ impl Kernels {
     pub fn moe_kernel(&self, w: &MoeWeights, tokens: usize, top_k: usize) -> MoeKernel {
         match w.layout {
             MoeLayout::Tiled { .. } => match MoeKernel::forced() {
-                Some(kind) => kind
-                    .filter(|k| !k.routes_one_token() || top_k <= MAX_FUSED_TOPK)
-                    .filter(|k| !matches!(k, MoeKernel::Queue { .. }) || tokens == 1)
-                    .unwrap_or_else(|| MoeKernel::for_tiled(tokens, top_k)),
+                Some(kind) => kind.filter(|k| !matches!(k, MoeKernel::Fused { .. }) || top_k <= MAX_FUSED_TOPK).unwrap_or_else(|| MoeKernel::for_tiled(tokens, top_k)),
                 None if !self.gemm && tokens > crate::moe_tune::TUNED_TOKENS => MoeKernel::TILED,
                 None => self.tuned_moe(w, top_k, tokens).unwrap_or_else(|| MoeKernel::for_tiled(tokens, top_k)),
             },
@@ -1115,30 +1082,6 @@ impl Kernels {
         Ok(LaunchConfig { grid_dim: (items.min(blocks) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem as u32 })
     }
 
-    /// The index in `QUEUE_VARIANTS` of `stages` x `steps` rings on `warps` warps.
-    fn queue_variant(stages: usize, steps: usize, warps: usize) -> Result<usize> {
-        QUEUE_VARIANTS
-            .iter()
-            .position(|&p| p == (stages, steps, warps))
-            .ok_or_else(|| Error::Backend(format!("queue MoE kernel ({warps} warps of {stages} x {steps}) is not compiled; have {QUEUE_VARIANTS:?}")))
-    }
-
-    /// The launch of queue kernel `f` for one token's `k` pairs over `w`: one block per SM;
-    /// shared memory for the rings, x staged once, every pair's split h row (4 (I + 4) bytes)
-    /// and at least `scratch` bytes; and the split h rows it writes, in global memory.
-    #[allow(clippy::too_many_arguments)]
-    fn queue_launch(&self, f: &CudaFunction, w: &MoeWeights, stages: usize, steps: usize, warps: usize, k: usize, scratch: usize, counters: &CudaSlice<u32>) -> Result<(LaunchConfig, CudaSlice<u32>)> {
-        let (h, i) = (w.hidden, w.inter);
-        check((1..=MAX_FUSED_TOPK).contains(&k), || format!("the queue MoE kernel takes 1 to {MAX_FUSED_TOPK} experts per token, not {k}"))?;
-        let smem = (warps * stages * steps * 544 + 4 * h + 4 * k * (i + 4)).max(scratch);
-        check(smem <= TILED_MAX_SMEM, || format!("the queue MoE kernel needs {smem} bytes of shared memory for dims {h}, {i} and top-{k}; at most {TILED_MAX_SMEM}"))?;
-        check(self.blocks_per_sm(f, smem)? >= 1, || format!("the queue MoE kernel does not fit an SM with {smem} bytes of shared memory"))?;
-        check(counters.len() >= QUEUE_HEAD + k.min(w.num_experts) + h / 16, || "MoE scratch counters too small".into())?;
-        // Written in full (each pair's row by its slot's last gate_up warp) before it is read.
-        let hs = unsafe { self.stream.alloc::<u32>(k * (i + 4)) }.map_err(drv("alloc"))?;
-        Ok((LaunchConfig { grid_dim: (self.sms as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem as u32 }, hs))
-    }
-
     /// One token's routed MLP with its routing done inside the fused kernel
     /// (`moe_fused_routed_*`: each block runs moe_route's router on the token's `logits` [E] and
     /// groups the choices itself), so a batch-1 step has no routing launch. Same experts,
@@ -1148,26 +1091,15 @@ impl Kernels {
     #[allow(clippy::too_many_arguments)]
     pub fn moe_mxfp4_routed(&self, kind: MoeKernel, spec: &MoeSpec, w: &MoeWeights, logits: &CudaSlice<f32>, bias: Option<&CudaSlice<f32>>, x: &CudaSlice<f32>, input: MoeInput, scratch: &mut MoeScratch, y: &mut CudaSlice<f32>) -> Result<()> {
         let (e, k, h) = (spec.num_experts, spec.top_k, w.hidden);
-        let (MoeLayout::Tiled { gate_up, gate_up_s, down, down_s }, true) = (&w.layout, kind.routes_one_token()) else {
-            return Err(Error::Backend(format!("the routed MoE kernel runs the fused or queue kernel over tiled weights, not {kind:?}")));
+        let (MoeLayout::Tiled { gate_up, gate_up_s, down, down_s }, MoeKernel::Fused { stages, steps, max_blocks }) = (&w.layout, kind) else {
+            return Err(Error::Backend(format!("the routed MoE kernel runs the fused kernel over tiled weights, not {kind:?}")));
         };
         check(e == w.num_experts && (1..=MAX_FUSED_TOPK).contains(&k) && spec.n_group <= 64 && (spec.n_group <= 1 || e.is_multiple_of(spec.n_group)), || format!("routed MoE: {e} experts in {} groups, top-{k}", spec.n_group))?;
         check(logits.len() >= e && bias.is_none_or(|b| b.len() >= e) && x.len() >= h && y.len() >= h, || "routed MoE: buffers too small".into())?;
         check(scratch.h.len() >= k * w.inter && scratch.out.len() >= k * h, || "MoE scratch too small".into())?;
         let u = k.min(e);
-        // (The router's scores take 2 E floats of the rings' shared memory.)
-        let (f, cfg, hs) = match kind {
-            MoeKernel::Queue { stages, steps, warps } => {
-                let f = &self.queue_routed[Self::queue_variant(stages, steps, warps)?];
-                let (cfg, hs) = self.queue_launch(f, w, stages, steps, warps, k, 8 * e, &scratch.counters)?;
-                (f, cfg, Some(hs))
-            }
-            MoeKernel::Fused { stages, steps, max_blocks } => {
-                let f = &self.fused_routed[Self::tiled_variant(stages, steps)?];
-                (f, self.fused_grid(f, w, stages, steps, max_blocks, 1, u, 8 * e, &scratch.counters)?, None)
-            }
-            _ => unreachable!("routes_one_token"),
-        };
+        let f = &self.fused_routed[Self::tiled_variant(stages, steps)?];
+        let cfg = self.fused_grid(f, w, stages, steps, max_blocks, 1, u, 8 * e, &scratch.counters)?;
         let (ei, ki, sm, ng, tg, norm, sc) = (e as i32, k as i32, matches!(spec.scoring, RouterScoring::Softmax) as i32, spec.n_group as i32, spec.topk_group as i32, spec.norm_topk_prob as i32, spec.routed_scaling_factor);
         let (hh, ii, ui) = (h as i32, w.inter as i32, u as i32);
         let mut b = crate::launch::builder(&self.stream, f);
@@ -1177,14 +1109,10 @@ impl Kernels {
             None => b.arg(&0u64),
         };
         b.arg(&ei).arg(&ki).arg(&sm).arg(&ng).arg(&tg).arg(&norm).arg(&sc);
-        b.arg(gate_up).arg(gate_up_s).arg(down).arg(down_s).arg(x).arg(&mut scratch.h);
-        if let Some(hs) = &hs {
-            b.arg(hs);
-        }
-        b.arg(&mut scratch.out).arg(&hh).arg(&ii).arg(&ui).arg(&mut scratch.counters).arg(&mut *y);
+        b.arg(gate_up).arg(gate_up_s).arg(down).arg(down_s).arg(x).arg(&mut scratch.h).arg(&mut scratch.out).arg(&hh).arg(&ii).arg(&ui).arg(&mut scratch.counters).arg(&mut *y);
         let settled = input.settled_flag();
         b.arg(&settled);
-        unsafe { b.launch(cfg) }.map_err(drv("moe (routed)"))?;
+        unsafe { b.launch(cfg) }.map_err(drv("moe (fused, routed)"))?;
         Ok(())
     }
 
@@ -1278,17 +1206,6 @@ impl Kernels {
                 let settled = input.settled_flag();
                 b.arg(&settled);
                 unsafe { b.launch(cfg) }.map_err(drv("moe (fused, tiled)"))?;
-                return Ok(());
-            }
-            (MoeLayout::Tiled { gate_up, gate_up_s, down, down_s }, MoeKernel::Queue { stages, steps, warps }) => {
-                check(r.num_tokens == 1, || format!("the queue MoE kernel takes one token, not {}", r.num_tokens))?;
-                let f = &self.queue[Self::queue_variant(stages, steps, warps)?];
-                let (cfg, hs) = self.queue_launch(f, w, stages, steps, warps, r.top_k, 0, &scratch.counters)?;
-                let (ui, ki, settled) = (u as i32, r.top_k as i32, input.settled_flag());
-                let mut b = crate::launch::builder(&self.stream, f);
-                b.arg(gate_up).arg(gate_up_s).arg(down).arg(down_s).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_w).arg(x);
-                b.arg(&mut scratch.h).arg(&hs).arg(&mut scratch.out).arg(&hh).arg(&ii).arg(&ui).arg(&ki).arg(&mut scratch.counters).arg(&mut *y).arg(&settled);
-                unsafe { b.launch(cfg) }.map_err(drv("moe (queue)"))?;
                 return Ok(());
             }
             (MoeLayout::Tiled { gate_up, gate_up_s, down, down_s }, MoeKernel::Gemm) => {

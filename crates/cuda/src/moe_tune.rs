@@ -12,7 +12,7 @@ use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::CudaSlice;
 use peregrine_core::Result;
 
-use crate::kernels::{Kernels, MoeInput, MoeKernel, MoeLayout, MoeRouting, MoeWeights, QUEUE_VARIANTS, TILED_VARIANTS};
+use crate::kernels::{Kernels, MoeInput, MoeKernel, MoeLayout, MoeRouting, MoeWeights, TILED_VARIANTS};
 
 /// Token counts tuned; larger batches use the default (`MoeKernel::for_tiled`).
 pub const TUNED_TOKENS: usize = 8;
@@ -24,8 +24,8 @@ pub(crate) type MoeChoices = HashMap<(usize, usize, usize, usize, usize), MoeKer
 pub type MoeTiming = (usize, MoeKernel, f32);
 
 impl Kernels {
-    /// Times every compiled tiled kernel (two launches and one launch, each ring; the queue
-    /// kernels at 1 token; the MoE GEMM from 2 tokens) on `w` with uniform random routings of 1..=`TUNED_TOKENS` tokens, and keeps the fastest per token
+    /// Times every compiled tiled kernel (two launches and one launch, each ring; the MoE GEMM
+    /// from 2 tokens) on `w` with uniform random routings of 1..=`TUNED_TOKENS` tokens, and keeps the fastest per token
     /// count for `moe_mxfp4`. Returns every timing (for logs and benches). Row-major weights and
     /// `PEREGRINE_MOE_TUNE=0` tune nothing.
     pub fn tune_moe(&self, w: &MoeWeights, top_k: usize) -> Result<Vec<MoeTiming>> {
@@ -77,9 +77,7 @@ impl Kernels {
                 })
                 .collect::<Result<Vec<_>>>()?;
             let mut best: Option<(MoeKernel, f32)> = None;
-            // The queue kernel takes one token.
-            let queue: Vec<MoeKernel> = if t == 1 { QUEUE_VARIANTS.iter().map(|&(stages, steps, warps)| MoeKernel::Queue { stages, steps, warps }).collect() } else { Vec::new() };
-            for &kind in kinds.iter().chain(&queue).chain((t >= gemm_from).then_some(&MoeKernel::Gemm)) {
+            for &kind in kinds.iter().chain((t >= gemm_from).then_some(&MoeKernel::Gemm)) {
                 let mut call = |i: usize| self.moe_mxfp4_with(kind, w, &routings[i % routings.len()], &x, MoeInput::Settled, &mut scratch, &mut y);
                 // A kernel that cannot run this shape (shared memory, top-k) is skipped.
                 if call(0).is_err() {

@@ -107,11 +107,6 @@ fn nvrtc_compiles_the_kernels() {
             assert!(moe.contains(&format!(".entry {k}")), "moe.cu lacks {k}");
         }
     }
-    for (n, c, w) in peregrine_cuda::kernels::QUEUE_VARIANTS {
-        for k in [format!("moe_queue_n{n}_c{c}_w{w}"), format!("moe_queue_routed_n{n}_c{c}_w{w}")] {
-            assert!(moe.contains(&format!(".entry {k}")), "moe.cu lacks {k}");
-        }
-    }
     for k in ["gemv_bf16", "gemv_fp8", "gemv_mxfp4", "gemv_mxfp4_t1", "gemv_mxfp4_t2", "gemv_mxfp4_t4", "gemv_mxfp4_t8", "moe_gate_up_mxfp4", "moe_down_mxfp4", "moe_gate_up_mxfp4_v2", "moe_down_mxfp4_v2", "moe_combine", "split_bf16", "gemv_mma_fp8_t1", "gemv_mma_fp8_t2_r4", "gemv_mma_bf16_t1", "gemv_mma_bf16_t2_r2", "split_f16", "moe_gate_up_mma", "moe_down_mma", "moe_gate_up_pipe_s1", "moe_gate_up_pipe_s2", "moe_gate_up_pipe_s4", "moe_gate_up_pipe_s8", "moe_down_pipe_s1", "moe_down_pipe_s2", "moe_down_pipe_s4", "moe_down_pipe_s8"] {
         assert!(text.contains(&format!(".entry {k}")), "kernel {k} missing from the PTX");
     }
@@ -288,9 +283,6 @@ fn mxfp4_moe_decode_matches_the_cpu_reference() {
             let kinds = peregrine_cuda::kernels::TILED_VARIANTS.iter().flat_map(|&(stages, steps)| {
                 [MoeKernel::Tiled { stages, steps }, MoeKernel::Fused { stages, steps, max_blocks: 0 }, MoeKernel::Fused { stages, steps, max_blocks: 1 }, MoeKernel::Fused { stages, steps, max_blocks: 3 }]
             }).chain([MoeKernel::Gemm]);
-            // The one-token queue kernel, each compiled shape.
-            let queue = peregrine_cuda::kernels::QUEUE_VARIANTS.iter().map(|&(stages, steps, warps)| MoeKernel::Queue { stages, steps, warps });
-            let kinds = kinds.chain(queue.clone().filter(|_| t == 1));
             for kind in kinds {
                 for _ in 0..2 {
                     let mut yv = poisoned(&g, t * h);
@@ -335,8 +327,7 @@ fn mxfp4_moe_decode_matches_the_cpu_reference() {
             // of the same call on a finished x.
             if t == 1 {
                 for &(stages, steps) in peregrine_cuda::kernels::TILED_VARIANTS.iter() {
-                    let queue = peregrine_cuda::kernels::QUEUE_VARIANTS.iter().map(|&(stages, steps, warps)| MoeKernel::Queue { stages, steps, warps });
-                    for kind in [MoeKernel::Tiled { stages, steps }, MoeKernel::Fused { stages, steps, max_blocks: 0 }].into_iter().chain(queue.filter(|_| stages == 2 && steps == 4)) {
+                    for kind in [MoeKernel::Tiled { stages, steps }, MoeKernel::Fused { stages, steps, max_blocks: 0 }] {
                         let mut first = poisoned(&g, h);
                         let mut second = poisoned(&g, h);
                         kern.moe_mxfp4_with(kind, &wt, &dr, &xd, MoeInput::Settled, &mut scratch, &mut first).unwrap();
