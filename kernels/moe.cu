@@ -812,20 +812,19 @@ __device__ __forceinline__ void moe_fused_routed(const float* __restrict__ logit
     }                                                                                                                    \
     extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_gate_up_split_n##NS##_c##CS(                   \
         const unsigned char* __restrict__ W, const unsigned char* __restrict__ S, const int* __restrict__ experts,       \
-        const int* __restrict__ pair_off, const int* __restrict__ pair_tok, const float* __restrict__ x,                 \
-        float* __restrict__ h, int H, int I, int T, unsigned* slots, const unsigned* __restrict__ xs,                    \
-        const float* __restrict__ xinv, unsigned* __restrict__ hs, float* __restrict__ hinv) {                           \
-        moe_tiled<true, NS, CS, true>(W, S, experts, pair_off, pair_tok, nullptr, x, h, H, I / 8, I, nullptr, nullptr,   \
-                                      nullptr, T, 0, 0, slots, nullptr, xs, xinv, hs, hinv);                             \
+        const int* __restrict__ pair_off, const int* __restrict__ pair_tok, float* __restrict__ h, int H, int I,         \
+        unsigned* slots, const unsigned* __restrict__ xs, const float* __restrict__ xinv, unsigned* __restrict__ hs,     \
+        float* __restrict__ hinv) {                                                                                      \
+        moe_tiled<true, NS, CS, true>(W, S, experts, pair_off, pair_tok, nullptr, nullptr, h, H, I / 8, I, nullptr,      \
+                                      nullptr, nullptr, 0, 0, 0, slots, nullptr, xs, xinv, hs, hinv);                    \
     }                                                                                                                    \
     extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_down_split_n##NS##_c##CS(                      \
         const unsigned char* __restrict__ W, const unsigned char* __restrict__ S, const int* __restrict__ experts,       \
-        const int* __restrict__ pair_off, const float* __restrict__ pair_w, const float* __restrict__ h,                 \
-        float* __restrict__ out, int H, int I, unsigned* counters, const int* __restrict__ tok_pairs,                    \
-        float* __restrict__ y, int T, int topk, unsigned* slots, const unsigned* __restrict__ hs,                        \
-        const float* __restrict__ hinv) { PDL_TRIGGER();                                                                 \
-        moe_tiled<false, NS, CS, true>(W, S, experts, pair_off, nullptr, pair_w, h, out, I, H / 16, H, counters, tok_pairs,\
-                                       y, T, topk, 0, slots, slots + gridDim.y, hs, hinv, nullptr, nullptr);             \
+        const int* __restrict__ pair_off, const float* __restrict__ pair_w, float* __restrict__ out, int H, int I,       \
+        unsigned* counters, const int* __restrict__ tok_pairs, float* __restrict__ y, int T, int topk, unsigned* slots,  \
+        const unsigned* __restrict__ hs, const float* __restrict__ hinv) { PDL_TRIGGER();                               \
+        moe_tiled<false, NS, CS, true>(W, S, experts, pair_off, nullptr, pair_w, nullptr, out, I, H / 16, H, counters,   \
+                                       tok_pairs, y, T, topk, 0, slots, slots + gridDim.y, hs, hinv, nullptr, nullptr);  \
     }                                                                                                                    \
     extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_fused_bulk_n##NS##_c##CS(                      \
         const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Sg, const unsigned char* __restrict__ Wd, \
@@ -900,10 +899,7 @@ extern "C" __global__ void __launch_bounds__(256) moe_split_rows(const float* __
                                                                  float* __restrict__ inv) {
     PDL_ENTER();
     __shared__ StageSmem ss;
-    if (threadIdx.x == 0) ss.rows[0] = blockIdx.x;
-    __syncthreads();
-    stage_b(x, ss.rows, 1, K, xs + (size_t)blockIdx.x * K, ss.red, ss.scale, ss.inv);
-    if (threadIdx.x == 0) inv[blockIdx.x] = ss.inv[0];
+    split_row(x, blockIdx.x, K, xs, inv, ss);
 }
 
 // One chunk of up to 4 NT pairs (rows[0 .. np)) of expert e against the block's tiles rt0 ..

@@ -1006,6 +1006,14 @@ impl Kernels {
         }
     }
 
+    /// Whether the two-launch tiled MoE reads x split once per token (`split_x`) and h once per
+    /// expert slot (`split_h`, which needs `split_x`) from 2 tokens, as `PEREGRINE_MOE_PRESPLIT`
+    /// sets at load: for tests of the other paths (every setting gives the same bits).
+    pub fn set_moe_presplit(&mut self, split_x: bool, split_h: bool) {
+        self.presplit = split_x;
+        self.presplit_h = split_h;
+    }
+
     /// Whether the MoE GEMM may be chosen without being forced (`PEREGRINE_MOE_GEMM`).
     pub(crate) fn gemm_enabled(&self) -> bool {
         self.gemm
@@ -1157,14 +1165,14 @@ impl Kernels {
                 let alloc_u32 = |n: usize| unsafe { self.stream.alloc::<u32>(n) }.map_err(drv("alloc"));
                 let alloc_f32 = |n: usize| unsafe { self.stream.alloc::<f32>(n) }.map_err(drv("alloc"));
                 let mut b = crate::launch::builder(&self.stream, fg);
-                b.arg(gate_up).arg(gate_up_s).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_tok).arg(x).arg(&mut scratch.h).arg(&hh).arg(&ii).arg(&ti);
+                b.arg(gate_up).arg(gate_up_s).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_tok);
                 // (The split rows live to the end of the call: freed in stream order after both launches.)
                 let (_xsplit, mut hsplit) = if split_x {
                     let t = r.num_tokens;
                     let (mut xs, mut xinv) = (alloc_u32(t * h)?, alloc_f32(t)?);
                     self.split_rows(x, t, h, &mut xs, &mut xinv)?;
                     let mut hsplit = if split_h { Some((alloc_u32(r.num_pairs * i)?, alloc_f32(r.num_pairs)?)) } else { None };
-                    b.arg(&slot_ptr).arg(&xs).arg(&xinv);
+                    b.arg(&mut scratch.h).arg(&hh).arg(&ii).arg(&slot_ptr).arg(&xs).arg(&xinv);
                     match &mut hsplit {
                         Some((hs, hinv)) => b.arg(hs).arg(hinv),
                         None => b.arg(&0u64).arg(&0u64),
@@ -1174,13 +1182,17 @@ impl Kernels {
                 } else {
                     // One settled token's x is staged before the kernel waits for the one ahead
                     // (moe.cu, stage_token_early).
-                    b.arg(&settled).arg(&slot_ptr);
+                    b.arg(x).arg(&mut scratch.h).arg(&hh).arg(&ii).arg(&ti).arg(&settled).arg(&slot_ptr);
                     unsafe { b.launch(cfg(2 * i / 16, gu_smem)) }.map_err(drv("moe gate_up (tiled)"))?;
                     (None, None)
                 };
                 // The down kernel asks for its weights before it waits for gate_up (see launch.rs).
                 let mut b = crate::launch::builder(&self.stream, fd);
-                b.arg(down).arg(down_s).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_w).arg(&scratch.h).arg(&mut scratch.out).arg(&hh).arg(&ii);
+                b.arg(down).arg(down_s).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_w);
+                if hsplit.is_none() {
+                    b.arg(&scratch.h);
+                }
+                b.arg(&mut scratch.out).arg(&hh).arg(&ii);
                 if fused {
                     b.arg(&mut scratch.counters);
                 } else {

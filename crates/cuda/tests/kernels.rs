@@ -219,7 +219,7 @@ fn stacked_qkv_gemv_matches_the_cpu_reference() {
 
 #[test]
 fn mxfp4_moe_decode_matches_the_cpu_reference() {
-    let Some((g, kern)) = gpu() else { return };
+    let Some((g, mut kern)) = gpu() else { return };
     let mut r = rng();
     // The second shape splits K unevenly over the pipelined kernels' 8 warps (9 and 5 steps).
     // The third is as wide as MiMo-V2.5-Pro's x (6144): four staged rows would leave room for
@@ -287,8 +287,23 @@ fn mxfp4_moe_decode_matches_the_cpu_reference() {
                 for _ in 0..2 {
                     let mut yv = poisoned(&g, t * h);
                     kern.moe_mxfp4_with(kind, &wt, &dr, &xd, MoeInput::Settled, &mut scratch, &mut yv).unwrap();
-                    yt_all.push((kind, yv));
+                    yt_all.push((format!("{kind:?}"), yv));
                 }
+            }
+            // From 2 tokens the two-launch kernels read x (and, with the per-slot wait, h) split
+            // once; the paths that stage them in the kernels instead (PEREGRINE_MOE_PRESPLIT=0,
+            // =x) give the same bits.
+            if t >= 2 {
+                for (split_x, split_h) in [(false, false), (true, false)] {
+                    kern.set_moe_presplit(split_x, split_h);
+                    for &(stages, steps) in peregrine_cuda::kernels::TILED_VARIANTS.iter() {
+                        let kind = MoeKernel::Tiled { stages, steps };
+                        let mut yv = poisoned(&g, t * h);
+                        kern.moe_mxfp4_with(kind, &wt, &dr, &xd, MoeInput::Settled, &mut scratch, &mut yv).unwrap();
+                        yt_all.push((format!("{kind:?}, split x {split_x}, split h {split_h}"), yv));
+                    }
+                }
+                kern.set_moe_presplit(true, true);
             }
             let mut yt4 = poisoned(&g, t * h);
             // A kernel that does not read the layout is refused, not run.
@@ -317,8 +332,8 @@ fn mxfp4_moe_decode_matches_the_cpu_reference() {
             let yt_host = g.stream.clone_dtoh(&yt).unwrap();
             for (kind, yv) in &yt_all {
                 let yv = g.stream.clone_dtoh(yv).unwrap();
-                assert_close(&format!("moe mxfp4 ({kind:?}) {h}x{i} T={t}"), &yv, &want);
-                assert!(yv.iter().zip(&yt_host).all(|(a, b)| a.to_bits() == b.to_bits()), "moe mxfp4 ({kind:?}) {h}x{i} T={t} differs from the default in some bit");
+                assert_close(&format!("moe mxfp4 ({kind}) {h}x{i} T={t}"), &yv, &want);
+                assert!(yv.iter().zip(&yt_host).all(|(a, b)| a.to_bits() == b.to_bits()), "moe mxfp4 ({kind}) {h}x{i} T={t} differs from the default in some bit");
             }
             assert_eq!(g.stream.clone_dtoh(&scratch.counters).unwrap().iter().filter(|&&c| c != 0).count(), 0, "combine counters left non-zero");
             // x written by the launch just before (`MoeInput::Fresh`): one call's output is the
