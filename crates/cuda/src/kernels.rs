@@ -1008,10 +1008,13 @@ impl Kernels {
 
     /// Whether the two-launch tiled MoE reads x split once per token (`split_x`) and h once per
     /// expert slot (`split_h`, which needs `split_x`) from 2 tokens, as `PEREGRINE_MOE_PRESPLIT`
-    /// sets at load: for tests of the other paths (every setting gives the same bits).
-    pub fn set_moe_presplit(&mut self, split_x: bool, split_h: bool) {
+    /// sets at load: for tests of the other paths (every setting gives the same bits). Returns
+    /// the settings it replaces.
+    pub fn set_moe_presplit(&mut self, split_x: bool, split_h: bool) -> (bool, bool) {
+        let old = (self.presplit, self.presplit_h);
         self.presplit = split_x;
         self.presplit_h = split_h;
+        old
     }
 
     /// Whether the MoE GEMM may be chosen without being forced (`PEREGRINE_MOE_GEMM`).

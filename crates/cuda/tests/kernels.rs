@@ -294,6 +294,7 @@ fn mxfp4_moe_decode_matches_the_cpu_reference() {
             // once; the paths that stage them in the kernels instead (PEREGRINE_MOE_PRESPLIT=0,
             // =x) give the same bits.
             if t >= 2 {
+                let (load_x, load_h) = kern.set_moe_presplit(false, false);
                 for (split_x, split_h) in [(false, false), (true, false)] {
                     kern.set_moe_presplit(split_x, split_h);
                     for &(stages, steps) in peregrine_cuda::kernels::TILED_VARIANTS.iter() {
@@ -303,7 +304,7 @@ fn mxfp4_moe_decode_matches_the_cpu_reference() {
                         yt_all.push((format!("{kind:?}, split x {split_x}, split h {split_h}"), yv));
                     }
                 }
-                kern.set_moe_presplit(true, true);
+                kern.set_moe_presplit(load_x, load_h);
             }
             let mut yt4 = poisoned(&g, t * h);
             // A kernel that does not read the layout is refused, not run.
