@@ -260,7 +260,7 @@ fn main() {
             let ms = run(default, &wt);
             let mut kinds: Vec<(String, MoeKernel)> = Vec::new();
             for &(stages, steps) in peregrine_cuda::kernels::TILED_VARIANTS.iter() {
-                kinds.push((format!("two launches {stages}x{steps}"), MoeKernel::Tiled { stages, steps }));
+                kinds.push((format!("two launches {stages}x{steps}"), MoeKernel::tiled(stages, steps)));
                 kinds.push((format!("fused {stages}x{steps}"), MoeKernel::Fused { stages, steps, max_blocks: 0 }));
                 kinds.push((format!("fused {stages}x{steps} on {sms} blocks"), MoeKernel::Fused { stages, steps, max_blocks: sms }));
             }

@@ -327,9 +327,9 @@ pub enum MoeKernel {
     /// `kernels/moe.cu` over the tiled layout (`MoeLayout::Tiled`): 16-byte fragment loads,
     /// e4m3 decode, activations staged per block, each warp's weights brought by the bulk-copy
     /// engine (cp.async.bulk on an mbarrier) into a shared-memory ring of `stages` x `steps`
-    /// steps of 544 bytes; the routed combine fused into the down kernel. Compiled rings:
-    /// `TILED_VARIANTS`.
-    Tiled { stages: usize, steps: usize },
+    /// steps of 544 bytes in the gate_up kernel and `down_stages` x `down_steps` in the down
+    /// kernel; the routed combine fused into the down kernel. Compiled rings: `TILED_VARIANTS`.
+    Tiled { stages: usize, steps: usize, down_stages: usize, down_steps: usize },
     /// Tiled's arithmetic and rings in one persistent launch (`moe_fused_bulk_*`): gate_up
     /// items, then down items that wait per expert slot for its gate_up items, each warp's ring
     /// running on from one item to the next; block b takes items b, b + grid, ... At most
@@ -361,7 +361,12 @@ impl MoeKernel {
     /// Two launches with a ring of 2 stages of 4 steps: the default above 1 token (H100, calls
     /// back to back, Flash shapes 4-64 tokens: 73-82% of copy bandwidth;
     /// benches/results/2026-11-23-moe-fused.md).
-    pub const TILED: MoeKernel = MoeKernel::Tiled { stages: 2, steps: 4 };
+    pub const TILED: MoeKernel = MoeKernel::tiled(2, 4);
+
+    /// Two launches with the same ring of `stages` x `steps` in both.
+    pub const fn tiled(stages: usize, steps: usize) -> MoeKernel {
+        MoeKernel::Tiled { stages, steps, down_stages: stages, down_steps: steps }
+    }
 
     /// The one-launch form of `TILED`, on as many blocks as are resident.
     pub const FUSED: MoeKernel = MoeKernel::Fused { stages: 2, steps: 4, max_blocks: 0 };
@@ -1141,8 +1146,8 @@ impl Kernels {
         }
         let (hh, ii) = (h as i32, i as i32);
         match (&w.layout, kind) {
-            (MoeLayout::Tiled { gate_up, gate_up_s, down, down_s }, MoeKernel::Tiled { stages, steps }) => {
-                let v = Self::tiled_variant(stages, steps)?;
+            (MoeLayout::Tiled { gate_up, gate_up_s, down, down_s }, MoeKernel::Tiled { stages, steps, down_stages, down_steps }) => {
+                let (v, dv) = (Self::tiled_variant(stages, steps)?, Self::tiled_variant(down_stages, down_steps)?);
                 let (ti, ki, settled) = (r.num_tokens as i32, r.top_k as i32, input.settled_flag());
                 let fused = r.top_k <= MAX_FUSED_TOPK;
                 let groups = (h / 16).div_ceil(8);
@@ -1157,11 +1162,11 @@ impl Kernels {
                 let split_x = self.presplit && r.num_tokens >= 2;
                 let split_h = split_x && self.presplit_h && slot_wait;
                 let fg = if split_x { &self.gate_up_split[v] } else { &self.gate_up_tiled[v] };
-                let fd = if split_h { &self.down_split[v] } else { &self.down_tiled[v] };
+                let fd = if split_h { &self.down_split[dv] } else { &self.down_tiled[dv] };
                 let ring = ring_bytes(stages, steps);
                 // A routed expert has at most one pair per token; a pass stages up to 4.
                 let np = self.staged_pairs(fg, ring, h.max(i), r.num_tokens, 0)?;
-                let (gu_smem, d_smem) = (ring + h * 4 * np, ring + i * 4 * np);
+                let (gu_smem, d_smem) = (ring + h * 4 * np, ring_bytes(down_stages, down_steps) + i * 4 * np);
                 check(gu_smem.max(d_smem) <= TILED_MAX_SMEM, || format!("MoE dims {h}, {i} need more than {TILED_MAX_SMEM} bytes of shared memory"))?;
                 // A block's 8 warps stream one 16-row tile each.
                 let cfg = |tiles: usize, smem: usize| LaunchConfig { grid_dim: (tiles.div_ceil(8) as u32, u, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem as u32 };

@@ -1,6 +1,6 @@
-//! Choosing the MXFP4 MoE decode kernel by measurement. Which ring shape, and whether gate_up
-//! and down run as one launch or two, is fastest depends on the expert shape and the token
-//! count (on the H100 at 1 token: the one-launch 2 x 3 ring for MiMo-V2-Flash experts, two
+//! Choosing the MXFP4 MoE decode kernel by measurement. Which ring shapes (two launches may use
+//! one for gate_up and another for down), and whether gate_up and down run as one launch or
+//! two, is fastest depends on the expert shape and the token count (on the H100 at 1 token: the one-launch 2 x 3 ring for MiMo-V2-Flash experts, two
 //! launches with a 3 x 4 ring for MiMo-V2.5-Pro's; `TILED_VARIANTS` lists the rest).
 //! Every candidate computes each output with the same arithmetic in the same order, so the
 //! choice changes speed only, never results. Tuned once per expert shape at model load, outside
@@ -24,9 +24,10 @@ pub(crate) type MoeChoices = HashMap<(usize, usize, usize, usize, usize), MoeKer
 pub type MoeTiming = (usize, MoeKernel, f32);
 
 impl Kernels {
-    /// Times every compiled tiled kernel (two launches and one launch, each ring; the MoE GEMM
-    /// from 2 tokens) on `w` with uniform random routings of 1..=`TUNED_TOKENS` tokens, and keeps the fastest per token
-    /// count for `moe_mxfp4`. Returns every timing (for logs and benches). Row-major weights and
+    /// Times every compiled tiled kernel (two launches and one launch, each ring, then mixed
+    /// rings for the best two-launch pair; the MoE GEMM from 2 tokens) on `w` with uniform
+    /// random routings of 1..=`TUNED_TOKENS` tokens, and keeps the fastest per token count for
+    /// `moe_mxfp4`. Returns every timing (for logs and benches). Row-major weights and
     /// `PEREGRINE_MOE_TUNE=0` tune nothing.
     pub fn tune_moe(&self, w: &MoeWeights, top_k: usize) -> Result<Vec<MoeTiming>> {
         if !matches!(w.layout, MoeLayout::Tiled { .. }) || std::env::var("PEREGRINE_MOE_TUNE").is_ok_and(|v| v == "0") {
@@ -52,7 +53,7 @@ impl Kernels {
         let mut scratch = self.moe_scratch(w, TUNED_TOKENS * k_route)?;
         let mut kinds = Vec::new();
         for &(stages, steps) in TILED_VARIANTS.iter() {
-            kinds.push(MoeKernel::Tiled { stages, steps });
+            kinds.push(MoeKernel::tiled(stages, steps));
             kinds.push(MoeKernel::Fused { stages, steps, max_blocks: 0 });
         }
         // The MoE GEMM from 2 tokens (one token keeps the fused kernel that routes itself).
@@ -77,11 +78,11 @@ impl Kernels {
                 })
                 .collect::<Result<Vec<_>>>()?;
             let mut best: Option<(MoeKernel, f32)> = None;
-            for &kind in kinds.iter().chain((t >= gemm_from).then_some(&MoeKernel::Gemm)) {
+            let mut measure = |kind: MoeKernel, best: &mut Option<(MoeKernel, f32)>| -> Result<()> {
                 let mut call = |i: usize| self.moe_mxfp4_with(kind, w, &routings[i % routings.len()], &x, MoeInput::Settled, &mut scratch, &mut y);
                 // A kernel that cannot run this shape (shared memory, top-k) is skipped.
                 if call(0).is_err() {
-                    continue;
+                    return Ok(());
                 }
                 call(1)?;
                 let mut runs = Vec::with_capacity(3);
@@ -98,8 +99,37 @@ impl Kernels {
                 let ms = runs[1];
                 timings.push((t, kind, ms));
                 if best.is_none_or(|(_, b)| ms < b) {
-                    best = Some((kind, ms));
+                    *best = Some((kind, ms));
                 }
+                Ok(())
+            };
+            for &kind in kinds.iter().chain((t >= gemm_from).then_some(&MoeKernel::Gemm)) {
+                measure(kind, &mut best)?;
+            }
+            // The two launches may stream with different rings (gate_up's tiles are twice as
+            // long as down's at MiMo-V2 shapes): from the best same-ring pair, the best down ring
+            // for its gate_up ring, then the best gate_up ring for that down ring. A gate_up ring
+            // whose passes would stage fewer pairs than the same-ring winner's is not tried:
+            // uniform routing does not see what that costs where tokens share experts (a verify
+            // block's), which is another pass over those experts' weights (H100, Flash 4 / 8
+            // tokens all drawn from 16 experts: 68.5 -> 62.0% / 49.3 -> 45.2% of copy bandwidth
+            // for +3 / +2 points on uniform routing). What mixed rings gain within that rule:
+            // Flash 2 tokens and Pro 2-8 tokens, 1-2.5 points of copy bandwidth
+            // (benches/results/2026-11-24-moe-queue-one-token.md).
+            if let Some((MoeKernel::Tiled { stages, steps, .. }, _)) = best {
+                let pairs = self.moe_tiled_staged_pairs(w, stages, steps, t)?;
+                let mut tiled_best: Option<(MoeKernel, f32)> = best;
+                for &(ds, dc) in TILED_VARIANTS.iter().filter(|&&d| d != (stages, steps)) {
+                    measure(MoeKernel::Tiled { stages, steps, down_stages: ds, down_steps: dc }, &mut tiled_best)?;
+                }
+                if let Some((MoeKernel::Tiled { down_stages, down_steps, .. }, _)) = tiled_best {
+                    for &(gs, gc) in TILED_VARIANTS.iter().filter(|&&g| g != (stages, steps) && g != (down_stages, down_steps)) {
+                        if self.moe_tiled_staged_pairs(w, gs, gc, t)? >= pairs {
+                            measure(MoeKernel::Tiled { stages: gs, steps: gc, down_stages, down_steps }, &mut tiled_best)?;
+                        }
+                    }
+                }
+                best = tiled_best;
             }
             if let Some((kind, _)) = best {
                 chosen.push((t, kind));

@@ -281,8 +281,12 @@ fn mxfp4_moe_decode_matches_the_cpu_reference() {
             // gate_up then down, with its ring running on between them).
             // The MoE GEMM (any token count) as well.
             let kinds = peregrine_cuda::kernels::TILED_VARIANTS.iter().flat_map(|&(stages, steps)| {
-                [MoeKernel::Tiled { stages, steps }, MoeKernel::Fused { stages, steps, max_blocks: 0 }, MoeKernel::Fused { stages, steps, max_blocks: 1 }, MoeKernel::Fused { stages, steps, max_blocks: 3 }]
+                [MoeKernel::tiled(stages, steps), MoeKernel::Fused { stages, steps, max_blocks: 0 }, MoeKernel::Fused { stages, steps, max_blocks: 1 }, MoeKernel::Fused { stages, steps, max_blocks: 3 }]
             }).chain([MoeKernel::Gemm]);
+            // Two launches with different rings for gate_up and down (each ring once as either).
+            let v = peregrine_cuda::kernels::TILED_VARIANTS;
+            let mixed = (0..v.len()).map(|j| MoeKernel::Tiled { stages: v[j].0, steps: v[j].1, down_stages: v[(j + 3) % v.len()].0, down_steps: v[(j + 3) % v.len()].1 });
+            let kinds = kinds.chain(mixed);
             for kind in kinds {
                 for _ in 0..2 {
                     let mut yv = poisoned(&g, t * h);
@@ -298,7 +302,7 @@ fn mxfp4_moe_decode_matches_the_cpu_reference() {
                 for (split_x, split_h) in [(false, false), (true, false)] {
                     kern.set_moe_presplit(split_x, split_h);
                     for &(stages, steps) in peregrine_cuda::kernels::TILED_VARIANTS.iter() {
-                        let kind = MoeKernel::Tiled { stages, steps };
+                        let kind = MoeKernel::tiled(stages, steps);
                         let mut yv = poisoned(&g, t * h);
                         kern.moe_mxfp4_with(kind, &wt, &dr, &xd, MoeInput::Settled, &mut scratch, &mut yv).unwrap();
                         yt_all.push((format!("{kind:?}, split x {split_x}, split h {split_h}"), yv));
@@ -343,7 +347,7 @@ fn mxfp4_moe_decode_matches_the_cpu_reference() {
             // of the same call on a finished x.
             if t == 1 {
                 for &(stages, steps) in peregrine_cuda::kernels::TILED_VARIANTS.iter() {
-                    for kind in [MoeKernel::Tiled { stages, steps }, MoeKernel::Fused { stages, steps, max_blocks: 0 }] {
+                    for kind in [MoeKernel::tiled(stages, steps), MoeKernel::Fused { stages, steps, max_blocks: 0 }] {
                         let mut first = poisoned(&g, h);
                         let mut second = poisoned(&g, h);
                         kern.moe_mxfp4_with(kind, &wt, &dr, &xd, MoeInput::Settled, &mut scratch, &mut first).unwrap();

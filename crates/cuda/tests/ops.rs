@@ -169,7 +169,7 @@ fn moe_routed_inside_the_fused_kernel_equals_routing_then_moe() {
                 // The two-launch kernels over the same routing: one token's x is staged before
                 // their wait too, and a slot holding several pairs (the repeated fallback expert
                 // of all-NaN logits) restages them; every tiled kernel gives the same bits.
-                let kind = MoeKernel::Tiled { stages, steps };
+                let kind = MoeKernel::tiled(stages, steps);
                 let mut tiled = g.stream.clone_htod(&vec![f32::NAN; h]).unwrap();
                 kern.moe_mxfp4_with(kind, &w, &dr, &xd, MoeInput::Settled, &mut scratch, &mut tiled).unwrap();
                 let mut fused = g.stream.clone_htod(&vec![f32::NAN; h]).unwrap();
@@ -188,7 +188,7 @@ fn moe_routed_inside_the_fused_kernel_equals_routing_then_moe() {
     let mut scratch = kern.moe_scratch(&w, spec.top_k).unwrap();
     let (ld, xd) = (g.stream.clone_htod(&vec![0f32; e]).unwrap(), g.stream.clone_htod(&vec![0f32; h]).unwrap());
     let mut y = g.stream.clone_htod(&vec![0f32; h]).unwrap();
-    assert!(kern.moe_mxfp4_routed(MoeKernel::Tiled { stages: 2, steps: 4 }, &spec, &w, &ld, None, &xd, MoeInput::Settled, &mut scratch, &mut y).is_err());
+    assert!(kern.moe_mxfp4_routed(MoeKernel::TILED, &spec, &w, &ld, None, &xd, MoeInput::Settled, &mut scratch, &mut y).is_err());
 }
 
 fn kv(model: &mut CudaModel, blocks: usize) -> usize {
