@@ -115,7 +115,7 @@ impl Kernels {
             // tokens all drawn from 16 experts: 68.5 -> 62.0% / 49.3 -> 45.2% of copy bandwidth
             // for +3 / +2 points on uniform routing). What mixed rings gain within that rule:
             // Flash 2 tokens and Pro 2-8 tokens, 1-2.5 points of copy bandwidth
-            // (benches/results/2026-11-24-moe-queue-one-token.md).
+            // (benches/results/2026-11-24-moe-mixed-rings.md).
             if let Some((MoeKernel::Tiled { stages, steps, .. }, _)) = best {
                 let pairs = self.moe_tiled_staged_pairs(w, stages, steps, t)?;
                 let mut tiled_best: Option<(MoeKernel, f32)> = best;
