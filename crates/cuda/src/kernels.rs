@@ -68,7 +68,8 @@ use crate::device::{nvrtc_arch, Gpu};
 /// Tokens one kernel pass handles (MAXT in the source); more are done in passes.
 pub const MAX_TOKENS_PER_PASS: usize = 8;
 /// The (stages, steps per stage) rings the tiled MoE kernels are compiled for, each as two
-/// launches and as one; `Kernels::tune_moe` picks among them per shape and token count. On the
+/// launches (gate_up and down may take different ones) and as one; `Kernels::tune_moe` picks
+/// among them per shape and token count. On the
 /// H100 (benches/results/2026-11-23-moe-fused.md, 2026-11-23-moe-ring-variants.md): at 1 token
 /// one launch with 2 x 3 for MiMo-V2-Flash's experts and two launches with 3 x 4 for
 /// MiMo-V2.5-Pro's; 3 x 4 at 2 tokens for both; 3 x 3 from 4 to 16 tokens for Flash's and 2 x 6
