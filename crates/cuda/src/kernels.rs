@@ -69,13 +69,12 @@ use crate::device::{nvrtc_arch, Gpu};
 pub const MAX_TOKENS_PER_PASS: usize = 8;
 /// The (stages, steps per stage) rings the tiled MoE kernels are compiled for, each as two
 /// launches (gate_up and down may take different ones) and as one; `Kernels::tune_moe` picks
-/// among them per shape and token count. On the
-/// H100 (benches/results/2026-11-23-moe-fused.md, 2026-11-23-moe-ring-variants.md): at 1 token
-/// one launch with 2 x 3 for MiMo-V2-Flash's experts and two launches with 3 x 4 for
-/// MiMo-V2.5-Pro's; 3 x 4 at 2 tokens for both; 3 x 3 from 4 to 16 tokens for Flash's and 2 x 6
-/// for Pro's; 2 x 4 at 64. 3 x 2, 8 x 2, 8 x 1, 6 x 1 and 2 x 8 rings, register rings of 4 and 8
-/// steps, and 2 or 4 warps sharing a tile's K were slower everywhere and dropped; 4 x 2 and 4 x 4
-/// no longer win on the H100 and stay as candidates for other GPUs.
+/// among them per shape and token count. On the H100 at 1 token: one launch with 2 x 3 for
+/// MiMo-V2-Flash's experts, two launches with 3 x 4 for MiMo-V2.5-Pro's; at 2-8 tokens two
+/// launches, often a deep gate_up ring with a 2 x 4 down ring
+/// (benches/results/2026-11-23-moe-fused.md, 2026-11-23-moe-ring-variants.md,
+/// 2026-11-24-moe-mixed-rings.md). 3 x 2, 8 x 2, 8 x 1, 6 x 1 and 2 x 8 rings, register rings of
+/// 4 and 8 steps, and 2 or 4 warps sharing a tile's K were slower everywhere and dropped.
 pub const TILED_VARIANTS: [(usize, usize); 7] = [(2, 4), (4, 2), (3, 4), (4, 4), (2, 3), (3, 3), (2, 6)];
 /// Activations as F16 hi and lo parts of each row times a power of two, and the inverse powers
 /// (the FP8 tensor-core GEMV's input; `split_f16`'s output).
@@ -1028,11 +1027,24 @@ impl Kernels {
         self.gemm
     }
 
-    /// Pairs one pass of the two-launch tiled MoE kernel with a `stages` x `steps` ring stages
-    /// for `tokens` tokens of `w` (tests check that wide experts take fewer than 4).
+    /// Pairs one pass of the two-launch tiled MoE kernel with a `stages` x `steps` gate_up ring
+    /// stages for `tokens` tokens of `w`, as `moe_mxfp4_with` launches it (tests check that wide
+    /// experts take fewer than 4; the tuner compares rings by it).
     pub fn moe_tiled_staged_pairs(&self, w: &MoeWeights, stages: usize, steps: usize, tokens: usize) -> Result<usize> {
         let v = Self::tiled_variant(stages, steps)?;
-        self.staged_pairs(&self.gate_up_tiled[v], ring_bytes(stages, steps), w.hidden.max(w.inter), tokens, 0)
+        self.staged_pairs(self.gate_up_kernel(v, tokens), ring_bytes(stages, steps), w.hidden.max(w.inter), tokens, 0)
+    }
+
+    /// Whether the two-launch MoE of `tokens` tokens reads x split once per token: from 2
+    /// tokens, unless `presplit` is off.
+    fn splits_x(&self, tokens: usize) -> bool {
+        self.presplit && tokens >= 2
+    }
+
+    /// The two-launch gate_up kernel of ring `v` for `tokens` tokens (`splits_x`: the one that
+    /// reads x split already).
+    fn gate_up_kernel(&self, v: usize, tokens: usize) -> &CudaFunction {
+        if self.splits_x(tokens) { &self.gate_up_split[v] } else { &self.gate_up_tiled[v] }
     }
 
     /// Pairs a pass of tiled MoE kernel `f` stages (shared memory: `ring` bytes of rings, 4 `k`
@@ -1160,9 +1172,9 @@ impl Kernels {
                 // From 2 tokens the _split_ kernels: x split once per token (here), and with the
                 // per-slot wait h once per slot (by its last gate_up block); both written in full
                 // before they are read.
-                let split_x = self.presplit && r.num_tokens >= 2;
+                let fg = self.gate_up_kernel(v, r.num_tokens);
+                let split_x = self.splits_x(r.num_tokens);
                 let split_h = split_x && self.presplit_h && slot_wait;
-                let fg = if split_x { &self.gate_up_split[v] } else { &self.gate_up_tiled[v] };
                 let fd = if split_h { &self.down_split[dv] } else { &self.down_tiled[dv] };
                 let ring = ring_bytes(stages, steps);
                 // A routed expert has at most one pair per token; a pass stages up to 4.

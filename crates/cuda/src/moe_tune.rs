@@ -1,7 +1,8 @@
 //! Choosing the MXFP4 MoE decode kernel by measurement. Which ring shapes (two launches may use
 //! one for gate_up and another for down), and whether gate_up and down run as one launch or
-//! two, is fastest depends on the expert shape and the token count (on the H100 at 1 token: the one-launch 2 x 3 ring for MiMo-V2-Flash experts, two
-//! launches with a 3 x 4 ring for MiMo-V2.5-Pro's; `TILED_VARIANTS` lists the rest).
+//! two, is fastest depends on the expert shape and the token count (on the H100 at 1 token:
+//! the one-launch 2 x 3 ring for MiMo-V2-Flash experts, two launches with a 3 x 4 ring for
+//! MiMo-V2.5-Pro's; `TILED_VARIANTS` lists the rest).
 //! Every candidate computes each output with the same arithmetic in the same order, so the
 //! choice changes speed only, never results. Tuned once per expert shape at model load, outside
 //! any graph capture.
