@@ -454,25 +454,18 @@ __device__ __forceinline__ void tile_store(bool gate_up, const float acc[4], flo
     }
 }
 
-// Blocks of one row group that work on an expert slot of n pairs when its passes of `cap` pairs
-// are spread over `P` blocks (pass_blocks: the two-launch kernels' pass split; 1 elsewhere).
-__device__ __forceinline__ int slot_blocks(int n, int P, int cap) {
-    return n <= 0 ? 0 : P == 1 ? 1 : min(P, (n + cap - 1) / cap);
-}
-
 // After a block's down outputs for row group grp (TW x 16 rows of H): counted on counters[grp];
-// the block that brings it to the number of the group's blocks with work (one per used expert
-// slot, or slot_blocks of each with the pass split) sums the group's rows of every token
-// (combine_rows) and resets the counter.
+// the block that brings it to the number of used expert slots (of U) sums the group's rows of
+// every token (combine_rows) and resets the counter.
 __device__ __forceinline__ void combine_if_last(unsigned* counters, int grp, const int* __restrict__ pair_off, int U,
                                                 const float* __restrict__ out, const int* __restrict__ tok_pairs,
-                                                float* __restrict__ y, int H, int T, int topk, int P = 1, int cap = 1) {
+                                                float* __restrict__ y, int H, int T, int topk) {
     __shared__ int last;
     __threadfence();  // this block's outputs are visible before it is counted
     __syncthreads();
     if (threadIdx.x == 0) {
         int used = 0;
-        for (int i = 0; i < U; i++) used += slot_blocks(pair_off[i + 1] - pair_off[i], P, cap);
+        for (int i = 0; i < U; i++) used += pair_off[i] < pair_off[i + 1];
         last = atomicAdd(counters + grp, 1u) + 1 == (unsigned)used;
     }
     __syncthreads();
@@ -539,14 +532,6 @@ __device__ __forceinline__ void split_row(const float* __restrict__ y, int p, in
 // slot_done / slot_passed (per expert slot, zero between calls; null: the down kernel waits for
 // the whole gate_up grid instead): gate_up blocks count themselves done per slot, down blocks
 // wait for their slot's count and the last one past the wait resets both.
-// SPLIT kernels spread a slot's passes over `pass_blocks` (P) blocks per row group: grid x is
-// row groups x P, block (group g, q) takes passes q, q + P, ... of its slot, and a block with
-// none leaves before it counts anywhere. The P blocks of one group are adjacent in launch
-// order, so they stream the same tiles at about the same time and the L2 serves the later
-// ones: a slot whose pairs outnumber a pass (tokens that share experts, as a verify block's
-// do) reads its weights from DRAM about once instead of once per pass, and its passes run side
-// by side instead of one after another in one block. Each pair is still one MMA column over the
-// whole K, so the bits do not depend on P.
 template <bool GATE_UP, int NS, int CS, bool SPLIT>
 __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, const unsigned char* __restrict__ S,
                                           const int* __restrict__ experts, const int* __restrict__ pair_off,
@@ -555,7 +540,7 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
                                           unsigned* counters, const int* __restrict__ tok_pairs, float* __restrict__ comb, int T,
                                           int topk, int x_settled, unsigned* slot_done, unsigned* slot_passed,
                                           const unsigned* __restrict__ xs = nullptr, const float* __restrict__ xinv = nullptr,
-                                          unsigned* __restrict__ hs = nullptr, float* __restrict__ hinv = nullptr, int pass_blocks = 1) {
+                                          unsigned* __restrict__ hs = nullptr, float* __restrict__ hinv = nullptr) {
     constexpr int RING = NS * CS * 544;  // bytes per warp
     extern __shared__ uint4 dsm[];
     uint4* frag = staged_frag(RING);
@@ -571,12 +556,9 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
     int u = blockIdx.y;
     int pb = pair_off[u], pe = pair_off[u + 1];
     if (pb >= pe) return;  // an unused expert slot (the whole block leaves)
-    // The block's row group and first pass (without SPLIT, P is 1).
-    const int P = SPLIT ? pass_blocks : 1;
-    const int grp = SPLIT ? blockIdx.x / P : blockIdx.x, q = SPLIT ? blockIdx.x % P : 0;
     size_t e = (size_t)experts[u];
     int w = threadIdx.x >> 5, lane = threadIdx.x & 31, t = lane & 3;
-    int rt = grp * TW + w, KS = K / 64;
+    int rt = blockIdx.x * TW + w, KS = K / 64;
     bool active = rt < tiles;
     size_t tile = (e * tiles + (active ? rt : 0)) * KS;  // the warp's tile, in steps
     const unsigned char* wt = W + tile * 512;
@@ -598,9 +580,7 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     __syncwarp();
     const int cap = pass_rows(K, TW * RING);
-    const int used = slot_blocks(pe - pb, P, cap);  // this group's blocks with passes of the slot
-    if (SPLIT && q >= used) return;
-    for (int p0 = pb + q * cap; p0 < pe; p0 += cap * P) {
+    for (int p0 = pb; p0 < pe; p0 += cap) {
         int np = min(cap, pe - p0);
         if ((int)threadIdx.x < np) ss.rows[threadIdx.x] = GATE_UP ? pair_tok[p0 + threadIdx.x] : p0 + threadIdx.x;
         // The pass's split rows, asked for by thread 0 (the previous pass's readers are past
@@ -624,12 +604,11 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
         if (!GATE_UP) {
             if (slot_done == nullptr) {
                 PDL_WAIT();
-            } else if (p0 == pb + q * cap && threadIdx.x == 0) {
+            } else if (p0 == pb && threadIdx.x == 0) {
                 // With split rows the slot's last gate_up block counts once more once it has
-                // written them. (gate_up's passes are as wide: the host sizes both kernels'
-                // shared memory for the same pairs per pass.)
-                const unsigned gu_blocks = (unsigned)((K / 8 + TW - 1) / TW * used) + SPLIT;  // K = I: I / 8 gate_up tiles
-                down_unit_wait(slot_done + u, slot_passed + u, gu_blocks, (unsigned)(gridDim.x / P * used));
+                // written them.
+                const unsigned gu_blocks = (unsigned)((K / 8 + TW - 1) / TW) + SPLIT;  // K = I: I / 8 gate_up tiles
+                down_unit_wait(slot_done + u, slot_passed + u, gu_blocks, gridDim.x);
                 // (They were written through the generic proxy; the bulk copies read through
                 // the async one.)
                 if (SPLIT) asm volatile("fence.proxy.async.global;" ::: "memory");
@@ -656,7 +635,7 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
         if (slot_done == nullptr) return;
         if (!SPLIT || hs == nullptr) {
             gate_up_unit_done(slot_done + u);
-        } else if (gate_up_unit_last(slot_done + u, gridDim.x / P * used)) {
+        } else if (gate_up_unit_last(slot_done + u, gridDim.x)) {
             // The slot's last gate_up block splits its pairs' h rows for the down blocks, then
             // counts once more: they wait for that count.
             for (int p = pb; p < pe; p++) split_row(y, p, ldy, hs, hinv, ss);
@@ -668,7 +647,7 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
         return;
     }
     if (counters == nullptr) return;
-    combine_if_last(counters, grp, pair_off, gridDim.y, y, tok_pairs, comb, ldy, T, topk, P, cap);
+    combine_if_last(counters, blockIdx.x, pair_off, gridDim.y, y, tok_pairs, comb, ldy, T, topk);
 }
 
 // One launch for the whole routed MLP (gate_up, then down with the combine) on a grid that is
@@ -835,18 +814,17 @@ __device__ __forceinline__ void moe_fused_routed(const float* __restrict__ logit
         const unsigned char* __restrict__ W, const unsigned char* __restrict__ S, const int* __restrict__ experts,       \
         const int* __restrict__ pair_off, const int* __restrict__ pair_tok, float* __restrict__ h, int H, int I,         \
         unsigned* slots, const unsigned* __restrict__ xs, const float* __restrict__ xinv, unsigned* __restrict__ hs,     \
-        float* __restrict__ hinv, int pass_blocks) {                                                                     \
+        float* __restrict__ hinv) {                                                                                      \
         moe_tiled<true, NS, CS, true>(W, S, experts, pair_off, pair_tok, nullptr, nullptr, h, H, I / 8, I, nullptr,      \
-                                      nullptr, nullptr, 0, 0, 0, slots, nullptr, xs, xinv, hs, hinv, pass_blocks);       \
+                                      nullptr, nullptr, 0, 0, 0, slots, nullptr, xs, xinv, hs, hinv);                    \
     }                                                                                                                    \
     extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_down_split_n##NS##_c##CS(                      \
         const unsigned char* __restrict__ W, const unsigned char* __restrict__ S, const int* __restrict__ experts,       \
         const int* __restrict__ pair_off, const float* __restrict__ pair_w, float* __restrict__ out, int H, int I,       \
         unsigned* counters, const int* __restrict__ tok_pairs, float* __restrict__ y, int T, int topk, unsigned* slots,  \
-        const unsigned* __restrict__ hs, const float* __restrict__ hinv, int pass_blocks) { PDL_TRIGGER();              \
+        const unsigned* __restrict__ hs, const float* __restrict__ hinv) { PDL_TRIGGER();                               \
         moe_tiled<false, NS, CS, true>(W, S, experts, pair_off, nullptr, pair_w, nullptr, out, I, H / 16, H, counters,   \
-                                       tok_pairs, y, T, topk, 0, slots, slots + gridDim.y, hs, hinv, nullptr, nullptr,   \
-                                       pass_blocks);                                                                     \
+                                       tok_pairs, y, T, topk, 0, slots, slots + gridDim.y, hs, hinv, nullptr, nullptr);  \
     }                                                                                                                    \
     extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_fused_bulk_n##NS##_c##CS(                      \
         const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Sg, const unsigned char* __restrict__ Wd, \

@@ -23,7 +23,7 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let mut k = Kernels::load(&g).unwrap();
+    let k = Kernels::load(&g).unwrap();
     println!("GPU {} sm_{}{}, {:.1} GiB", g.name, g.capability.0, g.capability.1, g.total_memory as f64 / (1u64 << 30) as f64);
     let s = &g.stream;
     let ev = || g.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).unwrap();
@@ -316,13 +316,6 @@ fn main() {
                 pct(ms2),
                 pct(ms3)
             );
-            // The two-launch kernels with each slot's passes in one block (pass_blocks 1).
-            if (2..=16).contains(&t) && matches!(default, MoeKernel::Tiled { .. }) {
-                let old = k.set_moe_pass_blocks(1);
-                let ms1 = time_b2b(&mut |run| k.moe_mxfp4_with(default, &wt, &dev[run % dev.len()], &x, MoeInput::Settled, &mut scratch, &mut y).unwrap());
-                k.set_moe_pass_blocks(old);
-                println!("{t:>6}   (the same kernel with each slot's passes in one block: {:.1}%)", pct(ms1));
-            }
             // Routing that shares experts between tokens (as consecutive tokens of one text
             // often do): every token draws its top-k from the same pool of 2 x top-k experts (a
             // fresh pool per run: an expert holds ~T/2 pairs, and passes that stage fewer pairs
@@ -341,21 +334,17 @@ fn main() {
                     let pb = pused * w.expert_bytes() as f64;
                     let pms = time_b2b(&mut |run| k.moe_mxfp4_with(default, &wt, &pdev[run % pdev.len()], &x, MoeInput::Settled, &mut scratch, &mut y).unwrap());
                     let gms = time_b2b(&mut |run| k.moe_mxfp4_with(MoeKernel::Gemm, &wt, &pdev[run % pdev.len()], &x, MoeInput::Settled, &mut scratch, &mut y).unwrap());
-                    // The two-launch kernels (8 tokens' tuned rings above 8), each slot's passes
-                    // spread over blocks and in one block.
+                    // The two-launch kernels (8 tokens' tuned rings above 8, where the GEMM is
+                    // the default).
                     let tk = if matches!(default, MoeKernel::Tiled { .. }) { default } else { k.moe_kernel(&wt, 8, top_k) };
                     let tms = time_b2b(&mut |run| k.moe_mxfp4_with(tk, &wt, &pdev[run % pdev.len()], &x, MoeInput::Settled, &mut scratch, &mut y).unwrap());
-                    let old = k.set_moe_pass_blocks(1);
-                    let ms1 = time_b2b(&mut |run| k.moe_mxfp4_with(tk, &wt, &pdev[run % pdev.len()], &x, MoeInput::Settled, &mut scratch, &mut y).unwrap());
-                    k.set_moe_pass_blocks(old);
                     let ppct = |ms: f32| 100.0 * pb / (ms as f64 * 1e-3) / copy_bw;
                     println!(
-                        "{t:>6} {pused:>8.1} {:>10.1} {pms:>8.3} {:>8.0} {:>9.1}%   (clustered routing: every token's experts from one pool of {pool}; {default:?}; {tk:?}: passes over blocks {:.1}%, in one block {:.1}%; MoE GEMM {:.1}%)",
+                        "{t:>6} {pused:>8.1} {:>10.1} {pms:>8.3} {:>8.0} {:>9.1}%   (clustered routing: every token's experts from one pool of {pool}; {default:?}; {tk:?} {:.1}%, MoE GEMM {:.1}%)",
                         pb / 1e6,
                         pb / (pms as f64 * 1e-3) / 1e9,
                         ppct(pms),
                         ppct(tms),
-                        ppct(ms1),
                         ppct(gms)
                     );
                 }

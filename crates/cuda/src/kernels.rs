@@ -171,10 +171,6 @@ pub struct Kernels {
     presplit: bool,
     /// h split too (`PEREGRINE_MOE_PRESPLIT=x` splits x only, for comparison).
     presplit_h: bool,
-    /// With x and h split, a slot's passes run on up to this many blocks per row group, side
-    /// by side (`pass_blocks`); `PEREGRINE_MOE_PASS_BLOCKS=n` sets it, 1 (or 0) runs them one
-    /// after another in one block.
-    pass_split: usize,
     /// The MoE GEMM is a tuning candidate from 2 tokens and the kernel above the tuned token
     /// counts (`MoeKernel::for_tiled`); `PEREGRINE_MOE_GEMM=0` keeps to the tiled kernels (unless
     /// forced), for comparison.
@@ -205,9 +201,6 @@ const DENSE_GEMM_TILE: (usize, usize) = (8, 8);
 /// The entry that is the GEMM with a deep pipeline for decode batches (`gemm_mma_deep_*`: one
 /// block per SM, 6 (FP8) or 5 (BF16) chunks in flight). (8, 6) is its label.
 const DEEP_GEMM_TILE: (usize, usize) = (8, 6);
-
-/// Default of `Kernels::set_moe_pass_blocks`.
-pub const MOE_PASS_BLOCKS: usize = 4;
 
 /// Shared memory of a `gemm_mma_*` block (kernels/gemv.cu's GemmTile): 2 stages of 128 rows'
 /// weights and 64 tokens' hi + lo parts of a 64-k chunk, rows padded to 144 bytes but FP8's;
@@ -617,7 +610,6 @@ impl Kernels {
             two_blocks: std::env::var("PEREGRINE_MOE_TWO_BLOCKS").map_or(true, |v| v != "0"),
             presplit: std::env::var("PEREGRINE_MOE_PRESPLIT").map_or(true, |v| v != "0"),
             presplit_h: std::env::var("PEREGRINE_MOE_PRESPLIT").map_or(true, |v| v != "0" && v != "x"),
-            pass_split: std::env::var("PEREGRINE_MOE_PASS_BLOCKS").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(MOE_PASS_BLOCKS).max(1),
             gemm: std::env::var("PEREGRINE_MOE_GEMM").map_or(true, |v| v != "0"),
             occupancy: Default::default(),
             sms: gpu.ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(drv("SM count"))? as usize,
@@ -1030,23 +1022,6 @@ impl Kernels {
         old
     }
 
-    /// At most how many blocks per row group the two-launch tiled MoE with x and h split
-    /// spreads an expert slot's passes over (`pass_blocks`; 1: one block takes them all), as
-    /// `PEREGRINE_MOE_PASS_BLOCKS` sets at load: for tests and measurements (every setting gives
-    /// the same bits). Returns the setting it replaces.
-    pub fn set_moe_pass_blocks(&mut self, max: usize) -> usize {
-        std::mem::replace(&mut self.pass_split, max.max(1))
-    }
-
-    /// Blocks per row group the two-launch tiled MoE spreads an expert slot's passes of `np`
-    /// pairs over, for `tokens` tokens: as many as a slot can need (it holds at most one pair
-    /// per token unless routing repeats an expert; the kernels loop over passes beyond), at most
-    /// `pass_split`. Only with x and h split (`split_h`): the plain down kernel counts one block
-    /// per slot.
-    fn pass_blocks(&self, split_h: bool, tokens: usize, np: usize) -> usize {
-        if split_h { tokens.div_ceil(np.max(1)).clamp(1, self.pass_split) } else { 1 }
-    }
-
     /// Whether the MoE GEMM may be chosen without being forced (`PEREGRINE_MOE_GEMM`).
     pub(crate) fn gemm_enabled(&self) -> bool {
         self.gemm
@@ -1206,11 +1181,8 @@ impl Kernels {
                 let np = self.staged_pairs(fg, ring, h.max(i), r.num_tokens, 0)?;
                 let (gu_smem, d_smem) = (ring + h * 4 * np, ring_bytes(down_stages, down_steps) + i * 4 * np);
                 check(gu_smem.max(d_smem) <= TILED_MAX_SMEM, || format!("MoE dims {h}, {i} need more than {TILED_MAX_SMEM} bytes of shared memory"))?;
-                // A block's 8 warps stream one 16-row tile each; with split x and h, `pb` blocks
-                // per row group take a slot's passes side by side (moe.cu, moe_tiled).
-                let pb = self.pass_blocks(split_h, r.num_tokens, np);
-                let cfg = |tiles: usize, smem: usize| LaunchConfig { grid_dim: ((tiles.div_ceil(8) * pb) as u32, u, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem as u32 };
-                let pbi = pb as i32;
+                // A block's 8 warps stream one 16-row tile each.
+                let cfg = |tiles: usize, smem: usize| LaunchConfig { grid_dim: (tiles.div_ceil(8) as u32, u, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem as u32 };
                 let alloc_u32 = |n: usize| unsafe { self.stream.alloc::<u32>(n) }.map_err(drv("alloc"));
                 let alloc_f32 = |n: usize| unsafe { self.stream.alloc::<f32>(n) }.map_err(drv("alloc"));
                 let mut b = crate::launch::builder(&self.stream, fg);
@@ -1226,7 +1198,6 @@ impl Kernels {
                         Some((hs, hinv)) => b.arg(hs).arg(hinv),
                         None => b.arg(&0u64).arg(&0u64),
                     };
-                    b.arg(&pbi);
                     unsafe { b.launch(cfg(2 * i / 16, gu_smem)) }.map_err(drv("moe gate_up (tiled, split)"))?;
                     (Some((xs, xinv)), hsplit)
                 } else {
@@ -1250,7 +1221,7 @@ impl Kernels {
                 }
                 b.arg(&r.tok_pairs).arg(&mut *y).arg(&ti).arg(&ki).arg(&slot_ptr);
                 if let Some((hs, hinv)) = &mut hsplit {
-                    b.arg(&*hs).arg(&*hinv).arg(&pbi);
+                    b.arg(&*hs).arg(&*hinv);
                 }
                 unsafe { b.launch(cfg(h / 16, d_smem)) }.map_err(drv("moe down (tiled)"))?;
                 if fused {

@@ -309,21 +309,6 @@ fn mxfp4_moe_decode_matches_the_cpu_reference() {
                     }
                 }
                 kern.set_moe_presplit(load_x, load_h);
-                // With x and h split, a slot's passes spread over up to MOE_PASS_BLOCKS blocks
-                // per row group; fewer (each block looping over passes q, q + P, ...) and one
-                // (all passes in one block) give the same bits. At 16 tokens slots hold 4-5
-                // pairs (several passes for the 6144-wide shape).
-                let load_p = kern.set_moe_pass_blocks(1);
-                for max in [1usize, 2, 3] {
-                    kern.set_moe_pass_blocks(max);
-                    for &(stages, steps) in peregrine_cuda::kernels::TILED_VARIANTS.iter() {
-                        let kind = MoeKernel::tiled(stages, steps);
-                        let mut yv = poisoned(&g, t * h);
-                        kern.moe_mxfp4_with(kind, &wt, &dr, &xd, MoeInput::Settled, &mut scratch, &mut yv).unwrap();
-                        yt_all.push((format!("{kind:?}, at most {max} blocks per slot's passes"), yv));
-                    }
-                }
-                kern.set_moe_pass_blocks(load_p);
             }
             let mut yt4 = poisoned(&g, t * h);
             // A kernel that does not read the layout is refused, not run.
