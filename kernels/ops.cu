@@ -335,6 +335,26 @@ extern "C" __global__ void add_rms_norm(float* __restrict__ x, const float* __re
     norm_row<true>(x, a, w, y, D, eps);
 }
 
+// y's power of two for an F16 hi + lo split, from the row v[] a norm holds (all threads): the
+// largest magnitude m < 2^ex, scale 2^(14 - ex) (0 or non-finite: none), as split_f16 and the
+// MoE's row_scale (moe.cu) compute it; thread 0 writes 2^-s to *inv.
+__device__ __forceinline__ float norm_split_scale(const float4 v[NORM_V], int D, float* sh, float* inv) {
+    float m = 0.f;
+#pragma unroll
+    for (int j = 0; j < NORM_V; j++)
+        if ((int)(threadIdx.x + j * blockDim.x) < D / 4)
+            m = fmaxf(m, fmaxf(fmaxf(fabsf(v[j].x), fabsf(v[j].y)), fmaxf(fabsf(v[j].z), fabsf(v[j].w))));
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    if ((threadIdx.x & 31) == 0) sh[threadIdx.x >> 5] = m;
+    __syncthreads();
+    m = 0.f;
+    for (int i = 0; i < (int)(blockDim.x + 31) / 32; i++) m = fmaxf(m, sh[i]);
+    int ex = (m > 0.f && m < __int_as_float(0x7f800000u)) ? (int)((__float_as_uint(m) >> 23) & 0xffu) - 126 : 0;
+    int sh_ = min(max(14 - ex, -100), 100);
+    if (threadIdx.x == 0) *inv = __int_as_float((unsigned)(127 - sh_) << 23);
+    return __int_as_float((unsigned)(sh_ + 127) << 23);
+}
+
 // add_rms_norm that also writes y's F16 hi + lo parts and their inverse scale, exactly as
 // split_f16 (interleave 0) would from y, for the FP8 q/k/v GEMV that reads them (one launch
 // fewer per layer). Rows whose D is a multiple of 4 and at most 4 x NORM_V x blockDim only.
@@ -345,21 +365,7 @@ extern "C" __global__ void add_rms_norm_split(float* __restrict__ x, const float
     size_t r = blockIdx.x;
     float4 v[NORM_V];
     norm_row_regs<true>(x, a, w, y, D, eps, v, sh);
-    float m = 0.f;
-#pragma unroll
-    for (int j = 0; j < NORM_V; j++)
-        if ((int)(threadIdx.x + j * blockDim.x) < D / 4)
-            m = fmaxf(m, fmaxf(fmaxf(fabsf(v[j].x), fabsf(v[j].y)), fmaxf(fabsf(v[j].z), fabsf(v[j].w))));
-    // The row's largest magnitude (all threads), then split_f16's power of two.
-    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-    if ((threadIdx.x & 31) == 0) sh[threadIdx.x >> 5] = m;
-    __syncthreads();
-    m = 0.f;
-    for (int i = 0; i < (int)(blockDim.x + 31) / 32; i++) m = fmaxf(m, sh[i]);
-    int ex = (m > 0.f && m < __int_as_float(0x7f800000u)) ? (int)((__float_as_uint(m) >> 23) & 0xffu) - 126 : 0;
-    int sh_ = min(max(14 - ex, -100), 100);
-    float sc = __int_as_float((unsigned)(sh_ + 127) << 23);
-    if (threadIdx.x == 0) yinv[r] = __int_as_float((unsigned)(127 - sh_) << 23);
+    float sc = norm_split_scale(v, D, sh, yinv + r);
 #pragma unroll
     for (int j = 0; j < NORM_V; j++) {
         int c = threadIdx.x + j * blockDim.x;
@@ -373,6 +379,39 @@ extern "C" __global__ void add_rms_norm_split(float* __restrict__ x, const float
             }
             reinterpret_cast<uint2*>(yh + r * D)[c] = make_uint2(h[0] | (unsigned)h[1] << 16, h[2] | (unsigned)h[3] << 16);
             reinterpret_cast<uint2*>(yl + r * D)[c] = make_uint2(l[0] | (unsigned)l[1] << 16, l[2] | (unsigned)l[3] << 16);
+        }
+    }
+}
+
+// add_rms_norm that also writes y split as the tiled MoE kernels read x (moe.cu's
+// moe_split_rows: one routed pair's staged B fragments, stage_b with np = 1): row r at xs + r D
+// words, its 2^-s at xinv[r]. Per 16 values q: words [q / 4][half (q & 3) >> 1][8 lanes][4],
+// lane t holding the F16 hi (lane 4 + t the lo) of values 16 q + 2 t + {0, 1} at word
+// 2 (q & 1) and of 16 q + 2 t + {8, 9} at the next. The MoE then needs no split launch of its
+// own (one launch fewer per MoE layer from 2 tokens). Same rows as add_rms_norm_split.
+extern "C" __global__ void add_rms_norm_moe_split(float* __restrict__ x, const float* __restrict__ a, const float* __restrict__ w,
+                                                  float* __restrict__ y, unsigned* __restrict__ xs, float* __restrict__ xinv, int D,
+                                                  float eps) { PDL_ENTER();
+    __shared__ float sh[32];
+    size_t r = blockIdx.x;
+    float4 v[NORM_V];
+    norm_row_regs<true>(x, a, w, y, D, eps, v, sh);
+    float sc = norm_split_scale(v, D, sh, xinv + r);
+#pragma unroll
+    for (int j = 0; j < NORM_V; j++) {
+        int c = threadIdx.x + j * blockDim.x;
+        if (c < D / 4) {
+            // This float4 is values 4 (c & 3) .. + 3 of its 16: two t, of the first 8 or the second.
+            int q = c >> 2, t0 = (c & 1) * 2;
+            unsigned* base = xs + r * D + ((q >> 2) * 2 + ((q & 3) >> 1)) * 32 + 2 * (q & 1) + ((c >> 1) & 1);
+            float e[4] = {v[j].x * sc, v[j].y * sc, v[j].z * sc, v[j].w * sc};
+#pragma unroll
+            for (int i = 0; i < 2; i++) {
+                unsigned short h0 = f32_to_f16_rn(e[2 * i]), h1 = f32_to_f16_rn(e[2 * i + 1]);
+                unsigned short l0 = f32_to_f16_rn(e[2 * i] - f16_to_f32(h0)), l1 = f32_to_f16_rn(e[2 * i + 1] - f16_to_f32(h1));
+                base[(t0 + i) * 4] = h0 | (unsigned)h1 << 16;
+                base[(4 + t0 + i) * 4] = l0 | (unsigned)l1 << 16;
+            }
         }
     }
 }

@@ -316,6 +316,13 @@ fn main() {
                 pct(ms2),
                 pct(ms3)
             );
+            // As a step runs it from 2 tokens: x split by the norm that wrote it, so the kernels
+            // that read x split need no split launch of their own (MoeInput::Split).
+            if k.moe_reads_split(&wt, t, top_k) {
+                let sp = k.moe_split_x(&x, t, h).unwrap();
+                let ms = time_b2b(&mut |run| k.moe_mxfp4_with(default, &wt, &dev[run % dev.len()], &x, MoeInput::Split(&sp), &mut scratch, &mut y).unwrap());
+                println!("{t:>6} {used:>8.1} {:>10.1} {ms:>8.3} {:>8.0} {:>9.1}%   (the same, x split by its producer as in a step)", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, pct(ms));
+            }
             // Routing that shares experts between tokens (as consecutive tokens of one text
             // often do): every token draws its top-k from the same pool of 2 x top-k experts (a
             // fresh pool per run: an expert holds ~T/2 pairs, and passes that stage fewer pairs

@@ -16,7 +16,7 @@ use peregrine_model::weights::WeightSource;
 use crate::compile;
 use crate::device::{nvrtc_arch, Gpu};
 use crate::draft::Drafter;
-use crate::kernels::{DeviceRouting, F16Split, Kernels, MoeInput, MoeKernel, MoeRouting, MoeWeights};
+use crate::kernels::{DeviceRouting, F16Split, Kernels, MoeInput, MoeKernel, MoeRouting, MoeSplit, MoeWeights};
 use crate::graph::Graphs;
 use crate::weights::{Embed, Source, Synthetic};
 
@@ -159,6 +159,7 @@ pub(crate) struct Ops {
     embed_bf16: CudaFunction,
     add_rms_norm: CudaFunction,
     add_rms_norm_split: CudaFunction,
+    add_rms_norm_moe_split: CudaFunction,
     rope_kv_write: CudaFunction,
     moe_route: CudaFunction,
     moe_group: CudaFunction,
@@ -206,6 +207,10 @@ pub struct CudaModel {
     /// Decode attention applies RoPE and writes the new K/V itself (`PEREGRINE_KV_IN_ATTENTION=0`
     /// keeps the separate `rope_kv_write` launch, for comparison).
     kv_in_attention: bool,
+    /// The norm ahead of an MoE that reads its input split writes the split
+    /// (`wants_moe_split`; `PEREGRINE_MOE_NORM_SPLIT=0` leaves it to the MoE's own launch, for
+    /// comparison).
+    moe_norm_split: bool,
     /// Blocks of `attention_v2_kv` resident at once on the whole GPU (one wave).
     attention_kv_wave: usize,
     /// The GPU's SMs.
@@ -341,6 +346,7 @@ impl CudaModel {
             embed_bf16: f("embed_bf16")?,
             add_rms_norm: f("add_rms_norm")?,
             add_rms_norm_split: f("add_rms_norm_split")?,
+            add_rms_norm_moe_split: f("add_rms_norm_moe_split")?,
             rope_kv_write: f("rope_kv_write")?,
             moe_route: f("moe_route")?,
             moe_group: {
@@ -499,6 +505,7 @@ impl CudaModel {
             route_counter,
             attn_split: std::env::var("PEREGRINE_ATTN_SPLIT").ok().and_then(|v| v.parse().ok()).filter(|&v: &usize| v >= 32).unwrap_or(512),
             kv_in_attention: std::env::var("PEREGRINE_KV_IN_ATTENTION").map_or(true, |v| v != "0"),
+            moe_norm_split: std::env::var("PEREGRINE_MOE_NORM_SPLIT").map_or(true, |v| v != "0"),
             attention_kv_wave,
             sm_count: sms,
             attn_heads_min_rows: std::env::var("PEREGRINE_ATTN_HEADS_MIN_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(ATTN_HEADS_MIN_ROWS),
@@ -868,9 +875,35 @@ impl CudaModel {
     /// Whether layer `li`'s q/k/v GEMV reads F16-split activations that `add_rms_norm_split`
     /// can write (a stacked FP8 projection, and a row the norm keeps in registers).
     pub(crate) fn wants_f16_split(&self, li: usize) -> bool {
+        self.norm_holds_row() && matches!(&self.layers[li].attn.qkv, Qkv::Stacked { m, .. } if matches!(m.m, GpuMatrix::Fp8 { .. }))
+    }
+
+    /// Whether the norms keep a row in registers (NORM_V = 4 float4s per thread), which their
+    /// split-writing forms need.
+    fn norm_holds_row(&self) -> bool {
         let d = self.spec.hidden_size;
-        let fits = d.is_multiple_of(4) && d <= 4 * 4 * norm_cfg(1, d).block_dim.0 as usize; // NORM_V = 4
-        fits && matches!(&self.layers[li].attn.qkv, Qkv::Stacked { m, .. } if matches!(m.m, GpuMatrix::Fp8 { .. }))
+        d.is_multiple_of(4) && d <= 4 * 4 * norm_cfg(1, d).block_dim.0 as usize
+    }
+
+    /// Whether layer `li`'s MoE of `rows` rows reads its input split (`Kernels::moe_reads_split`)
+    /// and the norm ahead can write it (`add_rms_norm_moe_split`): from 2 rows on the tiled
+    /// kernels, the MoE GEMM.
+    pub(crate) fn wants_moe_split(&self, li: usize, rows: usize) -> bool {
+        self.moe_norm_split && self.norm_holds_row() && matches!(&self.layers[li].mlp, Mlp::Moe { spec, experts: Experts::Stacked(w), .. } if self.kernels.moe_reads_split(w, rows, spec.top_k))
+    }
+
+    /// `add_rms_norm`, also writing y split as the MoE kernels read x (`MoeSplit`), exactly as
+    /// their own split launch (`moe_split_rows`) would.
+    pub(crate) fn add_rms_norm_moe_split(&self, x: &mut CudaSlice<f32>, a: &CudaSlice<f32>, w: &CudaSlice<f32>, rows: usize, d: usize) -> Result<(CudaSlice<f32>, MoeSplit)> {
+        let mut y = self.empty(rows * d)?;
+        // Both written in full by the kernel.
+        let mut xs = unsafe { self.stream.alloc::<u32>((rows * d).max(1)) }.map_err(drv)?;
+        let mut inv = self.empty(rows)?;
+        let (dd, eps) = (d as i32, self.spec.rms_norm_eps);
+        let mut b = crate::launch::builder(&self.stream, &self.ops.add_rms_norm_moe_split);
+        b.arg(x).arg(a).arg(w).arg(&mut y).arg(&mut xs).arg(&mut inv).arg(&dd).arg(&eps);
+        unsafe { b.launch(norm_cfg(rows, d)) }.map_err(drv)?;
+        Ok((y, MoeSplit { xs, inv }))
     }
 
     /// `add_rms_norm`, also writing y's F16 split exactly as `split_f16` would.
@@ -960,12 +993,15 @@ impl CudaModel {
     }
 
     /// The routed MLP of rows `hn` [n, H] -> [n, H].
-    pub(crate) fn moe(&self, spec: &MoeSpec, router: &Mat, bias: Option<&(CudaSlice<f32>, Vec<f32>)>, experts: &Experts, hn: &CudaSlice<f32>, n: usize) -> Result<CudaSlice<f32>> {
+    /// `hn_split`: hn split by the norm that wrote it (`wants_moe_split`).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn moe(&self, spec: &MoeSpec, router: &Mat, bias: Option<&(CudaSlice<f32>, Vec<f32>)>, experts: &Experts, hn: &CudaSlice<f32>, hn_split: Option<&MoeSplit>, n: usize) -> Result<CudaSlice<f32>> {
         let logits = self.matvec(router, hn, n)?;
+        // hn was written before this call, and the router launched on it since: by the expert
+        // kernels it is settled (staged while the router still runs).
+        let input = hn_split.map_or(MoeInput::Settled, MoeInput::Split);
         match experts {
-            // hn was written before this call, and the router launched on it since: by the
-            // expert kernels it is settled (staged while the router still runs).
-            Experts::Stacked(w) => self.moe_stacked(spec, &logits, bias.map(|b| &b.0), w, hn, MoeInput::Settled, n),
+            Experts::Stacked(w) => self.moe_stacked(spec, &logits, bias.map(|b| &b.0), w, hn, input, n),
             Experts::PerExpert(e) => self.moe_per_expert(spec, &logits, bias.map(|b| b.1.as_slice()), e, hn, n),
         }
     }

@@ -83,19 +83,47 @@ pub type F16Split = (CudaSlice<u16>, CudaSlice<u16>, CudaSlice<f32>);
 /// token they stage x before they wait for the kernel ahead (programmatic dependent launch lets
 /// their blocks run while that kernel still does), which only x written at least two launches
 /// earlier makes safe: the launch in between waited for the writer before it let this one start.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MoeInput {
+#[derive(Debug, Clone, Copy)]
+pub enum MoeInput<'a> {
     /// Written two or more launches before the MoE call (a decode step's norm, with the router
     /// GEMV launched since) or by a finished copy: staged early, overlapping the kernel ahead.
     Settled,
     /// Possibly written by the launch just before: staged after the wait.
     Fresh,
+    /// Settled, and split already by the launch that wrote it (`MoeSplit`): kernels that read
+    /// x split (`Kernels::moe_reads_split`) take it instead of splitting x in a launch of
+    /// their own; the others read x as `Settled`.
+    Split(&'a MoeSplit),
 }
 
-impl MoeInput {
+impl MoeInput<'_> {
     fn settled_flag(self) -> i32 {
-        (self == MoeInput::Settled) as i32
+        matches!(self, MoeInput::Settled | MoeInput::Split(_)) as i32
     }
+}
+
+/// A MoE call's split x: the caller's, or its own (freed in stream order after the launches).
+enum XSplit<'a> {
+    Given(&'a MoeSplit),
+    Own(MoeSplit),
+}
+
+impl XSplit<'_> {
+    fn rows(&self) -> &MoeSplit {
+        match self {
+            XSplit::Given(sp) => sp,
+            XSplit::Own(sp) => sp,
+        }
+    }
+}
+
+/// Rows of x split as the MoE kernels read them (`moe_split_rows`' layout: each row's F16 hi
+/// and lo of x * 2^s as one routed pair's staged fragments, 4 bytes per element) and 2^-s per
+/// row, written by x's producer (the backend's `add_rms_norm_moe_split`).
+#[derive(Debug)]
+pub struct MoeSplit {
+    pub xs: CudaSlice<u32>,
+    pub inv: CudaSlice<f32>,
 }
 
 /// The largest top-k whose combine the tiled down kernel fuses (MAX_FUSED_TOPK in moe.cu).
@@ -1041,6 +1069,18 @@ impl Kernels {
         self.presplit && tokens >= 2
     }
 
+    /// Whether `moe_mxfp4` of `tokens` tokens of top-k routing over `w` reads x split (the
+    /// two-launch tiled kernels from 2 tokens, `splits_x`, and the MoE GEMM), so that x's
+    /// producer may write the split (`MoeInput::Split`) and save the call its split launch.
+    pub fn moe_reads_split(&self, w: &MoeWeights, tokens: usize, top_k: usize) -> bool {
+        w.is_tiled()
+            && match self.moe_kernel(w, tokens, top_k) {
+                MoeKernel::Tiled { .. } => self.splits_x(tokens),
+                MoeKernel::Gemm => true,
+                _ => false,
+            }
+    }
+
     /// The two-launch gate_up kernel of ring `v` for `tokens` tokens (`splits_x`: the one that
     /// reads x split already).
     fn gate_up_kernel(&self, v: usize, tokens: usize) -> &CudaFunction {
@@ -1189,17 +1229,16 @@ impl Kernels {
                 b.arg(gate_up).arg(gate_up_s).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_tok);
                 // (The split rows live to the end of the call: freed in stream order after both launches.)
                 let (_xsplit, mut hsplit) = if split_x {
-                    let t = r.num_tokens;
-                    let (mut xs, mut xinv) = (alloc_u32(t * h)?, alloc_f32(t)?);
-                    self.split_rows(x, t, h, &mut xs, &mut xinv)?;
+                    let xsplit = self.x_split(input, x, r.num_tokens, h)?;
+                    let sp = xsplit.rows();
                     let mut hsplit = if split_h { Some((alloc_u32(r.num_pairs * i)?, alloc_f32(r.num_pairs)?)) } else { None };
-                    b.arg(&mut scratch.h).arg(&hh).arg(&ii).arg(&slot_ptr).arg(&xs).arg(&xinv);
+                    b.arg(&mut scratch.h).arg(&hh).arg(&ii).arg(&slot_ptr).arg(&sp.xs).arg(&sp.inv);
                     match &mut hsplit {
                         Some((hs, hinv)) => b.arg(hs).arg(hinv),
                         None => b.arg(&0u64).arg(&0u64),
                     };
                     unsafe { b.launch(cfg(2 * i / 16, gu_smem)) }.map_err(drv("moe gate_up (tiled, split)"))?;
-                    (Some((xs, xinv)), hsplit)
+                    (Some(xsplit), hsplit)
                 } else {
                     // One settled token's x is staged before the kernel waits for the one ahead
                     // (moe.cu, stage_token_early).
@@ -1246,11 +1285,11 @@ impl Kernels {
                 // Both written in full by moe_split_rows.
                 let alloc_u32 = |n: usize| unsafe { self.stream.alloc::<u32>(n.max(1)) }.map_err(drv("alloc"));
                 let alloc_f32 = |n: usize| unsafe { self.stream.alloc::<f32>(n.max(1)) }.map_err(drv("alloc"));
-                let (mut xs, mut xinv) = (alloc_u32(t * h)?, alloc_f32(t)?);
-                self.split_rows(x, t, h, &mut xs, &mut xinv)?;
+                let xsplit = self.x_split(input, x, t, h)?;
+                let (xs, xinv) = (&xsplit.rows().xs, &xsplit.rows().inv);
                 let cfg = |tiles: usize| LaunchConfig { grid_dim: (tiles.div_ceil(GEMM_TILES) as u32, u, 1), block_dim: (32 * GEMM_TILES as u32, 1, 1), shared_mem_bytes: GEMM_SMEM as u32 };
                 let mut b = crate::launch::builder(&self.stream, &self.gemm_gate_up);
-                b.arg(gate_up).arg(gate_up_s).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_tok).arg(&xs).arg(&xinv).arg(&mut scratch.h).arg(&hh).arg(&ii);
+                b.arg(gate_up).arg(gate_up_s).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_tok).arg(xs).arg(xinv).arg(&mut scratch.h).arg(&hh).arg(&ii);
                 unsafe { b.launch(cfg(i / 8)) }.map_err(drv("moe gate_up (GEMM)"))?;
                 let (mut hs, mut hinv) = (alloc_u32(p * i)?, alloc_f32(p)?);
                 self.split_rows(&scratch.h, p, i, &mut hs, &mut hinv)?;
@@ -1290,6 +1329,26 @@ impl Kernels {
         let cfg = LaunchConfig { grid_dim: ((h as u32).div_ceil(256), r.num_tokens as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         unsafe { b.launch(cfg) }.map_err(drv("moe_combine"))?;
         Ok(())
+    }
+
+    /// The `t` rows of x [t, h] split as the MoE kernels that read x split take them: the
+    /// caller's (`MoeInput::Split`), else split here (`moe_split_rows`, one launch).
+    fn x_split<'a>(&self, input: MoeInput<'a>, x: &CudaSlice<f32>, t: usize, h: usize) -> Result<XSplit<'a>> {
+        if let MoeInput::Split(sp) = input {
+            check(sp.xs.len() >= t * h && sp.inv.len() >= t, || format!("MoE: split x holds {} words and {} scales, not {t} rows of {h}", sp.xs.len(), sp.inv.len()))?;
+            return Ok(XSplit::Given(sp));
+        }
+        Ok(XSplit::Own(self.moe_split_x(x, t, h)?))
+    }
+
+    /// The `rows` rows of x [rows, k] split as the MoE kernels read them (`moe_split_rows`, one
+    /// launch): what a producer writing `MoeInput::Split` must match bit for bit.
+    pub fn moe_split_x(&self, x: &CudaSlice<f32>, rows: usize, k: usize) -> Result<MoeSplit> {
+        // Both written in full by moe_split_rows.
+        let mut xs = unsafe { self.stream.alloc::<u32>((rows * k).max(1)) }.map_err(drv("alloc"))?;
+        let mut inv = unsafe { self.stream.alloc::<f32>(rows.max(1)) }.map_err(drv("alloc"))?;
+        self.split_rows(x, rows, k, &mut xs, &mut inv)?;
+        Ok(MoeSplit { xs, inv })
     }
 
     /// `rows` rows of `x` [rows, k] split for the MoE GEMM (`moe_split_rows`): each row's F16

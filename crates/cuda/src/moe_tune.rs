@@ -50,6 +50,9 @@ impl Kernels {
         };
         let x: Vec<f32> = (0..TUNED_TOKENS * h).map(|_| (next() % 2001) as f32 / 1000.0 - 1.0).collect();
         let x = st.clone_htod(&x).map_err(drv)?;
+        // x split as a step's norm writes it for the kernels that read it split (`MoeInput::Split`):
+        // candidates are timed as the step runs them, without a split launch of their own.
+        let xsplit = self.moe_split_x(&x, TUNED_TOKENS, h)?;
         let mut y: CudaSlice<f32> = st.alloc_zeros(TUNED_TOKENS * h).map_err(drv)?;
         let mut scratch = self.moe_scratch(w, TUNED_TOKENS * k_route)?;
         let mut kinds = Vec::new();
@@ -80,7 +83,7 @@ impl Kernels {
                 .collect::<Result<Vec<_>>>()?;
             let mut best: Option<(MoeKernel, f32)> = None;
             let mut measure = |kind: MoeKernel, best: &mut Option<(MoeKernel, f32)>| -> Result<()> {
-                let mut call = |i: usize| self.moe_mxfp4_with(kind, w, &routings[i % routings.len()], &x, MoeInput::Settled, &mut scratch, &mut y);
+                let mut call = |i: usize| self.moe_mxfp4_with(kind, w, &routings[i % routings.len()], &x, MoeInput::Split(&xsplit), &mut scratch, &mut y);
                 // A kernel that cannot run this shape (shared memory, top-k) is skipped.
                 if call(0).is_err() {
                     return Ok(());

@@ -161,6 +161,17 @@ fn norms_match_the_cpu_reference() {
             assert_eq!(st.clone_dtoh(&yh).unwrap(), st.clone_dtoh(&wh).unwrap(), "add_rms_norm_split {rows}x{d}: hi parts");
             assert_eq!(st.clone_dtoh(&yl).unwrap(), st.clone_dtoh(&wl).unwrap(), "add_rms_norm_split {rows}x{d}: lo parts");
             assert_eq!(st.clone_dtoh(&yinv).unwrap(), st.clone_dtoh(&winv).unwrap(), "add_rms_norm_split {rows}x{d}: inverse scales");
+            // The norm that writes y split as the MoE kernels read x: the same residual and y,
+            // and exactly what the MoE's own split launch makes of that y.
+            if d.is_multiple_of(64) {
+                let mut xd = st.clone_htod(&x).unwrap();
+                let (ym, sp) = m.add_rms_norm_moe_split(&mut xd, &st.clone_htod(&a).unwrap(), &wd, rows, d).unwrap();
+                assert_eq!(st.clone_dtoh(&xd).unwrap(), sum, "add_rms_norm_moe_split {rows}x{d}: residual");
+                assert_eq!(st.clone_dtoh(&ym).unwrap(), y, "add_rms_norm_moe_split {rows}x{d}: y");
+                let want = m.kernels.moe_split_x(&ym, rows, d).unwrap();
+                assert_eq!(st.clone_dtoh(&sp.xs).unwrap(), st.clone_dtoh(&want.xs).unwrap(), "add_rms_norm_moe_split {rows}x{d}: split rows");
+                assert_eq!(st.clone_dtoh(&sp.inv).unwrap(), st.clone_dtoh(&want.inv).unwrap(), "add_rms_norm_moe_split {rows}x{d}: inverse scales");
+            }
         }
     }
 }

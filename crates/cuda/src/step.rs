@@ -139,8 +139,10 @@ impl CudaModel {
         let _plain = (meta.prefill.is_some() && !self.prefill_pdl).then(crate::launch::PlainLaunches::new);
         let h = self.spec.hidden_size;
         let mut acts: [Option<CudaSlice<f32>>; ACTS] = Default::default();
-        // The F16 split of AttnIn, when the norm that wrote AttnIn also split it.
+        // The F16 split of AttnIn, when the norm that wrote AttnIn also split it; MlpIn split as
+        // the MoE reads it, likewise.
         let mut attn_split = None;
+        let mut mlp_split = None;
         let mut features = None;
         let norm_weight = |w: NormWeight| match w {
             NormWeight::Input(l) => &self.layers[l].input_norm,
@@ -160,12 +162,21 @@ impl CudaModel {
                     let a = acts[add as usize].as_ref().ok_or_else(|| Error::Backend(format!("step plan reads {add:?} before writing it")))?;
                     // A layer input whose q/k/v GEMV reads F16-split activations gets them
                     // from the norm (one launch fewer).
+                    // An MoE that reads its input split gets it from the norm too (its own
+                    // split launch saved).
                     if dst == Act::AttnIn {
                         attn_split = None;
+                    }
+                    if dst == Act::MlpIn {
+                        mlp_split = None;
                     }
                     let y = match weight {
                         NormWeight::Input(l) if dst == Act::AttnIn && self.wants_f16_split(l) => self.add_rms_norm_split(&mut x, a, norm_weight(weight), rows, h).map(|(y, sp)| {
                             attn_split = Some(sp);
+                            y
+                        }),
+                        NormWeight::PostAttention(l) if dst == Act::MlpIn && self.wants_moe_split(l, rows) => self.add_rms_norm_moe_split(&mut x, a, norm_weight(weight), rows, h).map(|(y, sp)| {
+                            mlp_split = Some(sp);
                             y
                         }),
                         _ => self.add_rms_norm(&mut x, a, norm_weight(weight), rows, h),
@@ -186,9 +197,10 @@ impl CudaModel {
                 }
                 Op::Mlp { layer, src, rows } => {
                     let x = acts[src as usize].as_ref().ok_or_else(|| Error::Backend(format!("step plan reads {src:?} before writing it")))?;
+                    let split = if src == Act::MlpIn { mlp_split.take() } else { None };
                     let m = match &self.layers[layer].mlp {
                         Mlp::Dense(f) => self.ffn(f, x, rows)?,
-                        Mlp::Moe { spec, router, bias, experts } => self.moe(spec, router, bias.as_ref(), experts, x, rows)?,
+                        Mlp::Moe { spec, router, bias, experts } => self.moe(spec, router, bias.as_ref(), experts, x, split.as_ref(), rows)?,
                     };
                     acts[Act::MlpOut as usize] = Some(m);
                 }

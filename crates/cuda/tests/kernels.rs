@@ -310,6 +310,21 @@ fn mxfp4_moe_decode_matches_the_cpu_reference() {
                 }
                 kern.set_moe_presplit(load_x, load_h);
             }
+            // x split by its producer (MoeInput::Split, as the norm ahead writes it in a step):
+            // the kernels that read x split take it instead of splitting x themselves, the
+            // others read x; the same bits either way. A split of too few rows is refused.
+            if t >= 2 {
+                let sp = kern.moe_split_x(&xd, t, h).unwrap();
+                let v = peregrine_cuda::kernels::TILED_VARIANTS;
+                for kind in [kern.moe_kernel(&wt, t, top_k), MoeKernel::Gemm, MoeKernel::tiled(v[0].0, v[0].1), MoeKernel::Fused { stages: v[0].0, steps: v[0].1, max_blocks: 0 }] {
+                    let mut yv = poisoned(&g, t * h);
+                    kern.moe_mxfp4_with(kind, &wt, &dr, &xd, MoeInput::Split(&sp), &mut scratch, &mut yv).unwrap();
+                    yt_all.push((format!("{kind:?}, x split by its producer"), yv));
+                }
+                let short = kern.moe_split_x(&xd, t - 1, h).unwrap();
+                let mut yv = poisoned(&g, t * h);
+                assert!(kern.moe_mxfp4_with(MoeKernel::Gemm, &wt, &dr, &xd, MoeInput::Split(&short), &mut scratch, &mut yv).is_err(), "a split x of {} rows for {t} tokens is refused", t - 1);
+            }
             let mut yt4 = poisoned(&g, t * h);
             // A kernel that does not read the layout is refused, not run.
             assert!(kern.moe_mxfp4_with(MoeKernel::TensorCore, &wt, &dr, &xd, MoeInput::Settled, &mut scratch, &mut yt4).is_err());
