@@ -355,32 +355,43 @@ __device__ __forceinline__ float norm_split_scale(const float4 v[NORM_V], int D,
     return __int_as_float((unsigned)(sh_ + 127) << 23);
 }
 
+// add_rms_norm, then y's F16 hi + lo split: y * 2^s (norm_split_scale) handed to
+// store(c, float4 of values 4c .. 4c + 3) for every float4 of the row, 2^-s written to inv[r].
+template <class Store>
+__device__ __forceinline__ void add_rms_norm_then_split(float* __restrict__ x, const float* __restrict__ a, const float* __restrict__ w,
+                                                        float* __restrict__ y, float* __restrict__ inv, int D, float eps, Store store) {
+    __shared__ float sh[32];
+    float4 v[NORM_V];
+    norm_row_regs<true>(x, a, w, y, D, eps, v, sh);
+    float sc = norm_split_scale(v, D, sh, inv + blockIdx.x);
+#pragma unroll
+    for (int j = 0; j < NORM_V; j++) {
+        int c = threadIdx.x + j * blockDim.x;
+        if (c < D / 4) store(c, make_float4(v[j].x * sc, v[j].y * sc, v[j].z * sc, v[j].w * sc));
+    }
+}
+
+// F16 hi and lo words of the value pair (a, b), low element first: hi = f16(v), lo = f16(v - hi).
+__device__ __forceinline__ void f16x2_hi_lo(float a, float b, unsigned& hi, unsigned& lo) {
+    unsigned short ha = f32_to_f16_rn(a), hb = f32_to_f16_rn(b);
+    hi = ha | (unsigned)hb << 16;
+    lo = f32_to_f16_rn(a - f16_to_f32(ha)) | (unsigned)f32_to_f16_rn(b - f16_to_f32(hb)) << 16;
+}
+
 // add_rms_norm that also writes y's F16 hi + lo parts and their inverse scale, exactly as
 // split_f16 (interleave 0) would from y, for the FP8 q/k/v GEMV that reads them (one launch
 // fewer per layer). Rows whose D is a multiple of 4 and at most 4 x NORM_V x blockDim only.
 extern "C" __global__ void add_rms_norm_split(float* __restrict__ x, const float* __restrict__ a, const float* __restrict__ w,
                                               float* __restrict__ y, unsigned short* __restrict__ yh, unsigned short* __restrict__ yl,
                                               float* __restrict__ yinv, int D, float eps) { PDL_ENTER();
-    __shared__ float sh[32];
     size_t r = blockIdx.x;
-    float4 v[NORM_V];
-    norm_row_regs<true>(x, a, w, y, D, eps, v, sh);
-    float sc = norm_split_scale(v, D, sh, yinv + r);
-#pragma unroll
-    for (int j = 0; j < NORM_V; j++) {
-        int c = threadIdx.x + j * blockDim.x;
-        if (c < D / 4) {
-            float e[4] = {v[j].x * sc, v[j].y * sc, v[j].z * sc, v[j].w * sc};
-            unsigned short h[4], l[4];
-#pragma unroll
-            for (int i = 0; i < 4; i++) {
-                h[i] = f32_to_f16_rn(e[i]);
-                l[i] = f32_to_f16_rn(e[i] - f16_to_f32(h[i]));
-            }
-            reinterpret_cast<uint2*>(yh + r * D)[c] = make_uint2(h[0] | (unsigned)h[1] << 16, h[2] | (unsigned)h[3] << 16);
-            reinterpret_cast<uint2*>(yl + r * D)[c] = make_uint2(l[0] | (unsigned)l[1] << 16, l[2] | (unsigned)l[3] << 16);
-        }
-    }
+    add_rms_norm_then_split(x, a, w, y, yinv, D, eps, [&](int c, float4 e) {
+        uint2 h, l;
+        f16x2_hi_lo(e.x, e.y, h.x, l.x);
+        f16x2_hi_lo(e.z, e.w, h.y, l.y);
+        reinterpret_cast<uint2*>(yh + r * D)[c] = h;
+        reinterpret_cast<uint2*>(yl + r * D)[c] = l;
+    });
 }
 
 // add_rms_norm that also writes y split as the tiled MoE kernels read x (moe.cu's
@@ -392,28 +403,14 @@ extern "C" __global__ void add_rms_norm_split(float* __restrict__ x, const float
 extern "C" __global__ void add_rms_norm_moe_split(float* __restrict__ x, const float* __restrict__ a, const float* __restrict__ w,
                                                   float* __restrict__ y, unsigned* __restrict__ xs, float* __restrict__ xinv, int D,
                                                   float eps) { PDL_ENTER();
-    __shared__ float sh[32];
     size_t r = blockIdx.x;
-    float4 v[NORM_V];
-    norm_row_regs<true>(x, a, w, y, D, eps, v, sh);
-    float sc = norm_split_scale(v, D, sh, xinv + r);
-#pragma unroll
-    for (int j = 0; j < NORM_V; j++) {
-        int c = threadIdx.x + j * blockDim.x;
-        if (c < D / 4) {
-            // This float4 is values 4 (c & 3) .. + 3 of its 16: two t, of the first 8 or the second.
-            int q = c >> 2, t0 = (c & 1) * 2;
-            unsigned* base = xs + r * D + ((q >> 2) * 2 + ((q & 3) >> 1)) * 32 + 2 * (q & 1) + ((c >> 1) & 1);
-            float e[4] = {v[j].x * sc, v[j].y * sc, v[j].z * sc, v[j].w * sc};
-#pragma unroll
-            for (int i = 0; i < 2; i++) {
-                unsigned short h0 = f32_to_f16_rn(e[2 * i]), h1 = f32_to_f16_rn(e[2 * i + 1]);
-                unsigned short l0 = f32_to_f16_rn(e[2 * i] - f16_to_f32(h0)), l1 = f32_to_f16_rn(e[2 * i + 1] - f16_to_f32(h1));
-                base[(t0 + i) * 4] = h0 | (unsigned)h1 << 16;
-                base[(4 + t0 + i) * 4] = l0 | (unsigned)l1 << 16;
-            }
-        }
-    }
+    add_rms_norm_then_split(x, a, w, y, xinv, D, eps, [&](int c, float4 e) {
+        // Values 4 (c & 3) .. + 3 of their 16: two t, of the first 8 or the second.
+        int q = c >> 2, t0 = (c & 1) * 2;
+        unsigned* base = xs + r * D + ((q >> 2) * 2 + ((q & 3) >> 1)) * 32 + 2 * (q & 1) + ((c >> 1) & 1);
+        f16x2_hi_lo(e.x, e.y, base[t0 * 4], base[(4 + t0) * 4]);
+        f16x2_hi_lo(e.z, e.w, base[(t0 + 1) * 4], base[(5 + t0) * 4]);
+    });
 }
 
 // Dim i of a head vector after partial rotate-half RoPE at position p (dims past rotary_dim pass

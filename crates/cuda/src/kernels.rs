@@ -79,7 +79,8 @@ pub const TILED_VARIANTS: [(usize, usize); 7] = [(2, 4), (4, 2), (3, 4), (4, 4),
 /// Activations as F16 hi and lo parts of each row times a power of two, and the inverse powers
 /// (the FP8 tensor-core GEMV's input; `split_f16`'s output).
 pub type F16Split = (CudaSlice<u16>, CudaSlice<u16>, CudaSlice<f32>);
-/// How old a MoE call's input x is, which decides when the tiled kernels may read it. With one
+/// How old a MoE call's input x is, which decides when the tiled kernels may read it, and
+/// whether it comes split already (`Split`: the split must be of this x). With one
 /// token they stage x before they wait for the kernel ahead (programmatic dependent launch lets
 /// their blocks run while that kernel still does), which only x written at least two launches
 /// earlier makes safe: the launch in between waited for the writer before it let this one start.
