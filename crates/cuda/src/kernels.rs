@@ -1070,16 +1070,20 @@ impl Kernels {
         self.presplit && tokens >= 2
     }
 
-    /// Whether `moe_mxfp4` of `tokens` tokens of top-k routing over `w` reads x split (the
-    /// two-launch tiled kernels from 2 tokens, `splits_x`, and the MoE GEMM), so that x's
-    /// producer may write the split (`MoeInput::Split`) and save the call its split launch.
+    /// Whether `moe_mxfp4` of `tokens` tokens of top-k routing over `w` reads x split, so that
+    /// x's producer may write the split (`MoeInput::Split`) and save the call its split launch.
     pub fn moe_reads_split(&self, w: &MoeWeights, tokens: usize, top_k: usize) -> bool {
-        w.is_tiled()
-            && match self.moe_kernel(w, tokens, top_k) {
-                MoeKernel::Tiled { .. } => self.splits_x(tokens),
-                MoeKernel::Gemm => true,
-                _ => false,
-            }
+        self.moe_kind_reads_split(self.moe_kernel(w, tokens, top_k), tokens)
+    }
+
+    /// Whether MoE kernel `kind` reads x split for `tokens` tokens (takes `MoeInput::Split`'s
+    /// rows): the two-launch tiled kernels from 2 tokens (`splits_x`) and the MoE GEMM.
+    pub fn moe_kind_reads_split(&self, kind: MoeKernel, tokens: usize) -> bool {
+        match kind {
+            MoeKernel::Tiled { .. } => self.splits_x(tokens),
+            MoeKernel::Gemm => true,
+            _ => false,
+        }
     }
 
     /// The two-launch gate_up kernel of ring `v` for `tokens` tokens (`splits_x`: the one that

@@ -312,14 +312,31 @@ fn mxfp4_moe_decode_matches_the_cpu_reference() {
             }
             // x split by its producer (MoeInput::Split, as the norm ahead writes it in a step):
             // the kernels that read x split take it instead of splitting x themselves, the
-            // others read x; the same bits either way. A split of too few rows is refused.
+            // others read x; the same bits either way. Given the split of another x2, the
+            // kernels that read a split must give x2's bits (they read the split, not x) and
+            // the others x's. A split of too few rows is refused.
             if t >= 2 {
                 let sp = kern.moe_split_x(&xd, t, h).unwrap();
+                let x2d = g.stream.clone_htod(&randn(&mut r, t * h)).unwrap();
+                let sp2 = kern.moe_split_x(&x2d, t, h).unwrap();
                 let v = peregrine_cuda::kernels::TILED_VARIANTS;
-                for kind in [kern.moe_kernel(&wt, t, top_k), MoeKernel::Gemm, MoeKernel::tiled(v[0].0, v[0].1), MoeKernel::Fused { stages: v[0].0, steps: v[0].1, max_blocks: 0 }] {
+                let kinds = [kern.moe_kernel(&wt, t, top_k), MoeKernel::Gemm, MoeKernel::tiled(v[0].0, v[0].1), MoeKernel::Fused { stages: v[0].0, steps: v[0].1, max_blocks: 0 }];
+                // (What moe_kind_reads_split says of each kind is checked below against what it does.)
+                assert!(kern.moe_kind_reads_split(MoeKernel::Gemm, t), "the MoE GEMM reads x split");
+                for kind in kinds {
                     let mut yv = poisoned(&g, t * h);
                     kern.moe_mxfp4_with(kind, &wt, &dr, &xd, MoeInput::Split(&sp), &mut scratch, &mut yv).unwrap();
                     yt_all.push((format!("{kind:?}, x split by its producer"), yv));
+                    let mut y_other = poisoned(&g, t * h);
+                    kern.moe_mxfp4_with(kind, &wt, &dr, &xd, MoeInput::Split(&sp2), &mut scratch, &mut y_other).unwrap();
+                    if kern.moe_kind_reads_split(kind, t) {
+                        let mut y2 = poisoned(&g, t * h);
+                        kern.moe_mxfp4_with(kind, &wt, &dr, &x2d, MoeInput::Settled, &mut scratch, &mut y2).unwrap();
+                        let (a, b) = (g.stream.clone_dtoh(&y_other).unwrap(), g.stream.clone_dtoh(&y2).unwrap());
+                        assert!(a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()), "moe mxfp4 ({kind:?}) T={t}: given another x's split, it must compute from that split");
+                    } else {
+                        yt_all.push((format!("{kind:?}, another x's split (not read)"), y_other));
+                    }
                 }
                 let short = kern.moe_split_x(&xd, t - 1, h).unwrap();
                 let mut yv = poisoned(&g, t * h);
