@@ -40,6 +40,11 @@
 #endif
 #define NP 4  // routed pairs per pass (MMA columns: hi and lo of each)
 
+// Measurement builds only, to bound what each part of the tiled kernels costs (outputs are
+// wrong): -DMOE_NO_MATH streams the weights through the rings without reading them (no decode,
+// no MMA), -DMOE_NO_WAIT lets down units start without waiting for their slot's gate_up units,
+// -DMOE_NO_STAGE stages no activations. `cuda-bench` also times plain reads of the same bytes.
+
 // Measurement builds only (PEREGRINE_KERNEL_DEFINES=-DMOE_TRACE): the fused kernel stamps
 // %globaltimer at fixed points of each block's work into moe_trace (MOE_TRACE_SLOTS per block,
 // the first MOE_TRACE_BLOCKS blocks; Kernels::moe_trace reads it). Slot 0: the SM; 1: entry;
@@ -141,6 +146,11 @@ __device__ __forceinline__ void row_scale(const float* red, int j, float* scale,
 // Lanes >= 8 np read no fragment (their columns are zero).
 __device__ __forceinline__ void stage_b(const float* __restrict__ x, const int* rows, int np, int K, unsigned* frag,
                                         float* red, float* scale, float* inv) {
+#ifdef MOE_NO_STAGE
+    if (threadIdx.x < NP) inv[threadIdx.x] = 1.f;
+    __syncthreads();
+    return;
+#endif
     int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
     const int q16 = K / 16;
     if (np == 1 && q16 * 4 <= STAGE_REGS * (int)blockDim.x) {
@@ -382,9 +392,11 @@ __device__ __forceinline__ int tile_stream_bulk(const unsigned char* __restrict_
         for (int c = 0; c < CS; c++) {
             int k = j * CS + c;
             if (k < KS) {
+#ifndef MOE_NO_MATH
                 uint4 wv = reinterpret_cast<const uint4*>(stage)[c * 32 + lane];
                 unsigned sv = reinterpret_cast<const unsigned*>(stage + CS * 512)[c * 8 + g];
                 tile_step(wv, sv, frag, L, k, hasb, acc);
+#endif
             }
         }
         __syncwarp();  // every lane has read the stage before it is refilled
@@ -495,7 +507,9 @@ __device__ __forceinline__ void gate_up_unit_done(unsigned* done) {
 // A down unit's first thread waits for all `gate_up_units` of its slot, then counts itself past
 // the wait; the last of the slot's `down_units` resets both counters for the next call.
 __device__ __forceinline__ void down_unit_wait(unsigned* done, unsigned* passed, unsigned gate_up_units, unsigned down_units) {
+#ifndef MOE_NO_WAIT
     while (ld_acquire(done) < gate_up_units) __nanosleep(64);
+#endif
     if (atomicAdd(passed, 1u) + 1 == down_units) {
         *done = 0u;
         *passed = 0u;

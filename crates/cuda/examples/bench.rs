@@ -74,8 +74,19 @@ fn main() {
     drop(src);
     drop(dst);
 
-    // PEREGRINE_BENCH_ONLY=moe skips the sampling and GEMV sections, =gemv all but GEMV.
+    // PEREGRINE_BENCH_ONLY=moe skips the sampling and GEMV sections, =gemv all but GEMV,
+    // =read all but the plain reads below, =load everything (compiles the kernels, e.g. to fill
+    // the cache for a measurement build before timing).
     let only = std::env::var("PEREGRINE_BENCH_ONLY").unwrap_or_default();
+    if only == "load" {
+        return;
+    }
+    if only.is_empty() || only == "moe" || only == "read" {
+        plain_reads(&g, sms, copy_bw, &time_b2b);
+    }
+    if only == "read" {
+        return;
+    }
     // =prefill-moe: only the MoE at prefill sizes (tiled kernels against the MoE GEMM).
     let (only_moe, only_gemv, only_prefill_moe) = (only == "moe" || only == "prefill-moe", only == "gemv", only == "prefill-moe");
     // Sampling and logprobs over a MiMo-sized vocabulary: ids come back, logits stay.
@@ -414,6 +425,118 @@ const MOE_TRACE_SLOTS: usize = 16;
 
 /// Routing of `t` tokens, each to `top_k` distinct experts drawn uniformly from `pool`, with
 /// equal weights.
+/// Plain reads of the byte counts the MoE moves (kernels of the bench's own, compiled here): the
+/// most any one launch reading that many bytes can reach, back to back, against which the MoE's
+/// fraction of copy bandwidth is read. Two ways to read: every thread loading 16-byte words
+/// (8 blocks of 256 per SM), and the MoE kernels' structure without their math (8 warps per
+/// block, 2 per SM, each warp's ring of 2 stages of 2176 bytes filled by bulk copies).
+const READ_PROBE_CU: &str = r#"
+extern "C" __global__ void fill(unsigned* p, unsigned long long n) {
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n; i += (unsigned long long)gridDim.x * blockDim.x) {
+        unsigned v = (unsigned)i * 2654435761u;
+        p[i] = v ^ (v >> 15) ^ 0x5bd1e995u;
+    }
+}
+__device__ __forceinline__ uint4 ld_stream(const uint4* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+// Block b reads its contiguous share of n16 16-byte words, 4 per thread in flight.
+extern "C" __global__ void read_v4(const uint4* __restrict__ p, unsigned long long n16, unsigned* out) {
+    unsigned long long per = (n16 + gridDim.x - 1) / gridDim.x, b = blockIdx.x * per, e = min(n16, b + per);
+    unsigned acc = 0;
+    for (unsigned long long i = b + threadIdx.x; i < e; i += 4ull * blockDim.x) {
+        uint4 v[4];
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            unsigned long long j = i + (unsigned long long)u * blockDim.x;
+            v[u] = j < e ? ld_stream(p + j) : make_uint4(0u, 0u, 0u, 0u);
+        }
+#pragma unroll
+        for (int u = 0; u < 4; u++) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
+    }
+    if (acc == 0x9e3779b9u) out[0] = acc;
+}
+#define CH 2176
+// Warp w of block b streams its contiguous share of the n / CH chunks through a ring of two
+// CH-byte stages in shared memory (one lane asks for each by cp.async.bulk, all wait on its
+// mbarrier), reading one word per lane of each.
+extern "C" __global__ void read_bulk(const unsigned char* __restrict__ p, unsigned long long n, unsigned* out) {
+    extern __shared__ __align__(128) unsigned char ring[];
+    __shared__ unsigned long long bars[2 * 32];
+    int w = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+    unsigned char* r = ring + w * 2 * CH;
+    unsigned long long* bar = bars + 2 * w;
+    unsigned long long chunks = n / CH, warps = (unsigned long long)gridDim.x * nw, per = (chunks + warps - 1) / warps;
+    unsigned long long c0 = ((unsigned long long)blockIdx.x * nw + w) * per, c1 = min(chunks, c0 + per);
+    auto issue = [&](unsigned long long c) {
+        int sl = (int)((c - c0) & 1);
+        unsigned d = (unsigned)__cvta_generic_to_shared(r + sl * CH), b = (unsigned)__cvta_generic_to_shared(bar + sl);
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(b), "r"(CH) : "memory");
+        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(d), "l"(p + c * CH), "r"(CH), "r"(b) : "memory");
+    };
+    if (lane == 0) {
+        for (int i = 0; i < 2; i++) {
+            unsigned b = (unsigned)__cvta_generic_to_shared(bar + i);
+            asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(b) : "memory");
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        for (unsigned long long c = c0; c < min(c1, c0 + 2); c++) issue(c);
+    }
+    __syncwarp();
+    unsigned acc = 0;
+    for (unsigned long long c = c0; c < c1; c++) {
+        int sl = (int)((c - c0) & 1);
+        unsigned b = (unsigned)__cvta_generic_to_shared(bar + sl), ph = (unsigned)(((c - c0) >> 1) & 1);
+        asm volatile("{.reg .pred q;\nW_%=:\nmbarrier.try_wait.parity.shared::cta.b64 q, [%0], %1;\n@!q bra W_%=;}" ::"r"(b), "r"(ph) : "memory");
+        acc ^= reinterpret_cast<const unsigned*>(r + sl * CH)[lane];
+        __syncwarp();
+        if (lane == 0 && c + 2 < c1) {
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+            issue(c + 2);
+        }
+    }
+    if (acc == 0x9e3779b9u) out[0] = acc;
+}
+"#;
+
+fn plain_reads(g: &peregrine_cuda::device::Gpu, sms: usize, copy_bw: f64, time_b2b: &dyn Fn(&mut dyn FnMut(usize)) -> f32) {
+    use cudarc::driver::{LaunchConfig, PushKernelArg};
+    let s = &g.stream;
+    let (ptx, _) = peregrine_cuda::compile::ptx("read_probe", READ_PROBE_CU, peregrine_cuda::device::nvrtc_arch(g.capability)).unwrap();
+    let m = g.ctx.load_module(ptx).unwrap();
+    let (fill, read_v4, read_bulk) = (m.load_function("fill").unwrap(), m.load_function("read_v4").unwrap(), m.load_function("read_bulk").unwrap());
+    let n = 2usize << 30;
+    let mut buf = s.alloc_zeros::<u8>(n).unwrap();
+    let mut out = s.alloc_zeros::<u32>(1).unwrap();
+    let words = (n / 4) as u64;
+    unsafe { s.launch_builder(&fill).arg(&mut buf).arg(&words).launch(LaunchConfig { grid_dim: (4 * sms as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.unwrap();
+    let base = {
+        use cudarc::driver::DevicePtr;
+        buf.device_ptr(s).0
+    };
+    println!("\nplain reads, one launch per call, 20 calls back to back (offsets rotate through 2 GiB): MB, then % of copy bandwidth");
+    println!("|   MB | 16-byte loads, 8 x 256 threads per SM | bulk-copy rings, 2 x 8 warps per SM | bulk-copy rings, 4 x 8 warps per SM |");
+    println!("|---|---|---|---|");
+    // 107 and 160 MB: one token's experts of MiMo-V2-Flash and MiMo-V2.5-Pro.
+    for mb in [32usize, 64, 107, 160, 256, 512, 1024] {
+        let bytes = mb * 1_000_000 / 2176 * 2176;
+        let slots = n / bytes;
+        let pct = |ms: f32| 100.0 * bytes as f64 / (ms as f64 * 1e-3) / copy_bw;
+        let mut cell = |f: &cudarc::driver::CudaFunction, blocks: usize, threads: u32, smem: u32, n_arg: u64| {
+            pct(time_b2b(&mut |i| {
+                let at = base + ((i % slots) * bytes) as u64;
+                unsafe { s.launch_builder(f).arg(&at).arg(&n_arg).arg(&mut out).launch(LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: smem }) }.unwrap();
+            }))
+        };
+        let v4 = cell(&read_v4, 8 * sms, 256, 0, (bytes / 16) as u64);
+        let b2 = cell(&read_bulk, 2 * sms, 256, 8 * 2 * 2176, bytes as u64);
+        let b4 = cell(&read_bulk, 4 * sms, 256, 8 * 2 * 2176, bytes as u64);
+        println!("| {mb:>4} | {v4:.1}% | {b2:.1}% | {b4:.1}% |");
+    }
+}
+
 fn routing_from_pool(rng: &mut (impl Rng + ?Sized), t: usize, pool: std::ops::Range<usize>, top_k: usize) -> MoeRouting {
     let choices: Vec<Vec<(usize, f32)>> = (0..t)
         .map(|_| {
