@@ -501,7 +501,10 @@ extern "C" __global__ void read_bulk(const unsigned char* __restrict__ p, unsign
 }
 "#;
 
-fn plain_reads(g: &peregrine_cuda::device::Gpu, sms: usize, copy_bw: f64, time_b2b: &dyn Fn(&mut dyn FnMut(usize)) -> f32) {
+/// Milliseconds per call of a closure timed back to back (main's `time_b2b`).
+type TimeB2b<'a> = &'a dyn Fn(&mut dyn FnMut(usize)) -> f32;
+
+fn plain_reads(g: &peregrine_cuda::device::Gpu, sms: usize, copy_bw: f64, time_b2b: TimeB2b) {
     use cudarc::driver::{LaunchConfig, PushKernelArg};
     let s = &g.stream;
     let (ptx, _) = peregrine_cuda::compile::ptx("read_probe", READ_PROBE_CU, peregrine_cuda::device::nvrtc_arch(g.capability)).unwrap();
