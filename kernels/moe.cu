@@ -43,7 +43,14 @@
 // Measurement builds only, to bound what each part of the tiled kernels costs (outputs are
 // wrong): -DMOE_NO_MATH streams the weights through the rings without reading them (no decode,
 // no MMA), -DMOE_NO_WAIT lets down units start without waiting for their slot's gate_up units,
-// -DMOE_NO_STAGE stages no activations. `cuda-bench` also times plain reads of the same bytes.
+// -DMOE_NO_STAGE stages no activations, -DMOE_NO_SCALES copies no scales into the rings, and
+// -DMOE_NO_SYNC leaves out the fused kernel's block barriers, fences and counts between items
+// (and its combine). `cuda-bench` also times plain reads of the same bytes.
+#ifdef MOE_NO_SYNC
+#define ITEM_SYNC()
+#else
+#define ITEM_SYNC() __syncthreads()
+#endif
 
 // Measurement builds only (PEREGRINE_KERNEL_DEFINES=-DMOE_TRACE): the fused kernel stamps
 // %globaltimer at fixed points of each block's work into moe_trace (MOE_TRACE_SLOTS per block,
@@ -349,9 +356,14 @@ __device__ __forceinline__ void bulk_issue(int j, int seq, const unsigned char* 
                                            unsigned char* ring, unsigned long long* bars) {
     int slot = (seq + j) % NS, steps = min(CS, KS - j * CS);
     unsigned char* dst = ring + slot * CS * 544;
+#ifdef MOE_NO_SCALES
+    mbar_expect(bars + slot, steps * 512);
+    bulk_load(dst, wt + (size_t)j * CS * 512, steps * 512, bars + slot);
+#else
     mbar_expect(bars + slot, steps * 544);
     bulk_load(dst, wt + (size_t)j * CS * 512, steps * 512, bars + slot);
     bulk_load(dst + CS * 512, st + (size_t)j * CS * 32, steps * 32, bars + slot);
+#endif
 }
 
 // The first NS stages of a pass, asked for before the activations are staged; stages below
@@ -751,7 +763,7 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
                 // already on their way).
                 down_unit_wait(done + slot, passed + slot, (unsigned)gug, (unsigned)dg);
             }
-            __syncthreads();
+            ITEM_SYNC();
             if (ti < 14 && p0 == pb) TRACE(ti + 1);
             // x staged before the wait serves the block's first gate_up pass if it has one pair.
             if (!(x_staged && !down && np == 1))
@@ -762,10 +774,13 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
             pre = 0;
             if (KS) pre = tile_stream_bulk<NS, CS>(wt, st, KS, frag, 8 * np, acc, ring, wbars, seq, nwt, nst, nKS);
             if (KS && t < np) tile_store(!down, acc, ss.inv[t], down ? out : h, down ? H : I, p0 + t, rt, pair_w);
-            __syncthreads();  // every warp is done with the fragments before the next pass restages
+            ITEM_SYNC();  // every warp is done with the fragments before the next pass restages
             if (ti < 14) TRACE(ti + 3);
         }
         if (pb >= pe) continue;  // an unused expert slot
+#ifdef MOE_NO_SYNC
+        continue;
+#endif
         if (down) {
             combine_if_last(counters, grp, pair_off, U, out, tok_pairs, y, H, T, topk);
         } else {

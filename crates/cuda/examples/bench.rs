@@ -461,8 +461,10 @@ extern "C" __global__ void read_v4(const uint4* __restrict__ p, unsigned long lo
 #define CH 2176
 // Warp w of block b streams its contiguous share of the n / CH chunks through a ring of two
 // CH-byte stages in shared memory (one lane asks for each by cp.async.bulk, all wait on its
-// mbarrier), reading one word per lane of each.
-extern "C" __global__ void read_bulk(const unsigned char* __restrict__ p, unsigned long long n, unsigned* out) {
+// mbarrier), reading one word per lane of each. With `split`, a stage is two copies as the MoE's
+// rings ask for them: 2048 bytes of codes from the first 16/17 of the range, 128 of scales from
+// the rest.
+extern "C" __global__ void read_bulk(const unsigned char* __restrict__ p, unsigned long long n, unsigned* out, int split) {
     extern __shared__ __align__(128) unsigned char ring[];
     __shared__ unsigned long long bars[2 * 32];
     int w = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
@@ -474,7 +476,12 @@ extern "C" __global__ void read_bulk(const unsigned char* __restrict__ p, unsign
         int sl = (int)((c - c0) & 1);
         unsigned d = (unsigned)__cvta_generic_to_shared(r + sl * CH), b = (unsigned)__cvta_generic_to_shared(bar + sl);
         asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(b), "r"(CH) : "memory");
-        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(d), "l"(p + c * CH), "r"(CH), "r"(b) : "memory");
+        if (split) {
+            asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(d), "l"(p + c * 2048), "r"(2048), "r"(b) : "memory");
+            asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(d + 2048), "l"(p + chunks * 2048 + c * 128), "r"(128), "r"(b) : "memory");
+        } else {
+            asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(d), "l"(p + c * CH), "r"(CH), "r"(b) : "memory");
+        }
     };
     if (lane == 0) {
         for (int i = 0; i < 2; i++) {
@@ -520,23 +527,30 @@ fn plain_reads(g: &peregrine_cuda::device::Gpu, sms: usize, copy_bw: f64, time_b
         buf.device_ptr(s).0
     };
     println!("\nplain reads, one launch per call, 20 calls back to back (offsets rotate through 2 GiB): MB, then % of copy bandwidth");
-    println!("|   MB | 16-byte loads, 8 x 256 threads per SM | bulk-copy rings, 2 x 8 warps per SM | bulk-copy rings, 4 x 8 warps per SM |");
-    println!("|---|---|---|---|");
+    println!("|   MB | 16-byte loads, 8 x 256 threads per SM | bulk-copy rings, 2 x 8 warps per SM | the same, codes and scales apart | bulk-copy rings, 4 x 8 warps per SM |");
+    println!("|---|---|---|---|---|");
     // 107 and 160 MB: one token's experts of MiMo-V2-Flash and MiMo-V2.5-Pro.
     for mb in [32usize, 64, 107, 160, 256, 512, 1024] {
         let bytes = mb * 1_000_000 / 2176 * 2176;
         let slots = n / bytes;
         let pct = |ms: f32| 100.0 * bytes as f64 / (ms as f64 * 1e-3) / copy_bw;
-        let mut cell = |f: &cudarc::driver::CudaFunction, blocks: usize, threads: u32, smem: u32, n_arg: u64| {
+        let mut cell = |f: &cudarc::driver::CudaFunction, blocks: usize, threads: u32, smem: u32, n_arg: u64, split: Option<i32>| {
             pct(time_b2b(&mut |i| {
                 let at = base + ((i % slots) * bytes) as u64;
-                unsafe { s.launch_builder(f).arg(&at).arg(&n_arg).arg(&mut out).launch(LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: smem }) }.unwrap();
+                let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: smem };
+                let mut b = s.launch_builder(f);
+                b.arg(&at).arg(&n_arg).arg(&mut out);
+                if let Some(split) = &split {
+                    b.arg(split);
+                }
+                unsafe { b.launch(cfg) }.unwrap();
             }))
         };
-        let v4 = cell(&read_v4, 8 * sms, 256, 0, (bytes / 16) as u64);
-        let b2 = cell(&read_bulk, 2 * sms, 256, 8 * 2 * 2176, bytes as u64);
-        let b4 = cell(&read_bulk, 4 * sms, 256, 8 * 2 * 2176, bytes as u64);
-        println!("| {mb:>4} | {v4:.1}% | {b2:.1}% | {b4:.1}% |");
+        let v4 = cell(&read_v4, 8 * sms, 256, 0, (bytes / 16) as u64, None);
+        let b2 = cell(&read_bulk, 2 * sms, 256, 8 * 2 * 2176, bytes as u64, Some(0));
+        let b2s = cell(&read_bulk, 2 * sms, 256, 8 * 2 * 2176, bytes as u64, Some(1));
+        let b4 = cell(&read_bulk, 4 * sms, 256, 8 * 2 * 2176, bytes as u64, Some(0));
+        println!("| {mb:>4} | {v4:.1}% | {b2:.1}% | {b2s:.1}% | {b4:.1}% |");
     }
 }
 
