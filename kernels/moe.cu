@@ -8,13 +8,17 @@
 // leaves an SM ~6 lane instructions per weight at full issue, so the decode must cost far less.
 //
 // Layout (per expert, per matrix of R rows x K columns, R % 16 == 0, K % 64 == 0):
-//   codes:  [R/16 row tiles][K/64 steps][32 lanes][16 bytes]: lane l = 4g + t holds, for the
+// [R/16 row tiles][K/64 steps][STEP_BYTES = 512 bytes of codes, then 32 of scales], so a run of
+// a tile's steps is one contiguous copy (with the scales in an array of their own, a ring's
+// stage was two bulk copies, 2048 and 128 bytes: plain reads asking for their bytes that way
+// lost ~1 point of copy bandwidth on the H100, benches/results/2026-11-24-moe-ceilings.md).
+//   codes:  [32 lanes][16 bytes]: lane l = 4g + t holds, for the
 //           four m16n8k16 MMAs s = 0..3 of the step, one 32-bit word of 8 codes: its A fragment
 //           (rows g and g+8, k = 16s + 2t + {0, 1, 8, 9}). In each byte the first code sits in
 //           bits {7: sign, 4..2: e1 e0 m}, which IS the e4m3 byte of its value x 2^-6, and the
 //           second in bits {5: sign, 6: e1, 1: e0, 0: m}. So a word decodes with one AND plus
 //           four shifts/ands and four cvt.rn.f16x2.e4m3x2 (exact).
-//   scales: [R/16][K/64][8 groups g][4 bytes]: E8M0 of (row g, k32 block 2j), (g, 2j+1),
+//   scales: [8 groups g][4 bytes]: E8M0 of (row g, k32 block 2j), (g, 2j+1),
 //           (g+8, 2j), (g+8, 2j+1) for step j.
 // Gate and up are interleaved: row tile r holds gate rows 8r..8r+7 then up rows 8r..8r+7, so
 // one lane ends with a gate and an up value of the same intermediate row and fuses the SiLU.
@@ -33,6 +37,7 @@
 // compile.rs prepends both.)
 
 #define TW 8  // warps per block, one 16-row tile each
+#define STEP_BYTES 544  // a tile's step: 512 bytes of codes, 32 of scales
 // Blocks per SM the tiled kernels' register budget is cut for (measurement builds may ask for
 // more with PEREGRINE_KERNEL_DEFINES=-DMOE_MIN_BLOCKS=3).
 #ifndef MOE_MIN_BLOCKS
@@ -43,8 +48,7 @@
 // Measurement builds only, to bound what each part of the tiled kernels costs (outputs are
 // wrong): -DMOE_NO_MATH streams the weights through the rings without reading them (no decode,
 // no MMA), -DMOE_NO_WAIT lets down units start without waiting for their slot's gate_up units,
-// -DMOE_NO_STAGE stages no activations, -DMOE_NO_SCALES copies no scales into the rings, and
-// -DMOE_NO_SYNC leaves out the fused kernel's block barriers, fences and counts between items
+// -DMOE_NO_STAGE stages no activations, and -DMOE_NO_SYNC leaves out the fused kernel's block barriers, fences and counts between items
 // (and its combine). `cuda-bench` also times plain reads of the same bytes.
 #ifdef MOE_NO_SYNC
 #define ITEM_SYNC()
@@ -320,7 +324,7 @@ __device__ __forceinline__ void mma_k32_scaled(float acc[4], const unsigned a0[4
 }
 
 // A warp streams its 16-row tile through its own shared-memory ring of NS stages of CS steps
-// (CS x 512 bytes of codes and CS x 32 of scales each), filled by the bulk-copy engine
+// (CS tile steps of STEP_BYTES each, as they lie in the tiles), filled by the bulk-copy engine
 // (cp.async.bulk, completing on an mbarrier): one lane asks for a whole stage, so bytes in
 // flight cost neither registers nor per-lane load instructions. (A register ring of 4-8 steps
 // per warp, and 2 or 4 warps sharing a tile's K, measured slower at every token count on the
@@ -350,43 +354,36 @@ __device__ __forceinline__ void mbar_expect(unsigned long long* bar, unsigned by
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(a), "r"(bytes) : "memory");
 }
 
-// Stage j (of this pass) of a warp's ring: one lane asks for it.
+// Stage j (of this pass) of a warp's ring: one lane asks for it, one copy (a tile's steps are
+// contiguous, each its codes and then its scales).
 template <int NS, int CS>
-__device__ __forceinline__ void bulk_issue(int j, int seq, const unsigned char* __restrict__ wt, const unsigned char* __restrict__ st, int KS,
-                                           unsigned char* ring, unsigned long long* bars) {
+__device__ __forceinline__ void bulk_issue(int j, int seq, const unsigned char* __restrict__ wt, int KS, unsigned char* ring,
+                                           unsigned long long* bars) {
     int slot = (seq + j) % NS, steps = min(CS, KS - j * CS);
-    unsigned char* dst = ring + slot * CS * 544;
-#ifdef MOE_NO_SCALES
-    mbar_expect(bars + slot, steps * 512);
-    bulk_load(dst, wt + (size_t)j * CS * 512, steps * 512, bars + slot);
-#else
-    mbar_expect(bars + slot, steps * 544);
-    bulk_load(dst, wt + (size_t)j * CS * 512, steps * 512, bars + slot);
-    bulk_load(dst + CS * 512, st + (size_t)j * CS * 32, steps * 32, bars + slot);
-#endif
+    mbar_expect(bars + slot, steps * STEP_BYTES);
+    bulk_load(ring + slot * CS * STEP_BYTES, wt + (size_t)j * CS * STEP_BYTES, steps * STEP_BYTES, bars + slot);
 }
 
 // The first NS stages of a pass, asked for before the activations are staged; stages below
 // `from` were already asked for by the previous pass (the ring runs on across passes).
 template <int NS, int CS>
-__device__ __forceinline__ void bulk_prologue(int seq, const unsigned char* __restrict__ wt, const unsigned char* __restrict__ st, int KS,
-                                              unsigned char* ring, unsigned long long* bars, int from = 0) {
+__device__ __forceinline__ void bulk_prologue(int seq, const unsigned char* __restrict__ wt, int KS, unsigned char* ring,
+                                              unsigned long long* bars, int from = 0) {
     int nst = (KS + CS - 1) / CS;
     if ((threadIdx.x & 31) == 0)
-        for (int j = from; j < min(NS, nst); j++) bulk_issue<NS, CS>(j, seq, wt, st, KS, ring, bars);
+        for (int j = from; j < min(NS, nst); j++) bulk_issue<NS, CS>(j, seq, wt, KS, ring, bars);
 }
 
-// Streams the warp's current pass (wt, st, KS steps). As its last NS stages are consumed, the
-// freed slots are refilled with the first stages of the warp's next pass (nwt, nst_, nKS; nKS
-// = 0: none), so the ring never drains between passes; returns how many were asked for.
+// Streams the warp's current pass (wt, KS steps). As its last NS stages are consumed, the
+// freed slots are refilled with the first stages of the warp's next pass (nwt, nKS; nKS = 0:
+// none), so the ring never drains between passes; returns how many were asked for.
 // frag holds L / 8 pairs' B fragments, interleaved as stage_b stages them, or (rowstride > 0)
 // row after row.
 template <int NS, int CS>
-__device__ __forceinline__ int tile_stream_bulk(const unsigned char* __restrict__ wt, const unsigned char* __restrict__ st, int KS,
-                                                const uint4* frag, int L, float acc[4], unsigned char* ring, unsigned long long* bars,
-                                                int& seq, const unsigned char* nwt = nullptr, const unsigned char* nst_ = nullptr,
-                                                int nKS = 0, int rowstride = 0) {
-    constexpr int STAGE = CS * 544;
+__device__ __forceinline__ int tile_stream_bulk(const unsigned char* __restrict__ wt, int KS, const uint4* frag, int L, float acc[4],
+                                                unsigned char* ring, unsigned long long* bars, int& seq,
+                                                const unsigned char* nwt = nullptr, int nKS = 0, int rowstride = 0) {
+    constexpr int STAGE = CS * STEP_BYTES;
     int lane = threadIdx.x & 31, g = lane >> 2;
     bool hasb = lane < L;
     // Rows staged one after another (rowstride uint4s apart, each as a one-pair pass stages it)
@@ -405,8 +402,8 @@ __device__ __forceinline__ int tile_stream_bulk(const unsigned char* __restrict_
             int k = j * CS + c;
             if (k < KS) {
 #ifndef MOE_NO_MATH
-                uint4 wv = reinterpret_cast<const uint4*>(stage)[c * 32 + lane];
-                unsigned sv = reinterpret_cast<const unsigned*>(stage + CS * 512)[c * 8 + g];
+                uint4 wv = reinterpret_cast<const uint4*>(stage + c * STEP_BYTES)[lane];
+                unsigned sv = reinterpret_cast<const unsigned*>(stage + c * STEP_BYTES + 512)[g];
                 tile_step(wv, sv, frag, L, k, hasb, acc);
 #endif
             }
@@ -416,13 +413,13 @@ __device__ __forceinline__ int tile_stream_bulk(const unsigned char* __restrict_
         if (j + NS < nst) {
             if (lane == 0) {
                 asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-                bulk_issue<NS, CS>(j + NS, seq, wt, st, KS, ring, bars);
+                bulk_issue<NS, CS>(j + NS, seq, wt, KS, ring, bars);
             }
         } else {
             // The next pass's stages in order; with a pass shorter than the ring several at once.
             if (lane == 0 && pre < nnst && nst + pre - NS <= j) asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
             while (pre < nnst && nst + pre - NS <= j) {
-                if (lane == 0) bulk_issue<NS, CS>(pre, seq + nst, nwt, nst_, nKS, ring, bars);
+                if (lane == 0) bulk_issue<NS, CS>(pre, seq + nst, nwt, nKS, ring, bars);
                 pre++;
             }
         }
@@ -553,21 +550,20 @@ __device__ __forceinline__ void split_row(const float* __restrict__ y, int p, in
 //          h[p, i] = silu(gate_e x) * (up_e x) for i = 8 r + g.
 // else:    W = down tiles [E][H/16][I/64], x = h [pairs, I], writes out[p, n] = pair_w[p] *
 //          down_e h_p, and with `counters` also the combine into y [T, H].
-// Grid: (ceil(tiles / TW), expert slots); dynamic shared memory TW x NS x CS x 544 bytes of
+// Grid: (ceil(tiles / TW), expert slots); dynamic shared memory TW x NS x CS x STEP_BYTES of
 // rings, then K * 4 * min(NP, max pairs) bytes of staged activations.
 // slot_done / slot_passed (per expert slot, zero between calls; null: the down kernel waits for
 // the whole gate_up grid instead): gate_up blocks count themselves done per slot, down blocks
 // wait for their slot's count and the last one past the wait resets both.
 template <bool GATE_UP, int NS, int CS, bool SPLIT>
-__device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, const unsigned char* __restrict__ S,
-                                          const int* __restrict__ experts, const int* __restrict__ pair_off,
+__device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, const int* __restrict__ experts, const int* __restrict__ pair_off,
                                           const int* __restrict__ pair_tok, const float* __restrict__ pair_w,
                                           const float* __restrict__ x, float* __restrict__ y, int K, int tiles, int ldy,
                                           unsigned* counters, const int* __restrict__ tok_pairs, float* __restrict__ comb, int T,
                                           int topk, int x_settled, unsigned* slot_done, unsigned* slot_passed,
                                           const unsigned* __restrict__ xs = nullptr, const float* __restrict__ xinv = nullptr,
                                           unsigned* __restrict__ hs = nullptr, float* __restrict__ hinv = nullptr) {
-    constexpr int RING = NS * CS * 544;  // bytes per warp
+    constexpr int RING = NS * CS * STEP_BYTES;  // bytes per warp
     extern __shared__ uint4 dsm[];
     uint4* frag = staged_frag(RING);
     __shared__ unsigned long long bars[TW * NS];
@@ -587,8 +583,7 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
     int rt = blockIdx.x * TW + w, KS = K / 64;
     bool active = rt < tiles;
     size_t tile = (e * tiles + (active ? rt : 0)) * KS;  // the warp's tile, in steps
-    const unsigned char* wt = W + tile * 512;
-    const unsigned char* st = S + tile * 32;
+    const unsigned char* wt = W + tile * STEP_BYTES;
     unsigned char* ring = reinterpret_cast<unsigned char*>(dsm) + w * RING;
     unsigned long long* wbars = bars + w * NS;
     int seq = 0;
@@ -620,7 +615,7 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
             }
         };
         if (SPLIT && GATE_UP && threadIdx.x == 0) fetch_rows();
-        if (active) bulk_prologue<NS, CS>(seq, wt, st, KS, ring, wbars);
+        if (active) bulk_prologue<NS, CS>(seq, wt, KS, ring, wbars);
         // The down kernel may be launched while gate_up still runs (programmatic dependent
         // launch): its weights are asked for above, h only after gate_up has finished. With
         // `slot_done` a block waits only for its own slot's gate_up blocks (gate_up counts them
@@ -653,7 +648,7 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
         }
         staged = false;
         float acc[4] = {0.f, 0.f, 0.f, 0.f};
-        if (active) tile_stream_bulk<NS, CS>(wt, st, KS, frag, 8 * np, acc, ring, wbars, seq, nullptr, nullptr, 0, SPLIT ? K / 4 : 0);
+        if (active) tile_stream_bulk<NS, CS>(wt, KS, frag, 8 * np, acc, ring, wbars, seq, nullptr, 0, SPLIT ? K / 4 : 0);
         if (active && t < np) tile_store(GATE_UP, acc, SPLIT ? inv : ss.inv[t], y, ldy, p0 + t, rt, pair_w);
         __syncthreads();  // every warp is done with the fragments before the next pass restages
     }
@@ -693,14 +688,13 @@ __device__ __forceinline__ void fused_item(int n, int gu_items, int gug, int dg,
 }
 
 template <int NS, int CS>
-__device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Sg,
-                                          const unsigned char* __restrict__ Wd, const unsigned char* __restrict__ Sd,
+__device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Wd,
                                           const int* __restrict__ experts, const int* __restrict__ pair_off,
                                           const int* __restrict__ pair_tok, const float* __restrict__ pair_w,
                                           const float* __restrict__ x, float* __restrict__ h, float* __restrict__ out, int H,
                                           int I, int U, unsigned* counters, const int* __restrict__ tok_pairs,
                                           float* __restrict__ y, int T, int topk, StageSmem& ss, bool x_staged) {
-    constexpr int RING = NS * CS * 544;
+    constexpr int RING = NS * CS * STEP_BYTES;
     extern __shared__ uint4 dsm[];
     uint4* frag = staged_frag(RING);
     __shared__ unsigned long long bars[TW * NS];
@@ -717,16 +711,16 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     __syncwarp();
     int seq = 0, pre = 0;  // the warp's stages so far; stages of its next pass already asked for
-    // This warp's tile of item n: weights, scales, steps (0 when the warp has no tile there).
-    auto seg = [&](int n, const unsigned char*& wt, const unsigned char*& st) -> int {
+    // This warp's tile of item n: its first step, and the count of steps (0 when the warp has
+    // no tile there).
+    auto seg = [&](int n, const unsigned char*& wt) -> int {
         bool down;
         int slot, grp;
         fused_item(n, gu_items, gug, dg, down, slot, grp);
         int rt = grp * TW + w, tiles = down ? d_tiles : gu_tiles, KS = (down ? I : H) / 64;
         if (rt >= tiles || pair_off[slot] >= pair_off[slot + 1]) return 0;
         size_t tile = ((size_t)experts[slot] * tiles + rt) * KS;
-        wt = (down ? Wd : Wg) + tile * 512;
-        st = (down ? Sd : Sg) + tile * 32;
+        wt = (down ? Wd : Wg) + tile * STEP_BYTES;
         return KS;
     };
     // Block b takes items b, b + grid, b + 2 grid, ...: every gate_up item comes before any
@@ -743,20 +737,20 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
         int slot, grp;
         fused_item(n, gu_items, gug, dg, down, slot, grp);
         int pb = pair_off[slot], pe = pair_off[slot + 1];
-        const unsigned char *wt = nullptr, *st = nullptr;
-        int KS = seg(n, wt, st), rt = grp * TW + w;
+        const unsigned char* wt = nullptr;
+        int KS = seg(n, wt), rt = grp * TW + w;
         const int cap = pass_rows(down ? I : H, TW * RING);
         for (int p0 = pb; p0 < pe; p0 += cap) {  // no passes for an unused expert slot
             int np = min(cap, pe - p0);
             if ((int)threadIdx.x < np) ss.rows[threadIdx.x] = down ? p0 + threadIdx.x : pair_tok[p0 + threadIdx.x];
-            if (KS) bulk_prologue<NS, CS>(seq, wt, st, KS, ring, wbars, pre);
+            if (KS) bulk_prologue<NS, CS>(seq, wt, KS, ring, wbars, pre);
             // The warp's next pass: this tile again for the slot's next pairs, else its tile of
             // the block's next item.
-            const unsigned char *nwt = wt, *nst = st;
+            const unsigned char* nwt = wt;
             int nKS = KS;
             if (p0 + cap >= pe) {
                 nKS = 0;
-                if (nn < items) nKS = seg(nn, nwt, nst);
+                if (nn < items) nKS = seg(nn, nwt);
             }
             if (down && p0 == pb && threadIdx.x == 0) {
                 // h of this slot is complete when all its gate_up items are (the weights are
@@ -772,7 +766,7 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
             if (ti < 14 && p0 == pb) TRACE(ti + 2);
             float acc[4] = {0.f, 0.f, 0.f, 0.f};
             pre = 0;
-            if (KS) pre = tile_stream_bulk<NS, CS>(wt, st, KS, frag, 8 * np, acc, ring, wbars, seq, nwt, nst, nKS);
+            if (KS) pre = tile_stream_bulk<NS, CS>(wt, KS, frag, 8 * np, acc, ring, wbars, seq, nwt, nKS);
             if (KS && t < np) tile_store(!down, acc, ss.inv[t], down ? out : h, down ? H : I, p0 + t, rt, pair_w);
             ITEM_SYNC();  // every warp is done with the fragments before the next pass restages
             if (ti < 14) TRACE(ti + 3);
@@ -800,8 +794,7 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
 template <int NS, int CS>
 __device__ __forceinline__ void moe_fused_routed(const float* __restrict__ logits, const float* __restrict__ bias, int E, int K,
                                                  int softmax, int n_group, int topk_group, int norm, float scale,
-                                                 const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Sg,
-                                                 const unsigned char* __restrict__ Wd, const unsigned char* __restrict__ Sd,
+                                                 const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Wd,
                                                  const float* __restrict__ x, float* __restrict__ h, float* __restrict__ out,
                                                  int H, int I, int U, unsigned* counters, float* __restrict__ y, int x_settled) {
     extern __shared__ uint4 dsm[];
@@ -810,7 +803,7 @@ __device__ __forceinline__ void moe_fused_routed(const float* __restrict__ logit
     __shared__ float wsel[MAX_FUSED_TOPK], pair_w[MAX_FUSED_TOPK];
     __shared__ StageSmem ss;
     float* scores = reinterpret_cast<float*>(dsm);
-    bool staged = stage_token_early(x, 1, H, staged_frag(NS * CS * 544), ss, x_settled);
+    bool staged = stage_token_early(x, 1, H, staged_frag(NS * CS * STEP_BYTES), ss, x_settled);
     PDL_ENTER();
     TRACE(2);
     route_token(logits, bias, E, K, softmax, n_group, topk_group, norm, scale, scores, scores + E, sel, wsel);
@@ -818,67 +811,66 @@ __device__ __forceinline__ void moe_fused_routed(const float* __restrict__ logit
     __syncthreads();  // the routing is visible, and the scores' scratch free for the rings
     // The rings' bulk copies (async proxy) will land where the scores were written (generic).
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-    moe_fused<NS, CS>(Wg, Sg, Wd, Sd, experts, pair_off, pair_tok, pair_w, x, h, out, H, I, U, counters, tok_pairs, y, 1, K, ss,
-                      staged);
+    moe_fused<NS, CS>(Wg, Wd, experts, pair_off, pair_tok, pair_w, x, h, out, H, I, U, counters, tok_pairs, y, 1, K, ss, staged);
 }
 
 // Ring shapes: NS stages of CS steps. The _split_ kernels read their rows split already (moe_tiled's SPLIT).
 #define MOE_BULK(NS, CS)                                                                                                 \
     extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_gate_up_bulk_n##NS##_c##CS(                    \
-        const unsigned char* __restrict__ W, const unsigned char* __restrict__ S, const int* __restrict__ experts,       \
+        const unsigned char* __restrict__ W, const int* __restrict__ experts,                                           \
         const int* __restrict__ pair_off, const int* __restrict__ pair_tok, const float* __restrict__ x,                 \
         float* __restrict__ h, int H, int I, int T, int x_settled, unsigned* slots) {                                    \
-        moe_tiled<true, NS, CS, false>(W, S, experts, pair_off, pair_tok, nullptr, x, h, H, I / 8, I, nullptr, nullptr,  \
+        moe_tiled<true, NS, CS, false>(W, experts, pair_off, pair_tok, nullptr, x, h, H, I / 8, I, nullptr, nullptr,  \
                                        nullptr, T, 0, x_settled, slots, nullptr);                                        \
     }                                                                                                                    \
     extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_down_bulk_n##NS##_c##CS(                       \
-        const unsigned char* __restrict__ W, const unsigned char* __restrict__ S, const int* __restrict__ experts,       \
+        const unsigned char* __restrict__ W, const int* __restrict__ experts,                                           \
         const int* __restrict__ pair_off, const float* __restrict__ pair_w, const float* __restrict__ h,                 \
         float* __restrict__ out, int H, int I, unsigned* counters, const int* __restrict__ tok_pairs,                    \
         float* __restrict__ y, int T, int topk, unsigned* slots) { PDL_TRIGGER();                                        \
-        moe_tiled<false, NS, CS, false>(W, S, experts, pair_off, nullptr, pair_w, h, out, I, H / 16, H, counters, tok_pairs,\
+        moe_tiled<false, NS, CS, false>(W, experts, pair_off, nullptr, pair_w, h, out, I, H / 16, H, counters, tok_pairs,\
                                         y, T, topk, 0, slots, slots ? slots + gridDim.y : nullptr);                      \
     }                                                                                                                    \
     extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_gate_up_split_n##NS##_c##CS(                   \
-        const unsigned char* __restrict__ W, const unsigned char* __restrict__ S, const int* __restrict__ experts,       \
+        const unsigned char* __restrict__ W, const int* __restrict__ experts,                                           \
         const int* __restrict__ pair_off, const int* __restrict__ pair_tok, float* __restrict__ h, int H, int I,         \
         unsigned* slots, const unsigned* __restrict__ xs, const float* __restrict__ xinv, unsigned* __restrict__ hs,     \
         float* __restrict__ hinv) {                                                                                      \
-        moe_tiled<true, NS, CS, true>(W, S, experts, pair_off, pair_tok, nullptr, nullptr, h, H, I / 8, I, nullptr,      \
+        moe_tiled<true, NS, CS, true>(W, experts, pair_off, pair_tok, nullptr, nullptr, h, H, I / 8, I, nullptr,      \
                                       nullptr, nullptr, 0, 0, 0, slots, nullptr, xs, xinv, hs, hinv);                    \
     }                                                                                                                    \
     extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_down_split_n##NS##_c##CS(                      \
-        const unsigned char* __restrict__ W, const unsigned char* __restrict__ S, const int* __restrict__ experts,       \
+        const unsigned char* __restrict__ W, const int* __restrict__ experts,                                           \
         const int* __restrict__ pair_off, const float* __restrict__ pair_w, float* __restrict__ out, int H, int I,       \
         unsigned* counters, const int* __restrict__ tok_pairs, float* __restrict__ y, int T, int topk, unsigned* slots,  \
         const unsigned* __restrict__ hs, const float* __restrict__ hinv) { PDL_TRIGGER();                               \
-        moe_tiled<false, NS, CS, true>(W, S, experts, pair_off, nullptr, pair_w, nullptr, out, I, H / 16, H, counters,   \
+        moe_tiled<false, NS, CS, true>(W, experts, pair_off, nullptr, pair_w, nullptr, out, I, H / 16, H, counters,   \
                                        tok_pairs, y, T, topk, 0, slots, slots + gridDim.y, hs, hinv, nullptr, nullptr);  \
     }                                                                                                                    \
     extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_fused_bulk_n##NS##_c##CS(                      \
-        const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Sg, const unsigned char* __restrict__ Wd, \
-        const unsigned char* __restrict__ Sd, const int* __restrict__ experts, const int* __restrict__ pair_off,         \
+        const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Wd, const int* __restrict__ experts,      \
+        const int* __restrict__ pair_off,                                                                                \
         const int* __restrict__ pair_tok, const float* __restrict__ pair_w, const float* __restrict__ x,                 \
         float* __restrict__ h, float* __restrict__ out, int H, int I, int U, unsigned* counters,                         \
         const int* __restrict__ tok_pairs, float* __restrict__ y, int T, int topk, int x_settled) {                      \
         TRACE_SM();                                                                                                      \
         TRACE(1);                                                                                                        \
         __shared__ StageSmem ss;                                                                                         \
-        bool staged = stage_token_early(x, T, H, staged_frag(NS * CS * 544), ss, x_settled);                             \
+        bool staged = stage_token_early(x, T, H, staged_frag(NS * CS * STEP_BYTES), ss, x_settled);                             \
         PDL_ENTER();                                                                                                     \
         TRACE(2);                                                                                                        \
-        moe_fused<NS, CS>(Wg, Sg, Wd, Sd, experts, pair_off, pair_tok, pair_w, x, h, out, H, I, U, counters, tok_pairs,  \
+        moe_fused<NS, CS>(Wg, Wd, experts, pair_off, pair_tok, pair_w, x, h, out, H, I, U, counters, tok_pairs,  \
                           y, T, topk, ss, staged);                                                                       \
     }                                                                                                                    \
     extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_fused_routed_bulk_n##NS##_c##CS(               \
         const float* __restrict__ logits, const float* __restrict__ bias, int E, int K, int softmax, int n_group,        \
-        int topk_group, int norm, float scale, const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Sg, \
-        const unsigned char* __restrict__ Wd, const unsigned char* __restrict__ Sd, const float* __restrict__ x,         \
+        int topk_group, int norm, float scale, const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Wd, \
+        const float* __restrict__ x,                                                                                     \
         float* __restrict__ h, float* __restrict__ out, int H, int I, int U, unsigned* counters, float* __restrict__ y,  \
         int x_settled) {                                                                                                 \
         TRACE_SM();                                                                                                      \
         TRACE(1);                                                                                                        \
-        moe_fused_routed<NS, CS>(logits, bias, E, K, softmax, n_group, topk_group, norm, scale, Wg, Sg, Wd, Sd, x, h, out, \
+        moe_fused_routed<NS, CS>(logits, bias, E, K, softmax, n_group, topk_group, norm, scale, Wg, Wd, x, h, out, \
                                  H, I, U, counters, y, x_settled);                                                       \
     }
 MOE_BULK(2, 4)
@@ -917,9 +909,8 @@ MOE_BULK(2, 6)
 #define GEMM_TILES 16                    // row tiles per block, one per warp (512 threads)
 #define GEMM_THREADS (32 * GEMM_TILES)
 #define GEMM_B_BYTES (GEMM_PAIRS * GEMM_KC * 256)
-#define GEMM_W_BYTES (GEMM_TILES * GEMM_KC * 512)
-#define GEMM_S_BYTES (GEMM_TILES * GEMM_KC * 32)
-#define GEMM_STAGE_BYTES (GEMM_B_BYTES + GEMM_W_BYTES + GEMM_S_BYTES)
+#define GEMM_W_BYTES (GEMM_TILES * GEMM_KC * STEP_BYTES)
+#define GEMM_STAGE_BYTES (GEMM_B_BYTES + GEMM_W_BYTES)
 
 // rows x [rows, K] f32 -> xs [rows][K/64 steps][256 bytes]: each row staged by stage_b as one
 // pair (row_scale's power of two, stage_item's layout with L = 8 lanes) into global memory, and
@@ -939,7 +930,7 @@ extern "C" __global__ void __launch_bounds__(256) moe_split_rows(const float* __
 // scheduler to hide them). Columns of n-tiles past np compute on stale staged rows and are not
 // stored (MMA columns are independent).
 template <bool GATE_UP, int NT>
-__device__ __forceinline__ void moe_gemm_chunk(const unsigned char* __restrict__ W, const unsigned char* __restrict__ S, size_t e,
+__device__ __forceinline__ void moe_gemm_chunk(const unsigned char* __restrict__ W, size_t e,
                                                const int* rows, int np, int p0, const float* __restrict__ pair_w,
                                                const unsigned* __restrict__ xs, const float* __restrict__ inv, float* __restrict__ y,
                                                int K, int tiles, int ldy, int rt0, int bt) {
@@ -951,6 +942,7 @@ __device__ __forceinline__ void moe_gemm_chunk(const unsigned char* __restrict__
     // and scales of steps k0 .. k0 + kc. Units of 16 bytes at compile-time strides (a row's
     // GEMM_KC steps are 16 GEMM_KC units, a tile's 32 GEMM_KC), so a thread's share costs
     // shifts, not divisions; units past the last step are skipped.
+    const unsigned char* wtile = W + (e * tiles + rt0 + w) * KS * STEP_BYTES + lane * 16;  // this warp's tile (w < bt)
     const int rows_units = 4 * NT * 16 * GEMM_KC;  // the n-tiles' rows (stale ones past np too: in bounds, unused)
     auto issue = [&](int c) {
         unsigned char* st = smem + (c % GEMM_STAGES) * GEMM_STAGE_BYTES;
@@ -961,18 +953,16 @@ __device__ __forceinline__ void moe_gemm_chunk(const unsigned char* __restrict__
             if (j < np && o < 16 * kc)
                 cp_async16(st + j * (GEMM_KC * 256) + o * 16, reinterpret_cast<const unsigned char*>(xs + (size_t)rows[j] * K) + k0 * 256 + o * 16);
         }
+        // Warp r copies tile r's steps (codes and scales, STEP_BYTES each, contiguous in the
+        // tiles and here).
         unsigned char* sw = st + GEMM_B_BYTES;
-        const unsigned char* wsrc = W + ((e * tiles + rt0) * KS + k0) * 512;
+        if (w < bt) {
+            const unsigned char* wsrc = wtile + (size_t)k0 * STEP_BYTES;
+            unsigned char* wdst = sw + w * (GEMM_KC * STEP_BYTES) + lane * 16;
+            const int units = kc * (STEP_BYTES / 16);
 #pragma unroll
-        for (int i0 = 0; i0 < GEMM_TILES * 32 * GEMM_KC; i0 += GEMM_THREADS) {
-            int i = i0 + tid, r = i / (32 * GEMM_KC), o = i % (32 * GEMM_KC);
-            if (r < bt && o < 32 * kc) cp_async16(sw + r * (GEMM_KC * 512) + o * 16, wsrc + (size_t)r * KS * 512 + o * 16);
-        }
-        unsigned char* ss = sw + GEMM_W_BYTES;
-        const unsigned char* ssrc = S + ((e * tiles + rt0) * KS + k0) * 32;
-        if (tid < GEMM_TILES * 2 * GEMM_KC) {
-            int r = tid / (2 * GEMM_KC), o = tid % (2 * GEMM_KC);
-            if (r < bt && o < 2 * kc) cp_async16(ss + r * (GEMM_KC * 32) + o * 16, ssrc + (size_t)r * KS * 32 + o * 16);
+            for (int i = 0; i < (GEMM_KC * STEP_BYTES / 16 + 31) / 32; i++)
+                if (lane + 32 * i < units) cp_async16(wdst + 512 * i, wsrc + 512 * i);
         }
     };
     const int lt = w < bt ? w : 0;  // a warp past the block's tiles computes tile 0 and stores nothing
@@ -989,15 +979,14 @@ __device__ __forceinline__ void moe_gemm_chunk(const unsigned char* __restrict__
         cp_async_wait<1>();
         __syncthreads();
         const unsigned char* st = smem + (c % GEMM_STAGES) * GEMM_STAGE_BYTES;
-        const unsigned char* sw = st + GEMM_B_BYTES;
-        const unsigned char* ss = sw + GEMM_W_BYTES;
+        const unsigned char* sw = st + GEMM_B_BYTES + lt * (GEMM_KC * STEP_BYTES);
         const int kc = min(GEMM_KC, KS - c * GEMM_KC);
         for (int kk = 0; kk < kc; kk++) {
             // The warp's row tile: codes decoded once for all n-tiles, E8M0 scales of the
             // step's two 32-blocks for rows g and g + 8.
             unsigned a[4][4];
-            const uint4 wv = reinterpret_cast<const uint4*>(sw + lt * (GEMM_KC * 512) + kk * 512)[lane];
-            const unsigned sv = reinterpret_cast<const unsigned*>(ss + lt * (GEMM_KC * 32) + kk * 32)[g];
+            const uint4 wv = reinterpret_cast<const uint4*>(sw + kk * STEP_BYTES)[lane];
+            const unsigned sv = reinterpret_cast<const unsigned*>(sw + kk * STEP_BYTES + 512)[g];
             tile_decode(wv.x, a[0]);
             tile_decode(wv.y, a[1]);
             tile_decode(wv.z, a[2]);
@@ -1032,8 +1021,7 @@ __device__ __forceinline__ void moe_gemm_chunk(const unsigned char* __restrict__
 // GEMM_STAGE_BYTES of dynamic shared memory. A chunk of np pairs runs the n-tile count of 1, 2,
 // 4 or 8 that covers it.
 template <bool GATE_UP>
-__device__ __forceinline__ void moe_gemm(const unsigned char* __restrict__ W, const unsigned char* __restrict__ S,
-                                         const int* __restrict__ experts, const int* __restrict__ pair_off,
+__device__ __forceinline__ void moe_gemm(const unsigned char* __restrict__ W, const int* __restrict__ experts, const int* __restrict__ pair_off,
                                          const int* __restrict__ pair_tok, const float* __restrict__ pair_w,
                                          const unsigned* __restrict__ xs, const float* __restrict__ inv, float* __restrict__ y,
                                          int K, int tiles, int ldy) {
@@ -1049,25 +1037,25 @@ __device__ __forceinline__ void moe_gemm(const unsigned char* __restrict__ W, co
         __syncthreads();  // the previous chunk is done with rows and the stages
         if (tid < np) rows[tid] = GATE_UP ? pair_tok[p0 + tid] : p0 + tid;
         __syncthreads();
-        if (np <= 4) moe_gemm_chunk<GATE_UP, 1>(W, S, e, rows, np, p0, pair_w, xs, inv, y, K, tiles, ldy, rt0, bt);
-        else if (np <= 8) moe_gemm_chunk<GATE_UP, 2>(W, S, e, rows, np, p0, pair_w, xs, inv, y, K, tiles, ldy, rt0, bt);
-        else if (np <= 16) moe_gemm_chunk<GATE_UP, 4>(W, S, e, rows, np, p0, pair_w, xs, inv, y, K, tiles, ldy, rt0, bt);
-        else moe_gemm_chunk<GATE_UP, 8>(W, S, e, rows, np, p0, pair_w, xs, inv, y, K, tiles, ldy, rt0, bt);
+        if (np <= 4) moe_gemm_chunk<GATE_UP, 1>(W, e, rows, np, p0, pair_w, xs, inv, y, K, tiles, ldy, rt0, bt);
+        else if (np <= 8) moe_gemm_chunk<GATE_UP, 2>(W, e, rows, np, p0, pair_w, xs, inv, y, K, tiles, ldy, rt0, bt);
+        else if (np <= 16) moe_gemm_chunk<GATE_UP, 4>(W, e, rows, np, p0, pair_w, xs, inv, y, K, tiles, ldy, rt0, bt);
+        else moe_gemm_chunk<GATE_UP, 8>(W, e, rows, np, p0, pair_w, xs, inv, y, K, tiles, ldy, rt0, bt);
     }
 }
 
-extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 1) moe_gemm_gate_up(const unsigned char* __restrict__ W, const unsigned char* __restrict__ S,
+extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 1) moe_gemm_gate_up(const unsigned char* __restrict__ W,
                                                                              const int* __restrict__ experts, const int* __restrict__ pair_off,
                                                                              const int* __restrict__ pair_tok, const unsigned* __restrict__ xs,
                                                                              const float* __restrict__ inv, float* __restrict__ h, int H, int I) {
     PDL_ENTER();
-    moe_gemm<true>(W, S, experts, pair_off, pair_tok, nullptr, xs, inv, h, H, I / 8, I);
+    moe_gemm<true>(W, experts, pair_off, pair_tok, nullptr, xs, inv, h, H, I / 8, I);
 }
 
-extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 1) moe_gemm_down(const unsigned char* __restrict__ W, const unsigned char* __restrict__ S,
+extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 1) moe_gemm_down(const unsigned char* __restrict__ W,
                                                                           const int* __restrict__ experts, const int* __restrict__ pair_off,
                                                                           const float* __restrict__ pair_w, const unsigned* __restrict__ hs,
                                                                           const float* __restrict__ inv, float* __restrict__ out, int H, int I) {
     PDL_ENTER();
-    moe_gemm<false>(W, S, experts, pair_off, nullptr, pair_w, hs, inv, out, I, H / 16, H);
+    moe_gemm<false>(W, experts, pair_off, nullptr, pair_w, hs, inv, out, I, H / 16, H);
 }

@@ -231,7 +231,7 @@ fn main() {
             inter: i,
         };
         let wt = MoeWeights {
-            layout: MoeLayout::Tiled { gate_up: up(random(2 * cn, 0, 0)), gate_up_s: up(random(2 * sn, 118, 8)), down: up(random(cn, 0, 0)), down_s: up(random(sn, 118, 8)) },
+            layout: MoeLayout::Tiled { gate_up: up(tile_steps(random(2 * cn, 0, 0), random(2 * sn, 118, 8))), down: up(tile_steps(random(cn, 0, 0), random(sn, 118, 8))) },
             num_experts: e,
             hidden: h,
             inter: i,
@@ -552,6 +552,11 @@ fn plain_reads(g: &peregrine_cuda::device::Gpu, sms: usize, copy_bw: f64, time_b
         let b4 = cell(&read_bulk, 4 * sms, 256, 8 * 2 * 2176, bytes as u64, Some(0));
         println!("| {mb:>4} | {v4:.1}% | {b2:.1}% | {b2s:.1}% | {b4:.1}% |");
     }
+}
+
+/// Tiled MXFP4 bytes from codes and scales: each step's 512 code bytes, then its 32 scales.
+fn tile_steps(codes: Vec<u8>, scales: Vec<u8>) -> Vec<u8> {
+    codes.chunks(512).zip(scales.chunks(32)).flat_map(|(c, s)| c.iter().chain(s).copied()).collect()
 }
 
 fn routing_from_pool(rng: &mut (impl Rng + ?Sized), t: usize, pool: std::ops::Range<usize>, top_k: usize) -> MoeRouting {

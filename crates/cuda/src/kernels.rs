@@ -133,9 +133,9 @@ const MAX_FUSED_TOPK: usize = 32;
 /// activations; `mxfp4_tiles::MAX_TILED_K` keeps the shapes it takes within it).
 pub const TILED_MAX_SMEM: usize = 200 * 1024;
 /// Dynamic shared memory of the MoE GEMM kernels (`GEMM_*` in moe.cu): two stages, each the
-/// split rows of 32 pairs (256 bytes per step) and 16 row tiles' codes and scales (544 bytes
-/// per step), over 4 steps of K.
-const GEMM_SMEM: usize = 2 * (32 * 4 * 256 + 16 * 4 * 544);
+/// split rows of 32 pairs (256 bytes per step) and 16 row tiles' steps (codes and scales,
+/// `mxfp4_tiles::TILE_STEP_BYTES` each), over 4 steps of K.
+const GEMM_SMEM: usize = 2 * (32 * 4 * 256 + 16 * 4 * crate::mxfp4_tiles::TILE_STEP_BYTES);
 /// Row tiles of 16 per MoE GEMM block, one per warp (GEMM_TILES in moe.cu).
 const GEMM_TILES: usize = 16;
 /// Output rows per thread block (WARPS in the source: one warp per row).
@@ -312,10 +312,10 @@ fn mma_gemv_index(tile: (usize, usize)) -> Result<usize> {
     MMA_GEMV_TILES.iter().position(|&x| x == tile).ok_or_else(|| Error::Backend(format!("GEMV tile {tile:?} is not one of {MMA_GEMV_TILES:?} (NT x R)")))
 }
 
-/// Shared memory of a tiled MoE block's rings: 8 warps x `stages` x `steps` steps of 544
-/// bytes (a step's 512 bytes of codes and 32 of scales).
+/// Shared memory of a tiled MoE block's rings: 8 warps x `stages` x `steps` tile steps (a
+/// step's 512 bytes of codes and 32 of scales).
 const fn ring_bytes(stages: usize, steps: usize) -> usize {
-    8 * stages * steps * 544
+    8 * stages * steps * crate::mxfp4_tiles::TILE_STEP_BYTES
 }
 
 /// Token counts at which the two-launch MoE's down blocks wait per expert slot: the slots whose
@@ -356,7 +356,7 @@ pub enum MoeKernel {
     /// `kernels/moe.cu` over the tiled layout (`MoeLayout::Tiled`): 16-byte fragment loads,
     /// e4m3 decode, activations staged per block, each warp's weights brought by the bulk-copy
     /// engine (cp.async.bulk on an mbarrier) into a shared-memory ring of `stages` x `steps`
-    /// steps of 544 bytes in the gate_up kernel and `down_stages` x `down_steps` in the down
+    /// tile steps in the gate_up kernel and `down_stages` x `down_steps` in the down
     /// kernel; the routed combine fused into the down kernel. Compiled rings: `TILED_VARIANTS`.
     Tiled { stages: usize, steps: usize, down_stages: usize, down_steps: usize },
     /// Tiled's arithmetic and rings in one persistent launch (`moe_fused_bulk_*`): gate_up
@@ -492,7 +492,9 @@ pub struct DeviceRouting {
     pub(crate) top_k: usize,
 }
 
-/// How one layer's MXFP4 experts sit in GPU memory.
+/// How one layer's MXFP4 experts sit in GPU memory. (One per MoE layer, built at load and
+/// never moved after: the variants' sizes do not matter.)
+#[allow(clippy::large_enum_variant)]
 pub enum MoeLayout {
     /// As stored: gate/up [E, I, H/2] + scales [E, I, H/32], down [E, H, I/2] + [E, H, I/32].
     RowMajor {
@@ -503,9 +505,10 @@ pub enum MoeLayout {
         down: CudaSlice<u8>,
         down_s: CudaSlice<u8>,
     },
-    /// The layout of `mxfp4_tiles` (gate and up interleaved per tile), read by `kernels/moe.cu`:
-    /// per expert 2I x H and H x I values, same bytes as RowMajor.
-    Tiled { gate_up: CudaSlice<u8>, gate_up_s: CudaSlice<u8>, down: CudaSlice<u8>, down_s: CudaSlice<u8> },
+    /// The layout of `mxfp4_tiles` (gate and up interleaved per tile; each tile step's codes
+    /// and scales together), read by `kernels/moe.cu`: per expert 2I x H and H x I values, the
+    /// same bytes as RowMajor.
+    Tiled { gate_up: CudaSlice<u8>, down: CudaSlice<u8> },
 }
 
 /// One layer's experts in MXFP4.
@@ -542,15 +545,13 @@ impl MoeWeights {
                 let (cb, sb) = (rows * cols / 2, rows * cols / 32);
                 crate::mxfp4_tiles::RowMajor { codes: &codes[x * cb..(x + 1) * cb], scales: &scales[x * sb..(x + 1) * sb], cols }
             }
-            let (mut gu, mut gus, mut d, mut ds) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let (mut gu, mut d) = (Vec::new(), Vec::new());
             for x in 0..e {
-                let [c, s, dc, dsc] = crate::mxfp4_tiles::tile_expert(part(gate, gate_s, x, h, i), part(up, up_s, x, h, i), part(down, down_s, x, i, h), i, h);
-                gu.extend(c);
-                gus.extend(s);
-                d.extend(dc);
-                ds.extend(dsc);
+                let [g, dn] = crate::mxfp4_tiles::tile_expert(part(gate, gate_s, x, h, i), part(up, up_s, x, h, i), part(down, down_s, x, i, h), i, h);
+                gu.extend(g);
+                d.extend(dn);
             }
-            MoeLayout::Tiled { gate_up: up_(&gu)?, gate_up_s: up_(&gus)?, down: up_(&d)?, down_s: up_(&ds)? }
+            MoeLayout::Tiled { gate_up: up_(&gu)?, down: up_(&d)? }
         } else {
             MoeLayout::RowMajor { gate: up_(gate)?, gate_s: up_(gate_s)?, up: up_(up)?, up_s: up_(up_s)?, down: up_(down)?, down_s: up_(down_s)? }
         };
@@ -1165,7 +1166,7 @@ impl Kernels {
     #[allow(clippy::too_many_arguments)]
     pub fn moe_mxfp4_routed(&self, kind: MoeKernel, spec: &MoeSpec, w: &MoeWeights, logits: &CudaSlice<f32>, bias: Option<&CudaSlice<f32>>, x: &CudaSlice<f32>, input: MoeInput, scratch: &mut MoeScratch, y: &mut CudaSlice<f32>) -> Result<()> {
         let (e, k, h) = (spec.num_experts, spec.top_k, w.hidden);
-        let (MoeLayout::Tiled { gate_up, gate_up_s, down, down_s }, MoeKernel::Fused { stages, steps, max_blocks }) = (&w.layout, kind) else {
+        let (MoeLayout::Tiled { gate_up, down }, MoeKernel::Fused { stages, steps, max_blocks }) = (&w.layout, kind) else {
             return Err(Error::Backend(format!("the routed MoE kernel runs the fused kernel over tiled weights, not {kind:?}")));
         };
         check(e == w.num_experts && (1..=MAX_FUSED_TOPK).contains(&k) && spec.n_group <= 64 && (spec.n_group <= 1 || e.is_multiple_of(spec.n_group)), || format!("routed MoE: {e} experts in {} groups, top-{k}", spec.n_group))?;
@@ -1183,7 +1184,7 @@ impl Kernels {
             None => b.arg(&0u64),
         };
         b.arg(&ei).arg(&ki).arg(&sm).arg(&ng).arg(&tg).arg(&norm).arg(&sc);
-        b.arg(gate_up).arg(gate_up_s).arg(down).arg(down_s).arg(x).arg(&mut scratch.h).arg(&mut scratch.out).arg(&hh).arg(&ii).arg(&ui).arg(&mut scratch.counters).arg(&mut *y);
+        b.arg(gate_up).arg(down).arg(x).arg(&mut scratch.h).arg(&mut scratch.out).arg(&hh).arg(&ii).arg(&ui).arg(&mut scratch.counters).arg(&mut *y);
         let settled = input.settled_flag();
         b.arg(&settled);
         unsafe { b.launch(cfg) }.map_err(drv("moe (fused, routed)"))?;
@@ -1204,7 +1205,7 @@ impl Kernels {
         }
         let (hh, ii) = (h as i32, i as i32);
         match (&w.layout, kind) {
-            (MoeLayout::Tiled { gate_up, gate_up_s, down, down_s }, MoeKernel::Tiled { stages, steps, down_stages, down_steps }) => {
+            (MoeLayout::Tiled { gate_up, down }, MoeKernel::Tiled { stages, steps, down_stages, down_steps }) => {
                 let (v, dv) = (Self::tiled_variant(stages, steps)?, Self::tiled_variant(down_stages, down_steps)?);
                 let (ti, ki, settled) = (r.num_tokens as i32, r.top_k as i32, input.settled_flag());
                 let fused = r.top_k <= MAX_FUSED_TOPK;
@@ -1231,7 +1232,7 @@ impl Kernels {
                 let alloc_u32 = |n: usize| unsafe { self.stream.alloc::<u32>(n) }.map_err(drv("alloc"));
                 let alloc_f32 = |n: usize| unsafe { self.stream.alloc::<f32>(n) }.map_err(drv("alloc"));
                 let mut b = crate::launch::builder(&self.stream, fg);
-                b.arg(gate_up).arg(gate_up_s).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_tok);
+                b.arg(gate_up).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_tok);
                 // (The split rows live to the end of the call: freed in stream order after both launches.)
                 let (_xsplit, mut hsplit) = if split_x {
                     let xsplit = self.x_split(input, x, r.num_tokens, h)?;
@@ -1253,7 +1254,7 @@ impl Kernels {
                 };
                 // The down kernel asks for its weights before it waits for gate_up (see launch.rs).
                 let mut b = crate::launch::builder(&self.stream, fd);
-                b.arg(down).arg(down_s).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_w);
+                b.arg(down).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_w);
                 if hsplit.is_none() {
                     b.arg(&scratch.h);
                 }
@@ -1272,20 +1273,20 @@ impl Kernels {
                     return Ok(());
                 }
             }
-            (MoeLayout::Tiled { gate_up, gate_up_s, down, down_s }, MoeKernel::Fused { stages, steps, max_blocks }) => {
+            (MoeLayout::Tiled { gate_up, down }, MoeKernel::Fused { stages, steps, max_blocks }) => {
                 check(r.top_k <= MAX_FUSED_TOPK, || format!("the fused MoE kernel combines at most {MAX_FUSED_TOPK} experts per token, not {}", r.top_k))?;
                 let f = &self.fused_tiled[Self::tiled_variant(stages, steps)?];
                 let cfg = self.fused_grid(f, w, stages, steps, max_blocks, r.num_tokens, u as usize, 0, &scratch.counters)?;
                 let (ti, ki, ui) = (r.num_tokens as i32, r.top_k as i32, u as i32);
                 let mut b = crate::launch::builder(&self.stream, f);
-                b.arg(gate_up).arg(gate_up_s).arg(down).arg(down_s).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_tok).arg(&r.pair_w).arg(x);
+                b.arg(gate_up).arg(down).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_tok).arg(&r.pair_w).arg(x);
                 b.arg(&mut scratch.h).arg(&mut scratch.out).arg(&hh).arg(&ii).arg(&ui).arg(&mut scratch.counters).arg(&r.tok_pairs).arg(&mut *y).arg(&ti).arg(&ki);
                 let settled = input.settled_flag();
                 b.arg(&settled);
                 unsafe { b.launch(cfg) }.map_err(drv("moe (fused, tiled)"))?;
                 return Ok(());
             }
-            (MoeLayout::Tiled { gate_up, gate_up_s, down, down_s }, MoeKernel::Gemm) => {
+            (MoeLayout::Tiled { gate_up, down }, MoeKernel::Gemm) => {
                 let (t, p) = (r.num_tokens, r.num_pairs);
                 // Both written in full by moe_split_rows.
                 let alloc_u32 = |n: usize| unsafe { self.stream.alloc::<u32>(n.max(1)) }.map_err(drv("alloc"));
@@ -1294,12 +1295,12 @@ impl Kernels {
                 let (xs, xinv) = (&xsplit.rows().xs, &xsplit.rows().inv);
                 let cfg = |tiles: usize| LaunchConfig { grid_dim: (tiles.div_ceil(GEMM_TILES) as u32, u, 1), block_dim: (32 * GEMM_TILES as u32, 1, 1), shared_mem_bytes: GEMM_SMEM as u32 };
                 let mut b = crate::launch::builder(&self.stream, &self.gemm_gate_up);
-                b.arg(gate_up).arg(gate_up_s).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_tok).arg(xs).arg(xinv).arg(&mut scratch.h).arg(&hh).arg(&ii);
+                b.arg(gate_up).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_tok).arg(xs).arg(xinv).arg(&mut scratch.h).arg(&hh).arg(&ii);
                 unsafe { b.launch(cfg(i / 8)) }.map_err(drv("moe gate_up (GEMM)"))?;
                 let (mut hs, mut hinv) = (alloc_u32(p * i)?, alloc_f32(p)?);
                 self.split_rows(&scratch.h, p, i, &mut hs, &mut hinv)?;
                 let mut b = crate::launch::builder(&self.stream, &self.gemm_down);
-                b.arg(down).arg(down_s).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_w).arg(&hs).arg(&hinv).arg(&mut scratch.out).arg(&hh).arg(&ii);
+                b.arg(down).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_w).arg(&hs).arg(&hinv).arg(&mut scratch.out).arg(&hh).arg(&ii);
                 unsafe { b.launch(cfg(h / 16)) }.map_err(drv("moe down (GEMM)"))?;
             }
             (MoeLayout::RowMajor { gate, gate_s, up, up_s, down, down_s }, MoeKernel::TensorCore | MoeKernel::Pipelined { .. }) => {

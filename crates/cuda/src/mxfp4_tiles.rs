@@ -2,22 +2,28 @@
 //! from the stored row-major layout (codes `[rows, K/2]`, low nibble = even column; E8M0 scales
 //! `[rows, K/32]`). Still 4.25 bits per weight; only the order of the bits changes:
 //!
-//! - codes `[rows/16 tiles][K/64 steps][32 lanes][4 words][4 bytes]`: lane `4g + t`, word `s`
+//! `[rows/16 tiles][K/64 steps]` of `TILE_STEP_BYTES`: a step's 512 bytes of codes, then its 32
+//! of scales, so a run of a tile's steps is one contiguous copy for the kernels' rings (with the
+//! scales in an array of their own every stage took two bulk copies, which cost plain reads ~1
+//! point of copy bandwidth on the H100).
+//!
+//! - codes `[32 lanes][4 words][4 bytes]`: lane `4g + t`, word `s`
 //!   holds the A fragment of the step's MMA `s` (m16n8k16: rows `g`, `g + 8`; columns
 //!   `16s + 2t + {0, 1}` and `+ {8, 9}`). Byte `j` of the word holds two codes: the first (row
 //!   `g + 8 (j >> 1)`, column `16s + 2t + (j & 1)`) in bits 7 (sign) and 4..2 (e1 e0 m), which is
 //!   the e4m3 encoding of its value times 2^-6; the second (8 columns further) in bits 5 (sign),
 //!   6 (e1), 1 (e0), 0 (m), which the kernel moves there with two shifts.
-//! - scales `[rows/16][K/64][8 g][4]`: rows `(g, 2j)`, `(g, 2j + 1)`, `(g + 8, 2j)`,
+//! - scales `[8 g][4]`: rows `(g, 2j)`, `(g, 2j + 1)`, `(g + 8, 2j)`,
 //!   `(g + 8, 2j + 1)` of step `j`'s two 32-blocks.
 //!
 //! Gate and up projections are interleaved tile by tile (gate rows `8r..8r + 8`, then up rows
 //! `8r..8r + 8`), so the kernel fuses SiLU(gate) * up in registers.
 
-/// Rows per tile, columns per step, bytes per tile step.
+/// Rows per tile, columns per step, bytes of a tile step (512 of codes, 32 of scales;
+/// STEP_BYTES in kernels/moe.cu).
 pub const TILE_ROWS: usize = 16;
 pub const STEP_COLS: usize = 64;
-const STEP_BYTES: usize = 512;
+pub const TILE_STEP_BYTES: usize = 544;
 
 /// Whether a matrix of `rows` x `cols` can be tiled.
 pub fn tileable(rows: usize, cols: usize) -> bool {
@@ -57,12 +63,11 @@ impl RowMajor<'_> {
 }
 
 /// Tiles a matrix whose row `r` is `row(r)` (a source matrix and its row there), `rows` x
-/// `cols` (`tileable`). Returns (codes, scales) in the tiled layout, appended to `out`.
-fn tile_rows<'a>(rows: usize, cols: usize, row: impl Fn(usize) -> (RowMajor<'a>, usize), codes: &mut Vec<u8>, scales: &mut Vec<u8>) {
+/// `cols` (`tileable`), in the tiled layout, appended to `out`.
+fn tile_rows<'a>(rows: usize, cols: usize, row: impl Fn(usize) -> (RowMajor<'a>, usize), out: &mut Vec<u8>) {
     assert!(tileable(rows, cols), "{rows}x{cols} is not tileable");
     let steps = cols / STEP_COLS;
-    codes.reserve(rows * cols / 2);
-    scales.reserve(rows * cols / 32);
+    out.reserve(rows * cols / 2 + rows * cols / 32);
     for tile in 0..rows / TILE_ROWS {
         let src: Vec<(RowMajor, usize)> = (0..TILE_ROWS).map(|i| row(tile * TILE_ROWS + i)).collect();
         for step in 0..steps {
@@ -72,38 +77,43 @@ fn tile_rows<'a>(rows: usize, cols: usize, row: impl Fn(usize) -> (RowMajor<'a>,
                     for j in 0..4 {
                         let (m, r) = src[g + 8 * (j >> 1)];
                         let col = step * STEP_COLS + 16 * s + 2 * t + (j & 1);
-                        codes.push(place_first(m.code(r, col)) | place_second(m.code(r, col + 8)));
+                        out.push(place_first(m.code(r, col)) | place_second(m.code(r, col + 8)));
                     }
                 }
             }
             for g in 0..8 {
                 for (i, blk) in [(g, 0), (g, 1), (g + 8, 0), (g + 8, 1)] {
                     let (m, r) = src[i];
-                    scales.push(m.scale(r, 2 * step + blk));
+                    out.push(m.scale(r, 2 * step + blk));
                 }
             }
         }
     }
-    debug_assert_eq!(codes.len() % STEP_BYTES, 0);
+    debug_assert_eq!(out.len() % TILE_STEP_BYTES, 0);
+}
+
+/// Bytes of a tiled matrix of `rows` x `cols` (codes and scales).
+pub fn tiled_bytes(rows: usize, cols: usize) -> usize {
+    rows / TILE_ROWS * (cols / STEP_COLS) * TILE_STEP_BYTES
 }
 
 /// One matrix (a down projection, `rows` = hidden) in the tiled layout, appended.
-pub fn tile_matrix(m: RowMajor<'_>, rows: usize, codes: &mut Vec<u8>, scales: &mut Vec<u8>) {
-    tile_rows(rows, m.cols, |r| (m, r), codes, scales);
+pub fn tile_matrix(m: RowMajor<'_>, rows: usize, out: &mut Vec<u8>) {
+    tile_rows(rows, m.cols, |r| (m, r), out);
 }
 
 /// Gate and up (`inter` rows each) interleaved per tile, appended.
-pub fn tile_gate_up(gate: RowMajor<'_>, up: RowMajor<'_>, inter: usize, codes: &mut Vec<u8>, scales: &mut Vec<u8>) {
+pub fn tile_gate_up(gate: RowMajor<'_>, up: RowMajor<'_>, inter: usize, out: &mut Vec<u8>) {
     assert!(inter.is_multiple_of(8) && gate.cols == up.cols, "gate/up of {inter} rows cannot be interleaved");
-    tile_rows(2 * inter, gate.cols, |r| if r % 16 < 8 { (gate, 8 * (r / 16) + r % 16) } else { (up, 8 * (r / 16) + r % 16 - 8) }, codes, scales);
+    tile_rows(2 * inter, gate.cols, |r| if r % 16 < 8 { (gate, 8 * (r / 16) + r % 16) } else { (up, 8 * (r / 16) + r % 16 - 8) }, out);
 }
 
-/// One expert in the tiled layout: [gate/up codes, gate/up scales, down codes, down scales].
-pub fn tile_expert(gate: RowMajor<'_>, up: RowMajor<'_>, down: RowMajor<'_>, inter: usize, hidden: usize) -> [Vec<u8>; 4] {
-    let (mut c, mut s, mut dc, mut ds) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    tile_gate_up(gate, up, inter, &mut c, &mut s);
-    tile_matrix(down, hidden, &mut dc, &mut ds);
-    [c, s, dc, ds]
+/// One expert in the tiled layout: [gate/up, down].
+pub fn tile_expert(gate: RowMajor<'_>, up: RowMajor<'_>, down: RowMajor<'_>, inter: usize, hidden: usize) -> [Vec<u8>; 2] {
+    let (mut gu, mut d) = (Vec::new(), Vec::new());
+    tile_gate_up(gate, up, inter, &mut gu);
+    tile_matrix(down, hidden, &mut d);
+    [gu, d]
 }
 
 /// The largest K the tiled kernels stage: K * 16 bytes of shared memory at 4 pairs per pass,
@@ -142,20 +152,21 @@ mod tests {
 
     /// Reads element (row, col) of a tiled matrix the way the kernel does: the lane's word,
     /// the decoded value, the step's scale.
-    fn tiled_value(codes: &[u8], scales: &[u8], cols: usize, row: usize, col: usize) -> f32 {
+    fn tiled_value(tiled: &[u8], cols: usize, row: usize, col: usize) -> f32 {
         let (tile, r) = (row / 16, row % 16);
         let (step, c) = (col / 64, col % 64);
         let (s, rest) = (c / 16, c % 16);
         let (hi8, t, odd) = (rest >= 8, (rest % 8) / 2, rest % 2);
         let (g, lower) = (r % 8, r >= 8);
         let lane = 4 * g + t;
-        let base = ((tile * (cols / 64) + step) * 32 + lane) * 16 + 4 * s;
-        let w = u32::from_le_bytes(codes[base..base + 4].try_into().unwrap());
+        let at = (tile * (cols / 64) + step) * TILE_STEP_BYTES;
+        let base = at + lane * 16 + 4 * s;
+        let w = u32::from_le_bytes(tiled[base..base + 4].try_into().unwrap());
         // a0 = E_A.lo (row g), a1 = E_A.hi (row g + 8), a2 = E_B.lo (row g, +8), a3 = E_B.hi.
         let v = decode_word(w);
         let idx = if hi8 { 4 } else { 0 } + if lower { 2 } else { 0 } + odd;
-        let sb = ((tile * (cols / 64) + step) * 8 + g) * 4 + if lower { 2 } else { 0 } + (c / 32);
-        let scale = 2f32.powi(scales[sb] as i32 - 127);
+        let sb = at + 512 + g * 4 + if lower { 2 } else { 0 } + (c / 32);
+        let scale = 2f32.powi(tiled[sb] as i32 - 127);
         v[idx] * 64.0 * scale
     }
 
@@ -181,13 +192,14 @@ mod tests {
         for (rows, cols) in [(16usize, 64usize), (48, 320), (32, 576)] {
             let codes = random_bytes(rows * cols / 2, rows as u64);
             let scales: Vec<u8> = random_bytes(rows * cols / 32, cols as u64).iter().map(|b| 110 + b % 30).collect();
-            let (mut tc, mut ts) = (Vec::new(), Vec::new());
-            tile_matrix(RowMajor { codes: &codes, scales: &scales, cols }, rows, &mut tc, &mut ts);
-            assert_eq!((tc.len(), ts.len()), (codes.len(), scales.len()));
+            let mut tiled = Vec::new();
+            tile_matrix(RowMajor { codes: &codes, scales: &scales, cols }, rows, &mut tiled);
+            assert_eq!(tiled.len(), codes.len() + scales.len());
+            assert_eq!(tiled.len(), tiled_bytes(rows, cols));
             let want = dequant_mxfp4(&codes, &scales, rows, cols);
             for r in 0..rows {
                 for c in 0..cols {
-                    assert_eq!(tiled_value(&tc, &ts, cols, r, c), want[r * cols + c], "{rows}x{cols} at ({r}, {c})");
+                    assert_eq!(tiled_value(&tiled, cols, r, c), want[r * cols + c], "{rows}x{cols} at ({r}, {c})");
                 }
             }
         }
@@ -200,15 +212,16 @@ mod tests {
         let up = random_bytes(inter * hidden / 2, 2);
         let gs: Vec<u8> = random_bytes(inter * hidden / 32, 3).iter().map(|b| 120 + b % 8).collect();
         let us: Vec<u8> = random_bytes(inter * hidden / 32, 4).iter().map(|b| 120 + b % 8).collect();
-        let (mut tc, mut ts) = (Vec::new(), Vec::new());
+        let mut tiled = Vec::new();
         let m = |c, s| RowMajor { codes: c, scales: s, cols: hidden };
-        tile_gate_up(m(&gate, &gs), m(&up, &us), inter, &mut tc, &mut ts);
+        tile_gate_up(m(&gate, &gs), m(&up, &us), inter, &mut tiled);
+        assert_eq!(tiled.len(), tiled_bytes(2 * inter, hidden));
         let (wg, wu) = (dequant_mxfp4(&gate, &gs, inter, hidden), dequant_mxfp4(&up, &us, inter, hidden));
         for i in 0..inter {
             let (gr, ur) = (16 * (i / 8) + i % 8, 16 * (i / 8) + i % 8 + 8);
             for c in 0..hidden {
-                assert_eq!(tiled_value(&tc, &ts, hidden, gr, c), wg[i * hidden + c], "gate row {i} col {c}");
-                assert_eq!(tiled_value(&tc, &ts, hidden, ur, c), wu[i * hidden + c], "up row {i} col {c}");
+                assert_eq!(tiled_value(&tiled, hidden, gr, c), wg[i * hidden + c], "gate row {i} col {c}");
+                assert_eq!(tiled_value(&tiled, hidden, ur, c), wu[i * hidden + c], "up row {i} col {c}");
             }
         }
         assert!(moe_tileable(256, 256) && moe_tileable(4096, 2048) && !moe_tileable(64, 32) && !moe_tileable(160, 96));

@@ -50,7 +50,8 @@ impl Synthetic {
         s
     }
 
-    /// kind 0: random bytes; 1: `lo + h % span`; 2: FP8 e4m3 with exponent field in lo..lo+span.
+    /// kind 0: random bytes; 1: `lo + h % span`; 2: FP8 e4m3 with exponent field in lo..lo+span;
+    /// 3: tiled MXFP4 steps (`mxfp4_tiles`): in each 544 bytes, 512 random, then 32 as kind 1.
     fn bytes(&self, st: &Arc<CudaStream>, buf: &mut CudaSlice<u8>, n: usize, kind: i32, lo: i32, span: i32) -> Result<()> {
         let (nn, seed) = (n as u64, self.next_seed());
         let mut b = crate::launch::builder(st, &self.fill_u8);
@@ -169,27 +170,26 @@ impl Source<'_> {
                 }
                 let get = |e: usize, i: usize| stored(e, shapes[i].0, shapes[i].1, shapes[i].2).expect("checked above");
                 if tiled {
-                    let (mut gu, mut gus, mut d, mut ds) = (alloc(2 * num * cn)?, alloc(2 * num * sn)?, alloc(num * cn)?, alloc(num * sn)?);
+                    let (gb, db) = (mxfp4_tiles::tiled_bytes(2 * inter, h), mxfp4_tiles::tiled_bytes(h, inter));
+                    let (mut gu, mut d) = (alloc(num * gb)?, alloc(num * db)?);
                     // Re-laid out on the host in parallel, a batch of experts at a time (one
                     // thread tiles ~400 MB/s: a 300 GB checkpoint would take minutes serially),
                     // then copied; at most TILE_BATCH experts are held twice.
                     const TILE_BATCH: usize = 32;
                     for e0 in (0..num).step_by(TILE_BATCH) {
-                        let tiles: Vec<[Vec<u8>; 4]> = (e0..(e0 + TILE_BATCH).min(num))
+                        let tiles: Vec<[Vec<u8>; 2]> = (e0..(e0 + TILE_BATCH).min(num))
                             .into_par_iter()
                             .map(|e| mxfp4_tiles::tile_expert(get(e, 0), get(e, 1), get(e, 2), inter, h))
                             .collect();
-                        for (i, [c, s, dc, dsc]) in tiles.iter().enumerate() {
+                        for (i, [g, dn]) in tiles.iter().enumerate() {
                             let e = e0 + i;
-                            st.memcpy_htod(c, &mut gu.slice_mut(2 * e * cn..2 * (e + 1) * cn)).map_err(drv)?;
-                            st.memcpy_htod(s, &mut gus.slice_mut(2 * e * sn..2 * (e + 1) * sn)).map_err(drv)?;
-                            st.memcpy_htod(dc, &mut d.slice_mut(e * cn..(e + 1) * cn)).map_err(drv)?;
-                            st.memcpy_htod(dsc, &mut ds.slice_mut(e * sn..(e + 1) * sn)).map_err(drv)?;
+                            st.memcpy_htod(g, &mut gu.slice_mut(e * gb..(e + 1) * gb)).map_err(drv)?;
+                            st.memcpy_htod(dn, &mut d.slice_mut(e * db..(e + 1) * db)).map_err(drv)?;
                         }
                         // The host buffers are dropped next: wait for the copies out of them.
                         st.synchronize().map_err(drv)?;
                     }
-                    MoeLayout::Tiled { gate_up: gu, gate_up_s: gus, down: d, down_s: ds }
+                    MoeLayout::Tiled { gate_up: gu, down: d }
                 } else {
                     let mut bufs = Vec::with_capacity(6);
                     for i in 0..3 {
@@ -214,8 +214,13 @@ impl Source<'_> {
                     let e = Synthetic::e8m0_for(k);
                     s.u8s(st, n, 1, e - 1, 3)
                 };
+                // Tiled: each step's 512 code bytes, then its 32 scales.
+                let tiled_steps = |n: usize, k: usize| {
+                    let e = Synthetic::e8m0_for(k);
+                    s.u8s(st, n, 3, e - 1, 3)
+                };
                 if tiled {
-                    MoeLayout::Tiled { gate_up: codes(2 * num * cn)?, gate_up_s: scales(2 * num * sn, h)?, down: codes(num * cn)?, down_s: scales(num * sn, inter)? }
+                    MoeLayout::Tiled { gate_up: tiled_steps(num * mxfp4_tiles::tiled_bytes(2 * inter, h), h)?, down: tiled_steps(num * mxfp4_tiles::tiled_bytes(h, inter), inter)? }
                 } else {
                     MoeLayout::RowMajor {
                         gate: codes(num * cn)?,
