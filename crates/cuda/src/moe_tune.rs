@@ -24,25 +24,6 @@ pub(crate) type MoeChoices = HashMap<(usize, usize, usize, usize, usize), MoeKer
 /// One measured candidate: token count, kernel, milliseconds per call.
 pub type MoeTiming = (usize, MoeKernel, f32);
 
-/// Relative margin within which two timings of the tuner are not told apart (its median of 3
-/// runs of 8 calls moves by ~0.5% between processes on one H100).
-const TIE: f32 = 0.01;
-
-/// The first round's two-launch winner among same-ring candidates `(kind, ms, staged pairs)`
-/// timed within `TIE` of the fastest time `best_ms`: the one staging the most pairs per pass,
-/// then the fastest. Later rounds never try a gate_up ring that stages fewer pairs than this
-/// winner's (where tokens share experts each pass costs another read of their weights), so a
-/// winner picked by a tie in the timing decided how clustered routing fares: MiMo-V2.5-Pro at 8
-/// tokens drawn from 16 experts read 38.6% of copy bandwidth one load and 48.7% the next, on
-/// the H100 (benches/results/2026-11-24-moe-ceilings.md). None when no candidate is that close.
-fn staged_pairs_tiebreak(round: &[(MoeKernel, f32, usize)], best_ms: f32) -> Option<(MoeKernel, f32)> {
-    round
-        .iter()
-        .filter(|(_, ms, _)| *ms <= best_ms * (1.0 + TIE))
-        .max_by(|a, b| a.2.cmp(&b.2).then(b.1.total_cmp(&a.1)))
-        .map(|&(kind, ms, _)| (kind, ms))
-}
-
 impl Kernels {
     /// Times every compiled tiled kernel (two launches and one launch, each ring, then mixed
     /// rings for the best two-launch pair; the MoE GEMM from 2 tokens) on `w` with uniform
@@ -101,12 +82,11 @@ impl Kernels {
                 })
                 .collect::<Result<Vec<_>>>()?;
             let mut best: Option<(MoeKernel, f32)> = None;
-            // Times `kind` (its ms, None when it cannot run this shape) and keeps the fastest in `best`.
-            let mut measure = |kind: MoeKernel, best: &mut Option<(MoeKernel, f32)>| -> Result<Option<f32>> {
+            let mut measure = |kind: MoeKernel, best: &mut Option<(MoeKernel, f32)>| -> Result<()> {
                 let mut call = |i: usize| self.moe_mxfp4_with(kind, w, &routings[i % routings.len()], &x, MoeInput::Split(&xsplit), &mut scratch, &mut y);
                 // A kernel that cannot run this shape (shared memory, top-k) is skipped.
                 if call(0).is_err() {
-                    return Ok(None);
+                    return Ok(());
                 }
                 call(1)?;
                 let mut runs = Vec::with_capacity(3);
@@ -125,15 +105,10 @@ impl Kernels {
                 if best.is_none_or(|(_, b)| ms < b) {
                     *best = Some((kind, ms));
                 }
-                Ok(Some(ms))
+                Ok(())
             };
-            // The first round's same-ring two-launch candidates: (kind, ms, staged pairs).
-            let mut round = Vec::new();
             for &kind in kinds.iter().chain((t >= gemm_from).then_some(&MoeKernel::Gemm)) {
-                let ms = measure(kind, &mut best)?;
-                if let (Some(ms), MoeKernel::Tiled { stages, steps, .. }) = (ms, kind) {
-                    round.push((kind, ms, self.moe_tiled_staged_pairs(w, stages, steps, t)?));
-                }
+                measure(kind, &mut best)?;
             }
             // The two launches may stream with different rings (gate_up's tiles are twice as
             // long as down's at MiMo-V2 shapes): from the best same-ring pair, the best down ring
@@ -145,11 +120,6 @@ impl Kernels {
             // for +3 / +2 points on uniform routing). What mixed rings gain within that rule:
             // Flash 2 tokens and Pro 2-8 tokens, 1-2.5 points of copy bandwidth
             // (benches/results/2026-11-24-moe-mixed-rings.md).
-            if let Some((MoeKernel::Tiled { .. }, best_ms)) = best {
-                // Same-ring pairs within TIE of the fastest are a coin flip of the timing; the
-                // one staging the most pairs per pass is kept (`staged_pairs_tiebreak`).
-                best = staged_pairs_tiebreak(&round, best_ms).or(best);
-            }
             if let Some((MoeKernel::Tiled { stages, steps, .. }, _)) = best {
                 let pairs = self.moe_tiled_staged_pairs(w, stages, steps, t)?;
                 let mut tiled_best: Option<(MoeKernel, f32)> = best;
@@ -180,23 +150,5 @@ impl Kernels {
     pub fn tuned_moe(&self, w: &MoeWeights, top_k: usize, tokens: usize) -> Option<MoeKernel> {
         let table = self.moe_choices.lock().ok()?;
         table.get(&(w.hidden, w.inter, w.num_experts, top_k, tokens)).copied()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_tie_goes_to_the_ring_that_stages_more_pairs() {
-        let (a, b, c) = (MoeKernel::tiled(3, 4), MoeKernel::tiled(2, 4), MoeKernel::tiled(4, 4));
-        // 2x4 is 0.4% slower but stages 3 pairs against 2: kept.
-        assert_eq!(staged_pairs_tiebreak(&[(a, 0.425, 2), (b, 0.4267, 3), (c, 0.44, 3)], 0.425), Some((b, 0.4267)));
-        // Outside the margin the fastest stays, whatever it stages.
-        assert_eq!(staged_pairs_tiebreak(&[(a, 0.425, 2), (b, 0.43, 3)], 0.425), Some((a, 0.425)));
-        // Equal pairs: the faster of the two.
-        assert_eq!(staged_pairs_tiebreak(&[(b, 0.4267, 3), (c, 0.4250, 3)], 0.425), Some((c, 0.4250)));
-        // No same-ring candidate near the fastest kernel (a fused or GEMM win): nothing.
-        assert_eq!(staged_pairs_tiebreak(&[(b, 0.5, 3)], 0.425), None);
     }
 }
