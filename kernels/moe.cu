@@ -51,6 +51,11 @@
 // -DMOE_NO_STAGE stages no activations, and -DMOE_NO_SYNC leaves out the fused kernel's block barriers, fences and counts between items
 // (and its combine). `cuda-bench` also times plain reads of the same bytes.
 #ifdef MOE_NO_SYNC
+// Without the barriers a pass's staging races the previous pass's readers, and without the
+// counts a down item waiting for its slot would wait for ever.
+#if !defined(MOE_NO_STAGE) || !defined(MOE_NO_WAIT)
+#error "MOE_NO_SYNC needs MOE_NO_STAGE and MOE_NO_WAIT"
+#endif
 #define ITEM_SYNC()
 #else
 #define ITEM_SYNC() __syncthreads()
