@@ -506,6 +506,62 @@ extern "C" __global__ void read_bulk(const unsigned char* __restrict__ p, unsign
     }
     if (acc == 0x9e3779b9u) out[0] = acc;
 }
+// The one-token fused MoE's work (MiMo-V2-Flash) without its math: 256 items of 8 tiles of 16
+// stages, then 256 of 8 tiles of 8 stages (2176 bytes each, the gate_up and down tiles), block
+// b taking items b and b + grid; each warp streams its tile of each item through its ring, which
+// runs on from one item into the next. sync: 0 nothing between a block's items, 1 a block
+// barrier, 2 a fence, a barrier and a count first (as a gate_up item counts itself done).
+extern "C" __global__ void read_items(const unsigned char* __restrict__ p, unsigned long long n, unsigned* out, int sync) {
+    extern __shared__ __align__(128) unsigned char ring[];
+    __shared__ unsigned long long bars[2 * 32];
+    int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    unsigned char* r = ring + w * 2 * CH;
+    unsigned long long* bar = bars + 2 * w;
+    const int items = 512, half = 256;
+    const unsigned long long big = 16ull * CH * 8, small = 8ull * CH * 8;  // bytes per item
+    if (half * (big + small) > n) return;
+    int n0 = blockIdx.x, n1 = blockIdx.x + gridDim.x;
+    int k0 = n0 < items ? (n0 < half ? 16 : 8) : 0, k1 = n1 < items ? (n1 < half ? 16 : 8) : 0, total = k0 + k1;
+    auto addr = [&](int c) -> const unsigned char* {
+        int it = c < k0 ? n0 : n1, j = c < k0 ? c : c - k0, k = it < half ? 16 : 8;
+        unsigned long long at = it < half ? (unsigned long long)it * big : half * big + (unsigned long long)(it - half) * small;
+        return p + at + (unsigned long long)(w * k + j) * CH;
+    };
+    auto issue = [&](int c) {
+        unsigned d = (unsigned)__cvta_generic_to_shared(r + (c & 1) * CH), b = (unsigned)__cvta_generic_to_shared(bar + (c & 1));
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(b), "r"(CH) : "memory");
+        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(d), "l"(addr(c)), "r"(CH), "r"(b) : "memory");
+    };
+    if (lane == 0) {
+        for (int i = 0; i < 2; i++) {
+            unsigned b = (unsigned)__cvta_generic_to_shared(bar + i);
+            asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(b) : "memory");
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        for (int c = 0; c < min(total, 2); c++) issue(c);
+    }
+    __syncwarp();
+    unsigned acc = 0;
+    for (int c = 0; c < total; c++) {
+        if (c == k0 && sync) {
+            if (sync == 2) {
+                __threadfence();
+                __syncthreads();
+                if (threadIdx.x == 0) atomicAdd(out + 1, 1u);
+            }
+            __syncthreads();
+        }
+        unsigned b = (unsigned)__cvta_generic_to_shared(bar + (c & 1)), ph = (unsigned)((c >> 1) & 1);
+        asm volatile("{.reg .pred q;\nW_%=:\nmbarrier.try_wait.parity.shared::cta.b64 q, [%0], %1;\n@!q bra W_%=;}" ::"r"(b), "r"(ph) : "memory");
+        acc ^= reinterpret_cast<const unsigned*>(r + (c & 1) * CH)[lane];
+        __syncwarp();
+        if (lane == 0 && c + 2 < total) {
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+            issue(c + 2);
+        }
+    }
+    if (acc == 0x9e3779b9u) out[0] = acc;
+}
 "#;
 
 /// Milliseconds per call of a closure timed back to back (main's `time_b2b`).
@@ -516,10 +572,10 @@ fn plain_reads(g: &peregrine_cuda::device::Gpu, sms: usize, copy_bw: f64, time_b
     let s = &g.stream;
     let (ptx, _) = peregrine_cuda::compile::ptx("read_probe", READ_PROBE_CU, peregrine_cuda::device::nvrtc_arch(g.capability)).unwrap();
     let m = g.ctx.load_module(ptx).unwrap();
-    let (fill, read_v4, read_bulk) = (m.load_function("fill").unwrap(), m.load_function("read_v4").unwrap(), m.load_function("read_bulk").unwrap());
+    let (fill, read_v4, read_bulk, read_items) = (m.load_function("fill").unwrap(), m.load_function("read_v4").unwrap(), m.load_function("read_bulk").unwrap(), m.load_function("read_items").unwrap());
     let n = 2usize << 30;
     let mut buf = s.alloc_zeros::<u8>(n).unwrap();
-    let mut out = s.alloc_zeros::<u32>(1).unwrap();
+    let mut out = s.alloc_zeros::<u32>(2).unwrap();
     let words = (n / 4) as u64;
     unsafe { s.launch_builder(&fill).arg(&mut buf).arg(&words).launch(LaunchConfig { grid_dim: (4 * sms as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.unwrap();
     let base = {
@@ -551,6 +607,11 @@ fn plain_reads(g: &peregrine_cuda::device::Gpu, sms: usize, copy_bw: f64, time_b
         let b2s = cell(&read_bulk, 2 * sms, 256, 8 * 2 * 2176, bytes as u64, Some(1));
         let b4 = cell(&read_bulk, 4 * sms, 256, 8 * 2 * 2176, bytes as u64, Some(0));
         println!("| {mb:>4} | {v4:.1}% | {b2:.1}% | {b2s:.1}% | {b4:.1}% |");
+        if mb == 107 {
+            // The same bytes in the one-token fused MoE's items (Flash), on its grid.
+            let items: Vec<String> = (0..3).map(|sync| format!("{:.1}%", cell(&read_items, 2 * sms, 256, 8 * 2 * 2176, bytes as u64, Some(sync)))).collect();
+            println!("|  107 as the 1-token MoE's items: nothing between items {}, a block barrier {}, fence + barrier + count {} |", items[0], items[1], items[2]);
+        }
     }
 }
 
