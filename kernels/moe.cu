@@ -48,7 +48,8 @@
 // Measurement builds only, to bound what each part of the tiled kernels costs (outputs are
 // wrong): -DMOE_NO_MATH streams the weights through the rings without reading them (no decode,
 // no MMA), -DMOE_NO_WAIT lets down units start without waiting for their slot's gate_up units,
-// -DMOE_NO_STAGE stages no activations, and -DMOE_NO_SYNC leaves out the fused kernel's block barriers, fences and counts between items
+// -DMOE_NO_STAGE stages no activations, -DMOE_NO_COMBINE leaves out the down blocks' routed
+// combine (their count, fence and the last block's sum into y), and -DMOE_NO_SYNC leaves out the fused kernel's block barriers, fences and counts between items
 // (and its combine). `cuda-bench` also times plain reads of the same bytes.
 #ifdef MOE_NO_SYNC
 // Without the barriers a pass's staging races the previous pass's readers, and without the
@@ -486,6 +487,9 @@ __device__ __forceinline__ void tile_store(bool gate_up, const float acc[4], flo
 __device__ __forceinline__ void combine_if_last(unsigned* counters, int grp, const int* __restrict__ pair_off, int U,
                                                 const float* __restrict__ out, const int* __restrict__ tok_pairs,
                                                 float* __restrict__ y, int H, int T, int topk) {
+#ifdef MOE_NO_COMBINE
+    return;
+#endif
     __shared__ int last;
     __threadfence();  // this block's outputs are visible before it is counted
     __syncthreads();
