@@ -49,8 +49,9 @@
 // wrong): -DMOE_NO_MATH streams the weights through the rings without reading them (no decode,
 // no MMA), -DMOE_NO_WAIT lets down units start without waiting for their slot's gate_up units,
 // -DMOE_NO_STAGE stages no activations, -DMOE_NO_COMBINE leaves out the down blocks' routed
-// combine (their count, fence and the last block's sum into y), and -DMOE_NO_SYNC leaves out the fused kernel's block barriers, fences and counts between items
-// (and its combine). `cuda-bench` also times plain reads of the same bytes.
+// combine (their count, fence and the last block's sum into y), and -DMOE_NO_SYNC leaves out
+// the fused kernel's block barriers, fences and counts between items (and its combine).
+// `cuda-bench` also times plain reads of the same bytes.
 #ifdef MOE_NO_SYNC
 // Without the barriers a pass's staging races the previous pass's readers, and without the
 // counts a down item waiting for its slot would wait for ever.
@@ -947,10 +948,11 @@ __device__ __forceinline__ void moe_gemm_chunk(const unsigned char* __restrict__
     unsigned char* smem = reinterpret_cast<unsigned char*>(dsm);
     const int tid = threadIdx.x, w = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
     const int KS = K / 64, nkc = (KS + GEMM_KC - 1) / GEMM_KC;
-    // Stage c (K chunk c) into buffer c % GEMM_STAGES: the pairs' split rows, the tiles' codes
-    // and scales of steps k0 .. k0 + kc. Units of 16 bytes at compile-time strides (a row's
-    // GEMM_KC steps are 16 GEMM_KC units, a tile's 32 GEMM_KC), so a thread's share costs
-    // shifts, not divisions; units past the last step are skipped.
+    // Stage c (K chunk c) into buffer c % GEMM_STAGES: the pairs' split rows, the tiles' steps
+    // k0 .. k0 + kc (codes and scales). The rows in units of 16 bytes at compile-time strides
+    // (a row's GEMM_KC steps are 16 GEMM_KC units), so a thread's share costs shifts, not
+    // divisions; each warp copies its own tile's contiguous steps. Units past the last step
+    // are skipped.
     const unsigned char* wtile = W + (e * tiles + rt0 + w) * KS * STEP_BYTES + lane * 16;  // this warp's tile (w < bt)
     const int rows_units = 4 * NT * 16 * GEMM_KC;  // the n-tiles' rows (stale ones past np too: in bounds, unused)
     auto issue = [&](int c) {

@@ -693,10 +693,10 @@ extern "C" __global__ void fill_random_u8(unsigned char* __restrict__ p, unsigne
     for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (unsigned long long)gridDim.x * blockDim.x) {
         unsigned long long h = mix64(seed ^ (i * 0x2545f4914f6cdd1dull));
         unsigned char b;
-        int kind_ = kind;
-        if (kind == 3) kind_ = i % 544 < 512 ? 0 : 1;  // tiled MXFP4 steps: codes, then scales
-        if (kind_ == 0) b = (unsigned char)h;
-        else if (kind_ == 1) b = (unsigned char)(lo + (int)(h % (unsigned long long)span));
+        // Tiled MXFP4 steps (kind 3): 512 code bytes, then 32 scales.
+        int k = kind == 3 ? (i % 544 < 512 ? 0 : 1) : kind;
+        if (k == 0) b = (unsigned char)h;
+        else if (k == 1) b = (unsigned char)(lo + (int)(h % (unsigned long long)span));
         else b = (unsigned char)((h & 0x80) | ((lo + (int)((h >> 8) % (unsigned long long)span)) << 3) | ((h >> 16) & 7));
         p[i] = b;
     }

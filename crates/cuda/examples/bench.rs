@@ -519,7 +519,7 @@ extern "C" __global__ void read_items(const unsigned char* __restrict__ p, unsig
     unsigned long long* bar = bars + 2 * w;
     const int items = 512, half = 256;
     const unsigned long long big = 16ull * CH * 8, small = 8ull * CH * 8;  // bytes per item
-    if (half * (big + small) > n) return;
+    if (half * (big + small) > n || 2 * (int)gridDim.x < items) __trap();  // (the caller's bytes, and every item taken)
     int n0 = blockIdx.x, n1 = blockIdx.x + gridDim.x;
     int k0 = n0 < items ? (n0 < half ? 16 : 8) : 0, k1 = n1 < items ? (n1 < half ? 16 : 8) : 0, total = k0 + k1;
     auto addr = [&](int c) -> const unsigned char* {
@@ -607,8 +607,9 @@ fn plain_reads(g: &peregrine_cuda::device::Gpu, sms: usize, copy_bw: f64, time_b
         let b2s = cell(&read_bulk, 2 * sms, 256, 8 * 2 * 2176, bytes as u64, Some(1));
         let b4 = cell(&read_bulk, 4 * sms, 256, 8 * 2 * 2176, bytes as u64, Some(0));
         println!("| {mb:>4} | {v4:.1}% | {b2:.1}% | {b2s:.1}% | {b4:.1}% |");
-        if mb == 107 {
-            // The same bytes in the one-token fused MoE's items (Flash), on its grid.
+        if mb == 107 && 2 * sms >= 256 {
+            // The same bytes in the one-token fused MoE's items (Flash), on its grid (2 blocks
+            // per SM: each takes its items b and b + grid, so 512 items need 256 blocks).
             let items: Vec<String> = (0..3).map(|sync| format!("{:.1}%", cell(&read_items, 2 * sms, 256, 8 * 2 * 2176, bytes as u64, Some(sync)))).collect();
             println!("|  107 as the 1-token MoE's items: nothing between items {}, a block barrier {}, fence + barrier + count {} |", items[0], items[1], items[2]);
         }

@@ -210,15 +210,10 @@ impl Source<'_> {
             Source::Synthetic(s) => {
                 // Any byte is a valid pair of codes in either layout; scales as a real layer's.
                 let codes = |n: usize| s.u8s(st, n, 0, 0, 1);
-                let scales = |n: usize, k: usize| {
-                    let e = Synthetic::e8m0_for(k);
-                    s.u8s(st, n, 1, e - 1, 3)
-                };
-                // Tiled: each step's 512 code bytes, then its 32 scales.
-                let tiled_steps = |n: usize, k: usize| {
-                    let e = Synthetic::e8m0_for(k);
-                    s.u8s(st, n, 3, e - 1, 3)
-                };
+                // Scales alone (kind 1) or tiled steps (kind 3: 512 code bytes, then 32 scales).
+                let with_scales = |n: usize, k: usize, kind: i32| s.u8s(st, n, kind, Synthetic::e8m0_for(k) - 1, 3);
+                let scales = |n: usize, k: usize| with_scales(n, k, 1);
+                let tiled_steps = |n: usize, k: usize| with_scales(n, k, 3);
                 if tiled {
                     MoeLayout::Tiled { gate_up: tiled_steps(num * mxfp4_tiles::tiled_bytes(2 * inter, h), h)?, down: tiled_steps(num * mxfp4_tiles::tiled_bytes(h, inter), inter)? }
                 } else {
