@@ -75,6 +75,7 @@ fn main() {
     drop(dst);
 
     // PEREGRINE_BENCH_ONLY=moe skips the sampling and GEMV sections, =gemv all but GEMV,
+    // =sample all but sampling,
     // =read all but the plain reads below, =load everything (compiles the kernels, e.g. to fill
     // the cache for a measurement build before timing).
     let only = std::env::var("PEREGRINE_BENCH_ONLY").unwrap_or_default();
@@ -90,22 +91,12 @@ fn main() {
     // =prefill-moe: only the MoE at prefill sizes (tiled kernels against the MoE GEMM).
     let (only_moe, only_gemv, only_prefill_moe) = (only == "moe" || only == "prefill-moe", only == "gemv", only == "prefill-moe");
     // Sampling and logprobs over a MiMo-sized vocabulary: ids come back, logits stay.
-    if !only_moe && !only_gemv {
-        use peregrine_core::backend::RowSampling;
-        let v = 152_064usize;
-        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
-        println!("\nsampling on the GPU, vocabulary {v} (ms per call, rows in parallel):");
-        println!("| rows | greedy | T=0.8 | T=0.8, top-p 0.95 | T=0.8, top-k 50 | logprobs (top 5) |");
-        println!("|---|---|---|---|---|---|");
-        for rows in [1usize, 64] {
-            let logits = s.clone_htod(&(0..rows * v).map(|_| (rng.random::<f32>() - 0.5) * 16.0).collect::<Vec<_>>()).unwrap();
-            let row = |t: f32, top_p: f32, top_k: i32| RowSampling { temperature: t, top_k, top_p, min_p: 0.0, u: 0.37, adj_start: 0, adj_len: 0 };
-            let cell = |p: RowSampling| time(10, &mut |_| drop(k.sample_rows(&logits, v, &vec![p; rows]).unwrap()));
-            let (g0, t1, tp, tk) = (cell(row(0.0, 1.0, 0)), cell(row(0.8, 1.0, 0)), cell(row(0.8, 0.95, 0)), cell(row(0.8, 1.0, 50)));
-            let chosen = s.alloc_zeros::<i32>(rows).unwrap();
-            let lp = time(10, &mut |_| drop(k.row_logprobs(&logits, v, &chosen, &vec![Some(5); rows]).unwrap()));
-            println!("| {rows} | {g0:.3} | {t1:.3} | {tp:.3} | {tk:.3} | {lp:.3} |");
-        }
+    // =sample: only this section.
+    if only == "sample" || (!only_moe && !only_gemv) {
+        sampling(&k, s, &time);
+    }
+    if only == "sample" {
+        return;
     }
 
     // Random bytes for weights (never zeros: they can run faster than real data).
@@ -676,4 +667,59 @@ fn print_moe_trace(what: &str, tr: &[u64], gu_items: usize) {
     sms.sort();
     sms.dedup();
     println!("  on {} SMs", sms.len());
+}
+
+/// Sampling and logprobs on the GPU over MiMo-V2-Flash's vocabulary, 1 and 64 rows per call (the
+/// rows in parallel), on two kinds of logits: "flat" (uniform in +-8: top-p 0.95 keeps most of
+/// the vocabulary, the sampler's worst case) and "peaked" (a normal spread with a few dozen
+/// tokens 8-16 above it, like a language model's). Milliseconds per call, the parameter upload
+/// included. Each cell's ids over 64 rows with uniforms spread over [0, 1) are hashed (FNV-1a),
+/// so two builds can be shown to draw the same tokens.
+fn sampling(k: &Kernels, s: &std::sync::Arc<cudarc::driver::CudaStream>, time: &Timer) {
+    use peregrine_core::backend::RowSampling;
+    let v = 152_576usize;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    // A normal deviate (Box-Muller).
+    let normal = |rng: &mut rand::rngs::StdRng| -> f32 {
+        let (a, b): (f32, f32) = (rng.random::<f32>().max(1e-12), rng.random());
+        (-2.0 * a.ln()).sqrt() * (std::f32::consts::TAU * b).cos()
+    };
+    let cases: [(&str, f32, i32, f32, f32); 6] =
+        [("greedy", 0.0, 0, 1.0, 0.0), ("T=0.8", 0.8, 0, 1.0, 0.0), ("T=0.8, top-p 0.95", 0.8, 0, 0.95, 0.0), ("T=0.8, top-k 50", 0.8, 50, 1.0, 0.0), ("T=1, top-k 40, top-p 0.9, min-p 0.05", 1.0, 40, 0.9, 0.05), ("T=0.6, top-p 0.8", 0.6, 0, 0.8, 0.0)];
+    println!("\nsampling on the GPU, vocabulary {v} (ms per call, rows in parallel; ids hash over 64 rows):");
+    println!("| logits | rows | {} | logprobs (top 5) |", cases.iter().map(|c| c.0).collect::<Vec<_>>().join(" | "));
+    println!("|---|---|{}---|", "---|".repeat(cases.len()));
+    for kind in ["flat", "peaked"] {
+        let rows_max = 64usize;
+        let host: Vec<f32> = (0..rows_max)
+            .flat_map(|_| {
+                let mut row: Vec<f32> = (0..v).map(|_| if kind == "flat" { (rng.random::<f32>() - 0.5) * 16.0 } else { 2.0 * normal(&mut rng) }).collect();
+                if kind == "peaked" {
+                    for j in 0..40 {
+                        row[(j * 3803 + 17) % v] = 8.0 + 8.0 * (j as f32 / 40.0);
+                    }
+                }
+                row
+            })
+            .collect();
+        let logits = s.clone_htod(&host).unwrap();
+        let mut hashes = Vec::new();
+        for rows in [1usize, 64] {
+            let mut cells = Vec::new();
+            for &(_, t, top_k, top_p, min_p) in &cases {
+                let p = |u: f64| RowSampling { temperature: t, top_k, top_p, min_p, u, adj_start: 0, adj_len: 0 };
+                let params = vec![p(0.37); rows];
+                cells.push(time(10, &mut |_| drop(k.sample_rows(&logits, v, &params).unwrap())));
+                if rows == 64 {
+                    let spread: Vec<RowSampling> = (0..64).map(|r| p((r as f64 * 0.618_034).fract())).collect();
+                    let ids = s.clone_dtoh(&k.sample_rows(&logits, v, &spread).unwrap()).unwrap();
+                    hashes.push(ids.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &id| (h ^ id as u32 as u64).wrapping_mul(0x100_0000_01b3)));
+                }
+            }
+            let chosen = s.alloc_zeros::<i32>(rows).unwrap();
+            let lp = time(10, &mut |_| drop(k.row_logprobs(&logits, v, &chosen, &vec![Some(5); rows]).unwrap()));
+            println!("| {kind} | {rows} | {} | {lp:.3} |", cells.iter().map(|c| format!("{c:.3}")).collect::<Vec<_>>().join(" | "));
+        }
+        println!("| {kind} | ids hash | {} | |", hashes.iter().map(|h| format!("{h:016x}")).collect::<Vec<_>>().join(" | "));
+    }
 }
