@@ -1,4 +1,5 @@
-// Sampling on the GPU, one block of 1024 threads per logits row, so only token ids come back.
+// Sampling on the GPU, so only token ids come back: a cluster of 8 blocks per logits row on
+// Hopper and later (each block a slice of the vocabulary), one block of 1024 threads elsewhere.
 //
 // Per row: temperature (<= 0: greedy argmax, ties to the lowest id), top-k, top-p and min-p with
 // the host sampler's semantics (crates/engine/src/sampler.rs): top-k keeps the k largest logits
@@ -18,8 +19,6 @@
 
 #define ST 1024
 #define NW (ST / 32)
-// Copies of the radix histogram (each shared by NW / HCOPIES warps).
-#define HCOPIES 16
 
 struct RowSampling {
     float temperature;
@@ -77,18 +76,11 @@ __device__ __forceinline__ void warp_best(float& v, int& i) {
     }
 }
 
-__device__ __forceinline__ unsigned long long block_sum_u64(unsigned long long v, unsigned long long* sh) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    if ((threadIdx.x & 31) == 0) sh[threadIdx.x >> 5] = v;
-    __syncthreads();
-    unsigned long long s = 0;
-    for (int i = 0; i < NW; i++) s += sh[i];
-    __syncthreads();
-    return s;
-}
-
-// Exclusive prefix over threads of a per-thread u64 (thread order = id-chunk order).
+// Exclusive prefix over the block's threads of a per-thread u64 (thread order = id-chunk order);
+// *total gets the block's sum. sh: NT / 32 + 1 words.
+template <int NT>
 __device__ __forceinline__ unsigned long long block_exclusive_u64(unsigned long long v, unsigned long long* sh, unsigned long long* total) {
+    constexpr int nw = NT / 32;
     int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     unsigned long long x = v;
     for (int o = 1; o < 32; o <<= 1) {
@@ -99,142 +91,259 @@ __device__ __forceinline__ unsigned long long block_exclusive_u64(unsigned long 
     __syncthreads();
     if (threadIdx.x == 0) {
         unsigned long long acc = 0;
-        for (int i = 0; i < NW; i++) { unsigned long long t = sh[i]; sh[i] = acc; acc += t; }
-        sh[NW] = acc;
+        for (int i = 0; i < nw; i++) { unsigned long long t = sh[i]; sh[i] = acc; acc += t; }
+        sh[nw] = acc;
     }
     __syncthreads();
     unsigned long long r = sh[w] + x - v;
-    *total = sh[NW];
+    *total = sh[nw];
     __syncthreads();
     return r;
 }
 
+// A row is sampled by a cluster of CL blocks (CL = 1: one block), block `rank` holding the
+// tokens [s0, s0 + n) of it, read from `l` (its slice staged in shared memory, or the logits).
+// Every cross-block quantity (the max, histograms, tie counts, the draw's mass) is a sum or a
+// max of per-block values that each block publishes in its own shared memory and every block
+// reads from all, in rank order (distributed shared memory), so all blocks take the same
+// decisions and the result is the one-block result: all sums are exact integers.
+struct Slice {
+    const float* l;
+    int s0, n;
+    unsigned rank;
+};
+
+// Copies of a block's radix histogram (warp w adds into copy w % HCOPIES).
+#define HCOPIES 16
+
+template <int NT>
+struct SampleShared {
+    // Per-block values published for the cluster, in two halves used in turn: a block may write
+    // the next exchange's while another still reads this one's (a cluster barrier lies between
+    // an exchange and the one after the next).
+    unsigned long long xch[2][256];
+    unsigned hlo[HCOPIES * 256], hhi[HCOPIES * 256];
+    unsigned long long warp[NT / 32 + 1];
+    float wbest[NT / 32];
+    int wbi[NT / 32];
+    unsigned sel;
+    unsigned long long rem;
+    int cut;
+};
+
+// All threads of the cluster meet; shared-memory writes before it are visible to every block
+// after it (for CL = 1, a block barrier).
+template <int CL>
+__device__ __forceinline__ void cluster_sync() {
+    if constexpr (CL > 1) {
+        asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+    } else {
+        __syncthreads();
+    }
+}
+
+// This block's rank in its cluster (0 for CL = 1, where no cluster instruction is emitted).
+template <int CL>
+__device__ __forceinline__ unsigned cluster_rank() {
+    unsigned r = 0;
+    if constexpr (CL > 1) asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+    return r;
+}
+
+// Block `rank`'s value of this block's shared word *p.
+template <int CL>
+__device__ __forceinline__ unsigned long long cluster_read(const unsigned long long* p, unsigned rank) {
+    if constexpr (CL > 1) {
+        unsigned a = (unsigned)__cvta_generic_to_shared(p), ra;
+        unsigned long long v;
+        asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(ra) : "r"(a), "r"(rank));
+        asm volatile("ld.shared::cluster.u64 %0, [%1];" : "=l"(v) : "r"(ra) : "memory");
+        return v;
+    } else {
+        return *p;
+    }
+}
+
+// Adds v (< 2^63) into a histogram bin held as a low and a high 32-bit word (the carry out of
+// the low word, seen in its old value, goes to the high one), which keeps the u64 sums exact.
+__device__ __forceinline__ void hist_add(unsigned* lo, unsigned* hi, unsigned b, unsigned long long v) {
+    unsigned vl = (unsigned)v, old = atomicAdd(&lo[b], vl);
+    unsigned up = (unsigned)(v >> 32) + (old + vl < old ? 1u : 0u);
+    if (up) atomicAdd(&hi[b], up);
+}
+
 // Radix selection over keys of the finite logits: the key K at which the descending cumulative
-// measure (count when weights == 0, else fixed-point mass) first reaches `need`; returns K and
-// leaves in *left how much of `need` the tokens with key == K must supply. `hist` receives each
-// pass's 256 totals; hlo and hhi (HCOPIES x 256 each, shared) are its per-warp-pair copies.
+// measure (count when !MASS, else fixed-point mass) first reaches `need`; returns K and leaves in
+// *left how much of `need` the tokens with key == K must supply. With frac >= 0 (top-p) `need`
+// is max(1, ceil(frac * the total measure)), known after the first pass.
 //
 // The leading bytes of the keys fall in a few bins, so threads adding into one histogram
-// serialise on them. Each pair of warps adds into its own copy, as 32-bit atomics on a low and a
-// high word (the carry out of the low word, seen in the old value, goes to the high one), which
-// keeps the u64 sums exact. Top-p over 152k logits on the H100: 0.77 ms per row with 64-bit
-// atomics into 8 copies, 0.34 ms so (the step with one histogram cost ~2 ms more).
-// TODO(perf): aggregate within a warp before the atomics (most lanes share the leading bin).
-template <bool MASS>
-__device__ unsigned radix_select(const float* __restrict__ l, int V, unsigned long long need, float m, float inv_t,
-                                 unsigned kkey, int kcut, unsigned long long* hist, unsigned* hlo, unsigned* hhi,
-                                 unsigned long long* left) {
+// serialise on them: each warp adds into its own copy (pairs of warps in a block of 1024
+// threads). Top-p over 152k logits on the H100: 0.77 ms per row with 64-bit atomics into 8
+// copies, 0.31 ms so in one block of 1024 threads. Adding a warp's tokens of one bin together
+// first (__match_any_sync, then __reduce_add_sync) took twice as long again.
+template <int CL, int NT, bool MASS>
+__device__ unsigned radix_select(const Slice& s, double frac, unsigned long long need, float m, float inv_t, unsigned kkey,
+                                 int kcut, SampleShared<NT>& sh, unsigned& ph, unsigned long long* left) {
+    const int lane = threadIdx.x & 31;
     unsigned prefix = 0, mask = 0;
-    __shared__ unsigned sel;
-    __shared__ unsigned long long rem;
-    if (threadIdx.x == 0) rem = need;
-    unsigned* lo = hlo + ((threadIdx.x >> 5) % HCOPIES) * 256;
-    unsigned* hi = hhi + ((threadIdx.x >> 5) % HCOPIES) * 256;
+    unsigned long long rem = need;
+    unsigned* lo = sh.hlo + ((threadIdx.x >> 5) % HCOPIES) * 256;
+    unsigned* hi = sh.hhi + ((threadIdx.x >> 5) % HCOPIES) * 256;
     for (int shift = 24; shift >= 0; shift -= 8) {
-        for (int b = threadIdx.x; b < HCOPIES * 256; b += ST) { hlo[b] = 0u; hhi[b] = 0u; }
+        for (int b = threadIdx.x; b < HCOPIES * 256; b += NT) { sh.hlo[b] = 0u; sh.hhi[b] = 0u; }
         __syncthreads();
-        for (int i = threadIdx.x; i < V; i += ST) {
-            float x = l[i];
+        for (int i = threadIdx.x; i < s.n; i += NT) {
+            float x = s.l[i];
             if (!isfinite(x)) continue;
             unsigned key = fkey(x);
             if ((key & mask) != prefix) continue;
             // Only tokens top-k kept count towards top-p.
-            if (MASS && !above(key, i, kkey, kcut)) continue;
-            unsigned long long w = MASS ? weight_of(x, m, inv_t) : 1ull;
-            int b = (key >> shift) & 255;
-            unsigned wl = (unsigned)w, old = atomicAdd(&lo[b], wl);
-            unsigned up = (unsigned)(w >> 32) + (old + wl < old ? 1u : 0u);
-            if (up) atomicAdd(&hi[b], up);
+            if (MASS && !above(key, s.s0 + i, kkey, kcut)) continue;
+            hist_add(lo, hi, (key >> shift) & 255u, MASS ? weight_of(x, m, inv_t) : 1ull);
         }
         __syncthreads();
-        for (int b = threadIdx.x; b < 256; b += ST) {
+        unsigned long long* mine = sh.xch[ph & 1];
+        ph++;
+        for (int b = threadIdx.x; b < 256; b += NT) {
             unsigned long long t = 0;
-            for (int c = 0; c < HCOPIES; c++) t += ((unsigned long long)hhi[c * 256 + b] << 32) + hlo[c * 256 + b];
-            hist[b] = t;
+            for (int c = 0; c < HCOPIES; c++) t += ((unsigned long long)sh.hhi[c * 256 + b] << 32) + sh.hlo[c * 256 + b];
+            mine[b] = t;
         }
-        __syncthreads();
-        if (threadIdx.x == 0) {
-            unsigned long long cum = 0;
-            int b = 255;
-            for (; b > 0; b--) {
-                if (cum + hist[b] >= rem) break;
-                cum += hist[b];
+        cluster_sync<CL>();
+        // Thread b < 256: bin b's total over the cluster and S = the sum over bins >= b.
+        unsigned long long tot = 0, S = 0;
+        if (threadIdx.x < 256) {
+            for (unsigned r = 0; r < CL; r++) tot += cluster_read<CL>(mine + threadIdx.x, r);
+            S = tot;
+            for (int o = 1; o < 32; o <<= 1) {
+                unsigned long long y = __shfl_down_sync(0xffffffffu, S, o);
+                if (lane + o < 32) S += y;
             }
-            rem -= cum;
-            sel = (unsigned)b;
+            if (lane == 0) sh.warp[threadIdx.x >> 5] = S;
         }
         __syncthreads();
-        prefix |= sel << shift;
+        if (shift == 24 && frac >= 0.0) {
+            unsigned long long z = 0;
+            for (int w = 0; w < 8; w++) z += sh.warp[w];
+            rem = (unsigned long long)ceil(frac * (double)z);
+            if (rem < 1) rem = 1;
+        }
+        if (threadIdx.x < 256) {
+            for (int w = (threadIdx.x >> 5) + 1; w < 8; w++) S += sh.warp[w];
+            // The highest bin b >= 1 whose suffix reaches rem, else bin 0; rem loses the bins above.
+            unsigned long long above_b = S - tot;
+            if ((threadIdx.x == 0 || S >= rem) && above_b < rem) {
+                sh.sel = threadIdx.x;
+                sh.rem = rem - above_b;
+            }
+        }
+        __syncthreads();
+        prefix |= sh.sel << shift;
         mask |= 255u << shift;
+        rem = sh.rem;
     }
     *left = rem;
     return prefix;
 }
 
-// The id of the token, among those with key == K in id order, at which the running measure
-// (count, or mass when MASS) first reaches `left` (> 0). Chunked by thread for the id order.
-template <bool MASS>
-__device__ int tie_cut(const float* __restrict__ l, int V, unsigned K, unsigned long long left, float m, float inv_t,
-                       unsigned kkey, int kcut, unsigned long long* sh) {
-    int chunk = (V + ST - 1) / ST, c0 = threadIdx.x * chunk, c1 = min(V, c0 + chunk);
+// The tie cut at key K: the id, among the tokens with key == K in id order, at which the running
+// measure (count, or mass when MASS) first reaches `left` (> 0); tokens top-k dropped (ties at its
+// threshold past its cut) do not count. Returned as this block sees it: the cut itself in the
+// block that holds it, V - 1 (every tie kept) in blocks before it, -1 (none) in blocks after.
+// Chunked by thread for the id order.
+template <int CL, int NT, bool MASS>
+__device__ int tie_cut(const Slice& s, int V, unsigned K, unsigned long long left, float m, float inv_t, unsigned kkey, int kcut,
+                       SampleShared<NT>& sh, unsigned& ph) {
+    // Odd chunks keep a warp's strided reads of a staged slice off shared-memory bank conflicts.
+    int chunk = ((s.n + NT - 1) / NT) | 1, c0 = min(s.n, (int)threadIdx.x * chunk), c1 = min(s.n, c0 + chunk);
+    auto counted = [&](int i, float x) { return isfinite(x) && fkey(x) == K && !(K == kkey && s.s0 + i > kcut); };
     unsigned long long mine = 0;
-    // Tokens top-k dropped (ties at its threshold past its cut) do not count.
     for (int i = c0; i < c1; i++) {
-        float x = l[i];
-        if (isfinite(x) && fkey(x) == K && !(K == kkey && i > kcut))
-            mine += MASS ? weight_of(x, m, inv_t) : 1ull;
+        float x = s.l[i];
+        if (counted(i, x)) mine += MASS ? weight_of(x, m, inv_t) : 1ull;
     }
-    unsigned long long total;
-    unsigned long long base = block_exclusive_u64(mine, sh, &total);
-    __shared__ int cut;
-    if (threadIdx.x == 0) cut = V - 1;
+    unsigned long long block_total;
+    unsigned long long base = block_exclusive_u64<NT>(mine, sh.warp, &block_total);
+    unsigned long long* pub = sh.xch[ph & 1];
+    ph++;
+    if (threadIdx.x == 0) pub[0] = block_total;
+    cluster_sync<CL>();
+    // The cut lies in the first block whose running total reaches `left`.
+    unsigned long long before = 0;
+    unsigned holder = CL;
+    for (unsigned r = 0; r < CL; r++) {
+        unsigned long long t = cluster_read<CL>(pub, r);
+        if (holder == CL) {
+            if (before + t >= left) holder = r;
+            else before += t;
+        }
+    }
+    if (s.rank < holder) return V - 1;
+    if (s.rank > holder) return -1;
+    if (threadIdx.x == 0) sh.cut = V - 1;
     __syncthreads();
-    if (base < left && base + mine >= left) {
-        unsigned long long acc = base;
+    unsigned long long b0 = before + base;
+    if (b0 < left && b0 + mine >= left) {
+        unsigned long long acc = b0;
         for (int i = c0; i < c1; i++) {
-            float x = l[i];
-            if (isfinite(x) && fkey(x) == K && !(K == kkey && i > kcut)) {
+            float x = s.l[i];
+            if (counted(i, x)) {
                 acc += MASS ? weight_of(x, m, inv_t) : 1ull;
-                if (acc >= left) { cut = i; break; }
+                if (acc >= left) { sh.cut = s.s0 + i; break; }
             }
         }
     }
     __syncthreads();
-    return cut;
+    return sh.cut;
 }
 
-extern "C" __global__ void __launch_bounds__(ST) sample_rows(const float* __restrict__ logits, int V,
-                                                             const RowSampling* __restrict__ params, int* __restrict__ out) { PDL_ENTER();
-    __shared__ unsigned long long shu[NW + 1];
-    __shared__ unsigned long long hist[256];
-    __shared__ unsigned hlo[HCOPIES * 256], hhi[HCOPIES * 256];
-    const float* l = logits + (size_t)blockIdx.x * V;
-    RowSampling p = params[blockIdx.x];
-    // Greedy and the max: argmax with ties to the lowest id.
+// One row's sample by a cluster of CL blocks of NT threads; `stage` (shared, the block's slice)
+// when `staged`. Every block reaches the same cluster barriers and ends on one, so no block
+// leaves while another may still read its shared memory.
+template <int CL, int NT>
+__device__ void sample_row(const float* __restrict__ logits, int V, const RowSampling* __restrict__ params, int* __restrict__ out,
+                           int row, float* stage, bool staged, SampleShared<NT>& sh) {
+    const int lane = threadIdx.x & 31;
+    unsigned ph = 0;
+    unsigned rank = cluster_rank<CL>();
+    int per = (V + CL - 1) / CL, s0 = min(V, (int)rank * per), n = min(V, s0 + per) - s0;
+    const float* g = logits + (size_t)row * V + s0;
+    Slice s = {staged ? stage : g, s0, n, rank};
+    RowSampling p = params[row];
+    // Greedy and the max: argmax with ties to the lowest id (staging the slice on the way).
     float best = __int_as_float(0xff800000u);
     int bi = 0x7fffffff;
-    for (int i = threadIdx.x; i < V; i += ST) {
-        float x = l[i];
-        if (x > best) { best = x; bi = i; }
+    for (int i = threadIdx.x; i < n; i += NT) {
+        float x = g[i];
+        if (staged) stage[i] = x;
+        if (x > best) { best = x; bi = s0 + i; }
     }
     warp_best(best, bi);
-    __shared__ float wbest[NW];
-    __shared__ int wbi[NW];
-    __shared__ int argmax_id;
-    __shared__ float mx;
-    if ((threadIdx.x & 31) == 0) { wbest[threadIdx.x >> 5] = best; wbi[threadIdx.x >> 5] = bi; }
+    if (lane == 0) { sh.wbest[threadIdx.x >> 5] = best; sh.wbi[threadIdx.x >> 5] = bi; }
     __syncthreads();
+    unsigned long long* pub = sh.xch[ph & 1];
+    ph++;
     if (threadIdx.x == 0) {
-        float b = wbest[0];
-        int id = wbi[0];
-        for (int k = 1; k < NW; k++)
-            if (wbest[k] > b || (wbest[k] == b && wbi[k] < id)) { b = wbest[k]; id = wbi[k]; }
-        argmax_id = id == 0x7fffffff ? 0 : id;
-        mx = b;
+        float b = sh.wbest[0];
+        int id = sh.wbi[0];
+        for (int k = 1; k < NT / 32; k++)
+            if (sh.wbest[k] > b || (sh.wbest[k] == b && sh.wbi[k] < id)) { b = sh.wbest[k]; id = sh.wbi[k]; }
+        pub[0] = ((unsigned long long)__float_as_uint(b) << 32) | (unsigned)id;
     }
-    __syncthreads();
+    cluster_sync<CL>();
+    float mx = __int_as_float(0xff800000u);
+    int am = 0x7fffffff;
+    for (unsigned r = 0; r < CL; r++) {
+        unsigned long long v = cluster_read<CL>(pub, r);
+        float b = __uint_as_float((unsigned)(v >> 32));
+        int id = (int)(unsigned)v;
+        if (b > mx || (b == mx && id < am)) { mx = b; am = id; }
+    }
+    int argmax_id = am == 0x7fffffff ? 0 : am;
     if (p.temperature <= 0.f || !isfinite(mx)) {
-        if (threadIdx.x == 0) out[blockIdx.x] = argmax_id;
+        if (rank == 0 && threadIdx.x == 0) out[row] = argmax_id;
+        cluster_sync<CL>();
         return;
     }
     float m = mx, inv_t = 1.f / fmaxf(p.temperature, 1e-6f);
@@ -243,91 +352,120 @@ extern "C" __global__ void __launch_bounds__(ST) sample_rows(const float* __rest
     int kcut = V - 1;
     if (p.top_k > 0 && p.top_k < V) {
         unsigned long long left;
-        kkey = radix_select<false>(l, V, (unsigned long long)p.top_k, m, inv_t, 0, V - 1, hist, hlo, hhi, &left);
-        kcut = tie_cut<false>(l, V, kkey, left, m, inv_t, 0, V - 1, shu);
+        kkey = radix_select<CL, NT, false>(s, -1.0, (unsigned long long)p.top_k, m, inv_t, 0, V - 1, sh, ph, &left);
+        kcut = tie_cut<CL, NT, false>(s, V, kkey, left, m, inv_t, 0, V - 1, sh, ph);
     }
-    // Fixed-point weights of the top-k set and their total.
-    unsigned long long z = 0;
-    for (int i = threadIdx.x; i < V; i += ST) {
-        float x = l[i];
-        if (!isfinite(x)) continue;
-        unsigned key = fkey(x);
-        if (above(key, i, kkey, kcut)) z += weight_of(x, m, inv_t);
-    }
-    z = block_sum_u64(z, shu);
-    // top-p: the smallest descending prefix whose mass reaches top_p * z.
+    // top-p: the smallest descending prefix whose mass reaches top_p times the mass top-k kept.
     unsigned pkey = 0;
     int pcut = V - 1;
     if (p.top_p < 1.f) {
-        unsigned long long need = (unsigned long long)ceil((double)p.top_p * (double)z);
-        if (need < 1) need = 1;
         unsigned long long left;
-        pkey = radix_select<true>(l, V, need, m, inv_t, kkey, kcut, hist, hlo, hhi, &left);
-        pcut = tie_cut<true>(l, V, pkey, left, m, inv_t, kkey, kcut, shu);
+        pkey = radix_select<CL, NT, true>(s, (double)p.top_p, 0, m, inv_t, kkey, kcut, sh, ph, &left);
+        pcut = tie_cut<CL, NT, true>(s, V, pkey, left, m, inv_t, kkey, kcut, sh, ph);
     }
     // min-p: weight at least min_p times the largest (whose weight is 2^32).
     unsigned long long wmin = p.min_p > 0.f ? (unsigned long long)ceil((double)p.min_p * 4294967296.0) : 0ull;
     // The draw: inverse CDF over the kept tokens in id order.
-    int chunk = (V + ST - 1) / ST, c0 = threadIdx.x * chunk, c1 = min(V, c0 + chunk);
-    // The weight token i is drawn with: kept by top-k, top-p and min-p, else 0.
+    int chunk = ((n + NT - 1) / NT) | 1, c0 = min(n, (int)threadIdx.x * chunk), c1 = min(n, c0 + chunk);
+    // The weight token s0 + i is drawn with: kept by top-k, top-p and min-p, else 0.
     auto drawn = [&](int i) -> unsigned long long {
-        float x = l[i];
+        float x = s.l[i];
         if (!isfinite(x)) return 0ull;
         unsigned key = fkey(x);
-        if (!above(key, i, kkey, kcut) || !above(key, i, pkey, pcut)) return 0ull;
+        if (!above(key, s0 + i, kkey, kcut) || !above(key, s0 + i, pkey, pcut)) return 0ull;
         unsigned long long w = weight_of(x, m, inv_t);
         return w >= wmin ? w : 0ull;
     };
     unsigned long long mine = 0;
     for (int i = c0; i < c1; i++) mine += drawn(i);
-    unsigned long long total;
-    unsigned long long base = block_exclusive_u64(mine, shu, &total);
+    unsigned long long block_total;
+    unsigned long long base = block_exclusive_u64<NT>(mine, sh.warp, &block_total);
+    pub = sh.xch[ph & 1];
+    ph++;
+    if (threadIdx.x == 0) pub[0] = block_total;
+    cluster_sync<CL>();
+    unsigned long long before = 0, total = 0;
+    for (unsigned r = 0; r < CL; r++) {
+        unsigned long long t = cluster_read<CL>(pub, r);
+        if (r < rank) before += t;
+        total += t;
+    }
     unsigned long long target = (unsigned long long)(p.u * (double)total);
     if (target >= total) target = total - 1;
-    __shared__ int pick;
-    if (threadIdx.x == 0) pick = argmax_id;
-    __syncthreads();
-    if (base <= target && target < base + mine) {
-        unsigned long long acc = base;
+    // Nothing kept (cannot happen: the largest logit weighs 2^32): the argmax.
+    if (total == 0) {
+        if (rank == 0 && threadIdx.x == 0) out[row] = argmax_id;
+    } else if (before + base <= target && target < before + base + mine) {
+        unsigned long long acc = before + base;
         for (int i = c0; i < c1; i++) {
             unsigned long long w = drawn(i);
             if (w == 0) continue;
             acc += w;
-            if (acc > target) { pick = i; break; }
+            if (acc > target) { out[row] = s0 + i; break; }
         }
     }
-    __syncthreads();
-    if (threadIdx.x == 0) out[blockIdx.x] = pick;
+    cluster_sync<CL>();
 }
+
+// One block of 1024 threads per row (any GPU).
+extern "C" __global__ void __launch_bounds__(ST) sample_rows(const float* __restrict__ logits, int V,
+                                                             const RowSampling* __restrict__ params, int* __restrict__ out) { PDL_ENTER();
+    __shared__ SampleShared<ST> sh;
+    sample_row<1, ST>(logits, V, params, out, blockIdx.x, nullptr, false, sh);
+}
+
+#if __CUDA_ARCH__ >= 900
+// A cluster of SAMPLE_CLUSTER blocks per row (Hopper on): grid (SAMPLE_CLUSTER, rows); each block
+// stages its slice of the row in dynamic shared memory when `staged` (the host gives it room for
+// ceil(V / SAMPLE_CLUSTER) floats), else reads it from the logits at every pass.
+#define SAMPLE_CLUSTER 8
+#define SAMPLE_CLUSTER_THREADS 512
+extern "C" __global__ void __cluster_dims__(SAMPLE_CLUSTER, 1, 1) __launch_bounds__(SAMPLE_CLUSTER_THREADS)
+    sample_rows_cluster(const float* __restrict__ logits, int V, const RowSampling* __restrict__ params, int* __restrict__ out, int staged) {
+    PDL_ENTER();
+    extern __shared__ float stage[];
+    __shared__ SampleShared<SAMPLE_CLUSTER_THREADS> sh;
+    sample_row<SAMPLE_CLUSTER, SAMPLE_CLUSTER_THREADS>(logits, V, params, out, blockIdx.y, stage, staged != 0, sh);
+}
+#endif
 
 // Log-probabilities under the raw logits of each row (the engine's host `logprobs`):
 // lse = max + ln(sum exp(l - max)) (the max over non-NaN logits, as f32::max folds; the sum in
 // f64); lp[r] = l[chosen[r]] - lse; and, when tops[r] > 0, the tops[r] (<= MAXTOP) largest
 // finite logits, descending, ties to the lowest id, as ids and logprobs, with their count.
-// tops[r] < 0: the row wants nothing. One block per row. The top list: every thread keeps its
-// own best (it scans ids in ascending order, so an equal value never displaces an earlier id),
-// then each warp merges its lanes' lists and warp 0 merges the warps' (no histogram atomics,
+// tops[r] < 0: the row wants nothing. One block, or a cluster of blocks each holding a slice of
+// the vocabulary, per row. The top list: every thread keeps its own best (it scans ids in
+// ascending order, so an equal value never displaces an earlier id), then each warp merges its
+// lanes' lists, warp 0 the warps', and rank 0's warp 0 the blocks' (no histogram atomics,
 // unlike the radix selection the sampler's top-k uses).
 #define MAXTOP 20
 
-extern "C" __global__ void __launch_bounds__(ST) row_logprobs(const float* __restrict__ logits, int V, const int* __restrict__ chosen,
-                                                              const int* __restrict__ tops, float* __restrict__ lp,
-                                                              int* __restrict__ top_ids, float* __restrict__ top_lp, int* __restrict__ top_count) { PDL_ENTER();
-    __shared__ float wmax[NW];
-    __shared__ double wsum[NW];
-    __shared__ float cv[NW][MAXTOP];
-    __shared__ int ci[NW][MAXTOP];
+// A logit and its id as one word for the cluster: the value's bits above the id.
+__device__ __forceinline__ unsigned long long pack_top(float v, int id) { return ((unsigned long long)__float_as_uint(v) << 32) | (unsigned)id; }
+
+template <int CL, int NT>
+__device__ void logprobs_row(const float* __restrict__ logits, int V, const int* __restrict__ chosen, const int* __restrict__ tops,
+                             float* __restrict__ lp, int* __restrict__ top_ids, float* __restrict__ top_lp, int* __restrict__ top_count, int r) {
+    constexpr int nw = NT / 32;
+    __shared__ float wmax[nw];
+    __shared__ double wsum[nw];
+    __shared__ float cv[nw][MAXTOP];
+    __shared__ int ci[nw][MAXTOP];
+    // What the block publishes for the cluster: its max, its sum, its top list.
+    __shared__ unsigned long long pub[2 + MAXTOP];
     const float NEG_INF = __int_as_float(0xff800000u);
     const int NONE = 0x7fffffff;
-    int r = blockIdx.x, want = tops[r], lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    int want = tops[r], lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     if (want < 0) return;
+    unsigned rank = cluster_rank<CL>();
+    int per = (V + CL - 1) / CL, s0 = min(V, (int)rank * per), s1 = min(V, s0 + per);
     const float* l = logits + (size_t)r * V;
     int n = min(want, MAXTOP);
-    // One pass: the max, and this thread's n best finite logits.
+    // One pass over the slice: the max, and this thread's n best finite logits.
     float m = NEG_INF;
     float tv[MAXTOP];
     int ti[MAXTOP], cnt = 0;
-    for (int i = threadIdx.x; i < V; i += ST) {
+    for (int i = s0 + threadIdx.x; i < s1; i += NT) {
         float x = l[i];
         m = fmaxf(m, x);  // fmaxf skips NaN
         if (n == 0 || !isfinite(x) || (cnt == n && !(x > tv[n - 1]))) continue;
@@ -338,13 +476,6 @@ extern "C" __global__ void __launch_bounds__(ST) row_logprobs(const float* __res
     }
     for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
     if (lane == 0) wmax[w] = m;
-    __syncthreads();
-    m = wmax[0];
-    for (int k = 1; k < NW; k++) m = fmaxf(m, wmax[k]);
-    double s = 0.0;
-    for (int i = threadIdx.x; i < V; i += ST) s += (double)expf(l[i] - m);
-    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-    if (lane == 0) wsum[w] = s;
     // Each warp's n best: n rounds over the lanes' list heads.
     int h = 0;
     for (int k = 0; k < n; k++) {
@@ -355,25 +486,78 @@ extern "C" __global__ void __launch_bounds__(ST) row_logprobs(const float* __res
         if (lane == 0) { cv[w][k] = v; ci[w][k] = id; }
     }
     __syncthreads();
-    double total = 0.0;
-    for (int k = 0; k < NW; k++) total += wsum[k];
-    double lse = (double)m + log(total);
-    if (threadIdx.x == 0) lp[r] = (float)((double)l[chosen[r]] - lse);
-    if (w != 0) return;
-    // Warp 0 merges the warps' lists (lane L reads warp L's, already sorted).
-    h = 0;
-    int c = 0;
-    for (int k = 0; k < n; k++) {
-        float v = h < n && lane < NW ? cv[lane][h] : NEG_INF;
-        int id = h < n && lane < NW ? ci[lane][h] : NONE;
-        warp_best(v, id);
-        if (lane < NW && h < n && ci[lane][h] == id) h++;
-        if (id == NONE) break;
-        if (lane == 0) {
-            top_ids[r * MAXTOP + k] = id;
-            top_lp[r * MAXTOP + k] = (float)((double)v - lse);
+    if (w == 0) {
+        // Warp 0 merges the warps' lists (lane L reads warp L's, already sorted).
+        h = 0;
+        for (int k = 0; k < n; k++) {
+            float v = h < n && lane < nw ? cv[lane][h] : NEG_INF;
+            int id = h < n && lane < nw ? ci[lane][h] : NONE;
+            warp_best(v, id);
+            if (lane < nw && h < n && ci[lane][h] == id) h++;
+            if (lane == 0) pub[2 + k] = pack_top(v, id);
         }
-        c++;
+        if (lane == 0) {
+            float bm = wmax[0];
+            for (int k = 1; k < nw; k++) bm = fmaxf(bm, wmax[k]);
+            pub[0] = __float_as_uint(bm);
+        }
     }
-    if (lane == 0) top_count[r] = c;
+    cluster_sync<CL>();
+    m = NEG_INF;
+    for (unsigned q = 0; q < CL; q++) m = fmaxf(m, __uint_as_float((unsigned)cluster_read<CL>(pub, q)));
+    double s = 0.0;
+    for (int i = s0 + threadIdx.x; i < s1; i += NT) s += (double)expf(l[i] - m);
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if (lane == 0) wsum[w] = s;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double bs = 0.0;
+        for (int k = 0; k < nw; k++) bs += wsum[k];
+        pub[1] = __double_as_longlong(bs);
+    }
+    cluster_sync<CL>();
+    if (rank == 0) {
+        double total = 0.0;
+        for (unsigned q = 0; q < CL; q++) total += __longlong_as_double(cluster_read<CL>(pub + 1, q));
+        double lse = (double)m + log(total);
+        if (threadIdx.x == 0) lp[r] = (float)((double)l[chosen[r]] - lse);
+        if (w == 0) {
+            // Warp 0 merges the blocks' lists (lane L reads block L's).
+            h = 0;
+            int c = 0;
+            for (int k = 0; k < n; k++) {
+                unsigned long long e = h < n && lane < CL ? cluster_read<CL>(pub + 2 + h, lane) : pack_top(NEG_INF, NONE);
+                float v = __uint_as_float((unsigned)(e >> 32));
+                int id = (int)(unsigned)e;
+                warp_best(v, id);
+                if (lane < CL && h < n && (int)(unsigned)e == id) h++;
+                if (id == NONE) break;
+                if (lane == 0) {
+                    top_ids[r * MAXTOP + k] = id;
+                    top_lp[r * MAXTOP + k] = (float)((double)v - lse);
+                }
+                c++;
+            }
+            if (lane == 0) top_count[r] = c;
+        }
+    }
+    // No block leaves while rank 0 may still read its lists.
+    cluster_sync<CL>();
 }
+
+extern "C" __global__ void __launch_bounds__(ST) row_logprobs(const float* __restrict__ logits, int V, const int* __restrict__ chosen,
+                                                              const int* __restrict__ tops, float* __restrict__ lp,
+                                                              int* __restrict__ top_ids, float* __restrict__ top_lp, int* __restrict__ top_count) {
+    PDL_ENTER();
+    logprobs_row<1, ST>(logits, V, chosen, tops, lp, top_ids, top_lp, top_count, blockIdx.x);
+}
+
+#if __CUDA_ARCH__ >= 900
+// A cluster of SAMPLE_CLUSTER blocks per row: grid (SAMPLE_CLUSTER, rows).
+extern "C" __global__ void __cluster_dims__(SAMPLE_CLUSTER, 1, 1) __launch_bounds__(SAMPLE_CLUSTER_THREADS)
+    row_logprobs_cluster(const float* __restrict__ logits, int V, const int* __restrict__ chosen, const int* __restrict__ tops, float* __restrict__ lp,
+                         int* __restrict__ top_ids, float* __restrict__ top_lp, int* __restrict__ top_count) {
+    PDL_ENTER();
+    logprobs_row<SAMPLE_CLUSTER, SAMPLE_CLUSTER_THREADS>(logits, V, chosen, tops, lp, top_ids, top_lp, top_count, blockIdx.y);
+}
+#endif

@@ -47,6 +47,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$LOG
 echo "commit: $(cat .bin/commit 2>/dev/null || echo "unknown (no .bin/commit; run --build)")" | tee -a "$LOG/device.txt"
 status=0
 .bin/cuda-kernels --nocapture --test-threads 1 2>&1 | tee "$LOG/kernels.log" || status=1
+# The one-block sampler and logprobs (what GPUs before Hopper run) against the host as well.
+PEREGRINE_SAMPLE_CLUSTER=0 .bin/cuda-kernels --nocapture --test-threads 1 sampl logprob logit 2>&1 | tee "$LOG/kernels-one-block-sampler.log" || status=1
 .bin/cuda-model --nocapture --test-threads 1 2>&1 | tee "$LOG/model.log" || status=1
 .bin/cuda-ops --nocapture --test-threads 1 2>&1 | tee "$LOG/ops.log" || status=1
 .bin/cuda-lib --nocapture --test-threads 1 2>&1 | tee "$LOG/lib.log" || status=1

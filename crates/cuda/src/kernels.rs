@@ -23,6 +23,14 @@ struct DeviceLogitAdjust(LogitAdjust);
 // SAFETY: LogitAdjust is #[repr(C)] plain data (u32, f32, f32, f32), as the kernel's struct.
 unsafe impl cudarc::driver::DeviceRepr for DeviceLogitAdjust {}
 
+/// Blocks per row of the cluster sampler (SAMPLE_CLUSTER in kernels/sample.cu).
+const SAMPLE_CLUSTER: usize = 8;
+
+/// The most shared memory a block of the cluster sampler stages its slice of a row in (a
+/// vocabulary of up to 8 x 40k tokens, and what the H100 has room for beside the kernel's own
+/// 37 KB); larger vocabularies read the logits at every pass.
+const SAMPLE_STAGE_MAX: usize = 160 * 1024;
+
 /// The parameters of a padding row: greedy, no adjustments.
 const GREEDY_ROW: RowSampling = RowSampling { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, u: 0.0, adj_start: 0, adj_len: 0 };
 
@@ -209,9 +217,16 @@ pub struct Kernels {
     occupancy: std::sync::Mutex<std::collections::HashMap<(usize, usize), usize>>,
     /// MoE kernels chosen by measurement (`tune_moe`).
     pub(crate) moe_choices: std::sync::Mutex<crate::moe_tune::MoeChoices>,
+    /// The one-block sampler (every GPU) and the cluster sampler (Hopper on; None elsewhere or
+    /// with PEREGRINE_SAMPLE_CLUSTER=0): both draw the same tokens.
     sample: CudaFunction,
+    sample_cluster: Option<CudaFunction>,
+    /// Bytes of dynamic shared memory a block of the cluster sampler may stage its slice in.
+    sample_stage_max: usize,
     adjust: CudaFunction,
+    /// Logprobs likewise: one block per row, or (with the cluster sampler) a cluster.
     logprobs: CudaFunction,
+    logprobs_cluster: Option<CudaFunction>,
     /// The PTX came from the on-disk cache.
     pub cached: bool,
     /// kernels/moe.cu's module (for `moe_trace`).
@@ -576,8 +591,21 @@ impl Kernels {
         let (sptx, _) = compile::ptx("sample", compile::SAMPLE_CU, nvrtc_arch(gpu.capability))?;
         let sm = gpu.ctx.load_module(sptx).map_err(drv("loading sample.cu"))?;
         let sample = sm.load_function("sample_rows").map_err(drv("kernel sample_rows"))?;
+        // Hopper on. The room a block has for its staged slice: what a block may opt in to,
+        // less the kernel's own shared memory (none: the slices stay in global memory).
+        let sample_cluster = (gpu.capability.0 >= 9 && std::env::var("PEREGRINE_SAMPLE_CLUSTER").map_or(true, |v| v != "0"))
+            .then(|| sm.load_function("sample_rows_cluster").ok())
+            .flatten();
+        let sample_stage_max = sample_cluster.as_ref().map_or(0, |f| {
+            use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+            let optin = gpu.ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN).unwrap_or(0);
+            let own = f.get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES).unwrap_or(i32::MAX);
+            let room = (optin - own).clamp(0, SAMPLE_STAGE_MAX as i32);
+            if f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, room).is_ok() { room as usize } else { 0 }
+        });
         let adjust = sm.load_function("adjust_logits").map_err(drv("kernel adjust_logits"))?;
         let logprobs = sm.load_function("row_logprobs").map_err(drv("kernel row_logprobs"))?;
+        let logprobs_cluster = sample_cluster.as_ref().and_then(|_| sm.load_function("row_logprobs_cluster").ok());
         let (mptx, _) = compile::ptx("moe", compile::MOE_CU, nvrtc_arch(gpu.capability))?;
         let mm = gpu.ctx.load_module(mptx).map_err(drv("loading moe.cu"))?;
         let fm = |n: &str| -> Result<CudaFunction> {
@@ -644,8 +672,11 @@ impl Kernels {
             occupancy: Default::default(),
             sms: gpu.ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(drv("SM count"))? as usize,
             sample,
+            sample_cluster,
+            sample_stage_max,
             adjust,
             logprobs,
+            logprobs_cluster,
             cached,
             moe_module: mm.clone(),
         })
@@ -745,15 +776,46 @@ impl Kernels {
     /// Samples each of the first `params.len()` rows of `logits` [rows, V] on the GPU (see
     /// kernels/sample.cu): the token ids.
     pub fn sample_rows(&self, logits: &CudaSlice<f32>, v: usize, params: &[RowSampling]) -> Result<CudaSlice<i32>> {
+        self.sample_rows_on(logits, v, params, self.sample_cluster.is_some())
+    }
+
+    /// Whether `sample_rows` runs the cluster sampler.
+    pub fn samples_by_cluster(&self) -> bool {
+        self.sample_cluster.is_some()
+    }
+
+    /// `sample_rows` on the cluster sampler (`cluster`, which must be loaded) or the one-block
+    /// one: tests compare the two.
+    pub fn sample_rows_on(&self, logits: &CudaSlice<f32>, v: usize, params: &[RowSampling], cluster: bool) -> Result<CudaSlice<i32>> {
         let rows = params.len();
         check(logits.len() >= rows * v && rows > 0, || format!("sample_rows: logits hold fewer than {rows} rows of {v}"))?;
+        check(!cluster || self.sample_cluster.is_some(), || "the cluster sampler is not loaded on this GPU".into())?;
         let p = self.stream.clone_htod(&params.iter().map(|&r| DeviceRowSampling(r)).collect::<Vec<_>>()).map_err(drv("upload"))?;
         let mut out = self.stream.alloc_zeros::<i32>(rows).map_err(drv("alloc"))?;
-        let vi = v as i32;
-        let mut b = crate::launch::builder(&self.stream, &self.sample);
-        b.arg(logits).arg(&vi).arg(&p).arg(&mut out);
-        unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv("sample_rows"))?;
+        self.launch_sample(logits, v, rows, &p, &mut out, cluster)?;
         Ok(out)
+    }
+
+    /// The sampler's launch over `rows` rows of `logits` with their parameters in `params`:
+    /// the cluster one (SAMPLE_CLUSTER blocks per row, each staging its slice of the row in
+    /// shared memory when it fits `sample_stage_max`) or one block of 1024 threads per row.
+    fn launch_sample(&self, logits: &CudaSlice<f32>, v: usize, rows: usize, params: &CudaSlice<DeviceRowSampling>, out: &mut CudaSlice<i32>, cluster: bool) -> Result<()> {
+        let vi = v as i32;
+        match (&self.sample_cluster, cluster) {
+            (Some(f), true) => {
+                let slice = v.div_ceil(SAMPLE_CLUSTER) * 4;
+                let staged = slice <= self.sample_stage_max;
+                let mut b = crate::launch::builder(&self.stream, f);
+                b.arg(logits).arg(&vi).arg(params).arg(out).arg(&(staged as i32));
+                let cfg = LaunchConfig { grid_dim: (SAMPLE_CLUSTER as u32, rows as u32, 1), block_dim: (512, 1, 1), shared_mem_bytes: if staged { slice as u32 } else { 0 } };
+                unsafe { b.launch(cfg) }.map(|_| ()).map_err(drv("sample_rows_cluster"))
+            }
+            _ => {
+                let mut b = crate::launch::builder(&self.stream, &self.sample);
+                b.arg(logits).arg(&vi).arg(params).arg(out);
+                unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 }) }.map(|_| ()).map_err(drv("sample_rows"))
+            }
+        }
     }
 
     /// Applies each row's logit adjustments (bias, penalties) to `logits` in place, then samples
@@ -789,9 +851,13 @@ impl Kernels {
         let mut lps = st.alloc_zeros::<f32>(rows * MAXTOP).map_err(drv("alloc"))?;
         let mut count = st.alloc_zeros::<i32>(rows).map_err(drv("alloc"))?;
         let vi = v as i32;
-        let mut b = crate::launch::builder(st, &self.logprobs);
+        let (f, cfg) = match &self.logprobs_cluster {
+            Some(f) => (f, LaunchConfig { grid_dim: (SAMPLE_CLUSTER as u32, rows as u32, 1), block_dim: (512, 1, 1), shared_mem_bytes: 0 }),
+            None => (&self.logprobs, LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 }),
+        };
+        let mut b = crate::launch::builder(st, f);
         b.arg(logits).arg(&vi).arg(chosen).arg(&td).arg(&mut lp).arg(&mut ids).arg(&mut lps).arg(&mut count);
-        unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv("row_logprobs"))?;
+        unsafe { b.launch(cfg) }.map_err(drv("row_logprobs"))?;
         let (lp, ids, lps, count) = (st.clone_dtoh(&lp).map_err(drv("download"))?, st.clone_dtoh(&ids).map_err(drv("download"))?, st.clone_dtoh(&lps).map_err(drv("download"))?, st.clone_dtoh(&count).map_err(drv("download"))?);
         Ok((0..rows)
             .map(|r| {
@@ -825,13 +891,10 @@ impl Kernels {
     pub(crate) fn sample_from_buffers(&self, logits: &mut CudaSlice<f32>, v: usize, rows: usize, bufs: &SamplingBuffers, out: &mut CudaSlice<i32>) -> Result<()> {
         check(rows > 0 && rows <= bufs.rows && logits.len() >= rows * v && out.len() >= rows, || format!("sample_from_buffers: {rows} rows"))?;
         let vi = v as i32;
-        let cfg = |threads| LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
         let mut b = crate::launch::builder(&self.stream, &self.adjust);
         b.arg(&mut *logits).arg(&vi).arg(&bufs.params).arg(&bufs.adjust);
-        unsafe { b.launch(cfg(256)) }.map_err(drv("adjust_logits"))?;
-        let mut b = crate::launch::builder(&self.stream, &self.sample);
-        b.arg(&*logits).arg(&vi).arg(&bufs.params).arg(out);
-        unsafe { b.launch(cfg(1024)) }.map(|_| ()).map_err(drv("sample_rows"))
+        unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv("adjust_logits"))?;
+        self.launch_sample(logits, v, rows, &bufs.params, out, self.sample_cluster.is_some())
     }
 
     /// x [n] -> BF16 hi and lo parts.

@@ -93,7 +93,7 @@ fn nvrtc_compiles_the_kernels() {
     )
     .expect("sample.cu compiles for sm_90a")
     .to_src();
-    for k in ["sample_rows", "adjust_logits", "row_logprobs"] {
+    for k in ["sample_rows", "sample_rows_cluster", "adjust_logits", "row_logprobs"] {
         assert!(sample.contains(&format!(".entry {k}")), "kernel {k} missing from the PTX");
     }
     let moe = cudarc::nvrtc::compile_ptx_with_opts(
@@ -521,6 +521,74 @@ fn sampling_on_the_gpu_matches_the_host_distribution() {
     }
 }
 
+/// The cluster sampler (8 blocks per row, each a slice of the vocabulary, on Hopper) draws
+/// exactly the tokens the one-block sampler draws: vocabularies smaller than the cluster, odd,
+/// MiMo-sized (slices staged in shared memory) and past the staging limit (slices read from
+/// global memory; 400k tokens need 200 KB per block); flat and peaked logits with ties at the top and at top-k/top-p thresholds,
+/// NaN and infinities; every parameter set over 96 uniforms each.
+#[test]
+fn the_cluster_sampler_draws_what_the_one_block_sampler_draws() {
+    use peregrine_core::backend::RowSampling;
+    let Some((g, kern)) = gpu() else { return };
+    let off = std::env::var("PEREGRINE_SAMPLE_CLUSTER").is_ok_and(|v| v == "0");
+    if off || g.capability.0 < 9 {
+        assert!(!kern.samples_by_cluster(), "the cluster sampler loaded where it is off or unsupported");
+        eprintln!("no cluster sampler on this GPU (PEREGRINE_SAMPLE_CLUSTER=0 or before Hopper): nothing to compare");
+        return;
+    }
+    assert!(kern.samples_by_cluster(), "Hopper or later: the cluster sampler must load");
+    let mut r = rng();
+    let cases: [(f32, i32, f32, f32); 10] = [
+        (0.0, 0, 1.0, 0.0),
+        (1.0, 0, 1.0, 0.0),
+        (0.7, 50, 1.0, 0.0),
+        (1.0, 0, 0.9, 0.0),
+        (1.3, 0, 1.0, 0.05),
+        (0.5, 20, 0.8, 0.02),
+        (1.0, 5, 1.0, 0.0),
+        (2.0, 12, 0.5, 0.0),
+        (0.8, 0, 0.95, 0.0),
+        (1.0, 1000, 0.99, 0.001),
+    ];
+    for v in [5usize, 1001, 152_576, 400_003] {
+        let rows = 96usize;
+        let mut logits = Vec::with_capacity(rows * v);
+        for row in 0..rows {
+            let peaked = row % 2 == 1;
+            let mut l: Vec<f32> = (0..v).map(|_| if peaked { (r.random::<f32>() - 0.5) * 4.0 } else { (r.random::<f32>() - 0.5) * 12.0 }).collect();
+            // Ties: a run of equal values at the top and a block of equal values lower down
+            // (so thresholds fall inside ties), quantised logits on some rows.
+            let top = if peaked { 14.0 } else { 9.0 };
+            for j in 0..v.min(10) {
+                l[(j * 37 + 11 + row) % v] = top;
+            }
+            for j in 0..v.min(300) {
+                l[(j * 131 + 7 * row) % v] = 2.5;
+            }
+            if row % 3 == 0 {
+                l.iter_mut().for_each(|x| *x = (*x * 4.0).round() / 4.0);
+            }
+            if row % 5 == 0 && v > 4 {
+                l[r.random_range(0..v)] = f32::NAN;
+                l[r.random_range(0..v)] = f32::NEG_INFINITY;
+            }
+            logits.extend(l);
+        }
+        let d = g.stream.clone_htod(&logits).unwrap();
+        for (t, k, p, mp) in cases {
+            let params: Vec<RowSampling> = (0..rows).map(|i| RowSampling { temperature: t, top_k: k, top_p: p, min_p: mp, u: (i as f64 * 0.618_034 + 0.01).fract(), adj_start: 0, adj_len: 0 }).collect();
+            let one = g.stream.clone_dtoh(&kern.sample_rows_on(&d, v, &params, false).unwrap()).unwrap();
+            let cl = g.stream.clone_dtoh(&kern.sample_rows_on(&d, v, &params, true).unwrap()).unwrap();
+            for row in 0..rows {
+                assert!((0..v as i32).contains(&one[row]), "V={v} {t}/{k}/{p}/{mp} row {row}: id {} out of range", one[row]);
+                assert_eq!(cl[row], one[row], "V={v} T={t} top_k={k} top_p={p} min_p={mp} row {row} (u {}): the cluster sampler drew {}, one block {}", params[row].u, cl[row], one[row]);
+            }
+            let distinct: std::collections::HashSet<i32> = one.iter().copied().collect();
+            eprintln!("V={v} T={t} top_k={k} top_p={p} min_p={mp}: {rows} rows identical, {} distinct ids", distinct.len());
+        }
+    }
+}
+
 /// Logit adjustments (bias, repetition, presence/frequency) on the GPU equal the host's
 /// arithmetic bit for bit, per row, ignoring ids past the vocabulary.
 #[test]
@@ -575,11 +643,12 @@ fn host_logprobs(raw: &[f32], chosen: usize, top: usize) -> (f32, Vec<(u32, f32)
     let lp = |i: usize| (raw[i] as f64 - lse) as f32;
     let mut idx: Vec<usize> = (0..raw.len()).collect();
     idx.sort_by(|&a, &b| raw[b].total_cmp(&raw[a]).then(a.cmp(&b)));
-    (lp(chosen), idx[..top].iter().map(|&i| (i as u32, lp(i))).collect())
+    (lp(chosen), idx[..top.min(raw.len())].iter().map(|&i| (i as u32, lp(i))).collect())
 }
 
 /// Logprobs on the GPU equal the host's on fresh random logits with ties at the top (ids exactly,
-/// values within 1e-6), for 0, 1, 5 and 20 alternatives and a row that wants none; sampling with
+/// values within 1e-6), for 0, 1, 5 and 20 alternatives and a row that wants none, vocabularies
+/// smaller than 20 tokens to MiMo's (one block per row, or a cluster's slices); sampling with
 /// logprobs leaves the raw logits untouched (adjustments go to a copy) and draws what
 /// `sample_rows_adjusted` draws.
 #[test]
@@ -587,7 +656,8 @@ fn logprobs_on_the_gpu_match_the_host() {
     use peregrine_core::backend::{LogitAdjust, RowSampling};
     let Some((g, kern)) = gpu() else { return };
     let mut r = rng();
-    for v in [5000usize, 152_064] {
+    // 13: fewer tokens than the 20 asked for, and than the cluster's blocks have room for.
+    for v in [13usize, 5000, 152_064] {
         let rows = 5;
         let mut logits: Vec<f32> = (0..rows * v).map(|_| (r.random::<f32>() - 0.5) * 12.0).collect();
         for row in 0..rows {
