@@ -417,8 +417,11 @@ extern "C" __global__ void __launch_bounds__(ST) sample_rows(const float* __rest
 #if __CUDA_ARCH__ >= 900
 // A cluster of SAMPLE_CLUSTER blocks per row (Hopper on): grid (SAMPLE_CLUSTER, rows); each block
 // stages its slice of the row in dynamic shared memory when `staged` (the host gives it room for
-// ceil(V / SAMPLE_CLUSTER) floats), else reads it from the logits at every pass.
+// ceil(V / SAMPLE_CLUSTER) floats), else reads it from the logits at every pass. The host reads
+// the cluster's width from the kernel (-DSAMPLE_CLUSTER=16, a non-portable size, for measurements).
+#ifndef SAMPLE_CLUSTER
 #define SAMPLE_CLUSTER 8
+#endif
 #define SAMPLE_CLUSTER_THREADS 512
 extern "C" __global__ void __cluster_dims__(SAMPLE_CLUSTER, 1, 1) __launch_bounds__(SAMPLE_CLUSTER_THREADS)
     sample_rows_cluster(const float* __restrict__ logits, int V, const RowSampling* __restrict__ params, int* __restrict__ out, int staged) {

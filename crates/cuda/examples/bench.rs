@@ -686,7 +686,10 @@ fn sampling(k: &Kernels, s: &std::sync::Arc<cudarc::driver::CudaStream>, time: &
     };
     let cases: [(&str, f32, i32, f32, f32); 6] =
         [("greedy", 0.0, 0, 1.0, 0.0), ("T=0.8", 0.8, 0, 1.0, 0.0), ("T=0.8, top-p 0.95", 0.8, 0, 0.95, 0.0), ("T=0.8, top-k 50", 0.8, 50, 1.0, 0.0), ("T=1, top-k 40, top-p 0.9, min-p 0.05", 1.0, 40, 0.9, 0.05), ("T=0.6, top-p 0.8", 0.6, 0, 0.8, 0.0)];
-    let by = if k.samples_by_cluster() { "a cluster of 8 blocks per row" } else { "one block per row" };
+    let by = match k.sample_blocks_per_row() {
+        1 => "one block per row".to_string(),
+        n => format!("a cluster of {n} blocks per row"),
+    };
     println!("\nsampling on the GPU, vocabulary {v}, {by} (ms per call, rows in parallel; ids hash over 64 rows):");
     println!("| logits | rows | {} | logprobs (top 5) |", cases.iter().map(|c| c.0).collect::<Vec<_>>().join(" | "));
     println!("|---|---|{}---|", "---|".repeat(cases.len()));

@@ -218,12 +218,13 @@ fn main() {
     }
 
     let batches: &[usize] = if args.only_prefill { &[] } else { &args.batches };
-    println!("\n| batch | eager step ms (ids only) | graph step ms (logits to host) | graph step ms (sampled, 5 logprobs on the GPU) | graph step ms (ids only) | tokens/s | floor GB | floor ms | step / floor |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("\n| batch | eager step ms (ids only) | graph step ms (logits to host) | graph step ms (sampled on the GPU) | graph step ms (sampled, 5 logprobs on the GPU) | graph step ms (ids only) | tokens/s | floor GB | floor ms | step / floor |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     #[derive(Clone, Copy)]
     enum Bring {
         Ids,
         Logits,
+        Sampled,
         Logprobs,
     }
     for &b in batches {
@@ -232,9 +233,13 @@ fn main() {
             match bring {
                 Bring::Ids => drop(model.forward_argmax(&batch).unwrap()),
                 Bring::Logits => drop(model.forward(&batch).unwrap()),
-                Bring::Logprobs => {
+                Bring::Sampled | Bring::Logprobs => {
                     let rows: Vec<RowSampling> = (0..b).map(|s| RowSampling { temperature: 0.8, top_k: 0, top_p: 0.95, min_p: 0.0, u: ((s * 37 + i) % 100) as f64 / 100.0, adj_start: 0, adj_len: 0 }).collect();
-                    drop(model.forward_sample_logprobs(&batch, &rows, &[], &vec![Some(5); b]).unwrap());
+                    if matches!(bring, Bring::Sampled) {
+                        drop(model.forward_sample(&batch, &rows, &[]).unwrap());
+                    } else {
+                        drop(model.forward_sample_logprobs(&batch, &rows, &[], &vec![Some(5); b]).unwrap());
+                    }
                 }
             }
         };
@@ -251,10 +256,10 @@ fn main() {
             }
             median(t)
         };
-        let (eager_ms, logits_ms, lp_ms, ids_ms) = (timed(Bring::Ids, false), timed(Bring::Logits, true), timed(Bring::Logprobs, true), timed(Bring::Ids, true));
+        let (eager_ms, logits_ms, sampled_ms, lp_ms, ids_ms) = (timed(Bring::Ids, false), timed(Bring::Logits, true), timed(Bring::Sampled, true), timed(Bring::Logprobs, true), timed(Bring::Ids, true));
         let f = floor(&spec, b, b, args.context);
         let floor_ms = f.bytes / copy_bw * 1e3;
-        println!("| {b} | {eager_ms:.3} | {logits_ms:.3} | {lp_ms:.3} | {ids_ms:.3} | {:.0} | {:.2} | {floor_ms:.3} | {:.2}x |", b as f64 / (ids_ms / 1e3), f.bytes / 1e9, ids_ms / floor_ms);
+        println!("| {b} | {eager_ms:.3} | {logits_ms:.3} | {sampled_ms:.3} | {lp_ms:.3} | {ids_ms:.3} | {:.0} | {:.2} | {floor_ms:.3} | {:.2}x |", b as f64 / (ids_ms / 1e3), f.bytes / 1e9, ids_ms / floor_ms);
     }
 
     println!("({} CUDA graphs captured)", model.cuda_graphs());

@@ -23,13 +23,34 @@ struct DeviceLogitAdjust(LogitAdjust);
 // SAFETY: LogitAdjust is #[repr(C)] plain data (u32, f32, f32, f32), as the kernel's struct.
 unsafe impl cudarc::driver::DeviceRepr for DeviceLogitAdjust {}
 
-/// Blocks per row of the cluster sampler (SAMPLE_CLUSTER in kernels/sample.cu).
-const SAMPLE_CLUSTER: usize = 8;
+/// Threads per block of the cluster sampler (SAMPLE_CLUSTER_THREADS in kernels/sample.cu).
+const SAMPLE_CLUSTER_THREADS: u32 = 512;
 
 /// The most shared memory a block of the cluster sampler stages its slice of a row in (a
 /// vocabulary of up to 8 x 40k tokens, and what the H100 has room for beside the kernel's own
 /// 37 KB); larger vocabularies read the logits at every pass.
 const SAMPLE_STAGE_MAX: usize = 160 * 1024;
+
+/// The most top logprobs a row may ask for (MAXTOP in kernels/sample.cu).
+const MAXTOP: usize = peregrine_core::backend::MAX_BACKEND_TOP_LOGPROBS;
+
+/// Words per row of `row_logprobs`' packed results: its logprob (f32 bits), the count of top
+/// entries, MAXTOP ids and MAXTOP logprobs (each part for all rows in turn).
+const LOGPROB_WORDS: usize = 2 + 2 * MAXTOP;
+
+/// The rows' logprobs from `row_logprobs`' packed words (rows that asked for none: None).
+fn unpack_logprobs(words: &[i32], tops: &[Option<u32>]) -> Vec<Option<RowLogprobs>> {
+    let rows = tops.len();
+    let (lp, count, ids, lps) = (&words[..rows], &words[rows..2 * rows], &words[2 * rows..(2 + MAXTOP) * rows], &words[(2 + MAXTOP) * rows..]);
+    (0..rows)
+        .map(|r| {
+            tops[r].map(|_| RowLogprobs {
+                logprob: f32::from_bits(lp[r] as u32),
+                top: (0..count[r].clamp(0, MAXTOP as i32) as usize).map(|j| (ids[r * MAXTOP + j] as u32, f32::from_bits(lps[r * MAXTOP + j] as u32))).collect(),
+            })
+        })
+        .collect()
+}
 
 /// The parameters of a padding row: greedy, no adjustments.
 const GREEDY_ROW: RowSampling = RowSampling { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, u: 0.0, adj_start: 0, adj_len: 0 };
@@ -223,6 +244,8 @@ pub struct Kernels {
     sample_cluster: Option<CudaFunction>,
     /// Bytes of dynamic shared memory a block of the cluster sampler may stage its slice in.
     sample_stage_max: usize,
+    /// Blocks per row of the cluster sampler and logprobs (their compiled cluster width).
+    sample_width: usize,
     adjust: CudaFunction,
     /// Logprobs likewise: one block per row, or (with the cluster sampler) a cluster.
     logprobs: CudaFunction,
@@ -593,19 +616,24 @@ impl Kernels {
         let sample = sm.load_function("sample_rows").map_err(drv("kernel sample_rows"))?;
         // Hopper on. The room a block has for its staged slice: what a block may opt in to,
         // less the kernel's own shared memory (none: the slices stay in global memory).
+        use cudarc::driver::sys::CUfunction_attribute as FnAttr;
+        // Its compiled cluster width; past 8 blocks, a non-portable size the GPU must allow.
+        let width = |f: &CudaFunction| f.get_attribute(FnAttr::CU_FUNC_ATTRIBUTE_REQUIRED_CLUSTER_WIDTH).unwrap_or(0).max(0) as usize;
+        let allows = |f: &CudaFunction| width(f) <= 8 || f.set_attribute(FnAttr::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED, 1).is_ok();
         let sample_cluster = (gpu.capability.0 >= 9 && std::env::var("PEREGRINE_SAMPLE_CLUSTER").map_or(true, |v| v != "0"))
             .then(|| sm.load_function("sample_rows_cluster").ok())
-            .flatten();
+            .flatten()
+            .filter(|f| width(f) > 1 && allows(f));
+        let sample_width = sample_cluster.as_ref().map_or(1, width);
         let sample_stage_max = sample_cluster.as_ref().map_or(0, |f| {
-            use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
-            let optin = gpu.ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN).unwrap_or(0);
-            let own = f.get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES).unwrap_or(i32::MAX);
+            let optin = gpu.ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN).unwrap_or(0);
+            let own = f.get_attribute(FnAttr::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES).unwrap_or(i32::MAX);
             let room = (optin - own).clamp(0, SAMPLE_STAGE_MAX as i32);
-            if f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, room).is_ok() { room as usize } else { 0 }
+            if f.set_attribute(FnAttr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, room).is_ok() { room as usize } else { 0 }
         });
         let adjust = sm.load_function("adjust_logits").map_err(drv("kernel adjust_logits"))?;
         let logprobs = sm.load_function("row_logprobs").map_err(drv("kernel row_logprobs"))?;
-        let logprobs_cluster = sample_cluster.as_ref().and_then(|_| sm.load_function("row_logprobs_cluster").ok());
+        let logprobs_cluster = sample_cluster.as_ref().and_then(|_| sm.load_function("row_logprobs_cluster").ok()).filter(|f| width(f) == sample_width && allows(f));
         let (mptx, _) = compile::ptx("moe", compile::MOE_CU, nvrtc_arch(gpu.capability))?;
         let mm = gpu.ctx.load_module(mptx).map_err(drv("loading moe.cu"))?;
         let fm = |n: &str| -> Result<CudaFunction> {
@@ -674,6 +702,7 @@ impl Kernels {
             sample,
             sample_cluster,
             sample_stage_max,
+            sample_width,
             adjust,
             logprobs,
             logprobs_cluster,
@@ -784,30 +813,40 @@ impl Kernels {
         self.sample_cluster.is_some()
     }
 
+    /// Blocks per row `sample_rows` and `row_logprobs` run (1: the one-block kernels).
+    pub fn sample_blocks_per_row(&self) -> usize {
+        self.sample_width
+    }
+
     /// `sample_rows` on the cluster sampler (`cluster`, which must be loaded) or the one-block
     /// one: tests compare the two.
     pub fn sample_rows_on(&self, logits: &CudaSlice<f32>, v: usize, params: &[RowSampling], cluster: bool) -> Result<CudaSlice<i32>> {
         let rows = params.len();
         check(logits.len() >= rows * v && rows > 0, || format!("sample_rows: logits hold fewer than {rows} rows of {v}"))?;
         check(!cluster || self.sample_cluster.is_some(), || "the cluster sampler is not loaded on this GPU".into())?;
-        let p = self.stream.clone_htod(&params.iter().map(|&r| DeviceRowSampling(r)).collect::<Vec<_>>()).map_err(drv("upload"))?;
-        let mut out = self.stream.alloc_zeros::<i32>(rows).map_err(drv("alloc"))?;
+        let p = self.upload_params(params)?;
+        // Written in full: the sampler writes every row's id.
+        let mut out = unsafe { self.stream.alloc::<i32>(rows) }.map_err(drv("alloc"))?;
         self.launch_sample(logits, v, rows, &p, &mut out, cluster)?;
         Ok(out)
     }
 
+    fn upload_params(&self, params: &[RowSampling]) -> Result<CudaSlice<DeviceRowSampling>> {
+        self.stream.clone_htod(&params.iter().map(|&r| DeviceRowSampling(r)).collect::<Vec<_>>()).map_err(drv("upload"))
+    }
+
     /// The sampler's launch over `rows` rows of `logits` with their parameters in `params`:
-    /// the cluster one (SAMPLE_CLUSTER blocks per row, each staging its slice of the row in
+    /// the cluster one (`sample_width` blocks per row, each staging its slice of the row in
     /// shared memory when it fits `sample_stage_max`) or one block of 1024 threads per row.
     fn launch_sample(&self, logits: &CudaSlice<f32>, v: usize, rows: usize, params: &CudaSlice<DeviceRowSampling>, out: &mut CudaSlice<i32>, cluster: bool) -> Result<()> {
         let vi = v as i32;
         match (&self.sample_cluster, cluster) {
             (Some(f), true) => {
-                let slice = v.div_ceil(SAMPLE_CLUSTER) * 4;
+                let slice = v.div_ceil(self.sample_width) * 4;
                 let staged = slice <= self.sample_stage_max;
                 let mut b = crate::launch::builder(&self.stream, f);
                 b.arg(logits).arg(&vi).arg(params).arg(out).arg(&(staged as i32));
-                let cfg = LaunchConfig { grid_dim: (SAMPLE_CLUSTER as u32, rows as u32, 1), block_dim: (512, 1, 1), shared_mem_bytes: if staged { slice as u32 } else { 0 } };
+                let cfg = LaunchConfig { grid_dim: (self.sample_width as u32, rows as u32, 1), block_dim: (SAMPLE_CLUSTER_THREADS, 1, 1), shared_mem_bytes: if staged { slice as u32 } else { 0 } };
                 unsafe { b.launch(cfg) }.map(|_| ()).map_err(drv("sample_rows_cluster"))
             }
             _ => {
@@ -823,16 +862,20 @@ impl Kernels {
     pub fn sample_rows_adjusted(&self, logits: &mut CudaSlice<f32>, v: usize, params: &[RowSampling], adjust: &[LogitAdjust]) -> Result<CudaSlice<i32>> {
         let rows = params.len();
         check(logits.len() >= rows * v && rows > 0, || format!("sample_rows: logits hold fewer than {rows} rows of {v}"))?;
-        check(params.iter().all(|p| (p.adj_start as usize + p.adj_len as usize) <= adjust.len()), || "sampling rows name adjustments out of range".into())?;
         if !adjust.is_empty() {
-            let p = self.stream.clone_htod(&params.iter().map(|&r| DeviceRowSampling(r)).collect::<Vec<_>>()).map_err(drv("upload"))?;
-            let a = self.stream.clone_htod(&adjust.iter().map(|&a| DeviceLogitAdjust(a)).collect::<Vec<_>>()).map_err(drv("upload"))?;
-            let vi = v as i32;
-            let mut b = crate::launch::builder(&self.stream, &self.adjust);
-            b.arg(&mut *logits).arg(&vi).arg(&p).arg(&a);
-            unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv("adjust_logits"))?;
+            self.adjust_logits(logits, v, &self.upload_params(params)?, params, adjust)?;
         }
         self.sample_rows(logits, v, params)
+    }
+
+    /// Applies the rows' adjustments (`params` uploaded as `p`) to `logits` in place.
+    fn adjust_logits(&self, logits: &mut CudaSlice<f32>, v: usize, p: &CudaSlice<DeviceRowSampling>, params: &[RowSampling], adjust: &[LogitAdjust]) -> Result<()> {
+        check(params.iter().all(|p| (p.adj_start as usize + p.adj_len as usize) <= adjust.len()), || "sampling rows name adjustments out of range".into())?;
+        let a = self.stream.clone_htod(&adjust.iter().map(|&a| DeviceLogitAdjust(a)).collect::<Vec<_>>()).map_err(drv("upload"))?;
+        let vi = v as i32;
+        let mut b = crate::launch::builder(&self.stream, &self.adjust);
+        b.arg(&mut *logits).arg(&vi).arg(p).arg(&a);
+        unsafe { b.launch(LaunchConfig { grid_dim: (params.len() as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map(|_| ()).map_err(drv("adjust_logits"))
     }
 
     /// Log-probabilities under the raw logits (see kernels/sample.cu `row_logprobs`) of the first
@@ -840,49 +883,57 @@ impl Kernels {
     /// of token `chosen[r]` and the n (at most MAX_BACKEND_TOP_LOGPROBS) most likely tokens.
     pub fn row_logprobs(&self, logits: &CudaSlice<f32>, v: usize, chosen: &CudaSlice<i32>, tops: &[Option<u32>]) -> Result<Vec<Option<RowLogprobs>>> {
         let rows = tops.len();
-        check(rows > 0 && logits.len() >= rows * v && chosen.len() >= rows, || format!("row_logprobs: {rows} rows"))?;
-        const MAXTOP: usize = peregrine_core::backend::MAX_BACKEND_TOP_LOGPROBS;
+        check(rows > 0 && chosen.len() >= rows, || format!("row_logprobs: {rows} rows"))?;
+        // Written where read: every row that asks for logprobs gets all its words.
+        let out = unsafe { self.stream.alloc::<i32>(rows * LOGPROB_WORDS) }.map_err(drv("alloc"))?;
+        let (c, o) = (chosen.device_ptr(&self.stream).0, out.device_ptr(&self.stream).0);
+        self.launch_logprobs(logits, v, c, tops, o)?;
+        Ok(unpack_logprobs(&self.stream.clone_dtoh(&out).map_err(drv("download"))?, tops))
+    }
+
+    /// `row_logprobs`' launch: chosen ids at device address `chosen`, results packed from device
+    /// address `out` (`unpack_logprobs` reads them).
+    fn launch_logprobs(&self, logits: &CudaSlice<f32>, v: usize, chosen: u64, tops: &[Option<u32>], out: u64) -> Result<()> {
+        let rows = tops.len();
+        check(rows > 0 && logits.len() >= rows * v, || format!("row_logprobs: {rows} rows"))?;
         check(tops.iter().flatten().all(|&n| n as usize <= MAXTOP), || format!("row_logprobs: at most {MAXTOP} top logprobs"))?;
         let t: Vec<i32> = tops.iter().map(|t| t.map_or(-1, |n| n as i32)).collect();
-        let st = &self.stream;
-        let td = st.clone_htod(&t).map_err(drv("upload"))?;
-        let mut lp = st.alloc_zeros::<f32>(rows).map_err(drv("alloc"))?;
-        let mut ids = st.alloc_zeros::<i32>(rows * MAXTOP).map_err(drv("alloc"))?;
-        let mut lps = st.alloc_zeros::<f32>(rows * MAXTOP).map_err(drv("alloc"))?;
-        let mut count = st.alloc_zeros::<i32>(rows).map_err(drv("alloc"))?;
+        let td = self.stream.clone_htod(&t).map_err(drv("upload"))?;
         let vi = v as i32;
+        let word = std::mem::size_of::<i32>() as u64;
+        let (lp, count, ids, lps) = (out, out + (rows as u64) * word, out + (2 * rows) as u64 * word, out + ((2 + MAXTOP) * rows) as u64 * word);
         let (f, cfg) = match &self.logprobs_cluster {
-            Some(f) => (f, LaunchConfig { grid_dim: (SAMPLE_CLUSTER as u32, rows as u32, 1), block_dim: (512, 1, 1), shared_mem_bytes: 0 }),
+            Some(f) => (f, LaunchConfig { grid_dim: (self.sample_width as u32, rows as u32, 1), block_dim: (SAMPLE_CLUSTER_THREADS, 1, 1), shared_mem_bytes: 0 }),
             None => (&self.logprobs, LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 }),
         };
-        let mut b = crate::launch::builder(st, f);
-        b.arg(logits).arg(&vi).arg(chosen).arg(&td).arg(&mut lp).arg(&mut ids).arg(&mut lps).arg(&mut count);
-        unsafe { b.launch(cfg) }.map_err(drv("row_logprobs"))?;
-        let (lp, ids, lps, count) = (st.clone_dtoh(&lp).map_err(drv("download"))?, st.clone_dtoh(&ids).map_err(drv("download"))?, st.clone_dtoh(&lps).map_err(drv("download"))?, st.clone_dtoh(&count).map_err(drv("download"))?);
-        Ok((0..rows)
-            .map(|r| {
-                tops[r].map(|_| RowLogprobs {
-                    logprob: lp[r],
-                    top: (0..count[r].max(0) as usize).map(|j| (ids[r * MAXTOP + j] as u32, lps[r * MAXTOP + j])).collect(),
-                })
-            })
-            .collect())
+        let mut b = crate::launch::builder(&self.stream, f);
+        b.arg(logits).arg(&vi).arg(&chosen).arg(&td).arg(&lp).arg(&ids).arg(&lps).arg(&count);
+        unsafe { b.launch(cfg) }.map_err(drv("row_logprobs"))
     }
 
     /// Samples like `sample_rows_adjusted` without touching `logits` (adjustments go to a copy
-    /// when there are any), then the logprobs of the sampled tokens under the raw logits.
+    /// when there are any), then the logprobs of the sampled tokens under the raw logits: the
+    /// ids and the logprobs come back in one download.
     pub fn sample_rows_with_logprobs(&self, logits: &CudaSlice<f32>, v: usize, params: &[RowSampling], adjust: &[LogitAdjust], tops: &[Option<u32>]) -> Result<(Vec<i32>, Vec<Option<RowLogprobs>>)> {
         let rows = params.len();
         check(tops.len() == rows, || format!("{} logprobs entries for {rows} sampling rows", tops.len()))?;
-        let ids = if adjust.is_empty() {
-            self.sample_rows(logits, v, params)?
+        check(logits.len() >= rows * v && rows > 0, || format!("sample_rows: logits hold fewer than {rows} rows of {v}"))?;
+        let p = self.upload_params(params)?;
+        // The ids, then the logprobs' words (written in full where read).
+        let mut out = unsafe { self.stream.alloc::<i32>(rows * (1 + LOGPROB_WORDS)) }.map_err(drv("alloc"))?;
+        let cluster = self.sample_cluster.is_some();
+        if adjust.is_empty() {
+            self.launch_sample(logits, v, rows, &p, &mut out, cluster)?;
         } else {
             let mut work = unsafe { self.stream.alloc::<f32>(rows * v) }.map_err(drv("alloc"))?;
             self.stream.memcpy_dtod(&logits.slice(..rows * v), &mut work).map_err(drv("copy"))?;
-            self.sample_rows_adjusted(&mut work, v, params, adjust)?
-        };
-        let lps = self.row_logprobs(logits, v, &ids, tops)?;
-        Ok((self.stream.clone_dtoh(&ids).map_err(drv("download"))?, lps))
+            self.adjust_logits(&mut work, v, &p, params, adjust)?;
+            self.launch_sample(&work, v, rows, &p, &mut out, cluster)?;
+        }
+        let base = out.device_ptr(&self.stream).0;
+        self.launch_logprobs(logits, v, base, tops, base + (rows * std::mem::size_of::<i32>()) as u64)?;
+        let words = self.stream.clone_dtoh(&out).map_err(drv("download"))?;
+        Ok((words[..rows].to_vec(), unpack_logprobs(&words[rows..], tops)))
     }
 
     /// Like `sample_rows_adjusted`, with the rows' parameters and adjustments already in device
