@@ -23,11 +23,54 @@ __device__ __forceinline__ float4 scale4(float4 w, float4 v, float inv) {
     return make_float4(w.x * (v.x * inv), w.y * (v.y * inv), w.z * (v.z * inv), w.w * (v.w * inv));
 }
 
+// What a residual add adds to row r: the rows of a [rows, D] ...
+struct RowsAddend {
+    const float* __restrict__ a;
+    __device__ __forceinline__ float4 at4(size_t r, int c, int D) const { return reinterpret_cast<const float4*>(a + r * D)[c]; }
+    __device__ __forceinline__ float at(size_t r, int i, int D) const { return a[r * D + i]; }
+};
+
+// ... or the routed MoE's output of the row, left by its down kernel as one row per routed
+// pair (out [pairs, D]): the sum of the row's pairs in ascending pair order (ascending expert)
+// from 0.f, exactly as moe.cu's combine_rows sums them into y. `sorted` holds the row's topk
+// pair indices in that order (sort_row_pairs). Read past L1: the MoE kernel just wrote them.
+struct PairsAddend {
+    const float* __restrict__ out;
+    const int* sorted;
+    int topk;
+    __device__ __forceinline__ float4 at4(size_t, int c, int D) const {
+        float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
+        for (int j = 0; j < topk; j++) {
+            float4 q = __ldcg(reinterpret_cast<const float4*>(out + (size_t)sorted[j] * D) + c);
+            s = make_float4(s.x + q.x, s.y + q.y, s.z + q.z, s.w + q.w);
+        }
+        return s;
+    }
+    __device__ __forceinline__ float at(size_t, int i, int D) const {
+        float s = 0.f;
+        for (int j = 0; j < topk; j++) s += __ldcg(out + (size_t)sorted[j] * D + i);
+        return s;
+    }
+};
+
+// Block row r's pairs (tok_pairs [rows, topk], topk <= 32, distinct) in ascending order into sh
+// (all threads; blockDim >= topk).
+__device__ __forceinline__ const int* sort_row_pairs(const int* __restrict__ tok_pairs, int topk, int* sh) {
+    const int* tp = tok_pairs + (size_t)blockIdx.x * topk;
+    if ((int)threadIdx.x < topk) {
+        int p = tp[threadIdx.x], rank = 0;
+        for (int j = 0; j < topk; j++) rank += tp[j] < p;
+        sh[rank] = p;
+    }
+    __syncthreads();
+    return sh;
+}
+
 // The register path of one row r of RMSNorm (D % 4 == 0, D <= 4 x NORM_V x blockDim): y = w *
 // (x * rsqrt(mean(x^2) + eps)) after the residual add x += a (written back) when ADD; leaves
 // the thread's float4s of y in v.
-template <bool ADD>
-__device__ __forceinline__ void norm_row_regs(float* __restrict__ x, const float* __restrict__ a, const float* __restrict__ w,
+template <bool ADD, class Addend = RowsAddend>
+__device__ __forceinline__ void norm_row_regs(float* __restrict__ x, Addend a, const float* __restrict__ w,
                                               float* __restrict__ y, int D, float eps, float4 v[NORM_V], float* sh) {
     size_t r = blockIdx.x;
     float4* x4 = reinterpret_cast<float4*>(x + r * D);
@@ -40,7 +83,7 @@ __device__ __forceinline__ void norm_row_regs(float* __restrict__ x, const float
         if (c < D / 4) {
             v[j] = x4[c];
             if (ADD) {
-                float4 q = reinterpret_cast<const float4*>(a + r * D)[c];
+                float4 q = a.at4(r, c, D);
                 v[j] = make_float4(v[j].x + q.x, v[j].y + q.y, v[j].z + q.z, v[j].w + q.w);
                 x4[c] = v[j];
             }
@@ -61,8 +104,8 @@ __device__ __forceinline__ void norm_row_regs(float* __restrict__ x, const float
 
 // One row r of RMSNorm, y = w * (x * rsqrt(mean(x^2) + eps)), after the residual add x += a
 // (written back) when ADD.
-template <bool ADD>
-__device__ __forceinline__ void norm_row(float* __restrict__ x, const float* __restrict__ a, const float* __restrict__ w,
+template <bool ADD, class Addend = RowsAddend>
+__device__ __forceinline__ void norm_row(float* __restrict__ x, Addend a, const float* __restrict__ w,
                                          float* __restrict__ y, int D, float eps) {
     __shared__ float sh[32];
     size_t r = blockIdx.x;
@@ -75,7 +118,7 @@ __device__ __forceinline__ void norm_row(float* __restrict__ x, const float* __r
     for (int i = threadIdx.x; i < D; i += blockDim.x) {
         float v = x[r * D + i];
         if (ADD) {
-            v += a[r * D + i];
+            v += a.at(r, i, D);
             x[r * D + i] = v;
         }
         s += v * v;
@@ -87,7 +130,7 @@ __device__ __forceinline__ void norm_row(float* __restrict__ x, const float* __r
 
 // HF RMSNorm per row of D. Rows may be per-head (w has D entries, applied to every row).
 extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, int D, float eps) { PDL_ENTER();
-    norm_row<false>(const_cast<float*>(x), nullptr, w, y, D, eps);  // x is only read
+    norm_row<false>(const_cast<float*>(x), RowsAddend{nullptr}, w, y, D, eps);  // x is only read
 }
 
 // x[r, i] += b[i] (bias), over n rows of D.
@@ -332,7 +375,27 @@ extern "C" __global__ void embed_bf16(const unsigned short* __restrict__ table, 
 // same arithmetic as add_inplace followed by rms_norm).
 extern "C" __global__ void add_rms_norm(float* __restrict__ x, const float* __restrict__ a, const float* __restrict__ w,
                                         float* __restrict__ y, int D, float eps) { PDL_ENTER();
-    norm_row<true>(x, a, w, y, D, eps);
+    norm_row<true>(x, RowsAddend{a}, w, y, D, eps);
+}
+
+// add_rms_norm adding the routed MoE's output straight from its pairs (PairsAddend: out
+// [pairs, D], tok_pairs [rows, topk]), so the MoE's down kernel leaves them uncombined: the same
+// bits as its combine followed by add_rms_norm.
+// (Up to 1024 threads, as norm_cfg launches them: the bound keeps ptxas within 64 registers.)
+extern "C" __global__ void __launch_bounds__(1024) add_rms_norm_pairs(float* __restrict__ x, const float* __restrict__ out, const int* __restrict__ tok_pairs,
+                                              int topk, const float* __restrict__ w, float* __restrict__ y, int D, float eps) { PDL_ENTER();
+    __shared__ int sorted[32];
+    norm_row<true>(x, PairsAddend{out, sort_row_pairs(tok_pairs, topk, sorted), topk}, w, y, D, eps);
+}
+
+// x[r] += the routed MoE's output of row r from its pairs (the last layer's residual add), one
+// block per row.
+extern "C" __global__ void add_pairs_inplace(float* __restrict__ x, const float* __restrict__ out, const int* __restrict__ tok_pairs,
+                                             int topk, int D) { PDL_ENTER();
+    __shared__ int sorted[32];
+    PairsAddend a{out, sort_row_pairs(tok_pairs, topk, sorted), topk};
+    size_t r = blockIdx.x;
+    for (int i = threadIdx.x; i < D; i += blockDim.x) x[r * D + i] += a.at(r, i, D);
 }
 
 // y's power of two for an F16 hi + lo split, from the row v[] a norm holds (all threads): the
@@ -357,8 +420,8 @@ __device__ __forceinline__ float norm_split_scale(const float4 v[NORM_V], int D,
 
 // add_rms_norm, then y's F16 hi + lo split: y * 2^s (norm_split_scale) handed to
 // store(c, float4 of values 4c .. 4c + 3) for every float4 of the row, 2^-s written to inv[r].
-template <class Store>
-__device__ __forceinline__ void add_rms_norm_then_split(float* __restrict__ x, const float* __restrict__ a, const float* __restrict__ w,
+template <class Addend, class Store>
+__device__ __forceinline__ void add_rms_norm_then_split(float* __restrict__ x, Addend a, const float* __restrict__ w,
                                                         float* __restrict__ y, float* __restrict__ inv, int D, float eps, Store store) {
     __shared__ float sh[32];
     float4 v[NORM_V];
@@ -381,9 +444,10 @@ __device__ __forceinline__ void f16x2_hi_lo(float a, float b, unsigned& hi, unsi
 // add_rms_norm that also writes y's F16 hi + lo parts and their inverse scale, exactly as
 // split_f16 (interleave 0) would from y, for the FP8 q/k/v GEMV that reads them (one launch
 // fewer per layer). Rows whose D is a multiple of 4 and at most 4 x NORM_V x blockDim only.
-extern "C" __global__ void add_rms_norm_split(float* __restrict__ x, const float* __restrict__ a, const float* __restrict__ w,
-                                              float* __restrict__ y, unsigned short* __restrict__ yh, unsigned short* __restrict__ yl,
-                                              float* __restrict__ yinv, int D, float eps) { PDL_ENTER();
+template <class Addend>
+__device__ __forceinline__ void add_rms_norm_f16_split(float* __restrict__ x, Addend a, const float* __restrict__ w, float* __restrict__ y,
+                                                       unsigned short* __restrict__ yh, unsigned short* __restrict__ yl,
+                                                       float* __restrict__ yinv, int D, float eps) {
     size_t r = blockIdx.x;
     add_rms_norm_then_split(x, a, w, y, yinv, D, eps, [&](int c, float4 e) {
         uint2 h, l;
@@ -392,6 +456,21 @@ extern "C" __global__ void add_rms_norm_split(float* __restrict__ x, const float
         reinterpret_cast<uint2*>(yh + r * D)[c] = h;
         reinterpret_cast<uint2*>(yl + r * D)[c] = l;
     });
+}
+
+extern "C" __global__ void add_rms_norm_split(float* __restrict__ x, const float* __restrict__ a, const float* __restrict__ w,
+                                              float* __restrict__ y, unsigned short* __restrict__ yh, unsigned short* __restrict__ yl,
+                                              float* __restrict__ yinv, int D, float eps) { PDL_ENTER();
+    add_rms_norm_f16_split(x, RowsAddend{a}, w, y, yh, yl, yinv, D, eps);
+}
+
+// add_rms_norm_split adding the routed MoE's pairs (as add_rms_norm_pairs).
+extern "C" __global__ void __launch_bounds__(1024) add_rms_norm_split_pairs(float* __restrict__ x, const float* __restrict__ out, const int* __restrict__ tok_pairs,
+                                                    int topk, const float* __restrict__ w, float* __restrict__ y,
+                                                    unsigned short* __restrict__ yh, unsigned short* __restrict__ yl,
+                                                    float* __restrict__ yinv, int D, float eps) { PDL_ENTER();
+    __shared__ int sorted[32];
+    add_rms_norm_f16_split(x, PairsAddend{out, sort_row_pairs(tok_pairs, topk, sorted), topk}, w, y, yh, yl, yinv, D, eps);
 }
 
 // add_rms_norm that also writes y split as the tiled MoE kernels read x (moe.cu's
@@ -404,7 +483,7 @@ extern "C" __global__ void add_rms_norm_moe_split(float* __restrict__ x, const f
                                                   float* __restrict__ y, unsigned* __restrict__ xs, float* __restrict__ xinv, int D,
                                                   float eps) { PDL_ENTER();
     size_t r = blockIdx.x;
-    add_rms_norm_then_split(x, a, w, y, xinv, D, eps, [&](int c, float4 e) {
+    add_rms_norm_then_split(x, RowsAddend{a}, w, y, xinv, D, eps, [&](int c, float4 e) {
         // Values 4 (c & 3) .. + 3 of their 16: two t, of the first 8 or the second.
         int q = c >> 2, t0 = (c & 1) * 2;
         unsigned* base = xs + r * D + ((q >> 2) * 2 + ((q & 3) >> 1)) * 32 + 2 * (q & 1) + ((c >> 1) & 1);

@@ -160,6 +160,9 @@ pub(crate) struct Ops {
     add_rms_norm: CudaFunction,
     add_rms_norm_split: CudaFunction,
     add_rms_norm_moe_split: CudaFunction,
+    add_rms_norm_pairs: CudaFunction,
+    add_rms_norm_split_pairs: CudaFunction,
+    add_pairs_inplace: CudaFunction,
     rope_kv_write: CudaFunction,
     moe_route: CudaFunction,
     moe_group: CudaFunction,
@@ -233,6 +236,12 @@ pub struct CudaModel {
     /// `moe_route` launch). `PEREGRINE_MOE_ROUTE_IN_KERNEL=0` keeps the routing launch, for
     /// comparison.
     route_in_moe: bool,
+    /// Whether the two-launch tiled MoE leaves its routed pairs for the norm after it to sum
+    /// (`MlpOut::Pairs`): None where `pairs_pay` says so, Some to force it
+    /// (PEREGRINE_MOE_COMBINE_IN_NORM=1 / 0; tests).
+    moe_combine_in_norm: Option<bool>,
+    /// MoE calls that left their pairs to the norm (tests check the path ran).
+    moe_pairs_calls: std::sync::atomic::AtomicUsize,
     /// Steps with prompt chunks launch with PDL too (`PEREGRINE_PREFILL_PDL=1`; by default they
     /// launch plainly, see `launch::PlainLaunches`).
     pub(crate) prefill_pdl: bool,
@@ -347,6 +356,9 @@ impl CudaModel {
             add_rms_norm: f("add_rms_norm")?,
             add_rms_norm_split: f("add_rms_norm_split")?,
             add_rms_norm_moe_split: f("add_rms_norm_moe_split")?,
+            add_rms_norm_pairs: f("add_rms_norm_pairs")?,
+            add_rms_norm_split_pairs: f("add_rms_norm_split_pairs")?,
+            add_pairs_inplace: f("add_pairs_inplace")?,
             rope_kv_write: f("rope_kv_write")?,
             moe_route: f("moe_route")?,
             moe_group: {
@@ -513,6 +525,8 @@ impl CudaModel {
             merge_in_attention: std::env::var("PEREGRINE_ATTN_MERGE_IN_KERNEL").map_or(true, |v| v != "0"),
             attn_fill: std::env::var("PEREGRINE_ATTN_FILL").map_or(true, |v| v != "0"),
             route_in_moe: std::env::var("PEREGRINE_MOE_ROUTE_IN_KERNEL").map_or(true, |v| v != "0"),
+            moe_combine_in_norm: std::env::var("PEREGRINE_MOE_COMBINE_IN_NORM").ok().map(|v| v != "0"),
+            moe_pairs_calls: std::sync::atomic::AtomicUsize::new(0),
             prefill_pdl: std::env::var("PEREGRINE_PREFILL_PDL").is_ok_and(|v| v == "1"),
         };
         // The MoE decode kernel per token count, measured on the first MoE layer's experts
@@ -920,6 +934,44 @@ impl CudaModel {
         Ok((y, (yh, yl, yinv)))
     }
 
+    /// `add_rms_norm` (`split`: `add_rms_norm_split`) adding the routed MoE's output from its
+    /// pairs (`MlpOut::Pairs`): the same bits as combining them first.
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn add_rms_norm_pairs(&self, x: &mut CudaSlice<f32>, pairs: (&CudaSlice<f32>, &CudaSlice<i32>, usize), w: &CudaSlice<f32>, rows: usize, d: usize, split: bool) -> Result<(CudaSlice<f32>, Option<F16Split>)> {
+        let (out, tok_pairs, topk) = pairs;
+        check_pairs(out, tok_pairs, topk, rows, d)?;
+        let mut y = self.empty(rows * d)?;
+        let (dd, eps, k) = (d as i32, self.spec.rms_norm_eps, topk as i32);
+        if !split {
+            let mut b = crate::launch::builder(&self.stream, &self.ops.add_rms_norm_pairs);
+            b.arg(x).arg(out).arg(tok_pairs).arg(&k).arg(w).arg(&mut y).arg(&dd).arg(&eps);
+            unsafe { b.launch(norm_cfg(rows, d)) }.map_err(drv)?;
+            return Ok((y, None));
+        }
+        // All written in full by the kernel.
+        let mut yh = unsafe { self.stream.alloc::<u16>((rows * d).max(1)) }.map_err(drv)?;
+        let mut yl = unsafe { self.stream.alloc::<u16>((rows * d).max(1)) }.map_err(drv)?;
+        let mut yinv = self.empty(rows)?;
+        let mut b = crate::launch::builder(&self.stream, &self.ops.add_rms_norm_split_pairs);
+        b.arg(x).arg(out).arg(tok_pairs).arg(&k).arg(w).arg(&mut y).arg(&mut yh).arg(&mut yl).arg(&mut yinv).arg(&dd).arg(&eps);
+        unsafe { b.launch(norm_cfg(rows, d)) }.map_err(drv)?;
+        Ok((y, Some((yh, yl, yinv))))
+    }
+
+    /// x += the routed MoE's output from its pairs (`MlpOut::Pairs`), `rows` rows of `d`.
+    pub(crate) fn add_pairs_inplace(&self, x: &mut CudaSlice<f32>, pairs: (&CudaSlice<f32>, &CudaSlice<i32>, usize), rows: usize, d: usize) -> Result<()> {
+        let (out, tok_pairs, topk) = pairs;
+        check_pairs(out, tok_pairs, topk, rows, d)?;
+        if x.len() < rows * d {
+            return Err(Error::Backend(format!("add_pairs_inplace: x holds fewer than {rows} rows")));
+        }
+        let (dd, k) = (d as i32, topk as i32);
+        let mut b = crate::launch::builder(&self.stream, &self.ops.add_pairs_inplace);
+        b.arg(x).arg(out).arg(tok_pairs).arg(&k).arg(&dd);
+        unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
+        Ok(())
+    }
+
     /// Embedding rows of the token ids `tok` [n].
     pub(crate) fn embed_rows(&self, tok: &CudaSlice<i32>, n: usize) -> Result<CudaSlice<f32>> {
         let h = self.spec.hidden_size;
@@ -992,18 +1044,44 @@ impl CudaModel {
         Ok(())
     }
 
-    /// The routed MLP of rows `hn` [n, H] -> [n, H].
+    /// The routed MLP of rows `hn` [n, H] -> [n, H], or (`pairs_ok`, where the two-launch tiled
+    /// kernels run) its routed pairs for the next residual add to sum (`MlpOut::Pairs`).
     /// `hn_split`: hn split by the norm that wrote it (`wants_moe_split`).
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn moe(&self, spec: &MoeSpec, router: &Mat, bias: Option<&(CudaSlice<f32>, Vec<f32>)>, experts: &Experts, hn: &CudaSlice<f32>, hn_split: Option<&MoeSplit>, n: usize) -> Result<CudaSlice<f32>> {
+    pub(crate) fn moe(&self, spec: &MoeSpec, router: &Mat, bias: Option<&(CudaSlice<f32>, Vec<f32>)>, experts: &Experts, hn: &CudaSlice<f32>, hn_split: Option<&MoeSplit>, n: usize, pairs_ok: bool) -> Result<MlpOut> {
         let logits = self.matvec(router, hn, n)?;
         // hn was written before this call, and the router launched on it since: by the expert
         // kernels it is settled (staged while the router still runs).
         let input = hn_split.map_or(MoeInput::Settled, MoeInput::Split);
         match experts {
-            Experts::Stacked(w) => self.moe_stacked(spec, &logits, bias.map(|b| &b.0), w, hn, input, n),
-            Experts::PerExpert(e) => self.moe_per_expert(spec, &logits, bias.map(|b| b.1.as_slice()), e, hn, n),
+            Experts::Stacked(w) if pairs_ok && self.moe_combine_in_norm.unwrap_or_else(|| pairs_pay(n, spec.top_k, w.hidden)) && self.kernels.moe_leaves_pairs(w, n, spec.top_k) && !(n == 1 && self.route_in_moe && matches!(self.kernels.moe_kernel(w, n, spec.top_k), MoeKernel::Fused { .. })) => {
+                let (r, _, _) = self.route_device(spec, &logits, bias.map(|b| &b.0), n)?;
+                let out = self.with_moe_scratch(w, r.num_pairs, |scratch| self.kernels.moe_mxfp4_pairs(w, &r, hn, input, scratch))?;
+                self.moe_pairs_calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Ok(MlpOut::Pairs { out, tok_pairs: r.tok_pairs, topk: spec.top_k })
+            }
+            Experts::Stacked(w) => self.moe_stacked(spec, &logits, bias.map(|b| &b.0), w, hn, input, n).map(MlpOut::Rows),
+            Experts::PerExpert(e) => self.moe_per_expert(spec, &logits, bias.map(|b| b.1.as_slice()), e, hn, n).map(MlpOut::Rows),
         }
+    }
+
+    /// Forces whether the tiled MoE leaves its routed pairs to the norm after it (by default
+    /// where `pairs_pay`); for tests comparing the two (the same bits). Captured step graphs
+    /// are dropped.
+    pub fn set_moe_combine_in_norm(&mut self, on: bool) {
+        self.moe_combine_in_norm = Some(on);
+        self.graphs.clear();
+    }
+
+    /// Pins the MoE decode kernel of `tokens` tokens (every MoE layer of a model has the same
+    /// expert shapes); false when the model has no stacked MoE.
+    pub fn pin_moe_kernel(&self, tokens: usize, kind: MoeKernel) -> bool {
+        self.first_moe().map(|(w, top_k)| self.kernels.pin_moe(w, top_k, tokens, kind)).is_some()
+    }
+
+    /// How many MoE calls have left their pairs to the norm after them.
+    pub fn moe_pairs_calls(&self) -> usize {
+        self.moe_pairs_calls.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Router, grouping and the grouped MXFP4 kernels, all on the GPU: no host round trip. One
@@ -1022,8 +1100,9 @@ impl CudaModel {
     }
 
     /// Runs `f` on MoE scratch for `pairs` routed pairs around the model's counters (zero
-    /// between calls; kept unless this layer needs more of them).
-    fn with_moe_scratch(&self, w: &MoeWeights, pairs: usize, f: impl FnOnce(&mut crate::kernels::MoeScratch) -> Result<()>) -> Result<()> {
+    /// between calls; kept unless this layer needs more of them); returns the scratch's pair
+    /// outputs.
+    fn with_moe_scratch(&self, w: &MoeWeights, pairs: usize, f: impl FnOnce(&mut crate::kernels::MoeScratch) -> Result<()>) -> Result<CudaSlice<f32>> {
         let mut slot = self.moe_counters.lock().map_err(|_| Error::Backend("MoE counters lock poisoned".into()))?;
         let kept = slot.take_if(|c| c.len() >= Kernels::moe_counters(w, pairs));
         drop(slot);
@@ -1036,7 +1115,7 @@ impl CudaModel {
         if was_kept {
             *self.moe_counters.lock().map_err(|_| Error::Backend("MoE counters lock poisoned".into()))? = Some(scratch.counters);
         }
-        run
+        run.map(|()| scratch.out)
     }
 
     /// The router and the token/expert grouping (`moe_route`, one launch) of `n` rows of
@@ -1157,6 +1236,35 @@ fn row_copy_cfg(rows: usize, d: usize) -> LaunchConfig {
 
 /// One block per row of `d`: a thread per float4 (the norm kernels' register path, whole
 /// warps, at most 1024), or 256 threads for rows that are not a multiple of 4.
+/// A layer's MLP output: rows [n, H], or the routed MoE's pairs left uncombined (`out` [pairs,
+/// H] weighted, `tok_pairs` [n, topk] each row's pairs) for the residual add after it to sum.
+pub(crate) enum MlpOut {
+    Rows(CudaSlice<f32>),
+    Pairs { out: CudaSlice<f32>, tok_pairs: CudaSlice<i32>, topk: usize },
+}
+
+/// Whether leaving the MoE's pairs to the norm after it pays (H100, benches/results/
+/// 2026-11-24-moe-combine-in-norm.md): the down kernel then skips its combine (a fence, a count and
+/// the last block's sum in every block's tail: 4-6 points of the copy bandwidth at 2-8 tokens),
+/// but one norm block reads each row's topk pair rows. From 2 tokens, with 128 KB per row
+/// (MiMo-V2-Flash's 8 x 4096 floats), the steps were 0.5-1.3% faster; with 192 KB
+/// (MiMo-V2.5-Pro's 8 x 6144) steps at 1-2 tokens were 0.4-0.8% slower and at 4-8 even; at one
+/// token Flash runs the fused kernel, which keeps its combine.
+fn pairs_pay(tokens: usize, topk: usize, hidden: usize) -> bool {
+    tokens >= 2 && topk * hidden * 4 <= PAIRS_NORM_MAX_BYTES
+}
+
+/// The most pair bytes per row for which `pairs_pay` leaves the combine to the norm.
+const PAIRS_NORM_MAX_BYTES: usize = 128 * 1024;
+
+/// The pair-summing kernels' bounds: topk <= 32 distinct pairs per row, inside `out`.
+fn check_pairs(out: &CudaSlice<f32>, tok_pairs: &CudaSlice<i32>, topk: usize, rows: usize, d: usize) -> Result<()> {
+    if (1..=32).contains(&topk) && tok_pairs.len() >= rows * topk && out.len() >= rows * topk * d {
+        return Ok(());
+    }
+    Err(Error::Backend(format!("MoE pairs: top-{topk} of {rows} rows of {d} do not fit the buffers")))
+}
+
 fn norm_cfg(rows: usize, d: usize) -> LaunchConfig {
     let threads = if d.is_multiple_of(4) { (d / 4).div_ceil(32).clamp(1, 32) * 32 } else { 256 };
     LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: 0 }

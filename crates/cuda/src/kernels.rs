@@ -1309,10 +1309,33 @@ impl Kernels {
     /// must read the weights' layout.
     #[allow(clippy::too_many_arguments)]
     pub fn moe_mxfp4_with(&self, kind: MoeKernel, w: &MoeWeights, r: &DeviceRouting, x: &CudaSlice<f32>, input: MoeInput, scratch: &mut MoeScratch, y: &mut CudaSlice<f32>) -> Result<()> {
+        self.moe_mxfp4_run(kind, w, r, x, input, scratch, Some(y))
+    }
+
+    /// Whether the MoE of `tokens` tokens runs the two-launch tiled kernels with their combine
+    /// fused, which `moe_mxfp4_pairs` can run without it.
+    pub fn moe_leaves_pairs(&self, w: &MoeWeights, tokens: usize, top_k: usize) -> bool {
+        w.is_tiled() && top_k <= MAX_FUSED_TOPK && matches!(self.moe_kernel(w, tokens, top_k), MoeKernel::Tiled { .. })
+    }
+
+    /// The MoE decode without its routed combine (only where `moe_leaves_pairs`): each routed
+    /// pair's output stays in `scratch.out` [pairs, H], weighted, for its consumer to sum per
+    /// token (ops.cu's PairsAddend: the same bits as the combine). The down blocks then skip the
+    /// combine's fence, count and last-block sum: 4-6 points of the copy bandwidth at 2-8 tokens.
+    pub fn moe_mxfp4_pairs(&self, w: &MoeWeights, r: &DeviceRouting, x: &CudaSlice<f32>, input: MoeInput, scratch: &mut MoeScratch) -> Result<()> {
+        let kind = self.moe_kernel(w, r.num_tokens, r.top_k);
+        check(self.moe_leaves_pairs(w, r.num_tokens, r.top_k), || format!("the MoE of {} tokens ({kind:?}) combines its pairs itself", r.num_tokens))?;
+        self.moe_mxfp4_run(kind, w, r, x, input, scratch, None)
+    }
+
+    /// `moe_mxfp4_with`; y None: the pairs stay uncombined (two-launch tiled kernels only).
+    #[allow(clippy::too_many_arguments)]
+    fn moe_mxfp4_run(&self, kind: MoeKernel, w: &MoeWeights, r: &DeviceRouting, x: &CudaSlice<f32>, input: MoeInput, scratch: &mut MoeScratch, mut y: Option<&mut CudaSlice<f32>>) -> Result<()> {
         let (h, i) = (w.hidden, w.inter);
         check(h % 32 == 0 && i % 32 == 0, || format!("MoE dims {h}, {i} must be multiples of 32"))?;
         check(scratch.h.len() >= r.num_pairs * i && scratch.out.len() >= r.num_pairs * h, || "MoE scratch too small".into())?;
-        check(x.len() >= r.num_tokens * h && y.len() >= r.num_tokens * h, || "MoE activations too small".into())?;
+        check(x.len() >= r.num_tokens * h && y.as_ref().is_none_or(|y| y.len() >= r.num_tokens * h), || "MoE activations too small".into())?;
+        check(y.is_some() || matches!((&w.layout, kind), (MoeLayout::Tiled { .. }, MoeKernel::Tiled { .. })), || format!("the MoE kernel {kind:?} combines its pairs itself"))?;
         let u = r.num_experts_used as u32;
         if u == 0 {
             return Ok(());
@@ -1323,6 +1346,7 @@ impl Kernels {
                 let (v, dv) = (Self::tiled_variant(stages, steps)?, Self::tiled_variant(down_stages, down_steps)?);
                 let (ti, ki, settled) = (r.num_tokens as i32, r.top_k as i32, input.settled_flag());
                 let fused = r.top_k <= MAX_FUSED_TOPK;
+                check(fused || y.is_some(), || format!("top-{} pairs are combined by moe_combine", r.top_k))?;
                 let groups = (h / 16).div_ceil(8);
                 check(scratch.counters.len() >= groups, || "MoE scratch counters too small".into())?;
                 // Per-slot counters after the combine's (done, then passed; moe_counters sizes
@@ -1373,17 +1397,22 @@ impl Kernels {
                     b.arg(&scratch.h);
                 }
                 b.arg(&mut scratch.out).arg(&hh).arg(&ii);
-                if fused {
-                    b.arg(&mut scratch.counters);
-                } else {
-                    b.arg(&0u64);
-                }
-                b.arg(&r.tok_pairs).arg(&mut *y).arg(&ti).arg(&ki).arg(&slot_ptr);
+                // Null counters: no combine (the pairs' consumer sums them, or moe_combine).
+                match &mut y {
+                    Some(_) if fused => b.arg(&mut scratch.counters),
+                    _ => b.arg(&0u64),
+                };
+                b.arg(&r.tok_pairs);
+                match &mut y {
+                    Some(y) => b.arg(&mut **y),
+                    None => b.arg(&0u64),
+                };
+                b.arg(&ti).arg(&ki).arg(&slot_ptr);
                 if let Some((hs, hinv)) = &mut hsplit {
                     b.arg(&*hs).arg(&*hinv);
                 }
                 unsafe { b.launch(cfg(h / 16, d_smem)) }.map_err(drv("moe down (tiled)"))?;
-                if fused {
+                if fused || y.is_none() {
                     return Ok(());
                 }
             }
@@ -1394,6 +1423,7 @@ impl Kernels {
                 let (ti, ki, ui) = (r.num_tokens as i32, r.top_k as i32, u as i32);
                 let mut b = crate::launch::builder(&self.stream, f);
                 b.arg(gate_up).arg(down).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_tok).arg(&r.pair_w).arg(x);
+                let y = y.as_deref_mut().ok_or_else(|| Error::Backend("the fused MoE kernel combines its pairs".into()))?;
                 b.arg(&mut scratch.h).arg(&mut scratch.out).arg(&hh).arg(&ii).arg(&ui).arg(&mut scratch.counters).arg(&r.tok_pairs).arg(&mut *y).arg(&ti).arg(&ki);
                 let settled = input.settled_flag();
                 b.arg(&settled);
@@ -1445,7 +1475,8 @@ impl Kernels {
         }
         let mut b = crate::launch::builder(&self.stream, &self.combine);
         let topk = r.top_k as i32;
-        b.arg(&scratch.out).arg(&r.tok_pairs).arg(&mut *y).arg(&hh).arg(&topk);
+        let y = y.ok_or_else(|| Error::Backend("moe_combine needs its output rows".into()))?;
+        b.arg(&scratch.out).arg(&r.tok_pairs).arg(y).arg(&hh).arg(&topk);
         let cfg = LaunchConfig { grid_dim: ((h as u32).div_ceil(256), r.num_tokens as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         unsafe { b.launch(cfg) }.map_err(drv("moe_combine"))?;
         Ok(())

@@ -151,4 +151,12 @@ impl Kernels {
         let table = self.moe_choices.lock().ok()?;
         table.get(&(w.hidden, w.inter, w.num_experts, top_k, tokens)).copied()
     }
+
+    /// Makes `kind` the choice `tuned_moe` gives for `w`'s shape at `tokens` tokens (tests pin
+    /// the kernel a path needs).
+    pub fn pin_moe(&self, w: &MoeWeights, top_k: usize, tokens: usize, kind: MoeKernel) {
+        if let Ok(mut table) = self.moe_choices.lock() {
+            table.insert((w.hidden, w.inter, w.num_experts, top_k, tokens), kind);
+        }
+    }
 }

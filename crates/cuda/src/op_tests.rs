@@ -176,6 +176,75 @@ fn norms_match_the_cpu_reference() {
     }
 }
 
+/// The residual adds that sum the routed MoE's pairs themselves (`MlpOut::Pairs`) give exactly
+/// the bits of combining the pairs first (in ascending pair order from 0, as the MoE's combine
+/// does) and then adding: residual, y and the F16 split, for top-1 to top-32, rows of 1 to 8
+/// tokens, pair lists in any order.
+#[test]
+fn norms_summing_moe_pairs_equal_combine_then_norm() {
+    let Some(m) = model() else { return };
+    let mut r = rng();
+    let st = m.stream.clone();
+    for (rows, d, topk) in [(1usize, 4096usize, 8usize), (2, 4096, 8), (8, 4096, 8), (3, 256, 1), (5, 192, 3), (4, 512, 32)] {
+        let pairs = rows * topk;
+        let out = randn(&mut r, pairs * d, 2.0);
+        // Each row's pairs, distinct and shuffled (the grouping lists them by expert slot).
+        let mut ids: Vec<i32> = (0..pairs as i32).collect();
+        for i in (1..ids.len()).rev() {
+            ids.swap(i, r.random_range(0..=i));
+        }
+        let x = randn(&mut r, rows * d, 3.0);
+        let w = randn(&mut r, d, 1.0);
+        let mut combined = vec![0f32; rows * d];
+        for t in 0..rows {
+            let mut tp = ids[t * topk..(t + 1) * topk].to_vec();
+            tp.sort();
+            for n in 0..d {
+                let mut acc = 0f32;
+                for &p in &tp {
+                    acc += out[p as usize * d + n];
+                }
+                combined[t * d + n] = acc;
+            }
+        }
+        let (od, td, wd, cd) = (st.clone_htod(&out).unwrap(), st.clone_htod(&ids).unwrap(), st.clone_htod(&w).unwrap(), st.clone_htod(&combined).unwrap());
+        let name = format!("{rows}x{d} top-{topk}");
+        // Residual add only (the last layer's).
+        let mut xd = st.clone_htod(&x).unwrap();
+        m.add_pairs_inplace(&mut xd, (&od, &td, topk), rows, d).unwrap();
+        let sum: Vec<f32> = x.iter().zip(&combined).map(|(p, q)| p + q).collect();
+        assert_eq!(st.clone_dtoh(&xd).unwrap(), sum, "add_pairs_inplace {name}");
+        // The norm.
+        let mut xw = st.clone_htod(&x).unwrap();
+        let want = st.clone_dtoh(&m.add_rms_norm(&mut xw, &cd, &wd, rows, d).unwrap()).unwrap();
+        let mut xd = st.clone_htod(&x).unwrap();
+        let (y, sp) = m.add_rms_norm_pairs(&mut xd, (&od, &td, topk), &wd, rows, d, false).unwrap();
+        assert!(sp.is_none());
+        assert_eq!(st.clone_dtoh(&xd).unwrap(), sum, "add_rms_norm_pairs {name}: residual");
+        assert_eq!(st.clone_dtoh(&y).unwrap(), want, "add_rms_norm_pairs {name}: y");
+        assert!(want.iter().all(|v| v.is_finite()), "add_rms_norm {name}: non-finite");
+        // The norm writing the F16 split.
+        if d.is_multiple_of(4) && d <= 4 * 4 * 1024 {
+            let mut xw = st.clone_htod(&x).unwrap();
+            let (wy, (wh, wl, winv)) = m.add_rms_norm_split(&mut xw, &cd, &wd, rows, d).unwrap();
+            let mut xd = st.clone_htod(&x).unwrap();
+            let (y, sp) = m.add_rms_norm_pairs(&mut xd, (&od, &td, topk), &wd, rows, d, true).unwrap();
+            let (yh, yl, yinv) = sp.expect("split");
+            assert_eq!(st.clone_dtoh(&xd).unwrap(), sum, "add_rms_norm_split_pairs {name}: residual");
+            assert_eq!(st.clone_dtoh(&y).unwrap(), st.clone_dtoh(&wy).unwrap(), "add_rms_norm_split_pairs {name}: y");
+            assert_eq!(st.clone_dtoh(&yh).unwrap(), st.clone_dtoh(&wh).unwrap(), "add_rms_norm_split_pairs {name}: hi parts");
+            assert_eq!(st.clone_dtoh(&yl).unwrap(), st.clone_dtoh(&wl).unwrap(), "add_rms_norm_split_pairs {name}: lo parts");
+            assert_eq!(st.clone_dtoh(&yinv).unwrap(), st.clone_dtoh(&winv).unwrap(), "add_rms_norm_split_pairs {name}: inverse scales");
+        }
+        eprintln!("{name}: pair-summing residual adds identical to combine then add");
+    }
+    // Bad bounds are an error, not a fault.
+    let (od, td) = (st.clone_htod(&[0f32; 8]).unwrap(), st.clone_htod(&[0i32; 2]).unwrap());
+    let mut xd = st.clone_htod(&[0f32; 4]).unwrap();
+    assert!(m.add_pairs_inplace(&mut xd, (&od, &td, 33), 1, 4).is_err());
+    assert!(m.add_pairs_inplace(&mut xd, (&od, &td, 2), 2, 4).is_err());
+}
+
 fn poisoned(m: &CudaModel, n: usize) -> CudaSlice<f32> {
     m.stream.clone_htod(&vec![f32::NAN; n]).unwrap()
 }

@@ -11,7 +11,7 @@ use cudarc::driver::{CudaEvent, CudaSlice};
 use peregrine_core::backend::SeqForward;
 use peregrine_core::{Error, Result};
 
-use crate::backend::{drv, CudaModel, Mlp, RowMeta};
+use crate::backend::{drv, CudaModel, Mlp, MlpOut, RowMeta};
 
 /// The activations a step passes between operations (each [rows, width]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,7 +24,8 @@ pub enum Act {
     MlpIn,
     /// o_proj's output.
     AttnOut,
-    /// The MLP's output.
+    /// The MLP's output (or, from the tiled MoE, its routed pairs, which only the residual add
+    /// after it reads: `MlpOut::Pairs`).
     MlpOut,
     /// The rows whose logits are asked for.
     Selected,
@@ -59,7 +60,8 @@ pub enum Op {
     /// new K/V) the attention kernel may apply RoPE and write the pool itself, one launch fewer:
     /// it does while its grid fits one wave of the GPU (small decode batches).
     Attention { layer: usize, src: Act, rows: usize, kv_in_attention: bool },
-    /// MlpOut = the layer's dense MLP, or its MoE (router, grouping, experts, combine).
+    /// MlpOut = the layer's dense MLP, or its MoE (router, grouping, experts, combine; the
+    /// two-launch tiled MoE leaves the combine to the residual add after it).
     Mlp { layer: usize, src: Act, rows: usize },
     /// The drafter reads this layer: its output (after the final norm for the last layer) joins
     /// the context features.
@@ -143,6 +145,9 @@ impl CudaModel {
         // the MoE reads it, likewise.
         let mut attn_split = None;
         let mut mlp_split = None;
+        // MlpOut held as the routed MoE's pairs (`MlpOut::Pairs`) rather than in acts: the
+        // residual add after the MoE sums them.
+        let mut mlp_pairs: Option<(CudaSlice<f32>, CudaSlice<i32>, usize)> = None;
         let mut features = None;
         let norm_weight = |w: NormWeight| match w {
             NormWeight::Input(l) => &self.layers[l].input_norm,
@@ -155,6 +160,21 @@ impl CudaModel {
                 Op::Embed { rows } => acts[Act::Hidden as usize] = Some(self.embed_rows(&meta.tok, rows)?),
                 Op::Norm { src, dst, weight, rows } => {
                     let y = self.rms_norm(acts[src as usize].as_ref().ok_or_else(|| Error::Backend(format!("step plan reads {src:?} before writing it")))?, norm_weight(weight), rows, h)?;
+                    acts[dst as usize] = Some(y);
+                }
+                Op::AddNorm { add: Act::MlpOut, dst, weight, rows } if mlp_pairs.is_some() => {
+                    let (out, tok_pairs, topk) = mlp_pairs.take().ok_or_else(|| Error::Backend("step plan: MoE pairs gone".into()))?;
+                    let mut x = acts[Act::Hidden as usize].take().ok_or_else(|| Error::Backend("step plan adds to the residual before the embedding".into()))?;
+                    if dst == Act::AttnIn {
+                        attn_split = None;
+                    }
+                    let split = matches!(weight, NormWeight::Input(l) if dst == Act::AttnIn && self.wants_f16_split(l));
+                    let y = self.add_rms_norm_pairs(&mut x, (&out, &tok_pairs, topk), norm_weight(weight), rows, h, split);
+                    acts[Act::Hidden as usize] = Some(x);
+                    let (y, sp) = y?;
+                    if sp.is_some() {
+                        attn_split = sp;
+                    }
                     acts[dst as usize] = Some(y);
                 }
                 Op::AddNorm { add, dst, weight, rows } => {
@@ -184,6 +204,13 @@ impl CudaModel {
                     acts[Act::Hidden as usize] = Some(x);
                     acts[dst as usize] = Some(y?);
                 }
+                Op::Add { add: Act::MlpOut, rows } if mlp_pairs.is_some() => {
+                    let (out, tok_pairs, topk) = mlp_pairs.take().ok_or_else(|| Error::Backend("step plan: MoE pairs gone".into()))?;
+                    let mut x = acts[Act::Hidden as usize].take().ok_or_else(|| Error::Backend("step plan adds to the residual before the embedding".into()))?;
+                    let r = self.add_pairs_inplace(&mut x, (&out, &tok_pairs, topk), rows, h);
+                    acts[Act::Hidden as usize] = Some(x);
+                    r?;
+                }
                 Op::Add { add, rows } => {
                     let mut x = acts[Act::Hidden as usize].take().ok_or_else(|| Error::Backend("step plan adds to the residual before the embedding".into()))?;
                     let r = self.add_inplace(&mut x, acts[add as usize].as_ref().ok_or_else(|| Error::Backend(format!("step plan reads {add:?} before writing it")))?, rows * h);
@@ -198,11 +225,21 @@ impl CudaModel {
                 Op::Mlp { layer, src, rows } => {
                     let x = acts[src as usize].as_ref().ok_or_else(|| Error::Backend(format!("step plan reads {src:?} before writing it")))?;
                     let split = if src == Act::MlpIn { mlp_split.take() } else { None };
+                    // The MoE may leave its pairs: only the residual adds after it read MlpOut.
                     let m = match &self.layers[layer].mlp {
-                        Mlp::Dense(f) => self.ffn(f, x, rows)?,
-                        Mlp::Moe { spec, router, bias, experts } => self.moe(spec, router, bias.as_ref(), experts, x, split.as_ref(), rows)?,
+                        Mlp::Dense(f) => MlpOut::Rows(self.ffn(f, x, rows)?),
+                        Mlp::Moe { spec, router, bias, experts } => self.moe(spec, router, bias.as_ref(), experts, x, split.as_ref(), rows, true)?,
                     };
-                    acts[Act::MlpOut as usize] = Some(m);
+                    match m {
+                        MlpOut::Rows(m) => {
+                            mlp_pairs = None;
+                            acts[Act::MlpOut as usize] = Some(m);
+                        }
+                        MlpOut::Pairs { out, tok_pairs, topk } => {
+                            acts[Act::MlpOut as usize] = None;
+                            mlp_pairs = Some((out, tok_pairs, topk));
+                        }
+                    }
                 }
                 Op::CaptureFeatures { layer, rows } => {
                     let x = acts[Act::Hidden as usize].as_ref().ok_or_else(|| Error::Backend("step plan captures before the embedding".into()))?;

@@ -254,6 +254,60 @@ fn synthetic_models_prefill_equals_decode_and_argmax_on_gpu() {
     }
 }
 
+/// The tiled MoE leaving its routed pairs for the residual add after it to sum gives the same
+/// logits, bit for bit, as its down kernel combining them: decode batches of 1 to 8 rows (the
+/// two-launch tiled kernels pinned at each size, the fused one at 1 row too), eager and as a
+/// CUDA graph, on a synthetic model whose experts take the tiled layout.
+#[test]
+fn moe_pairs_summed_by_the_norm_equal_the_combine_in_the_moe() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/golden/mxfp4");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    // Experts the tiled kernels take (the fixture's 64 x 32 are below their tiles), 16 of them, top-8.
+    for (k, v) in [("hidden_size", 256), ("moe_intermediate_size", 128), ("intermediate_size", 256), ("n_routed_experts", 16), ("num_experts_per_tok", 8)] {
+        cfg[k] = serde_json::json!(v);
+    }
+    let spec = peregrine_model::config::parse_config(&cfg, None).expect("config");
+    let Some(mut model) = synthetic(&spec) else { return };
+    kv(&mut model, 128);
+    let mut r = rng();
+    let vocab = spec.vocab_size;
+    for rows in 1..=8usize {
+        assert!(model.pin_moe_kernel(rows, MoeKernel::TILED), "the synthetic model has stacked MXFP4 experts");
+    }
+    for rows in 1..=8usize {
+        let toks: Vec<u32> = (0..rows).map(|_| r.random_range(0..vocab as u32)).collect();
+        let batch: Vec<SeqForward> = (0..rows).map(|s| seq(s as u64, vec![toks[s]], 0, &[(s * 8) as u32], OutputRows::Last)).collect();
+        let mut got = Vec::new();
+        for (combine_in_norm, graphs) in [(false, false), (true, false), (true, true), (false, true)] {
+            model.set_moe_combine_in_norm(combine_in_norm);
+            model.set_cuda_graphs(graphs);
+            let before = model.moe_pairs_calls();
+            let logits: Vec<f32> = model.forward(&batch).unwrap().into_iter().flat_map(|l| l.data).collect();
+            assert!(logits.iter().all(|v| v.is_finite()), "{rows} rows: non-finite logits");
+            // Eager steps count the calls; a replayed graph does not run the host code.
+            if combine_in_norm && !graphs {
+                assert!(model.moe_pairs_calls() > before, "{rows} rows: the MoE did not leave its pairs to the norm");
+            }
+            got.push(logits);
+        }
+        for g in &got[1..] {
+            assert_eq!(g, &got[0], "{rows} rows: logits differ with the combine in the norm");
+        }
+        eprintln!("{rows} rows: combine in the norm = combine in the MoE, eager and graphed ({} pair calls so far)", model.moe_pairs_calls());
+    }
+    // The fused one-token kernel keeps its combine (no pairs left) and still agrees.
+    assert!(model.pin_moe_kernel(1, MoeKernel::FUSED));
+    let batch = [seq(0, vec![3], 1, &[0], OutputRows::Last)];
+    model.set_cuda_graphs(false);
+    let before = model.moe_pairs_calls();
+    model.set_moe_combine_in_norm(true);
+    let a = model.forward(&batch).unwrap();
+    assert_eq!(model.moe_pairs_calls(), before, "the fused kernel left its pairs");
+    model.set_moe_combine_in_norm(false);
+    let b = model.forward(&batch).unwrap();
+    assert_eq!(a[0].data, b[0].data, "fused one-token MoE");
+}
+
 /// A synthetic model of the "default" fixture's shapes with the random DFlash fixture's drafter
 /// attached, and three sequences (block tables of 8 blocks) whose 20, 33 and 7 random tokens of
 /// context are computed; None without a GPU.
