@@ -1044,17 +1044,17 @@ impl CudaModel {
         Ok(())
     }
 
-    /// The routed MLP of rows `hn` [n, H] -> [n, H], or (`pairs_ok`, where the two-launch tiled
-    /// kernels run) its routed pairs for the next residual add to sum (`MlpOut::Pairs`).
+    /// The routed MLP of rows `hn` [n, H] -> [n, H], or (where the two-launch tiled kernels run
+    /// and `pairs_pay`) its routed pairs for the residual add after it to sum (`MlpOut::Pairs`).
     /// `hn_split`: hn split by the norm that wrote it (`wants_moe_split`).
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn moe(&self, spec: &MoeSpec, router: &Mat, bias: Option<&(CudaSlice<f32>, Vec<f32>)>, experts: &Experts, hn: &CudaSlice<f32>, hn_split: Option<&MoeSplit>, n: usize, pairs_ok: bool) -> Result<MlpOut> {
+    pub(crate) fn moe(&self, spec: &MoeSpec, router: &Mat, bias: Option<&(CudaSlice<f32>, Vec<f32>)>, experts: &Experts, hn: &CudaSlice<f32>, hn_split: Option<&MoeSplit>, n: usize) -> Result<MlpOut> {
         let logits = self.matvec(router, hn, n)?;
         // hn was written before this call, and the router launched on it since: by the expert
         // kernels it is settled (staged while the router still runs).
         let input = hn_split.map_or(MoeInput::Settled, MoeInput::Split);
         match experts {
-            Experts::Stacked(w) if pairs_ok && self.moe_combine_in_norm.unwrap_or_else(|| pairs_pay(n, spec.top_k, w.hidden)) && self.kernels.moe_leaves_pairs(w, n, spec.top_k) && !(n == 1 && self.route_in_moe && matches!(self.kernels.moe_kernel(w, n, spec.top_k), MoeKernel::Fused { .. })) => {
+            Experts::Stacked(w) if self.moe_combine_in_norm.unwrap_or_else(|| pairs_pay(n, spec.top_k, w.hidden)) && self.kernels.moe_leaves_pairs(w, n, spec.top_k) && !(n == 1 && self.route_in_moe && matches!(self.kernels.moe_kernel(w, n, spec.top_k), MoeKernel::Fused { .. })) => {
                 let (r, _, _) = self.route_device(spec, &logits, bias.map(|b| &b.0), n)?;
                 let out = self.with_moe_scratch(w, r.num_pairs, |scratch| self.kernels.moe_mxfp4_pairs(w, &r, hn, input, scratch))?;
                 self.moe_pairs_calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -228,7 +228,7 @@ impl CudaModel {
                     // The MoE may leave its pairs: only the residual adds after it read MlpOut.
                     let m = match &self.layers[layer].mlp {
                         Mlp::Dense(f) => MlpOut::Rows(self.ffn(f, x, rows)?),
-                        Mlp::Moe { spec, router, bias, experts } => self.moe(spec, router, bias.as_ref(), experts, x, split.as_ref(), rows, true)?,
+                        Mlp::Moe { spec, router, bias, experts } => self.moe(spec, router, bias.as_ref(), experts, x, split.as_ref(), rows)?,
                     };
                     match m {
                         MlpOut::Rows(m) => {
