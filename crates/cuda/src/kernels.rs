@@ -614,10 +614,9 @@ impl Kernels {
         let (sptx, _) = compile::ptx("sample", compile::SAMPLE_CU, nvrtc_arch(gpu.capability))?;
         let sm = gpu.ctx.load_module(sptx).map_err(drv("loading sample.cu"))?;
         let sample = sm.load_function("sample_rows").map_err(drv("kernel sample_rows"))?;
-        // Hopper on. The room a block has for its staged slice: what a block may opt in to,
-        // less the kernel's own shared memory (none: the slices stay in global memory).
+        // The cluster sampler (Hopper on): its compiled cluster width; past 8 blocks, a
+        // non-portable size the GPU must allow.
         use cudarc::driver::sys::CUfunction_attribute as FnAttr;
-        // Its compiled cluster width; past 8 blocks, a non-portable size the GPU must allow.
         let width = |f: &CudaFunction| f.get_attribute(FnAttr::CU_FUNC_ATTRIBUTE_REQUIRED_CLUSTER_WIDTH).unwrap_or(0).max(0) as usize;
         let allows = |f: &CudaFunction| width(f) <= 8 || f.set_attribute(FnAttr::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED, 1).is_ok();
         let sample_cluster = (gpu.capability.0 >= 9 && std::env::var("PEREGRINE_SAMPLE_CLUSTER").map_or(true, |v| v != "0"))
@@ -625,6 +624,8 @@ impl Kernels {
             .flatten()
             .filter(|f| width(f) > 1 && allows(f));
         let sample_width = sample_cluster.as_ref().map_or(1, width);
+        // The room a block has for its staged slice: what a block may opt in to, less the
+        // kernel's own shared memory (none: the slices stay in global memory).
         let sample_stage_max = sample_cluster.as_ref().map_or(0, |f| {
             let optin = gpu.ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN).unwrap_or(0);
             let own = f.get_attribute(FnAttr::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES).unwrap_or(i32::MAX);
