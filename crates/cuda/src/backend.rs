@@ -237,8 +237,7 @@ pub struct CudaModel {
     /// comparison.
     route_in_moe: bool,
     /// Whether the two-launch tiled MoE leaves its routed pairs for the norm after it to sum
-    /// (`MlpOut::Pairs`): None where `pairs_pay` says so, Some to force it
-    /// (PEREGRINE_MOE_COMBINE_IN_NORM=1 / 0; tests).
+    /// (`MlpOut::Pairs`): None where `kernels::moe_pairs_pay` says so, Some to force it (tests).
     moe_combine_in_norm: Option<bool>,
     /// MoE calls that left their pairs to the norm (tests check the path ran).
     moe_pairs_calls: std::sync::atomic::AtomicUsize,
@@ -525,7 +524,7 @@ impl CudaModel {
             merge_in_attention: std::env::var("PEREGRINE_ATTN_MERGE_IN_KERNEL").map_or(true, |v| v != "0"),
             attn_fill: std::env::var("PEREGRINE_ATTN_FILL").map_or(true, |v| v != "0"),
             route_in_moe: std::env::var("PEREGRINE_MOE_ROUTE_IN_KERNEL").map_or(true, |v| v != "0"),
-            moe_combine_in_norm: std::env::var("PEREGRINE_MOE_COMBINE_IN_NORM").ok().map(|v| v != "0"),
+            moe_combine_in_norm: None,
             moe_pairs_calls: std::sync::atomic::AtomicUsize::new(0),
             prefill_pdl: std::env::var("PEREGRINE_PREFILL_PDL").is_ok_and(|v| v == "1"),
         };
@@ -1045,7 +1044,7 @@ impl CudaModel {
     }
 
     /// The routed MLP of rows `hn` [n, H] -> [n, H], or (where the two-launch tiled kernels run
-    /// and `pairs_pay`) its routed pairs for the residual add after it to sum (`MlpOut::Pairs`).
+    /// and `kernels::moe_pairs_pay`) its routed pairs for the residual add after it to sum (`MlpOut::Pairs`).
     /// `hn_split`: hn split by the norm that wrote it (`wants_moe_split`).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn moe(&self, spec: &MoeSpec, router: &Mat, bias: Option<&(CudaSlice<f32>, Vec<f32>)>, experts: &Experts, hn: &CudaSlice<f32>, hn_split: Option<&MoeSplit>, n: usize) -> Result<MlpOut> {
@@ -1054,7 +1053,7 @@ impl CudaModel {
         // kernels it is settled (staged while the router still runs).
         let input = hn_split.map_or(MoeInput::Settled, MoeInput::Split);
         match experts {
-            Experts::Stacked(w) if self.moe_combine_in_norm.unwrap_or_else(|| pairs_pay(n, spec.top_k, w.hidden)) && self.kernels.moe_leaves_pairs(w, n, spec.top_k) && !(n == 1 && self.route_in_moe && matches!(self.kernels.moe_kernel(w, n, spec.top_k), MoeKernel::Fused { .. })) => {
+            Experts::Stacked(w) if self.moe_combine_in_norm.unwrap_or_else(|| crate::kernels::moe_pairs_pay(n, spec.top_k, w.hidden)) && self.kernels.moe_leaves_pairs(w, n, spec.top_k) && !(n == 1 && self.route_in_moe && matches!(self.kernels.moe_kernel(w, n, spec.top_k), MoeKernel::Fused { .. })) => {
                 let (r, _, _) = self.route_device(spec, &logits, bias.map(|b| &b.0), n)?;
                 let out = self.with_moe_scratch(w, r.num_pairs, |scratch| self.kernels.moe_mxfp4_pairs(w, &r, hn, input, scratch))?;
                 self.moe_pairs_calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -1066,7 +1065,7 @@ impl CudaModel {
     }
 
     /// Forces whether the tiled MoE leaves its routed pairs to the norm after it (by default
-    /// where `pairs_pay`); for tests comparing the two (the same bits). Captured step graphs
+    /// where `kernels::moe_pairs_pay`); for tests comparing the two (the same bits). Captured step graphs
     /// are dropped.
     pub fn set_moe_combine_in_norm(&mut self, on: bool) {
         self.moe_combine_in_norm = Some(on);
@@ -1242,20 +1241,6 @@ pub(crate) enum MlpOut {
     Rows(CudaSlice<f32>),
     Pairs { out: CudaSlice<f32>, tok_pairs: CudaSlice<i32>, topk: usize },
 }
-
-/// Whether leaving the MoE's pairs to the norm after it pays (H100, benches/results/
-/// 2026-11-24-moe-combine-in-norm.md): the down kernel then skips its combine (a fence, a count and
-/// the last block's sum in every block's tail: 4-6 points of the copy bandwidth at 2-8 tokens),
-/// but one norm block reads each row's topk pair rows. From 2 tokens, with 128 KB per row
-/// (MiMo-V2-Flash's 8 x 4096 floats), the steps were 0.5-1.3% faster; with 192 KB
-/// (MiMo-V2.5-Pro's 8 x 6144) steps at 1-2 tokens were 0.4-0.8% slower and at 4-8 even; at one
-/// token Flash runs the fused kernel, which keeps its combine.
-fn pairs_pay(tokens: usize, topk: usize, hidden: usize) -> bool {
-    tokens >= 2 && topk * hidden * 4 <= PAIRS_NORM_MAX_BYTES
-}
-
-/// The most pair bytes per row for which `pairs_pay` leaves the combine to the norm.
-const PAIRS_NORM_MAX_BYTES: usize = 128 * 1024;
 
 /// The pair-summing kernels' bounds: topk <= 32 distinct pairs per row, inside `out`.
 fn check_pairs(out: &CudaSlice<f32>, tok_pairs: &CudaSlice<i32>, topk: usize, rows: usize, d: usize) -> Result<()> {

@@ -156,8 +156,27 @@ pub struct MoeSplit {
     pub inv: CudaSlice<f32>,
 }
 
+/// Whether the step leaves the two-launch tiled MoE's pairs to the norm after it (H100,
+/// benches/results/2026-11-24-moe-combine-in-norm.md): the down kernel then skips its combine
+/// (a fence, a count and the last block's sum in every block's tail: 4-6 points of the copy
+/// bandwidth at 2-8 tokens), but one norm block reads each row's topk pair rows. From 2 tokens,
+/// with 128 KB per row (MiMo-V2-Flash's 8 x 4096 floats), the steps were 0.5-1.3% faster; with
+/// 192 KB (MiMo-V2.5-Pro's 8 x 6144) steps at 1-2 tokens were 0.4-0.8% slower and at 4-8 even;
+/// at one token Flash runs the fused kernel, which keeps its combine.
+/// PEREGRINE_MOE_COMBINE_IN_NORM=1|0 forces it either way. The tuner times the tiled kernels
+/// as the step will run them.
+pub fn moe_pairs_pay(tokens: usize, top_k: usize, hidden: usize) -> bool {
+    static FORCED: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
+    FORCED
+        .get_or_init(|| std::env::var("PEREGRINE_MOE_COMBINE_IN_NORM").ok().map(|v| v != "0"))
+        .unwrap_or(tokens >= 2 && top_k * hidden * 4 <= PAIRS_NORM_MAX_BYTES)
+}
+
+/// The most pair bytes per row for which `moe_pairs_pay` leaves the combine to the norm.
+const PAIRS_NORM_MAX_BYTES: usize = 128 * 1024;
+
 /// The largest top-k whose combine the tiled down kernel fuses (MAX_FUSED_TOPK in moe.cu).
-const MAX_FUSED_TOPK: usize = 32;
+pub(crate) const MAX_FUSED_TOPK: usize = 32;
 /// Dynamic shared memory the tiled MoE kernels may ask for (8 warps' rings and the staged
 /// activations; `mxfp4_tiles::MAX_TILED_K` keeps the shapes it takes within it).
 pub const TILED_MAX_SMEM: usize = 200 * 1024;
@@ -1331,7 +1350,7 @@ impl Kernels {
 
     /// `moe_mxfp4_with`; y None: the pairs stay uncombined (two-launch tiled kernels only).
     #[allow(clippy::too_many_arguments)]
-    fn moe_mxfp4_run(&self, kind: MoeKernel, w: &MoeWeights, r: &DeviceRouting, x: &CudaSlice<f32>, input: MoeInput, scratch: &mut MoeScratch, mut y: Option<&mut CudaSlice<f32>>) -> Result<()> {
+    pub(crate) fn moe_mxfp4_run(&self, kind: MoeKernel, w: &MoeWeights, r: &DeviceRouting, x: &CudaSlice<f32>, input: MoeInput, scratch: &mut MoeScratch, mut y: Option<&mut CudaSlice<f32>>) -> Result<()> {
         let (h, i) = (w.hidden, w.inter);
         check(h % 32 == 0 && i % 32 == 0, || format!("MoE dims {h}, {i} must be multiples of 32"))?;
         check(scratch.h.len() >= r.num_pairs * i && scratch.out.len() >= r.num_pairs * h, || "MoE scratch too small".into())?;
