@@ -412,6 +412,13 @@ fn priority_orders_waiting_requests() {
     high.priority = -1;
     let mut rl = e.submit(low).unwrap();
     let rh = e.submit(high).unwrap();
+    // Both wait before the slot frees (a loaded machine could otherwise free it, and schedule
+    // low, before the engine had taken high in).
+    let t = Instant::now();
+    while e.stats().waiting < 2 {
+        assert!(t.elapsed() < Duration::from_secs(10), "the two requests never waited together: {:?}", e.stats());
+        std::thread::sleep(Duration::from_millis(1));
+    }
     drop(busy);
     let high_out = collect(rh);
     assert_eq!(high_out.tokens.len(), 2);
