@@ -185,7 +185,7 @@ fn norms_summing_moe_pairs_equal_combine_then_norm() {
     let Some(m) = model() else { return };
     let mut r = rng();
     let st = m.stream.clone();
-    for (rows, d, topk) in [(1usize, 4096usize, 8usize), (2, 4096, 8), (8, 4096, 8), (3, 256, 1), (5, 192, 3), (4, 512, 32)] {
+    for (rows, d, topk) in [(1usize, 4096usize, 8usize), (2, 4096, 8), (8, 4096, 8), (2, 6144, 8), (1, 16384, 4), (3, 256, 1), (5, 192, 3), (4, 512, 32)] {
         let pairs = rows * topk;
         let out = randn(&mut r, pairs * d, 2.0);
         // Each row's pairs, distinct and shuffled (the grouping lists them by expert slot).
