@@ -18,7 +18,6 @@
 // (PDL_ENTER and the f16 helpers come from kernels/common.cuh, prepended by compile.rs.)
 
 #define ST 1024
-#define NW (ST / 32)
 
 struct RowSampling {
     float temperature;
@@ -298,6 +297,11 @@ __device__ int tie_cut(const Slice& s, int V, unsigned K, unsigned long long lef
     return sh.cut;
 }
 
+// A logit and its id as one word for the cluster: the value's bits above the id.
+__device__ __forceinline__ unsigned long long pack_top(float v, int id) { return ((unsigned long long)__float_as_uint(v) << 32) | (unsigned)id; }
+__device__ __forceinline__ float top_value(unsigned long long e) { return __uint_as_float((unsigned)(e >> 32)); }
+__device__ __forceinline__ int top_id(unsigned long long e) { return (int)(unsigned)e; }
+
 // One row's sample by a cluster of CL blocks of NT threads; `stage` (shared, the block's slice)
 // when `staged`. Every block reaches the same cluster barriers and ends on one, so no block
 // leaves while another may still read its shared memory.
@@ -329,15 +333,15 @@ __device__ void sample_row(const float* __restrict__ logits, int V, const RowSam
         int id = sh.wbi[0];
         for (int k = 1; k < NT / 32; k++)
             if (sh.wbest[k] > b || (sh.wbest[k] == b && sh.wbi[k] < id)) { b = sh.wbest[k]; id = sh.wbi[k]; }
-        pub[0] = ((unsigned long long)__float_as_uint(b) << 32) | (unsigned)id;
+        pub[0] = pack_top(b, id);
     }
     cluster_sync<CL>();
     float mx = __int_as_float(0xff800000u);
     int am = 0x7fffffff;
     for (unsigned r = 0; r < CL; r++) {
         unsigned long long v = cluster_read<CL>(pub, r);
-        float b = __uint_as_float((unsigned)(v >> 32));
-        int id = (int)(unsigned)v;
+        float b = top_value(v);
+        int id = top_id(v);
         if (b > mx || (b == mx && id < am)) { mx = b; am = id; }
     }
     int argmax_id = am == 0x7fffffff ? 0 : am;
@@ -443,9 +447,6 @@ extern "C" __global__ void __cluster_dims__(SAMPLE_CLUSTER, 1, 1) __launch_bound
 // unlike the radix selection the sampler's top-k uses).
 #define MAXTOP 20
 
-// A logit and its id as one word for the cluster: the value's bits above the id.
-__device__ __forceinline__ unsigned long long pack_top(float v, int id) { return ((unsigned long long)__float_as_uint(v) << 32) | (unsigned)id; }
-
 template <int CL, int NT>
 __device__ void logprobs_row(const float* __restrict__ logits, int V, const int* __restrict__ chosen, const int* __restrict__ tops,
                              float* __restrict__ lp, int* __restrict__ top_ids, float* __restrict__ top_lp, int* __restrict__ top_count, int r) {
@@ -530,10 +531,10 @@ __device__ void logprobs_row(const float* __restrict__ logits, int V, const int*
             int c = 0;
             for (int k = 0; k < n; k++) {
                 unsigned long long e = h < n && lane < CL ? cluster_read<CL>(pub + 2 + h, lane) : pack_top(NEG_INF, NONE);
-                float v = __uint_as_float((unsigned)(e >> 32));
-                int id = (int)(unsigned)e;
+                float v = top_value(e);
+                int id = top_id(e);
                 warp_best(v, id);
-                if (lane < CL && h < n && (int)(unsigned)e == id) h++;
+                if (lane < CL && h < n && top_id(e) == id) h++;
                 if (id == NONE) break;
                 if (lane == 0) {
                     top_ids[r * MAXTOP + k] = id;
