@@ -52,3 +52,8 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 // Wait until at most N of this thread's groups are still in flight.
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+
+// A tiled MXFP4 step (crates/cuda/src/mxfp4_tiles.rs, TILE_STEP_BYTES): 512 bytes of codes,
+// then 32 of scales. moe.cu streams them; ops.cu's synthetic fill writes them.
+#define STEP_BYTES 544
+#define STEP_CODE_BYTES 512

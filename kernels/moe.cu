@@ -37,7 +37,6 @@
 // compile.rs prepends both.)
 
 #define TW 8  // warps per block, one 16-row tile each
-#define STEP_BYTES 544  // a tile's step: 512 bytes of codes, 32 of scales
 // Blocks per SM the tiled kernels' register budget is cut for (measurement builds may ask for
 // more with PEREGRINE_KERNEL_DEFINES=-DMOE_MIN_BLOCKS=3).
 #ifndef MOE_MIN_BLOCKS

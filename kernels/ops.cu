@@ -766,14 +766,13 @@ __device__ __forceinline__ unsigned long long mix64(unsigned long long z) {
 }
 
 // kind 0: any byte (MXFP4 codes); 1: lo + h % span (E8M0 scales); 2: FP8 e4m3 with exponent
-// field lo..lo+span-1 (never NaN); 3: tiled MXFP4 steps (mxfp4_tiles.rs: per 544 bytes, 512 as
-// kind 0, then 32 as kind 1).
+// field lo..lo+span-1 (never NaN); 3: tiled MXFP4 steps (per STEP_BYTES, STEP_CODE_BYTES as
+// kind 0, then the scales as kind 1).
 extern "C" __global__ void fill_random_u8(unsigned char* __restrict__ p, unsigned long long n, unsigned long long seed, int kind, int lo, int span) { PDL_ENTER();
     for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (unsigned long long)gridDim.x * blockDim.x) {
         unsigned long long h = mix64(seed ^ (i * 0x2545f4914f6cdd1dull));
         unsigned char b;
-        // Tiled MXFP4 steps (kind 3): 512 code bytes, then 32 scales.
-        int k = kind == 3 ? (i % 544 < 512 ? 0 : 1) : kind;
+        int k = kind == 3 ? (i % STEP_BYTES < STEP_CODE_BYTES ? 0 : 1) : kind;
         if (k == 0) b = (unsigned char)h;
         else if (k == 1) b = (unsigned char)(lo + (int)(h % (unsigned long long)span));
         else b = (unsigned char)((h & 0x80) | ((lo + (int)((h >> 8) % (unsigned long long)span)) << 3) | ((h >> 16) & 7));

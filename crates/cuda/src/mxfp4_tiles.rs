@@ -20,7 +20,7 @@
 //! `8r..8r + 8`), so the kernel fuses SiLU(gate) * up in registers.
 
 /// Rows per tile, columns per step, bytes of a tile step (512 of codes, 32 of scales;
-/// STEP_BYTES in kernels/moe.cu).
+/// STEP_BYTES in kernels/common.cuh).
 pub const TILE_ROWS: usize = 16;
 pub const STEP_COLS: usize = 64;
 pub const TILE_STEP_BYTES: usize = 544;
