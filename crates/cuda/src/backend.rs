@@ -1053,13 +1053,7 @@ impl CudaModel {
         // kernels it is settled (staged while the router still runs).
         let input = hn_split.map_or(MoeInput::Settled, MoeInput::Split);
         match experts {
-            Experts::Stacked(w) if self.moe_combine_in_norm.unwrap_or_else(|| crate::kernels::moe_pairs_pay(n, spec.top_k, w.hidden)) && self.kernels.moe_leaves_pairs(w, n, spec.top_k) && !(n == 1 && self.route_in_moe && matches!(self.kernels.moe_kernel(w, n, spec.top_k), MoeKernel::Fused { .. })) => {
-                let (r, _, _) = self.route_device(spec, &logits, bias.map(|b| &b.0), n)?;
-                let out = self.with_moe_scratch(w, r.num_pairs, |scratch| self.kernels.moe_mxfp4_pairs(w, &r, hn, input, scratch))?;
-                self.moe_pairs_calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                Ok(MlpOut::Pairs { out, tok_pairs: r.tok_pairs, topk: spec.top_k })
-            }
-            Experts::Stacked(w) => self.moe_stacked(spec, &logits, bias.map(|b| &b.0), w, hn, input, n).map(MlpOut::Rows),
+            Experts::Stacked(w) => self.moe_stacked(spec, &logits, bias.map(|b| &b.0), w, hn, input, n),
             Experts::PerExpert(e) => self.moe_per_expert(spec, &logits, bias.map(|b| b.1.as_slice()), e, hn, n).map(MlpOut::Rows),
         }
     }
@@ -1084,18 +1078,26 @@ impl CudaModel {
     }
 
     /// Router, grouping and the grouped MXFP4 kernels, all on the GPU: no host round trip. One
-    /// token on the fused kernel is routed inside it (`route_in_moe`).
+    /// token on the fused kernel is routed inside it (`route_in_moe`); the two-launch kernels
+    /// may leave their pairs to the norm after them (`MlpOut::Pairs`).
     #[allow(clippy::too_many_arguments)]
-    fn moe_stacked(&self, spec: &MoeSpec, logits: &CudaSlice<f32>, bias: Option<&CudaSlice<f32>>, w: &MoeWeights, hn: &CudaSlice<f32>, input: MoeInput, n: usize) -> Result<CudaSlice<f32>> {
-        let mut y = self.empty(n * self.spec.hidden_size)?;
+    fn moe_stacked(&self, spec: &MoeSpec, logits: &CudaSlice<f32>, bias: Option<&CudaSlice<f32>>, w: &MoeWeights, hn: &CudaSlice<f32>, input: MoeInput, n: usize) -> Result<MlpOut> {
         let kind = self.kernels.moe_kernel(w, n, spec.top_k);
         if n == 1 && self.route_in_moe && matches!(kind, MoeKernel::Fused { .. }) && w.is_tiled() {
+            let mut y = self.empty(n * self.spec.hidden_size)?;
             self.with_moe_scratch(w, spec.top_k, |scratch| self.kernels.moe_mxfp4_routed(kind, spec, w, logits, bias, hn, input, scratch, &mut y))?;
-            return Ok(y);
+            return Ok(MlpOut::Rows(y));
         }
         let (r, _, _) = self.route_device(spec, logits, bias, n)?;
-        self.with_moe_scratch(w, r.num_pairs, |scratch| self.kernels.moe_mxfp4(w, &r, hn, input, scratch, &mut y))?;
-        Ok(y)
+        // The pairs left to the norm after the MoE where that pays (`kernels::moe_pairs_pay`).
+        if Kernels::moe_leaves_pairs(w, kind, spec.top_k) && self.moe_combine_in_norm.unwrap_or_else(|| crate::kernels::moe_pairs_pay(n, spec.top_k, w.hidden)) {
+            let out = self.with_moe_scratch(w, r.num_pairs, |scratch| self.kernels.moe_mxfp4_pairs(kind, w, &r, hn, input, scratch))?;
+            self.moe_pairs_calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Ok(MlpOut::Pairs { out, tok_pairs: r.tok_pairs, topk: spec.top_k });
+        }
+        let mut y = self.empty(n * self.spec.hidden_size)?;
+        self.with_moe_scratch(w, r.num_pairs, |scratch| self.kernels.moe_mxfp4_with(kind, w, &r, hn, input, scratch, &mut y))?;
+        Ok(MlpOut::Rows(y))
     }
 
     /// Runs `f` on MoE scratch for `pairs` routed pairs around the model's counters (zero

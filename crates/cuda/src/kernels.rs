@@ -828,11 +828,6 @@ impl Kernels {
         self.sample_rows_on(logits, v, params, self.sample_cluster.is_some())
     }
 
-    /// Whether `sample_rows` runs the cluster sampler.
-    pub fn samples_by_cluster(&self) -> bool {
-        self.sample_cluster.is_some()
-    }
-
     /// Blocks per row `sample_rows` and `row_logprobs` run (1: the one-block kernels).
     pub fn sample_blocks_per_row(&self) -> usize {
         self.sample_width
@@ -1332,19 +1327,18 @@ impl Kernels {
         self.moe_mxfp4_run(kind, w, r, x, input, scratch, Some(y))
     }
 
-    /// Whether the MoE of `tokens` tokens runs the two-launch tiled kernels with their combine
-    /// fused, which `moe_mxfp4_pairs` can run without it.
-    pub fn moe_leaves_pairs(&self, w: &MoeWeights, tokens: usize, top_k: usize) -> bool {
-        w.is_tiled() && top_k <= MAX_FUSED_TOPK && matches!(self.moe_kernel(w, tokens, top_k), MoeKernel::Tiled { .. })
+    /// Whether MoE kernel `kind` is the two-launch tiled pair with its combine fused, which
+    /// `moe_mxfp4_pairs` can run without it.
+    pub fn moe_leaves_pairs(w: &MoeWeights, kind: MoeKernel, top_k: usize) -> bool {
+        w.is_tiled() && top_k <= MAX_FUSED_TOPK && matches!(kind, MoeKernel::Tiled { .. })
     }
 
-    /// The MoE decode without its routed combine (only where `moe_leaves_pairs`): each routed
-    /// pair's output stays in `scratch.out` [pairs, H], weighted, for its consumer to sum per
-    /// token (ops.cu's PairsAddend: the same bits as the combine). The down blocks then skip the
-    /// combine's fence, count and last-block sum: 4-6 points of the copy bandwidth at 2-8 tokens.
-    pub fn moe_mxfp4_pairs(&self, w: &MoeWeights, r: &DeviceRouting, x: &CudaSlice<f32>, input: MoeInput, scratch: &mut MoeScratch) -> Result<()> {
-        let kind = self.moe_kernel(w, r.num_tokens, r.top_k);
-        check(self.moe_leaves_pairs(w, r.num_tokens, r.top_k), || format!("the MoE of {} tokens ({kind:?}) combines its pairs itself", r.num_tokens))?;
+    /// The MoE decode on `kind` without its routed combine (only where `moe_leaves_pairs`):
+    /// each routed pair's output stays in `scratch.out` [pairs, H], weighted, for its consumer
+    /// to sum per token (ops.cu's PairsAddend: the same bits as the combine). The down blocks
+    /// then skip the combine's fence, count and last-block sum: 4-6 points of the copy
+    /// bandwidth at 2-8 tokens.
+    pub fn moe_mxfp4_pairs(&self, kind: MoeKernel, w: &MoeWeights, r: &DeviceRouting, x: &CudaSlice<f32>, input: MoeInput, scratch: &mut MoeScratch) -> Result<()> {
         self.moe_mxfp4_run(kind, w, r, x, input, scratch, None)
     }
 
@@ -1355,7 +1349,7 @@ impl Kernels {
         check(h % 32 == 0 && i % 32 == 0, || format!("MoE dims {h}, {i} must be multiples of 32"))?;
         check(scratch.h.len() >= r.num_pairs * i && scratch.out.len() >= r.num_pairs * h, || "MoE scratch too small".into())?;
         check(x.len() >= r.num_tokens * h && y.as_ref().is_none_or(|y| y.len() >= r.num_tokens * h), || "MoE activations too small".into())?;
-        check(y.is_some() || matches!((&w.layout, kind), (MoeLayout::Tiled { .. }, MoeKernel::Tiled { .. })), || format!("the MoE kernel {kind:?} combines its pairs itself"))?;
+        check(y.is_some() || Self::moe_leaves_pairs(w, kind, r.top_k), || format!("the MoE kernel {kind:?} (top-{}) combines its pairs itself", r.top_k))?;
         let u = r.num_experts_used as u32;
         if u == 0 {
             return Ok(());
@@ -1366,7 +1360,6 @@ impl Kernels {
                 let (v, dv) = (Self::tiled_variant(stages, steps)?, Self::tiled_variant(down_stages, down_steps)?);
                 let (ti, ki, settled) = (r.num_tokens as i32, r.top_k as i32, input.settled_flag());
                 let fused = r.top_k <= MAX_FUSED_TOPK;
-                check(fused || y.is_some(), || format!("top-{} pairs are combined by moe_combine", r.top_k))?;
                 let groups = (h / 16).div_ceil(8);
                 check(scratch.counters.len() >= groups, || "MoE scratch counters too small".into())?;
                 // Per-slot counters after the combine's (done, then passed; moe_counters sizes

@@ -13,7 +13,7 @@ use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::CudaSlice;
 use peregrine_core::Result;
 
-use crate::kernels::{Kernels, MoeInput, MoeKernel, MoeLayout, MoeRouting, MoeWeights, MAX_FUSED_TOPK, TILED_VARIANTS};
+use crate::kernels::{Kernels, MoeInput, MoeKernel, MoeLayout, MoeRouting, MoeWeights, TILED_VARIANTS};
 
 /// Token counts tuned; larger batches use the default (`MoeKernel::for_tiled`).
 pub const TUNED_TOKENS: usize = 8;
@@ -85,7 +85,7 @@ impl Kernels {
             let mut measure = |kind: MoeKernel, best: &mut Option<(MoeKernel, f32)>| -> Result<()> {
                 // The two-launch kernels as a step runs them: without their combine where the
                 // norm after the MoE sums the pairs (`moe_pairs_pay`).
-                let leave_pairs = matches!(kind, MoeKernel::Tiled { .. }) && top_k <= MAX_FUSED_TOPK && crate::kernels::moe_pairs_pay(t, top_k, h);
+                let leave_pairs = Self::moe_leaves_pairs(w, kind, top_k) && crate::kernels::moe_pairs_pay(t, top_k, h);
                 let mut call = |i: usize| {
                     let r = &routings[i % routings.len()];
                     self.moe_mxfp4_run(kind, w, r, &x, MoeInput::Split(&xsplit), &mut scratch, if leave_pairs { None } else { Some(&mut y) })
