@@ -686,7 +686,8 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
 // for before it waits for its slot's gate_up items; each warp's ring runs on from one pass to
 // the next, so it does not drain at the boundary between gate_up and down as between two
 // launches. counters: [H/16/TW] combine arrivals per down row group, then per slot the
-// gate_up items done and the down items past their wait (the last one resets both).
+// gate_up items done and the down items past their wait (the last one resets both). y null:
+// no combine; the weighted pair outputs in out are the residual add's to sum (ops.cu).
 
 // Item n's (is down, slot, row group); gu_items = U x gate_up groups.
 __device__ __forceinline__ void fused_item(int n, int gu_items, int gug, int dg, bool& down, int& slot, int& grp) {
@@ -785,7 +786,8 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
         continue;
 #endif
         if (down) {
-            combine_if_last(counters, grp, pair_off, U, out, tok_pairs, y, H, T, topk);
+            // y null: the pairs stay uncombined for the residual add after the MoE to sum.
+            if (y) combine_if_last(counters, grp, pair_off, U, out, tok_pairs, y, H, T, topk);
         } else {
             gate_up_unit_done(done + slot);
         }
@@ -799,13 +801,15 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
 // bit) and groups the choices in shared memory (group_one_token), then runs moe_fused on that
 // routing. The routing launch and its global round trips leave a batch-1 step; each block reads
 // E logits and biases (L2), and the scores' scratch is the ring's shared memory (2 E floats,
-// before any copy lands there). U = min(K, E) expert slots; K <= MAX_FUSED_TOPK.
+// before any copy lands there). U = min(K, E) expert slots; K <= MAX_FUSED_TOPK. y null: the
+// pairs stay uncombined, and block 0 writes the token's pair indices to tok_pairs_out [K].
 template <int NS, int CS>
 __device__ __forceinline__ void moe_fused_routed(const float* __restrict__ logits, const float* __restrict__ bias, int E, int K,
                                                  int softmax, int n_group, int topk_group, int norm, float scale,
                                                  const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Wd,
                                                  const float* __restrict__ x, float* __restrict__ h, float* __restrict__ out,
-                                                 int H, int I, int U, unsigned* counters, float* __restrict__ y, int x_settled) {
+                                                 int H, int I, int U, unsigned* counters, float* __restrict__ y, int x_settled,
+                                                 int* __restrict__ tok_pairs_out) {
     extern __shared__ uint4 dsm[];
     __shared__ int sel[MAX_FUSED_TOPK], experts[MAX_FUSED_TOPK], pair_off[MAX_FUSED_TOPK + 1], pair_tok[MAX_FUSED_TOPK],
         tok_pairs[MAX_FUSED_TOPK];
@@ -818,6 +822,8 @@ __device__ __forceinline__ void moe_fused_routed(const float* __restrict__ logit
     route_token(logits, bias, E, K, softmax, n_group, topk_group, norm, scale, scores, scores + E, sel, wsel);
     group_one_token(sel, wsel, K, U, experts, pair_off, pair_tok, pair_w, tok_pairs);
     __syncthreads();  // the routing is visible, and the scores' scratch free for the rings
+    // y null: the pairs are left to the residual add after the MoE, which needs to know them.
+    if (!y && blockIdx.x == 0 && (int)threadIdx.x < K) tok_pairs_out[threadIdx.x] = tok_pairs[threadIdx.x];
     // The rings' bulk copies (async proxy) will land where the scores were written (generic).
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
     moe_fused<NS, CS>(Wg, Wd, experts, pair_off, pair_tok, pair_w, x, h, out, H, I, U, counters, tok_pairs, y, 1, K, ss, staged);
@@ -876,11 +882,11 @@ __device__ __forceinline__ void moe_fused_routed(const float* __restrict__ logit
         int topk_group, int norm, float scale, const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Wd, \
         const float* __restrict__ x,                                                                                     \
         float* __restrict__ h, float* __restrict__ out, int H, int I, int U, unsigned* counters, float* __restrict__ y,  \
-        int x_settled) {                                                                                                 \
+        int x_settled, int* __restrict__ tok_pairs_out) {                                                                \
         TRACE_SM();                                                                                                      \
         TRACE(1);                                                                                                        \
         moe_fused_routed<NS, CS>(logits, bias, E, K, softmax, n_group, topk_group, norm, scale, Wg, Wd, x, h, out, \
-                                 H, I, U, counters, y, x_settled);                                                       \
+                                 H, I, U, counters, y, x_settled, tok_pairs_out);                                        \
     }
 MOE_BULK(2, 4)
 MOE_BULK(4, 2)

@@ -1084,13 +1084,20 @@ impl CudaModel {
     fn moe_stacked(&self, spec: &MoeSpec, logits: &CudaSlice<f32>, bias: Option<&CudaSlice<f32>>, w: &MoeWeights, hn: &CudaSlice<f32>, input: MoeInput, n: usize) -> Result<MlpOut> {
         let kind = self.kernels.moe_kernel(w, n, spec.top_k);
         if n == 1 && self.route_in_moe && matches!(kind, MoeKernel::Fused { .. }) && w.is_tiled() {
+            if self.moe_combine_in_norm.unwrap_or_else(|| crate::kernels::moe_pairs_pay(spec.top_k, w.hidden)) {
+                // Written by the kernel's first block.
+                let mut tok_pairs = unsafe { self.stream.alloc::<i32>(spec.top_k) }.map_err(drv)?;
+                let out = self.with_moe_scratch(w, spec.top_k, |scratch| self.kernels.moe_mxfp4_routed_pairs(kind, spec, w, logits, bias, hn, input, scratch, &mut tok_pairs))?;
+                self.moe_pairs_calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return Ok(MlpOut::Pairs { out, tok_pairs, topk: spec.top_k });
+            }
             let mut y = self.empty(n * self.spec.hidden_size)?;
             self.with_moe_scratch(w, spec.top_k, |scratch| self.kernels.moe_mxfp4_routed(kind, spec, w, logits, bias, hn, input, scratch, &mut y))?;
             return Ok(MlpOut::Rows(y));
         }
         let (r, _, _) = self.route_device(spec, logits, bias, n)?;
         // The pairs left to the norm after the MoE where that pays (`kernels::moe_pairs_pay`).
-        if Kernels::moe_leaves_pairs(w, kind, spec.top_k) && self.moe_combine_in_norm.unwrap_or_else(|| crate::kernels::moe_pairs_pay(n, spec.top_k, w.hidden)) {
+        if Kernels::moe_leaves_pairs(w, kind, spec.top_k) && self.moe_combine_in_norm.unwrap_or_else(|| crate::kernels::moe_pairs_pay(spec.top_k, w.hidden)) {
             let out = self.with_moe_scratch(w, r.num_pairs, |scratch| self.kernels.moe_mxfp4_pairs(kind, w, &r, hn, input, scratch))?;
             self.moe_pairs_calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return Ok(MlpOut::Pairs { out, tok_pairs: r.tok_pairs, topk: spec.top_k });
@@ -1253,6 +1260,8 @@ fn check_pairs(out: &CudaSlice<f32>, tok_pairs: &CudaSlice<i32>, topk: usize, ro
 }
 
 fn norm_cfg(rows: usize, d: usize) -> LaunchConfig {
+    // One float4 per thread: 512 or 256 threads holding 2 or 4 each made the batch-1 step
+    // 0.2% / 2.3% slower (benches/results/2026-11-24-moe-pairs-one-token.md).
     let threads = if d.is_multiple_of(4) { (d / 4).div_ceil(32).clamp(1, 32) * 32 } else { 256 };
     LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: 0 }
 }

@@ -156,24 +156,32 @@ pub struct MoeSplit {
     pub inv: CudaSlice<f32>,
 }
 
-/// Whether the step leaves the two-launch tiled MoE's pairs to the norm after it (H100,
-/// benches/results/2026-11-24-moe-combine-in-norm.md): the down kernel then skips its combine
-/// (a fence, a count and the last block's sum in every block's tail: 4-6 points of the copy
-/// bandwidth at 2-8 tokens), but one norm block reads each row's topk pair rows. From 2 tokens,
-/// with 128 KB per row (MiMo-V2-Flash's 8 x 4096 floats), the steps were 0.5-1.3% faster; with
-/// 192 KB (MiMo-V2.5-Pro's 8 x 6144) steps at 1-2 tokens were 0.4-0.8% slower and at 4-8 even;
-/// at one token Flash runs the fused kernel, which keeps its combine.
+/// Whether the step leaves the tiled MoE's pairs to the norm after it (H100,
+/// benches/results/2026-11-24-moe-combine-in-norm.md, 2026-11-24-moe-pairs-one-token.md): the
+/// down blocks (or the fused kernel's down items) then skip their combine (a fence, a count and
+/// the last block's sum in every block's tail: 4-6 points of the copy bandwidth at 2-8 tokens),
+/// but one norm block reads each row's topk pair rows. With 128 KB per row (MiMo-V2-Flash's 8 x
+/// 4096 floats) the steps were 0.5-1.3% faster from 2 tokens and 1.1% at one token (the fused
+/// kernel routing inside it); with 192 KB (MiMo-V2.5-Pro's 8 x 6144) steps at 1-2 tokens were
+/// 0.4-0.8% slower and at 4-8 even: the rule is the bytes per row, at any token count.
 /// PEREGRINE_MOE_COMBINE_IN_NORM=1|0 forces it either way. The tuner times the tiled kernels
 /// as the step will run them.
-pub fn moe_pairs_pay(tokens: usize, top_k: usize, hidden: usize) -> bool {
+pub fn moe_pairs_pay(top_k: usize, hidden: usize) -> bool {
     static FORCED: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
     FORCED
         .get_or_init(|| std::env::var("PEREGRINE_MOE_COMBINE_IN_NORM").ok().map(|v| v != "0"))
-        .unwrap_or(tokens >= 2 && top_k * hidden * 4 <= PAIRS_NORM_MAX_BYTES)
+        .unwrap_or(top_k * hidden * 4 <= PAIRS_NORM_MAX_BYTES)
 }
 
 /// The most pair bytes per row for which `moe_pairs_pay` leaves the combine to the norm.
 const PAIRS_NORM_MAX_BYTES: usize = 128 * 1024;
+
+/// Where the one-token routed MoE puts its result: combined into y [H], or left as the
+/// token's pairs (scratch.out) with their indices written to the buffer given.
+enum RoutedOut<'a> {
+    Combined(&'a mut CudaSlice<f32>),
+    Pairs(&'a mut CudaSlice<i32>),
+}
 
 /// The largest top-k whose combine the tiled down kernel fuses (MAX_FUSED_TOPK in moe.cu).
 pub(crate) const MAX_FUSED_TOPK: usize = 32;
@@ -1294,12 +1302,30 @@ impl Kernels {
     /// settled when it is older than the launch that wrote `logits` (the router GEMV).
     #[allow(clippy::too_many_arguments)]
     pub fn moe_mxfp4_routed(&self, kind: MoeKernel, spec: &MoeSpec, w: &MoeWeights, logits: &CudaSlice<f32>, bias: Option<&CudaSlice<f32>>, x: &CudaSlice<f32>, input: MoeInput, scratch: &mut MoeScratch, y: &mut CudaSlice<f32>) -> Result<()> {
+        self.moe_routed_run(kind, spec, w, logits, bias, x, input, scratch, RoutedOut::Combined(y))
+    }
+
+    /// `moe_mxfp4_routed` without the routed combine: each of the token's top-k pairs' weighted
+    /// output stays in `scratch.out` [top_k, H], and `tok_pairs` [top_k] gets the token's pair
+    /// indices, for the residual add after the MoE to sum (ops.cu's PairsAddend: the same bits
+    /// as the combine). The down items then skip the combine's fence, count and last-item sum.
+    #[allow(clippy::too_many_arguments)]
+    pub fn moe_mxfp4_routed_pairs(&self, kind: MoeKernel, spec: &MoeSpec, w: &MoeWeights, logits: &CudaSlice<f32>, bias: Option<&CudaSlice<f32>>, x: &CudaSlice<f32>, input: MoeInput, scratch: &mut MoeScratch, tok_pairs: &mut CudaSlice<i32>) -> Result<()> {
+        self.moe_routed_run(kind, spec, w, logits, bias, x, input, scratch, RoutedOut::Pairs(tok_pairs))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn moe_routed_run(&self, kind: MoeKernel, spec: &MoeSpec, w: &MoeWeights, logits: &CudaSlice<f32>, bias: Option<&CudaSlice<f32>>, x: &CudaSlice<f32>, input: MoeInput, scratch: &mut MoeScratch, mut result: RoutedOut) -> Result<()> {
         let (e, k, h) = (spec.num_experts, spec.top_k, w.hidden);
         let (MoeLayout::Tiled { gate_up, down }, MoeKernel::Fused { stages, steps, max_blocks }) = (&w.layout, kind) else {
             return Err(Error::Backend(format!("the routed MoE kernel runs the fused kernel over tiled weights, not {kind:?}")));
         };
         check(e == w.num_experts && (1..=MAX_FUSED_TOPK).contains(&k) && spec.n_group <= 64 && (spec.n_group <= 1 || e.is_multiple_of(spec.n_group)), || format!("routed MoE: {e} experts in {} groups, top-{k}", spec.n_group))?;
-        check(logits.len() >= e && bias.is_none_or(|b| b.len() >= e) && x.len() >= h && y.len() >= h, || "routed MoE: buffers too small".into())?;
+        let out_fits = match &result {
+            RoutedOut::Combined(y) => y.len() >= h,
+            RoutedOut::Pairs(tp) => tp.len() >= k,
+        };
+        check(logits.len() >= e && bias.is_none_or(|b| b.len() >= e) && x.len() >= h && out_fits, || "routed MoE: buffers too small".into())?;
         check(scratch.h.len() >= k * w.inter && scratch.out.len() >= k * h, || "MoE scratch too small".into())?;
         let u = k.min(e);
         let f = &self.fused_routed[Self::tiled_variant(stages, steps)?];
@@ -1313,9 +1339,12 @@ impl Kernels {
             None => b.arg(&0u64),
         };
         b.arg(&ei).arg(&ki).arg(&sm).arg(&ng).arg(&tg).arg(&norm).arg(&sc);
-        b.arg(gate_up).arg(down).arg(x).arg(&mut scratch.h).arg(&mut scratch.out).arg(&hh).arg(&ii).arg(&ui).arg(&mut scratch.counters).arg(&mut *y);
+        b.arg(gate_up).arg(down).arg(x).arg(&mut scratch.h).arg(&mut scratch.out).arg(&hh).arg(&ii).arg(&ui).arg(&mut scratch.counters);
         let settled = input.settled_flag();
-        b.arg(&settled);
+        match &mut result {
+            RoutedOut::Combined(y) => b.arg(&mut **y).arg(&settled).arg(&0u64),
+            RoutedOut::Pairs(tp) => b.arg(&0u64).arg(&settled).arg(&mut **tp),
+        };
         unsafe { b.launch(cfg) }.map_err(drv("moe (fused, routed)"))?;
         Ok(())
     }
@@ -1327,22 +1356,22 @@ impl Kernels {
         self.moe_mxfp4_run(kind, w, r, x, input, scratch, Some(y))
     }
 
-    /// Whether MoE kernel `kind` is the two-launch tiled pair with its combine fused, which
-    /// `moe_mxfp4_pairs` can run without it.
+    /// Whether MoE kernel `kind` is a tiled kernel with its combine fused (the two-launch pair
+    /// or the fused kernel), which `moe_mxfp4_pairs` can run without it.
     pub fn moe_leaves_pairs(w: &MoeWeights, kind: MoeKernel, top_k: usize) -> bool {
-        w.is_tiled() && top_k <= MAX_FUSED_TOPK && matches!(kind, MoeKernel::Tiled { .. })
+        w.is_tiled() && top_k <= MAX_FUSED_TOPK && matches!(kind, MoeKernel::Tiled { .. } | MoeKernel::Fused { .. })
     }
 
     /// The MoE decode on `kind` without its routed combine (only where `moe_leaves_pairs`):
     /// each routed pair's output stays in `scratch.out` [pairs, H], weighted, for its consumer
     /// to sum per token (ops.cu's PairsAddend: the same bits as the combine). The down blocks
     /// then skip the combine's fence, count and last-block sum: 4-6 points of the copy
-    /// bandwidth at 2-8 tokens.
+    /// bandwidth at 2-8 tokens in the two-launch kernels.
     pub fn moe_mxfp4_pairs(&self, kind: MoeKernel, w: &MoeWeights, r: &DeviceRouting, x: &CudaSlice<f32>, input: MoeInput, scratch: &mut MoeScratch) -> Result<()> {
         self.moe_mxfp4_run(kind, w, r, x, input, scratch, None)
     }
 
-    /// `moe_mxfp4_with`; y None: the pairs stay uncombined (two-launch tiled kernels only).
+    /// `moe_mxfp4_with`; y None: the pairs stay uncombined (where `moe_leaves_pairs`).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn moe_mxfp4_run(&self, kind: MoeKernel, w: &MoeWeights, r: &DeviceRouting, x: &CudaSlice<f32>, input: MoeInput, scratch: &mut MoeScratch, mut y: Option<&mut CudaSlice<f32>>) -> Result<()> {
         let (h, i) = (w.hidden, w.inter);
@@ -1436,8 +1465,13 @@ impl Kernels {
                 let (ti, ki, ui) = (r.num_tokens as i32, r.top_k as i32, u as i32);
                 let mut b = crate::launch::builder(&self.stream, f);
                 b.arg(gate_up).arg(down).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_tok).arg(&r.pair_w).arg(x);
-                let y = y.as_deref_mut().ok_or_else(|| Error::Backend("the fused MoE kernel combines its pairs".into()))?;
-                b.arg(&mut scratch.h).arg(&mut scratch.out).arg(&hh).arg(&ii).arg(&ui).arg(&mut scratch.counters).arg(&r.tok_pairs).arg(&mut *y).arg(&ti).arg(&ki);
+                b.arg(&mut scratch.h).arg(&mut scratch.out).arg(&hh).arg(&ii).arg(&ui).arg(&mut scratch.counters).arg(&r.tok_pairs);
+                // Null y: no combine.
+                match y {
+                    Some(y) => b.arg(y),
+                    None => b.arg(&0u64),
+                };
+                b.arg(&ti).arg(&ki);
                 let settled = input.settled_flag();
                 b.arg(&settled);
                 unsafe { b.launch(cfg) }.map_err(drv("moe (fused, tiled)"))?;

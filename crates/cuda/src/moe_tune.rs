@@ -83,9 +83,9 @@ impl Kernels {
                 .collect::<Result<Vec<_>>>()?;
             let mut best: Option<(MoeKernel, f32)> = None;
             let mut measure = |kind: MoeKernel, best: &mut Option<(MoeKernel, f32)>| -> Result<()> {
-                // The two-launch kernels as a step runs them: without their combine where the
+                // The tiled kernels as a step runs them: without their combine where the
                 // norm after the MoE sums the pairs (`moe_pairs_pay`).
-                let leave_pairs = Self::moe_leaves_pairs(w, kind, top_k) && crate::kernels::moe_pairs_pay(t, top_k, h);
+                let leave_pairs = Self::moe_leaves_pairs(w, kind, top_k) && crate::kernels::moe_pairs_pay(top_k, h);
                 let mut call = |i: usize| {
                     let r = &routings[i % routings.len()];
                     self.moe_mxfp4_run(kind, w, r, &x, MoeInput::Split(&xsplit), &mut scratch, if leave_pairs { None } else { Some(&mut y) })
