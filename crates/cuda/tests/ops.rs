@@ -292,19 +292,7 @@ fn moe_pairs_summed_by_the_norm_equal_the_combine_in_the_moe() {
     for rows in 1..=8usize {
         let toks: Vec<u32> = (0..rows).map(|_| r.random_range(0..vocab as u32)).collect();
         let batch: Vec<SeqForward> = (0..rows).map(|s| seq(s as u64, vec![toks[s]], 0, &[(s * 8) as u32], OutputRows::Last)).collect();
-        let mut got = Vec::new();
-        for (combine_in_norm, graphs) in [(false, false), (true, false), (true, true), (false, true)] {
-            model.set_moe_combine_in_norm(combine_in_norm);
-            model.set_cuda_graphs(graphs);
-            let before = model.moe_pairs_calls();
-            let logits: Vec<f32> = model.forward(&batch).unwrap().into_iter().flat_map(|l| l.data).collect();
-            assert!(logits.iter().all(|v| v.is_finite()), "{rows} rows: non-finite logits");
-            // Eager steps count the calls; a replayed graph does not run the host code.
-            if combine_in_norm && !graphs {
-                assert!(model.moe_pairs_calls() > before, "{rows} rows: the MoE did not leave its pairs to the norm");
-            }
-            got.push(logits);
-        }
+        let got = logits_by_combine(&mut model, &batch, &format!("{rows} rows"));
         for g in &got[1..] {
             assert_eq!(g, &got[0], "{rows} rows: logits differ with the combine in the norm");
         }
@@ -315,18 +303,7 @@ fn moe_pairs_summed_by_the_norm_equal_the_combine_in_the_moe() {
     for rows in 1..=3usize {
         assert!(model.pin_moe_kernel(rows, MoeKernel::FUSED));
         let batch: Vec<SeqForward> = (0..rows).map(|s| seq(s as u64, vec![3 + s as u32], 1, &[(s * 8) as u32], OutputRows::Last)).collect();
-        let mut got = Vec::new();
-        for (combine_in_norm, graphs) in [(false, false), (true, false), (true, true), (false, true)] {
-            model.set_moe_combine_in_norm(combine_in_norm);
-            model.set_cuda_graphs(graphs);
-            let before = model.moe_pairs_calls();
-            let logits: Vec<f32> = model.forward(&batch).unwrap().into_iter().flat_map(|l| l.data).collect();
-            assert!(logits.iter().all(|v| v.is_finite()), "fused MoE, {rows} rows: non-finite logits");
-            if !graphs {
-                assert_eq!(model.moe_pairs_calls() > before, combine_in_norm, "fused MoE, {rows} rows: pairs left to the norm only when asked");
-            }
-            got.push(logits);
-        }
+        let got = logits_by_combine(&mut model, &batch, &format!("fused MoE, {rows} rows"));
         // Eager against eager and graph against graph (at position 1 a graph's attention may
         // split differently from the eager step's: the two agree within 1e-5, not bit for bit).
         assert_eq!(got[1], got[0], "fused MoE, {rows} rows, eager: logits differ with the combine in the norm");
@@ -335,6 +312,26 @@ fn moe_pairs_summed_by_the_norm_equal_the_combine_in_the_moe() {
         let worst = got[0].iter().zip(&got[3]).fold(0f32, |m, (a, b)| m.max((a - b).abs() / scale));
         eprintln!("fused MoE, {rows} rows: combine in the norm = combine in the MoE (eager against graph: {worst:.1e})");
     }
+}
+
+/// The logits of `batch` with the routed combine in the MoE and in the norm after it, eager
+/// and graphed, in the order (MoE, eager), (norm, eager), (norm, graph), (MoE, graph). Eager
+/// steps leave the MoE's pairs to the norm exactly when asked (a replayed graph runs no host
+/// code, so it is not counted).
+fn logits_by_combine(model: &mut CudaModel, batch: &[SeqForward], what: &str) -> Vec<Vec<f32>> {
+    let mut got = Vec::new();
+    for (combine_in_norm, graphs) in [(false, false), (true, false), (true, true), (false, true)] {
+        model.set_moe_combine_in_norm(combine_in_norm);
+        model.set_cuda_graphs(graphs);
+        let before = model.moe_pairs_calls();
+        let logits: Vec<f32> = model.forward(batch).unwrap().into_iter().flat_map(|l| l.data).collect();
+        assert!(logits.iter().all(|v| v.is_finite()), "{what}: non-finite logits");
+        if !graphs {
+            assert_eq!(model.moe_pairs_calls() > before, combine_in_norm, "{what}: pairs left to the norm only when asked");
+        }
+        got.push(logits);
+    }
+    got
 }
 
 /// A synthetic model of the "default" fixture's shapes with the random DFlash fixture's drafter
