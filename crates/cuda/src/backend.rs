@@ -236,7 +236,7 @@ pub struct CudaModel {
     /// `moe_route` launch). `PEREGRINE_MOE_ROUTE_IN_KERNEL=0` keeps the routing launch, for
     /// comparison.
     route_in_moe: bool,
-    /// Whether the two-launch tiled MoE leaves its routed pairs for the norm after it to sum
+    /// Whether the tiled MoE leaves its routed pairs for the norm after it to sum
     /// (`MlpOut::Pairs`): None where `kernels::moe_pairs_pay` says so, Some to force it (tests).
     moe_combine_in_norm: Option<bool>,
     /// MoE calls that left their pairs to the norm (tests check the path ran).
@@ -934,13 +934,12 @@ impl CudaModel {
     }
 
     /// `add_rms_norm` (`split`: `add_rms_norm_split`) adding the routed MoE's output from its
-    /// pairs (`MlpOut::Pairs`): the same bits as combining them first.
-    #[allow(clippy::type_complexity)]
-    pub(crate) fn add_rms_norm_pairs(&self, x: &mut CudaSlice<f32>, pairs: (&CudaSlice<f32>, &CudaSlice<i32>, usize), w: &CudaSlice<f32>, rows: usize, d: usize, split: bool) -> Result<(CudaSlice<f32>, Option<F16Split>)> {
-        let (out, tok_pairs, topk) = pairs;
-        check_pairs(out, tok_pairs, topk, rows, d)?;
+    /// pairs: the same bits as combining them first.
+    pub(crate) fn add_rms_norm_pairs(&self, x: &mut CudaSlice<f32>, pairs: &MoePairs, w: &CudaSlice<f32>, rows: usize, d: usize, split: bool) -> Result<(CudaSlice<f32>, Option<F16Split>)> {
+        pairs.check(rows, d)?;
+        let MoePairs { out, tok_pairs, topk } = pairs;
         let mut y = self.empty(rows * d)?;
-        let (dd, eps, k) = (d as i32, self.spec.rms_norm_eps, topk as i32);
+        let (dd, eps, k) = (d as i32, self.spec.rms_norm_eps, *topk as i32);
         if !split {
             let mut b = crate::launch::builder(&self.stream, &self.ops.add_rms_norm_pairs);
             b.arg(x).arg(out).arg(tok_pairs).arg(&k).arg(w).arg(&mut y).arg(&dd).arg(&eps);
@@ -957,14 +956,14 @@ impl CudaModel {
         Ok((y, Some((yh, yl, yinv))))
     }
 
-    /// x += the routed MoE's output from its pairs (`MlpOut::Pairs`), `rows` rows of `d`.
-    pub(crate) fn add_pairs_inplace(&self, x: &mut CudaSlice<f32>, pairs: (&CudaSlice<f32>, &CudaSlice<i32>, usize), rows: usize, d: usize) -> Result<()> {
-        let (out, tok_pairs, topk) = pairs;
-        check_pairs(out, tok_pairs, topk, rows, d)?;
+    /// x += the routed MoE's output from its pairs, `rows` rows of `d`.
+    pub(crate) fn add_pairs_inplace(&self, x: &mut CudaSlice<f32>, pairs: &MoePairs, rows: usize, d: usize) -> Result<()> {
+        pairs.check(rows, d)?;
         if x.len() < rows * d {
             return Err(Error::Backend(format!("add_pairs_inplace: x holds fewer than {rows} rows")));
         }
-        let (dd, k) = (d as i32, topk as i32);
+        let MoePairs { out, tok_pairs, topk } = pairs;
+        let (dd, k) = (d as i32, *topk as i32);
         let mut b = crate::launch::builder(&self.stream, &self.ops.add_pairs_inplace);
         b.arg(x).arg(out).arg(tok_pairs).arg(&k).arg(&dd);
         unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
@@ -1043,8 +1042,8 @@ impl CudaModel {
         Ok(())
     }
 
-    /// The routed MLP of rows `hn` [n, H] -> [n, H], or (where the two-launch tiled kernels run
-    /// and `kernels::moe_pairs_pay`) its routed pairs for the residual add after it to sum (`MlpOut::Pairs`).
+    /// The routed MLP of rows `hn` [n, H] -> [n, H], or (where the tiled kernels run and
+    /// `moe_leaves_pairs_here`) its routed pairs for the residual add after it to sum (`MlpOut::Pairs`).
     /// `hn_split`: hn split by the norm that wrote it (`wants_moe_split`).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn moe(&self, spec: &MoeSpec, router: &Mat, bias: Option<&(CudaSlice<f32>, Vec<f32>)>, experts: &Experts, hn: &CudaSlice<f32>, hn_split: Option<&MoeSplit>, n: usize) -> Result<MlpOut> {
@@ -1077,30 +1076,36 @@ impl CudaModel {
         self.moe_pairs_calls.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Whether the MoE on `kind` leaves its routed pairs to the norm after it: a kernel that can
+    /// (`Kernels::moe_leaves_pairs`), where that pays (`kernels::moe_pairs_pay`) or is forced.
+    fn moe_leaves_pairs_here(&self, spec: &MoeSpec, w: &MoeWeights, kind: MoeKernel) -> bool {
+        Kernels::moe_leaves_pairs(w, kind, spec.top_k) && self.moe_combine_in_norm.unwrap_or_else(|| crate::kernels::moe_pairs_pay(spec.top_k, w.hidden))
+    }
+
     /// Router, grouping and the grouped MXFP4 kernels, all on the GPU: no host round trip. One
-    /// token on the fused kernel is routed inside it (`route_in_moe`); the two-launch kernels
-    /// may leave their pairs to the norm after them (`MlpOut::Pairs`).
+    /// token on the fused kernel is routed inside it (`route_in_moe`); the tiled kernels may
+    /// leave their pairs to the norm after them (`MlpOut::Pairs`).
     #[allow(clippy::too_many_arguments)]
     fn moe_stacked(&self, spec: &MoeSpec, logits: &CudaSlice<f32>, bias: Option<&CudaSlice<f32>>, w: &MoeWeights, hn: &CudaSlice<f32>, input: MoeInput, n: usize) -> Result<MlpOut> {
         let kind = self.kernels.moe_kernel(w, n, spec.top_k);
+        let leave_pairs = self.moe_leaves_pairs_here(spec, w, kind);
         if n == 1 && self.route_in_moe && matches!(kind, MoeKernel::Fused { .. }) && w.is_tiled() {
-            if self.moe_combine_in_norm.unwrap_or_else(|| crate::kernels::moe_pairs_pay(spec.top_k, w.hidden)) {
+            if leave_pairs {
                 // Written by the kernel's first block.
                 let mut tok_pairs = unsafe { self.stream.alloc::<i32>(spec.top_k) }.map_err(drv)?;
                 let out = self.with_moe_scratch(w, spec.top_k, |scratch| self.kernels.moe_mxfp4_routed_pairs(kind, spec, w, logits, bias, hn, input, scratch, &mut tok_pairs))?;
                 self.moe_pairs_calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                return Ok(MlpOut::Pairs { out, tok_pairs, topk: spec.top_k });
+                return Ok(MlpOut::Pairs(MoePairs { out, tok_pairs, topk: spec.top_k }));
             }
             let mut y = self.empty(n * self.spec.hidden_size)?;
             self.with_moe_scratch(w, spec.top_k, |scratch| self.kernels.moe_mxfp4_routed(kind, spec, w, logits, bias, hn, input, scratch, &mut y))?;
             return Ok(MlpOut::Rows(y));
         }
         let (r, _, _) = self.route_device(spec, logits, bias, n)?;
-        // The pairs left to the norm after the MoE where that pays (`kernels::moe_pairs_pay`).
-        if Kernels::moe_leaves_pairs(w, kind, spec.top_k) && self.moe_combine_in_norm.unwrap_or_else(|| crate::kernels::moe_pairs_pay(spec.top_k, w.hidden)) {
+        if leave_pairs {
             let out = self.with_moe_scratch(w, r.num_pairs, |scratch| self.kernels.moe_mxfp4_pairs(kind, w, &r, hn, input, scratch))?;
             self.moe_pairs_calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            return Ok(MlpOut::Pairs { out, tok_pairs: r.tok_pairs, topk: spec.top_k });
+            return Ok(MlpOut::Pairs(MoePairs { out, tok_pairs: r.tok_pairs, topk: spec.top_k }));
         }
         let mut y = self.empty(n * self.spec.hidden_size)?;
         self.with_moe_scratch(w, r.num_pairs, |scratch| self.kernels.moe_mxfp4_with(kind, w, &r, hn, input, scratch, &mut y))?;
@@ -1242,23 +1247,35 @@ fn row_copy_cfg(rows: usize, d: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (rows as u32, d.div_ceil(256).clamp(1, 64) as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
 }
 
-/// One block per row of `d`: a thread per float4 (the norm kernels' register path, whole
-/// warps, at most 1024), or 256 threads for rows that are not a multiple of 4.
-/// A layer's MLP output: rows [n, H], or the routed MoE's pairs left uncombined (`out` [pairs,
-/// H] weighted, `tok_pairs` [n, topk] each row's pairs) for the residual add after it to sum.
+/// A layer's MLP output: rows [n, H], or the routed MoE's pairs left uncombined for the
+/// residual add after it to sum.
 pub(crate) enum MlpOut {
     Rows(CudaSlice<f32>),
-    Pairs { out: CudaSlice<f32>, tok_pairs: CudaSlice<i32>, topk: usize },
+    Pairs(MoePairs),
 }
 
-/// The pair-summing kernels' bounds: topk <= 32 distinct pairs per row, inside `out`.
-fn check_pairs(out: &CudaSlice<f32>, tok_pairs: &CudaSlice<i32>, topk: usize, rows: usize, d: usize) -> Result<()> {
-    if (1..=32).contains(&topk) && tok_pairs.len() >= rows * topk && out.len() >= rows * topk * d {
-        return Ok(());
+/// The routed MoE's pairs left uncombined: `out` [pairs, H], each pair's weighted output, and
+/// `tok_pairs` [n, topk], each row's pairs.
+pub(crate) struct MoePairs {
+    pub(crate) out: CudaSlice<f32>,
+    pub(crate) tok_pairs: CudaSlice<i32>,
+    pub(crate) topk: usize,
+}
+
+impl MoePairs {
+    /// The pair-summing kernels' bounds for `rows` rows of `d`: topk <= 32 distinct pairs per
+    /// row (ops.cu's `sorted[32]`), inside the buffers.
+    fn check(&self, rows: usize, d: usize) -> Result<()> {
+        let topk = self.topk;
+        if (1..=32).contains(&topk) && self.tok_pairs.len() >= rows * topk && self.out.len() >= rows * topk * d {
+            return Ok(());
+        }
+        Err(Error::Backend(format!("MoE pairs: top-{topk} of {rows} rows of {d} do not fit the buffers")))
     }
-    Err(Error::Backend(format!("MoE pairs: top-{topk} of {rows} rows of {d} do not fit the buffers")))
 }
 
+/// One block per row of `d`: a thread per float4 (the norm kernels' register path, whole
+/// warps, at most 1024), or 256 threads for rows that are not a multiple of 4.
 fn norm_cfg(rows: usize, d: usize) -> LaunchConfig {
     // One float4 per thread: 512 or 256 threads holding 2 or 4 each made the batch-1 step
     // 0.2% / 2.3% slower (benches/results/2026-11-24-moe-pairs-one-token.md).

@@ -11,7 +11,7 @@ use peregrine_core::{AttentionKind, AttentionSpec, QkvLayout, RopeSpec};
 use peregrine_cpu::ops;
 use rand::{Rng, SeedableRng};
 
-use crate::backend::{Bf16Split, CudaModel, FreshKv};
+use crate::backend::{Bf16Split, CudaModel, FreshKv, MoePairs};
 use crate::probe_for_tests;
 
 fn model() -> Option<CudaModel> {
@@ -207,18 +207,19 @@ fn norms_summing_moe_pairs_equal_combine_then_norm() {
                 combined[t * d + n] = acc;
             }
         }
-        let (od, td, wd, cd) = (st.clone_htod(&out).unwrap(), st.clone_htod(&ids).unwrap(), st.clone_htod(&w).unwrap(), st.clone_htod(&combined).unwrap());
+        let pairs = MoePairs { out: st.clone_htod(&out).unwrap(), tok_pairs: st.clone_htod(&ids).unwrap(), topk };
+        let (wd, cd) = (st.clone_htod(&w).unwrap(), st.clone_htod(&combined).unwrap());
         let name = format!("{rows}x{d} top-{topk}");
         // Residual add only (the last layer's).
         let mut xd = st.clone_htod(&x).unwrap();
-        m.add_pairs_inplace(&mut xd, (&od, &td, topk), rows, d).unwrap();
+        m.add_pairs_inplace(&mut xd, &pairs, rows, d).unwrap();
         let sum: Vec<f32> = x.iter().zip(&combined).map(|(p, q)| p + q).collect();
         assert_eq!(st.clone_dtoh(&xd).unwrap(), sum, "add_pairs_inplace {name}");
         // The norm.
         let mut xw = st.clone_htod(&x).unwrap();
         let want = st.clone_dtoh(&m.add_rms_norm(&mut xw, &cd, &wd, rows, d).unwrap()).unwrap();
         let mut xd = st.clone_htod(&x).unwrap();
-        let (y, sp) = m.add_rms_norm_pairs(&mut xd, (&od, &td, topk), &wd, rows, d, false).unwrap();
+        let (y, sp) = m.add_rms_norm_pairs(&mut xd, &pairs, &wd, rows, d, false).unwrap();
         assert!(sp.is_none());
         assert_eq!(st.clone_dtoh(&xd).unwrap(), sum, "add_rms_norm_pairs {name}: residual");
         assert_eq!(st.clone_dtoh(&y).unwrap(), want, "add_rms_norm_pairs {name}: y");
@@ -228,7 +229,7 @@ fn norms_summing_moe_pairs_equal_combine_then_norm() {
             let mut xw = st.clone_htod(&x).unwrap();
             let (wy, (wh, wl, winv)) = m.add_rms_norm_split(&mut xw, &cd, &wd, rows, d).unwrap();
             let mut xd = st.clone_htod(&x).unwrap();
-            let (y, sp) = m.add_rms_norm_pairs(&mut xd, (&od, &td, topk), &wd, rows, d, true).unwrap();
+            let (y, sp) = m.add_rms_norm_pairs(&mut xd, &pairs, &wd, rows, d, true).unwrap();
             let (yh, yl, yinv) = sp.expect("split");
             assert_eq!(st.clone_dtoh(&xd).unwrap(), sum, "add_rms_norm_split_pairs {name}: residual");
             assert_eq!(st.clone_dtoh(&y).unwrap(), st.clone_dtoh(&wy).unwrap(), "add_rms_norm_split_pairs {name}: y");
@@ -239,10 +240,10 @@ fn norms_summing_moe_pairs_equal_combine_then_norm() {
         eprintln!("{name}: pair-summing residual adds identical to combine then add");
     }
     // Bad bounds are an error, not a fault.
-    let (od, td) = (st.clone_htod(&[0f32; 8]).unwrap(), st.clone_htod(&[0i32; 2]).unwrap());
+    let small = |topk| MoePairs { out: st.clone_htod(&[0f32; 8]).unwrap(), tok_pairs: st.clone_htod(&[0i32; 2]).unwrap(), topk };
     let mut xd = st.clone_htod(&[0f32; 4]).unwrap();
-    assert!(m.add_pairs_inplace(&mut xd, (&od, &td, 33), 1, 4).is_err());
-    assert!(m.add_pairs_inplace(&mut xd, (&od, &td, 2), 2, 4).is_err());
+    assert!(m.add_pairs_inplace(&mut xd, &small(33), 1, 4).is_err());
+    assert!(m.add_pairs_inplace(&mut xd, &small(2), 2, 4).is_err());
 }
 
 fn poisoned(m: &CudaModel, n: usize) -> CudaSlice<f32> {

@@ -11,7 +11,7 @@ use cudarc::driver::{CudaEvent, CudaSlice};
 use peregrine_core::backend::SeqForward;
 use peregrine_core::{Error, Result};
 
-use crate::backend::{drv, CudaModel, Mlp, MlpOut, RowMeta};
+use crate::backend::{drv, CudaModel, Mlp, MlpOut, MoePairs, RowMeta};
 
 /// The activations a step passes between operations (each [rows, width]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,7 +61,7 @@ pub enum Op {
     /// it does while its grid fits one wave of the GPU (small decode batches).
     Attention { layer: usize, src: Act, rows: usize, kv_in_attention: bool },
     /// MlpOut = the layer's dense MLP, or its MoE (router, grouping, experts, combine; the
-    /// two-launch tiled MoE leaves the combine to the residual add after it).
+    /// tiled MoE may leave the combine to the residual add after it).
     Mlp { layer: usize, src: Act, rows: usize },
     /// The drafter reads this layer: its output (after the final norm for the last layer) joins
     /// the context features.
@@ -147,7 +147,7 @@ impl CudaModel {
         let mut mlp_split = None;
         // MlpOut held as the routed MoE's pairs (`MlpOut::Pairs`) rather than in acts: the
         // residual add after the MoE sums them.
-        let mut mlp_pairs: Option<(CudaSlice<f32>, CudaSlice<i32>, usize)> = None;
+        let mut mlp_pairs: Option<MoePairs> = None;
         let mut features = None;
         let norm_weight = |w: NormWeight| match w {
             NormWeight::Input(l) => &self.layers[l].input_norm,
@@ -163,13 +163,13 @@ impl CudaModel {
                     acts[dst as usize] = Some(y);
                 }
                 Op::AddNorm { add: Act::MlpOut, dst, weight, rows } if mlp_pairs.is_some() => {
-                    let (out, tok_pairs, topk) = mlp_pairs.take().ok_or_else(|| Error::Backend("step plan: MoE pairs gone".into()))?;
+                    let pairs = mlp_pairs.take().ok_or_else(|| Error::Backend("step plan: MoE pairs gone".into()))?;
                     let mut x = acts[Act::Hidden as usize].take().ok_or_else(|| Error::Backend("step plan adds to the residual before the embedding".into()))?;
                     if dst == Act::AttnIn {
                         attn_split = None;
                     }
                     let split = matches!(weight, NormWeight::Input(l) if dst == Act::AttnIn && self.wants_f16_split(l));
-                    let y = self.add_rms_norm_pairs(&mut x, (&out, &tok_pairs, topk), norm_weight(weight), rows, h, split);
+                    let y = self.add_rms_norm_pairs(&mut x, &pairs, norm_weight(weight), rows, h, split);
                     acts[Act::Hidden as usize] = Some(x);
                     let (y, sp) = y?;
                     if sp.is_some() {
@@ -205,9 +205,9 @@ impl CudaModel {
                     acts[dst as usize] = Some(y?);
                 }
                 Op::Add { add: Act::MlpOut, rows } if mlp_pairs.is_some() => {
-                    let (out, tok_pairs, topk) = mlp_pairs.take().ok_or_else(|| Error::Backend("step plan: MoE pairs gone".into()))?;
+                    let pairs = mlp_pairs.take().ok_or_else(|| Error::Backend("step plan: MoE pairs gone".into()))?;
                     let mut x = acts[Act::Hidden as usize].take().ok_or_else(|| Error::Backend("step plan adds to the residual before the embedding".into()))?;
-                    let r = self.add_pairs_inplace(&mut x, (&out, &tok_pairs, topk), rows, h);
+                    let r = self.add_pairs_inplace(&mut x, &pairs, rows, h);
                     acts[Act::Hidden as usize] = Some(x);
                     r?;
                 }
@@ -235,9 +235,9 @@ impl CudaModel {
                             mlp_pairs = None;
                             acts[Act::MlpOut as usize] = Some(m);
                         }
-                        MlpOut::Pairs { out, tok_pairs, topk } => {
+                        MlpOut::Pairs(pairs) => {
                             acts[Act::MlpOut as usize] = None;
-                            mlp_pairs = Some((out, tok_pairs, topk));
+                            mlp_pairs = Some(pairs);
                         }
                     }
                 }
