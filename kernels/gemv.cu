@@ -663,6 +663,12 @@ __device__ __forceinline__ void b_regs(uint4 x0, uint4 x1, unsigned b[8]) {
 
 #define MMA_WARPS 8
 
+// Measurement builds only (PEREGRINE_KERNEL_DEFINES, outputs wrong; FP8, one row tile):
+// -DGEMV_TILED_ORDER reads each tile's same bytes with every warp load 512 contiguous bytes (the
+// order a tiled weight layout would give), -DGEMV_NO_MATH keeps the loads and drops the decode
+// and the MMAs (benches/results/2026-11-24-gemv-order-attention-combine.md). Under the first,
+// only the one-tile kernels (up to 8 tokens) read the bytes a call must read.
+//
 // R row tiles of 16 per block: each activation fragment a lane loads serves R tiles. At 16-64
 // tokens one tile per block read the whole [T, K] hi + lo activations per 16 rows (1 MB per
 // tile at 64 tokens), from L2, which bounded those GEMVs; every row's sum is the same as with
@@ -716,14 +722,29 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
             for (int rt = 0; rt < R; rt++) {
                 uint4 w0[2], w1[2];
                 if (FP8) {
+#ifdef GEMV_TILED_ORDER
+                    // Measurement only (wrong results): the tile's same bytes, each warp load 512
+                    // contiguous bytes (a tiled layout's order) instead of 16 rows x 32 bytes.
+                    const unsigned char* tb = W + (size_t)min(nb, N - 16) * K + (size_t)kb * 2048 + c * 1024 + lane * 16;
+                    w0[0] = __ldg(reinterpret_cast<const uint4*>(tb));
+                    w1[0] = __ldg(reinterpret_cast<const uint4*>(tb + 512));
+#else
                     w0[0] = __ldg(reinterpret_cast<const uint4*>(W + (size_t)rr[rt][0] * K + k));
                     w1[0] = __ldg(reinterpret_cast<const uint4*>(W + (size_t)rr[rt][1] * K + k));
+#endif
                 } else {
                     const uint4* p0 = reinterpret_cast<const uint4*>(reinterpret_cast<const unsigned short*>(W) + (size_t)rr[rt][0] * K + k);
                     const uint4* p1 = reinterpret_cast<const uint4*>(reinterpret_cast<const unsigned short*>(W) + (size_t)rr[rt][1] * K + k);
                     w0[0] = __ldg(p0); w0[1] = __ldg(p0 + 1); w1[0] = __ldg(p1); w1[1] = __ldg(p1 + 1);
                 }
+#ifdef GEMV_NO_MATH
+                a0[rt][0] = w0[0].x; a0[rt][1] = w0[0].y; a0[rt][2] = w0[0].z; a0[rt][3] = w0[0].w;
+                a1[rt][0] = w1[0].x; a1[rt][1] = w1[0].y; a1[rt][2] = w1[0].z; a1[rt][3] = w1[0].w;
+#pragma unroll
+                for (int i = 4; i < 8; i++) a0[rt][i] = a1[rt][i] = 0u;
+#else
                 mma_a_frags<FP8>(w0, w1, a0[rt], a1[rt]);
+#endif
             }
 #pragma unroll
             for (int tt = 0; tt < NT; tt++) {
@@ -738,8 +759,19 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
 #pragma unroll
                     for (int i = 0; i < 8; i++) { bh[i] = 0u; bl[i] = 0u; }
                 }
+#ifdef GEMV_NO_MATH
+                // Measurement only (wrong results): the loads kept alive, no decode, no MMA.
+#pragma unroll
+                for (int rt = 0; rt < R; rt++) {
+                    unsigned xx = bh[0] ^ bl[0];
+#pragma unroll
+                    for (int i = 0; i < 8; i++) xx ^= a0[rt][i] ^ a1[rt][i];
+                    part[rt][tt][0] += __uint_as_float(xx & 0x3fffffffu);
+                }
+#else
 #pragma unroll
                 for (int rt = 0; rt < R; rt++) mma_k16<FP8>(FP8 ? part[rt][tt] : acc[rt][tt], a0[rt], a1[rt], bh, bl);
+#endif
             }
         }
         if (FP8) {

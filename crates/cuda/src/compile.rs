@@ -44,17 +44,29 @@ pub fn cache_dir() -> PathBuf {
 
 const OPTIONS: &[&str] = &["--std=c++17", "-lineinfo"];
 
-/// The NVRTC options: `OPTIONS`, then each word of `PEREGRINE_KERNEL_DEFINES` (for measurement
-/// builds only, e.g. `-DMOE_TRACE`; they are part of the cache key).
-fn options() -> Vec<String> {
-    let extra = std::env::var("PEREGRINE_KERNEL_DEFINES").unwrap_or_default();
+/// The NVRTC options for kernel file `name`: `OPTIONS`, then each word of
+/// `PEREGRINE_KERNEL_DEFINES` (for measurement builds only, e.g. `-DMOE_TRACE`; they are part of
+/// the cache key). `PEREGRINE_KERNEL_DEFINES_IN=gemv,ops` gives them to those files only, so a
+/// measurement of one file's variants does not recompile the others (NVRTC takes ~a minute per
+/// file on the GPU machine).
+fn options(name: &str) -> Vec<String> {
+    options_with(name, &std::env::var("PEREGRINE_KERNEL_DEFINES").unwrap_or_default(), std::env::var("PEREGRINE_KERNEL_DEFINES_IN").ok().as_deref())
+}
+
+/// `options` given the two variables' values.
+fn options_with(name: &str, defines: &str, only_in: Option<&str>) -> Vec<String> {
+    let applies = match only_in.map(str::trim) {
+        None | Some("") => true,
+        Some(files) => files.split(',').any(|f| f.trim() == name),
+    };
+    let extra = if applies { defines } else { "" };
     OPTIONS.iter().map(|s| s.to_string()).chain(extra.split_whitespace().map(str::to_string)).collect()
 }
 
 /// PTX of `src` for `arch` (e.g. "sm_90a"), from the cache or freshly compiled. Returns the PTX
 /// and whether it came from the cache.
 pub fn ptx(name: &str, src: &str, arch: &'static str) -> Result<(Ptx, bool)> {
-    let options = options();
+    let options = options(name);
     let key = fnv1a(&[src.as_bytes(), arch.as_bytes(), options.join(" ").as_bytes()]);
     let path = cache_dir().join(format!("{name}-{arch}-{key:016x}.ptx"));
     if let Ok(text) = std::fs::read_to_string(&path) {
@@ -75,4 +87,23 @@ pub fn ptx(name: &str, src: &str, arch: &'static str) -> Result<(Ptx, bool)> {
         }
     }
     Ok((ptx, false))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::options_with;
+
+    #[test]
+    fn measurement_defines_go_to_the_files_named() {
+        let base = options_with("gemv", "", None);
+        assert_eq!(base, ["--std=c++17", "-lineinfo"]);
+        // Every file without PEREGRINE_KERNEL_DEFINES_IN (or with it empty).
+        for only in [None, Some(""), Some("  ")] {
+            assert_eq!(options_with("moe", "-DA  -DB", only), ["--std=c++17", "-lineinfo", "-DA", "-DB"]);
+        }
+        // Only the files listed.
+        assert_eq!(options_with("gemv", "-DA", Some("ops, gemv")), ["--std=c++17", "-lineinfo", "-DA"]);
+        assert_eq!(options_with("moe", "-DA", Some("ops, gemv")), base);
+        assert_eq!(options_with("gemv", "-DA", Some("gemv2")), base);
+    }
 }
