@@ -791,6 +791,10 @@ extern "C" __global__ void fill_random_f(void* __restrict__ p, unsigned long lon
     }
 }
 
+// Splits up to which the combine loads every partial state at once (batch-1 decode has 4):
+// batch-1 Flash step -0.5% on the H100 (benches/results/2026-11-24-gemv-order-attention-combine.md).
+// Measurement builds may restore the three rounds of loads everywhere with -DATT_COMBINE_LOOPS.
+#define ATT_COMBINE_MAX 8
 // Merges attention_v2's `splits` partial states of (row r, head h) as its epilogue merges
 // warps, then the sink logit: o = sum_s acc_s e^(m_s - M) / (sum_s l_s e^(m_s - M) [+ sink]).
 // The states are read through L2 (__ldcg): inside attention_v2 other blocks wrote them. Thread
@@ -801,6 +805,45 @@ __device__ __forceinline__ void attention_combine_head(const float* part_m, cons
                                                        unsigned short* __restrict__ ol, int tid, int nthreads) {
     const float NEG_INF = __int_as_float(0xff800000u);
     size_t p0 = ((size_t)r * heads + h) * splits;
+#ifndef ATT_COMBINE_LOOPS
+    if (splits <= ATT_COMBINE_MAX && nthreads >= vd) {
+        // Every load first (one round trip to L2 instead of three: the maxima, the sums, the
+        // accumulators), then the arithmetic of the loops below in their order: the same bits.
+        float ms[ATT_COMBINE_MAX], ls[ATT_COMBINE_MAX], as[ATT_COMBINE_MAX];
+        const bool mine = tid < vd;
+#pragma unroll
+        for (int s = 0; s < ATT_COMBINE_MAX; s++)
+            if (s < splits) {
+                ms[s] = __ldcg(part_m + p0 + s);
+                ls[s] = __ldcg(part_l + p0 + s);
+                as[s] = mine ? __ldcg(part_acc + (p0 + s) * vd + tid) : 0.f;
+            }
+        float M = NEG_INF;
+#pragma unroll
+        for (int s = 0; s < ATT_COMBINE_MAX; s++)
+            if (s < splits) M = fmaxf(M, ms[s]);
+        float L = 0.f;
+#pragma unroll
+        for (int s = 0; s < ATT_COMBINE_MAX; s++)
+            if (s < splits) L += ms[s] == NEG_INF ? 0.f : ls[s] * __expf(ms[s] - M);
+        if (sinks) {
+            float sc = sinks[h];
+            float mn = fmaxf(M, sc);
+            L = L * __expf(M - mn) + __expf(sc - mn);
+            M = mn;
+        }
+        if (!mine) return;
+        float a = 0.f;
+#pragma unroll
+        for (int s = 0; s < ATT_COMBINE_MAX; s++)
+            if (s < splits && ms[s] != NEG_INF) a += as[s] * __expf(ms[s] - M);
+        a /= L;
+        size_t oi = ((size_t)r * heads + h) * vd + tid;
+        o[oi] = a;
+        if (oh) split_bf16_value(a, oh[oi], ol[oi]);
+        return;
+    }
+#endif
     float M = NEG_INF;
     for (int s = 0; s < splits; s++) M = fmaxf(M, __ldcg(part_m + p0 + s));
     float L = 0.f;
