@@ -19,6 +19,8 @@ extern "C" __global__ void embed(const float* __restrict__ table, const int* __r
 
 __device__ __forceinline__ float sumsq4(float4 v) { return v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w; }
 
+__device__ __forceinline__ float4 plus4(float4 a, float4 b) { return make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w); }
+
 __device__ __forceinline__ float4 scale4(float4 w, float4 v, float inv) {
     return make_float4(w.x * (v.x * inv), w.y * (v.y * inv), w.z * (v.z * inv), w.w * (v.w * inv));
 }
@@ -28,16 +30,22 @@ struct RowsAddend {
     const float* __restrict__ a;
     __device__ __forceinline__ float4 at4(size_t r, int c, int D) const { return reinterpret_cast<const float4*>(a + r * D)[c]; }
     __device__ __forceinline__ float at(size_t r, int i, int D) const { return a[r * D + i]; }
+    __device__ __forceinline__ float4 add4(size_t r, int c, int D, float4 x) const { return plus4(x, at4(r, c, D)); }
+    __device__ __forceinline__ float add1(size_t r, int i, int D, float x) const { return x + at(r, i, D); }
 };
 
 // ... or the routed MoE's output of the row, left by its down kernel as one row per routed
 // pair (out [pairs, D]): the sum of the row's pairs in ascending pair order (ascending expert)
 // from 0.f, exactly as moe.cu's combine_rows sums them into y. `sorted` holds the row's topk
 // pair indices in that order (sort_row_pairs). Read past L1: the MoE kernel just wrote them.
+// `pre` (or null): rows [rows, D] added to x first, (x + pre) + pairs: the attention output
+// whose residual add the post-attention norm left to this one (gemv_f32_norm), the same bits
+// as adding it there.
 struct PairsAddend {
     const float* __restrict__ out;
     const int* sorted;
     int topk;
+    const float* __restrict__ pre;
     __device__ __forceinline__ float4 at4(size_t, int c, int D) const {
         float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
         for (int j = 0; j < topk; j++) {
@@ -50,6 +58,14 @@ struct PairsAddend {
         float s = 0.f;
         for (int j = 0; j < topk; j++) s += __ldcg(out + (size_t)sorted[j] * D + i);
         return s;
+    }
+    __device__ __forceinline__ float4 add4(size_t r, int c, int D, float4 x) const {
+        if (pre) x = plus4(x, reinterpret_cast<const float4*>(pre + r * D)[c]);
+        return plus4(x, at4(r, c, D));
+    }
+    __device__ __forceinline__ float add1(size_t r, int i, int D, float x) const {
+        if (pre) x += pre[r * D + i];
+        return x + at(r, i, D);
     }
 };
 
@@ -83,8 +99,7 @@ __device__ __forceinline__ void norm_row_regs(float* __restrict__ x, Addend a, c
         if (c < D / 4) {
             v[j] = x4[c];
             if (ADD) {
-                float4 q = a.at4(r, c, D);
-                v[j] = make_float4(v[j].x + q.x, v[j].y + q.y, v[j].z + q.z, v[j].w + q.w);
+                v[j] = a.add4(r, c, D, v[j]);
                 x4[c] = v[j];
             }
             s += sumsq4(v[j]);
@@ -118,7 +133,7 @@ __device__ __forceinline__ void norm_row(float* __restrict__ x, Addend a, const 
     for (int i = threadIdx.x; i < D; i += blockDim.x) {
         float v = x[r * D + i];
         if (ADD) {
-            v += a.at(r, i, D);
+            v = a.add1(r, i, D, v);
             x[r * D + i] = v;
         }
         s += v * v;
@@ -238,6 +253,9 @@ extern "C" __global__ void scatter_add_scaled(const float* __restrict__ x, const
     for (int i = threadIdx.x; i < D; i += blockDim.x) y[(size_t)idx[j] * D + i] += w[j] * x[(size_t)j * D + i];
 }
 
+// s + w . v, in the order gemv_f32 and gemv_f32_norm both sum (the same logits).
+__device__ __forceinline__ float dot4_acc(float s, float4 w, float4 v) { return s + (w.x * v.x + w.y * v.y + w.z * v.z + w.w * v.w); }
+
 // y[t, n] = W[n, :] . x[t, :] for f32 W (one warp per (row, token)).
 // y[t, n] = W[n] . x[t] for f32 W [N, K] (routers, exact-f32 fallbacks): one block per row n.
 // When K % 4 == 0 and K <= 16 x blockDim each thread holds its slice of the row in registers and
@@ -264,10 +282,7 @@ extern "C" __global__ void gemv_f32(const float* __restrict__ W, const float* __
 #pragma unroll
             for (int j = 0; j < 4; j++) {
                 int c = threadIdx.x + j * blockDim.x;
-                if (c < K / 4) {
-                    float4 v = x4[c];
-                    s += w[j].x * v.x + w[j].y * v.y + w[j].z * v.z + w[j].w * v.w;
-                }
+                if (c < K / 4) s = dot4_acc(s, w[j], x4[c]);
             }
             s = block_sum(s, sh);
             if (threadIdx.x == 0) y[(size_t)t * N + n] = s;
@@ -280,6 +295,71 @@ extern "C" __global__ void gemv_f32(const float* __restrict__ W, const float* __
         for (int k = threadIdx.x; k < K; k += blockDim.x) s += wr[k] * x[(size_t)t * K + k];
         s = block_sum(s, sh);
         if (threadIdx.x == 0) y[(size_t)t * N + n] = s;
+    }
+}
+
+// gemv_f32 over the post-attention norm of its input, which every block computes itself:
+// xn = RMSNorm(x + a) * nw, with add_rms_norm's arithmetic, so the same xn and the same logits
+// as add_rms_norm then gemv_f32. The norm's reduction is reproduced: add_rms_norm runs
+// ceil32(K / 4) threads, one float4 each (norm_cfg, K <= 4096), and this block's thread t holds
+// float4s t + B j (j < 4, gemv_f32's register path with B = ceil32(K / 16) threads), which are
+// that launch's threads t + B j: per j the same warp sums, then the same sequential sum over its
+// warps. Block 0 writes xn (the MoE's input). x is not written: the residual add is left to the
+// one after the MoE (PairsAddend's `pre`), so no block reads x while another writes it. One
+// launch per MoE layer fewer at one token (the norm's). K % 4 == 0, K <= 16 x blockDim, K <= 4096.
+// x and nw are settled before the wait (written launches back, and a weight), a is not.
+extern "C" __global__ void gemv_f32_norm(const float* __restrict__ W, const float* __restrict__ x, const float* __restrict__ a,
+                                         const float* __restrict__ nw, float* __restrict__ y, float* __restrict__ xn, int N, int K,
+                                         int T, float eps) {
+    __shared__ float sh[32];
+    int n = blockIdx.x, tid = threadIdx.x, B = blockDim.x;
+    const int K4 = K / 4, NT = (K4 + 31) / 32 * 32;  // add_rms_norm's threads
+    const float4* w4 = reinterpret_cast<const float4*>(W + (size_t)n * K);
+    const float4* nw4 = reinterpret_cast<const float4*>(nw);
+    float4 w[4], g[4];
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        int c = tid + j * B;
+        w[j] = c < K4 ? __ldg(w4 + c) : make_float4(0.f, 0.f, 0.f, 0.f);
+        g[j] = c < K4 ? __ldg(nw4 + c) : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+    PDL_ENTER();
+    for (int t = 0; t < T; t++) {
+        const float4* x4 = reinterpret_cast<const float4*>(x + (size_t)t * K);
+        const float4* a4 = reinterpret_cast<const float4*>(a + (size_t)t * K);
+        float4 v[4];
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            int c = tid + j * B;
+            v[j] = c < K4 ? plus4(x4[c], a4[c]) : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+        // add_rms_norm's thread c: s = 0.f (+ sumsq4 of its float4 when c < K / 4); warp sums.
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            int c = tid + j * B;
+            if (c - (tid & 31) < NT) {  // warp-uniform: the warp's first c is one of its threads
+                float q = c < K4 ? 0.f + sumsq4(v[j]) : 0.f;
+                for (int o = 16; o > 0; o >>= 1) q += __shfl_xor_sync(0xffffffffu, q, o);
+                if ((tid & 31) == 0) sh[c >> 5] = q;
+            }
+        }
+        __syncthreads();
+        float ss = 0.f;
+        for (int i = 0; i < NT / 32; i++) ss += sh[i];
+        __syncthreads();
+        float inv = 1.f / sqrtf(ss / K + eps);
+        float s = 0.f;
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            int c = tid + j * B;
+            if (c < K4) {
+                float4 e = scale4(g[j], v[j], inv);
+                if (n == 0) reinterpret_cast<float4*>(xn + (size_t)t * K)[c] = e;
+                s = dot4_acc(s, w[j], e);
+            }
+        }
+        s = block_sum(s, sh);
+        if (tid == 0) y[(size_t)t * N + n] = s;
     }
 }
 
@@ -383,19 +463,19 @@ extern "C" __global__ void add_rms_norm(float* __restrict__ x, const float* __re
 // bits as its combine followed by add_rms_norm.
 // (Up to 1024 threads, as norm_cfg launches them: the bound keeps ptxas within 64 registers.)
 extern "C" __global__ void __launch_bounds__(1024) add_rms_norm_pairs(float* __restrict__ x, const float* __restrict__ out, const int* __restrict__ tok_pairs,
-                                              int topk, const float* __restrict__ w, float* __restrict__ y, int D, float eps) { PDL_ENTER();
+                                              int topk, const float* __restrict__ pre, const float* __restrict__ w, float* __restrict__ y, int D, float eps) { PDL_ENTER();
     __shared__ int sorted[32];
-    norm_row<true>(x, PairsAddend{out, sort_row_pairs(tok_pairs, topk, sorted), topk}, w, y, D, eps);
+    norm_row<true>(x, PairsAddend{out, sort_row_pairs(tok_pairs, topk, sorted), topk, pre}, w, y, D, eps);
 }
 
 // x[r] += the routed MoE's output of row r from its pairs (the last layer's residual add), one
 // block per row.
 extern "C" __global__ void add_pairs_inplace(float* __restrict__ x, const float* __restrict__ out, const int* __restrict__ tok_pairs,
-                                             int topk, int D) { PDL_ENTER();
+                                             int topk, const float* __restrict__ pre, int D) { PDL_ENTER();
     __shared__ int sorted[32];
-    PairsAddend a{out, sort_row_pairs(tok_pairs, topk, sorted), topk};
+    PairsAddend a{out, sort_row_pairs(tok_pairs, topk, sorted), topk, pre};
     size_t r = blockIdx.x;
-    for (int i = threadIdx.x; i < D; i += blockDim.x) x[r * D + i] += a.at(r, i, D);
+    for (int i = threadIdx.x; i < D; i += blockDim.x) x[r * D + i] = a.add1(r, i, D, x[r * D + i]);
 }
 
 // y's power of two for an F16 hi + lo split, from the row v[] a norm holds (all threads): the
@@ -466,11 +546,11 @@ extern "C" __global__ void add_rms_norm_split(float* __restrict__ x, const float
 
 // add_rms_norm_split adding the routed MoE's pairs (as add_rms_norm_pairs).
 extern "C" __global__ void __launch_bounds__(1024) add_rms_norm_split_pairs(float* __restrict__ x, const float* __restrict__ out, const int* __restrict__ tok_pairs,
-                                                    int topk, const float* __restrict__ w, float* __restrict__ y,
+                                                    int topk, const float* __restrict__ pre, const float* __restrict__ w, float* __restrict__ y,
                                                     unsigned short* __restrict__ yh, unsigned short* __restrict__ yl,
                                                     float* __restrict__ yinv, int D, float eps) { PDL_ENTER();
     __shared__ int sorted[32];
-    add_rms_norm_f16_split(x, PairsAddend{out, sort_row_pairs(tok_pairs, topk, sorted), topk}, w, y, yh, yl, yinv, D, eps);
+    add_rms_norm_f16_split(x, PairsAddend{out, sort_row_pairs(tok_pairs, topk, sorted), topk, pre}, w, y, yh, yl, yinv, D, eps);
 }
 
 // add_rms_norm that also writes y split as the tiled MoE kernels read x (moe.cu's

@@ -152,6 +152,7 @@ pub(crate) struct Ops {
     pub(crate) gather_rows: CudaFunction,
     scatter_add_scaled: CudaFunction,
     gemv_f32: CudaFunction,
+    gemv_f32_norm: CudaFunction,
     pub(crate) copy_cols: CudaFunction,
     pub(crate) fill_rows: CudaFunction,
     pub(crate) scale: CudaFunction,
@@ -236,6 +237,9 @@ pub struct CudaModel {
     /// `moe_route` launch). `PEREGRINE_MOE_ROUTE_IN_KERNEL=0` keeps the routing launch, for
     /// comparison.
     route_in_moe: bool,
+    /// A one-token MoE whose router computes the post-attention norm itself (`norm_in_router`;
+    /// `PEREGRINE_NORM_IN_ROUTER=0` keeps the norm's launch, for comparison; tests flip it).
+    norm_in_router: bool,
     /// Whether the tiled MoE leaves its routed pairs for the norm after it to sum
     /// (`MlpOut::Pairs`): None where `kernels::moe_pairs_pay` says so, Some to force it (tests).
     moe_combine_in_norm: Option<bool>,
@@ -347,6 +351,7 @@ impl CudaModel {
             gather_rows: f("gather_rows")?,
             scatter_add_scaled: f("scatter_add_scaled")?,
             gemv_f32: f("gemv_f32")?,
+            gemv_f32_norm: f("gemv_f32_norm")?,
             copy_cols: f("copy_cols")?,
             fill_rows: f("fill_rows")?,
             scale: f("scale")?,
@@ -524,6 +529,7 @@ impl CudaModel {
             merge_in_attention: std::env::var("PEREGRINE_ATTN_MERGE_IN_KERNEL").map_or(true, |v| v != "0"),
             attn_fill: std::env::var("PEREGRINE_ATTN_FILL").map_or(true, |v| v != "0"),
             route_in_moe: std::env::var("PEREGRINE_MOE_ROUTE_IN_KERNEL").map_or(true, |v| v != "0"),
+            norm_in_router: std::env::var("PEREGRINE_NORM_IN_ROUTER").map_or(true, |v| v != "0"),
             moe_combine_in_norm: None,
             moe_pairs_calls: std::sync::atomic::AtomicUsize::new(0),
             prefill_pdl: std::env::var("PEREGRINE_PREFILL_PDL").is_ok_and(|v| v == "1"),
@@ -610,6 +616,28 @@ impl CudaModel {
         let threads = if k.is_multiple_of(4) { (k / 4).div_ceil(4).div_ceil(32).clamp(1, 32) * 32 } else { 256 };
         unsafe { b.launch(LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
         Ok(())
+    }
+
+    /// logits = router(xn) with xn = RMSNorm(x + a) * w computed by every block of the router
+    /// (`gemv_f32_norm`), and xn: the bits of `add_rms_norm` then `matvec`, with x not written
+    /// (the caller leaves x + a to the residual add after the MoE). Routers `router_takes_norm`
+    /// accepts only.
+    pub(crate) fn router_normed(&self, router: &Mat, x: &CudaSlice<f32>, a: &CudaSlice<f32>, w: &CudaSlice<f32>, t: usize) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
+        let (GpuMatrix::F32(wr), true) = (&router.m, router_takes_norm(router, t)) else {
+            return Err(Error::Backend(format!("router_normed: a {}x{} router at {t} rows does not take the norm", router.n, router.k)));
+        };
+        let k = router.k;
+        if x.len() < t * k || a.len() < t * k || w.len() < k {
+            return Err(Error::Backend(format!("router_normed: inputs hold fewer than {t} rows of {k}")));
+        }
+        let (mut y, mut xn) = (self.empty(t * router.n)?, self.empty(t * k)?);
+        let (ni, ki, tt, eps) = (router.n as i32, k as i32, t as i32, self.spec.rms_norm_eps);
+        let mut b = crate::launch::builder(&self.stream, &self.ops.gemv_f32_norm);
+        b.arg(wr).arg(x).arg(a).arg(w).arg(&mut y).arg(&mut xn).arg(&ni).arg(&ki).arg(&tt).arg(&eps);
+        // gemv_f32's threads: the kernel reproduces norm_cfg's reduction from them.
+        let threads = (k / 4).div_ceil(4).div_ceil(32).clamp(1, 32) * 32;
+        unsafe { b.launch(LaunchConfig { grid_dim: (router.n as u32, 1, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
+        Ok((y, xn))
     }
 
     pub(crate) fn rms_norm(&self, x: &CudaSlice<f32>, w: &CudaSlice<f32>, rows: usize, d: usize) -> Result<CudaSlice<f32>> {
@@ -937,12 +965,12 @@ impl CudaModel {
     /// pairs: the same bits as combining them first.
     pub(crate) fn add_rms_norm_pairs(&self, x: &mut CudaSlice<f32>, pairs: &MoePairs, w: &CudaSlice<f32>, rows: usize, d: usize, split: bool) -> Result<(CudaSlice<f32>, Option<F16Split>)> {
         pairs.check(rows, d)?;
-        let MoePairs { out, tok_pairs, topk } = pairs;
+        let MoePairs { out, tok_pairs, topk, pre } = pairs;
         let mut y = self.empty(rows * d)?;
         let (dd, eps, k) = (d as i32, self.spec.rms_norm_eps, *topk as i32);
         if !split {
             let mut b = crate::launch::builder(&self.stream, &self.ops.add_rms_norm_pairs);
-            b.arg(x).arg(out).arg(tok_pairs).arg(&k).arg(w).arg(&mut y).arg(&dd).arg(&eps);
+            b.arg(x).arg(out).arg(tok_pairs).arg(&k).arg_or_null(pre.as_ref()).arg(w).arg(&mut y).arg(&dd).arg(&eps);
             unsafe { b.launch(norm_cfg(rows, d)) }.map_err(drv)?;
             return Ok((y, None));
         }
@@ -951,7 +979,7 @@ impl CudaModel {
         let mut yl = unsafe { self.stream.alloc::<u16>((rows * d).max(1)) }.map_err(drv)?;
         let mut yinv = self.empty(rows)?;
         let mut b = crate::launch::builder(&self.stream, &self.ops.add_rms_norm_split_pairs);
-        b.arg(x).arg(out).arg(tok_pairs).arg(&k).arg(w).arg(&mut y).arg(&mut yh).arg(&mut yl).arg(&mut yinv).arg(&dd).arg(&eps);
+        b.arg(x).arg(out).arg(tok_pairs).arg(&k).arg_or_null(pre.as_ref()).arg(w).arg(&mut y).arg(&mut yh).arg(&mut yl).arg(&mut yinv).arg(&dd).arg(&eps);
         unsafe { b.launch(norm_cfg(rows, d)) }.map_err(drv)?;
         Ok((y, Some((yh, yl, yinv))))
     }
@@ -962,10 +990,10 @@ impl CudaModel {
         if x.len() < rows * d {
             return Err(Error::Backend(format!("add_pairs_inplace: x holds fewer than {rows} rows")));
         }
-        let MoePairs { out, tok_pairs, topk } = pairs;
+        let MoePairs { out, tok_pairs, topk, pre } = pairs;
         let (dd, k) = (d as i32, *topk as i32);
         let mut b = crate::launch::builder(&self.stream, &self.ops.add_pairs_inplace);
-        b.arg(x).arg(out).arg(tok_pairs).arg(&k).arg(&dd);
+        b.arg(x).arg(out).arg(tok_pairs).arg(&k).arg_or_null(pre.as_ref()).arg(&dd);
         unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
         Ok(())
     }
@@ -1057,6 +1085,54 @@ impl CudaModel {
         }
     }
 
+    /// Whether layer `li`'s post-attention norm at `rows` rows is left to its MoE's router
+    /// (`moe_after_attention`): one token whose MoE routes inside the fused kernel and leaves
+    /// its pairs, so the residual add after it can add the attention output too. Saves the
+    /// norm's launch (~3 us on the H100) per MoE layer of a batch-1 step.
+    pub(crate) fn norm_in_router(&self, li: usize, rows: usize) -> bool {
+        let Some(Mlp::Moe { spec, router, experts: Experts::Stacked(w), .. }) = self.layers.get(li).map(|l| &l.mlp) else { return false };
+        if rows != 1 || !self.norm_in_router || !self.route_in_moe || !w.is_tiled() || router.k != self.spec.hidden_size || !router_takes_norm(router, rows) {
+            return false;
+        }
+        let kind = self.kernels.moe_kernel(w, rows, spec.top_k);
+        matches!(kind, MoeKernel::Fused { .. }) && self.moe_leaves_pairs_here(spec, w, kind)
+    }
+
+    /// The MoE of layer `li` over RMSNorm(x + attn) with the post-attention norm's weight `nw`,
+    /// which its router computes (`router_normed`), where `norm_in_router`. x is not written:
+    /// the pairs carry attn (`MoePairs::pre`) for the residual add after the MoE; a combined
+    /// output (not expected where `norm_in_router` holds) gets attn added to x here.
+    pub(crate) fn moe_after_attention(&self, li: usize, x: &mut CudaSlice<f32>, attn: CudaSlice<f32>, nw: &CudaSlice<f32>, rows: usize) -> Result<MlpOut> {
+        let Some(Mlp::Moe { spec, router, bias, experts: Experts::Stacked(w) }) = self.layers.get(li).map(|l| &l.mlp) else {
+            return Err(Error::Backend(format!("layer {li} has no stacked MoE to take its post-attention norm")));
+        };
+        let (logits, xn) = self.router_normed(router, x, &attn, nw, rows)?;
+        // xn comes from the launch just before the experts: staged after their wait.
+        match self.moe_stacked(spec, &logits, bias.as_ref().map(|b| &b.0), w, &xn, MoeInput::Fresh, rows)? {
+            MlpOut::Pairs(mut p) => {
+                p.pre = Some(attn);
+                Ok(MlpOut::Pairs(p))
+            }
+            MlpOut::Rows(m) => {
+                self.add_inplace(x, &attn, rows * self.spec.hidden_size)?;
+                Ok(MlpOut::Rows(m))
+            }
+        }
+    }
+
+    /// How many layers leave their post-attention norm to the router at `rows` rows.
+    pub fn norm_in_router_layers(&self, rows: usize) -> usize {
+        (0..self.layers.len()).filter(|&l| self.norm_in_router(l, rows)).count()
+    }
+
+    /// Sets whether a one-token MoE's router computes the post-attention norm (`norm_in_router`;
+    /// on by default), for tests comparing the two (the same bits). Captured step graphs are
+    /// dropped.
+    pub fn set_norm_in_router(&mut self, on: bool) {
+        self.norm_in_router = on;
+        self.graphs.clear();
+    }
+
     /// Forces whether the tiled MoE leaves its routed pairs to the norm after it (by default
     /// where `kernels::moe_pairs_pay`); for tests comparing the two (the same bits). Captured step graphs
     /// are dropped.
@@ -1095,7 +1171,7 @@ impl CudaModel {
                 let mut tok_pairs = unsafe { self.stream.alloc::<i32>(spec.top_k) }.map_err(drv)?;
                 let out = self.with_moe_scratch(w, spec.top_k, |scratch| self.kernels.moe_mxfp4_routed_pairs(kind, spec, w, logits, bias, hn, input, scratch, &mut tok_pairs))?;
                 self.moe_pairs_calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                return Ok(MlpOut::Pairs(MoePairs { out, tok_pairs, topk: spec.top_k }));
+                return Ok(MlpOut::Pairs(MoePairs { out, tok_pairs, topk: spec.top_k, pre: None }));
             }
             let mut y = self.empty(n * self.spec.hidden_size)?;
             self.with_moe_scratch(w, spec.top_k, |scratch| self.kernels.moe_mxfp4_routed(kind, spec, w, logits, bias, hn, input, scratch, &mut y))?;
@@ -1105,7 +1181,7 @@ impl CudaModel {
         if leave_pairs {
             let out = self.with_moe_scratch(w, r.num_pairs, |scratch| self.kernels.moe_mxfp4_pairs(kind, w, &r, hn, input, scratch))?;
             self.moe_pairs_calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            return Ok(MlpOut::Pairs(MoePairs { out, tok_pairs: r.tok_pairs, topk: spec.top_k }));
+            return Ok(MlpOut::Pairs(MoePairs { out, tok_pairs: r.tok_pairs, topk: spec.top_k, pre: None }));
         }
         let mut y = self.empty(n * self.spec.hidden_size)?;
         self.with_moe_scratch(w, r.num_pairs, |scratch| self.kernels.moe_mxfp4_with(kind, w, &r, hn, input, scratch, &mut y))?;
@@ -1255,11 +1331,14 @@ pub(crate) enum MlpOut {
 }
 
 /// The routed MoE's pairs left uncombined: `out` [pairs, H], each pair's weighted output, and
-/// `tok_pairs` [n, topk], each row's pairs.
+/// `tok_pairs` [n, topk], each row's pairs. `pre` [n, H]: rows the residual add adds before the
+/// pairs, (x + pre) + pairs: the attention output, when the router computed the post-attention
+/// norm itself and left that residual add to this one (`moe_after_attention`).
 pub(crate) struct MoePairs {
     pub(crate) out: CudaSlice<f32>,
     pub(crate) tok_pairs: CudaSlice<i32>,
     pub(crate) topk: usize,
+    pub(crate) pre: Option<CudaSlice<f32>>,
 }
 
 impl MoePairs {
@@ -1267,11 +1346,18 @@ impl MoePairs {
     /// row (ops.cu's `sorted[32]`), inside the buffers.
     fn check(&self, rows: usize, d: usize) -> Result<()> {
         let topk = self.topk;
-        if (1..=32).contains(&topk) && self.tok_pairs.len() >= rows * topk && self.out.len() >= rows * topk * d {
+        let pre_fits = self.pre.as_ref().is_none_or(|p| p.len() >= rows * d);
+        if (1..=32).contains(&topk) && self.tok_pairs.len() >= rows * topk && self.out.len() >= rows * topk * d && pre_fits {
             return Ok(());
         }
         Err(Error::Backend(format!("MoE pairs: top-{topk} of {rows} rows of {d} do not fit the buffers")))
     }
+}
+
+/// Whether `gemv_f32_norm` takes router `m` at `t` rows: f32 weights in gemv_f32's register path
+/// (K % 4 == 0, K <= 4096, below the GEMM's rows) whose K norm_cfg runs one float4 per thread.
+pub(crate) fn router_takes_norm(m: &Mat, t: usize) -> bool {
+    matches!(m.m, GpuMatrix::F32(_)) && m.k.is_multiple_of(4) && m.k <= 4096 && (1..GEMM_F32_MIN_ROWS).contains(&t)
 }
 
 /// One block per row of `d`: a thread per float4 (the norm kernels' register path, whole

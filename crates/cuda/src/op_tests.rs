@@ -207,7 +207,7 @@ fn norms_summing_moe_pairs_equal_combine_then_norm() {
                 combined[t * d + n] = acc;
             }
         }
-        let pairs = MoePairs { out: st.clone_htod(&out).unwrap(), tok_pairs: st.clone_htod(&ids).unwrap(), topk };
+        let pairs = MoePairs { out: st.clone_htod(&out).unwrap(), tok_pairs: st.clone_htod(&ids).unwrap(), topk, pre: None };
         let (wd, cd) = (st.clone_htod(&w).unwrap(), st.clone_htod(&combined).unwrap());
         let name = format!("{rows}x{d} top-{topk}");
         // Residual add only (the last layer's).
@@ -237,13 +237,35 @@ fn norms_summing_moe_pairs_equal_combine_then_norm() {
             assert_eq!(st.clone_dtoh(&yl).unwrap(), st.clone_dtoh(&wl).unwrap(), "add_rms_norm_split_pairs {name}: lo parts");
             assert_eq!(st.clone_dtoh(&yinv).unwrap(), st.clone_dtoh(&winv).unwrap(), "add_rms_norm_split_pairs {name}: inverse scales");
         }
+        // With the attention output left by the router (`pre`): (x + pre) + pairs, the bits of
+        // adding pre to x first.
+        let pre = randn(&mut r, rows * d, 2.0);
+        let x_pre: Vec<f32> = x.iter().zip(&pre).map(|(p, q)| p + q).collect();
+        let sum_pre: Vec<f32> = x_pre.iter().zip(&combined).map(|(p, q)| p + q).collect();
+        let pairs = MoePairs { pre: Some(st.clone_htod(&pre).unwrap()), ..pairs };
+        let mut xd = st.clone_htod(&x).unwrap();
+        m.add_pairs_inplace(&mut xd, &pairs, rows, d).unwrap();
+        assert_eq!(st.clone_dtoh(&xd).unwrap(), sum_pre, "add_pairs_inplace {name}, pre");
+        let mut xw = st.clone_htod(&x_pre).unwrap();
+        let want = st.clone_dtoh(&m.add_rms_norm(&mut xw, &cd, &wd, rows, d).unwrap()).unwrap();
+        for split in [false, true] {
+            if split && !(d.is_multiple_of(4) && d <= 4 * 4 * 1024) {
+                continue;
+            }
+            let mut xd = st.clone_htod(&x).unwrap();
+            let (y, _) = m.add_rms_norm_pairs(&mut xd, &pairs, &wd, rows, d, split).unwrap();
+            assert_eq!(st.clone_dtoh(&xd).unwrap(), sum_pre, "add_rms_norm_pairs {name}, pre, split {split}: residual");
+            assert_eq!(st.clone_dtoh(&y).unwrap(), want, "add_rms_norm_pairs {name}, pre, split {split}: y");
+        }
         eprintln!("{name}: pair-summing residual adds identical to combine then add");
     }
     // Bad bounds are an error, not a fault.
-    let small = |topk| MoePairs { out: st.clone_htod(&[0f32; 8]).unwrap(), tok_pairs: st.clone_htod(&[0i32; 2]).unwrap(), topk };
+    let small = |topk| MoePairs { out: st.clone_htod(&[0f32; 8]).unwrap(), tok_pairs: st.clone_htod(&[0i32; 2]).unwrap(), topk, pre: None };
     let mut xd = st.clone_htod(&[0f32; 4]).unwrap();
     assert!(m.add_pairs_inplace(&mut xd, &small(33), 1, 4).is_err());
     assert!(m.add_pairs_inplace(&mut xd, &small(2), 2, 4).is_err());
+    let short_pre = MoePairs { pre: Some(st.clone_htod(&[0f32; 3]).unwrap()), ..small(1) };
+    assert!(m.add_pairs_inplace(&mut xd, &short_pre, 1, 4).is_err());
 }
 
 fn poisoned(m: &CudaModel, n: usize) -> CudaSlice<f32> {
@@ -562,5 +584,44 @@ fn f32_matrices_match_the_cpu_reference() {
         let y = st.clone_dtoh(&m.matvec(&mat, &st.clone_htod(&x).unwrap(), t).unwrap()).unwrap();
         let want: Vec<f32> = (0..t).flat_map(|ti| (0..n).map(|ni| (0..k).map(|i| w[ni * k + i] as f64 * x[ti * k + i] as f64).sum::<f64>() as f32).collect::<Vec<_>>()).collect();
         close(&format!("f32 matrix {n}x{k}, {t} rows"), &y, &want, 1e-5);
+    }
+}
+
+/// The router computing the post-attention norm itself (`gemv_f32_norm`) gives the bits of
+/// `add_rms_norm` then `gemv_f32`: the logits and the normed rows, for K from one warp's worth
+/// to 4096 (partial warps of norm_cfg's threads included), 1 and 2 rows; the residual is left
+/// as it was; routers it does not take are an error.
+#[test]
+fn router_computing_the_norm_equals_norm_then_router() {
+    let Some(m) = model() else { return };
+    let mut r = rng();
+    let st = m.stream.clone();
+    for (n, k, t) in [(256usize, 4096usize, 1usize), (256, 4096, 2), (16, 4092, 1), (64, 2048, 1), (8, 520, 2), (5, 192, 1), (7, 64, 1), (3, 4, 1)] {
+        let w = randn(&mut r, n * k, 1.0);
+        let (x, a, nw) = (randn(&mut r, t * k, 4.0), randn(&mut r, t * k, 2.0), randn(&mut r, k, 1.0));
+        let mat = crate::backend::Mat { m: crate::backend::GpuMatrix::F32(st.clone_htod(&w).unwrap()), n, k };
+        let (ad, nwd) = (st.clone_htod(&a).unwrap(), st.clone_htod(&nw).unwrap());
+        // Reference: the residual add and norm, then the router.
+        let mut xr = st.clone_htod(&x).unwrap();
+        let xn_want = m.add_rms_norm(&mut xr, &ad, &nwd, t, k).unwrap();
+        let want = st.clone_dtoh(&m.matvec(&mat, &xn_want, t).unwrap()).unwrap();
+        let xn_want = st.clone_dtoh(&xn_want).unwrap();
+        let xd = st.clone_htod(&x).unwrap();
+        let (y, xn) = m.router_normed(&mat, &xd, &ad, &nwd, t).unwrap();
+        let name = format!("router {n}x{k}, {t} rows");
+        assert!(want.iter().all(|v| v.is_finite()), "{name}: non-finite reference");
+        assert_eq!(st.clone_dtoh(&y).unwrap(), want, "{name}: logits");
+        assert_eq!(st.clone_dtoh(&xn).unwrap(), xn_want, "{name}: normed rows");
+        assert_eq!(st.clone_dtoh(&xd).unwrap(), x, "{name}: the residual was written");
+    }
+    // K past the kernel's register path, K not a multiple of 4, BF16 weights: refused.
+    let xd = st.clone_htod(&vec![0f32; 8192]).unwrap();
+    for (k, bf16) in [(8192usize, false), (6, false), (64, true)] {
+        let mat = if bf16 {
+            crate::backend::Mat { m: crate::backend::GpuMatrix::Bf16(st.clone_htod(&vec![0u16; 4 * k]).unwrap()), n: 4, k }
+        } else {
+            crate::backend::Mat { m: crate::backend::GpuMatrix::F32(st.clone_htod(&vec![0f32; 4 * k]).unwrap()), n: 4, k }
+        };
+        assert!(m.router_normed(&mat, &xd, &xd, &xd, 1).is_err(), "K {k} (BF16 {bf16}) taken");
     }
 }

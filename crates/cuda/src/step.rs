@@ -148,6 +148,9 @@ impl CudaModel {
         // MlpOut held as the routed MoE's pairs (`MlpOut::Pairs`) rather than in acts: the
         // residual add after the MoE sums them.
         let mut mlp_pairs: Option<MoePairs> = None;
+        // The post-attention norm left to the MoE's router (`norm_in_router`): AttnOut, for the
+        // Mlp op of that layer, which reads the residual and it.
+        let mut norm_left: Option<(usize, CudaSlice<f32>)> = None;
         let mut features = None;
         let norm_weight = |w: NormWeight| match w {
             NormWeight::Input(l) => &self.layers[l].input_norm,
@@ -156,6 +159,9 @@ impl CudaModel {
         };
         for &op in ops {
             mark(&mut marks)?;
+            if norm_left.is_some() && !matches!(op, Op::Mlp { src: Act::MlpIn, .. }) {
+                return Err(Error::Backend(format!("step plan: {op} runs between a post-attention norm left to the router and its MLP")));
+            }
             match op {
                 Op::Embed { rows } => acts[Act::Hidden as usize] = Some(self.embed_rows(&meta.tok, rows)?),
                 Op::Norm { src, dst, weight, rows } => {
@@ -176,6 +182,14 @@ impl CudaModel {
                         attn_split = sp;
                     }
                     acts[dst as usize] = Some(y);
+                }
+                Op::AddNorm { add: Act::AttnOut, dst: Act::MlpIn, weight: NormWeight::PostAttention(l), rows } if self.norm_in_router(l, rows) => {
+                    // The router computes this norm, and the residual add after the MoE adds
+                    // AttnOut (one launch fewer).
+                    let a = acts[Act::AttnOut as usize].take().ok_or_else(|| Error::Backend("step plan reads AttnOut before writing it".into()))?;
+                    acts[Act::MlpIn as usize] = None;
+                    mlp_split = None;
+                    norm_left = Some((l, a));
                 }
                 Op::AddNorm { add, dst, weight, rows } => {
                     let mut x = acts[Act::Hidden as usize].take().ok_or_else(|| Error::Backend("step plan adds to the residual before the embedding".into()))?;
@@ -223,12 +237,23 @@ impl CudaModel {
                     acts[Act::AttnOut as usize] = Some(o);
                 }
                 Op::Mlp { layer, src, rows } => {
-                    let x = acts[src as usize].as_ref().ok_or_else(|| Error::Backend(format!("step plan reads {src:?} before writing it")))?;
-                    let split = if src == Act::MlpIn { mlp_split.take() } else { None };
-                    // The MoE may leave its pairs: only the residual adds after it read MlpOut.
-                    let m = match &self.layers[layer].mlp {
-                        Mlp::Dense(f) => MlpOut::Rows(self.ffn(f, x, rows)?),
-                        Mlp::Moe { spec, router, bias, experts } => self.moe(spec, router, bias.as_ref(), experts, x, split.as_ref(), rows)?,
+                    let m = if let Some((l, a)) = norm_left.take() {
+                        // The router computes the norm over the residual and AttnOut.
+                        if l != layer {
+                            return Err(Error::Backend(format!("step plan: layer {l}'s post-attention norm left to layer {layer}'s MLP")));
+                        }
+                        let mut x = acts[Act::Hidden as usize].take().ok_or_else(|| Error::Backend("step plan runs an MLP before the embedding".into()))?;
+                        let m = self.moe_after_attention(layer, &mut x, a, &self.layers[layer].post_norm, rows);
+                        acts[Act::Hidden as usize] = Some(x);
+                        m?
+                    } else {
+                        let x = acts[src as usize].as_ref().ok_or_else(|| Error::Backend(format!("step plan reads {src:?} before writing it")))?;
+                        let split = if src == Act::MlpIn { mlp_split.take() } else { None };
+                        // The MoE may leave its pairs: only the residual adds after it read MlpOut.
+                        match &self.layers[layer].mlp {
+                            Mlp::Dense(f) => MlpOut::Rows(self.ffn(f, x, rows)?),
+                            Mlp::Moe { spec, router, bias, experts } => self.moe(spec, router, bias.as_ref(), experts, x, split.as_ref(), rows)?,
+                        }
                     };
                     match m {
                         MlpOut::Rows(m) => {
@@ -263,6 +288,9 @@ impl CudaModel {
                 }
                 Op::Argmax { rows } => self.argmax_into(logits, rows, ids)?,
             }
+        }
+        if norm_left.is_some() {
+            return Err(Error::Backend("step plan: a post-attention norm left to the router has no MLP after it".into()));
         }
         mark(&mut marks)
     }

@@ -314,6 +314,46 @@ fn moe_pairs_summed_by_the_norm_equal_the_combine_in_the_moe() {
     }
 }
 
+/// The router computing the post-attention norm itself at one token (`norm_in_router`: the
+/// fused MoE leaving its pairs, the residual add after it adding the attention output) gives
+/// the logits of the norm's own launch, bit for bit, eager and graphed, over a few decode steps
+/// (the residual carried from step to step through the KV cache).
+#[test]
+fn router_computing_the_norm_equals_the_norm_launch() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/golden/mxfp4");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    for (k, v) in [("hidden_size", 256), ("moe_intermediate_size", 128), ("intermediate_size", 256), ("n_routed_experts", 16), ("num_experts_per_tok", 8)] {
+        cfg[k] = serde_json::json!(v);
+    }
+    let spec = peregrine_model::config::parse_config(&cfg, None).expect("config");
+    let Some(mut model) = synthetic(&spec) else { return };
+    kv(&mut model, 128);
+    assert!(model.pin_moe_kernel(1, MoeKernel::FUSED));
+    model.set_moe_combine_in_norm(true);
+    let moe_layers = spec.layers.iter().filter(|l| matches!(l.mlp, peregrine_core::spec::MlpSpec::Moe(_))).count();
+    assert!(moe_layers > 0);
+    model.set_norm_in_router(true);
+    assert_eq!(model.norm_in_router_layers(1), moe_layers, "every MoE layer leaves its norm to the router at one token");
+    assert_eq!(model.norm_in_router_layers(2), 0, "only one token does");
+    let mut r = rng();
+    let toks: Vec<u32> = (0..4).map(|_| r.random_range(0..spec.vocab_size as u32)).collect();
+    let mut got: Vec<Vec<Vec<f32>>> = Vec::new();
+    for (in_router, graphs) in [(false, false), (true, false), (true, true), (false, true)] {
+        model.set_norm_in_router(in_router);
+        model.set_cuda_graphs(graphs);
+        let steps: Vec<Vec<f32>> = toks
+            .iter()
+            .enumerate()
+            .map(|(p, &t)| model.forward(&[seq(0, vec![t], p, &[0], OutputRows::Last)]).unwrap().into_iter().flat_map(|l| l.data).collect())
+            .collect();
+        assert!(steps.iter().flatten().all(|v| v.is_finite()), "norm in router {in_router}, graphs {graphs}: non-finite logits");
+        got.push(steps);
+    }
+    assert_eq!(got[1], got[0], "eager: logits differ with the norm in the router");
+    assert_eq!(got[2], got[3], "graphed: logits differ with the norm in the router");
+    eprintln!("{moe_layers} MoE layers: the router's norm = the norm's launch over {} steps, eager and graphed", toks.len());
+}
+
 /// The logits of `batch` with the routed combine in the MoE and in the norm after it, eager
 /// and graphed, in the order (MoE, eager), (norm, eager), (norm, graph), (MoE, graph). Eager
 /// steps leave the MoE's pairs to the norm exactly when asked (a replayed graph runs no host
