@@ -1088,7 +1088,8 @@ impl CudaModel {
     /// Whether layer `li`'s post-attention norm at `rows` rows is left to its MoE's router
     /// (`moe_after_attention`): one token whose MoE routes inside the fused kernel and leaves
     /// its pairs, so the residual add after it can add the attention output too. Saves the
-    /// norm's launch (~3 us on the H100) per MoE layer of a batch-1 step.
+    /// norm's launch per MoE layer: the batch-1 Flash step -0.6% on the H100
+    /// (benches/results/2026-11-24-norm-in-router.md).
     pub(crate) fn norm_in_router(&self, li: usize, rows: usize) -> bool {
         let Some(Mlp::Moe { spec, router, experts: Experts::Stacked(w), .. }) = self.layers.get(li).map(|l| &l.mlp) else { return false };
         if rows != 1 || !self.norm_in_router || !self.route_in_moe || !w.is_tiled() || router.k != self.spec.hidden_size || !router_takes_norm(router, rows) {
