@@ -269,21 +269,28 @@ fn synthetic_models_prefill_equals_decode_and_argmax_on_gpu() {
     }
 }
 
+/// The mxfp4 fixture's model with experts the tiled kernels take (the fixture's 64 x 32 are
+/// below their tiles: hidden 256, 16 experts of 128, top-8), synthetic, with 128 KV blocks;
+/// None without a GPU.
+fn tiled_moe_model() -> Option<(ModelSpec, CudaModel)> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/golden/mxfp4");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    for (k, v) in [("hidden_size", 256), ("moe_intermediate_size", 128), ("intermediate_size", 256), ("n_routed_experts", 16), ("num_experts_per_tok", 8)] {
+        cfg[k] = serde_json::json!(v);
+    }
+    let spec = peregrine_model::config::parse_config(&cfg, None).expect("config");
+    let mut model = synthetic(&spec)?;
+    kv(&mut model, 128);
+    Some((spec, model))
+}
+
 /// The tiled MoE leaving its routed pairs for the residual add after it to sum gives the same
 /// logits, bit for bit, as its down kernel combining them: decode batches of 1 to 8 rows (the
 /// two-launch tiled kernels pinned at each size, the fused one at 1 row too), eager and as a
 /// CUDA graph, on a synthetic model whose experts take the tiled layout.
 #[test]
 fn moe_pairs_summed_by_the_norm_equal_the_combine_in_the_moe() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/golden/mxfp4");
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
-    // Experts the tiled kernels take (the fixture's 64 x 32 are below their tiles), 16 of them, top-8.
-    for (k, v) in [("hidden_size", 256), ("moe_intermediate_size", 128), ("intermediate_size", 256), ("n_routed_experts", 16), ("num_experts_per_tok", 8)] {
-        cfg[k] = serde_json::json!(v);
-    }
-    let spec = peregrine_model::config::parse_config(&cfg, None).expect("config");
-    let Some(mut model) = synthetic(&spec) else { return };
-    kv(&mut model, 128);
+    let Some((spec, mut model)) = tiled_moe_model() else { return };
     let mut r = rng();
     let vocab = spec.vocab_size;
     for rows in 1..=8usize {
@@ -320,14 +327,7 @@ fn moe_pairs_summed_by_the_norm_equal_the_combine_in_the_moe() {
 /// (the residual carried from step to step through the KV cache).
 #[test]
 fn router_computing_the_norm_equals_the_norm_launch() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/golden/mxfp4");
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
-    for (k, v) in [("hidden_size", 256), ("moe_intermediate_size", 128), ("intermediate_size", 256), ("n_routed_experts", 16), ("num_experts_per_tok", 8)] {
-        cfg[k] = serde_json::json!(v);
-    }
-    let spec = peregrine_model::config::parse_config(&cfg, None).expect("config");
-    let Some(mut model) = synthetic(&spec) else { return };
-    kv(&mut model, 128);
+    let Some((spec, mut model)) = tiled_moe_model() else { return };
     assert!(model.pin_moe_kernel(1, MoeKernel::FUSED));
     model.set_moe_combine_in_norm(true);
     let moe_layers = spec.layers.iter().filter(|l| matches!(l.mlp, peregrine_core::spec::MlpSpec::Moe(_))).count();
