@@ -307,7 +307,7 @@ extern "C" __global__ void gemv_f32(const float* __restrict__ W, const float* __
 // warps. Block 0 writes xn (the MoE's input). x is not written: the residual add is left to the
 // one after the MoE (PairsAddend's `pre`), so no block reads x while another writes it. One
 // launch per MoE layer fewer at one token (the norm's). K % 4 == 0, K <= 16 x blockDim, K <= 4096.
-// x and nw are settled before the wait (written launches back, and a weight), a is not.
+// The router row and nw (weights) are loaded before the wait, x and a after it.
 extern "C" __global__ void gemv_f32_norm(const float* __restrict__ W, const float* __restrict__ x, const float* __restrict__ a,
                                          const float* __restrict__ nw, float* __restrict__ y, float* __restrict__ xn, int N, int K,
                                          int T, float eps) {

@@ -612,8 +612,7 @@ impl CudaModel {
         }
         let mut b = crate::launch::builder(&self.stream, &self.ops.gemv_f32);
         b.arg(w).arg(x).arg(y).arg(&ni).arg(&ki).arg(&tt);
-        // One block per row; up to four float4s of it per thread (the kernel's register path).
-        let threads = if k.is_multiple_of(4) { (k / 4).div_ceil(4).div_ceil(32).clamp(1, 32) * 32 } else { 256 };
+        let threads = if k.is_multiple_of(4) { gemv_f32_threads(k) } else { 256 };
         unsafe { b.launch(LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
         Ok(())
     }
@@ -635,7 +634,7 @@ impl CudaModel {
         let mut b = crate::launch::builder(&self.stream, &self.ops.gemv_f32_norm);
         b.arg(wr).arg(x).arg(a).arg(w).arg(&mut y).arg(&mut xn).arg(&ni).arg(&ki).arg(&tt).arg(&eps);
         // gemv_f32's threads: the kernel reproduces norm_cfg's reduction from them.
-        let threads = (k / 4).div_ceil(4).div_ceil(32).clamp(1, 32) * 32;
+        let threads = gemv_f32_threads(k);
         unsafe { b.launch(LaunchConfig { grid_dim: (router.n as u32, 1, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
         Ok((y, xn))
     }
@@ -1092,18 +1091,24 @@ impl CudaModel {
     /// (benches/results/2026-11-24-norm-in-router.md).
     pub(crate) fn norm_in_router(&self, li: usize, rows: usize) -> bool {
         let Some(Mlp::Moe { spec, router, experts: Experts::Stacked(w), .. }) = self.layers.get(li).map(|l| &l.mlp) else { return false };
-        if rows != 1 || !self.norm_in_router || !self.route_in_moe || !w.is_tiled() || router.k != self.spec.hidden_size || !router_takes_norm(router, rows) {
+        if !self.norm_in_router || router.k != self.spec.hidden_size || !router_takes_norm(router, rows) {
             return false;
         }
         let kind = self.kernels.moe_kernel(w, rows, spec.top_k);
-        matches!(kind, MoeKernel::Fused { .. }) && self.moe_leaves_pairs_here(spec, w, kind)
+        self.routes_in_moe_kernel(w, rows, kind) && self.moe_leaves_pairs_here(spec, w, kind)
+    }
+
+    /// Whether `moe_stacked` routes `n` rows inside the MoE kernel `kind` (`moe_mxfp4_routed`):
+    /// one token on the fused kernel over tiled weights, unless `route_in_moe` is off.
+    fn routes_in_moe_kernel(&self, w: &MoeWeights, n: usize, kind: MoeKernel) -> bool {
+        n == 1 && self.route_in_moe && matches!(kind, MoeKernel::Fused { .. }) && w.is_tiled()
     }
 
     /// The MoE of layer `li` over RMSNorm(x + attn) with the post-attention norm's weight `nw`,
     /// which its router computes (`router_normed`), where `norm_in_router`. x is not written:
-    /// the pairs carry attn (`MoePairs::pre`) for the residual add after the MoE; a combined
-    /// output (not expected where `norm_in_router` holds) gets attn added to x here.
-    pub(crate) fn moe_after_attention(&self, li: usize, x: &mut CudaSlice<f32>, attn: CudaSlice<f32>, nw: &CudaSlice<f32>, rows: usize) -> Result<MlpOut> {
+    /// the pairs carry attn (`MoePairs::pre`) for the residual add after the MoE (where
+    /// `norm_in_router` holds, `moe_stacked` leaves pairs: the same predicates decide both).
+    pub(crate) fn moe_after_attention(&self, li: usize, x: &CudaSlice<f32>, attn: CudaSlice<f32>, nw: &CudaSlice<f32>, rows: usize) -> Result<MlpOut> {
         let Some(Mlp::Moe { spec, router, bias, experts: Experts::Stacked(w) }) = self.layers.get(li).map(|l| &l.mlp) else {
             return Err(Error::Backend(format!("layer {li} has no stacked MoE to take its post-attention norm")));
         };
@@ -1114,10 +1119,7 @@ impl CudaModel {
                 p.pre = Some(attn);
                 Ok(MlpOut::Pairs(p))
             }
-            MlpOut::Rows(m) => {
-                self.add_inplace(x, &attn, rows * self.spec.hidden_size)?;
-                Ok(MlpOut::Rows(m))
-            }
+            MlpOut::Rows(_) => Err(Error::Backend(format!("layer {li}: the MoE combined its pairs where its post-attention norm was left to the router"))),
         }
     }
 
@@ -1166,7 +1168,7 @@ impl CudaModel {
     fn moe_stacked(&self, spec: &MoeSpec, logits: &CudaSlice<f32>, bias: Option<&CudaSlice<f32>>, w: &MoeWeights, hn: &CudaSlice<f32>, input: MoeInput, n: usize) -> Result<MlpOut> {
         let kind = self.kernels.moe_kernel(w, n, spec.top_k);
         let leave_pairs = self.moe_leaves_pairs_here(spec, w, kind);
-        if n == 1 && self.route_in_moe && matches!(kind, MoeKernel::Fused { .. }) && w.is_tiled() {
+        if self.routes_in_moe_kernel(w, n, kind) {
             if leave_pairs {
                 // Written by the kernel's first block.
                 let mut tok_pairs = unsafe { self.stream.alloc::<i32>(spec.top_k) }.map_err(drv)?;
@@ -1353,6 +1355,12 @@ impl MoePairs {
         }
         Err(Error::Backend(format!("MoE pairs: top-{topk} of {rows} rows of {d} do not fit the buffers")))
     }
+}
+
+/// Threads of `gemv_f32` (and `gemv_f32_norm`) for rows of `k` (k % 4 == 0): one block per row,
+/// up to four float4s of it per thread (the kernels' register path), whole warps.
+fn gemv_f32_threads(k: usize) -> usize {
+    (k / 4).div_ceil(4).div_ceil(32).clamp(1, 32) * 32
 }
 
 /// Whether `gemv_f32_norm` takes router `m` at `t` rows: f32 weights in gemv_f32's register path

@@ -242,10 +242,8 @@ impl CudaModel {
                         if l != layer {
                             return Err(Error::Backend(format!("step plan: layer {l}'s post-attention norm left to layer {layer}'s MLP")));
                         }
-                        let mut x = acts[Act::Hidden as usize].take().ok_or_else(|| Error::Backend("step plan runs an MLP before the embedding".into()))?;
-                        let m = self.moe_after_attention(layer, &mut x, a, &self.layers[layer].post_norm, rows);
-                        acts[Act::Hidden as usize] = Some(x);
-                        m?
+                        let x = acts[Act::Hidden as usize].as_ref().ok_or_else(|| Error::Backend("step plan runs an MLP before the embedding".into()))?;
+                        self.moe_after_attention(layer, x, a, &self.layers[layer].post_norm, rows)?
                     } else {
                         let x = acts[src as usize].as_ref().ok_or_else(|| Error::Backend(format!("step plan reads {src:?} before writing it")))?;
                         let split = if src == Act::MlpIn { mlp_split.take() } else { None };
