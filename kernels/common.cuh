@@ -17,6 +17,13 @@
         PDL_TRIGGER(); \
     } while (0)
 
+// A counter read with acquire semantics: writes made before its release are visible after it.
+__device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
+    unsigned v;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+
 // f32 <-> f16 (round to nearest even), as bits.
 __device__ __forceinline__ unsigned short f32_to_f16_rn(float v) {
     unsigned short h;

@@ -673,18 +673,31 @@ __device__ __forceinline__ void b_regs(uint4 x0, uint4 x1, unsigned b[8]) {
 // tokens one tile per block read the whole [T, K] hi + lo activations per 16 rows (1 MB per
 // tile at 64 tokens), from L2, which bounded those GEMVs; every row's sum is the same as with
 // R = 1 (each warp still takes K blocks w, w + 8, ... and the warps reduce in order).
-template <int NT, int R, bool FP8>
+//
+// READY (gemv_mma_fp8_t1_ready: a fused q/k/v projection feeding attention_v2_kv_ready, R = 1):
+// the row tiles of k and v (rows [N0, N)) run first, then q's in head order, and each block
+// counts its finished tile into ready[]: q rows of head h into ready[h], k and v rows of KV head
+// j into ready[heads + j] (hd-row q and k heads, vd-row v heads; the host checks that no tile
+// straddles two). The attention blocks of a head start as soon as its counts are complete,
+// while the projection still streams the later heads' rows (no launch boundary between them).
+template <int NT, int R, bool FP8, bool READY = false>
 __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, const float* __restrict__ S,
                                          const unsigned short* __restrict__ XH, const unsigned short* __restrict__ XL,
                                          const float* __restrict__ xinv, float* __restrict__ y, float* __restrict__ y1,
-                                         float* __restrict__ y2, int N0, int N1, int N, int K, int T) {
+                                         float* __restrict__ y2, int N0, int N1, int N, int K, int T,
+                                         unsigned* __restrict__ ready = nullptr, int heads = 0, int hd = 0, int vd = 0) {
+    static_assert(!READY || R == 1, "the ready counts are per 16-row tile");
     __shared__ float red[MMA_WARPS][16 * NT * 8];
     int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane >> 2, q = lane & 3;
     // R > 1: the blocks of one row group over its token groups are adjacent in launch order
     // (grid.x), so they run together and all but the first find the weights in L2. R = 1 (the
     // decode path up to 8 tokens) keeps token groups on grid.y and no division.
     int nb, t0;
-    if (R == 1) {
+    if (READY) {
+        int kv_tiles = (N - N0) / 16, b = blockIdx.x;
+        nb = (b < kv_tiles ? N0 / 16 + b : b - kv_tiles) * 16;
+        t0 = blockIdx.y * NT * 8;
+    } else if (R == 1) {
         nb = blockIdx.x * 16;
         t0 = blockIdx.y * NT * 8;
     } else {
@@ -803,6 +816,15 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
             for (int i = 0; i < MMA_WARPS; i++) s += red[i][e];
             int n = nb + rt * 16 + e / (NT * 8), t = t0 + e % (NT * 8);
             if (n < N && t < T) store_out(s, xinv, y, y1, y2, N0, N1, N, n, t);
+        }
+    }
+    if (READY) {
+        // Every thread's stores, then the tile's count (the attention acquires it).
+        __threadfence();
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            int c = nb < N0 ? nb / hd : heads + (nb < N0 + N1 ? (nb - N0) / hd : (nb - N0 - N1) / vd);
+            atomicAdd(ready + c, 1u);
         }
     }
 }
@@ -1002,6 +1024,14 @@ GEMM_MMA_KERNEL(gemm_mma_deep_bf16, false, 1, 5)
         int N0, int N1, int N, int K, int T) { PDL_ENTER();                                                               \
         gemv_mma<NT, R, false>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T);                                           \
     }
+// gemv_mma_fp8_t1 counting its tiles into `ready` for attention_v2_kv_ready (READY above).
+extern "C" __global__ void __launch_bounds__(256) gemv_mma_fp8_t1_ready(
+    const unsigned char* __restrict__ W, const float* __restrict__ S, const unsigned short* __restrict__ XH,
+    const unsigned short* __restrict__ XL, const float* __restrict__ xinv, float* __restrict__ y, float* __restrict__ y1,
+    float* __restrict__ y2, int N0, int N1, int N, int K, int T, unsigned* __restrict__ ready, int heads, int hd, int vd) {
+    PDL_ENTER();
+    gemv_mma<1, 1, true, true>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T, ready, heads, hd, vd);
+}
 // Measured on the H100 and not kept (benches/results/2026-11-23-gemv-row-tiles.md): one row
 // tile of 16, 32 or 64 tokens per block (the activations read from L2 once per 16 rows bound
 // them at 16-64 tokens), 2 row tiles of 8 or 32 tokens; FP8 2 x 2 and BF16 2 x 4 are compiled

@@ -506,13 +506,6 @@ __device__ __forceinline__ void combine_if_last(unsigned* counters, int grp, con
     if (threadIdx.x == 0) counters[grp] = 0u;
 }
 
-// A counter read with acquire semantics: writes made before its release are visible after it.
-__device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
-    unsigned v;
-    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-    return v;
-}
-
 // The per-slot hand-off from gate_up to down (the fused kernel's items, the two-launch kernels'
 // blocks), on two counters per expert slot that are zero between calls. A gate_up unit counts
 // itself done once its h is written (every thread of the block calls this).

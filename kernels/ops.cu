@@ -962,7 +962,7 @@ __device__ __forceinline__ void attention_combine_head(const float* part_m, cons
 // block per SM by registers.)
 #define ATT_WARPS 8
 #define ATT_UNROLL 4
-template <bool FUSED, bool ROWS = false>
+template <bool FUSED, bool ROWS = false, bool READY = false>
 __device__ __forceinline__ void attention_v2_body(
     const float* __restrict__ q, const float* __restrict__ kc, const float* __restrict__ vc, float* __restrict__ o,
     const int* __restrict__ pos, const int* __restrict__ seq, const int* __restrict__ tables, int max_blocks,
@@ -970,7 +970,9 @@ __device__ __forceinline__ void attention_v2_body(
     float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc, unsigned short* __restrict__ oh,
     unsigned short* __restrict__ ol, const float* __restrict__ knew, const float* __restrict__ vnew, float* kc_out,
     float* vc_out, const long long* __restrict__ slots, int half, int rotary_dim, float theta, float vscale,
-    unsigned* __restrict__ counters, const int* __restrict__ rows = nullptr) {
+    unsigned* __restrict__ counters, const int* __restrict__ rows = nullptr, const unsigned* ready = nullptr,
+    unsigned need_q = 0, unsigned need_kv = 0) {
+    static_assert(!READY || FUSED, "the ready counts stand in for the wait on the projection of the new q/k/v");
     __shared__ float sm_m[ATT_WARPS], sm_l[ATT_WARPS], sm_acc[ATT_WARPS][128];
     // ROWS: block x serves row rows[x] (the rows of a prefill batch that attention_prefill's
     // tiles leave out); else row x.
@@ -994,11 +996,32 @@ __device__ __forceinline__ void attention_v2_body(
     __shared__ float sm_q[256], sm_k[256], sm_v[128], sm_dnew;
     if (fused) {
         const float* kn_head = knew + ((size_t)r * kv_heads + kvh) * hd;
+        const float* vn_head = vnew + ((size_t)r * kv_heads + kvh) * vd;
+        if (READY) {
+            // attention_v2_kv_ready: the projection writing q, k and v may still run. Wait for
+            // this head's and its KV head's tile counts, then read the rows through L2 (never a
+            // cache line loaded before they were written) into shared memory.
+            __shared__ float sm_raw[256 + 256 + 128];
+            if (threadIdx.x == 0) {
+                while (ld_acquire(ready + h) < need_q) __nanosleep(32);
+                while (ld_acquire(ready + heads + kvh) < need_kv) __nanosleep(32);
+            }
+            __syncthreads();
+            for (int i = threadIdx.x; i < hd; i += blockDim.x) {
+                sm_raw[i] = __ldcg(qv + i);
+                sm_raw[256 + i] = __ldcg(kn_head + i);
+            }
+            for (int i = threadIdx.x; i < vd; i += blockDim.x) sm_raw[512 + i] = __ldcg(vn_head + i);
+            __syncthreads();
+            qv = sm_raw;
+            kn_head = sm_raw + 256;
+            vn_head = sm_raw + 512;
+        }
         for (int i = threadIdx.x; i < hd; i += blockDim.x) {
             sm_q[i] = rope_dim(qv, i, half, rotary_dim, theta, (float)p);
             sm_k[i] = rope_dim(kn_head, i, half, rotary_dim, theta, (float)p);
         }
-        for (int i = threadIdx.x; i < vd; i += blockDim.x) sm_v[i] = vnew[((size_t)r * kv_heads + kvh) * vd + i] * vscale;
+        for (int i = threadIdx.x; i < vd; i += blockDim.x) sm_v[i] = vn_head[i] * vscale;
         __syncthreads();
         qv = sm_q;
     }
@@ -1151,6 +1174,35 @@ ATTENTION_V2_KERNEL(attention_v2, false)
 // while its grid fits one wave: at batch 8 its 512 blocks needed a second and the step was ~2%
 // slower than with rope_kv_write.
 ATTENTION_V2_KERNEL(attention_v2_kv, true)
+
+// attention_v2_kv launched right behind the q/k/v projection that counts its tiles
+// (gemv_mma_fp8_t1_ready, kernels/gemv.cu): no wait for that whole launch; each block waits for
+// its own head's counts instead (need_q tiles in ready[h], need_kv in ready[heads + its KV
+// head]), so the first heads' attention runs while the projection streams the last heads' rows.
+// Its launch follows the projection's every block (PDL), which waited for everything before it.
+// ready[heads + kv_heads] counts the blocks out: the last zeroes every count for the next call.
+extern "C" __global__ void __launch_bounds__(256) attention_v2_kv_ready(
+    const float* q, const float* __restrict__ kc, const float* __restrict__ vc, float* __restrict__ o,
+    const int* __restrict__ pos, const int* __restrict__ seq, const int* __restrict__ tables, int max_blocks,
+    int block_size, int heads, int kv_heads, int hd, int vd, int window, float scale, const float* __restrict__ sinks,
+    float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc,
+    unsigned short* __restrict__ oh, unsigned short* __restrict__ ol, const float* knew,
+    const float* vnew, float* kc_out, float* vc_out, const long long* __restrict__ slots, int half,
+    int rotary_dim, float theta, float vscale, unsigned* __restrict__ counters, unsigned* ready, unsigned need_q,
+    unsigned need_kv) {
+    PDL_TRIGGER();
+    attention_v2_body<true, false, true>(q, kc, vc, o, pos, seq, tables, max_blocks, block_size, heads, kv_heads, hd, vd,
+                                         window, scale, sinks, part_m, part_l, part_acc, oh, ol, knew, vnew, kc_out, vc_out,
+                                         slots, half, rotary_dim, theta, vscale, counters, nullptr, ready, need_q, need_kv);
+    __syncthreads();  // the body returns block-uniformly
+    if (threadIdx.x == 0) {
+        unsigned* out = ready + heads + kv_heads;
+        if (atomicAdd(out, 1u) == gridDim.x * gridDim.y * gridDim.z - 1) {
+            for (int i = 0; i < heads + kv_heads; i++) ready[i] = 0u;
+            *out = 0u;
+        }
+    }
+}
 
 // Decode attention with one warp per head: block (r, y, z) serves heads ATT_WARPS y .. + 7 of
 // row r over split z's positions. The block stages the K and V rows of ATT_TILE positions at a

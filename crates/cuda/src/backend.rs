@@ -171,6 +171,7 @@ pub(crate) struct Ops {
     argmax_final: CudaFunction,
     attention_v2: CudaFunction,
     attention_v2_kv: CudaFunction,
+    attention_v2_kv_ready: CudaFunction,
     attention_v2_heads: CudaFunction,
     attention_combine: CudaFunction,
     pub(crate) attention_prefill: PrefillAttention,
@@ -230,6 +231,14 @@ pub struct CudaModel {
     /// Split attention merges inside the kernel (`PEREGRINE_ATTN_MERGE_IN_KERNEL=0` launches
     /// `attention_combine`, for comparison; tests flip it to compare the two).
     pub(crate) merge_in_attention: bool,
+    /// Decode attention with the K/V write inside starts each head as soon as the fused FP8
+    /// q/k/v projection before it has written that head's rows (`Kernels::gemv_qkv_ready`,
+    /// `attention_v2_kv_ready`) instead of after the whole projection
+    /// (`PEREGRINE_QKV_READY=0` waits for the launch, for comparison; tests flip it).
+    pub(crate) qkv_ready: bool,
+    /// The projection's tile counts per q head and KV head, then the attention's blocks out
+    /// (zero between calls: the attention's last block zeroes them).
+    ready_counters: CudaSlice<u32>,
     /// Decode attention of few rows is split over more blocks to fill the GPU
     /// (`attn_splits`; `PEREGRINE_ATTN_FILL=0` turns it off, for comparison).
     attn_fill: bool,
@@ -375,6 +384,7 @@ impl CudaModel {
             argmax_final: f("argmax_final")?,
             attention_v2: f("attention_v2")?,
             attention_v2_kv: f("attention_v2_kv")?,
+            attention_v2_kv_ready: f("attention_v2_kv_ready")?,
             attention_v2_heads: {
                 // Best effort, as below: a GPU with less shared memory fails at launch.
                 let k = f("attention_v2_heads")?;
@@ -502,6 +512,8 @@ impl CudaModel {
         let route_counter = s.alloc_zeros::<u32>(1).map_err(drv)?;
         let max_heads = spec.layers.iter().map(|l| l.attention.num_heads).max().unwrap_or(1);
         let attn_counters = s.alloc_zeros::<u32>(MERGE_IN_ATTENTION_ROWS * max_heads.max(64)).map_err(drv)?;
+        let ready_len = spec.layers.iter().map(|l| l.attention.num_heads + l.attention.num_kv_heads + 1).max().unwrap_or(1);
+        let ready_counters = s.alloc_zeros::<u32>(ready_len).map_err(drv)?;
         let model = CudaModel {
             spec: spec.clone(),
             final_norm,
@@ -527,6 +539,8 @@ impl CudaModel {
             attn_heads_min_rows: std::env::var("PEREGRINE_ATTN_HEADS_MIN_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(ATTN_HEADS_MIN_ROWS),
             attn_counters,
             merge_in_attention: std::env::var("PEREGRINE_ATTN_MERGE_IN_KERNEL").map_or(true, |v| v != "0"),
+            qkv_ready: std::env::var("PEREGRINE_QKV_READY").map_or(true, |v| v != "0"),
+            ready_counters,
             attn_fill: std::env::var("PEREGRINE_ATTN_FILL").map_or(true, |v| v != "0"),
             route_in_moe: std::env::var("PEREGRINE_MOE_ROUTE_IN_KERNEL").map_or(true, |v| v != "0"),
             norm_in_router: std::env::var("PEREGRINE_NORM_IN_ROUTER").map_or(true, |v| v != "0"),
@@ -685,7 +699,29 @@ impl CudaModel {
         let l = &self.layers[li];
         let a = &l.attn;
         let s = a.spec;
-        let (mut q, mut k, mut v) = self.project_qkv(&a.qkv, hn, hn_split, n)?;
+        let v2 = uses_attention_v2(&s);
+        // The fused kernel holds fewer blocks per SM than attention_v2: only while its grid fits
+        // one wave is it the faster of the two (a second wave cost more than the launch saved).
+        let grid = n * s.num_heads * self.attn_splits(&s, meta.max_blocks, meta.block_size, n);
+        let kv_fused = kv_in_attention && v2 && grid <= self.attention_kv_wave;
+        // A BF16 o_proj on the tensor-core path reads the attention's own BF16 split of o.
+        let presplit = v2 && a.o.k.is_multiple_of(128) && matches!(a.o.m, GpuMatrix::Bf16(_));
+        // Each head's attention may start as soon as the projection has written its rows.
+        let ready = kv_fused && self.qkv_ready_at(li, n);
+        let (mut q, mut k, mut v, ready) = match (&a.qkv, hn_split) {
+            (Qkv::Stacked { m: Mat { m: GpuMatrix::Fp8 { w, s: sc }, k: kk, .. }, rows }, Some(split)) if ready => {
+                let (mut q, mut k, mut v) = (self.empty(n * rows[0])?, self.empty(n * rows[1])?, self.empty(n * rows[2])?);
+                let bufs = self.attend_bufs(n, &s, presplit, Some(self.attn_splits(&s, meta.max_blocks, meta.block_size, n)))?;
+                let wp = w.device_ptr(&self.stream).0;
+                self.kernels.gemv_qkv_ready(wp, sc, split, [&mut q, &mut k, &mut v], *rows, *kk, n, &self.ready_counters, s.num_heads, s.head_dim, s.v_head_dim)?;
+                let counts = ReadyCounts { counters: &self.ready_counters, need_q: (s.head_dim / 16) as u32, need_kv: ((s.head_dim + s.v_head_dim) / 16) as u32, bufs: Some(bufs) };
+                (q, k, v, Some(counts))
+            }
+            _ => {
+                let (q, k, v) = self.project_qkv(&a.qkv, hn, hn_split, n)?;
+                (q, k, v, None)
+            }
+        };
         if let Some((bq, bk, bv)) = &a.bias {
             for (t, bb, d) in [(&mut q, bq, s.q_dim()), (&mut k, bk, s.k_dim()), (&mut v, bv, s.v_dim())] {
                 let (dd, nn) = (d as i32, n as i32);
@@ -700,19 +736,13 @@ impl CudaModel {
         }
         let (kc, vc) = &self.kv[li];
         let slots = if l.swa { &meta.swa_slots } else { &meta.full_slots };
-        let v2 = uses_attention_v2(&s);
-        // The fused kernel holds fewer blocks per SM than attention_v2: only while its grid fits
-        // one wave is it the faster of the two (a second wave cost more than the launch saved).
-        let grid = n * s.num_heads * self.attn_splits(&s, meta.max_blocks, meta.block_size, n);
-        let fresh = if kv_in_attention && v2 && grid <= self.attention_kv_wave {
-            Some(FreshKv { k: &k, v: &v, slots })
+        let fresh = if kv_fused {
+            Some(FreshKv { k: &k, v: &v, slots, ready })
         } else {
             self.rope_kv_write(&mut q, &k, &v, kc, vc, &meta.pos, slots, n, &s)?;
             None
         };
         let tables = if l.swa { &meta.swa_tables } else { &meta.full_tables };
-        // A BF16 o_proj on the tensor-core path reads the attention's own BF16 split of o.
-        let presplit = v2 && a.o.k.is_multiple_of(128) && matches!(a.o.m, GpuMatrix::Bf16(_));
         let prefill = if fresh.is_none() { meta.prefill.as_ref() } else { None };
         let (o, split) = self.attend(&q, kc, vc, &meta.pos, &meta.seq, tables, meta.max_blocks, meta.block_size, n, &s, a.sinks.as_ref(), v2, presplit, fresh, prefill)?;
         match (&a.o.m, split) {
@@ -723,6 +753,40 @@ impl CudaModel {
             }
             _ => self.matvec(&a.o, &o, n),
         }
+    }
+
+    /// Whether layer `li`'s attention of `rows` decode rows starts each head as soon as the
+    /// q/k/v projection has written its rows (`qkv_ready`): a stacked FP8 projection over the
+    /// norm's F16 split in shapes `Kernels::qkv_ready_takes`, nothing (bias, q/k norms) between
+    /// it and the attention. `attention` also needs the K/V write inside the attention.
+    fn qkv_ready_at(&self, li: usize, rows: usize) -> bool {
+        let a = &self.layers[li].attn;
+        let s = &a.spec;
+        self.qkv_ready
+            && a.bias.is_none()
+            && a.q_norm.is_none()
+            && a.k_norm.is_none()
+            && self.wants_f16_split(li)
+            && matches!(&a.qkv, Qkv::Stacked { m, rows: r } if matches!(m.m, GpuMatrix::Fp8 { .. }) && self.kernels.qkv_ready_takes(*r, s.num_heads, s.head_dim, s.v_head_dim, m.k, rows))
+    }
+
+    /// Layers whose attention of `rows` decode rows would start heads as their projection
+    /// finishes them (`qkv_ready_at`, where the attention writes the K/V itself); for tests.
+    pub fn qkv_ready_layers(&self, rows: usize) -> usize {
+        (0..self.layers.len()).filter(|&l| self.attention_takes_kv(l) && self.qkv_ready_at(l, rows)).count()
+    }
+
+    /// Sets whether attention starts heads as their projection finishes them (`qkv_ready`; on
+    /// by default), for tests comparing the two (the same bits). Captured step graphs are
+    /// dropped.
+    pub fn set_qkv_ready(&mut self, on: bool) {
+        self.qkv_ready = on;
+        self.graphs.clear();
+    }
+
+    /// The counters the ready projection and attention share (all zero between calls).
+    pub fn qkv_ready_counters(&self) -> Result<Vec<u32>> {
+        self.stream.clone_dtoh(&self.ready_counters).map_err(drv)
     }
 
     /// Blocks per (row, head) of `attention_v2` for `rows` rows (`attention_splits`), as the
@@ -751,18 +815,19 @@ impl CudaModel {
     /// RoPE, scores each row's own position against its new K/V and writes them to the pools.
     /// With `prefill` (a batch with prompt chunks; v2 only, not with `fresh`), its tiles run
     /// `attention_prefill` and its other rows `attention_v2_rows`.
-    pub(crate) fn attend(&self, q: &CudaSlice<f32>, kc: &CudaSlice<f32>, vc: &CudaSlice<f32>, pos: &CudaSlice<i32>, seq: &CudaSlice<i32>, tables: &CudaSlice<i32>, max_blocks: usize, block_size: usize, n: usize, s: &AttentionSpec, sinks: Option<&CudaSlice<f32>>, v2: bool, bf16_split: bool, fresh: Option<FreshKv>, prefill: Option<&PrefillRows>) -> Result<(CudaSlice<f32>, Option<Bf16Split>)> {
+    pub(crate) fn attend(&self, q: &CudaSlice<f32>, kc: &CudaSlice<f32>, vc: &CudaSlice<f32>, pos: &CudaSlice<i32>, seq: &CudaSlice<i32>, tables: &CudaSlice<i32>, max_blocks: usize, block_size: usize, n: usize, s: &AttentionSpec, sinks: Option<&CudaSlice<f32>>, v2: bool, bf16_split: bool, mut fresh: Option<FreshKv>, prefill: Option<&PrefillRows>) -> Result<(CudaSlice<f32>, Option<Bf16Split>)> {
         if fresh.is_some() && !v2 {
             return Err(Error::Backend("the one-warp attention kernel cannot write the new K/V itself".into()));
         }
         let prefill = prefill.filter(|_| v2 && fresh.is_none() && s.head_dim.is_multiple_of(4) && s.v_head_dim.is_multiple_of(4) && s.v_head_dim <= 128);
-        let mut o = self.empty(n * s.o_dim())?;
-        let mut split = if v2 && bf16_split {
-            // Written in full by the attention kernels.
-            let alloc = || unsafe { self.stream.alloc::<u16>((n * s.o_dim()).max(1)) }.map_err(drv);
-            Some((alloc()?, alloc()?))
-        } else {
-            None
+        let given = fresh.as_mut().and_then(|f| f.ready.as_mut()).map(|r| r.bufs.take());
+        let (mut o, mut split, given_parts) = match given {
+            Some(Some(AttendBufs { o, split, parts: Some(parts) })) => (o, split, Some(parts)),
+            Some(_) => return Err(Error::Backend("attention behind a ready projection: its buffers were not allocated ahead".into())),
+            None => {
+                let b = self.attend_bufs(n, s, v2 && bf16_split, None)?;
+                (b.o, b.split, None)
+            }
         };
         let (mb, bs, hh, kvh, hd, vd) = (max_blocks as i32, block_size as i32, s.num_heads as i32, s.num_kv_heads as i32, s.head_dim as i32, s.v_head_dim as i32);
         let window = s.window().map_or(0, |w| w as i32);
@@ -804,14 +869,18 @@ impl CudaModel {
             (true, true) => self.attn_heads_splits(s, max_blocks, block_size, n, heads_smem)?,
             (true, false) => self.attn_splits(s, max_blocks, block_size, n),
         };
-        let parts = n * s.num_heads * splits;
-        let (mut pm, mut pl, mut pa) = if splits > 1 { (self.empty(parts)?, self.empty(parts)?, self.empty(parts * s.v_head_dim)?) } else { (self.empty(1)?, self.empty(1)?, self.empty(1)?) };
+        let (mut pm, mut pl, mut pa) = match given_parts {
+            Some((splits_given, parts)) if splits_given == splits => parts,
+            Some((g, _)) => return Err(Error::Backend(format!("attention buffers allocated for {g} splits, the launch has {splits}"))),
+            None => self.attend_parts(n, s, splits)?,
+        };
         // The last split of each (row, head) merges them (no combine launch) while the counters
         // cover the rows; a prefill batch's row list keeps attention_combine_rows.
         let merge_in_kernel = self.merge_in_attention && splits > 1 && rows.is_none() && n * s.num_heads <= self.attn_counters.len();
         let counters = merge_in_kernel.then_some(&self.attn_counters);
         let kernel = match (v2, fresh.is_some(), rows.is_some()) {
             _ if per_head_warps => &self.ops.attention_v2_heads,
+            (true, true, _) if fresh.as_ref().is_some_and(|f| f.ready.is_some()) => &self.ops.attention_v2_kv_ready,
             (true, true, _) => &self.ops.attention_v2_kv,
             (true, false, true) => &self.ops.attention_v2_rows,
             (true, false, false) => &self.ops.attention_v2,
@@ -841,6 +910,9 @@ impl CudaModel {
             if rows.is_none() {
                 b.arg(&half).arg(&rd).arg(&th).arg(&vs).arg_or_null(counters);
             }
+            if let Some(r) = fresh.as_ref().and_then(|f| f.ready.as_ref()) {
+                b.arg(r.counters).arg(&r.need_q).arg(&r.need_kv);
+            }
         }
         let threads = if v2 { 256 } else { 32 }; // 32 x ATT_WARPS for attention_v2
         let (head_blocks, smem) = if per_head_warps { (s.num_heads.div_ceil(ATT_WARPS), heads_smem) } else { (s.num_heads, 0) };
@@ -856,6 +928,31 @@ impl CudaModel {
             unsafe { b.launch(LaunchConfig { grid_dim: (grid_rows as u32, s.num_heads as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
         }
         Ok((o, split))
+    }
+
+    /// `attend`'s outputs for `n` rows (o, and its BF16 split with `bf16_split`), and with
+    /// `splits` the split states too. `attend` allocates them itself, except behind a ready
+    /// projection: the attention must be the very next launch after it (a programmatic launch
+    /// overlaps only its direct predecessor; in a graph an allocation is a node of its own), so
+    /// they are allocated before the projection.
+    fn attend_bufs(&self, n: usize, s: &AttentionSpec, bf16_split: bool, splits: Option<usize>) -> Result<AttendBufs> {
+        let o = self.empty(n * s.o_dim())?;
+        let split = if bf16_split {
+            // Written in full by the attention kernels.
+            let alloc = || unsafe { self.stream.alloc::<u16>((n * s.o_dim()).max(1)) }.map_err(drv);
+            Some((alloc()?, alloc()?))
+        } else {
+            None
+        };
+        let parts = splits.map(|sp| Ok::<_, Error>((sp, self.attend_parts(n, s, sp)?))).transpose()?;
+        Ok(AttendBufs { o, split, parts })
+    }
+
+    /// The split states of attention over `splits` blocks per (row, head): maxima, sums and
+    /// accumulators (one element each when not split).
+    fn attend_parts(&self, n: usize, s: &AttentionSpec, splits: usize) -> Result<SplitStates> {
+        let parts = n * s.num_heads * splits;
+        Ok(if splits > 1 { (self.empty(parts)?, self.empty(parts)?, self.empty(parts * s.v_head_dim)?) } else { (self.empty(1)?, self.empty(1)?, self.empty(1)?) })
     }
 
     /// Rotate-half RoPE of `heads` head vectors per row at the rows' positions.
@@ -1511,6 +1608,31 @@ pub(crate) struct FreshKv<'a> {
     pub(crate) k: &'a CudaSlice<f32>,
     pub(crate) v: &'a CudaSlice<f32>,
     pub(crate) slots: &'a CudaSlice<i64>,
+    /// The projection launched just before counts its tiles here (`Kernels::gemv_qkv_ready`):
+    /// the attention waits for each head's counts instead of the whole launch.
+    pub(crate) ready: Option<ReadyCounts<'a>>,
+}
+
+/// Tile counts a q/k/v projection leaves for `attention_v2_kv_ready`: a head's q rows are
+/// written when `counters[head]` reaches `need_q`, a KV head's k and v rows when
+/// `counters[heads + kv head]` reaches `need_kv`.
+pub(crate) struct ReadyCounts<'a> {
+    pub(crate) counters: &'a CudaSlice<u32>,
+    pub(crate) need_q: u32,
+    pub(crate) need_kv: u32,
+    /// The attention's outputs, allocated before the projection (`CudaModel::attend_bufs`;
+    /// `attend` takes them).
+    pub(crate) bufs: Option<AttendBufs>,
+}
+
+/// Split attention's per-split maxima, sums and accumulators.
+pub(crate) type SplitStates = (CudaSlice<f32>, CudaSlice<f32>, CudaSlice<f32>);
+
+/// `attend`'s output buffers: o, its BF16 split, and (splits, split states).
+pub(crate) struct AttendBufs {
+    pub(crate) o: CudaSlice<f32>,
+    pub(crate) split: Option<Bf16Split>,
+    pub(crate) parts: Option<(usize, SplitStates)>,
 }
 
 /// The rows of a batch and their paging metadata, on the host.

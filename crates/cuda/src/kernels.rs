@@ -212,6 +212,8 @@ pub struct Kernels {
     /// Tensor-core GEMVs, FP8 and BF16 weights, one per `MMA_GEMV_TILES` entry.
     mma_fp8: Vec<CudaFunction>,
     mma_bf16: Vec<CudaFunction>,
+    /// The FP8 one-tile GEMV counting its tiles for `attention_v2_kv_ready` (`gemv_qkv_ready`).
+    mma_fp8_ready: CudaFunction,
     /// The GEMM entry of `MMA_GEMV_TILES` got its shared memory (chosen from
     /// `dense_gemm_min_tokens()` tokens).
     dense_gemm: bool,
@@ -692,6 +694,7 @@ impl Kernels {
             combine: f("moe_combine")?,
             mma_fp8,
             mma_bf16,
+            mma_fp8_ready: f("gemv_mma_fp8_t1_ready")?,
             dense_gemm,
             mma_forced: match std::env::var("PEREGRINE_GEMV_TILE") {
                 Ok(v) => {
@@ -795,6 +798,38 @@ impl Kernels {
             }
             _ => self.gemv_mma(scales.is_some(), w, scales, x, [p0, p1, p2], n, k, t),
         }
+    }
+
+    /// Whether `gemv_qkv_ready` takes a fused q/k/v projection of `t` tokens with rows `n`
+    /// (q, k, v) of `heads` q heads of `hd` rows and KV heads of `hd` (k) and `vd` (v) rows: the
+    /// one-tile kernel (1-8 tokens, no other tile forced), no 16-row tile across two heads.
+    pub fn qkv_ready_takes(&self, n: [usize; 3], heads: usize, hd: usize, vd: usize, k: usize, t: usize) -> bool {
+        let one_tile = self.mma_forced.is_none_or(|v| MMA_GEMV_TILES[v] == (1, 1)) && mma_gemv_tile(true, t, n.iter().sum(), self.dense_gemm) == 0;
+        let kv_heads = n[1].checked_div(hd).unwrap_or(0);
+        one_tile && hd.is_multiple_of(16) && vd.is_multiple_of(16) && hd > 0 && vd > 0 && heads > 0 && k.is_multiple_of(128)
+            && n[0] == heads * hd && kv_heads > 0 && n[1] == kv_heads * hd && n[2] == kv_heads * vd
+    }
+
+    /// `gemv_split3` of an FP8 q/k/v projection over x's F16 split, for `attention_v2_kv_ready`
+    /// launched right after it: the tiles of k and v run first, then q's in head order, and every
+    /// finished 16-row tile is counted into `ready` (q rows of head h at `ready[h]`, k and v rows
+    /// of KV head j at `ready[heads + j]`; `ready` holds heads + KV heads + 1 zeroed counters,
+    /// which that attention zeroes again). Only shapes `qkv_ready_takes` takes.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemv_qkv_ready(&self, w: cudarc::driver::sys::CUdeviceptr, scales: &CudaSlice<f32>, x_split: &F16Split, ys: [&mut CudaSlice<f32>; 3], n: [usize; 3], k: usize, t: usize, ready: &CudaSlice<u32>, heads: usize, hd: usize, vd: usize) -> Result<()> {
+        check(self.qkv_ready_takes(n, heads, hd, vd, k, t), || format!("gemv_qkv_ready: rows {n:?} of {heads} heads ({hd}, {vd}) x {k}, {t} tokens is not a shape it takes"))?;
+        let (xh, xl, inv) = x_split;
+        check(xh.len() >= t * k && xl.len() >= t * k && inv.len() >= t && ys.iter().zip(n).all(|(y, r)| y.len() >= t * r), || format!("gemv_qkv_ready: buffers too small for {t} tokens of {n:?}x{k}"))?;
+        check(ready.len() > heads + n[1] / hd, || format!("gemv_qkv_ready: {} counters for {heads} + {} heads", ready.len(), n[1] / hd))?;
+        let [y0, y1, y2] = ys;
+        let (rows, ni, ki, ti) = (n.iter().sum::<usize>(), n.iter().sum::<usize>() as i32, k as i32, t as i32);
+        let (n0, n1, hh, hdi, vdi) = (n[0] as i32, n[1] as i32, heads as i32, hd as i32, vd as i32);
+        let mut b = crate::launch::builder(&self.stream, &self.mma_fp8_ready);
+        b.arg(&w).arg(scales).arg(xh).arg(xl).arg(inv).arg(y0).arg(y1).arg(y2).arg(&n0).arg(&n1).arg(&ni).arg(&ki).arg(&ti);
+        b.arg(ready).arg(&hh).arg(&hdi).arg(&vdi);
+        let cfg = LaunchConfig { grid_dim: (rows.div_ceil(16) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        unsafe { b.launch(cfg) }.map_err(drv("gemv_mma_fp8_t1_ready"))?;
+        Ok(())
     }
 
     /// The one-row-per-warp BF16 GEMV (CUDA cores), kept for shapes the tensor-core kernel

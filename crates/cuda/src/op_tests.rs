@@ -492,7 +492,7 @@ fn attention_writing_the_new_kv_matches_rope_kv_write_then_attention() {
         // One launch: unrotated q, the new K/V handed to the kernel.
         let (kc2, vc2) = (st.clone_htod(&kc).unwrap(), st.clone_htod(&vc).unwrap());
         let q2 = st.clone_htod(&q).unwrap();
-        let fresh = FreshKv { k: &kd, v: &vd, slots: &sl };
+        let fresh = FreshKv { k: &kd, v: &vd, slots: &sl, ready: None };
         let (o2, split2) = m.attend(&q2, &kc2, &vc2, &pd, &sd, &td, max_blocks, bs, n, &s, sk.as_ref(), true, true, Some(fresh), None).unwrap();
         let (o1, o2) = (st.clone_dtoh(&o1).unwrap(), st.clone_dtoh(&o2).unwrap());
         assert!(o2.iter().all(|x| x.is_finite()), "{name}: non-finite output");

@@ -354,6 +354,69 @@ fn router_computing_the_norm_equals_the_norm_launch() {
     eprintln!("{moe_layers} MoE layers: the router's norm = the norm's launch over {} steps, eager and graphed", toks.len());
 }
 
+/// A synthetic model of MiMo-V2-Flash's form at test size whose attention can start heads as
+/// the q/k/v projection finishes them: hidden 256, 8 heads over 4 KV heads of 32 (FP8 q/k/v in
+/// whole 128-row scale blocks, stacked), 16 tiled experts of 128, top-8; 3 layers, 128 KV
+/// blocks; None without a GPU.
+fn fp8_attention_model() -> Option<(ModelSpec, CudaModel)> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/mimo-v2-flash.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    for (k, v) in [
+        ("num_hidden_layers", 3),
+        ("vocab_size", 512),
+        ("hidden_size", 256),
+        ("intermediate_size", 256),
+        ("num_attention_heads", 8),
+        ("num_key_value_heads", 4),
+        ("head_dim", 32),
+        ("v_head_dim", 32),
+        ("n_routed_experts", 16),
+        ("num_experts_per_tok", 8),
+        ("moe_intermediate_size", 128),
+        ("eos_token_id", 2),
+    ] {
+        cfg[k] = serde_json::json!(v);
+    }
+    let spec = peregrine_model::config::parse_config(&cfg, None).expect("config");
+    let mut model = synthetic(&spec)?;
+    kv(&mut model, 128);
+    Some((spec, model))
+}
+
+/// Decode attention starting each head as soon as the q/k/v projection has counted its rows
+/// in (`gemv_mma_fp8_t1_ready`, `attention_v2_kv_ready`) gives the logits of attention waiting
+/// for the whole projection, bit for bit, eager and graphed, over 4 decode steps of 1-3
+/// sequences; the counters are zero again after every step.
+#[test]
+fn attention_starting_heads_as_projected_equals_waiting_for_the_projection() {
+    let Some((spec, mut model)) = fp8_attention_model() else { return };
+    let layers = spec.layers.len();
+    model.set_qkv_ready(true);
+    assert_eq!(model.qkv_ready_layers(1), layers, "every layer's attention starts heads as projected at one row");
+    assert_eq!(model.qkv_ready_layers(16), 0, "not past the one-tile GEMV's 8 tokens");
+    let mut r = rng();
+    for rows in 1..=3usize {
+        let toks: Vec<Vec<u32>> = (0..4).map(|_| (0..rows).map(|_| r.random_range(0..spec.vocab_size as u32)).collect()).collect();
+        let mut got: Vec<Vec<Vec<f32>>> = Vec::new();
+        for (ready, graphs) in [(false, false), (true, false), (true, true), (false, true)] {
+            model.set_qkv_ready(ready);
+            model.set_cuda_graphs(graphs);
+            let mut steps = Vec::new();
+            for (p, ts) in toks.iter().enumerate() {
+                let batch: Vec<SeqForward> = (0..rows).map(|s| seq(s as u64, vec![ts[s]], p, &[(s * 8) as u32], OutputRows::Last)).collect();
+                let logits: Vec<f32> = model.forward(&batch).unwrap().into_iter().flat_map(|l| l.data).collect();
+                assert!(logits.iter().all(|v| v.is_finite()), "{rows} rows, ready {ready}, graphs {graphs}: non-finite logits");
+                assert!(model.qkv_ready_counters().unwrap().iter().all(|&c| c == 0), "{rows} rows, ready {ready}, graphs {graphs}: counters left non-zero");
+                steps.push(logits);
+            }
+            got.push(steps);
+        }
+        assert_eq!(got[1], got[0], "{rows} rows, eager: logits differ with heads started as projected");
+        assert_eq!(got[2], got[3], "{rows} rows, graphed: logits differ with heads started as projected");
+        eprintln!("{rows} rows: heads started as projected = after the projection, {layers} layers, 4 steps, eager and graphed");
+    }
+}
+
 /// The logits of `batch` with the routed combine in the MoE and in the norm after it, eager
 /// and graphed, in the order (MoE, eager), (norm, eager), (norm, graph), (MoE, graph). Eager
 /// steps leave the MoE's pairs to the norm exactly when asked (a replayed graph runs no host
