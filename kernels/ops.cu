@@ -1180,7 +1180,10 @@ ATTENTION_V2_KERNEL(attention_v2_kv, true)
 // its own head's counts instead (need_q tiles in ready[h], need_kv in ready[heads + its KV
 // head]), so the first heads' attention runs while the projection streams the last heads' rows.
 // Its launch follows the projection's every block (PDL), which waited for everything before it.
-// ready[heads + kv_heads] counts the blocks out: the last zeroes every count for the next call.
+// Before it exits, every block waits for the projection's grid after all (done by then), so
+// this grid finishing implies that one finished, as a kernel's completion does everywhere else
+// in a step. ready[heads + kv_heads] counts the blocks out: the last zeroes every count for the
+// next call.
 extern "C" __global__ void __launch_bounds__(256) attention_v2_kv_ready(
     const float* q, const float* __restrict__ kc, const float* __restrict__ vc, float* __restrict__ o,
     const int* __restrict__ pos, const int* __restrict__ seq, const int* __restrict__ tables, int max_blocks,
@@ -1194,6 +1197,7 @@ extern "C" __global__ void __launch_bounds__(256) attention_v2_kv_ready(
     attention_v2_body<true, false, true>(q, kc, vc, o, pos, seq, tables, max_blocks, block_size, heads, kv_heads, hd, vd,
                                          window, scale, sinks, part_m, part_l, part_acc, oh, ol, knew, vnew, kc_out, vc_out,
                                          slots, half, rotary_dim, theta, vscale, counters, nullptr, ready, need_q, need_kv);
+    PDL_WAIT();
     __syncthreads();  // the body returns block-uniformly
     if (threadIdx.x == 0) {
         unsigned* out = ready + heads + kv_heads;
