@@ -744,7 +744,19 @@ impl CudaModel {
         };
         let tables = if l.swa { &meta.swa_tables } else { &meta.full_tables };
         let prefill = if fresh.is_none() { meta.prefill.as_ref() } else { None };
-        let (o, split) = self.attend(&q, kc, vc, &meta.pos, &meta.seq, tables, meta.max_blocks, meta.block_size, n, &s, a.sinks.as_ref(), v2, presplit, fresh, prefill)?;
+        let counted = fresh.as_ref().is_some_and(|f| f.ready.is_some());
+        let (o, split) = match self.attend(&q, kc, vc, &meta.pos, &meta.seq, tables, meta.max_blocks, meta.block_size, n, &s, a.sinks.as_ref(), v2, presplit, fresh, prefill) {
+            Ok(r) => r,
+            Err(e) if counted => {
+                // The projection counted its tiles and no attention will zero them: zero them
+                // behind it (stream order), or the next step's attention would not wait.
+                let (p, _g) = self.ready_counters.device_ptr(&self.stream);
+                // SAFETY: the counters' own allocation, on this stream, as u32 zeros.
+                let _ = unsafe { cudarc::driver::result::memset_d8_async(p, 0, self.ready_counters.len() * std::mem::size_of::<u32>(), self.stream.cu_stream()) };
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        };
         match (&a.o.m, split) {
             (GpuMatrix::Bf16(w), Some((oh, ol))) => {
                 let mut y = self.empty(n * a.o.n)?;
