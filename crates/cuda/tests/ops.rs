@@ -273,9 +273,15 @@ fn synthetic_models_prefill_equals_decode_and_argmax_on_gpu() {
 /// below their tiles: hidden 256, 16 experts of 128, top-8), synthetic, with 128 KV blocks;
 /// None without a GPU.
 fn tiled_moe_model() -> Option<(ModelSpec, CudaModel)> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/golden/mxfp4");
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
-    for (k, v) in [("hidden_size", 256), ("moe_intermediate_size", 128), ("intermediate_size", 256), ("n_routed_experts", 16), ("num_experts_per_tok", 8)] {
+    synthetic_resized("tests/fixtures/golden/mxfp4/config.json", &[("hidden_size", 256), ("moe_intermediate_size", 128), ("intermediate_size", 256), ("n_routed_experts", 16), ("num_experts_per_tok", 8)])
+}
+
+/// A synthetic model of the config.json at `config` (from the repository root) with the
+/// `sizes` given, and 128 KV blocks; None without a GPU.
+fn synthetic_resized(config: &str, sizes: &[(&str, usize)]) -> Option<(ModelSpec, CudaModel)> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(config);
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    for &(k, v) in sizes {
         cfg[k] = serde_json::json!(v);
     }
     let spec = peregrine_model::config::parse_config(&cfg, None).expect("config");
@@ -359,9 +365,7 @@ fn router_computing_the_norm_equals_the_norm_launch() {
 /// whole 128-row scale blocks, stacked), 16 tiled experts of 128, top-8; 3 layers, 128 KV
 /// blocks; None without a GPU.
 fn fp8_attention_model() -> Option<(ModelSpec, CudaModel)> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/mimo-v2-flash.json");
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    for (k, v) in [
+    let sizes = [
         ("num_hidden_layers", 3),
         ("vocab_size", 512),
         ("hidden_size", 256),
@@ -374,13 +378,8 @@ fn fp8_attention_model() -> Option<(ModelSpec, CudaModel)> {
         ("num_experts_per_tok", 8),
         ("moe_intermediate_size", 128),
         ("eos_token_id", 2),
-    ] {
-        cfg[k] = serde_json::json!(v);
-    }
-    let spec = peregrine_model::config::parse_config(&cfg, None).expect("config");
-    let mut model = synthetic(&spec)?;
-    kv(&mut model, 128);
-    Some((spec, model))
+    ];
+    synthetic_resized("configs/mimo-v2-flash.json", &sizes)
 }
 
 /// Decode attention starting each head as soon as the q/k/v projection has counted its rows
