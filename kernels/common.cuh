@@ -24,6 +24,48 @@ __device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
     return v;
 }
 
+// Block arrival counts: one thread orders the block's writes, after the block's barrier, instead
+// of a __threadfence by every thread (the pattern CUTLASS's semaphores use). With the q/k/v
+// projection's counts, the attention merges and the MoE's gate_up -> down hand-off in this form
+// the batch-1 and batch-2 Flash steps ran 1.7% faster, batch 4 0.6%, batch 8 0.3%
+// (benches/results/2026-11-24-heads-as-projected.md). -DARRIVE_FENCE_ALL puts the fences back,
+// for measurements.
+
+// Counts the calling block into *c (every thread calls it) with release semantics: the block's
+// barrier orders every thread's earlier stores before thread 0's release add, so a reader that
+// acquires the count sees them.
+__device__ __forceinline__ void block_release_add(unsigned* c) {
+#ifdef ARRIVE_FENCE_ALL
+    __threadfence();
+#endif
+    __syncthreads();
+    if (threadIdx.x == 0) asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(c) : "memory");
+}
+
+// Counts the calling block into *c (every thread calls it) and tells every thread whether the
+// block was the last of `total` to arrive; the last one zeroes *c for the next call. The block's
+// barrier orders every thread's earlier stores before thread 0's acq_rel add, which publishes
+// them; in the last block, that add's acquire and the barrier after it order the reads that
+// follow after every other block's publication.
+__device__ __forceinline__ bool block_arrive_last(unsigned* c, unsigned total) {
+    __shared__ bool last;
+#ifdef ARRIVE_FENCE_ALL
+    __threadfence();
+#endif
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        unsigned old;
+        asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(old) : "l"(c) : "memory");
+        last = old == total - 1;
+        if (last) *c = 0u;
+    }
+    __syncthreads();
+#ifdef ARRIVE_FENCE_ALL
+    if (last) __threadfence();
+#endif
+    return last;
+}
+
 // f32 <-> f16 (round to nearest even), as bits.
 __device__ __forceinline__ unsigned short f32_to_f16_rn(float v) {
     unsigned short h;

@@ -818,15 +818,8 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
             if (n < N && t < T) store_out(s, xinv, y, y1, y2, N0, N1, N, n, t);
         }
     }
-    if (READY) {
-        // Every thread's stores, then the tile's count (the attention acquires it).
-        __threadfence();
-        __syncthreads();
-        if (threadIdx.x == 0) {
-            int c = nb < N0 ? nb / hd : heads + (nb < N0 + N1 ? (nb - N0) / hd : (nb - N0 - N1) / vd);
-            atomicAdd(ready + c, 1u);
-        }
-    }
+    if (READY)  // the block's stores, then the tile's count (the attention acquires it)
+        block_release_add(ready + (nb < N0 ? nb / hd : heads + (nb < N0 + N1 ? (nb - N0) / hd : (nb - N0 - N1) / vd)));
 }
 
 // The tensor-core GEMV's arithmetic as a GEMM, for many tokens (prefill): a block of 8 warps

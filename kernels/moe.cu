@@ -510,9 +510,7 @@ __device__ __forceinline__ void combine_if_last(unsigned* counters, int grp, con
 // blocks), on two counters per expert slot that are zero between calls. A gate_up unit counts
 // itself done once its h is written (every thread of the block calls this).
 __device__ __forceinline__ void gate_up_unit_done(unsigned* done) {
-    __threadfence();  // this unit's h is visible before it is counted
-    __syncthreads();
-    if (threadIdx.x == 0) atomicAdd(done, 1u);
+    block_release_add(done);  // this unit's h is visible to whoever acquires the count
 }
 
 // A down unit's first thread waits for all `gate_up_units` of its slot, then counts itself past

@@ -762,16 +762,10 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, const flo
         group_one_token(sel, wsel, K, max_u, experts, pair_off, pair_tok, pair_w, tok_pairs);
         return;
     }
-    __shared__ int last;
-    __threadfence();  // this token's choices are visible before it is counted
-    __syncthreads();
-    if (threadIdx.x == 0) last = atomicAdd(counter, 1u) + 1 == gridDim.x;
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
+    // This token's choices published, then counted; the last token's block groups them all.
+    if (!block_arrive_last(counter, gridDim.x)) return;
     group_pairs(topk_idx, topk_w, (int)gridDim.x * K, K, E, max_u, experts, pair_off, pair_tok, pair_w, tok_pairs,
                 reinterpret_cast<int*>(smem));
-    if (threadIdx.x == 0) *counter = 0u;
 }
 
 // Groups a batch's routing by expert on the GPU (as kernels::MoeRouting::new does on the host),
@@ -1117,17 +1111,7 @@ __device__ __forceinline__ void attention_v2_body(
         // The last split of (r, h) to finish merges them all, as attention_combine would (one
         // launch fewer): every split publishes its state, then counts itself in; the counter is
         // zero again for the next call.
-        __shared__ bool merges;
-        __threadfence();
-        __syncthreads();
-        if (threadIdx.x == 0) {
-            unsigned* c = counters + (size_t)r * heads + h;
-            merges = atomicAdd(c, 1u) == (unsigned)splits - 1;
-            if (merges) *c = 0u;
-        }
-        __syncthreads();
-        if (!merges) return;
-        __threadfence();
+        if (!block_arrive_last(counters + (size_t)r * heads + h, (unsigned)splits)) return;
         attention_combine_head(part_m, part_l, part_acc, o, r, h, heads, vd, splits, sinks, oh, ol, threadIdx.x, blockDim.x);
         return;
     }
@@ -1368,17 +1352,8 @@ extern "C" __global__ void __launch_bounds__(256, 3) attention_v2_heads(
             if (lane + 32 * c < vd) part_acc[ps * vd + lane + 32 * c] = acc[c];
     }
     if (!counters) return;  // attention_combine merges the splits
-    __shared__ bool merges;
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        unsigned* c = counters + (size_t)r * heads + blockIdx.y * ATT_WARPS;
-        merges = atomicAdd(c, 1u) == (unsigned)splits - 1;
-        if (merges) *c = 0u;
-    }
-    __syncthreads();
+    bool merges = block_arrive_last(counters + (size_t)r * heads + blockIdx.y * ATT_WARPS, (unsigned)splits);
     if (!merges || !active) return;
-    __threadfence();
     attention_combine_head(part_m, part_l, part_acc, o, r, h, heads, vd, splits, sinks, oh, ol, lane, 32);
 }
 

@@ -18,11 +18,13 @@ __device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
 
 // Block b adds 1 to its slice of x (each element written by the previous kernel).
 // mode 0: plain; 1: griddepcontrol.wait then launch_dependents; 2: launch_dependents, then wait
-// for counter cin to reach `need` (the blocks before), count this block into cout when done.
+// for counter cin to reach `need` (the blocks before), count this block into cout when done
+// (every thread __threadfence, then atomicAdd); 3: as 2, but the block counts itself with one
+// thread's red.release.gpu after the block's barrier (no fence by every thread).
 __global__ void step(float* x, int per_block, int mode, const unsigned* cin, unsigned need, unsigned* cout) {
     if (mode == 1) asm volatile("griddepcontrol.wait;" ::: "memory");
     if (mode >= 1) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-    if (mode == 2 && cin) {
+    if (mode >= 2 && cin) {
         if (threadIdx.x == 0)
             while (ld_acquire(cin) < need) __nanosleep(32);
         __syncthreads();
@@ -37,6 +39,10 @@ __global__ void step(float* x, int per_block, int mode, const unsigned* cin, uns
         __threadfence();
         __syncthreads();
         if (threadIdx.x == 0) atomicAdd(cout, 1u);
+    }
+    if (mode == 3) {
+        __syncthreads();
+        if (threadIdx.x == 0) asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(cout) : "memory");
     }
 }
 
@@ -53,7 +59,7 @@ int main() {
     cudaEventCreate(&e1);
     printf("| blocks | wait | us per kernel (median of 9 replays of %d) |\n|---|---|---|\n", K);
     for (int blocks : {132, 264, 528, 848}) {
-        for (int mode = 0; mode < 3; mode++) {
+        for (int mode = 0; mode < 4; mode++) {
             cudaGraph_t g;
             CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
             CHECK(cudaMemsetAsync(cnt, 0, (K + 1) * sizeof(unsigned), s));
@@ -86,7 +92,7 @@ int main() {
             for (int i = 0; i < 9; i++)
                 for (int j = i + 1; j < 9; j++)
                     if (t[j] < t[i]) { float u = t[i]; t[i] = t[j]; t[j] = u; }
-            const char* name[] = {"stream order", "PDL (griddepcontrol.wait)", "PDL launch, counter wait"};
+            const char* name[] = {"stream order", "PDL (griddepcontrol.wait)", "PDL launch, counter wait", "PDL launch, counter wait, release by one thread"};
             printf("| %d | %s | %.2f |\n", blocks, name[mode], t[4] * 1000.f / K);
             cudaGraphExecDestroy(ge);
             cudaGraphDestroy(g);
