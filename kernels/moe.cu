@@ -490,20 +490,12 @@ __device__ __forceinline__ void combine_if_last(unsigned* counters, int grp, con
 #ifdef MOE_NO_COMBINE
     return;
 #endif
-    __shared__ int last;
-    __threadfence();  // this block's outputs are visible before it is counted
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        int used = 0;
-        for (int i = 0; i < U; i++) used += pair_off[i] < pair_off[i + 1];
-        last = atomicAdd(counters + grp, 1u) + 1 == (unsigned)used;
-    }
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
+    int used = 0;
+    for (int i = 0; i < U; i++) used += pair_off[i] < pair_off[i + 1];
+    // This block's outputs published, then counted; the last of the group's blocks sums them.
+    if (!block_arrive_last(counters + grp, (unsigned)used)) return;
     int n0 = grp * TW * 16;
     combine_rows(out, tok_pairs, y, H, n0, min(TW * 16, H - n0), T, topk);
-    if (threadIdx.x == 0) counters[grp] = 0u;
 }
 
 // The per-slot hand-off from gate_up to down (the fused kernel's items, the two-launch kernels'
