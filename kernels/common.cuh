@@ -27,7 +27,8 @@ __device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
 // Block arrival counts: one thread orders the block's writes, after the block's barrier, instead
 // of a __threadfence by every thread (the pattern CUTLASS's semaphores use). With the q/k/v
 // projection's counts, the attention merges and the MoE's gate_up -> down hand-off in this form
-// the batch-1 and batch-2 Flash steps ran 1.7% faster, batch 4 0.6%, batch 8 0.3%
+// the batch-1 and batch-2 Flash steps ran 1.7% faster, batch 4 0.6%, batch 8 0.3%; the MoE's
+// combine (Pro) 0.2-0.8%
 // (benches/results/2026-11-24-heads-as-projected.md). -DARRIVE_FENCE_ALL puts the fences back,
 // for measurements.
 
