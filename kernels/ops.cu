@@ -1166,8 +1166,8 @@ ATTENTION_V2_KERNEL(attention_v2_kv, true)
 // Its launch follows the projection's every block (PDL), which waited for everything before it.
 // Before it exits, every block waits for the projection's grid after all (done by then), so
 // this grid finishing implies that one finished, as a kernel's completion does everywhere else
-// in a step. ready[heads + kv_heads] counts the blocks out: the last zeroes every count for the
-// next call.
+// in a step. ready[heads + kv_heads] counts the blocks out (block_arrive_last): the last zeroes
+// every count for the next call.
 extern "C" __global__ void __launch_bounds__(256) attention_v2_kv_ready(
     const float* q, const float* __restrict__ kc, const float* __restrict__ vc, float* __restrict__ o,
     const int* __restrict__ pos, const int* __restrict__ seq, const int* __restrict__ tables, int max_blocks,
@@ -1182,14 +1182,9 @@ extern "C" __global__ void __launch_bounds__(256) attention_v2_kv_ready(
                                          window, scale, sinks, part_m, part_l, part_acc, oh, ol, knew, vnew, kc_out, vc_out,
                                          slots, half, rotary_dim, theta, vscale, counters, nullptr, ready, need_q, need_kv);
     PDL_WAIT();
-    __syncthreads();  // the body returns block-uniformly
-    if (threadIdx.x == 0) {
-        unsigned* out = ready + heads + kv_heads;
-        if (atomicAdd(out, 1u) == gridDim.x * gridDim.y * gridDim.z - 1) {
-            for (int i = 0; i < heads + kv_heads; i++) ready[i] = 0u;
-            *out = 0u;
-        }
-    }
+    // (The body returns block-uniformly.)
+    if (block_arrive_last(ready + heads + kv_heads, gridDim.x * gridDim.y * gridDim.z) && threadIdx.x == 0)
+        for (int i = 0; i < heads + kv_heads; i++) ready[i] = 0u;
 }
 
 // Decode attention with one warp per head: block (r, y, z) serves heads ATT_WARPS y .. + 7 of

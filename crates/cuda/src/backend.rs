@@ -702,8 +702,8 @@ impl CudaModel {
         let v2 = uses_attention_v2(&s);
         // The fused kernel holds fewer blocks per SM than attention_v2: only while its grid fits
         // one wave is it the faster of the two (a second wave cost more than the launch saved).
-        let grid = n * s.num_heads * self.attn_splits(&s, meta.max_blocks, meta.block_size, n);
-        let kv_fused = kv_in_attention && v2 && grid <= self.attention_kv_wave;
+        let splits = self.attn_splits(&s, meta.max_blocks, meta.block_size, n);
+        let kv_fused = kv_in_attention && v2 && n * s.num_heads * splits <= self.attention_kv_wave;
         // A BF16 o_proj on the tensor-core path reads the attention's own BF16 split of o.
         let presplit = v2 && a.o.k.is_multiple_of(128) && matches!(a.o.m, GpuMatrix::Bf16(_));
         // Each head's attention may start as soon as the projection has written its rows.
@@ -711,7 +711,7 @@ impl CudaModel {
         let (mut q, mut k, mut v, ready) = match (&a.qkv, hn_split) {
             (Qkv::Stacked { m: Mat { m: GpuMatrix::Fp8 { w, s: sc }, k: kk, .. }, rows }, Some(split)) if ready => {
                 let (mut q, mut k, mut v) = (self.empty(n * rows[0])?, self.empty(n * rows[1])?, self.empty(n * rows[2])?);
-                let bufs = self.attend_bufs(n, &s, presplit, Some(self.attn_splits(&s, meta.max_blocks, meta.block_size, n)))?;
+                let bufs = self.attend_bufs(n, &s, presplit, Some(splits))?;
                 let wp = w.device_ptr(&self.stream).0;
                 self.kernels.gemv_qkv_ready(wp, sc, split, [&mut q, &mut k, &mut v], *rows, *kk, n, &self.ready_counters, s.num_heads, s.head_dim, s.v_head_dim)?;
                 let counts = ReadyCounts { counters: &self.ready_counters, need_q: (s.head_dim / 16) as u32, need_kv: ((s.head_dim + s.v_head_dim) / 16) as u32, bufs: Some(bufs) };

@@ -822,7 +822,8 @@ impl Kernels {
         check(xh.len() >= t * k && xl.len() >= t * k && inv.len() >= t && ys.iter().zip(n).all(|(y, r)| y.len() >= t * r), || format!("gemv_qkv_ready: buffers too small for {t} tokens of {n:?}x{k}"))?;
         check(ready.len() > heads + n[1] / hd, || format!("gemv_qkv_ready: {} counters for {heads} + {} heads", ready.len(), n[1] / hd))?;
         let [y0, y1, y2] = ys;
-        let (rows, ni, ki, ti) = (n.iter().sum::<usize>(), n.iter().sum::<usize>() as i32, k as i32, t as i32);
+        let rows = n.iter().sum::<usize>();
+        let (ni, ki, ti) = (rows as i32, k as i32, t as i32);
         let (n0, n1, hh, hdi, vdi) = (n[0] as i32, n[1] as i32, heads as i32, hd as i32, vd as i32);
         let mut b = crate::launch::builder(&self.stream, &self.mma_fp8_ready);
         b.arg(&w).arg(scales).arg(xh).arg(xl).arg(inv).arg(y0).arg(y1).arg(y2).arg(&n0).arg(&n1).arg(&ni).arg(&ki).arg(&ti);
