@@ -11,11 +11,71 @@
 #define PDL_WAIT()
 #define PDL_TRIGGER()
 #endif
+
+// Measurement builds only (PEREGRINE_KERNEL_DEFINES=-DSTEP_TRACE): every block's thread 0 stamps
+// %globaltimer when the kernel starts, once past its PDL wait and when it leaves the kernel's
+// scope, with its launch's %gridid and the kernel's name, into step_trace (one array per module;
+// Kernels::step_trace reads and clears them all). Launches are told apart by gridid, so a graph
+// replay's timeline (PDL overlap included) comes out kernel by kernel: step_bench --trace.
+#ifdef STEP_TRACE
+#define STEP_TRACE_CAP 262144
+struct StepTraceRec {
+    unsigned long long grid, enter, waited, exit;
+    unsigned sm, block;
+    char name[40];
+};
+__device__ StepTraceRec step_trace[STEP_TRACE_CAP];
+__device__ unsigned step_trace_n;
+__device__ __forceinline__ unsigned long long step_trace_now() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+struct StepTraceScope {
+    const char* name;
+    unsigned long long enter, waited;
+    __device__ explicit StepTraceScope(const char* n) : name(n) { enter = waited = step_trace_now(); }
+    __device__ void past_wait() { waited = step_trace_now(); }
+    __device__ ~StepTraceScope() {
+        if (threadIdx.x | threadIdx.y | threadIdx.z) return;
+        unsigned i = atomicAdd(&step_trace_n, 1u);
+        if (i >= STEP_TRACE_CAP) return;
+        StepTraceRec& r = step_trace[i];
+        unsigned long long g;
+        unsigned sm;
+        asm volatile("mov.u64 %0, %%gridid;" : "=l"(g));
+        asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+        r.grid = g;
+        r.enter = enter;
+        r.waited = waited;
+        r.exit = step_trace_now();
+        r.sm = sm;
+        r.block = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+        int k = 0;
+        for (; k < 39 && name[k]; k++) r.name[k] = name[k];
+        for (; k < 40; k++) r.name[k] = 0;
+    }
+};
+// A kernel's trace scope: declared at the top of its body (PDL_ENTER does it), it records when
+// the body is left.
+#define TRACE_SCOPE() StepTraceScope step_trace_scope_(__func__)
+#define TRACE_SCOPE_NAMED(n) StepTraceScope step_trace_scope_(n)
+#define TRACE_PAST_WAIT() step_trace_scope_.past_wait()
+#define PDL_ENTER()   \
+    TRACE_SCOPE();    \
+    PDL_WAIT();       \
+    TRACE_PAST_WAIT(); \
+    PDL_TRIGGER()
+#else
+#define TRACE_SCOPE()
+#define TRACE_SCOPE_NAMED(n)
+#define TRACE_PAST_WAIT()
 #define PDL_ENTER()    \
     do {               \
         PDL_WAIT();    \
         PDL_TRIGGER(); \
     } while (0)
+#endif
 
 // A counter read with acquire semantics: writes made before its release are visible after it.
 __device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {

@@ -485,6 +485,13 @@ extern "C" __global__ void __launch_bounds__(256) moe_down_mxfp4_v2(
 // scale blocks, applied per block), reduced through shared memory in a fixed order.
 
 
+// p[0..n) = 0: a buffer zeroed inside a captured step by a kernel, not a memset (a memset node
+// breaks the programmatic edge between the kernels around it; crates/cuda/src/alloc.rs).
+extern "C" __global__ void zero_words(unsigned* __restrict__ p, unsigned long long n) { PDL_ENTER();
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n; i += (unsigned long long)gridDim.x * blockDim.x)
+        p[i] = 0u;
+}
+
 // x [n] f32 -> xh = bf16(x), xl = bf16(x - xh).
 extern "C" __global__ void split_bf16(const float* __restrict__ x, unsigned short* __restrict__ xh, unsigned short* __restrict__ xl, int n) { PDL_ENTER();
     int i = blockIdx.x * blockDim.x + threadIdx.x;

@@ -562,10 +562,13 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
     __shared__ StageSmem ss;
     // gate_up waits for the kernel ahead here, after staging one token's x (the down kernel
     // waits later, after asking for its weights).
+    TRACE_SCOPE_NAMED(GATE_UP ? "moe_tiled gate_up" : "moe_tiled down");
     bool staged = false;
     if (GATE_UP) {
         staged = !SPLIT && stage_token_early(x, T, K, frag, ss, x_settled);
-        PDL_ENTER();
+        PDL_WAIT();
+        TRACE_PAST_WAIT();
+        PDL_TRIGGER();
     }
     int u = blockIdx.y;
     int pb = pair_off[u], pe = pair_off[u + 1];
@@ -617,11 +620,13 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
         if (!GATE_UP) {
             if (slot_done == nullptr) {
                 PDL_WAIT();
+                TRACE_PAST_WAIT();
             } else if (p0 == pb && threadIdx.x == 0) {
                 // With split rows the slot's last gate_up block counts once more once it has
                 // written them.
                 const unsigned gu_blocks = (unsigned)((K / 8 + TW - 1) / TW) + SPLIT;  // K = I: I / 8 gate_up tiles
                 down_unit_wait(slot_done + u, slot_passed + u, gu_blocks, gridDim.x);
+                TRACE_PAST_WAIT();
                 // (They were written through the generic proxy; the bulk copies read through
                 // the async one.)
                 if (SPLIT) asm volatile("fence.proxy.async.global;" ::: "memory");

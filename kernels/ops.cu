@@ -1177,6 +1177,7 @@ extern "C" __global__ void __launch_bounds__(256) attention_v2_kv_ready(
     const float* vnew, float* kc_out, float* vc_out, const long long* __restrict__ slots, int half,
     int rotary_dim, float theta, float vscale, unsigned* __restrict__ counters, unsigned* ready, unsigned need_q,
     unsigned need_kv) {
+    TRACE_SCOPE();
     PDL_TRIGGER();
     attention_v2_body<true, false, true>(q, kc, vc, o, pos, seq, tables, max_blocks, block_size, heads, kv_heads, hd, vd,
                                          window, scale, sinks, part_m, part_l, part_acc, oh, ol, knew, vnew, kc_out, vc_out,

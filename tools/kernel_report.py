@@ -107,11 +107,39 @@ def report(lib, ptxas, rev, arch, defines, only):
     return result
 
 
+def fnv1a(parts):
+    """compile.rs's cache key: FNV-1a 64 over the parts, each followed by 0xff."""
+    h = 0xCBF29CE484222325
+    for p in parts:
+        for b in p + b"\xff":
+            h = ((h ^ b) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
+def fill_cache(lib, cache, arch, defines, defines_in):
+    """Writes the PTX compile.rs would compile (same source, options and key) into cache/kernels,
+    so a fresh GPU machine given PEREGRINE_CACHE_DIR=cache skips NVRTC."""
+    files, options = compile_rs_layout(None)
+    os.makedirs(os.path.join(cache, "kernels"), exist_ok=True)
+    for f, headers in files.items():
+        stem = f[: -len(".cu")]
+        opts = options + (defines if not defines_in or stem in defines_in else [])
+        source = read(None, "kernels/common.cuh") + "".join(read(None, f"kernels/{h}") for h in headers) + read(None, f"kernels/{f}")
+        key = fnv1a([source.encode(), arch.encode(), " ".join(opts).encode()])
+        path = os.path.join(cache, "kernels", f"{stem}-{arch}-{key:016x}.ptx")
+        if not os.path.exists(path):
+            with open(path, "wb") as out:
+                out.write(nvrtc_ptx(lib, f, source, [f"--gpu-architecture={arch}"] + opts))
+        print(path)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="sm_90a")
     ap.add_argument("--base", help="git revision to compare with (only differing kernels are printed)")
     ap.add_argument("--tools", default=os.path.join(ROOT, "target/cuda-tools/nvidia/cu13"))
+    ap.add_argument("--fill-cache", metavar="DIR", help="write every file's PTX into DIR/kernels as compile.rs caches it (the defines as PEREGRINE_KERNEL_DEFINES), and report nothing")
+    ap.add_argument("--defines-in", default="", help="with --fill-cache: the files the defines go to, as PEREGRINE_KERNEL_DEFINES_IN")
     ap.add_argument("files", nargs="*", help="kernel files (default: every file compile.rs embeds)")
     args, rest = ap.parse_known_args()
     defines = [a for a in rest if a.startswith("-D")]
@@ -119,6 +147,9 @@ def main():
         ap.error(f"unknown arguments: {[a for a in rest if not a.startswith('-D')]}")
     lib = ctypes.CDLL(os.path.join(args.tools, "lib/libnvrtc.so.13"))
     ptxas = os.path.join(args.tools, "bin/ptxas")
+    if args.fill_cache:
+        fill_cache(lib, args.fill_cache, args.arch, defines, [f.strip() for f in args.defines_in.split(",") if f.strip()])
+        return
     now = report(lib, ptxas, None, args.arch, defines, args.files)
     base = report(lib, ptxas, args.base, args.arch, defines, args.files) if args.base else None
     fmt = "{:<44} {:>5} {:>6} {:>7} {:>7} {:>6}"

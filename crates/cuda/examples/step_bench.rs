@@ -49,6 +49,57 @@ struct Args {
     /// `ncu --profile-from-start off`).
     #[arg(long)]
     profile_range: bool,
+    /// With kernels built for it (`PEREGRINE_KERNEL_DEFINES=-DSTEP_TRACE`): one graph replay per
+    /// batch, kernel by kernel, from the blocks' own %globaltimer stamps (PDL overlap included).
+    #[arg(long)]
+    trace: bool,
+}
+
+/// One graph replay of `batch` (after three untraced ones), launch by launch and summed per
+/// kernel: µs from the first block's start; "exposed" is how far each launch moved the end of
+/// the timeline (peregrine_cuda::trace::exposed_ns).
+fn print_trace(model: &mut CudaModel, batch: &[SeqForward]) {
+    use peregrine_cuda::trace::{exposed_ns, launches};
+    model.set_cuda_graphs(true);
+    model.graph_replay_ms(batch, 3).expect("graph replay");
+    if model.step_trace().expect("step trace").is_none() {
+        println!("\n(--trace: these kernels carry no stamps; build them with PEREGRINE_KERNEL_DEFINES=-DSTEP_TRACE)");
+        return;
+    }
+    let ms = model.graph_replay_ms(batch, 1).expect("graph replay").unwrap_or(0.0);
+    let trace = model.step_trace().expect("step trace").unwrap_or_default();
+    assert_eq!(trace.dropped, 0, "more blocks than the stamp arrays hold");
+    let stamps = trace.stamps;
+    let l = launches(&stamps);
+    let exposed = exposed_ns(&l);
+    let t0 = l.first().map_or(0, |l| l.start);
+    let us = |t: u64| t.saturating_sub(t0) as f64 / 1e3;
+    println!("\nbatch {}: one graph replay ({ms:.3} ms by events), {} launches, {} blocks stamped:", batch.len(), l.len(), stamps.len());
+    println!("| # | kernel | blocks | start us | first past wait | last past wait | end | exposed us |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for (i, (x, e)) in l.iter().zip(&exposed).enumerate() {
+        println!("| {i} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |", x.kernel, x.blocks, us(x.start), us(x.first_waited), us(x.last_waited), us(x.end), *e as f64 / 1e3);
+    }
+    let mut kinds: Vec<(String, usize, f64, f64)> = Vec::new();
+    for (x, e) in l.iter().zip(&exposed) {
+        let (exp, dur) = (*e as f64 / 1e3, (x.end - x.start) as f64 / 1e3);
+        match kinds.iter_mut().find(|k| k.0 == x.kernel) {
+            Some(k) => {
+                k.1 += 1;
+                k.2 += exp;
+                k.3 += dur;
+            }
+            None => kinds.push((x.kernel.clone(), 1, exp, dur)),
+        }
+    }
+    kinds.sort_by(|a, b| b.2.total_cmp(&a.2));
+    let total: f64 = exposed.iter().sum::<u64>() as f64 / 1e3;
+    println!("\nper kernel (exposed us sum to {total:.1}, first start to last end):");
+    println!("| kernel | launches | exposed us | share | mean exposed | mean start to end |");
+    println!("|---|---|---|---|---|---|");
+    for (name, n, exp, dur) in kinds {
+        println!("| {name} | {n} | {exp:.1} | {:.1}% | {:.2} | {:.2} |", 100.0 * exp / total.max(1e-9), exp / n as f64, dur / n as f64);
+    }
 }
 
 fn gpu_sync(model: &CudaModel) {
@@ -273,6 +324,18 @@ fn main() {
         model.set_cuda_graphs(true);
         if let Some(ms) = model.graph_replay_ms(&batch, args.steps).expect("graph replay") {
             println!("| {b} | {ms:.3} |");
+        }
+        if let Some(kinds) = model.graph_node_kinds(&batch).expect("graph nodes") {
+            if kinds.non_kernel() > 0 {
+                println!("(batch {b}: the graph holds nodes other than kernels, which break PDL: {:?})", kinds.0);
+            }
+        }
+    }
+
+    if args.trace {
+        for &b in batches {
+            let batch: Vec<SeqForward> = (0..b).map(|s| seqf(s, vec![tok(s, args.context)], args.context, OutputRows::Last)).collect();
+            print_trace(&mut model, &batch);
         }
     }
 

@@ -140,6 +140,11 @@ pub(crate) struct Layer {
     swa: bool,
 }
 
+/// Default of `CudaModel::drain_after_mlp_rows`.
+const DRAIN_AFTER_MLP_ROWS: usize = 1;
+/// Default of `CudaModel::plain_from_rows`.
+const PLAIN_FROM_ROWS: usize = 16;
+
 pub(crate) struct Ops {
     pub(crate) embed: CudaFunction,
     rms_norm: CudaFunction,
@@ -180,6 +185,8 @@ pub(crate) struct Ops {
     gemm_f32_nt: CudaFunction,
     pub(crate) place_drafts: CudaFunction,
     pub(crate) accept_drafts: CudaFunction,
+    /// ops.cu's module (for `step_trace`).
+    module: Arc<cudarc::driver::CudaModule>,
 }
 
 pub struct CudaModel {
@@ -257,6 +264,12 @@ pub struct CudaModel {
     /// Steps with prompt chunks launch with PDL too (`PEREGRINE_PREFILL_PDL=1`; by default they
     /// launch plainly, see `launch::PlainLaunches`).
     pub(crate) prefill_pdl: bool,
+    /// From this many rows, the op after an MLP launches without PDL (crate::launch::plain_next);
+    /// PEREGRINE_DRAIN_AFTER_MLP_ROWS sets it (measurements).
+    pub(crate) drain_after_mlp_rows: usize,
+    /// From this many rows a step launches without PDL at all; PEREGRINE_PLAIN_FROM_ROWS sets
+    /// it (measurements).
+    pub(crate) plain_from_rows: usize,
 }
 
 /// Rows of split decode attention whose splits merge inside the kernel: the arrival counters
@@ -412,6 +425,7 @@ impl CudaModel {
             gemm_f32_nt: f("gemm_f32_nt")?,
             place_drafts: f("place_drafts")?,
             accept_drafts: f("accept_drafts")?,
+            module: m.clone(),
         };
         let sms = gpu.ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(drv)? as usize;
         let attention_kv_wave = ops.attention_v2_kv.occupancy_max_active_blocks_per_multiprocessor(256, 0, None).map_err(drv)? as usize * sms;
@@ -547,6 +561,8 @@ impl CudaModel {
             moe_combine_in_norm: None,
             moe_pairs_calls: std::sync::atomic::AtomicUsize::new(0),
             prefill_pdl: std::env::var("PEREGRINE_PREFILL_PDL").is_ok_and(|v| v == "1"),
+            drain_after_mlp_rows: std::env::var("PEREGRINE_DRAIN_AFTER_MLP_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(DRAIN_AFTER_MLP_ROWS),
+            plain_from_rows: std::env::var("PEREGRINE_PLAIN_FROM_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(PLAIN_FROM_ROWS),
         };
         // The MoE decode kernel per token count, measured on the first MoE layer's experts
         // (every MoE layer of a model has the same shapes).
@@ -576,6 +592,12 @@ impl CudaModel {
         Ok(Synthetic::new(f("fill_random_u8")?, f("fill_random_f")?, self.spec.quant.linear, seed))
     }
 
+    /// Every kernel block's step-trace stamps since the last call, then cleared: only in a
+    /// measurement build of the kernels (`PEREGRINE_KERNEL_DEFINES=-DSTEP_TRACE`), else None.
+    pub fn step_trace(&self) -> Result<Option<crate::trace::StepTrace>> {
+        self.kernels.step_trace(&[&self.ops.module])
+    }
+
     pub fn gpu(&self) -> &Gpu {
         &self.gpu
     }
@@ -588,13 +610,13 @@ impl CudaModel {
     }
 
     pub(crate) fn zeros(&self, n: usize) -> Result<CudaSlice<f32>> {
-        self.stream.alloc_zeros(n.max(1)).map_err(drv)
+        self.kernels.zeros(n)
     }
 
     /// An uninitialised buffer, for outputs a kernel writes in full (saves a memset per op).
     pub(crate) fn empty(&self, n: usize) -> Result<CudaSlice<f32>> {
         // SAFETY: every caller passes it to a kernel that writes all `n` elements before reads.
-        unsafe { self.stream.alloc::<f32>(n.max(1)) }.map_err(drv)
+        unsafe { self.kernels.alloc.alloc::<f32>(n.max(1)) }
     }
 
     pub(crate) fn matvec(&self, m: &Mat, x: &CudaSlice<f32>, t: usize) -> Result<CudaSlice<f32>> {
@@ -951,7 +973,7 @@ impl CudaModel {
         let o = self.empty(n * s.o_dim())?;
         let split = if bf16_split {
             // Written in full by the attention kernels.
-            let alloc = || unsafe { self.stream.alloc::<u16>((n * s.o_dim()).max(1)) }.map_err(drv);
+            let alloc = || unsafe { self.kernels.alloc.alloc::<u16>((n * s.o_dim()).max(1)) };
             Some((alloc()?, alloc()?))
         } else {
             None
@@ -1046,7 +1068,7 @@ impl CudaModel {
     pub(crate) fn add_rms_norm_moe_split(&self, x: &mut CudaSlice<f32>, a: &CudaSlice<f32>, w: &CudaSlice<f32>, rows: usize, d: usize) -> Result<(CudaSlice<f32>, MoeSplit)> {
         let mut y = self.empty(rows * d)?;
         // Both written in full by the kernel.
-        let mut xs = unsafe { self.stream.alloc::<u32>((rows * d).max(1)) }.map_err(drv)?;
+        let mut xs = unsafe { self.kernels.alloc.alloc::<u32>((rows * d).max(1)) }?;
         let mut inv = self.empty(rows)?;
         let (dd, eps) = (d as i32, self.spec.rms_norm_eps);
         let mut b = crate::launch::builder(&self.stream, &self.ops.add_rms_norm_moe_split);
@@ -1059,8 +1081,8 @@ impl CudaModel {
     pub(crate) fn add_rms_norm_split(&self, x: &mut CudaSlice<f32>, a: &CudaSlice<f32>, w: &CudaSlice<f32>, rows: usize, d: usize) -> Result<(CudaSlice<f32>, F16Split)> {
         let mut y = self.empty(rows * d)?;
         // All written in full by the kernel.
-        let mut yh = unsafe { self.stream.alloc::<u16>((rows * d).max(1)) }.map_err(drv)?;
-        let mut yl = unsafe { self.stream.alloc::<u16>((rows * d).max(1)) }.map_err(drv)?;
+        let mut yh = unsafe { self.kernels.alloc.alloc::<u16>((rows * d).max(1)) }?;
+        let mut yl = unsafe { self.kernels.alloc.alloc::<u16>((rows * d).max(1)) }?;
         let mut yinv = self.empty(rows)?;
         let (dd, eps) = (d as i32, self.spec.rms_norm_eps);
         let mut b = crate::launch::builder(&self.stream, &self.ops.add_rms_norm_split);
@@ -1083,8 +1105,8 @@ impl CudaModel {
             return Ok((y, None));
         }
         // All written in full by the kernel.
-        let mut yh = unsafe { self.stream.alloc::<u16>((rows * d).max(1)) }.map_err(drv)?;
-        let mut yl = unsafe { self.stream.alloc::<u16>((rows * d).max(1)) }.map_err(drv)?;
+        let mut yh = unsafe { self.kernels.alloc.alloc::<u16>((rows * d).max(1)) }?;
+        let mut yl = unsafe { self.kernels.alloc.alloc::<u16>((rows * d).max(1)) }?;
         let mut yinv = self.empty(rows)?;
         let mut b = crate::launch::builder(&self.stream, &self.ops.add_rms_norm_split_pairs);
         b.arg(x).arg(out).arg(tok_pairs).arg(&k).arg_or_null(pre.as_ref()).arg(w).arg(&mut y).arg(&mut yh).arg(&mut yl).arg(&mut yinv).arg(&dd).arg(&eps);
@@ -1145,7 +1167,7 @@ impl CudaModel {
         let parts = v.div_ceil(2048).clamp(1, 128);
         let mut part_v = self.empty(rows * parts)?;
         // SAFETY: argmax_rows writes every (row, part) of both.
-        let mut part_i = unsafe { self.stream.alloc::<i32>(rows * parts) }.map_err(drv)?;
+        let mut part_i = unsafe { self.kernels.alloc.alloc::<i32>(rows * parts) }?;
         let (vi, pi) = (v as i32, parts as i32);
         let mut b = crate::launch::builder(&self.stream, &self.ops.argmax_rows);
         b.arg(logits).arg(&vi).arg(&mut part_v).arg(&mut part_i);
@@ -1280,7 +1302,7 @@ impl CudaModel {
         if self.routes_in_moe_kernel(w, n, kind) {
             if leave_pairs {
                 // Written by the kernel's first block.
-                let mut tok_pairs = unsafe { self.stream.alloc::<i32>(spec.top_k) }.map_err(drv)?;
+                let mut tok_pairs = unsafe { self.kernels.alloc.alloc::<i32>(spec.top_k) }?;
                 let out = self.with_moe_scratch(w, spec.top_k, |scratch| self.kernels.moe_mxfp4_routed_pairs(kind, spec, w, logits, bias, hn, input, scratch, &mut tok_pairs))?;
                 self.moe_pairs_calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 return Ok(MlpOut::Pairs(MoePairs { out, tok_pairs, topk: spec.top_k, pre: None }));
@@ -1325,17 +1347,17 @@ impl CudaModel {
     fn route_device(&self, spec: &MoeSpec, logits: &CudaSlice<f32>, bias: Option<&CudaSlice<f32>>, n: usize) -> Result<(DeviceRouting, CudaSlice<i32>, CudaSlice<f32>)> {
         let (e, k) = (spec.num_experts, spec.top_k);
         let p = n * k;
-        let st = &self.stream;
-        let mut topk_idx = unsafe { st.alloc::<i32>(p.max(1)) }.map_err(drv)?; // written in full by moe_route
+        let (st, al) = (&self.stream, &self.kernels.alloc);
+        let mut topk_idx = unsafe { al.alloc::<i32>(p) }?; // written in full by moe_route
         let mut topk_w = self.empty(p)?;
         let max_u = p.min(e);
         let mut r = DeviceRouting {
             // All written in full by the grouping.
-            experts: unsafe { st.alloc::<i32>(max_u.max(1)) }.map_err(drv)?,
-            pair_off: unsafe { st.alloc::<i32>(max_u + 1) }.map_err(drv)?,
-            pair_tok: unsafe { st.alloc::<i32>(p.max(1)) }.map_err(drv)?,
+            experts: unsafe { al.alloc::<i32>(max_u) }?,
+            pair_off: unsafe { al.alloc::<i32>(max_u + 1) }?,
+            pair_tok: unsafe { al.alloc::<i32>(p) }?,
             pair_w: self.empty(p)?,
-            tok_pairs: unsafe { st.alloc::<i32>(p.max(1)) }.map_err(drv)?,
+            tok_pairs: unsafe { al.alloc::<i32>(p) }?,
             num_experts_used: max_u,
             num_pairs: p,
             num_tokens: n,

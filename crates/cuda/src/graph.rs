@@ -2,7 +2,9 @@
 //! speculative verify blocks) of at most 64 rows replays a graph captured once per (row bucket,
 //! block-table width): the step's inputs are copied into the graph's static buffers, padding
 //! rows point at a scratch KV block, and one launch replaces the step's few hundred kernel
-//! launches and allocations. Prefill chunks and other shapes run eagerly.
+//! launches. Its buffers come from a pool of their own (crate::alloc), so the graph holds kernel
+//! nodes only and every launch boundary keeps its programmatic edge. Prefill chunks and other
+//! shapes run eagerly.
 //! `PEREGRINE_CUDA_GRAPHS=0` turns graphs off.
 
 use std::collections::HashMap;
@@ -20,7 +22,42 @@ pub(crate) const ROW_BUCKETS: [usize; 14] = [1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24,
 
 /// A captured graph. CUDA graph objects may be used from any thread as long as calls are
 /// serialised; a `CudaModel` (and so its graphs) is owned and used by one thread at a time.
-pub(crate) struct Graph(pub(crate) CudaGraph);
+pub(crate) struct Graph(pub(crate) CudaGraph, pub(crate) NodeKinds);
+
+/// How many nodes of each kind a captured graph holds, by the driver's name for the kind. A
+/// step captured whole is kernel nodes only: a memory node or a memset between two kernels
+/// would cost them their programmatic edge (crate::alloc).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct NodeKinds(pub Vec<(String, usize)>);
+
+impl NodeKinds {
+    fn of(graph: &CudaGraph) -> Result<NodeKinds> {
+        use cudarc::driver::sys;
+        let g = graph.cu_graph();
+        let mut n = 0usize;
+        // SAFETY: the graph is alive; the first call asks for the count, the second fills it.
+        unsafe { sys::cuGraphGetNodes(g, std::ptr::null_mut(), &mut n) }.result().map_err(drv)?;
+        let mut nodes = vec![std::ptr::null_mut(); n];
+        unsafe { sys::cuGraphGetNodes(g, nodes.as_mut_ptr(), &mut n) }.result().map_err(drv)?;
+        let mut kinds: Vec<(String, usize)> = Vec::new();
+        for node in nodes.into_iter().take(n) {
+            let mut t = sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_EMPTY;
+            unsafe { sys::cuGraphNodeGetType(node, &mut t) }.result().map_err(drv)?;
+            let name = format!("{t:?}").trim_start_matches("CU_GRAPH_NODE_TYPE_").to_lowercase();
+            match kinds.iter_mut().find(|k| k.0 == name) {
+                Some(k) => k.1 += 1,
+                None => kinds.push((name, 1)),
+            }
+        }
+        kinds.sort();
+        Ok(NodeKinds(kinds))
+    }
+
+    /// Nodes that are not kernels.
+    pub fn non_kernel(&self) -> usize {
+        self.0.iter().filter(|k| k.0 != "kernel").map(|k| k.1).sum()
+    }
+}
 // SAFETY: see above; the graph is only touched through `&mut CudaModel`.
 unsafe impl Send for Graph {}
 
@@ -60,6 +97,8 @@ pub(crate) struct Graphs {
     drafts: HashMap<(usize, usize, usize), DraftGraph>,
     /// Fused speculative steps (draft, verify, accept).
     pub(crate) spec: HashMap<SpecKey, SpecStep>,
+    /// Why the last failed capture failed (graphs are off since).
+    capture_error: Option<String>,
 }
 
 /// Sequence counts a draft-pass graph is captured for (each holds logits for every draft row,
@@ -79,7 +118,7 @@ impl Graphs {
     pub(crate) fn new(capturable: bool) -> Graphs {
         let enabled = capturable;
         let off = std::env::var("PEREGRINE_CUDA_GRAPHS").is_ok_and(|v| v == "0");
-        Graphs { enabled: enabled && !off, capturable: enabled, cache: HashMap::new(), drafts: HashMap::new(), spec: HashMap::new() }
+        Graphs { enabled: enabled && !off, capturable: enabled, cache: HashMap::new(), drafts: HashMap::new(), spec: HashMap::new(), capture_error: None }
     }
 
     pub(crate) fn put_back(&mut self, g: StepGraph) {
@@ -113,13 +152,26 @@ impl CudaModel {
     /// capture is ended even when `body` fails, so the stream is usable again.
     pub(crate) fn record(&self, body: impl FnOnce() -> Result<()>) -> Result<Graph> {
         let st = &self.stream;
-        st.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(drv)?;
-        let body = body();
+        // Buffers from the capture pool: no memory nodes between the kernels (crate::alloc).
+        // Its allocations on the side stream are calls the thread-local capture mode refuses
+        // from the capturing thread, so the capture is relaxed. PEREGRINE_CAPTURE_POOL=0 (for
+        // measurements) allocates on the captured stream: memory nodes, as before the pool.
+        let pool = std::env::var("PEREGRINE_CAPTURE_POOL").map_or(true, |v| v != "0");
+        if pool {
+            self.kernels.alloc.prepare()?;
+        }
+        let mode = if pool { CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED } else { CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL };
+        st.begin_capture(mode).map_err(drv)?;
+        let body = if pool { self.kernels.alloc.while_capturing(body) } else { body() };
         let graph = st.end_capture(CUgraphInstantiate_flags(0));
         body?;
         let graph = graph.map_err(drv)?.ok_or_else(|| Error::Backend("CUDA graph capture produced no graph".into()))?;
+        let kinds = NodeKinds::of(&graph)?;
+        if kinds.non_kernel() > 0 {
+            tracing::debug!(?kinds, "a captured graph holds nodes other than kernels (their neighbours lose PDL)");
+        }
         graph.upload().map_err(drv)?;
-        Ok(Graph(graph))
+        Ok(Graph(graph, kinds))
     }
 
     /// Launches the graph for `rows` (capturing it first if needed) with the rows' inputs, or
@@ -139,6 +191,7 @@ impl CudaModel {
                 Err(e) => {
                     tracing::warn!("CUDA graph capture failed, running eagerly from now on: {e}");
                     self.graphs.enabled = false;
+                    self.graphs.capture_error = Some(e.to_string());
                     return Ok(None);
                 }
             },
@@ -146,6 +199,21 @@ impl CudaModel {
         self.write_row_meta(&mut g.meta, bucket, width, rows)?;
         g.graph.0.launch().map_err(drv)?;
         Ok(Some(g))
+    }
+
+    /// The node kinds of the decode-step graph `batch` replays (capturing it if needed; this
+    /// runs the step once), or None when the batch runs eagerly.
+    pub fn graph_node_kinds(&mut self, batch: &[peregrine_core::backend::SeqForward]) -> Result<Option<NodeKinds>> {
+        let rows = self.host_rows(batch)?;
+        let Some(g) = self.graph_for(&rows)? else {
+            return match &self.graphs.capture_error {
+                Some(e) => Err(Error::Backend(format!("graph capture failed: {e}"))),
+                None => Ok(None),
+            };
+        };
+        let kinds = g.graph.1.clone();
+        self.graphs.put_back(g);
+        Ok(Some(kinds))
     }
 
     /// For benchmarks: the GPU time of one replay of `batch`'s decode-step graph, from `n`

@@ -220,6 +220,7 @@ pub struct Kernels {
     /// `PEREGRINE_GEMV_TILE=NTxR` forces that tile shape at every token count (benchmarks).
     mma_forced: Option<usize>,
     split_bf16: CudaFunction,
+    zero_words: CudaFunction,
     split_f16: CudaFunction,
     gate_up_mma: CudaFunction,
     down_mma: CudaFunction,
@@ -283,6 +284,11 @@ pub struct Kernels {
     pub cached: bool,
     /// kernels/moe.cu's module (for `moe_trace`).
     moe_module: Arc<cudarc::driver::CudaModule>,
+    /// Where step buffers come from (a pool of their own while a step is captured).
+    pub(crate) alloc: Arc<crate::alloc::StepAlloc>,
+    /// gemv.cu's and sample.cu's modules (for `step_trace`, with moe.cu's).
+    gemv_module: Arc<cudarc::driver::CudaModule>,
+    sample_module: Arc<cudarc::driver::CudaModule>,
 }
 
 /// Tile shapes of the tensor-core GEMV kernels (kernels/gemv.cu, `GEMV_MMA`): 8 NT tokens and
@@ -395,7 +401,7 @@ const fn ring_bytes(stages: usize, steps: usize) -> usize {
 /// step 3.619-3.638 against 3.661-3.671 ms (benches/results/2026-11-24-moe-presplit.md).
 const SLOT_WAIT_TOKENS: std::ops::RangeInclusive<usize> = 2..=16;
 
-fn drv(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
+pub(crate) fn drv(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
     move |e| Error::Backend(format!("{what}: {e}"))
 }
 
@@ -704,6 +710,7 @@ impl Kernels {
                 Err(_) => None,
             },
             split_bf16: f("split_bf16")?,
+            zero_words: f("zero_words")?,
             split_f16: f("split_f16")?,
             gate_up_mma: f("moe_gate_up_mma")?,
             down_mma: f("moe_down_mma")?,
@@ -739,6 +746,9 @@ impl Kernels {
             logprobs_cluster,
             cached,
             moe_module: mm.clone(),
+            alloc: Arc::new(crate::alloc::StepAlloc::new(gpu.stream.clone())),
+            gemv_module: m.clone(),
+            sample_module: sm.clone(),
         })
     }
 
@@ -885,7 +895,7 @@ impl Kernels {
         check(!cluster || self.sample_cluster.is_some(), || "the cluster sampler is not loaded on this GPU".into())?;
         let p = self.upload_params(params)?;
         // Written in full: the sampler writes every row's id.
-        let mut out = unsafe { self.stream.alloc::<i32>(rows) }.map_err(drv("alloc"))?;
+        let mut out = unsafe { self.alloc.alloc::<i32>(rows) }?;
         self.launch_sample(logits, v, rows, &p, &mut out, cluster)?;
         Ok(out)
     }
@@ -944,7 +954,7 @@ impl Kernels {
         let rows = tops.len();
         check(rows > 0 && chosen.len() >= rows, || format!("row_logprobs: {rows} rows"))?;
         // Written where read: every row that asks for logprobs gets all its words.
-        let out = unsafe { self.stream.alloc::<i32>(rows * LOGPROB_WORDS) }.map_err(drv("alloc"))?;
+        let out = unsafe { self.alloc.alloc::<i32>(rows * LOGPROB_WORDS) }?;
         let (c, o) = (chosen.device_ptr(&self.stream).0, out.device_ptr(&self.stream).0);
         self.launch_logprobs(logits, v, c, tops, o)?;
         Ok(unpack_logprobs(&self.stream.clone_dtoh(&out).map_err(drv("download"))?, tops))
@@ -979,12 +989,12 @@ impl Kernels {
         check(logits.len() >= rows * v && rows > 0, || format!("sample_rows: logits hold fewer than {rows} rows of {v}"))?;
         let p = self.upload_params(params)?;
         // The ids, then the logprobs' words (written in full where read).
-        let mut out = unsafe { self.stream.alloc::<i32>(rows * (1 + LOGPROB_WORDS)) }.map_err(drv("alloc"))?;
+        let mut out = unsafe { self.alloc.alloc::<i32>(rows * (1 + LOGPROB_WORDS)) }?;
         let cluster = self.sample_cluster.is_some();
         if adjust.is_empty() {
             self.launch_sample(logits, v, rows, &p, &mut out, cluster)?;
         } else {
-            let mut work = unsafe { self.stream.alloc::<f32>(rows * v) }.map_err(drv("alloc"))?;
+            let mut work = unsafe { self.alloc.alloc::<f32>(rows * v) }?;
             self.stream.memcpy_dtod(&logits.slice(..rows * v), &mut work).map_err(drv("copy"))?;
             self.adjust_logits(&mut work, v, &p, params, adjust)?;
             self.launch_sample(&work, v, rows, &p, &mut out, cluster)?;
@@ -1007,11 +1017,28 @@ impl Kernels {
         self.launch_sample(logits, v, rows, &bufs.params, out, self.sample_cluster.is_some())
     }
 
+    /// `n` zeroed elements of a 4-byte T: a memset eagerly, a kernel while a step is captured
+    /// (crate::alloc).
+    pub(crate) fn zeros<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(&self, n: usize) -> Result<CudaSlice<T>> {
+        check(std::mem::size_of::<T>() == 4, || "zeros: 4-byte elements only".into())?;
+        if !self.alloc.capturing() {
+            return self.stream.alloc_zeros::<T>(n.max(1)).map_err(drv("alloc"));
+        }
+        // SAFETY: zero_words writes all n.max(1) words before anything reads them.
+        let mut v = unsafe { self.alloc.alloc::<T>(n) }?;
+        let words = v.len() as u64;
+        let mut b = crate::launch::builder(&self.stream, &self.zero_words);
+        b.arg(&mut v).arg(&words);
+        let blocks = words.div_ceil(256).clamp(1, 1024) as u32;
+        unsafe { b.launch(LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv("zero_words"))?;
+        Ok(v)
+    }
+
     /// x [n] -> BF16 hi and lo parts.
     #[allow(clippy::type_complexity)]
     fn split_bf16(&self, x: &CudaSlice<f32>, len: usize) -> Result<(CudaSlice<u16>, CudaSlice<u16>, Option<CudaSlice<f32>>)> {
-        let mut xh = unsafe { self.stream.alloc::<u16>(len) }.map_err(drv("alloc"))?;
-        let mut xl = unsafe { self.stream.alloc::<u16>(len) }.map_err(drv("alloc"))?;
+        let mut xh = unsafe { self.alloc.alloc::<u16>(len) }?;
+        let mut xl = unsafe { self.alloc.alloc::<u16>(len) }?;
         let li = len as i32;
         let mut b = crate::launch::builder(&self.stream, &self.split_bf16);
         b.arg(x).arg(&mut xh).arg(&mut xl).arg(&li);
@@ -1023,9 +1050,9 @@ impl Kernels {
     /// scales; `interleave` stores each group of 8 as 0,4,1,5,2,6,3,7 (the MXFP4 kernels' order).
     pub(crate) fn split_f16(&self, x: &CudaSlice<f32>, rows: usize, k: usize, interleave: bool) -> Result<F16Split> {
         let len = rows * k;
-        let mut xh = unsafe { self.stream.alloc::<u16>(len.max(1)) }.map_err(drv("alloc"))?;
-        let mut xl = unsafe { self.stream.alloc::<u16>(len.max(1)) }.map_err(drv("alloc"))?;
-        let mut inv = unsafe { self.stream.alloc::<f32>(rows.max(1)) }.map_err(drv("alloc"))?;
+        let mut xh = unsafe { self.alloc.alloc::<u16>(len.max(1)) }?;
+        let mut xl = unsafe { self.alloc.alloc::<u16>(len.max(1)) }?;
+        let mut inv = unsafe { self.alloc.alloc::<f32>(rows.max(1)) }?;
         let (ki, il) = (k as i32, interleave as i32);
         let mut b = crate::launch::builder(&self.stream, &self.split_f16);
         b.arg(x).arg(&mut xh).arg(&mut xl).arg(&mut inv).arg(&ki).arg(&il);
@@ -1160,7 +1187,7 @@ impl Kernels {
     }
 
     pub fn moe_scratch(&self, w: &MoeWeights, max_pairs: usize) -> Result<MoeScratch> {
-        let counters = self.stream.alloc_zeros(Self::moe_counters(w, max_pairs)).map_err(drv("alloc"))?;
+        let counters = self.zeros(Self::moe_counters(w, max_pairs))?;
         self.moe_scratch_with(w, max_pairs, counters)
     }
 
@@ -1170,8 +1197,8 @@ impl Kernels {
         check(counters.len() >= Self::moe_counters(w, max_pairs), || "MoE counters too small".into())?;
         Ok(MoeScratch {
             // Written in full (rows of every pair) before they are read.
-            h: unsafe { self.stream.alloc(max_pairs.max(1) * w.inter) }.map_err(drv("alloc"))?,
-            out: unsafe { self.stream.alloc(max_pairs.max(1) * w.hidden) }.map_err(drv("alloc"))?,
+            h: unsafe { self.alloc.alloc(max_pairs.max(1) * w.inter) }?,
+            out: unsafe { self.alloc.alloc(max_pairs.max(1) * w.hidden) }?,
             counters,
         })
     }
@@ -1198,6 +1225,14 @@ impl Kernels {
         let host = self.stream.clone_dtoh(&v).map_err(drv("moe_trace"))?;
         self.stream.memset_zeros(&mut v).map_err(drv("moe_trace"))?;
         Ok(Some(host))
+    }
+
+    /// The step-trace stamps of this object's modules and `more` since the last read, then
+    /// cleared: only in a measurement build (`-DSTEP_TRACE`, crate::trace), else None.
+    pub fn step_trace(&self, more: &[&Arc<cudarc::driver::CudaModule>]) -> Result<Option<crate::trace::StepTrace>> {
+        let mut modules = vec![&self.gemv_module, &self.sample_module, &self.moe_module];
+        modules.extend_from_slice(more);
+        crate::trace::read(&modules, &self.stream)
     }
 
     /// The kernel `moe_mxfp4` runs for `tokens` tokens of top-k routing over `w`: for tiled
@@ -1445,8 +1480,8 @@ impl Kernels {
                 check(gu_smem.max(d_smem) <= TILED_MAX_SMEM, || format!("MoE dims {h}, {i} need more than {TILED_MAX_SMEM} bytes of shared memory"))?;
                 // A block's 8 warps stream one 16-row tile each.
                 let cfg = |tiles: usize, smem: usize| LaunchConfig { grid_dim: (tiles.div_ceil(8) as u32, u, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem as u32 };
-                let alloc_u32 = |n: usize| unsafe { self.stream.alloc::<u32>(n) }.map_err(drv("alloc"));
-                let alloc_f32 = |n: usize| unsafe { self.stream.alloc::<f32>(n) }.map_err(drv("alloc"));
+                let alloc_u32 = |n: usize| unsafe { self.alloc.alloc::<u32>(n) };
+                let alloc_f32 = |n: usize| unsafe { self.alloc.alloc::<f32>(n) };
                 let mut b = crate::launch::builder(&self.stream, fg);
                 b.arg(gate_up).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_tok);
                 // (The split rows live to the end of the call: freed in stream order after both launches.)
@@ -1516,8 +1551,8 @@ impl Kernels {
             (MoeLayout::Tiled { gate_up, down }, MoeKernel::Gemm) => {
                 let (t, p) = (r.num_tokens, r.num_pairs);
                 // Both written in full by moe_split_rows.
-                let alloc_u32 = |n: usize| unsafe { self.stream.alloc::<u32>(n.max(1)) }.map_err(drv("alloc"));
-                let alloc_f32 = |n: usize| unsafe { self.stream.alloc::<f32>(n.max(1)) }.map_err(drv("alloc"));
+                let alloc_u32 = |n: usize| unsafe { self.alloc.alloc::<u32>(n.max(1)) };
+                let alloc_f32 = |n: usize| unsafe { self.alloc.alloc::<f32>(n.max(1)) };
                 let xsplit = self.x_split(input, x, t, h)?;
                 let (xs, xinv) = (&xsplit.rows().xs, &xsplit.rows().inv);
                 let cfg = |tiles: usize| LaunchConfig { grid_dim: (tiles.div_ceil(GEMM_TILES) as u32, u, 1), block_dim: (32 * GEMM_TILES as u32, 1, 1), shared_mem_bytes: GEMM_SMEM as u32 };
@@ -1579,8 +1614,8 @@ impl Kernels {
     /// launch): what a producer writing `MoeInput::Split` must match bit for bit.
     pub fn moe_split_x(&self, x: &CudaSlice<f32>, rows: usize, k: usize) -> Result<MoeSplit> {
         // Both written in full by moe_split_rows.
-        let mut xs = unsafe { self.stream.alloc::<u32>((rows * k).max(1)) }.map_err(drv("alloc"))?;
-        let mut inv = unsafe { self.stream.alloc::<f32>(rows.max(1)) }.map_err(drv("alloc"))?;
+        let mut xs = unsafe { self.alloc.alloc::<u32>((rows * k).max(1)) }?;
+        let mut inv = unsafe { self.alloc.alloc::<f32>(rows.max(1)) }?;
         self.split_rows(x, rows, k, &mut xs, &mut inv)?;
         Ok(MoeSplit { xs, inv })
     }

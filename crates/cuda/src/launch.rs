@@ -82,6 +82,18 @@ pub(crate) fn builder<'a>(stream: &'a CudaStream, f: &'a CudaFunction) -> Launch
 thread_local! {
     /// Live `PlainLaunches` guards on this thread.
     static PLAIN: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+    /// The next launch on this thread goes without PDL (`plain_next`).
+    static PLAIN_NEXT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// The next kernel launched on this thread waits for the whole stream before it, without PDL:
+/// every SM drains first, so each can take the shared-memory carveout the new kernel prefers.
+/// Under PDL a kernel's blocks are placed beside the running kernel's, in the SM configuration
+/// that one chose, and a chain of PDL launches after the MoE (up to ~200 KB of shared memory
+/// per SM) leaves the decode GEMVs little L1 for the activations every block re-reads: at 4-8
+/// rows the o_proj and q/k/v projections ran 1.3-2x longer (benches/results/2026-11-25-pdl-edges.md).
+pub(crate) fn plain_next() {
+    PLAIN_NEXT.with(|c| c.set(true));
 }
 
 /// While one lives, this thread's launches go without programmatic dependent launch. A prompt's
@@ -177,7 +189,8 @@ impl Launch<'_> {
         let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
         attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
         attr.value.programmaticStreamSerializationAllowed = 1;
-        let pdl = pdl_enabled(self.stream) && PLAIN.with(|c| c.get() == 0);
+        let plain_next = PLAIN_NEXT.with(|c| c.replace(false));
+        let pdl = pdl_enabled(self.stream) && PLAIN.with(|c| c.get() == 0) && !plain_next;
         let config = sys::CUlaunchConfig {
             gridDimX: cfg.grid_dim.0,
             gridDimY: cfg.grid_dim.1,

@@ -9,6 +9,7 @@
 //!
 //! [`CudaModel`] implements the `Backend` for the whole model, correctness first (see its docs).
 
+mod alloc;
 pub mod backend;
 pub mod compile;
 pub mod device;
@@ -16,6 +17,7 @@ mod draft;
 mod graph;
 mod speculate;
 pub mod step;
+pub mod trace;
 pub mod kernels;
 mod launch;
 pub mod moe_tune;
@@ -25,5 +27,6 @@ mod weights;
 mod op_tests;
 
 pub use backend::CudaModel;
+pub use graph::NodeKinds;
 pub use device::{probe, probe_for_tests, Gpu, REQUIRE_GPU_ENV};
 pub use kernels::{Kernels, MoeKernel, MoeLayout, MoeRouting};

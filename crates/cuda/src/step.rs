@@ -76,6 +76,25 @@ pub enum Op {
     Argmax { rows: usize },
 }
 
+impl Op {
+    /// The rows it processes.
+    pub fn rows(&self) -> usize {
+        match *self {
+            Op::Embed { rows }
+            | Op::Norm { rows, .. }
+            | Op::AddNorm { rows, .. }
+            | Op::Add { rows, .. }
+            | Op::Attention { rows, .. }
+            | Op::Mlp { rows, .. }
+            | Op::CaptureFeatures { rows, .. }
+            | Op::DraftContext { rows }
+            | Op::GatherRows { rows }
+            | Op::LmHead { rows, .. }
+            | Op::Argmax { rows } => rows,
+        }
+    }
+}
+
 impl fmt::Display for Op {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{self:?}")
@@ -138,7 +157,11 @@ impl CudaModel {
         };
         // A batch with prompt chunks launches plainly (`PlainLaunches`), unless
         // PEREGRINE_PREFILL_PDL=1 (measurements).
-        let _plain = (meta.prefill.is_some() && !self.prefill_pdl).then(crate::launch::PlainLaunches::new);
+        // So does a step of `plain_from_rows` rows or more: its kernels are multi-wave grids
+        // (and GEMMs with up to 200 KB of shared memory per block), whose early blocks under
+        // PDL hold SMs in the wrong shared-memory carveout, as after the MLP below.
+        let many_rows = ops.first().is_some_and(|op| op.rows() >= self.plain_from_rows);
+        let _plain = ((meta.prefill.is_some() && !self.prefill_pdl) || many_rows).then(crate::launch::PlainLaunches::new);
         let h = self.spec.hidden_size;
         let mut acts: [Option<CudaSlice<f32>>; ACTS] = Default::default();
         // The F16 split of AttnIn, when the norm that wrote AttnIn also split it; MlpIn split as
@@ -157,8 +180,14 @@ impl CudaModel {
             NormWeight::PostAttention(l) => &self.layers[l].post_norm,
             NormWeight::Final => &self.final_norm,
         };
+        let mut after_mlp = false;
         for &op in ops {
             mark(&mut marks)?;
+            // The op after an MLP starts on drained SMs at `drain_after_mlp_rows` rows and up
+            // (crate::launch::plain_next).
+            if std::mem::replace(&mut after_mlp, matches!(op, Op::Mlp { .. })) && op.rows() >= self.drain_after_mlp_rows {
+                crate::launch::plain_next();
+            }
             if norm_left.is_some() && !matches!(op, Op::Mlp { src: Act::MlpIn, .. }) {
                 return Err(Error::Backend(format!("step plan: {op} runs between a post-attention norm left to the router and its MLP")));
             }

@@ -416,6 +416,39 @@ fn attention_starting_heads_as_projected_equals_waiting_for_the_projection() {
     }
 }
 
+/// A captured decode step is kernel nodes only: its buffers come from the capture pool and
+/// its zeroed ones from a kernel, since a memory node or a memset between two kernels would
+/// cost them their programmatic edge (crates/cuda/src/alloc.rs). Its logits match the eager
+/// step's, and graphs of other sizes captured and replayed since (the pool's memory is shared
+/// between graphs) leave a replay's logits bit for bit as they were: the FP8-attention
+/// (Flash-form) model at 1-3 decode rows, the tiled-MoE model at 1, 2 and 8.
+#[test]
+fn captured_steps_are_kernels_only_and_replay_the_eager_step() {
+    for (what, rows_set, model) in [("fp8 attention", vec![1usize, 2, 3], fp8_attention_model()), ("tiled MoE", vec![1, 2, 8], tiled_moe_model())] {
+        let Some((spec, mut model)) = model else { return };
+        let mut r = rng();
+        let mut first: Vec<(Vec<SeqForward>, Vec<f32>)> = Vec::new();
+        for &rows in &rows_set {
+            let batch: Vec<SeqForward> = (0..rows).map(|s| seq(s as u64, vec![r.random_range(0..spec.vocab_size as u32)], 3, &[(s * 8) as u32], OutputRows::Last)).collect();
+            model.set_cuda_graphs(false);
+            let eager: Vec<f32> = model.forward(&batch).unwrap().into_iter().flat_map(|l| l.data).collect();
+            model.set_cuda_graphs(true);
+            let graphed: Vec<f32> = model.forward(&batch).unwrap().into_iter().flat_map(|l| l.data).collect();
+            let kinds = model.graph_node_kinds(&batch).unwrap().expect("a decode batch replays a graph");
+            assert_eq!(kinds.non_kernel(), 0, "{what}, {rows} rows: the captured step holds other nodes than kernels: {kinds:?}");
+            let scale = eager.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+            let worst = graphed.iter().zip(&eager).fold(0f32, |m, (a, b)| m.max((a - b).abs() / scale));
+            assert!(graphed.len() == eager.len() && graphed.iter().all(|v| v.is_finite()) && worst < 1e-5, "{what}, {rows} rows: graph replay differs from the eager step by {worst:.2e}");
+            eprintln!("{what}, {rows} rows: {kinds:?}, graph within {worst:.1e} of eager");
+            first.push((batch, graphed));
+        }
+        for (batch, want) in &first {
+            let again: Vec<f32> = model.forward(batch).unwrap().into_iter().flat_map(|l| l.data).collect();
+            assert_eq!(&again, want, "{what}, {} rows: a replay after the other graphs' captures and replays differs", batch.len());
+        }
+    }
+}
+
 /// The logits of `batch` with the routed combine in the MoE and in the norm after it, eager
 /// and graphed, in the order (MoE, eager), (norm, eager), (norm, graph), (MoE, graph). Eager
 /// steps leave the MoE's pairs to the norm exactly when asked (a replayed graph runs no host
