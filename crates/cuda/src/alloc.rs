@@ -57,10 +57,7 @@ impl StepAlloc {
 
     /// Runs `body` with buffers from the capture pool (`prepare` first).
     pub(crate) fn while_capturing<R>(&self, body: impl FnOnce() -> R) -> R {
-        let was = self.capturing.swap(true, Ordering::Relaxed);
-        let r = body();
-        self.capturing.store(was, Ordering::Relaxed);
-        r
+        while_set(&self.capturing, body)
     }
 
     fn capture_pool(&self) -> Result<&CapturePool> {
@@ -114,5 +111,41 @@ fn create_pool(stream: &Arc<CudaStream>) -> std::result::Result<CapturePool, Str
             .map_err(|e| format!("capture pool: release threshold: {e}"))?;
         let side = ctx.new_stream().map_err(|e| format!("capture pool: side stream: {e}"))?;
         Ok(CapturePool { pool, side })
+    }
+}
+
+
+/// Runs `body` with `flag` set, then restores it, also when `body` panics: a step buffer taken
+/// from the capture pool after a failed capture would go back to the pool at its drop while
+/// kernels on the model's stream may still read it.
+fn while_set<R>(flag: &AtomicBool, body: impl FnOnce() -> R) -> R {
+    struct Restore<'a>(&'a AtomicBool, bool);
+    impl Drop for Restore<'_> {
+        fn drop(&mut self) {
+            self.0.store(self.1, Ordering::Relaxed);
+        }
+    }
+    let _restore = Restore(flag, flag.swap(true, Ordering::Relaxed));
+    body()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_capture_flag_is_set_inside_only_and_restored_after_a_panic() {
+        let flag = AtomicBool::new(false);
+        assert!(while_set(&flag, || flag.load(Ordering::Relaxed)));
+        assert!(!flag.load(Ordering::Relaxed));
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| while_set(&flag, || panic!("in the body"))));
+        assert!(r.is_err());
+        assert!(!flag.load(Ordering::Relaxed), "the flag stayed set after a panic");
+        // Nested: the inner call restores the outer state.
+        while_set(&flag, || {
+            while_set(&flag, || ());
+            assert!(flag.load(Ordering::Relaxed));
+        });
+        assert!(!flag.load(Ordering::Relaxed));
     }
 }
