@@ -616,7 +616,7 @@ impl CudaModel {
     /// An uninitialised buffer, for outputs a kernel writes in full (saves a memset per op).
     pub(crate) fn empty(&self, n: usize) -> Result<CudaSlice<f32>> {
         // SAFETY: every caller passes it to a kernel that writes all `n` elements before reads.
-        unsafe { self.kernels.alloc.alloc::<f32>(n.max(1)) }
+        unsafe { self.kernels.alloc.alloc::<f32>(n) }
     }
 
     pub(crate) fn matvec(&self, m: &Mat, x: &CudaSlice<f32>, t: usize) -> Result<CudaSlice<f32>> {
@@ -966,14 +966,15 @@ impl CudaModel {
 
     /// `attend`'s outputs for `n` rows (o, and its BF16 split with `bf16_split`), and with
     /// `splits` the split states too. `attend` allocates them itself, except behind a ready
-    /// projection: the attention must be the very next launch after it (a programmatic launch
-    /// overlaps only its direct predecessor; in a graph an allocation is a node of its own), so
-    /// they are allocated before the projection.
+    /// projection, which allocates them before it launches: the attention writes them while
+    /// the projection still runs, so no buffer the projection reads may be handed back to them
+    /// (the capture pool reuses a dropped buffer at once, crate::alloc), and eagerly an
+    /// allocation between the two launches would cut their programmatic edge.
     fn attend_bufs(&self, n: usize, s: &AttentionSpec, bf16_split: bool, splits: Option<usize>) -> Result<AttendBufs> {
         let o = self.empty(n * s.o_dim())?;
         let split = if bf16_split {
             // Written in full by the attention kernels.
-            let alloc = || unsafe { self.kernels.alloc.alloc::<u16>((n * s.o_dim()).max(1)) };
+            let alloc = || unsafe { self.kernels.alloc.alloc::<u16>(n * s.o_dim()) };
             Some((alloc()?, alloc()?))
         } else {
             None
@@ -1068,7 +1069,7 @@ impl CudaModel {
     pub(crate) fn add_rms_norm_moe_split(&self, x: &mut CudaSlice<f32>, a: &CudaSlice<f32>, w: &CudaSlice<f32>, rows: usize, d: usize) -> Result<(CudaSlice<f32>, MoeSplit)> {
         let mut y = self.empty(rows * d)?;
         // Both written in full by the kernel.
-        let mut xs = unsafe { self.kernels.alloc.alloc::<u32>((rows * d).max(1)) }?;
+        let mut xs = unsafe { self.kernels.alloc.alloc::<u32>(rows * d) }?;
         let mut inv = self.empty(rows)?;
         let (dd, eps) = (d as i32, self.spec.rms_norm_eps);
         let mut b = crate::launch::builder(&self.stream, &self.ops.add_rms_norm_moe_split);
@@ -1081,8 +1082,8 @@ impl CudaModel {
     pub(crate) fn add_rms_norm_split(&self, x: &mut CudaSlice<f32>, a: &CudaSlice<f32>, w: &CudaSlice<f32>, rows: usize, d: usize) -> Result<(CudaSlice<f32>, F16Split)> {
         let mut y = self.empty(rows * d)?;
         // All written in full by the kernel.
-        let mut yh = unsafe { self.kernels.alloc.alloc::<u16>((rows * d).max(1)) }?;
-        let mut yl = unsafe { self.kernels.alloc.alloc::<u16>((rows * d).max(1)) }?;
+        let mut yh = unsafe { self.kernels.alloc.alloc::<u16>(rows * d) }?;
+        let mut yl = unsafe { self.kernels.alloc.alloc::<u16>(rows * d) }?;
         let mut yinv = self.empty(rows)?;
         let (dd, eps) = (d as i32, self.spec.rms_norm_eps);
         let mut b = crate::launch::builder(&self.stream, &self.ops.add_rms_norm_split);
@@ -1105,8 +1106,8 @@ impl CudaModel {
             return Ok((y, None));
         }
         // All written in full by the kernel.
-        let mut yh = unsafe { self.kernels.alloc.alloc::<u16>((rows * d).max(1)) }?;
-        let mut yl = unsafe { self.kernels.alloc.alloc::<u16>((rows * d).max(1)) }?;
+        let mut yh = unsafe { self.kernels.alloc.alloc::<u16>(rows * d) }?;
+        let mut yl = unsafe { self.kernels.alloc.alloc::<u16>(rows * d) }?;
         let mut yinv = self.empty(rows)?;
         let mut b = crate::launch::builder(&self.stream, &self.ops.add_rms_norm_split_pairs);
         b.arg(x).arg(out).arg(tok_pairs).arg(&k).arg_or_null(pre.as_ref()).arg(w).arg(&mut y).arg(&mut yh).arg(&mut yl).arg(&mut yinv).arg(&dd).arg(&eps);

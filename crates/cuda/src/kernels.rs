@@ -1050,9 +1050,9 @@ impl Kernels {
     /// scales; `interleave` stores each group of 8 as 0,4,1,5,2,6,3,7 (the MXFP4 kernels' order).
     pub(crate) fn split_f16(&self, x: &CudaSlice<f32>, rows: usize, k: usize, interleave: bool) -> Result<F16Split> {
         let len = rows * k;
-        let mut xh = unsafe { self.alloc.alloc::<u16>(len.max(1)) }?;
-        let mut xl = unsafe { self.alloc.alloc::<u16>(len.max(1)) }?;
-        let mut inv = unsafe { self.alloc.alloc::<f32>(rows.max(1)) }?;
+        let mut xh = unsafe { self.alloc.alloc::<u16>(len) }?;
+        let mut xl = unsafe { self.alloc.alloc::<u16>(len) }?;
+        let mut inv = unsafe { self.alloc.alloc::<f32>(rows) }?;
         let (ki, il) = (k as i32, interleave as i32);
         let mut b = crate::launch::builder(&self.stream, &self.split_f16);
         b.arg(x).arg(&mut xh).arg(&mut xl).arg(&mut inv).arg(&ki).arg(&il);
@@ -1551,8 +1551,8 @@ impl Kernels {
             (MoeLayout::Tiled { gate_up, down }, MoeKernel::Gemm) => {
                 let (t, p) = (r.num_tokens, r.num_pairs);
                 // Both written in full by moe_split_rows.
-                let alloc_u32 = |n: usize| unsafe { self.alloc.alloc::<u32>(n.max(1)) };
-                let alloc_f32 = |n: usize| unsafe { self.alloc.alloc::<f32>(n.max(1)) };
+                let alloc_u32 = |n: usize| unsafe { self.alloc.alloc::<u32>(n) };
+                let alloc_f32 = |n: usize| unsafe { self.alloc.alloc::<f32>(n) };
                 let xsplit = self.x_split(input, x, t, h)?;
                 let (xs, xinv) = (&xsplit.rows().xs, &xsplit.rows().inv);
                 let cfg = |tiles: usize| LaunchConfig { grid_dim: (tiles.div_ceil(GEMM_TILES) as u32, u, 1), block_dim: (32 * GEMM_TILES as u32, 1, 1), shared_mem_bytes: GEMM_SMEM as u32 };
@@ -1614,8 +1614,8 @@ impl Kernels {
     /// launch): what a producer writing `MoeInput::Split` must match bit for bit.
     pub fn moe_split_x(&self, x: &CudaSlice<f32>, rows: usize, k: usize) -> Result<MoeSplit> {
         // Both written in full by moe_split_rows.
-        let mut xs = unsafe { self.alloc.alloc::<u32>((rows * k).max(1)) }?;
-        let mut inv = unsafe { self.alloc.alloc::<f32>(rows.max(1)) }?;
+        let mut xs = unsafe { self.alloc.alloc::<u32>(rows * k) }?;
+        let mut inv = unsafe { self.alloc.alloc::<f32>(rows) }?;
         self.split_rows(x, rows, k, &mut xs, &mut inv)?;
         Ok(MoeSplit { xs, inv })
     }
