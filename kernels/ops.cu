@@ -545,10 +545,78 @@ extern "C" __global__ void add_rms_norm_split(float* __restrict__ x, const float
 }
 
 // add_rms_norm_split adding the routed MoE's pairs (as add_rms_norm_pairs).
+//
+// Rows of at most one float4 per thread (D <= 4 x blockDim: Flash's 4096 with norm_cfg's 1024
+// threads) load what the MoE did not write before the PDL wait: the residual x, the attention
+// output `pre` and the norm weight. x and pre are settled when this kernel starts: the MoE
+// ahead lets it launch only once each of its blocks is past its own wait (the fused and gate_up
+// kernels; the down kernel's blocks start only after every gate_up block has), so the router and
+// the o_proj before it have finished, and x was written by the layer's first norm before them.
+// One row's pairs are 0 .. topk - 1 (the pairs of all rows are 0 .. rows x topk - 1, as moe_route
+// and the fused routing number them), so a one-row launch sums them in that order without
+// reading tok_pairs. The same arithmetic as add_rms_norm_f16_split, in the same order: the same
+// bits. -DNORM_PAIRS_LATE keeps the general path for every shape, for measurements.
+__device__ __forceinline__ void add_rms_norm_split_pairs_row(float* __restrict__ x, const float* __restrict__ out,
+                                                             const int* __restrict__ tok_pairs, int topk,
+                                                             const float* __restrict__ pre, const float* __restrict__ w,
+                                                             float* __restrict__ y, unsigned short* __restrict__ yh,
+                                                             unsigned short* __restrict__ yl, float* __restrict__ yinv, int D,
+                                                             float eps) {
+    __shared__ float sh[32];
+    __shared__ int sorted[32];
+    const size_t r = blockIdx.x;
+    const int c = threadIdx.x;
+    const bool mine = c < D / 4;
+    float4* x4 = reinterpret_cast<float4*>(x + r * D);
+    float4 v[NORM_V], wv = make_float4(0.f, 0.f, 0.f, 0.f), pv = wv;
+    v[0] = wv;
+    if (mine) {
+        v[0] = __ldcg(x4 + c);
+        wv = reinterpret_cast<const float4*>(w)[c];
+        if (pre) pv = __ldcg(reinterpret_cast<const float4*>(pre + r * D) + c);
+    }
+    PDL_WAIT();
+    TRACE_PAST_WAIT();
+    PDL_TRIGGER();
+    const int* rp = nullptr;  // one row: pair j is the j-th
+    if (gridDim.x > 1) rp = sort_row_pairs(tok_pairs, topk, sorted);
+    float s = 0.f;
+    if (mine) {
+        if (pre) v[0] = plus4(v[0], pv);
+        float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
+        for (int j = 0; j < topk; j++) a = plus4(a, __ldcg(reinterpret_cast<const float4*>(out + (size_t)(rp ? rp[j] : j) * D) + c));
+        v[0] = plus4(v[0], a);
+        x4[c] = v[0];
+        s += sumsq4(v[0]);
+    }
+    s = block_sum(s, sh);
+    float inv = 1.f / sqrtf(s / D + eps);
+    if (mine) {
+        v[0] = scale4(wv, v[0], inv);
+        reinterpret_cast<float4*>(y + r * D)[c] = v[0];
+    }
+    float sc = norm_split_scale(v, D, sh, yinv + r);
+    if (mine) {
+        uint2 hi, lo;
+        f16x2_hi_lo(v[0].x * sc, v[0].y * sc, hi.x, lo.x);
+        f16x2_hi_lo(v[0].z * sc, v[0].w * sc, hi.y, lo.y);
+        reinterpret_cast<uint2*>(yh + r * D)[c] = hi;
+        reinterpret_cast<uint2*>(yl + r * D)[c] = lo;
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(1024) add_rms_norm_split_pairs(float* __restrict__ x, const float* __restrict__ out, const int* __restrict__ tok_pairs,
                                                     int topk, const float* __restrict__ pre, const float* __restrict__ w, float* __restrict__ y,
                                                     unsigned short* __restrict__ yh, unsigned short* __restrict__ yl,
-                                                    float* __restrict__ yinv, int D, float eps) { PDL_ENTER();
+                                                    float* __restrict__ yinv, int D, float eps) {
+#ifndef NORM_PAIRS_LATE
+    if ((D & 3) == 0 && D <= 4 * (int)blockDim.x) {
+        TRACE_SCOPE();
+        add_rms_norm_split_pairs_row(x, out, tok_pairs, topk, pre, w, y, yh, yl, yinv, D, eps);
+        return;
+    }
+#endif
+    PDL_ENTER();
     __shared__ int sorted[32];
     add_rms_norm_f16_split(x, PairsAddend{out, sort_row_pairs(tok_pairs, topk, sorted), topk, pre}, w, y, yh, yl, yinv, D, eps);
 }
@@ -575,14 +643,24 @@ extern "C" __global__ void add_rms_norm_moe_split(float* __restrict__ x, const f
 // Dim i of a head vector after partial rotate-half RoPE at position p (dims past rotary_dim pass
 // through): the one formula rope_kv_write and attention_v2's fused path share, so both give the
 // same bits.
-__device__ __forceinline__ float rope_dim(const float* vec, int i, int half, int rotary_dim, float theta, float p) {
-    if (i >= 2 * half) return vec[i];
+// Its two halves: the cosine and sine of dim i (i < 2 half), which need only the position, and
+// the rotation of a head vector by them (any i).
+__device__ __forceinline__ void rope_coef(int i, int half, int rotary_dim, float theta, float p, float& c, float& sn) {
     int ii = i < half ? i : i - half;
     float f = 1.f / powf(theta, (float)(2 * ii) / (float)rotary_dim);
-    float sn, c;
     sincosf(p * f, &sn, &c);
+}
+__device__ __forceinline__ float rope_apply(const float* vec, int i, int half, float c, float sn) {
+    if (i >= 2 * half) return vec[i];
+    int ii = i < half ? i : i - half;
     float a = vec[ii], b = vec[ii + half];
     return i < half ? a * c - b * sn : b * c + a * sn;
+}
+__device__ __forceinline__ float rope_dim(const float* vec, int i, int half, int rotary_dim, float theta, float p) {
+    if (i >= 2 * half) return vec[i];
+    float sn, c;
+    rope_coef(i, half, rotary_dim, theta, p, c, sn);
+    return rope_apply(vec, i, half, c, sn);
 }
 
 // Partial RoPE fused with the KV-cache write, gridDim.y blocks per row: q rotated in place; k rotated
@@ -988,6 +1066,37 @@ __device__ __forceinline__ void attention_v2_body(
     // memory (one RoPE call site each: inlined per unrolled element they made the kernel 4x larger
     // and slower).
     __shared__ float sm_q[256], sm_k[256], sm_v[128], sm_dnew;
+    // READY's preloaded first round of positions (below): K elements lane + 32 c and V
+    // elements lane + 32 c of the warp's positions j0_first + u (clamped to j_hi).
+    float kr[ATT_UNROLL][8], vr0[ATT_UNROLL][4];
+    const int j0_first = j_lo + w * ATT_UNROLL;
+    // READY: nothing of the pool's positions depends on the projection still running (earlier
+    // steps wrote them; slot p's leftovers are replaced below), nor do the RoPE coefficients of
+    // position p: the block loads its warps' first positions and computes them while it waits
+    // for its heads, so only q . K, the softmax and the merge remain once they are ready (at
+    // batch 1 a 128-token window is one round of positions per warp).
+    // -DATT_READY_LATE loads them after the wait, for measurements.
+#ifdef ATT_READY_LATE
+    constexpr bool early = false;
+#else
+    constexpr bool early = READY;
+#endif
+    const bool preloaded = early && j0_first <= j_hi;
+    if (preloaded) {
+#pragma unroll
+        for (int u = 0; u < ATT_UNROLL; u++) {
+            int j = min(j0_first + u, j_hi);
+            size_t slot = (size_t)table[j / block_size] * block_size + j % block_size;
+            const float* kv = kc + (slot * kv_heads + kvh) * hd;
+            const float* vp = vc + (slot * kv_heads + kvh) * vd;
+#pragma unroll
+            for (int c = 0; c < 8; c++) kr[u][c] = (lane + 32 * c < hd) ? kv[lane + 32 * c] : 0.f;
+#pragma unroll
+            for (int c = 0; c < 4; c++) vr0[u][c] = (lane + 32 * c < vd) ? vp[lane + 32 * c] : 0.f;
+        }
+    }
+    float rc = 1.f, rs = 0.f;  // thread i's RoPE coefficients (i < 2 half; hd <= blockDim)
+    if (early && (int)threadIdx.x < 2 * half) rope_coef(threadIdx.x, half, rotary_dim, theta, (float)p, rc, rs);
     if (fused) {
         const float* kn_head = knew + ((size_t)r * kv_heads + kvh) * hd;
         const float* vn_head = vnew + ((size_t)r * kv_heads + kvh) * vd;
@@ -1011,9 +1120,17 @@ __device__ __forceinline__ void attention_v2_body(
             kn_head = sm_raw + 256;
             vn_head = sm_raw + 512;
         }
-        for (int i = threadIdx.x; i < hd; i += blockDim.x) {
-            sm_q[i] = rope_dim(qv, i, half, rotary_dim, theta, (float)p);
-            sm_k[i] = rope_dim(kn_head, i, half, rotary_dim, theta, (float)p);
+        if (early) {
+            int i = threadIdx.x;
+            if (i < hd) {
+                sm_q[i] = rope_apply(qv, i, half, rc, rs);
+                sm_k[i] = rope_apply(kn_head, i, half, rc, rs);
+            }
+        } else {
+            for (int i = threadIdx.x; i < hd; i += blockDim.x) {
+                sm_q[i] = rope_dim(qv, i, half, rotary_dim, theta, (float)p);
+                sm_k[i] = rope_dim(kn_head, i, half, rotary_dim, theta, (float)p);
+            }
         }
         for (int i = threadIdx.x; i < vd; i += blockDim.x) sm_v[i] = vn_head[i] * vscale;
         __syncthreads();
@@ -1035,18 +1152,25 @@ __device__ __forceinline__ void attention_v2_body(
     if (fused) __syncthreads();
     float m = NEG_INF, l = 0.f;
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
-    for (int j0 = j_lo + w * ATT_UNROLL; j0 <= j_hi; j0 += ATT_WARPS * ATT_UNROLL) {
+    for (int j0 = j0_first; j0 <= j_hi; j0 += ATT_WARPS * ATT_UNROLL) {
+        const bool first = preloaded && j0 == j0_first;  // its K and V are in kr, vr0
         float d[ATT_UNROLL];
         size_t slot[ATT_UNROLL];
 #pragma unroll
         for (int u = 0; u < ATT_UNROLL; u++) {
             int j = min(j0 + u, j_hi);
-            slot[u] = (size_t)table[j / block_size] * block_size + j % block_size;
-            const float* kv = kc + (slot[u] * kv_heads + kvh) * hd;
             float s = 0.f;
+            if (first) {
 #pragma unroll
-            for (int c = 0; c < 8; c++)
-                if (lane + 32 * c < hd) s += qr[c] * kv[lane + 32 * c];
+                for (int c = 0; c < 8; c++)
+                    if (lane + 32 * c < hd) s += qr[c] * kr[u][c];
+            } else {
+                slot[u] = (size_t)table[j / block_size] * block_size + j % block_size;
+                const float* kv = kc + (slot[u] * kv_heads + kvh) * hd;
+#pragma unroll
+                for (int c = 0; c < 8; c++)
+                    if (lane + 32 * c < hd) s += qr[c] * kv[lane + 32 * c];
+            }
             d[u] = s;
         }
 #pragma unroll
@@ -1056,9 +1180,14 @@ __device__ __forceinline__ void attention_v2_body(
         float vv[ATT_UNROLL][4];
 #pragma unroll
         for (int u = 0; u < ATT_UNROLL; u++) {
-            const float* vr = vc + (slot[u] * kv_heads + kvh) * vd;
+            if (first) {
 #pragma unroll
-            for (int c = 0; c < 4; c++) vv[u][c] = (lane + 32 * c < vd) ? vr[lane + 32 * c] : 0.f;
+                for (int c = 0; c < 4; c++) vv[u][c] = vr0[u][c];
+            } else {
+                const float* vr = vc + (slot[u] * kv_heads + kvh) * vd;
+#pragma unroll
+                for (int c = 0; c < 4; c++) vv[u][c] = (lane + 32 * c < vd) ? vr[lane + 32 * c] : 0.f;
+            }
             // FUSED: position p's score and value are the new ones (the pool's slot p, read
             // above, holds the previous step's leftovers). Replacing them here, in the order the
             // unfused kernel reads them, keeps its bits. (Scoring p after the loop instead fits
@@ -1168,7 +1297,13 @@ ATTENTION_V2_KERNEL(attention_v2_kv, true)
 // this grid finishing implies that one finished, as a kernel's completion does everywhere else
 // in a step. ready[heads + kv_heads] counts the blocks out (block_arrive_last): the last zeroes
 // every count for the next call.
-extern "C" __global__ void __launch_bounds__(256) attention_v2_kv_ready(
+// Blocks per SM its registers are cut for: the first round of positions it holds across the
+// wait for its heads took 120 registers (2 blocks per SM: at batch 2, 512 blocks would need a
+// second wave); at 3, ptxas keeps 80 and spills 32 bytes. Measurements may set it.
+#ifndef ATT_READY_MIN_BLOCKS
+#define ATT_READY_MIN_BLOCKS 3
+#endif
+extern "C" __global__ void __launch_bounds__(256, ATT_READY_MIN_BLOCKS) attention_v2_kv_ready(
     const float* q, const float* __restrict__ kc, const float* __restrict__ vc, float* __restrict__ o,
     const int* __restrict__ pos, const int* __restrict__ seq, const int* __restrict__ tables, int max_blocks,
     int block_size, int heads, int kv_heads, int hd, int vd, int window, float scale, const float* __restrict__ sinks,
