@@ -562,6 +562,7 @@ __device__ __forceinline__ void add_rms_norm_split_pairs_row(float* __restrict__
                                                              float* __restrict__ y, unsigned short* __restrict__ yh,
                                                              unsigned short* __restrict__ yl, float* __restrict__ yinv, int D,
                                                              float eps) {
+    TRACE_SCOPE_NAMED("add_rms_norm_split_pairs");
     __shared__ float sh[32];
     __shared__ int sorted[32];
     const size_t r = blockIdx.x;
@@ -611,7 +612,6 @@ extern "C" __global__ void __launch_bounds__(1024) add_rms_norm_split_pairs(floa
                                                     float* __restrict__ yinv, int D, float eps) {
 #ifndef NORM_PAIRS_LATE
     if ((D & 3) == 0 && D <= 4 * (int)blockDim.x) {
-        TRACE_SCOPE();
         add_rms_norm_split_pairs_row(x, out, tok_pairs, topk, pre, w, y, yh, yl, yinv, D, eps);
         return;
     }
