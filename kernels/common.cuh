@@ -61,6 +61,9 @@ struct StepTraceScope {
 #define TRACE_SCOPE() StepTraceScope step_trace_scope_(__func__)
 #define TRACE_SCOPE_NAMED(n) StepTraceScope step_trace_scope_(n)
 #define TRACE_PAST_WAIT() step_trace_scope_.past_wait()
+// A kernel's "past the wait" stamp set to time t instead (a point inside the kernel, for
+// measurements: see ATT_MARK in ops.cu).
+#define TRACE_PAST_WAIT_AT(t) (step_trace_scope_.waited = (t))
 #define PDL_ENTER()   \
     TRACE_SCOPE();    \
     PDL_WAIT();       \
@@ -70,6 +73,7 @@ struct StepTraceScope {
 #define TRACE_SCOPE()
 #define TRACE_SCOPE_NAMED(n)
 #define TRACE_PAST_WAIT()
+#define TRACE_PAST_WAIT_AT(t)
 #define PDL_ENTER()    \
     do {               \
         PDL_WAIT();    \

@@ -556,6 +556,17 @@ extern "C" __global__ void add_rms_norm_split(float* __restrict__ x, const float
 // and the fused routing number them), so a one-row launch sums them in that order without
 // reading tok_pairs. The same arithmetic as add_rms_norm_f16_split, in the same order: the same
 // bits. -DNORM_PAIRS_LATE keeps the general path for every shape, for measurements.
+// Measurement builds only (-DSTEP_TRACE with ops:-DNORM_MARK=k): the one-row path's "past the
+// wait" stamp is taken at point k instead: 2 its pairs summed (before the sum of squares), 3 the
+// sum of squares reduced, 4 the split's scale reduced.
+#if defined(STEP_TRACE) && defined(NORM_MARK)
+#define NORM_TRACE_MARK(k)                     \
+    do {                                       \
+        if (NORM_MARK == (k)) TRACE_PAST_WAIT(); \
+    } while (0)
+#else
+#define NORM_TRACE_MARK(k)
+#endif
 __device__ __forceinline__ void add_rms_norm_split_pairs_row(float* __restrict__ x, const float* __restrict__ out,
                                                              const int* __restrict__ tok_pairs, int topk,
                                                              const float* __restrict__ pre, const float* __restrict__ w,
@@ -577,7 +588,9 @@ __device__ __forceinline__ void add_rms_norm_split_pairs_row(float* __restrict__
         if (pre) pv = __ldcg(reinterpret_cast<const float4*>(pre + r * D) + c);
     }
     PDL_WAIT();
+#ifndef NORM_MARK
     TRACE_PAST_WAIT();
+#endif
     PDL_TRIGGER();
     const int* rp = nullptr;  // one row: pair j is the j-th
     if (gridDim.x > 1) rp = sort_row_pairs(tok_pairs, topk, sorted);
@@ -590,13 +603,16 @@ __device__ __forceinline__ void add_rms_norm_split_pairs_row(float* __restrict__
         x4[c] = v[0];
         s += sumsq4(v[0]);
     }
+    NORM_TRACE_MARK(2);
     s = block_sum(s, sh);
+    NORM_TRACE_MARK(3);
     float inv = 1.f / sqrtf(s / D + eps);
     if (mine) {
         v[0] = scale4(wv, v[0], inv);
         reinterpret_cast<float4*>(y + r * D)[c] = v[0];
     }
     float sc = norm_split_scale(v, D, sh, yinv + r);
+    NORM_TRACE_MARK(4);
     if (mine) {
         uint2 hi, lo;
         f16x2_hi_lo(v[0].x * sc, v[0].y * sc, hi.x, lo.x);
@@ -1034,7 +1050,23 @@ __device__ __forceinline__ void attention_combine_head(const float* part_m, cons
 // block per SM by registers.)
 #define ATT_WARPS 8
 #define ATT_UNROLL 4
-template <bool FUSED, bool ROWS = false, bool READY = false>
+// Measurement builds only (-DSTEP_TRACE with ops:-DATT_MARK=k): attention_v2_kv_ready's "past
+// the wait" stamp is taken at point k of its blocks instead, so step_bench --trace shows when
+// the last block got there: 1 its heads' counts seen, 2 q and the new k rotated (the dots
+// start), 3 its positions' loop done, 4 its state written or merged, 5 past the wait for the
+// projection's grid.
+#if defined(STEP_TRACE) && defined(ATT_MARK)
+__shared__ unsigned long long att_mark_t;
+#define ATT_TRACE_MARK(k)                                                   \
+    do {                                                                    \
+        if (ATT_MARK == (k) && threadIdx.x == 0) att_mark_t = step_trace_now(); \
+    } while (0)
+#define ATT_TRACE_MARK_END() TRACE_PAST_WAIT_AT(att_mark_t)
+#else
+#define ATT_TRACE_MARK(k)
+#define ATT_TRACE_MARK_END()
+#endif
+template <bool FUSED, bool ROWS = false, bool READY = false, bool PRELOAD = false>
 __device__ __forceinline__ void attention_v2_body(
     const float* __restrict__ q, const float* __restrict__ kc, const float* __restrict__ vc, float* __restrict__ o,
     const int* __restrict__ pos, const int* __restrict__ seq, const int* __restrict__ tables, int max_blocks,
@@ -1045,6 +1077,7 @@ __device__ __forceinline__ void attention_v2_body(
     unsigned* __restrict__ counters, const int* __restrict__ rows = nullptr, const unsigned* ready = nullptr,
     unsigned need_q = 0, unsigned need_kv = 0) {
     static_assert(!READY || FUSED, "the ready counts stand in for the wait on the projection of the new q/k/v");
+    static_assert(!PRELOAD || READY, "only the ready kernel has a wait to load across");
     __shared__ float sm_m[ATT_WARPS], sm_l[ATT_WARPS], sm_acc[ATT_WARPS][128];
     // ROWS: block x serves row rows[x] (the rows of a prefill batch that attention_prefill's
     // tiles leave out); else row x.
@@ -1070,16 +1103,16 @@ __device__ __forceinline__ void attention_v2_body(
     // elements lane + 32 c of the warp's positions j0_first + u (clamped to j_hi).
     float kr[ATT_UNROLL][8], vr0[ATT_UNROLL][4];
     const int j0_first = j_lo + w * ATT_UNROLL;
-    // READY: nothing of the pool's positions depends on the projection still running (earlier
-    // steps wrote them; slot p's leftovers are replaced below), nor do the RoPE coefficients of
-    // position p: the block loads its warps' first positions and computes them while it waits
-    // for its heads, so only q . K, the softmax and the merge remain once they are ready (at
-    // batch 1 a 128-token window is one round of positions per warp).
-    // -DATT_READY_LATE loads them after the wait, for measurements.
+    // PRELOAD (attention_v2_kv_ready_pre): nothing of the pool's positions depends on the
+    // projection still running (earlier steps wrote them; slot p's leftovers are replaced
+    // below), nor do the RoPE coefficients of position p: the block loads its warps' first
+    // positions and computes them while it waits for its heads, so only q . K, the softmax and
+    // the merge remain once they are ready (at batch 1 a 128-token window is one round of
+    // positions per warp). -DATT_READY_LATE loads them after the wait, for measurements.
 #ifdef ATT_READY_LATE
     constexpr bool early = false;
 #else
-    constexpr bool early = READY;
+    constexpr bool early = PRELOAD;
 #endif
     const bool preloaded = early && j0_first <= j_hi;
     if (preloaded) {
@@ -1110,6 +1143,7 @@ __device__ __forceinline__ void attention_v2_body(
                 while (ld_acquire(ready + heads + kvh) < need_kv) __nanosleep(32);
             }
             __syncthreads();
+            ATT_TRACE_MARK(1);
             for (int i = threadIdx.x; i < hd; i += blockDim.x) {
                 sm_raw[i] = __ldcg(qv + i);
                 sm_raw[256 + i] = __ldcg(kn_head + i);
@@ -1134,6 +1168,7 @@ __device__ __forceinline__ void attention_v2_body(
         }
         for (int i = threadIdx.x; i < vd; i += blockDim.x) sm_v[i] = vn_head[i] * vscale;
         __syncthreads();
+        ATT_TRACE_MARK(2);
         qv = sm_q;
     }
     float qr[8];
@@ -1210,6 +1245,7 @@ __device__ __forceinline__ void attention_v2_body(
             m = mn;
         }
     }
+    ATT_TRACE_MARK(3);
     // The new K (rotated) and V (scaled) into the pool, after this block's reads: one block per KV
     // head. (Other blocks may still read slot p's leftovers, which they replace as above.)
     if (fused && h % (heads / kv_heads) == 0 && blockIdx.z == 0) {
@@ -1297,31 +1333,37 @@ ATTENTION_V2_KERNEL(attention_v2_kv, true)
 // this grid finishing implies that one finished, as a kernel's completion does everywhere else
 // in a step. ready[heads + kv_heads] counts the blocks out (block_arrive_last): the last zeroes
 // every count for the next call.
-// Blocks per SM its registers are cut for: the first round of positions it holds across the
-// wait for its heads took 120 registers (2 blocks per SM: at batch 2, 512 blocks would need a
-// second wave); at 3, ptxas keeps 80 and spills 32 bytes. Measurements may set it.
-#ifndef ATT_READY_MIN_BLOCKS
-#define ATT_READY_MIN_BLOCKS 3
-#endif
-extern "C" __global__ void __launch_bounds__(256, ATT_READY_MIN_BLOCKS) attention_v2_kv_ready(
-    const float* q, const float* __restrict__ kc, const float* __restrict__ vc, float* __restrict__ o,
-    const int* __restrict__ pos, const int* __restrict__ seq, const int* __restrict__ tables, int max_blocks,
-    int block_size, int heads, int kv_heads, int hd, int vd, int window, float scale, const float* __restrict__ sinks,
-    float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc,
-    unsigned short* __restrict__ oh, unsigned short* __restrict__ ol, const float* knew,
-    const float* vnew, float* kc_out, float* vc_out, const long long* __restrict__ slots, int half,
-    int rotary_dim, float theta, float vscale, unsigned* __restrict__ counters, unsigned* ready, unsigned need_q,
-    unsigned need_kv) {
-    TRACE_SCOPE();
-    PDL_TRIGGER();
-    attention_v2_body<true, false, true>(q, kc, vc, o, pos, seq, tables, max_blocks, block_size, heads, kv_heads, hd, vd,
-                                         window, scale, sinks, part_m, part_l, part_acc, oh, ol, knew, vnew, kc_out, vc_out,
-                                         slots, half, rotary_dim, theta, vscale, counters, nullptr, ready, need_q, need_kv);
-    PDL_WAIT();
-    // (The body returns block-uniformly.)
-    if (block_arrive_last(ready + heads + kv_heads, gridDim.x * gridDim.y * gridDim.z) && threadIdx.x == 0)
-        for (int i = 0; i < heads + kv_heads; i++) ready[i] = 0u;
-}
+// attention_v2_kv_ready_pre: the same, loading its warps' first round of positions and the
+// RoPE coefficients before waiting for its heads (PRELOAD above). Holding them across the wait
+// takes 120 registers, 2 blocks per SM, so the host runs it only where its grid fits one wave
+// (batch 1: 256 blocks); cut to 3 blocks per SM, ptxas kept 80 and spilled 32 bytes, and the
+// batch-1 step was 0.5% slower than without the preload, where 2 blocks per SM were 0.4% faster
+// (benches/results/2026-11-25-attention-preload.md).
+#define ATTENTION_V2_KV_READY(NAME, PRELOAD, MIN_BLOCKS)                                                                        \
+    extern "C" __global__ void __launch_bounds__(256, MIN_BLOCKS) NAME(                                                          \
+        const float* q, const float* __restrict__ kc, const float* __restrict__ vc, float* __restrict__ o,                       \
+        const int* __restrict__ pos, const int* __restrict__ seq, const int* __restrict__ tables, int max_blocks,                 \
+        int block_size, int heads, int kv_heads, int hd, int vd, int window, float scale, const float* __restrict__ sinks,        \
+        float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc, unsigned short* __restrict__ oh,    \
+        unsigned short* __restrict__ ol, const float* knew, const float* vnew, float* kc_out, float* vc_out,                      \
+        const long long* __restrict__ slots, int half, int rotary_dim, float theta, float vscale, unsigned* __restrict__ counters, \
+        unsigned* ready, unsigned need_q, unsigned need_kv) {                                                                     \
+        TRACE_SCOPE();                                                                                                            \
+        PDL_TRIGGER();                                                                                                            \
+        attention_v2_body<true, false, true, PRELOAD>(q, kc, vc, o, pos, seq, tables, max_blocks, block_size, heads, kv_heads,    \
+                                                      hd, vd, window, scale, sinks, part_m, part_l, part_acc, oh, ol, knew, vnew, \
+                                                      kc_out, vc_out, slots, half, rotary_dim, theta, vscale, counters, nullptr,  \
+                                                      ready, need_q, need_kv);                                                    \
+        ATT_TRACE_MARK(4);                                                                                                        \
+        PDL_WAIT();                                                                                                               \
+        ATT_TRACE_MARK(5);                                                                                                        \
+        /* (The body returns block-uniformly.) */                                                                                 \
+        if (block_arrive_last(ready + heads + kv_heads, gridDim.x * gridDim.y * gridDim.z) && threadIdx.x == 0)                  \
+            for (int i = 0; i < heads + kv_heads; i++) ready[i] = 0u;                                                             \
+        ATT_TRACE_MARK_END();                                                                                                     \
+    }
+ATTENTION_V2_KV_READY(attention_v2_kv_ready, false, 3)
+ATTENTION_V2_KV_READY(attention_v2_kv_ready_pre, true, 2)
 
 // Decode attention with one warp per head: block (r, y, z) serves heads ATT_WARPS y .. + 7 of
 // row r over split z's positions. The block stages the K and V rows of ATT_TILE positions at a

@@ -101,7 +101,7 @@ def report(lib, ptxas, rev, arch, defines, only):
         if only and f not in only:
             continue
         source = read(rev, "kernels/common.cuh") + "".join(read(rev, f"kernels/{h}") for h in headers) + read(rev, f"kernels/{f}")
-        ptx = nvrtc_ptx(lib, f, source, [f"--gpu-architecture={arch}"] + options + defines)
+        ptx = nvrtc_ptx(lib, f, source, [f"--gpu-architecture={arch}"] + options + file_defines(f[: -len(".cu")], defines, []))
         for k, v in ptxas_report(ptxas, arch, ptx).items():
             result[(f, k)] = v
     return result
@@ -116,6 +116,20 @@ def fnv1a(parts):
     return h
 
 
+def file_defines(stem, defines, defines_in):
+    """The defines file `stem` gets, as compile.rs's options_with: `file:-DNAME` words go to that
+    file only, the others to the files of defines_in (every file when it is empty)."""
+    out = []
+    for d in defines:
+        if ":" in d:
+            f, d = d.split(":", 1)
+            if f == stem:
+                out.append(d)
+        elif not defines_in or stem in defines_in:
+            out.append(d)
+    return out
+
+
 def fill_cache(lib, cache, arch, defines, defines_in):
     """Writes the PTX compile.rs would compile (same source, options and key) into cache/kernels,
     so a fresh GPU machine given PEREGRINE_CACHE_DIR=cache skips NVRTC."""
@@ -123,7 +137,7 @@ def fill_cache(lib, cache, arch, defines, defines_in):
     os.makedirs(os.path.join(cache, "kernels"), exist_ok=True)
     for f, headers in files.items():
         stem = f[: -len(".cu")]
-        opts = options + (defines if not defines_in or stem in defines_in else [])
+        opts = options + file_defines(stem, defines, defines_in)
         source = read(None, "kernels/common.cuh") + "".join(read(None, f"kernels/{h}") for h in headers) + read(None, f"kernels/{f}")
         key = fnv1a([source.encode(), arch.encode(), " ".join(opts).encode()])
         path = os.path.join(cache, "kernels", f"{stem}-{arch}-{key:016x}.ptx")
@@ -142,9 +156,12 @@ def main():
     ap.add_argument("--defines-in", default="", help="with --fill-cache: the files the defines go to, as PEREGRINE_KERNEL_DEFINES_IN")
     ap.add_argument("files", nargs="*", help="kernel files (default: every file compile.rs embeds)")
     args, rest = ap.parse_known_args()
-    defines = [a for a in rest if a.startswith("-D")]
-    if len(defines) != len(rest):
-        ap.error(f"unknown arguments: {[a for a in rest if not a.startswith('-D')]}")
+    # -DNAME, or file:-DNAME for that file only (compile.rs's options_with)
+    defines = [a for a in rest + args.files if a.split(":", 1)[-1].startswith("-D")]
+    args.files = [f for f in args.files if f not in defines]
+    unknown = [a for a in rest if a not in defines]
+    if unknown:
+        ap.error(f"unknown arguments: {unknown}")
     lib = ctypes.CDLL(os.path.join(args.tools, "lib/libnvrtc.so.13"))
     ptxas = os.path.join(args.tools, "bin/ptxas")
     if args.fill_cache:

@@ -177,6 +177,7 @@ pub(crate) struct Ops {
     attention_v2: CudaFunction,
     attention_v2_kv: CudaFunction,
     attention_v2_kv_ready: CudaFunction,
+    attention_v2_kv_ready_pre: CudaFunction,
     attention_v2_heads: CudaFunction,
     attention_combine: CudaFunction,
     pub(crate) attention_prefill: PrefillAttention,
@@ -225,6 +226,11 @@ pub struct CudaModel {
     moe_norm_split: bool,
     /// Blocks of `attention_v2_kv` resident at once on the whole GPU (one wave).
     attention_kv_wave: usize,
+    /// The same for `attention_v2_kv_ready_pre`, which runs in place of `attention_v2_kv_ready`
+    /// where its grid fits, while `attention_ready_pre` (`PEREGRINE_ATTN_READY_PRE=0` turns it
+    /// off, for measurements; tests set it).
+    attention_ready_pre_wave: usize,
+    attention_ready_pre: bool,
     /// The GPU's SMs.
     sm_count: usize,
     /// Decode rows from which attention without the K/V write inside runs one warp per head
@@ -398,6 +404,7 @@ impl CudaModel {
             attention_v2: f("attention_v2")?,
             attention_v2_kv: f("attention_v2_kv")?,
             attention_v2_kv_ready: f("attention_v2_kv_ready")?,
+            attention_v2_kv_ready_pre: f("attention_v2_kv_ready_pre")?,
             attention_v2_heads: {
                 // Best effort, as below: a GPU with less shared memory fails at launch.
                 let k = f("attention_v2_heads")?;
@@ -429,6 +436,7 @@ impl CudaModel {
         };
         let sms = gpu.ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(drv)? as usize;
         let attention_kv_wave = ops.attention_v2_kv.occupancy_max_active_blocks_per_multiprocessor(256, 0, None).map_err(drv)? as usize * sms;
+        let attention_ready_pre_wave = ops.attention_v2_kv_ready_pre.occupancy_max_active_blocks_per_multiprocessor(256, 0, None).map_err(drv)? as usize * sms;
         let synth = seed.map(|seed| -> Result<Synthetic> { Ok(Synthetic::new(f("fill_random_u8")?, f("fill_random_f")?, spec.quant.linear, seed)) }).transpose()?;
         let w = match (files, &synth) {
             (Some(w), _) => Source::Files(w),
@@ -549,6 +557,8 @@ impl CudaModel {
             kv_in_attention: std::env::var("PEREGRINE_KV_IN_ATTENTION").map_or(true, |v| v != "0"),
             moe_norm_split: std::env::var("PEREGRINE_MOE_NORM_SPLIT").map_or(true, |v| v != "0"),
             attention_kv_wave,
+            attention_ready_pre_wave,
+            attention_ready_pre: std::env::var("PEREGRINE_ATTN_READY_PRE").map_or(true, |v| v != "0"),
             sm_count: sms,
             attn_heads_min_rows: std::env::var("PEREGRINE_ATTN_HEADS_MIN_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(ATTN_HEADS_MIN_ROWS),
             attn_counters,
@@ -818,6 +828,14 @@ impl CudaModel {
         self.graphs.clear();
     }
 
+    /// Sets whether the ready attention loads its first K/V rows before waiting for its heads
+    /// where its grid fits one wave (`attention_v2_kv_ready_pre`; on by default), for tests
+    /// comparing the two (the same bits). Captured step graphs are dropped.
+    pub fn set_attention_preload(&mut self, on: bool) {
+        self.attention_ready_pre = on;
+        self.graphs.clear();
+    }
+
     /// The counters the ready projection and attention share (all zero between calls).
     pub fn qkv_ready_counters(&self) -> Result<Vec<u32>> {
         self.stream.clone_dtoh(&self.ready_counters).map_err(drv)
@@ -914,6 +932,9 @@ impl CudaModel {
         let counters = merge_in_kernel.then_some(&self.attn_counters);
         let kernel = match (v2, fresh.is_some(), rows.is_some()) {
             _ if per_head_warps => &self.ops.attention_v2_heads,
+            // Its first round of K/V rows loaded while it waits for its heads, where its grid
+            // fits one wave at the registers that takes (batch 1).
+            (true, true, _) if fresh.as_ref().is_some_and(|f| f.ready.is_some()) && self.attention_ready_pre && n * s.num_heads * splits <= self.attention_ready_pre_wave => &self.ops.attention_v2_kv_ready_pre,
             (true, true, _) if fresh.as_ref().is_some_and(|f| f.ready.is_some()) => &self.ops.attention_v2_kv_ready,
             (true, true, _) => &self.ops.attention_v2_kv,
             (true, false, true) => &self.ops.attention_v2_rows,

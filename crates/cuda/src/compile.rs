@@ -48,7 +48,8 @@ const OPTIONS: &[&str] = &["--std=c++17", "-lineinfo"];
 /// `PEREGRINE_KERNEL_DEFINES` (for measurement builds only, e.g. `-DMOE_TRACE`; they are part of
 /// the cache key). `PEREGRINE_KERNEL_DEFINES_IN=gemv,ops` gives them to those files only, so a
 /// measurement of one file's variants does not recompile the others (NVRTC takes ~a minute per
-/// file on the GPU machine).
+/// file on the GPU machine). A word `file:-DNAME` goes to that file only, whatever the list says
+/// (`-DSTEP_TRACE ops:-DATT_MARK=2`: a trace of every kernel, a variant of one file).
 fn options(name: &str) -> Vec<String> {
     options_with(name, &std::env::var("PEREGRINE_KERNEL_DEFINES").unwrap_or_default(), std::env::var("PEREGRINE_KERNEL_DEFINES_IN").ok().as_deref())
 }
@@ -59,8 +60,11 @@ fn options_with(name: &str, defines: &str, only_in: Option<&str>) -> Vec<String>
         None | Some("") => true,
         Some(files) => files.split(',').any(|f| f.trim() == name),
     };
-    let extra = if applies { defines } else { "" };
-    OPTIONS.iter().map(|s| s.to_string()).chain(extra.split_whitespace().map(str::to_string)).collect()
+    let words = defines.split_whitespace().filter_map(|w| match w.split_once(':') {
+        Some((file, define)) => (file == name).then_some(define),
+        None => applies.then_some(w),
+    });
+    OPTIONS.iter().map(|s| s.to_string()).chain(words.map(str::to_string)).collect()
 }
 
 /// PTX of `src` for `arch` (e.g. "sm_90a"), from the cache or freshly compiled. Returns the PTX
@@ -105,5 +109,9 @@ mod tests {
         assert_eq!(options_with("gemv", "-DA", Some("ops, gemv")), ["--std=c++17", "-lineinfo", "-DA"]);
         assert_eq!(options_with("moe", "-DA", Some("ops, gemv")), base);
         assert_eq!(options_with("gemv", "-DA", Some("gemv2")), base);
+        // `file:` words go to their file only, list or not.
+        assert_eq!(options_with("ops", "-DA ops:-DB=2", None), ["--std=c++17", "-lineinfo", "-DA", "-DB=2"]);
+        assert_eq!(options_with("gemv", "-DA ops:-DB=2", None), ["--std=c++17", "-lineinfo", "-DA"]);
+        assert_eq!(options_with("ops", "-DA ops:-DB", Some("gemv")), ["--std=c++17", "-lineinfo", "-DB"]);
     }
 }

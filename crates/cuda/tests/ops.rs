@@ -383,9 +383,11 @@ fn fp8_attention_model() -> Option<(ModelSpec, CudaModel)> {
 }
 
 /// Decode attention starting each head as soon as the q/k/v projection has counted its rows
-/// in (`gemv_mma_fp8_t1_ready`, `attention_v2_kv_ready`) gives the logits of attention waiting
+/// in (`gemv_mma_fp8_t1_ready`, `attention_v2_kv_ready`, and `attention_v2_kv_ready_pre` with
+/// its first K/V rows loaded before its heads are ready) gives the logits of attention waiting
 /// for the whole projection, bit for bit, eager and graphed, over 4 decode steps of 1-3
-/// sequences; the counters are zero again after every step.
+/// sequences after a 100-token prompt each (so a warp's positions take more than the one
+/// round the preload covers); the counters are zero again after every step.
 #[test]
 fn attention_starting_heads_as_projected_equals_waiting_for_the_projection() {
     let Some((spec, mut model)) = fp8_attention_model() else { return };
@@ -395,24 +397,33 @@ fn attention_starting_heads_as_projected_equals_waiting_for_the_projection() {
     assert_eq!(model.qkv_ready_layers(16), 0, "not past the one-tile GEMV's 8 tokens");
     let mut r = rng();
     for rows in 1..=3usize {
+        const PROMPT: usize = 100;
+        let prompts: Vec<Vec<u32>> = (0..rows).map(|_| (0..PROMPT).map(|_| r.random_range(0..spec.vocab_size as u32)).collect()).collect();
         let toks: Vec<Vec<u32>> = (0..4).map(|_| (0..rows).map(|_| r.random_range(0..spec.vocab_size as u32)).collect()).collect();
+        // Sequence s holds blocks 8 s .. 8 s + 7 (128 positions of 16).
+        let blocks = |s: usize| (0..8).map(|b| (s * 8 + b) as u32).collect::<Vec<u32>>();
         let mut got: Vec<Vec<Vec<f32>>> = Vec::new();
-        for (ready, graphs) in [(false, false), (true, false), (true, true), (false, true)] {
+        for (ready, preload, graphs) in [(false, false, false), (true, true, false), (true, false, false), (true, true, true), (true, false, true), (false, false, true)] {
             model.set_qkv_ready(ready);
+            model.set_attention_preload(preload);
             model.set_cuda_graphs(graphs);
+            let prompt: Vec<SeqForward> = (0..rows).map(|s| seq(s as u64, prompts[s].clone(), 0, &blocks(s), OutputRows::Last)).collect();
+            model.forward(&prompt).unwrap();
             let mut steps = Vec::new();
             for (p, ts) in toks.iter().enumerate() {
-                let batch: Vec<SeqForward> = (0..rows).map(|s| seq(s as u64, vec![ts[s]], p, &[(s * 8) as u32], OutputRows::Last)).collect();
+                let batch: Vec<SeqForward> = (0..rows).map(|s| seq(s as u64, vec![ts[s]], PROMPT + p, &blocks(s), OutputRows::Last)).collect();
                 let logits: Vec<f32> = model.forward(&batch).unwrap().into_iter().flat_map(|l| l.data).collect();
-                assert!(logits.iter().all(|v| v.is_finite()), "{rows} rows, ready {ready}, graphs {graphs}: non-finite logits");
-                assert!(model.qkv_ready_counters().unwrap().iter().all(|&c| c == 0), "{rows} rows, ready {ready}, graphs {graphs}: counters left non-zero");
+                assert!(logits.iter().all(|v| v.is_finite()), "{rows} rows, ready {ready}, preload {preload}, graphs {graphs}: non-finite logits");
+                assert!(model.qkv_ready_counters().unwrap().iter().all(|&c| c == 0), "{rows} rows, ready {ready}, preload {preload}, graphs {graphs}: counters left non-zero");
                 steps.push(logits);
             }
             got.push(steps);
         }
-        assert_eq!(got[1], got[0], "{rows} rows, eager: logits differ with heads started as projected");
-        assert_eq!(got[2], got[3], "{rows} rows, graphed: logits differ with heads started as projected");
-        eprintln!("{rows} rows: heads started as projected = after the projection, {layers} layers, 4 steps, eager and graphed");
+        assert_eq!(got[1], got[0], "{rows} rows, eager: logits differ with heads started as projected (K/V preloaded)");
+        assert_eq!(got[2], got[0], "{rows} rows, eager: logits differ with heads started as projected");
+        assert_eq!(got[3], got[5], "{rows} rows, graphed: logits differ with heads started as projected (K/V preloaded)");
+        assert_eq!(got[4], got[5], "{rows} rows, graphed: logits differ with heads started as projected");
+        eprintln!("{rows} rows: heads started as projected (K/V preloaded or not) = after the projection, {layers} layers, 4 steps after {PROMPT} tokens, eager and graphed");
     }
 }
 
