@@ -1139,8 +1139,8 @@ __device__ __forceinline__ void attention_v2_body(
             // cache line loaded before they were written) into shared memory.
             __shared__ float sm_raw[256 + 256 + 128];
             if (threadIdx.x == 0) {
-                while (ld_acquire(ready + h) < need_q) __nanosleep(32);
-                while (ld_acquire(ready + heads + kvh) < need_kv) __nanosleep(32);
+                wait_at_least(ready + h, need_q, 32);
+                wait_at_least(ready + heads + kvh, need_kv, 32);
             }
             __syncthreads();
             ATT_TRACE_MARK(1);
@@ -1339,8 +1339,11 @@ ATTENTION_V2_KERNEL(attention_v2_kv, true)
 // (batch 1: 256 blocks); cut to 3 blocks per SM, ptxas kept 80 and spilled 32 bytes, and the
 // batch-1 step was 0.5% slower than without the preload, where 2 blocks per SM were 0.4% faster
 // (benches/results/2026-11-25-attention-preload.md).
-#define ATTENTION_V2_KV_READY(NAME, PRELOAD, MIN_BLOCKS)                                                                        \
-    extern "C" __global__ void __launch_bounds__(256, MIN_BLOCKS) NAME(                                                          \
+#ifndef ATT_PRE_MAXREG
+#define ATT_PRE_MAXREG 96
+#endif
+#define ATTENTION_V2_KV_READY(NAME, PRELOAD, MAXREG)                                                                        \
+    extern "C" __global__ void __maxnreg__(MAXREG) NAME(                                                                            \
         const float* q, const float* __restrict__ kc, const float* __restrict__ vc, float* __restrict__ o,                       \
         const int* __restrict__ pos, const int* __restrict__ seq, const int* __restrict__ tables, int max_blocks,                 \
         int block_size, int heads, int kv_heads, int hd, int vd, int window, float scale, const float* __restrict__ sinks,        \
@@ -1362,8 +1365,8 @@ ATTENTION_V2_KERNEL(attention_v2_kv, true)
             for (int i = 0; i < heads + kv_heads; i++) ready[i] = 0u;                                                             \
         ATT_TRACE_MARK_END();                                                                                                     \
     }
-ATTENTION_V2_KV_READY(attention_v2_kv_ready, false, 3)
-ATTENTION_V2_KV_READY(attention_v2_kv_ready_pre, true, 2)
+ATTENTION_V2_KV_READY(attention_v2_kv_ready, false, 80)
+ATTENTION_V2_KV_READY(attention_v2_kv_ready_pre, true, ATT_PRE_MAXREG)
 
 // Decode attention with one warp per head: block (r, y, z) serves heads ATT_WARPS y .. + 7 of
 // row r over split z's positions. The block stages the K and V rows of ATT_TILE positions at a
