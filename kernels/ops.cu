@@ -1109,6 +1109,11 @@ __device__ __forceinline__ void attention_v2_body(
     // positions and computes them while it waits for its heads, so only q . K, the softmax and
     // the merge remain once they are ready (at batch 1 a 128-token window is one round of
     // positions per warp). -DATT_READY_LATE loads them after the wait, for measurements.
+#ifdef ATT_PRE_LDCG
+#define ATT_PRE_LOAD(p) __ldcg(p)
+#else
+#define ATT_PRE_LOAD(p) (*(p))
+#endif
 #ifdef ATT_READY_LATE
     constexpr bool early = false;
 #else
@@ -1123,9 +1128,9 @@ __device__ __forceinline__ void attention_v2_body(
             const float* kv = kc + (slot * kv_heads + kvh) * hd;
             const float* vp = vc + (slot * kv_heads + kvh) * vd;
 #pragma unroll
-            for (int c = 0; c < 8; c++) kr[u][c] = (lane + 32 * c < hd) ? kv[lane + 32 * c] : 0.f;
+            for (int c = 0; c < 8; c++) kr[u][c] = (lane + 32 * c < hd) ? ATT_PRE_LOAD(kv + lane + 32 * c) : 0.f;
 #pragma unroll
-            for (int c = 0; c < 4; c++) vr0[u][c] = (lane + 32 * c < vd) ? vp[lane + 32 * c] : 0.f;
+            for (int c = 0; c < 4; c++) vr0[u][c] = (lane + 32 * c < vd) ? ATT_PRE_LOAD(vp + lane + 32 * c) : 0.f;
         }
     }
     float rc = 1.f, rs = 0.f;  // thread i's RoPE coefficients (i < 2 half; hd <= blockDim)
