@@ -88,26 +88,6 @@ __device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
     return v;
 }
 
-// Waits until the counter at p reaches `need`, then acquires it. The polls are relaxed loads
-// and only the last read acquires: on sm_90 each ld.acquire.gpu is followed by CCTL.IVALL, which
-// throws away the whole SM's L1, so a block polling with acquires kept invalidating the L1 of
-// every kernel sharing its SM (the q/k/v GEMV beside the ready attention re-reads its
-// activations from it) and waited for its own loads in flight (the ready attention's preload).
-// -DPOLL_ACQUIRE polls with acquires, for measurements.
-__device__ __forceinline__ void wait_at_least(const unsigned* p, unsigned need, unsigned sleep_ns) {
-#ifdef POLL_ACQUIRE
-    while (ld_acquire(p) < need) __nanosleep(sleep_ns);
-#else
-    for (;;) {
-        unsigned v;
-        asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-        if (v >= need) break;
-        __nanosleep(sleep_ns);
-    }
-    (void)ld_acquire(p);  // the count only grows: this read sees `need` or more as well
-#endif
-}
-
 // Block arrival counts: one thread orders the block's writes, after the block's barrier, instead
 // of a __threadfence by every thread (the pattern CUTLASS's semaphores use). With the q/k/v
 // projection's counts, the attention merges and the MoE's gate_up -> down hand-off in this form

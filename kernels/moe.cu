@@ -509,7 +509,7 @@ __device__ __forceinline__ void gate_up_unit_done(unsigned* done) {
 // the wait; the last of the slot's `down_units` resets both counters for the next call.
 __device__ __forceinline__ void down_unit_wait(unsigned* done, unsigned* passed, unsigned gate_up_units, unsigned down_units) {
 #ifndef MOE_NO_WAIT
-    wait_at_least(done, gate_up_units, 64);
+    while (ld_acquire(done) < gate_up_units) __nanosleep(64);
 #endif
     if (atomicAdd(passed, 1u) + 1 == down_units) {
         *done = 0u;

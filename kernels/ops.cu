@@ -1109,17 +1109,18 @@ __device__ __forceinline__ void attention_v2_body(
     // positions and computes them while it waits for its heads, so only q . K, the softmax and
     // the merge remain once they are ready (at batch 1 a 128-token window is one round of
     // positions per warp). -DATT_READY_LATE loads them after the wait, for measurements.
-#ifdef ATT_PRE_LDCG
-#define ATT_PRE_LOAD(p) __ldcg(p)
-#else
-#define ATT_PRE_LOAD(p) (*(p))
-#endif
 #ifdef ATT_READY_LATE
     constexpr bool early = false;
 #else
     constexpr bool early = PRELOAD;
 #endif
+    // (-DATT_PRE_SKIP_W0: warp 0, whose lane 0 polls the counts, loads its round after the
+    // wait, for measurements.)
+#ifdef ATT_PRE_SKIP_W0
+    const bool preloaded = early && w != 0 && j0_first <= j_hi;
+#else
     const bool preloaded = early && j0_first <= j_hi;
+#endif
     if (preloaded) {
 #pragma unroll
         for (int u = 0; u < ATT_UNROLL; u++) {
@@ -1128,9 +1129,9 @@ __device__ __forceinline__ void attention_v2_body(
             const float* kv = kc + (slot * kv_heads + kvh) * hd;
             const float* vp = vc + (slot * kv_heads + kvh) * vd;
 #pragma unroll
-            for (int c = 0; c < 8; c++) kr[u][c] = (lane + 32 * c < hd) ? ATT_PRE_LOAD(kv + lane + 32 * c) : 0.f;
+            for (int c = 0; c < 8; c++) kr[u][c] = (lane + 32 * c < hd) ? kv[lane + 32 * c] : 0.f;
 #pragma unroll
-            for (int c = 0; c < 4; c++) vr0[u][c] = (lane + 32 * c < vd) ? ATT_PRE_LOAD(vp + lane + 32 * c) : 0.f;
+            for (int c = 0; c < 4; c++) vr0[u][c] = (lane + 32 * c < vd) ? vp[lane + 32 * c] : 0.f;
         }
     }
     float rc = 1.f, rs = 0.f;  // thread i's RoPE coefficients (i < 2 half; hd <= blockDim)
@@ -1144,8 +1145,8 @@ __device__ __forceinline__ void attention_v2_body(
             // cache line loaded before they were written) into shared memory.
             __shared__ float sm_raw[256 + 256 + 128];
             if (threadIdx.x == 0) {
-                wait_at_least(ready + h, need_q, 32);
-                wait_at_least(ready + heads + kvh, need_kv, 32);
+                while (ld_acquire(ready + h) < need_q) __nanosleep(32);
+                while (ld_acquire(ready + heads + kvh) < need_kv) __nanosleep(32);
             }
             __syncthreads();
             ATT_TRACE_MARK(1);
