@@ -1338,7 +1338,8 @@ ATTENTION_V2_KERNEL(attention_v2_kv, true)
 // Before it exits, every block waits for the projection's grid after all (done by then), so
 // this grid finishing implies that one finished, as a kernel's completion does everywhere else
 // in a step. ready[heads + kv_heads] counts the blocks out (block_arrive_last): the last zeroes
-// every count for the next call.
+// every count for the next call; or, with reset_by_next, the launch after it zeroes them once
+// past its own wait (the o_proj GEMV: zero_after_wait), and the blocks leave uncounted.
 // attention_v2_kv_ready_pre: the same, loading its warps' first round of positions and the
 // RoPE coefficients before waiting for its heads (PRELOAD above). Holding them across the wait
 // takes 120 registers, 2 blocks per SM, so the host runs it only where its grid fits one wave
@@ -1356,7 +1357,7 @@ ATTENTION_V2_KERNEL(attention_v2_kv, true)
         float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc, unsigned short* __restrict__ oh,    \
         unsigned short* __restrict__ ol, const float* knew, const float* vnew, float* kc_out, float* vc_out,                      \
         const long long* __restrict__ slots, int half, int rotary_dim, float theta, float vscale, unsigned* __restrict__ counters, \
-        unsigned* ready, unsigned need_q, unsigned need_kv) {                                                                     \
+        unsigned* ready, unsigned need_q, unsigned need_kv, int reset_by_next) {                                                  \
         TRACE_SCOPE();                                                                                                            \
         PDL_TRIGGER();                                                                                                            \
         attention_v2_body<true, false, true, PRELOAD>(q, kc, vc, o, pos, seq, tables, max_blocks, block_size, heads, kv_heads,    \
@@ -1366,8 +1367,9 @@ ATTENTION_V2_KERNEL(attention_v2_kv, true)
         ATT_TRACE_MARK(4);                                                                                                        \
         PDL_WAIT();                                                                                                               \
         ATT_TRACE_MARK(5);                                                                                                        \
-        /* (The body returns block-uniformly.) */                                                                                 \
-        if (block_arrive_last(ready + heads + kv_heads, gridDim.x * gridDim.y * gridDim.z) && threadIdx.x == 0)                  \
+        /* (The body returns block-uniformly.) With reset_by_next the launch after this one zeroes the counts */                 \
+        /* (zero_after_wait, kernels/gemv.cu): no count of the blocks out, one round trip to L2 fewer at the end. */              \
+        if (!reset_by_next && block_arrive_last(ready + heads + kv_heads, gridDim.x * gridDim.y * gridDim.z) && threadIdx.x == 0) \
             for (int i = 0; i < heads + kv_heads; i++) ready[i] = 0u;                                                             \
         ATT_TRACE_MARK_END();                                                                                                     \
     }

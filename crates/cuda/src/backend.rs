@@ -231,6 +231,9 @@ pub struct CudaModel {
     /// off, for measurements; tests set it).
     attention_ready_pre_wave: usize,
     attention_ready_pre: bool,
+    /// The o_proj after a ready attention zeroes its counters (`ReadyCounts::reset_by_next`);
+    /// `PEREGRINE_ATTN_RESET_BY_NEXT=0` leaves it to the attention's last block, for measurements.
+    attn_reset_by_next: bool,
     /// The GPU's SMs.
     sm_count: usize,
     /// Decode rows from which attention without the K/V write inside runs one warp per head
@@ -559,6 +562,7 @@ impl CudaModel {
             attention_kv_wave,
             attention_ready_pre_wave,
             attention_ready_pre: std::env::var("PEREGRINE_ATTN_READY_PRE").map_or(true, |v| v != "0"),
+            attn_reset_by_next: std::env::var("PEREGRINE_ATTN_RESET_BY_NEXT").map_or(true, |v| v != "0"),
             sm_count: sms,
             attn_heads_min_rows: std::env::var("PEREGRINE_ATTN_HEADS_MIN_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(ATTN_HEADS_MIN_ROWS),
             attn_counters,
@@ -746,7 +750,9 @@ impl CudaModel {
                 let bufs = self.attend_bufs(n, &s, presplit, Some(splits))?;
                 let wp = w.device_ptr(&self.stream).0;
                 self.kernels.gemv_qkv_ready(wp, sc, split, [&mut q, &mut k, &mut v], *rows, *kk, n, &self.ready_counters, s.num_heads, s.head_dim, s.v_head_dim)?;
-                let counts = ReadyCounts { counters: &self.ready_counters, need_q: (s.head_dim / 16) as u32, need_kv: ((s.head_dim + s.v_head_dim) / 16) as u32, bufs: Some(bufs) };
+                // The BF16 o_proj over the attention's own split follows it directly and zeroes
+                // the counters (`zero_after_wait`).
+                let counts = ReadyCounts { counters: &self.ready_counters, need_q: (s.head_dim / 16) as u32, need_kv: ((s.head_dim + s.v_head_dim) / 16) as u32, reset_by_next: presplit && self.attn_reset_by_next, bufs: Some(bufs) };
                 (q, k, v, Some(counts))
             }
             _ => {
@@ -777,14 +783,18 @@ impl CudaModel {
         let tables = if l.swa { &meta.swa_tables } else { &meta.full_tables };
         let prefill = if fresh.is_none() { meta.prefill.as_ref() } else { None };
         let counted = fresh.as_ref().is_some_and(|f| f.ready.is_some());
+        let reset_by_next = fresh.as_ref().and_then(|f| f.ready.as_ref()).is_some_and(|r| r.reset_by_next);
+        // The projection counted its tiles and no kernel will zero them: zero them behind it
+        // (stream order), or the next step's attention would not wait.
+        let zero_counters = || {
+            let (p, _g) = self.ready_counters.device_ptr(&self.stream);
+            // SAFETY: the counters' own allocation, on this stream, as u32 zeros.
+            let _ = unsafe { cudarc::driver::result::memset_d8_async(p, 0, self.ready_counters.len() * std::mem::size_of::<u32>(), self.stream.cu_stream()) };
+        };
         let (o, split) = match self.attend(&q, kc, vc, &meta.pos, &meta.seq, tables, meta.max_blocks, meta.block_size, n, &s, a.sinks.as_ref(), v2, presplit, fresh, prefill) {
             Ok(r) => r,
             Err(e) if counted => {
-                // The projection counted its tiles and no attention will zero them: zero them
-                // behind it (stream order), or the next step's attention would not wait.
-                let (p, _g) = self.ready_counters.device_ptr(&self.stream);
-                // SAFETY: the counters' own allocation, on this stream, as u32 zeros.
-                let _ = unsafe { cudarc::driver::result::memset_d8_async(p, 0, self.ready_counters.len() * std::mem::size_of::<u32>(), self.stream.cu_stream()) };
+                zero_counters();
                 return Err(e);
             }
             Err(e) => return Err(e),
@@ -792,10 +802,20 @@ impl CudaModel {
         match (&a.o.m, split) {
             (GpuMatrix::Bf16(w), Some((oh, ol))) => {
                 let mut y = self.empty(n * a.o.n)?;
-                self.kernels.gemv_bf16_presplit(w, &oh, &ol, &mut y, a.o.n, a.o.k, n)?;
-                Ok(y)
+                let zero = reset_by_next.then_some(&self.ready_counters);
+                let r = self.kernels.gemv_bf16_presplit(w, &oh, &ol, &mut y, a.o.n, a.o.k, n, zero);
+                if r.is_err() && reset_by_next {
+                    zero_counters();
+                }
+                r.map(|_| y)
             }
-            _ => self.matvec(&a.o, &o, n),
+            _ => {
+                if reset_by_next {
+                    // (Not reached: a BF16 split o_proj is what reset_by_next was set for.)
+                    zero_counters();
+                }
+                self.matvec(&a.o, &o, n)
+            }
         }
     }
 
@@ -966,7 +986,7 @@ impl CudaModel {
                 b.arg(&half).arg(&rd).arg(&th).arg(&vs).arg_or_null(counters);
             }
             if let Some(r) = fresh.as_ref().and_then(|f| f.ready.as_ref()) {
-                b.arg(r.counters).arg(&r.need_q).arg(&r.need_kv);
+                b.arg(r.counters).arg(&r.need_q).arg(&r.need_kv).arg(&(r.reset_by_next as i32));
             }
         }
         let threads = if v2 { 256 } else { 32 }; // 32 x ATT_WARPS for attention_v2
@@ -1676,6 +1696,9 @@ pub(crate) struct ReadyCounts<'a> {
     pub(crate) counters: &'a CudaSlice<u32>,
     pub(crate) need_q: u32,
     pub(crate) need_kv: u32,
+    /// The launch after the attention zeroes the counters (the o_proj GEMV's
+    /// `zero_after_wait`), so its blocks leave without counting themselves out.
+    pub(crate) reset_by_next: bool,
     /// The attention's outputs, allocated before the projection (`CudaModel::attend_bufs`;
     /// `attend` takes them).
     pub(crate) bufs: Option<AttendBufs>,

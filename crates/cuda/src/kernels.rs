@@ -804,7 +804,7 @@ impl Kernels {
                 if t == 0 || n.iter().sum::<usize>() == 0 {
                     return Ok(());
                 }
-                self.mma_launch(true, w, Some(sc), xh, xl, Some(inv), [p0, p1, p2], n, k, t)
+                self.mma_launch(true, w, Some(sc), xh, xl, Some(inv), [p0, p1, p2], n, k, t, None)
             }
             _ => self.gemv_mma(scales.is_some(), w, scales, x, [p0, p1, p2], n, k, t),
         }
@@ -1080,7 +1080,7 @@ impl Kernels {
         } else {
             self.split_bf16(x, t * k)?
         };
-        self.mma_launch(fp8, w, scales, &xh, &xl, inv.as_ref(), ys, rows, k, t)
+        self.mma_launch(fp8, w, scales, &xh, &xl, inv.as_ref(), ys, rows, k, t, None)
     }
 
     /// Runs the tensor-core GEMVs with tile `(nt, r)` (one of `MMA_GEMV_TILES`) at every token
@@ -1091,7 +1091,9 @@ impl Kernels {
     }
 
     /// The tensor-core GEMV over activations already split into hi + lo parts.
-    fn mma_launch(&self, fp8: bool, w: cudarc::driver::sys::CUdeviceptr, scales: Option<&CudaSlice<f32>>, xh: &CudaSlice<u16>, xl: &CudaSlice<u16>, inv: Option<&CudaSlice<f32>>, ys: [cudarc::driver::sys::CUdeviceptr; 3], rows: [usize; 3], k: usize, t: usize) -> Result<()> {
+    /// `zero`: counters its block 0 zeroes once past its PDL wait (`zero_after_wait`).
+    #[allow(clippy::too_many_arguments)]
+    fn mma_launch(&self, fp8: bool, w: cudarc::driver::sys::CUdeviceptr, scales: Option<&CudaSlice<f32>>, xh: &CudaSlice<u16>, xl: &CudaSlice<u16>, inv: Option<&CudaSlice<f32>>, ys: [cudarc::driver::sys::CUdeviceptr; 3], rows: [usize; 3], k: usize, t: usize, zero: Option<&CudaSlice<u32>>) -> Result<()> {
         let n = rows.iter().sum::<usize>();
         let v = self.mma_forced.unwrap_or_else(|| mma_gemv_tile(fp8, t, n, self.dense_gemm));
         let (nt, r) = MMA_GEMV_TILES[v];
@@ -1110,6 +1112,8 @@ impl Kernels {
             None => b.arg(&0u64),
         };
         b.arg(&ys[0]).arg(&ys[1]).arg(&ys[2]).arg(&n0).arg(&n1).arg(&ni).arg(&ki).arg(&ti);
+        let nzero = zero.map_or(0, |z| z.len() as i32);
+        b.arg_or_null(zero).arg(&nzero);
         // Row groups of 16 r rows x token groups of 8 nt: one row tile per block on grid (x, y);
         // several, as one index the kernel splits (a row group's token groups adjacent).
         let (groups, ty) = (n.div_ceil(16 * r), t.div_ceil(8 * nt));
@@ -1128,14 +1132,17 @@ impl Kernels {
 
     /// `y[t, n] = W[n, :] · x[t, :]` for BF16 `W` [N, K] with x given as its BF16 hi + lo parts
     /// [T, K] (as the attention kernels write them); K % 128 == 0.
-    pub fn gemv_bf16_presplit(&self, w: &CudaSlice<u16>, xh: &CudaSlice<u16>, xl: &CudaSlice<u16>, y: &mut CudaSlice<f32>, n: usize, k: usize, t: usize) -> Result<()> {
+    /// `zero`: counters to zero once the kernel ahead has finished (a ready attention's,
+    /// `zero_after_wait`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemv_bf16_presplit(&self, w: &CudaSlice<u16>, xh: &CudaSlice<u16>, xl: &CudaSlice<u16>, y: &mut CudaSlice<f32>, n: usize, k: usize, t: usize, zero: Option<&CudaSlice<u32>>) -> Result<()> {
         check(k.is_multiple_of(128) && w.len() >= n * k && xh.len() >= t * k && xl.len() >= t * k && y.len() >= t * n, || format!("gemv_bf16_presplit: bad shapes {n}x{k}, {t} tokens"))?;
         if t == 0 || n == 0 {
             return Ok(());
         }
         let (wp, _w) = w.device_ptr(&self.stream);
         let (yp, _y) = y.device_ptr_mut(&self.stream);
-        self.mma_launch(false, wp, None, xh, xl, None, [yp; 3], [n, 0, 0], k, t)
+        self.mma_launch(false, wp, None, xh, xl, None, [yp; 3], [n, 0, 0], k, t, zero)
     }
 
     /// MXFP4 `W` [N, K/2] bytes with E8M0 scales [N, K/32]; K % 32 == 0.
