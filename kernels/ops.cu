@@ -1114,13 +1114,7 @@ __device__ __forceinline__ void attention_v2_body(
 #else
     constexpr bool early = PRELOAD;
 #endif
-    // (-DATT_PRE_SKIP_W0: warp 0, whose lane 0 polls the counts, loads its round after the
-    // wait, for measurements.)
-#ifdef ATT_PRE_SKIP_W0
-    const bool preloaded = early && w != 0 && j0_first <= j_hi;
-#else
     const bool preloaded = early && j0_first <= j_hi;
-#endif
     if (preloaded) {
 #pragma unroll
         for (int u = 0; u < ATT_UNROLL; u++) {
