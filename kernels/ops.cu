@@ -546,9 +546,10 @@ extern "C" __global__ void add_rms_norm_split(float* __restrict__ x, const float
 
 // add_rms_norm_split adding the routed MoE's pairs (as add_rms_norm_pairs).
 //
-// Rows of at most one float4 per thread (D <= 4 x blockDim: Flash's 4096 with norm_cfg's 1024
-// threads) load what the MoE did not write before the PDL wait: the residual x, the attention
-// output `pre` and the norm weight. x and pre are settled when this kernel starts: the MoE
+// One row of at most one float4 per thread (D <= 4 x blockDim: Flash's 4096 with norm_cfg's 1024
+// threads) loads what the MoE did not write before the PDL wait: the residual x, the attention
+// output `pre` and the norm weight. (At 2-8 rows it measured within noise, and from 16 rows
+// the launches are plain.) x and pre are settled when this kernel starts: the MoE
 // ahead lets it launch only once each of its blocks is past its own wait (the fused and gate_up
 // kernels; the down kernel's blocks start only after every gate_up block has), so the router and
 // the o_proj before it have finished, and x was written by the layer's first norm before them.
@@ -567,38 +568,34 @@ extern "C" __global__ void add_rms_norm_split(float* __restrict__ x, const float
 #else
 #define NORM_TRACE_MARK(k)
 #endif
-__device__ __forceinline__ void add_rms_norm_split_pairs_row(float* __restrict__ x, const float* __restrict__ out,
-                                                             const int* __restrict__ tok_pairs, int topk,
+__device__ __forceinline__ void add_rms_norm_split_pairs_one_row(float* __restrict__ x, const float* __restrict__ out, int topk,
                                                              const float* __restrict__ pre, const float* __restrict__ w,
                                                              float* __restrict__ y, unsigned short* __restrict__ yh,
                                                              unsigned short* __restrict__ yl, float* __restrict__ yinv, int D,
                                                              float eps) {
     TRACE_SCOPE_NAMED("add_rms_norm_split_pairs");
     __shared__ float sh[32];
-    __shared__ int sorted[32];
-    const size_t r = blockIdx.x;
     const int c = threadIdx.x;
     const bool mine = c < D / 4;
-    float4* x4 = reinterpret_cast<float4*>(x + r * D);
+    float4* x4 = reinterpret_cast<float4*>(x);
     float4 v[NORM_V], wv = make_float4(0.f, 0.f, 0.f, 0.f), pv = wv;
     v[0] = wv;
     if (mine) {
         v[0] = __ldcg(x4 + c);
         wv = reinterpret_cast<const float4*>(w)[c];
-        if (pre) pv = __ldcg(reinterpret_cast<const float4*>(pre + r * D) + c);
+        if (pre) pv = __ldcg(reinterpret_cast<const float4*>(pre) + c);
     }
     PDL_WAIT();
 #ifndef NORM_MARK
     TRACE_PAST_WAIT();
 #endif
     PDL_TRIGGER();
-    const int* rp = nullptr;  // one row: pair j is the j-th
-    if (gridDim.x > 1) rp = sort_row_pairs(tok_pairs, topk, sorted);
     float s = 0.f;
     if (mine) {
         if (pre) v[0] = plus4(v[0], pv);
         float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
-        for (int j = 0; j < topk; j++) a = plus4(a, __ldcg(reinterpret_cast<const float4*>(out + (size_t)(rp ? rp[j] : j) * D) + c));
+        // (One row: pair j is its j-th in ascending order.)
+        for (int j = 0; j < topk; j++) a = plus4(a, __ldcg(reinterpret_cast<const float4*>(out + (size_t)j * D) + c));
         v[0] = plus4(v[0], a);
         x4[c] = v[0];
         s += sumsq4(v[0]);
@@ -609,16 +606,16 @@ __device__ __forceinline__ void add_rms_norm_split_pairs_row(float* __restrict__
     float inv = 1.f / sqrtf(s / D + eps);
     if (mine) {
         v[0] = scale4(wv, v[0], inv);
-        reinterpret_cast<float4*>(y + r * D)[c] = v[0];
+        reinterpret_cast<float4*>(y)[c] = v[0];
     }
-    float sc = norm_split_scale(v, D, sh, yinv + r);
+    float sc = norm_split_scale(v, D, sh, yinv);
     NORM_TRACE_MARK(4);
     if (mine) {
         uint2 hi, lo;
         f16x2_hi_lo(v[0].x * sc, v[0].y * sc, hi.x, lo.x);
         f16x2_hi_lo(v[0].z * sc, v[0].w * sc, hi.y, lo.y);
-        reinterpret_cast<uint2*>(yh + r * D)[c] = hi;
-        reinterpret_cast<uint2*>(yl + r * D)[c] = lo;
+        reinterpret_cast<uint2*>(yh)[c] = hi;
+        reinterpret_cast<uint2*>(yl)[c] = lo;
     }
 }
 
@@ -627,8 +624,8 @@ extern "C" __global__ void __launch_bounds__(1024) add_rms_norm_split_pairs(floa
                                                     unsigned short* __restrict__ yh, unsigned short* __restrict__ yl,
                                                     float* __restrict__ yinv, int D, float eps) {
 #ifndef NORM_PAIRS_LATE
-    if ((D & 3) == 0 && D <= 4 * (int)blockDim.x) {
-        add_rms_norm_split_pairs_row(x, out, tok_pairs, topk, pre, w, y, yh, yl, yinv, D, eps);
+    if (gridDim.x == 1 && (D & 3) == 0 && D <= 4 * (int)blockDim.x) {
+        add_rms_norm_split_pairs_one_row(x, out, topk, pre, w, y, yh, yl, yinv, D, eps);
         return;
     }
 #endif

@@ -752,7 +752,7 @@ impl CudaModel {
                 self.kernels.gemv_qkv_ready(wp, sc, split, [&mut q, &mut k, &mut v], *rows, *kk, n, &self.ready_counters, s.num_heads, s.head_dim, s.v_head_dim)?;
                 // The BF16 o_proj over the attention's own split follows it directly and zeroes
                 // the counters (`zero_after_wait`).
-                let counts = ReadyCounts { counters: &self.ready_counters, need_q: (s.head_dim / 16) as u32, need_kv: ((s.head_dim + s.v_head_dim) / 16) as u32, reset_by_next: presplit && self.attn_reset_by_next, bufs: Some(bufs) };
+                let counts = ReadyCounts { counters: &self.ready_counters, need_q: (s.head_dim / 16) as u32, need_kv: ((s.head_dim + s.v_head_dim) / 16) as u32, reset_by_next: presplit && self.attn_reset_by_next && self.kernels.bf16_presplit_zeroes(n, a.o.n), bufs: Some(bufs) };
                 (q, k, v, Some(counts))
             }
             _ => {

@@ -1097,6 +1097,7 @@ impl Kernels {
         let n = rows.iter().sum::<usize>();
         let v = self.mma_forced.unwrap_or_else(|| mma_gemv_tile(fp8, t, n, self.dense_gemm));
         let (nt, r) = MMA_GEMV_TILES[v];
+        check(zero.is_none() || (nt, r) == (1, 1), || format!("only the one-tile GEMV zeroes counters, not tile {nt}x{r} ({t} tokens)"))?;
         let f = if fp8 { &self.mma_fp8[v] } else { &self.mma_bf16[v] };
         let (ni, ki, ti) = (n as i32, k as i32, t as i32);
         let mut b = crate::launch::builder(&self.stream, f);
@@ -1128,6 +1129,12 @@ impl Kernels {
         let cfg = LaunchConfig { grid_dim, block_dim: (256, 1, 1), shared_mem_bytes: smem };
         unsafe { b.launch(cfg) }.map_err(drv(if fp8 { "gemv_mma_fp8" } else { "gemv_mma_bf16" }))?;
         Ok(())
+    }
+
+    /// Whether `gemv_bf16_presplit` of `t` tokens x `n` rows runs the one-tile GEMV, the only one
+    /// that zeroes counters (`zero`).
+    pub fn bf16_presplit_zeroes(&self, t: usize, n: usize) -> bool {
+        MMA_GEMV_TILES[self.mma_forced.unwrap_or_else(|| mma_gemv_tile(false, t, n, self.dense_gemm))] == (1, 1)
     }
 
     /// `y[t, n] = W[n, :] · x[t, :]` for BF16 `W` [N, K] with x given as its BF16 hi + lo parts
