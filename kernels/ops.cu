@@ -1333,9 +1333,10 @@ ATTENTION_V2_KERNEL(attention_v2_kv, true)
 // past its own wait (the o_proj GEMV: zero_after_wait), and the blocks leave uncounted.
 // attention_v2_kv_ready_pre: the same, loading its warps' first round of positions and the
 // RoPE coefficients before waiting for its heads (PRELOAD above). Holding them across the wait
-// takes 120 registers, 2 blocks per SM, so the host runs it only where its grid fits one wave
-// (batch 1: 256 blocks); cut to 3 blocks per SM, ptxas kept 80 and spilled 32 bytes, and the
-// batch-1 step was 0.5% slower than without the preload, where 2 blocks per SM were 0.4% faster
+// takes registers: the host runs it only where its grid fits one wave (batch 1: 256 blocks),
+// capped at 96 (8 bytes spilled) so that two of its blocks and an o_proj block share an SM. At
+// 3 blocks per SM (80 registers, 32 bytes spilled) the batch-1 step was 0.5% slower than
+// without the preload; at 96 or 109 it is 0.3-0.6% faster
 // (benches/results/2026-11-25-attention-preload.md).
 #ifndef ATT_PRE_MAXREG
 #define ATT_PRE_MAXREG 96
