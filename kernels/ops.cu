@@ -1047,15 +1047,6 @@ __device__ __forceinline__ void attention_combine_head(const float* part_m, cons
 // block per SM by registers.)
 #define ATT_WARPS 8
 #define ATT_UNROLL 4
-// Measurement builds only (-DATT_LATE_TRIGGER): the ready kernels let the o_proj launch once
-// their heads are ready (the projection's blocks gone), not at entry.
-#ifdef ATT_LATE_TRIGGER
-#define ATT_TRIGGER_AT_ENTRY()
-#define ATT_TRIGGER_AFTER_HEADS() PDL_TRIGGER()
-#else
-#define ATT_TRIGGER_AT_ENTRY() PDL_TRIGGER()
-#define ATT_TRIGGER_AFTER_HEADS()
-#endif
 // Measurement builds only (-DSTEP_TRACE with ops:-DATT_MARK=k): attention_v2_kv_ready's "past
 // the wait" stamp is taken at point k of its blocks instead, so step_bench --trace shows when
 // the last block got there: 1 its heads' counts seen, 2 q and the new k rotated (the dots
@@ -1150,7 +1141,6 @@ __device__ __forceinline__ void attention_v2_body(
             }
             __syncthreads();
             ATT_TRACE_MARK(1);
-            ATT_TRIGGER_AFTER_HEADS();
             for (int i = threadIdx.x; i < hd; i += blockDim.x) {
                 sm_raw[i] = __ldcg(qv + i);
                 sm_raw[256 + i] = __ldcg(kn_head + i);
@@ -1361,7 +1351,7 @@ ATTENTION_V2_KERNEL(attention_v2_kv, true)
         const long long* __restrict__ slots, int half, int rotary_dim, float theta, float vscale, unsigned* __restrict__ counters, \
         unsigned* ready, unsigned need_q, unsigned need_kv, int reset_by_next) {                                                  \
         TRACE_SCOPE();                                                                                                            \
-        ATT_TRIGGER_AT_ENTRY();                                                                                                   \
+        PDL_TRIGGER();                                                                                                            \
         attention_v2_body<true, false, true, PRELOAD>(q, kc, vc, o, pos, seq, tables, max_blocks, block_size, heads, kv_heads,    \
                                                       hd, vd, window, scale, sinks, part_m, part_l, part_acc, oh, ol, knew, vnew, \
                                                       kc_out, vc_out, slots, half, rotary_dim, theta, vscale, counters, nullptr,  \
