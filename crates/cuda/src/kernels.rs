@@ -1091,7 +1091,8 @@ impl Kernels {
     }
 
     /// The tensor-core GEMV over activations already split into hi + lo parts.
-    /// `zero`: counters its block 0 zeroes once past its PDL wait (`zero_after_wait`).
+    /// `zero`: counters its block 0 zeroes after its work, past its PDL wait (`zero_after_wait`;
+    /// the one-tile kernels only).
     #[allow(clippy::too_many_arguments)]
     fn mma_launch(&self, fp8: bool, w: cudarc::driver::sys::CUdeviceptr, scales: Option<&CudaSlice<f32>>, xh: &CudaSlice<u16>, xl: &CudaSlice<u16>, inv: Option<&CudaSlice<f32>>, ys: [cudarc::driver::sys::CUdeviceptr; 3], rows: [usize; 3], k: usize, t: usize, zero: Option<&CudaSlice<u32>>) -> Result<()> {
         let n = rows.iter().sum::<usize>();
@@ -1144,6 +1145,8 @@ impl Kernels {
     #[allow(clippy::too_many_arguments)]
     pub fn gemv_bf16_presplit(&self, w: &CudaSlice<u16>, xh: &CudaSlice<u16>, xl: &CudaSlice<u16>, y: &mut CudaSlice<f32>, n: usize, k: usize, t: usize, zero: Option<&CudaSlice<u32>>) -> Result<()> {
         check(k.is_multiple_of(128) && w.len() >= n * k && xh.len() >= t * k && xl.len() >= t * k && y.len() >= t * n, || format!("gemv_bf16_presplit: bad shapes {n}x{k}, {t} tokens"))?;
+        // An empty launch would leave the counters as they are.
+        check(zero.is_none() || (t > 0 && n > 0), || "gemv_bf16_presplit: counters to zero, but nothing to launch".to_string())?;
         if t == 0 || n == 0 {
             return Ok(());
         }
