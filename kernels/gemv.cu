@@ -991,21 +991,22 @@ __device__ __forceinline__ void gemm_mma(const unsigned char* __restrict__ W, co
                 if (n < N && t < T) store_out(total[mt][nt][i], xinv, y, y1, y2, N0, N1, N, n, t);
             }
 }
-// gemm_mma_{fp8,bf16}: two chunks in flight, two blocks per SM. gemm_mma_deep_{fp8,bf16}: for
-// decode batches of 64-127 tokens whose tiles number about one per SM (q/k/v at 64 tokens: 106),
-// one block per SM with 6 (FP8) or 5 (BF16) chunks in flight (the stages are what bounds a lone
-// block's bandwidth).
-// A tensor-core GEMV or GEMM launched right after a ready attention that leaves its counters to
-// the next launch (attention_v2_kv_ready's reset_by_next): block 0 zeroes them after its work,
-// past its PDL wait, so when the attention's grid has finished; nothing reads them until the
-// next layer's projection (null: nothing to zero). The attention's blocks then leave without
-// counting themselves out. (At the end, not the start: fewer registers live. Block 0 always
-// has work, so it gets here.) The GEMMs take the parameters and ignore them.
+// The one-tile tensor-core GEMV launched right after a ready attention that leaves its counters
+// to the next launch (attention_v2_kv_ready's reset_by_next, the o_proj): block 0 zeroes them
+// after its work, past its PDL wait, so when the attention's grid has finished; nothing reads
+// them until the next layer's projection (null: nothing to zero). The attention's blocks then
+// leave without counting themselves out. (At the end, not the start: fewer registers live.
+// Block 0 always has work, so it gets here.) The other GEMVs and the GEMMs share the launch's
+// parameter list and ignore them.
 __device__ __forceinline__ void zero_after_wait(unsigned* zero, int nzero) {
     if (zero != nullptr && blockIdx.x == 0 && blockIdx.y == 0)
         for (int i = threadIdx.x; i < nzero; i += blockDim.x) zero[i] = 0u;
 }
 
+// gemm_mma_{fp8,bf16}: two chunks in flight, two blocks per SM. gemm_mma_deep_{fp8,bf16}: for
+// decode batches of 64-127 tokens whose tiles number about one per SM (q/k/v at 64 tokens: 106),
+// one block per SM with 6 (FP8) or 5 (BF16) chunks in flight (the stages are what bounds a lone
+// block's bandwidth).
 #define GEMM_MMA_KERNEL(NAME, IS_FP8, MIN_BLOCKS, STAGES)                                                                 \
     extern "C" __global__ void __launch_bounds__(256, MIN_BLOCKS) NAME(                                                   \
         const unsigned char* __restrict__ W, const float* __restrict__ S, const unsigned short* __restrict__ XH,          \
@@ -1025,22 +1026,22 @@ GEMM_MMA_KERNEL(gemm_mma_deep_bf16, false, 1, 5)
 // kernels zero counters (ZERO; the others take the parameters and ignore them: Kernels refuses
 // them there): zero_after_wait in the multi-tile kernels moved their registers and cost the
 // batch 16-64 steps 1.4-1.7%.
-#define GEMV_MMA(NT, R, SUFFIX, ZERO)                                                                                           \
+#define GEMV_MMA(NT, R, SUFFIX, ZERO)                                                                                     \
     extern "C" __global__ void __launch_bounds__(256) gemv_mma_fp8_t##NT##SUFFIX(                                        \
         const unsigned char* __restrict__ W, const float* __restrict__ S, const unsigned short* __restrict__ XH,          \
         const unsigned short* __restrict__ XL, const float* __restrict__ xinv, float* __restrict__ y,                     \
         float* __restrict__ y1, float* __restrict__ y2,                                                                   \
         int N0, int N1, int N, int K, int T, unsigned* zero, int nzero) { PDL_ENTER();                                    \
         gemv_mma<NT, R, true>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T);                                            \
-        if (ZERO) zero_after_wait(zero, nzero);                                            \
+        if (ZERO) zero_after_wait(zero, nzero);                                                                           \
     }                                                                                                                     \
     extern "C" __global__ void __launch_bounds__(256) gemv_mma_bf16_t##NT##SUFFIX(                                       \
         const unsigned char* __restrict__ W, const float* __restrict__ S, const unsigned short* __restrict__ XH,          \
         const unsigned short* __restrict__ XL, const float* __restrict__ xinv, float* __restrict__ y,                     \
         float* __restrict__ y1, float* __restrict__ y2,                                                                   \
         int N0, int N1, int N, int K, int T, unsigned* zero, int nzero) { PDL_ENTER();                                    \
-        gemv_mma<NT, R, false>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T);                                            \
-        if (ZERO) zero_after_wait(zero, nzero);                                           \
+        gemv_mma<NT, R, false>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T);                                           \
+        if (ZERO) zero_after_wait(zero, nzero);                                                                           \
     }
 // gemv_mma_fp8_t1 counting its tiles into `ready` for attention_v2_kv_ready (READY above).
 extern "C" __global__ void __launch_bounds__(256) gemv_mma_fp8_t1_ready(

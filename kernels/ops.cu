@@ -1341,29 +1341,29 @@ ATTENTION_V2_KERNEL(attention_v2_kv, true)
 #ifndef ATT_PRE_MAXREG
 #define ATT_PRE_MAXREG 96
 #endif
-#define ATTENTION_V2_KV_READY(NAME, PRELOAD, MAXREG)                                                                        \
-    extern "C" __global__ void __maxnreg__(MAXREG) NAME(                                                                            \
-        const float* q, const float* __restrict__ kc, const float* __restrict__ vc, float* __restrict__ o,                       \
-        const int* __restrict__ pos, const int* __restrict__ seq, const int* __restrict__ tables, int max_blocks,                 \
-        int block_size, int heads, int kv_heads, int hd, int vd, int window, float scale, const float* __restrict__ sinks,        \
-        float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc, unsigned short* __restrict__ oh,    \
-        unsigned short* __restrict__ ol, const float* knew, const float* vnew, float* kc_out, float* vc_out,                      \
+#define ATTENTION_V2_KV_READY(NAME, PRELOAD, MAXREG)                                                                           \
+    extern "C" __global__ void __maxnreg__(MAXREG) NAME(                                                                       \
+        const float* q, const float* __restrict__ kc, const float* __restrict__ vc, float* __restrict__ o,                     \
+        const int* __restrict__ pos, const int* __restrict__ seq, const int* __restrict__ tables, int max_blocks,              \
+        int block_size, int heads, int kv_heads, int hd, int vd, int window, float scale, const float* __restrict__ sinks,     \
+        float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc, unsigned short* __restrict__ oh, \
+        unsigned short* __restrict__ ol, const float* knew, const float* vnew, float* kc_out, float* vc_out,                   \
         const long long* __restrict__ slots, int half, int rotary_dim, float theta, float vscale, unsigned* __restrict__ counters, \
-        unsigned* ready, unsigned need_q, unsigned need_kv, int reset_by_next) {                                                  \
-        TRACE_SCOPE();                                                                                                            \
-        PDL_TRIGGER();                                                                                                            \
-        attention_v2_body<true, false, true, PRELOAD>(q, kc, vc, o, pos, seq, tables, max_blocks, block_size, heads, kv_heads,    \
+        unsigned* ready, unsigned need_q, unsigned need_kv, int reset_by_next) {                                               \
+        TRACE_SCOPE();                                                                                                         \
+        PDL_TRIGGER();                                                                                                         \
+        attention_v2_body<true, false, true, PRELOAD>(q, kc, vc, o, pos, seq, tables, max_blocks, block_size, heads, kv_heads, \
                                                       hd, vd, window, scale, sinks, part_m, part_l, part_acc, oh, ol, knew, vnew, \
-                                                      kc_out, vc_out, slots, half, rotary_dim, theta, vscale, counters, nullptr,  \
-                                                      ready, need_q, need_kv);                                                    \
-        ATT_TRACE_MARK(4);                                                                                                        \
-        PDL_WAIT();                                                                                                               \
-        ATT_TRACE_MARK(5);                                                                                                        \
-        /* (The body returns block-uniformly.) With reset_by_next the launch after this one zeroes the counts */                 \
-        /* (zero_after_wait, kernels/gemv.cu): no count of the blocks out, one round trip to L2 fewer at the end. */              \
+                                                      kc_out, vc_out, slots, half, rotary_dim, theta, vscale, counters, nullptr, \
+                                                      ready, need_q, need_kv);                                                 \
+        ATT_TRACE_MARK(4);                                                                                                     \
+        PDL_WAIT();                                                                                                            \
+        ATT_TRACE_MARK(5);                                                                                                     \
+        /* (The body returns block-uniformly.) With reset_by_next the launch after this one zeroes the counts */               \
+        /* (zero_after_wait, kernels/gemv.cu): no count of the blocks out, one round trip to L2 fewer at the end. */           \
         if (!reset_by_next && block_arrive_last(ready + heads + kv_heads, gridDim.x * gridDim.y * gridDim.z) && threadIdx.x == 0) \
-            for (int i = 0; i < heads + kv_heads; i++) ready[i] = 0u;                                                             \
-        ATT_TRACE_MARK_END();                                                                                                     \
+            for (int i = 0; i < heads + kv_heads; i++) ready[i] = 0u;                                                          \
+        ATT_TRACE_MARK_END();                                                                                                  \
     }
 ATTENTION_V2_KV_READY(attention_v2_kv_ready, false, 80)
 ATTENTION_V2_KV_READY(attention_v2_kv_ready_pre, true, ATT_PRE_MAXREG)

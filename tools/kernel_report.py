@@ -91,6 +91,11 @@ def ptxas_report(ptxas, arch, ptx):
     return out
 
 
+def kernel_source(rev, f, headers):
+    """What compile.rs hands NVRTC for kernel file f: common.cuh, f's headers, then f."""
+    return read(rev, "kernels/common.cuh") + "".join(read(rev, f"kernels/{h}") for h in headers) + read(rev, f"kernels/{f}")
+
+
 def report(lib, ptxas, rev, arch, defines, only):
     files, options = compile_rs_layout(rev)
     unknown = [f for f in only if f not in files]
@@ -100,7 +105,7 @@ def report(lib, ptxas, rev, arch, defines, only):
     for f, headers in files.items():
         if only and f not in only:
             continue
-        source = read(rev, "kernels/common.cuh") + "".join(read(rev, f"kernels/{h}") for h in headers) + read(rev, f"kernels/{f}")
+        source = kernel_source(rev, f, headers)
         ptx = nvrtc_ptx(lib, f, source, [f"--gpu-architecture={arch}"] + options + file_defines(f[: -len(".cu")], defines, []))
         for k, v in ptxas_report(ptxas, arch, ptx).items():
             result[(f, k)] = v
@@ -138,7 +143,7 @@ def fill_cache(lib, cache, arch, defines, defines_in):
     for f, headers in files.items():
         stem = f[: -len(".cu")]
         opts = options + file_defines(stem, defines, defines_in)
-        source = read(None, "kernels/common.cuh") + "".join(read(None, f"kernels/{h}") for h in headers) + read(None, f"kernels/{f}")
+        source = kernel_source(None, f, headers)
         key = fnv1a([source.encode(), arch.encode(), " ".join(opts).encode()])
         path = os.path.join(cache, "kernels", f"{stem}-{arch}-{key:016x}.ptx")
         if not os.path.exists(path):

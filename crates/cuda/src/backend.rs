@@ -232,7 +232,8 @@ pub struct CudaModel {
     attention_ready_pre_wave: usize,
     attention_ready_pre: bool,
     /// The o_proj after a ready attention zeroes its counters (`ReadyCounts::reset_by_next`);
-    /// `PEREGRINE_ATTN_RESET_BY_NEXT=0` leaves it to the attention's last block, for measurements.
+    /// `PEREGRINE_ATTN_RESET_BY_NEXT=0` leaves it to the attention's last block, for
+    /// measurements; tests set it.
     attn_reset_by_next: bool,
     /// The GPU's SMs.
     sm_count: usize,
@@ -853,6 +854,14 @@ impl CudaModel {
     /// comparing the two (the same bits). Captured step graphs are dropped.
     pub fn set_attention_preload(&mut self, on: bool) {
         self.attention_ready_pre = on;
+        self.graphs.clear();
+    }
+
+    /// Sets whether the o_proj after a ready attention zeroes its counters (`reset_by_next`; on
+    /// by default) or the attention's last block does, for tests covering both. Captured step
+    /// graphs are dropped.
+    pub fn set_attn_reset_by_next(&mut self, on: bool) {
+        self.attn_reset_by_next = on;
         self.graphs.clear();
     }
 

@@ -1096,7 +1096,7 @@ impl Kernels {
     #[allow(clippy::too_many_arguments)]
     fn mma_launch(&self, fp8: bool, w: cudarc::driver::sys::CUdeviceptr, scales: Option<&CudaSlice<f32>>, xh: &CudaSlice<u16>, xl: &CudaSlice<u16>, inv: Option<&CudaSlice<f32>>, ys: [cudarc::driver::sys::CUdeviceptr; 3], rows: [usize; 3], k: usize, t: usize, zero: Option<&CudaSlice<u32>>) -> Result<()> {
         let n = rows.iter().sum::<usize>();
-        let v = self.mma_forced.unwrap_or_else(|| mma_gemv_tile(fp8, t, n, self.dense_gemm));
+        let v = self.mma_tile(fp8, t, n);
         let (nt, r) = MMA_GEMV_TILES[v];
         check(zero.is_none() || (nt, r) == (1, 1), || format!("only the one-tile GEMV zeroes counters, not tile {nt}x{r} ({t} tokens)"))?;
         let f = if fp8 { &self.mma_fp8[v] } else { &self.mma_bf16[v] };
@@ -1132,10 +1132,16 @@ impl Kernels {
         Ok(())
     }
 
+    /// The `MMA_GEMV_TILES` index a tensor-core GEMV of `t` tokens x `n` rows runs: the forced
+    /// tile, or the default for the shape.
+    fn mma_tile(&self, fp8: bool, t: usize, n: usize) -> usize {
+        self.mma_forced.unwrap_or_else(|| mma_gemv_tile(fp8, t, n, self.dense_gemm))
+    }
+
     /// Whether `gemv_bf16_presplit` of `t` tokens x `n` rows runs the one-tile GEMV, the only one
     /// that zeroes counters (`zero`).
     pub fn bf16_presplit_zeroes(&self, t: usize, n: usize) -> bool {
-        MMA_GEMV_TILES[self.mma_forced.unwrap_or_else(|| mma_gemv_tile(false, t, n, self.dense_gemm))] == (1, 1)
+        MMA_GEMV_TILES[self.mma_tile(false, t, n)] == (1, 1)
     }
 
     /// `y[t, n] = W[n, :] · x[t, :]` for BF16 `W` [N, K] with x given as its BF16 hi + lo parts

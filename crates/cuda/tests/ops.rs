@@ -387,7 +387,9 @@ fn fp8_attention_model() -> Option<(ModelSpec, CudaModel)> {
 /// its first K/V rows loaded before its heads are ready) gives the logits of attention waiting
 /// for the whole projection, bit for bit, eager and graphed, over 4 decode steps of 1-3
 /// sequences after a 100-token prompt each (so a warp's positions take more than the one
-/// round the preload covers); the counters are zero again after every step.
+/// round the preload covers); the counters are zero again after every step, whether the o_proj
+/// after the attention zeroes them (with the preload here) or the attention's last block does
+/// (without).
 #[test]
 fn attention_starting_heads_as_projected_equals_waiting_for_the_projection() {
     let Some((spec, mut model)) = fp8_attention_model() else { return };
@@ -406,6 +408,7 @@ fn attention_starting_heads_as_projected_equals_waiting_for_the_projection() {
         for (ready, preload, graphs) in [(false, false, false), (true, true, false), (true, false, false), (true, true, true), (true, false, true), (false, false, true)] {
             model.set_qkv_ready(ready);
             model.set_attention_preload(preload);
+            model.set_attn_reset_by_next(preload);
             model.set_cuda_graphs(graphs);
             let prompt: Vec<SeqForward> = (0..rows).map(|s| seq(s as u64, prompts[s].clone(), 0, &blocks(s), OutputRows::Last)).collect();
             model.forward(&prompt).unwrap();
