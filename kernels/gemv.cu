@@ -700,19 +700,12 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
     // (grid.x), so they run together and all but the first find the weights in L2. R = 1 (the
     // decode path up to 8 tokens) keeps token groups on grid.y and no division.
     int nb, t0;
-#ifdef GEMV_KSPLIT_PROBE
-    // Measurement only (wrong results): blocks of 256 / s threads, s per tile, each taking the
-    // K blocks of warps koff .. koff + WB - 1 of the one-tile kernel; no reduction between them.
-    const int WB = (int)blockDim.x >> 5, SPL = MMA_WARPS / WB, bx = (int)blockIdx.x / SPL, koff = ((int)blockIdx.x % SPL) * WB;
-#else
-    const int WB = MMA_WARPS, bx = (int)blockIdx.x, koff = 0;
-#endif
     if (READY) {
-        int kv_tiles = (N - N0) / 16, b = bx;
+        int kv_tiles = (N - N0) / 16, b = blockIdx.x;
         nb = (b < kv_tiles ? N0 / 16 + b : b - kv_tiles) * 16;
         t0 = blockIdx.y * NT * 8;
     } else if (R == 1) {
-        nb = bx * 16;
+        nb = blockIdx.x * 16;
         t0 = blockIdx.y * NT * 8;
     } else {
         const int ny = (T + NT * 8 - 1) / (NT * 8);
@@ -733,7 +726,7 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
         for (int tt = 0; tt < NT; tt++)
 #pragma unroll
             for (int i = 0; i < 4; i++) acc[rt][tt][i] = 0.f;
-    for (int kb = w + koff; kb < KB; kb += MMA_WARPS) {
+    for (int kb = w; kb < KB; kb += MMA_WARPS) {
         float part[R][NT][4];
 #pragma unroll
         for (int rt = 0; rt < R; rt++)
@@ -827,7 +820,7 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
         for (int e = threadIdx.x; e < 16 * NT * 8; e += blockDim.x) {
             float s = 0.f;
 #pragma unroll
-            for (int i = 0; i < WB; i++) s += red[i][e];
+            for (int i = 0; i < MMA_WARPS; i++) s += red[i][e];
             int n = nb + rt * 16 + e / (NT * 8), t = t0 + e % (NT * 8);
             if (n < N && t < T) store_out(s, xinv, y, y1, y2, N0, N1, N, n, t);
         }

@@ -101,22 +101,10 @@ __device__ __forceinline__ void e4m3x4_to_f16x2x2(unsigned e, unsigned& lo, unsi
 
 // One tiled word (8 codes) -> the A fragment a0..a3 of one MMA, each value x 2^-6.
 __device__ __forceinline__ void tile_decode(unsigned w, unsigned a[4]) {
-#if defined(MOE_DECODE_ALU)
-    // Measurement only (wrong values): a decode by bit placement into F16 (no conversions), at
-    // the instruction count a layout built for it would need (1 + 2 + 4 + 4 ALU operations).
-    const unsigned M = 0x8E008E00u;
-    a[0] = w & M;
-    a[1] = __funnelshift_r(w, w, 3) & M;
-    a[2] = (__funnelshift_r(w, w, 6) & 0x0E000E00u) | (__funnelshift_l(w, w, 15) & 0x80008000u);
-    a[3] = (__funnelshift_r(w, w, 29) & 0x0E000E00u) | (__funnelshift_l(w, w, 14) & 0x80008000u);
-#elif defined(MOE_DECODE_NONE)
-    a[0] = a[1] = a[2] = a[3] = w;  // measurement only: no decode at all (wrong values)
-#else
     unsigned ea = w & 0x9C9C9C9Cu;
     unsigned eb = ((w << 2) & 0x8C8C8C8Cu) | ((w >> 2) & 0x10101010u);
     e4m3x4_to_f16x2x2(ea, a[0], a[1]);
     e4m3x4_to_f16x2x2(eb, a[2], a[3]);
-#endif
 }
 
 // d = A B (C = 0) and d += A B, m16n8k16 f16 -> f32.

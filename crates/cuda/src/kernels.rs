@@ -838,8 +838,7 @@ impl Kernels {
         let mut b = crate::launch::builder(&self.stream, &self.mma_fp8_ready);
         b.arg(&w).arg(scales).arg(xh).arg(xl).arg(inv).arg(y0).arg(y1).arg(y2).arg(&n0).arg(&n1).arg(&ni).arg(&ki).arg(&ti);
         b.arg(ready).arg(&hh).arg(&hdi).arg(&vdi);
-        let (grid_dim, threads) = ksplit_probe((rows.div_ceil(16) as u32, 1, 1));
-        let cfg = LaunchConfig { grid_dim, block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig { grid_dim: (rows.div_ceil(16) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         unsafe { b.launch(cfg) }.map_err(drv("gemv_mma_fp8_t1_ready"))?;
         Ok(())
     }
@@ -1128,8 +1127,7 @@ impl Kernels {
             _ => ((groups * ty) as u32, 1, 1),
         };
         let smem = if dense_gemm || deep { dense_gemm_smem(fp8, deep) as u32 } else { 0 };
-        let (grid_dim, threads) = if (nt, r) == (1, 1) { ksplit_probe(grid_dim) } else { (grid_dim, 256) };
-        let cfg = LaunchConfig { grid_dim, block_dim: (threads, 1, 1), shared_mem_bytes: smem };
+        let cfg = LaunchConfig { grid_dim, block_dim: (256, 1, 1), shared_mem_bytes: smem };
         unsafe { b.launch(cfg) }.map_err(drv(if fp8 { "gemv_mma_fp8" } else { "gemv_mma_bf16" }))?;
         Ok(())
     }
@@ -1675,13 +1673,4 @@ impl Kernels {
         unsafe { b.launch(cfg_rows(h)) }.map_err(drv("moe_down_mxfp4"))?;
         Ok(())
     }
-}
-
-/// Measurement builds only (kernels built with `-DGEMV_KSPLIT_PROBE`, outputs wrong):
-/// `PEREGRINE_GEMV_KSPLIT_PROBE=s` launches the one-tile GEMVs as s blocks of 256 / s threads per
-/// row tile, each taking its share of the K blocks.
-fn ksplit_probe(grid: (u32, u32, u32)) -> ((u32, u32, u32), u32) {
-    static S: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    let s = *S.get_or_init(|| std::env::var("PEREGRINE_GEMV_KSPLIT_PROBE").ok().and_then(|v| v.parse().ok()).filter(|s: &u32| [1, 2, 4, 8].contains(s)).unwrap_or(1));
-    ((grid.0 * s, grid.1, grid.2), 256 / s)
 }
