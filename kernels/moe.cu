@@ -160,7 +160,7 @@ __device__ __forceinline__ void row_scale(const float* red, int j, float* scale,
 // Stages rows rows[0..np) of x (f32, K each) as B fragments in `frag` and their 2^-s in inv.
 // Fragment layout (uint4 units): [K/64 steps][2 halves][8 np lanes], lane 4g + t of column
 // g = 2j + part (part 0 = hi, 1 = lo of pair j); half h holds MMAs 2h and 2h+1 as {b0, b1, b0, b1}.
-// Lanes >= 8 np read pair 0's fragments (tile_stream_bulk; their columns are never stored).
+// Lanes >= 8 np read no fragment (their columns are zero).
 __device__ __forceinline__ void stage_b(const float* __restrict__ x, const int* rows, int np, int K, unsigned* frag,
                                         float* red, float* scale, float* inv) {
 #ifdef MOE_NO_STAGE
@@ -281,13 +281,17 @@ __device__ __forceinline__ int pass_rows(int K, int ring_bytes) {
 __device__ __forceinline__ float e8m0_bits(unsigned v) { return __uint_as_float(v & 0x7f800000u); }
 
 // One step (64 values of K) of a lane: its 16 bytes of codes `wv` (four MMAs' A fragments),
-// its group's scale word `sv`, the lane's staged B fragments of the step (MMAs 0-1 at fb[0],
-// 2-3 at fb[L]); the E8M0 scale of each 32-block multiplies that block's partial sums:
-// acc[0..1] row g, acc[2..3] row g + 8.
-__device__ __forceinline__ void tile_step(uint4 wv, unsigned sv, const uint4* fb, int L, float acc[4]) {
+// its group's scale word `sv`, the staged B fragments of step k; the E8M0 scale of each
+// 32-block multiplies that block's partial sums: acc[0..1] row g, acc[2..3] row g + 8.
+__device__ __forceinline__ void tile_step(uint4 wv, unsigned sv, const uint4* frag, int L, int k, bool hasb, float acc[4]) {
     // (It decodes each word just before its MMA, so it spells out mma_k32_scaled's arithmetic
     // in place: calling it, all four words decoded first, changed the decode kernels' code.)
-    uint4 b01 = fb[0], b23 = fb[L];
+    int lane = threadIdx.x & 31;
+    uint4 b01 = make_uint4(0u, 0u, 0u, 0u), b23 = b01;
+    if (hasb) {
+        b01 = frag[(size_t)(2 * k) * L + lane];
+        b23 = frag[(size_t)(2 * k + 1) * L + lane];
+    }
     unsigned a[4];
     float tp[4];
     tile_decode(wv.x, a);
@@ -387,42 +391,29 @@ __device__ __forceinline__ int tile_stream_bulk(const unsigned char* __restrict_
                                                 const unsigned char* nwt = nullptr, int nKS = 0, int rowstride = 0) {
     constexpr int STAGE = CS * STEP_BYTES;
     int lane = threadIdx.x & 31, g = lane >> 2;
-    // Lanes past the pairs' columns (lane >= L) read pair 0's fragments instead of zeros: MMA
-    // columns are independent and tile_store never stores theirs, so the stored sums keep their
-    // bits, and each step needs no predicated loads, no zeroing and no warp re-convergence.
-    int bl = lane < L ? lane : (lane & 7);
+    bool hasb = lane < L;
     // Rows staged one after another (rowstride uint4s apart, each as a one-pair pass stages it)
     // instead of interleaved: lane 8 j + i reads lane i of row j's fragments.
     if (rowstride) {
-        frag += (bl >> 3) * rowstride - (bl & ~7);
+        frag += (lane >> 3) * rowstride - (lane & ~7);
         L = 8;
     }
-    const uint4* fl = frag + bl;
     int nst = (KS + CS - 1) / CS, nnst = (nKS + CS - 1) / CS, pre = 0;
     for (int j = 0; j < nst; j++) {
         int slot = (seq + j) % NS;
         mbar_wait(bars + slot, ((seq + j) / NS) & 1);
         const unsigned char* stage = ring + slot * STAGE;
-#ifndef MOE_NO_MATH
-        const uint4* fj = fl + (size_t)(2 * j * CS) * L;
-        if (j * CS + CS <= KS) {  // a whole stage: no per-step bound
 #pragma unroll
-            for (int c = 0; c < CS; c++) {
+        for (int c = 0; c < CS; c++) {
+            int k = j * CS + c;
+            if (k < KS) {
+#ifndef MOE_NO_MATH
                 uint4 wv = reinterpret_cast<const uint4*>(stage + c * STEP_BYTES)[lane];
                 unsigned sv = reinterpret_cast<const unsigned*>(stage + c * STEP_BYTES + 512)[g];
-                tile_step(wv, sv, fj + 2 * c * L, L, acc);
-            }
-        } else {
-#pragma unroll
-            for (int c = 0; c < CS; c++) {
-                if (j * CS + c < KS) {
-                    uint4 wv = reinterpret_cast<const uint4*>(stage + c * STEP_BYTES)[lane];
-                    unsigned sv = reinterpret_cast<const unsigned*>(stage + c * STEP_BYTES + 512)[g];
-                    tile_step(wv, sv, fj + 2 * c * L, L, acc);
-                }
+                tile_step(wv, sv, frag, L, k, hasb, acc);
+#endif
             }
         }
-#endif
         __syncwarp();  // every lane has read the stage before it is refilled
         // Stage q (counted over passes) may be asked for once stage q - NS has been read.
         if (j + NS < nst) {
