@@ -687,13 +687,21 @@ __device__ __forceinline__ void b_regs(uint4 x0, uint4 x1, unsigned b[8]) {
 // j into ready[heads + j] (hd-row q and k heads, vd-row v heads; the host checks that no tile
 // straddles two). The attention blocks of a head start as soon as its counts are complete,
 // while the projection still streams the later heads' rows (no launch boundary between them).
-template <int NT, int R, bool FP8, bool READY = false>
+//
+// PIPE (gemv_mma_bf16_t1_pipe: BF16, R = 1): each warp loads its next K block's weights before
+// it computes the current one, so a warp keeps up to two K blocks (8 KB) in flight instead of
+// one. ~100 registers, so 2 blocks per SM: the host runs it only where the grid fits that (the
+// o_proj at decode: 256 tiles, where the 64-register kernel also had only 2 of its 4 possible
+// blocks per SM and so half the bytes in flight of a GEMV with a full grid). Same loads, same
+// arithmetic in the same order: the same bits.
+template <int NT, int R, bool FP8, bool READY = false, bool PIPE = false>
 __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, const float* __restrict__ S,
                                          const unsigned short* __restrict__ XH, const unsigned short* __restrict__ XL,
                                          const float* __restrict__ xinv, float* __restrict__ y, float* __restrict__ y1,
                                          float* __restrict__ y2, int N0, int N1, int N, int K, int T,
                                          unsigned* __restrict__ ready = nullptr, int heads = 0, int hd = 0, int vd = 0) {
     static_assert(!READY || R == 1, "the ready counts are per 16-row tile");
+    static_assert(!PIPE || (R == 1 && !FP8), "the pipelined GEMV is the BF16 one-tile kernel");
     __shared__ float red[MMA_WARPS][16 * NT * 8];
     int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane >> 2, q = lane & 3;
     // R > 1: the blocks of one row group over its token groups are adjacent in launch order
@@ -726,7 +734,21 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
         for (int tt = 0; tt < NT; tt++)
 #pragma unroll
             for (int i = 0; i < 4; i++) acc[rt][tt][i] = 0.f;
+    // PIPE: K block kb's weights of both 64-k chunks (rows g and g + 8), loaded one K block ahead.
+    uint4 pw0[2][2], pw1[2][2];
+    auto bf16_rows = [&](int k, uint4 w0[2], uint4 w1[2]) {
+        const uint4* p0 = reinterpret_cast<const uint4*>(reinterpret_cast<const unsigned short*>(W) + (size_t)rr[0][0] * K + k);
+        const uint4* p1 = reinterpret_cast<const uint4*>(reinterpret_cast<const unsigned short*>(W) + (size_t)rr[0][1] * K + k);
+        w0[0] = __ldg(p0); w0[1] = __ldg(p0 + 1); w1[0] = __ldg(p1); w1[1] = __ldg(p1 + 1);
+    };
+    if (PIPE && w < KB)
+#pragma unroll
+        for (int c = 0; c < 2; c++) bf16_rows(w * 128 + c * 64 + q * 16, pw0[c], pw1[c]);
     for (int kb = w; kb < KB; kb += MMA_WARPS) {
+        uint4 nw0[2][2], nw1[2][2];
+        if (PIPE && kb + MMA_WARPS < KB)
+#pragma unroll
+            for (int c = 0; c < 2; c++) bf16_rows((kb + MMA_WARPS) * 128 + c * 64 + q * 16, nw0[c], nw1[c]);
         float part[R][NT][4];
 #pragma unroll
         for (int rt = 0; rt < R; rt++)
@@ -752,6 +774,8 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
                     w0[0] = __ldg(reinterpret_cast<const uint4*>(W + (size_t)rr[rt][0] * K + k));
                     w1[0] = __ldg(reinterpret_cast<const uint4*>(W + (size_t)rr[rt][1] * K + k));
 #endif
+                } else if (PIPE) {
+                    w0[0] = pw0[c][0]; w0[1] = pw0[c][1]; w1[0] = pw1[c][0]; w1[1] = pw1[c][1];
                 } else {
                     const uint4* p0 = reinterpret_cast<const uint4*>(reinterpret_cast<const unsigned short*>(W) + (size_t)rr[rt][0] * K + k);
                     const uint4* p1 = reinterpret_cast<const uint4*>(reinterpret_cast<const unsigned short*>(W) + (size_t)rr[rt][1] * K + k);
@@ -805,6 +829,11 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
                     for (int i = 0; i < 4; i++) acc[rt][tt][i] += sc * part[rt][tt][i];
             }
         }
+        if (PIPE)
+#pragma unroll
+            for (int c = 0; c < 2; c++)
+#pragma unroll
+                for (int i = 0; i < 2; i++) { pw0[c][i] = nw0[c][i]; pw1[c][i] = nw1[c][i]; }
     }
     // C fragment: c0 (row g, token 2q), c1 (g, 2q+1), c2 (g+8, 2q), c3 (g+8, 2q+1) of tile tt.
     // One row tile at a time through the shared buffer (it holds one tile's warps).
@@ -1043,6 +1072,16 @@ GEMM_MMA_KERNEL(gemm_mma_deep_bf16, false, 1, 5)
         gemv_mma<NT, R, false>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T);                                           \
         if (ZERO) zero_after_wait(zero, nzero);                                                                           \
     }
+// gemv_mma_bf16_t1 with the next K block's weights loaded ahead (PIPE above); zeroes counters
+// as the one-tile kernels do.
+extern "C" __global__ void __launch_bounds__(256) gemv_mma_bf16_t1_pipe(
+    const unsigned char* __restrict__ W, const float* __restrict__ S, const unsigned short* __restrict__ XH,
+    const unsigned short* __restrict__ XL, const float* __restrict__ xinv, float* __restrict__ y, float* __restrict__ y1,
+    float* __restrict__ y2, int N0, int N1, int N, int K, int T, unsigned* zero, int nzero) {
+    PDL_ENTER();
+    gemv_mma<1, 1, false, false, true>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T);
+    zero_after_wait(zero, nzero);
+}
 // gemv_mma_fp8_t1 counting its tiles into `ready` for attention_v2_kv_ready (READY above).
 extern "C" __global__ void __launch_bounds__(256) gemv_mma_fp8_t1_ready(
     const unsigned char* __restrict__ W, const float* __restrict__ S, const unsigned short* __restrict__ XH,

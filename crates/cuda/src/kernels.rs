@@ -214,6 +214,11 @@ pub struct Kernels {
     mma_bf16: Vec<CudaFunction>,
     /// The FP8 one-tile GEMV counting its tiles for `attention_v2_kv_ready` (`gemv_qkv_ready`).
     mma_fp8_ready: CudaFunction,
+    /// The BF16 one-tile GEMV loading a K block ahead (`gemv_mma_bf16_t1_pipe`, ~100 registers),
+    /// run where its grid fits 2 blocks per SM while `gemv_pipe` (`PEREGRINE_GEMV_PIPE=0` turns
+    /// it off, for comparisons): the o_proj at decode.
+    mma_bf16_pipe: CudaFunction,
+    gemv_pipe: bool,
     /// The GEMM entry of `MMA_GEMV_TILES` got its shared memory (chosen from
     /// `dense_gemm_min_tokens()` tokens).
     dense_gemm: bool,
@@ -701,6 +706,8 @@ impl Kernels {
             mma_fp8,
             mma_bf16,
             mma_fp8_ready: f("gemv_mma_fp8_t1_ready")?,
+            mma_bf16_pipe: f("gemv_mma_bf16_t1_pipe")?,
+            gemv_pipe: std::env::var("PEREGRINE_GEMV_PIPE").map_or(true, |v| v != "0"),
             dense_gemm,
             mma_forced: match std::env::var("PEREGRINE_GEMV_TILE") {
                 Ok(v) => {
@@ -1099,7 +1106,12 @@ impl Kernels {
         let v = self.mma_tile(fp8, t, n);
         let (nt, r) = MMA_GEMV_TILES[v];
         check(zero.is_none() || (nt, r) == (1, 1), || format!("only the one-tile GEMV zeroes counters, not tile {nt}x{r} ({t} tokens)"))?;
-        let f = if fp8 { &self.mma_fp8[v] } else { &self.mma_bf16[v] };
+        let (groups, ty) = (n.div_ceil(16 * r), t.div_ceil(8 * nt));
+        let f = match () {
+            _ if fp8 => &self.mma_fp8[v],
+            _ if self.bf16_pipe_takes(nt, r, groups * ty) => &self.mma_bf16_pipe,
+            _ => &self.mma_bf16[v],
+        };
         let (ni, ki, ti) = (n as i32, k as i32, t as i32);
         let mut b = crate::launch::builder(&self.stream, f);
         b.arg(&w);
@@ -1118,7 +1130,6 @@ impl Kernels {
         b.arg_or_null(zero).arg(&nzero);
         // Row groups of 16 r rows x token groups of 8 nt: one row tile per block on grid (x, y);
         // several, as one index the kernel splits (a row group's token groups adjacent).
-        let (groups, ty) = (n.div_ceil(16 * r), t.div_ceil(8 * nt));
         let (dense_gemm, deep) = ((nt, r) == DENSE_GEMM_TILE, (nt, r) == DEEP_GEMM_TILE);
         // The GEMMs: 128-row x 64-token tiles.
         let grid_dim = match () {
@@ -1130,6 +1141,18 @@ impl Kernels {
         let cfg = LaunchConfig { grid_dim, block_dim: (256, 1, 1), shared_mem_bytes: smem };
         unsafe { b.launch(cfg) }.map_err(drv(if fp8 { "gemv_mma_fp8" } else { "gemv_mma_bf16" }))?;
         Ok(())
+    }
+
+    /// Whether a BF16 GEMV of tile `(nt, r)` over `blocks` blocks runs `gemv_mma_bf16_t1_pipe`:
+    /// the one-tile kernel whose grid fits the pipelined kernel's 2 blocks per SM.
+    fn bf16_pipe_takes(&self, nt: usize, r: usize, blocks: usize) -> bool {
+        self.gemv_pipe && (nt, r) == (1, 1) && blocks <= 2 * self.sms
+    }
+
+    /// Runs the BF16 one-tile GEMV with its next K block loaded ahead where its grid fits
+    /// (`gemv_mma_bf16_t1_pipe`, the default), or never (`false`). Same bits either way.
+    pub fn set_gemv_pipe(&mut self, on: bool) {
+        self.gemv_pipe = on;
     }
 
     /// The `MMA_GEMV_TILES` index a tensor-core GEMV of `t` tokens x `n` rows runs: the forced

@@ -168,17 +168,23 @@ fn gemv_kernels_match_the_cpu_reference() {
 }
 
 /// Runs a tensor-core GEMV with the default tile for its token count and then with every tile
-/// shape forced: each must match the CPU and give the default's bits (a tile only changes which
-/// block computes a row, not the row's arithmetic).
+/// shape forced, each with and without the BF16 one-tile kernel that loads a K block ahead
+/// (`set_gemv_pipe`, taken where the grid fits 2 blocks per SM): each must match the CPU and give
+/// the default's bits (a tile only changes which block computes a row, not the row's arithmetic).
 fn every_gemv_tile(kern: &mut Kernels, what: &str, want: &[f32], mut run: impl FnMut(&Kernels) -> Vec<f32>) {
     kern.force_gemv_tile(None).unwrap();
     let base = run(kern);
     assert_close(what, &base, want);
-    for &tile in peregrine_cuda::kernels::MMA_GEMV_TILES.iter() {
-        kern.force_gemv_tile(Some(tile)).unwrap();
-        let got = run(kern);
-        assert!(got.iter().zip(&base).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: tile {tile:?} differs from the default in some bit");
+    let tiles = std::iter::once(None).chain(peregrine_cuda::kernels::MMA_GEMV_TILES.iter().map(|&t| Some(t)));
+    for tile in tiles {
+        kern.force_gemv_tile(tile).unwrap();
+        for pipe in [true, false] {
+            kern.set_gemv_pipe(pipe);
+            let got = run(kern);
+            assert!(got.iter().zip(&base).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: tile {tile:?} (pipelined BF16 one-tile kernel {pipe}) differs from the default in some bit");
+        }
     }
+    kern.set_gemv_pipe(true);
     kern.force_gemv_tile(None).unwrap();
 }
 
