@@ -734,21 +734,22 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
         for (int tt = 0; tt < NT; tt++)
 #pragma unroll
             for (int i = 0; i < 4; i++) acc[rt][tt][i] = 0.f;
-    // PIPE: K block kb's weights of both 64-k chunks (rows g and g + 8), loaded one K block ahead.
-    uint4 pw0[2][2], pw1[2][2];
-    auto bf16_rows = [&](int k, uint4 w0[2], uint4 w1[2]) {
-        const uint4* p0 = reinterpret_cast<const uint4*>(reinterpret_cast<const unsigned short*>(W) + (size_t)rr[0][0] * K + k);
-        const uint4* p1 = reinterpret_cast<const uint4*>(reinterpret_cast<const unsigned short*>(W) + (size_t)rr[0][1] * K + k);
+    // BF16 rows g and g + 8 of row tile rt at columns k .. k + 15.
+    auto bf16_rows = [&](int rt, int k, uint4 w0[2], uint4 w1[2]) {
+        const uint4* p0 = reinterpret_cast<const uint4*>(reinterpret_cast<const unsigned short*>(W) + (size_t)rr[rt][0] * K + k);
+        const uint4* p1 = reinterpret_cast<const uint4*>(reinterpret_cast<const unsigned short*>(W) + (size_t)rr[rt][1] * K + k);
         w0[0] = __ldg(p0); w0[1] = __ldg(p0 + 1); w1[0] = __ldg(p1); w1[1] = __ldg(p1 + 1);
     };
+    // PIPE: K block kb's weights of both 64-k chunks, loaded one K block ahead.
+    uint4 pw0[2][2], pw1[2][2];
     if (PIPE && w < KB)
 #pragma unroll
-        for (int c = 0; c < 2; c++) bf16_rows(w * 128 + c * 64 + q * 16, pw0[c], pw1[c]);
+        for (int c = 0; c < 2; c++) bf16_rows(0, w * 128 + c * 64 + q * 16, pw0[c], pw1[c]);
     for (int kb = w; kb < KB; kb += MMA_WARPS) {
         uint4 nw0[2][2], nw1[2][2];
         if (PIPE && kb + MMA_WARPS < KB)
 #pragma unroll
-            for (int c = 0; c < 2; c++) bf16_rows((kb + MMA_WARPS) * 128 + c * 64 + q * 16, nw0[c], nw1[c]);
+            for (int c = 0; c < 2; c++) bf16_rows(0, (kb + MMA_WARPS) * 128 + c * 64 + q * 16, nw0[c], nw1[c]);
         float part[R][NT][4];
 #pragma unroll
         for (int rt = 0; rt < R; rt++)
@@ -777,9 +778,7 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
                 } else if (PIPE) {
                     w0[0] = pw0[c][0]; w0[1] = pw0[c][1]; w1[0] = pw1[c][0]; w1[1] = pw1[c][1];
                 } else {
-                    const uint4* p0 = reinterpret_cast<const uint4*>(reinterpret_cast<const unsigned short*>(W) + (size_t)rr[rt][0] * K + k);
-                    const uint4* p1 = reinterpret_cast<const uint4*>(reinterpret_cast<const unsigned short*>(W) + (size_t)rr[rt][1] * K + k);
-                    w0[0] = __ldg(p0); w0[1] = __ldg(p0 + 1); w1[0] = __ldg(p1); w1[1] = __ldg(p1 + 1);
+                    bf16_rows(rt, k, w0, w1);
                 }
 #ifdef GEMV_NO_MATH
                 a0[rt][0] = w0[0].x; a0[rt][1] = w0[0].y; a0[rt][2] = w0[0].z; a0[rt][3] = w0[0].w;

@@ -215,9 +215,11 @@ pub struct Kernels {
     /// The FP8 one-tile GEMV counting its tiles for `attention_v2_kv_ready` (`gemv_qkv_ready`).
     mma_fp8_ready: CudaFunction,
     /// The BF16 one-tile GEMV loading a K block ahead (`gemv_mma_bf16_t1_pipe`, ~100 registers),
-    /// run where its grid fits 2 blocks per SM while `gemv_pipe` (`PEREGRINE_GEMV_PIPE=0` turns
-    /// it off, for comparisons): the o_proj at decode.
+    /// run where its grid fits one wave of it (`mma_bf16_pipe_wave` blocks, 2 per SM on the H100)
+    /// while `gemv_pipe` (`PEREGRINE_GEMV_PIPE=0` turns it off, for comparisons): the o_proj at
+    /// decode.
     mma_bf16_pipe: CudaFunction,
+    mma_bf16_pipe_wave: usize,
     gemv_pipe: bool,
     /// The GEMM entry of `MMA_GEMV_TILES` got its shared memory (chosen from
     /// `dense_gemm_min_tokens()` tokens).
@@ -692,6 +694,9 @@ impl Kernels {
         let dense_gemm = [(&mma_fp8[gi], true, false), (&mma_bf16[gi], false, false), (&mma_fp8[di], true, true), (&mma_bf16[di], false, true)]
             .iter()
             .all(|(func, fp8, deep)| func.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, dense_gemm_smem(*fp8, *deep) as i32).is_ok());
+        let sms = gpu.ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(drv("SM count"))? as usize;
+        let mma_bf16_pipe = f("gemv_mma_bf16_t1_pipe")?;
+        let mma_bf16_pipe_wave = mma_bf16_pipe.occupancy_max_active_blocks_per_multiprocessor(256, 0, None).map_err(drv("GEMV occupancy"))? as usize * sms;
         Ok(Kernels {
             stream: gpu.stream.clone(),
             bf16: f("gemv_bf16")?,
@@ -706,7 +711,8 @@ impl Kernels {
             mma_fp8,
             mma_bf16,
             mma_fp8_ready: f("gemv_mma_fp8_t1_ready")?,
-            mma_bf16_pipe: f("gemv_mma_bf16_t1_pipe")?,
+            mma_bf16_pipe,
+            mma_bf16_pipe_wave,
             gemv_pipe: std::env::var("PEREGRINE_GEMV_PIPE").map_or(true, |v| v != "0"),
             dense_gemm,
             mma_forced: match std::env::var("PEREGRINE_GEMV_TILE") {
@@ -743,7 +749,7 @@ impl Kernels {
             presplit_h: std::env::var("PEREGRINE_MOE_PRESPLIT").map_or(true, |v| v != "0" && v != "x"),
             gemm: std::env::var("PEREGRINE_MOE_GEMM").map_or(true, |v| v != "0"),
             occupancy: Default::default(),
-            sms: gpu.ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(drv("SM count"))? as usize,
+            sms,
             sample,
             sample_cluster,
             sample_stage_max,
@@ -1144,9 +1150,9 @@ impl Kernels {
     }
 
     /// Whether a BF16 GEMV of tile `(nt, r)` over `blocks` blocks runs `gemv_mma_bf16_t1_pipe`:
-    /// the one-tile kernel whose grid fits the pipelined kernel's 2 blocks per SM.
+    /// the one-tile kernel whose grid fits one wave of the pipelined kernel.
     fn bf16_pipe_takes(&self, nt: usize, r: usize, blocks: usize) -> bool {
-        self.gemv_pipe && (nt, r) == (1, 1) && blocks <= 2 * self.sms
+        self.gemv_pipe && (nt, r) == (1, 1) && blocks <= self.mma_bf16_pipe_wave
     }
 
     /// Runs the BF16 one-tile GEMV with its next K block loaded ahead where its grid fits
