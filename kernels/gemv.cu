@@ -694,24 +694,14 @@ __device__ __forceinline__ void b_regs(uint4 x0, uint4 x1, unsigned b[8]) {
 // o_proj at decode: 256 tiles, where the 64-register kernel also had only 2 of its 4 possible
 // blocks per SM and so half the bytes in flight of a GEMV with a full grid). Same loads, same
 // arithmetic in the same order: the same bits.
-//
-// PRE (the pipelined o_proj and the q/k/v projection at decode): the warp's first K block of
-// weights is loaded before `enter` (the kernel's PDL wait), so it streams while the kernel ahead
-// (a latency-bound attention or norm) still runs; nothing after the wait changes. Without PIPE
-// the first K block is peeled out of the loop, so the preloaded registers are not live across it.
-struct NoEnter {
-    __device__ void operator()() const {}
-};
-template <int NT, int R, bool FP8, bool READY = false, bool PIPE = false, bool PRE = false, class Enter = NoEnter>
+template <int NT, int R, bool FP8, bool READY = false, bool PIPE = false>
 __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, const float* __restrict__ S,
                                          const unsigned short* __restrict__ XH, const unsigned short* __restrict__ XL,
                                          const float* __restrict__ xinv, float* __restrict__ y, float* __restrict__ y1,
                                          float* __restrict__ y2, int N0, int N1, int N, int K, int T,
-                                         unsigned* __restrict__ ready = nullptr, int heads = 0, int hd = 0, int vd = 0,
-                                         Enter enter = Enter()) {
+                                         unsigned* __restrict__ ready = nullptr, int heads = 0, int hd = 0, int vd = 0) {
     static_assert(!READY || R == 1, "the ready counts are per 16-row tile");
     static_assert(!PIPE || (R == 1 && !FP8), "the pipelined GEMV is the BF16 one-tile kernel");
-    static_assert(!PRE || R == 1, "the preload is the one-tile kernels'");
     __shared__ float red[MMA_WARPS][16 * NT * 8];
     int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane >> 2, q = lane & 3;
     // R > 1: the blocks of one row group over its token groups are adjacent in launch order
@@ -750,32 +740,16 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
         const uint4* p1 = reinterpret_cast<const uint4*>(reinterpret_cast<const unsigned short*>(W) + (size_t)rr[rt][1] * K + k);
         w0[0] = __ldg(p0); w0[1] = __ldg(p0 + 1); w1[0] = __ldg(p1); w1[1] = __ldg(p1 + 1);
     };
-    // One K block's weights of both 64-k chunks (rows g, g + 8; FP8 in [c][0] only).
-    auto kblock_rows = [&](int kb, uint4 w0[2][2], uint4 w1[2][2], int chunks) {
-#pragma unroll
-        for (int c = 0; c < chunks; c++) {
-            int k = kb * 128 + c * 64 + q * 16;
-            if (FP8) {
-                w0[c][0] = __ldg(reinterpret_cast<const uint4*>(W + (size_t)rr[0][0] * K + k));
-                w1[c][0] = __ldg(reinterpret_cast<const uint4*>(W + (size_t)rr[0][1] * K + k));
-            } else {
-                bf16_rows(0, k, w0[c], w1[c]);
-            }
-        }
-    };
-    // PIPE: K block kb's weights, loaded one K block ahead. PRE: the first one before the wait.
+    // PIPE: K block kb's weights of both 64-k chunks, loaded one K block ahead.
     uint4 pw0[2][2], pw1[2][2];
-#ifdef GEMV_PRE_HALF
-    constexpr int PRE_CHUNKS = PIPE ? 2 : 1;  // measurement: PRE asks for the first chunk only
-#else
-    constexpr int PRE_CHUNKS = 2;
-#endif
-    if ((PIPE || PRE) && w < KB) kblock_rows(w, pw0, pw1, PRE_CHUNKS);
-    enter();
-    // K block kb; `held`: its weights are in pw (PIPE, or PRE's first block).
-    auto kblock = [&](int kb, bool held) {
+    if (PIPE && w < KB)
+#pragma unroll
+        for (int c = 0; c < 2; c++) bf16_rows(0, w * 128 + c * 64 + q * 16, pw0[c], pw1[c]);
+    for (int kb = w; kb < KB; kb += MMA_WARPS) {
         uint4 nw0[2][2], nw1[2][2];
-        if (PIPE && kb + MMA_WARPS < KB) kblock_rows(kb + MMA_WARPS, nw0, nw1, 2);
+        if (PIPE && kb + MMA_WARPS < KB)
+#pragma unroll
+            for (int c = 0; c < 2; c++) bf16_rows(0, (kb + MMA_WARPS) * 128 + c * 64 + q * 16, nw0[c], nw1[c]);
         float part[R][NT][4];
 #pragma unroll
         for (int rt = 0; rt < R; rt++)
@@ -790,10 +764,7 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
 #pragma unroll
             for (int rt = 0; rt < R; rt++) {
                 uint4 w0[2], w1[2];
-                if (held && c < PRE_CHUNKS) {
-                    w0[0] = pw0[c][0]; w1[0] = pw1[c][0];
-                    if (!FP8) { w0[1] = pw0[c][1]; w1[1] = pw1[c][1]; }
-                } else if (FP8) {
+                if (FP8) {
 #ifdef GEMV_TILED_ORDER
                     // Measurement only (wrong results): the tile's same bytes, each warp load 512
                     // contiguous bytes (a tiled layout's order) instead of 16 rows x 32 bytes.
@@ -804,6 +775,8 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
                     w0[0] = __ldg(reinterpret_cast<const uint4*>(W + (size_t)rr[rt][0] * K + k));
                     w1[0] = __ldg(reinterpret_cast<const uint4*>(W + (size_t)rr[rt][1] * K + k));
 #endif
+                } else if (PIPE) {
+                    w0[0] = pw0[c][0]; w0[1] = pw0[c][1]; w1[0] = pw1[c][0]; w1[1] = pw1[c][1];
                 } else {
                     bf16_rows(rt, k, w0, w1);
                 }
@@ -860,13 +833,7 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
             for (int c = 0; c < 2; c++)
 #pragma unroll
                 for (int i = 0; i < 2; i++) { pw0[c][i] = nw0[c][i]; pw1[c][i] = nw1[c][i]; }
-    };
-    int kb0 = w;
-    if (PRE && !PIPE && kb0 < KB) {
-        kblock(kb0, true);
-        kb0 += MMA_WARPS;
     }
-    for (int kb = kb0; kb < KB; kb += MMA_WARPS) kblock(kb, PIPE);
     // C fragment: c0 (row g, token 2q), c1 (g, 2q+1), c2 (g+8, 2q), c3 (g+8, 2q+1) of tile tt.
     // One row tile at a time through the shared buffer (it holds one tile's warps).
 #pragma unroll
@@ -1106,40 +1073,21 @@ GEMM_MMA_KERNEL(gemm_mma_deep_bf16, false, 1, 5)
     }
 // gemv_mma_bf16_t1 with the next K block's weights loaded ahead (PIPE above); zeroes counters
 // as the one-tile kernels do.
-// Both load their first K block before the PDL wait (PRE); measurement builds turn that off
-// with -DGEMV_NO_PRE_PIPE / -DGEMV_NO_PRE_READY.
-#ifdef GEMV_NO_PRE_PIPE
-#define GEMV_PRE_PIPE false
-#else
-#define GEMV_PRE_PIPE true
-#endif
-#ifdef GEMV_NO_PRE_READY
-#define GEMV_PRE_READY false
-#else
-#define GEMV_PRE_READY true
-#endif
-// The PDL wait as gemv_mma's `enter` (PRE: called once the first K block is asked for).
-#define GEMV_ENTER [&] { PDL_WAIT(); TRACE_PAST_WAIT(); PDL_TRIGGER(); }
 extern "C" __global__ void __launch_bounds__(256) gemv_mma_bf16_t1_pipe(
     const unsigned char* __restrict__ W, const float* __restrict__ S, const unsigned short* __restrict__ XH,
     const unsigned short* __restrict__ XL, const float* __restrict__ xinv, float* __restrict__ y, float* __restrict__ y1,
     float* __restrict__ y2, int N0, int N1, int N, int K, int T, unsigned* zero, int nzero) {
-    TRACE_SCOPE();
-    gemv_mma<1, 1, false, false, true, GEMV_PRE_PIPE>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T, nullptr, 0, 0, 0, GEMV_ENTER);
+    PDL_ENTER();
+    gemv_mma<1, 1, false, false, true>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T);
     zero_after_wait(zero, nzero);
 }
 // gemv_mma_fp8_t1 counting its tiles into `ready` for attention_v2_kv_ready (READY above).
-#ifdef GEMV_READY_MAXNREG
-#define GEMV_READY_BOUNDS __maxnreg__(GEMV_READY_MAXNREG)
-#else
-#define GEMV_READY_BOUNDS __launch_bounds__(256)
-#endif
-extern "C" __global__ void GEMV_READY_BOUNDS gemv_mma_fp8_t1_ready(
+extern "C" __global__ void __launch_bounds__(256) gemv_mma_fp8_t1_ready(
     const unsigned char* __restrict__ W, const float* __restrict__ S, const unsigned short* __restrict__ XH,
     const unsigned short* __restrict__ XL, const float* __restrict__ xinv, float* __restrict__ y, float* __restrict__ y1,
     float* __restrict__ y2, int N0, int N1, int N, int K, int T, unsigned* __restrict__ ready, int heads, int hd, int vd) {
-    TRACE_SCOPE();
-    gemv_mma<1, 1, true, true, false, GEMV_PRE_READY>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T, ready, heads, hd, vd, GEMV_ENTER);
+    PDL_ENTER();
+    gemv_mma<1, 1, true, true>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T, ready, heads, hd, vd);
 }
 // Measured on the H100 and not kept (benches/results/2026-11-23-gemv-row-tiles.md): one row
 // tile of 16, 32 or 64 tokens per block (the activations read from L2 once per 16 rows bound

@@ -589,9 +589,7 @@ __device__ __forceinline__ void add_rms_norm_split_pairs_one_row(float* __restri
 #ifndef NORM_MARK
     TRACE_PAST_WAIT();
 #endif
-#ifndef NORM_TRIGGER_LATE
     PDL_TRIGGER();
-#endif
     float s = 0.f;
     if (mine) {
         if (pre) v[0] = plus4(v[0], pv);
@@ -604,9 +602,6 @@ __device__ __forceinline__ void add_rms_norm_split_pairs_one_row(float* __restri
     }
     NORM_TRACE_MARK(2);
     s = block_sum(s, sh);
-#ifdef NORM_TRIGGER_LATE
-    PDL_TRIGGER();  // measurement: the next kernel's blocks only once this one's loads are in
-#endif
     NORM_TRACE_MARK(3);
     float inv = 1.f / sqrtf(s / D + eps);
     if (mine) {

@@ -169,9 +169,6 @@ pub(crate) struct Ops {
     add_rms_norm_pairs: CudaFunction,
     add_rms_norm_split_pairs: CudaFunction,
     add_pairs_inplace: CudaFunction,
-    /// Measurement only (`PEREGRINE_NORM_EXCLUSIVE_SMEM=bytes`): the one-row pairs norm asks for
-    /// that much dynamic shared memory, so no other kernel's block shares its SM.
-    norm_exclusive_smem: u32,
     rope_kv_write: CudaFunction,
     moe_route: CudaFunction,
     moe_group: CudaFunction,
@@ -398,11 +395,6 @@ impl CudaModel {
             add_rms_norm_pairs: f("add_rms_norm_pairs")?,
             add_rms_norm_split_pairs: f("add_rms_norm_split_pairs")?,
             add_pairs_inplace: f("add_pairs_inplace")?,
-            norm_exclusive_smem: {
-                let bytes: u32 = std::env::var("PEREGRINE_NORM_EXCLUSIVE_SMEM").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
-                let k = f("add_rms_norm_split_pairs")?;
-                if bytes > 0 && k.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32).is_ok() { bytes } else { 0 }
-            },
             rope_kv_write: f("rope_kv_write")?,
             moe_route: f("moe_route")?,
             moe_group: {
@@ -1169,11 +1161,7 @@ impl CudaModel {
         let mut yinv = self.empty(rows)?;
         let mut b = crate::launch::builder(&self.stream, &self.ops.add_rms_norm_split_pairs);
         b.arg(x).arg(out).arg(tok_pairs).arg(&k).arg_or_null(pre.as_ref()).arg(w).arg(&mut y).arg(&mut yh).arg(&mut yl).arg(&mut yinv).arg(&dd).arg(&eps);
-        let mut cfg = norm_cfg(rows, d);
-        if rows == 1 {
-            cfg.shared_mem_bytes = self.ops.norm_exclusive_smem;
-        }
-        unsafe { b.launch(cfg) }.map_err(drv)?;
+        unsafe { b.launch(norm_cfg(rows, d)) }.map_err(drv)?;
         Ok((y, Some((yh, yl, yinv))))
     }
 
