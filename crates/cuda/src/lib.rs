@@ -30,3 +30,50 @@ pub use backend::CudaModel;
 pub use graph::NodeKinds;
 pub use device::{probe, probe_for_tests, Gpu, REQUIRE_GPU_ENV};
 pub use kernels::{Kernels, MoeKernel, MoeLayout, MoeRouting};
+
+/// docs/cuda-switches.md lists every environment variable this crate reads, and nothing else.
+#[cfg(test)]
+mod switches_doc {
+    use std::collections::BTreeSet;
+    use std::path::Path;
+
+    /// Every string literal under `dir` that is a whole variable name of this project (the crate
+    /// reads variables by name); the needle is built at run time so this file does not match it.
+    fn literals(dir: &Path, out: &mut BTreeSet<String>) {
+        let needle = format!("\"{}_", "PEREGRINE");
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                literals(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                for (i, _) in text.match_indices(&needle) {
+                    let name: String = text[i + 1..].chars().take_while(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == '_').collect();
+                    if name.len() > needle.len() - 1 && text[i + 1 + name.len()..].starts_with('"') {
+                        out.insert(name);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_switch_the_code_reads_is_documented_and_no_other() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut code = BTreeSet::new();
+        for dir in ["src", "examples", "tests"] {
+            literals(&root.join(dir), &mut code);
+        }
+        assert!(code.contains("PEREGRINE_PDL") && code.len() > 30, "the scan found too few variables: {code:?}");
+        let doc = std::fs::read_to_string(root.join("../../docs/cuda-switches.md")).unwrap();
+        let documented: BTreeSet<String> = doc
+            .split('`')
+            .filter(|w| w.starts_with("PEREGRINE_") && w.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_'))
+            .map(str::to_string)
+            .collect();
+        let undocumented: Vec<&String> = code.difference(&documented).collect();
+        let stale: Vec<&String> = documented.difference(&code).collect();
+        assert!(undocumented.is_empty(), "read by crates/cuda but missing from docs/cuda-switches.md: {undocumented:?}");
+        assert!(stale.is_empty(), "in docs/cuda-switches.md but read nowhere in crates/cuda: {stale:?}");
+    }
+}
