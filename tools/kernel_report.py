@@ -152,6 +152,17 @@ def fill_cache(lib, cache, arch, defines, defines_in):
         print(path)
 
 
+def print_cache_names(arch, defines, defines_in):
+    """The cache file name fill_cache would write for every kernel file, one per line (compile.rs's
+    test compares them with its own)."""
+    files, options = compile_rs_layout(None)
+    for f, headers in files.items():
+        stem = f[: -len(".cu")]
+        opts = options + file_defines(stem, defines, defines_in)
+        key = fnv1a([kernel_source(None, f, headers).encode(), arch.encode(), " ".join(opts).encode()])
+        print(f"{stem}-{arch}-{key:016x}.ptx")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="sm_90a")
@@ -159,6 +170,7 @@ def main():
     ap.add_argument("--tools", default=os.path.join(ROOT, "target/cuda-tools/nvidia/cu13"))
     ap.add_argument("--fill-cache", metavar="DIR", help="write every file's PTX into DIR/kernels as compile.rs caches it (the defines as PEREGRINE_KERNEL_DEFINES), and report nothing")
     ap.add_argument("--defines-in", default="", help="with --fill-cache: the files the defines go to, as PEREGRINE_KERNEL_DEFINES_IN")
+    ap.add_argument("--print-cache-names", action="store_true", help="print the cache file names --fill-cache would write (needs no NVRTC)")
     ap.add_argument("files", nargs="*", help="kernel files (default: every file compile.rs embeds)")
     args, rest = ap.parse_known_args()
     # -DNAME, or file:-DNAME for that file only (compile.rs's options_with)
@@ -167,10 +179,14 @@ def main():
     unknown = [a for a in rest if a not in defines]
     if unknown:
         ap.error(f"unknown arguments: {unknown}")
+    defines_in = [f.strip() for f in args.defines_in.split(",") if f.strip()]
+    if args.print_cache_names:
+        print_cache_names(args.arch, defines, defines_in)
+        return
     lib = ctypes.CDLL(os.path.join(args.tools, "lib/libnvrtc.so.13"))
     ptxas = os.path.join(args.tools, "bin/ptxas")
     if args.fill_cache:
-        fill_cache(lib, args.fill_cache, args.arch, defines, [f.strip() for f in args.defines_in.split(",") if f.strip()])
+        fill_cache(lib, args.fill_cache, args.arch, defines, defines_in)
         return
     now = report(lib, ptxas, None, args.arch, defines, args.files)
     base = report(lib, ptxas, args.base, args.arch, defines, args.files) if args.base else None

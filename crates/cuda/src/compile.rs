@@ -67,12 +67,19 @@ fn options_with(name: &str, defines: &str, only_in: Option<&str>) -> Vec<String>
     OPTIONS.iter().map(|s| s.to_string()).chain(words.map(str::to_string)).collect()
 }
 
+/// The cache file of kernel file `name`'s PTX: `{name}-{arch}-{key}.ptx`, the key FNV-1a 64 over
+/// the source, the arch and the options. tools/kernel_report.py (`--fill-cache`) names its files
+/// the same way, so PTX compiled without a GPU is found on the GPU machine.
+fn cache_file_name(name: &str, src: &str, arch: &str, options: &[String]) -> String {
+    let key = fnv1a(&[src.as_bytes(), arch.as_bytes(), options.join(" ").as_bytes()]);
+    format!("{name}-{arch}-{key:016x}.ptx")
+}
+
 /// PTX of `src` for `arch` (e.g. "sm_90a"), from the cache or freshly compiled. Returns the PTX
 /// and whether it came from the cache.
 pub fn ptx(name: &str, src: &str, arch: &'static str) -> Result<(Ptx, bool)> {
     let options = options(name);
-    let key = fnv1a(&[src.as_bytes(), arch.as_bytes(), options.join(" ").as_bytes()]);
-    let path = cache_dir().join(format!("{name}-{arch}-{key:016x}.ptx"));
+    let path = cache_dir().join(cache_file_name(name, src, arch, &options));
     if let Ok(text) = std::fs::read_to_string(&path) {
         return Ok((Ptx::from_src(text), true));
     }
@@ -95,7 +102,7 @@ pub fn ptx(name: &str, src: &str, arch: &'static str) -> Result<(Ptx, bool)> {
 
 #[cfg(test)]
 mod tests {
-    use super::options_with;
+    use super::{cache_file_name, options_with, GEMV_CU, MOE_CU, OPS_CU, SAMPLE_CU};
 
     #[test]
     fn measurement_defines_go_to_the_files_named() {
@@ -113,5 +120,33 @@ mod tests {
         assert_eq!(options_with("ops", "-DA ops:-DB=2", None), ["--std=c++17", "-lineinfo", "-DA", "-DB=2"]);
         assert_eq!(options_with("gemv", "-DA ops:-DB=2", None), ["--std=c++17", "-lineinfo", "-DA"]);
         assert_eq!(options_with("ops", "-DA ops:-DB", Some("gemv")), ["--std=c++17", "-lineinfo", "-DB"]);
+    }
+
+    /// tools/kernel_report.py's `--print-cache-names` gives the file names `ptx` looks up, for
+    /// every kernel file and several define sets: what `--fill-cache` writes is what a GPU
+    /// machine finds (a mismatch would only cost a compile there, silently).
+    #[test]
+    fn kernel_report_names_cache_files_as_compile_rs_does() {
+        let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
+        if std::process::Command::new("python3").arg("--version").output().is_err() {
+            eprintln!("skipped: no python3");
+            return;
+        }
+        let files = [("gemv", GEMV_CU), ("ops", OPS_CU), ("sample", SAMPLE_CU), ("moe", MOE_CU)];
+        for (defines, only_in) in [("", None), ("-DA -DB=2", None), ("-DSTEP_TRACE gemv:-DX", Some("ops")), ("ops:-DNORM_MARK=2", None), ("-DA", Some("gemv,moe"))] {
+            let mut cmd = std::process::Command::new("python3");
+            cmd.arg(format!("{root}/tools/kernel_report.py")).args(["--print-cache-names", "--arch", "sm_90a"]);
+            if let Some(f) = only_in {
+                cmd.args(["--defines-in", f]);
+            }
+            cmd.args(defines.split_whitespace());
+            let out = cmd.output().unwrap();
+            assert!(out.status.success(), "kernel_report.py {defines:?}: {}", String::from_utf8_lossy(&out.stderr));
+            let mut got: Vec<String> = String::from_utf8(out.stdout).unwrap().lines().map(str::to_string).collect();
+            let mut want: Vec<String> = files.iter().map(|(name, src)| cache_file_name(name, src, "sm_90a", &options_with(name, defines, only_in))).collect();
+            got.sort();
+            want.sort();
+            assert_eq!(got, want, "defines {defines:?}, only in {only_in:?}");
+        }
     }
 }
