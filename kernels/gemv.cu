@@ -694,7 +694,7 @@ __device__ __forceinline__ void b_regs(uint4 x0, uint4 x1, unsigned b[8]) {
 // o_proj at decode: 256 tiles, where the 64-register kernel also had only 2 of its 4 possible
 // blocks per SM and so half the bytes in flight of a GEMV with a full grid). Same loads, same
 // arithmetic in the same order: the same bits.
-template <int NT, int R, bool FP8, bool READY = false, bool PIPE = false>
+template <int NT, int R, bool FP8, bool READY = false, bool PIPE = false, int CW = 1>
 __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, const float* __restrict__ S,
                                          const unsigned short* __restrict__ XH, const unsigned short* __restrict__ XL,
                                          const float* __restrict__ xinv, float* __restrict__ y, float* __restrict__ y1,
@@ -702,6 +702,7 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
                                          unsigned* __restrict__ ready = nullptr, int heads = 0, int hd = 0, int vd = 0) {
     static_assert(!READY || R == 1, "the ready counts are per 16-row tile");
     static_assert(!PIPE || (R == 1 && !FP8), "the pipelined GEMV is the BF16 one-tile kernel");
+    static_assert(CW == 1 || (R == 1 && NT == 1 && !PIPE && MMA_WARPS % CW == 0), "K classes per warp: one-tile, one-token-group kernels");
     __shared__ float red[MMA_WARPS][16 * NT * 8];
     int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane >> 2, q = lane & 3;
     // R > 1: the blocks of one row group over its token groups are adjacent in launch order
@@ -745,7 +746,21 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
     if (PIPE && w < KB)
 #pragma unroll
         for (int c = 0; c < 2; c++) bf16_rows(0, w * 128 + c * 64 + q * 16, pw0[c], pw1[c]);
-    for (int kb = w; kb < KB; kb += MMA_WARPS) {
+    // The K class this warp sums: K blocks cls, cls + MMA_WARPS, ... With CW > 1 (blocks of
+    // MMA_WARPS / CW warps) a warp sums classes w, w + MMA_WARPS / CW, ... one after the other,
+    // each into its own slot of red, so the block adds the same MMA_WARPS sums in the same order.
+    int cls = w;
+    for (int ci = 0; ci < CW; ci++) {
+    if (ci > 0) {
+#pragma unroll
+        for (int i = 0; i < 4; i++) red[cls][(g + (i >> 1) * 8) * (NT * 8) + 2 * q + (i & 1)] = acc[0][0][i];
+#pragma unroll
+        for (int tt = 0; tt < NT; tt++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) acc[0][tt][i] = 0.f;
+        cls += MMA_WARPS / CW;
+    }
+    for (int kb = cls; kb < KB; kb += MMA_WARPS) {
         uint4 nw0[2][2], nw1[2][2];
         if (PIPE && kb + MMA_WARPS < KB)
 #pragma unroll
@@ -834,12 +849,13 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
 #pragma unroll
                 for (int i = 0; i < 2; i++) { pw0[c][i] = nw0[c][i]; pw1[c][i] = nw1[c][i]; }
     }
+    }
     // C fragment: c0 (row g, token 2q), c1 (g, 2q+1), c2 (g+8, 2q), c3 (g+8, 2q+1) of tile tt.
     // One row tile at a time through the shared buffer (it holds one tile's warps).
 #pragma unroll
     for (int rt = 0; rt < R; rt++) {
         if (rt > 0) __syncthreads();  // the previous tile's sums have been read
-        float* rw = red[w];
+        float* rw = red[cls];
 #pragma unroll
         for (int tt = 0; tt < NT; tt++)
 #pragma unroll
@@ -1088,6 +1104,15 @@ extern "C" __global__ void __launch_bounds__(256) gemv_mma_fp8_t1_ready(
     float* __restrict__ y2, int N0, int N1, int N, int K, int T, unsigned* __restrict__ ready, int heads, int hd, int vd) {
     PDL_ENTER();
     gemv_mma<1, 1, true, true>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T, ready, heads, hd, vd);
+}
+// gemv_mma_fp8_t1_ready in blocks of 4 warps, each summing two K classes (CW = 2): the same
+// bits, twice the blocks per SM, so the decode q/k/v projection's tiles fit one wave.
+extern "C" __global__ void __launch_bounds__(128) gemv_mma_fp8_t1_ready4(
+    const unsigned char* __restrict__ W, const float* __restrict__ S, const unsigned short* __restrict__ XH,
+    const unsigned short* __restrict__ XL, const float* __restrict__ xinv, float* __restrict__ y, float* __restrict__ y1,
+    float* __restrict__ y2, int N0, int N1, int N, int K, int T, unsigned* __restrict__ ready, int heads, int hd, int vd) {
+    PDL_ENTER();
+    gemv_mma<1, 1, true, true, false, 2>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T, ready, heads, hd, vd);
 }
 // Measured on the H100 and not kept (benches/results/2026-11-23-gemv-row-tiles.md): one row
 // tile of 16, 32 or 64 tokens per block (the activations read from L2 once per 16 rows bound

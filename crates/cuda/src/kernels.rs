@@ -212,8 +212,13 @@ pub struct Kernels {
     /// Tensor-core GEMVs, FP8 and BF16 weights, one per `MMA_GEMV_TILES` entry.
     mma_fp8: Vec<CudaFunction>,
     mma_bf16: Vec<CudaFunction>,
-    /// The FP8 one-tile GEMV counting its tiles for `attention_v2_kv_ready` (`gemv_qkv_ready`).
+    /// The FP8 one-tile GEMV counting its tiles for `attention_v2_kv_ready` (`gemv_qkv_ready`),
+    /// in blocks of 8 warps or (`mma_fp8_ready4`, while `qkv_ready4`; `PEREGRINE_QKV_READY4=0`
+    /// turns it off, for comparisons) of 4 warps summing two K classes each: the same bits, and
+    /// twice the blocks per SM, so the decode q/k/v projection's tiles fit one wave.
     mma_fp8_ready: CudaFunction,
+    mma_fp8_ready4: CudaFunction,
+    qkv_ready4: bool,
     /// The BF16 one-tile GEMV loading a K block ahead (`gemv_mma_bf16_t1_pipe`, ~100 registers),
     /// run where its grid fits one wave of it (`mma_bf16_pipe_wave` blocks, 2 per SM on the H100)
     /// while `gemv_pipe` (`PEREGRINE_GEMV_PIPE=0` turns it off, for comparisons): the o_proj at
@@ -711,6 +716,8 @@ impl Kernels {
             mma_fp8,
             mma_bf16,
             mma_fp8_ready: f("gemv_mma_fp8_t1_ready")?,
+            mma_fp8_ready4: f("gemv_mma_fp8_t1_ready4")?,
+            qkv_ready4: std::env::var("PEREGRINE_QKV_READY4").map_or(true, |v| v != "0"),
             mma_bf16_pipe,
             mma_bf16_pipe_wave,
             gemv_pipe: std::env::var("PEREGRINE_GEMV_PIPE").map_or(true, |v| v != "0"),
@@ -848,11 +855,12 @@ impl Kernels {
         let rows = n.iter().sum::<usize>();
         let (ni, ki, ti) = (rows as i32, k as i32, t as i32);
         let (n0, n1, hh, hdi, vdi) = (n[0] as i32, n[1] as i32, heads as i32, hd as i32, vd as i32);
-        let mut b = crate::launch::builder(&self.stream, &self.mma_fp8_ready);
+        let (f, threads, name) = if self.qkv_ready4 { (&self.mma_fp8_ready4, 128, "gemv_mma_fp8_t1_ready4") } else { (&self.mma_fp8_ready, 256, "gemv_mma_fp8_t1_ready") };
+        let mut b = crate::launch::builder(&self.stream, f);
         b.arg(&w).arg(scales).arg(xh).arg(xl).arg(inv).arg(y0).arg(y1).arg(y2).arg(&n0).arg(&n1).arg(&ni).arg(&ki).arg(&ti);
         b.arg(ready).arg(&hh).arg(&hdi).arg(&vdi);
-        let cfg = LaunchConfig { grid_dim: (rows.div_ceil(16) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        unsafe { b.launch(cfg) }.map_err(drv("gemv_mma_fp8_t1_ready"))?;
+        let cfg = LaunchConfig { grid_dim: (rows.div_ceil(16) as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+        unsafe { b.launch(cfg) }.map_err(drv(name))?;
         Ok(())
     }
 
@@ -1159,6 +1167,12 @@ impl Kernels {
     /// (`gemv_mma_bf16_t1_pipe`, the default), or never (`false`). Same bits either way.
     pub fn set_gemv_pipe(&mut self, on: bool) {
         self.gemv_pipe = on;
+    }
+
+    /// Whether the q/k/v projection feeding the ready attention runs in blocks of 4 warps
+    /// (`qkv_ready4`); tests compare both.
+    pub fn set_qkv_ready4(&mut self, on: bool) {
+        self.qkv_ready4 = on;
     }
 
     /// The `MMA_GEMV_TILES` index a tensor-core GEMV of `t` tokens x `n` rows runs: the forced
