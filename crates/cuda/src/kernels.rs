@@ -1069,7 +1069,7 @@ impl Kernels {
 
     /// x [rows, K] -> F16 hi and lo parts of x scaled per row by a power of two, and the inverse
     /// scales; `interleave` stores each group of 8 as 0,4,1,5,2,6,3,7 (the MXFP4 kernels' order).
-    pub(crate) fn split_f16(&self, x: &CudaSlice<f32>, rows: usize, k: usize, interleave: bool) -> Result<F16Split> {
+    pub fn split_f16(&self, x: &CudaSlice<f32>, rows: usize, k: usize, interleave: bool) -> Result<F16Split> {
         let len = rows * k;
         let mut xh = unsafe { self.alloc.alloc::<u16>(len) }?;
         let mut xl = unsafe { self.alloc.alloc::<u16>(len) }?;

@@ -223,6 +223,65 @@ fn stacked_qkv_gemv_matches_the_cpu_reference() {
     }
 }
 
+/// The q/k/v projection that feeds the ready attention (`gemv_qkv_ready`), in blocks of 8 warps
+/// and in blocks of 4 warps summing two K classes each (`set_qkv_ready4`), gives the stacked
+/// GEMV's bits on the same split input (`gemv_split3`), matches the CPU, and counts each
+/// finished 16-row tile into its head's counter. K of 5 K blocks (warps with an empty class),
+/// 8, and 32 (MiMo's 4096); 1-4 tokens.
+#[test]
+fn ready_qkv_projection_gives_the_stacked_gemvs_bits() {
+    use cudarc::driver::DevicePtr;
+    let Some((g, mut kern)) = gpu() else { return };
+    let mut r = rng();
+    let (heads, kv_heads, hd, vd) = (4usize, 2usize, 64usize, 32usize);
+    let rows = [heads * hd, kv_heads * hd, kv_heads * vd];
+    let n: usize = rows.iter().sum();
+    for k in [640usize, 1024, 4096] {
+        let (w8, sc) = random_fp8(&mut r, n, k);
+        let wf = dequant_fp8_block(&w8, &sc, n, k, 128, 128);
+        let (w8d, scd) = (g.stream.clone_htod(&w8).unwrap(), g.stream.clone_htod(&sc).unwrap());
+        let wp = w8d.device_ptr(&g.stream).0;
+        for t in 1..=4usize {
+            assert!(kern.qkv_ready_takes(rows, heads, hd, vd, k, t), "{k} x {t}: a shape the ready projection takes");
+            let x = randn(&mut r, t * k);
+            let xd = g.stream.clone_htod(&x).unwrap();
+            let split = kern.split_f16(&xd, t, k, false).unwrap();
+            let read = |ys: &[cudarc::driver::CudaSlice<f32>; 3]| -> Vec<Vec<f32>> { ys.iter().map(|y| g.stream.clone_dtoh(y).unwrap()).collect() };
+            let mut plain = [poisoned(&g, t * rows[0]), poisoned(&g, t * rows[1]), poisoned(&g, t * rows[2])];
+            {
+                let [y0, y1, y2] = &mut plain;
+                kern.gemv_split3(wp, Some(&scd), &xd, Some(&split), [y0, y1, y2], rows, k, t).unwrap();
+            }
+            let plain = read(&plain);
+            let want = reference(&wf, &x, n, k, t);
+            let mut off = 0;
+            for (i, got) in plain.iter().enumerate() {
+                let part: Vec<f32> = (0..t).flat_map(|ti| want[ti * n + off..ti * n + off + rows[i]].to_vec()).collect();
+                assert_close(&format!("stacked fp8 q/k/v part {i}, K {k}, T={t}"), got, &part);
+                off += rows[i];
+            }
+            for four in [false, true] {
+                kern.set_qkv_ready4(four);
+                let ready = g.stream.alloc_zeros::<u32>(heads + kv_heads + 1).unwrap();
+                let mut ys = [poisoned(&g, t * rows[0]), poisoned(&g, t * rows[1]), poisoned(&g, t * rows[2])];
+                {
+                    let [y0, y1, y2] = &mut ys;
+                    kern.gemv_qkv_ready(wp, &scd, &split, [y0, y1, y2], rows, k, t, &ready, heads, hd, vd).unwrap();
+                }
+                let got = read(&ys);
+                for (i, (a, b)) in got.iter().zip(&plain).enumerate() {
+                    assert!(a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits()), "K {k}, T={t}, 4-warp blocks {four}: part {i} differs from the stacked GEMV in some bit");
+                }
+                let mut counts = vec![(hd / 16) as u32; heads];
+                counts.extend(std::iter::repeat_n(((hd + vd) / 16) as u32, kv_heads));
+                counts.push(0);
+                assert_eq!(g.stream.clone_dtoh(&ready).unwrap(), counts, "K {k}, T={t}, 4-warp blocks {four}: tiles counted per head");
+            }
+        }
+    }
+    kern.set_qkv_ready4(true);
+}
+
 #[test]
 fn mxfp4_moe_decode_matches_the_cpu_reference() {
     let Some((g, mut kern)) = gpu() else { return };
