@@ -701,8 +701,8 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
                                          float* __restrict__ y2, int N0, int N1, int N, int K, int T,
                                          unsigned* __restrict__ ready = nullptr, int heads = 0, int hd = 0, int vd = 0) {
     static_assert(!READY || R == 1, "the ready counts are per 16-row tile");
-    static_assert(!PIPE || R == 1, "the pipelined GEMV is a one-tile kernel");
-    static_assert(CW == 1 || (R == 1 && NT == 1 && MMA_WARPS % CW == 0), "K classes per warp: one-tile, one-token-group kernels");
+    static_assert(!PIPE || (R == 1 && !FP8), "the pipelined GEMV is the BF16 one-tile kernel");
+    static_assert(CW == 1 || (R == 1 && NT == 1 && !PIPE && MMA_WARPS % CW == 0), "K classes per warp: one-tile, one-token-group kernels");
     __shared__ float red[MMA_WARPS][16 * NT * 8];
     int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane >> 2, q = lane & 3;
     // R > 1: the blocks of one row group over its token groups are adjacent in launch order
@@ -741,24 +741,11 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
         const uint4* p1 = reinterpret_cast<const uint4*>(reinterpret_cast<const unsigned short*>(W) + (size_t)rr[rt][1] * K + k);
         w0[0] = __ldg(p0); w0[1] = __ldg(p0 + 1); w1[0] = __ldg(p1); w1[1] = __ldg(p1 + 1);
     };
-    // PIPE: K block kb's weights of both 64-k chunks (rows g, g + 8; FP8 in [c][0] only), loaded
-    // one K block ahead.
-    auto kblock_rows = [&](int kb, uint4 w0[2][2], uint4 w1[2][2]) {
-#pragma unroll
-        for (int c = 0; c < 2; c++) {
-            int k = kb * 128 + c * 64 + q * 16;
-            w0[c][0] = __ldg(reinterpret_cast<const uint4*>(W + (size_t)rr[0][0] * K + k));
-            w1[c][0] = __ldg(reinterpret_cast<const uint4*>(W + (size_t)rr[0][1] * K + k));
-        }
-    };
+    // PIPE: K block kb's weights of both 64-k chunks, loaded one K block ahead.
     uint4 pw0[2][2], pw1[2][2];
-    if (PIPE && w < KB) {
-        if (FP8)
-            kblock_rows(w, pw0, pw1);
-        else
+    if (PIPE && w < KB)
 #pragma unroll
-            for (int c = 0; c < 2; c++) bf16_rows(0, w * 128 + c * 64 + q * 16, pw0[c], pw1[c]);
-    }
+        for (int c = 0; c < 2; c++) bf16_rows(0, w * 128 + c * 64 + q * 16, pw0[c], pw1[c]);
     // The K class this warp sums: K blocks cls, cls + MMA_WARPS, ... With CW > 1 (blocks of
     // MMA_WARPS / CW warps) a warp sums classes w, w + MMA_WARPS / CW, ... one after the other,
     // each into its own slot of red, so the block adds the same MMA_WARPS sums in the same order.
@@ -775,14 +762,9 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
     }
     for (int kb = cls; kb < KB; kb += MMA_WARPS) {
         uint4 nw0[2][2], nw1[2][2];
-        if (PIPE && !FP8 && kb + MMA_WARPS < KB)
+        if (PIPE && kb + MMA_WARPS < KB)
 #pragma unroll
             for (int c = 0; c < 2; c++) bf16_rows(0, (kb + MMA_WARPS) * 128 + c * 64 + q * 16, nw0[c], nw1[c]);
-        if (PIPE && FP8) {
-            // The warp's next K block: on in this class, else the next class's first.
-            int nk = kb + MMA_WARPS < KB || ci + 1 == CW ? kb + MMA_WARPS : cls + MMA_WARPS / CW;
-            if (nk < KB) kblock_rows(nk, nw0, nw1);
-        }
         float part[R][NT][4];
 #pragma unroll
         for (int rt = 0; rt < R; rt++)
@@ -797,10 +779,7 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
 #pragma unroll
             for (int rt = 0; rt < R; rt++) {
                 uint4 w0[2], w1[2];
-                if (PIPE) {
-                    w0[0] = pw0[c][0]; w1[0] = pw1[c][0];
-                    if (!FP8) { w0[1] = pw0[c][1]; w1[1] = pw1[c][1]; }
-                } else if (FP8) {
+                if (FP8) {
 #ifdef GEMV_TILED_ORDER
                     // Measurement only (wrong results): the tile's same bytes, each warp load 512
                     // contiguous bytes (a tiled layout's order) instead of 16 rows x 32 bytes.
@@ -811,6 +790,8 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
                     w0[0] = __ldg(reinterpret_cast<const uint4*>(W + (size_t)rr[rt][0] * K + k));
                     w1[0] = __ldg(reinterpret_cast<const uint4*>(W + (size_t)rr[rt][1] * K + k));
 #endif
+                } else if (PIPE) {
+                    w0[0] = pw0[c][0]; w0[1] = pw0[c][1]; w1[0] = pw1[c][0]; w1[1] = pw1[c][1];
                 } else {
                     bf16_rows(rt, k, w0, w1);
                 }
@@ -866,7 +847,7 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
 #pragma unroll
             for (int c = 0; c < 2; c++)
 #pragma unroll
-                for (int i = 0; i < (FP8 ? 1 : 2); i++) { pw0[c][i] = nw0[c][i]; pw1[c][i] = nw1[c][i]; }
+                for (int i = 0; i < 2; i++) { pw0[c][i] = nw0[c][i]; pw1[c][i] = nw1[c][i]; }
     }
     }
     // C fragment: c0 (row g, token 2q), c1 (g, 2q+1), c2 (g+8, 2q), c3 (g+8, 2q+1) of tile tt.
@@ -1132,15 +1113,6 @@ extern "C" __global__ void __launch_bounds__(128) gemv_mma_fp8_t1_ready4(
     float* __restrict__ y2, int N0, int N1, int N, int K, int T, unsigned* __restrict__ ready, int heads, int hd, int vd) {
     PDL_ENTER();
     gemv_mma<1, 1, true, true, false, 2>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T, ready, heads, hd, vd);
-}
-// ... with the next K block loaded ahead (PIPE; measurement: PEREGRINE_QKV_READY4=pipe). At most
-// 64 registers, so 8 blocks per SM still hold a decode q/k/v projection's tiles in one wave.
-extern "C" __global__ void __launch_bounds__(128, 8) gemv_mma_fp8_t1_ready4_pipe(
-    const unsigned char* __restrict__ W, const float* __restrict__ S, const unsigned short* __restrict__ XH,
-    const unsigned short* __restrict__ XL, const float* __restrict__ xinv, float* __restrict__ y, float* __restrict__ y1,
-    float* __restrict__ y2, int N0, int N1, int N, int K, int T, unsigned* __restrict__ ready, int heads, int hd, int vd) {
-    PDL_ENTER();
-    gemv_mma<1, 1, true, true, true, 2>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T, ready, heads, hd, vd);
 }
 // Measured on the H100 and not kept (benches/results/2026-11-23-gemv-row-tiles.md): one row
 // tile of 16, 32 or 64 tokens per block (the activations read from L2 once per 16 rows bound

@@ -219,10 +219,6 @@ pub struct Kernels {
     mma_fp8_ready: CudaFunction,
     mma_fp8_ready4: CudaFunction,
     qkv_ready4: bool,
-    /// Measurement: the 4-warp kernel loading each warp's next K block ahead
-    /// (`gemv_mma_fp8_t1_ready4_pipe`; `PEREGRINE_QKV_READY4=pipe`).
-    mma_fp8_ready4_pipe: CudaFunction,
-    qkv_ready_pipe: bool,
     /// The BF16 one-tile GEMV loading a K block ahead (`gemv_mma_bf16_t1_pipe`, ~100 registers),
     /// run where its grid fits one wave of it (`mma_bf16_pipe_wave` blocks, 2 per SM on the H100)
     /// while `gemv_pipe` (`PEREGRINE_GEMV_PIPE=0` turns it off, for comparisons): the o_proj at
@@ -722,8 +718,6 @@ impl Kernels {
             mma_fp8_ready: f("gemv_mma_fp8_t1_ready")?,
             mma_fp8_ready4: f("gemv_mma_fp8_t1_ready4")?,
             qkv_ready4: std::env::var("PEREGRINE_QKV_READY4").map_or(true, |v| v != "0"),
-            mma_fp8_ready4_pipe: f("gemv_mma_fp8_t1_ready4_pipe")?,
-            qkv_ready_pipe: std::env::var("PEREGRINE_QKV_READY4").is_ok_and(|v| v == "pipe"),
             mma_bf16_pipe,
             mma_bf16_pipe_wave,
             gemv_pipe: std::env::var("PEREGRINE_GEMV_PIPE").map_or(true, |v| v != "0"),
@@ -861,11 +855,7 @@ impl Kernels {
         let rows = n.iter().sum::<usize>();
         let (ni, ki, ti) = (rows as i32, k as i32, t as i32);
         let (n0, n1, hh, hdi, vdi) = (n[0] as i32, n[1] as i32, heads as i32, hd as i32, vd as i32);
-        let (f, threads, name) = match (self.qkv_ready4, self.qkv_ready_pipe) {
-            (true, true) => (&self.mma_fp8_ready4_pipe, 128, "gemv_mma_fp8_t1_ready4_pipe"),
-            (true, false) => (&self.mma_fp8_ready4, 128, "gemv_mma_fp8_t1_ready4"),
-            (false, _) => (&self.mma_fp8_ready, 256, "gemv_mma_fp8_t1_ready"),
-        };
+        let (f, threads, name) = if self.qkv_ready4 { (&self.mma_fp8_ready4, 128, "gemv_mma_fp8_t1_ready4") } else { (&self.mma_fp8_ready, 256, "gemv_mma_fp8_t1_ready") };
         let mut b = crate::launch::builder(&self.stream, f);
         b.arg(&w).arg(scales).arg(xh).arg(xl).arg(inv).arg(y0).arg(y1).arg(y2).arg(&n0).arg(&n1).arg(&ni).arg(&ki).arg(&ti);
         b.arg(ready).arg(&hh).arg(&hdi).arg(&vdi);
@@ -1183,11 +1173,6 @@ impl Kernels {
     /// (`qkv_ready4`); tests compare both.
     pub fn set_qkv_ready4(&mut self, on: bool) {
         self.qkv_ready4 = on;
-    }
-
-    /// Whether those 4-warp blocks load each warp's next K block ahead (`qkv_ready_pipe`).
-    pub fn set_qkv_ready_pipe(&mut self, on: bool) {
-        self.qkv_ready_pipe = on;
     }
 
     /// The `MMA_GEMV_TILES` index a tensor-core GEMV of `t` tokens x `n` rows runs: the forced
