@@ -1105,17 +1105,6 @@ extern "C" __global__ void __launch_bounds__(256) gemv_mma_fp8_t1_ready(
     PDL_ENTER();
     gemv_mma<1, 1, true, true>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T, ready, heads, hd, vd);
 }
-// gemv_mma_fp8_t1 in blocks of 4 warps, each summing two K classes (CW = 2): the same bits,
-// twice the blocks per SM; the host runs it where the 8-warp grid needs a second wave and this
-// one does not. Zeroes counters as the one-tile kernels do.
-extern "C" __global__ void __launch_bounds__(128) gemv_mma_fp8_t1_w4(
-    const unsigned char* __restrict__ W, const float* __restrict__ S, const unsigned short* __restrict__ XH,
-    const unsigned short* __restrict__ XL, const float* __restrict__ xinv, float* __restrict__ y, float* __restrict__ y1,
-    float* __restrict__ y2, int N0, int N1, int N, int K, int T, unsigned* zero, int nzero) {
-    PDL_ENTER();
-    gemv_mma<1, 1, true, false, false, 2>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T);
-    zero_after_wait(zero, nzero);
-}
 // gemv_mma_fp8_t1_ready in blocks of 4 warps, each summing two K classes (CW = 2): the same
 // bits, twice the blocks per SM, so the decode q/k/v projection's tiles fit one wave.
 extern "C" __global__ void __launch_bounds__(128) gemv_mma_fp8_t1_ready4(

@@ -225,14 +225,6 @@ pub struct Kernels {
     /// decode.
     mma_bf16_pipe: CudaFunction,
     mma_bf16_pipe_wave: usize,
-    /// The FP8 one-tile GEMV in blocks of 4 warps (`gemv_mma_fp8_t1_w4`, the same bits), run
-    /// where the 8-warp grid is more than one wave (`mma_fp8_wave` blocks) and the 4-warp grid
-    /// is not (`mma_fp8_w4_wave`), while `fp8_w4` (`PEREGRINE_GEMV_FP8_W4=0` turns it off, for
-    /// comparisons): the q/k/v projections at 5-8 rows.
-    mma_fp8_w4: CudaFunction,
-    mma_fp8_wave: usize,
-    mma_fp8_w4_wave: usize,
-    fp8_w4: bool,
     gemv_pipe: bool,
     /// The GEMM entry of `MMA_GEMV_TILES` got its shared memory (chosen from
     /// `dense_gemm_min_tokens()` tokens).
@@ -710,9 +702,6 @@ impl Kernels {
         let sms = gpu.ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(drv("SM count"))? as usize;
         let mma_bf16_pipe = f("gemv_mma_bf16_t1_pipe")?;
         let mma_bf16_pipe_wave = mma_bf16_pipe.occupancy_max_active_blocks_per_multiprocessor(256, 0, None).map_err(drv("GEMV occupancy"))? as usize * sms;
-        let mma_fp8_w4 = f("gemv_mma_fp8_t1_w4")?;
-        let mma_fp8_wave = mma_fp8[0].occupancy_max_active_blocks_per_multiprocessor(256, 0, None).map_err(drv("GEMV occupancy"))? as usize * sms;
-        let mma_fp8_w4_wave = mma_fp8_w4.occupancy_max_active_blocks_per_multiprocessor(128, 0, None).map_err(drv("GEMV occupancy"))? as usize * sms;
         Ok(Kernels {
             stream: gpu.stream.clone(),
             bf16: f("gemv_bf16")?,
@@ -731,10 +720,6 @@ impl Kernels {
             qkv_ready4: std::env::var("PEREGRINE_QKV_READY4").map_or(true, |v| v != "0"),
             mma_bf16_pipe,
             mma_bf16_pipe_wave,
-            mma_fp8_w4,
-            mma_fp8_wave,
-            mma_fp8_w4_wave,
-            fp8_w4: std::env::var("PEREGRINE_GEMV_FP8_W4").map_or(true, |v| v != "0"),
             gemv_pipe: std::env::var("PEREGRINE_GEMV_PIPE").map_or(true, |v| v != "0"),
             dense_gemm,
             mma_forced: match std::env::var("PEREGRINE_GEMV_TILE") {
@@ -1136,9 +1121,7 @@ impl Kernels {
         let (nt, r) = MMA_GEMV_TILES[v];
         check(zero.is_none() || (nt, r) == (1, 1), || format!("only the one-tile GEMV zeroes counters, not tile {nt}x{r} ({t} tokens)"))?;
         let (groups, ty) = (n.div_ceil(16 * r), t.div_ceil(8 * nt));
-        let w4 = fp8 && self.fp8_w4_takes(nt, r, groups * ty);
         let f = match () {
-            _ if w4 => &self.mma_fp8_w4,
             _ if fp8 => &self.mma_fp8[v],
             _ if self.bf16_pipe_takes(nt, r, groups * ty) => &self.mma_bf16_pipe,
             _ => &self.mma_bf16[v],
@@ -1169,15 +1152,9 @@ impl Kernels {
             _ => ((groups * ty) as u32, 1, 1),
         };
         let smem = if dense_gemm || deep { dense_gemm_smem(fp8, deep) as u32 } else { 0 };
-        let cfg = LaunchConfig { grid_dim, block_dim: (if w4 { 128 } else { 256 }, 1, 1), shared_mem_bytes: smem };
+        let cfg = LaunchConfig { grid_dim, block_dim: (256, 1, 1), shared_mem_bytes: smem };
         unsafe { b.launch(cfg) }.map_err(drv(if fp8 { "gemv_mma_fp8" } else { "gemv_mma_bf16" }))?;
         Ok(())
-    }
-
-    /// Whether an FP8 GEMV of tile `(nt, r)` over `blocks` blocks runs `gemv_mma_fp8_t1_w4`: the
-    /// one-tile kernel whose 8-warp grid takes more than one wave and whose 4-warp grid fits one.
-    fn fp8_w4_takes(&self, nt: usize, r: usize, blocks: usize) -> bool {
-        self.fp8_w4 && (nt, r) == (1, 1) && blocks > self.mma_fp8_wave && blocks <= self.mma_fp8_w4_wave
     }
 
     /// Whether a BF16 GEMV of tile `(nt, r)` over `blocks` blocks runs `gemv_mma_bf16_t1_pipe`:
@@ -1190,11 +1167,6 @@ impl Kernels {
     /// (`gemv_mma_bf16_t1_pipe`, the default), or never (`false`). Same bits either way.
     pub fn set_gemv_pipe(&mut self, on: bool) {
         self.gemv_pipe = on;
-    }
-
-    /// Whether FP8 one-tile GEMVs may run in blocks of 4 warps (`fp8_w4`); tests compare both.
-    pub fn set_gemv_fp8_w4(&mut self, on: bool) {
-        self.fp8_w4 = on;
     }
 
     /// Whether the q/k/v projection feeding the ready attention runs in blocks of 4 warps
