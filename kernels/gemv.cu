@@ -751,104 +751,104 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
     // each into its own slot of red, so the block adds the same MMA_WARPS sums in the same order.
     int cls = w;
     for (int ci = 0; ci < CW; ci++) {
-    if (ci > 0) {
+        if (ci > 0) {
 #pragma unroll
-        for (int i = 0; i < 4; i++) red[cls][(g + (i >> 1) * 8) * (NT * 8) + 2 * q + (i & 1)] = acc[0][0][i];
-#pragma unroll
-        for (int tt = 0; tt < NT; tt++)
-#pragma unroll
-            for (int i = 0; i < 4; i++) acc[0][tt][i] = 0.f;
-        cls += MMA_WARPS / CW;
-    }
-    for (int kb = cls; kb < KB; kb += MMA_WARPS) {
-        uint4 nw0[2][2], nw1[2][2];
-        if (PIPE && kb + MMA_WARPS < KB)
-#pragma unroll
-            for (int c = 0; c < 2; c++) bf16_rows(0, (kb + MMA_WARPS) * 128 + c * 64 + q * 16, nw0[c], nw1[c]);
-        float part[R][NT][4];
-#pragma unroll
-        for (int rt = 0; rt < R; rt++)
+            for (int i = 0; i < 4; i++) red[cls][(g + (i >> 1) * 8) * (NT * 8) + 2 * q + (i & 1)] = acc[0][0][i];
 #pragma unroll
             for (int tt = 0; tt < NT; tt++)
 #pragma unroll
-                for (int i = 0; i < 4; i++) part[rt][tt][i] = 0.f;
-#pragma unroll
-        for (int c = 0; c < 2; c++) {
-            int k = kb * 128 + c * 64 + q * 16;
-            unsigned a0[R][8], a1[R][8];
-#pragma unroll
-            for (int rt = 0; rt < R; rt++) {
-                uint4 w0[2], w1[2];
-                if (FP8) {
-#ifdef GEMV_TILED_ORDER
-                    // Measurement only (wrong results): the tile's same bytes, each warp load 512
-                    // contiguous bytes (a tiled layout's order) instead of 16 rows x 32 bytes.
-                    const unsigned char* tb = W + (size_t)min(nb, N - 16) * K + (size_t)kb * 2048 + c * 1024 + lane * 16;
-                    w0[0] = __ldg(reinterpret_cast<const uint4*>(tb));
-                    w1[0] = __ldg(reinterpret_cast<const uint4*>(tb + 512));
-#else
-                    w0[0] = __ldg(reinterpret_cast<const uint4*>(W + (size_t)rr[rt][0] * K + k));
-                    w1[0] = __ldg(reinterpret_cast<const uint4*>(W + (size_t)rr[rt][1] * K + k));
-#endif
-                } else if (PIPE) {
-                    w0[0] = pw0[c][0]; w0[1] = pw0[c][1]; w1[0] = pw1[c][0]; w1[1] = pw1[c][1];
-                } else {
-                    bf16_rows(rt, k, w0, w1);
-                }
-#ifdef GEMV_NO_MATH
-                a0[rt][0] = w0[0].x; a0[rt][1] = w0[0].y; a0[rt][2] = w0[0].z; a0[rt][3] = w0[0].w;
-                a1[rt][0] = w1[0].x; a1[rt][1] = w1[0].y; a1[rt][2] = w1[0].z; a1[rt][3] = w1[0].w;
-#pragma unroll
-                for (int i = 4; i < 8; i++) a0[rt][i] = a1[rt][i] = 0u;
-#else
-                mma_a_frags<FP8>(w0, w1, a0[rt], a1[rt]);
-#endif
-            }
-#pragma unroll
-            for (int tt = 0; tt < NT; tt++) {
-                int t = t0 + tt * 8 + g;
-                unsigned bh[8], bl[8];
-                if (t < T) {
-                    const uint4* ph = reinterpret_cast<const uint4*>(XH + (size_t)t * K + k);
-                    const uint4* pl = reinterpret_cast<const uint4*>(XL + (size_t)t * K + k);
-                    b_regs(__ldg(ph), __ldg(ph + 1), bh);
-                    b_regs(__ldg(pl), __ldg(pl + 1), bl);
-                } else {
-#pragma unroll
-                    for (int i = 0; i < 8; i++) { bh[i] = 0u; bl[i] = 0u; }
-                }
-#ifdef GEMV_NO_MATH
-                // Measurement only (wrong results): the loads kept alive, no decode, no MMA.
-#pragma unroll
-                for (int rt = 0; rt < R; rt++) {
-                    unsigned xx = bh[0] ^ bl[0];
-#pragma unroll
-                    for (int i = 0; i < 8; i++) xx ^= a0[rt][i] ^ a1[rt][i];
-                    part[rt][tt][0] += __uint_as_float(xx & 0x3fffffffu);
-                }
-#else
-#pragma unroll
-                for (int rt = 0; rt < R; rt++) mma_k16<FP8>(FP8 ? part[rt][tt] : acc[rt][tt], a0[rt], a1[rt], bh, bl);
-#endif
-            }
+                for (int i = 0; i < 4; i++) acc[0][tt][i] = 0.f;
+            cls += MMA_WARPS / CW;
         }
-        if (FP8) {
+        for (int kb = cls; kb < KB; kb += MMA_WARPS) {
+            uint4 nw0[2][2], nw1[2][2];
+            if (PIPE && kb + MMA_WARPS < KB)
 #pragma unroll
-            for (int rt = 0; rt < R; rt++) {
-                // Each 16-row tile lies inside one 128-row scale block (16 divides 128).
-                float sc = S[(size_t)((nb + rt * 16) / 128) * KB + kb];
+                for (int c = 0; c < 2; c++) bf16_rows(0, (kb + MMA_WARPS) * 128 + c * 64 + q * 16, nw0[c], nw1[c]);
+            float part[R][NT][4];
+#pragma unroll
+            for (int rt = 0; rt < R; rt++)
 #pragma unroll
                 for (int tt = 0; tt < NT; tt++)
 #pragma unroll
-                    for (int i = 0; i < 4; i++) acc[rt][tt][i] += sc * part[rt][tt][i];
+                    for (int i = 0; i < 4; i++) part[rt][tt][i] = 0.f;
+#pragma unroll
+            for (int c = 0; c < 2; c++) {
+                int k = kb * 128 + c * 64 + q * 16;
+                unsigned a0[R][8], a1[R][8];
+#pragma unroll
+                for (int rt = 0; rt < R; rt++) {
+                    uint4 w0[2], w1[2];
+                    if (FP8) {
+#ifdef GEMV_TILED_ORDER
+                        // Measurement only (wrong results): the tile's same bytes, each warp load 512
+                        // contiguous bytes (a tiled layout's order) instead of 16 rows x 32 bytes.
+                        const unsigned char* tb = W + (size_t)min(nb, N - 16) * K + (size_t)kb * 2048 + c * 1024 + lane * 16;
+                        w0[0] = __ldg(reinterpret_cast<const uint4*>(tb));
+                        w1[0] = __ldg(reinterpret_cast<const uint4*>(tb + 512));
+#else
+                        w0[0] = __ldg(reinterpret_cast<const uint4*>(W + (size_t)rr[rt][0] * K + k));
+                        w1[0] = __ldg(reinterpret_cast<const uint4*>(W + (size_t)rr[rt][1] * K + k));
+#endif
+                    } else if (PIPE) {
+                        w0[0] = pw0[c][0]; w0[1] = pw0[c][1]; w1[0] = pw1[c][0]; w1[1] = pw1[c][1];
+                    } else {
+                        bf16_rows(rt, k, w0, w1);
+                    }
+#ifdef GEMV_NO_MATH
+                    a0[rt][0] = w0[0].x; a0[rt][1] = w0[0].y; a0[rt][2] = w0[0].z; a0[rt][3] = w0[0].w;
+                    a1[rt][0] = w1[0].x; a1[rt][1] = w1[0].y; a1[rt][2] = w1[0].z; a1[rt][3] = w1[0].w;
+#pragma unroll
+                    for (int i = 4; i < 8; i++) a0[rt][i] = a1[rt][i] = 0u;
+#else
+                    mma_a_frags<FP8>(w0, w1, a0[rt], a1[rt]);
+#endif
+                }
+#pragma unroll
+                for (int tt = 0; tt < NT; tt++) {
+                    int t = t0 + tt * 8 + g;
+                    unsigned bh[8], bl[8];
+                    if (t < T) {
+                        const uint4* ph = reinterpret_cast<const uint4*>(XH + (size_t)t * K + k);
+                        const uint4* pl = reinterpret_cast<const uint4*>(XL + (size_t)t * K + k);
+                        b_regs(__ldg(ph), __ldg(ph + 1), bh);
+                        b_regs(__ldg(pl), __ldg(pl + 1), bl);
+                    } else {
+#pragma unroll
+                        for (int i = 0; i < 8; i++) { bh[i] = 0u; bl[i] = 0u; }
+                    }
+#ifdef GEMV_NO_MATH
+                    // Measurement only (wrong results): the loads kept alive, no decode, no MMA.
+#pragma unroll
+                    for (int rt = 0; rt < R; rt++) {
+                        unsigned xx = bh[0] ^ bl[0];
+#pragma unroll
+                        for (int i = 0; i < 8; i++) xx ^= a0[rt][i] ^ a1[rt][i];
+                        part[rt][tt][0] += __uint_as_float(xx & 0x3fffffffu);
+                    }
+#else
+#pragma unroll
+                    for (int rt = 0; rt < R; rt++) mma_k16<FP8>(FP8 ? part[rt][tt] : acc[rt][tt], a0[rt], a1[rt], bh, bl);
+#endif
+                }
             }
+            if (FP8) {
+#pragma unroll
+                for (int rt = 0; rt < R; rt++) {
+                    // Each 16-row tile lies inside one 128-row scale block (16 divides 128).
+                    float sc = S[(size_t)((nb + rt * 16) / 128) * KB + kb];
+#pragma unroll
+                    for (int tt = 0; tt < NT; tt++)
+#pragma unroll
+                        for (int i = 0; i < 4; i++) acc[rt][tt][i] += sc * part[rt][tt][i];
+                }
+            }
+            if (PIPE)
+#pragma unroll
+                for (int c = 0; c < 2; c++)
+#pragma unroll
+                    for (int i = 0; i < 2; i++) { pw0[c][i] = nw0[c][i]; pw1[c][i] = nw1[c][i]; }
         }
-        if (PIPE)
-#pragma unroll
-            for (int c = 0; c < 2; c++)
-#pragma unroll
-                for (int i = 0; i < 2; i++) { pw0[c][i] = nw0[c][i]; pw1[c][i] = nw1[c][i]; }
-    }
     }
     // C fragment: c0 (row g, token 2q), c1 (g, 2q+1), c2 (g+8, 2q), c3 (g+8, 2q+1) of tile tt.
     // One row tile at a time through the shared buffer (it holds one tile's warps).
