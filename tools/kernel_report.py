@@ -135,17 +135,24 @@ def file_defines(stem, defines, defines_in):
     return out
 
 
-def fill_cache(lib, cache, arch, defines, defines_in):
-    """Writes the PTX compile.rs would compile (same source, options and key) into cache/kernels,
-    so a fresh GPU machine given PEREGRINE_CACHE_DIR=cache skips NVRTC."""
+def cache_entries(arch, defines, defines_in):
+    """(file, source, NVRTC options, cache file name) of every kernel file, as compile.rs's `ptx`
+    compiles and names them (its cache_file_name)."""
     files, options = compile_rs_layout(None)
-    os.makedirs(os.path.join(cache, "kernels"), exist_ok=True)
     for f, headers in files.items():
         stem = f[: -len(".cu")]
         opts = options + file_defines(stem, defines, defines_in)
         source = kernel_source(None, f, headers)
         key = fnv1a([source.encode(), arch.encode(), " ".join(opts).encode()])
-        path = os.path.join(cache, "kernels", f"{stem}-{arch}-{key:016x}.ptx")
+        yield f, source, opts, f"{stem}-{arch}-{key:016x}.ptx"
+
+
+def fill_cache(lib, cache, arch, defines, defines_in):
+    """Writes the PTX compile.rs would compile (same source, options and key) into cache/kernels,
+    so a fresh GPU machine given PEREGRINE_CACHE_DIR=cache skips NVRTC."""
+    os.makedirs(os.path.join(cache, "kernels"), exist_ok=True)
+    for f, source, opts, name in cache_entries(arch, defines, defines_in):
+        path = os.path.join(cache, "kernels", name)
         if not os.path.exists(path):
             with open(path, "wb") as out:
                 out.write(nvrtc_ptx(lib, f, source, [f"--gpu-architecture={arch}"] + opts))
@@ -153,14 +160,10 @@ def fill_cache(lib, cache, arch, defines, defines_in):
 
 
 def print_cache_names(arch, defines, defines_in):
-    """The cache file name fill_cache would write for every kernel file, one per line (compile.rs's
-    test compares them with its own)."""
-    files, options = compile_rs_layout(None)
-    for f, headers in files.items():
-        stem = f[: -len(".cu")]
-        opts = options + file_defines(stem, defines, defines_in)
-        key = fnv1a([kernel_source(None, f, headers).encode(), arch.encode(), " ".join(opts).encode()])
-        print(f"{stem}-{arch}-{key:016x}.ptx")
+    """The cache file names fill_cache writes, one per line (compile.rs's test compares them with
+    its own)."""
+    for _, _, _, name in cache_entries(arch, defines, defines_in):
+        print(name)
 
 
 def main():
