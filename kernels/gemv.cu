@@ -749,11 +749,18 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
     // The K class this warp sums: K blocks cls, cls + MMA_WARPS, ... With CW > 1 (blocks of
     // MMA_WARPS / CW warps) a warp sums classes w, w + MMA_WARPS / CW, ... one after the other,
     // each into its own slot of red, so the block adds the same MMA_WARPS sums in the same order.
+    // C fragment: c0 (row g, token 2q), c1 (g, 2q+1), c2 (g+8, 2q), c3 (g+8, 2q+1) of tile tt,
+    // into red[slot] (which holds one row tile's sums per K class).
+    auto to_red = [&](int slot, const float (&a)[NT][4]) {
+#pragma unroll
+        for (int tt = 0; tt < NT; tt++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) red[slot][(g + (i >> 1) * 8) * (NT * 8) + tt * 8 + 2 * q + (i & 1)] = a[tt][i];
+    };
     int cls = w;
     for (int ci = 0; ci < CW; ci++) {
         if (ci > 0) {
-#pragma unroll
-            for (int i = 0; i < 4; i++) red[cls][(g + (i >> 1) * 8) * (NT * 8) + 2 * q + (i & 1)] = acc[0][0][i];
+            to_red(cls, acc[0]);
 #pragma unroll
             for (int tt = 0; tt < NT; tt++)
 #pragma unroll
@@ -850,16 +857,11 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
                     for (int i = 0; i < 2; i++) { pw0[c][i] = nw0[c][i]; pw1[c][i] = nw1[c][i]; }
         }
     }
-    // C fragment: c0 (row g, token 2q), c1 (g, 2q+1), c2 (g+8, 2q), c3 (g+8, 2q+1) of tile tt.
-    // One row tile at a time through the shared buffer (it holds one tile's warps).
+    // One row tile at a time through the shared buffer (it holds one tile's K classes).
 #pragma unroll
     for (int rt = 0; rt < R; rt++) {
         if (rt > 0) __syncthreads();  // the previous tile's sums have been read
-        float* rw = red[cls];
-#pragma unroll
-        for (int tt = 0; tt < NT; tt++)
-#pragma unroll
-            for (int i = 0; i < 4; i++) rw[(g + (i >> 1) * 8) * (NT * 8) + tt * 8 + 2 * q + (i & 1)] = acc[rt][tt][i];
+        to_red(cls, acc[rt]);
         __syncthreads();
         for (int e = threadIdx.x; e < 16 * NT * 8; e += blockDim.x) {
             float s = 0.f;
@@ -1106,7 +1108,8 @@ extern "C" __global__ void __launch_bounds__(256) gemv_mma_fp8_t1_ready(
     gemv_mma<1, 1, true, true>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T, ready, heads, hd, vd);
 }
 // gemv_mma_fp8_t1_ready in blocks of 4 warps, each summing two K classes (CW = 2): the same
-// bits, twice the blocks per SM, so the decode q/k/v projection's tiles fit one wave.
+// bits, 9 blocks per SM instead of 4 (54 registers), so the decode q/k/v projection's tiles fit
+// one wave.
 extern "C" __global__ void __launch_bounds__(128) gemv_mma_fp8_t1_ready4(
     const unsigned char* __restrict__ W, const float* __restrict__ S, const unsigned short* __restrict__ XH,
     const unsigned short* __restrict__ XL, const float* __restrict__ xinv, float* __restrict__ y, float* __restrict__ y1,

@@ -215,7 +215,8 @@ pub struct Kernels {
     /// The FP8 one-tile GEMV counting its tiles for `attention_v2_kv_ready` (`gemv_qkv_ready`),
     /// in blocks of 8 warps or (`mma_fp8_ready4`, while `qkv_ready4`; `PEREGRINE_QKV_READY4=0`
     /// turns it off, for comparisons) of 4 warps summing two K classes each: the same bits, and
-    /// twice the blocks per SM, so the decode q/k/v projection's tiles fit one wave.
+    /// 9 blocks per SM instead of 4 (54 registers on the H100), so the decode q/k/v projection's
+    /// tiles fit one wave.
     mma_fp8_ready: CudaFunction,
     mma_fp8_ready4: CudaFunction,
     qkv_ready4: bool,
