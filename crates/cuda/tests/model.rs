@@ -160,3 +160,37 @@ fn drafter_matches_the_dflash_reference_on_the_gpu() {
         assert!(differ <= allowed, "{name}: {differ} of {tokens} draft tokens differ from the reference");
     }
 }
+
+/// Too little GPU memory is an error with the numbers, before serving, and breaks nothing else:
+/// a KV cache larger than the GPU is refused (and the model then takes a cache that fits and
+/// gives the logits it gave before), and weights larger than the GPU (MiMo-V2-Flash's full
+/// synthetic model, ~160 GB) fail to load with the model's size and the free bytes.
+#[test]
+fn too_little_gpu_memory_is_an_error_with_the_numbers() {
+    let Some(gpu) = probe_for_tests(0) else { return };
+    let total = gpu.total_memory;
+    let files = open_model(&fixture("default")).unwrap();
+    let mut m = CudaModel::load(gpu, &files.spec, files.weights.as_ref()).unwrap();
+    let fits = KvConfig { block_size: 16, num_full_blocks: 8, num_swa_blocks: 8 };
+    let table: Vec<u32> = (0..8).collect();
+    let prompt: Vec<u32> = (0..40).map(|i| 7 + (i * 37) % 500).collect();
+    m.init_kv(fits).unwrap();
+    let before = step(&mut m, prompt.clone(), 0, &table, OutputRows::Last);
+    let err = m.init_kv(KvConfig { block_size: 16, num_full_blocks: 1 << 30, num_swa_blocks: 1 << 30 }).unwrap_err().to_string();
+    assert!(err.contains("the KV cache needs") && err.contains(&format!("of {total} free")) && err.contains("--kv-cache-memory"), "{err}");
+    eprintln!("KV cache too large: {err}");
+    m.init_kv(fits).unwrap();
+    let after = step(&mut m, prompt, 0, &table, OutputRows::Last);
+    assert_eq!(after, before, "logits after a refused KV cache");
+    drop(m);
+
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/mimo-v2-flash.json");
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(config).unwrap()).unwrap();
+    let spec = peregrine_model::config::parse_config(&cfg, None).unwrap();
+    let err = match CudaModel::synthetic(probe(0).unwrap(), &spec, 1) {
+        Ok(_) => panic!("{} parameters loaded into {total} bytes", spec.num_parameters()),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("ran out of memory") && err.contains(&spec.num_parameters().to_string()) && err.contains(&format!("of {total} bytes were free")), "{err}");
+    eprintln!("weights too large: {err}");
+}
