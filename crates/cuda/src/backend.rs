@@ -1320,7 +1320,7 @@ impl CudaModel {
             return None;
         };
         let bytes = self.l2_ahead_bytes.min(*k) / 16 * 16;
-        (bytes > 0 && k.is_multiple_of(16)).then(|| L2Ahead { ptr: w.device_ptr(&self.stream).0, rows: *n, ld: *k, bytes, share: self.l2_ahead_share })
+        (bytes > 0 && k % 16 == 0).then(|| L2Ahead { ptr: w.device_ptr(&self.stream).0, rows: *n, ld: *k, bytes, share: self.l2_ahead_share })
     }
 
     /// How many layers leave their post-attention norm to the router at `rows` rows.

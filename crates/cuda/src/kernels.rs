@@ -1501,7 +1501,7 @@ impl Kernels {
         // The ticket sits past the counters fused_grid checked.
         check(ahead.is_none() || scratch.counters.len() >= Self::moe_counters(w, u), || "MoE scratch counters too small for l2_ahead".into())?;
         let a = ahead.unwrap_or(L2Ahead { ptr: 0, rows: 0, ld: 0, bytes: 0, share: 0 });
-        check(a.ptr == 0 || (a.ptr.is_multiple_of(16) && a.ld.is_multiple_of(16) && a.bytes.is_multiple_of(16) && a.bytes > 0 && a.bytes <= a.ld && (1..=100).contains(&a.share)), || format!("L2 prefetch {a:?}: 16-byte aligned rows and sizes, a share of 1-100%"))?;
+        check(a.ptr == 0 || (a.ptr % 16 == 0 && a.ld % 16 == 0 && a.bytes % 16 == 0 && a.bytes > 0 && a.bytes <= a.ld && (1..=100).contains(&a.share)), || format!("L2 prefetch {a:?}: 16-byte aligned rows and sizes, a share of 1-100%"))?;
         let slices = (cfg.grid_dim.0 as usize * a.share).div_ceil(100);
         let (pr, pl, pb, ps) = (a.rows as i32, a.ld as i32, a.bytes as i32, slices as i32);
         b.arg(&a.ptr).arg(&pr).arg(&pl).arg(&pb).arg(&ps);
