@@ -674,9 +674,8 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
 // for before it waits for its slot's gate_up items; each warp's ring runs on from one pass to
 // the next, so it does not drain at the boundary between gate_up and down as between two
 // launches. counters: [H/16/TW] combine arrivals per down row group, then per slot the
-// gate_up items done and the down items past their wait (the last one resets both), then
-// l2_ahead's ticket. y null: no combine; the weighted pair outputs in out are the residual
-// add's to sum (ops.cu).
+// gate_up items done and the down items past their wait (the last one resets both). y null:
+// no combine; the weighted pair outputs in out are the residual add's to sum (ops.cu).
 
 // Item n's (is down, slot, row group); gu_items = U x gate_up groups.
 __device__ __forceinline__ void fused_item(int n, int gu_items, int gug, int dg, bool& down, int& slot, int& grp) {
@@ -686,36 +685,13 @@ __device__ __forceinline__ void fused_item(int n, int gu_items, int gug, int dg,
     grp = m % per;
 }
 
-// The next layer's weights asked of L2 by the fused kernel's first blocks to finish (`L2Ahead` in
-// kernels.rs): a block past its last item takes a ticket (counters[ahead], reset by the last
-// block to take one); tickets below `slices` each ask for the first `bytes` of their share of
-// `rows` rows (row stride `ld` bytes) by bulk prefetches, while the slower blocks still stream.
-__device__ __forceinline__ void l2_ahead(const unsigned char* __restrict__ pf, int rows, int ld, int bytes, int slices,
-                                         unsigned* ticket_ctr) {
-    __shared__ int ticket;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        unsigned t = atomicAdd(ticket_ctr, 1u);
-        if (t == gridDim.x - 1) *ticket_ctr = 0u;  // every block has taken its ticket
-        ticket = (int)t;
-    }
-    __syncthreads();
-    const int t = ticket;
-    if (t >= slices) return;
-    const int r0 = (int)((long long)rows * t / slices), r1 = (int)((long long)rows * (t + 1) / slices);
-    for (int r = r0 + (int)threadIdx.x; r < r1; r += (int)blockDim.x)
-        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(pf + (size_t)r * ld), "r"(bytes) : "memory");
-}
-
 template <int NS, int CS>
 __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Wd,
                                           const int* __restrict__ experts, const int* __restrict__ pair_off,
                                           const int* __restrict__ pair_tok, const float* __restrict__ pair_w,
                                           const float* __restrict__ x, float* __restrict__ h, float* __restrict__ out, int H,
                                           int I, int U, unsigned* counters, const int* __restrict__ tok_pairs,
-                                          float* __restrict__ y, int T, int topk, StageSmem& ss, bool x_staged,
-                                          const unsigned char* __restrict__ pf = nullptr, int pf_rows = 0, int pf_ld = 0,
-                                          int pf_bytes = 0, int pf_slices = 0) {
+                                          float* __restrict__ y, int T, int topk, StageSmem& ss, bool x_staged) {
     constexpr int RING = NS * CS * STEP_BYTES;
     extern __shared__ uint4 dsm[];
     uint4* frag = staged_frag(RING);
@@ -805,7 +781,6 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
         }
         if (ti < 14) TRACE(ti + 4);
     }
-    if (pf != nullptr) l2_ahead(pf, pf_rows, pf_ld, pf_bytes, pf_slices, counters + dg + 2 * U);
     TRACE(13);
 }
 
@@ -822,8 +797,7 @@ __device__ __forceinline__ void moe_fused_routed(const float* __restrict__ logit
                                                  const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Wd,
                                                  const float* __restrict__ x, float* __restrict__ h, float* __restrict__ out,
                                                  int H, int I, int U, unsigned* counters, float* __restrict__ y, int x_settled,
-                                                 int* __restrict__ tok_pairs_out, const unsigned char* __restrict__ pf, int pf_rows,
-                                                 int pf_ld, int pf_bytes, int pf_slices) {
+                                                 int* __restrict__ tok_pairs_out) {
     extern __shared__ uint4 dsm[];
     __shared__ int sel[MAX_FUSED_TOPK], experts[MAX_FUSED_TOPK], pair_off[MAX_FUSED_TOPK + 1], pair_tok[MAX_FUSED_TOPK],
         tok_pairs[MAX_FUSED_TOPK];
@@ -840,8 +814,7 @@ __device__ __forceinline__ void moe_fused_routed(const float* __restrict__ logit
     if (!y && blockIdx.x == 0 && (int)threadIdx.x < K) tok_pairs_out[threadIdx.x] = tok_pairs[threadIdx.x];
     // The rings' bulk copies (async proxy) will land where the scores were written (generic).
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-    moe_fused<NS, CS>(Wg, Wd, experts, pair_off, pair_tok, pair_w, x, h, out, H, I, U, counters, tok_pairs, y, 1, K, ss, staged,
-                      pf, pf_rows, pf_ld, pf_bytes, pf_slices);
+    moe_fused<NS, CS>(Wg, Wd, experts, pair_off, pair_tok, pair_w, x, h, out, H, I, U, counters, tok_pairs, y, 1, K, ss, staged);
 }
 
 // Ring shapes: NS stages of CS steps. The _split_ kernels read their rows split already (moe_tiled's SPLIT).
@@ -897,13 +870,11 @@ __device__ __forceinline__ void moe_fused_routed(const float* __restrict__ logit
         int topk_group, int norm, float scale, const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Wd, \
         const float* __restrict__ x,                                                                                     \
         float* __restrict__ h, float* __restrict__ out, int H, int I, int U, unsigned* counters, float* __restrict__ y,  \
-        int x_settled, int* __restrict__ tok_pairs_out, const unsigned char* __restrict__ pf, int pf_rows, int pf_ld,     \
-        int pf_bytes, int pf_slices) {                                                                                   \
+        int x_settled, int* __restrict__ tok_pairs_out) {                                                                \
         TRACE_SM();                                                                                                      \
         TRACE(1);                                                                                                        \
         moe_fused_routed<NS, CS>(logits, bias, E, K, softmax, n_group, topk_group, norm, scale, Wg, Wd, x, h, out, \
-                                 H, I, U, counters, y, x_settled, tok_pairs_out, pf, pf_rows, pf_ld, pf_bytes,           \
-                                 pf_slices);                                                                             \
+                                 H, I, U, counters, y, x_settled, tok_pairs_out);                                        \
     }
 MOE_BULK(2, 4)
 MOE_BULK(4, 2)

@@ -16,7 +16,7 @@ use peregrine_model::weights::WeightSource;
 use crate::compile;
 use crate::device::{nvrtc_arch, Gpu};
 use crate::draft::Drafter;
-use crate::kernels::{DeviceRouting, F16Split, Kernels, L2Ahead, MoeInput, MoeKernel, MoeRouting, MoeSplit, MoeWeights};
+use crate::kernels::{DeviceRouting, F16Split, Kernels, MoeInput, MoeKernel, MoeRouting, MoeSplit, MoeWeights};
 use crate::graph::Graphs;
 use crate::weights::{Embed, Source, Synthetic};
 
@@ -271,12 +271,6 @@ pub struct CudaModel {
     moe_combine_in_norm: Option<bool>,
     /// MoE calls that left their pairs to the norm (tests check the path ran).
     moe_pairs_calls: std::sync::atomic::AtomicUsize,
-    /// The one-token fused MoE's first blocks to finish ask L2 for the first `l2_ahead_bytes` of
-    /// each row of the next layer's stacked FP8 q/k/v (`kernels::L2Ahead`), `l2_ahead_share`
-    /// percent of its blocks (`PEREGRINE_L2_AHEAD_BYTES`, `PEREGRINE_L2_AHEAD_SHARE`; 0 bytes:
-    /// off).
-    l2_ahead_bytes: usize,
-    l2_ahead_share: usize,
     /// Steps with prompt chunks launch with PDL too (`PEREGRINE_PREFILL_PDL=1`; by default they
     /// launch plainly, see `launch::PlainLaunches`).
     pub(crate) prefill_pdl: bool,
@@ -581,8 +575,6 @@ impl CudaModel {
             norm_in_router: std::env::var("PEREGRINE_NORM_IN_ROUTER").map_or(true, |v| v != "0"),
             moe_combine_in_norm: None,
             moe_pairs_calls: std::sync::atomic::AtomicUsize::new(0),
-            l2_ahead_bytes: std::env::var("PEREGRINE_L2_AHEAD_BYTES").ok().and_then(|v| v.parse().ok()).unwrap_or(0),
-            l2_ahead_share: std::env::var("PEREGRINE_L2_AHEAD_SHARE").ok().and_then(|v| v.parse().ok()).filter(|&v: &usize| (1..=100).contains(&v)).unwrap_or(100),
             prefill_pdl: std::env::var("PEREGRINE_PREFILL_PDL").is_ok_and(|v| v == "1"),
             drain_after_mlp_rows: std::env::var("PEREGRINE_DRAIN_AFTER_MLP_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(DRAIN_AFTER_MLP_ROWS),
             plain_from_rows: std::env::var("PEREGRINE_PLAIN_FROM_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(PLAIN_FROM_ROWS),
@@ -1269,7 +1261,7 @@ impl CudaModel {
         // kernels it is settled (staged while the router still runs).
         let input = hn_split.map_or(MoeInput::Settled, MoeInput::Split);
         match experts {
-            Experts::Stacked(w) => self.moe_stacked(spec, &logits, bias.map(|b| &b.0), w, hn, input, n, None),
+            Experts::Stacked(w) => self.moe_stacked(spec, &logits, bias.map(|b| &b.0), w, hn, input, n),
             Experts::PerExpert(e) => self.moe_per_expert(spec, &logits, bias.map(|b| b.1.as_slice()), e, hn, n).map(MlpOut::Rows),
         }
     }
@@ -1304,23 +1296,13 @@ impl CudaModel {
         };
         let (logits, xn) = self.router_normed(router, x, &attn, nw, rows)?;
         // xn comes from the launch just before the experts: staged after their wait.
-        match self.moe_stacked(spec, &logits, bias.as_ref().map(|b| &b.0), w, &xn, MoeInput::Fresh, rows, self.l2_ahead_of(li + 1))? {
+        match self.moe_stacked(spec, &logits, bias.as_ref().map(|b| &b.0), w, &xn, MoeInput::Fresh, rows)? {
             MlpOut::Pairs(mut p) => {
                 p.pre = Some(attn);
                 Ok(MlpOut::Pairs(p))
             }
             MlpOut::Rows(_) => Err(Error::Backend(format!("layer {li}: the MoE combined its pairs where its post-attention norm was left to the router"))),
         }
-    }
-
-    /// What the MoE ahead of layer `li` asks L2 for (`l2_ahead_bytes`): the first bytes of each
-    /// row of its stacked FP8 q/k/v.
-    fn l2_ahead_of(&self, li: usize) -> Option<L2Ahead> {
-        let Some(Qkv::Stacked { m: Mat { m: GpuMatrix::Fp8 { w, .. }, n, k }, .. }) = self.layers.get(li).map(|l| &l.attn.qkv) else {
-            return None;
-        };
-        let bytes = self.l2_ahead_bytes.min(*k) / 16 * 16;
-        (bytes > 0 && k % 16 == 0).then(|| L2Ahead { ptr: w.device_ptr(&self.stream).0, rows: *n, ld: *k, bytes, share: self.l2_ahead_share })
     }
 
     /// How many layers leave their post-attention norm to the router at `rows` rows.
@@ -1365,14 +1347,14 @@ impl CudaModel {
     /// token on the fused kernel is routed inside it (`route_in_moe`); the tiled kernels may
     /// leave their pairs to the norm after them (`MlpOut::Pairs`).
     #[allow(clippy::too_many_arguments)]
-    fn moe_stacked(&self, spec: &MoeSpec, logits: &CudaSlice<f32>, bias: Option<&CudaSlice<f32>>, w: &MoeWeights, hn: &CudaSlice<f32>, input: MoeInput, n: usize, ahead: Option<L2Ahead>) -> Result<MlpOut> {
+    fn moe_stacked(&self, spec: &MoeSpec, logits: &CudaSlice<f32>, bias: Option<&CudaSlice<f32>>, w: &MoeWeights, hn: &CudaSlice<f32>, input: MoeInput, n: usize) -> Result<MlpOut> {
         let kind = self.kernels.moe_kernel(w, n, spec.top_k);
         let leave_pairs = self.moe_leaves_pairs_here(spec, w, kind);
         if self.routes_in_moe_kernel(w, n, kind) {
             if leave_pairs {
                 // Written by the kernel's first block.
                 let mut tok_pairs = unsafe { self.kernels.alloc.alloc::<i32>(spec.top_k) }?;
-                let out = self.with_moe_scratch(w, spec.top_k, |scratch| self.kernels.moe_mxfp4_routed_pairs(kind, spec, w, logits, bias, hn, input, scratch, &mut tok_pairs, ahead))?;
+                let out = self.with_moe_scratch(w, spec.top_k, |scratch| self.kernels.moe_mxfp4_routed_pairs(kind, spec, w, logits, bias, hn, input, scratch, &mut tok_pairs))?;
                 self.moe_pairs_calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 return Ok(MlpOut::Pairs(MoePairs { out, tok_pairs, topk: spec.top_k, pre: None }));
             }

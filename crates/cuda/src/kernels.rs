@@ -646,19 +646,6 @@ impl MoeWeights {
 }
 
 /// Scratch of the MoE decode: `h` [pairs, I], `out` [pairs, H].
-/// Weights the next operation will read, asked of L2 by the fused one-token MoE's first blocks
-/// to finish while the others still stream (`l2_ahead` in kernels/moe.cu): the first `bytes` of
-/// each of `rows` rows `ld` bytes apart from device address `ptr`, in even parts for the first
-/// `share` percent of the grid's blocks to finish.
-#[derive(Clone, Copy, Debug)]
-pub struct L2Ahead {
-    pub ptr: u64,
-    pub rows: usize,
-    pub ld: usize,
-    pub bytes: usize,
-    pub share: usize,
-}
-
 pub struct MoeScratch {
     pub h: CudaSlice<f32>,
     pub out: CudaSlice<f32>,
@@ -1263,8 +1250,7 @@ impl Kernels {
     /// group of 8 down tiles, then two per expert slot for the waits of the fused kernel and of
     /// the two-launch down kernel.
     pub fn moe_counters(w: &MoeWeights, max_pairs: usize) -> usize {
-        // (+ 1: the fused kernel's l2_ahead ticket)
-        (w.hidden / 16).div_ceil(8) + 2 * max_pairs.min(w.num_experts) + 1
+        ((w.hidden / 16).div_ceil(8) + 2 * max_pairs.min(w.num_experts)).max(1)
     }
 
     pub fn moe_scratch(&self, w: &MoeWeights, max_pairs: usize) -> Result<MoeScratch> {
@@ -1454,21 +1440,20 @@ impl Kernels {
     /// settled when it is older than the launch that wrote `logits` (the router GEMV).
     #[allow(clippy::too_many_arguments)]
     pub fn moe_mxfp4_routed(&self, kind: MoeKernel, spec: &MoeSpec, w: &MoeWeights, logits: &CudaSlice<f32>, bias: Option<&CudaSlice<f32>>, x: &CudaSlice<f32>, input: MoeInput, scratch: &mut MoeScratch, y: &mut CudaSlice<f32>) -> Result<()> {
-        self.moe_routed_run(kind, spec, w, logits, bias, x, input, scratch, RoutedOut::Combined(y), None)
+        self.moe_routed_run(kind, spec, w, logits, bias, x, input, scratch, RoutedOut::Combined(y))
     }
 
     /// `moe_mxfp4_routed` without the routed combine: each of the token's top-k pairs' weighted
     /// output stays in `scratch.out` [top_k, H], and `tok_pairs` [top_k] gets the token's pair
     /// indices, for the residual add after the MoE to sum (ops.cu's PairsAddend: the same bits
     /// as the combine). The down items then skip the combine's fence, count and last-item sum.
-    /// `ahead`: weights for the blocks that finish first to ask L2 for (`L2Ahead`).
     #[allow(clippy::too_many_arguments)]
-    pub fn moe_mxfp4_routed_pairs(&self, kind: MoeKernel, spec: &MoeSpec, w: &MoeWeights, logits: &CudaSlice<f32>, bias: Option<&CudaSlice<f32>>, x: &CudaSlice<f32>, input: MoeInput, scratch: &mut MoeScratch, tok_pairs: &mut CudaSlice<i32>, ahead: Option<L2Ahead>) -> Result<()> {
-        self.moe_routed_run(kind, spec, w, logits, bias, x, input, scratch, RoutedOut::Pairs(tok_pairs), ahead)
+    pub fn moe_mxfp4_routed_pairs(&self, kind: MoeKernel, spec: &MoeSpec, w: &MoeWeights, logits: &CudaSlice<f32>, bias: Option<&CudaSlice<f32>>, x: &CudaSlice<f32>, input: MoeInput, scratch: &mut MoeScratch, tok_pairs: &mut CudaSlice<i32>) -> Result<()> {
+        self.moe_routed_run(kind, spec, w, logits, bias, x, input, scratch, RoutedOut::Pairs(tok_pairs))
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn moe_routed_run(&self, kind: MoeKernel, spec: &MoeSpec, w: &MoeWeights, logits: &CudaSlice<f32>, bias: Option<&CudaSlice<f32>>, x: &CudaSlice<f32>, input: MoeInput, scratch: &mut MoeScratch, mut result: RoutedOut, ahead: Option<L2Ahead>) -> Result<()> {
+    fn moe_routed_run(&self, kind: MoeKernel, spec: &MoeSpec, w: &MoeWeights, logits: &CudaSlice<f32>, bias: Option<&CudaSlice<f32>>, x: &CudaSlice<f32>, input: MoeInput, scratch: &mut MoeScratch, mut result: RoutedOut) -> Result<()> {
         let (e, k, h) = (spec.num_experts, spec.top_k, w.hidden);
         let (MoeLayout::Tiled { gate_up, down }, MoeKernel::Fused { stages, steps, max_blocks }) = (&w.layout, kind) else {
             return Err(Error::Backend(format!("the routed MoE kernel runs the fused kernel over tiled weights, not {kind:?}")));
@@ -1498,13 +1483,6 @@ impl Kernels {
             RoutedOut::Combined(y) => b.arg(&mut **y).arg(&settled).arg(&0u64),
             RoutedOut::Pairs(tp) => b.arg(&0u64).arg(&settled).arg(&mut **tp),
         };
-        // The ticket sits past the counters fused_grid checked.
-        check(ahead.is_none() || scratch.counters.len() >= Self::moe_counters(w, u), || "MoE scratch counters too small for l2_ahead".into())?;
-        let a = ahead.unwrap_or(L2Ahead { ptr: 0, rows: 0, ld: 0, bytes: 0, share: 0 });
-        check(a.ptr == 0 || (a.ptr % 16 == 0 && a.ld % 16 == 0 && a.bytes % 16 == 0 && a.bytes > 0 && a.bytes <= a.ld && (1..=100).contains(&a.share)), || format!("L2 prefetch {a:?}: 16-byte aligned rows and sizes, a share of 1-100%"))?;
-        let slices = (cfg.grid_dim.0 as usize * a.share).div_ceil(100);
-        let (pr, pl, pb, ps) = (a.rows as i32, a.ld as i32, a.bytes as i32, slices as i32);
-        b.arg(&a.ptr).arg(&pr).arg(&pl).arg(&pb).arg(&ps);
         unsafe { b.launch(cfg) }.map_err(drv("moe (fused, routed)"))?;
         Ok(())
     }

@@ -10,8 +10,7 @@ use std::path::Path;
 
 use peregrine_core::backend::{Backend, KvConfig, OutputRows, SeqForward};
 use peregrine_core::{ModelSpec, MoeSpec, RouterScoring};
-use cudarc::driver::DevicePtr;
-use peregrine_cuda::kernels::{L2Ahead, MoeInput, MoeWeights};
+use peregrine_cuda::kernels::{MoeInput, MoeWeights};
 use peregrine_cuda::{probe_for_tests, CudaModel, Kernels, MoeKernel, MoeRouting};
 use rand::{Rng, SeedableRng};
 
@@ -109,8 +108,7 @@ fn router_and_grouping_match_the_cpu_reference() {
 /// kernel, bit for bit: each router form, each compiled ring, the widest grid and a 3-block one
 /// (blocks then run many items), NaN logits (the fallback expert repeated); the kernel's
 /// counters come back to zero. Left uncombined (`moe_mxfp4_routed_pairs`), its pairs sum to
-/// the same bits, also while its first blocks to finish ask L2 for other weights (`L2Ahead`,
-/// whose ticket must come back to zero too).
+/// the same bits.
 #[test]
 fn moe_routed_inside_the_fused_kernel_equals_routing_then_moe() {
     let Some(model) = synthetic(&spec_of("default")) else { return };
@@ -126,9 +124,6 @@ fn moe_routed_inside_the_fused_kernel_equals_routing_then_moe() {
         ("softmax groups", moe(64, 6, RouterScoring::Softmax, false, 4, 2, true, 1.0), false),
         ("NaN logits", moe(16, 4, RouterScoring::Sigmoid, false, 1, 1, true, 1.0), true),
     ];
-    // Rows for the pairs runs' L2 prefetch: 300 rows of 272 bytes, the first 160 of each.
-    let ahead_rows = g.stream.clone_htod(&vec![7u8; 300 * 272]).unwrap();
-    let ahead = |share| Some(L2Ahead { ptr: ahead_rows.device_ptr(&g.stream).0, rows: 300, ld: 272, bytes: 160, share });
     for (name, spec, nan) in cases {
         let e = spec.num_experts;
         let bytes = |r: &mut rand::rngs::StdRng, n: usize| -> Vec<u8> { (0..n).map(|_| r.random()).collect() };
@@ -177,7 +172,7 @@ fn moe_routed_inside_the_fused_kernel_equals_routing_then_moe() {
                     let mut tok_pairs = g.stream.clone_htod(&vec![-1i32; k]).unwrap();
                     let poison = vec![f32::NAN; scratch.out.len()];
                     g.stream.memcpy_htod(&poison, &mut scratch.out).unwrap();
-                    kern.moe_mxfp4_routed_pairs(kind, &spec, &w, &ld2, bd.as_ref(), &xd, MoeInput::Settled, &mut scratch, &mut tok_pairs, ahead(if max_blocks == 0 { 50 } else { 100 })).unwrap();
+                    kern.moe_mxfp4_routed_pairs(kind, &spec, &w, &ld2, bd.as_ref(), &xd, MoeInput::Settled, &mut scratch, &mut tok_pairs).unwrap();
                     let mut tp = g.stream.clone_dtoh(&tok_pairs).unwrap();
                     let out = g.stream.clone_dtoh(&scratch.out).unwrap();
                     tp.sort_unstable();
@@ -209,12 +204,6 @@ fn moe_routed_inside_the_fused_kernel_equals_routing_then_moe() {
     let (ld, xd) = (g.stream.clone_htod(&vec![0f32; e]).unwrap(), g.stream.clone_htod(&vec![0f32; h]).unwrap());
     let mut y = g.stream.clone_htod(&vec![0f32; h]).unwrap();
     assert!(kern.moe_mxfp4_routed(MoeKernel::TILED, &spec, &w, &ld, None, &xd, MoeInput::Settled, &mut scratch, &mut y).is_err());
-    // A prefetch the bulk copy cannot take (sizes not multiples of 16 bytes) is refused.
-    let mut tp = g.stream.clone_htod(&vec![-1i32; spec.top_k]).unwrap();
-    let fused = MoeKernel::Fused { stages: 2, steps: 3, max_blocks: 0 };
-    let bad = L2Ahead { ptr: ahead_rows.device_ptr(&g.stream).0, rows: 300, ld: 272, bytes: 100, share: 100 };
-    let err = kern.moe_mxfp4_routed_pairs(fused, &spec, &w, &ld, None, &xd, MoeInput::Settled, &mut scratch, &mut tp, Some(bad)).unwrap_err();
-    assert!(err.to_string().contains("16-byte"), "{err}");
 }
 
 fn kv(model: &mut CudaModel, blocks: usize) -> usize {
