@@ -213,13 +213,16 @@ pub struct Kernels {
     mma_fp8: Vec<CudaFunction>,
     mma_bf16: Vec<CudaFunction>,
     /// The FP8 one-tile GEMV counting its tiles for `attention_v2_kv_ready` (`gemv_qkv_ready`),
-    /// in blocks of 8 warps or (`mma_fp8_ready4`, while `qkv_ready4`; `PEREGRINE_QKV_READY4=0`
-    /// turns it off, for comparisons) of 4 warps summing two K classes each: the same bits, and
-    /// 9 blocks per SM instead of 4 (54 registers on the H100), so the decode q/k/v projection's
-    /// tiles fit one wave.
+    /// in blocks of 8 warps or (`mma_fp8_ready4`) of 4 warps summing two K classes each: the
+    /// same bits, and 9 blocks per SM instead of 4 (54 registers on the H100). The 4-warp form
+    /// runs where the 8-warp grid needs more than one wave (`mma_fp8_ready_wave` blocks), so
+    /// the attention's blocks can start beside every tile; on a grid that fits one wave anyway
+    /// it would only halve each tile's warps. `qkv_ready4` Some forces one form
+    /// (`PEREGRINE_QKV_READY4=0/1`; tests compare both).
     mma_fp8_ready: CudaFunction,
     mma_fp8_ready4: CudaFunction,
-    qkv_ready4: bool,
+    mma_fp8_ready_wave: usize,
+    qkv_ready4: Option<bool>,
     /// The BF16 one-tile GEMV loading a K block ahead (`gemv_mma_bf16_t1_pipe`, ~100 registers),
     /// run where its grid fits one wave of it (`mma_bf16_pipe_wave` blocks, 2 per SM on the H100)
     /// while `gemv_pipe` (`PEREGRINE_GEMV_PIPE=0` turns it off, for comparisons): the o_proj at
@@ -703,6 +706,8 @@ impl Kernels {
         let sms = gpu.ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(drv("SM count"))? as usize;
         let mma_bf16_pipe = f("gemv_mma_bf16_t1_pipe")?;
         let mma_bf16_pipe_wave = mma_bf16_pipe.occupancy_max_active_blocks_per_multiprocessor(256, 0, None).map_err(drv("GEMV occupancy"))? as usize * sms;
+        let mma_fp8_ready = f("gemv_mma_fp8_t1_ready")?;
+        let mma_fp8_ready_wave = mma_fp8_ready.occupancy_max_active_blocks_per_multiprocessor(256, 0, None).map_err(drv("GEMV occupancy"))? as usize * sms;
         Ok(Kernels {
             stream: gpu.stream.clone(),
             bf16: f("gemv_bf16")?,
@@ -716,9 +721,10 @@ impl Kernels {
             combine: f("moe_combine")?,
             mma_fp8,
             mma_bf16,
-            mma_fp8_ready: f("gemv_mma_fp8_t1_ready")?,
+            mma_fp8_ready,
             mma_fp8_ready4: f("gemv_mma_fp8_t1_ready4")?,
-            qkv_ready4: std::env::var("PEREGRINE_QKV_READY4").map_or(true, |v| v != "0"),
+            mma_fp8_ready_wave,
+            qkv_ready4: std::env::var("PEREGRINE_QKV_READY4").ok().map(|v| v != "0"),
             mma_bf16_pipe,
             mma_bf16_pipe_wave,
             gemv_pipe: std::env::var("PEREGRINE_GEMV_PIPE").map_or(true, |v| v != "0"),
@@ -856,7 +862,7 @@ impl Kernels {
         let rows = n.iter().sum::<usize>();
         let (ni, ki, ti) = (rows as i32, k as i32, t as i32);
         let (n0, n1, hh, hdi, vdi) = (n[0] as i32, n[1] as i32, heads as i32, hd as i32, vd as i32);
-        let (f, threads, name) = if self.qkv_ready4 { (&self.mma_fp8_ready4, 128, "gemv_mma_fp8_t1_ready4") } else { (&self.mma_fp8_ready, 256, "gemv_mma_fp8_t1_ready") };
+        let (f, threads, name) = if self.qkv_ready4_takes(rows) { (&self.mma_fp8_ready4, 128, "gemv_mma_fp8_t1_ready4") } else { (&self.mma_fp8_ready, 256, "gemv_mma_fp8_t1_ready") };
         let mut b = crate::launch::builder(&self.stream, f);
         b.arg(&w).arg(scales).arg(xh).arg(xl).arg(inv).arg(y0).arg(y1).arg(y2).arg(&n0).arg(&n1).arg(&ni).arg(&ki).arg(&ti);
         b.arg(ready).arg(&hh).arg(&hdi).arg(&vdi);
@@ -1170,10 +1176,16 @@ impl Kernels {
         self.gemv_pipe = on;
     }
 
-    /// Whether the q/k/v projection feeding the ready attention runs in blocks of 4 warps
-    /// (`qkv_ready4`); tests compare both.
-    pub fn set_qkv_ready4(&mut self, on: bool) {
+    /// Forces whether the q/k/v projection feeding the ready attention runs in blocks of 4
+    /// warps (Some) or leaves it to the grid's waves (None, the default); tests compare both.
+    pub fn set_qkv_ready4(&mut self, on: Option<bool>) {
         self.qkv_ready4 = on;
+    }
+
+    /// Whether `gemv_qkv_ready` of `rows` stacked rows runs in blocks of 4 warps: forced, or
+    /// where its 16-row tiles in blocks of 8 warps need more than one wave.
+    pub fn qkv_ready4_takes(&self, rows: usize) -> bool {
+        self.qkv_ready4.unwrap_or(rows.div_ceil(16) > self.mma_fp8_ready_wave)
     }
 
     /// The `MMA_GEMV_TILES` index a tensor-core GEMV of `t` tokens x `n` rows runs: the forced

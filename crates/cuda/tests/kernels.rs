@@ -261,7 +261,7 @@ fn ready_qkv_projection_gives_the_stacked_gemvs_bits() {
                 off += rows[i];
             }
             for four in [false, true] {
-                kern.set_qkv_ready4(four);
+                kern.set_qkv_ready4(Some(four));
                 let ready = g.stream.alloc_zeros::<u32>(heads + kv_heads + 1).unwrap();
                 let mut ys = [poisoned(&g, t * rows[0]), poisoned(&g, t * rows[1]), poisoned(&g, t * rows[2])];
                 {
@@ -279,7 +279,11 @@ fn ready_qkv_projection_gives_the_stacked_gemvs_bits() {
             }
         }
     }
-    kern.set_qkv_ready4(true);
+    // By default the 4-warp form runs only where the 8-warp grid needs a second wave: these
+    // 28 tiles fit one (on any GPU), 50 000 (800 000 rows) do not.
+    kern.set_qkv_ready4(None);
+    assert!(!kern.qkv_ready4_takes(n), "{n} rows in blocks of 8 warps fit one wave");
+    assert!(kern.qkv_ready4_takes(800_000), "800 000 rows in blocks of 8 warps need more than one wave");
 }
 
 #[test]
