@@ -1063,7 +1063,7 @@ __shared__ unsigned long long att_mark_t;
 #define ATT_TRACE_MARK(k)
 #define ATT_TRACE_MARK_END()
 #endif
-template <bool FUSED, bool ROWS = false, bool READY = false, bool PRELOAD = false, int CL = 1>
+template <bool FUSED, bool ROWS = false, bool READY = false, bool PRELOAD = false>
 __device__ __forceinline__ void attention_v2_body(
     const float* __restrict__ q, const float* __restrict__ kc, const float* __restrict__ vc, float* __restrict__ o,
     const int* __restrict__ pos, const int* __restrict__ seq, const int* __restrict__ tables, int max_blocks,
@@ -1259,54 +1259,6 @@ __device__ __forceinline__ void attention_v2_body(
     for (int i = 0; i < ATT_WARPS; i++) M = fmaxf(M, sm_m[i]);
     float L = 0.f;
     for (int i = 0; i < ATT_WARPS; i++) L += sm_m[i] == NEG_INF ? 0.f : sm_l[i] * __expf(sm_m[i] - M);
-    if constexpr (CL > 1) {
-        // CL > 1: the (row, head)'s splits are one cluster (splits == CL, split z its rank z).
-        // Each split's state stays in its shared memory, and after one cluster barrier block z
-        // merges output elements z, z + CL, ... from every split's state, in split order with
-        // attention_combine_head's arithmetic: the same bits as the merge through global
-        // memory, without its stores, fence, count and L2 round trip.
-        __shared__ float cl_m, cl_l, cl_acc[128];
-        if (threadIdx.x == 0) { cl_m = M; cl_l = L; }
-        for (int i = threadIdx.x; i < vd; i += blockDim.x) {
-            float a = 0.f;
-            for (int k = 0; k < ATT_WARPS; k++)
-                if (sm_m[k] != NEG_INF) a += sm_acc[k][i] * __expf(sm_m[k] - M);
-            cl_acc[i] = a;
-        }
-        cluster_sync<CL>();
-        const int i = (int)blockIdx.z + CL * (int)threadIdx.x;
-        if (i < vd) {
-            float ms[CL], ls[CL], as[CL];
-#pragma unroll
-            for (int z = 0; z < CL; z++) {
-                ms[z] = cluster_read<CL>(&cl_m, (unsigned)z);
-                ls[z] = cluster_read<CL>(&cl_l, (unsigned)z);
-                as[z] = cluster_read<CL>(cl_acc + i, (unsigned)z);
-            }
-            float Mc = NEG_INF;
-#pragma unroll
-            for (int z = 0; z < CL; z++) Mc = fmaxf(Mc, ms[z]);
-            float Lc = 0.f;
-#pragma unroll
-            for (int z = 0; z < CL; z++) Lc += ms[z] == NEG_INF ? 0.f : ls[z] * __expf(ms[z] - Mc);
-            if (sinks) {
-                float sc = sinks[h];
-                float mn = fmaxf(Mc, sc);
-                Lc = Lc * __expf(Mc - mn) + __expf(sc - mn);
-                Mc = mn;
-            }
-            float a = 0.f;
-#pragma unroll
-            for (int z = 0; z < CL; z++)
-                if (ms[z] != NEG_INF) a += as[z] * __expf(ms[z] - Mc);
-            a /= Lc;
-            size_t oi = ((size_t)r * heads + h) * vd + i;
-            o[oi] = a;
-            if (oh) split_bf16_value(a, oh[oi], ol[oi]);
-        }
-        cluster_sync<CL>();  // no block leaves while another still reads its shared memory
-        return;
-    }
     if (splits > 1) {
         // This split's state, relative to its own max (an empty split: max -inf, sum 0).
         size_t ps = ((size_t)r * heads + h) * splits + blockIdx.z;
@@ -1389,8 +1341,8 @@ ATTENTION_V2_KERNEL(attention_v2_kv, true)
 #ifndef ATT_PRE_MAXREG
 #define ATT_PRE_MAXREG 96
 #endif
-#define ATTENTION_V2_KV_READY(NAME, PRELOAD, MAXREG, CL, ATTRS)                                                                \
-    extern "C" __global__ void ATTRS __maxnreg__(MAXREG) NAME(                                                                 \
+#define ATTENTION_V2_KV_READY(NAME, PRELOAD, MAXREG)                                                                           \
+    extern "C" __global__ void __maxnreg__(MAXREG) NAME(                                                                       \
         const float* q, const float* __restrict__ kc, const float* __restrict__ vc, float* __restrict__ o,                     \
         const int* __restrict__ pos, const int* __restrict__ seq, const int* __restrict__ tables, int max_blocks,              \
         int block_size, int heads, int kv_heads, int hd, int vd, int window, float scale, const float* __restrict__ sinks,     \
@@ -1400,7 +1352,7 @@ ATTENTION_V2_KERNEL(attention_v2_kv, true)
         unsigned* ready, unsigned need_q, unsigned need_kv, int reset_by_next) {                                               \
         TRACE_SCOPE();                                                                                                         \
         PDL_TRIGGER();                                                                                                         \
-        attention_v2_body<true, false, true, PRELOAD, CL>(q, kc, vc, o, pos, seq, tables, max_blocks, block_size, heads, kv_heads, \
+        attention_v2_body<true, false, true, PRELOAD>(q, kc, vc, o, pos, seq, tables, max_blocks, block_size, heads, kv_heads, \
                                                       hd, vd, window, scale, sinks, part_m, part_l, part_acc, oh, ol, knew, vnew, \
                                                       kc_out, vc_out, slots, half, rotary_dim, theta, vscale, counters, nullptr, \
                                                       ready, need_q, need_kv);                                                 \
@@ -1413,14 +1365,8 @@ ATTENTION_V2_KERNEL(attention_v2_kv, true)
             for (int i = 0; i < heads + kv_heads; i++) ready[i] = 0u;                                                          \
         ATT_TRACE_MARK_END();                                                                                                  \
     }
-#define ATT_NO_ATTRS
-ATTENTION_V2_KV_READY(attention_v2_kv_ready, false, 80, 1, ATT_NO_ATTRS)
-ATTENTION_V2_KV_READY(attention_v2_kv_ready_pre, true, ATT_PRE_MAXREG, 1, ATT_NO_ATTRS)
-// attention_v2_kv_ready_pre with the 4 splits of each (row, head) as one cluster that merges
-// them in shared memory (CL above; Hopper on): the host runs it where a launch has 4 splits.
-#if __CUDA_ARCH__ >= 900
-ATTENTION_V2_KV_READY(attention_v2_kv_ready_pre_c4, true, ATT_PRE_MAXREG, 4, __cluster_dims__(1, 1, 4))
-#endif
+ATTENTION_V2_KV_READY(attention_v2_kv_ready, false, 80)
+ATTENTION_V2_KV_READY(attention_v2_kv_ready_pre, true, ATT_PRE_MAXREG)
 
 // Decode attention with one warp per head: block (r, y, z) serves heads ATT_WARPS y .. + 7 of
 // row r over split z's positions. The block stages the K and V rows of ATT_TILE positions at a

@@ -178,9 +178,6 @@ pub(crate) struct Ops {
     attention_v2_kv: CudaFunction,
     attention_v2_kv_ready: CudaFunction,
     attention_v2_kv_ready_pre: CudaFunction,
-    /// attention_v2_kv_ready_pre with each (row, head)'s 4 splits as a cluster merging them in
-    /// shared memory (compiled for Hopper on; None elsewhere).
-    attention_v2_kv_ready_pre_c4: Option<CudaFunction>,
     attention_v2_heads: CudaFunction,
     attention_combine: CudaFunction,
     pub(crate) attention_prefill: PrefillAttention,
@@ -234,12 +231,6 @@ pub struct CudaModel {
     /// off, for measurements; tests set it).
     attention_ready_pre_wave: usize,
     attention_ready_pre: bool,
-    /// Where that kernel runs with 4 splits, they merge as a cluster in shared memory
-    /// (`attention_v2_kv_ready_pre_c4`; `PEREGRINE_ATTN_CLUSTER_MERGE=0` merges through global
-    /// memory, for comparison; tests flip it).
-    attention_cluster_merge: bool,
-    /// Launches of that cluster kernel (tests check the path ran; a replayed graph counts none).
-    cluster_merge_calls: std::sync::atomic::AtomicUsize,
     /// The o_proj after a ready attention zeroes its counters (`ReadyCounts::reset_by_next`);
     /// `PEREGRINE_ATTN_RESET_BY_NEXT=0` leaves it to the attention's last block, for
     /// measurements; tests set it.
@@ -418,7 +409,6 @@ impl CudaModel {
             attention_v2_kv: f("attention_v2_kv")?,
             attention_v2_kv_ready: f("attention_v2_kv_ready")?,
             attention_v2_kv_ready_pre: f("attention_v2_kv_ready_pre")?,
-            attention_v2_kv_ready_pre_c4: f("attention_v2_kv_ready_pre_c4").ok(),
             attention_v2_heads: {
                 // Best effort, as below: a GPU with less shared memory fails at launch.
                 let k = f("attention_v2_heads")?;
@@ -573,8 +563,6 @@ impl CudaModel {
             attention_kv_wave,
             attention_ready_pre_wave,
             attention_ready_pre: std::env::var("PEREGRINE_ATTN_READY_PRE").map_or(true, |v| v != "0"),
-            attention_cluster_merge: std::env::var("PEREGRINE_ATTN_CLUSTER_MERGE").map_or(true, |v| v != "0"),
-            cluster_merge_calls: std::sync::atomic::AtomicUsize::new(0),
             attn_reset_by_next: std::env::var("PEREGRINE_ATTN_RESET_BY_NEXT").map_or(true, |v| v != "0"),
             sm_count: sms,
             attn_heads_min_rows: std::env::var("PEREGRINE_ATTN_HEADS_MIN_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(ATTN_HEADS_MIN_ROWS),
@@ -869,20 +857,6 @@ impl CudaModel {
         self.graphs.clear();
     }
 
-    /// Sets whether the preloading ready attention with 4 splits merges them as a cluster in
-    /// shared memory (`attention_v2_kv_ready_pre_c4`; on by default where compiled) or through
-    /// global memory, for tests comparing the two (the same bits). Captured step graphs are
-    /// dropped.
-    pub fn set_attention_cluster_merge(&mut self, on: bool) {
-        self.attention_cluster_merge = on;
-        self.graphs.clear();
-    }
-
-    /// How many attention launches merged their splits as a cluster (eager steps and captures).
-    pub fn cluster_merge_calls(&self) -> usize {
-        self.cluster_merge_calls.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
     /// Sets whether the o_proj after a ready attention zeroes its counters (`reset_by_next`; on
     /// by default) or the attention's last block does, for tests covering both. Captured step
     /// graphs are dropped.
@@ -989,13 +963,7 @@ impl CudaModel {
             _ if per_head_warps => &self.ops.attention_v2_heads,
             // Its first round of K/V rows loaded while it waits for its heads, where its grid
             // fits one wave at the registers that takes (batch 1).
-            (true, true, _) if fresh.as_ref().is_some_and(|f| f.ready.is_some()) && self.attention_ready_pre && n * s.num_heads * splits <= self.attention_ready_pre_wave => match &self.ops.attention_v2_kv_ready_pre_c4 {
-                Some(c4) if self.attention_cluster_merge && splits == 4 && merge_in_kernel => {
-                    self.cluster_merge_calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    c4
-                }
-                _ => &self.ops.attention_v2_kv_ready_pre,
-            },
+            (true, true, _) if fresh.as_ref().is_some_and(|f| f.ready.is_some()) && self.attention_ready_pre && n * s.num_heads * splits <= self.attention_ready_pre_wave => &self.ops.attention_v2_kv_ready_pre,
             (true, true, _) if fresh.as_ref().is_some_and(|f| f.ready.is_some()) => &self.ops.attention_v2_kv_ready,
             (true, true, _) => &self.ops.attention_v2_kv,
             (true, false, true) => &self.ops.attention_v2_rows,
