@@ -729,15 +729,7 @@ impl Kernels {
             mma_fp8_ready,
             mma_fp8_ready4: f("gemv_mma_fp8_t1_ready4")?,
             mma_fp8_ready_wave,
-            mma_fp8_ready4a: {
-                // Its ring is 24 KB a block: the largest shared-memory carveout, so every tile
-                // of the one-wave grid can be resident at once (the driver's default carveout
-                // left a second wave). Best effort: a GPU refusing it runs fewer blocks per SM.
-                let k = f("gemv_mma_fp8_t1_ready4a")?;
-                let carveout = std::env::var("PEREGRINE_QKV_ASYNC_CARVEOUT").ok().and_then(|v| v.parse().ok()).unwrap_or(100);
-                let _ = k.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, carveout);
-                k
-            },
+            mma_fp8_ready4a: f("gemv_mma_fp8_t1_ready4a")?,
             qkv_async: std::env::var("PEREGRINE_QKV_ASYNC").map_or(true, |v| v != "0"),
             qkv_ready4: std::env::var("PEREGRINE_QKV_READY4").ok().map(|v| v != "0"),
             mma_bf16_pipe,
