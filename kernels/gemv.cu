@@ -694,15 +694,7 @@ __device__ __forceinline__ void b_regs(uint4 x0, uint4 x1, unsigned b[8]) {
 // o_proj at decode: 256 tiles, where the 64-register kernel also had only 2 of its 4 possible
 // blocks per SM and so half the bytes in flight of a GEMV with a full grid). Same loads, same
 // arithmetic in the same order: the same bits.
-//
-// AS > 0 (gemv_mma_fp8_t1_ready4a: FP8, one tile, one token group): each lane asks for its
-// weights AS K blocks ahead by cp.async into its own slots of a shared ring (AS x 2 KB per
-// warp), so a warp keeps up to AS K blocks in flight without holding them in registers; the
-// lane reads back only what it copied itself. Same bytes, same MMAs in the same order.
-#ifndef GEMV_ASYNC_STAGES
-#define GEMV_ASYNC_STAGES 3
-#endif
-template <int NT, int R, bool FP8, bool READY = false, bool PIPE = false, int CW = 1, int AS = 0>
+template <int NT, int R, bool FP8, bool READY = false, bool PIPE = false, int CW = 1>
 __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, const float* __restrict__ S,
                                          const unsigned short* __restrict__ XH, const unsigned short* __restrict__ XL,
                                          const float* __restrict__ xinv, float* __restrict__ y, float* __restrict__ y1,
@@ -711,10 +703,7 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
     static_assert(!READY || R == 1, "the ready counts are per 16-row tile");
     static_assert(!PIPE || (R == 1 && !FP8), "the pipelined GEMV is the BF16 one-tile kernel");
     static_assert(CW == 1 || (R == 1 && NT == 1 && !PIPE && MMA_WARPS % CW == 0), "K classes per warp: one-tile, one-token-group kernels");
-    static_assert(AS == 0 || (FP8 && R == 1 && NT == 1 && !PIPE), "the cp.async ring: FP8, one tile, one token group");
     __shared__ float red[MMA_WARPS][16 * NT * 8];
-    // AS: per warp AS slots of 4 x 32 lanes x 16 bytes (rows g and g + 8 of both 64-k chunks).
-    __shared__ uint4 aring[AS > 0 ? (MMA_WARPS / CW) * AS * 4 * 32 : 1];
     int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane >> 2, q = lane & 3;
     // R > 1: the blocks of one row group over its token groups are adjacent in launch order
     // (grid.x), so they run together and all but the first find the weights in L2. R = 1 (the
@@ -768,36 +757,6 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
 #pragma unroll
             for (int i = 0; i < 4; i++) red[slot][(g + (i >> 1) * 8) * (NT * 8) + tt * 8 + 2 * q + (i & 1)] = a[tt][i];
     };
-    // AS: the next K block to ask for, walked in the loops' order below (class index ici, its
-    // class icls, block ikb; ici == CW: none left). Every issue commits a group, empty past the
-    // end, so "at most AS - 1 groups in flight" always means the oldest has landed.
-    int ici = 0, icls = w, ikb = w, aslot = 0;
-    auto settle = [&]() {
-        while (ici < CW && ikb >= KB)
-            if (++ici < CW) {
-                icls += MMA_WARPS / CW;
-                ikb = icls;
-            }
-    };
-    auto issue = [&](int slot) {
-        if (ici < CW) {
-            uint4* d = aring + (size_t)(w * AS + slot) * 128 + lane;
-#pragma unroll
-            for (int c = 0; c < 2; c++) {
-                const int k = ikb * 128 + c * 64 + q * 16;
-                cp_async16(d + (2 * c) * 32, W + (size_t)rr[0][0] * K + k);
-                cp_async16(d + (2 * c + 1) * 32, W + (size_t)rr[0][1] * K + k);
-            }
-            ikb += MMA_WARPS;
-            settle();
-        }
-        cp_async_commit();
-    };
-    if (AS > 0) {
-        settle();
-#pragma unroll
-        for (int a = 0; a < AS; a++) issue(a);
-    }
     int cls = w;
     for (int ci = 0; ci < CW; ci++) {
         if (ci > 0) {
@@ -809,7 +768,6 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
             cls += MMA_WARPS / CW;
         }
         for (int kb = cls; kb < KB; kb += MMA_WARPS) {
-            if (AS > 0) cp_async_wait<AS - 1>();  // this K block's weights (the lane's own copies)
             uint4 nw0[2][2], nw1[2][2];
             if (PIPE && kb + MMA_WARPS < KB)
 #pragma unroll
@@ -836,14 +794,8 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
                         w0[0] = __ldg(reinterpret_cast<const uint4*>(tb));
                         w1[0] = __ldg(reinterpret_cast<const uint4*>(tb + 512));
 #else
-                        if (AS > 0) {
-                            const uint4* sl = aring + (size_t)(w * AS + aslot) * 128 + lane;
-                            w0[0] = sl[(2 * c) * 32];
-                            w1[0] = sl[(2 * c + 1) * 32];
-                        } else {
-                            w0[0] = __ldg(reinterpret_cast<const uint4*>(W + (size_t)rr[rt][0] * K + k));
-                            w1[0] = __ldg(reinterpret_cast<const uint4*>(W + (size_t)rr[rt][1] * K + k));
-                        }
+                        w0[0] = __ldg(reinterpret_cast<const uint4*>(W + (size_t)rr[rt][0] * K + k));
+                        w1[0] = __ldg(reinterpret_cast<const uint4*>(W + (size_t)rr[rt][1] * K + k));
 #endif
                     } else if (PIPE) {
                         w0[0] = pw0[c][0]; w0[1] = pw0[c][1]; w1[0] = pw1[c][0]; w1[1] = pw1[c][1];
@@ -903,11 +855,6 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
                 for (int c = 0; c < 2; c++)
 #pragma unroll
                     for (int i = 0; i < 2; i++) { pw0[c][i] = nw0[c][i]; pw1[c][i] = nw1[c][i]; }
-            if (AS > 0) {
-                // The slot's registers went into the MMAs above: refill it AS blocks ahead.
-                issue(aslot);
-                aslot = aslot + 1 == AS ? 0 : aslot + 1;
-            }
         }
     }
     // One row tile at a time through the shared buffer (it holds one tile's K classes).
@@ -1169,15 +1116,6 @@ extern "C" __global__ void __launch_bounds__(128) gemv_mma_fp8_t1_ready4(
     float* __restrict__ y2, int N0, int N1, int N, int K, int T, unsigned* __restrict__ ready, int heads, int hd, int vd) {
     PDL_ENTER();
     gemv_mma<1, 1, true, true, false, 2>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T, ready, heads, hd, vd);
-}
-// gemv_mma_fp8_t1_ready4 with each lane's weights asked for 3 K blocks ahead into a shared ring
-// (AS above): the same bits.
-extern "C" __global__ void __launch_bounds__(128) gemv_mma_fp8_t1_ready4a(
-    const unsigned char* __restrict__ W, const float* __restrict__ S, const unsigned short* __restrict__ XH,
-    const unsigned short* __restrict__ XL, const float* __restrict__ xinv, float* __restrict__ y, float* __restrict__ y1,
-    float* __restrict__ y2, int N0, int N1, int N, int K, int T, unsigned* __restrict__ ready, int heads, int hd, int vd) {
-    PDL_ENTER();
-    gemv_mma<1, 1, true, true, false, 2, GEMV_ASYNC_STAGES>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T, ready, heads, hd, vd);
 }
 // Measured on the H100 and not kept (benches/results/2026-11-23-gemv-row-tiles.md): one row
 // tile of 16, 32 or 64 tokens per block (the activations read from L2 once per 16 rows bound

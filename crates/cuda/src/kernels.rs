@@ -223,11 +223,6 @@ pub struct Kernels {
     mma_fp8_ready4: CudaFunction,
     mma_fp8_ready_wave: usize,
     qkv_ready4: Option<bool>,
-    /// The 4-warp form with each lane's weights asked for 3 K blocks ahead by cp.async into a
-    /// shared ring (`gemv_mma_fp8_t1_ready4a`; the same bits), while `qkv_async`
-    /// (`PEREGRINE_QKV_ASYNC=0` keeps the register loads; tests compare both).
-    mma_fp8_ready4a: CudaFunction,
-    qkv_async: bool,
     /// The BF16 one-tile GEMV loading a K block ahead (`gemv_mma_bf16_t1_pipe`, ~100 registers),
     /// run where its grid fits one wave of it (`mma_bf16_pipe_wave` blocks, 2 per SM on the H100)
     /// while `gemv_pipe` (`PEREGRINE_GEMV_PIPE=0` turns it off, for comparisons): the o_proj at
@@ -729,8 +724,6 @@ impl Kernels {
             mma_fp8_ready,
             mma_fp8_ready4: f("gemv_mma_fp8_t1_ready4")?,
             mma_fp8_ready_wave,
-            mma_fp8_ready4a: f("gemv_mma_fp8_t1_ready4a")?,
-            qkv_async: std::env::var("PEREGRINE_QKV_ASYNC").map_or(true, |v| v != "0"),
             qkv_ready4: std::env::var("PEREGRINE_QKV_READY4").ok().map(|v| v != "0"),
             mma_bf16_pipe,
             mma_bf16_pipe_wave,
@@ -869,11 +862,7 @@ impl Kernels {
         let rows = n.iter().sum::<usize>();
         let (ni, ki, ti) = (rows as i32, k as i32, t as i32);
         let (n0, n1, hh, hdi, vdi) = (n[0] as i32, n[1] as i32, heads as i32, hd as i32, vd as i32);
-        let (f, threads, name) = match (self.qkv_ready4_takes(rows), self.qkv_async) {
-            (true, true) => (&self.mma_fp8_ready4a, 128, "gemv_mma_fp8_t1_ready4a"),
-            (true, false) => (&self.mma_fp8_ready4, 128, "gemv_mma_fp8_t1_ready4"),
-            (false, _) => (&self.mma_fp8_ready, 256, "gemv_mma_fp8_t1_ready"),
-        };
+        let (f, threads, name) = if self.qkv_ready4_takes(rows) { (&self.mma_fp8_ready4, 128, "gemv_mma_fp8_t1_ready4") } else { (&self.mma_fp8_ready, 256, "gemv_mma_fp8_t1_ready") };
         let mut b = crate::launch::builder(&self.stream, f);
         b.arg(&w).arg(scales).arg(xh).arg(xl).arg(inv).arg(y0).arg(y1).arg(y2).arg(&n0).arg(&n1).arg(&ni).arg(&ki).arg(&ti);
         b.arg(ready).arg(&hh).arg(&hdi).arg(&vdi);
@@ -1191,12 +1180,6 @@ impl Kernels {
     /// warps (Some) or leaves it to the grid's waves (None, the default); tests compare both.
     pub fn set_qkv_ready4(&mut self, on: Option<bool>) {
         self.qkv_ready4 = on;
-    }
-
-    /// Whether the 4-warp q/k/v projection asks for its weights ahead by cp.async
-    /// (`qkv_async`); tests compare both.
-    pub fn set_qkv_async(&mut self, on: bool) {
-        self.qkv_async = on;
     }
 
     /// Whether `gemv_qkv_ready` of `rows` stacked rows runs in blocks of 4 warps: forced, or

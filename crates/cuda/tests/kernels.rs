@@ -224,8 +224,7 @@ fn stacked_qkv_gemv_matches_the_cpu_reference() {
 }
 
 /// The q/k/v projection that feeds the ready attention (`gemv_qkv_ready`), in blocks of 8 warps
-/// and in blocks of 4 warps summing two K classes each (`set_qkv_ready4`; with the weights asked
-/// for ahead into a shared ring or not, `set_qkv_async`), gives the stacked
+/// and in blocks of 4 warps summing two K classes each (`set_qkv_ready4`), gives the stacked
 /// GEMV's bits on the same split input (`gemv_split3`), matches the CPU, and counts each
 /// finished 16-row tile into its head's counter. K of 5 K blocks (warps with an empty class),
 /// 8, and 32 (MiMo's 4096); 1-4 tokens.
@@ -261,9 +260,8 @@ fn ready_qkv_projection_gives_the_stacked_gemvs_bits() {
                 assert_close(&format!("stacked fp8 q/k/v part {i}, K {k}, T={t}"), got, &part);
                 off += rows[i];
             }
-            for (four, ahead) in [(false, false), (true, false), (true, true)] {
+            for four in [false, true] {
                 kern.set_qkv_ready4(Some(four));
-                kern.set_qkv_async(ahead);
                 let ready = g.stream.alloc_zeros::<u32>(heads + kv_heads + 1).unwrap();
                 let mut ys = [poisoned(&g, t * rows[0]), poisoned(&g, t * rows[1]), poisoned(&g, t * rows[2])];
                 {
@@ -272,12 +270,12 @@ fn ready_qkv_projection_gives_the_stacked_gemvs_bits() {
                 }
                 let got = read(&ys);
                 for (i, (a, b)) in got.iter().zip(&plain).enumerate() {
-                    assert!(a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits()), "K {k}, T={t}, 4-warp blocks {four}, cp.async ring {ahead}: part {i} differs from the stacked GEMV in some bit");
+                    assert!(a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits()), "K {k}, T={t}, 4-warp blocks {four}: part {i} differs from the stacked GEMV in some bit");
                 }
                 let mut counts = vec![(hd / 16) as u32; heads];
                 counts.extend(std::iter::repeat_n(((hd + vd) / 16) as u32, kv_heads));
                 counts.push(0);
-                assert_eq!(g.stream.clone_dtoh(&ready).unwrap(), counts, "K {k}, T={t}, 4-warp blocks {four}, cp.async ring {ahead}: tiles counted per head");
+                assert_eq!(g.stream.clone_dtoh(&ready).unwrap(), counts, "K {k}, T={t}, 4-warp blocks {four}: tiles counted per head");
             }
         }
     }
