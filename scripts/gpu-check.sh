@@ -32,8 +32,9 @@ if [[ "${1:-}" == "--build" ]]; then
     cargo build --release -p peregrine-cuda --example bench --example step_bench
     strip -o .bin/cuda-bench target/release/examples/bench
     strip -o .bin/step-bench target/release/examples/step_bench
-    cargo build --release -p peregrine-engine --example spec_bench
+    cargo build --release -p peregrine-engine --example spec_bench --example engine_bench
     strip -o .bin/spec-bench target/release/examples/spec_bench
+    strip -o .bin/engine-bench target/release/examples/engine_bench
     # The device machine's copy of .git can be stale: the build records what it built.
     { git rev-parse --short HEAD; git diff --quiet HEAD -- crates kernels || echo "(plus uncommitted changes)"; } | paste -sd' ' > .bin/commit
     ls -la .bin

@@ -1,0 +1,163 @@
+//! Decoding through the engine on the CUDA backend with synthetic weights: what a client of
+//! `start_engine` sees per output token at each batch size, for comparison with `step_bench`'s
+//! step times (the same model, the same GPU). The gap between the two is the host's share of a
+//! step: scheduling, the backend's uploads and downloads, detokenising and streaming.
+//!
+//!     cargo run --release -p peregrine-engine --example engine_bench -- \
+//!         --config configs/mimo-v2-flash.json [--layers 18] [--batches 1,8,32,64] \
+//!         [--prompt 128] [--tokens 64] [--temperature 0]
+//!
+//! Per batch size B: B requests of `--prompt` random tokens each are submitted together and
+//! decode `--tokens` tokens (EOS ignored); one warm-up round of the same shape runs first (it
+//! captures the step graphs and tunes nothing else). Reported: the median gap between request
+//! 0's consecutive deltas (one decode step each once every prompt is in), B / that gap as output
+//! tokens/s, and the mean of the engine's own step timer over the timed round (prefill steps
+//! included).
+//! The tokenizer is a word-level one with one word per id of the config's vocabulary.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use peregrine_core::SamplingParams;
+use peregrine_cuda::{probe, CudaModel};
+use peregrine_engine::*;
+use peregrine_model::tokenizer::Tokenizer;
+
+struct Args {
+    config: String,
+    layers: usize,
+    batches: Vec<usize>,
+    prompt: usize,
+    tokens: usize,
+    temperature: f32,
+}
+
+fn parse_args() -> Args {
+    let mut a = Args { config: "configs/mimo-v2-flash.json".into(), layers: 18, batches: vec![1, 8, 32, 64], prompt: 128, tokens: 64, temperature: 0.0 };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
+        match flag.as_str() {
+            "--config" => a.config = value(),
+            "--layers" => a.layers = value().parse().expect("--layers"),
+            "--batches" => a.batches = value().split(',').map(|s| s.parse().expect("--batches")).collect(),
+            "--prompt" => a.prompt = value().parse().expect("--prompt"),
+            "--tokens" => a.tokens = value().parse().expect("--tokens"),
+            "--temperature" => a.temperature = value().parse().expect("--temperature"),
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    assert!(a.tokens >= 8, "--tokens: at least 8, so the steady state has gaps to time");
+    a
+}
+
+/// A word-level tokenizer with one word ("t<id>") per id below `vocab`.
+fn word_tokenizer(vocab: usize) -> Tokenizer {
+    use tokenizers::models::wordlevel::WordLevel;
+    let words: HashMap<String, u32> = (0..vocab as u32).map(|i| (format!("t{i}"), i)).collect();
+    let model = WordLevel::builder().vocab(words.into_iter().collect()).unk_token("t0".into()).build().expect("word-level vocabulary");
+    Tokenizer::from_tokenizers(tokenizers::Tokenizer::new(model))
+}
+
+fn metric(e: &EngineHandle, name: &str) -> f64 {
+    e.render_metrics()
+        .lines()
+        .filter(|l| l.starts_with(name) && matches!(l.as_bytes().get(name.len()), Some(b' ') | Some(b'{')))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// One round of `b` requests decoding `tokens` tokens each: request 0's delta arrival times.
+fn round(e: &EngineHandle, b: usize, a: &Args, vocab: usize, salt: u64) -> Vec<Instant> {
+    // Distinct prompts (a simple LCG over the vocabulary), so no prefix-cache hits.
+    let mut x = salt.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut next = || {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((x >> 33) % vocab as u64) as u32
+    };
+    let rxs: Vec<_> = (0..b)
+        .map(|i| {
+            let sampling = SamplingParams { temperature: a.temperature, seed: Some(i as u64), ..SamplingParams::greedy() };
+            e.submit(GenerateRequest {
+                request_id: format!("r{salt}-{i}"),
+                prompt_tokens: (0..a.prompt).map(|_| next()).collect(),
+                sampling,
+                stop: StopParams { max_tokens: a.tokens, ignore_eos: true, skip_special_tokens: true, ..Default::default() },
+                prompt_logprobs: None,
+                priority: 0,
+                arrival: Instant::now(),
+            })
+            .expect("submit")
+        })
+        .collect();
+    let mut times = Vec::new();
+    for (i, mut rx) in rxs.into_iter().enumerate() {
+        let mut got = 0;
+        while let Some(ev) = rx.blocking_recv() {
+            match ev {
+                RequestEvent::Delta { token_ids, .. } => {
+                    got += token_ids.len();
+                    if i == 0 {
+                        times.push(Instant::now());
+                    }
+                }
+                RequestEvent::Finished { .. } => break,
+                RequestEvent::Error(err) => panic!("request {i}: {err}"),
+                RequestEvent::PromptLogprobs(_) => {}
+            }
+        }
+        assert_eq!(got, a.tokens, "request {i} decoded {got} of {} tokens", a.tokens);
+    }
+    times
+}
+
+fn main() {
+    let a = parse_args();
+    let gpu = match probe(0) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(2);
+        }
+    };
+    let text = std::fs::read_to_string(&a.config).expect("config");
+    let mut spec = peregrine_model::config::parse_config(&serde_json::from_str(&text).expect("json"), None).expect("config parses");
+    spec.layers.truncate(a.layers);
+    let vocab = spec.vocab_size;
+    println!("GPU {}; {} layers of {}; prompts {} tokens, {} output tokens, temperature {}", gpu.name, spec.layers.len(), a.config, a.prompt, a.tokens, a.temperature);
+    let t0 = Instant::now();
+    let model = CudaModel::synthetic(gpu, &spec, 1).expect("synthetic weights");
+    println!("synthetic weights in {:.1} s", t0.elapsed().as_secs_f64());
+    let tok = Arc::new(word_tokenizer(vocab));
+    let max_b = a.batches.iter().copied().max().unwrap_or(1);
+    let cfg = EngineConfig {
+        max_num_seqs: max_b,
+        max_model_len: a.prompt + a.tokens + 16,
+        kv_cache_memory_bytes: 3 << 30,
+        max_num_batched_tokens: 8192,
+        ..EngineConfig::default()
+    };
+    let e = start_engine(Box::new(model), tok, cfg).expect("engine");
+    println!("{:>5} {:>12} {:>12} {:>14} {:>12}", "batch", "gap_p50_ms", "gap_p90_ms", "tokens/s", "step_ms_avg");
+    for (salt, &b) in a.batches.iter().enumerate() {
+        round(&e, b, &a, vocab, 1000 + salt as u64);
+        let (s0, n0) = (metric(&e, "peregrine:step_duration_seconds_sum"), metric(&e, "peregrine:step_duration_seconds_count"));
+        let times = round(&e, b, &a, vocab, salt as u64);
+        let (s1, n1) = (metric(&e, "peregrine:step_duration_seconds_sum"), metric(&e, "peregrine:step_duration_seconds_count"));
+        // Gaps after every prompt is in: request 0's first delta comes with the prefill steps.
+        let gaps: Vec<f64> = times.windows(2).skip(2).map(|w| (w[1] - w[0]).as_secs_f64() * 1e3).collect();
+        let p50 = median(gaps.clone());
+        let mut sorted = gaps;
+        sorted.sort_by(f64::total_cmp);
+        let p90 = sorted[sorted.len() * 9 / 10];
+        let step_avg = if n1 > n0 { (s1 - s0) / (n1 - n0) * 1e3 } else { f64::NAN };
+        println!("{b:>5} {p50:>12.3} {p90:>12.3} {:>14.1} {step_avg:>12.3}", b as f64 / (p50 / 1e3));
+    }
+    e.shutdown();
+}
