@@ -1,15 +1,23 @@
 // The element-wise and attention kernels of the CUDA forward (f32 activations), mirroring the CPU
 // reference (crates/cpu/src/model.rs) operation for operation.
 
-// x[r, :] = table[tok[r], :] (f32 table).
+// x[r, :] = table[token r, :] (f32 table; row_token below).
 // Row-copy kernels run gridDim.y blocks per row: at decode sizes one block per row serialised
 // its loads (the H100 spent ~17 us embedding one row of 4096).
 // (PDL_ENTER and the f16 helpers come from kernels/common.cuh, block_sum, block_argmax and the
 // router from kernels/route.cuh: compile.rs prepends both.)
 
-extern "C" __global__ void embed(const float* __restrict__ table, const int* __restrict__ tok, float* __restrict__ x, int H) { PDL_ENTER();
+// Row r's token: tok[r], or where tok[r] = -(j + 1) (a step chained on the one before it, whose
+// sampled ids the host has not seen) row j of the ids at the device address chain[0].
+__device__ __forceinline__ int row_token(const int* __restrict__ tok, const unsigned long long* __restrict__ chain, int r) {
+    int t = tok[r];
+    return t >= 0 ? t : reinterpret_cast<const int*>(chain[0])[-t - 1];
+}
+
+extern "C" __global__ void embed(const float* __restrict__ table, const int* __restrict__ tok, const unsigned long long* __restrict__ chain, float* __restrict__ x, int H) { PDL_ENTER();
     int r = blockIdx.x;
-    for (int i = blockIdx.y * blockDim.x + threadIdx.x; i < H; i += blockDim.x * gridDim.y) x[(size_t)r * H + i] = table[(size_t)tok[r] * H + i];
+    size_t t = row_token(tok, chain, r);
+    for (int i = blockIdx.y * blockDim.x + threadIdx.x; i < H; i += blockDim.x * gridDim.y) x[(size_t)r * H + i] = table[t * H + i];
 }
 
 // Rows whose D is a multiple of 4 and at most 4 x NORM_V x blockDim keep their float4s in
@@ -444,11 +452,12 @@ extern "C" __global__ void draft_attention(const float* __restrict__ q, const fl
     }
 }
 
-// x[r, :] = table[tok[r], :] for a BF16 table (u16 bits).
-extern "C" __global__ void embed_bf16(const unsigned short* __restrict__ table, const int* __restrict__ tok, float* __restrict__ x, int H) { PDL_ENTER();
+// x[r, :] = table[token r, :] for a BF16 table (u16 bits).
+extern "C" __global__ void embed_bf16(const unsigned short* __restrict__ table, const int* __restrict__ tok, const unsigned long long* __restrict__ chain, float* __restrict__ x, int H) { PDL_ENTER();
     int r = blockIdx.x;
+    size_t t = row_token(tok, chain, r);
     for (int i = blockIdx.y * blockDim.x + threadIdx.x; i < H; i += blockDim.x * gridDim.y)
-        x[(size_t)r * H + i] = __uint_as_float((unsigned)table[(size_t)tok[r] * H + i] << 16);
+        x[(size_t)r * H + i] = __uint_as_float((unsigned)table[t * H + i] << 16);
 }
 
 // The residual add fused with the next RMSNorm: x[r] += a[r]; y[r] = RMSNorm(x[r]) * w (the

@@ -183,6 +183,26 @@ pub trait Backend: Send {
         Ok(None)
     }
 
+    /// Overlapped decoding: starts a decode step without waiting for it, so the caller can
+    /// commit the step before while this one runs. Every sequence of `batch` feeds one token and
+    /// asks for its `Last` row. `chain[i]` = Some(r): row i's input is not `batch[i].tokens[0]`
+    /// (a placeholder) but the id that the step enqueued last (still in flight, or collected)
+    /// sampled for its row r, which the caller does not know yet. `sampling`: None takes each
+    /// row's argmax (`forward_greedy`), Some samples as `forward_sampled` (adjustments that do not
+    /// depend on the chained tokens). `Ok(false)`: nothing was started (no such path for this
+    /// batch, or `chain` names no step this backend can still read); the caller then runs the
+    /// step the usual way, after collecting every step it started. The default: never.
+    fn enqueue_decode(&mut self, batch: &[SeqForward], chain: &[Option<usize>], sampling: Option<(&[RowSampling], &[LogitAdjust])>) -> Result<bool> {
+        let _ = (batch, chain, sampling);
+        Ok(false)
+    }
+
+    /// The ids of the oldest step `enqueue_decode` started and nobody collected yet, one per
+    /// row in its batch order, waiting for that step to finish.
+    fn collect_decode(&mut self) -> Result<Vec<u32>> {
+        Err(crate::Error::Backend("no decode step is in flight".into()))
+    }
+
     /// A short name for logs and metrics ("cpu", "cuda").
     fn name(&self) -> &str;
 

@@ -1180,7 +1180,9 @@ impl CudaModel {
     }
 
     /// Embedding rows of the token ids `tok` [n].
-    pub(crate) fn embed_rows(&self, tok: &CudaSlice<i32>, n: usize) -> Result<CudaSlice<f32>> {
+    /// The embeddings of `n` rows' tokens (`tok`; a negative entry -(j + 1) is row j of the ids
+    /// at the device address `chain` holds: a step chained on the one before it).
+    pub(crate) fn embed_rows(&self, tok: &CudaSlice<i32>, chain: Option<&CudaSlice<u64>>, n: usize) -> Result<CudaSlice<f32>> {
         let h = self.spec.hidden_size;
         let mut x = self.empty(n * h)?;
         let hh = h as i32;
@@ -1192,7 +1194,12 @@ impl CudaModel {
             Embed::F32(t) => b.arg(t),
             Embed::Bf16(t) => b.arg(t),
         };
-        b.arg(tok).arg(&mut x).arg(&hh);
+        b.arg(tok);
+        match chain {
+            Some(c) => b.arg(c),
+            None => b.arg(&0u64), // no step to chain on: a null address, never read
+        };
+        b.arg(&mut x).arg(&hh);
         unsafe { b.launch(row_copy_cfg(n, h)) }.map_err(drv)?;
         Ok(x)
     }
@@ -1569,6 +1576,9 @@ pub(crate) struct RowMeta {
     pub(crate) swa_slots: CudaSlice<i64>,
     pub(crate) full_tables: CudaSlice<i32>,
     pub(crate) swa_tables: CudaSlice<i32>,
+    /// Graphs: where the device address of the ids that a chained step's negative `tok` entries
+    /// index is written (see `embed_rows`). Eager steps never chain.
+    pub(crate) chain: Option<CudaSlice<u64>>,
     pub(crate) max_blocks: usize,
     pub(crate) block_size: usize,
     /// A batch with prompt chunks: the rows attention takes in tiles (`attention_prefill`), and
@@ -1739,6 +1749,9 @@ pub(crate) struct HostRows {
     pub(crate) counts: Vec<usize>,
     /// Every sequence brings exactly one new token (a decode step).
     pub(crate) one_per_seq: bool,
+    /// A chained step (crate::overlap): the device address of the ids its negative `toks`
+    /// entries index.
+    pub(crate) chain: Option<u64>,
 }
 
 impl CudaModel {
@@ -1755,6 +1768,7 @@ impl CudaModel {
     }
 
     fn init_kv_pools(&mut self, config: KvConfig) -> Result<()> {
+        self.graphs.overlap.break_chain(); // crate::overlap: no chaining across other steps
         self.graphs.clear();
         self.kv.clear();
         self.draft_kv.clear();
@@ -1807,6 +1821,7 @@ impl CudaModel {
             want,
             counts,
             one_per_seq: batch.iter().all(|s| s.tokens.len() == 1),
+            chain: None,
         };
         let any_swa = self.layers.iter().any(|l| l.swa);
         for (si, s) in batch.iter().enumerate() {
@@ -1846,6 +1861,7 @@ impl CudaModel {
             swa_slots: upload(st, &rows.swa_slots)?,
             full_tables: upload(st, &rows.full_tables)?,
             swa_tables: upload(st, &rows.swa_tables)?,
+            chain: None,
             max_blocks: rows.max_blocks,
             block_size: self.kv_config.map_or(1, |c| c.block_size),
             prefill: match prefill_tiles(&rows.seq, &rows.pos) {
@@ -1871,6 +1887,8 @@ impl CudaModel {
     /// asked-for rows, what `out` says: logits, argmax ids or ids sampled on the GPU; with the
     /// per-sequence row counts.
     fn run(&mut self, batch: &[SeqForward], out: Out) -> Result<(Fetched, Vec<usize>)> {
+        // Its graph may overwrite the ids a chained step would read (crate::overlap).
+        self.graphs.overlap.break_chain();
         let rows = self.host_rows(batch)?;
         let n = rows.toks.len();
         if n == 0 {
@@ -1998,6 +2016,14 @@ impl Backend for CudaModel {
 
     fn forward_speculative(&mut self, batch: &[SeqForward], sampling: peregrine_core::backend::SpecSampling) -> Result<Option<Vec<peregrine_core::backend::SpecRows>>> {
         self.speculate(batch, sampling)
+    }
+
+    fn enqueue_decode(&mut self, batch: &[SeqForward], chain: &[Option<usize>], sampling: Option<(&[RowSampling], &[LogitAdjust])>) -> Result<bool> {
+        self.enqueue_decode_step(batch, chain, sampling)
+    }
+
+    fn collect_decode(&mut self) -> Result<Vec<u32>> {
+        self.collect_decode_step()
     }
 
     fn name(&self) -> &str {

@@ -151,6 +151,7 @@ impl CudaModel {
     }
 
     pub(crate) fn draft_pass(&mut self, batch: &[DraftForward]) -> Result<Vec<Vec<u32>>> {
+        self.graphs.overlap.break_chain(); // crate::overlap: no chaining across other steps
         let rows = self.draft_rows(batch)?;
         let d = self.drafter.as_ref().ok_or_else(|| Error::Unsupported("no drafter is attached to the CUDA backend".into()))?;
         let plain = d.plain_output();
@@ -241,7 +242,7 @@ impl CudaModel {
         let d = self.drafter.as_ref().ok_or_else(|| Error::Unsupported("no drafter is attached to the CUDA backend".into()))?;
         let h = self.spec.hidden_size;
         let st = &self.stream;
-        let mut x = self.embed_rows(&m.tok, n)?;
+        let mut x = self.embed_rows(&m.tok, None, n)?;
         let hh = h as i32;
         if let Some(me) = &d.mask_embedding {
             if n_mask > 0 {

@@ -99,6 +99,8 @@ pub(crate) struct Graphs {
     pub(crate) spec: HashMap<SpecKey, SpecStep>,
     /// Why the last failed capture failed (graphs are off since).
     capture_error: Option<String>,
+    /// Decode steps started and not yet collected (crate::overlap).
+    pub(crate) overlap: crate::overlap::Overlap,
 }
 
 /// Sequence counts a draft-pass graph is captured for (each holds logits for every draft row,
@@ -118,7 +120,7 @@ impl Graphs {
     pub(crate) fn new(capturable: bool) -> Graphs {
         let enabled = capturable;
         let off = std::env::var("PEREGRINE_CUDA_GRAPHS").is_ok_and(|v| v == "0");
-        Graphs { enabled: enabled && !off, capturable: enabled, cache: HashMap::new(), drafts: HashMap::new(), spec: HashMap::new(), capture_error: None }
+        Graphs { enabled: enabled && !off, capturable: enabled, cache: HashMap::new(), drafts: HashMap::new(), spec: HashMap::new(), capture_error: None, overlap: Default::default() }
     }
 
     pub(crate) fn put_back(&mut self, g: StepGraph) {
@@ -127,6 +129,7 @@ impl Graphs {
 
     /// Drops every graph (the KV pools they point at are being replaced).
     pub(crate) fn clear(&mut self) {
+        self.overlap.break_chain();
         self.cache.clear();
         self.drafts.clear();
         self.spec.clear();
@@ -177,13 +180,11 @@ impl CudaModel {
     /// Launches the graph for `rows` (capturing it first if needed) with the rows' inputs, or
     /// None when the batch runs eagerly. The caller reads `logits`/`ids` and puts it back.
     pub(crate) fn graph_for(&mut self, rows: &HostRows) -> Result<Option<StepGraph>> {
-        let n = rows.toks.len();
-        if !self.graphs.enabled || rows.want.len() != n {
-            return Ok(None);
-        }
-        let Some(&bucket) = ROW_BUCKETS.iter().find(|&&b| b >= n) else { return Ok(None) };
-        let width = rows.max_blocks.next_power_of_two().max(8);
-        let key = (bucket, width, rows.one_per_seq);
+        // A replay may overwrite the ids a chained step reads (crate::overlap; enqueue_decode
+        // reads them before and names its own after).
+        self.graphs.overlap.break_chain();
+        let Some(key) = self.graph_key(rows) else { return Ok(None) };
+        let (bucket, width, _) = key;
         let mut g = match self.graphs.cache.remove(&key) {
             Some(g) => g,
             None => match self.capture_graph(key) {
@@ -199,6 +200,22 @@ impl CudaModel {
         self.write_row_meta(&mut g.meta, bucket, width, rows)?;
         g.graph.0.launch().map_err(drv)?;
         Ok(Some(g))
+    }
+
+    /// The graph `rows` would replay: (row bucket, table width, decode), or None when they run
+    /// eagerly (graphs off, more rows than the largest bucket, rows without logits).
+    pub(crate) fn graph_key(&self, rows: &HostRows) -> Option<(usize, usize, bool)> {
+        let n = rows.toks.len();
+        if !self.graphs.enabled || rows.want.len() != n {
+            return None;
+        }
+        let bucket = *ROW_BUCKETS.iter().find(|&&b| b >= n)?;
+        Some((bucket, rows.max_blocks.next_power_of_two().max(8), rows.one_per_seq))
+    }
+
+    /// Whether the graph for `key` is captured already.
+    pub(crate) fn graph_captured(&self, key: &(usize, usize, bool)) -> bool {
+        self.graphs.cache.contains_key(key)
     }
 
     /// The node kinds of the decode-step graph `batch` replays (capturing it if needed; this
@@ -264,6 +281,7 @@ impl CudaModel {
             swa_slots: z64(rows)?,
             full_tables: z32(rows * width)?,
             swa_tables: z32(rows * width)?,
+            chain: Some(st.alloc_zeros::<u64>(1).map_err(drv)?),
             max_blocks: width,
             block_size: bs,
             prefill: None,
@@ -297,6 +315,9 @@ impl CudaModel {
         st.memcpy_htod(&pad64(&rows.swa_slots, scratch_swa as i64 * bs), &mut m.swa_slots).map_err(drv)?;
         st.memcpy_htod(&tables(&rows.full_tables, scratch_full), &mut m.full_tables).map_err(drv)?;
         st.memcpy_htod(&tables(&rows.swa_tables, scratch_swa), &mut m.swa_tables).map_err(drv)?;
+        if let (Some(addr), Some(c)) = (rows.chain, m.chain.as_mut()) {
+            st.memcpy_htod(&[addr], c).map_err(drv)?;
+        }
         Ok(())
     }
 }

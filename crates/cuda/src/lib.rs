@@ -20,6 +20,7 @@ pub mod step;
 pub mod trace;
 pub mod kernels;
 mod launch;
+mod overlap;
 pub mod moe_tune;
 pub mod mxfp4_tiles;
 mod weights;

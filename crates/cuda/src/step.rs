@@ -192,7 +192,7 @@ impl CudaModel {
                 return Err(Error::Backend(format!("step plan: {op} runs between a post-attention norm left to the router and its MLP")));
             }
             match op {
-                Op::Embed { rows } => acts[Act::Hidden as usize] = Some(self.embed_rows(&meta.tok, rows)?),
+                Op::Embed { rows } => acts[Act::Hidden as usize] = Some(self.embed_rows(&meta.tok, meta.chain.as_ref(), rows)?),
                 Op::Norm { src, dst, weight, rows } => {
                     let y = self.rms_norm(acts[src as usize].as_ref().ok_or_else(|| Error::Backend(format!("step plan reads {src:?} before writing it")))?, norm_weight(weight), rows, h)?;
                     acts[dst as usize] = Some(y);

@@ -194,3 +194,102 @@ fn too_little_gpu_memory_is_an_error_with_the_numbers() {
     assert!(err.contains("ran out of memory") && err.contains(&spec.num_parameters().to_string()) && err.contains(&format!("of {total} bytes were free")), "{err}");
     eprintln!("weights too large: {err}");
 }
+
+/// Overlapped decode steps (`enqueue_decode` / `collect_decode`), each started before the one
+/// ahead of it is collected and fed that step's ids on the GPU, give the tokens of plain steps:
+/// greedy and sampled, with each chained batch in another row order than the step ahead of it,
+/// and a sequence leaving half way.
+#[test]
+fn overlapped_decode_steps_give_the_tokens_of_plain_steps() {
+    use peregrine_core::backend::RowSampling;
+    use std::collections::VecDeque;
+    if probe_for_tests(0).is_none() {
+        return;
+    }
+    let files = open_model(&fixture("default")).unwrap();
+    let (bs, seqs, steps) = (16, 3usize, 24usize);
+    let prompts: Vec<Vec<u32>> = (0..seqs as u32).map(|s| (0..20 + 9 * s).map(|i| 7 + (i * 37 + s * 101) % 500).collect()).collect();
+    let table = |s: usize| -> Vec<u32> { (0..8).map(|b| (s * 8 + b) as u32).collect() };
+    // Step i feeds sequence s's token i at position prompt + i.
+    let fwd = |s: usize, tok: u32, i: usize| SeqForward { seq_id: s as u64, tokens: vec![tok], start_pos: prompts[s].len() + i, full_blocks: table(s), swa_blocks: table(s), output: OutputRows::Last };
+    // Sequence 2 leaves after step 9. Odd steps list their rows newest sequence first.
+    let rows_of = |i: usize| -> Vec<usize> {
+        let mut r: Vec<usize> = (0..seqs).filter(|&s| s != 2 || i < 10).collect();
+        if i % 2 == 1 {
+            r.reverse();
+        }
+        r
+    };
+    let sampling_of = |rows: &[usize], i: usize| -> Vec<RowSampling> {
+        rows.iter().map(|&s| RowSampling { temperature: 0.8, top_k: 40, top_p: 0.95, min_p: 0.0, u: ((s * 31 + i * 17) % 97) as f64 / 97.0, adj_start: 0, adj_len: 0 }).collect()
+    };
+    for sampled in [false, true] {
+        let run = |overlap: bool| -> Vec<Vec<u32>> {
+            let mut m = CudaModel::load(probe(0).unwrap(), &files.spec, files.weights.as_ref()).unwrap();
+            m.init_kv(KvConfig { block_size: bs, num_full_blocks: 8 * seqs, num_swa_blocks: 8 * seqs }).unwrap();
+            // Token 0 of each sequence: its prompt's argmax.
+            let mut out: Vec<Vec<u32>> = (0..seqs)
+                .map(|s| {
+                    let b = SeqForward { seq_id: s as u64, tokens: prompts[s].clone(), start_pos: 0, full_blocks: table(s), swa_blocks: table(s), output: OutputRows::Last };
+                    m.forward_argmax(&[b]).unwrap().remove(0)
+                })
+                .collect();
+            let plain = |m: &mut CudaModel, i: usize, out: &mut Vec<Vec<u32>>| {
+                let rows = rows_of(i);
+                let b: Vec<SeqForward> = rows.iter().map(|&s| fwd(s, out[s][i], i)).collect();
+                let ids = if sampled { m.forward_sample(&b, &sampling_of(&rows, i), &[]).unwrap() } else { m.forward_argmax(&b).unwrap() };
+                for (s, t) in rows.into_iter().zip(ids) {
+                    out[s].extend(t);
+                }
+            };
+            // Step 0 plain in both runs: it captures the decode graph.
+            plain(&mut m, 0, &mut out);
+            if !overlap {
+                for i in 1..steps {
+                    plain(&mut m, i, &mut out);
+                }
+                return out;
+            }
+            let mut in_flight: VecDeque<Vec<usize>> = VecDeque::new();
+            let collect = |m: &mut CudaModel, rows: Vec<usize>, out: &mut Vec<Vec<u32>>| {
+                for (s, t) in rows.into_iter().zip(m.collect_decode().unwrap()) {
+                    out[s].push(t);
+                }
+            };
+            let mut started = 0;
+            for i in 1..steps {
+                let rows = rows_of(i);
+                let (b, chain): (Vec<SeqForward>, Vec<Option<usize>>) = match in_flight.back() {
+                    // From known tokens, or from the step ahead's ids, still on the GPU.
+                    None => (rows.iter().map(|&s| fwd(s, out[s][i], i)).collect(), vec![None; rows.len()]),
+                    Some(prev) => (rows.iter().map(|&s| fwd(s, 0, i)).collect(), rows.iter().map(|s| prev.iter().position(|p| p == s)).collect()),
+                };
+                let sampling = sampling_of(&rows, i);
+                if m.enqueue_decode(&b, &chain, sampled.then_some((&sampling[..], &[][..]))).unwrap() {
+                    started += 1;
+                    in_flight.push_back(rows);
+                    if in_flight.len() == 2 {
+                        collect(&mut m, in_flight.pop_front().unwrap(), &mut out);
+                    }
+                } else {
+                    // Fewer rows: a graph not captured yet. As the engine does: collect, then
+                    // a plain step (which captures it).
+                    while let Some(r) = in_flight.pop_front() {
+                        collect(&mut m, r, &mut out);
+                    }
+                    plain(&mut m, i, &mut out);
+                }
+            }
+            while let Some(r) = in_flight.pop_front() {
+                collect(&mut m, r, &mut out);
+            }
+            assert!(m.collect_decode().is_err(), "a collect with nothing in flight");
+            assert!(started >= steps - 3, "{started} of {} steps overlapped", steps - 1);
+            out
+        };
+        let (plain, overlapped) = (run(false), run(true));
+        assert_eq!(plain.iter().map(Vec::len).collect::<Vec<_>>(), vec![steps + 1, steps + 1, 11]);
+        assert_eq!(overlapped, plain, "sampled: {sampled}");
+        eprintln!("overlapped decode steps (sampled: {sampled}): {} tokens as plain steps gave them", plain.iter().map(Vec::len).sum::<usize>());
+    }
+}

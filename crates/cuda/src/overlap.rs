@@ -1,0 +1,115 @@
+//! Overlapped decode steps (`Backend::enqueue_decode` / `collect_decode`): the engine starts
+//! step N + 1 before it reads step N's ids, so the host's share of a step (committing tokens,
+//! detokenising, streaming, the next step's uploads and graph launch) runs while the GPU works
+//! instead of between two steps.
+//!
+//! Step N + 1's rows whose input is step N's sampled token carry -(r + 1) as their token, r
+//! being the row in step N, and the graph's embedding reads that row of step N's ids on the
+//! device (`row_token` in kernels/ops.cu), at the address written into the graph's row
+//! metadata with the rest of its inputs. Everything runs on the model's one stream, so:
+//! - step N's ids are read by N + 1's embedding after N wrote them, and are copied to the host
+//!   (into a page-locked buffer of the step's own) before N + 1 can overwrite them (the same
+//!   graph, and so the same ids buffer, when the bucket is unchanged);
+//! - a KV block the engine frees or hands to another sequence while a step is in flight is
+//!   written again only by steps enqueued after it;
+//! - a sampled step's ids buffer is freed (stream-ordered) when the step is collected, which
+//!   the engine does after enqueueing the step chained on it.
+//!
+//! Only decode steps whose graph is captured already overlap (a capture runs the step); any
+//! other call makes the ids of the last enqueued step unreachable for chaining.
+
+use std::collections::VecDeque;
+
+use cudarc::driver::{CudaSlice, DevicePtr, PinnedHostSlice};
+use peregrine_core::backend::{LogitAdjust, OutputRows, RowSampling, SeqForward};
+use peregrine_core::{Error, Result};
+
+use crate::backend::{drv, CudaModel};
+
+/// A started step: its ids on their way to `host`.
+struct InFlight {
+    host: PinnedHostSlice<i32>,
+    rows: usize,
+    /// A sampled step's ids (the argmax lives in its graph): freed once the step is collected.
+    _sampled: Option<CudaSlice<i32>>,
+}
+
+#[derive(Default)]
+pub(crate) struct Overlap {
+    in_flight: VecDeque<InFlight>,
+    /// Page-locked buffers of collected steps, for reuse.
+    spare: Vec<PinnedHostSlice<i32>>,
+    /// The device address and row count of the ids the last enqueued step writes, while no
+    /// other call has run since (the only ids a chained step may read).
+    last_ids: Option<(u64, usize)>,
+}
+
+impl Overlap {
+    /// Called by every step that is not an overlapped decode: its graphs may overwrite the ids
+    /// a chained step would read.
+    pub(crate) fn break_chain(&mut self) {
+        self.last_ids = None;
+    }
+}
+
+impl CudaModel {
+    pub(crate) fn enqueue_decode_step(&mut self, batch: &[SeqForward], chain: &[Option<usize>], sampling: Option<(&[RowSampling], &[LogitAdjust])>) -> Result<bool> {
+        let n = batch.len();
+        if n == 0 || chain.len() != n || !batch.iter().all(|s| s.tokens.len() == 1 && s.output == OutputRows::Last) {
+            return Ok(false);
+        }
+        if sampling.is_some_and(|(rows, _)| rows.len() != n) {
+            return Err(Error::Backend(format!("{} sampling rows for {n} output rows", sampling.map_or(0, |s| s.0.len()))));
+        }
+        let prev = self.graphs.overlap.last_ids;
+        let chained = chain.iter().any(Option::is_some);
+        if chained && !prev.is_some_and(|(_, rows)| chain.iter().flatten().all(|&r| r < rows)) {
+            return Ok(false);
+        }
+        let mut rows = self.host_rows(batch)?;
+        match self.graph_key(&rows) {
+            Some(key) if self.graph_captured(&key) => {}
+            _ => return Ok(false),
+        }
+        for (t, c) in rows.toks.iter_mut().zip(chain) {
+            if let Some(r) = c {
+                *t = -(*r as i32) - 1;
+            }
+        }
+        if chained {
+            rows.chain = prev.map(|p| p.0);
+        }
+        let st = self.stream.clone();
+        let Some(mut g) = self.graph_for(&rows)? else {
+            return Err(Error::Backend("a captured decode graph went missing".into()));
+        };
+        let vocab = self.spec.vocab_size;
+        let launched = (|| -> Result<(u64, Option<CudaSlice<i32>>, PinnedHostSlice<i32>)> {
+            let sampled = match sampling {
+                Some((p, adj)) => Some(self.kernels.sample_rows_adjusted(&mut g.logits, vocab, p, adj)?),
+                None => None,
+            };
+            let ids = sampled.as_ref().unwrap_or(&g.ids);
+            let addr = ids.device_ptr(&st).0;
+            let mut host = match self.graphs.overlap.spare.pop() {
+                Some(h) if h.len() >= n => h,
+                // SAFETY: read only after the copy into it completed (`as_slice` waits for it).
+                _ => unsafe { st.context().alloc_pinned_with_flags::<i32>(crate::graph::ROW_BUCKETS[crate::graph::ROW_BUCKETS.len() - 1].max(n), 0) }.map_err(drv)?,
+            };
+            st.memcpy_dtoh(&ids.slice(..n), &mut host).map_err(drv)?;
+            Ok((addr, sampled, host))
+        })();
+        self.graphs.put_back(g);
+        let (addr, sampled, host) = launched.inspect_err(|_| self.graphs.overlap.break_chain())?;
+        self.graphs.overlap.in_flight.push_back(InFlight { host, rows: n, _sampled: sampled });
+        self.graphs.overlap.last_ids = Some((addr, n));
+        Ok(true)
+    }
+
+    pub(crate) fn collect_decode_step(&mut self) -> Result<Vec<u32>> {
+        let step = self.graphs.overlap.in_flight.pop_front().ok_or_else(|| Error::Backend("no decode step is in flight".into()))?;
+        let ids = step.host.as_slice().map_err(drv)?[..step.rows].iter().map(|&t| t as u32).collect();
+        self.graphs.overlap.spare.push(step.host);
+        Ok(ids)
+    }
+}
