@@ -5,7 +5,7 @@
 //!
 //!     cargo run --release -p peregrine-engine --example engine_bench -- \
 //!         --config configs/mimo-v2-flash.json [--layers 18] [--batches 1,8,32,64] \
-//!         [--prompt 128] [--tokens 64] [--temperature 0]
+//!         [--prompt 128] [--tokens 64] [--temperature 0] [--no-overlap]
 //!
 //! Per batch size B: B requests of `--prompt` random tokens each are submitted together and
 //! decode `--tokens` tokens (EOS ignored); one warm-up round of the same shape runs first (it
@@ -14,6 +14,8 @@
 //! tokens/s, and the mean of the engine's own step timer over the timed round (prefill steps
 //! included).
 //! The tokenizer is a word-level one with one word per id of the config's vocabulary.
+//! `--no-overlap` turns `EngineConfig::overlap_steps` off (each step committed before the next
+//! one starts); the `overlapped` column counts steps started ahead of the round.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -31,10 +33,11 @@ struct Args {
     prompt: usize,
     tokens: usize,
     temperature: f32,
+    overlap: bool,
 }
 
 fn parse_args() -> Args {
-    let mut a = Args { config: "configs/mimo-v2-flash.json".into(), layers: 18, batches: vec![1, 8, 32, 64], prompt: 128, tokens: 64, temperature: 0.0 };
+    let mut a = Args { config: "configs/mimo-v2-flash.json".into(), layers: 18, batches: vec![1, 8, 32, 64], prompt: 128, tokens: 64, temperature: 0.0, overlap: true };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
@@ -45,6 +48,7 @@ fn parse_args() -> Args {
             "--prompt" => a.prompt = value().parse().expect("--prompt"),
             "--tokens" => a.tokens = value().parse().expect("--tokens"),
             "--temperature" => a.temperature = value().parse().expect("--temperature"),
+            "--no-overlap" => a.overlap = false,
             other => panic!("unknown argument {other}"),
         }
     }
@@ -130,7 +134,7 @@ fn main() {
     let mut spec = peregrine_model::config::parse_config(&serde_json::from_str(&text).expect("json"), None).expect("config parses");
     spec.layers.truncate(a.layers);
     let vocab = spec.vocab_size;
-    println!("GPU {}; {} layers of {}; prompts {} tokens, {} output tokens, temperature {}", gpu.name, spec.layers.len(), a.config, a.prompt, a.tokens, a.temperature);
+    println!("GPU {}; {} layers of {}; prompts {} tokens, {} output tokens, temperature {}, overlapped steps {}", gpu.name, spec.layers.len(), a.config, a.prompt, a.tokens, a.temperature, if a.overlap { "on" } else { "off" });
     let t0 = Instant::now();
     let model = CudaModel::synthetic(gpu, &spec, 1).expect("synthetic weights");
     println!("synthetic weights in {:.1} s", t0.elapsed().as_secs_f64());
@@ -141,15 +145,18 @@ fn main() {
         max_model_len: a.prompt + a.tokens + 16,
         kv_cache_memory_bytes: 3 << 30,
         max_num_batched_tokens: 8192,
+        overlap_steps: a.overlap,
         ..EngineConfig::default()
     };
     let e = start_engine(Box::new(model), tok, cfg).expect("engine");
-    println!("{:>5} {:>12} {:>12} {:>14} {:>12}", "batch", "gap_p50_ms", "gap_p90_ms", "tokens/s", "step_ms_avg");
+    println!("{:>5} {:>12} {:>12} {:>14} {:>12} {:>11}", "batch", "gap_p50_ms", "gap_p90_ms", "tokens/s", "step_ms_avg", "overlapped");
     for (salt, &b) in a.batches.iter().enumerate() {
         round(&e, b, &a, vocab, 1000 + salt as u64);
         let (s0, n0) = (metric(&e, "peregrine:step_duration_seconds_sum"), metric(&e, "peregrine:step_duration_seconds_count"));
+        let o0 = metric(&e, "peregrine:overlapped_steps_total");
         let times = round(&e, b, &a, vocab, salt as u64);
         let (s1, n1) = (metric(&e, "peregrine:step_duration_seconds_sum"), metric(&e, "peregrine:step_duration_seconds_count"));
+        let overlapped = metric(&e, "peregrine:overlapped_steps_total") - o0;
         // Gaps after every prompt is in: request 0's first delta comes with the prefill steps.
         let gaps: Vec<f64> = times.windows(2).skip(2).map(|w| (w[1] - w[0]).as_secs_f64() * 1e3).collect();
         let p50 = median(gaps.clone());
@@ -157,7 +164,7 @@ fn main() {
         sorted.sort_by(f64::total_cmp);
         let p90 = sorted[sorted.len() * 9 / 10];
         let step_avg = if n1 > n0 { (s1 - s0) / (n1 - n0) * 1e3 } else { f64::NAN };
-        println!("{b:>5} {p50:>12.3} {p90:>12.3} {:>14.1} {step_avg:>12.3}", b as f64 / (p50 / 1e3));
+        println!("{b:>5} {p50:>12.3} {p90:>12.3} {:>14.1} {step_avg:>12.3} {overlapped:>11}", b as f64 / (p50 / 1e3));
     }
     e.shutdown();
 }

@@ -127,6 +127,10 @@ pub struct EngineConfig {
     pub speculative_block_size: Option<usize>,
     /// The `model_name` label of the metrics (the served model name); None: the model type.
     pub model_name: Option<String>,
+    /// Start each decode step before committing the one ahead of it, where the backend can
+    /// (`Backend::enqueue_decode`) and nothing the next step needs depends on that commit, so
+    /// the host's work runs while the device computes. Outputs are the same either way.
+    pub overlap_steps: bool,
 }
 
 impl Default for EngineConfig {
@@ -141,6 +145,7 @@ impl Default for EngineConfig {
             enable_prefix_caching: true,
             speculative_block_size: None,
             model_name: None,
+            overlap_steps: true,
         }
     }
 }

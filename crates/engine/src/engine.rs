@@ -107,6 +107,7 @@ pub fn start_engine(mut backend: Box<dyn Backend>, tokenizer: SharedTokenizer, c
         eos,
         next_id: 0,
         spec_block,
+        in_flight: None,
     };
     let thread = std::thread::Builder::new()
         .name("peregrine-engine".into())
@@ -273,6 +274,23 @@ struct Core {
     eos: Vec<u32>,
     next_id: u64,
     spec_block: Option<usize>,
+    /// A decode step the backend started (`Backend::enqueue_decode`) and nobody collected yet.
+    in_flight: Option<InFlight>,
+}
+
+/// A started, uncollected decode step: one row per planned sequence, in plan order.
+struct InFlight {
+    t0: Instant,
+    plan: Vec<(u64, usize, usize)>,
+}
+
+/// The step after an in-flight one, planned before its tokens are known.
+struct Chained {
+    plan: Vec<(u64, usize, usize)>,
+    batch: Vec<SeqForward>,
+    chain: Vec<Option<usize>>,
+    /// None: every row takes its argmax.
+    sampling: Option<(Vec<RowSampling>, Vec<LogitAdjust>)>,
 }
 
 impl Core {
@@ -305,6 +323,9 @@ impl Core {
                 }
             }
             if shutdown {
+                if self.in_flight.take().is_some() {
+                    let _ = self.backend.collect_decode();
+                }
                 for mut s in self.running.drain(..).chain(self.waiting.drain(..)).collect::<Vec<_>>() {
                     self.finish(&mut s, FinishReason::Abort);
                 }
@@ -415,6 +436,9 @@ impl Core {
     }
 
     fn step(&mut self) {
+        if let Some(prev) = self.in_flight.take() {
+            return self.step_overlapped(prev);
+        }
         let t0 = Instant::now();
         self.drop_gone_clients();
         let mut budget = self.config.max_num_batched_tokens;
@@ -524,7 +548,7 @@ impl Core {
         let with_logprobs = !sampled && seqs.len() == plan.len() && seqs.iter().all(|s| s.prompt_lp_done && s.req.sampling.logprobs.is_none_or(|k| k <= MAX_BACKEND_TOP_LOGPROBS));
         let vocab = self.backend.spec().vocab_size;
         if with_logprobs {
-            let (rows, adjust) = row_sampling(&seqs, &batch, vocab);
+            let (rows, adjust) = row_sampling(&seqs, &batch, vocab, 0);
             let top: Vec<Option<u32>> = seqs.iter().zip(&batch).flat_map(|(s, b)| std::iter::repeat_n(s.req.sampling.logprobs.map(|k| k as u32), output_row_count(b))).collect();
             match self.backend.forward_sampled_logprobs(&batch, &rows, &adjust, &top) {
                 Ok(None) => {}
@@ -534,12 +558,25 @@ impl Core {
                 }
             }
         }
+        if fused.is_none() && (greedy || sampled) && self.overlap_allowed() && drafts.iter().all(Vec::is_empty) && batch.iter().all(|b| b.tokens.len() == 1 && b.output == OutputRows::Last) {
+            // Started, not waited for: the next step() chains the step after it, then commits it.
+            let sampling = (!greedy).then(|| row_sampling(&seqs, &batch, vocab, 0));
+            let chain = vec![None; batch.len()];
+            match self.backend.enqueue_decode(&batch, &chain, sampling.as_ref().map(|(r, a)| (&r[..], &a[..]))) {
+                Ok(true) => {
+                    self.in_flight = Some(InFlight { t0, plan });
+                    return;
+                }
+                Ok(false) => {}
+                Err(e) => return self.finish_step(t0, plan, drafts, Err(e), ntok),
+            }
+        }
         let ids = if let Some(f) = fused {
             Ok(Some(f.into_iter().map(|r| r.ids).collect()))
         } else if greedy {
             self.backend.forward_greedy(&batch)
         } else if sampled {
-            let (rows, adjust) = row_sampling(&seqs, &batch, self.backend.spec().vocab_size);
+            let (rows, adjust) = row_sampling(&seqs, &batch, self.backend.spec().vocab_size, 0);
             self.backend.forward_sampled(&batch, &rows, &adjust)
         } else {
             Ok(None)
@@ -550,6 +587,102 @@ impl Core {
             Err(e) => Err(e),
         };
         self.finish_step(t0, plan, drafts, result, ntok);
+    }
+
+    /// Whether steps may overlap at all: configured, and no drafter (speculative steps have a
+    /// round trip of their own).
+    fn overlap_allowed(&self) -> bool {
+        self.config.overlap_steps && self.spec_block.is_none()
+    }
+
+    /// With `prev` in flight: starts the step after it when that can be planned without prev's
+    /// tokens (`plan_chained`), then commits prev. Otherwise commits prev alone, and the next
+    /// step() plans from scratch (admitting, preempting, prefilling).
+    fn step_overlapped(&mut self, prev: InFlight) {
+        let t0 = Instant::now();
+        self.drop_gone_clients();
+        let mut next = None;
+        let mut failed = None;
+        if let Some(c) = self.plan_chained(&prev) {
+            let sampling = c.sampling.as_ref().map(|(r, a)| (&r[..], &a[..]));
+            match self.backend.enqueue_decode(&c.batch, &c.chain, sampling) {
+                Ok(true) => {
+                    self.metrics.overlapped_steps.inc();
+                    next = Some(InFlight { t0, plan: c.plan });
+                }
+                Ok(false) => {}
+                Err(e) => failed = Some((c.plan, e)),
+            }
+        }
+        let ids = self.backend.collect_decode();
+        self.finish_collected(prev, ids);
+        if let Some((plan, e)) = failed {
+            self.finish_collected(InFlight { t0, plan }, Err(e));
+        }
+        self.in_flight = next;
+    }
+
+    /// The decode step after `prev`, when every running sequence was a row of prev, stays
+    /// decoding after prev's token whatever it is (no length limit reached; EOS and stop strings
+    /// cannot be foreseen, and a sequence they end wastes its row), needs nothing of that token
+    /// on the host (no penalties, no logprobs), and gets a KV slot for the position after it
+    /// without preempting anyone; with nobody waiting to be admitted.
+    fn plan_chained(&mut self, prev: &InFlight) -> Option<Chained> {
+        if !self.overlap_allowed() || !self.waiting.is_empty() || self.running.is_empty() || self.running.len() > self.config.max_num_batched_tokens {
+            return None;
+        }
+        let max_len = self.config.max_model_len;
+        let mut rows = Vec::with_capacity(self.running.len());
+        for s in &self.running {
+            let r = prev.plan.iter().position(|p| p.0 == s.id)?;
+            let continues = s.output.len() + 1 < s.req.stop.max_tokens && s.len() + 1 < max_len;
+            if s.len() != s.computed + 1 || !continues || !sampled_ids_suffice(s) || !no_penalties(&s.req.sampling) {
+                return None;
+            }
+            rows.push(r);
+        }
+        for s in &mut self.running {
+            if !self.kv.allocate(&mut s.blocks, s.computed + 1, s.computed + 2) {
+                return None;
+            }
+        }
+        let batch: Vec<SeqForward> = self
+            .running
+            .iter()
+            .map(|s| SeqForward {
+                seq_id: s.id,
+                tokens: vec![0], // a placeholder: the backend feeds prev's sampled id
+                start_pos: s.computed + 1,
+                full_blocks: s.blocks.full.clone(),
+                swa_blocks: s.blocks.swa.clone(),
+                output: OutputRows::Last,
+            })
+            .collect();
+        let seqs: Vec<&Seq> = self.running.iter().collect();
+        let greedy = seqs.iter().all(|s| s.req.sampling.is_greedy() && no_adjustments(&s.req.sampling));
+        let sampling = (!greedy).then(|| row_sampling(&seqs, &batch, self.backend.spec().vocab_size, 1));
+        Some(Chained { plan: self.running.iter().map(|s| (s.id, 1, 0)).collect(), batch, chain: rows.into_iter().map(Some).collect(), sampling })
+    }
+
+    /// Commits a collected overlapped step: the rows of sequences still running (one ended by
+    /// the step ahead of it, or whose client left, computed a row nobody reads).
+    fn finish_collected(&mut self, step: InFlight, ids: Result<Vec<u32>, Error>) {
+        let ids = ids.and_then(|ids| {
+            if ids.len() == step.plan.len() {
+                Ok(ids)
+            } else {
+                Err(Error::Backend(format!("backend returned {} ids for a batch of {}", ids.len(), step.plan.len())))
+            }
+        });
+        let live: Vec<bool> = step.plan.iter().map(|p| self.running.iter().any(|s| s.id == p.0)).collect();
+        let plan: Vec<(u64, usize, usize)> = step.plan.iter().zip(&live).filter(|(_, &l)| l).map(|(p, _)| *p).collect();
+        if plan.is_empty() {
+            return;
+        }
+        let ntok = plan.len();
+        let rows = ids.map(|ids| ids.into_iter().zip(&live).filter(|(_, &l)| l).map(|(t, _)| StepRows::Ids(vec![t])).collect());
+        let drafts = vec![Vec::new(); plan.len()];
+        self.finish_step(step.t0, plan, drafts, rows, ntok);
     }
 
     /// Commits a step's results: samples (or takes the sampled ids of) every asked-for row,
@@ -745,7 +878,7 @@ impl Core {
             })
             .collect();
         let vocab = self.backend.spec().vocab_size;
-        let (rows, adjust) = if greedy { (Vec::new(), Vec::new()) } else { row_sampling(&seqs, &batch, vocab) };
+        let (rows, adjust) = if greedy { (Vec::new(), Vec::new()) } else { row_sampling(&seqs, &batch, vocab, 0) };
         let sampling = if greedy { SpecSampling::Greedy } else { SpecSampling::Sampled { rows: &rows, adjust: &adjust } };
         let res = match self.backend.forward_speculative(&batch, sampling) {
             Ok(None) => return None,
@@ -936,7 +1069,9 @@ fn row_adjustments(p: &SamplingParams, prompt: &[u32], output: &[u32], vocab: us
 /// The sampling of every output row of `batch` (`output_rows` order): the sequence's parameters
 /// and the uniform number of the output position the row samples (row r of a verify block
 /// samples output token `output.len() + r`, as plain decoding would).
-fn row_sampling(seqs: &[&Seq], batch: &[SeqForward], vocab: usize) -> (Vec<RowSampling>, Vec<LogitAdjust>) {
+/// `ahead`: output tokens the sequences hold that are not in `output` yet (a step chained on one
+/// in flight samples output token `output.len() + 1`; its adjustments must not depend on them).
+fn row_sampling(seqs: &[&Seq], batch: &[SeqForward], vocab: usize, ahead: usize) -> (Vec<RowSampling>, Vec<LogitAdjust>) {
     let mut rows = Vec::new();
     let mut adjust = Vec::new();
     for (s, b) in seqs.iter().zip(batch) {
@@ -957,7 +1092,7 @@ fn row_sampling(seqs: &[&Seq], batch: &[SeqForward], vocab: usize) -> (Vec<RowSa
                 top_k: i32::try_from(p.top_k).unwrap_or(i32::MAX),
                 top_p: p.top_p,
                 min_p: p.min_p,
-                u: s.rng.uniform_at((s.output.len() + r) as u64),
+                u: s.rng.uniform_at((s.output.len() + ahead + r) as u64),
                 adj_start: start as u32,
                 adj_len: (adjust.len() - start) as u32,
             });

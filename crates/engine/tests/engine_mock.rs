@@ -18,6 +18,17 @@ struct Mock {
     bs: usize,
     full: Vec<Option<u32>>,
     swa: Vec<Option<u32>>,
+    /// Some: overlapped decode steps are served (as a GPU backend would, from the same logits).
+    overlap: Option<MockOverlap>,
+}
+
+/// Started decode steps: their ids (computed at once; only the engine's order of calls is
+/// under test), the last started step's ids while nothing else ran, and how many chained.
+#[derive(Default)]
+struct MockOverlap {
+    pending: std::collections::VecDeque<Vec<u32>>,
+    last: Option<Vec<u32>>,
+    chained_rows: usize,
 }
 
 impl Mock {
@@ -44,6 +55,9 @@ impl Backend for Mock {
         Ok(())
     }
     fn forward(&mut self, batch: &[SeqForward]) -> Result<Vec<Logits>> {
+        if let Some(o) = &mut self.overlap {
+            o.last = None;
+        }
         let v = self.spec.vocab_size;
         let bs = self.bs;
         let mut out = Vec::new();
@@ -89,6 +103,47 @@ impl Backend for Mock {
     fn name(&self) -> &str {
         "mock"
     }
+    fn enqueue_decode(&mut self, batch: &[SeqForward], chain: &[Option<usize>], sampling: Option<(&[RowSampling], &[LogitAdjust])>) -> Result<bool> {
+        let Some(o) = &self.overlap else { return Ok(false) };
+        assert!(o.pending.len() < 2, "more than one step started ahead of the one being committed");
+        assert!(batch.iter().all(|s| s.tokens.len() == 1 && s.output == OutputRows::Last), "an overlapped step that is not a decode step");
+        let last = o.last.clone();
+        let mut fed = batch.to_vec();
+        for (s, c) in fed.iter_mut().zip(chain) {
+            if let Some(r) = c {
+                let ids = last.as_ref().expect("a chained step with no step started before it");
+                s.tokens[0] = ids[*r];
+            }
+        }
+        let logits = self.forward(&fed)?;
+        let ids: Vec<u32> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let row = l.last().expect("a decode row");
+                match sampling {
+                    None => peregrine_engine::sampler::argmax(row),
+                    Some((rows, adjust)) => {
+                        let r = rows[i];
+                        let mut row = row.to_vec();
+                        for a in &adjust[r.adj_start as usize..(r.adj_start + r.adj_len) as usize] {
+                            row[a.token as usize] += a.bias;
+                        }
+                        let p = SamplingParams { temperature: r.temperature, top_k: r.top_k as usize, top_p: r.top_p, min_p: r.min_p, ..Default::default() };
+                        peregrine_engine::sampler::sample_with(&row, &p, r.u)
+                    }
+                }
+            })
+            .collect();
+        let o = self.overlap.as_mut().unwrap();
+        o.chained_rows += chain.iter().flatten().count();
+        o.pending.push_back(ids.clone());
+        o.last = Some(ids);
+        Ok(true)
+    }
+    fn collect_decode(&mut self) -> Result<Vec<u32>> {
+        Ok(self.overlap.as_mut().and_then(|o| o.pending.pop_front()).expect("a collect with no step started"))
+    }
 }
 
 fn spec(window: Option<usize>) -> ModelSpec {
@@ -109,13 +164,18 @@ fn tokenizer() -> SharedTokenizer {
 }
 
 fn engine(window: Option<usize>, cfg: EngineConfig) -> EngineHandle {
+    engine_with(window, cfg, false)
+}
+
+/// `overlap`: the mock serves overlapped decode steps (`Backend::enqueue_decode`).
+fn engine_with(window: Option<usize>, cfg: EngineConfig, overlap: bool) -> EngineHandle {
     let spec = spec(window);
-    let mock = Mock { spec, window, bs: 0, full: vec![], swa: vec![] };
+    let mock = Mock { spec, window, bs: 0, full: vec![], swa: vec![], overlap: overlap.then(MockOverlap::default) };
     start_engine(Box::new(mock), tokenizer(), cfg).unwrap()
 }
 
 fn cfg() -> EngineConfig {
-    EngineConfig { max_num_seqs: 16, max_num_batched_tokens: 64, max_model_len: 256, kv_cache_memory_bytes: 100 * 400, block_size: 4, max_waiting: 64, enable_prefix_caching: true, speculative_block_size: None, model_name: None }
+    EngineConfig { max_num_seqs: 16, max_num_batched_tokens: 64, max_model_len: 256, kv_cache_memory_bytes: 100 * 400, block_size: 4, max_waiting: 64, enable_prefix_caching: true, speculative_block_size: None, model_name: None, overlap_steps: true }
 }
 
 fn req(id: &str, prompt: Vec<u32>, sampling: SamplingParams, max_tokens: usize) -> GenerateRequest {
@@ -191,8 +251,21 @@ fn run_alone(window: Option<usize>, c: EngineConfig) -> Vec<Out> {
 }
 
 fn run_together(window: Option<usize>, c: EngineConfig) -> (Vec<Out>, String) {
-    let e = engine(window, c);
-    let rx: Vec<_> = prompts().into_iter().enumerate().map(|(i, p)| e.submit(req(&format!("r{i}"), p, sampling(i), 20)).unwrap()).collect();
+    run_together_with(window, c, false, &[])
+}
+
+/// Every prompt at once; `overlap` as in `engine_with`; `stop_ids` end any request early.
+fn run_together_with(window: Option<usize>, c: EngineConfig, overlap: bool, stop_ids: &[u32]) -> (Vec<Out>, String) {
+    let e = engine_with(window, c, overlap);
+    let rx: Vec<_> = prompts()
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let mut r = req(&format!("r{i}"), p, sampling(i), 20);
+            r.stop.stop_token_ids = stop_ids.to_vec();
+            e.submit(r).unwrap()
+        })
+        .collect();
     let outs = rx.into_iter().map(collect).collect();
     wait_idle(&e);
     let m = e.render_metrics();
@@ -214,6 +287,53 @@ fn batched_and_chunked_equals_alone() {
         assert_eq!(alone, together, "window {window:?}");
         assert!(counter(&m, "vllm:generation_tokens_total") >= 200.0);
     }
+}
+
+#[test]
+fn overlapped_steps_give_the_outputs_of_plain_steps() {
+    for window in [None, Some(6)] {
+        let swa = if window.is_some() { 16 * 3 + 5 } else { 0 };
+        let tiny_kv = EngineConfig { max_model_len: 90, kv_cache_memory_bytes: 100 * 40 + 50 * swa, ..cfg() };
+        let small_chunks = EngineConfig { max_num_batched_tokens: 16, ..cfg() };
+        for c in [cfg(), small_chunks, tiny_kv] {
+            let (plain, _) = run_together_with(window, c.clone(), false, &[]);
+            let (over, m) = run_together_with(window, c.clone(), true, &[]);
+            assert_eq!(plain, over, "window {window:?}, {c:?}");
+            assert!(counter(&m, "peregrine:overlapped_steps_total") > 0.0, "no step overlapped");
+            // A stop token that ends some requests in the middle: the step already started
+            // after it computes a row nobody reads.
+            let stop = [plain[0].tokens[6], plain[1].tokens[3]];
+            let (plain, _) = run_together_with(window, c.clone(), false, &stop);
+            let (over, m) = run_together_with(window, c.clone(), true, &stop);
+            assert_eq!(plain, over, "window {window:?}, stop ids {stop:?}");
+            assert!(plain.iter().filter(|o| o.reason == Some(FinishReason::Stop)).count() >= 2, "the stop ids ended too few requests");
+            assert!(counter(&m, "peregrine:overlapped_steps_total") > 0.0, "no step overlapped");
+        }
+    }
+}
+
+#[test]
+fn overlapped_steps_off_or_with_a_client_gone_leave_nothing_behind() {
+    // overlap_steps = false: the backend is never asked to start a step ahead.
+    let (outs, m) = run_together_with(None, EngineConfig { overlap_steps: false, ..cfg() }, true, &[]);
+    assert!(outs.iter().all(|o| o.tokens.len() == 20));
+    assert_eq!(counter(&m, "peregrine:overlapped_steps_total"), 0.0);
+    // A client that leaves while its steps overlap: its blocks come back, the others finish.
+    let e = engine_with(Some(6), cfg(), true);
+    let mut gone = e.submit(req("gone", prompts()[3].clone(), SamplingParams::greedy(), 200)).unwrap();
+    let stays = e.submit(req("stays", prompts()[4].clone(), SamplingParams::greedy(), 40)).unwrap();
+    let mut seen = 0;
+    while seen < 5 {
+        if let Some(RequestEvent::Delta { token_ids, .. }) = gone.blocking_recv() {
+            seen += token_ids.len();
+        }
+    }
+    drop(gone);
+    let o = collect(stays);
+    assert_eq!(o.tokens.len(), 40);
+    wait_idle(&e);
+    assert!(counter(&e.render_metrics(), "peregrine:overlapped_steps_total") > 0.0);
+    e.shutdown();
 }
 
 #[test]
@@ -340,7 +460,7 @@ fn queue_full_invalid_and_shutdown() {
 
 #[test]
 fn too_small_kv_is_a_clear_error() {
-    let mock = Mock { spec: spec(None), window: None, bs: 0, full: vec![], swa: vec![] };
+    let mock = Mock { spec: spec(None), window: None, bs: 0, full: vec![], swa: vec![], overlap: None };
     let err = start_engine(Box::new(mock), tokenizer(), EngineConfig { kv_cache_memory_bytes: 1000, ..cfg() }).err().unwrap();
     assert!(err.to_string().contains("kv_cache_memory_bytes"), "{err}");
 }
@@ -559,7 +679,7 @@ fn failing_engine(fail_at: usize, sticky: bool, c: EngineConfig) -> FailingEngin
     let health_checks = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let backend = Failing {
-        inner: Mock { spec: spec(None), window: None, bs: 0, full: vec![], swa: vec![] },
+        inner: Mock { spec: spec(None), window: None, bs: 0, full: vec![], swa: vec![], overlap: None },
         calls: calls.clone(),
         fail_at,
         sticky,

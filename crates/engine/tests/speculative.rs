@@ -59,6 +59,7 @@ fn config() -> EngineConfig {
         enable_prefix_caching: true,
         speculative_block_size: None,
         model_name: None,
+        overlap_steps: true,
     }
 }
 

@@ -90,6 +90,11 @@ pub struct ServeArgs {
     /// Largest accepted request body, in bytes.
     #[arg(long, env = "PEREGRINE_MAX_BODY_BYTES", default_value_t = 32 << 20, value_parser = parse_bytes)]
     pub max_body_bytes: usize,
+    /// Commit each decode step only after starting the next one (the default where the backend
+    /// can: the CUDA backend's captured decode steps) turned off: the host then works between
+    /// steps while the GPU waits. Outputs are the same either way.
+    #[arg(long, env = "PEREGRINE_NO_OVERLAP_STEPS")]
+    pub no_overlap_steps: bool,
 }
 
 /// "512MiB", "4GiB", "1G", "1000000" -> bytes.
@@ -195,6 +200,7 @@ pub fn load(args: &ServeArgs) -> anyhow::Result<Ready> {
         max_waiting: args.max_waiting,
         speculative_block_size: args.speculative_block_size.map(usize::from),
         model_name: Some(args.served_model_name.clone().unwrap_or_else(|| default_name.clone())),
+        overlap_steps: !args.no_overlap_steps,
         ..EngineConfig::default()
     };
     let engine = start_engine(backend, Arc::new(tokenizer), config)?;
