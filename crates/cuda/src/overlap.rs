@@ -26,6 +26,9 @@ use peregrine_core::{Error, Result};
 
 use crate::backend::{drv, CudaModel};
 
+/// Page-locked id buffers kept for reuse (one per batch size met recently).
+const SPARE_BUFFERS: usize = 8;
+
 /// A started step: its ids on their way to `host`.
 struct InFlight {
     host: PinnedHostSlice<i32>,
@@ -91,10 +94,12 @@ impl CudaModel {
             };
             let ids = sampled.as_ref().unwrap_or(&g.ids);
             let addr = ids.device_ptr(&st).0;
-            let mut host = match self.graphs.overlap.spare.pop() {
-                Some(h) if h.len() >= n => h,
+            // Exactly n ids: a copy into a host slice copies the slice's whole length.
+            let spare = &mut self.graphs.overlap.spare;
+            let mut host = match spare.iter().position(|h| h.len() == n) {
+                Some(i) => spare.swap_remove(i),
                 // SAFETY: read only after the copy into it completed (`as_slice` waits for it).
-                _ => unsafe { st.context().alloc_pinned_with_flags::<i32>(crate::graph::ROW_BUCKETS[crate::graph::ROW_BUCKETS.len() - 1].max(n), 0) }.map_err(drv)?,
+                None => unsafe { st.context().alloc_pinned_with_flags::<i32>(n, 0) }.map_err(drv)?,
             };
             st.memcpy_dtoh(&ids.slice(..n), &mut host).map_err(drv)?;
             Ok((addr, sampled, host))
@@ -109,7 +114,11 @@ impl CudaModel {
     pub(crate) fn collect_decode_step(&mut self) -> Result<Vec<u32>> {
         let step = self.graphs.overlap.in_flight.pop_front().ok_or_else(|| Error::Backend("no decode step is in flight".into()))?;
         let ids = step.host.as_slice().map_err(drv)?[..step.rows].iter().map(|&t| t as u32).collect();
-        self.graphs.overlap.spare.push(step.host);
+        let spare = &mut self.graphs.overlap.spare;
+        if spare.len() >= SPARE_BUFFERS {
+            spare.remove(0);
+        }
+        spare.push(step.host);
         Ok(ids)
     }
 }
