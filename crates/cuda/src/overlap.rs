@@ -20,7 +20,8 @@
 
 use std::collections::VecDeque;
 
-use cudarc::driver::{CudaSlice, DevicePtr, PinnedHostSlice};
+use cudarc::driver::{CudaEvent, CudaSlice, DevicePtr, PinnedHostSlice};
+use cudarc::driver::sys::CUevent_flags;
 use peregrine_core::backend::{LogitAdjust, OutputRows, RowSampling, SeqForward};
 use peregrine_core::{Error, Result};
 
@@ -29,9 +30,16 @@ use crate::backend::{drv, CudaModel};
 /// Page-locked id buffers kept for reuse (one per batch size met recently).
 const SPARE_BUFFERS: usize = 8;
 
-/// A started step: its ids on their way to `host`.
-struct InFlight {
+/// A page-locked buffer for one step's ids, and the event recorded after the copy into it
+/// (the context does not track events, so a pinned slice's own is never recorded).
+struct IdBuffer {
     host: PinnedHostSlice<i32>,
+    copied: CudaEvent,
+}
+
+/// A started step: its ids on their way to `buf`.
+struct InFlight {
+    buf: IdBuffer,
     rows: usize,
     /// A sampled step's ids (the argmax lives in its graph): freed once the step is collected.
     _sampled: Option<CudaSlice<i32>>,
@@ -40,8 +48,8 @@ struct InFlight {
 #[derive(Default)]
 pub(crate) struct Overlap {
     in_flight: VecDeque<InFlight>,
-    /// Page-locked buffers of collected steps, for reuse.
-    spare: Vec<PinnedHostSlice<i32>>,
+    /// Id buffers of collected steps, for reuse.
+    spare: Vec<IdBuffer>,
     /// The device address and row count of the ids the last enqueued step writes, while no
     /// other call has run since (the only ids a chained step may read).
     last_ids: Option<(u64, usize)>,
@@ -87,7 +95,7 @@ impl CudaModel {
             return Err(Error::Backend("a captured decode graph went missing".into()));
         };
         let vocab = self.spec.vocab_size;
-        let launched = (|| -> Result<(u64, Option<CudaSlice<i32>>, PinnedHostSlice<i32>)> {
+        let launched = (|| -> Result<(u64, Option<CudaSlice<i32>>, IdBuffer)> {
             let sampled = match sampling {
                 Some((p, adj)) => Some(self.kernels.sample_rows_adjusted(&mut g.logits, vocab, p, adj)?),
                 None => None,
@@ -96,29 +104,34 @@ impl CudaModel {
             let addr = ids.device_ptr(&st).0;
             // Exactly n ids: a copy into a host slice copies the slice's whole length.
             let spare = &mut self.graphs.overlap.spare;
-            let mut host = match spare.iter().position(|h| h.len() == n) {
+            let mut buf = match spare.iter().position(|b| b.host.len() == n) {
                 Some(i) => spare.swap_remove(i),
-                // SAFETY: read only after the copy into it completed (`as_slice` waits for it).
-                None => unsafe { st.context().alloc_pinned_with_flags::<i32>(n, 0) }.map_err(drv)?,
+                None => IdBuffer {
+                    // SAFETY: read only after `copied` completed (collect_decode_step).
+                    host: unsafe { st.context().alloc_pinned_with_flags::<i32>(n, 0) }.map_err(drv)?,
+                    copied: st.context().new_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING)).map_err(drv)?,
+                },
             };
-            st.memcpy_dtoh(&ids.slice(..n), &mut host).map_err(drv)?;
-            Ok((addr, sampled, host))
+            st.memcpy_dtoh(&ids.slice(..n), &mut buf.host).map_err(drv)?;
+            buf.copied.record(&st).map_err(drv)?;
+            Ok((addr, sampled, buf))
         })();
         self.graphs.put_back(g);
-        let (addr, sampled, host) = launched.inspect_err(|_| self.graphs.overlap.break_chain())?;
-        self.graphs.overlap.in_flight.push_back(InFlight { host, rows: n, _sampled: sampled });
+        let (addr, sampled, buf) = launched.inspect_err(|_| self.graphs.overlap.break_chain())?;
+        self.graphs.overlap.in_flight.push_back(InFlight { buf, rows: n, _sampled: sampled });
         self.graphs.overlap.last_ids = Some((addr, n));
         Ok(true)
     }
 
     pub(crate) fn collect_decode_step(&mut self) -> Result<Vec<u32>> {
         let step = self.graphs.overlap.in_flight.pop_front().ok_or_else(|| Error::Backend("no decode step is in flight".into()))?;
-        let ids = step.host.as_slice().map_err(drv)?[..step.rows].iter().map(|&t| t as u32).collect();
+        step.buf.copied.synchronize().map_err(drv)?;
+        let ids = step.buf.host.as_slice().map_err(drv)?[..step.rows].iter().map(|&t| t as u32).collect();
         let spare = &mut self.graphs.overlap.spare;
         if spare.len() >= SPARE_BUFFERS {
             spare.remove(0);
         }
-        spare.push(step.host);
+        spare.push(step.buf);
         Ok(ids)
     }
 }
