@@ -615,6 +615,11 @@ impl Core {
             }
         }
         let ids = self.backend.collect_decode();
+        if let Some(n) = &mut next {
+            // The step timer of an overlapped step runs from the end of the step ahead of it,
+            // when the device starts on it, not from its early start on the host.
+            n.t0 = Instant::now();
+        }
         self.finish_collected(prev, ids);
         if let Some((plan, e)) = failed {
             self.finish_collected(InFlight { t0, plan }, Err(e));

@@ -87,7 +87,7 @@ impl Metrics {
             itl: hist("vllm:inter_token_latency_seconds", "Time between output tokens", buckets()),
             e2e: hist("vllm:e2e_request_latency_seconds", "Request latency", buckets()),
             queue_time: hist("vllm:request_queue_time_seconds", "Time waiting before first schedule", buckets()),
-            step_time: hist("peregrine:step_duration_seconds", "Duration of one engine step", buckets()),
+            step_time: hist("peregrine:step_duration_seconds", "Duration of one engine step (an overlapped decode step: from the end of the step ahead of it to its commit)", buckets()),
             batch_size: hist("peregrine:batch_size", "Sequences per step", tok_buckets.clone()),
             step_tokens: hist("peregrine:tokens_per_step", "Tokens per step", tok_buckets),
             spec_drafts: ic("vllm:spec_decode_num_drafts_total", "Draft rounds (one per sequence and step)"),
