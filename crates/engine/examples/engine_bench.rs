@@ -17,6 +17,9 @@
 //! `--no-overlap` turns `EngineConfig::overlap_steps` off (each step committed before the next
 //! one starts); the `overlapped` column counts steps started ahead of the round.
 
+#[path = "common/mod.rs"]
+mod common;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
@@ -25,6 +28,7 @@ use peregrine_core::SamplingParams;
 use peregrine_cuda::{probe, CudaModel};
 use peregrine_engine::*;
 use peregrine_model::tokenizer::Tokenizer;
+use common::metric;
 
 struct Args {
     config: String,
@@ -62,14 +66,6 @@ fn word_tokenizer(vocab: usize) -> Tokenizer {
     let words: HashMap<String, u32> = (0..vocab as u32).map(|i| (format!("t{i}"), i)).collect();
     let model = WordLevel::builder().vocab(words.into_iter().collect()).unk_token("t0".into()).build().expect("word-level vocabulary");
     Tokenizer::from_tokenizers(tokenizers::Tokenizer::new(model))
-}
-
-fn metric(e: &EngineHandle, name: &str) -> f64 {
-    e.render_metrics()
-        .lines()
-        .filter(|l| l.starts_with(name) && matches!(l.as_bytes().get(name.len()), Some(b' ') | Some(b'{')))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

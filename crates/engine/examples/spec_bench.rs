@@ -8,6 +8,9 @@
 //! 128 tokens, concurrency 1 (requests one after another). Acceptance length = tokens committed
 //! per verify round = 1 + accepted drafts per round.
 
+#[path = "common/mod.rs"]
+mod common;
+
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -17,14 +20,7 @@ use peregrine_cpu::CpuModel;
 use peregrine_engine::*;
 use peregrine_model::dflash::{bundled_drafter, open_drafter};
 use peregrine_model::loader::open_model;
-
-fn metric(e: &EngineHandle, name: &str) -> f64 {
-    e.render_metrics()
-        .lines()
-        .filter(|l| l.starts_with(name) && matches!(l.as_bytes().get(name.len()), Some(b' ') | Some(b'{')))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
+use common::metric;
 
 /// The target model on `device`, with the drafter attached when given.
 fn load(device: &str, files: &peregrine_model::loader::ModelFiles, drafter: Option<&peregrine_model::dflash::DraftFiles>) -> Box<dyn Backend> {
