@@ -76,20 +76,14 @@ pub(crate) struct StepGraph {
 impl StepGraph {
     /// The first `len` logits, through the pinned buffer.
     pub(crate) fn fetch_logits(&mut self, st: &std::sync::Arc<cudarc::driver::CudaStream>, len: usize) -> Result<Vec<f32>> {
-        use cudarc::driver::DevicePtr;
         if self.host.is_none() {
-            // Not write-combined (cudarc's `alloc_pinned`): the host reads this buffer, and reads
-            // of write-combined memory are uncached (a batch-64 step's 39 MB took ~37 ms).
-            // SAFETY: the buffer is only read after the copy into it completed (synchronised below).
-            self.host = Some(unsafe { st.context().alloc_pinned_with_flags::<f32>(self.logits.len(), 0) }.map_err(drv)?);
+            // SAFETY: the buffer is only read after the copy into it completed (as_slice syncs).
+            self.host = Some(unsafe { st.context().alloc_pinned::<f32>(self.logits.len()) }.map_err(drv)?);
         }
-        let host = self.host.as_mut().unwrap().as_mut_slice().map_err(drv)?;
-        let dst = &mut host[..len];
-        // Only the asked-for rows: a copy into a whole host slice copies its whole length.
-        // SAFETY: `dst` is page-locked and stays borrowed until the stream is synchronised.
-        unsafe { cudarc::driver::result::memcpy_dtoh_async(dst, self.logits.device_ptr(st).0, st.cu_stream()) }.map_err(drv)?;
+        let host = self.host.as_mut().unwrap();
+        st.memcpy_dtoh(&self.logits.slice(..len), host).map_err(drv)?;
         st.synchronize().map_err(drv)?;
-        Ok(dst.to_vec())
+        Ok(host.as_slice().map_err(drv)?[..len].to_vec())
     }
 }
 

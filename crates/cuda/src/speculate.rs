@@ -103,9 +103,8 @@ impl CudaModel {
             argmax: z(n)?,
             sampling: if sampled { Some((SamplingBuffers::new(&st, n, n * ADJUST_PER_ROW)?, z(n)?)) } else { None },
             out: z(seqs * 2 * nb)?,
-            // Not write-combined: the host reads it. SAFETY: read only after the copy into it
-            // completed (the stream is synchronised).
-            host: unsafe { st.context().alloc_pinned_with_flags::<i32>(seqs * 2 * nb, 0) }.map_err(drv)?,
+            // SAFETY: read only after the copy into it completed (the stream is synchronised).
+            host: unsafe { st.context().alloc_pinned::<i32>(seqs * 2 * nb) }.map_err(drv)?,
             graph: None,
         };
         if self.graphs.enabled {
