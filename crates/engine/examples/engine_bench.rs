@@ -20,14 +20,12 @@
 #[path = "common/mod.rs"]
 mod common;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
 use peregrine_core::SamplingParams;
 use peregrine_cuda::{probe, CudaModel};
 use peregrine_engine::*;
-use peregrine_model::tokenizer::Tokenizer;
 use common::metric;
 
 struct Args {
@@ -58,14 +56,6 @@ fn parse_args() -> Args {
     }
     assert!(a.tokens >= 8, "--tokens: at least 8, so the steady state has gaps to time");
     a
-}
-
-/// A word-level tokenizer with one word ("t<id>") per id below `vocab`.
-fn word_tokenizer(vocab: usize) -> Tokenizer {
-    use tokenizers::models::wordlevel::WordLevel;
-    let words: HashMap<String, u32> = (0..vocab as u32).map(|i| (format!("t{i}"), i)).collect();
-    let model = WordLevel::builder().vocab(words.into_iter().collect()).unk_token("t0".into()).build().expect("word-level vocabulary");
-    Tokenizer::from_tokenizers(tokenizers::Tokenizer::new(model))
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -134,7 +124,7 @@ fn main() {
     let t0 = Instant::now();
     let model = CudaModel::synthetic(gpu, &spec, 1).expect("synthetic weights");
     println!("synthetic weights in {:.1} s", t0.elapsed().as_secs_f64());
-    let tok = Arc::new(word_tokenizer(vocab));
+    let tok = Arc::new(common::word_tokenizer(vocab));
     let max_b = a.batches.iter().copied().max().unwrap_or(1);
     let cfg = EngineConfig {
         max_num_seqs: max_b,

@@ -727,8 +727,10 @@ impl Core {
             let plen = s.req.prompt_tokens.len();
             if drafts.is_empty() {
                 s.computed += chunk;
-                let toks = s.tokens();
-                self.kv.commit(&mut s.blocks, &toks, s.computed);
+                if self.kv.commit_wants(&s.blocks, s.computed) {
+                    let toks = s.tokens();
+                    self.kv.commit(&mut s.blocks, &toks, s.computed);
+                }
             }
             if let (false, StepRows::Logits(lg)) = (s.prompt_lp_done, &lg) {
                 // Row r predicts position start + r + 1.
@@ -817,8 +819,11 @@ impl Core {
                 // Positions start..start+c hold the fed tokens that were committed; the K/V
                 // written for rejected drafts lie past `computed` and are overwritten later.
                 s.computed = start + ids.len();
-                let toks = s.tokens();
-                self.kv.commit(&mut s.blocks, &toks, s.computed.min(toks.len()));
+                let upto = s.computed.min(s.len());
+                if self.kv.commit_wants(&s.blocks, upto) {
+                    let toks = s.tokens();
+                    self.kv.commit(&mut s.blocks, &toks, upto);
+                }
             }
             self.metrics.generation_tokens.inc_by(ids.len() as u64);
             let now = Instant::now();
@@ -1085,7 +1090,8 @@ fn row_sampling(seqs: &[&Seq], batch: &[SeqForward], vocab: usize, ahead: usize)
         // Row r of a verify block samples after the drafts before it were accepted: its history
         // is the output so far plus those drafts (the fed tokens past the first).
         let fed = &b.tokens[b.tokens.len() - n..];
-        let mut history = s.output.clone();
+        // The history only matters to penalties (copying it per row and step costs O(output)).
+        let mut history = if no_penalties(p) { Vec::new() } else { s.output.clone() };
         for (r, &tok) in fed.iter().enumerate() {
             if r > 0 {
                 history.push(tok);

@@ -239,6 +239,12 @@ impl KvManager {
         true
     }
 
+    /// Whether `commit` up to `computed` would register a block (so the caller builds the
+    /// sequence's tokens only then: a step fills a block once every `block_size` tokens).
+    pub fn commit_wants(&self, seq: &SeqBlocks, computed: usize) -> bool {
+        self.prefix_caching && seq.hashes.len() < (computed / self.block_size).min(seq.full.len())
+    }
+
     /// Registers the completely filled blocks among the first `computed` tokens.
     pub fn commit(&mut self, seq: &mut SeqBlocks, tokens: &[u32], computed: usize) {
         if !self.prefix_caching {
@@ -298,6 +304,23 @@ mod tests {
         let mut c = SeqBlocks::default();
         assert_eq!(kv.match_prefix(&mut c, &toks), 8);
         kv.free(&mut c);
+    }
+
+    #[test]
+    fn commit_wants_exactly_when_a_block_fills() {
+        for caching in [true, false] {
+            let mut kv = KvManager::new(8, 0, 4, None, caching);
+            let toks: Vec<u32> = (0..12).collect();
+            let mut a = SeqBlocks::default();
+            assert!(kv.allocate(&mut a, 0, 12));
+            for computed in 1..=12 {
+                let before = a.hashes.len();
+                let wants = kv.commit_wants(&a, computed);
+                kv.commit(&mut a, &toks, computed);
+                assert_eq!(wants, a.hashes.len() > before, "computed {computed}, caching {caching}");
+                assert_eq!(wants, caching && computed % 4 == 0, "computed {computed}, caching {caching}");
+            }
+        }
     }
 
     #[test]
