@@ -631,9 +631,12 @@ impl Core {
     /// decoding after prev's token whatever it is (no length limit reached; EOS and stop strings
     /// cannot be foreseen, and a sequence they end wastes its row), needs nothing of that token
     /// on the host (no penalties, no logprobs), and gets a KV slot for the position after it
-    /// without preempting anyone; with nobody waiting to be admitted.
+    /// without preempting anyone; with nobody waiting who could be admitted (a full batch keeps
+    /// the queue waiting anyway; a slot that prev's commit frees is filled by the plain step
+    /// after the chained one).
     fn plan_chained(&mut self, prev: &InFlight) -> Option<Chained> {
-        if !self.overlap_allowed() || !self.waiting.is_empty() || self.running.is_empty() || self.running.len() > self.config.max_num_batched_tokens {
+        let admits = !self.waiting.is_empty() && self.running.len() < self.config.max_num_seqs;
+        if !self.overlap_allowed() || admits || self.running.is_empty() || self.running.len() > self.config.max_num_batched_tokens {
             return None;
         }
         let max_len = self.config.max_model_len;

@@ -295,11 +295,19 @@ fn overlapped_steps_give_the_outputs_of_plain_steps() {
         let swa = if window.is_some() { 16 * 3 + 5 } else { 0 };
         let tiny_kv = EngineConfig { max_model_len: 90, kv_cache_memory_bytes: 100 * 40 + 50 * swa, ..cfg() };
         let small_chunks = EngineConfig { max_num_batched_tokens: 16, ..cfg() };
-        for c in [cfg(), small_chunks, tiny_kv] {
+        // Three running at a time: the others wait while full batches overlap.
+        let full_batches = EngineConfig { max_num_seqs: 3, ..cfg() };
+        for c in [cfg(), small_chunks, tiny_kv, full_batches] {
             let (plain, _) = run_together_with(window, c.clone(), false, &[]);
             let (over, m) = run_together_with(window, c.clone(), true, &[]);
             assert_eq!(plain, over, "window {window:?}, {c:?}");
-            assert!(counter(&m, "peregrine:overlapped_steps_total") > 0.0, "no step overlapped");
+            let overlapped = counter(&m, "peregrine:overlapped_steps_total");
+            assert!(overlapped > 0.0, "no step overlapped");
+            if c.max_num_seqs == 3 {
+                // ~70 decode steps, most with requests queued behind a full batch (waiting for
+                // an empty queue, only the last ~18 overlapped).
+                assert!(overlapped >= 40.0, "full batches with requests queued overlapped {overlapped} steps");
+            }
             // A stop token that ends some requests in the middle: the step already started
             // after it computes a row nobody reads.
             let stop = [plain[0].tokens[6], plain[1].tokens[3]];
