@@ -5,7 +5,7 @@
 //!
 //!     cargo run --release -p peregrine-engine --example engine_bench -- \
 //!         --config configs/mimo-v2-flash.json [--layers 18] [--batches 1,8,32,64] \
-//!         [--prompt 128] [--tokens 64] [--temperature 0] [--no-overlap]
+//!         [--prompt 128] [--tokens 64] [--temperature 0] [--no-overlap] [--max-num-seqs N]
 //!
 //! Per batch size B: B requests of `--prompt` random tokens each are submitted together and
 //! decode `--tokens` tokens (EOS ignored); one warm-up round of the same shape runs first (it
@@ -16,6 +16,8 @@
 //! The tokenizer is a word-level one with one word per id of the config's vocabulary.
 //! `--no-overlap` turns `EngineConfig::overlap_steps` off (each step committed before the next
 //! one starts); the `overlapped` column counts steps started ahead of the round.
+//! `--max-num-seqs N` (default: the largest batch) below a batch size leaves requests queued
+//! behind full batches; the gap is then still request 0's.
 
 #[path = "common/mod.rs"]
 mod common;
@@ -36,10 +38,11 @@ struct Args {
     tokens: usize,
     temperature: f32,
     overlap: bool,
+    max_num_seqs: Option<usize>,
 }
 
 fn parse_args() -> Args {
-    let mut a = Args { config: "configs/mimo-v2-flash.json".into(), layers: 18, batches: vec![1, 8, 32, 64], prompt: 128, tokens: 64, temperature: 0.0, overlap: true };
+    let mut a = Args { config: "configs/mimo-v2-flash.json".into(), layers: 18, batches: vec![1, 8, 32, 64], prompt: 128, tokens: 64, temperature: 0.0, overlap: true, max_num_seqs: None };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
@@ -51,6 +54,7 @@ fn parse_args() -> Args {
             "--tokens" => a.tokens = value().parse().expect("--tokens"),
             "--temperature" => a.temperature = value().parse().expect("--temperature"),
             "--no-overlap" => a.overlap = false,
+            "--max-num-seqs" => a.max_num_seqs = Some(value().parse().expect("--max-num-seqs")),
             other => panic!("unknown argument {other}"),
         }
     }
@@ -127,7 +131,7 @@ fn main() {
     let tok = Arc::new(common::word_tokenizer(vocab));
     let max_b = a.batches.iter().copied().max().unwrap_or(1);
     let cfg = EngineConfig {
-        max_num_seqs: max_b,
+        max_num_seqs: a.max_num_seqs.unwrap_or(max_b),
         max_model_len: a.prompt + a.tokens + 16,
         kv_cache_memory_bytes: 3 << 30,
         max_num_batched_tokens: 8192,
