@@ -279,8 +279,10 @@ fn main() {
         Logprobs,
     }
     for &b in batches {
+        // Decode step i of every sequence (positions cycle over 8, so the context stays put).
+        let decode_batch = |i: usize| -> Vec<SeqForward> { (0..b).map(|s| seqf(s, vec![tok(s, args.context + i)], args.context + i % 8, OutputRows::Last)).collect() };
         let step = |i: usize, bring: Bring, model: &mut CudaModel| {
-            let batch: Vec<SeqForward> = (0..b).map(|s| seqf(s, vec![tok(s, args.context + i)], args.context + i % 8, OutputRows::Last)).collect();
+            let batch = decode_batch(i);
             match bring {
                 Bring::Ids => drop(model.forward_argmax(&batch).unwrap()),
                 Bring::Logits => drop(model.forward(&batch).unwrap()),
@@ -312,13 +314,12 @@ fn main() {
         // tokens read on the GPU from that step's ids (Backend::enqueue_decode); the median gap
         // between consecutive collects.
         let overlapped_ms = {
-            let batch = |i: usize| -> Vec<SeqForward> { (0..b).map(|s| seqf(s, vec![tok(s, args.context + i)], args.context + i % 8, OutputRows::Last)).collect() };
             let chain: Vec<Option<usize>> = (0..b).map(Some).collect();
-            assert!(model.enqueue_decode(&batch(0), &vec![None; b], None).unwrap(), "batch {b}: the decode step did not overlap");
+            assert!(model.enqueue_decode(&decode_batch(0), &vec![None; b], None).unwrap(), "batch {b}: the decode step did not overlap");
             let mut t = Vec::new();
             let mut last = Instant::now();
             for i in 1..args.steps + 4 {
-                assert!(model.enqueue_decode(&batch(i), &chain, None).unwrap(), "batch {b}: a chained step did not start");
+                assert!(model.enqueue_decode(&decode_batch(i), &chain, None).unwrap(), "batch {b}: a chained step did not start");
                 model.collect_decode().unwrap();
                 if i > 3 {
                     t.push(last.elapsed().as_secs_f64() * 1e3);

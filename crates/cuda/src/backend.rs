@@ -1768,7 +1768,6 @@ impl CudaModel {
     }
 
     fn init_kv_pools(&mut self, config: KvConfig) -> Result<()> {
-        self.graphs.overlap.break_chain(); // crate::overlap: no chaining across other steps
         self.graphs.clear();
         self.kv.clear();
         self.draft_kv.clear();

@@ -12,8 +12,8 @@
 //!   graph, and so the same ids buffer, when the bucket is unchanged);
 //! - a KV block the engine frees or hands to another sequence while a step is in flight is
 //!   written again only by steps enqueued after it;
-//! - a sampled step's ids buffer is freed (stream-ordered) when the step is collected, which
-//!   the engine does after enqueueing the step chained on it.
+//! - a sampled step's ids buffer (the argmax lives in its graph) is held while those ids are
+//!   the last ones, and its stream-ordered free follows the launch of any step chained on it.
 //!
 //! Only decode steps whose graph is captured already overlap (a capture runs the step); any
 //! other call makes the ids of the last enqueued step unreachable for chaining.
@@ -41,7 +41,13 @@ struct IdBuffer {
 struct InFlight {
     buf: IdBuffer,
     rows: usize,
-    /// A sampled step's ids (the argmax lives in its graph): freed once the step is collected.
+}
+
+/// The ids the last enqueued step writes, on the device.
+struct LastIds {
+    addr: u64,
+    rows: usize,
+    /// A sampled step's own ids buffer (an argmax step's live in its cached graph).
     _sampled: Option<CudaSlice<i32>>,
 }
 
@@ -50,9 +56,9 @@ pub(crate) struct Overlap {
     in_flight: VecDeque<InFlight>,
     /// Id buffers of collected steps, for reuse.
     spare: Vec<IdBuffer>,
-    /// The device address and row count of the ids the last enqueued step writes, while no
-    /// other call has run since (the only ids a chained step may read).
-    last_ids: Option<(u64, usize)>,
+    /// The ids the last enqueued step writes, while no other call has run since (the only ids
+    /// a chained step may read).
+    last_ids: Option<LastIds>,
 }
 
 impl Overlap {
@@ -72,7 +78,7 @@ impl CudaModel {
         if sampling.is_some_and(|(rows, _)| rows.len() != n) {
             return Err(Error::Backend(format!("{} sampling rows for {n} output rows", sampling.map_or(0, |s| s.0.len()))));
         }
-        let prev = self.graphs.overlap.last_ids;
+        let prev = self.graphs.overlap.last_ids.as_ref().map(|l| (l.addr, l.rows));
         let chained = chain.iter().any(Option::is_some);
         if chained && !prev.is_some_and(|(_, rows)| chain.iter().flatten().all(|&r| r < rows)) {
             return Ok(false);
@@ -91,6 +97,9 @@ impl CudaModel {
             rows.chain = prev.map(|p| p.0);
         }
         let st = self.stream.clone();
+        // Held past the launch: a sampled buffer's stream-ordered free must follow the graph
+        // that reads it (graph_for's own break_chain would drop it before).
+        let _prev_ids = self.graphs.overlap.last_ids.take();
         let Some(mut g) = self.graph_for(&rows)? else {
             return Err(Error::Backend("a captured decode graph went missing".into()));
         };
@@ -117,9 +126,9 @@ impl CudaModel {
             Ok((addr, sampled, buf))
         })();
         self.graphs.put_back(g);
-        let (addr, sampled, buf) = launched.inspect_err(|_| self.graphs.overlap.break_chain())?;
-        self.graphs.overlap.in_flight.push_back(InFlight { buf, rows: n, _sampled: sampled });
-        self.graphs.overlap.last_ids = Some((addr, n));
+        let (addr, sampled, buf) = launched?;
+        self.graphs.overlap.in_flight.push_back(InFlight { buf, rows: n });
+        self.graphs.overlap.last_ids = Some(LastIds { addr, rows: n, _sampled: sampled });
         Ok(true)
     }
 

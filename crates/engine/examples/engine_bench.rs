@@ -28,7 +28,7 @@ use std::time::Instant;
 use peregrine_core::SamplingParams;
 use peregrine_cuda::{probe, CudaModel};
 use peregrine_engine::*;
-use common::metric;
+use common::{median, metric};
 
 struct Args {
     config: String,
@@ -60,11 +60,6 @@ fn parse_args() -> Args {
     }
     assert!(a.tokens >= 8, "--tokens: at least 8, so the steady state has gaps to time");
     a
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 /// One round of `b` requests decoding `tokens` tokens each: request 0's delta arrival times.

@@ -74,9 +74,8 @@ fn main() {
                 }
             }
         }
-        let mut gaps: Vec<f64> = times.windows(2).skip(2).map(|w| (w[1] - w[0]).as_secs_f64() * 1e6).collect();
-        gaps.sort_by(f64::total_cmp);
-        println!("prompt {prompt}, batch {b}: median {:.1} us per decode step ({} steps)", gaps[gaps.len() / 2], common::metric(&e, "peregrine:step_duration_seconds_count"));
+        let gaps: Vec<f64> = times.windows(2).skip(2).map(|w| (w[1] - w[0]).as_secs_f64() * 1e6).collect();
+        println!("prompt {prompt}, batch {b}: median {:.1} us per decode step ({} steps)", common::median(gaps), common::metric(&e, "peregrine:step_duration_seconds_count"));
     }
     e.shutdown();
 }

@@ -558,9 +558,10 @@ impl Core {
                 }
             }
         }
+        // Rows sampled on the backend (every row reads only its sampled id, not all greedy).
+        let sampling = (sampled && !greedy && fused.is_none()).then(|| row_sampling(&seqs, &batch, vocab, 0));
         if fused.is_none() && (greedy || sampled) && self.overlap_allowed() && drafts.iter().all(Vec::is_empty) && batch.iter().all(|b| b.tokens.len() == 1 && b.output == OutputRows::Last) {
             // Started, not waited for: the next step() chains the step after it, then commits it.
-            let sampling = (!greedy).then(|| row_sampling(&seqs, &batch, vocab, 0));
             let chain = vec![None; batch.len()];
             match self.backend.enqueue_decode(&batch, &chain, sampling.as_ref().map(|(r, a)| (&r[..], &a[..]))) {
                 Ok(true) => {
@@ -575,9 +576,8 @@ impl Core {
             Ok(Some(f.into_iter().map(|r| r.ids).collect()))
         } else if greedy {
             self.backend.forward_greedy(&batch)
-        } else if sampled {
-            let (rows, adjust) = row_sampling(&seqs, &batch, self.backend.spec().vocab_size, 0);
-            self.backend.forward_sampled(&batch, &rows, &adjust)
+        } else if let Some((rows, adjust)) = &sampling {
+            self.backend.forward_sampled(&batch, rows, adjust)
         } else {
             Ok(None)
         };

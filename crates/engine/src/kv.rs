@@ -247,11 +247,8 @@ impl KvManager {
 
     /// Registers the completely filled blocks among the first `computed` tokens.
     pub fn commit(&mut self, seq: &mut SeqBlocks, tokens: &[u32], computed: usize) {
-        if !self.prefix_caching {
-            return;
-        }
         let bs = self.block_size;
-        while seq.hashes.len() < computed / bs && seq.hashes.len() < seq.full.len() {
+        while self.commit_wants(seq, computed) {
             let i = seq.hashes.len();
             let parent = if i == 0 { 0 } else { seq.hashes[i - 1] };
             let h = block_hash(parent, &tokens[i * bs..(i + 1) * bs]);

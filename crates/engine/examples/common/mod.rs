@@ -22,3 +22,10 @@ pub fn word_tokenizer(vocab: usize) -> Tokenizer {
     let model = WordLevel::builder().vocab(words.into_iter().collect()).unk_token("t0".into()).build().expect("word-level vocabulary");
     Tokenizer::from_tokenizers(tokenizers::Tokenizer::new(model))
 }
+
+/// The median of `v` (the upper one of an even count).
+#[allow(dead_code)] // not every example times steps
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
