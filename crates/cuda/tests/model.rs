@@ -198,7 +198,7 @@ fn too_little_gpu_memory_is_an_error_with_the_numbers() {
 /// Overlapped decode steps (`enqueue_decode` / `collect_decode`), each started before the one
 /// ahead of it is collected and fed that step's ids on the GPU, give the tokens of plain steps:
 /// greedy and sampled, with each chained batch in another row order than the step ahead of it,
-/// and a sequence leaving half way.
+/// a sequence leaving half way, and a last step chained on one already collected.
 #[test]
 fn overlapped_decode_steps_give_the_tokens_of_plain_steps() {
     use peregrine_core::backend::RowSampling;
@@ -248,7 +248,7 @@ fn overlapped_decode_steps_give_the_tokens_of_plain_steps() {
             plain(&mut m, 0, &mut out);
             assert!(m.cuda_graphs() >= 1, "the decode step was not captured");
             if !overlap {
-                for i in 1..steps {
+                for i in 1..=steps {
                     plain(&mut m, i, &mut out);
                 }
                 return out;
@@ -288,10 +288,18 @@ fn overlapped_decode_steps_give_the_tokens_of_plain_steps() {
             }
             assert!(m.collect_decode().is_err(), "a collect with nothing in flight");
             assert!(started >= steps - 3, "{started} of {} steps overlapped", steps - 1);
+            // A step chained on a step already collected (its ids still on the GPU; a sampled
+            // step's own buffer must outlive the collect).
+            let (prev, rows) = (rows_of(steps - 1), rows_of(steps));
+            let b: Vec<SeqForward> = rows.iter().map(|&s| fwd(s, 0, steps)).collect();
+            let chain: Vec<Option<usize>> = rows.iter().map(|s| prev.iter().position(|p| p == s)).collect();
+            let sampling = sampling_of(&rows, steps);
+            assert!(m.enqueue_decode(&b, &chain, sampled.then_some((&sampling[..], &[][..]))).unwrap(), "a step chained on a collected one did not start");
+            collect(&mut m, rows, &mut out);
             out
         };
         let (plain, overlapped) = (run(false), run(true));
-        assert_eq!(plain.iter().map(Vec::len).collect::<Vec<_>>(), vec![steps + 1, steps + 1, 11]);
+        assert_eq!(plain.iter().map(Vec::len).collect::<Vec<_>>(), vec![steps + 2, steps + 2, 11]);
         assert_eq!(overlapped, plain, "sampled: {sampled}");
         eprintln!("overlapped decode steps (sampled: {sampled}): {} tokens as plain steps gave them", plain.iter().map(Vec::len).sum::<usize>());
     }
