@@ -266,6 +266,13 @@ fn main() {
                 kinds.push((format!("fused {stages}x{steps}"), MoeKernel::Fused { stages, steps, max_blocks: 0 }));
                 kinds.push((format!("fused {stages}x{steps} on {sms} blocks"), MoeKernel::Fused { stages, steps, max_blocks: sms }));
             }
+            if t == 1 {
+                for &(stages, steps) in peregrine_cuda::kernels::DYN_VARIANTS.iter() {
+                    for blocks_per_sm in 1..=3 {
+                        kinds.push((format!("dynamic {stages}x{steps} {blocks_per_sm}/SM"), MoeKernel::Dynamic { stages, steps, blocks_per_sm, max_blocks: 0 }));
+                    }
+                }
+            }
             let variants: Vec<String> = kinds.into_iter().map(|(name, kind)| format!("{name} {:.1}%", pct(run(kind, &wt)))).collect();
             // The pipelined kernels' K splits (warps sharing a 16-row tile), gate_up x down.
             if std::env::var("PEREGRINE_BENCH_SWEEP").is_ok() && [1, 8, 64].contains(&t) {
