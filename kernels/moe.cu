@@ -925,15 +925,37 @@ __device__ __forceinline__ void mbar_arrive(unsigned long long* bar) {
 
 // Row h [K] split as stage_b stages one pair, by one warp: the same maximum (fmaxf ignores
 // order), the same power of two (row_scale's), the same items (stage_item) into hs [K] words;
-// its 2^-s at *inv.
+// its 2^-s at *inv. Every load of a row of up to 2048 values is in flight at once (down tiles
+// of the slot wait for this; a loop of dependent loads took ~10 us).
+#define SPLIT_REGS 16  // items per lane held in registers
 __device__ __forceinline__ void split_row_warp(const float* __restrict__ h, int K, unsigned* __restrict__ hs, float* __restrict__ inv) {
     int lane = threadIdx.x & 31;
     const int items = K / 16 * 4;
-    float m = 0.f;
-    for (int it = lane; it < items; it += 32) {
+    auto load = [&](int it, float2& v0, float2& v1) {
         const float* p = h + 16 * (it >> 2) + 2 * (it & 3);
-        float2 v0 = __ldcg(reinterpret_cast<const float2*>(p)), v1 = __ldcg(reinterpret_cast<const float2*>(p + 8));
-        m = fmaxf(m, fmaxf(fmaxf(fabsf(v0.x), fabsf(v0.y)), fmaxf(fabsf(v1.x), fabsf(v1.y))));
+        v0 = __ldcg(reinterpret_cast<const float2*>(p));
+        v1 = __ldcg(reinterpret_cast<const float2*>(p + 8));
+    };
+    auto mag = [](float2 a, float2 b) { return fmaxf(fmaxf(fabsf(a.x), fabsf(a.y)), fmaxf(fabsf(b.x), fabsf(b.y))); };
+    float2 v0[SPLIT_REGS], v1[SPLIT_REGS];
+    float m = 0.f;
+    const bool held = items <= 32 * SPLIT_REGS;
+    if (held) {
+#pragma unroll
+        for (int i = 0; i < SPLIT_REGS; i++) {
+            int it = lane + 32 * i;
+            v0[i] = v1[i] = make_float2(0.f, 0.f);
+            if (it < items) load(it, v0[i], v1[i]);
+        }
+#pragma unroll
+        for (int i = 0; i < SPLIT_REGS; i++) m = fmaxf(m, mag(v0[i], v1[i]));
+    } else {
+#pragma unroll 8
+        for (int it = lane; it < items; it += 32) {
+            float2 a, b;
+            load(it, a, b);
+            m = fmaxf(m, mag(a, b));
+        }
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
@@ -942,10 +964,19 @@ __device__ __forceinline__ void split_row_warp(const float* __restrict__ h, int 
     red[0] = m;
     float scale, sinv;
     row_scale(red, 0, &scale, &sinv);
-    for (int it = lane; it < items; it += 32) {
-        const float* p = h + 16 * (it >> 2) + 2 * (it & 3);
-        float2 v0 = __ldcg(reinterpret_cast<const float2*>(p)), v1 = __ldcg(reinterpret_cast<const float2*>(p + 8));
-        stage_item(hs, 8, 0, it >> 2, it & 3, v0, v1, scale);
+    if (held) {
+#pragma unroll
+        for (int i = 0; i < SPLIT_REGS; i++) {
+            int it = lane + 32 * i;
+            if (it < items) stage_item(hs, 8, 0, it >> 2, it & 3, v0[i], v1[i], scale);
+        }
+    } else {
+#pragma unroll 8
+        for (int it = lane; it < items; it += 32) {
+            float2 a, b;
+            load(it, a, b);
+            stage_item(hs, 8, 0, it >> 2, it & 3, a, b, scale);
+        }
     }
     if (lane == 0) *inv = sinv;
 }
