@@ -67,7 +67,7 @@
 // the first MOE_TRACE_BLOCKS blocks; Kernels::moe_trace reads it). Slot 0: the SM; 1: entry;
 // 2: past the wait for the kernel ahead; per item i < 2 at 3 + 5i: start, past the wait for
 // gate_up (down items), activations staged, weights streamed (all warps), item done; 13: exit.
-#define MOE_TRACE_BLOCKS 512
+#define MOE_TRACE_BLOCKS 1536
 #define MOE_TRACE_SLOTS 16
 #ifdef MOE_TRACE
 __device__ unsigned long long moe_trace[MOE_TRACE_BLOCKS * MOE_TRACE_SLOTS];
@@ -87,9 +87,22 @@ __device__ unsigned long long moe_trace[MOE_TRACE_BLOCKS * MOE_TRACE_SLOTS];
             moe_trace[blockIdx.x * MOE_TRACE_SLOTS] = sm_;                               \
         }                                                                                \
     } while (0)
+// The Dynamic kernel stamps per warp (global warp gw): 0 the SM, 1 past the wait, for its
+// first 4 tiles i at 2 + 3i taken (bit 0: a down tile), 3 + 3i past its slot's wait, 4 + 3i done
+// (stored and counted); 14 exit, 15 tiles taken.
+#define WTRACE(gw, slot, v)                                                              \
+    do {                                                                                 \
+        if ((threadIdx.x & 31) == 0 && (gw) < MOE_TRACE_BLOCKS) moe_trace[(gw) * MOE_TRACE_SLOTS + (slot)] = (v); \
+    } while (0)
+__device__ __forceinline__ unsigned long long gtimer() {
+    unsigned long long t_;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_));
+    return t_;
+}
 #else
 #define TRACE(slot)
 #define TRACE_SM()
+#define WTRACE(gw, slot, v)
 #endif
 
 // Four e4m3 bytes -> two f16x2 (low byte first in each), exactly.
@@ -1081,6 +1094,17 @@ __device__ __forceinline__ void moe_dyn_body(const unsigned char* __restrict__ W
         }
     };
 
+    const int gw = (int)blockIdx.x * DW + w;  // (trace builds)
+    (void)gw;
+#ifdef MOE_TRACE
+    {
+        unsigned sm_;
+        asm volatile("mov.u32 %0, %%smid;" : "=r"(sm_));
+        WTRACE(gw, 0, sm_);
+        WTRACE(gw, 1, gtimer());
+    }
+    int ntiles = 0;
+#endif
     DynTile cur = take(claim());
     unsigned pend = cur.steps > 0 ? claim() : 0u;  // the claim after cur, in flight
     int seq = 0, cw = 0, cb = 0;                  // cur's stage 0 in the ring; its stages issued (weights, second half)
@@ -1088,6 +1112,9 @@ __device__ __forceinline__ void moe_dyn_body(const unsigned char* __restrict__ W
     while (cur.steps > 0) {
         const int nst = (cur.steps + CS - 1) / CS;
         float inv = xinv;
+#ifdef MOE_TRACE
+        if (ntiles < 4) WTRACE(gw, 2 + 3 * ntiles, (gtimer() & ~1ull) | (cur.down ? 1ull : 0ull));
+#endif
         if (cur.down) {
             // h of this slot split: every gate_up tile of the slot was claimed before this tile,
             // by warps that never wait, so the wait ends.
@@ -1107,6 +1134,9 @@ __device__ __forceinline__ void moe_dyn_body(const unsigned char* __restrict__ W
             for (; cb < cw; cb++) issue_b(cur, cb, seq + cb);
             inv = __ldcg(hinv + cur.slot);
         }
+#ifdef MOE_TRACE
+        if (ntiles < 4) WTRACE(gw, 3 + 3 * ntiles, gtimer());
+#endif
         for (; cw < min(nst, NS); cw++, cb++) {
             issue_w(cur, cw, seq + cw);
             issue_b(cur, cw, seq + cw);
@@ -1195,12 +1225,20 @@ __device__ __forceinline__ void moe_dyn_body(const unsigned char* __restrict__ W
                 y[n] = a;
             }
         }
+#ifdef MOE_TRACE
+        if (ntiles < 4) WTRACE(gw, 4 + 3 * ntiles, gtimer());
+        ntiles++;
+#endif
         seq += nst;
         cur = nxt;
         cw = nw;
         cb = nb;
         cready = nready;
     }
+#ifdef MOE_TRACE
+    WTRACE(gw, 14, gtimer());
+    WTRACE(gw, 15, (unsigned long long)ntiles);
+#endif
 }
 
 // One token's x staged for the block (all threads): stage_b's one-pair staging, whose
