@@ -356,16 +356,6 @@ fn mxfp4_moe_decode_matches_the_cpu_reference() {
             let v = peregrine_cuda::kernels::TILED_VARIANTS;
             let mixed = (0..v.len()).map(|j| MoeKernel::Tiled { stages: v[j].0, steps: v[j].1, down_stages: v[(j + 3) % v.len()].0, down_steps: v[(j + 3) % v.len()].1 });
             let kinds = kinds.chain(mixed);
-            // At one token the queue-fed kernel: two blocks per SM, and 1 or 3 blocks whose warps
-            // take many tiles each (rings running on from tile to tile, down tiles waiting).
-            let dynamic: Vec<MoeKernel> = if t == 1 {
-                peregrine_cuda::kernels::DYN_VARIANTS.iter().flat_map(|&(stages, steps)| [(2, 0), (1, 1), (1, 3)].map(|(blocks_per_sm, max_blocks)| MoeKernel::Dynamic { stages, steps, blocks_per_sm, max_blocks })).collect()
-            } else {
-                let mut yv = poisoned(&g, t * h);
-                assert!(kern.moe_mxfp4_with(MoeKernel::DYNAMIC, &wt, &dr, &xd, MoeInput::Settled, &mut scratch, &mut yv).is_err(), "the dynamic MoE kernel refuses {t} tokens");
-                Vec::new()
-            };
-            let kinds = kinds.chain(dynamic);
             for kind in kinds {
                 for _ in 0..2 {
                     let mut yv = poisoned(&g, t * h);
@@ -458,8 +448,7 @@ fn mxfp4_moe_decode_matches_the_cpu_reference() {
             // of the same call on a finished x.
             if t == 1 {
                 for &(stages, steps) in peregrine_cuda::kernels::TILED_VARIANTS.iter() {
-                    let dynamic = peregrine_cuda::kernels::DYN_VARIANTS.iter().map(|&(stages, steps)| MoeKernel::Dynamic { stages, steps, blocks_per_sm: 2, max_blocks: 0 });
-                    for kind in [MoeKernel::tiled(stages, steps), MoeKernel::Fused { stages, steps, max_blocks: 0 }].into_iter().chain(dynamic) {
+                    for kind in [MoeKernel::tiled(stages, steps), MoeKernel::Fused { stages, steps, max_blocks: 0 }] {
                         let mut first = poisoned(&g, h);
                         let mut second = poisoned(&g, h);
                         kern.moe_mxfp4_with(kind, &wt, &dr, &xd, MoeInput::Settled, &mut scratch, &mut first).unwrap();
