@@ -277,6 +277,9 @@ pub struct CudaModel {
     /// From this many rows, the op after an MLP launches without PDL (crate::launch::plain_next);
     /// PEREGRINE_DRAIN_AFTER_MLP_ROWS sets it (measurements).
     pub(crate) drain_after_mlp_rows: usize,
+    /// Which op after an MLP launches without PDL: 1, the next (PEREGRINE_DRAIN_AFTER_MLP_OPS,
+    /// measurements).
+    pub(crate) drain_after_mlp_ops: usize,
     /// From this many rows a step launches without PDL at all; PEREGRINE_PLAIN_FROM_ROWS sets
     /// it (measurements).
     pub(crate) plain_from_rows: usize,
@@ -577,6 +580,7 @@ impl CudaModel {
             moe_pairs_calls: std::sync::atomic::AtomicUsize::new(0),
             prefill_pdl: std::env::var("PEREGRINE_PREFILL_PDL").is_ok_and(|v| v == "1"),
             drain_after_mlp_rows: std::env::var("PEREGRINE_DRAIN_AFTER_MLP_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(DRAIN_AFTER_MLP_ROWS),
+            drain_after_mlp_ops: std::env::var("PEREGRINE_DRAIN_AFTER_MLP_OPS").ok().and_then(|v| v.parse().ok()).unwrap_or(1),
             plain_from_rows: std::env::var("PEREGRINE_PLAIN_FROM_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(PLAIN_FROM_ROWS),
         };
         // The MoE decode kernel per token count, measured on the first MoE layer's experts

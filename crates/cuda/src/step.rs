@@ -180,13 +180,18 @@ impl CudaModel {
             NormWeight::PostAttention(l) => &self.layers[l].post_norm,
             NormWeight::Final => &self.final_norm,
         };
-        let mut after_mlp = false;
+        // Ops since the last MLP (usize::MAX: none yet).
+        let mut since_mlp = usize::MAX;
         for &op in ops {
             mark(&mut marks)?;
-            // The op after an MLP starts on drained SMs at `drain_after_mlp_rows` rows and up
-            // (crate::launch::plain_next).
-            if std::mem::replace(&mut after_mlp, matches!(op, Op::Mlp { .. })) && op.rows() >= self.drain_after_mlp_rows {
+            // The op after an MLP (`drain_after_mlp_ops` = 1; later ones for measurements)
+            // starts on drained SMs at `drain_after_mlp_rows` rows and up (crate::launch::plain_next).
+            since_mlp = since_mlp.saturating_add(1);
+            if since_mlp == self.drain_after_mlp_ops && op.rows() >= self.drain_after_mlp_rows {
                 crate::launch::plain_next();
+            }
+            if matches!(op, Op::Mlp { .. }) {
+                since_mlp = 0;
             }
             if norm_left.is_some() && !matches!(op, Op::Mlp { src: Act::MlpIn, .. }) {
                 return Err(Error::Backend(format!("step plan: {op} runs between a post-attention norm left to the router and its MLP")));
