@@ -277,9 +277,9 @@ pub struct CudaModel {
     /// From this many rows, the op after an MLP launches without PDL (crate::launch::plain_next);
     /// PEREGRINE_DRAIN_AFTER_MLP_ROWS sets it (measurements).
     pub(crate) drain_after_mlp_rows: usize,
-    /// Which op after an MLP launches without PDL: 1, the next (PEREGRINE_DRAIN_AFTER_MLP_OPS,
-    /// measurements).
-    pub(crate) drain_after_mlp_ops: usize,
+    /// Which op after an MLP launches without PDL, if PEREGRINE_DRAIN_AFTER_MLP_OPS sets it
+    /// (measurements; else `drain_after_mlp_op`'s rule).
+    pub(crate) drain_after_mlp_ops: Option<usize>,
     /// From this many rows a step launches without PDL at all; PEREGRINE_PLAIN_FROM_ROWS sets
     /// it (measurements).
     pub(crate) plain_from_rows: usize,
@@ -580,7 +580,7 @@ impl CudaModel {
             moe_pairs_calls: std::sync::atomic::AtomicUsize::new(0),
             prefill_pdl: std::env::var("PEREGRINE_PREFILL_PDL").is_ok_and(|v| v == "1"),
             drain_after_mlp_rows: std::env::var("PEREGRINE_DRAIN_AFTER_MLP_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(DRAIN_AFTER_MLP_ROWS),
-            drain_after_mlp_ops: std::env::var("PEREGRINE_DRAIN_AFTER_MLP_OPS").ok().and_then(|v| v.parse().ok()).unwrap_or(1),
+            drain_after_mlp_ops: std::env::var("PEREGRINE_DRAIN_AFTER_MLP_OPS").ok().and_then(|v| v.parse().ok()),
             plain_from_rows: std::env::var("PEREGRINE_PLAIN_FROM_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(PLAIN_FROM_ROWS),
         };
         // The MoE decode kernel per token count, measured on the first MoE layer's experts
@@ -1289,6 +1289,17 @@ impl CudaModel {
         }
         let kind = self.kernels.moe_kernel(w, rows, spec.top_k);
         self.routes_in_moe_kernel(w, rows, kind) && self.moe_leaves_pairs_here(spec, w, kind)
+    }
+
+    /// Which op after an MLP of `rows` rows launches on drained SMs (1: the next). At one row
+    /// the second: the pairs norm after the one-token MoE then launches under PDL beside the
+    /// MoE's last blocks (it needs no shared-memory carveout of its own), and the q/k/v
+    /// projection after it, which does, drains instead. H100, Flash-shaped step, two rounds:
+    /// batch 1 replay 2.622 / 2.623 -> 2.613 / 2.613 ms; at 2-8 rows within noise or slower
+    /// (batch 4 +0.2-0.3%), so they keep the next op
+    /// (benches/results/2026-11-25-dynamic-moe-drain-later.md).
+    pub(crate) fn drain_after_mlp_op(&self, rows: usize) -> usize {
+        self.drain_after_mlp_ops.unwrap_or(if rows == 1 { 2 } else { 1 })
     }
 
     /// Whether `moe_stacked` routes `n` rows inside the MoE kernel `kind` (`moe_mxfp4_routed`):

@@ -184,10 +184,11 @@ impl CudaModel {
         let mut since_mlp = usize::MAX;
         for &op in ops {
             mark(&mut marks)?;
-            // The op after an MLP (`drain_after_mlp_ops` = 1; later ones for measurements)
-            // starts on drained SMs at `drain_after_mlp_rows` rows and up (crate::launch::plain_next).
+            // An op after an MLP starts on drained SMs at `drain_after_mlp_rows` rows and up
+            // (crate::launch::plain_next): the next one, or at one row the one after it
+            // (`drain_after_mlp_op`).
             since_mlp = since_mlp.saturating_add(1);
-            if since_mlp == self.drain_after_mlp_ops && op.rows() >= self.drain_after_mlp_rows {
+            if since_mlp == self.drain_after_mlp_op(op.rows()) && op.rows() >= self.drain_after_mlp_rows {
                 crate::launch::plain_next();
             }
             if matches!(op, Op::Mlp { .. }) {
