@@ -1291,15 +1291,15 @@ impl CudaModel {
         self.routes_in_moe_kernel(w, rows, kind) && self.moe_leaves_pairs_here(spec, w, kind)
     }
 
-    /// Which op after an MLP of `rows` rows launches on drained SMs (1: the next). At one row
-    /// the second: the pairs norm after the one-token MoE then launches under PDL beside the
-    /// MoE's last blocks (it needs no shared-memory carveout of its own), and the q/k/v
-    /// projection after it, which does, drains instead. H100, Flash-shaped step, two rounds:
-    /// batch 1 replay 2.622 / 2.623 -> 2.613 / 2.613 ms; at 2-8 rows within noise or slower
-    /// (batch 4 +0.2-0.3%), so they keep the next op
-    /// (benches/results/2026-11-25-dynamic-moe-drain-later.md).
+    /// Which op after an MLP of `rows` rows launches on drained SMs: 1, the next; 0, none. At
+    /// one row none: the GEMVs after the MoE then run in its shared-memory carveout, which costs
+    /// them little when they stream one row (stop 33 measured the loss at 4 and 8 rows). H100,
+    /// Flash-shaped step, batch-1 replay, two rounds each: the next op 2.620-2.627 ms, the second
+    /// (the pairs norm under PDL, the q/k/v projection drained) 2.594-2.616, none 2.592 / 2.592
+    /// (against 2.594 / 2.603 in the same call); at 2-8 rows the later drain was within noise or
+    /// slower (batch 4 +0.2-0.3%) (benches/results/2026-11-25-dynamic-moe-drain-later.md).
     pub(crate) fn drain_after_mlp_op(&self, rows: usize) -> usize {
-        self.drain_after_mlp_ops.unwrap_or(if rows == 1 { 2 } else { 1 })
+        self.drain_after_mlp_ops.unwrap_or(if rows == 1 { 0 } else { 1 })
     }
 
     /// Whether `moe_stacked` routes `n` rows inside the MoE kernel `kind` (`moe_mxfp4_routed`):

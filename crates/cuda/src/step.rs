@@ -184,9 +184,8 @@ impl CudaModel {
         let mut since_mlp = usize::MAX;
         for &op in ops {
             mark(&mut marks)?;
-            // An op after an MLP starts on drained SMs at `drain_after_mlp_rows` rows and up
-            // (crate::launch::plain_next): the next one, or at one row the one after it
-            // (`drain_after_mlp_op`).
+            // The op after an MLP starts on drained SMs at `drain_after_mlp_rows` rows and up
+            // (crate::launch::plain_next), except at one row (`drain_after_mlp_op`: 0, none).
             since_mlp = since_mlp.saturating_add(1);
             if since_mlp == self.drain_after_mlp_op(op.rows()) && op.rows() >= self.drain_after_mlp_rows {
                 crate::launch::plain_next();
