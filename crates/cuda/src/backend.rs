@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig};
-use peregrine_core::backend::{Backend, KvBlockBytes, KvConfig, LogitAdjust, Logits, RowLogprobs, RowSampling, SampledRows, SeqForward, NULL_BLOCK};
+use peregrine_core::backend::{split_logits, Backend, KvBlockBytes, KvConfig, LogitAdjust, Logits, RowLogprobs, RowSampling, SampledRows, SeqForward, NULL_BLOCK};
 use peregrine_core::{AttentionKind, AttentionSpec, Error, MlpSpec, ModelSpec, MoeSpec, QkvLayout, Result, RouterScoring};
 use peregrine_model::weights::WeightSource;
 
@@ -1906,7 +1906,7 @@ impl CudaModel {
         let rows = self.host_rows(batch)?;
         let n = rows.toks.len();
         if n == 0 {
-            return Ok((Fetched::default(), rows.counts));
+            return Ok((Fetched::empty(&rows.counts, self.spec.vocab_size), rows.counts));
         }
         let k = rows.want.len();
         if let Out::Sample(p, _) | Out::SampleLogprobs(p, _, _) = out {
@@ -1917,8 +1917,8 @@ impl CudaModel {
         let vocab = self.spec.vocab_size;
         if let Some(mut g) = self.graph_for(&rows)? {
             let fetched = match out {
-                Out::Logits if k > 0 => g.fetch_logits(&self.stream, k * vocab).map(|logits| Fetched { logits, ..Default::default() }),
-                _ => fetch(&self.kernels, &self.stream, out, k, vocab, &mut g.logits, &g.ids),
+                Out::Logits if k > 0 => g.fetch_logits(&self.stream, &rows.counts, vocab).map(|logits| Fetched { logits, ..Default::default() }),
+                _ => fetch(&self.kernels, &self.stream, out, &rows.counts, vocab, &mut g.logits, &g.ids),
             };
             self.graphs.put_back(g);
             return Ok((fetched?, rows.counts));
@@ -1928,7 +1928,7 @@ impl CudaModel {
         let mut logits = self.zeros(k * vocab)?;
         let mut ids = st.alloc_zeros::<i32>(k.max(1)).map_err(drv)?;
         self.step_body(&meta, n, Some((&idx, k)), rows.one_per_seq, &mut logits, &mut ids)?;
-        Ok((fetch(&self.kernels, &st, out, k, vocab, &mut logits, &ids)?, rows.counts))
+        Ok((fetch(&self.kernels, &st, out, &rows.counts, vocab, &mut logits, &ids)?, rows.counts))
     }
 
     /// Greedy decoding without logits on the host: the argmax token of every asked-for row
@@ -1967,23 +1967,32 @@ enum Out<'a> {
     SampleLogprobs(&'a [RowSampling], &'a [LogitAdjust], &'a [Option<u32>]),
 }
 
-/// What a forward brought back: logits, or ids (with logprobs when asked).
+/// What a forward brought back: logits per sequence, or ids (with logprobs when asked).
 #[derive(Default)]
 struct Fetched {
-    logits: Vec<f32>,
+    logits: Vec<Logits>,
     ids: Vec<i32>,
     logprobs: Vec<Option<RowLogprobs>>,
 }
 
-/// Brings back what `out` asks for of the first `k` rows of a step's logits / argmax ids.
-fn fetch(kern: &Kernels, st: &Arc<CudaStream>, out: Out, k: usize, vocab: usize, logits: &mut CudaSlice<f32>, ids: &CudaSlice<i32>) -> Result<Fetched> {
+impl Fetched {
+    /// No rows asked for (`counts` all zero): every sequence's logits empty.
+    fn empty(counts: &[usize], vocab: usize) -> Fetched {
+        Fetched { logits: split_logits(&[], counts, vocab), ..Default::default() }
+    }
+}
+
+/// Brings back what `out` asks for of the first `counts.iter().sum()` rows of a step's logits /
+/// argmax ids (`counts`: the asked-for rows of each sequence).
+fn fetch(kern: &Kernels, st: &Arc<CudaStream>, out: Out, counts: &[usize], vocab: usize, logits: &mut CudaSlice<f32>, ids: &CudaSlice<i32>) -> Result<Fetched> {
+    let k = counts.iter().sum::<usize>();
     Ok(match out {
         // Nothing asked for (a prefill chunk): still wait for the step to finish.
         _ if k == 0 => {
             st.synchronize().map_err(drv)?;
-            Fetched::default()
+            Fetched::empty(counts, vocab)
         }
-        Out::Logits => Fetched { logits: st.clone_dtoh(&logits.slice(..k * vocab)).map_err(drv)?, ..Default::default() },
+        Out::Logits => Fetched { logits: split_logits(&st.clone_dtoh(&logits.slice(..k * vocab)).map_err(drv)?, counts, vocab), ..Default::default() },
         Out::Argmax => Fetched { ids: st.clone_dtoh(&ids.slice(..k)).map_err(drv)?, ..Default::default() },
         Out::Sample(p, adj) => Fetched { ids: st.clone_dtoh(&kern.sample_rows_adjusted(logits, vocab, p, adj)?).map_err(drv)?, ..Default::default() },
         Out::SampleLogprobs(p, adj, top) => {
@@ -2012,8 +2021,7 @@ impl Backend for CudaModel {
     }
 
     fn forward(&mut self, batch: &[SeqForward]) -> Result<Vec<Logits>> {
-        let (f, counts) = self.run(batch, Out::Logits)?;
-        Ok(peregrine_core::backend::split_logits(&f.logits, &counts, self.spec.vocab_size))
+        Ok(self.run(batch, Out::Logits)?.0.logits)
     }
 
     fn forward_greedy(&mut self, batch: &[SeqForward]) -> Result<Option<Vec<Vec<u32>>>> {
