@@ -1,29 +1,13 @@
-// Run: rustc -O --edition 2021 benches/micro/logits_split_copy.rs -o /tmp/logits_split_copy && /tmp/logits_split_copy
-// (standalone, std only; record: benches/results/2026-11-25-logits-split-copy.md)
+// Run: cargo run --release -p peregrine-core --example logits_split_copy
+// (record: benches/results/2026-11-25-logits-split-copy.md)
 //
 // The host side of "logits to the host" (Flash vocabulary, one row per sequence): the old path
 // copied the pinned buffer into a Vec, then split that Vec into per-sequence Vecs; the new path
-// splits straight from the buffer. The split is peregrine_core::backend::split_logits' code.
+// splits straight from the buffer (both through peregrine_core::backend::split_logits).
 // Each path runs as the backend does (allocate, use, free every step), in alternating blocks of
 // rounds so both see the allocator in the same state; medians of the rounds after a warm-up.
+use peregrine_core::backend::{split_logits, Logits};
 use std::time::Instant;
-
-struct Logits {
-    rows: usize,
-    data: Vec<f32>,
-}
-
-fn split_logits(data: &[f32], counts: &[usize], vocab: usize) -> Vec<Logits> {
-    let mut off = 0;
-    counts
-        .iter()
-        .map(|&c| {
-            let l = Logits { rows: c, data: data[off * vocab..(off + c) * vocab].to_vec() };
-            off += c;
-            l
-        })
-        .collect()
-}
 
 fn old_path(host: &[f32], counts: &[usize], vocab: usize) -> Vec<Logits> {
     let v = host.to_vec();
