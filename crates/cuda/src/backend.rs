@@ -140,8 +140,14 @@ pub(crate) struct Layer {
     swa: bool,
 }
 
-/// Default of `CudaModel::drain_after_mlp_rows`.
-const DRAIN_AFTER_MLP_ROWS: usize = 1;
+/// Default of `CudaModel::drain_after_mlp_rows`. Not at one row: the GEMVs after the MoE then
+/// run in its shared-memory carveout, which costs them little when they stream one row (stop 33
+/// measured the loss at 4 and 8 rows). H100, Flash-shaped step, batch-1 replay, two rounds each:
+/// draining the next op 2.620-2.627 ms, the second (the pairs norm under PDL, the q/k/v
+/// projection drained) 2.594-2.616, none 2.592 / 2.592 (against 2.594 / 2.603 in the same call);
+/// at 2-8 rows the later drain was within noise or slower (batch 4 +0.2-0.3%)
+/// (benches/results/2026-11-25-dynamic-moe-drain-later.md).
+const DRAIN_AFTER_MLP_ROWS: usize = 2;
 /// Default of `CudaModel::plain_from_rows`.
 const PLAIN_FROM_ROWS: usize = 16;
 
@@ -277,9 +283,9 @@ pub struct CudaModel {
     /// From this many rows, the op after an MLP launches without PDL (crate::launch::plain_next);
     /// PEREGRINE_DRAIN_AFTER_MLP_ROWS sets it (measurements).
     pub(crate) drain_after_mlp_rows: usize,
-    /// Which op after an MLP launches without PDL, if PEREGRINE_DRAIN_AFTER_MLP_OPS sets it
-    /// (measurements; else `drain_after_mlp_op`'s rule).
-    pub(crate) drain_after_mlp_ops: Option<usize>,
+    /// Which op after an MLP launches without PDL (1: the next); PEREGRINE_DRAIN_AFTER_MLP_OPS
+    /// sets it (measurements).
+    pub(crate) drain_after_mlp_op: usize,
     /// From this many rows a step launches without PDL at all; PEREGRINE_PLAIN_FROM_ROWS sets
     /// it (measurements).
     pub(crate) plain_from_rows: usize,
@@ -580,7 +586,7 @@ impl CudaModel {
             moe_pairs_calls: std::sync::atomic::AtomicUsize::new(0),
             prefill_pdl: std::env::var("PEREGRINE_PREFILL_PDL").is_ok_and(|v| v == "1"),
             drain_after_mlp_rows: std::env::var("PEREGRINE_DRAIN_AFTER_MLP_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(DRAIN_AFTER_MLP_ROWS),
-            drain_after_mlp_ops: std::env::var("PEREGRINE_DRAIN_AFTER_MLP_OPS").ok().and_then(|v| v.parse().ok()),
+            drain_after_mlp_op: std::env::var("PEREGRINE_DRAIN_AFTER_MLP_OPS").ok().and_then(|v| v.parse().ok()).unwrap_or(1),
             plain_from_rows: std::env::var("PEREGRINE_PLAIN_FROM_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(PLAIN_FROM_ROWS),
         };
         // The MoE decode kernel per token count, measured on the first MoE layer's experts
@@ -1289,17 +1295,6 @@ impl CudaModel {
         }
         let kind = self.kernels.moe_kernel(w, rows, spec.top_k);
         self.routes_in_moe_kernel(w, rows, kind) && self.moe_leaves_pairs_here(spec, w, kind)
-    }
-
-    /// Which op after an MLP of `rows` rows launches on drained SMs: 1, the next; 0, none. At
-    /// one row none: the GEMVs after the MoE then run in its shared-memory carveout, which costs
-    /// them little when they stream one row (stop 33 measured the loss at 4 and 8 rows). H100,
-    /// Flash-shaped step, batch-1 replay, two rounds each: the next op 2.620-2.627 ms, the second
-    /// (the pairs norm under PDL, the q/k/v projection drained) 2.594-2.616, none 2.592 / 2.592
-    /// (against 2.594 / 2.603 in the same call); at 2-8 rows the later drain was within noise or
-    /// slower (batch 4 +0.2-0.3%) (benches/results/2026-11-25-dynamic-moe-drain-later.md).
-    pub(crate) fn drain_after_mlp_op(&self, rows: usize) -> usize {
-        self.drain_after_mlp_ops.unwrap_or(if rows == 1 { 0 } else { 1 })
     }
 
     /// Whether `moe_stacked` routes `n` rows inside the MoE kernel `kind` (`moe_mxfp4_routed`):

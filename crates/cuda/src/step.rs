@@ -184,10 +184,10 @@ impl CudaModel {
         let mut since_mlp = usize::MAX;
         for &op in ops {
             mark(&mut marks)?;
-            // The op after an MLP starts on drained SMs at `drain_after_mlp_rows` rows and up
-            // (crate::launch::plain_next), except at one row (`drain_after_mlp_op`: 0, none).
+            // The `drain_after_mlp_op`-th op after an MLP (the next) starts on drained SMs at
+            // `drain_after_mlp_rows` rows and up (crate::launch::plain_next).
             since_mlp = since_mlp.saturating_add(1);
-            if since_mlp == self.drain_after_mlp_op(op.rows()) && op.rows() >= self.drain_after_mlp_rows {
+            if since_mlp == self.drain_after_mlp_op && op.rows() >= self.drain_after_mlp_rows {
                 crate::launch::plain_next();
             }
             if matches!(op, Op::Mlp { .. }) {
