@@ -145,15 +145,20 @@ __device__ __forceinline__ void stage_item(unsigned* frag, int L, int j, int q, 
     pl[1] = l1;
 }
 
-// Pair j's power-of-two scale from its warps' largest magnitudes red[w * NP + j]: m < 2^ex;
-// scale by 2^(14 - ex) (0 or non-finite: no scaling), as split_f16 does; inv undoes it.
+// The power of two of a row whose largest magnitude is m: m < 2^ex; scale by 2^(14 - ex) (0
+// or non-finite: no scaling), as split_f16 does; inv undoes it.
+__device__ __forceinline__ void max_scale(float m, float* scale, float* inv) {
+    int ex = (m > 0.f && m < __int_as_float(0x7f800000u)) ? (int)((__float_as_uint(m) >> 23) & 0xffu) - 126 : 0;
+    int sh = min(max(14 - ex, -100), 100);
+    *scale = __int_as_float((unsigned)(sh + 127) << 23);
+    *inv = __int_as_float((unsigned)(127 - sh) << 23);
+}
+
+// Pair j's power-of-two scale (max_scale) from its warps' largest magnitudes red[w * NP + j].
 __device__ __forceinline__ void row_scale(const float* red, int j, float* scale, float* inv) {
     float m = 0.f;
     for (int i = 0; i < TW; i++) m = fmaxf(m, red[i * NP + j]);
-    int ex = (m > 0.f && m < __int_as_float(0x7f800000u)) ? (int)((__float_as_uint(m) >> 23) & 0xffu) - 126 : 0;
-    int sh = min(max(14 - ex, -100), 100);
-    scale[j] = __int_as_float((unsigned)(sh + 127) << 23);
-    inv[j] = __int_as_float((unsigned)(127 - sh) << 23);
+    max_scale(m, scale + j, inv + j);
 }
 
 #define STAGE_REGS 8  // items per thread a one-row staging keeps in registers (K <= 8192)
@@ -883,6 +888,313 @@ MOE_BULK(4, 4)
 MOE_BULK(2, 3)
 MOE_BULK(3, 3)
 MOE_BULK(2, 6)
+
+// ---------------------------------------------------------------------------------------------
+// One token's MoE with a block's warps sharing each tile's K (`MoeKernel::Coop`).
+//
+// Why: the fused kernel gives each warp whole 16-row tiles, and one warp decodes a tile no
+// faster than ~2.9 GB/s (a chain of shared-memory loads, decodes and two dependent MMAs per
+// half step), so a tile is a unit of 12-25 us: SMs whose DRAM share is small finish late, and
+// every down item waits for its slot's slowest gate_up item (71-74% of copy bandwidth at one
+// token; queues of whole tiles did worse, benches/results/2026-11-25-dynamic-moe-drain-later.md).
+// Here one block per SM takes one tile at a time from a queue, and its CW consumer warps each
+// compute a slice of the tile's K steps, so a unit lasts ~2 us. The sum keeps tile_step's
+// order, hence its bits: a half step's product tp (two MMAs from zero) is the same wherever it
+// is computed, so the warps leave their tp in shared memory and one warp then adds f x tp into
+// the accumulators half step by half step, as tile_step does (each of its lanes one of the 32
+// sums of the tile's one pair), and tile_store writes the result.
+//
+// A producer warp claims units (gate_up tiles pair by pair, then down tiles pair by pair, so a
+// down tile's pair is done long before it is claimed), brings each by one bulk copy into a ring
+// of `nslots` units, and for a down tile waits until its pair's h is split before the unit is
+// published. The last gate_up tile of a pair splits its h row (one warp, stage_b's one-pair
+// bits); down tiles read those fragments from L2. Pairs are units of their own (a repeated
+// expert, when NaN logits leave fewer candidates, streams its weights once per pair), so every
+// MMA has one pair's two columns, which gives each column's bits as the 4-pair passes do.
+// Counters (zero between calls; the last block out resets them): [0] the queue, [1] blocks
+// out, [2 + p] pair p's gate_up tiles done (+ 1 once its h is split).
+#define CW 16                   // consumer warps per block
+#define COOP_THREADS (32 * CW + 32)
+#define COOP_MAX_SLOTS 4
+
+struct CoopUnit {
+    int pair, rt, down, ks;  // ks = 0: no more units
+};
+
+__device__ __forceinline__ void mbar_init_n(unsigned long long* bar, unsigned n) {
+    unsigned a = (unsigned)__cvta_generic_to_shared(bar);
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(a), "r"(n) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(unsigned long long* bar) {
+    unsigned a = (unsigned)__cvta_generic_to_shared(bar);
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(a) : "memory");
+}
+// Bytes the phase waits for, without arriving (the arrival comes later).
+__device__ __forceinline__ void mbar_expect_only(unsigned long long* bar, unsigned bytes) {
+    unsigned a = (unsigned)__cvta_generic_to_shared(bar);
+    asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;" ::"r"(a), "r"(bytes) : "memory");
+}
+
+// x's one row staged as stage_b stages one pair, by a block of any size: the same maximum
+// (order-free), max_scale's power of two and stage_item's words; red holds a float per warp.
+__device__ __forceinline__ void stage_row_any(const float* __restrict__ xr, int K, unsigned* frag, float* red, float* inv) {
+    int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, nw = blockDim.x >> 5;
+    const int items = K / 16 * 4;
+    float m = 0.f;
+    for (int it = tid; it < items; it += blockDim.x) {
+        const float* p = xr + 16 * (it >> 2) + 2 * (it & 3);
+        float2 v0 = __ldcg(reinterpret_cast<const float2*>(p)), v1 = __ldcg(reinterpret_cast<const float2*>(p + 8));
+        m = fmaxf(m, fmaxf(fmaxf(fabsf(v0.x), fabsf(v0.y)), fmaxf(fabsf(v1.x), fabsf(v1.y))));
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    if (lane == 0) red[w] = m;
+    __syncthreads();
+    if (tid == 0) {
+        float mm = 0.f;
+        for (int i = 0; i < nw; i++) mm = fmaxf(mm, red[i]);
+        max_scale(mm, red + nw, inv);
+    }
+    __syncthreads();
+    float s = red[nw];
+    for (int it = tid; it < items; it += blockDim.x) {
+        const float* p = xr + 16 * (it >> 2) + 2 * (it & 3);
+        float2 v0 = __ldcg(reinterpret_cast<const float2*>(p)), v1 = __ldcg(reinterpret_cast<const float2*>(p + 8));
+        stage_item(frag, 8, 0, it >> 2, it & 3, v0, v1, s);
+    }
+    __syncthreads();
+}
+
+// Row h [K] split by one warp into global memory as stage_b stages one pair (hs, 2^-s at *inv).
+__device__ __forceinline__ void split_row_warp(const float* __restrict__ h, int K, unsigned* __restrict__ hs, float* __restrict__ inv) {
+    int lane = threadIdx.x & 31;
+    const int items = K / 16 * 4;
+    float m = 0.f;
+    for (int it = lane; it < items; it += 32) {
+        const float* p = h + 16 * (it >> 2) + 2 * (it & 3);
+        float2 v0 = __ldcg(reinterpret_cast<const float2*>(p)), v1 = __ldcg(reinterpret_cast<const float2*>(p + 8));
+        m = fmaxf(m, fmaxf(fmaxf(fabsf(v0.x), fabsf(v0.y)), fmaxf(fabsf(v1.x), fabsf(v1.y))));
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    float scale, sinv;
+    max_scale(m, &scale, &sinv);
+    for (int it = lane; it < items; it += 32) {
+        const float* p = h + 16 * (it >> 2) + 2 * (it & 3);
+        float2 v0 = __ldcg(reinterpret_cast<const float2*>(p)), v1 = __ldcg(reinterpret_cast<const float2*>(p + 8));
+        stage_item(hs, 8, 0, it >> 2, it & 3, v0, v1, scale);
+    }
+    if (lane == 0) *inv = sinv;
+}
+
+// The units of one block. pexp / pw: each pair's expert and routing weight (shared memory);
+// xfrag: x staged (one pair), xinv its 2^-s. h [K, I] f32, hs [K, I] split, hinv [K], out [K, H].
+__device__ __forceinline__ void moe_coop(const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Wd, const int* pexp,
+                                         const float* pw, int K, const uint4* xfrag, float xinv, float* __restrict__ h,
+                                         unsigned* __restrict__ hs, float* __restrict__ hinv, float* __restrict__ out, int H, int I,
+                                         unsigned* counters, int nslots, unsigned char* ring, float* tpbuf,
+                                         unsigned long long* full, unsigned long long* computed, unsigned long long* empty,
+                                         CoopUnit* units) {
+    const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int gu = I / 8, dt = H / 16, ksg = H / 64, ksd = I / 64, ksmax = max(ksg, ksd);
+    const int total = K * (gu + dt);
+    const int slot_bytes = ksmax * STEP_BYTES;
+    if (w == CW) {
+        if (lane == 0) {
+            for (int i = 0;; i++) {
+                int s = i % nslots;
+                if (i >= nslots) {
+                    mbar_wait(empty + s, ((i / nslots) - 1) & 1);
+                    // The slot was read (generic proxy) before the bulk copy (async proxy) refills it.
+                    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+                }
+                int uid = (int)atomicAdd(counters, 1u);
+                if (uid >= total) {
+                    units[s].ks = 0;
+                    mbar_arrive(full + s);
+                    break;
+                }
+                CoopUnit u;
+                u.down = uid >= K * gu;
+                int v = u.down ? uid - K * gu : uid, per = u.down ? dt : gu;
+                u.pair = v / per;
+                u.rt = v % per;
+                u.ks = u.down ? ksd : ksg;
+                units[s] = u;
+                const unsigned char* src = (u.down ? Wd : Wg) + ((size_t)pexp[u.pair] * per + u.rt) * u.ks * STEP_BYTES;
+                unsigned bytes = (unsigned)u.ks * STEP_BYTES;
+                if (!u.down) {
+                    mbar_expect(full + s, bytes);
+                    bulk_load(ring + (size_t)s * slot_bytes, src, bytes, full + s);
+                } else {
+                    // The weights are on their way before the wait for the pair's split h.
+                    mbar_expect_only(full + s, bytes);
+                    bulk_load(ring + (size_t)s * slot_bytes, src, bytes, full + s);
+                    while (ld_acquire(counters + 2 + u.pair) < (unsigned)gu + 1u) __nanosleep(32);
+                    mbar_arrive(full + s);
+                }
+            }
+        }
+    } else {
+        for (int i = 0;; i++) {
+            int s = i % nslots;
+            unsigned ph = (i / nslots) & 1;
+            mbar_wait(full + s, ph);
+            const CoopUnit u = units[s];
+            if (u.ks == 0) break;
+            const unsigned char* st = ring + (size_t)s * slot_bytes;
+            float* tp = tpbuf + (size_t)s * ksmax * 64;  // [2 ks half steps][32]
+            const uint4* hb = reinterpret_cast<const uint4*>(hs + (size_t)u.pair * I);
+            const int k0 = w * u.ks / CW, k1 = (w + 1) * u.ks / CW;
+            // The B fragments of step k (x staged here; h split in L2, asked for a step ahead).
+            auto bfrag = [&](int k, uint4& b01, uint4& b23) {
+                b01 = b23 = make_uint4(0u, 0u, 0u, 0u);
+                if (lane < 8 && k < k1) {
+                    if (u.down) {
+                        b01 = __ldcg(hb + 2 * k * 8 + lane);
+                        b23 = __ldcg(hb + (2 * k + 1) * 8 + lane);
+                    } else {
+                        b01 = xfrag[2 * k * 8 + lane];
+                        b23 = xfrag[(2 * k + 1) * 8 + lane];
+                    }
+                }
+            };
+            uint4 nb01, nb23;
+            bfrag(k0, nb01, nb23);
+            for (int k = k0; k < k1; k++) {
+                uint4 wv = reinterpret_cast<const uint4*>(st + k * STEP_BYTES)[lane];
+                uint4 b01 = nb01, b23 = nb23;
+                bfrag(k + 1, nb01, nb23);
+                unsigned a[4];
+                float t0[4], t1[4];
+                tile_decode(wv.x, a);
+                mma_zero(t0, a, b01.x, b01.y);
+                tile_decode(wv.y, a);
+                mma_acc(t0, a, b01.z, b01.w);
+                tile_decode(wv.z, a);
+                mma_zero(t1, a, b23.x, b23.y);
+                tile_decode(wv.w, a);
+                mma_acc(t1, a, b23.z, b23.w);
+                if ((lane & 3) == 0) {  // columns 0 and 1: the pair's hi and lo
+                    reinterpret_cast<float4*>(tp + 2 * k * 32)[lane >> 2] = make_float4(t0[0], t0[1], t0[2], t0[3]);
+                    reinterpret_cast<float4*>(tp + (2 * k + 1) * 32)[lane >> 2] = make_float4(t1[0], t1[1], t1[2], t1[3]);
+                }
+            }
+            __syncwarp();
+            if (lane == 0) mbar_arrive(computed + s);
+            if (i % CW != w) continue;
+            // This warp folds the unit: lane 4g + j sums element j of row group g (tile_step's
+            // acc[j]) over the tile's half steps in order, with tile_step's scales.
+            mbar_wait(computed + s, ph);
+            const int g = lane >> 2, j = lane & 3;
+            float acc = 0.f;
+#pragma unroll 8
+            for (int k = 0; k < u.ks; k++) {
+                unsigned sv = reinterpret_cast<const unsigned*>(st + k * STEP_BYTES + 512)[g];
+                float fa = j < 2 ? e8m0_bits(sv << 23) : e8m0_bits(sv << 7);
+                float fb = j < 2 ? e8m0_bits(sv << 15) : e8m0_bits(sv >> 1);
+                acc += fa * tp[2 * k * 32 + lane];
+                acc += fb * tp[(2 * k + 1) * 32 + lane];
+            }
+            __syncwarp();
+            if (lane == 0) mbar_arrive(empty + s);  // the slot's weights and products are read
+            float av[4];
+#pragma unroll
+            for (int q = 0; q < 4; q++) av[q] = __shfl_sync(0xffffffffu, acc, (lane & ~3) + q);
+            if (j == 0)
+                tile_store(!u.down, av, u.down ? __ldcg(hinv + u.pair) : xinv, u.down ? out : h, u.down ? H : I, u.pair, u.rt, pw);
+            if (!u.down) {
+                // Count the tile; the pair's last splits its h row for the down tiles.
+                __syncwarp();
+                unsigned old = 0;
+                if (lane == 0) asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(old) : "l"(counters + 2 + u.pair) : "memory");
+                old = __shfl_sync(0xffffffffu, old, 0);
+                if (old + 1 == (unsigned)gu) {
+                    __syncwarp();
+                    split_row_warp(h + (size_t)u.pair * I, I, hs + (size_t)u.pair * I, hinv + u.pair);
+                    __syncwarp();
+                    if (lane == 0) asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(counters + 2 + u.pair) : "memory");
+                }
+            }
+        }
+    }
+    // Every block is past its last claim once all have arrived: the last resets the counters.
+    if (block_arrive_last(counters + 1, gridDim.x)) {
+        if (threadIdx.x == 0) counters[0] = 0u;
+        for (int p = threadIdx.x; p < K; p += blockDim.x) counters[2 + p] = 0u;
+    }
+}
+
+// A block's shared state around moe_coop: the ring, products and x's fragments in dynamic
+// shared memory (nslots x ks_max x (STEP_BYTES + 256) bytes, then H x 4), barriers and units.
+__device__ __forceinline__ uint4* coop_dsm() {
+    extern __shared__ uint4 dsm[];
+    return dsm;
+}
+#define COOP_SHARED                                                                                  \
+    __shared__ unsigned long long full[COOP_MAX_SLOTS], computed[COOP_MAX_SLOTS], empty[COOP_MAX_SLOTS]; \
+    __shared__ CoopUnit units[COOP_MAX_SLOTS];                                                        \
+    __shared__ int pexp[MAX_FUSED_TOPK];                                                             \
+    __shared__ float red[CW + 2], xinv;                                                              \
+    const int ksmax = max(H, I) / 64;                                                                \
+    unsigned char* ring = reinterpret_cast<unsigned char*>(coop_dsm());                              \
+    float* tpbuf = reinterpret_cast<float*>(ring + (size_t)nslots * ksmax * STEP_BYTES);             \
+    uint4* xfrag = reinterpret_cast<uint4*>(tpbuf + (size_t)nslots * ksmax * 64);                    \
+    if (threadIdx.x == 0) {                                                                          \
+        for (int i = 0; i < nslots; i++) {                                                           \
+            mbar_init_n(full + i, 1);                                                                \
+            mbar_init_n(computed + i, CW);                                                           \
+            mbar_init_n(empty + i, 1);                                                               \
+        }                                                                                            \
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");                          \
+    }
+
+// Over a routing from moe_route (one token: pair_off[U] pairs, sorted by expert); only the
+// pairs form (no combine: the residual add sums out's rows).
+extern "C" __global__ void __launch_bounds__(COOP_THREADS, 1) moe_coop_bulk(
+    const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Wd, const int* __restrict__ experts,
+    const int* __restrict__ pair_off, const float* __restrict__ pair_w, const float* __restrict__ x, float* __restrict__ h,
+    unsigned* __restrict__ hs, float* __restrict__ hinv, float* __restrict__ out, int H, int I, int U, unsigned* counters,
+    int x_settled, int nslots) {
+    COOP_SHARED
+    __shared__ float pws[MAX_FUSED_TOPK];
+    if (x_settled) stage_row_any(x, H, reinterpret_cast<unsigned*>(xfrag), red, &xinv);
+    PDL_ENTER();
+    if (!x_settled) stage_row_any(x, H, reinterpret_cast<unsigned*>(xfrag), red, &xinv);
+    const int K = pair_off[U];
+    for (int s = 0; s < U; s++)
+        for (int p = pair_off[s] + (int)threadIdx.x; p < pair_off[s + 1]; p += blockDim.x) {
+            pexp[p] = experts[s];
+            pws[p] = pair_w[p];
+        }
+    __syncthreads();
+    moe_coop(Wg, Wd, pexp, pws, K, xfrag, xinv, h, hs, hinv, out, H, I, counters, nslots, ring, tpbuf, full, computed, empty, units);
+}
+
+// Routing the token itself, as moe_fused_routed does (route_token, group_one_token: the same
+// experts and weights bit for bit); block 0 writes the token's pair indices to tok_pairs_out.
+extern "C" __global__ void __launch_bounds__(COOP_THREADS, 1) moe_coop_routed_bulk(
+    const float* __restrict__ logits, const float* __restrict__ bias, int E, int K, int softmax, int n_group, int topk_group,
+    int norm, float scale, const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Wd,
+    const float* __restrict__ x, float* __restrict__ h, unsigned* __restrict__ hs, float* __restrict__ hinv,
+    float* __restrict__ out, int H, int I, int U, unsigned* counters, int x_settled, int* __restrict__ tok_pairs_out, int nslots) {
+    COOP_SHARED
+    __shared__ int sel[MAX_FUSED_TOPK], experts[MAX_FUSED_TOPK], pair_off[MAX_FUSED_TOPK + 1], pair_tok[MAX_FUSED_TOPK],
+        tok_pairs[MAX_FUSED_TOPK];
+    __shared__ float wsel[MAX_FUSED_TOPK], pair_w[MAX_FUSED_TOPK];
+    if (x_settled) stage_row_any(x, H, reinterpret_cast<unsigned*>(xfrag), red, &xinv);
+    PDL_ENTER();
+    if (!x_settled) stage_row_any(x, H, reinterpret_cast<unsigned*>(xfrag), red, &xinv);
+    float* scores = tpbuf;  // 2 E floats of scratch before any product lands there
+    route_token(logits, bias, E, K, softmax, n_group, topk_group, norm, scale, scores, scores + E, sel, wsel);
+    group_one_token(sel, wsel, K, U, experts, pair_off, pair_tok, pair_w, tok_pairs);
+    __syncthreads();
+    if (blockIdx.x == 0 && (int)threadIdx.x < K) tok_pairs_out[threadIdx.x] = tok_pairs[threadIdx.x];
+    for (int s = 0; s < U; s++)
+        for (int p = pair_off[s] + (int)threadIdx.x; p < pair_off[s + 1]; p += blockDim.x) pexp[p] = experts[s];
+    __syncthreads();
+    moe_coop(Wg, Wd, pexp, pair_w, K, xfrag, xinv, h, hs, hinv, out, H, I, counters, nslots, ring, tpbuf, full, computed, empty, units);
+}
 
 // ---------------------------------------------------------------------------------------------
 // MoE GEMM for prefill-sized batches: many pairs per expert.
