@@ -900,9 +900,9 @@ MOE_BULK(2, 6)
 // Here one block per SM takes one tile at a time from a queue, and its CW consumer warps each
 // compute a slice of the tile's K steps, so a unit lasts ~2 us. The sum keeps tile_step's
 // order, hence its bits: a half step's product tp (two MMAs from zero) is the same wherever it
-// is computed, so the warps leave their tp in shared memory and one warp then adds f x tp into
-// the accumulators half step by half step, as tile_step does (each of its lanes one of the 32
-// sums of the tile's one pair), and tile_store writes the result.
+// is computed, so the warps leave their tp in shared memory and a folder warp (off the
+// consumers' path) then adds f x tp into the accumulators half step by half step, as tile_step
+// does (each of its lanes one of the 32 sums of the tile's one pair), and tile_store writes it.
 //
 // A producer warp claims units (gate_up tiles pair by pair, then down tiles pair by pair, so a
 // down tile's pair is done long before it is claimed), brings each by one bulk copy into a ring
@@ -913,12 +913,13 @@ MOE_BULK(2, 6)
 // MMA has one pair's two columns, which gives each column's bits as the 4-pair passes do.
 // Counters (zero between calls; the last block out resets them): [0] the queue, [1] blocks
 // out, [2 + p] pair p's gate_up tiles done (+ 1 once its h is split).
-#define CW 16                   // consumer warps per block
-#define COOP_THREADS (32 * CW + 32)
-#define COOP_MAX_SLOTS 4
+#define CW 16                   // consumer warps per block (each unit's K in CW slices)
+#define COOP_THREADS (32 * (CW + 2))  // and a producer warp and a folder warp
+#define CH 32                   // tile steps per ring unit (a longer tile takes several)
+#define COOP_MAX_SLOTS 8
 
 struct CoopUnit {
-    int pair, rt, down, ks;  // ks = 0: no more units
+    int pair, rt, down, k0, ks, last;  // steps k0 .. k0 + ks of the tile (ks = 0: no more units)
 };
 
 __device__ __forceinline__ void mbar_init_n(unsigned long long* bar, unsigned n) {
@@ -989,82 +990,93 @@ __device__ __forceinline__ void split_row_warp(const float* __restrict__ h, int 
 
 // The units of one block. pexp / pw: each pair's expert and routing weight (shared memory);
 // xfrag: x staged (one pair), xinv its 2^-s. h [K, I] f32, hs [K, I] split, hinv [K], out [K, H].
+// Shared memory per ring slot: CH steps of weights, CH x 256 bytes of products and CH x 256 of
+// h's fragments (down chunks).
 __device__ __forceinline__ void moe_coop(const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Wd, const int* pexp,
                                          const float* pw, int K, const uint4* xfrag, float xinv, float* __restrict__ h,
                                          unsigned* __restrict__ hs, float* __restrict__ hinv, float* __restrict__ out, int H, int I,
-                                         unsigned* counters, int nslots, unsigned char* ring, float* tpbuf,
+                                         unsigned* counters, int nslots, unsigned char* ring, float* tpbuf, uint4* hbuf,
                                          unsigned long long* full, unsigned long long* computed, unsigned long long* empty,
                                          CoopUnit* units) {
     const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int gu = I / 8, dt = H / 16, ksg = H / 64, ksd = I / 64, ksmax = max(ksg, ksd);
+    const int gu = I / 8, dt = H / 16, ksg = H / 64, ksd = I / 64;
     const int total = K * (gu + dt);
-    const int slot_bytes = ksmax * STEP_BYTES;
     if (w == CW) {
         if (lane == 0) {
-            for (int i = 0;; i++) {
-                int s = i % nslots;
-                if (i >= nslots) {
-                    mbar_wait(empty + s, ((i / nslots) - 1) & 1);
-                    // The slot was read (generic proxy) before the bulk copy (async proxy) refills it.
-                    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-                }
-                int uid = (int)atomicAdd(counters, 1u);
-                if (uid >= total) {
-                    units[s].ks = 0;
-                    mbar_arrive(full + s);
-                    break;
-                }
+            // Tiles claimed one ahead (the claim's round trip overlaps this tile's copies), each
+            // brought as chunks of up to CH steps into consecutive ring slots.
+            unsigned ready = 0u;  // pairs whose h is split (bit p)
+            int uid = (int)atomicAdd(counters, 1u), i = 0;
+            for (;; ) {
+                int nxt = uid < total ? (int)atomicAdd(counters, 1u) : total;
+                bool end = uid >= total;
                 CoopUnit u;
-                u.down = uid >= K * gu;
-                int v = u.down ? uid - K * gu : uid, per = u.down ? dt : gu;
-                u.pair = v / per;
-                u.rt = v % per;
-                u.ks = u.down ? ksd : ksg;
-                units[s] = u;
-                const unsigned char* src = (u.down ? Wd : Wg) + ((size_t)pexp[u.pair] * per + u.rt) * u.ks * STEP_BYTES;
-                unsigned bytes = (unsigned)u.ks * STEP_BYTES;
-                if (!u.down) {
-                    mbar_expect(full + s, bytes);
-                    bulk_load(ring + (size_t)s * slot_bytes, src, bytes, full + s);
-                } else {
-                    // The weights are on their way before the wait for the pair's split h.
-                    mbar_expect_only(full + s, bytes);
-                    bulk_load(ring + (size_t)s * slot_bytes, src, bytes, full + s);
-                    while (ld_acquire(counters + 2 + u.pair) < (unsigned)gu + 1u) __nanosleep(32);
-                    mbar_arrive(full + s);
+                int ks = 0, per = 1;
+                if (!end) {
+                    u.down = uid >= K * gu;
+                    int v = u.down ? uid - K * gu : uid;
+                    per = u.down ? dt : gu;
+                    u.pair = v / per;
+                    u.rt = v % per;
+                    ks = u.down ? ksd : ksg;
                 }
+                for (int k0 = 0; k0 < max(ks, 1); k0 += CH, i++) {
+                    int s = i % nslots;
+                    if (i >= nslots) {
+                        mbar_wait(empty + s, ((i / nslots) - 1) & 1);
+                        // The slot was read (generic proxy) before bulk copies (async) refill it.
+                        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+                    }
+                    if (end) {
+                        units[s].ks = 0;
+                        mbar_arrive(full + s);
+                        break;
+                    }
+                    u.k0 = k0;
+                    u.ks = min(CH, ks - k0);
+                    u.last = k0 + u.ks == ks;
+                    units[s] = u;
+                    const unsigned char* src = (u.down ? Wd : Wg) + (((size_t)pexp[u.pair] * per + u.rt) * ks + k0) * STEP_BYTES;
+                    unsigned bytes = (unsigned)u.ks * STEP_BYTES;
+                    if (!u.down) {
+                        mbar_expect(full + s, bytes);
+                        bulk_load(ring + (size_t)s * CH * STEP_BYTES, src, bytes, full + s);
+                    } else {
+                        // The weights are on their way before the wait for the pair's split h.
+                        mbar_expect_only(full + s, bytes);
+                        bulk_load(ring + (size_t)s * CH * STEP_BYTES, src, bytes, full + s);
+                        if (!(ready >> u.pair & 1u)) {
+                            while (ld_acquire(counters + 2 + u.pair) < (unsigned)gu + 1u) __nanosleep(32);
+                            ready |= 1u << u.pair;
+                        }
+                        unsigned hbytes = (unsigned)u.ks * 256u;
+                        mbar_expect(full + s, hbytes);
+                        bulk_load(hbuf + (size_t)s * CH * 16, hs + (size_t)u.pair * I + (size_t)k0 * 64, hbytes, full + s);
+                    }
+                }
+                if (end) break;
+                uid = nxt;
             }
         }
-    } else {
+    } else if (w < CW) {
         for (int i = 0;; i++) {
             int s = i % nslots;
             unsigned ph = (i / nslots) & 1;
             mbar_wait(full + s, ph);
             const CoopUnit u = units[s];
             if (u.ks == 0) break;
-            const unsigned char* st = ring + (size_t)s * slot_bytes;
-            float* tp = tpbuf + (size_t)s * ksmax * 64;  // [2 ks half steps][32]
-            const uint4* hb = reinterpret_cast<const uint4*>(hs + (size_t)u.pair * I);
+            const unsigned char* st = ring + (size_t)s * CH * STEP_BYTES;
+            float* tp = tpbuf + (size_t)s * CH * 64;  // [2 CH half steps][32]
+            // B fragments of the chunk's steps: x staged for the block, or h's brought here.
+            const uint4* bf = u.down ? hbuf + (size_t)s * CH * 16 : xfrag + (size_t)u.k0 * 16;
             const int k0 = w * u.ks / CW, k1 = (w + 1) * u.ks / CW;
-            // The B fragments of step k (x staged here; h split in L2, asked for a step ahead).
-            auto bfrag = [&](int k, uint4& b01, uint4& b23) {
-                b01 = b23 = make_uint4(0u, 0u, 0u, 0u);
-                if (lane < 8 && k < k1) {
-                    if (u.down) {
-                        b01 = __ldcg(hb + 2 * k * 8 + lane);
-                        b23 = __ldcg(hb + (2 * k + 1) * 8 + lane);
-                    } else {
-                        b01 = xfrag[2 * k * 8 + lane];
-                        b23 = xfrag[(2 * k + 1) * 8 + lane];
-                    }
-                }
-            };
-            uint4 nb01, nb23;
-            bfrag(k0, nb01, nb23);
             for (int k = k0; k < k1; k++) {
                 uint4 wv = reinterpret_cast<const uint4*>(st + k * STEP_BYTES)[lane];
-                uint4 b01 = nb01, b23 = nb23;
-                bfrag(k + 1, nb01, nb23);
+                uint4 b01 = make_uint4(0u, 0u, 0u, 0u), b23 = b01;
+                if (lane < 8) {
+                    b01 = bf[2 * k * 8 + lane];
+                    b23 = bf[(2 * k + 1) * 8 + lane];
+                }
                 unsigned a[4];
                 float t0[4], t1[4];
                 tile_decode(wv.x, a);
@@ -1082,22 +1094,47 @@ __device__ __forceinline__ void moe_coop(const unsigned char* __restrict__ Wg, c
             }
             __syncwarp();
             if (lane == 0) mbar_arrive(computed + s);
-            if (i % CW != w) continue;
-            // This warp folds the unit: lane 4g + j sums element j of row group g (tile_step's
-            // acc[j]) over the tile's half steps in order, with tile_step's scales.
+        }
+    } else {
+        // The folder, chunk by chunk in ring order (a tile's chunks are consecutive): lane
+        // 4g + j sums element j of row group g (tile_step's acc[j]) over the half steps in
+        // order, with tile_step's scales.
+        const int g = lane >> 2, j = lane & 3;
+        float acc = 0.f;
+        for (int i = 0;; i++) {
+            int s = i % nslots;
+            unsigned ph = (i / nslots) & 1;
+            mbar_wait(full + s, ph);
+            const CoopUnit u = units[s];
+            if (u.ks == 0) break;
             mbar_wait(computed + s, ph);
-            const int g = lane >> 2, j = lane & 3;
-            float acc = 0.f;
-#pragma unroll 8
-            for (int k = 0; k < u.ks; k++) {
-                unsigned sv = reinterpret_cast<const unsigned*>(st + k * STEP_BYTES + 512)[g];
-                float fa = j < 2 ? e8m0_bits(sv << 23) : e8m0_bits(sv << 7);
-                float fb = j < 2 ? e8m0_bits(sv << 15) : e8m0_bits(sv >> 1);
-                acc += fa * tp[2 * k * 32 + lane];
-                acc += fb * tp[(2 * k + 1) * 32 + lane];
+            const unsigned char* st = ring + (size_t)s * CH * STEP_BYTES;
+            const float* tp = tpbuf + (size_t)s * CH * 64;
+            if (u.k0 == 0) acc = 0.f;
+            for (int k0 = 0; k0 < u.ks; k0 += 8) {
+                // A batch's loads first, then its chain of adds.
+                unsigned sv[8];
+                float ta[8], tb[8];
+#pragma unroll
+                for (int q = 0; q < 8; q++) {
+                    int k = min(k0 + q, u.ks - 1);
+                    sv[q] = reinterpret_cast<const unsigned*>(st + k * STEP_BYTES + 512)[g];
+                    ta[q] = tp[2 * k * 32 + lane];
+                    tb[q] = tp[(2 * k + 1) * 32 + lane];
+                }
+#pragma unroll
+                for (int q = 0; q < 8; q++) {
+                    if (k0 + q < u.ks) {
+                        float fa = j < 2 ? e8m0_bits(sv[q] << 23) : e8m0_bits(sv[q] << 7);
+                        float fb = j < 2 ? e8m0_bits(sv[q] << 15) : e8m0_bits(sv[q] >> 1);
+                        acc += fa * ta[q];
+                        acc += fb * tb[q];
+                    }
+                }
             }
             __syncwarp();
-            if (lane == 0) mbar_arrive(empty + s);  // the slot's weights and products are read
+            if (lane == 0) mbar_arrive(empty + s);  // the slot's weights, products and h are read
+            if (!u.last) continue;
             float av[4];
 #pragma unroll
             for (int q = 0; q < 4; q++) av[q] = __shfl_sync(0xffffffffu, acc, (lane & ~3) + q);
@@ -1112,6 +1149,8 @@ __device__ __forceinline__ void moe_coop(const unsigned char* __restrict__ Wg, c
                 if (old + 1 == (unsigned)gu) {
                     __syncwarp();
                     split_row_warp(h + (size_t)u.pair * I, I, hs + (size_t)u.pair * I, hinv + u.pair);
+                    // Written here (generic proxy), read by other blocks' bulk copies (async).
+                    asm volatile("fence.proxy.async.global;" ::: "memory");
                     __syncwarp();
                     if (lane == 0) asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(counters + 2 + u.pair) : "memory");
                 }
@@ -1125,8 +1164,9 @@ __device__ __forceinline__ void moe_coop(const unsigned char* __restrict__ Wg, c
     }
 }
 
-// A block's shared state around moe_coop: the ring, products and x's fragments in dynamic
-// shared memory (nslots x ks_max x (STEP_BYTES + 256) bytes, then H x 4), barriers and units.
+// A block's shared state around moe_coop: per ring slot CH steps of weights, then the slots'
+// products, then their h fragments (dynamic shared memory, nslots x CH x (STEP_BYTES + 512)
+// bytes), then x's fragments (H x 4); barriers and units.
 __device__ __forceinline__ uint4* coop_dsm() {
     extern __shared__ uint4 dsm[];
     return dsm;
@@ -1135,11 +1175,11 @@ __device__ __forceinline__ uint4* coop_dsm() {
     __shared__ unsigned long long full[COOP_MAX_SLOTS], computed[COOP_MAX_SLOTS], empty[COOP_MAX_SLOTS]; \
     __shared__ CoopUnit units[COOP_MAX_SLOTS];                                                        \
     __shared__ int pexp[MAX_FUSED_TOPK];                                                             \
-    __shared__ float red[CW + 2], xinv;                                                              \
-    const int ksmax = max(H, I) / 64;                                                                \
+    __shared__ float red[COOP_THREADS / 32 + 1], xinv;                                               \
     unsigned char* ring = reinterpret_cast<unsigned char*>(coop_dsm());                              \
-    float* tpbuf = reinterpret_cast<float*>(ring + (size_t)nslots * ksmax * STEP_BYTES);             \
-    uint4* xfrag = reinterpret_cast<uint4*>(tpbuf + (size_t)nslots * ksmax * 64);                    \
+    float* tpbuf = reinterpret_cast<float*>(ring + (size_t)nslots * CH * STEP_BYTES);                \
+    uint4* hbuf = reinterpret_cast<uint4*>(tpbuf + (size_t)nslots * CH * 64);                        \
+    uint4* xfrag = hbuf + (size_t)nslots * CH * 16;                                                  \
     if (threadIdx.x == 0) {                                                                          \
         for (int i = 0; i < nslots; i++) {                                                           \
             mbar_init_n(full + i, 1);                                                                \
@@ -1168,7 +1208,7 @@ extern "C" __global__ void __launch_bounds__(COOP_THREADS, 1) moe_coop_bulk(
             pws[p] = pair_w[p];
         }
     __syncthreads();
-    moe_coop(Wg, Wd, pexp, pws, K, xfrag, xinv, h, hs, hinv, out, H, I, counters, nslots, ring, tpbuf, full, computed, empty, units);
+    moe_coop(Wg, Wd, pexp, pws, K, xfrag, xinv, h, hs, hinv, out, H, I, counters, nslots, ring, tpbuf, hbuf, full, computed, empty, units);
 }
 
 // Routing the token itself, as moe_fused_routed does (route_token, group_one_token: the same
@@ -1193,7 +1233,7 @@ extern "C" __global__ void __launch_bounds__(COOP_THREADS, 1) moe_coop_routed_bu
     for (int s = 0; s < U; s++)
         for (int p = pair_off[s] + (int)threadIdx.x; p < pair_off[s + 1]; p += blockDim.x) pexp[p] = experts[s];
     __syncthreads();
-    moe_coop(Wg, Wd, pexp, pair_w, K, xfrag, xinv, h, hs, hinv, out, H, I, counters, nslots, ring, tpbuf, full, computed, empty, units);
+    moe_coop(Wg, Wd, pexp, pair_w, K, xfrag, xinv, h, hs, hinv, out, H, I, counters, nslots, ring, tpbuf, hbuf, full, computed, empty, units);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -285,7 +285,7 @@ fn main() {
                 for &(stages, steps) in peregrine_cuda::kernels::TILED_VARIANTS.iter() {
                     line += &format!(" fused {stages}x{steps} {:.1}%", pct(pairs(MoeKernel::Fused { stages, steps, max_blocks: 0 })));
                 }
-                for slots in 2..=4 {
+                for slots in [2, 3, 4, 6, 8] {
                     line += &format!(" coop {slots} {:.1}%", pct(pairs(MoeKernel::Coop { slots })));
                 }
                 println!("{line}");

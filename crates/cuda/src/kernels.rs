@@ -183,10 +183,13 @@ enum RoutedOut<'a> {
     Pairs(&'a mut CudaSlice<i32>),
 }
 
-/// The coop MoE kernel's block (COOP_THREADS in moe.cu: 16 consumer warps and a producer) and
-/// its ring's most slots (COOP_MAX_SLOTS).
-const COOP_THREADS: u32 = 32 * 17;
-const COOP_MAX_SLOTS: usize = 4;
+/// The coop MoE kernel's block (COOP_THREADS in moe.cu: 16 consumer warps, a producer and a
+/// folder), its ring's most slots (COOP_MAX_SLOTS) of CH tile steps each (COOP_CH), and the
+/// dynamic shared memory it may take (the H100's 227 KB per block, less its static arrays).
+const COOP_THREADS: u32 = 32 * 18;
+const COOP_MAX_SLOTS: usize = 8;
+const COOP_CH: usize = 32;
+const COOP_MAX_SMEM: usize = 224 * 1024;
 
 /// The largest top-k whose combine the tiled down kernel fuses (MAX_FUSED_TOPK in moe.cu).
 pub(crate) const MAX_FUSED_TOPK: usize = 32;
@@ -468,7 +471,8 @@ pub enum MoeKernel {
     Fused { stages: usize, steps: usize, max_blocks: usize },
     /// One token over the tiled layout on one block per SM (`moe_coop_*` in kernels/moe.cu):
     /// a producer warp takes 16-row tiles from a queue and brings each by one bulk copy into a
-    /// ring of `slots` tiles; the block's 16 consumer warps each compute a slice of a tile's K
+    /// ring of `slots` units of 32 tile steps (fewer where they do not fit the shared memory);
+    /// the block's 16 consumer warps each compute a slice of a unit's K
     /// and one warp adds the slices' products in the fused kernel's order, so the bits are the
     /// fused kernel's. Leaves its pairs uncombined (the residual add sums them).
     Coop { slots: usize },
@@ -507,8 +511,8 @@ impl MoeKernel {
     /// The one-launch form of `TILED`, on as many blocks as are resident.
     pub const FUSED: MoeKernel = MoeKernel::Fused { stages: 2, steps: 4, max_blocks: 0 };
 
-    /// The one-token kernel whose warps share each tile's K, with a ring of 3 tiles.
-    pub const COOP: MoeKernel = MoeKernel::Coop { slots: 3 };
+    /// The one-token kernel whose warps share each tile's K, with as many ring slots as fit.
+    pub const COOP: MoeKernel = MoeKernel::Coop { slots: 8 };
 
     /// Whether the kernel always leaves its pairs uncombined (it has no combine).
     pub fn never_combines(self) -> bool {
@@ -722,6 +726,11 @@ impl Kernels {
             let _ = f.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, TILED_MAX_SMEM as i32);
             Ok(f)
         };
+        // The coop kernel's ring takes what a block may have (best effort, as above).
+        let coop = |f: CudaFunction| {
+            let _ = f.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, COOP_MAX_SMEM as i32);
+            f
+        };
         let mma_fp8 = MMA_GEMV_TILES.iter().map(|&(nt, r)| f(&mma_gemv_name("fp8", nt, r))).collect::<Result<Vec<_>>>()?;
         let mma_bf16 = MMA_GEMV_TILES.iter().map(|&(nt, r)| f(&mma_gemv_name("bf16", nt, r))).collect::<Result<Vec<_>>>()?;
         // The GEMM's stages take more than the default 48 KB of dynamic shared memory; a GPU
@@ -776,8 +785,8 @@ impl Kernels {
             down_split: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_down_split_n{n}_c{c}"))).collect::<Result<_>>()?,
             fused_tiled: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_fused_bulk_n{n}_c{c}"))).collect::<Result<_>>()?,
             fused_routed: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_fused_routed_bulk_n{n}_c{c}"))).collect::<Result<_>>()?,
-            coop_tiled: fm("moe_coop_bulk")?,
-            coop_routed: fm("moe_coop_routed_bulk")?,
+            coop_tiled: coop(fm("moe_coop_bulk")?),
+            coop_routed: coop(fm("moe_coop_routed_bulk")?),
             gemm_gate_up: fm("moe_gemm_gate_up")?,
             gemm_down: fm("moe_gemm_down")?,
             split_rows: fm("moe_split_rows")?,
@@ -1560,13 +1569,14 @@ impl Kernels {
         let (h, i) = (w.hidden, w.inter);
         check(h % 64 == 0 && i % 64 == 0 && (1..=MAX_FUSED_TOPK).contains(&k), || format!("the coop MoE kernel: dims {h}, {i}, {k} pairs"))?;
         check(counters.len() >= 2 + k, || "MoE scratch counters too small".into())?;
-        let smem_of = |n: usize| n * (h.max(i) / 64) * (crate::mxfp4_tiles::TILE_STEP_BYTES + 256) + h * 4;
+        // A slot: COOP_CH steps of weights, their products and h's fragments; then x's.
+        let smem_of = |n: usize| n * COOP_CH * (crate::mxfp4_tiles::TILE_STEP_BYTES + 512) + h * 4;
         let mut n = slots.clamp(1, COOP_MAX_SLOTS);
-        while n > 1 && smem_of(n) > TILED_MAX_SMEM {
+        while n > 1 && smem_of(n) > COOP_MAX_SMEM {
             n -= 1;
         }
         let smem = smem_of(n);
-        check(smem <= TILED_MAX_SMEM, || format!("MoE dims {h}, {i} need more than {TILED_MAX_SMEM} bytes of shared memory"))?;
+        check(smem <= COOP_MAX_SMEM, || format!("MoE dims {h}, {i} need more than {COOP_MAX_SMEM} bytes of shared memory"))?;
         let fit = {
             let key = (f.cu_function() as usize, smem);
             let mut cache = self.occupancy.lock().unwrap_or_else(|e| e.into_inner());
@@ -1599,7 +1609,7 @@ impl Kernels {
         check(logits.len() >= e && bias.is_none_or(|b| b.len() >= e) && x.len() >= h && tp.len() >= k, || "routed MoE: buffers too small".into())?;
         check(scratch.h.len() >= k * w.inter && scratch.out.len() >= k * h, || "MoE scratch too small".into())?;
         // The routing's scratch (2 E floats) lives in the products' shared memory.
-        check(2 * e * 4 <= (h.max(w.inter) / 64) * 256, || format!("the coop MoE kernel routes at most {} experts here", (h.max(w.inter) / 64) * 32))?;
+        check(2 * e * 4 <= COOP_CH * 256, || format!("the coop MoE kernel routes at most {} experts", COOP_CH * 32))?;
         let f = &self.coop_routed;
         let (cfg, nslots, mut hs, mut hinv) = self.coop_launch(f, w, slots, k, &scratch.counters)?;
         let (ei, ki, sm, ng, tg, norm, sc) = (e as i32, k as i32, matches!(spec.scoring, RouterScoring::Softmax) as i32, spec.n_group as i32, spec.topk_group as i32, spec.norm_topk_prob as i32, spec.routed_scaling_factor);

@@ -115,7 +115,7 @@ impl Kernels {
                 Ok(())
             };
             // The coop kernel at one token (it has no combine: the norm after it sums the pairs).
-            let coop: Vec<MoeKernel> = if t == 1 && self.coop_enabled() { (2..=4).map(|slots| MoeKernel::Coop { slots }).collect() } else { Vec::new() };
+            let coop: Vec<MoeKernel> = if t == 1 && self.coop_enabled() { [3, 4, 8].map(|slots| MoeKernel::Coop { slots }).to_vec() } else { Vec::new() };
             for &kind in kinds.iter().chain(&coop).chain((t >= gemm_from).then_some(&MoeKernel::Gemm)) {
                 measure(kind, &mut best)?;
             }

@@ -474,7 +474,7 @@ fn mxfp4_moe_decode_matches_the_cpu_reference() {
                 let fused = pairs(MoeKernel::FUSED);
                 let summed: Vec<f32> = (0..h).map(|c| (0..top_k).fold(0f32, |acc, p| acc + fused[p * h + c])).collect();
                 assert!(summed.iter().zip(&yt_host).all(|(a, b)| a.to_bits() == b.to_bits()), "moe mxfp4 {h}x{i}: the fused pairs do not sum to the combine");
-                for slots in 1..=4 {
+                for slots in [1, 2, 5, 8] {
                     for _ in 0..2 {
                         let got = pairs(MoeKernel::Coop { slots });
                         assert!(got.iter().zip(&fused).all(|(a, b)| a.to_bits() == b.to_bits()), "moe mxfp4 (coop, {slots} slots) {h}x{i}: the pairs differ from the fused kernel's");

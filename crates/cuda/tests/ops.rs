@@ -216,7 +216,7 @@ fn moe_routed_inside_the_fused_kernel_equals_routing_then_moe() {
             if !lg.iter().any(|v| v.is_nan()) {
                 assert!(want.iter().all(|v| v.is_finite()), "{name}: the fused pairs are finite");
             }
-            for slots in 1..=4 {
+            for slots in [1, 2, 5, 8] {
                 let kind = MoeKernel::Coop { slots };
                 for routed in [Some(MoeInput::Settled), Some(MoeInput::Fresh), None, Some(MoeInput::Settled)] {
                     let got = run_pairs(kind, routed);
