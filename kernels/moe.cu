@@ -916,6 +916,7 @@ MOE_BULK(2, 6)
 #define CW 16                   // consumer warps per block (each unit's K in CW slices)
 #define COOP_THREADS (32 * (CW + 2))  // and a producer warp and a folder warp
 #define CH 32                   // tile steps per ring unit (a longer tile takes several)
+#define CS_COPY 4               // tile steps per bulk copy
 #define COOP_MAX_SLOTS 8
 
 struct CoopUnit {
@@ -1002,61 +1003,78 @@ __device__ __forceinline__ void moe_coop(const unsigned char* __restrict__ Wg, c
     const int gu = I / 8, dt = H / 16, ksg = H / 64, ksd = I / 64;
     const int total = K * (gu + dt);
     if (w == CW) {
-        if (lane == 0) {
-            // Tiles claimed one ahead (the claim's round trip overlaps this tile's copies), each
-            // brought as chunks of up to CH steps into consecutive ring slots.
-            unsigned ready = 0u;  // pairs whose h is split (bit p)
-            int uid = (int)atomicAdd(counters, 1u), i = 0;
-            for (;; ) {
-                int nxt = uid < total ? (int)atomicAdd(counters, 1u) : total;
-                bool end = uid >= total;
-                CoopUnit u;
-                int ks = 0, per = 1;
-                if (!end) {
-                    u.down = uid >= K * gu;
-                    int v = u.down ? uid - K * gu : uid;
-                    per = u.down ? dt : gu;
-                    u.pair = v / per;
-                    u.rt = v % per;
-                    ks = u.down ? ksd : ksg;
+        // Tiles claimed one ahead (the claim's round trip overlaps this tile's copies), each
+        // brought as chunks of up to CH steps into consecutive ring slots. A chunk is asked for
+        // as copies of CS_COPY steps, one per lane: one 17 KB bulk copy per chunk read ~27% of
+        // copy bandwidth where many ~2 KB copies in flight read 90%.
+        unsigned ready = 0u;  // pairs whose h is split (bit p)
+        int uid = 0, i = 0;
+        if (lane == 0) uid = (int)atomicAdd(counters, 1u);
+        uid = __shfl_sync(0xffffffffu, uid, 0);
+        for (;;) {
+            int nxt = total;
+            if (lane == 0 && uid < total) nxt = (int)atomicAdd(counters, 1u);
+            bool end = uid >= total;
+            CoopUnit u;
+            int ks = 0, per = 1;
+            if (!end) {
+                u.down = uid >= K * gu;
+                int v = u.down ? uid - K * gu : uid;
+                per = u.down ? dt : gu;
+                u.pair = v / per;
+                u.rt = v % per;
+                ks = u.down ? ksd : ksg;
+            }
+            for (int k0 = 0; k0 < max(ks, 1); k0 += CH, i++) {
+                int s = i % nslots;
+                if (i >= nslots) {
+                    mbar_wait(empty + s, ((i / nslots) - 1) & 1);
+                    // The slot was read (generic proxy) before bulk copies (async) refill it.
+                    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
                 }
-                for (int k0 = 0; k0 < max(ks, 1); k0 += CH, i++) {
-                    int s = i % nslots;
-                    if (i >= nslots) {
-                        mbar_wait(empty + s, ((i / nslots) - 1) & 1);
-                        // The slot was read (generic proxy) before bulk copies (async) refill it.
-                        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-                    }
-                    if (end) {
+                if (end) {
+                    if (lane == 0) {
                         units[s].ks = 0;
                         mbar_arrive(full + s);
-                        break;
                     }
-                    u.k0 = k0;
-                    u.ks = min(CH, ks - k0);
-                    u.last = k0 + u.ks == ks;
+                    break;
+                }
+                u.k0 = k0;
+                u.ks = min(CH, ks - k0);
+                u.last = k0 + u.ks == ks;
+                const unsigned char* src = (u.down ? Wd : Wg) + (((size_t)pexp[u.pair] * per + u.rt) * ks + k0) * STEP_BYTES;
+                unsigned char* dst = ring + (size_t)s * CH * STEP_BYTES;
+                const int copies = (u.ks + CS_COPY - 1) / CS_COPY;
+                if (lane == 0) {
                     units[s] = u;
-                    const unsigned char* src = (u.down ? Wd : Wg) + (((size_t)pexp[u.pair] * per + u.rt) * ks + k0) * STEP_BYTES;
-                    unsigned bytes = (unsigned)u.ks * STEP_BYTES;
-                    if (!u.down) {
-                        mbar_expect(full + s, bytes);
-                        bulk_load(ring + (size_t)s * CH * STEP_BYTES, src, bytes, full + s);
-                    } else {
-                        // The weights are on their way before the wait for the pair's split h.
-                        mbar_expect_only(full + s, bytes);
-                        bulk_load(ring + (size_t)s * CH * STEP_BYTES, src, bytes, full + s);
-                        if (!(ready >> u.pair & 1u)) {
+                    // Gate_up: the bytes and the arrival; down: the bytes only, the arrival
+                    // once h is split and asked for.
+                    if (u.down) mbar_expect_only(full + s, (unsigned)u.ks * STEP_BYTES);
+                    else mbar_expect(full + s, (unsigned)u.ks * STEP_BYTES);
+                }
+                __syncwarp();
+                if (lane < copies) {
+                    int c0 = lane * CS_COPY;
+                    bulk_load(dst + c0 * STEP_BYTES, src + (size_t)c0 * STEP_BYTES, (unsigned)min(CS_COPY, u.ks - c0) * STEP_BYTES, full + s);
+                }
+                if (u.down) {
+                    if (!(ready >> u.pair & 1u)) {
+                        if (lane == 0)
                             while (ld_acquire(counters + 2 + u.pair) < (unsigned)gu + 1u) __nanosleep(32);
-                            ready |= 1u << u.pair;
-                        }
-                        unsigned hbytes = (unsigned)u.ks * 256u;
-                        mbar_expect(full + s, hbytes);
-                        bulk_load(hbuf + (size_t)s * CH * 16, hs + (size_t)u.pair * I + (size_t)k0 * 64, hbytes, full + s);
+                        __syncwarp();
+                        ready |= 1u << u.pair;
+                    }
+                    // h's fragments of the chunk's steps, 8 steps (2 KB) per copy.
+                    if (lane == 0) mbar_expect(full + s, (unsigned)u.ks * 256u);
+                    __syncwarp();
+                    if (lane * 8 < u.ks) {
+                        int c0 = lane * 8;
+                        bulk_load(hbuf + ((size_t)s * CH + c0) * 16, hs + (size_t)u.pair * I + (size_t)(k0 + c0) * 64, (unsigned)min(8, u.ks - c0) * 256u, full + s);
                     }
                 }
-                if (end) break;
-                uid = nxt;
             }
+            if (end) break;
+            uid = __shfl_sync(0xffffffffu, nxt, 0);
         }
     } else if (w < CW) {
         for (int i = 0;; i++) {
