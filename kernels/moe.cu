@@ -917,6 +917,9 @@ MOE_BULK(2, 6)
 #define COOP_THREADS (32 * (CW + 2))  // and a producer warp and a folder warp
 #define CH 32                   // tile steps per ring unit (a longer tile takes several)
 #define CS_COPY 4               // tile steps per bulk copy
+// Measurement builds only (outputs wrong): -DCOOP_NO_SYNC leaves out the per-pair count, h's
+// split and the down chunks' wait for it; -DCOOP_NO_MATH the consumers' decode and MMAs;
+// -DCOOP_NO_FOLD the folder's sums.
 #define COOP_MAX_SLOTS 8
 
 struct CoopUnit {
@@ -1059,8 +1062,10 @@ __device__ __forceinline__ void moe_coop(const unsigned char* __restrict__ Wg, c
                 }
                 if (u.down) {
                     if (!(ready >> u.pair & 1u)) {
+#ifndef COOP_NO_SYNC
                         if (lane == 0)
                             while (ld_acquire(counters + 2 + u.pair) < (unsigned)gu + 1u) __nanosleep(32);
+#endif
                         __syncwarp();
                         ready |= 1u << u.pair;
                     }
@@ -1088,6 +1093,9 @@ __device__ __forceinline__ void moe_coop(const unsigned char* __restrict__ Wg, c
             // B fragments of the chunk's steps: x staged for the block, or h's brought here.
             const uint4* bf = u.down ? hbuf + (size_t)s * CH * 16 : xfrag + (size_t)u.k0 * 16;
             const int k0 = w * u.ks / CW, k1 = (w + 1) * u.ks / CW;
+#ifdef COOP_NO_MATH
+            if (k0 < 0)
+#endif
             for (int k = k0; k < k1; k++) {
                 uint4 wv = reinterpret_cast<const uint4*>(st + k * STEP_BYTES)[lane];
                 uint4 b01 = make_uint4(0u, 0u, 0u, 0u), b23 = b01;
@@ -1129,6 +1137,9 @@ __device__ __forceinline__ void moe_coop(const unsigned char* __restrict__ Wg, c
             const unsigned char* st = ring + (size_t)s * CH * STEP_BYTES;
             const float* tp = tpbuf + (size_t)s * CH * 64;
             if (u.k0 == 0) acc = 0.f;
+#ifdef COOP_NO_FOLD
+            if (acc == 12345.f)
+#endif
             for (int k0 = 0; k0 < u.ks; k0 += 8) {
                 // A batch's loads first, then its chain of adds.
                 unsigned sv[8];
@@ -1156,6 +1167,10 @@ __device__ __forceinline__ void moe_coop(const unsigned char* __restrict__ Wg, c
             float av[4];
 #pragma unroll
             for (int q = 0; q < 4; q++) av[q] = __shfl_sync(0xffffffffu, acc, (lane & ~3) + q);
+#ifdef COOP_NO_SYNC
+            if (j == 0) tile_store(!u.down, av, xinv, u.down ? out : h, u.down ? H : I, u.pair, u.rt, pw);
+            continue;
+#endif
             if (j == 0)
                 tile_store(!u.down, av, u.down ? __ldcg(hinv + u.pair) : xinv, u.down ? out : h, u.down ? H : I, u.pair, u.rt, pw);
             if (!u.down) {
