@@ -254,7 +254,7 @@ fn main() {
             // One call at a time (synchronised after each, so the first launch's host latency
             // is in the number), then back to back.
             let mut alone = |kind: MoeKernel, w: &MoeWeights| time(20, &mut |run| k.moe_mxfp4_with(kind, w, &dev[run % dev.len()], &x, MoeInput::Settled, &mut scratch, &mut y).unwrap());
-            let default = k.moe_kernel_combining(&wt, t, top_k);
+            let default = k.moe_kernel(&wt, t, top_k);
             let ms_alone = alone(default, &wt);
             let ms2 = alone(MoeKernel::TensorCore, &w);
             let ms3 = alone(MoeKernel::PIPELINED, &w);
@@ -274,19 +274,6 @@ fn main() {
                     for dn in [1usize, 2, 4, 8] {
                         line += &format!(" {gu}/{dn}={:.1}", pct(run(MoeKernel::Pipelined { gate_up_split: gu, down_split: dn }, &w)));
                     }
-                }
-                println!("{line}");
-            }
-            // One token with the pairs left uncombined (as a batch-1 step runs it): the fused
-            // rings against the coop kernel (which has no combine), back to back.
-            if t == 1 {
-                let mut pairs = |kind: MoeKernel| time_b2b(&mut |run| k.moe_mxfp4_pairs(kind, &wt, &dev[run % dev.len()], &x, MoeInput::Settled, &mut scratch).unwrap());
-                let mut line = format!("  {name} T=1, pairs left (% of copy bw):");
-                for &(stages, steps) in peregrine_cuda::kernels::TILED_VARIANTS.iter() {
-                    line += &format!(" fused {stages}x{steps} {:.1}%", pct(pairs(MoeKernel::Fused { stages, steps, max_blocks: 0 })));
-                }
-                for slots in [2, 3, 4, 6, 8] {
-                    line += &format!(" coop {slots} {:.1}%", pct(pairs(MoeKernel::Coop { slots })));
                 }
                 println!("{line}");
             }

@@ -1300,7 +1300,7 @@ impl CudaModel {
     /// Whether `moe_stacked` routes `n` rows inside the MoE kernel `kind` (`moe_mxfp4_routed`):
     /// one token on the fused kernel over tiled weights, unless `route_in_moe` is off.
     fn routes_in_moe_kernel(&self, w: &MoeWeights, n: usize, kind: MoeKernel) -> bool {
-        n == 1 && self.route_in_moe && matches!(kind, MoeKernel::Fused { .. } | MoeKernel::Coop { .. }) && w.is_tiled()
+        n == 1 && self.route_in_moe && matches!(kind, MoeKernel::Fused { .. }) && w.is_tiled()
     }
 
     /// The MoE of layer `li` over RMSNorm(x + attn) with the post-attention norm's weight `nw`,
@@ -1357,7 +1357,7 @@ impl CudaModel {
     /// Whether the MoE on `kind` leaves its routed pairs to the norm after it: a kernel that can
     /// (`Kernels::moe_leaves_pairs`), where that pays (`kernels::moe_pairs_pay`) or is forced.
     fn moe_leaves_pairs_here(&self, spec: &MoeSpec, w: &MoeWeights, kind: MoeKernel) -> bool {
-        Kernels::moe_leaves_pairs(w, kind, spec.top_k) && (kind.never_combines() || self.moe_combine_in_norm.unwrap_or_else(|| crate::kernels::moe_pairs_pay(spec.top_k, w.hidden)))
+        Kernels::moe_leaves_pairs(w, kind, spec.top_k) && self.moe_combine_in_norm.unwrap_or_else(|| crate::kernels::moe_pairs_pay(spec.top_k, w.hidden))
     }
 
     /// Router, grouping and the grouped MXFP4 kernels, all on the GPU: no host round trip. One

@@ -183,14 +183,6 @@ enum RoutedOut<'a> {
     Pairs(&'a mut CudaSlice<i32>),
 }
 
-/// The coop MoE kernel's block (COOP_THREADS in moe.cu: 16 consumer warps, a producer and a
-/// folder), its ring's most slots (COOP_MAX_SLOTS) of CH tile steps each (COOP_CH), and the
-/// dynamic shared memory it may take (the H100's 227 KB per block, less its static arrays).
-const COOP_THREADS: u32 = 32 * 18;
-const COOP_MAX_SLOTS: usize = 8;
-const COOP_CH: usize = 32;
-const COOP_MAX_SMEM: usize = 224 * 1024;
-
 /// The largest top-k whose combine the tiled down kernel fuses (MAX_FUSED_TOPK in moe.cu).
 pub(crate) const MAX_FUSED_TOPK: usize = 32;
 /// Dynamic shared memory the tiled MoE kernels may ask for (8 warps' rings and the staged
@@ -261,10 +253,6 @@ pub struct Kernels {
     fused_tiled: Vec<CudaFunction>,
     /// The same for one token, routing it in the kernel (`moe_mxfp4_routed`).
     fused_routed: Vec<CudaFunction>,
-    /// The one-token kernel whose warps share each tile's K (`MoeKernel::Coop`), and its form
-    /// that routes the token itself.
-    coop_tiled: CudaFunction,
-    coop_routed: CudaFunction,
     /// The grouped-GEMM MoE kernels (`MoeKernel::Gemm`) and the row split they read.
     gemm_gate_up: CudaFunction,
     gemm_down: CudaFunction,
@@ -291,9 +279,6 @@ pub struct Kernels {
     /// counts (`MoeKernel::for_tiled`); `PEREGRINE_MOE_GEMM=0` keeps to the tiled kernels (unless
     /// forced), for comparison.
     gemm: bool,
-    /// Whether the tuner may choose the coop kernel at one token (`PEREGRINE_MOE_COOP=0`: not
-    /// unless forced).
-    coop: bool,
     /// Resident 256-thread blocks per SM by (kernel, dynamic shared memory), asked of the
     /// driver once: every eager MoE launch needs them.
     occupancy: std::sync::Mutex<std::collections::HashMap<(usize, usize), usize>>,
@@ -469,13 +454,6 @@ pub enum MoeKernel {
     /// `max_blocks` blocks (0: as many as are resident at once; never more, which the waits
     /// rely on).
     Fused { stages: usize, steps: usize, max_blocks: usize },
-    /// One token over the tiled layout on one block per SM (`moe_coop_*` in kernels/moe.cu):
-    /// a producer warp takes 16-row tiles from a queue and brings each by one bulk copy into a
-    /// ring of `slots` units of 32 tile steps (fewer where they do not fit the shared memory);
-    /// the block's 16 consumer warps each compute a slice of a unit's K
-    /// and one warp adds the slices' products in the fused kernel's order, so the bits are the
-    /// fused kernel's. Leaves its pairs uncombined (the residual add sums them).
-    Coop { slots: usize },
     /// For many pairs per expert (prefill): the tiled layout's arithmetic as a grouped GEMM
     /// (`moe_gemm_*` in kernels/moe.cu): each block takes 16 row tiles of one expert slot and
     /// 32 of its pairs at a time, so a weight fragment is decoded once for 8 MMA column tiles
@@ -511,14 +489,6 @@ impl MoeKernel {
     /// The one-launch form of `TILED`, on as many blocks as are resident.
     pub const FUSED: MoeKernel = MoeKernel::Fused { stages: 2, steps: 4, max_blocks: 0 };
 
-    /// The one-token kernel whose warps share each tile's K, with as many ring slots as fit.
-    pub const COOP: MoeKernel = MoeKernel::Coop { slots: 8 };
-
-    /// Whether the kernel always leaves its pairs uncombined (it has no combine).
-    pub fn never_combines(self) -> bool {
-        matches!(self, MoeKernel::Coop { .. })
-    }
-
     /// The kernel `moe_mxfp4` uses for tiled weights and `tokens` tokens when nothing was
     /// tuned (`Kernels::tune_moe`) for the shape: the one-launch kernel at 1 token, where the
     /// boundary between two launches costs most (H100, calls back to back: Flash shapes 67.3%
@@ -547,7 +517,6 @@ impl MoeKernel {
             Some("fused") => Some(Some(MoeKernel::FUSED)),
             Some("tiled") => Some(Some(MoeKernel::TILED)),
             Some("gemm") => Some(Some(MoeKernel::Gemm)),
-            Some("coop") => Some(Some(MoeKernel::COOP)),
             Some("default") => Some(None),
             _ => None,
         }
@@ -726,11 +695,6 @@ impl Kernels {
             let _ = f.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, TILED_MAX_SMEM as i32);
             Ok(f)
         };
-        // The coop kernel's ring takes what a block may have (best effort, as above).
-        let coop = |f: CudaFunction| {
-            let _ = f.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, COOP_MAX_SMEM as i32);
-            f
-        };
         let mma_fp8 = MMA_GEMV_TILES.iter().map(|&(nt, r)| f(&mma_gemv_name("fp8", nt, r))).collect::<Result<Vec<_>>>()?;
         let mma_bf16 = MMA_GEMV_TILES.iter().map(|&(nt, r)| f(&mma_gemv_name("bf16", nt, r))).collect::<Result<Vec<_>>>()?;
         // The GEMM's stages take more than the default 48 KB of dynamic shared memory; a GPU
@@ -785,8 +749,6 @@ impl Kernels {
             down_split: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_down_split_n{n}_c{c}"))).collect::<Result<_>>()?,
             fused_tiled: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_fused_bulk_n{n}_c{c}"))).collect::<Result<_>>()?,
             fused_routed: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_fused_routed_bulk_n{n}_c{c}"))).collect::<Result<_>>()?,
-            coop_tiled: coop(fm("moe_coop_bulk")?),
-            coop_routed: coop(fm("moe_coop_routed_bulk")?),
             gemm_gate_up: fm("moe_gemm_gate_up")?,
             gemm_down: fm("moe_gemm_down")?,
             split_rows: fm("moe_split_rows")?,
@@ -800,7 +762,6 @@ impl Kernels {
             presplit: std::env::var("PEREGRINE_MOE_PRESPLIT").map_or(true, |v| v != "0"),
             presplit_h: std::env::var("PEREGRINE_MOE_PRESPLIT").map_or(true, |v| v != "0" && v != "x"),
             gemm: std::env::var("PEREGRINE_MOE_GEMM").map_or(true, |v| v != "0"),
-            coop: std::env::var("PEREGRINE_MOE_COOP").map_or(true, |v| v != "0"),
             occupancy: Default::default(),
             sms,
             sample,
@@ -1330,7 +1291,7 @@ impl Kernels {
     /// kernel waits for the one ahead (see `MoeInput`).
     #[allow(clippy::too_many_arguments)]
     pub fn moe_mxfp4(&self, w: &MoeWeights, r: &DeviceRouting, x: &CudaSlice<f32>, input: MoeInput, scratch: &mut MoeScratch, y: &mut CudaSlice<f32>) -> Result<()> {
-        self.moe_mxfp4_with(self.moe_kernel_combining(w, r.num_tokens, r.top_k), w, r, x, input, scratch, y)
+        self.moe_mxfp4_with(self.moe_kernel(w, r.num_tokens, r.top_k), w, r, x, input, scratch, y)
     }
 
     /// The fused MoE kernel's %globaltimer stamps from its last call (`MOE_TRACE_SLOTS` per
@@ -1353,26 +1314,12 @@ impl Kernels {
         crate::trace::read(&modules, &self.stream)
     }
 
-    /// `moe_kernel` where the caller needs the pairs combined: the fastest tuned kernel that
-    /// combines when the fastest one never does (`MoeKernel::Coop`), else the same.
-    pub fn moe_kernel_combining(&self, w: &MoeWeights, tokens: usize, top_k: usize) -> MoeKernel {
-        let kind = self.moe_kernel(w, tokens, top_k);
-        if !kind.never_combines() {
-            return kind;
-        }
-        self.tuned_moe_combining(w, top_k, tokens).filter(|k| !k.never_combines()).unwrap_or_else(|| MoeKernel::for_tiled(tokens, top_k))
-    }
-
-    /// The fastest kernel for `tokens` tokens of top-k routing over `w` (`moe_mxfp4` takes
-    /// `moe_kernel_combining`'s): for tiled
+    /// The kernel `moe_mxfp4` runs for `tokens` tokens of top-k routing over `w`: for tiled
     /// weights the forced one (`PEREGRINE_MOE_KERNEL`), else the tuned one, else `for_tiled`.
     pub fn moe_kernel(&self, w: &MoeWeights, tokens: usize, top_k: usize) -> MoeKernel {
         match w.layout {
             MoeLayout::Tiled { .. } => match MoeKernel::forced() {
-                Some(kind) => kind
-                    .filter(|k| !matches!(k, MoeKernel::Fused { .. } | MoeKernel::Coop { .. }) || top_k <= MAX_FUSED_TOPK)
-                    .filter(|k| !matches!(k, MoeKernel::Coop { .. }) || tokens == 1)
-                    .unwrap_or_else(|| MoeKernel::for_tiled(tokens, top_k)),
+                Some(kind) => kind.filter(|k| !matches!(k, MoeKernel::Fused { .. }) || top_k <= MAX_FUSED_TOPK).unwrap_or_else(|| MoeKernel::for_tiled(tokens, top_k)),
                 None if !self.gemm && tokens > crate::moe_tune::TUNED_TOKENS => MoeKernel::TILED,
                 None => self.tuned_moe(w, top_k, tokens).unwrap_or_else(|| MoeKernel::for_tiled(tokens, top_k)),
             },
@@ -1395,12 +1342,6 @@ impl Kernels {
     /// Whether the MoE GEMM may be chosen without being forced (`PEREGRINE_MOE_GEMM`).
     pub(crate) fn gemm_enabled(&self) -> bool {
         self.gemm
-    }
-
-    /// Whether the coop kernel may be chosen at one token without being forced
-    /// (`PEREGRINE_MOE_COOP`).
-    pub(crate) fn coop_enabled(&self) -> bool {
-        self.coop
     }
 
     /// Pairs one pass of the two-launch tiled MoE kernel with a `stages` x `steps` gate_up ring
@@ -1526,9 +1467,6 @@ impl Kernels {
     #[allow(clippy::too_many_arguments)]
     fn moe_routed_run(&self, kind: MoeKernel, spec: &MoeSpec, w: &MoeWeights, logits: &CudaSlice<f32>, bias: Option<&CudaSlice<f32>>, x: &CudaSlice<f32>, input: MoeInput, scratch: &mut MoeScratch, mut result: RoutedOut) -> Result<()> {
         let (e, k, h) = (spec.num_experts, spec.top_k, w.hidden);
-        if let MoeKernel::Coop { slots } = kind {
-            return self.moe_coop_routed(slots, spec, w, logits, bias, x, input, scratch, result);
-        }
         let (MoeLayout::Tiled { gate_up, down }, MoeKernel::Fused { stages, steps, max_blocks }) = (&w.layout, kind) else {
             return Err(Error::Backend(format!("the routed MoE kernel runs the fused kernel over tiled weights, not {kind:?}")));
         };
@@ -1561,72 +1499,6 @@ impl Kernels {
         Ok(())
     }
 
-    /// The coop kernel's launch for one token over `k` pairs (ring of `slots` tiles, fewer where
-    /// the shared memory does not hold them): one block per SM (never more than are resident,
-    /// which its queue's waits rely on), and h's split rows (k x I words, k inverse scales),
-    /// written in full before they are read.
-    fn coop_launch(&self, f: &CudaFunction, w: &MoeWeights, slots: usize, k: usize, counters: &CudaSlice<u32>) -> Result<(LaunchConfig, i32, CudaSlice<u32>, CudaSlice<f32>)> {
-        let (h, i) = (w.hidden, w.inter);
-        check(h % 64 == 0 && i % 64 == 0 && (1..=MAX_FUSED_TOPK).contains(&k), || format!("the coop MoE kernel: dims {h}, {i}, {k} pairs"))?;
-        check(counters.len() >= 2 + k, || "MoE scratch counters too small".into())?;
-        // A slot: COOP_CH steps of weights, their products and h's fragments; then x's.
-        let smem_of = |n: usize| n * COOP_CH * (crate::mxfp4_tiles::TILE_STEP_BYTES + 512) + h * 4;
-        let mut n = slots.clamp(1, COOP_MAX_SLOTS);
-        while n > 1 && smem_of(n) > COOP_MAX_SMEM {
-            n -= 1;
-        }
-        let smem = smem_of(n);
-        check(smem <= COOP_MAX_SMEM, || format!("MoE dims {h}, {i} need more than {COOP_MAX_SMEM} bytes of shared memory"))?;
-        let fit = {
-            let key = (f.cu_function() as usize, smem);
-            let mut cache = self.occupancy.lock().unwrap_or_else(|e| e.into_inner());
-            match cache.get(&key) {
-                Some(&n) => n,
-                None => {
-                    let n = f.occupancy_max_active_blocks_per_multiprocessor(COOP_THREADS, smem, None).map_err(drv("MoE occupancy"))? as usize;
-                    cache.insert(key, n);
-                    n
-                }
-            }
-        };
-        check(fit > 0, || format!("the coop MoE kernel does not fit an SM with {smem} bytes of shared memory"))?;
-        let cfg = LaunchConfig { grid_dim: ((fit * self.sms) as u32, 1, 1), block_dim: (COOP_THREADS, 1, 1), shared_mem_bytes: smem as u32 };
-        let hs = unsafe { self.alloc.alloc::<u32>(k * i) }?;
-        let hinv = unsafe { self.alloc.alloc::<f32>(k) }?;
-        Ok((cfg, n as i32, hs, hinv))
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn moe_coop_routed(&self, slots: usize, spec: &MoeSpec, w: &MoeWeights, logits: &CudaSlice<f32>, bias: Option<&CudaSlice<f32>>, x: &CudaSlice<f32>, input: MoeInput, scratch: &mut MoeScratch, result: RoutedOut) -> Result<()> {
-        let (e, k, h) = (spec.num_experts, spec.top_k, w.hidden);
-        let MoeLayout::Tiled { gate_up, down } = &w.layout else {
-            return Err(Error::Backend("the coop MoE kernel reads tiled weights".into()));
-        };
-        let RoutedOut::Pairs(tp) = result else {
-            return Err(Error::Backend("the coop MoE kernel leaves its pairs uncombined; it has no combine".into()));
-        };
-        check(e == w.num_experts && spec.n_group <= 64 && (spec.n_group <= 1 || e.is_multiple_of(spec.n_group)), || format!("routed MoE: {e} experts in {} groups, top-{k}", spec.n_group))?;
-        check(logits.len() >= e && bias.is_none_or(|b| b.len() >= e) && x.len() >= h && tp.len() >= k, || "routed MoE: buffers too small".into())?;
-        check(scratch.h.len() >= k * w.inter && scratch.out.len() >= k * h, || "MoE scratch too small".into())?;
-        // The routing's scratch (2 E floats) lives in the products' shared memory.
-        check(2 * e * 4 <= COOP_CH * 256, || format!("the coop MoE kernel routes at most {} experts", COOP_CH * 32))?;
-        let f = &self.coop_routed;
-        let (cfg, nslots, mut hs, mut hinv) = self.coop_launch(f, w, slots, k, &scratch.counters)?;
-        let (ei, ki, sm, ng, tg, norm, sc) = (e as i32, k as i32, matches!(spec.scoring, RouterScoring::Softmax) as i32, spec.n_group as i32, spec.topk_group as i32, spec.norm_topk_prob as i32, spec.routed_scaling_factor);
-        let (hh, ii, ui, settled) = (h as i32, w.inter as i32, k.min(e) as i32, input.settled_flag());
-        let mut b = crate::launch::builder(&self.stream, f);
-        b.arg(logits);
-        match bias {
-            Some(bb) => b.arg(bb),
-            None => b.arg(&0u64),
-        };
-        b.arg(&ei).arg(&ki).arg(&sm).arg(&ng).arg(&tg).arg(&norm).arg(&sc);
-        b.arg(gate_up).arg(down).arg(x).arg(&mut scratch.h).arg(&mut hs).arg(&mut hinv).arg(&mut scratch.out).arg(&hh).arg(&ii).arg(&ui);
-        b.arg(&mut scratch.counters).arg(&settled).arg(tp).arg(&nslots);
-        unsafe { b.launch(cfg) }.map_err(drv("moe (coop, routed)"))?;
-        Ok(())
-    }
-
     /// The MoE decode with a chosen kernel generation (the bench compares them); the kernel
     /// must read the weights' layout.
     #[allow(clippy::too_many_arguments)]
@@ -1637,7 +1509,7 @@ impl Kernels {
     /// Whether MoE kernel `kind` is a tiled kernel with its combine fused (the two-launch pair
     /// or the fused kernel), which `moe_mxfp4_pairs` can run without it.
     pub fn moe_leaves_pairs(w: &MoeWeights, kind: MoeKernel, top_k: usize) -> bool {
-        w.is_tiled() && top_k <= MAX_FUSED_TOPK && matches!(kind, MoeKernel::Tiled { .. } | MoeKernel::Fused { .. } | MoeKernel::Coop { .. })
+        w.is_tiled() && top_k <= MAX_FUSED_TOPK && matches!(kind, MoeKernel::Tiled { .. } | MoeKernel::Fused { .. })
     }
 
     /// The MoE decode on `kind` without its routed combine (only where `moe_leaves_pairs`):
@@ -1753,17 +1625,6 @@ impl Kernels {
                 let settled = input.settled_flag();
                 b.arg(&settled);
                 unsafe { b.launch(cfg) }.map_err(drv("moe (fused, tiled)"))?;
-                return Ok(());
-            }
-            (MoeLayout::Tiled { gate_up, down }, MoeKernel::Coop { slots }) => {
-                check(r.num_tokens == 1 && y.is_none(), || format!("the coop MoE kernel takes one token and leaves its pairs ({} tokens{})", r.num_tokens, if y.is_some() { ", combined" } else { "" }))?;
-                let f = &self.coop_tiled;
-                let (cfg, nslots, mut hs, mut hinv) = self.coop_launch(f, w, slots, r.num_pairs, &scratch.counters)?;
-                let (ui, settled) = (u as i32, input.settled_flag());
-                let mut b = crate::launch::builder(&self.stream, f);
-                b.arg(gate_up).arg(down).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_w).arg(x);
-                b.arg(&mut scratch.h).arg(&mut hs).arg(&mut hinv).arg(&mut scratch.out).arg(&hh).arg(&ii).arg(&ui).arg(&mut scratch.counters).arg(&settled).arg(&nslots);
-                unsafe { b.launch(cfg) }.map_err(drv("moe (coop)"))?;
                 return Ok(());
             }
             (MoeLayout::Tiled { gate_up, down }, MoeKernel::Gemm) => {

@@ -18,9 +18,8 @@ use crate::kernels::{Kernels, MoeInput, MoeKernel, MoeLayout, MoeRouting, MoeWei
 /// Token counts tuned; larger batches use the default (`MoeKernel::for_tiled`).
 pub const TUNED_TOKENS: usize = 8;
 
-/// (hidden, intermediate, experts, top-k, tokens) -> the kernel measured fastest, and the
-/// fastest that can combine its pairs (the same unless the fastest never combines: Coop).
-pub(crate) type MoeChoices = HashMap<(usize, usize, usize, usize, usize), (MoeKernel, MoeKernel)>;
+/// (hidden, intermediate, experts, top-k, tokens) -> the kernel measured fastest.
+pub(crate) type MoeChoices = HashMap<(usize, usize, usize, usize, usize), MoeKernel>;
 
 /// One measured candidate: token count, kernel, milliseconds per call.
 pub type MoeTiming = (usize, MoeKernel, f32);
@@ -86,7 +85,7 @@ impl Kernels {
             let mut measure = |kind: MoeKernel, best: &mut Option<(MoeKernel, f32)>| -> Result<()> {
                 // The tiled kernels as a step runs them: without their combine where the
                 // norm after the MoE sums the pairs (`moe_pairs_pay`).
-                let leave_pairs = Self::moe_leaves_pairs(w, kind, top_k) && (kind.never_combines() || crate::kernels::moe_pairs_pay(top_k, h));
+                let leave_pairs = Self::moe_leaves_pairs(w, kind, top_k) && crate::kernels::moe_pairs_pay(top_k, h);
                 let mut call = |i: usize| {
                     let r = &routings[i % routings.len()];
                     self.moe_mxfp4_run(kind, w, r, &x, MoeInput::Split(&xsplit), &mut scratch, if leave_pairs { None } else { Some(&mut y) })
@@ -114,9 +113,7 @@ impl Kernels {
                 }
                 Ok(())
             };
-            // The coop kernel at one token (it has no combine: the norm after it sums the pairs).
-            let coop: Vec<MoeKernel> = if t == 1 && self.coop_enabled() { [3, 4, 8].map(|slots| MoeKernel::Coop { slots }).to_vec() } else { Vec::new() };
-            for &kind in kinds.iter().chain(&coop).chain((t >= gemm_from).then_some(&MoeKernel::Gemm)) {
+            for &kind in kinds.iter().chain((t >= gemm_from).then_some(&MoeKernel::Gemm)) {
                 measure(kind, &mut best)?;
             }
             // The two launches may stream with different rings (gate_up's tiles are twice as
@@ -144,10 +141,8 @@ impl Kernels {
                 }
                 best = tiled_best;
             }
-            // The fastest that combines, for callers that need the combine.
-            let combining = timings.iter().filter(|&&(tt, k, _)| tt == t && !k.never_combines()).min_by(|a, b| a.2.total_cmp(&b.2)).map(|&(_, k, _)| k);
-            if let (Some((kind, _)), Some(comb)) = (best, combining) {
-                chosen.push((t, (kind, if kind.never_combines() { comb } else { kind })));
+            if let Some((kind, _)) = best {
+                chosen.push((t, kind));
             }
         }
         let mut table = self.moe_choices.lock().map_err(|_| peregrine_core::Error::Backend("MoE choices lock poisoned".into()))?;
@@ -160,23 +155,14 @@ impl Kernels {
     /// The tuned kernel for this shape and token count, if `tune_moe` measured one.
     pub fn tuned_moe(&self, w: &MoeWeights, top_k: usize, tokens: usize) -> Option<MoeKernel> {
         let table = self.moe_choices.lock().ok()?;
-        table.get(&(w.hidden, w.inter, w.num_experts, top_k, tokens)).map(|c| c.0)
-    }
-
-    /// The fastest tuned kernel that can combine its pairs (`tuned_moe` unless that one never
-    /// combines).
-    pub fn tuned_moe_combining(&self, w: &MoeWeights, top_k: usize, tokens: usize) -> Option<MoeKernel> {
-        let table = self.moe_choices.lock().ok()?;
-        table.get(&(w.hidden, w.inter, w.num_experts, top_k, tokens)).map(|c| c.1)
+        table.get(&(w.hidden, w.inter, w.num_experts, top_k, tokens)).copied()
     }
 
     /// Makes `kind` the choice `tuned_moe` gives for `w`'s shape at `tokens` tokens (tests pin
     /// the kernel a path needs).
     pub fn pin_moe(&self, w: &MoeWeights, top_k: usize, tokens: usize, kind: MoeKernel) {
         if let Ok(mut table) = self.moe_choices.lock() {
-            // A pinned kernel that never combines keeps the combining choice there was.
-            let comb = table.get(&(w.hidden, w.inter, w.num_experts, top_k, tokens)).map_or(MoeKernel::for_tiled(tokens, top_k), |c| c.1);
-            table.insert((w.hidden, w.inter, w.num_experts, top_k, tokens), (kind, if kind.never_combines() { comb } else { kind }));
+            table.insert((w.hidden, w.inter, w.num_experts, top_k, tokens), kind);
         }
     }
 }

@@ -192,43 +192,8 @@ fn moe_routed_inside_the_fused_kernel_equals_routing_then_moe() {
                 let (tiled, fused) = (g.stream.clone_dtoh(&tiled).unwrap(), g.stream.clone_dtoh(&fused).unwrap());
                 assert!(tiled.iter().zip(&fused).all(|(a, b)| a.to_bits() == b.to_bits()), "{name} ({kind:?}): two launches differ from the routed fused kernel");
             }
-            // The coop kernel (one token; it leaves the pairs uncombined): routed in the kernel
-            // (x settled and fresh) and over the routing, each ring size, twice each (its
-            // counters come back to zero): the fused kernel's pair outputs, bit for bit.
-            let k = spec.top_k;
-            let mut run_pairs = |kind: MoeKernel, routed: Option<MoeInput>| -> Vec<f32> {
-                let poison = vec![f32::NAN; scratch.out.len()];
-                g.stream.memcpy_htod(&poison, &mut scratch.out).unwrap();
-                match routed {
-                    Some(input) => {
-                        let mut tok_pairs = g.stream.clone_htod(&vec![-1i32; k]).unwrap();
-                        kern.moe_mxfp4_routed_pairs(kind, &spec, &w, &ld2, bd.as_ref(), &xd, input, &mut scratch, &mut tok_pairs).unwrap();
-                        let mut tp = g.stream.clone_dtoh(&tok_pairs).unwrap();
-                        tp.sort_unstable();
-                        assert_eq!(tp, (0..k as i32).collect::<Vec<_>>(), "{name} ({kind:?}): the token's pair indices");
-                    }
-                    None => kern.moe_mxfp4_pairs(kind, &w, &dr, &xd, MoeInput::Settled, &mut scratch).unwrap(),
-                }
-                assert!(g.stream.clone_dtoh(&scratch.counters).unwrap().iter().all(|&c| c == 0), "{name} ({kind:?}): counters left non-zero");
-                g.stream.clone_dtoh(&scratch.out).unwrap()[..k * h].to_vec()
-            };
-            let want = run_pairs(MoeKernel::FUSED, Some(MoeInput::Settled));
-            if !lg.iter().any(|v| v.is_nan()) {
-                assert!(want.iter().all(|v| v.is_finite()), "{name}: the fused pairs are finite");
-            }
-            for slots in [1, 2, 5, 8] {
-                let kind = MoeKernel::Coop { slots };
-                for routed in [Some(MoeInput::Settled), Some(MoeInput::Fresh), None, Some(MoeInput::Settled)] {
-                    let got = run_pairs(kind, routed);
-                    assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{name} ({kind:?}, routed {routed:?}): the pairs differ from the fused kernel's");
-                }
-            }
-            // It has no combine: asked for one, it refuses.
-            let mut y = g.stream.clone_htod(&vec![0f32; h]).unwrap();
-            assert!(kern.moe_mxfp4_routed(MoeKernel::COOP, &spec, &w, &ld2, bd.as_ref(), &xd, MoeInput::Settled, &mut scratch, &mut y).is_err(), "{name}: the coop kernel refuses a combine");
-            assert!(kern.moe_mxfp4_with(MoeKernel::COOP, &w, &dr, &xd, MoeInput::Settled, &mut scratch, &mut y).is_err(), "{name}: the coop kernel refuses a combine");
         }
-        eprintln!("{name}: routed inside the fused and coop kernels, bit-identical");
+        eprintln!("{name}: routed inside the fused kernel, bit-identical");
     }
     // A kernel other than the fused one is refused, not run.
     let spec = cases[0].1;
