@@ -694,26 +694,14 @@ __device__ __forceinline__ void b_regs(uint4 x0, uint4 x1, unsigned b[8]) {
 // o_proj at decode: 256 tiles, where the 64-register kernel also had only 2 of its 4 possible
 // blocks per SM and so half the bytes in flight of a GEMV with a full grid). Same loads, same
 // arithmetic in the same order: the same bits.
-//
-// HEADS (gemv_mma_bf16_t1_pipe_heads: PIPE, the o_proj behind a ready attention that counts
-// each head's rows into done[h] once its BF16 split of o is written): no wait for the
-// attention's grid before the work. Column c of x is head c / vd's, so before a warp reads the
-// activations of K block kb it waits for the heads that block covers (done[h] >= need, the
-// rows), and reads them through L2; the weights of the next K block are asked for first, as
-// PIPE does. The grid wait comes after the last K block, before any store (a kernel writes only
-// past its wait: crates/cuda/src/alloc.rs). done[heads] counts the blocks out; the last one
-// zeroes done[0 .. heads] (every block has passed its polls by then). Same loads of W and x,
-// same MMAs in the same order: the same bits as PIPE.
-template <int NT, int R, bool FP8, bool READY = false, bool PIPE = false, int CW = 1, bool HEADS = false>
+template <int NT, int R, bool FP8, bool READY = false, bool PIPE = false, int CW = 1>
 __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, const float* __restrict__ S,
                                          const unsigned short* __restrict__ XH, const unsigned short* __restrict__ XL,
                                          const float* __restrict__ xinv, float* __restrict__ y, float* __restrict__ y1,
                                          float* __restrict__ y2, int N0, int N1, int N, int K, int T,
-                                         unsigned* __restrict__ ready = nullptr, int heads = 0, int hd = 0, int vd = 0,
-                                         unsigned* __restrict__ done = nullptr, unsigned need = 0) {
+                                         unsigned* __restrict__ ready = nullptr, int heads = 0, int hd = 0, int vd = 0) {
     static_assert(!READY || R == 1, "the ready counts are per 16-row tile");
     static_assert(!PIPE || (R == 1 && !FP8), "the pipelined GEMV is the BF16 one-tile kernel");
-    static_assert(!HEADS || (PIPE && NT == 1), "the o_proj after heads is the pipelined one-tile kernel");
     static_assert(CW == 1 || (R == 1 && NT == 1 && !PIPE && MMA_WARPS % CW == 0), "K classes per warp: one-tile, one-token-group kernels");
     __shared__ float red[MMA_WARPS][16 * NT * 8];
     int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane >> 2, q = lane & 3;
@@ -791,12 +779,6 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
                 for (int tt = 0; tt < NT; tt++)
 #pragma unroll
                     for (int i = 0; i < 4; i++) part[rt][tt][i] = 0.f;
-            if (HEADS) {  // the heads of columns kb * 128 .. + 127 attended, for every row
-                if (lane == 0)
-                    for (int h = kb * 128 / vd; h <= (kb * 128 + 127) / vd; h++)
-                        while (ld_acquire(done + h) < need) __nanosleep(32);
-                __syncwarp();
-            }
 #pragma unroll
             for (int c = 0; c < 2; c++) {
                 int k = kb * 128 + c * 64 + q * 16;
@@ -836,13 +818,8 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
                     if (t < T) {
                         const uint4* ph = reinterpret_cast<const uint4*>(XH + (size_t)t * K + k);
                         const uint4* pl = reinterpret_cast<const uint4*>(XL + (size_t)t * K + k);
-                        if (HEADS) {  // written while this grid runs: through L2
-                            b_regs(__ldcg(ph), __ldcg(ph + 1), bh);
-                            b_regs(__ldcg(pl), __ldcg(pl + 1), bl);
-                        } else {
-                            b_regs(__ldg(ph), __ldg(ph + 1), bh);
-                            b_regs(__ldg(pl), __ldg(pl + 1), bl);
-                        }
+                        b_regs(__ldg(ph), __ldg(ph + 1), bh);
+                        b_regs(__ldg(pl), __ldg(pl + 1), bl);
                     } else {
 #pragma unroll
                         for (int i = 0; i < 8; i++) { bh[i] = 0u; bl[i] = 0u; }
@@ -886,20 +863,6 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
         if (rt > 0) __syncthreads();  // the previous tile's sums have been read
         to_red(cls, acc[rt]);
         __syncthreads();
-        if (HEADS) {
-            // Every warp of the block is past its polls: count the block out (a thread the sums
-            // below leave idle), the last zeroing the counts for the next layer; then the grid
-            // wait, before any store.
-            if (threadIdx.x == blockDim.x - 1) {
-                unsigned old;
-                asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(old) : "l"(done + heads) : "memory");
-                if (old == gridDim.x * gridDim.y - 1) {
-                    for (int h = 0; h < heads; h++) done[h] = 0u;
-                    done[heads] = 0u;
-                }
-            }
-            PDL_WAIT();
-        }
         for (int e = threadIdx.x; e < 16 * NT * 8; e += blockDim.x) {
             float s = 0.f;
 #pragma unroll
@@ -1134,18 +1097,6 @@ extern "C" __global__ void __launch_bounds__(256) gemv_mma_bf16_t1_pipe(
     float* __restrict__ y2, int N0, int N1, int N, int K, int T, unsigned* zero, int nzero) {
     PDL_ENTER();
     gemv_mma<1, 1, false, false, true>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T);
-    zero_after_wait(zero, nzero);
-}
-// gemv_mma_bf16_t1_pipe starting on the heads already attended (HEADS above): it lets the launch
-// after it go at once and waits for the attention's grid only before its stores.
-extern "C" __global__ void __launch_bounds__(256) gemv_mma_bf16_t1_pipe_heads(
-    const unsigned char* __restrict__ W, const unsigned short* __restrict__ XH, const unsigned short* __restrict__ XL,
-    float* __restrict__ y, int N, int K, int T, unsigned* zero, int nzero, unsigned* __restrict__ done, unsigned need,
-    int heads, int vd) {
-    TRACE_SCOPE();
-    PDL_TRIGGER();
-    TRACE_PAST_WAIT();
-    gemv_mma<1, 1, false, false, true, 1, true>(W, nullptr, XH, XL, nullptr, y, y, y, N, 0, N, K, T, nullptr, heads, 0, vd, done, need);
     zero_after_wait(zero, nzero);
 }
 // gemv_mma_fp8_t1 counting its tiles into `ready` for attention_v2_kv_ready (READY above).

@@ -1081,7 +1081,7 @@ __device__ __forceinline__ void attention_v2_body(
     unsigned short* __restrict__ ol, const float* __restrict__ knew, const float* __restrict__ vnew, float* kc_out,
     float* vc_out, const long long* __restrict__ slots, int half, int rotary_dim, float theta, float vscale,
     unsigned* __restrict__ counters, const int* __restrict__ rows = nullptr, const unsigned* ready = nullptr,
-    unsigned need_q = 0, unsigned need_kv = 0, unsigned* __restrict__ done = nullptr) {
+    unsigned need_q = 0, unsigned need_kv = 0) {
     static_assert(!READY || FUSED, "the ready counts stand in for the wait on the projection of the new q/k/v");
     static_assert(!PRELOAD || READY, "only the ready kernel has a wait to load across");
     __shared__ float sm_m[ATT_WARPS], sm_l[ATT_WARPS], sm_acc[ATT_WARPS][128];
@@ -1284,7 +1284,6 @@ __device__ __forceinline__ void attention_v2_body(
         // zero again for the next call.
         if (!block_arrive_last(counters + (size_t)r * heads + h, (unsigned)splits)) return;
         attention_combine_head(part_m, part_l, part_acc, o, r, h, heads, vd, splits, sinks, oh, ol, threadIdx.x, blockDim.x);
-        if (READY && done) block_release_add(done + h);  // row r of head h written (the o_proj after heads)
         return;
     }
     float sink_w = 0.f;
@@ -1306,7 +1305,6 @@ __device__ __forceinline__ void attention_v2_body(
         o[ob + i] = a;
         if (oh) split_bf16_value(a, oh[ob + i], ol[ob + i]);  // o_proj's BF16 GEMV input
     }
-    if (READY && done) block_release_add(done + h);
 }
 
 // The two entry points of attention_v2_body, one parameter list.
@@ -1341,9 +1339,7 @@ ATTENTION_V2_KERNEL(attention_v2_kv, true)
 // this grid finishing implies that one finished, as a kernel's completion does everywhere else
 // in a step. ready[heads + kv_heads] counts the blocks out (block_arrive_last): the last zeroes
 // every count for the next call; or, with reset_by_next, the launch after it zeroes them once
-// past its own wait (the o_proj GEMV: zero_after_wait), and the blocks leave uncounted. With
-// `done` (else null), each (row, head) whose BF16 split of o is written counts into done[head]
-// for the o_proj that starts on the heads already attended (gemv_mma_bf16_t1_pipe_heads).
+// past its own wait (the o_proj GEMV: zero_after_wait), and the blocks leave uncounted.
 // attention_v2_kv_ready_pre: the same, loading its warps' first round of positions and the
 // RoPE coefficients before waiting for its heads (PRELOAD above). Holding them across the wait
 // takes registers: the host runs it only where its grid fits one wave (batch 1: 256 blocks),
@@ -1362,13 +1358,13 @@ ATTENTION_V2_KERNEL(attention_v2_kv, true)
         float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc, unsigned short* __restrict__ oh, \
         unsigned short* __restrict__ ol, const float* knew, const float* vnew, float* kc_out, float* vc_out,                   \
         const long long* __restrict__ slots, int half, int rotary_dim, float theta, float vscale, unsigned* __restrict__ counters, \
-        unsigned* ready, unsigned need_q, unsigned need_kv, int reset_by_next, unsigned* done) {                               \
+        unsigned* ready, unsigned need_q, unsigned need_kv, int reset_by_next) {                                               \
         TRACE_SCOPE();                                                                                                         \
         PDL_TRIGGER();                                                                                                         \
         attention_v2_body<true, false, true, PRELOAD>(q, kc, vc, o, pos, seq, tables, max_blocks, block_size, heads, kv_heads, \
                                                       hd, vd, window, scale, sinks, part_m, part_l, part_acc, oh, ol, knew, vnew, \
                                                       kc_out, vc_out, slots, half, rotary_dim, theta, vscale, counters, nullptr, \
-                                                      ready, need_q, need_kv, done);                                           \
+                                                      ready, need_q, need_kv);                                                 \
         ATT_TRACE_MARK(4);                                                                                                     \
         PDL_WAIT();                                                                                                            \
         ATT_TRACE_MARK(5);                                                                                                     \

@@ -262,13 +262,6 @@ pub struct CudaModel {
     /// The projection's tile counts per q head and KV head, then the attention's blocks out
     /// (zero between calls: the attention's last block zeroes them).
     ready_counters: CudaSlice<u32>,
-    /// The o_proj behind a ready attention starts on the heads already written
-    /// (`Kernels::gemv_bf16_presplit_heads`) where it takes the shape
-    /// (`PEREGRINE_OPROJ_AFTER_HEADS=0` waits for the attention's grid, for comparison; tests
-    /// flip it): the attention counts each (row, head) into `head_done`, whose last element
-    /// counts the o_proj's blocks out (zero between calls: the o_proj's last block zeroes them).
-    oproj_after_heads: bool,
-    head_done: CudaSlice<u32>,
     /// Decode attention of few rows is split over more blocks to fill the GPU
     /// (`attn_splits`; `PEREGRINE_ATTN_FILL=0` turns it off, for comparison).
     attn_fill: bool,
@@ -284,8 +277,6 @@ pub struct CudaModel {
     moe_combine_in_norm: Option<bool>,
     /// MoE calls that left their pairs to the norm (tests check the path ran).
     moe_pairs_calls: std::sync::atomic::AtomicUsize,
-    /// o_proj launches that started on the heads already attended (tests check the path ran).
-    oproj_heads_calls: std::sync::atomic::AtomicUsize,
     /// Steps with prompt chunks launch with PDL too (`PEREGRINE_PREFILL_PDL=1`; by default they
     /// launch plainly, see `launch::PlainLaunches`).
     pub(crate) prefill_pdl: bool,
@@ -558,7 +549,6 @@ impl CudaModel {
         let attn_counters = s.alloc_zeros::<u32>(MERGE_IN_ATTENTION_ROWS * max_heads.max(64)).map_err(drv)?;
         let ready_len = spec.layers.iter().map(|l| l.attention.num_heads + l.attention.num_kv_heads + 1).max().unwrap_or(1);
         let ready_counters = s.alloc_zeros::<u32>(ready_len).map_err(drv)?;
-        let head_done = s.alloc_zeros::<u32>(max_heads + 1).map_err(drv)?;
         let model = CudaModel {
             spec: spec.clone(),
             final_norm,
@@ -589,14 +579,11 @@ impl CudaModel {
             merge_in_attention: std::env::var("PEREGRINE_ATTN_MERGE_IN_KERNEL").map_or(true, |v| v != "0"),
             qkv_ready: std::env::var("PEREGRINE_QKV_READY").map_or(true, |v| v != "0"),
             ready_counters,
-            oproj_after_heads: std::env::var("PEREGRINE_OPROJ_AFTER_HEADS").map_or(true, |v| v != "0"),
-            head_done,
             attn_fill: std::env::var("PEREGRINE_ATTN_FILL").map_or(true, |v| v != "0"),
             route_in_moe: std::env::var("PEREGRINE_MOE_ROUTE_IN_KERNEL").map_or(true, |v| v != "0"),
             norm_in_router: std::env::var("PEREGRINE_NORM_IN_ROUTER").map_or(true, |v| v != "0"),
             moe_combine_in_norm: None,
             moe_pairs_calls: std::sync::atomic::AtomicUsize::new(0),
-            oproj_heads_calls: std::sync::atomic::AtomicUsize::new(0),
             prefill_pdl: std::env::var("PEREGRINE_PREFILL_PDL").is_ok_and(|v| v == "1"),
             drain_after_mlp_rows: std::env::var("PEREGRINE_DRAIN_AFTER_MLP_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(DRAIN_AFTER_MLP_ROWS),
             drain_after_mlp_op: std::env::var("PEREGRINE_DRAIN_AFTER_MLP_OPS").ok().and_then(|v| v.parse().ok()).unwrap_or(1),
@@ -768,7 +755,6 @@ impl CudaModel {
         let presplit = v2 && a.o.k.is_multiple_of(128) && matches!(a.o.m, GpuMatrix::Bf16(_));
         // Each head's attention may start as soon as the projection has written its rows.
         let ready = kv_fused && self.qkv_ready_at(li, n);
-        let after_heads = ready && presplit && self.oproj_after_heads && self.kernels.bf16_heads_takes(n, a.o.n, a.o.k, s.num_heads, s.v_head_dim);
         let (mut q, mut k, mut v, ready) = match (&a.qkv, hn_split) {
             (Qkv::Stacked { m: Mat { m: GpuMatrix::Fp8 { w, s: sc }, k: kk, .. }, rows }, Some(split)) if ready => {
                 let (mut q, mut k, mut v) = (self.empty(n * rows[0])?, self.empty(n * rows[1])?, self.empty(n * rows[2])?);
@@ -777,10 +763,7 @@ impl CudaModel {
                 self.kernels.gemv_qkv_ready(wp, sc, split, [&mut q, &mut k, &mut v], *rows, *kk, n, &self.ready_counters, s.num_heads, s.head_dim, s.v_head_dim)?;
                 // The BF16 o_proj over the attention's own split follows it directly and zeroes
                 // the counters (`zero_after_wait`).
-                // The o_proj may start on the heads written (every (row, head) counted: unsplit,
-                // or merged inside the kernel).
-                let done = (after_heads && (splits == 1 || self.merges_in_attention(splits, n, s.num_heads))).then_some(&self.head_done);
-                let counts = ReadyCounts { counters: &self.ready_counters, need_q: (s.head_dim / 16) as u32, need_kv: ((s.head_dim + s.v_head_dim) / 16) as u32, reset_by_next: presplit && self.attn_reset_by_next && self.kernels.bf16_presplit_zeroes(n, a.o.n), bufs: Some(bufs), done };
+                let counts = ReadyCounts { counters: &self.ready_counters, need_q: (s.head_dim / 16) as u32, need_kv: ((s.head_dim + s.v_head_dim) / 16) as u32, reset_by_next: presplit && self.attn_reset_by_next && self.kernels.bf16_presplit_zeroes(n, a.o.n), bufs: Some(bufs) };
                 (q, k, v, Some(counts))
             }
             _ => {
@@ -812,16 +795,12 @@ impl CudaModel {
         let prefill = if fresh.is_none() { meta.prefill.as_ref() } else { None };
         let counted = fresh.as_ref().is_some_and(|f| f.ready.is_some());
         let reset_by_next = fresh.as_ref().and_then(|f| f.ready.as_ref()).is_some_and(|r| r.reset_by_next);
-        let heads_counted = fresh.as_ref().and_then(|f| f.ready.as_ref()).is_some_and(|r| r.done.is_some());
-        // The projection counted its tiles (and the attention its heads) and no kernel will
-        // zero them: zero them behind it (stream order), or the next step's attention (o_proj)
-        // would not wait.
+        // The projection counted its tiles and no kernel will zero them: zero them behind it
+        // (stream order), or the next step's attention would not wait.
         let zero_counters = || {
-            for c in [&self.ready_counters, &self.head_done] {
-                let (p, _g) = c.device_ptr(&self.stream);
-                // SAFETY: the counters' own allocation, on this stream, as u32 zeros.
-                let _ = unsafe { cudarc::driver::result::memset_d8_async(p, 0, c.len() * std::mem::size_of::<u32>(), self.stream.cu_stream()) };
-            }
+            let (p, _g) = self.ready_counters.device_ptr(&self.stream);
+            // SAFETY: the counters' own allocation, on this stream, as u32 zeros.
+            let _ = unsafe { cudarc::driver::result::memset_d8_async(p, 0, self.ready_counters.len() * std::mem::size_of::<u32>(), self.stream.cu_stream()) };
         };
         let (o, split) = match self.attend(&q, kc, vc, &meta.pos, &meta.seq, tables, meta.max_blocks, meta.block_size, n, &s, a.sinks.as_ref(), v2, presplit, fresh, prefill) {
             Ok(r) => r,
@@ -835,21 +814,15 @@ impl CudaModel {
             (GpuMatrix::Bf16(w), Some((oh, ol))) => {
                 let mut y = self.empty(n * a.o.n)?;
                 let zero = reset_by_next.then_some(&self.ready_counters);
-                let r = if heads_counted {
-                    self.oproj_heads_calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    self.kernels.gemv_bf16_presplit_heads(w, &oh, &ol, &mut y, a.o.n, a.o.k, n, zero, &self.head_done, s.num_heads, s.v_head_dim)
-                } else {
-                    self.kernels.gemv_bf16_presplit(w, &oh, &ol, &mut y, a.o.n, a.o.k, n, zero)
-                };
-                if r.is_err() && (reset_by_next || heads_counted) {
+                let r = self.kernels.gemv_bf16_presplit(w, &oh, &ol, &mut y, a.o.n, a.o.k, n, zero);
+                if r.is_err() && reset_by_next {
                     zero_counters();
                 }
                 r.map(|_| y)
             }
             _ => {
-                if reset_by_next || heads_counted {
-                    // (Not reached: a BF16 split o_proj is what reset_by_next and the head
-                    // counts were set for.)
+                if reset_by_next {
+                    // (Not reached: a BF16 split o_proj is what reset_by_next was set for.)
                     zero_counters();
                 }
                 self.matvec(&a.o, &o, n)
@@ -902,26 +875,9 @@ impl CudaModel {
         self.graphs.clear();
     }
 
-    /// Sets whether the o_proj behind a ready attention starts on the heads already written
-    /// (`oproj_after_heads`; on by default), for tests comparing the two (the same bits).
-    /// Captured step graphs are dropped.
-    pub fn set_oproj_after_heads(&mut self, on: bool) {
-        self.oproj_after_heads = on;
-        self.graphs.clear();
-    }
-
-    /// The counters the ready projection and attention share, then the attention's and the
-    /// o_proj's (`head_done`); all zero between calls.
+    /// The counters the ready projection and attention share (all zero between calls).
     pub fn qkv_ready_counters(&self) -> Result<Vec<u32>> {
-        let mut c = self.stream.clone_dtoh(&self.ready_counters).map_err(drv)?;
-        c.extend(self.stream.clone_dtoh(&self.head_done).map_err(drv)?);
-        Ok(c)
-    }
-
-    /// Whether split decode attention over `n` rows (no row list) merges its splits inside the
-    /// kernel (the last split of each (row, head) to finish) rather than in `attention_combine`.
-    fn merges_in_attention(&self, splits: usize, n: usize, heads: usize) -> bool {
-        self.merge_in_attention && splits > 1 && n * heads <= self.attn_counters.len()
+        self.stream.clone_dtoh(&self.ready_counters).map_err(drv)
     }
 
     /// Blocks per (row, head) of `attention_v2` for `rows` rows (`attention_splits`), as the
@@ -1011,7 +967,7 @@ impl CudaModel {
         };
         // The last split of each (row, head) merges them (no combine launch) while the counters
         // cover the rows; a prefill batch's row list keeps attention_combine_rows.
-        let merge_in_kernel = rows.is_none() && self.merges_in_attention(splits, n, s.num_heads);
+        let merge_in_kernel = self.merge_in_attention && splits > 1 && rows.is_none() && n * s.num_heads <= self.attn_counters.len();
         let counters = merge_in_kernel.then_some(&self.attn_counters);
         let kernel = match (v2, fresh.is_some(), rows.is_some()) {
             _ if per_head_warps => &self.ops.attention_v2_heads,
@@ -1049,7 +1005,7 @@ impl CudaModel {
                 b.arg(&half).arg(&rd).arg(&th).arg(&vs).arg_or_null(counters);
             }
             if let Some(r) = fresh.as_ref().and_then(|f| f.ready.as_ref()) {
-                b.arg(r.counters).arg(&r.need_q).arg(&r.need_kv).arg(&(r.reset_by_next as i32)).arg_or_null(r.done);
+                b.arg(r.counters).arg(&r.need_q).arg(&r.need_kv).arg(&(r.reset_by_next as i32));
             }
         }
         let threads = if v2 { 256 } else { 32 }; // 32 x ATT_WARPS for attention_v2
@@ -1391,12 +1347,6 @@ impl CudaModel {
     /// expert shapes); false when the model has no stacked MoE.
     pub fn pin_moe_kernel(&self, tokens: usize, kind: MoeKernel) -> bool {
         self.first_moe().map(|(w, top_k)| self.kernels.pin_moe(w, top_k, tokens, kind)).is_some()
-    }
-
-    /// How many o_proj launches have started on the heads already attended (eager steps; a
-    /// replayed graph runs no host code).
-    pub fn oproj_heads_calls(&self) -> usize {
-        self.oproj_heads_calls.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// How many MoE calls have left their pairs to the norm after them.
@@ -1781,9 +1731,6 @@ pub(crate) struct ReadyCounts<'a> {
     /// The attention's outputs, allocated before the projection (`CudaModel::attend_bufs`;
     /// `attend` takes them).
     pub(crate) bufs: Option<AttendBufs>,
-    /// Counts of (row, head)s written, for the o_proj that starts on them
-    /// (`CudaModel::head_done`); None: not counted.
-    pub(crate) done: Option<&'a CudaSlice<u32>>,
 }
 
 /// Split attention's per-split maxima, sums and accumulators.

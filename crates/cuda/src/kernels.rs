@@ -230,11 +230,6 @@ pub struct Kernels {
     mma_bf16_pipe: CudaFunction,
     mma_bf16_pipe_wave: usize,
     gemv_pipe: bool,
-    /// `gemv_mma_bf16_t1_pipe` starting on the heads a ready attention has already written
-    /// (`gemv_mma_bf16_t1_pipe_heads`; `gemv_bf16_presplit_heads`), run where its grid fits one
-    /// wave of it (`mma_bf16_heads_wave` blocks): its blocks poll, so all must be resident.
-    mma_bf16_heads: CudaFunction,
-    mma_bf16_heads_wave: usize,
     /// The GEMM entry of `MMA_GEMV_TILES` got its shared memory (chosen from
     /// `dense_gemm_min_tokens()` tokens).
     dense_gemm: bool,
@@ -711,8 +706,6 @@ impl Kernels {
         let sms = gpu.ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(drv("SM count"))? as usize;
         let mma_bf16_pipe = f("gemv_mma_bf16_t1_pipe")?;
         let mma_bf16_pipe_wave = mma_bf16_pipe.occupancy_max_active_blocks_per_multiprocessor(256, 0, None).map_err(drv("GEMV occupancy"))? as usize * sms;
-        let mma_bf16_heads = f("gemv_mma_bf16_t1_pipe_heads")?;
-        let mma_bf16_heads_wave = mma_bf16_heads.occupancy_max_active_blocks_per_multiprocessor(256, 0, None).map_err(drv("GEMV occupancy"))? as usize * sms;
         let mma_fp8_ready = f("gemv_mma_fp8_t1_ready")?;
         let mma_fp8_ready_wave = mma_fp8_ready.occupancy_max_active_blocks_per_multiprocessor(256, 0, None).map_err(drv("GEMV occupancy"))? as usize * sms;
         Ok(Kernels {
@@ -735,8 +728,6 @@ impl Kernels {
             mma_bf16_pipe,
             mma_bf16_pipe_wave,
             gemv_pipe: std::env::var("PEREGRINE_GEMV_PIPE").map_or(true, |v| v != "0"),
-            mma_bf16_heads,
-            mma_bf16_heads_wave,
             dense_gemm,
             mma_forced: match std::env::var("PEREGRINE_GEMV_TILE") {
                 Ok(v) => {
@@ -1224,33 +1215,6 @@ impl Kernels {
         let (wp, _w) = w.device_ptr(&self.stream);
         let (yp, _y) = y.device_ptr_mut(&self.stream);
         self.mma_launch(false, wp, None, xh, xl, None, [yp; 3], [n, 0, 0], k, t, zero)
-    }
-
-    /// Whether `gemv_bf16_presplit_heads` takes `t` tokens x `n` rows over `k = heads x vd`
-    /// columns: where `gemv_bf16_presplit` would run the pipelined one-tile GEMV and the heads
-    /// kernel's grid fits one wave.
-    pub fn bf16_heads_takes(&self, t: usize, n: usize, k: usize, heads: usize, vd: usize) -> bool {
-        let blocks = n.div_ceil(16) * t.div_ceil(8);
-        t > 0 && n > 0 && vd > 0 && k == heads * vd && k.is_multiple_of(128) && MMA_GEMV_TILES[self.mma_tile(false, t, n)] == (1, 1) && self.bf16_pipe_takes(1, 1, blocks) && blocks <= self.mma_bf16_heads_wave
-    }
-
-    /// `gemv_bf16_presplit` (the pipelined one-tile GEMV) launched behind a ready attention
-    /// that counts each written (row, head) into `done[head]`: it starts at once and reads
-    /// each K block's activations once its heads count all `t` rows, waiting for the
-    /// attention's grid only before its stores (`gemv_mma_bf16_t1_pipe_heads`). Column c of x
-    /// is head c / vd's. `done` holds `heads` counts and the blocks-out count after them, all
-    /// zero, and zero again when it ends. `zero`: as `gemv_bf16_presplit`. The same bits.
-    #[allow(clippy::too_many_arguments)]
-    pub fn gemv_bf16_presplit_heads(&self, w: &CudaSlice<u16>, xh: &CudaSlice<u16>, xl: &CudaSlice<u16>, y: &mut CudaSlice<f32>, n: usize, k: usize, t: usize, zero: Option<&CudaSlice<u32>>, done: &CudaSlice<u32>, heads: usize, vd: usize) -> Result<()> {
-        check(self.bf16_heads_takes(t, n, k, heads, vd), || format!("gemv_bf16_presplit_heads: {n}x{k} over {heads} heads of {vd}, {t} tokens is not its shape"))?;
-        check(w.len() >= n * k && xh.len() >= t * k && xl.len() >= t * k && y.len() >= t * n && done.len() > heads, || format!("gemv_bf16_presplit_heads: bad shapes {n}x{k}, {t} tokens, {} counts for {heads} heads", done.len()))?;
-        let (ni, ki, ti, nzero, need, hh, vdi) = (n as i32, k as i32, t as i32, zero.map_or(0, |z| z.len() as i32), t as u32, heads as i32, vd as i32);
-        let mut b = crate::launch::builder(&self.stream, &self.mma_bf16_heads);
-        b.arg(w).arg(xh).arg(xl).arg(y).arg(&ni).arg(&ki).arg(&ti);
-        b.arg_or_null(zero).arg(&nzero).arg(done).arg(&need).arg(&hh).arg(&vdi);
-        let cfg = LaunchConfig { grid_dim: (n.div_ceil(16) as u32, t.div_ceil(8) as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        unsafe { b.launch(cfg) }.map_err(drv("gemv_mma_bf16_t1_pipe_heads"))?;
-        Ok(())
     }
 
     /// MXFP4 `W` [N, K/2] bytes with E8M0 scales [N, K/32]; K % 32 == 0.
