@@ -7,36 +7,8 @@
 use std::time::Instant;
 
 use peregrine_core::backend::{Backend, KvConfig, OutputRows, SeqForward};
-use peregrine_core::Result;
 use peregrine_cpu::CpuModel;
-use peregrine_model::weights::WeightSource;
-
-/// Deterministic pseudo-random weights (xorshift), small scale so activations stay sane.
-struct RandomWeights;
-
-fn fill(name: &str, n: usize, scale: f32) -> Vec<f32> {
-    let mut s = name.bytes().fold(0x9e37_79b9_7f4a_7c15u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * scale
-        })
-        .collect()
-}
-
-impl WeightSource for RandomWeights {
-    fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Vec<f32>> {
-        Ok(fill(name, rows * cols, 1.0 / (cols as f32).sqrt()))
-    }
-    fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
-        Ok(if name.contains("norm") { vec![1.0; len] } else { fill(name, len, 0.1) })
-    }
-    fn contains(&self, _: &str) -> bool {
-        true
-    }
-}
+use peregrine_model::synthetic::SyntheticWeights;
 
 fn synthetic_spec() -> peregrine_core::ModelSpec {
     let c = serde_json::json!({"model_type": "mimo_v2_flash", "vocab_size": 8192, "hidden_size": 512,
@@ -73,7 +45,7 @@ fn main() {
         }
         None => {
             let spec = synthetic_spec();
-            ("synthetic".to_owned(), CpuModel::load(&spec, &RandomWeights).unwrap())
+            ("synthetic".to_owned(), CpuModel::load(&spec, &SyntheticWeights::new(0)).unwrap())
         }
     };
     let params = model.spec().num_parameters();

@@ -22,11 +22,44 @@ use serde_json::{Map, Value};
 
 /// Reads `config.json` (and `generation_config.json` when present) from a model directory.
 pub fn load_spec(dir: &Path) -> Result<ModelSpec> {
+    load_spec_with(dir, None)
+}
+
+/// The config fields that hold one entry per layer.
+const PER_LAYER_FIELDS: [&str; 4] = ["layer_types", "mlp_layer_types", "hybrid_layer_pattern", "moe_layer_freq"];
+
+/// `load_spec` with `overrides` merged into config.json first (each top-level field replaced,
+/// as vLLM's `--hf-overrides` does). A smaller `num_hidden_layers` keeps the first layers: the
+/// per-layer lists it does not override are cut to that length, so a model can be cut to what
+/// one GPU holds with that one field.
+pub fn load_spec_with(dir: &Path, overrides: Option<&serde_json::Map<String, Value>>) -> Result<ModelSpec> {
     let path = dir.join("config.json");
-    let config = read_json(&path)?;
+    let mut config = read_json(&path)?;
+    if let Some(o) = overrides {
+        apply_overrides(&mut config, o).map_err(|e| Error::file(&path, e))?;
+    }
     let gen_path = dir.join("generation_config.json");
     let generation = if gen_path.is_file() { Some(read_json(&gen_path)?) } else { None };
     parse_config(&config, generation.as_ref())
+}
+
+/// Merges `overrides` into `config` (see `load_spec_with`).
+pub fn apply_overrides(config: &mut Value, overrides: &serde_json::Map<String, Value>) -> std::result::Result<(), String> {
+    let Value::Object(fields) = config else {
+        return Err("config.json is not a JSON object".into());
+    };
+    if let Some(n) = overrides.get("num_hidden_layers") {
+        let n = n.as_u64().ok_or_else(|| format!("the override of num_hidden_layers must be a non-negative integer, not {n}"))? as usize;
+        for f in PER_LAYER_FIELDS {
+            if let (false, Some(Value::Array(list))) = (overrides.contains_key(f), fields.get_mut(f)) {
+                list.truncate(n);
+            }
+        }
+    }
+    for (k, v) in overrides {
+        fields.insert(k.clone(), v.clone());
+    }
+    Ok(())
 }
 
 pub(crate) fn read_json(path: &Path) -> Result<Value> {

@@ -9,6 +9,8 @@
 //! - [`tokenizer`], [`chat_template`]: tokenizer.json and the Jinja chat template;
 //! - [`dflash`]: DFlash drafter checkpoints (config, weights, `mask_embedding.pt` through
 //!   [`torch_file`], a Python-free reader of small `torch.save` files);
+//! - [`synthetic`]: random weights and a stand-in tokenizer for any config.json (load tests and
+//!   benchmarks without a checkpoint);
 //! - [`loader`]: one entry point from a path or id to all of the above.
 
 pub mod chat_template;
@@ -19,6 +21,7 @@ pub mod formats;
 pub mod gguf;
 pub mod hub;
 pub mod loader;
+pub mod synthetic;
 pub mod torch_file;
 pub mod tokenizer;
 pub mod weights;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use peregrine_core::{Error, ModelSpec, QkvLayout, QuantFormat, Result};
 
 use crate::checkpoint::Checkpoint;
+use crate::synthetic::SyntheticWeights;
 use crate::tokenizer::Tokenizer;
 use crate::weights::{SafetensorsWeights, WeightSource};
 
@@ -22,31 +23,52 @@ pub struct ModelFiles {
     pub chat_template: Option<String>,
 }
 
+/// How [`open_model_with`] reads a model.
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    /// Random weights ([`crate::synthetic::SyntheticWeights`] with this seed) instead of the
+    /// checkpoint's, which need not exist (vLLM's `--load-format dummy`); without tokenizer.json
+    /// the stand-in tokenizer ([`crate::synthetic::synthetic_tokenizer`]).
+    pub dummy_weights: Option<u64>,
+    /// Fields merged into config.json before it is parsed (vLLM's `--hf-overrides`), e.g.
+    /// `{"num_hidden_layers": 18}`.
+    pub config_overrides: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
 /// Opens `path_or_id`: a directory with config.json, a `.safetensors` file (config.json beside
 /// it), or an `org/name` id found in the local HF cache.
 pub fn open_model(path_or_id: &str) -> Result<ModelFiles> {
+    open_model_with(path_or_id, &LoadOptions::default())
+}
+
+/// [`open_model`] with [`LoadOptions`] (a GGUF file takes none: its description is the file's).
+pub fn open_model_with(path_or_id: &str, opts: &LoadOptions) -> Result<ModelFiles> {
     let path = Path::new(path_or_id);
     if path.is_file() {
         let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
         return match ext {
             "safetensors" => {
                 let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
-                open_dir(&dir, Some(path))
+                open_dir(&dir, Some(path), opts)
             }
             // GGUF: spec, weights, tokenizer and chat template all come from the one file.
+            "gguf" if opts.dummy_weights.is_some() || opts.config_overrides.is_some() => Err(Error::ModelNotFound(
+                path_or_id.to_owned(),
+                "random weights and config overrides need a config.json model, not a GGUF file".into(),
+            )),
             "gguf" => crate::gguf::open_gguf(path),
             "json" if path.file_name().is_some_and(|n| n == "config.json") => {
-                open_dir(path.parent().unwrap_or(Path::new(".")), None)
+                open_dir(path.parent().unwrap_or(Path::new(".")), None, opts)
             }
             _ => Err(Error::ModelNotFound(path_or_id.to_owned(), format!("unsupported file type `.{ext}` (expected a model directory, a .safetensors or .gguf file, or config.json)"))),
         };
     }
     if path.is_dir() {
-        return open_dir(path, None);
+        return open_dir(path, None, opts);
     }
     if !path_or_id.starts_with('.') && !path_or_id.starts_with('/') && path_or_id.matches('/').count() == 1 {
         if let Some(dir) = crate::hub::resolve(path_or_id) {
-            return open_dir(&dir, None);
+            return open_dir(&dir, None, opts);
         }
         let roots: Vec<String> = crate::hub::cache_roots().iter().map(|p| p.display().to_string()).collect();
         return Err(Error::ModelNotFound(
@@ -57,25 +79,31 @@ pub fn open_model(path_or_id: &str) -> Result<ModelFiles> {
     Err(Error::ModelNotFound(path_or_id.to_owned(), "no such file or directory".into()))
 }
 
-fn open_dir(dir: &Path, weights_file: Option<&Path>) -> Result<ModelFiles> {
+fn open_dir(dir: &Path, weights_file: Option<&Path>, opts: &LoadOptions) -> Result<ModelFiles> {
     if !dir.join("config.json").is_file() {
         return Err(Error::ModelNotFound(dir.display().to_string(), "directory has no config.json".into()));
     }
-    let mut spec = crate::config::load_spec(dir)?;
-    let ckpt = match weights_file {
-        Some(f) => Checkpoint::open(f)?,
-        None => Checkpoint::open(dir)?,
-    };
-    // A fused qkv_proj in the checkpoint decides the layout even when the config is silent.
-    for (i, l) in spec.layers.iter_mut().enumerate() {
-        let fused = format!("model.layers.{i}.self_attn.qkv_proj.weight");
-        if ckpt.contains(&fused) {
-            l.attention.qkv_layout = QkvLayout::FusedPerKvHead;
+    let mut spec = crate::config::load_spec_with(dir, opts.config_overrides.as_ref())?;
+    let weights: Arc<dyn WeightSource> = match opts.dummy_weights {
+        Some(seed) => Arc::new(SyntheticWeights::new(seed)),
+        None => {
+            let ckpt = match weights_file {
+                Some(f) => Checkpoint::open(f)?,
+                None => Checkpoint::open(dir)?,
+            };
+            // A fused qkv_proj in the checkpoint decides the layout even when the config is silent.
+            for (i, l) in spec.layers.iter_mut().enumerate() {
+                let fused = format!("model.layers.{i}.self_attn.qkv_proj.weight");
+                if ckpt.contains(&fused) {
+                    l.attention.qkv_layout = QkvLayout::FusedPerKvHead;
+                }
+            }
+            let fp8_block = match spec.quant.linear {
+                QuantFormat::Fp8Block { block_n, block_k } => (block_n, block_k),
+                _ => (128, 128),
+            };
+            Arc::new(SafetensorsWeights::new(ckpt, fp8_block))
         }
-    }
-    let fp8_block = match spec.quant.linear {
-        QuantFormat::Fp8Block { block_n, block_k } => (block_n, block_k),
-        _ => (128, 128),
     };
     let tokenizer_json = Some(dir.join("tokenizer.json")).filter(|p| p.is_file());
     let tc_path = dir.join("tokenizer_config.json");
@@ -88,6 +116,7 @@ fn open_dir(dir: &Path, weights_file: Option<&Path>) -> Result<ModelFiles> {
                 None => t,
             })
         }
+        None if opts.dummy_weights.is_some() => Some(crate::synthetic::synthetic_tokenizer(spec.vocab_size, spec.eos_token_ids.first().copied())?),
         None => None,
     };
     let jinja = dir.join("chat_template.jinja");
@@ -106,7 +135,7 @@ fn open_dir(dir: &Path, weights_file: Option<&Path>) -> Result<ModelFiles> {
     Ok(ModelFiles {
         dir: dir.to_path_buf(),
         spec,
-        weights: Arc::new(SafetensorsWeights::new(ckpt, fp8_block)),
+        weights,
         tokenizer_json,
         tokenizer_config,
         tokenizer,

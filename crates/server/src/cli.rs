@@ -30,6 +30,20 @@ pub enum Device {
     Cuda,
 }
 
+/// Where the weights come from.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LoadFormat {
+    /// The checkpoint's.
+    Auto,
+    /// Random weights for the model's config.json (the checkpoint need not exist), as vLLM's
+    /// `--load-format dummy`: load tests and benchmarks at a model's real shapes. The text means
+    /// nothing. Without tokenizer.json the words `t0` .. `t{vocab_size - 1}` are the tokens.
+    Dummy,
+}
+
+/// The seed of `--load-format dummy`'s weights (fixed: two servers on one config are one model).
+pub const DUMMY_SEED: u64 = 0x5eed;
+
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -48,6 +62,14 @@ pub struct ServeArgs {
     pub port: u16,
     #[arg(long, env = "PEREGRINE_DEVICE", value_enum, default_value_t = Device::Cpu)]
     pub device: Device,
+    /// `auto`: the checkpoint's weights; `dummy`: random weights for its config.json (load tests
+    /// and benchmarks without the checkpoint; the text means nothing).
+    #[arg(long, env = "PEREGRINE_LOAD_FORMAT", value_enum, default_value_t = LoadFormat::Auto)]
+    pub load_format: LoadFormat,
+    /// config.json fields to replace, as a JSON object, e.g. '{"num_hidden_layers": 18}' (fewer
+    /// layers keep the first ones).
+    #[arg(long, env = "PEREGRINE_HF_OVERRIDES", value_parser = parse_overrides)]
+    pub hf_overrides: Option<serde_json::Map<String, serde_json::Value>>,
     /// Tensor-parallel degree (GPUs).
     #[arg(long, env = "PEREGRINE_TP", default_value_t = 1)]
     pub tp: usize,
@@ -118,6 +140,36 @@ pub fn parse_bytes(s: &str) -> Result<usize, String> {
     Ok((n * mult) as usize)
 }
 
+/// `--hf-overrides`: a JSON object.
+pub fn parse_overrides(s: &str) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+    match serde_json::from_str(s) {
+        Ok(serde_json::Value::Object(m)) => Ok(m),
+        Ok(other) => Err(format!("expected a JSON object of config.json fields, e.g. '{{\"num_hidden_layers\": 18}}', not {other}")),
+        Err(e) => Err(format!("not JSON: {e}")),
+    }
+}
+
+/// The CPU backend holds every weight as f32: refuse a model that cannot fit before trying
+/// (an allocation failure would abort the process). `available`: bytes free, where known.
+pub fn check_cpu_memory(params: u64, available: Option<u64>) -> anyhow::Result<()> {
+    let need = params.saturating_mul(4);
+    if let Some(avail) = available.filter(|&a| need > a) {
+        bail!(
+            "the CPU backend holds every weight as f32: this {params}-parameter model needs {:.1} GB, and {:.1} GB of memory are available (use --device cuda, or fewer layers with --hf-overrides '{{\"num_hidden_layers\": N}}')",
+            need as f64 / 1e9,
+            avail as f64 / 1e9
+        );
+    }
+    Ok(())
+}
+
+/// MemAvailable of /proc/meminfo, in bytes (None where there is none).
+fn memory_available() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: u64 = info.lines().find_map(|l| l.strip_prefix("MemAvailable:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kb * 1024)
+}
+
 pub fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
@@ -142,7 +194,11 @@ pub fn load(args: &ServeArgs) -> anyhow::Result<Ready> {
         p.enable_steady_tick(std::time::Duration::from_millis(120));
         p
     });
-    let files = peregrine_model::loader::open_model(&path).with_context(|| format!("cannot open model `{path}`"))?;
+    let opts = peregrine_model::loader::LoadOptions {
+        dummy_weights: (args.load_format == LoadFormat::Dummy).then_some(DUMMY_SEED),
+        config_overrides: args.hf_overrides.clone(),
+    };
+    let files = peregrine_model::loader::open_model_with(&path, &opts).with_context(|| format!("cannot open model `{path}`"))?;
     let tokenizer = files.tokenizer.ok_or_else(|| anyhow::anyhow!("model `{path}` has no tokenizer.json"))?;
     let template_src = match &args.chat_template {
         Some(t) if std::path::Path::new(t).is_file() => Some(std::fs::read_to_string(t).with_context(|| format!("reading {t}"))?),
@@ -164,6 +220,7 @@ pub fn load(args: &ServeArgs) -> anyhow::Result<Ready> {
     }
     let backend: Box<dyn peregrine_core::backend::Backend> = match args.device {
         Device::Cpu => {
+            check_cpu_memory(files.spec.num_parameters() as u64, memory_available())?;
             let mut model = peregrine_cpu::CpuModel::load(&files.spec, files.weights.as_ref()).context("loading weights")?;
             if let Some(dir) = &drafter_dir {
                 let draft = peregrine_model::dflash::open_drafter(dir).with_context(|| format!("cannot open the drafter in {}", dir.display()))?;
@@ -175,7 +232,12 @@ pub fn load(args: &ServeArgs) -> anyhow::Result<Ready> {
         Device::Cuda => {
             let gpu = peregrine_cuda::probe(0)?;
             tracing::info!(gpu = %gpu.name, capability = ?gpu.capability, "CUDA device");
-            let mut model = peregrine_cuda::CudaModel::load(gpu, &files.spec, files.weights.as_ref()).context("loading weights onto the GPU")?;
+            // Random weights are made on the GPU, in the formats the config names.
+            let mut model = match args.load_format {
+                LoadFormat::Auto => peregrine_cuda::CudaModel::load(gpu, &files.spec, files.weights.as_ref()),
+                LoadFormat::Dummy => peregrine_cuda::CudaModel::synthetic(gpu, &files.spec, DUMMY_SEED),
+            }
+            .context("loading weights onto the GPU")?;
             if let Some(dir) = &drafter_dir {
                 let draft = peregrine_model::dflash::open_drafter(dir).with_context(|| format!("cannot open the drafter in {}", dir.display()))?;
                 model.attach_drafter(&draft).with_context(|| format!("drafter {} does not fit this model", dir.display()))?;
@@ -187,7 +249,10 @@ pub fn load(args: &ServeArgs) -> anyhow::Result<Ready> {
     if let Some(p) = spinner {
         p.finish_and_clear();
     }
-    tracing::info!(model = %default_name, params = files.spec.num_parameters(), secs = t0.elapsed().as_secs_f32(), backend = backend.name(), "weights loaded");
+    tracing::info!(model = %default_name, params = files.spec.num_parameters(), layers = files.spec.num_layers(), secs = t0.elapsed().as_secs_f32(), backend = backend.name(), "weights loaded");
+    if args.load_format == LoadFormat::Dummy {
+        tracing::warn!("random weights (--load-format dummy): for load tests and benchmarks; the text means nothing");
+    }
     let max_model_len = args.max_model_len.unwrap_or(files.spec.max_position_embeddings.min(8192));
     if max_model_len > files.spec.max_position_embeddings {
         bail!("--max-model-len {max_model_len} exceeds the model's max_position_embeddings {}", files.spec.max_position_embeddings);

@@ -1,0 +1,87 @@
+//! `--load-format dummy` (random weights for a config.json alone, the stand-in tokenizer) and
+//! `--hf-overrides`, served over HTTP on the CPU; and the clear errors of bad uses.
+
+mod common;
+
+use std::process::Command;
+
+use common::Server;
+use serde_json::json;
+
+const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/golden/default");
+
+/// A directory holding only the golden fixture's config.json (no weights, no tokenizer).
+fn config_only() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(format!("{FIXTURE}/config.json"), dir.path().join("config.json")).unwrap();
+    dir
+}
+
+/// The words of a stand-in tokenizer's text, as token ids.
+fn ids(text: &str, vocab: u32) -> Vec<u32> {
+    text.split_whitespace()
+        .map(|w| {
+            let id: u32 = w.strip_prefix('t').and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("`{w}` is not a stand-in token in {text:?}"));
+            assert!(id < vocab, "{w} is past the vocabulary");
+            id
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_config_alone_serves_random_weights_with_the_stand_in_tokenizer() {
+    let dir = config_only();
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap()).unwrap();
+    let vocab = cfg["vocab_size"].as_u64().unwrap() as u32;
+    let s = Server::start(&[dir.path().to_str().unwrap(), "--load-format", "dummy", "--hf-overrides", r#"{"num_hidden_layers": 2}"#]).await;
+    let body = json!({"prompt": "t1 t2 t3 t4 t5", "max_tokens": 12, "ignore_eos": true, "temperature": 0});
+    let (status, r) = s.post("/v1/completions", body.clone()).await;
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["usage"]["prompt_tokens"], 5, "one token per word: {r}");
+    assert_eq!(r["usage"]["completion_tokens"], 12, "{r}");
+    let text = r["choices"][0]["text"].as_str().unwrap();
+    assert_eq!(ids(text, vocab).len(), 12, "twelve stand-in words: {text:?}");
+    // Greedy twice, and streamed: the same words (the weights are a function of the seed).
+    let (_, again) = s.post("/v1/completions", body.clone()).await;
+    assert_eq!(again["choices"][0]["text"], r["choices"][0]["text"]);
+    let mut streamed = String::new();
+    for d in s.stream("/v1/completions", json!({"prompt": "t1 t2 t3 t4 t5", "max_tokens": 12, "ignore_eos": true, "temperature": 0, "stream": true})).await {
+        if d == "[DONE]" {
+            break;
+        }
+        let v: serde_json::Value = serde_json::from_str(&d).unwrap();
+        streamed.push_str(v["choices"][0]["text"].as_str().unwrap_or(""));
+    }
+    assert_eq!(ids(&streamed, vocab), ids(text, vocab), "streamed {streamed:?} against {text:?}");
+    // A chat request needs a template, which a bare config does not have: a clear 400.
+    let (status, r) = s.post("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "t7"}], "max_tokens": 2})).await;
+    assert_eq!(status, 400, "{r}");
+    assert!(r["error"]["message"].as_str().unwrap().contains("template"), "{r}");
+}
+
+/// `peregrine serve ARGS` run to its exit: (success, stderr).
+fn serve_exit(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_peregrine"))
+        .args(["serve", "--port", "0"])
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("spawn peregrine");
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn bad_overrides_and_oversized_models_are_refused_before_serving() {
+    let dir = config_only();
+    let path = dir.path().to_str().unwrap();
+    let (ok, err) = serve_exit(&[path, "--load-format", "dummy", "--hf-overrides", "[1, 2]"]);
+    assert!(!ok && err.contains("expected a JSON object"), "{err}");
+    let (ok, err) = serve_exit(&[path, "--load-format", "dummy", "--hf-overrides", "{num_hidden_layers: 2}"]);
+    assert!(!ok && err.contains("not JSON"), "{err}");
+    // Without random weights a config alone has nothing to load.
+    let (ok, err) = serve_exit(&[path]);
+    assert!(!ok && err.contains("cannot open model"), "{err}");
+    // A dense MLP of 10^9 rows: terabytes of f32 on the CPU, refused with the numbers.
+    let (ok, err) = serve_exit(&[path, "--load-format", "dummy", "--hf-overrides", r#"{"intermediate_size": 1000000000}"#]);
+    assert!(!ok && err.contains("holds every weight as f32") && err.contains("GB"), "{err}");
+}
