@@ -88,7 +88,7 @@ def main():
     ap.add_argument("--requests-each", type=int, default=2, help="requests per client, back to back")
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--max-tokens", type=int, default=256)
-    ap.add_argument("--vocab", type=int, default=152064, help="stand-in tokenizer: words t0 .. t{vocab-1}")
+    ap.add_argument("--vocab", type=int, default=152576, help="stand-in tokenizer: words t0 .. t{vocab-1}")
     ap.add_argument("--words", help="a file of prompt words instead (a real tokenizer's model)")
     ap.add_argument("--warmup", type=int, default=1, help="requests before timing (graph capture)")
     ap.add_argument("--json", help="also write the rows here")

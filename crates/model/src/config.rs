@@ -33,13 +33,18 @@ const PER_LAYER_FIELDS: [&str; 4] = ["layer_types", "mlp_layer_types", "hybrid_l
 /// per-layer lists it does not override are cut to that length, so a model can be cut to what
 /// one GPU holds with that one field.
 pub fn load_spec_with(dir: &Path, overrides: Option<&serde_json::Map<String, Value>>) -> Result<ModelSpec> {
-    let path = dir.join("config.json");
-    let mut config = read_json(&path)?;
-    if let Some(o) = overrides {
-        apply_overrides(&mut config, o).map_err(|e| Error::file(&path, e))?;
-    }
     let gen_path = dir.join("generation_config.json");
-    let generation = if gen_path.is_file() { Some(read_json(&gen_path)?) } else { None };
+    load_spec_file(&dir.join("config.json"), Some(&gen_path).filter(|p| p.is_file()).map(|p| p.as_path()), overrides)
+}
+
+/// A spec from a config file of any name (and a generation_config.json), with `overrides` as
+/// in `load_spec_with`.
+pub fn load_spec_file(path: &Path, generation: Option<&Path>, overrides: Option<&serde_json::Map<String, Value>>) -> Result<ModelSpec> {
+    let mut config = read_json(path)?;
+    if let Some(o) = overrides {
+        apply_overrides(&mut config, o).map_err(|e| Error::file(path, e))?;
+    }
+    let generation = generation.map(read_json).transpose()?;
     parse_config(&config, generation.as_ref())
 }
 

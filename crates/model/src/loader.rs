@@ -36,7 +36,8 @@ pub struct LoadOptions {
 }
 
 /// Opens `path_or_id`: a directory with config.json, a `.safetensors` file (config.json beside
-/// it), or an `org/name` id found in the local HF cache.
+/// it), or an `org/name` id found in the local HF cache; with random weights, also a config
+/// file of any name.
 pub fn open_model(path_or_id: &str) -> Result<ModelFiles> {
     open_model_with(path_or_id, &LoadOptions::default())
 }
@@ -60,7 +61,12 @@ pub fn open_model_with(path_or_id: &str, opts: &LoadOptions) -> Result<ModelFile
             "json" if path.file_name().is_some_and(|n| n == "config.json") => {
                 open_dir(path.parent().unwrap_or(Path::new(".")), None, opts)
             }
-            _ => Err(Error::ModelNotFound(path_or_id.to_owned(), format!("unsupported file type `.{ext}` (expected a model directory, a .safetensors or .gguf file, or config.json)"))),
+            // A config of another name (configs/mimo-v2-flash.json) describes a model only.
+            "json" if opts.dummy_weights.is_some() => open_config_file(path, opts),
+            _ => Err(Error::ModelNotFound(
+                path_or_id.to_owned(),
+                format!("unsupported file type `.{ext}` (expected a model directory, a .safetensors or .gguf file, or config.json; any .json config with random weights)"),
+            )),
         };
     }
     if path.is_dir() {
@@ -77,6 +83,23 @@ pub fn open_model_with(path_or_id: &str, opts: &LoadOptions) -> Result<ModelFile
         ));
     }
     Err(Error::ModelNotFound(path_or_id.to_owned(), "no such file or directory".into()))
+}
+
+/// A model from a config file alone, with random weights and the stand-in tokenizer (nothing
+/// else is read from its directory, which may hold other models' files).
+fn open_config_file(path: &Path, opts: &LoadOptions) -> Result<ModelFiles> {
+    let seed = opts.dummy_weights.ok_or_else(|| Error::ModelNotFound(path.display().to_string(), "a config file alone has no weights".into()))?;
+    let spec = crate::config::load_spec_file(path, None, opts.config_overrides.as_ref())?;
+    let tokenizer = crate::synthetic::synthetic_tokenizer(spec.vocab_size, spec.eos_token_ids.first().copied())?;
+    Ok(ModelFiles {
+        dir: path.parent().unwrap_or(Path::new(".")).to_path_buf(),
+        spec,
+        weights: Arc::new(SyntheticWeights::new(seed)),
+        tokenizer_json: None,
+        tokenizer_config: None,
+        tokenizer: Some(tokenizer),
+        chat_template: None,
+    })
 }
 
 fn open_dir(dir: &Path, weights_file: Option<&Path>, opts: &LoadOptions) -> Result<ModelFiles> {

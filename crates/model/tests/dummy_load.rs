@@ -66,3 +66,19 @@ fn overrides_replace_config_fields_and_fewer_layers_keep_the_first() {
     let err = open_model_with(FIXTURE, &opts).err().expect("a non-integer layer count").to_string();
     assert!(err.contains("num_hidden_layers"), "{err}");
 }
+
+#[test]
+fn a_config_file_of_any_name_opens_with_random_weights_only() {
+    let flash = concat!(env!("CARGO_MANIFEST_DIR"), "/../../configs/mimo-v2-flash.json");
+    let err = open_model(flash).err().expect("a named config without random weights").to_string();
+    assert!(err.contains("random weights"), "{err}");
+    let m = open_model_with(flash, &LoadOptions { dummy_weights: Some(1), ..Default::default() }).unwrap();
+    assert_eq!((m.spec.num_layers(), m.spec.vocab_size, m.spec.hidden_size), (48, 152576, 4096));
+    assert_eq!(m.tokenizer.as_ref().unwrap().vocab_size(), 152576, "the stand-in tokenizer");
+    assert!(m.chat_template.is_none() && m.tokenizer_json.is_none());
+    let opts = LoadOptions { dummy_weights: Some(1), config_overrides: overrides(json!({"num_hidden_layers": 18})) };
+    let m = open_model_with(flash, &opts).unwrap();
+    assert_eq!(m.spec.num_layers(), 18);
+    let full = m.spec.layers.iter().filter(|l| l.attention.window().is_none()).count();
+    assert_eq!(full, 4, "the first 18 of Flash's layers hold 4 full-attention ones");
+}

@@ -81,7 +81,11 @@ fn bad_overrides_and_oversized_models_are_refused_before_serving() {
     // Without random weights a config alone has nothing to load.
     let (ok, err) = serve_exit(&[path]);
     assert!(!ok && err.contains("cannot open model"), "{err}");
-    // A dense MLP of 10^9 rows: terabytes of f32 on the CPU, refused with the numbers.
+    // A dense MLP of 10^9 rows, or MiMo-V2-Flash whole: terabytes of f32 on the CPU, refused
+    // with the numbers before anything is allocated.
     let (ok, err) = serve_exit(&[path, "--load-format", "dummy", "--hf-overrides", r#"{"intermediate_size": 1000000000}"#]);
     assert!(!ok && err.contains("holds every weight as f32") && err.contains("GB"), "{err}");
+    let flash = concat!(env!("CARGO_MANIFEST_DIR"), "/../../configs/mimo-v2-flash.json");
+    let (ok, err) = serve_exit(&[flash, "--load-format", "dummy"]);
+    assert!(!ok && err.contains("holds every weight as f32"), "{err}");
 }
