@@ -185,6 +185,10 @@ pub fn load(args: &ServeArgs) -> anyhow::Result<Ready> {
         bail!("--tp {} is not supported yet (one GPU or the CPU)", args.tp);
     }
     let (path, default_name) = match &args.model {
+        // A config file alone (--load-format dummy) is named by its stem.
+        Some(m) if m.ends_with(".json") && !m.ends_with("config.json") => {
+            (m.clone(), std::path::Path::new(m).file_stem().map_or_else(|| m.clone(), |s| s.to_string_lossy().into_owned()))
+        }
         Some(m) => (m.clone(), m.trim_end_matches('/').to_owned()),
         None => (crate::default_model::unpack()?.display().to_string(), crate::default_model::NAME.to_owned()),
     };

@@ -59,6 +59,18 @@ async fn a_config_alone_serves_random_weights_with_the_stand_in_tokenizer() {
     assert!(r["error"]["message"].as_str().unwrap().contains("template"), "{r}");
 }
 
+#[tokio::test]
+async fn a_config_file_of_any_name_is_served_under_its_stem() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("tiny-mimo.json");
+    std::fs::copy(format!("{FIXTURE}/config.json"), &cfg).unwrap();
+    let s = Server::start(&[cfg.to_str().unwrap(), "--load-format", "dummy"]).await;
+    let models: serde_json::Value = s.client.get(s.url("/v1/models")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(models["data"][0]["id"], "tiny-mimo", "{models}");
+    let (status, r) = s.post("/v1/completions", json!({"model": "tiny-mimo", "prompt": "t3 t4", "max_tokens": 3, "ignore_eos": true})).await;
+    assert_eq!((status, r["usage"]["completion_tokens"].as_u64()), (200, Some(3)), "{r}");
+}
+
 /// `peregrine serve ARGS` run to its exit: (success, stderr).
 fn serve_exit(args: &[&str]) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_peregrine"))
