@@ -91,7 +91,18 @@ if cmp -s "$LOG/e2e-cuda-spec.txt" "$LOG/e2e-cpu.txt" && [ -s "$LOG/e2e-cpu.txt"
 cat "$LOG/metrics-cuda-8203.txt" >> "$LOG/e2e.log"
 grep -q 'accepted_tokens_total{[^}]*} [1-9]' "$LOG/metrics-cuda-8203.txt" || echo "e2e: no draft accepted on cuda: DIFFERS" >> "$LOG/e2e.log"
 cat "$LOG/seeded.txt" >> "$LOG/e2e.log"
-tail -8 "$LOG/e2e.log"
+# Random weights made on the GPU for a config alone (--load-format dummy): served, greedy twice the same.
+PEREGRINE_CACHE_DIR=/tmp/pcache .bin/peregrine serve configs/mimo-v2-flash.json --load-format dummy \
+    --hf-overrides '{"num_hidden_layers": 4}' --device cuda --kv-cache-memory 2GiB --port 8205 > "$LOG/serve-dummy.log" 2>&1 &
+dpid=$!
+for _ in $(seq 1 240); do curl -sf localhost:8205/health >/dev/null && break; sleep 0.5; done
+dummy() { curl -s localhost:8205/v1/completions -H 'content-type: application/json' \
+    -d '{"model":"mimo-v2-flash","prompt":"t1 t2 t3 t4","max_tokens":16,"temperature":0,"ignore_eos":true}' \
+    | python3 -c 'import json,sys; r=json.load(sys.stdin); print(r["usage"]["completion_tokens"], r["choices"][0]["text"])'; }
+d1=$(dummy); d2=$(dummy)
+if [ -n "$d1" ] && [ "$d1" = "$d2" ] && [ "${d1%% *}" = 16 ]; then echo "dummy weights on cuda: 16 tokens, greedy reproducible" >> "$LOG/e2e.log"; else echo "dummy weights on cuda: DIFFERS ($d1 / $d2)" >> "$LOG/e2e.log"; fi
+kill $dpid; wait $dpid 2>/dev/null || true
+tail -9 "$LOG/e2e.log"
 grep -q DIFFERS "$LOG/e2e.log" && status=1
 # GPU_CHECK_BENCH=0: the correctness half only (the benchmarks take several minutes more).
 [ "${GPU_CHECK_BENCH:-1}" = 0 ] && exit $status
