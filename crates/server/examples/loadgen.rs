@@ -1,9 +1,17 @@
 //! Load generator for a running Peregrine (or any OpenAI-compatible) server: streamed text
 //! completions at several concurrency levels; reports TTFT, inter-token latency (gaps between
-//! streamed chunks) and output tokens/s (from the usage chunk).
+//! streamed chunks) and output tokens/s (from the usage chunk, over the level's wall time, so
+//! prefills and first tokens count against it).
 //!
 //!     cargo run --release -p peregrine-server --example loadgen -- URL [CONCURRENCY,...] [REQUESTS] [MAX_TOKENS]
+//!         [--temperature T] [--prompt-words N [--vocab V]]
 //!     e.g. loadgen http://127.0.0.1:8000 1,4,16,64 64 64
+//!
+//! `--prompt-words N`: each prompt is N random words `t0` .. `t{V-1}` (V: `--vocab`, default
+//! MiMo-V2-Flash's 152576), which a server with random weights and the stand-in tokenizer
+//! (`peregrine serve CONFIG --load-format dummy`) reads as exactly N tokens, all prompts distinct.
+//! Without it, short code prompts for a real tokenizer. `--temperature` (default 0.7, seeded per
+//! request; 0: greedy).
 
 use std::time::{Duration, Instant};
 
@@ -16,9 +24,38 @@ struct Sample {
     tokens: u64,
 }
 
-async fn one(client: &reqwest::Client, url: &str, i: usize, max_tokens: usize) -> Sample {
-    let body = json!({"prompt": format!("def function_{i}(x):\n    "), "max_tokens": max_tokens, "stream": true,
-                      "ignore_eos": true, "temperature": 0.7, "seed": i, "stream_options": {"include_usage": true}});
+/// What each request asks for.
+#[derive(Clone, Copy)]
+struct Load {
+    max_tokens: usize,
+    temperature: f64,
+    /// Some((N, V)): N random stand-in words below V.
+    words: Option<(usize, u64)>,
+}
+
+/// Request i's prompt.
+fn prompt(load: &Load, i: usize) -> String {
+    match load.words {
+        None => format!("def function_{i}(x):\n    "),
+        Some((n, vocab)) => {
+            // xorshift64 from the request's index: distinct prompts, the same on every run.
+            let mut s = (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+            (0..n)
+                .map(|_| {
+                    s ^= s << 13;
+                    s ^= s >> 7;
+                    s ^= s << 17;
+                    format!("t{}", s % vocab)
+                })
+                .collect::<Vec<_>>()
+                .join(" ")
+        }
+    }
+}
+
+async fn one(client: &reqwest::Client, url: &str, i: usize, load: Load) -> Sample {
+    let body = json!({"prompt": prompt(&load, i), "max_tokens": load.max_tokens, "stream": true,
+                      "ignore_eos": true, "temperature": load.temperature, "seed": i, "stream_options": {"include_usage": true}});
     let t0 = Instant::now();
     let r = client.post(format!("{url}/v1/completions")).json(&body).send().await.expect("request");
     assert!(r.status().is_success(), "status {}", r.status());
@@ -59,11 +96,27 @@ fn pct(v: &mut [Duration], p: f64) -> f64 {
 
 #[tokio::main]
 async fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let url = args.get(1).cloned().unwrap_or_else(|| "http://127.0.0.1:8000".into());
-    let levels: Vec<usize> = args.get(2).map_or("1,4,16,64".into(), Clone::clone).split(',').map(|x| x.parse().unwrap()).collect();
-    let requests: usize = args.get(3).map_or(64, |x| x.parse().unwrap());
-    let max_tokens: usize = args.get(4).map_or(64, |x| x.parse().unwrap());
+    let (mut args, mut flags): (Vec<String>, Vec<String>) = (Vec::new(), Vec::new());
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        if a.starts_with("--") {
+            flags.push(a);
+            flags.push(it.next().expect("a value after each flag"));
+        } else {
+            args.push(a);
+        }
+    }
+    let flag = |name: &str| flags.chunks(2).find(|f| f[0] == name).map(|f| f[1].clone());
+    assert!(flags.chunks(2).all(|f| ["--temperature", "--prompt-words", "--vocab"].contains(&f[0].as_str())), "unknown flag in {flags:?}");
+    let url = args.first().cloned().unwrap_or_else(|| "http://127.0.0.1:8000".into());
+    let levels: Vec<usize> = args.get(1).map_or("1,4,16,64".into(), Clone::clone).split(',').map(|x| x.parse().unwrap()).collect();
+    let requests: usize = args.get(2).map_or(64, |x| x.parse().unwrap());
+    let max_tokens: usize = args.get(3).map_or(64, |x| x.parse().unwrap());
+    let load = Load {
+        max_tokens,
+        temperature: flag("--temperature").map_or(0.7, |t| t.parse().expect("--temperature")),
+        words: flag("--prompt-words").map(|n| (n.parse().expect("--prompt-words"), flag("--vocab").map_or(152_576, |v| v.parse().expect("--vocab")))),
+    };
     let client = reqwest::Client::new();
     println!("{:>5} {:>9} {:>10} {:>10} {:>10} {:>10} {:>12}", "conc", "requests", "ttft_p50", "ttft_p90", "itl_p50", "itl_p90", "out_tok/s");
     for &c in &levels {
@@ -74,7 +127,7 @@ async fn main() {
                 tokio::spawn(async move {
                     let mut out = Vec::new();
                     for i in (w..requests).step_by(c) {
-                        out.push(one(&client, &url, i, max_tokens).await);
+                        out.push(one(&client, &url, i, load).await);
                     }
                     out
                 })
