@@ -118,3 +118,17 @@ fn smollm2_spec_and_tokenizer_match_hf() {
         assert_eq!(tok.encode(&text, false).unwrap(), want, "prompt {name}");
     }
 }
+
+#[test]
+fn a_gguf_file_takes_no_random_weights_or_overrides() {
+    use peregrine_model::loader::{open_model_with, LoadOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("m.gguf");
+    std::fs::write(&p, synthetic()).unwrap();
+    let mut overrides = serde_json::Map::new();
+    overrides.insert("num_hidden_layers".into(), 1.into());
+    for opts in [LoadOptions { dummy_weights: Some(0), ..Default::default() }, LoadOptions { dummy_weights: None, config_overrides: Some(overrides) }] {
+        let err = open_model_with(p.to_str().unwrap(), &opts).err().expect("refused").to_string();
+        assert!(err.contains("config.json model, not a GGUF file"), "{err}");
+    }
+}
