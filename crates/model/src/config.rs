@@ -49,7 +49,7 @@ pub fn load_spec_file(path: &Path, generation: Option<&Path>, overrides: Option<
 }
 
 /// Merges `overrides` into `config` (see `load_spec_with`).
-pub fn apply_overrides(config: &mut Value, overrides: &serde_json::Map<String, Value>) -> std::result::Result<(), String> {
+fn apply_overrides(config: &mut Value, overrides: &serde_json::Map<String, Value>) -> std::result::Result<(), String> {
     let Value::Object(fields) = config else {
         return Err("config.json is not a JSON object".into());
     };

@@ -155,7 +155,7 @@ pub fn check_cpu_memory(params: u64, available: Option<u64>) -> anyhow::Result<(
     let need = params.saturating_mul(4);
     if let Some(avail) = available.filter(|&a| need > a) {
         bail!(
-            "the CPU backend holds every weight as f32: this {params}-parameter model needs {:.1} GB, and {:.1} GB of memory are available (use --device cuda, or fewer layers with --hf-overrides '{{\"num_hidden_layers\": N}}')",
+            "the CPU backend holds every weight as f32: this {params}-parameter model needs {:.1} GB, and {:.1} GB of memory are available (use --device cuda; a load test with --load-format dummy can also take fewer layers: --hf-overrides '{{\"num_hidden_layers\": N}}')",
             need as f64 / 1e9,
             avail as f64 / 1e9
         );
@@ -186,7 +186,7 @@ pub fn load(args: &ServeArgs) -> anyhow::Result<Ready> {
     }
     let (path, default_name) = match &args.model {
         // A config file alone (--load-format dummy) is named by its stem.
-        Some(m) if m.ends_with(".json") && !m.ends_with("config.json") => {
+        Some(m) if m.ends_with(".json") && std::path::Path::new(m).file_name().is_some_and(|n| n != "config.json") => {
             (m.clone(), std::path::Path::new(m).file_stem().map_or_else(|| m.clone(), |s| s.to_string_lossy().into_owned()))
         }
         Some(m) => (m.clone(), m.trim_end_matches('/').to_owned()),
