@@ -62,7 +62,7 @@ pub fn open_model_with(path_or_id: &str, opts: &LoadOptions) -> Result<ModelFile
                 open_dir(path.parent().unwrap_or(Path::new(".")), None, opts)
             }
             // A config of another name (configs/mimo-v2-flash.json) describes a model only.
-            "json" if opts.dummy_weights.is_some() => open_config_file(path, opts),
+            "json" if opts.dummy_weights.is_some() => open_config_file(path, opts.dummy_weights.unwrap_or_default(), opts),
             _ => Err(Error::ModelNotFound(
                 path_or_id.to_owned(),
                 format!("unsupported file type `.{ext}` (expected a model directory, a .safetensors or .gguf file, or config.json; any .json config with random weights)"),
@@ -87,8 +87,7 @@ pub fn open_model_with(path_or_id: &str, opts: &LoadOptions) -> Result<ModelFile
 
 /// A model from a config file alone, with random weights and the stand-in tokenizer (nothing
 /// else is read from its directory, which may hold other models' files).
-fn open_config_file(path: &Path, opts: &LoadOptions) -> Result<ModelFiles> {
-    let seed = opts.dummy_weights.ok_or_else(|| Error::ModelNotFound(path.display().to_string(), "a config file alone has no weights".into()))?;
+fn open_config_file(path: &Path, seed: u64, opts: &LoadOptions) -> Result<ModelFiles> {
     let spec = crate::config::load_spec_file(path, None, opts.config_overrides.as_ref())?;
     let tokenizer = crate::synthetic::synthetic_tokenizer(spec.vocab_size, spec.eos_token_ids.first().copied())?;
     Ok(ModelFiles {

@@ -41,7 +41,7 @@ pub enum LoadFormat {
     Dummy,
 }
 
-/// The seed of `--load-format dummy`'s weights (fixed: two servers on one config are one model).
+/// The seed of `--load-format dummy`'s weights (fixed, so a config serves one model).
 pub const DUMMY_SEED: u64 = 0x5eed;
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -187,7 +187,8 @@ pub fn load(args: &ServeArgs) -> anyhow::Result<Ready> {
     let (path, default_name) = match &args.model {
         // A config file alone (--load-format dummy) is named by its stem.
         Some(m) if m.ends_with(".json") && std::path::Path::new(m).file_name().is_some_and(|n| n != "config.json") => {
-            (m.clone(), std::path::Path::new(m).file_stem().map_or_else(|| m.clone(), |s| s.to_string_lossy().into_owned()))
+            let stem = std::path::Path::new(m).file_stem().map(|s| s.to_string_lossy().into_owned());
+            (m.clone(), stem.unwrap_or_else(|| m.clone()))
         }
         Some(m) => (m.clone(), m.trim_end_matches('/').to_owned()),
         None => (crate::default_model::unpack()?.display().to_string(), crate::default_model::NAME.to_owned()),
