@@ -2088,3 +2088,300 @@ __device__ __forceinline__ void attention_prefill_tc_body(
 ATTENTION_PREFILL_TC_KERNEL(192, 128)
 ATTENTION_PREFILL_TC_KERNEL(128, 128)
 ATTENTION_PREFILL_TC_KERNEL(64, 64)
+
+// attention_combine_head's arithmetic in its order (the same bits), for many splits: its loops
+// make a round trip to L2 per split and pass (~3 x splits per head, ~100 at a long context's
+// batch-1 split count), these ask for ATT_COMBINE_MAX splits' states at a time. (In
+// attention_combine_head itself the arrays cost the decode kernels that inline it registers:
+// attention_v2_kv 80 -> 127.)
+__device__ __forceinline__ void attention_combine_head_wide(const float* part_m, const float* part_l, const float* part_acc,
+                                                            float* __restrict__ o, int r, int h, int heads, int vd, int splits,
+                                                            const float* __restrict__ sinks, unsigned short* __restrict__ oh,
+                                                            unsigned short* __restrict__ ol, int tid, int nthreads) {
+    const float NEG_INF = __int_as_float(0xff800000u);
+    size_t p0 = ((size_t)r * heads + h) * splits;
+    float M = NEG_INF, L = 0.f;
+    for (int s0 = 0; s0 < splits; s0 += ATT_COMBINE_MAX) {
+        float ms[ATT_COMBINE_MAX];
+#pragma unroll
+        for (int c = 0; c < ATT_COMBINE_MAX; c++)
+            if (s0 + c < splits) ms[c] = __ldcg(part_m + p0 + s0 + c);
+#pragma unroll
+        for (int c = 0; c < ATT_COMBINE_MAX; c++)
+            if (s0 + c < splits) M = fmaxf(M, ms[c]);
+    }
+    for (int s0 = 0; s0 < splits; s0 += ATT_COMBINE_MAX) {
+        float ms[ATT_COMBINE_MAX], ls[ATT_COMBINE_MAX];
+#pragma unroll
+        for (int c = 0; c < ATT_COMBINE_MAX; c++)
+            if (s0 + c < splits) {
+                ms[c] = __ldcg(part_m + p0 + s0 + c);
+                ls[c] = __ldcg(part_l + p0 + s0 + c);
+            }
+#pragma unroll
+        for (int c = 0; c < ATT_COMBINE_MAX; c++)
+            if (s0 + c < splits) L += ms[c] == NEG_INF ? 0.f : ls[c] * __expf(ms[c] - M);
+    }
+    if (sinks) {
+        float sc = sinks[h];
+        float mn = fmaxf(M, sc);
+        L = L * __expf(M - mn) + __expf(sc - mn);
+        M = mn;
+    }
+    size_t ob = ((size_t)r * heads + h) * vd;
+    for (int i = tid; i < vd; i += nthreads) {
+        float a = 0.f;
+        for (int s0 = 0; s0 < splits; s0 += ATT_COMBINE_MAX) {
+            float ms[ATT_COMBINE_MAX], as[ATT_COMBINE_MAX];
+#pragma unroll
+            for (int c = 0; c < ATT_COMBINE_MAX; c++)
+                if (s0 + c < splits) {
+                    ms[c] = __ldcg(part_m + p0 + s0 + c);
+                    as[c] = __ldcg(part_acc + (p0 + s0 + c) * vd + i);
+                }
+#pragma unroll
+            for (int c = 0; c < ATT_COMBINE_MAX; c++)
+                if (s0 + c < splits && ms[c] != NEG_INF) a += as[c] * __expf(ms[c] - M);
+        }
+        a /= L;
+        o[ob + i] = a;
+        if (oh) split_bf16_value(a, oh[ob + i], ol[ob + i]);
+    }
+}
+
+// Decode attention of one KV head's heads on the tensor cores: block (r, kvh, z) serves the
+// `group` (<= 16) heads of KV head kvh of row r over split z's positions, the heads as the 16
+// rows of mma.sync m16n8k8 (TF32 hi + lo, as attention_prefill_tc: ~f32 products), so each
+// position's K and V leave shared memory once per KV head. attention_v2 reads them from L2 once
+// per head (16x at Flash's 16 heads per KV head) and attention_v2_heads from shared memory once
+// per head's warp, which bounds both by those reads at long contexts (benches/results/
+// 2026-11-25-gqa-decode-attention.md). GT_WARPS warps split the block's positions in tiles of
+// GT_TK (warp w takes tiles w, w + GT_WARPS, ...), each staging its own tiles raw by cp.async
+// (two in flight) and keeping its own online softmax of its 16 rows; the block then merges its
+// warps' states. q is rotated and the rows' K/V are in the pools (rope_kv_write ran). Outputs as
+// attention_v2_heads: o and its BF16 split, or with splits (gridDim.z > 1) each split's states
+// for attention_combine, or with `counters` the last block of (r, kvh) to finish merges its
+// heads (counter r * heads + kvh * group, zero again after). Same semantics as attention_v2,
+// not the same bits. HD % 16 == 0, VD % 8 == 0, VD <= 128.
+// Dynamic shared memory (4-byte words, gqa_tc_smem on the host): Q hi, lo [16][HD + 4], then per
+// warp K [2][GT_TK][HD + 4], V [2][GT_TK][VD + 8] and P [16][GT_TK + 4] (conflict-free pitches).
+#define GT_WARPS 8
+#define GT_TK 8
+template <int HD, int VD>
+__device__ __forceinline__ void attention_gqa_tc_body(
+    const float* __restrict__ q, const float* __restrict__ kc, const float* __restrict__ vc, float* __restrict__ o,
+    const int* __restrict__ pos, const int* __restrict__ seq, const int* __restrict__ tables, int max_blocks,
+    int block_size, int heads, int kv_heads, float scale, const float* __restrict__ sinks,
+    float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc, unsigned short* __restrict__ oh,
+    unsigned short* __restrict__ ol, unsigned* __restrict__ counters, int window) {
+    constexpr int QP = HD + 4, KP = HD + 4, VP = VD + 8, PP = GT_TK + 4;
+    constexpr int WARP_WORDS = 2 * GT_TK * KP + 2 * GT_TK * VP + 16 * PP;
+    extern __shared__ float4 gt_smem[];
+    unsigned* Qh = reinterpret_cast<unsigned*>(gt_smem);
+    unsigned* Ql = Qh + 16 * QP;
+    float* warp_area = reinterpret_cast<float*>(Ql + 16 * QP);
+    const int tid = threadIdx.x, w = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    const int r = blockIdx.x, kvh = blockIdx.y, group = heads / kv_heads, h0 = kvh * group;
+    float* Kb = warp_area + w * WARP_WORDS;
+    float* Vb = Kb + 2 * GT_TK * KP;
+    float* P = Vb + 2 * GT_TK * VP;
+    const int* table = tables + (size_t)seq[r] * max_blocks;
+    const int p = pos[r];
+    const int lo = window > 0 ? max(0, p + 1 - window) : 0;
+    const int splits = gridDim.z, chunk = (p - lo + splits) / splits;
+    const int j_lo = lo + blockIdx.z * chunk, j_hi = min(j_lo + chunk - 1, p);
+    const int tiles = j_hi >= j_lo ? (j_hi - j_lo) / GT_TK + 1 : 0;
+    const int mine = tiles > w ? (tiles - 1 - w) / GT_WARPS + 1 : 0;  // this warp's tiles
+    // Tile i (positions j_lo + GT_TK i ..) into buffer b: K and V rows, 16-byte units spread over
+    // the lanes; positions past j_hi are zero (their V meets P = 0, which must stay finite).
+    auto stage = [&](int i, int b) {
+        const int t0 = j_lo + GT_TK * i;
+        float* kd = Kb + b * GT_TK * KP;
+        float* vd = Vb + b * GT_TK * VP;
+        constexpr int KU = HD / 4, RU = (HD + VD) / 4;
+        for (int u = lane; u < GT_TK * RU; u += 32) {
+            const int jj = u / RU, c = u % RU, j = t0 + jj;
+            float* dst = c < KU ? kd + jj * KP + 4 * c : vd + jj * VP + 4 * (c - KU);
+            if (j <= j_hi) {
+                const size_t slot = (size_t)__ldg(table + j / block_size) * block_size + j % block_size;
+                const float* src = c < KU ? kc + (slot * kv_heads + kvh) * HD + 4 * c : vc + (slot * kv_heads + kvh) * VD + 4 * (c - KU);
+                cp_async16(dst, src);
+            } else {
+                *reinterpret_cast<float4*>(dst) = make_float4(0.f, 0.f, 0.f, 0.f);
+            }
+        }
+        cp_async_commit();
+    };
+    if (mine > 0) stage(w, 0);
+    // The group's q rows split into TF32 hi and lo (rows past the group zero).
+    for (int u = tid; u < 16 * (HD / 4); u += blockDim.x) {
+        const int row = u / (HD / 4), c = u % (HD / 4);
+        const float4 v = row < group ? reinterpret_cast<const float4*>(q + ((size_t)r * heads + h0 + row) * HD)[c] : make_float4(0.f, 0.f, 0.f, 0.f);
+        uint4 hv, lv;
+        tf32_split(v.x, hv.x, lv.x);
+        tf32_split(v.y, hv.y, lv.y);
+        tf32_split(v.z, hv.z, lv.z);
+        tf32_split(v.w, hv.w, lv.w);
+        *reinterpret_cast<uint4*>(Qh + row * QP + 4 * c) = hv;
+        *reinterpret_cast<uint4*>(Ql + row * QP + 4 * c) = lv;
+    }
+    __syncthreads();
+    const float NEG_INF = __int_as_float(0xff800000u);
+    float m_a = NEG_INF, m_b = NEG_INF, l_a = 0.f, l_b = 0.f;  // rows (heads) g and g + 8
+    float acc[VD / 8][4];
+#pragma unroll
+    for (int c = 0; c < VD / 8; c++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) acc[c][i] = 0.f;
+    for (int k = 0; k < mine; k++) {
+        const int b = k & 1, t0 = j_lo + GT_TK * (w + k * GT_WARPS);
+        if (k + 1 < mine) stage(w + (k + 1) * GT_WARPS, b ^ 1);
+        else cp_async_commit();  // (an empty group, so the wait below is by count)
+        cp_async_wait<1>();
+        __syncwarp();  // every lane's copies of tile k have landed
+        const float* K = Kb + b * GT_TK * KP;
+        const float* V = Vb + b * GT_TK * VP;
+        // S = Q K^T: rows g, g + 8 (heads), columns 2t, 2t + 1 (positions); two accumulators
+        // over alternate 8-wide slices of HD halve the dependent chain of MMAs.
+        float s0[4] = {0.f, 0.f, 0.f, 0.f}, s1[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll 4
+        for (int kd = 0; kd < HD / 8; kd += 2) {
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const int c0 = 8 * (kd + e) + t;
+                const unsigned ah[4] = {Qh[g * QP + c0], Qh[(g + 8) * QP + c0], Qh[g * QP + c0 + 4], Qh[(g + 8) * QP + c0 + 4]};
+                const unsigned al[4] = {Ql[g * QP + c0], Ql[(g + 8) * QP + c0], Ql[g * QP + c0 + 4], Ql[(g + 8) * QP + c0 + 4]};
+                unsigned bh0, bl0, bh1, bl1;
+                tf32_split(K[g * KP + c0], bh0, bl0);
+                tf32_split(K[g * KP + c0 + 4], bh1, bl1);
+                mma_tf32x3(e ? s1 : s0, ah, al, bh0, bh1, bl0, bl1);
+            }
+        }
+        float s[4];
+#pragma unroll
+        for (int i = 0; i < 4; i++) s[i] = s0[i] + s1[i];
+        // Online softmax of rows a (g) and b (g + 8); a row's 8 scores sit on the 4 lanes t.
+        float mx_a = NEG_INF, mx_b = NEG_INF;
+#pragma unroll
+        for (int e = 0; e < 2; e++) {
+            const bool live = t0 + 2 * t + e <= j_hi;
+            s[e] = live ? s[e] * scale : NEG_INF;
+            s[2 + e] = live ? s[2 + e] * scale : NEG_INF;
+            mx_a = fmaxf(mx_a, s[e]);
+            mx_b = fmaxf(mx_b, s[2 + e]);
+        }
+#pragma unroll
+        for (int off = 1; off < 4; off <<= 1) {
+            mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, off));
+            mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, off));
+        }
+        const float mn_a = fmaxf(m_a, mx_a), mn_b = fmaxf(m_b, mx_b);
+        const float corr_a = mn_a == NEG_INF ? 1.f : __expf(m_a - mn_a), corr_b = mn_b == NEG_INF ? 1.f : __expf(m_b - mn_b);
+        float2 pa, pb;
+        pa.x = s[0] == NEG_INF ? 0.f : __expf(s[0] - mn_a);
+        pa.y = s[1] == NEG_INF ? 0.f : __expf(s[1] - mn_a);
+        pb.x = s[2] == NEG_INF ? 0.f : __expf(s[2] - mn_b);
+        pb.y = s[3] == NEG_INF ? 0.f : __expf(s[3] - mn_b);
+        float sum_a = pa.x + pa.y, sum_b = pb.x + pb.y;
+#pragma unroll
+        for (int off = 1; off < 4; off <<= 1) {
+            sum_a += __shfl_xor_sync(0xffffffffu, sum_a, off);
+            sum_b += __shfl_xor_sync(0xffffffffu, sum_b, off);
+        }
+        l_a = l_a * corr_a + sum_a;
+        l_b = l_b * corr_b + sum_b;
+        m_a = mn_a;
+        m_b = mn_b;
+        *reinterpret_cast<float2*>(P + g * PP + 2 * t) = pa;
+        *reinterpret_cast<float2*>(P + (g + 8) * PP + 2 * t) = pb;
+#pragma unroll
+        for (int c = 0; c < VD / 8; c++) {
+            acc[c][0] *= corr_a;
+            acc[c][1] *= corr_a;
+            acc[c][2] *= corr_b;
+            acc[c][3] *= corr_b;
+        }
+        __syncwarp();  // the warp's P rows are written
+        // acc += P V over the tile's GT_TK (= 8) positions: one k step.
+        unsigned ah[4], al[4];
+        load_a_split(P, PP, g, t, ah, al);
+#pragma unroll
+        for (int c = 0; c < VD / 8; c++) {
+            unsigned bh0, bl0, bh1, bl1;
+            tf32_split(V[t * VP + 8 * c + g], bh0, bl0);
+            tf32_split(V[(t + 4) * VP + 8 * c + g], bh1, bl1);
+            mma_tf32x3(acc[c], ah, al, bh0, bh1, bl0, bl1);
+        }
+        __syncwarp();  // buffer b and P are rewritten from the next step
+    }
+    // The warps' states merged: each warp's rows into shared memory (over the staging buffers),
+    // then thread i sums element i of every head in warp order.
+    __syncthreads();
+    float* Mw = warp_area;               // [GT_WARPS][16]
+    float* Lw = Mw + GT_WARPS * 16;      // [GT_WARPS][16]
+    float* Aw = Lw + GT_WARPS * 16;      // [GT_WARPS][16][VD]
+    if (t == 0) {
+        Mw[w * 16 + g] = m_a;
+        Mw[w * 16 + g + 8] = m_b;
+        Lw[w * 16 + g] = l_a;
+        Lw[w * 16 + g + 8] = l_b;
+    }
+#pragma unroll
+    for (int c = 0; c < VD / 8; c++)
+#pragma unroll
+        for (int e = 0; e < 2; e++) {
+            Aw[(w * 16 + g) * VD + 8 * c + 2 * t + e] = acc[c][e];
+            Aw[(w * 16 + g + 8) * VD + 8 * c + 2 * t + e] = acc[c][2 + e];
+        }
+    __syncthreads();
+    for (int u = tid; u < group * VD; u += blockDim.x) {
+        const int row = u / VD, col = u % VD, h = h0 + row;
+        float M = NEG_INF;
+#pragma unroll
+        for (int v = 0; v < GT_WARPS; v++) M = fmaxf(M, Mw[v * 16 + row]);
+        float L = 0.f, A = 0.f;
+        if (M != NEG_INF) {
+#pragma unroll
+            for (int v = 0; v < GT_WARPS; v++) {
+                const float mv = Mw[v * 16 + row];
+                if (mv == NEG_INF) continue;
+                const float f = __expf(mv - M);
+                L += Lw[v * 16 + row] * f;
+                A += Aw[(v * 16 + row) * VD + col] * f;
+            }
+        }
+        const size_t hb = (size_t)r * heads + h;
+        if (splits == 1) {
+            const float f = sink_rescale(sinks, h, M, L);
+            const float v = A * f / L;
+            o[hb * VD + col] = v;
+            if (oh) split_bf16_value(v, oh[hb * VD + col], ol[hb * VD + col]);
+        } else {
+            const size_t ps = hb * splits + blockIdx.z;
+            if (col == 0) {
+                part_m[ps] = M;
+                part_l[ps] = L;
+            }
+            part_acc[ps * VD + col] = A;
+        }
+    }
+    if (splits == 1 || !counters) return;  // (attention_combine merges the splits)
+    if (!block_arrive_last(counters + (size_t)r * heads + h0, (unsigned)splits)) return;
+    for (int row = w; row < group; row += GT_WARPS)
+        attention_combine_head_wide(part_m, part_l, part_acc, o, r, h0 + row, heads, VD, splits, sinks, oh, ol, lane, 32);
+}
+#define ATTENTION_GQA_TC_KERNEL(HD, VD)                                                                                      \
+    extern "C" __global__ void __launch_bounds__(32 * GT_WARPS, 1) attention_gqa_tc_d##HD##_v##VD(                          \
+        const float* __restrict__ q, const float* __restrict__ kc, const float* __restrict__ vc, float* __restrict__ o,      \
+        const int* __restrict__ pos, const int* __restrict__ seq, const int* __restrict__ tables, int max_blocks,            \
+        int block_size, int heads, int kv_heads, int hd, int vd, int window, float scale, const float* __restrict__ sinks,   \
+        float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc, unsigned short* __restrict__ oh, \
+        unsigned short* __restrict__ ol, unsigned* __restrict__ counters) {                                                  \
+        PDL_ENTER();                                                                                                         \
+        attention_gqa_tc_body<HD, VD>(q, kc, vc, o, pos, seq, tables, max_blocks, block_size, heads, kv_heads, scale, sinks, \
+                                      part_m, part_l, part_acc, oh, ol, counters, window);                                   \
+    }
+// The prefill tensor-core shapes (PREFILL_TC_SHAPES on the host).
+ATTENTION_GQA_TC_KERNEL(192, 128)
+ATTENTION_GQA_TC_KERNEL(128, 128)
+ATTENTION_GQA_TC_KERNEL(64, 64)

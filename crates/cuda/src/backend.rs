@@ -185,6 +185,8 @@ pub(crate) struct Ops {
     attention_v2_kv_ready: CudaFunction,
     attention_v2_kv_ready_pre: CudaFunction,
     attention_v2_heads: CudaFunction,
+    /// `attention_gqa_tc_d{hd}_v{vd}` per `PREFILL_TC_SHAPES` entry (`CudaModel::gqa_tc_kernel`).
+    attention_gqa_tc: Vec<CudaFunction>,
     attention_combine: CudaFunction,
     pub(crate) attention_prefill: PrefillAttention,
     attention_v2_rows: CudaFunction,
@@ -247,6 +249,12 @@ pub struct CudaModel {
     /// (`attention_v2_heads`, the heads of a KV head in one block) instead of a block per head
     /// (`PEREGRINE_ATTN_HEADS_MIN_ROWS`; tests set it to compare the two).
     pub(crate) attn_heads_min_rows: usize,
+    /// Decode attention without the K/V write inside runs the heads of each KV head on the
+    /// tensor cores (`attention_gqa_tc`, shapes `gqa_tc_kernel` takes) from this many rows
+    /// (`PEREGRINE_ATTN_TC_MIN_ROWS`) or from this many positions in the block tables
+    /// (`PEREGRINE_ATTN_TC_MIN_SPAN`), whichever comes first; tests set them.
+    pub(crate) attn_tc_min_rows: usize,
+    pub(crate) attn_tc_min_span: usize,
     /// Arrival counters of split decode attention, one per (row, head) of up to
     /// `MERGE_IN_ATTENTION_ROWS` rows (zero between calls: the kernel resets them). With them
     /// the last split of each (row, head) merges the splits, and no `attention_combine` runs.
@@ -301,6 +309,25 @@ const ATT_WARPS: usize = 8;
 /// Decode rows from which `attention_v2_heads` serves attention without the K/V write inside
 /// (`CudaModel::attn_heads_min_rows`).
 const ATTN_HEADS_MIN_ROWS: usize = 8;
+
+/// Decode rows, and positions in the block tables, from which `attention_gqa_tc` serves decode
+/// attention without the K/V write inside (`CudaModel::attn_tc_min_rows`, `attn_tc_min_span`).
+const ATTN_TC_MIN_ROWS: usize = usize::MAX;
+const ATTN_TC_MIN_SPAN: usize = 2048;
+
+/// Warps per block of `attention_gqa_tc` (GT_WARPS in kernels/ops.cu) and positions per tile
+/// (GT_TK).
+const GT_WARPS: usize = 8;
+const GT_TK: usize = 8;
+
+/// `attention_gqa_tc`'s dynamic shared memory (4-byte words): Q hi and lo [16][hd + 4], then
+/// per warp K [2][GT_TK][hd + 4], V [2][GT_TK][vd + 8] and P [16][GT_TK + 4]; the warps' merge
+/// ([GT_WARPS][16] maxima and sums, [GT_WARPS][16][vd] accumulators) reuses the warps' part.
+pub(crate) fn gqa_tc_smem(hd: usize, vd: usize) -> usize {
+    let warps = GT_WARPS * (2 * GT_TK * (hd + 4) + 2 * GT_TK * (vd + 8) + 16 * (GT_TK + 4));
+    let merge = GT_WARPS * 16 * (2 + vd);
+    4 * (2 * 16 * (hd + 4) + warps.max(merge))
+}
 
 /// Blocks per (row, head) of decode attention over `span` positions, for `row_heads` (rows x
 /// heads) of them: a span longer than twice `split` is split `split` positions per block (at
@@ -424,6 +451,15 @@ impl CudaModel {
                 let _ = k.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, ATT_HEADS_MAX_SMEM as i32);
                 k
             },
+            attention_gqa_tc: PREFILL_TC_SHAPES
+                .iter()
+                .map(|&(hd, vd)| {
+                    // Best effort, as above.
+                    let k = f(&format!("attention_gqa_tc_d{hd}_v{vd}"))?;
+                    let _ = k.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, gqa_tc_smem(hd, vd) as i32);
+                    Ok(k)
+                })
+                .collect::<Result<_>>()?,
             attention_combine: f("attention_combine")?,
             attention_prefill: {
                 // Q, K, V and P tiles of up to 184 KB (f32, K head dim 256) and 199 KB (tensor
@@ -575,6 +611,8 @@ impl CudaModel {
             attn_reset_by_next: std::env::var("PEREGRINE_ATTN_RESET_BY_NEXT").map_or(true, |v| v != "0"),
             sm_count: sms,
             attn_heads_min_rows: std::env::var("PEREGRINE_ATTN_HEADS_MIN_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(ATTN_HEADS_MIN_ROWS),
+            attn_tc_min_rows: std::env::var("PEREGRINE_ATTN_TC_MIN_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(ATTN_TC_MIN_ROWS),
+            attn_tc_min_span: std::env::var("PEREGRINE_ATTN_TC_MIN_SPAN").ok().and_then(|v| v.parse().ok()).unwrap_or(ATTN_TC_MIN_SPAN),
             attn_counters,
             merge_in_attention: std::env::var("PEREGRINE_ATTN_MERGE_IN_KERNEL").map_or(true, |v| v != "0"),
             qkv_ready: std::env::var("PEREGRINE_QKV_READY").map_or(true, |v| v != "0"),
@@ -750,7 +788,7 @@ impl CudaModel {
         // The fused kernel holds fewer blocks per SM than attention_v2: only while its grid fits
         // one wave is it the faster of the two (a second wave cost more than the launch saved).
         let splits = self.attn_splits(&s, meta.max_blocks, meta.block_size, n);
-        let kv_fused = kv_in_attention && v2 && n * s.num_heads * splits <= self.attention_kv_wave;
+        let kv_fused = kv_in_attention && v2 && n * s.num_heads * splits <= self.attention_kv_wave && !self.gqa_tc_for(&s, meta.max_blocks, meta.block_size, n);
         // A BF16 o_proj on the tensor-core path reads the attention's own BF16 split of o.
         let presplit = v2 && a.o.k.is_multiple_of(128) && matches!(a.o.m, GpuMatrix::Bf16(_));
         // Each head's attention may start as soon as the projection has written its rows.
@@ -896,6 +934,31 @@ impl CudaModel {
         Ok(attention_splits(span, self.attn_split, self.attn_fill.then_some(wave), rows * s.num_heads.div_ceil(ATT_WARPS)))
     }
 
+    /// The tensor-core GQA decode kernel for attention `s`, if one is compiled for its head
+    /// dims and its heads per KV head fit the MMA's 16 rows.
+    fn gqa_tc_kernel(&self, s: &AttentionSpec) -> Option<&CudaFunction> {
+        let i = PREFILL_TC_SHAPES.iter().position(|&d| d == (s.head_dim, s.v_head_dim))?;
+        let fits = s.num_kv_heads > 0 && s.num_heads.is_multiple_of(s.num_kv_heads) && s.num_heads / s.num_kv_heads <= 16;
+        (fits && uses_attention_v2(s)).then(|| &self.ops.attention_gqa_tc[i])
+    }
+
+    /// Whether decode attention of `n` rows without the K/V write inside runs on
+    /// `attention_gqa_tc` (`attn_tc_min_rows`, `attn_tc_min_span`): by the row bucket and the
+    /// table width only, so a captured graph keeps its kernel.
+    pub(crate) fn gqa_tc_for(&self, s: &AttentionSpec, max_blocks: usize, block_size: usize, n: usize) -> bool {
+        let span = s.window().map_or(max_blocks * block_size, |w| w.min(max_blocks * block_size));
+        self.gqa_tc_kernel(s).is_some() && (n >= self.attn_tc_min_rows || span >= self.attn_tc_min_span)
+    }
+
+    /// Blocks per (row, KV head) of `attention_gqa_tc` for `n` rows: as for `attention_v2`,
+    /// filling one wave of its own blocks.
+    fn gqa_tc_splits(&self, s: &AttentionSpec, kernel: &CudaFunction, max_blocks: usize, block_size: usize, n: usize) -> Result<usize> {
+        let span = s.window().map_or(max_blocks * block_size, |w| w.min(max_blocks * block_size));
+        let smem = gqa_tc_smem(s.head_dim, s.v_head_dim);
+        let wave = kernel.occupancy_max_active_blocks_per_multiprocessor((32 * GT_WARPS) as u32, smem, None).map_err(drv)? as usize * self.sm_count;
+        Ok(attention_splits(span, self.attn_split, self.attn_fill.then_some(wave), n * s.num_kv_heads))
+    }
+
     /// Paged attention of `n` query rows over the K/V pools (`attention_v2`, or the one-warp
     /// `attention` when `v2` is false): row r at position pos[r] of sequence seq[r], whose
     /// block table is `tables[seq[r] * max_blocks..]`.
@@ -953,12 +1016,15 @@ impl CudaModel {
         // Decode rows whose K/V are in the pools: one warp per head from attn_heads_min_rows,
         // for the shapes it takes (attention_heads_smem).
         let heads_smem = attention_heads_smem(s);
-        let per_head_warps = v2 && fresh.is_none() && rows.is_none() && n >= self.attn_heads_min_rows && heads_smem.is_some();
+        // Or, where gqa_tc_for says so, the heads of each KV head on the tensor cores.
+        let gqa_tc = if v2 && fresh.is_none() && rows.is_none() && self.gqa_tc_for(s, max_blocks, block_size, n) { self.gqa_tc_kernel(s) } else { None };
+        let per_head_warps = gqa_tc.is_none() && v2 && fresh.is_none() && rows.is_none() && n >= self.attn_heads_min_rows && heads_smem.is_some();
         let heads_smem = heads_smem.unwrap_or(0);
-        let splits = match (v2, per_head_warps) {
-            (false, _) => 1,
-            (true, true) => self.attn_heads_splits(s, max_blocks, block_size, n, heads_smem)?,
-            (true, false) => self.attn_splits(s, max_blocks, block_size, n),
+        let splits = match (v2, per_head_warps, gqa_tc) {
+            (true, _, Some(k)) => self.gqa_tc_splits(s, k, max_blocks, block_size, n)?,
+            (false, _, _) => 1,
+            (true, true, None) => self.attn_heads_splits(s, max_blocks, block_size, n, heads_smem)?,
+            (true, false, None) => self.attn_splits(s, max_blocks, block_size, n),
         };
         let (mut pm, mut pl, mut pa) = match given_parts {
             Some((splits_given, parts)) if splits_given == splits => parts,
@@ -969,16 +1035,17 @@ impl CudaModel {
         // cover the rows; a prefill batch's row list keeps attention_combine_rows.
         let merge_in_kernel = self.merge_in_attention && splits > 1 && rows.is_none() && n * s.num_heads <= self.attn_counters.len();
         let counters = merge_in_kernel.then_some(&self.attn_counters);
-        let kernel = match (v2, fresh.is_some(), rows.is_some()) {
-            _ if per_head_warps => &self.ops.attention_v2_heads,
+        let kernel = match (gqa_tc, (v2, fresh.is_some(), rows.is_some())) {
+            (Some(k), _) => k,
+            (None, _) if per_head_warps => &self.ops.attention_v2_heads,
             // Its first round of K/V rows loaded while it waits for its heads, where its grid
             // fits one wave at the registers that takes (batch 1).
-            (true, true, _) if fresh.as_ref().is_some_and(|f| f.ready.is_some()) && self.attention_ready_pre && n * s.num_heads * splits <= self.attention_ready_pre_wave => &self.ops.attention_v2_kv_ready_pre,
-            (true, true, _) if fresh.as_ref().is_some_and(|f| f.ready.is_some()) => &self.ops.attention_v2_kv_ready,
-            (true, true, _) => &self.ops.attention_v2_kv,
-            (true, false, true) => &self.ops.attention_v2_rows,
-            (true, false, false) => &self.ops.attention_v2,
-            (false, _, _) => &self.ops.attention,
+            (None, (true, true, _)) if fresh.as_ref().is_some_and(|f| f.ready.is_some()) && self.attention_ready_pre && n * s.num_heads * splits <= self.attention_ready_pre_wave => &self.ops.attention_v2_kv_ready_pre,
+            (None, (true, true, _)) if fresh.as_ref().is_some_and(|f| f.ready.is_some()) => &self.ops.attention_v2_kv_ready,
+            (None, (true, true, _)) => &self.ops.attention_v2_kv,
+            (None, (true, false, true)) => &self.ops.attention_v2_rows,
+            (None, (true, false, false)) => &self.ops.attention_v2,
+            (None, (false, _, _)) => &self.ops.attention,
         };
         let mut b = crate::launch::builder(&self.stream, kernel);
         b.arg(q).arg(kc).arg(vc).arg(&mut o).arg(pos).arg(seq).arg(tables).arg(&mb).arg(&bs).arg(&hh).arg(&kvh).arg(&hd).arg(&vd).arg(&window).arg(&scale);
@@ -986,7 +1053,7 @@ impl CudaModel {
         if v2 {
             b.arg(&mut pm).arg(&mut pl).arg(&mut pa).arg_or_null(split.as_mut().map(|s| &mut s.0)).arg_or_null(split.as_mut().map(|s| &mut s.1));
         }
-        if per_head_warps {
+        if per_head_warps || gqa_tc.is_some() {
             b.arg_or_null(counters);
         } else if v2 {
             let (half, rd, th, vs) = (s.rope.rotary_dim.div_ceil(2) as i32, s.rope.rotary_dim as i32, s.rope.theta as f32, s.value_scale);
@@ -1008,8 +1075,12 @@ impl CudaModel {
                 b.arg(r.counters).arg(&r.need_q).arg(&r.need_kv).arg(&(r.reset_by_next as i32));
             }
         }
-        let threads = if v2 { 256 } else { 32 }; // 32 x ATT_WARPS for attention_v2
-        let (head_blocks, smem) = if per_head_warps { (s.num_heads.div_ceil(ATT_WARPS), heads_smem) } else { (s.num_heads, 0) };
+        let threads = if v2 { 256 } else { 32 }; // 32 x ATT_WARPS for attention_v2, 32 x GT_WARPS for attention_gqa_tc
+        let (head_blocks, smem) = match () {
+            _ if gqa_tc.is_some() => (s.num_kv_heads, gqa_tc_smem(s.head_dim, s.v_head_dim)),
+            _ if per_head_warps => (s.num_heads.div_ceil(ATT_WARPS), heads_smem),
+            _ => (s.num_heads, 0),
+        };
         unsafe { b.launch(LaunchConfig { grid_dim: (grid_rows as u32, head_blocks as u32, splits as u32), block_dim: (threads, 1, 1), shared_mem_bytes: smem as u32 }) }.map_err(drv)?;
         if splits > 1 && !merge_in_kernel {
             let sp = splits as i32;
@@ -2101,7 +2172,17 @@ mod split_tests {
 
 #[cfg(test)]
 mod heads_attention_tests {
-    use super::attention_heads_smem;
+    use super::{attention_heads_smem, gqa_tc_smem};
+
+    /// attention_gqa_tc's shared memory: Q hi + lo, then per warp two K and V tiles and P, and
+    /// the largest compiled shape fits an H100 block (227 KB).
+    #[test]
+    fn gqa_tc_shared_memory() {
+        assert_eq!(gqa_tc_smem(192, 128), 4 * (2 * 16 * 196 + 8 * (2 * 8 * 196 + 2 * 8 * 136 + 16 * 12)));
+        assert_eq!(gqa_tc_smem(64, 64), 4 * (2 * 16 * 68 + 8 * (2 * 8 * 68 + 2 * 8 * 72 + 16 * 12)));
+        assert!(gqa_tc_smem(192, 128) <= 227 * 1024);
+        assert!(gqa_tc_smem(128, 128) >= 4 * (2 * 16 * 132 + 8 * 16 * 130), "the warps' merge fits");
+    }
     use peregrine_core::spec::RopeStyle;
     use peregrine_core::{AttentionKind, AttentionSpec, QkvLayout, RopeSpec};
 
