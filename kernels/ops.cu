@@ -2089,66 +2089,6 @@ ATTENTION_PREFILL_TC_KERNEL(192, 128)
 ATTENTION_PREFILL_TC_KERNEL(128, 128)
 ATTENTION_PREFILL_TC_KERNEL(64, 64)
 
-// attention_combine_head's arithmetic in its order (the same bits), for many splits: its loops
-// make a round trip to L2 per split and pass (~3 x splits per head, ~100 at a long context's
-// batch-1 split count), these ask for ATT_COMBINE_MAX splits' states at a time. (In
-// attention_combine_head itself the arrays cost the decode kernels that inline it registers:
-// attention_v2_kv 80 -> 127.)
-__device__ __forceinline__ void attention_combine_head_wide(const float* part_m, const float* part_l, const float* part_acc,
-                                                            float* __restrict__ o, int r, int h, int heads, int vd, int splits,
-                                                            const float* __restrict__ sinks, unsigned short* __restrict__ oh,
-                                                            unsigned short* __restrict__ ol, int tid, int nthreads) {
-    const float NEG_INF = __int_as_float(0xff800000u);
-    size_t p0 = ((size_t)r * heads + h) * splits;
-    float M = NEG_INF, L = 0.f;
-    for (int s0 = 0; s0 < splits; s0 += ATT_COMBINE_MAX) {
-        float ms[ATT_COMBINE_MAX];
-#pragma unroll
-        for (int c = 0; c < ATT_COMBINE_MAX; c++)
-            if (s0 + c < splits) ms[c] = __ldcg(part_m + p0 + s0 + c);
-#pragma unroll
-        for (int c = 0; c < ATT_COMBINE_MAX; c++)
-            if (s0 + c < splits) M = fmaxf(M, ms[c]);
-    }
-    for (int s0 = 0; s0 < splits; s0 += ATT_COMBINE_MAX) {
-        float ms[ATT_COMBINE_MAX], ls[ATT_COMBINE_MAX];
-#pragma unroll
-        for (int c = 0; c < ATT_COMBINE_MAX; c++)
-            if (s0 + c < splits) {
-                ms[c] = __ldcg(part_m + p0 + s0 + c);
-                ls[c] = __ldcg(part_l + p0 + s0 + c);
-            }
-#pragma unroll
-        for (int c = 0; c < ATT_COMBINE_MAX; c++)
-            if (s0 + c < splits) L += ms[c] == NEG_INF ? 0.f : ls[c] * __expf(ms[c] - M);
-    }
-    if (sinks) {
-        float sc = sinks[h];
-        float mn = fmaxf(M, sc);
-        L = L * __expf(M - mn) + __expf(sc - mn);
-        M = mn;
-    }
-    size_t ob = ((size_t)r * heads + h) * vd;
-    for (int i = tid; i < vd; i += nthreads) {
-        float a = 0.f;
-        for (int s0 = 0; s0 < splits; s0 += ATT_COMBINE_MAX) {
-            float ms[ATT_COMBINE_MAX], as[ATT_COMBINE_MAX];
-#pragma unroll
-            for (int c = 0; c < ATT_COMBINE_MAX; c++)
-                if (s0 + c < splits) {
-                    ms[c] = __ldcg(part_m + p0 + s0 + c);
-                    as[c] = __ldcg(part_acc + (p0 + s0 + c) * vd + i);
-                }
-#pragma unroll
-            for (int c = 0; c < ATT_COMBINE_MAX; c++)
-                if (s0 + c < splits && ms[c] != NEG_INF) a += as[c] * __expf(ms[c] - M);
-        }
-        a /= L;
-        o[ob + i] = a;
-        if (oh) split_bf16_value(a, oh[ob + i], ol[ob + i]);
-    }
-}
-
 // Decode attention of one KV head's heads on the tensor cores: block (r, kvh, z) serves the
 // `group` (<= 16) heads of KV head kvh of row r over split z's positions, the heads as the 16
 // rows of mma.sync m16n8k8 (TF32 hi + lo, as attention_prefill_tc: ~f32 products), so each
@@ -2194,8 +2134,15 @@ __device__ __forceinline__ void attention_gqa_tc_body(
     const int mine = tiles > w ? (tiles - 1 - w) / GT_WARPS + 1 : 0;  // this warp's tiles
     // Tile i (positions j_lo + GT_TK i ..) into buffer b: K and V rows, 16-byte units spread over
     // the lanes; positions past j_hi are zero (their V meets P = 0, which must stay finite).
-    auto stage = [&](int i, int b) {
+    // Tile i's (at most two, for blocks of GT_TK positions or more) block-table entries, loaded
+    // a tile ahead of its copies: each copy would otherwise wait for its own lookup.
+    auto entries = [&](int i, int& e0, int& e1) {
         const int t0 = j_lo + GT_TK * i;
+        e0 = __ldg(table + t0 / block_size);
+        e1 = __ldg(table + min(t0 + GT_TK - 1, j_hi) / block_size);
+    };
+    auto stage = [&](int i, int b, int e0, int e1) {
+        const int t0 = j_lo + GT_TK * i, b0 = t0 / block_size;
         float* kd = Kb + b * GT_TK * KP;
         float* vd = Vb + b * GT_TK * VP;
         constexpr int KU = HD / 4, RU = (HD + VD) / 4;
@@ -2203,7 +2150,8 @@ __device__ __forceinline__ void attention_gqa_tc_body(
             const int jj = u / RU, c = u % RU, j = t0 + jj;
             float* dst = c < KU ? kd + jj * KP + 4 * c : vd + jj * VP + 4 * (c - KU);
             if (j <= j_hi) {
-                const size_t slot = (size_t)__ldg(table + j / block_size) * block_size + j % block_size;
+                const int ent = block_size >= GT_TK ? (j / block_size == b0 ? e0 : e1) : __ldg(table + j / block_size);
+                const size_t slot = (size_t)ent * block_size + j % block_size;
                 const float* src = c < KU ? kc + (slot * kv_heads + kvh) * HD + 4 * c : vc + (slot * kv_heads + kvh) * VD + 4 * (c - KU);
                 cp_async16(dst, src);
             } else {
@@ -2212,7 +2160,12 @@ __device__ __forceinline__ void attention_gqa_tc_body(
         }
         cp_async_commit();
     };
-    if (mine > 0) stage(w, 0);
+    int e0 = 0, e1 = 0;
+    if (mine > 0) {
+        entries(w, e0, e1);
+        stage(w, 0, e0, e1);
+    }
+    if (mine > 1) entries(w + GT_WARPS, e0, e1);
     // The group's q rows split into TF32 hi and lo (rows past the group zero).
     for (int u = tid; u < 16 * (HD / 4); u += blockDim.x) {
         const int row = u / (HD / 4), c = u % (HD / 4);
@@ -2235,8 +2188,12 @@ __device__ __forceinline__ void attention_gqa_tc_body(
         for (int i = 0; i < 4; i++) acc[c][i] = 0.f;
     for (int k = 0; k < mine; k++) {
         const int b = k & 1, t0 = j_lo + GT_TK * (w + k * GT_WARPS);
-        if (k + 1 < mine) stage(w + (k + 1) * GT_WARPS, b ^ 1);
-        else cp_async_commit();  // (an empty group, so the wait below is by count)
+        if (k + 1 < mine) {
+            stage(w + (k + 1) * GT_WARPS, b ^ 1, e0, e1);
+            if (k + 2 < mine) entries(w + (k + 2) * GT_WARPS, e0, e1);
+        } else {
+            cp_async_commit();  // (an empty group, so the wait below is by count)
+        }
         cp_async_wait<1>();
         __syncwarp();  // every lane's copies of tile k have landed
         const float* K = Kb + b * GT_TK * KP;
@@ -2254,7 +2211,11 @@ __device__ __forceinline__ void attention_gqa_tc_body(
                 unsigned bh0, bl0, bh1, bl1;
                 tf32_split(K[g * KP + c0], bh0, bl0);
                 tf32_split(K[g * KP + c0 + 4], bh1, bl1);
+#ifndef GT_NO_MMA
                 mma_tf32x3(e ? s1 : s0, ah, al, bh0, bh1, bl0, bl1);
+#else
+                (e ? s1 : s0)[0] += __uint_as_float(ah[0] ^ al[1] ^ bh0 ^ bl1);  // measurement builds: no MMA
+#endif
             }
         }
         float s[4];
@@ -2310,7 +2271,11 @@ __device__ __forceinline__ void attention_gqa_tc_body(
             unsigned bh0, bl0, bh1, bl1;
             tf32_split(V[t * VP + 8 * c + g], bh0, bl0);
             tf32_split(V[(t + 4) * VP + 8 * c + g], bh1, bl1);
+#ifndef GT_NO_MMA
             mma_tf32x3(acc[c], ah, al, bh0, bh1, bl0, bl1);
+#else
+            acc[c][0] += __uint_as_float(ah[0] ^ bh0 ^ bl1);
+#endif
         }
         __syncwarp();  // buffer b and P are rewritten from the next step
     }
@@ -2367,8 +2332,87 @@ __device__ __forceinline__ void attention_gqa_tc_body(
     }
     if (splits == 1 || !counters) return;  // (attention_combine merges the splits)
     if (!block_arrive_last(counters + (size_t)r * heads + h0, (unsigned)splits)) return;
-    for (int row = w; row < group; row += GT_WARPS)
-        attention_combine_head_wide(part_m, part_l, part_acc, o, r, h0 + row, heads, VD, splits, sinks, oh, ol, lane, 32);
+#ifdef GT_NO_MERGE
+    return;  // measurement builds: outputs wrong
+#endif
+    // The last block merges its heads' splits with attention_combine_head's arithmetic in its
+    // order (the same bits), all 256 threads at once: every state's max and sum into shared
+    // memory in one round, each head's M, L and split weights e^(m - M) by one thread, then
+    // thread (row, 8 columns) sums its accumulators, GT_TK splits' loads at a time.
+    float* Ms = warp_area;                 // [16][splits] maxima, then weights (-1: empty split)
+    float* Ls = Ms + 16 * splits;          // [16][splits] sums
+    float* ML = Ls + 16 * splits;          // [16] M, [16] L
+#pragma unroll 4
+    for (int u = tid; u < group * splits; u += blockDim.x) {
+        const size_t ps = ((size_t)r * heads + h0 + u / splits) * splits + u % splits;
+        Ms[u] = __ldcg(part_m + ps);
+        Ls[u] = __ldcg(part_l + ps);
+    }
+    __syncthreads();
+    // A warp per head: the max over its lanes (exact in any order), the sum by lane 0 in split
+    // order, the weights by the lanes.
+    for (int row = w; row < group; row += GT_WARPS) {
+        float* ms = Ms + row * splits;
+        const float* ls = Ls + row * splits;
+        float M = NEG_INF, L = 0.f;
+        for (int z = lane; z < splits; z += 32) M = fmaxf(M, ms[z]);
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, off));
+        if (lane == 0) {
+#pragma unroll 8
+            for (int z = 0; z < splits; z++) L += ms[z] == NEG_INF ? 0.f : ls[z] * __expf(ms[z] - M);
+        }
+        L = __shfl_sync(0xffffffffu, L, 0);
+        if (sinks) {
+            const float sc = sinks[h0 + row], mn = fmaxf(M, sc);
+            L = L * __expf(M - mn) + __expf(sc - mn);
+            M = mn;
+        }
+        __syncwarp();  // lane 0 has read the maxima
+        for (int z = lane; z < splits; z += 32) ms[z] = ms[z] == NEG_INF ? -1.f : __expf(ms[z] - M);
+        if (lane == 0) {
+            ML[row] = M;
+            ML[16 + row] = L;
+        }
+    }
+    __syncthreads();
+    static_assert(VD % 64 == 0, "16 threads of whole float4s per row");
+    constexpr int CPT = VD / 16;  // columns per thread (8 at VD 128)
+    const int row = tid / 16, col0 = (tid % 16) * CPT;
+    if (row >= group) return;
+    const float* wts = Ms + row * splits;
+    const size_t hb = (size_t)r * heads + h0 + row;
+    float a[CPT];
+#pragma unroll
+    for (int e = 0; e < CPT; e++) a[e] = 0.f;
+    for (int z0 = 0; z0 < splits; z0 += GT_TK) {
+        float4 v[GT_TK][CPT / 4];
+#pragma unroll
+        for (int c = 0; c < GT_TK; c++)
+            if (z0 + c < splits)
+#pragma unroll
+                for (int e = 0; e < CPT / 4; e++) v[c][e] = __ldcg(reinterpret_cast<const float4*>(part_acc + (hb * splits + z0 + c) * VD + col0) + e);
+#pragma unroll
+        for (int c = 0; c < GT_TK; c++) {
+            if (z0 + c >= splits) break;
+            const float f = wts[z0 + c];
+            if (f < 0.f) continue;
+#pragma unroll
+            for (int e = 0; e < CPT / 4; e++) {
+                a[4 * e] += v[c][e].x * f;
+                a[4 * e + 1] += v[c][e].y * f;
+                a[4 * e + 2] += v[c][e].z * f;
+                a[4 * e + 3] += v[c][e].w * f;
+            }
+        }
+    }
+    const float L = ML[16 + row];
+#pragma unroll
+    for (int e = 0; e < CPT; e++) {
+        const float v = a[e] / L;
+        o[hb * VD + col0 + e] = v;
+        if (oh) split_bf16_value(v, oh[hb * VD + col0 + e], ol[hb * VD + col0 + e]);
+    }
 }
 #define ATTENTION_GQA_TC_KERNEL(HD, VD)                                                                                      \
     extern "C" __global__ void __launch_bounds__(32 * GT_WARPS, 1) attention_gqa_tc_d##HD##_v##VD(                          \
