@@ -2103,8 +2103,9 @@ ATTENTION_PREFILL_TC_KERNEL(64, 64)
 // for attention_combine, or with `counters` the last block of (r, kvh) to finish merges its
 // heads (counter r * heads + kvh * group, zero again after). Same semantics as attention_v2,
 // not the same bits. HD % 16 == 0, VD % 8 == 0, VD <= 128.
-// Dynamic shared memory (4-byte words, gqa_tc_smem on the host): Q hi, lo [16][HD + 4], then per
-// warp K [2][GT_TK][HD + 4], V [2][GT_TK][VD + 8] and P [16][GT_TK + 4] (conflict-free pitches).
+// Dynamic shared memory (4-byte words, gqa_tc_smem on the host): Q hi, lo (each [HD / 8][32
+// lanes][4] in A-fragment order, within [16][HD + 4]), then per warp K [2][GT_TK][HD + 4],
+// V [2][GT_TK][VD + 8] and P [16][GT_TK + 4] (conflict-free pitches).
 #define GT_WARPS 8
 #define GT_TK 8
 template <int HD, int VD>
@@ -2141,21 +2142,33 @@ __device__ __forceinline__ void attention_gqa_tc_body(
         e0 = __ldg(table + t0 / block_size);
         e1 = __ldg(table + min(t0 + GT_TK - 1, j_hi) / block_size);
     };
+    // Lanes 8 a .. 8 a + 7 copy positions a and a + 4 of the tile, 16-byte units q, q + 8, ... of
+    // each K row, then of each V row: a quarter warp's 16-byte writes fill one row's 128
+    // contiguous bytes (no bank conflicts), and the offsets are compile-time.
+    static_assert(GT_TK == 8 && HD % 32 == 0 && VD % 32 == 0, "8 positions, rows of whole 128-byte units");
+    const int pa = lane >> 3, q8 = 4 * (lane & 7);
     auto stage = [&](int i, int b, int e0, int e1) {
-        const int t0 = j_lo + GT_TK * i, b0 = t0 / block_size;
-        float* kd = Kb + b * GT_TK * KP;
-        float* vd = Vb + b * GT_TK * VP;
-        constexpr int KU = HD / 4, RU = (HD + VD) / 4;
-        for (int u = lane; u < GT_TK * RU; u += 32) {
-            const int jj = u / RU, c = u % RU, j = t0 + jj;
-            float* dst = c < KU ? kd + jj * KP + 4 * c : vd + jj * VP + 4 * (c - KU);
+        const int t0 = j_lo + GT_TK * i;
+#pragma unroll
+        for (int half = 0; half < 2; half++) {
+            const int jj = pa + 4 * half, j = t0 + jj;
+            float* kd = Kb + b * GT_TK * KP + jj * KP + q8;
+            float* vd = Vb + b * GT_TK * VP + jj * VP + q8;
             if (j <= j_hi) {
-                const int ent = block_size >= GT_TK ? (j / block_size == b0 ? e0 : e1) : __ldg(table + j / block_size);
-                const size_t slot = (size_t)ent * block_size + j % block_size;
-                const float* src = c < KU ? kc + (slot * kv_heads + kvh) * HD + 4 * c : vc + (slot * kv_heads + kvh) * VD + 4 * (c - KU);
-                cp_async16(dst, src);
+                const int ent = block_size >= GT_TK ? (j / block_size == t0 / block_size ? e0 : e1) : __ldg(table + j / block_size);
+                const size_t slot = ((size_t)ent * block_size + j % block_size) * kv_heads + kvh;
+                const float* ks = kc + slot * HD + q8;
+                const float* vs = vc + slot * VD + q8;
+#pragma unroll
+                for (int c = 0; c < HD; c += 32) cp_async16(kd + c, ks + c);
+#pragma unroll
+                for (int c = 0; c < VD; c += 32) cp_async16(vd + c, vs + c);
             } else {
-                *reinterpret_cast<float4*>(dst) = make_float4(0.f, 0.f, 0.f, 0.f);
+                const float4 z = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+                for (int c = 0; c < HD; c += 32) *reinterpret_cast<float4*>(kd + c) = z;
+#pragma unroll
+                for (int c = 0; c < VD; c += 32) *reinterpret_cast<float4*>(vd + c) = z;
             }
         }
         cp_async_commit();
@@ -2166,17 +2179,19 @@ __device__ __forceinline__ void attention_gqa_tc_body(
         stage(w, 0, e0, e1);
     }
     if (mine > 1) entries(w + GT_WARPS, e0, e1);
-    // The group's q rows split into TF32 hi and lo (rows past the group zero).
-    for (int u = tid; u < 16 * (HD / 4); u += blockDim.x) {
-        const int row = u / (HD / 4), c = u % (HD / 4);
-        const float4 v = row < group ? reinterpret_cast<const float4*>(q + ((size_t)r * heads + h0 + row) * HD)[c] : make_float4(0.f, 0.f, 0.f, 0.f);
+    // The group's q rows split into TF32 hi and lo, in A-fragment order: entry (kd, lane) holds
+    // lane (g, t)'s (g, 8 kd + t), (g + 8, ..), (g, 8 kd + t + 4), (g + 8, ..), one 16-byte load
+    // each (rows past the group zero).
+    for (int u = tid; u < (HD / 8) * 32; u += blockDim.x) {
+        const int kd = u >> 5, fg = (u & 31) >> 2, ft = u & 3, c = 8 * kd + ft;
+        auto qv = [&](int row, int col) { return row < group ? q[((size_t)r * heads + h0 + row) * HD + col] : 0.f; };
         uint4 hv, lv;
-        tf32_split(v.x, hv.x, lv.x);
-        tf32_split(v.y, hv.y, lv.y);
-        tf32_split(v.z, hv.z, lv.z);
-        tf32_split(v.w, hv.w, lv.w);
-        *reinterpret_cast<uint4*>(Qh + row * QP + 4 * c) = hv;
-        *reinterpret_cast<uint4*>(Ql + row * QP + 4 * c) = lv;
+        tf32_split(qv(fg, c), hv.x, lv.x);
+        tf32_split(qv(fg + 8, c), hv.y, lv.y);
+        tf32_split(qv(fg, c + 4), hv.z, lv.z);
+        tf32_split(qv(fg + 8, c + 4), hv.w, lv.w);
+        reinterpret_cast<uint4*>(Qh)[u] = hv;
+        reinterpret_cast<uint4*>(Ql)[u] = lv;
     }
     __syncthreads();
     const float NEG_INF = __int_as_float(0xff800000u);
@@ -2201,13 +2216,14 @@ __device__ __forceinline__ void attention_gqa_tc_body(
         // S = Q K^T: rows g, g + 8 (heads), columns 2t, 2t + 1 (positions); two accumulators
         // over alternate 8-wide slices of HD halve the dependent chain of MMAs.
         float s0[4] = {0.f, 0.f, 0.f, 0.f}, s1[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll 4
+#pragma unroll
         for (int kd = 0; kd < HD / 8; kd += 2) {
 #pragma unroll
             for (int e = 0; e < 2; e++) {
                 const int c0 = 8 * (kd + e) + t;
-                const unsigned ah[4] = {Qh[g * QP + c0], Qh[(g + 8) * QP + c0], Qh[g * QP + c0 + 4], Qh[(g + 8) * QP + c0 + 4]};
-                const unsigned al[4] = {Ql[g * QP + c0], Ql[(g + 8) * QP + c0], Ql[g * QP + c0 + 4], Ql[(g + 8) * QP + c0 + 4]};
+                const uint4 qh4 = reinterpret_cast<const uint4*>(Qh)[(kd + e) * 32 + lane], ql4 = reinterpret_cast<const uint4*>(Ql)[(kd + e) * 32 + lane];
+                const unsigned ah[4] = {qh4.x, qh4.y, qh4.z, qh4.w};
+                const unsigned al[4] = {ql4.x, ql4.y, ql4.z, ql4.w};
                 unsigned bh0, bl0, bh1, bl1;
                 tf32_split(K[g * KP + c0], bh0, bl0);
                 tf32_split(K[g * KP + c0 + 4], bh1, bl1);
@@ -2255,12 +2271,15 @@ __device__ __forceinline__ void attention_gqa_tc_body(
         m_b = mn_b;
         *reinterpret_cast<float2*>(P + g * PP + 2 * t) = pa;
         *reinterpret_cast<float2*>(P + (g + 8) * PP + 2 * t) = pb;
+        // (A factor of 1 changes nothing: most tiles past the first leave every row's max.)
+        if (__any_sync(0xffffffffu, corr_a != 1.f || corr_b != 1.f)) {
 #pragma unroll
-        for (int c = 0; c < VD / 8; c++) {
-            acc[c][0] *= corr_a;
-            acc[c][1] *= corr_a;
-            acc[c][2] *= corr_b;
-            acc[c][3] *= corr_b;
+            for (int c = 0; c < VD / 8; c++) {
+                acc[c][0] *= corr_a;
+                acc[c][1] *= corr_a;
+                acc[c][2] *= corr_b;
+                acc[c][3] *= corr_b;
+            }
         }
         __syncwarp();  // the warp's P rows are written
         // acc += P V over the tile's GT_TK (= 8) positions: one k step.
@@ -2284,7 +2303,8 @@ __device__ __forceinline__ void attention_gqa_tc_body(
     __syncthreads();
     float* Mw = warp_area;               // [GT_WARPS][16]
     float* Lw = Mw + GT_WARPS * 16;      // [GT_WARPS][16]
-    float* Aw = Lw + GT_WARPS * 16;      // [GT_WARPS][16][VD]
+    float* Aw = Lw + GT_WARPS * 16;      // [GT_WARPS][16][VD + 8] (the pad spreads a warp's stores over the banks)
+    constexpr int AP = VD + 8;
     if (t == 0) {
         Mw[w * 16 + g] = m_a;
         Mw[w * 16 + g + 8] = m_b;
@@ -2295,8 +2315,8 @@ __device__ __forceinline__ void attention_gqa_tc_body(
     for (int c = 0; c < VD / 8; c++)
 #pragma unroll
         for (int e = 0; e < 2; e++) {
-            Aw[(w * 16 + g) * VD + 8 * c + 2 * t + e] = acc[c][e];
-            Aw[(w * 16 + g + 8) * VD + 8 * c + 2 * t + e] = acc[c][2 + e];
+            Aw[(w * 16 + g) * AP + 8 * c + 2 * t + e] = acc[c][e];
+            Aw[(w * 16 + g + 8) * AP + 8 * c + 2 * t + e] = acc[c][2 + e];
         }
     __syncthreads();
     for (int u = tid; u < group * VD; u += blockDim.x) {
@@ -2312,7 +2332,7 @@ __device__ __forceinline__ void attention_gqa_tc_body(
                 if (mv == NEG_INF) continue;
                 const float f = __expf(mv - M);
                 L += Lw[v * 16 + row] * f;
-                A += Aw[(v * 16 + row) * VD + col] * f;
+                A += Aw[(v * 16 + row) * AP + col] * f;
             }
         }
         const size_t hb = (size_t)r * heads + h;
