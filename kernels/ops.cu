@@ -2089,17 +2089,9 @@ ATTENTION_PREFILL_TC_KERNEL(192, 128)
 ATTENTION_PREFILL_TC_KERNEL(128, 128)
 ATTENTION_PREFILL_TC_KERNEL(64, 64)
 
-// tf32_split by truncation: hi keeps x's sign, exponent and top 10 mantissa bits, lo the same
-// of the exact rest x - hi; three integer and float operations where cvt.rna.tf32 expands to
-// about five on sm_90 (the decode attention splits every K and V element it reads). The
-// products keep ~21 bits, against ~22 with rounding.
-__device__ __forceinline__ void tf32_split_trunc(float x, unsigned& hi, unsigned& lo) {
-    hi = __float_as_uint(x) & 0xffffe000u;
-    lo = __float_as_uint(x - __uint_as_float(hi)) & 0xffffe000u;
-}
 // Decode attention of one KV head's heads on the tensor cores: block (r, kvh, z) serves the
 // `group` (<= 16) heads of KV head kvh of row r over split z's positions, the heads as the 16
-// rows of mma.sync m16n8k8 (TF32 hi + lo, split by truncation: ~f32 products), so each
+// rows of mma.sync m16n8k8 (TF32 hi + lo, as attention_prefill_tc: ~f32 products), so each
 // position's K and V leave shared memory once per KV head. attention_v2 reads them from L2 once
 // per head (16x at Flash's 16 heads per KV head) and attention_v2_heads from shared memory once
 // per head's warp, which bounds both by those reads at long contexts (benches/results/
@@ -2194,10 +2186,10 @@ __device__ __forceinline__ void attention_gqa_tc_body(
         const int kd = u >> 5, fg = (u & 31) >> 2, ft = u & 3, c = 8 * kd + ft;
         auto qv = [&](int row, int col) { return row < group ? q[((size_t)r * heads + h0 + row) * HD + col] : 0.f; };
         uint4 hv, lv;
-        tf32_split_trunc(qv(fg, c), hv.x, lv.x);
-        tf32_split_trunc(qv(fg + 8, c), hv.y, lv.y);
-        tf32_split_trunc(qv(fg, c + 4), hv.z, lv.z);
-        tf32_split_trunc(qv(fg + 8, c + 4), hv.w, lv.w);
+        tf32_split(qv(fg, c), hv.x, lv.x);
+        tf32_split(qv(fg + 8, c), hv.y, lv.y);
+        tf32_split(qv(fg, c + 4), hv.z, lv.z);
+        tf32_split(qv(fg + 8, c + 4), hv.w, lv.w);
         reinterpret_cast<uint4*>(Qh)[u] = hv;
         reinterpret_cast<uint4*>(Ql)[u] = lv;
     }
@@ -2233,8 +2225,8 @@ __device__ __forceinline__ void attention_gqa_tc_body(
                 const unsigned ah[4] = {qh4.x, qh4.y, qh4.z, qh4.w};
                 const unsigned al[4] = {ql4.x, ql4.y, ql4.z, ql4.w};
                 unsigned bh0, bl0, bh1, bl1;
-                tf32_split_trunc(K[g * KP + c0], bh0, bl0);
-                tf32_split_trunc(K[g * KP + c0 + 4], bh1, bl1);
+                tf32_split(K[g * KP + c0], bh0, bl0);
+                tf32_split(K[g * KP + c0 + 4], bh1, bl1);
 #ifndef GT_NO_MMA
                 mma_tf32x3(e ? s1 : s0, ah, al, bh0, bh1, bl0, bl1);
 #else
@@ -2292,15 +2284,12 @@ __device__ __forceinline__ void attention_gqa_tc_body(
         __syncwarp();  // the warp's P rows are written
         // acc += P V over the tile's GT_TK (= 8) positions: one k step.
         unsigned ah[4], al[4];
-        tf32_split_trunc(P[g * PP + t], ah[0], al[0]);
-        tf32_split_trunc(P[(g + 8) * PP + t], ah[1], al[1]);
-        tf32_split_trunc(P[g * PP + t + 4], ah[2], al[2]);
-        tf32_split_trunc(P[(g + 8) * PP + t + 4], ah[3], al[3]);
+        load_a_split(P, PP, g, t, ah, al);
 #pragma unroll
         for (int c = 0; c < VD / 8; c++) {
             unsigned bh0, bl0, bh1, bl1;
-            tf32_split_trunc(V[t * VP + 8 * c + g], bh0, bl0);
-            tf32_split_trunc(V[(t + 4) * VP + 8 * c + g], bh1, bl1);
+            tf32_split(V[t * VP + 8 * c + g], bh0, bl0);
+            tf32_split(V[(t + 4) * VP + 8 * c + g], bh1, bl1);
 #ifndef GT_NO_MMA
             mma_tf32x3(acc[c], ah, al, bh0, bh1, bl0, bl1);
 #else
