@@ -320,7 +320,8 @@ const ATTN_TC_MIN_SPAN: usize = 2048;
 const GT_WARPS: usize = 8;
 const GT_TK: usize = 8;
 
-/// `attention_gqa_tc`'s dynamic shared memory (4-byte words): Q hi and lo [16][hd + 4], then
+/// `attention_gqa_tc`'s dynamic shared memory (4-byte words): Q hi and lo (in A-fragment order,
+/// each within [16][hd + 4]), then
 /// per warp K [2][GT_TK][hd + 4], V [2][GT_TK][vd + 8] and P [16][GT_TK + 4]; the warps' merge
 /// ([GT_WARPS][16] maxima and sums, [GT_WARPS][16][vd + 8] accumulators) reuses the warps' part.
 pub(crate) fn gqa_tc_smem(hd: usize, vd: usize) -> usize {
@@ -2173,6 +2174,8 @@ mod split_tests {
 #[cfg(test)]
 mod heads_attention_tests {
     use super::{attention_heads_smem, gqa_tc_smem};
+    use peregrine_core::spec::RopeStyle;
+    use peregrine_core::{AttentionKind, AttentionSpec, QkvLayout, RopeSpec};
 
     /// attention_gqa_tc's shared memory: Q hi + lo, then per warp two K and V tiles and P, and
     /// the largest compiled shape fits an H100 block (227 KB).
@@ -2183,8 +2186,6 @@ mod heads_attention_tests {
         assert!(gqa_tc_smem(192, 128) <= 227 * 1024);
         assert!(gqa_tc_smem(128, 128) >= 4 * (2 * 16 * 132 + 8 * 16 * 138), "the warps' merge fits");
     }
-    use peregrine_core::spec::RopeStyle;
-    use peregrine_core::{AttentionKind, AttentionSpec, QkvLayout, RopeSpec};
 
     fn spec(heads: usize, kv_heads: usize, hd: usize, vd: usize) -> AttentionSpec {
         AttentionSpec {
