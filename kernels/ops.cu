@@ -2102,7 +2102,7 @@ ATTENTION_PREFILL_TC_KERNEL(64, 64)
 // attention_v2_heads: o and its BF16 split, or with splits (gridDim.z > 1) each split's states
 // for attention_combine, or with `counters` the last block of (r, kvh) to finish merges its
 // heads (counter r * heads + kvh * group, zero again after). Same semantics as attention_v2,
-// not the same bits. HD % 16 == 0, VD % 8 == 0, VD <= 128.
+// not the same bits. HD % 32 == 0, VD % 64 == 0, VD <= 128 (the compiled shapes).
 // Dynamic shared memory (4-byte words, gqa_tc_smem on the host): Q hi, lo (each [HD / 8][32
 // lanes][4] in A-fragment order, within [16][HD + 4]), then per warp K [2][GT_TK][HD + 4],
 // V [2][GT_TK][VD + 8] and P [16][GT_TK + 4] (conflict-free pitches).
@@ -2133,8 +2133,6 @@ __device__ __forceinline__ void attention_gqa_tc_body(
     const int j_lo = lo + blockIdx.z * chunk, j_hi = min(j_lo + chunk - 1, p);
     const int tiles = j_hi >= j_lo ? (j_hi - j_lo) / GT_TK + 1 : 0;
     const int mine = tiles > w ? (tiles - 1 - w) / GT_WARPS + 1 : 0;  // this warp's tiles
-    // Tile i (positions j_lo + GT_TK i ..) into buffer b: K and V rows, 16-byte units spread over
-    // the lanes; positions past j_hi are zero (their V meets P = 0, which must stay finite).
     // Tile i's (at most two, for blocks of GT_TK positions or more) block-table entries, loaded
     // a tile ahead of its copies: each copy would otherwise wait for its own lookup.
     auto entries = [&](int i, int& e0, int& e1) {
@@ -2142,9 +2140,10 @@ __device__ __forceinline__ void attention_gqa_tc_body(
         e0 = __ldg(table + t0 / block_size);
         e1 = __ldg(table + min(t0 + GT_TK - 1, j_hi) / block_size);
     };
-    // Lanes 8 a .. 8 a + 7 copy positions a and a + 4 of the tile, 16-byte units q, q + 8, ... of
-    // each K row, then of each V row: a quarter warp's 16-byte writes fill one row's 128
-    // contiguous bytes (no bank conflicts), and the offsets are compile-time.
+    // Tile i (positions j_lo + GT_TK i ..) into buffer b: lanes 8 a .. 8 a + 7 copy positions a
+    // and a + 4, 16-byte units q, q + 8, ... of each K row, then of each V row (a quarter warp's
+    // 16-byte writes fill one row's 128 contiguous bytes: no bank conflicts; compile-time
+    // offsets). Positions past j_hi are zero: their V meets P = 0, which must stay finite.
     static_assert(GT_TK == 8 && HD % 32 == 0 && VD % 32 == 0, "8 positions, rows of whole 128-byte units");
     const int pa = lane >> 3, q8 = 4 * (lane & 7);
     auto stage = [&](int i, int b, int e0, int e1) {
