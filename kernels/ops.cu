@@ -2444,7 +2444,8 @@ __device__ __forceinline__ void attention_gqa_tc_body(
         attention_gqa_tc_body<HD, VD>(q, kc, vc, o, pos, seq, tables, max_blocks, block_size, heads, kv_heads, scale, sinks, \
                                       part_m, part_l, part_acc, oh, ol, counters, window);                                   \
     }
-// The prefill tensor-core shapes (PREFILL_TC_SHAPES on the host).
+// The prefill tensor-core shapes (PREFILL_TC_SHAPES on the host). hd and vd are taken only so the
+// host passes attention_v2_heads' argument list; the shapes are compile-time.
 ATTENTION_GQA_TC_KERNEL(192, 128)
 ATTENTION_GQA_TC_KERNEL(128, 128)
 ATTENTION_GQA_TC_KERNEL(64, 64)

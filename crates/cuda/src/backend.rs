@@ -185,7 +185,7 @@ pub(crate) struct Ops {
     attention_v2_kv_ready: CudaFunction,
     attention_v2_kv_ready_pre: CudaFunction,
     attention_v2_heads: CudaFunction,
-    /// `attention_gqa_tc_d{hd}_v{vd}` per `PREFILL_TC_SHAPES` entry (`CudaModel::gqa_tc_kernel`).
+    /// `attention_gqa_tc_d{hd}_v{vd}` per `PREFILL_TC_SHAPES` entry (`CudaModel::gqa_tc_for`).
     attention_gqa_tc: Vec<CudaFunction>,
     attention_combine: CudaFunction,
     pub(crate) attention_prefill: PrefillAttention,
@@ -250,7 +250,7 @@ pub struct CudaModel {
     /// (`PEREGRINE_ATTN_HEADS_MIN_ROWS`; tests set it to compare the two).
     pub(crate) attn_heads_min_rows: usize,
     /// Decode attention without the K/V write inside runs the heads of each KV head on the
-    /// tensor cores (`attention_gqa_tc`, shapes `gqa_tc_kernel` takes) from this many rows
+    /// tensor cores (`attention_gqa_tc`, shapes `gqa_tc_for` takes) from this many rows
     /// (`PEREGRINE_ATTN_TC_MIN_ROWS`) or from this many positions in the block tables
     /// (`PEREGRINE_ATTN_TC_MIN_SPAN`), whichever comes first; tests set them.
     pub(crate) attn_tc_min_rows: usize,
@@ -789,7 +789,7 @@ impl CudaModel {
         // The fused kernel holds fewer blocks per SM than attention_v2: only while its grid fits
         // one wave is it the faster of the two (a second wave cost more than the launch saved).
         let splits = self.attn_splits(&s, meta.max_blocks, meta.block_size, n);
-        let kv_fused = kv_in_attention && v2 && n * s.num_heads * splits <= self.attention_kv_wave && !self.gqa_tc_for(&s, meta.max_blocks, meta.block_size, n);
+        let kv_fused = kv_in_attention && v2 && n * s.num_heads * splits <= self.attention_kv_wave && self.gqa_tc_for(&s, meta.max_blocks, meta.block_size, n).is_none();
         // A BF16 o_proj on the tensor-core path reads the attention's own BF16 split of o.
         let presplit = v2 && a.o.k.is_multiple_of(128) && matches!(a.o.m, GpuMatrix::Bf16(_));
         // Each head's attention may start as soon as the projection has written its rows.
@@ -935,20 +935,16 @@ impl CudaModel {
         Ok(attention_splits(span, self.attn_split, self.attn_fill.then_some(wave), rows * s.num_heads.div_ceil(ATT_WARPS)))
     }
 
-    /// The tensor-core GQA decode kernel for attention `s`, if one is compiled for its head
-    /// dims and its heads per KV head fit the MMA's 16 rows.
-    fn gqa_tc_kernel(&self, s: &AttentionSpec) -> Option<&CudaFunction> {
+    /// The tensor-core GQA kernel that serves decode attention of `n` rows without the K/V write
+    /// inside, if any: one is compiled for `s`'s head dims, its heads per KV head fit the MMA's
+    /// 16 rows, and the rows or the table width reach `attn_tc_min_rows` / `attn_tc_min_span`
+    /// (by the row bucket and the table width only, so a captured graph keeps its kernel).
+    pub(crate) fn gqa_tc_for(&self, s: &AttentionSpec, max_blocks: usize, block_size: usize, n: usize) -> Option<&CudaFunction> {
         let i = PREFILL_TC_SHAPES.iter().position(|&d| d == (s.head_dim, s.v_head_dim))?;
         let fits = s.num_kv_heads > 0 && s.num_heads.is_multiple_of(s.num_kv_heads) && s.num_heads / s.num_kv_heads <= 16;
-        (fits && uses_attention_v2(s)).then(|| &self.ops.attention_gqa_tc[i])
-    }
-
-    /// Whether decode attention of `n` rows without the K/V write inside runs on
-    /// `attention_gqa_tc` (`attn_tc_min_rows`, `attn_tc_min_span`): by the row bucket and the
-    /// table width only, so a captured graph keeps its kernel.
-    pub(crate) fn gqa_tc_for(&self, s: &AttentionSpec, max_blocks: usize, block_size: usize, n: usize) -> bool {
         let span = s.window().map_or(max_blocks * block_size, |w| w.min(max_blocks * block_size));
-        self.gqa_tc_kernel(s).is_some() && (n >= self.attn_tc_min_rows || span >= self.attn_tc_min_span)
+        let wanted = n >= self.attn_tc_min_rows || span >= self.attn_tc_min_span;
+        (fits && wanted && uses_attention_v2(s)).then(|| &self.ops.attention_gqa_tc[i])
     }
 
     /// Blocks per (row, KV head) of `attention_gqa_tc` for `n` rows: as for `attention_v2`,
@@ -1018,7 +1014,7 @@ impl CudaModel {
         // for the shapes it takes (attention_heads_smem).
         let heads_smem = attention_heads_smem(s);
         // Or, where gqa_tc_for says so, the heads of each KV head on the tensor cores.
-        let gqa_tc = if v2 && fresh.is_none() && rows.is_none() && self.gqa_tc_for(s, max_blocks, block_size, n) { self.gqa_tc_kernel(s) } else { None };
+        let gqa_tc = if v2 && fresh.is_none() && rows.is_none() { self.gqa_tc_for(s, max_blocks, block_size, n) } else { None };
         let per_head_warps = gqa_tc.is_none() && v2 && fresh.is_none() && rows.is_none() && n >= self.attn_heads_min_rows && heads_smem.is_some();
         let heads_smem = heads_smem.unwrap_or(0);
         let splits = match (v2, per_head_warps, gqa_tc) {

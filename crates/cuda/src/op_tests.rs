@@ -422,7 +422,7 @@ fn attention_matches_the_cpu_reference() {
             m.attn_heads_min_rows = if per_head_warps { 1 } else { usize::MAX };
             (m.attn_tc_min_rows, m.attn_tc_min_span) = if tc { (1, 0) } else { (usize::MAX, usize::MAX) };
             let (o, split) = m.attend(&qd, &kd, &vd, &pd, &sd, &td, max_blocks, bs, n, &s, sk.as_ref(), v2, v2, None, None).unwrap();
-            let takes_tc = m.gqa_tc_for(&s, max_blocks, bs, n);
+            let takes_tc = m.gqa_tc_for(&s, max_blocks, bs, n).is_some();
             assert_eq!(takes_tc, tc && crate::backend::PREFILL_TC_SHAPES.contains(&(s.head_dim, s.v_head_dim)) && s.num_heads / s.num_kv_heads <= 16);
             let kernel = match (v2, per_head_warps, tc) {
                 (true, true, _) if crate::backend::attention_heads_smem(&s).is_some() => "_v2_heads",
