@@ -2103,6 +2103,11 @@ ATTENTION_PREFILL_TC_KERNEL(64, 64)
 // for attention_combine, or with `counters` the last block of (r, kvh) to finish merges its
 // heads (counter r * heads + kvh * group, zero again after). Same semantics as attention_v2,
 // not the same bits. HD % 32 == 0, VD % 64 == 0, VD <= 128 (the compiled shapes).
+// Measurement builds (outputs wrong; benches/results/2026-11-25-gqa-splits.md): -DGT_NO_STREAM
+// gives every warp no tiles (the block's fixed cost), -DGT_NO_COMPUTE stages and waits for the
+// tiles but computes nothing, -DGT_HEAD_MAJOR_PROBE reads each sequence's slots as if each KV
+// head's positions lay contiguous (step_bench's contiguous tables only), -DGT_NO_MERGE leaves
+// out the last block's merge and -DGT_NO_MMA the MMAs.
 // Dynamic shared memory (4-byte words, gqa_tc_smem on the host): Q hi, lo (each [HD / 8][32
 // lanes][4] in A-fragment order, within [16][HD + 4]), then per warp K [2][GT_TK][HD + 4],
 // V [2][GT_TK][VD + 8] and P [16][GT_TK + 4] (conflict-free pitches).
@@ -2132,7 +2137,11 @@ __device__ __forceinline__ void attention_gqa_tc_body(
     const int splits = gridDim.z, chunk = (p - lo + splits) / splits;
     const int j_lo = lo + blockIdx.z * chunk, j_hi = min(j_lo + chunk - 1, p);
     const int tiles = j_hi >= j_lo ? (j_hi - j_lo) / GT_TK + 1 : 0;
+#ifndef GT_NO_STREAM
     const int mine = tiles > w ? (tiles - 1 - w) / GT_WARPS + 1 : 0;  // this warp's tiles
+#else
+    const int mine = 0;
+#endif
     // Tile i's (at most two, for blocks of GT_TK positions or more) block-table entries, loaded
     // a tile ahead of its copies: each copy would otherwise wait for its own lookup.
     auto entries = [&](int i, int& e0, int& e1) {
@@ -2146,6 +2155,10 @@ __device__ __forceinline__ void attention_gqa_tc_body(
     // offsets). Positions past j_hi are zero: their V meets P = 0, which must stay finite.
     static_assert(GT_TK == 8 && HD % 32 == 0 && VD % 32 == 0, "8 positions, rows of whole 128-byte units");
     const int pa = lane >> 3, q8 = 4 * (lane & 7);
+#ifdef GT_HEAD_MAJOR_PROBE
+    const size_t hm_first = (size_t)__ldg(table) * block_size, hm_base = hm_first * kv_heads;
+    const size_t hm_rows = (size_t)((p + block_size) / block_size) * block_size;
+#endif
     auto stage = [&](int i, int b, int e0, int e1) {
         const int t0 = j_lo + GT_TK * i;
 #pragma unroll
@@ -2155,7 +2168,10 @@ __device__ __forceinline__ void attention_gqa_tc_body(
             float* vd = Vb + b * GT_TK * VP + jj * VP + q8;
             if (j <= j_hi) {
                 const int ent = block_size >= GT_TK ? (j / block_size == t0 / block_size ? e0 : e1) : __ldg(table + j / block_size);
-                const size_t slot = ((size_t)ent * block_size + j % block_size) * kv_heads + kvh;
+                size_t slot = ((size_t)ent * block_size + j % block_size) * kv_heads + kvh;
+#ifdef GT_HEAD_MAJOR_PROBE
+                slot = hm_base + (size_t)kvh * hm_rows + ((size_t)ent * block_size + j % block_size - hm_first);
+#endif
                 const float* ks = kc + slot * HD + q8;
                 const float* vs = vc + slot * VD + q8;
 #pragma unroll
@@ -2210,6 +2226,9 @@ __device__ __forceinline__ void attention_gqa_tc_body(
         }
         cp_async_wait<1>();
         __syncwarp();  // every lane's copies of tile k have landed
+#ifdef GT_NO_COMPUTE
+        continue;
+#endif
         const float* K = Kb + b * GT_TK * KP;
         const float* V = Vb + b * GT_TK * VP;
         // S = Q K^T: rows g, g + 8 (heads), columns 2t, 2t + 1 (positions); two accumulators

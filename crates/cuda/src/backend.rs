@@ -225,6 +225,9 @@ pub struct CudaModel {
     /// Positions per split of decode attention (`PEREGRINE_ATTN_SPLIT`, default 512): ranges
     /// longer than twice this are split over several blocks per (row, head).
     attn_split: usize,
+    /// Positions of the block tables per split of `attention_gqa_tc` (`PEREGRINE_ATTN_TC_SPLIT`,
+    /// default `ATTN_TC_SPLIT`).
+    attn_tc_split: usize,
     /// Decode attention applies RoPE and writes the new K/V itself (`PEREGRINE_KV_IN_ATTENTION=0`
     /// keeps the separate `rope_kv_write` launch, for comparison).
     kv_in_attention: bool,
@@ -314,6 +317,13 @@ const ATTN_HEADS_MIN_ROWS: usize = 8;
 /// attention without the K/V write inside (`CudaModel::attn_tc_min_rows`, `attn_tc_min_span`).
 const ATTN_TC_MIN_ROWS: usize = usize::MAX;
 const ATTN_TC_MIN_SPAN: usize = 2048;
+/// Positions of the block tables per split of `attention_gqa_tc` (`CudaModel::attn_tc_split`).
+/// Its blocks fill an SM each (one per SM by shared memory) and pay ~15 us of fixed cost (the
+/// start, and the last block's merge of 33 splits at batch 1) besides their tiles, so at 512 its
+/// grids ran 2, 4 and 8 waves at batches 2, 4 and 8 (8192 tokens, tables 16384 wide in graphs); at 2048 they
+/// run one or two (benches/results/2026-11-25-gqa-splits.md). Batch 1 splits to fill one wave
+/// either way.
+const ATTN_TC_SPLIT: usize = 2048;
 
 /// Warps per block of `attention_gqa_tc` (GT_WARPS in kernels/ops.cu) and positions per tile
 /// (GT_TK).
@@ -604,6 +614,7 @@ impl CudaModel {
             moe_counters: std::sync::Mutex::new(moe_counters),
             route_counter,
             attn_split: std::env::var("PEREGRINE_ATTN_SPLIT").ok().and_then(|v| v.parse().ok()).filter(|&v: &usize| v >= 32).unwrap_or(512),
+            attn_tc_split: std::env::var("PEREGRINE_ATTN_TC_SPLIT").ok().and_then(|v| v.parse().ok()).filter(|&v: &usize| v >= 32).unwrap_or(ATTN_TC_SPLIT),
             kv_in_attention: std::env::var("PEREGRINE_KV_IN_ATTENTION").map_or(true, |v| v != "0"),
             moe_norm_split: std::env::var("PEREGRINE_MOE_NORM_SPLIT").map_or(true, |v| v != "0"),
             attention_kv_wave,
@@ -953,7 +964,7 @@ impl CudaModel {
         let span = s.window().map_or(max_blocks * block_size, |w| w.min(max_blocks * block_size));
         let smem = gqa_tc_smem(s.head_dim, s.v_head_dim);
         let wave = kernel.occupancy_max_active_blocks_per_multiprocessor((32 * GT_WARPS) as u32, smem, None).map_err(drv)? as usize * self.sm_count;
-        Ok(attention_splits(span, self.attn_split, self.attn_fill.then_some(wave), n * s.num_kv_heads))
+        Ok(attention_splits(span, self.attn_tc_split, self.attn_fill.then_some(wave), n * s.num_kv_heads))
     }
 
     /// Paged attention of `n` query rows over the K/V pools (`attention_v2`, or the one-warp
@@ -2154,6 +2165,23 @@ mod split_tests {
         assert_eq!(attention_splits(40, 512, WAVE, 1), 1);
         assert_eq!(attention_splits(96, 512, WAVE, 1), 3);
         assert_eq!(attention_splits(1 << 20, 512, WAVE, 1), 64);
+    }
+
+    /// attention_gqa_tc's grids on the H100 at Flash shapes (4 KV heads, one block per SM: a wave
+    /// of 132) with 8192 tokens of context (tables 16384 wide in graphs): batch 1 fills one wave,
+    /// batches 2-8 take one or two, where the 512-position split took 2, 4 and 8 (256 blocks per
+    /// two rows).
+    #[test]
+    fn tensor_core_decode_attention_grids_stay_within_two_waves() {
+        use super::ATTN_TC_SPLIT;
+        let wave = 132;
+        assert_eq!(attention_splits(16384, ATTN_TC_SPLIT, Some(wave), 4), 33);
+        for batch in [2usize, 4, 8] {
+            let row_heads = 4 * batch;
+            let blocks = row_heads * attention_splits(16384, ATTN_TC_SPLIT, Some(wave), row_heads);
+            assert!(blocks <= 2 * wave, "batch {batch}: {blocks} blocks");
+            assert_eq!(row_heads * attention_splits(16384, 512, Some(wave), row_heads), 256 * batch / 2, "batch {batch}");
+        }
     }
 
     #[test]
