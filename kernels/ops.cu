@@ -2119,7 +2119,7 @@ __device__ __forceinline__ void attention_gqa_tc_body(
     const int* __restrict__ pos, const int* __restrict__ seq, const int* __restrict__ tables, int max_blocks,
     int block_size, int heads, int kv_heads, float scale, const float* __restrict__ sinks,
     float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc, unsigned short* __restrict__ oh,
-    unsigned short* __restrict__ ol, unsigned* __restrict__ counters, int window) {
+    unsigned short* __restrict__ ol, unsigned* __restrict__ counters, int window, int sharers) {
     constexpr int QP = HD + 4, KP = HD + 4, VP = VD + 8, PP = GT_TK + 4;
     constexpr int WARP_WORDS = 2 * GT_TK * KP + 2 * GT_TK * VP + 16 * PP;
     extern __shared__ float4 gt_smem[];
@@ -2369,14 +2369,50 @@ __device__ __forceinline__ void attention_gqa_tc_body(
         }
     }
     if (splits == 1 || !counters) return;  // (attention_combine merges the splits)
-    if (!block_arrive_last(counters + (size_t)r * heads + h0, (unsigned)splits)) return;
+    // The merge of the splits. With `sharers` > 1 the last `sharers` blocks of (r, kvh) to
+    // arrive share it: sharer k waits until every split has arrived, then merges heads k,
+    // k + sharers, ..., so no one SM takes in every split's accumulators (270 KB at Flash's 33
+    // splits: ~11 us of the kernel's ~38 at 8192 tokens, benches/results/
+    // 2026-11-25-gqa-splits.md). Waiting blocks hold their SMs, so the host passes sharers > 1
+    // only where (rows x KV heads) x sharers blocks leave room in one wave for the rest
+    // (`gqa_merge_sharers`). Each sharer counts once more when it has seen every arrival; the
+    // last of those zeroes the counter. Otherwise the last block merges every head.
+    unsigned* cnt = counters + (size_t)r * heads + h0;
+    int first = 0, stride = 1;
+    if (sharers > 1) {
+        __shared__ int sharer;
+        __syncthreads();  // the block's partial states are written
+        if (tid == 0) {
+            unsigned old, seen;
+            asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(old) : "l"(cnt) : "memory");
+            const int k = (int)old - (splits - sharers);
+            if (k >= 0) {
+                for (;;) {
+                    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(seen) : "l"(cnt) : "memory");
+                    if (seen >= (unsigned)splits) break;
+                    __nanosleep(32);
+                }
+                asm volatile("atom.relaxed.gpu.global.add.u32 %0, [%1], 1;" : "=r"(old) : "l"(cnt) : "memory");
+                if (old == (unsigned)(splits + sharers - 1)) atomicExch(cnt, 0u);
+            }
+            sharer = k;
+        }
+        __syncthreads();
+        if (sharer < 0) return;
+        first = sharer;
+        stride = sharers;
+    } else if (!block_arrive_last(cnt, (unsigned)splits)) {
+        return;
+    }
 #ifdef GT_NO_MERGE
     return;  // measurement builds: outputs wrong
 #endif
-    // The last block merges its heads' splits with attention_combine_head's arithmetic in its
-    // order (the same bits), all 256 threads at once: every state's max and sum into shared
+    // The merging block merges its heads' splits with attention_combine_head's arithmetic in
+    // its order (the same bits), all 256 threads at once: every state's max and sum into shared
     // memory in one round, each head's M, L and split weights e^(m - M) by one thread, then
-    // thread (row, 8 columns) sums its accumulators, GT_TK splits' loads at a time.
+    // thread (row, 8 columns) sums its accumulators, GT_TK splits' loads at a time. Its heads
+    // are rows first, first + stride, ... of the group (mine of them).
+    const int mine_rows = first < group ? (group - first + stride - 1) / stride : 0;
     float* Ms = warp_area;                 // [16][splits] maxima, then weights (-1: empty split)
     float* Ls = Ms + 16 * splits;          // [16][splits] sums
     float* ML = Ls + 16 * splits;          // [16] M, [16] L
@@ -2389,7 +2425,8 @@ __device__ __forceinline__ void attention_gqa_tc_body(
     __syncthreads();
     // A warp per head: the max over its lanes (exact in any order), the sum by lane 0 in split
     // order, the weights by the lanes.
-    for (int row = w; row < group; row += GT_WARPS) {
+    for (int i = w; i < mine_rows; i += GT_WARPS) {
+        const int row = first + i * stride;
         float* ms = Ms + row * splits;
         const float* ls = Ls + row * splits;
         float M = NEG_INF, L = 0.f;
@@ -2416,8 +2453,8 @@ __device__ __forceinline__ void attention_gqa_tc_body(
     __syncthreads();
     static_assert(VD % 64 == 0, "16 threads of whole float4s per row");
     constexpr int CPT = VD / 16;  // columns per thread (8 at VD 128)
-    const int row = tid / 16, col0 = (tid % 16) * CPT;
-    if (row >= group) return;
+    if (tid / 16 >= mine_rows) return;
+    const int row = first + (tid / 16) * stride, col0 = (tid % 16) * CPT;
     const float* wts = Ms + row * splits;
     const size_t hb = (size_t)r * heads + h0 + row;
     float a[CPT];
@@ -2458,10 +2495,10 @@ __device__ __forceinline__ void attention_gqa_tc_body(
         const int* __restrict__ pos, const int* __restrict__ seq, const int* __restrict__ tables, int max_blocks,            \
         int block_size, int heads, int kv_heads, int hd, int vd, int window, float scale, const float* __restrict__ sinks,   \
         float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc, unsigned short* __restrict__ oh, \
-        unsigned short* __restrict__ ol, unsigned* __restrict__ counters) {                                                  \
+        unsigned short* __restrict__ ol, unsigned* __restrict__ counters, int sharers) {                                     \
         PDL_ENTER();                                                                                                         \
         attention_gqa_tc_body<HD, VD>(q, kc, vc, o, pos, seq, tables, max_blocks, block_size, heads, kv_heads, scale, sinks, \
-                                      part_m, part_l, part_acc, oh, ol, counters, window);                                   \
+                                      part_m, part_l, part_acc, oh, ol, counters, window, sharers);                          \
     }
 // The prefill tensor-core shapes (PREFILL_TC_SHAPES on the host). hd and vd are taken only so the
 // host passes attention_v2_heads' argument list; the shapes are compile-time.

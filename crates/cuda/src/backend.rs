@@ -228,6 +228,9 @@ pub struct CudaModel {
     /// Positions of the block tables per split of `attention_gqa_tc` (`PEREGRINE_ATTN_TC_SPLIT`,
     /// default `ATTN_TC_SPLIT`).
     attn_tc_split: usize,
+    /// Blocks of each (row, KV head) of `attention_gqa_tc` sharing its merge
+    /// (`PEREGRINE_ATTN_MERGE_SHARERS`, default `GT_MERGE_SHARERS`; 1: the last block alone).
+    pub(crate) attn_merge_sharers: usize,
     /// Decode attention applies RoPE and writes the new K/V itself (`PEREGRINE_KV_IN_ATTENTION=0`
     /// keeps the separate `rope_kv_write` launch, for comparison).
     kv_in_attention: bool,
@@ -317,6 +320,20 @@ const ATTN_HEADS_MIN_ROWS: usize = 8;
 /// attention without the K/V write inside (`CudaModel::attn_tc_min_rows`, `attn_tc_min_span`).
 const ATTN_TC_MIN_ROWS: usize = usize::MAX;
 const ATTN_TC_MIN_SPAN: usize = 2048;
+/// Blocks of each (row, KV head) of `attention_gqa_tc` that share the merge of its splits
+/// (`CudaModel::attn_merge_sharers`).
+const GT_MERGE_SHARERS: usize = 4;
+
+/// Sharers of each (row, KV head)'s merge in `attention_gqa_tc` (`groups` = rows x KV heads):
+/// the last `wanted` blocks to arrive each merge some heads, waiting for the rest, so their
+/// `groups x sharers` waiting blocks must leave at least one block of the wave free (any split
+/// not yet started then still finds an SM). 1: the last block merges alone.
+pub(crate) fn gqa_merge_sharers(wanted: usize, groups: usize, splits: usize, wave: usize) -> usize {
+    let room = wave.saturating_sub(1) / groups.max(1);
+    let s = wanted.min(splits).min(room);
+    if s >= 2 { s } else { 1 }
+}
+
 /// Positions of the block tables per split of `attention_gqa_tc` (`CudaModel::attn_tc_split`).
 /// Its blocks fill an SM each (one per SM by shared memory) and pay ~15 us of fixed cost (the
 /// start, and the last block's merge of 33 splits at batch 1) besides their tiles, so at 512 its
@@ -615,6 +632,7 @@ impl CudaModel {
             route_counter,
             attn_split: std::env::var("PEREGRINE_ATTN_SPLIT").ok().and_then(|v| v.parse().ok()).filter(|&v: &usize| v >= 32).unwrap_or(512),
             attn_tc_split: std::env::var("PEREGRINE_ATTN_TC_SPLIT").ok().and_then(|v| v.parse().ok()).filter(|&v: &usize| v >= 32).unwrap_or(ATTN_TC_SPLIT),
+            attn_merge_sharers: std::env::var("PEREGRINE_ATTN_MERGE_SHARERS").ok().and_then(|v| v.parse().ok()).filter(|&v: &usize| v >= 1).unwrap_or(GT_MERGE_SHARERS),
             kv_in_attention: std::env::var("PEREGRINE_KV_IN_ATTENTION").map_or(true, |v| v != "0"),
             moe_norm_split: std::env::var("PEREGRINE_MOE_NORM_SPLIT").map_or(true, |v| v != "0"),
             attention_kv_wave,
@@ -958,13 +976,17 @@ impl CudaModel {
         (fits && wanted && uses_attention_v2(s)).then(|| &self.ops.attention_gqa_tc[i])
     }
 
+    /// Blocks of `attention_gqa_tc` resident at once on the device (one wave).
+    fn gqa_tc_wave(&self, s: &AttentionSpec, kernel: &CudaFunction) -> Result<usize> {
+        let smem = gqa_tc_smem(s.head_dim, s.v_head_dim);
+        Ok(kernel.occupancy_max_active_blocks_per_multiprocessor((32 * GT_WARPS) as u32, smem, None).map_err(drv)? as usize * self.sm_count)
+    }
+
     /// Blocks per (row, KV head) of `attention_gqa_tc` for `n` rows: as for `attention_v2`,
     /// filling one wave of its own blocks.
     fn gqa_tc_splits(&self, s: &AttentionSpec, kernel: &CudaFunction, max_blocks: usize, block_size: usize, n: usize) -> Result<usize> {
         let span = s.window().map_or(max_blocks * block_size, |w| w.min(max_blocks * block_size));
-        let smem = gqa_tc_smem(s.head_dim, s.v_head_dim);
-        let wave = kernel.occupancy_max_active_blocks_per_multiprocessor((32 * GT_WARPS) as u32, smem, None).map_err(drv)? as usize * self.sm_count;
-        Ok(attention_splits(span, self.attn_tc_split, self.attn_fill.then_some(wave), n * s.num_kv_heads))
+        Ok(attention_splits(span, self.attn_tc_split, self.attn_fill.then_some(self.gqa_tc_wave(s, kernel)?), n * s.num_kv_heads))
     }
 
     /// Paged attention of `n` query rows over the K/V pools (`attention_v2`, or the one-warp
@@ -1061,7 +1083,13 @@ impl CudaModel {
         if v2 {
             b.arg(&mut pm).arg(&mut pl).arg(&mut pa).arg_or_null(split.as_mut().map(|s| &mut s.0)).arg_or_null(split.as_mut().map(|s| &mut s.1));
         }
-        if per_head_warps || gqa_tc.is_some() {
+        if let Some(k) = gqa_tc {
+            let sharers = match counters {
+                Some(_) => gqa_merge_sharers(self.attn_merge_sharers, n * s.num_kv_heads, splits, self.gqa_tc_wave(s, k)?) as i32,
+                None => 1,
+            };
+            b.arg_or_null(counters).arg(&sharers);
+        } else if per_head_warps {
             b.arg_or_null(counters);
         } else if v2 {
             let (half, rd, th, vs) = (s.rope.rotary_dim.div_ceil(2) as i32, s.rope.rotary_dim as i32, s.rope.theta as f32, s.value_scale);
@@ -2181,6 +2209,28 @@ mod split_tests {
             let blocks = row_heads * attention_splits(16384, ATTN_TC_SPLIT, Some(wave), row_heads);
             assert!(blocks <= 2 * wave, "batch {batch}: {blocks} blocks");
             assert_eq!(row_heads * attention_splits(16384, 512, Some(wave), row_heads), 256 * batch / 2, "batch {batch}");
+        }
+    }
+
+    /// The waiting sharers of a merge never fill the wave: at Flash shapes (one block per SM,
+    /// 132) batches 1-8 share, larger batches (or one split) merge in the last block alone.
+    #[test]
+    fn merge_sharers_leave_room_in_the_wave() {
+        use super::gqa_merge_sharers;
+        let wave = 132;
+        assert_eq!(gqa_merge_sharers(4, 4, 33, wave), 4);
+        assert_eq!(gqa_merge_sharers(4, 32, 8, wave), 4);
+        assert_eq!(gqa_merge_sharers(4, 64, 8, wave), 2);
+        assert_eq!(gqa_merge_sharers(4, 128, 8, wave), 1);
+        assert_eq!(gqa_merge_sharers(4, 4, 1, wave), 1);
+        assert_eq!(gqa_merge_sharers(4, 4, 3, wave), 3);
+        assert_eq!(gqa_merge_sharers(1, 4, 33, wave), 1);
+        for groups in 1..400 {
+            for splits in 1..70 {
+                let s = gqa_merge_sharers(4, groups, splits, wave);
+                assert!((1..=4).contains(&s) && s <= splits, "{groups} groups, {splits} splits: {s}");
+                assert!(s == 1 || groups * s < wave, "{groups} groups x {s} sharers fill the wave");
+            }
         }
     }
 

@@ -446,6 +446,17 @@ fn attention_matches_the_cpu_reference() {
                 assert!(o == o_sep, "{name}: merged in the kernel and by attention_combine differ at {:?}", o.iter().zip(&o_sep).position(|(a, b)| a != b));
                 assert!(split_hl(&split) == split_hl(&split_sep), "{name}: BF16 splits differ between the two merges");
                 assert!(st.clone_dtoh(&m.attn_counters).unwrap().iter().all(|&c| c == 0), "{name}: attention arrival counters left non-zero");
+                if takes_tc {
+                    // The tensor-core kernel's merge shared by its last blocks (where the wave
+                    // has room: 2 or 4 sharers here, or 1 for 8 KV heads) and by its last
+                    // block alone give the same bits.
+                    let default_sharers = m.attn_merge_sharers;
+                    m.attn_merge_sharers = 1;
+                    let (o_one, _) = m.attend(&qd, &kd, &vd, &pd, &sd, &td, max_blocks, bs, n, &s, sk.as_ref(), v2, v2, None, None).unwrap();
+                    m.attn_merge_sharers = default_sharers;
+                    assert!(o == st.clone_dtoh(&o_one).unwrap(), "{name}: the shared merge and the last block's differ");
+                    assert!(st.clone_dtoh(&m.attn_counters).unwrap().iter().all(|&c| c == 0), "{name}: counters left non-zero by the last block's merge");
+                }
             }
             close(&name, &o, &want, 2e-5);
             // v2 also writes o's BF16 hi + lo parts for the o_proj GEMV: exactly the split of o.
