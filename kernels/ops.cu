@@ -2101,7 +2101,8 @@ ATTENTION_PREFILL_TC_KERNEL(64, 64)
 // warps' states. q is rotated and the rows' K/V are in the pools (rope_kv_write ran). Outputs as
 // attention_v2_heads: o and its BF16 split, or with splits (gridDim.z > 1) each split's states
 // for attention_combine, or with `counters` the last block of (r, kvh) to finish merges its
-// heads (counter r * heads + kvh * group, zero again after). Same semantics as attention_v2,
+// heads (counter r * heads + kvh * group, zero again after), or its last `sharers` blocks
+// (2 <= sharers <= splits) share that merge. Same semantics as attention_v2,
 // not the same bits. HD % 32 == 0, VD % 64 == 0, VD <= 128 (the compiled shapes).
 // Measurement builds (outputs wrong; benches/results/2026-11-25-gqa-splits.md): -DGT_NO_STREAM
 // gives every warp no tiles (the block's fixed cost), -DGT_NO_COMPUTE stages and waits for the
