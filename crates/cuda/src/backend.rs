@@ -983,10 +983,10 @@ impl CudaModel {
     }
 
     /// Blocks per (row, KV head) of `attention_gqa_tc` for `n` rows: as for `attention_v2`,
-    /// filling one wave of its own blocks.
-    fn gqa_tc_splits(&self, s: &AttentionSpec, kernel: &CudaFunction, max_blocks: usize, block_size: usize, n: usize) -> Result<usize> {
+    /// filling one `wave` of its own blocks.
+    fn gqa_tc_splits(&self, s: &AttentionSpec, wave: usize, max_blocks: usize, block_size: usize, n: usize) -> usize {
         let span = s.window().map_or(max_blocks * block_size, |w| w.min(max_blocks * block_size));
-        Ok(attention_splits(span, self.attn_tc_split, self.attn_fill.then_some(self.gqa_tc_wave(s, kernel)?), n * s.num_kv_heads))
+        attention_splits(span, self.attn_tc_split, self.attn_fill.then_some(wave), n * s.num_kv_heads)
     }
 
     /// Paged attention of `n` query rows over the K/V pools (`attention_v2`, or the one-warp
@@ -1048,10 +1048,11 @@ impl CudaModel {
         let heads_smem = attention_heads_smem(s);
         // Or, where gqa_tc_for says so, the heads of each KV head on the tensor cores.
         let gqa_tc = if v2 && fresh.is_none() && rows.is_none() { self.gqa_tc_for(s, max_blocks, block_size, n) } else { None };
+        let gqa_tc_wave = gqa_tc.map(|k| self.gqa_tc_wave(s, k)).transpose()?;
         let per_head_warps = gqa_tc.is_none() && v2 && fresh.is_none() && rows.is_none() && n >= self.attn_heads_min_rows && heads_smem.is_some();
         let heads_smem = heads_smem.unwrap_or(0);
-        let splits = match (v2, per_head_warps, gqa_tc) {
-            (true, _, Some(k)) => self.gqa_tc_splits(s, k, max_blocks, block_size, n)?,
+        let splits = match (v2, per_head_warps, gqa_tc_wave) {
+            (true, _, Some(wave)) => self.gqa_tc_splits(s, wave, max_blocks, block_size, n),
             (false, _, _) => 1,
             (true, true, None) => self.attn_heads_splits(s, max_blocks, block_size, n, heads_smem)?,
             (true, false, None) => self.attn_splits(s, max_blocks, block_size, n),
@@ -1083,9 +1084,9 @@ impl CudaModel {
         if v2 {
             b.arg(&mut pm).arg(&mut pl).arg(&mut pa).arg_or_null(split.as_mut().map(|s| &mut s.0)).arg_or_null(split.as_mut().map(|s| &mut s.1));
         }
-        if let Some(k) = gqa_tc {
+        if let Some(wave) = gqa_tc_wave {
             let sharers = match counters {
-                Some(_) => gqa_merge_sharers(self.attn_merge_sharers, n * s.num_kv_heads, splits, self.gqa_tc_wave(s, k)?) as i32,
+                Some(_) => gqa_merge_sharers(self.attn_merge_sharers, n * s.num_kv_heads, splits, wave) as i32,
                 None => 1,
             };
             b.arg_or_null(counters).arg(&sharers);
