@@ -335,11 +335,11 @@ pub(crate) fn gqa_merge_sharers(wanted: usize, groups: usize, splits: usize, wav
 }
 
 /// Positions of the block tables per split of `attention_gqa_tc` (`CudaModel::attn_tc_split`).
-/// Its blocks fill an SM each (one per SM by shared memory) and pay ~15 us of fixed cost (the
-/// start, and the last block's merge of 33 splits at batch 1) besides their tiles, so at 512 its
-/// grids ran 2, 4 and 8 waves at batches 2, 4 and 8 (8192 tokens, tables 16384 wide in graphs); at 2048 they
-/// run one or two (benches/results/2026-11-25-gqa-splits.md). Batch 1 splits to fill one wave
-/// either way.
+/// Its blocks fill an SM each (one per SM by shared memory) and paid ~15 us of fixed cost besides
+/// their tiles (the start, and at batch 1 the last block's merge of 33 splits, before the merge
+/// was shared), so at 512 its grids ran 2, 4 and 8 waves at batches 2, 4 and 8 (8192 tokens,
+/// tables 16384 wide in graphs); at 2048 they run one or two
+/// (benches/results/2026-11-25-gqa-splits.md). Batch 1 splits to fill one wave either way.
 const ATTN_TC_SPLIT: usize = 2048;
 
 /// Warps per block of `attention_gqa_tc` (GT_WARPS in kernels/ops.cu) and positions per tile
