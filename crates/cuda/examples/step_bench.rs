@@ -11,6 +11,9 @@
 //!
 //!     cargo run --release -p peregrine-cuda --example step_bench -- \
 //!         --config configs/mimo-v2-flash.json [--layers N] [--batches 1,8,32,64] [--context 128]
+//!
+//! The layers kept are those that fit with their KV cache; sliding-window layers get a ring of
+//! blocks per sequence (their window and the longest write), so contexts of 32k-128k tokens fit.
 
 use std::time::Instant;
 
@@ -30,7 +33,8 @@ struct Args {
     layers: Option<usize>,
     #[arg(long, default_value = "1,8,32,64", value_delimiter = ',')]
     batches: Vec<usize>,
-    /// Tokens of context each sequence holds before the timed steps.
+    /// Tokens of context each sequence holds before the timed steps. Up to 8192 they are
+    /// prefilled; past that the K/V pools are random and only the last 64 tokens prefilled.
     #[arg(long, default_value_t = 128)]
     context: usize,
     #[arg(long, default_value_t = 15)]
@@ -107,6 +111,11 @@ fn gpu_sync(model: &CudaModel) {
 }
 
 const BS: usize = 16;
+/// Tokens per forward of a sequence's context before the timed steps.
+const CONTEXT_CHUNK: usize = 64;
+/// Contexts up to this many tokens are prefilled whole; longer ones are random K/V but for
+/// their last chunk (`CudaModel::fill_kv_random`).
+const PREFILLED_CONTEXT: usize = 8192;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -198,12 +207,30 @@ fn main() {
     };
     println!("copy bandwidth: {:.0} GB/s", copy_bw / 1e9);
 
-    // As many layers as fit in 85% of the free memory, leaving the KV cache and activations room.
+    // KV blocks. Decode sequences get tables for the context and the steps (and verify
+    // blocks); the prompts of --prefill run as one more sequence with a table of their own, so
+    // long prompts neither multiply the KV cache by the batch nor widen the decode steps' tables
+    // (which set their attention splits). Sliding-window layers read only their window, so each
+    // decode sequence's sliding-window table maps its blocks onto a ring of blocks holding the
+    // window and the longest write (a context chunk or the steps), and long contexts fit.
+    let max_batch = args.batches.iter().copied().max().unwrap_or(1);
+    let per_seq_blocks = (args.context + args.steps + 16).div_ceil(BS) + 1;
+    let window = spec.layers.iter().filter_map(|l| l.attention.window()).max().unwrap_or(0);
+    let swa_ring = per_seq_blocks.min((window + CONTEXT_CHUNK.max(args.steps + 16)).div_ceil(BS) + 2);
+    let prompt_blocks = args.prefill.iter().copied().max().map_or(0, |n| n.div_ceil(BS) + 1);
+    let full_blocks = max_batch * per_seq_blocks + prompt_blocks + 1;
+    let swa_blocks = max_batch * swa_ring + prompt_blocks + 1;
+
+    // As many layers as fit in 85% of the free memory with their KV cache, leaving the
+    // activations room.
     let fixed = spec.vocab_size as f64 * spec.hidden_size as f64 * 4.0 + 6e9;
     let per_layer: Vec<f64> = (0..spec.layers.len())
         .map(|li| {
             let (s, e) = layer_bytes(&spec, li);
-            s + e * match spec.layers[li].mlp {
+            let a = spec.layers[li].attention;
+            let kv_blocks = if a.window().is_some() { swa_blocks } else { full_blocks };
+            let kv = ((kv_blocks + 1) * BS * (a.k_dim() + a.v_dim()) * 4) as f64;
+            s + kv + e * match spec.layers[li].mlp {
                 MlpSpec::Moe(m) => m.num_experts as f64,
                 MlpSpec::Dense { .. } => 0.0,
             }
@@ -218,7 +245,10 @@ fn main() {
     };
     let layers = args.layers.unwrap_or(fit).min(spec.layers.len());
     spec.layers.truncate(layers);
-    let weight_bytes: f64 = per_layer[..layers].iter().sum::<f64>() + fixed - 6e9;
+    let weight_bytes: f64 = (0..layers).map(|li| layer_bytes(&spec, li)).zip(&spec.layers).map(|((s, e), l)| s + e * match l.mlp {
+        MlpSpec::Moe(m) => m.num_experts as f64,
+        MlpSpec::Dense { .. } => 0.0,
+    }).sum::<f64>() + fixed - 6e9;
     println!("model: {} layers of {} ({} full-attention), {:.1} GB of weights", layers, args.config, spec.layers.iter().filter(|l| l.attention.window().is_none()).count(), weight_bytes / 1e9);
 
     let t0 = Instant::now();
@@ -226,7 +256,6 @@ fn main() {
     println!("synthetic weights generated (and the MoE kernels tuned) in {:.1} s", t0.elapsed().as_secs_f64());
     let choices: Vec<String> = model.moe_kernel_choices().iter().map(|(t, k)| format!("{t}: {k:?}")).collect();
     println!("MoE kernel per token count (measured at load): {}", choices.join(", "));
-    let max_batch = args.batches.iter().copied().max().unwrap_or(1);
     let draft_spec = (args.draft_layers > 0).then(|| {
         // The MiMo-V2.5-Pro drafter's layout (head_dim 128, 8 KV heads, partial rotary 0.5,
         // non-causal window 1024 with sinks, block 8) at Flash's hidden size.
@@ -246,24 +275,29 @@ fn main() {
     if let Some(d) = &draft_spec {
         model.attach_synthetic_drafter(d, 2).expect("synthetic drafter");
     }
-    // Decode sequences get tables for the context and the steps (and verify blocks); the
-    // prompts of --prefill run as one more sequence with a table of their own, so long prompts
-    // neither multiply the KV cache by the batch nor widen the decode steps' tables (which
-    // set their attention splits).
-    let per_seq_blocks = (args.context + args.steps + 16).div_ceil(BS) + 1;
-    let prompt_blocks = args.prefill.iter().copied().max().map_or(0, |n| n.div_ceil(BS) + 1);
-    let blocks = max_batch * per_seq_blocks + prompt_blocks + 1;
-    model.init_kv(KvConfig { block_size: BS, num_full_blocks: blocks, num_swa_blocks: blocks }).expect("KV cache");
+    model.init_kv(KvConfig { block_size: BS, num_full_blocks: full_blocks, num_swa_blocks: swa_blocks }).expect("KV cache");
     let table = |s: usize| -> Vec<u32> { (0..per_seq_blocks).map(|b| (s * per_seq_blocks + b) as u32).collect() };
-    let seqf = |s: usize, tokens: Vec<u32>, start: usize, output| SeqForward { seq_id: s as u64, tokens, start_pos: start, full_blocks: table(s), swa_blocks: table(s), output };
+    let swa_table = |s: usize| -> Vec<u32> { (0..per_seq_blocks).map(|b| (s * swa_ring + b % swa_ring) as u32).collect() };
+    let seqf = |s: usize, tokens: Vec<u32>, start: usize, output| SeqForward { seq_id: s as u64, tokens, start_pos: start, full_blocks: table(s), swa_blocks: swa_table(s), output };
     let prompt_table: Vec<u32> = (0..prompt_blocks).map(|b| (max_batch * per_seq_blocks + b) as u32).collect();
-    let prompt = |tokens: Vec<u32>| SeqForward { seq_id: max_batch as u64, tokens, start_pos: 0, full_blocks: prompt_table.clone(), swa_blocks: prompt_table.clone(), output: OutputRows::Last };
+    let prompt_swa: Vec<u32> = (0..prompt_blocks).map(|b| (max_batch * swa_ring + b) as u32).collect();
+    let prompt = |tokens: Vec<u32>| SeqForward { seq_id: max_batch as u64, tokens, start_pos: 0, full_blocks: prompt_table.clone(), swa_blocks: prompt_swa.clone(), output: OutputRows::Last };
     let tok = |s: usize, p: usize| ((s * 7919 + p * 104_729) % (spec.vocab_size - 8) + 8) as u32;
 
-    // Prefill every sequence's context once (chunks of 64 tokens).
+    // Every sequence's context: up to PREFILLED_CONTEXT tokens prefilled in chunks; a longer
+    // context is random K/V with only its last chunk prefilled.
+    let prefilled = if args.context > PREFILLED_CONTEXT {
+        model.fill_kv_random(7).expect("random K/V");
+        args.context - CONTEXT_CHUNK
+    } else {
+        0
+    };
+    if prefilled > 0 {
+        println!("context: positions 0..{prefilled} random K/V, the last {CONTEXT_CHUNK} prefilled");
+    }
     for s in 0..max_batch {
-        for c0 in (0..args.context).step_by(64) {
-            let c1 = (c0 + 64).min(args.context);
+        for c0 in (prefilled..args.context).step_by(CONTEXT_CHUNK) {
+            let c1 = (c0 + CONTEXT_CHUNK).min(args.context);
             model.forward(&[seqf(s, (c0..c1).map(|p| tok(s, p)).collect(), c0, OutputRows::None)]).unwrap();
         }
     }

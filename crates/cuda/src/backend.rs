@@ -685,6 +685,19 @@ impl CudaModel {
         Ok(Synthetic::new(f("fill_random_u8")?, f("fill_random_f")?, self.spec.quant.linear, seed))
     }
 
+    /// Overwrites every K/V pool of the target model with values uniform in [-1, 1), for
+    /// benchmarks of long contexts: the attention's time depends on the bytes it reads, not on
+    /// their values, and a prefill of 32k tokens per sequence would cost minutes.
+    pub fn fill_kv_random(&mut self, seed: u64) -> Result<()> {
+        let synth = self.synthetic_source(seed)?;
+        let st = self.gpu.stream.clone();
+        for (k, v) in &mut self.kv {
+            synth.fill_floats(&st, k, 1.0, 0.0)?;
+            synth.fill_floats(&st, v, 1.0, 0.0)?;
+        }
+        st.synchronize().map_err(drv)
+    }
+
     /// Every kernel block's step-trace stamps since the last call, then cleared: only in a
     /// measurement build of the kernels (`PEREGRINE_KERNEL_DEFINES=-DSTEP_TRACE`), else None.
     pub fn step_trace(&self) -> Result<Option<crate::trace::StepTrace>> {

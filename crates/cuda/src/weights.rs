@@ -69,11 +69,18 @@ impl Synthetic {
     /// Uniform in [offset - amp, offset + amp).
     pub(crate) fn floats(&self, st: &Arc<CudaStream>, n: usize, amp: f32, offset: f32) -> Result<CudaSlice<f32>> {
         let mut buf = unsafe { st.alloc::<f32>(n.max(1)) }.map_err(drv)?;
-        let (nn, seed, bf) = (n as u64, self.next_seed(), 0i32);
-        let mut b = crate::launch::builder(st, &self.fill_f);
-        b.arg(&mut buf).arg(&nn).arg(&seed).arg(&amp).arg(&offset).arg(&bf);
-        unsafe { b.launch(grid(n)) }.map_err(drv)?;
+        self.fill_floats(st, &mut buf, amp, offset)?;
         Ok(buf)
+    }
+
+    /// Overwrites all of `buf` with values uniform in [offset - amp, offset + amp).
+    pub(crate) fn fill_floats(&self, st: &Arc<CudaStream>, buf: &mut CudaSlice<f32>, amp: f32, offset: f32) -> Result<()> {
+        let (n, seed, bf) = (buf.len(), self.next_seed(), 0i32);
+        let nn = n as u64;
+        let mut b = crate::launch::builder(st, &self.fill_f);
+        b.arg(buf).arg(&nn).arg(&seed).arg(&amp).arg(&offset).arg(&bf);
+        unsafe { b.launch(grid(n)) }.map_err(drv)?;
+        Ok(())
     }
 
     fn bf16(&self, st: &Arc<CudaStream>, n: usize, amp: f32) -> Result<CudaSlice<u16>> {
