@@ -1876,6 +1876,38 @@ extern "C" __global__ void __launch_bounds__(128) gemm_f32_nt(const float* __res
     }
 }
 
+// Online softmax over the two rows of an m16n8 accumulator fragment (rows g and g + 8, each
+// row's scores on the 4 lanes t of a quad), shared by the tensor-core attention kernels.
+// softmax_pair_max: the lanes' maxima of this tile's scores (mx) become the quad's, then the
+// rows' new maxima mn = max(m, mx) and the factors e^(m - mn) that rescale what the rows hold
+// (1 while a row has seen nothing: m = mn = -inf would give NaN).
+__device__ __forceinline__ void softmax_pair_max(float m_a, float m_b, float mx_a, float mx_b, float& mn_a, float& mn_b,
+                                                 float& corr_a, float& corr_b) {
+    const float NEG_INF = __int_as_float(0xff800000u);
+#pragma unroll
+    for (int off = 1; off < 4; off <<= 1) {
+        mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, off));
+        mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, off));
+    }
+    mn_a = fmaxf(m_a, mx_a);
+    mn_b = fmaxf(m_b, mx_b);
+    corr_a = mn_a == NEG_INF ? 1.f : __expf(m_a - mn_a);
+    corr_b = mn_b == NEG_INF ? 1.f : __expf(m_b - mn_b);
+}
+// softmax_pair_sum: the lanes' sums of this tile's e^(s - mn) summed over the quad and added to
+// the rows' rescaled sums l; the rows' maxima move to mn.
+__device__ __forceinline__ void softmax_pair_sum(float sum_a, float sum_b, float mn_a, float mn_b, float corr_a, float corr_b,
+                                                 float& m_a, float& m_b, float& l_a, float& l_b) {
+#pragma unroll
+    for (int off = 1; off < 4; off <<= 1) {
+        sum_a += __shfl_xor_sync(0xffffffffu, sum_a, off);
+        sum_b += __shfl_xor_sync(0xffffffffu, sum_b, off);
+    }
+    l_a = l_a * corr_a + sum_a;
+    l_b = l_b * corr_b + sum_b;
+    m_a = mn_a;
+    m_b = mn_b;
+}
 // Prefill attention on the tensor cores: the tiles of attention_prefill, two heads of one KV
 // head per block (8 warps: warp w serves head 2 blockIdx.y + w / 4, tile rows 16 (w % 4) ..
 // + 15), S = Q K^T and O += P V as mma.sync m16n8k8 on TF32 with each f32 operand split into a
@@ -2001,14 +2033,8 @@ __device__ __forceinline__ void attention_prefill_tc_body(
                     mx_a = fmaxf(mx_a, s[n][e]);
                     mx_b = fmaxf(mx_b, s[n][2 + e]);
                 }
-#pragma unroll
-            for (int off = 1; off < 4; off <<= 1) {
-                mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, off));
-                mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, off));
-            }
-            const float mn_a = fmaxf(m_a, mx_a), mn_b = fmaxf(m_b, mx_b);
-            // A row with nothing visible so far keeps m = -inf (no NaN from -inf - -inf).
-            const float corr_a = mn_a == NEG_INF ? 1.f : __expf(m_a - mn_a), corr_b = mn_b == NEG_INF ? 1.f : __expf(m_b - mn_b);
+            float mn_a, mn_b, corr_a, corr_b;
+            softmax_pair_max(m_a, m_b, mx_a, mx_b, mn_a, mn_b, corr_a, corr_b);
             float sum_a = 0.f, sum_b = 0.f;
 #pragma unroll
             for (int n = 0; n < TK / 8; n++) {
@@ -2022,15 +2048,7 @@ __device__ __forceinline__ void attention_prefill_tc_body(
                 *reinterpret_cast<float2*>(P + g * PP + 8 * n + 2 * t) = pa;
                 *reinterpret_cast<float2*>(P + (g + 8) * PP + 8 * n + 2 * t) = pb;
             }
-#pragma unroll
-            for (int off = 1; off < 4; off <<= 1) {
-                sum_a += __shfl_xor_sync(0xffffffffu, sum_a, off);
-                sum_b += __shfl_xor_sync(0xffffffffu, sum_b, off);
-            }
-            l_a = l_a * corr_a + sum_a;
-            l_b = l_b * corr_b + sum_b;
-            m_a = mn_a;
-            m_b = mn_b;
+            softmax_pair_sum(sum_a, sum_b, mn_a, mn_b, corr_a, corr_b, m_a, m_b, l_a, l_b);
 #pragma unroll
             for (int c = 0; c < VD / 8; c++) {
                 acc[c][0] *= corr_a;
@@ -2266,28 +2284,14 @@ __device__ __forceinline__ void attention_gqa_tc_body(
             mx_a = fmaxf(mx_a, s[e]);
             mx_b = fmaxf(mx_b, s[2 + e]);
         }
-#pragma unroll
-        for (int off = 1; off < 4; off <<= 1) {
-            mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, off));
-            mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, off));
-        }
-        const float mn_a = fmaxf(m_a, mx_a), mn_b = fmaxf(m_b, mx_b);
-        const float corr_a = mn_a == NEG_INF ? 1.f : __expf(m_a - mn_a), corr_b = mn_b == NEG_INF ? 1.f : __expf(m_b - mn_b);
+        float mn_a, mn_b, corr_a, corr_b;
+        softmax_pair_max(m_a, m_b, mx_a, mx_b, mn_a, mn_b, corr_a, corr_b);
         float2 pa, pb;
         pa.x = s[0] == NEG_INF ? 0.f : __expf(s[0] - mn_a);
         pa.y = s[1] == NEG_INF ? 0.f : __expf(s[1] - mn_a);
         pb.x = s[2] == NEG_INF ? 0.f : __expf(s[2] - mn_b);
         pb.y = s[3] == NEG_INF ? 0.f : __expf(s[3] - mn_b);
-        float sum_a = pa.x + pa.y, sum_b = pb.x + pb.y;
-#pragma unroll
-        for (int off = 1; off < 4; off <<= 1) {
-            sum_a += __shfl_xor_sync(0xffffffffu, sum_a, off);
-            sum_b += __shfl_xor_sync(0xffffffffu, sum_b, off);
-        }
-        l_a = l_a * corr_a + sum_a;
-        l_b = l_b * corr_b + sum_b;
-        m_a = mn_a;
-        m_b = mn_b;
+        softmax_pair_sum(pa.x + pa.y, pb.x + pb.y, mn_a, mn_b, corr_a, corr_b, m_a, m_b, l_a, l_b);
         *reinterpret_cast<float2*>(P + g * PP + 2 * t) = pa;
         *reinterpret_cast<float2*>(P + (g + 8) * PP + 2 * t) = pb;
         // (A factor of 1 changes nothing: most tiles past the first leave every row's max.)
