@@ -932,6 +932,13 @@ impl CudaModel {
         (0..self.layers.len()).filter(|&l| self.attention_takes_kv(l) && self.qkv_ready_at(l, rows)).count()
     }
 
+    /// Layers whose decode attention of `rows` rows over block tables `max_blocks` wide runs
+    /// on the tensor cores (`attention_gqa_tc`, `gqa_tc_for`); for tests. 0 before `init_kv`.
+    pub fn tensor_core_decode_layers(&self, rows: usize, max_blocks: usize) -> usize {
+        let Some(cfg) = self.kv_config else { return 0 };
+        self.layers.iter().filter(|l| self.gqa_tc_for(&l.attn.spec, max_blocks, cfg.block_size, rows).is_some()).count()
+    }
+
     /// Sets whether attention starts heads as their projection finishes them (`qkv_ready`; on
     /// by default), for tests comparing the two (the same bits). Captured step graphs are
     /// dropped.

@@ -304,3 +304,83 @@ fn overlapped_decode_steps_give_the_tokens_of_plain_steps() {
         eprintln!("overlapped decode steps (sampled: {sampled}): {} tokens as plain steps gave them", plain.iter().map(Vec::len).sum::<usize>());
     }
 }
+
+/// Long contexts through the whole model on the tensor-core attention kernels, against the CPU
+/// backend: a MiMo-V2-Flash-shaped attention (K head dim 192, V 128, partial RoPE; a full layer
+/// of 16 heads per KV head, a sliding-window layer of 8 with sinks) with random f32 weights, two
+/// sequences prefilled (2100 prompt tokens on `attention_prefill_tc`, and 300), then decoded
+/// together with block tables 2144 positions wide, so the full layer's decode runs
+/// `attention_gqa_tc` split across the GPU with the merge shared (the short sequence's splits
+/// mostly empty); with a 2048-token window the sliding layer runs it too (sinks, and a window
+/// that cuts the long sequence). Each step feeds both backends the CPU's greedy tokens (a near
+/// tie cannot fork the two), and every step's logits must agree as the golden fixtures' do, with
+/// the same argmax wherever the CPU's best two logits are apart.
+#[test]
+fn long_context_tensor_core_attention_matches_the_cpu_backend() {
+    use peregrine_model::synthetic::SyntheticWeights;
+    if probe_for_tests(0).is_none() {
+        return;
+    }
+    for (window, tc_layers) in [(128usize, 1usize), (2048, 2)] {
+        let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(Path::new(&fixture("default")).join("config.json")).unwrap()).unwrap();
+        for (k, v) in [
+            ("hidden_size", serde_json::json!(256)),
+            ("head_dim", 192.into()),
+            ("v_head_dim", 128.into()),
+            ("num_attention_heads", 16.into()),
+            ("num_key_value_heads", 1.into()),
+            ("num_hidden_layers", 2.into()),
+            ("layer_types", serde_json::json!(["full_attention", "sliding_attention"])),
+            ("mlp_layer_types", serde_json::json!(["dense", "sparse"])),
+            ("sliding_window", window.into()),
+        ] {
+            cfg[k] = v;
+        }
+        let spec = peregrine_model::config::parse_config(&cfg, None).unwrap();
+        let weights = SyntheticWeights::new(11);
+        let mut cpu = CpuModel::load(&spec, &weights).unwrap();
+        let mut gpu = CudaModel::load(probe(0).unwrap(), &spec, &weights).unwrap();
+        let (bs, width, steps) = (16usize, 134usize, 12usize);
+        let cfg = KvConfig { block_size: bs, num_full_blocks: 2 * width, num_swa_blocks: 2 * width };
+        cpu.init_kv(cfg).unwrap();
+        gpu.init_kv(cfg).unwrap();
+        let name = format!("window {window}");
+        assert!(spec.layers[1].attention.sinks);
+        assert_eq!(gpu.tensor_core_decode_layers(2, width), tc_layers, "{name}: layers whose decode should run attention_gqa_tc");
+        // Sequence s owns blocks s, s + 2, ... (interleaved, as a shared pool would leave them).
+        let table = |s: usize| -> Vec<u32> { (0..width).map(|b| (2 * b + s) as u32).collect() };
+        let fwd = |s: usize, tokens: Vec<u32>, start: usize, output| SeqForward { seq_id: s as u64, tokens, start_pos: start, full_blocks: table(s), swa_blocks: table(s), output };
+        let prompts: Vec<Vec<u32>> = [2100u32, 300].iter().enumerate().map(|(s, &n)| (0..n).map(|i| 7 + (i * 37 + s as u32 * 101) % 500).collect()).collect();
+        let vocab = spec.vocab_size;
+        let compare = |what: &str, a: &[f32], b: &[f32]| {
+            assert_eq!(a.len(), b.len());
+            assert!(b.iter().all(|v| v.is_finite()), "{name}, {what}: non-finite GPU logits");
+            let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let err = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max) / scale;
+            assert!(err < 1e-4, "{name}, {what}: relative error {err:.2e}");
+            for (r, (ra, rb)) in a.chunks(vocab).zip(b.chunks(vocab)).enumerate() {
+                let (ca, cb) = (argmax(ra), argmax(rb));
+                let second = ra.iter().enumerate().filter(|&(i, _)| i as u32 != ca).map(|(_, &v)| v).fold(f32::NEG_INFINITY, f32::max);
+                assert!(ca == cb || ra[ca as usize] - second < 1e-4 * scale, "{name}, {what}, row {r}: argmax {cb} on the GPU, {ca} on the CPU");
+            }
+            err
+        };
+        let mut next: Vec<u32> = Vec::new();
+        for (s, p) in prompts.iter().enumerate() {
+            let a = cpu.forward(&[fwd(s, p.clone(), 0, OutputRows::Last)]).unwrap().remove(0).data;
+            let b = gpu.forward(&[fwd(s, p.clone(), 0, OutputRows::Last)]).unwrap().remove(0).data;
+            let err = compare(&format!("prefill of {} tokens", p.len()), &a, &b);
+            eprintln!("{name}: prefill of {} tokens: logits max |gpu - cpu| / max |cpu| = {err:.2e}", p.len());
+            next.push(argmax(&a));
+        }
+        let mut worst = 0f32;
+        for i in 0..steps {
+            let batch: Vec<SeqForward> = (0..2).map(|s| fwd(s, vec![next[s]], prompts[s].len() + i, OutputRows::Last)).collect();
+            let a: Vec<f32> = cpu.forward(&batch).unwrap().into_iter().flat_map(|l| l.data).collect();
+            let b: Vec<f32> = gpu.forward(&batch).unwrap().into_iter().flat_map(|l| l.data).collect();
+            worst = worst.max(compare(&format!("decode step {i}"), &a, &b));
+            next = a.chunks(vocab).map(argmax).collect();
+        }
+        eprintln!("{name}: {steps} decode steps of 2 rows, {tc_layers} layer(s) on attention_gqa_tc: logits max |gpu - cpu| / max |cpu| = {worst:.2e}, same argmax");
+    }
+}
