@@ -192,6 +192,45 @@ extern "C" __global__ void kv_write(const float* __restrict__ k, const float* __
     for (int i = threadIdx.x; i < vd; i += blockDim.x) vc[s * vd + i] = v[(size_t)r * vd + i] * vscale;
 }
 
+// One key of a warp's online softmax over one head (the f32 reference kernels `attention` and
+// `draft_attention`): score q.k (lanes split the head dim), then m, l and the lane's V dims
+// lane, lane + 32, ... (vd <= 128) rescaled and the key's value added.
+__device__ __forceinline__ void warp_attend_key(const float* __restrict__ qv, const float* __restrict__ kv,
+                                                const float* __restrict__ vv, int lane, int hd, int vd, float scale,
+                                                float& m, float& l, float acc[4]) {
+    float d = 0.f;
+    for (int i = lane; i < hd; i += 32) d += qv[i] * kv[i];
+    for (int o2 = 16; o2 > 0; o2 >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o2);
+    float sc = d * scale;
+    float mn = fmaxf(m, sc);
+    float corr = __expf(m - mn), pe = __expf(sc - mn);
+    l = l * corr + pe;
+#pragma unroll
+    for (int c = 0; c < 4; c++) {
+        int i = lane + 32 * c;
+        acc[c] = acc[c] * corr + (i < vd ? pe * vv[i] : 0.f);
+    }
+    m = mn;
+}
+
+// Their epilogue: head h's sink logit (if any) joins the softmax, then o = acc / l.
+__device__ __forceinline__ void warp_attention_out(const float* __restrict__ sinks, int h, float m, float l, float acc[4],
+                                                   float* __restrict__ ov, int lane, int vd) {
+    if (sinks) {
+        float sc = sinks[h];
+        float mn = fmaxf(m, sc);
+        float corr = __expf(m - mn);
+        l = l * corr + __expf(sc - mn);
+#pragma unroll
+        for (int c = 0; c < 4; c++) acc[c] *= corr;
+    }
+#pragma unroll
+    for (int c = 0; c < 4; c++) {
+        int i = lane + 32 * c;
+        if (i < vd) ov[i] = acc[c] / l;
+    }
+}
+
 // Paged causal attention, one block (one warp) per (row, head): query row r at position pos[r]
 // attends keys lo..pos (lo from the sliding window), with an optional sink logit per head, with
 // online softmax. table: the row's sequence block table (tables + seq[r] * max_blocks).
@@ -209,36 +248,9 @@ extern "C" __global__ void attention(const float* __restrict__ q, const float* _
     float acc[4] = {0.f, 0.f, 0.f, 0.f};  // vd <= 128: lane owns dims lane, lane+32, ...
     for (int j = lo; j <= p; j++) {
         size_t slot = (size_t)table[j / block_size] * block_size + j % block_size;
-        const float* kv = kc + (slot * kv_heads + kvh) * hd;
-        float d = 0.f;
-        for (int i = lane; i < hd; i += 32) d += qv[i] * kv[i];
-        for (int o2 = 16; o2 > 0; o2 >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o2);
-        float sc = d * scale;
-        float mn = fmaxf(m, sc);
-        float corr = __expf(m - mn), pe = __expf(sc - mn);
-        l = l * corr + pe;
-        const float* vv = vc + (slot * kv_heads + kvh) * vd;
-#pragma unroll
-        for (int c = 0; c < 4; c++) {
-            int i = lane + 32 * c;
-            acc[c] = acc[c] * corr + (i < vd ? pe * vv[i] : 0.f);
-        }
-        m = mn;
+        warp_attend_key(qv, kc + (slot * kv_heads + kvh) * hd, vc + (slot * kv_heads + kvh) * vd, lane, hd, vd, scale, m, l, acc);
     }
-    if (sinks) {
-        float sc = sinks[h];
-        float mn = fmaxf(m, sc);
-        float corr = __expf(m - mn);
-        l = l * corr + __expf(sc - mn);
-#pragma unroll
-        for (int c = 0; c < 4; c++) acc[c] *= corr;
-    }
-    float* ov = o + ((size_t)r * heads + h) * vd;
-#pragma unroll
-    for (int c = 0; c < 4; c++) {
-        int i = lane + 32 * c;
-        if (i < vd) ov[i] = acc[c] / l;
-    }
+    warp_attention_out(sinks, h, m, l, acc, o + ((size_t)r * heads + h) * vd, lane, vd);
 }
 
 // a[i] = silu(g[i]) * u[i]
@@ -422,34 +434,9 @@ extern "C" __global__ void draft_attention(const float* __restrict__ q, const fl
             kv = kb + (br * kv_heads + kvh) * hd;
             vv = vb + (br * kv_heads + kvh) * vd;
         }
-        float d = 0.f;
-        for (int i = lane; i < hd; i += 32) d += qv[i] * kv[i];
-        for (int o2 = 16; o2 > 0; o2 >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o2);
-        float sc = d * scale;
-        float mn = fmaxf(m, sc);
-        float corr = __expf(m - mn), pe = __expf(sc - mn);
-        l = l * corr + pe;
-#pragma unroll
-        for (int c = 0; c < 4; c++) {
-            int i = lane + 32 * c;
-            acc[c] = acc[c] * corr + (i < vd ? pe * vv[i] : 0.f);
-        }
-        m = mn;
+        warp_attend_key(qv, kv, vv, lane, hd, vd, scale, m, l, acc);
     }
-    if (sinks) {
-        float sc = sinks[h];
-        float mn = fmaxf(m, sc);
-        float corr = __expf(m - mn);
-        l = l * corr + __expf(sc - mn);
-#pragma unroll
-        for (int c = 0; c < 4; c++) acc[c] *= corr;
-    }
-    float* ov = o + ((size_t)r * heads + h) * vd;
-#pragma unroll
-    for (int c = 0; c < 4; c++) {
-        int i = lane + 32 * c;
-        if (i < vd) ov[i] = acc[c] / l;
-    }
+    warp_attention_out(sinks, h, m, l, acc, o + ((size_t)r * heads + h) * vd, lane, vd);
 }
 
 // x[r, :] = table[token r, :] for a BF16 table (u16 bits).
@@ -1894,6 +1881,18 @@ __device__ __forceinline__ void softmax_pair_max(float m_a, float m_b, float mx_
     corr_a = mn_a == NEG_INF ? 1.f : __expf(m_a - mn_a);
     corr_b = mn_b == NEG_INF ? 1.f : __expf(m_b - mn_b);
 }
+// softmax_pair_rescale: the rows' output accumulators (m16n8 fragments: [0], [1] row g, [2], [3]
+// row g + 8) times their corrections.
+template <int NC>
+__device__ __forceinline__ void softmax_pair_rescale(float (&acc)[NC][4], float corr_a, float corr_b) {
+#pragma unroll
+    for (int c = 0; c < NC; c++) {
+        acc[c][0] *= corr_a;
+        acc[c][1] *= corr_a;
+        acc[c][2] *= corr_b;
+        acc[c][3] *= corr_b;
+    }
+}
 // softmax_pair_sum: the lanes' sums of this tile's e^(s - mn) summed over the quad and added to
 // the rows' rescaled sums l; the rows' maxima move to mn.
 __device__ __forceinline__ void softmax_pair_sum(float sum_a, float sum_b, float mn_a, float mn_b, float corr_a, float corr_b,
@@ -2049,13 +2048,7 @@ __device__ __forceinline__ void attention_prefill_tc_body(
                 *reinterpret_cast<float2*>(P + (g + 8) * PP + 8 * n + 2 * t) = pb;
             }
             softmax_pair_sum(sum_a, sum_b, mn_a, mn_b, corr_a, corr_b, m_a, m_b, l_a, l_b);
-#pragma unroll
-            for (int c = 0; c < VD / 8; c++) {
-                acc[c][0] *= corr_a;
-                acc[c][1] *= corr_a;
-                acc[c][2] *= corr_b;
-                acc[c][3] *= corr_b;
-            }
+            softmax_pair_rescale(acc, corr_a, corr_b);
             __syncwarp();  // the warp's P rows are written
             // acc += P V over the block's keys, 8 at a time.
 #pragma unroll
@@ -2295,15 +2288,7 @@ __device__ __forceinline__ void attention_gqa_tc_body(
         *reinterpret_cast<float2*>(P + g * PP + 2 * t) = pa;
         *reinterpret_cast<float2*>(P + (g + 8) * PP + 2 * t) = pb;
         // (A factor of 1 changes nothing: most tiles past the first leave every row's max.)
-        if (__any_sync(0xffffffffu, corr_a != 1.f || corr_b != 1.f)) {
-#pragma unroll
-            for (int c = 0; c < VD / 8; c++) {
-                acc[c][0] *= corr_a;
-                acc[c][1] *= corr_a;
-                acc[c][2] *= corr_b;
-                acc[c][3] *= corr_b;
-            }
-        }
+        if (__any_sync(0xffffffffu, corr_a != 1.f || corr_b != 1.f)) softmax_pair_rescale(acc, corr_a, corr_b);
         __syncwarp();  // the warp's P rows are written
         // acc += P V over the tile's GT_TK (= 8) positions: one k step.
         unsigned ah[4], al[4];
