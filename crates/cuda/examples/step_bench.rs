@@ -214,6 +214,11 @@ fn main() {
     // decode sequence's sliding-window table maps its blocks onto a ring of blocks holding the
     // window and the longest write (a context chunk or the steps), and long contexts fit.
     let max_batch = args.batches.iter().copied().max().unwrap_or(1);
+    // Decode steps write positions context .. context + 7, verify passes up to context + 8.
+    if args.context + 9 > spec.max_position_embeddings {
+        eprintln!("--context {} leaves no room for the steps within the model's {} positions (at most {})", args.context, spec.max_position_embeddings, spec.max_position_embeddings.saturating_sub(9));
+        std::process::exit(2);
+    }
     let per_seq_blocks = (args.context + args.steps + 16).div_ceil(BS) + 1;
     let window = spec.layers.iter().filter_map(|l| l.attention.window()).max().unwrap_or(0);
     let swa_ring = per_seq_blocks.min((window + CONTEXT_CHUNK.max(args.steps + 16)).div_ceil(BS) + 2);
