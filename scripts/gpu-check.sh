@@ -101,8 +101,15 @@ dummy() { curl -s localhost:8205/v1/completions -H 'content-type: application/js
     | python3 -c 'import json,sys; r=json.load(sys.stdin); print(r["usage"]["completion_tokens"], r["choices"][0]["text"])'; }
 d1=$(dummy); d2=$(dummy)
 if [ -n "$d1" ] && [ "$d1" = "$d2" ] && [ "${d1%% *}" = 16 ]; then echo "dummy weights on cuda: 16 tokens, greedy reproducible" >> "$LOG/e2e.log"; else echo "dummy weights on cuda: DIFFERS ($d1 / $d2)" >> "$LOG/e2e.log"; fi
+# A 3000-token prompt (the stand-in tokenizer's words are tokens): chunked prefill on the
+# tensor-core prefill attention, decode on attention_gqa_tc (tables past 2048 positions).
+long_dummy() { python3 -c 'import json; print(json.dumps({"model":"mimo-v2-flash","prompt":" ".join("t%d" % (7 + i * 37 % 500) for i in range(3000)),"max_tokens":16,"temperature":0,"ignore_eos":True}))' \
+    | curl -s localhost:8205/v1/completions -H 'content-type: application/json' -d @- \
+    | python3 -c 'import json,sys; r=json.load(sys.stdin); print(r["usage"]["prompt_tokens"], r["usage"]["completion_tokens"], r["choices"][0]["text"])'; }
+l1=$(long_dummy); l2=$(long_dummy)
+if [ -n "$l1" ] && [ "$l1" = "$l2" ] && [ "$(echo "$l1" | cut -d' ' -f1-2)" = "3000 16" ]; then echo "dummy weights on cuda, 3000-token prompt: 16 tokens, greedy reproducible" >> "$LOG/e2e.log"; else echo "dummy weights on cuda, 3000-token prompt: DIFFERS ($l1 / $l2)" >> "$LOG/e2e.log"; fi
 kill $dpid; wait $dpid 2>/dev/null || true
-tail -9 "$LOG/e2e.log"
+tail -10 "$LOG/e2e.log"
 grep -q DIFFERS "$LOG/e2e.log" && status=1
 # GPU_CHECK_BENCH=0: the correctness half only (the benchmarks take several minutes more).
 [ "${GPU_CHECK_BENCH:-1}" = 0 ] && exit $status
