@@ -229,31 +229,30 @@ fn main() {
     // As many layers as fit in 85% of the free memory with their KV cache, leaving the
     // activations room.
     let fixed = spec.vocab_size as f64 * spec.hidden_size as f64 * 4.0 + 6e9;
-    let per_layer: Vec<f64> = (0..spec.layers.len())
+    let layer_weights: Vec<f64> = (0..spec.layers.len())
         .map(|li| {
             let (s, e) = layer_bytes(&spec, li);
-            let a = spec.layers[li].attention;
-            let kv_blocks = if a.window().is_some() { swa_blocks } else { full_blocks };
-            let kv = ((kv_blocks + 1) * BS * (a.k_dim() + a.v_dim()) * 4) as f64;
-            s + kv + e * match spec.layers[li].mlp {
+            s + e * match spec.layers[li].mlp {
                 MlpSpec::Moe(m) => m.num_experts as f64,
                 MlpSpec::Dense { .. } => 0.0,
             }
         })
         .collect();
+    let layer_kv = |li: usize| {
+        let a = spec.layers[li].attention;
+        let kv_blocks = if a.window().is_some() { swa_blocks } else { full_blocks };
+        ((kv_blocks + 1) * BS * (a.k_dim() + a.v_dim()) * 4) as f64
+    };
     let fit = {
         let mut used = fixed;
-        per_layer.iter().take_while(|&&b| {
-            used += b;
+        layer_weights.iter().enumerate().take_while(|&(li, &w)| {
+            used += w + layer_kv(li);
             used < free as f64 * 0.85
         }).count()
     };
     let layers = args.layers.unwrap_or(fit).min(spec.layers.len());
     spec.layers.truncate(layers);
-    let weight_bytes: f64 = (0..layers).map(|li| layer_bytes(&spec, li)).zip(&spec.layers).map(|((s, e), l)| s + e * match l.mlp {
-        MlpSpec::Moe(m) => m.num_experts as f64,
-        MlpSpec::Dense { .. } => 0.0,
-    }).sum::<f64>() + fixed - 6e9;
+    let weight_bytes: f64 = layer_weights[..layers].iter().sum::<f64>() + fixed - 6e9;
     println!("model: {} layers of {} ({} full-attention), {:.1} GB of weights", layers, args.config, spec.layers.iter().filter(|l| l.attention.window().is_none()).count(), weight_bytes / 1e9);
 
     let t0 = Instant::now();
