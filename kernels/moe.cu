@@ -67,7 +67,7 @@
 // the first MOE_TRACE_BLOCKS blocks; Kernels::moe_trace reads it). Slot 0: the SM; 1: entry;
 // 2: past the wait for the kernel ahead; per item i < 2 at 3 + 5i: start, past the wait for
 // gate_up (down items), activations staged, weights streamed (all warps), item done; 13: exit.
-#define MOE_TRACE_BLOCKS 512
+#define MOE_TRACE_BLOCKS 1536
 #define MOE_TRACE_SLOTS 16
 #ifdef MOE_TRACE
 __device__ unsigned long long moe_trace[MOE_TRACE_BLOCKS * MOE_TRACE_SLOTS];
@@ -87,9 +87,22 @@ __device__ unsigned long long moe_trace[MOE_TRACE_BLOCKS * MOE_TRACE_SLOTS];
             moe_trace[blockIdx.x * MOE_TRACE_SLOTS] = sm_;                               \
         }                                                                                \
     } while (0)
+// The Dynamic kernel stamps per warp (global warp gw): 0 the SM, 1 past the wait, for its
+// first 4 tiles i at 2 + 3i taken (bit 0: a down tile), 3 + 3i past its slot's wait, 4 + 3i done
+// (stored and counted); 14 exit, 15 tiles taken.
+#define WTRACE(gw, slot, v)                                                              \
+    do {                                                                                 \
+        if ((threadIdx.x & 31) == 0 && (gw) < MOE_TRACE_BLOCKS) moe_trace[(gw) * MOE_TRACE_SLOTS + (slot)] = (v); \
+    } while (0)
+__device__ __forceinline__ unsigned long long gtimer() {
+    unsigned long long t_;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_));
+    return t_;
+}
 #else
 #define TRACE(slot)
 #define TRACE_SM()
+#define WTRACE(gw, slot, v)
 #endif
 
 // Four e4m3 bytes -> two f16x2 (low byte first in each), exactly.
@@ -883,6 +896,460 @@ MOE_BULK(4, 4)
 MOE_BULK(2, 3)
 MOE_BULK(3, 3)
 MOE_BULK(2, 6)
+
+// ---------------------------------------------------------------------------------------------
+// One token's MoE with work taken from a queue (`MoeKernel::Dynamic`).
+//
+// Why: the fused kernel above hands out items statically (block b takes items b, b + grid, ...),
+// and at one token each block streams about one gate_up and one down item. SMs' shares of DRAM
+// bandwidth fluctuate over time (benches/results/2026-11-23-moe-split-k.md: blocks with
+// identical work finish 12 us apart, and which SMs are slow changes within a call), so the
+// kernel ends with its slowest SM. Here each warp takes 16-row tiles one at a time from a global
+// queue (all gate_up tiles, slot by slot, then all down tiles), claiming the next before it
+// finishes the current, and its ring runs on from one tile into the next: a fast SM simply
+// takes more tiles. Blocks are 4 warps with deeper rings than the fused kernel's, so each warp
+// streams faster and a tile is a shorter unit of balance.
+//
+// Same arithmetic, same order, same bits as the fused kernel at one token: a tile's warp runs
+// tile_step over K in order and stores with tile_store; x is staged per block by stage_b; the
+// down tiles read h split exactly as stage_b stages one pair (split_row_warp), written once per
+// slot by the warp that finishes the slot's last gate_up tile and brought into the ring next to
+// the weights by bulk copies.
+//
+// Nothing waits on a block that has not started (a warp only waits, in a down tile, for gate_up
+// tiles that were all claimed before it, by running warps that never wait), so any grid works.
+//
+// counters (zero between calls; the kernel resets them): [0] the queue, [1, 1 + U) per slot the
+// gate_up tiles done (+1 once h is split), [1 + U, 1 + 2U) per slot the down tiles past that
+// wait, [1 + 2U, 1 + 2U + H/16) per down row tile the slots done, for the combine.
+#define DW 8           // most warps per block (the host picks 4 or 8: blockDim)
+#define DYN_B_BYTES 256  // one step of a one-pair fragment row: 2 halves x 8 lanes x 16 bytes
+
+// Adds to an mbarrier's expected bytes without arriving (the stage's arrival comes with its
+// second half: the B fragments of a down tile, or a plain arrive).
+__device__ __forceinline__ void mbar_expect_only(unsigned long long* bar, unsigned bytes) {
+    unsigned a = (unsigned)__cvta_generic_to_shared(bar);
+    asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;" ::"r"(a), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(unsigned long long* bar) {
+    unsigned a = (unsigned)__cvta_generic_to_shared(bar);
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(a) : "memory");
+}
+
+// Row h [K] split as stage_b stages one pair, by one warp: the same maximum (fmaxf ignores
+// order), the same power of two (row_scale's), the same items (stage_item) into hs [K] words;
+// its 2^-s at *inv. Every load of a row of up to 2048 values is in flight at once (down tiles
+// of the slot wait for this; a loop of dependent loads took ~10 us).
+#define SPLIT_REGS 16  // items per lane held in registers
+__device__ __forceinline__ void split_row_warp(const float* __restrict__ h, int K, unsigned* __restrict__ hs, float* __restrict__ inv) {
+    int lane = threadIdx.x & 31;
+    const int items = K / 16 * 4;
+    auto load = [&](int it, float2& v0, float2& v1) {
+        const float* p = h + 16 * (it >> 2) + 2 * (it & 3);
+        v0 = __ldcg(reinterpret_cast<const float2*>(p));
+        v1 = __ldcg(reinterpret_cast<const float2*>(p + 8));
+    };
+    auto mag = [](float2 a, float2 b) { return fmaxf(fmaxf(fabsf(a.x), fabsf(a.y)), fmaxf(fabsf(b.x), fabsf(b.y))); };
+    float2 v0[SPLIT_REGS], v1[SPLIT_REGS];
+    float m = 0.f;
+    const bool held = items <= 32 * SPLIT_REGS;
+    if (held) {
+#pragma unroll
+        for (int i = 0; i < SPLIT_REGS; i++) {
+            int it = lane + 32 * i;
+            v0[i] = v1[i] = make_float2(0.f, 0.f);
+            if (it < items) load(it, v0[i], v1[i]);
+        }
+#pragma unroll
+        for (int i = 0; i < SPLIT_REGS; i++) m = fmaxf(m, mag(v0[i], v1[i]));
+    } else {
+#pragma unroll 8
+        for (int it = lane; it < items; it += 32) {
+            float2 a, b;
+            load(it, a, b);
+            m = fmaxf(m, mag(a, b));
+        }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    float red[TW * NP];
+    for (int i = 0; i < TW * NP; i++) red[i] = 0.f;
+    red[0] = m;
+    float scale, sinv;
+    row_scale(red, 0, &scale, &sinv);
+    if (held) {
+#pragma unroll
+        for (int i = 0; i < SPLIT_REGS; i++) {
+            int it = lane + 32 * i;
+            if (it < items) stage_item(hs, 8, 0, it >> 2, it & 3, v0[i], v1[i], scale);
+        }
+    } else {
+#pragma unroll 8
+        for (int it = lane; it < items; it += 32) {
+            float2 a, b;
+            load(it, a, b);
+            stage_item(hs, 8, 0, it >> 2, it & 3, a, b, scale);
+        }
+    }
+    if (lane == 0) *inv = sinv;
+}
+
+// Unit n of the queue (measurement build: segments of a tile's K, PEREGRINE_MOE_SEG): the
+// slots' gate_up and down blocks in the order G0, G1, D0, G2, D1, ..., G(U-1), D(U-2), D(U-1),
+// each block its slot's tiles in order, each tile's `sg` (gate_up) or `sd` (down) segments
+// consecutive. steps < 0: past the end; 0: a unit of an unused slot (skipped).
+struct DynTile {
+    int steps, slot, rt, k0;
+    bool down;
+    const unsigned char* wt;
+};
+__device__ __forceinline__ DynTile dyn_tile(int n, int U, int H, int I, const unsigned char* __restrict__ Wg,
+                                            const unsigned char* __restrict__ Wd, const int* experts, const int* pair_off,
+                                            int sg, int sd) {
+    const int gt = I / 8, dt = H / 16, gb = gt * sg, db = dt * sd;
+    DynTile d;
+    d.wt = nullptr;
+    d.slot = d.rt = d.k0 = 0;
+    d.down = false;
+    if (n >= U * (gb + db)) {
+        d.steps = -1;
+        return d;
+    }
+    int m;
+    if (n < gb) {
+        d.slot = 0;
+        m = n;
+    } else {
+        const int r = n - gb, pair = gb + db, i = r / pair, q = r % pair;
+        if (i >= U - 1) {
+            d.down = true;
+            d.slot = U - 1;
+            m = r - (U - 1) * pair;
+        } else if (q < gb) {
+            d.slot = i + 1;
+            m = q;
+        } else {
+            d.down = true;
+            d.slot = i;
+            m = q - gb;
+        }
+    }
+    const int nseg = d.down ? sd : sg, seg = m % nseg;
+    d.rt = m / nseg;
+    const int per = d.down ? dt : gt, ks = (d.down ? I : H) / 64;
+    if (pair_off[d.slot] >= pair_off[d.slot + 1]) {
+        d.steps = 0;
+        return d;
+    }
+    d.steps = ks / nseg;
+    d.k0 = seg * d.steps;
+    d.wt = (d.down ? Wd : Wg) + (((size_t)experts[d.slot] * per + d.rt) * ks + d.k0) * STEP_BYTES;
+    return d;
+}
+
+template <int NS, int CS>
+__device__ __forceinline__ void moe_dyn_body(const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Wd,
+                                             const int* experts, const int* pair_off, const float* pair_w,
+                                             const uint4* xfrag, float xinv, float* __restrict__ h, float* __restrict__ out,
+                                             int H, int I, int U, unsigned* counters, float* __restrict__ y,
+                                             unsigned* __restrict__ hs, float* __restrict__ hinv, int sg, int sd,
+                                             float* __restrict__ part, unsigned* __restrict__ tcnt) {
+    constexpr int STAGE = CS * (STEP_BYTES + DYN_B_BYTES), WB = CS * STEP_BYTES;
+    extern __shared__ uint4 dsm[];
+    __shared__ unsigned long long bars[DW * NS];
+    const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    unsigned char* ring = reinterpret_cast<unsigned char*>(dsm) + w * NS * STAGE;
+    unsigned long long* wb = bars + w * NS;
+    const int gt = I / 8, dt = H / 16;
+    const int total = U * (gt * sg + dt * sd), warps = (int)gridDim.x * ((int)blockDim.x >> 5);
+    unsigned* queue = counters;
+    unsigned* done = counters + 1;
+    unsigned* passed = counters + 1 + U;
+    unsigned* comb = counters + 1 + 2 * U;
+    int used = 0;
+    for (int i = 0; i < U; i++) used += pair_off[i] < pair_off[i + 1];
+    const int npairs = pair_off[U];
+    if (lane == 0)
+        for (int i = 0; i < NS; i++) mbar_init(wb + i);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    __syncwarp();
+
+    // A claim: lane 0's atomic, broadcast. The warp whose claim is the last one any warp makes
+    // (each makes exactly one past the end) resets the queue for the next call.
+    auto settle = [&](unsigned v) -> int {
+        int n = __shfl_sync(0xffffffffu, (int)v, 0);
+        if (lane == 0 && n == total + warps - 1) *queue = 0u;
+        return n;
+    };
+    auto claim = [&]() -> unsigned { return lane == 0 ? atomicAdd(queue, 1u) : 0u; };
+    // The next tile that is not of an unused slot, starting from claim v.
+    auto take = [&](unsigned v) -> DynTile {
+        DynTile d = dyn_tile(settle(v), U, H, I, Wg, Wd, experts, pair_off, sg, sd);
+        while (d.steps == 0) d = dyn_tile(settle(claim()), U, H, I, Wg, Wd, experts, pair_off, sg, sd);
+        return d;
+    };
+    // Whether a down tile's slot has its h split (non-blocking; acquire, then the async proxy's
+    // view of it for the bulk copies).
+    auto peek_ready = [&](const DynTile& d) -> bool {
+        unsigned r = 0;
+        if (lane == 0) {
+            r = ld_acquire(done + d.slot) == (unsigned)gt + 1;
+            if (r) asm volatile("fence.proxy.async.global;" ::: "memory");
+        }
+        return __shfl_sync(0xffffffffu, r, 0) != 0;
+    };
+    // Stage i of tile d into global stage q of the ring: the weights (expect only), then the
+    // second half: the B fragments of a down tile (hs row of its slot) or a plain arrival.
+    auto issue_w = [&](const DynTile& d, int i, int q) {
+        if (lane != 0) return;
+        int slot = q % NS, steps = min(CS, d.steps - i * CS);
+        mbar_expect_only(wb + slot, steps * STEP_BYTES);
+        bulk_load(ring + slot * STAGE, d.wt + (size_t)i * WB, steps * STEP_BYTES, wb + slot);
+    };
+    auto issue_b = [&](const DynTile& d, int i, int q) {
+        if (lane != 0) return;
+        int slot = q % NS, steps = min(CS, d.steps - i * CS);
+        if (d.down) {
+            mbar_expect(wb + slot, steps * DYN_B_BYTES);
+            bulk_load(ring + slot * STAGE + WB, hs + (size_t)d.slot * I + (size_t)(d.k0 + i * CS) * (DYN_B_BYTES / 4), steps * DYN_B_BYTES, wb + slot);
+        } else {
+            mbar_arrive(wb + slot);
+        }
+    };
+
+    const int gw = (int)blockIdx.x * ((int)blockDim.x >> 5) + w;  // (trace builds)
+    (void)gw;
+#ifdef MOE_TRACE
+    {
+        unsigned sm_;
+        asm volatile("mov.u32 %0, %%smid;" : "=r"(sm_));
+        WTRACE(gw, 0, sm_);
+        WTRACE(gw, 1, gtimer());
+    }
+    int ntiles = 0;
+#endif
+    DynTile cur = take(claim());
+    unsigned pend = cur.steps > 0 ? claim() : 0u;  // the claim after cur, in flight
+    int seq = 0, cw = 0, cb = 0;                  // cur's stage 0 in the ring; its stages issued (weights, second half)
+    bool cready = cur.down && peek_ready(cur);
+    while (cur.steps > 0) {
+        const int nst = (cur.steps + CS - 1) / CS;
+        float inv = xinv;
+#ifdef MOE_TRACE
+        if (ntiles < 4) WTRACE(gw, 2 + 3 * ntiles, (gtimer() & ~1ull) | (cur.down ? 1ull : 0ull));
+#endif
+        if (cur.down) {
+            // h of this slot split: every gate_up tile of the slot was claimed before this tile,
+            // by warps that never wait, so the wait ends.
+            if (lane == 0) {
+                if (!cready) {
+#ifndef MOE_NO_WAIT
+                    while (ld_acquire(done + cur.slot) < (unsigned)gt + 1) __nanosleep(64);
+#endif
+                    asm volatile("fence.proxy.async.global;" ::: "memory");
+                }
+                if (atomicAdd(passed + cur.slot, 1u) + 1 == (unsigned)(dt * sd)) {
+                    done[cur.slot] = 0u;
+                    passed[cur.slot] = 0u;
+                }
+            }
+            __syncwarp();
+            for (; cb < cw; cb++) issue_b(cur, cb, seq + cb);
+            inv = __ldcg(hinv + cur.slot);
+        }
+#ifdef MOE_TRACE
+        if (ntiles < 4) WTRACE(gw, 3 + 3 * ntiles, gtimer());
+#endif
+        for (; cw < min(nst, NS); cw++, cb++) {
+            issue_w(cur, cw, seq + cw);
+            issue_b(cur, cw, seq + cw);
+        }
+        DynTile nxt;
+        nxt.steps = -1;
+        bool have_next = false, nready = false;
+        int nw = 0, nb = 0;
+        float acc[4] = {0.f, 0.f, 0.f, 0.f};
+        for (int j = 0; j < nst; j++) {
+            int q = seq + j, slot = q % NS;
+            mbar_wait(wb + slot, (q / NS) & 1);
+            const unsigned char* stage = ring + slot * STAGE;
+            const uint4* frag = cur.down ? reinterpret_cast<const uint4*>(stage + WB) : xfrag;
+#pragma unroll
+            for (int c = 0; c < CS; c++) {
+                int k = j * CS + c;
+                if (k < cur.steps) {
+#ifndef MOE_NO_MATH
+                    uint4 wv = reinterpret_cast<const uint4*>(stage + c * STEP_BYTES)[lane];
+                    unsigned sv = reinterpret_cast<const unsigned*>(stage + c * STEP_BYTES + 512)[g];
+                    tile_step(wv, sv, frag, 8, cur.down ? c : cur.k0 + k, lane < 8, acc);
+#endif
+                }
+            }
+            __syncwarp();  // every lane has read the stage before it is refilled
+            if (lane == 0) asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+            if (j + NS < nst) {
+                issue_w(cur, j + NS, q + NS);
+                issue_b(cur, j + NS, q + NS);
+            } else {
+                if (!have_next) {
+                    nxt = take(pend);
+                    pend = nxt.steps > 0 ? claim() : 0u;
+                    nready = nxt.down && peek_ready(nxt);
+                    have_next = true;
+                }
+                // The next tile's first stages fill the slots this one frees.
+                // (Its stage i may take the ring's global stage seq + nst + i once stage
+                // seq + nst + i - NS has been read: i <= j + NS - nst.)
+                for (; nxt.steps > 0 && nw <= j + NS - nst && nw * CS < nxt.steps; nw++) {
+                    issue_w(nxt, nw, seq + nst + nw);
+                    if (!nxt.down || nready) {
+                        issue_b(nxt, nw, seq + nst + nw);
+                        nb++;
+                    }
+                }
+            }
+        }
+        // A segment of a tile: its partial sums to memory; the tile's last segment to arrive
+        // adds them in segment order and finishes the tile.
+        bool finish = true;
+        const int nseg = cur.down ? sd : sg;
+        if (nseg > 1) {
+            const int seg = cur.k0 / cur.steps, tile = cur.down ? U * gt + cur.slot * dt + cur.rt : cur.slot * gt + cur.rt;
+            float* mine = part + ((size_t)tile * nseg + seg) * 128 + lane * 4;
+            __stcg(reinterpret_cast<float4*>(mine), make_float4(acc[0], acc[1], acc[2], acc[3]));
+            __syncwarp();
+            unsigned last = 0;
+            if (lane == 0) {
+                unsigned old;
+                asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(old) : "l"(tcnt + tile) : "memory");
+                last = old + 1 == (unsigned)nseg;
+                if (last) tcnt[tile] = 0u;
+            }
+            finish = __shfl_sync(0xffffffffu, last, 0) != 0;
+            if (finish) {
+                __syncwarp();
+                float4 a = __ldcg(reinterpret_cast<const float4*>(part + (size_t)tile * nseg * 128 + lane * 4));
+                for (int j = 1; j < nseg; j++) {
+                    float4 b = __ldcg(reinterpret_cast<const float4*>(part + ((size_t)tile * nseg + j) * 128 + lane * 4));
+                    a.x += b.x;
+                    a.y += b.y;
+                    a.z += b.z;
+                    a.w += b.w;
+                }
+                acc[0] = a.x;
+                acc[1] = a.y;
+                acc[2] = a.z;
+                acc[3] = a.w;
+            }
+        }
+        // The tile's rows for each of the slot's pairs (one token: several pairs of a slot are
+        // the same token under the same expert, so the same values).
+        const int pb = pair_off[cur.slot], pe = pair_off[cur.slot + 1];
+        if (finish && t == 0)
+            for (int p = pb; p < pe; p++) tile_store(!cur.down, acc, inv, cur.down ? out : h, cur.down ? H : I, p, cur.rt, pair_w);
+        __syncwarp();
+        if (!finish) {
+        } else if (!cur.down) {
+            unsigned last = 0;
+            if (lane == 0) {
+                unsigned old;
+                asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(old) : "l"(done + cur.slot) : "memory");
+                last = old + 1 == (unsigned)gt;
+            }
+            if (__shfl_sync(0xffffffffu, last, 0)) {
+                // The slot's last gate_up tile: every other tile's h is published. Split the
+                // slot's (first pair's) row for its down tiles, then count once more.
+                __syncwarp();
+                split_row_warp(h + (size_t)pb * I, I, hs + (size_t)cur.slot * I, hinv + cur.slot);
+                asm volatile("fence.proxy.async.global;" ::: "memory");
+                __syncwarp();
+                if (lane == 0) asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(done + cur.slot) : "memory");
+            }
+        } else if (y) {
+            unsigned last = 0;
+            if (lane == 0) {
+                unsigned old;
+                asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(old) : "l"(comb + cur.rt) : "memory");
+                last = old + 1 == (unsigned)used;
+                if (last) comb[cur.rt] = 0u;
+            }
+            if (__shfl_sync(0xffffffffu, last, 0) && lane < 16) {
+                // The combine of these 16 rows: the token's pairs in ascending order (at one
+                // token every pair is the token's), as combine_rows sums them.
+                int n = cur.rt * 16 + lane;
+                float a = 0.f;
+                for (int p = 0; p < npairs; p++) a += __ldcg(out + (size_t)p * H + n);
+                y[n] = a;
+            }
+        }
+#ifdef MOE_TRACE
+        if (ntiles < 4) WTRACE(gw, 4 + 3 * ntiles, gtimer());
+        ntiles++;
+#endif
+        seq += nst;
+        cur = nxt;
+        cw = nw;
+        cb = nb;
+        cready = nready;
+    }
+#ifdef MOE_TRACE
+    WTRACE(gw, 14, gtimer());
+    WTRACE(gw, 15, (unsigned long long)ntiles);
+#endif
+}
+
+// One token's x staged for the block (all threads): stage_b's one-pair staging, whose
+// reduction reads TW warps' maxima (the block has DW).
+__device__ __forceinline__ void dyn_stage_x(const float* __restrict__ x, int H, uint4* frag, StageSmem& ss) {
+    for (int i = threadIdx.x; i < TW * NP; i += blockDim.x) ss.red[i] = 0.f;
+    __syncthreads();
+    const int row0[1] = {0};
+    stage_b(x, row0, 1, H, reinterpret_cast<unsigned*>(frag), ss.red, ss.scale, ss.inv);
+}
+
+#define MOE_DYN(NS, CS)                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(256, 2) moe_dyn_n##NS##_c##CS(                                         \
+        const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Wd, const int* __restrict__ experts,      \
+        const int* __restrict__ pair_off, const float* __restrict__ pair_w, const float* __restrict__ x,                 \
+        float* __restrict__ h, float* __restrict__ out, int H, int I, int U, unsigned* counters, float* __restrict__ y,  \
+        int x_settled, unsigned* __restrict__ hs, float* __restrict__ hinv, int sg, int sd, float* __restrict__ part,     \
+        unsigned* __restrict__ tcnt) {                                                                                   \
+        extern __shared__ uint4 dsm[];                                                                                   \
+        __shared__ StageSmem ss;                                                                                         \
+        uint4* frag = dsm + (blockDim.x >> 5) * NS * CS * (STEP_BYTES + DYN_B_BYTES) / 16;                                              \
+        if (x_settled) dyn_stage_x(x, H, frag, ss);                                                                      \
+        PDL_ENTER();                                                                                                     \
+        if (!x_settled) dyn_stage_x(x, H, frag, ss);                                                                     \
+        moe_dyn_body<NS, CS>(Wg, Wd, experts, pair_off, pair_w, frag, ss.inv[0], h, out, H, I, U, counters, y, hs, hinv, sg, sd, part, tcnt); \
+    }                                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(256, 2) moe_dyn_routed_n##NS##_c##CS(                                  \
+        const float* __restrict__ logits, const float* __restrict__ bias, int E, int K, int softmax, int n_group,        \
+        int topk_group, int norm, float scale, const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Wd, \
+        const float* __restrict__ x, float* __restrict__ h, float* __restrict__ out, int H, int I, int U,                \
+        unsigned* counters, float* __restrict__ y, int x_settled, int* __restrict__ tok_pairs_out,                       \
+        unsigned* __restrict__ hs, float* __restrict__ hinv, int sg, int sd, float* __restrict__ part,                   \
+        unsigned* __restrict__ tcnt) {                                                                                   \
+        extern __shared__ uint4 dsm[];                                                                                   \
+        __shared__ int sel[MAX_FUSED_TOPK], experts[MAX_FUSED_TOPK], pair_off[MAX_FUSED_TOPK + 1],                      \
+            pair_tok[MAX_FUSED_TOPK], tok_pairs[MAX_FUSED_TOPK];                                                         \
+        __shared__ float wsel[MAX_FUSED_TOPK], pair_w[MAX_FUSED_TOPK];                                                   \
+        __shared__ StageSmem ss;                                                                                         \
+        uint4* frag = dsm + (blockDim.x >> 5) * NS * CS * (STEP_BYTES + DYN_B_BYTES) / 16;                                              \
+        float* scores = reinterpret_cast<float*>(dsm);                                                                   \
+        if (x_settled) dyn_stage_x(x, H, frag, ss);                                                                      \
+        PDL_ENTER();                                                                                                     \
+        if (!x_settled) dyn_stage_x(x, H, frag, ss);                                                                     \
+        route_token(logits, bias, E, K, softmax, n_group, topk_group, norm, scale, scores, scores + E, sel, wsel);       \
+        group_one_token(sel, wsel, K, U, experts, pair_off, pair_tok, pair_w, tok_pairs);                                \
+        __syncthreads();                                                                                                 \
+        if (!y && blockIdx.x == 0 && (int)threadIdx.x < K) tok_pairs_out[threadIdx.x] = tok_pairs[threadIdx.x];          \
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");                                                     \
+        moe_dyn_body<NS, CS>(Wg, Wd, experts, pair_off, pair_w, frag, ss.inv[0], h, out, H, I, U, counters, y, hs, hinv, sg, sd, part, tcnt); \
+    }
+MOE_DYN(4, 4)
+MOE_DYN(2, 4)
+MOE_DYN(3, 4)
+MOE_DYN(2, 3)
 
 // ---------------------------------------------------------------------------------------------
 // MoE GEMM for prefill-sized batches: many pairs per expert.
