@@ -266,13 +266,6 @@ fn main() {
                 kinds.push((format!("fused {stages}x{steps}"), MoeKernel::Fused { stages, steps, max_blocks: 0 }));
                 kinds.push((format!("fused {stages}x{steps} on {sms} blocks"), MoeKernel::Fused { stages, steps, max_blocks: sms }));
             }
-            if t == 1 {
-                for &(stages, steps) in peregrine_cuda::kernels::DYN_VARIANTS.iter() {
-                    for blocks_per_sm in 1..=3 {
-                        kinds.push((format!("dynamic {stages}x{steps} {blocks_per_sm}/SM"), MoeKernel::Dynamic { stages, steps, blocks_per_sm, max_blocks: 0 }));
-                    }
-                }
-            }
             let variants: Vec<String> = kinds.into_iter().map(|(name, kind)| format!("{name} {:.1}%", pct(run(kind, &wt)))).collect();
             // The pipelined kernels' K splits (warps sharing a 16-row tile), gate_up x down.
             if std::env::var("PEREGRINE_BENCH_SWEEP").is_ok() && [1, 8, 64].contains(&t) {
@@ -294,27 +287,6 @@ fn main() {
                     }
                     s.synchronize().unwrap();
                     print_moe_trace(&format!("{name}, {t} token(s), fused {stages}x4, the last of 6 calls back to back"), &k.moe_trace().unwrap().unwrap(), (2 * i / 16).div_ceil(8) * routings[0].experts.len());
-                }
-                // PEREGRINE_TRACE_DUMP=DIR: the Dynamic kernel's per-warp stamps (moe.cu's WTRACE),
-                // raw, for the last of 6 calls back to back of each of 3 grids.
-                if let Ok(dir) = std::env::var("PEREGRINE_TRACE_DUMP") {
-                    for bps in [1usize, 2] {
-                        let kind = MoeKernel::Dynamic { stages: 4, steps: 4, blocks_per_sm: bps, max_blocks: 0 };
-                        for j in 0..6 {
-                            k.moe_mxfp4_with(kind, &wt, &dev[j % dev.len()], &x, MoeInput::Settled, &mut scratch, &mut y).unwrap();
-                        }
-                        s.synchronize().unwrap();
-                        let tr = k.moe_trace().unwrap().unwrap();
-                        let t0 = tr.chunks(MOE_TRACE_SLOTS).filter(|b| b[1] != 0).map(|b| b[1]).min().unwrap_or(0);
-                        let mut csv = String::from("warp,sm,ntiles,stamps_us(start,(taken,ready,done)x4,exit),down flags\n");
-                        for (wi, b) in tr.chunks(MOE_TRACE_SLOTS).enumerate().filter(|(_, b)| b[1] != 0) {
-                            let us = |v: u64| if v == 0 { String::new() } else { format!("{:.2}", (v as f64 - t0 as f64) / 1e3) };
-                            let stamps: Vec<String> = b[1..15].iter().map(|&v| us(v)).collect();
-                            let downs: String = (0..4).map(|i| if b[2 + 3 * i] == 0 { '-' } else if b[2 + 3 * i] & 1 == 1 { 'd' } else { 'g' }).collect();
-                            csv += &format!("{wi},{},{},{},{downs}\n", b[0], b[15], stamps.join(","));
-                        }
-                        std::fs::write(format!("{dir}/dyn-{}-{bps}.csv", name.replace(['.', ' '], "_")), csv).unwrap();
-                    }
                 }
                 // PEREGRINE_TRACE_DUMP=DIR: the raw stamps of 8 separate calls of the fused 2x4
                 // kernel (each the last of 3 back to back, a fresh routing each), one CSV per

@@ -1428,7 +1428,7 @@ impl CudaModel {
     /// Whether `moe_stacked` routes `n` rows inside the MoE kernel `kind` (`moe_mxfp4_routed`):
     /// one token on the fused kernel over tiled weights, unless `route_in_moe` is off.
     fn routes_in_moe_kernel(&self, w: &MoeWeights, n: usize, kind: MoeKernel) -> bool {
-        n == 1 && self.route_in_moe && kind.routes_one_token() && w.is_tiled()
+        n == 1 && self.route_in_moe && matches!(kind, MoeKernel::Fused { .. }) && w.is_tiled()
     }
 
     /// The MoE of layer `li` over RMSNorm(x + attn) with the post-attention norm's weight `nw`,

@@ -105,31 +105,6 @@ pub const MAX_TOKENS_PER_PASS: usize = 8;
 /// 2026-11-24-moe-mixed-rings.md). 3 x 2, 8 x 2, 8 x 1, 6 x 1 and 2 x 8 rings, register rings of
 /// 4 and 8 steps, and 2 or 4 warps sharing a tile's K were slower everywhere and dropped.
 pub const TILED_VARIANTS: [(usize, usize); 7] = [(2, 4), (4, 2), (3, 4), (4, 4), (2, 3), (3, 3), (2, 6)];
-/// Rings (stages x steps per warp) of the one-token MoE kernel that takes its tiles from a
-/// queue (`MoeKernel::Dynamic`, `moe_dyn_*` in kernels/moe.cu); each stage also holds a down
-/// tile's B fragments (`DYN_B_BYTES` per step).
-pub const DYN_VARIANTS: [(usize, usize); 4] = [(4, 4), (2, 4), (3, 4), (2, 3)];
-/// Warps per block of the `Dynamic` kernel: 4, or `PEREGRINE_MOE_DYN_WARPS` (4 or 8; a
-/// measurement switch of the segment experiment).
-fn dyn_warps() -> usize {
-    match std::env::var("PEREGRINE_MOE_DYN_WARPS").ok().as_deref() {
-        Some("8") => 8,
-        _ => 4,
-    }
-}
-/// Segments of a gate_up and of a down tile's K in the `Dynamic` kernel (measurement:
-/// `PEREGRINE_MOE_SEG=g,d`; 1,1 keeps the fused kernel's bits).
-pub fn dyn_segs() -> (usize, usize) {
-    let v = std::env::var("PEREGRINE_MOE_SEG").unwrap_or_default();
-    let mut it = v.split(',').filter_map(|x| x.trim().parse::<usize>().ok());
-    match (it.next(), it.next()) {
-        (Some(g), Some(d)) if [1, 2, 4, 8].contains(&g) && [1, 2, 4].contains(&d) => (g, d),
-        _ => (1, 1),
-    }
-}
-/// Shared-memory bytes a `Dynamic` ring stage holds per step: the weights and a one-pair B
-/// fragment step (DYN_B_BYTES in moe.cu).
-const DYN_STEP_BYTES: usize = crate::mxfp4_tiles::TILE_STEP_BYTES + 256;
 /// Activations as F16 hi and lo parts of each row times a power of two, and the inverse powers
 /// (the FP8 tensor-core GEMV's input; `split_f16`'s output).
 pub type F16Split = (CudaSlice<u16>, CudaSlice<u16>, CudaSlice<f32>);
@@ -278,11 +253,6 @@ pub struct Kernels {
     fused_tiled: Vec<CudaFunction>,
     /// The same for one token, routing it in the kernel (`moe_mxfp4_routed`).
     fused_routed: Vec<CudaFunction>,
-    /// The queue-fed one-token kernels, one per `DYN_VARIANTS` entry, and their routing forms.
-    dyn_tiled: Vec<CudaFunction>,
-    dyn_routed: Vec<CudaFunction>,
-    /// The Dynamic kernel's segment partials and per-tile arrival counts (zero between calls).
-    dyn_seg_scratch: std::sync::Mutex<Option<(CudaSlice<f32>, CudaSlice<u32>)>>,
     /// The grouped-GEMM MoE kernels (`MoeKernel::Gemm`) and the row split they read.
     gemm_gate_up: CudaFunction,
     gemm_down: CudaFunction,
@@ -484,13 +454,6 @@ pub enum MoeKernel {
     /// `max_blocks` blocks (0: as many as are resident at once; never more, which the waits
     /// rely on).
     Fused { stages: usize, steps: usize, max_blocks: usize },
-    /// One token only: Fused's arithmetic (the same bits) with each warp taking 16-row tiles
-    /// from a queue, all gate_up tiles and then all down tiles, its ring (`stages` x `steps`,
-    /// `DYN_VARIANTS`) running on from one tile into the next; blocks of 4 warps,
-    /// `blocks_per_sm` of them per SM (fewer where they do not fit). SMs whose share of DRAM
-    /// bandwidth runs low take fewer tiles instead of setting the kernel's end.
-    /// At most `max_blocks` blocks (0: no limit; tests run many tiles per warp with few).
-    Dynamic { stages: usize, steps: usize, blocks_per_sm: usize, max_blocks: usize },
     /// For many pairs per expert (prefill): the tiled layout's arithmetic as a grouped GEMM
     /// (`moe_gemm_*` in kernels/moe.cu): each block takes 16 row tiles of one expert slot and
     /// 32 of its pairs at a time, so a weight fragment is decoded once for 8 MMA column tiles
@@ -526,14 +489,6 @@ impl MoeKernel {
     /// The one-launch form of `TILED`, on as many blocks as are resident.
     pub const FUSED: MoeKernel = MoeKernel::Fused { stages: 2, steps: 4, max_blocks: 0 };
 
-    /// The queue-fed one-token kernel with a 4 x 4 ring, two blocks per SM.
-    pub const DYNAMIC: MoeKernel = MoeKernel::Dynamic { stages: 4, steps: 4, blocks_per_sm: 2, max_blocks: 0 };
-
-    /// Whether this kernel routes one token itself when asked (`moe_mxfp4_routed`).
-    pub fn routes_one_token(&self) -> bool {
-        matches!(self, MoeKernel::Fused { .. } | MoeKernel::Dynamic { .. })
-    }
-
     /// The kernel `moe_mxfp4` uses for tiled weights and `tokens` tokens when nothing was
     /// tuned (`Kernels::tune_moe`) for the shape: the one-launch kernel at 1 token, where the
     /// boundary between two launches costs most (H100, calls back to back: Flash shapes 67.3%
@@ -562,7 +517,6 @@ impl MoeKernel {
             Some("fused") => Some(Some(MoeKernel::FUSED)),
             Some("tiled") => Some(Some(MoeKernel::TILED)),
             Some("gemm") => Some(Some(MoeKernel::Gemm)),
-            Some("dynamic") => Some(Some(MoeKernel::DYNAMIC)),
             Some("default") => Some(None),
             _ => None,
         }
@@ -795,9 +749,6 @@ impl Kernels {
             down_split: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_down_split_n{n}_c{c}"))).collect::<Result<_>>()?,
             fused_tiled: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_fused_bulk_n{n}_c{c}"))).collect::<Result<_>>()?,
             fused_routed: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_fused_routed_bulk_n{n}_c{c}"))).collect::<Result<_>>()?,
-            dyn_tiled: DYN_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_dyn_n{n}_c{c}"))).collect::<Result<_>>()?,
-            dyn_routed: DYN_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_dyn_routed_n{n}_c{c}"))).collect::<Result<_>>()?,
-            dyn_seg_scratch: std::sync::Mutex::new(None),
             gemm_gate_up: fm("moe_gemm_gate_up")?,
             gemm_down: fm("moe_gemm_down")?,
             split_rows: fm("moe_split_rows")?,
@@ -1311,8 +1262,7 @@ impl Kernels {
     /// group of 8 down tiles, then two per expert slot for the waits of the fused kernel and of
     /// the two-launch down kernel.
     pub fn moe_counters(w: &MoeWeights, max_pairs: usize) -> usize {
-        // The Dynamic kernel's (queue, two per slot, one per down row tile) cover the others'.
-        1 + 2 * max_pairs.min(w.num_experts) + (w.hidden / 16)
+        ((w.hidden / 16).div_ceil(8) + 2 * max_pairs.min(w.num_experts)).max(1)
     }
 
     pub fn moe_scratch(&self, w: &MoeWeights, max_pairs: usize) -> Result<MoeScratch> {
@@ -1369,10 +1319,7 @@ impl Kernels {
     pub fn moe_kernel(&self, w: &MoeWeights, tokens: usize, top_k: usize) -> MoeKernel {
         match w.layout {
             MoeLayout::Tiled { .. } => match MoeKernel::forced() {
-                Some(kind) => kind
-                    .filter(|k| !k.routes_one_token() || top_k <= MAX_FUSED_TOPK)
-                    .filter(|k| !matches!(k, MoeKernel::Dynamic { .. }) || tokens == 1)
-                    .unwrap_or_else(|| MoeKernel::for_tiled(tokens, top_k)),
+                Some(kind) => kind.filter(|k| !matches!(k, MoeKernel::Fused { .. }) || top_k <= MAX_FUSED_TOPK).unwrap_or_else(|| MoeKernel::for_tiled(tokens, top_k)),
                 None if !self.gemm && tokens > crate::moe_tune::TUNED_TOKENS => MoeKernel::TILED,
                 None => self.tuned_moe(w, top_k, tokens).unwrap_or_else(|| MoeKernel::for_tiled(tokens, top_k)),
             },
@@ -1458,18 +1405,12 @@ impl Kernels {
 
     /// Resident 256-thread blocks of `f` per SM with `smem` bytes of dynamic shared memory.
     fn blocks_per_sm(&self, f: &CudaFunction, smem: usize) -> Result<usize> {
-        self.occupancy_of(f, 256, smem)
-    }
-
-    /// Resident blocks of `threads` threads of `f` per SM with `smem` bytes of dynamic shared
-    /// memory (cached: a function has one block size here).
-    fn occupancy_of(&self, f: &CudaFunction, threads: u32, smem: usize) -> Result<usize> {
         let key = (f.cu_function() as usize, smem);
         let mut cache = self.occupancy.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(&n) = cache.get(&key) {
             return Ok(n);
         }
-        let n = f.occupancy_max_active_blocks_per_multiprocessor(threads, smem, None).map_err(drv("MoE occupancy"))? as usize;
+        let n = f.occupancy_max_active_blocks_per_multiprocessor(256, smem, None).map_err(drv("MoE occupancy"))? as usize;
         cache.insert(key, n);
         Ok(n)
     }
@@ -1503,48 +1444,6 @@ impl Kernels {
         Ok(LaunchConfig { grid_dim: (items.min(blocks) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem as u32 })
     }
 
-    /// The Dynamic kernel's segment arguments: (sg, sd, partials, tile counters) for `u` slots.
-    fn dyn_seg_args(&self, w: &MoeWeights, u: usize) -> Result<(i32, i32, u64, u64)> {
-        let (sg, sd) = dyn_segs();
-        let tiles = u * (w.inter / 8 + w.hidden / 16);
-        let mut g = self.dyn_seg_scratch.lock().unwrap_or_else(|e| e.into_inner());
-        if g.as_ref().is_none_or(|(_, c)| c.len() < tiles) {
-            let p = self.stream.alloc_zeros::<f32>(tiles * 8 * 128).map_err(drv("MoE segment scratch"))?;
-            let c = self.stream.alloc_zeros::<u32>(tiles).map_err(drv("MoE segment scratch"))?;
-            *g = Some((p, c));
-        }
-        let (p, c) = g.as_ref().unwrap();
-        let (pp, _) = p.device_ptr(&self.stream);
-        let (cp, _) = c.device_ptr(&self.stream);
-        Ok((sg as i32, sd as i32, pp, cp))
-    }
-
-    /// The index in `DYN_VARIANTS` of a ring of `stages` x `steps`.
-    fn dyn_variant(stages: usize, steps: usize) -> Result<usize> {
-        DYN_VARIANTS
-            .iter()
-            .position(|&p| p == (stages, steps))
-            .ok_or_else(|| Error::Backend(format!("dynamic MoE kernel ({stages} stages of {steps}) is not compiled; have {DYN_VARIANTS:?}")))
-    }
-
-    /// The launch of the Dynamic kernel `f` (a ring of `stages` x `steps` per warp) over `u`
-    /// expert slots: the rings, then one staged x row (at least `scratch` bytes within the
-    /// rings, where the routing form keeps its scores); `blocks_per_sm` blocks per SM, fewer
-    /// where they do not fit, at most `max_blocks` (0: no limit). The kernel waits on no block
-    /// that has not started, so any grid is correct.
-    fn dyn_grid(&self, f: &CudaFunction, w: &MoeWeights, (stages, steps): (usize, usize), (blocks_per_sm, max_blocks): (usize, usize), u: usize, scratch: usize, counters: &CudaSlice<u32>) -> Result<LaunchConfig> {
-        let rings = dyn_warps() * stages * steps * DYN_STEP_BYTES;
-        let smem = rings + w.hidden * 4;
-        check(smem <= TILED_MAX_SMEM && scratch <= rings, || format!("MoE dims {}, {} need more than {TILED_MAX_SMEM} bytes of shared memory", w.hidden, w.inter))?;
-        check(counters.len() >= 1 + 2 * u + w.hidden / 16, || "MoE scratch counters too small".into())?;
-        check(blocks_per_sm > 0, || "the dynamic MoE kernel needs at least one block per SM".into())?;
-        let fit = self.occupancy_of(f, (dyn_warps() * 32) as u32, smem)?;
-        check(fit > 0, || format!("the dynamic MoE kernel does not fit an SM with {smem} bytes of shared memory"))?;
-        let blocks = blocks_per_sm.min(fit) * self.sms;
-        let blocks = if max_blocks == 0 { blocks } else { blocks.min(max_blocks) };
-        Ok(LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: ((dyn_warps() * 32) as u32, 1, 1), shared_mem_bytes: smem as u32 })
-    }
-
     /// One token's routed MLP with its routing done inside the fused kernel
     /// (`moe_fused_routed_*`: each block runs moe_route's router on the token's `logits` [E] and
     /// groups the choices itself), so a batch-1 step has no routing launch. Same experts,
@@ -1568,12 +1467,9 @@ impl Kernels {
     #[allow(clippy::too_many_arguments)]
     fn moe_routed_run(&self, kind: MoeKernel, spec: &MoeSpec, w: &MoeWeights, logits: &CudaSlice<f32>, bias: Option<&CudaSlice<f32>>, x: &CudaSlice<f32>, input: MoeInput, scratch: &mut MoeScratch, mut result: RoutedOut) -> Result<()> {
         let (e, k, h) = (spec.num_experts, spec.top_k, w.hidden);
-        let MoeLayout::Tiled { gate_up, down } = &w.layout else {
-            return Err(Error::Backend("the routed MoE kernel runs over tiled weights".into()));
+        let (MoeLayout::Tiled { gate_up, down }, MoeKernel::Fused { stages, steps, max_blocks }) = (&w.layout, kind) else {
+            return Err(Error::Backend(format!("the routed MoE kernel runs the fused kernel over tiled weights, not {kind:?}")));
         };
-        if !kind.routes_one_token() {
-            return Err(Error::Backend(format!("the routed MoE kernel runs the fused or dynamic kernel, not {kind:?}")));
-        }
         check(e == w.num_experts && (1..=MAX_FUSED_TOPK).contains(&k) && spec.n_group <= 64 && (spec.n_group <= 1 || e.is_multiple_of(spec.n_group)), || format!("routed MoE: {e} experts in {} groups, top-{k}", spec.n_group))?;
         let out_fits = match &result {
             RoutedOut::Combined(y) => y.len() >= h,
@@ -1582,20 +1478,8 @@ impl Kernels {
         check(logits.len() >= e && bias.is_none_or(|b| b.len() >= e) && x.len() >= h && out_fits, || "routed MoE: buffers too small".into())?;
         check(scratch.h.len() >= k * w.inter && scratch.out.len() >= k * h, || "MoE scratch too small".into())?;
         let u = k.min(e);
-        // The Dynamic kernel's split h rows: written in full (one per used slot) before read.
-        let mut hsplit = None;
-        let (f, cfg) = match kind {
-            MoeKernel::Fused { stages, steps, max_blocks } => {
-                let f = &self.fused_routed[Self::tiled_variant(stages, steps)?];
-                (f, self.fused_grid(f, w, stages, steps, max_blocks, 1, u, 8 * e, &scratch.counters)?)
-            }
-            MoeKernel::Dynamic { stages, steps, blocks_per_sm, max_blocks } => {
-                let f = &self.dyn_routed[Self::dyn_variant(stages, steps)?];
-                hsplit = Some((unsafe { self.alloc.alloc::<u32>(u * w.inter) }?, unsafe { self.alloc.alloc::<f32>(u) }?));
-                (f, self.dyn_grid(f, w, (stages, steps), (blocks_per_sm, max_blocks), u, 8 * e, &scratch.counters)?)
-            }
-            _ => unreachable!("routes_one_token"),
-        };
+        let f = &self.fused_routed[Self::tiled_variant(stages, steps)?];
+        let cfg = self.fused_grid(f, w, stages, steps, max_blocks, 1, u, 8 * e, &scratch.counters)?;
         let (ei, ki, sm, ng, tg, norm, sc) = (e as i32, k as i32, matches!(spec.scoring, RouterScoring::Softmax) as i32, spec.n_group as i32, spec.topk_group as i32, spec.norm_topk_prob as i32, spec.routed_scaling_factor);
         let (hh, ii, ui) = (h as i32, w.inter as i32, u as i32);
         let mut b = crate::launch::builder(&self.stream, f);
@@ -1611,13 +1495,6 @@ impl Kernels {
             RoutedOut::Combined(y) => b.arg(&mut **y).arg(&settled).arg(&0u64),
             RoutedOut::Pairs(tp) => b.arg(&0u64).arg(&settled).arg(&mut **tp),
         };
-        let seg = if hsplit.is_some() { Some(self.dyn_seg_args(w, u)?) } else { None };
-        if let Some((hs, hinv)) = &mut hsplit {
-            b.arg(hs).arg(hinv);
-        }
-        if let Some((sg, sd, pp, cp)) = &seg {
-            b.arg(sg).arg(sd).arg(pp).arg(cp);
-        }
         unsafe { b.launch(cfg) }.map_err(drv("moe (fused, routed)"))?;
         Ok(())
     }
@@ -1632,7 +1509,7 @@ impl Kernels {
     /// Whether MoE kernel `kind` is a tiled kernel with its combine fused (the two-launch pair
     /// or the fused kernel), which `moe_mxfp4_pairs` can run without it.
     pub fn moe_leaves_pairs(w: &MoeWeights, kind: MoeKernel, top_k: usize) -> bool {
-        w.is_tiled() && top_k <= MAX_FUSED_TOPK && matches!(kind, MoeKernel::Tiled { .. } | MoeKernel::Fused { .. } | MoeKernel::Dynamic { .. })
+        w.is_tiled() && top_k <= MAX_FUSED_TOPK && matches!(kind, MoeKernel::Tiled { .. } | MoeKernel::Fused { .. })
     }
 
     /// The MoE decode on `kind` without its routed combine (only where `moe_leaves_pairs`):
@@ -1748,26 +1625,6 @@ impl Kernels {
                 let settled = input.settled_flag();
                 b.arg(&settled);
                 unsafe { b.launch(cfg) }.map_err(drv("moe (fused, tiled)"))?;
-                return Ok(());
-            }
-            (MoeLayout::Tiled { gate_up, down }, MoeKernel::Dynamic { stages, steps, blocks_per_sm, max_blocks }) => {
-                check(r.num_tokens == 1 && r.top_k <= MAX_FUSED_TOPK, || format!("the dynamic MoE kernel takes one token of top-{} (at most {MAX_FUSED_TOPK}), not {}", r.top_k, r.num_tokens))?;
-                let f = &self.dyn_tiled[Self::dyn_variant(stages, steps)?];
-                let cfg = self.dyn_grid(f, w, (stages, steps), (blocks_per_sm, max_blocks), u as usize, 0, &scratch.counters)?;
-                // The split h rows, one per slot: written in full before they are read.
-                let (mut hs, mut hinv) = (unsafe { self.alloc.alloc::<u32>(u as usize * i) }?, unsafe { self.alloc.alloc::<f32>(u as usize) }?);
-                let ui = u as i32;
-                let mut b = crate::launch::builder(&self.stream, f);
-                b.arg(gate_up).arg(down).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_w).arg(x);
-                b.arg(&mut scratch.h).arg(&mut scratch.out).arg(&hh).arg(&ii).arg(&ui).arg(&mut scratch.counters);
-                match y {
-                    Some(y) => b.arg(y),
-                    None => b.arg(&0u64),
-                };
-                let settled = input.settled_flag();
-                let (sg, sd, pp, cp) = self.dyn_seg_args(w, u as usize)?;
-                b.arg(&settled).arg(&mut hs).arg(&mut hinv).arg(&sg).arg(&sd).arg(&pp).arg(&cp);
-                unsafe { b.launch(cfg) }.map_err(drv("moe (dynamic)"))?;
                 return Ok(());
             }
             (MoeLayout::Tiled { gate_up, down }, MoeKernel::Gemm) => {

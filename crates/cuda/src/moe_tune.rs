@@ -13,7 +13,7 @@ use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::CudaSlice;
 use peregrine_core::Result;
 
-use crate::kernels::{Kernels, MoeInput, MoeKernel, MoeLayout, MoeRouting, MoeWeights, DYN_VARIANTS, TILED_VARIANTS};
+use crate::kernels::{Kernels, MoeInput, MoeKernel, MoeLayout, MoeRouting, MoeWeights, TILED_VARIANTS};
 
 /// Token counts tuned; larger batches use the default (`MoeKernel::for_tiled`).
 pub const TUNED_TOKENS: usize = 8;
@@ -113,13 +113,7 @@ impl Kernels {
                 }
                 Ok(())
             };
-            // The queue-fed kernel takes one token only.
-            let dynamic: Vec<MoeKernel> = if t == 1 {
-                DYN_VARIANTS.iter().flat_map(|&(stages, steps)| (1..=3).map(move |blocks_per_sm| MoeKernel::Dynamic { stages, steps, blocks_per_sm, max_blocks: 0 })).collect()
-            } else {
-                Vec::new()
-            };
-            for &kind in kinds.iter().chain(&dynamic).chain((t >= gemm_from).then_some(&MoeKernel::Gemm)) {
+            for &kind in kinds.iter().chain((t >= gemm_from).then_some(&MoeKernel::Gemm)) {
                 measure(kind, &mut best)?;
             }
             // The two launches may stream with different rings (gate_up's tiles are twice as

@@ -356,16 +356,6 @@ fn mxfp4_moe_decode_matches_the_cpu_reference() {
             let v = peregrine_cuda::kernels::TILED_VARIANTS;
             let mixed = (0..v.len()).map(|j| MoeKernel::Tiled { stages: v[j].0, steps: v[j].1, down_stages: v[(j + 3) % v.len()].0, down_steps: v[(j + 3) % v.len()].1 });
             let kinds = kinds.chain(mixed);
-            // At one token the queue-fed kernel: two blocks per SM, and 1 or 3 blocks whose warps
-            // take many tiles each (rings running on from tile to tile, down tiles waiting).
-            let dynamic: Vec<MoeKernel> = if t == 1 {
-                peregrine_cuda::kernels::DYN_VARIANTS.iter().flat_map(|&(stages, steps)| [(2, 0), (1, 1), (1, 3)].map(|(blocks_per_sm, max_blocks)| MoeKernel::Dynamic { stages, steps, blocks_per_sm, max_blocks })).collect()
-            } else {
-                let mut yv = poisoned(&g, t * h);
-                assert!(kern.moe_mxfp4_with(MoeKernel::DYNAMIC, &wt, &dr, &xd, MoeInput::Settled, &mut scratch, &mut yv).is_err(), "the dynamic MoE kernel refuses {t} tokens");
-                Vec::new()
-            };
-            let kinds = kinds.chain(dynamic);
             for kind in kinds {
                 for _ in 0..2 {
                     let mut yv = poisoned(&g, t * h);
@@ -449,10 +439,7 @@ fn mxfp4_moe_decode_matches_the_cpu_reference() {
             for (kind, yv) in &yt_all {
                 let yv = g.stream.clone_dtoh(yv).unwrap();
                 assert_close(&format!("moe mxfp4 ({kind}) {h}x{i} T={t}"), &yv, &want);
-                // (The segment experiment, PEREGRINE_MOE_SEG, sums a tile's K in segments: other bits.)
-                if !(kind.starts_with("Dynamic") && peregrine_cuda::kernels::dyn_segs() != (1, 1)) {
-                    assert!(yv.iter().zip(&yt_host).all(|(a, b)| a.to_bits() == b.to_bits()), "moe mxfp4 ({kind}) {h}x{i} T={t} differs from the default in some bit");
-                }
+                assert!(yv.iter().zip(&yt_host).all(|(a, b)| a.to_bits() == b.to_bits()), "moe mxfp4 ({kind}) {h}x{i} T={t} differs from the default in some bit");
             }
             assert_eq!(g.stream.clone_dtoh(&scratch.counters).unwrap().iter().filter(|&&c| c != 0).count(), 0, "combine counters left non-zero");
             // x written by the launch just before (`MoeInput::Fresh`): one call's output is the
@@ -461,8 +448,7 @@ fn mxfp4_moe_decode_matches_the_cpu_reference() {
             // of the same call on a finished x.
             if t == 1 {
                 for &(stages, steps) in peregrine_cuda::kernels::TILED_VARIANTS.iter() {
-                    let dynamic = peregrine_cuda::kernels::DYN_VARIANTS.iter().map(|&(stages, steps)| MoeKernel::Dynamic { stages, steps, blocks_per_sm: 2, max_blocks: 0 });
-                    for kind in [MoeKernel::tiled(stages, steps), MoeKernel::Fused { stages, steps, max_blocks: 0 }].into_iter().chain(dynamic) {
+                    for kind in [MoeKernel::tiled(stages, steps), MoeKernel::Fused { stages, steps, max_blocks: 0 }] {
                         let mut first = poisoned(&g, h);
                         let mut second = poisoned(&g, h);
                         kern.moe_mxfp4_with(kind, &wt, &dr, &xd, MoeInput::Settled, &mut scratch, &mut first).unwrap();

@@ -148,12 +148,9 @@ fn moe_routed_inside_the_fused_kernel_equals_routing_then_moe() {
             let (_, routing) = model.route_on_gpu(&spec, &lg, bias.as_deref()).expect("GPU routing");
             let dr = kern.upload_routing(&routing, e).unwrap();
             let mut scratch = kern.moe_scratch(&w, spec.top_k).unwrap();
-            // The fused kernel (widest grid and 3 blocks) and the queue-fed one (two blocks per
-            // SM, and 3 blocks whose warps then take many tiles each).
-            let fused = peregrine_cuda::kernels::TILED_VARIANTS.iter().flat_map(|&(stages, steps)| [0, 3].map(|max_blocks| MoeKernel::Fused { stages, steps, max_blocks }));
-            let dynamic = peregrine_cuda::kernels::DYN_VARIANTS.iter().flat_map(|&(stages, steps)| [(2, 0), (1, 3)].map(|(blocks_per_sm, max_blocks)| MoeKernel::Dynamic { stages, steps, blocks_per_sm, max_blocks }));
-            for kind in fused.chain(dynamic) {
-                {
+            for &(stages, steps) in peregrine_cuda::kernels::TILED_VARIANTS.iter() {
+                for max_blocks in [0, 3] {
+                    let kind = MoeKernel::Fused { stages, steps, max_blocks };
                     let mut want = g.stream.clone_htod(&vec![f32::NAN; h]).unwrap();
                     kern.moe_mxfp4_with(kind, &w, &dr, &xd, MoeInput::Settled, &mut scratch, &mut want).unwrap();
                     let mut got = g.stream.clone_htod(&vec![f32::NAN; h]).unwrap();
@@ -184,8 +181,6 @@ fn moe_routed_inside_the_fused_kernel_equals_routing_then_moe() {
                     assert!(summed.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{name} ({kind:?}): the pairs left uncombined do not sum to the combine");
                     assert!(g.stream.clone_dtoh(&scratch.counters).unwrap().iter().all(|&c| c == 0), "{name} ({kind:?}): counters left non-zero after the pairs run");
                 }
-            }
-            for &(stages, steps) in peregrine_cuda::kernels::TILED_VARIANTS.iter() {
                 // The two-launch kernels over the same routing: one token's x is staged before
                 // their wait too, and a slot holding several pairs (the repeated fallback expert
                 // of all-NaN logits) restages them; every tiled kernel gives the same bits.
