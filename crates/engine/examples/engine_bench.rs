@@ -5,14 +5,17 @@
 //!
 //!     cargo run --release -p peregrine-engine --example engine_bench -- \
 //!         --config configs/mimo-v2-flash.json [--layers 18] [--batches 1,8,32,64] \
-//!         [--prompt 128] [--tokens 64] [--temperature 0] [--no-overlap] [--max-num-seqs N]
+//!         [--prompt 128] [--tokens 64] [--temperature 0] [--no-overlap] [--max-num-seqs N] \
+//!         [--kv-gib 3]
 //!
 //! Per batch size B: B requests of `--prompt` random tokens each are submitted together and
 //! decode `--tokens` tokens (EOS ignored); one warm-up round of the same shape runs first (it
 //! captures the step graphs and tunes nothing else). Reported: the median gap between request
 //! 0's consecutive deltas (one decode step each once every prompt is in), B / that gap as output
 //! tokens/s, and the mean of the engine's own step timer over the timed round (prefill steps
-//! included).
+//! included), and the time to first token: request 0's first delta after the round's first
+//! submission (its whole prompt prefilled, in chunks of at most 8192 tokens, beside the other
+//! requests' prompts).
 //! The tokenizer is a word-level one with one word per id of the config's vocabulary.
 //! `--no-overlap` turns `EngineConfig::overlap_steps` off (each step committed before the next
 //! one starts); the `overlapped` column counts steps started ahead of the round.
@@ -39,10 +42,11 @@ struct Args {
     temperature: f32,
     overlap: bool,
     max_num_seqs: Option<usize>,
+    kv_gib: f64,
 }
 
 fn parse_args() -> Args {
-    let mut a = Args { config: "configs/mimo-v2-flash.json".into(), layers: 18, batches: vec![1, 8, 32, 64], prompt: 128, tokens: 64, temperature: 0.0, overlap: true, max_num_seqs: None };
+    let mut a = Args { config: "configs/mimo-v2-flash.json".into(), layers: 18, batches: vec![1, 8, 32, 64], prompt: 128, tokens: 64, temperature: 0.0, overlap: true, max_num_seqs: None, kv_gib: 3.0 };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
@@ -55,6 +59,7 @@ fn parse_args() -> Args {
             "--temperature" => a.temperature = value().parse().expect("--temperature"),
             "--no-overlap" => a.overlap = false,
             "--max-num-seqs" => a.max_num_seqs = Some(value().parse().expect("--max-num-seqs")),
+            "--kv-gib" => a.kv_gib = value().parse().expect("--kv-gib"),
             other => panic!("unknown argument {other}"),
         }
     }
@@ -62,14 +67,16 @@ fn parse_args() -> Args {
     a
 }
 
-/// One round of `b` requests decoding `tokens` tokens each: request 0's delta arrival times.
-fn round(e: &EngineHandle, b: usize, a: &Args, vocab: usize, salt: u64) -> Vec<Instant> {
+/// One round of `b` requests decoding `tokens` tokens each: when the first was submitted, and
+/// request 0's delta arrival times.
+fn round(e: &EngineHandle, b: usize, a: &Args, vocab: usize, salt: u64) -> (Instant, Vec<Instant>) {
     // Distinct prompts (a simple LCG over the vocabulary), so no prefix-cache hits.
     let mut x = salt.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
     let mut next = || {
         x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         ((x >> 33) % vocab as u64) as u32
     };
+    let submitted = Instant::now();
     let rxs: Vec<_> = (0..b)
         .map(|i| {
             let sampling = SamplingParams { temperature: a.temperature, seed: Some(i as u64), ..SamplingParams::greedy() };
@@ -103,7 +110,7 @@ fn round(e: &EngineHandle, b: usize, a: &Args, vocab: usize, salt: u64) -> Vec<I
         }
         assert_eq!(got, a.tokens, "request {i} decoded {got} of {} tokens", a.tokens);
     }
-    times
+    (submitted, times)
 }
 
 fn main() {
@@ -128,18 +135,19 @@ fn main() {
     let cfg = EngineConfig {
         max_num_seqs: a.max_num_seqs.unwrap_or(max_b),
         max_model_len: a.prompt + a.tokens + 16,
-        kv_cache_memory_bytes: 3 << 30,
+        kv_cache_memory_bytes: (a.kv_gib * (1u64 << 30) as f64) as usize,
         max_num_batched_tokens: 8192,
         overlap_steps: a.overlap,
         ..EngineConfig::default()
     };
     let e = start_engine(Box::new(model), tok, cfg).expect("engine");
-    println!("{:>5} {:>12} {:>12} {:>14} {:>12} {:>11}", "batch", "gap_p50_ms", "gap_p90_ms", "tokens/s", "step_ms_avg", "overlapped");
+    println!("{:>5} {:>12} {:>12} {:>14} {:>12} {:>11} {:>10}", "batch", "gap_p50_ms", "gap_p90_ms", "tokens/s", "step_ms_avg", "overlapped", "ttft_ms");
     for (salt, &b) in a.batches.iter().enumerate() {
         round(&e, b, &a, vocab, 1000 + salt as u64);
         let (s0, n0) = (metric(&e, "peregrine:step_duration_seconds_sum"), metric(&e, "peregrine:step_duration_seconds_count"));
         let o0 = metric(&e, "peregrine:overlapped_steps_total");
-        let times = round(&e, b, &a, vocab, salt as u64);
+        let (submitted, times) = round(&e, b, &a, vocab, salt as u64);
+        let ttft = (times[0] - submitted).as_secs_f64() * 1e3;
         let (s1, n1) = (metric(&e, "peregrine:step_duration_seconds_sum"), metric(&e, "peregrine:step_duration_seconds_count"));
         let overlapped = metric(&e, "peregrine:overlapped_steps_total") - o0;
         // Gaps after every prompt is in: request 0's first delta comes with the prefill steps.
@@ -151,7 +159,7 @@ fn main() {
         let step_avg = if n1 > n0 { (s1 - s0) / (n1 - n0) * 1e3 } else { f64::NAN };
         // Sequences decoding together (the rest wait behind them).
         let running = b.min(a.max_num_seqs.unwrap_or(b));
-        println!("{b:>5} {p50:>12.3} {p90:>12.3} {:>14.1} {step_avg:>12.3} {overlapped:>11}", running as f64 / (p50 / 1e3));
+        println!("{b:>5} {p50:>12.3} {p90:>12.3} {:>14.1} {step_avg:>12.3} {overlapped:>11} {ttft:>10.1}", running as f64 / (p50 / 1e3));
     }
     e.shutdown();
 }
