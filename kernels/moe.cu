@@ -750,12 +750,6 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
                 nKS = 0;
                 if (nn < items) nKS = seg(nn, nwt);
             }
-#ifdef MOE_DOWN_PREFETCH
-            // Measurement: a warp about to wait for its slot's gate_up asks L2 for the rest of
-            // its down tile (past the ring's first stages), so the wait overlaps those bytes.
-            if (down && p0 == pb && KS > NS * CS && lane == 0 && *reinterpret_cast<volatile unsigned*>(done + slot) < (unsigned)gug)
-                asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(wt + NS * CS * STEP_BYTES), "r"((KS - NS * CS) * STEP_BYTES) : "memory");
-#endif
             if (down && p0 == pb && threadIdx.x == 0) {
                 // h of this slot is complete when all its gate_up items are (the weights are
                 // already on their way).
