@@ -1958,6 +1958,49 @@ __device__ __forceinline__ void stage_pool_rows_split(const float* __restrict__ 
         *reinterpret_cast<uint4*>(lo + jj * pitch + 4 * c) = l;
     });
 }
+// The same rows in two halves, so that a key block's global loads can be in flight while the
+// block ahead computes: load_pool_rows_regs puts this thread's float4s of the rows (the ones
+// for_pool_rows gives it with 256 threads) in registers, store_pool_rows_split splits them into
+// shared memory as stage_pool_rows_split does. The same values land in the same places.
+// (-DPREFILL_NO_PREFETCH, measurements only: stage each block after the one ahead is done.)
+template <int DIM>
+struct PoolRowRegs {
+    static constexpr int D4 = DIM / 4, N = (TK * D4 + 255) / 256;
+    float4 v[N];
+};
+template <int DIM>
+__device__ __forceinline__ void load_pool_rows_regs(PoolRowRegs<DIM>& r, const float* __restrict__ pool, int j0, int nk,
+                                                    const int* __restrict__ table, int block_size, int kv_heads, int kvh) {
+    constexpr int D4 = PoolRowRegs<DIM>::D4;
+#pragma unroll
+    for (int e = 0; e < PoolRowRegs<DIM>::N; e++) {
+        int i = threadIdx.x + 256 * e, jj = i / D4, c = i % D4;
+        float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (i < TK * D4 && jj < nk) {
+            int j = j0 + jj;
+            size_t slot = (size_t)table[j / block_size] * block_size + j % block_size;
+            v = reinterpret_cast<const float4*>(pool + (slot * kv_heads + kvh) * DIM)[c];
+        }
+        r.v[e] = v;
+    }
+}
+template <int DIM>
+__device__ __forceinline__ void store_pool_rows_split(const PoolRowRegs<DIM>& r, unsigned* hi, unsigned* lo, int pitch) {
+    constexpr int D4 = PoolRowRegs<DIM>::D4;
+#pragma unroll
+    for (int e = 0; e < PoolRowRegs<DIM>::N; e++) {
+        int i = threadIdx.x + 256 * e, jj = i / D4, c = i % D4;
+        if (i < TK * D4) {
+            uint4 h, l;
+            tf32_split(r.v[e].x, h.x, l.x);
+            tf32_split(r.v[e].y, h.y, l.y);
+            tf32_split(r.v[e].z, h.z, l.z);
+            tf32_split(r.v[e].w, h.w, l.w);
+            *reinterpret_cast<uint4*>(hi + jj * pitch + 4 * c) = h;
+            *reinterpret_cast<uint4*>(lo + jj * pitch + 4 * c) = l;
+        }
+    }
+}
 template <int HD, int VD>
 __device__ __forceinline__ void attention_prefill_tc_body(
     const float* __restrict__ q, const float* __restrict__ kc, const float* __restrict__ vc, float* __restrict__ o,
@@ -1999,11 +2042,31 @@ __device__ __forceinline__ void attention_prefill_tc_body(
 #pragma unroll
         for (int i = 0; i < 4; i++) acc[c][i] = 0.f;
     float* P = Ps + w * 16 * PP;
+#ifndef PREFILL_NO_PREFETCH
+    // Key block j0's K and V wait in registers; the next block's loads are issued before this
+    // one's MMAs, so their latency hides behind them (one block of 8 warps per SM hides little).
+    PoolRowRegs<HD> kr;
+    PoolRowRegs<VD> vr;
+    if (lo <= hi) {
+        load_pool_rows_regs<HD>(kr, kc, lo, min(TK, hi - lo + 1), table, block_size, kv_heads, kvh);
+        load_pool_rows_regs<VD>(vr, vc, lo, min(TK, hi - lo + 1), table, block_size, kv_heads, kvh);
+    }
+#endif
     for (int j0 = lo; j0 <= hi; j0 += TK) {
         const int nk = min(TK, hi - j0 + 1);
+#ifdef PREFILL_NO_PREFETCH
         stage_pool_rows_split(kc, Kh, Kl, KP, HD, j0, nk, table, block_size, kv_heads, kvh);
         stage_pool_rows_split(vc, Vh, Vl, VP, VD, j0, nk, table, block_size, kv_heads, kvh);
         __syncthreads();
+#else
+        store_pool_rows_split<HD>(kr, Kh, Kl, KP);
+        store_pool_rows_split<VD>(vr, Vh, Vl, VP);
+        __syncthreads();
+        if (j0 + TK <= hi) {
+            load_pool_rows_regs<HD>(kr, kc, j0 + TK, min(TK, hi - j0 - TK + 1), table, block_size, kv_heads, kvh);
+            load_pool_rows_regs<VD>(vr, vc, j0 + TK, min(TK, hi - j0 - TK + 1), table, block_size, kv_heads, kvh);
+        }
+#endif
         if (active) {
             float s[TK / 8][4];
 #pragma unroll
