@@ -1968,19 +1968,39 @@ struct PoolRowRegs {
     static constexpr int D4 = DIM / 4, N = (TK * D4 + 255) / 256;
     float4 v[N];
 };
+// Row jj's offset in the pool, in rows of the pool's dim (slot * kv_heads + kvh), for the TK
+// positions from j0 (-1 past nk): threads 0..TK-1 each look up one, so the loads below divide by
+// block_size once per row instead of once per float4.
+__device__ __forceinline__ void pool_row_offsets(long long* rows, int j0, int nk, const int* __restrict__ table, int block_size, int kv_heads, int kvh) {
+    int jj = threadIdx.x;
+    if (jj < TK) {
+        long long r = -1;
+        if (jj < nk) {
+            int j = j0 + jj;
+            r = ((long long)table[j / block_size] * block_size + j % block_size) * kv_heads + kvh;
+        }
+        rows[jj] = r;
+    }
+}
 template <int DIM>
-__device__ __forceinline__ void load_pool_rows_regs(PoolRowRegs<DIM>& r, const float* __restrict__ pool, int j0, int nk,
+__device__ __forceinline__ void load_pool_rows_regs(PoolRowRegs<DIM>& r, const float* __restrict__ pool, const long long* rows, int j0, int nk,
                                                     const int* __restrict__ table, int block_size, int kv_heads, int kvh) {
     constexpr int D4 = PoolRowRegs<DIM>::D4;
 #pragma unroll
     for (int e = 0; e < PoolRowRegs<DIM>::N; e++) {
         int i = threadIdx.x + 256 * e, jj = i / D4, c = i % D4;
         float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+#ifdef PREFILL_ROW_DIV
+        // Measurement build: 8cedee6's lookup, one division by block_size per float4.
+        long long row = -1;
         if (i < TK * D4 && jj < nk) {
             int j = j0 + jj;
-            size_t slot = (size_t)table[j / block_size] * block_size + j % block_size;
-            v = reinterpret_cast<const float4*>(pool + (slot * kv_heads + kvh) * DIM)[c];
+            row = ((long long)table[j / block_size] * block_size + j % block_size) * kv_heads + kvh;
         }
+#else
+        long long row = i < TK * D4 ? rows[jj] : -1;
+#endif
+        if (row >= 0) v = reinterpret_cast<const float4*>(pool + row * DIM)[c];
         r.v[e] = v;
     }
 }
@@ -2045,11 +2065,15 @@ __device__ __forceinline__ void attention_prefill_tc_body(
 #ifndef PREFILL_NO_PREFETCH
     // Key block j0's K and V wait in registers; the next block's loads are issued before this
     // one's MMAs, so their latency hides behind them (one block of 8 warps per SM hides little).
+    __shared__ long long s_rows[TK];
     PoolRowRegs<HD> kr;
     PoolRowRegs<VD> vr;
     if (lo <= hi) {
-        load_pool_rows_regs<HD>(kr, kc, lo, min(TK, hi - lo + 1), table, block_size, kv_heads, kvh);
-        load_pool_rows_regs<VD>(vr, vc, lo, min(TK, hi - lo + 1), table, block_size, kv_heads, kvh);
+        pool_row_offsets(s_rows, lo, min(TK, hi - lo + 1), table, block_size, kv_heads, kvh);
+        __syncthreads();
+        load_pool_rows_regs<HD>(kr, kc, s_rows, lo, min(TK, hi - lo + 1), table, block_size, kv_heads, kvh);
+        load_pool_rows_regs<VD>(vr, vc, s_rows, lo, min(TK, hi - lo + 1), table, block_size, kv_heads, kvh);
+        __syncthreads();  // s_rows is read before the first block rewrites it
     }
 #endif
     for (int j0 = lo; j0 <= hi; j0 += TK) {
@@ -2061,10 +2085,12 @@ __device__ __forceinline__ void attention_prefill_tc_body(
 #else
         store_pool_rows_split<HD>(kr, Kh, Kl, KP);
         store_pool_rows_split<VD>(vr, Vh, Vl, VP);
+        // (s_rows' readers of the block ahead passed the barrier that ended it.)
+        if (j0 + TK <= hi) pool_row_offsets(s_rows, j0 + TK, min(TK, hi - j0 - TK + 1), table, block_size, kv_heads, kvh);
         __syncthreads();
         if (j0 + TK <= hi) {
-            load_pool_rows_regs<HD>(kr, kc, j0 + TK, min(TK, hi - j0 - TK + 1), table, block_size, kv_heads, kvh);
-            load_pool_rows_regs<VD>(vr, vc, j0 + TK, min(TK, hi - j0 - TK + 1), table, block_size, kv_heads, kvh);
+            load_pool_rows_regs<HD>(kr, kc, s_rows, j0 + TK, min(TK, hi - j0 - TK + 1), table, block_size, kv_heads, kvh);
+            load_pool_rows_regs<VD>(vr, vc, s_rows, j0 + TK, min(TK, hi - j0 - TK + 1), table, block_size, kv_heads, kvh);
         }
 #endif
         if (active) {
