@@ -1917,9 +1917,8 @@ __device__ __forceinline__ void softmax_pair_sum(float sum_a, float sum_b, float
 // raw once and split per use; P goes through each warp's own shared rows (the S accumulator
 // layout is not the A operand layout). Same masks, online softmax per row, sinks and outputs as
 // attention_prefill. Heads per KV head even; HD, VD compile-time multiples of 8, VD <= 128.
-// Dynamic shared memory (4-byte words): Q [2][64][HD + 4], K [TK][KP2] and V [TK][VP2] (hi and
-// lo side by side, below), P [8][16][TK + 4] (pitches that make every fragment read
-// conflict-free).
+// Dynamic shared memory (4-byte words): Q [2][64][HD + 4], K hi, lo [TK][HD + 4], V hi, lo
+// [TK][VD + 8], P [8][16][TK + 4] (pitches that make every fragment read conflict-free).
 #define TK 32  // keys per staged block
 __device__ __forceinline__ void tf32_split(float x, unsigned& hi, unsigned& lo) {
     asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(hi) : "f"(x));
@@ -1945,38 +1944,32 @@ __device__ __forceinline__ void load_a_split(const float* base, int pitch, int r
     tf32_split(base[r * pitch + c + 4], ah[2], al[2]);
     tf32_split(base[(r + 8) * pitch + c + 4], ah[3], al[3]);
 }
-// A key block's K and V reach shared memory in two halves, so that the next block's global loads
-// are in flight while this one computes (one block of 8 warps per SM hides little latency by
-// itself): load_pool_rows_regs puts this thread's float4s of the TK rows in registers (thread i
-// takes float4 i, i + 256, ... of the rows laid end to end), store_k_rows / store_v_rows split
-// them into TF32 hi and lo parts in shared memory. Rows past nk are zero.
-//
-// The shared layouts put the hi and lo words a lane's MMA triple needs side by side:
-// - K: row jj (key), then per 8-column group q a 16-word block of four chunks, chunk t =
-//   {hi, lo of column 8q + t, hi, lo of column 8q + t + 4} (the B fragment's b0 and b1 for QK),
-//   so one 16-byte load gives them. Chunk t sits at position t ^ ((q >> 1) & 3) and rows are
-//   KP2 words apart (KP2 % 32 == 16): the fragment loads and the staging's 8-byte stores are
-//   both free of bank conflicts.
-// - V: row jj (key), then {hi, lo} per column, rows VP2 words apart (VP2 % 32 == 8 or 24): a
-//   PV fragment is two 8-byte loads (keys t and t + 4), the staging two 16-byte stores per
-//   float4, both conflict-free.
-// The values are those of two split arrays, so the MMAs and the results are unchanged
-// (-DPREFILL_SPLIT_ARRAYS, measurements only, stores K and V hi and lo as separate arrays).
+// The rows of positions j0 .. j0 + nk of a paged pool split into TF32 hi and lo rows of shared
+// memory `pitch` words apart; rows nk .. TK are zero.
+__device__ __forceinline__ void stage_pool_rows_split(const float* __restrict__ pool, unsigned* hi, unsigned* lo, int pitch, int dim, int j0,
+                                                      int nk, const int* __restrict__ table, int block_size, int kv_heads, int kvh) {
+    for_pool_rows<TK>(pool, dim, j0, nk, table, block_size, kv_heads, kvh, [&](int jj, int c, float4 v) {
+        uint4 h, l;
+        tf32_split(v.x, h.x, l.x);
+        tf32_split(v.y, h.y, l.y);
+        tf32_split(v.z, h.z, l.z);
+        tf32_split(v.w, h.w, l.w);
+        *reinterpret_cast<uint4*>(hi + jj * pitch + 4 * c) = h;
+        *reinterpret_cast<uint4*>(lo + jj * pitch + 4 * c) = l;
+    });
+}
+// The same rows in two halves, so that a key block's global loads can be in flight while the
+// block ahead computes: load_pool_rows_regs puts this thread's float4s of the rows (the ones
+// for_pool_rows gives it with 256 threads) in registers, store_pool_rows_split splits them into
+// shared memory as stage_pool_rows_split does. The same values land in the same places.
+// (-DPREFILL_NO_PREFETCH, measurements only: stage each block after the one ahead is done.)
 template <int DIM>
 struct PoolRowRegs {
     static constexpr int D4 = DIM / 4, N = (TK * D4 + 255) / 256;
     float4 v[N];
 };
-template <int HD>
-struct PrefillKLayout {
-    static constexpr int P = 2 * HD + ((2 * HD) % 32 == 0 ? 16 : 0);
-};
-template <int VD>
-struct PrefillVLayout {
-    static constexpr int P = 2 * VD + 8;
-};
 // Row jj's offset in the pool, in rows of the pool's dim (slot * kv_heads + kvh), for the TK
-// positions from j0 (-1 past nk): threads 0..TK-1 each look up one, so the loads divide by
+// positions from j0 (-1 past nk): threads 0..TK-1 each look up one, so the loads below divide by
 // block_size once per row instead of once per float4.
 __device__ __forceinline__ void pool_row_offsets(long long* rows, int j0, int nk, const int* __restrict__ table, int block_size, int kv_heads, int kvh) {
     int jj = threadIdx.x;
@@ -1990,18 +1983,27 @@ __device__ __forceinline__ void pool_row_offsets(long long* rows, int j0, int nk
     }
 }
 template <int DIM>
-__device__ __forceinline__ void load_pool_rows_regs(PoolRowRegs<DIM>& r, const float* __restrict__ pool, const long long* rows) {
+__device__ __forceinline__ void load_pool_rows_regs(PoolRowRegs<DIM>& r, const float* __restrict__ pool, const long long* rows, int j0, int nk,
+                                                    const int* __restrict__ table, int block_size, int kv_heads, int kvh) {
     constexpr int D4 = PoolRowRegs<DIM>::D4;
 #pragma unroll
     for (int e = 0; e < PoolRowRegs<DIM>::N; e++) {
         int i = threadIdx.x + 256 * e, jj = i / D4, c = i % D4;
         float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+#ifdef PREFILL_ROW_DIV
+        // Measurement build: 8cedee6's lookup, one division by block_size per float4.
+        long long row = -1;
+        if (i < TK * D4 && jj < nk) {
+            int j = j0 + jj;
+            row = ((long long)table[j / block_size] * block_size + j % block_size) * kv_heads + kvh;
+        }
+#else
         long long row = i < TK * D4 ? rows[jj] : -1;
+#endif
         if (row >= 0) v = reinterpret_cast<const float4*>(pool + row * DIM)[c];
         r.v[e] = v;
     }
 }
-#ifdef PREFILL_SPLIT_ARRAYS
 template <int DIM>
 __device__ __forceinline__ void store_pool_rows_split(const PoolRowRegs<DIM>& r, unsigned* hi, unsigned* lo, int pitch) {
     constexpr int D4 = PoolRowRegs<DIM>::D4;
@@ -2019,70 +2021,20 @@ __device__ __forceinline__ void store_pool_rows_split(const PoolRowRegs<DIM>& r,
         }
     }
 }
-#endif
-template <int HD>
-__device__ __forceinline__ void store_k_rows(const PoolRowRegs<HD>& r, unsigned* ks) {
-    constexpr int D4 = PoolRowRegs<HD>::D4, KP2 = PrefillKLayout<HD>::P;
-#pragma unroll
-    for (int e = 0; e < PoolRowRegs<HD>::N; e++) {
-        int i = threadIdx.x + 256 * e, jj = i / D4, c = i % D4;
-        if (i < TK * D4) {
-            // Columns 8q + 4 half + (0..3): chunks t = 0..3, words 2 half and 2 half + 1.
-            const int q = c >> 1, half = c & 1, sw = (q >> 1) & 3;
-            unsigned* row = ks + jj * KP2 + 16 * q + 2 * half;
-            const float x[4] = {r.v[e].x, r.v[e].y, r.v[e].z, r.v[e].w};
-#pragma unroll
-            for (int k = 0; k < 4; k++) {
-                uint2 hl;
-                tf32_split(x[k], hl.x, hl.y);
-                *reinterpret_cast<uint2*>(row + 4 * (k ^ sw)) = hl;
-            }
-        }
-    }
-}
-template <int VD>
-__device__ __forceinline__ void store_v_rows(const PoolRowRegs<VD>& r, unsigned* vs) {
-    constexpr int D4 = PoolRowRegs<VD>::D4, VP2 = PrefillVLayout<VD>::P;
-#pragma unroll
-    for (int e = 0; e < PoolRowRegs<VD>::N; e++) {
-        int i = threadIdx.x + 256 * e, jj = i / D4, c = i % D4;
-        if (i < TK * D4) {
-            uint4 a, b;
-            tf32_split(r.v[e].x, a.x, a.y);
-            tf32_split(r.v[e].y, a.z, a.w);
-            tf32_split(r.v[e].z, b.x, b.y);
-            tf32_split(r.v[e].w, b.z, b.w);
-            // Lanes c and c + 4 of a quarter warp would share banks if both wrote their first
-            // half first: the upper four write their second half first.
-            uint4* dst = reinterpret_cast<uint4*>(vs + jj * VP2 + 8 * c);
-            const int s = (c >> 2) & 1;
-            dst[s] = s ? b : a;
-            dst[s ^ 1] = s ? a : b;
-        }
-    }
-}
 template <int HD, int VD>
 __device__ __forceinline__ void attention_prefill_tc_body(
     const float* __restrict__ q, const float* __restrict__ kc, const float* __restrict__ vc, float* __restrict__ o,
     const int* __restrict__ pos, const int* __restrict__ seq, const int* __restrict__ tables, int max_blocks,
     int block_size, int heads, int kv_heads, int window, float scale, const float* __restrict__ sinks,
     unsigned short* __restrict__ oh, unsigned short* __restrict__ ol, const int* __restrict__ tiles) {
-    constexpr int QP = HD + 4, PP = TK + 4;
+    constexpr int QP = HD + 4, KP = HD + 4, VP = VD + 8, PP = TK + 4;
     extern __shared__ float4 sm4[];
     float* Qs = reinterpret_cast<float*>(sm4);
-#ifdef PREFILL_SPLIT_ARRAYS
-    constexpr int KP = HD + 4, VP = VD + 8;
     unsigned* Kh = reinterpret_cast<unsigned*>(Qs + 2 * PT_Q * QP);
     unsigned* Kl = Kh + TK * KP;
     unsigned* Vh = Kl + TK * KP;
     unsigned* Vl = Vh + TK * VP;
     float* Ps = reinterpret_cast<float*>(Vl + TK * VP);
-#else
-    constexpr int KP2 = PrefillKLayout<HD>::P, VP2 = PrefillVLayout<VD>::P;
-    unsigned* Ks = reinterpret_cast<unsigned*>(Qs + 2 * PT_Q * QP);
-    unsigned* Vs = Ks + TK * KP2;
-    float* Ps = reinterpret_cast<float*>(Vs + TK * VP2);
-#endif
     __shared__ int s_lo[PT_Q], s_hi[PT_Q], s_range[2];
     const int tid = threadIdx.x, w = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
     const int h = 2 * blockIdx.y + (w >> 2), rw0 = 16 * (w & 3);
@@ -2110,32 +2062,37 @@ __device__ __forceinline__ void attention_prefill_tc_body(
 #pragma unroll
         for (int i = 0; i < 4; i++) acc[c][i] = 0.f;
     float* P = Ps + w * 16 * PP;
-    // Key block j0's K and V wait in registers until the block ahead is done with shared memory.
+#ifndef PREFILL_NO_PREFETCH
+    // Key block j0's K and V wait in registers; the next block's loads are issued before this
+    // one's MMAs, so their latency hides behind them (one block of 8 warps per SM hides little).
     __shared__ long long s_rows[TK];
-    PoolRowRegs<HD> kreg;
-    PoolRowRegs<VD> vreg;
+    PoolRowRegs<HD> kr;
+    PoolRowRegs<VD> vr;
     if (lo <= hi) {
         pool_row_offsets(s_rows, lo, min(TK, hi - lo + 1), table, block_size, kv_heads, kvh);
         __syncthreads();
-        load_pool_rows_regs<HD>(kreg, kc, s_rows);
-        load_pool_rows_regs<VD>(vreg, vc, s_rows);
+        load_pool_rows_regs<HD>(kr, kc, s_rows, lo, min(TK, hi - lo + 1), table, block_size, kv_heads, kvh);
+        load_pool_rows_regs<VD>(vr, vc, s_rows, lo, min(TK, hi - lo + 1), table, block_size, kv_heads, kvh);
         __syncthreads();  // s_rows is read before the first block rewrites it
     }
-    for (int j0 = lo; j0 <= hi; j0 += TK) {
-#ifdef PREFILL_SPLIT_ARRAYS
-        store_pool_rows_split<HD>(kreg, Kh, Kl, KP);
-        store_pool_rows_split<VD>(vreg, Vh, Vl, VP);
-#else
-        store_k_rows<HD>(kreg, Ks);
-        store_v_rows<VD>(vreg, Vs);
 #endif
+    for (int j0 = lo; j0 <= hi; j0 += TK) {
+        const int nk = min(TK, hi - j0 + 1);
+#ifdef PREFILL_NO_PREFETCH
+        stage_pool_rows_split(kc, Kh, Kl, KP, HD, j0, nk, table, block_size, kv_heads, kvh);
+        stage_pool_rows_split(vc, Vh, Vl, VP, VD, j0, nk, table, block_size, kv_heads, kvh);
+        __syncthreads();
+#else
+        store_pool_rows_split<HD>(kr, Kh, Kl, KP);
+        store_pool_rows_split<VD>(vr, Vh, Vl, VP);
         // (s_rows' readers of the block ahead passed the barrier that ended it.)
         if (j0 + TK <= hi) pool_row_offsets(s_rows, j0 + TK, min(TK, hi - j0 - TK + 1), table, block_size, kv_heads, kvh);
         __syncthreads();
         if (j0 + TK <= hi) {
-            load_pool_rows_regs<HD>(kreg, kc, s_rows);
-            load_pool_rows_regs<VD>(vreg, vc, s_rows);
+            load_pool_rows_regs<HD>(kr, kc, s_rows, j0 + TK, min(TK, hi - j0 - TK + 1), table, block_size, kv_heads, kvh);
+            load_pool_rows_regs<VD>(vr, vc, s_rows, j0 + TK, min(TK, hi - j0 - TK + 1), table, block_size, kv_heads, kvh);
         }
+#endif
         if (active) {
             float s[TK / 8][4];
 #pragma unroll
@@ -2148,13 +2105,8 @@ __device__ __forceinline__ void attention_prefill_tc_body(
                 load_a_split(Qw, QP, g, 8 * kd + t, ah, al);
 #pragma unroll
                 for (int n = 0; n < TK / 8; n++) {
-#ifdef PREFILL_SPLIT_ARRAYS
                     const int kr = (8 * n + g) * KP + 8 * kd + t;
                     mma_tf32x3(s[n], ah, al, Kh[kr], Kh[kr + 4], Kl[kr], Kl[kr + 4]);
-#else
-                    const uint4 b = *reinterpret_cast<const uint4*>(Ks + (8 * n + g) * KP2 + 16 * kd + 4 * (t ^ ((kd >> 1) & 3)));
-                    mma_tf32x3(s[n], ah, al, b.x, b.z, b.y, b.w);
-#endif
                 }
             }
             // Online softmax of rows a (g) and b (g + 8); a row's TK scores sit on the 4 lanes t.
@@ -2194,14 +2146,8 @@ __device__ __forceinline__ void attention_prefill_tc_body(
                 load_a_split(P, PP, g, 8 * kj + t, ah, al);
 #pragma unroll
                 for (int c = 0; c < VD / 8; c++) {
-#ifdef PREFILL_SPLIT_ARRAYS
                     const int vr = (8 * kj + t) * VP + 8 * c + g;
                     mma_tf32x3(acc[c], ah, al, Vh[vr], Vh[vr + 4 * VP], Vl[vr], Vl[vr + 4 * VP]);
-#else
-                    const unsigned* vr = Vs + (8 * kj + t) * VP2 + 2 * (8 * c + g);
-                    const uint2 b0 = *reinterpret_cast<const uint2*>(vr), b1 = *reinterpret_cast<const uint2*>(vr + 4 * VP2);
-                    mma_tf32x3(acc[c], ah, al, b0.x, b1.x, b0.y, b1.y);
-#endif
                 }
             }
         }

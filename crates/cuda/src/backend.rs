@@ -1768,13 +1768,10 @@ impl PrefillAttention {
 }
 
 /// The tensor-core prefill attention kernel's dynamic shared memory (TK = 32 keys per block,
-/// two heads' 64 query rows): Q [2][64][hd + 4], K [32][kp2] and V [32][2 vd + 8] (TF32 hi and
-/// lo side by side; kp2 = 2 hd, plus 16 where 2 hd is a multiple of 32: kernels/ops.cu,
-/// PrefillKLayout), P [8][16][36] words. For every compiled shape this is what the measurement
-/// build `-DPREFILL_SPLIT_ARRAYS` needs too (K hi, lo [32][hd + 4], V hi, lo [32][vd + 8]).
+/// two heads' 64 query rows): Q [2][64][hd + 4], K hi and lo [32][hd + 4], V hi and lo
+/// [32][vd + 8], P [8][16][36] words.
 pub(crate) fn prefill_attention_tc_smem(hd: usize, vd: usize) -> usize {
-    let kp2 = 2 * hd + if (2 * hd).is_multiple_of(32) { 16 } else { 0 };
-    4 * (2 * PREFILL_TILE * (hd + 4) + 32 * kp2 + 32 * (2 * vd + 8) + 8 * 16 * 36)
+    4 * (2 * PREFILL_TILE * (hd + 4) + 2 * 32 * (hd + 4) + 2 * 32 * (vd + 8) + 8 * 16 * 36)
 }
 
 /// `attention_prefill`'s dynamic shared memory for K head dim `hd` and V head dim `vd`: Q and K
