@@ -1944,25 +1944,13 @@ __device__ __forceinline__ void load_a_split(const float* base, int pitch, int r
     tf32_split(base[r * pitch + c + 4], ah[2], al[2]);
     tf32_split(base[(r + 8) * pitch + c + 4], ah[3], al[3]);
 }
-// The rows of positions j0 .. j0 + nk of a paged pool split into TF32 hi and lo rows of shared
-// memory `pitch` words apart; rows nk .. TK are zero.
-__device__ __forceinline__ void stage_pool_rows_split(const float* __restrict__ pool, unsigned* hi, unsigned* lo, int pitch, int dim, int j0,
-                                                      int nk, const int* __restrict__ table, int block_size, int kv_heads, int kvh) {
-    for_pool_rows<TK>(pool, dim, j0, nk, table, block_size, kv_heads, kvh, [&](int jj, int c, float4 v) {
-        uint4 h, l;
-        tf32_split(v.x, h.x, l.x);
-        tf32_split(v.y, h.y, l.y);
-        tf32_split(v.z, h.z, l.z);
-        tf32_split(v.w, h.w, l.w);
-        *reinterpret_cast<uint4*>(hi + jj * pitch + 4 * c) = h;
-        *reinterpret_cast<uint4*>(lo + jj * pitch + 4 * c) = l;
-    });
-}
-// The same rows in two halves, so that a key block's global loads can be in flight while the
-// block ahead computes: load_pool_rows_regs puts this thread's float4s of the rows (the ones
-// for_pool_rows gives it with 256 threads) in registers, store_pool_rows_split splits them into
-// shared memory as stage_pool_rows_split does. The same values land in the same places.
-// (-DPREFILL_NO_PREFETCH, measurements only: stage each block after the one ahead is done.)
+// A key block's K and V reach shared memory in two halves, so that the next block's global
+// loads are in flight while this one computes (one block of 8 warps per SM hides little latency
+// by itself): load_pool_rows_regs puts this thread's float4s of the TK rows in registers (thread
+// i takes float4 i, i + 256, ... of the rows laid end to end; rows past nk are zero), and
+// store_pool_rows_split splits them into TF32 hi and lo rows of shared memory `pitch` words apart.
+// (Staging K and V with each hi beside its lo, so a fragment is one 16-byte load, was as exact
+// and 16% slower: 255 registers; benches/results/2026-11-25-prefill-attention-staging.md.)
 template <int DIM>
 struct PoolRowRegs {
     static constexpr int D4 = DIM / 4, N = (TK * D4 + 255) / 256;
@@ -1970,7 +1958,7 @@ struct PoolRowRegs {
 };
 // Row jj's offset in the pool, in rows of the pool's dim (slot * kv_heads + kvh), for the TK
 // positions from j0 (-1 past nk): threads 0..TK-1 each look up one, so the loads below divide by
-// block_size once per row instead of once per float4.
+// block_size once per row instead of once per float4 (the full layer's chunk: 110 -> 96 ms).
 __device__ __forceinline__ void pool_row_offsets(long long* rows, int j0, int nk, const int* __restrict__ table, int block_size, int kv_heads, int kvh) {
     int jj = threadIdx.x;
     if (jj < TK) {
@@ -1983,23 +1971,13 @@ __device__ __forceinline__ void pool_row_offsets(long long* rows, int j0, int nk
     }
 }
 template <int DIM>
-__device__ __forceinline__ void load_pool_rows_regs(PoolRowRegs<DIM>& r, const float* __restrict__ pool, const long long* rows, int j0, int nk,
-                                                    const int* __restrict__ table, int block_size, int kv_heads, int kvh) {
+__device__ __forceinline__ void load_pool_rows_regs(PoolRowRegs<DIM>& r, const float* __restrict__ pool, const long long* rows) {
     constexpr int D4 = PoolRowRegs<DIM>::D4;
 #pragma unroll
     for (int e = 0; e < PoolRowRegs<DIM>::N; e++) {
         int i = threadIdx.x + 256 * e, jj = i / D4, c = i % D4;
         float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-#ifdef PREFILL_ROW_DIV
-        // Measurement build: 8cedee6's lookup, one division by block_size per float4.
-        long long row = -1;
-        if (i < TK * D4 && jj < nk) {
-            int j = j0 + jj;
-            row = ((long long)table[j / block_size] * block_size + j % block_size) * kv_heads + kvh;
-        }
-#else
         long long row = i < TK * D4 ? rows[jj] : -1;
-#endif
         if (row >= 0) v = reinterpret_cast<const float4*>(pool + row * DIM)[c];
         r.v[e] = v;
     }
@@ -2062,37 +2040,29 @@ __device__ __forceinline__ void attention_prefill_tc_body(
 #pragma unroll
         for (int i = 0; i < 4; i++) acc[c][i] = 0.f;
     float* P = Ps + w * 16 * PP;
-#ifndef PREFILL_NO_PREFETCH
-    // Key block j0's K and V wait in registers; the next block's loads are issued before this
-    // one's MMAs, so their latency hides behind them (one block of 8 warps per SM hides little).
+    // Key block j0's K and V wait in registers until the block ahead is done with shared
+    // memory; the next block's loads are issued before this one's MMAs (the full layer's chunk:
+    // 126 -> 110 ms).
     __shared__ long long s_rows[TK];
-    PoolRowRegs<HD> kr;
-    PoolRowRegs<VD> vr;
+    PoolRowRegs<HD> kreg;
+    PoolRowRegs<VD> vreg;
     if (lo <= hi) {
         pool_row_offsets(s_rows, lo, min(TK, hi - lo + 1), table, block_size, kv_heads, kvh);
         __syncthreads();
-        load_pool_rows_regs<HD>(kr, kc, s_rows, lo, min(TK, hi - lo + 1), table, block_size, kv_heads, kvh);
-        load_pool_rows_regs<VD>(vr, vc, s_rows, lo, min(TK, hi - lo + 1), table, block_size, kv_heads, kvh);
+        load_pool_rows_regs<HD>(kreg, kc, s_rows);
+        load_pool_rows_regs<VD>(vreg, vc, s_rows);
         __syncthreads();  // s_rows is read before the first block rewrites it
     }
-#endif
     for (int j0 = lo; j0 <= hi; j0 += TK) {
-        const int nk = min(TK, hi - j0 + 1);
-#ifdef PREFILL_NO_PREFETCH
-        stage_pool_rows_split(kc, Kh, Kl, KP, HD, j0, nk, table, block_size, kv_heads, kvh);
-        stage_pool_rows_split(vc, Vh, Vl, VP, VD, j0, nk, table, block_size, kv_heads, kvh);
-        __syncthreads();
-#else
-        store_pool_rows_split<HD>(kr, Kh, Kl, KP);
-        store_pool_rows_split<VD>(vr, Vh, Vl, VP);
+        store_pool_rows_split<HD>(kreg, Kh, Kl, KP);
+        store_pool_rows_split<VD>(vreg, Vh, Vl, VP);
         // (s_rows' readers of the block ahead passed the barrier that ended it.)
         if (j0 + TK <= hi) pool_row_offsets(s_rows, j0 + TK, min(TK, hi - j0 - TK + 1), table, block_size, kv_heads, kvh);
         __syncthreads();
         if (j0 + TK <= hi) {
-            load_pool_rows_regs<HD>(kr, kc, s_rows, j0 + TK, min(TK, hi - j0 - TK + 1), table, block_size, kv_heads, kvh);
-            load_pool_rows_regs<VD>(vr, vc, s_rows, j0 + TK, min(TK, hi - j0 - TK + 1), table, block_size, kv_heads, kvh);
+            load_pool_rows_regs<HD>(kreg, kc, s_rows);
+            load_pool_rows_regs<VD>(vreg, vc, s_rows);
         }
-#endif
         if (active) {
             float s[TK / 8][4];
 #pragma unroll
