@@ -1920,10 +1920,24 @@ __device__ __forceinline__ void softmax_pair_sum(float sum_a, float sum_b, float
 // Dynamic shared memory (4-byte words): Q [2][64][HD + 4], K hi, lo [TK][HD + 4], V hi, lo
 // [TK][VD + 8], P [8][16][TK + 4] (pitches that make every fragment read conflict-free).
 #define TK 32  // keys per staged block
+// x rounded to TF32, to nearest with ties away from zero: cvt.rna.tf32.f32's bits for every
+// finite or infinite x (the carry of the half unit may move the exponent up, as rounding
+// does; +-inf stays +-inf). On sm_90 ptxas emulates the cvt with a compare and a select
+// more, for NaNs, which lose their payload here (a NaN may become an infinity or zero in hi;
+// lo = x - hi is then NaN, so the products stay NaN). Two instructions instead of four, in
+// the inner loops of the tensor-core attention kernels. (-DTF32_CVT, measurements only: the cvt.)
+__device__ __forceinline__ unsigned tf32_rna(float x) {
+#ifdef TF32_CVT
+    unsigned r;
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+    return r;
+#else
+    return (__float_as_uint(x) + 0x1000u) & 0xffffe000u;
+#endif
+}
 __device__ __forceinline__ void tf32_split(float x, unsigned& hi, unsigned& lo) {
-    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(hi) : "f"(x));
-    float r = x - __uint_as_float(hi);
-    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(lo) : "f"(r));
+    hi = tf32_rna(x);
+    lo = tf32_rna(x - __uint_as_float(hi));
 }
 __device__ __forceinline__ void mma_tf32(float d[4], const unsigned a[4], unsigned b0, unsigned b1) {
     asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"

@@ -29,6 +29,13 @@ fn rng() -> rand::rngs::StdRng {
     rand::rngs::StdRng::seed_from_u64(seed)
 }
 
+/// FNV-1a over the values' bits. With PEREGRINE_TEST_SEED fixed, two builds of a kernel give
+/// the same bits exactly when the fingerprints a test prints agree (a measurement build
+/// against the default, say).
+fn bits_fingerprint(v: &[f32]) -> u64 {
+    v.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, x| (h ^ x.to_bits() as u64).wrapping_mul(0x100_0000_01b3))
+}
+
 fn randn(r: &mut impl Rng, n: usize, amp: f32) -> Vec<f32> {
     (0..n).map(|_| (r.random::<f32>() * 2.0 - 1.0) * amp).collect()
 }
@@ -459,6 +466,7 @@ fn attention_matches_the_cpu_reference() {
                 }
             }
             close(&name, &o, &want, 2e-5);
+            eprintln!("{name}: output bits fingerprint {:016x}", bits_fingerprint(&o));
             // v2 also writes o's BF16 hi + lo parts for the o_proj GEMV: exactly the split of o.
             assert_eq!(split.is_some(), v2, "{name}: BF16 split written only when asked (v2)");
             if let Some(sp) = &split {
@@ -584,10 +592,7 @@ fn prefill_attention_matches_the_cpu_reference() {
             let name = format!("attention_prefill ({kernel}) h{} kv{} d{}/{} window {:?} sinks {}, {} positions", s.num_heads, s.num_kv_heads, s.head_dim, s.v_head_dim, s.window(), s.sinks, max_blocks * bs);
             let o = st.clone_dtoh(&o).unwrap();
             close(&name, &o, &want, 2e-5);
-            // With PEREGRINE_TEST_SEED fixed, two builds of a kernel give the same bits exactly
-            // when these lines agree (a measurement build against the default, say).
-            let fp = o.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, v| (h ^ v.to_bits() as u64).wrapping_mul(0x100_0000_01b3));
-            eprintln!("{name}: output bits fingerprint {fp:016x}");
+            eprintln!("{name}: output bits fingerprint {:016x}", bits_fingerprint(&o));
             let (oh, ol) = split.expect("BF16 split asked for");
             assert_bf16_split(&name, &o, &st.clone_dtoh(&oh).unwrap(), &st.clone_dtoh(&ol).unwrap());
         }
