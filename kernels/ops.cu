@@ -2056,7 +2056,7 @@ __device__ __forceinline__ void attention_prefill_tc_body(
     float* P = Ps + w * 16 * PP;
     // Each lane's fragment addresses, fixed for the whole kernel: the loops below add only
     // compile-time offsets and kd (recomputing (8 n + g) KP + 8 kd + t per load cost ~25
-    // integer instructions per kd). -DPREFILL_INDEXED (measurements only) keeps that form.
+    // integer instructions per kd, and the full layer's chunk 3-5%).
     const float* qf = Qw + g * QP + t;            // Q rows g, g + 8; column 8 kd + t (+ 4)
     const unsigned* kf = Kh + g * KP + t;         // K rows 8 n + g; column 8 kd + t (+ 4); Kl = Kh + TK KP
     const float* pf = P + g * PP + t;             // P rows g, g + 8; column 8 kj + t (+ 4)
@@ -2093,14 +2093,6 @@ __device__ __forceinline__ void attention_prefill_tc_body(
 #pragma unroll 4
             for (int kd = 0; kd < HD / 8; kd++) {
                 unsigned ah[4], al[4];
-#ifdef PREFILL_INDEXED
-                load_a_split(Qw, QP, g, 8 * kd + t, ah, al);
-#pragma unroll
-                for (int n = 0; n < TK / 8; n++) {
-                    const int kr = (8 * n + g) * KP + 8 * kd + t;
-                    mma_tf32x3(s[n], ah, al, Kh[kr], Kh[kr + 4], Kl[kr], Kl[kr + 4]);
-                }
-#else
                 const float* qk = qf + 8 * kd;
                 tf32_split(qk[0], ah[0], al[0]);
                 tf32_split(qk[8 * QP], ah[1], al[1]);
@@ -2112,7 +2104,6 @@ __device__ __forceinline__ void attention_prefill_tc_body(
                     const unsigned* kn = kk + 8 * n * KP;
                     mma_tf32x3(s[n], ah, al, kn[0], kn[4], kn[TK * KP], kn[TK * KP + 4]);
                 }
-#endif
             }
             // Online softmax of rows a (g) and b (g + 8); a row's TK scores sit on the 4 lanes t.
             float mx_a = NEG_INF, mx_b = NEG_INF;
@@ -2148,14 +2139,6 @@ __device__ __forceinline__ void attention_prefill_tc_body(
 #pragma unroll
             for (int kj = 0; kj < TK / 8; kj++) {
                 unsigned ah[4], al[4];
-#ifdef PREFILL_INDEXED
-                load_a_split(P, PP, g, 8 * kj + t, ah, al);
-#pragma unroll
-                for (int c = 0; c < VD / 8; c++) {
-                    const int vr = (8 * kj + t) * VP + 8 * c + g;
-                    mma_tf32x3(acc[c], ah, al, Vh[vr], Vh[vr + 4 * VP], Vl[vr], Vl[vr + 4 * VP]);
-                }
-#else
                 const float* pk = pf + 8 * kj;
                 tf32_split(pk[0], ah[0], al[0]);
                 tf32_split(pk[8 * PP], ah[1], al[1]);
@@ -2167,7 +2150,6 @@ __device__ __forceinline__ void attention_prefill_tc_body(
                     const unsigned* vc8 = vk + 8 * c;
                     mma_tf32x3(acc[c], ah, al, vc8[0], vc8[4 * VP], vc8[TK * VP], vc8[TK * VP + 4 * VP]);
                 }
-#endif
             }
         }
         __syncthreads();  // K, V and P are refilled next
