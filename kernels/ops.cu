@@ -2135,11 +2135,7 @@ __device__ __forceinline__ void attention_prefill_tc_body(
             softmax_pair_sum(sum_a, sum_b, mn_a, mn_b, corr_a, corr_b, m_a, m_b, l_a, l_b);
             // A row whose maximum held has correction 1, and x * 1 is x: past the first key
             // blocks most warps skip the 64 multiplies (attention_gqa_tc does the same).
-#ifdef PREFILL_ALWAYS_RESCALE
-            softmax_pair_rescale(acc, corr_a, corr_b);
-#else
             if (__any_sync(0xffffffffu, corr_a != 1.f || corr_b != 1.f)) softmax_pair_rescale(acc, corr_a, corr_b);
-#endif
             __syncwarp();  // the warp's P rows are written
             // acc += P V over the block's keys, 8 at a time.
 #pragma unroll
