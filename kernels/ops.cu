@@ -1951,12 +1951,16 @@ __device__ __forceinline__ void mma_tf32x3(float d[4], const unsigned ah[4], con
     mma_tf32(d, ah, bl0, bl1);
     mma_tf32(d, ah, bh0, bh1);
 }
-// A fragment (m16n8k8) of rows r, r + 8 and columns c, c + 4 of a row-major f32 tile, split.
+// A fragment (m16n8k8) of a row-major f32 tile `pitch` words a row, split, from the lane's
+// element f = &tile[r][c]: rows r, r + 8 and columns c, c + 4.
+__device__ __forceinline__ void split_a_at(const float* f, int pitch, unsigned ah[4], unsigned al[4]) {
+    tf32_split(f[0], ah[0], al[0]);
+    tf32_split(f[8 * pitch], ah[1], al[1]);
+    tf32_split(f[4], ah[2], al[2]);
+    tf32_split(f[8 * pitch + 4], ah[3], al[3]);
+}
 __device__ __forceinline__ void load_a_split(const float* base, int pitch, int r, int c, unsigned ah[4], unsigned al[4]) {
-    tf32_split(base[r * pitch + c], ah[0], al[0]);
-    tf32_split(base[(r + 8) * pitch + c], ah[1], al[1]);
-    tf32_split(base[r * pitch + c + 4], ah[2], al[2]);
-    tf32_split(base[(r + 8) * pitch + c + 4], ah[3], al[3]);
+    split_a_at(base + r * pitch + c, pitch, ah, al);
 }
 // A key block's K and V reach shared memory in two halves, so that the next block's global
 // loads are in flight while this one computes (one block of 8 warps per SM hides little latency
@@ -2093,11 +2097,7 @@ __device__ __forceinline__ void attention_prefill_tc_body(
 #pragma unroll 4
             for (int kd = 0; kd < HD / 8; kd++) {
                 unsigned ah[4], al[4];
-                const float* qk = qf + 8 * kd;
-                tf32_split(qk[0], ah[0], al[0]);
-                tf32_split(qk[8 * QP], ah[1], al[1]);
-                tf32_split(qk[4], ah[2], al[2]);
-                tf32_split(qk[8 * QP + 4], ah[3], al[3]);
+                split_a_at(qf + 8 * kd, QP, ah, al);
                 const unsigned* kk = kf + 8 * kd;
 #pragma unroll
                 for (int n = 0; n < TK / 8; n++) {
@@ -2141,11 +2141,7 @@ __device__ __forceinline__ void attention_prefill_tc_body(
 #pragma unroll
             for (int kj = 0; kj < TK / 8; kj++) {
                 unsigned ah[4], al[4];
-                const float* pk = pf + 8 * kj;
-                tf32_split(pk[0], ah[0], al[0]);
-                tf32_split(pk[8 * PP], ah[1], al[1]);
-                tf32_split(pk[4], ah[2], al[2]);
-                tf32_split(pk[8 * PP + 4], ah[3], al[3]);
+                split_a_at(pf + 8 * kj, PP, ah, al);
                 const unsigned* vk = vf + 8 * kj * VP;
 #pragma unroll
                 for (int c = 0; c < VD / 8; c++) {
