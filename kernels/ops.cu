@@ -1962,6 +1962,32 @@ __device__ __forceinline__ void split_a_at(const float* f, int pitch, unsigned a
 __device__ __forceinline__ void load_a_split(const float* base, int pitch, int r, int c, unsigned ah[4], unsigned al[4]) {
     split_a_at(base + r * pitch + c, pitch, ah, al);
 }
+// Four 8 x 4-word matrices of shared memory in one instruction: lane i gives the address of
+// row i % 8 of matrix i / 8 (16-byte aligned), and lane (g, t) gets word t of row g of matrix m
+// in r[m]. The b16 matrices of ldmatrix are 8 x 4 words, so a TF32 m16n8k8 fragment (rows g,
+// g + 8 and columns t, t + 4 of a tile) is one load where it was four LDS.32: the prefill
+// attention was bound by its shared-memory instruction queue (mio_throttle its largest stall).
+__device__ __forceinline__ void ldsm_x4(unsigned addr, unsigned r[4]) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+// The split A fragment of a row-major f32 tile from one ldmatrix: `addr` is this lane's row of
+// the fragment's four 8 x 4 blocks (lane i: row i % 8 + 8 ((i / 8) % 2), column 4 (i / 16) of
+// the fragment), so r = the tile's elements (g, t), (g + 8, t), (g, t + 4), (g + 8, t + 4), as
+// split_a_at reads them.
+__device__ __forceinline__ void split_a_ldsm(unsigned addr, unsigned ah[4], unsigned al[4]) {
+    unsigned r[4];
+    ldsm_x4(addr, r);
+#pragma unroll
+    for (int i = 0; i < 4; i++) tf32_split(__uint_as_float(r[i]), ah[i], al[i]);
+}
+// This lane's ldmatrix row address (bytes, shared space) for A fragments of a tile `pitch`
+// words a row: rows (i % 8) + 8 ((i / 8) % 2), column 4 (i / 16).
+__device__ __forceinline__ unsigned ldsm_a_row(const void* tile, int pitch, int lane) {
+    const float* f = reinterpret_cast<const float*>(tile) + ((lane & 7) + 8 * ((lane >> 3) & 1)) * pitch + 4 * (lane >> 4);
+    return (unsigned)__cvta_generic_to_shared(f);
+}
 // A key block's K and V reach shared memory in two halves, so that the next block's global
 // loads are in flight while this one computes (one block of 8 warps per SM hides little latency
 // by itself): load_pool_rows_regs puts this thread's float4s of the TK rows in registers (thread
@@ -1988,12 +2014,29 @@ __device__ __forceinline__ void pool_row_offsets(long long* rows, int j0, int nk
         rows[jj] = r;
     }
 }
-template <int DIM>
+// Float4 i of the TK rows: row jj, float4 column c. Laid end to end (K), or (COLS, for V's
+// transposed staging) each warp's 32 float4s as 16 rows x 2 neighbouring columns, lane l taking
+// row l / 2 and column l % 2 of the pair: a lane pair reads one 32-byte sector, and the
+// transposed scalar stores of a warp fall in 32 different banks.
+template <int D4, bool COLS>
+__device__ __forceinline__ void pool_float4_at(int i, int& jj, int& c) {
+    if (COLS) {
+        static_assert(TK == 32 && D4 % 2 == 0, "two halves of 16 rows, column pairs");
+        const int l = i & 31, q = i >> 5;
+        jj = 16 * (q & 1) + (l >> 1);
+        c = 2 * (q >> 1) + (l & 1);
+    } else {
+        jj = i / D4;
+        c = i % D4;
+    }
+}
+template <int DIM, bool COLS = false>
 __device__ __forceinline__ void load_pool_rows_regs(PoolRowRegs<DIM>& r, const float* __restrict__ pool, const long long* rows) {
     constexpr int D4 = PoolRowRegs<DIM>::D4;
 #pragma unroll
     for (int e = 0; e < PoolRowRegs<DIM>::N; e++) {
-        int i = threadIdx.x + 256 * e, jj = i / D4, c = i % D4;
+        int i = threadIdx.x + 256 * e, jj, c;
+        pool_float4_at<D4, COLS>(i, jj, c);
         float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
         long long row = i < TK * D4 ? rows[jj] : -1;
         if (row >= 0) v = reinterpret_cast<const float4*>(pool + row * DIM)[c];
@@ -2017,20 +2060,58 @@ __device__ __forceinline__ void store_pool_rows_split(const PoolRowRegs<DIM>& r,
         }
     }
 }
+// The same rows split and stored transposed, [DIM][pitch] (element (row jj, column d) at
+// d pitch + jj), from registers loaded with COLS: so that V's B fragments, rows of dims and
+// columns of keys, come by ldmatrix like K's.
+template <int DIM>
+__device__ __forceinline__ void store_pool_cols_split(const PoolRowRegs<DIM>& r, unsigned* hi, unsigned* lo, int pitch) {
+    constexpr int D4 = PoolRowRegs<DIM>::D4;
+#pragma unroll
+    for (int e = 0; e < PoolRowRegs<DIM>::N; e++) {
+        int i = threadIdx.x + 256 * e, jj, c;
+        pool_float4_at<D4, true>(i, jj, c);
+        if (i < TK * D4) {
+            const float v[4] = {r.v[e].x, r.v[e].y, r.v[e].z, r.v[e].w};
+#pragma unroll
+            for (int x = 0; x < 4; x++) {
+                unsigned h, l;
+                tf32_split(v[x], h, l);
+                hi[(4 * c + x) * pitch + jj] = h;
+                lo[(4 * c + x) * pitch + jj] = l;
+            }
+        }
+    }
+}
 template <int HD, int VD>
 __device__ __forceinline__ void attention_prefill_tc_body(
     const float* __restrict__ q, const float* __restrict__ kc, const float* __restrict__ vc, float* __restrict__ o,
     const int* __restrict__ pos, const int* __restrict__ seq, const int* __restrict__ tables, int max_blocks,
     int block_size, int heads, int kv_heads, int window, float scale, const float* __restrict__ sinks,
     unsigned short* __restrict__ oh, unsigned short* __restrict__ ol, const int* __restrict__ tiles) {
-    constexpr int QP = HD + 4, KP = HD + 4, VP = VD + 8, PP = TK + 4;
+    constexpr int QP = HD + 4, KP = HD + 4, PP = TK + 4;
+// Measurement builds only: -DPF_V_ROWS stages V in rows and reads its B fragments with LDS.32,
+// -DPF_LDS_FRAGS (with PF_V_ROWS) reads Q, K and P's fragments with LDS.32 too, as before the
+// ldmatrix loads (benches/results/2026-11-26-prefill-attention-ldmatrix.md).
+#if defined(PF_LDS_FRAGS) && !defined(PF_V_ROWS)
+#error "PF_LDS_FRAGS needs PF_V_ROWS"
+#endif
+#ifdef PF_V_ROWS
+    constexpr int VP = VD + 8, V_WORDS = TK * VP;  // V [TK][VD + 8]
+#else
+    constexpr int VP = TK + 4, V_WORDS = VD * VP;  // V transposed, [VD][TK + 4]
+#endif
+#ifdef PF_V_ROWS
+    constexpr bool V_COLS = false;
+#else
+    constexpr bool V_COLS = true;
+#endif
     extern __shared__ float4 sm4[];
     float* Qs = reinterpret_cast<float*>(sm4);
     unsigned* Kh = reinterpret_cast<unsigned*>(Qs + 2 * PT_Q * QP);
     unsigned* Kl = Kh + TK * KP;
     unsigned* Vh = Kl + TK * KP;
-    unsigned* Vl = Vh + TK * VP;
-    float* Ps = reinterpret_cast<float*>(Vl + TK * VP);
+    unsigned* Vl = Vh + V_WORDS;
+    float* Ps = reinterpret_cast<float*>(Vl + V_WORDS);
     __shared__ int s_lo[PT_Q], s_hi[PT_Q], s_range[2];
     const int tid = threadIdx.x, w = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
     const int h = 2 * blockIdx.y + (w >> 2), rw0 = 16 * (w & 3);
@@ -2061,10 +2142,19 @@ __device__ __forceinline__ void attention_prefill_tc_body(
     // Each lane's fragment addresses, fixed for the whole kernel: the loops below add only
     // compile-time offsets and kd (recomputing (8 n + g) KP + 8 kd + t per load cost ~25
     // integer instructions per kd, and the full layer's chunk 3-5%).
-    const float* qf = Qw + g * QP + t;            // Q rows g, g + 8; column 8 kd + t (+ 4)
-    const unsigned* kf = Kh + g * KP + t;         // K rows 8 n + g; column 8 kd + t (+ 4); Kl = Kh + TK KP
-    const float* pf = P + g * PP + t;             // P rows g, g + 8; column 8 kj + t (+ 4)
+    // Q, K and P fragments come by ldmatrix (ldsm_x4), from this lane's row of each: Q and P as
+    // A fragments (ldsm_a_row); K's lanes 0-7 give rows 8 n + i of Kh at column 8 kd, 8-15 the
+    // same at 8 kd + 4, 16-31 the same of Kl, so r = the B fragments' hi b0, b1, lo b0, b1.
+    const unsigned qa = ldsm_a_row(Qw, QP, lane);
+    const unsigned pa = ldsm_a_row(P, PP, lane);
+    const unsigned ka = (unsigned)__cvta_generic_to_shared((lane >= 16 ? Kh + TK * KP : Kh) + (lane & 7) * KP + 4 * ((lane >> 3) & 1));
+#ifdef PF_V_ROWS
     const unsigned* vf = Vh + t * VP + g;         // V rows 8 kj + t (+ 4); column 8 c + g; Vl = Vh + TK VP
+#else
+    // V's B fragments from its transposed rows as K's: rows 8 c + i (dims), columns 8 kj (+ 4)
+    // (keys), hi for lanes 0-15 and lo for 16-31.
+    const unsigned va = (unsigned)__cvta_generic_to_shared((lane >= 16 ? Vl : Vh) + (lane & 7) * VP + 4 * ((lane >> 3) & 1));
+#endif
     // Key block j0's K and V wait in registers until the block ahead is done with shared
     // memory; the next block's loads are issued before this one's MMAs (the full layer's chunk:
     // 126 -> 110 ms).
@@ -2075,18 +2165,22 @@ __device__ __forceinline__ void attention_prefill_tc_body(
         pool_row_offsets(s_rows, lo, min(TK, hi - lo + 1), table, block_size, kv_heads, kvh);
         __syncthreads();
         load_pool_rows_regs<HD>(kreg, kc, s_rows);
-        load_pool_rows_regs<VD>(vreg, vc, s_rows);
+        load_pool_rows_regs<VD, V_COLS>(vreg, vc, s_rows);
         __syncthreads();  // s_rows is read before the first block rewrites it
     }
     for (int j0 = lo; j0 <= hi; j0 += TK) {
         store_pool_rows_split<HD>(kreg, Kh, Kl, KP);
+#ifdef PF_V_ROWS
         store_pool_rows_split<VD>(vreg, Vh, Vl, VP);
+#else
+        store_pool_cols_split<VD>(vreg, Vh, Vl, VP);
+#endif
         // (s_rows' readers of the block ahead passed the barrier that ended it.)
         if (j0 + TK <= hi) pool_row_offsets(s_rows, j0 + TK, min(TK, hi - j0 - TK + 1), table, block_size, kv_heads, kvh);
         __syncthreads();
         if (j0 + TK <= hi) {
             load_pool_rows_regs<HD>(kreg, kc, s_rows);
-            load_pool_rows_regs<VD>(vreg, vc, s_rows);
+            load_pool_rows_regs<VD, V_COLS>(vreg, vc, s_rows);
         }
         if (active) {
             float s[TK / 8][4];
@@ -2097,13 +2191,22 @@ __device__ __forceinline__ void attention_prefill_tc_body(
 #pragma unroll 4
             for (int kd = 0; kd < HD / 8; kd++) {
                 unsigned ah[4], al[4];
-                split_a_at(qf + 8 * kd, QP, ah, al);
-                const unsigned* kk = kf + 8 * kd;
+#ifdef PF_LDS_FRAGS
+                split_a_at(Qw + g * QP + t + 8 * kd, QP, ah, al);
 #pragma unroll
                 for (int n = 0; n < TK / 8; n++) {
-                    const unsigned* kn = kk + 8 * n * KP;
+                    const unsigned* kn = Kh + g * KP + t + 8 * kd + 8 * n * KP;
                     mma_tf32x3(s[n], ah, al, kn[0], kn[4], kn[TK * KP], kn[TK * KP + 4]);
                 }
+#else
+                split_a_ldsm(qa + 32 * kd, ah, al);
+#pragma unroll
+                for (int n = 0; n < TK / 8; n++) {
+                    unsigned kb[4];
+                    ldsm_x4(ka + 4 * (8 * n * KP + 8 * kd), kb);
+                    mma_tf32x3(s[n], ah, al, kb[0], kb[1], kb[2], kb[3]);
+                }
+#endif
             }
             // Online softmax of rows a (g) and b (g + 8); a row's TK scores sit on the 4 lanes t.
             float mx_a = NEG_INF, mx_b = NEG_INF;
@@ -2141,13 +2244,26 @@ __device__ __forceinline__ void attention_prefill_tc_body(
 #pragma unroll
             for (int kj = 0; kj < TK / 8; kj++) {
                 unsigned ah[4], al[4];
-                split_a_at(pf + 8 * kj, PP, ah, al);
+#ifdef PF_LDS_FRAGS
+                split_a_at(P + g * PP + t + 8 * kj, PP, ah, al);
+#else
+                split_a_ldsm(pa + 32 * kj, ah, al);
+#endif
+#ifdef PF_V_ROWS
                 const unsigned* vk = vf + 8 * kj * VP;
 #pragma unroll
                 for (int c = 0; c < VD / 8; c++) {
                     const unsigned* vc8 = vk + 8 * c;
                     mma_tf32x3(acc[c], ah, al, vc8[0], vc8[4 * VP], vc8[TK * VP], vc8[TK * VP + 4 * VP]);
                 }
+#else
+#pragma unroll
+                for (int c = 0; c < VD / 8; c++) {
+                    unsigned vb[4];
+                    ldsm_x4(va + 4 * (8 * c * VP + 8 * kj), vb);
+                    mma_tf32x3(acc[c], ah, al, vb[0], vb[1], vb[2], vb[3]);
+                }
+#endif
             }
         }
         __syncthreads();  // K, V and P are refilled next
