@@ -2014,29 +2014,12 @@ __device__ __forceinline__ void pool_row_offsets(long long* rows, int j0, int nk
         rows[jj] = r;
     }
 }
-// Float4 i of the TK rows: row jj, float4 column c. Laid end to end (K), or (COLS, for V's
-// transposed staging) each warp's 32 float4s as 16 rows x 2 neighbouring columns, lane l taking
-// row l / 2 and column l % 2 of the pair: a lane pair reads one 32-byte sector, and the
-// transposed scalar stores of a warp fall in 32 different banks.
-template <int D4, bool COLS>
-__device__ __forceinline__ void pool_float4_at(int i, int& jj, int& c) {
-    if (COLS) {
-        static_assert(TK == 32 && D4 % 2 == 0, "two halves of 16 rows, column pairs");
-        const int l = i & 31, q = i >> 5;
-        jj = 16 * (q & 1) + (l >> 1);
-        c = 2 * (q >> 1) + (l & 1);
-    } else {
-        jj = i / D4;
-        c = i % D4;
-    }
-}
-template <int DIM, bool COLS = false>
+template <int DIM>
 __device__ __forceinline__ void load_pool_rows_regs(PoolRowRegs<DIM>& r, const float* __restrict__ pool, const long long* rows) {
     constexpr int D4 = PoolRowRegs<DIM>::D4;
 #pragma unroll
     for (int e = 0; e < PoolRowRegs<DIM>::N; e++) {
-        int i = threadIdx.x + 256 * e, jj, c;
-        pool_float4_at<D4, COLS>(i, jj, c);
+        int i = threadIdx.x + 256 * e, jj = i / D4, c = i % D4;
         float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
         long long row = i < TK * D4 ? rows[jj] : -1;
         if (row >= 0) v = reinterpret_cast<const float4*>(pool + row * DIM)[c];
@@ -2060,58 +2043,23 @@ __device__ __forceinline__ void store_pool_rows_split(const PoolRowRegs<DIM>& r,
         }
     }
 }
-// The same rows split and stored transposed, [DIM][pitch] (element (row jj, column d) at
-// d pitch + jj), from registers loaded with COLS: so that V's B fragments, rows of dims and
-// columns of keys, come by ldmatrix like K's.
-template <int DIM>
-__device__ __forceinline__ void store_pool_cols_split(const PoolRowRegs<DIM>& r, unsigned* hi, unsigned* lo, int pitch) {
-    constexpr int D4 = PoolRowRegs<DIM>::D4;
-#pragma unroll
-    for (int e = 0; e < PoolRowRegs<DIM>::N; e++) {
-        int i = threadIdx.x + 256 * e, jj, c;
-        pool_float4_at<D4, true>(i, jj, c);
-        if (i < TK * D4) {
-            const float v[4] = {r.v[e].x, r.v[e].y, r.v[e].z, r.v[e].w};
-#pragma unroll
-            for (int x = 0; x < 4; x++) {
-                unsigned h, l;
-                tf32_split(v[x], h, l);
-                hi[(4 * c + x) * pitch + jj] = h;
-                lo[(4 * c + x) * pitch + jj] = l;
-            }
-        }
-    }
-}
 template <int HD, int VD>
 __device__ __forceinline__ void attention_prefill_tc_body(
     const float* __restrict__ q, const float* __restrict__ kc, const float* __restrict__ vc, float* __restrict__ o,
     const int* __restrict__ pos, const int* __restrict__ seq, const int* __restrict__ tables, int max_blocks,
     int block_size, int heads, int kv_heads, int window, float scale, const float* __restrict__ sinks,
     unsigned short* __restrict__ oh, unsigned short* __restrict__ ol, const int* __restrict__ tiles) {
-    constexpr int QP = HD + 4, KP = HD + 4, PP = TK + 4;
-// Measurement builds only: -DPF_V_ROWS stages V in rows and reads its B fragments with LDS.32,
-// -DPF_LDS_FRAGS (with PF_V_ROWS) reads Q, K and P's fragments with LDS.32 too, as before the
-// ldmatrix loads (benches/results/2026-11-26-prefill-attention-ldmatrix.md).
-#if defined(PF_LDS_FRAGS) && !defined(PF_V_ROWS)
-#error "PF_LDS_FRAGS needs PF_V_ROWS"
-#endif
-#ifdef PF_V_ROWS
-    constexpr int VP = VD + 8, V_WORDS = TK * VP;  // V [TK][VD + 8]
-#else
-    constexpr int VP = TK + 4, V_WORDS = VD * VP;  // V transposed, [VD][TK + 4]
-#endif
-#ifdef PF_V_ROWS
-    constexpr bool V_COLS = false;
-#else
-    constexpr bool V_COLS = true;
-#endif
+    // Measurement builds only: -DPF_V_LDS32 reads V's B fragments with LDS.32 in V's own column
+    // order, -DPF_LDS_FRAGS Q, K and P's with LDS.32, as before
+    // (benches/results/2026-11-26-prefill-attention-ldmatrix.md).
+    constexpr int QP = HD + 4, KP = HD + 4, VP = VD + 8, PP = TK + 4;
     extern __shared__ float4 sm4[];
     float* Qs = reinterpret_cast<float*>(sm4);
     unsigned* Kh = reinterpret_cast<unsigned*>(Qs + 2 * PT_Q * QP);
     unsigned* Kl = Kh + TK * KP;
     unsigned* Vh = Kl + TK * KP;
-    unsigned* Vl = Vh + V_WORDS;
-    float* Ps = reinterpret_cast<float*>(Vl + V_WORDS);
+    unsigned* Vl = Vh + TK * VP;
+    float* Ps = reinterpret_cast<float*>(Vl + TK * VP);
     __shared__ int s_lo[PT_Q], s_hi[PT_Q], s_range[2];
     const int tid = threadIdx.x, w = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
     const int h = 2 * blockIdx.y + (w >> 2), rw0 = 16 * (w & 3);
@@ -2148,12 +2096,15 @@ __device__ __forceinline__ void attention_prefill_tc_body(
     const unsigned qa = ldsm_a_row(Qw, QP, lane);
     const unsigned pa = ldsm_a_row(P, PP, lane);
     const unsigned ka = (unsigned)__cvta_generic_to_shared((lane >= 16 ? Kh + TK * KP : Kh) + (lane & 7) * KP + 4 * ((lane >> 3) & 1));
-#ifdef PF_V_ROWS
+#ifdef PF_V_LDS32
     const unsigned* vf = Vh + t * VP + g;         // V rows 8 kj + t (+ 4); column 8 c + g; Vl = Vh + TK VP
 #else
-    // V's B fragments from its transposed rows as K's: rows 8 c + i (dims), columns 8 kj (+ 4)
-    // (keys), hi for lanes 0-15 and lo for 16-31.
-    const unsigned va = (unsigned)__cvta_generic_to_shared((lane >= 16 ? Vl : Vh) + (lane & 7) * VP + 4 * ((lane >> 3) & 1));
+    // V's B fragments four MMAs at a time: the MMAs' output columns are a permutation of V's,
+    // column n of MMA c being V's column 32 (c / 4) + 4 n + c % 4 (vcol), so the 4 values lane
+    // (g, t) feeds MMAs 4 q .. 4 q + 3 are V's columns 32 q + 4 g .. + 3, one 16-byte load (VP = 8
+    // mod 32: a quarter warp's 8 loads cover the 32 banks), where each was one LDS.32.
+    const unsigned* vf = Vh + t * VP + 4 * g;     // V rows 8 kj + t (+ 4); columns 32 q + 4 g .. + 3
+    static_assert(VP % 32 == 8 && VD % 32 == 0, "conflict-free 16-byte V loads, whole groups of 4 MMAs");
 #endif
     // Key block j0's K and V wait in registers until the block ahead is done with shared
     // memory; the next block's loads are issued before this one's MMAs (the full layer's chunk:
@@ -2165,22 +2116,18 @@ __device__ __forceinline__ void attention_prefill_tc_body(
         pool_row_offsets(s_rows, lo, min(TK, hi - lo + 1), table, block_size, kv_heads, kvh);
         __syncthreads();
         load_pool_rows_regs<HD>(kreg, kc, s_rows);
-        load_pool_rows_regs<VD, V_COLS>(vreg, vc, s_rows);
+        load_pool_rows_regs<VD>(vreg, vc, s_rows);
         __syncthreads();  // s_rows is read before the first block rewrites it
     }
     for (int j0 = lo; j0 <= hi; j0 += TK) {
         store_pool_rows_split<HD>(kreg, Kh, Kl, KP);
-#ifdef PF_V_ROWS
         store_pool_rows_split<VD>(vreg, Vh, Vl, VP);
-#else
-        store_pool_cols_split<VD>(vreg, Vh, Vl, VP);
-#endif
         // (s_rows' readers of the block ahead passed the barrier that ended it.)
         if (j0 + TK <= hi) pool_row_offsets(s_rows, j0 + TK, min(TK, hi - j0 - TK + 1), table, block_size, kv_heads, kvh);
         __syncthreads();
         if (j0 + TK <= hi) {
             load_pool_rows_regs<HD>(kreg, kc, s_rows);
-            load_pool_rows_regs<VD, V_COLS>(vreg, vc, s_rows);
+            load_pool_rows_regs<VD>(vreg, vc, s_rows);
         }
         if (active) {
             float s[TK / 8][4];
@@ -2249,7 +2196,7 @@ __device__ __forceinline__ void attention_prefill_tc_body(
 #else
                 split_a_ldsm(pa + 32 * kj, ah, al);
 #endif
-#ifdef PF_V_ROWS
+#ifdef PF_V_LDS32
                 const unsigned* vk = vf + 8 * kj * VP;
 #pragma unroll
                 for (int c = 0; c < VD / 8; c++) {
@@ -2257,11 +2204,15 @@ __device__ __forceinline__ void attention_prefill_tc_body(
                     mma_tf32x3(acc[c], ah, al, vc8[0], vc8[4 * VP], vc8[TK * VP], vc8[TK * VP + 4 * VP]);
                 }
 #else
+                const unsigned* vk = vf + 8 * kj * VP;
 #pragma unroll
-                for (int c = 0; c < VD / 8; c++) {
-                    unsigned vb[4];
-                    ldsm_x4(va + 4 * (8 * c * VP + 8 * kj), vb);
-                    mma_tf32x3(acc[c], ah, al, vb[0], vb[1], vb[2], vb[3]);
+                for (int q4 = 0; q4 < VD / 32; q4++) {
+                    const uint4 b0h = *reinterpret_cast<const uint4*>(vk + 32 * q4), b1h = *reinterpret_cast<const uint4*>(vk + 4 * VP + 32 * q4);
+                    const uint4 b0l = *reinterpret_cast<const uint4*>(vk + TK * VP + 32 * q4), b1l = *reinterpret_cast<const uint4*>(vk + TK * VP + 4 * VP + 32 * q4);
+                    mma_tf32x3(acc[4 * q4], ah, al, b0h.x, b1h.x, b0l.x, b1l.x);
+                    mma_tf32x3(acc[4 * q4 + 1], ah, al, b0h.y, b1h.y, b0l.y, b1l.y);
+                    mma_tf32x3(acc[4 * q4 + 2], ah, al, b0h.z, b1h.z, b0l.z, b1l.z);
+                    mma_tf32x3(acc[4 * q4 + 3], ah, al, b0h.w, b1h.w, b0l.w, b1l.w);
                 }
 #endif
             }
@@ -2281,7 +2232,11 @@ __device__ __forceinline__ void attention_prefill_tc_body(
         for (int c = 0; c < VD / 8; c++) {
 #pragma unroll
             for (int e = 0; e < 2; e++) {
+#ifdef PF_V_LDS32
                 const int col = 8 * c + 2 * t + e;
+#else
+                const int col = 32 * (c / 4) + 4 * (2 * t + e) + c % 4;  // (vf's permutation)
+#endif
                 float v = acc[c][2 * half + e] * f / L;
                 o[ob + col] = v;
                 if (oh) split_bf16_value(v, oh[ob + col], ol[ob + col]);

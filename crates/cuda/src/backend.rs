@@ -1769,10 +1769,9 @@ impl PrefillAttention {
 
 /// The tensor-core prefill attention kernel's dynamic shared memory (TK = 32 keys per block,
 /// two heads' 64 query rows): Q [2][64][hd + 4], K hi and lo [32][hd + 4], V hi and lo
-/// transposed [vd][36], P [8][16][36] words. (V's rows [32][vd + 8], which the measurement
-/// define `PF_V_ROWS` stages, fit in the same bytes for every vd >= 64.)
+/// [32][vd + 8], P [8][16][36] words.
 pub(crate) fn prefill_attention_tc_smem(hd: usize, vd: usize) -> usize {
-    4 * (2 * PREFILL_TILE * (hd + 4) + 2 * 32 * (hd + 4) + 2 * vd * 36 + 8 * 16 * 36)
+    4 * (2 * PREFILL_TILE * (hd + 4) + 2 * 32 * (hd + 4) + 2 * 32 * (vd + 8) + 8 * 16 * 36)
 }
 
 /// `attention_prefill`'s dynamic shared memory for K head dim `hd` and V head dim `vd`: Q and K
