@@ -2049,9 +2049,6 @@ __device__ __forceinline__ void attention_prefill_tc_body(
     const int* __restrict__ pos, const int* __restrict__ seq, const int* __restrict__ tables, int max_blocks,
     int block_size, int heads, int kv_heads, int window, float scale, const float* __restrict__ sinks,
     unsigned short* __restrict__ oh, unsigned short* __restrict__ ol, const int* __restrict__ tiles) {
-    // Measurement builds only: -DPF_V_LDS32 reads V's B fragments with LDS.32 in V's own column
-    // order, -DPF_LDS_FRAGS Q, K and P's with LDS.32, as before
-    // (benches/results/2026-11-26-prefill-attention-ldmatrix.md).
     constexpr int QP = HD + 4, KP = HD + 4, VP = VD + 8, PP = TK + 4;
     extern __shared__ float4 sm4[];
     float* Qs = reinterpret_cast<float*>(sm4);
@@ -2096,16 +2093,10 @@ __device__ __forceinline__ void attention_prefill_tc_body(
     const unsigned qa = ldsm_a_row(Qw, QP, lane);
     const unsigned pa = ldsm_a_row(P, PP, lane);
     const unsigned ka = (unsigned)__cvta_generic_to_shared((lane >= 16 ? Kh + TK * KP : Kh) + (lane & 7) * KP + 4 * ((lane >> 3) & 1));
-#ifdef PF_V_LDS32
+    // V's B fragments stay LDS.32: staging V transposed for ldmatrix (scalar stores) and 16-byte
+    // loads of four MMAs' fragments (through a permutation of the output columns) were both
+    // slower (benches/results/2026-11-26-prefill-attention-ldmatrix.md).
     const unsigned* vf = Vh + t * VP + g;         // V rows 8 kj + t (+ 4); column 8 c + g; Vl = Vh + TK VP
-#else
-    // V's B fragments four MMAs at a time: the MMAs' output columns are a permutation of V's,
-    // column n of MMA c being V's column 32 (c / 4) + 4 n + c % 4 (vcol), so the 4 values lane
-    // (g, t) feeds MMAs 4 q .. 4 q + 3 are V's columns 32 q + 4 g .. + 3, one 16-byte load (VP = 8
-    // mod 32: a quarter warp's 8 loads cover the 32 banks), where each was one LDS.32.
-    const unsigned* vf = Vh + t * VP + 4 * g;     // V rows 8 kj + t (+ 4); columns 32 q + 4 g .. + 3
-    static_assert(VP % 32 == 8 && VD % 32 == 0, "conflict-free 16-byte V loads, whole groups of 4 MMAs");
-#endif
     // Key block j0's K and V wait in registers until the block ahead is done with shared
     // memory; the next block's loads are issued before this one's MMAs (the full layer's chunk:
     // 126 -> 110 ms).
@@ -2138,14 +2129,6 @@ __device__ __forceinline__ void attention_prefill_tc_body(
 #pragma unroll 4
             for (int kd = 0; kd < HD / 8; kd++) {
                 unsigned ah[4], al[4];
-#ifdef PF_LDS_FRAGS
-                split_a_at(Qw + g * QP + t + 8 * kd, QP, ah, al);
-#pragma unroll
-                for (int n = 0; n < TK / 8; n++) {
-                    const unsigned* kn = Kh + g * KP + t + 8 * kd + 8 * n * KP;
-                    mma_tf32x3(s[n], ah, al, kn[0], kn[4], kn[TK * KP], kn[TK * KP + 4]);
-                }
-#else
                 split_a_ldsm(qa + 32 * kd, ah, al);
 #pragma unroll
                 for (int n = 0; n < TK / 8; n++) {
@@ -2153,7 +2136,6 @@ __device__ __forceinline__ void attention_prefill_tc_body(
                     ldsm_x4(ka + 4 * (8 * n * KP + 8 * kd), kb);
                     mma_tf32x3(s[n], ah, al, kb[0], kb[1], kb[2], kb[3]);
                 }
-#endif
             }
             // Online softmax of rows a (g) and b (g + 8); a row's TK scores sit on the 4 lanes t.
             float mx_a = NEG_INF, mx_b = NEG_INF;
@@ -2191,30 +2173,13 @@ __device__ __forceinline__ void attention_prefill_tc_body(
 #pragma unroll
             for (int kj = 0; kj < TK / 8; kj++) {
                 unsigned ah[4], al[4];
-#ifdef PF_LDS_FRAGS
-                split_a_at(P + g * PP + t + 8 * kj, PP, ah, al);
-#else
                 split_a_ldsm(pa + 32 * kj, ah, al);
-#endif
-#ifdef PF_V_LDS32
                 const unsigned* vk = vf + 8 * kj * VP;
 #pragma unroll
                 for (int c = 0; c < VD / 8; c++) {
                     const unsigned* vc8 = vk + 8 * c;
                     mma_tf32x3(acc[c], ah, al, vc8[0], vc8[4 * VP], vc8[TK * VP], vc8[TK * VP + 4 * VP]);
                 }
-#else
-                const unsigned* vk = vf + 8 * kj * VP;
-#pragma unroll
-                for (int q4 = 0; q4 < VD / 32; q4++) {
-                    const uint4 b0h = *reinterpret_cast<const uint4*>(vk + 32 * q4), b1h = *reinterpret_cast<const uint4*>(vk + 4 * VP + 32 * q4);
-                    const uint4 b0l = *reinterpret_cast<const uint4*>(vk + TK * VP + 32 * q4), b1l = *reinterpret_cast<const uint4*>(vk + TK * VP + 4 * VP + 32 * q4);
-                    mma_tf32x3(acc[4 * q4], ah, al, b0h.x, b1h.x, b0l.x, b1l.x);
-                    mma_tf32x3(acc[4 * q4 + 1], ah, al, b0h.y, b1h.y, b0l.y, b1l.y);
-                    mma_tf32x3(acc[4 * q4 + 2], ah, al, b0h.z, b1h.z, b0l.z, b1l.z);
-                    mma_tf32x3(acc[4 * q4 + 3], ah, al, b0h.w, b1h.w, b0l.w, b1l.w);
-                }
-#endif
             }
         }
         __syncthreads();  // K, V and P are refilled next
@@ -2232,11 +2197,7 @@ __device__ __forceinline__ void attention_prefill_tc_body(
         for (int c = 0; c < VD / 8; c++) {
 #pragma unroll
             for (int e = 0; e < 2; e++) {
-#ifdef PF_V_LDS32
                 const int col = 8 * c + 2 * t + e;
-#else
-                const int col = 32 * (c / 4) + 4 * (2 * t + e) + c % 4;  // (vf's permutation)
-#endif
                 float v = acc[c][2 * half + e] * f / L;
                 o[ob + col] = v;
                 if (oh) split_bf16_value(v, oh[ob + col], ol[ob + col]);
