@@ -2043,27 +2043,6 @@ __device__ __forceinline__ void store_pool_rows_split(const PoolRowRegs<DIM>& r,
         }
     }
 }
-#ifdef PF_V_HL
-// Measurement builds only (-DPF_V_HL): the rows split and stored with each element's hi beside
-// its lo, [TK][pitch] words, element d at 2 d and 2 d + 1.
-template <int DIM>
-__device__ __forceinline__ void store_pool_rows_hl(const PoolRowRegs<DIM>& r, unsigned* hl, int pitch) {
-    constexpr int D4 = PoolRowRegs<DIM>::D4;
-#pragma unroll
-    for (int e = 0; e < PoolRowRegs<DIM>::N; e++) {
-        int i = threadIdx.x + 256 * e, jj = i / D4, c = i % D4;
-        if (i < TK * D4) {
-            uint4 a, b;
-            tf32_split(r.v[e].x, a.x, a.y);
-            tf32_split(r.v[e].y, a.z, a.w);
-            tf32_split(r.v[e].z, b.x, b.y);
-            tf32_split(r.v[e].w, b.z, b.w);
-            *reinterpret_cast<uint4*>(hl + jj * pitch + 8 * c) = a;
-            *reinterpret_cast<uint4*>(hl + jj * pitch + 8 * c + 4) = b;
-        }
-    }
-}
-#endif
 template <int HD, int VD>
 __device__ __forceinline__ void attention_prefill_tc_body(
     const float* __restrict__ q, const float* __restrict__ kc, const float* __restrict__ vc, float* __restrict__ o,
@@ -2076,13 +2055,8 @@ __device__ __forceinline__ void attention_prefill_tc_body(
     unsigned* Kh = reinterpret_cast<unsigned*>(Qs + 2 * PT_Q * QP);
     unsigned* Kl = Kh + TK * KP;
     unsigned* Vh = Kl + TK * KP;
-#ifdef PF_V_HL
-    constexpr int VP2 = 2 * VD + 8;  // V hi, lo interleaved [TK][2 VD + 8] (= 8 mod 32: LDS.64 without conflicts)
-    float* Ps = reinterpret_cast<float*>(Vh + TK * VP2);
-#else
     unsigned* Vl = Vh + TK * VP;
     float* Ps = reinterpret_cast<float*>(Vl + TK * VP);
-#endif
     __shared__ int s_lo[PT_Q], s_hi[PT_Q], s_range[2];
     const int tid = threadIdx.x, w = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
     const int h = 2 * blockIdx.y + (w >> 2), rw0 = 16 * (w & 3);
@@ -2122,9 +2096,7 @@ __device__ __forceinline__ void attention_prefill_tc_body(
     // V's B fragments stay LDS.32: staging V transposed for ldmatrix (scalar stores) and 16-byte
     // loads of four MMAs' fragments (through a permutation of the output columns) were both
     // slower (benches/results/2026-11-26-prefill-attention-ldmatrix.md).
-#ifndef PF_V_HL
     const unsigned* vf = Vh + t * VP + g;         // V rows 8 kj + t (+ 4); column 8 c + g; Vl = Vh + TK VP
-#endif
     // Key block j0's K and V wait in registers until the block ahead is done with shared
     // memory; the next block's loads are issued before this one's MMAs (the full layer's chunk:
     // 126 -> 110 ms).
@@ -2140,11 +2112,7 @@ __device__ __forceinline__ void attention_prefill_tc_body(
     }
     for (int j0 = lo; j0 <= hi; j0 += TK) {
         store_pool_rows_split<HD>(kreg, Kh, Kl, KP);
-#ifdef PF_V_HL
-        store_pool_rows_hl<VD>(vreg, Vh, VP2);
-#else
         store_pool_rows_split<VD>(vreg, Vh, Vl, VP);
-#endif
         // (s_rows' readers of the block ahead passed the barrier that ended it.)
         if (j0 + TK <= hi) pool_row_offsets(s_rows, j0 + TK, min(TK, hi - j0 - TK + 1), table, block_size, kv_heads, kvh);
         __syncthreads();
@@ -2206,21 +2174,12 @@ __device__ __forceinline__ void attention_prefill_tc_body(
             for (int kj = 0; kj < TK / 8; kj++) {
                 unsigned ah[4], al[4];
                 split_a_ldsm(pa + 32 * kj, ah, al);
-#ifdef PF_V_HL
-                const unsigned* vk = Vh + (8 * kj + t) * VP2 + 2 * g;
-#pragma unroll
-                for (int c = 0; c < VD / 8; c++) {
-                    const uint2 b0 = *reinterpret_cast<const uint2*>(vk + 16 * c), b1 = *reinterpret_cast<const uint2*>(vk + 4 * VP2 + 16 * c);
-                    mma_tf32x3(acc[c], ah, al, b0.x, b1.x, b0.y, b1.y);
-                }
-#else
                 const unsigned* vk = vf + 8 * kj * VP;
 #pragma unroll
                 for (int c = 0; c < VD / 8; c++) {
                     const unsigned* vc8 = vk + 8 * c;
                     mma_tf32x3(acc[c], ah, al, vc8[0], vc8[4 * VP], vc8[TK * VP], vc8[TK * VP + 4 * VP]);
                 }
-#endif
             }
         }
         __syncthreads();  // K, V and P are refilled next
