@@ -2126,7 +2126,10 @@ __device__ __forceinline__ void attention_prefill_tc_body(
             for (int n = 0; n < TK / 8; n++)
 #pragma unroll
                 for (int i = 0; i < 4; i++) s[n][i] = 0.f;
-#pragma unroll 4
+#ifndef PF_KD_UNROLL
+#define PF_KD_UNROLL 4
+#endif
+#pragma unroll PF_KD_UNROLL
             for (int kd = 0; kd < HD / 8; kd++) {
                 unsigned ah[4], al[4];
                 split_a_ldsm(qa + 32 * kd, ah, al);
