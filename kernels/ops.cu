@@ -2126,14 +2126,9 @@ __device__ __forceinline__ void attention_prefill_tc_body(
             for (int n = 0; n < TK / 8; n++)
 #pragma unroll
                 for (int i = 0; i < 4; i++) s[n][i] = 0.f;
-            // Unrolled over all of HD: ptxas then schedules the K loads and the TF32 splits of
-            // later steps among earlier MMAs (-1.3 to -3% against 4 steps at a time;
-            // -DPF_KD_UNROLL=n for measurements).
-#ifdef PF_KD_UNROLL
-#pragma unroll PF_KD_UNROLL
-#else
-#pragma unroll
-#endif
+            // (Unrolled over all of HD instead of 4 steps: the same bits and time, 12% more code;
+            // benches/results/2026-11-26-prefill-attention-ldmatrix.md.)
+#pragma unroll 4
             for (int kd = 0; kd < HD / 8; kd++) {
                 unsigned ah[4], al[4];
                 split_a_ldsm(qa + 32 * kd, ah, al);
