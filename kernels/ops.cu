@@ -2049,7 +2049,15 @@ __device__ __forceinline__ void attention_prefill_tc_body(
     const int* __restrict__ pos, const int* __restrict__ seq, const int* __restrict__ tables, int max_blocks,
     int block_size, int heads, int kv_heads, int window, float scale, const float* __restrict__ sinks,
     unsigned short* __restrict__ oh, unsigned short* __restrict__ ol, const int* __restrict__ tiles) {
+#ifdef PF_P_REGS
+    // Measurement builds only (-DPF_P_REGS): P stays in registers. The S accumulator holds, in
+    // lane (g, t), keys 2 t and 2 t + 1 of rows g and g + 8 of each 8-key group: the A fragment of
+    // the P V MMA whose k index t means key 2 t and t + 4 key 2 t + 1, V's B fragments read with
+    // that order (rows 2 t, 2 t + 1; VP = 4 mod 32 keeps them conflict-free).
+    constexpr int QP = HD + 4, KP = HD + 4, VP = VD + 4, PP = TK + 4;
+#else
     constexpr int QP = HD + 4, KP = HD + 4, VP = VD + 8, PP = TK + 4;
+#endif
     extern __shared__ float4 sm4[];
     float* Qs = reinterpret_cast<float*>(sm4);
     unsigned* Kh = reinterpret_cast<unsigned*>(Qs + 2 * PT_Q * QP);
@@ -2090,13 +2098,17 @@ __device__ __forceinline__ void attention_prefill_tc_body(
     // Q, K and P fragments come by ldmatrix (ldsm_x4), from this lane's row of each: Q and P as
     // A fragments (ldsm_a_row); K's lanes 0-7 give rows 8 n + i of Kh at column 8 kd, 8-15 the
     // same at 8 kd + 4, 16-31 the same of Kl, so r = the B fragments' hi b0, b1, lo b0, b1.
-    const unsigned qa = ldsm_a_row(Qw, QP, lane);
-    const unsigned pa = ldsm_a_row(P, PP, lane);
-    const unsigned ka = (unsigned)__cvta_generic_to_shared((lane >= 16 ? Kh + TK * KP : Kh) + (lane & 7) * KP + 4 * ((lane >> 3) & 1));
+    const unsigned q_row = ldsm_a_row(Qw, QP, lane);
+    const unsigned p_row = ldsm_a_row(P, PP, lane);
+    const unsigned k_row = (unsigned)__cvta_generic_to_shared((lane >= 16 ? Kh + TK * KP : Kh) + (lane & 7) * KP + 4 * ((lane >> 3) & 1));
     // V's B fragments stay LDS.32: staging V transposed for ldmatrix (scalar stores) and 16-byte
     // loads of four MMAs' fragments (through a permutation of the output columns) were both
     // slower (benches/results/2026-11-26-prefill-attention-ldmatrix.md).
+#ifdef PF_P_REGS
+    const unsigned* vf = Vh + 2 * t * VP + g;     // V rows 8 kj + 2 t (+ 1); column 8 c + g; Vl = Vh + TK VP
+#else
     const unsigned* vf = Vh + t * VP + g;         // V rows 8 kj + t (+ 4); column 8 c + g; Vl = Vh + TK VP
+#endif
     // Key block j0's K and V wait in registers until the block ahead is done with shared
     // memory; the next block's loads are issued before this one's MMAs (the full layer's chunk:
     // 126 -> 110 ms).
@@ -2131,11 +2143,11 @@ __device__ __forceinline__ void attention_prefill_tc_body(
 #pragma unroll 4
             for (int kd = 0; kd < HD / 8; kd++) {
                 unsigned ah[4], al[4];
-                split_a_ldsm(qa + 32 * kd, ah, al);
+                split_a_ldsm(q_row + 32 * kd, ah, al);
 #pragma unroll
                 for (int n = 0; n < TK / 8; n++) {
                     unsigned kb[4];
-                    ldsm_x4(ka + 4 * (8 * n * KP + 8 * kd), kb);
+                    ldsm_x4(k_row + 4 * (8 * n * KP + 8 * kd), kb);
                     mma_tf32x3(s[n], ah, al, kb[0], kb[1], kb[2], kb[3]);
                 }
             }
@@ -2163,19 +2175,43 @@ __device__ __forceinline__ void attention_prefill_tc_body(
                 pb.y = s[n][3] == NEG_INF ? 0.f : __expf(s[n][3] - mn_b);
                 sum_a += pa.x + pa.y;
                 sum_b += pb.x + pb.y;
+#ifdef PF_P_REGS
+                s[n][0] = pa.x;
+                s[n][1] = pa.y;
+                s[n][2] = pb.x;
+                s[n][3] = pb.y;
+#else
                 *reinterpret_cast<float2*>(P + g * PP + 8 * n + 2 * t) = pa;
                 *reinterpret_cast<float2*>(P + (g + 8) * PP + 8 * n + 2 * t) = pb;
+#endif
             }
             softmax_pair_sum(sum_a, sum_b, mn_a, mn_b, corr_a, corr_b, m_a, m_b, l_a, l_b);
             // A row whose maximum held has correction 1, and x * 1 is x: past the first key
             // blocks most warps skip the 64 multiplies (attention_gqa_tc does the same).
             if (__any_sync(0xffffffffu, corr_a != 1.f || corr_b != 1.f)) softmax_pair_rescale(acc, corr_a, corr_b);
+#ifdef PF_P_REGS
+            // acc += P V over the block's keys, 8 at a time.
+#pragma unroll
+            for (int kj = 0; kj < TK / 8; kj++) {
+                unsigned ah[4], al[4];
+                tf32_split(s[kj][0], ah[0], al[0]);
+                tf32_split(s[kj][2], ah[1], al[1]);
+                tf32_split(s[kj][1], ah[2], al[2]);
+                tf32_split(s[kj][3], ah[3], al[3]);
+                const unsigned* vk = vf + 8 * kj * VP;
+#pragma unroll
+                for (int c = 0; c < VD / 8; c++) {
+                    const unsigned* vc8 = vk + 8 * c;
+                    mma_tf32x3(acc[c], ah, al, vc8[0], vc8[VP], vc8[TK * VP], vc8[TK * VP + VP]);
+                }
+            }
+#else
             __syncwarp();  // the warp's P rows are written
             // acc += P V over the block's keys, 8 at a time.
 #pragma unroll
             for (int kj = 0; kj < TK / 8; kj++) {
                 unsigned ah[4], al[4];
-                split_a_ldsm(pa + 32 * kj, ah, al);
+                split_a_ldsm(p_row + 32 * kj, ah, al);
                 const unsigned* vk = vf + 8 * kj * VP;
 #pragma unroll
                 for (int c = 0; c < VD / 8; c++) {
@@ -2183,6 +2219,7 @@ __device__ __forceinline__ void attention_prefill_tc_body(
                     mma_tf32x3(acc[c], ah, al, vc8[0], vc8[4 * VP], vc8[TK * VP], vc8[TK * VP + 4 * VP]);
                 }
             }
+#endif
         }
         __syncthreads();  // K, V and P are refilled next
     }
