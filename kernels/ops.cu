@@ -1914,11 +1914,11 @@ __device__ __forceinline__ void softmax_pair_sum(float sum_a, float sum_b, float
 // ~2^-22 of it), about what f32 arithmetic gives, without any range scaling (TF32 has f32's
 // exponent). The f32 kernel waited on shared memory with 8 warps per SM; here each staged key
 // block also serves two heads. Each key block's K and V are staged split (hi and lo); Q is staged
-// raw once and split per use; P goes through each warp's own shared rows (the S accumulator
-// layout is not the A operand layout). Same masks, online softmax per row, sinks and outputs as
-// attention_prefill. Heads per KV head even; HD, VD compile-time multiples of 8, VD <= 128.
-// Dynamic shared memory (4-byte words): Q [2][64][HD + 4], K hi, lo [TK][HD + 4], V hi, lo
-// [TK][VD + 8], P [8][16][TK + 4] (pitches that make every fragment read conflict-free).
+// raw once and split per use; P stays in the registers of S (with the keys of each 8-key group
+// in the order that makes S's accumulator layout P's A fragment). Same masks, online softmax per
+// row, sinks and outputs as attention_prefill. Heads per KV head even; HD, VD compile-time
+// multiples of 8, VD <= 128. Dynamic shared memory (4-byte words): Q [2][64][HD + 4], K hi, lo
+// [TK][HD + 4], V hi, lo [TK][VD + 4] (pitches that make every fragment read conflict-free).
 #define TK 32  // keys per staged block
 // x rounded to TF32, to nearest with ties away from zero: cvt.rna.tf32.f32's bits for every
 // finite or infinite x (the carry of the half unit may move the exponent up, as rounding
@@ -1966,7 +1966,8 @@ __device__ __forceinline__ void load_a_split(const float* base, int pitch, int r
 // row i % 8 of matrix i / 8 (16-byte aligned), and lane (g, t) gets word t of row g of matrix m
 // in r[m]. The b16 matrices of ldmatrix are 8 x 4 words, so a TF32 m16n8k8 fragment (rows g,
 // g + 8 and columns t, t + 4 of a tile) is one load where it was four LDS.32: the prefill
-// attention was bound by its shared-memory instruction queue (mio_throttle its largest stall).
+// attention was bound by its shared-memory instruction queue (mio_throttle its largest stall
+// after the fixed-latency waits).
 __device__ __forceinline__ void ldsm_x4(unsigned addr, unsigned r[4]) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -2049,22 +2050,19 @@ __device__ __forceinline__ void attention_prefill_tc_body(
     const int* __restrict__ pos, const int* __restrict__ seq, const int* __restrict__ tables, int max_blocks,
     int block_size, int heads, int kv_heads, int window, float scale, const float* __restrict__ sinks,
     unsigned short* __restrict__ oh, unsigned short* __restrict__ ol, const int* __restrict__ tiles) {
-#ifdef PF_P_REGS
-    // Measurement builds only (-DPF_P_REGS): P stays in registers. The S accumulator holds, in
-    // lane (g, t), keys 2 t and 2 t + 1 of rows g and g + 8 of each 8-key group: the A fragment of
-    // the P V MMA whose k index t means key 2 t and t + 4 key 2 t + 1, V's B fragments read with
-    // that order (rows 2 t, 2 t + 1; VP = 4 mod 32 keeps them conflict-free).
-    constexpr int QP = HD + 4, KP = HD + 4, VP = VD + 4, PP = TK + 4;
-#else
-    constexpr int QP = HD + 4, KP = HD + 4, VP = VD + 8, PP = TK + 4;
-#endif
+    // P stays in registers: the S accumulator holds, in lane (g, t), keys 2 t and 2 t + 1 of rows
+    // g and g + 8 of each 8-key group, which is the A fragment of a P V MMA whose k index t means
+    // key 2 t and t + 4 key 2 t + 1; V's B fragments are read in that order (rows 2 t, 2 t + 1;
+    // VP = 4 mod 32 keeps those loads conflict-free). The same bits as P through shared memory
+    // in key order (stop 46's fingerprints), without its stores, barrier and loads.
+    constexpr int QP = HD + 4, KP = HD + 4, VP = VD + 4;
+    static_assert(VP % 32 == 4, "conflict-free V fragment loads");
     extern __shared__ float4 sm4[];
     float* Qs = reinterpret_cast<float*>(sm4);
     unsigned* Kh = reinterpret_cast<unsigned*>(Qs + 2 * PT_Q * QP);
     unsigned* Kl = Kh + TK * KP;
     unsigned* Vh = Kl + TK * KP;
     unsigned* Vl = Vh + TK * VP;
-    float* Ps = reinterpret_cast<float*>(Vl + TK * VP);
     __shared__ int s_lo[PT_Q], s_hi[PT_Q], s_range[2];
     const int tid = threadIdx.x, w = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
     const int h = 2 * blockIdx.y + (w >> 2), rw0 = 16 * (w & 3);
@@ -2091,24 +2089,18 @@ __device__ __forceinline__ void attention_prefill_tc_body(
     for (int c = 0; c < VD / 8; c++)
 #pragma unroll
         for (int i = 0; i < 4; i++) acc[c][i] = 0.f;
-    float* P = Ps + w * 16 * PP;
     // Each lane's fragment addresses, fixed for the whole kernel: the loops below add only
     // compile-time offsets and kd (recomputing (8 n + g) KP + 8 kd + t per load cost ~25
     // integer instructions per kd, and the full layer's chunk 3-5%).
-    // Q, K and P fragments come by ldmatrix (ldsm_x4), from this lane's row of each: Q and P as
-    // A fragments (ldsm_a_row); K's lanes 0-7 give rows 8 n + i of Kh at column 8 kd, 8-15 the
+    // Q and K fragments come by ldmatrix (ldsm_x4), from this lane's row of each: Q as A
+    // fragments (ldsm_a_row); K's lanes 0-7 give rows 8 n + i of Kh at column 8 kd, 8-15 the
     // same at 8 kd + 4, 16-31 the same of Kl, so r = the B fragments' hi b0, b1, lo b0, b1.
     const unsigned q_row = ldsm_a_row(Qw, QP, lane);
-    const unsigned p_row = ldsm_a_row(P, PP, lane);
     const unsigned k_row = (unsigned)__cvta_generic_to_shared((lane >= 16 ? Kh + TK * KP : Kh) + (lane & 7) * KP + 4 * ((lane >> 3) & 1));
     // V's B fragments stay LDS.32: staging V transposed for ldmatrix (scalar stores) and 16-byte
     // loads of four MMAs' fragments (through a permutation of the output columns) were both
     // slower (benches/results/2026-11-26-prefill-attention-ldmatrix.md).
-#ifdef PF_P_REGS
     const unsigned* vf = Vh + 2 * t * VP + g;     // V rows 8 kj + 2 t (+ 1); column 8 c + g; Vl = Vh + TK VP
-#else
-    const unsigned* vf = Vh + t * VP + g;         // V rows 8 kj + t (+ 4); column 8 c + g; Vl = Vh + TK VP
-#endif
     // Key block j0's K and V wait in registers until the block ahead is done with shared
     // memory; the next block's loads are issued before this one's MMAs (the full layer's chunk:
     // 126 -> 110 ms).
@@ -2175,21 +2167,15 @@ __device__ __forceinline__ void attention_prefill_tc_body(
                 pb.y = s[n][3] == NEG_INF ? 0.f : __expf(s[n][3] - mn_b);
                 sum_a += pa.x + pa.y;
                 sum_b += pb.x + pb.y;
-#ifdef PF_P_REGS
-                s[n][0] = pa.x;
+                s[n][0] = pa.x;  // (P from here on)
                 s[n][1] = pa.y;
                 s[n][2] = pb.x;
                 s[n][3] = pb.y;
-#else
-                *reinterpret_cast<float2*>(P + g * PP + 8 * n + 2 * t) = pa;
-                *reinterpret_cast<float2*>(P + (g + 8) * PP + 8 * n + 2 * t) = pb;
-#endif
             }
             softmax_pair_sum(sum_a, sum_b, mn_a, mn_b, corr_a, corr_b, m_a, m_b, l_a, l_b);
             // A row whose maximum held has correction 1, and x * 1 is x: past the first key
             // blocks most warps skip the 64 multiplies (attention_gqa_tc does the same).
             if (__any_sync(0xffffffffu, corr_a != 1.f || corr_b != 1.f)) softmax_pair_rescale(acc, corr_a, corr_b);
-#ifdef PF_P_REGS
             // acc += P V over the block's keys, 8 at a time.
 #pragma unroll
             for (int kj = 0; kj < TK / 8; kj++) {
@@ -2205,21 +2191,6 @@ __device__ __forceinline__ void attention_prefill_tc_body(
                     mma_tf32x3(acc[c], ah, al, vc8[0], vc8[VP], vc8[TK * VP], vc8[TK * VP + VP]);
                 }
             }
-#else
-            __syncwarp();  // the warp's P rows are written
-            // acc += P V over the block's keys, 8 at a time.
-#pragma unroll
-            for (int kj = 0; kj < TK / 8; kj++) {
-                unsigned ah[4], al[4];
-                split_a_ldsm(p_row + 32 * kj, ah, al);
-                const unsigned* vk = vf + 8 * kj * VP;
-#pragma unroll
-                for (int c = 0; c < VD / 8; c++) {
-                    const unsigned* vc8 = vk + 8 * c;
-                    mma_tf32x3(acc[c], ah, al, vc8[0], vc8[4 * VP], vc8[TK * VP], vc8[TK * VP + 4 * VP]);
-                }
-            }
-#endif
         }
         __syncthreads();  // K, V and P are refilled next
     }

@@ -1769,9 +1769,9 @@ impl PrefillAttention {
 
 /// The tensor-core prefill attention kernel's dynamic shared memory (TK = 32 keys per block,
 /// two heads' 64 query rows): Q [2][64][hd + 4], K hi and lo [32][hd + 4], V hi and lo
-/// [32][vd + 8], P [8][16][36] words.
+/// [32][vd + 4] words (P stays in registers).
 pub(crate) fn prefill_attention_tc_smem(hd: usize, vd: usize) -> usize {
-    4 * (2 * PREFILL_TILE * (hd + 4) + 2 * 32 * (hd + 4) + 2 * 32 * (vd + 8) + 8 * 16 * 36)
+    4 * (2 * PREFILL_TILE * (hd + 4) + 2 * 32 * (hd + 4) + 2 * 32 * (vd + 4))
 }
 
 /// `attention_prefill`'s dynamic shared memory for K head dim `hd` and V head dim `vd`: Q and K
