@@ -956,37 +956,6 @@ extern "C" __global__ void fill_random_f(void* __restrict__ p, unsigned long lon
 // batch-1 Flash step -0.5% on the H100 (benches/results/2026-11-24-gemv-order-attention-combine.md).
 // Measurement builds may restore the three rounds of loads everywhere with -DATT_COMBINE_LOOPS.
 #define ATT_COMBINE_MAX 8
-// The merge of N >= splits partial states (max ms, sum ls, this thread's accumulator element as)
-// and the sink logit into o's element oi (and its BF16 split), by a thread that holds the states:
-// attention_combine_head's arithmetic after its loads, and the clustered attention's.
-template <int N>
-__device__ __forceinline__ void combine_loaded_states(const float (&ms)[N], const float (&ls)[N], const float (&as)[N], int splits,
-                                                      const float* __restrict__ sinks, int h, bool mine, float* __restrict__ o,
-                                                      unsigned short* __restrict__ oh, unsigned short* __restrict__ ol, size_t oi) {
-    const float NEG_INF = __int_as_float(0xff800000u);
-    float M = NEG_INF;
-#pragma unroll
-    for (int s = 0; s < N; s++)
-        if (s < splits) M = fmaxf(M, ms[s]);
-    float L = 0.f;
-#pragma unroll
-    for (int s = 0; s < N; s++)
-        if (s < splits) L += ms[s] == NEG_INF ? 0.f : ls[s] * __expf(ms[s] - M);
-    if (sinks) {
-        float sc = sinks[h];
-        float mn = fmaxf(M, sc);
-        L = L * __expf(M - mn) + __expf(sc - mn);
-        M = mn;
-    }
-    if (!mine) return;
-    float a = 0.f;
-#pragma unroll
-    for (int s = 0; s < N; s++)
-        if (s < splits && ms[s] != NEG_INF) a += as[s] * __expf(ms[s] - M);
-    a /= L;
-    o[oi] = a;
-    if (oh) split_bf16_value(a, oh[oi], ol[oi]);
-}
 // Merges attention_v2's `splits` partial states of (row r, head h) as its epilogue merges
 // warps, then the sink logit: o = sum_s acc_s e^(m_s - M) / (sum_s l_s e^(m_s - M) [+ sink]).
 // The states are read through L2 (__ldcg): inside attention_v2 other blocks wrote them. Thread
@@ -1010,7 +979,29 @@ __device__ __forceinline__ void attention_combine_head(const float* part_m, cons
                 ls[s] = __ldcg(part_l + p0 + s);
                 as[s] = mine ? __ldcg(part_acc + (p0 + s) * vd + tid) : 0.f;
             }
-        combine_loaded_states(ms, ls, as, splits, sinks, h, mine, o, oh, ol, ((size_t)r * heads + h) * vd + tid);
+        float M = NEG_INF;
+#pragma unroll
+        for (int s = 0; s < ATT_COMBINE_MAX; s++)
+            if (s < splits) M = fmaxf(M, ms[s]);
+        float L = 0.f;
+#pragma unroll
+        for (int s = 0; s < ATT_COMBINE_MAX; s++)
+            if (s < splits) L += ms[s] == NEG_INF ? 0.f : ls[s] * __expf(ms[s] - M);
+        if (sinks) {
+            float sc = sinks[h];
+            float mn = fmaxf(M, sc);
+            L = L * __expf(M - mn) + __expf(sc - mn);
+            M = mn;
+        }
+        if (!mine) return;
+        float a = 0.f;
+#pragma unroll
+        for (int s = 0; s < ATT_COMBINE_MAX; s++)
+            if (s < splits && ms[s] != NEG_INF) a += as[s] * __expf(ms[s] - M);
+        a /= L;
+        size_t oi = ((size_t)r * heads + h) * vd + tid;
+        o[oi] = a;
+        if (oh) split_bf16_value(a, oh[oi], ol[oi]);
         return;
     }
 #endif
@@ -1068,7 +1059,7 @@ __shared__ unsigned long long att_mark_t;
 #define ATT_TRACE_MARK(k)
 #define ATT_TRACE_MARK_END()
 #endif
-template <bool FUSED, bool ROWS = false, bool READY = false, bool PRELOAD = false, int CL = 1>
+template <bool FUSED, bool ROWS = false, bool READY = false, bool PRELOAD = false>
 __device__ __forceinline__ void attention_v2_body(
     const float* __restrict__ q, const float* __restrict__ kc, const float* __restrict__ vc, float* __restrict__ o,
     const int* __restrict__ pos, const int* __restrict__ seq, const int* __restrict__ tables, int max_blocks,
@@ -1264,36 +1255,6 @@ __device__ __forceinline__ void attention_v2_body(
     for (int i = 0; i < ATT_WARPS; i++) M = fmaxf(M, sm_m[i]);
     float L = 0.f;
     for (int i = 0; i < ATT_WARPS; i++) L += sm_m[i] == NEG_INF ? 0.f : sm_l[i] * __expf(sm_m[i] - M);
-    if constexpr (CL > 1) {
-        // CL == splits: the row's splits of head h are one cluster, which merges them through
-        // distributed shared memory. Each block leaves its state in its own shared memory, a
-        // cluster barrier publishes them, and rank 0 (split 0) reads all CL and merges them with
-        // attention_combine_head's arithmetic on the same values (the same bits): no count and
-        // no round trips to L2 between the last split and the merge. The second barrier keeps
-        // every block's shared memory until rank 0 has read it.
-        __shared__ float cl_ml[2], cl_acc[128];
-        if (threadIdx.x == 0) { cl_ml[0] = M; cl_ml[1] = L; }
-        for (int i = threadIdx.x; i < vd; i += blockDim.x) {
-            float a = 0.f;
-            for (int k = 0; k < ATT_WARPS; k++)
-                if (sm_m[k] != NEG_INF) a += sm_acc[k][i] * __expf(sm_m[k] - M);
-            cl_acc[i] = a;
-        }
-        cluster_sync<CL>();
-        if (cluster_rank<CL>() == 0) {
-            float ms[CL], ls[CL], as[CL];
-            const bool mine = (int)threadIdx.x < vd;
-#pragma unroll
-            for (int k = 0; k < CL; k++) {
-                ms[k] = cluster_read_f32<CL>(cl_ml, k);
-                ls[k] = cluster_read_f32<CL>(cl_ml + 1, k);
-                as[k] = mine ? cluster_read_f32<CL>(cl_acc + threadIdx.x, k) : 0.f;
-            }
-            combine_loaded_states(ms, ls, as, CL, sinks, h, mine, o, oh, ol, ((size_t)r * heads + h) * vd + threadIdx.x);
-        }
-        cluster_sync<CL>();
-        return;
-    }
     if (splits > 1) {
         // This split's state, relative to its own max (an empty split: max -inf, sum 0).
         size_t ps = ((size_t)r * heads + h) * splits + blockIdx.z;
@@ -1376,8 +1337,8 @@ ATTENTION_V2_KERNEL(attention_v2_kv, true)
 #ifndef ATT_PRE_MAXREG
 #define ATT_PRE_MAXREG 96
 #endif
-#define ATTENTION_V2_KV_READY(NAME, PRELOAD, MAXREG, CL, CLUSTER_ATTR)                                                        \
-    extern "C" __global__ void CLUSTER_ATTR __maxnreg__(MAXREG) NAME(                                                          \
+#define ATTENTION_V2_KV_READY(NAME, PRELOAD, MAXREG)                                                                           \
+    extern "C" __global__ void __maxnreg__(MAXREG) NAME(                                                                       \
         const float* q, const float* __restrict__ kc, const float* __restrict__ vc, float* __restrict__ o,                     \
         const int* __restrict__ pos, const int* __restrict__ seq, const int* __restrict__ tables, int max_blocks,              \
         int block_size, int heads, int kv_heads, int hd, int vd, int window, float scale, const float* __restrict__ sinks,     \
@@ -1387,7 +1348,7 @@ ATTENTION_V2_KERNEL(attention_v2_kv, true)
         unsigned* ready, unsigned need_q, unsigned need_kv, int reset_by_next) {                                               \
         TRACE_SCOPE();                                                                                                         \
         PDL_TRIGGER();                                                                                                         \
-        attention_v2_body<true, false, true, PRELOAD, CL>(q, kc, vc, o, pos, seq, tables, max_blocks, block_size, heads, kv_heads, \
+        attention_v2_body<true, false, true, PRELOAD>(q, kc, vc, o, pos, seq, tables, max_blocks, block_size, heads, kv_heads, \
                                                       hd, vd, window, scale, sinks, part_m, part_l, part_acc, oh, ol, knew, vnew, \
                                                       kc_out, vc_out, slots, half, rotary_dim, theta, vscale, counters, nullptr, \
                                                       ready, need_q, need_kv);                                                 \
@@ -1400,16 +1361,8 @@ ATTENTION_V2_KERNEL(attention_v2_kv, true)
             for (int i = 0; i < heads + kv_heads; i++) ready[i] = 0u;                                                          \
         ATT_TRACE_MARK_END();                                                                                                  \
     }
-#define NO_CLUSTER_ATTR
-ATTENTION_V2_KV_READY(attention_v2_kv_ready, false, 80, 1, NO_CLUSTER_ATTR)
-ATTENTION_V2_KV_READY(attention_v2_kv_ready_pre, true, ATT_PRE_MAXREG, 1, NO_CLUSTER_ATTR)
-// attention_v2_kv_ready_pre whose 4 splits of a head are one cluster and merge through
-// distributed shared memory (Hopper on; the host runs it where a row's heads have 4 splits:
-// batch 1).
-#if __CUDA_ARCH__ >= 900
-#define CLUSTER_Z4 __cluster_dims__(1, 1, 4)
-ATTENTION_V2_KV_READY(attention_v2_kv_ready_pre_cl4, true, ATT_PRE_MAXREG, 4, CLUSTER_Z4)
-#endif
+ATTENTION_V2_KV_READY(attention_v2_kv_ready, false, 80)
+ATTENTION_V2_KV_READY(attention_v2_kv_ready_pre, true, ATT_PRE_MAXREG)
 
 // Decode attention with one warp per head: block (r, y, z) serves heads ATT_WARPS y .. + 7 of
 // row r over split z's positions. The block stages the K and V rows of ATT_TILE positions at a

@@ -130,7 +130,38 @@ struct SampleShared {
     int cut;
 };
 
-// (cluster_sync, cluster_rank and cluster_read come from kernels/common.cuh.)
+// All threads of the cluster meet; shared-memory writes before it are visible to every block
+// after it (for CL = 1, a block barrier).
+template <int CL>
+__device__ __forceinline__ void cluster_sync() {
+    if constexpr (CL > 1) {
+        asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+    } else {
+        __syncthreads();
+    }
+}
+
+// This block's rank in its cluster (0 for CL = 1, where no cluster instruction is emitted).
+template <int CL>
+__device__ __forceinline__ unsigned cluster_rank() {
+    unsigned r = 0;
+    if constexpr (CL > 1) asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+    return r;
+}
+
+// Block `rank`'s value of this block's shared word *p.
+template <int CL>
+__device__ __forceinline__ unsigned long long cluster_read(const unsigned long long* p, unsigned rank) {
+    if constexpr (CL > 1) {
+        unsigned a = (unsigned)__cvta_generic_to_shared(p), ra;
+        unsigned long long v;
+        asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(ra) : "r"(a), "r"(rank));
+        asm volatile("ld.shared::cluster.u64 %0, [%1];" : "=l"(v) : "r"(ra) : "memory");
+        return v;
+    } else {
+        return *p;
+    }
+}
 
 // Adds v (< 2^63) into a histogram bin held as a low and a high 32-bit word (the carry out of
 // the low word, seen in its old value, goes to the high one), which keeps the u64 sums exact.

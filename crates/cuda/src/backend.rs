@@ -184,9 +184,6 @@ pub(crate) struct Ops {
     attention_v2_kv: CudaFunction,
     attention_v2_kv_ready: CudaFunction,
     attention_v2_kv_ready_pre: CudaFunction,
-    /// `attention_v2_kv_ready_pre` with each head's 4 splits one cluster merging through
-    /// distributed shared memory (Hopper on; None elsewhere).
-    attention_v2_kv_ready_pre_cl4: Option<CudaFunction>,
     attention_v2_heads: CudaFunction,
     /// `attention_gqa_tc_d{hd}_v{vd}` per `PREFILL_TC_SHAPES` entry (`CudaModel::gqa_tc_for`).
     attention_gqa_tc: Vec<CudaFunction>,
@@ -248,12 +245,6 @@ pub struct CudaModel {
     /// off, for measurements; tests set it).
     attention_ready_pre_wave: usize,
     attention_ready_pre: bool,
-    /// Where `attention_v2_kv_ready_pre` runs with 4 splits, its clustered form
-    /// (`attention_v2_kv_ready_pre_cl4`, loaded); `PEREGRINE_ATTN_CLUSTER=0` turns it off, for
-    /// measurements; tests set it.
-    attention_cluster: bool,
-    /// Launches of (or graph nodes capturing) `attention_v2_kv_ready_pre_cl4`, for tests.
-    attention_cluster_launches: std::sync::atomic::AtomicU64,
     /// The o_proj after a ready attention zeroes its counters (`ReadyCounts::reset_by_next`);
     /// `PEREGRINE_ATTN_RESET_BY_NEXT=0` leaves it to the attention's last block, for
     /// measurements; tests set it.
@@ -482,7 +473,6 @@ impl CudaModel {
             attention_v2_kv: f("attention_v2_kv")?,
             attention_v2_kv_ready: f("attention_v2_kv_ready")?,
             attention_v2_kv_ready_pre: f("attention_v2_kv_ready_pre")?,
-            attention_v2_kv_ready_pre_cl4: (gpu.capability.0 >= 9).then(|| f("attention_v2_kv_ready_pre_cl4").ok()).flatten(),
             attention_v2_heads: {
                 // Best effort, as below: a GPU with less shared memory fails at launch.
                 let k = f("attention_v2_heads")?;
@@ -648,8 +638,6 @@ impl CudaModel {
             attention_kv_wave,
             attention_ready_pre_wave,
             attention_ready_pre: std::env::var("PEREGRINE_ATTN_READY_PRE").map_or(true, |v| v != "0"),
-            attention_cluster: std::env::var("PEREGRINE_ATTN_CLUSTER").map_or(true, |v| v != "0"),
-            attention_cluster_launches: std::sync::atomic::AtomicU64::new(0),
             attn_reset_by_next: std::env::var("PEREGRINE_ATTN_RESET_BY_NEXT").map_or(true, |v| v != "0"),
             sm_count: sms,
             attn_heads_min_rows: std::env::var("PEREGRINE_ATTN_HEADS_MIN_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(ATTN_HEADS_MIN_ROWS),
@@ -967,20 +955,6 @@ impl CudaModel {
         self.graphs.clear();
     }
 
-    /// Sets whether the batch-1 ready attention merges each head's splits in a cluster
-    /// (`attention_v2_kv_ready_pre_cl4`, where loaded; on by default) or through L2 and a count,
-    /// for tests comparing the two (the same bits). Captured step graphs are dropped.
-    pub fn set_attention_cluster(&mut self, on: bool) {
-        self.attention_cluster = on;
-        self.graphs.clear();
-    }
-
-    /// Launches (eager, or captured into a graph) of the clustered batch-1 attention so far; None
-    /// where it is not loaded (before Hopper).
-    pub fn attention_cluster_launches(&self) -> Option<u64> {
-        self.ops.attention_v2_kv_ready_pre_cl4.as_ref().map(|_| self.attention_cluster_launches.load(std::sync::atomic::Ordering::Relaxed))
-    }
-
     /// Sets whether the o_proj after a ready attention zeroes its counters (`reset_by_next`; on
     /// by default) or the attention's last block does, for tests covering both. Captured step
     /// graphs are dropped.
@@ -1117,17 +1091,7 @@ impl CudaModel {
             (None, _) if per_head_warps => &self.ops.attention_v2_heads,
             // Its first round of K/V rows loaded while it waits for its heads, where its grid
             // fits one wave at the registers that takes (batch 1).
-            (None, (true, true, _)) if fresh.as_ref().is_some_and(|f| f.ready.is_some()) && self.attention_ready_pre && n * s.num_heads * splits <= self.attention_ready_pre_wave => {
-                match &self.ops.attention_v2_kv_ready_pre_cl4 {
-                    // The splits of a head merge in their cluster (the cluster is the grid's z),
-                    // where the kernel is to merge them (it writes no states for attention_combine).
-                    Some(cl4) if self.attention_cluster && splits == 4 && merge_in_kernel => {
-                        self.attention_cluster_launches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        cl4
-                    }
-                    _ => &self.ops.attention_v2_kv_ready_pre,
-                }
-            }
+            (None, (true, true, _)) if fresh.as_ref().is_some_and(|f| f.ready.is_some()) && self.attention_ready_pre && n * s.num_heads * splits <= self.attention_ready_pre_wave => &self.ops.attention_v2_kv_ready_pre,
             (None, (true, true, _)) if fresh.as_ref().is_some_and(|f| f.ready.is_some()) => &self.ops.attention_v2_kv_ready,
             (None, (true, true, _)) => &self.ops.attention_v2_kv,
             (None, (true, false, true)) => &self.ops.attention_v2_rows,
