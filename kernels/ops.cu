@@ -2192,7 +2192,7 @@ __device__ __forceinline__ void attention_prefill_tc_body(
                 }
             }
         }
-        __syncthreads();  // K, V and P are refilled next
+        __syncthreads();  // K and V are refilled next
     }
     if (!active) return;
     // The sink logit, then the outputs (and o's BF16 split for o_proj): lane (g, t) holds rows
