@@ -1951,16 +1951,13 @@ __device__ __forceinline__ void mma_tf32x3(float d[4], const unsigned ah[4], con
     mma_tf32(d, ah, bl0, bl1);
     mma_tf32(d, ah, bh0, bh1);
 }
-// A fragment (m16n8k8) of a row-major f32 tile `pitch` words a row, split, from the lane's
-// element f = &tile[r][c]: rows r, r + 8 and columns c, c + 4.
-__device__ __forceinline__ void split_a_at(const float* f, int pitch, unsigned ah[4], unsigned al[4]) {
+// A fragment (m16n8k8) of rows r, r + 8 and columns c, c + 4 of a row-major f32 tile, split.
+__device__ __forceinline__ void load_a_split(const float* base, int pitch, int r, int c, unsigned ah[4], unsigned al[4]) {
+    const float* f = base + r * pitch + c;
     tf32_split(f[0], ah[0], al[0]);
     tf32_split(f[8 * pitch], ah[1], al[1]);
     tf32_split(f[4], ah[2], al[2]);
     tf32_split(f[8 * pitch + 4], ah[3], al[3]);
-}
-__device__ __forceinline__ void load_a_split(const float* base, int pitch, int r, int c, unsigned ah[4], unsigned al[4]) {
-    split_a_at(base + r * pitch + c, pitch, ah, al);
 }
 // Four 8 x 4-word matrices of shared memory in one instruction: lane i gives the address of
 // row i % 8 of matrix i / 8 (16-byte aligned), and lane (g, t) gets word t of row g of matrix m
@@ -1976,7 +1973,7 @@ __device__ __forceinline__ void ldsm_x4(unsigned addr, unsigned r[4]) {
 // The split A fragment of a row-major f32 tile from one ldmatrix: `addr` is this lane's row of
 // the fragment's four 8 x 4 blocks (lane i: row i % 8 + 8 ((i / 8) % 2), column 4 (i / 16) of
 // the fragment), so r = the tile's elements (g, t), (g + 8, t), (g, t + 4), (g + 8, t + 4), as
-// split_a_at reads them.
+// load_a_split reads them.
 __device__ __forceinline__ void split_a_ldsm(unsigned addr, unsigned ah[4], unsigned al[4]) {
     unsigned r[4];
     ldsm_x4(addr, r);
