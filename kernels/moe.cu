@@ -131,10 +131,22 @@ __device__ __forceinline__ void split2(float a, float b, unsigned& hi, unsigned&
 // One staging item: x values 16q + 2t + {0, 1} (v0) and + {8, 9} (v1) of pair j, scaled by
 // s, split into hi and lo and stored as the B fragments of its column pair (layout at stage_b;
 // L = 8 np lanes).
+// WG: one row (L = 8, j = 0) in the wgmma GEMM's layout instead: per 64-k step, 16-byte units
+// [MMA m][c][h] (c = 0: k 16m .. 16m + 7, c = 1: the next 8; h = 0 hi, 1 lo), word t of a unit
+// holding k + 2t, + 1, so a unit is one core-matrix row of moe_gemm_chunk_wg's B.
+template <bool WG = false>
 __device__ __forceinline__ void stage_item(unsigned* frag, int L, int j, int q, int t, float2 v0, float2 v1, float s) {
     unsigned h0, l0, h1, l1;
     split2(v0.x * s, v0.y * s, h0, l0);
     split2(v1.x * s, v1.y * s, h1, l1);
+    if (WG) {
+        unsigned* u = frag + (size_t)(q >> 2) * 64 + (q & 3) * 16 + t;
+        u[0] = h0;
+        u[4] = l0;
+        u[8] = h1;
+        u[12] = l1;
+        return;
+    }
     int ks = q >> 2, sub = q & 3, half = sub >> 1, i0 = (sub & 1) * 2;
     unsigned* base = frag + (size_t)(ks * 2 + half) * L * 4;
     unsigned* ph = base + (4 * (2 * j) + t) * 4 + i0;
@@ -161,6 +173,7 @@ __device__ __forceinline__ void row_scale(const float* red, int j, float* scale,
 // Fragment layout (uint4 units): [K/64 steps][2 halves][8 np lanes], lane 4g + t of column
 // g = 2j + part (part 0 = hi, 1 = lo of pair j); half h holds MMAs 2h and 2h+1 as {b0, b1, b0, b1}.
 // Lanes >= 8 np read no fragment (their columns are zero).
+template <bool WG = false>
 __device__ __forceinline__ void stage_b(const float* __restrict__ x, const int* rows, int np, int K, unsigned* frag,
                                         float* red, float* scale, float* inv) {
 #ifdef MOE_NO_STAGE
@@ -202,7 +215,7 @@ __device__ __forceinline__ void stage_b(const float* __restrict__ x, const int* 
         for (int i = 0; i < STAGE_REGS; i++) {
             int it = tid + i * (int)blockDim.x;
             if (it < q16 * 4) {
-                stage_item(frag, 8, 0, it >> 2, it & 3, v0[i], v1[i], s);
+                stage_item<WG>(frag, 8, 0, it >> 2, it & 3, v0[i], v1[i], s);
             }
         }
         __syncthreads();
@@ -228,7 +241,7 @@ __device__ __forceinline__ void stage_b(const float* __restrict__ x, const int* 
         const float* xr = x + (size_t)rows[j] * K + 16 * q + 2 * t;
         float2 v0 = __ldcg(reinterpret_cast<const float2*>(xr)), v1 = __ldcg(reinterpret_cast<const float2*>(xr + 8));
         float s = scale[j];
-        stage_item(frag, L, j, q, t, v0, v1, s);
+        stage_item<WG>(frag, L, j, q, t, v0, v1, s);
     }
     __syncthreads();
 }
@@ -531,10 +544,11 @@ __device__ __forceinline__ bool gate_up_unit_last(unsigned* done, unsigned units
 
 // Row p of y [rows, K] split as stage_b stages one pair (moe_split_rows' layout): xs + p K,
 // its 2^-s at inv[p]. Every thread of the block calls it.
+template <bool WG = false>
 __device__ __forceinline__ void split_row(const float* __restrict__ y, int p, int K, unsigned* __restrict__ xs, float* __restrict__ inv,
                                           StageSmem& ss) {
     const int row[1] = {p};
-    stage_b(y, row, 1, K, xs + (size_t)p * K, ss.red, ss.scale, ss.inv);
+    stage_b<WG>(y, row, 1, K, xs + (size_t)p * K, ss.red, ss.scale, ss.inv);
     if (threadIdx.x == 0) inv[p] = ss.inv[0];
 }
 
@@ -914,6 +928,16 @@ MOE_BULK(2, 6)
 #define GEMM_B_BYTES (GEMM_PAIRS * GEMM_KC * 256)
 #define GEMM_W_BYTES (GEMM_TILES * GEMM_KC * STEP_BYTES)
 #define GEMM_STAGE_BYTES (GEMM_B_BYTES + GEMM_W_BYTES)
+// The wgmma GEMM's row tiles per block (moe_gemm_wg_*): four warpgroups of four tiles, as the
+// mma.sync GEMM (B read from L2 once per 256 rows). At 128 registers a thread ptxas spills a few
+// bytes; three warpgroups (12 tiles, 150 registers, no spills) measured 3-6% slower on the H100.
+// The host reads the count from the kernel's block size.
+#ifndef MOE_WG_TILES
+#define MOE_WG_TILES 16
+#endif
+#define WG_THREADS (32 * MOE_WG_TILES)
+#define WG_STAGES 3  // chunks of GEMM_KC steps in shared memory (kernels.rs: GEMM_WG_STAGES)
+#define WG_STAGE_BYTES (GEMM_B_BYTES + MOE_WG_TILES * GEMM_KC * STEP_BYTES)
 
 // rows x [rows, K] f32 -> xs [rows][K/64 steps][256 bytes]: each row staged by stage_b as one
 // pair (row_scale's power of two, stage_item's layout with L = 8 lanes) into global memory, and
@@ -923,6 +947,14 @@ extern "C" __global__ void __launch_bounds__(256) moe_split_rows(const float* __
     PDL_ENTER();
     __shared__ StageSmem ss;
     split_row(x, blockIdx.x, K, xs, inv, ss);
+}
+
+// The same split in the wgmma GEMM's layout (stage_item's WG): the same values, other places.
+extern "C" __global__ void __launch_bounds__(256) moe_split_rows_wg(const float* __restrict__ x, int K, unsigned* __restrict__ xs,
+                                                                    float* __restrict__ inv) {
+    PDL_ENTER();
+    __shared__ StageSmem ss;
+    split_row<true>(x, blockIdx.x, K, xs, inv, ss);
 }
 
 // One chunk of up to 4 NT pairs (rows[0 .. np)) of expert e against the block's tiles rt0 ..
@@ -1017,6 +1049,183 @@ __device__ __forceinline__ void moe_gemm_chunk(const unsigned char* __restrict__
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// The same GEMM on Hopper's warpgroup MMAs (sm_90a): moe_gemm_wg_*.
+//
+// Why: at a 2048-token prompt the MoE GEMM was 57% of the prefill's kernel time at ~107 TFLOP/s
+// of useful work: each warp issued, per 64 k, 32 mma.sync, 16 shared-memory B loads, the decode
+// and 64 FFMAs of the E8M0 scaling. wgmma.mma_async m64nNk16 takes a warpgroup's four row tiles
+// at once with B straight from shared memory. H100: 7-17% faster from 512 tokens (~120 TFLOP/s at
+// 2048), as fast or slower below, where the weights' bytes bound it (the host's rule,
+// GEMM_WGMMA_MIN_TOKENS). Still far from the tensor cores' rate: the block shape's bytes (the
+// weights streamed once per 32 pairs, the pairs' rows from L2 once per 256 rows) and one barrier
+// per 4 steps are what a faster form would change.
+//
+// Same bits: on the H100, wgmma chains with A in registers give mma.sync's bits for the same
+// operands in the same logical places (benches/micro/wgmma_bits.cu: F16, BF16 and TF32 chains,
+// MoE, GEMV and adversarial data, 0 of ~7 M outputs differ), and the A fragments are tile_decode's
+// (wgmma's per-warp register fragment is mma.sync's). Each k32 block's two products are summed
+// from zero into tp and scaled into acc exactly as mma_k32_scaled does, column by column.
+//
+// B: per 64-k step, MMA m (k 16m .. 16m + 15) as two 8 x 16-byte core matrices along K per 8
+// columns, [m][c][n group][column][16 bytes], no swizzle; column 2j + h is pair j's hi (h = 0)
+// or lo. A core row holds logical k 8c .. 8c + 7 (k 16m + 8c .. + 7 of the step), which
+// moe_split_rows_wg writes as one 16-byte unit, so the staging copies 16 bytes at a time.
+#ifdef __CUDA_ARCH_FEAT_SM90_ALL
+template <int NT>
+__device__ __forceinline__ void wg_mma(float* d, const unsigned a[4], unsigned long long desc, int acc);
+template <>
+__device__ __forceinline__ void wg_mma<1>(float* d, const unsigned a[4], unsigned long long desc, int acc) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %9, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n8k16.f32.f16.f16 {%0,%1,%2,%3}, {%4,%5,%6,%7}, %8, p, 1, 1, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(acc));
+}
+template <>
+__device__ __forceinline__ void wg_mma<2>(float* d, const unsigned a[4], unsigned long long desc, int acc) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %13, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n16k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7}, {%8,%9,%10,%11}, %12, p, 1, 1, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(acc));
+}
+template <>
+__device__ __forceinline__ void wg_mma<4>(float* d, const unsigned a[4], unsigned long long desc, int acc) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, {%16,%17,%18,%19}, %20, p, 1, 1, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(acc));
+}
+template <>
+__device__ __forceinline__ void wg_mma<8>(float* d, const unsigned a[4], unsigned long long desc, int acc) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, {%32,%33,%34,%35}, %36, p, 1, 1, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(acc));
+}
+
+// Shared-memory matrix descriptor, no swizzle: start, leading (K) and stride (N) byte offsets
+// between core matrices.
+__device__ __forceinline__ unsigned long long wg_desc(const void* p, unsigned lead, unsigned stride) {
+    unsigned addr = (unsigned)__cvta_generic_to_shared(p);
+    return (unsigned long long)((addr >> 4) & 0x3fffu) | (unsigned long long)((lead >> 4) & 0x3fffu) << 16 |
+           (unsigned long long)((stride >> 4) & 0x3fffu) << 32;
+}
+
+// moe_gemm_chunk on wgmma: the same stages and epilogue; warp w still copies and decodes tile
+// rt0 + w, and warpgroup w / 4 multiplies its four tiles by the chunk's 8 NT columns.
+template <bool GATE_UP, int NT>
+__device__ __forceinline__ void moe_gemm_chunk_wg(const unsigned char* __restrict__ W, size_t e,
+                                                  const int* rows, int np, int p0, const float* __restrict__ pair_w,
+                                                  const unsigned* __restrict__ xs, const float* __restrict__ inv, float* __restrict__ y,
+                                                  int K, int tiles, int ldy, int rt0, int bt) {
+    extern __shared__ uint4 dsm[];
+    unsigned char* smem = reinterpret_cast<unsigned char*>(dsm);
+    const int tid = threadIdx.x, w = tid >> 5, lane = tid & 31, g = lane >> 2;
+    const int KS = K / 64, nkc = (KS + GEMM_KC - 1) / GEMM_KC;
+    constexpr unsigned CORE_K = NT * 128;  // bytes between the two core matrices along K
+    constexpr int MMA_B = 2 * CORE_K;      // one MMA's B: 16 k x 8 NT columns
+    const unsigned char* wtile = W + (e * tiles + rt0 + w) * KS * STEP_BYTES + lane * 16;
+    // Unit u (0..15) of a row's step in moe_split_rows_wg's layout is [m][c][h]: one core-matrix
+    // row, to (m, c), column 2 (j % 4) + h of n group j / 4.
+    auto issue = [&](int c) {
+        unsigned char* st = smem + (c % WG_STAGES) * WG_STAGE_BYTES;
+        const int k0 = c * GEMM_KC, kc = min(GEMM_KC, KS - k0);
+#pragma unroll
+        for (int i0 = 0; i0 < 4 * NT * GEMM_KC * 16; i0 += WG_THREADS) {
+            const int i = i0 + tid, u = i & 15, j = i >> 6, kk = (i >> 4) & 3;
+            if (j < np && kk < kc)
+                cp_async16(st + (kk * 4 + (u >> 2)) * MMA_B + ((u >> 1) & 1) * CORE_K + (j >> 2) * 128 + (2 * (j & 3) + (u & 1)) * 16,
+                           xs + (size_t)rows[j] * K + (k0 + kk) * 64 + u * 4);
+        }
+        unsigned char* sw = st + GEMM_B_BYTES;
+        if (w < bt) {
+            const unsigned char* wsrc = wtile + (size_t)k0 * STEP_BYTES;
+            unsigned char* wdst = sw + w * (GEMM_KC * STEP_BYTES) + lane * 16;
+            const int units = kc * (STEP_BYTES / 16);
+#pragma unroll
+            for (int i = 0; i < (GEMM_KC * STEP_BYTES / 16 + 31) / 32; i++)
+                if (lane + 32 * i < units) cp_async16(wdst + 512 * i, wsrc + 512 * i);
+        }
+    };
+    static_assert(GEMM_KC == 4, "the B staging's index arithmetic takes 4 steps per stage");
+    const int lt = w < bt ? w : 0;  // a warp past the block's tiles computes tile 0 and stores nothing
+    // A step's two k32 blocks are issued together, block 0 into tp0 and block 1 into tp1; block
+    // 0 is scaled into acc while block 1 runs (the order into acc is tile_step's: block 0, then
+    // block 1, step by step). Carrying blocks across steps made ptxas serialise the MMAs.
+    float acc[4 * NT], tp0[4 * NT], tp1[4 * NT];
+#pragma unroll
+    for (int i = 0; i < 4 * NT; i++) acc[i] = tp0[i] = tp1[i] = 0.f;
+    // Pins tp's registers in program order around the asynchronous MMAs (they read and write
+    // them after the issuing instruction).
+    auto pin = [](float* v) {
+#pragma unroll
+        for (int i = 0; i < 4 * NT; i++) asm volatile("" : "+f"(v[i])::"memory");
+    };
+    auto scale_into = [&](const float* tp, float fg, float fg8) {
+#pragma unroll
+        for (int n = 0; n < NT; n++) {
+            acc[4 * n] += fg * tp[4 * n];
+            acc[4 * n + 1] += fg * tp[4 * n + 1];
+            acc[4 * n + 2] += fg8 * tp[4 * n + 2];
+            acc[4 * n + 3] += fg8 * tp[4 * n + 3];
+        }
+    };
+    // WG_STAGES - 1 chunks in flight ahead of the one multiplied; a stage is refilled once every
+    // warp has passed the barrier after finishing it.
+#pragma unroll
+    for (int p = 0; p < WG_STAGES - 1; p++) {
+        if (p < nkc) issue(p);
+        cp_async_commit();  // (empty groups past the last chunk keep the wait's count)
+    }
+    for (int c = 0; c < nkc; c++) {
+        cp_async_wait<WG_STAGES - 2>();
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // the copies, seen by wgmma
+        __syncthreads();
+        if (c + WG_STAGES - 1 < nkc) issue(c + WG_STAGES - 1);
+        cp_async_commit();
+        const unsigned char* st = smem + (c % WG_STAGES) * WG_STAGE_BYTES;
+        const unsigned char* sw = st + GEMM_B_BYTES + lt * (GEMM_KC * STEP_BYTES);
+        const int kc = min(GEMM_KC, KS - c * GEMM_KC);
+        // k32 block hb (MMAs 2 hb, 2 hb + 1) of step kk from A fragments a0, a1 into tp.
+        auto block = [&](float* tp, const unsigned a0[4], const unsigned a1[4], int kk, int hb) {
+            const unsigned char* bs = st + (kk * 4 + 2 * hb) * MMA_B;
+            pin(tp);
+            asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+            wg_mma<NT>(tp, a0, wg_desc(bs, CORE_K, 128), 0);
+            wg_mma<NT>(tp, a1, wg_desc(bs + MMA_B, CORE_K, 128), 1);
+            asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+            pin(tp);
+        };
+        for (int kk = 0; kk < kc; kk++) {
+            unsigned a[4][4];
+            const uint4 wv = reinterpret_cast<const uint4*>(sw + kk * STEP_BYTES)[lane];
+            const unsigned sv = reinterpret_cast<const unsigned*>(sw + kk * STEP_BYTES + 512)[g];
+            tile_decode(wv.x, a[0]);
+            tile_decode(wv.y, a[1]);
+            block(tp0, a[0], a[1], kk, 0);
+            tile_decode(wv.z, a[2]);
+            tile_decode(wv.w, a[3]);
+            block(tp1, a[2], a[3], kk, 1);
+            const float f0 = e8m0_bits(sv << 23), f1 = e8m0_bits(sv << 7);   // (g, 2k), (g + 8, 2k)
+            const float f2 = e8m0_bits(sv << 15), f3 = e8m0_bits(sv >> 1);  // (g, 2k + 1), (g + 8, 2k + 1)
+            asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");  // block 0
+            pin(tp0);
+            scale_into(tp0, f0, f1);
+            asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");  // block 1
+            pin(tp1);
+            scale_into(tp1, f2, f3);
+        }
+    }
+    if (w >= bt) return;
+    const int t = lane & 3;
+#pragma unroll
+    for (int n = 0; n < NT; n++) {
+        int j = 4 * n + t;
+        if (j < np) tile_store(GATE_UP, acc + 4 * n, inv[rows[j]], y, ldy, p0 + j, rt0 + w, pair_w);
+    }
+}
+#endif
+
 // GATE_UP: W = interleaved gate/up tiles [E][I/8][H/64], xs = moe_split_rows of x [T, H] (rows
 //          by pair_tok), writes h[p, i] = silu(gate_e x) * (up_e x) for i = 8 r + g.
 // else:    W = down tiles [E][H/16][I/64], xs = moe_split_rows of h [pairs, I] (row p for pair
@@ -1024,7 +1233,7 @@ __device__ __forceinline__ void moe_gemm_chunk(const unsigned char* __restrict__
 // Grid: (ceil(tiles / GEMM_TILES), expert slots); GEMM_THREADS threads; GEMM_STAGES x
 // GEMM_STAGE_BYTES of dynamic shared memory. A chunk of np pairs runs the n-tile count of 1, 2,
 // 4 or 8 that covers it.
-template <bool GATE_UP>
+template <bool GATE_UP, bool WG = false>
 __device__ __forceinline__ void moe_gemm(const unsigned char* __restrict__ W, const int* __restrict__ experts, const int* __restrict__ pair_off,
                                          const int* __restrict__ pair_tok, const float* __restrict__ pair_w,
                                          const unsigned* __restrict__ xs, const float* __restrict__ inv, float* __restrict__ y,
@@ -1035,12 +1244,22 @@ __device__ __forceinline__ void moe_gemm(const unsigned char* __restrict__ W, co
     if (pb >= pe) return;  // an unused expert slot
     size_t e = (size_t)experts[u];
     const int tid = threadIdx.x;
-    const int rt0 = blockIdx.x * GEMM_TILES, bt = min(GEMM_TILES, tiles - rt0);  // the block's tiles
+    constexpr int BT = WG ? MOE_WG_TILES : GEMM_TILES;
+    const int rt0 = blockIdx.x * BT, bt = min(BT, tiles - rt0);  // the block's tiles
     for (int p0 = pb; p0 < pe; p0 += GEMM_PAIRS) {
         const int np = min(GEMM_PAIRS, pe - p0);
         __syncthreads();  // the previous chunk is done with rows and the stages
         if (tid < np) rows[tid] = GATE_UP ? pair_tok[p0 + tid] : p0 + tid;
         __syncthreads();
+#ifdef __CUDA_ARCH_FEAT_SM90_ALL
+        if (WG) {
+            if (np <= 4) moe_gemm_chunk_wg<GATE_UP, 1>(W, e, rows, np, p0, pair_w, xs, inv, y, K, tiles, ldy, rt0, bt);
+            else if (np <= 8) moe_gemm_chunk_wg<GATE_UP, 2>(W, e, rows, np, p0, pair_w, xs, inv, y, K, tiles, ldy, rt0, bt);
+            else if (np <= 16) moe_gemm_chunk_wg<GATE_UP, 4>(W, e, rows, np, p0, pair_w, xs, inv, y, K, tiles, ldy, rt0, bt);
+            else moe_gemm_chunk_wg<GATE_UP, 8>(W, e, rows, np, p0, pair_w, xs, inv, y, K, tiles, ldy, rt0, bt);
+            continue;
+        }
+#endif
         if (np <= 4) moe_gemm_chunk<GATE_UP, 1>(W, e, rows, np, p0, pair_w, xs, inv, y, K, tiles, ldy, rt0, bt);
         else if (np <= 8) moe_gemm_chunk<GATE_UP, 2>(W, e, rows, np, p0, pair_w, xs, inv, y, K, tiles, ldy, rt0, bt);
         else if (np <= 16) moe_gemm_chunk<GATE_UP, 4>(W, e, rows, np, p0, pair_w, xs, inv, y, K, tiles, ldy, rt0, bt);
@@ -1062,4 +1281,22 @@ extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 1) moe_gemm_down(cons
                                                                           const float* __restrict__ inv, float* __restrict__ out, int H, int I) {
     PDL_ENTER();
     moe_gemm<false>(W, experts, pair_off, nullptr, pair_w, hs, inv, out, I, H / 16, H);
+}
+
+// The same two kernels on wgmma (moe_gemm_chunk_wg; the host runs them on sm_90a only: built for
+// another GPU they would run the mma.sync chunks, on moe_split_rows' layout).
+extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) moe_gemm_wg_gate_up(const unsigned char* __restrict__ W,
+                                                                                const int* __restrict__ experts, const int* __restrict__ pair_off,
+                                                                                const int* __restrict__ pair_tok, const unsigned* __restrict__ xs,
+                                                                                const float* __restrict__ inv, float* __restrict__ h, int H, int I) {
+    PDL_ENTER();
+    moe_gemm<true, true>(W, experts, pair_off, pair_tok, nullptr, xs, inv, h, H, I / 8, I);
+}
+
+extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) moe_gemm_wg_down(const unsigned char* __restrict__ W,
+                                                                             const int* __restrict__ experts, const int* __restrict__ pair_off,
+                                                                             const float* __restrict__ pair_w, const unsigned* __restrict__ hs,
+                                                                             const float* __restrict__ inv, float* __restrict__ out, int H, int I) {
+    PDL_ENTER();
+    moe_gemm<false, true>(W, experts, pair_off, nullptr, pair_w, hs, inv, out, I, H / 16, H);
 }

@@ -191,7 +191,19 @@ pub const TILED_MAX_SMEM: usize = 200 * 1024;
 /// Dynamic shared memory of the MoE GEMM kernels (`GEMM_*` in moe.cu): two stages, each the
 /// split rows of 32 pairs (256 bytes per step) and 16 row tiles' steps (codes and scales,
 /// `mxfp4_tiles::TILE_STEP_BYTES` each), over 4 steps of K.
-const GEMM_SMEM: usize = 2 * (32 * 4 * 256 + 16 * 4 * crate::mxfp4_tiles::TILE_STEP_BYTES);
+const GEMM_SMEM: usize = gemm_smem(GEMM_TILES, 2);
+/// The MoE GEMM's dynamic shared memory for `tiles` row tiles per block: two stages of 32 pairs'
+/// split rows and the tiles' codes and scales, 4 steps of 64 K each.
+const fn gemm_smem(tiles: usize, stages: usize) -> usize {
+    stages * (32 * 4 * 256 + tiles * 4 * crate::mxfp4_tiles::TILE_STEP_BYTES)
+}
+/// Stages of the wgmma MoE GEMM (WG_STAGES in moe.cu).
+const GEMM_WG_STAGES: usize = 3;
+/// From this many tokens `MoeKernel::Gemm` runs on wgmma (where the GPU has it). Below, with a
+/// few pairs per expert, the kernel is bound by the weights' bytes and mma.sync was as fast or
+/// faster (H100: Flash shapes even at 256 tokens, 8 pairs per expert; Pro 8% slower at 256,
+/// 10-15% at 16-128; from 512 tokens wgmma 7-17% faster, benches/results/2026-11-26-moe-gemm-wgmma.md).
+pub const GEMM_WGMMA_MIN_TOKENS: usize = 512;
 /// Row tiles of 16 per MoE GEMM block, one per warp (GEMM_TILES in moe.cu).
 const GEMM_TILES: usize = 16;
 /// Output rows per thread block (WARPS in the source: one warp per row).
@@ -257,6 +269,16 @@ pub struct Kernels {
     gemm_gate_up: CudaFunction,
     gemm_down: CudaFunction,
     split_rows: CudaFunction,
+    /// The same GEMM on wgmma (`moe_gemm_wg_*`, sm_90a only; the same bits), and when
+    /// `MoeKernel::Gemm` runs it: None from `GEMM_WGMMA_MIN_TOKENS` tokens, Some: always or never
+    /// (`PEREGRINE_MOE_WGMMA=1` / `0`, `set_moe_gemm_wgmma`).
+    gemm_wg_gate_up: CudaFunction,
+    gemm_wg_down: CudaFunction,
+    split_rows_wg: CudaFunction,
+    /// Row tiles per block of the wgmma GEMM (its block size / 32: MOE_WG_TILES in moe.cu).
+    gemm_wg_tiles: usize,
+    wgmma_arch: bool,
+    gemm_wgmma: Option<bool>,
     /// Streaming multiprocessors of the GPU (the fused MoE's resident grid).
     sms: usize,
     /// At `SLOT_WAIT_TOKENS` tokens, the two-launch tiled MoE's down blocks wait for their
@@ -706,6 +728,12 @@ impl Kernels {
         let sms = gpu.ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(drv("SM count"))? as usize;
         let mma_bf16_pipe = f("gemv_mma_bf16_t1_pipe")?;
         let mma_bf16_pipe_wave = mma_bf16_pipe.occupancy_max_active_blocks_per_multiprocessor(256, 0, None).map_err(drv("GEMV occupancy"))? as usize * sms;
+        // The wgmma GEMM's stages may take more than the tiled kernels' cap (16 tiles: 203 KB).
+        let (gemm_wg_gate_up, gemm_wg_down) = (fm("moe_gemm_wg_gate_up")?, fm("moe_gemm_wg_down")?);
+        let wg_tiles = gemm_wg_gate_up.get_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK).map_err(drv("MoE GEMM block size"))? as usize / 32;
+        for f in [&gemm_wg_gate_up, &gemm_wg_down] {
+            let _ = f.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, gemm_smem(wg_tiles, GEMM_WG_STAGES) as i32);
+        }
         let mma_fp8_ready = f("gemv_mma_fp8_t1_ready")?;
         let mma_fp8_ready_wave = mma_fp8_ready.occupancy_max_active_blocks_per_multiprocessor(256, 0, None).map_err(drv("GEMV occupancy"))? as usize * sms;
         Ok(Kernels {
@@ -752,6 +780,12 @@ impl Kernels {
             gemm_gate_up: fm("moe_gemm_gate_up")?,
             gemm_down: fm("moe_gemm_down")?,
             split_rows: fm("moe_split_rows")?,
+            gemm_wg_tiles: wg_tiles,
+            gemm_wg_gate_up,
+            gemm_wg_down,
+            split_rows_wg: fm("moe_split_rows_wg")?,
+            wgmma_arch: nvrtc_arch(gpu.capability) == "sm_90a",
+            gemm_wgmma: std::env::var("PEREGRINE_MOE_WGMMA").ok().map(|v| v != "0"),
             moe_choices: Default::default(),
             slot_wait: match std::env::var("PEREGRINE_MOE_SLOT_WAIT").as_deref() {
                 Ok("0") => 0..=0, // (no MoE call that reaches the kernels has 0 tokens)
@@ -1170,6 +1204,23 @@ impl Kernels {
         self.gemv_pipe && (nt, r) == (1, 1) && blocks <= self.mma_bf16_pipe_wave
     }
 
+    /// Runs `MoeKernel::Gemm` on the wgmma kernels (where the GPU has them: sm_90a) or on
+    /// mma.sync; the same bits either way. Returns the setting before.
+    /// None: by token count (`GEMM_WGMMA_MIN_TOKENS`); Some: always or never.
+    pub fn set_moe_gemm_wgmma(&mut self, on: Option<bool>) -> Option<bool> {
+        std::mem::replace(&mut self.gemm_wgmma, on)
+    }
+
+    /// Whether `MoeKernel::Gemm` of `tokens` tokens runs on wgmma.
+    pub fn moe_gemm_on_wgmma(&self, tokens: usize) -> bool {
+        self.wgmma_arch && self.gemm_wgmma.unwrap_or(tokens >= GEMM_WGMMA_MIN_TOKENS)
+    }
+
+    /// Whether this GPU has the wgmma MoE GEMM (sm_90a).
+    pub fn has_moe_gemm_wgmma(&self) -> bool {
+        self.wgmma_arch
+    }
+
     /// Runs the BF16 one-tile GEMV with its next K block loaded ahead where its grid fits
     /// (`gemv_mma_bf16_t1_pipe`, the default), or never (`false`). Same bits either way.
     pub fn set_gemv_pipe(&mut self, on: bool) {
@@ -1369,7 +1420,8 @@ impl Kernels {
     pub fn moe_kind_reads_split(&self, kind: MoeKernel, tokens: usize) -> bool {
         match kind {
             MoeKernel::Tiled { .. } => self.splits_x(tokens),
-            MoeKernel::Gemm => true,
+            // (On wgmma it splits x itself, into that kernel's layout.)
+            MoeKernel::Gemm => !self.moe_gemm_on_wgmma(tokens),
             _ => false,
         }
     }
@@ -1632,15 +1684,18 @@ impl Kernels {
                 // Both written in full by moe_split_rows.
                 let alloc_u32 = |n: usize| unsafe { self.alloc.alloc::<u32>(n) };
                 let alloc_f32 = |n: usize| unsafe { self.alloc.alloc::<f32>(n) };
-                let xsplit = self.x_split(input, x, t, h)?;
+                let wg = self.moe_gemm_on_wgmma(t);
+                let xsplit = if wg { XSplit::Own(self.moe_split_x_wg(x, t, h)?) } else { self.x_split(input, x, t, h)? };
                 let (xs, xinv) = (&xsplit.rows().xs, &xsplit.rows().inv);
-                let cfg = |tiles: usize| LaunchConfig { grid_dim: (tiles.div_ceil(GEMM_TILES) as u32, u, 1), block_dim: (32 * GEMM_TILES as u32, 1, 1), shared_mem_bytes: GEMM_SMEM as u32 };
-                let mut b = crate::launch::builder(&self.stream, &self.gemm_gate_up);
+                let (bt, smem) = if wg { (self.gemm_wg_tiles, gemm_smem(self.gemm_wg_tiles, GEMM_WG_STAGES)) } else { (GEMM_TILES, GEMM_SMEM) };
+                let cfg = |tiles: usize| LaunchConfig { grid_dim: (tiles.div_ceil(bt) as u32, u, 1), block_dim: (32 * bt as u32, 1, 1), shared_mem_bytes: smem as u32 };
+                let (f_gate_up, f_down) = if wg { (&self.gemm_wg_gate_up, &self.gemm_wg_down) } else { (&self.gemm_gate_up, &self.gemm_down) };
+                let mut b = crate::launch::builder(&self.stream, f_gate_up);
                 b.arg(gate_up).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_tok).arg(xs).arg(xinv).arg(&mut scratch.h).arg(&hh).arg(&ii);
                 unsafe { b.launch(cfg(i / 8)) }.map_err(drv("moe gate_up (GEMM)"))?;
                 let (mut hs, mut hinv) = (alloc_u32(p * i)?, alloc_f32(p)?);
-                self.split_rows(&scratch.h, p, i, &mut hs, &mut hinv)?;
-                let mut b = crate::launch::builder(&self.stream, &self.gemm_down);
+                self.split_rows(&scratch.h, p, i, &mut hs, &mut hinv, wg)?;
+                let mut b = crate::launch::builder(&self.stream, f_down);
                 b.arg(down).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_w).arg(&hs).arg(&hinv).arg(&mut scratch.out).arg(&hh).arg(&ii);
                 unsafe { b.launch(cfg(h / 16)) }.map_err(drv("moe down (GEMM)"))?;
             }
@@ -1695,19 +1750,29 @@ impl Kernels {
         // Both written in full by moe_split_rows.
         let mut xs = unsafe { self.alloc.alloc::<u32>(rows * k) }?;
         let mut inv = unsafe { self.alloc.alloc::<f32>(rows) }?;
-        self.split_rows(x, rows, k, &mut xs, &mut inv)?;
+        self.split_rows(x, rows, k, &mut xs, &mut inv, false)?;
+        Ok(MoeSplit { xs, inv })
+    }
+
+    /// The same split in the wgmma MoE GEMM's layout (`moe_split_rows_wg`).
+    fn moe_split_x_wg(&self, x: &CudaSlice<f32>, rows: usize, k: usize) -> Result<MoeSplit> {
+        // Both written in full by moe_split_rows_wg.
+        let mut xs = unsafe { self.alloc.alloc::<u32>(rows * k) }?;
+        let mut inv = unsafe { self.alloc.alloc::<f32>(rows) }?;
+        self.split_rows(x, rows, k, &mut xs, &mut inv, true)?;
         Ok(MoeSplit { xs, inv })
     }
 
     /// `rows` rows of `x` [rows, k] split for the MoE GEMM (`moe_split_rows`): each row's F16
     /// hi + lo of x * 2^s in one pair's staged-fragment layout, and 2^-s per row.
-    fn split_rows(&self, x: &CudaSlice<f32>, rows: usize, k: usize, xs: &mut CudaSlice<u32>, inv: &mut CudaSlice<f32>) -> Result<()> {
+    /// `wg`: in the wgmma GEMM's layout instead (`moe_split_rows_wg`; the same values).
+    fn split_rows(&self, x: &CudaSlice<f32>, rows: usize, k: usize, xs: &mut CudaSlice<u32>, inv: &mut CudaSlice<f32>, wg: bool) -> Result<()> {
         check(k.is_multiple_of(64) && x.len() >= rows * k && xs.len() >= rows * k && inv.len() >= rows, || format!("moe_split_rows: {rows} rows of {k}"))?;
         if rows == 0 {
             return Ok(());
         }
         let ki = k as i32;
-        let mut b = crate::launch::builder(&self.stream, &self.split_rows);
+        let mut b = crate::launch::builder(&self.stream, if wg { &self.split_rows_wg } else { &self.split_rows });
         b.arg(x).arg(&ki).arg(xs).arg(inv);
         unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv("moe_split_rows"))?;
         Ok(())

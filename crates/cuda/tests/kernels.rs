@@ -363,6 +363,15 @@ fn mxfp4_moe_decode_matches_the_cpu_reference() {
                     yt_all.push((format!("{kind:?}"), yv));
                 }
             }
+            // The MoE GEMM on mma.sync and, on Hopper, on wgmma: the same bits.
+            for wgmma in [false, true] {
+                let before = kern.set_moe_gemm_wgmma(Some(wgmma));
+                assert_eq!(kern.moe_gemm_on_wgmma(t), wgmma && kern.has_moe_gemm_wgmma());
+                let mut yv = poisoned(&g, t * h);
+                kern.moe_mxfp4_with(MoeKernel::Gemm, &wt, &dr, &xd, MoeInput::Settled, &mut scratch, &mut yv).unwrap();
+                yt_all.push((format!("Gemm, wgmma {}", kern.moe_gemm_on_wgmma(t)), yv));
+                kern.set_moe_gemm_wgmma(before);
+            }
             // From 2 tokens the two-launch kernels read x (and, with the per-slot wait, h) split
             // once; the paths that stage them in the kernels instead (PEREGRINE_MOE_PRESPLIT=0,
             // =x) give the same bits.
@@ -389,13 +398,19 @@ fn mxfp4_moe_decode_matches_the_cpu_reference() {
                 let x2d = g.stream.clone_htod(&randn(&mut r, t * h)).unwrap();
                 let sp2 = kern.moe_split_x(&x2d, t, h).unwrap();
                 let v = peregrine_cuda::kernels::TILED_VARIANTS;
-                let kinds = [kern.moe_kernel(&wt, t, top_k), MoeKernel::Gemm, MoeKernel::tiled(v[0].0, v[0].1), MoeKernel::Fused { stages: v[0].0, steps: v[0].1, max_blocks: 0 }];
+                // The MoE GEMM twice: on mma.sync it reads x split; on wgmma (the default on
+                // Hopper) it splits x itself, into that kernel's layout.
+                let kinds = [(kern.moe_kernel(&wt, t, top_k), true), (MoeKernel::Gemm, false), (MoeKernel::Gemm, true), (MoeKernel::tiled(v[0].0, v[0].1), true), (MoeKernel::Fused { stages: v[0].0, steps: v[0].1, max_blocks: 0 }, true)];
                 // (What moe_kind_reads_split says of each kind is checked below against what it does.)
-                assert!(kern.moe_kind_reads_split(MoeKernel::Gemm, t), "the MoE GEMM reads x split");
-                for kind in kinds {
+                let wgmma_default = kern.set_moe_gemm_wgmma(Some(false));
+                assert!(kern.moe_kind_reads_split(MoeKernel::Gemm, t), "the MoE GEMM on mma.sync reads x split");
+                kern.set_moe_gemm_wgmma(Some(true));
+                assert_eq!(kern.moe_kind_reads_split(MoeKernel::Gemm, t), !kern.has_moe_gemm_wgmma(), "the MoE GEMM on wgmma splits x itself");
+                for (kind, wgmma) in kinds {
+                    kern.set_moe_gemm_wgmma(Some(wgmma));
                     let mut yv = poisoned(&g, t * h);
                     kern.moe_mxfp4_with(kind, &wt, &dr, &xd, MoeInput::Split(&sp), &mut scratch, &mut yv).unwrap();
-                    yt_all.push((format!("{kind:?}, x split by its producer"), yv));
+                    yt_all.push((format!("{kind:?} (wgmma {wgmma}), x split by its producer"), yv));
                     let mut y_other = poisoned(&g, t * h);
                     kern.moe_mxfp4_with(kind, &wt, &dr, &xd, MoeInput::Split(&sp2), &mut scratch, &mut y_other).unwrap();
                     if kern.moe_kind_reads_split(kind, t) {
@@ -404,12 +419,14 @@ fn mxfp4_moe_decode_matches_the_cpu_reference() {
                         let (a, b) = (g.stream.clone_dtoh(&y_other).unwrap(), g.stream.clone_dtoh(&y2).unwrap());
                         assert!(a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()), "moe mxfp4 ({kind:?}) T={t}: given another x's split, it must compute from that split");
                     } else {
-                        yt_all.push((format!("{kind:?}, another x's split (not read)"), y_other));
+                        yt_all.push((format!("{kind:?} (wgmma {wgmma}), another x's split (not read)"), y_other));
                     }
                 }
+                kern.set_moe_gemm_wgmma(Some(false));
                 let short = kern.moe_split_x(&xd, t - 1, h).unwrap();
                 let mut yv = poisoned(&g, t * h);
                 assert!(kern.moe_mxfp4_with(MoeKernel::Gemm, &wt, &dr, &xd, MoeInput::Split(&short), &mut scratch, &mut yv).is_err(), "a split x of {} rows for {t} tokens is refused", t - 1);
+                kern.set_moe_gemm_wgmma(wgmma_default);
             }
             let mut yt4 = poisoned(&g, t * h);
             // A kernel that does not read the layout is refused, not run.
