@@ -1233,11 +1233,17 @@ __device__ __forceinline__ void moe_gemm_chunk_wg(const unsigned char* __restric
 // Grid: (ceil(tiles / GEMM_TILES), expert slots); GEMM_THREADS threads; GEMM_STAGES x
 // GEMM_STAGE_BYTES of dynamic shared memory. A chunk of np pairs runs the n-tile count of 1, 2,
 // 4 or 8 that covers it.
+//
+// WG (the wgmma kernels): grid.x is (tile groups) x cb, and the cb blocks of a tile group, adjacent
+// in launch order, take the slot's chunks c, c + cb, ... (chunks of equal size, at most
+// GEMM_PAIRS): they run side by side, so the tiles' weights come from DRAM about once for all
+// the slot's pairs and from L2 for the others, where one block took every chunk in turn and
+// streamed them from DRAM per chunk. Chunks are independent columns: the same bits.
 template <bool GATE_UP, bool WG = false>
 __device__ __forceinline__ void moe_gemm(const unsigned char* __restrict__ W, const int* __restrict__ experts, const int* __restrict__ pair_off,
                                          const int* __restrict__ pair_tok, const float* __restrict__ pair_w,
                                          const unsigned* __restrict__ xs, const float* __restrict__ inv, float* __restrict__ y,
-                                         int K, int tiles, int ldy) {
+                                         int K, int tiles, int ldy, int cb = 1) {
     __shared__ int rows[GEMM_PAIRS];
     int u = blockIdx.y;
     int pb = pair_off[u], pe = pair_off[u + 1];
@@ -1245,9 +1251,18 @@ __device__ __forceinline__ void moe_gemm(const unsigned char* __restrict__ W, co
     size_t e = (size_t)experts[u];
     const int tid = threadIdx.x;
     constexpr int BT = WG ? MOE_WG_TILES : GEMM_TILES;
-    const int rt0 = blockIdx.x * BT, bt = min(BT, tiles - rt0);  // the block's tiles
-    for (int p0 = pb; p0 < pe; p0 += GEMM_PAIRS) {
-        const int np = min(GEMM_PAIRS, pe - p0);
+    const int grp = WG ? blockIdx.x / cb : blockIdx.x;
+    const int rt0 = grp * BT, bt = min(BT, tiles - rt0);  // the block's tiles
+    // The slot's chunks: WG: nch of `size` pairs, this block's first and its stride.
+    int size = GEMM_PAIRS, first = pb, stride = GEMM_PAIRS;
+    if (WG) {
+        const int nch = (pe - pb + GEMM_PAIRS - 1) / GEMM_PAIRS, c = blockIdx.x % cb;
+        size = (pe - pb + nch - 1) / nch;
+        first = pb + c * size;
+        stride = cb * size;
+    }
+    for (int p0 = first; p0 < pe; p0 += stride) {
+        const int np = min(size, pe - p0);
         __syncthreads();  // the previous chunk is done with rows and the stages
         if (tid < np) rows[tid] = GATE_UP ? pair_tok[p0 + tid] : p0 + tid;
         __syncthreads();
@@ -1288,15 +1303,15 @@ extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 1) moe_gemm_down(cons
 extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) moe_gemm_wg_gate_up(const unsigned char* __restrict__ W,
                                                                                 const int* __restrict__ experts, const int* __restrict__ pair_off,
                                                                                 const int* __restrict__ pair_tok, const unsigned* __restrict__ xs,
-                                                                                const float* __restrict__ inv, float* __restrict__ h, int H, int I) {
+                                                                                const float* __restrict__ inv, float* __restrict__ h, int H, int I, int cb) {
     PDL_ENTER();
-    moe_gemm<true, true>(W, experts, pair_off, pair_tok, nullptr, xs, inv, h, H, I / 8, I);
+    moe_gemm<true, true>(W, experts, pair_off, pair_tok, nullptr, xs, inv, h, H, I / 8, I, cb);
 }
 
 extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) moe_gemm_wg_down(const unsigned char* __restrict__ W,
                                                                              const int* __restrict__ experts, const int* __restrict__ pair_off,
                                                                              const float* __restrict__ pair_w, const unsigned* __restrict__ hs,
-                                                                             const float* __restrict__ inv, float* __restrict__ out, int H, int I) {
+                                                                             const float* __restrict__ inv, float* __restrict__ out, int H, int I, int cb) {
     PDL_ENTER();
-    moe_gemm<false, true>(W, experts, pair_off, nullptr, pair_w, hs, inv, out, I, H / 16, H);
+    moe_gemm<false, true>(W, experts, pair_off, nullptr, pair_w, hs, inv, out, I, H / 16, H, cb);
 }

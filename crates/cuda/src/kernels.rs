@@ -277,6 +277,9 @@ pub struct Kernels {
     split_rows_wg: CudaFunction,
     /// Row tiles per block of the wgmma GEMM (its block size / 32: MOE_WG_TILES in moe.cu).
     gemm_wg_tiles: usize,
+    /// Blocks per tile group of the wgmma GEMM, each taking every `gemm_wg_chunk_blocks`-th
+    /// chunk of a slot's pairs (`PEREGRINE_MOE_WG_CHUNK_BLOCKS`, default 4).
+    gemm_wg_chunk_blocks: usize,
     wgmma_arch: bool,
     gemm_wgmma: Option<bool>,
     /// Streaming multiprocessors of the GPU (the fused MoE's resident grid).
@@ -781,6 +784,7 @@ impl Kernels {
             gemm_down: fm("moe_gemm_down")?,
             split_rows: fm("moe_split_rows")?,
             gemm_wg_tiles: wg_tiles,
+            gemm_wg_chunk_blocks: std::env::var("PEREGRINE_MOE_WG_CHUNK_BLOCKS").ok().and_then(|v| v.parse().ok()).filter(|&n: &usize| (1..=64).contains(&n)).unwrap_or(4),
             gemm_wg_gate_up,
             gemm_wg_down,
             split_rows_wg: fm("moe_split_rows_wg")?,
@@ -1688,15 +1692,24 @@ impl Kernels {
                 let xsplit = if wg { XSplit::Own(self.moe_split_x_wg(x, t, h)?) } else { self.x_split(input, x, t, h)? };
                 let (xs, xinv) = (&xsplit.rows().xs, &xsplit.rows().inv);
                 let (bt, smem) = if wg { (self.gemm_wg_tiles, gemm_smem(self.gemm_wg_tiles, GEMM_WG_STAGES)) } else { (GEMM_TILES, GEMM_SMEM) };
-                let cfg = |tiles: usize| LaunchConfig { grid_dim: (tiles.div_ceil(bt) as u32, u, 1), block_dim: (32 * bt as u32, 1, 1), shared_mem_bytes: smem as u32 };
+                // The wgmma kernels: `cb` blocks per tile group share its weights through L2.
+                let cb = if wg { self.gemm_wg_chunk_blocks } else { 1 };
+                let cbi = cb as i32;
+                let cfg = |tiles: usize| LaunchConfig { grid_dim: ((tiles.div_ceil(bt) * cb) as u32, u, 1), block_dim: (32 * bt as u32, 1, 1), shared_mem_bytes: smem as u32 };
                 let (f_gate_up, f_down) = if wg { (&self.gemm_wg_gate_up, &self.gemm_wg_down) } else { (&self.gemm_gate_up, &self.gemm_down) };
                 let mut b = crate::launch::builder(&self.stream, f_gate_up);
                 b.arg(gate_up).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_tok).arg(xs).arg(xinv).arg(&mut scratch.h).arg(&hh).arg(&ii);
+                if wg {
+                    b.arg(&cbi);
+                }
                 unsafe { b.launch(cfg(i / 8)) }.map_err(drv("moe gate_up (GEMM)"))?;
                 let (mut hs, mut hinv) = (alloc_u32(p * i)?, alloc_f32(p)?);
                 self.split_rows(&scratch.h, p, i, &mut hs, &mut hinv, wg)?;
                 let mut b = crate::launch::builder(&self.stream, f_down);
                 b.arg(down).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_w).arg(&hs).arg(&hinv).arg(&mut scratch.out).arg(&hh).arg(&ii);
+                if wg {
+                    b.arg(&cbi);
+                }
                 unsafe { b.launch(cfg(h / 16)) }.map_err(drv("moe down (GEMM)"))?;
             }
             (MoeLayout::RowMajor { gate, gate_s, up, up_s, down, down_s }, MoeKernel::TensorCore | MoeKernel::Pipelined { .. }) => {
