@@ -11,7 +11,7 @@
 // of the same operands. Every output's bits are compared, and both against an f64 sum.
 //
 // Build and run on the GPU machine:
-//   nvcc -O3 -arch=sm_90a -o /tmp/wgmma_bits benches/micro/wgmma_bits.cu && /tmp/wgmma_bits
+//   nvcc -O3 -gencode arch=compute_90a,code=sm_90a -o /tmp/wgmma_bits benches/micro/wgmma_bits.cu && /tmp/wgmma_bits
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -50,6 +50,20 @@ __device__ __forceinline__ void a_frag(const unsigned* A, int r0, int lane, unsi
         a[2] = pack2(A[(r0 + g) * K + 2 * t + 8], A[(r0 + g) * K + 2 * t + 9]);
         a[3] = pack2(A[(r0 + g + 8) * K + 2 * t + 8], A[(r0 + g + 8) * K + 2 * t + 9]);
     }
+}
+
+// mma.sync m16n8k16's B fragment (F16 / BF16) of lane (g, t) from B [16][ldb], columns n0 ..
+__device__ __forceinline__ void b_frag16(const unsigned* B, int ldb, int n0, int g, int t, unsigned& b0, unsigned& b1) {
+    b0 = pack2(B[(2 * t) * ldb + n0 + g], B[(2 * t + 1) * ldb + n0 + g]);
+    b1 = pack2(B[(2 * t + 8) * ldb + n0 + g], B[(2 * t + 9) * ldb + n0 + g]);
+}
+
+// A warp's accumulator fragment d (rows r, r + 8; columns n0 + 2t, + 1) into D [64][ldd].
+__device__ __forceinline__ void store_frag(float* D, int ldd, int r, int n0, int t, const float d[4]) {
+    D[r * ldd + n0 + 2 * t] = d[0];
+    D[r * ldd + n0 + 2 * t + 1] = d[1];
+    D[(r + 8) * ldd + n0 + 2 * t] = d[2];
+    D[(r + 8) * ldd + n0 + 2 * t + 1] = d[3];
 }
 
 template <int TY>
@@ -142,18 +156,12 @@ __global__ void __launch_bounds__(128) chain(const unsigned* __restrict__ A, con
                 b0 = Bs[t * 8 + g];
                 b1 = Bs[(t + 4) * 8 + g];
             } else {
-                b0 = pack2(Bs[(2 * t) * 8 + g], Bs[(2 * t + 1) * 8 + g]);
-                b1 = pack2(Bs[(2 * t + 8) * 8 + g], Bs[(2 * t + 9) * 8 + g]);
+                b_frag16(Bs, 8, 0, g, t, b0, b1);
             }
             mma_sync_step<TY>(d, a, b0, b1, s > 0);
         }
     }
-    float* Dt = D + tile * 64 * 8;
-    const int r = 16 * w + g;
-    Dt[r * 8 + 2 * t] = d[0];
-    Dt[r * 8 + 2 * t + 1] = d[1];
-    Dt[(r + 8) * 8 + 2 * t] = d[2];
-    Dt[(r + 8) * 8 + 2 * t + 1] = d[3];
+    store_frag(D + tile * 64 * 8, 8, 16 * w + g, 0, t, d);
 }
 
 // The same with 64 columns (F16 only): B_s [16 x 64] as 8 x 2 core matrices, the one at (k core
@@ -206,21 +214,14 @@ __global__ void __launch_bounds__(128) chain64(const unsigned* __restrict__ A, c
         } else {
 #pragma unroll
             for (int nt = 0; nt < 8; nt++) {
-                unsigned b0 = pack2(Bs[(2 * t) * 64 + nt * 8 + g], Bs[(2 * t + 1) * 64 + nt * 8 + g]);
-                unsigned b1 = pack2(Bs[(2 * t + 8) * 64 + nt * 8 + g], Bs[(2 * t + 9) * 64 + nt * 8 + g]);
+                unsigned b0, b1;
+                b_frag16(Bs, 64, nt * 8, g, t, b0, b1);
                 mma_sync_step<F16>(d + 4 * nt, a, b0, b1, s > 0);
             }
         }
     }
-    float* Dt = D + tile * 64 * 64;
-    const int r = 16 * w + g;
 #pragma unroll
-    for (int nt = 0; nt < 8; nt++) {
-        Dt[r * 64 + nt * 8 + 2 * t] = d[4 * nt];
-        Dt[r * 64 + nt * 8 + 2 * t + 1] = d[4 * nt + 1];
-        Dt[(r + 8) * 64 + nt * 8 + 2 * t] = d[4 * nt + 2];
-        Dt[(r + 8) * 64 + nt * 8 + 2 * t + 1] = d[4 * nt + 3];
-    }
+    for (int nt = 0; nt < 8; nt++) store_frag(D + tile * 64 * 64, 64, 16 * w + g, nt * 8, t, d + 4 * nt);
 }
 
 // Does an mma.sync's result depend on where its 16 products sit along k? mode 0: as given;
@@ -247,16 +248,11 @@ __global__ void __launch_bounds__(128) permuted(const unsigned* __restrict__ A, 
         __syncthreads();
         unsigned a[4];
         a_frag<F16>(as, 16 * w, lane, a);
-        unsigned b0 = pack2(bsm[(2 * t) * 8 + g], bsm[(2 * t + 1) * 8 + g]);
-        unsigned b1 = pack2(bsm[(2 * t + 8) * 8 + g], bsm[(2 * t + 9) * 8 + g]);
+        unsigned b0, b1;
+        b_frag16(bsm, 8, 0, g, t, b0, b1);
         mma_sync_step<F16>(d, a, b0, b1, s > 0);
     }
-    float* Dt = D + tile * 64 * 8;
-    const int r = 16 * w + g;
-    Dt[r * 8 + 2 * t] = d[0];
-    Dt[r * 8 + 2 * t + 1] = d[1];
-    Dt[(r + 8) * 8 + 2 * t] = d[2];
-    Dt[(r + 8) * 8 + 2 * t + 1] = d[3];
+    store_frag(D + tile * 64 * 8, 8, 16 * w + g, 0, t, d);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -327,6 +323,28 @@ struct Case {
 };
 
 static int kdim(int ty) { return ty == TF32 ? 8 : 16; }
+
+// Device buffers: inputs uploaded, outputs poisoned (NaN unless written), results read back.
+static unsigned* upload(const std::vector<unsigned>& v) {
+    unsigned* d;
+    CHECK(cudaMalloc(&d, v.size() * 4));
+    CHECK(cudaMemcpy(d, v.data(), v.size() * 4, cudaMemcpyHostToDevice));
+    return d;
+}
+static float* poisoned(size_t n) {
+    float* d;
+    CHECK(cudaMalloc(&d, n * 4));
+    CHECK(cudaMemset(d, 0xff, n * 4));
+    return d;
+}
+static std::vector<float> fetch(float* d, size_t n) {
+    CHECK(cudaGetLastError());
+    CHECK(cudaDeviceSynchronize());
+    std::vector<float> v(n);
+    CHECK(cudaMemcpy(v.data(), d, n * 4, cudaMemcpyDeviceToHost));
+    CHECK(cudaFree(d));
+    return v;
+}
 
 // Small integers: every order of summation gives the exact result (checks the layouts).
 static void fill_exact(int ty, int L, unsigned* A, unsigned* B) {
@@ -406,24 +424,11 @@ static void run_case(const Case& c, int tiles) {
     const int K = Shape<TY>::K, L = c.L;
     std::vector<unsigned> A((size_t)tiles * L * 64 * K), B((size_t)tiles * L * K * 8);
     for (int t = 0; t < tiles; t++) c.fill(TY, L, &A[(size_t)t * L * 64 * K], &B[(size_t)t * L * K * 8]);
-    unsigned *dA, *dB;
-    float *dW, *dM;
-    CHECK(cudaMalloc(&dA, A.size() * 4));
-    CHECK(cudaMalloc(&dB, B.size() * 4));
-    CHECK(cudaMalloc(&dW, (size_t)tiles * 512 * 4));
-    CHECK(cudaMalloc(&dM, (size_t)tiles * 512 * 4));
-    CHECK(cudaMemcpy(dA, A.data(), A.size() * 4, cudaMemcpyHostToDevice));
-    CHECK(cudaMemcpy(dB, B.data(), B.size() * 4, cudaMemcpyHostToDevice));
-    CHECK(cudaMemset(dW, 0xff, (size_t)tiles * 512 * 4));  // poisoned: NaN unless written
-    CHECK(cudaMemset(dM, 0xff, (size_t)tiles * 512 * 4));
+    unsigned *dA = upload(A), *dB = upload(B);
+    float *dW = poisoned((size_t)tiles * 512), *dM = poisoned((size_t)tiles * 512);
     chain<TY><<<tiles, 128>>>(dA, dB, L, 0, dW);
-    CHECK(cudaGetLastError());
     chain<TY><<<tiles, 128>>>(dA, dB, L, 1, dM);
-    CHECK(cudaGetLastError());
-    CHECK(cudaDeviceSynchronize());
-    std::vector<float> W((size_t)tiles * 512), M((size_t)tiles * 512);
-    CHECK(cudaMemcpy(W.data(), dW, W.size() * 4, cudaMemcpyDeviceToHost));
-    CHECK(cudaMemcpy(M.data(), dM, M.size() * 4, cudaMemcpyDeviceToHost));
+    std::vector<float> W = fetch(dW, (size_t)tiles * 512), M = fetch(dM, (size_t)tiles * 512);
     size_t differ = 0, nan = 0, exact_w = 0, exact_m = 0;
     double err_w = 0, err_m = 0, max_rel_diff = 0;
     for (int t = 0; t < tiles; t++)
@@ -456,8 +461,6 @@ static void run_case(const Case& c, int tiles) {
            TY == F16 ? "f16" : TY == BF16 ? "bf16" : "tf32", c.name, L, total, differ, nan, exact_w, exact_m, err_w, err_m, max_rel_diff);
     CHECK(cudaFree(dA));
     CHECK(cudaFree(dB));
-    CHECK(cudaFree(dW));
-    CHECK(cudaFree(dM));
 }
 
 // 64 columns: exact small integers, or MoE-like data (A = E2M1 x 2^-6, columns 2j / 2j + 1 the hi / lo
@@ -479,22 +482,12 @@ static void run64(const char* name, bool moe, int tiles, int L) {
                     b[1] = f16_bits(v - (float)f16_val(b[0]));
                 }
             }
-    unsigned *dA, *dB;
-    float* dD[3];
-    CHECK(cudaMalloc(&dA, A.size() * 4));
-    CHECK(cudaMalloc(&dB, B.size() * 4));
-    CHECK(cudaMemcpy(dA, A.data(), A.size() * 4, cudaMemcpyHostToDevice));
-    CHECK(cudaMemcpy(dB, B.data(), B.size() * 4, cudaMemcpyHostToDevice));
+    unsigned *dA = upload(A), *dB = upload(B);
     std::vector<float> D[3];
     for (int m = 0; m < 3; m++) {
-        CHECK(cudaMalloc(&dD[m], (size_t)tiles * 4096 * 4));
-        CHECK(cudaMemset(dD[m], 0xff, (size_t)tiles * 4096 * 4));
-        chain64<<<tiles, 128>>>(dA, dB, L, m, dD[m]);
-        CHECK(cudaGetLastError());
-        CHECK(cudaDeviceSynchronize());
-        D[m].resize((size_t)tiles * 4096);
-        CHECK(cudaMemcpy(D[m].data(), dD[m], D[m].size() * 4, cudaMemcpyDeviceToHost));
-        CHECK(cudaFree(dD[m]));
+        float* d = poisoned((size_t)tiles * 4096);
+        chain64<<<tiles, 128>>>(dA, dB, L, m, d);
+        D[m] = fetch(d, (size_t)tiles * 4096);
     }
     size_t diff0 = 0, diff1 = 0, wrong = 0;
     for (size_t t = 0; t < (size_t)tiles; t++)
@@ -521,28 +514,16 @@ static void run_perm(const Case& c, int tiles) {
     const int K = 16, L = c.L;
     std::vector<unsigned> A((size_t)tiles * L * 64 * K), B((size_t)tiles * L * K * 8);
     for (int t = 0; t < tiles; t++) c.fill(F16, L, &A[(size_t)t * L * 64 * K], &B[(size_t)t * L * K * 8]);
-    unsigned *dA, *dB;
-    float *d0, *d1;
-    CHECK(cudaMalloc(&dA, A.size() * 4));
-    CHECK(cudaMalloc(&dB, B.size() * 4));
-    CHECK(cudaMalloc(&d0, (size_t)tiles * 512 * 4));
-    CHECK(cudaMalloc(&d1, (size_t)tiles * 512 * 4));
-    CHECK(cudaMemcpy(dA, A.data(), A.size() * 4, cudaMemcpyHostToDevice));
-    CHECK(cudaMemcpy(dB, B.data(), B.size() * 4, cudaMemcpyHostToDevice));
+    unsigned *dA = upload(A), *dB = upload(B);
+    float *d0 = poisoned((size_t)tiles * 512), *d1 = poisoned((size_t)tiles * 512);
     permuted<<<tiles, 128>>>(dA, dB, L, 0, d0);
     permuted<<<tiles, 128>>>(dA, dB, L, 1, d1);
-    CHECK(cudaGetLastError());
-    CHECK(cudaDeviceSynchronize());
-    std::vector<float> X((size_t)tiles * 512), Y((size_t)tiles * 512);
-    CHECK(cudaMemcpy(X.data(), d0, X.size() * 4, cudaMemcpyDeviceToHost));
-    CHECK(cudaMemcpy(Y.data(), d1, Y.size() * 4, cudaMemcpyDeviceToHost));
+    std::vector<float> X = fetch(d0, (size_t)tiles * 512), Y = fetch(d1, (size_t)tiles * 512);
     size_t differ = 0;
     for (size_t i = 0; i < X.size(); i++) differ += f32_bits(X[i]) != f32_bits(Y[i]);
     printf("f16 k permuted within each mma.sync, %-8s L=%-3d outputs %zu  bits differ %zu\n", c.name, L, X.size(), differ);
     CHECK(cudaFree(dA));
     CHECK(cudaFree(dB));
-    CHECK(cudaFree(d0));
-    CHECK(cudaFree(d1));
 }
 
 int main() {
