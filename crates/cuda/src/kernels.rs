@@ -1208,9 +1208,9 @@ impl Kernels {
         self.gemv_pipe && (nt, r) == (1, 1) && blocks <= self.mma_bf16_pipe_wave
     }
 
-    /// Runs `MoeKernel::Gemm` on the wgmma kernels (where the GPU has them: sm_90a) or on
-    /// mma.sync; the same bits either way. Returns the setting before.
-    /// None: by token count (`GEMM_WGMMA_MIN_TOKENS`); Some: always or never.
+    /// Puts `MoeKernel::Gemm` on the wgmma kernels (`Some(true)`, where the GPU has them:
+    /// sm_90a), on mma.sync (`Some(false)`), or lets the token count choose (`None`: from
+    /// `GEMM_WGMMA_MIN_TOKENS`). The same bits either way; returns the setting before.
     pub fn set_moe_gemm_wgmma(&mut self, on: Option<bool>) -> Option<bool> {
         std::mem::replace(&mut self.gemm_wgmma, on)
     }
@@ -1689,7 +1689,7 @@ impl Kernels {
                 let alloc_u32 = |n: usize| unsafe { self.alloc.alloc::<u32>(n) };
                 let alloc_f32 = |n: usize| unsafe { self.alloc.alloc::<f32>(n) };
                 let wg = self.moe_gemm_on_wgmma(t);
-                let xsplit = if wg { XSplit::Own(self.moe_split_x_wg(x, t, h)?) } else { self.x_split(input, x, t, h)? };
+                let xsplit = if wg { XSplit::Own(self.split_x(x, t, h, true)?) } else { self.x_split(input, x, t, h)? };
                 let (xs, xinv) = (&xsplit.rows().xs, &xsplit.rows().inv);
                 let (bt, smem) = if wg { (self.gemm_wg_tiles, gemm_smem(self.gemm_wg_tiles, GEMM_WG_STAGES)) } else { (GEMM_TILES, GEMM_SMEM) };
                 // The wgmma kernels: `cb` blocks per tile group share its weights through L2.
@@ -1760,19 +1760,15 @@ impl Kernels {
     /// The `rows` rows of x [rows, k] split as the MoE kernels read them (`moe_split_rows`, one
     /// launch): what a producer writing `MoeInput::Split` must match bit for bit.
     pub fn moe_split_x(&self, x: &CudaSlice<f32>, rows: usize, k: usize) -> Result<MoeSplit> {
-        // Both written in full by moe_split_rows.
-        let mut xs = unsafe { self.alloc.alloc::<u32>(rows * k) }?;
-        let mut inv = unsafe { self.alloc.alloc::<f32>(rows) }?;
-        self.split_rows(x, rows, k, &mut xs, &mut inv, false)?;
-        Ok(MoeSplit { xs, inv })
+        self.split_x(x, rows, k, false)
     }
 
-    /// The same split in the wgmma MoE GEMM's layout (`moe_split_rows_wg`).
-    fn moe_split_x_wg(&self, x: &CudaSlice<f32>, rows: usize, k: usize) -> Result<MoeSplit> {
-        // Both written in full by moe_split_rows_wg.
+    /// `moe_split_x`; `wg`: in the wgmma MoE GEMM's layout (`moe_split_rows_wg`).
+    fn split_x(&self, x: &CudaSlice<f32>, rows: usize, k: usize, wg: bool) -> Result<MoeSplit> {
+        // Both written in full by the split.
         let mut xs = unsafe { self.alloc.alloc::<u32>(rows * k) }?;
         let mut inv = unsafe { self.alloc.alloc::<f32>(rows) }?;
-        self.split_rows(x, rows, k, &mut xs, &mut inv, true)?;
+        self.split_rows(x, rows, k, &mut xs, &mut inv, wg)?;
         Ok(MoeSplit { xs, inv })
     }
 
