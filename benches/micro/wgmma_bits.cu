@@ -184,8 +184,9 @@ __device__ __forceinline__ void wgmma_n64(float d[32], const unsigned a[4], unsi
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(acc));
 }
 // mode 0: wgmma, cores laid out K-direction 1024 bytes apart, N 128 (leading = 1024, stride = 128);
-// 1: the other reading (cores K 128 apart, N 256 apart; leading = 128, stride = 256);
-// 2: mma.sync per n8 tile. A: [tiles][L][64][16], B: [tiles][L][16][64], D: [tiles][64][64].
+// 1: wgmma, cores K 128 apart, N 256 apart (leading = 128, stride = 256): the same reading of
+// the offsets (leading = K) on other numbers (the printed label "leading=N-reading" is a
+// misnomer kept so the recorded output reads the same); 2: mma.sync per n8 tile. A: [tiles][L][64][16], B: [tiles][L][16][64], D: [tiles][64][64].
 __global__ void __launch_bounds__(128) chain64(const unsigned* __restrict__ A, const unsigned* __restrict__ B, int L, int mode, float* __restrict__ D) {
     __shared__ __align__(128) unsigned char bs[2048];
     const int tid = threadIdx.x, w = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
