@@ -1055,8 +1055,8 @@ __device__ __forceinline__ void moe_gemm_chunk(const unsigned char* __restrict__
 // Why: at a 2048-token prompt the MoE GEMM was 57% of the prefill's kernel time at ~107 TFLOP/s
 // of useful work: each warp issued, per 64 k, 32 mma.sync, 16 shared-memory B loads, the decode
 // and 64 FFMAs of the E8M0 scaling. wgmma.mma_async m64nNk16 takes a warpgroup's four row tiles
-// at once with B straight from shared memory. H100: 7-17% faster from 512 tokens (~120 TFLOP/s at
-// 2048), as fast or slower below, where the weights' bytes bound it (the host's rule,
+// at once with B straight from shared memory. H100: as fast or faster from 512 tokens (Pro even at
+// 512, Flash 7%; 10-17% at 1024-2048, ~124 TFLOP/s at 2048), as fast or slower below, where the weights' bytes bound it (the host's rule,
 // GEMM_WGMMA_MIN_TOKENS). Still far from the tensor cores' rate: the block shape's bytes (the
 // weights streamed once per 32 pairs, the pairs' rows from L2 once per 256 rows) and one barrier
 // per 4 steps are what a faster form would change.

@@ -202,7 +202,8 @@ const GEMM_WG_STAGES: usize = 3;
 /// From this many tokens `MoeKernel::Gemm` runs on wgmma (where the GPU has it). Below, with a
 /// few pairs per expert, the kernel is bound by the weights' bytes and mma.sync was as fast or
 /// faster (H100: Flash shapes even at 256 tokens, 8 pairs per expert; Pro 8% slower at 256,
-/// 10-15% at 16-128; from 512 tokens wgmma 7-17% faster, benches/results/2026-11-26-moe-gemm-wgmma.md).
+/// 10-15% at 16-128; from 512 tokens wgmma as fast (Pro) or 7% faster (Flash), 10-17% at
+/// 1024-2048; benches/results/2026-11-26-moe-gemm-wgmma.md).
 pub const GEMM_WGMMA_MIN_TOKENS: usize = 512;
 /// Row tiles of 16 per MoE GEMM block, one per warp (GEMM_TILES in moe.cu).
 const GEMM_TILES: usize = 16;
