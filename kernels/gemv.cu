@@ -1068,6 +1068,223 @@ GEMM_MMA_KERNEL(gemm_mma_bf16, false, 2, GEMMT_STAGES)
 GEMM_MMA_KERNEL(gemm_mma_deep_fp8, true, 1, 6)
 GEMM_MMA_KERNEL(gemm_mma_deep_bf16, false, 1, 5)
 
+// ---------------------------------------------------------------------------------------------
+// The dense GEMM on Hopper's warpgroup MMAs (sm_90a): gemm_wg_split, then gemm_wg_{fp8,bf16}.
+//
+// Why: gemm_mma's 128 x 64 tiles read 384 (FP8) / 512 (BF16) bytes from L2 per k for 8192
+// products (the activations' hi + lo are 4 bytes an element), and ncu put L2 at ~75% and the
+// tensor pipe at 37% with every warp loading its own B fragments. A block of four warpgroups
+// here takes 256 rows x 64 tokens: 512 / 768 bytes per k for 16384 products, and wgmma reads
+// B from shared memory itself, shared by the four warpgroups. H100, Flash shapes, split
+// included: the FP8 q/k/v 1.7-2.0x and the BF16 o_proj 1.3-1.8x as fast as gemm_mma at 256-4096
+// tokens (~215 / ~155 useful TFLOP/s at 2048; benches/results/2026-11-26-dense-gemm-wgmma.md).
+//
+// The same bits as gemm_mma (and so as every GEMV tile): K blocks of 128 visited class by class
+// (blocks w, w + 8, ... for w = 0..7), each 64-k half as four MMAs over k {16 q + 4 s + j},
+// the hi part then the lo part; an FP8 block summed from zero (its first MMA writes A B) and
+// scaled into acc, each class's acc added into total. A is mma_a_frags' fragment (wgmma's per-warp register fragment is
+// mma.sync's), so wgmma's logical k inside an MMA is mma.sync's; wgmma chains give mma.sync's
+// bits (benches/micro/wgmma_bits.cu).
+//
+// B (gemm_wg_split's layout): per 64-token tile and 64-k chunk 16 KB, [s][h][c][n / 8][n % 8]
+// of 16-byte units (no swizzle): the unit (s, h, c, n) holds part h (0 hi, 1 lo) of token n at
+// k 16 t + 4 s + 2 c + e, t = 0..3, e = 0..1, which are logical k 8 c + 2 t + e of MMA s (the
+// places of mma_k16's B fragments). So MMA s of part h is one descriptor: core matrices 1 KB
+// apart along K, 128 bytes along N.
+#define GWG_ROWS 256
+#define GWG_TOKENS 64
+#define GWG_THREADS 512
+#define GWG_XCHUNK 16384  // bytes of one 64-token tile's 64-k chunk, hi and lo
+template <bool FP8>
+struct GemmWg {
+    static constexpr int WROW = FP8 ? 64 : 144;  // bytes per row per 64-k half in shared memory (BF16 padded)
+    static constexpr int WUNITS = FP8 ? 4 : 8;   // 16-byte units of a row's half in global memory
+    static constexpr int W_HALF = GWG_ROWS * WROW;
+    static constexpr int HALF = W_HALF + GWG_XCHUNK;  // a half's weights, then its B
+    static constexpr int STAGE = 2 * HALF;            // one K block of 128
+    static constexpr int STAGES = FP8 ? 3 : 2;        // 192 / 208 KB
+};
+
+// x's hi + lo parts [T, K] (K % 64 == 0) into gemm_wg's B layout, [ceil(T / 64)][K / 64][16 KB];
+// tokens past T are zeros (their columns are never stored). Thread: (tile, chunk, part, token).
+extern "C" __global__ void __launch_bounds__(256) gemm_wg_split(const unsigned short* __restrict__ XH, const unsigned short* __restrict__ XL,
+                                                                uint4* __restrict__ xw, int K, int T) {
+    PDL_ENTER();
+    const int KC = K / 64;
+    const long long id = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const int n = (int)(id & 63), h = (int)((id >> 6) & 1);
+    const long long tc = id >> 7;  // tile * KC + chunk
+    const int tile = (int)(tc / KC), kc = (int)(tc % KC);
+    if (tile >= (T + GWG_TOKENS - 1) / GWG_TOKENS) return;
+    const int tok = tile * GWG_TOKENS + n;
+    unsigned wd[32];
+    if (tok < T) {
+        const uint4* src = reinterpret_cast<const uint4*>((h ? XL : XH) + (size_t)tok * K + kc * 64);
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            uint4 v = src[i];
+            wd[4 * i] = v.x; wd[4 * i + 1] = v.y; wd[4 * i + 2] = v.z; wd[4 * i + 3] = v.w;
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < 32; i++) wd[i] = 0u;
+    }
+    uint4* dst = xw + (size_t)tc * (GWG_XCHUNK / 16) + (n >> 3) * 8 + (n & 7);
+#pragma unroll
+    for (int s = 0; s < 4; s++)
+#pragma unroll
+        for (int c = 0; c < 2; c++)  // word 8 t + 2 s + c holds k 16 t + 4 s + 2 c, + 1
+            dst[((s * 2 + h) * 2 + c) * 64] = make_uint4(wd[2 * s + c], wd[8 + 2 * s + c], wd[16 + 2 * s + c], wd[24 + 2 * s + c]);
+}
+
+#ifdef __CUDA_ARCH_FEAT_SM90_ALL
+template <bool FP8>
+__device__ __forceinline__ void gemm_wg(const unsigned char* __restrict__ W, const float* __restrict__ S, const uint4* __restrict__ xw,
+                                        const float* __restrict__ xinv, float* __restrict__ y, float* __restrict__ y1,
+                                        float* __restrict__ y2, int N0, int N1, int N, int K, int T) {
+    using G = GemmWg<FP8>;
+    constexpr int STAGES = G::STAGES, ESIZE = FP8 ? 1 : 2;
+    extern __shared__ uint4 dsm[];
+    unsigned char* smem = reinterpret_cast<unsigned char*>(dsm);
+    const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, g = lane >> 2, q = lane & 3;
+    const int wrow = 16 * w;  // the warp's 16 rows of the block's 256 (warpgroup w / 4: rows 64 (w / 4) ..)
+    // Token tiles are the grid's fast index: the blocks running at once share a few row tiles'
+    // weights (read from DRAM about once) and read the activations from L2.
+    const int nb = blockIdx.y * GWG_ROWS, tile = blockIdx.x;
+    const int KB = K / 128;
+    // Each thread's weight units of a stage at k = 0: (row, half, unit) = (id / (2 WUNITS), ...)
+    // for id = tid + 512 i; rows clamped to N - 1 (loaded, never stored).
+    constexpr int NWU = GWG_ROWS * 2 * G::WUNITS / GWG_THREADS, WSTEP = GWG_THREADS / (2 * G::WUNITS);
+    const int whalf = (tid / G::WUNITS) & 1, wu = tid % G::WUNITS;
+    const unsigned char* wbase = W + (size_t)nb * K * ESIZE + whalf * 64 * ESIZE + wu * 16;
+    unsigned wofs[NWU];
+#pragma unroll
+    for (int u = 0; u < NWU; u++) wofs[u] = (unsigned)(min(nb + tid / (2 * G::WUNITS) + WSTEP * u, N - 1) - nb) * K * ESIZE;
+    const int wdst = whalf * G::HALF + (tid / (2 * G::WUNITS)) * G::WROW + wu * 16;
+    // B: the K block's two 16 KB chunks are adjacent in xw; 4 units a thread.
+    const unsigned char* xbase = reinterpret_cast<const unsigned char*>(xw) + (size_t)tile * (K / 64) * GWG_XCHUNK + tid * 16;
+    auto next_kb = [&](int kb) {
+        const int nk = kb + 8;
+        return nk < KB ? nk : (kb & 7) + 1;  // else the next class's first block
+    };
+    int kb_issue = 0;
+    auto issue = [&](int p) {
+        if (p < KB) {
+            unsigned char* st = smem + (p % STAGES) * G::STAGE;
+#pragma unroll
+            for (int u = 0; u < NWU; u++) cp_async16(st + wdst + u * WSTEP * G::WROW, wbase + wofs[u] + (size_t)kb_issue * 128 * ESIZE);
+#pragma unroll
+            for (int u = 0; u < 4; u++) {
+                const int o = tid * 16 + u * GWG_THREADS * 16;  // byte of the K block's 32 KB of B
+                cp_async16(st + (o / GWG_XCHUNK) * G::HALF + G::W_HALF + o % GWG_XCHUNK,
+                           xbase + (size_t)kb_issue * 2 * GWG_XCHUNK + u * GWG_THREADS * 16);
+            }
+            kb_issue = next_kb(kb_issue);
+        }
+        cp_async_commit();  // empty groups past the end keep the wait's count
+    };
+    float total[32], acc[32], part[32];
+#pragma unroll
+    for (int i = 0; i < 32; i++) total[i] = acc[i] = part[i] = 0.f;
+    auto pin = [](float* v) {
+#pragma unroll
+        for (int i = 0; i < 32; i++) asm volatile("" : "+f"(v[i])::"memory");
+    };
+#pragma unroll
+    for (int p = 0; p < STAGES - 1; p++) issue(p);
+    int cls = 0, left = (KB + 7) / 8;
+    // K block kb is complete (its MMAs waited for): FP8 scales it into the class sum, and a
+    // class's last block adds the class into total (the empty classes of K < 1024 add zeros).
+    auto finish = [&](int kb) {
+        if (FP8) {
+            // The warpgroup's 64 rows lie in one 128-row scale block.
+            const float sc = S[(size_t)(min(nb + wrow, N - 1) / 128) * KB + kb];
+#pragma unroll
+            for (int i = 0; i < 32; i++) acc[i] += sc * part[i];
+        }
+        if (--left == 0) {
+            do {
+#pragma unroll
+                for (int i = 0; i < 32; i++) {
+                    total[i] += acc[i];
+                    acc[i] = 0.f;
+                }
+                cls++;
+                left = KB > cls ? (KB - cls + 7) / 8 : 0;
+            } while (cls < 8 && left == 0);
+        }
+    };
+    // K block p's MMAs: each 64-k half's A fragments, then its four MMAs of hi and lo (FP8: into
+    // part, from zero at the block's first MMA; BF16: into acc), then the wait for them, so the
+    // A registers are free again (the other warpgroups' MMAs fill the tensor pipe meanwhile).
+    // FP8 (three accumulator sets) waits after each half, so only one half's A is held.
+    auto multiply = [&](int p) {
+        const unsigned char* st = smem + (p % STAGES) * G::STAGE;
+        float* C = FP8 ? part : acc;
+        unsigned a0[2][8], a1[2][8];
+#pragma unroll
+        for (int hf = 0; hf < 2; hf++) {
+            const int ha = FP8 ? 0 : hf;  // the A registers this half uses
+            const uint4* r0 = reinterpret_cast<const uint4*>(st + hf * G::HALF + (wrow + g) * G::WROW + q * (FP8 ? 16 : 32));
+            const uint4* r1 = reinterpret_cast<const uint4*>(reinterpret_cast<const unsigned char*>(r0) + 8 * G::WROW);
+            uint4 w0[2] = {r0[0], FP8 ? r0[0] : r0[1]}, w1[2] = {r1[0], FP8 ? r1[0] : r1[1]};
+            mma_a_frags<FP8>(w0, w1, a0[ha], a1[ha]);
+            pin(C);
+            wg_fence();
+#pragma unroll
+            for (int s = 0; s < 4; s++) {
+                const unsigned a[4] = {a0[ha][2 * s], a1[ha][2 * s], a0[ha][2 * s + 1], a1[ha][2 * s + 1]};
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    const unsigned long long d = wg_desc(st + hf * G::HALF + G::W_HALF + (s * 2 + h) * 2048, 1024, 128);
+                    if (FP8) wg_mma<8>(C, a, d, hf + s + h > 0);
+                    else wg_mma_bf16_n64(C, a, d, 1);
+                }
+            }
+            wg_commit();
+            if (FP8 || hf == 1) {
+                wg_wait<0>();
+                pin(C);
+            }
+        }
+    };
+    int kb = 0;
+    for (int p = 0; p < KB; p++, kb = next_kb(kb)) {
+        cp_async_wait<STAGES - 2>();                                   // K block p landed (this thread's copies)
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // the copies, seen by wgmma
+        __syncthreads();  // block p is everyone's; every warpgroup is done with block p - 1's stage
+        issue(p + STAGES - 1);
+        multiply(p);
+        finish(kb);
+    }
+    // C fragment of n-group i: (row g, token 8 i + 2 q), (g, + 1), (g + 8, 8 i + 2 q), (g + 8, + 1).
+#pragma unroll
+    for (int i = 0; i < 32; i++) {
+        const int n = nb + wrow + g + ((i >> 1) & 1) * 8, t = tile * GWG_TOKENS + 8 * (i >> 2) + 2 * q + (i & 1);
+        if (n < N && t < T) store_out(total[i], xinv, y, y1, y2, N0, N1, N, n, t);
+    }
+}
+#endif
+
+// gemm_wg_{fp8,bf16}: grid (ceil(T / 64), ceil(N / 256)), 512 threads, GemmWg<FP8>::STAGES x
+// STAGE bytes of dynamic shared memory; xw from gemm_wg_split. The host runs them on sm_90a only
+// (built for another GPU they trap).
+#define GEMM_WG_KERNEL(NAME, IS_FP8)                                                                                      \
+    extern "C" __global__ void __launch_bounds__(GWG_THREADS, 1) NAME(                                                    \
+        const unsigned char* __restrict__ W, const float* __restrict__ S, const uint4* __restrict__ xw,                  \
+        const float* __restrict__ xinv, float* __restrict__ y, float* __restrict__ y1, float* __restrict__ y2, int N0,    \
+        int N1, int N, int K, int T) {                                                                                   \
+        PDL_ENTER();                                                                                                      \
+        GEMM_WG_BODY(IS_FP8)                                                                                              \
+    }
+#ifdef __CUDA_ARCH_FEAT_SM90_ALL
+#define GEMM_WG_BODY(IS_FP8) gemm_wg<IS_FP8>(W, S, xw, xinv, y, y1, y2, N0, N1, N, K, T);
+#else
+#define GEMM_WG_BODY(IS_FP8) asm volatile("trap;");
+#endif
+GEMM_WG_KERNEL(gemm_wg_fp8, true)
+GEMM_WG_KERNEL(gemm_wg_bf16, false)
+
 // gemv_mma_{fp8,bf16}_t<NT> (one row tile per block) and ..._t<NT>_r<R>. Only the one-tile
 // kernels zero counters (ZERO; the others take the parameters and ignore them: Kernels refuses
 // them there): zero_after_wait in the multi-tile kernels moved their registers and cost the

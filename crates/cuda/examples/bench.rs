@@ -23,7 +23,7 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let k = Kernels::load(&g).unwrap();
+    let mut k = Kernels::load(&g).unwrap();
     println!("GPU {} sm_{}{}, {:.1} GiB", g.name, g.capability.0, g.capability.1, g.total_memory as f64 / (1u64 << 30) as f64);
     let s = &g.stream;
     let ev = || g.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).unwrap();
@@ -86,6 +86,13 @@ fn main() {
         plain_reads(&g, sms, copy_bw, &time_b2b);
     }
     if only == "read" {
+        return;
+    }
+    // =prefill-gemm: only the dense projections at prompt sizes, on mma.sync and on wgmma.
+    if only.is_empty() || only == "prefill-gemm" {
+        prefill_gemm(&g, &mut k, &time);
+    }
+    if only == "prefill-gemm" {
         return;
     }
     // =prefill-moe: only the MoE at prefill sizes (tiled kernels against the MoE GEMM).
@@ -565,6 +572,8 @@ extern "C" __global__ void read_items(const unsigned char* __restrict__ p, unsig
 
 /// Milliseconds per call of a closure timed back to back (main's `time_b2b`).
 type TimeB2b<'a> = &'a dyn Fn(&mut dyn FnMut(usize)) -> f32;
+/// `time`: median milliseconds of a closure over the given runs.
+type Time<'a> = &'a dyn Fn(usize, &mut dyn FnMut(usize)) -> f32;
 
 fn plain_reads(g: &peregrine_cuda::device::Gpu, sms: usize, copy_bw: f64, time_b2b: TimeB2b) {
     use cudarc::driver::{LaunchConfig, PushKernelArg};
@@ -733,5 +742,50 @@ fn sampling(k: &Kernels, s: &std::sync::Arc<cudarc::driver::CudaStream>, time: &
             println!("| {kind} | {rows} | {} | {lp:.3} |", cells.iter().map(|c| format!("{c:.3}")).collect::<Vec<_>>().join(" | "));
         }
         println!("| {kind} | ids hash | {} | |", hashes.iter().map(|h| format!("{h:016x}")).collect::<Vec<_>>().join(" | "));
+    }
+}
+
+/// The dense projections of a MiMo-V2-Flash layer at prompt sizes (the stacked FP8 q/k/v,
+/// 13568 x 4096, and the BF16 o_proj, 4096 x 8192): the GEMM on mma.sync (`gemm_mma_*`) against
+/// wgmma (`gemm_wg_*`, with its `gemm_wg_split`), each call one split and one GEMM as the model
+/// runs it; useful TFLOP/s count 2 N K T. The two must agree in every bit.
+fn prefill_gemm(g: &peregrine_cuda::device::Gpu, k: &mut Kernels, time: Time) {
+    let s = &g.stream;
+    if !k.has_dense_gemm_wgmma() {
+        println!("\nprefill GEMM: no wgmma on this GPU");
+        return;
+    }
+    let mut r = rand::rngs::StdRng::seed_from_u64(11);
+    let tmax = 4096usize;
+    let x = s.clone_htod(&(0..tmax * 8192).map(|_| r.random_range(-1.0f32..1.0)).collect::<Vec<_>>()).unwrap();
+    println!("\nprefill GEMM (Flash shapes): matrix, tokens, mma.sync ms, wgmma ms, useful TFLOP/s mma.sync / wgmma, ratio");
+    let (qr, qk) = (13568usize, 4096usize);
+    let e4m3 = |b: u8| if b & 0x7f == 0x7f { b ^ 1 } else { b };
+    let w8 = s.clone_htod(&(0..qr * qk).map(|_| e4m3(r.random())).collect::<Vec<_>>()).unwrap();
+    let sc = s.clone_htod(&(0..qr.div_ceil(128) * qk / 128).map(|_| r.random_range(0.5f32..2.0)).collect::<Vec<_>>()).unwrap();
+    let (or, ok) = (4096usize, 8192usize);
+    let wb = s.clone_htod(&(0..or * ok).map(|_| half::bf16::from_f32(r.random_range(-0.05f32..0.05)).to_bits()).collect::<Vec<_>>()).unwrap();
+    let mut y = s.alloc_zeros::<f32>(tmax * qr).unwrap();
+    for t in [256usize, 512, 1024, 2048, 4096] {
+        for (name, n, kk) in [("q/k/v fp8", qr, qk), ("o_proj bf16", or, ok)] {
+            let run = |k: &Kernels, y: &mut cudarc::driver::CudaSlice<f32>| {
+                if n == qr {
+                    k.gemv_fp8(&w8, &sc, &x, y, n, kk, t).unwrap()
+                } else {
+                    k.gemv_bf16(&wb, &x, y, n, kk, t).unwrap()
+                }
+            };
+            let mut ms = [0f32; 2];
+            let mut bits = Vec::new();
+            for (i, wg) in [false, true].into_iter().enumerate() {
+                k.set_dense_gemm_wgmma(Some(wg));
+                ms[i] = time(10, &mut |_| run(k, &mut y));
+                bits.push(s.clone_dtoh(&y.slice(..t * n)).unwrap());
+            }
+            k.set_dense_gemm_wgmma(None);
+            let same = bits[0].iter().zip(&bits[1]).all(|(a, b)| a.to_bits() == b.to_bits());
+            let tf = |ms: f32| 2.0 * (n * kk * t) as f64 / (ms as f64 * 1e-3) / 1e12;
+            println!("{name:<12} T={t:<5} {:8.3} {:8.3} {:6.1} / {:6.1} TFLOP/s  {:.2}x{}", ms[0], ms[1], tf(ms[0]), tf(ms[1]), ms[0] / ms[1], if same { "" } else { "  BITS DIFFER" });
+        }
     }
 }

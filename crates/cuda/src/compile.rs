@@ -14,11 +14,12 @@ macro_rules! kernel_source {
         concat!(include_str!("../../../kernels/common.cuh"), $(include_str!(concat!("../../../kernels/", $header)),)* include_str!(concat!("../../../kernels/", $file)))
     };
 }
-pub const GEMV_CU: &str = kernel_source!("gemv.cu");
+/// moe.cu's and gemv.cu's wgmma GEMMs share the warpgroup MMA helpers (`wgmma.cuh`).
+pub const GEMV_CU: &str = kernel_source!("gemv.cu", "wgmma.cuh");
 /// ops.cu's moe_route and moe.cu's routed fused kernel share the router (`route.cuh`).
 pub const OPS_CU: &str = kernel_source!("ops.cu", "route.cuh");
 pub const SAMPLE_CU: &str = kernel_source!("sample.cu");
-pub const MOE_CU: &str = kernel_source!("moe.cu", "route.cuh");
+pub const MOE_CU: &str = kernel_source!("moe.cu", "route.cuh", "wgmma.cuh");
 
 fn fnv1a(parts: &[&[u8]]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;

@@ -246,6 +246,15 @@ pub struct Kernels {
     /// The GEMM entry of `MMA_GEMV_TILES` got its shared memory (chosen from
     /// `dense_gemm_min_tokens()` tokens).
     dense_gemm: bool,
+    /// The same GEMM on wgmma (`gemm_wg_*`, sm_90a; the same bits) over activations laid out by
+    /// `gemm_wg_split`; `dense_wg` when the GPU has it and its shared memory was granted, and
+    /// `dense_wgmma` forces it on or off (`PEREGRINE_GEMM_WGMMA=1` / `0`, `set_dense_gemm_wgmma`;
+    /// None: from `DENSE_WGMMA_MIN_TOKENS`).
+    dense_wg_fp8: CudaFunction,
+    dense_wg_bf16: CudaFunction,
+    dense_wg_split: CudaFunction,
+    dense_wg: bool,
+    dense_wgmma: Option<bool>,
     /// `PEREGRINE_GEMV_TILE=NTxR` forces that tile shape at every token count (benchmarks).
     mma_forced: Option<usize>,
     split_bf16: CudaFunction,
@@ -357,6 +366,17 @@ const fn dense_gemm_smem(fp8: bool, deep: bool) -> usize {
     };
     stages * (128 * if fp8 { 64 } else { 144 } + 2 * 64 * 144)
 }
+
+/// Shared memory of a `gemm_wg_*` block (kernels/gemv.cu's GemmWg): 3 (FP8) or 2 (BF16) stages
+/// of a 128-k block, each 64-k half 256 rows' weights (BF16 rows padded to 144 bytes) and 16 KB
+/// of B.
+const fn dense_wg_smem(fp8: bool) -> usize {
+    let half = 256 * if fp8 { 64 } else { 144 } + 16384;
+    (if fp8 { 3 } else { 2 }) * 2 * half
+}
+
+/// Tokens from which the dense GEMM runs on wgmma where the GPU has it.
+pub const DENSE_WGMMA_MIN_TOKENS: usize = 256;
 
 fn mma_gemv_name(format: &str, nt: usize, r: usize) -> String {
     if (nt, r) == DEEP_GEMM_TILE {
@@ -729,6 +749,12 @@ impl Kernels {
         let dense_gemm = [(&mma_fp8[gi], true, false), (&mma_bf16[gi], false, false), (&mma_fp8[di], true, true), (&mma_bf16[di], false, true)]
             .iter()
             .all(|(func, fp8, deep)| func.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, dense_gemm_smem(*fp8, *deep) as i32).is_ok());
+        let (dense_wg_fp8, dense_wg_bf16) = (f("gemm_wg_fp8")?, f("gemm_wg_bf16")?);
+        let wgmma_arch = nvrtc_arch(gpu.capability) == "sm_90a";
+        let dense_wg = wgmma_arch
+            && [(&dense_wg_fp8, true), (&dense_wg_bf16, false)]
+                .iter()
+                .all(|(func, fp8)| func.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, dense_wg_smem(*fp8) as i32).is_ok());
         let sms = gpu.ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(drv("SM count"))? as usize;
         let mma_bf16_pipe = f("gemv_mma_bf16_t1_pipe")?;
         let mma_bf16_pipe_wave = mma_bf16_pipe.occupancy_max_active_blocks_per_multiprocessor(256, 0, None).map_err(drv("GEMV occupancy"))? as usize * sms;
@@ -761,6 +787,11 @@ impl Kernels {
             mma_bf16_pipe_wave,
             gemv_pipe: std::env::var("PEREGRINE_GEMV_PIPE").map_or(true, |v| v != "0"),
             dense_gemm,
+            dense_wg_fp8,
+            dense_wg_bf16,
+            dense_wg_split: f("gemm_wg_split")?,
+            dense_wg,
+            dense_wgmma: std::env::var("PEREGRINE_GEMM_WGMMA").ok().map(|v| v != "0"),
             mma_forced: match std::env::var("PEREGRINE_GEMV_TILE") {
                 Ok(v) => {
                     let tile = v.split_once('x').and_then(|(nt, r)| Some((nt.parse().ok()?, r.parse().ok()?)));
@@ -789,7 +820,7 @@ impl Kernels {
             gemm_wg_gate_up,
             gemm_wg_down,
             split_rows_wg: fm("moe_split_rows_wg")?,
-            wgmma_arch: nvrtc_arch(gpu.capability) == "sm_90a",
+            wgmma_arch,
             gemm_wgmma: std::env::var("PEREGRINE_MOE_WGMMA").ok().map(|v| v != "0"),
             moe_choices: Default::default(),
             slot_wait: match std::env::var("PEREGRINE_MOE_SLOT_WAIT").as_deref() {
@@ -1166,6 +1197,9 @@ impl Kernels {
         let v = self.mma_tile(fp8, t, n);
         let (nt, r) = MMA_GEMV_TILES[v];
         check(zero.is_none() || (nt, r) == (1, 1), || format!("only the one-tile GEMV zeroes counters, not tile {nt}x{r} ({t} tokens)"))?;
+        if (nt, r) == DENSE_GEMM_TILE && k.is_multiple_of(128) && self.dense_gemm_on_wgmma(t) {
+            return self.dense_wg_launch(fp8, w, scales, xh, xl, inv, ys, rows, k, t);
+        }
         let (groups, ty) = (n.div_ceil(16 * r), t.div_ceil(8 * nt));
         let f = match () {
             _ if fp8 => &self.mma_fp8[v],
@@ -1201,6 +1235,56 @@ impl Kernels {
         let cfg = LaunchConfig { grid_dim, block_dim: (256, 1, 1), shared_mem_bytes: smem };
         unsafe { b.launch(cfg) }.map_err(drv(if fp8 { "gemv_mma_fp8" } else { "gemv_mma_bf16" }))?;
         Ok(())
+    }
+
+    /// The dense GEMM on wgmma: `gemm_wg_split` lays x's hi + lo out for it (16 KB per 64 tokens
+    /// and 64 k), then 256 rows x 64 tokens per block of four warpgroups. The same bits as
+    /// `gemm_mma_*`.
+    #[allow(clippy::too_many_arguments)]
+    fn dense_wg_launch(&self, fp8: bool, w: cudarc::driver::sys::CUdeviceptr, scales: Option<&CudaSlice<f32>>, xh: &CudaSlice<u16>, xl: &CudaSlice<u16>, inv: Option<&CudaSlice<f32>>, ys: [cudarc::driver::sys::CUdeviceptr; 3], rows: [usize; 3], k: usize, t: usize) -> Result<()> {
+        let n = rows.iter().sum::<usize>();
+        let tiles = t.div_ceil(64);
+        // 4 bytes (hi and lo) per token and k, tokens padded to the tile.
+        let mut xw = unsafe { self.alloc.alloc::<u32>(tiles * 64 * k) }?;
+        let (ki, ti) = (k as i32, t as i32);
+        let threads = tiles * (k / 64) * 128;
+        let mut b = crate::launch::builder(&self.stream, &self.dense_wg_split);
+        b.arg(xh).arg(xl).arg(&mut xw).arg(&ki).arg(&ti);
+        unsafe { b.launch(LaunchConfig { grid_dim: (threads.div_ceil(256) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv("gemm_wg_split"))?;
+        let mut b = crate::launch::builder(&self.stream, if fp8 { &self.dense_wg_fp8 } else { &self.dense_wg_bf16 });
+        b.arg(&w);
+        match scales {
+            Some(s) => b.arg(s),
+            None => b.arg(&0u64),
+        };
+        b.arg(&xw);
+        match inv {
+            Some(i) => b.arg(i),
+            None => b.arg(&0u64),
+        };
+        let (n0, n1, ni) = (rows[0] as i32, rows[1] as i32, n as i32);
+        b.arg(&ys[0]).arg(&ys[1]).arg(&ys[2]).arg(&n0).arg(&n1).arg(&ni).arg(&ki).arg(&ti);
+        let cfg = LaunchConfig { grid_dim: (tiles as u32, n.div_ceil(256) as u32, 1), block_dim: (512, 1, 1), shared_mem_bytes: dense_wg_smem(fp8) as u32 };
+        unsafe { b.launch(cfg) }.map_err(drv(if fp8 { "gemm_wg_fp8" } else { "gemm_wg_bf16" }))?;
+        Ok(())
+    }
+
+    /// Whether the dense GEMM of `t` tokens runs on wgmma (`gemm_wg_*`): where the GPU has it,
+    /// forced by `set_dense_gemm_wgmma`, else from `DENSE_WGMMA_MIN_TOKENS`.
+    pub fn dense_gemm_on_wgmma(&self, t: usize) -> bool {
+        self.dense_wg && self.dense_wgmma.unwrap_or(t >= DENSE_WGMMA_MIN_TOKENS)
+    }
+
+    /// Whether this GPU runs the wgmma dense GEMM (sm_90a, its shared memory granted).
+    pub fn has_dense_gemm_wgmma(&self) -> bool {
+        self.dense_wg
+    }
+
+    /// Puts the dense GEMM (the `MMA_GEMV_TILES` GEMM entry, K % 128 == 0) on wgmma
+    /// (`Some(true)`, where the GPU has it), on mma.sync (`Some(false)`), or lets the token count
+    /// choose (`None`). The same bits either way; returns the setting before.
+    pub fn set_dense_gemm_wgmma(&mut self, on: Option<bool>) -> Option<bool> {
+        std::mem::replace(&mut self.dense_wgmma, on)
     }
 
     /// Whether a BF16 GEMV of tile `(nt, r)` over `blocks` blocks runs `gemv_mma_bf16_t1_pipe`:

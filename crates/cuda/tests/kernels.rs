@@ -107,7 +107,7 @@ fn nvrtc_compiles_the_kernels() {
             assert!(moe.contains(&format!(".entry {k}")), "moe.cu lacks {k}");
         }
     }
-    for k in ["gemv_bf16", "gemv_fp8", "gemv_mxfp4", "gemv_mxfp4_t1", "gemv_mxfp4_t2", "gemv_mxfp4_t4", "gemv_mxfp4_t8", "moe_gate_up_mxfp4", "moe_down_mxfp4", "moe_gate_up_mxfp4_v2", "moe_down_mxfp4_v2", "moe_combine", "split_bf16", "gemv_mma_fp8_t1", "gemv_mma_fp8_t2_r4", "gemv_mma_bf16_t1", "gemv_mma_bf16_t2_r2", "split_f16", "moe_gate_up_mma", "moe_down_mma", "moe_gate_up_pipe_s1", "moe_gate_up_pipe_s2", "moe_gate_up_pipe_s4", "moe_gate_up_pipe_s8", "moe_down_pipe_s1", "moe_down_pipe_s2", "moe_down_pipe_s4", "moe_down_pipe_s8"] {
+    for k in ["gemv_bf16", "gemv_fp8", "gemv_mxfp4", "gemv_mxfp4_t1", "gemv_mxfp4_t2", "gemv_mxfp4_t4", "gemv_mxfp4_t8", "moe_gate_up_mxfp4", "moe_down_mxfp4", "moe_gate_up_mxfp4_v2", "moe_down_mxfp4_v2", "moe_combine", "split_bf16", "gemv_mma_fp8_t1", "gemv_mma_fp8_t2_r4", "gemv_mma_bf16_t1", "gemv_mma_bf16_t2_r2", "split_f16", "moe_gate_up_mma", "moe_down_mma", "moe_gate_up_pipe_s1", "moe_gate_up_pipe_s2", "moe_gate_up_pipe_s4", "moe_gate_up_pipe_s8", "moe_down_pipe_s1", "moe_down_pipe_s2", "moe_down_pipe_s4", "moe_down_pipe_s8", "gemm_wg_split", "gemm_wg_fp8", "gemm_wg_bf16"] {
         assert!(text.contains(&format!(".entry {k}")), "kernel {k} missing from the PTX");
     }
 }
@@ -169,21 +169,27 @@ fn gemv_kernels_match_the_cpu_reference() {
 
 /// Runs a tensor-core GEMV with the default tile for its token count and then with every tile
 /// shape forced, each with and without the BF16 one-tile kernel that loads a K block ahead
-/// (`set_gemv_pipe`, taken where the grid fits 2 blocks per SM): each must match the CPU and give
-/// the default's bits (a tile only changes which block computes a row, not the row's arithmetic).
+/// (`set_gemv_pipe`, taken where the grid fits 2 blocks per SM) and the GEMM on mma.sync and on
+/// wgmma (`set_dense_gemm_wgmma`, where the GPU has it): each must match the CPU and give the
+/// default's bits (a tile only changes which block computes a row, not the row's arithmetic).
 fn every_gemv_tile(kern: &mut Kernels, what: &str, want: &[f32], mut run: impl FnMut(&Kernels) -> Vec<f32>) {
     kern.force_gemv_tile(None).unwrap();
     let base = run(kern);
     assert_close(what, &base, want);
+    let wgmma = if kern.has_dense_gemm_wgmma() { vec![false, true] } else { vec![false] };
     let tiles = std::iter::once(None).chain(peregrine_cuda::kernels::MMA_GEMV_TILES.iter().map(|&t| Some(t)));
     for tile in tiles {
         kern.force_gemv_tile(tile).unwrap();
         for pipe in [true, false] {
             kern.set_gemv_pipe(pipe);
-            let got = run(kern);
-            assert!(got.iter().zip(&base).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: tile {tile:?} (pipelined BF16 one-tile kernel {pipe}) differs from the default in some bit");
+            for &wg in &wgmma {
+                kern.set_dense_gemm_wgmma(Some(wg));
+                let got = run(kern);
+                assert!(got.iter().zip(&base).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: tile {tile:?} (pipelined BF16 one-tile kernel {pipe}, GEMM on wgmma {wg}) differs from the default in some bit");
+            }
         }
     }
+    kern.set_dense_gemm_wgmma(None);
     kern.set_gemv_pipe(true);
     kern.force_gemv_tile(None).unwrap();
 }
