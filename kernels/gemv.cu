@@ -1169,6 +1169,9 @@ __device__ __forceinline__ void gemm_wg(const unsigned char* __restrict__ W, con
     };
     int kb_issue = 0;
     auto issue = [&](int p) {
+#ifdef GWG_NO_LOAD  // measurement builds only (outputs wrong): after the first stages, no loads
+        if (p >= STAGES) p = KB;
+#endif
         if (p < KB) {
             unsigned char* st = smem + (p % STAGES) * G::STAGE;
 #pragma unroll
@@ -1219,6 +1222,9 @@ __device__ __forceinline__ void gemm_wg(const unsigned char* __restrict__ W, con
     // A registers are free again (the other warpgroups' MMAs fill the tensor pipe meanwhile).
     // FP8 (three accumulator sets) waits after each half, so only one half's A is held.
     auto multiply = [&](int p) {
+#ifdef GWG_NO_MMA  // measurement builds only (outputs wrong): the loads alone
+        return;
+#endif
         const unsigned char* st = smem + (p % STAGES) * G::STAGE;
         float* C = FP8 ? part : acc;
         unsigned a0[2][8], a1[2][8];
