@@ -766,7 +766,8 @@ fn prefill_gemm(g: &peregrine_cuda::device::Gpu, k: &mut Kernels, time: Time) {
     let (or, ok) = (4096usize, 8192usize);
     let wb = s.clone_htod(&(0..or * ok).map(|_| half::bf16::from_f32(r.random_range(-0.05f32..0.05)).to_bits()).collect::<Vec<_>>()).unwrap();
     let mut y = s.alloc_zeros::<f32>(tmax * qr).unwrap();
-    for t in [256usize, 512, 1024, 2048, 4096] {
+    // (Below 256 tokens the first column is the GEMV tiles the token count takes.)
+    for t in [64usize, 128, 192, 256, 512, 1024, 2048, 4096] {
         for (name, n, kk) in [("q/k/v fp8", qr, qk), ("o_proj bf16", or, ok)] {
             let run = |k: &Kernels, y: &mut cudarc::driver::CudaSlice<f32>| {
                 if n == qr {

@@ -375,8 +375,14 @@ const fn dense_wg_smem(fp8: bool) -> usize {
     (if fp8 { 3 } else { 2 }) * 2 * half
 }
 
-/// Tokens from which the dense GEMM runs on wgmma where the GPU has it.
-pub const DENSE_WGMMA_MIN_TOKENS: usize = 256;
+/// Tokens from which a tensor-core GEMV or GEMM of at least `DENSE_WGMMA_MIN_BLOCKS` blocks of
+/// 256 rows x 64 tokens runs as the wgmma GEMM where the GPU has it. H100, Flash shapes against
+/// the GEMV tiles below 256 tokens and the mma.sync GEMM above: q/k/v (53 row tiles) 0.94x at
+/// 64 tokens, 1.9x at 128, 1.5-2.0x from 192; o_proj (16) 0.38x at 64, 0.76x at 128 (32 blocks),
+/// 1.17x at 192 (48), 1.3-1.8x from 256 (benches/results/2026-11-26-dense-gemm-wgmma.md).
+pub const DENSE_WGMMA_MIN_TOKENS: usize = 128;
+/// See `DENSE_WGMMA_MIN_TOKENS`.
+const DENSE_WGMMA_MIN_BLOCKS: usize = 48;
 
 fn mma_gemv_name(format: &str, nt: usize, r: usize) -> String {
     if (nt, r) == DEEP_GEMM_TILE {
@@ -1197,7 +1203,7 @@ impl Kernels {
         let v = self.mma_tile(fp8, t, n);
         let (nt, r) = MMA_GEMV_TILES[v];
         check(zero.is_none() || (nt, r) == (1, 1), || format!("only the one-tile GEMV zeroes counters, not tile {nt}x{r} ({t} tokens)"))?;
-        if (nt, r) == DENSE_GEMM_TILE && k.is_multiple_of(128) && self.dense_gemm_on_wgmma(t) {
+        if zero.is_none() && k.is_multiple_of(128) && self.dense_gemm_on_wgmma(t, n) {
             return self.dense_wg_launch(fp8, w, scales, xh, xl, inv, ys, rows, k, t);
         }
         let (groups, ty) = (n.div_ceil(16 * r), t.div_ceil(8 * nt));
@@ -1269,10 +1275,11 @@ impl Kernels {
         Ok(())
     }
 
-    /// Whether the dense GEMM of `t` tokens runs on wgmma (`gemm_wg_*`): where the GPU has it,
-    /// forced by `set_dense_gemm_wgmma`, else from `DENSE_WGMMA_MIN_TOKENS`.
-    pub fn dense_gemm_on_wgmma(&self, t: usize) -> bool {
-        self.dense_wg && self.dense_wgmma.unwrap_or(t >= DENSE_WGMMA_MIN_TOKENS)
+    /// Whether a tensor-core GEMV of `t` tokens x `n` rows (K % 128 == 0) runs as the wgmma GEMM
+    /// (`gemm_wg_*`): where the GPU has it, always when forced by `set_dense_gemm_wgmma`, else
+    /// from `DENSE_WGMMA_MIN_TOKENS` tokens and `DENSE_WGMMA_MIN_BLOCKS` blocks.
+    fn dense_gemm_on_wgmma(&self, t: usize, n: usize) -> bool {
+        self.dense_wg && self.dense_wgmma.unwrap_or(t >= DENSE_WGMMA_MIN_TOKENS && n.div_ceil(256) * t.div_ceil(64) >= DENSE_WGMMA_MIN_BLOCKS)
     }
 
     /// Whether this GPU runs the wgmma dense GEMM (sm_90a, its shared memory granted).
@@ -1280,9 +1287,9 @@ impl Kernels {
         self.dense_wg
     }
 
-    /// Puts the dense GEMM (the `MMA_GEMV_TILES` GEMM entry, K % 128 == 0) on wgmma
-    /// (`Some(true)`, where the GPU has it), on mma.sync (`Some(false)`), or lets the token count
-    /// choose (`None`). The same bits either way; returns the setting before.
+    /// Runs every tensor-core GEMV and GEMM with K % 128 == 0 that zeroes no counters as the
+    /// wgmma GEMM (`Some(true)`, where the GPU has it), never (`Some(false)`), or by the shape
+    /// (`None`: `DENSE_WGMMA_MIN_TOKENS`). The same bits either way; returns the setting before.
     pub fn set_dense_gemm_wgmma(&mut self, on: Option<bool>) -> Option<bool> {
         std::mem::replace(&mut self.dense_wgmma, on)
     }
