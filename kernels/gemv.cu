@@ -1095,14 +1095,25 @@ GEMM_MMA_KERNEL(gemm_mma_deep_bf16, false, 1, 5)
 #define GWG_TOKENS 64
 #define GWG_THREADS 512
 #define GWG_XCHUNK 16384  // bytes of one 64-token tile's 64-k chunk, hi and lo
+// 64-k halves per pipeline stage: a whole K block (2), or one half with twice the stages in the
+// same shared memory (1: more bytes in flight, a barrier per half). H100, 2048 tokens, same call:
+// BF16 (o_proj, 2 stages of 96 KB: its loads alone took nearly its whole time) 0.99 -> 0.86 ms
+// with halves; FP8 (3 stages of 64 KB) 1.14 -> 1.24 ms, so it keeps whole blocks.
+#ifndef GWG_HS_FP8
+#define GWG_HS_FP8 2
+#endif
+#ifndef GWG_HS_BF16
+#define GWG_HS_BF16 1
+#endif
 template <bool FP8>
 struct GemmWg {
     static constexpr int WROW = FP8 ? 64 : 144;  // bytes per row per 64-k half in shared memory (BF16 padded)
     static constexpr int WUNITS = FP8 ? 4 : 8;   // 16-byte units of a row's half in global memory
     static constexpr int W_HALF = GWG_ROWS * WROW;
     static constexpr int HALF = W_HALF + GWG_XCHUNK;  // a half's weights, then its B
-    static constexpr int STAGE = 2 * HALF;            // one K block of 128
-    static constexpr int STAGES = FP8 ? 3 : 2;        // 192 / 208 KB
+    static constexpr int HS = FP8 ? GWG_HS_FP8 : GWG_HS_BF16;  // halves per stage
+    static constexpr int STAGE = HS * HALF;
+    static constexpr int STAGES = (FP8 ? 3 : 2) * 2 / HS;  // 192 / 208 KB either way
 };
 
 // x's hi + lo parts [T, K] (K % 64 == 0) into gemm_wg's B layout, [ceil(T / 64)][K / 64][16 KB];
@@ -1151,38 +1162,41 @@ __device__ __forceinline__ void gemm_wg(const unsigned char* __restrict__ W, con
     // Token tiles are the grid's fast index: the blocks running at once share a few row tiles'
     // weights (read from DRAM about once) and read the activations from L2.
     const int nb = blockIdx.y * GWG_ROWS, tile = blockIdx.x;
-    const int KB = K / 128;
-    // Each thread's weight units of a stage at k = 0: (row, half, unit) = (id / (2 WUNITS), ...)
+    constexpr int HS = G::HS;
+    const int KB = K / 128, NU = KB * 2 / HS;  // K blocks, stages' worth of halves
+    // Each thread's weight units of a stage at k = 0: (row, half, unit) = (id / (HS WUNITS), ...)
     // for id = tid + 512 i; rows clamped to N - 1 (loaded, never stored).
-    constexpr int NWU = GWG_ROWS * 2 * G::WUNITS / GWG_THREADS, WSTEP = GWG_THREADS / (2 * G::WUNITS);
-    const int whalf = (tid / G::WUNITS) & 1, wu = tid % G::WUNITS;
+    constexpr int NWU = GWG_ROWS * HS * G::WUNITS / GWG_THREADS, WSTEP = GWG_THREADS / (HS * G::WUNITS);
+    const int whalf = HS == 2 ? (tid / G::WUNITS) & 1 : 0, wu = tid % G::WUNITS;
     const unsigned char* wbase = W + (size_t)nb * K * ESIZE + whalf * 64 * ESIZE + wu * 16;
     unsigned wofs[NWU];
 #pragma unroll
-    for (int u = 0; u < NWU; u++) wofs[u] = (unsigned)(min(nb + tid / (2 * G::WUNITS) + WSTEP * u, N - 1) - nb) * K * ESIZE;
-    const int wdst = whalf * G::HALF + (tid / (2 * G::WUNITS)) * G::WROW + wu * 16;
-    // B: the K block's two 16 KB chunks are adjacent in xw; 4 units a thread.
+    for (int u = 0; u < NWU; u++) wofs[u] = (unsigned)(min(nb + tid / (HS * G::WUNITS) + WSTEP * u, N - 1) - nb) * K * ESIZE;
+    const int wdst = whalf * G::HALF + (tid / (HS * G::WUNITS)) * G::WROW + wu * 16;
+    // B: a K block's two 16 KB chunks are adjacent in xw; 2 HS units a thread.
     const unsigned char* xbase = reinterpret_cast<const unsigned char*>(xw) + (size_t)tile * (K / 64) * GWG_XCHUNK + tid * 16;
     auto next_kb = [&](int kb) {
         const int nk = kb + 8;
         return nk < KB ? nk : (kb & 7) + 1;  // else the next class's first block
     };
-    int kb_issue = 0;
+    int kb_issue = 0, half_issue = 0;  // (HS = 1: the half of kb_issue that comes next)
     auto issue = [&](int p) {
 #ifdef GWG_NO_LOAD  // measurement builds only (outputs wrong): after the first stages, no loads
-        if (p >= STAGES) p = KB;
+        if (p >= STAGES) p = NU;
 #endif
-        if (p < KB) {
+        if (p < NU) {
             unsigned char* st = smem + (p % STAGES) * G::STAGE;
+            const int chunk = kb_issue * 2 + half_issue;  // the stage's first 64-k chunk
 #pragma unroll
-            for (int u = 0; u < NWU; u++) cp_async16(st + wdst + u * WSTEP * G::WROW, wbase + wofs[u] + (size_t)kb_issue * 128 * ESIZE);
+            for (int u = 0; u < NWU; u++) cp_async16(st + wdst + u * WSTEP * G::WROW, wbase + wofs[u] + (size_t)chunk * 64 * ESIZE);
 #pragma unroll
-            for (int u = 0; u < 4; u++) {
-                const int o = tid * 16 + u * GWG_THREADS * 16;  // byte of the K block's 32 KB of B
+            for (int u = 0; u < 2 * HS; u++) {
+                const int o = tid * 16 + u * GWG_THREADS * 16;  // byte of the stage's B
                 cp_async16(st + (o / GWG_XCHUNK) * G::HALF + G::W_HALF + o % GWG_XCHUNK,
-                           xbase + (size_t)kb_issue * 2 * GWG_XCHUNK + u * GWG_THREADS * 16);
+                           xbase + (size_t)chunk * GWG_XCHUNK + u * GWG_THREADS * 16);
             }
-            kb_issue = next_kb(kb_issue);
+            if (HS == 2 || half_issue) kb_issue = next_kb(kb_issue);
+            if (HS == 1) half_issue ^= 1;
         }
         cp_async_commit();  // empty groups past the end keep the wait's count
     };
@@ -1229,7 +1243,8 @@ __device__ __forceinline__ void gemm_wg(const unsigned char* __restrict__ W, con
         float* C = FP8 ? part : acc;
         unsigned a0[2][8], a1[2][8];
 #pragma unroll
-        for (int hf = 0; hf < 2; hf++) {
+        for (int hf = 0; hf < HS; hf++) {
+            const int gh = HS == 2 ? hf : p & 1;  // the half of the K block
             const int ha = FP8 ? 0 : hf;  // the A registers this half uses
             const uint4* r0 = reinterpret_cast<const uint4*>(st + hf * G::HALF + (wrow + g) * G::WROW + q * (FP8 ? 16 : 32));
             const uint4* r1 = reinterpret_cast<const uint4*>(reinterpret_cast<const unsigned char*>(r0) + 8 * G::WROW);
@@ -1243,25 +1258,28 @@ __device__ __forceinline__ void gemm_wg(const unsigned char* __restrict__ W, con
 #pragma unroll
                 for (int h = 0; h < 2; h++) {
                     const unsigned long long d = wg_desc(st + hf * G::HALF + G::W_HALF + (s * 2 + h) * 2048, 1024, 128);
-                    if (FP8) wg_mma<8>(C, a, d, hf + s + h > 0);
+                    if (FP8) wg_mma<8>(C, a, d, gh + s + h > 0);
                     else wg_mma_bf16_n64(C, a, d, 1);
                 }
             }
             wg_commit();
-            if (FP8 || hf == 1) {
+            if (FP8 || hf == HS - 1) {
                 wg_wait<0>();
                 pin(C);
             }
         }
     };
     int kb = 0;
-    for (int p = 0; p < KB; p++, kb = next_kb(kb)) {
-        cp_async_wait<STAGES - 2>();                                   // K block p landed (this thread's copies)
+    for (int p = 0; p < NU; p++) {
+        cp_async_wait<STAGES - 2>();                                   // stage p landed (this thread's copies)
         asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // the copies, seen by wgmma
         __syncthreads();  // block p is everyone's; every warpgroup is done with block p - 1's stage
         issue(p + STAGES - 1);
         multiply(p);
-        finish(kb);
+        if (HS == 2 || (p & 1)) {
+            finish(kb);
+            kb = next_kb(kb);
+        }
     }
     // C fragment of n-group i: (row g, token 8 i + 2 q), (g, + 1), (g + 8, 8 i + 2 q), (g + 8, + 1).
 #pragma unroll

@@ -367,8 +367,8 @@ const fn dense_gemm_smem(fp8: bool, deep: bool) -> usize {
     stages * (128 * if fp8 { 64 } else { 144 } + 2 * 64 * 144)
 }
 
-/// Shared memory of a `gemm_wg_*` block (kernels/gemv.cu's GemmWg): 3 (FP8) or 2 (BF16) stages
-/// of a 128-k block, each 64-k half 256 rows' weights (BF16 rows padded to 144 bytes) and 16 KB
+/// Shared memory of a `gemm_wg_*` block (kernels/gemv.cu's GemmWg): 6 (FP8) or 4 (BF16) 64-k
+/// halves (in stages of 2 or 1), each 256 rows' weights (BF16 rows padded to 144 bytes) and 16 KB
 /// of B.
 const fn dense_wg_smem(fp8: bool) -> usize {
     let half = 256 * if fp8 { 64 } else { 144 } + 16384;
