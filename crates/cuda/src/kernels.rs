@@ -1276,10 +1276,12 @@ impl Kernels {
     }
 
     /// Whether a tensor-core GEMV of `t` tokens x `n` rows (K % 128 == 0) runs as the wgmma GEMM
-    /// (`gemm_wg_*`): where the GPU has it, always when forced by `set_dense_gemm_wgmma`, else
-    /// from `DENSE_WGMMA_MIN_TOKENS` tokens and `DENSE_WGMMA_MIN_BLOCKS` blocks.
+    /// (`gemm_wg_*`): where the GPU has it, always when forced by `set_dense_gemm_wgmma`, never
+    /// while a tile is forced (`force_gemv_tile`, `PEREGRINE_GEMV_TILE`) unless so, else from
+    /// `DENSE_WGMMA_MIN_TOKENS` tokens and `DENSE_WGMMA_MIN_BLOCKS` blocks.
     fn dense_gemm_on_wgmma(&self, t: usize, n: usize) -> bool {
-        self.dense_wg && self.dense_wgmma.unwrap_or(t >= DENSE_WGMMA_MIN_TOKENS && n.div_ceil(256) * t.div_ceil(64) >= DENSE_WGMMA_MIN_BLOCKS)
+        let by_shape = || self.mma_forced.is_none() && t >= DENSE_WGMMA_MIN_TOKENS && n.div_ceil(256) * t.div_ceil(64) >= DENSE_WGMMA_MIN_BLOCKS;
+        self.dense_wg && self.dense_wgmma.unwrap_or_else(by_shape)
     }
 
     /// Whether this GPU runs the wgmma dense GEMM (sm_90a, its shared memory granted).

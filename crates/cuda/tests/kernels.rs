@@ -198,11 +198,13 @@ fn every_gemv_tile(kern: &mut Kernels, what: &str, want: &[f32], mut run: impl F
 #[test]
 fn stacked_qkv_gemv_matches_the_cpu_reference() {
     use cudarc::driver::DevicePtr;
-    let Some((g, kern)) = gpu() else { return };
+    let Some((g, mut kern)) = gpu() else { return };
     let mut r = rng();
     let (rows, k) = ([256usize, 128, 72], 512usize);
     let n: usize = rows.iter().sum();
-    // 260 tokens: the GEMM (gemm_mma_*) writes the three outputs.
+    // 260 tokens: the GEMM (gemm_mma_*) writes the three outputs; each token count also runs as
+    // the wgmma GEMM (gemm_wg_*, where the GPU has it), which must write them with the same bits.
+    let wgmma = if kern.has_dense_gemm_wgmma() { vec![Some(false), Some(true)] } else { vec![None] };
     for &t in &[1usize, 5, 70, 260] {
         let x = randn(&mut r, t * k);
         let xd = g.stream.clone_htod(&x).unwrap();
@@ -214,17 +216,26 @@ fn stacked_qkv_gemv_matches_the_cpu_reference() {
         ];
         for (name, wf, fp8) in cases {
             let want = reference(&wf, &x, n, k, t);
-            let (mut y0, mut y1, mut y2) = (poisoned(&g, t * rows[0]), poisoned(&g, t * rows[1]), poisoned(&g, t * rows[2]));
             let (w8d, scd, wbd) = (g.stream.clone_htod(&w8).unwrap(), g.stream.clone_htod(&sc).unwrap(), g.stream.clone_htod(&wb).unwrap());
             let wp = if fp8 { w8d.device_ptr(&g.stream).0 } else { wbd.device_ptr(&g.stream).0 };
-            kern.gemv_split3(wp, fp8.then_some(&scd), &xd, None, [&mut y0, &mut y1, &mut y2], rows, k, t).unwrap();
-            let mut off = 0;
-            for (i, y) in [y0, y1, y2].iter().enumerate() {
-                let got = g.stream.clone_dtoh(y).unwrap();
-                let part: Vec<f32> = (0..t).flat_map(|ti| want[ti * n + off..ti * n + off + rows[i]].to_vec()).collect();
-                assert_close(&format!("stacked {name} part {i} T={t}"), &got, &part);
-                off += rows[i];
+            let mut first: Option<Vec<Vec<f32>>> = None;
+            for &wg in &wgmma {
+                kern.set_dense_gemm_wgmma(wg);
+                let (mut y0, mut y1, mut y2) = (poisoned(&g, t * rows[0]), poisoned(&g, t * rows[1]), poisoned(&g, t * rows[2]));
+                kern.gemv_split3(wp, fp8.then_some(&scd), &xd, None, [&mut y0, &mut y1, &mut y2], rows, k, t).unwrap();
+                let got: Vec<Vec<f32>> = [y0, y1, y2].iter().map(|y| g.stream.clone_dtoh(y).unwrap()).collect();
+                let mut off = 0;
+                for (i, part_got) in got.iter().enumerate() {
+                    let part: Vec<f32> = (0..t).flat_map(|ti| want[ti * n + off..ti * n + off + rows[i]].to_vec()).collect();
+                    assert_close(&format!("stacked {name} part {i} T={t} (wgmma {wg:?})"), part_got, &part);
+                    off += rows[i];
+                }
+                match &first {
+                    None => first = Some(got),
+                    Some(f) => assert!(f.iter().flatten().zip(got.iter().flatten()).all(|(a, b)| a.to_bits() == b.to_bits()), "stacked {name} T={t}: the wgmma GEMM's bits differ from the mma.sync kernels'"),
+                }
             }
+            kern.set_dense_gemm_wgmma(None);
         }
     }
 }
