@@ -1098,12 +1098,20 @@ GEMM_MMA_KERNEL(gemm_mma_deep_bf16, false, 1, 5)
 // 64-k halves per pipeline stage: a whole K block (2), or one half with twice the stages in the
 // same shared memory (1: more bytes in flight, a barrier per half). H100, 2048 tokens, same call:
 // BF16 (o_proj, 2 stages of 96 KB: its loads alone took nearly its whole time) 0.99 -> 0.86 ms
-// with halves; FP8 (3 stages of 64 KB) 1.14 -> 1.24 ms, so it keeps whole blocks.
+// with halves; FP8 (then 3 stages of 64 KB, totals in registers) 1.14 -> 1.24 ms, so it keeps
+// whole blocks.
 #ifndef GWG_HS_FP8
 #define GWG_HS_FP8 2
 #endif
 #ifndef GWG_HS_BF16
 #define GWG_HS_BF16 1
+#endif
+// FP8: the class totals in shared memory (64 KB, 2 stages instead of 3) instead of 32 registers,
+// so both halves' A fragments fit and a stage's MMAs are waited for once, as BF16's. H100, same
+// call: q/k/v at 2048 tokens 1.14 -> 1.01 ms (1024: 0.64 -> 0.54); with 5 stages of 64 k instead,
+// 1.19 ms.
+#ifndef GWG_FP8_TOTAL_SMEM
+#define GWG_FP8_TOTAL_SMEM 1
 #endif
 template <bool FP8>
 struct GemmWg {
@@ -1113,7 +1121,10 @@ struct GemmWg {
     static constexpr int HALF = W_HALF + GWG_XCHUNK;  // a half's weights, then its B
     static constexpr int HS = FP8 ? GWG_HS_FP8 : GWG_HS_BF16;  // halves per stage
     static constexpr int STAGE = HS * HALF;
-    static constexpr int STAGES = (FP8 ? 3 : 2) * 2 / HS;  // 192 / 208 KB either way
+    static constexpr bool TSM = FP8 && GWG_FP8_TOTAL_SMEM;  // totals in shared memory
+    static constexpr int STAGES = TSM ? (HS == 2 ? 2 : 5) : (FP8 ? 3 : 2) * 2 / HS;  // 192 / 208 KB
+    static constexpr int TOTAL_OFF = STAGES * STAGE;
+    static constexpr int SMEM = TOTAL_OFF + (TSM ? GWG_THREADS * 32 * 4 : 0);  // at most 224 KB (kernels.rs)
 };
 
 // x's hi + lo parts [T, K] (K % 64 == 0) into gemm_wg's B layout, [ceil(T / 64)][K / 64][16 KB];
@@ -1203,6 +1214,16 @@ __device__ __forceinline__ void gemm_wg(const unsigned char* __restrict__ W, con
     float total[32], acc[32], part[32];
 #pragma unroll
     for (int i = 0; i < 32; i++) total[i] = acc[i] = part[i] = 0.f;
+    float* tsm = reinterpret_cast<float*>(smem + G::TOTAL_OFF);  // (TSM) total[i] of thread t at [i][t]
+    {
+        unsigned dyn;  // the host's size (kernels.rs: dense_wg_smem) must cover this form's
+        asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
+        if (dyn < (unsigned)G::SMEM) asm volatile("trap;");
+    }
+    if (G::TSM) {
+#pragma unroll
+        for (int i = 0; i < 32; i++) tsm[i * GWG_THREADS + tid] = 0.f;
+    }
     auto pin = [](float* v) {
 #pragma unroll
         for (int i = 0; i < 32; i++) asm volatile("" : "+f"(v[i])::"memory");
@@ -1223,7 +1244,8 @@ __device__ __forceinline__ void gemm_wg(const unsigned char* __restrict__ W, con
             do {
 #pragma unroll
                 for (int i = 0; i < 32; i++) {
-                    total[i] += acc[i];
+                    if (G::TSM) tsm[i * GWG_THREADS + tid] += acc[i];
+                    else total[i] += acc[i];
                     acc[i] = 0.f;
                 }
                 cls++;
@@ -1245,7 +1267,7 @@ __device__ __forceinline__ void gemm_wg(const unsigned char* __restrict__ W, con
 #pragma unroll
         for (int hf = 0; hf < HS; hf++) {
             const int gh = HS == 2 ? hf : p & 1;  // the half of the K block
-            const int ha = FP8 ? 0 : hf;  // the A registers this half uses
+            const int ha = FP8 && !G::TSM ? 0 : hf;  // the A registers this half uses
             const uint4* r0 = reinterpret_cast<const uint4*>(st + hf * G::HALF + (wrow + g) * G::WROW + q * (FP8 ? 16 : 32));
             const uint4* r1 = reinterpret_cast<const uint4*>(reinterpret_cast<const unsigned char*>(r0) + 8 * G::WROW);
             uint4 w0[2] = {r0[0], FP8 ? r0[0] : r0[1]}, w1[2] = {r1[0], FP8 ? r1[0] : r1[1]};
@@ -1263,7 +1285,7 @@ __device__ __forceinline__ void gemm_wg(const unsigned char* __restrict__ W, con
                 }
             }
             wg_commit();
-            if (FP8 || hf == HS - 1) {
+            if ((FP8 && !G::TSM) || hf == HS - 1) {
                 wg_wait<0>();
                 pin(C);
             }
@@ -1285,7 +1307,7 @@ __device__ __forceinline__ void gemm_wg(const unsigned char* __restrict__ W, con
 #pragma unroll
     for (int i = 0; i < 32; i++) {
         const int n = nb + wrow + g + ((i >> 1) & 1) * 8, t = tile * GWG_TOKENS + 8 * (i >> 2) + 2 * q + (i & 1);
-        if (n < N && t < T) store_out(total[i], xinv, y, y1, y2, N0, N1, N, n, t);
+        if (n < N && t < T) store_out(G::TSM ? tsm[i * GWG_THREADS + tid] : total[i], xinv, y, y1, y2, N0, N1, N, n, t);
     }
 }
 #endif

@@ -367,13 +367,12 @@ const fn dense_gemm_smem(fp8: bool, deep: bool) -> usize {
     stages * (128 * if fp8 { 64 } else { 144 } + 2 * 64 * 144)
 }
 
-/// Shared memory of a `gemm_wg_*` block (kernels/gemv.cu's GemmWg): 6 (FP8) or 4 (BF16) 64-k
-/// halves (in stages of 2 or 1), each 256 rows' weights (BF16 rows padded to 144 bytes) and 16 KB
-/// of B.
-const fn dense_wg_smem(fp8: bool) -> usize {
-    let half = 256 * if fp8 { 64 } else { 144 } + 16384;
-    (if fp8 { 3 } else { 2 }) * 2 * half
-}
+/// Shared memory of a `gemm_wg_*` block: at least kernels/gemv.cu's GemmWg::SMEM (the kernel
+/// traps otherwise): FP8 2 stages of a 128-k block and its class totals (192 KB), BF16 4 stages
+/// of a 64-k half (208 KB), each half 256 rows' weights (BF16 rows padded to 144 bytes) and 16 KB
+/// of B. 224 KB covers every form the GWG_* measurement defines build; a block fills an SM's
+/// registers, so the size costs no occupancy.
+const DENSE_WG_SMEM: usize = 224 * 1024;
 
 /// Tokens from which a tensor-core GEMV or GEMM of at least `DENSE_WGMMA_MIN_BLOCKS` blocks of
 /// 256 rows x 64 tokens runs as the wgmma GEMM where the GPU has it. H100, Flash shapes against
@@ -758,9 +757,9 @@ impl Kernels {
         let (dense_wg_fp8, dense_wg_bf16) = (f("gemm_wg_fp8")?, f("gemm_wg_bf16")?);
         let wgmma_arch = nvrtc_arch(gpu.capability) == "sm_90a";
         let dense_wg = wgmma_arch
-            && [(&dense_wg_fp8, true), (&dense_wg_bf16, false)]
+            && [&dense_wg_fp8, &dense_wg_bf16]
                 .iter()
-                .all(|(func, fp8)| func.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, dense_wg_smem(*fp8) as i32).is_ok());
+                .all(|func| func.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, DENSE_WG_SMEM as i32).is_ok());
         let sms = gpu.ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(drv("SM count"))? as usize;
         let mma_bf16_pipe = f("gemv_mma_bf16_t1_pipe")?;
         let mma_bf16_pipe_wave = mma_bf16_pipe.occupancy_max_active_blocks_per_multiprocessor(256, 0, None).map_err(drv("GEMV occupancy"))? as usize * sms;
@@ -1270,7 +1269,7 @@ impl Kernels {
         };
         let (n0, n1, ni) = (rows[0] as i32, rows[1] as i32, n as i32);
         b.arg(&ys[0]).arg(&ys[1]).arg(&ys[2]).arg(&n0).arg(&n1).arg(&ni).arg(&ki).arg(&ti);
-        let cfg = LaunchConfig { grid_dim: (tiles as u32, n.div_ceil(256) as u32, 1), block_dim: (512, 1, 1), shared_mem_bytes: dense_wg_smem(fp8) as u32 };
+        let cfg = LaunchConfig { grid_dim: (tiles as u32, n.div_ceil(256) as u32, 1), block_dim: (512, 1, 1), shared_mem_bytes: DENSE_WG_SMEM as u32 };
         unsafe { b.launch(cfg) }.map_err(drv(if fp8 { "gemm_wg_fp8" } else { "gemm_wg_bf16" }))?;
         Ok(())
     }
