@@ -1076,15 +1076,15 @@ GEMM_MMA_KERNEL(gemm_mma_deep_bf16, false, 1, 5)
 // tensor pipe at 37% with every warp loading its own B fragments. A block of four warpgroups
 // here takes 256 rows x 64 tokens: 512 / 768 bytes per k for 16384 products, and wgmma reads
 // B from shared memory itself, shared by the four warpgroups. H100, Flash shapes, split
-// included: the FP8 q/k/v 1.7-2.0x and the BF16 o_proj 1.3-1.8x as fast as gemm_mma at 256-4096
-// tokens (~215 / ~155 useful TFLOP/s at 2048; benches/results/2026-11-26-dense-gemm-wgmma.md).
+// included: the FP8 q/k/v 1.7-2.1x and the BF16 o_proj 1.25-1.75x as fast as gemm_mma at
+// 256-4096 tokens (~215 / ~160 useful TFLOP/s at 2048; benches/results/2026-11-26-dense-gemm-wgmma.md).
 //
 // The same bits as gemm_mma (and so as every GEMV tile): K blocks of 128 visited class by class
 // (blocks w, w + 8, ... for w = 0..7), each 64-k half as four MMAs over k {16 q + 4 s + j},
 // the hi part then the lo part; an FP8 block summed from zero (its first MMA writes A B) and
-// scaled into acc, each class's acc added into total. A is mma_a_frags' fragment (wgmma's per-warp register fragment is
-// mma.sync's), so wgmma's logical k inside an MMA is mma.sync's; wgmma chains give mma.sync's
-// bits (benches/micro/wgmma_bits.cu).
+// scaled into acc, each class's acc added into total. A is mma_a_frags' fragment (wgmma's
+// per-warp register fragment is mma.sync's), so wgmma's logical k inside an MMA is mma.sync's;
+// wgmma chains give mma.sync's bits (benches/micro/wgmma_bits.cu).
 //
 // B (gemm_wg_split's layout): per 64-token tile and 64-k chunk 16 KB, [s][h][c][n / 8][n % 8]
 // of 16-byte units (no swizzle): the unit (s, h, c, n) holds part h (0 hi, 1 lo) of token n at
@@ -1216,7 +1216,7 @@ __device__ __forceinline__ void gemm_wg(const unsigned char* __restrict__ W, con
     for (int i = 0; i < 32; i++) total[i] = acc[i] = part[i] = 0.f;
     float* tsm = reinterpret_cast<float*>(smem + G::TOTAL_OFF);  // (TSM) total[i] of thread t at [i][t]
     {
-        unsigned dyn;  // the host's size (kernels.rs: dense_wg_smem) must cover this form's
+        unsigned dyn;  // the host's size (kernels.rs: DENSE_WG_SMEM) must cover this form's
         asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
         if (dyn < (unsigned)G::SMEM) asm volatile("trap;");
     }
@@ -1256,7 +1256,8 @@ __device__ __forceinline__ void gemm_wg(const unsigned char* __restrict__ W, con
     // K block p's MMAs: each 64-k half's A fragments, then its four MMAs of hi and lo (FP8: into
     // part, from zero at the block's first MMA; BF16: into acc), then the wait for them, so the
     // A registers are free again (the other warpgroups' MMAs fill the tensor pipe meanwhile).
-    // FP8 (three accumulator sets) waits after each half, so only one half's A is held.
+    // FP8 with its totals in registers (three accumulator sets) waits after each half, so only one
+    // half's A is held.
     auto multiply = [&](int p) {
 #ifdef GWG_NO_MMA  // measurement builds only (outputs wrong): the loads alone
         return;
