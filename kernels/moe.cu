@@ -1154,10 +1154,10 @@ __device__ __forceinline__ void moe_gemm_chunk_wg(const unsigned char* __restric
         auto block = [&](float* tp, const unsigned a0[4], const unsigned a1[4], int kk, int hb) {
             const unsigned char* bs = st + (kk * 4 + 2 * hb) * MMA_B;
             pin(tp);
-            asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+            wg_fence();
             wg_mma<NT>(tp, a0, wg_desc(bs, CORE_K, 128), 0);
             wg_mma<NT>(tp, a1, wg_desc(bs + MMA_B, CORE_K, 128), 1);
-            asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+            wg_commit();
             pin(tp);
         };
 #ifdef MOE_WG_NO_MMA  // measurement builds only (outputs wrong): the loads and barriers alone
@@ -1175,10 +1175,10 @@ __device__ __forceinline__ void moe_gemm_chunk_wg(const unsigned char* __restric
             block(tp1, a[2], a[3], kk, 1);
             const float f0 = e8m0_bits(sv << 23), f1 = e8m0_bits(sv << 7);   // (g, 2k), (g + 8, 2k)
             const float f2 = e8m0_bits(sv << 15), f3 = e8m0_bits(sv >> 1);  // (g, 2k + 1), (g + 8, 2k + 1)
-            asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");  // block 0
+            wg_wait<1>();  // block 0
             pin(tp0);
             scale_into(tp0, f0, f1);
-            asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");  // block 1
+            wg_wait<0>();  // block 1
             pin(tp1);
             scale_into(tp1, f2, f3);
         }
