@@ -1150,13 +1150,15 @@ __device__ __forceinline__ void moe_gemm_chunk_wg(const unsigned char* __restric
         const unsigned char* st = smem + (c % WG_STAGES) * WG_STAGE_BYTES;
         const unsigned char* sw = st + GEMM_B_BYTES + lt * (GEMM_KC * STEP_BYTES);
         const int kc = min(GEMM_KC, KS - c * GEMM_KC);
-        // k32 block hb (MMAs 2 hb, 2 hb + 1) of step kk from A fragments a0, a1 into tp.
+        // k32 block hb (MMAs 2 hb, 2 hb + 1) of step kk from A fragments a0, a1 into tp; the
+        // descriptors from the stage's, advanced in 16-byte units.
+        const unsigned dlo = wg_desc_lo(st, CORE_K);
         auto block = [&](float* tp, const unsigned a0[4], const unsigned a1[4], int kk, int hb) {
-            const unsigned char* bs = st + (kk * 4 + 2 * hb) * MMA_B;
+            const unsigned lo = dlo + (kk * 4 + 2 * hb) * (MMA_B >> 4);
             pin(tp);
             wg_fence();
-            wg_mma<NT>(tp, a0, wg_desc(bs, CORE_K, 128), 0);
-            wg_mma<NT>(tp, a1, wg_desc(bs + MMA_B, CORE_K, 128), 1);
+            wg_mma<NT>(tp, a0, wg_desc_of(lo, 128), 0);
+            wg_mma<NT>(tp, a1, wg_desc_of(lo + (MMA_B >> 4), 128), 1);
             wg_commit();
             pin(tp);
         };
@@ -1199,11 +1201,11 @@ __device__ __forceinline__ void moe_gemm_chunk_wg(const unsigned char* __restric
 //          p), writes out[p, n] = pair_w[p] * down_e h_p (moe_combine then sums each token's).
 // Grid: (ceil(tiles / GEMM_TILES), expert slots); GEMM_THREADS threads; GEMM_STAGES x
 // GEMM_STAGE_BYTES of dynamic shared memory. A chunk of np pairs runs the n-tile count of 1, 2,
-// 4 or 8 that covers it.
+// 4 or 8 that covers it (WG: any count from 1 to 8, ceil(np / 4)).
 //
 // WG (the wgmma kernels): grid.x is (tile groups) x cb, and the cb blocks of a tile group, adjacent
-// in launch order, take the slot's chunks c, c + cb, ... (chunks of equal size, at most
-// GEMM_PAIRS): they run side by side, so the tiles' weights come from DRAM about once for all
+// in launch order, take the slot's chunks c, c + cb, ... (chunks of equal size in whole n-tiles,
+// at most GEMM_PAIRS, the last one shorter): they run side by side, so the tiles' weights come from DRAM about once for all
 // the slot's pairs and from L2 for the others, where one block took every chunk in turn and
 // streamed them from DRAM per chunk. Chunks are independent columns: the same bits.
 template <bool GATE_UP, bool WG = false>
@@ -1225,6 +1227,9 @@ __device__ __forceinline__ void moe_gemm(const unsigned char* __restrict__ W, co
     if (WG) {
         const int nch = (pe - pb + GEMM_PAIRS - 1) / GEMM_PAIRS, c = blockIdx.x % cb;
         size = (pe - pb + nch - 1) / nch;
+#ifndef MOE_WG_POW2_CHUNKS  // (measurement builds: the chunks and n-tile counts before 2026-11-26)
+        size = (size + 3) & ~3;  // whole n-tiles: only the slot's last chunk has a partial one
+#endif
         first = pb + c * size;
         stride = cb * size;
     }
@@ -1235,10 +1240,25 @@ __device__ __forceinline__ void moe_gemm(const unsigned char* __restrict__ W, co
         __syncthreads();
 #ifdef __CUDA_ARCH_FEAT_SM90_ALL
         if (WG) {
-            if (np <= 4) moe_gemm_chunk_wg<GATE_UP, 1>(W, e, rows, np, p0, pair_w, xs, inv, y, K, tiles, ldy, rt0, bt);
-            else if (np <= 8) moe_gemm_chunk_wg<GATE_UP, 2>(W, e, rows, np, p0, pair_w, xs, inv, y, K, tiles, ldy, rt0, bt);
-            else if (np <= 16) moe_gemm_chunk_wg<GATE_UP, 4>(W, e, rows, np, p0, pair_w, xs, inv, y, K, tiles, ldy, rt0, bt);
-            else moe_gemm_chunk_wg<GATE_UP, 8>(W, e, rows, np, p0, pair_w, xs, inv, y, K, tiles, ldy, rt0, bt);
+            // Every n-tile count (wgmma takes N in steps of 8): a chunk computes at most 3
+            // pairs it does not store, where counts of 1, 2, 4, 8 wasted ~20% of a 2048-token
+            // prompt's MMAs and scaling (chunks of 17-24 pairs ran 32).
+#define WG_CHUNK(NT) moe_gemm_chunk_wg<GATE_UP, NT>(W, e, rows, np, p0, pair_w, xs, inv, y, K, tiles, ldy, rt0, bt)
+            int nt = (np + 3) / 4;
+#ifdef MOE_WG_POW2_CHUNKS
+            nt = nt <= 1 ? 1 : nt <= 2 ? 2 : nt <= 4 ? 4 : 8;
+#endif
+            switch (nt) {
+                case 1: WG_CHUNK(1); break;
+                case 2: WG_CHUNK(2); break;
+                case 3: WG_CHUNK(3); break;
+                case 4: WG_CHUNK(4); break;
+                case 5: WG_CHUNK(5); break;
+                case 6: WG_CHUNK(6); break;
+                case 7: WG_CHUNK(7); break;
+                default: WG_CHUNK(8); break;
+            }
+#undef WG_CHUNK
             continue;
         }
 #endif
