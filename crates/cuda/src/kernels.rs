@@ -199,12 +199,14 @@ const fn gemm_smem(tiles: usize, stages: usize) -> usize {
 }
 /// Stages of the wgmma MoE GEMM (WG_STAGES in moe.cu).
 const GEMM_WG_STAGES: usize = 3;
-/// From this many tokens `MoeKernel::Gemm` runs on wgmma (where the GPU has it). Below, with a
-/// few pairs per expert, the kernel is bound by the weights' bytes and mma.sync was as fast or
-/// faster (H100: Flash shapes even at 256 tokens, 8 pairs per expert; Pro 8% slower at 256,
-/// 10-15% at 16-128; from 512 tokens wgmma as fast (Pro) or 7% faster (Flash), 10-17% at
-/// 1024-2048; benches/results/2026-11-26-moe-gemm-wgmma.md).
-pub const GEMM_WGMMA_MIN_TOKENS: usize = 512;
+/// From this many routed pairs per expert (tokens x top-k / experts) `MoeKernel::Gemm` runs on
+/// wgmma (where the GPU has it). Below, with a few pairs per expert, the kernel is bound by the
+/// weights' bytes and mma.sync is as fast or faster. H100 prefill steps, chunks in whole
+/// n-tiles: wgmma against mma.sync at 5.4 / 6.7 / 8 / 9.3 / 10.7 pairs (Pro, 256-512 tokens)
+/// +4.5 / +1.7 / 0 / -7 / -5%, at 8 / 10 / 12 / 14 / 16 pairs (Flash) -2 / -4 / -6 / -8 / -11%
+/// (benches/results/2026-11-26-moe-gemm-n-tiles.md). It was 512 tokens while chunks of 17-24
+/// pairs ran 32 columns.
+pub const GEMM_WGMMA_MIN_PAIRS_PER_EXPERT: usize = 8;
 /// Row tiles of 16 per MoE GEMM block, one per warp (GEMM_TILES in moe.cu).
 const GEMM_TILES: usize = 16;
 /// Output rows per thread block (WARPS in the source: one warp per row).
@@ -280,7 +282,7 @@ pub struct Kernels {
     gemm_down: CudaFunction,
     split_rows: CudaFunction,
     /// The same GEMM on wgmma (`moe_gemm_wg_*`, sm_90a only; the same bits), and when
-    /// `MoeKernel::Gemm` runs it: None from `GEMM_WGMMA_MIN_TOKENS` tokens, Some: always or never
+    /// `MoeKernel::Gemm` runs it: None from `GEMM_WGMMA_MIN_PAIRS_PER_EXPERT`, Some: always or never
     /// (`PEREGRINE_MOE_WGMMA=1` / `0`, `set_moe_gemm_wgmma`).
     gemm_wg_gate_up: CudaFunction,
     gemm_wg_down: CudaFunction,
@@ -1302,15 +1304,15 @@ impl Kernels {
     }
 
     /// Puts `MoeKernel::Gemm` on the wgmma kernels (`Some(true)`, where the GPU has them:
-    /// sm_90a), on mma.sync (`Some(false)`), or lets the token count choose (`None`: from
-    /// `GEMM_WGMMA_MIN_TOKENS`). The same bits either way; returns the setting before.
+    /// sm_90a), on mma.sync (`Some(false)`), or lets the pairs per expert choose (`None`: from
+    /// `GEMM_WGMMA_MIN_PAIRS_PER_EXPERT`). The same bits either way; returns the setting before.
     pub fn set_moe_gemm_wgmma(&mut self, on: Option<bool>) -> Option<bool> {
         std::mem::replace(&mut self.gemm_wgmma, on)
     }
 
-    /// Whether `MoeKernel::Gemm` of `tokens` tokens runs on wgmma.
-    pub fn moe_gemm_on_wgmma(&self, tokens: usize) -> bool {
-        self.wgmma_arch && self.gemm_wgmma.unwrap_or(tokens >= GEMM_WGMMA_MIN_TOKENS)
+    /// Whether `MoeKernel::Gemm` of `pairs` routed pairs over `experts` experts runs on wgmma.
+    pub fn moe_gemm_on_wgmma(&self, pairs: usize, experts: usize) -> bool {
+        self.wgmma_arch && self.gemm_wgmma.unwrap_or(pairs >= GEMM_WGMMA_MIN_PAIRS_PER_EXPERT * experts)
     }
 
     /// Whether this GPU has the wgmma MoE GEMM (sm_90a).
@@ -1509,16 +1511,17 @@ impl Kernels {
     /// Whether `moe_mxfp4` of `tokens` tokens of top-k routing over `w` reads x split, so that
     /// x's producer may write the split (`MoeInput::Split`) and save the call its split launch.
     pub fn moe_reads_split(&self, w: &MoeWeights, tokens: usize, top_k: usize) -> bool {
-        self.moe_kind_reads_split(self.moe_kernel(w, tokens, top_k), tokens)
+        self.moe_kind_reads_split(self.moe_kernel(w, tokens, top_k), w, tokens, top_k)
     }
 
-    /// Whether MoE kernel `kind` reads x split for `tokens` tokens (takes `MoeInput::Split`'s
-    /// rows): the two-launch tiled kernels from 2 tokens (`splits_x`) and the MoE GEMM.
-    pub fn moe_kind_reads_split(&self, kind: MoeKernel, tokens: usize) -> bool {
+    /// Whether MoE kernel `kind` reads x split for `tokens` tokens of top-k routing over `w`
+    /// (takes `MoeInput::Split`'s rows): the two-launch tiled kernels from 2 tokens
+    /// (`splits_x`) and the MoE GEMM.
+    pub fn moe_kind_reads_split(&self, kind: MoeKernel, w: &MoeWeights, tokens: usize, top_k: usize) -> bool {
         match kind {
             MoeKernel::Tiled { .. } => self.splits_x(tokens),
             // (On wgmma it splits x itself, into that kernel's layout.)
-            MoeKernel::Gemm => !self.moe_gemm_on_wgmma(tokens),
+            MoeKernel::Gemm => !self.moe_gemm_on_wgmma(tokens * top_k, w.num_experts),
             _ => false,
         }
     }
@@ -1781,7 +1784,7 @@ impl Kernels {
                 // Both written in full by moe_split_rows.
                 let alloc_u32 = |n: usize| unsafe { self.alloc.alloc::<u32>(n) };
                 let alloc_f32 = |n: usize| unsafe { self.alloc.alloc::<f32>(n) };
-                let wg = self.moe_gemm_on_wgmma(t);
+                let wg = self.moe_gemm_on_wgmma(p, w.num_experts);
                 let xsplit = if wg { XSplit::Own(self.split_x(x, t, h, true)?) } else { self.x_split(input, x, t, h)? };
                 let (xs, xinv) = (&xsplit.rows().xs, &xsplit.rows().inv);
                 let (bt, smem) = if wg { (self.gemm_wg_tiles, gemm_smem(self.gemm_wg_tiles, GEMM_WG_STAGES)) } else { (GEMM_TILES, GEMM_SMEM) };

@@ -333,19 +333,34 @@ fn mxfp4_moe_decode_matches_the_cpu_reference() {
         };
         // 160 tokens give every expert 40-60 pairs: the MoE GEMM's chunks of 32 pairs, the
         // last one partial, and (its default from 8 pairs per expert) the default at 40 and 160.
-        for &t in &[1usize, 2, 5, 16, 40, 160] {
+        // The last case gives expert j a set number of pairs (1, 5, 9, ... 29 and 33-97): the
+        // wgmma GEMM's every n-tile count (1-8) in single chunks, and slots of 2-4 chunks.
+        let mut counts: Vec<usize> = [1usize, 5, 9, 13, 17, 21, 25, 29, 33, 47, 65, 97].iter().cycle().take(e).copied().collect();
+        while counts.iter().sum::<usize>() % top_k != 0 {
+            counts[0] += 1;
+        }
+        let counted_t = counts.iter().sum::<usize>() / top_k;
+        assert!(counts.iter().all(|&c| c <= counted_t), "every expert's pairs on distinct tokens");
+        for (t, counted) in [(1usize, false), (2, false), (5, false), (16, false), (40, false), (160, false), (counted_t, true)] {
             let x = randn(&mut r, t * h);
             // Distinct experts per token; with 40 tokens of 4 among 16 experts some share 10+ tokens.
-            let choices: Vec<Vec<(usize, f32)>> = (0..t)
-                .map(|_| {
-                    let mut ex: Vec<usize> = (0..e).collect();
-                    for j in 0..top_k {
-                        let k = r.random_range(j..e);
-                        ex.swap(j, k);
-                    }
-                    ex[..top_k].iter().map(|&x| (x, r.random::<f32>())).collect()
-                })
-                .collect();
+            let choices: Vec<Vec<(usize, f32)>> = if counted {
+                // Expert ids in order, each repeated by its count; token i takes places i, i + t,
+                // ...: distinct experts, since no expert's run is longer than t.
+                let ids: Vec<usize> = counts.iter().enumerate().flat_map(|(j, &c)| std::iter::repeat_n(j, c)).collect();
+                (0..t).map(|ti| (0..top_k).map(|m| (ids[ti + m * t], r.random::<f32>())).collect()).collect()
+            } else {
+                (0..t)
+                    .map(|_| {
+                        let mut ex: Vec<usize> = (0..e).collect();
+                        for j in 0..top_k {
+                            let k = r.random_range(j..e);
+                            ex.swap(j, k);
+                        }
+                        ex[..top_k].iter().map(|&x| (x, r.random::<f32>())).collect()
+                    })
+                    .collect()
+            };
             let routing = MoeRouting::new(&choices);
             let dr = kern.upload_routing(&routing, e).unwrap();
             let mut scratch = kern.moe_scratch(&w, t * top_k).unwrap();
@@ -383,10 +398,10 @@ fn mxfp4_moe_decode_matches_the_cpu_reference() {
             // The MoE GEMM on mma.sync and, on Hopper, on wgmma: the same bits.
             for wgmma in [false, true] {
                 let before = kern.set_moe_gemm_wgmma(Some(wgmma));
-                assert_eq!(kern.moe_gemm_on_wgmma(t), wgmma && kern.has_moe_gemm_wgmma());
+                assert_eq!(kern.moe_gemm_on_wgmma(t * top_k, e), wgmma && kern.has_moe_gemm_wgmma());
                 let mut yv = poisoned(&g, t * h);
                 kern.moe_mxfp4_with(MoeKernel::Gemm, &wt, &dr, &xd, MoeInput::Settled, &mut scratch, &mut yv).unwrap();
-                yt_all.push((format!("Gemm, wgmma {}", kern.moe_gemm_on_wgmma(t)), yv));
+                yt_all.push((format!("Gemm, wgmma {}", kern.moe_gemm_on_wgmma(t * top_k, e)), yv));
                 kern.set_moe_gemm_wgmma(before);
             }
             // From 2 tokens the two-launch kernels read x (and, with the per-slot wait, h) split
@@ -420,9 +435,9 @@ fn mxfp4_moe_decode_matches_the_cpu_reference() {
                 let kinds = [(kern.moe_kernel(&wt, t, top_k), true), (MoeKernel::Gemm, false), (MoeKernel::Gemm, true), (MoeKernel::tiled(v[0].0, v[0].1), true), (MoeKernel::Fused { stages: v[0].0, steps: v[0].1, max_blocks: 0 }, true)];
                 // (What moe_kind_reads_split says of each kind is checked below against what it does.)
                 let wgmma_default = kern.set_moe_gemm_wgmma(Some(false));
-                assert!(kern.moe_kind_reads_split(MoeKernel::Gemm, t), "the MoE GEMM on mma.sync reads x split");
+                assert!(kern.moe_kind_reads_split(MoeKernel::Gemm, &wt, t, top_k), "the MoE GEMM on mma.sync reads x split");
                 kern.set_moe_gemm_wgmma(Some(true));
-                assert_eq!(kern.moe_kind_reads_split(MoeKernel::Gemm, t), !kern.has_moe_gemm_wgmma(), "the MoE GEMM on wgmma splits x itself");
+                assert_eq!(kern.moe_kind_reads_split(MoeKernel::Gemm, &wt, t, top_k), !kern.has_moe_gemm_wgmma(), "the MoE GEMM on wgmma splits x itself");
                 for (kind, wgmma) in kinds {
                     kern.set_moe_gemm_wgmma(Some(wgmma));
                     let mut yv = poisoned(&g, t * h);
@@ -430,7 +445,7 @@ fn mxfp4_moe_decode_matches_the_cpu_reference() {
                     yt_all.push((format!("{kind:?} (wgmma {wgmma}), x split by its producer"), yv));
                     let mut y_other = poisoned(&g, t * h);
                     kern.moe_mxfp4_with(kind, &wt, &dr, &xd, MoeInput::Split(&sp2), &mut scratch, &mut y_other).unwrap();
-                    if kern.moe_kind_reads_split(kind, t) {
+                    if kern.moe_kind_reads_split(kind, &wt, t, top_k) {
                         let mut y2 = poisoned(&g, t * h);
                         kern.moe_mxfp4_with(kind, &wt, &dr, &x2d, MoeInput::Settled, &mut scratch, &mut y2).unwrap();
                         let (a, b) = (g.stream.clone_dtoh(&y_other).unwrap(), g.stream.clone_dtoh(&y2).unwrap());
