@@ -1205,9 +1205,10 @@ __device__ __forceinline__ void moe_gemm_chunk_wg(const unsigned char* __restric
 //
 // WG (the wgmma kernels): grid.x is (tile groups) x cb, and the cb blocks of a tile group, adjacent
 // in launch order, take the slot's chunks c, c + cb, ... (chunks of equal size in whole n-tiles,
-// at most GEMM_PAIRS, the last one shorter): they run side by side, so the tiles' weights come from DRAM about once for all
-// the slot's pairs and from L2 for the others, where one block took every chunk in turn and
-// streamed them from DRAM per chunk. Chunks are independent columns: the same bits.
+// at most GEMM_PAIRS, the last one shorter): they run side by side, so the tiles' weights come
+// from DRAM about once for all the slot's pairs and from L2 for the others, where one block took
+// every chunk in turn and streamed them from DRAM per chunk. Chunks are independent columns: the
+// same bits.
 template <bool GATE_UP, bool WG = false>
 __device__ __forceinline__ void moe_gemm(const unsigned char* __restrict__ W, const int* __restrict__ experts, const int* __restrict__ pair_off,
                                          const int* __restrict__ pair_tok, const float* __restrict__ pair_w,
