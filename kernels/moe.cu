@@ -936,6 +936,14 @@ MOE_BULK(2, 6)
 #define MOE_WG_TILES 16
 #endif
 #define WG_THREADS (32 * MOE_WG_TILES)
+// The wgmma GEMM's B staging from a table of the chunk's row addresses (moe_gemm_chunk_wg), where
+// the block's threads cover whole groups of 4 rows per pass; else (and in measurement builds
+// with MOE_WG_STAGE_INDEXED, the form before 2026-11-26) each copy's address from its index.
+#if !defined(MOE_WG_STAGE_INDEXED) && MOE_WG_TILES % 8 == 0
+#define MOE_WG_ROWP 1
+#else
+#define MOE_WG_ROWP 0
+#endif
 #define WG_STAGES 3  // chunks of GEMM_KC steps in shared memory (kernels.rs: GEMM_WG_STAGES)
 #define WG_STAGE_BYTES (GEMM_B_BYTES + MOE_WG_TILES * GEMM_KC * STEP_BYTES)
 
@@ -1076,7 +1084,7 @@ __device__ __forceinline__ void moe_gemm_chunk(const unsigned char* __restrict__
 // rt0 + w, and warpgroup w / 4 multiplies its four tiles by the chunk's 8 NT columns.
 template <bool GATE_UP, int NT>
 __device__ __forceinline__ void moe_gemm_chunk_wg(const unsigned char* __restrict__ W, size_t e,
-                                                  const int* rows, int np, int p0, const float* __restrict__ pair_w,
+                                                  const int* rows, const unsigned** rowp, int np, int p0, const float* __restrict__ pair_w,
                                                   const unsigned* __restrict__ xs, const float* __restrict__ inv, float* __restrict__ y,
                                                   int K, int tiles, int ldy, int rt0, int bt) {
     extern __shared__ uint4 dsm[];
@@ -1088,9 +1096,28 @@ __device__ __forceinline__ void moe_gemm_chunk_wg(const unsigned char* __restric
     const unsigned char* wtile = W + (e * tiles + rt0 + w) * KS * STEP_BYTES + lane * 16;
     // Unit u (0..15) of a row's step in moe_split_rows_wg's layout is [m][c][h]: one core-matrix
     // row, to (m, c), column 2 (j % 4) + h of n group j / 4.
+#if MOE_WG_ROWP
+    // Thread tid copies unit u = tid % 16 of step ku = tid / 16 % 4 of rows j = RPI it + tid / 64:
+    // its destination moves by a constant per it and its source by a row, so each copy costs a
+    // shared load of the row's address and two adds. Computed per copy from tid, the addresses
+    // took ~360 instructions a stage (~90 per step, against the step's 139).
+    constexpr int RPI = WG_THREADS / 64;  // rows per pass of the block's threads (a multiple of 4)
+    if (tid < np) rowp[tid] = xs + (size_t)rows[tid] * K;
+    __syncthreads();
+    const int ku = (tid >> 4) & 3, jt = tid >> 6;
+    const unsigned bdst = (ku * 4 + ((tid >> 2) & 3)) * MMA_B + ((tid >> 1) & 1) * CORE_K + (jt >> 2) * 128 + (2 * (jt & 3) + (tid & 1)) * 16;
+    const int bsrc = ku * 64 + (tid & 15) * 4;
+#endif
     auto issue = [&](int c) {
         unsigned char* st = smem + (c % WG_STAGES) * WG_STAGE_BYTES;
         const int k0 = c * GEMM_KC, kc = min(GEMM_KC, KS - k0);
+#if MOE_WG_ROWP
+        if (ku < kc) {
+#pragma unroll
+            for (int it = 0; it < (4 * NT + RPI - 1) / RPI; it++)
+                if (RPI * it + jt < np) cp_async16(st + bdst + 32 * RPI * it, rowp[RPI * it + jt] + k0 * 64 + bsrc);
+        }
+#else
 #pragma unroll
         for (int i0 = 0; i0 < 4 * NT * GEMM_KC * 16; i0 += WG_THREADS) {
             const int i = i0 + tid, u = i & 15, j = i >> 6, kk = (i >> 4) & 3;
@@ -1098,6 +1125,7 @@ __device__ __forceinline__ void moe_gemm_chunk_wg(const unsigned char* __restric
                 cp_async16(st + (kk * 4 + (u >> 2)) * MMA_B + ((u >> 1) & 1) * CORE_K + (j >> 2) * 128 + (2 * (j & 3) + (u & 1)) * 16,
                            xs + (size_t)rows[j] * K + (k0 + kk) * 64 + u * 4);
         }
+#endif
         unsigned char* sw = st + GEMM_B_BYTES;
         if (w < bt) {
             const unsigned char* wsrc = wtile + (size_t)k0 * STEP_BYTES;
@@ -1215,6 +1243,7 @@ __device__ __forceinline__ void moe_gemm(const unsigned char* __restrict__ W, co
                                          const unsigned* __restrict__ xs, const float* __restrict__ inv, float* __restrict__ y,
                                          int K, int tiles, int ldy, int cb = 1) {
     __shared__ int rows[GEMM_PAIRS];
+    __shared__ const unsigned* rowp[GEMM_PAIRS];  // (WG: the chunk's split rows' addresses)
     int u = blockIdx.y;
     int pb = pair_off[u], pe = pair_off[u + 1];
     if (pb >= pe) return;  // an unused expert slot
@@ -1244,7 +1273,7 @@ __device__ __forceinline__ void moe_gemm(const unsigned char* __restrict__ W, co
             // Every n-tile count (wgmma takes N in steps of 8): a chunk computes at most 3
             // pairs it does not store, where counts of 1, 2, 4, 8 wasted ~20% of a 2048-token
             // prompt's MMAs and scaling (chunks of 17-24 pairs ran 32).
-#define WG_CHUNK(NT) moe_gemm_chunk_wg<GATE_UP, NT>(W, e, rows, np, p0, pair_w, xs, inv, y, K, tiles, ldy, rt0, bt)
+#define WG_CHUNK(NT) moe_gemm_chunk_wg<GATE_UP, NT>(W, e, rows, rowp, np, p0, pair_w, xs, inv, y, K, tiles, ldy, rt0, bt)
             int nt = (np + 3) / 4;
 #ifdef MOE_WG_POW2_CHUNKS
             nt = nt <= 1 ? 1 : nt <= 2 ? 2 : nt <= 4 ? 4 : 8;
