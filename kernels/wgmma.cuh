@@ -68,23 +68,20 @@ __device__ __forceinline__ void wg_mma<8>(float* d, const unsigned a[4], unsigne
 }
 
 // Shared-memory matrix descriptor, no swizzle: start, leading (K) and stride (N) byte offsets
-// between core matrices.
-__device__ __forceinline__ unsigned long long wg_desc(const void* p, unsigned lead, unsigned stride) {
-    unsigned addr = (unsigned)__cvta_generic_to_shared(p);
-    return (unsigned long long)((addr >> 4) & 0x3fffu) | (unsigned long long)((lead >> 4) & 0x3fffu) << 16 |
-           (unsigned long long)((stride >> 4) & 0x3fffu) << 32;
-}
-
-// The same descriptor in two words: the low one (start and leading offset) is computed once per
-// shared-memory stage and advanced by an offset in 16-byte units, since a shared-memory address
-// (< 228 KB) shifted by 4 never carries past the 14-bit start field. wg_desc per MMA costs ~6
-// uniform-datapath instructions (a 64-bit add, shift, two masks): the MoE GEMM's step loop went
-// from 162 to 139 instructions at 8 n-tiles (2-4% faster at 512 tokens, within noise at 2048).
+// between core matrices, in two words. The low one (start and leading offset) can be computed
+// once per shared-memory stage and advanced by an offset in 16-byte units, since a shared-memory
+// address (< 228 KB) shifted by 4 never carries past the 14-bit start field: wg_desc per MMA
+// costs ~6 uniform-datapath instructions (a 64-bit add, shift, two masks), and the MoE GEMM's
+// step loop went from 162 to 139 instructions at 8 n-tiles (2-5% faster at 512 tokens, within
+// noise at 2048; in the dense GEMM BF16 was slower with it, so that one keeps wg_desc).
 __device__ __forceinline__ unsigned wg_desc_lo(const void* p, unsigned lead) {
     return (((unsigned)__cvta_generic_to_shared(p) >> 4) & 0x3fffu) | ((lead >> 4) & 0x3fffu) << 16;
 }
 __device__ __forceinline__ unsigned long long wg_desc_of(unsigned lo, unsigned stride) {
     return (unsigned long long)((stride >> 4) & 0x3fffu) << 32 | lo;
+}
+__device__ __forceinline__ unsigned long long wg_desc(const void* p, unsigned lead, unsigned stride) {
+    return wg_desc_of(wg_desc_lo(p, lead), stride);
 }
 
 // The same m64n64k16 on BF16 operands (the dense GEMM's BF16 weights).
