@@ -1091,9 +1091,11 @@ GEMM_MMA_KERNEL(gemm_mma_deep_bf16, false, 1, 5)
 // k 16 t + 4 s + 2 c + e, t = 0..3, e = 0..1, which are logical k 8 c + 2 t + e of MMA s (the
 // places of mma_k16's B fragments). So MMA s of part h is one descriptor: core matrices 1 KB
 // apart along K, 128 bytes along N.
-#define GWG_ROWS 256
+// A block takes ROWS rows (256, 128 or 64: four, two or one warpgroups of 64 rows, 2 ROWS
+// threads) x 64 tokens. The smaller blocks are for decode batches of 32-127 tokens, where 256-row
+// blocks leave most SMs idle (q/k/v: 53 blocks, o_proj: 16); they stream the same B per block,
+// so they read more from L2 per weight byte. Every row's arithmetic is the same in each.
 #define GWG_TOKENS 64
-#define GWG_THREADS 512
 #define GWG_XCHUNK 16384  // bytes of one 64-token tile's 64-k chunk, hi and lo
 // 64-k halves per pipeline stage: a whole K block (2), or one half with twice the stages in the
 // same shared memory (1: more bytes in flight, a barrier per half). H100, 2048 tokens, same call:
@@ -1113,18 +1115,20 @@ GEMM_MMA_KERNEL(gemm_mma_deep_bf16, false, 1, 5)
 #ifndef GWG_FP8_TOTAL_SMEM
 #define GWG_FP8_TOTAL_SMEM 1
 #endif
-template <bool FP8>
+template <bool FP8, int ROWS>
 struct GemmWg {
+    static constexpr int THREADS = 2 * ROWS;
     static constexpr int WROW = FP8 ? 64 : 144;  // bytes per row per 64-k half in shared memory (BF16 padded)
     static constexpr int WUNITS = FP8 ? 4 : 8;   // 16-byte units of a row's half in global memory
-    static constexpr int W_HALF = GWG_ROWS * WROW;
+    static constexpr int W_HALF = ROWS * WROW;
     static constexpr int HALF = W_HALF + GWG_XCHUNK;  // a half's weights, then its B
     static constexpr int HS = FP8 ? GWG_HS_FP8 : GWG_HS_BF16;  // halves per stage
     static constexpr int STAGE = HS * HALF;
     static constexpr bool TSM = FP8 && GWG_FP8_TOTAL_SMEM;  // totals in shared memory
     static constexpr int STAGES = TSM ? (HS == 2 ? 2 : 5) : (FP8 ? 3 : 2) * 2 / HS;  // 192 / 208 KB
     static constexpr int TOTAL_OFF = STAGES * STAGE;
-    static constexpr int SMEM = TOTAL_OFF + (TSM ? GWG_THREADS * 32 * 4 : 0);  // at most 224 KB (kernels.rs)
+    static constexpr int SMEM = TOTAL_OFF + (TSM ? THREADS * 32 * 4 : 0);  // at most kernels.rs' dense_wg_smem(ROWS)
+    static constexpr int XUNITS = HS * GWG_XCHUNK / (16 * THREADS);    // B units a thread copies per stage
 };
 
 // x's hi + lo parts [T, K] (K % 64 == 0) into gemm_wg's B layout, [ceil(T / 64)][K / 64][16 KB];
@@ -1160,31 +1164,32 @@ extern "C" __global__ void __launch_bounds__(256) gemm_wg_split(const unsigned s
 }
 
 #ifdef __CUDA_ARCH_FEAT_SM90_ALL
-template <bool FP8>
+template <bool FP8, int ROWS>
 __device__ __forceinline__ void gemm_wg(const unsigned char* __restrict__ W, const float* __restrict__ S, const uint4* __restrict__ xw,
                                         const float* __restrict__ xinv, float* __restrict__ y, float* __restrict__ y1,
                                         float* __restrict__ y2, int N0, int N1, int N, int K, int T) {
-    using G = GemmWg<FP8>;
+    using G = GemmWg<FP8, ROWS>;
+    constexpr int THREADS = G::THREADS;
     constexpr int STAGES = G::STAGES, ESIZE = FP8 ? 1 : 2;
     extern __shared__ uint4 dsm[];
     unsigned char* smem = reinterpret_cast<unsigned char*>(dsm);
     const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, g = lane >> 2, q = lane & 3;
-    const int wrow = 16 * w;  // the warp's 16 rows of the block's 256 (warpgroup w / 4: rows 64 (w / 4) ..)
+    const int wrow = 16 * w;  // the warp's 16 rows of the block's ROWS (warpgroup w / 4: rows 64 (w / 4) ..)
     // Token tiles are the grid's fast index: the blocks running at once share a few row tiles'
     // weights (read from DRAM about once) and read the activations from L2.
-    const int nb = blockIdx.y * GWG_ROWS, tile = blockIdx.x;
+    const int nb = blockIdx.y * ROWS, tile = blockIdx.x;
     constexpr int HS = G::HS;
     const int KB = K / 128, NU = KB * 2 / HS;  // K blocks, stages' worth of halves
     // Each thread's weight units of a stage at k = 0: (row, half, unit) = (id / (HS WUNITS), ...)
-    // for id = tid + 512 i; rows clamped to N - 1 (loaded, never stored).
-    constexpr int NWU = GWG_ROWS * HS * G::WUNITS / GWG_THREADS, WSTEP = GWG_THREADS / (HS * G::WUNITS);
+    // for id = tid + THREADS i; rows clamped to N - 1 (loaded, never stored).
+    constexpr int NWU = ROWS * HS * G::WUNITS / THREADS, WSTEP = THREADS / (HS * G::WUNITS);
     const int whalf = HS == 2 ? (tid / G::WUNITS) & 1 : 0, wu = tid % G::WUNITS;
     const unsigned char* wbase = W + (size_t)nb * K * ESIZE + whalf * 64 * ESIZE + wu * 16;
     unsigned wofs[NWU];
 #pragma unroll
     for (int u = 0; u < NWU; u++) wofs[u] = (unsigned)(min(nb + tid / (HS * G::WUNITS) + WSTEP * u, N - 1) - nb) * K * ESIZE;
     const int wdst = whalf * G::HALF + (tid / (HS * G::WUNITS)) * G::WROW + wu * 16;
-    // B: a K block's two 16 KB chunks are adjacent in xw; 2 HS units a thread.
+    // B: a K block's two 16 KB chunks are adjacent in xw; XUNITS units a thread.
     const unsigned char* xbase = reinterpret_cast<const unsigned char*>(xw) + (size_t)tile * (K / 64) * GWG_XCHUNK + tid * 16;
     auto next_kb = [&](int kb) {
         const int nk = kb + 8;
@@ -1201,10 +1206,10 @@ __device__ __forceinline__ void gemm_wg(const unsigned char* __restrict__ W, con
 #pragma unroll
             for (int u = 0; u < NWU; u++) cp_async16(st + wdst + u * WSTEP * G::WROW, wbase + wofs[u] + (size_t)chunk * 64 * ESIZE);
 #pragma unroll
-            for (int u = 0; u < 2 * HS; u++) {
-                const int o = tid * 16 + u * GWG_THREADS * 16;  // byte of the stage's B
+            for (int u = 0; u < G::XUNITS; u++) {
+                const int o = tid * 16 + u * THREADS * 16;  // byte of the stage's B
                 cp_async16(st + (o / GWG_XCHUNK) * G::HALF + G::W_HALF + o % GWG_XCHUNK,
-                           xbase + (size_t)chunk * GWG_XCHUNK + u * GWG_THREADS * 16);
+                           xbase + (size_t)chunk * GWG_XCHUNK + u * THREADS * 16);
             }
             if (HS == 2 || half_issue) kb_issue = next_kb(kb_issue);
             if (HS == 1) half_issue ^= 1;
@@ -1222,7 +1227,7 @@ __device__ __forceinline__ void gemm_wg(const unsigned char* __restrict__ W, con
     }
     if (G::TSM) {
 #pragma unroll
-        for (int i = 0; i < 32; i++) tsm[i * GWG_THREADS + tid] = 0.f;
+        for (int i = 0; i < 32; i++) tsm[i * THREADS + tid] = 0.f;
     }
     auto pin = [](float* v) {
 #pragma unroll
@@ -1244,7 +1249,7 @@ __device__ __forceinline__ void gemm_wg(const unsigned char* __restrict__ W, con
             do {
 #pragma unroll
                 for (int i = 0; i < 32; i++) {
-                    if (G::TSM) tsm[i * GWG_THREADS + tid] += acc[i];
+                    if (G::TSM) tsm[i * THREADS + tid] += acc[i];
                     else total[i] += acc[i];
                     acc[i] = 0.f;
                 }
@@ -1308,29 +1313,34 @@ __device__ __forceinline__ void gemm_wg(const unsigned char* __restrict__ W, con
 #pragma unroll
     for (int i = 0; i < 32; i++) {
         const int n = nb + wrow + g + ((i >> 1) & 1) * 8, t = tile * GWG_TOKENS + 8 * (i >> 2) + 2 * q + (i & 1);
-        if (n < N && t < T) store_out(G::TSM ? tsm[i * GWG_THREADS + tid] : total[i], xinv, y, y1, y2, N0, N1, N, n, t);
+        if (n < N && t < T) store_out(G::TSM ? tsm[i * THREADS + tid] : total[i], xinv, y, y1, y2, N0, N1, N, n, t);
     }
 }
 #endif
 
-// gemm_wg_{fp8,bf16}: grid (ceil(T / 64), ceil(N / 256)), 512 threads, GemmWg<FP8>::STAGES x
-// STAGE bytes of dynamic shared memory; xw from gemm_wg_split. The host runs them on sm_90a only
-// (built for another GPU they trap).
-#define GEMM_WG_KERNEL(NAME, IS_FP8)                                                                                      \
-    extern "C" __global__ void __launch_bounds__(GWG_THREADS, 1) NAME(                                                    \
+// gemm_wg_{fp8,bf16} (256 rows), gemm_wg{128,64}_{fp8,bf16}: grid (ceil(T / 64), ceil(N / ROWS)),
+// 2 ROWS threads, at least GemmWg<FP8, ROWS>::SMEM bytes of dynamic shared memory (the kernel
+// traps otherwise); xw from gemm_wg_split. 64-row blocks fit two per SM. The host runs them on
+// sm_90a only (built for another GPU they trap).
+#define GEMM_WG_KERNEL(NAME, IS_FP8, ROWS, MIN_BLOCKS)                                                                    \
+    extern "C" __global__ void __launch_bounds__(2 * ROWS, MIN_BLOCKS) NAME(                                              \
         const unsigned char* __restrict__ W, const float* __restrict__ S, const uint4* __restrict__ xw,                  \
         const float* __restrict__ xinv, float* __restrict__ y, float* __restrict__ y1, float* __restrict__ y2, int N0,    \
         int N1, int N, int K, int T) {                                                                                   \
         PDL_ENTER();                                                                                                      \
-        GEMM_WG_BODY(IS_FP8)                                                                                              \
+        GEMM_WG_BODY(IS_FP8, ROWS)                                                                                        \
     }
 #ifdef __CUDA_ARCH_FEAT_SM90_ALL
-#define GEMM_WG_BODY(IS_FP8) gemm_wg<IS_FP8>(W, S, xw, xinv, y, y1, y2, N0, N1, N, K, T);
+#define GEMM_WG_BODY(IS_FP8, ROWS) gemm_wg<IS_FP8, ROWS>(W, S, xw, xinv, y, y1, y2, N0, N1, N, K, T);
 #else
-#define GEMM_WG_BODY(IS_FP8) asm volatile("trap;");
+#define GEMM_WG_BODY(IS_FP8, ROWS) asm volatile("trap;");
 #endif
-GEMM_WG_KERNEL(gemm_wg_fp8, true)
-GEMM_WG_KERNEL(gemm_wg_bf16, false)
+GEMM_WG_KERNEL(gemm_wg_fp8, true, 256, 1)
+GEMM_WG_KERNEL(gemm_wg_bf16, false, 256, 1)
+GEMM_WG_KERNEL(gemm_wg128_fp8, true, 128, 1)
+GEMM_WG_KERNEL(gemm_wg128_bf16, false, 128, 1)
+GEMM_WG_KERNEL(gemm_wg64_fp8, true, 64, 2)
+GEMM_WG_KERNEL(gemm_wg64_bf16, false, 64, 2)
 
 // gemv_mma_{fp8,bf16}_t<NT> (one row tile per block) and ..._t<NT>_r<R>. Only the one-tile
 // kernels zero counters (ZERO; the others take the parameters and ignore them: Kernels refuses

@@ -116,8 +116,8 @@ fn main() {
     // GEMV: matrices much larger than the 50 MB L2.
     if !only_moe {
         let (rows, cols) = (16384usize, 8192usize);
-        let x = s.clone_htod(&random_bytes(64 * cols).iter().map(|&b| b as f32 / 128.0 - 1.0).collect::<Vec<_>>()).unwrap();
-        let mut y = s.alloc_zeros::<f32>(64 * rows).unwrap();
+        let x = s.clone_htod(&random_bytes(128 * cols).iter().map(|&b| b as f32 / 128.0 - 1.0).collect::<Vec<_>>()).unwrap();
+        let mut y = s.alloc_zeros::<f32>(128 * rows).unwrap();
         println!("\nGEMV {rows}x{cols}: tokens, weight bytes, ms, GB/s, fraction of copy bandwidth");
         {
             // BF16 of uniform values in (-1, 1): random sign, exponent 119..126, mantissa.
@@ -157,26 +157,49 @@ fn main() {
         // The decode step's own shapes (MiMo-V2-Flash): the stacked FP8 q/k/v projection
         // (13568 x 4096, 55.6 MB) and the BF16 o_proj (4096 x 8192, 67 MB). Two copies of the
         // weights in turn, so a call never finds the previous one's bytes in the 50 MB L2.
-        println!("\nGEMV, decode shapes (two weight copies in turn, back to back):");
+        println!("\nGEMV, decode shapes (two weight copies in turn, back to back; from 16 tokens also the wgmma GEMM in blocks of 256 / 128 / 64 rows, forced):");
+        // % of copy bandwidth of the wgmma GEMM at each block height, and whether each gave the
+        // default's bits (the same arithmetic per row, whatever runs it).
+        let wg_rows = |k: &mut Kernels, t: usize, y: &mut cudarc::driver::CudaSlice<f32>, b: f64, run: &mut dyn FnMut(&Kernels, usize, &mut cudarc::driver::CudaSlice<f32>)| -> String {
+            if t < 16 || !k.has_dense_gemm_wgmma() {
+                return String::new();
+            }
+            run(k, 0, y);
+            let base = s.clone_dtoh(y).unwrap();
+            let mut cells = Vec::new();
+            for rows in peregrine_cuda::kernels::DENSE_WG_ROWS {
+                k.set_dense_gemm_wgmma(Some(true));
+                k.set_dense_wg_rows(Some(rows)).unwrap();
+                let ms = time_b2b(&mut |i| run(k, i, y));
+                run(k, 0, y);  // (the timed calls alternate weight copies)
+                let same = s.clone_dtoh(y).unwrap().iter().zip(&base).all(|(a, b)| a.to_bits() == b.to_bits());
+                cells.push(format!("{:.1}%{}", 100.0 * b / (ms as f64 * 1e-3) / copy_bw, if same { "" } else { " BITS DIFFER" }));
+            }
+            k.set_dense_gemm_wgmma(None);
+            k.set_dense_wg_rows(None).unwrap();
+            format!("; wgmma 256 / 128 / 64 rows: {}", cells.join(" / "))
+        };
         {
             let (rows, cols) = (13568usize, 4096usize);
             let e4m3 = |b: &u8| if b & 0x7f == 0x7f { b ^ 1 } else { *b };
             let ws: Vec<_> = (0..2).map(|_| s.clone_htod(&random_bytes(rows * cols).iter().map(e4m3).collect::<Vec<_>>()).unwrap()).collect();
             let sc = s.clone_htod(&vec![1.0f32; rows.div_ceil(128) * cols / 128]).unwrap();
-            for t in [1usize, 2, 4, 8, 16, 32, 64] {
+            for t in [1usize, 2, 4, 8, 16, 32, 48, 64, 96, 128] {
                 let ms = time_b2b(&mut |i| k.gemv_fp8(&ws[i % 2], &sc, &x, &mut y, rows, cols, t).unwrap());
                 let b = (rows * cols) as f64 + (rows.div_ceil(128) * cols / 128 * 4) as f64;
-                println!("fp8    T={t:<2} {:>10.1} MB {ms:8.3} ms {:7.0} GB/s {:5.1}%  ({rows}x{cols}, q/k/v)", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, 100.0 * b / (ms as f64 * 1e-3) / copy_bw);
+                let wg = wg_rows(&mut k, t, &mut y, b, &mut |k, i, y| k.gemv_fp8(&ws[i % 2], &sc, &x, y, rows, cols, t).unwrap());
+                println!("fp8    T={t:<3} {:>10.1} MB {ms:8.3} ms {:7.0} GB/s {:5.1}%  ({rows}x{cols}, q/k/v{wg})", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, 100.0 * b / (ms as f64 * 1e-3) / copy_bw);
             }
         }
         {
             let (rows, cols) = (4096usize, 8192usize);
             let bf16 = |b: &[u8]| ((b[1] as u16 & 0x80) << 8) | ((119 + (b[1] as u16 & 7)) << 7) | (b[0] as u16 & 0x7f);
             let ws: Vec<_> = (0..2).map(|_| s.clone_htod(&random_bytes(2 * rows * cols).chunks(2).map(bf16).collect::<Vec<_>>()).unwrap()).collect();
-            for t in [1usize, 2, 4, 8, 16, 32, 64] {
+            for t in [1usize, 2, 4, 8, 16, 32, 48, 64, 96, 128] {
                 let ms = time_b2b(&mut |i| k.gemv_bf16(&ws[i % 2], &x, &mut y, rows, cols, t).unwrap());
                 let b = (rows * cols * 2) as f64;
-                println!("bf16   T={t:<2} {:>10.1} MB {ms:8.3} ms {:7.0} GB/s {:5.1}%  ({rows}x{cols}, o_proj)", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, 100.0 * b / (ms as f64 * 1e-3) / copy_bw);
+                let wg = wg_rows(&mut k, t, &mut y, b, &mut |k, i, y| k.gemv_bf16(&ws[i % 2], &x, y, rows, cols, t).unwrap());
+                println!("bf16   T={t:<3} {:>10.1} MB {ms:8.3} ms {:7.0} GB/s {:5.1}%  ({rows}x{cols}, o_proj{wg})", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, 100.0 * b / (ms as f64 * 1e-3) / copy_bw);
             }
         }
         {
@@ -184,11 +207,12 @@ fn main() {
             let (rows, cols) = (152064usize, 4096usize);
             let bf16 = |b: &[u8]| ((b[1] as u16 & 0x80) << 8) | ((119 + (b[1] as u16 & 7)) << 7) | (b[0] as u16 & 0x7f);
             let w = s.clone_htod(&random_bytes(2 * rows * cols).chunks(2).map(bf16).collect::<Vec<_>>()).unwrap();
-            let mut y = s.alloc_zeros::<f32>(64 * rows).unwrap();
-            for t in [1usize, 8, 16, 32, 64] {
+            let mut y = s.alloc_zeros::<f32>(128 * rows).unwrap();
+            for t in [1usize, 8, 16, 32, 64, 96, 128] {
                 let ms = time_b2b(&mut |_| k.gemv_bf16(&w, &x, &mut y, rows, cols, t).unwrap());
                 let b = (rows * cols * 2) as f64;
-                println!("bf16   T={t:<2} {:>10.1} MB {ms:8.3} ms {:7.0} GB/s {:5.1}%  ({rows}x{cols}, lm_head)", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, 100.0 * b / (ms as f64 * 1e-3) / copy_bw);
+                let wg = wg_rows(&mut k, t, &mut y, b, &mut |k, _, y| k.gemv_bf16(&w, &x, y, rows, cols, t).unwrap());
+                println!("bf16   T={t:<3} {:>10.1} MB {ms:8.3} ms {:7.0} GB/s {:5.1}%  ({rows}x{cols}, lm_head{wg})", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, 100.0 * b / (ms as f64 * 1e-3) / copy_bw);
             }
         }
         drop(y);

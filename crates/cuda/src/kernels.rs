@@ -251,12 +251,14 @@ pub struct Kernels {
     /// The same GEMM on wgmma (`gemm_wg_*`, sm_90a; the same bits) over activations laid out by
     /// `gemm_wg_split`; `dense_wg` when the GPU has it and its shared memory was granted, and
     /// `dense_wgmma` forces it on or off (`PEREGRINE_GEMM_WGMMA=1` / `0`, `set_dense_gemm_wgmma`;
-    /// None: from `DENSE_WGMMA_MIN_TOKENS`).
-    dense_wg_fp8: CudaFunction,
-    dense_wg_bf16: CudaFunction,
+    /// None: from `DENSE_WGMMA_MIN_TOKENS`). `dense_wg_fns[i]` are the (FP8, BF16) kernels of
+    /// `DENSE_WG_ROWS[i]` rows per block; `dense_wg_rows` forces a block height
+    /// (`PEREGRINE_GEMM_WG_ROWS`, `set_dense_wg_rows`; None: by the shape, `dense_wg_rows_for`).
+    dense_wg_fns: Vec<(CudaFunction, CudaFunction)>,
     dense_wg_split: CudaFunction,
     dense_wg: bool,
     dense_wgmma: Option<bool>,
+    dense_wg_rows: Option<usize>,
     /// `PEREGRINE_GEMV_TILE=NTxR` forces that tile shape at every token count (benchmarks).
     mma_forced: Option<usize>,
     split_bf16: CudaFunction,
@@ -369,12 +371,22 @@ const fn dense_gemm_smem(fp8: bool, deep: bool) -> usize {
     stages * (128 * if fp8 { 64 } else { 144 } + 2 * 64 * 144)
 }
 
-/// Shared memory of a `gemm_wg_*` block: at least kernels/gemv.cu's GemmWg::SMEM (the kernel
-/// traps otherwise): FP8 2 stages of a 128-k block and its class totals (192 KB), BF16 4 stages
-/// of a 64-k half (208 KB), each half 256 rows' weights (BF16 rows padded to 144 bytes) and 16 KB
-/// of B. 224 KB covers every form the GWG_* measurement defines build; a block fills an SM's
-/// registers, so the size costs no occupancy.
-const DENSE_WG_SMEM: usize = 224 * 1024;
+/// Block heights of the wgmma dense GEMM (`gemm_wg_*`: 256 rows, `gemm_wg128_*`, `gemm_wg64_*`).
+pub const DENSE_WG_ROWS: [usize; 3] = [256, 128, 64];
+
+/// Shared memory of a `gemm_wg*` block of `rows` rows: at least kernels/gemv.cu's GemmWg::SMEM
+/// (the kernel traps otherwise): FP8 2 stages of a 128-k block and its class totals (192 / 128 /
+/// 96 KB at 256 / 128 / 64 rows), BF16 4 stages of a 64-k half (208 / 136 / 100 KB), each half
+/// the rows' weights (BF16 rows padded to 144 bytes) and 16 KB of B. 256 and 128 rows: one block
+/// per SM (it fills the registers or the shared memory), so the sizes leave room for every form
+/// the GWG_* measurement defines build; 64 rows: two blocks per SM, so only the default forms.
+const fn dense_wg_smem(rows: usize) -> usize {
+    match rows {
+        256 => 224 * 1024,
+        128 => 160 * 1024,
+        _ => 104 * 1024,
+    }
+}
 
 /// Tokens from which a tensor-core GEMV or GEMM of at least `DENSE_WGMMA_MIN_BLOCKS` blocks of
 /// 256 rows x 64 tokens runs as the wgmma GEMM where the GPU has it. H100, Flash shapes against
@@ -384,6 +396,39 @@ const DENSE_WG_SMEM: usize = 224 * 1024;
 pub const DENSE_WGMMA_MIN_TOKENS: usize = 128;
 /// See `DENSE_WGMMA_MIN_TOKENS`.
 const DENSE_WGMMA_MIN_BLOCKS: usize = 48;
+
+/// The wgmma GEMM's block height for `t` tokens x `n` rows by the shape, or None where the GEMV
+/// tiles or the mma.sync GEMM run instead. From `DENSE_WGMMA_MIN_TOKENS` 256 rows where that
+/// makes `DENSE_WGMMA_MIN_BLOCKS` blocks. Below, decode batches, whose 256-row blocks leave SMs
+/// idle: at 65-127 tokens 256 rows where that makes `DENSE_WG_DECODE_BLOCKS` blocks, else (and
+/// from 128 tokens) 64 rows where that does; at 32-64 tokens 128, else 64 rows where that makes
+/// `DENSE_WG_SMALL_BATCH_BLOCKS`. H100, % of copy bandwidth
+/// (benches/results/2026-11-26-dense-wgmma-decode.md): the FP8 q/k/v (13568 x 4096) at 32 / 64
+/// tokens 39.3 / 37.8% in 64-row blocks (212) against the GEMV tiles' 34.6 / 25.7%, at 96
+/// tokens 24.5% in 256-row blocks (106) against the deep GEMM's 13.9%; the BF16 lm_head (152064
+/// x 4096) at 32 / 64 tokens 84.4 / 81.5% in 128-row blocks against 73 (GEMV tiles) / 58%
+/// (mma.sync GEMM); the BF16 o_proj (4096 x 8192) at 96 / 128 tokens 26.9 / 26.4% in 64-row
+/// blocks (128) against 15.1 / 17.8%, while at 16-64 tokens its GEMV tiles (37-70%) beat every
+/// height (at most 33%: 64 blocks), as the q/k/v's do at 16 tokens (55 against 40%).
+pub fn dense_wg_rows_for(t: usize, n: usize) -> Option<usize> {
+    let tiles = t.div_ceil(64);
+    let blocks = |rows: usize| n.div_ceil(rows) * tiles;
+    match t {
+        _ if t >= DENSE_WGMMA_MIN_TOKENS && blocks(256) >= DENSE_WGMMA_MIN_BLOCKS => Some(256),
+        65.. if blocks(256) >= DENSE_WG_DECODE_BLOCKS => Some(256),
+        65.. if blocks(64) >= DENSE_WG_DECODE_BLOCKS => Some(64),
+        32..=64 if blocks(128) >= DENSE_WG_SMALL_BATCH_BLOCKS => Some(128),
+        32..=64 if blocks(64) >= DENSE_WG_SMALL_BATCH_BLOCKS => Some(64),
+        _ => None,
+    }
+}
+
+/// Blocks from which a GEMV of 65-127 tokens (or an o_proj-sized one above) runs as the wgmma
+/// GEMM (see `dense_wg_rows_for`).
+const DENSE_WG_DECODE_BLOCKS: usize = 96;
+/// Blocks from which a GEMV of 32-64 tokens runs as the wgmma GEMM: MiMo-V2.5-Pro's o_proj
+/// (6144 rows: 96 blocks of 64) stays on the GEMV tiles with Flash's (64).
+const DENSE_WG_SMALL_BATCH_BLOCKS: usize = 192;
 
 fn mma_gemv_name(format: &str, nt: usize, r: usize) -> String {
     if (nt, r) == DEEP_GEMM_TILE {
@@ -756,12 +801,18 @@ impl Kernels {
         let dense_gemm = [(&mma_fp8[gi], true, false), (&mma_bf16[gi], false, false), (&mma_fp8[di], true, true), (&mma_bf16[di], false, true)]
             .iter()
             .all(|(func, fp8, deep)| func.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, dense_gemm_smem(*fp8, *deep) as i32).is_ok());
-        let (dense_wg_fp8, dense_wg_bf16) = (f("gemm_wg_fp8")?, f("gemm_wg_bf16")?);
+        let dense_wg_fns = DENSE_WG_ROWS
+            .iter()
+            .map(|&rows| {
+                let name = |format: &str| if rows == 256 { format!("gemm_wg_{format}") } else { format!("gemm_wg{rows}_{format}") };
+                Ok((f(&name("fp8"))?, f(&name("bf16"))?))
+            })
+            .collect::<Result<Vec<_>>>()?;
         let wgmma_arch = nvrtc_arch(gpu.capability) == "sm_90a";
         let dense_wg = wgmma_arch
-            && [&dense_wg_fp8, &dense_wg_bf16]
-                .iter()
-                .all(|func| func.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, DENSE_WG_SMEM as i32).is_ok());
+            && dense_wg_fns.iter().zip(DENSE_WG_ROWS).all(|((fp8, bf16), rows)| {
+                [fp8, bf16].iter().all(|func| func.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, dense_wg_smem(rows) as i32).is_ok())
+            });
         let sms = gpu.ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(drv("SM count"))? as usize;
         let mma_bf16_pipe = f("gemv_mma_bf16_t1_pipe")?;
         let mma_bf16_pipe_wave = mma_bf16_pipe.occupancy_max_active_blocks_per_multiprocessor(256, 0, None).map_err(drv("GEMV occupancy"))? as usize * sms;
@@ -794,11 +845,14 @@ impl Kernels {
             mma_bf16_pipe_wave,
             gemv_pipe: std::env::var("PEREGRINE_GEMV_PIPE").map_or(true, |v| v != "0"),
             dense_gemm,
-            dense_wg_fp8,
-            dense_wg_bf16,
+            dense_wg_fns,
             dense_wg_split: f("gemm_wg_split")?,
             dense_wg,
             dense_wgmma: std::env::var("PEREGRINE_GEMM_WGMMA").ok().map(|v| v != "0"),
+            dense_wg_rows: match std::env::var("PEREGRINE_GEMM_WG_ROWS") {
+                Ok(v) => Some(v.parse().ok().filter(|r| DENSE_WG_ROWS.contains(r)).ok_or_else(|| Error::Backend(format!("PEREGRINE_GEMM_WG_ROWS={v}: expected one of {DENSE_WG_ROWS:?}")))?),
+                Err(_) => None,
+            },
             mma_forced: match std::env::var("PEREGRINE_GEMV_TILE") {
                 Ok(v) => {
                     let tile = v.split_once('x').and_then(|(nt, r)| Some((nt.parse().ok()?, r.parse().ok()?)));
@@ -1204,8 +1258,10 @@ impl Kernels {
         let v = self.mma_tile(fp8, t, n);
         let (nt, r) = MMA_GEMV_TILES[v];
         check(zero.is_none() || (nt, r) == (1, 1), || format!("only the one-tile GEMV zeroes counters, not tile {nt}x{r} ({t} tokens)"))?;
-        if zero.is_none() && k.is_multiple_of(128) && self.dense_gemm_on_wgmma(t, n) {
-            return self.dense_wg_launch(fp8, w, scales, xh, xl, inv, ys, rows, k, t);
+        if zero.is_none() && k.is_multiple_of(128) {
+            if let Some(block_rows) = self.dense_gemm_wg_rows(t, n) {
+                return self.dense_wg_launch(fp8, block_rows, w, scales, xh, xl, inv, ys, rows, k, t);
+            }
         }
         let (groups, ty) = (n.div_ceil(16 * r), t.div_ceil(8 * nt));
         let f = match () {
@@ -1245,10 +1301,10 @@ impl Kernels {
     }
 
     /// The dense GEMM on wgmma: `gemm_wg_split` lays x's hi + lo out for it (16 KB per 64 tokens
-    /// and 64 k), then 256 rows x 64 tokens per block of four warpgroups. The same bits as
-    /// `gemm_mma_*`.
+    /// and 64 k), then `block_rows` (one of `DENSE_WG_ROWS`) rows x 64 tokens per block of one
+    /// warpgroup per 64 rows. The same bits as `gemm_mma_*`.
     #[allow(clippy::too_many_arguments)]
-    fn dense_wg_launch(&self, fp8: bool, w: cudarc::driver::sys::CUdeviceptr, scales: Option<&CudaSlice<f32>>, xh: &CudaSlice<u16>, xl: &CudaSlice<u16>, inv: Option<&CudaSlice<f32>>, ys: [cudarc::driver::sys::CUdeviceptr; 3], rows: [usize; 3], k: usize, t: usize) -> Result<()> {
+    fn dense_wg_launch(&self, fp8: bool, block_rows: usize, w: cudarc::driver::sys::CUdeviceptr, scales: Option<&CudaSlice<f32>>, xh: &CudaSlice<u16>, xl: &CudaSlice<u16>, inv: Option<&CudaSlice<f32>>, ys: [cudarc::driver::sys::CUdeviceptr; 3], rows: [usize; 3], k: usize, t: usize) -> Result<()> {
         let n = rows.iter().sum::<usize>();
         let tiles = t.div_ceil(64);
         // 4 bytes (hi and lo) per token and k, tokens padded to the tile.
@@ -1258,7 +1314,9 @@ impl Kernels {
         let mut b = crate::launch::builder(&self.stream, &self.dense_wg_split);
         b.arg(xh).arg(xl).arg(&mut xw).arg(&ki).arg(&ti);
         unsafe { b.launch(LaunchConfig { grid_dim: (threads.div_ceil(256) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv("gemm_wg_split"))?;
-        let mut b = crate::launch::builder(&self.stream, if fp8 { &self.dense_wg_fp8 } else { &self.dense_wg_bf16 });
+        let i = DENSE_WG_ROWS.iter().position(|&r| r == block_rows).ok_or_else(|| Error::Backend(format!("wgmma GEMM blocks of {block_rows} rows: expected one of {DENSE_WG_ROWS:?}")))?;
+        let (f8, f16) = &self.dense_wg_fns[i];
+        let mut b = crate::launch::builder(&self.stream, if fp8 { f8 } else { f16 });
         b.arg(&w);
         match scales {
             Some(s) => b.arg(s),
@@ -1271,18 +1329,33 @@ impl Kernels {
         };
         let (n0, n1, ni) = (rows[0] as i32, rows[1] as i32, n as i32);
         b.arg(&ys[0]).arg(&ys[1]).arg(&ys[2]).arg(&n0).arg(&n1).arg(&ni).arg(&ki).arg(&ti);
-        let cfg = LaunchConfig { grid_dim: (tiles as u32, n.div_ceil(256) as u32, 1), block_dim: (512, 1, 1), shared_mem_bytes: DENSE_WG_SMEM as u32 };
-        unsafe { b.launch(cfg) }.map_err(drv(if fp8 { "gemm_wg_fp8" } else { "gemm_wg_bf16" }))?;
+        let cfg = LaunchConfig { grid_dim: (tiles as u32, n.div_ceil(block_rows) as u32, 1), block_dim: (2 * block_rows as u32, 1, 1), shared_mem_bytes: dense_wg_smem(block_rows) as u32 };
+        unsafe { b.launch(cfg) }.map_err(drv(if fp8 { "gemm_wg*_fp8" } else { "gemm_wg*_bf16" }))?;
         Ok(())
     }
 
-    /// Whether a tensor-core GEMV of `t` tokens x `n` rows (K % 128 == 0) runs as the wgmma GEMM
-    /// (`gemm_wg_*`): where the GPU has it, always when forced by `set_dense_gemm_wgmma`, never
-    /// while a tile is forced (`force_gemv_tile`, `PEREGRINE_GEMV_TILE`) unless so, else from
-    /// `DENSE_WGMMA_MIN_TOKENS` tokens and `DENSE_WGMMA_MIN_BLOCKS` blocks.
-    fn dense_gemm_on_wgmma(&self, t: usize, n: usize) -> bool {
-        let by_shape = || self.mma_forced.is_none() && t >= DENSE_WGMMA_MIN_TOKENS && n.div_ceil(256) * t.div_ceil(64) >= DENSE_WGMMA_MIN_BLOCKS;
-        self.dense_wg && self.dense_wgmma.unwrap_or_else(by_shape)
+    /// The block height with which a tensor-core GEMV of `t` tokens x `n` rows (K % 128 == 0)
+    /// runs as the wgmma GEMM, or None: where the GPU has it, always when forced by
+    /// `set_dense_gemm_wgmma` (at the forced height, else the shape's, else 256), never while a
+    /// tile is forced (`force_gemv_tile`, `PEREGRINE_GEMV_TILE`) unless so, else where
+    /// `dense_wg_rows_for` takes it (at the forced height if one is).
+    fn dense_gemm_wg_rows(&self, t: usize, n: usize) -> Option<usize> {
+        if !self.dense_wg {
+            return None;
+        }
+        let by_shape = if self.mma_forced.is_none() { dense_wg_rows_for(t, n) } else { None };
+        match self.dense_wgmma {
+            Some(false) => None,
+            Some(true) => Some(self.dense_wg_rows.or(by_shape).unwrap_or(256)),
+            None => by_shape.map(|r| self.dense_wg_rows.unwrap_or(r)),
+        }
+    }
+
+    /// Forces the wgmma GEMM's block height (one of `DENSE_WG_ROWS`) wherever it runs, or leaves
+    /// it to the shape (`None`). The same bits either way; returns the setting before.
+    pub fn set_dense_wg_rows(&mut self, rows: Option<usize>) -> Result<Option<usize>> {
+        check(rows.is_none_or(|r| DENSE_WG_ROWS.contains(&r)), || format!("wgmma GEMM blocks of {rows:?} rows: expected one of {DENSE_WG_ROWS:?}"))?;
+        Ok(std::mem::replace(&mut self.dense_wg_rows, rows))
     }
 
     /// Whether this GPU runs the wgmma dense GEMM (sm_90a, its shared memory granted).
@@ -1898,5 +1971,38 @@ impl Kernels {
         b.arg(down).arg(down_s).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_w).arg(&scratch.h).arg(&mut scratch.out).arg(&hh).arg(&ii);
         unsafe { b.launch(cfg_rows(h)) }.map_err(drv("moe_down_mxfp4"))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The wgmma GEMM's block heights for the decode batches' matrices, as measured: the FP8
+    /// q/k/v (Flash 13568, Pro 27136 rows), the BF16 o_proj (Flash 4096, Pro 6144 rows), the
+    /// lm_head (152064 rows).
+    #[test]
+    fn dense_wgmma_block_heights_follow_the_measured_shapes() {
+        let (qkv, o, head, pro_qkv, pro_o) = (13568, 4096, 152064, 27136, 6144);
+        for t in [1, 8, 16, 31] {
+            for n in [qkv, o, head, pro_qkv, pro_o] {
+                assert_eq!(dense_wg_rows_for(t, n), None, "{t} tokens x {n} rows: the GEMV tiles");
+            }
+        }
+        for t in [32, 48, 64] {
+            assert_eq!(dense_wg_rows_for(t, qkv), Some(64), "{t} tokens");
+            assert_eq!(dense_wg_rows_for(t, pro_qkv), Some(128), "{t} tokens");
+            assert_eq!(dense_wg_rows_for(t, head), Some(128), "{t} tokens");
+            assert_eq!(dense_wg_rows_for(t, o), None, "{t} tokens");
+            assert_eq!(dense_wg_rows_for(t, pro_o), None, "{t} tokens");
+        }
+        for t in [65, 96, 127, 128, 2048] {
+            assert_eq!(dense_wg_rows_for(t, qkv), Some(256), "{t} tokens");
+            assert_eq!(dense_wg_rows_for(t, head), Some(256), "{t} tokens");
+        }
+        assert_eq!(dense_wg_rows_for(96, o), Some(64));
+        assert_eq!(dense_wg_rows_for(128, o), Some(64));
+        // From 192 tokens the o_proj's 256-row blocks are 48 (measured 1.17x the GEMV tiles).
+        assert_eq!(dense_wg_rows_for(192, o), Some(256));
     }
 }

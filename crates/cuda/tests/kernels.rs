@@ -170,26 +170,33 @@ fn gemv_kernels_match_the_cpu_reference() {
 /// Runs a tensor-core GEMV with the default tile for its token count and then with every tile
 /// shape forced, each with and without the BF16 one-tile kernel that loads a K block ahead
 /// (`set_gemv_pipe`, taken where the grid fits 2 blocks per SM) and the GEMM on mma.sync and on
-/// wgmma (`set_dense_gemm_wgmma`, where the GPU has it): each must match the CPU and give the
-/// default's bits (a tile only changes which block computes a row, not the row's arithmetic).
+/// wgmma (`set_dense_gemm_wgmma`, where the GPU has it, in blocks of each of `DENSE_WG_ROWS`
+/// rows): each must match the CPU and give the default's bits (a tile only changes which block
+/// computes a row, not the row's arithmetic).
 fn every_gemv_tile(kern: &mut Kernels, what: &str, want: &[f32], mut run: impl FnMut(&Kernels) -> Vec<f32>) {
     kern.force_gemv_tile(None).unwrap();
     let base = run(kern);
     assert_close(what, &base, want);
-    let wgmma = if kern.has_dense_gemm_wgmma() { vec![false, true] } else { vec![false] };
+    // (on wgmma, block rows): off, or on at each block height
+    let mut wgmma = vec![(false, None)];
+    if kern.has_dense_gemm_wgmma() {
+        wgmma.extend(peregrine_cuda::kernels::DENSE_WG_ROWS.iter().map(|&r| (true, Some(r))));
+    }
     let tiles = std::iter::once(None).chain(peregrine_cuda::kernels::MMA_GEMV_TILES.iter().map(|&t| Some(t)));
     for tile in tiles {
         kern.force_gemv_tile(tile).unwrap();
         for pipe in [true, false] {
             kern.set_gemv_pipe(pipe);
-            for &wg in &wgmma {
+            for &(wg, rows) in &wgmma {
                 kern.set_dense_gemm_wgmma(Some(wg));
+                kern.set_dense_wg_rows(rows).unwrap();
                 let got = run(kern);
-                assert!(got.iter().zip(&base).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: tile {tile:?} (pipelined BF16 one-tile kernel {pipe}, GEMM on wgmma {wg}) differs from the default in some bit");
+                assert!(got.iter().zip(&base).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: tile {tile:?} (pipelined BF16 one-tile kernel {pipe}, GEMM on wgmma {wg}, block rows {rows:?}) differs from the default in some bit");
             }
         }
     }
     kern.set_dense_gemm_wgmma(None);
+    kern.set_dense_wg_rows(None).unwrap();
     kern.set_gemv_pipe(true);
     kern.force_gemv_tile(None).unwrap();
 }
@@ -203,8 +210,13 @@ fn stacked_qkv_gemv_matches_the_cpu_reference() {
     let (rows, k) = ([256usize, 128, 72], 512usize);
     let n: usize = rows.iter().sum();
     // 260 tokens: the GEMM (gemm_mma_*) writes the three outputs; each token count also runs as
-    // the wgmma GEMM (gemm_wg_*, where the GPU has it), which must write them with the same bits.
-    let wgmma = if kern.has_dense_gemm_wgmma() { vec![Some(false), Some(true)] } else { vec![None] };
+    // the wgmma GEMM (gemm_wg*, where the GPU has it) at each block height, which must write them
+    // with the same bits (456 rows: partial blocks of 256, 128 and 64).
+    let wgmma: Vec<(Option<bool>, Option<usize>)> = if kern.has_dense_gemm_wgmma() {
+        std::iter::once((Some(false), None)).chain(peregrine_cuda::kernels::DENSE_WG_ROWS.iter().map(|&r| (Some(true), Some(r)))).collect()
+    } else {
+        vec![(None, None)]
+    };
     for &t in &[1usize, 5, 70, 260] {
         let x = randn(&mut r, t * k);
         let xd = g.stream.clone_htod(&x).unwrap();
@@ -219,23 +231,25 @@ fn stacked_qkv_gemv_matches_the_cpu_reference() {
             let (w8d, scd, wbd) = (g.stream.clone_htod(&w8).unwrap(), g.stream.clone_htod(&sc).unwrap(), g.stream.clone_htod(&wb).unwrap());
             let wp = if fp8 { w8d.device_ptr(&g.stream).0 } else { wbd.device_ptr(&g.stream).0 };
             let mut first: Option<Vec<Vec<f32>>> = None;
-            for &wg in &wgmma {
+            for &(wg, wg_rows) in &wgmma {
                 kern.set_dense_gemm_wgmma(wg);
+                kern.set_dense_wg_rows(wg_rows).unwrap();
                 let (mut y0, mut y1, mut y2) = (poisoned(&g, t * rows[0]), poisoned(&g, t * rows[1]), poisoned(&g, t * rows[2]));
                 kern.gemv_split3(wp, fp8.then_some(&scd), &xd, None, [&mut y0, &mut y1, &mut y2], rows, k, t).unwrap();
                 let got: Vec<Vec<f32>> = [y0, y1, y2].iter().map(|y| g.stream.clone_dtoh(y).unwrap()).collect();
                 let mut off = 0;
                 for (i, part_got) in got.iter().enumerate() {
                     let part: Vec<f32> = (0..t).flat_map(|ti| want[ti * n + off..ti * n + off + rows[i]].to_vec()).collect();
-                    assert_close(&format!("stacked {name} part {i} T={t} (wgmma {wg:?})"), part_got, &part);
+                    assert_close(&format!("stacked {name} part {i} T={t} (wgmma {wg:?}, block rows {wg_rows:?})"), part_got, &part);
                     off += rows[i];
                 }
                 match &first {
                     None => first = Some(got),
-                    Some(f) => assert!(f.iter().flatten().zip(got.iter().flatten()).all(|(a, b)| a.to_bits() == b.to_bits()), "stacked {name} T={t}: the wgmma GEMM's bits differ from the mma.sync kernels'"),
+                    Some(f) => assert!(f.iter().flatten().zip(got.iter().flatten()).all(|(a, b)| a.to_bits() == b.to_bits()), "stacked {name} T={t}: the wgmma GEMM's bits ({wg_rows:?}-row blocks) differ from the mma.sync kernels'"),
                 }
             }
             kern.set_dense_gemm_wgmma(None);
+            kern.set_dense_wg_rows(None).unwrap();
         }
     }
 }
