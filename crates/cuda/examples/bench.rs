@@ -116,7 +116,8 @@ fn main() {
     // GEMV: matrices much larger than the 50 MB L2.
     if !only_moe {
         let (rows, cols) = (16384usize, 8192usize);
-        let x = s.clone_htod(&random_bytes(128 * cols).iter().map(|&b| b as f32 / 128.0 - 1.0).collect::<Vec<_>>()).unwrap();
+        // (128 tokens of up to 16384 columns: MiMo-V2.5-Pro's o_proj below)
+        let x = s.clone_htod(&random_bytes(128 * 16384).iter().map(|&b| b as f32 / 128.0 - 1.0).collect::<Vec<_>>()).unwrap();
         let mut y = s.alloc_zeros::<f32>(128 * rows).unwrap();
         println!("\nGEMV {rows}x{cols}: tokens, weight bytes, ms, GB/s, fraction of copy bandwidth");
         {
@@ -200,6 +201,31 @@ fn main() {
                 let b = (rows * cols * 2) as f64;
                 let wg = wg_rows(&mut k, t, &mut y, b, &mut |k, i, y| k.gemv_bf16(&ws[i % 2], &x, y, rows, cols, t).unwrap());
                 println!("bf16   T={t:<3} {:>10.1} MB {ms:8.3} ms {:7.0} GB/s {:5.1}%  ({rows}x{cols}, o_proj{wg})", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, 100.0 * b / (ms as f64 * 1e-3) / copy_bw);
+            }
+        }
+        {
+            // MiMo-V2.5-Pro's q/k/v (FP8, 27136 x 6144, 167 MB) and o_proj (BF16, 6144 x 16384,
+            // 201 MB) at the batches where the wgmma GEMM's block height is chosen.
+            let mut y = s.alloc_zeros::<f32>(128 * 27136).unwrap();
+            let (rows, cols) = (27136usize, 6144usize);
+            let e4m3 = |b: &u8| if b & 0x7f == 0x7f { b ^ 1 } else { *b };
+            let ws: Vec<_> = (0..2).map(|_| s.clone_htod(&random_bytes(rows * cols).iter().map(e4m3).collect::<Vec<_>>()).unwrap()).collect();
+            let sc = s.clone_htod(&vec![1.0f32; rows.div_ceil(128) * cols / 128]).unwrap();
+            for t in [16usize, 32, 48, 64, 96] {
+                let ms = time_b2b(&mut |i| k.gemv_fp8(&ws[i % 2], &sc, &x, &mut y, rows, cols, t).unwrap());
+                let b = (rows * cols) as f64 + (rows.div_ceil(128) * cols / 128 * 4) as f64;
+                let wg = wg_rows(&mut k, t, &mut y, b, &mut |k, i, y| k.gemv_fp8(&ws[i % 2], &sc, &x, y, rows, cols, t).unwrap());
+                println!("fp8    T={t:<3} {:>10.1} MB {ms:8.3} ms {:7.0} GB/s {:5.1}%  ({rows}x{cols}, Pro q/k/v{wg})", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, 100.0 * b / (ms as f64 * 1e-3) / copy_bw);
+            }
+            drop(ws);
+            let (rows, cols) = (6144usize, 16384usize);
+            let bf16 = |b: &[u8]| ((b[1] as u16 & 0x80) << 8) | ((119 + (b[1] as u16 & 7)) << 7) | (b[0] as u16 & 0x7f);
+            let ws: Vec<_> = (0..2).map(|_| s.clone_htod(&random_bytes(2 * rows * cols).chunks(2).map(bf16).collect::<Vec<_>>()).unwrap()).collect();
+            for t in [16usize, 32, 48, 64, 96] {
+                let ms = time_b2b(&mut |i| k.gemv_bf16(&ws[i % 2], &x, &mut y, rows, cols, t).unwrap());
+                let b = (rows * cols * 2) as f64;
+                let wg = wg_rows(&mut k, t, &mut y, b, &mut |k, i, y| k.gemv_bf16(&ws[i % 2], &x, y, rows, cols, t).unwrap());
+                println!("bf16   T={t:<3} {:>10.1} MB {ms:8.3} ms {:7.0} GB/s {:5.1}%  ({rows}x{cols}, Pro o_proj{wg})", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, 100.0 * b / (ms as f64 * 1e-3) / copy_bw);
             }
         }
         {

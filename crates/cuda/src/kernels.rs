@@ -372,6 +372,8 @@ const fn dense_gemm_smem(fp8: bool, deep: bool) -> usize {
 }
 
 /// Block heights of the wgmma dense GEMM (`gemm_wg_*`: 256 rows, `gemm_wg128_*`, `gemm_wg64_*`).
+/// The shape rule (`dense_wg_rows_for`) never takes 128: at every decode shape measured it was
+/// within 1-3 points of 64 or 256 rows, whichever led; it stays for `PEREGRINE_GEMM_WG_ROWS`.
 pub const DENSE_WG_ROWS: [usize; 3] = [256, 128, 64];
 
 /// Shared memory of a `gemm_wg*` block of `rows` rows: at least kernels/gemv.cu's GemmWg::SMEM
@@ -400,34 +402,37 @@ const DENSE_WGMMA_MIN_BLOCKS: usize = 48;
 /// The wgmma GEMM's block height for `t` tokens x `n` rows by the shape, or None where the GEMV
 /// tiles or the mma.sync GEMM run instead. From `DENSE_WGMMA_MIN_TOKENS` 256 rows where that
 /// makes `DENSE_WGMMA_MIN_BLOCKS` blocks. Below, decode batches, whose 256-row blocks leave SMs
-/// idle: at 65-127 tokens 256 rows where that makes `DENSE_WG_DECODE_BLOCKS` blocks, else (and
-/// from 128 tokens) 64 rows where that does; at 32-64 tokens 128, else 64 rows where that makes
-/// `DENSE_WG_SMALL_BATCH_BLOCKS`. H100, % of copy bandwidth
-/// (benches/results/2026-11-26-dense-wgmma-decode.md): the FP8 q/k/v (13568 x 4096) at 32 / 64
-/// tokens 39.3 / 37.8% in 64-row blocks (212) against the GEMV tiles' 34.6 / 25.7%, at 96
-/// tokens 24.5% in 256-row blocks (106) against the deep GEMM's 13.9%; the BF16 lm_head (152064
-/// x 4096) at 32 / 64 tokens 84.4 / 81.5% in 128-row blocks against 73 (GEMV tiles) / 58%
-/// (mma.sync GEMM); the BF16 o_proj (4096 x 8192) at 96 / 128 tokens 26.9 / 26.4% in 64-row
-/// blocks (128) against 15.1 / 17.8%, while at 16-64 tokens its GEMV tiles (37-70%) beat every
-/// height (at most 33%: 64 blocks), as the q/k/v's do at 16 tokens (55 against 40%).
+/// idle on small matrices: from 32 tokens 256 rows where that makes `DENSE_WG_DECODE_BLOCKS`
+/// blocks, else 64 rows where that makes `DENSE_WG_DECODE_BLOCKS` (from 49 tokens) or
+/// `DENSE_WG_SMALL_BATCH_BLOCKS` (from 32). H100, % of copy bandwidth
+/// (benches/results/2026-11-26-dense-wgmma-decode.md):
+/// - Flash's FP8 q/k/v (13568 x 4096) at 32 / 64 tokens 39 / 37% in 64-row blocks (212) against
+///   the GEMV tiles' 35 / 26%, at 96 tokens 24.5% in 256-row blocks (106) against 13.9%;
+/// - Pro's (27136 x 6144) at 32 / 64 tokens 55 / 52% in 256-row blocks (106) against 43 / 41%;
+/// - the BF16 o_proj at 96 tokens 27% (Flash, 4096 x 8192) and 36% (Pro, 6144 x 16384) in
+///   64-row blocks against 15 / 35%, at 64 tokens Pro's 42 against 32%; at 16-48 tokens the GEMV
+///   tiles are as fast or faster (Flash's o_proj to 64 tokens: 37-70% against at most 33%);
+/// - the lm_head (152064 x 4096) at 32 / 64 tokens 80-84 / 78-80% at every height against 73%
+///   (GEMV tiles) / 58% (mma.sync GEMM).
+///
+/// At 16 tokens the GEMV tiles beat every height on every matrix (Flash q/k/v 55 against 40%).
 pub fn dense_wg_rows_for(t: usize, n: usize) -> Option<usize> {
     let tiles = t.div_ceil(64);
     let blocks = |rows: usize| n.div_ceil(rows) * tiles;
     match t {
         _ if t >= DENSE_WGMMA_MIN_TOKENS && blocks(256) >= DENSE_WGMMA_MIN_BLOCKS => Some(256),
-        65.. if blocks(256) >= DENSE_WG_DECODE_BLOCKS => Some(256),
-        65.. if blocks(64) >= DENSE_WG_DECODE_BLOCKS => Some(64),
-        32..=64 if blocks(128) >= DENSE_WG_SMALL_BATCH_BLOCKS => Some(128),
-        32..=64 if blocks(64) >= DENSE_WG_SMALL_BATCH_BLOCKS => Some(64),
+        32.. if blocks(256) >= DENSE_WG_DECODE_BLOCKS => Some(256),
+        49.. if blocks(64) >= DENSE_WG_DECODE_BLOCKS => Some(64),
+        32.. if blocks(64) >= DENSE_WG_SMALL_BATCH_BLOCKS => Some(64),
         _ => None,
     }
 }
 
-/// Blocks from which a GEMV of 65-127 tokens (or an o_proj-sized one above) runs as the wgmma
-/// GEMM (see `dense_wg_rows_for`).
+/// Blocks from which a GEMV of 32-127 tokens runs as the wgmma GEMM in 256-row blocks, or one of
+/// 49-127 tokens in 64-row blocks (see `dense_wg_rows_for`).
 const DENSE_WG_DECODE_BLOCKS: usize = 96;
-/// Blocks from which a GEMV of 32-64 tokens runs as the wgmma GEMM: MiMo-V2.5-Pro's o_proj
-/// (6144 rows: 96 blocks of 64) stays on the GEMV tiles with Flash's (64).
+/// Blocks of 64 rows from which a GEMV of 32-48 tokens runs as the wgmma GEMM: Pro's o_proj (96)
+/// keeps the GEMV tiles there (63 against 44% at 32 tokens), Flash's q/k/v (212) does not.
 const DENSE_WG_SMALL_BATCH_BLOCKS: usize = 192;
 
 fn mma_gemv_name(format: &str, nt: usize, r: usize) -> String {
@@ -1991,17 +1996,22 @@ mod tests {
         }
         for t in [32, 48, 64] {
             assert_eq!(dense_wg_rows_for(t, qkv), Some(64), "{t} tokens");
-            assert_eq!(dense_wg_rows_for(t, pro_qkv), Some(128), "{t} tokens");
-            assert_eq!(dense_wg_rows_for(t, head), Some(128), "{t} tokens");
+            assert_eq!(dense_wg_rows_for(t, pro_qkv), Some(256), "{t} tokens");
+            assert_eq!(dense_wg_rows_for(t, head), Some(256), "{t} tokens");
             assert_eq!(dense_wg_rows_for(t, o), None, "{t} tokens");
-            assert_eq!(dense_wg_rows_for(t, pro_o), None, "{t} tokens");
         }
+        assert_eq!(dense_wg_rows_for(48, pro_o), None);
+        assert_eq!(dense_wg_rows_for(64, pro_o), Some(64));
         for t in [65, 96, 127, 128, 2048] {
             assert_eq!(dense_wg_rows_for(t, qkv), Some(256), "{t} tokens");
             assert_eq!(dense_wg_rows_for(t, head), Some(256), "{t} tokens");
         }
-        assert_eq!(dense_wg_rows_for(96, o), Some(64));
-        assert_eq!(dense_wg_rows_for(128, o), Some(64));
+        for t in [96, 128] {
+            assert_eq!(dense_wg_rows_for(t, o), Some(64), "{t} tokens");
+        }
+        assert_eq!(dense_wg_rows_for(96, pro_o), Some(64));
+        // From 128 tokens Pro's o_proj has 48 blocks of 256 rows (the prefill rule).
+        assert_eq!(dense_wg_rows_for(128, pro_o), Some(256));
         // From 192 tokens the o_proj's 256-row blocks are 48 (measured 1.17x the GEMV tiles).
         assert_eq!(dense_wg_rows_for(192, o), Some(256));
     }
