@@ -251,7 +251,7 @@ pub struct Kernels {
     /// The same GEMM on wgmma (`gemm_wg_*`, sm_90a; the same bits) over activations laid out by
     /// `gemm_wg_split`; `dense_wg` when the GPU has it and its shared memory was granted, and
     /// `dense_wgmma` forces it on or off (`PEREGRINE_GEMM_WGMMA=1` / `0`, `set_dense_gemm_wgmma`;
-    /// None: from `DENSE_WGMMA_MIN_TOKENS`). `dense_wg_fns[i]` are the (FP8, BF16) kernels of
+    /// None: by the shape, `dense_wg_rows_for`). `dense_wg_fns[i]` are the (FP8, BF16) kernels of
     /// `DENSE_WG_ROWS[i]` rows per block; `dense_wg_rows` forces a block height
     /// (`PEREGRINE_GEMM_WG_ROWS`, `set_dense_wg_rows`; None: by the shape, `dense_wg_rows_for`).
     dense_wg_fns: Vec<(CudaFunction, CudaFunction)>,
@@ -461,6 +461,8 @@ fn mma_gemv_name(format: &str, nt: usize, r: usize) -> String {
 /// tokens a matrix of 64-1023 tiles runs the deep GEMM (one block per SM, 5-6 chunks in flight):
 /// q/k/v's 106 tiles at 64 tokens 25.6% against the GEMV tiles' 21.4% and the GEMM's 18.9% (at
 /// 32 tokens 19.1 against 34.3%; benches/results/2026-11-24-attention-heads.md).
+/// Where the GPU has the wgmma GEMM, `dense_wg_rows_for` is asked first (`mma_launch`), and from
+/// 32 tokens it takes most of these matrices.
 fn mma_gemv_tile(fp8: bool, t: usize, n: usize, dense_gemm: bool) -> usize {
     let gemm_blocks = n.div_ceil(128) * t.div_ceil(64);
     let tile = match (t, fp8) {
@@ -1370,7 +1372,7 @@ impl Kernels {
 
     /// Runs every tensor-core GEMV and GEMM with K % 128 == 0 that zeroes no counters as the
     /// wgmma GEMM (`Some(true)`, where the GPU has it), never (`Some(false)`), or by the shape
-    /// (`None`: `DENSE_WGMMA_MIN_TOKENS`). The same bits either way; returns the setting before.
+    /// (`None`: `dense_wg_rows_for`). The same bits either way; returns the setting before.
     pub fn set_dense_gemm_wgmma(&mut self, on: Option<bool>) -> Option<bool> {
         std::mem::replace(&mut self.dense_wgmma, on)
     }
