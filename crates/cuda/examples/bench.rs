@@ -155,10 +155,13 @@ fn main() {
                 println!("mxfp4  T={t:<2} {:>10.1} MB {ms:8.3} ms {:7.0} GB/s {:5.1}%  ({rows}x{cols}; one-row-per-warp v1: {:.1}%)", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, 100.0 * b / (ms as f64 * 1e-3) / copy_bw, 100.0 * b / (ms1 as f64 * 1e-3) / copy_bw);
             }
         }
-        // The decode step's own shapes (MiMo-V2-Flash): the stacked FP8 q/k/v projection
-        // (13568 x 4096, 55.6 MB) and the BF16 o_proj (4096 x 8192, 67 MB). Two copies of the
-        // weights in turn, so a call never finds the previous one's bytes in the 50 MB L2.
-        println!("\nGEMV, decode shapes (two weight copies in turn, back to back; from 16 tokens also the wgmma GEMM in blocks of 256 / 128 / 64 rows, forced):");
+        // The decode steps' own shapes: MiMo-V2-Flash's stacked FP8 q/k/v projection (13568 x
+        // 4096, 55.6 MB) and BF16 o_proj (4096 x 8192, 67 MB), MiMo-V2.5-Pro's (27136 x 6144, 167
+        // MB; 6144 x 16384, 201 MB) at the batches where the wgmma GEMM's block height is chosen,
+        // and the lm_head (BF16, 152064 x 4096, 1.25 GB). Two copies of the weights in turn where
+        // one fits the 50 MB L2 several times over, so a call never finds the previous one's bytes
+        // there.
+        println!("\nGEMV, decode shapes (back to back; from 16 tokens also the wgmma GEMM in blocks of 256 / 128 / 64 rows, forced):");
         // % of copy bandwidth of the wgmma GEMM at each block height, and whether each gave the
         // default's bits (the same arithmetic per row, whatever runs it).
         let wg_rows = |k: &mut Kernels, t: usize, y: &mut cudarc::driver::CudaSlice<f32>, b: f64, run: &mut dyn FnMut(&Kernels, usize, &mut cudarc::driver::CudaSlice<f32>)| -> String {
@@ -180,68 +183,40 @@ fn main() {
             k.set_dense_wg_rows(None).unwrap();
             format!("; wgmma 256 / 128 / 64 rows: {}", cells.join(" / "))
         };
-        {
-            let (rows, cols) = (13568usize, 4096usize);
-            let e4m3 = |b: &u8| if b & 0x7f == 0x7f { b ^ 1 } else { *b };
-            let ws: Vec<_> = (0..2).map(|_| s.clone_htod(&random_bytes(rows * cols).iter().map(e4m3).collect::<Vec<_>>()).unwrap()).collect();
-            let sc = s.clone_htod(&vec![1.0f32; rows.div_ceil(128) * cols / 128]).unwrap();
-            for t in [1usize, 2, 4, 8, 16, 32, 48, 64, 96, 128] {
-                let ms = time_b2b(&mut |i| k.gemv_fp8(&ws[i % 2], &sc, &x, &mut y, rows, cols, t).unwrap());
-                let b = (rows * cols) as f64 + (rows.div_ceil(128) * cols / 128 * 4) as f64;
-                let wg = wg_rows(&mut k, t, &mut y, b, &mut |k, i, y| k.gemv_fp8(&ws[i % 2], &sc, &x, y, rows, cols, t).unwrap());
-                println!("fp8    T={t:<3} {:>10.1} MB {ms:8.3} ms {:7.0} GB/s {:5.1}%  ({rows}x{cols}, q/k/v{wg})", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, 100.0 * b / (ms as f64 * 1e-3) / copy_bw);
-            }
-        }
-        {
-            let (rows, cols) = (4096usize, 8192usize);
-            let bf16 = |b: &[u8]| ((b[1] as u16 & 0x80) << 8) | ((119 + (b[1] as u16 & 7)) << 7) | (b[0] as u16 & 0x7f);
-            let ws: Vec<_> = (0..2).map(|_| s.clone_htod(&random_bytes(2 * rows * cols).chunks(2).map(bf16).collect::<Vec<_>>()).unwrap()).collect();
-            for t in [1usize, 2, 4, 8, 16, 32, 48, 64, 96, 128] {
-                let ms = time_b2b(&mut |i| k.gemv_bf16(&ws[i % 2], &x, &mut y, rows, cols, t).unwrap());
-                let b = (rows * cols * 2) as f64;
-                let wg = wg_rows(&mut k, t, &mut y, b, &mut |k, i, y| k.gemv_bf16(&ws[i % 2], &x, y, rows, cols, t).unwrap());
-                println!("bf16   T={t:<3} {:>10.1} MB {ms:8.3} ms {:7.0} GB/s {:5.1}%  ({rows}x{cols}, o_proj{wg})", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, 100.0 * b / (ms as f64 * 1e-3) / copy_bw);
-            }
-        }
-        {
-            // MiMo-V2.5-Pro's q/k/v (FP8, 27136 x 6144, 167 MB) and o_proj (BF16, 6144 x 16384,
-            // 201 MB) at the batches where the wgmma GEMM's block height is chosen.
-            let mut y = s.alloc_zeros::<f32>(128 * 27136).unwrap();
-            let (rows, cols) = (27136usize, 6144usize);
-            let e4m3 = |b: &u8| if b & 0x7f == 0x7f { b ^ 1 } else { *b };
-            let ws: Vec<_> = (0..2).map(|_| s.clone_htod(&random_bytes(rows * cols).iter().map(e4m3).collect::<Vec<_>>()).unwrap()).collect();
-            let sc = s.clone_htod(&vec![1.0f32; rows.div_ceil(128) * cols / 128]).unwrap();
-            for t in [16usize, 32, 48, 64, 96] {
-                let ms = time_b2b(&mut |i| k.gemv_fp8(&ws[i % 2], &sc, &x, &mut y, rows, cols, t).unwrap());
-                let b = (rows * cols) as f64 + (rows.div_ceil(128) * cols / 128 * 4) as f64;
-                let wg = wg_rows(&mut k, t, &mut y, b, &mut |k, i, y| k.gemv_fp8(&ws[i % 2], &sc, &x, y, rows, cols, t).unwrap());
-                println!("fp8    T={t:<3} {:>10.1} MB {ms:8.3} ms {:7.0} GB/s {:5.1}%  ({rows}x{cols}, Pro q/k/v{wg})", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, 100.0 * b / (ms as f64 * 1e-3) / copy_bw);
-            }
-            drop(ws);
-            let (rows, cols) = (6144usize, 16384usize);
-            let bf16 = |b: &[u8]| ((b[1] as u16 & 0x80) << 8) | ((119 + (b[1] as u16 & 7)) << 7) | (b[0] as u16 & 0x7f);
-            let ws: Vec<_> = (0..2).map(|_| s.clone_htod(&random_bytes(2 * rows * cols).chunks(2).map(bf16).collect::<Vec<_>>()).unwrap()).collect();
-            for t in [16usize, 32, 48, 64, 96] {
-                let ms = time_b2b(&mut |i| k.gemv_bf16(&ws[i % 2], &x, &mut y, rows, cols, t).unwrap());
-                let b = (rows * cols * 2) as f64;
-                let wg = wg_rows(&mut k, t, &mut y, b, &mut |k, i, y| k.gemv_bf16(&ws[i % 2], &x, y, rows, cols, t).unwrap());
-                println!("bf16   T={t:<3} {:>10.1} MB {ms:8.3} ms {:7.0} GB/s {:5.1}%  ({rows}x{cols}, Pro o_proj{wg})", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, 100.0 * b / (ms as f64 * 1e-3) / copy_bw);
-            }
-        }
-        {
-            // The lm_head (BF16, 152064 x 4096, 1.25 GB; one copy is far past the L2).
-            let (rows, cols) = (152064usize, 4096usize);
-            let bf16 = |b: &[u8]| ((b[1] as u16 & 0x80) << 8) | ((119 + (b[1] as u16 & 7)) << 7) | (b[0] as u16 & 0x7f);
-            let w = s.clone_htod(&random_bytes(2 * rows * cols).chunks(2).map(bf16).collect::<Vec<_>>()).unwrap();
-            let mut y = s.alloc_zeros::<f32>(128 * rows).unwrap();
-            for t in [1usize, 8, 16, 32, 64, 96, 128] {
-                let ms = time_b2b(&mut |_| k.gemv_bf16(&w, &x, &mut y, rows, cols, t).unwrap());
-                let b = (rows * cols * 2) as f64;
-                let wg = wg_rows(&mut k, t, &mut y, b, &mut |k, _, y| k.gemv_bf16(&w, &x, y, rows, cols, t).unwrap());
-                println!("bf16   T={t:<3} {:>10.1} MB {ms:8.3} ms {:7.0} GB/s {:5.1}%  ({rows}x{cols}, lm_head{wg})", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, 100.0 * b / (ms as f64 * 1e-3) / copy_bw);
-            }
-        }
         drop(y);
+        let e4m3 = |b: &u8| if b & 0x7f == 0x7f { b ^ 1 } else { *b };
+        let bf16 = |b: &[u8]| ((b[1] as u16 & 0x80) << 8) | ((119 + (b[1] as u16 & 7)) << 7) | (b[0] as u16 & 0x7f);
+        let shapes: [(&str, usize, usize, bool, usize, &[usize]); 5] = [
+            ("q/k/v", 13568, 4096, true, 2, &[1, 2, 4, 8, 16, 32, 48, 64, 96, 128]),
+            ("o_proj", 4096, 8192, false, 2, &[1, 2, 4, 8, 16, 32, 48, 64, 96, 128]),
+            ("Pro q/k/v", 27136, 6144, true, 2, &[16, 32, 48, 64, 96]),
+            ("Pro o_proj", 6144, 16384, false, 2, &[16, 32, 48, 64, 96]),
+            ("lm_head", 152064, 4096, false, 1, &[1, 8, 16, 32, 64, 96, 128]),
+        ];
+        for (what, rows, cols, fp8, copies, tokens) in shapes {
+            let mut y = s.alloc_zeros::<f32>(128 * rows).unwrap();
+            // FP8 with unit block scales, or BF16 of uniform values in (-1, 1)
+            let (w8, wb): (Vec<_>, Vec<_>) = if fp8 {
+                ((0..copies).map(|_| s.clone_htod(&random_bytes(rows * cols).iter().map(e4m3).collect::<Vec<_>>()).unwrap()).collect(), Vec::new())
+            } else {
+                (Vec::new(), (0..copies).map(|_| s.clone_htod(&random_bytes(2 * rows * cols).chunks(2).map(bf16).collect::<Vec<_>>()).unwrap()).collect())
+            };
+            let sc = s.clone_htod(&vec![1.0f32; rows.div_ceil(128) * cols / 128]).unwrap();
+            let b = if fp8 { (rows * cols) as f64 + (rows.div_ceil(128) * cols / 128 * 4) as f64 } else { (rows * cols * 2) as f64 };
+            for &t in tokens {
+                let mut run = |k: &Kernels, i: usize, y: &mut cudarc::driver::CudaSlice<f32>| {
+                    if fp8 {
+                        k.gemv_fp8(&w8[i % copies], &sc, &x, y, rows, cols, t).unwrap()
+                    } else {
+                        k.gemv_bf16(&wb[i % copies], &x, y, rows, cols, t).unwrap()
+                    }
+                };
+                let ms = time_b2b(&mut |i| run(&k, i, &mut y));
+                let wg = wg_rows(&mut k, t, &mut y, b, &mut run);
+                let format = if fp8 { "fp8 " } else { "bf16" };
+                println!("{format}   T={t:<3} {:>10.1} MB {ms:8.3} ms {:7.0} GB/s {:5.1}%  ({rows}x{cols}, {what}{wg})", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, 100.0 * b / (ms as f64 * 1e-3) / copy_bw);
+            }
+        }
     }
     if only_gemv {
         return;
