@@ -186,7 +186,9 @@ fn main() {
         drop(y);
         let e4m3 = |b: &u8| if b & 0x7f == 0x7f { b ^ 1 } else { *b };
         let bf16 = |b: &[u8]| ((b[1] as u16 & 0x80) << 8) | ((119 + (b[1] as u16 & 7)) << 7) | (b[0] as u16 & 0x7f);
-        let shapes: [(&str, usize, usize, bool, usize, &[usize]); 5] = [
+        // (what, rows, cols, FP8 (else BF16), weight copies, token counts)
+        type Shape<'a> = (&'a str, usize, usize, bool, usize, &'a [usize]);
+        let shapes: [Shape; 5] = [
             ("q/k/v", 13568, 4096, true, 2, &[1, 2, 4, 8, 16, 32, 48, 64, 96, 128]),
             ("o_proj", 4096, 8192, false, 2, &[1, 2, 4, 8, 16, 32, 48, 64, 96, 128]),
             ("Pro q/k/v", 27136, 6144, true, 2, &[16, 32, 48, 64, 96]),
