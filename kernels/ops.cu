@@ -318,6 +318,62 @@ extern "C" __global__ void gemv_f32(const float* __restrict__ W, const float* __
     }
 }
 
+// gemv_f32's register path for many tokens, with its bits: y[t, n] = W[n] . x[t] for f32 W
+// [N, K], K % 4 == 0, blockDim = gemv_f32's for K (the host's gemv_f32_threads), at most 512
+// (K <= 8192). gemv_f32 walks the tokens one after another, a block_sum (two barriers)
+// each, one block per weight row, so a router of 256 rows took ~15 us at 16 tokens and the
+// tiled gemm_f32_nt ~100 us at 32-64 (its 4-8 blocks). Here a block takes F32T_ROWS rows x
+// F32T_TOKENS tokens: thread t holds each row's float4s t + B j (j < 4) as gemv_f32's thread t
+// does, sums each (row, token) in gemv_f32's order (dot4_acc over j, the warp's xor tree) into
+// shared memory, and after one barrier the block adds each pair's warp sums in warp order, as
+// block_sum does. Grid (ceil(N / F32T_ROWS), ceil(T / F32T_TOKENS)).
+#define F32T_ROWS 4
+#define F32T_TOKENS 16
+extern "C" __global__ void __launch_bounds__(512) gemv_f32_tiles(const float* __restrict__ W, const float* __restrict__ x,
+                                                                  float* __restrict__ y, int N, int K, int T) {
+    __shared__ float sh[F32T_ROWS * F32T_TOKENS][32];
+    const int tid = threadIdx.x, B = blockDim.x, K4 = K / 4, lane = tid & 31, wp = tid >> 5;
+    const int n0 = blockIdx.x * F32T_ROWS, t0 = blockIdx.y * F32T_TOKENS, nt = min(F32T_TOKENS, T - t0);
+    float4 w[F32T_ROWS][4];
+#pragma unroll
+    for (int r = 0; r < F32T_ROWS; r++) {
+        const float4* w4 = reinterpret_cast<const float4*>(W + (size_t)min(n0 + r, N - 1) * K);
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            int c = tid + j * B;
+            w[r][j] = c < K4 ? __ldg(w4 + c) : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+    }
+    PDL_ENTER();  // (the weights never depend on the kernel ahead)
+    for (int i = 0; i < nt; i++) {
+        const float4* x4 = reinterpret_cast<const float4*>(x + (size_t)(t0 + i) * K);
+        float4 v[4];
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            int c = tid + j * B;
+            v[j] = c < K4 ? x4[c] : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+#pragma unroll
+        for (int r = 0; r < F32T_ROWS; r++) {
+            float s = 0.f;
+#pragma unroll
+            for (int j = 0; j < 4; j++)
+                if (tid + j * B < K4) s = dot4_acc(s, w[r][j], v[j]);
+            for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+            if (lane == 0) sh[r * F32T_TOKENS + i][wp] = s;
+        }
+    }
+    __syncthreads();
+    const int warps = (B + 31) / 32;
+    for (int p = tid; p < F32T_ROWS * nt; p += B) {
+        const int r = p / nt, i = p % nt;
+        if (n0 + r >= N) continue;
+        float s = 0.f;
+        for (int q = 0; q < warps; q++) s += sh[r * F32T_TOKENS + i][q];
+        y[(size_t)(t0 + i) * N + n0 + r] = s;
+    }
+}
+
 // gemv_f32 over the post-attention norm of its input, which every block computes itself:
 // xn = RMSNorm(x + a) * nw, with add_rms_norm's arithmetic, so the same xn and the same logits
 // as add_rms_norm then gemv_f32. The norm's reduction is reproduced: add_rms_norm runs

@@ -163,6 +163,7 @@ pub(crate) struct Ops {
     pub(crate) gather_rows: CudaFunction,
     scatter_add_scaled: CudaFunction,
     gemv_f32: CudaFunction,
+    gemv_f32_tiles: CudaFunction,
     gemv_f32_norm: CudaFunction,
     pub(crate) copy_cols: CudaFunction,
     pub(crate) fill_rows: CudaFunction,
@@ -286,6 +287,10 @@ pub struct CudaModel {
     /// A one-token MoE whose router computes the post-attention norm itself (`norm_in_router`;
     /// `PEREGRINE_NORM_IN_ROUTER=0` keeps the norm's launch, for comparison; tests flip it).
     norm_in_router: bool,
+    /// f32 matrices (routers) over 2 to `F32_TILES_MAX_ROWS` - 1 rows run `gemv_f32_tiles`
+    /// (`gemv_f32_into`; `PEREGRINE_F32_TILES=0` keeps gemv_f32 / gemm_f32_nt, for comparison;
+    /// tests flip it).
+    pub(crate) f32_tiles: bool,
     /// Whether the tiled MoE leaves its routed pairs for the norm after it to sum
     /// (`MlpOut::Pairs`): None where `kernels::moe_pairs_pay` says so, Some to force it (tests).
     moe_combine_in_norm: Option<bool>,
@@ -447,6 +452,7 @@ impl CudaModel {
             gather_rows: f("gather_rows")?,
             scatter_add_scaled: f("scatter_add_scaled")?,
             gemv_f32: f("gemv_f32")?,
+            gemv_f32_tiles: f("gemv_f32_tiles")?,
             gemv_f32_norm: f("gemv_f32_norm")?,
             copy_cols: f("copy_cols")?,
             fill_rows: f("fill_rows")?,
@@ -650,6 +656,7 @@ impl CudaModel {
             attn_fill: std::env::var("PEREGRINE_ATTN_FILL").map_or(true, |v| v != "0"),
             route_in_moe: std::env::var("PEREGRINE_MOE_ROUTE_IN_KERNEL").map_or(true, |v| v != "0"),
             norm_in_router: std::env::var("PEREGRINE_NORM_IN_ROUTER").map_or(true, |v| v != "0"),
+            f32_tiles: std::env::var("PEREGRINE_F32_TILES").map_or(true, |v| v != "0"),
             moe_combine_in_norm: None,
             moe_pairs_calls: std::sync::atomic::AtomicUsize::new(0),
             prefill_pdl: std::env::var("PEREGRINE_PREFILL_PDL").is_ok_and(|v| v == "1"),
@@ -740,12 +747,23 @@ impl CudaModel {
         }
     }
 
-    /// f32 weights (routers, exact fallbacks): `gemv_f32` for decode-sized batches, the tiled
-    /// `gemm_f32_nt` from `GEMM_F32_MIN_ROWS` rows when K % 4 == 0 (a prefill chunk: gemv_f32 walks the rows
-    /// one block per weight row, token after token, ~2.5 ms per layer for 2048 tokens of
+    /// f32 weights (routers, exact fallbacks): `gemv_f32` at one row; from 2 rows up to
+    /// `F32_TILES_MAX_ROWS` (where K % 4 == 0 and gemv_f32's block is at most 512 threads)
+    /// `gemv_f32_tiles`, which gives gemv_f32's bits, so a router's logits of a token do not
+    /// depend on the batch (decode and verify blocks alike); above, the tiled `gemm_f32_nt`
+    /// from `GEMM_F32_MIN_ROWS` rows when K % 4 == 0 (a prefill chunk: gemv_f32 walks the rows one
+    /// block per weight row, token after token, ~2.5 ms per layer for 2048 tokens of
     /// MiMo-V2-Flash's router).
     fn gemv_f32_into(&self, w: &CudaSlice<f32>, n: usize, k: usize, x: &CudaSlice<f32>, t: usize, y: &mut CudaSlice<f32>) -> Result<()> {
         let (ni, ki, tt) = (n as i32, k as i32, t as i32);
+        let threads = gemv_f32_threads(k);
+        if self.f32_tiles && (2..F32_TILES_MAX_ROWS).contains(&t) && k.is_multiple_of(4) && threads <= 512 {
+            let mut b = crate::launch::builder(&self.stream, &self.ops.gemv_f32_tiles);
+            b.arg(w).arg(x).arg(y).arg(&ni).arg(&ki).arg(&tt);
+            let grid = (n.div_ceil(F32_TILES_ROWS) as u32, t.div_ceil(F32_TILES_TOKENS) as u32, 1);
+            unsafe { b.launch(LaunchConfig { grid_dim: grid, block_dim: (threads as u32, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
+            return Ok(());
+        }
         if t >= GEMM_F32_MIN_ROWS && k.is_multiple_of(4) {
             let mut b = crate::launch::builder(&self.stream, &self.ops.gemm_f32_nt);
             b.arg(w).arg(x).arg(y).arg(&ni).arg(&ki).arg(&tt);
@@ -1737,6 +1755,11 @@ pub(crate) struct PrefillRows {
 
 /// Rows from which an f32 matrix is applied by the tiled `gemm_f32_nt` (`gemv_f32_into`).
 pub(crate) const GEMM_F32_MIN_ROWS: usize = 32;
+/// Rows up to which (exclusive) an f32 matrix is applied by `gemv_f32_tiles` (`gemv_f32_into`).
+pub(crate) const F32_TILES_MAX_ROWS: usize = 128;
+/// `gemv_f32_tiles`' block: weight rows x tokens (F32T_ROWS, F32T_TOKENS in ops.cu).
+const F32_TILES_ROWS: usize = 4;
+const F32_TILES_TOKENS: usize = 16;
 
 /// Query rows per `attention_prefill` tile (PT_Q in ops.cu).
 pub(crate) const PREFILL_TILE: usize = 64;

@@ -616,6 +616,32 @@ fn f32_matrices_match_the_cpu_reference() {
     }
 }
 
+/// f32 weights over 2-127 rows (`gemv_f32_tiles`) give gemv_f32's bits for every row, i.e. each
+/// row's logits as at one row (a router's choice does not depend on the batch), and match the
+/// f64 reference; partial blocks of rows and tokens, K of one warp to 6144 (MiMo-V2.5-Pro's
+/// hidden size: 384 threads), K past the tiles' 512 threads (gemv_f32 or gemm_f32_nt then).
+#[test]
+fn f32_matrices_over_many_rows_give_each_rows_bits_at_one_row() {
+    let Some(mut m) = model() else { return };
+    let mut r = rng();
+    let st = m.stream.clone();
+    for (n, k, t) in [(256usize, 4096usize, 2usize), (256, 4096, 16), (256, 4096, 17), (256, 4096, 64), (256, 4096, 127), (384, 6144, 33), (70, 36, 40), (5, 128, 3), (3, 8196, 20)] {
+        let w = randn(&mut r, n * k, 1.0);
+        let x = randn(&mut r, t * k, 1.0);
+        let mat = crate::backend::Mat { m: crate::backend::GpuMatrix::F32(st.clone_htod(&w).unwrap()), n, k };
+        m.f32_tiles = true;
+        let y = st.clone_dtoh(&m.matvec(&mat, &st.clone_htod(&x).unwrap(), t).unwrap()).unwrap();
+        let want: Vec<f32> = (0..t).flat_map(|ti| (0..n).map(|ni| (0..k).map(|i| w[ni * k + i] as f64 * x[ti * k + i] as f64).sum::<f64>() as f32).collect::<Vec<_>>()).collect();
+        close(&format!("f32 matrix {n}x{k}, {t} rows"), &y, &want, 1e-5);
+        if k <= 8192 {
+            for ti in 0..t {
+                let one = st.clone_dtoh(&m.matvec(&mat, &st.clone_htod(&x[ti * k..(ti + 1) * k]).unwrap(), 1).unwrap()).unwrap();
+                assert!(one.iter().zip(&y[ti * n..(ti + 1) * n]).all(|(a, b)| a.to_bits() == b.to_bits()), "f32 matrix {n}x{k}, {t} rows: row {ti} differs from the same row alone");
+            }
+        }
+    }
+}
+
 /// The router computing the post-attention norm itself (`gemv_f32_norm`) gives the bits of
 /// `add_rms_norm` then `gemv_f32`: the logits and the normed rows, for K from one warp's worth
 /// to 4096 (partial warps of norm_cfg's threads included), 1 and 2 rows; the residual is left
