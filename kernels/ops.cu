@@ -326,14 +326,16 @@ extern "C" __global__ void gemv_f32(const float* __restrict__ W, const float* __
 // F32T_TOKENS tokens: thread t holds each row's float4s t + B j (j < 4) as gemv_f32's thread t
 // does, sums each (row, token) in gemv_f32's order (dot4_acc over j, the warp's xor tree) into
 // shared memory, and after one barrier the block adds each pair's warp sums in warp order, as
-// block_sum does. Grid (ceil(N / F32T_ROWS), ceil(T / F32T_TOKENS)).
+// block_sum does. A block takes tt <= F32T_TOKENS tokens (the host's choice: fewer where the
+// batch is small, so more blocks walk shorter chains of tokens). Grid (ceil(N / F32T_ROWS),
+// ceil(T / tt)).
 #define F32T_ROWS 4
 #define F32T_TOKENS 16
 extern "C" __global__ void __launch_bounds__(512) gemv_f32_tiles(const float* __restrict__ W, const float* __restrict__ x,
-                                                                  float* __restrict__ y, int N, int K, int T) {
+                                                                  float* __restrict__ y, int N, int K, int T, int tt) {
     __shared__ float sh[F32T_ROWS * F32T_TOKENS][32];
     const int tid = threadIdx.x, B = blockDim.x, K4 = K / 4, lane = tid & 31, wp = tid >> 5;
-    const int n0 = blockIdx.x * F32T_ROWS, t0 = blockIdx.y * F32T_TOKENS, nt = min(F32T_TOKENS, T - t0);
+    const int n0 = blockIdx.x * F32T_ROWS, t0 = blockIdx.y * tt, nt = min(tt, T - t0);
     float4 w[F32T_ROWS][4];
 #pragma unroll
     for (int r = 0; r < F32T_ROWS; r++) {

@@ -758,9 +758,13 @@ impl CudaModel {
         let (ni, ki, tt) = (n as i32, k as i32, t as i32);
         let threads = gemv_f32_threads(k);
         if self.f32_tiles && (2..F32_TILES_MAX_ROWS).contains(&t) && k.is_multiple_of(4) && threads <= 512 {
+            // Tokens per block: 4 below 32 rows (16 rows: 64 blocks walking 16 tokens each were no
+            // faster than gemv_f32), else F32_TILES_TOKENS.
+            let per = if t < GEMM_F32_MIN_ROWS { 4 } else { F32_TILES_TOKENS };
             let mut b = crate::launch::builder(&self.stream, &self.ops.gemv_f32_tiles);
-            b.arg(w).arg(x).arg(y).arg(&ni).arg(&ki).arg(&tt);
-            let grid = (n.div_ceil(F32_TILES_ROWS) as u32, t.div_ceil(F32_TILES_TOKENS) as u32, 1);
+            let pi = per as i32;
+            b.arg(w).arg(x).arg(y).arg(&ni).arg(&ki).arg(&tt).arg(&pi);
+            let grid = (n.div_ceil(F32_TILES_ROWS) as u32, t.div_ceil(per) as u32, 1);
             unsafe { b.launch(LaunchConfig { grid_dim: grid, block_dim: (threads as u32, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
             return Ok(());
         }
@@ -1757,7 +1761,8 @@ pub(crate) struct PrefillRows {
 pub(crate) const GEMM_F32_MIN_ROWS: usize = 32;
 /// Rows up to which (exclusive) an f32 matrix is applied by `gemv_f32_tiles` (`gemv_f32_into`).
 pub(crate) const F32_TILES_MAX_ROWS: usize = 128;
-/// `gemv_f32_tiles`' block: weight rows x tokens (F32T_ROWS, F32T_TOKENS in ops.cu).
+/// `gemv_f32_tiles`' block: weight rows x at most this many tokens (F32T_ROWS, F32T_TOKENS in
+/// ops.cu).
 const F32_TILES_ROWS: usize = 4;
 const F32_TILES_TOKENS: usize = 16;
 
