@@ -322,13 +322,12 @@ extern "C" __global__ void gemv_f32(const float* __restrict__ W, const float* __
 // [N, K], K % 4 == 0, blockDim = gemv_f32's for K (the host's gemv_f32_threads), at most 512
 // (K <= 8192). gemv_f32 walks the tokens one after another, a block_sum (two barriers)
 // each, one block per weight row, so a router of 256 rows took ~15 us at 16 tokens and the
-// tiled gemm_f32_nt ~100 us at 32-64 (its 4-8 blocks). Here a block takes F32T_ROWS rows x
-// F32T_TOKENS tokens: thread t holds each row's float4s t + B j (j < 4) as gemv_f32's thread t
-// does, sums each (row, token) in gemv_f32's order (dot4_acc over j, the warp's xor tree) into
-// shared memory, and after one barrier the block adds each pair's warp sums in warp order, as
-// block_sum does. A block takes tt <= F32T_TOKENS tokens (the host's choice: fewer where the
-// batch is small, so more blocks walk shorter chains of tokens). Grid (ceil(N / F32T_ROWS),
-// ceil(T / tt)).
+// tiled gemm_f32_nt ~100 us at 32-64 (its 4-8 blocks). Here a block takes F32T_ROWS rows x tt
+// tokens (tt <= F32T_TOKENS, the host's choice: fewer where the batch is small, so more blocks
+// walk shorter chains of tokens): thread t holds each row's float4s t + B j (j < 4) as
+// gemv_f32's thread t does, sums each (row, token) in gemv_f32's order (dot4_acc over j, the
+// warp's xor tree) into shared memory, and after one barrier the block adds each pair's warp
+// sums in warp order, as block_sum does. Grid (ceil(N / F32T_ROWS), ceil(T / tt)).
 #define F32T_ROWS 4
 #define F32T_TOKENS 16
 extern "C" __global__ void __launch_bounds__(512) gemv_f32_tiles(const float* __restrict__ W, const float* __restrict__ x,

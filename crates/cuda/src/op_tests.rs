@@ -625,11 +625,11 @@ fn f32_matrices_over_many_rows_give_each_rows_bits_at_one_row() {
     let Some(mut m) = model() else { return };
     let mut r = rng();
     let st = m.stream.clone();
+    m.f32_tiles = true;  // (whatever PEREGRINE_F32_TILES says)
     for (n, k, t) in [(256usize, 4096usize, 2usize), (256, 4096, 16), (256, 4096, 17), (256, 4096, 64), (256, 4096, 127), (384, 6144, 33), (70, 36, 40), (5, 128, 3), (3, 8196, 20)] {
         let w = randn(&mut r, n * k, 1.0);
         let x = randn(&mut r, t * k, 1.0);
         let mat = crate::backend::Mat { m: crate::backend::GpuMatrix::F32(st.clone_htod(&w).unwrap()), n, k };
-        m.f32_tiles = true;
         let y = st.clone_dtoh(&m.matvec(&mat, &st.clone_htod(&x).unwrap(), t).unwrap()).unwrap();
         let want: Vec<f32> = (0..t).flat_map(|ti| (0..n).map(|ni| (0..k).map(|i| w[ni * k + i] as f64 * x[ti * k + i] as f64).sum::<f64>() as f32).collect::<Vec<_>>()).collect();
         close(&format!("f32 matrix {n}x{k}, {t} rows"), &y, &want, 1e-5);
