@@ -2307,9 +2307,8 @@ ATTENTION_PREFILL_TC_KERNEL(64, 64)
 // Dynamic shared memory (4-byte words, gqa_tc_smem on the host): Q hi, lo (each [HD / 8][32
 // lanes][4] in A-fragment order, within [16][HD + 4]), then per warp K [2][GT_TK][HD + 4],
 // V [2][GT_TK][VD + 8] and P [16][GT_TK + 4] (conflict-free pitches).
-#define GT_WARPS 8
 #define GT_TK 8
-template <int HD, int VD>
+template <int HD, int VD, int GT_WARPS>
 __device__ __forceinline__ void attention_gqa_tc_body(
     const float* __restrict__ q, const float* __restrict__ kc, const float* __restrict__ vc, float* __restrict__ o,
     const int* __restrict__ pos, const int* __restrict__ seq, const int* __restrict__ tables, int max_blocks,
@@ -2392,15 +2391,29 @@ __device__ __forceinline__ void attention_gqa_tc_body(
     if (mine > 1) entries(w + GT_WARPS, e0, e1);
     // The group's q rows split into TF32 hi and lo, in A-fragment order: entry (kd, lane) holds
     // lane (g, t)'s (g, 8 kd + t), (g + 8, ..), (g, 8 kd + t + 4), (g + 8, ..), one 16-byte load
-    // each (rows past the group zero).
-    for (int u = tid; u < (HD / 8) * 32; u += blockDim.x) {
-        const int kd = u >> 5, fg = (u & 31) >> 2, ft = u & 3, c = 8 * kd + ft;
+    // each (rows past the group zero). Each thread's loads are issued together, then split: in a
+    // loop of load, split, store its QU rounds of L2 latency came one after another, which a
+    // block of short span (4 tiles a warp) paid ahead of every tile.
+    constexpr int QU = (HD / 8) * 32 / (32 * GT_WARPS);  // entries per thread
+    static_assert(QU * 32 * GT_WARPS == (HD / 8) * 32, "whole entries per thread");
+    float qx[QU][4];
+#pragma unroll
+    for (int i = 0; i < QU; i++) {
+        const int u = tid + 32 * GT_WARPS * i, kd = u >> 5, fg = (u & 31) >> 2, ft = u & 3, c = 8 * kd + ft;
         auto qv = [&](int row, int col) { return row < group ? q[((size_t)r * heads + h0 + row) * HD + col] : 0.f; };
+        qx[i][0] = qv(fg, c);
+        qx[i][1] = qv(fg + 8, c);
+        qx[i][2] = qv(fg, c + 4);
+        qx[i][3] = qv(fg + 8, c + 4);
+    }
+#pragma unroll
+    for (int i = 0; i < QU; i++) {
+        const int u = tid + 32 * GT_WARPS * i;
         uint4 hv, lv;
-        tf32_split(qv(fg, c), hv.x, lv.x);
-        tf32_split(qv(fg + 8, c), hv.y, lv.y);
-        tf32_split(qv(fg, c + 4), hv.z, lv.z);
-        tf32_split(qv(fg + 8, c + 4), hv.w, lv.w);
+        tf32_split(qx[i][0], hv.x, lv.x);
+        tf32_split(qx[i][1], hv.y, lv.y);
+        tf32_split(qx[i][2], hv.z, lv.z);
+        tf32_split(qx[i][3], hv.w, lv.w);
         reinterpret_cast<uint4*>(Qh)[u] = hv;
         reinterpret_cast<uint4*>(Ql)[u] = lv;
     }
@@ -2582,7 +2595,7 @@ __device__ __forceinline__ void attention_gqa_tc_body(
     return;  // measurement builds: outputs wrong
 #endif
     // The merging block merges its heads' splits with attention_combine_head's arithmetic in
-    // its order (the same bits), all 256 threads at once: every state's max and sum into shared
+    // its order (the same bits), all threads at once: every state's max and sum into shared
     // memory in one round, each head's M, L and split weights e^(m - M) by one thread, then
     // thread (row, 8 columns) sums its accumulators, GT_TK splits' loads at a time. Its heads
     // are rows first, first + stride, ... of the group (mine of them).
@@ -2627,55 +2640,63 @@ __device__ __forceinline__ void attention_gqa_tc_body(
     __syncthreads();
     static_assert(VD % 64 == 0, "16 threads of whole float4s per row");
     constexpr int CPT = VD / 16;  // columns per thread (8 at VD 128)
-    if (tid / 16 >= mine_rows) return;
-    const int row = first + (tid / 16) * stride, col0 = (tid % 16) * CPT;
-    const float* wts = Ms + row * splits;
-    const size_t hb = (size_t)r * heads + h0 + row;
-    float a[CPT];
+    // 16 threads a row: 8 warps take the group's rows in one round, 4 in two.
+    for (int i = tid / 16; i < mine_rows; i += GT_WARPS * 2) {
+        const int row = first + i * stride, col0 = (tid % 16) * CPT;
+        const float* wts = Ms + row * splits;
+        const size_t hb = (size_t)r * heads + h0 + row;
+        float a[CPT];
 #pragma unroll
-    for (int e = 0; e < CPT; e++) a[e] = 0.f;
-    for (int z0 = 0; z0 < splits; z0 += GT_TK) {
-        float4 v[GT_TK][CPT / 4];
+        for (int e = 0; e < CPT; e++) a[e] = 0.f;
+        for (int z0 = 0; z0 < splits; z0 += GT_TK) {
+            float4 v[GT_TK][CPT / 4];
 #pragma unroll
-        for (int c = 0; c < GT_TK; c++)
-            if (z0 + c < splits)
+            for (int c = 0; c < GT_TK; c++)
+                if (z0 + c < splits)
 #pragma unroll
-                for (int e = 0; e < CPT / 4; e++) v[c][e] = __ldcg(reinterpret_cast<const float4*>(part_acc + (hb * splits + z0 + c) * VD + col0) + e);
+                    for (int e = 0; e < CPT / 4; e++) v[c][e] = __ldcg(reinterpret_cast<const float4*>(part_acc + (hb * splits + z0 + c) * VD + col0) + e);
 #pragma unroll
-        for (int c = 0; c < GT_TK; c++) {
-            if (z0 + c >= splits) break;
-            const float f = wts[z0 + c];
-            if (f < 0.f) continue;
+            for (int c = 0; c < GT_TK; c++) {
+                if (z0 + c >= splits) break;
+                const float f = wts[z0 + c];
+                if (f < 0.f) continue;
 #pragma unroll
-            for (int e = 0; e < CPT / 4; e++) {
-                a[4 * e] += v[c][e].x * f;
-                a[4 * e + 1] += v[c][e].y * f;
-                a[4 * e + 2] += v[c][e].z * f;
-                a[4 * e + 3] += v[c][e].w * f;
+                for (int e = 0; e < CPT / 4; e++) {
+                    a[4 * e] += v[c][e].x * f;
+                    a[4 * e + 1] += v[c][e].y * f;
+                    a[4 * e + 2] += v[c][e].z * f;
+                    a[4 * e + 3] += v[c][e].w * f;
+                }
             }
         }
-    }
-    const float L = ML[16 + row];
+        const float L = ML[16 + row];
 #pragma unroll
-    for (int e = 0; e < CPT; e++) {
-        const float v = a[e] / L;
-        o[hb * VD + col0 + e] = v;
-        if (oh) split_bf16_value(v, oh[hb * VD + col0 + e], ol[hb * VD + col0 + e]);
+        for (int e = 0; e < CPT; e++) {
+            const float v = a[e] / L;
+            o[hb * VD + col0 + e] = v;
+            if (oh) split_bf16_value(v, oh[hb * VD + col0 + e], ol[hb * VD + col0 + e]);
+        }
     }
 }
-#define ATTENTION_GQA_TC_KERNEL(HD, VD)                                                                                      \
-    extern "C" __global__ void __launch_bounds__(32 * GT_WARPS, 1) attention_gqa_tc_d##HD##_v##VD(                          \
+#define ATTENTION_GQA_TC_KERNEL(HD, VD, W, NAME)                                                                             \
+    extern "C" __global__ void __launch_bounds__(32 * W, 8 / W) NAME(                                                        \
         const float* __restrict__ q, const float* __restrict__ kc, const float* __restrict__ vc, float* __restrict__ o,      \
         const int* __restrict__ pos, const int* __restrict__ seq, const int* __restrict__ tables, int max_blocks,            \
         int block_size, int heads, int kv_heads, int hd, int vd, int window, float scale, const float* __restrict__ sinks,   \
         float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc, unsigned short* __restrict__ oh, \
         unsigned short* __restrict__ ol, unsigned* __restrict__ counters, int sharers) {                                     \
         PDL_ENTER();                                                                                                         \
-        attention_gqa_tc_body<HD, VD>(q, kc, vc, o, pos, seq, tables, max_blocks, block_size, heads, kv_heads, scale, sinks, \
-                                      part_m, part_l, part_acc, oh, ol, counters, window, sharers);                          \
+        attention_gqa_tc_body<HD, VD, W>(q, kc, vc, o, pos, seq, tables, max_blocks, block_size, heads, kv_heads, scale,     \
+                                         sinks, part_m, part_l, part_acc, oh, ol, counters, window, sharers);                \
     }
-// The prefill tensor-core shapes (PREFILL_TC_SHAPES on the host). hd and vd are taken only so the
-// host passes attention_v2_heads' argument list; the shapes are compile-time.
-ATTENTION_GQA_TC_KERNEL(192, 128)
-ATTENTION_GQA_TC_KERNEL(128, 128)
-ATTENTION_GQA_TC_KERNEL(64, 64)
+// The prefill tensor-core shapes (PREFILL_TC_SHAPES on the host), each in blocks of 8 warps (one
+// per SM) and of 4 (two per SM: decode batches whose rows x KV heads pass one wave of 8-warp
+// blocks; GQA_TC_WARPS and gqa_tc_for on the host).
+// hd and vd are taken only so the host passes attention_v2_heads' argument list; the shapes are
+// compile-time.
+#define ATTENTION_GQA_TC_KERNELS(HD, VD)                                    \
+    ATTENTION_GQA_TC_KERNEL(HD, VD, 8, attention_gqa_tc_d##HD##_v##VD)     \
+    ATTENTION_GQA_TC_KERNEL(HD, VD, 4, attention_gqa_tc4_d##HD##_v##VD)
+ATTENTION_GQA_TC_KERNELS(192, 128)
+ATTENTION_GQA_TC_KERNELS(128, 128)
+ATTENTION_GQA_TC_KERNELS(64, 64)

@@ -186,8 +186,9 @@ pub(crate) struct Ops {
     attention_v2_kv_ready: CudaFunction,
     attention_v2_kv_ready_pre: CudaFunction,
     attention_v2_heads: CudaFunction,
-    /// `attention_gqa_tc_d{hd}_v{vd}` per `PREFILL_TC_SHAPES` entry (`CudaModel::gqa_tc_for`).
-    attention_gqa_tc: Vec<CudaFunction>,
+    /// `attention_gqa_tc_d{hd}_v{vd}` and `attention_gqa_tc4_d{hd}_v{vd}` per
+    /// `PREFILL_TC_SHAPES` entry, in `GQA_TC_WARPS` order (`CudaModel::gqa_tc_for`).
+    attention_gqa_tc: Vec<[CudaFunction; 2]>,
     attention_combine: CudaFunction,
     pub(crate) attention_prefill: PrefillAttention,
     attention_v2_rows: CudaFunction,
@@ -262,6 +263,9 @@ pub struct CudaModel {
     /// (`PEREGRINE_ATTN_TC_MIN_SPAN`), whichever comes first; tests set them.
     pub(crate) attn_tc_min_rows: usize,
     pub(crate) attn_tc_min_span: usize,
+    /// Warps per block of `attention_gqa_tc` (a `GQA_TC_WARPS` entry), where forced
+    /// (`PEREGRINE_ATTN_TC_WARPS`; tests set it); None: the rule in `gqa_tc_for`.
+    pub(crate) attn_tc_warps: Option<usize>,
     /// Arrival counters of split decode attention, one per (row, head) of up to
     /// `MERGE_IN_ATTENTION_ROWS` rows (zero between calls: the kernel resets them). With them
     /// the last split of each (row, head) merges the splits, and no `attention_combine` runs.
@@ -323,7 +327,10 @@ const ATTN_HEADS_MIN_ROWS: usize = 8;
 
 /// Decode rows, and positions in the block tables, from which `attention_gqa_tc` serves decode
 /// attention without the K/V write inside (`CudaModel::attn_tc_min_rows`, `attn_tc_min_span`).
-const ATTN_TC_MIN_ROWS: usize = usize::MAX;
+/// From 16 rows at any span: at 128 positions (Flash shapes, H100) its forms beat
+/// `attention_v2_heads` at batch 16-64 (steps -0.5 to -1.6%) and lost at batch 8 (+0.2 to +1.4%;
+/// benches/results/2026-11-26-gqa-decode-short-spans.md).
+const ATTN_TC_MIN_ROWS: usize = 16;
 const ATTN_TC_MIN_SPAN: usize = 2048;
 /// Blocks of each (row, KV head) of `attention_gqa_tc` that share the merge of its splits
 /// (`CudaModel::attn_merge_sharers`).
@@ -347,19 +354,37 @@ pub(crate) fn gqa_merge_sharers(wanted: usize, groups: usize, splits: usize, wav
 /// (benches/results/2026-11-25-gqa-splits.md). Batch 1 splits to fill one wave either way.
 const ATTN_TC_SPLIT: usize = 2048;
 
-/// Warps per block of `attention_gqa_tc` (GT_WARPS in kernels/ops.cu) and positions per tile
-/// (GT_TK).
-const GT_WARPS: usize = 8;
+/// Warps per block of the compiled forms of `attention_gqa_tc` (`attention_gqa_tc_d..`,
+/// `attention_gqa_tc4_d..`: the template's GT_WARPS in kernels/ops.cu) and positions per tile
+/// (GT_TK). 8 warps fit one block per SM, 4 two.
+pub(crate) const GQA_TC_WARPS: [usize; 2] = [8, 4];
 const GT_TK: usize = 8;
 
-/// `attention_gqa_tc`'s dynamic shared memory (4-byte words): Q hi and lo (in A-fragment order,
-/// each within [16][hd + 4]), then
-/// per warp K [2][GT_TK][hd + 4], V [2][GT_TK][vd + 8] and P [16][GT_TK + 4]; the warps' merge
-/// ([GT_WARPS][16] maxima and sums, [GT_WARPS][16][vd + 8] accumulators) reuses the warps' part.
-pub(crate) fn gqa_tc_smem(hd: usize, vd: usize) -> usize {
-    let warps = GT_WARPS * (2 * GT_TK * (hd + 4) + 2 * GT_TK * (vd + 8) + 16 * (GT_TK + 4));
-    let merge = GT_WARPS * 16 * (2 + vd + 8);
-    4 * (2 * 16 * (hd + 4) + warps.max(merge))
+/// Warps per block of `attention_gqa_tc` for `groups` (rows x KV heads) where one wave holds
+/// `wave8` blocks of 8 warps: 8 while the groups fit that wave, else 4 (two blocks per SM).
+/// H100, Flash shapes at 128 positions (benches/results/2026-11-26-gqa-decode-short-spans.md):
+/// 8 warps at 64-128 groups (batch 16, batch 32's full layers) took 17-21 us against 22-29 in
+/// 4; from 256 groups a second wave of 8-warp blocks cost more than the smaller blocks (batch
+/// 64: 30 / 50 us in 4 warps for the full / sliding layers, against 40 / 63 in 8).
+pub(crate) fn gqa_tc_warps_for(groups: usize, wave8: usize) -> usize {
+    if groups <= wave8 { GQA_TC_WARPS[0] } else { GQA_TC_WARPS[1] }
+}
+
+/// The form of `attention_gqa_tc` a decode attention runs (`CudaModel::gqa_tc_for`).
+pub(crate) struct GqaTc<'a> {
+    pub(crate) kernel: &'a CudaFunction,
+    /// Warps per block (a `GQA_TC_WARPS` entry).
+    pub(crate) warps: usize,
+}
+
+/// `attention_gqa_tc`'s dynamic shared memory in blocks of `warps` warps (4-byte words): Q hi
+/// and lo (in A-fragment order, each within [16][hd + 4]), then per warp K [2][GT_TK][hd + 4],
+/// V [2][GT_TK][vd + 8] and P [16][GT_TK + 4]; the warps' merge ([warps][16] maxima and sums,
+/// [warps][16][vd + 8] accumulators) reuses the warps' part.
+pub(crate) fn gqa_tc_smem(hd: usize, vd: usize, warps: usize) -> usize {
+    let per_warp = warps * (2 * GT_TK * (hd + 4) + 2 * GT_TK * (vd + 8) + 16 * (GT_TK + 4));
+    let merge = warps * 16 * (2 + vd + 8);
+    4 * (2 * 16 * (hd + 4) + per_warp.max(merge))
 }
 
 /// Blocks per (row, head) of decode attention over `span` positions, for `row_heads` (rows x
@@ -488,10 +513,13 @@ impl CudaModel {
             attention_gqa_tc: PREFILL_TC_SHAPES
                 .iter()
                 .map(|&(hd, vd)| {
-                    // Best effort, as above.
-                    let k = f(&format!("attention_gqa_tc_d{hd}_v{vd}"))?;
-                    let _ = k.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, gqa_tc_smem(hd, vd) as i32);
-                    Ok(k)
+                    let form = |warps: usize| {
+                        // Best effort, as above.
+                        let k = f(&format!("attention_gqa_tc{}_d{hd}_v{vd}", if warps == 8 { String::new() } else { warps.to_string() }))?;
+                        let _ = k.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, gqa_tc_smem(hd, vd, warps) as i32);
+                        Ok::<_, Error>(k)
+                    };
+                    Ok([form(GQA_TC_WARPS[0])?, form(GQA_TC_WARPS[1])?])
                 })
                 .collect::<Result<_>>()?,
             attention_combine: f("attention_combine")?,
@@ -649,6 +677,7 @@ impl CudaModel {
             attn_heads_min_rows: std::env::var("PEREGRINE_ATTN_HEADS_MIN_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(ATTN_HEADS_MIN_ROWS),
             attn_tc_min_rows: std::env::var("PEREGRINE_ATTN_TC_MIN_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(ATTN_TC_MIN_ROWS),
             attn_tc_min_span: std::env::var("PEREGRINE_ATTN_TC_MIN_SPAN").ok().and_then(|v| v.parse().ok()).unwrap_or(ATTN_TC_MIN_SPAN),
+            attn_tc_warps: std::env::var("PEREGRINE_ATTN_TC_WARPS").ok().and_then(|v| v.parse().ok()).filter(|w| GQA_TC_WARPS.contains(w)),
             attn_counters,
             merge_in_attention: std::env::var("PEREGRINE_ATTN_MERGE_IN_KERNEL").map_or(true, |v| v != "0"),
             qkv_ready: std::env::var("PEREGRINE_QKV_READY").map_or(true, |v| v != "0"),
@@ -1010,18 +1039,30 @@ impl CudaModel {
     /// inside, if any: one is compiled for `s`'s head dims, its heads per KV head fit the MMA's
     /// 16 rows, and the rows or the table width reach `attn_tc_min_rows` / `attn_tc_min_span`
     /// (by the row bucket and the table width only, so a captured graph keeps its kernel).
-    pub(crate) fn gqa_tc_for(&self, s: &AttentionSpec, max_blocks: usize, block_size: usize, n: usize) -> Option<&CudaFunction> {
+    /// Its blocks are of 8 warps while the rows x KV heads fit one wave of them, else of 4
+    /// (`gqa_tc_warps_for`); `attn_tc_warps` forces either.
+    pub(crate) fn gqa_tc_for(&self, s: &AttentionSpec, max_blocks: usize, block_size: usize, n: usize) -> Option<GqaTc<'_>> {
         let i = PREFILL_TC_SHAPES.iter().position(|&d| d == (s.head_dim, s.v_head_dim))?;
         let fits = s.num_kv_heads > 0 && s.num_heads.is_multiple_of(s.num_kv_heads) && s.num_heads / s.num_kv_heads <= 16;
         let span = s.window().map_or(max_blocks * block_size, |w| w.min(max_blocks * block_size));
         let wanted = n >= self.attn_tc_min_rows || span >= self.attn_tc_min_span;
-        (fits && wanted && uses_attention_v2(s)).then(|| &self.ops.attention_gqa_tc[i])
+        if !(fits && wanted && uses_attention_v2(s)) {
+            return None;
+        }
+        let forms = &self.ops.attention_gqa_tc[i];
+        let warps = self.attn_tc_warps.unwrap_or_else(|| {
+            // (The occupancy query fails only on a broken context, which the launch reports.)
+            let wave8 = self.gqa_tc_wave(s, &GqaTc { kernel: &forms[0], warps: GQA_TC_WARPS[0] }).unwrap_or(self.sm_count);
+            gqa_tc_warps_for(n * s.num_kv_heads, wave8)
+        });
+        let form = GQA_TC_WARPS.iter().position(|&w| w == warps)?;
+        Some(GqaTc { kernel: &forms[form], warps })
     }
 
     /// Blocks of `attention_gqa_tc` resident at once on the device (one wave).
-    fn gqa_tc_wave(&self, s: &AttentionSpec, kernel: &CudaFunction) -> Result<usize> {
-        let smem = gqa_tc_smem(s.head_dim, s.v_head_dim);
-        Ok(kernel.occupancy_max_active_blocks_per_multiprocessor((32 * GT_WARPS) as u32, smem, None).map_err(drv)? as usize * self.sm_count)
+    fn gqa_tc_wave(&self, s: &AttentionSpec, tc: &GqaTc) -> Result<usize> {
+        let smem = gqa_tc_smem(s.head_dim, s.v_head_dim, tc.warps);
+        Ok(tc.kernel.occupancy_max_active_blocks_per_multiprocessor((32 * tc.warps) as u32, smem, None).map_err(drv)? as usize * self.sm_count)
     }
 
     /// Blocks per (row, KV head) of `attention_gqa_tc` for `n` rows: as for `attention_v2`,
@@ -1090,7 +1131,7 @@ impl CudaModel {
         let heads_smem = attention_heads_smem(s);
         // Or, where gqa_tc_for says so, the heads of each KV head on the tensor cores.
         let gqa_tc = if v2 && fresh.is_none() && rows.is_none() { self.gqa_tc_for(s, max_blocks, block_size, n) } else { None };
-        let gqa_tc_wave = gqa_tc.map(|k| self.gqa_tc_wave(s, k)).transpose()?;
+        let gqa_tc_wave = gqa_tc.as_ref().map(|tc| self.gqa_tc_wave(s, tc)).transpose()?;
         let per_head_warps = gqa_tc.is_none() && v2 && fresh.is_none() && rows.is_none() && n >= self.attn_heads_min_rows && heads_smem.is_some();
         let heads_smem = heads_smem.unwrap_or(0);
         let splits = match (v2, per_head_warps, gqa_tc_wave) {
@@ -1108,8 +1149,8 @@ impl CudaModel {
         // cover the rows; a prefill batch's row list keeps attention_combine_rows.
         let merge_in_kernel = self.merge_in_attention && splits > 1 && rows.is_none() && n * s.num_heads <= self.attn_counters.len();
         let counters = merge_in_kernel.then_some(&self.attn_counters);
-        let kernel = match (gqa_tc, (v2, fresh.is_some(), rows.is_some())) {
-            (Some(k), _) => k,
+        let kernel = match (&gqa_tc, (v2, fresh.is_some(), rows.is_some())) {
+            (Some(tc), _) => tc.kernel,
             (None, _) if per_head_warps => &self.ops.attention_v2_heads,
             // Its first round of K/V rows loaded while it waits for its heads, where its grid
             // fits one wave at the registers that takes (batch 1).
@@ -1154,9 +1195,14 @@ impl CudaModel {
                 b.arg(r.counters).arg(&r.need_q).arg(&r.need_kv).arg(&(r.reset_by_next as i32));
             }
         }
-        let threads = if v2 { 256 } else { 32 }; // 32 x ATT_WARPS for attention_v2, 32 x GT_WARPS for attention_gqa_tc
-        let (head_blocks, smem) = match () {
-            _ if gqa_tc.is_some() => (s.num_kv_heads, gqa_tc_smem(s.head_dim, s.v_head_dim)),
+        // 32 x ATT_WARPS for attention_v2 and attention_v2_heads, 32 x the form's warps for attention_gqa_tc.
+        let threads = match &gqa_tc {
+            Some(tc) => 32 * tc.warps as u32,
+            None if v2 => 256,
+            None => 32,
+        };
+        let (head_blocks, smem) = match &gqa_tc {
+            Some(tc) => (s.num_kv_heads, gqa_tc_smem(s.head_dim, s.v_head_dim, tc.warps)),
             _ if per_head_warps => (s.num_heads.div_ceil(ATT_WARPS), heads_smem),
             _ => (s.num_heads, 0),
         };
@@ -2300,14 +2346,31 @@ mod heads_attention_tests {
     use peregrine_core::spec::RopeStyle;
     use peregrine_core::{AttentionKind, AttentionSpec, QkvLayout, RopeSpec};
 
-    /// attention_gqa_tc's shared memory: Q hi + lo, then per warp two K and V tiles and P, and
-    /// the largest compiled shape fits an H100 block (227 KB).
+    /// attention_gqa_tc's shared memory: Q hi + lo, then per warp two K and V tiles and P. The
+    /// largest compiled shape fits an H100 block (227 KB) in 8 warps, and two and three blocks
+    /// of an H100 SM (228 KB, 1 KB reserved per block) in 4 and 2, as the forms' launch bounds
+    /// promise.
     #[test]
     fn gqa_tc_shared_memory() {
-        assert_eq!(gqa_tc_smem(192, 128), 4 * (2 * 16 * 196 + 8 * (2 * 8 * 196 + 2 * 8 * 136 + 16 * 12)));
-        assert_eq!(gqa_tc_smem(64, 64), 4 * (2 * 16 * 68 + 8 * (2 * 8 * 68 + 2 * 8 * 72 + 16 * 12)));
-        assert!(gqa_tc_smem(192, 128) <= 227 * 1024);
-        assert!(gqa_tc_smem(128, 128) >= 4 * (2 * 16 * 132 + 8 * 16 * 138), "the warps' merge fits");
+        for (w, per_sm) in super::GQA_TC_WARPS.into_iter().zip([1, 2]) {
+            assert_eq!(gqa_tc_smem(192, 128, w), 4 * (2 * 16 * 196 + w * (2 * 8 * 196 + 2 * 8 * 136 + 16 * 12)));
+            assert_eq!(gqa_tc_smem(64, 64, w), 4 * (2 * 16 * 68 + w * (2 * 8 * 68 + 2 * 8 * 72 + 16 * 12)));
+            assert!(gqa_tc_smem(128, 128, w) >= 4 * (2 * 16 * 132 + w * 16 * 138), "the warps' merge fits");
+            assert!(per_sm * (gqa_tc_smem(192, 128, w) + 1024) <= 228 * 1024, "{w} warps: {per_sm} blocks per SM");
+        }
+        assert!(gqa_tc_smem(192, 128, 8) <= 227 * 1024);
+    }
+
+    /// attention_gqa_tc's blocks are of 8 warps while rows x KV heads fit one wave of them (one
+    /// block per SM), else of 4: Flash at batch 16 (64 / 128 groups) and batch 32's full layers
+    /// (128) keep 8, batch 32's sliding layers (256) and batch 64 (256 / 512) take 4.
+    #[test]
+    fn tensor_core_decode_attention_takes_smaller_blocks_past_one_wave() {
+        use super::gqa_tc_warps_for;
+        let wave8 = 132;
+        for (groups, warps) in [(4, 8), (64, 8), (128, 8), (132, 8), (133, 4), (256, 4), (512, 4)] {
+            assert_eq!(gqa_tc_warps_for(groups, wave8), warps, "{groups} groups");
+        }
     }
 
     fn spec(heads: usize, kv_heads: usize, hd: usize, vd: usize) -> AttentionSpec {

@@ -421,20 +421,24 @@ fn attention_matches_the_cpu_reference() {
         let (pd, sd, td) = (st.clone_htod(&pos).unwrap(), st.clone_htod(&seq).unwrap(), st.clone_htod(&tables).unwrap());
         let sk = sinks.as_ref().map(|v| st.clone_htod(v).unwrap());
         // attention_v2 (a block per head), attention_v2_heads (a warp per head), the heads of a
-        // KV head on the tensor cores (attention_gqa_tc), the one-warp kernel.
-        for (v2, per_head_warps, tc) in [(true, false, false), (true, true, false), (true, false, true), (false, false, false)] {
+        // KV head on the tensor cores (attention_gqa_tc, in blocks of 8 and 4 warps), the
+        // one-warp kernel.
+        let tc_forms = crate::backend::GQA_TC_WARPS.map(|w| (true, false, Some(w)));
+        for (v2, per_head_warps, tc_warps) in [(true, false, None), (true, true, None)].into_iter().chain(tc_forms).chain([(false, false, None)]) {
             if v2 && s.head_dim > 256 {
                 continue;
             }
+            let tc = tc_warps.is_some();
             m.attn_heads_min_rows = if per_head_warps { 1 } else { usize::MAX };
             (m.attn_tc_min_rows, m.attn_tc_min_span) = if tc { (1, 0) } else { (usize::MAX, usize::MAX) };
+            m.attn_tc_warps = tc_warps;
             let (o, split) = m.attend(&qd, &kd, &vd, &pd, &sd, &td, max_blocks, bs, n, &s, sk.as_ref(), v2, v2, None, None).unwrap();
-            let takes_tc = m.gqa_tc_for(&s, max_blocks, bs, n).is_some();
+            let takes_tc = m.gqa_tc_for(&s, max_blocks, bs, n).is_some_and(|f| Some(f.warps) == tc_warps);
             assert_eq!(takes_tc, tc && crate::backend::PREFILL_TC_SHAPES.contains(&(s.head_dim, s.v_head_dim)) && s.num_heads / s.num_kv_heads <= 16);
             let kernel = match (v2, per_head_warps, tc) {
                 (true, true, _) if crate::backend::attention_heads_smem(&s).is_some() => "_v2_heads",
                 (true, true, _) => "_v2 (no attention_v2_heads for these shapes)",
-                (true, _, true) if takes_tc => "_gqa_tc",
+                (true, _, true) if takes_tc => &format!("_gqa_tc ({} warps)", tc_warps.unwrap_or(0)),
                 (true, _, true) => "_v2 (no attention_gqa_tc for these shapes)",
                 (true, false, false) => "_v2",
                 _ => "",
