@@ -744,11 +744,11 @@ impl CudaModel {
         &self.gpu
     }
 
-    /// The MoE decode kernel chosen per token count (1..=`moe_tune::TUNED_TOKENS`) for this
+    /// The MoE decode kernel chosen per token count (`moe_tune::tuned_counts`) for this
     /// model's experts, as `tune_moe` measured at load; empty when nothing was tuned.
     pub fn moe_kernel_choices(&self) -> Vec<(usize, crate::MoeKernel)> {
         let Some((w, top_k)) = self.first_moe() else { return Vec::new() };
-        (1..=crate::moe_tune::TUNED_TOKENS).filter_map(|t| self.kernels.tuned_moe(w, top_k, t).map(|k| (t, k))).collect()
+        crate::moe_tune::tuned_counts().iter().filter_map(|&t| self.kernels.tuned_moe(w, top_k, t).map(|k| (t, k))).collect()
     }
 
     pub(crate) fn zeros(&self, n: usize) -> Result<CudaSlice<f32>> {

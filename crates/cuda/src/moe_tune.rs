@@ -15,8 +15,32 @@ use peregrine_core::Result;
 
 use crate::kernels::{Kernels, MoeInput, MoeKernel, MoeLayout, MoeRouting, MoeWeights, TILED_VARIANTS};
 
-/// Token counts tuned; larger batches use the default (`MoeKernel::for_tiled`).
+/// Token counts tuned one by one (1..=TUNED_TOKENS); above, the decode graphs' row buckets up
+/// to `TUNED_BUCKETS_MAX` (`tuned_counts`); other counts use the default (`MoeKernel::for_tiled`).
 pub const TUNED_TOKENS: usize = 8;
+
+/// The largest row bucket tuned by default (`PEREGRINE_MOE_TUNE_TOKENS` sets it, a measurement
+/// switch). H100, Flash, 18 layers: tuned, the decode steps at 16 / 32 rows ran the two-launch
+/// tiled kernels and took 4.4 / 5.0% less than on the MoE GEMM, while at 64 the tuner's tiled
+/// choice made the step 3.9% slower (it times the tiled kernels without the pairs' sum that the
+/// next norm then does over 64 rows; benches/results/2026-11-26-moe-tuned-to-32.md).
+pub const TUNED_BUCKETS_MAX: usize = 32;
+
+/// The token counts `tune_moe` measures: 1..=`TUNED_TOKENS`, then the decode graphs' row
+/// buckets (`graph::ROW_BUCKETS`) up to `PEREGRINE_MOE_TUNE_TOKENS` (default
+/// `TUNED_BUCKETS_MAX`).
+pub fn tuned_counts() -> &'static [usize] {
+    static COUNTS: std::sync::OnceLock<Vec<usize>> = std::sync::OnceLock::new();
+    COUNTS.get_or_init(|| {
+        let max = std::env::var("PEREGRINE_MOE_TUNE_TOKENS").ok().and_then(|v| v.parse().ok()).unwrap_or(TUNED_BUCKETS_MAX);
+        tuned_counts_up_to(max)
+    })
+}
+
+/// `tuned_counts` for a largest bucket `max`.
+pub(crate) fn tuned_counts_up_to(max: usize) -> Vec<usize> {
+    (1..=TUNED_TOKENS.min(max.max(1))).chain(crate::graph::ROW_BUCKETS.into_iter().filter(|&t| t > TUNED_TOKENS && t <= max)).collect()
+}
 
 /// (hidden, intermediate, experts, top-k, tokens) -> the kernel measured fastest.
 pub(crate) type MoeChoices = HashMap<(usize, usize, usize, usize, usize), MoeKernel>;
@@ -27,7 +51,7 @@ pub type MoeTiming = (usize, MoeKernel, f32);
 impl Kernels {
     /// Times every compiled tiled kernel (two launches and one launch, each ring, then mixed
     /// rings for the best two-launch pair; the MoE GEMM from 2 tokens) on `w` with uniform
-    /// random routings of 1..=`TUNED_TOKENS` tokens, and keeps the fastest per token count for
+    /// random routings of each of `tuned_counts()` tokens, and keeps the fastest per token count for
     /// `moe_mxfp4`. Returns every timing (for logs and benches). Row-major weights and
     /// `PEREGRINE_MOE_TUNE=0` tune nothing.
     pub fn tune_moe(&self, w: &MoeWeights, top_k: usize) -> Result<Vec<MoeTiming>> {
@@ -48,13 +72,14 @@ impl Kernels {
             seed ^= seed << 17;
             seed
         };
-        let x: Vec<f32> = (0..TUNED_TOKENS * h).map(|_| (next() % 2001) as f32 / 1000.0 - 1.0).collect();
+        let most = tuned_counts().iter().copied().max().unwrap_or(TUNED_TOKENS);
+        let x: Vec<f32> = (0..most * h).map(|_| (next() % 2001) as f32 / 1000.0 - 1.0).collect();
         let x = st.clone_htod(&x).map_err(drv)?;
         // x split as a step's norm writes it for the kernels that read it split (`MoeInput::Split`):
         // candidates are timed as the step runs them, without a split launch of their own.
-        let xsplit = self.moe_split_x(&x, TUNED_TOKENS, h)?;
-        let mut y: CudaSlice<f32> = st.alloc_zeros(TUNED_TOKENS * h).map_err(drv)?;
-        let mut scratch = self.moe_scratch(w, TUNED_TOKENS * k_route)?;
+        let xsplit = self.moe_split_x(&x, most, h)?;
+        let mut y: CudaSlice<f32> = st.alloc_zeros(most * h).map_err(drv)?;
+        let mut scratch = self.moe_scratch(w, most * k_route)?;
         let mut kinds = Vec::new();
         for &(stages, steps) in TILED_VARIANTS.iter() {
             kinds.push(MoeKernel::tiled(stages, steps));
@@ -64,7 +89,7 @@ impl Kernels {
         let gemm_from = if self.gemm_enabled() { 2 } else { usize::MAX };
         let mut timings = Vec::new();
         let mut chosen = Vec::new();
-        for t in 1..=TUNED_TOKENS {
+        for &t in tuned_counts() {
             // Four routings in turn, so an expert's weights are rarely still in L2.
             let routings = (0..4)
                 .map(|_| {
@@ -164,5 +189,19 @@ impl Kernels {
         if let Ok(mut table) = self.moe_choices.lock() {
             table.insert((w.hidden, w.inter, w.num_experts, top_k, tokens), kind);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tuned_counts_up_to;
+
+    /// The tuner measures 1-8 tokens one by one, then the decode buckets up to its largest.
+    #[test]
+    fn tuned_token_counts() {
+        assert_eq!(tuned_counts_up_to(32), vec![1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32]);
+        assert_eq!(tuned_counts_up_to(8), vec![1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(tuned_counts_up_to(64), vec![1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32, 48, 64]);
+        assert_eq!(tuned_counts_up_to(4), vec![1, 2, 3, 4]);
     }
 }

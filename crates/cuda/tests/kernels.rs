@@ -339,7 +339,7 @@ fn mxfp4_moe_decode_matches_the_cpu_reference() {
         }
         let timings = kern.tune_moe(&wt, top_k).unwrap();
         assert!(timings.iter().all(|&(_, _, ms)| ms.is_finite() && ms > 0.0), "MoE tuning timings: {timings:?}");
-        for t in 1..=peregrine_cuda::moe_tune::TUNED_TOKENS {
+        for &t in peregrine_cuda::moe_tune::tuned_counts() {
             assert!(kern.tuned_moe(&wt, top_k, t).is_some(), "no MoE kernel tuned for {t} tokens");
         }
         let deq = |b: &[u8], s: &[u8], ex: usize, rows: usize, cols: usize| {
