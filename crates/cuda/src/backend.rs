@@ -1315,9 +1315,9 @@ impl CudaModel {
 
     /// Whether layer `li`'s MoE of `rows` rows reads its input split (`Kernels::moe_reads_split`)
     /// and the norm ahead can write it (`add_rms_norm_moe_split`): from 2 rows on the tiled
-    /// kernels, the MoE GEMM.
-    pub(crate) fn wants_moe_split(&self, li: usize, rows: usize) -> bool {
-        self.moe_norm_split && self.norm_holds_row() && matches!(&self.layers[li].mlp, Mlp::Moe { spec, experts: Experts::Stacked(w), .. } if self.kernels.moe_reads_split(w, rows, spec.top_k))
+    /// kernels, the MoE GEMM. `decode`: the rows are decode rows (`Op::Mlp`'s).
+    pub(crate) fn wants_moe_split(&self, li: usize, rows: usize, decode: bool) -> bool {
+        self.moe_norm_split && self.norm_holds_row() && matches!(&self.layers[li].mlp, Mlp::Moe { spec, experts: Experts::Stacked(w), .. } if self.kernels.moe_reads_split_rows(w, rows, spec.top_k, decode))
     }
 
     /// `add_rms_norm`, also writing y split as the MoE kernels read x (`MoeSplit`), exactly as
@@ -1468,13 +1468,13 @@ impl CudaModel {
     /// `moe_leaves_pairs_here`) its routed pairs for the residual add after it to sum (`MlpOut::Pairs`).
     /// `hn_split`: hn split by the norm that wrote it (`wants_moe_split`).
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn moe(&self, spec: &MoeSpec, router: &Mat, bias: Option<&(CudaSlice<f32>, Vec<f32>)>, experts: &Experts, hn: &CudaSlice<f32>, hn_split: Option<&MoeSplit>, n: usize) -> Result<MlpOut> {
+    pub(crate) fn moe(&self, spec: &MoeSpec, router: &Mat, bias: Option<&(CudaSlice<f32>, Vec<f32>)>, experts: &Experts, hn: &CudaSlice<f32>, hn_split: Option<&MoeSplit>, n: usize, decode: bool) -> Result<MlpOut> {
         let logits = self.matvec(router, hn, n)?;
         // hn was written before this call, and the router launched on it since: by the expert
         // kernels it is settled (staged while the router still runs).
         let input = hn_split.map_or(MoeInput::Settled, MoeInput::Split);
         match experts {
-            Experts::Stacked(w) => self.moe_stacked(spec, &logits, bias.map(|b| &b.0), w, hn, input, n),
+            Experts::Stacked(w) => self.moe_stacked(spec, &logits, bias.map(|b| &b.0), w, hn, input, n, decode),
             Experts::PerExpert(e) => self.moe_per_expert(spec, &logits, bias.map(|b| b.1.as_slice()), e, hn, n).map(MlpOut::Rows),
         }
     }
@@ -1509,7 +1509,7 @@ impl CudaModel {
         };
         let (logits, xn) = self.router_normed(router, x, &attn, nw, rows)?;
         // xn comes from the launch just before the experts: staged after their wait.
-        match self.moe_stacked(spec, &logits, bias.as_ref().map(|b| &b.0), w, &xn, MoeInput::Fresh, rows)? {
+        match self.moe_stacked(spec, &logits, bias.as_ref().map(|b| &b.0), w, &xn, MoeInput::Fresh, rows, true)? {
             MlpOut::Pairs(mut p) => {
                 p.pre = Some(attn);
                 Ok(MlpOut::Pairs(p))
@@ -1560,8 +1560,10 @@ impl CudaModel {
     /// token on the fused kernel is routed inside it (`route_in_moe`); the tiled kernels may
     /// leave their pairs to the norm after them (`MlpOut::Pairs`).
     #[allow(clippy::too_many_arguments)]
-    fn moe_stacked(&self, spec: &MoeSpec, logits: &CudaSlice<f32>, bias: Option<&CudaSlice<f32>>, w: &MoeWeights, hn: &CudaSlice<f32>, input: MoeInput, n: usize) -> Result<MlpOut> {
-        let kind = self.kernels.moe_kernel(w, n, spec.top_k);
+    /// `decode`: the rows are decode rows (`Kernels::moe_kernel_rows`).
+    #[allow(clippy::too_many_arguments)]
+    fn moe_stacked(&self, spec: &MoeSpec, logits: &CudaSlice<f32>, bias: Option<&CudaSlice<f32>>, w: &MoeWeights, hn: &CudaSlice<f32>, input: MoeInput, n: usize, decode: bool) -> Result<MlpOut> {
+        let kind = self.kernels.moe_kernel_rows(w, n, spec.top_k, decode);
         let leave_pairs = self.moe_leaves_pairs_here(spec, w, kind);
         if self.routes_in_moe_kernel(w, n, kind) {
             if leave_pairs {

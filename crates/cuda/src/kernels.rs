@@ -1596,6 +1596,24 @@ impl Kernels {
         self.moe_kind_reads_split(self.moe_kernel(w, tokens, top_k), w, tokens, top_k)
     }
 
+    /// `moe_reads_split` for a step's MoE of `tokens` rows (`moe_kernel_rows`).
+    pub fn moe_reads_split_rows(&self, w: &MoeWeights, tokens: usize, top_k: usize, decode: bool) -> bool {
+        self.moe_kind_reads_split(self.moe_kernel_rows(w, tokens, top_k, decode), w, tokens, top_k)
+    }
+
+    /// The kernel a step's MoE of `tokens` rows runs: `moe_kernel`, except that above
+    /// `moe_tune::TUNED_TOKENS` rows the tuned choice serves decode rows only (`decode`: each row
+    /// its sequence's only new token, routed about as the tuner's uniform routings). A verify
+    /// block's tokens may share experts, where the tiled kernels lose to the MoE GEMM (H100,
+    /// Flash, 16 tokens drawn from a pool of 16 / 32 experts: 27 / 53% of copy bandwidth against
+    /// 53 / 74%; benches/results/2026-11-26-moe-tuned-to-32.md), so those rows keep the default.
+    pub fn moe_kernel_rows(&self, w: &MoeWeights, tokens: usize, top_k: usize, decode: bool) -> MoeKernel {
+        if !decode && tokens > crate::moe_tune::TUNED_TOKENS && matches!(w.layout, MoeLayout::Tiled { .. }) && MoeKernel::forced().is_none() {
+            return if self.gemm { MoeKernel::for_tiled(tokens, top_k) } else { MoeKernel::TILED };
+        }
+        self.moe_kernel(w, tokens, top_k)
+    }
+
     /// Whether MoE kernel `kind` reads x split for `tokens` tokens of top-k routing over `w`
     /// (takes `MoeInput::Split`'s rows): the two-launch tiled kernels from 2 tokens
     /// (`splits_x`) and the MoE GEMM.

@@ -20,10 +20,11 @@ use crate::kernels::{Kernels, MoeInput, MoeKernel, MoeLayout, MoeRouting, MoeWei
 pub const TUNED_TOKENS: usize = 8;
 
 /// The largest row bucket tuned by default (`PEREGRINE_MOE_TUNE_TOKENS` sets it, a measurement
-/// switch). H100, Flash, 18 layers: tuned, the decode steps at 16 / 32 rows ran the two-launch
-/// tiled kernels and took 4.4 / 5.0% less than on the MoE GEMM, while at 64 the tuner's tiled
-/// choice made the step 3.9% slower (it times the tiled kernels without the pairs' sum that the
-/// next norm then does over 64 rows; benches/results/2026-11-26-moe-tuned-to-32.md).
+/// switch); above `TUNED_TOKENS` the tuned choice serves decode rows only
+/// (`Kernels::moe_kernel_rows`). H100, Flash, 18 layers: tuned, the decode steps at 12-32 rows
+/// ran the two-launch tiled kernels and took 4-6% less than on the MoE GEMM, while at 64 the
+/// tuner's tiled choice made the step 3.9% slower (it times the tiled kernels without the pairs'
+/// sum that the next norm then does over 64 rows; benches/results/2026-11-26-moe-tuned-to-32.md).
 pub const TUNED_BUCKETS_MAX: usize = 32;
 
 /// The token counts `tune_moe` measures: 1..=`TUNED_TOKENS`, then the decode graphs' row

@@ -61,8 +61,10 @@ pub enum Op {
     /// it does while its grid fits one wave of the GPU (small decode batches).
     Attention { layer: usize, src: Act, rows: usize, kv_in_attention: bool },
     /// MlpOut = the layer's dense MLP, or its MoE (router, grouping, experts, combine; the
-    /// tiled MoE may leave the combine to the residual add after it).
-    Mlp { layer: usize, src: Act, rows: usize },
+    /// tiled MoE may leave the combine to the residual add after it). `decode`: every row is its
+    /// sequence's only new token; above 8 rows only such rows take the MoE kernel tuned for
+    /// their count (`Kernels::moe_kernel_rows`: a verify block's tokens may share experts).
+    Mlp { layer: usize, src: Act, rows: usize, decode: bool },
     /// The drafter reads this layer: its output (after the final norm for the last layer) joins
     /// the context features.
     CaptureFeatures { layer: usize, rows: usize },
@@ -112,7 +114,7 @@ impl CudaModel {
         for li in 0..nl {
             ops.push(Op::Attention { layer: li, src: Act::AttnIn, rows, kv_in_attention: decode && self.attention_takes_kv(li) });
             ops.push(Op::AddNorm { add: Act::AttnOut, dst: Act::MlpIn, weight: NormWeight::PostAttention(li), rows });
-            ops.push(Op::Mlp { layer: li, src: Act::MlpIn, rows });
+            ops.push(Op::Mlp { layer: li, src: Act::MlpIn, rows, decode });
             if li + 1 < nl {
                 ops.push(Op::AddNorm { add: Act::MlpOut, dst: Act::AttnIn, weight: NormWeight::Input(li + 1), rows });
             } else {
@@ -182,6 +184,9 @@ impl CudaModel {
         };
         // Ops since the last MLP (usize::MAX: none yet).
         let mut since_mlp = usize::MAX;
+        // The plan's MoE rows are decode rows (the norm ahead of a MoE writes the split its
+        // kernel reads, which depends on it).
+        let decode = ops.iter().any(|op| matches!(op, Op::Mlp { decode: true, .. }));
         for &op in ops {
             mark(&mut marks)?;
             // The `drain_after_mlp_op`-th op after an MLP (the next) starts on drained SMs at
@@ -243,7 +248,7 @@ impl CudaModel {
                             attn_split = Some(sp);
                             y
                         }),
-                        NormWeight::PostAttention(l) if dst == Act::MlpIn && self.wants_moe_split(l, rows) => self.add_rms_norm_moe_split(&mut x, a, norm_weight(weight), rows, h).map(|(y, sp)| {
+                        NormWeight::PostAttention(l) if dst == Act::MlpIn && self.wants_moe_split(l, rows, decode) => self.add_rms_norm_moe_split(&mut x, a, norm_weight(weight), rows, h).map(|(y, sp)| {
                             mlp_split = Some(sp);
                             y
                         }),
@@ -270,7 +275,7 @@ impl CudaModel {
                     let o = self.attention(layer, acts[src as usize].as_ref().ok_or_else(|| Error::Backend(format!("step plan reads {src:?} before writing it")))?, split.as_ref(), rows, meta, kv_in_attention)?;
                     acts[Act::AttnOut as usize] = Some(o);
                 }
-                Op::Mlp { layer, src, rows } => {
+                Op::Mlp { layer, src, rows, decode } => {
                     let m = if let Some((l, a)) = norm_left.take() {
                         // The router computes the norm over the residual and AttnOut.
                         if l != layer {
@@ -284,7 +289,7 @@ impl CudaModel {
                         // The MoE may leave its pairs: only the residual adds after it read MlpOut.
                         match &self.layers[layer].mlp {
                             Mlp::Dense(f) => MlpOut::Rows(self.ffn(f, x, rows)?),
-                            Mlp::Moe { spec, router, bias, experts } => self.moe(spec, router, bias.as_ref(), experts, x, split.as_ref(), rows)?,
+                            Mlp::Moe { spec, router, bias, experts } => self.moe(spec, router, bias.as_ref(), experts, x, split.as_ref(), rows, decode)?,
                         }
                     };
                     match m {

@@ -342,6 +342,19 @@ fn mxfp4_moe_decode_matches_the_cpu_reference() {
         for &t in peregrine_cuda::moe_tune::tuned_counts() {
             assert!(kern.tuned_moe(&wt, top_k, t).is_some(), "no MoE kernel tuned for {t} tokens");
         }
+        // A step's MoE takes the tuned kernel for decode rows; above 8 rows, rows that share
+        // sequences (a verify block) keep the default (the MoE GEMM where it is built).
+        if std::env::var("PEREGRINE_MOE_KERNEL").is_err() {
+            for &t in peregrine_cuda::moe_tune::tuned_counts() {
+                let (decode, verify) = (kern.moe_kernel_rows(&wt, t, top_k, true), kern.moe_kernel_rows(&wt, t, top_k, false));
+                assert_eq!(Some(decode), kern.tuned_moe(&wt, top_k, t), "{t} decode rows");
+                if t <= peregrine_cuda::moe_tune::TUNED_TOKENS {
+                    assert_eq!(verify, decode, "{t} verify rows");
+                } else {
+                    assert!(verify == MoeKernel::for_tiled(t, top_k) || verify == MoeKernel::TILED, "{t} verify rows: {verify:?}");
+                }
+            }
+        }
         let deq = |b: &[u8], s: &[u8], ex: usize, rows: usize, cols: usize| {
             dequant_mxfp4(&b[ex * rows * cols / 2..(ex + 1) * rows * cols / 2], &s[ex * rows * cols / 32..(ex + 1) * rows * cols / 32], rows, cols)
         };
