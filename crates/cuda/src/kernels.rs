@@ -600,7 +600,7 @@ impl MoeKernel {
     /// of copy bandwidth against 50.5%, Pro 64.6% against 59.3%); two launches above (2 tokens
     /// within 2% either way, 8 tokens 80.7% against 74.8%; benches/results/2026-11-23-moe-fused.md).
     /// Above the tuned token counts, the MoE GEMM (since 2026-11-26 the tuner also measures the
-    /// row buckets up to 32 tokens, `moe_tune::tuned_counts`, where the tiled kernels won in
+    /// row buckets up to 48 tokens, `moe_tune::tuned_counts`, where the tiled kernels won in
     /// steps): on the H100 it took 0.95-1.01x the tiled
     /// kernels' time at 16-32 tokens of uniform routing, 0.85x at 64 and 0.3x at 2048, and
     /// 0.5-0.7x at 8-16 tokens drawn from one pool of 16 experts, as a verify block's tokens may

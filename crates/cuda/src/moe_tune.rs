@@ -22,10 +22,11 @@ pub const TUNED_TOKENS: usize = 8;
 /// The largest row bucket tuned by default (`PEREGRINE_MOE_TUNE_TOKENS` sets it, a measurement
 /// switch); above `TUNED_TOKENS` the tuned choice serves decode rows only
 /// (`Kernels::moe_kernel_rows`). H100, Flash, 18 layers: tuned, the decode steps at 12-32 rows
-/// ran the two-launch tiled kernels and took 4-6% less than on the MoE GEMM, while at 64 the
-/// tuner's tiled choice made the step 3.7% slower (it times the tiled kernels without the pairs'
-/// sum that the next norm then does over 64 rows; benches/results/2026-11-26-moe-tuned-to-32.md).
-pub const TUNED_BUCKETS_MAX: usize = 32;
+/// ran the two-launch tiled kernels and took 4-6% less than on the MoE GEMM, at 48 2.3% less,
+/// while at 64 the tuner's tiled choice made the step 3.7% slower (it times the tiled kernels
+/// without the pairs' sum that the next norm then does over 64 rows;
+/// benches/results/2026-11-26-moe-tuned-to-32.md).
+pub const TUNED_BUCKETS_MAX: usize = 48;
 
 /// The token counts `tune_moe` measures: 1..=`TUNED_TOKENS`, then the decode graphs' row
 /// buckets (`graph::ROW_BUCKETS`) up to `PEREGRINE_MOE_TUNE_TOKENS` (default
