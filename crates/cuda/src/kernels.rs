@@ -1606,7 +1606,7 @@ impl Kernels {
     /// its sequence's only new token, routed about as the tuner's uniform routings). A verify
     /// block's tokens may share experts, where the tiled kernels lose to the MoE GEMM (H100,
     /// Flash, 16 tokens drawn from a pool of 16 / 32 experts: 27 / 53% of copy bandwidth against
-    /// 53 / 74%; benches/results/2026-11-26-moe-tuned-to-32.md), so those rows keep the default.
+    /// 53 / 74%; benches/results/2026-11-26-moe-tuned-decode-buckets.md), so those rows keep the default.
     pub fn moe_kernel_rows(&self, w: &MoeWeights, tokens: usize, top_k: usize, decode: bool) -> MoeKernel {
         if !decode && tokens > crate::moe_tune::TUNED_TOKENS && matches!(w.layout, MoeLayout::Tiled { .. }) && MoeKernel::forced().is_none() {
             return if self.gemm { MoeKernel::for_tiled(tokens, top_k) } else { MoeKernel::TILED };

@@ -25,7 +25,7 @@ pub const TUNED_TOKENS: usize = 8;
 /// ran the two-launch tiled kernels and took 4-6% less than on the MoE GEMM, at 48 2.3% less,
 /// while at 64 the tuner's tiled choice made the step 3.7% slower (it times the tiled kernels
 /// without the pairs' sum that the next norm then does over 64 rows;
-/// benches/results/2026-11-26-moe-tuned-to-32.md).
+/// benches/results/2026-11-26-moe-tuned-decode-buckets.md).
 pub const TUNED_BUCKETS_MAX: usize = 48;
 
 /// The token counts `tune_moe` measures: 1..=`TUNED_TOKENS`, then the decode graphs' row
