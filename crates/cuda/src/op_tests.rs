@@ -609,15 +609,22 @@ fn prefill_attention_matches_the_cpu_reference() {
 fn f32_matrices_match_the_cpu_reference() {
     let Some(m) = model() else { return };
     let mut r = rng();
-    let st = m.stream.clone();
     for (n, k, t) in [(256usize, 4096usize, 1usize), (300, 520, 5), (300, 520, crate::backend::GEMM_F32_MIN_ROWS), (256, 4096, 100), (70, 36, 130), (50, 37, 40)] {
-        let w = randn(&mut r, n * k, 1.0);
-        let x = randn(&mut r, t * k, 1.0);
-        let mat = crate::backend::Mat { m: crate::backend::GpuMatrix::F32(st.clone_htod(&w).unwrap()), n, k };
-        let y = st.clone_dtoh(&m.matvec(&mat, &st.clone_htod(&x).unwrap(), t).unwrap()).unwrap();
-        let want: Vec<f32> = (0..t).flat_map(|ti| (0..n).map(|ni| (0..k).map(|i| w[ni * k + i] as f64 * x[ti * k + i] as f64).sum::<f64>() as f32).collect::<Vec<_>>()).collect();
-        close(&format!("f32 matrix {n}x{k}, {t} rows"), &y, &want, 1e-5);
+        f32_product_checked(&m, &mut r, n, k, t);
     }
+}
+
+/// A random f32 [n, k] matrix applied to t random rows (`CudaModel::matvec`), checked against the
+/// f64 reference: the matrix, the rows and the product.
+fn f32_product_checked(m: &CudaModel, r: &mut rand::rngs::StdRng, n: usize, k: usize, t: usize) -> (crate::backend::Mat, Vec<f32>, Vec<f32>) {
+    let st = m.stream.clone();
+    let w = randn(r, n * k, 1.0);
+    let x = randn(r, t * k, 1.0);
+    let mat = crate::backend::Mat { m: crate::backend::GpuMatrix::F32(st.clone_htod(&w).unwrap()), n, k };
+    let y = st.clone_dtoh(&m.matvec(&mat, &st.clone_htod(&x).unwrap(), t).unwrap()).unwrap();
+    let want: Vec<f32> = (0..t).flat_map(|ti| (0..n).map(|ni| (0..k).map(|i| w[ni * k + i] as f64 * x[ti * k + i] as f64).sum::<f64>() as f32).collect::<Vec<_>>()).collect();
+    close(&format!("f32 matrix {n}x{k}, {t} rows"), &y, &want, 1e-5);
+    (mat, x, y)
 }
 
 /// f32 weights over 2-127 rows (`gemv_f32_tiles`) give gemv_f32's bits for every row, i.e. each
@@ -631,12 +638,7 @@ fn f32_matrices_over_many_rows_give_each_rows_bits_at_one_row() {
     let st = m.stream.clone();
     m.f32_tiles = true;  // (whatever PEREGRINE_F32_TILES says)
     for (n, k, t) in [(256usize, 4096usize, 2usize), (256, 4096, 16), (256, 4096, 17), (256, 4096, 64), (256, 4096, 127), (384, 6144, 33), (70, 36, 40), (5, 128, 3), (3, 8196, 20)] {
-        let w = randn(&mut r, n * k, 1.0);
-        let x = randn(&mut r, t * k, 1.0);
-        let mat = crate::backend::Mat { m: crate::backend::GpuMatrix::F32(st.clone_htod(&w).unwrap()), n, k };
-        let y = st.clone_dtoh(&m.matvec(&mat, &st.clone_htod(&x).unwrap(), t).unwrap()).unwrap();
-        let want: Vec<f32> = (0..t).flat_map(|ti| (0..n).map(|ni| (0..k).map(|i| w[ni * k + i] as f64 * x[ti * k + i] as f64).sum::<f64>() as f32).collect::<Vec<_>>()).collect();
-        close(&format!("f32 matrix {n}x{k}, {t} rows"), &y, &want, 1e-5);
+        let (mat, x, y) = f32_product_checked(&m, &mut r, n, k, t);
         if k <= 8192 {
             for ti in 0..t {
                 let one = st.clone_dtoh(&m.matvec(&mat, &st.clone_htod(&x[ti * k..(ti + 1) * k]).unwrap(), 1).unwrap()).unwrap();
