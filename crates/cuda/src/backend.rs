@@ -1313,7 +1313,7 @@ impl CudaModel {
         d.is_multiple_of(4) && d <= 4 * 4 * norm_cfg(1, d).block_dim.0 as usize
     }
 
-    /// Whether layer `li`'s MoE of `rows` rows reads its input split (`Kernels::moe_reads_split`)
+    /// Whether layer `li`'s MoE of `rows` rows reads its input split (`Kernels::moe_reads_split_rows`)
     /// and the norm ahead can write it (`add_rms_norm_moe_split`): from 2 rows on the tiled
     /// kernels, the MoE GEMM. `decode`: the rows are decode rows (`Op::Mlp`'s).
     pub(crate) fn wants_moe_split(&self, li: usize, rows: usize, decode: bool) -> bool {
