@@ -1164,10 +1164,10 @@ extern "C" __global__ void __launch_bounds__(256) gemm_wg_split(const unsigned s
 }
 
 #ifdef __CUDA_ARCH_FEAT_SM90_ALL
-template <bool FP8, int ROWS>
+template <bool FP8, int ROWS, bool KS>
 __device__ __forceinline__ void gemm_wg(const unsigned char* __restrict__ W, const float* __restrict__ S, const uint4* __restrict__ xw,
                                         const float* __restrict__ xinv, float* __restrict__ y, float* __restrict__ y1,
-                                        float* __restrict__ y2, int N0, int N1, int N, int K, int T) {
+                                        float* __restrict__ y2, int N0, int N1, int N, int K, int T, float* __restrict__ csum) {
     using G = GemmWg<FP8, ROWS>;
     constexpr int THREADS = G::THREADS;
     constexpr int STAGES = G::STAGES, ESIZE = FP8 ? 1 : 2;
@@ -1179,7 +1179,18 @@ __device__ __forceinline__ void gemm_wg(const unsigned char* __restrict__ W, con
     // weights (read from DRAM about once) and read the activations from L2.
     const int nb = blockIdx.y * ROWS, tile = blockIdx.x;
     constexpr int HS = G::HS;
-    const int KB = K / 128, NU = KB * 2 / HS;  // K blocks, stages' worth of halves
+    // Split K (KS, the _ks kernels: gridDim.z = NS of 2, 4 or 8): block z takes the K classes
+    // [c0, c1), and gemm_wg_combine adds the splits' class sums in class order (see there). The
+    // kernels without keep their code (the 256-row FP8 kernel spilled 40 more bytes with it).
+    const int KB = K / 128;  // K blocks
+    const int NS = KS ? (int)gridDim.z : 1, z = KS ? (int)blockIdx.z : 0, c0 = 8 * z / NS, c1 = 8 * (z + 1) / NS;
+    auto class_blocks = [&](int c) { return c < KB ? (KB - c + 7) / 8 : 0; };
+    int nkb = KB;
+    if (KS) {
+        nkb = 0;
+        for (int c = c0; c < c1; c++) nkb += class_blocks(c);
+    }
+    const int NU = nkb * 2 / HS;  // stages' worth of halves
     // Each thread's weight units of a stage at k = 0: (row, half, unit) = (id / (HS WUNITS), ...)
     // for id = tid + THREADS i; rows clamped to N - 1 (loaded, never stored).
     constexpr int NWU = ROWS * HS * G::WUNITS / THREADS, WSTEP = THREADS / (HS * G::WUNITS);
@@ -1195,7 +1206,7 @@ __device__ __forceinline__ void gemm_wg(const unsigned char* __restrict__ W, con
         const int nk = kb + 8;
         return nk < KB ? nk : (kb & 7) + 1;  // else the next class's first block
     };
-    int kb_issue = 0, half_issue = 0;  // (HS = 1: the half of kb_issue that comes next)
+    int kb_issue = c0, half_issue = 0;  // (HS = 1: the half of kb_issue that comes next)
     auto issue = [&](int p) {
 #ifdef GWG_NO_LOAD  // measurement builds only (outputs wrong): after the first stages, no loads
         if (p >= STAGES) p = NU;
@@ -1235,7 +1246,23 @@ __device__ __forceinline__ void gemm_wg(const unsigned char* __restrict__ W, con
     };
 #pragma unroll
     for (int p = 0; p < STAGES - 1; p++) issue(p);
-    int cls = 0, left = (KB + 7) / 8;
+    int cls = c0, left = class_blocks(c0);
+    // Where a class sum goes: split 0 adds its classes into total (as the unsplit kernel does all
+    // eight), a later split stores each of its own (slot c - 8 / NS + 1 of csum, [slot][tile][64
+    // tokens][N rows]) for gemm_wg_combine.
+    auto part_at = [&](int slot, int i) -> float& {
+        const int n = nb + wrow + g + ((i >> 1) & 1) * 8, tt = 8 * (i >> 2) + 2 * q + (i & 1);
+        return csum[((size_t)(slot * gridDim.x + tile) * GWG_TOKENS + tt) * N + n];
+    };
+    auto sink = [&](int c, int i) {
+        const int n = nb + wrow + g + ((i >> 1) & 1) * 8;
+        if (z == 0) {
+            if (G::TSM) tsm[i * THREADS + tid] += acc[i];
+            else total[i] += acc[i];
+        } else if (n < N) {
+            part_at(c - 8 / NS + 1, i) = acc[i];
+        }
+    };
     // K block kb is complete (its MMAs waited for): FP8 scales it into the class sum, and a
     // class's last block adds the class into total (the empty classes of K < 1024 add zeros).
     auto finish = [&](int kb) {
@@ -1249,13 +1276,12 @@ __device__ __forceinline__ void gemm_wg(const unsigned char* __restrict__ W, con
             do {
 #pragma unroll
                 for (int i = 0; i < 32; i++) {
-                    if (G::TSM) tsm[i * THREADS + tid] += acc[i];
-                    else total[i] += acc[i];
+                    sink(cls, i);
                     acc[i] = 0.f;
                 }
                 cls++;
-                left = KB > cls ? (KB - cls + 7) / 8 : 0;
-            } while (cls < 8 && left == 0);
+                left = class_blocks(cls);
+            } while (cls < c1 && left == 0);
         }
     };
     // K block p's MMAs: each 64-k half's A fragments, then its four MMAs of hi and lo (FP8: into
@@ -1309,38 +1335,74 @@ __device__ __forceinline__ void gemm_wg(const unsigned char* __restrict__ W, con
             kb = next_kb(kb);
         }
     }
+    // A split past its K (no K blocks at all) still owes its classes' zeros.
+    if (z > 0 && nkb == 0)
+        for (; cls < c1; cls++)
+#pragma unroll
+            for (int i = 0; i < 32; i++) sink(cls, i);
+    if (z > 0) return;
     // C fragment of n-group i: (row g, token 8 i + 2 q), (g, + 1), (g + 8, 8 i + 2 q), (g + 8, + 1).
 #pragma unroll
     for (int i = 0; i < 32; i++) {
         const int n = nb + wrow + g + ((i >> 1) & 1) * 8, t = tile * GWG_TOKENS + 8 * (i >> 2) + 2 * q + (i & 1);
-        if (n < N && t < T) store_out(G::TSM ? tsm[i * THREADS + tid] : total[i], xinv, y, y1, y2, N0, N1, N, n, t);
+        const float v = G::TSM ? tsm[i * THREADS + tid] : total[i];
+        if (n >= N) continue;
+        if (NS > 1) part_at(0, i) = v;  // (every token of the tile: the combine reads only t < T)
+        else if (t < T) store_out(v, xinv, y, y1, y2, N0, N1, N, n, t);
     }
 }
 #endif
 
-// gemm_wg_{fp8,bf16} (256 rows), gemm_wg{128,64}_{fp8,bf16}: grid (ceil(T / 64), ceil(N / ROWS)),
-// 2 ROWS threads, at least GemmWg<FP8, ROWS>::SMEM bytes of dynamic shared memory (the kernel
-// traps otherwise); xw from gemm_wg_split. 64-row blocks fit two per SM. The host runs them on
-// sm_90a only (built for another GPU they trap).
-#define GEMM_WG_KERNEL(NAME, IS_FP8, ROWS, MIN_BLOCKS)                                                                    \
+// gemm_wg_{fp8,bf16} (256 rows), gemm_wg{128,64}_{fp8,bf16}: grid (ceil(T / 64), ceil(N / ROWS),
+// S), 2 ROWS threads, at least GemmWg<FP8, ROWS>::SMEM bytes of dynamic shared memory (the kernel
+// traps otherwise); xw from gemm_wg_split. 64-row blocks fit two per SM. S = 1 stores y (csum
+// unused); the _ks kernels split K by class over S of 2, 4 or 8 and leave (9 - 8 / S) x
+// ceil(T / 64) x 64 x N class sums in csum for gemm_wg_combine. The host runs them on sm_90a
+// only (built for another GPU they trap).
+#define GEMM_WG_KERNEL(NAME, IS_FP8, ROWS, MIN_BLOCKS, KS)                                                                \
     extern "C" __global__ void __launch_bounds__(2 * ROWS, MIN_BLOCKS) NAME(                                              \
         const unsigned char* __restrict__ W, const float* __restrict__ S, const uint4* __restrict__ xw,                  \
         const float* __restrict__ xinv, float* __restrict__ y, float* __restrict__ y1, float* __restrict__ y2, int N0,    \
-        int N1, int N, int K, int T) {                                                                                   \
+        int N1, int N, int K, int T, float* __restrict__ csum) {                                                         \
         PDL_ENTER();                                                                                                      \
-        GEMM_WG_BODY(IS_FP8, ROWS)                                                                                        \
+        GEMM_WG_BODY(IS_FP8, ROWS, KS)                                                                                    \
     }
 #ifdef __CUDA_ARCH_FEAT_SM90_ALL
-#define GEMM_WG_BODY(IS_FP8, ROWS) gemm_wg<IS_FP8, ROWS>(W, S, xw, xinv, y, y1, y2, N0, N1, N, K, T);
+#define GEMM_WG_BODY(IS_FP8, ROWS, KS) gemm_wg<IS_FP8, ROWS, KS>(W, S, xw, xinv, y, y1, y2, N0, N1, N, K, T, csum);
 #else
-#define GEMM_WG_BODY(IS_FP8, ROWS) asm volatile("trap;");
+#define GEMM_WG_BODY(IS_FP8, ROWS, KS) asm volatile("trap;");
 #endif
-GEMM_WG_KERNEL(gemm_wg_fp8, true, 256, 1)
-GEMM_WG_KERNEL(gemm_wg_bf16, false, 256, 1)
-GEMM_WG_KERNEL(gemm_wg128_fp8, true, 128, 1)
-GEMM_WG_KERNEL(gemm_wg128_bf16, false, 128, 1)
-GEMM_WG_KERNEL(gemm_wg64_fp8, true, 64, 2)
-GEMM_WG_KERNEL(gemm_wg64_bf16, false, 64, 2)
+GEMM_WG_KERNEL(gemm_wg_fp8, true, 256, 1, false)
+GEMM_WG_KERNEL(gemm_wg_bf16, false, 256, 1, false)
+GEMM_WG_KERNEL(gemm_wg128_fp8, true, 128, 1, false)
+GEMM_WG_KERNEL(gemm_wg128_bf16, false, 128, 1, false)
+GEMM_WG_KERNEL(gemm_wg64_fp8, true, 64, 2, false)
+GEMM_WG_KERNEL(gemm_wg64_bf16, false, 64, 2, false)
+GEMM_WG_KERNEL(gemm_wg_fp8_ks, true, 256, 1, true)
+GEMM_WG_KERNEL(gemm_wg_bf16_ks, false, 256, 1, true)
+GEMM_WG_KERNEL(gemm_wg128_fp8_ks, true, 128, 1, true)
+GEMM_WG_KERNEL(gemm_wg128_bf16_ks, false, 128, 1, true)
+GEMM_WG_KERNEL(gemm_wg64_fp8_ks, true, 64, 2, true)
+GEMM_WG_KERNEL(gemm_wg64_bf16_ks, false, 64, 2, true)
+
+// The wgmma GEMM split over K (grid.z = S > 1): its first split left the running total of
+// classes 0 .. 8 / S - 1 in slot 0 of csum, each later split the sum of each of its classes
+// (class c in slot c - 8 / S + 1), [slot][tile][64 tokens][N]. Adding the later classes to slot
+// 0 in class order is the unsplit kernel's chain (total += class sum, class by class), so the
+// same bits. One thread per output, rows fastest.
+extern "C" __global__ void __launch_bounds__(256) gemm_wg_combine(const float* __restrict__ csum, const float* __restrict__ xinv,
+                                                                  float* __restrict__ y, float* __restrict__ y1, float* __restrict__ y2,
+                                                                  int N0, int N1, int N, int T, int S) {
+    PDL_ENTER();
+    const long long id = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (id >= (long long)N * T) return;
+    const int n = (int)(id % N), t = (int)(id / N), tiles = (T + GWG_TOKENS - 1) / GWG_TOKENS;
+    const size_t slot = (size_t)tiles * GWG_TOKENS * N;
+    const float* p = csum + ((size_t)(t / GWG_TOKENS) * GWG_TOKENS + t % GWG_TOKENS) * N + n;
+    float v = p[0];
+    for (int s = 1; s <= 8 - 8 / S; s++) v += p[s * slot];
+    store_out(v, xinv, y, y1, y2, N0, N1, N, n, t);
+}
 
 // gemv_mma_{fp8,bf16}_t<NT> (one row tile per block) and ..._t<NT>_r<R>. Only the one-tile
 // kernels zero counters (ZERO; the others take the parameters and ignore them: Kernels refuses

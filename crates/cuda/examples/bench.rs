@@ -172,16 +172,22 @@ fn main() {
             let base = s.clone_dtoh(y).unwrap();
             let mut cells = Vec::new();
             for rows in peregrine_cuda::kernels::DENSE_WG_ROWS {
-                k.set_dense_gemm_wgmma(Some(true));
-                k.set_dense_wg_rows(Some(rows)).unwrap();
-                let ms = time_b2b(&mut |i| run(k, i, y));
-                run(k, 0, y);  // (the timed calls alternate weight copies)
-                let same = s.clone_dtoh(y).unwrap().iter().zip(&base).all(|(a, b)| a.to_bits() == b.to_bits());
-                cells.push(format!("{:.1}%{}", 100.0 * b / (ms as f64 * 1e-3) / copy_bw, if same { "" } else { " BITS DIFFER" }));
+                let mut by_split = Vec::new();
+                for splits in peregrine_cuda::kernels::DENSE_WG_SPLITS {
+                    k.set_dense_gemm_wgmma(Some(true));
+                    k.set_dense_wg_rows(Some(rows)).unwrap();
+                    k.set_dense_wg_k_splits(Some(splits)).unwrap();
+                    let ms = time_b2b(&mut |i| run(k, i, y));
+                    run(k, 0, y);  // (the timed calls alternate weight copies)
+                    let same = s.clone_dtoh(y).unwrap().iter().zip(&base).all(|(a, b)| a.to_bits() == b.to_bits());
+                    by_split.push(format!("{:.1}%{}", 100.0 * b / (ms as f64 * 1e-3) / copy_bw, if same { "" } else { " BITS DIFFER" }));
+                }
+                cells.push(by_split.join(" "));
             }
             k.set_dense_gemm_wgmma(None);
             k.set_dense_wg_rows(None).unwrap();
-            format!("; wgmma 256 / 128 / 64 rows: {}", cells.join(" / "))
+            k.set_dense_wg_k_splits(None).unwrap();
+            format!("; wgmma 256 / 128 / 64 rows, K in 1 2 4 8 splits: {}", cells.join(" / "))
         };
         drop(y);
         let e4m3 = |b: &u8| if b & 0x7f == 0x7f { b ^ 1 } else { *b };

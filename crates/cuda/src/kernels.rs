@@ -251,14 +251,19 @@ pub struct Kernels {
     /// The same GEMM on wgmma (`gemm_wg_*`, sm_90a; the same bits) over activations laid out by
     /// `gemm_wg_split`; `dense_wg` when the GPU has it and its shared memory was granted, and
     /// `dense_wgmma` forces it on or off (`PEREGRINE_GEMM_WGMMA=1` / `0`, `set_dense_gemm_wgmma`;
-    /// None: by the shape, `dense_wg_rows_for`). `dense_wg_fns[i]` are the (FP8, BF16) kernels of
+    /// None: by the shape, `dense_wg_rows_for`). `dense_wg_fns[i]` are the FP8, BF16, FP8 split-K and BF16 split-K kernels of
     /// `DENSE_WG_ROWS[i]` rows per block; `dense_wg_rows` forces a block height
     /// (`PEREGRINE_GEMM_WG_ROWS`, `set_dense_wg_rows`; None: by the shape, `dense_wg_rows_for`).
-    dense_wg_fns: Vec<(CudaFunction, CudaFunction)>,
+    dense_wg_fns: Vec<[CudaFunction; 4]>,
     dense_wg_split: CudaFunction,
+    /// `gemm_wg_combine`: the class sums of a wgmma GEMM split over K, added in class order.
+    dense_wg_combine: CudaFunction,
     dense_wg: bool,
     dense_wgmma: Option<bool>,
     dense_wg_rows: Option<usize>,
+    /// K splits of the wgmma GEMM (one of `DENSE_WG_SPLITS`), forced (`PEREGRINE_GEMM_WG_SPLIT`,
+    /// `set_dense_wg_k_splits`; None: by the shape, `dense_wg_for`).
+    dense_wg_k_splits: Option<usize>,
     /// `PEREGRINE_GEMV_TILE=NTxR` forces that tile shape at every token count (benchmarks).
     mma_forced: Option<usize>,
     split_bf16: CudaFunction,
@@ -375,6 +380,11 @@ const fn dense_gemm_smem(fp8: bool, deep: bool) -> usize {
 /// The shape rule (`dense_wg_rows_for`) never takes 128: at every decode shape measured it was
 /// within 1-3 points of 64 or 256 rows, whichever led; it stays for `PEREGRINE_GEMM_WG_ROWS`.
 pub const DENSE_WG_ROWS: [usize; 3] = [256, 128, 64];
+
+/// K splits of the wgmma dense GEMM: split z of S takes the K classes 8 z / S .. 8 (z + 1) / S
+/// (class c: K blocks c, c + 8, ...) and `gemm_wg_combine` adds them in class order, so every
+/// split gives the same bits.
+pub const DENSE_WG_SPLITS: [usize; 4] = [1, 2, 4, 8];
 
 /// Shared memory of a `gemm_wg*` block of `rows` rows: at least kernels/gemv.cu's GemmWg::SMEM
 /// (the kernel traps otherwise): FP8 2 stages of a 128-k block and its class totals (192 / 128 /
@@ -814,13 +824,13 @@ impl Kernels {
             .iter()
             .map(|&rows| {
                 let name = |format: &str| if rows == 256 { format!("gemm_wg_{format}") } else { format!("gemm_wg{rows}_{format}") };
-                Ok((f(&name("fp8"))?, f(&name("bf16"))?))
+                Ok([f(&name("fp8"))?, f(&name("bf16"))?, f(&name("fp8_ks"))?, f(&name("bf16_ks"))?])
             })
             .collect::<Result<Vec<_>>>()?;
         let wgmma_arch = nvrtc_arch(gpu.capability) == "sm_90a";
         let dense_wg = wgmma_arch
-            && dense_wg_fns.iter().zip(DENSE_WG_ROWS).all(|((fp8, bf16), rows)| {
-                [fp8, bf16].iter().all(|func| func.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, dense_wg_smem(rows) as i32).is_ok())
+            && dense_wg_fns.iter().zip(DENSE_WG_ROWS).all(|(fns, rows)| {
+                fns.iter().all(|func| func.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, dense_wg_smem(rows) as i32).is_ok())
             });
         let sms = gpu.ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(drv("SM count"))? as usize;
         let mma_bf16_pipe = f("gemv_mma_bf16_t1_pipe")?;
@@ -856,10 +866,15 @@ impl Kernels {
             dense_gemm,
             dense_wg_fns,
             dense_wg_split: f("gemm_wg_split")?,
+            dense_wg_combine: f("gemm_wg_combine")?,
             dense_wg,
             dense_wgmma: std::env::var("PEREGRINE_GEMM_WGMMA").ok().map(|v| v != "0"),
             dense_wg_rows: match std::env::var("PEREGRINE_GEMM_WG_ROWS") {
                 Ok(v) => Some(v.parse().ok().filter(|r| DENSE_WG_ROWS.contains(r)).ok_or_else(|| Error::Backend(format!("PEREGRINE_GEMM_WG_ROWS={v}: expected one of {DENSE_WG_ROWS:?}")))?),
+                Err(_) => None,
+            },
+            dense_wg_k_splits: match std::env::var("PEREGRINE_GEMM_WG_SPLIT") {
+                Ok(v) => Some(v.parse().ok().filter(|r| DENSE_WG_SPLITS.contains(r)).ok_or_else(|| Error::Backend(format!("PEREGRINE_GEMM_WG_SPLIT={v}: expected one of {DENSE_WG_SPLITS:?}")))?),
                 Err(_) => None,
             },
             mma_forced: match std::env::var("PEREGRINE_GEMV_TILE") {
@@ -1269,7 +1284,8 @@ impl Kernels {
         check(zero.is_none() || (nt, r) == (1, 1), || format!("only the one-tile GEMV zeroes counters, not tile {nt}x{r} ({t} tokens)"))?;
         if zero.is_none() && k.is_multiple_of(128) {
             if let Some(block_rows) = self.dense_gemm_wg_rows(t, n) {
-                return self.dense_wg_launch(fp8, block_rows, w, scales, xh, xl, inv, ys, rows, k, t);
+                let splits = self.dense_wg_k_splits.unwrap_or(1);
+                return self.dense_wg_launch(fp8, block_rows, splits, w, scales, xh, xl, inv, ys, rows, k, t);
             }
         }
         let (groups, ty) = (n.div_ceil(16 * r), t.div_ceil(8 * nt));
@@ -1311,9 +1327,10 @@ impl Kernels {
 
     /// The dense GEMM on wgmma: `gemm_wg_split` lays x's hi + lo out for it (16 KB per 64 tokens
     /// and 64 k), then `block_rows` (one of `DENSE_WG_ROWS`) rows x 64 tokens per block of one
-    /// warpgroup per 64 rows. The same bits as `gemm_mma_*`.
+    /// warpgroup per 64 rows, K in `splits` (one of `DENSE_WG_SPLITS`) parts by class, which
+    /// `gemm_wg_combine` adds up. The same bits as `gemm_mma_*`.
     #[allow(clippy::too_many_arguments)]
-    fn dense_wg_launch(&self, fp8: bool, block_rows: usize, w: cudarc::driver::sys::CUdeviceptr, scales: Option<&CudaSlice<f32>>, xh: &CudaSlice<u16>, xl: &CudaSlice<u16>, inv: Option<&CudaSlice<f32>>, ys: [cudarc::driver::sys::CUdeviceptr; 3], rows: [usize; 3], k: usize, t: usize) -> Result<()> {
+    fn dense_wg_launch(&self, fp8: bool, block_rows: usize, splits: usize, w: cudarc::driver::sys::CUdeviceptr, scales: Option<&CudaSlice<f32>>, xh: &CudaSlice<u16>, xl: &CudaSlice<u16>, inv: Option<&CudaSlice<f32>>, ys: [cudarc::driver::sys::CUdeviceptr; 3], rows: [usize; 3], k: usize, t: usize) -> Result<()> {
         let n = rows.iter().sum::<usize>();
         let tiles = t.div_ceil(64);
         // 4 bytes (hi and lo) per token and k, tokens padded to the tile.
@@ -1324,8 +1341,8 @@ impl Kernels {
         b.arg(xh).arg(xl).arg(&mut xw).arg(&ki).arg(&ti);
         unsafe { b.launch(LaunchConfig { grid_dim: (threads.div_ceil(256) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv("gemm_wg_split"))?;
         let i = DENSE_WG_ROWS.iter().position(|&r| r == block_rows).ok_or_else(|| Error::Backend(format!("wgmma GEMM blocks of {block_rows} rows: expected one of {DENSE_WG_ROWS:?}")))?;
-        let (f8, f16) = &self.dense_wg_fns[i];
-        let mut b = crate::launch::builder(&self.stream, if fp8 { f8 } else { f16 });
+        let f = &self.dense_wg_fns[i][usize::from(!fp8) + 2 * usize::from(splits > 1)];
+        let mut b = crate::launch::builder(&self.stream, f);
         b.arg(&w);
         match scales {
             Some(s) => b.arg(s),
@@ -1338,8 +1355,23 @@ impl Kernels {
         };
         let (n0, n1, ni) = (rows[0] as i32, rows[1] as i32, n as i32);
         b.arg(&ys[0]).arg(&ys[1]).arg(&ys[2]).arg(&n0).arg(&n1).arg(&ni).arg(&ki).arg(&ti);
-        let cfg = LaunchConfig { grid_dim: (tiles as u32, n.div_ceil(block_rows) as u32, 1), block_dim: (2 * block_rows as u32, 1, 1), shared_mem_bytes: dense_wg_smem(block_rows) as u32 };
+        check(DENSE_WG_SPLITS.contains(&splits), || format!("wgmma GEMM in {splits} K splits: expected one of {DENSE_WG_SPLITS:?}"))?;
+        // Split: the class sums, (9 - 8 / S) slots of every tile's 64 tokens x n rows.
+        let csum = if splits > 1 { Some(unsafe { self.alloc.alloc::<f32>((9 - 8 / splits) * tiles * 64 * n) }?) } else { None };
+        b.arg_or_null(csum.as_ref());
+        let cfg = LaunchConfig { grid_dim: (tiles as u32, n.div_ceil(block_rows) as u32, splits as u32), block_dim: (2 * block_rows as u32, 1, 1), shared_mem_bytes: dense_wg_smem(block_rows) as u32 };
         unsafe { b.launch(cfg) }.map_err(drv(if fp8 { "gemm_wg*_fp8" } else { "gemm_wg*_bf16" }))?;
+        if let Some(csum) = &csum {
+            let mut b = crate::launch::builder(&self.stream, &self.dense_wg_combine);
+            b.arg(csum);
+            match inv {
+                Some(i) => b.arg(i),
+                None => b.arg(&0u64),
+            };
+            let si = splits as i32;
+            b.arg(&ys[0]).arg(&ys[1]).arg(&ys[2]).arg(&n0).arg(&n1).arg(&ni).arg(&ti).arg(&si);
+            unsafe { b.launch(LaunchConfig { grid_dim: ((n * t).div_ceil(256) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv("gemm_wg_combine"))?;
+        }
         Ok(())
     }
 
@@ -1358,6 +1390,13 @@ impl Kernels {
             Some(true) => Some(self.dense_wg_rows.or(by_shape).unwrap_or(256)),
             None => by_shape.map(|r| self.dense_wg_rows.unwrap_or(r)),
         }
+    }
+
+    /// Forces the wgmma GEMM's K splits (one of `DENSE_WG_SPLITS`) wherever it runs, or leaves
+    /// them to the shape (`None`). The same bits either way; returns the setting before.
+    pub fn set_dense_wg_k_splits(&mut self, splits: Option<usize>) -> Result<Option<usize>> {
+        check(splits.is_none_or(|s| DENSE_WG_SPLITS.contains(&s)), || format!("wgmma GEMM in {splits:?} K splits: expected one of {DENSE_WG_SPLITS:?}"))?;
+        Ok(std::mem::replace(&mut self.dense_wg_k_splits, splits))
     }
 
     /// Forces the wgmma GEMM's block height (one of `DENSE_WG_ROWS`) wherever it runs, or leaves

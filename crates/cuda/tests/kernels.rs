@@ -107,7 +107,7 @@ fn nvrtc_compiles_the_kernels() {
             assert!(moe.contains(&format!(".entry {k}")), "moe.cu lacks {k}");
         }
     }
-    for k in ["gemv_bf16", "gemv_fp8", "gemv_mxfp4", "gemv_mxfp4_t1", "gemv_mxfp4_t2", "gemv_mxfp4_t4", "gemv_mxfp4_t8", "moe_gate_up_mxfp4", "moe_down_mxfp4", "moe_gate_up_mxfp4_v2", "moe_down_mxfp4_v2", "moe_combine", "split_bf16", "gemv_mma_fp8_t1", "gemv_mma_fp8_t2_r4", "gemv_mma_bf16_t1", "gemv_mma_bf16_t2_r2", "split_f16", "moe_gate_up_mma", "moe_down_mma", "moe_gate_up_pipe_s1", "moe_gate_up_pipe_s2", "moe_gate_up_pipe_s4", "moe_gate_up_pipe_s8", "moe_down_pipe_s1", "moe_down_pipe_s2", "moe_down_pipe_s4", "moe_down_pipe_s8", "gemm_wg_split", "gemm_wg_fp8", "gemm_wg_bf16"] {
+    for k in ["gemv_bf16", "gemv_fp8", "gemv_mxfp4", "gemv_mxfp4_t1", "gemv_mxfp4_t2", "gemv_mxfp4_t4", "gemv_mxfp4_t8", "moe_gate_up_mxfp4", "moe_down_mxfp4", "moe_gate_up_mxfp4_v2", "moe_down_mxfp4_v2", "moe_combine", "split_bf16", "gemv_mma_fp8_t1", "gemv_mma_fp8_t2_r4", "gemv_mma_bf16_t1", "gemv_mma_bf16_t2_r2", "split_f16", "moe_gate_up_mma", "moe_down_mma", "moe_gate_up_pipe_s1", "moe_gate_up_pipe_s2", "moe_gate_up_pipe_s4", "moe_gate_up_pipe_s8", "moe_down_pipe_s1", "moe_down_pipe_s2", "moe_down_pipe_s4", "moe_down_pipe_s8", "gemm_wg_split", "gemm_wg_fp8", "gemm_wg_bf16", "gemm_wg_combine"] {
         assert!(text.contains(&format!(".entry {k}")), "kernel {k} missing from the PTX");
     }
 }
@@ -171,32 +171,41 @@ fn gemv_kernels_match_the_cpu_reference() {
 /// shape forced, each with and without the BF16 one-tile kernel that loads a K block ahead
 /// (`set_gemv_pipe`, taken where the grid fits 2 blocks per SM) and the GEMM on mma.sync and on
 /// wgmma (`set_dense_gemm_wgmma`, where the GPU has it, in blocks of each of `DENSE_WG_ROWS`
-/// rows): each must match the CPU and give the default's bits (a tile only changes which block
-/// computes a row, not the row's arithmetic).
+/// rows, whole and split over K in each of `DENSE_WG_SPLITS`): each must match the CPU and give
+/// the default's bits (a tile or a split only changes which block computes a row's parts, not
+/// the row's arithmetic).
 fn every_gemv_tile(kern: &mut Kernels, what: &str, want: &[f32], mut run: impl FnMut(&Kernels) -> Vec<f32>) {
     kern.force_gemv_tile(None).unwrap();
     let base = run(kern);
     assert_close(what, &base, want);
-    // (on wgmma, block rows): off, or on at each block height
-    let mut wgmma = vec![(false, None)];
+    // (on wgmma, block rows, K splits): off, or on at each block height, whole; and once (the
+    // wgmma GEMM runs whatever tile is forced) in each number of K splits
+    let mut wgmma = vec![(false, None, None)];
+    let mut split = Vec::new();
     if kern.has_dense_gemm_wgmma() {
-        wgmma.extend(peregrine_cuda::kernels::DENSE_WG_ROWS.iter().map(|&r| (true, Some(r))));
+        for &r in &peregrine_cuda::kernels::DENSE_WG_ROWS {
+            wgmma.push((true, Some(r), Some(1)));
+            split.extend(peregrine_cuda::kernels::DENSE_WG_SPLITS[1..].iter().map(|&s| (true, Some(r), Some(s))));
+        }
     }
     let tiles = std::iter::once(None).chain(peregrine_cuda::kernels::MMA_GEMV_TILES.iter().map(|&t| Some(t)));
     for tile in tiles {
         kern.force_gemv_tile(tile).unwrap();
         for pipe in [true, false] {
             kern.set_gemv_pipe(pipe);
-            for &(wg, rows) in &wgmma {
+            let splits_too = if tile.is_none() && pipe { &split[..] } else { &[] };
+            for &(wg, rows, splits) in wgmma.iter().chain(splits_too) {
                 kern.set_dense_gemm_wgmma(Some(wg));
                 kern.set_dense_wg_rows(rows).unwrap();
+                kern.set_dense_wg_k_splits(splits).unwrap();
                 let got = run(kern);
-                assert!(got.iter().zip(&base).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: tile {tile:?} (pipelined BF16 one-tile kernel {pipe}, GEMM on wgmma {wg}, block rows {rows:?}) differs from the default in some bit");
+                assert!(got.iter().zip(&base).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: tile {tile:?} (pipelined BF16 one-tile kernel {pipe}, GEMM on wgmma {wg}, block rows {rows:?}, K splits {splits:?}) differs from the default in some bit");
             }
         }
     }
     kern.set_dense_gemm_wgmma(None);
     kern.set_dense_wg_rows(None).unwrap();
+    kern.set_dense_wg_k_splits(None).unwrap();
     kern.set_gemv_pipe(true);
     kern.force_gemv_tile(None).unwrap();
 }
@@ -212,10 +221,13 @@ fn stacked_qkv_gemv_matches_the_cpu_reference() {
     // 260 tokens: the GEMM (gemm_mma_*) writes the three outputs; each token count also runs as
     // the wgmma GEMM (gemm_wg*, where the GPU has it) at each block height, which must write them
     // with the same bits (456 rows: partial blocks of 256, 128 and 64).
-    let wgmma: Vec<(Option<bool>, Option<usize>)> = if kern.has_dense_gemm_wgmma() {
-        std::iter::once((Some(false), None)).chain(peregrine_cuda::kernels::DENSE_WG_ROWS.iter().map(|&r| (Some(true), Some(r)))).collect()
+    // (wgmma, block rows, K splits); 512 columns are 4 K blocks, so the later splits of 4 and 8
+    // have no K blocks at all and must still leave their classes' zeros.
+    let wgmma: Vec<(Option<bool>, Option<usize>, Option<usize>)> = if kern.has_dense_gemm_wgmma() {
+        let on = peregrine_cuda::kernels::DENSE_WG_ROWS.iter().flat_map(|&r| peregrine_cuda::kernels::DENSE_WG_SPLITS.iter().map(move |&s| (Some(true), Some(r), Some(s))));
+        std::iter::once((Some(false), None, None)).chain(on).collect()
     } else {
-        vec![(None, None)]
+        vec![(None, None, None)]
     };
     for &t in &[1usize, 5, 70, 260] {
         let x = randn(&mut r, t * k);
@@ -231,25 +243,27 @@ fn stacked_qkv_gemv_matches_the_cpu_reference() {
             let (w8d, scd, wbd) = (g.stream.clone_htod(&w8).unwrap(), g.stream.clone_htod(&sc).unwrap(), g.stream.clone_htod(&wb).unwrap());
             let wp = if fp8 { w8d.device_ptr(&g.stream).0 } else { wbd.device_ptr(&g.stream).0 };
             let mut first: Option<Vec<Vec<f32>>> = None;
-            for &(wg, wg_rows) in &wgmma {
+            for &(wg, wg_rows, splits) in &wgmma {
                 kern.set_dense_gemm_wgmma(wg);
                 kern.set_dense_wg_rows(wg_rows).unwrap();
+                kern.set_dense_wg_k_splits(splits).unwrap();
                 let (mut y0, mut y1, mut y2) = (poisoned(&g, t * rows[0]), poisoned(&g, t * rows[1]), poisoned(&g, t * rows[2]));
                 kern.gemv_split3(wp, fp8.then_some(&scd), &xd, None, [&mut y0, &mut y1, &mut y2], rows, k, t).unwrap();
                 let got: Vec<Vec<f32>> = [y0, y1, y2].iter().map(|y| g.stream.clone_dtoh(y).unwrap()).collect();
                 let mut off = 0;
                 for (i, part_got) in got.iter().enumerate() {
                     let part: Vec<f32> = (0..t).flat_map(|ti| want[ti * n + off..ti * n + off + rows[i]].to_vec()).collect();
-                    assert_close(&format!("stacked {name} part {i} T={t} (wgmma {wg:?}, block rows {wg_rows:?})"), part_got, &part);
+                    assert_close(&format!("stacked {name} part {i} T={t} (wgmma {wg:?}, block rows {wg_rows:?}, K splits {splits:?})"), part_got, &part);
                     off += rows[i];
                 }
                 match &first {
                     None => first = Some(got),
-                    Some(f) => assert!(f.iter().flatten().zip(got.iter().flatten()).all(|(a, b)| a.to_bits() == b.to_bits()), "stacked {name} T={t}: the wgmma GEMM's bits ({wg_rows:?}-row blocks) differ from the mma.sync kernels'"),
+                    Some(f) => assert!(f.iter().flatten().zip(got.iter().flatten()).all(|(a, b)| a.to_bits() == b.to_bits()), "stacked {name} T={t}: the wgmma GEMM's bits ({wg_rows:?}-row blocks, {splits:?} K splits) differ from the mma.sync kernels'"),
                 }
             }
             kern.set_dense_gemm_wgmma(None);
             kern.set_dense_wg_rows(None).unwrap();
+            kern.set_dense_wg_k_splits(None).unwrap();
         }
     }
 }
