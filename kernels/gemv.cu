@@ -1323,7 +1323,7 @@ __device__ __forceinline__ void gemm_wg(const unsigned char* __restrict__ W, con
             }
         }
     };
-    int kb = 0;
+    int kb = c0;  // (the block whose MMAs finish next)
     for (int p = 0; p < NU; p++) {
         cp_async_wait<STAGES - 2>();                                   // stage p landed (this thread's copies)
         asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // the copies, seen by wgmma

@@ -251,9 +251,9 @@ pub struct Kernels {
     /// The same GEMM on wgmma (`gemm_wg_*`, sm_90a; the same bits) over activations laid out by
     /// `gemm_wg_split`; `dense_wg` when the GPU has it and its shared memory was granted, and
     /// `dense_wgmma` forces it on or off (`PEREGRINE_GEMM_WGMMA=1` / `0`, `set_dense_gemm_wgmma`;
-    /// None: by the shape, `dense_wg_rows_for`). `dense_wg_fns[i]` are the FP8, BF16, FP8 split-K and BF16 split-K kernels of
+    /// None: by the shape, `dense_wg_for`). `dense_wg_fns[i]` are the FP8, BF16, FP8 split-K and BF16 split-K kernels of
     /// `DENSE_WG_ROWS[i]` rows per block; `dense_wg_rows` forces a block height
-    /// (`PEREGRINE_GEMM_WG_ROWS`, `set_dense_wg_rows`; None: by the shape, `dense_wg_rows_for`).
+    /// (`PEREGRINE_GEMM_WG_ROWS`, `set_dense_wg_rows`; None: by the shape, `dense_wg_for`).
     dense_wg_fns: Vec<[CudaFunction; 4]>,
     dense_wg_split: CudaFunction,
     /// `gemm_wg_combine`: the class sums of a wgmma GEMM split over K, added in class order.
@@ -262,7 +262,8 @@ pub struct Kernels {
     dense_wgmma: Option<bool>,
     dense_wg_rows: Option<usize>,
     /// K splits of the wgmma GEMM (one of `DENSE_WG_SPLITS`), forced (`PEREGRINE_GEMM_WG_SPLIT`,
-    /// `set_dense_wg_k_splits`; None: by the shape, `dense_wg_for`).
+    /// `set_dense_wg_k_splits`; None: by the shape, `dense_wg_for`; 1 also takes the shape rule's
+    /// choice from before the splits).
     dense_wg_k_splits: Option<usize>,
     /// `PEREGRINE_GEMV_TILE=NTxR` forces that tile shape at every token count (benchmarks).
     mma_forced: Option<usize>,
@@ -377,7 +378,7 @@ const fn dense_gemm_smem(fp8: bool, deep: bool) -> usize {
 }
 
 /// Block heights of the wgmma dense GEMM (`gemm_wg_*`: 256 rows, `gemm_wg128_*`, `gemm_wg64_*`).
-/// The shape rule (`dense_wg_rows_for`) never takes 128: at every decode shape measured it was
+/// The shape rule (`dense_wg_for`) never takes 128: at every decode shape measured it was
 /// within 1-3 points of 64 or 256 rows, whichever led; it stays for `PEREGRINE_GEMM_WG_ROWS`.
 pub const DENSE_WG_ROWS: [usize; 3] = [256, 128, 64];
 
@@ -426,20 +427,35 @@ const DENSE_WGMMA_MIN_BLOCKS: usize = 48;
 ///   (GEMV tiles) / 58% (mma.sync GEMM).
 ///
 /// At 16 tokens the GEMV tiles beat every height on every matrix (Flash q/k/v 55 against 40%).
-pub fn dense_wg_rows_for(t: usize, n: usize) -> Option<usize> {
+///
+/// Split over K (`DENSE_WG_SPLITS`): at 33-64 tokens a matrix of `DENSE_WG_SPLIT_BLOCKS` 64-row
+/// blocks runs them in 8 K splits (each of at least 4 K blocks), so the grid has 256-1024 blocks:
+/// Flash's o_proj (64 blocks) at 48 / 64 tokens 48.2 / 46.0% against the GEMV tiles' 39.9 /
+/// 37.0%, Pro's (96) 60.7 / 59.0% against 42.2 / 42.2% (64 rows unsplit); at 32 tokens Flash's
+/// GEMV tiles lead (65.8 against 47.5%). More blocks do not help matrices of 212+ blocks (Flash's
+/// q/k/v at 64 tokens 37.7% unsplit, 24-27% split) or the lm_head
+/// (benches/results/2026-11-26-dense-wg-k-splits.md).
+///
+/// Returns (block rows, K splits); without `split`, the choice from before the splits.
+pub fn dense_wg_for(t: usize, n: usize, k: usize, split: bool) -> Option<(usize, usize)> {
     let tiles = t.div_ceil(64);
     let blocks = |rows: usize| n.div_ceil(rows) * tiles;
     match t {
-        _ if t >= DENSE_WGMMA_MIN_TOKENS && blocks(256) >= DENSE_WGMMA_MIN_BLOCKS => Some(256),
-        32.. if blocks(256) >= DENSE_WG_DECODE_BLOCKS => Some(256),
-        49.. if blocks(64) >= DENSE_WG_DECODE_BLOCKS => Some(64),
-        32.. if blocks(64) >= DENSE_WG_SMALL_BATCH_BLOCKS => Some(64),
+        _ if t >= DENSE_WGMMA_MIN_TOKENS && blocks(256) >= DENSE_WGMMA_MIN_BLOCKS => Some((256, 1)),
+        32.. if blocks(256) >= DENSE_WG_DECODE_BLOCKS => Some((256, 1)),
+        33..=64 if split && DENSE_WG_SPLIT_BLOCKS.contains(&blocks(64)) && k >= 8 * 4 * 128 => Some((64, 8)),
+        49.. if blocks(64) >= DENSE_WG_DECODE_BLOCKS => Some((64, 1)),
+        32.. if blocks(64) >= DENSE_WG_SMALL_BATCH_BLOCKS => Some((64, 1)),
         _ => None,
     }
 }
 
+/// 64-row blocks for which a GEMV of 33-64 tokens runs as the wgmma GEMM in 8 K splits (see
+/// `dense_wg_for`): Flash's o_proj 64, Pro's 96.
+const DENSE_WG_SPLIT_BLOCKS: std::ops::Range<usize> = 32..128;
+
 /// Blocks from which a GEMV of 32-127 tokens runs as the wgmma GEMM in 256-row blocks, or one of
-/// 49-127 tokens in 64-row blocks (see `dense_wg_rows_for`).
+/// 49-127 tokens in 64-row blocks (see `dense_wg_for`).
 const DENSE_WG_DECODE_BLOCKS: usize = 96;
 /// Blocks of 64 rows from which a GEMV of 32-48 tokens runs as the wgmma GEMM: Pro's o_proj (96)
 /// keeps the GEMV tiles there (63 against 44% at 32 tokens), Flash's q/k/v (212) does not.
@@ -471,7 +487,7 @@ fn mma_gemv_name(format: &str, nt: usize, r: usize) -> String {
 /// tokens a matrix of 64-1023 tiles runs the deep GEMM (one block per SM, 5-6 chunks in flight):
 /// q/k/v's 106 tiles at 64 tokens 25.6% against the GEMV tiles' 21.4% and the GEMM's 18.9% (at
 /// 32 tokens 19.1 against 34.3%; benches/results/2026-11-24-attention-heads.md).
-/// Where the GPU has the wgmma GEMM, `dense_wg_rows_for` is asked first (`mma_launch`), and from
+/// Where the GPU has the wgmma GEMM, `dense_wg_for` is asked first (`mma_launch`), and from
 /// 32 tokens it takes most of these matrices.
 fn mma_gemv_tile(fp8: bool, t: usize, n: usize, dense_gemm: bool) -> usize {
     let gemm_blocks = n.div_ceil(128) * t.div_ceil(64);
@@ -1283,8 +1299,7 @@ impl Kernels {
         let (nt, r) = MMA_GEMV_TILES[v];
         check(zero.is_none() || (nt, r) == (1, 1), || format!("only the one-tile GEMV zeroes counters, not tile {nt}x{r} ({t} tokens)"))?;
         if zero.is_none() && k.is_multiple_of(128) {
-            if let Some(block_rows) = self.dense_gemm_wg_rows(t, n) {
-                let splits = self.dense_wg_k_splits.unwrap_or(1);
+            if let Some((block_rows, splits)) = self.dense_gemm_wg(t, n, k) {
                 return self.dense_wg_launch(fp8, block_rows, splits, w, scales, xh, xl, inv, ys, rows, k, t);
             }
         }
@@ -1375,20 +1390,23 @@ impl Kernels {
         Ok(())
     }
 
-    /// The block height with which a tensor-core GEMV of `t` tokens x `n` rows (K % 128 == 0)
-    /// runs as the wgmma GEMM, or None: where the GPU has it, always when forced by
-    /// `set_dense_gemm_wgmma` (at the forced height, else the shape's, else 256), never while a
-    /// tile is forced (`force_gemv_tile`, `PEREGRINE_GEMV_TILE`) unless so, else where
-    /// `dense_wg_rows_for` takes it (at the forced height if one is).
-    fn dense_gemm_wg_rows(&self, t: usize, n: usize) -> Option<usize> {
+    /// The block height and K splits with which a tensor-core GEMV of `t` tokens x `n` rows x
+    /// `k` columns (K % 128 == 0) runs as the wgmma GEMM, or None: where the GPU has it, always
+    /// when forced by `set_dense_gemm_wgmma` (at the forced height and splits, else the shape's,
+    /// else 256 rows unsplit), never while a tile is forced (`force_gemv_tile`,
+    /// `PEREGRINE_GEMV_TILE`) unless so, else where `dense_wg_for` takes it (at the forced height
+    /// and splits if any).
+    fn dense_gemm_wg(&self, t: usize, n: usize, k: usize) -> Option<(usize, usize)> {
         if !self.dense_wg {
             return None;
         }
-        let by_shape = if self.mma_forced.is_none() { dense_wg_rows_for(t, n) } else { None };
+        // (Splits forced to 1: the shapes the splits serve run what ran before them.)
+        let by_shape = if self.mma_forced.is_none() { dense_wg_for(t, n, k, self.dense_wg_k_splits != Some(1)) } else { None };
+        let forced = |(rows, splits): (usize, usize)| (self.dense_wg_rows.unwrap_or(rows), self.dense_wg_k_splits.unwrap_or(splits));
         match self.dense_wgmma {
             Some(false) => None,
-            Some(true) => Some(self.dense_wg_rows.or(by_shape).unwrap_or(256)),
-            None => by_shape.map(|r| self.dense_wg_rows.unwrap_or(r)),
+            Some(true) => Some(forced(by_shape.unwrap_or((256, 1)))),
+            None => by_shape.map(forced),
         }
     }
 
@@ -1413,7 +1431,7 @@ impl Kernels {
 
     /// Runs every tensor-core GEMV and GEMM with K % 128 == 0 that zeroes no counters as the
     /// wgmma GEMM (`Some(true)`, where the GPU has it), never (`Some(false)`), or by the shape
-    /// (`None`: `dense_wg_rows_for`). The same bits either way; returns the setting before.
+    /// (`None`: `dense_wg_for`). The same bits either way; returns the setting before.
     pub fn set_dense_gemm_wgmma(&mut self, on: Option<bool>) -> Option<bool> {
         std::mem::replace(&mut self.dense_wgmma, on)
     }
@@ -2044,36 +2062,48 @@ impl Kernels {
 mod tests {
     use super::*;
 
-    /// The wgmma GEMM's block heights for the decode batches' matrices, as measured: the FP8
-    /// q/k/v (Flash 13568, Pro 27136 rows), the BF16 o_proj (Flash 4096, Pro 6144 rows), the
-    /// lm_head (152064 rows).
+    /// The wgmma GEMM's block heights and K splits for the decode batches' matrices, as
+    /// measured: the FP8 q/k/v (Flash 13568 x 4096, Pro 27136 x 6144), the BF16 o_proj (Flash
+    /// 4096 x 8192, Pro 6144 x 16384), the lm_head (152064 x 4096).
     #[test]
     fn dense_wgmma_block_heights_follow_the_measured_shapes() {
-        let (qkv, o, head, pro_qkv, pro_o) = (13568, 4096, 152064, 27136, 6144);
+        let (qkv, o, head, pro_qkv, pro_o) = ((13568, 4096), (4096, 8192), (152064, 4096), (27136, 6144), (6144, 16384));
+        let at = |t: usize, (n, k): (usize, usize)| dense_wg_for(t, n, k, true);
         for t in [1, 8, 16, 31] {
-            for n in [qkv, o, head, pro_qkv, pro_o] {
-                assert_eq!(dense_wg_rows_for(t, n), None, "{t} tokens x {n} rows: the GEMV tiles");
+            for m in [qkv, o, head, pro_qkv, pro_o] {
+                assert_eq!(at(t, m), None, "{t} tokens x {m:?}: the GEMV tiles");
             }
         }
         for t in [32, 48, 64] {
-            assert_eq!(dense_wg_rows_for(t, qkv), Some(64), "{t} tokens");
-            assert_eq!(dense_wg_rows_for(t, pro_qkv), Some(256), "{t} tokens");
-            assert_eq!(dense_wg_rows_for(t, head), Some(256), "{t} tokens");
-            assert_eq!(dense_wg_rows_for(t, o), None, "{t} tokens");
+            assert_eq!(at(t, qkv), Some((64, 1)), "{t} tokens");
+            assert_eq!(at(t, pro_qkv), Some((256, 1)), "{t} tokens");
+            assert_eq!(at(t, head), Some((256, 1)), "{t} tokens");
         }
-        assert_eq!(dense_wg_rows_for(48, pro_o), None);
-        assert_eq!(dense_wg_rows_for(64, pro_o), Some(64));
+        // The o_proj: the GEMV tiles at 32 tokens, 8 K splits of 64-row blocks from 33 to 64.
+        assert_eq!(at(32, o), None);
+        assert_eq!(at(32, pro_o), None);
+        for t in [33, 48, 64] {
+            assert_eq!(at(t, o), Some((64, 8)), "{t} tokens");
+            assert_eq!(at(t, pro_o), Some((64, 8)), "{t} tokens");
+        }
+        // Without splits (PEREGRINE_GEMM_WG_SPLIT=1), what ran before them.
+        assert_eq!(dense_wg_for(64, o.0, o.1, false), None);
+        assert_eq!(dense_wg_for(48, pro_o.0, pro_o.1, false), None);
+        assert_eq!(dense_wg_for(64, pro_o.0, pro_o.1, false), Some((64, 1)));
+        // Too short a K for 8 splits of 4 K blocks: unsplit where the rule takes it, else the tiles.
+        assert_eq!(at(64, (6144, 2048)), Some((64, 1)));
+        assert_eq!(at(48, (4096, 2048)), None);
         for t in [65, 96, 127, 128, 2048] {
-            assert_eq!(dense_wg_rows_for(t, qkv), Some(256), "{t} tokens");
-            assert_eq!(dense_wg_rows_for(t, head), Some(256), "{t} tokens");
+            assert_eq!(at(t, qkv), Some((256, 1)), "{t} tokens");
+            assert_eq!(at(t, head), Some((256, 1)), "{t} tokens");
         }
         for t in [96, 128] {
-            assert_eq!(dense_wg_rows_for(t, o), Some(64), "{t} tokens");
+            assert_eq!(at(t, o), Some((64, 1)), "{t} tokens");
         }
-        assert_eq!(dense_wg_rows_for(96, pro_o), Some(64));
+        assert_eq!(at(96, pro_o), Some((64, 1)));
         // From 128 tokens Pro's o_proj has 48 blocks of 256 rows (the prefill rule).
-        assert_eq!(dense_wg_rows_for(128, pro_o), Some(256));
+        assert_eq!(at(128, pro_o), Some((256, 1)));
         // From 192 tokens the o_proj's 256-row blocks are 48 (measured 1.17x the GEMV tiles).
-        assert_eq!(dense_wg_rows_for(192, o), Some(256));
+        assert_eq!(at(192, o), Some((256, 1)));
     }
 }
