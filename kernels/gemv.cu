@@ -1163,6 +1163,23 @@ extern "C" __global__ void __launch_bounds__(256) gemm_wg_split(const unsigned s
             dst[((s * 2 + h) * 2 + c) * 64] = make_uint4(wd[2 * s + c], wd[8 + 2 * s + c], wd[16 + 2 * s + c], wd[24 + 2 * s + c]);
 }
 
+// Measurement builds only (PEREGRINE_KERNEL_DEFINES=-DGWG_TRACE): thread 0 of each gemm_wg block
+// (the first GWG_TRACE_BLOCKS) stamps clock() per stage p < GWG_TRACE_STAGES as cycles from the
+// block's start: its copies landed, past the barrier, next copies issued, MMAs done. Slot 0 of
+// a block holds its %globaltimer start (low 32 bits), slot 1 its cycles in all, slot 2 its SM.
+#ifdef GWG_TRACE
+#define GWG_TRACE_BLOCKS 1024
+#define GWG_TRACE_STAGES 64
+__device__ unsigned gwg_trace[GWG_TRACE_BLOCKS * (4 + 4 * GWG_TRACE_STAGES)];
+#define GWG_STAMP(p, k)                                                                                    \
+    do {                                                                                                   \
+        if (tid == 0 && gwg_b < GWG_TRACE_BLOCKS && (p) < GWG_TRACE_STAGES)                               \
+            gwg_trace[gwg_b * (4 + 4 * GWG_TRACE_STAGES) + 4 + 4 * (p) + (k)] = (unsigned)clock64() - gwg_t0; \
+    } while (0)
+#else
+#define GWG_STAMP(p, k)
+#endif
+
 #ifdef __CUDA_ARCH_FEAT_SM90_ALL
 template <bool FP8, int ROWS, bool KS>
 __device__ __forceinline__ void gemm_wg(const unsigned char* __restrict__ W, const float* __restrict__ S, const uint4* __restrict__ xw,
@@ -1175,6 +1192,17 @@ __device__ __forceinline__ void gemm_wg(const unsigned char* __restrict__ W, con
     unsigned char* smem = reinterpret_cast<unsigned char*>(dsm);
     const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, g = lane >> 2, q = lane & 3;
     const int wrow = 16 * w;  // the warp's 16 rows of the block's ROWS (warpgroup w / 4: rows 64 (w / 4) ..)
+#ifdef GWG_TRACE
+    const unsigned gwg_b = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z), gwg_t0 = (unsigned)clock64();
+    if (tid == 0 && gwg_b < GWG_TRACE_BLOCKS) {
+        unsigned long long gt;
+        unsigned sm;
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(gt));
+        asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+        gwg_trace[gwg_b * (4 + 4 * GWG_TRACE_STAGES)] = (unsigned)gt;
+        gwg_trace[gwg_b * (4 + 4 * GWG_TRACE_STAGES) + 2] = sm;
+    }
+#endif
     // Token tiles are the grid's fast index: the blocks running at once share a few row tiles'
     // weights (read from DRAM about once) and read the activations from L2.
     const int nb = blockIdx.y * ROWS, tile = blockIdx.x;
@@ -1326,10 +1354,14 @@ __device__ __forceinline__ void gemm_wg(const unsigned char* __restrict__ W, con
     int kb = c0;  // (the block whose MMAs finish next)
     for (int p = 0; p < NU; p++) {
         cp_async_wait<STAGES - 2>();                                   // stage p landed (this thread's copies)
+        GWG_STAMP(p, 0);
         asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // the copies, seen by wgmma
         __syncthreads();  // block p is everyone's; every warpgroup is done with block p - 1's stage
+        GWG_STAMP(p, 1);
         issue(p + STAGES - 1);
+        GWG_STAMP(p, 2);
         multiply(p);
+        GWG_STAMP(p, 3);
         if (HS == 2 || (p & 1)) {
             finish(kb);
             kb = next_kb(kb);
@@ -1340,6 +1372,9 @@ __device__ __forceinline__ void gemm_wg(const unsigned char* __restrict__ W, con
         for (; cls < c1; cls++)
 #pragma unroll
             for (int i = 0; i < 32; i++) sink(cls, i);
+#ifdef GWG_TRACE
+    if (tid == 0 && gwg_b < GWG_TRACE_BLOCKS) gwg_trace[gwg_b * (4 + 4 * GWG_TRACE_STAGES) + 1] = (unsigned)clock64() - gwg_t0;
+#endif
     if (z > 0) return;
     // C fragment of n-group i: (row g, token 8 i + 2 q), (g, + 1), (g + 8, 8 i + 2 q), (g + 8, + 1).
 #pragma unroll

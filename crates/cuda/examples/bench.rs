@@ -220,6 +220,12 @@ fn main() {
                     }
                 };
                 let ms = time_b2b(&mut |i| run(&k, i, &mut y));
+                // A measurement build (-DGWG_TRACE): where the default runs the wgmma GEMM, its
+                // per-stage stamps of one more call.
+                if matches!(t, 32 | 64) && k.gwg_trace().unwrap().is_some() {
+                    run(&k, 0, &mut y);
+                    print_gwg_trace(&format!("{what} T={t}"), &k.gwg_trace().unwrap().unwrap());
+                }
                 let wg = wg_rows(&mut k, t, &mut y, b, &mut run);
                 let format = if fp8 { "fp8 " } else { "bf16" };
                 println!("{format}   T={t:<3} {:>10.1} MB {ms:8.3} ms {:7.0} GB/s {:5.1}%  ({rows}x{cols}, {what}{wg})", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, 100.0 * b / (ms as f64 * 1e-3) / copy_bw);
@@ -679,6 +685,49 @@ fn routing_from_pool(rng: &mut (impl Rng + ?Sized), t: usize, pool: std::ops::Ra
 /// Percentiles of the fused MoE kernel's trace stamps (kernels/moe.cu, MOE_TRACE), in us after
 /// the first block got past its wait for the kernel ahead; `gu_items`: its gate_up items (a
 /// block's first item is gate_up below that index, its second item always down).
+/// The wgmma GEMM's per-stage stamps (kernels/gemv.cu's GWG_TRACE layout: per block its
+/// %globaltimer start, cycles in all, SM, then 4 cycle stamps per stage), as mean cycles per
+/// stage between them over every stage past the first of every block.
+fn print_gwg_trace(what: &str, tr: &[u32]) {
+    const STAGES: usize = 64;
+    let per = 4 + 4 * STAGES;
+    let blocks: Vec<&[u32]> = tr.chunks(per).filter(|b| b[1] != 0).collect();
+    if blocks.is_empty() {
+        println!("  gwg trace {what}: no wgmma GEMM blocks");
+        return;
+    }
+    let (mut sums, mut n, mut first, mut tail) = ([0f64; 4], 0usize, 0f64, 0f64);
+    let mut totals: Vec<u32> = Vec::new();
+    let mut sms = std::collections::BTreeMap::<u32, usize>::new();
+    for b in &blocks {
+        let st = |p: usize, k: usize| b[4 + 4 * p + k] as f64;
+        let used = (0..STAGES).take_while(|&p| b[4 + 4 * p + 3] != 0).count();
+        first += st(0, 0);
+        for p in 1..used {
+            sums[0] += st(p, 0) - st(p - 1, 3);
+            sums[1] += st(p, 1) - st(p, 0);
+            sums[2] += st(p, 2) - st(p, 1);
+            sums[3] += st(p, 3) - st(p, 2);
+            n += 1;
+        }
+        if used > 0 {
+            tail += b[1] as f64 - st(used - 1, 3);
+        }
+        totals.push(b[1]);
+        *sms.entry(b[2]).or_default() += 1;
+    }
+    totals.sort_unstable();
+    let starts: Vec<u32> = blocks.iter().map(|b| b[0]).collect();
+    let (s0, s1) = (starts.iter().min().unwrap(), starts.iter().max().unwrap());
+    let nb = blocks.len() as f64;
+    let n = n.max(1) as f64;
+    println!(
+        "  gwg trace {what}: {} blocks on {} SMs, starts spread {:.1} us; cycles per block min / median / max {} / {} / {}; first data {:.0}; per stage: wait for data {:.0}, barrier {:.0}, issue {:.0}, MMAs {:.0}; after the last stage {:.0}",
+        blocks.len(), sms.len(), s1.wrapping_sub(*s0) as f64 / 1e3, totals[0], totals[totals.len() / 2], totals[totals.len() - 1],
+        first / nb, sums[0] / n, sums[1] / n, sums[2] / n, sums[3] / n, tail / nb
+    );
+}
+
 fn print_moe_trace(what: &str, tr: &[u64], gu_items: usize) {
     let blocks: Vec<&[u64]> = tr.chunks(MOE_TRACE_SLOTS).filter(|b| b[2] != 0).collect();
     let Some(t0) = blocks.iter().map(|b| b[2]).min() else { return };

@@ -1595,6 +1595,17 @@ impl Kernels {
         Ok(Some(host))
     }
 
+    /// The wgmma GEMM's per-stage clock stamps from its last call (see GWG_TRACE in
+    /// kernels/gemv.cu), then zeroed: only in a measurement build (`-DGWG_TRACE`), else None.
+    pub fn gwg_trace(&self) -> Result<Option<Vec<u32>>> {
+        let Ok(mut g) = self.gemv_module.get_global("gwg_trace", &self.stream) else { return Ok(None) };
+        let n = g.len() / 4;
+        let mut v = unsafe { g.transmute_mut::<u32>(n) }.ok_or_else(|| Error::Backend("gwg_trace: bad size".into()))?;
+        let host = self.stream.clone_dtoh(&v).map_err(drv("gwg_trace"))?;
+        self.stream.memset_zeros(&mut v).map_err(drv("gwg_trace"))?;
+        Ok(Some(host))
+    }
+
     /// The step-trace stamps of this object's modules and `more` since the last read, then
     /// cleared: only in a measurement build (`-DSTEP_TRACE`, crate::trace), else None.
     pub fn step_trace(&self, more: &[&Arc<cudarc::driver::CudaModule>]) -> Result<Option<crate::trace::StepTrace>> {
