@@ -1129,11 +1129,6 @@ struct GemmWg {
     static constexpr int TOTAL_OFF = STAGES * STAGE;
     static constexpr int SMEM = TOTAL_OFF + (TSM ? THREADS * 32 * 4 : 0);  // at most kernels.rs' dense_wg_smem(ROWS)
     static constexpr int XUNITS = HS * GWG_XCHUNK / (16 * THREADS);    // B units a thread copies per stage
-#ifdef GWG_WAIT_EACH_STAGE
-    static constexpr bool PIPE = false;
-#else
-    static constexpr bool PIPE = !FP8 && ROWS == 64 && HS == 1 && STAGES >= 4;  // see gemm_wg
-#endif
 };
 
 // x's hi + lo parts [T, K] (K % 64 == 0) into gemm_wg's B layout, [ceil(T / 64)][K / 64][16 KB];
@@ -1277,15 +1272,8 @@ __device__ __forceinline__ void gemm_wg(const unsigned char* __restrict__ W, con
 #pragma unroll
         for (int i = 0; i < 32; i++) asm volatile("" : "+f"(v[i])::"memory");
     };
-    // PIPE (BF16 in 64-row blocks): a stage's MMAs are not waited for before the next stage's;
-    // each stage waits only for the one before it (wgmma.wait_group 1), so a block's loads,
-    // barrier and A fragments overlap its MMAs. A stage's slot is then refilled a stage later
-    // (STAGES - 2 stages ahead instead of STAGES - 1), and the A registers alternate. The MMAs
-    // and their order into acc are the same, so the same bits. (-DGWG_WAIT_EACH_STAGE: the
-    // form before, for measurements.)
-    constexpr int AHEAD = G::PIPE ? STAGES - 2 : STAGES - 1;
 #pragma unroll
-    for (int p = 0; p < AHEAD; p++) issue(p);
+    for (int p = 0; p < STAGES - 1; p++) issue(p);
     int cls = c0, left = class_blocks(c0);
     // Where a class sum goes: split 0 adds its classes into total (as the unsplit kernel does all
     // eight), a later split stores each of its own (slot c - 8 / NS + 1 of csum, [slot][tile][64
@@ -1313,10 +1301,6 @@ __device__ __forceinline__ void gemm_wg(const unsigned char* __restrict__ W, con
             for (int i = 0; i < 32; i++) acc[i] += sc * part[i];
         }
         if (--left == 0) {
-            if (G::PIPE) {  // the class's MMAs done before acc is read
-                wg_wait<0>();
-                pin(acc);
-            }
             do {
 #pragma unroll
                 for (int i = 0; i < 32; i++) {
@@ -1333,32 +1317,22 @@ __device__ __forceinline__ void gemm_wg(const unsigned char* __restrict__ W, con
     // A registers are free again (the other warpgroups' MMAs fill the tensor pipe meanwhile).
     // FP8 with its totals in registers (three accumulator sets) waits after each half, so only one
     // half's A is held.
-    // (PIPE: A registers that outlive a stage, one set per stage parity.)
-    unsigned pa0[G::PIPE ? 2 : 1][8], pa1[G::PIPE ? 2 : 1][8];
-    auto multiply = [&](int p, int parity) {
+    auto multiply = [&](int p) {
 #ifdef GWG_NO_MMA  // measurement builds only (outputs wrong): the loads alone
         return;
 #endif
         const unsigned char* st = smem + (p % STAGES) * G::STAGE;
         float* C = FP8 ? part : acc;
-        unsigned la0[2][8], la1[2][8];
-        auto& a0 = *[&] {
-            if constexpr (G::PIPE) return &pa0;
-            else return &la0;
-        }();
-        auto& a1 = *[&] {
-            if constexpr (G::PIPE) return &pa1;
-            else return &la1;
-        }();
+        unsigned a0[2][8], a1[2][8];
 #pragma unroll
         for (int hf = 0; hf < HS; hf++) {
             const int gh = HS == 2 ? hf : p & 1;  // the half of the K block
-            const int ha = G::PIPE ? parity : FP8 && !G::TSM ? 0 : hf;  // the A registers this half uses
+            const int ha = FP8 && !G::TSM ? 0 : hf;  // the A registers this half uses
             const uint4* r0 = reinterpret_cast<const uint4*>(st + hf * G::HALF + (wrow + g) * G::WROW + q * (FP8 ? 16 : 32));
             const uint4* r1 = reinterpret_cast<const uint4*>(reinterpret_cast<const unsigned char*>(r0) + 8 * G::WROW);
             uint4 w0[2] = {r0[0], FP8 ? r0[0] : r0[1]}, w1[2] = {r1[0], FP8 ? r1[0] : r1[1]};
             mma_a_frags<FP8>(w0, w1, a0[ha], a1[ha]);
-            if (!G::PIPE) pin(C);  // (PIPE: C is the MMAs' in flight; touching it would wait for them)
+            pin(C);
             wg_fence();
 #pragma unroll
             for (int s = 0; s < 4; s++) {
@@ -1371,39 +1345,28 @@ __device__ __forceinline__ void gemm_wg(const unsigned char* __restrict__ W, con
                 }
             }
             wg_commit();
-            if (G::PIPE) {
-                wg_wait<1>();  // the stage before's MMAs (and A registers) done
-            } else if ((FP8 && !G::TSM) || hf == HS - 1) {
+            if ((FP8 && !G::TSM) || hf == HS - 1) {
                 wg_wait<0>();
                 pin(C);
             }
         }
     };
     int kb = c0;  // (the block whose MMAs finish next)
-    auto stage = [&](int p, int parity) {
-        cp_async_wait<AHEAD - 1>();                                    // stage p landed (this thread's copies)
+    for (int p = 0; p < NU; p++) {
+        cp_async_wait<STAGES - 2>();                                   // stage p landed (this thread's copies)
         GWG_STAMP(p, 0);
         asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // the copies, seen by wgmma
         __syncthreads();  // block p is everyone's; every warpgroup is done with block p - 1's stage
         GWG_STAMP(p, 1);
-        issue(p + AHEAD);  // (PIPE: into stage p - 2's slot, whose MMAs every warp has waited for)
+        issue(p + STAGES - 1);
         GWG_STAMP(p, 2);
-        multiply(p, parity);
+        multiply(p);
         GWG_STAMP(p, 3);
         if (HS == 2 || (p & 1)) {
             finish(kb);
             kb = next_kb(kb);
         }
-    };
-    if (G::PIPE) {  // stages in pairs, so each one's A registers are known (NU is even)
-        for (int p = 0; p < NU; p += 2) {
-            stage(p, 0);
-            stage(p + 1, 1);
-        }
-    } else {
-        for (int p = 0; p < NU; p++) stage(p, 0);
     }
-    if (G::PIPE) wg_wait<0>();  // (each class's end waited already; this tells ptxas)
     // A split past its K (no K blocks at all) still owes its classes' zeros.
     if (z > 0 && nkb == 0)
         for (; cls < c1; cls++)
