@@ -432,9 +432,11 @@ const DENSE_WGMMA_MIN_BLOCKS: usize = 48;
 /// blocks runs them in 8 K splits (each of at least 4 K blocks), so the grid has 256-1024 blocks:
 /// Flash's o_proj (64 blocks) at 48 / 64 tokens 48.2 / 46.0% against the GEMV tiles' 39.9 /
 /// 37.0%, Pro's (96) 60.7 / 59.0% against 42.2 / 42.2% (64 rows unsplit); at 32 tokens Flash's
-/// GEMV tiles lead (65.8 against 47.5%). More blocks do not help matrices of 212+ blocks (Flash's
-/// q/k/v at 64 tokens 37.7% unsplit, 24-27% split) or the lm_head
-/// (benches/results/2026-11-26-dense-wg-k-splits.md).
+/// GEMV tiles lead (65.8 against 47.5%). At 65-128 tokens (two token tiles, below the prefill
+/// rule) the same matrices take 256-row blocks in 8 splits: Flash's at 96 / 128 tokens 33.2 /
+/// 31.4% against 26.4 / 25.6% (64 rows unsplit), Pro's at 96 41.2 against 34.2%. More blocks do
+/// not help matrices of 212+ blocks (Flash's q/k/v at 64 tokens 37.7% unsplit, 24-27% split) or
+/// the lm_head (benches/results/2026-11-26-dense-wg-k-splits.md).
 ///
 /// Returns (block rows, K splits); without `split`, the choice from before the splits.
 pub fn dense_wg_for(t: usize, n: usize, k: usize, split: bool) -> Option<(usize, usize)> {
@@ -444,14 +446,15 @@ pub fn dense_wg_for(t: usize, n: usize, k: usize, split: bool) -> Option<(usize,
         _ if t >= DENSE_WGMMA_MIN_TOKENS && blocks(256) >= DENSE_WGMMA_MIN_BLOCKS => Some((256, 1)),
         32.. if blocks(256) >= DENSE_WG_DECODE_BLOCKS => Some((256, 1)),
         33..=64 if split && DENSE_WG_SPLIT_BLOCKS.contains(&blocks(64)) && k >= 8 * 4 * 128 => Some((64, 8)),
+        65..=128 if split && DENSE_WG_SPLIT_BLOCKS.contains(&n.div_ceil(64)) && k >= 8 * 4 * 128 => Some((256, 8)),
         49.. if blocks(64) >= DENSE_WG_DECODE_BLOCKS => Some((64, 1)),
         32.. if blocks(64) >= DENSE_WG_SMALL_BATCH_BLOCKS => Some((64, 1)),
         _ => None,
     }
 }
 
-/// 64-row blocks for which a GEMV of 33-64 tokens runs as the wgmma GEMM in 8 K splits (see
-/// `dense_wg_for`): Flash's o_proj 64, Pro's 96.
+/// 64-row blocks (of one 64-token tile) for which a GEMV of 33-128 tokens runs as the wgmma GEMM
+/// in 8 K splits (see `dense_wg_for`): Flash's o_proj 64, Pro's 96.
 const DENSE_WG_SPLIT_BLOCKS: std::ops::Range<usize> = 32..128;
 
 /// Blocks from which a GEMV of 32-127 tokens runs as the wgmma GEMM in 256-row blocks, or one of
@@ -2108,10 +2111,13 @@ mod tests {
             assert_eq!(at(t, qkv), Some((256, 1)), "{t} tokens");
             assert_eq!(at(t, head), Some((256, 1)), "{t} tokens");
         }
-        for t in [96, 128] {
-            assert_eq!(at(t, o), Some((64, 1)), "{t} tokens");
+        // 65-128 tokens: the o_proj in 256-row blocks and 8 K splits (unsplit 64 rows without).
+        for t in [65, 96, 128] {
+            assert_eq!(at(t, o), Some((256, 8)), "{t} tokens");
+            assert_eq!(dense_wg_for(t, o.0, o.1, false), Some((64, 1)), "{t} tokens");
         }
-        assert_eq!(at(96, pro_o), Some((64, 1)));
+        assert_eq!(at(96, pro_o), Some((256, 8)));
+        assert_eq!(dense_wg_for(96, pro_o.0, pro_o.1, false), Some((64, 1)));
         // From 128 tokens Pro's o_proj has 48 blocks of 256 rows (the prefill rule).
         assert_eq!(at(128, pro_o), Some((256, 1)));
         // From 192 tokens the o_proj's 256-row blocks are 48 (measured 1.17x the GEMV tiles).
