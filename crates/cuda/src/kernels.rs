@@ -251,8 +251,8 @@ pub struct Kernels {
     /// The same GEMM on wgmma (`gemm_wg_*`, sm_90a; the same bits) over activations laid out by
     /// `gemm_wg_split`; `dense_wg` when the GPU has it and its shared memory was granted, and
     /// `dense_wgmma` forces it on or off (`PEREGRINE_GEMM_WGMMA=1` / `0`, `set_dense_gemm_wgmma`;
-    /// None: by the shape, `dense_wg_for`). `dense_wg_fns[i]` are the FP8, BF16, FP8 split-K and BF16 split-K kernels of
-    /// `DENSE_WG_ROWS[i]` rows per block; `dense_wg_rows` forces a block height
+    /// None: by the shape, `dense_wg_for`). `dense_wg_fns[i]` are the FP8, BF16, FP8 split-K and
+    /// BF16 split-K kernels of `DENSE_WG_ROWS[i]` rows per block; `dense_wg_rows` forces a block height
     /// (`PEREGRINE_GEMM_WG_ROWS`, `set_dense_wg_rows`; None: by the shape, `dense_wg_for`).
     dense_wg_fns: Vec<[CudaFunction; 4]>,
     dense_wg_split: CudaFunction,
@@ -1590,22 +1590,23 @@ impl Kernels {
     /// block; see kernels/moe.cu), then zeroed: only in a measurement build of the kernels
     /// (`PEREGRINE_KERNEL_DEFINES=-DMOE_TRACE`), else None.
     pub fn moe_trace(&self) -> Result<Option<Vec<u64>>> {
-        let Ok(mut g) = self.moe_module.get_global("moe_trace", &self.stream) else { return Ok(None) };
-        let n = g.len() / 8;
-        let mut v = unsafe { g.transmute_mut::<u64>(n) }.ok_or_else(|| Error::Backend("moe_trace: bad size".into()))?;
-        let host = self.stream.clone_dtoh(&v).map_err(drv("moe_trace"))?;
-        self.stream.memset_zeros(&mut v).map_err(drv("moe_trace"))?;
-        Ok(Some(host))
+        self.take_global(&self.moe_module, "moe_trace")
     }
 
     /// The wgmma GEMM's per-stage clock stamps from its last call (see GWG_TRACE in
     /// kernels/gemv.cu), then zeroed: only in a measurement build (`-DGWG_TRACE`), else None.
     pub fn gwg_trace(&self) -> Result<Option<Vec<u32>>> {
-        let Ok(mut g) = self.gemv_module.get_global("gwg_trace", &self.stream) else { return Ok(None) };
-        let n = g.len() / 4;
-        let mut v = unsafe { g.transmute_mut::<u32>(n) }.ok_or_else(|| Error::Backend("gwg_trace: bad size".into()))?;
-        let host = self.stream.clone_dtoh(&v).map_err(drv("gwg_trace"))?;
-        self.stream.memset_zeros(&mut v).map_err(drv("gwg_trace"))?;
+        self.take_global(&self.gemv_module, "gwg_trace")
+    }
+
+    /// A measurement build's device array `name` of `module`, copied out and zeroed; None where
+    /// the module has no such symbol (a build without the define).
+    fn take_global<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + Default + Clone>(&self, module: &Arc<cudarc::driver::CudaModule>, name: &str) -> Result<Option<Vec<T>>> {
+        let Ok(mut g) = module.get_global(name, &self.stream) else { return Ok(None) };
+        let n = g.len() / std::mem::size_of::<T>();
+        let mut v = unsafe { g.transmute_mut::<T>(n) }.ok_or_else(|| Error::Backend(format!("{name}: bad size")))?;
+        let host = self.stream.clone_dtoh(&v).map_err(drv(name))?;
+        self.stream.memset_zeros(&mut v).map_err(drv(name))?;
         Ok(Some(host))
     }
 
