@@ -176,6 +176,10 @@ def main():
     ap.add_argument("--print-cache-names", action="store_true", help="print the cache file names --fill-cache would write (needs no NVRTC)")
     ap.add_argument("files", nargs="*", help="kernel files (default: every file compile.rs embeds)")
     args, rest = ap.parse_known_args()
+    # Words, as compile.rs splits PEREGRINE_KERNEL_DEFINES: "-DA -DB" given as one argument is two
+    # defines (NVRTC took it as one option, and the cache entry it wrote did not load).
+    rest = [w for a in rest for w in a.split()]
+    args.files = [w for a in args.files for w in a.split()]
     # -DNAME, or file:-DNAME for that file only (compile.rs's options_with)
     defines = [a for a in rest + args.files if a.split(":", 1)[-1].startswith("-D")]
     args.files = [f for f in args.files if f not in defines]
