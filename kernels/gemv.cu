@@ -1433,7 +1433,7 @@ extern "C" __global__ void __launch_bounds__(256) gemm_wg_combine(const float* _
     if (id >= (long long)N * T) return;
     const int n = (int)(id % N), t = (int)(id / N), tiles = (T + GWG_TOKENS - 1) / GWG_TOKENS;
     const size_t slot = (size_t)tiles * GWG_TOKENS * N;
-    const float* p = csum + ((size_t)(t / GWG_TOKENS) * GWG_TOKENS + t % GWG_TOKENS) * N + n;
+    const float* p = csum + (size_t)t * N + n;  // slot 0's [tile][token in tile][n] is [t][n]
     float v = p[0];
     for (int s = 1; s <= 8 - 8 / S; s++) v += p[s * slot];
     store_out(v, xinv, y, y1, y2, N0, N1, N, n, t);
