@@ -144,6 +144,9 @@ __device__ __forceinline__ float f16_to_f32(unsigned short h) {
     return f;
 }
 
+// silu(g) * u: silu_mul's value, shared with silu_mul_split_f16 so both give the same bits.
+__device__ __forceinline__ float silu_mul_value(float g, float u) { return g / (1.f + expf(-g)) * u; }
+
 // f32 -> bf16 (round to nearest even), as bits; and a value's BF16 hi + lo parts (hi = bf16(v),
 // lo = bf16(v - hi)), the form the BF16 tensor-core GEMV reads.
 __device__ __forceinline__ unsigned short f32_to_bf16_rn(float v) {

@@ -536,10 +536,46 @@ __device__ __forceinline__ void split_pair(float v, unsigned short& h, unsigned 
     l = f32_to_f16_rn(v - f16_to_f32(h));
 }
 
+// The largest of every thread's m over the block (every thread gets it; `sh` holds 32 floats).
+__device__ __forceinline__ float block_max(float m, float* sh) {
+    __shared__ float row_max;
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    if ((threadIdx.x & 31) == 0) sh[threadIdx.x >> 5] = m;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        m = threadIdx.x < (blockDim.x + 31) / 32 ? sh[threadIdx.x] : 0.f;
+        for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+        if (threadIdx.x == 0) row_max = m;
+    }
+    __syncthreads();
+    return row_max;
+}
+
+// The power of two a row of largest magnitude m is scaled by before its F16 split (m x s < 2^14;
+// 0 or non-finite m: no scaling), and its inverse, which thread 0 stores at *inv.
+__device__ __forceinline__ float split_scale(float m, float* inv) {
+    int ex = (m > 0.f && m < __int_as_float(0x7f800000u)) ? (int)((__float_as_uint(m) >> 23) & 0xffu) - 126 : 0;
+    int sh_ = min(max(14 - ex, -100), 100);
+    if (threadIdx.x == 0) *inv = __int_as_float((unsigned)(127 - sh_) << 23);
+    return __int_as_float((unsigned)(sh_ + 127) << 23);
+}
+
+// 8 values x s split into F16 hi + lo, stored 16 bytes each at xh and xl (`interleave`: in the
+// order 0,4,1,5,2,6,3,7).
+__device__ __forceinline__ void split_store8(const float v[8], float s, bool interleave, unsigned short* xh, unsigned short* xl) {
+    unsigned short h[8], l[8];
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        int d = interleave ? (i < 4 ? 2 * i : 2 * (i - 4) + 1) : i;
+        split_pair(v[i] * s, h[d], l[d]);
+    }
+    *reinterpret_cast<uint4*>(xh) = make_uint4(h[0] | (unsigned)h[1] << 16, h[2] | (unsigned)h[3] << 16, h[4] | (unsigned)h[5] << 16, h[6] | (unsigned)h[7] << 16);
+    *reinterpret_cast<uint4*>(xl) = make_uint4(l[0] | (unsigned)l[1] << 16, l[2] | (unsigned)l[3] << 16, l[4] | (unsigned)l[5] << 16, l[6] | (unsigned)l[7] << 16);
+}
+
 extern "C" __global__ void __launch_bounds__(1024) split_f16(const float* __restrict__ x, unsigned short* __restrict__ xh, unsigned short* __restrict__ xl,
                                      float* __restrict__ inv, int K, int interleave) { PDL_ENTER();
     __shared__ float sh[32];
-    __shared__ float row_max;
     size_t r = blockIdx.x;
     const float* xr = x + r * K;
     bool vec = (K & 7) == 0 && K <= 8 * (int)blockDim.x;
@@ -556,40 +592,52 @@ extern "C" __global__ void __launch_bounds__(1024) split_f16(const float* __rest
     } else {
         for (int k = threadIdx.x; k < K; k += blockDim.x) m = fmaxf(m, fabsf(xr[k]));
     }
-    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-    if ((threadIdx.x & 31) == 0) sh[threadIdx.x >> 5] = m;
-    __syncthreads();
-    if (threadIdx.x < 32) {
-        m = threadIdx.x < (blockDim.x + 31) / 32 ? sh[threadIdx.x] : 0.f;
-        for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-        if (threadIdx.x == 0) row_max = m;
-    }
-    __syncthreads();
-    m = row_max;
-    // m < 2^ex (the exponent field of a finite m; 0 or non-finite: no scaling).
-    int ex = (m > 0.f && m < __int_as_float(0x7f800000u)) ? (int)((__float_as_uint(m) >> 23) & 0xffu) - 126 : 0;
-    int sh_ = min(max(14 - ex, -100), 100);
-    float s = __int_as_float((unsigned)(sh_ + 127) << 23);
-    if (threadIdx.x == 0) inv[r] = __int_as_float((unsigned)(127 - sh_) << 23);
+    float s = split_scale(block_max(m, sh), inv + r);
     if (vec) {
         int c = threadIdx.x * 8;
-        if (c < K) {
-            unsigned short h[8], l[8];
-#pragma unroll
-            for (int i = 0; i < 8; i++) {
-                int d = interleave ? (i < 4 ? 2 * i : 2 * (i - 4) + 1) : i;
-                split_pair(v[i] * s, h[d], l[d]);
-            }
-            uint4 hv = make_uint4(h[0] | (unsigned)h[1] << 16, h[2] | (unsigned)h[3] << 16, h[4] | (unsigned)h[5] << 16, h[6] | (unsigned)h[7] << 16);
-            uint4 lv = make_uint4(l[0] | (unsigned)l[1] << 16, l[2] | (unsigned)l[3] << 16, l[4] | (unsigned)l[5] << 16, l[6] | (unsigned)l[7] << 16);
-            *reinterpret_cast<uint4*>(xh + r * K + c) = hv;
-            *reinterpret_cast<uint4*>(xl + r * K + c) = lv;
-        }
+        if (c < K) split_store8(v, s, interleave, xh + r * K + c, xl + r * K + c);
         return;
     }
     for (int k = threadIdx.x; k < K; k += blockDim.x) {
         int j = k & 7, d = interleave ? (k & ~7) + (j < 4 ? 2 * j : 2 * (j - 4) + 1) : k;
         split_pair(xr[k] * s, xh[r * K + d], xl[r * K + d]);
+    }
+}
+
+// A dense MLP's a = silu(gate) * up, F16-split for its FP8 down projection: silu_mul's values
+// (silu_mul_value) split as split_f16 splits them (no interleave), so the bits of the two
+// launches in one. Row r's gate is y[r * ld, + I) and its up the I values after it (the stacked
+// gate_up GEMV's output, ld = 2 I). One block per row, each thread holding up to
+// SILU_SPLIT_GROUPS groups of 8 values in registers between the max and the split (split_f16
+// holds one, so at Flash's I = 16384 it ran its element-wise loop: ~6 us for one row).
+// I % 8 == 0 and I <= 8 x SILU_SPLIT_GROUPS x blockDim (the host checks).
+#define SILU_SPLIT_GROUPS 4
+extern "C" __global__ void __launch_bounds__(1024) silu_mul_split_f16(const float* __restrict__ y, int ld, int I, unsigned short* __restrict__ xh,
+                                                                  unsigned short* __restrict__ xl, float* __restrict__ inv) { PDL_ENTER();
+    __shared__ float sh[32];
+    size_t r = blockIdx.x;
+    const float* gr = y + r * ld;
+    float v[SILU_SPLIT_GROUPS][8];
+    float m = 0.f;
+#pragma unroll
+    for (int j = 0; j < SILU_SPLIT_GROUPS; j++) {
+        int c = (threadIdx.x + j * blockDim.x) * 8;
+        if (c < I) {
+            float4 g0 = *reinterpret_cast<const float4*>(gr + c), g1 = *reinterpret_cast<const float4*>(gr + c + 4);
+            float4 u0 = *reinterpret_cast<const float4*>(gr + I + c), u1 = *reinterpret_cast<const float4*>(gr + I + c + 4);
+            float g[8] = {g0.x, g0.y, g0.z, g0.w, g1.x, g1.y, g1.z, g1.w}, u[8] = {u0.x, u0.y, u0.z, u0.w, u1.x, u1.y, u1.z, u1.w};
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+                v[j][i] = silu_mul_value(g[i], u[i]);
+                m = fmaxf(m, fabsf(v[j][i]));
+            }
+        }
+    }
+    float s = split_scale(block_max(m, sh), inv + r);
+#pragma unroll
+    for (int j = 0; j < SILU_SPLIT_GROUPS; j++) {
+        int c = (threadIdx.x + j * blockDim.x) * 8;
+        if (c < I) split_store8(v[j], s, false, xh + r * I + c, xl + r * I + c);
     }
 }
 
@@ -688,11 +736,12 @@ __device__ __forceinline__ void b_regs(uint4 x0, uint4 x1, unsigned b[8]) {
 // straddles two). The attention blocks of a head start as soon as its counts are complete,
 // while the projection still streams the later heads' rows (no launch boundary between them).
 //
-// PIPE (gemv_mma_bf16_t1_pipe: BF16, R = 1): each warp loads its next K block's weights before
-// it computes the current one, so a warp keeps up to two K blocks (8 KB) in flight instead of
-// one. ~100 registers, so 2 blocks per SM: the host runs it only where the grid fits that (the
-// o_proj at decode: 256 tiles, where the 64-register kernel also had only 2 of its 4 possible
-// blocks per SM and so half the bytes in flight of a GEMV with a full grid). Same loads, same
+// PIPE (gemv_mma_{bf16,fp8}_t1_pipe, R = 1): each warp loads its next K block's weights before
+// it computes the current one, so a warp keeps up to two K blocks (8 KB BF16, 4 KB FP8) in
+// flight instead of one. More registers (~100 BF16), so 2 blocks per SM: the host runs it only
+// where the grid fits one wave of it (the o_proj at decode: 256 tiles, where the 64-register
+// kernel also had only 2 of its 4 possible blocks per SM and so half the bytes in flight of a
+// GEMV with a full grid; likewise a dense MLP's FP8 down, 4096 rows). Same loads, same
 // arithmetic in the same order: the same bits.
 template <int NT, int R, bool FP8, bool READY = false, bool PIPE = false, int CW = 1>
 __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, const float* __restrict__ S,
@@ -701,7 +750,7 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
                                          float* __restrict__ y2, int N0, int N1, int N, int K, int T,
                                          unsigned* __restrict__ ready = nullptr, int heads = 0, int hd = 0, int vd = 0) {
     static_assert(!READY || R == 1, "the ready counts are per 16-row tile");
-    static_assert(!PIPE || (R == 1 && !FP8), "the pipelined GEMV is the BF16 one-tile kernel");
+    static_assert(!PIPE || R == 1, "the pipelined GEMV is a one-tile kernel");
     static_assert(CW == 1 || (R == 1 && NT == 1 && !PIPE && MMA_WARPS % CW == 0), "K classes per warp: one-tile, one-token-group kernels");
     __shared__ float red[MMA_WARPS][16 * NT * 8];
     int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane >> 2, q = lane & 3;
@@ -741,11 +790,20 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
         const uint4* p1 = reinterpret_cast<const uint4*>(reinterpret_cast<const unsigned short*>(W) + (size_t)rr[rt][1] * K + k);
         w0[0] = __ldg(p0); w0[1] = __ldg(p0 + 1); w1[0] = __ldg(p1); w1[1] = __ldg(p1 + 1);
     };
+    // FP8 rows g and g + 8 of row tile rt at columns k .. k + 15 (in [0] of each).
+    auto fp8_rows = [&](int rt, int k, uint4 w0[2], uint4 w1[2]) {
+        w0[0] = __ldg(reinterpret_cast<const uint4*>(W + (size_t)rr[rt][0] * K + k));
+        w1[0] = __ldg(reinterpret_cast<const uint4*>(W + (size_t)rr[rt][1] * K + k));
+    };
+    auto tile_rows = [&](int rt, int k, uint4 w0[2], uint4 w1[2]) {
+        if (FP8) fp8_rows(rt, k, w0, w1);
+        else bf16_rows(rt, k, w0, w1);
+    };
     // PIPE: K block kb's weights of both 64-k chunks, loaded one K block ahead.
     uint4 pw0[2][2], pw1[2][2];
     if (PIPE && w < KB)
 #pragma unroll
-        for (int c = 0; c < 2; c++) bf16_rows(0, w * 128 + c * 64 + q * 16, pw0[c], pw1[c]);
+        for (int c = 0; c < 2; c++) tile_rows(0, w * 128 + c * 64 + q * 16, pw0[c], pw1[c]);
     // The K class this warp sums: K blocks cls, cls + MMA_WARPS, ... With CW > 1 (blocks of
     // MMA_WARPS / CW warps) a warp sums classes w, w + MMA_WARPS / CW, ... one after the other,
     // each into its own slot of red, so the block adds the same MMA_WARPS sums in the same order.
@@ -771,7 +829,7 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
             uint4 nw0[2][2], nw1[2][2];
             if (PIPE && kb + MMA_WARPS < KB)
 #pragma unroll
-                for (int c = 0; c < 2; c++) bf16_rows(0, (kb + MMA_WARPS) * 128 + c * 64 + q * 16, nw0[c], nw1[c]);
+                for (int c = 0; c < 2; c++) tile_rows(0, (kb + MMA_WARPS) * 128 + c * 64 + q * 16, nw0[c], nw1[c]);
             float part[R][NT][4];
 #pragma unroll
             for (int rt = 0; rt < R; rt++)
@@ -786,7 +844,9 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
 #pragma unroll
                 for (int rt = 0; rt < R; rt++) {
                     uint4 w0[2], w1[2];
-                    if (FP8) {
+                    if (PIPE) {
+                        w0[0] = pw0[c][0]; w0[1] = pw0[c][1]; w1[0] = pw1[c][0]; w1[1] = pw1[c][1];
+                    } else if (FP8) {
 #ifdef GEMV_TILED_ORDER
                         // Measurement only (wrong results): the tile's same bytes, each warp load 512
                         // contiguous bytes (a tiled layout's order) instead of 16 rows x 32 bytes.
@@ -794,11 +854,8 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
                         w0[0] = __ldg(reinterpret_cast<const uint4*>(tb));
                         w1[0] = __ldg(reinterpret_cast<const uint4*>(tb + 512));
 #else
-                        w0[0] = __ldg(reinterpret_cast<const uint4*>(W + (size_t)rr[rt][0] * K + k));
-                        w1[0] = __ldg(reinterpret_cast<const uint4*>(W + (size_t)rr[rt][1] * K + k));
+                        fp8_rows(rt, k, w0, w1);
 #endif
-                    } else if (PIPE) {
-                        w0[0] = pw0[c][0]; w0[1] = pw0[c][1]; w1[0] = pw1[c][0]; w1[1] = pw1[c][1];
                     } else {
                         bf16_rows(rt, k, w0, w1);
                     }
@@ -1460,16 +1517,19 @@ extern "C" __global__ void __launch_bounds__(256) gemm_wg_combine(const float* _
         gemv_mma<NT, R, false>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T);                                           \
         if (ZERO) zero_after_wait(zero, nzero);                                                                           \
     }
-// gemv_mma_bf16_t1 with the next K block's weights loaded ahead (PIPE above); zeroes counters
-// as the one-tile kernels do.
-extern "C" __global__ void __launch_bounds__(256) gemv_mma_bf16_t1_pipe(
-    const unsigned char* __restrict__ W, const float* __restrict__ S, const unsigned short* __restrict__ XH,
-    const unsigned short* __restrict__ XL, const float* __restrict__ xinv, float* __restrict__ y, float* __restrict__ y1,
-    float* __restrict__ y2, int N0, int N1, int N, int K, int T, unsigned* zero, int nzero) {
-    PDL_ENTER();
-    gemv_mma<1, 1, false, false, true>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T);
-    zero_after_wait(zero, nzero);
-}
+// gemv_mma_{bf16,fp8}_t1 with the next K block's weights loaded ahead (PIPE above); they zero
+// counters as the one-tile kernels do.
+#define GEMV_MMA_PIPE(FORMAT, FP8)                                                                                        \
+    extern "C" __global__ void __launch_bounds__(256) gemv_mma_##FORMAT##_t1_pipe(                                      \
+        const unsigned char* __restrict__ W, const float* __restrict__ S, const unsigned short* __restrict__ XH,          \
+        const unsigned short* __restrict__ XL, const float* __restrict__ xinv, float* __restrict__ y,                     \
+        float* __restrict__ y1, float* __restrict__ y2, int N0, int N1, int N, int K, int T, unsigned* zero, int nzero) { \
+        PDL_ENTER();                                                                                                      \
+        gemv_mma<1, 1, FP8, false, true>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T);                                 \
+        zero_after_wait(zero, nzero);                                                                                     \
+    }
+GEMV_MMA_PIPE(bf16, false)
+GEMV_MMA_PIPE(fp8, true)
 // gemv_mma_fp8_t1 counting its tiles into `ready` for attention_v2_kv_ready (READY above).
 extern "C" __global__ void __launch_bounds__(256) gemv_mma_fp8_t1_ready(
     const unsigned char* __restrict__ W, const float* __restrict__ S, const unsigned short* __restrict__ XH,

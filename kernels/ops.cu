@@ -253,10 +253,14 @@ extern "C" __global__ void attention(const float* __restrict__ q, const float* _
     warp_attention_out(sinks, h, m, l, acc, o + ((size_t)r * heads + h) * vd, lane, vd);
 }
 
-// a[i] = silu(g[i]) * u[i]
-extern "C" __global__ void silu_mul(const float* __restrict__ g, const float* __restrict__ u, float* __restrict__ a, int n) { PDL_ENTER();
+// a[r, c] = silu(g[r ld + c]) * u[r ld + c] for the n = rows x I values of a (g and u may be
+// one stacked gate_up output, ld = 2 I, u = g + I).
+extern "C" __global__ void silu_mul(const float* __restrict__ g, const float* __restrict__ u, float* __restrict__ a, int I, int ld, int n) { PDL_ENTER();
     int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) { float x = g[i]; a[i] = x / (1.f + expf(-x)) * u[i]; }
+    if (i < n) {
+        size_t j = (size_t)(i / I) * ld + i % I;
+        a[i] = silu_mul_value(g[j], u[j]);
+    }
 }
 
 // y[j, :] = x[idx[j], :]

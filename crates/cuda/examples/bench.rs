@@ -194,9 +194,12 @@ fn main() {
         let bf16 = |b: &[u8]| ((b[1] as u16 & 0x80) << 8) | ((119 + (b[1] as u16 & 7)) << 7) | (b[0] as u16 & 0x7f);
         // (what, rows, cols, FP8 (else BF16), weight copies, token counts)
         type Shape<'a> = (&'a str, usize, usize, bool, usize, &'a [usize]);
-        let shapes: [Shape; 5] = [
+        let shapes: [Shape; 7] = [
             ("q/k/v", 13568, 4096, true, 2, &[1, 2, 4, 8, 16, 32, 48, 64, 96, 128]),
             ("o_proj", 4096, 8192, false, 2, &[1, 2, 4, 8, 16, 32, 48, 64, 96, 128]),
+            // Flash's dense MLP (layer 0): gate and up stacked, and the down projection.
+            ("dense gate_up", 32768, 4096, true, 1, &[1, 2, 4, 8]),
+            ("dense down", 4096, 16384, true, 2, &[1, 2, 4, 8]),
             ("Pro q/k/v", 27136, 6144, true, 2, &[16, 32, 48, 64, 96]),
             ("Pro o_proj", 6144, 16384, false, 2, &[16, 32, 48, 64, 96]),
             ("lm_head", 152064, 4096, false, 1, &[1, 8, 16, 32, 64, 96, 128]),
@@ -226,7 +229,15 @@ fn main() {
                     run(&k, 0, &mut y);
                     print_gwg_trace(&format!("{what} T={t}"), &k.gwg_trace().unwrap().unwrap());
                 }
-                let wg = wg_rows(&mut k, t, &mut y, b, &mut run);
+                let mut wg = wg_rows(&mut k, t, &mut y, b, &mut run);
+                // Up to 8 tokens, the one-tile kernels without the K block loaded ahead too (the
+                // pipelined kernels run where their grid fits one wave).
+                if t <= 8 {
+                    k.set_gemv_pipe(false);
+                    let off = time_b2b(&mut |i| run(&k, i, &mut y));
+                    k.set_gemv_pipe(true);
+                    wg.push_str(&format!("; no pipe {:.1}%", 100.0 * b / (off as f64 * 1e-3) / copy_bw));
+                }
                 let format = if fp8 { "fp8 " } else { "bf16" };
                 println!("{format}   T={t:<3} {:>10.1} MB {ms:8.3} ms {:7.0} GB/s {:5.1}%  ({rows}x{cols}, {what}{wg})", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, 100.0 * b / (ms as f64 * 1e-3) / copy_bw);
             }

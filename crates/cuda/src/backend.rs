@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig};
+use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, CudaView, DevicePtr, LaunchConfig};
 use peregrine_core::backend::{split_logits, Backend, KvBlockBytes, KvConfig, LogitAdjust, Logits, RowLogprobs, RowSampling, SampledRows, SeqForward, NULL_BLOCK};
 use peregrine_core::{AttentionKind, AttentionSpec, Error, MlpSpec, ModelSpec, MoeSpec, QkvLayout, Result, RouterScoring};
 use peregrine_model::weights::WeightSource;
@@ -53,46 +53,46 @@ pub(crate) enum Qkv {
     Stacked { m: Mat, rows: [usize; 3] },
 }
 
+/// Matrices with their rows stacked into one (first's rows, then the next's), where the
+/// tensor-core GEMV can run them as one: all FP8 with whole 128-row scale blocks before the
+/// last, or all BF16, with one K, K % 128 == 0. None otherwise. The copies are made on the GPU.
+pub(crate) fn stack_rows(st: &Arc<CudaStream>, parts: &[&Mat]) -> Result<Option<Mat>> {
+    let Some(first) = parts.first() else { return Ok(None) };
+    let (kk, n) = (first.k, parts.iter().map(|p| p.n).sum());
+    if kk % 128 != 0 || parts.iter().any(|p| p.k != kk) {
+        return Ok(None);
+    }
+    fn cat<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(st: &Arc<CudaStream>, parts: &[&CudaSlice<T>]) -> Result<CudaSlice<T>> {
+        let mut out = unsafe { st.alloc::<T>(parts.iter().map(|p| p.len()).sum()) }.map_err(drv)?;
+        let mut off = 0;
+        for p in parts {
+            st.memcpy_dtod(*p, &mut out.slice_mut(off..off + p.len())).map_err(drv)?;
+            off += p.len();
+        }
+        Ok(out)
+    }
+    let whole_blocks = parts[..parts.len() - 1].iter().all(|p| p.n.is_multiple_of(128));
+    let fp8: Option<Vec<_>> = parts.iter().map(|p| if let GpuMatrix::Fp8 { w, s } = &p.m { Some((w, s)) } else { None }).collect();
+    let bf16: Option<Vec<_>> = parts.iter().map(|p| if let GpuMatrix::Bf16(w) = &p.m { Some(w) } else { None }).collect();
+    let m = match (fp8, bf16) {
+        (Some(f), _) if whole_blocks => {
+            let (ws, ss): (Vec<_>, Vec<_>) = f.into_iter().unzip();
+            GpuMatrix::Fp8 { w: cat(st, &ws)?, s: cat(st, &ss)? }
+        }
+        (_, Some(b)) => GpuMatrix::Bf16(cat(st, &b)?),
+        _ => return Ok(None),
+    };
+    Ok(Some(Mat { m, n, k: kk }))
+}
+
 impl Qkv {
-    /// Stacks q, k and v when the tensor-core GEMV can run them as one: all FP8 with whole
-    /// 128-row scale blocks, or all BF16, with K % 128 == 0. The copies are made on the GPU.
+    /// Stacks q, k and v when the tensor-core GEMV can run them as one (`stack_rows`).
     fn stack(st: &Arc<CudaStream>, q: Mat, k: Mat, v: Mat) -> Result<Qkv> {
         let rows = [q.n, k.n, v.n];
-        let (kk, n) = (q.k, q.n + k.n + v.n);
-        if kk % 128 != 0 || k.k != kk || v.k != kk {
-            return Ok(Qkv::Separate { q, k, v });
-        }
-        let cat = |parts: [&CudaSlice<u8>; 3]| -> Result<CudaSlice<u8>> {
-            let mut out = unsafe { st.alloc::<u8>(parts.iter().map(|p| p.len()).sum()) }.map_err(drv)?;
-            let mut off = 0;
-            for p in parts {
-                st.memcpy_dtod(p, &mut out.slice_mut(off..off + p.len())).map_err(drv)?;
-                off += p.len();
-            }
-            Ok(out)
-        };
-        let m = match (&q.m, &k.m, &v.m) {
-            (GpuMatrix::Fp8 { w: wq, s: sq }, GpuMatrix::Fp8 { w: wk, s: sk }, GpuMatrix::Fp8 { w: wv, s: sv }) if q.n.is_multiple_of(128) && k.n.is_multiple_of(128) => {
-                let mut s = st.alloc_zeros::<f32>(sq.len() + sk.len() + sv.len()).map_err(drv)?;
-                let mut off = 0;
-                for p in [sq, sk, sv] {
-                    st.memcpy_dtod(p, &mut s.slice_mut(off..off + p.len())).map_err(drv)?;
-                    off += p.len();
-                }
-                GpuMatrix::Fp8 { w: cat([wq, wk, wv])?, s }
-            }
-            (GpuMatrix::Bf16(a), GpuMatrix::Bf16(b), GpuMatrix::Bf16(c)) => {
-                let mut out = unsafe { st.alloc::<u16>(a.len() + b.len() + c.len()) }.map_err(drv)?;
-                let mut off = 0;
-                for p in [a, b, c] {
-                    st.memcpy_dtod(p, &mut out.slice_mut(off..off + p.len())).map_err(drv)?;
-                    off += p.len();
-                }
-                GpuMatrix::Bf16(out)
-            }
-            _ => return Ok(Qkv::Separate { q, k, v }),
-        };
-        Ok(Qkv::Stacked { m: Mat { m, n, k: kk }, rows })
+        Ok(match stack_rows(st, &[&q, &k, &v])? {
+            Some(m) => Qkv::Stacked { m, rows },
+            None => Qkv::Separate { q, k, v },
+        })
     }
 }
 
@@ -107,9 +107,15 @@ pub(crate) struct Attn {
 }
 
 pub(crate) struct Ffn {
-    gate: Mat,
-    up: Mat,
-    down: Mat,
+    pub(crate) gate_up: GateUp,
+    pub(crate) down: Mat,
+}
+
+/// A dense MLP's gate and up projections: two matrices, or one with up's rows after gate's
+/// (`stack_rows`): one GEMV launch and one split of x instead of two each.
+pub(crate) enum GateUp {
+    Separate { gate: Mat, up: Mat },
+    Stacked { m: Mat, i: usize },
 }
 
 #[allow(clippy::large_enum_variant)]
@@ -424,11 +430,13 @@ fn split_fused_qkv(s: &Arc<CudaStream>, w: &dyn WeightSource, pa: &str, a: &Atte
 }
 
 pub(crate) fn load_ffn(s: &Arc<CudaStream>, w: &Source, p: &str, h: usize, i: usize) -> Result<Ffn> {
-    Ok(Ffn {
-        gate: w.mat(s, &format!("{p}.gate_proj.weight"), i, h)?,
-        up: w.mat(s, &format!("{p}.up_proj.weight"), i, h)?,
-        down: w.mat(s, &format!("{p}.down_proj.weight"), h, i)?,
-    })
+    let (gate, up) = (w.mat(s, &format!("{p}.gate_proj.weight"), i, h)?, w.mat(s, &format!("{p}.up_proj.weight"), i, h)?);
+    let stack = std::env::var("PEREGRINE_FFN_STACK").map_or(true, |v| v != "0");
+    let gate_up = match if stack { stack_rows(s, &[&gate, &up])? } else { None } {
+        Some(m) => GateUp::Stacked { m, i },
+        None => GateUp::Separate { gate, up },
+    };
+    Ok(Ffn { gate_up, down: w.mat(s, &format!("{p}.down_proj.weight"), h, i)? })
 }
 
 impl CudaModel {
@@ -854,16 +862,53 @@ impl CudaModel {
         Ok(())
     }
 
+    /// A dense MLP, down(silu(gate(x)) * up(x)), over `t` rows of x. Stacked gate and up run
+    /// as one GEMV; an FP8 down then reads silu x up split by `silu_mul_split_f16` (one launch
+    /// for `silu_mul` and the down GEMV's own split). The bits of the separate launches.
     pub(crate) fn ffn(&self, f: &Ffn, x: &CudaSlice<f32>, t: usize) -> Result<CudaSlice<f32>> {
-        let g = self.matvec(&f.gate, x, t)?;
-        let u = self.matvec(&f.up, x, t)?;
-        let n = t * f.gate.n;
-        let mut a = self.empty(n)?;
-        let nn = n as i32;
-        let mut b = crate::launch::builder(&self.stream, &self.ops.silu_mul);
-        b.arg(&g).arg(&u).arg(&mut a).arg(&nn);
-        unsafe { b.launch(LaunchConfig::for_num_elems(n as u32)) }.map_err(drv)?;
+        self.ffn_split(f, x, None, t)
+    }
+
+    /// `ffn`, with x's F16 split when the norm ahead wrote it (`wants_dense_split`).
+    pub(crate) fn ffn_split(&self, f: &Ffn, x: &CudaSlice<f32>, x_split: Option<&F16Split>, t: usize) -> Result<CudaSlice<f32>> {
+        let a = match &f.gate_up {
+            GateUp::Stacked { m, i } => {
+                let gu = match (&m.m, x_split) {
+                    (GpuMatrix::Fp8 { w, s }, Some(split)) => {
+                        let mut gu = self.empty(t * m.n)?;
+                        self.kernels.gemv_fp8_presplit(w, s, split, &mut gu, m.n, m.k, t)?;
+                        gu
+                    }
+                    _ => self.matvec(m, x, t)?,
+                };
+                if let (GpuMatrix::Fp8 { w, s }, true) = (&f.down.m, Kernels::silu_split_takes(*i) && f.down.k.is_multiple_of(128)) {
+                    let a = self.kernels.silu_mul_split_f16(&gu, t, *i)?;
+                    let mut y = self.empty(t * f.down.n)?;
+                    self.kernels.gemv_fp8_presplit(w, s, &a, &mut y, f.down.n, f.down.k, t)?;
+                    return Ok(y);
+                }
+                self.silu_mul(&gu.slice(..), &gu.slice(*i..), t, *i, 2 * *i)?
+            }
+            GateUp::Separate { gate, up } => {
+                let (g, u) = (self.matvec(gate, x, t)?, self.matvec(up, x, t)?);
+                self.silu_mul(&g.slice(..), &u.slice(..), t, gate.n, gate.n)?
+            }
+        };
         self.matvec(&f.down, &a, t)
+    }
+
+    /// [rows, i] silu(g) * u, row r of g and u starting at r x `ld`.
+    pub(crate) fn silu_mul(&self, g: &CudaView<f32>, u: &CudaView<f32>, rows: usize, i: usize, ld: usize) -> Result<CudaSlice<f32>> {
+        let n = rows * i;
+        if g.len() < (rows.max(1) - 1) * ld + i || u.len() < (rows.max(1) - 1) * ld + i {
+            return Err(Error::Backend(format!("silu_mul: inputs hold fewer than {rows} rows of {i} ({ld} apart)")));
+        }
+        let mut a = self.empty(n)?;
+        let (ii, ld, nn) = (i as i32, ld as i32, n as i32);
+        let mut b = crate::launch::builder(&self.stream, &self.ops.silu_mul);
+        b.arg(g).arg(u).arg(&mut a).arg(&ii).arg(&ld).arg(&nn);
+        unsafe { b.launch(LaunchConfig::for_num_elems(n as u32)) }.map_err(drv)?;
+        Ok(a)
     }
 
     /// Whether layer `li`'s attention kernel can apply RoPE and write the new K/V itself (the
@@ -1304,6 +1349,12 @@ impl CudaModel {
     /// can write (a stacked FP8 projection, and a row the norm keeps in registers).
     pub(crate) fn wants_f16_split(&self, li: usize) -> bool {
         self.norm_holds_row() && matches!(&self.layers[li].attn.qkv, Qkv::Stacked { m, .. } if matches!(m.m, GpuMatrix::Fp8 { .. }))
+    }
+
+    /// Whether layer `li`'s dense MLP reads its input split (FP8 gate and up stacked), which the
+    /// norm ahead then writes (`add_rms_norm_split`, as for the q/k/v projection).
+    pub(crate) fn wants_dense_split(&self, li: usize) -> bool {
+        self.norm_holds_row() && matches!(&self.layers[li].mlp, Mlp::Dense(Ffn { gate_up: GateUp::Stacked { m: Mat { m: GpuMatrix::Fp8 { .. }, .. }, .. }, .. }))
     }
 
     /// Whether the norms keep a row in registers (NORM_V = 4 float4s per thread), which their

@@ -238,12 +238,14 @@ pub struct Kernels {
     mma_fp8_ready4: CudaFunction,
     mma_fp8_ready_wave: usize,
     qkv_ready4: Option<bool>,
-    /// The BF16 one-tile GEMV loading a K block ahead (`gemv_mma_bf16_t1_pipe`, ~100 registers),
-    /// run where its grid fits one wave of it (`mma_bf16_pipe_wave` blocks, 2 per SM on the H100)
-    /// while `gemv_pipe` (`PEREGRINE_GEMV_PIPE=0` turns it off, for comparisons): the o_proj at
-    /// decode.
+    /// The one-tile GEMVs loading a K block ahead (`gemv_mma_{bf16,fp8}_t1_pipe`, ~100
+    /// registers for BF16), run where the grid fits one wave of them (`*_pipe_wave` blocks, 2 per
+    /// SM on the H100) while `gemv_pipe` (`PEREGRINE_GEMV_PIPE=0` turns them off, for
+    /// comparisons): the o_proj and a dense MLP's down projection at decode.
     mma_bf16_pipe: CudaFunction,
     mma_bf16_pipe_wave: usize,
+    mma_fp8_pipe: CudaFunction,
+    mma_fp8_pipe_wave: usize,
     gemv_pipe: bool,
     /// The GEMM entry of `MMA_GEMV_TILES` got its shared memory (chosen from
     /// `dense_gemm_min_tokens()` tokens).
@@ -270,6 +272,8 @@ pub struct Kernels {
     split_bf16: CudaFunction,
     zero_words: CudaFunction,
     split_f16: CudaFunction,
+    /// `silu_mul_split_f16`: a dense MLP's silu(gate) x up, split for its FP8 down projection.
+    silu_split_f16: CudaFunction,
     gate_up_mma: CudaFunction,
     down_mma: CudaFunction,
     /// Pipelined MoE kernels for K splits 1, 2, 4, 8.
@@ -381,6 +385,9 @@ const fn dense_gemm_smem(fp8: bool, deep: bool) -> usize {
 /// The shape rule (`dense_wg_for`) never takes 128: at every decode shape measured it was
 /// within 1-3 points of 64 or 256 rows, whichever led; it stays for `PEREGRINE_GEMM_WG_ROWS`.
 pub const DENSE_WG_ROWS: [usize; 3] = [256, 128, 64];
+
+/// Groups of 8 values each thread of `silu_mul_split_f16` holds (SILU_SPLIT_GROUPS in kernels/gemv.cu).
+const SILU_SPLIT_GROUPS: usize = 4;
 
 /// K splits of the wgmma dense GEMM: split z of S takes the K classes 8 z / S .. 8 (z + 1) / S
 /// (class c: K blocks c, c + 8, ...) and `gemm_wg_combine` adds them in class order, so every
@@ -854,6 +861,8 @@ impl Kernels {
         let sms = gpu.ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(drv("SM count"))? as usize;
         let mma_bf16_pipe = f("gemv_mma_bf16_t1_pipe")?;
         let mma_bf16_pipe_wave = mma_bf16_pipe.occupancy_max_active_blocks_per_multiprocessor(256, 0, None).map_err(drv("GEMV occupancy"))? as usize * sms;
+        let mma_fp8_pipe = f("gemv_mma_fp8_t1_pipe")?;
+        let mma_fp8_pipe_wave = mma_fp8_pipe.occupancy_max_active_blocks_per_multiprocessor(256, 0, None).map_err(drv("GEMV occupancy"))? as usize * sms;
         // The wgmma GEMM's stages may take more than the tiled kernels' cap (16 tiles: 203 KB).
         let (gemm_wg_gate_up, gemm_wg_down) = (fm("moe_gemm_wg_gate_up")?, fm("moe_gemm_wg_down")?);
         let wg_tiles = gemm_wg_gate_up.get_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK).map_err(drv("MoE GEMM block size"))? as usize / 32;
@@ -881,6 +890,8 @@ impl Kernels {
             qkv_ready4: std::env::var("PEREGRINE_QKV_READY4").ok().map(|v| v != "0"),
             mma_bf16_pipe,
             mma_bf16_pipe_wave,
+            mma_fp8_pipe,
+            mma_fp8_pipe_wave,
             gemv_pipe: std::env::var("PEREGRINE_GEMV_PIPE").map_or(true, |v| v != "0"),
             dense_gemm,
             dense_wg_fns,
@@ -906,6 +917,7 @@ impl Kernels {
             split_bf16: f("split_bf16")?,
             zero_words: f("zero_words")?,
             split_f16: f("split_f16")?,
+            silu_split_f16: f("silu_mul_split_f16")?,
             gate_up_mma: f("moe_gate_up_mma")?,
             down_mma: f("moe_down_mma")?,
             gate_up_pipe: [f("moe_gate_up_pipe_s1")?, f("moe_gate_up_pipe_s2")?, f("moe_gate_up_pipe_s4")?, f("moe_gate_up_pipe_s8")?],
@@ -1308,8 +1320,8 @@ impl Kernels {
         }
         let (groups, ty) = (n.div_ceil(16 * r), t.div_ceil(8 * nt));
         let f = match () {
+            _ if self.pipe_takes(fp8, nt, r, groups * ty) => if fp8 { &self.mma_fp8_pipe } else { &self.mma_bf16_pipe },
             _ if fp8 => &self.mma_fp8[v],
-            _ if self.bf16_pipe_takes(nt, r, groups * ty) => &self.mma_bf16_pipe,
             _ => &self.mma_bf16[v],
         };
         let (ni, ki, ti) = (n as i32, k as i32, t as i32);
@@ -1439,10 +1451,11 @@ impl Kernels {
         std::mem::replace(&mut self.dense_wgmma, on)
     }
 
-    /// Whether a BF16 GEMV of tile `(nt, r)` over `blocks` blocks runs `gemv_mma_bf16_t1_pipe`:
+    /// Whether a GEMV of tile `(nt, r)` over `blocks` blocks runs `gemv_mma_{bf16,fp8}_t1_pipe`:
     /// the one-tile kernel whose grid fits one wave of the pipelined kernel.
-    fn bf16_pipe_takes(&self, nt: usize, r: usize, blocks: usize) -> bool {
-        self.gemv_pipe && (nt, r) == (1, 1) && blocks <= self.mma_bf16_pipe_wave
+    fn pipe_takes(&self, fp8: bool, nt: usize, r: usize, blocks: usize) -> bool {
+        let wave = if fp8 { self.mma_fp8_pipe_wave } else { self.mma_bf16_pipe_wave };
+        self.gemv_pipe && (nt, r) == (1, 1) && blocks <= wave
     }
 
     /// Puts `MoeKernel::Gemm` on the wgmma kernels (`Some(true)`, where the GPU has them:
@@ -1507,6 +1520,44 @@ impl Kernels {
         let (wp, _w) = w.device_ptr(&self.stream);
         let (yp, _y) = y.device_ptr_mut(&self.stream);
         self.mma_launch(false, wp, None, xh, xl, None, [yp; 3], [n, 0, 0], k, t, zero)
+    }
+
+    /// `gemv_fp8` over x given as its F16 split (`split_f16`'s hi, lo and inverse scales, e.g.
+    /// from `silu_mul_split_f16`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemv_fp8_presplit(&self, w: &CudaSlice<u8>, scales: &CudaSlice<f32>, x: &F16Split, y: &mut CudaSlice<f32>, n: usize, k: usize, t: usize) -> Result<()> {
+        let (xh, xl, inv) = x;
+        check(k.is_multiple_of(128) && w.len() >= n * k && scales.len() >= n.div_ceil(128) * (k / 128), || format!("gemv_fp8_presplit: bad shapes {n}x{k}"))?;
+        check(xh.len() >= t * k && xl.len() >= t * k && inv.len() >= t && y.len() >= t * n, || format!("gemv_fp8_presplit: buffers too small for {t} tokens of {n}x{k}"))?;
+        if t == 0 || n == 0 {
+            return Ok(());
+        }
+        let (wp, _w) = w.device_ptr(&self.stream);
+        let (yp, _y) = y.device_ptr_mut(&self.stream);
+        self.mma_launch(true, wp, Some(scales), xh, xl, Some(inv), [yp; 3], [n, 0, 0], k, t, None)
+    }
+
+    /// Whether `silu_mul_split_f16` takes rows of `i` values: I % 8 == 0, held in registers by
+    /// 1024 threads of SILU_SPLIT_GROUPS groups of 8.
+    pub fn silu_split_takes(i: usize) -> bool {
+        i > 0 && i.is_multiple_of(8) && i <= 8 * SILU_SPLIT_GROUPS * 1024
+    }
+
+    /// a = silu(gate) x up of `rows` rows of a stacked gate_up output `y` ([rows, 2 i]: gate
+    /// then up), as its F16 split (`split_f16` without interleave): the bits of `silu_mul`
+    /// then `split_f16`, one launch.
+    pub fn silu_mul_split_f16(&self, y: &CudaSlice<f32>, rows: usize, i: usize) -> Result<F16Split> {
+        check(Self::silu_split_takes(i) && y.len() >= rows * 2 * i, || format!("silu_mul_split_f16: {rows} rows of 2 x {i} (I % 8 == 0, at most {})", 8 * SILU_SPLIT_GROUPS * 1024))?;
+        let len = rows * i;
+        let mut xh = unsafe { self.alloc.alloc::<u16>(len) }?;
+        let mut xl = unsafe { self.alloc.alloc::<u16>(len) }?;
+        let mut inv = unsafe { self.alloc.alloc::<f32>(rows) }?;
+        let (ld, ii) = ((2 * i) as i32, i as i32);
+        let mut b = crate::launch::builder(&self.stream, &self.silu_split_f16);
+        b.arg(y).arg(&ld).arg(&ii).arg(&mut xh).arg(&mut xl).arg(&mut inv);
+        let threads = (i / 8).div_ceil(SILU_SPLIT_GROUPS).div_ceil(32).max(1) * 32;
+        unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv("silu_mul_split_f16"))?;
+        Ok((xh, xl, inv))
     }
 
     /// MXFP4 `W` [N, K/2] bytes with E8M0 scales [N, K/32]; K % 32 == 0.

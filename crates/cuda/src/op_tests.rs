@@ -686,3 +686,96 @@ fn router_computing_the_norm_equals_norm_then_router() {
         assert!(m.router_normed(&mat, &xd, &xd, &xd, 1).is_err(), "K {k} (BF16 {bf16}) taken");
     }
 }
+
+/// A random matrix [n, k] on the GPU (FP8 e4m3 with 128 x 128 block scales, or BF16) and its
+/// values as f32.
+fn random_tc_matrix(st: &std::sync::Arc<cudarc::driver::CudaStream>, r: &mut rand::rngs::StdRng, n: usize, k: usize, fp8: bool) -> (crate::backend::Mat, Vec<f32>) {
+    use crate::backend::{GpuMatrix, Mat};
+    if fp8 {
+        // Every byte but the two NaNs, scaled so rows of K of them stay near 1.
+        let w: Vec<u8> = (0..n * k).map(|_| r.random::<u8>()).map(|b| if b & 0x7f == 0x7f { b ^ 1 } else { b }).collect();
+        let s: Vec<f32> = (0..n.div_ceil(128) * k.div_ceil(128)).map(|_| (0.5 + r.random::<f32>()) / (64.0 * (k as f32).sqrt())).collect();
+        let wf = peregrine_model::formats::dequant_fp8_block(&w, &s, n, k, 128, 128);
+        (Mat { m: GpuMatrix::Fp8 { w: st.clone_htod(&w).unwrap(), s: st.clone_htod(&s).unwrap() }, n, k }, wf)
+    } else {
+        let wf: Vec<f32> = randn(r, n * k, 2.0 / (k as f32).sqrt()).iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
+        let bits: Vec<u16> = wf.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
+        (Mat { m: GpuMatrix::Bf16(st.clone_htod(&bits).unwrap()), n, k }, wf)
+    }
+}
+
+/// A copy of a matrix on the GPU.
+fn copy_mat(m: &crate::backend::Mat) -> crate::backend::Mat {
+    use crate::backend::GpuMatrix;
+    let m2 = match &m.m {
+        GpuMatrix::F32(w) => GpuMatrix::F32(w.clone()),
+        GpuMatrix::Bf16(w) => GpuMatrix::Bf16(w.clone()),
+        GpuMatrix::Fp8 { w, s } => GpuMatrix::Fp8 { w: w.clone(), s: s.clone() },
+        GpuMatrix::Mxfp4 { w, s } => GpuMatrix::Mxfp4 { w: w.clone(), s: s.clone() },
+    };
+    crate::backend::Mat { m: m2, n: m.n, k: m.k }
+}
+
+/// A dense MLP with gate and up stacked (one GEMV; before an FP8 down, silu x up split by
+/// `silu_mul_split_f16`, one launch for silu_mul and the down GEMV's split) gives the bits of
+/// separate gate and up GEMVs, `silu_mul` and the down GEMV, and both match the f64 reference:
+/// FP8 and BF16, 1-70 rows (the one-tile GEMVs, pipelined where the grid fits one wave, the
+/// multi-tile ones and the GEMM), I from 128 to 16384 (Flash's dense MLP: 512 threads of 4
+/// groups of 8 in silu_mul_split_f16).
+#[test]
+fn dense_mlp_with_gate_and_up_stacked_gives_the_separate_bits() {
+    use crate::backend::{Ffn, GateUp};
+    let Some(m) = model() else { return };
+    let mut r = rng();
+    let st = m.stream.clone();
+    for (h, i, fp8, rows) in [(256usize, 384usize, true, &[1usize, 3, 9, 70][..]), (128, 128, false, &[1, 5][..]), (512, 16384, true, &[1, 2][..])] {
+        let (gate, gf) = random_tc_matrix(&st, &mut r, i, h, fp8);
+        let (up, uf) = random_tc_matrix(&st, &mut r, i, h, fp8);
+        let (down, df) = random_tc_matrix(&st, &mut r, h, i, fp8);
+        let stacked = crate::backend::stack_rows(&st, &[&gate, &up]).unwrap().expect("gate and up stack");
+        let down2 = copy_mat(&down);
+        let separate = Ffn { gate_up: GateUp::Separate { gate, up }, down };
+        let stacked = Ffn { gate_up: GateUp::Stacked { m: stacked, i }, down: down2 };
+        for &t in rows {
+            let name = format!("dense MLP {h} -> {i} -> {h} ({}), {t} rows", if fp8 { "FP8" } else { "BF16" });
+            let x = randn(&mut r, t * h, 1.0);
+            let xd = st.clone_htod(&x).unwrap();
+            let want_bits = st.clone_dtoh(&m.ffn(&separate, &xd, t).unwrap()).unwrap();
+            let got = st.clone_dtoh(&m.ffn(&stacked, &xd, t).unwrap()).unwrap();
+            assert!(want_bits.iter().all(|v| v.is_finite()), "{name}: non-finite output");
+            assert!(got.iter().zip(&want_bits).all(|(a, b)| a.to_bits() == b.to_bits()), "{name}: stacked gate and up differ from separate ones in some bit");
+            let dot = |w: &[f32], row: usize, k: usize, v: &[f32]| (0..k).map(|c| w[row * k + c] as f64 * v[c] as f64).sum::<f64>();
+            let want: Vec<f32> = (0..t)
+                .flat_map(|ti| {
+                    let xr = &x[ti * h..(ti + 1) * h];
+                    let a: Vec<f32> = (0..i).map(|j| {
+                        let (g, u) = (dot(&gf, j, h, xr), dot(&uf, j, h, xr));
+                        (g / (1.0 + (-g).exp()) * u) as f32
+                    }).collect();
+                    (0..h).map(|n| dot(&df, n, i, &a) as f32).collect::<Vec<_>>()
+                })
+                .collect();
+            close(&name, &got, &want, 2e-5);
+        }
+    }
+    // silu_mul_split_f16 against silu_mul then split_f16 directly, for I the kernel takes up to
+    // its limit (8 x 4 x 1024), and refusing I past it or not a multiple of 8.
+    for (t, i) in [(1usize, 8usize), (3, 136), (2, 16384), (1, 32768)] {
+        let y = randn(&mut r, t * 2 * i, 6.0);
+        let yd = st.clone_htod(&y).unwrap();
+        let (h, l, inv) = m.kernels.silu_mul_split_f16(&yd, t, i).unwrap();
+        let a = m.silu_mul(&yd.slice(..), &yd.slice(i..), t, i, 2 * i).unwrap();
+        let (wh, wl, winv) = m.kernels.split_f16(&a, t, i, false).unwrap();
+        let name = format!("silu_mul_split_f16, {t} rows of {i}");
+        assert_eq!(st.clone_dtoh(&h).unwrap(), st.clone_dtoh(&wh).unwrap(), "{name}: hi");
+        assert_eq!(st.clone_dtoh(&l).unwrap(), st.clone_dtoh(&wl).unwrap(), "{name}: lo");
+        assert_eq!(st.clone_dtoh(&inv).unwrap(), st.clone_dtoh(&winv).unwrap(), "{name}: scales");
+        let a = st.clone_dtoh(&a).unwrap();
+        let want: Vec<f32> = (0..t * i).map(|e| { let j = (e / i) * 2 * i + e % i; let (g, u) = (y[j] as f64, y[j + i] as f64); (g / (1.0 + (-g).exp()) * u) as f32 }).collect();
+        close(&format!("silu_mul, {t} rows of {i}"), &a, &want, 1e-6);
+    }
+    let yd = st.clone_htod(&vec![0f32; 2 * 32776]).unwrap();
+    for i in [32776usize, 12] {
+        assert!(m.kernels.silu_mul_split_f16(&yd, 1, i).is_err(), "silu_mul_split_f16 took rows of {i}");
+    }
+}

@@ -167,9 +167,10 @@ impl CudaModel {
         let h = self.spec.hidden_size;
         let mut acts: [Option<CudaSlice<f32>>; ACTS] = Default::default();
         // The F16 split of AttnIn, when the norm that wrote AttnIn also split it; MlpIn split as
-        // the MoE reads it, likewise.
+        // the MoE reads it, or as a dense MLP does (`dense_split`), likewise.
         let mut attn_split = None;
         let mut mlp_split = None;
+        let mut dense_split = None;
         // MlpOut held as the routed MoE's pairs (`MlpOut::Pairs`) rather than in acts: the
         // residual add after the MoE sums them.
         let mut mlp_pairs: Option<MoePairs> = None;
@@ -242,6 +243,7 @@ impl CudaModel {
                     }
                     if dst == Act::MlpIn {
                         mlp_split = None;
+                        dense_split = None;
                     }
                     let y = match weight {
                         NormWeight::Input(l) if dst == Act::AttnIn && self.wants_f16_split(l) => self.add_rms_norm_split(&mut x, a, norm_weight(weight), rows, h).map(|(y, sp)| {
@@ -250,6 +252,11 @@ impl CudaModel {
                         }),
                         NormWeight::PostAttention(l) if dst == Act::MlpIn && self.wants_moe_split(l, rows, decode) => self.add_rms_norm_moe_split(&mut x, a, norm_weight(weight), rows, h).map(|(y, sp)| {
                             mlp_split = Some(sp);
+                            y
+                        }),
+                        // A dense MLP's stacked FP8 gate and up read it as the q/k/v GEMV does.
+                        NormWeight::PostAttention(l) if dst == Act::MlpIn && self.wants_dense_split(l) => self.add_rms_norm_split(&mut x, a, norm_weight(weight), rows, h).map(|(y, sp)| {
+                            dense_split = Some(sp);
                             y
                         }),
                         _ => self.add_rms_norm(&mut x, a, norm_weight(weight), rows, h),
@@ -288,7 +295,7 @@ impl CudaModel {
                         let split = if src == Act::MlpIn { mlp_split.take() } else { None };
                         // The MoE may leave its pairs: only the residual adds after it read MlpOut.
                         match &self.layers[layer].mlp {
-                            Mlp::Dense(f) => MlpOut::Rows(self.ffn(f, x, rows)?),
+                            Mlp::Dense(f) => MlpOut::Rows(self.ffn_split(f, x, if src == Act::MlpIn { dense_split.take() } else { None }.as_ref(), rows)?),
                             Mlp::Moe { spec, router, bias, experts } => self.moe(spec, router, bias.as_ref(), experts, x, split.as_ref(), rows, decode)?,
                         }
                     };

@@ -107,7 +107,7 @@ fn nvrtc_compiles_the_kernels() {
             assert!(moe.contains(&format!(".entry {k}")), "moe.cu lacks {k}");
         }
     }
-    for k in ["gemv_bf16", "gemv_fp8", "gemv_mxfp4", "gemv_mxfp4_t1", "gemv_mxfp4_t2", "gemv_mxfp4_t4", "gemv_mxfp4_t8", "moe_gate_up_mxfp4", "moe_down_mxfp4", "moe_gate_up_mxfp4_v2", "moe_down_mxfp4_v2", "moe_combine", "split_bf16", "gemv_mma_fp8_t1", "gemv_mma_fp8_t2_r4", "gemv_mma_bf16_t1", "gemv_mma_bf16_t2_r2", "split_f16", "moe_gate_up_mma", "moe_down_mma", "moe_gate_up_pipe_s1", "moe_gate_up_pipe_s2", "moe_gate_up_pipe_s4", "moe_gate_up_pipe_s8", "moe_down_pipe_s1", "moe_down_pipe_s2", "moe_down_pipe_s4", "moe_down_pipe_s8", "gemm_wg_split", "gemm_wg_fp8", "gemm_wg_bf16", "gemm_wg_combine"] {
+    for k in ["gemv_bf16", "gemv_fp8", "gemv_mxfp4", "gemv_mxfp4_t1", "gemv_mxfp4_t2", "gemv_mxfp4_t4", "gemv_mxfp4_t8", "moe_gate_up_mxfp4", "moe_down_mxfp4", "moe_gate_up_mxfp4_v2", "moe_down_mxfp4_v2", "moe_combine", "split_bf16", "gemv_mma_fp8_t1", "gemv_mma_fp8_t2_r4", "gemv_mma_bf16_t1", "gemv_mma_bf16_t2_r2", "gemv_mma_bf16_t1_pipe", "gemv_mma_fp8_t1_pipe", "split_f16", "silu_mul_split_f16", "moe_gate_up_mma", "moe_down_mma", "moe_gate_up_pipe_s1", "moe_gate_up_pipe_s2", "moe_gate_up_pipe_s4", "moe_gate_up_pipe_s8", "moe_down_pipe_s1", "moe_down_pipe_s2", "moe_down_pipe_s4", "moe_down_pipe_s8", "gemm_wg_split", "gemm_wg_fp8", "gemm_wg_bf16", "gemm_wg_combine"] {
         assert!(text.contains(&format!(".entry {k}")), "kernel {k} missing from the PTX");
     }
 }
@@ -168,8 +168,8 @@ fn gemv_kernels_match_the_cpu_reference() {
 }
 
 /// Runs a tensor-core GEMV with the default tile for its token count and then with every tile
-/// shape forced, each with and without the BF16 one-tile kernel that loads a K block ahead
-/// (`set_gemv_pipe`, taken where the grid fits 2 blocks per SM) and the GEMM on mma.sync and on
+/// shape forced, each with and without the one-tile kernels that load a K block ahead
+/// (`set_gemv_pipe`, taken where the grid fits one wave of them) and the GEMM on mma.sync and on
 /// wgmma (`set_dense_gemm_wgmma`, where the GPU has it, in blocks of each of `DENSE_WG_ROWS`
 /// rows, whole and split over K in each of `DENSE_WG_SPLITS`): each must match the CPU and give
 /// the default's bits (a tile or a split only changes which block computes a row's parts, not
@@ -199,7 +199,7 @@ fn every_gemv_tile(kern: &mut Kernels, what: &str, want: &[f32], mut run: impl F
                 kern.set_dense_wg_rows(rows).unwrap();
                 kern.set_dense_wg_k_splits(splits).unwrap();
                 let got = run(kern);
-                assert!(got.iter().zip(&base).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: tile {tile:?} (pipelined BF16 one-tile kernel {pipe}, GEMM on wgmma {wg}, block rows {rows:?}, K splits {splits:?}) differs from the default in some bit");
+                assert!(got.iter().zip(&base).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: tile {tile:?} (pipelined one-tile kernel {pipe}, GEMM on wgmma {wg}, block rows {rows:?}, K splits {splits:?}) differs from the default in some bit");
             }
         }
     }
