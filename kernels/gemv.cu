@@ -743,7 +743,7 @@ __device__ __forceinline__ void b_regs(uint4 x0, uint4 x1, unsigned b[8]) {
 // kernel also had only 2 of its 4 possible blocks per SM and so half the bytes in flight of a
 // GEMV with a full grid; likewise a dense MLP's FP8 down, 4096 rows). Same loads, same
 // arithmetic in the same order: the same bits.
-template <int NT, int R, bool FP8, bool READY = false, int PIPE = 0, int CW = 1>
+template <int NT, int R, bool FP8, bool READY = false, bool PIPE = false, int CW = 1>
 __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, const float* __restrict__ S,
                                          const unsigned short* __restrict__ XH, const unsigned short* __restrict__ XL,
                                          const float* __restrict__ xinv, float* __restrict__ y, float* __restrict__ y1,
@@ -799,16 +799,11 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
         if (FP8) fp8_rows(rt, k, w0, w1);
         else bf16_rows(rt, k, w0, w1);
     };
-    // PIPE: the weights of this warp's next PIPE K blocks (both 64-k chunks of each), the
-    // first in pw[0].
-    constexpr int PD = PIPE > 0 ? PIPE : 1;
-    uint4 pw0[PD][2][2], pw1[PD][2][2];
-    if (PIPE)
+    // PIPE: K block kb's weights of both 64-k chunks, loaded one K block ahead.
+    uint4 pw0[2][2], pw1[2][2];
+    if (PIPE && w < KB)
 #pragma unroll
-        for (int d = 0; d < PD; d++)
-            if (w + d * MMA_WARPS < KB)
-#pragma unroll
-                for (int c = 0; c < 2; c++) tile_rows(0, (w + d * MMA_WARPS) * 128 + c * 64 + q * 16, pw0[d][c], pw1[d][c]);
+        for (int c = 0; c < 2; c++) tile_rows(0, w * 128 + c * 64 + q * 16, pw0[c], pw1[c]);
     // The K class this warp sums: K blocks cls, cls + MMA_WARPS, ... With CW > 1 (blocks of
     // MMA_WARPS / CW warps) a warp sums classes w, w + MMA_WARPS / CW, ... one after the other,
     // each into its own slot of red, so the block adds the same MMA_WARPS sums in the same order.
@@ -832,9 +827,9 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
         }
         for (int kb = cls; kb < KB; kb += MMA_WARPS) {
             uint4 nw0[2][2], nw1[2][2];
-            if (PIPE && kb + PD * MMA_WARPS < KB)
+            if (PIPE && kb + MMA_WARPS < KB)
 #pragma unroll
-                for (int c = 0; c < 2; c++) tile_rows(0, (kb + PD * MMA_WARPS) * 128 + c * 64 + q * 16, nw0[c], nw1[c]);
+                for (int c = 0; c < 2; c++) tile_rows(0, (kb + MMA_WARPS) * 128 + c * 64 + q * 16, nw0[c], nw1[c]);
             float part[R][NT][4];
 #pragma unroll
             for (int rt = 0; rt < R; rt++)
@@ -850,7 +845,7 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
                 for (int rt = 0; rt < R; rt++) {
                     uint4 w0[2], w1[2];
                     if (PIPE) {
-                        w0[0] = pw0[0][c][0]; w0[1] = pw0[0][c][1]; w1[0] = pw1[0][c][0]; w1[1] = pw1[0][c][1];
+                        w0[0] = pw0[c][0]; w0[1] = pw0[c][1]; w1[0] = pw1[c][0]; w1[1] = pw1[c][1];
                     } else if (FP8) {
 #ifdef GEMV_TILED_ORDER
                         // Measurement only (wrong results): the tile's same bytes, each warp load 512
@@ -916,11 +911,7 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
 #pragma unroll
                 for (int c = 0; c < 2; c++)
 #pragma unroll
-                    for (int i = 0; i < 2; i++) {
-#pragma unroll
-                        for (int d = 0; d + 1 < PD; d++) { pw0[d][c][i] = pw0[d + 1][c][i]; pw1[d][c][i] = pw1[d + 1][c][i]; }
-                        pw0[PD - 1][c][i] = nw0[c][i]; pw1[PD - 1][c][i] = nw1[c][i];
-                    }
+                    for (int i = 0; i < 2; i++) { pw0[c][i] = nw0[c][i]; pw1[c][i] = nw1[c][i]; }
         }
     }
     // One row tile at a time through the shared buffer (it holds one tile's K classes).
@@ -1528,19 +1519,17 @@ extern "C" __global__ void __launch_bounds__(256) gemm_wg_combine(const float* _
     }
 // gemv_mma_{bf16,fp8}_t1 with the next K block's weights loaded ahead (PIPE above); they zero
 // counters as the one-tile kernels do.
-#define GEMV_MMA_PIPE(FORMAT, FP8, DEPTH, SUFFIX)                                                                         \
-    extern "C" __global__ void __launch_bounds__(256) gemv_mma_##FORMAT##_t1_pipe##SUFFIX(                              \
+#define GEMV_MMA_PIPE(FORMAT, FP8)                                                                                        \
+    extern "C" __global__ void __launch_bounds__(256) gemv_mma_##FORMAT##_t1_pipe(                                      \
         const unsigned char* __restrict__ W, const float* __restrict__ S, const unsigned short* __restrict__ XH,          \
         const unsigned short* __restrict__ XL, const float* __restrict__ xinv, float* __restrict__ y,                     \
         float* __restrict__ y1, float* __restrict__ y2, int N0, int N1, int N, int K, int T, unsigned* zero, int nzero) { \
         PDL_ENTER();                                                                                                      \
-        gemv_mma<1, 1, FP8, false, DEPTH>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T);                                \
+        gemv_mma<1, 1, FP8, false, true>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T);                                 \
         zero_after_wait(zero, nzero);                                                                                     \
     }
-GEMV_MMA_PIPE(bf16, false, 1, )
-GEMV_MMA_PIPE(fp8, true, 1, )
-GEMV_MMA_PIPE(fp8, true, 2, 2)
-GEMV_MMA_PIPE(fp8, true, 3, 3)
+GEMV_MMA_PIPE(bf16, false)
+GEMV_MMA_PIPE(fp8, true)
 // gemv_mma_fp8_t1 counting its tiles into `ready` for attention_v2_kv_ready (READY above).
 extern "C" __global__ void __launch_bounds__(256) gemv_mma_fp8_t1_ready(
     const unsigned char* __restrict__ W, const float* __restrict__ S, const unsigned short* __restrict__ XH,
@@ -1557,7 +1546,7 @@ extern "C" __global__ void __launch_bounds__(128) gemv_mma_fp8_t1_ready4(
     const unsigned short* __restrict__ XL, const float* __restrict__ xinv, float* __restrict__ y, float* __restrict__ y1,
     float* __restrict__ y2, int N0, int N1, int N, int K, int T, unsigned* __restrict__ ready, int heads, int hd, int vd) {
     PDL_ENTER();
-    gemv_mma<1, 1, true, true, 0, 2>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T, ready, heads, hd, vd);
+    gemv_mma<1, 1, true, true, false, 2>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T, ready, heads, hd, vd);
 }
 // Measured on the H100 and not kept (benches/results/2026-11-23-gemv-row-tiles.md): one row
 // tile of 16, 32 or 64 tokens per block (the activations read from L2 once per 16 rows bound

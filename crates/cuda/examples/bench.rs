@@ -237,15 +237,6 @@ fn main() {
                     let off = time_b2b(&mut |i| run(&k, i, &mut y));
                     k.set_gemv_pipe(true);
                     wg.push_str(&format!("; no pipe {:.1}%", 100.0 * b / (off as f64 * 1e-3) / copy_bw));
-                    if fp8 {
-                        let depth = k.fp8_pipe_depth();
-                        for d in peregrine_cuda::kernels::FP8_PIPE_DEPTHS {
-                            k.set_fp8_pipe_depth(d).unwrap();
-                            let ms = time_b2b(&mut |i| run(&k, i, &mut y));
-                            wg.push_str(&format!("; pipe depth {d} {:.1}%", 100.0 * b / (ms as f64 * 1e-3) / copy_bw));
-                        }
-                        k.set_fp8_pipe_depth(depth).unwrap();
-                    }
                 }
                 let format = if fp8 { "fp8 " } else { "bf16" };
                 println!("{format}   T={t:<3} {:>10.1} MB {ms:8.3} ms {:7.0} GB/s {:5.1}%  ({rows}x{cols}, {what}{wg})", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, 100.0 * b / (ms as f64 * 1e-3) / copy_bw);

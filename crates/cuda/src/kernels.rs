@@ -244,11 +244,8 @@ pub struct Kernels {
     /// comparisons): the o_proj and a dense MLP's down projection at decode.
     mma_bf16_pipe: CudaFunction,
     mma_bf16_pipe_wave: usize,
-    /// FP8: `gemv_mma_fp8_t1_pipe{,2,3}`, loading 1, 2 or 3 K blocks ahead
-    /// (`FP8_PIPE_DEPTHS`); `fp8_pipe_depth` of them runs (`PEREGRINE_GEMV_PIPE_DEPTH`), and
-    /// each has its own wave.
-    mma_fp8_pipe: Vec<(CudaFunction, usize)>,
-    fp8_pipe_depth: usize,
+    mma_fp8_pipe: CudaFunction,
+    mma_fp8_pipe_wave: usize,
     gemv_pipe: bool,
     /// The GEMM entry of `MMA_GEMV_TILES` got its shared memory (chosen from
     /// `dense_gemm_min_tokens()` tokens).
@@ -388,10 +385,6 @@ const fn dense_gemm_smem(fp8: bool, deep: bool) -> usize {
 /// The shape rule (`dense_wg_for`) never takes 128: at every decode shape measured it was
 /// within 1-3 points of 64 or 256 rows, whichever led; it stays for `PEREGRINE_GEMM_WG_ROWS`.
 pub const DENSE_WG_ROWS: [usize; 3] = [256, 128, 64];
-
-/// K blocks the FP8 pipelined one-tile GEMV may load ahead, and the default.
-pub const FP8_PIPE_DEPTHS: [usize; 3] = [1, 2, 3];
-const FP8_PIPE_DEPTH: usize = 2;
 
 /// Groups of 8 values each thread of `silu_mul_split_f16` holds (SILU_SPLIT_GROUPS in kernels/gemv.cu).
 const SILU_SPLIT_GROUPS: usize = 4;
@@ -868,14 +861,8 @@ impl Kernels {
         let sms = gpu.ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(drv("SM count"))? as usize;
         let mma_bf16_pipe = f("gemv_mma_bf16_t1_pipe")?;
         let mma_bf16_pipe_wave = mma_bf16_pipe.occupancy_max_active_blocks_per_multiprocessor(256, 0, None).map_err(drv("GEMV occupancy"))? as usize * sms;
-        let mma_fp8_pipe = FP8_PIPE_DEPTHS
-            .iter()
-            .map(|&d| {
-                let func = f(&if d == 1 { "gemv_mma_fp8_t1_pipe".to_string() } else { format!("gemv_mma_fp8_t1_pipe{d}") })?;
-                let wave = func.occupancy_max_active_blocks_per_multiprocessor(256, 0, None).map_err(drv("GEMV occupancy"))? as usize * sms;
-                Ok((func, wave))
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let mma_fp8_pipe = f("gemv_mma_fp8_t1_pipe")?;
+        let mma_fp8_pipe_wave = mma_fp8_pipe.occupancy_max_active_blocks_per_multiprocessor(256, 0, None).map_err(drv("GEMV occupancy"))? as usize * sms;
         // The wgmma GEMM's stages may take more than the tiled kernels' cap (16 tiles: 203 KB).
         let (gemm_wg_gate_up, gemm_wg_down) = (fm("moe_gemm_wg_gate_up")?, fm("moe_gemm_wg_down")?);
         let wg_tiles = gemm_wg_gate_up.get_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK).map_err(drv("MoE GEMM block size"))? as usize / 32;
@@ -904,10 +891,7 @@ impl Kernels {
             mma_bf16_pipe,
             mma_bf16_pipe_wave,
             mma_fp8_pipe,
-            fp8_pipe_depth: match std::env::var("PEREGRINE_GEMV_PIPE_DEPTH") {
-                Ok(v) => v.parse().ok().filter(|d| FP8_PIPE_DEPTHS.contains(d)).ok_or_else(|| Error::Backend(format!("PEREGRINE_GEMV_PIPE_DEPTH={v}: expected one of {FP8_PIPE_DEPTHS:?}")))?,
-                Err(_) => FP8_PIPE_DEPTH,
-            },
+            mma_fp8_pipe_wave,
             gemv_pipe: std::env::var("PEREGRINE_GEMV_PIPE").map_or(true, |v| v != "0"),
             dense_gemm,
             dense_wg_fns,
@@ -1336,7 +1320,7 @@ impl Kernels {
         }
         let (groups, ty) = (n.div_ceil(16 * r), t.div_ceil(8 * nt));
         let f = match () {
-            _ if self.pipe_takes(fp8, nt, r, groups * ty) => if fp8 { &self.fp8_pipe().0 } else { &self.mma_bf16_pipe },
+            _ if self.pipe_takes(fp8, nt, r, groups * ty) => if fp8 { &self.mma_fp8_pipe } else { &self.mma_bf16_pipe },
             _ if fp8 => &self.mma_fp8[v],
             _ => &self.mma_bf16[v],
         };
@@ -1470,7 +1454,7 @@ impl Kernels {
     /// Whether a GEMV of tile `(nt, r)` over `blocks` blocks runs `gemv_mma_{bf16,fp8}_t1_pipe`:
     /// the one-tile kernel whose grid fits one wave of the pipelined kernel.
     fn pipe_takes(&self, fp8: bool, nt: usize, r: usize, blocks: usize) -> bool {
-        let wave = if fp8 { self.fp8_pipe().1 } else { self.mma_bf16_pipe_wave };
+        let wave = if fp8 { self.mma_fp8_pipe_wave } else { self.mma_bf16_pipe_wave };
         self.gemv_pipe && (nt, r) == (1, 1) && blocks <= wave
     }
 
@@ -1493,24 +1477,6 @@ impl Kernels {
 
     /// Runs the BF16 one-tile GEMV with its next K block loaded ahead where its grid fits
     /// (`gemv_mma_bf16_t1_pipe`, the default), or never (`false`). Same bits either way.
-    /// The FP8 pipelined GEMV of `fp8_pipe_depth` and its wave.
-    fn fp8_pipe(&self) -> &(CudaFunction, usize) {
-        &self.mma_fp8_pipe[FP8_PIPE_DEPTHS.iter().position(|&d| d == self.fp8_pipe_depth).unwrap_or(0)]
-    }
-
-    /// How many K blocks ahead the FP8 pipelined GEMV loads.
-    pub fn fp8_pipe_depth(&self) -> usize {
-        self.fp8_pipe_depth
-    }
-
-    /// Sets how many K blocks ahead the FP8 pipelined GEMV loads (one of `FP8_PIPE_DEPTHS`):
-    /// the same bits at every depth.
-    pub fn set_fp8_pipe_depth(&mut self, depth: usize) -> Result<()> {
-        check(FP8_PIPE_DEPTHS.contains(&depth), || format!("FP8 GEMV pipe depth {depth}: expected one of {FP8_PIPE_DEPTHS:?}"))?;
-        self.fp8_pipe_depth = depth;
-        Ok(())
-    }
-
     pub fn set_gemv_pipe(&mut self, on: bool) {
         self.gemv_pipe = on;
     }
