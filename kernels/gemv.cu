@@ -736,9 +736,9 @@ __device__ __forceinline__ void b_regs(uint4 x0, uint4 x1, unsigned b[8]) {
 // straddles two). The attention blocks of a head start as soon as its counts are complete,
 // while the projection still streams the later heads' rows (no launch boundary between them).
 //
-// PIPE (gemv_mma_{bf16,fp8}_t1_pipe, R = 1): each warp loads its next K block's weights before
-// it computes the current one, so a warp keeps up to two K blocks (8 KB BF16, 4 KB FP8) in
-// flight instead of one. More registers (~100 BF16), so 2 blocks per SM: the host runs it only
+// PIPE (gemv_mma_{bf16,fp8}_t1_pipe, R = 1): each warp loads its next K block's weights (and
+// activations, and FP8 scale) while it computes the current one, so a warp keeps up to two K
+// blocks (8 KB BF16, 4 KB FP8) in flight instead of one. More registers (~100 BF16), so 2 blocks per SM: the host runs it only
 // where the grid fits one wave of it (the o_proj at decode: 256 tiles, where the 64-register
 // kernel also had only 2 of its 4 possible blocks per SM and so half the bytes in flight of a
 // GEMV with a full grid; likewise a dense MLP's FP8 down, 4096 rows). Same loads, same
@@ -799,11 +799,35 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
         if (FP8) fp8_rows(rt, k, w0, w1);
         else bf16_rows(rt, k, w0, w1);
     };
-    // PIPE: K block kb's weights of both 64-k chunks, loaded one K block ahead.
-    uint4 pw0[2][2], pw1[2][2];
-    if (PIPE && w < KB)
+    // PIPE: a K block's weights of both 64-k chunks, its activations (hi, lo; NT == 1) and its
+    // FP8 scale, loaded one K block ahead: each chunk's slots are refilled with the next K
+    // block's once its MMAs have been issued. A K block's activations and scale come from L2,
+    // and waiting for them inside the iteration put two L2 round trips on every K block's path.
+    static_assert(!PIPE || NT == 1, "the pipelined GEMV is a one-token-group kernel");
+    uint4 pw0[2][2], pw1[2][2], px[2][4];
+    // Token t0 + g's activations (hi, then lo: 16 halves each) at columns k .. k + 15, zero past T.
+    auto x_ahead = [&](int k, uint4 xv[4]) {
+        if (t0 + g < T) {
+            const uint4* ph = reinterpret_cast<const uint4*>(XH + (size_t)(t0 + g) * K + k);
+            const uint4* pl = reinterpret_cast<const uint4*>(XL + (size_t)(t0 + g) * K + k);
+            xv[0] = __ldg(ph); xv[1] = __ldg(ph + 1); xv[2] = __ldg(pl); xv[3] = __ldg(pl + 1);
+        } else {
 #pragma unroll
-        for (int c = 0; c < 2; c++) tile_rows(0, w * 128 + c * 64 + q * 16, pw0[c], pw1[c]);
+            for (int i = 0; i < 4; i++) xv[i] = make_uint4(0u, 0u, 0u, 0u);
+        }
+    };
+    if (PIPE && w < KB) {
+#pragma unroll
+        for (int c = 0; c < 2; c++) {
+            tile_rows(0, w * 128 + c * 64 + q * 16, pw0[c], pw1[c]);
+            x_ahead(w * 128 + c * 64 + q * 16, px[c]);
+        }
+    }
+    // FP8: the scale of each K block is asked for one K block ahead, with the weights (an R-tile
+    // block's rows lie inside one 128-row scale block: 16 R divides 128). Loaded where it is
+    // used, after the block's MMAs, it put an L2 round trip on every K block's path.
+    const float* srow = FP8 ? S + (size_t)(nb / 128) * KB : nullptr;
+    float psc = FP8 && w < KB ? srow[w] : 0.f;
     // The K class this warp sums: K blocks cls, cls + MMA_WARPS, ... With CW > 1 (blocks of
     // MMA_WARPS / CW warps) a warp sums classes w, w + MMA_WARPS / CW, ... one after the other,
     // each into its own slot of red, so the block adds the same MMA_WARPS sums in the same order.
@@ -826,10 +850,10 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
             cls += MMA_WARPS / CW;
         }
         for (int kb = cls; kb < KB; kb += MMA_WARPS) {
-            uint4 nw0[2][2], nw1[2][2];
-            if (PIPE && kb + MMA_WARPS < KB)
-#pragma unroll
-                for (int c = 0; c < 2; c++) tile_rows(0, (kb + MMA_WARPS) * 128 + c * 64 + q * 16, nw0[c], nw1[c]);
+            const bool ahead = PIPE && kb + MMA_WARPS < KB;
+            // The K block after this one: the class's next, else the next class's first.
+            const int nkb = kb + MMA_WARPS < KB ? kb + MMA_WARPS : (ci + 1 < CW ? cls + MMA_WARPS / CW : KB);
+            const float nsc = FP8 && nkb < KB ? srow[nkb] : 0.f;
             float part[R][NT][4];
 #pragma unroll
             for (int rt = 0; rt < R; rt++)
@@ -872,7 +896,10 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
                 for (int tt = 0; tt < NT; tt++) {
                     int t = t0 + tt * 8 + g;
                     unsigned bh[8], bl[8];
-                    if (t < T) {
+                    if (PIPE) {
+                        b_regs(px[c][0], px[c][1], bh);
+                        b_regs(px[c][2], px[c][3], bl);
+                    } else if (t < T) {
                         const uint4* ph = reinterpret_cast<const uint4*>(XH + (size_t)t * K + k);
                         const uint4* pl = reinterpret_cast<const uint4*>(XL + (size_t)t * K + k);
                         b_regs(__ldg(ph), __ldg(ph + 1), bh);
@@ -895,23 +922,21 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
                     for (int rt = 0; rt < R; rt++) mma_k16<FP8>(FP8 ? part[rt][tt] : acc[rt][tt], a0[rt], a1[rt], bh, bl);
 #endif
                 }
+                if (ahead) {  // this chunk's slots, for the next K block
+                    tile_rows(0, (kb + MMA_WARPS) * 128 + c * 64 + q * 16, pw0[c], pw1[c]);
+                    x_ahead((kb + MMA_WARPS) * 128 + c * 64 + q * 16, px[c]);
+                }
             }
             if (FP8) {
 #pragma unroll
                 for (int rt = 0; rt < R; rt++) {
-                    // Each 16-row tile lies inside one 128-row scale block (16 divides 128).
-                    float sc = S[(size_t)((nb + rt * 16) / 128) * KB + kb];
 #pragma unroll
                     for (int tt = 0; tt < NT; tt++)
 #pragma unroll
-                        for (int i = 0; i < 4; i++) acc[rt][tt][i] += sc * part[rt][tt][i];
+                        for (int i = 0; i < 4; i++) acc[rt][tt][i] += psc * part[rt][tt][i];
                 }
             }
-            if (PIPE)
-#pragma unroll
-                for (int c = 0; c < 2; c++)
-#pragma unroll
-                    for (int i = 0; i < 2; i++) { pw0[c][i] = nw0[c][i]; pw1[c][i] = nw1[c][i]; }
+            psc = nsc;
         }
     }
     // One row tile at a time through the shared buffer (it holds one tile's K classes).
