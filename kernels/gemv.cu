@@ -1373,13 +1373,12 @@ __device__ __forceinline__ void gemm_wg(const unsigned char* __restrict__ W, con
             part_at(c - 8 / NS + 1, i) = acc[i];
         }
     };
-    // K block kb's FP8 scale (the warpgroup's 64 rows lie in one 128-row scale block; kb past
-    // the last reads the last, unused).
-    auto scale_of = [&](int kb) { return FP8 ? S[(size_t)(min(nb + wrow, N - 1) / 128) * KB + min(kb, KB - 1)] : 0.f; };
-    // A K block is complete (its MMAs waited for): FP8 scales it by its sc into the class sum,
-    // and a class's last block adds the class into total (the empty classes of K < 1024 add zeros).
-    auto finish = [&](float sc) {
+    // K block kb is complete (its MMAs waited for): FP8 scales it into the class sum, and a
+    // class's last block adds the class into total (the empty classes of K < 1024 add zeros).
+    auto finish = [&](int kb) {
         if (FP8) {
+            // The warpgroup's 64 rows lie in one 128-row scale block.
+            const float sc = S[(size_t)(min(nb + wrow, N - 1) / 128) * KB + kb];
 #pragma unroll
             for (int i = 0; i < 32; i++) acc[i] += sc * part[i];
         }
@@ -1435,9 +1434,6 @@ __device__ __forceinline__ void gemm_wg(const unsigned char* __restrict__ W, con
         }
     };
     int kb = c0;  // (the block whose MMAs finish next)
-    // Its FP8 scale, asked for one K block ahead: loaded after the block's MMAs had been waited
-    // for, it put an L2 round trip on every K block.
-    float sc = scale_of(kb);
     for (int p = 0; p < NU; p++) {
         cp_async_wait<STAGES - 2>();                                   // stage p landed (this thread's copies)
         GWG_STAMP(p, 0);
@@ -1449,10 +1445,8 @@ __device__ __forceinline__ void gemm_wg(const unsigned char* __restrict__ W, con
         multiply(p);
         GWG_STAMP(p, 3);
         if (HS == 2 || (p & 1)) {
-            const float cur = sc;
+            finish(kb);
             kb = next_kb(kb);
-            sc = scale_of(kb);
-            finish(cur);
         }
     }
     // A split past its K (no K blocks at all) still owes its classes' zeros.
