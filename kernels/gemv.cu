@@ -743,7 +743,7 @@ __device__ __forceinline__ void b_regs(uint4 x0, uint4 x1, unsigned b[8]) {
 // kernel also had only 2 of its 4 possible blocks per SM and so half the bytes in flight of a
 // GEMV with a full grid; likewise a dense MLP's FP8 down, 4096 rows). Same loads, same
 // arithmetic in the same order: the same bits.
-template <int NT, int R, bool FP8, bool READY = false, int PIPE = 0, int CW = 1>
+template <int NT, int R, bool FP8, bool READY = false, bool PIPE = false, int CW = 1>
 __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, const float* __restrict__ S,
                                          const unsigned short* __restrict__ XH, const unsigned short* __restrict__ XL,
                                          const float* __restrict__ xinv, float* __restrict__ y, float* __restrict__ y1,
@@ -803,10 +803,8 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
     // FP8 scale, loaded one K block ahead: each chunk's slots are refilled with the next K
     // block's once its MMAs have been issued. A K block's activations and scale come from L2,
     // and waiting for them inside the iteration put two L2 round trips on every K block's path.
-    // PIPE K blocks ahead: set d holds the K blocks d, d + PIPE, ... of the warp's class.
-    static_assert(!PIPE || (NT == 1 && CW == 1), "the pipelined GEMV is a one-token-group kernel");
-    constexpr int PD = PIPE > 0 ? PIPE : 1;
-    uint4 pw0[PD][2][2], pw1[PD][2][2], px[PD][2][4];
+    static_assert(!PIPE || NT == 1, "the pipelined GEMV is a one-token-group kernel");
+    uint4 pw0[2][2], pw1[2][2], px[2][4];
     // Token t0 + g's activations (hi, then lo: 16 halves each) at columns k .. k + 15, zero past T.
     auto x_ahead = [&](int k, uint4 xv[4]) {
         if (t0 + g < T) {
@@ -818,15 +816,13 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
             for (int i = 0; i < 4; i++) xv[i] = make_uint4(0u, 0u, 0u, 0u);
         }
     };
-    if (PIPE)
+    if (PIPE && w < KB) {
 #pragma unroll
-        for (int d = 0; d < PD; d++)
-            if (w + d * MMA_WARPS < KB)
-#pragma unroll
-                for (int c = 0; c < 2; c++) {
-                    tile_rows(0, (w + d * MMA_WARPS) * 128 + c * 64 + q * 16, pw0[d][c], pw1[d][c]);
-                    x_ahead((w + d * MMA_WARPS) * 128 + c * 64 + q * 16, px[d][c]);
-                }
+        for (int c = 0; c < 2; c++) {
+            tile_rows(0, w * 128 + c * 64 + q * 16, pw0[c], pw1[c]);
+            x_ahead(w * 128 + c * 64 + q * 16, px[c]);
+        }
+    }
     // FP8: the scale of each K block is asked for one K block ahead, with the weights (an R-tile
     // block's rows lie inside one 128-row scale block: 16 R divides 128). Loaded where it is
     // used, after the block's MMAs, it put an L2 round trip on every K block's path.
@@ -853,12 +849,8 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
                 for (int i = 0; i < 4; i++) acc[0][tt][i] = 0.f;
             cls += MMA_WARPS / CW;
         }
-        for (int kb0 = cls; kb0 < KB; kb0 += PD * MMA_WARPS)
-#pragma unroll
-        for (int d = 0; d < PD; d++) {
-            const int kb = kb0 + d * MMA_WARPS;
-            if (d > 0 && kb >= KB) break;
-            const bool ahead = PIPE && kb + PD * MMA_WARPS < KB;
+        for (int kb = cls; kb < KB; kb += MMA_WARPS) {
+            const bool ahead = PIPE && kb + MMA_WARPS < KB;
             // The K block after this one: the class's next, else the next class's first.
             const int nkb = kb + MMA_WARPS < KB ? kb + MMA_WARPS : (ci + 1 < CW ? cls + MMA_WARPS / CW : KB);
             const float nsc = FP8 && nkb < KB ? srow[nkb] : 0.f;
@@ -877,7 +869,7 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
                 for (int rt = 0; rt < R; rt++) {
                     uint4 w0[2], w1[2];
                     if (PIPE) {
-                        w0[0] = pw0[d][c][0]; w0[1] = pw0[d][c][1]; w1[0] = pw1[d][c][0]; w1[1] = pw1[d][c][1];
+                        w0[0] = pw0[c][0]; w0[1] = pw0[c][1]; w1[0] = pw1[c][0]; w1[1] = pw1[c][1];
                     } else if (FP8) {
 #ifdef GEMV_TILED_ORDER
                         // Measurement only (wrong results): the tile's same bytes, each warp load 512
@@ -905,8 +897,8 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
                     int t = t0 + tt * 8 + g;
                     unsigned bh[8], bl[8];
                     if (PIPE) {
-                        b_regs(px[d][c][0], px[d][c][1], bh);
-                        b_regs(px[d][c][2], px[d][c][3], bl);
+                        b_regs(px[c][0], px[c][1], bh);
+                        b_regs(px[c][2], px[c][3], bl);
                     } else if (t < T) {
                         const uint4* ph = reinterpret_cast<const uint4*>(XH + (size_t)t * K + k);
                         const uint4* pl = reinterpret_cast<const uint4*>(XL + (size_t)t * K + k);
@@ -930,9 +922,9 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
                     for (int rt = 0; rt < R; rt++) mma_k16<FP8>(FP8 ? part[rt][tt] : acc[rt][tt], a0[rt], a1[rt], bh, bl);
 #endif
                 }
-                if (ahead) {  // this chunk's slots, for the set's next K block
-                    tile_rows(0, (kb + PD * MMA_WARPS) * 128 + c * 64 + q * 16, pw0[d][c], pw1[d][c]);
-                    x_ahead((kb + PD * MMA_WARPS) * 128 + c * 64 + q * 16, px[d][c]);
+                if (ahead) {  // this chunk's slots, for the next K block
+                    tile_rows(0, (kb + MMA_WARPS) * 128 + c * 64 + q * 16, pw0[c], pw1[c]);
+                    x_ahead((kb + MMA_WARPS) * 128 + c * 64 + q * 16, px[c]);
                 }
             }
             if (FP8) {
@@ -1552,20 +1544,17 @@ extern "C" __global__ void __launch_bounds__(256) gemm_wg_combine(const float* _
     }
 // gemv_mma_{bf16,fp8}_t1 with the next K block's weights loaded ahead (PIPE above); they zero
 // counters as the one-tile kernels do.
-#define GEMV_MMA_PIPE(FORMAT, FP8, DEPTH, SUFFIX)                                                                         \
-    extern "C" __global__ void __launch_bounds__(256) gemv_mma_##FORMAT##_t1_pipe##SUFFIX(                              \
+#define GEMV_MMA_PIPE(FORMAT, FP8)                                                                                        \
+    extern "C" __global__ void __launch_bounds__(256) gemv_mma_##FORMAT##_t1_pipe(                                      \
         const unsigned char* __restrict__ W, const float* __restrict__ S, const unsigned short* __restrict__ XH,          \
         const unsigned short* __restrict__ XL, const float* __restrict__ xinv, float* __restrict__ y,                     \
         float* __restrict__ y1, float* __restrict__ y2, int N0, int N1, int N, int K, int T, unsigned* zero, int nzero) { \
         PDL_ENTER();                                                                                                      \
-        gemv_mma<1, 1, FP8, false, DEPTH>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T);                                \
+        gemv_mma<1, 1, FP8, false, true>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T);                                 \
         zero_after_wait(zero, nzero);                                                                                     \
     }
-GEMV_MMA_PIPE(bf16, false, 1, )
-GEMV_MMA_PIPE(fp8, true, 1, )
-// FP8 two K blocks ahead (~120 registers, 2 blocks per SM). BF16 two ahead needs ~158 registers
-// (one block per SM; capped at 128 it spilled 244 bytes), so it is not built.
-GEMV_MMA_PIPE(fp8, true, 2, 2)
+GEMV_MMA_PIPE(bf16, false)
+GEMV_MMA_PIPE(fp8, true)
 // gemv_mma_fp8_t1 counting its tiles into `ready` for attention_v2_kv_ready (READY above).
 extern "C" __global__ void __launch_bounds__(256) gemv_mma_fp8_t1_ready(
     const unsigned char* __restrict__ W, const float* __restrict__ S, const unsigned short* __restrict__ XH,
@@ -1582,7 +1571,7 @@ extern "C" __global__ void __launch_bounds__(128) gemv_mma_fp8_t1_ready4(
     const unsigned short* __restrict__ XL, const float* __restrict__ xinv, float* __restrict__ y, float* __restrict__ y1,
     float* __restrict__ y2, int N0, int N1, int N, int K, int T, unsigned* __restrict__ ready, int heads, int hd, int vd) {
     PDL_ENTER();
-    gemv_mma<1, 1, true, true, 0, 2>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T, ready, heads, hd, vd);
+    gemv_mma<1, 1, true, true, false, 2>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T, ready, heads, hd, vd);
 }
 // Measured on the H100 and not kept (benches/results/2026-11-23-gemv-row-tiles.md): one row
 // tile of 16, 32 or 64 tokens per block (the activations read from L2 once per 16 rows bound

@@ -237,13 +237,6 @@ fn main() {
                     let off = time_b2b(&mut |i| run(&k, i, &mut y));
                     k.set_gemv_pipe(true);
                     wg.push_str(&format!("; no pipe {:.1}%", 100.0 * b / (off as f64 * 1e-3) / copy_bw));
-                    if fp8 {
-                        let depth = k.fp8_pipe_depth();
-                        k.set_fp8_pipe_depth(3 - depth).unwrap();
-                        let other = time_b2b(&mut |i| run(&k, i, &mut y));
-                        k.set_fp8_pipe_depth(depth).unwrap();
-                        wg.push_str(&format!("; pipe depth {} {:.1}%", 3 - depth, 100.0 * b / (other as f64 * 1e-3) / copy_bw));
-                    }
                 }
                 let format = if fp8 { "fp8 " } else { "bf16" };
                 println!("{format}   T={t:<3} {:>10.1} MB {ms:8.3} ms {:7.0} GB/s {:5.1}%  ({rows}x{cols}, {what}{wg})", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, 100.0 * b / (ms as f64 * 1e-3) / copy_bw);

@@ -246,11 +246,6 @@ pub struct Kernels {
     mma_bf16_pipe_wave: usize,
     mma_fp8_pipe: CudaFunction,
     mma_fp8_pipe_wave: usize,
-    /// FP8 two K blocks ahead (`gemv_mma_fp8_t1_pipe2`), run instead where `fp8_pipe_depth` is 2
-    /// (`PEREGRINE_GEMV_PIPE_DEPTH`) and its grid fits one wave of it.
-    mma_fp8_pipe2: CudaFunction,
-    mma_fp8_pipe2_wave: usize,
-    fp8_pipe_depth: usize,
     gemv_pipe: bool,
     /// The GEMM entry of `MMA_GEMV_TILES` got its shared memory (chosen from
     /// `dense_gemm_min_tokens()` tokens).
@@ -868,8 +863,6 @@ impl Kernels {
         let mma_bf16_pipe_wave = mma_bf16_pipe.occupancy_max_active_blocks_per_multiprocessor(256, 0, None).map_err(drv("GEMV occupancy"))? as usize * sms;
         let mma_fp8_pipe = f("gemv_mma_fp8_t1_pipe")?;
         let mma_fp8_pipe_wave = mma_fp8_pipe.occupancy_max_active_blocks_per_multiprocessor(256, 0, None).map_err(drv("GEMV occupancy"))? as usize * sms;
-        let mma_fp8_pipe2 = f("gemv_mma_fp8_t1_pipe2")?;
-        let mma_fp8_pipe2_wave = mma_fp8_pipe2.occupancy_max_active_blocks_per_multiprocessor(256, 0, None).map_err(drv("GEMV occupancy"))? as usize * sms;
         // The wgmma GEMM's stages may take more than the tiled kernels' cap (16 tiles: 203 KB).
         let (gemm_wg_gate_up, gemm_wg_down) = (fm("moe_gemm_wg_gate_up")?, fm("moe_gemm_wg_down")?);
         let wg_tiles = gemm_wg_gate_up.get_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK).map_err(drv("MoE GEMM block size"))? as usize / 32;
@@ -899,13 +892,6 @@ impl Kernels {
             mma_bf16_pipe_wave,
             mma_fp8_pipe,
             mma_fp8_pipe_wave,
-            mma_fp8_pipe2,
-            mma_fp8_pipe2_wave,
-            fp8_pipe_depth: match std::env::var("PEREGRINE_GEMV_PIPE_DEPTH").as_deref() {
-                Ok("1") | Err(_) => 1,
-                Ok("2") => 2,
-                Ok(v) => return Err(Error::Backend(format!("PEREGRINE_GEMV_PIPE_DEPTH={v}: expected 1 or 2"))),
-            },
             gemv_pipe: std::env::var("PEREGRINE_GEMV_PIPE").map_or(true, |v| v != "0"),
             dense_gemm,
             dense_wg_fns,
@@ -1334,7 +1320,6 @@ impl Kernels {
         }
         let (groups, ty) = (n.div_ceil(16 * r), t.div_ceil(8 * nt));
         let f = match () {
-            _ if fp8 && self.fp8_pipe_depth == 2 && self.gemv_pipe && (nt, r) == (1, 1) && groups * ty <= self.mma_fp8_pipe2_wave => &self.mma_fp8_pipe2,
             _ if self.pipe_takes(fp8, nt, r, groups * ty) => if fp8 { &self.mma_fp8_pipe } else { &self.mma_bf16_pipe },
             _ if fp8 => &self.mma_fp8[v],
             _ => &self.mma_bf16[v],
@@ -1492,17 +1477,6 @@ impl Kernels {
 
     /// Runs the BF16 one-tile GEMV with its next K block loaded ahead where its grid fits
     /// (`gemv_mma_bf16_t1_pipe`, the default), or never (`false`). Same bits either way.
-    /// K blocks the FP8 pipelined GEMV loads ahead: 1 or 2 (the same bits).
-    pub fn set_fp8_pipe_depth(&mut self, depth: usize) -> Result<()> {
-        check(matches!(depth, 1 | 2), || format!("FP8 GEMV pipe depth {depth}: expected 1 or 2"))?;
-        self.fp8_pipe_depth = depth;
-        Ok(())
-    }
-
-    pub fn fp8_pipe_depth(&self) -> usize {
-        self.fp8_pipe_depth
-    }
-
     pub fn set_gemv_pipe(&mut self, on: bool) {
         self.gemv_pipe = on;
     }
