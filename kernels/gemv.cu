@@ -738,11 +738,11 @@ __device__ __forceinline__ void b_regs(uint4 x0, uint4 x1, unsigned b[8]) {
 //
 // PIPE (gemv_mma_{bf16,fp8}_t1_pipe, R = 1): each warp loads its next K block's weights (and
 // activations, and FP8 scale) while it computes the current one, so a warp keeps up to two K
-// blocks (8 KB BF16, 4 KB FP8) in flight instead of one. More registers (~100 BF16), so 2 blocks per SM: the host runs it only
-// where the grid fits one wave of it (the o_proj at decode: 256 tiles, where the 64-register
-// kernel also had only 2 of its 4 possible blocks per SM and so half the bytes in flight of a
-// GEMV with a full grid; likewise a dense MLP's FP8 down, 4096 rows). Same loads, same
-// arithmetic in the same order: the same bits.
+// blocks (8 KB BF16, 4 KB FP8) in flight instead of one. More registers (88 BF16, 72 FP8 on the
+// H100), so fewer blocks per SM: the host runs it only where the grid fits one wave of it (the
+// o_proj at decode: 256 tiles, where the 64-register kernel also had only 2 of its 4 possible
+// blocks per SM and so half the bytes in flight of a GEMV with a full grid; likewise a dense
+// MLP's FP8 down, 4096 rows). Same loads, same arithmetic in the same order: the same bits.
 template <int NT, int R, bool FP8, bool READY = false, bool PIPE = false, int CW = 1>
 __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, const float* __restrict__ S,
                                          const unsigned short* __restrict__ XH, const unsigned short* __restrict__ XL,
@@ -799,10 +799,10 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
         if (FP8) fp8_rows(rt, k, w0, w1);
         else bf16_rows(rt, k, w0, w1);
     };
-    // PIPE: a K block's weights of both 64-k chunks, its activations (hi, lo; NT == 1) and its
-    // FP8 scale, loaded one K block ahead: each chunk's slots are refilled with the next K
-    // block's once its MMAs have been issued. A K block's activations and scale come from L2,
-    // and waiting for them inside the iteration put two L2 round trips on every K block's path.
+    // PIPE: a K block's weights of both 64-k chunks and its activations (hi, lo; NT == 1), loaded
+    // one K block ahead: each chunk's slots are refilled with the next K block's once its MMAs
+    // have been issued. The activations come from L2, and waiting for them inside the iteration
+    // put an L2 round trip on every K block's path (its FP8 scale's, below, was another).
     static_assert(!PIPE || NT == 1, "the pipelined GEMV is a one-token-group kernel");
     uint4 pw0[2][2], pw1[2][2], px[2][4];
     // Token t0 + g's activations (hi, then lo: 16 halves each) at columns k .. k + 15, zero past T.

@@ -62,7 +62,7 @@ pub(crate) fn stack_rows(st: &Arc<CudaStream>, parts: &[&Mat]) -> Result<Option<
     if kk % 128 != 0 || parts.iter().any(|p| p.k != kk) {
         return Ok(None);
     }
-    fn cat<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(st: &Arc<CudaStream>, parts: &[&CudaSlice<T>]) -> Result<CudaSlice<T>> {
+    fn cat<T: cudarc::driver::DeviceRepr>(st: &Arc<CudaStream>, parts: &[&CudaSlice<T>]) -> Result<CudaSlice<T>> {
         let mut out = unsafe { st.alloc::<T>(parts.iter().map(|p| p.len()).sum()) }.map_err(drv)?;
         let mut off = 0;
         for p in parts {
