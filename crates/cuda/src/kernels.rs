@@ -238,10 +238,10 @@ pub struct Kernels {
     mma_fp8_ready4: CudaFunction,
     mma_fp8_ready_wave: usize,
     qkv_ready4: Option<bool>,
-    /// The one-tile GEMVs loading a K block ahead (`gemv_mma_{bf16,fp8}_t1_pipe`, ~100
-    /// registers for BF16), run where the grid fits one wave of them (`*_pipe_wave` blocks, 2 per
-    /// SM on the H100) while `gemv_pipe` (`PEREGRINE_GEMV_PIPE=0` turns them off, for
-    /// comparisons): the o_proj and a dense MLP's down projection at decode.
+    /// The one-tile GEMVs loading a K block ahead (`gemv_mma_{bf16,fp8}_t1_pipe`, 88 / 72
+    /// registers on the H100), run where the grid fits one wave of them (`*_pipe_wave` blocks:
+    /// the driver's occupancy x SMs) while `gemv_pipe` (`PEREGRINE_GEMV_PIPE=0` turns them off,
+    /// for comparisons): the o_proj and a dense MLP's down projection at decode.
     mma_bf16_pipe: CudaFunction,
     mma_bf16_pipe_wave: usize,
     mma_fp8_pipe: CudaFunction,
