@@ -751,7 +751,7 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
                                          unsigned* __restrict__ ready = nullptr, int heads = 0, int hd = 0, int vd = 0) {
     static_assert(!READY || R == 1, "the ready counts are per 16-row tile");
     static_assert(!PIPE || R == 1, "the pipelined GEMV is a one-tile kernel");
-    static_assert(CW == 1 || (R == 1 && NT == 1 && !PIPE && MMA_WARPS % CW == 0), "K classes per warp: one-tile, one-token-group kernels");
+    static_assert(CW == 1 || (R == 1 && NT == 1 && MMA_WARPS % CW == 0), "K classes per warp: one-tile, one-token-group kernels");
     __shared__ float red[MMA_WARPS][16 * NT * 8];
     int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane >> 2, q = lane & 3;
     // R > 1: the blocks of one row group over its token groups are adjacent in launch order
@@ -850,9 +850,9 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
             cls += MMA_WARPS / CW;
         }
         for (int kb = cls; kb < KB; kb += MMA_WARPS) {
-            const bool ahead = PIPE && kb + MMA_WARPS < KB;
             // The K block after this one: the class's next, else the next class's first.
             const int nkb = kb + MMA_WARPS < KB ? kb + MMA_WARPS : (ci + 1 < CW ? cls + MMA_WARPS / CW : KB);
+            const bool ahead = PIPE && nkb < KB;
             const float nsc = FP8 && nkb < KB ? srow[nkb] : 0.f;
             float part[R][NT][4];
 #pragma unroll
@@ -923,8 +923,8 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
 #endif
                 }
                 if (ahead) {  // this chunk's slots, for the next K block
-                    tile_rows(0, (kb + MMA_WARPS) * 128 + c * 64 + q * 16, pw0[c], pw1[c]);
-                    x_ahead((kb + MMA_WARPS) * 128 + c * 64 + q * 16, px[c]);
+                    tile_rows(0, nkb * 128 + c * 64 + q * 16, pw0[c], pw1[c]);
+                    x_ahead(nkb * 128 + c * 64 + q * 16, px[c]);
                 }
             }
             if (FP8) {
@@ -1572,6 +1572,16 @@ extern "C" __global__ void __launch_bounds__(128) gemv_mma_fp8_t1_ready4(
     float* __restrict__ y2, int N0, int N1, int N, int K, int T, unsigned* __restrict__ ready, int heads, int hd, int vd) {
     PDL_ENTER();
     gemv_mma<1, 1, true, true, false, 2>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T, ready, heads, hd, vd);
+}
+// gemv_mma_fp8_t1_ready4 with its next K block loaded ahead (PIPE; across its two K classes):
+// two K blocks in flight per warp. Capped at 72 registers, so 7 blocks fit an SM and the
+// decode q/k/v projection's tiles still one wave (the host checks). Same bits.
+extern "C" __global__ void __launch_bounds__(128, 7) gemv_mma_fp8_t1_ready4_pipe(
+    const unsigned char* __restrict__ W, const float* __restrict__ S, const unsigned short* __restrict__ XH,
+    const unsigned short* __restrict__ XL, const float* __restrict__ xinv, float* __restrict__ y, float* __restrict__ y1,
+    float* __restrict__ y2, int N0, int N1, int N, int K, int T, unsigned* __restrict__ ready, int heads, int hd, int vd) {
+    PDL_ENTER();
+    gemv_mma<1, 1, true, true, true, 2>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T, ready, heads, hd, vd);
 }
 // Measured on the H100 and not kept (benches/results/2026-11-23-gemv-row-tiles.md): one row
 // tile of 16, 32 or 64 tokens per block (the activations read from L2 once per 16 rows bound

@@ -238,6 +238,12 @@ pub struct Kernels {
     mma_fp8_ready4: CudaFunction,
     mma_fp8_ready_wave: usize,
     qkv_ready4: Option<bool>,
+    /// The 4-warp form loading a K block ahead (`gemv_mma_fp8_t1_ready4_pipe`, capped at 72
+    /// registers: 7 blocks per SM), run in its place where its tiles fit one wave of it
+    /// (`mma_fp8_ready4_pipe_wave`) while `qkv_pipe` (`PEREGRINE_QKV_PIPE=0` turns it off).
+    mma_fp8_ready4_pipe: CudaFunction,
+    mma_fp8_ready4_pipe_wave: usize,
+    qkv_pipe: bool,
     /// The one-tile GEMVs loading a K block ahead (`gemv_mma_{bf16,fp8}_t1_pipe`, 88 / 72
     /// registers on the H100), run where the grid fits one wave of them (`*_pipe_wave` blocks:
     /// the driver's occupancy x SMs) while `gemv_pipe` (`PEREGRINE_GEMV_PIPE=0` turns them off,
@@ -871,6 +877,8 @@ impl Kernels {
         }
         let mma_fp8_ready = f("gemv_mma_fp8_t1_ready")?;
         let mma_fp8_ready_wave = mma_fp8_ready.occupancy_max_active_blocks_per_multiprocessor(256, 0, None).map_err(drv("GEMV occupancy"))? as usize * sms;
+        let mma_fp8_ready4_pipe = f("gemv_mma_fp8_t1_ready4_pipe")?;
+        let mma_fp8_ready4_pipe_wave = mma_fp8_ready4_pipe.occupancy_max_active_blocks_per_multiprocessor(128, 0, None).map_err(drv("GEMV occupancy"))? as usize * sms;
         Ok(Kernels {
             stream: gpu.stream.clone(),
             bf16: f("gemv_bf16")?,
@@ -888,6 +896,9 @@ impl Kernels {
             mma_fp8_ready4: f("gemv_mma_fp8_t1_ready4")?,
             mma_fp8_ready_wave,
             qkv_ready4: std::env::var("PEREGRINE_QKV_READY4").ok().map(|v| v != "0"),
+            mma_fp8_ready4_pipe,
+            mma_fp8_ready4_pipe_wave,
+            qkv_pipe: std::env::var("PEREGRINE_QKV_PIPE").map_or(true, |v| v != "0"),
             mma_bf16_pipe,
             mma_bf16_pipe_wave,
             mma_fp8_pipe,
@@ -1048,7 +1059,13 @@ impl Kernels {
         let rows = n.iter().sum::<usize>();
         let (ni, ki, ti) = (rows as i32, k as i32, t as i32);
         let (n0, n1, hh, hdi, vdi) = (n[0] as i32, n[1] as i32, heads as i32, hd as i32, vd as i32);
-        let (f, threads, name) = if self.qkv_ready4_takes(rows) { (&self.mma_fp8_ready4, 128, "gemv_mma_fp8_t1_ready4") } else { (&self.mma_fp8_ready, 256, "gemv_mma_fp8_t1_ready") };
+        let (f, threads, name) = if !self.qkv_ready4_takes(rows) {
+            (&self.mma_fp8_ready, 256, "gemv_mma_fp8_t1_ready")
+        } else if self.qkv_pipe_takes(rows) {
+            (&self.mma_fp8_ready4_pipe, 128, "gemv_mma_fp8_t1_ready4_pipe")
+        } else {
+            (&self.mma_fp8_ready4, 128, "gemv_mma_fp8_t1_ready4")
+        };
         let mut b = crate::launch::builder(&self.stream, f);
         b.arg(&w).arg(scales).arg(xh).arg(xl).arg(inv).arg(y0).arg(y1).arg(y2).arg(&n0).arg(&n1).arg(&ni).arg(&ki).arg(&ti);
         b.arg(ready).arg(&hh).arg(&hdi).arg(&vdi);
@@ -1485,6 +1502,18 @@ impl Kernels {
     /// warps (Some) or leaves it to the grid's waves (None, the default); tests compare both.
     pub fn set_qkv_ready4(&mut self, on: Option<bool>) {
         self.qkv_ready4 = on;
+    }
+
+    /// Runs the 4-warp q/k/v projection with its next K block loaded ahead where its tiles fit
+    /// one wave of it (`true`, the default), or never. Same bits either way.
+    pub fn set_qkv_pipe(&mut self, on: bool) {
+        self.qkv_pipe = on;
+    }
+
+    /// Whether `gemv_qkv_ready` of `rows` stacked rows, in blocks of 4 warps, loads its next K
+    /// block ahead (`gemv_mma_fp8_t1_ready4_pipe`).
+    pub fn qkv_pipe_takes(&self, rows: usize) -> bool {
+        self.qkv_pipe && rows.div_ceil(16) <= self.mma_fp8_ready4_pipe_wave
     }
 
     /// Whether `gemv_qkv_ready` of `rows` stacked rows runs in blocks of 4 warps: forced, or

@@ -269,7 +269,8 @@ fn stacked_qkv_gemv_matches_the_cpu_reference() {
 }
 
 /// The q/k/v projection that feeds the ready attention (`gemv_qkv_ready`), in blocks of 8 warps
-/// and in blocks of 4 warps summing two K classes each (`set_qkv_ready4`), gives the stacked
+/// and in blocks of 4 warps summing two K classes each (`set_qkv_ready4`), those with their next
+/// K block loaded ahead (`set_qkv_pipe`) too, gives the stacked
 /// GEMV's bits on the same split input (`gemv_split3`), matches the CPU, and counts each
 /// finished 16-row tile into its head's counter. K of 5 K blocks (warps with an empty class),
 /// 8, and 32 (MiMo's 4096); 1-4 tokens.
@@ -305,8 +306,10 @@ fn ready_qkv_projection_gives_the_stacked_gemvs_bits() {
                 assert_close(&format!("stacked fp8 q/k/v part {i}, K {k}, T={t}"), got, &part);
                 off += rows[i];
             }
-            for four in [false, true] {
+            for (four, pipe) in [(false, false), (true, false), (true, true)] {
                 kern.set_qkv_ready4(Some(four));
+                kern.set_qkv_pipe(pipe);
+                assert_eq!(kern.qkv_pipe_takes(n), pipe, "{n} rows fit one wave of the pipelined 4-warp kernel");
                 let ready = g.stream.alloc_zeros::<u32>(heads + kv_heads + 1).unwrap();
                 let mut ys = [poisoned(&g, t * rows[0]), poisoned(&g, t * rows[1]), poisoned(&g, t * rows[2])];
                 {
@@ -315,18 +318,20 @@ fn ready_qkv_projection_gives_the_stacked_gemvs_bits() {
                 }
                 let got = read(&ys);
                 for (i, (a, b)) in got.iter().zip(&plain).enumerate() {
-                    assert!(a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits()), "K {k}, T={t}, 4-warp blocks {four}: part {i} differs from the stacked GEMV in some bit");
+                    assert!(a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits()), "K {k}, T={t}, 4-warp blocks {four}, K block ahead {pipe}: part {i} differs from the stacked GEMV in some bit");
                 }
                 let mut counts = vec![(hd / 16) as u32; heads];
                 counts.extend(std::iter::repeat_n(((hd + vd) / 16) as u32, kv_heads));
                 counts.push(0);
-                assert_eq!(g.stream.clone_dtoh(&ready).unwrap(), counts, "K {k}, T={t}, 4-warp blocks {four}: tiles counted per head");
+                assert_eq!(g.stream.clone_dtoh(&ready).unwrap(), counts, "K {k}, T={t}, 4-warp blocks {four}, K block ahead {pipe}: tiles counted per head");
             }
         }
     }
     // By default the 4-warp form runs only where the 8-warp grid needs a second wave: these
     // 28 tiles fit one (on any GPU), 50 000 (800 000 rows) do not.
     kern.set_qkv_ready4(None);
+    kern.set_qkv_pipe(true);
+    assert!(!kern.qkv_pipe_takes(800_000), "800 000 rows do not fit one wave of the pipelined 4-warp kernel");
     assert!(!kern.qkv_ready4_takes(n), "{n} rows in blocks of 8 warps fit one wave");
     assert!(kern.qkv_ready4_takes(800_000), "800 000 rows in blocks of 8 warps need more than one wave");
 }
