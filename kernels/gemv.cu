@@ -743,7 +743,7 @@ __device__ __forceinline__ void b_regs(uint4 x0, uint4 x1, unsigned b[8]) {
 // o_proj at decode: 256 tiles, where the 64-register kernel also had only 2 of its 4 possible
 // blocks per SM and so half the bytes in flight of a GEMV with a full grid; likewise a dense
 // MLP's FP8 down, 4096 rows). Same loads, same arithmetic in the same order: the same bits.
-template <int NT, int R, bool FP8, bool READY = false, bool PIPE = false, int CW = 1, bool XS = false>
+template <int NT, int R, bool FP8, bool READY = false, bool PIPE = false, int CW = 1>
 __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, const float* __restrict__ S,
                                          const unsigned short* __restrict__ XH, const unsigned short* __restrict__ XL,
                                          const float* __restrict__ xinv, float* __restrict__ y, float* __restrict__ y1,
@@ -804,24 +804,7 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
     // have been issued. The activations come from L2, and waiting for them inside the iteration
     // put an L2 round trip on every K block's path (its FP8 scale's, below, was another).
     static_assert(!PIPE || NT == 1, "the pipelined GEMV is a one-token-group kernel");
-    static_assert(!XS || PIPE, "activations through shared memory are the pipelined GEMV's");
     uint4 pw0[2][2], pw1[2][2], px[2][4];
-    // XS: the activations ahead go through shared memory instead of registers (32 of them at
-    // PIPE): each warp copies its next K block's hi and lo rows of the block's tn tokens into
-    // the other of its two stages by cp.async ([token][hi, lo][128 halves], 512 bytes a token)
-    // and reads its B fragments there. The dynamic shared memory holds (blockDim / 32) warps x
-    // 2 stages x tn x 512 bytes.
-    extern __shared__ __align__(16) unsigned char gemv_xs[];
-    const int tn = min(T - t0, NT * 8);
-    unsigned char* xw = XS ? gemv_xs + (size_t)w * 2 * tn * 512 : nullptr;
-    int xst = 0;  // the stage holding this K block's activations
-    auto xs_issue = [&](int kb, int st) {
-        for (int p = lane; p < tn * 32; p += 32) {
-            const int j = p >> 5, hl = (p >> 4) & 1, u = p & 15;
-            const unsigned short* src = (hl ? XL : XH) + (size_t)(t0 + j) * K + kb * 128 + u * 8;
-            cp_async16(xw + st * tn * 512 + j * 512 + hl * 256 + u * 16, src);
-        }
-    };
     // Token t0 + g's activations (hi, then lo: 16 halves each) at columns k .. k + 15, zero past T.
     auto x_ahead = [&](int k, uint4 xv[4]) {
         if (t0 + g < T) {
@@ -837,11 +820,7 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
 #pragma unroll
         for (int c = 0; c < 2; c++) {
             tile_rows(0, w * 128 + c * 64 + q * 16, pw0[c], pw1[c]);
-            if (!XS) x_ahead(w * 128 + c * 64 + q * 16, px[c]);
-        }
-        if (XS) {
-            xs_issue(w, 0);
-            cp_async_commit();
+            x_ahead(w * 128 + c * 64 + q * 16, px[c]);
         }
     }
     // FP8: the scale of each K block is asked for one K block ahead, with the weights (an R-tile
@@ -874,13 +853,6 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
             // The K block after this one: the class's next, else the next class's first.
             const int nkb = kb + MMA_WARPS < KB ? kb + MMA_WARPS : (ci + 1 < CW ? cls + MMA_WARPS / CW : KB);
             const bool ahead = PIPE && nkb < KB;
-            if (XS) {
-                __syncwarp();  // every lane has read the other stage (the K block before)
-                if (ahead) xs_issue(nkb, xst ^ 1);
-                cp_async_commit();  // empty at the last K block: the wait below counts groups
-                cp_async_wait<1>();  // this K block's copies (this lane's) have landed
-                __syncwarp();        // and every lane's
-            }
             const float nsc = FP8 && nkb < KB ? srow[nkb] : 0.f;
             float part[R][NT][4];
 #pragma unroll
@@ -924,16 +896,7 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
                 for (int tt = 0; tt < NT; tt++) {
                     int t = t0 + tt * 8 + g;
                     unsigned bh[8], bl[8];
-                    if (XS) {
-                        if (g < tn) {
-                            const uint4* ph = reinterpret_cast<const uint4*>(xw + xst * tn * 512 + g * 512 + (c * 64 + q * 16) * 2);
-                            b_regs(ph[0], ph[1], bh);
-                            b_regs(ph[16], ph[17], bl);
-                        } else {
-#pragma unroll
-                            for (int i = 0; i < 8; i++) { bh[i] = 0u; bl[i] = 0u; }
-                        }
-                    } else if (PIPE) {
+                    if (PIPE) {
                         b_regs(px[c][0], px[c][1], bh);
                         b_regs(px[c][2], px[c][3], bl);
                     } else if (t < T) {
@@ -961,7 +924,7 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
                 }
                 if (ahead) {  // this chunk's slots, for the next K block
                     tile_rows(0, nkb * 128 + c * 64 + q * 16, pw0[c], pw1[c]);
-                    if (!XS) x_ahead(nkb * 128 + c * 64 + q * 16, px[c]);
+                    x_ahead(nkb * 128 + c * 64 + q * 16, px[c]);
                 }
             }
             if (FP8) {
@@ -974,7 +937,6 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
                 }
             }
             psc = nsc;
-            xst ^= 1;
         }
     }
     // One row tile at a time through the shared buffer (it holds one tile's K classes).
@@ -1611,10 +1573,9 @@ extern "C" __global__ void __launch_bounds__(128) gemv_mma_fp8_t1_ready4(
     PDL_ENTER();
     gemv_mma<1, 1, true, true, false, 2>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T, ready, heads, hd, vd);
 }
-// gemv_mma_fp8_t1_ready4 with its next K block loaded ahead (PIPE, across its two K classes;
-// the activations through shared memory, XS): two K blocks in flight per warp. Capped at 64
-// registers, so 8 blocks fit an SM and the decode q/k/v projection's tiles one wave (the host
-// checks, with the shared memory of the call's tokens). Same bits.
+// gemv_mma_fp8_t1_ready4 with its next K block loaded ahead (PIPE; across its two K classes):
+// two K blocks in flight per warp. Capped at 64 registers, so 8 blocks fit an SM and the
+// decode q/k/v projection's tiles still one wave (the host checks). Same bits.
 #ifndef READY4_PIPE_BLOCKS
 #define READY4_PIPE_BLOCKS 8
 #endif
@@ -1623,7 +1584,7 @@ extern "C" __global__ void __launch_bounds__(128, READY4_PIPE_BLOCKS) gemv_mma_f
     const unsigned short* __restrict__ XL, const float* __restrict__ xinv, float* __restrict__ y, float* __restrict__ y1,
     float* __restrict__ y2, int N0, int N1, int N, int K, int T, unsigned* __restrict__ ready, int heads, int hd, int vd) {
     PDL_ENTER();
-    gemv_mma<1, 1, true, true, true, 2, true>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T, ready, heads, hd, vd);
+    gemv_mma<1, 1, true, true, true, 2>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T, ready, heads, hd, vd);
 }
 // Measured on the H100 and not kept (benches/results/2026-11-23-gemv-row-tiles.md): one row
 // tile of 16, 32 or 64 tokens per block (the activations read from L2 once per 16 rows bound

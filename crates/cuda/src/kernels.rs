@@ -238,13 +238,11 @@ pub struct Kernels {
     mma_fp8_ready4: CudaFunction,
     mma_fp8_ready_wave: usize,
     qkv_ready4: Option<bool>,
-    /// The 4-warp form loading a K block ahead, its activations through shared memory
-    /// (`gemv_mma_fp8_t1_ready4_pipe`, capped at 64 registers: 8 blocks per SM), run in its
-    /// place where its tiles fit one wave of it (`mma_fp8_ready4_pipe_wave[tokens - 1]`: the
-    /// shared memory grows with the tokens) while `qkv_pipe` (`PEREGRINE_QKV_PIPE=0` turns it
-    /// off).
+    /// The 4-warp form loading a K block ahead (`gemv_mma_fp8_t1_ready4_pipe`, capped at 72
+    /// registers: 7 blocks per SM), run in its place where its tiles fit one wave of it
+    /// (`mma_fp8_ready4_pipe_wave`) while `qkv_pipe` (`PEREGRINE_QKV_PIPE=0` turns it off).
     mma_fp8_ready4_pipe: CudaFunction,
-    mma_fp8_ready4_pipe_wave: [usize; 8],
+    mma_fp8_ready4_pipe_wave: usize,
     qkv_pipe: bool,
     /// The one-tile GEMVs loading a K block ahead (`gemv_mma_{bf16,fp8}_t1_pipe`, 88 / 72
     /// registers on the H100), run where the grid fits one wave of them (`*_pipe_wave` blocks:
@@ -393,13 +391,6 @@ const fn dense_gemm_smem(fp8: bool, deep: bool) -> usize {
 /// The shape rule (`dense_wg_for`) never takes 128: at every decode shape measured it was
 /// within 1-3 points of 64 or 256 rows, whichever led; it stays for `PEREGRINE_GEMM_WG_ROWS`.
 pub const DENSE_WG_ROWS: [usize; 3] = [256, 128, 64];
-
-/// Dynamic shared memory of `gemv_mma_fp8_t1_ready4_pipe` at `t` tokens (at most 8 a block):
-/// 4 warps x 2 stages x 512 bytes (hi and lo of 128 halves) a token.
-const fn ready4_pipe_smem(t: usize) -> u32 {
-    let tn = if t < 8 { t } else { 8 };
-    (4 * 2 * 512 * tn) as u32
-}
 
 /// Groups of 8 values each thread of `silu_mul_split_f16` holds (SILU_SPLIT_GROUPS in kernels/gemv.cu).
 const SILU_SPLIT_GROUPS: usize = 4;
@@ -887,10 +878,7 @@ impl Kernels {
         let mma_fp8_ready = f("gemv_mma_fp8_t1_ready")?;
         let mma_fp8_ready_wave = mma_fp8_ready.occupancy_max_active_blocks_per_multiprocessor(256, 0, None).map_err(drv("GEMV occupancy"))? as usize * sms;
         let mma_fp8_ready4_pipe = f("gemv_mma_fp8_t1_ready4_pipe")?;
-        let mut mma_fp8_ready4_pipe_wave = [0usize; 8];
-        for (i, wave) in mma_fp8_ready4_pipe_wave.iter_mut().enumerate() {
-            *wave = mma_fp8_ready4_pipe.occupancy_max_active_blocks_per_multiprocessor(128, ready4_pipe_smem(i + 1) as usize, None).map_err(drv("GEMV occupancy"))? as usize * sms;
-        }
+        let mma_fp8_ready4_pipe_wave = mma_fp8_ready4_pipe.occupancy_max_active_blocks_per_multiprocessor(128, 0, None).map_err(drv("GEMV occupancy"))? as usize * sms;
         Ok(Kernels {
             stream: gpu.stream.clone(),
             bf16: f("gemv_bf16")?,
@@ -1073,16 +1061,15 @@ impl Kernels {
         let (n0, n1, hh, hdi, vdi) = (n[0] as i32, n[1] as i32, heads as i32, hd as i32, vd as i32);
         let (f, threads, name) = if !self.qkv_ready4_takes(rows) {
             (&self.mma_fp8_ready, 256, "gemv_mma_fp8_t1_ready")
-        } else if self.qkv_pipe_takes(rows, t) {
+        } else if self.qkv_pipe_takes(rows) {
             (&self.mma_fp8_ready4_pipe, 128, "gemv_mma_fp8_t1_ready4_pipe")
         } else {
             (&self.mma_fp8_ready4, 128, "gemv_mma_fp8_t1_ready4")
         };
-        let smem = if name == "gemv_mma_fp8_t1_ready4_pipe" { ready4_pipe_smem(t) } else { 0 };
         let mut b = crate::launch::builder(&self.stream, f);
         b.arg(&w).arg(scales).arg(xh).arg(xl).arg(inv).arg(y0).arg(y1).arg(y2).arg(&n0).arg(&n1).arg(&ni).arg(&ki).arg(&ti);
         b.arg(ready).arg(&hh).arg(&hdi).arg(&vdi);
-        let cfg = LaunchConfig { grid_dim: (rows.div_ceil(16) as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: smem };
+        let cfg = LaunchConfig { grid_dim: (rows.div_ceil(16) as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
         unsafe { b.launch(cfg) }.map_err(drv(name))?;
         Ok(())
     }
@@ -1523,10 +1510,10 @@ impl Kernels {
         self.qkv_pipe = on;
     }
 
-    /// Whether `gemv_qkv_ready` of `rows` stacked rows and `t` tokens, in blocks of 4 warps,
-    /// loads its next K block ahead (`gemv_mma_fp8_t1_ready4_pipe`).
-    pub fn qkv_pipe_takes(&self, rows: usize, t: usize) -> bool {
-        self.qkv_pipe && (1..=8).contains(&t) && rows.div_ceil(16) <= self.mma_fp8_ready4_pipe_wave[t - 1]
+    /// Whether `gemv_qkv_ready` of `rows` stacked rows, in blocks of 4 warps, loads its next K
+    /// block ahead (`gemv_mma_fp8_t1_ready4_pipe`).
+    pub fn qkv_pipe_takes(&self, rows: usize) -> bool {
+        self.qkv_pipe && rows.div_ceil(16) <= self.mma_fp8_ready4_pipe_wave
     }
 
     /// Whether `gemv_qkv_ready` of `rows` stacked rows runs in blocks of 4 warps: forced, or
