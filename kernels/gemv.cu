@@ -1574,12 +1574,9 @@ extern "C" __global__ void __launch_bounds__(128) gemv_mma_fp8_t1_ready4(
     gemv_mma<1, 1, true, true, false, 2>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T, ready, heads, hd, vd);
 }
 // gemv_mma_fp8_t1_ready4 with its next K block loaded ahead (PIPE; across its two K classes):
-// two K blocks in flight per warp. Capped at 64 registers, so 8 blocks fit an SM and the
-// decode q/k/v projection's tiles still one wave (the host checks). Same bits.
-#ifndef READY4_PIPE_BLOCKS
-#define READY4_PIPE_BLOCKS 8
-#endif
-extern "C" __global__ void __launch_bounds__(128, READY4_PIPE_BLOCKS) gemv_mma_fp8_t1_ready4_pipe(
+// two K blocks in flight per warp. Capped at 72 registers, so 7 blocks fit an SM (the host
+// runs it where the tiles fit about one wave of it). Same bits.
+extern "C" __global__ void __launch_bounds__(128, 7) gemv_mma_fp8_t1_ready4_pipe(
     const unsigned char* __restrict__ W, const float* __restrict__ S, const unsigned short* __restrict__ XH,
     const unsigned short* __restrict__ XL, const float* __restrict__ xinv, float* __restrict__ y, float* __restrict__ y1,
     float* __restrict__ y2, int N0, int N1, int N, int K, int T, unsigned* __restrict__ ready, int heads, int hd, int vd) {

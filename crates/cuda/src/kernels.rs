@@ -240,10 +240,11 @@ pub struct Kernels {
     qkv_ready4: Option<bool>,
     /// The 4-warp form loading a K block ahead (`gemv_mma_fp8_t1_ready4_pipe`, capped at 72
     /// registers: 7 blocks per SM), run in its place where its tiles fit one wave of it
-    /// (`mma_fp8_ready4_pipe_wave`) while `qkv_pipe` (`PEREGRINE_QKV_PIPE=0` turns it off).
+    /// (`mma_fp8_ready4_pipe_wave`); `qkv_pipe` Some forces it on or off
+    /// (`PEREGRINE_QKV_PIPE=1/0`).
     mma_fp8_ready4_pipe: CudaFunction,
     mma_fp8_ready4_pipe_wave: usize,
-    qkv_pipe: bool,
+    qkv_pipe: Option<bool>,
     /// The one-tile GEMVs loading a K block ahead (`gemv_mma_{bf16,fp8}_t1_pipe`, 88 / 72
     /// registers on the H100), run where the grid fits one wave of them (`*_pipe_wave` blocks:
     /// the driver's occupancy x SMs) while `gemv_pipe` (`PEREGRINE_GEMV_PIPE=0` turns them off,
@@ -898,7 +899,7 @@ impl Kernels {
             qkv_ready4: std::env::var("PEREGRINE_QKV_READY4").ok().map(|v| v != "0"),
             mma_fp8_ready4_pipe,
             mma_fp8_ready4_pipe_wave,
-            qkv_pipe: std::env::var("PEREGRINE_QKV_PIPE").map_or(true, |v| v != "0"),
+            qkv_pipe: std::env::var("PEREGRINE_QKV_PIPE").ok().map(|v| v != "0"),
             mma_bf16_pipe,
             mma_bf16_pipe_wave,
             mma_fp8_pipe,
@@ -1504,16 +1505,17 @@ impl Kernels {
         self.qkv_ready4 = on;
     }
 
-    /// Runs the 4-warp q/k/v projection with its next K block loaded ahead where its tiles fit
-    /// one wave of it (`true`, the default), or never. Same bits either way.
-    pub fn set_qkv_pipe(&mut self, on: bool) {
+    /// Runs the 4-warp q/k/v projection with its next K block loaded ahead always
+    /// (`Some(true)`), never (`Some(false)`), or where its tiles fit one wave of it (`None`, the
+    /// default). Same bits either way.
+    pub fn set_qkv_pipe(&mut self, on: Option<bool>) {
         self.qkv_pipe = on;
     }
 
     /// Whether `gemv_qkv_ready` of `rows` stacked rows, in blocks of 4 warps, loads its next K
     /// block ahead (`gemv_mma_fp8_t1_ready4_pipe`).
     pub fn qkv_pipe_takes(&self, rows: usize) -> bool {
-        self.qkv_pipe && rows.div_ceil(16) <= self.mma_fp8_ready4_pipe_wave
+        self.qkv_pipe.unwrap_or(rows.div_ceil(16) <= self.mma_fp8_ready4_pipe_wave)
     }
 
     /// Whether `gemv_qkv_ready` of `rows` stacked rows runs in blocks of 4 warps: forced, or

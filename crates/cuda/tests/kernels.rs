@@ -273,7 +273,7 @@ fn stacked_qkv_gemv_matches_the_cpu_reference() {
 /// K block loaded ahead (`set_qkv_pipe`) too, gives the stacked
 /// GEMV's bits on the same split input (`gemv_split3`), matches the CPU, and counts each
 /// finished 16-row tile into its head's counter. K of 5 K blocks (warps with an empty class),
-/// 8, and 32 (MiMo's 4096); 1-4 tokens.
+/// 8, and 32 (MiMo's 4096); 1-4 and 8 tokens.
 #[test]
 fn ready_qkv_projection_gives_the_stacked_gemvs_bits() {
     use cudarc::driver::DevicePtr;
@@ -287,7 +287,7 @@ fn ready_qkv_projection_gives_the_stacked_gemvs_bits() {
         let wf = dequant_fp8_block(&w8, &sc, n, k, 128, 128);
         let (w8d, scd) = (g.stream.clone_htod(&w8).unwrap(), g.stream.clone_htod(&sc).unwrap());
         let wp = w8d.device_ptr(&g.stream).0;
-        for t in 1..=4usize {
+        for t in [1usize, 2, 3, 4, 8] {
             assert!(kern.qkv_ready_takes(rows, heads, hd, vd, k, t), "{k} x {t}: a shape the ready projection takes");
             let x = randn(&mut r, t * k);
             let xd = g.stream.clone_htod(&x).unwrap();
@@ -308,8 +308,7 @@ fn ready_qkv_projection_gives_the_stacked_gemvs_bits() {
             }
             for (four, pipe) in [(false, false), (true, false), (true, true)] {
                 kern.set_qkv_ready4(Some(four));
-                kern.set_qkv_pipe(pipe);
-                assert_eq!(kern.qkv_pipe_takes(n), pipe, "{n} rows fit one wave of the pipelined 4-warp kernel");
+                kern.set_qkv_pipe(Some(pipe));
                 let ready = g.stream.alloc_zeros::<u32>(heads + kv_heads + 1).unwrap();
                 let mut ys = [poisoned(&g, t * rows[0]), poisoned(&g, t * rows[1]), poisoned(&g, t * rows[2])];
                 {
@@ -330,7 +329,8 @@ fn ready_qkv_projection_gives_the_stacked_gemvs_bits() {
     // By default the 4-warp form runs only where the 8-warp grid needs a second wave: these
     // 28 tiles fit one (on any GPU), 50 000 (800 000 rows) do not.
     kern.set_qkv_ready4(None);
-    kern.set_qkv_pipe(true);
+    kern.set_qkv_pipe(None);
+    assert!(kern.qkv_pipe_takes(n), "{n} rows fit one wave of the pipelined 4-warp kernel");
     assert!(!kern.qkv_pipe_takes(800_000), "800 000 rows do not fit one wave of the pipelined 4-warp kernel");
     assert!(!kern.qkv_ready4_takes(n), "{n} rows in blocks of 8 warps fit one wave");
     assert!(kern.qkv_ready4_takes(800_000), "800 000 rows in blocks of 8 warps need more than one wave");
