@@ -743,7 +743,7 @@ __device__ __forceinline__ void b_regs(uint4 x0, uint4 x1, unsigned b[8]) {
 // o_proj at decode: 256 tiles, where the 64-register kernel also had only 2 of its 4 possible
 // blocks per SM and so half the bytes in flight of a GEMV with a full grid; likewise a dense
 // MLP's FP8 down, 4096 rows). Same loads, same arithmetic in the same order: the same bits.
-template <int NT, int R, bool FP8, bool READY = false, bool PIPE = false, int CW = 1>
+template <int NT, int R, bool FP8, bool READY = false, bool PIPE = false, int CW = 1, bool XSH = false>
 __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, const float* __restrict__ S,
                                          const unsigned short* __restrict__ XH, const unsigned short* __restrict__ XL,
                                          const float* __restrict__ xinv, float* __restrict__ y, float* __restrict__ y1,
@@ -804,7 +804,17 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
     // have been issued. The activations come from L2, and waiting for them inside the iteration
     // put an L2 round trip on every K block's path (its FP8 scale's, below, was another).
     static_assert(!PIPE || NT == 1, "the pipelined GEMV is a one-token-group kernel");
+    static_assert(!XSH || (PIPE && FP8), "shuffled activations are the pipelined FP8 GEMV's");
     uint4 pw0[2][2], pw1[2][2], px[2][4];
+    // XSH (one token, T == 1: the host checks): a K block's activations, hi and lo of 128
+    // halves, are 512 bytes, 16 a lane (lane l: piece l & 15 of hi, or of lo from lane 16), so
+    // a lane holds this K block's and the next's in 8 registers instead of PIPE's 32, and the
+    // lanes of token 0 (g == 0) gather their B fragments by shuffles.
+    uint4 xcur = make_uint4(0u, 0u, 0u, 0u), xnext = xcur;
+    auto x_piece = [&](int kb) {
+        const unsigned short* src = (lane >> 4 ? XL : XH) + (size_t)t0 * K + kb * 128 + (lane & 15) * 8;
+        return __ldg(reinterpret_cast<const uint4*>(src));
+    };
     // Token t0 + g's activations (hi, then lo: 16 halves each) at columns k .. k + 15, zero past T.
     auto x_ahead = [&](int k, uint4 xv[4]) {
         if (t0 + g < T) {
@@ -820,8 +830,9 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
 #pragma unroll
         for (int c = 0; c < 2; c++) {
             tile_rows(0, w * 128 + c * 64 + q * 16, pw0[c], pw1[c]);
-            x_ahead(w * 128 + c * 64 + q * 16, px[c]);
+            if (!XSH) x_ahead(w * 128 + c * 64 + q * 16, px[c]);
         }
+        if (XSH) xnext = x_piece(w);
     }
     // FP8: the scale of each K block is asked for one K block ahead, with the weights (an R-tile
     // block's rows lie inside one 128-row scale block: 16 R divides 128). Loaded where it is
@@ -853,6 +864,10 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
             // The K block after this one: the class's next, else the next class's first.
             const int nkb = kb + MMA_WARPS < KB ? kb + MMA_WARPS : (ci + 1 < CW ? cls + MMA_WARPS / CW : KB);
             const bool ahead = PIPE && nkb < KB;
+            if (XSH) {
+                xcur = xnext;
+                if (ahead) xnext = x_piece(nkb);
+            }
             const float nsc = FP8 && nkb < KB ? srow[nkb] : 0.f;
             float part[R][NT][4];
 #pragma unroll
@@ -863,6 +878,30 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
                     for (int i = 0; i < 4; i++) part[rt][tt][i] = 0.f;
 #pragma unroll
             for (int c = 0; c < 2; c++) {
+                if (XSH) {
+                    // mma_a_frags and mma_k16 step by step (the same MMAs in the same order), so
+                    // only one 4-k step's fragments are live. B words 2s, 2s + 1 of this lane:
+                    // words (2s) & 3, (2s + 1) & 3 of pieces sa + (2s >> 2) (hi), + 16 (lo).
+                    const int sa = c * 8 + q * 2;
+                    const unsigned xv[4] = {xcur.x, xcur.y, xcur.z, xcur.w};
+                    const unsigned u0[4] = {pw0[c][0].x, pw0[c][0].y, pw0[c][0].z, pw0[c][0].w};
+                    const unsigned u1[4] = {pw1[c][0].x, pw1[c][0].y, pw1[c][0].z, pw1[c][0].w};
+#pragma unroll
+                    for (int st = 0; st < 4; st++) {
+                        const int wa = 2 * st, wb = 2 * st + 1;
+                        unsigned h0 = __shfl_sync(0xffffffffu, xv[wa & 3], sa + (wa >> 2));
+                        unsigned h1 = __shfl_sync(0xffffffffu, xv[wb & 3], sa + (wb >> 2));
+                        unsigned l0 = __shfl_sync(0xffffffffu, xv[wa & 3], sa + 16 + (wa >> 2));
+                        unsigned l1 = __shfl_sync(0xffffffffu, xv[wb & 3], sa + 16 + (wb >> 2));
+                        if (g != 0) h0 = h1 = l0 = l1 = 0u;
+                        const unsigned a00 = fp8x2_to_f16x2(u0[st] & 0xffffu), a01 = fp8x2_to_f16x2(u0[st] >> 16);
+                        const unsigned a10 = fp8x2_to_f16x2(u1[st] & 0xffffu), a11 = fp8x2_to_f16x2(u1[st] >> 16);
+                        mma_f16(part[0][0], a00, a10, a01, a11, h0, h1);
+                        mma_f16(part[0][0], a00, a10, a01, a11, l0, l1);
+                    }
+                    if (ahead) tile_rows(0, nkb * 128 + c * 64 + q * 16, pw0[c], pw1[c]);
+                    continue;
+                }
                 int k = kb * 128 + c * 64 + q * 16;
                 unsigned a0[R][8], a1[R][8];
 #pragma unroll
@@ -924,7 +963,7 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
                 }
                 if (ahead) {  // this chunk's slots, for the next K block
                     tile_rows(0, nkb * 128 + c * 64 + q * 16, pw0[c], pw1[c]);
-                    x_ahead(nkb * 128 + c * 64 + q * 16, px[c]);
+                    if (!XSH) x_ahead(nkb * 128 + c * 64 + q * 16, px[c]);
                 }
             }
             if (FP8) {
@@ -1582,6 +1621,15 @@ extern "C" __global__ void __launch_bounds__(128, 7) gemv_mma_fp8_t1_ready4_pipe
     float* __restrict__ y2, int N0, int N1, int N, int K, int T, unsigned* __restrict__ ready, int heads, int hd, int vd) {
     PDL_ENTER();
     gemv_mma<1, 1, true, true, true, 2>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T, ready, heads, hd, vd);
+}
+// gemv_mma_fp8_t1_ready4_pipe for one token, its activations ahead shuffled between lanes
+// (XSH above): 64 registers, so 8 blocks fit an SM. Same bits.
+extern "C" __global__ void __launch_bounds__(128, 8) gemv_mma_fp8_t1_ready4_pipe1(
+    const unsigned char* __restrict__ W, const float* __restrict__ S, const unsigned short* __restrict__ XH,
+    const unsigned short* __restrict__ XL, const float* __restrict__ xinv, float* __restrict__ y, float* __restrict__ y1,
+    float* __restrict__ y2, int N0, int N1, int N, int K, int T, unsigned* __restrict__ ready, int heads, int hd, int vd) {
+    PDL_ENTER();
+    gemv_mma<1, 1, true, true, true, 2, true>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T, ready, heads, hd, vd);
 }
 // Measured on the H100 and not kept (benches/results/2026-11-23-gemv-row-tiles.md): one row
 // tile of 16, 32 or 64 tokens per block (the activations read from L2 once per 16 rows bound

@@ -239,11 +239,12 @@ pub struct Kernels {
     mma_fp8_ready_wave: usize,
     qkv_ready4: Option<bool>,
     /// The 4-warp form loading a K block ahead (`gemv_mma_fp8_t1_ready4_pipe`, capped at 72
-    /// registers: 7 blocks per SM), run in its place where its tiles fit one wave of it
-    /// (`mma_fp8_ready4_pipe_wave`); `qkv_pipe` Some forces it on or off
-    /// (`PEREGRINE_QKV_PIPE=1/0`).
-    mma_fp8_ready4_pipe: CudaFunction,
-    mma_fp8_ready4_pipe_wave: usize,
+    /// registers: 7 blocks per SM; at one token `..._pipe1`, its activations shuffled between
+    /// lanes, 64 registers: 8 per SM), run in its place where its tiles fit one wave of it
+    /// (`mma_fp8_ready4_pipe_wave`, `[1]` the one-token kernel's); `qkv_pipe` Some forces it
+    /// on or off (`PEREGRINE_QKV_PIPE=1/0`).
+    mma_fp8_ready4_pipe: [CudaFunction; 2],
+    mma_fp8_ready4_pipe_wave: [usize; 2],
     qkv_pipe: Option<bool>,
     /// The one-tile GEMVs loading a K block ahead (`gemv_mma_{bf16,fp8}_t1_pipe`, 88 / 72
     /// registers on the H100), run where the grid fits one wave of them (`*_pipe_wave` blocks:
@@ -878,8 +879,11 @@ impl Kernels {
         }
         let mma_fp8_ready = f("gemv_mma_fp8_t1_ready")?;
         let mma_fp8_ready_wave = mma_fp8_ready.occupancy_max_active_blocks_per_multiprocessor(256, 0, None).map_err(drv("GEMV occupancy"))? as usize * sms;
-        let mma_fp8_ready4_pipe = f("gemv_mma_fp8_t1_ready4_pipe")?;
-        let mma_fp8_ready4_pipe_wave = mma_fp8_ready4_pipe.occupancy_max_active_blocks_per_multiprocessor(128, 0, None).map_err(drv("GEMV occupancy"))? as usize * sms;
+        let mma_fp8_ready4_pipe = [f("gemv_mma_fp8_t1_ready4_pipe")?, f("gemv_mma_fp8_t1_ready4_pipe1")?];
+        let mut mma_fp8_ready4_pipe_wave = [0; 2];
+        for (f, wave) in mma_fp8_ready4_pipe.iter().zip(&mut mma_fp8_ready4_pipe_wave) {
+            *wave = f.occupancy_max_active_blocks_per_multiprocessor(128, 0, None).map_err(drv("GEMV occupancy"))? as usize * sms;
+        }
         Ok(Kernels {
             stream: gpu.stream.clone(),
             bf16: f("gemv_bf16")?,
@@ -1060,12 +1064,12 @@ impl Kernels {
         let rows = n.iter().sum::<usize>();
         let (ni, ki, ti) = (rows as i32, k as i32, t as i32);
         let (n0, n1, hh, hdi, vdi) = (n[0] as i32, n[1] as i32, heads as i32, hd as i32, vd as i32);
-        let (f, threads, name) = if !self.qkv_ready4_takes(rows) {
-            (&self.mma_fp8_ready, 256, "gemv_mma_fp8_t1_ready")
-        } else if self.qkv_pipe_takes(rows) {
-            (&self.mma_fp8_ready4_pipe, 128, "gemv_mma_fp8_t1_ready4_pipe")
-        } else {
-            (&self.mma_fp8_ready4, 128, "gemv_mma_fp8_t1_ready4")
+        let name = self.qkv_ready_kernel(rows, t);
+        let (f, threads) = match name {
+            "gemv_mma_fp8_t1_ready" => (&self.mma_fp8_ready, 256),
+            "gemv_mma_fp8_t1_ready4" => (&self.mma_fp8_ready4, 128),
+            "gemv_mma_fp8_t1_ready4_pipe" => (&self.mma_fp8_ready4_pipe[0], 128),
+            _ => (&self.mma_fp8_ready4_pipe[1], 128),
         };
         let mut b = crate::launch::builder(&self.stream, f);
         b.arg(&w).arg(scales).arg(xh).arg(xl).arg(inv).arg(y0).arg(y1).arg(y2).arg(&n0).arg(&n1).arg(&ni).arg(&ki).arg(&ti);
@@ -1512,10 +1516,20 @@ impl Kernels {
         self.qkv_pipe = on;
     }
 
-    /// Whether `gemv_qkv_ready` of `rows` stacked rows, in blocks of 4 warps, loads its next K
-    /// block ahead (`gemv_mma_fp8_t1_ready4_pipe`).
-    pub fn qkv_pipe_takes(&self, rows: usize) -> bool {
-        self.qkv_pipe.unwrap_or(rows.div_ceil(16) <= self.mma_fp8_ready4_pipe_wave)
+    /// The kernel `gemv_qkv_ready` runs for `rows` stacked rows of `t` tokens: in blocks of 8
+    /// warps, or of 4 (`qkv_ready4_takes`) loading their next K block ahead where the tiles fit
+    /// one wave of that (or `qkv_pipe` forces it), at one token with the activations shuffled.
+    pub fn qkv_ready_kernel(&self, rows: usize, t: usize) -> &'static str {
+        let tiles = rows.div_ceil(16);
+        if !self.qkv_ready4_takes(rows) {
+            "gemv_mma_fp8_t1_ready"
+        } else if t == 1 && self.qkv_pipe.unwrap_or(tiles <= self.mma_fp8_ready4_pipe_wave[1]) {
+            "gemv_mma_fp8_t1_ready4_pipe1"
+        } else if self.qkv_pipe.unwrap_or(tiles <= self.mma_fp8_ready4_pipe_wave[0]) {
+            "gemv_mma_fp8_t1_ready4_pipe"
+        } else {
+            "gemv_mma_fp8_t1_ready4"
+        }
     }
 
     /// Whether `gemv_qkv_ready` of `rows` stacked rows runs in blocks of 4 warps: forced, or

@@ -270,7 +270,8 @@ fn stacked_qkv_gemv_matches_the_cpu_reference() {
 
 /// The q/k/v projection that feeds the ready attention (`gemv_qkv_ready`), in blocks of 8 warps
 /// and in blocks of 4 warps summing two K classes each (`set_qkv_ready4`), those with their next
-/// K block loaded ahead (`set_qkv_pipe`) too, gives the stacked
+/// K block loaded ahead too (`set_qkv_pipe`; at one token the activations shuffled between
+/// lanes), gives the stacked
 /// GEMV's bits on the same split input (`gemv_split3`), matches the CPU, and counts each
 /// finished 16-row tile into its head's counter. K of 5 K blocks (warps with an empty class),
 /// 8, and 32 (MiMo's 4096); 1-4 and 8 tokens.
@@ -309,6 +310,13 @@ fn ready_qkv_projection_gives_the_stacked_gemvs_bits() {
             for (four, pipe) in [(false, false), (true, false), (true, true)] {
                 kern.set_qkv_ready4(Some(four));
                 kern.set_qkv_pipe(Some(pipe));
+                let want_kernel = match (four, pipe, t) {
+                    (false, _, _) => "gemv_mma_fp8_t1_ready",
+                    (true, false, _) => "gemv_mma_fp8_t1_ready4",
+                    (true, true, 1) => "gemv_mma_fp8_t1_ready4_pipe1",
+                    (true, true, _) => "gemv_mma_fp8_t1_ready4_pipe",
+                };
+                assert_eq!(kern.qkv_ready_kernel(n, t), want_kernel);
                 let ready = g.stream.alloc_zeros::<u32>(heads + kv_heads + 1).unwrap();
                 let mut ys = [poisoned(&g, t * rows[0]), poisoned(&g, t * rows[1]), poisoned(&g, t * rows[2])];
                 {
@@ -330,8 +338,11 @@ fn ready_qkv_projection_gives_the_stacked_gemvs_bits() {
     // 28 tiles fit one (on any GPU), 50 000 (800 000 rows) do not.
     kern.set_qkv_ready4(None);
     kern.set_qkv_pipe(None);
-    assert!(kern.qkv_pipe_takes(n), "{n} rows fit one wave of the pipelined 4-warp kernel");
-    assert!(!kern.qkv_pipe_takes(800_000), "800 000 rows do not fit one wave of the pipelined 4-warp kernel");
+    kern.set_qkv_ready4(Some(true));
+    assert_eq!(kern.qkv_ready_kernel(n, 1), "gemv_mma_fp8_t1_ready4_pipe1", "{n} rows fit one wave of the one-token pipelined kernel");
+    assert_eq!(kern.qkv_ready_kernel(n, 2), "gemv_mma_fp8_t1_ready4_pipe", "{n} rows fit one wave of the pipelined kernel");
+    assert_eq!(kern.qkv_ready_kernel(800_000, 1), "gemv_mma_fp8_t1_ready4", "800 000 rows fit no wave of the pipelined kernels");
+    kern.set_qkv_ready4(None);
     assert!(!kern.qkv_ready4_takes(n), "{n} rows in blocks of 8 warps fit one wave");
     assert!(kern.qkv_ready4_takes(800_000), "800 000 rows in blocks of 8 warps need more than one wave");
 }
