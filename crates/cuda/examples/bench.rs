@@ -243,6 +243,39 @@ fn main() {
             }
         }
     }
+    if !only_moe {
+        // The q/k/v projection as a decode step of 1-8 rows runs it (`gemv_qkv_ready`, the
+        // attention's heads counted as their tiles finish): MiMo-V2-Flash's full-attention
+        // layers (4 KV heads, 13568 x 4096) and sliding-window layers (8 KV heads, 14848 x 4096).
+        println!("\nq/k/v projection as the decode step runs it (gemv_qkv_ready; back to back; beside: the same without the K block ahead):");
+        let e4m3 = |b: &u8| if b & 0x7f == 0x7f { b ^ 1 } else { *b };
+        let (heads, hd, vd, cols) = (64usize, 192usize, 128usize, 4096usize);
+        let x = s.clone_htod(&random_bytes(8 * cols).iter().map(|&b| b as f32 / 128.0 - 1.0).collect::<Vec<_>>()).unwrap();
+        for (what, kv_heads) in [("full attention", 4usize), ("sliding window", 8)] {
+            let n = [heads * hd, kv_heads * hd, kv_heads * vd];
+            let rows: usize = n.iter().sum();
+            let w: Vec<_> = (0..2).map(|_| s.clone_htod(&random_bytes(rows * cols).iter().map(e4m3).collect::<Vec<_>>()).unwrap()).collect();
+            let wp: Vec<_> = w.iter().map(|w| cudarc::driver::DevicePtr::device_ptr(w, s).0).collect();
+            let sc = s.clone_htod(&vec![1.0f32; rows.div_ceil(128) * cols / 128]).unwrap();
+            let ready = s.alloc_zeros::<u32>(heads + kv_heads + 1).unwrap();
+            let mut ys: Vec<_> = n.iter().map(|r| s.alloc_zeros::<f32>(8 * r).unwrap()).collect();
+            let b = (rows * cols) as f64 + (rows.div_ceil(128) * cols / 128 * 4) as f64;
+            for t in [1usize, 2, 4, 8] {
+                let split = k.split_f16(&x, t, cols, false).unwrap();
+                let mut run = |k: &Kernels, i: usize| {
+                    let [y0, y1, y2] = &mut ys[..] else { unreachable!() };
+                    k.gemv_qkv_ready(wp[i % 2], &sc, &split, [y0, y1, y2], n, cols, t, &ready, heads, hd, vd).unwrap()
+                };
+                let kernel = k.qkv_ready_kernel(rows, t);
+                let ms = time_b2b(&mut |i| run(&k, i));
+                k.set_qkv_pipe(Some(false));
+                let off = time_b2b(&mut |i| run(&k, i));
+                k.set_qkv_pipe(None);
+                let pct = |ms: f32| 100.0 * b / (ms as f64 * 1e-3) / copy_bw;
+                println!("fp8    T={t:<3} {:>10.1} MB {ms:8.3} ms {:7.0} GB/s {:5.1}%  ({rows}x{cols}, {what}, {kernel}; no K block ahead {:.1}%)", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, pct(ms), pct(off));
+            }
+        }
+    }
     if only_gemv {
         return;
     }
