@@ -272,7 +272,20 @@ fn main() {
                 let off = time_b2b(&mut |i| run(&k, i));
                 k.set_qkv_pipe(None);
                 let pct = |ms: f32| 100.0 * b / (ms as f64 * 1e-3) / copy_bw;
-                println!("fp8    T={t:<3} {:>10.1} MB {ms:8.3} ms {:7.0} GB/s {:5.1}%  ({rows}x{cols}, {what}, {kernel}; no K block ahead {:.1}%)", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, pct(ms), pct(off));
+                // At one token, the other pipelined form too (forced, though it may not fit one wave).
+                let other = if t == 1 {
+                    let shuffled = kernel.ends_with("pipe1");
+                    k.set_qkv_pipe(Some(true));
+                    k.set_qkv_pipe_shuffle(Some(!shuffled));
+                    let other = k.qkv_ready_kernel(rows, t);
+                    let ms = time_b2b(&mut |i| run(&k, i));
+                    k.set_qkv_pipe(None);
+                    k.set_qkv_pipe_shuffle(None);
+                    format!("; {other} {:.1}%", pct(ms))
+                } else {
+                    String::new()
+                };
+                println!("fp8    T={t:<3} {:>10.1} MB {ms:8.3} ms {:7.0} GB/s {:5.1}%  ({rows}x{cols}, {what}, {kernel}; no K block ahead {:.1}%{other})", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, pct(ms), pct(off));
             }
         }
     }

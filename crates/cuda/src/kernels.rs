@@ -239,13 +239,16 @@ pub struct Kernels {
     mma_fp8_ready_wave: usize,
     qkv_ready4: Option<bool>,
     /// The 4-warp form loading a K block ahead (`gemv_mma_fp8_t1_ready4_pipe`, capped at 72
-    /// registers: 7 blocks per SM; at one token `..._pipe1`, its activations shuffled between
-    /// lanes, 64 registers: 8 per SM), run in its place where its tiles fit one wave of it
-    /// (`mma_fp8_ready4_pipe_wave`, `[1]` the one-token kernel's); `qkv_pipe` Some forces it
-    /// on or off (`PEREGRINE_QKV_PIPE=1/0`).
+    /// registers: 7 blocks per SM; at one token also `..._pipe1`, its activations shuffled
+    /// between lanes, 64 registers: 8 per SM), run in its place where its tiles fit one wave of
+    /// either (`mma_fp8_ready4_pipe_wave`, `[1]` the one-token kernel's), the 7-block kernel
+    /// where it fits (`qkv_ready_kernel`). `qkv_pipe` Some forces a pipe on or off
+    /// (`PEREGRINE_QKV_PIPE=1/0`), `qkv_pipe_shuffle` the one-token form
+    /// (`PEREGRINE_QKV_PIPE_SHUFFLE=1/0`).
     mma_fp8_ready4_pipe: [CudaFunction; 2],
     mma_fp8_ready4_pipe_wave: [usize; 2],
     qkv_pipe: Option<bool>,
+    qkv_pipe_shuffle: Option<bool>,
     /// The one-tile GEMVs loading a K block ahead (`gemv_mma_{bf16,fp8}_t1_pipe`, 88 / 72
     /// registers on the H100), run where the grid fits one wave of them (`*_pipe_wave` blocks:
     /// the driver's occupancy x SMs) while `gemv_pipe` (`PEREGRINE_GEMV_PIPE=0` turns them off,
@@ -904,6 +907,7 @@ impl Kernels {
             mma_fp8_ready4_pipe,
             mma_fp8_ready4_pipe_wave,
             qkv_pipe: std::env::var("PEREGRINE_QKV_PIPE").ok().map(|v| v != "0"),
+            qkv_pipe_shuffle: std::env::var("PEREGRINE_QKV_PIPE_SHUFFLE").ok().map(|v| v != "0"),
             mma_bf16_pipe,
             mma_bf16_pipe_wave,
             mma_fp8_pipe,
@@ -1516,19 +1520,30 @@ impl Kernels {
         self.qkv_pipe = on;
     }
 
+    /// Forces the one-token form of the pipelined 4-warp q/k/v projection (activations
+    /// shuffled between lanes) on or off; None: only where the other does not fit one wave.
+    pub fn set_qkv_pipe_shuffle(&mut self, on: Option<bool>) {
+        self.qkv_pipe_shuffle = on;
+    }
+
     /// The kernel `gemv_qkv_ready` runs for `rows` stacked rows of `t` tokens: in blocks of 8
-    /// warps, or of 4 (`qkv_ready4_takes`) loading their next K block ahead where the tiles fit
-    /// one wave of that (or `qkv_pipe` forces it), at one token with the activations shuffled.
+    /// warps, or of 4 (`qkv_ready4_takes`), those loading their next K block ahead where the
+    /// tiles fit one wave: of the 7-block kernel, else (one token) of the 8-block one with the
+    /// activations shuffled. The 7-block kernel streamed better where both fit (Flash's
+    /// full-attention layers, 848 tiles: 23.0 against 23.6 us in a batch-1 step);
+    /// `qkv_pipe` and `qkv_pipe_shuffle` force either choice.
     pub fn qkv_ready_kernel(&self, rows: usize, t: usize) -> &'static str {
         let tiles = rows.div_ceil(16);
+        let fits = tiles <= self.mma_fp8_ready4_pipe_wave[0];
+        let fits_shuffled = t == 1 && tiles <= self.mma_fp8_ready4_pipe_wave[1];
         if !self.qkv_ready4_takes(rows) {
             "gemv_mma_fp8_t1_ready"
-        } else if t == 1 && self.qkv_pipe.unwrap_or(tiles <= self.mma_fp8_ready4_pipe_wave[1]) {
-            "gemv_mma_fp8_t1_ready4_pipe1"
-        } else if self.qkv_pipe.unwrap_or(tiles <= self.mma_fp8_ready4_pipe_wave[0]) {
-            "gemv_mma_fp8_t1_ready4_pipe"
-        } else {
+        } else if !self.qkv_pipe.unwrap_or(fits || fits_shuffled) {
             "gemv_mma_fp8_t1_ready4"
+        } else if t == 1 && self.qkv_pipe_shuffle.unwrap_or(!fits) {
+            "gemv_mma_fp8_t1_ready4_pipe1"
+        } else {
+            "gemv_mma_fp8_t1_ready4_pipe"
         }
     }
 

@@ -307,14 +307,15 @@ fn ready_qkv_projection_gives_the_stacked_gemvs_bits() {
                 assert_close(&format!("stacked fp8 q/k/v part {i}, K {k}, T={t}"), got, &part);
                 off += rows[i];
             }
-            for (four, pipe) in [(false, false), (true, false), (true, true)] {
+            for (four, pipe, shuffle) in [(false, false, false), (true, false, false), (true, true, false), (true, true, true)] {
                 kern.set_qkv_ready4(Some(four));
                 kern.set_qkv_pipe(Some(pipe));
-                let want_kernel = match (four, pipe, t) {
+                kern.set_qkv_pipe_shuffle(Some(shuffle));
+                let want_kernel = match (four, pipe, shuffle && t == 1) {
                     (false, _, _) => "gemv_mma_fp8_t1_ready",
                     (true, false, _) => "gemv_mma_fp8_t1_ready4",
-                    (true, true, 1) => "gemv_mma_fp8_t1_ready4_pipe1",
-                    (true, true, _) => "gemv_mma_fp8_t1_ready4_pipe",
+                    (true, true, false) => "gemv_mma_fp8_t1_ready4_pipe",
+                    (true, true, true) => "gemv_mma_fp8_t1_ready4_pipe1",
                 };
                 assert_eq!(kern.qkv_ready_kernel(n, t), want_kernel);
                 let ready = g.stream.alloc_zeros::<u32>(heads + kv_heads + 1).unwrap();
@@ -325,23 +326,32 @@ fn ready_qkv_projection_gives_the_stacked_gemvs_bits() {
                 }
                 let got = read(&ys);
                 for (i, (a, b)) in got.iter().zip(&plain).enumerate() {
-                    assert!(a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits()), "K {k}, T={t}, 4-warp blocks {four}, K block ahead {pipe}: part {i} differs from the stacked GEMV in some bit");
+                    assert!(a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits()), "K {k}, T={t}, {want_kernel}: part {i} differs from the stacked GEMV in some bit");
                 }
                 let mut counts = vec![(hd / 16) as u32; heads];
                 counts.extend(std::iter::repeat_n(((hd + vd) / 16) as u32, kv_heads));
                 counts.push(0);
-                assert_eq!(g.stream.clone_dtoh(&ready).unwrap(), counts, "K {k}, T={t}, 4-warp blocks {four}, K block ahead {pipe}: tiles counted per head");
+                assert_eq!(g.stream.clone_dtoh(&ready).unwrap(), counts, "K {k}, T={t}, {want_kernel}: tiles counted per head");
             }
         }
     }
     // By default the 4-warp form runs only where the 8-warp grid needs a second wave: these
     // 28 tiles fit one (on any GPU), 50 000 (800 000 rows) do not.
     kern.set_qkv_ready4(None);
+    // Unforced, a pipe runs where the tiles fit one wave of it, the 7-block one where it fits:
+    // 28 tiles fit both on any GPU, 924 < 7 x SMs <= 8 x SMs: only the 8-block one's (an H100's
+    // 132 SMs: 924 and 1056; an H200 has as many), 800 000 rows neither.
     kern.set_qkv_pipe(None);
+    kern.set_qkv_pipe_shuffle(None);
     kern.set_qkv_ready4(Some(true));
-    assert_eq!(kern.qkv_ready_kernel(n, 1), "gemv_mma_fp8_t1_ready4_pipe1", "{n} rows fit one wave of the one-token pipelined kernel");
-    assert_eq!(kern.qkv_ready_kernel(n, 2), "gemv_mma_fp8_t1_ready4_pipe", "{n} rows fit one wave of the pipelined kernel");
-    assert_eq!(kern.qkv_ready_kernel(800_000, 1), "gemv_mma_fp8_t1_ready4", "800 000 rows fit no wave of the pipelined kernels");
+    for t in [1usize, 2] {
+        assert_eq!(kern.qkv_ready_kernel(n, t), "gemv_mma_fp8_t1_ready4_pipe", "{n} rows, {t} tokens: one wave of the 7-block pipe");
+        assert_eq!(kern.qkv_ready_kernel(800_000, t), "gemv_mma_fp8_t1_ready4", "800 000 rows, {t} tokens: no wave of a pipe");
+    }
+    let sms = g.ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).unwrap() as usize;
+    let between = (7 * sms + 1) * 16;
+    assert_eq!(kern.qkv_ready_kernel(between, 1), "gemv_mma_fp8_t1_ready4_pipe1", "{between} rows, one token: one wave of the 8-block shuffled pipe only");
+    assert_eq!(kern.qkv_ready_kernel(between, 2), "gemv_mma_fp8_t1_ready4", "{between} rows, two tokens: no wave of the 7-block pipe");
     kern.set_qkv_ready4(None);
     assert!(!kern.qkv_ready4_takes(n), "{n} rows in blocks of 8 warps fit one wave");
     assert!(kern.qkv_ready4_takes(800_000), "800 000 rows in blocks of 8 warps need more than one wave");
