@@ -1594,43 +1594,29 @@ extern "C" __global__ void __launch_bounds__(256) gemm_wg_combine(const float* _
     }
 GEMV_MMA_PIPE(bf16, false)
 GEMV_MMA_PIPE(fp8, true)
-// gemv_mma_fp8_t1 counting its tiles into `ready` for attention_v2_kv_ready (READY above).
-extern "C" __global__ void __launch_bounds__(256) gemv_mma_fp8_t1_ready(
-    const unsigned char* __restrict__ W, const float* __restrict__ S, const unsigned short* __restrict__ XH,
-    const unsigned short* __restrict__ XL, const float* __restrict__ xinv, float* __restrict__ y, float* __restrict__ y1,
-    float* __restrict__ y2, int N0, int N1, int N, int K, int T, unsigned* __restrict__ ready, int heads, int hd, int vd) {
-    PDL_ENTER();
-    gemv_mma<1, 1, true, true>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T, ready, heads, hd, vd);
-}
-// gemv_mma_fp8_t1_ready in blocks of 4 warps, each summing two K classes (CW = 2): the same
-// bits, 9 blocks per SM instead of 4 (54 registers), so the decode q/k/v projection's tiles fit
-// one wave.
-extern "C" __global__ void __launch_bounds__(128) gemv_mma_fp8_t1_ready4(
-    const unsigned char* __restrict__ W, const float* __restrict__ S, const unsigned short* __restrict__ XH,
-    const unsigned short* __restrict__ XL, const float* __restrict__ xinv, float* __restrict__ y, float* __restrict__ y1,
-    float* __restrict__ y2, int N0, int N1, int N, int K, int T, unsigned* __restrict__ ready, int heads, int hd, int vd) {
-    PDL_ENTER();
-    gemv_mma<1, 1, true, true, false, 2>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T, ready, heads, hd, vd);
-}
-// gemv_mma_fp8_t1_ready4 with its next K block loaded ahead (PIPE; across its two K classes):
-// two K blocks in flight per warp. Capped at 72 registers, so 7 blocks fit an SM (the host
-// runs it where the tiles fit about one wave of it). Same bits.
-extern "C" __global__ void __launch_bounds__(128, 7) gemv_mma_fp8_t1_ready4_pipe(
-    const unsigned char* __restrict__ W, const float* __restrict__ S, const unsigned short* __restrict__ XH,
-    const unsigned short* __restrict__ XL, const float* __restrict__ xinv, float* __restrict__ y, float* __restrict__ y1,
-    float* __restrict__ y2, int N0, int N1, int N, int K, int T, unsigned* __restrict__ ready, int heads, int hd, int vd) {
-    PDL_ENTER();
-    gemv_mma<1, 1, true, true, true, 2>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T, ready, heads, hd, vd);
-}
-// gemv_mma_fp8_t1_ready4_pipe for one token, its activations ahead shuffled between lanes
-// (XSH above): 64 registers, so 8 blocks fit an SM. Same bits.
-extern "C" __global__ void __launch_bounds__(128, 8) gemv_mma_fp8_t1_ready4_pipe1(
-    const unsigned char* __restrict__ W, const float* __restrict__ S, const unsigned short* __restrict__ XH,
-    const unsigned short* __restrict__ XL, const float* __restrict__ xinv, float* __restrict__ y, float* __restrict__ y1,
-    float* __restrict__ y2, int N0, int N1, int N, int K, int T, unsigned* __restrict__ ready, int heads, int hd, int vd) {
-    PDL_ENTER();
-    gemv_mma<1, 1, true, true, true, 2, true>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T, ready, heads, hd, vd);
-}
+// The q/k/v projection feeding attention_v2_kv_ready (READY above): the kernel's name, its
+// __launch_bounds__ (threads[, blocks per SM]), then gemv_mma's PIPE, CW and XSH.
+#define GEMV_MMA_READY(NAME, BOUNDS, PIPE, CW, XSH)                                                                        \
+    extern "C" __global__ void __launch_bounds__ BOUNDS NAME(                                                             \
+        const unsigned char* __restrict__ W, const float* __restrict__ S, const unsigned short* __restrict__ XH,          \
+        const unsigned short* __restrict__ XL, const float* __restrict__ xinv, float* __restrict__ y,                     \
+        float* __restrict__ y1, float* __restrict__ y2, int N0, int N1, int N, int K, int T, unsigned* __restrict__ ready, \
+        int heads, int hd, int vd) {                                                                                      \
+        PDL_ENTER();                                                                                                      \
+        gemv_mma<1, 1, true, true, PIPE, CW, XSH>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T, ready, heads, hd, vd);   \
+    }
+// Blocks of 8 warps, one K class each.
+GEMV_MMA_READY(gemv_mma_fp8_t1_ready, (256), false, 1, false)
+// Blocks of 4 warps, each summing two K classes (CW = 2): the same bits, 9 blocks per SM
+// instead of 4 (56 registers), so the decode q/k/v projection's tiles fit one wave.
+GEMV_MMA_READY(gemv_mma_fp8_t1_ready4, (128), false, 2, false)
+// ..._ready4 with its next K block loaded ahead (PIPE; across its two K classes): two K blocks
+// in flight per warp. Capped at 72 registers, so 7 blocks fit an SM (the host runs it where the
+// tiles fit one wave of it). Same bits.
+GEMV_MMA_READY(gemv_mma_fp8_t1_ready4_pipe, (128, 7), true, 2, false)
+// ..._ready4_pipe for one token, its activations ahead shuffled between lanes (XSH above): 64
+// registers, so 8 blocks fit an SM. Same bits.
+GEMV_MMA_READY(gemv_mma_fp8_t1_ready4_pipe1, (128, 8), true, 2, true)
 // Measured on the H100 and not kept (benches/results/2026-11-23-gemv-row-tiles.md): one row
 // tile of 16, 32 or 64 tokens per block (the activations read from L2 once per 16 rows bound
 // them at 16-64 tokens), 2 row tiles of 8 or 32 tokens; FP8 2 x 2 and BF16 2 x 4 are compiled
