@@ -663,16 +663,31 @@ impl MoeKernel {
     }
 
     /// `PEREGRINE_MOE_KERNEL=tiled` (two launches, 2 x 4 ring), `fused` (one launch, 2 x 4),
-    /// `gemm` or `default` (`for_tiled`, no tuning) overrides the tuned choice, for measurements:
-    /// Some(Some(kind)), Some(None) for `default`, None when unset.
+    /// `fused:SxC` or `tiled:SxC` (that ring of `TILED_VARIANTS`), `gemm` or `default`
+    /// (`for_tiled`, no tuning) overrides the tuned choice, for measurements: Some(Some(kind)),
+    /// Some(None) for `default`, None when unset or not one of those.
     fn forced() -> Option<Option<MoeKernel>> {
         static CHOICE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-        match CHOICE.get_or_init(|| std::env::var("PEREGRINE_MOE_KERNEL").ok()).as_deref() {
-            Some("fused") => Some(Some(MoeKernel::FUSED)),
-            Some("tiled") => Some(Some(MoeKernel::TILED)),
-            Some("gemm") => Some(Some(MoeKernel::Gemm)),
-            Some("default") => Some(None),
-            _ => None,
+        Self::parse_forced(CHOICE.get_or_init(|| std::env::var("PEREGRINE_MOE_KERNEL").ok()).as_deref()?)
+    }
+
+    /// `forced`'s reading of one value.
+    fn parse_forced(v: &str) -> Option<Option<MoeKernel>> {
+        let ring = |r: &str| -> Option<(usize, usize)> {
+            let (s, c) = r.split_once('x')?;
+            let ring = (s.parse().ok()?, c.parse().ok()?);
+            TILED_VARIANTS.contains(&ring).then_some(ring)
+        };
+        match v.split_once(':') {
+            Some(("fused", r)) => ring(r).map(|(stages, steps)| Some(MoeKernel::Fused { stages, steps, max_blocks: 0 })),
+            Some(("tiled", r)) => ring(r).map(|(stages, steps)| Some(MoeKernel::tiled(stages, steps))),
+            _ => match v {
+                "fused" => Some(Some(MoeKernel::FUSED)),
+                "tiled" => Some(Some(MoeKernel::TILED)),
+                "gemm" => Some(Some(MoeKernel::Gemm)),
+                "default" => Some(None),
+                _ => None,
+            },
         }
     }
 }
@@ -2187,6 +2202,20 @@ impl Kernels {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `PEREGRINE_MOE_KERNEL`'s values: the named kernels, a ring of `TILED_VARIANTS` after
+    /// `fused:` or `tiled:`, and nothing for a ring that is not compiled or a word it does not know.
+    #[test]
+    fn forced_moe_kernels_parse_their_rings() {
+        assert_eq!(MoeKernel::parse_forced("fused"), Some(Some(MoeKernel::FUSED)));
+        assert_eq!(MoeKernel::parse_forced("default"), Some(None));
+        assert_eq!(MoeKernel::parse_forced("fused:3x4"), Some(Some(MoeKernel::Fused { stages: 3, steps: 4, max_blocks: 0 })));
+        assert_eq!(MoeKernel::parse_forced("tiled:2x6"), Some(Some(MoeKernel::tiled(2, 6))));
+        assert_eq!(MoeKernel::parse_forced("fused:5x5"), None);
+        assert_eq!(MoeKernel::parse_forced("fused:3"), None);
+        assert_eq!(MoeKernel::parse_forced("gemm:2x4"), None);
+        assert_eq!(MoeKernel::parse_forced("fast"), None);
+    }
 
     /// The wgmma GEMM's block heights and K splits for the decode batches' matrices, as
     /// measured: the FP8 q/k/v (Flash 13568 x 4096, Pro 27136 x 6144), the BF16 o_proj (Flash
