@@ -1432,7 +1432,9 @@ impl CudaModel {
         let (dd, k) = (d as i32, *topk as i32);
         let mut b = crate::launch::builder(&self.stream, &self.ops.add_pairs_inplace);
         b.arg(x).arg(out).arg(tok_pairs).arg(&k).arg_or_null(pre.as_ref()).arg(&dd);
-        unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
+        // A thread per float4 of a row (per element where d % 4 != 0), 256 a block.
+        let col_blocks = if d.is_multiple_of(4) { d / 4 } else { d }.div_ceil(256).max(1) as u32;
+        unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, col_blocks, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
         Ok(())
     }
 

@@ -186,13 +186,13 @@ fn norms_match_the_cpu_reference() {
 /// The residual adds that sum the routed MoE's pairs themselves (`MlpOut::Pairs`) give exactly
 /// the bits of combining the pairs first (in ascending pair order from 0, as the MoE's combine
 /// does) and then adding: residual, y and the F16 split, for top-1 to top-32, rows of 1 to 8
-/// tokens, pair lists in any order.
+/// tokens, pair lists in any order, rows whose width is not a multiple of 4 (element by element).
 #[test]
 fn norms_summing_moe_pairs_equal_combine_then_norm() {
     let Some(m) = model() else { return };
     let mut r = rng();
     let st = m.stream.clone();
-    for (rows, d, topk) in [(1usize, 4096usize, 8usize), (2, 4096, 8), (8, 4096, 8), (2, 6144, 8), (1, 16384, 4), (3, 256, 1), (5, 192, 3), (4, 512, 32)] {
+    for (rows, d, topk) in [(1usize, 4096usize, 8usize), (2, 4096, 8), (8, 4096, 8), (2, 6144, 8), (1, 16384, 4), (3, 256, 1), (5, 192, 3), (4, 512, 32), (2, 258, 5), (1, 1030, 11)] {
         let pairs = rows * topk;
         let out = randn(&mut r, pairs * d, 2.0);
         // Each row's pairs, distinct and shuffled (the grouping lists them by expert slot).
