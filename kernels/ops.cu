@@ -593,14 +593,15 @@ __device__ __forceinline__ float norm_split_scale(const float4 v[NORM_V], int D,
     return __int_as_float((unsigned)(sh_ + 127) << 23);
 }
 
-// add_rms_norm, then y's F16 hi + lo split: y * 2^s (norm_split_scale) handed to
-// store(c, float4 of values 4c .. 4c + 3) for every float4 of the row, 2^-s written to inv[r].
-template <class Addend, class Store>
+// add_rms_norm (ADD false: rms_norm, x only read), then y's F16 hi + lo split: y * 2^s
+// (norm_split_scale) handed to store(c, float4 of values 4c .. 4c + 3) for every float4 of the
+// row, 2^-s written to inv[r].
+template <class Addend, class Store, bool ADD = true>
 __device__ __forceinline__ void add_rms_norm_then_split(float* __restrict__ x, Addend a, const float* __restrict__ w,
                                                         float* __restrict__ y, float* __restrict__ inv, int D, float eps, Store store) {
     __shared__ float sh[32];
     float4 v[NORM_V];
-    norm_row_regs<true>(x, a, w, y, D, eps, v, sh);
+    norm_row_regs<ADD>(x, a, w, y, D, eps, v, sh);
     float sc = norm_split_scale(v, D, sh, inv + blockIdx.x);
 #pragma unroll
     for (int j = 0; j < NORM_V; j++) {
@@ -619,18 +620,28 @@ __device__ __forceinline__ void f16x2_hi_lo(float a, float b, unsigned& hi, unsi
 // add_rms_norm that also writes y's F16 hi + lo parts and their inverse scale, exactly as
 // split_f16 (interleave 0) would from y, for the FP8 q/k/v GEMV that reads them (one launch
 // fewer per layer). Rows whose D is a multiple of 4 and at most 4 x NORM_V x blockDim only.
-template <class Addend>
+template <class Addend, bool ADD = true>
 __device__ __forceinline__ void add_rms_norm_f16_split(float* __restrict__ x, Addend a, const float* __restrict__ w, float* __restrict__ y,
                                                        unsigned short* __restrict__ yh, unsigned short* __restrict__ yl,
                                                        float* __restrict__ yinv, int D, float eps) {
     size_t r = blockIdx.x;
-    add_rms_norm_then_split(x, a, w, y, yinv, D, eps, [&](int c, float4 e) {
+    auto store = [&](int c, float4 e) {
         uint2 h, l;
         f16x2_hi_lo(e.x, e.y, h.x, l.x);
         f16x2_hi_lo(e.z, e.w, h.y, l.y);
         reinterpret_cast<uint2*>(yh + r * D)[c] = h;
         reinterpret_cast<uint2*>(yl + r * D)[c] = l;
-    });
+    };
+    add_rms_norm_then_split<Addend, decltype(store), ADD>(x, a, w, y, yinv, D, eps, store);
+}
+
+// rms_norm that also writes y's F16 split, as add_rms_norm_split does (a layer's input norm
+// with no residual add ahead: the first layer's, after the embedding): the bits of rms_norm then
+// split_f16.
+extern "C" __global__ void rms_norm_split(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y,
+                                          unsigned short* __restrict__ yh, unsigned short* __restrict__ yl, float* __restrict__ yinv,
+                                          int D, float eps) { PDL_ENTER();
+    add_rms_norm_f16_split<RowsAddend, false>(const_cast<float*>(x), RowsAddend{nullptr}, w, y, yh, yl, yinv, D, eps);  // x is only read
 }
 
 extern "C" __global__ void add_rms_norm_split(float* __restrict__ x, const float* __restrict__ a, const float* __restrict__ w,

@@ -178,6 +178,7 @@ pub(crate) struct Ops {
     embed_bf16: CudaFunction,
     add_rms_norm: CudaFunction,
     add_rms_norm_split: CudaFunction,
+    rms_norm_split: CudaFunction,
     add_rms_norm_moe_split: CudaFunction,
     add_rms_norm_pairs: CudaFunction,
     add_rms_norm_split_pairs: CudaFunction,
@@ -246,6 +247,11 @@ pub struct CudaModel {
     /// (`wants_moe_split`; `PEREGRINE_MOE_NORM_SPLIT=0` leaves it to the MoE's own launch, for
     /// comparison).
     moe_norm_split: bool,
+    /// A layer's input norm with no residual add ahead (the first layer's) writes the F16 split
+    /// its q/k/v GEMV reads (`rms_norm_split`), so that layer's projection feeds the ready
+    /// attention as the others do (`PEREGRINE_NORM_SPLIT_FIRST=0`: `rms_norm`, the projection
+    /// splitting x itself).
+    pub(crate) norm_split_first: bool,
     /// Blocks of `attention_v2_kv` resident at once on the whole GPU (one wave).
     attention_kv_wave: usize,
     /// The same for `attention_v2_kv_ready_pre`, which runs in place of `attention_v2_kv_ready`
@@ -494,6 +500,7 @@ impl CudaModel {
             embed_bf16: f("embed_bf16")?,
             add_rms_norm: f("add_rms_norm")?,
             add_rms_norm_split: f("add_rms_norm_split")?,
+            rms_norm_split: f("rms_norm_split")?,
             add_rms_norm_moe_split: f("add_rms_norm_moe_split")?,
             add_rms_norm_pairs: f("add_rms_norm_pairs")?,
             add_rms_norm_split_pairs: f("add_rms_norm_split_pairs")?,
@@ -677,6 +684,7 @@ impl CudaModel {
             attn_merge_sharers: std::env::var("PEREGRINE_ATTN_MERGE_SHARERS").ok().and_then(|v| v.parse().ok()).filter(|&v: &usize| v >= 1).unwrap_or(GT_MERGE_SHARERS),
             kv_in_attention: std::env::var("PEREGRINE_KV_IN_ATTENTION").map_or(true, |v| v != "0"),
             moe_norm_split: std::env::var("PEREGRINE_MOE_NORM_SPLIT").map_or(true, |v| v != "0"),
+            norm_split_first: std::env::var("PEREGRINE_NORM_SPLIT_FIRST").map_or(true, |v| v != "0"),
             attention_kv_wave,
             attention_ready_pre_wave,
             attention_ready_pre: std::env::var("PEREGRINE_ATTN_READY_PRE").map_or(true, |v| v != "0"),
@@ -1395,6 +1403,25 @@ impl CudaModel {
         let (dd, eps) = (d as i32, self.spec.rms_norm_eps);
         let mut b = crate::launch::builder(&self.stream, &self.ops.add_rms_norm_split);
         b.arg(x).arg(a).arg(w).arg(&mut y).arg(&mut yh).arg(&mut yl).arg(&mut yinv).arg(&dd).arg(&eps);
+        unsafe { b.launch(norm_cfg(rows, d)) }.map_err(drv)?;
+        Ok((y, (yh, yl, yinv)))
+    }
+
+    /// `rms_norm` that also writes y's F16 split (`split_f16`'s bits), for a layer whose input
+    /// norm has no residual add ahead (the first, after the embedding). Shapes
+    /// `norm_holds_row` takes.
+    pub(crate) fn rms_norm_split(&self, x: &CudaSlice<f32>, w: &CudaSlice<f32>, rows: usize, d: usize) -> Result<(CudaSlice<f32>, F16Split)> {
+        if !(d.is_multiple_of(4) && d <= 4 * 4 * norm_cfg(1, d).block_dim.0 as usize) || x.len() < rows * d || w.len() < d {
+            return Err(Error::Backend(format!("rms_norm_split: {rows} rows of {d} is not a shape it takes (or x / w are short)")));
+        }
+        let mut y = self.empty(rows * d)?;
+        // All written in full by the kernel.
+        let mut yh = unsafe { self.kernels.alloc.alloc::<u16>(rows * d) }?;
+        let mut yl = unsafe { self.kernels.alloc.alloc::<u16>(rows * d) }?;
+        let mut yinv = self.empty(rows)?;
+        let (dd, eps) = (d as i32, self.spec.rms_norm_eps);
+        let mut b = crate::launch::builder(&self.stream, &self.ops.rms_norm_split);
+        b.arg(x).arg(w).arg(&mut y).arg(&mut yh).arg(&mut yl).arg(&mut yinv).arg(&dd).arg(&eps);
         unsafe { b.launch(norm_cfg(rows, d)) }.map_err(drv)?;
         Ok((y, (yh, yl, yinv)))
     }

@@ -168,6 +168,17 @@ fn norms_match_the_cpu_reference() {
             assert_eq!(st.clone_dtoh(&yh).unwrap(), st.clone_dtoh(&wh).unwrap(), "add_rms_norm_split {rows}x{d}: hi parts");
             assert_eq!(st.clone_dtoh(&yl).unwrap(), st.clone_dtoh(&wl).unwrap(), "add_rms_norm_split {rows}x{d}: lo parts");
             assert_eq!(st.clone_dtoh(&yinv).unwrap(), st.clone_dtoh(&winv).unwrap(), "add_rms_norm_split {rows}x{d}: inverse scales");
+            // Without the residual add (the first layer's input norm): rms_norm's y, x untouched,
+            // and split_f16's split of that y.
+            let y0 = m.rms_norm(&xd, &wd, rows, d).unwrap();
+            let x_before = st.clone_dtoh(&xd).unwrap();
+            let (ys, (yh, yl, yinv)) = m.rms_norm_split(&xd, &wd, rows, d).unwrap();
+            assert_eq!(st.clone_dtoh(&xd).unwrap(), x_before, "rms_norm_split {rows}x{d}: x only read");
+            assert_eq!(st.clone_dtoh(&ys).unwrap(), st.clone_dtoh(&y0).unwrap(), "rms_norm_split {rows}x{d}: y");
+            let (wh, wl, winv) = m.kernels.split_f16(&y0, rows, d, false).unwrap();
+            assert_eq!(st.clone_dtoh(&yh).unwrap(), st.clone_dtoh(&wh).unwrap(), "rms_norm_split {rows}x{d}: hi parts");
+            assert_eq!(st.clone_dtoh(&yl).unwrap(), st.clone_dtoh(&wl).unwrap(), "rms_norm_split {rows}x{d}: lo parts");
+            assert_eq!(st.clone_dtoh(&yinv).unwrap(), st.clone_dtoh(&winv).unwrap(), "rms_norm_split {rows}x{d}: inverse scales");
             // The norm that writes y split as the MoE kernels read x: the same residual and y,
             // and exactly what the MoE's own split launch makes of that y.
             if d.is_multiple_of(64) {

@@ -205,7 +205,20 @@ impl CudaModel {
             match op {
                 Op::Embed { rows } => acts[Act::Hidden as usize] = Some(self.embed_rows(&meta.tok, meta.chain.as_ref(), rows)?),
                 Op::Norm { src, dst, weight, rows } => {
-                    let y = self.rms_norm(acts[src as usize].as_ref().ok_or_else(|| Error::Backend(format!("step plan reads {src:?} before writing it")))?, norm_weight(weight), rows, h)?;
+                    let x = acts[src as usize].as_ref().ok_or_else(|| Error::Backend(format!("step plan reads {src:?} before writing it")))?;
+                    if dst == Act::AttnIn {
+                        attn_split = None;
+                    }
+                    // A layer input whose q/k/v GEMV reads F16-split activations gets them from
+                    // the norm, as from add_rms_norm_split (the first layer's, after the embedding).
+                    let y = match weight {
+                        NormWeight::Input(l) if self.norm_split_first && dst == Act::AttnIn && self.wants_f16_split(l) => {
+                            let (y, sp) = self.rms_norm_split(x, norm_weight(weight), rows, h)?;
+                            attn_split = Some(sp);
+                            y
+                        }
+                        _ => self.rms_norm(x, norm_weight(weight), rows, h)?,
+                    };
                     acts[dst as usize] = Some(y);
                 }
                 Op::AddNorm { add: Act::MlpOut, dst, weight, rows } if mlp_pairs.is_some() => {
