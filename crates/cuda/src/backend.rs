@@ -1393,13 +1393,18 @@ impl CudaModel {
         Ok((y, MoeSplit { xs, inv }))
     }
 
+    /// The F16 split (hi, lo, inverse scales) of `rows` rows of `d` that a norm kernel writes
+    /// in full.
+    fn split_outputs(&self, rows: usize, d: usize) -> Result<F16Split> {
+        // SAFETY: every word is written by the kernel the caller launches before any read.
+        let (yh, yl) = unsafe { (self.kernels.alloc.alloc::<u16>(rows * d)?, self.kernels.alloc.alloc::<u16>(rows * d)?) };
+        Ok((yh, yl, self.empty(rows)?))
+    }
+
     /// `add_rms_norm`, also writing y's F16 split exactly as `split_f16` would.
     pub(crate) fn add_rms_norm_split(&self, x: &mut CudaSlice<f32>, a: &CudaSlice<f32>, w: &CudaSlice<f32>, rows: usize, d: usize) -> Result<(CudaSlice<f32>, F16Split)> {
         let mut y = self.empty(rows * d)?;
-        // All written in full by the kernel.
-        let mut yh = unsafe { self.kernels.alloc.alloc::<u16>(rows * d) }?;
-        let mut yl = unsafe { self.kernels.alloc.alloc::<u16>(rows * d) }?;
-        let mut yinv = self.empty(rows)?;
+        let (mut yh, mut yl, mut yinv) = self.split_outputs(rows, d)?;
         let (dd, eps) = (d as i32, self.spec.rms_norm_eps);
         let mut b = crate::launch::builder(&self.stream, &self.ops.add_rms_norm_split);
         b.arg(x).arg(a).arg(w).arg(&mut y).arg(&mut yh).arg(&mut yl).arg(&mut yinv).arg(&dd).arg(&eps);
@@ -1415,10 +1420,7 @@ impl CudaModel {
             return Err(Error::Backend(format!("rms_norm_split: {rows} rows of {d} is not a shape it takes (or x / w are short)")));
         }
         let mut y = self.empty(rows * d)?;
-        // All written in full by the kernel.
-        let mut yh = unsafe { self.kernels.alloc.alloc::<u16>(rows * d) }?;
-        let mut yl = unsafe { self.kernels.alloc.alloc::<u16>(rows * d) }?;
-        let mut yinv = self.empty(rows)?;
+        let (mut yh, mut yl, mut yinv) = self.split_outputs(rows, d)?;
         let (dd, eps) = (d as i32, self.spec.rms_norm_eps);
         let mut b = crate::launch::builder(&self.stream, &self.ops.rms_norm_split);
         b.arg(x).arg(w).arg(&mut y).arg(&mut yh).arg(&mut yl).arg(&mut yinv).arg(&dd).arg(&eps);
@@ -1439,10 +1441,7 @@ impl CudaModel {
             unsafe { b.launch(norm_cfg(rows, d)) }.map_err(drv)?;
             return Ok((y, None));
         }
-        // All written in full by the kernel.
-        let mut yh = unsafe { self.kernels.alloc.alloc::<u16>(rows * d) }?;
-        let mut yl = unsafe { self.kernels.alloc.alloc::<u16>(rows * d) }?;
-        let mut yinv = self.empty(rows)?;
+        let (mut yh, mut yl, mut yinv) = self.split_outputs(rows, d)?;
         let mut b = crate::launch::builder(&self.stream, &self.ops.add_rms_norm_split_pairs);
         b.arg(x).arg(out).arg(tok_pairs).arg(&k).arg_or_null(pre.as_ref()).arg(w).arg(&mut y).arg(&mut yh).arg(&mut yl).arg(&mut yinv).arg(&dd).arg(&eps);
         unsafe { b.launch(norm_cfg(rows, d)) }.map_err(drv)?;
