@@ -742,7 +742,9 @@ __device__ __forceinline__ void b_regs(uint4 x0, uint4 x1, unsigned b[8]) {
 // H100), so fewer blocks per SM: the host runs it only where the grid fits one wave of it (the
 // o_proj at decode: 256 tiles, where the 64-register kernel also had only 2 of its 4 possible
 // blocks per SM and so half the bytes in flight of a GEMV with a full grid; likewise a dense
-// MLP's FP8 down, 4096 rows). Same loads, same arithmetic in the same order: the same bits.
+// MLP's FP8 down, 4096 rows; the decode q/k/v projection in blocks of 4 warps, whose "next K
+// block" crosses from one of a warp's K classes to the next). Same loads, same arithmetic in the
+// same order: the same bits.
 template <int NT, int R, bool FP8, bool READY = false, bool PIPE = false, int CW = 1, bool XSH = false>
 __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, const float* __restrict__ S,
                                          const unsigned short* __restrict__ XH, const unsigned short* __restrict__ XL,
