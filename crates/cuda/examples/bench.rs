@@ -266,7 +266,7 @@ fn main() {
                     let [y0, y1, y2] = &mut ys[..] else { unreachable!() };
                     k.gemv_qkv_ready(wp[i % 2], &sc, &split, [y0, y1, y2], n, cols, t, &ready, heads, hd, vd).unwrap()
                 };
-                let kernel = k.qkv_ready_kernel(rows, t);
+                let kernel = k.qkv_ready_kernel(rows, t).name();
                 let ms = time_b2b(&mut |i| run(&k, i));
                 k.set_qkv_pipe(Some(false));
                 let off = time_b2b(&mut |i| run(&k, i));
@@ -274,10 +274,10 @@ fn main() {
                 let pct = |ms: f32| 100.0 * b / (ms as f64 * 1e-3) / copy_bw;
                 // At one token, the other pipelined form too (forced, though it may not fit one wave).
                 let other = if t == 1 {
-                    let shuffled = kernel.ends_with("pipe1");
+                    let shuffled = k.qkv_ready_kernel(rows, t) == peregrine_cuda::kernels::QkvReady::PipeShuffled;
                     k.set_qkv_pipe(Some(true));
                     k.set_qkv_pipe_shuffle(Some(!shuffled));
-                    let other = k.qkv_ready_kernel(rows, t);
+                    let other = k.qkv_ready_kernel(rows, t).name();
                     let ms = time_b2b(&mut |i| run(&k, i));
                     k.set_qkv_pipe(None);
                     k.set_qkv_pipe_shuffle(None);

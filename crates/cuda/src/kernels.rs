@@ -245,7 +245,7 @@ pub struct Kernels {
     /// where it fits (`qkv_ready_kernel`). `qkv_pipe` Some forces a pipe on or off
     /// (`PEREGRINE_QKV_PIPE=1/0`), `qkv_pipe_shuffle` the one-token form
     /// (`PEREGRINE_QKV_PIPE_SHUFFLE=1/0`).
-    mma_fp8_ready4_pipe: [CudaFunction; 2],
+    mma_fp8_ready4_pipe: [CudaFunction; 2],  // QkvReady::Pipe's, QkvReady::PipeShuffled's
     mma_fp8_ready4_pipe_wave: [usize; 2],
     qkv_pipe: Option<bool>,
     qkv_pipe_shuffle: Option<bool>,
@@ -578,6 +578,38 @@ fn check(cond: bool, msg: impl FnOnce() -> String) -> Result<()> {
         Ok(())
     } else {
         Err(Error::Backend(msg()))
+    }
+}
+
+/// The kernels of the q/k/v projection that feeds the ready attention (`Kernels::gemv_qkv_ready`,
+/// chosen by `Kernels::qkv_ready_kernel`); all give the same bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QkvReady {
+    /// Blocks of 8 warps, one K class each (`gemv_mma_fp8_t1_ready`).
+    Warps8,
+    /// Blocks of 4 warps, two K classes each (`gemv_mma_fp8_t1_ready4`).
+    Warps4,
+    /// `Warps4` loading its next K block ahead, 7 blocks per SM (`gemv_mma_fp8_t1_ready4_pipe`).
+    Pipe,
+    /// `Pipe` for one token with its activations shuffled between lanes, 8 blocks per SM
+    /// (`gemv_mma_fp8_t1_ready4_pipe1`).
+    PipeShuffled,
+}
+
+impl QkvReady {
+    /// The kernel's name in kernels/gemv.cu.
+    pub fn name(self) -> &'static str {
+        match self {
+            QkvReady::Warps8 => "gemv_mma_fp8_t1_ready",
+            QkvReady::Warps4 => "gemv_mma_fp8_t1_ready4",
+            QkvReady::Pipe => "gemv_mma_fp8_t1_ready4_pipe",
+            QkvReady::PipeShuffled => "gemv_mma_fp8_t1_ready4_pipe1",
+        }
+    }
+
+    /// Threads a block.
+    fn threads(self) -> u32 {
+        if self == QkvReady::Warps8 { 256 } else { 128 }
     }
 }
 
@@ -1083,12 +1115,13 @@ impl Kernels {
         let rows = n.iter().sum::<usize>();
         let (ni, ki, ti) = (rows as i32, k as i32, t as i32);
         let (n0, n1, hh, hdi, vdi) = (n[0] as i32, n[1] as i32, heads as i32, hd as i32, vd as i32);
-        let name = self.qkv_ready_kernel(rows, t);
-        let (f, threads) = match name {
-            "gemv_mma_fp8_t1_ready" => (&self.mma_fp8_ready, 256),
-            "gemv_mma_fp8_t1_ready4" => (&self.mma_fp8_ready4, 128),
-            "gemv_mma_fp8_t1_ready4_pipe" => (&self.mma_fp8_ready4_pipe[0], 128),
-            _ => (&self.mma_fp8_ready4_pipe[1], 128),
+        let kernel = self.qkv_ready_kernel(rows, t);
+        let (name, threads) = (kernel.name(), kernel.threads());
+        let f = match kernel {
+            QkvReady::Warps8 => &self.mma_fp8_ready,
+            QkvReady::Warps4 => &self.mma_fp8_ready4,
+            QkvReady::Pipe => &self.mma_fp8_ready4_pipe[0],
+            QkvReady::PipeShuffled => &self.mma_fp8_ready4_pipe[1],
         };
         let mut b = crate::launch::builder(&self.stream, f);
         b.arg(&w).arg(scales).arg(xh).arg(xl).arg(inv).arg(y0).arg(y1).arg(y2).arg(&n0).arg(&n1).arg(&ni).arg(&ki).arg(&ti);
@@ -1547,18 +1580,18 @@ impl Kernels {
     /// activations shuffled. The 7-block kernel streamed better where both fit (Flash's
     /// full-attention layers, 848 tiles: 23.0 against 23.6 us in a batch-1 step);
     /// `qkv_pipe` and `qkv_pipe_shuffle` force either choice.
-    pub fn qkv_ready_kernel(&self, rows: usize, t: usize) -> &'static str {
+    pub fn qkv_ready_kernel(&self, rows: usize, t: usize) -> QkvReady {
         let tiles = rows.div_ceil(16);
         let fits = tiles <= self.mma_fp8_ready4_pipe_wave[0];
         let fits_shuffled = t == 1 && tiles <= self.mma_fp8_ready4_pipe_wave[1];
         if !self.qkv_ready4_takes(rows) {
-            "gemv_mma_fp8_t1_ready"
+            QkvReady::Warps8
         } else if !self.qkv_pipe.unwrap_or(fits || fits_shuffled) {
-            "gemv_mma_fp8_t1_ready4"
+            QkvReady::Warps4
         } else if t == 1 && self.qkv_pipe_shuffle.unwrap_or(!fits) {
-            "gemv_mma_fp8_t1_ready4_pipe1"
+            QkvReady::PipeShuffled
         } else {
-            "gemv_mma_fp8_t1_ready4_pipe"
+            QkvReady::Pipe
         }
     }
 

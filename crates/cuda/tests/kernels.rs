@@ -6,7 +6,7 @@
 //! set. NVRTC compilation is checked wherever libnvrtc loads (no GPU needed).
 
 use peregrine_cuda::{probe, probe_for_tests, Gpu, Kernels, MoeKernel, MoeRouting};
-use peregrine_cuda::kernels::{MoeInput, MoeWeights};
+use peregrine_cuda::kernels::{MoeInput, MoeWeights, QkvReady};
 use peregrine_model::formats::{dequant_fp8_block, dequant_mxfp4, fp8_e4m3_to_f32};
 use rand::{Rng, SeedableRng};
 
@@ -312,10 +312,10 @@ fn ready_qkv_projection_gives_the_stacked_gemvs_bits() {
                 kern.set_qkv_pipe(Some(pipe));
                 kern.set_qkv_pipe_shuffle(Some(shuffle));
                 let want_kernel = match (four, pipe, shuffle && t == 1) {
-                    (false, _, _) => "gemv_mma_fp8_t1_ready",
-                    (true, false, _) => "gemv_mma_fp8_t1_ready4",
-                    (true, true, false) => "gemv_mma_fp8_t1_ready4_pipe",
-                    (true, true, true) => "gemv_mma_fp8_t1_ready4_pipe1",
+                    (false, _, _) => QkvReady::Warps8,
+                    (true, false, _) => QkvReady::Warps4,
+                    (true, true, false) => QkvReady::Pipe,
+                    (true, true, true) => QkvReady::PipeShuffled,
                 };
                 assert_eq!(kern.qkv_ready_kernel(n, t), want_kernel);
                 let ready = g.stream.alloc_zeros::<u32>(heads + kv_heads + 1).unwrap();
@@ -326,12 +326,12 @@ fn ready_qkv_projection_gives_the_stacked_gemvs_bits() {
                 }
                 let got = read(&ys);
                 for (i, (a, b)) in got.iter().zip(&plain).enumerate() {
-                    assert!(a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits()), "K {k}, T={t}, {want_kernel}: part {i} differs from the stacked GEMV in some bit");
+                    assert!(a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits()), "K {k}, T={t}, {want_kernel:?}: part {i} differs from the stacked GEMV in some bit");
                 }
                 let mut counts = vec![(hd / 16) as u32; heads];
                 counts.extend(std::iter::repeat_n(((hd + vd) / 16) as u32, kv_heads));
                 counts.push(0);
-                assert_eq!(g.stream.clone_dtoh(&ready).unwrap(), counts, "K {k}, T={t}, {want_kernel}: tiles counted per head");
+                assert_eq!(g.stream.clone_dtoh(&ready).unwrap(), counts, "K {k}, T={t}, {want_kernel:?}: tiles counted per head");
             }
         }
     }
@@ -345,13 +345,13 @@ fn ready_qkv_projection_gives_the_stacked_gemvs_bits() {
     kern.set_qkv_pipe_shuffle(None);
     kern.set_qkv_ready4(Some(true));
     for t in [1usize, 2] {
-        assert_eq!(kern.qkv_ready_kernel(n, t), "gemv_mma_fp8_t1_ready4_pipe", "{n} rows, {t} tokens: one wave of the 7-block pipe");
-        assert_eq!(kern.qkv_ready_kernel(800_000, t), "gemv_mma_fp8_t1_ready4", "800 000 rows, {t} tokens: no wave of a pipe");
+        assert_eq!(kern.qkv_ready_kernel(n, t), QkvReady::Pipe, "{n} rows, {t} tokens: one wave of the 7-block pipe");
+        assert_eq!(kern.qkv_ready_kernel(800_000, t), QkvReady::Warps4, "800 000 rows, {t} tokens: no wave of a pipe");
     }
     let sms = g.ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).unwrap() as usize;
     let between = (7 * sms + 1) * 16;
-    assert_eq!(kern.qkv_ready_kernel(between, 1), "gemv_mma_fp8_t1_ready4_pipe1", "{between} rows, one token: one wave of the 8-block shuffled pipe only");
-    assert_eq!(kern.qkv_ready_kernel(between, 2), "gemv_mma_fp8_t1_ready4", "{between} rows, two tokens: no wave of the 7-block pipe");
+    assert_eq!(kern.qkv_ready_kernel(between, 1), QkvReady::PipeShuffled, "{between} rows, one token: one wave of the 8-block shuffled pipe only");
+    assert_eq!(kern.qkv_ready_kernel(between, 2), QkvReady::Warps4, "{between} rows, two tokens: no wave of the 7-block pipe");
     kern.set_qkv_ready4(None);
     assert!(!kern.qkv_ready4_takes(n), "{n} rows in blocks of 8 warps fit one wave");
     assert!(kern.qkv_ready4_takes(800_000), "800 000 rows in blocks of 8 warps need more than one wave");
