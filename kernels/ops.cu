@@ -974,41 +974,15 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, const flo
 // y[r] = argmax of logits row r (ties to the lower index), so greedy decoding brings back only
 // ids. Two stages: gridDim.y blocks per row each reduce a slice into part[r, blockIdx.y]
 // (one block per row took ~65 us over a vocabulary of 152k), then argmax_final.
-// Where V % 4 == 0 a slice is whole float4s, and a thread asks for up to 4 of its float4s at
-// once before comparing them (one L2 round trip instead of one per element: ~5 -> ~2 us per
-// step); each thread still scans its elements in ascending order, so ties keep the lower index.
 extern "C" __global__ void argmax_rows(const float* __restrict__ logits, int V, float* __restrict__ part_v, int* __restrict__ part_i) { PDL_ENTER();
     __shared__ float sv[32], best_v;
     __shared__ int si[32], best_i;
     const float* l = logits + (size_t)blockIdx.x * V;
-    int per = (V + gridDim.y - 1) / gridDim.y;
+    int per = (V + gridDim.y - 1) / gridDim.y, e0 = blockIdx.y * per, e1 = min(e0 + per, V);
     float v = __int_as_float(0xff800000u);
     int i = 0x7fffffff;
-    if ((V & 3) == 0) {
-        per = (per + 3) & ~3;
-        const int c0 = min(blockIdx.y * per, V) / 4, c1 = min(blockIdx.y * per + per, V) / 4, B = blockDim.x;
-        const float4* l4 = reinterpret_cast<const float4*>(l);
-        for (int c = c0 + threadIdx.x; c < c1; c += 4 * B) {
-            float4 q[4];
-#pragma unroll
-            for (int u = 0; u < 4; u++)
-                if (c + u * B < c1) q[u] = l4[c + u * B];
-#pragma unroll
-            for (int u = 0; u < 4; u++) {
-                const int e = 4 * (c + u * B);
-                if (c + u * B < c1) {
-                    if (q[u].x > v) { v = q[u].x; i = e; }
-                    if (q[u].y > v) { v = q[u].y; i = e + 1; }
-                    if (q[u].z > v) { v = q[u].z; i = e + 2; }
-                    if (q[u].w > v) { v = q[u].w; i = e + 3; }
-                }
-            }
-        }
-    } else {
-        int e0 = blockIdx.y * per, e1 = min(e0 + per, V);
-        for (int e = e0 + threadIdx.x; e < e1; e += blockDim.x)
-            if (l[e] > v) { v = l[e]; i = e; }
-    }
+    for (int e = e0 + threadIdx.x; e < e1; e += blockDim.x)
+        if (l[e] > v) { v = l[e]; i = e; }
     block_argmax(v, i, sv, si, &best_v, &best_i);
     if (threadIdx.x == 0) {
         part_v[blockIdx.x * gridDim.y + blockIdx.y] = best_v;
