@@ -62,6 +62,21 @@ struct PairsAddend {
         }
         return s;
     }
+    // at4's sum with the pairs' loads issued 8 at a time before their adds (the same adds in the
+    // same order): one L2 round trip per 8 pairs where a thread has nothing else in flight.
+    __device__ __forceinline__ float4 at4_ahead(int c, int D) const {
+        float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
+        for (int j0 = 0; j0 < topk; j0 += 8) {
+            float4 q[8];
+#pragma unroll
+            for (int u = 0; u < 8; u++)
+                if (j0 + u < topk) q[u] = __ldcg(reinterpret_cast<const float4*>(out + (size_t)sorted[j0 + u] * D) + c);
+#pragma unroll
+            for (int u = 0; u < 8; u++)
+                if (j0 + u < topk) s = plus4(s, q[u]);
+        }
+        return s;
+    }
     __device__ __forceinline__ float at(size_t, int i, int D) const {
         float s = 0.f;
         for (int j = 0; j < topk; j++) s += __ldcg(out + (size_t)sorted[j] * D + i);
@@ -542,8 +557,8 @@ extern "C" __global__ void __launch_bounds__(1024) add_rms_norm_pairs(float* __r
 
 // x[r] += the routed MoE's output of row r from its pairs (the last layer's residual add):
 // blocks (row r, grid.y column blocks), a thread per float4 of x where D % 4 == 0, its pairs'
-// loads issued 8 at a time and added in PairsAddend's order (x + pre, then the pairs' sum from
-// zero in ascending pair order), so the same bits. One block walking the row, each element's 8
+// loads issued 8 at a time (at4_ahead) and added in PairsAddend's order (x + pre, then the
+// pairs' sum from zero in ascending pair order), so the same bits. One block walking the row, each element's 8
 // loads one after another, took ~16 us of a batch-1 step.
 extern "C" __global__ void add_pairs_inplace(float* __restrict__ x, const float* __restrict__ out, const int* __restrict__ tok_pairs,
                                              int topk, const float* __restrict__ pre, int D) { PDL_ENTER();
@@ -559,17 +574,7 @@ extern "C" __global__ void add_pairs_inplace(float* __restrict__ x, const float*
     for (int c = i0; c < D / 4; c += step) {
         float4 v = xr[c];
         if (pre) v = plus4(v, reinterpret_cast<const float4*>(pre + r * D)[c]);
-        float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
-        for (int j0 = 0; j0 < topk; j0 += 8) {
-            float4 q[8];
-#pragma unroll
-            for (int u = 0; u < 8; u++)
-                if (j0 + u < topk) q[u] = __ldcg(reinterpret_cast<const float4*>(out + (size_t)a.sorted[j0 + u] * D) + c);
-#pragma unroll
-            for (int u = 0; u < 8; u++)
-                if (j0 + u < topk) sum = make_float4(sum.x + q[u].x, sum.y + q[u].y, sum.z + q[u].z, sum.w + q[u].w);
-        }
-        xr[c] = plus4(v, sum);
+        xr[c] = plus4(v, a.at4_ahead(c, D));
     }
 }
 
