@@ -242,13 +242,10 @@ fn main() {
                 println!("{format}   T={t:<3} {:>10.1} MB {ms:8.3} ms {:7.0} GB/s {:5.1}%  ({rows}x{cols}, {what}{wg})", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, 100.0 * b / (ms as f64 * 1e-3) / copy_bw);
             }
         }
-    }
-    if !only_moe {
         // The q/k/v projection as a decode step of 1-8 rows runs it (`gemv_qkv_ready`, the
         // attention's heads counted as their tiles finish): MiMo-V2-Flash's full-attention
         // layers (4 KV heads, 13568 x 4096) and sliding-window layers (8 KV heads, 14848 x 4096).
         println!("\nq/k/v projection as the decode step runs it (gemv_qkv_ready; back to back; beside: the same without the K block ahead):");
-        let e4m3 = |b: &u8| if b & 0x7f == 0x7f { b ^ 1 } else { *b };
         let (heads, hd, vd, cols) = (64usize, 192usize, 128usize, 4096usize);
         let x = s.clone_htod(&random_bytes(8 * cols).iter().map(|&b| b as f32 / 128.0 - 1.0).collect::<Vec<_>>()).unwrap();
         for (what, kv_heads) in [("full attention", 4usize), ("sliding window", 8)] {
@@ -266,7 +263,7 @@ fn main() {
                     let [y0, y1, y2] = &mut ys[..] else { unreachable!() };
                     k.gemv_qkv_ready(wp[i % 2], &sc, &split, [y0, y1, y2], n, cols, t, &ready, heads, hd, vd).unwrap()
                 };
-                let kernel = k.qkv_ready_kernel(rows, t).name();
+                let kernel = k.qkv_ready_kernel(rows, t);
                 let ms = time_b2b(&mut |i| run(&k, i));
                 k.set_qkv_pipe(Some(false));
                 let off = time_b2b(&mut |i| run(&k, i));
@@ -274,9 +271,8 @@ fn main() {
                 let pct = |ms: f32| 100.0 * b / (ms as f64 * 1e-3) / copy_bw;
                 // At one token, the other pipelined form too (forced, though it may not fit one wave).
                 let other = if t == 1 {
-                    let shuffled = k.qkv_ready_kernel(rows, t) == peregrine_cuda::kernels::QkvReady::PipeShuffled;
                     k.set_qkv_pipe(Some(true));
-                    k.set_qkv_pipe_shuffle(Some(!shuffled));
+                    k.set_qkv_pipe_shuffle(Some(kernel != peregrine_cuda::kernels::QkvReady::PipeShuffled));
                     let other = k.qkv_ready_kernel(rows, t).name();
                     let ms = time_b2b(&mut |i| run(&k, i));
                     k.set_qkv_pipe(None);
@@ -285,7 +281,7 @@ fn main() {
                 } else {
                     String::new()
                 };
-                println!("fp8    T={t:<3} {:>10.1} MB {ms:8.3} ms {:7.0} GB/s {:5.1}%  ({rows}x{cols}, {what}, {kernel}; no K block ahead {:.1}%{other})", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, pct(ms), pct(off));
+                println!("fp8    T={t:<3} {:>10.1} MB {ms:8.3} ms {:7.0} GB/s {:5.1}%  ({rows}x{cols}, {what}, {}; no K block ahead {:.1}%{other})", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, pct(ms), kernel.name(), pct(off));
             }
         }
     }
