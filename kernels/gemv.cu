@@ -723,18 +723,6 @@ __device__ __forceinline__ void b_regs(uint4 x0, uint4 x1, unsigned b[8]) {
 // order a tiled weight layout would give), -DGEMV_NO_MATH keeps the loads and drops the decode
 // and the MMAs (benches/results/2026-11-24-gemv-order-attention-combine.md). Under the first,
 // only the one-tile kernels (up to 8 tokens) read the bytes a call must read.
-// Two more (outputs wrong) ask whether DRAM is short of parallel channels when every warp of a
-// one-wave grid reads the same columns of rows a power of two apart: -DGEMV_LDW_PAD=P reads row
-// n at n (K + P) (the bench allocates rows of K + 1024; a model's weights are not padded), and
-// -DGEMV_SWIZZLE has tile i read its rows' 1024-column windows in the order j ^ (i mod windows)
-// (where the windows per row are a power of two), so at any moment the grid's warps are spread
-// over every window instead of all reading the same one.
-// -DGEMV_X_SPREAD asks the same of the activations: tile i reads K block kb's activations at
-// K block (kb + i) mod (K / 128), so the grid's warps do not all ask L2 for the same lines at
-// once.
-#ifndef GEMV_LDW_PAD
-#define GEMV_LDW_PAD 0
-#endif
 //
 // R row tiles of 16 per block: each activation fragment a lane loads serves R tiles. At 16-64
 // tokens one tile per block read the whole [T, K] hi + lo activations per 16 rows (1 MB per
@@ -798,25 +786,16 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
         for (int tt = 0; tt < NT; tt++)
 #pragma unroll
             for (int i = 0; i < 4; i++) acc[rt][tt][i] = 0.f;
-    const size_t LDW = (size_t)K + GEMV_LDW_PAD;
-#ifdef GEMV_SWIZZLE
-    const int wins = K / 1024, wmask = (wins & (wins - 1)) == 0 ? wins - 1 : 0;
-    auto phys = [&](int rt, int k) { return k ^ ((((nb / 16) + rt) & wmask) << 10); };
-#else
-    auto phys = [&](int, int k) { return k; };
-#endif
     // BF16 rows g and g + 8 of row tile rt at columns k .. k + 15.
     auto bf16_rows = [&](int rt, int k, uint4 w0[2], uint4 w1[2]) {
-        k = phys(rt, k);
-        const uint4* p0 = reinterpret_cast<const uint4*>(reinterpret_cast<const unsigned short*>(W) + (size_t)rr[rt][0] * LDW + k);
-        const uint4* p1 = reinterpret_cast<const uint4*>(reinterpret_cast<const unsigned short*>(W) + (size_t)rr[rt][1] * LDW + k);
+        const uint4* p0 = reinterpret_cast<const uint4*>(reinterpret_cast<const unsigned short*>(W) + (size_t)rr[rt][0] * K + k);
+        const uint4* p1 = reinterpret_cast<const uint4*>(reinterpret_cast<const unsigned short*>(W) + (size_t)rr[rt][1] * K + k);
         w0[0] = __ldg(p0); w0[1] = __ldg(p0 + 1); w1[0] = __ldg(p1); w1[1] = __ldg(p1 + 1);
     };
     // FP8 rows g and g + 8 of row tile rt at columns k .. k + 15 (in [0] of each).
     auto fp8_rows = [&](int rt, int k, uint4 w0[2], uint4 w1[2]) {
-        k = phys(rt, k);
-        w0[0] = __ldg(reinterpret_cast<const uint4*>(W + (size_t)rr[rt][0] * LDW + k));
-        w1[0] = __ldg(reinterpret_cast<const uint4*>(W + (size_t)rr[rt][1] * LDW + k));
+        w0[0] = __ldg(reinterpret_cast<const uint4*>(W + (size_t)rr[rt][0] * K + k));
+        w1[0] = __ldg(reinterpret_cast<const uint4*>(W + (size_t)rr[rt][1] * K + k));
     };
     auto tile_rows = [&](int rt, int k, uint4 w0[2], uint4 w1[2]) {
         if (FP8) fp8_rows(rt, k, w0, w1);
@@ -834,19 +813,12 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
     // a lane holds this K block's and the next's in 8 registers instead of PIPE's 32, and the
     // lanes of token 0 (g == 0) gather their B fragments by shuffles.
     uint4 xcur = make_uint4(0u, 0u, 0u, 0u), xnext = xcur;
-#ifdef GEMV_X_SPREAD
-    auto xk = [&](int k) { return (((k >> 7) + nb / 16) % KB) * 128 + (k & 127); };
-#else
-    auto xk = [&](int k) { return k; };
-#endif
     auto x_piece = [&](int kb) {
-        kb = xk(kb * 128) >> 7;
         const unsigned short* src = (lane >> 4 ? XL : XH) + (size_t)t0 * K + kb * 128 + (lane & 15) * 8;
         return __ldg(reinterpret_cast<const uint4*>(src));
     };
     // Token t0 + g's activations (hi, then lo: 16 halves each) at columns k .. k + 15, zero past T.
     auto x_ahead = [&](int k, uint4 xv[4]) {
-        k = xk(k);
         if (t0 + g < T) {
             const uint4* ph = reinterpret_cast<const uint4*>(XH + (size_t)(t0 + g) * K + k);
             const uint4* pl = reinterpret_cast<const uint4*>(XL + (size_t)(t0 + g) * K + k);
@@ -969,8 +941,8 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
                         b_regs(px[c][0], px[c][1], bh);
                         b_regs(px[c][2], px[c][3], bl);
                     } else if (t < T) {
-                        const uint4* ph = reinterpret_cast<const uint4*>(XH + (size_t)t * K + xk(k));
-                        const uint4* pl = reinterpret_cast<const uint4*>(XL + (size_t)t * K + xk(k));
+                        const uint4* ph = reinterpret_cast<const uint4*>(XH + (size_t)t * K + k);
+                        const uint4* pl = reinterpret_cast<const uint4*>(XL + (size_t)t * K + k);
                         b_regs(__ldg(ph), __ldg(ph + 1), bh);
                         b_regs(__ldg(pl), __ldg(pl + 1), bl);
                     } else {

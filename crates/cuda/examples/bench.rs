@@ -113,10 +113,7 @@ fn main() {
         wrng.fill(&mut v[..]);
         v
     };
-    // GEMV: matrices much larger than the 50 MB L2. Each weight row has room for ROW_PAD more
-    // columns, so the measurement builds that read rows K + P apart (kernels/gemv.cu's
-    // GEMV_LDW_PAD, P <= ROW_PAD) stay inside the buffers; the default kernels read rows K apart.
-    const ROW_PAD: usize = 1024;
+    // GEMV: matrices much larger than the 50 MB L2.
     if !only_moe {
         let (rows, cols) = (16384usize, 8192usize);
         // (128 tokens of up to 16384 columns: MiMo-V2.5-Pro's o_proj below)
@@ -125,7 +122,7 @@ fn main() {
         println!("\nGEMV {rows}x{cols}: tokens, weight bytes, ms, GB/s, fraction of copy bandwidth");
         {
             // BF16 of uniform values in (-1, 1): random sign, exponent 119..126, mantissa.
-            let w = s.clone_htod(&random_bytes(2 * rows * (cols + ROW_PAD)).chunks(2).map(|b| ((b[1] as u16 & 0x80) << 8) | ((119 + (b[1] as u16 & 7)) << 7) | (b[0] as u16 & 0x7f)).collect::<Vec<_>>()).unwrap();
+            let w = s.clone_htod(&random_bytes(2 * rows * cols).chunks(2).map(|b| ((b[1] as u16 & 0x80) << 8) | ((119 + (b[1] as u16 & 7)) << 7) | (b[0] as u16 & 0x7f)).collect::<Vec<_>>()).unwrap();
             for t in [1usize, 2, 4, 8, 16, 64] {
                 let ms = time_b2b(&mut |_| k.gemv_bf16(&w, &x, &mut y, rows, cols, t).unwrap());
                 let ms_alone = time(20, &mut |_| k.gemv_bf16(&w, &x, &mut y, rows, cols, t).unwrap());
@@ -136,7 +133,7 @@ fn main() {
         }
         {
             // Random e4m3 bytes, NaN (0x7f / 0xff) excluded.
-            let w = s.clone_htod(&random_bytes(rows * (cols + ROW_PAD)).iter().map(|&b| if b & 0x7f == 0x7f { b ^ 1 } else { b }).collect::<Vec<_>>()).unwrap();
+            let w = s.clone_htod(&random_bytes(rows * cols).iter().map(|&b| if b & 0x7f == 0x7f { b ^ 1 } else { b }).collect::<Vec<_>>()).unwrap();
             let sc = s.clone_htod(&vec![1.0f32; rows / 128 * cols / 128]).unwrap();
             for t in [1usize, 2, 4, 8, 16, 64] {
                 let ms = time_b2b(&mut |_| k.gemv_fp8(&w, &sc, &x, &mut y, rows, cols, t).unwrap());
@@ -211,9 +208,9 @@ fn main() {
             let mut y = s.alloc_zeros::<f32>(128 * rows).unwrap();
             // FP8 with unit block scales, or BF16 of uniform values in (-1, 1)
             let (w8, wb): (Vec<_>, Vec<_>) = if fp8 {
-                ((0..copies).map(|_| s.clone_htod(&random_bytes(rows * (cols + ROW_PAD)).iter().map(e4m3).collect::<Vec<_>>()).unwrap()).collect(), Vec::new())
+                ((0..copies).map(|_| s.clone_htod(&random_bytes(rows * cols).iter().map(e4m3).collect::<Vec<_>>()).unwrap()).collect(), Vec::new())
             } else {
-                (Vec::new(), (0..copies).map(|_| s.clone_htod(&random_bytes(2 * rows * (cols + ROW_PAD)).chunks(2).map(bf16).collect::<Vec<_>>()).unwrap()).collect())
+                (Vec::new(), (0..copies).map(|_| s.clone_htod(&random_bytes(2 * rows * cols).chunks(2).map(bf16).collect::<Vec<_>>()).unwrap()).collect())
             };
             let sc = s.clone_htod(&vec![1.0f32; rows.div_ceil(128) * cols / 128]).unwrap();
             let b = if fp8 { (rows * cols) as f64 + (rows.div_ceil(128) * cols / 128 * 4) as f64 } else { (rows * cols * 2) as f64 };
@@ -254,7 +251,7 @@ fn main() {
         for (what, kv_heads) in [("full attention", 4usize), ("sliding window", 8)] {
             let n = [heads * hd, kv_heads * hd, kv_heads * vd];
             let rows: usize = n.iter().sum();
-            let w: Vec<_> = (0..2).map(|_| s.clone_htod(&random_bytes(rows * (cols + ROW_PAD)).iter().map(e4m3).collect::<Vec<_>>()).unwrap()).collect();
+            let w: Vec<_> = (0..2).map(|_| s.clone_htod(&random_bytes(rows * cols).iter().map(e4m3).collect::<Vec<_>>()).unwrap()).collect();
             let wp: Vec<_> = w.iter().map(|w| cudarc::driver::DevicePtr::device_ptr(w, s).0).collect();
             let sc = s.clone_htod(&vec![1.0f32; rows.div_ceil(128) * cols / 128]).unwrap();
             let ready = s.alloc_zeros::<u32>(heads + kv_heads + 1).unwrap();
