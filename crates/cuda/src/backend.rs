@@ -259,10 +259,6 @@ pub struct CudaModel {
     /// off, for measurements; tests set it).
     attention_ready_pre_wave: usize,
     attention_ready_pre: bool,
-    /// Behind a ready projection, splits cut to fit `attention_v2_kv_ready_pre`'s wave where
-    /// they only fill the plain kernel's (`ready_attn_splits`; `PEREGRINE_ATTN_READY_PRE_SPLITS=0`
-    /// keeps the plain kernel's count, for measurements; tests set it).
-    attention_ready_pre_splits: bool,
     /// The o_proj after a ready attention zeroes its counters (`ReadyCounts::reset_by_next`);
     /// `PEREGRINE_ATTN_RESET_BY_NEXT=0` leaves it to the attention's last block, for
     /// measurements; tests set it.
@@ -411,18 +407,6 @@ pub(crate) fn gqa_tc_smem(hd: usize, vd: usize, warps: usize) -> usize {
 /// on the H100 (Flash shapes, 64 heads, 128 positions: 4 splits, 256 blocks) the attention and
 /// its combine launch took the 18-layer step from 2.916 to 2.817 ms; batch 4 and up are not
 /// split (benches/results/2026-11-23-attention-fill-moe-trace.md).
-/// The fewest splits `ready_attn_splits` cuts to (fewer cost the batch-1 step: 3 splits +1.5%,
-/// one +5.3% against 4; benches/results/2026-11-25-attention-preload.md).
-const READY_PRE_MIN_SPLITS: usize = 4;
-
-/// `ready_attn_splits`' rule: `splits` (filling the plain ready kernel's wave), cut to what fits
-/// `pre_wave` blocks of the preloading kernel where that is at least READY_PRE_MIN_SPLITS and
-/// no fewer than the span's length needs (`by_len`).
-pub(crate) fn ready_pre_splits(splits: usize, by_len: usize, row_heads: usize, pre_wave: usize) -> usize {
-    let fit = pre_wave / row_heads.max(1);
-    if row_heads * splits > pre_wave && fit >= READY_PRE_MIN_SPLITS && fit >= by_len { fit.min(splits) } else { splits }
-}
-
 pub(crate) fn attention_splits(span: usize, split: usize, fill: Option<usize>, row_heads: usize) -> usize {
     let by_len = if span > 2 * split { span.div_ceil(split) } else { 1 };
     let by_fill = fill.map_or(1, |wave| (wave / row_heads.max(1)).min(span / 32));
@@ -704,7 +688,6 @@ impl CudaModel {
             attention_kv_wave,
             attention_ready_pre_wave,
             attention_ready_pre: std::env::var("PEREGRINE_ATTN_READY_PRE").map_or(true, |v| v != "0"),
-            attention_ready_pre_splits: std::env::var("PEREGRINE_ATTN_READY_PRE_SPLITS").map_or(true, |v| v != "0"),
             attn_reset_by_next: std::env::var("PEREGRINE_ATTN_RESET_BY_NEXT").map_or(true, |v| v != "0"),
             sm_count: sms,
             attn_heads_min_rows: std::env::var("PEREGRINE_ATTN_HEADS_MIN_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(ATTN_HEADS_MIN_ROWS),
@@ -957,7 +940,6 @@ impl CudaModel {
         let presplit = v2 && a.o.k.is_multiple_of(128) && matches!(a.o.m, GpuMatrix::Bf16(_));
         // Each head's attention may start as soon as the projection has written its rows.
         let ready = kv_fused && self.qkv_ready_at(li, n);
-        let splits = if ready { self.ready_attn_splits(&s, meta.max_blocks, meta.block_size, n) } else { splits };
         let (mut q, mut k, mut v, ready) = match (&a.qkv, hn_split) {
             (Qkv::Stacked { m: Mat { m: GpuMatrix::Fp8 { w, s: sc }, k: kk, .. }, rows }, Some(split)) if ready => {
                 let (mut q, mut k, mut v) = (self.empty(n * rows[0])?, self.empty(n * rows[1])?, self.empty(n * rows[2])?);
@@ -1077,14 +1059,6 @@ impl CudaModel {
         self.graphs.clear();
     }
 
-    /// Sets whether the ready attention's splits are cut to fit the preloading kernel's wave
-    /// (`ready_attn_splits`; on by default), for tests comparing the two. Captured step graphs
-    /// are dropped.
-    pub fn set_attention_preload_splits(&mut self, on: bool) {
-        self.attention_ready_pre_splits = on;
-        self.graphs.clear();
-    }
-
     /// Sets whether the o_proj after a ready attention zeroes its counters (`reset_by_next`; on
     /// by default) or the attention's last block does, for tests covering both. Captured step
     /// graphs are dropped.
@@ -1103,22 +1077,6 @@ impl CudaModel {
     fn attn_splits(&self, s: &AttentionSpec, max_blocks: usize, block_size: usize, rows: usize) -> usize {
         let span = s.window().map_or(max_blocks * block_size, |w| w.min(max_blocks * block_size));
         attention_splits(span, self.attn_split, self.attn_fill.then_some(self.attention_kv_wave), rows * s.num_heads)
-    }
-
-    /// `attn_splits` for the attention behind a ready projection. Where the splits only fill
-    /// the plain ready kernel's wave (the span needs no more than one: `attention_splits`'
-    /// `by_len`) and at least `READY_PRE_MIN_SPLITS` of them fit the preloading kernel's wave,
-    /// that many, so `attention_v2_kv_ready_pre` runs: at batch 1 Flash's full-attention layers
-    /// took 6 splits over 128 positions, one wave of the plain kernel but not of the preloading
-    /// one, while its sliding-window layers took 4 (their span's 128 / 32) and the preload.
-    fn ready_attn_splits(&self, s: &AttentionSpec, max_blocks: usize, block_size: usize, rows: usize) -> usize {
-        let splits = self.attn_splits(s, max_blocks, block_size, rows);
-        if !(self.attention_ready_pre && self.attention_ready_pre_splits) {
-            return splits;
-        }
-        let span = s.window().map_or(max_blocks * block_size, |w| w.min(max_blocks * block_size));
-        let by_len = attention_splits(span, self.attn_split, None, rows * s.num_heads);
-        ready_pre_splits(splits, by_len, rows * s.num_heads, self.attention_ready_pre_wave)
     }
 
     /// Blocks per (row, block of 8 heads) of `attention_v2_heads` for `rows` rows, whose
@@ -1233,8 +1191,6 @@ impl CudaModel {
             (true, _, Some(wave)) => self.gqa_tc_splits(s, wave, max_blocks, block_size, n),
             (false, _, _) => 1,
             (true, true, None) => self.attn_heads_splits(s, max_blocks, block_size, n, heads_smem)?,
-            // Behind a ready projection (its buffers given), its own rule.
-            (true, false, None) if given_parts.is_some() => self.ready_attn_splits(s, max_blocks, block_size, n),
             (true, false, None) => self.attn_splits(s, max_blocks, block_size, n),
         };
         let (mut pm, mut pl, mut pa) = match given_parts {
@@ -2450,35 +2406,6 @@ mod split_tests {
                 let s = gqa_merge_sharers(4, groups, splits, wave);
                 assert!((1..=4).contains(&s) && s <= splits, "{groups} groups, {splits} splits: {s}");
                 assert!(s == 1 || groups * s < wave, "{groups} groups x {s} sharers fill the wave");
-            }
-        }
-    }
-
-    /// Behind a ready projection the splits that only fill the plain kernel's wave are cut to
-    /// fit the preloading kernel's (2 blocks on each of 132 SMs), to no fewer than 4 and never
-    /// below what the span's length needs.
-    #[test]
-    fn ready_attention_splits_fit_the_preloading_kernel_where_they_can() {
-        use super::ready_pre_splits;
-        const PRE: usize = 264;
-        // Flash at batch 1: full-attention layers over a table of 192 positions took 6 splits
-        // (384 blocks): 4 fit; sliding-window layers took 4 and keep them.
-        let full = attention_splits(192, 512, WAVE, 64);
-        assert_eq!(full, 6);
-        assert_eq!(ready_pre_splits(full, attention_splits(192, 512, None, 64), 64, PRE), 4);
-        assert_eq!(ready_pre_splits(4, 1, 64, PRE), 4);
-        // Batch 2 (128 row-heads: 2 would fit, under the minimum) keeps its 3.
-        assert_eq!(ready_pre_splits(3, 1, 128, PRE), 3);
-        // A span long enough to need its splits keeps them (8192 positions: 16).
-        let long = attention_splits(8192, 512, WAVE, 64);
-        assert_eq!(ready_pre_splits(long, attention_splits(8192, 512, None, 64), 64, PRE), long);
-        // Never more splits than asked, and what it returns fits the wave or is what was asked.
-        for row_heads in 1..300 {
-            for splits in 1..40 {
-                for by_len in [1usize, 3, 8] {
-                    let got = ready_pre_splits(splits, by_len, row_heads, PRE);
-                    assert!(got <= splits && (got == splits || (got * row_heads <= PRE && got >= 4 && got >= by_len)), "{row_heads} row-heads, {splits} splits, by_len {by_len}: {got}");
-                }
             }
         }
     }
