@@ -105,17 +105,55 @@ __device__ __forceinline__ const int* sort_row_pairs(const int* __restrict__ tok
     return sh;
 }
 
+// norm_split_scale's estimate of a norm's largest |y| from P = max |w_i x_i| and the inverse RMS:
+// P x inv, or 0 (no estimate: the exact reduction) where P < 2^-100, so no product that decides
+// the row's largest magnitude is subnormal. (Where some x_i inv underflows, a weight past 2^26
+// would be needed for its y_i to matter; the scale is then still a valid split's, only not
+// necessarily split_f16's.)
+__device__ __forceinline__ float split_estimate(float pm, float inv) { return pm >= 0x1p-100f ? pm * inv : 0.f; }
+
+// The largest |w . v| of a float4 pair (the norm's estimate of its output's largest magnitude,
+// before the inverse RMS is known; split_exponent_certain).
+__device__ __forceinline__ float max_abs_prod4(float4 w, float4 v) {
+    return fmaxf(fmaxf(fabsf(w.x * v.x), fabsf(w.y * v.y)), fmaxf(fabsf(w.z * v.z), fabsf(w.w * v.w)));
+}
+
+// block_sum of s (the same bits: the same shuffles, then the warps' sums in warp order) and,
+// in the same pass, the block's largest p, left in p. shp: 32 floats of its own.
+__device__ __forceinline__ float block_sum_and_max(float s, float& p, float* sh, float* shp) {
+    for (int o = 16; o > 0; o >>= 1) {
+        s += __shfl_xor_sync(0xffffffffu, s, o);
+        p = fmaxf(p, __shfl_xor_sync(0xffffffffu, p, o));
+    }
+    int w = threadIdx.x >> 5, l = threadIdx.x & 31;
+    if (l == 0) {
+        sh[w] = s;
+        shp[w] = p;
+    }
+    __syncthreads();
+    float t = 0.f, m = 0.f;
+    for (int i = 0; i < (int)(blockDim.x + 31) / 32; i++) {
+        t += sh[i];
+        m = fmaxf(m, shp[i]);
+    }
+    __syncthreads();
+    p = m;
+    return t;
+}
+
 // The register path of one row r of RMSNorm (D % 4 == 0, D <= 4 x NORM_V x blockDim): y = w *
 // (x * rsqrt(mean(x^2) + eps)) after the residual add x += a (written back) when ADD; leaves
-// the thread's float4s of y in v.
-template <bool ADD, class Addend = RowsAddend>
+// the thread's float4s of y in v. EST (a norm that splits y next): *est = P x inv, with P the
+// row's largest |w_i x_i|, reduced with the sum of squares (norm_split_scale's estimate).
+template <bool ADD, class Addend = RowsAddend, bool EST = false>
 __device__ __forceinline__ void norm_row_regs(float* __restrict__ x, Addend a, const float* __restrict__ w,
-                                              float* __restrict__ y, int D, float eps, float4 v[NORM_V], float* sh) {
+                                              float* __restrict__ y, int D, float eps, float4 v[NORM_V], float* sh,
+                                              float* est = nullptr) {
     size_t r = blockIdx.x;
     float4* x4 = reinterpret_cast<float4*>(x + r * D);
     float4* y4 = reinterpret_cast<float4*>(y + r * D);
     const float4* w4 = reinterpret_cast<const float4*>(w);
-    float s = 0.f;
+    float s = 0.f, pm = 0.f;
 #pragma unroll
     for (int j = 0; j < NORM_V; j++) {
         int c = threadIdx.x + j * blockDim.x;
@@ -126,10 +164,17 @@ __device__ __forceinline__ void norm_row_regs(float* __restrict__ x, Addend a, c
                 x4[c] = v[j];
             }
             s += sumsq4(v[j]);
+            if (EST) pm = fmaxf(pm, max_abs_prod4(w4[c], v[j]));
         }
     }
-    s = block_sum(s, sh);
+    if (EST) {
+        __shared__ float shp[32];
+        s = block_sum_and_max(s, pm, sh, shp);
+    } else {
+        s = block_sum(s, sh);
+    }
     float inv = 1.f / sqrtf(s / D + eps);
+    if (EST) *est = split_estimate(pm, inv);
 #pragma unroll
     for (int j = 0; j < NORM_V; j++) {
         int c = threadIdx.x + j * blockDim.x;
@@ -578,20 +623,41 @@ extern "C" __global__ void add_pairs_inplace(float* __restrict__ x, const float*
     }
 }
 
+// Whether the power of two of a norm's largest |y| is that of est = fl(P x inv), P = max |w_i
+// x_i| (reduced with the sum of squares): each y_i = fl(w_i fl(x_i inv)) is within three
+// roundings of |w_i x_i| inv and P within one of the largest, so the largest |y_i| lies within
+// a relative 2^-22 of est, which fixes its exponent unless est is within 16 ulps of a power of
+// two. est must also be normal above 2^-100 and finite (zero, NaN and infinite rows take the
+// exact reduction). Block-uniform: every thread holds the same est.
+__device__ __forceinline__ bool split_exponent_certain(float est) {
+    unsigned b = __float_as_uint(est) & 0x7fffffffu, e = b >> 23, man = b & 0x7fffffu;
+#ifdef NORM_SPLIT_EXACT_MAX  // measurement builds: always the second reduction, as before
+    return false;
+#endif
+    return e >= 27u && e < 0xffu && man >= 16u && man <= 0x7fffffu - 16u;
+}
+
 // y's power of two for an F16 hi + lo split, from the row v[] a norm holds (all threads): the
 // largest magnitude m < 2^ex, scale 2^(14 - ex) (0 or non-finite: none), as split_f16 and the
-// MoE's row_scale (moe.cu) compute it; thread 0 writes 2^-s to *inv.
-__device__ __forceinline__ float norm_split_scale(const float4 v[NORM_V], int D, float* sh, float* inv) {
-    float m = 0.f;
+// MoE's row_scale (moe.cu) compute it; thread 0 writes 2^-s to *inv. With an estimate `est`
+// whose exponent is certain (split_exponent_certain) the exponent is est's, without a second
+// block reduction (one barrier and a walk over the warps' maxima on every norm's path); the same
+// scale either way.
+__device__ __forceinline__ float norm_split_scale(const float4 v[NORM_V], int D, float* sh, float* inv, float est = 0.f) {
+    float m = est;
+    if (!split_exponent_certain(est)) {
+        m = 0.f;
 #pragma unroll
-    for (int j = 0; j < NORM_V; j++)
-        if ((int)(threadIdx.x + j * blockDim.x) < D / 4)
-            m = fmaxf(m, fmaxf(fmaxf(fabsf(v[j].x), fabsf(v[j].y)), fmaxf(fabsf(v[j].z), fabsf(v[j].w))));
-    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-    if ((threadIdx.x & 31) == 0) sh[threadIdx.x >> 5] = m;
-    __syncthreads();
-    m = 0.f;
-    for (int i = 0; i < (int)(blockDim.x + 31) / 32; i++) m = fmaxf(m, sh[i]);
+        for (int j = 0; j < NORM_V; j++)
+            if ((int)(threadIdx.x + j * blockDim.x) < D / 4)
+                m = fmaxf(m, fmaxf(fmaxf(fabsf(v[j].x), fabsf(v[j].y)), fmaxf(fabsf(v[j].z), fabsf(v[j].w))));
+        for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+        if ((threadIdx.x & 31) == 0) sh[threadIdx.x >> 5] = m;
+        __syncthreads();
+        m = 0.f;
+        for (int i = 0; i < (int)(blockDim.x + 31) / 32; i++) m = fmaxf(m, sh[i]);
+    }
+    m = fabsf(m);
     int ex = (m > 0.f && m < __int_as_float(0x7f800000u)) ? (int)((__float_as_uint(m) >> 23) & 0xffu) - 126 : 0;
     int sh_ = min(max(14 - ex, -100), 100);
     if (threadIdx.x == 0) *inv = __int_as_float((unsigned)(127 - sh_) << 23);
@@ -606,8 +672,9 @@ __device__ __forceinline__ void add_rms_norm_then_split(float* __restrict__ x, A
                                                         float* __restrict__ y, float* __restrict__ inv, int D, float eps, Store store) {
     __shared__ float sh[32];
     float4 v[NORM_V];
-    norm_row_regs<ADD>(x, a, w, y, D, eps, v, sh);
-    float sc = norm_split_scale(v, D, sh, inv + blockIdx.x);
+    float est;
+    norm_row_regs<ADD, Addend, true>(x, a, w, y, D, eps, v, sh, &est);
+    float sc = norm_split_scale(v, D, sh, inv + blockIdx.x, est);
 #pragma unroll
     for (int j = 0; j < NORM_V; j++) {
         int c = threadIdx.x + j * blockDim.x;
@@ -701,7 +768,7 @@ __device__ __forceinline__ void add_rms_norm_split_pairs_one_row(float* __restri
     TRACE_PAST_WAIT();
 #endif
     PDL_TRIGGER();
-    float s = 0.f;
+    float s = 0.f, pm = 0.f;
     if (mine) {
         if (pre) v[0] = plus4(v[0], pv);
         float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -710,16 +777,18 @@ __device__ __forceinline__ void add_rms_norm_split_pairs_one_row(float* __restri
         v[0] = plus4(v[0], a);
         x4[c] = v[0];
         s += sumsq4(v[0]);
+        pm = max_abs_prod4(wv, v[0]);
     }
     NORM_TRACE_MARK(2);
-    s = block_sum(s, sh);
+    __shared__ float shp[32];
+    s = block_sum_and_max(s, pm, sh, shp);
     NORM_TRACE_MARK(3);
     float inv = 1.f / sqrtf(s / D + eps);
     if (mine) {
         v[0] = scale4(wv, v[0], inv);
         reinterpret_cast<float4*>(y)[c] = v[0];
     }
-    float sc = norm_split_scale(v, D, sh, yinv);
+    float sc = norm_split_scale(v, D, sh, yinv, split_estimate(pm, inv));
     NORM_TRACE_MARK(4);
     if (mine) {
         uint2 hi, lo;

@@ -194,6 +194,68 @@ fn norms_match_the_cpu_reference() {
     }
 }
 
+/// A row whose largest |y| sits at a power of two where its estimate fl(P x inv) (P = max |w_i
+/// x_i|, reduced with the sum of squares) lies across it: integer x (so the sum of squares, and
+/// with it inv, are the same bits on the host as on the GPU), x_0 and w_0 chosen so that y_0 =
+/// fl(w_0 fl(x_0 inv)) and fl(fl(w_0 x_0) inv) have different exponents, every other |y_i| far
+/// below. Returns (x, w, y_0's exponent differs from the estimate's).
+fn norm_row_across_a_power_of_two(d: usize, eps: f32) -> (Vec<f32>, Vec<f32>, bool) {
+    let exp = |v: f32| (v.to_bits() >> 23) & 0xff;
+    let mut fallback = None;
+    for x0 in [3.0f32, 5.0, 7.0, 11.0, 13.0, 17.0, 19.0, 23.0] {
+        let s = x0 * x0 + (d - 1) as f32;
+        let inv = 1.0f32 / (s / d as f32 + eps).sqrt();
+        let target = 1.0f32 / (x0 * inv);
+        for step in -64i32..=64 {
+            let w0 = f32::from_bits((target.to_bits() as i32 + step) as u32);
+            let (y0, est) = (w0 * (x0 * inv), (w0 * x0) * inv);
+            let mut x = vec![1.0f32; d];
+            x[0] = x0;
+            let mut w = vec![0.25f32; d];
+            w[0] = w0;
+            if exp(y0) != exp(est) {
+                return (x, w, true);
+            }
+            if y0 == 1.0 && fallback.is_none() {
+                fallback = Some((x, w, false));
+            }
+        }
+    }
+    fallback.expect("a row whose largest |y| is 1")
+}
+
+/// The norms that split y (`add_rms_norm_split`, `rms_norm_split`, and the one-row norm summing
+/// the MoE's pairs) take the split's power of two from an estimate of the largest |y| reduced
+/// with the sum of squares, and reduce the exact largest only where the estimate is within 16
+/// ulps of a power of two (kernels/ops.cu, `split_exponent_certain`): on a row built across a
+/// power of two they still give split_f16's split of y, bit for bit.
+#[test]
+fn norm_splits_across_a_power_of_two_take_split_f16s_scale() {
+    let Some(m) = model() else { return };
+    let st = m.stream.clone();
+    let d = 4096usize;
+    let (x, w, across) = norm_row_across_a_power_of_two(d, m.spec.rms_norm_eps);
+    let (xd, wd) = (st.clone_htod(&x).unwrap(), st.clone_htod(&w).unwrap());
+    let want = |y: &CudaSlice<f32>| m.kernels.split_f16(y, 1, d, false).unwrap();
+    let same = |what: &str, got: &(CudaSlice<u16>, CudaSlice<u16>, CudaSlice<f32>), y: &CudaSlice<f32>| {
+        let (wh, wl, winv) = want(y);
+        assert_eq!(st.clone_dtoh(&got.2).unwrap(), st.clone_dtoh(&winv).unwrap(), "{what}: inverse scale");
+        assert_eq!(st.clone_dtoh(&got.0).unwrap(), st.clone_dtoh(&wh).unwrap(), "{what}: hi parts");
+        assert_eq!(st.clone_dtoh(&got.1).unwrap(), st.clone_dtoh(&wl).unwrap(), "{what}: lo parts");
+    };
+    let (y, sp) = m.rms_norm_split(&xd, &wd, 1, d).unwrap();
+    let y0 = st.clone_dtoh(&y).unwrap()[0];
+    same("rms_norm_split", &sp, &y);
+    let mut xa = st.clone_htod(&x).unwrap();
+    let (y, sp) = m.add_rms_norm_split(&mut xa, &st.clone_htod(&vec![0f32; d]).unwrap(), &wd, 1, d).unwrap();
+    same("add_rms_norm_split", &sp, &y);
+    let pairs = MoePairs { out: st.clone_htod(&vec![0f32; 8 * d]).unwrap(), tok_pairs: st.clone_htod(&(0..8).collect::<Vec<i32>>()).unwrap(), topk: 8, pre: None };
+    let mut xp = st.clone_htod(&x).unwrap();
+    let (y, sp) = m.add_rms_norm_pairs(&mut xp, &pairs, &wd, 1, d, true).unwrap();
+    same("add_rms_norm_split_pairs (one row)", &sp.expect("split"), &y);
+    eprintln!("y_0 = {y0:e} ({}): every norm's split is split_f16's", if across { "its estimate across the power of two" } else { "exactly a power of two" });
+}
+
 /// The residual adds that sum the routed MoE's pairs themselves (`MlpOut::Pairs`) give exactly
 /// the bits of combining the pairs first (in ascending pair order from 0, as the MoE's combine
 /// does) and then adding: residual, y and the F16 split, for top-1 to top-32, rows of 1 to 8
