@@ -106,6 +106,9 @@ __device__ __forceinline__ void route_token(const float* __restrict__ l, const f
         for (int k = 0; k < K; k++) {
             float v = NEG_INF;
             int i = 0x7fffffff;
+#ifdef ROUTE_TOPK_FREE  // measurement builds only (wrong routing): the choice costs nothing
+            i = k;
+#else
             for (int e = threadIdx.x; e < E; e += 32)
                 if (choice[e] > v || (choice[e] == v && e < i)) { v = choice[e]; i = e; }
             for (int o = 16; o > 0; o >>= 1) {
@@ -113,6 +116,7 @@ __device__ __forceinline__ void route_token(const float* __restrict__ l, const f
                 int i2 = __shfl_xor_sync(0xffffffffu, i, o);
                 if (v2 > v || (v2 == v && i2 < i)) { v = v2; i = i2; }
             }
+#endif
             if (i >= E) i = 0;  // fewer than K candidates (K > E, NaN logits): expert 0, never out of bounds
             wsum += scores[i];
             if (threadIdx.x == 0) {
