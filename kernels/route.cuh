@@ -36,6 +36,68 @@ __device__ __forceinline__ void block_argmax(float v, int i, float* sv, int* si,
     __syncthreads();
 }
 
+// A choice as an unsigned key in the same order: NaN 0 (never chosen), -0 as +0 (they compare
+// equal), every other float above 0 (-inf included, as the scan can choose it).
+__device__ __forceinline__ unsigned route_key(float v) {
+    unsigned u = __float_as_uint(v);
+    if (v != v) return 0u;
+    if ((u << 1) == 0u) u = 0u;
+    return (u >> 31) ? ~u : (u | 0x80000000u);
+}
+
+#if __CUDA_ARCH__ >= 800
+// route_token's top K by warp 0 with its E <= 32 J choices in registers: lane l holds choice
+// l + 32 j as its key (route_key). A round takes each lane's largest key by a tree of adjacent
+// pairs (the right one only if larger, so ties keep the lower j), then two warp reductions
+// (redux): the largest key, and among the lanes holding it the lowest index, whose lane drops
+// it. The scan below it in route_token read every choice from shared memory and took two
+// shuffles per step of a 5-step tree in each of the K rounds: ~2 us of every one-token MoE
+// layer inside the fused kernel. The same choices in the same order (so the same sum of the
+// chosen scores): largest first, ties to the lower index, NaN never, expert 0 once no candidate
+// is left. Returns that sum. J a power of two.
+template <int J>
+__device__ __forceinline__ float route_top_k_regs(const float* choice, const float* scores, int E, int K, int* sel) {
+    const int lane = threadIdx.x & 31;
+    unsigned c[J];
+#pragma unroll
+    for (int j = 0; j < J; j++) c[j] = lane + 32 * j < E ? route_key(choice[lane + 32 * j]) : 0u;
+    float wsum = 0.f;
+    for (int k = 0; k < K; k++) {
+        unsigned tk[J];
+        int tj[J];
+#pragma unroll
+        for (int j = 0; j < J; j++) {
+            tk[j] = c[j];
+            tj[j] = j;
+        }
+#pragma unroll
+        for (int h = 1; h < J; h *= 2)
+#pragma unroll
+            for (int j = 0; j < J; j += 2 * h)
+                if (tk[j + h] > tk[j]) {
+                    tk[j] = tk[j + h];
+                    tj[j] = tj[j + h];
+                }
+        const unsigned m = __reduce_max_sync(0xffffffffu, tk[0]);
+        int i = 0;  // no candidate left (NaN logits): expert 0
+#ifdef ROUTE_TOPK_FREE
+        i = k;
+#else
+        if (m != 0u) {
+            i = (int)__reduce_min_sync(0xffffffffu, tk[0] == m ? (unsigned)(lane + 32 * tj[0]) : 0xffffffffu);
+            const bool mine = (i & 31) == lane;
+#pragma unroll
+            for (int j = 0; j < J; j++) c[j] = mine && j == (i >> 5) ? 0u : c[j];
+        }
+#endif
+        wsum += scores[i];
+        if (lane == 0) sel[k] = i;
+    }
+    __syncwarp();
+    return wsum;
+}
+#endif
+
 #define ROUTE_MAX_K 64  // experts per token the router takes (checked at load)
 
 // The MoE router of one token, by the whole block (HF MiMoV2FlashTopkRouter / DeepSeek-V3
@@ -103,6 +165,13 @@ __device__ __forceinline__ void route_token(const float* __restrict__ l, const f
     // moe_route ~11 us per layer on the H100 under ncu). Largest choice, ties to the lower index.
     if (threadIdx.x < 32) {
         float wsum = 0.f;
+#if __CUDA_ARCH__ >= 800 && !defined(ROUTE_TOPK_SCAN)  // (-DROUTE_TOPK_SCAN: the scan, for measurements)
+        if (E <= 256) {
+            wsum = route_top_k_regs<8>(choice, scores, E, K, sel);
+        } else if (E <= 512) {
+            wsum = route_top_k_regs<16>(choice, scores, E, K, sel);
+        } else
+#endif
         for (int k = 0; k < K; k++) {
             float v = NEG_INF;
             int i = 0x7fffffff;

@@ -81,6 +81,21 @@ fn router_and_grouping_match_the_cpu_reference() {
         }
         eprintln!("{name}: routing identical to the CPU reference");
     }
+    // Ties (logits of three values, some -inf: sigmoid 0) choose the lower index, as the host
+    // does, in the register top-K (256 and 384 experts) and the scan (1024).
+    for (name, spec) in [("flash", cases[0].1), ("pro", cases[1].1), ("1024 experts", cases[5].1)] {
+        for bias_on in [false, true] {
+            let logits: Vec<f32> = (0..8 * spec.num_experts).map(|_| [-1.0f32, 0.0, 1.0, f32::NEG_INFINITY][r.random_range(0..4usize)]).collect();
+            let bias: Option<Vec<f32>> = bias_on.then(|| (0..spec.num_experts).map(|e| [0.0f32, 0.5][e % 2]).collect());
+            let (got, _) = model.route_on_gpu(&spec, &logits, bias.as_deref()).expect("GPU routing of ties");
+            for (t, (g, l)) in got.iter().zip(logits.chunks(spec.num_experts)).enumerate() {
+                let w = peregrine_cpu::model::route(&spec, l, bias.as_deref());
+                assert_eq!(g.iter().map(|c| c.0).collect::<Vec<_>>(), w.iter().map(|c| c.0).collect::<Vec<_>>(), "{name} ties, bias {bias_on}, token {t}: chosen experts");
+                assert!(g.iter().zip(&w).all(|(a, b)| (a.1 - b.1).abs() <= 1e-6 * b.1.abs().max(1.0)), "{name} ties, bias {bias_on}, token {t}: weights");
+            }
+        }
+        eprintln!("{name}: ties and -inf logits routed as the CPU reference");
+    }
     // NaN logits (a diverged model) leave fewer than K candidates: one token's routing repeats
     // the fallback expert, and its grouping (group_one_token, in the routing block) is the host
     // grouping of the same choices: only real experts, every pair accounted for once.
