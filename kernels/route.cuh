@@ -1,7 +1,7 @@
 // Block reductions and the MoE router of one token, shared by ops.cu (moe_route) and moe.cu (the
 // fused MoE kernel that routes its one token itself): compile.rs puts this file after
-// common.cuh in front of both, so the two paths run the same code and choose the same experts
-// with the same weights, bit for bit.
+// common.cuh in front of both, so the two paths choose the same experts with the same weights,
+// bit for bit (the top K by two forms of one rule: route_token's REGS; a test compares them).
 
 // Sum of v over the block (every thread gets it); sh holds one float per warp.
 __device__ __forceinline__ float block_sum(float v, float* sh) {
@@ -106,7 +106,10 @@ __device__ __forceinline__ float route_top_k_regs(const float* choice, const flo
 // sum of their top-2) compete; top-K by choice, ties to the lower index; weights = chosen
 // unbiased scores, normalised to sum 1 (+1e-20) when norm, times scale. Writes sel[k] (the
 // expert) and wsel[k] (its weight) in choice order, visible to the whole block on return.
-// scores, choice: E floats each of shared memory.
+// scores, choice: E floats each of shared memory. REGS: the top K with the choices in registers
+// (route_top_k_regs) where E allows; the fused MoE kernel keeps the scan (measured slower inside
+// it: benches/results/2026-11-26-router-top-k-redux.md).
+template <bool REGS = true>
 __device__ __forceinline__ void route_token(const float* __restrict__ l, const float* __restrict__ bias, int E, int K, int softmax,
                                             int n_group, int topk_group, int norm, float scale, float* scores, float* choice,
                                             int* sel, float* wsel) {
@@ -166,9 +169,9 @@ __device__ __forceinline__ void route_token(const float* __restrict__ l, const f
     if (threadIdx.x < 32) {
         float wsum = 0.f;
 #if __CUDA_ARCH__ >= 800 && !defined(ROUTE_TOPK_SCAN)  // (-DROUTE_TOPK_SCAN: the scan, for measurements)
-        if (E <= 256) {
+        if (REGS && E <= 256) {
             wsum = route_top_k_regs<8>(choice, scores, E, K, sel);
-        } else if (E <= 512) {
+        } else if (REGS && E <= 512) {
             wsum = route_top_k_regs<16>(choice, scores, E, K, sel);
         } else
 #endif
