@@ -821,11 +821,7 @@ __device__ __forceinline__ void moe_fused_routed(const float* __restrict__ logit
     bool staged = stage_token_early(x, 1, H, staged_frag(NS * CS * STEP_BYTES), ss, x_settled);
     PDL_ENTER();
     TRACE(2);
-#ifdef ROUTE_FUSED_REGS  // measurement builds: the register top K here too
-    route_token<true>(logits, bias, E, K, softmax, n_group, topk_group, norm, scale, scores, scores + E, sel, wsel);
-#else
     route_token<false>(logits, bias, E, K, softmax, n_group, topk_group, norm, scale, scores, scores + E, sel, wsel);
-#endif
     group_one_token(sel, wsel, K, U, experts, pair_off, pair_tok, pair_w, tok_pairs);
     __syncthreads();  // the routing is visible, and the scores' scratch free for the rings
     // y null: the pairs are left to the residual add after the MoE, which needs to know them.

@@ -55,13 +55,8 @@ __device__ __forceinline__ unsigned route_key(float v) {
 // layer inside the fused kernel. The same choices in the same order (so the same sum of the
 // chosen scores): largest first, ties to the lower index, NaN never, expert 0 once no candidate
 // is left. Returns that sum. J a power of two.
-#ifdef ROUTE_TOPK_NOINLINE  // measurement builds: the top K as a call of its own
-#define ROUTE_TOPK_INLINE __noinline__
-#else
-#define ROUTE_TOPK_INLINE __forceinline__
-#endif
 template <int J>
-__device__ ROUTE_TOPK_INLINE float route_top_k_regs(const float* choice, const float* scores, int E, int K, int* sel) {
+__device__ __forceinline__ float route_top_k_regs(const float* choice, const float* scores, int E, int K, int* sel) {
     const int lane = threadIdx.x & 31;
     unsigned c[J];
 #pragma unroll
