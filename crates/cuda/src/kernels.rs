@@ -1663,7 +1663,10 @@ impl Kernels {
         let (ld, ii) = ((2 * i) as i32, i as i32);
         let mut b = crate::launch::builder(&self.stream, &self.silu_split_f16);
         b.arg(y).arg(&ld).arg(&ii).arg(&mut xh).arg(&mut xl).arg(&mut inv);
-        let threads = (i / 8).div_ceil(SILU_SPLIT_GROUPS).div_ceil(32).max(1) * 32;
+        // A thread per group of 8 up to 1024 threads, then up to SILU_SPLIT_GROUPS groups each
+        // (the row's max is exact whatever the layout, so the same bits): Flash's I = 16384 ran
+        // 512 threads of 4 groups, one block on one SM at the head of the dense down.
+        let threads = (i / 8).div_ceil(32).clamp(1, 32) * 32;
         unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv("silu_mul_split_f16"))?;
         Ok((xh, xl, inv))
     }

@@ -793,7 +793,7 @@ fn copy_mat(m: &crate::backend::Mat) -> crate::backend::Mat {
 /// `silu_mul_split_f16`, one launch for silu_mul and the down GEMV's split) gives the bits of
 /// separate gate and up GEMVs, `silu_mul` and the down GEMV, and both match the f64 reference:
 /// FP8 and BF16, 1-70 rows (the one-tile GEMVs, pipelined where the grid fits one wave, the
-/// multi-tile ones and the GEMM), I from 128 to 16384 (Flash's dense MLP: 512 threads of 4
+/// multi-tile ones and the GEMM), I from 128 to 16384 (Flash's dense MLP: 1024 threads of 2
 /// groups of 8 in silu_mul_split_f16).
 #[test]
 fn dense_mlp_with_gate_and_up_stacked_gives_the_separate_bits() {
