@@ -639,11 +639,11 @@ __device__ __forceinline__ bool split_exponent_certain(float est) {
 
 // y's power of two for an F16 hi + lo split, from the row v[] a norm holds (all threads): the
 // largest magnitude m < 2^ex, scale 2^(14 - ex) (0 or non-finite: none), as split_f16 and the
-// MoE's row_scale (moe.cu) compute it; thread 0 writes 2^-s to *inv. With an estimate `est`
-// whose exponent is certain (split_exponent_certain) the exponent is est's, without a second
-// block reduction (one barrier and a walk over the warps' maxima on every norm's path); the same
-// scale either way.
-__device__ __forceinline__ float norm_split_scale(const float4 v[NORM_V], int D, float* sh, float* inv, float est = 0.f) {
+// MoE's row_scale (moe.cu) compute it; thread 0 writes 2^-s to *inv. Where the estimate `est`
+// (>= 0: split_estimate) has a certain exponent (split_exponent_certain), that is the max's,
+// without a second block reduction (one barrier and a walk over the warps' maxima on every
+// norm's path); the same scale either way.
+__device__ __forceinline__ float norm_split_scale(const float4 v[NORM_V], int D, float* sh, float* inv, float est) {
     float m = est;
     if (!split_exponent_certain(est)) {
         m = 0.f;
@@ -657,7 +657,6 @@ __device__ __forceinline__ float norm_split_scale(const float4 v[NORM_V], int D,
         m = 0.f;
         for (int i = 0; i < (int)(blockDim.x + 31) / 32; i++) m = fmaxf(m, sh[i]);
     }
-    m = fabsf(m);
     int ex = (m > 0.f && m < __int_as_float(0x7f800000u)) ? (int)((__float_as_uint(m) >> 23) & 0xffu) - 126 : 0;
     int sh_ = min(max(14 - ex, -100), 100);
     if (threadIdx.x == 0) *inv = __int_as_float((unsigned)(127 - sh_) << 23);
