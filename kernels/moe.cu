@@ -821,9 +821,10 @@ __device__ __forceinline__ void moe_fused_routed(const float* __restrict__ logit
     bool staged = stage_token_early(x, 1, H, staged_frag(NS * CS * STEP_BYTES), ss, x_settled);
     PDL_ENTER();
     TRACE(2);
-    route_token<false>(logits, bias, E, K, softmax, n_group, topk_group, norm, scale, scores, scores + E, sel, wsel);
-    group_one_token(sel, wsel, K, U, experts, pair_off, pair_tok, pair_w, tok_pairs);
-    __syncthreads();  // the routing is visible, and the scores' scratch free for the rings
+    // The routing and its grouping (by warp 0, K <= MAX_FUSED_TOPK <= 32) are visible past
+    // route_token's closing barrier, and the scores' scratch is free for the rings.
+    const OneTokenGroups groups = {experts, pair_off, pair_tok, pair_w, tok_pairs, U};
+    route_token<true, true>(logits, bias, E, K, softmax, n_group, topk_group, norm, scale, scores, scores + E, sel, wsel, &groups);
     // y null: the pairs are left to the residual add after the MoE, which needs to know them.
     if (!y && blockIdx.x == 0 && (int)threadIdx.x < K) tok_pairs_out[threadIdx.x] = tok_pairs[threadIdx.x];
     // The rings' bulk copies (async proxy) will land where the scores were written (generic).

@@ -99,6 +99,50 @@ __device__ __forceinline__ float route_top_k_regs(const float* choice, const flo
 }
 #endif
 
+// Where group_one_token_warp writes (group_one_token's arrays, max_u slots).
+struct OneTokenGroups {
+    int* experts;
+    int* pair_off;
+    int* pair_tok;
+    float* pair_w;
+    int* tok_pairs;
+    int max_u;
+};
+
+// group_one_token by one warp, for K <= 32 choices: lane k holds choice k (sel[k], visible to
+// the warp) and its weight w, and finds its pair's place, whether it opens its expert's run and
+// how many distinct experts lie below it from the other lanes' choices by shuffles, so no
+// thread walks the K x K comparisons through shared memory. The same arrays, the same values.
+__device__ __forceinline__ void group_one_token_warp(const int* sel, float w, int K, const OneTokenGroups& out) {
+    const int lane = threadIdx.x & 31;
+    const int e = lane < K ? sel[lane] : 0x7fffffff;
+    int q = 0;          // the pair's place: choices (expert, slot) below this one
+    bool first = true;  // no earlier slot holds this expert
+    for (int j = 0; j < K; j++) {
+        const int ej = __shfl_sync(0xffffffffu, e, j);
+        q += ej < e || (ej == e && j < lane);
+        first &= !(ej == e && j < lane);
+    }
+    const unsigned opens = __ballot_sync(0xffffffffu, lane < K && first);
+    int u = 0;  // distinct experts below this one
+    for (unsigned m = opens; m != 0u; m &= m - 1u) u += __shfl_sync(0xffffffffu, e, __ffs(m) - 1) < e;
+    const int used = __popc(opens);
+    if (lane < K) {
+        out.pair_tok[q] = 0;
+        out.pair_w[q] = w;
+        out.tok_pairs[lane] = q;
+        if (first) {
+            out.experts[u] = e;
+            out.pair_off[u] = q;
+        }
+    }
+    for (int s = used + lane; s < out.max_u; s += 32) {
+        out.experts[s] = 0;
+        out.pair_off[s] = K;
+    }
+    if (lane == 0) out.pair_off[out.max_u] = K;
+}
+
 #define ROUTE_MAX_K 64  // experts per token the router takes (checked at load)
 
 // The MoE router of one token, by the whole block (HF MiMoV2FlashTopkRouter / DeepSeek-V3
@@ -110,10 +154,10 @@ __device__ __forceinline__ float route_top_k_regs(const float* choice, const flo
 // scores, choice: E floats each of shared memory. REGS: the top K with the choices in registers
 // (route_top_k_regs) where E allows; the fused MoE kernel keeps the scan (measured slower inside
 // it: benches/results/2026-11-26-router-top-k-redux.md).
-template <bool REGS = true>
+template <bool REGS = true, bool GROUP = false>
 __device__ __forceinline__ void route_token(const float* __restrict__ l, const float* __restrict__ bias, int E, int K, int softmax,
                                             int n_group, int topk_group, int norm, float scale, float* scores, float* choice,
-                                            int* sel, float* wsel) {
+                                            int* sel, float* wsel, const OneTokenGroups* groups = nullptr) {
     __shared__ float sv[32], sh[32], best_v;
     __shared__ int si[32], best_i, keep[64];
     const float NEG_INF = __int_as_float(0xff800000u);
@@ -198,12 +242,17 @@ __device__ __forceinline__ void route_token(const float* __restrict__ l, const f
             }
             __syncwarp();
         }
-        float denom = wsum + 1e-20f;
+        float denom = wsum + 1e-20f, mine = 0.f;
         for (int k = threadIdx.x; k < K; k += 32) {
             float w = scores[sel[k]];
             if (norm) w /= denom;
             wsel[k] = w * scale;
+            mine = w * scale;
         }
+        // GROUP (K <= 32): warp 0 groups the choices too, before the barrier below, so the
+        // block's grouping (group_one_token) and its barrier leave the path to the first
+        // weight copy (lane k holds choice k's weight).
+        if (GROUP) group_one_token_warp(sel, mine, K, *groups);
     }
     __syncthreads();
 }
@@ -246,3 +295,4 @@ __device__ __forceinline__ void group_one_token(const int* sel, const float* wse
     }
     if (threadIdx.x == 0) pair_off[max_u] = K;
 }
+
