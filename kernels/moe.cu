@@ -800,7 +800,7 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
 
 // The fused kernel for one token that routes it itself: every block runs the router on the
 // token's logits (route_token, the code moe_route runs, so the same experts and weights bit for
-// bit) and groups the choices into shared memory (group_one_token), then runs moe_fused on that
+// bit) and groups the choices in shared memory (group_one_token), then runs moe_fused on that
 // routing. The routing launch and its global round trips leave a batch-1 step; each block reads
 // E logits and biases (L2), and the scores' scratch is the ring's shared memory (2 E floats,
 // before any copy lands there). U = min(K, E) expert slots; K <= MAX_FUSED_TOPK. y null: the
@@ -821,10 +821,10 @@ __device__ __forceinline__ void moe_fused_routed(const float* __restrict__ logit
     bool staged = stage_token_early(x, 1, H, staged_frag(NS * CS * STEP_BYTES), ss, x_settled);
     PDL_ENTER();
     TRACE(2);
-    // The routing and its grouping (by warp 0) are visible past route_token's closing
-    // barrier, and the scores' scratch is free for the rings.
+    // The routing and its grouping (by warp 0, K <= MAX_FUSED_TOPK <= 32) are visible past
+    // route_token's closing barrier, and the scores' scratch is free for the rings.
     const OneTokenGroups groups = {experts, pair_off, pair_tok, pair_w, tok_pairs, U};
-    route_token(logits, bias, E, K, softmax, n_group, topk_group, norm, scale, scores, scores + E, sel, wsel, groups);
+    route_token<true>(logits, bias, E, K, softmax, n_group, topk_group, norm, scale, scores, scores + E, sel, wsel, &groups);
     // y null: the pairs are left to the residual add after the MoE, which needs to know them.
     if (!y && blockIdx.x == 0 && (int)threadIdx.x < K) tok_pairs_out[threadIdx.x] = tok_pairs[threadIdx.x];
     // The rings' bulk copies (async proxy) will land where the scores were written (generic).

@@ -1,7 +1,8 @@
 // Block reductions and the MoE router of one token, shared by ops.cu (moe_route) and moe.cu (the
 // fused MoE kernel that routes its one token itself): compile.rs puts this file after
-// common.cuh in front of both, so the two paths choose the same experts with the same weights
-// and group them the same way, bit for bit.
+// common.cuh in front of both, so the two paths choose the same experts with the same weights,
+// bit for bit, and group one token's choices the same way (by warp 0 in the fused kernel and in
+// moe_route up to 32 choices, by the whole block above; a test compares them).
 
 // Sum of v over the block (every thread gets it); sh holds one float per warp.
 __device__ __forceinline__ float block_sum(float v, float* sh) {
@@ -99,8 +100,7 @@ __device__ __forceinline__ float route_top_k_regs(const float* choice, const flo
 }
 #endif
 
-// Where group_one_token writes: experts[max_u], pair_off[max_u + 1], pair_tok, pair_w and
-// tok_pairs[K] (experts null: nowhere).
+// Where group_one_token_warp writes (group_one_token's arrays, max_u slots).
 struct OneTokenGroups {
     int* experts;
     int* pair_off;
@@ -110,53 +110,35 @@ struct OneTokenGroups {
     int max_u;
 };
 
-// The grouping of one token's K <= 64 choices (sel, wsel from route_token, visible to the
-// warp) by expert, as group_pairs does for a batch: pairs sorted by (expert, slot), the used
-// experts ascending in the first of max_u slots (the rest empty: expert 0, no pairs). A repeated
-// expert (the fallback when fewer than K experts can be chosen) gets one slot with all its
-// pairs. By one warp: lane l holds choices l and l + 32 and finds, from the others' experts by
-// shuffles, each one's place, whether it opens its expert's run and how many distinct experts
-// lie below it. (The whole block walking the K x K comparisons through shared memory, each
-// thread a loop of dependent loads, put ~2 us on the fused one-token MoE's path to its first
-// weight copy: benches/results/2026-11-26-route-group-warp.md.)
-__device__ __forceinline__ void group_one_token(const int* sel, const float* wsel, int K, OneTokenGroups out) {
+// group_one_token by one warp, for K <= 32 choices: lane k holds choice k (sel[k], visible to
+// the warp) and its weight w, and finds its pair's place, whether it opens its expert's run and
+// how many distinct experts lie below it from the other lanes' choices by shuffles, so no
+// thread walks the K x K comparisons through shared memory. The same arrays, the same values.
+// (The block-wide form, each thread a loop of dependent shared-memory loads, plus its barrier,
+// put ~2 us on the fused one-token MoE's path to its first weight copy. A form holding two
+// choices a lane, for K <= 64, cost the fused kernel most of that again by its schedule alone:
+// benches/results/2026-11-26-route-group-warp.md.)
+__device__ __forceinline__ void group_one_token_warp(const int* sel, float w, int K, const OneTokenGroups& out) {
     const int lane = threadIdx.x & 31;
-    int e[2], q[2] = {0, 0};
-    bool first[2] = {true, true};  // no earlier slot holds this expert
-#pragma unroll
-    for (int h = 0; h < 2; h++) e[h] = lane + 32 * h < K ? sel[lane + 32 * h] : 0x7fffffff;
+    const int e = lane < K ? sel[lane] : 0x7fffffff;
+    int q = 0;          // the pair's place: choices (expert, slot) below this one
+    bool first = true;  // no earlier slot holds this expert
     for (int j = 0; j < K; j++) {
-        const int ej = __shfl_sync(0xffffffffu, j < 32 ? e[0] : e[1], j & 31);
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-            const bool before = j < lane + 32 * h;
-            q[h] += ej < e[h] || (ej == e[h] && before);  // the pair's place
-            first[h] &= !(ej == e[h] && before);
-        }
+        const int ej = __shfl_sync(0xffffffffu, e, j);
+        q += ej < e || (ej == e && j < lane);
+        first &= !(ej == e && j < lane);
     }
-    unsigned opens[2];
-#pragma unroll
-    for (int h = 0; h < 2; h++) opens[h] = __ballot_sync(0xffffffffu, lane + 32 * h < K && first[h]);
-    int u[2] = {0, 0};  // distinct experts below each choice
-#pragma unroll
-    for (int hj = 0; hj < 2; hj++)
-        for (unsigned m = opens[hj]; m != 0u; m &= m - 1u) {
-            const int ej = __shfl_sync(0xffffffffu, e[hj], __ffs(m) - 1);
-#pragma unroll
-            for (int h = 0; h < 2; h++) u[h] += ej < e[h];
-        }
-    const int used = __popc(opens[0]) + __popc(opens[1]);
-#pragma unroll
-    for (int h = 0; h < 2; h++) {
-        const int k = lane + 32 * h;
-        if (k < K) {
-            out.pair_tok[q[h]] = 0;
-            out.pair_w[q[h]] = wsel[k];
-            out.tok_pairs[k] = q[h];
-            if (first[h]) {
-                out.experts[u[h]] = e[h];
-                out.pair_off[u[h]] = q[h];
-            }
+    const unsigned opens = __ballot_sync(0xffffffffu, lane < K && first);
+    int u = 0;  // distinct experts below this one
+    for (unsigned m = opens; m != 0u; m &= m - 1u) u += __shfl_sync(0xffffffffu, e, __ffs(m) - 1) < e;
+    const int used = __popc(opens);
+    if (lane < K) {
+        out.pair_tok[q] = 0;
+        out.pair_w[q] = w;
+        out.tok_pairs[lane] = q;
+        if (first) {
+            out.experts[u] = e;
+            out.pair_off[u] = q;
         }
     }
     for (int s = used + lane; s < out.max_u; s += 32) {
@@ -173,13 +155,14 @@ __device__ __forceinline__ void group_one_token(const int* sel, const float* wse
 // the choice adds the correction bias; with n_group > 1 only the topk_group best groups (by the
 // sum of their top-2) compete; top-K by choice, ties to the lower index; weights = chosen
 // unbiased scores, normalised to sum 1 (+1e-20) when norm, times scale. Writes sel[k] (the
-// expert) and wsel[k] (its weight) in choice order, visible to the whole block on return, and
-// with `groups` also their grouping (group_one_token). scores, choice: E floats each of shared
-// memory. The top K with the choices in registers (route_top_k_regs) where E allows, else (and
-// with -DROUTE_TOPK_SCAN, for measurements) by a scan.
+// expert) and wsel[k] (its weight) in choice order, visible to the whole block on return; with
+// GROUP (K <= 32) also their grouping into *groups (group_one_token_warp). scores, choice: E
+// floats each of shared memory. The top K with the choices in registers (route_top_k_regs)
+// where E allows, else (and with -DROUTE_TOPK_SCAN, for measurements) by a scan.
+template <bool GROUP = false>
 __device__ __forceinline__ void route_token(const float* __restrict__ l, const float* __restrict__ bias, int E, int K, int softmax,
                                             int n_group, int topk_group, int norm, float scale, float* scores, float* choice,
-                                            int* sel, float* wsel, OneTokenGroups groups = {}) {
+                                            int* sel, float* wsel, const OneTokenGroups* groups = nullptr) {
     __shared__ float sv[32], sh[32], best_v;
     __shared__ int si[32], best_i, keep[64];
     const float NEG_INF = __int_as_float(0xff800000u);
@@ -264,15 +247,58 @@ __device__ __forceinline__ void route_token(const float* __restrict__ l, const f
             }
             __syncwarp();
         }
-        float denom = wsum + 1e-20f;
+        float denom = wsum + 1e-20f, mine = 0.f;
         for (int k = threadIdx.x; k < K; k += 32) {
             float w = scores[sel[k]];
             if (norm) w /= denom;
             wsel[k] = w * scale;
+            mine = w * scale;
         }
-        // With groups, warp 0 groups the choices too (each lane reads back only the weights it
-        // wrote), before the barrier below, so the grouping costs no barrier of its own.
-        if (groups.experts) group_one_token(sel, wsel, K, groups);
+        // GROUP (K <= 32): warp 0 groups the choices too, before the barrier below, so the
+        // block's grouping (group_one_token) and its barrier leave the path to the first
+        // weight copy (lane k holds choice k's weight).
+        if (GROUP) group_one_token_warp(sel, mine, K, *groups);
     }
     __syncthreads();
 }
+
+// The grouping of one token's K <= ROUTE_MAX_K choices (sel, wsel from route_token) by expert,
+// by the whole block (moe_route past 32 choices; group_one_token_warp below that), as
+// group_pairs does for a batch: pairs sorted by (expert, slot), the used experts ascending in the first of
+// `max_u` slots (the rest empty: expert 0, no pairs). A repeated expert (the fallback when
+// fewer than K experts can be chosen) gets one slot with all its pairs. Any threads; sel and
+// wsel must be visible to them; K <= ROUTE_MAX_K.
+__device__ __forceinline__ void group_one_token(const int* sel, const float* wsel, int K, int max_u, int* __restrict__ experts,
+                                                int* __restrict__ pair_off, int* __restrict__ pair_tok, float* __restrict__ pair_w,
+                                                int* __restrict__ tok_pairs) {
+    int used = 0;  // distinct experts chosen
+    for (int j = 0; j < K; j++) {
+        bool first = true;
+        for (int i = 0; i < j; i++) first &= sel[i] != sel[j];
+        used += first;
+    }
+    for (int k = threadIdx.x; k < K; k += blockDim.x) {
+        int e = sel[k], q = 0, u = 0;
+        bool first = true;
+        for (int j = 0; j < K; j++) {
+            q += sel[j] < e || (sel[j] == e && j < k);  // the pair's place
+            if (j < k && sel[j] == e) first = false;
+            bool fj = true;  // slot j opens its expert's run
+            for (int i = 0; i < j; i++) fj &= sel[i] != sel[j];
+            u += fj && sel[j] < e;  // distinct experts below e
+        }
+        pair_tok[q] = 0;
+        pair_w[q] = wsel[k];
+        tok_pairs[k] = q;
+        if (first) {
+            experts[u] = e;
+            pair_off[u] = q;
+        }
+    }
+    for (int u = used + threadIdx.x; u < max_u; u += blockDim.x) {
+        experts[u] = 0;
+        pair_off[u] = K;
+    }
+    if (threadIdx.x == 0) pair_off[max_u] = K;
+}
+
