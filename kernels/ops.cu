@@ -1011,8 +1011,8 @@ extern "C" __global__ void __launch_bounds__(1024) moe_group(const int* __restri
 // The MoE router (route_token in kernels/route.cuh), one token per block. With `counter` (zero
 // between calls), the last block to finish routing also groups every token's pairs by expert
 // (one launch for routing and grouping) and resets the counter; a batch of one token is grouped
-// by its own block (group_one_token_warp inside route_token up to 32 choices, else
-// group_one_token), without the counter and group_pairs' global round trips. Dynamic shared memory: 2 E + GROUP_CHUNK floats.
+// by its own block from shared memory (group_one_token), without the counter and group_pairs'
+// global round trips. Dynamic shared memory: 2 E + GROUP_CHUNK floats.
 extern "C" __global__ void moe_route(const float* __restrict__ logits, const float* __restrict__ bias, int* __restrict__ topk_idx,
                                      float* __restrict__ topk_w, int E, int K, int softmax, int n_group, int topk_group,
                                      int norm, float scale, unsigned* counter, int max_u, int* __restrict__ experts,
@@ -1022,21 +1022,14 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, const flo
     __shared__ int sel[ROUTE_MAX_K];
     __shared__ float wsel[ROUTE_MAX_K];
     int t = blockIdx.x;
-    const bool one = counter != nullptr && gridDim.x == 1;
-    if (one && K <= 32) {  // routed and grouped with no barrier between (group_one_token_warp)
-        const OneTokenGroups groups = {experts, pair_off, pair_tok, pair_w, tok_pairs, max_u};
-        route_token<true>(logits + (size_t)t * E, bias, E, K, softmax, n_group, topk_group, norm, scale, smem, smem + E, sel, wsel,
-                          &groups);
-    } else {
-        route_token(logits + (size_t)t * E, bias, E, K, softmax, n_group, topk_group, norm, scale, smem, smem + E, sel, wsel);
-    }
+    route_token(logits + (size_t)t * E, bias, E, K, softmax, n_group, topk_group, norm, scale, smem, smem + E, sel, wsel);
     for (int k = threadIdx.x; k < K; k += blockDim.x) {
         topk_idx[t * K + k] = sel[k];
         topk_w[t * K + k] = wsel[k];
     }
     if (counter == nullptr) return;
-    if (one) {
-        if (K > 32) group_one_token(sel, wsel, K, max_u, experts, pair_off, pair_tok, pair_w, tok_pairs);
+    if (gridDim.x == 1) {
+        group_one_token(sel, wsel, K, max_u, experts, pair_off, pair_tok, pair_w, tok_pairs);
         return;
     }
     // This token's choices published, then counted; the last token's block groups them all.

@@ -1,8 +1,8 @@
 // Block reductions and the MoE router of one token, shared by ops.cu (moe_route) and moe.cu (the
 // fused MoE kernel that routes its one token itself): compile.rs puts this file after
 // common.cuh in front of both, so the two paths choose the same experts with the same weights,
-// bit for bit, and group one token's choices the same way (by warp 0 in the fused kernel and in
-// moe_route up to 32 choices, by the whole block above; a test compares them).
+// bit for bit, and group one token's choices the same way (by warp 0 in the fused kernel, by the
+// whole block in moe_route; a test compares them).
 
 // Sum of v over the block (every thread gets it); sh holds one float per warp.
 __device__ __forceinline__ float block_sum(float v, float* sh) {
@@ -263,8 +263,8 @@ __device__ __forceinline__ void route_token(const float* __restrict__ l, const f
 }
 
 // The grouping of one token's K <= ROUTE_MAX_K choices (sel, wsel from route_token) by expert,
-// by the whole block (moe_route past 32 choices; group_one_token_warp below that), as
-// group_pairs does for a batch: pairs sorted by (expert, slot), the used experts ascending in the first of
+// by the whole block (moe_route; the fused kernel has group_one_token_warp), as group_pairs
+// does for a batch: pairs sorted by (expert, slot), the used experts ascending in the first of
 // `max_u` slots (the rest empty: expert 0, no pairs). A repeated expert (the fallback when
 // fewer than K experts can be chosen) gets one slot with all its pairs. Any threads; sel and
 // wsel must be visible to them; K <= ROUTE_MAX_K.
