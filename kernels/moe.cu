@@ -823,6 +823,7 @@ __device__ __forceinline__ void moe_fused_routed(const float* __restrict__ logit
     TRACE(2);
     // The routing and its grouping (by warp 0, K <= MAX_FUSED_TOPK <= 32) are visible past
     // route_token's closing barrier, and the scores' scratch is free for the rings.
+    static_assert(MAX_FUSED_TOPK <= 32, "group_one_token_warp holds one choice a lane");
     const OneTokenGroups groups = {experts, pair_off, pair_tok, pair_w, tok_pairs, U};
     route_token<true>(logits, bias, E, K, softmax, n_group, topk_group, norm, scale, scores, scores + E, sel, wsel, &groups);
     // y null: the pairs are left to the residual add after the MoE, which needs to know them.

@@ -301,4 +301,3 @@ __device__ __forceinline__ void group_one_token(const int* sel, const float* wse
     }
     if (threadIdx.x == 0) pair_off[max_u] = K;
 }
-

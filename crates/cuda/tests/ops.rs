@@ -52,7 +52,7 @@ fn router_and_grouping_match_the_cpu_reference() {
         ("softmax groups", moe(64, 6, RouterScoring::Softmax, false, 4, 2, true, 1.0)),
         // The most experts the grouping kernel takes (its per-warp counts fill 64 KB).
         ("1024 experts", moe(1024, 8, RouterScoring::Sigmoid, true, 1, 1, true, 1.0)),
-        // More choices than a warp has lanes.
+        // More choices than a warp has lanes (moe_route's block-wide grouping of one token).
         ("40 of 64", moe(64, 40, RouterScoring::Sigmoid, true, 1, 1, true, 1.0)),
     ];
     for (name, spec) in cases {
