@@ -825,7 +825,7 @@ __device__ __forceinline__ void moe_fused_routed(const float* __restrict__ logit
     // route_token's closing barrier, and the scores' scratch is free for the rings.
     static_assert(MAX_FUSED_TOPK <= 32, "group_one_token_warp holds one choice a lane");
     const OneTokenGroups groups = {experts, pair_off, pair_tok, pair_w, tok_pairs, U};
-    route_token<true>(logits, bias, E, K, softmax, n_group, topk_group, norm, scale, scores, scores + E, sel, wsel, &groups);
+    route_token(logits, bias, E, K, softmax, n_group, topk_group, norm, scale, scores, scores + E, sel, wsel, &groups);
     // y null: the pairs are left to the residual add after the MoE, which needs to know them.
     if (!y && blockIdx.x == 0 && (int)threadIdx.x < K) tok_pairs_out[threadIdx.x] = tok_pairs[threadIdx.x];
     // The rings' bulk copies (async proxy) will land where the scores were written (generic).

@@ -156,10 +156,9 @@ __device__ __forceinline__ void group_one_token_warp(const int* sel, float w, in
 // sum of their top-2) compete; top-K by choice, ties to the lower index; weights = chosen
 // unbiased scores, normalised to sum 1 (+1e-20) when norm, times scale. Writes sel[k] (the
 // expert) and wsel[k] (its weight) in choice order, visible to the whole block on return; with
-// GROUP (K <= 32) also their grouping into *groups (group_one_token_warp). scores, choice: E
+// `groups` (K <= 32) also their grouping there (group_one_token_warp). scores, choice: E
 // floats each of shared memory. The top K with the choices in registers (route_top_k_regs)
 // where E allows, else (and with -DROUTE_TOPK_SCAN, for measurements) by a scan.
-template <bool GROUP = false>
 __device__ __forceinline__ void route_token(const float* __restrict__ l, const float* __restrict__ bias, int E, int K, int softmax,
                                             int n_group, int topk_group, int norm, float scale, float* scores, float* choice,
                                             int* sel, float* wsel, const OneTokenGroups* groups = nullptr) {
@@ -254,10 +253,10 @@ __device__ __forceinline__ void route_token(const float* __restrict__ l, const f
             wsel[k] = w * scale;
             mine = w * scale;
         }
-        // GROUP (K <= 32): warp 0 groups the choices too, before the barrier below, so the
+        // With groups (K <= 32), warp 0 groups the choices too, before the barrier below, so the
         // block's grouping (group_one_token) and its barrier leave the path to the first
         // weight copy (lane k holds choice k's weight).
-        if (GROUP) group_one_token_warp(sel, mine, K, *groups);
+        if (groups) group_one_token_warp(sel, mine, K, *groups);
     }
     __syncthreads();
 }
