@@ -745,12 +745,17 @@ __device__ __forceinline__ void b_regs(uint4 x0, uint4 x1, unsigned b[8]) {
 // MLP's FP8 down, 4096 rows; the decode q/k/v projection in blocks of 4 warps, whose "next K
 // block" crosses from one of a warp's K classes to the next). Same loads, same arithmetic in the
 // same order: the same bits.
-template <int NT, int R, bool FP8, bool READY = false, bool PIPE = false, int CW = 1, bool XSH = false>
+//
+// KEEP (one tile, one token group): token 0's values of the block's 16 rows also go to keep[16]
+// (shared memory), as stored, for the caller's epilogue (gemv_mma_bf16_t1_pipe_route).
+template <int NT, int R, bool FP8, bool READY = false, bool PIPE = false, int CW = 1, bool XSH = false, bool KEEP = false>
 __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, const float* __restrict__ S,
                                          const unsigned short* __restrict__ XH, const unsigned short* __restrict__ XL,
                                          const float* __restrict__ xinv, float* __restrict__ y, float* __restrict__ y1,
                                          float* __restrict__ y2, int N0, int N1, int N, int K, int T,
-                                         unsigned* __restrict__ ready = nullptr, int heads = 0, int hd = 0, int vd = 0) {
+                                         unsigned* __restrict__ ready = nullptr, int heads = 0, int hd = 0, int vd = 0,
+                                         float* keep = nullptr) {
+    static_assert(!KEEP || (R == 1 && !READY), "the kept rows are one tile's");
     static_assert(!READY || R == 1, "the ready counts are per 16-row tile");
     static_assert(!PIPE || R == 1, "the pipelined GEMV is a one-tile kernel");
     static_assert(CW == 1 || (R == 1 && NT == 1 && MMA_WARPS % CW == 0), "K classes per warp: one-tile, one-token-group kernels");
@@ -992,6 +997,7 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
             for (int i = 0; i < MMA_WARPS; i++) s += red[i][e];
             int n = nb + rt * 16 + e / (NT * 8), t = t0 + e % (NT * 8);
             if (n < N && t < T) store_out(s, xinv, y, y1, y2, N0, N1, N, n, t);
+            if (KEEP && n < N && t == 0) keep[n - nb] = xinv ? s * xinv[t] : s;
         }
     }
     if (READY)  // the block's stores, then the tile's count (the attention acquires it)
@@ -1596,6 +1602,63 @@ extern "C" __global__ void __launch_bounds__(256) gemm_wg_combine(const float* _
     }
 GEMV_MMA_PIPE(bf16, false)
 GEMV_MMA_PIPE(fp8, true)
+
+// The one-token o_proj (gemv_mma_bf16_t1_pipe) that also does its layer's router, so no router
+// launch sits between it and the fused MoE (route_in_oproj on the host). The router is linear
+// and the post-attention norm's 1 / rms is one scalar: logits[e] = inv * sum_k W[e, k] g[k] h[k]
+// with h = res + o (the residual add), inv = 1 / sqrt(mean(h^2) + eps). So each block, once its
+// 16 rows of o are summed, forms h of its rows (to hout), their sum of squares (to ssq[block],
+// in row order), and its part of every expert's dot product over those rows, which it adds into
+// acc[e] as a fixed-point integer (x 2^40, red.global.add.u64): integer sums do not depend on
+// the blocks' order, so the logits are the same bits from run to run. A part that is not finite
+// or not below 2^22 sets acc[E] instead (the MoE then sees NaN logits, as the router would
+// give). The fused MoE (moe_fused_acc_*) sums ssq in its own fixed order, applies inv and routes;
+// acc must be zero on entry (the MoE of the layer after zeroes it: see there). The router's
+// columns of the block's rows (W [E, N] f32, 64 bytes per expert) are copied to shared memory
+// before the wait (weights), the residual's rows loaded after it. 16 E * 4 bytes of dynamic
+// shared memory, E <= 16 * blockDim.
+extern "C" __global__ void __launch_bounds__(256) gemv_mma_bf16_t1_pipe_route(
+    const unsigned char* __restrict__ W, const float* __restrict__ S, const unsigned short* __restrict__ XH,
+    const unsigned short* __restrict__ XL, const float* __restrict__ xinv, float* __restrict__ y, float* __restrict__ y1,
+    float* __restrict__ y2, int N0, int N1, int N, int K, int T, unsigned* zero, int nzero, const float* __restrict__ res,
+    const float* __restrict__ g, const float* __restrict__ Wr, int E, unsigned long long* __restrict__ acc,
+    float* __restrict__ ssq, float* __restrict__ hout) {
+    __shared__ float keep[16], hg[16];
+    extern __shared__ float4 wr_sh[];  // [E][4]: expert e's columns nb .. nb + 15
+    const int nb = blockIdx.x * 16, tid = threadIdx.x;
+    for (int i = tid; i < E * 4; i += blockDim.x) cp_async16(wr_sh + i, Wr + (size_t)(i >> 2) * N + nb + (i & 3) * 4);
+    cp_async_commit();
+    const float gr = tid < 16 && nb + tid < N ? __ldg(g + nb + tid) : 0.f;
+    PDL_ENTER();
+    const float xr = tid < 16 && nb + tid < N ? __ldcg(res + nb + tid) : 0.f;  // (the host keeps N % 16 == 0)
+    gemv_mma<1, 1, false, false, true, 1, false, true>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T, nullptr, 0, 0, 0, keep);
+    zero_after_wait(zero, nzero);
+    cp_async_wait<0>();
+    __syncthreads();  // keep[] and every thread's copies
+    if (tid < 16) {
+        const float h = xr + keep[tid];  // the norm's x + a
+        if (nb + tid < N) hout[nb + tid] = h;
+        hg[tid] = gr * h;
+        keep[tid] = h;
+    }
+    __syncthreads();
+    if (tid == 0) {
+        float s = 0.f;
+#pragma unroll
+        for (int r = 0; r < 16; r++) s += keep[r] * keep[r];
+        ssq[blockIdx.x] = s;
+    }
+    for (int e = tid; e < E; e += blockDim.x) {
+        float p = 0.f;
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const float4 w = wr_sh[e * 4 + j];
+            p += w.x * hg[4 * j] + w.y * hg[4 * j + 1] + w.z * hg[4 * j + 2] + w.w * hg[4 * j + 3];
+        }
+        if (fabsf(p) < 0x1p22f) atomicAdd(acc + e, (unsigned long long)__float2ll_rn(p * 0x1p40f));
+        else atomicOr(acc + E, 1ull);
+    }
+}
 // The q/k/v projection feeding attention_v2_kv_ready (READY above): the kernel's name, its
 // __launch_bounds__ (threads[, blocks per SM]), then gemv_mma's PIPE, CW and XSH.
 #define GEMV_MMA_READY(NAME, BOUNDS, PIPE, CW, XSH)                                                                        \

@@ -303,6 +303,17 @@ pub struct CudaModel {
     /// A one-token MoE whose router computes the post-attention norm itself (`norm_in_router`;
     /// `PEREGRINE_NORM_IN_ROUTER=0` keeps the norm's launch, for comparison; tests flip it).
     norm_in_router: bool,
+    /// Where the router computes the norm at one token, the o_proj before it does the router
+    /// instead (`route_in_oproj_at`; `PEREGRINE_ROUTE_IN_OPROJ=0` keeps the router's launch, for
+    /// comparison; tests flip it).
+    route_in_oproj: bool,
+    /// Per layer, `route_acc_stride` u64: the fixed-point logit sums the o_proj adds into and
+    /// its MoE reads (zero between: the next such layer's MoE zeroes them, cyclically); then
+    /// the o_proj blocks' sums of squares of h [H / 16] and h [H] (one layer's at a time).
+    route_acc: CudaSlice<u64>,
+    route_acc_stride: usize,
+    route_ssq: CudaSlice<f32>,
+    route_h: CudaSlice<f32>,
     /// f32 matrices (routers) over 2 to `F32_TILES_MAX_ROWS` - 1 rows run `gemv_f32_tiles`
     /// (`gemv_f32_into`; `PEREGRINE_F32_TILES=0` keeps gemv_f32 / gemm_f32_nt, for comparison;
     /// tests flip it).
@@ -662,6 +673,10 @@ impl CudaModel {
         let attn_counters = s.alloc_zeros::<u32>(MERGE_IN_ATTENTION_ROWS * max_heads.max(64)).map_err(drv)?;
         let ready_len = spec.layers.iter().map(|l| l.attention.num_heads + l.attention.num_kv_heads + 1).max().unwrap_or(1);
         let ready_counters = s.alloc_zeros::<u32>(ready_len).map_err(drv)?;
+        let route_acc_stride = layers.iter().filter_map(|l| if let Mlp::Moe { spec, .. } = &l.mlp { Some(spec.num_experts + 1) } else { None }).max().unwrap_or(1);
+        let route_acc = s.alloc_zeros::<u64>(layers.len().max(1) * route_acc_stride).map_err(drv)?;
+        let route_ssq = s.alloc_zeros::<f32>(h.div_ceil(16)).map_err(drv)?;
+        let route_h = s.alloc_zeros::<f32>(h).map_err(drv)?;
         let model = CudaModel {
             spec: spec.clone(),
             final_norm,
@@ -701,6 +716,11 @@ impl CudaModel {
             attn_fill: std::env::var("PEREGRINE_ATTN_FILL").map_or(true, |v| v != "0"),
             route_in_moe: std::env::var("PEREGRINE_MOE_ROUTE_IN_KERNEL").map_or(true, |v| v != "0"),
             norm_in_router: std::env::var("PEREGRINE_NORM_IN_ROUTER").map_or(true, |v| v != "0"),
+            route_in_oproj: std::env::var("PEREGRINE_ROUTE_IN_OPROJ").map_or(true, |v| v != "0"),
+            route_acc,
+            route_acc_stride,
+            route_ssq,
+            route_h,
             f32_tiles: std::env::var("PEREGRINE_F32_TILES").map_or(true, |v| v != "0"),
             moe_combine_in_norm: None,
             moe_pairs_calls: std::sync::atomic::AtomicUsize::new(0),
@@ -927,7 +947,9 @@ impl CudaModel {
 
     /// `hn_split`: hn's F16 split when the norm wrote it (`wants_f16_split`); `kv_in_attention`:
     /// the attention kernel rotates q and k and writes the pool (decode rows only).
-    pub(crate) fn attention(&self, li: usize, hn: &CudaSlice<f32>, hn_split: Option<&F16Split>, n: usize, meta: &RowMeta, kv_in_attention: bool) -> Result<CudaSlice<f32>> {
+    /// `res` (where `route_in_oproj_at`): the residual, for the o_proj that does the router.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn attention(&self, li: usize, hn: &CudaSlice<f32>, hn_split: Option<&F16Split>, n: usize, meta: &RowMeta, kv_in_attention: bool, res: Option<&CudaSlice<f32>>) -> Result<CudaSlice<f32>> {
         let l = &self.layers[li];
         let a = &l.attn;
         let s = a.spec;
@@ -999,12 +1021,16 @@ impl CudaModel {
             (GpuMatrix::Bf16(w), Some((oh, ol))) => {
                 let mut y = self.empty(n * a.o.n)?;
                 let zero = reset_by_next.then_some(&self.ready_counters);
-                let r = self.kernels.gemv_bf16_presplit(w, &oh, &ol, &mut y, a.o.n, a.o.k, n, zero);
+                let r = match res {
+                    Some(res) => self.route_bufs(li, res).and_then(|rb| self.kernels.gemv_bf16_presplit_route(w, &oh, &ol, &mut y, a.o.n, a.o.k, zero, &rb)),
+                    None => self.kernels.gemv_bf16_presplit(w, &oh, &ol, &mut y, a.o.n, a.o.k, n, zero),
+                };
                 if r.is_err() && reset_by_next {
                     zero_counters();
                 }
                 r.map(|_| y)
             }
+            _ if res.is_some() => Err(Error::Backend(format!("layer {li}: the o_proj that does the router is the BF16 one over the attention's split"))),
             _ => {
                 if reset_by_next {
                     // (Not reached: a BF16 split o_proj is what reset_by_next was set for.)
@@ -1586,6 +1612,18 @@ impl CudaModel {
         let Some(Mlp::Moe { spec, router, bias, experts: Experts::Stacked(w) }) = self.layers.get(li).map(|l| &l.mlp) else {
             return Err(Error::Backend(format!("layer {li} has no stacked MoE to take its post-attention norm")));
         };
+        if self.route_in_oproj_at(li, rows) {
+            // The o_proj did the router over x + attn (`attention` with `res`).
+            let r = self.route_bufs(li, x)?;
+            let kind = self.kernels.moe_kernel_rows(w, rows, spec.top_k, true);
+            let prev = self.route_prev_layer(li).ok_or_else(|| Error::Backend(format!("layer {li}: no other layer's router in its o_proj")))?;
+            let zero = self.route_acc_ptr(prev);
+            let mut tok_pairs = unsafe { self.kernels.alloc.alloc::<i32>(spec.top_k) }?;
+            let eps = self.spec.rms_norm_eps;
+            let out = self.with_moe_scratch(w, spec.top_k, |scratch| self.kernels.moe_mxfp4_acc_pairs(kind, spec, w, &r, eps, bias.as_ref().map(|b| &b.0), scratch, &mut tok_pairs, zero, self.route_acc_stride))?;
+            self.moe_pairs_calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Ok(MlpOut::Pairs(MoePairs { out, tok_pairs, topk: spec.top_k, pre: Some(attn) }));
+        }
         let (logits, xn) = self.router_normed(router, x, &attn, nw, rows)?;
         // xn comes from the launch just before the experts: staged after their wait.
         match self.moe_stacked(spec, &logits, bias.as_ref().map(|b| &b.0), w, &xn, MoeInput::Fresh, rows, true)? {
@@ -1595,6 +1633,71 @@ impl CudaModel {
             }
             MlpOut::Rows(_) => Err(Error::Backend(format!("layer {li}: the MoE combined its pairs where its post-attention norm was left to the router"))),
         }
+    }
+
+    /// Whether layer `li`'s o_proj at `rows` rows does its MoE's router (`route_in_oproj`):
+    /// one token where the router would compute the norm (`norm_in_router`), the o_proj the
+    /// BF16 one over the attention's split on the pipelined kernel (`oproj_route_takes`), an f32
+    /// router over the hidden size, and at least one other layer doing the same (the MoE of
+    /// each zeroes the previous one's accumulators: `route_prev_layer`).
+    pub(crate) fn route_in_oproj_at(&self, li: usize, rows: usize) -> bool {
+        rows == 1 && self.route_oproj_shape(li) && (0..self.layers.len()).any(|l| l != li && self.route_oproj_shape(l))
+    }
+
+    fn route_oproj_shape(&self, li: usize) -> bool {
+        let Some(l) = self.layers.get(li) else { return false };
+        let (a, Mlp::Moe { spec, router, .. }) = (&l.attn, &l.mlp) else { return false };
+        let h = self.spec.hidden_size;
+        self.route_in_oproj
+            && uses_attention_v2(&a.spec)
+            && matches!(a.o.m, GpuMatrix::Bf16(_))
+            && matches!(router.m, GpuMatrix::F32(_))
+            && a.o.n == h
+            && router.k == h
+            && router.n == spec.num_experts
+            && spec.num_experts < self.route_acc_stride
+            && self.kernels.oproj_route_takes(a.o.n, a.o.k, router.n)
+            && self.norm_in_router(li, 1)
+    }
+
+    /// The layer before `li` (cyclically) whose o_proj does the router: its accumulators are
+    /// zeroed by `li`'s MoE.
+    fn route_prev_layer(&self, li: usize) -> Option<usize> {
+        let n = self.layers.len();
+        (1..n).map(|d| (li + n - d) % n).find(|&l| self.route_oproj_shape(l))
+    }
+
+    fn route_acc_ptr(&self, li: usize) -> u64 {
+        self.route_acc.device_ptr(&self.stream).0 + (li * self.route_acc_stride * std::mem::size_of::<u64>()) as u64
+    }
+
+    /// The buffers of layer `li`'s router in its o_proj over residual `res`.
+    fn route_bufs<'a>(&'a self, li: usize, res: &'a CudaSlice<f32>) -> Result<crate::kernels::RouteInOproj<'a>> {
+        let l = &self.layers[li];
+        let (Mlp::Moe { router: Mat { m: GpuMatrix::F32(wr), n, .. }, .. }, true) = (&l.mlp, self.route_oproj_shape(li)) else {
+            return Err(Error::Backend(format!("layer {li}'s o_proj does not take its router")));
+        };
+        Ok(crate::kernels::RouteInOproj { res, norm: &l.post_norm, router: wr, experts: *n, acc: self.route_acc_ptr(li), ssq: &self.route_ssq, h: &self.route_h })
+    }
+
+    /// Zeroes every layer's router accumulators (after a step that may have stopped between
+    /// an o_proj adding into them and its MoE's reading them).
+    pub(crate) fn zero_route_acc(&self) {
+        let (p, _g) = self.route_acc.device_ptr(&self.stream);
+        // SAFETY: the accumulators' own allocation, on this stream.
+        let _ = unsafe { cudarc::driver::result::memset_d8_async(p, 0, self.route_acc.len() * std::mem::size_of::<u64>(), self.stream.cu_stream()) };
+    }
+
+    /// How many layers do their MoE's router in the o_proj at `rows` rows; for tests.
+    pub fn route_in_oproj_layers(&self, rows: usize) -> usize {
+        (0..self.layers.len()).filter(|&l| self.route_in_oproj_at(l, rows)).count()
+    }
+
+    /// Sets whether the one-token o_proj does its MoE's router (`route_in_oproj`; on by
+    /// default), for tests comparing the two. Captured step graphs are dropped.
+    pub fn set_route_in_oproj(&mut self, on: bool) {
+        self.route_in_oproj = on;
+        self.graphs.clear();
     }
 
     /// How many layers leave their post-attention norm to the router at `rows` rows.

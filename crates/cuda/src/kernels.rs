@@ -132,6 +132,27 @@ impl MoeInput<'_> {
     }
 }
 
+/// What the one-token o_proj needs to do its MoE's router too (`gemv_bf16_presplit_route`),
+/// and what that MoE reads then (`moe_mxfp4_acc_pairs`).
+pub struct RouteInOproj<'a> {
+    /// The residual x [H] the o_proj's output is added to (h = x + o, the norm's input).
+    pub res: &'a CudaSlice<f32>,
+    /// The post-attention norm's weight [H].
+    pub norm: &'a CudaSlice<f32>,
+    /// The router [E, H] (f32).
+    pub router: &'a CudaSlice<f32>,
+    pub experts: usize,
+    /// Device address of this layer's fixed-point logit sums [E + 1] (zero on entry).
+    pub acc: u64,
+    /// The o_proj blocks' sums of squares of h [H / 16].
+    pub ssq: &'a CudaSlice<f32>,
+    /// h [H].
+    pub h: &'a CudaSlice<f32>,
+}
+
+/// The most router rows `gemv_bf16_presplit_route` takes (64 bytes of shared memory each).
+pub const ROUTE_OPROJ_MAX_EXPERTS: usize = 512;
+
 /// A MoE call's split x: the caller's, or its own (freed in stream order after the launches).
 enum XSplit<'a> {
     Given(&'a MoeSplit),
@@ -254,6 +275,8 @@ pub struct Kernels {
     /// the driver's occupancy x SMs) while `gemv_pipe` (`PEREGRINE_GEMV_PIPE=0` turns them off,
     /// for comparisons): the o_proj and a dense MLP's down projection at decode.
     mma_bf16_pipe: CudaFunction,
+    /// `gemv_mma_bf16_t1_pipe_route`: the one-token o_proj that also does its MoE's router.
+    mma_bf16_pipe_route: CudaFunction,
     mma_bf16_pipe_wave: usize,
     mma_fp8_pipe: CudaFunction,
     mma_fp8_pipe_wave: usize,
@@ -300,6 +323,8 @@ pub struct Kernels {
     fused_tiled: Vec<CudaFunction>,
     /// The same for one token, routing it in the kernel (`moe_mxfp4_routed`).
     fused_routed: Vec<CudaFunction>,
+    /// `moe_fused_acc_*`: the fused one-token MoE after the o_proj that did its router.
+    fused_acc: Vec<CudaFunction>,
     /// The grouped-GEMM MoE kernels (`MoeKernel::Gemm`) and the row split they read.
     gemm_gate_up: CudaFunction,
     gemm_down: CudaFunction,
@@ -918,6 +943,7 @@ impl Kernels {
             });
         let sms = gpu.ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(drv("SM count"))? as usize;
         let mma_bf16_pipe = f("gemv_mma_bf16_t1_pipe")?;
+        let mma_bf16_pipe_route = f("gemv_mma_bf16_t1_pipe_route")?;
         let mma_bf16_pipe_wave = mma_bf16_pipe.occupancy_max_active_blocks_per_multiprocessor(256, 0, None).map_err(drv("GEMV occupancy"))? as usize * sms;
         let mma_fp8_pipe = f("gemv_mma_fp8_t1_pipe")?;
         let mma_fp8_pipe_wave = mma_fp8_pipe.occupancy_max_active_blocks_per_multiprocessor(256, 0, None).map_err(drv("GEMV occupancy"))? as usize * sms;
@@ -956,6 +982,7 @@ impl Kernels {
             qkv_pipe: std::env::var("PEREGRINE_QKV_PIPE").ok().map(|v| v != "0"),
             qkv_pipe_shuffle: std::env::var("PEREGRINE_QKV_PIPE_SHUFFLE").ok().map(|v| v != "0"),
             mma_bf16_pipe,
+            mma_bf16_pipe_route,
             mma_bf16_pipe_wave,
             mma_fp8_pipe,
             mma_fp8_pipe_wave,
@@ -995,6 +1022,7 @@ impl Kernels {
             down_split: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_down_split_n{n}_c{c}"))).collect::<Result<_>>()?,
             fused_tiled: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_fused_bulk_n{n}_c{c}"))).collect::<Result<_>>()?,
             fused_routed: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_fused_routed_bulk_n{n}_c{c}"))).collect::<Result<_>>()?,
+            fused_acc: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_fused_acc_bulk_n{n}_c{c}"))).collect::<Result<_>>()?,
             gemm_gate_up: fm("moe_gemm_gate_up")?,
             gemm_down: fm("moe_gemm_down")?,
             split_rows: fm("moe_split_rows")?,
@@ -1630,6 +1658,33 @@ impl Kernels {
         self.mma_launch(false, wp, None, xh, xl, None, [yp; 3], [n, 0, 0], k, t, zero)
     }
 
+    /// Whether `gemv_bf16_presplit_route` takes an o_proj of `n` x `k` at one token with a
+    /// router of `experts` rows: the pipelined one-tile kernel's shapes (one wave), K = n.
+    pub fn oproj_route_takes(&self, n: usize, k: usize, experts: usize) -> bool {
+        n.is_multiple_of(16) && k.is_multiple_of(128) && (1..=ROUTE_OPROJ_MAX_EXPERTS).contains(&experts) && self.pipe_takes(false, 1, 1, n / 16)
+    }
+
+    /// `gemv_bf16_presplit` of one token (`oproj_route_takes`) that also starts the MoE's router
+    /// (gemv_mma_bf16_t1_pipe_route): y = o as before, and h = res + o, the blocks' sums of
+    /// squares of h and the router's fixed-point sums over norm * h into `r`'s buffers.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemv_bf16_presplit_route(&self, w: &CudaSlice<u16>, xh: &CudaSlice<u16>, xl: &CudaSlice<u16>, y: &mut CudaSlice<f32>, n: usize, k: usize, zero: Option<&CudaSlice<u32>>, r: &RouteInOproj) -> Result<()> {
+        check(self.oproj_route_takes(n, k, r.experts), || format!("gemv_bf16_presplit_route: {n}x{k} with {} experts is not its shape", r.experts))?;
+        check(w.len() >= n * k && xh.len() >= k && xl.len() >= k && y.len() >= n, || format!("gemv_bf16_presplit_route: bad shapes {n}x{k}"))?;
+        check(r.res.len() >= n && r.norm.len() >= n && r.router.len() >= r.experts * n && r.ssq.len() >= n / 16 && r.h.len() >= n && r.acc != 0, || "gemv_bf16_presplit_route: router buffers too small".into())?;
+        let (wp, _w) = w.device_ptr(&self.stream);
+        let (ni, ki, ti, ei) = (n as i32, k as i32, 1i32, r.experts as i32);
+        let mut b = crate::launch::builder(&self.stream, &self.mma_bf16_pipe_route);
+        b.arg(&wp).arg(&0u64).arg(xh).arg(xl).arg(&0u64);
+        b.arg(&mut *y).arg(&0u64).arg(&0u64).arg(&ni).arg(&0i32).arg(&ni).arg(&ki).arg(&ti);
+        let nzero = zero.map_or(0, |z| z.len() as i32);
+        b.arg_or_null(zero).arg(&nzero);
+        b.arg(r.res).arg(r.norm).arg(r.router).arg(&ei).arg(&r.acc).arg(r.ssq).arg(r.h);
+        let cfg = LaunchConfig { grid_dim: ((n / 16) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: (r.experts * 64) as u32 };
+        unsafe { b.launch(cfg) }.map_err(drv("gemv_mma_bf16_t1_pipe_route"))?;
+        Ok(())
+    }
+
     /// `gemv_fp8` over x given as its F16 split (`split_f16`'s hi, lo and inverse scales, e.g.
     /// from `silu_mul_split_f16`).
     #[allow(clippy::too_many_arguments)]
@@ -1982,6 +2037,38 @@ impl Kernels {
             RoutedOut::Pairs(tp) => b.arg(&0u64).arg(&settled).arg(&mut **tp),
         };
         unsafe { b.launch(cfg) }.map_err(drv("moe (fused, routed)"))?;
+        Ok(())
+    }
+
+    /// `moe_mxfp4_routed_pairs` after the o_proj that did the router (`gemv_bf16_presplit_route`
+    /// with `r`): the logits from `r.acc` and the post-attention norm's 1 / rms from `r.ssq`,
+    /// x = norm * (h * inv) staged from `r.h` (moe_fused_acc_*). `zero_acc` (device address, 0
+    /// for none) of `nzero` u64: the accumulators of the MoE layer before, which block 0 zeroes.
+    #[allow(clippy::too_many_arguments)]
+    pub fn moe_mxfp4_acc_pairs(&self, kind: MoeKernel, spec: &MoeSpec, w: &MoeWeights, r: &RouteInOproj, eps: f32, bias: Option<&CudaSlice<f32>>, scratch: &mut MoeScratch, tok_pairs: &mut CudaSlice<i32>, zero_acc: u64, nzero: usize) -> Result<()> {
+        let (e, k, h) = (spec.num_experts, spec.top_k, w.hidden);
+        let (MoeLayout::Tiled { gate_up, down }, MoeKernel::Fused { stages, steps, max_blocks }) = (&w.layout, kind) else {
+            return Err(Error::Backend(format!("the routed MoE kernel runs the fused kernel over tiled weights, not {kind:?}")));
+        };
+        check(e == w.num_experts && e == r.experts && (1..=MAX_FUSED_TOPK).contains(&k) && spec.n_group <= 64 && (spec.n_group <= 1 || e.is_multiple_of(spec.n_group)), || format!("routed MoE: {e} experts in {} groups, top-{k}", spec.n_group))?;
+        check(h.is_multiple_of(16) && r.ssq.len() >= h / 16 && r.h.len() >= h && r.norm.len() >= h && r.acc != 0 && bias.is_none_or(|b| b.len() >= e) && tok_pairs.len() >= k, || "routed MoE (router in the o_proj): buffers too small".into())?;
+        check(scratch.h.len() >= k * w.inter && scratch.out.len() >= k * h, || "MoE scratch too small".into())?;
+        let u = k.min(e);
+        let f = &self.fused_acc[Self::tiled_variant(stages, steps)?];
+        // Shared scratch before the rings: scores, choices and logits, E floats each.
+        let cfg = self.fused_grid(f, w, stages, steps, max_blocks, 1, u, 12 * e, &scratch.counters)?;
+        let (ei, ki, sm, ng, tg, norm, sc) = (e as i32, k as i32, matches!(spec.scoring, RouterScoring::Softmax) as i32, spec.n_group as i32, spec.topk_group as i32, spec.norm_topk_prob as i32, spec.routed_scaling_factor);
+        let (hh, ii, ui, nssq, nz) = (h as i32, w.inter as i32, u as i32, (h / 16) as i32, nzero as i32);
+        let mut b = crate::launch::builder(&self.stream, f);
+        b.arg(&r.acc).arg(r.ssq).arg(&nssq).arg(r.norm).arg(&eps);
+        match bias {
+            Some(bb) => b.arg(bb),
+            None => b.arg(&0u64),
+        };
+        b.arg(&ei).arg(&ki).arg(&sm).arg(&ng).arg(&tg).arg(&norm).arg(&sc);
+        b.arg(gate_up).arg(down).arg(r.h).arg(&mut scratch.h).arg(&mut scratch.out).arg(&hh).arg(&ii).arg(&ui).arg(&mut scratch.counters);
+        b.arg(&0u64).arg(&mut *tok_pairs).arg(&zero_acc).arg(&nz);
+        unsafe { b.launch(cfg) }.map_err(drv("moe (fused, router in the o_proj)"))?;
         Ok(())
     }
 

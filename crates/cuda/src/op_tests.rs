@@ -770,6 +770,73 @@ fn router_computing_the_norm_equals_norm_then_router() {
     }
 }
 
+/// The one-token o_proj that also does its MoE's router (`gemv_bf16_presplit_route`) on fresh
+/// random inputs: o is the plain kernel's, bit for bit (y poisoned first); h = res + o exactly;
+/// each block's sum of squares and the fixed-point logit sums against f64 sums on the host
+/// (the logits within 1e-5 of the sum of their terms' magnitudes); the same sums again when run
+/// twice (integer sums, whatever the blocks' order); a part that overflows the fixed point sets
+/// the flag word instead.
+#[test]
+fn oproj_doing_the_router_matches_the_host() {
+    use cudarc::driver::DevicePtr;
+    let Some(m) = model() else { return };
+    let mut r = rng();
+    let st = m.stream.clone();
+    assert!(m.kernels.oproj_route_takes(4096, 8192, 256), "Flash's o_proj and router shapes");
+    for (n, k, e) in [(4096usize, 8192usize, 256usize), (256, 256, 16), (512, 1024, 40)] {
+        assert!(m.kernels.oproj_route_takes(n, k, e), "{n}x{k}, {e} experts");
+        let (mat, _) = random_tc_matrix(&st, &mut r, n, k, false);
+        let crate::backend::GpuMatrix::Bf16(wd) = &mat.m else { unreachable!() };
+        let xv = randn(&mut r, k, 1.0);
+        let xh: Vec<u16> = xv.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
+        let xl: Vec<u16> = xv.iter().zip(&xh).map(|(&v, &h)| half::bf16::from_f32(v - half::bf16::from_bits(h).to_f32()).to_bits()).collect();
+        let (xhd, xld) = (st.clone_htod(&xh).unwrap(), st.clone_htod(&xl).unwrap());
+        let (res, g, wr) = (randn(&mut r, n, 2.0), randn(&mut r, n, 1.0), randn(&mut r, e * n, 0.05));
+        let (resd, gd, wrd) = (st.clone_htod(&res).unwrap(), st.clone_htod(&g).unwrap(), st.clone_htod(&wr).unwrap());
+        let mut want_y = st.alloc_zeros::<f32>(n).unwrap();
+        m.kernels.gemv_bf16_presplit(wd, &xhd, &xld, &mut want_y, n, k, 1, None).unwrap();
+        let want_y = st.clone_dtoh(&want_y).unwrap();
+        let name = format!("o_proj {n}x{k} with a router of {e}");
+        let mut runs = Vec::new();
+        for _ in 0..2 {
+            let acc = st.alloc_zeros::<u64>(e + 1).unwrap();
+            let (ssq, hd) = (st.clone_htod(&vec![f32::NAN; n / 16]).unwrap(), st.clone_htod(&vec![f32::NAN; n]).unwrap());
+            let mut y = st.clone_htod(&vec![f32::NAN; n]).unwrap();
+            let rb = crate::kernels::RouteInOproj { res: &resd, norm: &gd, router: &wrd, experts: e, acc: acc.device_ptr(&st).0, ssq: &ssq, h: &hd };
+            m.kernels.gemv_bf16_presplit_route(wd, &xhd, &xld, &mut y, n, k, None, &rb).unwrap();
+            let (y, h, ssq, acc) = (st.clone_dtoh(&y).unwrap(), st.clone_dtoh(&hd).unwrap(), st.clone_dtoh(&ssq).unwrap(), st.clone_dtoh(&acc).unwrap());
+            assert!(y.iter().zip(&want_y).all(|(a, b)| a.to_bits() == b.to_bits()), "{name}: o differs from the plain kernel's");
+            assert!(h.iter().zip(res.iter().zip(&y)).all(|(h, (x, o))| h.to_bits() == (x + o).to_bits()), "{name}: h is not res + o");
+            for (b, s) in ssq.iter().enumerate() {
+                let want: f64 = h[16 * b..16 * b + 16].iter().map(|&v| v as f64 * v as f64).sum();
+                assert!((*s as f64 - want).abs() <= 1e-5 * want.max(1e-6), "{name}: block {b}'s sum of squares {s} against {want}");
+            }
+            assert_eq!(acc[e], 0, "{name}: the overflow flag is set");
+            for ei in 0..e {
+                let terms = (0..n).map(|j| wr[ei * n + j] as f64 * (g[j] * h[j]) as f64);
+                let (want, mag) = terms.fold((0f64, 0f64), |(s, a), t| (s + t, a + t.abs()));
+                let got = acc[ei] as i64 as f64 * (-40f64).exp2();
+                assert!((got - want).abs() <= 1e-5 * mag.max(1e-9), "{name}: expert {ei}'s logit sum {got} against {want}");
+            }
+            runs.push(acc);
+        }
+        assert_eq!(runs[0], runs[1], "{name}: the sums differ from run to run");
+    }
+    // A part past 2^22 sets the flag.
+    let (n, k, e) = (256usize, 256usize, 16usize);
+    let wd = st.clone_htod(&vec![0u16; n * k]).unwrap();
+    let zeros = st.clone_htod(&vec![0u16; k]).unwrap();
+    let (resd, gd) = (st.clone_htod(&vec![1e4f32; n]).unwrap(), st.clone_htod(&vec![1f32; n]).unwrap());
+    let wrd = st.clone_htod(&vec![1e3f32; e * n]).unwrap();
+    let acc = st.alloc_zeros::<u64>(e + 1).unwrap();
+    let (ssq, hd) = (st.alloc_zeros::<f32>(n / 16).unwrap(), st.alloc_zeros::<f32>(n).unwrap());
+    let mut y = st.alloc_zeros::<f32>(n).unwrap();
+    let rb = crate::kernels::RouteInOproj { res: &resd, norm: &gd, router: &wrd, experts: e, acc: acc.device_ptr(&st).0, ssq: &ssq, h: &hd };
+    m.kernels.gemv_bf16_presplit_route(&wd, &zeros, &zeros, &mut y, n, k, None, &rb).unwrap();
+    assert_ne!(st.clone_dtoh(&acc).unwrap()[e], 0, "a part of 1.6e8 left the flag clear");
+    assert!(!m.kernels.oproj_route_takes(4096, 8192, 0) && !m.kernels.oproj_route_takes(4100, 8192, 8), "shapes the kernel does not take");
+}
+
 /// A random matrix [n, k] on the GPU (FP8 e4m3 with 128 x 128 block scales, or BF16) and its
 /// values as f32.
 fn random_tc_matrix(st: &std::sync::Arc<cudarc::driver::CudaStream>, r: &mut rand::rngs::StdRng, n: usize, k: usize, fp8: bool) -> (crate::backend::Mat, Vec<f32>) {

@@ -145,7 +145,12 @@ impl CudaModel {
     /// rows' tokens, positions and paging, `out_idx` the asked-for rows (for GatherRows), and
     /// `logits`/`ids` receive LmHead's and Argmax's results.
     pub(crate) fn execute(&self, ops: &[Op], meta: &RowMeta, out_idx: Option<&CudaSlice<i32>>, logits: &mut CudaSlice<f32>, ids: &mut CudaSlice<i32>) -> Result<()> {
-        self.execute_marked(ops, meta, out_idx, logits, ids, None)
+        let r = self.execute_marked(ops, meta, out_idx, logits, ids, None);
+        if r.is_err() {
+            // An o_proj may have added into router accumulators that no MoE read.
+            self.zero_route_acc();
+        }
+        r
     }
 
     /// `execute`, recording a timing event on the stream before every operation and after the
@@ -292,7 +297,9 @@ impl CudaModel {
                 }
                 Op::Attention { layer, src, rows, kv_in_attention } => {
                     let split = if src == Act::AttnIn { attn_split.take() } else { None };
-                    let o = self.attention(layer, acts[src as usize].as_ref().ok_or_else(|| Error::Backend(format!("step plan reads {src:?} before writing it")))?, split.as_ref(), rows, meta, kv_in_attention)?;
+                    // The o_proj may do the MoE's router too, over the residual.
+                    let res = if self.route_in_oproj_at(layer, rows) { Some(acts[Act::Hidden as usize].as_ref().ok_or_else(|| Error::Backend("step plan runs attention before the embedding".into()))?) } else { None };
+                    let o = self.attention(layer, acts[src as usize].as_ref().ok_or_else(|| Error::Backend(format!("step plan reads {src:?} before writing it")))?, split.as_ref(), rows, meta, kv_in_attention, res)?;
                     acts[Act::AttnOut as usize] = Some(o);
                 }
                 Op::Mlp { layer, src, rows, decode } => {

@@ -356,6 +356,8 @@ fn router_computing_the_norm_equals_the_norm_launch() {
     let moe_layers = spec.layers.iter().filter(|l| matches!(l.mlp, peregrine_core::spec::MlpSpec::Moe(_))).count();
     assert!(moe_layers > 0);
     model.set_norm_in_router(true);
+    // (The router in the o_proj, which changes the logits' rounding, has a test of its own.)
+    model.set_route_in_oproj(false);
     assert_eq!(model.norm_in_router_layers(1), moe_layers, "every MoE layer leaves its norm to the router at one token");
     assert_eq!(model.norm_in_router_layers(2), 0, "only one token does");
     let mut r = rng();
@@ -375,6 +377,45 @@ fn router_computing_the_norm_equals_the_norm_launch() {
     assert_eq!(got[1], got[0], "eager: logits differ with the norm in the router");
     assert_eq!(got[2], got[3], "graphed: logits differ with the norm in the router");
     eprintln!("{moe_layers} MoE layers: the router's norm = the norm's launch over {} steps, eager and graphed", toks.len());
+}
+
+/// The one-token o_proj doing its MoE's router (`route_in_oproj`: each block adds its rows' part
+/// of every expert's logit as a fixed-point integer, the MoE takes the norm's 1 / rms from the
+/// blocks' sums of squares and norms x as it stages it) gives the logits of the router's own
+/// launch up to f32 rounding, over a few decode steps; it gives the same bits when run again
+/// (the integer sums do not depend on the blocks' order) and as a CUDA graph.
+#[test]
+fn router_in_the_oproj_matches_the_router_launch() {
+    let Some((spec, mut model)) = fp8_attention_model() else { return };
+    assert!(model.pin_moe_kernel(1, MoeKernel::FUSED));
+    model.set_moe_combine_in_norm(true);
+    model.set_norm_in_router(true);
+    model.set_route_in_oproj(true);
+    let moe_layers = spec.layers.iter().filter(|l| matches!(l.mlp, peregrine_core::spec::MlpSpec::Moe(_))).count();
+    assert!(moe_layers >= 2, "the test model needs two MoE layers");
+    assert_eq!(model.route_in_oproj_layers(1), moe_layers, "every MoE layer's o_proj does its router at one token");
+    assert_eq!(model.route_in_oproj_layers(2), 0, "only one token does");
+    let mut r = rng();
+    let toks: Vec<u32> = (0..4).map(|_| r.random_range(0..spec.vocab_size as u32)).collect();
+    let mut got: Vec<Vec<f32>> = Vec::new();
+    for (in_oproj, graphs) in [(false, false), (true, false), (true, false), (true, true), (false, true)] {
+        model.set_route_in_oproj(in_oproj);
+        model.set_cuda_graphs(graphs);
+        let steps: Vec<f32> = toks
+            .iter()
+            .enumerate()
+            .flat_map(|(p, &t)| model.forward(&[seq(0, vec![t], p, &[0], OutputRows::Last)]).unwrap().into_iter().flat_map(|l| l.data))
+            .collect();
+        assert!(steps.iter().all(|v| v.is_finite()), "router in the o_proj {in_oproj}, graphs {graphs}: non-finite logits");
+        got.push(steps);
+    }
+    assert_eq!(got[1], got[2], "the router in the o_proj: the same step twice gave other bits");
+    let scale = got[0].iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+    for (i, j) in [(0, 1), (4, 3)] {
+        let worst = got[i].iter().zip(&got[j]).fold(0f32, |m, (a, b)| m.max((a - b).abs() / scale));
+        assert!(worst < 1e-4, "the router in the o_proj: logits {worst:.1e} of their scale from the router's launch ({i} against {j})");
+        eprintln!("router in the o_proj against its launch ({i}, {j}): {worst:.1e} of the logits' scale");
+    }
 }
 
 /// A synthetic model of MiMo-V2-Flash's form at test size whose attention can start heads as
