@@ -1603,27 +1603,29 @@ extern "C" __global__ void __launch_bounds__(256) gemm_wg_combine(const float* _
 GEMV_MMA_PIPE(bf16, false)
 GEMV_MMA_PIPE(fp8, true)
 
-// The one-token o_proj (gemv_mma_bf16_t1_pipe) that also does its layer's router, so no router
+// The one-token o_proj (gemv_mma_bf16_t1_pipe) that also does its MoE's router, so no router
 // launch sits between it and the fused MoE (route_in_oproj on the host). The router is linear
 // and the post-attention norm's 1 / rms is one scalar: logits[e] = inv * sum_k W[e, k] g[k] h[k]
 // with h = res + o (the residual add), inv = 1 / sqrt(mean(h^2) + eps). So each block, once its
-// 16 rows of o are summed, forms h of its rows (to hout), their sum of squares (to ssq[block],
-// in row order), and its part of every expert's dot product over those rows, which it adds into
-// acc[e] as a fixed-point integer (x 2^40, red.global.add.u64): integer sums do not depend on
-// the blocks' order, so the logits are the same bits from run to run. A part that is not finite
-// or not below 2^22 sets acc[E] instead (the MoE then sees NaN logits, as the router would
-// give). The fused MoE (moe_fused_acc_*) sums ssq in its own fixed order, applies inv and routes;
-// acc must be zero on entry (the MoE of the layer after zeroes it: see there). The router's
-// columns of the block's rows (W [E, N] f32, 64 bytes per expert) are copied to shared memory
-// before the wait (weights), the residual's rows loaded after it. 16 E * 4 bytes of dynamic
-// shared memory, E <= 16 * blockDim.
+// 16 rows of o are summed, forms h of its rows, writes g h (hg: the MoE stages x = hg * inv from
+// it, so it reads no weights of the norm in its path) and the sum of squares of h (ssq[block],
+// in row order), and adds its part of every expert's dot product over those rows into acc as a
+// fixed-point integer (x 2^40, red.global.add.u64): integer sums do not depend on the blocks'
+// order, so the logits are the same bits from run to run. Block b adds into copy b % copies of
+// the E sums (acc[c E + e]; the MoE adds the copies up), so fewer blocks' reds meet at one
+// address at the o_proj's end. A part that is not finite or not below 2^22 sets acc[copies E]
+// instead (the MoE then sees NaN logits, as the router would give). The fused MoE
+// (moe_fused_acc_*) sums ssq in its own fixed order, applies inv and routes; acc must be zero
+// on entry (the MoE of the layer after zeroes it: see there). The router's columns of the
+// block's rows (W [E, N] f32, 64 bytes per expert) are copied to shared memory before the wait
+// (weights), the residual's rows loaded after it. 16 E * 4 bytes of dynamic shared memory.
 extern "C" __global__ void __launch_bounds__(256) gemv_mma_bf16_t1_pipe_route(
     const unsigned char* __restrict__ W, const float* __restrict__ S, const unsigned short* __restrict__ XH,
     const unsigned short* __restrict__ XL, const float* __restrict__ xinv, float* __restrict__ y, float* __restrict__ y1,
     float* __restrict__ y2, int N0, int N1, int N, int K, int T, unsigned* zero, int nzero, const float* __restrict__ res,
-    const float* __restrict__ g, const float* __restrict__ Wr, int E, unsigned long long* __restrict__ acc,
-    float* __restrict__ ssq, float* __restrict__ hout) {
-    __shared__ float keep[16], hg[16];
+    const float* __restrict__ g, const float* __restrict__ Wr, int E, unsigned long long* __restrict__ acc, int copies,
+    float* __restrict__ ssq, float* __restrict__ hg) {
+    __shared__ float keep[16], hgs[16];
     extern __shared__ float4 wr_sh[];  // [E][4]: expert e's columns nb .. nb + 15
     const int nb = blockIdx.x * 16, tid = threadIdx.x;
     for (int i = tid; i < E * 4; i += blockDim.x) cp_async16(wr_sh + i, Wr + (size_t)(i >> 2) * N + nb + (i & 3) * 4);
@@ -1637,8 +1639,8 @@ extern "C" __global__ void __launch_bounds__(256) gemv_mma_bf16_t1_pipe_route(
     __syncthreads();  // keep[] and every thread's copies
     if (tid < 16) {
         const float h = xr + keep[tid];  // the norm's x + a
-        if (nb + tid < N) hout[nb + tid] = h;
-        hg[tid] = gr * h;
+        hgs[tid] = gr * h;
+        if (nb + tid < N) hg[nb + tid] = hgs[tid];
         keep[tid] = h;
     }
     __syncthreads();
@@ -1648,17 +1650,19 @@ extern "C" __global__ void __launch_bounds__(256) gemv_mma_bf16_t1_pipe_route(
         for (int r = 0; r < 16; r++) s += keep[r] * keep[r];
         ssq[blockIdx.x] = s;
     }
+    unsigned long long* mine = acc + (size_t)(blockIdx.x % copies) * E;
     for (int e = tid; e < E; e += blockDim.x) {
         float p = 0.f;
 #pragma unroll
         for (int j = 0; j < 4; j++) {
             const float4 w = wr_sh[e * 4 + j];
-            p += w.x * hg[4 * j] + w.y * hg[4 * j + 1] + w.z * hg[4 * j + 2] + w.w * hg[4 * j + 3];
+            p += w.x * hgs[4 * j] + w.y * hgs[4 * j + 1] + w.z * hgs[4 * j + 2] + w.w * hgs[4 * j + 3];
         }
-        if (fabsf(p) < 0x1p22f) atomicAdd(acc + e, (unsigned long long)__float2ll_rn(p * 0x1p40f));
-        else atomicOr(acc + E, 1ull);
+        if (fabsf(p) < 0x1p22f) atomicAdd(mine + e, (unsigned long long)__float2ll_rn(p * 0x1p40f));
+        else atomicOr(acc + (size_t)copies * E, 1ull);
     }
 }
+
 // The q/k/v projection feeding attention_v2_kv_ready (READY above): the kernel's name, its
 // __launch_bounds__ (threads[, blocks per SM]), then gemv_mma's PIPE, CW and XSH.
 #define GEMV_MMA_READY(NAME, BOUNDS, PIPE, CW, XSH)                                                                        \

@@ -173,15 +173,12 @@ __device__ __forceinline__ void row_scale(const float* red, int j, float* scale,
 // Fragment layout (uint4 units): [K/64 steps][2 halves][8 np lanes], lane 4g + t of column
 // g = 2j + part (part 0 = hi, 1 = lo of pair j); half h holds MMAs 2h and 2h+1 as {b0, b1, b0, b1}.
 // Lanes >= 8 np read no fragment (their columns are zero).
-// g * (h * inv) of two columns (scale4's arithmetic in ops.cu).
-__device__ __forceinline__ float2 norm2(float2 g, float2 h, float inv) { return make_float2(g.x * (h.x * inv), g.y * (h.y * inv)); }
-
-// NORM: x holds h = x + a, and the staged values are the post-attention norm's g * (h * ninv)
-// (scale4's arithmetic in ops.cu), for the fused MoE whose router ran in the o_proj
+// NORM: x holds g h (the norm's weight times h = x + a) and the staged values are the
+// post-attention norm's g h * ninv, for the fused MoE whose router ran in the o_proj
 // (moe_fused_acc_*).
 template <bool WG = false, bool NORM = false>
 __device__ __forceinline__ void stage_b(const float* __restrict__ x, const int* rows, int np, int K, unsigned* frag,
-                                        float* red, float* scale, float* inv, const float* __restrict__ g = nullptr, float ninv = 0.f) {
+                                        float* red, float* scale, float* inv, float ninv = 0.f) {
 #ifdef MOE_NO_STAGE
     if (threadIdx.x < NP) inv[threadIdx.x] = 1.f;
     __syncthreads();
@@ -208,9 +205,8 @@ __device__ __forceinline__ void stage_b(const float* __restrict__ x, const int* 
                 v0[i] = __ldcg(reinterpret_cast<const float2*>(p));
                 v1[i] = __ldcg(reinterpret_cast<const float2*>(p + 8));
                 if (NORM) {
-                    const float* gp = g + 16 * (it >> 2) + 2 * (it & 3);
-                    v0[i] = norm2(__ldg(reinterpret_cast<const float2*>(gp)), v0[i], ninv);
-                    v1[i] = norm2(__ldg(reinterpret_cast<const float2*>(gp + 8)), v1[i], ninv);
+                    v0[i] = make_float2(v0[i].x * ninv, v0[i].y * ninv);
+                    v1[i] = make_float2(v1[i].x * ninv, v1[i].y * ninv);
                 }
             }
             m = fmaxf(m, fmaxf(fmaxf(fabsf(v0[i].x), fabsf(v0[i].y)), fmaxf(fabsf(v1[i].x), fabsf(v1[i].y))));
@@ -237,11 +233,7 @@ __device__ __forceinline__ void stage_b(const float* __restrict__ x, const int* 
         float m = 0.f;
         for (int i = tid; i < K / 4; i += blockDim.x) {
             float4 v = __ldcg(xr + i);
-            if (NORM) {
-                const float4 gg = __ldg(reinterpret_cast<const float4*>(g) + i);
-                const float2 a = norm2(make_float2(gg.x, gg.y), make_float2(v.x, v.y), ninv), b = norm2(make_float2(gg.z, gg.w), make_float2(v.z, v.w), ninv);
-                v = make_float4(a.x, a.y, b.x, b.y);
-            }
+            if (NORM) v = make_float4(v.x * ninv, v.y * ninv, v.z * ninv, v.w * ninv);
             m = fmaxf(m, fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w))));
         }
 #pragma unroll
@@ -257,9 +249,8 @@ __device__ __forceinline__ void stage_b(const float* __restrict__ x, const int* 
         const float* xr = x + (size_t)rows[j] * K + 16 * q + 2 * t;
         float2 v0 = __ldcg(reinterpret_cast<const float2*>(xr)), v1 = __ldcg(reinterpret_cast<const float2*>(xr + 8));
         if (NORM) {
-            const float* gp = g + 16 * q + 2 * t;
-            v0 = norm2(__ldg(reinterpret_cast<const float2*>(gp)), v0, ninv);
-            v1 = norm2(__ldg(reinterpret_cast<const float2*>(gp + 8)), v1, ninv);
+            v0 = make_float2(v0.x * ninv, v0.y * ninv);
+            v1 = make_float2(v1.x * ninv, v1.y * ninv);
         }
         float s = scale[j];
         stage_item<WG>(frag, L, j, q, t, v0, v1, s);
@@ -720,7 +711,7 @@ __device__ __forceinline__ void fused_item(int n, int gu_items, int gug, int dg,
     grp = m % per;
 }
 
-// NORM: x is h = x + a, staged as the post-attention norm g * (h * ninv) (stage_b's NORM).
+// NORM: x is g h, staged as the post-attention norm g h * ninv (stage_b's NORM).
 template <int NS, int CS, bool NORM = false>
 __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Wd,
                                           const int* __restrict__ experts, const int* __restrict__ pair_off,
@@ -728,7 +719,7 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
                                           const float* __restrict__ x, float* __restrict__ h, float* __restrict__ out, int H,
                                           int I, int U, unsigned* counters, const int* __restrict__ tok_pairs,
                                           float* __restrict__ y, int T, int topk, StageSmem& ss, bool x_staged,
-                                          const float* __restrict__ g = nullptr, float ninv = 0.f) {
+                                          float ninv = 0.f) {
     constexpr int RING = NS * CS * STEP_BYTES;
     extern __shared__ uint4 dsm[];
     uint4* frag = staged_frag(RING);
@@ -796,7 +787,7 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
             if (ti < 14 && p0 == pb) TRACE(ti + 1);
             // x staged before the wait serves the block's first gate_up pass if it has one pair.
             if (NORM && !down)
-                stage_b<false, true>(x, ss.rows, np, H, reinterpret_cast<unsigned*>(frag), ss.red, ss.scale, ss.inv, g, ninv);
+                stage_b<false, true>(x, ss.rows, np, H, reinterpret_cast<unsigned*>(frag), ss.red, ss.scale, ss.inv, ninv);
             else if (!(x_staged && !down && np == 1))
                 stage_b(down ? h : x, ss.rows, np, down ? I : H, reinterpret_cast<unsigned*>(frag), ss.red, ss.scale, ss.inv);
             x_staged = false;
@@ -859,20 +850,21 @@ __device__ __forceinline__ void moe_fused_routed(const float* __restrict__ logit
 }
 
 // moe_fused_routed after the o_proj that did the router (gemv_mma_bf16_t1_pipe_route in
-// gemv.cu): the logits come as fixed-point sums acc[E] (x 2^40; acc[E] nonzero: NaN logits) and
-// the post-attention norm's sum of squares as the o_proj blocks' parts ssq[nssq]. Every warp
-// sums ssq in the same order (lane l: parts l, l + 32, ..., then the xor tree), so every thread
-// holds the same 1 / rms without a barrier; each thread writes its experts' logits
-// (acc * 2^-40 * inv) to shared memory, and route_token routes them as moe_fused_routed does.
-// hin is h = x + a, staged as g * (h * inv) (NORM). zero_acc [nzero] (or null): the previous
-// layer's accumulators, zeroed by block 0 past the wait (every block of that layer's MoE has
-// read them, and the next o_proj adding into them runs after this kernel).
+// gemv.cu): the logits come as fixed-point sums in `copies` copies, acc[c E + e] (x 2^40;
+// acc[copies E] nonzero: NaN logits), and the post-attention norm's sum of squares as the o_proj
+// blocks' parts ssq[nssq]. Every warp sums ssq in the same order (lane l: parts l, l + 32, ...,
+// then the xor tree), so every thread holds the same 1 / rms without a barrier; each thread
+// adds its experts' copies (integers: any order) and writes their logits (sum * 2^-40 * inv) to
+// shared memory, and route_token routes them as moe_fused_routed does. hg is g h (the norm's
+// weight times h = x + a), staged as hg * inv (NORM). zero_acc [nzero] (or null): the previous
+// such layer's accumulators, zeroed by block 0 past the wait (every block of that layer's MoE
+// has read them, and the o_proj that adds into them next runs after this kernel).
 template <int NS, int CS>
-__device__ __forceinline__ void moe_fused_acc(const unsigned long long* __restrict__ acc, const float* __restrict__ ssq, int nssq,
-                                              const float* __restrict__ g, float eps, const float* __restrict__ bias, int E, int K,
-                                              int softmax, int n_group, int topk_group, int norm, float scale,
+__device__ __forceinline__ void moe_fused_acc(const unsigned long long* __restrict__ acc, int copies, const float* __restrict__ ssq,
+                                              int nssq, float eps, const float* __restrict__ bias, int E, int K, int softmax,
+                                              int n_group, int topk_group, int norm, float scale,
                                               const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Wd,
-                                              const float* __restrict__ hin, float* __restrict__ h, float* __restrict__ out, int H,
+                                              const float* __restrict__ hg, float* __restrict__ h, float* __restrict__ out, int H,
                                               int I, int U, unsigned* counters, float* __restrict__ y, int* __restrict__ tok_pairs_out,
                                               unsigned long long* __restrict__ zero_acc, int nzero) {
     extern __shared__ uint4 dsm[];
@@ -889,9 +881,12 @@ __device__ __forceinline__ void moe_fused_acc(const unsigned long long* __restri
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) q += __shfl_xor_sync(0xffffffffu, q, o);
     const float inv = 1.f / sqrtf(q / H + eps);
-    const bool bad = __ldcg(acc + E) != 0ull;
-    for (int e = threadIdx.x; e < E; e += blockDim.x)
-        logits[e] = bad ? __int_as_float(0x7fc00000) : (float)((double)(long long)__ldcg(acc + e) * 0x1p-40) * inv;
+    const bool bad = __ldcg(acc + (size_t)copies * E) != 0ull;
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+        unsigned long long v = 0ull;
+        for (int c = 0; c < copies; c++) v += __ldcg(acc + (size_t)c * E + e);
+        logits[e] = bad ? __int_as_float(0x7fc00000) : (float)((double)(long long)v * 0x1p-40) * inv;
+    }
     if (zero_acc && blockIdx.x == 0)
         for (int i = threadIdx.x; i < nzero; i += blockDim.x) zero_acc[i] = 0ull;
     __syncthreads();
@@ -900,8 +895,8 @@ __device__ __forceinline__ void moe_fused_acc(const unsigned long long* __restri
     route_token(logits, bias, E, K, softmax, n_group, topk_group, norm, scale, scores, scores + E, sel, wsel, &groups);
     if (!y && blockIdx.x == 0 && (int)threadIdx.x < K) tok_pairs_out[threadIdx.x] = tok_pairs[threadIdx.x];
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-    moe_fused<NS, CS, true>(Wg, Wd, experts, pair_off, pair_tok, pair_w, hin, h, out, H, I, U, counters, tok_pairs, y, 1, K, ss, false,
-                            g, inv);
+    moe_fused<NS, CS, true>(Wg, Wd, experts, pair_off, pair_tok, pair_w, hg, h, out, H, I, U, counters, tok_pairs, y, 1, K, ss, false,
+                            inv);
 }
 
 // Ring shapes: NS stages of CS steps. The _split_ kernels read their rows split already (moe_tiled's SPLIT).
@@ -964,16 +959,15 @@ __device__ __forceinline__ void moe_fused_acc(const unsigned long long* __restri
                                  H, I, U, counters, y, x_settled, tok_pairs_out);                                        \
     }                                                                                                                    \
     extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_fused_acc_bulk_n##NS##_c##CS(                  \
-        const unsigned long long* __restrict__ acc, const float* __restrict__ ssq, int nssq, const float* __restrict__ g, \
-        float eps, const float* __restrict__ bias, int E, int K, int softmax, int n_group, int topk_group, int norm,      \
-        float scale, const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Wd,                         \
-        const float* __restrict__ hin, float* __restrict__ h, float* __restrict__ out, int H, int I, int U,              \
-        unsigned* counters, float* __restrict__ y, int* __restrict__ tok_pairs_out, unsigned long long* zero_acc,        \
-        int nzero) {                                                                                                     \
+        const unsigned long long* __restrict__ acc, int copies, const float* __restrict__ ssq, int nssq, float eps,      \
+        const float* __restrict__ bias, int E, int K, int softmax, int n_group, int topk_group, int norm, float scale,    \
+        const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Wd, const float* __restrict__ hg,       \
+        float* __restrict__ h, float* __restrict__ out, int H, int I, int U, unsigned* counters, float* __restrict__ y,  \
+        int* __restrict__ tok_pairs_out, unsigned long long* zero_acc, int nzero) {                                      \
         TRACE_SM();                                                                                                      \
         TRACE(1);                                                                                                        \
-        moe_fused_acc<NS, CS>(acc, ssq, nssq, g, eps, bias, E, K, softmax, n_group, topk_group, norm, scale, Wg, Wd,     \
-                              hin, h, out, H, I, U, counters, y, tok_pairs_out, zero_acc, nzero);                        \
+        moe_fused_acc<NS, CS>(acc, copies, ssq, nssq, eps, bias, E, K, softmax, n_group, topk_group, norm, scale, Wg, Wd, \
+                              hg, h, out, H, I, U, counters, y, tok_pairs_out, zero_acc, nzero);                         \
     }
 MOE_BULK(2, 4)
 MOE_BULK(4, 2)

@@ -154,6 +154,10 @@ pub(crate) struct Layer {
 /// at 2-8 rows the later drain was within noise or slower (batch 4 +0.2-0.3%)
 /// (benches/results/2026-11-25-dynamic-moe-drain-later.md).
 const DRAIN_AFTER_MLP_ROWS: usize = 2;
+/// Copies of the router's fixed-point sums the one-token o_proj spreads its blocks' adds over
+/// (`route_in_oproj`): with one, all 256 of Flash's blocks added into each expert's word at the
+/// o_proj's end.
+const ROUTE_ACC_COPIES: usize = 8;
 /// Default of `CudaModel::plain_from_rows`.
 const PLAIN_FROM_ROWS: usize = 16;
 
@@ -308,9 +312,11 @@ pub struct CudaModel {
     /// comparison; tests flip it).
     route_in_oproj: bool,
     /// Per layer, `route_acc_stride` u64: the fixed-point logit sums the o_proj adds into and
-    /// its MoE reads (zero between: the next such layer's MoE zeroes them, cyclically); then
-    /// the o_proj blocks' sums of squares of h [H / 16] and h [H] (one layer's at a time).
+    /// its MoE reads, in `route_acc_copies` copies, then a flag word (zero between: the next
+    /// such layer's MoE zeroes them, cyclically); then the o_proj blocks' sums of squares of h
+    /// [H / 16] and the norm's weight times h [H] (one layer's at a time).
     route_acc: CudaSlice<u64>,
+    route_acc_copies: usize,
     route_acc_stride: usize,
     route_ssq: CudaSlice<f32>,
     route_h: CudaSlice<f32>,
@@ -673,7 +679,9 @@ impl CudaModel {
         let attn_counters = s.alloc_zeros::<u32>(MERGE_IN_ATTENTION_ROWS * max_heads.max(64)).map_err(drv)?;
         let ready_len = spec.layers.iter().map(|l| l.attention.num_heads + l.attention.num_kv_heads + 1).max().unwrap_or(1);
         let ready_counters = s.alloc_zeros::<u32>(ready_len).map_err(drv)?;
-        let route_acc_stride = layers.iter().filter_map(|l| if let Mlp::Moe { spec, .. } = &l.mlp { Some(spec.num_experts + 1) } else { None }).max().unwrap_or(1);
+        // Copies of the router's sums the o_proj spreads its adds over (PEREGRINE_ROUTE_ACC_COPIES).
+        let route_acc_copies = std::env::var("PEREGRINE_ROUTE_ACC_COPIES").ok().and_then(|v| v.parse().ok()).filter(|&c: &usize| (1..=64).contains(&c)).unwrap_or(ROUTE_ACC_COPIES);
+        let route_acc_stride = layers.iter().filter_map(|l| if let Mlp::Moe { spec, .. } = &l.mlp { Some(route_acc_copies * spec.num_experts + 1) } else { None }).max().unwrap_or(1);
         let route_acc = s.alloc_zeros::<u64>(layers.len().max(1) * route_acc_stride).map_err(drv)?;
         let route_ssq = s.alloc_zeros::<f32>(h.div_ceil(16)).map_err(drv)?;
         let route_h = s.alloc_zeros::<f32>(h).map_err(drv)?;
@@ -718,6 +726,7 @@ impl CudaModel {
             norm_in_router: std::env::var("PEREGRINE_NORM_IN_ROUTER").map_or(true, |v| v != "0"),
             route_in_oproj: std::env::var("PEREGRINE_ROUTE_IN_OPROJ").map_or(true, |v| v != "0"),
             route_acc,
+            route_acc_copies,
             route_acc_stride,
             route_ssq,
             route_h,
@@ -1655,7 +1664,7 @@ impl CudaModel {
             && a.o.n == h
             && router.k == h
             && router.n == spec.num_experts
-            && spec.num_experts < self.route_acc_stride
+            && self.route_acc_copies * spec.num_experts < self.route_acc_stride
             && self.kernels.oproj_route_takes(a.o.n, a.o.k, router.n)
             && self.norm_in_router(li, 1)
     }
@@ -1677,7 +1686,7 @@ impl CudaModel {
         let (Mlp::Moe { router: Mat { m: GpuMatrix::F32(wr), n, .. }, .. }, true) = (&l.mlp, self.route_oproj_shape(li)) else {
             return Err(Error::Backend(format!("layer {li}'s o_proj does not take its router")));
         };
-        Ok(crate::kernels::RouteInOproj { res, norm: &l.post_norm, router: wr, experts: *n, acc: self.route_acc_ptr(li), ssq: &self.route_ssq, h: &self.route_h })
+        Ok(crate::kernels::RouteInOproj { res, norm: &l.post_norm, router: wr, experts: *n, acc: self.route_acc_ptr(li), copies: self.route_acc_copies, ssq: &self.route_ssq, h: &self.route_h })
     }
 
     /// Zeroes every layer's router accumulators (after a step that may have stopped between

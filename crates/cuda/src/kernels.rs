@@ -142,11 +142,14 @@ pub struct RouteInOproj<'a> {
     /// The router [E, H] (f32).
     pub router: &'a CudaSlice<f32>,
     pub experts: usize,
-    /// Device address of this layer's fixed-point logit sums [E + 1] (zero on entry).
+    /// Device address of this layer's fixed-point logit sums, `copies` x E then a flag word
+    /// (zero on entry).
     pub acc: u64,
+    /// Copies of the sums the o_proj's blocks spread their adds over (block b: copy b % copies).
+    pub copies: usize,
     /// The o_proj blocks' sums of squares of h [H / 16].
     pub ssq: &'a CudaSlice<f32>,
-    /// h [H].
+    /// The norm's weight times h, g h [H].
     pub h: &'a CudaSlice<f32>,
 }
 
@@ -1665,13 +1668,14 @@ impl Kernels {
     }
 
     /// `gemv_bf16_presplit` of one token (`oproj_route_takes`) that also starts the MoE's router
-    /// (gemv_mma_bf16_t1_pipe_route): y = o as before, and h = res + o, the blocks' sums of
-    /// squares of h and the router's fixed-point sums over norm * h into `r`'s buffers.
+    /// (gemv_mma_bf16_t1_pipe_route): y = o as before, and with h = res + o, norm * h, the
+    /// blocks' sums of squares of h and the router's fixed-point sums over norm * h into `r`'s
+    /// buffers.
     #[allow(clippy::too_many_arguments)]
     pub fn gemv_bf16_presplit_route(&self, w: &CudaSlice<u16>, xh: &CudaSlice<u16>, xl: &CudaSlice<u16>, y: &mut CudaSlice<f32>, n: usize, k: usize, zero: Option<&CudaSlice<u32>>, r: &RouteInOproj) -> Result<()> {
         check(self.oproj_route_takes(n, k, r.experts), || format!("gemv_bf16_presplit_route: {n}x{k} with {} experts is not its shape", r.experts))?;
         check(w.len() >= n * k && xh.len() >= k && xl.len() >= k && y.len() >= n, || format!("gemv_bf16_presplit_route: bad shapes {n}x{k}"))?;
-        check(r.res.len() >= n && r.norm.len() >= n && r.router.len() >= r.experts * n && r.ssq.len() >= n / 16 && r.h.len() >= n && r.acc != 0, || "gemv_bf16_presplit_route: router buffers too small".into())?;
+        check(r.res.len() >= n && r.norm.len() >= n && r.router.len() >= r.experts * n && r.ssq.len() >= n / 16 && r.h.len() >= n && r.acc != 0 && r.copies >= 1, || "gemv_bf16_presplit_route: router buffers too small".into())?;
         let (wp, _w) = w.device_ptr(&self.stream);
         let (ni, ki, ti, ei) = (n as i32, k as i32, 1i32, r.experts as i32);
         let mut b = crate::launch::builder(&self.stream, &self.mma_bf16_pipe_route);
@@ -1679,7 +1683,8 @@ impl Kernels {
         b.arg(&mut *y).arg(&0u64).arg(&0u64).arg(&ni).arg(&0i32).arg(&ni).arg(&ki).arg(&ti);
         let nzero = zero.map_or(0, |z| z.len() as i32);
         b.arg_or_null(zero).arg(&nzero);
-        b.arg(r.res).arg(r.norm).arg(r.router).arg(&ei).arg(&r.acc).arg(r.ssq).arg(r.h);
+        let ci = r.copies as i32;
+        b.arg(r.res).arg(r.norm).arg(r.router).arg(&ei).arg(&r.acc).arg(&ci).arg(r.ssq).arg(r.h);
         let cfg = LaunchConfig { grid_dim: ((n / 16) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: (r.experts * 64) as u32 };
         unsafe { b.launch(cfg) }.map_err(drv("gemv_mma_bf16_t1_pipe_route"))?;
         Ok(())
@@ -2042,7 +2047,7 @@ impl Kernels {
 
     /// `moe_mxfp4_routed_pairs` after the o_proj that did the router (`gemv_bf16_presplit_route`
     /// with `r`): the logits from `r.acc` and the post-attention norm's 1 / rms from `r.ssq`,
-    /// x = norm * (h * inv) staged from `r.h` (moe_fused_acc_*). `zero_acc` (device address, 0
+    /// x = (norm * h) * inv staged from `r.h` (moe_fused_acc_*). `zero_acc` (device address, 0
     /// for none) of `nzero` u64: the accumulators of the MoE layer before, which block 0 zeroes.
     #[allow(clippy::too_many_arguments)]
     pub fn moe_mxfp4_acc_pairs(&self, kind: MoeKernel, spec: &MoeSpec, w: &MoeWeights, r: &RouteInOproj, eps: f32, bias: Option<&CudaSlice<f32>>, scratch: &mut MoeScratch, tok_pairs: &mut CudaSlice<i32>, zero_acc: u64, nzero: usize) -> Result<()> {
@@ -2051,7 +2056,7 @@ impl Kernels {
             return Err(Error::Backend(format!("the routed MoE kernel runs the fused kernel over tiled weights, not {kind:?}")));
         };
         check(e == w.num_experts && e == r.experts && (1..=MAX_FUSED_TOPK).contains(&k) && spec.n_group <= 64 && (spec.n_group <= 1 || e.is_multiple_of(spec.n_group)), || format!("routed MoE: {e} experts in {} groups, top-{k}", spec.n_group))?;
-        check(h.is_multiple_of(16) && r.ssq.len() >= h / 16 && r.h.len() >= h && r.norm.len() >= h && r.acc != 0 && bias.is_none_or(|b| b.len() >= e) && tok_pairs.len() >= k, || "routed MoE (router in the o_proj): buffers too small".into())?;
+        check(h.is_multiple_of(16) && r.ssq.len() >= h / 16 && r.h.len() >= h && r.acc != 0 && r.copies >= 1 && bias.is_none_or(|b| b.len() >= e) && tok_pairs.len() >= k, || "routed MoE (router in the o_proj): buffers too small".into())?;
         check(scratch.h.len() >= k * w.inter && scratch.out.len() >= k * h, || "MoE scratch too small".into())?;
         let u = k.min(e);
         let f = &self.fused_acc[Self::tiled_variant(stages, steps)?];
@@ -2060,7 +2065,8 @@ impl Kernels {
         let (ei, ki, sm, ng, tg, norm, sc) = (e as i32, k as i32, matches!(spec.scoring, RouterScoring::Softmax) as i32, spec.n_group as i32, spec.topk_group as i32, spec.norm_topk_prob as i32, spec.routed_scaling_factor);
         let (hh, ii, ui, nssq, nz) = (h as i32, w.inter as i32, u as i32, (h / 16) as i32, nzero as i32);
         let mut b = crate::launch::builder(&self.stream, f);
-        b.arg(&r.acc).arg(r.ssq).arg(&nssq).arg(r.norm).arg(&eps);
+        let ci = r.copies as i32;
+        b.arg(&r.acc).arg(&ci).arg(r.ssq).arg(&nssq).arg(&eps);
         match bias {
             Some(bb) => b.arg(bb),
             None => b.arg(&0u64),

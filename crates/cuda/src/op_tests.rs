@@ -771,11 +771,11 @@ fn router_computing_the_norm_equals_norm_then_router() {
 }
 
 /// The one-token o_proj that also does its MoE's router (`gemv_bf16_presplit_route`) on fresh
-/// random inputs: o is the plain kernel's, bit for bit (y poisoned first); h = res + o exactly;
-/// each block's sum of squares and the fixed-point logit sums against f64 sums on the host
-/// (the logits within 1e-5 of the sum of their terms' magnitudes); the same sums again when run
-/// twice (integer sums, whatever the blocks' order); a part that overflows the fixed point sets
-/// the flag word instead.
+/// random inputs: o is the plain kernel's, bit for bit (y poisoned first); g h = g (res + o)
+/// exactly; each block's sum of squares and the fixed-point logit sums (over the copies) against
+/// f64 sums on the host (the logits within 1e-5 of the sum of their terms' magnitudes); the same
+/// sums again when run with another count of copies (integer sums, whatever the blocks' order);
+/// a part that overflows the fixed point sets the flag word instead.
 #[test]
 fn oproj_doing_the_router_matches_the_host() {
     use cudarc::driver::DevicePtr;
@@ -799,28 +799,31 @@ fn oproj_doing_the_router_matches_the_host() {
         let name = format!("o_proj {n}x{k} with a router of {e}");
         let mut runs = Vec::new();
         for _ in 0..2 {
-            let acc = st.alloc_zeros::<u64>(e + 1).unwrap();
+            let copies = 1 + runs.len() * 4;
+            let acc = st.alloc_zeros::<u64>(copies * e + 1).unwrap();
             let (ssq, hd) = (st.clone_htod(&vec![f32::NAN; n / 16]).unwrap(), st.clone_htod(&vec![f32::NAN; n]).unwrap());
             let mut y = st.clone_htod(&vec![f32::NAN; n]).unwrap();
-            let rb = crate::kernels::RouteInOproj { res: &resd, norm: &gd, router: &wrd, experts: e, acc: acc.device_ptr(&st).0, ssq: &ssq, h: &hd };
+            let rb = crate::kernels::RouteInOproj { res: &resd, norm: &gd, router: &wrd, experts: e, acc: acc.device_ptr(&st).0, copies, ssq: &ssq, h: &hd };
             m.kernels.gemv_bf16_presplit_route(wd, &xhd, &xld, &mut y, n, k, None, &rb).unwrap();
-            let (y, h, ssq, acc) = (st.clone_dtoh(&y).unwrap(), st.clone_dtoh(&hd).unwrap(), st.clone_dtoh(&ssq).unwrap(), st.clone_dtoh(&acc).unwrap());
+            let (y, hg, ssq, acc) = (st.clone_dtoh(&y).unwrap(), st.clone_dtoh(&hd).unwrap(), st.clone_dtoh(&ssq).unwrap(), st.clone_dtoh(&acc).unwrap());
             assert!(y.iter().zip(&want_y).all(|(a, b)| a.to_bits() == b.to_bits()), "{name}: o differs from the plain kernel's");
-            assert!(h.iter().zip(res.iter().zip(&y)).all(|(h, (x, o))| h.to_bits() == (x + o).to_bits()), "{name}: h is not res + o");
+            let h: Vec<f32> = res.iter().zip(&y).map(|(x, o)| x + o).collect();
+            assert!(hg.iter().zip(h.iter().zip(&g)).all(|(a, (h, g))| a.to_bits() == (g * h).to_bits()), "{name}: hg is not g (res + o)");
             for (b, s) in ssq.iter().enumerate() {
                 let want: f64 = h[16 * b..16 * b + 16].iter().map(|&v| v as f64 * v as f64).sum();
                 assert!((*s as f64 - want).abs() <= 1e-5 * want.max(1e-6), "{name}: block {b}'s sum of squares {s} against {want}");
             }
-            assert_eq!(acc[e], 0, "{name}: the overflow flag is set");
+            assert_eq!(acc[copies * e], 0, "{name}: the overflow flag is set");
             for ei in 0..e {
                 let terms = (0..n).map(|j| wr[ei * n + j] as f64 * (g[j] * h[j]) as f64);
                 let (want, mag) = terms.fold((0f64, 0f64), |(s, a), t| (s + t, a + t.abs()));
-                let got = acc[ei] as i64 as f64 * (-40f64).exp2();
+                let sum = (0..copies).fold(0u64, |s, c| s.wrapping_add(acc[c * e + ei]));
+                let got = sum as i64 as f64 * (-40f64).exp2();
                 assert!((got - want).abs() <= 1e-5 * mag.max(1e-9), "{name}: expert {ei}'s logit sum {got} against {want}");
             }
-            runs.push(acc);
+            runs.push((0..e).map(|ei| (0..copies).fold(0u64, |s, c| s.wrapping_add(acc[c * e + ei]))).collect::<Vec<u64>>());
         }
-        assert_eq!(runs[0], runs[1], "{name}: the sums differ from run to run");
+        assert_eq!(runs[0], runs[1], "{name}: the sums differ between runs (1 and 5 copies)");
     }
     // A part past 2^22 sets the flag.
     let (n, k, e) = (256usize, 256usize, 16usize);
@@ -828,12 +831,12 @@ fn oproj_doing_the_router_matches_the_host() {
     let zeros = st.clone_htod(&vec![0u16; k]).unwrap();
     let (resd, gd) = (st.clone_htod(&vec![1e4f32; n]).unwrap(), st.clone_htod(&vec![1f32; n]).unwrap());
     let wrd = st.clone_htod(&vec![1e3f32; e * n]).unwrap();
-    let acc = st.alloc_zeros::<u64>(e + 1).unwrap();
+    let acc = st.alloc_zeros::<u64>(2 * e + 1).unwrap();
     let (ssq, hd) = (st.alloc_zeros::<f32>(n / 16).unwrap(), st.alloc_zeros::<f32>(n).unwrap());
     let mut y = st.alloc_zeros::<f32>(n).unwrap();
-    let rb = crate::kernels::RouteInOproj { res: &resd, norm: &gd, router: &wrd, experts: e, acc: acc.device_ptr(&st).0, ssq: &ssq, h: &hd };
+    let rb = crate::kernels::RouteInOproj { res: &resd, norm: &gd, router: &wrd, experts: e, acc: acc.device_ptr(&st).0, copies: 2, ssq: &ssq, h: &hd };
     m.kernels.gemv_bf16_presplit_route(&wd, &zeros, &zeros, &mut y, n, k, None, &rb).unwrap();
-    assert_ne!(st.clone_dtoh(&acc).unwrap()[e], 0, "a part of 1.6e8 left the flag clear");
+    assert_ne!(st.clone_dtoh(&acc).unwrap()[2 * e], 0, "a part of 1.6e8 left the flag clear");
     assert!(!m.kernels.oproj_route_takes(4096, 8192, 0) && !m.kernels.oproj_route_takes(4100, 8192, 8), "shapes the kernel does not take");
 }
 
