@@ -173,9 +173,10 @@ __device__ __forceinline__ void row_scale(const float* red, int j, float* scale,
 // Fragment layout (uint4 units): [K/64 steps][2 halves][8 np lanes], lane 4g + t of column
 // g = 2j + part (part 0 = hi, 1 = lo of pair j); half h holds MMAs 2h and 2h+1 as {b0, b1, b0, b1}.
 // Lanes >= 8 np read no fragment (their columns are zero).
-// NORM: x holds g h (the norm's weight times h = x + a) and the staged values are the
-// post-attention norm's g h * ninv, for the fused MoE whose router ran in the o_proj
-// (moe_fused_acc_*).
+// NORM: the staged values are x * ninv (the fused MoE whose router ran in the o_proj stages the
+// post-attention norm g h * inv from g h: moe_fused_acc_*), as the row's maximum and its power
+// of two scale times ninv: 2^s (x ninv) = x (2^s ninv) exactly (barring subnormals), so the
+// same bits as staging x * ninv, and no multiply per value.
 template <bool WG = false, bool NORM = false>
 __device__ __forceinline__ void stage_b(const float* __restrict__ x, const int* rows, int np, int K, unsigned* frag,
                                         float* red, float* scale, float* inv, float ninv = 0.f) {
@@ -204,20 +205,16 @@ __device__ __forceinline__ void stage_b(const float* __restrict__ x, const int* 
                 const float* p = xr + 16 * (it >> 2) + 2 * (it & 3);
                 v0[i] = __ldcg(reinterpret_cast<const float2*>(p));
                 v1[i] = __ldcg(reinterpret_cast<const float2*>(p + 8));
-                if (NORM) {
-                    v0[i] = make_float2(v0[i].x * ninv, v0[i].y * ninv);
-                    v1[i] = make_float2(v1[i].x * ninv, v1[i].y * ninv);
-                }
             }
             m = fmaxf(m, fmaxf(fmaxf(fabsf(v0[i].x), fabsf(v0[i].y)), fmaxf(fabsf(v1[i].x), fabsf(v1[i].y))));
         }
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-        if (lane == 0) red[w * NP] = m;
+        if (lane == 0) red[w * NP] = NORM ? m * ninv : m;
         __syncthreads();
         if (tid == 0) row_scale(red, 0, scale, inv);
         __syncthreads();
-        float s = scale[0];
+        float s = NORM ? scale[0] * ninv : scale[0];
 #pragma unroll
         for (int i = 0; i < STAGE_REGS; i++) {
             int it = tid + i * (int)blockDim.x;
@@ -233,12 +230,11 @@ __device__ __forceinline__ void stage_b(const float* __restrict__ x, const int* 
         float m = 0.f;
         for (int i = tid; i < K / 4; i += blockDim.x) {
             float4 v = __ldcg(xr + i);
-            if (NORM) v = make_float4(v.x * ninv, v.y * ninv, v.z * ninv, v.w * ninv);
             m = fmaxf(m, fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w))));
         }
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-        if (lane == 0) red[w * NP + j] = m;
+        if (lane == 0) red[w * NP + j] = NORM ? m * ninv : m;
     }
     __syncthreads();
     if (tid < np) row_scale(red, tid, scale, inv);
@@ -248,11 +244,7 @@ __device__ __forceinline__ void stage_b(const float* __restrict__ x, const int* 
         int t = it & 3, q = (it >> 2) % q16, j = (it >> 2) / q16;
         const float* xr = x + (size_t)rows[j] * K + 16 * q + 2 * t;
         float2 v0 = __ldcg(reinterpret_cast<const float2*>(xr)), v1 = __ldcg(reinterpret_cast<const float2*>(xr + 8));
-        if (NORM) {
-            v0 = make_float2(v0.x * ninv, v0.y * ninv);
-            v1 = make_float2(v1.x * ninv, v1.y * ninv);
-        }
-        float s = scale[j];
+        float s = NORM ? scale[j] * ninv : scale[j];
         stage_item<WG>(frag, L, j, q, t, v0, v1, s);
     }
     __syncthreads();
@@ -711,7 +703,7 @@ __device__ __forceinline__ void fused_item(int n, int gu_items, int gug, int dg,
     grp = m % per;
 }
 
-// NORM: x is g h, staged as the post-attention norm g h * ninv (stage_b's NORM).
+// NORM: x is g h, staged as the post-attention norm g h * ninv (stage_b's NORM; h by 1).
 template <int NS, int CS, bool NORM = false>
 __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Wd,
                                           const int* __restrict__ experts, const int* __restrict__ pair_off,
@@ -786,10 +778,9 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
             ITEM_SYNC();
             if (ti < 14 && p0 == pb) TRACE(ti + 1);
             // x staged before the wait serves the block's first gate_up pass if it has one pair.
-            if (NORM && !down)
-                stage_b<false, true>(x, ss.rows, np, H, reinterpret_cast<unsigned*>(frag), ss.red, ss.scale, ss.inv, ninv);
-            else if (!(x_staged && !down && np == 1))
-                stage_b(down ? h : x, ss.rows, np, down ? I : H, reinterpret_cast<unsigned*>(frag), ss.red, ss.scale, ss.inv);
+            if (!(x_staged && !down && np == 1))
+                stage_b<false, NORM>(down ? h : x, ss.rows, np, down ? I : H, reinterpret_cast<unsigned*>(frag), ss.red, ss.scale, ss.inv,
+                                     down ? 1.f : ninv);
             x_staged = false;
             if (ti < 14 && p0 == pb) TRACE(ti + 2);
             float acc[4] = {0.f, 0.f, 0.f, 0.f};
