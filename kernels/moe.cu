@@ -498,22 +498,6 @@ __device__ __forceinline__ void tile_store(bool gate_up, const float acc[4], flo
     }
 }
 
-// tile_store's down values added into fixed-point sums instead (x 2^32, red.global.add.u64:
-// the same integers in any order), for the fused MoE whose router ran in the o_proj
-// (moe_fused_acc_*): the norm after it reads one row of sums instead of top-k rows of pairs
-// (add_rms_norm_split_fixed). A value not below 2^24 sets the flag fix[H] instead.
-__device__ __forceinline__ void red_fixed(unsigned long long* p, float v, unsigned long long* flag) {
-    if (fabsf(v) < 0x1p24f) atomicAdd(p, (unsigned long long)__float2ll_rn(v * 0x1p32f));
-    else atomicOr(flag, 1ull);
-}
-__device__ __forceinline__ void tile_red(const float acc[4], float inv, unsigned long long* __restrict__ fix, int H, int rt, float pw) {
-    int g = (threadIdx.x & 31) >> 2;
-    float f = inv * 64.f;  // and the decode's 2^-6
-    float r0 = (acc[0] + acc[1]) * f, r1 = (acc[2] + acc[3]) * f;
-    red_fixed(fix + rt * 16 + g, r0 * pw, fix + H);
-    red_fixed(fix + rt * 16 + g + 8, r1 * pw, fix + H);
-}
-
 // After a block's down outputs for row group grp (TW x 16 rows of H): counted on counters[grp];
 // the block that brings it to the number of used expert slots (of U) sums the group's rows of
 // every token (combine_rows) and resets the counter.
@@ -719,8 +703,7 @@ __device__ __forceinline__ void fused_item(int n, int gu_items, int gug, int dg,
     grp = m % per;
 }
 
-// NORM: x is g h, staged as the post-attention norm g h * ninv (stage_b's NORM; h by 1), and
-// the down outputs go to the fixed-point sums yfix [H + 1] (tile_red), not to out.
+// NORM: x is g h, staged as the post-attention norm g h * ninv (stage_b's NORM; h by 1).
 template <int NS, int CS, bool NORM = false>
 __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Wd,
                                           const int* __restrict__ experts, const int* __restrict__ pair_off,
@@ -728,7 +711,7 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
                                           const float* __restrict__ x, float* __restrict__ h, float* __restrict__ out, int H,
                                           int I, int U, unsigned* counters, const int* __restrict__ tok_pairs,
                                           float* __restrict__ y, int T, int topk, StageSmem& ss, bool x_staged,
-                                          float ninv = 0.f, unsigned long long* __restrict__ yfix = nullptr) {
+                                          float ninv = 0.f) {
     constexpr int RING = NS * CS * STEP_BYTES;
     extern __shared__ uint4 dsm[];
     uint4* frag = staged_frag(RING);
@@ -803,10 +786,7 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
             float acc[4] = {0.f, 0.f, 0.f, 0.f};
             pre = 0;
             if (KS) pre = tile_stream_bulk<NS, CS>(wt, KS, frag, 8 * np, acc, ring, wbars, seq, nwt, nKS);
-            if (KS && t < np) {
-                if (NORM && down) tile_red(acc, ss.inv[t], yfix, H, rt, pair_w[p0 + t]);
-                else tile_store(!down, acc, ss.inv[t], down ? out : h, down ? H : I, p0 + t, rt, pair_w);
-            }
+            if (KS && t < np) tile_store(!down, acc, ss.inv[t], down ? out : h, down ? H : I, p0 + t, rt, pair_w);
             ITEM_SYNC();  // every warp is done with the fragments before the next pass restages
             if (ti < 14) TRACE(ti + 3);
         }
@@ -870,8 +850,6 @@ __device__ __forceinline__ void moe_fused_routed(const float* __restrict__ logit
 // weight times h = x + a), staged as hg * inv (NORM). zero_acc [nzero] (or null): the previous
 // such layer's accumulators, zeroed by block 0 past the wait (every block of that layer's MoE
 // has read them, and the o_proj that adds into them next runs after this kernel).
-// The routed output goes to yfix [H + 1] as fixed-point sums (zero on entry: the norm after
-// the MoE, their one reader, zeroes them), not to out; tok_pairs_out is still written.
 template <int NS, int CS>
 __device__ __forceinline__ void moe_fused_acc(const unsigned long long* __restrict__ acc, int copies, const float* __restrict__ ssq,
                                               int nssq, float eps, const float* __restrict__ bias, int E, int K, int softmax,
@@ -879,8 +857,7 @@ __device__ __forceinline__ void moe_fused_acc(const unsigned long long* __restri
                                               const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Wd,
                                               const float* __restrict__ hg, float* __restrict__ h, float* __restrict__ out, int H,
                                               int I, int U, unsigned* counters, float* __restrict__ y, int* __restrict__ tok_pairs_out,
-                                              unsigned long long* __restrict__ zero_acc, int nzero,
-                                              unsigned long long* __restrict__ yfix) {
+                                              unsigned long long* __restrict__ zero_acc, int nzero) {
     extern __shared__ uint4 dsm[];
     __shared__ int sel[MAX_FUSED_TOPK], experts[MAX_FUSED_TOPK], pair_off[MAX_FUSED_TOPK + 1], pair_tok[MAX_FUSED_TOPK],
         tok_pairs[MAX_FUSED_TOPK];
@@ -910,7 +887,7 @@ __device__ __forceinline__ void moe_fused_acc(const unsigned long long* __restri
     if (!y && blockIdx.x == 0 && (int)threadIdx.x < K) tok_pairs_out[threadIdx.x] = tok_pairs[threadIdx.x];
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
     moe_fused<NS, CS, true>(Wg, Wd, experts, pair_off, pair_tok, pair_w, hg, h, out, H, I, U, counters, tok_pairs, y, 1, K, ss, false,
-                            inv, yfix);
+                            inv);
 }
 
 // Ring shapes: NS stages of CS steps. The _split_ kernels read their rows split already (moe_tiled's SPLIT).
@@ -977,11 +954,11 @@ __device__ __forceinline__ void moe_fused_acc(const unsigned long long* __restri
         const float* __restrict__ bias, int E, int K, int softmax, int n_group, int topk_group, int norm, float scale,    \
         const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Wd, const float* __restrict__ hg,       \
         float* __restrict__ h, float* __restrict__ out, int H, int I, int U, unsigned* counters, float* __restrict__ y,  \
-        int* __restrict__ tok_pairs_out, unsigned long long* zero_acc, int nzero, unsigned long long* yfix) {            \
+        int* __restrict__ tok_pairs_out, unsigned long long* zero_acc, int nzero) {                                      \
         TRACE_SM();                                                                                                      \
         TRACE(1);                                                                                                        \
         moe_fused_acc<NS, CS>(acc, copies, ssq, nssq, eps, bias, E, K, softmax, n_group, topk_group, norm, scale, Wg, Wd, \
-                              hg, h, out, H, I, U, counters, y, tok_pairs_out, zero_acc, nzero, yfix);                   \
+                              hg, h, out, H, I, U, counters, y, tok_pairs_out, zero_acc, nzero);                         \
     }
 MOE_BULK(2, 4)
 MOE_BULK(4, 2)

@@ -734,17 +734,6 @@ extern "C" __global__ void add_rms_norm_split(float* __restrict__ x, const float
 // and the fused routing number them), so a one-row launch sums them in that order without
 // reading tok_pairs. The same arithmetic as add_rms_norm_f16_split, in the same order: the same
 // bits. -DNORM_PAIRS_LATE keeps the general path for every shape, for measurements.
-// Four columns 4c .. 4c + 3 of fixed-point sums (x 2^32) as floats, the sums zeroed after
-// (their one reader); NaN where `bad`.
-__device__ __forceinline__ float4 take_fixed4(unsigned long long* __restrict__ fix, int c, bool bad) {
-    longlong2* p = reinterpret_cast<longlong2*>(fix) + 2 * c;
-    const longlong2 a = __ldcg(p), b = __ldcg(p + 1);
-    p[0] = make_longlong2(0, 0);
-    p[1] = make_longlong2(0, 0);
-    if (bad) return make_float4(__int_as_float(0x7fc00000), __int_as_float(0x7fc00000), __int_as_float(0x7fc00000), __int_as_float(0x7fc00000));
-    return make_float4((float)((double)a.x * 0x1p-32), (float)((double)a.y * 0x1p-32), (float)((double)b.x * 0x1p-32), (float)((double)b.y * 0x1p-32));
-}
-
 // Measurement builds only (-DSTEP_TRACE with ops:-DNORM_MARK=k): the one-row path's "past the
 // wait" stamp is taken at point k instead: 2 its pairs summed (before the sum of squares), 3 the
 // sum of squares reduced, 4 the split's scale reduced.
@@ -756,16 +745,11 @@ __device__ __forceinline__ float4 take_fixed4(unsigned long long* __restrict__ f
 #else
 #define NORM_TRACE_MARK(k)
 #endif
-// FIX (add_rms_norm_split_fixed): the MoE's output comes as fixed-point sums fix[D] (x 2^32,
-// fix[D] nonzero: a pair's value past the fixed point's range, the row becomes NaN), which the
-// fused one-token MoE after an o_proj that did its router adds up by red.add
-// (moe_fused_acc_*): read once, then zeroed for the next layer's.
-template <bool FIX = false>
 __device__ __forceinline__ void add_rms_norm_split_pairs_one_row(float* __restrict__ x, const float* __restrict__ out, int topk,
                                                              const float* __restrict__ pre, const float* __restrict__ w,
                                                              float* __restrict__ y, unsigned short* __restrict__ yh,
                                                              unsigned short* __restrict__ yl, float* __restrict__ yinv, int D,
-                                                             float eps, unsigned long long* __restrict__ fix = nullptr) {
+                                                             float eps) {
     TRACE_SCOPE_NAMED("add_rms_norm_split_pairs");
     __shared__ float sh[32];
     const int c = threadIdx.x;
@@ -787,12 +771,8 @@ __device__ __forceinline__ void add_rms_norm_split_pairs_one_row(float* __restri
     if (mine) {
         if (pre) v[0] = plus4(v[0], pv);
         float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
-        if (FIX) {
-            a = take_fixed4(fix, c, __ldcg(fix + D) != 0ull);
-        } else {
-            // (One row: pair j is its j-th in ascending order.)
-            for (int j = 0; j < topk; j++) a = plus4(a, __ldcg(reinterpret_cast<const float4*>(out + (size_t)j * D) + c));
-        }
+        // (One row: pair j is its j-th in ascending order.)
+        for (int j = 0; j < topk; j++) a = plus4(a, __ldcg(reinterpret_cast<const float4*>(out + (size_t)j * D) + c));
         v[0] = plus4(v[0], a);
         x4[c] = v[0];
         s += sumsq4(v[0]);
@@ -801,7 +781,6 @@ __device__ __forceinline__ void add_rms_norm_split_pairs_one_row(float* __restri
     NORM_TRACE_MARK(2);
     __shared__ float shp[32];
     s = block_sum_and_max(s, pm, sh, shp);
-    if (FIX && threadIdx.x == 0) fix[D] = 0ull;  // (every thread read it before the reduction's barriers)
     NORM_TRACE_MARK(3);
     float inv = 1.f / sqrtf(s / D + eps);
     if (mine) {
@@ -832,31 +811,6 @@ extern "C" __global__ void __launch_bounds__(1024) add_rms_norm_split_pairs(floa
     PDL_ENTER();
     __shared__ int sorted[32];
     add_rms_norm_f16_split(x, PairsAddend{out, sort_row_pairs(tok_pairs, topk, sorted), topk, pre}, w, y, yh, yl, yinv, D, eps);
-}
-
-// add_rms_norm_split_pairs of one row whose MoE output comes as fixed-point sums (FIX above):
-// one block of D / 4 threads, D % 4 == 0.
-extern "C" __global__ void __launch_bounds__(1024) add_rms_norm_split_fixed(float* __restrict__ x, unsigned long long* __restrict__ fix,
-                                                                            const float* __restrict__ pre, const float* __restrict__ w,
-                                                                            float* __restrict__ y, unsigned short* __restrict__ yh,
-                                                                            unsigned short* __restrict__ yl, float* __restrict__ yinv,
-                                                                            int D, float eps) {
-    add_rms_norm_split_pairs_one_row<true>(x, nullptr, 0, pre, w, y, yh, yl, yinv, D, eps, fix);
-}
-
-// x (+ pre) += the MoE's output of one row as fixed-point sums (add_rms_norm_split_fixed's),
-// which it zeroes: one block of D / 4 threads, D % 4 == 0.
-extern "C" __global__ void __launch_bounds__(1024) add_fixed_inplace(float* __restrict__ x, unsigned long long* __restrict__ fix,
-                                                                     const float* __restrict__ pre, int D) { PDL_ENTER();
-    const int c = threadIdx.x;
-    const bool bad = __ldcg(fix + D) != 0ull;
-    if (c < D / 4) {
-        float4 v = reinterpret_cast<float4*>(x)[c];
-        if (pre) v = plus4(v, reinterpret_cast<const float4*>(pre)[c]);
-        reinterpret_cast<float4*>(x)[c] = plus4(v, take_fixed4(fix, c, bad));
-    }
-    __syncthreads();
-    if (c == 0) fix[D] = 0ull;
 }
 
 // add_rms_norm that also writes y split as the tiled MoE kernels read x (moe.cu's

@@ -187,8 +187,6 @@ pub(crate) struct Ops {
     add_rms_norm_pairs: CudaFunction,
     add_rms_norm_split_pairs: CudaFunction,
     add_pairs_inplace: CudaFunction,
-    add_rms_norm_split_fixed: CudaFunction,
-    add_fixed_inplace: CudaFunction,
     rope_kv_write: CudaFunction,
     moe_route: CudaFunction,
     moe_group: CudaFunction,
@@ -322,9 +320,6 @@ pub struct CudaModel {
     route_acc_stride: usize,
     route_ssq: CudaSlice<f32>,
     route_h: CudaSlice<f32>,
-    /// That MoE's routed output of its token as fixed-point sums [H] and a flag word (zero
-    /// between: the residual add after the MoE zeroes them).
-    route_y: CudaSlice<u64>,
     /// f32 matrices (routers) over 2 to `F32_TILES_MAX_ROWS` - 1 rows run `gemv_f32_tiles`
     /// (`gemv_f32_into`; `PEREGRINE_F32_TILES=0` keeps gemv_f32 / gemm_f32_nt, for comparison;
     /// tests flip it).
@@ -527,8 +522,6 @@ impl CudaModel {
             add_rms_norm_pairs: f("add_rms_norm_pairs")?,
             add_rms_norm_split_pairs: f("add_rms_norm_split_pairs")?,
             add_pairs_inplace: f("add_pairs_inplace")?,
-            add_rms_norm_split_fixed: f("add_rms_norm_split_fixed")?,
-            add_fixed_inplace: f("add_fixed_inplace")?,
             rope_kv_write: f("rope_kv_write")?,
             moe_route: f("moe_route")?,
             moe_group: {
@@ -692,7 +685,6 @@ impl CudaModel {
         let route_acc = s.alloc_zeros::<u64>(layers.len().max(1) * route_acc_stride).map_err(drv)?;
         let route_ssq = s.alloc_zeros::<f32>(h.div_ceil(16)).map_err(drv)?;
         let route_h = s.alloc_zeros::<f32>(h).map_err(drv)?;
-        let route_y = s.alloc_zeros::<u64>(h + 1).map_err(drv)?;
         let model = CudaModel {
             spec: spec.clone(),
             final_norm,
@@ -738,7 +730,6 @@ impl CudaModel {
             route_acc_stride,
             route_ssq,
             route_h,
-            route_y,
             f32_tiles: std::env::var("PEREGRINE_F32_TILES").map_or(true, |v| v != "0"),
             moe_combine_in_norm: None,
             moe_pairs_calls: std::sync::atomic::AtomicUsize::new(0),
@@ -1476,10 +1467,7 @@ impl CudaModel {
     /// pairs: the same bits as combining them first.
     pub(crate) fn add_rms_norm_pairs(&self, x: &mut CudaSlice<f32>, pairs: &MoePairs, w: &CudaSlice<f32>, rows: usize, d: usize, split: bool) -> Result<(CudaSlice<f32>, Option<F16Split>)> {
         pairs.check(rows, d)?;
-        if pairs.fixed {
-            return self.add_rms_norm_fixed(x, pairs.pre.as_ref(), w, d, split);
-        }
-        let MoePairs { out, tok_pairs, topk, pre, .. } = pairs;
+        let MoePairs { out, tok_pairs, topk, pre } = pairs;
         let mut y = self.empty(rows * d)?;
         let (dd, eps, k) = (d as i32, self.spec.rms_norm_eps, *topk as i32);
         if !split {
@@ -1501,44 +1489,13 @@ impl CudaModel {
         if x.len() < rows * d {
             return Err(Error::Backend(format!("add_pairs_inplace: x holds fewer than {rows} rows")));
         }
-        if pairs.fixed {
-            return self.add_fixed_inplace(x, pairs.pre.as_ref(), d);
-        }
-        let MoePairs { out, tok_pairs, topk, pre, .. } = pairs;
+        let MoePairs { out, tok_pairs, topk, pre } = pairs;
         let (dd, k) = (d as i32, *topk as i32);
         let mut b = crate::launch::builder(&self.stream, &self.ops.add_pairs_inplace);
         b.arg(x).arg(out).arg(tok_pairs).arg(&k).arg_or_null(pre.as_ref()).arg(&dd);
         // A thread per float4 of a row (per element where d % 4 != 0), 256 a block.
         let col_blocks = if d.is_multiple_of(4) { d / 4 } else { d }.div_ceil(256).max(1) as u32;
         unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, col_blocks, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
-        Ok(())
-    }
-
-    /// x (+ pre) += the MoE's fixed-point sums of one row (`route_y`, zeroed after), then its
-    /// norm (and F16 split): add_rms_norm_split_fixed, or add_fixed_inplace then rms_norm.
-    fn add_rms_norm_fixed(&self, x: &mut CudaSlice<f32>, pre: Option<&CudaSlice<f32>>, w: &CudaSlice<f32>, d: usize, split: bool) -> Result<(CudaSlice<f32>, Option<F16Split>)> {
-        if !split {
-            self.add_fixed_inplace(x, pre, d)?;
-            return Ok((self.rms_norm(x, w, 1, d)?, None));
-        }
-        let mut y = self.empty(d)?;
-        let (mut yh, mut yl, mut yinv) = self.split_outputs(1, d)?;
-        let (dd, eps) = (d as i32, self.spec.rms_norm_eps);
-        let mut b = crate::launch::builder(&self.stream, &self.ops.add_rms_norm_split_fixed);
-        b.arg(x).arg(&self.route_y).arg_or_null(pre).arg(w).arg(&mut y).arg(&mut yh).arg(&mut yl).arg(&mut yinv).arg(&dd).arg(&eps);
-        unsafe { b.launch(norm_cfg(1, d)) }.map_err(drv)?;
-        Ok((y, Some((yh, yl, yinv))))
-    }
-
-    /// x (+ pre) += the MoE's fixed-point sums of one row (`route_y`, zeroed after).
-    fn add_fixed_inplace(&self, x: &mut CudaSlice<f32>, pre: Option<&CudaSlice<f32>>, d: usize) -> Result<()> {
-        if !fixed_row_takes(d) || x.len() < d || self.route_y.len() < d + 1 || pre.is_some_and(|p| p.len() < d) {
-            return Err(Error::Backend(format!("add_fixed_inplace: a row of {d}")));
-        }
-        let dd = d as i32;
-        let mut b = crate::launch::builder(&self.stream, &self.ops.add_fixed_inplace);
-        b.arg(x).arg(&self.route_y).arg_or_null(pre).arg(&dd);
-        unsafe { b.launch(norm_cfg(1, d)) }.map_err(drv)?;
         Ok(())
     }
 
@@ -1672,10 +1629,9 @@ impl CudaModel {
             let zero = self.route_acc_ptr(prev);
             let mut tok_pairs = unsafe { self.kernels.alloc.alloc::<i32>(spec.top_k) }?;
             let eps = self.spec.rms_norm_eps;
-            let yfix = self.route_y.device_ptr(&self.stream).0;
-            let out = self.with_moe_scratch(w, spec.top_k, |scratch| self.kernels.moe_mxfp4_acc_pairs(kind, spec, w, &r, eps, bias.as_ref().map(|b| &b.0), scratch, &mut tok_pairs, zero, self.route_acc_stride, yfix))?;
+            let out = self.with_moe_scratch(w, spec.top_k, |scratch| self.kernels.moe_mxfp4_acc_pairs(kind, spec, w, &r, eps, bias.as_ref().map(|b| &b.0), scratch, &mut tok_pairs, zero, self.route_acc_stride))?;
             self.moe_pairs_calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            return Ok(MlpOut::Pairs(MoePairs { out, tok_pairs, topk: spec.top_k, pre: Some(attn), fixed: true }));
+            return Ok(MlpOut::Pairs(MoePairs { out, tok_pairs, topk: spec.top_k, pre: Some(attn) }));
         }
         let (logits, xn) = self.router_normed(router, x, &attn, nw, rows)?;
         // xn comes from the launch just before the experts: staged after their wait.
@@ -1707,7 +1663,6 @@ impl CudaModel {
             && matches!(router.m, GpuMatrix::F32(_))
             && a.o.n == h
             && router.k == h
-            && fixed_row_takes(h)
             && router.n == spec.num_experts
             && self.route_acc_copies * spec.num_experts < self.route_acc_stride
             && self.kernels.oproj_route_takes(a.o.n, a.o.k, router.n)
@@ -1740,9 +1695,6 @@ impl CudaModel {
         let (p, _g) = self.route_acc.device_ptr(&self.stream);
         // SAFETY: the accumulators' own allocation, on this stream.
         let _ = unsafe { cudarc::driver::result::memset_d8_async(p, 0, self.route_acc.len() * std::mem::size_of::<u64>(), self.stream.cu_stream()) };
-        let (p, _g) = self.route_y.device_ptr(&self.stream);
-        // SAFETY: as above.
-        let _ = unsafe { cudarc::driver::result::memset_d8_async(p, 0, self.route_y.len() * std::mem::size_of::<u64>(), self.stream.cu_stream()) };
     }
 
     /// How many layers do their MoE's router in the o_proj at `rows` rows; for tests.
@@ -1810,7 +1762,7 @@ impl CudaModel {
                 let mut tok_pairs = unsafe { self.kernels.alloc.alloc::<i32>(spec.top_k) }?;
                 let out = self.with_moe_scratch(w, spec.top_k, |scratch| self.kernels.moe_mxfp4_routed_pairs(kind, spec, w, logits, bias, hn, input, scratch, &mut tok_pairs))?;
                 self.moe_pairs_calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                return Ok(MlpOut::Pairs(MoePairs { out, tok_pairs, topk: spec.top_k, pre: None, fixed: false }));
+                return Ok(MlpOut::Pairs(MoePairs { out, tok_pairs, topk: spec.top_k, pre: None }));
             }
             let mut y = self.empty(n * self.spec.hidden_size)?;
             self.with_moe_scratch(w, spec.top_k, |scratch| self.kernels.moe_mxfp4_routed(kind, spec, w, logits, bias, hn, input, scratch, &mut y))?;
@@ -1820,7 +1772,7 @@ impl CudaModel {
         if leave_pairs {
             let out = self.with_moe_scratch(w, r.num_pairs, |scratch| self.kernels.moe_mxfp4_pairs(kind, w, &r, hn, input, scratch))?;
             self.moe_pairs_calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            return Ok(MlpOut::Pairs(MoePairs { out, tok_pairs: r.tok_pairs, topk: spec.top_k, pre: None, fixed: false }));
+            return Ok(MlpOut::Pairs(MoePairs { out, tok_pairs: r.tok_pairs, topk: spec.top_k, pre: None }));
         }
         let mut y = self.empty(n * self.spec.hidden_size)?;
         self.with_moe_scratch(w, r.num_pairs, |scratch| self.kernels.moe_mxfp4_with(kind, w, &r, hn, input, scratch, &mut y))?;
@@ -1973,15 +1925,11 @@ pub(crate) enum MlpOut {
 /// `tok_pairs` [n, topk], each row's pairs. `pre` [n, H]: rows the residual add adds before the
 /// pairs, (x + pre) + pairs: the attention output, when the router computed the post-attention
 /// norm itself and left that residual add to this one (`moe_after_attention`).
-/// `fixed`: one row whose routed output is not in `out` but in the model's fixed-point sums
-/// (`route_y`, left by the MoE after an o_proj that did its router), which the residual add
-/// reads and zeroes.
 pub(crate) struct MoePairs {
     pub(crate) out: CudaSlice<f32>,
     pub(crate) tok_pairs: CudaSlice<i32>,
     pub(crate) topk: usize,
     pub(crate) pre: Option<CudaSlice<f32>>,
-    pub(crate) fixed: bool,
 }
 
 impl MoePairs {
@@ -1990,20 +1938,11 @@ impl MoePairs {
     fn check(&self, rows: usize, d: usize) -> Result<()> {
         let topk = self.topk;
         let pre_fits = self.pre.as_ref().is_none_or(|p| p.len() >= rows * d);
-        if self.fixed && !(rows == 1 && fixed_row_takes(d)) {
-            return Err(Error::Backend(format!("MoE output as fixed-point sums: {rows} rows of {d}, not one row of at most 4096 (d % 4 == 0)")));
-        }
         if (1..=32).contains(&topk) && self.tok_pairs.len() >= rows * topk && self.out.len() >= rows * topk * d && pre_fits {
             return Ok(());
         }
         Err(Error::Backend(format!("MoE pairs: top-{topk} of {rows} rows of {d} do not fit the buffers")))
     }
-}
-
-/// Whether the fixed-point residual adds (`add_rms_norm_split_fixed`, `add_fixed_inplace`: one
-/// block, a float4 per thread) take rows of `d`.
-fn fixed_row_takes(d: usize) -> bool {
-    d.is_multiple_of(4) && (4..=4096).contains(&d)
 }
 
 /// Threads of `gemv_f32` (and `gemv_f32_norm`) for rows of `k` (k % 4 == 0): one block per row,

@@ -2049,10 +2049,8 @@ impl Kernels {
     /// with `r`): the logits from `r.acc` and the post-attention norm's 1 / rms from `r.ssq`,
     /// x = (norm * h) * inv staged from `r.h` (moe_fused_acc_*). `zero_acc` (device address, 0
     /// for none) of `nzero` u64: the accumulators of the MoE layer before, which block 0 zeroes.
-    /// The token's routed output goes to the fixed-point sums at `yfix` [H + 1] (zero on entry;
-    /// the residual add after reads and zeroes them), not to `scratch.out`.
     #[allow(clippy::too_many_arguments)]
-    pub fn moe_mxfp4_acc_pairs(&self, kind: MoeKernel, spec: &MoeSpec, w: &MoeWeights, r: &RouteInOproj, eps: f32, bias: Option<&CudaSlice<f32>>, scratch: &mut MoeScratch, tok_pairs: &mut CudaSlice<i32>, zero_acc: u64, nzero: usize, yfix: u64) -> Result<()> {
+    pub fn moe_mxfp4_acc_pairs(&self, kind: MoeKernel, spec: &MoeSpec, w: &MoeWeights, r: &RouteInOproj, eps: f32, bias: Option<&CudaSlice<f32>>, scratch: &mut MoeScratch, tok_pairs: &mut CudaSlice<i32>, zero_acc: u64, nzero: usize) -> Result<()> {
         let (e, k, h) = (spec.num_experts, spec.top_k, w.hidden);
         let (MoeLayout::Tiled { gate_up, down }, MoeKernel::Fused { stages, steps, max_blocks }) = (&w.layout, kind) else {
             return Err(Error::Backend(format!("the routed MoE kernel runs the fused kernel over tiled weights, not {kind:?}")));
@@ -2075,8 +2073,7 @@ impl Kernels {
         };
         b.arg(&ei).arg(&ki).arg(&sm).arg(&ng).arg(&tg).arg(&norm).arg(&sc);
         b.arg(gate_up).arg(down).arg(r.h).arg(&mut scratch.h).arg(&mut scratch.out).arg(&hh).arg(&ii).arg(&ui).arg(&mut scratch.counters);
-        check(yfix != 0, || "routed MoE (router in the o_proj): no fixed-point sums for its output".into())?;
-        b.arg(&0u64).arg(&mut *tok_pairs).arg(&zero_acc).arg(&nz).arg(&yfix);
+        b.arg(&0u64).arg(&mut *tok_pairs).arg(&zero_acc).arg(&nz);
         unsafe { b.launch(cfg) }.map_err(drv("moe (fused, router in the o_proj)"))?;
         Ok(())
     }

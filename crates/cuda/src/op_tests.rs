@@ -259,7 +259,7 @@ fn norm_splits_across_a_power_of_two_take_split_f16s_scale() {
     let mut xa = st.clone_htod(&x).unwrap();
     let (y, sp) = m.add_rms_norm_split(&mut xa, &st.clone_htod(&vec![0f32; d]).unwrap(), &wd, 1, d).unwrap();
     same("add_rms_norm_split", &sp, &y);
-    let pairs = MoePairs { out: st.clone_htod(&vec![0f32; 8 * d]).unwrap(), tok_pairs: st.clone_htod(&(0..8).collect::<Vec<i32>>()).unwrap(), topk: 8, pre: None, fixed: false };
+    let pairs = MoePairs { out: st.clone_htod(&vec![0f32; 8 * d]).unwrap(), tok_pairs: st.clone_htod(&(0..8).collect::<Vec<i32>>()).unwrap(), topk: 8, pre: None };
     let mut xp = st.clone_htod(&x).unwrap();
     let (y, sp) = m.add_rms_norm_pairs(&mut xp, &pairs, &wd, 1, d, true).unwrap();
     same("add_rms_norm_split_pairs (one row)", &sp.expect("split"), &y);
@@ -297,7 +297,7 @@ fn norms_summing_moe_pairs_equal_combine_then_norm() {
                 combined[t * d + n] = acc;
             }
         }
-        let pairs = MoePairs { out: st.clone_htod(&out).unwrap(), tok_pairs: st.clone_htod(&ids).unwrap(), topk, pre: None, fixed: false };
+        let pairs = MoePairs { out: st.clone_htod(&out).unwrap(), tok_pairs: st.clone_htod(&ids).unwrap(), topk, pre: None };
         let (wd, cd) = (st.clone_htod(&w).unwrap(), st.clone_htod(&combined).unwrap());
         let name = format!("{rows}x{d} top-{topk}");
         // Residual add only (the last layer's).
@@ -350,7 +350,7 @@ fn norms_summing_moe_pairs_equal_combine_then_norm() {
         eprintln!("{name}: pair-summing residual adds identical to combine then add");
     }
     // Bad bounds are an error, not a fault.
-    let small = |topk| MoePairs { out: st.clone_htod(&[0f32; 8]).unwrap(), tok_pairs: st.clone_htod(&[0i32; 2]).unwrap(), topk, pre: None, fixed: false };
+    let small = |topk| MoePairs { out: st.clone_htod(&[0f32; 8]).unwrap(), tok_pairs: st.clone_htod(&[0i32; 2]).unwrap(), topk, pre: None };
     let mut xd = st.clone_htod(&[0f32; 4]).unwrap();
     assert!(m.add_pairs_inplace(&mut xd, &small(33), 1, 4).is_err());
     assert!(m.add_pairs_inplace(&mut xd, &small(2), 2, 4).is_err());

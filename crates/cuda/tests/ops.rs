@@ -381,11 +381,9 @@ fn router_computing_the_norm_equals_the_norm_launch() {
 
 /// The one-token o_proj doing its MoE's router (`route_in_oproj`: each block adds its rows' part
 /// of every expert's logit as a fixed-point integer, the MoE takes the norm's 1 / rms from the
-/// blocks' sums of squares and norms x as it stages it, and leaves its output as fixed-point
-/// sums that the residual add after it reads and zeroes, the last layer's too) gives the logits
-/// of the router's own launch up to f32 rounding, over a few decode steps; it gives the same
-/// bits when run again (the integer sums do not depend on the blocks' order, and every sum was
-/// zeroed between) and as a CUDA graph.
+/// blocks' sums of squares and norms x as it stages it) gives the logits of the router's own
+/// launch up to f32 rounding, over a few decode steps; it gives the same bits when run again
+/// (the integer sums do not depend on the blocks' order) and as a CUDA graph.
 #[test]
 fn router_in_the_oproj_matches_the_router_launch() {
     let Some((spec, mut model)) = fp8_attention_model() else { return };
