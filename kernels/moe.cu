@@ -805,9 +805,35 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
     TRACE(13);
 }
 
+// The routed fused kernels' common part: every block routes its token from `logits` (shared
+// or global memory) by route_token, warp 0 grouping the choices (K <= MAX_FUSED_TOPK <= 32),
+// block 0 writes the token's pair indices when the pairs are left (y null), then moe_fused runs
+// on that routing. scores: 2 E floats of the rings' shared memory (free again past
+// route_token's closing barrier).
+template <int NS, int CS, bool NORM>
+__device__ __forceinline__ void route_then_moe(const float* logits, const float* __restrict__ bias, int E, int K, int softmax,
+                                               int n_group, int topk_group, int norm, float scale, float* scores,
+                                               const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Wd,
+                                               const float* __restrict__ x, float* __restrict__ h, float* __restrict__ out, int H,
+                                               int I, int U, unsigned* counters, float* __restrict__ y, int* __restrict__ tok_pairs_out,
+                                               StageSmem& ss, bool staged, float ninv) {
+    __shared__ int sel[MAX_FUSED_TOPK], experts[MAX_FUSED_TOPK], pair_off[MAX_FUSED_TOPK + 1], pair_tok[MAX_FUSED_TOPK],
+        tok_pairs[MAX_FUSED_TOPK];
+    __shared__ float wsel[MAX_FUSED_TOPK], pair_w[MAX_FUSED_TOPK];
+    static_assert(MAX_FUSED_TOPK <= 32, "group_one_token_warp holds one choice a lane");
+    const OneTokenGroups groups = {experts, pair_off, pair_tok, pair_w, tok_pairs, U};
+    route_token(logits, bias, E, K, softmax, n_group, topk_group, norm, scale, scores, scores + E, sel, wsel, &groups);
+    // y null: the pairs are left to the residual add after the MoE, which needs to know them.
+    if (!y && blockIdx.x == 0 && (int)threadIdx.x < K) tok_pairs_out[threadIdx.x] = tok_pairs[threadIdx.x];
+    // The rings' bulk copies (async proxy) will land where the scores were written (generic).
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    moe_fused<NS, CS, NORM>(Wg, Wd, experts, pair_off, pair_tok, pair_w, x, h, out, H, I, U, counters, tok_pairs, y, 1, K, ss, staged,
+                            ninv);
+}
+
 // The fused kernel for one token that routes it itself: every block runs the router on the
 // token's logits (route_token, the code moe_route runs, so the same experts and weights bit for
-// bit) and groups the choices in shared memory (group_one_token), then runs moe_fused on that
+// bit) and groups the choices itself (group_one_token_warp), then runs moe_fused on that
 // routing. The routing launch and its global round trips leave a batch-1 step; each block reads
 // E logits and biases (L2), and the scores' scratch is the ring's shared memory (2 E floats,
 // before any copy lands there). U = min(K, E) expert slots; K <= MAX_FUSED_TOPK. y null: the
@@ -820,24 +846,12 @@ __device__ __forceinline__ void moe_fused_routed(const float* __restrict__ logit
                                                  int H, int I, int U, unsigned* counters, float* __restrict__ y, int x_settled,
                                                  int* __restrict__ tok_pairs_out) {
     extern __shared__ uint4 dsm[];
-    __shared__ int sel[MAX_FUSED_TOPK], experts[MAX_FUSED_TOPK], pair_off[MAX_FUSED_TOPK + 1], pair_tok[MAX_FUSED_TOPK],
-        tok_pairs[MAX_FUSED_TOPK];
-    __shared__ float wsel[MAX_FUSED_TOPK], pair_w[MAX_FUSED_TOPK];
     __shared__ StageSmem ss;
-    float* scores = reinterpret_cast<float*>(dsm);
     bool staged = stage_token_early(x, 1, H, staged_frag(NS * CS * STEP_BYTES), ss, x_settled);
     PDL_ENTER();
     TRACE(2);
-    // The routing and its grouping (by warp 0, K <= MAX_FUSED_TOPK <= 32) are visible past
-    // route_token's closing barrier, and the scores' scratch is free for the rings.
-    static_assert(MAX_FUSED_TOPK <= 32, "group_one_token_warp holds one choice a lane");
-    const OneTokenGroups groups = {experts, pair_off, pair_tok, pair_w, tok_pairs, U};
-    route_token(logits, bias, E, K, softmax, n_group, topk_group, norm, scale, scores, scores + E, sel, wsel, &groups);
-    // y null: the pairs are left to the residual add after the MoE, which needs to know them.
-    if (!y && blockIdx.x == 0 && (int)threadIdx.x < K) tok_pairs_out[threadIdx.x] = tok_pairs[threadIdx.x];
-    // The rings' bulk copies (async proxy) will land where the scores were written (generic).
-    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-    moe_fused<NS, CS>(Wg, Wd, experts, pair_off, pair_tok, pair_w, x, h, out, H, I, U, counters, tok_pairs, y, 1, K, ss, staged);
+    route_then_moe<NS, CS, false>(logits, bias, E, K, softmax, n_group, topk_group, norm, scale, reinterpret_cast<float*>(dsm), Wg, Wd,
+                                  x, h, out, H, I, U, counters, y, tok_pairs_out, ss, staged, 0.f);
 }
 
 // moe_fused_routed after the o_proj that did the router (gemv_mma_bf16_t1_pipe_route in
@@ -846,7 +860,7 @@ __device__ __forceinline__ void moe_fused_routed(const float* __restrict__ logit
 // blocks' parts ssq[nssq]. Every warp sums ssq in the same order (lane l: parts l, l + 32, ...,
 // then the xor tree), so every thread holds the same 1 / rms without a barrier; each thread
 // adds its experts' copies (integers: any order) and writes their logits (sum * 2^-40 * inv) to
-// shared memory, and route_token routes them as moe_fused_routed does. hg is g h (the norm's
+// shared memory, which route_then_moe routes as moe_fused_routed does. hg is g h (the norm's
 // weight times h = x + a), staged as hg * inv (NORM). zero_acc [nzero] (or null): the previous
 // such layer's accumulators, zeroed by block 0 past the wait (every block of that layer's MoE
 // has read them, and the o_proj that adds into them next runs after this kernel).
@@ -859,9 +873,6 @@ __device__ __forceinline__ void moe_fused_acc(const unsigned long long* __restri
                                               int I, int U, unsigned* counters, float* __restrict__ y, int* __restrict__ tok_pairs_out,
                                               unsigned long long* __restrict__ zero_acc, int nzero) {
     extern __shared__ uint4 dsm[];
-    __shared__ int sel[MAX_FUSED_TOPK], experts[MAX_FUSED_TOPK], pair_off[MAX_FUSED_TOPK + 1], pair_tok[MAX_FUSED_TOPK],
-        tok_pairs[MAX_FUSED_TOPK];
-    __shared__ float wsel[MAX_FUSED_TOPK], pair_w[MAX_FUSED_TOPK];
     __shared__ StageSmem ss;
     float* scores = reinterpret_cast<float*>(dsm);
     float* logits = scores + 2 * E;
@@ -881,13 +892,8 @@ __device__ __forceinline__ void moe_fused_acc(const unsigned long long* __restri
     if (zero_acc && blockIdx.x == 0)
         for (int i = threadIdx.x; i < nzero; i += blockDim.x) zero_acc[i] = 0ull;
     __syncthreads();
-    static_assert(MAX_FUSED_TOPK <= 32, "group_one_token_warp holds one choice a lane");
-    const OneTokenGroups groups = {experts, pair_off, pair_tok, pair_w, tok_pairs, U};
-    route_token(logits, bias, E, K, softmax, n_group, topk_group, norm, scale, scores, scores + E, sel, wsel, &groups);
-    if (!y && blockIdx.x == 0 && (int)threadIdx.x < K) tok_pairs_out[threadIdx.x] = tok_pairs[threadIdx.x];
-    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-    moe_fused<NS, CS, true>(Wg, Wd, experts, pair_off, pair_tok, pair_w, hg, h, out, H, I, U, counters, tok_pairs, y, 1, K, ss, false,
-                            inv);
+    route_then_moe<NS, CS, true>(logits, bias, E, K, softmax, n_group, topk_group, norm, scale, scores, Wg, Wd, hg, h, out, H, I, U,
+                                 counters, y, tok_pairs_out, ss, false, inv);
 }
 
 // Ring shapes: NS stages of CS steps. The _split_ kernels read their rows split already (moe_tiled's SPLIT).
