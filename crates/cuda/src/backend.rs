@@ -1650,7 +1650,8 @@ impl CudaModel {
     /// router over the hidden size, and at least one other layer doing the same (the MoE of
     /// each zeroes the previous one's accumulators: `route_prev_layer`).
     pub(crate) fn route_in_oproj_at(&self, li: usize, rows: usize) -> bool {
-        rows == 1 && self.route_oproj_shape(li) && (0..self.layers.len()).any(|l| l != li && self.route_oproj_shape(l))
+        // (route_prev_layer looks back from li - 1: usually one check, not one per layer.)
+        rows == 1 && self.route_in_oproj && self.route_oproj_shape(li) && self.route_prev_layer(li).is_some()
     }
 
     fn route_oproj_shape(&self, li: usize) -> bool {
