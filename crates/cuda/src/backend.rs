@@ -319,7 +319,7 @@ pub struct CudaModel {
     route_acc_copies: usize,
     route_acc_stride: usize,
     route_ssq: CudaSlice<f32>,
-    route_h: CudaSlice<f32>,
+    route_hg: CudaSlice<f32>,
     /// f32 matrices (routers) over 2 to `F32_TILES_MAX_ROWS` - 1 rows run `gemv_f32_tiles`
     /// (`gemv_f32_into`; `PEREGRINE_F32_TILES=0` keeps gemv_f32 / gemm_f32_nt, for comparison;
     /// tests flip it).
@@ -684,7 +684,7 @@ impl CudaModel {
         let route_acc_stride = layers.iter().filter_map(|l| if let Mlp::Moe { spec, .. } = &l.mlp { Some(route_acc_copies * spec.num_experts + 1) } else { None }).max().unwrap_or(1);
         let route_acc = s.alloc_zeros::<u64>(layers.len().max(1) * route_acc_stride).map_err(drv)?;
         let route_ssq = s.alloc_zeros::<f32>(h.div_ceil(16)).map_err(drv)?;
-        let route_h = s.alloc_zeros::<f32>(h).map_err(drv)?;
+        let route_hg = s.alloc_zeros::<f32>(h).map_err(drv)?;
         let model = CudaModel {
             spec: spec.clone(),
             final_norm,
@@ -729,7 +729,7 @@ impl CudaModel {
             route_acc_copies,
             route_acc_stride,
             route_ssq,
-            route_h,
+            route_hg,
             f32_tiles: std::env::var("PEREGRINE_F32_TILES").map_or(true, |v| v != "0"),
             moe_combine_in_norm: None,
             moe_pairs_calls: std::sync::atomic::AtomicUsize::new(0),
@@ -1687,7 +1687,7 @@ impl CudaModel {
         let (Mlp::Moe { router: Mat { m: GpuMatrix::F32(wr), n, .. }, .. }, true) = (&l.mlp, self.route_oproj_shape(li)) else {
             return Err(Error::Backend(format!("layer {li}'s o_proj does not take its router")));
         };
-        Ok(crate::kernels::RouteInOproj { res, norm: &l.post_norm, router: wr, experts: *n, acc: self.route_acc_ptr(li), copies: self.route_acc_copies, ssq: &self.route_ssq, h: &self.route_h })
+        Ok(crate::kernels::RouteInOproj { res, norm: &l.post_norm, router: wr, experts: *n, acc: self.route_acc_ptr(li), copies: self.route_acc_copies, ssq: &self.route_ssq, hg: &self.route_hg })
     }
 
     /// Zeroes every layer's router accumulators (after a step that may have stopped between

@@ -150,7 +150,7 @@ pub struct RouteInOproj<'a> {
     /// The o_proj blocks' sums of squares of h [H / 16].
     pub ssq: &'a CudaSlice<f32>,
     /// The norm's weight times h, g h [H].
-    pub h: &'a CudaSlice<f32>,
+    pub hg: &'a CudaSlice<f32>,
 }
 
 /// The most router rows `gemv_bf16_presplit_route` takes (64 bytes of shared memory each).
@@ -1662,7 +1662,7 @@ impl Kernels {
     }
 
     /// Whether `gemv_bf16_presplit_route` takes an o_proj of `n` x `k` at one token with a
-    /// router of `experts` rows: the pipelined one-tile kernel's shapes (one wave), K = n.
+    /// router of `experts` rows: the pipelined one-tile kernel's shapes (one wave).
     pub fn oproj_route_takes(&self, n: usize, k: usize, experts: usize) -> bool {
         n.is_multiple_of(16) && k.is_multiple_of(128) && (1..=ROUTE_OPROJ_MAX_EXPERTS).contains(&experts) && self.pipe_takes(false, 1, 1, n / 16)
     }
@@ -1675,7 +1675,7 @@ impl Kernels {
     pub fn gemv_bf16_presplit_route(&self, w: &CudaSlice<u16>, xh: &CudaSlice<u16>, xl: &CudaSlice<u16>, y: &mut CudaSlice<f32>, n: usize, k: usize, zero: Option<&CudaSlice<u32>>, r: &RouteInOproj) -> Result<()> {
         check(self.oproj_route_takes(n, k, r.experts), || format!("gemv_bf16_presplit_route: {n}x{k} with {} experts is not its shape", r.experts))?;
         check(w.len() >= n * k && xh.len() >= k && xl.len() >= k && y.len() >= n, || format!("gemv_bf16_presplit_route: bad shapes {n}x{k}"))?;
-        check(r.res.len() >= n && r.norm.len() >= n && r.router.len() >= r.experts * n && r.ssq.len() >= n / 16 && r.h.len() >= n && r.acc != 0 && r.copies >= 1, || "gemv_bf16_presplit_route: router buffers too small".into())?;
+        check(r.res.len() >= n && r.norm.len() >= n && r.router.len() >= r.experts * n && r.ssq.len() >= n / 16 && r.hg.len() >= n && r.acc != 0 && r.copies >= 1, || "gemv_bf16_presplit_route: router buffers too small".into())?;
         let (wp, _w) = w.device_ptr(&self.stream);
         let (ni, ki, ti, ei) = (n as i32, k as i32, 1i32, r.experts as i32);
         let mut b = crate::launch::builder(&self.stream, &self.mma_bf16_pipe_route);
@@ -1684,7 +1684,7 @@ impl Kernels {
         let nzero = zero.map_or(0, |z| z.len() as i32);
         b.arg_or_null(zero).arg(&nzero);
         let ci = r.copies as i32;
-        b.arg(r.res).arg(r.norm).arg(r.router).arg(&ei).arg(&r.acc).arg(&ci).arg(r.ssq).arg(r.h);
+        b.arg(r.res).arg(r.norm).arg(r.router).arg(&ei).arg(&r.acc).arg(&ci).arg(r.ssq).arg(r.hg);
         let cfg = LaunchConfig { grid_dim: ((n / 16) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: (r.experts * 64) as u32 };
         unsafe { b.launch(cfg) }.map_err(drv("gemv_mma_bf16_t1_pipe_route"))?;
         Ok(())
@@ -2016,7 +2016,7 @@ impl Kernels {
         let (MoeLayout::Tiled { gate_up, down }, MoeKernel::Fused { stages, steps, max_blocks }) = (&w.layout, kind) else {
             return Err(Error::Backend(format!("the routed MoE kernel runs the fused kernel over tiled weights, not {kind:?}")));
         };
-        check(e == w.num_experts && (1..=MAX_FUSED_TOPK).contains(&k) && spec.n_group <= 64 && (spec.n_group <= 1 || e.is_multiple_of(spec.n_group)), || format!("routed MoE: {e} experts in {} groups, top-{k}", spec.n_group))?;
+        Self::check_routed_spec(spec, w)?;
         let out_fits = match &result {
             RoutedOut::Combined(y) => y.len() >= h,
             RoutedOut::Pairs(tp) => tp.len() >= k,
@@ -2026,7 +2026,6 @@ impl Kernels {
         let u = k.min(e);
         let f = &self.fused_routed[Self::tiled_variant(stages, steps)?];
         let cfg = self.fused_grid(f, w, stages, steps, max_blocks, 1, u, 8 * e, &scratch.counters)?;
-        let (ei, ki, sm, ng, tg, norm, sc) = (e as i32, k as i32, matches!(spec.scoring, RouterScoring::Softmax) as i32, spec.n_group as i32, spec.topk_group as i32, spec.norm_topk_prob as i32, spec.routed_scaling_factor);
         let (hh, ii, ui) = (h as i32, w.inter as i32, u as i32);
         let mut b = crate::launch::builder(&self.stream, f);
         b.arg(logits);
@@ -2034,7 +2033,7 @@ impl Kernels {
             Some(bb) => b.arg(bb),
             None => b.arg(&0u64),
         };
-        b.arg(&ei).arg(&ki).arg(&sm).arg(&ng).arg(&tg).arg(&norm).arg(&sc);
+        Self::routing_args(&mut b, spec);
         b.arg(gate_up).arg(down).arg(x).arg(&mut scratch.h).arg(&mut scratch.out).arg(&hh).arg(&ii).arg(&ui).arg(&mut scratch.counters);
         let settled = input.settled_flag();
         match &mut result {
@@ -2047,7 +2046,7 @@ impl Kernels {
 
     /// `moe_mxfp4_routed_pairs` after the o_proj that did the router (`gemv_bf16_presplit_route`
     /// with `r`): the logits from `r.acc` and the post-attention norm's 1 / rms from `r.ssq`,
-    /// x = (norm * h) * inv staged from `r.h` (moe_fused_acc_*). `zero_acc` (device address, 0
+    /// x = (norm * h) * inv staged from `r.hg` (moe_fused_acc_*). `zero_acc` (device address, 0
     /// for none) of `nzero` u64: the accumulators of the MoE layer before, which block 0 zeroes.
     #[allow(clippy::too_many_arguments)]
     pub fn moe_mxfp4_acc_pairs(&self, kind: MoeKernel, spec: &MoeSpec, w: &MoeWeights, r: &RouteInOproj, eps: f32, bias: Option<&CudaSlice<f32>>, scratch: &mut MoeScratch, tok_pairs: &mut CudaSlice<i32>, zero_acc: u64, nzero: usize) -> Result<()> {
@@ -2055,14 +2054,14 @@ impl Kernels {
         let (MoeLayout::Tiled { gate_up, down }, MoeKernel::Fused { stages, steps, max_blocks }) = (&w.layout, kind) else {
             return Err(Error::Backend(format!("the routed MoE kernel runs the fused kernel over tiled weights, not {kind:?}")));
         };
-        check(e == w.num_experts && e == r.experts && (1..=MAX_FUSED_TOPK).contains(&k) && spec.n_group <= 64 && (spec.n_group <= 1 || e.is_multiple_of(spec.n_group)), || format!("routed MoE: {e} experts in {} groups, top-{k}", spec.n_group))?;
-        check(h.is_multiple_of(16) && r.ssq.len() >= h / 16 && r.h.len() >= h && r.acc != 0 && r.copies >= 1 && bias.is_none_or(|b| b.len() >= e) && tok_pairs.len() >= k, || "routed MoE (router in the o_proj): buffers too small".into())?;
+        Self::check_routed_spec(spec, w)?;
+        check(e == r.experts, || format!("routed MoE: {e} experts, the o_proj's router has {}", r.experts))?;
+        check(h.is_multiple_of(16) && r.ssq.len() >= h / 16 && r.hg.len() >= h && r.acc != 0 && r.copies >= 1 && bias.is_none_or(|b| b.len() >= e) && tok_pairs.len() >= k, || "routed MoE (router in the o_proj): buffers too small".into())?;
         check(scratch.h.len() >= k * w.inter && scratch.out.len() >= k * h, || "MoE scratch too small".into())?;
         let u = k.min(e);
         let f = &self.fused_acc[Self::tiled_variant(stages, steps)?];
         // Shared scratch before the rings: scores, choices and logits, E floats each.
         let cfg = self.fused_grid(f, w, stages, steps, max_blocks, 1, u, 12 * e, &scratch.counters)?;
-        let (ei, ki, sm, ng, tg, norm, sc) = (e as i32, k as i32, matches!(spec.scoring, RouterScoring::Softmax) as i32, spec.n_group as i32, spec.topk_group as i32, spec.norm_topk_prob as i32, spec.routed_scaling_factor);
         let (hh, ii, ui, nssq, nz) = (h as i32, w.inter as i32, u as i32, (h / 16) as i32, nzero as i32);
         let mut b = crate::launch::builder(&self.stream, f);
         let ci = r.copies as i32;
@@ -2071,11 +2070,25 @@ impl Kernels {
             Some(bb) => b.arg(bb),
             None => b.arg(&0u64),
         };
-        b.arg(&ei).arg(&ki).arg(&sm).arg(&ng).arg(&tg).arg(&norm).arg(&sc);
-        b.arg(gate_up).arg(down).arg(r.h).arg(&mut scratch.h).arg(&mut scratch.out).arg(&hh).arg(&ii).arg(&ui).arg(&mut scratch.counters);
+        Self::routing_args(&mut b, spec);
+        b.arg(gate_up).arg(down).arg(r.hg).arg(&mut scratch.h).arg(&mut scratch.out).arg(&hh).arg(&ii).arg(&ui).arg(&mut scratch.counters);
         b.arg(&0u64).arg(&mut *tok_pairs).arg(&zero_acc).arg(&nz);
         unsafe { b.launch(cfg) }.map_err(drv("moe (fused, router in the o_proj)"))?;
         Ok(())
+    }
+
+    /// What the routed fused kernels take of a routing: E experts, top-K within
+    /// MAX_FUSED_TOPK, groups that divide E.
+    fn check_routed_spec(spec: &MoeSpec, w: &MoeWeights) -> Result<()> {
+        let (e, k) = (spec.num_experts, spec.top_k);
+        check(e == w.num_experts && (1..=MAX_FUSED_TOPK).contains(&k) && spec.n_group <= 64 && (spec.n_group <= 1 || e.is_multiple_of(spec.n_group)), || format!("routed MoE: {e} experts in {} groups, top-{k}", spec.n_group))
+    }
+
+    /// The routed fused kernels' routing arguments, in their order: E, K, softmax, n_group,
+    /// topk_group, norm, scale.
+    fn routing_args(b: &mut crate::launch::Launch<'_>, spec: &MoeSpec) {
+        let (ei, ki, sm, ng, tg, norm) = (spec.num_experts as i32, spec.top_k as i32, matches!(spec.scoring, RouterScoring::Softmax) as i32, spec.n_group as i32, spec.topk_group as i32, spec.norm_topk_prob as i32);
+        b.arg(&ei).arg(&ki).arg(&sm).arg(&ng).arg(&tg).arg(&norm).arg(&spec.routed_scaling_factor);
     }
 
     /// The MoE decode with a chosen kernel generation (the bench compares them); the kernel

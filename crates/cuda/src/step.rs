@@ -145,7 +145,13 @@ impl CudaModel {
     /// rows' tokens, positions and paging, `out_idx` the asked-for rows (for GatherRows), and
     /// `logits`/`ids` receive LmHead's and Argmax's results.
     pub(crate) fn execute(&self, ops: &[Op], meta: &RowMeta, out_idx: Option<&CudaSlice<i32>>, logits: &mut CudaSlice<f32>, ids: &mut CudaSlice<i32>) -> Result<()> {
-        let r = self.execute_marked(ops, meta, out_idx, logits, ids, None);
+        self.execute_marked(ops, meta, out_idx, logits, ids, None)
+    }
+
+    /// `execute`, recording a timing event on the stream before every operation and after the
+    /// last when `marks` is given (so `marks[i]..marks[i + 1]` is operation i).
+    fn execute_marked(&self, ops: &[Op], meta: &RowMeta, out_idx: Option<&CudaSlice<i32>>, logits: &mut CudaSlice<f32>, ids: &mut CudaSlice<i32>, marks: Option<&mut Vec<CudaEvent>>) -> Result<()> {
+        let r = self.execute_ops(ops, meta, out_idx, logits, ids, marks);
         if r.is_err() {
             // An o_proj may have added into router accumulators that no MoE read.
             self.zero_route_acc();
@@ -153,9 +159,7 @@ impl CudaModel {
         r
     }
 
-    /// `execute`, recording a timing event on the stream before every operation and after the
-    /// last when `marks` is given (so `marks[i]..marks[i + 1]` is operation i).
-    fn execute_marked(&self, ops: &[Op], meta: &RowMeta, out_idx: Option<&CudaSlice<i32>>, logits: &mut CudaSlice<f32>, ids: &mut CudaSlice<i32>, mut marks: Option<&mut Vec<CudaEvent>>) -> Result<()> {
+    fn execute_ops(&self, ops: &[Op], meta: &RowMeta, out_idx: Option<&CudaSlice<i32>>, logits: &mut CudaSlice<f32>, ids: &mut CudaSlice<i32>, mut marks: Option<&mut Vec<CudaEvent>>) -> Result<()> {
         let mark = |marks: &mut Option<&mut Vec<CudaEvent>>| -> Result<()> {
             if let Some(m) = marks.as_deref_mut() {
                 m.push(self.stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(drv)?);
