@@ -975,6 +975,481 @@ MOE_BULK(3, 3)
 MOE_BULK(2, 6)
 
 // ---------------------------------------------------------------------------------------------
+// One token's MoE with blocks taking 16-row tiles from a queue, the block's SW warps sharing
+// each tile's K (`MoeKernel::Shared`).
+//
+// Why: SMs' shares of DRAM bandwidth differ and change within a call, so the fused kernel's
+// static items end with its slowest SM (identical items finish up to ~12 us apart,
+// benches/results/2026-11-23-moe-split-k.md). A queue follows the SMs only with short units, and
+// one warp streams a 16-row tile no faster than ~2.9 GB/s (a latency chain per step), so whole
+// tiles per warp were units of 12-24 us (benches/results/2026-11-25-dynamic-moe-drain-later.md).
+// Here a tile is a block's unit: each warp streams 1/SW of its K steps, so a tile takes a block
+// ~1-2 us, and a block that gets more of the DRAM takes more tiles.
+//
+// The same bits as the fused kernel: its lane sums acc += f_b * tp_b over the tile's 32-blocks b
+// in order (tile_step: tp_b the block's two MMAs from zero, f_b its E8M0 scale). The tp_b do not
+// depend on each other, so each warp computes those of its steps (tile_step_tp) and leaves them
+// and the steps' scale words in shared memory; the last warp of the tile to finish runs the
+// FMAs in order, one lane per accumulator (lane 4 g + c: group g's acc[c]), then tile_store.
+//
+// Queue: one counter; all gate_up tiles slot by slot, then all down tiles slot by slot (tiles of
+// unused slots are skipped where they are claimed). A block claims tile ids as its warps first
+// need them (SHARE_Q ahead at most), each warp's ring running on into its share of the next
+// tiles. Down tiles read the slot's h split as stage_b stages one pair (split_row_warp, by the
+// warp that chains the slot's last gate_up tile), brought into the ring beside the weights.
+// Nothing waits on a block that has not started (a down tile waits only for gate_up tiles
+// claimed before it by warps that never wait), so any grid is correct.
+//
+// counters (zero between calls; the kernel resets them): [0] the queue, [1, 1 + U) per slot the
+// gate_up tiles done (+1 once h is split), [1 + U, 1 + 2U) per slot the warps of down tiles past
+// that wait, [1 + 2U, 1 + 2U + H/16) per down row tile the slots done, for the combine (y).
+#define SW TW                // warps per block, sharing each tile's K
+#define SHARE_B_BYTES 256    // one step of a one-pair fragment row (a down tile's h)
+#define SHARE_Q 8            // tile ids a block holds
+#define SHARE_STEP_PART 288  // shared memory per step of a tile's partials: 2 x 8 float4, 8 words
+
+// Adds to an mbarrier's expected bytes without arriving (the stage's arrival comes with its
+// second half: the B fragments of a down tile, or a plain arrive).
+__device__ __forceinline__ void mbar_expect_only(unsigned long long* bar, unsigned bytes) {
+    unsigned a = (unsigned)__cvta_generic_to_shared(bar);
+    asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;" ::"r"(a), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(unsigned long long* bar) {
+    unsigned a = (unsigned)__cvta_generic_to_shared(bar);
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(a) : "memory");
+}
+
+// Row h [K] split as stage_b stages one pair, by one warp: the same maximum (fmaxf ignores
+// order), the same power of two (row_scale's), the same items (stage_item) into hs [K] words;
+// its 2^-s at *inv. Every load of a row of up to 2048 values is in flight at once.
+#define SPLIT_REGS 16  // items per lane held in registers
+__device__ __forceinline__ void split_row_warp(const float* __restrict__ h, int K, unsigned* __restrict__ hs, float* __restrict__ inv) {
+    int lane = threadIdx.x & 31;
+    const int items = K / 16 * 4;
+    auto load = [&](int it, float2& v0, float2& v1) {
+        const float* p = h + 16 * (it >> 2) + 2 * (it & 3);
+        v0 = __ldcg(reinterpret_cast<const float2*>(p));
+        v1 = __ldcg(reinterpret_cast<const float2*>(p + 8));
+    };
+    auto mag = [](float2 a, float2 b) { return fmaxf(fmaxf(fabsf(a.x), fabsf(a.y)), fmaxf(fabsf(b.x), fabsf(b.y))); };
+    float2 v0[SPLIT_REGS], v1[SPLIT_REGS];
+    float m = 0.f;
+    const bool held = items <= 32 * SPLIT_REGS;
+    if (held) {
+#pragma unroll
+        for (int i = 0; i < SPLIT_REGS; i++) {
+            int it = lane + 32 * i;
+            v0[i] = v1[i] = make_float2(0.f, 0.f);
+            if (it < items) load(it, v0[i], v1[i]);
+        }
+#pragma unroll
+        for (int i = 0; i < SPLIT_REGS; i++) m = fmaxf(m, mag(v0[i], v1[i]));
+    } else {
+#pragma unroll 8
+        for (int it = lane; it < items; it += 32) {
+            float2 a, b;
+            load(it, a, b);
+            m = fmaxf(m, mag(a, b));
+        }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    float red[TW * NP];
+    for (int i = 0; i < TW * NP; i++) red[i] = 0.f;
+    red[0] = m;
+    float scale, sinv;
+    row_scale(red, 0, &scale, &sinv);
+    if (held) {
+#pragma unroll
+        for (int i = 0; i < SPLIT_REGS; i++) {
+            int it = lane + 32 * i;
+            if (it < items) stage_item(hs, 8, 0, it >> 2, it & 3, v0[i], v1[i], scale);
+        }
+    } else {
+#pragma unroll 8
+        for (int it = lane; it < items; it += 32) {
+            float2 a, b;
+            load(it, a, b);
+            stage_item(hs, 8, 0, it >> 2, it & 3, a, b, scale);
+        }
+    }
+    if (lane == 0) *inv = sinv;
+}
+
+// tile_step's two 32-blocks of step k without their scaling: block 2k's MMAs from zero into tp0,
+// block 2k + 1's into tp1 (the same MMAs on the same fragments).
+__device__ __forceinline__ void tile_step_tp(uint4 wv, const uint4* frag, int L, int k, bool hasb, float tp0[4], float tp1[4]) {
+    int lane = threadIdx.x & 31;
+    uint4 b01 = make_uint4(0u, 0u, 0u, 0u), b23 = b01;
+    if (hasb) {
+        b01 = frag[(size_t)(2 * k) * L + lane];
+        b23 = frag[(size_t)(2 * k + 1) * L + lane];
+    }
+    unsigned a[4];
+    tile_decode(wv.x, a);
+    mma_zero(tp0, a, b01.x, b01.y);
+    tile_decode(wv.y, a);
+    mma_acc(tp0, a, b01.z, b01.w);
+    tile_decode(wv.z, a);
+    mma_zero(tp1, a, b23.x, b23.y);
+    tile_decode(wv.w, a);
+    mma_acc(tp1, a, b23.z, b23.w);
+}
+
+// Tile n of the queue (gate_up tiles slot by slot, then down tiles slot by slot); steps < 0 past
+// the end, 0 a tile of an unused slot.
+struct ShareTile {
+    int steps, slot, rt;
+    bool down;
+    const unsigned char* wt;
+};
+__device__ __forceinline__ ShareTile share_tile(int n, int U, int H, int I, const unsigned char* __restrict__ Wg,
+                                                const unsigned char* __restrict__ Wd, const int* experts, const int* pair_off) {
+    const int gt = I / 8, dt = H / 16;
+    ShareTile d;
+    d.wt = nullptr;
+    d.slot = d.rt = 0;
+    d.down = false;
+    if (n < 0 || n >= U * (gt + dt)) {
+        d.steps = -1;
+        return d;
+    }
+    d.down = n >= U * gt;
+    int m = d.down ? n - U * gt : n, per = d.down ? dt : gt;
+    d.slot = m / per;
+    d.rt = m % per;
+    if (pair_off[d.slot] >= pair_off[d.slot + 1]) {
+        d.steps = 0;
+        return d;
+    }
+    d.steps = (d.down ? I : H) / 64;
+    d.wt = (d.down ? Wd : Wg) + ((size_t)experts[d.slot] * per + d.rt) * d.steps * STEP_BYTES;
+    return d;
+}
+
+// This warp's share of a tile of `steps` K steps: steps [k0, k0 + n) (n may be 0 where a tile
+// has fewer steps than the block has warps).
+__device__ __forceinline__ int share_piece(int steps, int w, int& n) {
+    int k0 = w * steps / SW;
+    n = (w + 1) * steps / SW - k0;
+    return k0;
+}
+
+// The block's claims: ids[j % SHARE_Q] is its j-th tile (-1 past the end), `claimed` how many it
+// holds; `lock` lets one warp claim at a time. Per partials buffer b (local tiles j with j % 2 ==
+// b): the warps done with tile j's partials, and the last tile chained there.
+struct ShareSmem {
+    int ids[SHARE_Q];
+    int claimed, ended, lock;
+    unsigned arrived[2];
+    int chained[2];
+};
+
+template <int NS, int CS>
+__device__ __forceinline__ void moe_shared_body(const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Wd,
+                                                const int* experts, const int* pair_off, const float* pair_w,
+                                                const uint4* xfrag, float xinv, float* __restrict__ h, float* __restrict__ out,
+                                                int H, int I, int U, unsigned* counters, float* __restrict__ y,
+                                                unsigned* __restrict__ hs, float* __restrict__ hinv, ShareSmem& sh,
+                                                float* parts, int kmax) {
+    constexpr int STAGE = CS * (STEP_BYTES + SHARE_B_BYTES), WB = CS * STEP_BYTES;
+    extern __shared__ uint4 dsm[];
+    __shared__ unsigned long long bars[SW * NS];
+    const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+    unsigned char* ring = reinterpret_cast<unsigned char*>(dsm) + w * NS * STAGE;
+    unsigned long long* wb = bars + w * NS;
+    const int gt = I / 8, dt = H / 16, total = U * (gt + dt);
+    unsigned* queue = counters;
+    unsigned* done = counters + 1;
+    unsigned* passed = counters + 1 + U;
+    unsigned* comb = counters + 1 + 2 * U;
+    int used = 0;
+    for (int i = 0; i < U; i++) used += pair_off[i] < pair_off[i + 1];
+    const int npairs = pair_off[U];
+    if (lane == 0)
+        for (int i = 0; i < NS; i++) mbar_init(wb + i);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    __syncwarp();
+
+    // The id of the block's j-th tile (lane 0 claims what is missing; every lane gets it). A
+    // block makes exactly one claim past the end; the last of those resets the queue.
+    auto tile_id = [&](int j) -> int {
+        int id = -1;
+        if (lane == 0) {
+            volatile ShareSmem* v = &sh;
+            while (v->claimed <= j && !v->ended) {
+                if (atomicCAS(&sh.lock, 0, 1) != 0) continue;
+                while (v->claimed <= j && !v->ended) {
+                    int n;
+                    do {
+                        unsigned q = atomicAdd(queue, 1u);
+                        if (q == (unsigned)(total + gridDim.x - 1)) *queue = 0u;
+                        n = (int)q;
+                    } while (n < total && share_tile(n, U, H, I, Wg, Wd, experts, pair_off).steps == 0);
+                    if (n >= total) {
+                        v->ended = 1;
+                    } else {
+                        v->ids[v->claimed % SHARE_Q] = n;
+                        __threadfence_block();
+                        v->claimed = v->claimed + 1;
+                    }
+                }
+                __threadfence_block();
+                atomicExch(&sh.lock, 0);
+            }
+            id = v->claimed > j ? v->ids[j % SHARE_Q] : -1;
+        }
+        return __shfl_sync(0xffffffffu, id, 0);
+    };
+    auto resolve = [&](int j) -> ShareTile { return share_tile(tile_id(j), U, H, I, Wg, Wd, experts, pair_off); };
+    // Whether a down tile's slot has its h split (non-blocking; acquire, then the async proxy's
+    // view of it for the bulk copies).
+    auto peek_ready = [&](const ShareTile& d) -> bool {
+        unsigned r = 0;
+        if (lane == 0) {
+            r = ld_acquire(done + d.slot) == (unsigned)gt + 1;
+            if (r) asm volatile("fence.proxy.async.global;" ::: "memory");
+        }
+        return __shfl_sync(0xffffffffu, r, 0) != 0;
+    };
+    // Stage i of this warp's share of tile d into ring stage q: the weights (expected only), then
+    // the second half: a down tile's B fragments (its slot's split h), or a plain arrival.
+    auto issue_w = [&](const ShareTile& d, int i, int q) {
+        if (lane != 0) return;
+        int ps, k0 = share_piece(d.steps, w, ps) + i * CS;
+        const int slot = q % NS, steps = min(CS, ps - i * CS);
+        mbar_expect_only(wb + slot, steps * STEP_BYTES);
+        bulk_load(ring + slot * STAGE, d.wt + (size_t)k0 * STEP_BYTES, steps * STEP_BYTES, wb + slot);
+    };
+    auto issue_b = [&](const ShareTile& d, int i, int q) {
+        if (lane != 0) return;
+        int ps, k0 = share_piece(d.steps, w, ps) + i * CS;
+        const int slot = q % NS, steps = min(CS, ps - i * CS);
+        if (d.down) {
+            mbar_expect(wb + slot, steps * SHARE_B_BYTES);
+            bulk_load(ring + slot * STAGE + WB, hs + (size_t)d.slot * I + (size_t)k0 * (SHARE_B_BYTES / 4), steps * SHARE_B_BYTES, wb + slot);
+        } else {
+            mbar_arrive(wb + slot);
+        }
+    };
+
+    int j = 0;
+    ShareTile cur = resolve(0);
+    int seq = 0, cw = 0, cb = 0;  // ring stages consumed; stages of cur issued (weights, second half)
+    bool cready = cur.down && peek_ready(cur);
+    while (cur.steps > 0) {
+        int ps;
+        const int k0 = share_piece(cur.steps, w, ps), nst = (ps + CS - 1) / CS;
+        float inv = xinv;
+        if (cur.down) {
+            // h of this slot split: every gate_up tile of the slot was claimed before this tile,
+            // by warps that never wait, so the wait ends. Each warp counts itself past it; the
+            // slot's last resets both counters for the next call.
+            if (lane == 0) {
+                if (!cready) {
+#ifndef MOE_NO_WAIT
+                    while (ld_acquire(done + cur.slot) < (unsigned)gt + 1) __nanosleep(64);
+#endif
+                    asm volatile("fence.proxy.async.global;" ::: "memory");
+                }
+                if (atomicAdd(passed + cur.slot, 1u) + 1 == (unsigned)(dt * SW)) {
+                    done[cur.slot] = 0u;
+                    passed[cur.slot] = 0u;
+                }
+            }
+            __syncwarp();
+            for (; cb < cw; cb++) issue_b(cur, cb, seq + cb);
+            inv = __ldcg(hinv + cur.slot);
+        }
+        for (; cw < min(nst, NS); cw++, cb++) {
+            issue_w(cur, cw, seq + cw);
+            issue_b(cur, cw, seq + cw);
+        }
+        // Tile j's partials go to buffer j % 2 once tile j - 2's chain has read it.
+        const int b = j & 1;
+        if (lane == 0)
+            while (reinterpret_cast<volatile int*>(sh.chained)[b] != j - 2) __nanosleep(32);
+        __syncwarp();
+        float* tpb = parts + (size_t)b * kmax * (SHARE_STEP_PART / 4);
+        unsigned* svb = reinterpret_cast<unsigned*>(tpb + (size_t)kmax * 64);
+        ShareTile nxt;
+        nxt.steps = -1;
+        bool have_next = false, nready = false;
+        int nw = 0, nb = 0;
+        for (int i = 0; i < nst; i++) {
+            int q = seq + i, slot = q % NS;
+            mbar_wait(wb + slot, (q / NS) & 1);
+            const unsigned char* stage = ring + slot * STAGE;
+            const uint4* frag = cur.down ? reinterpret_cast<const uint4*>(stage + WB) : xfrag;
+#pragma unroll
+            for (int cc = 0; cc < CS; cc++) {
+                int kk = i * CS + cc;
+                if (kk < ps) {
+#ifndef MOE_NO_MATH
+                    uint4 wv = reinterpret_cast<const uint4*>(stage + cc * STEP_BYTES)[lane];
+                    unsigned sv = reinterpret_cast<const unsigned*>(stage + cc * STEP_BYTES + 512)[g];
+                    float tp0[4], tp1[4];
+                    tile_step_tp(wv, frag, 8, cur.down ? cc : k0 + kk, lane < 8, tp0, tp1);
+                    const int k = k0 + kk;
+                    if (c == 0) {
+                        reinterpret_cast<float4*>(tpb)[(2 * k) * 8 + g] = make_float4(tp0[0], tp0[1], tp0[2], tp0[3]);
+                        reinterpret_cast<float4*>(tpb)[(2 * k + 1) * 8 + g] = make_float4(tp1[0], tp1[1], tp1[2], tp1[3]);
+                        svb[k * 8 + g] = sv;
+                    }
+#endif
+                }
+            }
+            __syncwarp();  // every lane has read the stage before it is refilled
+            if (lane == 0) asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+            if (i + NS < nst) {
+                issue_w(cur, i + NS, q + NS);
+                issue_b(cur, i + NS, q + NS);
+            } else {
+                if (!have_next) {
+                    nxt = resolve(j + 1);
+                    nready = nxt.down && peek_ready(nxt);
+                    have_next = true;
+                }
+                // The next tile's first stages fill the slots this one frees (its stage i' may
+                // take ring stage seq + nst + i' once stage seq + nst + i' - NS has been read).
+                int nps = 0;
+                if (nxt.steps > 0) share_piece(nxt.steps, w, nps);
+                const int nnst = (nps + CS - 1) / CS;
+                for (; nw < nnst && nw <= i + NS - nst; nw++) {
+                    issue_w(nxt, nw, seq + nst + nw);
+                    if (!nxt.down || nready) {
+                        issue_b(nxt, nw, seq + nst + nw);
+                        nb++;
+                    }
+                }
+            }
+        }
+        if (!have_next) {  // (a share of no steps)
+            nxt = resolve(j + 1);
+            nready = nxt.down && peek_ready(nxt);
+        }
+        // This warp's partials are written; the last warp of the tile chains them.
+        __syncwarp();
+        unsigned last = 0;
+        if (lane == 0) {
+            __threadfence_block();
+            last = atomicAdd(&sh.arrived[b], 1u) == SW - 1;
+        }
+        if (__shfl_sync(0xffffffffu, last, 0)) {
+            __threadfence_block();
+            __syncwarp();
+            float a = 0.f;
+            for (int k = 0; k < cur.steps; k++) {
+                unsigned sv = svb[k * 8 + g];
+                float f0 = e8m0_bits(c < 2 ? sv << 23 : sv << 7), f1 = e8m0_bits(c < 2 ? sv << 15 : sv >> 1);
+                a += f0 * tpb[(2 * k) * 32 + lane];
+                a += f1 * tpb[(2 * k + 1) * 32 + lane];
+            }
+            float acc[4];
+#pragma unroll
+            for (int i = 0; i < 4; i++) acc[i] = __shfl_sync(0xffffffffu, a, (lane & ~3) + i);
+            // The tile's rows for each of the slot's pairs (one token: several pairs of a slot
+            // are the same token under the same expert, so the same values).
+            const int pb = pair_off[cur.slot], pe = pair_off[cur.slot + 1];
+            if (c == 0)
+                for (int p = pb; p < pe; p++) tile_store(!cur.down, acc, inv, cur.down ? out : h, cur.down ? H : I, p, cur.rt, pair_w);
+            // The buffer is free for tile j + 2.
+            __syncwarp();
+            if (lane == 0) {
+                sh.arrived[b] = 0u;
+                __threadfence_block();
+                reinterpret_cast<volatile int*>(sh.chained)[b] = j;
+            }
+            if (!cur.down) {
+                unsigned lastg = 0;
+                if (lane == 0) {
+                    unsigned old;
+                    asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(old) : "l"(done + cur.slot) : "memory");
+                    lastg = old + 1 == (unsigned)gt;
+                }
+                if (__shfl_sync(0xffffffffu, lastg, 0)) {
+                    // The slot's last gate_up tile: every other tile's h is published. Split the
+                    // slot's (first pair's) row for its down tiles, then count once more.
+                    __syncwarp();
+                    split_row_warp(h + (size_t)pb * I, I, hs + (size_t)cur.slot * I, hinv + cur.slot);
+                    asm volatile("fence.proxy.async.global;" ::: "memory");
+                    __syncwarp();
+                    if (lane == 0) asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(done + cur.slot) : "memory");
+                }
+            } else if (y) {
+                unsigned lastd = 0;
+                if (lane == 0) {
+                    unsigned old;
+                    asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(old) : "l"(comb + cur.rt) : "memory");
+                    lastd = old + 1 == (unsigned)used;
+                    if (lastd) comb[cur.rt] = 0u;
+                }
+                if (__shfl_sync(0xffffffffu, lastd, 0) && lane < 16) {
+                    // The combine of these 16 rows: the token's pairs in ascending order (at one
+                    // token every pair is the token's), as combine_rows sums them.
+                    int n = cur.rt * 16 + lane;
+                    float s = 0.f;
+                    for (int p = 0; p < npairs; p++) s += __ldcg(out + (size_t)p * H + n);
+                    y[n] = s;
+                }
+            }
+        }
+        seq += nst;
+        cur = nxt;
+        cw = nw;
+        cb = nb;
+        cready = nready;
+        j++;
+    }
+}
+
+// Shared memory of the Shared kernel past its rings: the staged x (H x 4 bytes), then the two
+// partials buffers (kmax steps each).
+__device__ __forceinline__ void share_layout(int NS, int CS, int H, int I, uint4*& xfrag, float*& parts, int& kmax) {
+    extern __shared__ uint4 dsm[];
+    xfrag = dsm + SW * NS * CS * (STEP_BYTES + SHARE_B_BYTES) / 16;
+    parts = reinterpret_cast<float*>(xfrag + H / 4);
+    kmax = max(H, I) / 64;
+}
+
+__device__ __forceinline__ void share_init(ShareSmem& sh) {
+    if (threadIdx.x == 0) {
+        sh.claimed = sh.ended = sh.lock = 0;
+        sh.arrived[0] = sh.arrived[1] = 0u;
+        sh.chained[0] = -2;
+        sh.chained[1] = -1;
+    }
+}
+
+#define MOE_SHARED(NS, CS)                                                                                                \
+    extern "C" __global__ void __launch_bounds__(SW * 32, 1) moe_shared_n##NS##_c##CS(                                       \
+        const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Wd, const int* __restrict__ experts,      \
+        const int* __restrict__ pair_off, const float* __restrict__ pair_w, const float* __restrict__ x,                 \
+        float* __restrict__ h, float* __restrict__ out, int H, int I, int U, unsigned* counters, float* __restrict__ y,  \
+        int x_settled, unsigned* __restrict__ hs, float* __restrict__ hinv) {                                            \
+        __shared__ StageSmem ss;                                                                                         \
+        __shared__ ShareSmem sh;                                                                                         \
+        uint4* xfrag;                                                                                                    \
+        float* parts;                                                                                                    \
+        int kmax;                                                                                                        \
+        share_layout(NS, CS, H, I, xfrag, parts, kmax);                                                                  \
+        share_init(sh);                                                                                                  \
+        bool staged = stage_token_early(x, 1, H, xfrag, ss, x_settled);                                                  \
+        PDL_ENTER();                                                                                                     \
+        if (!staged) {                                                                                                   \
+            const int row0[1] = {0};                                                                                     \
+            stage_b(x, row0, 1, H, reinterpret_cast<unsigned*>(xfrag), ss.red, ss.scale, ss.inv);                       \
+        }                                                                                                                \
+        __syncthreads();                                                                                                 \
+        moe_shared_body<NS, CS>(Wg, Wd, experts, pair_off, pair_w, xfrag, ss.inv[0], h, out, H, I, U, counters, y, hs,  \
+                                hinv, sh, parts, kmax);                                                                  \
+    }
+MOE_SHARED(2, 4)
+MOE_SHARED(3, 4)
+MOE_SHARED(4, 2)
+MOE_SHARED(4, 4)
+
+// ---------------------------------------------------------------------------------------------
 // MoE GEMM for prefill-sized batches: many pairs per expert.
 //
 // Why: the kernels above stage at most NP = 4 pairs per pass and stream the expert's weights
