@@ -1155,23 +1155,6 @@ struct ShareSmem {
     float pair_w[MAX_FUSED_TOPK];
 };
 
-// Measurement builds only (-DMOE_TRACE): block 0 stamps %globaltimer per tile j < 64, its
-// control warp at moe_trace[8 j + k] (k: 0 top, 1 slots marked, 2 arrivals seen, 3 chained and
-// stored, 4 counted, 5 claimed), its streaming warp 0 at moe_trace[4096 + 4 j + k] (k: 0 start,
-// 1 past the partials guard, 2 first stage landed, 3 arrived).
-#ifdef MOE_TRACE
-#define STRACE(idx)                                                                       \
-    do {                                                                                  \
-        if (blockIdx.x == 0 && lane == 0 && j < 64) {                                     \
-            unsigned long long t_;                                                        \
-            asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_));                      \
-            moe_trace[idx] = t_;                                                          \
-        }                                                                                 \
-    } while (0)
-#else
-#define STRACE(idx)
-#endif
-
 // Warp-specialised: warps 0 .. SW - 1 stream (their share of each tile's steps through their
 // rings, the MMA sums into the partials buffer, then an arrival), and never touch global memory
 // but by bulk copies, so no round trip sits on their path; warp SW (the control warp) claims
@@ -1264,18 +1247,15 @@ __device__ __forceinline__ void moe_shared_body(const unsigned char* __restrict_
             split_slot = -1;
         };
         for (int j = 0;; j++) {
-            STRACE(8 * j);
             split_if_last();
             ShareTile cur = tile_at(j);
             mark_ready(j);
-            STRACE(8 * j + 1);
             if (cur.steps < 0) break;
             const int b = j & 1;
             if (lane == 0)
                 while (v->arrived[b] < SW) __nanosleep(20);
             __threadfence_block();
             __syncwarp();
-            STRACE(8 * j + 2);
             const float* tpb = parts + (size_t)b * kmax * (SHARE_STEP_PART / 4);
             const unsigned* svb = reinterpret_cast<const unsigned*>(tpb + (size_t)kmax * 64);
             float a = 0.f;
@@ -1303,7 +1283,6 @@ __device__ __forceinline__ void moe_shared_body(const unsigned char* __restrict_
             if (c == 0)
                 for (int p = pb; p < pe; p++) tile_store(!cur.down, acc, inv, cur.down ? out : h, cur.down ? H : I, p, cur.rt, sh.pair_w);
             __syncwarp();
-            STRACE(8 * j + 3);
             if (!cur.down) {
                 if (lane == 0) asm volatile("atom.release.gpu.global.add.u32 %0, [%1], 1;" : "=r"(split_old) : "l"(done + cur.slot) : "memory");
                 split_slot = cur.slot;
@@ -1324,10 +1303,8 @@ __device__ __forceinline__ void moe_shared_body(const unsigned char* __restrict_
                     y[n] = s;
                 }
             }
-            STRACE(8 * j + 4);
             if (lane == 0 && v->claimed <= j + 1 + SHARE_AHEAD) claim();
             __syncwarp();
-            STRACE(8 * j + 5);
         }
         split_if_last();
         return;
@@ -1370,7 +1347,6 @@ __device__ __forceinline__ void moe_shared_body(const unsigned char* __restrict_
     while (cur.steps > 0) {
         int ps;
         const int k0 = share_piece(cur.steps, w, ps), nst = (ps + CS - 1) / CS;
-        if (w == 0) STRACE(4096 + 4 * j);
         if (cur.down) {
             // h of this slot split: every gate_up tile of the slot was claimed before this tile,
             // by warps that never wait, so the control warps mark it ready.
@@ -1389,7 +1365,6 @@ __device__ __forceinline__ void moe_shared_body(const unsigned char* __restrict_
         if (lane == 0)
             while (v->chained[b] != j - 2) __nanosleep(20);
         __syncwarp();
-        if (w == 0) STRACE(4096 + 4 * j + 1);
         float* tpb = parts + (size_t)b * kmax * (SHARE_STEP_PART / 4);
         unsigned* svb = reinterpret_cast<unsigned*>(tpb + (size_t)kmax * 64);
         ShareTile nxt;
@@ -1399,7 +1374,6 @@ __device__ __forceinline__ void moe_shared_body(const unsigned char* __restrict_
         for (int i = 0; i < nst; i++) {
             int q = seq + i, slot = q % NS;
             mbar_wait(wb + slot, (q / NS) & 1);
-            if (w == 0 && i == 0) STRACE(4096 + 4 * j + 2);
             const unsigned char* stage = ring + slot * STAGE;
             const uint4* frag = cur.down ? reinterpret_cast<const uint4*>(stage + WB) : xfrag;
 #pragma unroll
@@ -1455,7 +1429,6 @@ __device__ __forceinline__ void moe_shared_body(const unsigned char* __restrict_
             __threadfence_block();
             atomicAdd(&sh.arrived[b], 1u);
         }
-        if (w == 0) STRACE(4096 + 4 * j + 3);
         seq += nst;
         cur = nxt;
         cw = nw;

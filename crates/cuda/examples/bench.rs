@@ -387,25 +387,6 @@ fn main() {
                     s.synchronize().unwrap();
                     print_moe_trace(&format!("{name}, {t} token(s), fused {stages}x4, the last of 6 calls back to back"), &k.moe_trace().unwrap().unwrap(), (2 * i / 16).div_ceil(8) * routings[0].experts.len());
                 }
-                // The Shared kernel's block 0 (moe.cu, STRACE): the last of 3 calls, per tile its
-                // control warp's and its streaming warp 0's stamps, us from the first.
-                if Kernels::moe_shared_fits(&wt, 4, 4) {
-                    let kind = MoeKernel::Shared { stages: 4, steps: 4, blocks_per_sm: 1, max_blocks: 0 };
-                    k.moe_trace().unwrap();
-                    for j in 0..3 {
-                        k.moe_mxfp4_pairs(kind, &wt, &dev[j], &x, MoeInput::Settled, &mut scratch).unwrap();
-                    }
-                    s.synchronize().unwrap();
-                    let tr = k.moe_trace().unwrap().unwrap();
-                    let t0 = tr[..512].iter().chain(&tr[4096..4352]).filter(|&&v| v != 0).min().copied().unwrap_or(0);
-                    let us = |v: u64| if v == 0 { "-".to_string() } else { format!("{:.2}", (v as f64 - t0 as f64) / 1e3) };
-                    println!("shared 4x4 block 0, us: tile | control: top marked arrived chained counted claimed | warp 0: start guard data arrived");
-                    for j in 0..64 {
-                        let c: Vec<String> = (0..6).map(|i| us(tr[8 * j + i])).collect();
-                        let w: Vec<String> = (0..4).map(|i| us(tr[4096 + 4 * j + i])).collect();
-                        println!("  {j:>2} | {} | {}", c.join(" "), w.join(" "));
-                    }
-                }
                 // PEREGRINE_TRACE_DUMP=DIR: the raw stamps of 8 separate calls of the fused 2x4
                 // kernel (each the last of 3 back to back, a fresh routing each), one CSV per
                 // shape, to see whether the same SMs are slow in every call.
