@@ -157,13 +157,11 @@ __device__ __forceinline__ void stage_item(unsigned* frag, int L, int j, int q, 
     pl[1] = l1;
 }
 
-// Pair j's power-of-two scale from its warps' largest magnitudes red[w * NP + j] (NW warps):
-// m < 2^ex; scale by 2^(14 - ex) (0 or non-finite: no scaling), as split_f16 does; inv undoes
-// it.
-template <int NW = TW>
+// Pair j's power-of-two scale from its warps' largest magnitudes red[w * NP + j]: m < 2^ex;
+// scale by 2^(14 - ex) (0 or non-finite: no scaling), as split_f16 does; inv undoes it.
 __device__ __forceinline__ void row_scale(const float* red, int j, float* scale, float* inv) {
     float m = 0.f;
-    for (int i = 0; i < NW; i++) m = fmaxf(m, red[i * NP + j]);
+    for (int i = 0; i < TW; i++) m = fmaxf(m, red[i * NP + j]);
     int ex = (m > 0.f && m < __int_as_float(0x7f800000u)) ? (int)((__float_as_uint(m) >> 23) & 0xffu) - 126 : 0;
     int sh = min(max(14 - ex, -100), 100);
     scale[j] = __int_as_float((unsigned)(sh + 127) << 23);
@@ -179,8 +177,7 @@ __device__ __forceinline__ void row_scale(const float* red, int j, float* scale,
 // post-attention norm g h * inv from g h: moe_fused_acc_*), as the row's maximum and its power
 // of two scale times ninv: 2^s (x ninv) = x (2^s ninv) exactly (barring subnormals), so the
 // same bits as staging x * ninv, and no multiply per value.
-// NW: the block's warps (red holds NW x NP maxima).
-template <bool WG = false, bool NORM = false, int NW = TW>
+template <bool WG = false, bool NORM = false>
 __device__ __forceinline__ void stage_b(const float* __restrict__ x, const int* rows, int np, int K, unsigned* frag,
                                         float* red, float* scale, float* inv, float ninv = 0.f) {
 #ifdef MOE_NO_STAGE
@@ -215,7 +212,7 @@ __device__ __forceinline__ void stage_b(const float* __restrict__ x, const int* 
         for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
         if (lane == 0) red[w * NP] = NORM ? m * ninv : m;
         __syncthreads();
-        if (tid == 0) row_scale<NW>(red, 0, scale, inv);
+        if (tid == 0) row_scale(red, 0, scale, inv);
         __syncthreads();
         float s = NORM ? scale[0] * ninv : scale[0];
 #pragma unroll
@@ -240,7 +237,7 @@ __device__ __forceinline__ void stage_b(const float* __restrict__ x, const int* 
         if (lane == 0) red[w * NP + j] = NORM ? m * ninv : m;
     }
     __syncthreads();
-    if (tid < np) row_scale<NW>(red, tid, scale, inv);
+    if (tid < np) row_scale(red, tid, scale, inv);
     __syncthreads();
     int L = 8 * np, items = np * q16 * 4;
     for (int it = tid; it < items; it += blockDim.x) {
@@ -1139,29 +1136,19 @@ __device__ __forceinline__ int share_piece(int steps, int w, int& n) {
     return k0;
 }
 
-// The block's state in shared memory. The control warp claims tiles (ids[j % SHARE_Q] is the
-// block's j-th, `claimed` how many it holds, `ended` once it got its claim past the end) and
-// marks slots whose split h is published (ready, with its 2^-s in hinv); per partials buffer b
-// (tiles j with j % 2 == b) the streaming warps done with tile j, and the last tile chained
-// there. The routing (one token's slots and pairs) is copied here once.
+// The block's claims: ids[j % SHARE_Q] is its j-th tile (-1 past the end), `claimed` how many it
+// holds; `lock` lets one warp claim at a time. Per partials buffer b (local tiles j with j % 2 ==
+// b): the warps done with tile j's partials, and the last tile chained there.
 struct ShareSmem {
     int ids[SHARE_Q];
-    int claimed, ended;
+    int claimed, ended, lock;
     unsigned arrived[2];
     int chained[2];
-    int ready[MAX_FUSED_TOPK];
-    float hinv[MAX_FUSED_TOPK];
-    int experts[MAX_FUSED_TOPK], pair_off[MAX_FUSED_TOPK + 1];
-    float pair_w[MAX_FUSED_TOPK];
 };
 
-// Warp-specialised: warps 0 .. SW - 1 stream (their share of each tile's steps through their
-// rings, the MMA sums into the partials buffer, then an arrival), and never touch global memory
-// but by bulk copies, so no round trip sits on their path; warp SW (the control warp) claims
-// tiles ahead, chains each tile's partials in order and stores the rows, counts gate_up tiles,
-// splits a slot's h when its count is complete, and marks slots ready for the down tiles.
 template <int NS, int CS>
 __device__ __forceinline__ void moe_shared_body(const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Wd,
+                                                const int* experts, const int* pair_off, const float* pair_w,
                                                 const uint4* xfrag, float xinv, float* __restrict__ h, float* __restrict__ out,
                                                 int H, int I, int U, unsigned* counters, float* __restrict__ y,
                                                 unsigned* __restrict__ hs, float* __restrict__ hinv, ShareSmem& sh,
@@ -1170,153 +1157,77 @@ __device__ __forceinline__ void moe_shared_body(const unsigned char* __restrict_
     extern __shared__ uint4 dsm[];
     __shared__ unsigned long long bars[SW * NS];
     const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
-    const int gt = I / 8, dt = H / 16, total = U * (gt + dt);
-    volatile ShareSmem* v = &sh;
-    const int* experts = sh.experts;
-    const int* pair_off = sh.pair_off;
-    auto tile = [&](int n) -> ShareTile { return share_tile(n, U, H, I, Wg, Wd, experts, pair_off); };
-    // The block's j-th tile, once the control warp has claimed it (-1: past the end).
-    auto tile_at = [&](int j) -> ShareTile {
-        int id = -1;
-        if (lane == 0) {
-            while (v->claimed <= j && !v->ended) __nanosleep(20);
-            __threadfence_block();
-            id = v->claimed > j ? v->ids[j % SHARE_Q] : -1;
-        }
-        return tile(__shfl_sync(0xffffffffu, id, 0));
-    };
-    auto slot_ready = [&](int slot) -> bool { return __shfl_sync(0xffffffffu, lane == 0 ? v->ready[slot] : 0, 0) != 0; };
-
-    if (w == SW) {
-        // ---- the control warp ----
-        unsigned* queue = counters;
-        unsigned* done = counters + 2;
-        unsigned* comb = counters + 2 + U;
-        int used = 0;
-        for (int i = 0; i < U; i++) used += pair_off[i] < pair_off[i + 1];
-        const int npairs = pair_off[U];
-        // One claim (lane 0): the next tile of a used slot, or the block's one claim past the end
-        // (the last of those resets the queue).
-        auto claim = [&]() {
-            if (v->ended) return;
-            int n;
-            do {
-                unsigned q = atomicAdd(queue, 1u);
-                if (q == (unsigned)(total + gridDim.x - 1)) *queue = 0u;
-                n = (int)q;
-            } while (n < total && tile(n).steps == 0);
-            if (n >= total) {
-                v->ended = 1;
-            } else {
-                v->ids[v->claimed % SHARE_Q] = n;
-                __threadfence_block();
-                v->claimed = v->claimed + 1;
-            }
-        };
-        // Slots of the claimed down tiles whose split h is published, marked for the streaming
-        // warps (after the async proxy's view of it: their bulk copies read it).
-        auto mark_ready = [&](int from) {
-            if (lane != 0) return;
-            for (int k = from; k < v->claimed; k++) {
-                ShareTile d = tile(v->ids[k % SHARE_Q]);
-                if (!d.down || v->ready[d.slot]) continue;
-                if (ld_acquire(done + d.slot) == (unsigned)gt + 1) {
-                    asm volatile("fence.proxy.async.global;" ::: "memory");
-                    v->hinv[d.slot] = __ldcg(hinv + d.slot);
-                    __threadfence_block();
-                    v->ready[d.slot] = 1;
-                }
-            }
-        };
-        if (lane == 0)
-            while (v->claimed <= SHARE_AHEAD && !v->ended) claim();
-        __syncwarp();
-        int split_slot = -1;  // a gate_up tile counted, whose count may make it the slot's last
-        unsigned split_old = 0u;
-        // That count's answer (its round trip overlapped the claim after it): the slot's last
-        // gate_up tile splits the slot's (first pair's) h for its down tiles, then counts once
-        // more. Before the next tile's arrivals are awaited: its warps may be waiting for this.
-        auto split_if_last = [&]() {
-            if (split_slot >= 0 && __shfl_sync(0xffffffffu, split_old, 0) + 1 == (unsigned)gt) {
-                __threadfence();
-                split_row_warp(h + (size_t)sh.pair_off[split_slot] * I, I, hs + (size_t)split_slot * I, hinv + split_slot);
-                asm volatile("fence.proxy.async.global;" ::: "memory");
-                __syncwarp();
-                if (lane == 0) asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(done + split_slot) : "memory");
-            }
-            split_slot = -1;
-        };
-        for (int j = 0;; j++) {
-            split_if_last();
-            ShareTile cur = tile_at(j);
-            mark_ready(j);
-            if (cur.steps < 0) break;
-            const int b = j & 1;
-            if (lane == 0)
-                while (v->arrived[b] < SW) __nanosleep(20);
-            __threadfence_block();
-            __syncwarp();
-            const float* tpb = parts + (size_t)b * kmax * (SHARE_STEP_PART / 4);
-            const unsigned* svb = reinterpret_cast<const unsigned*>(tpb + (size_t)kmax * 64);
-            float a = 0.f;
-#pragma unroll 4
-            for (int k = 0; k < cur.steps; k++) {
-                unsigned sv = svb[k * 8 + g];
-                float f0 = e8m0_bits(c < 2 ? sv << 23 : sv << 7), f1 = e8m0_bits(c < 2 ? sv << 15 : sv >> 1);
-                a += f0 * tpb[(2 * k) * 32 + lane];
-                a += f1 * tpb[(2 * k + 1) * 32 + lane];
-            }
-            // The buffer is free for tile j + 2.
-            __syncwarp();
-            if (lane == 0) {
-                v->arrived[b] = 0u;
-                __threadfence_block();
-                v->chained[b] = j;
-            }
-            float acc[4];
-#pragma unroll
-            for (int i = 0; i < 4; i++) acc[i] = __shfl_sync(0xffffffffu, a, (lane & ~3) + i);
-            // The tile's rows for each of the slot's pairs (one token: several pairs of a slot
-            // are the same token under the same expert, so the same values).
-            const int pb = pair_off[cur.slot], pe = pair_off[cur.slot + 1];
-            const float inv = cur.down ? v->hinv[cur.slot] : xinv;
-            if (c == 0)
-                for (int p = pb; p < pe; p++) tile_store(!cur.down, acc, inv, cur.down ? out : h, cur.down ? H : I, p, cur.rt, sh.pair_w);
-            __syncwarp();
-            if (!cur.down) {
-                if (lane == 0) asm volatile("atom.release.gpu.global.add.u32 %0, [%1], 1;" : "=r"(split_old) : "l"(done + cur.slot) : "memory");
-                split_slot = cur.slot;
-            } else if (y) {
-                unsigned lastd = 0;
-                if (lane == 0) {
-                    unsigned old;
-                    asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(old) : "l"(comb + cur.rt) : "memory");
-                    lastd = old + 1 == (unsigned)used;
-                    if (lastd) comb[cur.rt] = 0u;
-                }
-                if (__shfl_sync(0xffffffffu, lastd, 0) && lane < 16) {
-                    // The combine of these 16 rows: the token's pairs in ascending order (at one
-                    // token every pair is the token's), as combine_rows sums them.
-                    int n = cur.rt * 16 + lane;
-                    float s = 0.f;
-                    for (int p = 0; p < npairs; p++) s += __ldcg(out + (size_t)p * H + n);
-                    y[n] = s;
-                }
-            }
-            if (lane == 0 && v->claimed <= j + 1 + SHARE_AHEAD) claim();
-            __syncwarp();
-        }
-        split_if_last();
-        return;
-    }
-
-    // ---- a streaming warp ----
     unsigned char* ring = reinterpret_cast<unsigned char*>(dsm) + w * NS * STAGE;
     unsigned long long* wb = bars + w * NS;
+    const int gt = I / 8, dt = H / 16, total = U * (gt + dt);
+    unsigned* queue = counters;
+    unsigned* done = counters + 1;
+    unsigned* passed = counters + 1 + U;
+    unsigned* comb = counters + 1 + 2 * U;
+    int used = 0;
+    for (int i = 0; i < U; i++) used += pair_off[i] < pair_off[i + 1];
+    const int npairs = pair_off[U];
     if (lane == 0)
         for (int i = 0; i < NS; i++) mbar_init(wb + i);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     __syncwarp();
+
+    // The id of the block's j-th tile (every lane gets it). Lane 0 claims tiles up to j +
+    // SHARE_AHEAD where no other warp is claiming, so the claims' round trips are off the path of
+    // the warps that need them; it waits only for tile j. A block makes exactly one claim past
+    // the end; the last of those resets the queue. -DSHARE_STATIC: block b's tiles are b, b +
+    // grid, ... without a queue (measurements).
+    auto tile_id = [&](int j) -> int {
+#ifdef SHARE_STATIC
+        {
+            int n = (int)blockIdx.x + j * (int)gridDim.x;
+            while (n < total && share_tile(n, U, H, I, Wg, Wd, experts, pair_off).steps == 0) n += (int)gridDim.x;  // (approximate: measurements)
+            return n < total ? n : -1;
+        }
+#endif
+        int id = -1;
+        if (lane == 0) {
+            volatile ShareSmem* v = &sh;
+            // One claim under the lock (the next tile of a used slot, or the block's one past
+            // the end); false when another warp holds it.
+            auto claim_one = [&]() -> bool {
+                if (atomicCAS(&sh.lock, 0, 1) != 0) return false;
+                if (!v->ended) {
+                    int n;
+                    do {
+                        unsigned q = atomicAdd(queue, 1u);
+                        if (q == (unsigned)(total + gridDim.x - 1)) *queue = 0u;
+                        n = (int)q;
+                    } while (n < total && share_tile(n, U, H, I, Wg, Wd, experts, pair_off).steps == 0);
+                    if (n >= total) {
+                        v->ended = 1;
+                    } else {
+                        v->ids[v->claimed % SHARE_Q] = n;
+                        __threadfence_block();
+                        v->claimed = v->claimed + 1;
+                    }
+                }
+                __threadfence_block();
+                atomicExch(&sh.lock, 0);
+                return true;
+            };
+            while (v->claimed <= j && !v->ended) claim_one();
+            if (v->claimed <= j + SHARE_AHEAD && !v->ended) claim_one();  // one ahead, if free
+            id = v->claimed > j ? v->ids[j % SHARE_Q] : -1;
+        }
+        return __shfl_sync(0xffffffffu, id, 0);
+    };
+    auto resolve = [&](int j) -> ShareTile { return share_tile(tile_id(j), U, H, I, Wg, Wd, experts, pair_off); };
+    // Whether a down tile's slot has its h split (non-blocking; acquire, then the async proxy's
+    // view of it for the bulk copies).
+    auto peek_ready = [&](const ShareTile& d) -> bool {
+        unsigned r = 0;
+        if (lane == 0) {
+            r = ld_acquire(done + d.slot) == (unsigned)gt + 1;
+            if (r) asm volatile("fence.proxy.async.global;" ::: "memory");
+        }
+        return __shfl_sync(0xffffffffu, r, 0) != 0;
+    };
     // Stage i of this warp's share of tile d into ring stage q: the weights (expected only), then
     // the second half: a down tile's B fragments (its slot's split h), or a plain arrival.
     auto issue_w = [&](const ShareTile& d, int i, int q) {
@@ -1331,30 +1242,40 @@ __device__ __forceinline__ void moe_shared_body(const unsigned char* __restrict_
         int ps, k0 = share_piece(d.steps, w, ps) + i * CS;
         const int slot = q % NS, steps = min(CS, ps - i * CS);
         if (d.down) {
-            // (The split h was written through the generic proxy; this copy reads through the
-            // async one.)
-            asm volatile("fence.proxy.async.global;" ::: "memory");
             mbar_expect(wb + slot, steps * SHARE_B_BYTES);
             bulk_load(ring + slot * STAGE + WB, hs + (size_t)d.slot * I + (size_t)k0 * (SHARE_B_BYTES / 4), steps * SHARE_B_BYTES, wb + slot);
         } else {
             mbar_arrive(wb + slot);
         }
     };
+
     int j = 0;
-    ShareTile cur = tile_at(0);
+    ShareTile cur = resolve(0);
     int seq = 0, cw = 0, cb = 0;  // ring stages consumed; stages of cur issued (weights, second half)
-    bool cready = cur.down && slot_ready(cur.slot);
+    bool cready = cur.down && peek_ready(cur);
     while (cur.steps > 0) {
         int ps;
         const int k0 = share_piece(cur.steps, w, ps), nst = (ps + CS - 1) / CS;
+        float inv = xinv;
         if (cur.down) {
             // h of this slot split: every gate_up tile of the slot was claimed before this tile,
-            // by warps that never wait, so the control warps mark it ready.
-            while (!cready) {
-                __nanosleep(32);
-                cready = slot_ready(cur.slot);
+            // by warps that never wait, so the wait ends. Each warp counts itself past it; the
+            // slot's last resets both counters for the next call.
+            if (lane == 0) {
+                if (!cready) {
+#ifndef MOE_NO_WAIT
+                    while (ld_acquire(done + cur.slot) < (unsigned)gt + 1) __nanosleep(64);
+#endif
+                    asm volatile("fence.proxy.async.global;" ::: "memory");
+                }
+                if (atomicAdd(passed + cur.slot, 1u) + 1 == (unsigned)(dt * SW)) {
+                    done[cur.slot] = 0u;
+                    passed[cur.slot] = 0u;
+                }
             }
+            __syncwarp();
             for (; cb < cw; cb++) issue_b(cur, cb, seq + cb);
+            inv = __ldcg(hinv + cur.slot);
         }
         for (; cw < min(nst, NS); cw++, cb++) {
             issue_w(cur, cw, seq + cw);
@@ -1363,7 +1284,7 @@ __device__ __forceinline__ void moe_shared_body(const unsigned char* __restrict_
         // Tile j's partials go to buffer j % 2 once tile j - 2's chain has read it.
         const int b = j & 1;
         if (lane == 0)
-            while (v->chained[b] != j - 2) __nanosleep(20);
+            while (reinterpret_cast<volatile int*>(sh.chained)[b] != j - 2) __nanosleep(32);
         __syncwarp();
         float* tpb = parts + (size_t)b * kmax * (SHARE_STEP_PART / 4);
         unsigned* svb = reinterpret_cast<unsigned*>(tpb + (size_t)kmax * 64);
@@ -1401,8 +1322,8 @@ __device__ __forceinline__ void moe_shared_body(const unsigned char* __restrict_
                 issue_b(cur, i + NS, q + NS);
             } else {
                 if (!have_next) {
-                    nxt = tile_at(j + 1);
-                    nready = nxt.down && slot_ready(nxt.slot);
+                    nxt = resolve(j + 1);
+                    nready = nxt.down && peek_ready(nxt);
                     have_next = true;
                 }
                 // The next tile's first stages fill the slots this one frees (its stage i' may
@@ -1420,14 +1341,75 @@ __device__ __forceinline__ void moe_shared_body(const unsigned char* __restrict_
             }
         }
         if (!have_next) {  // (a share of no steps)
-            nxt = tile_at(j + 1);
-            nready = nxt.down && slot_ready(nxt.slot);
+            nxt = resolve(j + 1);
+            nready = nxt.down && peek_ready(nxt);
         }
-        // This warp's partials are written: counted in for the control warp's chain.
+        // This warp's partials are written; the last warp of the tile chains them.
         __syncwarp();
+        unsigned last = 0;
         if (lane == 0) {
             __threadfence_block();
-            atomicAdd(&sh.arrived[b], 1u);
+            last = atomicAdd(&sh.arrived[b], 1u) == SW - 1;
+        }
+        if (__shfl_sync(0xffffffffu, last, 0)) {
+            __threadfence_block();
+            __syncwarp();
+            float a = 0.f;
+#pragma unroll 4
+            for (int k = 0; k < cur.steps; k++) {
+                unsigned sv = svb[k * 8 + g];
+                float f0 = e8m0_bits(c < 2 ? sv << 23 : sv << 7), f1 = e8m0_bits(c < 2 ? sv << 15 : sv >> 1);
+                a += f0 * tpb[(2 * k) * 32 + lane];
+                a += f1 * tpb[(2 * k + 1) * 32 + lane];
+            }
+            float acc[4];
+#pragma unroll
+            for (int i = 0; i < 4; i++) acc[i] = __shfl_sync(0xffffffffu, a, (lane & ~3) + i);
+            // The tile's rows for each of the slot's pairs (one token: several pairs of a slot
+            // are the same token under the same expert, so the same values).
+            const int pb = pair_off[cur.slot], pe = pair_off[cur.slot + 1];
+            if (c == 0)
+                for (int p = pb; p < pe; p++) tile_store(!cur.down, acc, inv, cur.down ? out : h, cur.down ? H : I, p, cur.rt, pair_w);
+            // The buffer is free for tile j + 2.
+            __syncwarp();
+            if (lane == 0) {
+                sh.arrived[b] = 0u;
+                __threadfence_block();
+                reinterpret_cast<volatile int*>(sh.chained)[b] = j;
+            }
+            if (!cur.down) {
+                unsigned lastg = 0;
+                if (lane == 0) {
+                    unsigned old;
+                    asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(old) : "l"(done + cur.slot) : "memory");
+                    lastg = old + 1 == (unsigned)gt;
+                }
+                if (__shfl_sync(0xffffffffu, lastg, 0)) {
+                    // The slot's last gate_up tile: every other tile's h is published. Split the
+                    // slot's (first pair's) row for its down tiles, then count once more.
+                    __syncwarp();
+                    split_row_warp(h + (size_t)pb * I, I, hs + (size_t)cur.slot * I, hinv + cur.slot);
+                    asm volatile("fence.proxy.async.global;" ::: "memory");
+                    __syncwarp();
+                    if (lane == 0) asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(done + cur.slot) : "memory");
+                }
+            } else if (y) {
+                unsigned lastd = 0;
+                if (lane == 0) {
+                    unsigned old;
+                    asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(old) : "l"(comb + cur.rt) : "memory");
+                    lastd = old + 1 == (unsigned)used;
+                    if (lastd) comb[cur.rt] = 0u;
+                }
+                if (__shfl_sync(0xffffffffu, lastd, 0) && lane < 16) {
+                    // The combine of these 16 rows: the token's pairs in ascending order (at one
+                    // token every pair is the token's), as combine_rows sums them.
+                    int n = cur.rt * 16 + lane;
+                    float s = 0.f;
+                    for (int p = 0; p < npairs; p++) s += __ldcg(out + (size_t)p * H + n);
+                    y[n] = s;
+                }
+            }
         }
         seq += nst;
         cur = nxt;
@@ -1447,57 +1429,37 @@ __device__ __forceinline__ void share_layout(int NS, int CS, int H, int I, uint4
     kmax = max(H, I) / 64;
 }
 
-// The block's state before its warps start (every thread calls it; a barrier follows): the
-// routing of its U slots copied from global memory.
-__device__ __forceinline__ void share_init(ShareSmem& sh, const int* experts, const int* pair_off, const float* pair_w, int U) {
-    int t = threadIdx.x;
-    if (t == 0) {
-        sh.claimed = sh.ended = 0;
+__device__ __forceinline__ void share_init(ShareSmem& sh) {
+    if (threadIdx.x == 0) {
+        sh.claimed = sh.ended = sh.lock = 0;
         sh.arrived[0] = sh.arrived[1] = 0u;
         sh.chained[0] = -2;
         sh.chained[1] = -1;
     }
-    if (t < U) {
-        sh.experts[t] = experts[t];
-        sh.ready[t] = 0;
-    }
-    if (t <= U) sh.pair_off[t] = pair_off[t];
-    if (t < MAX_FUSED_TOPK) sh.pair_w[t] = t < pair_off[U] ? pair_w[t] : 0.f;
-}
-
-// The end of a Shared call: every block counts itself out once its warps are done; the last
-// resets the slots' counts for the next call (no block reads them any more).
-__device__ __forceinline__ void share_exit(unsigned* counters, int U) {
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        __threadfence();
-        if (atomicAdd(counters + 1, 1u) + 1 == gridDim.x) {
-            for (int i = 0; i < U; i++) counters[2 + i] = 0u;
-            counters[1] = 0u;
-        }
-    }
 }
 
 #define MOE_SHARED(NS, CS)                                                                                                \
-    extern "C" __global__ void __maxnreg__(224) moe_shared_n##NS##_c##CS(                              \
+    extern "C" __global__ void __launch_bounds__(SW * 32, 1) moe_shared_n##NS##_c##CS(                                       \
         const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Wd, const int* __restrict__ experts,      \
         const int* __restrict__ pair_off, const float* __restrict__ pair_w, const float* __restrict__ x,                 \
         float* __restrict__ h, float* __restrict__ out, int H, int I, int U, unsigned* counters, float* __restrict__ y,  \
         int x_settled, unsigned* __restrict__ hs, float* __restrict__ hinv) {                                            \
-        __shared__ float red[(SW + 1) * NP], xscale[NP], xinv[NP];                                                        \
+        __shared__ StageSmem ss;                                                                                         \
         __shared__ ShareSmem sh;                                                                                         \
         uint4* xfrag;                                                                                                    \
         float* parts;                                                                                                    \
         int kmax;                                                                                                        \
         share_layout(NS, CS, H, I, xfrag, parts, kmax);                                                                  \
-        const int row0[1] = {0};                                                                                         \
-        if (x_settled) stage_b<false, false, SW + 1>(x, row0, 1, H, reinterpret_cast<unsigned*>(xfrag), red, xscale, xinv); \
+        share_init(sh);                                                                                                  \
+        bool staged = stage_token_early(x, 1, H, xfrag, ss, x_settled);                                                  \
         PDL_ENTER();                                                                                                     \
-        share_init(sh, experts, pair_off, pair_w, U);                                                                    \
-        if (!x_settled) stage_b<false, false, SW + 1>(x, row0, 1, H, reinterpret_cast<unsigned*>(xfrag), red, xscale, xinv); \
+        if (!staged) {                                                                                                   \
+            const int row0[1] = {0};                                                                                     \
+            stage_b(x, row0, 1, H, reinterpret_cast<unsigned*>(xfrag), ss.red, ss.scale, ss.inv);                       \
+        }                                                                                                                \
         __syncthreads();                                                                                                 \
-        moe_shared_body<NS, CS>(Wg, Wd, xfrag, xinv[0], h, out, H, I, U, counters, y, hs, hinv, sh, parts, kmax);       \
-        share_exit(counters, U);                                                                                         \
+        moe_shared_body<NS, CS>(Wg, Wd, experts, pair_off, pair_w, xfrag, ss.inv[0], h, out, H, I, U, counters, y, hs,  \
+                                hinv, sh, parts, kmax);                                                                  \
     }
 MOE_SHARED(3, 4)
 MOE_SHARED(4, 4)

@@ -109,8 +109,8 @@ pub const TILED_VARIANTS: [(usize, usize); 7] = [(2, 4), (4, 2), (3, 4), (4, 4),
 /// (`MoeKernel::Shared`, `moe_shared_*` in kernels/moe.cu); each stage also holds a down
 /// tile's B fragments (`SHARED_B_BYTES` per step).
 pub const SHARED_VARIANTS: [(usize, usize); 4] = [(3, 4), (4, 4), (6, 4), (8, 2)];
-/// Streaming warps per block of the `Shared` kernel (SW in moe.cu), each taking about 1/8 of a
-/// tile's K steps; one more warp claims tiles and runs the chains.
+/// Warps per block of the `Shared` kernel (SW in moe.cu), each taking about 1/8 of a tile's K
+/// steps.
 const SHARED_WARPS: usize = 8;
 /// A one-pair B fragment step (SHARE_B_BYTES in moe.cu) and a tile step's partials in shared
 /// memory (SHARE_STEP_PART: two 32-blocks' MMA sums for 8 lane groups, and their scale words).
@@ -1806,11 +1806,11 @@ impl Kernels {
 
     /// Counters the tiled kernels need for up to `max_pairs` pairs: the combine's arrivals per
     /// group of 8 down tiles, then two per expert slot for the waits of the fused kernel and of
-    /// the two-launch down kernel; at least the `Shared` kernel's (its queue, its blocks out, one
-    /// per slot, one per down row tile).
+    /// the two-launch down kernel; at least the `Shared` kernel's (its queue, two per slot, one
+    /// per down row tile).
     pub fn moe_counters(w: &MoeWeights, max_pairs: usize) -> usize {
         let u = max_pairs.min(w.num_experts);
-        ((w.hidden / 16).div_ceil(8) + 2 * u).max(2 + u + w.hidden / 16)
+        ((w.hidden / 16).div_ceil(8) + 2 * u).max(1 + 2 * u + w.hidden / 16)
     }
 
     pub fn moe_scratch(&self, w: &MoeWeights, max_pairs: usize) -> Result<MoeScratch> {
@@ -2036,14 +2036,13 @@ impl Kernels {
         check(h.is_multiple_of(64) && i.is_multiple_of(64), || format!("the shared MoE kernel needs dims that are multiples of 64, not {h}, {i}"))?;
         let smem = Self::shared_smem(w, stages, steps);
         check(smem <= TILED_MAX_SMEM, || format!("MoE dims {h}, {i} need more than {TILED_MAX_SMEM} bytes of shared memory"))?;
-        check(counters.len() >= 2 + u + h / 16, || "MoE scratch counters too small".into())?;
+        check(counters.len() >= 1 + 2 * u + h / 16, || "MoE scratch counters too small".into())?;
         check(blocks_per_sm > 0, || "the shared MoE kernel needs at least one block per SM".into())?;
-        let threads = (SHARED_WARPS + 1) * 32;
-        let fit = f.occupancy_max_active_blocks_per_multiprocessor(threads as u32, smem, None).map_err(drv("MoE occupancy"))? as usize;
+        let fit = self.blocks_per_sm(f, smem)?;
         check(fit > 0, || format!("the shared MoE kernel does not fit an SM with {smem} bytes of shared memory"))?;
         let blocks = blocks_per_sm.min(fit) * self.sms;
         let blocks = if max_blocks == 0 { blocks } else { blocks.min(max_blocks) };
-        Ok(LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: smem as u32 })
+        Ok(LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: ((SHARED_WARPS * 32) as u32, 1, 1), shared_mem_bytes: smem as u32 })
     }
 
     /// Dynamic shared memory of the `Shared` kernel with a ring of `stages` x `steps` per warp:
