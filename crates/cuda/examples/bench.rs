@@ -435,7 +435,6 @@ fn main() {
                 if t == 1 {
                     let cells: Vec<String> = peregrine_cuda::kernels::SHARED_VARIANTS
                         .iter()
-                        .filter(|&&(stages, steps)| Kernels::moe_shared_fits(&wt, stages, steps))
                         .map(|&(stages, steps)| {
                             let kind = MoeKernel::Shared { stages, steps, blocks_per_sm: 1, max_blocks: 0 };
                             let ms = time_b2b(&mut |run| k.moe_mxfp4_pairs(kind, &wt, &dev[run % dev.len()], &x, input, &mut scratch).unwrap());

@@ -2034,7 +2034,8 @@ impl Kernels {
     fn shared_grid(&self, f: &CudaFunction, w: &MoeWeights, (stages, steps): (usize, usize), (blocks_per_sm, max_blocks): (usize, usize), u: usize, counters: &CudaSlice<u32>) -> Result<LaunchConfig> {
         let (h, i) = (w.hidden, w.inter);
         check(h.is_multiple_of(64) && i.is_multiple_of(64), || format!("the shared MoE kernel needs dims that are multiples of 64, not {h}, {i}"))?;
-        let smem = Self::shared_smem(w, stages, steps);
+        let rings = SHARED_WARPS * stages * steps * (crate::mxfp4_tiles::TILE_STEP_BYTES + SHARED_B_BYTES);
+        let smem = rings + h * 4 + 2 * (h.max(i) / 64) * SHARED_STEP_PART;
         check(smem <= TILED_MAX_SMEM, || format!("MoE dims {h}, {i} need more than {TILED_MAX_SMEM} bytes of shared memory"))?;
         check(counters.len() >= 1 + 2 * u + h / 16, || "MoE scratch counters too small".into())?;
         check(blocks_per_sm > 0, || "the shared MoE kernel needs at least one block per SM".into())?;
@@ -2043,18 +2044,6 @@ impl Kernels {
         let blocks = blocks_per_sm.min(fit) * self.sms;
         let blocks = if max_blocks == 0 { blocks } else { blocks.min(max_blocks) };
         Ok(LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: ((SHARED_WARPS * 32) as u32, 1, 1), shared_mem_bytes: smem as u32 })
-    }
-
-    /// Dynamic shared memory of the `Shared` kernel with a ring of `stages` x `steps` per warp:
-    /// the rings, the staged x row, two tiles' partials.
-    fn shared_smem(w: &MoeWeights, stages: usize, steps: usize) -> usize {
-        let rings = SHARED_WARPS * stages * steps * (crate::mxfp4_tiles::TILE_STEP_BYTES + SHARED_B_BYTES);
-        rings + w.hidden * 4 + 2 * (w.hidden.max(w.inter) / 64) * SHARED_STEP_PART
-    }
-
-    /// Whether the `Shared` kernel with a ring of `stages` x `steps` fits these weights' shapes.
-    pub fn moe_shared_fits(w: &MoeWeights, stages: usize, steps: usize) -> bool {
-        Self::shared_smem(w, stages, steps) <= TILED_MAX_SMEM
     }
 
     /// The index in `SHARED_VARIANTS` of a ring of `stages` x `steps`.

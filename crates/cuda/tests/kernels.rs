@@ -459,9 +459,7 @@ fn mxfp4_moe_decode_matches_the_cpu_reference() {
             // blocks that take many tiles each (rings running on from tile to tile, down tiles
             // waiting for their slot's h).
             let shared: Vec<MoeKernel> = if t == 1 {
-                let fits: Vec<_> = peregrine_cuda::kernels::SHARED_VARIANTS.iter().filter(|&&(stages, steps)| Kernels::moe_shared_fits(&wt, stages, steps)).collect();
-                assert!(!fits.is_empty(), "no shared MoE ring fits {h} x {i}");
-                fits.into_iter().flat_map(|&(stages, steps)| [0, 3].map(|max_blocks| MoeKernel::Shared { stages, steps, blocks_per_sm: 1, max_blocks })).collect()
+                peregrine_cuda::kernels::SHARED_VARIANTS.iter().flat_map(|&(stages, steps)| [0, 3].map(|max_blocks| MoeKernel::Shared { stages, steps, blocks_per_sm: 1, max_blocks })).collect()
             } else {
                 let mut yv = poisoned(&g, t * h);
                 assert!(kern.moe_mxfp4_with(MoeKernel::SHARED, &wt, &dr, &xd, MoeInput::Settled, &mut scratch, &mut yv).is_err(), "the shared MoE kernel refuses {t} tokens");
