@@ -1006,7 +1006,6 @@ MOE_BULK(2, 6)
 #define SW TW                // warps per block, sharing each tile's K
 #define SHARE_B_BYTES 256    // one step of a one-pair fragment row (a down tile's h)
 #define SHARE_Q 8            // tile ids a block holds
-#define SHARE_AHEAD 3        // tiles a block claims past the one its warps ask for
 #define SHARE_STEP_PART 288  // shared memory per step of a tile's partials: 2 x 8 float4, 8 words
 
 // Adds to an mbarrier's expected bytes without arriving (the stage's arrival comes with its
@@ -1172,27 +1171,15 @@ __device__ __forceinline__ void moe_shared_body(const unsigned char* __restrict_
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     __syncwarp();
 
-    // The id of the block's j-th tile (every lane gets it). Lane 0 claims tiles up to j +
-    // SHARE_AHEAD where no other warp is claiming, so the claims' round trips are off the path of
-    // the warps that need them; it waits only for tile j. A block makes exactly one claim past
-    // the end; the last of those resets the queue. -DSHARE_STATIC: block b's tiles are b, b +
-    // grid, ... without a queue (measurements).
+    // The id of the block's j-th tile (lane 0 claims what is missing; every lane gets it). A
+    // block makes exactly one claim past the end; the last of those resets the queue.
     auto tile_id = [&](int j) -> int {
-#ifdef SHARE_STATIC
-        {
-            int n = (int)blockIdx.x + j * (int)gridDim.x;
-            while (n < total && share_tile(n, U, H, I, Wg, Wd, experts, pair_off).steps == 0) n += (int)gridDim.x;  // (approximate: measurements)
-            return n < total ? n : -1;
-        }
-#endif
         int id = -1;
         if (lane == 0) {
             volatile ShareSmem* v = &sh;
-            // One claim under the lock (the next tile of a used slot, or the block's one past
-            // the end); false when another warp holds it.
-            auto claim_one = [&]() -> bool {
-                if (atomicCAS(&sh.lock, 0, 1) != 0) return false;
-                if (!v->ended) {
+            while (v->claimed <= j && !v->ended) {
+                if (atomicCAS(&sh.lock, 0, 1) != 0) continue;
+                while (v->claimed <= j && !v->ended) {
                     int n;
                     do {
                         unsigned q = atomicAdd(queue, 1u);
@@ -1209,10 +1196,7 @@ __device__ __forceinline__ void moe_shared_body(const unsigned char* __restrict_
                 }
                 __threadfence_block();
                 atomicExch(&sh.lock, 0);
-                return true;
-            };
-            while (v->claimed <= j && !v->ended) claim_one();
-            if (v->claimed <= j + SHARE_AHEAD && !v->ended) claim_one();  // one ahead, if free
+            }
             id = v->claimed > j ? v->ids[j % SHARE_Q] : -1;
         }
         return __shfl_sync(0xffffffffu, id, 0);
@@ -1355,7 +1339,6 @@ __device__ __forceinline__ void moe_shared_body(const unsigned char* __restrict_
             __threadfence_block();
             __syncwarp();
             float a = 0.f;
-#pragma unroll 4
             for (int k = 0; k < cur.steps; k++) {
                 unsigned sv = svb[k * 8 + g];
                 float f0 = e8m0_bits(c < 2 ? sv << 23 : sv << 7), f1 = e8m0_bits(c < 2 ? sv << 15 : sv >> 1);
@@ -1461,10 +1444,10 @@ __device__ __forceinline__ void share_init(ShareSmem& sh) {
         moe_shared_body<NS, CS>(Wg, Wd, experts, pair_off, pair_w, xfrag, ss.inv[0], h, out, H, I, U, counters, y, hs,  \
                                 hinv, sh, parts, kmax);                                                                  \
     }
+MOE_SHARED(2, 4)
 MOE_SHARED(3, 4)
+MOE_SHARED(4, 2)
 MOE_SHARED(4, 4)
-MOE_SHARED(6, 4)
-MOE_SHARED(8, 2)
 
 // ---------------------------------------------------------------------------------------------
 // MoE GEMM for prefill-sized batches: many pairs per expert.

@@ -108,7 +108,7 @@ pub const TILED_VARIANTS: [(usize, usize); 7] = [(2, 4), (4, 2), (3, 4), (4, 4),
 /// Rings (stages x steps per warp) of the one-token kernel whose blocks share each tile's K
 /// (`MoeKernel::Shared`, `moe_shared_*` in kernels/moe.cu); each stage also holds a down
 /// tile's B fragments (`SHARED_B_BYTES` per step).
-pub const SHARED_VARIANTS: [(usize, usize); 4] = [(3, 4), (4, 4), (6, 4), (8, 2)];
+pub const SHARED_VARIANTS: [(usize, usize); 4] = [(2, 4), (4, 2), (3, 4), (4, 4)];
 /// Warps per block of the `Shared` kernel (SW in moe.cu), each taking about 1/8 of a tile's K
 /// steps.
 const SHARED_WARPS: usize = 8;
