@@ -431,18 +431,6 @@ fn main() {
                 let input = sp.as_ref().map_or(MoeInput::Settled, MoeInput::Split);
                 let ms = time_b2b(&mut |run| k.moe_mxfp4_pairs(default, &wt, &dev[run % dev.len()], &x, input, &mut scratch).unwrap());
                 println!("{t:>6} {used:>8.1} {:>10.1} {ms:>8.3} {:>8.0} {:>9.1}%   (as in a step: the pairs left to the norm after it, no combine)", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, pct(ms));
-                // At one token the kernel whose blocks share each tile's K, the same way.
-                if t == 1 {
-                    let cells: Vec<String> = peregrine_cuda::kernels::SHARED_VARIANTS
-                        .iter()
-                        .map(|&(stages, steps)| {
-                            let kind = MoeKernel::Shared { stages, steps, blocks_per_sm: 1, max_blocks: 0 };
-                            let ms = time_b2b(&mut |run| k.moe_mxfp4_pairs(kind, &wt, &dev[run % dev.len()], &x, input, &mut scratch).unwrap());
-                            format!("{stages}x{steps} {:.1}%", pct(ms))
-                        })
-                        .collect();
-                    println!("       shared K, pairs left as in a step: {}", cells.join(", "));
-                }
             }
             // Routing that shares experts between tokens (as consecutive tokens of one text
             // often do): every token draws its top-k from the same pool of 2 x top-k experts (a

@@ -105,17 +105,6 @@ pub const MAX_TOKENS_PER_PASS: usize = 8;
 /// 2026-11-24-moe-mixed-rings.md). 3 x 2, 8 x 2, 8 x 1, 6 x 1 and 2 x 8 rings, register rings of
 /// 4 and 8 steps, and 2 or 4 warps sharing a tile's K were slower everywhere and dropped.
 pub const TILED_VARIANTS: [(usize, usize); 7] = [(2, 4), (4, 2), (3, 4), (4, 4), (2, 3), (3, 3), (2, 6)];
-/// Rings (stages x steps per warp) of the one-token kernel whose blocks share each tile's K
-/// (`MoeKernel::Shared`, `moe_shared_*` in kernels/moe.cu); each stage also holds a down
-/// tile's B fragments (`SHARED_B_BYTES` per step).
-pub const SHARED_VARIANTS: [(usize, usize); 4] = [(2, 4), (4, 2), (3, 4), (4, 4)];
-/// Warps per block of the `Shared` kernel (SW in moe.cu), each taking about 1/8 of a tile's K
-/// steps.
-const SHARED_WARPS: usize = 8;
-/// A one-pair B fragment step (SHARE_B_BYTES in moe.cu) and a tile step's partials in shared
-/// memory (SHARE_STEP_PART: two 32-blocks' MMA sums for 8 lane groups, and their scale words).
-const SHARED_B_BYTES: usize = 256;
-const SHARED_STEP_PART: usize = 288;
 /// Activations as F16 hi and lo parts of each row times a power of two, and the inverse powers
 /// (the FP8 tensor-core GEMV's input; `split_f16`'s output).
 pub type F16Split = (CudaSlice<u16>, CudaSlice<u16>, CudaSlice<f32>);
@@ -337,8 +326,6 @@ pub struct Kernels {
     fused_tiled: Vec<CudaFunction>,
     /// The same for one token, routing it in the kernel (`moe_mxfp4_routed`).
     fused_routed: Vec<CudaFunction>,
-    /// The one-token kernels whose blocks share each tile's K, one per `SHARED_VARIANTS` entry.
-    shared: Vec<CudaFunction>,
     /// `moe_fused_acc_*`: the fused one-token MoE after the o_proj that did its router.
     fused_acc: Vec<CudaFunction>,
     /// The grouped-GEMM MoE kernels (`MoeKernel::Gemm`) and the row split they read.
@@ -679,14 +666,6 @@ pub enum MoeKernel {
     /// `max_blocks` blocks (0: as many as are resident at once; never more, which the waits
     /// rely on).
     Fused { stages: usize, steps: usize, max_blocks: usize },
-    /// One token only: Fused's arithmetic (the same bits) with blocks taking 16-row tiles from a
-    /// queue and their 8 warps sharing each tile's K (`moe_shared_*`): each warp computes the
-    /// MMAs of its steps' 32-blocks, and the tile's last warp runs the scaled sums over them in
-    /// order. A tile is a ~1-2 us unit, so SMs whose share of DRAM bandwidth runs high take more
-    /// tiles. Per-warp rings of `stages` x `steps` (`SHARED_VARIANTS`), `blocks_per_sm` blocks
-    /// per SM (fewer where they do not fit), at most `max_blocks` (0: no limit). Any grid is
-    /// correct.
-    Shared { stages: usize, steps: usize, blocks_per_sm: usize, max_blocks: usize },
     /// For many pairs per expert (prefill): the tiled layout's arithmetic as a grouped GEMM
     /// (`moe_gemm_*` in kernels/moe.cu): each block takes 16 row tiles of one expert slot and
     /// 32 of its pairs at a time, so a weight fragment is decoded once for 8 MMA column tiles
@@ -722,9 +701,6 @@ impl MoeKernel {
     /// The one-launch form of `TILED`, on as many blocks as are resident.
     pub const FUSED: MoeKernel = MoeKernel::Fused { stages: 2, steps: 4, max_blocks: 0 };
 
-    /// The one-token kernel whose blocks share each tile's K, a 3 x 4 ring, one block per SM.
-    pub const SHARED: MoeKernel = MoeKernel::Shared { stages: 3, steps: 4, blocks_per_sm: 1, max_blocks: 0 };
-
     /// The kernel `moe_mxfp4` uses for tiled weights and `tokens` tokens when nothing was
     /// tuned (`Kernels::tune_moe`) for the shape: the one-launch kernel at 1 token, where the
     /// boundary between two launches costs most (H100, calls back to back: Flash shapes 67.3%
@@ -747,8 +723,7 @@ impl MoeKernel {
     }
 
     /// `PEREGRINE_MOE_KERNEL=tiled` (two launches, 2 x 4 ring), `fused` (one launch, 2 x 4),
-    /// `fused:SxC` or `tiled:SxC` (that ring of `TILED_VARIANTS`), `shared` or `shared:SxC`
-    /// (one token only; `SHARED_VARIANTS`), `gemm` or `default`
+    /// `fused:SxC` or `tiled:SxC` (that ring of `TILED_VARIANTS`), `gemm` or `default`
     /// (`for_tiled`, no tuning) overrides the tuned choice, for measurements: Some(Some(kind)),
     /// Some(None) for `default`, None when unset or not one of those.
     fn forced() -> Option<Option<MoeKernel>> {
@@ -766,14 +741,8 @@ impl MoeKernel {
         match v.split_once(':') {
             Some(("fused", r)) => ring(r).map(|(stages, steps)| Some(MoeKernel::Fused { stages, steps, max_blocks: 0 })),
             Some(("tiled", r)) => ring(r).map(|(stages, steps)| Some(MoeKernel::tiled(stages, steps))),
-            Some(("shared", r)) => {
-                let (st, c) = r.split_once('x')?;
-                let ring = (st.parse().ok()?, c.parse().ok()?);
-                SHARED_VARIANTS.contains(&ring).then_some(Some(MoeKernel::Shared { stages: ring.0, steps: ring.1, blocks_per_sm: 2, max_blocks: 0 }))
-            }
             _ => match v {
                 "fused" => Some(Some(MoeKernel::FUSED)),
-                "shared" => Some(Some(MoeKernel::SHARED)),
                 "tiled" => Some(Some(MoeKernel::TILED)),
                 "gemm" => Some(Some(MoeKernel::Gemm)),
                 "default" => Some(None),
@@ -1056,7 +1025,6 @@ impl Kernels {
             down_split: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_down_split_n{n}_c{c}"))).collect::<Result<_>>()?,
             fused_tiled: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_fused_bulk_n{n}_c{c}"))).collect::<Result<_>>()?,
             fused_routed: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_fused_routed_bulk_n{n}_c{c}"))).collect::<Result<_>>()?,
-            shared: SHARED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_shared_n{n}_c{c}"))).collect::<Result<_>>()?,
             fused_acc: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_fused_acc_bulk_n{n}_c{c}"))).collect::<Result<_>>()?,
             gemm_gate_up: fm("moe_gemm_gate_up")?,
             gemm_down: fm("moe_gemm_down")?,
@@ -1806,11 +1774,9 @@ impl Kernels {
 
     /// Counters the tiled kernels need for up to `max_pairs` pairs: the combine's arrivals per
     /// group of 8 down tiles, then two per expert slot for the waits of the fused kernel and of
-    /// the two-launch down kernel; at least the `Shared` kernel's (its queue, two per slot, one
-    /// per down row tile).
+    /// the two-launch down kernel.
     pub fn moe_counters(w: &MoeWeights, max_pairs: usize) -> usize {
-        let u = max_pairs.min(w.num_experts);
-        ((w.hidden / 16).div_ceil(8) + 2 * u).max(1 + 2 * u + w.hidden / 16)
+        ((w.hidden / 16).div_ceil(8) + 2 * max_pairs.min(w.num_experts)).max(1)
     }
 
     pub fn moe_scratch(&self, w: &MoeWeights, max_pairs: usize) -> Result<MoeScratch> {
@@ -1879,10 +1845,7 @@ impl Kernels {
     pub fn moe_kernel(&self, w: &MoeWeights, tokens: usize, top_k: usize) -> MoeKernel {
         match w.layout {
             MoeLayout::Tiled { .. } => match MoeKernel::forced() {
-                Some(kind) => kind
-                    .filter(|k| !matches!(k, MoeKernel::Fused { .. } | MoeKernel::Shared { .. }) || top_k <= MAX_FUSED_TOPK)
-                    .filter(|k| !matches!(k, MoeKernel::Shared { .. }) || tokens == 1)
-                    .unwrap_or_else(|| MoeKernel::for_tiled(tokens, top_k)),
+                Some(kind) => kind.filter(|k| !matches!(k, MoeKernel::Fused { .. }) || top_k <= MAX_FUSED_TOPK).unwrap_or_else(|| MoeKernel::for_tiled(tokens, top_k)),
                 None if !self.gemm && tokens > crate::moe_tune::TUNED_TOKENS => MoeKernel::TILED,
                 None => self.tuned_moe(w, top_k, tokens).unwrap_or_else(|| MoeKernel::for_tiled(tokens, top_k)),
             },
@@ -2027,33 +1990,6 @@ impl Kernels {
         Ok(LaunchConfig { grid_dim: (items.min(blocks) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem as u32 })
     }
 
-    /// The launch of the `Shared` kernel `f` (a ring of `stages` x `steps` per warp) over `u`
-    /// expert slots: the rings, the staged x row, then two tiles' partials; `blocks_per_sm`
-    /// blocks per SM, fewer where they do not fit, at most `max_blocks` (0: no limit). The
-    /// kernel waits on no block that has not started, so any grid is correct.
-    fn shared_grid(&self, f: &CudaFunction, w: &MoeWeights, (stages, steps): (usize, usize), (blocks_per_sm, max_blocks): (usize, usize), u: usize, counters: &CudaSlice<u32>) -> Result<LaunchConfig> {
-        let (h, i) = (w.hidden, w.inter);
-        check(h.is_multiple_of(64) && i.is_multiple_of(64), || format!("the shared MoE kernel needs dims that are multiples of 64, not {h}, {i}"))?;
-        let rings = SHARED_WARPS * stages * steps * (crate::mxfp4_tiles::TILE_STEP_BYTES + SHARED_B_BYTES);
-        let smem = rings + h * 4 + 2 * (h.max(i) / 64) * SHARED_STEP_PART;
-        check(smem <= TILED_MAX_SMEM, || format!("MoE dims {h}, {i} need more than {TILED_MAX_SMEM} bytes of shared memory"))?;
-        check(counters.len() >= 1 + 2 * u + h / 16, || "MoE scratch counters too small".into())?;
-        check(blocks_per_sm > 0, || "the shared MoE kernel needs at least one block per SM".into())?;
-        let fit = self.blocks_per_sm(f, smem)?;
-        check(fit > 0, || format!("the shared MoE kernel does not fit an SM with {smem} bytes of shared memory"))?;
-        let blocks = blocks_per_sm.min(fit) * self.sms;
-        let blocks = if max_blocks == 0 { blocks } else { blocks.min(max_blocks) };
-        Ok(LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: ((SHARED_WARPS * 32) as u32, 1, 1), shared_mem_bytes: smem as u32 })
-    }
-
-    /// The index in `SHARED_VARIANTS` of a ring of `stages` x `steps`.
-    fn shared_variant(stages: usize, steps: usize) -> Result<usize> {
-        SHARED_VARIANTS
-            .iter()
-            .position(|&p| p == (stages, steps))
-            .ok_or_else(|| Error::Backend(format!("shared MoE kernel ({stages} stages of {steps}) is not compiled; have {SHARED_VARIANTS:?}")))
-    }
-
     /// One token's routed MLP with its routing done inside the fused kernel
     /// (`moe_fused_routed_*`: each block runs moe_route's router on the token's `logits` [E] and
     /// groups the choices itself), so a batch-1 step has no routing launch. Same experts,
@@ -2165,7 +2101,7 @@ impl Kernels {
     /// Whether MoE kernel `kind` is a tiled kernel with its combine fused (the two-launch pair
     /// or the fused kernel), which `moe_mxfp4_pairs` can run without it.
     pub fn moe_leaves_pairs(w: &MoeWeights, kind: MoeKernel, top_k: usize) -> bool {
-        w.is_tiled() && top_k <= MAX_FUSED_TOPK && matches!(kind, MoeKernel::Tiled { .. } | MoeKernel::Fused { .. } | MoeKernel::Shared { .. })
+        w.is_tiled() && top_k <= MAX_FUSED_TOPK && matches!(kind, MoeKernel::Tiled { .. } | MoeKernel::Fused { .. })
     }
 
     /// The MoE decode on `kind` without its routed combine (only where `moe_leaves_pairs`):
@@ -2281,25 +2217,6 @@ impl Kernels {
                 let settled = input.settled_flag();
                 b.arg(&settled);
                 unsafe { b.launch(cfg) }.map_err(drv("moe (fused, tiled)"))?;
-                return Ok(());
-            }
-            (MoeLayout::Tiled { gate_up, down }, MoeKernel::Shared { stages, steps, blocks_per_sm, max_blocks }) => {
-                check(r.num_tokens == 1 && r.top_k <= MAX_FUSED_TOPK, || format!("the shared MoE kernel takes one token of top-{} (at most {MAX_FUSED_TOPK}), not {}", r.top_k, r.num_tokens))?;
-                let f = &self.shared[Self::shared_variant(stages, steps)?];
-                let cfg = self.shared_grid(f, w, (stages, steps), (blocks_per_sm, max_blocks), u as usize, &scratch.counters)?;
-                // The slots' split h rows: written in full (one per used slot) before read.
-                let (mut hs, mut hinv) = (unsafe { self.alloc.alloc::<u32>(u as usize * i) }?, unsafe { self.alloc.alloc::<f32>(u as usize) }?);
-                let ui = u as i32;
-                let mut b = crate::launch::builder(&self.stream, f);
-                b.arg(gate_up).arg(down).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_w).arg(x);
-                b.arg(&mut scratch.h).arg(&mut scratch.out).arg(&hh).arg(&ii).arg(&ui).arg(&mut scratch.counters);
-                match y {
-                    Some(y) => b.arg(y),
-                    None => b.arg(&0u64),
-                };
-                let settled = input.settled_flag();
-                b.arg(&settled).arg(&mut hs).arg(&mut hinv);
-                unsafe { b.launch(cfg) }.map_err(drv("moe (shared)"))?;
                 return Ok(());
             }
             (MoeLayout::Tiled { gate_up, down }, MoeKernel::Gemm) => {

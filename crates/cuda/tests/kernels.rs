@@ -455,17 +455,6 @@ fn mxfp4_moe_decode_matches_the_cpu_reference() {
             let v = peregrine_cuda::kernels::TILED_VARIANTS;
             let mixed = (0..v.len()).map(|j| MoeKernel::Tiled { stages: v[j].0, steps: v[j].1, down_stages: v[(j + 3) % v.len()].0, down_steps: v[(j + 3) % v.len()].1 });
             let kinds = kinds.chain(mixed);
-            // At one token the kernel whose blocks share each tile's K: one block per SM, and 3
-            // blocks that take many tiles each (rings running on from tile to tile, down tiles
-            // waiting for their slot's h).
-            let shared: Vec<MoeKernel> = if t == 1 {
-                peregrine_cuda::kernels::SHARED_VARIANTS.iter().flat_map(|&(stages, steps)| [0, 3].map(|max_blocks| MoeKernel::Shared { stages, steps, blocks_per_sm: 1, max_blocks })).collect()
-            } else {
-                let mut yv = poisoned(&g, t * h);
-                assert!(kern.moe_mxfp4_with(MoeKernel::SHARED, &wt, &dr, &xd, MoeInput::Settled, &mut scratch, &mut yv).is_err(), "the shared MoE kernel refuses {t} tokens");
-                Vec::new()
-            };
-            let kinds = kinds.chain(shared);
             for kind in kinds {
                 for _ in 0..2 {
                     let mut yv = poisoned(&g, t * h);
