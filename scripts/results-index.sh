@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Writes benches/results/README.md: every record in benches/results with its title, newest
 # first, so what was measured (and what was tried and not kept) is found before it is tried
-# again. Run it after adding a record.
+# again. Run it after adding a record; `--check` only says whether README.md is current (exit 1
+# if not).
 set -euo pipefail
 cd "$(dirname "$0")/../benches/results"
+out=README.md
+[[ "${1:-}" == "--check" ]] && out=$(mktemp)
 {
     echo "# Measurement records"
     echo
@@ -22,4 +25,8 @@ cd "$(dirname "$0")/../benches/results"
         title=$(head -1 "$f" | sed 's/^# *//')
         echo "- [$f]($f): $title"
     done
-} > README.md
+} > "$out"
+if [[ "$out" != README.md ]]; then
+    trap 'rm -f "$out"' EXIT
+    cmp -s "$out" README.md || { echo "benches/results/README.md is out of date: run scripts/results-index.sh"; exit 1; }
+fi
