@@ -863,7 +863,8 @@ __device__ __forceinline__ void moe_fused_routed(const float* __restrict__ logit
 // shared memory, which route_then_moe routes as moe_fused_routed does. hg is g h (the norm's
 // weight times h = x + a), staged as hg * inv (NORM). zero_acc [nzero] (or null): the previous
 // such layer's accumulators, zeroed by block 0 past the wait (every block of that layer's MoE
-// has read them, and the o_proj that adds into them next runs after this kernel).
+// has read them, and the o_proj that adds into them next runs after this kernel). Shared
+// scratch before the rings: scores, choices, logits and the bias, E floats each.
 template <int NS, int CS>
 __device__ __forceinline__ void moe_fused_acc(const unsigned long long* __restrict__ acc, int copies, const float* __restrict__ ssq,
                                               int nssq, float eps, const float* __restrict__ bias, int E, int K, int softmax,
@@ -876,23 +877,50 @@ __device__ __forceinline__ void moe_fused_acc(const unsigned long long* __restri
     __shared__ StageSmem ss;
     float* scores = reinterpret_cast<float*>(dsm);
     float* logits = scores + 2 * E;
+    // The correction bias is a weight, so it is read before the wait: routing then finds it in
+    // shared memory instead of paying an L2 round trip between the logits and the first weight
+    // copy. (Each thread reads back its own e's in route_token, and a barrier comes first.)
+    float* bias_s = bias ? scores + 3 * E : nullptr;
+    if (bias)
+        for (int e = threadIdx.x; e < E; e += blockDim.x) bias_s[e] = __ldg(bias + e);
     PDL_ENTER();
     TRACE(2);
+    // Every load of the routing is asked for at once: the flag, this thread's expert's sum
+    // copies (held in registers where there are at most ACC_HELD of them and an expert a thread)
+    // and the norm's parts. One L2 round trip instead of two; integer sums, so the same bits.
+    constexpr int ACC_HELD = 8;
+    const bool held = copies <= ACC_HELD && E <= (int)blockDim.x;
+    const int e0 = threadIdx.x;
+    unsigned long long part[ACC_HELD];
+    if (held && e0 < E) {
+#pragma unroll
+        for (int c = 0; c < ACC_HELD; c++) part[c] = c < copies ? __ldcg(acc + (size_t)c * E + e0) : 0ull;
+    }
+    const bool bad = __ldcg(acc + (size_t)copies * E) != 0ull;
     float q = 0.f;
     for (int i = threadIdx.x & 31; i < nssq; i += 32) q += __ldcg(ssq + i);
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) q += __shfl_xor_sync(0xffffffffu, q, o);
     const float inv = 1.f / sqrtf(q / H + eps);
-    const bool bad = __ldcg(acc + (size_t)copies * E) != 0ull;
-    for (int e = threadIdx.x; e < E; e += blockDim.x) {
-        unsigned long long v = 0ull;
-        for (int c = 0; c < copies; c++) v += __ldcg(acc + (size_t)c * E + e);
-        logits[e] = bad ? __int_as_float(0x7fc00000) : (float)((double)(long long)v * 0x1p-40) * inv;
+    auto logit = [&](unsigned long long v) { return bad ? __int_as_float(0x7fc00000) : (float)((double)(long long)v * 0x1p-40) * inv; };
+    if (held) {
+        if (e0 < E) {
+            unsigned long long v = 0ull;
+#pragma unroll
+            for (int c = 0; c < ACC_HELD; c++) v += part[c];
+            logits[e0] = logit(v);
+        }
+    } else {
+        for (int e = threadIdx.x; e < E; e += blockDim.x) {
+            unsigned long long v = 0ull;
+            for (int c = 0; c < copies; c++) v += __ldcg(acc + (size_t)c * E + e);
+            logits[e] = logit(v);
+        }
     }
     if (zero_acc && blockIdx.x == 0)
         for (int i = threadIdx.x; i < nzero; i += blockDim.x) zero_acc[i] = 0ull;
     __syncthreads();
-    route_then_moe<NS, CS, true>(logits, bias, E, K, softmax, n_group, topk_group, norm, scale, scores, Wg, Wd, hg, h, out, H, I, U,
+    route_then_moe<NS, CS, true>(logits, bias_s, E, K, softmax, n_group, topk_group, norm, scale, scores, Wg, Wd, hg, h, out, H, I, U,
                                  counters, y, tok_pairs_out, ss, false, inv);
 }
 

@@ -118,9 +118,10 @@ __device__ __forceinline__ float max_abs_prod4(float4 w, float4 v) {
     return fmaxf(fmaxf(fabsf(w.x * v.x), fabsf(w.y * v.y)), fmaxf(fabsf(w.z * v.z), fabsf(w.w * v.w)));
 }
 
-// block_sum of s (the same bits: the same shuffles, then the warps' sums in warp order) and,
-// in the same pass, the block's largest p, left in p. shp: 32 floats of its own.
+// block_sum of s (the same bits: the same shuffles, then the warps' sums in warp order, by
+// warp 0 alone) and, in the same pass, the block's largest p, left in p. shp: 32 floats of its own.
 __device__ __forceinline__ float block_sum_and_max(float s, float& p, float* sh, float* shp) {
+    __shared__ float total[2];
     for (int o = 16; o > 0; o >>= 1) {
         s += __shfl_xor_sync(0xffffffffu, s, o);
         p = fmaxf(p, __shfl_xor_sync(0xffffffffu, p, o));
@@ -131,14 +132,20 @@ __device__ __forceinline__ float block_sum_and_max(float s, float& p, float* sh,
         shp[w] = p;
     }
     __syncthreads();
-    float t = 0.f, m = 0.f;
-    for (int i = 0; i < (int)(blockDim.x + 31) / 32; i++) {
-        t += sh[i];
-        m = fmaxf(m, shp[i]);
+    if (w == 0) {
+        float t = 0.f, m = 0.f;
+        for (int i = 0; i < (int)(blockDim.x + 31) / 32; i++) {
+            t += sh[i];
+            m = fmaxf(m, shp[i]);
+        }
+        if (l == 0) {
+            total[0] = t;
+            total[1] = m;
+        }
     }
     __syncthreads();
-    p = m;
-    return t;
+    p = total[1];
+    return total[0];
 }
 
 // The register path of one row r of RMSNorm (D % 4 == 0, D <= 4 x NORM_V x blockDim): y = w *

@@ -4,16 +4,23 @@
 // bit for bit, and group one token's choices the same way (by warp 0 in the fused kernel, by the
 // whole block in moe_route; a test compares them).
 
-// Sum of v over the block (every thread gets it); sh holds one float per warp.
+// Sum of v over the block (every thread gets it); sh holds one float per warp. Warp 0 alone
+// adds the warps' sums (in warp order) and hands the total over: when every thread walked them,
+// a 1024-thread block issued ~64 instructions a thread there, 8 warps to a scheduler, on the
+// path of a one-block norm.
 __device__ __forceinline__ float block_sum(float v, float* sh) {
+    __shared__ float total;
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     int w = threadIdx.x >> 5, l = threadIdx.x & 31;
     if (l == 0) sh[w] = v;
     __syncthreads();
-    float s = 0.f;
-    for (int i = 0; i < (blockDim.x + 31) / 32; i++) s += sh[i];
+    if (w == 0) {
+        float s = 0.f;
+        for (int i = 0; i < (blockDim.x + 31) / 32; i++) s += sh[i];
+        if (l == 0) total = s;
+    }
     __syncthreads();
-    return s;
+    return total;
 }
 
 // The largest v over the block and its i (ties to the lower i) into *out_v, *out_i.
