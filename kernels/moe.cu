@@ -92,6 +92,16 @@ __device__ unsigned long long moe_trace[MOE_TRACE_BLOCKS * MOE_TRACE_SLOTS];
 #define TRACE_SM()
 #endif
 
+// The kernels' dynamic shared memory (the rings the bulk copies fill, the staged fragments)
+// starts on a 128-byte line. As uint4 it started wherever the static shared memory ended, at
+// 16 bytes past a line or more: one more static variable (16 bytes) moved the one-token MoE's
+// rings from 64 to 80 bytes past a line and cost the batch-1 Flash step 2%, and on whole lines
+// the step ran 1.3% faster than at 64 (benches/results/2026-11-27-moe-smem-lines.md).
+// -DMOE_DSM_ALIGN=16 (measurement builds) gives back the uint4 placement.
+#ifndef MOE_DSM_ALIGN
+#define MOE_DSM_ALIGN 128
+#endif
+
 // Four e4m3 bytes -> two f16x2 (low byte first in each), exactly.
 __device__ __forceinline__ void e4m3x4_to_f16x2x2(unsigned e, unsigned& lo, unsigned& hi) {
     asm("{.reg .b16 l, h; mov.b32 {l, h}, %2; cvt.rn.f16x2.e4m3x2 %0, l; cvt.rn.f16x2.e4m3x2 %1, h;}"
@@ -259,7 +269,7 @@ struct StageSmem {
 // Where the tiled kernels stage activations: in dynamic shared memory after the TW warps' rings
 // of `ring` bytes each.
 __device__ __forceinline__ uint4* staged_frag(int ring) {
-    extern __shared__ uint4 dsm[];
+    extern __shared__ __align__(MOE_DSM_ALIGN) uint4 dsm[];
     return dsm + TW * ring / 16;
 }
 
@@ -574,7 +584,7 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
                                           const unsigned* __restrict__ xs = nullptr, const float* __restrict__ xinv = nullptr,
                                           unsigned* __restrict__ hs = nullptr, float* __restrict__ hinv = nullptr) {
     constexpr int RING = NS * CS * STEP_BYTES;  // bytes per warp
-    extern __shared__ uint4 dsm[];
+    extern __shared__ __align__(MOE_DSM_ALIGN) uint4 dsm[];
     uint4* frag = staged_frag(RING);
     __shared__ unsigned long long bars[TW * NS];
     __shared__ StageSmem ss;
@@ -713,7 +723,7 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
                                           float* __restrict__ y, int T, int topk, StageSmem& ss, bool x_staged,
                                           float ninv = 0.f) {
     constexpr int RING = NS * CS * STEP_BYTES;
-    extern __shared__ uint4 dsm[];
+    extern __shared__ __align__(MOE_DSM_ALIGN) uint4 dsm[];
     uint4* frag = staged_frag(RING);
     __shared__ unsigned long long bars[TW * NS];
     int w = threadIdx.x >> 5, lane = threadIdx.x & 31, t = lane & 3;
@@ -845,7 +855,7 @@ __device__ __forceinline__ void moe_fused_routed(const float* __restrict__ logit
                                                  const float* __restrict__ x, float* __restrict__ h, float* __restrict__ out,
                                                  int H, int I, int U, unsigned* counters, float* __restrict__ y, int x_settled,
                                                  int* __restrict__ tok_pairs_out) {
-    extern __shared__ uint4 dsm[];
+    extern __shared__ __align__(MOE_DSM_ALIGN) uint4 dsm[];
     __shared__ StageSmem ss;
     bool staged = stage_token_early(x, 1, H, staged_frag(NS * CS * STEP_BYTES), ss, x_settled);
     PDL_ENTER();
@@ -873,7 +883,7 @@ __device__ __forceinline__ void moe_fused_acc(const unsigned long long* __restri
                                               const float* __restrict__ hg, float* __restrict__ h, float* __restrict__ out, int H,
                                               int I, int U, unsigned* counters, float* __restrict__ y, int* __restrict__ tok_pairs_out,
                                               unsigned long long* __restrict__ zero_acc, int nzero) {
-    extern __shared__ uint4 dsm[];
+    extern __shared__ __align__(MOE_DSM_ALIGN) uint4 dsm[];
     __shared__ StageSmem ss;
     float* scores = reinterpret_cast<float*>(dsm);
     float* logits = scores + 2 * E;
@@ -1081,7 +1091,7 @@ __device__ __forceinline__ void moe_gemm_chunk(const unsigned char* __restrict__
                                                const int* rows, int np, int p0, const float* __restrict__ pair_w,
                                                const unsigned* __restrict__ xs, const float* __restrict__ inv, float* __restrict__ y,
                                                int K, int tiles, int ldy, int rt0, int bt) {
-    extern __shared__ uint4 dsm[];
+    extern __shared__ __align__(MOE_DSM_ALIGN) uint4 dsm[];
     unsigned char* smem = reinterpret_cast<unsigned char*>(dsm);
     const int tid = threadIdx.x, w = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
     const int KS = K / 64, nkc = (KS + GEMM_KC - 1) / GEMM_KC;
@@ -1191,7 +1201,7 @@ __device__ __forceinline__ void moe_gemm_chunk_wg(const unsigned char* __restric
                                                   const int* rows, const unsigned** rowp, int np, int p0, const float* __restrict__ pair_w,
                                                   const unsigned* __restrict__ xs, const float* __restrict__ inv, float* __restrict__ y,
                                                   int K, int tiles, int ldy, int rt0, int bt) {
-    extern __shared__ uint4 dsm[];
+    extern __shared__ __align__(MOE_DSM_ALIGN) uint4 dsm[];
     unsigned char* smem = reinterpret_cast<unsigned char*>(dsm);
     const int tid = threadIdx.x, w = tid >> 5, lane = tid & 31, g = lane >> 2;
     const int KS = K / 64, nkc = (KS + GEMM_KC - 1) / GEMM_KC;
