@@ -25,11 +25,6 @@ extern "C" __global__ void embed(const float* __restrict__ table, const int* __r
 // element-wise loops took ~17 us per 4096-wide row on the H100, 12% of a decode step.
 #define NORM_V 4
 
-// The attention kernels' dynamic shared memory alignment (a measurement define for now).
-#ifndef OPS_DSM_ALIGN
-#define OPS_DSM_ALIGN 16
-#endif
-
 __device__ __forceinline__ float sumsq4(float4 v) { return v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w; }
 
 __device__ __forceinline__ float4 plus4(float4 a, float4 b) { return make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w); }
@@ -1589,7 +1584,7 @@ extern "C" __global__ void __launch_bounds__(256, 3) attention_v2_heads(
     unsigned short* __restrict__ ol, unsigned* __restrict__ counters) {
     PDL_ENTER();
     constexpr int stages = ATT_STAGES;
-    extern __shared__ __align__(OPS_DSM_ALIGN) float4 att_smem[];
+    extern __shared__ float4 att_smem[];
     int r = blockIdx.x, lane = threadIdx.x & 31, w = threadIdx.x >> 5, h = blockIdx.y * ATT_WARPS + w;
     bool active = h < heads;
     int group = heads / kv_heads;
@@ -1830,7 +1825,7 @@ __device__ __forceinline__ void attention_prefill_body(
     int block_size, int heads, int kv_heads, int hd, int vd, int window, float scale, const float* __restrict__ sinks,
     unsigned short* __restrict__ oh, unsigned short* __restrict__ ol, const int* __restrict__ tiles) {
     constexpr int NB = PT_K / 16;  // score columns per thread
-    extern __shared__ __align__(OPS_DSM_ALIGN) float4 sm4[];
+    extern __shared__ float4 sm4[];
     float* smem = reinterpret_cast<float*>(sm4);
     const int hp = hd + 4, vp = vd + 4, pp = PT_K + 4;
     float* Qs = smem;
@@ -2249,7 +2244,7 @@ __device__ __forceinline__ void attention_prefill_tc_body(
     // in key order (stop 46's fingerprints), without its stores, barrier and loads.
     constexpr int QP = HD + 4, KP = HD + 4, VP = VD + 4;
     static_assert(VP % 32 == 4, "conflict-free V fragment loads");
-    extern __shared__ __align__(OPS_DSM_ALIGN) float4 sm4[];
+    extern __shared__ float4 sm4[];
     float* Qs = reinterpret_cast<float*>(sm4);
     unsigned* Kh = reinterpret_cast<unsigned*>(Qs + 2 * PT_Q * QP);
     unsigned* Kl = Kh + TK * KP;
@@ -2455,7 +2450,7 @@ __device__ __forceinline__ void attention_gqa_tc_body(
     unsigned short* __restrict__ ol, unsigned* __restrict__ counters, int window, int sharers) {
     constexpr int QP = HD + 4, KP = HD + 4, VP = VD + 8, PP = GT_TK + 4;
     constexpr int WARP_WORDS = 2 * GT_TK * KP + 2 * GT_TK * VP + 16 * PP;
-    extern __shared__ __align__(OPS_DSM_ALIGN) float4 gt_smem[];
+    extern __shared__ float4 gt_smem[];
     unsigned* Qh = reinterpret_cast<unsigned*>(gt_smem);
     unsigned* Ql = Qh + 16 * QP;
     float* warp_area = reinterpret_cast<float*>(Ql + 16 * QP);
