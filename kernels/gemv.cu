@@ -1032,7 +1032,7 @@ __device__ __forceinline__ void gemm_mma(const unsigned char* __restrict__ W, co
                                          const float* __restrict__ xinv, float* __restrict__ y, float* __restrict__ y1,
                                          float* __restrict__ y2, int N0, int N1, int N, int K, int T) {
     using G = GemmTile<FP8>;
-    extern __shared__ uint4 dsm[];
+    extern __shared__ __align__(128) uint4 dsm[];  // rings on whole lines (moe.cu: MOE_DSM_ALIGN)
     unsigned char* smem = reinterpret_cast<unsigned char*>(dsm);
     const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, g = lane >> 2, q = lane & 3;
     const int wm = w & 3, wn = w >> 2;  // the warp's 32 rows and 32 tokens of the block's 128 x 64
@@ -1317,7 +1317,7 @@ __device__ __forceinline__ void gemm_wg(const unsigned char* __restrict__ W, con
     using G = GemmWg<FP8, ROWS>;
     constexpr int THREADS = G::THREADS;
     constexpr int STAGES = G::STAGES, ESIZE = FP8 ? 1 : 2;
-    extern __shared__ uint4 dsm[];
+    extern __shared__ __align__(128) uint4 dsm[];  // rings on whole lines (moe.cu: MOE_DSM_ALIGN)
     unsigned char* smem = reinterpret_cast<unsigned char*>(dsm);
     const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, g = lane >> 2, q = lane & 3;
     const int wrow = 16 * w;  // the warp's 16 rows of the block's ROWS (warpgroup w / 4: rows 64 (w / 4) ..)
@@ -1626,7 +1626,7 @@ extern "C" __global__ void __launch_bounds__(256) gemv_mma_bf16_t1_pipe_route(
     const float* __restrict__ g, const float* __restrict__ Wr, int E, unsigned long long* __restrict__ acc, int copies,
     float* __restrict__ ssq, float* __restrict__ hg) {
     __shared__ float keep[16], hgs[16];
-    extern __shared__ float4 wr_sh[];  // [E][4]: expert e's columns nb .. nb + 15
+    extern __shared__ __align__(128) float4 wr_sh[];  // [E][4]: expert e's columns nb .. nb + 15
     const int nb = blockIdx.x * 16, tid = threadIdx.x;
     for (int i = tid; i < E * 4; i += blockDim.x) cp_async16(wr_sh + i, Wr + (size_t)(i >> 2) * N + nb + (i & 3) * 4);
     cp_async_commit();
