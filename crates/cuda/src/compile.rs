@@ -123,6 +123,23 @@ mod tests {
         assert_eq!(options_with("ops", "-DA ops:-DB", Some("gemv")), ["--std=c++17", "-lineinfo", "-DB"]);
     }
 
+    /// The kernels whose dynamic shared memory bulk copies or cp.async fill (moe.cu's rings,
+    /// gemv.cu's GEMMs and router columns) declare it on 128-byte lines: undeclared, it starts
+    /// where the static shared memory ends, rounded to 16 bytes, and one static variable more
+    /// moved the one-token MoE's rings off their place and cost the batch-1 step 2%
+    /// (benches/results/2026-11-27-moe-smem-lines.md).
+    #[test]
+    fn dynamic_shared_memory_that_copies_fill_is_declared_on_lines() {
+        for (name, src) in [("moe.cu", MOE_CU), ("gemv.cu", GEMV_CU)] {
+            let decls: Vec<&str> = src.lines().map(str::trim).filter(|l| l.starts_with("extern __shared__")).collect();
+            assert!(!decls.is_empty(), "{name}: no dynamic shared memory found");
+            for d in decls {
+                assert!(d.contains("__align__(128)") || d.contains("__align__(MOE_DSM_ALIGN)"), "{name}: {d}");
+            }
+        }
+        assert!(MOE_CU.contains("#define MOE_DSM_ALIGN 128"), "moe.cu: MOE_DSM_ALIGN is not 128");
+    }
+
     /// tools/kernel_report.py's `--print-cache-names` gives the file names `ptx` looks up, for
     /// every kernel file and several define sets: what `--fill-cache` writes is what a GPU
     /// machine finds (a mismatch would only cost a compile there, silently).
