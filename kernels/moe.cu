@@ -93,8 +93,8 @@ __device__ unsigned long long moe_trace[MOE_TRACE_BLOCKS * MOE_TRACE_SLOTS];
 #endif
 
 // The kernels' dynamic shared memory (the rings the bulk copies fill, the staged fragments)
-// starts on a 128-byte line. As uint4 it started wherever the static shared memory ended, at
-// 16 bytes past a line or more: one more static variable (16 bytes) moved the one-token MoE's
+// starts on a 128-byte line. As uint4 it started wherever the static shared memory ended (the
+// decode kernels' 16-112 bytes past a line): one more static variable (16 bytes) moved the one-token MoE's
 // rings from 64 to 80 bytes past a line and cost the batch-1 Flash step 2%, and on whole lines
 // the step ran 1.3% faster than at 64 (benches/results/2026-11-27-moe-smem-lines.md).
 // -DMOE_DSM_ALIGN=16 (measurement builds) gives back the uint4 placement.
