@@ -748,25 +748,31 @@ __device__ __forceinline__ void b_regs(uint4 x0, uint4 x1, unsigned b[8]) {
 //
 // KEEP (one tile, one token group): token 0's values of the block's 16 rows also go to keep[16]
 // (shared memory), as stored, for the caller's epilogue (gemv_mma_bf16_t1_pipe_route).
-// A weight load of gemv_mma (read once). GEMV_LD_HINT (measurement): 1 L1::no_allocate,
-// 2 L2::256B, 3 both, 4 L2::128B.
+// A weight load of gemv_mma: read once, so how it asks the caches matters. H = 1: not kept in
+// L1 (L1::no_allocate); 2: L2 asked for the 256 bytes around it (L2::256B: a warp reads 64
+// bytes of each row per instruction, the next 64 right after); 3: both; 0: a plain __ldg.
+// One-wave kernels (PIPE) read fastest with 3, many-wave ones (the lm_head) with 2: see
+// benches/results/2026-11-27-gemv-load-hints.md. GEMV_LD_PIPE / GEMV_LD_WAVES override them.
+#ifndef GEMV_LD_PIPE
+#define GEMV_LD_PIPE 3
+#endif
+#ifndef GEMV_LD_WAVES
+#define GEMV_LD_WAVES 2
+#endif
+template <int H>
 __device__ __forceinline__ uint4 ld_weights(const uint4* p) {
-#if defined(GEMV_LD_HINT) && GEMV_LD_HINT > 0
     uint4 v;
-#if GEMV_LD_HINT == 1
-#define GEMV_LD_OP "ld.global.nc.L1::no_allocate.v4.u32"
-#elif GEMV_LD_HINT == 2
-#define GEMV_LD_OP "ld.global.nc.L2::256B.v4.u32"
-#elif GEMV_LD_HINT == 3
-#define GEMV_LD_OP "ld.global.nc.L1::no_allocate.L2::256B.v4.u32"
-#else
-#define GEMV_LD_OP "ld.global.nc.L2::128B.v4.u32"
-#endif
-    asm(GEMV_LD_OP " {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    if (H == 1)
+        asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    else if (H == 2)
+        asm("ld.global.nc.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    else if (H == 3)
+        asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+            : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+            : "l"(p));
+    else
+        v = __ldg(p);
     return v;
-#else
-    return __ldg(p);
-#endif
 }
 
 template <int NT, int R, bool FP8, bool READY = false, bool PIPE = false, int CW = 1, bool XSH = false, bool KEEP = false>
@@ -798,6 +804,7 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
         nb = (blockIdx.x / ny) * 16 * R;
         t0 = (blockIdx.x % ny) * NT * 8;
     }
+    constexpr int LDH = PIPE ? GEMV_LD_PIPE : GEMV_LD_WAVES;  // how the weights are loaded (ld_weights)
     int rr[R][2];  // each tile's two rows of this lane: loads clamped, stores guarded
 #pragma unroll
     for (int rt = 0; rt < R; rt++) {
@@ -816,12 +823,12 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
     auto bf16_rows = [&](int rt, int k, uint4 w0[2], uint4 w1[2]) {
         const uint4* p0 = reinterpret_cast<const uint4*>(reinterpret_cast<const unsigned short*>(W) + (size_t)rr[rt][0] * K + k);
         const uint4* p1 = reinterpret_cast<const uint4*>(reinterpret_cast<const unsigned short*>(W) + (size_t)rr[rt][1] * K + k);
-        w0[0] = ld_weights(p0); w0[1] = ld_weights(p0 + 1); w1[0] = ld_weights(p1); w1[1] = ld_weights(p1 + 1);
+        w0[0] = ld_weights<LDH>(p0); w0[1] = ld_weights<LDH>(p0 + 1); w1[0] = ld_weights<LDH>(p1); w1[1] = ld_weights<LDH>(p1 + 1);
     };
     // FP8 rows g and g + 8 of row tile rt at columns k .. k + 15 (in [0] of each).
     auto fp8_rows = [&](int rt, int k, uint4 w0[2], uint4 w1[2]) {
-        w0[0] = ld_weights(reinterpret_cast<const uint4*>(W + (size_t)rr[rt][0] * K + k));
-        w1[0] = ld_weights(reinterpret_cast<const uint4*>(W + (size_t)rr[rt][1] * K + k));
+        w0[0] = ld_weights<LDH>(reinterpret_cast<const uint4*>(W + (size_t)rr[rt][0] * K + k));
+        w1[0] = ld_weights<LDH>(reinterpret_cast<const uint4*>(W + (size_t)rr[rt][1] * K + k));
     };
     auto tile_rows = [&](int rt, int k, uint4 w0[2], uint4 w1[2]) {
         if (FP8) fp8_rows(rt, k, w0, w1);
