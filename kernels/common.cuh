@@ -163,13 +163,7 @@ __device__ __forceinline__ void split_bf16_value(float v, unsigned short& hi, un
 // 16-byte asynchronous copies global -> shared (cp.async, L2 only) and their groups.
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
     unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-#if defined(CP_ASYNC_HINT) && CP_ASYNC_HINT == 2  // measurement: L2 asked for 256 bytes around each copy
-    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
-#elif defined(CP_ASYNC_HINT) && CP_ASYNC_HINT == 4  // measurement: 128 bytes
-    asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
-#else
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
-#endif
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 // Wait until at most N of this thread's groups are still in flight.

@@ -770,13 +770,6 @@ __device__ __forceinline__ uint4 ld_weights(const uint4* p) {
         asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
             : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
             : "l"(p));
-#ifdef GEMV_LD_EVICT_FIRST  // measurement: H = 5, as 3 with an L2 evict_first policy
-    else if (H == 5)
-        asm("{.reg .b64 pol; createpolicy.fractional.L2::evict_first.b64 pol, 1.0;\n"
-            "ld.global.nc.L1::no_allocate.L2::cache_hint.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4], pol;}"
-            : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-            : "l"(p));
-#endif
     else
         v = __ldg(p);
     return v;

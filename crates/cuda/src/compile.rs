@@ -140,6 +140,26 @@ mod tests {
         assert!(MOE_CU.contains("#define MOE_DSM_ALIGN 128"), "moe.cu: MOE_DSM_ALIGN is not 128");
     }
 
+    /// gemv_mma's weight loads carry their cache hints (the batch-1 Flash step 2.4% faster, Pro's
+    /// 4.5%: benches/results/2026-11-27-gemv-load-hints.md): every load of fp8_rows and bf16_rows
+    /// goes through ld_weights<LDH>, L1::no_allocate + L2::256B in the one-wave (PIPE) kernels and
+    /// L2::256B in the others (the lm_head read 92% of copy bandwidth with both, 101% with L2::256B
+    /// alone). A plain __ldg there would lose that without failing any other test.
+    #[test]
+    fn gemv_weight_loads_carry_their_cache_hints() {
+        assert!(GEMV_CU.contains("#define GEMV_LD_PIPE 3"), "gemv.cu: GEMV_LD_PIPE is not 3");
+        assert!(GEMV_CU.contains("#define GEMV_LD_WAVES 2"), "gemv.cu: GEMV_LD_WAVES is not 2");
+        assert!(GEMV_CU.contains("constexpr int LDH = PIPE ? GEMV_LD_PIPE : GEMV_LD_WAVES;"), "gemv.cu: LDH is not chosen by PIPE");
+        for op in ["ld.global.nc.L1::no_allocate.v4.u32", "ld.global.nc.L2::256B.v4.u32", "ld.global.nc.L1::no_allocate.L2::256B.v4.u32"] {
+            assert!(GEMV_CU.contains(op), "gemv.cu: ld_weights lost {op}");
+        }
+        let start = GEMV_CU.find("auto bf16_rows = [&]").expect("gemv.cu: bf16_rows");
+        let end = start + GEMV_CU[start..].find("auto tile_rows = [&]").expect("gemv.cu: tile_rows");
+        let loads = &GEMV_CU[start..end];
+        assert!(!loads.contains("__ldg("), "gemv.cu: a weight load of bf16_rows / fp8_rows without its hint");
+        assert_eq!(loads.matches("ld_weights<LDH>(").count(), 6, "gemv.cu: bf16_rows loads 4 pieces, fp8_rows 2");
+    }
+
     /// tools/kernel_report.py's `--print-cache-names` gives the file names `ptx` looks up, for
     /// every kernel file and several define sets: what `--fill-cache` writes is what a GPU
     /// machine finds (a mismatch would only cost a compile there, silently).
