@@ -711,6 +711,33 @@ __device__ __forceinline__ void store_out(float v, const float* __restrict__ xin
     else y2[(size_t)t * (N - N0 - N1) + (n - N0 - N1)] = v;
 }
 
+// A weight load of gemv_mma: read once, so how it asks the caches matters. H = 1: not kept in
+// L1 (L1::no_allocate); 2: L2 asked for the 256 bytes around it (L2::256B: each instruction of
+// a warp reads part of 8 rows' lines, the rest of them a moment later); 3: both; 0: __ldg.
+// One-wave kernels (PIPE) read fastest with 3, many-wave ones (the lm_head) with 2: see
+// benches/results/2026-11-27-gemv-load-hints.md. GEMV_LD_PIPE / GEMV_LD_WAVES override them.
+#ifndef GEMV_LD_PIPE
+#define GEMV_LD_PIPE 3
+#endif
+#ifndef GEMV_LD_WAVES
+#define GEMV_LD_WAVES 2
+#endif
+template <int H>
+__device__ __forceinline__ uint4 ld_weights(const uint4* p) {
+    uint4 v;
+    if (H == 1)
+        asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    else if (H == 2)
+        asm("ld.global.nc.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    else if (H == 3)
+        asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+            : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+            : "l"(p));
+    else
+        v = __ldg(p);
+    return v;
+}
+
 // 16 halves (32 bytes) as 8 B registers.
 __device__ __forceinline__ void b_regs(uint4 x0, uint4 x1, unsigned b[8]) {
     b[0] = x0.x; b[1] = x0.y; b[2] = x0.z; b[3] = x0.w; b[4] = x1.x; b[5] = x1.y; b[6] = x1.z; b[7] = x1.w;
@@ -748,33 +775,6 @@ __device__ __forceinline__ void b_regs(uint4 x0, uint4 x1, unsigned b[8]) {
 //
 // KEEP (one tile, one token group): token 0's values of the block's 16 rows also go to keep[16]
 // (shared memory), as stored, for the caller's epilogue (gemv_mma_bf16_t1_pipe_route).
-// A weight load of gemv_mma: read once, so how it asks the caches matters. H = 1: not kept in
-// L1 (L1::no_allocate); 2: L2 asked for the 256 bytes around it (L2::256B: a warp reads 64
-// bytes of each row per instruction, the next 64 right after); 3: both; 0: a plain __ldg.
-// One-wave kernels (PIPE) read fastest with 3, many-wave ones (the lm_head) with 2: see
-// benches/results/2026-11-27-gemv-load-hints.md. GEMV_LD_PIPE / GEMV_LD_WAVES override them.
-#ifndef GEMV_LD_PIPE
-#define GEMV_LD_PIPE 3
-#endif
-#ifndef GEMV_LD_WAVES
-#define GEMV_LD_WAVES 2
-#endif
-template <int H>
-__device__ __forceinline__ uint4 ld_weights(const uint4* p) {
-    uint4 v;
-    if (H == 1)
-        asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-    else if (H == 2)
-        asm("ld.global.nc.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-    else if (H == 3)
-        asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
-            : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-            : "l"(p));
-    else
-        v = __ldg(p);
-    return v;
-}
-
 template <int NT, int R, bool FP8, bool READY = false, bool PIPE = false, int CW = 1, bool XSH = false, bool KEEP = false>
 __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, const float* __restrict__ S,
                                          const unsigned short* __restrict__ XH, const unsigned short* __restrict__ XL,
