@@ -430,6 +430,17 @@ __device__ __forceinline__ int tile_stream_bulk(const unsigned char* __restrict_
         int slot = (seq + j) % NS;
         mbar_wait(bars + slot, ((seq + j) / NS) & 1);
         const unsigned char* stage = ring + slot * STAGE;
+#ifdef MOE_EARLY_REFILL
+        // The stage's words into registers, its slot refilled, then the math: the slot waits for
+        // its loads, not for CS steps of decode and MMAs.
+        uint4 wvs[CS];
+        unsigned svs[CS];
+#pragma unroll
+        for (int c = 0; c < CS; c++) {
+            wvs[c] = reinterpret_cast<const uint4*>(stage + c * STEP_BYTES)[lane];
+            svs[c] = reinterpret_cast<const unsigned*>(stage + c * STEP_BYTES + 512)[g];
+        }
+#else
 #pragma unroll
         for (int c = 0; c < CS; c++) {
             int k = j * CS + c;
@@ -441,6 +452,7 @@ __device__ __forceinline__ int tile_stream_bulk(const unsigned char* __restrict_
 #endif
             }
         }
+#endif
         __syncwarp();  // every lane has read the stage before it is refilled
         // Stage q (counted over passes) may be asked for once stage q - NS has been read.
         if (j + NS < nst) {
@@ -456,6 +468,15 @@ __device__ __forceinline__ int tile_stream_bulk(const unsigned char* __restrict_
                 pre++;
             }
         }
+#ifdef MOE_EARLY_REFILL
+#pragma unroll
+        for (int c = 0; c < CS; c++) {
+            int k = j * CS + c;
+#ifndef MOE_NO_MATH
+            if (k < KS) tile_step(wvs[c], svs[c], frag, L, k, hasb, acc);
+#endif
+        }
+#endif
     }
     seq += nst;
     return pre;
