@@ -412,7 +412,16 @@ __device__ __forceinline__ void bulk_prologue(int seq, const unsigned char* __re
 // none), so the ring never drains between passes; returns how many were asked for.
 // frag holds L / 8 pairs' B fragments, interleaved as stage_b stages them, or (rowstride > 0)
 // row after row.
-template <int NS, int CS>
+// -DMOE_TILED_EARLY=0 gives the tiled kernels the late refill back (measurements).
+#ifndef MOE_TILED_EARLY
+#define MOE_TILED_EARLY true
+#endif
+// EARLY: a stage's words go to registers and its slot is refilled before the stage's decode and
+// MMAs, so a slot waits for its loads, not for CS steps of math (more bytes in flight per warp).
+// The tiled kernels (2+ tokens) take it: Flash 2-8 tokens +1 point of copy bandwidth, clustered
+// routings up to +13 (benches/results/2026-11-27-moe-early-refill.md). The fused one-token
+// kernel does not: its 2 x 4 ring then spills, and the batch-1 step was 0.7% slower.
+template <int NS, int CS, bool EARLY = false>
 __device__ __forceinline__ int tile_stream_bulk(const unsigned char* __restrict__ wt, int KS, const uint4* frag, int L, float acc[4],
                                                 unsigned char* ring, unsigned long long* bars, int& seq,
                                                 const unsigned char* nwt = nullptr, int nKS = 0, int rowstride = 0) {
@@ -430,29 +439,27 @@ __device__ __forceinline__ int tile_stream_bulk(const unsigned char* __restrict_
         int slot = (seq + j) % NS;
         mbar_wait(bars + slot, ((seq + j) / NS) & 1);
         const unsigned char* stage = ring + slot * STAGE;
-#ifdef MOE_EARLY_REFILL
-        // The stage's words into registers, its slot refilled, then the math: the slot waits for
-        // its loads, not for CS steps of decode and MMAs.
         uint4 wvs[CS];
         unsigned svs[CS];
+        if (EARLY) {
 #pragma unroll
-        for (int c = 0; c < CS; c++) {
-            wvs[c] = reinterpret_cast<const uint4*>(stage + c * STEP_BYTES)[lane];
-            svs[c] = reinterpret_cast<const unsigned*>(stage + c * STEP_BYTES + 512)[g];
-        }
-#else
+            for (int c = 0; c < CS; c++) {
+                wvs[c] = reinterpret_cast<const uint4*>(stage + c * STEP_BYTES)[lane];
+                svs[c] = reinterpret_cast<const unsigned*>(stage + c * STEP_BYTES + 512)[g];
+            }
+        } else {
 #pragma unroll
-        for (int c = 0; c < CS; c++) {
-            int k = j * CS + c;
-            if (k < KS) {
+            for (int c = 0; c < CS; c++) {
+                int k = j * CS + c;
+                if (k < KS) {
 #ifndef MOE_NO_MATH
-                uint4 wv = reinterpret_cast<const uint4*>(stage + c * STEP_BYTES)[lane];
-                unsigned sv = reinterpret_cast<const unsigned*>(stage + c * STEP_BYTES + 512)[g];
-                tile_step(wv, sv, frag, L, k, hasb, acc);
+                    uint4 wv = reinterpret_cast<const uint4*>(stage + c * STEP_BYTES)[lane];
+                    unsigned sv = reinterpret_cast<const unsigned*>(stage + c * STEP_BYTES + 512)[g];
+                    tile_step(wv, sv, frag, L, k, hasb, acc);
 #endif
+                }
             }
         }
-#endif
         __syncwarp();  // every lane has read the stage before it is refilled
         // Stage q (counted over passes) may be asked for once stage q - NS has been read.
         if (j + NS < nst) {
@@ -468,15 +475,15 @@ __device__ __forceinline__ int tile_stream_bulk(const unsigned char* __restrict_
                 pre++;
             }
         }
-#ifdef MOE_EARLY_REFILL
+        if (EARLY) {
 #pragma unroll
-        for (int c = 0; c < CS; c++) {
-            int k = j * CS + c;
+            for (int c = 0; c < CS; c++) {
+                int k = j * CS + c;
 #ifndef MOE_NO_MATH
-            if (k < KS) tile_step(wvs[c], svs[c], frag, L, k, hasb, acc);
+                if (k < KS) tile_step(wvs[c], svs[c], frag, L, k, hasb, acc);
 #endif
+            }
         }
-#endif
     }
     seq += nst;
     return pre;
@@ -694,7 +701,7 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
         }
         staged = false;
         float acc[4] = {0.f, 0.f, 0.f, 0.f};
-        if (active) tile_stream_bulk<NS, CS>(wt, KS, frag, 8 * np, acc, ring, wbars, seq, nullptr, 0, SPLIT ? K / 4 : 0);
+        if (active) tile_stream_bulk<NS, CS, MOE_TILED_EARLY>(wt, KS, frag, 8 * np, acc, ring, wbars, seq, nullptr, 0, SPLIT ? K / 4 : 0);
         if (active && t < np) tile_store(GATE_UP, acc, SPLIT ? inv : ss.inv[t], y, ldy, p0 + t, rt, pair_w);
         __syncthreads();  // every warp is done with the fragments before the next pass restages
     }
