@@ -418,9 +418,10 @@ __device__ __forceinline__ void bulk_prologue(int seq, const unsigned char* __re
 #endif
 // EARLY: a stage's words go to registers and its slot is refilled before the stage's decode and
 // MMAs, so a slot waits for its loads, not for CS steps of math (more bytes in flight per warp).
-// The tiled kernels (2+ tokens) take it: Flash 2-8 tokens +1 point of copy bandwidth, clustered
-// routings up to +13 (benches/results/2026-11-27-moe-early-refill.md). The fused one-token
-// kernel does not: its 2 x 4 ring then spills, and the batch-1 step was 0.7% slower.
+// The tiled kernels (2+ tokens) take it: Flash 2-16 tokens +1 point of copy bandwidth, clustered
+// routings up to +17 (benches/results/2026-11-27-moe-early-refill.md). The fused one-token
+// kernel does not: its 2 x 4 ring then spills, and the batch-1 step was 0.7% slower. (The warp
+// sync below orders every lane's reads of the slot before lane 0's refill, as without EARLY.)
 template <int NS, int CS, bool EARLY = false>
 __device__ __forceinline__ int tile_stream_bulk(const unsigned char* __restrict__ wt, int KS, const uint4* frag, int L, float acc[4],
                                                 unsigned char* ring, unsigned long long* bars, int& seq,
