@@ -824,11 +824,7 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
             if (ti < 14 && p0 == pb) TRACE(ti + 2);
             float acc[4] = {0.f, 0.f, 0.f, 0.f};
             pre = 0;
-#ifdef MOE_FUSED_EARLY  // measurement builds: the fused kernels refill early too
-            if (KS) pre = tile_stream_bulk<NS, CS, true>(wt, KS, frag, 8 * np, acc, ring, wbars, seq, nwt, nKS);
-#else
             if (KS) pre = tile_stream_bulk<NS, CS>(wt, KS, frag, 8 * np, acc, ring, wbars, seq, nwt, nKS);
-#endif
             if (KS && t < np) tile_store(!down, acc, ss.inv[t], down ? out : h, down ? H : I, p0 + t, rt, pair_w);
             ITEM_SYNC();  // every warp is done with the fragments before the next pass restages
             if (ti < 14) TRACE(ti + 3);
