@@ -85,6 +85,11 @@ fn main() {
     if only.is_empty() || only == "moe" || only == "read" {
         plain_reads(&g, sms, copy_bw, &time_b2b);
     }
+    // PEREGRINE_BENCH_READ_SPANS=1,2,8,48 (GiB): plain reads over fresh pages (read_spans).
+    if let Ok(v) = std::env::var("PEREGRINE_BENCH_READ_SPANS") {
+        let spans: Vec<usize> = v.split(',').filter_map(|t| t.trim().parse().ok()).collect();
+        read_spans(&g, sms, copy_bw, &time_b2b, &spans);
+    }
     if only == "read" {
         return;
     }
@@ -407,6 +412,14 @@ fn main() {
                     std::fs::write(format!("{dir}/trace-{}.csv", name.replace(['.', ' '], "_")), csv).unwrap();
                 }
             }
+            // PEREGRINE_BENCH_MOE_LAYERS=L (one token, the first shape): the same calls as a
+            // step makes them, each on the next of L layers' experts (copies of these), so the
+            // calls' pages span L x the expert bytes as in a model instead of one layer's.
+            if t == 1 && name == "MiMo-V2-Flash" {
+                if let Some(layers) = std::env::var("PEREGRINE_BENCH_MOE_LAYERS").ok().and_then(|v| v.parse::<usize>().ok()) {
+                    moe_over_layers(&k, s, &wt, &dev, &x, top_k, layers, b, copy_bw, &time_b2b);
+                }
+            }
             println!(
                 "{t:>6} {used:>8.1} {:>10.1} {ms:>8.3} {:>8.0} {:>9.1}%   ({default:?}; back to back: {}; alone: the same {:.1}%, row-major tensor cores {:.1}%, pipelined {:.1}%)",
                 b / 1e6,
@@ -713,6 +726,67 @@ fn plain_reads(g: &peregrine_cuda::device::Gpu, sms: usize, copy_bw: f64, time_b
             let items: Vec<String> = (0..3).map(|sync| format!("{:.1}%", cell(&read_items, 2 * sms, 256, 8 * 2 * 2176, bytes as u64, Some(sync)))).collect();
             println!("|  107 as the 1-token MoE's items: nothing between items {}, a block barrier {}, fence + barrier + count {} |", items[0], items[1], items[2]);
         }
+    }
+}
+
+/// The one-token MoE as a step runs it (the pairs left to the norm), each call on the next of
+/// `layers` copies of `wt` against every call on `wt`, alternating three times: whether the
+/// pages a model's experts span (18 layers of Flash: 61 GB) cost what one layer's (3.4 GB) do.
+#[allow(clippy::too_many_arguments)]
+fn moe_over_layers(k: &Kernels, s: &std::sync::Arc<cudarc::driver::CudaStream>, wt: &MoeWeights, dev: &[peregrine_cuda::kernels::DeviceRouting], x: &cudarc::driver::CudaSlice<f32>, top_k: usize, layers: usize, bytes: f64, copy_bw: f64, time_b2b: TimeB2b) {
+    let MoeLayout::Tiled { gate_up, down } = &wt.layout else { return };
+    let copies: Vec<MoeWeights> = (1..layers)
+        .map(|_| MoeWeights { layout: MoeLayout::Tiled { gate_up: s.clone_dtod(gate_up).unwrap(), down: s.clone_dtod(down).unwrap() }, num_experts: wt.num_experts, hidden: wt.hidden, inter: wt.inter })
+        .collect();
+    let all: Vec<&MoeWeights> = std::iter::once(wt).chain(copies.iter()).collect();
+    let kind = k.moe_kernel(wt, 1, top_k);
+    let mut scratch = k.moe_scratch(wt, top_k).unwrap();
+    let pct = |ms: f32| 100.0 * bytes / (ms as f64 * 1e-3) / copy_bw;
+    let mut one = Vec::new();
+    let mut many = Vec::new();
+    for _ in 0..3 {
+        one.push(pct(time_b2b(&mut |run| k.moe_mxfp4_pairs(kind, wt, &dev[run % dev.len()], x, MoeInput::Settled, &mut scratch).unwrap())));
+        many.push(pct(time_b2b(&mut |run| k.moe_mxfp4_pairs(kind, all[run % all.len()], &dev[run % dev.len()], x, MoeInput::Settled, &mut scratch).unwrap())));
+    }
+    let f = |v: &[f64]| v.iter().map(|p| format!("{p:.1}%")).collect::<Vec<_>>().join(" / ");
+    println!("  1 token as in a step ({kind:?}), three rounds: one layer's experts {}; each call on the next of {layers} layers' ({:.1} GB) {}", f(&one), layers as f64 * (gate_up.len() + down.len()) as f64 / 1e9, f(&many));
+}
+
+/// Plain reads of 107 MB as the one-token MoE's items (`read_items`), each call at the next
+/// offset of a span of S GiB, for S in `spans`: whether reading fresh pages costs bandwidth.
+fn read_spans(g: &peregrine_cuda::device::Gpu, sms: usize, copy_bw: f64, time_b2b: TimeB2b, spans: &[usize]) {
+    use cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
+    let s = &g.stream;
+    let (ptx, _) = peregrine_cuda::compile::ptx("read_probe", READ_PROBE_CU, peregrine_cuda::device::nvrtc_arch(g.capability)).unwrap();
+    let m = g.ctx.load_module(ptx).unwrap();
+    let (fill, read_items, read_v4) = (m.load_function("fill").unwrap(), m.load_function("read_items").unwrap(), m.load_function("read_v4").unwrap());
+    let bytes = 107_000_000 / 2176 * 2176;
+    let mut out = s.alloc_zeros::<u32>(2).unwrap();
+    println!("\nplain reads of 107 MB, each call at the next offset of a span (20 calls back to back), % of copy bandwidth: span GiB, as the MoE's items, 16-byte loads");
+    for &gib in spans {
+        let n = gib << 30;
+        let mut buf = s.alloc_zeros::<u8>(n).unwrap();
+        let words = (n / 4) as u64;
+        unsafe { s.launch_builder(&fill).arg(&mut buf).arg(&words).launch(LaunchConfig { grid_dim: (4 * sms as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.unwrap();
+        let base = buf.device_ptr(s).0;
+        let slots = n / bytes;
+        let mut cell = |f: &cudarc::driver::CudaFunction, blocks: usize, smem: u32, n_arg: u64, sync: Option<i32>| {
+            let ms = time_b2b(&mut |i| {
+                let at = base + ((i % slots) * bytes) as u64;
+                let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem };
+                let mut b = s.launch_builder(f);
+                b.arg(&at).arg(&n_arg).arg(&mut out);
+                if let Some(sync) = &sync {
+                    b.arg(sync);
+                }
+                unsafe { b.launch(cfg) }.unwrap();
+            });
+            100.0 * bytes as f64 / (ms as f64 * 1e-3) / copy_bw
+        };
+        let items = cell(&read_items, 2 * sms, 8 * 2 * 2176, bytes as u64, Some(0));
+        let v4 = cell(&read_v4, 8 * sms, 0, (bytes / 16) as u64, None);
+        println!("| {gib:>3} | {items:.1}% | {v4:.1}% |");
+        drop(buf);
     }
 }
 
