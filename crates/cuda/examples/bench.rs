@@ -417,7 +417,7 @@ fn main() {
             // calls' pages span L x the expert bytes as in a model instead of one layer's.
             if t == 1 && name == "MiMo-V2-Flash" {
                 if let Some(layers) = std::env::var("PEREGRINE_BENCH_MOE_LAYERS").ok().and_then(|v| v.parse::<usize>().ok()) {
-                    moe_over_layers(&k, s, &wt, &dev, &x, top_k, layers, b, copy_bw, &time_b2b);
+                    moe_over_layers(&k, s, &wt, &dev, &x, top_k, layers, b, copy_bw, &time_b2b, &mut scratch);
                 }
             }
             println!(
@@ -732,8 +732,11 @@ fn plain_reads(g: &peregrine_cuda::device::Gpu, sms: usize, copy_bw: f64, time_b
 /// The one-token MoE as a step runs it (the pairs left to the norm), each call on the next of
 /// `layers` copies of `wt` against every call on `wt`, alternating three times: whether the
 /// pages a model's experts span (18 layers of Flash: 61 GB) cost what one layer's (3.4 GB) do.
+/// Then the same calls on scratch of other addresses (`main`: the bench's own; fresh ones;
+/// one of `main`'s buffers swapped for a fresh one's), whose rates differed by 9 points.
 #[allow(clippy::too_many_arguments)]
-fn moe_over_layers(k: &Kernels, s: &std::sync::Arc<cudarc::driver::CudaStream>, wt: &MoeWeights, dev: &[peregrine_cuda::kernels::DeviceRouting], x: &cudarc::driver::CudaSlice<f32>, top_k: usize, layers: usize, bytes: f64, copy_bw: f64, time_b2b: TimeB2b) {
+fn moe_over_layers(k: &Kernels, s: &std::sync::Arc<cudarc::driver::CudaStream>, wt: &MoeWeights, dev: &[peregrine_cuda::kernels::DeviceRouting], x: &cudarc::driver::CudaSlice<f32>, top_k: usize, layers: usize, bytes: f64, copy_bw: f64, time_b2b: TimeB2b, main: &mut peregrine_cuda::kernels::MoeScratch) {
+    use cudarc::driver::DevicePtr;
     let MoeLayout::Tiled { gate_up, down } = &wt.layout else { return };
     let copies: Vec<MoeWeights> = (1..layers)
         .map(|_| MoeWeights { layout: MoeLayout::Tiled { gate_up: s.clone_dtod(gate_up).unwrap(), down: s.clone_dtod(down).unwrap() }, num_experts: wt.num_experts, hidden: wt.hidden, inter: wt.inter })
@@ -750,6 +753,26 @@ fn moe_over_layers(k: &Kernels, s: &std::sync::Arc<cudarc::driver::CudaStream>, 
     }
     let f = |v: &[f64]| v.iter().map(|p| format!("{p:.1}%")).collect::<Vec<_>>().join(" / ");
     println!("  1 token as in a step ({kind:?}), three rounds: one layer's experts {}; each call on the next of {layers} layers' ({:.1} GB) {}", f(&one), layers as f64 * (gate_up.len() + down.len()) as f64 / 1e9, f(&many));
+    drop(copies);
+    let mut big = k.moe_scratch(wt, 64 * top_k).unwrap();
+    let at = |sc: &peregrine_cuda::kernels::MoeScratch| format!("h {:#x} out {:#x} counters {:#x}", sc.h.device_ptr(s).0, sc.out.device_ptr(s).0, sc.counters.device_ptr(s).0);
+    println!("  scratch addresses: main {}; fresh 8 pairs {}; fresh 512 pairs {}", at(main), at(&scratch), at(&big));
+    let rate = |sc: &mut peregrine_cuda::kernels::MoeScratch| pct(time_b2b(&mut |run| k.moe_mxfp4_pairs(kind, wt, &dev[run % dev.len()], x, MoeInput::Settled, sc).unwrap()));
+    for round in 0..3 {
+        let a = rate(main);
+        let b = rate(&mut scratch);
+        let c = rate(&mut big);
+        std::mem::swap(&mut main.counters, &mut scratch.counters);
+        let d = rate(main);
+        std::mem::swap(&mut main.counters, &mut scratch.counters);
+        std::mem::swap(&mut main.h, &mut scratch.h);
+        let e = rate(main);
+        std::mem::swap(&mut main.h, &mut scratch.h);
+        std::mem::swap(&mut main.out, &mut scratch.out);
+        let g = rate(main);
+        std::mem::swap(&mut main.out, &mut scratch.out);
+        println!("  round {round}: main {a:.1}%, fresh 8 {b:.1}%, fresh 512 {c:.1}%, main with fresh counters {d:.1}%, with fresh h {e:.1}%, with fresh out {g:.1}%");
+    }
 }
 
 /// Plain reads of 107 MB as the one-token MoE's items (`read_items`), each call at the next
