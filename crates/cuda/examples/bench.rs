@@ -419,6 +419,9 @@ fn main() {
                 if let Some(layers) = std::env::var("PEREGRINE_BENCH_MOE_LAYERS").ok().and_then(|v| v.parse::<usize>().ok()) {
                     moe_over_layers(&k, s, &wt, &dev, &x, top_k, layers, b, copy_bw, &time_b2b, &mut scratch);
                 }
+                if std::env::var("PEREGRINE_BENCH_MOE_ACC").is_ok() {
+                    moe_acc_against_given(&k, s, &wt, &dev, &x, top_k, b, copy_bw, &time_b2b, &mut rng);
+                }
             }
             println!(
                 "{t:>6} {used:>8.1} {:>10.1} {ms:>8.3} {:>8.0} {:>9.1}%   ({default:?}; back to back: {}; alone: the same {:.1}%, row-major tensor cores {:.1}%, pipelined {:.1}%)",
@@ -773,6 +776,47 @@ fn moe_over_layers(k: &Kernels, s: &std::sync::Arc<cudarc::driver::CudaStream>, 
         std::mem::swap(&mut main.out, &mut scratch.out);
         println!("  round {round}: main {a:.1}%, fresh 8 {b:.1}%, fresh 512 {c:.1}%, main with fresh counters {d:.1}%, with fresh h {e:.1}%, with fresh out {g:.1}%");
     }
+}
+
+/// The one-token MoE of a step (`moe_fused_acc`: routing itself from the o_proj's fixed-point
+/// logit sums, x staged as the post-attention norm's output) against the same kernel on a
+/// routing given (`moe_fused_bulk`, the rows above), alternating three times: whether the step's
+/// ~5 us a layer over the bench's rate are the routing prologue's.
+#[allow(clippy::too_many_arguments)]
+fn moe_acc_against_given(k: &Kernels, s: &std::sync::Arc<cudarc::driver::CudaStream>, wt: &MoeWeights, dev: &[peregrine_cuda::kernels::DeviceRouting], x: &cudarc::driver::CudaSlice<f32>, top_k: usize, bytes: f64, copy_bw: f64, time_b2b: TimeB2b, rng: &mut dyn rand::RngCore) {
+    use cudarc::driver::DevicePtr;
+    use peregrine_core::spec::{MoeSpec, RouterScoring};
+    let (e, h) = (wt.num_experts, wt.hidden);
+    let spec = MoeSpec { num_experts: e, top_k, intermediate_size: wt.inter, scoring: RouterScoring::Sigmoid, correction_bias: false, n_group: 1, topk_group: 1, norm_topk_prob: true, routed_scaling_factor: 1.0 };
+    let copies = 8;
+    // 23 sets of sums: copy 0 random logits in [-4, 4) x 2^40, the other copies and the flag 0.
+    let accs: Vec<cudarc::driver::CudaSlice<u64>> = (0..23)
+        .map(|_| {
+            let mut v = vec![0u64; copies * e + 1];
+            for a in v.iter_mut().take(e) {
+                *a = ((rng.random::<f64>() * 8.0 - 4.0) * (1u64 << 40) as f64) as i64 as u64;
+            }
+            s.clone_htod(&v).unwrap()
+        })
+        .collect();
+    let ssq = s.clone_htod(&vec![16.0f32; h / 16]).unwrap();  // sum h / 16 x 16 = H: 1 / rms ~ 1
+    let unused = s.alloc_zeros::<f32>(h).unwrap();
+    let kind = k.moe_kernel(wt, 1, top_k);
+    let mut scratch = k.moe_scratch(wt, top_k).unwrap();
+    let mut tok_pairs = s.alloc_zeros::<i32>(top_k).unwrap();
+    let pct = |ms: f32| 100.0 * bytes / (ms as f64 * 1e-3) / copy_bw;
+    let routes: Vec<peregrine_cuda::kernels::RouteInOproj> = accs
+        .iter()
+        .map(|a| peregrine_cuda::kernels::RouteInOproj { res: &unused, norm: &unused, router: &unused, experts: e, acc: a.device_ptr(s).0, copies, ssq: &ssq, hg: x })
+        .collect();
+    let mut given = Vec::new();
+    let mut acc = Vec::new();
+    for _ in 0..3 {
+        given.push(pct(time_b2b(&mut |run| k.moe_mxfp4_pairs(kind, wt, &dev[run % dev.len()], x, MoeInput::Settled, &mut scratch).unwrap())));
+        acc.push(pct(time_b2b(&mut |run| k.moe_mxfp4_acc_pairs(kind, &spec, wt, &routes[run % routes.len()], 1e-5, None, &mut scratch, &mut tok_pairs, 0, 0).unwrap())));
+    }
+    let f = |v: &[f64]| v.iter().map(|p| format!("{p:.1}%")).collect::<Vec<_>>().join(" / ");
+    println!("  1 token ({kind:?}), three rounds: routing given (moe_fused_bulk) {}; routing from the o_proj's sums, x as the norm's output (moe_fused_acc, as a step runs it) {}", f(&given), f(&acc));
 }
 
 /// Plain reads of 107 MB as the one-token MoE's items (`read_items`), each call at the next
