@@ -817,6 +817,20 @@ fn moe_acc_against_given(k: &Kernels, s: &std::sync::Arc<cudarc::driver::CudaStr
     }
     let f = |v: &[f64]| v.iter().map(|p| format!("{p:.1}%")).collect::<Vec<_>>().join(" / ");
     println!("  1 token ({kind:?}), three rounds: routing given (moe_fused_bulk) {}; routing from the o_proj's sums, x as the norm's output (moe_fused_acc, as a step runs it) {}", f(&given), f(&acc));
+    // A measurement build (-DMOE_TRACE): where each kernel's time goes, the last of 6 calls.
+    if k.moe_trace().unwrap().is_some() {
+        let gu_items = (2 * wt.inter / 16).div_ceil(8) * top_k;
+        for _ in 0..6 {
+            k.moe_mxfp4_pairs(kind, wt, &dev[0], x, MoeInput::Settled, &mut scratch).unwrap();
+        }
+        s.synchronize().unwrap();
+        print_moe_trace("routing given (moe_fused_bulk), the last of 6 calls", &k.moe_trace().unwrap().unwrap(), gu_items);
+        for r in routes.iter().take(6) {
+            k.moe_mxfp4_acc_pairs(kind, &spec, wt, r, 1e-5, None, &mut scratch, &mut tok_pairs, 0, 0).unwrap();
+        }
+        s.synchronize().unwrap();
+        print_moe_trace("routing from the o_proj's sums (moe_fused_acc), the last of 6 calls", &k.moe_trace().unwrap().unwrap(), gu_items);
+    }
 }
 
 /// Plain reads of 107 MB as the one-token MoE's items (`read_items`), each call at the next
