@@ -223,6 +223,74 @@ fn moe_routed_inside_the_fused_kernel_equals_routing_then_moe() {
     assert!(kern.moe_mxfp4_routed(MoeKernel::TILED, &spec, &w, &ld, None, &xd, MoeInput::Settled, &mut scratch, &mut y).is_err());
 }
 
+/// The one-token MoE after the o_proj that did its router (`moe_mxfp4_acc_pairs`: logits from
+/// fixed-point sums, x staged as g h times the norm's 1 / rms, g h brought into shared memory
+/// by one bulk copy) equals the routed kernel on those logits and x, bit for bit: with eps 0
+/// and sums of squares of 4 H the norm's 1 / rms is 0.5 exactly, and logits that are multiples
+/// of 2^-10 come out of the sums exactly, so both stage the same fragments. Each compiled
+/// ring, the widest grid and a 3-block one (a block's later gate_up items stage x again from
+/// global memory), Flash's hidden size, and NaN logits (the fallback expert repeated, a pass of
+/// several pairs); the counters come back to zero.
+#[test]
+fn moe_after_the_oproj_router_equals_the_routed_kernel() {
+    use cudarc::driver::DevicePtr;
+    let Some(model) = synthetic(&spec_of("default")) else { return };
+    let g = model.gpu();
+    let st = &g.stream;
+    let kern = Kernels::load(g).expect("kernels compile and load");
+    let mut r = rng();
+    for (name, h, i, e, k, nan) in [("H 512", 512usize, 256usize, 64usize, 8usize, false), ("H 4096", 4096, 256, 32, 8, false), ("NaN logits", 512, 256, 16, 4, true)] {
+        let spec = moe_spec(e, k, i, RouterScoring::Sigmoid, true, 1, 1, true, 1.0);
+        let bytes = |r: &mut rand::rngs::StdRng, n: usize| -> Vec<u8> { (0..n).map(|_| r.random()).collect() };
+        let scales = |r: &mut rand::rngs::StdRng, n: usize| -> Vec<u8> { (0..n).map(|_| r.random_range(118..128)).collect() };
+        let (gate, gate_s, up, up_s) = (bytes(&mut r, e * i * h / 2), scales(&mut r, e * i * h / 32), bytes(&mut r, e * i * h / 2), scales(&mut r, e * i * h / 32));
+        let (down, down_s) = (bytes(&mut r, e * h * i / 2), scales(&mut r, e * h * i / 32));
+        let w = MoeWeights::upload(st, true, &gate, &gate_s, &up, &up_s, &down, &down_s, e, h, i).unwrap();
+        // Logits k 2^-10 (|k| <= 4096) as sums x 2^40; the kernel's logit is sum 2^-40 x 0.5.
+        let steps: Vec<i64> = (0..e).map(|_| r.random_range(-4096i64..=4096)).collect();
+        let mut sums: Vec<u64> = steps.iter().map(|&q| (q << 30) as u64).collect();
+        sums.push(0);  // the overflow flag
+        let mut logits: Vec<f32> = steps.iter().map(|&q| q as f32 * (-11f32).exp2()).collect();
+        if nan {
+            // A set flag makes every logit NaN: the fallback expert fills every slot.
+            *sums.last_mut().unwrap() = 1;
+            logits.iter_mut().for_each(|v| *v = f32::NAN);
+        }
+        let bias: Vec<f32> = (0..e).map(|_| (r.random::<f32>() - 0.5) * 0.2).collect();
+        let hg: Vec<f32> = (0..h).map(|_| r.random::<f32>() - 0.5).collect();
+        let x: Vec<f32> = hg.iter().map(|v| v * 0.5).collect();
+        let (acc, ssq) = (st.clone_htod(&sums).unwrap(), st.clone_htod(&vec![64f32; h / 16]).unwrap());
+        let (hgd, xd, ld, bd) = (st.clone_htod(&hg).unwrap(), st.clone_htod(&x).unwrap(), st.clone_htod(&logits).unwrap(), st.clone_htod(&bias).unwrap());
+        let route = peregrine_cuda::kernels::RouteInOproj { res: &hgd, norm: &hgd, router: &hgd, experts: e, acc: acc.device_ptr(st).0, copies: 1, ssq: &ssq, hg: &hgd };
+        let mut scratch = kern.moe_scratch(&w, k).unwrap();
+        for &(stages, steps) in peregrine_cuda::kernels::TILED_VARIANTS.iter() {
+            for max_blocks in [0, 3] {
+                let kind = MoeKernel::Fused { stages, steps, max_blocks };
+                let mut run = |acc_path: bool| -> (Vec<i32>, Vec<f32>) {
+                    let mut tok_pairs = st.clone_htod(&vec![-1i32; k]).unwrap();
+                    st.memcpy_htod(&vec![f32::NAN; scratch.out.len()], &mut scratch.out).unwrap();
+                    if acc_path {
+                        kern.moe_mxfp4_acc_pairs(kind, &spec, &w, &route, 0.0, Some(&bd), &mut scratch, &mut tok_pairs, 0, 0).unwrap();
+                    } else {
+                        kern.moe_mxfp4_routed_pairs(kind, &spec, &w, &ld, Some(&bd), &xd, MoeInput::Fresh, &mut scratch, &mut tok_pairs).unwrap();
+                    }
+                    assert!(st.clone_dtoh(&scratch.counters).unwrap().iter().all(|&c| c == 0), "{name} ({kind:?}, after the o_proj's router {acc_path}): counters left non-zero");
+                    (st.clone_dtoh(&tok_pairs).unwrap(), st.clone_dtoh(&scratch.out).unwrap()[..k * h].to_vec())
+                };
+                let (want_tp, want) = run(false);
+                let (got_tp, got) = run(true);
+                if !nan {
+                    assert!(want.iter().all(|v| v.is_finite()), "{name} ({kind:?}): the routed kernel's pairs are finite");
+                }
+                assert_eq!(got_tp, want_tp, "{name} ({kind:?}): the token's pair indices");
+                let bad = got.iter().zip(&want).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+                assert_eq!(bad, 0, "{name} ({kind:?}): {bad} of {} pair values differ from the routed kernel's", want.len());
+            }
+        }
+        eprintln!("{name}: the MoE after the o_proj's router equals the routed kernel, bit for bit");
+    }
+}
+
 fn kv(model: &mut CudaModel, blocks: usize) -> usize {
     let bs = 16;
     model.init_kv(KvConfig { block_size: bs, num_full_blocks: blocks, num_swa_blocks: blocks }).expect("KV cache");
