@@ -748,21 +748,10 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
 #ifndef MOE_HG_AT
 #define MOE_HG_AT 0
 #endif
-// -DMOE_HG_CPASYNC (measurements): every thread asks for its share by cp.async (16 bytes each)
-// instead of one bulk copy, waited for by cp.async.wait_all and the barrier before the staging.
-__device__ __forceinline__ void hg_issue_cp(uint4* frag, const float* __restrict__ hg, int H) {
-    for (int i = threadIdx.x; i < H / 4; i += blockDim.x) {
-        unsigned d = (unsigned)__cvta_generic_to_shared(frag + i);
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(hg + 4 * i) : "memory");
-    }
-    asm volatile("cp.async.commit_group;" ::: "memory");
-}
 __device__ __forceinline__ void hg_issue(uint4* frag, const float* __restrict__ hg, int H, unsigned long long* bar) {
     // (Written by the launch ahead through the generic proxy; the copy reads through the async
     // one.)
-#ifndef MOE_HG_NO_FENCE  // (measurements: without it)
     asm volatile("fence.proxy.async.global;" ::: "memory");
-#endif
     mbar_expect(bar, (unsigned)(4 * H));
     bulk_load(frag, hg, (unsigned)(4 * H), bar);
 }
@@ -911,11 +900,7 @@ __device__ __forceinline__ void route_then_moe(const float* logits, const float*
 #if MOE_HG_AT == 2
     if (xbar && threadIdx.x == 0) hg_issue(staged_frag(NS * CS * STEP_BYTES), x, H, xbar);
 #endif
-#ifdef MOE_HG_CPASYNC
-    if (xbar) asm volatile("cp.async.wait_all;" ::: "memory");
-#else
     if (xbar) mbar_wait(xbar, 0);
-#endif
     moe_fused<NS, CS, NORM>(Wg, Wd, experts, pair_off, pair_tok, pair_w, x, h, out, H, I, U, counters, tok_pairs, y, 1, K, ss, staged,
                             ninv, xbar != nullptr);
 }
@@ -995,11 +980,7 @@ __device__ __forceinline__ void moe_fused_acc(const unsigned long long* __restri
     }
     PDL_ENTER();
     TRACE(2);
-#ifdef MOE_HG_CPASYNC
-    if (MOE_HG_AT == 0 && hg_copy) hg_issue_cp(frag, hg, H);
-#else
     if (MOE_HG_AT == 0 && hg_copy && threadIdx.x == 0) hg_issue(frag, hg, H, &hgbar);
-#endif
     // Every load of the routing is asked for at once: the flag, this thread's expert's sum
     // copies (held in registers where there are at most ACC_HELD of them and an expert a thread)
     // and the norm's parts. One L2 round trip instead of two; integer sums, so the same bits.
@@ -1032,11 +1013,7 @@ __device__ __forceinline__ void moe_fused_acc(const unsigned long long* __restri
             logits[e] = logit(v);
         }
     }
-#ifdef MOE_HG_CPASYNC
-    if (MOE_HG_AT == 1 && hg_copy) hg_issue_cp(frag, hg, H);
-#else
     if (MOE_HG_AT == 1 && hg_copy && threadIdx.x == 0) hg_issue(frag, hg, H, &hgbar);
-#endif
     if (zero_acc && blockIdx.x == 0)
         for (int i = threadIdx.x; i < nzero; i += blockDim.x) zero_acc[i] = 0ull;
     __syncthreads();
