@@ -742,20 +742,6 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
 // gate_up items done and the down items past their wait (the last one resets both). y null:
 // no combine; the weighted pair outputs in out are the residual add's to sum (ops.cu).
 
-// moe_fused_acc's copy of g h [H] into the staged fragments' area, on `bar` (one thread).
-// MOE_HG_AT (measurements): 0 asks for it at the wait, 1 once the routing's loads are back, 2
-// once the routing is done (just before the first weights).
-#ifndef MOE_HG_AT
-#define MOE_HG_AT 0
-#endif
-__device__ __forceinline__ void hg_issue(uint4* frag, const float* __restrict__ hg, int H, unsigned long long* bar) {
-    // (Written by the launch ahead through the generic proxy; the copy reads through the async
-    // one.)
-    asm volatile("fence.proxy.async.global;" ::: "memory");
-    mbar_expect(bar, (unsigned)(4 * H));
-    bulk_load(frag, hg, (unsigned)(4 * H), bar);
-}
-
 // Item n's (is down, slot, row group); gu_items = U x gate_up groups.
 __device__ __forceinline__ void fused_item(int n, int gu_items, int gug, int dg, bool& down, int& slot, int& grp) {
     down = n >= gu_items;
@@ -897,9 +883,6 @@ __device__ __forceinline__ void route_then_moe(const float* logits, const float*
     // The rings' bulk copies (async proxy) will land where the scores were written (generic).
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
     // xbar: x's row is landing in the staged fragments' area (moe_fused_acc); it has by now.
-#if MOE_HG_AT == 2
-    if (xbar && threadIdx.x == 0) hg_issue(staged_frag(NS * CS * STEP_BYTES), x, H, xbar);
-#endif
     if (xbar) mbar_wait(xbar, 0);
     moe_fused<NS, CS, NORM>(Wg, Wd, experts, pair_off, pair_tok, pair_w, x, h, out, H, I, U, counters, tok_pairs, y, 1, K, ss, staged,
                             ninv, xbar != nullptr);
@@ -980,7 +963,13 @@ __device__ __forceinline__ void moe_fused_acc(const unsigned long long* __restri
     }
     PDL_ENTER();
     TRACE(2);
-    if (MOE_HG_AT == 0 && hg_copy && threadIdx.x == 0) hg_issue(frag, hg, H, &hgbar);
+    if (hg_copy && threadIdx.x == 0) {
+        // (Written by the launch ahead through the generic proxy; the copy reads through the
+        // async one.)
+        asm volatile("fence.proxy.async.global;" ::: "memory");
+        mbar_expect(&hgbar, (unsigned)(4 * H));
+        bulk_load(frag, hg, (unsigned)(4 * H), &hgbar);
+    }
     // Every load of the routing is asked for at once: the flag, this thread's expert's sum
     // copies (held in registers where there are at most ACC_HELD of them and an expert a thread)
     // and the norm's parts. One L2 round trip instead of two; integer sums, so the same bits.
@@ -1013,7 +1002,6 @@ __device__ __forceinline__ void moe_fused_acc(const unsigned long long* __restri
             logits[e] = logit(v);
         }
     }
-    if (MOE_HG_AT == 1 && hg_copy && threadIdx.x == 0) hg_issue(frag, hg, H, &hgbar);
     if (zero_acc && blockIdx.x == 0)
         for (int i = threadIdx.x; i < nzero; i += blockDim.x) zero_acc[i] = 0ull;
     __syncthreads();
