@@ -224,13 +224,12 @@ fn moe_routed_inside_the_fused_kernel_equals_routing_then_moe() {
 }
 
 /// The one-token MoE after the o_proj that did its router (`moe_mxfp4_acc_pairs`: logits from
-/// fixed-point sums, x staged as g h times the norm's 1 / rms, g h brought into shared memory
-/// by one bulk copy) equals the routed kernel on those logits and x, bit for bit: with eps 0
-/// and sums of squares of 4 H the norm's 1 / rms is 0.5 exactly, and logits that are multiples
-/// of 2^-10 come out of the sums exactly, so both stage the same fragments. Each compiled
-/// ring, the widest grid and a 3-block one (a block's later gate_up items stage x again from
-/// global memory), Flash's hidden size, and NaN logits (the fallback expert repeated, a pass of
-/// several pairs); the counters come back to zero.
+/// fixed-point sums, x staged as g h times the norm's 1 / rms) equals the routed kernel on
+/// those logits and x, bit for bit: with eps 0 and sums of squares of 4 H the norm's 1 / rms
+/// is 0.5 exactly, and sums that are multiples of 2^-10 give their logits exactly, so both
+/// kernels stage the same fragments. Each compiled ring, the widest grid and a 3-block one
+/// (blocks then run several gate_up items), Flash's hidden size, and NaN logits (the fallback
+/// expert repeated: a pass of several pairs); the counters come back to zero.
 #[test]
 fn moe_after_the_oproj_router_equals_the_routed_kernel() {
     use cudarc::driver::DevicePtr;
