@@ -7,6 +7,7 @@
 
 use cudarc::driver::sys::CUevent_flags;
 use peregrine_cuda::kernels::{MoeInput, MoeLayout, MoeWeights};
+use peregrine_cuda::trace::MOE_TRACE_SLOTS;
 use peregrine_cuda::{probe, Kernels, MoeKernel, MoeRouting};
 use rand::{Rng, SeedableRng};
 
@@ -534,8 +535,6 @@ fn moe_prefill_bench(k: &Kernels, s: &std::sync::Arc<cudarc::driver::CudaStream>
     }
 }
 
-/// Stamps per block in the MoE kernel's trace (MOE_TRACE_SLOTS in kernels/moe.cu).
-const MOE_TRACE_SLOTS: usize = 16;
 
 /// Routing of `t` tokens, each to `top_k` distinct experts drawn uniformly from `pool`, with
 /// equal weights.
@@ -937,43 +936,7 @@ fn print_gwg_trace(what: &str, tr: &[u32]) {
 }
 
 fn print_moe_trace(what: &str, tr: &[u64], gu_items: usize) {
-    let blocks: Vec<&[u64]> = tr.chunks(MOE_TRACE_SLOTS).filter(|b| b[2] != 0).collect();
-    let Some(t0) = blocks.iter().map(|b| b[2]).min() else { return };
-    let rel = |v: u64| (v as f64 - t0 as f64) / 1e3;
-    println!("\ntrace: {what}: {} blocks; us after the first block passed its wait (min / p10 / median / p90 / max)", blocks.len());
-    let row = |label: &str, vals: Vec<f64>| {
-        if vals.is_empty() {
-            return;
-        }
-        let mut v = vals;
-        v.sort_by(f64::total_cmp);
-        let p = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
-        println!("  {label:<34} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>7.2}  (n={})", p(0.0), p(0.1), p(0.5), p(0.9), p(1.0), v.len());
-    };
-    let pick = |first_down: Option<bool>, item: usize, slot: usize| -> Vec<f64> {
-        blocks
-            .iter()
-            .enumerate()
-            .filter(|(bi, b)| b[3 + 5 * item] != 0 && first_down.is_none_or(|d| (*bi >= gu_items) == d))
-            .map(|(_, b)| rel(b[3 + 5 * item + slot]))
-            .collect()
-    };
-    row("entry (before the wait)", blocks.iter().map(|b| rel(b[1])).collect());
-    row("past the wait", blocks.iter().map(|b| rel(b[2])).collect());
-    let names = ["start", "past its gate_up wait", "activations staged", "weights streamed", "done"];
-    for (label, first_down, item) in [("gate_up item", Some(false), 0), ("down item (first)", Some(true), 0), ("down item (second)", None, 1)] {
-        for (si, n) in names.iter().enumerate() {
-            if si == 1 && label.starts_with("gate_up") {
-                continue;
-            }
-            row(&format!("{label}: {n}"), pick(first_down, item, si));
-        }
-    }
-    row("exit", blocks.iter().map(|b| rel(b[13])).collect());
-    let mut sms: Vec<u64> = blocks.iter().map(|b| b[0]).collect();
-    sms.sort();
-    sms.dedup();
-    println!("  on {} SMs", sms.len());
+    print!("{}", peregrine_cuda::trace::moe_trace_report(what, tr, gu_items));
 }
 
 /// Sampling and logprobs on the GPU over MiMo-V2-Flash's vocabulary, 1 and 64 rows per call (the

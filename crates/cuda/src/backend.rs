@@ -779,6 +779,12 @@ impl CudaModel {
         st.synchronize().map_err(drv)
     }
 
+    /// The fused MoE kernel's stamps from its last call (`Kernels::moe_trace`), then zeroed: only
+    /// in a measurement build (`-DMOE_TRACE`), else None.
+    pub fn moe_trace(&self) -> Result<Option<Vec<u64>>> {
+        self.kernels.moe_trace()
+    }
+
     /// Every kernel block's step-trace stamps since the last call, then cleared: only in a
     /// measurement build of the kernels (`PEREGRINE_KERNEL_DEFINES=-DSTEP_TRACE`), else None.
     pub fn step_trace(&self) -> Result<Option<crate::trace::StepTrace>> {
