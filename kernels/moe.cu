@@ -187,10 +187,7 @@ __device__ __forceinline__ void row_scale(const float* red, int j, float* scale,
 // post-attention norm g h * inv from g h: moe_fused_acc_*), as the row's maximum and its power
 // of two scale times ninv: 2^s (x ninv) = x (2^s ninv) exactly (barring subnormals), so the
 // same bits as staging x * ninv, and no multiply per value.
-// SMEM_SRC (np == 1 with K / 16 x 4 <= STAGE_REGS x blockDim only): x is a row in shared
-// memory, the block's own `frag` (moe_fused_acc's copy of g h): every thread holds its values
-// before the first barrier and writes the fragments after the second, so in place is safe.
-template <bool WG = false, bool NORM = false, bool SMEM_SRC = false>
+template <bool WG = false, bool NORM = false>
 __device__ __forceinline__ void stage_b(const float* __restrict__ x, const int* rows, int np, int K, unsigned* frag,
                                         float* red, float* scale, float* inv, float ninv = 0.f) {
 #ifdef MOE_NO_STAGE
@@ -216,13 +213,8 @@ __device__ __forceinline__ void stage_b(const float* __restrict__ x, const int* 
             v0[i] = v1[i] = make_float2(0.f, 0.f);
             if (it < q16 * 4) {
                 const float* p = xr + 16 * (it >> 2) + 2 * (it & 3);
-                if (SMEM_SRC) {
-                    v0[i] = *reinterpret_cast<const float2*>(p);
-                    v1[i] = *reinterpret_cast<const float2*>(p + 8);
-                } else {
-                    v0[i] = __ldcg(reinterpret_cast<const float2*>(p));
-                    v1[i] = __ldcg(reinterpret_cast<const float2*>(p + 8));
-                }
+                v0[i] = __ldcg(reinterpret_cast<const float2*>(p));
+                v1[i] = __ldcg(reinterpret_cast<const float2*>(p + 8));
             }
             m = fmaxf(m, fmaxf(fmaxf(fabsf(v0[i].x), fabsf(v0[i].y)), fmaxf(fabsf(v1[i].x), fabsf(v1[i].y))));
         }
@@ -758,7 +750,7 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
                                           const float* __restrict__ x, float* __restrict__ h, float* __restrict__ out, int H,
                                           int I, int U, unsigned* counters, const int* __restrict__ tok_pairs,
                                           float* __restrict__ y, int T, int topk, StageSmem& ss, bool x_staged,
-                                          float ninv = 0.f, bool x_in_frag = false) {
+                                          float ninv = 0.f) {
     constexpr int RING = NS * CS * STEP_BYTES;
     extern __shared__ __align__(MOE_DSM_ALIGN) uint4 dsm[];
     uint4* frag = staged_frag(RING);
@@ -824,19 +816,11 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
             }
             ITEM_SYNC();
             if (ti < 14 && p0 == pb) TRACE(ti + 1);
-            // x staged before the wait serves the block's first gate_up pass if it has one pair;
-            // x_in_frag: x's row already sits in `frag` as floats (moe_fused_acc's copy), staged
-            // from there in place (a block whose first staging is another one overwrites it).
-            if (x_in_frag && !down && np == 1) {
-                const int row0[1] = {0};
-                stage_b<false, NORM, true>(reinterpret_cast<const float*>(frag), row0, 1, H, reinterpret_cast<unsigned*>(frag), ss.red, ss.scale,
-                                           ss.inv, ninv);
-            } else if (!(x_staged && !down && np == 1)) {
+            // x staged before the wait serves the block's first gate_up pass if it has one pair.
+            if (!(x_staged && !down && np == 1))
                 stage_b<false, NORM>(down ? h : x, ss.rows, np, down ? I : H, reinterpret_cast<unsigned*>(frag), ss.red, ss.scale, ss.inv,
                                      down ? 1.f : ninv);
-            }
             x_staged = false;
-            x_in_frag = false;
             if (ti < 14 && p0 == pb) TRACE(ti + 2);
             float acc[4] = {0.f, 0.f, 0.f, 0.f};
             pre = 0;
@@ -871,7 +855,7 @@ __device__ __forceinline__ void route_then_moe(const float* logits, const float*
                                                const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Wd,
                                                const float* __restrict__ x, float* __restrict__ h, float* __restrict__ out, int H,
                                                int I, int U, unsigned* counters, float* __restrict__ y, int* __restrict__ tok_pairs_out,
-                                               StageSmem& ss, bool staged, float ninv, unsigned long long* xbar = nullptr) {
+                                               StageSmem& ss, bool staged, float ninv) {
     __shared__ int sel[MAX_FUSED_TOPK], experts[MAX_FUSED_TOPK], pair_off[MAX_FUSED_TOPK + 1], pair_tok[MAX_FUSED_TOPK],
         tok_pairs[MAX_FUSED_TOPK];
     __shared__ float wsel[MAX_FUSED_TOPK], pair_w[MAX_FUSED_TOPK];
@@ -882,10 +866,8 @@ __device__ __forceinline__ void route_then_moe(const float* logits, const float*
     if (!y && blockIdx.x == 0 && (int)threadIdx.x < K) tok_pairs_out[threadIdx.x] = tok_pairs[threadIdx.x];
     // The rings' bulk copies (async proxy) will land where the scores were written (generic).
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-    // xbar: x's row is landing in the staged fragments' area (moe_fused_acc); it has by now.
-    if (xbar) mbar_wait(xbar, 0);
     moe_fused<NS, CS, NORM>(Wg, Wd, experts, pair_off, pair_tok, pair_w, x, h, out, H, I, U, counters, tok_pairs, y, 1, K, ss, staged,
-                            ninv, xbar != nullptr);
+                            ninv);
 }
 
 // The fused kernel for one token that routes it itself: every block runs the router on the
@@ -940,36 +922,8 @@ __device__ __forceinline__ void moe_fused_acc(const unsigned long long* __restri
     float* bias_s = bias ? scores + 3 * E : nullptr;
     if (bias)
         for (int e = threadIdx.x; e < E; e += blockDim.x) bias_s[e] = __ldg(bias + e);
-    // g h is the o_proj's (the launch ahead), so it is read after the wait; staged after the
-    // routing, its loads queued behind the first weight copies (~5 us from an item's start to
-    // its activations staged, against ~1.3 where x was staged before the wait). One bulk copy
-    // asked for with the routing's loads lands it in the staged fragments' area instead, and
-    // the first gate_up pass stages it from there (stage_b's SMEM_SRC: the same values, so
-    // the same bits). Where the row does not fit that area or stage_b's one-row path, or with
-    // -DMOE_HG_LATE (measurements), it is staged from global memory as before.
-    __shared__ unsigned long long hgbar;
-    uint4* frag = staged_frag(NS * CS * STEP_BYTES);
-    unsigned dyn;
-    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
-#ifdef MOE_HG_LATE
-    const bool hg_copy = false;
-#else
-    const bool hg_copy = H % 4 == 0 && (H / 16) * 4 <= STAGE_REGS * (int)blockDim.x && (unsigned)(4 * H) + TW * NS * CS * STEP_BYTES <= dyn &&
-                         ((size_t)hg & 15) == 0;
-#endif
-    if (hg_copy && threadIdx.x == 0) {
-        mbar_init(&hgbar);
-        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    }
     PDL_ENTER();
     TRACE(2);
-    if (hg_copy && threadIdx.x == 0) {
-        // (Written by the launch ahead through the generic proxy; the copy reads through the
-        // async one.)
-        asm volatile("fence.proxy.async.global;" ::: "memory");
-        mbar_expect(&hgbar, (unsigned)(4 * H));
-        bulk_load(frag, hg, (unsigned)(4 * H), &hgbar);
-    }
     // Every load of the routing is asked for at once: the flag, this thread's expert's sum
     // copies (held in registers where there are at most ACC_HELD of them and an expert a thread)
     // and the norm's parts. One L2 round trip instead of two; integer sums, so the same bits.
@@ -1006,7 +960,7 @@ __device__ __forceinline__ void moe_fused_acc(const unsigned long long* __restri
         for (int i = threadIdx.x; i < nzero; i += blockDim.x) zero_acc[i] = 0ull;
     __syncthreads();
     route_then_moe<NS, CS, true>(logits, bias_s, E, K, softmax, n_group, topk_group, norm, scale, scores, Wg, Wd, hg, h, out, H, I, U,
-                                 counters, y, tok_pairs_out, ss, false, inv, hg_copy ? &hgbar : nullptr);
+                                 counters, y, tok_pairs_out, ss, false, inv);
 }
 
 // Ring shapes: NS stages of CS steps. The _split_ kernels read their rows split already (moe_tiled's SPLIT).
