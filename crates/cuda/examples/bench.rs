@@ -535,7 +535,6 @@ fn moe_prefill_bench(k: &Kernels, s: &std::sync::Arc<cudarc::driver::CudaStream>
     }
 }
 
-
 /// Routing of `t` tokens, each to `top_k` distinct experts drawn uniformly from `pool`, with
 /// equal weights.
 /// Plain reads of the byte counts the MoE moves (kernels of the bench's own, compiled here): the
@@ -735,7 +734,8 @@ fn plain_reads(g: &peregrine_cuda::device::Gpu, sms: usize, copy_bw: f64, time_b
 /// `layers` copies of `wt` against every call on `wt`, alternating three times: whether the
 /// pages a model's experts span (18 layers of Flash: 61 GB) cost what one layer's (3.4 GB) do.
 /// Then the same calls on scratch of other addresses (`main`: the bench's own; fresh ones;
-/// one of `main`'s buffers swapped for a fresh one's), whose rates differed by 9 points.
+/// one of `main`'s buffers swapped for a fresh one's): one process read 72% and 81% in two rows,
+/// which these showed to be a transient, not the addresses.
 #[allow(clippy::too_many_arguments)]
 fn moe_over_layers(k: &Kernels, s: &std::sync::Arc<cudarc::driver::CudaStream>, wt: &MoeWeights, dev: &[peregrine_cuda::kernels::DeviceRouting], x: &cudarc::driver::CudaSlice<f32>, top_k: usize, layers: usize, bytes: f64, copy_bw: f64, time_b2b: TimeB2b, main: &mut peregrine_cuda::kernels::MoeScratch) {
     use cudarc::driver::DevicePtr;
