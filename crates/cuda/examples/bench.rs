@@ -681,50 +681,76 @@ type TimeB2b<'a> = &'a dyn Fn(&mut dyn FnMut(usize)) -> f32;
 /// `time`: median milliseconds of a closure over the given runs.
 type Time<'a> = &'a dyn Fn(usize, &mut dyn FnMut(usize)) -> f32;
 
-fn plain_reads(g: &peregrine_cuda::device::Gpu, sms: usize, copy_bw: f64, time_b2b: TimeB2b) {
+/// The read probes' kernels (READ_PROBE_CU above).
+struct ReadProbe {
+    fill: cudarc::driver::CudaFunction,
+    read_v4: cudarc::driver::CudaFunction,
+    read_bulk: cudarc::driver::CudaFunction,
+    read_items: cudarc::driver::CudaFunction,
+}
+
+impl ReadProbe {
+    fn load(g: &peregrine_cuda::device::Gpu) -> ReadProbe {
+        let (ptx, _) = peregrine_cuda::compile::ptx("read_probe", READ_PROBE_CU, peregrine_cuda::device::nvrtc_arch(g.capability)).unwrap();
+        let m = g.ctx.load_module(ptx).unwrap();
+        let f = |name: &str| m.load_function(name).unwrap();
+        ReadProbe { fill: f("fill"), read_v4: f("read_v4"), read_bulk: f("read_bulk"), read_items: f("read_items") }
+    }
+
+    /// A buffer of `n` bytes of non-zero words, and its device address.
+    fn filled(&self, g: &peregrine_cuda::device::Gpu, sms: usize, n: usize) -> (cudarc::driver::CudaSlice<u8>, u64) {
+        use cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
+        let s = &g.stream;
+        let mut buf = s.alloc_zeros::<u8>(n).unwrap();
+        let words = (n / 4) as u64;
+        unsafe { s.launch_builder(&self.fill).arg(&mut buf).arg(&words).launch(LaunchConfig { grid_dim: (4 * sms as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.unwrap();
+        let base = buf.device_ptr(s).0;
+        (buf, base)
+    }
+}
+
+/// % of copy bandwidth of probe `f` reading `bytes` a call on `blocks` blocks of 256 threads
+/// (`smem` bytes of shared memory; arguments at, `n_arg`, out, then `extra` if any), 20 calls
+/// back to back, each at the next offset of a buffer of `n` bytes at `base`.
+#[allow(clippy::too_many_arguments)]
+fn read_rate(s: &std::sync::Arc<cudarc::driver::CudaStream>, f: &cudarc::driver::CudaFunction, base: u64, n: usize, bytes: usize, blocks: usize, smem: u32, n_arg: u64, extra: Option<i32>, out: &mut cudarc::driver::CudaSlice<u32>, copy_bw: f64, time_b2b: TimeB2b) -> f64 {
     use cudarc::driver::{LaunchConfig, PushKernelArg};
+    let slots = n / bytes;
+    let ms = time_b2b(&mut |i| {
+        let at = base + ((i % slots) * bytes) as u64;
+        let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem };
+        let mut b = s.launch_builder(f);
+        b.arg(&at).arg(&n_arg).arg(&mut *out);
+        if let Some(extra) = &extra {
+            b.arg(extra);
+        }
+        unsafe { b.launch(cfg) }.unwrap();
+    });
+    100.0 * bytes as f64 / (ms as f64 * 1e-3) / copy_bw
+}
+
+fn plain_reads(g: &peregrine_cuda::device::Gpu, sms: usize, copy_bw: f64, time_b2b: TimeB2b) {
     let s = &g.stream;
-    let (ptx, _) = peregrine_cuda::compile::ptx("read_probe", READ_PROBE_CU, peregrine_cuda::device::nvrtc_arch(g.capability)).unwrap();
-    let m = g.ctx.load_module(ptx).unwrap();
-    let (fill, read_v4, read_bulk, read_items) = (m.load_function("fill").unwrap(), m.load_function("read_v4").unwrap(), m.load_function("read_bulk").unwrap(), m.load_function("read_items").unwrap());
+    let p = ReadProbe::load(g);
     let n = 2usize << 30;
-    let mut buf = s.alloc_zeros::<u8>(n).unwrap();
+    let (_buf, base) = p.filled(g, sms, n);
     let mut out = s.alloc_zeros::<u32>(2).unwrap();
-    let words = (n / 4) as u64;
-    unsafe { s.launch_builder(&fill).arg(&mut buf).arg(&words).launch(LaunchConfig { grid_dim: (4 * sms as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.unwrap();
-    let base = {
-        use cudarc::driver::DevicePtr;
-        buf.device_ptr(s).0
-    };
     println!("\nplain reads, one launch per call, 20 calls back to back (offsets rotate through 2 GiB): MB, then % of copy bandwidth");
     println!("|   MB | 16-byte loads, 8 x 256 threads per SM | bulk-copy rings, 2 x 8 warps per SM | the same, codes and scales apart | bulk-copy rings, 4 x 8 warps per SM |");
     println!("|---|---|---|---|---|");
     // 107 and 160 MB: one token's experts of MiMo-V2-Flash and MiMo-V2.5-Pro.
     for mb in [32usize, 64, 107, 160, 256, 512, 1024] {
         let bytes = mb * 1_000_000 / 2176 * 2176;
-        let slots = n / bytes;
-        let pct = |ms: f32| 100.0 * bytes as f64 / (ms as f64 * 1e-3) / copy_bw;
-        let mut cell = |f: &cudarc::driver::CudaFunction, blocks: usize, threads: u32, smem: u32, n_arg: u64, split: Option<i32>| {
-            pct(time_b2b(&mut |i| {
-                let at = base + ((i % slots) * bytes) as u64;
-                let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: smem };
-                let mut b = s.launch_builder(f);
-                b.arg(&at).arg(&n_arg).arg(&mut out);
-                if let Some(split) = &split {
-                    b.arg(split);
-                }
-                unsafe { b.launch(cfg) }.unwrap();
-            }))
-        };
-        let v4 = cell(&read_v4, 8 * sms, 256, 0, (bytes / 16) as u64, None);
-        let b2 = cell(&read_bulk, 2 * sms, 256, 8 * 2 * 2176, bytes as u64, Some(0));
-        let b2s = cell(&read_bulk, 2 * sms, 256, 8 * 2 * 2176, bytes as u64, Some(1));
-        let b4 = cell(&read_bulk, 4 * sms, 256, 8 * 2 * 2176, bytes as u64, Some(0));
+        let mut cell = |f: &cudarc::driver::CudaFunction, blocks: usize, smem: u32, n_arg: u64, extra: Option<i32>| read_rate(s, f, base, n, bytes, blocks, smem, n_arg, extra, &mut out, copy_bw, time_b2b);
+        let v4 = cell(&p.read_v4, 8 * sms, 0, (bytes / 16) as u64, None);
+        let b2 = cell(&p.read_bulk, 2 * sms, 8 * 2 * 2176, bytes as u64, Some(0));
+        let b2s = cell(&p.read_bulk, 2 * sms, 8 * 2 * 2176, bytes as u64, Some(1));
+        let b4 = cell(&p.read_bulk, 4 * sms, 8 * 2 * 2176, bytes as u64, Some(0));
         println!("| {mb:>4} | {v4:.1}% | {b2:.1}% | {b2s:.1}% | {b4:.1}% |");
         if mb == 107 && 2 * sms >= 256 {
             // The same bytes in the one-token fused MoE's items (Flash), on its grid (2 blocks
             // per SM: each takes its items b and b + grid, so 512 items need 256 blocks).
-            let items: Vec<String> = (0..3).map(|sync| format!("{:.1}%", cell(&read_items, 2 * sms, 256, 8 * 2 * 2176, bytes as u64, Some(sync)))).collect();
+            let items: Vec<String> = (0..3).map(|sync| format!("{:.1}%", cell(&p.read_items, 2 * sms, 8 * 2 * 2176, bytes as u64, Some(sync)))).collect();
             println!("|  107 as the 1-token MoE's items: nothing between items {}, a block barrier {}, fence + barrier + count {} |", items[0], items[1], items[2]);
         }
     }
@@ -835,36 +861,16 @@ fn moe_acc_against_given(k: &Kernels, s: &std::sync::Arc<cudarc::driver::CudaStr
 /// Plain reads of 107 MB as the one-token MoE's items (`read_items`), each call at the next
 /// offset of a span of S GiB, for S in `spans`: whether reading fresh pages costs bandwidth.
 fn read_spans(g: &peregrine_cuda::device::Gpu, sms: usize, copy_bw: f64, time_b2b: TimeB2b, spans: &[usize]) {
-    use cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
     let s = &g.stream;
-    let (ptx, _) = peregrine_cuda::compile::ptx("read_probe", READ_PROBE_CU, peregrine_cuda::device::nvrtc_arch(g.capability)).unwrap();
-    let m = g.ctx.load_module(ptx).unwrap();
-    let (fill, read_items, read_v4) = (m.load_function("fill").unwrap(), m.load_function("read_items").unwrap(), m.load_function("read_v4").unwrap());
+    let p = ReadProbe::load(g);
     let bytes = 107_000_000 / 2176 * 2176;
     let mut out = s.alloc_zeros::<u32>(2).unwrap();
     println!("\nplain reads of 107 MB, each call at the next offset of a span (20 calls back to back), % of copy bandwidth: span GiB, as the MoE's items, 16-byte loads");
     for &gib in spans {
         let n = gib << 30;
-        let mut buf = s.alloc_zeros::<u8>(n).unwrap();
-        let words = (n / 4) as u64;
-        unsafe { s.launch_builder(&fill).arg(&mut buf).arg(&words).launch(LaunchConfig { grid_dim: (4 * sms as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.unwrap();
-        let base = buf.device_ptr(s).0;
-        let slots = n / bytes;
-        let mut cell = |f: &cudarc::driver::CudaFunction, blocks: usize, smem: u32, n_arg: u64, sync: Option<i32>| {
-            let ms = time_b2b(&mut |i| {
-                let at = base + ((i % slots) * bytes) as u64;
-                let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem };
-                let mut b = s.launch_builder(f);
-                b.arg(&at).arg(&n_arg).arg(&mut out);
-                if let Some(sync) = &sync {
-                    b.arg(sync);
-                }
-                unsafe { b.launch(cfg) }.unwrap();
-            });
-            100.0 * bytes as f64 / (ms as f64 * 1e-3) / copy_bw
-        };
-        let items = cell(&read_items, 2 * sms, 8 * 2 * 2176, bytes as u64, Some(0));
-        let v4 = cell(&read_v4, 8 * sms, 0, (bytes / 16) as u64, None);
+        let (buf, base) = p.filled(g, sms, n);
+        let items = read_rate(s, &p.read_items, base, n, bytes, 2 * sms, 8 * 2 * 2176, bytes as u64, Some(0), &mut out, copy_bw, time_b2b);
+        let v4 = read_rate(s, &p.read_v4, base, n, bytes, 8 * sms, 0, (bytes / 16) as u64, None, &mut out, copy_bw, time_b2b);
         println!("| {gib:>3} | {items:.1}% | {v4:.1}% |");
         drop(buf);
     }

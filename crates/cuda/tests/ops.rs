@@ -246,10 +246,10 @@ fn moe_after_the_oproj_router_equals_the_routed_kernel() {
         let (down, down_s) = (bytes(&mut r, e * h * i / 2), scales(&mut r, e * h * i / 32));
         let w = MoeWeights::upload(st, true, &gate, &gate_s, &up, &up_s, &down, &down_s, e, h, i).unwrap();
         // Logits k 2^-10 (|k| <= 4096) as sums x 2^40; the kernel's logit is sum 2^-40 x 0.5.
-        let steps: Vec<i64> = (0..e).map(|_| r.random_range(-4096i64..=4096)).collect();
-        let mut sums: Vec<u64> = steps.iter().map(|&q| (q << 30) as u64).collect();
+        let units: Vec<i64> = (0..e).map(|_| r.random_range(-4096i64..=4096)).collect();
+        let mut sums: Vec<u64> = units.iter().map(|&q| (q << 30) as u64).collect();
         sums.push(0);  // the overflow flag
-        let mut logits: Vec<f32> = steps.iter().map(|&q| q as f32 * (-11f32).exp2()).collect();
+        let mut logits: Vec<f32> = units.iter().map(|&q| q as f32 * (-11f32).exp2()).collect();
         if nan {
             // A set flag makes every logit NaN: the fallback expert fills every slot.
             *sums.last_mut().unwrap() = 1;
