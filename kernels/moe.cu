@@ -66,9 +66,11 @@
 // %globaltimer at fixed points of each block's work into moe_trace (MOE_TRACE_SLOTS per block,
 // the first MOE_TRACE_BLOCKS blocks; Kernels::moe_trace reads it). Slot 0: the SM; 1: entry;
 // 2: past the wait for the kernel ahead; per item i < 2 at 3 + 5i: start, past the wait for
-// gate_up (down items), activations staged, weights streamed (all warps), item done; 13: exit.
+// gate_up (down items), activations staged, weights streamed (all warps), item done; 13: exit;
+// 14: the start of a block's later items; in the routed kernels 15: the routing's loads in
+// (moe_fused_acc's logits written), 16: the experts chosen and grouped (route_token returned).
 #define MOE_TRACE_BLOCKS 512
-#define MOE_TRACE_SLOTS 16
+#define MOE_TRACE_SLOTS 18
 #ifdef MOE_TRACE
 __device__ unsigned long long moe_trace[MOE_TRACE_BLOCKS * MOE_TRACE_SLOTS];
 #define TRACE(slot)                                                                      \
@@ -862,6 +864,7 @@ __device__ __forceinline__ void route_then_moe(const float* logits, const float*
     static_assert(MAX_FUSED_TOPK <= 32, "group_one_token_warp holds one choice a lane");
     const OneTokenGroups groups = {experts, pair_off, pair_tok, pair_w, tok_pairs, U};
     route_token(logits, bias, E, K, softmax, n_group, topk_group, norm, scale, scores, scores + E, sel, wsel, &groups);
+    TRACE(16);
     // y null: the pairs are left to the residual add after the MoE, which needs to know them.
     if (!y && blockIdx.x == 0 && (int)threadIdx.x < K) tok_pairs_out[threadIdx.x] = tok_pairs[threadIdx.x];
     // The rings' bulk copies (async proxy) will land where the scores were written (generic).
@@ -959,6 +962,7 @@ __device__ __forceinline__ void moe_fused_acc(const unsigned long long* __restri
     if (zero_acc && blockIdx.x == 0)
         for (int i = threadIdx.x; i < nzero; i += blockDim.x) zero_acc[i] = 0ull;
     __syncthreads();
+    TRACE(15);
     route_then_moe<NS, CS, true>(logits, bias_s, E, K, softmax, n_group, topk_group, norm, scale, scores, Wg, Wd, hg, h, out, H, I, U,
                                  counters, y, tok_pairs_out, ss, false, inv);
 }
