@@ -930,6 +930,10 @@ __device__ __forceinline__ void moe_fused_acc(const unsigned long long* __restri
     // Every load of the routing is asked for at once: the flag, this thread's expert's sum
     // copies (held in registers where there are at most ACC_HELD of them and an expert a thread)
     // and the norm's parts. One L2 round trip instead of two; integer sums, so the same bits.
+    // Warp 0 alone reads the flag and the norm's parts and hands 1 / rms over through shared
+    // memory (the barrier below is needed anyway): when every warp read them, each of those few
+    // lines was asked for by all 8 warps of all 264 blocks at the same moment.
+    // (-DMOE_ACC_SSQ_EVERY_WARP: every warp reads them, for measurements.)
     constexpr int ACC_HELD = 8;
     const bool held = copies <= ACC_HELD && E <= (int)blockDim.x;
     const int e0 = threadIdx.x;
@@ -938,20 +942,45 @@ __device__ __forceinline__ void moe_fused_acc(const unsigned long long* __restri
 #pragma unroll
         for (int c = 0; c < ACC_HELD; c++) part[c] = c < copies ? __ldcg(acc + (size_t)c * E + e0) : 0ull;
     }
+    // Every warp sums ssq in the same order (lane l: parts l, l + 32, ..., then the xor tree).
+    auto norm_inv = [&]() {
+        float q = 0.f;
+        for (int i = threadIdx.x & 31; i < nssq; i += 32) q += __ldcg(ssq + i);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) q += __shfl_xor_sync(0xffffffffu, q, o);
+        return 1.f / sqrtf(q / H + eps);
+    };
+#ifdef MOE_ACC_SSQ_EVERY_WARP
     const bool bad = __ldcg(acc + (size_t)copies * E) != 0ull;
-    float q = 0.f;
-    for (int i = threadIdx.x & 31; i < nssq; i += 32) q += __ldcg(ssq + i);
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) q += __shfl_xor_sync(0xffffffffu, q, o);
-    const float inv = 1.f / sqrtf(q / H + eps);
-    auto logit = [&](unsigned long long v) { return bad ? __int_as_float(0x7fc00000) : (float)((double)(long long)v * 0x1p-40) * inv; };
-    if (held) {
-        if (e0 < E) {
-            unsigned long long v = 0ull;
-#pragma unroll
-            for (int c = 0; c < ACC_HELD; c++) v += part[c];
-            logits[e0] = logit(v);
+    const float inv = norm_inv();
+#else
+    __shared__ float inv_s;
+    __shared__ bool bad_s;
+    if (threadIdx.x < 32) {
+        const bool b = __ldcg(acc + (size_t)copies * E) != 0ull;
+        const float v = norm_inv();
+        if (threadIdx.x == 0) {
+            inv_s = v;
+            bad_s = b;
         }
+    }
+#endif
+    unsigned long long held_sum = 0ull;
+    if (held && e0 < E) {
+#pragma unroll
+        for (int c = 0; c < ACC_HELD; c++) held_sum += part[c];
+    }
+    if (zero_acc && blockIdx.x == 0)
+        for (int i = threadIdx.x; i < nzero; i += blockDim.x) zero_acc[i] = 0ull;
+#ifndef MOE_ACC_SSQ_EVERY_WARP
+    __syncthreads();  // inv_s, bad_s
+    const float inv = inv_s;
+    const bool bad = bad_s;
+#endif
+    auto logit = [&](unsigned long long v) { return bad ? __int_as_float(0x7fc00000) : (float)((double)(long long)v * 0x1p-40) * inv; };
+    // Thread e writes logit e and reads it back itself in route_token (e = threadIdx.x, + blockDim.x, ...).
+    if (held) {
+        if (e0 < E) logits[e0] = logit(held_sum);
     } else {
         for (int e = threadIdx.x; e < E; e += blockDim.x) {
             unsigned long long v = 0ull;
@@ -959,9 +988,9 @@ __device__ __forceinline__ void moe_fused_acc(const unsigned long long* __restri
             logits[e] = logit(v);
         }
     }
-    if (zero_acc && blockIdx.x == 0)
-        for (int i = threadIdx.x; i < nzero; i += blockDim.x) zero_acc[i] = 0ull;
+#ifdef MOE_ACC_SSQ_EVERY_WARP
     __syncthreads();
+#endif
     TRACE(15);
     route_then_moe<NS, CS, true>(logits, bias_s, E, K, softmax, n_group, topk_group, norm, scale, scores, Wg, Wd, hg, h, out, H, I, U,
                                  counters, y, tok_pairs_out, ss, false, inv);
