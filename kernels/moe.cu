@@ -68,9 +68,10 @@
 // 2: past the wait for the kernel ahead; per item i < 2 at 3 + 5i: start, past the wait for
 // gate_up (down items), activations staged, weights streamed (all warps), item done; 13: exit;
 // 14: the start of a block's later items; in the routed kernels 15: the routing's loads in
-// (moe_fused_acc's logits written), 16: the experts chosen and grouped (route_token returned).
+// (moe_fused_acc's logits written), 16: the experts chosen and grouped (route_token returned),
+// 17-20: route_token's phases (its stamp).
 #define MOE_TRACE_BLOCKS 512
-#define MOE_TRACE_SLOTS 18
+#define MOE_TRACE_SLOTS 21
 #ifdef MOE_TRACE
 __device__ unsigned long long moe_trace[MOE_TRACE_BLOCKS * MOE_TRACE_SLOTS];
 #define TRACE(slot)                                                                      \
@@ -863,7 +864,8 @@ __device__ __forceinline__ void route_then_moe(const float* logits, const float*
     __shared__ float wsel[MAX_FUSED_TOPK], pair_w[MAX_FUSED_TOPK];
     static_assert(MAX_FUSED_TOPK <= 32, "group_one_token_warp holds one choice a lane");
     const OneTokenGroups groups = {experts, pair_off, pair_tok, pair_w, tok_pairs, U};
-    route_token(logits, bias, E, K, softmax, n_group, topk_group, norm, scale, scores, scores + E, sel, wsel, &groups);
+    route_token(logits, bias, E, K, softmax, n_group, topk_group, norm, scale, scores, scores + E, sel, wsel, &groups,
+                [](int slot) { TRACE(slot); });
     TRACE(16);
     // y null: the pairs are left to the residual add after the MoE, which needs to know them.
     if (!y && blockIdx.x == 0 && (int)threadIdx.x < K) tok_pairs_out[threadIdx.x] = tok_pairs[threadIdx.x];

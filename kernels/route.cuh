@@ -105,6 +105,51 @@ __device__ __forceinline__ float route_top_k_regs(const float* choice, const flo
     __syncwarp();
     return wsum;
 }
+
+// route_top_k_regs with lane l holding choices J l .. J l + J - 1 (contiguous), so the lowest
+// index among the lanes holding the round's largest key is the lowest such lane (a ballot)
+// and its lowest j (the tree keeps the lower j on ties): one warp reduction a round instead of
+// two. The winning lane writes sel[k]; the chosen scores are summed after the rounds in choice
+// order, so the same sum. The same choices in the same order as route_top_k_regs.
+template <int J>
+__device__ __forceinline__ float route_top_k_lanes(const float* choice, const float* scores, int E, int K, int* sel) {
+    const int lane = threadIdx.x & 31;
+    unsigned c[J];
+#pragma unroll
+    for (int j = 0; j < J; j++) c[j] = lane * J + j < E ? route_key(choice[lane * J + j]) : 0u;
+    for (int k = 0; k < K; k++) {
+        unsigned tk[J];
+        int tj[J];
+#pragma unroll
+        for (int j = 0; j < J; j++) {
+            tk[j] = c[j];
+            tj[j] = j;
+        }
+#pragma unroll
+        for (int h = 1; h < J; h *= 2)
+#pragma unroll
+            for (int j = 0; j < J; j += 2 * h)
+                if (tk[j + h] > tk[j]) {
+                    tk[j] = tk[j + h];
+                    tj[j] = tj[j + h];
+                }
+        const unsigned m = __reduce_max_sync(0xffffffffu, tk[0]);
+        if (m == 0u) {  // no candidate left (NaN logits): expert 0
+            if (lane == 0) sel[k] = 0;
+            continue;
+        }
+        const int win = __ffs(__ballot_sync(0xffffffffu, tk[0] == m)) - 1;
+        if (lane == win) {
+            sel[k] = lane * J + tj[0];
+#pragma unroll
+            for (int j = 0; j < J; j++) c[j] = j == tj[0] ? 0u : c[j];
+        }
+    }
+    __syncwarp();
+    float wsum = 0.f;
+    for (int k = 0; k < K; k++) wsum += scores[sel[k]];
+    return wsum;
+}
 #endif
 
 // Where group_one_token_warp writes (group_one_token's arrays, max_u slots).
@@ -157,6 +202,11 @@ __device__ __forceinline__ void group_one_token_warp(const int* sel, float w, in
 
 #define ROUTE_MAX_K 64  // experts per token the router takes (checked at load)
 
+// route_token's phases for a measurement build's trace (the fused MoE passes its TRACE): none.
+struct RouteNoStamp {
+    __device__ void operator()(int) const {}
+};
+
 // The MoE router of one token, by the whole block (HF MiMoV2FlashTopkRouter / DeepSeek-V3
 // noaux_tc, as peregrine_cpu::model::route): scores = sigmoid (or softmax) of the logits l[0..E);
 // the choice adds the correction bias; with n_group > 1 only the topk_group best groups (by the
@@ -165,10 +215,12 @@ __device__ __forceinline__ void group_one_token_warp(const int* sel, float w, in
 // expert) and wsel[k] (its weight) in choice order, visible to the whole block on return; with
 // `groups` (K <= 32) also their grouping there (group_one_token_warp). scores, choice: E
 // floats each of shared memory. The top K with the choices in registers (route_top_k_regs)
-// where E allows, else (and with -DROUTE_TOPK_SCAN, for measurements) by a scan.
+// where E allows, else (and with -DROUTE_TOPK_SCAN, for measurements) by a scan. stamp(slot):
+// thread 0 marks its phases (17: scores, 18: top K, 19: weights, 20: grouped) for a trace.
+template <class Stamp = RouteNoStamp>
 __device__ __forceinline__ void route_token(const float* __restrict__ l, const float* __restrict__ bias, int E, int K, int softmax,
                                             int n_group, int topk_group, int norm, float scale, float* scores, float* choice,
-                                            int* sel, float* wsel, const OneTokenGroups* groups = nullptr) {
+                                            int* sel, float* wsel, const OneTokenGroups* groups = nullptr, Stamp stamp = Stamp()) {
     __shared__ float sv[32], sh[32], best_v;
     __shared__ int si[32], best_i, keep[64];
     const float NEG_INF = __int_as_float(0xff800000u);
@@ -194,6 +246,7 @@ __device__ __forceinline__ void route_token(const float* __restrict__ l, const f
         }
     }
     __syncthreads();
+    stamp(17);
     if (n_group > 1) {
         int per = E / n_group;
         if (threadIdx.x == 0) {
@@ -226,7 +279,11 @@ __device__ __forceinline__ void route_token(const float* __restrict__ l, const f
         float wsum = 0.f;
 #if __CUDA_ARCH__ >= 800 && !defined(ROUTE_TOPK_SCAN)  // (-DROUTE_TOPK_SCAN: the scan, for measurements)
         if (E <= 256) {
+#ifdef ROUTE_TOPK_LANES
+            wsum = route_top_k_lanes<8>(choice, scores, E, K, sel);
+#else
             wsum = route_top_k_regs<8>(choice, scores, E, K, sel);
+#endif
         } else if (E <= 512) {
             wsum = route_top_k_regs<16>(choice, scores, E, K, sel);
         } else
@@ -253,6 +310,7 @@ __device__ __forceinline__ void route_token(const float* __restrict__ l, const f
             }
             __syncwarp();
         }
+        stamp(18);
         float denom = wsum + 1e-20f, mine = 0.f;
         for (int k = threadIdx.x; k < K; k += 32) {
             float w = scores[sel[k]];
@@ -263,7 +321,9 @@ __device__ __forceinline__ void route_token(const float* __restrict__ l, const f
         // With groups (K <= 32), warp 0 groups the choices too, before the barrier below, so the
         // block's grouping (group_one_token) and its barrier leave the path to the first
         // weight copy (lane k holds choice k's weight).
+        stamp(19);
         if (groups) group_one_token_warp(sel, mine, K, *groups);
+        stamp(20);
     }
     __syncthreads();
 }

@@ -129,7 +129,7 @@ pub fn exposed_ns(launches: &[LaunchSpan]) -> Vec<u64> {
 }
 
 /// Stamps per block in the fused MoE kernel's trace (MOE_TRACE_SLOTS in kernels/moe.cu).
-pub const MOE_TRACE_SLOTS: usize = 18;
+pub const MOE_TRACE_SLOTS: usize = 21;
 
 /// The fused MoE kernel's stamps (`Kernels::moe_trace`, a `-DMOE_TRACE` build) as a table: for
 /// each point of a block's work, microseconds after the first block passed its wait (min, p10,
@@ -160,8 +160,16 @@ pub fn moe_trace_report(what: &str, tr: &[u64], gu_items: usize) -> String {
     };
     row("entry (before the wait)", blocks.iter().map(|b| rel(b[1])).collect());
     row("past the wait", blocks.iter().map(|b| rel(b[2])).collect());
-    // The routed kernels' routing: its loads in (moe_fused_acc only), its experts chosen.
-    for (label, slot) in [("routing: loads in", 15), ("routing: experts chosen", 16)] {
+    // The routed kernels' routing: its loads in (moe_fused_acc only), route_token's phases, its
+    // experts chosen.
+    for (label, slot) in [
+        ("routing: loads in", 15),
+        ("routing: scores", 17),
+        ("routing: top K (warp 0)", 18),
+        ("routing: weights (warp 0)", 19),
+        ("routing: grouped (warp 0)", 20),
+        ("routing: experts chosen", 16),
+    ] {
         row(label, blocks.iter().filter(|b| b[slot] != 0).map(|b| rel(b[slot])).collect());
     }
     let names = ["start", "past its gate_up wait", "activations staged", "weights streamed", "done"];
