@@ -848,13 +848,14 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
 }
 
 // The routed fused kernels' common part: every block routes its token from `logits` (shared
-// or global memory) by route_token, warp 0 grouping the choices (K <= MAX_FUSED_TOPK <= 32),
+// or global memory) by route_token (its top K by the whole block, the candidates listed in `cand`,
+// 2 E words of shared memory), warp 0 grouping the choices (K <= MAX_FUSED_TOPK <= 32),
 // block 0 writes the token's pair indices when the pairs are left (y null), then moe_fused runs
-// on that routing. scores: 2 E floats of the rings' shared memory (free again past
+// on that routing. scores: 2 E floats of the rings' shared memory, as cand (both free again past
 // route_token's closing barrier).
 template <int NS, int CS, bool NORM>
 __device__ __forceinline__ void route_then_moe(const float* logits, const float* __restrict__ bias, int E, int K, int softmax,
-                                               int n_group, int topk_group, int norm, float scale, float* scores,
+                                               int n_group, int topk_group, int norm, float scale, float* scores, unsigned* cand,
                                                const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Wd,
                                                const float* __restrict__ x, float* __restrict__ h, float* __restrict__ out, int H,
                                                int I, int U, unsigned* counters, float* __restrict__ y, int* __restrict__ tok_pairs_out,
@@ -865,7 +866,7 @@ __device__ __forceinline__ void route_then_moe(const float* logits, const float*
     static_assert(MAX_FUSED_TOPK <= 32, "group_one_token_warp holds one choice a lane");
     const OneTokenGroups groups = {experts, pair_off, pair_tok, pair_w, tok_pairs, U};
     route_token(logits, bias, E, K, softmax, n_group, topk_group, norm, scale, scores, scores + E, sel, wsel, &groups,
-                [](int slot) { TRACE(slot); });
+                [](int slot) { TRACE(slot); }, cand);
     TRACE(16);
     // y null: the pairs are left to the residual add after the MoE, which needs to know them.
     if (!y && blockIdx.x == 0 && (int)threadIdx.x < K) tok_pairs_out[threadIdx.x] = tok_pairs[threadIdx.x];
@@ -880,7 +881,7 @@ __device__ __forceinline__ void route_then_moe(const float* logits, const float*
 // bit) and groups the choices itself (group_one_token_warp), then runs moe_fused on that
 // routing. The routing launch and its global round trips leave a batch-1 step; each block reads
 // E logits and biases (L2), and the scores' scratch is the ring's shared memory (2 E floats,
-// before any copy lands there). U = min(K, E) expert slots; K <= MAX_FUSED_TOPK. y null: the
+// then the top K's 2 E words, before any copy lands there). U = min(K, E) expert slots; K <= MAX_FUSED_TOPK. y null: the
 // pairs stay uncombined, and block 0 writes the token's pair indices to tok_pairs_out [K].
 template <int NS, int CS>
 __device__ __forceinline__ void moe_fused_routed(const float* __restrict__ logits, const float* __restrict__ bias, int E, int K,
@@ -894,7 +895,8 @@ __device__ __forceinline__ void moe_fused_routed(const float* __restrict__ logit
     bool staged = stage_token_early(x, 1, H, staged_frag(NS * CS * STEP_BYTES), ss, x_settled);
     PDL_ENTER();
     TRACE(2);
-    route_then_moe<NS, CS, false>(logits, bias, E, K, softmax, n_group, topk_group, norm, scale, reinterpret_cast<float*>(dsm), Wg, Wd,
+    route_then_moe<NS, CS, false>(logits, bias, E, K, softmax, n_group, topk_group, norm, scale, reinterpret_cast<float*>(dsm),
+                                  reinterpret_cast<unsigned*>(dsm) + 2 * E, Wg, Wd,
                                   x, h, out, H, I, U, counters, y, tok_pairs_out, ss, staged, 0.f);
 }
 
@@ -908,7 +910,8 @@ __device__ __forceinline__ void moe_fused_routed(const float* __restrict__ logit
 // weight times h = x + a), staged as hg * inv (NORM). zero_acc [nzero] (or null): the previous
 // such layer's accumulators, zeroed by block 0 past the wait (every block of that layer's MoE
 // has read them, and the o_proj that adds into them next runs after this kernel). Shared
-// scratch before the rings: scores, choices, logits and the bias, E floats each.
+// scratch before the rings: scores, choices, logits and the bias, E floats each, then the top K's
+// candidates (2 E words).
 template <int NS, int CS>
 __device__ __forceinline__ void moe_fused_acc(const unsigned long long* __restrict__ acc, int copies, const float* __restrict__ ssq,
                                               int nssq, float eps, const float* __restrict__ bias, int E, int K, int softmax,
@@ -994,7 +997,8 @@ __device__ __forceinline__ void moe_fused_acc(const unsigned long long* __restri
     __syncthreads();
 #endif
     TRACE(15);
-    route_then_moe<NS, CS, true>(logits, bias_s, E, K, softmax, n_group, topk_group, norm, scale, scores, Wg, Wd, hg, h, out, H, I, U,
+    route_then_moe<NS, CS, true>(logits, bias_s, E, K, softmax, n_group, topk_group, norm, scale, scores,
+                                 reinterpret_cast<unsigned*>(scores + 4 * E), Wg, Wd, hg, h, out, H, I, U,
                                  counters, y, tok_pairs_out, ss, false, inv);
 }
 

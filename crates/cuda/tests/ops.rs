@@ -134,21 +134,34 @@ fn moe_routed_inside_the_fused_kernel_equals_routing_then_moe() {
     let mut r = rng();
     let (h, i) = (512usize, 256usize);
     let moe = |experts, top_k, scoring, bias, n_group, topk_group, norm, scale| moe_spec(experts, top_k, i, scoring, bias, n_group, topk_group, norm, scale);
+    // The fused kernel takes the top K by the whole block (route_top_k_block), moe_route by
+    // warp 0: 256 experts (8 warps, so the smallest warp maximum bounds the candidates), 384
+    // (two choices a thread), fewer experts than K warps (every choice a candidate), groups
+    // (the masked choices -inf, still candidates), and ties (logits of four values, no bias:
+    // dozens of equal choices, the lower index first).
     let cases = [
-        ("sigmoid + bias", moe(64, 8, RouterScoring::Sigmoid, true, 1, 1, true, 1.0), false),
-        ("groups", moe(64, 8, RouterScoring::Sigmoid, true, 8, 4, true, 2.5), false),
-        ("softmax", moe(16, 4, RouterScoring::Softmax, false, 1, 1, false, 1.0), false),
-        ("softmax groups", moe(64, 6, RouterScoring::Softmax, false, 4, 2, true, 1.0), false),
-        ("NaN logits", moe(16, 4, RouterScoring::Sigmoid, false, 1, 1, true, 1.0), true),
+        ("sigmoid + bias", moe(64, 8, RouterScoring::Sigmoid, true, 1, 1, true, 1.0), false, false),
+        ("Flash's 256 experts", moe(256, 8, RouterScoring::Sigmoid, true, 1, 1, true, 1.0), false, false),
+        ("Pro's 384 experts", moe(384, 8, RouterScoring::Sigmoid, true, 1, 1, true, 1.0), false, false),
+        ("ties among 256", moe(256, 8, RouterScoring::Sigmoid, false, 1, 1, true, 1.0), false, true),
+        ("groups", moe(64, 8, RouterScoring::Sigmoid, true, 8, 4, true, 2.5), false, false),
+        ("groups of 256", moe(256, 8, RouterScoring::Sigmoid, true, 8, 4, true, 2.5), false, false),
+        ("softmax", moe(16, 4, RouterScoring::Softmax, false, 1, 1, false, 1.0), false, false),
+        ("softmax groups", moe(64, 6, RouterScoring::Softmax, false, 4, 2, true, 1.0), false, false),
+        ("NaN logits", moe(16, 4, RouterScoring::Sigmoid, false, 1, 1, true, 1.0), true, false),
     ];
-    for (name, spec, nan) in cases {
+    for (name, spec, nan, ties) in cases {
         let e = spec.num_experts;
         let bytes = |r: &mut rand::rngs::StdRng, n: usize| -> Vec<u8> { (0..n).map(|_| r.random()).collect() };
         let scales = |r: &mut rand::rngs::StdRng, n: usize| -> Vec<u8> { (0..n).map(|_| r.random_range(118..128)).collect() };
         let (gate, gate_s, up, up_s) = (bytes(&mut r, e * i * h / 2), scales(&mut r, e * i * h / 32), bytes(&mut r, e * i * h / 2), scales(&mut r, e * i * h / 32));
         let (down, down_s) = (bytes(&mut r, e * h * i / 2), scales(&mut r, e * h * i / 32));
         let w = MoeWeights::upload(&g.stream, true, &gate, &gate_s, &up, &up_s, &down, &down_s, e, h, i).unwrap();
-        let mut logits: Vec<f32> = (0..e).map(|_| (r.random::<f32>() - 0.5) * 6.0).collect();
+        let mut logits: Vec<f32> = if ties {
+            (0..e).map(|_| [-1.0f32, 0.0, 0.5, 1.0][r.random_range(0..4usize)]).collect()
+        } else {
+            (0..e).map(|_| (r.random::<f32>() - 0.5) * 6.0).collect()
+        };
         if nan {
             // One NaN, then all: fewer than K candidates repeat the fallback expert.
             logits[3] = f32::NAN;
