@@ -852,31 +852,21 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
 // 2 E words of shared memory), warp 0 grouping the choices (K <= MAX_FUSED_TOPK <= 32),
 // block 0 writes the token's pair indices when the pairs are left (y null), then moe_fused runs
 // on that routing. scores: 2 E floats of the rings' shared memory, as cand (both free again past
-// route_token's closing barrier). load(real): the caller's wait for the kernel ahead and its
-// loads of the routing's inputs (real), or no loads (the dry pass); returns the norm's 1 / rms
-// for staging x (NORM).
-template <int NS, int CS, bool NORM, class Load>
+// route_token's closing barrier).
+template <int NS, int CS, bool NORM>
 __device__ __forceinline__ void route_then_moe(const float* logits, const float* __restrict__ bias, int E, int K, int softmax,
                                                int n_group, int topk_group, int norm, float scale, float* scores, unsigned* cand,
                                                const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Wd,
                                                const float* __restrict__ x, float* __restrict__ h, float* __restrict__ out, int H,
                                                int I, int U, unsigned* counters, float* __restrict__ y, int* __restrict__ tok_pairs_out,
-                                               StageSmem& ss, bool staged, Load load, bool dry) {
+                                               StageSmem& ss, bool staged, float ninv) {
     __shared__ int sel[MAX_FUSED_TOPK], experts[MAX_FUSED_TOPK], pair_off[MAX_FUSED_TOPK + 1], pair_tok[MAX_FUSED_TOPK],
         tok_pairs[MAX_FUSED_TOPK];
     __shared__ float wsel[MAX_FUSED_TOPK], pair_w[MAX_FUSED_TOPK];
     static_assert(MAX_FUSED_TOPK <= 32, "group_one_token_warp holds one choice a lane");
     const OneTokenGroups groups = {experts, pair_off, pair_tok, pair_w, tok_pairs, U};
-    float ninv = 0.f;
-    // dry: a first pass on no data (load(false): no global reads) before the wait, its choices
-    // overwritten by the real pass, so the routing's instructions are in the SM's caches when
-    // the real pass runs them (one copy of the code, not unrolled).
-#pragma unroll 1
-    for (int pass = dry ? 0 : 1; pass < 2; pass++) {
-        ninv = load(pass == 1);
-        route_token(logits, bias, E, K, softmax, n_group, topk_group, norm, scale, scores, scores + E, sel, wsel, &groups,
-                    [](int slot) { TRACE(slot); }, cand);
-    }
+    route_token(logits, bias, E, K, softmax, n_group, topk_group, norm, scale, scores, scores + E, sel, wsel, &groups,
+                [](int slot) { TRACE(slot); }, cand);
     TRACE(16);
     // y null: the pairs are left to the residual add after the MoE, which needs to know them.
     if (!y && blockIdx.x == 0 && (int)threadIdx.x < K) tok_pairs_out[threadIdx.x] = tok_pairs[threadIdx.x];
@@ -903,14 +893,11 @@ __device__ __forceinline__ void moe_fused_routed(const float* __restrict__ logit
     extern __shared__ __align__(MOE_DSM_ALIGN) uint4 dsm[];
     __shared__ StageSmem ss;
     bool staged = stage_token_early(x, 1, H, staged_frag(NS * CS * STEP_BYTES), ss, x_settled);
-    auto wait = [](bool) {
-        PDL_ENTER();
-        TRACE(2);
-        return 0.f;
-    };
+    PDL_ENTER();
+    TRACE(2);
     route_then_moe<NS, CS, false>(logits, bias, E, K, softmax, n_group, topk_group, norm, scale, reinterpret_cast<float*>(dsm),
                                   reinterpret_cast<unsigned*>(dsm) + 2 * E, Wg, Wd,
-                                  x, h, out, H, I, U, counters, y, tok_pairs_out, ss, staged, wait, false);
+                                  x, h, out, H, I, U, counters, y, tok_pairs_out, ss, staged, 0.f);
 }
 
 // moe_fused_routed after the o_proj that did the router (gemv_mma_bf16_t1_pipe_route in
@@ -943,92 +930,76 @@ __device__ __forceinline__ void moe_fused_acc(const unsigned long long* __restri
     float* bias_s = bias ? scores + 3 * E : nullptr;
     if (bias)
         for (int e = threadIdx.x; e < E; e += blockDim.x) bias_s[e] = __ldg(bias + e);
-#ifndef MOE_ACC_SSQ_EVERY_WARP
+    PDL_ENTER();
+    TRACE(2);
+    // Every load of the routing is asked for at once: the flag, this thread's expert's sum
+    // copies (held in registers where there are at most ACC_HELD of them and an expert a thread)
+    // and the norm's parts. One L2 round trip instead of two; integer sums, so the same bits.
+    // Warp 0 alone reads the flag and the norm's parts and hands 1 / rms over through shared
+    // memory (the barrier below is needed anyway): when every warp read them, each of those few
+    // lines was asked for by all 8 warps of all 264 blocks at the same moment.
+    // (-DMOE_ACC_SSQ_EVERY_WARP: every warp reads them, for measurements.)
+    constexpr int ACC_HELD = 8;
+    const bool held = copies <= ACC_HELD && E <= (int)blockDim.x;
+    const int e0 = threadIdx.x;
+    unsigned long long part[ACC_HELD];
+    if (held && e0 < E) {
+#pragma unroll
+        for (int c = 0; c < ACC_HELD; c++) part[c] = c < copies ? __ldcg(acc + (size_t)c * E + e0) : 0ull;
+    }
+    // Every warp sums ssq in the same order (lane l: parts l, l + 32, ..., then the xor tree).
+    auto norm_inv = [&]() {
+        float q = 0.f;
+        for (int i = threadIdx.x & 31; i < nssq; i += 32) q += __ldcg(ssq + i);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) q += __shfl_xor_sync(0xffffffffu, q, o);
+        return 1.f / sqrtf(q / H + eps);
+    };
+#ifdef MOE_ACC_SSQ_EVERY_WARP
+    const bool bad = __ldcg(acc + (size_t)copies * E) != 0ull;
+    const float inv = norm_inv();
+#else
     __shared__ float inv_s;
     __shared__ bool bad_s;
+    if (threadIdx.x < 32) {
+        const bool b = __ldcg(acc + (size_t)copies * E) != 0ull;
+        const float v = norm_inv();
+        if (threadIdx.x == 0) {
+            inv_s = v;
+            bad_s = b;
+        }
+    }
 #endif
-    TRACE_SCOPE();  // (PDL_ENTER's parts: its scope is this function's, its wait in `load`)
-    // The routing's inputs, past the wait (real), or none for route_then_moe's dry pass.
-    auto load = [&](bool real) -> float {
-        if (real) {
-            PDL_WAIT();
-            TRACE_PAST_WAIT();
-            PDL_TRIGGER();
-            TRACE(2);
-        }
-        // Every load of the routing is asked for at once: the flag, this thread's expert's sum
-        // copies (held in registers where there are at most ACC_HELD of them and an expert a thread)
-        // and the norm's parts. One L2 round trip instead of two; integer sums, so the same bits.
-        // Warp 0 alone reads the flag and the norm's parts and hands 1 / rms over through shared
-        // memory (the barrier below is needed anyway): when every warp read them, each of those few
-        // lines was asked for by all 8 warps of all 264 blocks at the same moment.
-        // (-DMOE_ACC_SSQ_EVERY_WARP: every warp reads them, for measurements.)
-        constexpr int ACC_HELD = 8;
-        const bool held = copies <= ACC_HELD && E <= (int)blockDim.x;
-        const int e0 = threadIdx.x;
-        unsigned long long part[ACC_HELD];
-        if (held && e0 < E) {
+    unsigned long long held_sum = 0ull;
+    if (held && e0 < E) {
 #pragma unroll
-            for (int c = 0; c < ACC_HELD; c++) part[c] = real && c < copies ? __ldcg(acc + (size_t)c * E + e0) : 0ull;
-        }
-        // Every warp sums ssq in the same order (lane l: parts l, l + 32, ..., then the xor tree).
-        auto norm_inv = [&]() {
-            float q = 0.f;
-            for (int i = threadIdx.x & 31; i < (real ? nssq : 0); i += 32) q += __ldcg(ssq + i);
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1) q += __shfl_xor_sync(0xffffffffu, q, o);
-            return 1.f / sqrtf(q / H + eps);
-        };
-#ifdef MOE_ACC_SSQ_EVERY_WARP
-        const bool bad = (real && __ldcg(acc + (size_t)copies * E) != 0ull);
-        const float inv = norm_inv();
-#else
-        if (threadIdx.x < 32) {
-            const bool b = (real && __ldcg(acc + (size_t)copies * E) != 0ull);
-            const float v = norm_inv();
-            if (threadIdx.x == 0) {
-                inv_s = v;
-                bad_s = b;
-            }
-        }
-#endif
-        unsigned long long held_sum = 0ull;
-        if (held && e0 < E) {
-#pragma unroll
-            for (int c = 0; c < ACC_HELD; c++) held_sum += part[c];
-        }
-        if (real && zero_acc && blockIdx.x == 0)
-            for (int i = threadIdx.x; i < nzero; i += blockDim.x) zero_acc[i] = 0ull;
+        for (int c = 0; c < ACC_HELD; c++) held_sum += part[c];
+    }
+    if (zero_acc && blockIdx.x == 0)
+        for (int i = threadIdx.x; i < nzero; i += blockDim.x) zero_acc[i] = 0ull;
 #ifndef MOE_ACC_SSQ_EVERY_WARP
-        __syncthreads();  // inv_s, bad_s
-        const float inv = inv_s;
-        const bool bad = bad_s;
+    __syncthreads();  // inv_s, bad_s
+    const float inv = inv_s;
+    const bool bad = bad_s;
 #endif
-        auto logit = [&](unsigned long long v) { return bad ? __int_as_float(0x7fc00000) : (float)((double)(long long)v * 0x1p-40) * inv; };
-        // Thread e writes logit e and reads it back itself in route_token (e = threadIdx.x, + blockDim.x, ...).
-        if (held) {
-            if (e0 < E) logits[e0] = logit(held_sum);
-        } else {
-            for (int e = threadIdx.x; e < E; e += blockDim.x) {
-                unsigned long long v = 0ull;
-                for (int c = 0; real && c < copies; c++) v += __ldcg(acc + (size_t)c * E + e);
-                logits[e] = logit(v);
-            }
+    auto logit = [&](unsigned long long v) { return bad ? __int_as_float(0x7fc00000) : (float)((double)(long long)v * 0x1p-40) * inv; };
+    // Thread e writes logit e and reads it back itself in route_token (e = threadIdx.x, + blockDim.x, ...).
+    if (held) {
+        if (e0 < E) logits[e0] = logit(held_sum);
+    } else {
+        for (int e = threadIdx.x; e < E; e += blockDim.x) {
+            unsigned long long v = 0ull;
+            for (int c = 0; c < copies; c++) v += __ldcg(acc + (size_t)c * E + e);
+            logits[e] = logit(v);
         }
+    }
 #ifdef MOE_ACC_SSQ_EVERY_WARP
-        __syncthreads();
+    __syncthreads();
 #endif
-        TRACE(15);
-        return inv;
-    };
-#ifdef MOE_ROUTE_DRY
-    constexpr bool dry = true;
-#else
-    constexpr bool dry = false;
-#endif
+    TRACE(15);
     route_then_moe<NS, CS, true>(logits, bias_s, E, K, softmax, n_group, topk_group, norm, scale, scores,
                                  reinterpret_cast<unsigned*>(scores + 4 * E), Wg, Wd, hg, h, out, H, I, U,
-                                 counters, y, tok_pairs_out, ss, false, load, dry);
+                                 counters, y, tok_pairs_out, ss, false, inv);
 }
 
 // Ring shapes: NS stages of CS steps. The _split_ kernels read their rows split already (moe_tiled's SPLIT).
