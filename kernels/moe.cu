@@ -848,14 +848,13 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
 }
 
 // The routed fused kernels' common part: every block routes its token from `logits` (shared
-// or global memory) by route_token (its top K by the whole block, the candidates listed in `cand`,
-// 2 E words of shared memory), warp 0 grouping the choices (K <= MAX_FUSED_TOPK <= 32),
+// or global memory) by route_token, warp 0 grouping the choices (K <= MAX_FUSED_TOPK <= 32),
 // block 0 writes the token's pair indices when the pairs are left (y null), then moe_fused runs
-// on that routing. scores: 2 E floats of the rings' shared memory, as cand (both free again past
+// on that routing. scores: 2 E floats of the rings' shared memory (free again past
 // route_token's closing barrier).
 template <int NS, int CS, bool NORM>
 __device__ __forceinline__ void route_then_moe(const float* logits, const float* __restrict__ bias, int E, int K, int softmax,
-                                               int n_group, int topk_group, int norm, float scale, float* scores, unsigned* cand,
+                                               int n_group, int topk_group, int norm, float scale, float* scores,
                                                const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Wd,
                                                const float* __restrict__ x, float* __restrict__ h, float* __restrict__ out, int H,
                                                int I, int U, unsigned* counters, float* __restrict__ y, int* __restrict__ tok_pairs_out,
@@ -866,7 +865,7 @@ __device__ __forceinline__ void route_then_moe(const float* logits, const float*
     static_assert(MAX_FUSED_TOPK <= 32, "group_one_token_warp holds one choice a lane");
     const OneTokenGroups groups = {experts, pair_off, pair_tok, pair_w, tok_pairs, U};
     route_token(logits, bias, E, K, softmax, n_group, topk_group, norm, scale, scores, scores + E, sel, wsel, &groups,
-                [](int slot) { TRACE(slot); }, cand);
+                [](int slot) { TRACE(slot); });
     TRACE(16);
     // y null: the pairs are left to the residual add after the MoE, which needs to know them.
     if (!y && blockIdx.x == 0 && (int)threadIdx.x < K) tok_pairs_out[threadIdx.x] = tok_pairs[threadIdx.x];
@@ -881,7 +880,7 @@ __device__ __forceinline__ void route_then_moe(const float* logits, const float*
 // bit) and groups the choices itself (group_one_token_warp), then runs moe_fused on that
 // routing. The routing launch and its global round trips leave a batch-1 step; each block reads
 // E logits and biases (L2), and the scores' scratch is the ring's shared memory (2 E floats,
-// then the top K's 2 E words, before any copy lands there). U = min(K, E) expert slots; K <= MAX_FUSED_TOPK. y null: the
+// before any copy lands there). U = min(K, E) expert slots; K <= MAX_FUSED_TOPK. y null: the
 // pairs stay uncombined, and block 0 writes the token's pair indices to tok_pairs_out [K].
 template <int NS, int CS>
 __device__ __forceinline__ void moe_fused_routed(const float* __restrict__ logits, const float* __restrict__ bias, int E, int K,
@@ -895,8 +894,7 @@ __device__ __forceinline__ void moe_fused_routed(const float* __restrict__ logit
     bool staged = stage_token_early(x, 1, H, staged_frag(NS * CS * STEP_BYTES), ss, x_settled);
     PDL_ENTER();
     TRACE(2);
-    route_then_moe<NS, CS, false>(logits, bias, E, K, softmax, n_group, topk_group, norm, scale, reinterpret_cast<float*>(dsm),
-                                  reinterpret_cast<unsigned*>(dsm) + 2 * E, Wg, Wd,
+    route_then_moe<NS, CS, false>(logits, bias, E, K, softmax, n_group, topk_group, norm, scale, reinterpret_cast<float*>(dsm), Wg, Wd,
                                   x, h, out, H, I, U, counters, y, tok_pairs_out, ss, staged, 0.f);
 }
 
@@ -910,8 +908,7 @@ __device__ __forceinline__ void moe_fused_routed(const float* __restrict__ logit
 // weight times h = x + a), staged as hg * inv (NORM). zero_acc [nzero] (or null): the previous
 // such layer's accumulators, zeroed by block 0 past the wait (every block of that layer's MoE
 // has read them, and the o_proj that adds into them next runs after this kernel). Shared
-// scratch before the rings: scores, choices, logits and the bias, E floats each, then the top K's
-// candidates (2 E words).
+// scratch before the rings: scores, choices, logits and the bias, E floats each.
 template <int NS, int CS>
 __device__ __forceinline__ void moe_fused_acc(const unsigned long long* __restrict__ acc, int copies, const float* __restrict__ ssq,
                                               int nssq, float eps, const float* __restrict__ bias, int E, int K, int softmax,
@@ -935,10 +932,6 @@ __device__ __forceinline__ void moe_fused_acc(const unsigned long long* __restri
     // Every load of the routing is asked for at once: the flag, this thread's expert's sum
     // copies (held in registers where there are at most ACC_HELD of them and an expert a thread)
     // and the norm's parts. One L2 round trip instead of two; integer sums, so the same bits.
-    // Warp 0 alone reads the flag and the norm's parts and hands 1 / rms over through shared
-    // memory (the barrier below is needed anyway): when every warp read them, each of those few
-    // lines was asked for by all 8 warps of all 264 blocks at the same moment.
-    // (-DMOE_ACC_SSQ_EVERY_WARP: every warp reads them, for measurements.)
     constexpr int ACC_HELD = 8;
     const bool held = copies <= ACC_HELD && E <= (int)blockDim.x;
     const int e0 = threadIdx.x;
@@ -947,45 +940,20 @@ __device__ __forceinline__ void moe_fused_acc(const unsigned long long* __restri
 #pragma unroll
         for (int c = 0; c < ACC_HELD; c++) part[c] = c < copies ? __ldcg(acc + (size_t)c * E + e0) : 0ull;
     }
-    // Every warp sums ssq in the same order (lane l: parts l, l + 32, ..., then the xor tree).
-    auto norm_inv = [&]() {
-        float q = 0.f;
-        for (int i = threadIdx.x & 31; i < nssq; i += 32) q += __ldcg(ssq + i);
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) q += __shfl_xor_sync(0xffffffffu, q, o);
-        return 1.f / sqrtf(q / H + eps);
-    };
-#ifdef MOE_ACC_SSQ_EVERY_WARP
     const bool bad = __ldcg(acc + (size_t)copies * E) != 0ull;
-    const float inv = norm_inv();
-#else
-    __shared__ float inv_s;
-    __shared__ bool bad_s;
-    if (threadIdx.x < 32) {
-        const bool b = __ldcg(acc + (size_t)copies * E) != 0ull;
-        const float v = norm_inv();
-        if (threadIdx.x == 0) {
-            inv_s = v;
-            bad_s = b;
-        }
-    }
-#endif
-    unsigned long long held_sum = 0ull;
-    if (held && e0 < E) {
+    float q = 0.f;
+    for (int i = threadIdx.x & 31; i < nssq; i += 32) q += __ldcg(ssq + i);
 #pragma unroll
-        for (int c = 0; c < ACC_HELD; c++) held_sum += part[c];
-    }
-    if (zero_acc && blockIdx.x == 0)
-        for (int i = threadIdx.x; i < nzero; i += blockDim.x) zero_acc[i] = 0ull;
-#ifndef MOE_ACC_SSQ_EVERY_WARP
-    __syncthreads();  // inv_s, bad_s
-    const float inv = inv_s;
-    const bool bad = bad_s;
-#endif
+    for (int o = 16; o > 0; o >>= 1) q += __shfl_xor_sync(0xffffffffu, q, o);
+    const float inv = 1.f / sqrtf(q / H + eps);
     auto logit = [&](unsigned long long v) { return bad ? __int_as_float(0x7fc00000) : (float)((double)(long long)v * 0x1p-40) * inv; };
-    // Thread e writes logit e and reads it back itself in route_token (e = threadIdx.x, + blockDim.x, ...).
     if (held) {
-        if (e0 < E) logits[e0] = logit(held_sum);
+        if (e0 < E) {
+            unsigned long long v = 0ull;
+#pragma unroll
+            for (int c = 0; c < ACC_HELD; c++) v += part[c];
+            logits[e0] = logit(v);
+        }
     } else {
         for (int e = threadIdx.x; e < E; e += blockDim.x) {
             unsigned long long v = 0ull;
@@ -993,12 +961,11 @@ __device__ __forceinline__ void moe_fused_acc(const unsigned long long* __restri
             logits[e] = logit(v);
         }
     }
-#ifdef MOE_ACC_SSQ_EVERY_WARP
+    if (zero_acc && blockIdx.x == 0)
+        for (int i = threadIdx.x; i < nzero; i += blockDim.x) zero_acc[i] = 0ull;
     __syncthreads();
-#endif
     TRACE(15);
-    route_then_moe<NS, CS, true>(logits, bias_s, E, K, softmax, n_group, topk_group, norm, scale, scores,
-                                 reinterpret_cast<unsigned*>(scores + 4 * E), Wg, Wd, hg, h, out, H, I, U,
+    route_then_moe<NS, CS, true>(logits, bias_s, E, K, softmax, n_group, topk_group, norm, scale, scores, Wg, Wd, hg, h, out, H, I, U,
                                  counters, y, tok_pairs_out, ss, false, inv);
 }
 

@@ -105,66 +105,7 @@ __device__ __forceinline__ float route_top_k_regs(const float* choice, const flo
     __syncwarp();
     return wsum;
 }
-
 #endif
-
-// route_token's top K by the whole block for E <= 2 blockDim.x choices, K <= 32 (the fused
-// one-token MoE's path to its first weight copy): warp 0 taking the K choices one round at a
-// time put K rounds of two warp reductions (~1.5 us at K = 8) on that path. Every warp's
-// largest key (route_key) is a choice, so when at least K warps hold a candidate, the K-th
-// largest key is at least the smallest warp maximum T; the keys at or above T (a few dozen at
-// most for E = 256 from 8 warps) are listed in `cand` (2 words a choice, E choices' room), and
-// each finds its place by counting the listed keys above it (ties: the lower index first). So
-// sel[k] is the k-th largest choice, ties to the lower index, NaN never, expert 0 where no
-// candidate is left: route_top_k_regs' choices in its order. sel is visible to the block on
-// return.
-__device__ __forceinline__ void route_top_k_block(const float* choice, int E, int K, int* sel, unsigned* cand) {
-    __shared__ unsigned wmax[32];
-    __shared__ int ncand;
-    const int t = threadIdx.x, lane = t & 31, w = t >> 5, nw = (blockDim.x + 31) >> 5;
-    const int e1 = t + blockDim.x;
-    const unsigned k0 = t < E ? route_key(choice[t]) : 0u, k1 = e1 < E ? route_key(choice[e1]) : 0u;
-    const unsigned m = __reduce_max_sync(0xffffffffu, max(k0, k1));
-    if (lane == 0) wmax[w] = m;
-    if (t == 0) ncand = 0;
-    if (t < K) sel[t] = 0;  // no candidate left: expert 0
-    __syncthreads();
-    unsigned T = 0xffffffffu;
-    int held = 0;  // warps holding a candidate
-    for (int i = 0; i < nw; i++) {
-        const unsigned v = wmax[i];
-        if (v != 0u) {
-            held++;
-            T = min(T, v);
-        }
-    }
-    if (held < K) T = 1u;  // every choice but NaN
-    const bool c0 = k0 >= T, c1 = k1 >= T;
-    if (c0) {
-        const int at = atomicAdd(&ncand, 1);
-        cand[2 * at] = k0;
-        cand[2 * at + 1] = t;
-    }
-    if (c1) {
-        const int at = atomicAdd(&ncand, 1);
-        cand[2 * at] = k1;
-        cand[2 * at + 1] = e1;
-    }
-    __syncthreads();
-    if (c0 || c1) {
-        const int n = ncand;
-        int r0 = 0, r1 = 0;
-#pragma unroll 4
-        for (int j = 0; j < n; j++) {
-            const unsigned ck = cand[2 * j], ci = cand[2 * j + 1];
-            r0 += ck > k0 || (ck == k0 && ci < (unsigned)t);
-            r1 += ck > k1 || (ck == k1 && ci < (unsigned)e1);
-        }
-        if (c0 && r0 < K) sel[r0] = t;
-        if (c1 && r1 < K) sel[r1] = e1;
-    }
-    __syncthreads();
-}
 
 // Where group_one_token_warp writes (group_one_token's arrays, max_u slots).
 struct OneTokenGroups {
@@ -187,10 +128,17 @@ struct OneTokenGroups {
 __device__ __forceinline__ void group_one_token_warp(const int* sel, float w, int K, const OneTokenGroups& out) {
     const int lane = threadIdx.x & 31;
     const int e = lane < K ? sel[lane] : 0x7fffffff;
-    int q = 0;             // the pair's place: choices (expert, slot) below this one
-    bool first = true;     // no earlier slot holds this expert
-    unsigned below = 0u;   // the lanes whose expert is below this one
+    int q = 0;            // the pair's place: choices (expert, slot) below this one
+    bool first = true;    // no earlier slot holds this expert
+    unsigned below = 0u;  // the lanes whose expert is below this one
+    // One pass of independent shuffles (unrolled, so they overlap) gives the place, whether the
+    // lane opens its expert's run and which lanes hold smaller experts; the count of distinct
+    // experts below is then the popcount of those lanes that open a run. (A second loop of
+    // shuffles over the lanes that open, one a step, and the first loop not unrolled:
+    // -DROUTE_GROUP_TWO_LOOPS, for measurements.)
+#ifndef ROUTE_GROUP_TWO_LOOPS
 #pragma unroll 8
+#endif
     for (int j = 0; j < K; j++) {
         const int ej = __shfl_sync(0xffffffffu, e, j);
         q += ej < e || (ej == e && j < lane);
@@ -198,7 +146,12 @@ __device__ __forceinline__ void group_one_token_warp(const int* sel, float w, in
         below |= (unsigned)(ej < e) << j;
     }
     const unsigned opens = __ballot_sync(0xffffffffu, lane < K && first);
+#ifdef ROUTE_GROUP_TWO_LOOPS
+    int u = 0;
+    for (unsigned m = opens; m != 0u; m &= m - 1u) u += __shfl_sync(0xffffffffu, e, __ffs(m) - 1) < e;
+#else
     const int u = __popc(opens & below);  // distinct experts below this one
+#endif
     const int used = __popc(opens);
     if (lane < K) {
         out.pair_tok[q] = 0;
@@ -231,15 +184,12 @@ struct RouteNoStamp {
 // expert) and wsel[k] (its weight) in choice order, visible to the whole block on return; with
 // `groups` (K <= 32) also their grouping there (group_one_token_warp). scores, choice: E
 // floats each of shared memory. The top K with the choices in registers (route_top_k_regs)
-// where E allows, else (and with -DROUTE_TOPK_SCAN, for measurements) by a scan; with `cand`
-// (2 E words of shared memory) and K <= 32, E <= 2 blockDim.x, by the whole block
-// (route_top_k_block; -DROUTE_TOPK_WARP: by warp 0, for measurements). stamp(slot): thread 0
-// marks its phases (17: scores, 18: top K, 19: weights, 20: grouped) for a trace.
+// where E allows, else (and with -DROUTE_TOPK_SCAN, for measurements) by a scan. stamp(slot):
+// thread 0 marks its phases (17: scores, 18: top K, 19: weights, 20: grouped) for a trace.
 template <class Stamp = RouteNoStamp>
 __device__ __forceinline__ void route_token(const float* __restrict__ l, const float* __restrict__ bias, int E, int K, int softmax,
                                             int n_group, int topk_group, int norm, float scale, float* scores, float* choice,
-                                            int* sel, float* wsel, const OneTokenGroups* groups = nullptr, Stamp stamp = Stamp(),
-                                            unsigned* cand = nullptr) {
+                                            int* sel, float* wsel, const OneTokenGroups* groups = nullptr, Stamp stamp = Stamp()) {
     __shared__ float sv[32], sh[32], best_v;
     __shared__ int si[32], best_i, keep[64];
     const float NEG_INF = __int_as_float(0xff800000u);
@@ -292,19 +242,10 @@ __device__ __forceinline__ void route_token(const float* __restrict__ l, const f
             if (!keep[e / per]) choice[e] = NEG_INF;
         __syncthreads();
     }
-#ifndef ROUTE_TOPK_WARP
-    const bool by_block = cand && K <= 32 && E <= 2 * (int)blockDim.x;
-#else
-    const bool by_block = false;
-#endif
-    if (by_block) route_top_k_block(choice, E, K, sel, cand);
     // The top K by one warp, shuffles only (K block-wide argmax rounds, two barriers each, made
     // moe_route ~11 us per layer on the H100 under ncu). Largest choice, ties to the lower index.
     if (threadIdx.x < 32) {
         float wsum = 0.f;
-        if (by_block) {
-            for (int k = 0; k < K; k++) wsum += scores[sel[k]];  // in choice order, as the rounds add
-        } else
 #if __CUDA_ARCH__ >= 800 && !defined(ROUTE_TOPK_SCAN)  // (-DROUTE_TOPK_SCAN: the scan, for measurements)
         if (E <= 256) {
             wsum = route_top_k_regs<8>(choice, scores, E, K, sel);

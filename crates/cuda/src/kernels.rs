@@ -2025,9 +2025,7 @@ impl Kernels {
         check(scratch.h.len() >= k * w.inter && scratch.out.len() >= k * h, || "MoE scratch too small".into())?;
         let u = k.min(e);
         let f = &self.fused_routed[Self::tiled_variant(stages, steps)?];
-        // Shared scratch before the rings: scores and choices (E floats each), the top K's
-        // candidates (2 E words).
-        let cfg = self.fused_grid(f, w, stages, steps, max_blocks, 1, u, 16 * e, &scratch.counters)?;
+        let cfg = self.fused_grid(f, w, stages, steps, max_blocks, 1, u, 8 * e, &scratch.counters)?;
         let (hh, ii, ui) = (h as i32, w.inter as i32, u as i32);
         let mut b = crate::launch::builder(&self.stream, f);
         b.arg(logits);
@@ -2062,9 +2060,8 @@ impl Kernels {
         check(scratch.h.len() >= k * w.inter && scratch.out.len() >= k * h, || "MoE scratch too small".into())?;
         let u = k.min(e);
         let f = &self.fused_acc[Self::tiled_variant(stages, steps)?];
-        // Shared scratch before the rings: scores, choices, logits and the bias (E floats each),
-        // the top K's candidates (2 E words).
-        let cfg = self.fused_grid(f, w, stages, steps, max_blocks, 1, u, 24 * e, &scratch.counters)?;
+        // Shared scratch before the rings: scores, choices, logits and the bias, E floats each.
+        let cfg = self.fused_grid(f, w, stages, steps, max_blocks, 1, u, 16 * e, &scratch.counters)?;
         let (hh, ii, ui, nssq, nz) = (h as i32, w.inter as i32, u as i32, (h / 16) as i32, nzero as i32);
         let mut b = crate::launch::builder(&self.stream, f);
         let ci = r.copies as i32;

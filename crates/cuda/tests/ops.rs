@@ -134,11 +134,9 @@ fn moe_routed_inside_the_fused_kernel_equals_routing_then_moe() {
     let mut r = rng();
     let (h, i) = (512usize, 256usize);
     let moe = |experts, top_k, scoring, bias, n_group, topk_group, norm, scale| moe_spec(experts, top_k, i, scoring, bias, n_group, topk_group, norm, scale);
-    // The fused kernel takes the top K by the whole block (route_top_k_block), moe_route by
-    // warp 0: 256 experts (8 warps, so the smallest warp maximum bounds the candidates), 384
-    // (two choices a thread), fewer experts than K warps (every choice a candidate), groups
-    // (the masked choices -inf, still candidates), and ties (logits of four values, no bias:
-    // dozens of equal choices, the lower index first).
+    // Flash's 256 experts and Pro's 384 (route_top_k_regs' 8 and 16 choices a lane), groups of
+    // 256 (the masked choices -inf), and ties (logits of four values, no bias: dozens of equal
+    // choices, the lower index first; the fused kernel groups them by warp 0's shuffles).
     let cases = [
         ("sigmoid + bias", moe(64, 8, RouterScoring::Sigmoid, true, 1, 1, true, 1.0), false, false),
         ("Flash's 256 experts", moe(256, 8, RouterScoring::Sigmoid, true, 1, 1, true, 1.0), false, false),
