@@ -175,9 +175,9 @@ pub fn moe_trace_report(what: &str, tr: &[u64], gu_items: usize) -> String {
     let names = ["start", "past its gate_up wait", "activations staged", "weights streamed", "done"];
     for (label, first_down, item) in [("gate_up item", Some(false), 0), ("down item (first)", Some(true), 0), ("down item (second)", None, 1)] {
         for (si, n) in names.iter().enumerate() {
-            if si == 1 && label.starts_with("gate_up") {
-                continue;
-            }
+            // A gate_up item waits for nothing: its second stamp is its ring's first weight
+            // copies asked for and the block's barrier after them.
+            let n = if si == 1 && label.starts_with("gate_up") { "weights asked for" } else { n };
             row(&format!("{label}: {n}"), pick(first_down, item, si));
         }
     }
