@@ -976,17 +976,8 @@ __device__ __forceinline__ void moe_fused_acc(const unsigned long long* __restri
         for (int i = threadIdx.x; i < nzero; i += blockDim.x) zero_acc[i] = 0ull;
     __syncthreads();
     TRACE(15);
-#ifdef MOE_ACC_STAGE_EARLY
-    // Measurement: x = g h * inv staged before the routing, while no weight copy is in flight
-    // (the first gate_up pass then finds it staged; stage_b's closing barrier orders it).
-    const int row0[1] = {0};
-    stage_b<false, true>(hg, row0, 1, H, reinterpret_cast<unsigned*>(staged_frag(NS * CS * STEP_BYTES)), ss.red, ss.scale, ss.inv, inv);
-    const bool staged = true;
-#else
-    const bool staged = false;
-#endif
     route_then_moe<NS, CS, true>(logits, bias_s, E, K, softmax, n_group, topk_group, norm, scale, scores, Wg, Wd, hg, h, out, H, I, U,
-                                 counters, y, tok_pairs_out, ss, staged, inv);
+                                 counters, y, tok_pairs_out, ss, false, inv);
 }
 
 // Ring shapes: NS stages of CS steps. The _split_ kernels read their rows split already (moe_tiled's SPLIT).
