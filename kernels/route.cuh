@@ -323,9 +323,6 @@ __device__ __forceinline__ void route_token(const float* __restrict__ l, const f
 #if __CUDA_ARCH__ >= 800 && !defined(ROUTE_TOPK_SCAN)  // (-DROUTE_TOPK_SCAN: the scan, for measurements)
         if (E <= 256 && K <= 8) {
 #ifdef ROUTE_TOPK_ROUNDS  // (-DROUTE_TOPK_ROUNDS: the round form, for measurements)
-#ifdef ROUTE_TOPK_DEAD_MERGE  // (measurement: the merge's code present, never run)
-            if (scale < -1e30f) wsum = route_top_k_merge(choice, scores, E, K, sel); else
-#endif
             wsum = route_top_k_regs<8>(choice, scores, E, K, sel);
 #else
             wsum = route_top_k_merge(choice, scores, E, K, sel);
