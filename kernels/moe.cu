@@ -803,17 +803,6 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
         for (int p0 = pb; p0 < pe; p0 += cap) {  // no passes for an unused expert slot
             int np = min(cap, pe - p0);
             if ((int)threadIdx.x < np) ss.rows[threadIdx.x] = down ? p0 + threadIdx.x : pair_tok[p0 + threadIdx.x];
-#ifdef MOE_STAGE_FIRST  // measurement: a gate_up pass stages x before its ring's first copies
-            const bool stage_first = !down;
-            if (stage_first) {
-                ITEM_SYNC();
-                if (!(x_staged && np == 1))
-                    stage_b<false, NORM>(x, ss.rows, np, H, reinterpret_cast<unsigned*>(frag), ss.red, ss.scale, ss.inv, ninv);
-                x_staged = false;
-            }
-#else
-            const bool stage_first = false;
-#endif
             if (KS) bulk_prologue<NS, CS>(seq, wt, KS, ring, wbars, pre);
             // The warp's next pass: this tile again for the slot's next pairs, else its tile of
             // the block's next item.
@@ -831,7 +820,7 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
             ITEM_SYNC();
             if (ti < 14 && p0 == pb) TRACE(ti + 1);
             // x staged before the wait serves the block's first gate_up pass if it has one pair.
-            if (!stage_first && !(x_staged && !down && np == 1))
+            if (!(x_staged && !down && np == 1))
                 stage_b<false, NORM>(down ? h : x, ss.rows, np, down ? I : H, reinterpret_cast<unsigned*>(frag), ss.red, ss.scale, ss.inv,
                                      down ? 1.f : ninv);
             x_staged = false;
