@@ -84,7 +84,7 @@ fn router_and_grouping_match_the_cpu_reference() {
         eprintln!("{name}: routing identical to the CPU reference");
     }
     // Ties (logits of three values, some -inf: sigmoid 0) choose the lower index, as the host
-    // does, in the merged sorted lists (256 experts), the register top-K (384) and the scan (1024).
+    // does, in the register top-K (256 and 384 experts) and the scan (1024).
     for (name, spec) in [("flash", cases[0].1), ("pro", cases[1].1), ("1024 experts", cases[5].1)] {
         for bias_on in [false, true] {
             let logits: Vec<f32> = (0..8 * spec.num_experts).map(|_| [-1.0f32, 0.0, 1.0, f32::NEG_INFINITY][r.random_range(0..4usize)]).collect();
@@ -134,7 +134,7 @@ fn moe_routed_inside_the_fused_kernel_equals_routing_then_moe() {
     let mut r = rng();
     let (h, i) = (512usize, 256usize);
     let moe = |experts, top_k, scoring, bias, n_group, topk_group, norm, scale| moe_spec(experts, top_k, i, scoring, bias, n_group, topk_group, norm, scale);
-    // Flash's 256 experts and Pro's 384 (route_top_k_merge and route_top_k_regs<16>), groups of
+    // Flash's 256 experts and Pro's 384 (route_top_k_regs' 8 and 16 choices a lane), groups of
     // 256 (the masked choices -inf), and ties (logits of four values, no bias: dozens of equal
     // choices, the lower index first; the fused kernel groups them by warp 0's shuffles).
     let cases = [
