@@ -107,79 +107,6 @@ __device__ __forceinline__ float route_top_k_regs(const float* choice, const flo
 }
 #endif
 
-#if __CUDA_ARCH__ >= 800
-// route_token's top K (K <= 8, E <= 256) by warp 0 as sorted lists merged across lanes: lane l
-// holds choices l + 32 j (j < 8) as 64-bit keys, the choice's route_key above the complement of
-// its index (so equal choices order by index, lower first, and every key is distinct); it sorts
-// them (a bitonic network in registers), then five butterfly steps (lane xor 16 .. 1) each keep
-// the top 8 of its list and the partner's: the elementwise max of one list against the other
-// reversed is bitonic and holds exactly those 8, and three half-cleaners sort it. Both lanes of
-// a pair end with the same list, so after the five steps every lane holds the warp's top 8. The
-// round form above (route_top_k_regs) is K rounds of two dependent warp reductions and a tree
-// over the lane's choices, each instruction waiting on the one before: ~2500 cycles on the H100
-// (ncu's warp samples, stop 65); this one is ~800 instructions with most independent of their
-// neighbours. The same choices in the same order: largest first, ties to the lower index, NaN
-// (key 0) only once nothing else is left, then expert 0. Returns the sum of their scores.
-__device__ __forceinline__ void route_cas_desc(unsigned long long& a, unsigned long long& b) {
-    // One 64-bit compare (the keys are distinct) and both selects on it: written in C++, the
-    // compiler derives the min by a second compare.
-    unsigned long long hi, lo;
-    asm("{\n\t.reg .pred p;\n\tsetp.gt.u64 p, %2, %3;\n\tselp.b64 %0, %2, %3, p;\n\tselp.b64 %1, %3, %2, p;\n\t}"
-        : "=l"(hi), "=l"(lo)
-        : "l"(a), "l"(b));
-    a = hi;
-    b = lo;
-}
-
-__device__ __forceinline__ float route_top_k_merge(const float* choice, const float* scores, int E, int K, int* sel) {
-    const int lane = threadIdx.x & 31;
-    unsigned long long v[8];
-#pragma unroll
-    for (int j = 0; j < 8; j++) {
-        const int e = lane + 32 * j;
-        const unsigned key = e < E ? route_key(choice[e]) : 0u;
-        v[j] = ((unsigned long long)key << 32) | (unsigned)~e;
-    }
-    // Bitonic sort of the 8, largest first.
-#pragma unroll
-    for (int size = 2; size <= 8; size *= 2)
-#pragma unroll
-        for (int d = size / 2; d > 0; d /= 2)
-#pragma unroll
-            for (int i = 0; i < 8; i++) {
-                const int p = i ^ d;
-                if (p > i) {
-                    if ((i & size) == 0) route_cas_desc(v[i], v[p]);
-                    else route_cas_desc(v[p], v[i]);
-                }
-            }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        unsigned long long w[8];
-#pragma unroll
-        for (int i = 0; i < 8; i++) w[i] = __shfl_xor_sync(0xffffffffu, v[i], o);
-#pragma unroll
-        for (int i = 0; i < 8; i++) v[i] = v[i] > w[7 - i] ? v[i] : w[7 - i];
-#pragma unroll
-        for (int d = 4; d > 0; d /= 2)
-#pragma unroll
-            for (int i = 0; i < 8; i++)
-                if ((i & d) == 0) route_cas_desc(v[i], v[i + d]);
-    }
-    float wsum = 0.f;
-#pragma unroll
-    for (int k = 0; k < 8; k++) {
-        if (k < K) {
-            const int i = (unsigned)(v[k] >> 32) != 0u ? (int)~(unsigned)v[k] : 0;  // key 0: nothing left, expert 0
-            wsum += scores[i];
-            if (lane == 0) sel[k] = i;
-        }
-    }
-    __syncwarp();
-    return wsum;
-}
-#endif
-
 // Where group_one_token_warp writes (group_one_token's arrays, max_u slots).
 struct OneTokenGroups {
     int* experts;
@@ -256,9 +183,8 @@ struct RouteNoStamp {
 // unbiased scores, normalised to sum 1 (+1e-20) when norm, times scale. Writes sel[k] (the
 // expert) and wsel[k] (its weight) in choice order, visible to the whole block on return; with
 // `groups` (K <= 32) also their grouping there (group_one_token_warp). scores, choice: E
-// floats each of shared memory. The top K by merged sorted lists (route_top_k_merge) where
-// K <= 8 and E <= 256, else with the choices in registers (route_top_k_regs) where E allows,
-// else (and with -DROUTE_TOPK_SCAN, for measurements) by a scan. stamp(slot):
+// floats each of shared memory. The top K with the choices in registers (route_top_k_regs)
+// where E allows, else (and with -DROUTE_TOPK_SCAN, for measurements) by a scan. stamp(slot):
 // thread 0 marks its phases (17: scores, 18: top K, 19: weights, 20: grouped) for a trace.
 template <class Stamp = RouteNoStamp>
 __device__ __forceinline__ void route_token(const float* __restrict__ l, const float* __restrict__ bias, int E, int K, int softmax,
@@ -321,13 +247,7 @@ __device__ __forceinline__ void route_token(const float* __restrict__ l, const f
     if (threadIdx.x < 32) {
         float wsum = 0.f;
 #if __CUDA_ARCH__ >= 800 && !defined(ROUTE_TOPK_SCAN)  // (-DROUTE_TOPK_SCAN: the scan, for measurements)
-        if (E <= 256 && K <= 8) {
-#ifdef ROUTE_TOPK_ROUNDS  // (-DROUTE_TOPK_ROUNDS: the round form, for measurements)
-            wsum = route_top_k_regs<8>(choice, scores, E, K, sel);
-#else
-            wsum = route_top_k_merge(choice, scores, E, K, sel);
-#endif
-        } else if (E <= 256) {
+        if (E <= 256) {
             wsum = route_top_k_regs<8>(choice, scores, E, K, sel);
         } else if (E <= 512) {
             wsum = route_top_k_regs<16>(choice, scores, E, K, sel);
