@@ -391,7 +391,7 @@ fn main() {
                         k.moe_mxfp4_with(kind, &wt, &dev[0], &x, MoeInput::Settled, &mut scratch, &mut y).unwrap();
                     }
                     s.synchronize().unwrap();
-                    print_moe_trace(&format!("{name}, {t} token(s), fused {stages}x4, the last of 6 calls back to back"), &k.moe_trace().unwrap().unwrap(), (2 * i / 16).div_ceil(8) * routings[0].experts.len());
+                    print_moe_trace(&format!("{name}, {t} token(s), fused {stages}x4, the last of 6 calls back to back"), &k.moe_trace().unwrap().unwrap(), i, routings[0].experts.len());
                 }
                 // PEREGRINE_TRACE_DUMP=DIR: the raw stamps of 8 separate calls of the fused 2x4
                 // kernel (each the last of 3 back to back, a fresh routing each), one CSV per
@@ -844,17 +844,16 @@ fn moe_acc_against_given(k: &Kernels, s: &std::sync::Arc<cudarc::driver::CudaStr
     println!("  1 token ({kind:?}), three rounds: routing given (moe_fused_bulk) {}; routing from the o_proj's sums, x as the norm's output (moe_fused_acc, as a step runs it) {}", f(&given), f(&acc));
     // A measurement build (-DMOE_TRACE): where each kernel's time goes, the last of 6 calls.
     if k.moe_trace().unwrap().is_some() {
-        let gu_items = (2 * wt.inter / 16).div_ceil(8) * top_k;
         for _ in 0..6 {
             k.moe_mxfp4_pairs(kind, wt, &dev[0], x, MoeInput::Settled, &mut scratch).unwrap();
         }
         s.synchronize().unwrap();
-        print_moe_trace("routing given (moe_fused_bulk), the last of 6 calls", &k.moe_trace().unwrap().unwrap(), gu_items);
+        print_moe_trace("routing given (moe_fused_bulk), the last of 6 calls", &k.moe_trace().unwrap().unwrap(), wt.inter, top_k);
         for r in routes.iter().take(6) {
             k.moe_mxfp4_acc_pairs(kind, &spec, wt, r, 1e-5, None, &mut scratch, &mut tok_pairs, 0, 0).unwrap();
         }
         s.synchronize().unwrap();
-        print_moe_trace("routing from the o_proj's sums (moe_fused_acc), the last of 6 calls", &k.moe_trace().unwrap().unwrap(), gu_items);
+        print_moe_trace("routing from the o_proj's sums (moe_fused_acc), the last of 6 calls", &k.moe_trace().unwrap().unwrap(), wt.inter, top_k);
     }
 }
 
@@ -895,9 +894,6 @@ fn routing_from_pool(rng: &mut (impl Rng + ?Sized), t: usize, pool: std::ops::Ra
     MoeRouting::new(&choices)
 }
 
-/// Percentiles of the fused MoE kernel's trace stamps (kernels/moe.cu, MOE_TRACE), in us after
-/// the first block got past its wait for the kernel ahead; `gu_items`: its gate_up items (a
-/// block's first item is gate_up below that index, its second item always down).
 /// The wgmma GEMM's per-stage stamps (kernels/gemv.cu's GWG_TRACE layout: per block its
 /// %globaltimer start, cycles in all, SM, then 4 cycle stamps per stage), as mean cycles per
 /// stage between them over every stage past the first of every block.
@@ -941,8 +937,11 @@ fn print_gwg_trace(what: &str, tr: &[u32]) {
     );
 }
 
-fn print_moe_trace(what: &str, tr: &[u64], gu_items: usize) {
-    print!("{}", peregrine_cuda::trace::moe_trace_report(what, tr, gu_items));
+/// Percentiles of the fused MoE kernel's trace stamps (kernels/moe.cu, MOE_TRACE), in us after
+/// the first block got past its wait for the kernel ahead (`trace::moe_trace_report`): `inter`
+/// the experts' intermediate size, `slots` the call's expert slots.
+fn print_moe_trace(what: &str, tr: &[u64], inter: usize, slots: usize) {
+    print!("{}", peregrine_cuda::trace::moe_trace_report(what, tr, inter, slots));
 }
 
 /// Sampling and logprobs on the GPU over MiMo-V2-Flash's vocabulary, 1 and 64 rows per call (the

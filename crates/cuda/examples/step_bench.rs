@@ -387,8 +387,8 @@ fn main() {
         // A measurement build (-DMOE_TRACE): the last replay's last fused MoE call, block by
         // block (the one-token MoE as the step runs it).
         if let (1, Some(tr)) = (b, model.moe_trace().expect("MoE trace")) {
-            let gu_items = spec.layers.iter().find_map(|l| if let MlpSpec::Moe(m) = l.mlp { Some((2 * m.intermediate_size / 16).div_ceil(8) * m.top_k) } else { None }).unwrap_or(0);
-            print!("{}", peregrine_cuda::trace::moe_trace_report("the last layer's MoE of the last batch-1 replay", &tr, gu_items));
+            let (inter, slots) = spec.layers.iter().find_map(|l| if let MlpSpec::Moe(m) = l.mlp { Some((m.intermediate_size, m.top_k)) } else { None }).unwrap_or((0, 0));
+            print!("{}", peregrine_cuda::trace::moe_trace_report("the last layer's MoE of the last batch-1 replay", &tr, inter, slots));
         }
         if let Some(kinds) = model.graph_node_kinds(&batch).expect("graph nodes") {
             if kinds.non_kernel() > 0 {

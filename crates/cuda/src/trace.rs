@@ -133,10 +133,13 @@ pub const MOE_TRACE_SLOTS: usize = 21;
 
 /// The fused MoE kernel's stamps (`Kernels::moe_trace`, a `-DMOE_TRACE` build) as a table: for
 /// each point of a block's work, microseconds after the first block passed its wait (min, p10,
-/// median, p90, max over the blocks that reached it). `gu_items`: the call's gate_up items (the
-/// blocks below that count start with one).
-pub fn moe_trace_report(what: &str, tr: &[u64], gu_items: usize) -> String {
+/// median, p90, max over the blocks that reached it). `inter`: the experts' intermediate size;
+/// `slots`: the call's expert slots. The blocks below the call's gate_up item count start with
+/// one (moe_fused: `slots` x `gug` groups of 8 warps' 16-row tiles of the I / 8 interleaved
+/// gate_up tiles; the rest start with a down item).
+pub fn moe_trace_report(what: &str, tr: &[u64], inter: usize, slots: usize) -> String {
     use std::fmt::Write;
+    let gu_items = (inter / 8).div_ceil(8) * slots;
     let blocks: Vec<&[u64]> = tr.chunks(MOE_TRACE_SLOTS).filter(|b| b[2] != 0).collect();
     let Some(t0) = blocks.iter().map(|b| b[2]).min() else { return String::new() };
     let rel = |v: u64| (v as f64 - t0 as f64) / 1e3;
