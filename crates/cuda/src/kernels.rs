@@ -1637,22 +1637,20 @@ impl Kernels {
 
     /// The kernel `gemv_qkv_ready` runs for `rows` stacked rows of `t` tokens: in blocks of 8
     /// warps, or of 4 (`qkv_ready4_takes`), those loading their next K block ahead where the
-    /// tiles fit one wave: of the 7-block kernel, else of the 8-block one with the activations
-    /// shuffled (one token) or of the 2-warp one (2-4 tokens). The 7-block kernel streamed
-    /// better where both fit (Flash's full-attention layers, 848 tiles: 23.0 against 23.6 us in
-    /// a batch-1 step); the 2-warp one read less than the shuffled one at one token and less
-    /// than no pipe at 8 (benches/results/2026-11-27-qkv-two-warp-pipe.md).
-    /// `qkv_pipe`, `qkv_pipe_shuffle` and `qkv_pipe2` force the choices.
+    /// tiles fit one wave: of the 7-block kernel, else (one token) of the 8-block one with the
+    /// activations shuffled. The 7-block kernel streamed better where both fit (Flash's
+    /// full-attention layers, 848 tiles: 23.0 against 23.6 us in a batch-1 step);
+    /// `qkv_pipe` and `qkv_pipe_shuffle` force either choice.
     pub fn qkv_ready_kernel(&self, rows: usize, t: usize) -> QkvReady {
         let tiles = rows.div_ceil(16);
         let fits = tiles <= self.mma_fp8_ready4_pipe_wave[0];
         let fits_shuffled = t == 1 && tiles <= self.mma_fp8_ready4_pipe_wave[1];
-        let pipe2 = (2..=4).contains(&t) && !fits && tiles <= self.mma_fp8_ready2_pipe_wave;
+        let fits2 = tiles <= self.mma_fp8_ready2_pipe_wave;
         if !self.qkv_ready4_takes(rows) {
             QkvReady::Warps8
-        } else if !self.qkv_pipe.unwrap_or(fits || fits_shuffled || pipe2) {
+        } else if !self.qkv_pipe.unwrap_or(fits || fits_shuffled || fits2) {
             QkvReady::Warps4
-        } else if self.qkv_pipe2.unwrap_or(pipe2) {
+        } else if self.qkv_pipe2.unwrap_or(!fits && fits2) {
             QkvReady::Pipe2
         } else if t == 1 && self.qkv_pipe_shuffle.unwrap_or(!fits) {
             QkvReady::PipeShuffled
