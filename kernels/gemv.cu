@@ -1714,11 +1714,6 @@ GEMV_MMA_READY(gemv_mma_fp8_t1_ready4_pipe, (128, 7), true, 2, false)
 // ..._ready4_pipe for one token, its activations ahead shuffled between lanes (XSH above): 64
 // registers, so 8 blocks fit an SM. Same bits.
 GEMV_MMA_READY(gemv_mma_fp8_t1_ready4_pipe1, (128, 8), true, 2, true)
-// ..._ready4_pipe in blocks of 2 warps, each summing four K classes (CW = 4): the same bits,
-// capped at 72 registers, 14 blocks per SM. Flash's sliding-window q/k/v (928 tiles) then fits
-// one wave with the 4-warp pipe's loads (7 blocks of 4 warps per SM: 924 on 132 SMs), and
-// leaves registers for the ready attention's blocks beside it.
-GEMV_MMA_READY(gemv_mma_fp8_t1_ready2_pipe, (64, 14), true, 4, false)
 // Measured on the H100 and not kept (benches/results/2026-11-23-gemv-row-tiles.md): one row
 // tile of 16, 32 or 64 tokens per block (the activations read from L2 once per 16 rows bound
 // them at 16-64 tokens), 2 row tiles of 8 or 32 tokens; FP8 2 x 2 and BF16 2 x 4 are compiled

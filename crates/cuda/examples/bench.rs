@@ -287,13 +287,6 @@ fn main() {
                 } else {
                     String::new()
                 };
-                // The 2-warp pipe (forced).
-                k.set_qkv_pipe(Some(true));
-                k.set_qkv_pipe2(Some(true));
-                let ms2 = time_b2b(&mut |i| run(&k, i));
-                k.set_qkv_pipe(None);
-                k.set_qkv_pipe2(None);
-                let other = format!("{other}; {} {:.1}%", peregrine_cuda::kernels::QkvReady::Pipe2.name(), pct(ms2));
                 println!("fp8    T={t:<3} {:>10.1} MB {ms:8.3} ms {:7.0} GB/s {:5.1}%  ({rows}x{cols}, {what}, {}; no K block ahead {:.1}%{other})", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, pct(ms), kernel.name(), pct(off));
             }
         }

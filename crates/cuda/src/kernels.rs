@@ -273,11 +273,6 @@ pub struct Kernels {
     mma_fp8_ready4_pipe_wave: [usize; 2],
     qkv_pipe: Option<bool>,
     qkv_pipe_shuffle: Option<bool>,
-    /// The 2-warp pipe (`QkvReady::Pipe2`) and its wave; `qkv_pipe2` Some(true) runs it in
-    /// place of the 4-warp pipes where a pipe runs (`PEREGRINE_QKV_PIPE2=1`).
-    mma_fp8_ready2_pipe: CudaFunction,
-    mma_fp8_ready2_pipe_wave: usize,
-    qkv_pipe2: Option<bool>,
     /// The one-tile GEMVs loading a K block ahead (`gemv_mma_{bf16,fp8}_t1_pipe`, 88 / 72
     /// registers on the H100), run where the grid fits one wave of them (`*_pipe_wave` blocks:
     /// the driver's occupancy x SMs) while `gemv_pipe` (`PEREGRINE_GEMV_PIPE=0` turns them off,
@@ -627,9 +622,6 @@ pub enum QkvReady {
     /// `Pipe` for one token with its activations shuffled between lanes, 8 blocks per SM
     /// (`gemv_mma_fp8_t1_ready4_pipe1`).
     PipeShuffled,
-    /// `Pipe` in blocks of 2 warps, four K classes each, 14 blocks per SM
-    /// (`gemv_mma_fp8_t1_ready2_pipe`).
-    Pipe2,
 }
 
 impl QkvReady {
@@ -640,17 +632,12 @@ impl QkvReady {
             QkvReady::Warps4 => "gemv_mma_fp8_t1_ready4",
             QkvReady::Pipe => "gemv_mma_fp8_t1_ready4_pipe",
             QkvReady::PipeShuffled => "gemv_mma_fp8_t1_ready4_pipe1",
-            QkvReady::Pipe2 => "gemv_mma_fp8_t1_ready2_pipe",
         }
     }
 
     /// Threads a block.
     fn threads(self) -> u32 {
-        match self {
-            QkvReady::Warps8 => 256,
-            QkvReady::Pipe2 => 64,
-            _ => 128,
-        }
+        if self == QkvReady::Warps8 { 256 } else { 128 }
     }
 }
 
@@ -976,8 +963,6 @@ impl Kernels {
         for (f, wave) in mma_fp8_ready4_pipe.iter().zip(&mut mma_fp8_ready4_pipe_wave) {
             *wave = f.occupancy_max_active_blocks_per_multiprocessor(128, 0, None).map_err(drv("GEMV occupancy"))? as usize * sms;
         }
-        let mma_fp8_ready2_pipe = f("gemv_mma_fp8_t1_ready2_pipe")?;
-        let mma_fp8_ready2_pipe_wave = mma_fp8_ready2_pipe.occupancy_max_active_blocks_per_multiprocessor(64, 0, None).map_err(drv("GEMV occupancy"))? as usize * sms;
         Ok(Kernels {
             stream: gpu.stream.clone(),
             bf16: f("gemv_bf16")?,
@@ -999,9 +984,6 @@ impl Kernels {
             mma_fp8_ready4_pipe_wave,
             qkv_pipe: std::env::var("PEREGRINE_QKV_PIPE").ok().map(|v| v != "0"),
             qkv_pipe_shuffle: std::env::var("PEREGRINE_QKV_PIPE_SHUFFLE").ok().map(|v| v != "0"),
-            mma_fp8_ready2_pipe,
-            mma_fp8_ready2_pipe_wave,
-            qkv_pipe2: std::env::var("PEREGRINE_QKV_PIPE2").ok().map(|v| v != "0"),
             mma_bf16_pipe,
             mma_bf16_pipe_route,
             mma_bf16_pipe_wave,
@@ -1171,7 +1153,6 @@ impl Kernels {
             QkvReady::Warps4 => &self.mma_fp8_ready4,
             QkvReady::Pipe => &self.mma_fp8_ready4_pipe[0],
             QkvReady::PipeShuffled => &self.mma_fp8_ready4_pipe[1],
-            QkvReady::Pipe2 => &self.mma_fp8_ready2_pipe,
         };
         let mut b = crate::launch::builder(&self.stream, f);
         b.arg(&w).arg(scales).arg(xh).arg(xl).arg(inv).arg(y0).arg(y1).arg(y2).arg(&n0).arg(&n1).arg(&ni).arg(&ki).arg(&ti);
@@ -1624,17 +1605,6 @@ impl Kernels {
         self.qkv_pipe_shuffle = on;
     }
 
-    /// Forces the 2-warp pipe (`QkvReady::Pipe2`) on or off where a pipe runs; None: the
-    /// default rule.
-    pub fn set_qkv_pipe2(&mut self, on: Option<bool>) {
-        self.qkv_pipe2 = on;
-    }
-
-    /// Blocks of the 2-warp pipe (`QkvReady::Pipe2`) that fit one wave on this GPU.
-    pub fn qkv_pipe2_wave(&self) -> usize {
-        self.mma_fp8_ready2_pipe_wave
-    }
-
     /// The kernel `gemv_qkv_ready` runs for `rows` stacked rows of `t` tokens: in blocks of 8
     /// warps, or of 4 (`qkv_ready4_takes`), those loading their next K block ahead where the
     /// tiles fit one wave: of the 7-block kernel, else (one token) of the 8-block one with the
@@ -1645,13 +1615,10 @@ impl Kernels {
         let tiles = rows.div_ceil(16);
         let fits = tiles <= self.mma_fp8_ready4_pipe_wave[0];
         let fits_shuffled = t == 1 && tiles <= self.mma_fp8_ready4_pipe_wave[1];
-        let fits2 = tiles <= self.mma_fp8_ready2_pipe_wave;
         if !self.qkv_ready4_takes(rows) {
             QkvReady::Warps8
-        } else if !self.qkv_pipe.unwrap_or(fits || fits_shuffled || fits2) {
+        } else if !self.qkv_pipe.unwrap_or(fits || fits_shuffled) {
             QkvReady::Warps4
-        } else if self.qkv_pipe2.unwrap_or(!fits && fits2) {
-            QkvReady::Pipe2
         } else if t == 1 && self.qkv_pipe_shuffle.unwrap_or(!fits) {
             QkvReady::PipeShuffled
         } else {

@@ -271,7 +271,7 @@ fn stacked_qkv_gemv_matches_the_cpu_reference() {
 /// The q/k/v projection that feeds the ready attention (`gemv_qkv_ready`), in blocks of 8 warps
 /// and in blocks of 4 warps summing two K classes each (`set_qkv_ready4`), those with their next
 /// K block loaded ahead too (`set_qkv_pipe`; at one token the activations shuffled between
-/// lanes; `set_qkv_pipe2`: in blocks of 2 warps summing four K classes each), gives the stacked
+/// lanes), gives the stacked
 /// GEMV's bits on the same split input (`gemv_split3`), matches the CPU, and counts each
 /// finished 16-row tile into its head's counter. K of 5 K blocks (warps with an empty class),
 /// 8, and 32 (MiMo's 4096); 1-4 and 8 tokens.
@@ -307,23 +307,15 @@ fn ready_qkv_projection_gives_the_stacked_gemvs_bits() {
                 assert_close(&format!("stacked fp8 q/k/v part {i}, K {k}, T={t}"), got, &part);
                 off += rows[i];
             }
-            for (four, pipe, shuffle, two) in [
-                (false, false, false, false),
-                (true, false, false, false),
-                (true, true, false, false),
-                (true, true, true, false),
-                (true, true, false, true),
-            ] {
+            for (four, pipe, shuffle) in [(false, false, false), (true, false, false), (true, true, false), (true, true, true)] {
                 kern.set_qkv_ready4(Some(four));
                 kern.set_qkv_pipe(Some(pipe));
                 kern.set_qkv_pipe_shuffle(Some(shuffle));
-                kern.set_qkv_pipe2(Some(two));
-                let want_kernel = match (four, pipe, shuffle && t == 1, two) {
-                    (false, _, _, _) => QkvReady::Warps8,
-                    (true, false, _, _) => QkvReady::Warps4,
-                    (true, true, _, true) => QkvReady::Pipe2,
-                    (true, true, false, false) => QkvReady::Pipe,
-                    (true, true, true, false) => QkvReady::PipeShuffled,
+                let want_kernel = match (four, pipe, shuffle && t == 1) {
+                    (false, _, _) => QkvReady::Warps8,
+                    (true, false, _) => QkvReady::Warps4,
+                    (true, true, false) => QkvReady::Pipe,
+                    (true, true, true) => QkvReady::PipeShuffled,
                 };
                 assert_eq!(kern.qkv_ready_kernel(n, t), want_kernel);
                 let ready = g.stream.alloc_zeros::<u32>(heads + kv_heads + 1).unwrap();
@@ -346,13 +338,11 @@ fn ready_qkv_projection_gives_the_stacked_gemvs_bits() {
     // By default the 4-warp form runs only where the 8-warp grid needs a second wave: these
     // 28 tiles fit one (on any GPU), 50 000 (800 000 rows) do not.
     kern.set_qkv_ready4(None);
-    // Unforced, a pipe runs where the tiles fit one wave of it, the 7-block one where it fits,
-    // else the 2-warp one (14 blocks per SM): 28 tiles fit all on any GPU, 7 x SMs < tiles <=
-    // 14 x SMs only the 8-block and 2-warp ones (an H100's 132 SMs: 924, 1056 and 1848; an H200
-    // has as many), 800 000 rows none.
+    // Unforced, a pipe runs where the tiles fit one wave of it, the 7-block one where it fits:
+    // 28 tiles fit both on any GPU, 924 < 7 x SMs <= 8 x SMs: only the 8-block one's (an H100's
+    // 132 SMs: 924 and 1056; an H200 has as many), 800 000 rows neither.
     kern.set_qkv_pipe(None);
     kern.set_qkv_pipe_shuffle(None);
-    kern.set_qkv_pipe2(None);
     kern.set_qkv_ready4(Some(true));
     for t in [1usize, 2] {
         assert_eq!(kern.qkv_ready_kernel(n, t), QkvReady::Pipe, "{n} rows, {t} tokens: one wave of the 7-block pipe");
@@ -360,14 +350,8 @@ fn ready_qkv_projection_gives_the_stacked_gemvs_bits() {
     }
     let sms = g.ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).unwrap() as usize;
     let between = (7 * sms + 1) * 16;
-    assert!(kern.qkv_pipe2_wave() >= 14 * sms, "the 2-warp pipe fits 14 blocks per SM");
-    for t in [1usize, 2, 8] {
-        assert_eq!(kern.qkv_ready_kernel(between, t), QkvReady::Pipe2, "{between} rows, {t} tokens: no wave of the 7-block pipe, one of the 2-warp pipe");
-    }
-    kern.set_qkv_pipe2(Some(false));
-    assert_eq!(kern.qkv_ready_kernel(between, 1), QkvReady::PipeShuffled, "{between} rows, one token, no 2-warp pipe: one wave of the 8-block shuffled pipe only");
-    assert_eq!(kern.qkv_ready_kernel(between, 2), QkvReady::Warps4, "{between} rows, two tokens, no 2-warp pipe: no wave of the 7-block pipe");
-    kern.set_qkv_pipe2(None);
+    assert_eq!(kern.qkv_ready_kernel(between, 1), QkvReady::PipeShuffled, "{between} rows, one token: one wave of the 8-block shuffled pipe only");
+    assert_eq!(kern.qkv_ready_kernel(between, 2), QkvReady::Warps4, "{between} rows, two tokens: no wave of the 7-block pipe");
     kern.set_qkv_ready4(None);
     assert!(!kern.qkv_ready4_takes(n), "{n} rows in blocks of 8 warps fit one wave");
     assert!(kern.qkv_ready4_takes(800_000), "800 000 rows in blocks of 8 warps need more than one wave");
