@@ -84,25 +84,29 @@ fn print_trace(model: &mut CudaModel, batch: &[SeqForward]) {
     for (i, (x, e)) in l.iter().zip(&exposed).enumerate() {
         println!("| {i} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |", x.kernel, x.blocks, us(x.start), us(x.first_waited), us(x.last_waited), us(x.end), *e as f64 / 1e3);
     }
-    let mut kinds: Vec<(String, usize, f64, f64)> = Vec::new();
+    // Per kernel: launches, exposed, first start to last end, and first block past its wait to
+    // the last end (a streaming kernel's bytes over the last give its rate inside the step, with
+    // no launch ramp: its blocks were resident and waiting).
+    let mut kinds: Vec<(String, usize, f64, f64, f64)> = Vec::new();
     for (x, e) in l.iter().zip(&exposed) {
-        let (exp, dur) = (*e as f64 / 1e3, (x.end - x.start) as f64 / 1e3);
+        let (exp, dur, run) = (*e as f64 / 1e3, (x.end - x.start) as f64 / 1e3, x.end.saturating_sub(x.first_waited) as f64 / 1e3);
         match kinds.iter_mut().find(|k| k.0 == x.kernel) {
             Some(k) => {
                 k.1 += 1;
                 k.2 += exp;
                 k.3 += dur;
+                k.4 += run;
             }
-            None => kinds.push((x.kernel.clone(), 1, exp, dur)),
+            None => kinds.push((x.kernel.clone(), 1, exp, dur, run)),
         }
     }
     kinds.sort_by(|a, b| b.2.total_cmp(&a.2));
     let total: f64 = exposed.iter().sum::<u64>() as f64 / 1e3;
-    println!("\nper kernel (exposed us sum to {total:.1}, first start to last end):");
-    println!("| kernel | launches | exposed us | share | mean exposed | mean start to end |");
-    println!("|---|---|---|---|---|---|");
-    for (name, n, exp, dur) in kinds {
-        println!("| {name} | {n} | {exp:.1} | {:.1}% | {:.2} | {:.2} |", 100.0 * exp / total.max(1e-9), exp / n as f64, dur / n as f64);
+    println!("\nper kernel (exposed us sum to {total:.1}, first start to last end, first past its wait to last end):");
+    println!("| kernel | launches | exposed us | share | mean exposed | mean start to end | mean past wait to end |");
+    println!("|---|---|---|---|---|---|---|");
+    for (name, n, exp, dur, run) in kinds {
+        println!("| {name} | {n} | {exp:.1} | {:.1}% | {:.2} | {:.2} | {:.2} |", 100.0 * exp / total.max(1e-9), exp / n as f64, dur / n as f64, run / n as f64);
     }
 }
 
