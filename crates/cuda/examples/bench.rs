@@ -167,7 +167,7 @@ fn main() {
         // and the lm_head (BF16, 152064 x 4096, 1.25 GB). Two copies of the weights in turn where
         // one fits the 50 MB L2 several times over, so a call never finds the previous one's bytes
         // there.
-        println!("\nGEMV, decode shapes (back to back; from 16 tokens also the wgmma GEMM in blocks of 256 / 128 / 64 rows, forced):");
+        println!("\nGEMV, decode shapes (back to back on activations split ahead; from 16 tokens also the wgmma GEMM in blocks of 256 / 128 / 64 rows, forced):");
         // % of copy bandwidth of the wgmma GEMM at each block height, and whether each gave the
         // default's bits (the same arithmetic per row, whatever runs it).
         let wg_rows = |k: &mut Kernels, t: usize, y: &mut cudarc::driver::CudaSlice<f32>, b: f64, run: &mut dyn FnMut(&Kernels, usize, &mut cudarc::driver::CudaSlice<f32>)| -> String {
@@ -221,14 +221,30 @@ fn main() {
             let sc = s.clone_htod(&vec![1.0f32; rows.div_ceil(128) * cols / 128]).unwrap();
             let b = if fp8 { (rows * cols) as f64 + (rows.div_ceil(128) * cols / 128 * 4) as f64 } else { (rows * cols * 2) as f64 };
             for &t in tokens {
-                let mut run = |k: &Kernels, i: usize, y: &mut cudarc::driver::CudaSlice<f32>| {
-                    if fp8 {
-                        k.gemv_fp8(&w8[i % copies], &sc, &x, y, rows, cols, t).unwrap()
-                    } else {
-                        k.gemv_bf16(&wb[i % copies], &x, y, rows, cols, t).unwrap()
-                    }
+                // The activations split once, ahead of the timed calls, as a step's norm or
+                // silu_mul_split writes them for the GEMV after it.
+                let split8 = fp8.then(|| k.split_f16(&x, t, cols, false).unwrap());
+                let split16 = (!fp8).then(|| k.split_bf16(&x, t * cols).unwrap());
+                let mut run = |k: &Kernels, i: usize, y: &mut cudarc::driver::CudaSlice<f32>| match (&split8, &split16) {
+                    (Some(x8), _) => k.gemv_fp8_presplit(&w8[i % copies], &sc, x8, y, rows, cols, t).unwrap(),
+                    (_, Some((xh, xl, _))) => k.gemv_bf16_presplit(&wb[i % copies], xh, xl, y, rows, cols, t, None).unwrap(),
+                    _ => unreachable!(),
                 };
                 let ms = time_b2b(&mut |i| run(&k, i, &mut y));
+                // The same with x split inside each call (gemv_fp8 / gemv_bf16 from f32 x: one
+                // more launch; the form this line timed up to stop 66).
+                let with_split = if t <= 8 {
+                    let ms = time_b2b(&mut |i| {
+                        if fp8 {
+                            k.gemv_fp8(&w8[i % copies], &sc, &x, &mut y, rows, cols, t).unwrap()
+                        } else {
+                            k.gemv_bf16(&wb[i % copies], &x, &mut y, rows, cols, t).unwrap()
+                        }
+                    });
+                    format!("; x split in the call {:.1}%", 100.0 * b / (ms as f64 * 1e-3) / copy_bw)
+                } else {
+                    String::new()
+                };
                 // A measurement build (-DGWG_TRACE): where the default runs the wgmma GEMM, its
                 // per-stage stamps of one more call.
                 if matches!(t, 32 | 64) && k.gwg_trace().unwrap().is_some() {
@@ -244,6 +260,7 @@ fn main() {
                     k.set_gemv_pipe(true);
                     wg.push_str(&format!("; no pipe {:.1}%", 100.0 * b / (off as f64 * 1e-3) / copy_bw));
                 }
+                wg.push_str(&with_split);
                 let format = if fp8 { "fp8 " } else { "bf16" };
                 println!("{format}   T={t:<3} {:>10.1} MB {ms:8.3} ms {:7.0} GB/s {:5.1}%  ({rows}x{cols}, {what}{wg})", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, 100.0 * b / (ms as f64 * 1e-3) / copy_bw);
             }

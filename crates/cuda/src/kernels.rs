@@ -1353,9 +1353,9 @@ impl Kernels {
         Ok(v)
     }
 
-    /// x [n] -> BF16 hi and lo parts.
+    /// x [n] -> BF16 hi and lo parts (`gemv_bf16_presplit`'s input; no scales: the third is None).
     #[allow(clippy::type_complexity)]
-    fn split_bf16(&self, x: &CudaSlice<f32>, len: usize) -> Result<(CudaSlice<u16>, CudaSlice<u16>, Option<CudaSlice<f32>>)> {
+    pub fn split_bf16(&self, x: &CudaSlice<f32>, len: usize) -> Result<(CudaSlice<u16>, CudaSlice<u16>, Option<CudaSlice<f32>>)> {
         let mut xh = unsafe { self.alloc.alloc::<u16>(len) }?;
         let mut xl = unsafe { self.alloc.alloc::<u16>(len) }?;
         let li = len as i32;
