@@ -6,6 +6,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# A clean build, its test assets and the venv take ~3.6 GB; with less free, cargo stops with
+# "No space left on device" part way through. Say so up front rather than after minutes.
+free_kb="$(df -Pk . | awk 'NR == 2 { print $4 }')"
+if [ -n "$free_kb" ] && [ "$free_kb" -lt $((5 * 1024 * 1024)) ]; then
+    echo "warning: $((free_kb / 1024)) MB free on this disk; a clean build and its test assets need ~3.6 GB" >&2
+fi
+
 scripts/fetch-test-assets.sh || echo "note: test assets could not be fetched; tests that need them will skip"
 
 if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import openai, schemathesis" 2>/dev/null; then
