@@ -45,6 +45,12 @@ pub enum LoadFormat {
 pub const DUMMY_SEED: u64 = 0x5eed;
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ToolCallParserKind {
+    Hermes,
+    None,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
     Json,
@@ -101,6 +107,11 @@ pub struct ServeArgs {
     pub always_include_usage: bool,
     #[arg(long, env = "PEREGRINE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// How chat outputs of requests with `tools` become `tool_calls`: `hermes` parses
+    /// `<tool_call>{"name": .., "arguments": ..}</tool_call>` blocks (the Qwen / MiMo chat
+    /// templates' form); `none` leaves every output as text.
+    #[arg(long, env = "PEREGRINE_TOOL_CALL_PARSER", value_enum, default_value_t = ToolCallParserKind::Hermes)]
+    pub tool_call_parser: ToolCallParserKind,
     /// DFlash drafter directory for speculative decoding, or `none` to decode without one.
     /// Default: the model's own `dflash/` subfolder when it has one.
     #[arg(long, env = "PEREGRINE_SPECULATIVE_MODEL")]
@@ -303,7 +314,11 @@ async fn shutdown_signal() {
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let addr = format!("{}:{}", args.host, args.port);
     let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("cannot listen on {addr}"))?;
-    let state = AppState::new(Settings { api_key: args.api_key.clone(), always_include_usage: args.always_include_usage });
+    let state = AppState::new(Settings {
+        api_key: args.api_key.clone(),
+        always_include_usage: args.always_include_usage,
+        parse_tool_calls: args.tool_call_parser == ToolCallParserKind::Hermes,
+    });
     tracing::info!(%addr, "listening (503 until the model is loaded)");
     let app = crate::routes::router(state.clone(), args.max_body_bytes);
     let shutdown_state = state.clone();

@@ -7,3 +7,4 @@ pub mod error;
 pub mod protocol;
 pub mod routes;
 pub mod state;
+pub mod tool_calls;

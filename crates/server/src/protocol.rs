@@ -43,6 +43,7 @@ const COMMON_FIELDS: &[&str] = &[
     "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "n", "stream",
     "stream_options", "stop", "stop_token_ids", "seed", "presence_penalty", "frequency_penalty",
     "repetition_penalty", "logit_bias", "ignore_eos", "min_tokens", "priority", "skip_special_tokens", "user",
+    "response_format",
 ];
 pub const CHAT_FIELDS: &[&str] = &["messages", "logprobs", "top_logprobs", "tools", "tool_choice", "chat_template_kwargs", "add_generation_prompt"];
 pub const COMPLETION_FIELDS: &[&str] = &["prompt", "echo", "logprobs", "suffix"];
@@ -103,6 +104,7 @@ pub struct CommonParams {
     pub priority: Option<i32>,
     pub skip_special_tokens: Option<bool>,
     pub user: Option<String>,
+    pub response_format: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -154,6 +156,7 @@ fn range(param: &str, v: Option<f64>, lo: f64, hi: f64, lo_open: bool) -> Result
 
 /// Validates the shared fields. `logprobs` is the number of top log-probabilities asked for.
 pub fn plan(c: &CommonParams, logprobs: Option<usize>, vocab_size: usize, always_usage: bool) -> Result<Plan, ApiError> {
+    check_response_format(c.response_format.as_ref())?;
     let mut s = SamplingParams::default();
     if let Some(t) = range("temperature", c.temperature, 0.0, 2.0, false)? {
         s.temperature = t as f32;
@@ -253,6 +256,71 @@ pub fn plan(c: &CommonParams, logprobs: Option<usize>, vocab_size: usize, always
         include_usage,
         priority: c.priority.unwrap_or(0),
     })
+}
+
+/// `response_format`: plain text is what every output is; JSON modes would need constrained
+/// decoding, which this server does not have, so they are refused rather than ignored (an
+/// ignored JSON mode returns text the client then fails to parse).
+fn check_response_format(v: Option<&Value>) -> Result<(), ApiError> {
+    let kind = match v {
+        None | Some(Value::Null) => return Ok(()),
+        Some(v) => v.get("type").and_then(Value::as_str),
+    };
+    match kind {
+        Some("text") => Ok(()),
+        Some(t @ ("json_object" | "json_schema")) => Err(ApiError::param(
+            "response_format",
+            format!("`response_format` of type `{t}` is not supported: this server has no constrained decoding (ask for JSON in the prompt instead)"),
+        )),
+        Some(t) => Err(ApiError::param("response_format", format!("`response_format.type` must be `text`, `json_object` or `json_schema`, got `{t}`"))),
+        None => Err(ApiError::param("response_format", "`response_format` must be an object with a string `type`")),
+    }
+}
+
+/// Checks `tools` and `tool_choice`; returns whether the output is to be parsed for tool calls
+/// (tools given and `tool_choice` `auto`, its default with tools). `required` and a named
+/// function would need constrained decoding and are refused.
+pub fn tool_parsing(tools: Option<&Value>, tool_choice: Option<&Value>) -> Result<bool, ApiError> {
+    let count = match tools {
+        None | Some(Value::Null) => 0,
+        Some(Value::Array(list)) => {
+            for (i, t) in list.iter().enumerate() {
+                if t.get("type").and_then(Value::as_str) != Some("function") {
+                    return Err(ApiError::param("tools", format!("`tools[{i}].type` must be `function`")));
+                }
+                let name = t.get("function").and_then(|f| f.get("name")).and_then(Value::as_str);
+                if name.is_none_or(|n| n.trim().is_empty()) {
+                    return Err(ApiError::param("tools", format!("`tools[{i}].function.name` is required and must be a non-empty string")));
+                }
+                if t["function"].get("parameters").is_some_and(|p| !p.is_object()) {
+                    return Err(ApiError::param("tools", format!("`tools[{i}].function.parameters` must be a JSON Schema object")));
+                }
+            }
+            list.len()
+        }
+        Some(_) => return Err(ApiError::param("tools", "`tools` must be a list of {\"type\": \"function\", \"function\": {...}}")),
+    };
+    let choice = match tool_choice {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.as_str()),
+        Some(Value::Object(o)) if o.get("type").and_then(Value::as_str) == Some("function") => {
+            let name = o.get("function").and_then(|f| f.get("name")).and_then(Value::as_str).unwrap_or("");
+            return Err(ApiError::param(
+                "tool_choice",
+                format!("`tool_choice` naming a function (`{name}`) is not supported: forcing a call needs constrained decoding; use `auto`"),
+            ));
+        }
+        Some(_) => return Err(ApiError::param("tool_choice", "`tool_choice` must be `none`, `auto`, `required` or {\"type\": \"function\", ...}")),
+    };
+    match choice {
+        None | Some("auto") => Ok(count > 0),
+        Some("none") => Ok(false),
+        Some("required") => Err(ApiError::param(
+            "tool_choice",
+            "`tool_choice: required` is not supported: forcing a call needs constrained decoding; use `auto`",
+        )),
+        Some(s) => Err(ApiError::param("tool_choice", format!("`tool_choice` must be `none`, `auto` or `required`, got `{s}`"))),
+    }
 }
 
 /// The prompt of /v1/completions: a string, a list of strings, a list of token ids, or a list of

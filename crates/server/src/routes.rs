@@ -22,6 +22,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use crate::error::ApiError;
 use crate::protocol::{self, ChatRequest, CompletionRequest, Plan, PromptInput};
 use crate::state::{random_id, unix_now, AppState, Ready};
+use crate::tool_calls::{self, Piece, ToolCall, ToolCallParser};
 
 pub fn router(state: AppState, max_body_bytes: usize) -> Router {
     let api = Router::new()
@@ -175,6 +176,38 @@ fn finish_str(f: FinishReason) -> &'static str {
     f.as_str()
 }
 
+/// A chat choice's finish reason: `tool_calls` where the model stopped after calling tools.
+fn chat_finish_str(f: FinishReason, calls: usize) -> &'static str {
+    if calls > 0 && f == FinishReason::Stop {
+        "tool_calls"
+    } else {
+        f.as_str()
+    }
+}
+
+/// OpenAI's tool call object (`index` only in stream deltas).
+fn tool_call_json(call: &ToolCall, index: Option<usize>) -> Value {
+    let mut v = json!({"id": format!("call_{:024x}", rand::random::<u128>() >> 32), "type": "function",
+                       "function": {"name": call.name, "arguments": call.arguments}});
+    if let Some(i) = index {
+        v["index"] = json!(i);
+    }
+    v
+}
+
+/// A whole chat choice's message and finish reason, its tool calls parsed out when asked for.
+fn chat_message(text: &str, finish: Option<FinishReason>, parse_tools: bool) -> (Value, Option<&'static str>) {
+    if !parse_tools {
+        return (json!({"role": "assistant", "content": text}), finish.map(finish_str));
+    }
+    let (content, calls) = tool_calls::parse_output(text);
+    let mut message = json!({"role": "assistant", "content": content});
+    if !calls.is_empty() {
+        message["tool_calls"] = calls.iter().map(|c| tool_call_json(c, None)).collect();
+    }
+    (message, finish.map(|f| chat_finish_str(f, calls.len())))
+}
+
 /// The text of one token as the logprobs formats show it.
 fn token_text(r: &Ready, id: u32) -> String {
     r.engine.tokenizer().decode(&[id], false).unwrap_or_default()
@@ -310,6 +343,7 @@ async fn chat(State(state): State<AppState>, body: Result<Bytes, BytesRejection>
     };
     let tok = r.engine.tokenizer();
     let plan = protocol::plan(&common, top, r.engine.spec().vocab_size, state.settings.always_include_usage)?;
+    let parse_tools = protocol::tool_parsing(req.tools.as_ref(), req.tool_choice.as_ref())? && state.settings.parse_tool_calls;
     let messages = protocol::chat_messages(&req.messages)?;
     let template = r.template.as_ref().ok_or_else(|| ApiError::invalid("this model has no chat template: use /v1/completions or start the server with --chat-template"))?;
     let text = template
@@ -320,16 +354,21 @@ async fn chat(State(state): State<AppState>, body: Result<Bytes, BytesRejection>
     let sub = submit_all(r, &id, &[ids], &plan, None)?;
     let created = unix_now();
     if plan.stream {
-        return Ok(sse(StreamState::new(state.clone(), sub, id, created, true, plan.include_usage, None)).into_response());
+        let mut st = StreamState::new(state.clone(), sub, id, created, true, plan.include_usage, None);
+        if parse_tools {
+            st.tool_parsers = Some(Default::default());
+        }
+        return Ok(sse(st).into_response());
     }
     let prompt_lens = sub.prompt_lens.clone();
     let results = collect(sub).await?;
     let choices: Vec<Value> = results
         .iter()
         .map(|(ci, _, c)| {
-            json!({"index": ci, "message": {"role": "assistant", "content": c.text},
+            let (message, finish) = chat_message(&c.text, c.finish, parse_tools);
+            json!({"index": ci, "message": message,
                    "logprobs": top.map(|_| json!({"content": c.logprobs.iter().map(|lp| chat_logprob_entry(r, lp)).collect::<Vec<_>>()})),
-                   "finish_reason": c.finish.map(finish_str)})
+                   "finish_reason": finish})
         })
         .collect();
     Ok(Json(json!({"id": id, "object": "chat.completion", "created": created, "model": r.model_name,
@@ -426,6 +465,8 @@ struct StreamState {
     accepted: usize,
     rejected: usize,
     done: bool,
+    /// Per chat choice, the parser of its tool calls (requests with tools).
+    tool_parsers: Option<std::collections::HashMap<usize, ToolCallParser>>,
 }
 
 impl StreamState {
@@ -446,6 +487,7 @@ impl StreamState {
             accepted: 0,
             rejected: 0,
             done: false,
+            tool_parsers: None,
         };
         for (ci, pi, rx) in sub.streams {
             if chat {
@@ -494,6 +536,13 @@ impl StreamState {
                     let ids: Vec<u32> = logprobs.iter().map(|l| l.token_id).collect();
                     legacy_logprobs(r, &entries, &ids, 0)
                 };
+                if let Some(parsers) = &mut self.tool_parsers {
+                    let p = parsers.entry(ci).or_default();
+                    let first_call = p.calls();
+                    let pieces = p.push(&text);
+                    self.push_pieces(ci, pieces, first_call, lp);
+                    return;
+                }
                 let delta = if self.chat { json!({"content": text}) } else { json!(text) };
                 let c = self.chunk(ci, delta, lp, None);
                 self.pending.push_back(c);
@@ -503,8 +552,16 @@ impl StreamState {
                 self.cached[pi] = self.cached[pi].max(usage.cached_tokens);
                 self.accepted += usage.accepted_prediction_tokens;
                 self.rejected += usage.rejected_prediction_tokens;
+                let mut finish = finish_str(reason);
+                if let Some(parsers) = &mut self.tool_parsers {
+                    let mut p = parsers.remove(&ci).unwrap_or_default();
+                    let first_call = p.calls();
+                    let pieces = p.finish();
+                    self.push_pieces(ci, pieces, first_call, Value::Null);
+                    finish = chat_finish_str(reason, p.calls());
+                }
                 let delta = if self.chat { json!({}) } else { json!("") };
-                let c = self.chunk(ci, delta, Value::Null, Some(finish_str(reason)));
+                let c = self.chunk(ci, delta, Value::Null, Some(finish));
                 self.pending.push_back(c);
             }
             RequestEvent::Error(m) => {
@@ -512,6 +569,30 @@ impl StreamState {
                 self.pending.push_back("[DONE]".into());
                 self.done = true;
             }
+        }
+    }
+
+    /// A choice's parsed output as chunks: text as content deltas, each call as one tool call
+    /// delta (numbered from `first_call`, the choice's calls released before). The event's
+    /// logprobs ride on the first chunk (on an empty content delta where all of its text is
+    /// held back).
+    fn push_pieces(&mut self, ci: usize, pieces: Vec<Piece>, first_call: usize, mut logprobs: Value) {
+        let mut call_index = first_call;
+        if pieces.is_empty() && !logprobs.is_null() {
+            let c = self.chunk(ci, json!({"content": ""}), logprobs, None);
+            self.pending.push_back(c);
+            return;
+        }
+        for piece in pieces {
+            let delta = match piece {
+                Piece::Text(t) => json!({"content": t}),
+                Piece::Call(call) => {
+                    call_index += 1;
+                    json!({"tool_calls": [tool_call_json(&call, Some(call_index - 1))]})
+                }
+            };
+            let c = self.chunk(ci, delta, std::mem::take(&mut logprobs), None);
+            self.pending.push_back(c);
         }
     }
 

@@ -18,6 +18,8 @@ pub struct Ready {
 pub struct Settings {
     pub api_key: Option<String>,
     pub always_include_usage: bool,
+    /// Parse `<tool_call>` blocks of chat outputs into `tool_calls` (requests with tools).
+    pub parse_tool_calls: bool,
 }
 
 #[derive(Clone)]

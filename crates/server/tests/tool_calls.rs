@@ -1,0 +1,305 @@
+//! Tool calls over HTTP: the router served in-process over a scripted backend whose logits spell
+//! out a chosen reply (picked by the last key word in the prompt), so a reply holding `<tool_call>` blocks
+//! comes back as OpenAI `tool_calls`, streamed and not, and the requests the server cannot honour
+//! (`tool_choice: required`, a named function, JSON `response_format`) are refused up front.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use peregrine_core::backend::{output_rows, Backend, KvBlockBytes, KvConfig, Logits, SeqForward};
+use peregrine_core::{ModelSpec, Result};
+use peregrine_engine::{start_engine, EngineConfig};
+use peregrine_model::chat_template::ChatTemplate;
+use peregrine_model::tokenizer::Tokenizer;
+use peregrine_server::routes::router;
+use peregrine_server::state::{AppState, Ready, Settings};
+use serde_json::{json, Value};
+
+const FIX: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/golden/default");
+
+const WEATHER: &str = "I'll check.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\", \"unit\": \"C\"}}\n</tool_call>\n<tool_call>\n{\"name\": \"get_time\", \"arguments\": {}}\n</tool_call>";
+const PLAIN: &str = "No tools needed: <tool> is not a call.";
+
+/// Replies with the script whose key the prompt contains, token by token, then EOS.
+struct Scripted {
+    spec: ModelSpec,
+    tokenizer: Arc<Tokenizer>,
+    scripts: Vec<(&'static str, Vec<u32>)>,
+    /// Per sequence: its script and prompt length.
+    seqs: HashMap<u64, (usize, usize)>,
+}
+
+impl Backend for Scripted {
+    fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+    fn kv_block_bytes(&self, _block_size: usize) -> KvBlockBytes {
+        KvBlockBytes { full: 64, swa: 64 }
+    }
+    fn init_kv(&mut self, _config: KvConfig) -> Result<()> {
+        Ok(())
+    }
+    fn forward(&mut self, batch: &[SeqForward]) -> Result<Vec<Logits>> {
+        let vocab = self.spec.vocab_size;
+        let (_, counts) = output_rows(batch);
+        let mut out = Vec::new();
+        for (s, &rows) in batch.iter().zip(&counts) {
+            if s.start_pos == 0 {
+                let prompt = self.tokenizer.decode(&s.tokens, false).unwrap();
+                // The key named last (the latest user turn) picks the reply.
+                let script = (0..self.scripts.len())
+                    .filter_map(|i| prompt.rfind(self.scripts[i].0).map(|at| (at, i)))
+                    .max()
+                    .expect("a prompt naming a script")
+                    .1;
+                self.seqs.insert(s.seq_id, (script, s.tokens.len()));
+            }
+            let (script, prompt_len) = self.seqs[&s.seq_id];
+            let end = s.start_pos + s.tokens.len();
+            let mut data = vec![0f32; rows * vocab];
+            for r in 0..rows {
+                // Row r is the logits after position end - rows + r: the reply's next token.
+                let produced = end - rows + r + 1 - prompt_len;
+                let next = self.scripts[script].1.get(produced).copied().unwrap_or(self.spec.eos_token_ids[0]);
+                data[r * vocab + next as usize] = 10.0;
+            }
+            out.push(Logits { rows, data });
+        }
+        Ok(out)
+    }
+    fn name(&self) -> &str {
+        "scripted"
+    }
+}
+
+struct Harness {
+    base: String,
+    client: reqwest::Client,
+    engine: peregrine_engine::EngineHandle,
+}
+
+impl Harness {
+    async fn start() -> Harness {
+        let spec = peregrine_model::config::load_spec(Path::new(FIX)).unwrap();
+        let tokenizer = Arc::new(Tokenizer::from_file(&Path::new(FIX).join("tokenizer.json")).unwrap());
+        let scripts: Vec<(&'static str, Vec<u32>)> =
+            [("ask-weather", WEATHER), ("ask-plain", PLAIN)].iter().map(|&(k, t)| (k, tokenizer.encode(t, false).unwrap())).collect();
+        for (key, ids) in &scripts {
+            let text = if *key == "ask-weather" { WEATHER } else { PLAIN };
+            assert_eq!(tokenizer.decode(ids, false).unwrap(), text, "the fixture tokenizer must round-trip the {key} script");
+        }
+        let backend = Scripted { spec, tokenizer: tokenizer.clone(), scripts, seqs: HashMap::new() };
+        let config = EngineConfig { max_model_len: 1024, kv_cache_memory_bytes: 1 << 20, enable_prefix_caching: false, ..EngineConfig::default() };
+        let engine = start_engine(Box::new(backend), tokenizer, config).unwrap();
+        let template = ChatTemplate::new(
+            "{% if tools %}tools:{% for t in tools %} {{ t.function.name }}{% endfor %}\n{% endif %}{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant:",
+            None,
+            None,
+        )
+        .unwrap();
+        let state = AppState::new(Settings { api_key: None, always_include_usage: false, parse_tool_calls: true });
+        assert!(state.ready.set(Ready { engine: engine.clone(), template: Some(template), model_name: "scripted".into(), created: 0 }).is_ok());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, router(state, 1 << 20)).await });
+        Harness { base, client: reqwest::Client::new(), engine }
+    }
+
+    async fn chat(&self, body: Value) -> (u16, Value) {
+        let r = self.client.post(format!("{}/v1/chat/completions", self.base)).json(&body).send().await.unwrap();
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({status}): {text}")))
+    }
+
+    /// The stream's chunks (the data lines before `[DONE]`).
+    async fn chat_stream(&self, body: Value) -> Vec<Value> {
+        let r = self.client.post(format!("{}/v1/chat/completions", self.base)).json(&body).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        let text = r.text().await.unwrap();
+        let data: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+        assert_eq!(data.last(), Some(&"[DONE]"), "{text}");
+        data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect()
+    }
+}
+
+fn tools() -> Value {
+    json!([
+        {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"type": "string"}}}}},
+        {"type": "function", "function": {"name": "get_time"}}
+    ])
+}
+
+fn request(word: &str, extra: Value) -> Value {
+    let mut body = json!({"messages": [{"role": "user", "content": format!("{word}, please")}], "temperature": 0, "max_tokens": 400});
+    for (k, v) in extra.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    body
+}
+
+/// The two calls of the weather script, as OpenAI tool calls.
+fn assert_weather_calls(calls: &[Value]) {
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    for c in calls {
+        assert_eq!(c["type"], "function");
+        let id = c["id"].as_str().unwrap();
+        assert!(id.starts_with("call_") && id.len() > 10, "{id}");
+    }
+    assert_ne!(calls[0]["id"], calls[1]["id"]);
+    assert_eq!(calls[0]["function"]["name"], "get_weather");
+    let args: Value = serde_json::from_str(calls[0]["function"]["arguments"].as_str().unwrap()).unwrap();
+    assert_eq!(args, json!({"city": "Paris", "unit": "C"}));
+    assert_eq!(calls[1]["function"]["name"], "get_time");
+    assert_eq!(calls[1]["function"]["arguments"], "{}");
+}
+
+#[tokio::test]
+async fn tool_calls_come_back_parsed_streamed_or_not() {
+    let h = Harness::start().await;
+
+    // Not streamed: the text before the calls is the content, the calls are tool_calls.
+    let (status, v) = h.chat(request("ask-weather", json!({"tools": tools()}))).await;
+    assert_eq!(status, 200, "{v}");
+    let choice = &v["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls", "{v}");
+    assert_eq!(choice["message"]["role"], "assistant");
+    assert_eq!(choice["message"]["content"], "I'll check.\n\n", "{v}");
+    assert_weather_calls(choice["message"]["tool_calls"].as_array().unwrap());
+    assert_eq!(v["usage"]["completion_tokens"].as_u64().unwrap() as usize, {
+        let t = Tokenizer::from_file(&Path::new(FIX).join("tokenizer.json")).unwrap();
+        t.encode(WEATHER, false).unwrap().len() + 1
+    });
+
+    // Streamed: the same content in content deltas, each call as one tool_calls delta with its
+    // index, and the finish reason on the last choice chunk.
+    let chunks = h.chat_stream(request("ask-weather", json!({"tools": tools(), "stream": true}))).await;
+    let mut content = String::new();
+    let mut calls = Vec::new();
+    let mut finishes = Vec::new();
+    for c in &chunks {
+        let choice = &c["choices"][0];
+        if let Some(t) = choice["delta"]["content"].as_str() {
+            assert!(!t.contains("<tool_call"), "a tag leaked into the content: {c}");
+            content.push_str(t);
+        }
+        if let Some(list) = choice["delta"]["tool_calls"].as_array() {
+            for call in list {
+                assert_eq!(call["index"].as_u64().unwrap() as usize, calls.len(), "{c}");
+                calls.push(call.clone());
+            }
+        }
+        if !choice["finish_reason"].is_null() {
+            finishes.push(choice["finish_reason"].clone());
+        }
+    }
+    assert_eq!(content, "I'll check.\n\n");
+    assert_weather_calls(&calls);
+    assert_eq!(finishes, vec![json!("tool_calls")]);
+    assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], "tool_calls");
+
+    // tool_choice none, no tools, or a reply without calls: the text as written, finish stop.
+    for body in [
+        request("ask-weather", json!({"tools": tools(), "tool_choice": "none"})),
+        request("ask-weather", json!({})),
+        request("ask-weather", json!({"tool_choice": "auto"})),
+    ] {
+        let (status, v) = h.chat(body.clone()).await;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["choices"][0]["message"]["content"], WEATHER, "{body}");
+        assert!(v["choices"][0]["message"].get("tool_calls").is_none(), "{v}");
+        assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    }
+    let (_, v) = h.chat(request("ask-plain", json!({"tools": tools()}))).await;
+    assert_eq!(v["choices"][0]["message"]["content"], PLAIN);
+    assert!(v["choices"][0]["message"].get("tool_calls").is_none(), "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    let chunks = h.chat_stream(request("ask-plain", json!({"tools": tools(), "stream": true}))).await;
+    let streamed: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    assert_eq!(streamed, PLAIN);
+
+    // Cut inside the first call by max_tokens: no call, nothing lost, finish length.
+    let t = Tokenizer::from_file(&Path::new(FIX).join("tokenizer.json")).unwrap();
+    let ids = t.encode(WEATHER, false).unwrap();
+    let cut = (1..ids.len()).find(|&n| t.decode(&ids[..n], false).unwrap().contains("\"city\"")).unwrap();
+    let (_, v) = h.chat(request("ask-weather", json!({"tools": tools(), "max_tokens": cut}))).await;
+    let partial = t.decode(&ids[..cut], false).unwrap();
+    assert!(partial.contains("<tool_call>") && !partial.contains("</tool_call>"), "the cut must fall inside the first call: {partial:?}");
+    assert_eq!(v["choices"][0]["message"]["content"], partial.as_str(), "{v}");
+    assert!(v["choices"][0]["message"].get("tool_calls").is_none(), "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+
+    // n = 2, streamed: each choice parses its own calls.
+    let chunks = h.chat_stream(request("ask-weather", json!({"tools": tools(), "stream": true, "n": 2}))).await;
+    for i in 0..2 {
+        let calls: Vec<Value> = chunks
+            .iter()
+            .filter(|c| c["choices"][0]["index"] == i)
+            .filter_map(|c| c["choices"][0]["delta"]["tool_calls"].as_array().cloned())
+            .flatten()
+            .collect();
+        assert_weather_calls(&calls);
+    }
+
+    let e = h.engine.clone();
+    tokio::task::spawn_blocking(move || e.shutdown()).await.unwrap();
+}
+
+/// The OpenAI Python SDK (strict response validation) reads the calls, streamed and not, and
+/// sends them back as history. Needs the repository's `.venv` with `openai` (scripts/test.sh
+/// prepares it); skips with a message when it is absent.
+#[tokio::test]
+async fn the_openai_sdk_reads_the_tool_calls() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let python = root.join(".venv/bin/python");
+    let has_sdk = python.is_file() && std::process::Command::new(&python).args(["-c", "import openai"]).status().is_ok_and(|s| s.success());
+    if !has_sdk {
+        eprintln!("skipped: .venv with the openai SDK not found (run scripts/test.sh)");
+        return;
+    }
+    let h = Harness::start().await;
+    let out = tokio::process::Command::new(&python)
+        .arg(root.join("tests/sdk/test_tool_calls_sdk.py"))
+        .arg(format!("{}/v1", h.base))
+        .output()
+        .await
+        .unwrap();
+    let text = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "the SDK's tool call checks failed:\n{text}");
+    assert!(text.contains("all checks passed"), "{text}");
+    let e = h.engine.clone();
+    tokio::task::spawn_blocking(move || e.shutdown()).await.unwrap();
+}
+
+#[tokio::test]
+async fn requests_the_server_cannot_honour_are_refused() {
+    let h = Harness::start().await;
+    let cases = [
+        (json!({"tools": tools(), "tool_choice": "required"}), "tool_choice", "not supported"),
+        (json!({"tools": tools(), "tool_choice": {"type": "function", "function": {"name": "get_time"}}}), "tool_choice", "get_time"),
+        (json!({"tools": tools(), "tool_choice": "sometimes"}), "tool_choice", "sometimes"),
+        (json!({"tools": tools(), "tool_choice": 3}), "tool_choice", "must be"),
+        (json!({"tools": {"type": "function"}}), "tools", "must be a list"),
+        (json!({"tools": [{"type": "retrieval"}]}), "tools", "tools[0].type"),
+        (json!({"tools": [{"type": "function", "function": {"description": "no name"}}]}), "tools", "tools[0].function.name"),
+        (json!({"tools": [{"type": "function", "function": {"name": "f", "parameters": "x"}}]}), "tools", "parameters"),
+        (json!({"response_format": {"type": "json_object"}}), "response_format", "json_object"),
+        (json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}), "response_format", "json_schema"),
+        (json!({"response_format": {"type": "yaml"}}), "response_format", "yaml"),
+        (json!({"response_format": "json"}), "response_format", "must be an object"),
+    ];
+    for (extra, param, words) in cases {
+        let (status, v) = h.chat(request("ask-weather", extra.clone())).await;
+        assert_eq!(status, 400, "{extra}: {v}");
+        assert_eq!(v["error"]["param"], param, "{extra}: {v}");
+        assert!(v["error"]["message"].as_str().unwrap().contains(words), "{extra}: {v}");
+    }
+    // Plain text output is what every reply is: accepted.
+    let (status, v) = h.chat(request("ask-plain", json!({"response_format": {"type": "text"}}))).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["choices"][0]["message"]["content"], PLAIN);
+    let e = h.engine.clone();
+    tokio::task::spawn_blocking(move || e.shutdown()).await.unwrap();
+}
