@@ -46,7 +46,7 @@ pub const DUMMY_SEED: u64 = 0x5eed;
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
 pub enum ToolCallParserKind {
-    Hermes,
+    Auto,
     None,
 }
 
@@ -107,10 +107,10 @@ pub struct ServeArgs {
     pub always_include_usage: bool,
     #[arg(long, env = "PEREGRINE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
-    /// How chat outputs of requests with `tools` become `tool_calls`: `hermes` parses
-    /// `<tool_call>{"name": .., "arguments": ..}</tool_call>` blocks (the Qwen / MiMo chat
-    /// templates' form); `none` leaves every output as text.
-    #[arg(long, env = "PEREGRINE_TOOL_CALL_PARSER", value_enum, default_value_t = ToolCallParserKind::Hermes)]
+    /// How chat outputs of requests with `tools` become `tool_calls`: `auto` parses
+    /// `<tool_call>` blocks in the JSON form (Hermes / Qwen2.5 templates) or the XML form (MiMo /
+    /// Qwen3-Coder templates); `none` leaves every output as text.
+    #[arg(long, env = "PEREGRINE_TOOL_CALL_PARSER", value_enum, default_value_t = ToolCallParserKind::Auto)]
     pub tool_call_parser: ToolCallParserKind,
     /// DFlash drafter directory for speculative decoding, or `none` to decode without one.
     /// Default: the model's own `dflash/` subfolder when it has one.
@@ -317,7 +317,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let state = AppState::new(Settings {
         api_key: args.api_key.clone(),
         always_include_usage: args.always_include_usage,
-        parse_tool_calls: args.tool_call_parser == ToolCallParserKind::Hermes,
+        parse_tool_calls: args.tool_call_parser == ToolCallParserKind::Auto,
     });
     tracing::info!(%addr, "listening (503 until the model is loaded)");
     let app = crate::routes::router(state.clone(), args.max_body_bytes);

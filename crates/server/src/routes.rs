@@ -1,7 +1,8 @@
 //! The HTTP routes: OpenAI chat and text completions (streaming and not), models, health,
 //! metrics, tokenize/detokenize; JSON errors everywhere, also for rejections and unknown routes.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::convert::Infallible;
 use std::time::Instant;
 
@@ -22,7 +23,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use crate::error::ApiError;
 use crate::protocol::{self, ChatRequest, CompletionRequest, Plan, PromptInput};
 use crate::state::{random_id, unix_now, AppState, Ready};
-use crate::tool_calls::{self, Piece, ToolCall, ToolCallParser};
+use crate::tool_calls::{self, Piece, ToolCall, ToolCallParser, ToolSchemas};
 
 pub fn router(state: AppState, max_body_bytes: usize) -> Router {
     let api = Router::new()
@@ -196,11 +197,11 @@ fn tool_call_json(call: &ToolCall, index: Option<usize>) -> Value {
 }
 
 /// A whole chat choice's message and finish reason, its tool calls parsed out when asked for.
-fn chat_message(text: &str, finish: Option<FinishReason>, parse_tools: bool) -> (Value, Option<&'static str>) {
-    if !parse_tools {
+fn chat_message(text: &str, finish: Option<FinishReason>, tools: Option<&Arc<ToolSchemas>>) -> (Value, Option<&'static str>) {
+    let Some(schemas) = tools else {
         return (json!({"role": "assistant", "content": text}), finish.map(finish_str));
-    }
-    let (content, calls) = tool_calls::parse_output(text);
+    };
+    let (content, calls) = tool_calls::parse_output(text, schemas.clone());
     let mut message = json!({"role": "assistant", "content": content});
     if !calls.is_empty() {
         message["tool_calls"] = calls.iter().map(|c| tool_call_json(c, None)).collect();
@@ -344,6 +345,8 @@ async fn chat(State(state): State<AppState>, body: Result<Bytes, BytesRejection>
     let tok = r.engine.tokenizer();
     let plan = protocol::plan(&common, top, r.engine.spec().vocab_size, state.settings.always_include_usage)?;
     let parse_tools = protocol::tool_parsing(req.tools.as_ref(), req.tool_choice.as_ref())? && state.settings.parse_tool_calls;
+    // The declared parameter types, for reading XML tool call values.
+    let tool_schemas = parse_tools.then(|| Arc::new(ToolSchemas::from_tools(req.tools.as_ref())));
     let messages = protocol::chat_messages(&req.messages)?;
     let template = r.template.as_ref().ok_or_else(|| ApiError::invalid("this model has no chat template: use /v1/completions or start the server with --chat-template"))?;
     let text = template
@@ -355,9 +358,7 @@ async fn chat(State(state): State<AppState>, body: Result<Bytes, BytesRejection>
     let created = unix_now();
     if plan.stream {
         let mut st = StreamState::new(state.clone(), sub, id, created, true, plan.include_usage, None);
-        if parse_tools {
-            st.tool_parsers = Some(Default::default());
-        }
+        st.tool_schemas = tool_schemas;
         return Ok(sse(st).into_response());
     }
     let prompt_lens = sub.prompt_lens.clone();
@@ -365,7 +366,7 @@ async fn chat(State(state): State<AppState>, body: Result<Bytes, BytesRejection>
     let choices: Vec<Value> = results
         .iter()
         .map(|(ci, _, c)| {
-            let (message, finish) = chat_message(&c.text, c.finish, parse_tools);
+            let (message, finish) = chat_message(&c.text, c.finish, tool_schemas.as_ref());
             json!({"index": ci, "message": message,
                    "logprobs": top.map(|_| json!({"content": c.logprobs.iter().map(|lp| chat_logprob_entry(r, lp)).collect::<Vec<_>>()})),
                    "finish_reason": finish})
@@ -465,8 +466,10 @@ struct StreamState {
     accepted: usize,
     rejected: usize,
     done: bool,
-    /// Per chat choice, the parser of its tool calls (requests with tools).
-    tool_parsers: Option<std::collections::HashMap<usize, ToolCallParser>>,
+    /// Requests whose tool calls are parsed: the tools' parameter types, and per choice its
+    /// parser.
+    tool_schemas: Option<Arc<ToolSchemas>>,
+    tool_parsers: HashMap<usize, ToolCallParser>,
 }
 
 impl StreamState {
@@ -487,7 +490,8 @@ impl StreamState {
             accepted: 0,
             rejected: 0,
             done: false,
-            tool_parsers: None,
+            tool_schemas: None,
+            tool_parsers: HashMap::new(),
         };
         for (ci, pi, rx) in sub.streams {
             if chat {
@@ -536,8 +540,8 @@ impl StreamState {
                     let ids: Vec<u32> = logprobs.iter().map(|l| l.token_id).collect();
                     legacy_logprobs(r, &entries, &ids, 0)
                 };
-                if let Some(parsers) = &mut self.tool_parsers {
-                    let p = parsers.entry(ci).or_default();
+                if let Some(schemas) = &self.tool_schemas {
+                    let p = self.tool_parsers.entry(ci).or_insert_with(|| ToolCallParser::new(schemas.clone()));
                     let first_call = p.calls();
                     let pieces = p.push(&text);
                     self.push_pieces(ci, pieces, first_call, lp);
@@ -553,8 +557,8 @@ impl StreamState {
                 self.accepted += usage.accepted_prediction_tokens;
                 self.rejected += usage.rejected_prediction_tokens;
                 let mut finish = finish_str(reason);
-                if let Some(parsers) = &mut self.tool_parsers {
-                    let mut p = parsers.remove(&ci).unwrap_or_default();
+                if let Some(schemas) = &self.tool_schemas {
+                    let mut p = self.tool_parsers.remove(&ci).unwrap_or_else(|| ToolCallParser::new(schemas.clone()));
                     let first_call = p.calls();
                     let pieces = p.finish();
                     self.push_pieces(ci, pieces, first_call, Value::Null);

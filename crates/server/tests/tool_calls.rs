@@ -20,6 +20,8 @@ const FIX: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/gol
 
 const WEATHER: &str = "I'll check.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\", \"unit\": \"C\"}}\n</tool_call>\n<tool_call>\n{\"name\": \"get_time\", \"arguments\": {}}\n</tool_call>";
 const PLAIN: &str = "No tools needed: <tool> is not a call.";
+/// MiMo's own form (XML), with a parameter the tool declares as an integer.
+const XML: &str = "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>";
 
 /// Replies with the script whose key the prompt contains, token by token, then EOS.
 struct Scripted {
@@ -80,13 +82,13 @@ struct Harness {
 }
 
 impl Harness {
-    async fn start() -> Harness {
+    /// `parse_tool_calls`: the server's `--tool-call-parser` (`auto` or `none`).
+    async fn start(parse_tool_calls: bool) -> Harness {
         let spec = peregrine_model::config::load_spec(Path::new(FIX)).unwrap();
         let tokenizer = Arc::new(Tokenizer::from_file(&Path::new(FIX).join("tokenizer.json")).unwrap());
         let scripts: Vec<(&'static str, Vec<u32>)> =
-            [("ask-weather", WEATHER), ("ask-plain", PLAIN)].iter().map(|&(k, t)| (k, tokenizer.encode(t, false).unwrap())).collect();
-        for (key, ids) in &scripts {
-            let text = if *key == "ask-weather" { WEATHER } else { PLAIN };
+            [("ask-weather", WEATHER), ("ask-plain", PLAIN), ("ask-xml", XML)].iter().map(|&(k, t)| (k, tokenizer.encode(t, false).unwrap())).collect();
+        for ((key, ids), text) in scripts.iter().zip([WEATHER, PLAIN, XML]) {
             assert_eq!(tokenizer.decode(ids, false).unwrap(), text, "the fixture tokenizer must round-trip the {key} script");
         }
         let backend = Scripted { spec, tokenizer: tokenizer.clone(), scripts, seqs: HashMap::new() };
@@ -98,7 +100,7 @@ impl Harness {
             None,
         )
         .unwrap();
-        let state = AppState::new(Settings { api_key: None, always_include_usage: false, parse_tool_calls: true });
+        let state = AppState::new(Settings { api_key: None, always_include_usage: false, parse_tool_calls });
         assert!(state.ready.set(Ready { engine: engine.clone(), template: Some(template), model_name: "scripted".into(), created: 0 }).is_ok());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
@@ -127,7 +129,7 @@ impl Harness {
 fn tools() -> Value {
     json!([
         {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"type": "string"}}}}},
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"type": "string"}, "days": {"type": "integer"}}}}},
         {"type": "function", "function": {"name": "get_time"}}
     ])
 }
@@ -158,7 +160,7 @@ fn assert_weather_calls(calls: &[Value]) {
 
 #[tokio::test]
 async fn tool_calls_come_back_parsed_streamed_or_not() {
-    let h = Harness::start().await;
+    let h = Harness::start(true).await;
 
     // Not streamed: the text before the calls is the content, the calls are tool_calls.
     let (status, v) = h.chat(request("ask-weather", json!({"tools": tools()}))).await;
@@ -199,6 +201,24 @@ async fn tool_calls_come_back_parsed_streamed_or_not() {
     assert_weather_calls(&calls);
     assert_eq!(finishes, vec![json!("tool_calls")]);
     assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], "tool_calls");
+
+    // MiMo's XML form, its integer parameter read as a number (the request's declaration).
+    for stream in [false, true] {
+        let body = request("ask-xml", json!({"tools": tools(), "stream": stream}));
+        let (calls, finish) = if stream {
+            let chunks = h.chat_stream(body).await;
+            let calls: Vec<Value> = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["tool_calls"].as_array().cloned()).flatten().collect();
+            (calls, chunks.last().unwrap()["choices"][0]["finish_reason"].clone())
+        } else {
+            let (_, v) = h.chat(body).await;
+            assert_eq!(v["choices"][0]["message"]["content"], Value::Null, "{v}");
+            (v["choices"][0]["message"]["tool_calls"].as_array().unwrap().clone(), v["choices"][0]["finish_reason"].clone())
+        };
+        assert_eq!(finish, "tool_calls");
+        assert_eq!(calls.len(), 1, "{calls:?}");
+        assert_eq!(calls[0]["function"]["name"], "get_weather");
+        assert_eq!(calls[0]["function"]["arguments"], r#"{"city":"Paris","days":3}"#);
+    }
 
     // tool_choice none, no tools, or a reply without calls: the text as written, finish stop.
     for body in [
@@ -259,7 +279,7 @@ async fn the_openai_sdk_reads_the_tool_calls() {
         eprintln!("skipped: .venv with the openai SDK not found (run scripts/test.sh)");
         return;
     }
-    let h = Harness::start().await;
+    let h = Harness::start(true).await;
     let out = tokio::process::Command::new(&python)
         .arg(root.join("tests/sdk/test_tool_calls_sdk.py"))
         .arg(format!("{}/v1", h.base))
@@ -274,8 +294,23 @@ async fn the_openai_sdk_reads_the_tool_calls() {
 }
 
 #[tokio::test]
+async fn with_the_parser_off_replies_stay_text() {
+    let h = Harness::start(false).await;
+    let (status, v) = h.chat(request("ask-weather", json!({"tools": tools()}))).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["choices"][0]["message"]["content"], WEATHER);
+    assert!(v["choices"][0]["message"].get("tool_calls").is_none(), "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    // What the server cannot honour is still refused.
+    let (status, _) = h.chat(request("ask-weather", json!({"tools": tools(), "tool_choice": "required"}))).await;
+    assert_eq!(status, 400);
+    let e = h.engine.clone();
+    tokio::task::spawn_blocking(move || e.shutdown()).await.unwrap();
+}
+
+#[tokio::test]
 async fn requests_the_server_cannot_honour_are_refused() {
-    let h = Harness::start().await;
+    let h = Harness::start(true).await;
     let cases = [
         (json!({"tools": tools(), "tool_choice": "required"}), "tool_choice", "not supported"),
         (json!({"tools": tools(), "tool_choice": {"type": "function", "function": {"name": "get_time"}}}), "tool_choice", "get_time"),
