@@ -51,6 +51,12 @@ pub enum ToolCallParserKind {
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ReasoningParserKind {
+    Auto,
+    None,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
     Json,
@@ -112,6 +118,11 @@ pub struct ServeArgs {
     /// Qwen3-Coder templates); `none` leaves every output as text.
     #[arg(long, env = "PEREGRINE_TOOL_CALL_PARSER", value_enum, default_value_t = ToolCallParserKind::Auto)]
     pub tool_call_parser: ToolCallParserKind,
+    /// How reasoning models' thinking is returned: `auto` splits a chat reply's leading
+    /// `<think>...</think>` (or a block the prompt left open) into `reasoning_content`, as the
+    /// `qwen3` reasoning parser MiMo is served with does; `none` leaves it in `content`.
+    #[arg(long, env = "PEREGRINE_REASONING_PARSER", value_enum, default_value_t = ReasoningParserKind::Auto)]
+    pub reasoning_parser: ReasoningParserKind,
     /// DFlash drafter directory for speculative decoding, or `none` to decode without one.
     /// Default: the model's own `dflash/` subfolder when it has one.
     #[arg(long, env = "PEREGRINE_SPECULATIVE_MODEL")]
@@ -318,6 +329,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         api_key: args.api_key.clone(),
         always_include_usage: args.always_include_usage,
         parse_tool_calls: args.tool_call_parser == ToolCallParserKind::Auto,
+        parse_reasoning: args.reasoning_parser == ReasoningParserKind::Auto,
     });
     tracing::info!(%addr, "listening (503 until the model is loaded)");
     let app = crate::routes::router(state.clone(), args.max_body_bytes);

@@ -1,10 +1,12 @@
 //! The OpenAI-compatible HTTP front end (axum): request validation, the OpenAI wire format with
 //! SSE streaming, Prometheus metrics, and the `peregrine` binary's startup.
 
+pub mod chat_output;
 pub mod cli;
 pub mod default_model;
 pub mod error;
 pub mod protocol;
+pub mod reasoning;
 pub mod routes;
 pub mod state;
 pub mod tool_calls;

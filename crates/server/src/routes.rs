@@ -23,7 +23,9 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use crate::error::ApiError;
 use crate::protocol::{self, ChatRequest, CompletionRequest, Plan, PromptInput};
 use crate::state::{random_id, unix_now, AppState, Ready};
-use crate::tool_calls::{self, Piece, ToolCall, ToolCallParser, ToolSchemas};
+use crate::chat_output::{ChoiceStream, OutputParsing};
+use crate::reasoning::ReasoningParser;
+use crate::tool_calls::ToolSchemas;
 
 pub fn router(state: AppState, max_body_bytes: usize) -> Router {
     let api = Router::new()
@@ -186,28 +188,6 @@ fn chat_finish_str(f: FinishReason, calls: usize) -> &'static str {
     }
 }
 
-/// OpenAI's tool call object (`index` only in stream deltas).
-fn tool_call_json(call: &ToolCall, index: Option<usize>) -> Value {
-    let mut v = json!({"id": format!("call_{:024x}", rand::random::<u128>() >> 32), "type": "function",
-                       "function": {"name": call.name, "arguments": call.arguments}});
-    if let Some(i) = index {
-        v["index"] = json!(i);
-    }
-    v
-}
-
-/// A whole chat choice's message and finish reason, its tool calls parsed out when asked for.
-fn chat_message(text: &str, finish: Option<FinishReason>, tools: Option<&Arc<ToolSchemas>>) -> (Value, Option<&'static str>) {
-    let Some(schemas) = tools else {
-        return (json!({"role": "assistant", "content": text}), finish.map(finish_str));
-    };
-    let (content, calls) = tool_calls::parse_output(text, schemas.clone());
-    let mut message = json!({"role": "assistant", "content": content});
-    if !calls.is_empty() {
-        message["tool_calls"] = calls.iter().map(|c| tool_call_json(c, None)).collect();
-    }
-    (message, finish.map(|f| chat_finish_str(f, calls.len())))
-}
 
 /// The text of one token as the logprobs formats show it.
 fn token_text(r: &Ready, id: u32) -> String {
@@ -345,20 +325,25 @@ async fn chat(State(state): State<AppState>, body: Result<Bytes, BytesRejection>
     let tok = r.engine.tokenizer();
     let plan = protocol::plan(&common, top, r.engine.spec().vocab_size, state.settings.always_include_usage)?;
     let parse_tools = protocol::tool_parsing(req.tools.as_ref(), req.tool_choice.as_ref())? && state.settings.parse_tool_calls;
-    // The declared parameter types, for reading XML tool call values.
-    let tool_schemas = parse_tools.then(|| Arc::new(ToolSchemas::from_tools(req.tools.as_ref())));
     let messages = protocol::chat_messages(&req.messages)?;
     let template = r.template.as_ref().ok_or_else(|| ApiError::invalid("this model has no chat template: use /v1/completions or start the server with --chat-template"))?;
     let text = template
         .render(&messages, req.tools.as_ref(), req.add_generation_prompt.unwrap_or(true), &req.chat_template_kwargs.clone().unwrap_or_default())
         .map_err(|e| ApiError::param("messages", e.to_string()))?;
     let ids = tok.encode(&text, false).map_err(|e| ApiError::invalid(e.to_string()))?;
+    let parsing = OutputParsing {
+        reasoning: state.settings.parse_reasoning.then(|| ReasoningParser::prompt_opens_thinking(&text)),
+        // The declared parameter types, for reading XML tool call values.
+        tools: parse_tools.then(|| Arc::new(ToolSchemas::from_tools(req.tools.as_ref()))),
+    };
     let id = random_id("chatcmpl");
     let sub = submit_all(r, &id, &[ids], &plan, None)?;
     let created = unix_now();
     if plan.stream {
         let mut st = StreamState::new(state.clone(), sub, id, created, true, plan.include_usage, None);
-        st.tool_schemas = tool_schemas;
+        if parsing.any() {
+            st.parsing = Some(parsing);
+        }
         return Ok(sse(st).into_response());
     }
     let prompt_lens = sub.prompt_lens.clone();
@@ -366,7 +351,8 @@ async fn chat(State(state): State<AppState>, body: Result<Bytes, BytesRejection>
     let choices: Vec<Value> = results
         .iter()
         .map(|(ci, _, c)| {
-            let (message, finish) = chat_message(&c.text, c.finish, tool_schemas.as_ref());
+            let (message, calls) = parsing.message(&c.text);
+            let finish = c.finish.map(|f| chat_finish_str(f, calls));
             json!({"index": ci, "message": message,
                    "logprobs": top.map(|_| json!({"content": c.logprobs.iter().map(|lp| chat_logprob_entry(r, lp)).collect::<Vec<_>>()})),
                    "finish_reason": finish})
@@ -466,10 +452,10 @@ struct StreamState {
     accepted: usize,
     rejected: usize,
     done: bool,
-    /// Requests whose tool calls are parsed: the tools' parameter types, and per choice its
-    /// parser.
-    tool_schemas: Option<Arc<ToolSchemas>>,
-    tool_parsers: HashMap<usize, ToolCallParser>,
+    /// Chat requests whose outputs are parsed (reasoning, tool calls), and per choice its
+    /// parsers.
+    parsing: Option<OutputParsing>,
+    choice_streams: HashMap<usize, ChoiceStream>,
 }
 
 impl StreamState {
@@ -490,8 +476,8 @@ impl StreamState {
             accepted: 0,
             rejected: 0,
             done: false,
-            tool_schemas: None,
-            tool_parsers: HashMap::new(),
+            parsing: None,
+            choice_streams: HashMap::new(),
         };
         for (ci, pi, rx) in sub.streams {
             if chat {
@@ -540,11 +526,9 @@ impl StreamState {
                     let ids: Vec<u32> = logprobs.iter().map(|l| l.token_id).collect();
                     legacy_logprobs(r, &entries, &ids, 0)
                 };
-                if let Some(schemas) = &self.tool_schemas {
-                    let p = self.tool_parsers.entry(ci).or_insert_with(|| ToolCallParser::new(schemas.clone()));
-                    let first_call = p.calls();
-                    let pieces = p.push(&text);
-                    self.push_pieces(ci, pieces, first_call, lp);
+                if let Some(parsing) = &self.parsing {
+                    let deltas = self.choice_streams.entry(ci).or_insert_with(|| parsing.stream()).deltas(Some(&text));
+                    self.push_deltas(ci, deltas, lp);
                     return;
                 }
                 let delta = if self.chat { json!({"content": text}) } else { json!(text) };
@@ -557,11 +541,10 @@ impl StreamState {
                 self.accepted += usage.accepted_prediction_tokens;
                 self.rejected += usage.rejected_prediction_tokens;
                 let mut finish = finish_str(reason);
-                if let Some(schemas) = &self.tool_schemas {
-                    let mut p = self.tool_parsers.remove(&ci).unwrap_or_else(|| ToolCallParser::new(schemas.clone()));
-                    let first_call = p.calls();
-                    let pieces = p.finish();
-                    self.push_pieces(ci, pieces, first_call, Value::Null);
+                if let Some(parsing) = &self.parsing {
+                    let mut p = self.choice_streams.remove(&ci).unwrap_or_else(|| parsing.stream());
+                    let deltas = p.deltas(None);
+                    self.push_deltas(ci, deltas, Value::Null);
                     finish = chat_finish_str(reason, p.calls());
                 }
                 let delta = if self.chat { json!({}) } else { json!("") };
@@ -576,25 +559,15 @@ impl StreamState {
         }
     }
 
-    /// A choice's parsed output as chunks: text as content deltas, each call as one tool call
-    /// delta (numbered from `first_call`, the choice's calls released before). The event's
-    /// logprobs ride on the first chunk (on an empty content delta where all of its text is
-    /// held back).
-    fn push_pieces(&mut self, ci: usize, pieces: Vec<Piece>, first_call: usize, mut logprobs: Value) {
-        let mut call_index = first_call;
-        if pieces.is_empty() && !logprobs.is_null() {
+    /// A choice's parsed deltas as chunks. The event's logprobs ride on the first chunk (on an
+    /// empty content delta where all of its text is held back).
+    fn push_deltas(&mut self, ci: usize, deltas: Vec<Value>, mut logprobs: Value) {
+        if deltas.is_empty() && !logprobs.is_null() {
             let c = self.chunk(ci, json!({"content": ""}), logprobs, None);
             self.pending.push_back(c);
             return;
         }
-        for piece in pieces {
-            let delta = match piece {
-                Piece::Text(t) => json!({"content": t}),
-                Piece::Call(call) => {
-                    call_index += 1;
-                    json!({"tool_calls": [tool_call_json(&call, Some(call_index - 1))]})
-                }
-            };
+        for delta in deltas {
             let c = self.chunk(ci, delta, std::mem::take(&mut logprobs), None);
             self.pending.push_back(c);
         }

@@ -20,6 +20,8 @@ pub struct Settings {
     pub always_include_usage: bool,
     /// Parse `<tool_call>` blocks of chat outputs into `tool_calls` (requests with tools).
     pub parse_tool_calls: bool,
+    /// Split `<think>` reasoning from chat answers into `reasoning_content`.
+    pub parse_reasoning: bool,
 }
 
 #[derive(Clone)]

@@ -1,8 +1,8 @@
-"""Tool calls through the OpenAI Python SDK with strict response validation, against the
-scripted server of crates/server/tests/tool_calls.rs (whose reply to "ask-weather" calls
-get_weather and get_time).
+"""Tool calls and reasoning through the OpenAI Python SDK with strict response validation,
+against the scripted server of crates/server/tests/chat_output.rs (whose reply to "ask-weather"
+calls get_weather and get_time, and to "ask-think" thinks, then calls get_time).
 
-    python tests/sdk/test_tool_calls_sdk.py http://127.0.0.1:PORT/v1
+    python tests/sdk/test_chat_output_sdk.py http://127.0.0.1:PORT/v1
 
 Exits non-zero on the first failure.
 """
@@ -52,4 +52,14 @@ follow = msgs + [
 ]
 r = client.chat.completions.create(model="scripted", messages=follow, tools=tools, temperature=0, max_tokens=400)
 assert r.choices[0].finish_reason == "stop" and r.choices[0].message.tool_calls is None, r
+# Reasoning beside a call: an extra field the SDK keeps, streamed as its own deltas.
+r = client.chat.completions.create(model="scripted", messages=[{"role": "user", "content": "ask-think"}], tools=tools,
+                                   temperature=0, max_tokens=400)
+m = r.choices[0].message
+assert m.model_extra["reasoning_content"] == "\nThe user wants the time: call get_time.\n", m
+assert m.content is None and m.tool_calls[0].function.name == "get_time", m
+stream = client.chat.completions.create(model="scripted", messages=[{"role": "user", "content": "ask-think"}], tools=tools,
+                                        temperature=0, max_tokens=400, stream=True)
+reasoning = "".join((c.delta.model_extra or {}).get("reasoning_content", "") for chunk in stream for c in chunk.choices)
+assert reasoning == "\nThe user wants the time: call get_time.\n", reasoning
 print("all checks passed")

@@ -1,7 +1,8 @@
-//! Tool calls over HTTP: the router served in-process over a scripted backend whose logits spell
-//! out a chosen reply (picked by the last key word in the prompt), so a reply holding `<tool_call>` blocks
-//! comes back as OpenAI `tool_calls`, streamed and not, and the requests the server cannot honour
-//! (`tool_choice: required`, a named function, JSON `response_format`) are refused up front.
+//! Chat outputs parsed over HTTP: the router served in-process over a scripted backend whose
+//! logits spell out a chosen reply (picked by the last key word in the prompt), so a reply
+//! holding `<think>` reasoning or `<tool_call>` blocks comes back as OpenAI `reasoning_content` /
+//! `tool_calls`, streamed and not, and the requests the server cannot honour (`tool_choice:
+//! required`, a named function, JSON `response_format`) are refused up front.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -20,6 +21,10 @@ const FIX: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/gol
 
 const WEATHER: &str = "I'll check.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\", \"unit\": \"C\"}}\n</tool_call>\n<tool_call>\n{\"name\": \"get_time\", \"arguments\": {}}\n</tool_call>";
 const PLAIN: &str = "No tools needed: <tool> is not a call.";
+/// Thinking, then a call (MiMo's thinking mode with tools).
+const THINK: &str = "<think>\nThe user wants the time: call get_time.\n</think>\n\n<tool_call>\n{\"name\": \"get_time\", \"arguments\": {}}\n</tool_call>";
+/// The rest of a thinking block the prompt opened, then the answer.
+const OPENED: &str = "Short question, short answer.\n</think>\n\nIt is noon.";
 /// MiMo's own form (XML), with a parameter the tool declares as an integer.
 const XML: &str = "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>";
 
@@ -82,25 +87,25 @@ struct Harness {
 }
 
 impl Harness {
-    /// `parse_tool_calls`: the server's `--tool-call-parser` (`auto` or `none`).
-    async fn start(parse_tool_calls: bool) -> Harness {
+    /// `parse`: the server's `--tool-call-parser` and `--reasoning-parser` (`auto` or `none`).
+    async fn start(parse: bool) -> Harness {
         let spec = peregrine_model::config::load_spec(Path::new(FIX)).unwrap();
         let tokenizer = Arc::new(Tokenizer::from_file(&Path::new(FIX).join("tokenizer.json")).unwrap());
         let scripts: Vec<(&'static str, Vec<u32>)> =
-            [("ask-weather", WEATHER), ("ask-plain", PLAIN), ("ask-xml", XML)].iter().map(|&(k, t)| (k, tokenizer.encode(t, false).unwrap())).collect();
-        for ((key, ids), text) in scripts.iter().zip([WEATHER, PLAIN, XML]) {
+            [("ask-weather", WEATHER), ("ask-plain", PLAIN), ("ask-xml", XML), ("ask-think", THINK), ("ask-opened", OPENED)].iter().map(|&(k, t)| (k, tokenizer.encode(t, false).unwrap())).collect();
+        for ((key, ids), text) in scripts.iter().zip([WEATHER, PLAIN, XML, THINK, OPENED]) {
             assert_eq!(tokenizer.decode(ids, false).unwrap(), text, "the fixture tokenizer must round-trip the {key} script");
         }
         let backend = Scripted { spec, tokenizer: tokenizer.clone(), scripts, seqs: HashMap::new() };
         let config = EngineConfig { max_model_len: 1024, kv_cache_memory_bytes: 1 << 20, enable_prefix_caching: false, ..EngineConfig::default() };
         let engine = start_engine(Box::new(backend), tokenizer, config).unwrap();
         let template = ChatTemplate::new(
-            "{% if tools %}tools:{% for t in tools %} {{ t.function.name }}{% endfor %}\n{% endif %}{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant:",
+            "{% if tools %}tools:{% for t in tools %} {{ t.function.name }}{% endfor %}\n{% endif %}{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant:{% if enable_thinking %}<think>\n{% endif %}",
             None,
             None,
         )
         .unwrap();
-        let state = AppState::new(Settings { api_key: None, always_include_usage: false, parse_tool_calls });
+        let state = AppState::new(Settings { api_key: None, always_include_usage: false, parse_tool_calls: parse, parse_reasoning: parse });
         assert!(state.ready.set(Ready { engine: engine.clone(), template: Some(template), model_name: "scripted".into(), created: 0 }).is_ok());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
@@ -267,8 +272,8 @@ async fn tool_calls_come_back_parsed_streamed_or_not() {
     tokio::task::spawn_blocking(move || e.shutdown()).await.unwrap();
 }
 
-/// The OpenAI Python SDK (strict response validation) reads the calls, streamed and not, and
-/// sends them back as history. Needs the repository's `.venv` with `openai` (scripts/test.sh
+/// The OpenAI Python SDK (strict response validation) reads the calls and the reasoning,
+/// streamed and not, and sends the calls back as history. Needs the repository's `.venv` with `openai` (scripts/test.sh
 /// prepares it); skips with a message when it is absent.
 #[tokio::test]
 async fn the_openai_sdk_reads_the_tool_calls() {
@@ -281,7 +286,7 @@ async fn the_openai_sdk_reads_the_tool_calls() {
     }
     let h = Harness::start(true).await;
     let out = tokio::process::Command::new(&python)
-        .arg(root.join("tests/sdk/test_tool_calls_sdk.py"))
+        .arg(root.join("tests/sdk/test_chat_output_sdk.py"))
         .arg(format!("{}/v1", h.base))
         .output()
         .await
@@ -293,14 +298,83 @@ async fn the_openai_sdk_reads_the_tool_calls() {
     tokio::task::spawn_blocking(move || e.shutdown()).await.unwrap();
 }
 
+/// Streamed chunks of one choice gathered per field: (reasoning, content, tool calls, finish).
+fn gather(chunks: &[Value]) -> (String, String, Vec<Value>, Value) {
+    let (mut reasoning, mut content, mut calls, mut finish) = (String::new(), String::new(), Vec::new(), Value::Null);
+    for c in chunks {
+        let choice = &c["choices"][0];
+        reasoning.push_str(choice["delta"]["reasoning_content"].as_str().unwrap_or(""));
+        content.push_str(choice["delta"]["content"].as_str().unwrap_or(""));
+        calls.extend(choice["delta"]["tool_calls"].as_array().cloned().unwrap_or_default());
+        if !choice["finish_reason"].is_null() {
+            finish = choice["finish_reason"].clone();
+        }
+    }
+    (reasoning, content, calls, finish)
+}
+
 #[tokio::test]
-async fn with_the_parser_off_replies_stay_text() {
-    let h = Harness::start(false).await;
-    let (status, v) = h.chat(request("ask-weather", json!({"tools": tools()}))).await;
-    assert_eq!(status, 200, "{v}");
-    assert_eq!(v["choices"][0]["message"]["content"], WEATHER);
-    assert!(v["choices"][0]["message"].get("tool_calls").is_none(), "{v}");
+async fn reasoning_is_split_from_the_answer() {
+    let h = Harness::start(true).await;
+
+    // Thinking, then a tool call: reasoning_content beside tool_calls, streamed or not.
+    let (_, v) = h.chat(request("ask-think", json!({"tools": tools()}))).await;
+    let m = &v["choices"][0]["message"];
+    assert_eq!(m["reasoning_content"], "\nThe user wants the time: call get_time.\n", "{v}");
+    assert_eq!(m["content"], Value::Null, "{v}");
+    assert_eq!(m["tool_calls"][0]["function"]["name"], "get_time", "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "tool_calls");
+    let (reasoning, content, calls, finish) = gather(&h.chat_stream(request("ask-think", json!({"tools": tools(), "stream": true}))).await);
+    assert_eq!(reasoning, "\nThe user wants the time: call get_time.\n");
+    assert_eq!(content, "");
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0]["function"]["name"], "get_time");
+    assert_eq!(finish, "tool_calls");
+
+    // Without tools the call stays in the answer's text; the reasoning is still split off.
+    let (_, v) = h.chat(request("ask-think", json!({}))).await;
+    let m = &v["choices"][0]["message"];
+    assert!(m["reasoning_content"].as_str().unwrap().contains("get_time"), "{v}");
+    assert!(m["content"].as_str().unwrap().starts_with("<tool_call>"), "{v}");
     assert_eq!(v["choices"][0]["finish_reason"], "stop");
+
+    // The template opened the block (enable_thinking): the reply starts inside it.
+    let kwargs = json!({"chat_template_kwargs": {"enable_thinking": true}});
+    let (_, v) = h.chat(request("ask-opened", kwargs.clone())).await;
+    let m = &v["choices"][0]["message"];
+    assert_eq!(m["reasoning_content"], "Short question, short answer.\n", "{v}");
+    assert_eq!(m["content"], "It is noon.", "{v}");
+    let mut streamed = kwargs.clone();
+    streamed["stream"] = json!(true);
+    let (reasoning, content, calls, finish) = gather(&h.chat_stream(request("ask-opened", streamed)).await);
+    assert_eq!((reasoning.as_str(), content.as_str(), calls.len(), finish), ("Short question, short answer.\n", "It is noon.", 0, json!("stop")));
+
+    // Not opened by the prompt and not opening with <think>: all content, no reasoning field.
+    let (_, v) = h.chat(request("ask-opened", json!({}))).await;
+    assert_eq!(v["choices"][0]["message"]["content"], OPENED, "{v}");
+    assert!(v["choices"][0]["message"].get("reasoning_content").is_none(), "{v}");
+
+    // Cut by max_tokens inside the thinking: what there is is reasoning, the answer empty.
+    let (_, v) = h.chat(request("ask-think", json!({"max_tokens": 10}))).await;
+    let m = &v["choices"][0]["message"];
+    assert!(!m["reasoning_content"].as_str().unwrap().is_empty(), "{v}");
+    assert_eq!(m["content"], "", "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    let e = h.engine.clone();
+    tokio::task::spawn_blocking(move || e.shutdown()).await.unwrap();
+}
+
+#[tokio::test]
+async fn with_the_parsers_off_replies_stay_text() {
+    let h = Harness::start(false).await;
+    for (key, text) in [("ask-weather", WEATHER), ("ask-think", THINK)] {
+        let (status, v) = h.chat(request(key, json!({"tools": tools()}))).await;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["choices"][0]["message"]["content"], text);
+        assert!(v["choices"][0]["message"].get("tool_calls").is_none(), "{v}");
+        assert!(v["choices"][0]["message"].get("reasoning_content").is_none(), "{v}");
+        assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    }
     // What the server cannot honour is still refused.
     let (status, _) = h.chat(request("ask-weather", json!({"tools": tools(), "tool_choice": "required"}))).await;
     assert_eq!(status, 400);

@@ -1,0 +1,121 @@
+//! A chat choice's output in OpenAI's message fields: the reasoning split off first
+//! (`reasoning_content`), then tool calls parsed out of the answer (`tool_calls`), the rest
+//! `content`. Streamed, as delta objects; whole, as one message.
+
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+
+use crate::reasoning::{self, Part, ReasoningParser};
+use crate::tool_calls::{self, Piece, ToolCall, ToolCallParser, ToolSchemas};
+
+/// What a request's chat outputs are parsed for.
+#[derive(Debug, Clone, Default)]
+pub struct OutputParsing {
+    /// Reasoning split off; `Some(true)` where the prompt left a `<think>` block open.
+    pub reasoning: Option<bool>,
+    /// Tool calls parsed out, with the tools' parameter types.
+    pub tools: Option<Arc<ToolSchemas>>,
+}
+
+impl OutputParsing {
+    pub fn any(&self) -> bool {
+        self.reasoning.is_some() || self.tools.is_some()
+    }
+
+    /// A whole output as the assistant message, and how many tool calls it holds.
+    pub fn message(&self, text: &str) -> (Value, usize) {
+        let (reasoning, answer) = match self.reasoning {
+            Some(opened) => reasoning::split_output(text, opened),
+            None => (None, text.to_owned()),
+        };
+        let (content, calls) = match &self.tools {
+            Some(schemas) => tool_calls::parse_output(&answer, schemas.clone()),
+            None => (Some(answer), Vec::new()),
+        };
+        let mut message = json!({"role": "assistant", "content": content});
+        if let Some(r) = reasoning {
+            message["reasoning_content"] = json!(r);
+        }
+        if !calls.is_empty() {
+            message["tool_calls"] = calls.iter().map(|c| tool_call_json(c, None)).collect();
+        }
+        (message, calls.len())
+    }
+
+    /// The streaming parser of one choice.
+    pub fn stream(&self) -> ChoiceStream {
+        ChoiceStream {
+            reasoning: self.reasoning.map(ReasoningParser::new),
+            tools: self.tools.clone().map(ToolCallParser::new),
+        }
+    }
+}
+
+/// OpenAI's tool call object (`index` only in stream deltas), with a fresh id.
+pub fn tool_call_json(call: &ToolCall, index: Option<usize>) -> Value {
+    let mut v = json!({"id": format!("call_{:024x}", rand::random::<u128>() >> 32), "type": "function",
+                       "function": {"name": call.name, "arguments": call.arguments}});
+    if let Some(i) = index {
+        v["index"] = json!(i);
+    }
+    v
+}
+
+/// One streamed choice's parsers.
+#[derive(Debug)]
+pub struct ChoiceStream {
+    reasoning: Option<ReasoningParser>,
+    tools: Option<ToolCallParser>,
+}
+
+impl ChoiceStream {
+    /// The chat deltas the next piece of output releases (`None`: the output ended).
+    pub fn deltas(&mut self, text: Option<&str>) -> Vec<Value> {
+        let parts = match (&mut self.reasoning, text) {
+            (Some(r), Some(t)) => r.push(t),
+            (Some(r), None) => r.finish(),
+            (None, Some(t)) => vec![Part::Content(t.to_owned())],
+            (None, None) => Vec::new(),
+        };
+        let mut out = Vec::new();
+        for part in parts {
+            match part {
+                Part::Reasoning(t) => out.push(json!({"reasoning_content": t})),
+                Part::Content(t) => self.answer_deltas(Some(&t), &mut out),
+            }
+        }
+        if text.is_none() {
+            self.answer_deltas(None, &mut out);
+        }
+        out
+    }
+
+    /// Tool calls released so far.
+    pub fn calls(&self) -> usize {
+        self.tools.as_ref().map_or(0, ToolCallParser::calls)
+    }
+
+    fn answer_deltas(&mut self, text: Option<&str>, out: &mut Vec<Value>) {
+        let Some(tp) = &mut self.tools else {
+            if let Some(t) = text {
+                out.push(json!({"content": t}));
+            }
+            return;
+        };
+        let mut index = tp.calls();
+        let pieces = match text {
+            Some(t) => tp.push(t),
+            None => tp.finish(),
+        };
+        for piece in pieces {
+            match piece {
+                Piece::Text(t) => out.push(json!({"content": t})),
+                Piece::Call(c) => {
+                    out.push(json!({"tool_calls": [tool_call_json(&c, Some(index))]}));
+                    index += 1;
+                }
+            }
+        }
+    }
+}
