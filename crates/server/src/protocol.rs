@@ -354,7 +354,10 @@ pub fn prompts(v: &Value) -> Result<Vec<PromptInput>, ApiError> {
 }
 
 /// Checks OpenAI chat messages and flattens text-part lists into strings (templates expect
-/// strings). Returns the messages as the template will see them.
+/// strings). An assistant turn's tool call arguments, a JSON string on the wire, go to the
+/// template as the object they hold (as vLLM hands them): templates that list them (MiMo's and
+/// Qwen3-Coder's XML form) need the object, and those that print a string print the object as
+/// JSON. Returns the messages as the template will see them.
 pub fn chat_messages(v: &Value) -> Result<Value, ApiError> {
     let list = v.as_array().ok_or_else(|| ApiError::param("messages", "`messages` must be a list"))?;
     if list.is_empty() {
@@ -391,6 +394,14 @@ pub fn chat_messages(v: &Value) -> Result<Value, ApiError> {
                 m.insert("content".into(), Value::String(text));
             }
             Some(_) => return Err(ApiError::param("messages", format!("`{p}.content` must be a string or a list of text parts"))),
+        }
+        if let Some(Value::Array(calls)) = m.get_mut("tool_calls") {
+            for call in calls.iter_mut() {
+                let Some(args) = call.get_mut("function").and_then(|f| f.get_mut("arguments")) else { continue };
+                if let Some(object @ Value::Object(_)) = args.as_str().and_then(|a| serde_json::from_str::<Value>(a).ok()) {
+                    *args = object;
+                }
+            }
         }
         out.push(Value::Object(m));
     }

@@ -100,7 +100,14 @@ impl Harness {
         let config = EngineConfig { max_model_len: 1024, kv_cache_memory_bytes: 1 << 20, enable_prefix_caching: false, ..EngineConfig::default() };
         let engine = start_engine(Box::new(backend), tokenizer, config).unwrap();
         let template = ChatTemplate::new(
-            "{% if tools %}tools:{% for t in tools %} {{ t.function.name }}{% endfor %}\n{% endif %}{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant:{% if enable_thinking %}<think>\n{% endif %}",
+            concat!(
+                "{% if tools %}tools:{% for t in tools %} {{ t.function.name }}{% endfor %}\n{% endif %}",
+                "{% for m in messages %}{{ m.role }}: {{ m.content }}",
+                // History calls listed as MiMo's XML template does: arguments must be an object.
+                "{% for c in m.tool_calls or [] %}<function={{ c.function.name }}>{% for k, v in c.function.arguments|items %}",
+                "<parameter={{ k }}>{{ v }}</parameter>{% endfor %}</function>{% endfor %}\n{% endfor %}",
+                "assistant:{% if enable_thinking %}<think>\n{% endif %}"
+            ),
             None,
             None,
         )
@@ -405,6 +412,21 @@ async fn requests_the_server_cannot_honour_are_refused() {
         assert_eq!(v["error"]["param"], param, "{extra}: {v}");
         assert!(v["error"]["message"].as_str().unwrap().contains(words), "{extra}: {v}");
     }
+    // A history turn's calls reach the template with their arguments as objects (its loop over
+    // them would fail on the wire's JSON strings); arguments that are not an object stay as sent.
+    let history = json!({"messages": [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": null, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 C"},
+        {"role": "user", "content": "ask-plain"}], "tools": tools(), "max_tokens": 400, "temperature": 0});
+    let (status, v) = h.chat(history.clone()).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["choices"][0]["message"]["content"], PLAIN);
+    let mut bad = history;
+    bad["messages"][1]["tool_calls"][0]["function"]["arguments"] = json!("not json");
+    let (status, v) = h.chat(bad).await;
+    assert_eq!((status, v["error"]["param"].as_str()), (400, Some("messages")), "{v}");
     // Plain text output is what every reply is: accepted.
     let (status, v) = h.chat(request("ask-plain", json!({"response_format": {"type": "text"}}))).await;
     assert_eq!(status, 200, "{v}");
