@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use peregrine_engine::{start_engine, EngineConfig};
 use peregrine_model::chat_template::ChatTemplate;
 
+use crate::generation_defaults::SamplingDefaults;
 use crate::state::{unix_now, AppState, Ready, Settings};
 
 #[derive(Parser, Debug)]
@@ -52,6 +53,12 @@ pub enum ToolCallParserKind {
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
 pub enum ReasoningParserKind {
+    Auto,
+    None,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum GenerationConfig {
     Auto,
     None,
 }
@@ -123,6 +130,11 @@ pub struct ServeArgs {
     /// `qwen3` reasoning parser MiMo is served with does; `none` leaves it in `content`.
     #[arg(long, env = "PEREGRINE_REASONING_PARSER", value_enum, default_value_t = ReasoningParserKind::Auto)]
     pub reasoning_parser: ReasoningParserKind,
+    /// `auto`: what a request leaves unset (temperature, top_p, top_k, min_p,
+    /// repetition_penalty, and max_new_tokens as a cap on max_tokens) comes from the model
+    /// directory's generation_config.json, as vLLM does; `none`: the OpenAI defaults.
+    #[arg(long, env = "PEREGRINE_GENERATION_CONFIG", value_enum, default_value_t = GenerationConfig::Auto)]
+    pub generation_config: GenerationConfig,
     /// DFlash drafter directory for speculative decoding, or `none` to decode without one.
     /// Default: the model's own `dflash/` subfolder when it has one.
     #[arg(long, env = "PEREGRINE_SPECULATIVE_MODEL")]
@@ -295,13 +307,36 @@ pub fn load(args: &ServeArgs) -> anyhow::Result<Ready> {
         overlap_steps: !args.no_overlap_steps,
         ..EngineConfig::default()
     };
+    let sampling_defaults = match args.generation_config {
+        // Only a model directory's own file (a config or weights file is read alone).
+        GenerationConfig::Auto if !std::path::Path::new(&path).is_file() => sampling_defaults(&files.dir.join("generation_config.json"), files.spec.vocab_size)?,
+        _ => SamplingDefaults::default(),
+    };
     let engine = start_engine(backend, Arc::new(tokenizer), config)?;
     Ok(Ready {
         engine,
         template,
         model_name: args.served_model_name.clone().unwrap_or(default_name),
         created: unix_now(),
+        sampling_defaults,
     })
+}
+
+/// The sampling defaults of a model's generation_config.json (none without one), logged.
+fn sampling_defaults(path: &std::path::Path, vocab_size: usize) -> anyhow::Result<SamplingDefaults> {
+    if !path.is_file() {
+        return Ok(SamplingDefaults::default());
+    }
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let value: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
+    let (defaults, warnings) = SamplingDefaults::from_generation_config(&value, vocab_size);
+    for w in warnings {
+        tracing::warn!("{w}");
+    }
+    if !defaults.is_empty() {
+        tracing::info!(defaults = %defaults.describe(), "sampling defaults from the model's generation_config.json (requests override them; --generation-config none ignores them)");
+    }
+    Ok(defaults)
 }
 
 async fn shutdown_signal() {

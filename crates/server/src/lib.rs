@@ -5,6 +5,7 @@ pub mod chat_output;
 pub mod cli;
 pub mod default_model;
 pub mod error;
+pub mod generation_defaults;
 pub mod protocol;
 pub mod reasoning;
 pub mod routes;

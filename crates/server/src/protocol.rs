@@ -65,21 +65,21 @@ fn from_value<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, ApiErro
     })
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Clone)]
 #[serde(untagged)]
 pub enum StopField {
     One(String),
     Many(Vec<String>),
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Clone)]
 pub struct StreamOptions {
     #[serde(default)]
     pub include_usage: Option<bool>,
 }
 
 /// Sampling and stopping fields shared by both routes.
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Deserialize, Default, Clone)]
 pub struct CommonParams {
     pub model: Option<String>,
     pub max_tokens: Option<i64>,
@@ -137,6 +137,8 @@ pub struct Plan {
     pub stop: StopParams,
     /// None: up to the context limit.
     pub max_tokens: Option<usize>,
+    /// Where `max_tokens` is None: at most this many (the model's `max_new_tokens`).
+    pub default_max_tokens: Option<usize>,
     pub n: usize,
     pub stream: bool,
     pub include_usage: bool,
@@ -251,6 +253,7 @@ pub fn plan(c: &CommonParams, logprobs: Option<usize>, vocab_size: usize, always
             skip_special_tokens: c.skip_special_tokens.unwrap_or(true),
         },
         max_tokens,
+        default_max_tokens: None,
         n,
         stream,
         include_usage,

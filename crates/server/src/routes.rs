@@ -144,7 +144,7 @@ fn submit_all(r: &Ready, id: &str, prompts: &[Vec<u32>], plan: &Plan, prompt_log
                     p.len() + m, p.len())))
             }
             Some(m) => m,
-            None => room,
+            None => plan.default_max_tokens.map_or(room, |d| d.min(room)),
         };
         prompt_lens.push(p.len());
         for i in 0..plan.n {
@@ -313,7 +313,8 @@ fn total_usage(results: &[(usize, usize, Collected)], prompt_lens: &[usize], spe
 async fn chat(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let body = body_bytes(body)?;
     let r = state.ready()?;
-    let (req, common): (ChatRequest, _) = protocol::parse_request(&body, "chat", protocol::CHAT_FIELDS)?;
+    let (req, mut common): (ChatRequest, _) = protocol::parse_request(&body, "chat", protocol::CHAT_FIELDS)?;
+    r.sampling_defaults.apply(&mut common);
     check_model(r, &common.model)?;
     let top = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
         (false, Some(_)) => return Err(ApiError::param("top_logprobs", "`top_logprobs` requires `logprobs: true`")),
@@ -323,7 +324,8 @@ async fn chat(State(state): State<AppState>, body: Result<Bytes, BytesRejection>
         (true, Some(k)) => return Err(ApiError::param("top_logprobs", format!("`top_logprobs` must be between 0 and {}, got {k}", protocol::MAX_TOP_LOGPROBS))),
     };
     let tok = r.engine.tokenizer();
-    let plan = protocol::plan(&common, top, r.engine.spec().vocab_size, state.settings.always_include_usage)?;
+    let mut plan = protocol::plan(&common, top, r.engine.spec().vocab_size, state.settings.always_include_usage)?;
+    plan.default_max_tokens = r.sampling_defaults.max_tokens;
     let parse_tools = protocol::tool_parsing(req.tools.as_ref(), req.tool_choice.as_ref())? && state.settings.parse_tool_calls;
     let messages = protocol::chat_messages(&req.messages)?;
     let template = r.template.as_ref().ok_or_else(|| ApiError::invalid("this model has no chat template: use /v1/completions or start the server with --chat-template"))?;
@@ -369,7 +371,8 @@ async fn chat(State(state): State<AppState>, body: Result<Bytes, BytesRejection>
 async fn completions(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let body = body_bytes(body)?;
     let r = state.ready()?;
-    let (req, common): (CompletionRequest, _) = protocol::parse_request(&body, "completions", protocol::COMPLETION_FIELDS)?;
+    let (req, mut common): (CompletionRequest, _) = protocol::parse_request(&body, "completions", protocol::COMPLETION_FIELDS)?;
+    r.sampling_defaults.apply(&mut common);
     check_model(r, &common.model)?;
     if req.suffix.is_some() {
         return Err(ApiError::param("suffix", "`suffix` is not supported"));
@@ -379,7 +382,8 @@ async fn completions(State(state): State<AppState>, body: Result<Bytes, BytesRej
         Some(k) if (0..=protocol::MAX_TOP_LOGPROBS as i64).contains(&k) => Some(k as usize),
         Some(k) => return Err(ApiError::param("logprobs", format!("`logprobs` must be between 0 and {}, got {k}", protocol::MAX_TOP_LOGPROBS))),
     };
-    let plan = protocol::plan(&common, top, r.engine.spec().vocab_size, state.settings.always_include_usage)?;
+    let mut plan = protocol::plan(&common, top, r.engine.spec().vocab_size, state.settings.always_include_usage)?;
+    plan.default_max_tokens = r.sampling_defaults.max_tokens;
     let echo = req.echo.unwrap_or(false);
     let tok = r.engine.tokenizer();
     let mut prompts = Vec::new();

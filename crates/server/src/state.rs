@@ -6,6 +6,7 @@ use peregrine_engine::EngineHandle;
 use peregrine_model::chat_template::ChatTemplate;
 
 use crate::error::ApiError;
+use crate::generation_defaults::SamplingDefaults;
 
 /// Everything that exists once the model is loaded.
 pub struct Ready {
@@ -13,6 +14,8 @@ pub struct Ready {
     pub template: Option<ChatTemplate>,
     pub model_name: String,
     pub created: u64,
+    /// What requests leave unset, from the model's generation_config.json.
+    pub sampling_defaults: SamplingDefaults,
 }
 
 pub struct Settings {
