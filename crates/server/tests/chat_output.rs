@@ -4,6 +4,8 @@
 //! `tool_calls`, streamed and not, and the requests the server cannot honour (`tool_choice:
 //! required`, a named function, JSON `response_format`) are refused up front.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -284,23 +286,12 @@ async fn tool_calls_come_back_parsed_streamed_or_not() {
 /// prepares it); skips with a message when it is absent.
 #[tokio::test]
 async fn the_openai_sdk_reads_the_tool_calls() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let python = root.join(".venv/bin/python");
-    let has_sdk = python.is_file() && std::process::Command::new(&python).args(["-c", "import openai"]).status().is_ok_and(|s| s.success());
-    if !has_sdk {
+    if common::sdk_python().is_none() {
         eprintln!("skipped: .venv with the openai SDK not found (run scripts/test.sh)");
         return;
     }
     let h = Harness::start(true).await;
-    let out = tokio::process::Command::new(&python)
-        .arg(root.join("tests/sdk/test_chat_output_sdk.py"))
-        .arg(format!("{}/v1", h.base))
-        .output()
-        .await
-        .unwrap();
-    let text = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "the SDK's tool call checks failed:\n{text}");
-    assert!(text.contains("all checks passed"), "{text}");
+    common::run_sdk_script("test_chat_output_sdk.py", &format!("{}/v1", h.base)).await;
     let e = h.engine.clone();
     tokio::task::spawn_blocking(move || e.shutdown()).await.unwrap();
 }

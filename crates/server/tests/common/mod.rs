@@ -94,6 +94,27 @@ impl Server {
     }
 }
 
+/// The repository's `.venv` Python, where it has the openai SDK (scripts/test.sh prepares it).
+pub fn sdk_python() -> Option<std::path::PathBuf> {
+    let python = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python");
+    let has_sdk = python.is_file() && Command::new(&python).args(["-c", "import openai"]).status().is_ok_and(|s| s.success());
+    has_sdk.then_some(python)
+}
+
+/// Runs tests/sdk/`script` against `base_url` with the SDK's Python and asserts it passed
+/// ("all checks passed"); skips with a message where the `.venv` is absent.
+pub async fn run_sdk_script(script: &str, base_url: &str) {
+    let Some(python) = sdk_python() else {
+        eprintln!("skipped: .venv with the openai SDK not found (run scripts/test.sh)");
+        return;
+    };
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/sdk").join(script);
+    let out = tokio::process::Command::new(&python).arg(path).arg(base_url).output().await.unwrap();
+    let text = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{script} failed:\n{text}");
+    assert!(text.contains("all checks passed"), "{text}");
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
