@@ -2,8 +2,8 @@
 //! metrics, tokenize/detokenize; JSON errors everywhere, also for rejections and unknown routes.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Bytes;
@@ -20,11 +20,11 @@ use peregrine_engine::{FinishReason, GenerateRequest, RequestEvent, RequestStrea
 use serde_json::{json, Value};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
+use crate::chat_output::{ChoiceStream, OutputParsing};
 use crate::error::ApiError;
 use crate::protocol::{self, ChatRequest, CompletionRequest, Plan, PromptInput};
-use crate::state::{random_id, unix_now, AppState, Ready};
-use crate::chat_output::{ChoiceStream, OutputParsing};
 use crate::reasoning::ReasoningParser;
+use crate::state::{random_id, unix_now, AppState, Ready};
 use crate::tool_calls::ToolSchemas;
 
 pub fn router(state: AppState, max_body_bytes: usize) -> Router {
@@ -187,7 +187,6 @@ fn chat_finish_str(f: FinishReason, calls: usize) -> &'static str {
         f.as_str()
     }
 }
-
 
 /// The text of one token as the logprobs formats show it.
 fn token_text(r: &Ready, id: u32) -> String {
