@@ -17,6 +17,12 @@ bad_client = OpenAI(base_url=base, api_key="wrong", _strict_response_validation=
 models = client.models.list()
 model = models.data[0].id
 assert model, models
+assert client.models.retrieve(model).id == model
+try:
+    client.models.retrieve("no-such-model")
+    raise AssertionError("an unknown model was retrieved")
+except openai.NotFoundError as e:
+    assert e.body["code"] == "model_not_found", e.body
 
 msgs = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "def add(a, b):"}]
 

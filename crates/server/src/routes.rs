@@ -32,12 +32,14 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
+        .route("/v1/models/{*model}", get(model))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
+        .route("/version", get(version))
         .merge(api)
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
@@ -99,11 +101,29 @@ async fn metrics(State(state): State<AppState>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 
+/// The served model as OpenAI's model object.
+fn model_object(r: &Ready) -> Value {
+    json!({"id": r.model_name, "object": "model", "created": r.created, "owned_by": "peregrine",
+           "max_model_len": r.engine.max_model_len()})
+}
+
 async fn models(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let r = state.ready()?;
-    Ok(Json(json!({"object": "list", "data": [{
-        "id": r.model_name, "object": "model", "created": r.created, "owned_by": "peregrine",
-        "max_model_len": r.engine.max_model_len()}]})))
+    Ok(Json(json!({"object": "list", "data": [model_object(r)]})))
+}
+
+/// OpenAI's retrieve-model route (`client.models.retrieve(id)`).
+async fn model(State(state): State<AppState>, axum::extract::Path(id): axum::extract::Path<String>) -> Result<Json<Value>, ApiError> {
+    let r = state.ready()?;
+    if id != r.model_name {
+        return Err(ApiError::model_not_found(&id));
+    }
+    Ok(Json(model_object(r)))
+}
+
+/// The server's version (vLLM's `/version`).
+async fn version() -> Json<Value> {
+    Json(json!({"version": env!("CARGO_PKG_VERSION")}))
 }
 
 fn check_model(r: &Ready, model: &Option<String>) -> Result<(), ApiError> {

@@ -25,6 +25,17 @@ async fn chat_and_completions_end_to_end() {
     let m: Value = s.client.get(s.url("/v1/models")).send().await.unwrap().json().await.unwrap();
     let model = m["data"][0]["id"].as_str().unwrap().to_owned();
     assert_eq!(m["object"], "list");
+    // Retrieve one model by its id, its slashes sent as they are or percent-encoded (this id is
+    // a path with `..` segments, which the client would fold, so encoded here); an unknown one
+    // is a 404.
+    let one: Value = s.client.get(s.url(&format!("/v1/models/{}", model.replace('/', "%2F")))).send().await.unwrap().json().await.unwrap();
+    assert_eq!(one, m["data"][0]);
+    let r = s.client.get(s.url("/v1/models/nope")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["code"], "model_not_found", "{e}");
+    let v: Value = s.client.get(s.url("/version")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
 
     // Non-streaming chat, greedy: usage is exact (prompt = the /tokenize count of the same messages).
     let (st, v) = s.post("/v1/chat/completions", chat_body(json!({"model": model, "temperature": 0, "max_tokens": 12, "ignore_eos": true}))).await;
