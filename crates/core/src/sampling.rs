@@ -24,6 +24,10 @@ pub struct SamplingParams {
     pub seed: Option<u64>,
     /// Return this many top log-probabilities per token (None: no logprobs).
     pub logprobs: Option<usize>,
+    /// JSON mode: only tokens that keep the output a JSON object, which ends the output when it
+    /// closes (the engine's `json_mode`; sampled on the host).
+    #[serde(default)]
+    pub json_object: bool,
 }
 
 impl Default for SamplingParams {
@@ -39,6 +43,7 @@ impl Default for SamplingParams {
             logit_bias: BTreeMap::new(),
             seed: None,
             logprobs: None,
+            json_object: false,
         }
     }
 }

@@ -13,6 +13,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 
 use crate::api::*;
 use crate::kv::{KvManager, SeqBlocks};
+use crate::json_mode::{JsonConstraint, TokenBytes};
 use crate::metrics::Metrics;
 use crate::sampler::{self, SeqRng};
 
@@ -39,6 +40,10 @@ struct Inner {
     config: EngineConfig,
     spec_block: Option<usize>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// The vocabulary's bytes for JSON mode, made on its first request (or why it cannot be).
+    json_tokens: OnceLock<Result<Arc<TokenBytes>, String>>,
+    /// The model's EOS ids (never allowed in JSON mode: the object's end stops the output).
+    eos: Vec<u32>,
 }
 
 /// Sizes the KV pools, initialises the backend's KV memory and starts the engine thread.
@@ -94,6 +99,7 @@ pub fn start_engine(mut backend: Box<dyn Backend>, tokenizer: SharedTokenizer, c
     let failure = Arc::new(OnceLock::new());
     let mut eos = spec.eos_token_ids.clone();
     eos.extend(tokenizer.eos_token_ids());
+    let handle_eos = eos.clone();
     let core = Core {
         backend,
         kv,
@@ -125,6 +131,8 @@ pub fn start_engine(mut backend: Box<dyn Backend>, tokenizer: SharedTokenizer, c
             config,
             spec_block,
             thread: Mutex::new(Some(thread)),
+            json_tokens: OnceLock::new(),
+            eos: handle_eos,
         }),
     })
 }
@@ -153,8 +161,20 @@ impl EngineHandle {
             self.inner.waiting.fetch_sub(1, Ordering::SeqCst);
             return Err(SubmitError::QueueFull);
         }
+        let json = if req.sampling.json_object {
+            let tokens = self.inner.json_tokens.get_or_init(|| TokenBytes::from_tokenizer(&self.inner.tokenizer).map(Arc::new));
+            match tokens {
+                Ok(t) => Some(JsonConstraint::new(t.clone(), self.inner.eos.clone())),
+                Err(why) => {
+                    self.inner.waiting.fetch_sub(1, Ordering::SeqCst);
+                    return Err(SubmitError::Invalid(why.clone()));
+                }
+            }
+        } else {
+            None
+        };
         let (tx, rx) = unbounded_channel();
-        let seq = Seq::new(req, tx, self.inner.tokenizer.clone());
+        let seq = Seq::new(req, tx, self.inner.tokenizer.clone(), json);
         if self.inner.tx.lock().unwrap().send(Cmd::Submit(Box::new(seq))).is_err() {
             self.inner.waiting.fetch_sub(1, Ordering::SeqCst);
             return Err(SubmitError::ShuttingDown);
@@ -221,10 +241,12 @@ struct Seq {
     first_scheduled: Option<Instant>,
     last_token: Option<Instant>,
     finish_reason: Option<FinishReason>,
+    /// JSON mode's automaton over the output (sampled on the host, never speculated).
+    json: Option<JsonConstraint>,
 }
 
 impl Seq {
-    fn new(req: GenerateRequest, tx: UnboundedSender<RequestEvent>, tok: SharedTokenizer) -> Self {
+    fn new(req: GenerateRequest, tx: UnboundedSender<RequestEvent>, tok: SharedTokenizer, json: Option<JsonConstraint>) -> Self {
         let seed = req.sampling.seed.unwrap_or_else(|| sampler::fnv1a(req.request_id.as_bytes()));
         let decoder = IncrementalDecoder::new(tok, &req.prompt_tokens, req.stop.skip_special_tokens);
         Seq {
@@ -244,6 +266,7 @@ impl Seq {
             first_scheduled: None,
             last_token: None,
             finish_reason: None,
+            json,
             req,
         }
     }
@@ -427,7 +450,7 @@ impl Core {
     /// max_tokens or the context limit (the reference's `min(block, max_length - start)`).
     fn drafts_wanted(&self, s: &Seq) -> usize {
         let Some(block) = self.spec_block else { return 0 };
-        if s.len() - s.computed != 1 || !s.prompt_lp_done {
+        if s.len() - s.computed != 1 || !s.prompt_lp_done || s.json.is_some() {
             return 0;
         }
         let left = s.req.stop.max_tokens.saturating_sub(s.output.len());
@@ -545,7 +568,9 @@ impl Core {
         let greedy = seqs.len() == plan.len() && seqs.iter().all(|s| s.req.sampling.is_greedy() && no_adjustments(&s.req.sampling) && sampled_ids_suffice(s));
         let sampled = seqs.len() == plan.len() && seqs.iter().all(|s| sampled_ids_suffice(s));
         // Logprobs (past the prompt's) are computed on the backend too when it can.
-        let with_logprobs = !sampled && seqs.len() == plan.len() && seqs.iter().all(|s| s.prompt_lp_done && s.req.sampling.logprobs.is_none_or(|k| k <= MAX_BACKEND_TOP_LOGPROBS));
+        let with_logprobs = !sampled
+            && seqs.len() == plan.len()
+            && seqs.iter().all(|s| s.prompt_lp_done && s.json.is_none() && s.req.sampling.logprobs.is_none_or(|k| k <= MAX_BACKEND_TOP_LOGPROBS));
         let vocab = self.backend.spec().vocab_size;
         if with_logprobs {
             let (rows, adjust) = row_sampling(&seqs, &batch, vocab, 0);
@@ -776,6 +801,7 @@ impl Core {
                 self.metrics.prompt_tokens.inc_by(plen as u64);
             }
             let (mut text, mut ids, mut lps, mut fin) = (String::new(), Vec::new(), Vec::new(), None);
+            let mut json_stuck = false;
             for (r, row) in rows.iter().enumerate() {
                 // Plain sampling of this position, with the history (penalties) and the random
                 // number (seed, output index) that decoding token by token would have used.
@@ -786,6 +812,10 @@ impl Core {
                     Row::Logits(raw) => {
                         let mut proc = raw.to_vec();
                         sampler::apply_penalties(&mut proc, &s.req.sampling, &s.req.prompt_tokens, &s.output);
+                        if s.json.as_ref().is_some_and(|c| !c.mask(&mut proc)) {
+                            json_stuck = true;
+                            break;
+                        }
                         let tok = sampler::sample(&proc, &s.req.sampling, &s.rng, s.output.len() as u64);
                         if let Some(k) = s.req.sampling.logprobs {
                             lps.push(sampler::logprobs(raw, tok, k));
@@ -802,8 +832,15 @@ impl Core {
                 };
                 s.output.push(tok);
                 ids.push(tok);
-                let (t, f) = commit_token(s, tok, &self.eos, self.config.max_model_len);
+                let (t, mut f) = commit_token(s, tok, &self.eos, self.config.max_model_len);
                 text.push_str(&t);
+                if let Some(c) = s.json.as_mut() {
+                    c.advance(tok);
+                    // The object closed: nothing may follow it.
+                    if c.done() && f.is_none() {
+                        f = Some(FinishReason::Stop);
+                    }
+                }
                 let accepted = r < drafts.len() && drafts[r] == tok;
                 if accepted {
                     s.spec_accepted += 1;
@@ -817,6 +854,10 @@ impl Core {
                 if !accepted {
                     break;
                 }
+            }
+            if json_stuck {
+                done.push((id, Some("JSON mode: no token of the vocabulary can continue the object".into())));
+                continue;
             }
             if !drafts.is_empty() {
                 // Positions start..start+c hold the fed tokens that were committed; the K/V
@@ -1034,7 +1075,7 @@ fn output_row_count(b: &SeqForward) -> usize {
 /// Whether the sampled token of each row is all this sequence needs from a step: past its
 /// prompt logprobs and with no logprobs (bias and penalties travel as logit adjustments).
 fn sampled_ids_suffice(s: &Seq) -> bool {
-    s.prompt_lp_done && s.req.sampling.logprobs.is_none()
+    s.prompt_lp_done && s.req.sampling.logprobs.is_none() && s.json.is_none()
 }
 
 /// Whether sampling reads the raw logits (no bias, no penalties): then a greedy row's sample is

@@ -60,6 +60,7 @@
 
 pub mod api;
 pub mod engine;
+pub mod json_mode;
 pub mod kv;
 pub mod metrics;
 pub mod sampler;

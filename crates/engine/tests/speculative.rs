@@ -213,6 +213,7 @@ fn sampling_requests(t: &Tokenizer) -> Vec<GenerateRequest> {
                 logit_bias: if i % 5 == 0 { bias.clone() } else { Default::default() },
                 seed: Some(1000 + i as u64),
                 logprobs: Some(2),
+                json_object: false,
             };
             let stop = StopParams {
                 max_tokens: 40,

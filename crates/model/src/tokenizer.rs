@@ -127,6 +127,13 @@ impl Tokenizer {
     pub fn inner(&self) -> &tokenizers::Tokenizer {
         &self.inner
     }
+
+    /// Whether the decoder is byte-level BPE's (GPT-2's byte-to-character map), alone or in a
+    /// sequence: then each token's bytes follow from its vocabulary string.
+    pub fn is_byte_level(&self) -> bool {
+        let d = serde_json::to_value(self.inner.get_decoder()).unwrap_or_default();
+        d["type"] == "ByteLevel" || d["decoders"].as_array().is_some_and(|l| l.iter().any(|x| x["type"] == "ByteLevel"))
+    }
 }
 
 /// Incremental detokeniser that never emits a broken UTF-8 character (the "prefix offset / read
