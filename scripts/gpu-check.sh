@@ -66,6 +66,9 @@ e2e() {  # $1 device, $2 port, $3 speculative model (none: off; default: the mod
         curl -s "localhost:$port/v1/completions" -H 'content-type: application/json' \
             -d "{\"prompt\":\"$prompt\",\"max_tokens\":64,\"temperature\":0}" | python3 -c 'import json,sys; print(json.dumps(json.load(sys.stdin)["choices"][0]["text"]))'
     done
+    # JSON mode (the logits come to the host for the constraint): greedy, as on the CPU.
+    curl -s "localhost:$port/v1/completions" -H 'content-type: application/json' \
+        -d '{"prompt":"config = ","max_tokens":48,"temperature":0,"response_format":{"type":"json_object"}}' | python3 -c 'import json,sys; print(json.dumps(json.load(sys.stdin)["choices"][0]["text"]))'
     # Seeded sampling (on the GPU for --device cuda): the same seed twice gives the same text.
     local a b
     a=$(curl -s "localhost:$port/v1/completions" -H 'content-type: application/json' -d '{"prompt":"def main():\n","max_tokens":48,"temperature":0.8,"top_p":0.95,"seed":7}')

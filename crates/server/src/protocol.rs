@@ -158,8 +158,7 @@ fn range(param: &str, v: Option<f64>, lo: f64, hi: f64, lo_open: bool) -> Result
 
 /// Validates the shared fields. `logprobs` is the number of top log-probabilities asked for.
 pub fn plan(c: &CommonParams, logprobs: Option<usize>, vocab_size: usize, always_usage: bool) -> Result<Plan, ApiError> {
-    check_response_format(c.response_format.as_ref())?;
-    let mut s = SamplingParams::default();
+    let mut s = SamplingParams { json_object: json_mode(c.response_format.as_ref())?, ..SamplingParams::default() };
     if let Some(t) = range("temperature", c.temperature, 0.0, 2.0, false)? {
         s.temperature = t as f32;
     }
@@ -261,19 +260,21 @@ pub fn plan(c: &CommonParams, logprobs: Option<usize>, vocab_size: usize, always
     })
 }
 
-/// `response_format`: plain text is what every output is; JSON modes would need constrained
-/// decoding, which this server does not have, so they are refused rather than ignored (an
-/// ignored JSON mode returns text the client then fails to parse).
-fn check_response_format(v: Option<&Value>) -> Result<(), ApiError> {
+/// `response_format`: whether JSON mode is on (`json_object`: the output is kept a JSON object,
+/// engine's json_mode). A JSON schema would need schema-guided decoding, which this server does
+/// not have, so it is refused rather than ignored (an ignored schema returns JSON the client
+/// then fails to validate).
+fn json_mode(v: Option<&Value>) -> Result<bool, ApiError> {
     let kind = match v {
-        None | Some(Value::Null) => return Ok(()),
+        None | Some(Value::Null) => return Ok(false),
         Some(v) => v.get("type").and_then(Value::as_str),
     };
     match kind {
-        Some("text") => Ok(()),
-        Some(t @ ("json_object" | "json_schema")) => Err(ApiError::param(
+        Some("text") => Ok(false),
+        Some("json_object") => Ok(true),
+        Some("json_schema") => Err(ApiError::param(
             "response_format",
-            format!("`response_format` of type `{t}` is not supported: this server has no constrained decoding (ask for JSON in the prompt instead)"),
+            "`response_format` of type `json_schema` is not supported: this server has no schema-guided decoding (`json_object` keeps the output a JSON object)",
         )),
         Some(t) => Err(ApiError::param("response_format", format!("`response_format.type` must be `text`, `json_object` or `json_schema`, got `{t}`"))),
         None => Err(ApiError::param("response_format", "`response_format` must be an object with a string `type`")),
