@@ -89,8 +89,16 @@ async fn json_mode_with_speculation_and_schemas_refused() {
     let (status, v) = s.post("/v1/chat/completions", chat(json!({"temperature": 0.7, "seed": 1, "max_tokens": 40}))).await;
     assert_eq!(status, 200, "{v}");
     assert!(json_prefix(v["choices"][0]["message"]["content"].as_str().unwrap()), "{v}");
-    let (status, v) = s.post("/v1/completions", json!({"prompt": "def f(x):\n", "temperature": 0, "max_tokens": 16})).await;
-    assert_eq!(status, 200, "{v}");
+    let plain = json!({"prompt": "def f(x):\n", "temperature": 0, "max_tokens": 24});
+    let (status, alone) = s.post("/v1/completions", plain.clone()).await;
+    assert_eq!(status, 200, "{alone}");
+    // Both at once, so they share steps: the plain request's greedy text is what it was alone
+    // (its drafts verified beside a sequence that has none), and the JSON one still an object's.
+    let json_req = chat(json!({"temperature": 0, "max_tokens": 40}));
+    let ((st1, together), (st2, j)) = tokio::join!(s.post("/v1/completions", plain), s.post("/v1/chat/completions", json_req));
+    assert_eq!((st1, st2), (200, 200), "{together} {j}");
+    assert_eq!(together["choices"][0]["text"], alone["choices"][0]["text"]);
+    assert!(json_prefix(j["choices"][0]["message"]["content"].as_str().unwrap()), "{j}");
     let (status, v) = s.post("/v1/chat/completions", chat(json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}))).await;
     assert_eq!(status, 400, "{v}");
     assert_eq!(v["error"]["param"], "response_format");
