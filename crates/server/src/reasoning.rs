@@ -5,6 +5,8 @@
 //! A reply that does not open with `<think>` is all content. Streams: text is released as soon
 //! as it cannot be part of a tag.
 
+use crate::tool_calls::partial_tag_len;
+
 pub const THINK_OPEN: &str = "<think>";
 pub const THINK_CLOSE: &str = "</think>";
 
@@ -126,11 +128,6 @@ fn push_part(out: &mut Vec<Part>, part: Part) {
         (Some(Part::Content(prev)), Part::Content(t)) => prev.push_str(&t),
         (_, p) => out.push(p),
     }
-}
-
-/// The length of the longest tail of `s` that is a proper prefix of `tag` (ASCII).
-fn partial_tag_len(s: &str, tag: &str) -> usize {
-    (1..tag.len().min(s.len() + 1)).rev().find(|&n| s.ends_with(&tag[..n])).unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -185,8 +185,9 @@ fn push_piece(out: &mut Vec<Piece>, piece: Piece) {
     }
 }
 
-/// The length of the longest tail of `s` that is a proper prefix of `tag`.
-fn partial_tag_len(s: &str, tag: &str) -> usize {
+/// The length of the longest tail of `s` that is a proper prefix of `tag` (an ASCII tag, so the
+/// cut before that tail is a char boundary). Also the reasoning parser's.
+pub(crate) fn partial_tag_len(s: &str, tag: &str) -> usize {
     (1..tag.len().min(s.len() + 1)).rev().find(|&n| s.ends_with(&tag[..n])).unwrap_or(0)
 }
 
