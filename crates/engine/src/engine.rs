@@ -1073,7 +1073,8 @@ fn output_row_count(b: &SeqForward) -> usize {
 }
 
 /// Whether the sampled token of each row is all this sequence needs from a step: past its
-/// prompt logprobs and with no logprobs (bias and penalties travel as logit adjustments).
+/// prompt logprobs, with no logprobs and not in JSON mode (whose mask needs the logits; bias and
+/// penalties travel as logit adjustments).
 fn sampled_ids_suffice(s: &Seq) -> bool {
     s.prompt_lp_done && s.req.sampling.logprobs.is_none() && s.json.is_none()
 }

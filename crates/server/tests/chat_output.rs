@@ -27,6 +27,8 @@ const PLAIN: &str = "No tools needed: <tool> is not a call.";
 const THINK: &str = "<think>\nThe user wants the time: call get_time.\n</think>\n\n<tool_call>\n{\"name\": \"get_time\", \"arguments\": {}}\n</tool_call>";
 /// The rest of a thinking block the prompt opened, then the answer.
 const OPENED: &str = "Short question, short answer.\n</think>\n\nIt is noon.";
+/// A JSON object (for JSON mode: the output ends where it closes, before the script's EOS).
+const JSON_REPLY: &str = "{\"city\": \"Paris\"}";
 /// MiMo's own form (XML), with a parameter the tool declares as an integer.
 const XML: &str = "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>";
 
@@ -94,8 +96,8 @@ impl Harness {
         let spec = peregrine_model::config::load_spec(Path::new(FIX)).unwrap();
         let tokenizer = Arc::new(Tokenizer::from_file(&Path::new(FIX).join("tokenizer.json")).unwrap());
         let scripts: Vec<(&'static str, Vec<u32>)> =
-            [("ask-weather", WEATHER), ("ask-plain", PLAIN), ("ask-xml", XML), ("ask-think", THINK), ("ask-opened", OPENED)].iter().map(|&(k, t)| (k, tokenizer.encode(t, false).unwrap())).collect();
-        for ((key, ids), text) in scripts.iter().zip([WEATHER, PLAIN, XML, THINK, OPENED]) {
+            [("ask-weather", WEATHER), ("ask-plain", PLAIN), ("ask-xml", XML), ("ask-think", THINK), ("ask-opened", OPENED), ("ask-json", JSON_REPLY)].iter().map(|&(k, t)| (k, tokenizer.encode(t, false).unwrap())).collect();
+        for ((key, ids), text) in scripts.iter().zip([WEATHER, PLAIN, XML, THINK, OPENED, JSON_REPLY]) {
             assert_eq!(tokenizer.decode(ids, false).unwrap(), text, "the fixture tokenizer must round-trip the {key} script");
         }
         let backend = Scripted { spec, tokenizer: tokenizer.clone(), scripts, seqs: HashMap::new() };
@@ -346,6 +348,16 @@ async fn reasoning_is_split_from_the_answer() {
     streamed["stream"] = json!(true);
     let (reasoning, content, calls, finish) = gather(&h.chat_stream(request("ask-opened", streamed)).await);
     assert_eq!((reasoning.as_str(), content.as_str(), calls.len(), finish), ("Short question, short answer.\n", "It is noon.", 0, json!("stop")));
+
+    // JSON mode: the reply is the object from its first token, so even where the prompt opened
+    // a thinking block, all of it is content. (The scripted reply is JSON: `{"city": "Paris"}`.)
+    let mut json_kw = kwargs.clone();
+    json_kw["response_format"] = json!({"type": "json_object"});
+    let (_, v) = h.chat(request("ask-json", json_kw)).await;
+    let m = &v["choices"][0]["message"];
+    assert_eq!(m["content"], JSON_REPLY, "{v}");
+    assert!(m.get("reasoning_content").is_none(), "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
 
     // Not opened by the prompt and not opening with <think>: all content, no reasoning field.
     let (_, v) = h.chat(request("ask-opened", json!({}))).await;
