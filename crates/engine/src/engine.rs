@@ -164,6 +164,9 @@ impl EngineHandle {
         let json = if req.sampling.json_object {
             let tokens = self.inner.json_tokens.get_or_init(|| TokenBytes::from_tokenizer(&self.inner.tokenizer).map(Arc::new));
             match tokens {
+                // A prompt that leaves a `<think>` block open (a thinking mode's template) gets
+                // its thinking first, the object after `</think>`.
+                Ok(t) if t.ends_in_open_think(&req.prompt_tokens) => Some(JsonConstraint::after_thinking(t.clone(), self.inner.eos.clone())),
                 Ok(t) => Some(JsonConstraint::new(t.clone(), self.inner.eos.clone())),
                 Err(why) => {
                     self.inner.waiting.fetch_sub(1, Ordering::SeqCst);

@@ -33,6 +33,8 @@ pub struct TokenBytes {
     by_first: Vec<Vec<u32>>,
     /// The ids not in `plain_in_string`, by first byte (the only ones walked inside a string).
     other_by_first: Vec<Vec<u32>>,
+    /// The ids holding `>`: the only ones that can end a thinking block (`</think>`).
+    with_gt: Vec<u32>,
 }
 
 impl TokenBytes {
@@ -73,11 +75,19 @@ impl TokenBytes {
         for group in by_first.iter_mut().chain(other_by_first.iter_mut()) {
             group.sort_by(|&a, &b| bytes[a as usize].cmp(&bytes[b as usize]));
         }
-        Ok(TokenBytes { bytes, plain_in_string, by_first, other_by_first })
+        let with_gt = (0..n as u32).filter(|&id| bytes[id as usize].contains(&b'>')).collect();
+        Ok(TokenBytes { bytes, plain_in_string, by_first, other_by_first, with_gt })
     }
 
     pub fn bytes(&self, id: u32) -> &[u8] {
         self.bytes.get(id as usize).map_or(&[], Vec::as_slice)
+    }
+
+    /// Whether `prompt` ends inside an open `<think>` block (its last bytes, past whitespace).
+    pub fn ends_in_open_think(&self, prompt: &[u32]) -> bool {
+        let tail: Vec<u8> = prompt[prompt.len().saturating_sub(8)..].iter().flat_map(|&id| self.bytes(id).iter().copied()).collect();
+        let end = tail.iter().rposition(|b| !b.is_ascii_whitespace()).map_or(0, |i| i + 1);
+        tail[..end].ends_with(b"<think>")
     }
 }
 
@@ -106,6 +116,9 @@ enum Expect {
     /// The top-level value: only `{`, at once (no leading whitespace for a model to spend its
     /// tokens on).
     Start,
+    /// The top-level value past a thinking block: whitespace (as models write after
+    /// `</think>`), then `{`.
+    StartAfterThinking,
     /// A value (after `:`, or `,` in an array).
     Value,
     /// After `[`: a value or `]`.
@@ -237,7 +250,7 @@ impl JsonState {
         }
         self.ws = 0;
         match (self.expect, b) {
-            (Expect::Start, b'{') => self.open(true),
+            (Expect::Start | Expect::StartAfterThinking, b'{') => self.open(true),
             (Expect::KeyOrObjectEnd, b'}') => self.close(true),
             (Expect::KeyOrObjectEnd | Expect::Key, b'"') => {
                 self.expect = Expect::Str { key: true };
@@ -310,15 +323,48 @@ pub struct JsonConstraint {
     /// Ids never allowed: the model's EOS (which may be a non-special added token).
     banned: Vec<u32>,
     state: JsonState,
+    /// Thinking first (the prompt opened a `<think>` block): the output is free until it holds
+    /// `</think>`, then the object starts. The last bytes seen while thinking.
+    thinking: Option<Vec<u8>>,
 }
+
+/// What ends the free thinking before the object.
+const THINK_END: &[u8] = b"</think>";
 
 impl JsonConstraint {
     pub fn new(tokens: Arc<TokenBytes>, banned: Vec<u32>) -> JsonConstraint {
-        JsonConstraint { tokens, banned, state: JsonState::default() }
+        JsonConstraint { tokens, banned, state: JsonState::default(), thinking: None }
+    }
+
+    /// The same, with the output thinking first: anything but a banned id until `</think>`
+    /// (as vLLM starts a grammar only past the reasoning).
+    pub fn after_thinking(tokens: Arc<TokenBytes>, banned: Vec<u32>) -> JsonConstraint {
+        JsonConstraint { thinking: Some(Vec::new()), ..JsonConstraint::new(tokens, banned) }
     }
 
     /// Sets the logits of every token that cannot come next to -inf; false if none can.
     pub fn mask(&self, logits: &mut [f32]) -> bool {
+        if let Some(seen) = &self.thinking {
+            // Free text, but a token that ends the block must leave what follows the tag
+            // (past whitespace) a start of the object.
+            let mut refuse: Vec<u32> = self.banned.clone();
+            for &id in &self.tokens.with_gt {
+                let mut tail = seen.clone();
+                tail.extend_from_slice(self.tokens.bytes(id));
+                if let Some(at) = tail.windows(THINK_END.len()).position(|w| w == THINK_END) {
+                    let mut st = JsonState { expect: Expect::StartAfterThinking, ..JsonState::default() };
+                    if !tail[at + THINK_END.len()..].iter().all(|&b| st.push(b)) {
+                        refuse.push(id);
+                    }
+                }
+            }
+            for id in refuse {
+                if let Some(l) = logits.get_mut(id as usize) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+            return logits.iter().any(|l| *l > f32::NEG_INFINITY);
+        }
         let mut allowed = vec![false; logits.len()];
         let in_string = matches!(self.state.expect, Expect::Str { .. });
         let groups = if in_string {
@@ -371,7 +417,23 @@ impl JsonConstraint {
 
     /// Takes the sampled token (one `mask` allowed).
     pub fn advance(&mut self, token: u32) {
-        let ok = self.state.push_all(self.tokens.bytes(token));
+        let bytes = self.tokens.bytes(token);
+        if let Some(seen) = &mut self.thinking {
+            // Keep just enough bytes to find the end tag across tokens.
+            seen.extend_from_slice(bytes);
+            if let Some(at) = seen.windows(THINK_END.len()).position(|w| w == THINK_END) {
+                // Bytes after the tag in the same token (whitespace, as a rule) begin the object.
+                let rest = seen[at + THINK_END.len()..].to_vec();
+                self.thinking = None;
+                self.state.expect = Expect::StartAfterThinking;
+                let ok = rest.is_empty() || self.state.push_all(&rest);
+                debug_assert!(ok, "bytes after </think> that cannot open the object");
+            } else if seen.len() > THINK_END.len() {
+                seen.drain(..seen.len() - (THINK_END.len() - 1));
+            }
+            return;
+        }
+        let ok = self.state.push_all(bytes);
         debug_assert!(ok, "a token the mask did not allow");
     }
 
@@ -500,6 +562,60 @@ mod tests {
             c.advance(single(byte));
         }
         assert!(!c.done());
+    }
+
+    #[test]
+    fn thinking_first_is_free_until_the_block_ends_then_the_object() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/golden/default/tokenizer.json");
+        let tok = Tokenizer::from_file(std::path::Path::new(path)).unwrap();
+        let tb = Arc::new(TokenBytes::from_tokenizer(&tok).unwrap());
+        let n = tok.vocab_size();
+        let single = |piece: u8| (0..n as u32).find(|&id| tb.bytes(id) == [piece]).unwrap();
+        let eos = single(b'~');
+        let mut c = JsonConstraint::after_thinking(tb.clone(), vec![eos]);
+        // Thinking: anything but the banned id, a quote or a brace included.
+        for &b in b"Plan: {x} \"y\" </thin" {
+            let mut logits = vec![0.0f32; n];
+            assert!(c.mask(&mut logits));
+            assert_eq!(logits.iter().filter(|l| l.is_finite()).count(), n - 1, "while thinking");
+            assert_eq!(logits[eos as usize], f32::NEG_INFINITY);
+            c.advance(single(b));
+        }
+        // `k` then `>` ends the block: then a token ending it must leave a start of the object.
+        c.advance(single(b'k'));
+        let mut logits = vec![0.0f32; n];
+        c.mask(&mut logits);
+        for id in 0..n as u32 {
+            let b = tb.bytes(id);
+            let mut tail = b"</think".to_vec();
+            tail.extend_from_slice(b);
+            let ok = match tail.windows(THINK_END.len()).position(|w| w == THINK_END) {
+                None => true,
+                Some(at) => {
+                    let mut st = JsonState { expect: Expect::StartAfterThinking, ..JsonState::default() };
+                    tail[at + THINK_END.len()..].iter().all(|&x| st.push(x))
+                }
+            };
+            assert_eq!(logits[id as usize].is_finite(), ok && id != eos, "token {id} {b:?}");
+        }
+        assert!(logits[single(b'>') as usize].is_finite());
+        c.advance(single(b'>'));
+        assert!(c.thinking.is_none());
+        // Past the block: whitespace (bounded), then the object.
+        let mut logits = vec![0.0f32; n];
+        c.mask(&mut logits);
+        assert!(logits[single(b'{') as usize].is_finite() && logits[single(b'\n') as usize].is_finite());
+        assert!(!logits[single(b'P') as usize].is_finite() && !logits[single(b'"') as usize].is_finite());
+        c.advance(single(b'\n'));
+        c.advance(single(b'{'));
+        let mut logits = vec![0.0f32; n];
+        c.mask(&mut logits);
+        assert!(logits[single(b'"') as usize].is_finite() && logits[single(b'}') as usize].is_finite());
+        // Which prompts open the block.
+        let ids = |s: &str| tok.encode(s, false).unwrap();
+        assert!(tb.ends_in_open_think(&ids("user: hi\nassistant:<think>\n")));
+        assert!(!tb.ends_in_open_think(&ids("assistant:<think>\n\n</think>\n\n")));
+        assert!(!tb.ends_in_open_think(&ids("assistant:")));
     }
 
     #[test]

@@ -353,8 +353,7 @@ async fn chat(State(state): State<AppState>, body: Result<Bytes, BytesRejection>
         .map_err(|e| ApiError::param("messages", e.to_string()))?;
     let ids = tok.encode(&text, false).map_err(|e| ApiError::invalid(e.to_string()))?;
     let parsing = OutputParsing {
-        // A JSON-mode reply is the object from its first token: all of it is content.
-        reasoning: (state.settings.parse_reasoning && !plan.sampling.json_object).then(|| ReasoningParser::prompt_opens_thinking(&text)),
+        reasoning: state.settings.parse_reasoning.then(|| ReasoningParser::prompt_opens_thinking(&text)),
         // The declared parameter types, for reading XML tool call values.
         tools: parse_tools.then(|| Arc::new(ToolSchemas::from_tools(req.tools.as_ref()))),
     };

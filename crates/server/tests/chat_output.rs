@@ -29,6 +29,8 @@ const THINK: &str = "<think>\nThe user wants the time: call get_time.\n</think>\
 const OPENED: &str = "Short question, short answer.\n</think>\n\nIt is noon.";
 /// A JSON object (for JSON mode: the output ends where it closes, before the script's EOS).
 const JSON_REPLY: &str = "{\"city\": \"Paris\"}";
+/// Thinking (braces and quotes in it are free), then the object.
+const JSON_THINK: &str = "A city: {Paris} \"quoted\".\n</think>\n\n{\"city\": \"Paris\"}";
 /// MiMo's own form (XML), with a parameter the tool declares as an integer.
 const XML: &str = "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>";
 
@@ -96,8 +98,8 @@ impl Harness {
         let spec = peregrine_model::config::load_spec(Path::new(FIX)).unwrap();
         let tokenizer = Arc::new(Tokenizer::from_file(&Path::new(FIX).join("tokenizer.json")).unwrap());
         let scripts: Vec<(&'static str, Vec<u32>)> =
-            [("ask-weather", WEATHER), ("ask-plain", PLAIN), ("ask-xml", XML), ("ask-think", THINK), ("ask-opened", OPENED), ("ask-json", JSON_REPLY)].iter().map(|&(k, t)| (k, tokenizer.encode(t, false).unwrap())).collect();
-        for ((key, ids), text) in scripts.iter().zip([WEATHER, PLAIN, XML, THINK, OPENED, JSON_REPLY]) {
+            [("ask-weather", WEATHER), ("ask-plain", PLAIN), ("ask-xml", XML), ("ask-think", THINK), ("ask-opened", OPENED), ("ask-json", JSON_REPLY), ("ask-json-think", JSON_THINK)].iter().map(|&(k, t)| (k, tokenizer.encode(t, false).unwrap())).collect();
+        for ((key, ids), text) in scripts.iter().zip([WEATHER, PLAIN, XML, THINK, OPENED, JSON_REPLY, JSON_THINK]) {
             assert_eq!(tokenizer.decode(ids, false).unwrap(), text, "the fixture tokenizer must round-trip the {key} script");
         }
         let backend = Scripted { spec, tokenizer: tokenizer.clone(), scripts, seqs: HashMap::new() };
@@ -349,11 +351,26 @@ async fn reasoning_is_split_from_the_answer() {
     let (reasoning, content, calls, finish) = gather(&h.chat_stream(request("ask-opened", streamed)).await);
     assert_eq!((reasoning.as_str(), content.as_str(), calls.len(), finish), ("Short question, short answer.\n", "It is noon.", 0, json!("stop")));
 
-    // JSON mode: the reply is the object from its first token, so even where the prompt opened
-    // a thinking block, all of it is content. (The scripted reply is JSON: `{"city": "Paris"}`.)
+    // JSON mode where the prompt opened a thinking block: free thinking, then the object, which
+    // ends the reply (before the script's EOS); without the block, the object at once.
     let mut json_kw = kwargs.clone();
     json_kw["response_format"] = json!({"type": "json_object"});
-    let (_, v) = h.chat(request("ask-json", json_kw)).await;
+    for stream in [false, true] {
+        let mut body = request("ask-json-think", json_kw.clone());
+        body["stream"] = json!(stream);
+        let (reasoning, content, finish) = if stream {
+            let (r, c, _, f) = gather(&h.chat_stream(body).await);
+            (json!(r), c, f)
+        } else {
+            let (_, v) = h.chat(body).await;
+            let m = &v["choices"][0]["message"];
+            (m["reasoning_content"].clone(), m["content"].as_str().unwrap().to_owned(), v["choices"][0]["finish_reason"].clone())
+        };
+        assert_eq!(reasoning, "A city: {Paris} \"quoted\".\n", "stream {stream}");
+        assert_eq!(content, JSON_REPLY, "stream {stream}");
+        assert_eq!(finish, "stop");
+    }
+    let (_, v) = h.chat(request("ask-json", json!({"response_format": {"type": "json_object"}}))).await;
     let m = &v["choices"][0]["message"];
     assert_eq!(m["content"], JSON_REPLY, "{v}");
     assert!(m.get("reasoning_content").is_none(), "{v}");
