@@ -57,6 +57,13 @@ async fn a_config_alone_serves_random_weights_with_the_stand_in_tokenizer() {
     let (status, r) = s.post("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "t7"}], "max_tokens": 2})).await;
     assert_eq!(status, 400, "{r}");
     assert!(r["error"]["message"].as_str().unwrap().contains("template"), "{r}");
+    // JSON mode needs token bytes, which the word-level stand-in tokenizer does not have: a 400
+    // that says so, and the server serves on.
+    let (status, r) = s.post("/v1/completions", json!({"prompt": "t1", "max_tokens": 2, "response_format": {"type": "json_object"}})).await;
+    assert_eq!(status, 400, "{r}");
+    assert!(r["error"]["message"].as_str().unwrap().contains("byte-level"), "{r}");
+    let (status, _) = s.post("/v1/completions", body).await;
+    assert_eq!(status, 200);
 }
 
 #[tokio::test]
