@@ -447,6 +447,14 @@ impl JsonConstraint {
 mod tests {
     use super::*;
 
+    /// The golden fixture's byte-level vocabulary (512 tokens) and its bytes.
+    fn golden() -> (Tokenizer, Arc<TokenBytes>) {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/golden/default/tokenizer.json");
+        let tok = Tokenizer::from_file(std::path::Path::new(path)).unwrap();
+        let tb = Arc::new(TokenBytes::from_tokenizer(&tok).unwrap());
+        (tok, tb)
+    }
+
     fn accepts(s: &str) -> Option<JsonState> {
         let mut st = JsonState::default();
         s.bytes().all(|b| st.push(b)).then_some(st)
@@ -504,9 +512,7 @@ mod tests {
 
     #[test]
     fn token_bytes_are_what_the_tokenizer_decodes() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/golden/default/tokenizer.json");
-        let tok = Tokenizer::from_file(std::path::Path::new(path)).unwrap();
-        let tb = TokenBytes::from_tokenizer(&tok).unwrap();
+        let (tok, tb) = golden();
         let mut checked = 0;
         for id in 0..tok.vocab_size() as u32 {
             let text = tok.decode(&[id], false).unwrap();
@@ -527,9 +533,7 @@ mod tests {
 
     #[test]
     fn the_mask_allows_exactly_the_tokens_that_keep_an_object() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/golden/default/tokenizer.json");
-        let tok = Tokenizer::from_file(std::path::Path::new(path)).unwrap();
-        let tb = Arc::new(TokenBytes::from_tokenizer(&tok).unwrap());
+        let (tok, tb) = golden();
         let n = tok.vocab_size();
         let brace = (0..n as u32).find(|&id| tb.bytes(id) == b"{").unwrap();
         // At the start only `{` can come (alone or leading a token that goes on validly).
@@ -566,9 +570,7 @@ mod tests {
 
     #[test]
     fn thinking_first_is_free_until_the_block_ends_then_the_object() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/golden/default/tokenizer.json");
-        let tok = Tokenizer::from_file(std::path::Path::new(path)).unwrap();
-        let tb = Arc::new(TokenBytes::from_tokenizer(&tok).unwrap());
+        let (tok, tb) = golden();
         let n = tok.vocab_size();
         let single = |piece: u8| (0..n as u32).find(|&id| tb.bytes(id) == [piece]).unwrap();
         let eos = single(b'~');
