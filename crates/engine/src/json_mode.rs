@@ -331,6 +331,11 @@ pub struct JsonConstraint {
 /// What ends the free thinking before the object.
 const THINK_END: &[u8] = b"</think>";
 
+/// Where `bytes` hold `</think>`: the index just past it.
+fn past_think_end(bytes: &[u8]) -> Option<usize> {
+    bytes.windows(THINK_END.len()).position(|w| w == THINK_END).map(|at| at + THINK_END.len())
+}
+
 impl JsonConstraint {
     pub fn new(tokens: Arc<TokenBytes>, banned: Vec<u32>) -> JsonConstraint {
         JsonConstraint { tokens, banned, state: JsonState::default(), thinking: None }
@@ -345,15 +350,17 @@ impl JsonConstraint {
     /// Sets the logits of every token that cannot come next to -inf; false if none can.
     pub fn mask(&self, logits: &mut [f32]) -> bool {
         if let Some(seen) = &self.thinking {
-            // Free text, but a token that ends the block must leave what follows the tag
-            // (past whitespace) a start of the object.
+            // Free text, but a token that ends the block must leave what follows the tag a
+            // start of the object (whitespace, then `{`).
             let mut refuse: Vec<u32> = self.banned.clone();
+            let mut tail = Vec::new();
             for &id in &self.tokens.with_gt {
-                let mut tail = seen.clone();
+                tail.clear();
+                tail.extend_from_slice(seen);
                 tail.extend_from_slice(self.tokens.bytes(id));
-                if let Some(at) = tail.windows(THINK_END.len()).position(|w| w == THINK_END) {
+                if let Some(past) = past_think_end(&tail) {
                     let mut st = JsonState { expect: Expect::StartAfterThinking, ..JsonState::default() };
-                    if !tail[at + THINK_END.len()..].iter().all(|&b| st.push(b)) {
+                    if !tail[past..].iter().all(|&b| st.push(b)) {
                         refuse.push(id);
                     }
                 }
@@ -379,7 +386,8 @@ impl JsonConstraint {
             &self.tokens.by_first
         };
         for (first, ids) in groups.iter().enumerate() {
-            if ids.is_empty() || !self.state.clone().push(first as u8) {
+            let mut st = self.state;
+            if ids.is_empty() || !st.push(first as u8) {
                 continue;
             }
             let mut i = 0;
@@ -421,9 +429,9 @@ impl JsonConstraint {
         if let Some(seen) = &mut self.thinking {
             // Keep just enough bytes to find the end tag across tokens.
             seen.extend_from_slice(bytes);
-            if let Some(at) = seen.windows(THINK_END.len()).position(|w| w == THINK_END) {
+            if let Some(past) = past_think_end(seen) {
                 // Bytes after the tag in the same token (whitespace, as a rule) begin the object.
-                let rest = seen[at + THINK_END.len()..].to_vec();
+                let rest = seen[past..].to_vec();
                 self.thinking = None;
                 self.state.expect = Expect::StartAfterThinking;
                 let ok = rest.is_empty() || self.state.push_all(&rest);
