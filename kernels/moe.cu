@@ -382,16 +382,8 @@ __device__ __forceinline__ void mbar_wait(unsigned long long* bar, unsigned pari
 }
 __device__ __forceinline__ void bulk_load(void* smem, const void* gmem, unsigned bytes, unsigned long long* bar) {
     unsigned d = (unsigned)__cvta_generic_to_shared(smem), b = (unsigned)__cvta_generic_to_shared(bar);
-#ifdef MOE_BULK_EVICT_FIRST
-    unsigned long long pol;
-    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;" ::"r"(d),
-                 "l"(gmem), "r"(bytes), "r"(b), "l"(pol)
-                 : "memory");
-#else
     asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(d), "l"(gmem), "r"(bytes), "r"(b)
                  : "memory");
-#endif
 }
 __device__ __forceinline__ void mbar_expect(unsigned long long* bar, unsigned bytes) {
     unsigned a = (unsigned)__cvta_generic_to_shared(bar);
@@ -924,8 +916,7 @@ __device__ __forceinline__ void moe_fused_acc(const unsigned long long* __restri
                                               const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Wd,
                                               const float* __restrict__ hg, float* __restrict__ h, float* __restrict__ out, int H,
                                               int I, int U, unsigned* counters, float* __restrict__ y, int* __restrict__ tok_pairs_out,
-                                              unsigned long long* __restrict__ zero_acc, int nzero,
-                                              const unsigned char* __restrict__ pf, int pf_rows, int pf_ld, int pf_bytes) {
+                                              unsigned long long* __restrict__ zero_acc, int nzero) {
     extern __shared__ __align__(MOE_DSM_ALIGN) uint4 dsm[];
     __shared__ StageSmem ss;
     float* scores = reinterpret_cast<float*>(dsm);
@@ -950,22 +941,6 @@ __device__ __forceinline__ void moe_fused_acc(const unsigned long long* __restri
         for (int c = 0; c < ACC_HELD; c++) part[c] = c < copies ? __ldcg(acc + (size_t)c * E + e0) : 0ull;
     }
     const bool bad = __ldcg(acc + (size_t)copies * E) != 0ull;
-    // L2 ahead: DRAM has nothing to do until the routing below asks for the experts' weights, so
-    // the blocks ask L2 for the first pf_bytes of each row of the weights read after this MoE
-    // (the next layer's q/k/v), block b rows [b rows / grid, (b + 1) rows / grid).
-    if (pf) {
-        const int r1 = (int)((long long)pf_rows * (blockIdx.x + 1) / gridDim.x);
-        for (int r = (int)((long long)pf_rows * blockIdx.x / gridDim.x) + (int)threadIdx.x; r < r1; r += (int)blockDim.x) {
-#ifdef MOE_PF_EVICT_LAST
-            unsigned long long pol;
-            asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(pol));
-            asm volatile("cp.async.bulk.prefetch.L2.global.L2::cache_hint [%0], %1, %2;" ::"l"(pf + (size_t)r * pf_ld), "r"(pf_bytes), "l"(pol)
-                         : "memory");
-#else
-            asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(pf + (size_t)r * pf_ld), "r"(pf_bytes) : "memory");
-#endif
-        }
-    }
     float q = 0.f;
     for (int i = threadIdx.x & 31; i < nssq; i += 32) q += __ldcg(ssq + i);
 #pragma unroll
@@ -1058,13 +1033,11 @@ __device__ __forceinline__ void moe_fused_acc(const unsigned long long* __restri
         const float* __restrict__ bias, int E, int K, int softmax, int n_group, int topk_group, int norm, float scale,    \
         const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Wd, const float* __restrict__ hg,       \
         float* __restrict__ h, float* __restrict__ out, int H, int I, int U, unsigned* counters, float* __restrict__ y,  \
-        int* __restrict__ tok_pairs_out, unsigned long long* zero_acc, int nzero, const unsigned char* __restrict__ pf,    \
-        int pf_rows, int pf_ld, int pf_bytes) {                                                                          \
+        int* __restrict__ tok_pairs_out, unsigned long long* zero_acc, int nzero) {                                      \
         TRACE_SM();                                                                                                      \
         TRACE(1);                                                                                                        \
         moe_fused_acc<NS, CS>(acc, copies, ssq, nssq, eps, bias, E, K, softmax, n_group, topk_group, norm, scale, Wg, Wd, \
-                              hg, h, out, H, I, U, counters, y, tok_pairs_out, zero_acc, nzero, pf, pf_rows, pf_ld,      \
-                              pf_bytes);                                                                                 \
+                              hg, h, out, H, I, U, counters, y, tok_pairs_out, zero_acc, nzero);                         \
     }
 MOE_BULK(2, 4)
 MOE_BULK(4, 2)

@@ -160,9 +160,6 @@ const DRAIN_AFTER_MLP_ROWS: usize = 2;
 const ROUTE_ACC_COPIES: usize = 8;
 /// Default of `CudaModel::plain_from_rows`.
 const PLAIN_FROM_ROWS: usize = 16;
-/// Leading bytes of each q/k/v row the one-token MoE before it asks L2 for (`l2_ahead_of`):
-/// measurement default, 0 (off).
-const L2_AHEAD_BYTES: usize = 0;
 
 pub(crate) struct Ops {
     pub(crate) embed: CudaFunction,
@@ -314,9 +311,6 @@ pub struct CudaModel {
     /// instead (`route_in_oproj_at`; `PEREGRINE_ROUTE_IN_OPROJ=0` keeps the router's launch, for
     /// comparison; tests flip it).
     route_in_oproj: bool,
-    /// Leading bytes of each row of the next layer's q/k/v that the one-token MoE asks L2 for
-    /// during its routing (`l2_ahead_of`; `PEREGRINE_L2_AHEAD_BYTES`, 0 off).
-    l2_ahead_bytes: usize,
     /// Per layer, `route_acc_stride` u64: the fixed-point logit sums the o_proj adds into and
     /// its MoE reads, in `route_acc_copies` copies, then a flag word (zero between: the next
     /// such layer's MoE zeroes them, cyclically); then the o_proj blocks' sums of squares of h
@@ -731,7 +725,6 @@ impl CudaModel {
             route_in_moe: std::env::var("PEREGRINE_MOE_ROUTE_IN_KERNEL").map_or(true, |v| v != "0"),
             norm_in_router: std::env::var("PEREGRINE_NORM_IN_ROUTER").map_or(true, |v| v != "0"),
             route_in_oproj: std::env::var("PEREGRINE_ROUTE_IN_OPROJ").map_or(true, |v| v != "0"),
-            l2_ahead_bytes: std::env::var("PEREGRINE_L2_AHEAD_BYTES").ok().and_then(|v| v.parse().ok()).unwrap_or(L2_AHEAD_BYTES),
             route_acc,
             route_acc_copies,
             route_acc_stride,
@@ -1642,7 +1635,7 @@ impl CudaModel {
             let zero = self.route_acc_ptr(prev);
             let mut tok_pairs = unsafe { self.kernels.alloc.alloc::<i32>(spec.top_k) }?;
             let eps = self.spec.rms_norm_eps;
-            let out = self.with_moe_scratch(w, spec.top_k, |scratch| self.kernels.moe_mxfp4_acc_pairs(kind, spec, w, &r, eps, bias.as_ref().map(|b| &b.0), scratch, &mut tok_pairs, zero, self.route_acc_stride, self.l2_ahead_of(li + 1)))?;
+            let out = self.with_moe_scratch(w, spec.top_k, |scratch| self.kernels.moe_mxfp4_acc_pairs(kind, spec, w, &r, eps, bias.as_ref().map(|b| &b.0), scratch, &mut tok_pairs, zero, self.route_acc_stride))?;
             self.moe_pairs_calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return Ok(MlpOut::Pairs(MoePairs { out, tok_pairs, topk: spec.top_k, pre: Some(attn) }));
         }
@@ -1655,17 +1648,6 @@ impl CudaModel {
             }
             MlpOut::Rows(_) => Err(Error::Backend(format!("layer {li}: the MoE combined its pairs where its post-attention norm was left to the router"))),
         }
-    }
-
-    /// What the one-token MoE ahead of layer `li` asks L2 for (`kernels::L2Ahead`): the first
-    /// `l2_ahead_bytes` of each row of its stacked FP8 q/k/v, which the projection's warps read
-    /// first. None past the last layer or with `l2_ahead_bytes` 0.
-    fn l2_ahead_of(&self, li: usize) -> Option<crate::kernels::L2Ahead> {
-        let Some(Qkv::Stacked { m: Mat { m: GpuMatrix::Fp8 { w, .. }, n, k }, .. }) = self.layers.get(li).map(|l| &l.attn.qkv) else {
-            return None;
-        };
-        let bytes = self.l2_ahead_bytes.min(*k) / 16 * 16;
-        (bytes > 0 && k.is_multiple_of(16)).then(|| crate::kernels::L2Ahead { ptr: w.device_ptr(&self.stream).0, rows: *n, ld: *k, bytes })
     }
 
     /// Whether layer `li`'s o_proj at `rows` rows does its MoE's router (`route_in_oproj`):

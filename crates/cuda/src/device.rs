@@ -139,27 +139,7 @@ fn open(ordinal: usize, count: usize) -> Result<Gpu> {
     // SAFETY: nothing is allocated yet, and every later allocation and launch uses `stream`.
     unsafe { ctx.disable_event_tracking() };
     let stream = ctx.new_stream().map_err(err)?;
-    set_aside_persisting_l2(&ctx).map_err(err)?;
     Ok(Gpu { ctx, stream, name, capability, total_memory })
-}
-
-/// Measurement: `PEREGRINE_L2_PERSIST_BYTES=n` sets aside n bytes of L2 for persisting
-/// (`evict_last`) accesses, capped at the device's maximum; prints what was set.
-fn set_aside_persisting_l2(ctx: &CudaContext) -> std::result::Result<(), cudarc::driver::DriverError> {
-    let Some(want) = std::env::var("PEREGRINE_L2_PERSIST_BYTES").ok().and_then(|v| v.parse::<usize>().ok()) else {
-        return Ok(());
-    };
-    use cudarc::driver::sys;
-    let max = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_PERSISTING_L2_CACHE_SIZE)? as usize;
-    ctx.bind_to_thread()?;
-    let mut got = 0usize;
-    // SAFETY: the context is current on this thread; the limit takes a size in bytes.
-    unsafe {
-        sys::cuCtxSetLimit(sys::CUlimit::CU_LIMIT_PERSISTING_L2_CACHE_SIZE, want.min(max)).result()?;
-        sys::cuCtxGetLimit(&mut got, sys::CUlimit::CU_LIMIT_PERSISTING_L2_CACHE_SIZE).result()?;
-    }
-    eprintln!("persisting L2 set-aside: asked {want}, device max {max}, set {got}");
-    Ok(())
 }
 
 #[cfg(test)]

@@ -280,7 +280,7 @@ fn moe_after_the_oproj_router_equals_the_routed_kernel() {
                     let mut tok_pairs = st.clone_htod(&vec![-1i32; k]).unwrap();
                     st.memcpy_htod(&vec![f32::NAN; scratch.out.len()], &mut scratch.out).unwrap();
                     if acc_path {
-                        kern.moe_mxfp4_acc_pairs(kind, &spec, &w, &route, 0.0, Some(&bd), &mut scratch, &mut tok_pairs, 0, 0, None).unwrap();
+                        kern.moe_mxfp4_acc_pairs(kind, &spec, &w, &route, 0.0, Some(&bd), &mut scratch, &mut tok_pairs, 0, 0).unwrap();
                     } else {
                         kern.moe_mxfp4_routed_pairs(kind, &spec, &w, &ld, Some(&bd), &xd, MoeInput::Fresh, &mut scratch, &mut tok_pairs).unwrap();
                     }
