@@ -78,7 +78,7 @@ e2e() {  # $1 device, $2 port, $3 speculative model (none: off; default: the mod
     else
         echo "seeded sampling on $dev: DIFFERS between identical requests" >> "$LOG/seeded.txt"
     fi
-    curl -s "localhost:$port/metrics" | grep -E "^vllm:spec_decode_num_(drafts|accepted_tokens)_total" > "$LOG/metrics-$dev-$port.txt" || true
+    curl -s "localhost:$port/metrics" | grep -E "^(vllm:spec_decode_num_(drafts|accepted_tokens)_total|peregrine:spec_decode_plain_steps_total)" > "$LOG/metrics-$dev-$port.txt" || true
     kill $pid; wait $pid 2>/dev/null || true
 }
 for m in models/peregrine-mimo-tiny tests/fixtures/golden/default; do
@@ -88,11 +88,15 @@ for m in models/peregrine-mimo-tiny tests/fixtures/golden/default; do
 done > "$LOG/e2e.log"
 cat "$LOG/e2e.log"
 # Speculation on the GPU (the demo model's own drafter) must not change greedy output either.
-e2e cuda 8203 default models/peregrine-mimo-tiny > "$LOG/e2e-cuda-spec.txt"
+# Drafting on every step (the mechanics), then the adaptive default (plain and speculative steps mixed).
+e2e cuda 8203 default models/peregrine-mimo-tiny --speculative-mode always > "$LOG/e2e-cuda-spec.txt"
+e2e cuda 8206 default models/peregrine-mimo-tiny > "$LOG/e2e-cuda-adaptive.txt"
 e2e cpu 8204 none models/peregrine-mimo-tiny > "$LOG/e2e-cpu.txt"
 if cmp -s "$LOG/e2e-cuda-spec.txt" "$LOG/e2e-cpu.txt" && [ -s "$LOG/e2e-cpu.txt" ]; then echo "e2e demo with DFlash on cuda: identical to --device cpu without speculation"; else echo "e2e demo with DFlash on cuda: DIFFERS"; cat "$LOG/e2e-cuda-spec.txt"; fi >> "$LOG/e2e.log"
 cat "$LOG/metrics-cuda-8203.txt" >> "$LOG/e2e.log"
 grep -q 'accepted_tokens_total{[^}]*} [1-9]' "$LOG/metrics-cuda-8203.txt" || echo "e2e: no draft accepted on cuda: DIFFERS" >> "$LOG/e2e.log"
+if cmp -s "$LOG/e2e-cuda-adaptive.txt" "$LOG/e2e-cpu.txt"; then echo "e2e demo with adaptive DFlash on cuda: identical to --device cpu without speculation"; else echo "e2e demo with adaptive DFlash on cuda: DIFFERS"; cat "$LOG/e2e-cuda-adaptive.txt"; status=1; fi >> "$LOG/e2e.log"
+cat "$LOG/metrics-cuda-8206.txt" >> "$LOG/e2e.log"
 cat "$LOG/seeded.txt" >> "$LOG/e2e.log"
 # Random weights made on the GPU for a config alone (--load-format dummy): served, greedy twice the same.
 PEREGRINE_CACHE_DIR=/tmp/pcache .bin/peregrine serve configs/mimo-v2-flash.json --load-format dummy \

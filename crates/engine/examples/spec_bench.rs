@@ -91,9 +91,10 @@ fn main() {
     println!("{:<8} {:<6} {:>9} {:>10} {:>12} {:>10}", "sampling", "spec", "tokens", "seconds", "tokens/s", "accept_len");
     for (label, temp) in [("greedy", 0.0f32), ("T=0.7", 0.7)] {
         let mut base_tps = 0.0;
-        for spec in [false, true] {
+        // Without the drafter, speculating on every step, and the adaptive policy (the default).
+        for (spec, mode) in [(false, SpeculationMode::Always), (true, SpeculationMode::Always), (true, SpeculationMode::Adaptive)] {
             let m = load(&device, &files, spec.then_some(&drafter));
-            let cfg = EngineConfig { max_num_seqs: conc.max(1), max_model_len: 1024, kv_cache_memory_bytes: 256 << 20, ..EngineConfig::default() };
+            let cfg = EngineConfig { max_num_seqs: conc.max(1), max_model_len: 1024, kv_cache_memory_bytes: 256 << 20, speculation: mode, ..EngineConfig::default() };
             let e = start_engine(m, tok.clone(), cfg).unwrap();
             let t0 = Instant::now();
             let mut total = 0;
@@ -137,8 +138,14 @@ fn main() {
                 base_tps = tps;
             }
             let fused = metric(&e, "peregrine:spec_decode_fused_steps_total");
-            let speedup = if spec { format!("  ({:.2}x; {fused} steps drafted, verified and accepted in one backend call)", tps / base_tps) } else { String::new() };
-            println!("{label:<8} {:<6} {total:>9} {secs:>10.2} {tps:>12.1} {acc:>10}{speedup}", if spec { "dflash" } else { "off" });
+            let plain = metric(&e, "peregrine:spec_decode_plain_steps_total");
+            let speedup = if spec { format!("  ({:.2}x; {fused} steps drafted, verified and accepted in one backend call; {plain} steps plain by the policy)", tps / base_tps) } else { String::new() };
+            let name = match (spec, mode) {
+                (false, _) => "off",
+                (true, SpeculationMode::Always) => "dflash",
+                (true, SpeculationMode::Adaptive) => "adapt",
+            };
+            println!("{label:<8} {name:<6} {total:>9} {secs:>10.2} {tps:>12.1} {acc:>10}{speedup}");
             e.shutdown();
         }
     }

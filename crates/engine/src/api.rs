@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use peregrine_core::SamplingParams;
+use crate::spec_policy::SpeculationMode;
 
 /// One generation request: one sequence (the server submits `n` of them for `n > 1`).
 #[derive(Debug, Clone)]
@@ -131,6 +132,9 @@ pub struct EngineConfig {
     /// (`Backend::enqueue_decode`) and nothing the next step needs depends on that commit, so
     /// the host's work runs while the device computes. Outputs are the same either way.
     pub overlap_steps: bool,
+    /// When a drafter speculates: while it measures faster than plain decoding (`Adaptive`),
+    /// or on every eligible step (`Always`). Outputs are the same either way.
+    pub speculation: SpeculationMode,
 }
 
 impl Default for EngineConfig {
@@ -146,6 +150,7 @@ impl Default for EngineConfig {
             speculative_block_size: None,
             model_name: None,
             overlap_steps: true,
+            speculation: SpeculationMode::Adaptive,
         }
     }
 }

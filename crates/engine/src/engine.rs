@@ -16,6 +16,7 @@ use crate::kv::{KvManager, SeqBlocks};
 use crate::json_mode::{JsonConstraint, TokenBytes};
 use crate::metrics::Metrics;
 use crate::sampler::{self, SeqRng};
+use crate::spec_policy::SpecPolicy;
 
 enum Cmd {
     Submit(Box<Seq>),
@@ -113,6 +114,8 @@ pub fn start_engine(mut backend: Box<dyn Backend>, tokenizer: SharedTokenizer, c
         eos,
         next_id: 0,
         spec_block,
+        policy: SpecPolicy::new(config.speculation, spec_block.unwrap_or(1)),
+        spec_now: true,
         in_flight: None,
     };
     let thread = std::thread::Builder::new()
@@ -239,6 +242,9 @@ struct Seq {
     /// Speculation: drafts accepted into the output, and drafts proposed.
     spec_accepted: usize,
     spec_drafted: usize,
+    /// Tokens this sequence commits per verify round (`SpecPolicy::record_round`); None before
+    /// its first round.
+    spec_rate: Option<f64>,
     prompt_lp: Vec<Option<TokenLogprob>>,
     prompt_lp_done: bool,
     first_scheduled: Option<Instant>,
@@ -264,6 +270,7 @@ impl Seq {
             cached_tokens: 0,
             spec_accepted: 0,
             spec_drafted: 0,
+            spec_rate: None,
             prompt_lp: Vec::new(),
             prompt_lp_done: req.prompt_logprobs.is_none(),
             first_scheduled: None,
@@ -300,6 +307,9 @@ struct Core {
     eos: Vec<u32>,
     next_id: u64,
     spec_block: Option<usize>,
+    /// When to speculate (`EngineConfig::speculation`), and this step's choice.
+    policy: SpecPolicy,
+    spec_now: bool,
     /// A decode step the backend started (`Backend::enqueue_decode`) and nobody collected yet.
     in_flight: Option<InFlight>,
 }
@@ -449,9 +459,15 @@ impl Core {
         true
     }
 
-    /// Drafts a decoding sequence may verify this step: `block - 1`, fewer near its
-    /// max_tokens or the context limit (the reference's `min(block, max_length - start)`).
+    /// Drafts a decoding sequence verifies this step: none when the policy decodes plainly,
+    /// else `drafts_possible`.
     fn drafts_wanted(&self, s: &Seq) -> usize {
+        if self.spec_now { self.drafts_possible(s) } else { 0 }
+    }
+
+    /// Drafts a decoding sequence may verify: `block - 1`, fewer near its max_tokens or the
+    /// context limit (the reference's `min(block, max_length - start)`).
+    fn drafts_possible(&self, s: &Seq) -> usize {
         let Some(block) = self.spec_block else { return 0 };
         if s.len() - s.computed != 1 || !s.prompt_lp_done || s.json.is_some() {
             return 0;
@@ -461,12 +477,33 @@ impl Core {
         (block - 1).min(left).min(room)
     }
 
+    /// Whether this step's decoding sequences draft (`SpecPolicy::speculate` over the ones
+    /// running now, each expected to commit its own tokens per round, capped by its drafts).
+    fn choose_speculation(&mut self) -> bool {
+        let (mut rows, mut tokens, mut any) = (0, 0.0, false);
+        for s in self.running.iter().filter(|s| s.len() - s.computed == 1) {
+            let k = self.drafts_possible(s);
+            rows += 1;
+            tokens += if k == 0 { 1.0 } else { self.policy.expected(s.spec_rate).min(k as f64 + 1.0) };
+            any |= k > 0;
+        }
+        if !any {
+            return true;
+        }
+        let speculate = self.policy.speculate(rows, tokens);
+        if !speculate {
+            self.metrics.spec_plain_steps.inc();
+        }
+        speculate
+    }
+
     fn step(&mut self) {
         if let Some(prev) = self.in_flight.take() {
             return self.step_overlapped(prev);
         }
         let t0 = Instant::now();
         self.drop_gone_clients();
+        self.spec_now = self.spec_block.is_some() && self.choose_speculation();
         let mut budget = self.config.max_num_batched_tokens;
         // (sequence id, tokens to compute, drafts to verify); decodes first, then prefill chunks.
         let mut plan: Vec<(u64, usize, usize)> = Vec::new();
@@ -750,6 +787,9 @@ impl Core {
         };
         self.metrics.batch_size.observe(plan.len() as f64);
         self.metrics.step_tokens.observe(ntok as f64);
+        // A step of decodes alone (one fed token each) times its kind for the policy.
+        let decode_rows = plan.iter().all(|&(_, chunk, _)| chunk == 1).then_some(plan.len());
+        let speculated = drafts.iter().any(|d| !d.is_empty());
         let mut done = Vec::new();
         for (((id, chunk, _), lg), drafts) in plan.into_iter().zip(logits).zip(drafts) {
             let i = self.running.iter().position(|s| s.id == id).unwrap();
@@ -863,6 +903,7 @@ impl Core {
                 continue;
             }
             if !drafts.is_empty() {
+                s.spec_rate = Some(self.policy.record_round(s.spec_rate, ids.len()));
                 // Positions start..start+c hold the fed tokens that were committed; the K/V
                 // written for rejected drafts lie past `computed` and are overwritten later.
                 s.computed = start + ids.len();
@@ -901,7 +942,11 @@ impl Core {
             let reason = s.finish_reason.unwrap_or(FinishReason::Length);
             self.finish(&mut s, reason);
         }
-        self.metrics.step_time.observe(t0.elapsed().as_secs_f64());
+        let secs = t0.elapsed().as_secs_f64();
+        if let (Some(rows), Some(_)) = (decode_rows, self.spec_block) {
+            self.policy.record_step(rows, speculated, secs);
+        }
+        self.metrics.step_time.observe(secs);
     }
 
     /// The whole speculative step in one backend call (draft, verify, accept on the backend),

@@ -64,6 +64,8 @@ pub mod json_mode;
 pub mod kv;
 pub mod metrics;
 pub mod sampler;
+pub mod spec_policy;
 
 pub use api::*;
 pub use engine::{start_engine, EngineHandle};
+pub use spec_policy::SpeculationMode;

@@ -26,6 +26,7 @@ pub struct Metrics {
     pub spec_accepted_per_pos: IntCounterVec,
     pub spec_draft_failures: IntCounter,
     pub spec_fused_steps: IntCounter,
+    pub spec_plain_steps: IntCounter,
     pub overlapped_steps: IntCounter,
     pub backend_failed: IntGauge,
 }
@@ -96,6 +97,7 @@ impl Metrics {
             spec_accepted_per_pos: per_pos,
             spec_draft_failures: ic("peregrine:spec_decode_draft_failures_total", "Draft passes that failed (those steps decode without drafts)"),
             spec_fused_steps: ic("peregrine:spec_decode_fused_steps_total", "Speculative steps drafted, verified and accepted in one backend call"),
+            spec_plain_steps: ic("peregrine:spec_decode_plain_steps_total", "Decode steps run without drafts because plain decoding measured faster (adaptive speculation)"),
             overlapped_steps: ic("peregrine:overlapped_steps_total", "Decode steps started before the step ahead of them was committed (their host work overlapped the GPU's)"),
             backend_failed: ig("peregrine:backend_failed", "1 once the backend can serve nothing more (a lost GPU context): restart the server"),
             registry,

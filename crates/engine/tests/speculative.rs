@@ -60,6 +60,9 @@ fn config() -> EngineConfig {
         speculative_block_size: None,
         model_name: None,
         overlap_steps: true,
+        // These tests check the speculative mechanics on every step; the adaptive policy has
+        // tests of its own.
+        speculation: SpeculationMode::Always,
     }
 }
 
@@ -236,6 +239,32 @@ fn seeded_sampling_with_every_option_is_identical_with_speculation() {
         let e = engine(&p, Some(8), config());
         let spec = run(&e, sampling_requests(&t));
         assert_same(&format!("{} sampling", p.name), &base, &spec);
+    }
+}
+
+/// The adaptive policy (the default) decodes some steps plainly and speculates in others, each
+/// sequence going from one kind to the other (every batch bucket first takes three speculative
+/// steps, then three plain ones, whatever the timings); outputs stay those without a drafter.
+#[test]
+fn adaptive_speculation_mixes_plain_and_speculative_steps_with_the_same_outputs() {
+    for p in pairs() {
+        let t = tokenizer(&p);
+        let plain = engine(&p, None, config());
+        let (base_g, base_s) = (run(&plain, greedy_requests(&t, 48)), run(&plain, sampling_requests(&t)));
+        let e = engine(&p, Some(8), EngineConfig { speculation: SpeculationMode::Adaptive, ..config() });
+        let g = run(&e, greedy_requests(&t, 48));
+        assert_same(&format!("{} adaptive greedy", p.name), &base_g, &g);
+        // Drafting on every step, each token after a request's first would come from a round
+        // (the round's sample or an accepted draft), so rounds + accepted >= those tokens; fewer
+        // means plain steps committed the rest.
+        let (rounds, accepted) = (metric(&e, "vllm:spec_decode_num_drafts_total"), metric(&e, "vllm:spec_decode_num_accepted_tokens_total"));
+        let after_first = g.iter().map(|o| o.usage.completion_tokens - 1).sum::<usize>() as f64;
+        let plain_steps = metric(&e, "peregrine:spec_decode_plain_steps_total");
+        eprintln!("{} adaptive: {rounds} draft rounds, {accepted} accepted, {after_first} tokens after the first, {plain_steps} plain steps", p.name);
+        assert!(rounds > 0.0 && plain_steps > 0.0, "{}: {rounds} draft rounds, {plain_steps} plain steps", p.name);
+        assert!(rounds + accepted < after_first, "{}: no token came from a plain step", p.name);
+        assert_same(&format!("{} adaptive sampling", p.name), &base_s, &run(&e, sampling_requests(&t)));
+        assert_eq!(metric(&plain, "peregrine:spec_decode_plain_steps_total"), 0.0, "no drafter, no policy");
     }
 }
 

@@ -143,6 +143,11 @@ pub struct ServeArgs {
     /// drafter's `block_size`.
     #[arg(long, env = "PEREGRINE_SPECULATIVE_BLOCK_SIZE", value_parser = clap::value_parser!(u16).range(2..=16))]
     pub speculative_block_size: Option<u16>,
+    /// When the drafter speculates: `adaptive` (while speculative steps measure faster than
+    /// plain decoding: timed per batch size, with each sequence's own acceptance) or `always`.
+    /// Outputs are the same either way; only the speed differs.
+    #[arg(long, env = "PEREGRINE_SPECULATIVE_MODE", default_value = "adaptive")]
+    pub speculative_mode: peregrine_engine::SpeculationMode,
     /// Largest accepted request body, in bytes.
     #[arg(long, env = "PEREGRINE_MAX_BODY_BYTES", default_value_t = 32 << 20, value_parser = parse_bytes)]
     pub max_body_bytes: usize,
@@ -305,6 +310,7 @@ pub fn load(args: &ServeArgs) -> anyhow::Result<Ready> {
         speculative_block_size: args.speculative_block_size.map(usize::from),
         model_name: Some(args.served_model_name.clone().unwrap_or_else(|| default_name.clone())),
         overlap_steps: !args.no_overlap_steps,
+        speculation: args.speculative_mode,
         ..EngineConfig::default()
     };
     let sampling_defaults = match args.generation_config {

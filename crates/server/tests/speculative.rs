@@ -20,12 +20,18 @@ fn body(stream: bool) -> Value {
 #[tokio::test]
 async fn speculation_changes_nothing_but_speed_and_reports_drafts() {
     let plain = Server::start(&[]).await;
-    let spec = Server::start(&["--speculative-model", DRAFTER, "--speculative-block-size", "4"]).await;
+    // Every step drafts, so the counts below are exact; the adaptive default must agree too.
+    let spec = Server::start(&["--speculative-model", DRAFTER, "--speculative-block-size", "4", "--speculative-mode", "always"]).await;
+    let adaptive = Server::start(&["--speculative-model", DRAFTER, "--speculative-block-size", "4"]).await;
     let (st, a) = plain.post("/v1/chat/completions", body(false)).await;
     assert_eq!(st, 200, "{a}");
     let (st, b) = spec.post("/v1/chat/completions", body(false)).await;
     assert_eq!(st, 200, "{b}");
     assert_eq!(a["choices"], b["choices"], "seeded output differs with speculation");
+    let (st, c) = adaptive.post("/v1/chat/completions", body(false)).await;
+    assert_eq!(st, 200, "{c}");
+    assert_eq!(a["choices"], c["choices"], "seeded output differs with adaptive speculation");
+    assert!(adaptive.metric("vllm:spec_decode_num_drafts_total").await > 0.0, "the policy starts by speculating");
     assert!(a["usage"].get("completion_tokens_details").is_none());
     let d = &b["usage"]["completion_tokens_details"];
     let (acc, rej) = (d["accepted_prediction_tokens"].as_u64().unwrap(), d["rejected_prediction_tokens"].as_u64().unwrap());
@@ -73,6 +79,8 @@ fn bad_speculation_flags_fail_clearly() {
     assert!(e.contains("needs a drafter"), "{e}");
     let e = serve_fails(&["--speculative-model", DRAFTER, "--speculative-block-size", "17"]);
     assert!(e.contains("17") && e.contains("speculative-block-size"), "{e}");
+    let e = serve_fails(&["--speculative-model", DRAFTER, "--speculative-mode", "sometimes"]);
+    assert!(e.contains("sometimes") && e.contains("adaptive, always"), "{e}");
     let e = serve_fails(&["--speculative-model", "/nonexistent/drafter"]);
     assert!(e.contains("/nonexistent/drafter"), "{e}");
     // A drafter built for another target (hidden size 64 vs the demo model's 256) is refused.
