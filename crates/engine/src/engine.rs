@@ -116,6 +116,7 @@ pub fn start_engine(mut backend: Box<dyn Backend>, tokenizer: SharedTokenizer, c
         spec_block,
         policy: SpecPolicy::new(config.speculation, spec_block.unwrap_or(1)),
         spec_now: true,
+        spec_decided: None,
         in_flight: None,
     };
     let thread = std::thread::Builder::new()
@@ -307,9 +308,11 @@ struct Core {
     eos: Vec<u32>,
     next_id: u64,
     spec_block: Option<usize>,
-    /// When to speculate (`EngineConfig::speculation`), and this step's choice.
+    /// When to speculate (`EngineConfig::speculation`), this step's choice, and a choice to
+    /// speculate that ended a chain of overlapped plain steps (the next step takes it).
     policy: SpecPolicy,
     spec_now: bool,
+    spec_decided: Option<bool>,
     /// A decode step the backend started (`Backend::enqueue_decode`) and nobody collected yet.
     in_flight: Option<InFlight>,
 }
@@ -503,7 +506,10 @@ impl Core {
         }
         let t0 = Instant::now();
         self.drop_gone_clients();
-        self.spec_now = self.spec_block.is_some() && self.choose_speculation();
+        self.spec_now = match self.spec_decided.take() {
+            Some(d) => d,
+            None => self.spec_block.is_some() && self.choose_speculation(),
+        };
         let mut budget = self.config.max_num_batched_tokens;
         // (sequence id, tokens to compute, drafts to verify); decodes first, then prefill chunks.
         let mut plan: Vec<(u64, usize, usize)> = Vec::new();
@@ -654,10 +660,10 @@ impl Core {
         self.finish_step(t0, plan, drafts, result, ntok);
     }
 
-    /// Whether steps may overlap at all: configured, and no drafter (speculative steps have a
-    /// round trip of their own).
+    /// Whether steps may overlap at all: configured, and no drafting this step (speculative
+    /// steps have a round trip of their own).
     fn overlap_allowed(&self) -> bool {
-        self.config.overlap_steps && self.spec_block.is_none()
+        self.config.overlap_steps && (self.spec_block.is_none() || !self.spec_now)
     }
 
     /// With `prev` in flight: starts the step after it when that can be planned without prev's
@@ -713,6 +719,12 @@ impl Core {
                 return None;
             }
             rows.push(r);
+        }
+        // With a drafter the chain runs while the policy decodes plainly; its choice to
+        // speculate ends it, and the next step takes that choice.
+        if self.spec_block.is_some() && self.choose_speculation() {
+            self.spec_decided = Some(true);
+            return None;
         }
         for s in &mut self.running {
             if !self.kv.allocate(&mut s.blocks, s.computed + 1, s.computed + 2) {

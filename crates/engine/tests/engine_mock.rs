@@ -20,6 +20,9 @@ struct Mock {
     swa: Vec<Option<u32>>,
     /// Some: overlapped decode steps are served (as a GPU backend would, from the same logits).
     overlap: Option<MockOverlap>,
+    /// Some: a drafter is attached, drafting the last token's successor (`last + 1`) again and
+    /// again (a few match the mock's targets).
+    drafter: Option<peregrine_core::DraftSpec>,
 }
 
 /// Started decode steps: their ids (computed at once; only the engine's order of calls is
@@ -103,6 +106,12 @@ impl Backend for Mock {
     fn name(&self) -> &str {
         "mock"
     }
+    fn draft_spec(&self) -> Option<&peregrine_core::DraftSpec> {
+        self.drafter.as_ref()
+    }
+    fn draft(&mut self, batch: &[DraftForward]) -> Result<Vec<Vec<u32>>> {
+        Ok(batch.iter().map(|d| vec![20 + (d.last_token + 1) % 60; d.num_drafts]).collect())
+    }
     fn enqueue_decode(&mut self, batch: &[SeqForward], chain: &[Option<usize>], sampling: Option<(&[RowSampling], &[LogitAdjust])>) -> Result<bool> {
         let Some(o) = &self.overlap else { return Ok(false) };
         assert!(o.pending.len() < 2, "more than one step started ahead of the one being committed");
@@ -170,7 +179,26 @@ fn engine(window: Option<usize>, cfg: EngineConfig) -> EngineHandle {
 /// `overlap`: the mock serves overlapped decode steps (`Backend::enqueue_decode`).
 fn engine_with(window: Option<usize>, cfg: EngineConfig, overlap: bool) -> EngineHandle {
     let spec = spec(window);
-    let mock = Mock { spec, window, bs: 0, full: vec![], swa: vec![], overlap: overlap.then(MockOverlap::default) };
+    let mock = Mock { spec, window, bs: 0, full: vec![], swa: vec![], overlap: overlap.then(MockOverlap::default), drafter: None };
+    start_engine(Box::new(mock), tokenizer(), cfg).unwrap()
+}
+
+/// `engine_with(None, cfg, true)` with a drafter of `block`-token blocks attached.
+fn engine_drafting(cfg: EngineConfig, block: usize) -> EngineHandle {
+    let spec = spec(None);
+    let drafter = peregrine_core::DraftSpec {
+        block_size: block,
+        mask_token_id: 0,
+        target_layer_ids: vec![],
+        hidden_size: spec.hidden_size,
+        rms_norm_eps: 1e-6,
+        vocab_size: spec.vocab_size,
+        layers: vec![],
+        input_embedding_scale: 1.0,
+        output_multiplier: 1.0,
+        final_logit_softcapping: None,
+    };
+    let mock = Mock { spec, window: None, bs: 0, full: vec![], swa: vec![], overlap: Some(MockOverlap::default()), drafter: Some(drafter) };
     start_engine(Box::new(mock), tokenizer(), cfg).unwrap()
 }
 
@@ -256,7 +284,10 @@ fn run_together(window: Option<usize>, c: EngineConfig) -> (Vec<Out>, String) {
 
 /// Every prompt at once; `overlap` as in `engine_with`; `stop_ids` end any request early.
 fn run_together_with(window: Option<usize>, c: EngineConfig, overlap: bool, stop_ids: &[u32]) -> (Vec<Out>, String) {
-    let e = engine_with(window, c, overlap);
+    run_together_on(engine_with(window, c, overlap), stop_ids)
+}
+
+fn run_together_on(e: EngineHandle, stop_ids: &[u32]) -> (Vec<Out>, String) {
     let rx: Vec<_> = prompts()
         .into_iter()
         .enumerate()
@@ -318,6 +349,24 @@ fn overlapped_steps_give_the_outputs_of_plain_steps() {
             assert!(counter(&m, "peregrine:overlapped_steps_total") > 0.0, "no step overlapped");
         }
     }
+}
+
+/// With a drafter, the adaptive policy's plain steps overlap as steps without a drafter do (its
+/// speculative steps cannot: they have a round trip of their own), and a chain of them ends
+/// where the policy speculates again; outputs stay those without a drafter.
+#[test]
+fn adaptive_speculation_overlaps_its_plain_steps() {
+    let (base, _) = run_together_with(None, cfg(), true, &[]);
+    let (always, m) = run_together_on(engine_drafting(cfg(), 4), &[]);
+    assert_eq!(counter(&m, "peregrine:overlapped_steps_total"), 0.0, "drafting on every step, nothing overlaps");
+    assert!(counter(&m, "vllm:spec_decode_num_drafts_total") > 0.0);
+    let c = EngineConfig { speculation: SpeculationMode::Adaptive, ..cfg() };
+    let (adaptive, m) = run_together_on(engine_drafting(c, 4), &[]);
+    for (a, b) in base.iter().zip(&adaptive).chain(base.iter().zip(&always)) {
+        assert_eq!((&a.tokens, &a.text, a.reason), (&b.tokens, &b.text, b.reason));
+    }
+    let (rounds, plain, over) = (counter(&m, "vllm:spec_decode_num_drafts_total"), counter(&m, "peregrine:spec_decode_plain_steps_total"), counter(&m, "peregrine:overlapped_steps_total"));
+    assert!(rounds > 0.0 && plain > 0.0 && over > 0.0, "{rounds} draft rounds, {plain} plain steps, {over} overlapped");
 }
 
 #[test]
@@ -468,7 +517,7 @@ fn queue_full_invalid_and_shutdown() {
 
 #[test]
 fn too_small_kv_is_a_clear_error() {
-    let mock = Mock { spec: spec(None), window: None, bs: 0, full: vec![], swa: vec![], overlap: None };
+    let mock = Mock { spec: spec(None), window: None, bs: 0, full: vec![], swa: vec![], overlap: None, drafter: None };
     let err = start_engine(Box::new(mock), tokenizer(), EngineConfig { kv_cache_memory_bytes: 1000, ..cfg() }).err().unwrap();
     assert!(err.to_string().contains("kv_cache_memory_bytes"), "{err}");
 }
@@ -687,7 +736,7 @@ fn failing_engine(fail_at: usize, sticky: bool, c: EngineConfig) -> FailingEngin
     let health_checks = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let backend = Failing {
-        inner: Mock { spec: spec(None), window: None, bs: 0, full: vec![], swa: vec![], overlap: None },
+        inner: Mock { spec: spec(None), window: None, bs: 0, full: vec![], swa: vec![], overlap: None, drafter: None },
         calls: calls.clone(),
         fail_at,
         sticky,
