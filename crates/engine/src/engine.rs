@@ -117,6 +117,7 @@ pub fn start_engine(mut backend: Box<dyn Backend>, tokenizer: SharedTokenizer, c
         policy: SpecPolicy::new(config.speculation, spec_block.unwrap_or(1)),
         spec_now: true,
         spec_decided: None,
+        last_commit: None,
         in_flight: None,
     };
     let thread = std::thread::Builder::new()
@@ -313,6 +314,9 @@ struct Core {
     policy: SpecPolicy,
     spec_now: bool,
     spec_decided: Option<bool>,
+    /// When the last step was committed: an overlapped step, started before it, is timed from
+    /// there (the interval between commits), so the policy compares throughputs.
+    last_commit: Option<Instant>,
     /// A decode step the backend started (`Backend::enqueue_decode`) and nobody collected yet.
     in_flight: Option<InFlight>,
 }
@@ -954,10 +958,13 @@ impl Core {
             let reason = s.finish_reason.unwrap_or(FinishReason::Length);
             self.finish(&mut s, reason);
         }
-        let secs = t0.elapsed().as_secs_f64();
+        let now = Instant::now();
+        let secs = (now - t0).as_secs_f64();
         if let (Some(rows), Some(_)) = (decode_rows, self.spec_block) {
-            self.policy.record_step(rows, speculated, secs);
+            let from = self.last_commit.map_or(t0, |c| c.max(t0));
+            self.policy.record_step(rows, speculated, (now - from).as_secs_f64());
         }
+        self.last_commit = Some(now);
         self.metrics.step_time.observe(secs);
     }
 
