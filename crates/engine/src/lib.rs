@@ -44,6 +44,9 @@
 //!   past `computed` and are overwritten; prefix-cache blocks are registered only over computed
 //!   positions. Sequences with different acceptance share one batch. A failed draft pass makes
 //!   that step decode without drafts (counted in `peregrine:spec_decode_draft_failures_total`).
+//!   [`spec_policy`] decides per step whether to draft at all (`EngineConfig::speculation`):
+//!   adaptively, from measured step times and each sequence's tokens per round, or always. A
+//!   step it decodes plainly may overlap like a step without a drafter.
 //! - [`sampler`]: host-side sampling; logprobs are the log-softmax of the RAW model logits
 //!   (vLLM's default), sampling uses the processed ones. Output token n is drawn with a uniform
 //!   number that depends only on the request's seed (or a hash of request_id) and n, so outputs
