@@ -269,7 +269,7 @@ pub fn load(args: &ServeArgs) -> anyhow::Result<Ready> {
             if let Some(dir) = &drafter_dir {
                 let draft = peregrine_model::dflash::open_drafter(dir).with_context(|| format!("cannot open the drafter in {}", dir.display()))?;
                 model.attach_drafter(&draft).with_context(|| format!("drafter {} does not fit this model", dir.display()))?;
-                tracing::info!(drafter = %dir.display(), block_size = args.speculative_block_size.map_or(draft.spec.block_size, usize::from), layers = draft.spec.layers.len(), "DFlash speculative decoding on");
+                tracing::info!(drafter = %dir.display(), block_size = args.speculative_block_size.map_or(draft.spec.block_size, usize::from), layers = draft.spec.layers.len(), mode = ?args.speculative_mode, "DFlash speculative decoding on");
             }
             Box::new(model)
         }
@@ -285,7 +285,7 @@ pub fn load(args: &ServeArgs) -> anyhow::Result<Ready> {
             if let Some(dir) = &drafter_dir {
                 let draft = peregrine_model::dflash::open_drafter(dir).with_context(|| format!("cannot open the drafter in {}", dir.display()))?;
                 model.attach_drafter(&draft).with_context(|| format!("drafter {} does not fit this model", dir.display()))?;
-                tracing::info!(drafter = %dir.display(), layers = draft.spec.layers.len(), "DFlash speculative decoding on (cuda)");
+                tracing::info!(drafter = %dir.display(), layers = draft.spec.layers.len(), mode = ?args.speculative_mode, "DFlash speculative decoding on (cuda)");
             }
             Box::new(model)
         }
