@@ -21,8 +21,18 @@ struct Mock {
     /// Some: overlapped decode steps are served (as a GPU backend would, from the same logits).
     overlap: Option<MockOverlap>,
     /// Some: a drafter is attached, drafting the last token's successor (`last + 1`) again and
-    /// again (a few match the mock's targets).
+    /// again (a few match the mock's targets), or with `perfect_drafts` the greedy targets.
     drafter: Option<peregrine_core::DraftSpec>,
+    perfect_drafts: bool,
+    /// Every forward takes at least this long (a device whose steps cost the same at 1-8 rows).
+    forward_time: Option<Duration>,
+}
+
+/// The mock's greedy target after `tokens` (positions 0.. of a sequence without a window): the
+/// token its logits favour, from the same hash `forward` computes.
+fn greedy_target(tokens: &[u32]) -> u32 {
+    let h = tokens.iter().fold(17u64, |h, &t| h.wrapping_mul(31).wrapping_add(t as u64 + 1));
+    20 + (h % 60) as u32
 }
 
 /// Started decode steps: their ids (computed at once; only the engine's order of calls is
@@ -61,6 +71,7 @@ impl Backend for Mock {
         if let Some(o) = &mut self.overlap {
             o.last = None;
         }
+        let t0 = Instant::now();
         let v = self.spec.vocab_size;
         let bs = self.bs;
         let mut out = Vec::new();
@@ -101,6 +112,9 @@ impl Backend for Mock {
             let n = rows.len() / v;
             out.push(Logits { rows: n, data: rows });
         }
+        if let Some(d) = self.forward_time {
+            std::thread::sleep(d.saturating_sub(t0.elapsed()));
+        }
         Ok(out)
     }
     fn name(&self) -> &str {
@@ -110,7 +124,23 @@ impl Backend for Mock {
         self.drafter.as_ref()
     }
     fn draft(&mut self, batch: &[DraftForward]) -> Result<Vec<Vec<u32>>> {
-        Ok(batch.iter().map(|d| vec![20 + (d.last_token + 1) % 60; d.num_drafts]).collect())
+        if !self.perfect_drafts {
+            return Ok(batch.iter().map(|d| vec![20 + (d.last_token + 1) % 60; d.num_drafts]).collect());
+        }
+        batch
+            .iter()
+            .map(|d| {
+                let mut ctx = (0..d.start_pos).map(|p| Mock::read(&self.full, &d.full_blocks, self.bs, p, "draft context")).collect::<Result<Vec<u32>>>()?;
+                ctx.push(d.last_token);
+                Ok((0..d.num_drafts)
+                    .map(|_| {
+                        let t = greedy_target(&ctx);
+                        ctx.push(t);
+                        t
+                    })
+                    .collect())
+            })
+            .collect()
     }
     fn enqueue_decode(&mut self, batch: &[SeqForward], chain: &[Option<usize>], sampling: Option<(&[RowSampling], &[LogitAdjust])>) -> Result<bool> {
         let Some(o) = &self.overlap else { return Ok(false) };
@@ -179,12 +209,16 @@ fn engine(window: Option<usize>, cfg: EngineConfig) -> EngineHandle {
 /// `overlap`: the mock serves overlapped decode steps (`Backend::enqueue_decode`).
 fn engine_with(window: Option<usize>, cfg: EngineConfig, overlap: bool) -> EngineHandle {
     let spec = spec(window);
-    let mock = Mock { spec, window, bs: 0, full: vec![], swa: vec![], overlap: overlap.then(MockOverlap::default), drafter: None };
+    let mock = Mock { spec, window, bs: 0, full: vec![], swa: vec![], overlap: overlap.then(MockOverlap::default), drafter: None, perfect_drafts: false, forward_time: None };
     start_engine(Box::new(mock), tokenizer(), cfg).unwrap()
 }
 
 /// `engine_with(None, cfg, true)` with a drafter of `block`-token blocks attached.
 fn engine_drafting(cfg: EngineConfig, block: usize) -> EngineHandle {
+    engine_drafting_with(cfg, block, false, None)
+}
+
+fn engine_drafting_with(cfg: EngineConfig, block: usize, perfect_drafts: bool, forward_time: Option<Duration>) -> EngineHandle {
     let spec = spec(None);
     let drafter = peregrine_core::DraftSpec {
         block_size: block,
@@ -198,7 +232,7 @@ fn engine_drafting(cfg: EngineConfig, block: usize) -> EngineHandle {
         output_multiplier: 1.0,
         final_logit_softcapping: None,
     };
-    let mock = Mock { spec, window: None, bs: 0, full: vec![], swa: vec![], overlap: Some(MockOverlap::default()), drafter: Some(drafter) };
+    let mock = Mock { spec, window: None, bs: 0, full: vec![], swa: vec![], overlap: Some(MockOverlap::default()), drafter: Some(drafter), perfect_drafts, forward_time };
     start_engine(Box::new(mock), tokenizer(), cfg).unwrap()
 }
 
@@ -369,6 +403,25 @@ fn adaptive_speculation_overlaps_its_plain_steps() {
     assert!(rounds > 0.0 && plain > 0.0 && over > 0.0, "{rounds} draft rounds, {plain} plain steps, {over} overlapped");
 }
 
+/// Where speculation pays (every step costs the same 3 ms at 1-4 rows, and the drafts are the
+/// target's own greedy tokens, so a round commits 4 tokens in the time of 1), the adaptive
+/// policy keeps drafting: only its exploration and its probes decode plainly.
+#[test]
+fn adaptive_speculation_keeps_drafting_where_it_pays() {
+    let c = EngineConfig { speculation: SpeculationMode::Adaptive, max_num_seqs: 1, ..cfg() };
+    let e = engine_drafting_with(c, 4, true, Some(Duration::from_millis(3)));
+    let outs: Vec<Out> = prompts().into_iter().take(4).enumerate().map(|(i, p)| collect(e.submit(req(&format!("r{i}"), p, SamplingParams::greedy(), 80)).unwrap())).collect();
+    wait_idle(&e);
+    let m = e.render_metrics();
+    e.shutdown();
+    assert!(outs.iter().all(|o| o.tokens.len() == 80));
+    let (rounds, accepted, plain) = (counter(&m, "vllm:spec_decode_num_drafts_total"), counter(&m, "vllm:spec_decode_num_accepted_tokens_total"), counter(&m, "peregrine:spec_decode_plain_steps_total"));
+    eprintln!("{rounds} rounds, {accepted} drafts accepted, {plain} plain steps");
+    // 4 x 79 tokens after the first: ~80 rounds of 4 if every step drafted.
+    assert!(accepted >= 2.5 * rounds, "{accepted} drafts accepted in {rounds} rounds: the drafts are the targets");
+    assert!((3.0..=12.0).contains(&plain), "{plain} plain steps beside {rounds} rounds: 3 to explore, then a few probes");
+}
+
 #[test]
 fn overlapped_steps_off_or_with_a_client_gone_leave_nothing_behind() {
     // overlap_steps = false: the backend is never asked to start a step ahead.
@@ -517,7 +570,7 @@ fn queue_full_invalid_and_shutdown() {
 
 #[test]
 fn too_small_kv_is_a_clear_error() {
-    let mock = Mock { spec: spec(None), window: None, bs: 0, full: vec![], swa: vec![], overlap: None, drafter: None };
+    let mock = Mock { spec: spec(None), window: None, bs: 0, full: vec![], swa: vec![], overlap: None, drafter: None, perfect_drafts: false, forward_time: None };
     let err = start_engine(Box::new(mock), tokenizer(), EngineConfig { kv_cache_memory_bytes: 1000, ..cfg() }).err().unwrap();
     assert!(err.to_string().contains("kv_cache_memory_bytes"), "{err}");
 }
@@ -736,7 +789,7 @@ fn failing_engine(fail_at: usize, sticky: bool, c: EngineConfig) -> FailingEngin
     let health_checks = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let backend = Failing {
-        inner: Mock { spec: spec(None), window: None, bs: 0, full: vec![], swa: vec![], overlap: None, drafter: None },
+        inner: Mock { spec: spec(None), window: None, bs: 0, full: vec![], swa: vec![], overlap: None, drafter: None, perfect_drafts: false, forward_time: None },
         calls: calls.clone(),
         fail_at,
         sticky,
