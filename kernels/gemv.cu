@@ -775,14 +775,13 @@ __device__ __forceinline__ void b_regs(uint4 x0, uint4 x1, unsigned b[8]) {
 //
 // KEEP (one tile, one token group): token 0's values of the block's 16 rows also go to keep[16]
 // (shared memory), as stored, for the caller's epilogue (gemv_mma_bf16_t1_pipe_route).
-template <int NT, int R, bool FP8, bool READY = false, bool PIPE = false, int CW = 1, bool XSH = false, bool KEEP = false,
-          bool SMP = false>
+template <int NT, int R, bool FP8, bool READY = false, bool PIPE = false, int CW = 1, bool XSH = false, bool KEEP = false>
 __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, const float* __restrict__ S,
                                          const unsigned short* __restrict__ XH, const unsigned short* __restrict__ XL,
                                          const float* __restrict__ xinv, float* __restrict__ y, float* __restrict__ y1,
                                          float* __restrict__ y2, int N0, int N1, int N, int K, int T,
                                          unsigned* __restrict__ ready = nullptr, int heads = 0, int hd = 0, int vd = 0,
-                                         float* keep = nullptr, const unsigned char* pre_s = nullptr, int pre_k = 0) {
+                                         float* keep = nullptr) {
     static_assert(!KEEP || (R == 1 && !READY), "the kept rows are one tile's");
     static_assert(!READY || R == 1, "the ready counts are per 16-row tile");
     static_assert(!PIPE || R == 1, "the pipelined GEMV is a one-tile kernel");
@@ -828,12 +827,6 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
     };
     // FP8 rows g and g + 8 of row tile rt at columns k .. k + 15 (in [0] of each).
     auto fp8_rows = [&](int rt, int k, uint4 w0[2], uint4 w1[2]) {
-        if (SMP && k < pre_k) {
-            // (SMP: the tile's rows' first pre_k bytes, copied to shared memory before the wait.)
-            w0[0] = *reinterpret_cast<const uint4*>(pre_s + (size_t)(rr[rt][0] - nb) * pre_k + k);
-            w1[0] = *reinterpret_cast<const uint4*>(pre_s + (size_t)(rr[rt][1] - nb) * pre_k + k);
-            return;
-        }
         w0[0] = ld_weights<LDH>(reinterpret_cast<const uint4*>(W + (size_t)rr[rt][0] * K + k));
         w1[0] = ld_weights<LDH>(reinterpret_cast<const uint4*>(W + (size_t)rr[rt][1] * K + k));
     };
@@ -1709,47 +1702,6 @@ extern "C" __global__ void __launch_bounds__(256) gemv_mma_bf16_t1_pipe_route(
         PDL_ENTER();                                                                                                      \
         gemv_mma<1, 1, true, true, PIPE, CW, XSH>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T, ready, heads, hd, vd);   \
     }
-// Measurement (PEREGRINE_QKV_PREFETCH_BYTES): ..._ready4_pipe1 whose block, before its PDL
-// wait, copies the first pre_k bytes of each of its 16 rows (pre_k = dynamic shared memory / 16)
-// to shared memory with bulk copies, so the next layer's q/k/v starts streaming in the tail of
-// the kernels ahead (benches/micro/stream_chain.cu: a tail prefetch into shared memory took a
-// chain of bandwidth-bound kernels from 1.16x to 1.08x of its floor). Same bits.
-__device__ __forceinline__ void qkv_pre_copy(const unsigned char* __restrict__ W, int N0, int N, int K, unsigned char* dst, int pre_k,
-                                             unsigned long long* bar) {
-    const int kv_tiles = (N - N0) / 16, b = blockIdx.x;
-    const int nb = (b < kv_tiles ? N0 / 16 + b : b - kv_tiles) * 16;
-    const unsigned bs = (unsigned)__cvta_generic_to_shared(bar);
-    asm volatile("mbarrier.init.shared.b64 [%0], 1;" ::"r"(bs));
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    asm volatile("mbarrier.arrive.expect_tx.shared.b64 _, [%0], %1;" ::"r"(bs), "r"(16u * pre_k) : "memory");
-    for (int r = 0; r < 16; r++) {
-        const unsigned d = (unsigned)__cvta_generic_to_shared(dst + (size_t)r * pre_k);
-        const unsigned char* src = W + (size_t)min(nb + r, N - 1) * K;
-        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(d), "l"(src),
-                     "r"((unsigned)pre_k), "r"(bs)
-                     : "memory");
-    }
-}
-extern "C" __global__ void __launch_bounds__(128, 8) gemv_mma_fp8_t1_ready4_pipe1_pre(
-    const unsigned char* __restrict__ W, const float* __restrict__ S, const unsigned short* __restrict__ XH,
-    const unsigned short* __restrict__ XL, const float* __restrict__ xinv, float* __restrict__ y, float* __restrict__ y1,
-    float* __restrict__ y2, int N0, int N1, int N, int K, int T, unsigned* __restrict__ ready, int heads, int hd, int vd) {
-    extern __shared__ __align__(128) unsigned char pre_s[];
-    __shared__ __align__(8) unsigned long long bar;
-    unsigned dyn;
-    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
-    const int pre_k = min((int)(dyn / 16) / 128 * 128, K);
-    if (threadIdx.x == 0 && pre_k > 0) qkv_pre_copy(W, N0, N, K, pre_s, pre_k, &bar);
-    PDL_ENTER();
-    if (pre_k > 0) {
-        const unsigned bs = (unsigned)__cvta_generic_to_shared(&bar);
-        __syncthreads();  // (the barrier was initialised by thread 0)
-        asm volatile("{\n .reg .pred p;\n W: mbarrier.try_wait.parity.shared.b64 p, [%0], 0;\n @!p bra W;\n}" ::"r"(bs) : "memory");
-    }
-    gemv_mma<1, 1, true, true, true, 2, true, false, true>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T, ready, heads, hd, vd, nullptr,
-                                                           pre_s, pre_k);
-}
-
 // Blocks of 8 warps, one K class each.
 GEMV_MMA_READY(gemv_mma_fp8_t1_ready, (256), false, 1, false)
 // Blocks of 4 warps, each summing two K classes (CW = 2): the same bits, 9 blocks per SM

@@ -769,18 +769,11 @@ __device__ __forceinline__ void add_rms_norm_split_pairs_one_row(float* __restri
         wv = reinterpret_cast<const float4*>(w)[c];
         if (pre) pv = __ldcg(reinterpret_cast<const float4*>(pre) + c);
     }
-#ifdef NORM_TRIGGER_EARLY
-    // Measurement: the next kernel (the q/k/v projection) launched before this one's wait, so its
-    // blocks take the SMs the MoE ahead leaves in its tail.
-    PDL_TRIGGER();
-#endif
     PDL_WAIT();
 #ifndef NORM_MARK
     TRACE_PAST_WAIT();
 #endif
-#ifndef NORM_TRIGGER_EARLY
     PDL_TRIGGER();
-#endif
     float s = 0.f, pm = 0.f;
     if (mine) {
         if (pre) v[0] = plus4(v[0], pv);

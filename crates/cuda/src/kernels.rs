@@ -271,11 +271,6 @@ pub struct Kernels {
     /// (`PEREGRINE_QKV_PIPE_SHUFFLE=1/0`).
     mma_fp8_ready4_pipe: [CudaFunction; 2],  // QkvReady::Pipe's, QkvReady::PipeShuffled's
     mma_fp8_ready4_pipe_wave: [usize; 2],
-    /// Measurement: `gemv_mma_fp8_t1_ready4_pipe1_pre`, run instead of `..._pipe1` when
-    /// `qkv_prefetch` (`PEREGRINE_QKV_PREFETCH_BYTES`, bytes of each row copied to shared memory
-    /// before the PDL wait) is not 0.
-    mma_fp8_ready4_pipe1_pre: CudaFunction,
-    qkv_prefetch: usize,
     qkv_pipe: Option<bool>,
     qkv_pipe_shuffle: Option<bool>,
     /// The one-tile GEMVs loading a K block ahead (`gemv_mma_{bf16,fp8}_t1_pipe`, 88 / 72
@@ -987,8 +982,6 @@ impl Kernels {
             qkv_ready4: std::env::var("PEREGRINE_QKV_READY4").ok().map(|v| v != "0"),
             mma_fp8_ready4_pipe,
             mma_fp8_ready4_pipe_wave,
-            mma_fp8_ready4_pipe1_pre: f("gemv_mma_fp8_t1_ready4_pipe1_pre")?,
-            qkv_prefetch: std::env::var("PEREGRINE_QKV_PREFETCH_BYTES").ok().and_then(|v| v.parse::<usize>().ok()).map_or(0, |b| b / 128 * 128),
             qkv_pipe: std::env::var("PEREGRINE_QKV_PIPE").ok().map(|v| v != "0"),
             qkv_pipe_shuffle: std::env::var("PEREGRINE_QKV_PIPE_SHUFFLE").ok().map(|v| v != "0"),
             mma_bf16_pipe,
@@ -1155,18 +1148,16 @@ impl Kernels {
         let (n0, n1, hh, hdi, vdi) = (n[0] as i32, n[1] as i32, heads as i32, hd as i32, vd as i32);
         let kernel = self.qkv_ready_kernel(rows, t);
         let (name, threads) = (kernel.name(), kernel.threads());
-        let pre = if kernel == QkvReady::PipeShuffled { self.qkv_prefetch.min(k) } else { 0 };
         let f = match kernel {
             QkvReady::Warps8 => &self.mma_fp8_ready,
             QkvReady::Warps4 => &self.mma_fp8_ready4,
             QkvReady::Pipe => &self.mma_fp8_ready4_pipe[0],
-            QkvReady::PipeShuffled if pre > 0 => &self.mma_fp8_ready4_pipe1_pre,
             QkvReady::PipeShuffled => &self.mma_fp8_ready4_pipe[1],
         };
         let mut b = crate::launch::builder(&self.stream, f);
         b.arg(&w).arg(scales).arg(xh).arg(xl).arg(inv).arg(y0).arg(y1).arg(y2).arg(&n0).arg(&n1).arg(&ni).arg(&ki).arg(&ti);
         b.arg(ready).arg(&hh).arg(&hdi).arg(&vdi);
-        let cfg = LaunchConfig { grid_dim: (rows.div_ceil(16) as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 16 * pre as u32 };
+        let cfg = LaunchConfig { grid_dim: (rows.div_ceil(16) as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
         unsafe { b.launch(cfg) }.map_err(drv(name))?;
         Ok(())
     }
