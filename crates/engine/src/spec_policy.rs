@@ -8,7 +8,7 @@
 //! `Adaptive` measures instead of guessing: it times pure decode steps of each kind per batch
 //! bucket (a median of the last few, so a CUDA-graph capture does not count), estimates each
 //! sequence's tokens per round from its own verify rounds, and speculates when the expected
-//! tokens per second are higher by `SPEC_MARGIN`. Now and then it takes the other kind once, so both estimates
+//! tokens per second are higher. Now and then it takes the other kind once, so both estimates
 //! stay current (a chat turning to code gets its drafts back): after `PROBE_EVERY` steps, the
 //! gap doubling while probes confirm the choice, up to `PROBE_MAX` (a probe of a 6x-slower
 //! kind then costs ~2% of the time), and back to `PROBE_EVERY` when the choice changes. Outputs do not
@@ -43,10 +43,6 @@ const WARM: usize = 3;
 /// Steps between probes of the kind not chosen: at first, and at most.
 pub const PROBE_EVERY: u32 = 32;
 pub const PROBE_MAX: u32 = 8 * PROBE_EVERY;
-/// How much faster speculation must measure before it is chosen: a switch between the kinds
-/// costs what the medians do not show (the first plain step after a speculative one cannot
-/// overlap the step ahead of it), and estimates near the break-even flip back and forth.
-const SPEC_MARGIN: f64 = 1.15;
 /// Weight of a new verify round in a sequence's tokens-per-round estimate.
 const SEQ_ALPHA: f64 = 0.3;
 /// Weight of a new verify round in the prior that new sequences start from.
@@ -132,7 +128,7 @@ impl SpecPolicy {
         if b.plain.n < WARM {
             return false;
         }
-        let best = spec_tokens / b.spec.median() > SPEC_MARGIN * rows as f64 / b.plain.median();
+        let best = spec_tokens / b.spec.median() > rows as f64 / b.plain.median();
         if b.probed.take() == Some(best) {
             b.gap = (2 * b.gap).min(PROBE_MAX);
         }
