@@ -28,11 +28,15 @@ struct Mock {
     forward_time: Option<Duration>,
 }
 
-/// The mock's greedy target after `tokens` (positions 0.. of a sequence without a window): the
-/// token its logits favour, from the same hash `forward` computes.
+/// What the mock's logits at a position depend on: the tokens at positions 0 ..= that one (a
+/// window mixes its own tokens in after, in `forward`).
+fn context_hash(tokens: impl IntoIterator<Item = u32>) -> u64 {
+    tokens.into_iter().fold(17u64, |h, t| h.wrapping_mul(31).wrapping_add(t as u64 + 1))
+}
+
+/// The token the mock's logits favour after `tokens` (a sequence without a window).
 fn greedy_target(tokens: &[u32]) -> u32 {
-    let h = tokens.iter().fold(17u64, |h, &t| h.wrapping_mul(31).wrapping_add(t as u64 + 1));
-    20 + (h % 60) as u32
+    20 + (context_hash(tokens.iter().copied()) % 60) as u32
 }
 
 /// Started decode steps: their ids (computed at once; only the engine's order of calls is
@@ -45,6 +49,10 @@ struct MockOverlap {
 }
 
 impl Mock {
+    /// A mock over `spec(window)`, with `overlap` as in `engine_with`, no drafter.
+    fn new(window: Option<usize>, overlap: bool) -> Self {
+        Mock { spec: spec(window), window, bs: 0, full: vec![], swa: vec![], overlap: overlap.then(MockOverlap::default), drafter: None, perfect_drafts: false, forward_time: None }
+    }
     fn read(pool: &[Option<u32>], table: &[u32], bs: usize, p: usize, what: &str) -> Result<u32> {
         let b = table.get(p / bs).copied().unwrap_or(NULL_BLOCK);
         if b == NULL_BLOCK {
@@ -86,10 +94,8 @@ impl Backend for Mock {
                     self.swa[b * bs + p % bs] = Some(t);
                 }
                 // Everything the model "attends to", read back from the cache.
-                let mut h: u64 = 17;
-                for j in 0..=p {
-                    h = h.wrapping_mul(31).wrapping_add(Mock::read(&self.full, &s.full_blocks, bs, j, "full")? as u64 + 1);
-                }
+                let full = (0..=p).map(|j| Mock::read(&self.full, &s.full_blocks, bs, j, "full")).collect::<Result<Vec<u32>>>()?;
+                let mut h = context_hash(full);
                 if let Some(w) = self.window {
                     for j in p.saturating_sub(w - 1)..=p {
                         h = h.wrapping_mul(7).wrapping_add(Mock::read(&self.swa, &s.swa_blocks, bs, j, "swa")? as u64);
@@ -102,7 +108,7 @@ impl Backend for Mock {
                 };
                 if want {
                     // A printable-ish target token, plus a spread so sampling has choices.
-                    let target = 20 + (h % 60) as usize;
+                    let target = 20 + (h % 60) as usize;  // (greedy_target without a window)
                     rows.extend((0..v).map(|i| {
                         let base = (((i as u64 * 2654435761) ^ h) % 97) as f32 / 40.0;
                         if i == target { base + 3.0 } else if i < 20 { -5.0 } else { base }
@@ -208,8 +214,7 @@ fn engine(window: Option<usize>, cfg: EngineConfig) -> EngineHandle {
 
 /// `overlap`: the mock serves overlapped decode steps (`Backend::enqueue_decode`).
 fn engine_with(window: Option<usize>, cfg: EngineConfig, overlap: bool) -> EngineHandle {
-    let spec = spec(window);
-    let mock = Mock { spec, window, bs: 0, full: vec![], swa: vec![], overlap: overlap.then(MockOverlap::default), drafter: None, perfect_drafts: false, forward_time: None };
+    let mock = Mock::new(window, overlap);
     start_engine(Box::new(mock), tokenizer(), cfg).unwrap()
 }
 
@@ -219,20 +224,20 @@ fn engine_drafting(cfg: EngineConfig, block: usize) -> EngineHandle {
 }
 
 fn engine_drafting_with(cfg: EngineConfig, block: usize, perfect_drafts: bool, forward_time: Option<Duration>) -> EngineHandle {
-    let spec = spec(None);
+    let mock = Mock::new(None, true);
     let drafter = peregrine_core::DraftSpec {
         block_size: block,
         mask_token_id: 0,
         target_layer_ids: vec![],
-        hidden_size: spec.hidden_size,
+        hidden_size: mock.spec.hidden_size,
         rms_norm_eps: 1e-6,
-        vocab_size: spec.vocab_size,
+        vocab_size: mock.spec.vocab_size,
         layers: vec![],
         input_embedding_scale: 1.0,
         output_multiplier: 1.0,
         final_logit_softcapping: None,
     };
-    let mock = Mock { spec, window: None, bs: 0, full: vec![], swa: vec![], overlap: Some(MockOverlap::default()), drafter: Some(drafter), perfect_drafts, forward_time };
+    let mock = Mock { drafter: Some(drafter), perfect_drafts, forward_time, ..mock };
     start_engine(Box::new(mock), tokenizer(), cfg).unwrap()
 }
 
@@ -570,7 +575,7 @@ fn queue_full_invalid_and_shutdown() {
 
 #[test]
 fn too_small_kv_is_a_clear_error() {
-    let mock = Mock { spec: spec(None), window: None, bs: 0, full: vec![], swa: vec![], overlap: None, drafter: None, perfect_drafts: false, forward_time: None };
+    let mock = Mock::new(None, false);
     let err = start_engine(Box::new(mock), tokenizer(), EngineConfig { kv_cache_memory_bytes: 1000, ..cfg() }).err().unwrap();
     assert!(err.to_string().contains("kv_cache_memory_bytes"), "{err}");
 }
@@ -789,7 +794,7 @@ fn failing_engine(fail_at: usize, sticky: bool, c: EngineConfig) -> FailingEngin
     let health_checks = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let backend = Failing {
-        inner: Mock { spec: spec(None), window: None, bs: 0, full: vec![], swa: vec![], overlap: None, drafter: None, perfect_drafts: false, forward_time: None },
+        inner: Mock::new(None, false),
         calls: calls.clone(),
         fail_at,
         sticky,
