@@ -745,6 +745,17 @@ __device__ __forceinline__ void b_regs(uint4 x0, uint4 x1, unsigned b[8]) {
 
 #define MMA_WARPS 8
 
+// Logit v of row n as a key whose unsigned order is argmax_rows' choice: the larger value, then
+// the lower row (the low word holds ~n); -0 as +0 (they compare equal). -inf and NaN never win
+// there (its scan takes only v > the best so far, from -inf), so they get 0, "none"
+// (argmax_unpack: id 0, as argmax_final gives a row without a finite or +inf logit).
+__device__ __forceinline__ unsigned long long argmax_key(float v, int n) {
+    if (!(v > __int_as_float(0xff800000u))) return 0ull;
+    unsigned u = v == 0.f ? 0u : __float_as_uint(v);
+    unsigned o = (u >> 31) ? ~u : (u | 0x80000000u);
+    return ((unsigned long long)o << 32) | (unsigned)~(unsigned)n;
+}
+
 // Measurement builds only (PEREGRINE_KERNEL_DEFINES, outputs wrong; FP8, one row tile):
 // -DGEMV_TILED_ORDER reads each tile's same bytes with every warp load 512 contiguous bytes (the
 // order a tiled weight layout would give), -DGEMV_NO_MATH keeps the loads and drops the decode
@@ -775,14 +786,21 @@ __device__ __forceinline__ void b_regs(uint4 x0, uint4 x1, unsigned b[8]) {
 //
 // KEEP (one tile, one token group): token 0's values of the block's 16 rows also go to keep[16]
 // (shared memory), as stored, for the caller's epilogue (gemv_mma_bf16_t1_pipe_route).
-template <int NT, int R, bool FP8, bool READY = false, bool PIPE = false, int CW = 1, bool XSH = false, bool KEEP = false>
+//
+// ARGMAX (one tile, one token: gemv_mma_bf16_t1_argmax, the lm_head of a batch-1 step): each
+// warp of the epilogue folds its rows' values into *amax as argmax_key's (value, index) key by
+// one 64-bit atomic max, so argmax_unpack alone follows the lm_head (argmax_rows read the logits
+// back from L2 and argmax_final merged its slices: ~7 us at the end of a batch-1 step).
+template <int NT, int R, bool FP8, bool READY = false, bool PIPE = false, int CW = 1, bool XSH = false, bool KEEP = false,
+          bool ARGMAX = false>
 __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, const float* __restrict__ S,
                                          const unsigned short* __restrict__ XH, const unsigned short* __restrict__ XL,
                                          const float* __restrict__ xinv, float* __restrict__ y, float* __restrict__ y1,
                                          float* __restrict__ y2, int N0, int N1, int N, int K, int T,
                                          unsigned* __restrict__ ready = nullptr, int heads = 0, int hd = 0, int vd = 0,
-                                         float* keep = nullptr) {
+                                         float* keep = nullptr, unsigned long long* amax = nullptr) {
     static_assert(!KEEP || (R == 1 && !READY), "the kept rows are one tile's");
+    static_assert(!ARGMAX || (R == 1 && NT == 1 && !READY), "the fused argmax is one token's, over one tile a block");
     static_assert(!READY || R == 1, "the ready counts are per 16-row tile");
     static_assert(!PIPE || R == 1, "the pipelined GEMV is a one-tile kernel");
     static_assert(CW == 1 || (R == 1 && NT == 1 && MMA_WARPS % CW == 0), "K classes per warp: one-tile, one-token-group kernels");
@@ -1019,6 +1037,7 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
         if (rt > 0) __syncthreads();  // the previous tile's sums have been read
         to_red(cls, acc[rt]);
         __syncthreads();
+        unsigned long long key = 0ull;  // ARGMAX: this thread's (value, row) key, 0 for none
         for (int e = threadIdx.x; e < 16 * NT * 8; e += blockDim.x) {
             float s = 0.f;
 #pragma unroll
@@ -1026,6 +1045,15 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
             int n = nb + rt * 16 + e / (NT * 8), t = t0 + e % (NT * 8);
             if (n < N && t < T) store_out(s, xinv, y, y1, y2, N0, N1, N, n, t);
             if (KEEP && n < N && t == 0) keep[n - nb] = xinv ? s * xinv[t] : s;
+            if (ARGMAX && n < N && t == 0) key = argmax_key(xinv ? s * xinv[t] : s, n);
+        }
+        if (ARGMAX && w < 16 * 8 / 32) {  // the warps holding the tile's 128 entries, whole
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) {
+                unsigned long long other = __shfl_xor_sync(0xffffffffu, key, o);
+                key = other > key ? other : key;
+            }
+            if (lane == 0 && key != 0ull) atomicMax(amax, key);
         }
     }
     if (READY)  // the block's stores, then the tile's count (the attention acquires it)
@@ -1617,6 +1645,15 @@ extern "C" __global__ void __launch_bounds__(256) gemm_wg_combine(const float* _
         gemv_mma<NT, R, false>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T);                                           \
         if (ZERO) zero_after_wait(zero, nzero);                                                                           \
     }
+// gemv_mma_bf16_t1 of one token that also folds its rows into the argmax key *amax (ARGMAX
+// above; argmax_unpack turns it into the id and zeroes it for the next call).
+extern "C" __global__ void __launch_bounds__(256) gemv_mma_bf16_t1_argmax(
+    const unsigned char* __restrict__ W, const unsigned short* __restrict__ XH, const unsigned short* __restrict__ XL,
+    float* __restrict__ y, int N, int K, unsigned long long* __restrict__ amax) {
+    PDL_ENTER();
+    gemv_mma<1, 1, false, false, false, 1, false, false, true>(W, nullptr, XH, XL, nullptr, y, y, y, N, 0, N, K, 1, nullptr, 0, 0, 0,
+                                                               nullptr, amax);
+}
 // gemv_mma_{bf16,fp8}_t1 with the next K block's weights loaded ahead (PIPE above); they zero
 // counters as the one-tile kernels do.
 #define GEMV_MMA_PIPE(FORMAT, FP8)                                                                                        \

@@ -752,12 +752,15 @@ extern "C" __global__ void add_rms_norm_split(float* __restrict__ x, const float
 #else
 #define NORM_TRACE_MARK(k)
 #endif
+// BF16: y's BF16 hi + lo parts instead (split_bf16's bits, no scale: the lm_head's input after
+// the last layer), yinv unused.
+template <bool BF16 = false>
 __device__ __forceinline__ void add_rms_norm_split_pairs_one_row(float* __restrict__ x, const float* __restrict__ out, int topk,
                                                              const float* __restrict__ pre, const float* __restrict__ w,
                                                              float* __restrict__ y, unsigned short* __restrict__ yh,
                                                              unsigned short* __restrict__ yl, float* __restrict__ yinv, int D,
                                                              float eps) {
-    TRACE_SCOPE_NAMED("add_rms_norm_split_pairs");
+    TRACE_SCOPE_NAMED(BF16 ? "add_rms_norm_pairs_bf16" : "add_rms_norm_split_pairs");
     __shared__ float sh[32];
     const int c = threadIdx.x;
     const bool mine = c < D / 4;
@@ -794,6 +797,18 @@ __device__ __forceinline__ void add_rms_norm_split_pairs_one_row(float* __restri
         v[0] = scale4(wv, v[0], inv);
         reinterpret_cast<float4*>(y)[c] = v[0];
     }
+    if (BF16) {
+        if (mine) {
+            ushort4 hi, lo;
+            split_bf16_value(v[0].x, hi.x, lo.x);
+            split_bf16_value(v[0].y, hi.y, lo.y);
+            split_bf16_value(v[0].z, hi.z, lo.z);
+            split_bf16_value(v[0].w, hi.w, lo.w);
+            reinterpret_cast<ushort4*>(yh)[c] = hi;
+            reinterpret_cast<ushort4*>(yl)[c] = lo;
+        }
+        return;
+    }
     float sc = norm_split_scale(v, D, sh, yinv, split_estimate(pm, inv));
     NORM_TRACE_MARK(4);
     if (mine) {
@@ -818,6 +833,25 @@ extern "C" __global__ void __launch_bounds__(1024) add_rms_norm_split_pairs(floa
     PDL_ENTER();
     __shared__ int sorted[32];
     add_rms_norm_f16_split(x, PairsAddend{out, sort_row_pairs(tok_pairs, topk, sorted), topk, pre}, w, y, yh, yl, yinv, D, eps);
+}
+
+// add_rms_norm_pairs that also writes y's BF16 hi + lo parts, as split_bf16 would from y: the
+// last layer's residual add and the final norm in one launch, for a BF16 lm_head over every row
+// (add_pairs_inplace, rms_norm and split_bf16 were three latency-bound launches at the end of a
+// batch-1 step). The same bits as those three.
+extern "C" __global__ void __launch_bounds__(1024) add_rms_norm_pairs_bf16(float* __restrict__ x, const float* __restrict__ out, const int* __restrict__ tok_pairs,
+                                                   int topk, const float* __restrict__ pre, const float* __restrict__ w, float* __restrict__ y,
+                                                   unsigned short* __restrict__ yh, unsigned short* __restrict__ yl, int D, float eps) {
+    if (gridDim.x == 1 && (D & 3) == 0 && D <= 4 * (int)blockDim.x) {
+        add_rms_norm_split_pairs_one_row<true>(x, out, topk, pre, w, y, yh, yl, nullptr, D, eps);
+        return;
+    }
+    PDL_ENTER();
+    __shared__ int sorted[32];
+    norm_row<true>(x, PairsAddend{out, sort_row_pairs(tok_pairs, topk, sorted), topk, pre}, w, y, D, eps);
+    __syncthreads();  // the block's y row, written above, read back below
+    size_t r = blockIdx.x;
+    for (int i = threadIdx.x; i < D; i += blockDim.x) split_bf16_value(y[r * D + i], yh[r * D + i], yl[r * D + i]);
 }
 
 // add_rms_norm that also writes y split as the tiled MoE kernels read x (moe.cu's
@@ -1083,6 +1117,16 @@ extern "C" __global__ void argmax_final(const float* __restrict__ part_v, const 
     }
     block_argmax(v, i, sv, si, &best_v, &best_i);
     if (threadIdx.x == 0) out[blockIdx.x] = best_i == 0x7fffffff ? 0 : best_i;
+}
+
+// out[r] = the id in argmax key keys[r] (gemv_mma_bf16_t1_argmax folded the lm_head's rows into
+// it; 0: no finite or +inf logit, id 0 as argmax_final gives), then keys[r] = 0 for the next call.
+extern "C" __global__ void argmax_unpack(unsigned long long* __restrict__ keys, int rows, int* __restrict__ out) { PDL_ENTER();
+    int r = blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= rows) return;
+    unsigned long long k = __ldcg(keys + r);
+    out[r] = k == 0ull ? 0 : (int)~(unsigned)k;
+    keys[r] = 0ull;
 }
 
 // The fused speculative step (crates/cuda/src/speculate.rs). Verify row s*nb + 1 + j takes

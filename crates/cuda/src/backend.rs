@@ -186,12 +186,14 @@ pub(crate) struct Ops {
     add_rms_norm_moe_split: CudaFunction,
     add_rms_norm_pairs: CudaFunction,
     add_rms_norm_split_pairs: CudaFunction,
+    add_rms_norm_pairs_bf16: CudaFunction,
     add_pairs_inplace: CudaFunction,
     rope_kv_write: CudaFunction,
     moe_route: CudaFunction,
     moe_group: CudaFunction,
     argmax_rows: CudaFunction,
     argmax_final: CudaFunction,
+    argmax_unpack: CudaFunction,
     attention_v2: CudaFunction,
     attention_v2_kv: CudaFunction,
     attention_v2_kv_ready: CudaFunction,
@@ -316,6 +318,15 @@ pub struct CudaModel {
     /// such layer's MoE zeroes them, cyclically); then the o_proj blocks' sums of squares of h
     /// [H / 16] and the norm's weight times h [H] (one layer's at a time).
     route_acc: CudaSlice<u64>,
+    /// The argmax key a one-token lm_head folds its logits into (`gemv_bf16_presplit_argmax`);
+    /// zero between steps (`argmax_unpack` zeroes it, a failed step too).
+    pub(crate) argmax_key: CudaSlice<u64>,
+    /// Whether a one-token BF16 lm_head over the final norm's split folds the argmax
+    /// (`PEREGRINE_LM_HEAD_ARGMAX=0` keeps argmax_rows, for comparison).
+    lm_head_argmax: bool,
+    /// Whether a plan of every row's logits adds the last residual and norms it in one launch
+    /// (`PEREGRINE_FINAL_NORM_FUSED=0` keeps the add and the norm apart, for comparison).
+    pub(crate) final_norm_fused: bool,
     route_acc_copies: usize,
     route_acc_stride: usize,
     route_ssq: CudaSlice<f32>,
@@ -521,6 +532,7 @@ impl CudaModel {
             add_rms_norm_moe_split: f("add_rms_norm_moe_split")?,
             add_rms_norm_pairs: f("add_rms_norm_pairs")?,
             add_rms_norm_split_pairs: f("add_rms_norm_split_pairs")?,
+            add_rms_norm_pairs_bf16: f("add_rms_norm_pairs_bf16")?,
             add_pairs_inplace: f("add_pairs_inplace")?,
             rope_kv_write: f("rope_kv_write")?,
             moe_route: f("moe_route")?,
@@ -532,6 +544,7 @@ impl CudaModel {
             },
             argmax_rows: f("argmax_rows")?,
             argmax_final: f("argmax_final")?,
+            argmax_unpack: f("argmax_unpack")?,
             attention_v2: f("attention_v2")?,
             attention_v2_kv: f("attention_v2_kv")?,
             attention_v2_kv_ready: f("attention_v2_kv_ready")?,
@@ -683,6 +696,7 @@ impl CudaModel {
         let route_acc_copies = std::env::var("PEREGRINE_ROUTE_ACC_COPIES").ok().and_then(|v| v.parse().ok()).filter(|&c: &usize| (1..=64).contains(&c)).unwrap_or(ROUTE_ACC_COPIES);
         let route_acc_stride = layers.iter().filter_map(|l| if let Mlp::Moe { spec, .. } = &l.mlp { Some(route_acc_copies * spec.num_experts + 1) } else { None }).max().unwrap_or(1);
         let route_acc = s.alloc_zeros::<u64>(layers.len().max(1) * route_acc_stride).map_err(drv)?;
+        let argmax_key = s.alloc_zeros::<u64>(1).map_err(drv)?;
         let route_ssq = s.alloc_zeros::<f32>(h.div_ceil(16)).map_err(drv)?;
         let route_hg = s.alloc_zeros::<f32>(h).map_err(drv)?;
         let model = CudaModel {
@@ -726,6 +740,9 @@ impl CudaModel {
             norm_in_router: std::env::var("PEREGRINE_NORM_IN_ROUTER").map_or(true, |v| v != "0"),
             route_in_oproj: std::env::var("PEREGRINE_ROUTE_IN_OPROJ").map_or(true, |v| v != "0"),
             route_acc,
+            argmax_key,
+            lm_head_argmax: std::env::var("PEREGRINE_LM_HEAD_ARGMAX").map_or(true, |v| v != "0"),
+            final_norm_fused: std::env::var("PEREGRINE_FINAL_NORM_FUSED").map_or(true, |v| v != "0"),
             route_acc_copies,
             route_acc_stride,
             route_ssq,
@@ -1489,6 +1506,25 @@ impl CudaModel {
         Ok((y, Some((yh, yl, yinv))))
     }
 
+    /// `add_rms_norm_pairs` that also writes y's BF16 hi + lo parts (`split_bf16`'s bits): the
+    /// last layer's residual add and the final norm in one launch, for an lm_head that reads
+    /// them (`lm_head_takes_split`).
+    pub(crate) fn add_rms_norm_pairs_bf16(&self, x: &mut CudaSlice<f32>, pairs: &MoePairs, w: &CudaSlice<f32>, rows: usize, d: usize) -> Result<(CudaSlice<f32>, Bf16Split)> {
+        pairs.check(rows, d)?;
+        if x.len() < rows * d || w.len() < d {
+            return Err(Error::Backend(format!("add_rms_norm_pairs_bf16: x or w shorter than {rows} rows of {d}")));
+        }
+        let MoePairs { out, tok_pairs, topk, pre } = pairs;
+        let mut y = self.empty(rows * d)?;
+        // SAFETY: the kernel writes every word of both before any read.
+        let (mut yh, mut yl) = unsafe { (self.kernels.alloc.alloc::<u16>(rows * d)?, self.kernels.alloc.alloc::<u16>(rows * d)?) };
+        let (dd, eps, k) = (d as i32, self.spec.rms_norm_eps, *topk as i32);
+        let mut b = crate::launch::builder(&self.stream, &self.ops.add_rms_norm_pairs_bf16);
+        b.arg(x).arg(out).arg(tok_pairs).arg(&k).arg_or_null(pre.as_ref()).arg(w).arg(&mut y).arg(&mut yh).arg(&mut yl).arg(&dd).arg(&eps);
+        unsafe { b.launch(norm_cfg(rows, d)) }.map_err(drv)?;
+        Ok((y, (yh, yl)))
+    }
+
     /// x += the routed MoE's output from its pairs, `rows` rows of `d`.
     pub(crate) fn add_pairs_inplace(&self, x: &mut CudaSlice<f32>, pairs: &MoePairs, rows: usize, d: usize) -> Result<()> {
         pairs.check(rows, d)?;
@@ -1559,6 +1595,61 @@ impl CudaModel {
         let mut b = crate::launch::builder(&self.stream, &self.ops.argmax_final);
         b.arg(&part_v).arg(&part_i).arg(&pi).arg(ids);
         unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
+        Ok(())
+    }
+
+    /// Whether the lm_head (or the tied embedding) is a BF16 GEMV over its input's BF16 hi + lo
+    /// parts, so the final norm may hand it them split (`lm_head_split_into`).
+    pub(crate) fn lm_head_takes_split(&self) -> bool {
+        let h = self.spec.hidden_size;
+        match (&self.lm_head, &self.embed) {
+            (Some(m), _) => matches!(m.m, GpuMatrix::Bf16(_)) && m.k.is_multiple_of(128),
+            (None, Embed::Bf16(_)) => h.is_multiple_of(128),
+            (None, Embed::F32(_)) => false,
+        }
+    }
+
+    /// `lm_head_into` over final-normed rows given as their BF16 hi + lo parts (the same bits as
+    /// splitting them here). Only where `lm_head_takes_split`.
+    pub(crate) fn lm_head_split_into(&self, (xh, xl): &Bf16Split, rows: usize, y: &mut CudaSlice<f32>) -> Result<()> {
+        let (vocab, h) = (self.spec.vocab_size, self.spec.hidden_size);
+        match (&self.lm_head, &self.embed) {
+            (Some(Mat { m: GpuMatrix::Bf16(w), n, k, .. }), _) if k.is_multiple_of(128) => self.kernels.gemv_bf16_presplit(w, xh, xl, y, *n, *k, rows, None),
+            (None, Embed::Bf16(t)) if h.is_multiple_of(128) => self.kernels.gemv_bf16_presplit(t, xh, xl, y, vocab, h, rows, None),
+            _ => Err(Error::Backend("lm_head_split_into: the lm_head does not read a BF16 split".into())),
+        }
+    }
+
+    /// Whether `lm_head_split_argmax_into` takes `rows` rows (one: the lm_head's one-tile GEMV
+    /// folds the argmax), unless turned off.
+    pub(crate) fn lm_head_argmax_takes(&self, rows: usize) -> bool {
+        let (vocab, h) = (self.spec.vocab_size, self.spec.hidden_size);
+        self.lm_head_argmax
+            && match (&self.lm_head, &self.embed) {
+                (Some(Mat { m: GpuMatrix::Bf16(_), n, k, .. }), _) => self.kernels.bf16_argmax_takes(rows, *n, *k),
+                (None, Embed::Bf16(_)) => self.kernels.bf16_argmax_takes(rows, vocab, h),
+                _ => false,
+            }
+    }
+
+    /// `lm_head_split_into` of one row (`lm_head_argmax_takes`) that also folds its argmax into
+    /// the model's argmax key, which `argmax_unpack_into` must read next.
+    pub(crate) fn lm_head_split_argmax_into(&self, (xh, xl): &Bf16Split, y: &mut CudaSlice<f32>) -> Result<()> {
+        let (vocab, h) = (self.spec.vocab_size, self.spec.hidden_size);
+        match (&self.lm_head, &self.embed) {
+            (Some(Mat { m: GpuMatrix::Bf16(w), n, k, .. }), _) => self.kernels.gemv_bf16_presplit_argmax(w, xh, xl, y, *n, *k, &self.argmax_key),
+            (None, Embed::Bf16(t)) => self.kernels.gemv_bf16_presplit_argmax(t, xh, xl, y, vocab, h, &self.argmax_key),
+            _ => Err(Error::Backend("lm_head_split_argmax_into: the lm_head does not read a BF16 split".into())),
+        }
+    }
+
+    /// ids[0] = the id in the argmax key the lm_head folded (`lm_head_split_argmax_into`), and
+    /// the key zeroed for the next step.
+    pub(crate) fn argmax_unpack_into(&self, ids: &mut CudaSlice<i32>) -> Result<()> {
+        let one = 1i32;
+        let mut b = crate::launch::builder(&self.stream, &self.ops.argmax_unpack);
+        b.arg(&self.argmax_key).arg(&one).arg(ids);
+        unsafe { b.launch(LaunchConfig { grid_dim: (1, 1, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
         Ok(())
     }
 
@@ -1696,12 +1787,15 @@ impl CudaModel {
         Ok(crate::kernels::RouteInOproj { res, norm: &l.post_norm, router: wr, experts: *n, acc: self.route_acc_ptr(li), copies: self.route_acc_copies, ssq: &self.route_ssq, hg: &self.route_hg })
     }
 
-    /// Zeroes every layer's router accumulators (after a step that may have stopped between
-    /// an o_proj adding into them and its MoE's reading them).
-    pub(crate) fn zero_route_acc(&self) {
-        let (p, _g) = self.route_acc.device_ptr(&self.stream);
-        // SAFETY: the accumulators' own allocation, on this stream.
-        let _ = unsafe { cudarc::driver::result::memset_d8_async(p, 0, self.route_acc.len() * std::mem::size_of::<u64>(), self.stream.cu_stream()) };
+    /// Zeroes every layer's router accumulators and the argmax key (after a step that may have
+    /// stopped between an o_proj adding into them and its MoE's reading them, or between the
+    /// lm_head folding the argmax and its unpacking).
+    pub(crate) fn zero_step_accumulators(&self) {
+        for buf in [&self.route_acc, &self.argmax_key] {
+            let (p, _g) = buf.device_ptr(&self.stream);
+            // SAFETY: the buffer's own allocation, on this stream.
+            let _ = unsafe { cudarc::driver::result::memset_d8_async(p, 0, buf.len() * std::mem::size_of::<u64>(), self.stream.cu_stream()) };
+        }
     }
 
     /// How many layers do their MoE's router in the o_proj at `rows` rows; for tests.

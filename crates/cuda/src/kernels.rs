@@ -278,6 +278,8 @@ pub struct Kernels {
     /// the driver's occupancy x SMs) while `gemv_pipe` (`PEREGRINE_GEMV_PIPE=0` turns them off,
     /// for comparisons): the o_proj and a dense MLP's down projection at decode.
     mma_bf16_pipe: CudaFunction,
+    /// The one-token one-tile BF16 GEMV folding its rows into an argmax key (the lm_head).
+    mma_bf16_argmax: CudaFunction,
     /// `gemv_mma_bf16_t1_pipe_route`: the one-token o_proj that also does its MoE's router.
     mma_bf16_pipe_route: CudaFunction,
     mma_bf16_pipe_wave: usize,
@@ -945,6 +947,7 @@ impl Kernels {
                 fns.iter().all(|func| func.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, dense_wg_smem(rows) as i32).is_ok())
             });
         let sms = gpu.ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(drv("SM count"))? as usize;
+        let mma_bf16_argmax = f("gemv_mma_bf16_t1_argmax")?;
         let mma_bf16_pipe = f("gemv_mma_bf16_t1_pipe")?;
         let mma_bf16_pipe_route = f("gemv_mma_bf16_t1_pipe_route")?;
         let mma_bf16_pipe_wave = mma_bf16_pipe.occupancy_max_active_blocks_per_multiprocessor(256, 0, None).map_err(drv("GEMV occupancy"))? as usize * sms;
@@ -985,6 +988,7 @@ impl Kernels {
             qkv_pipe: std::env::var("PEREGRINE_QKV_PIPE").ok().map(|v| v != "0"),
             qkv_pipe_shuffle: std::env::var("PEREGRINE_QKV_PIPE_SHUFFLE").ok().map(|v| v != "0"),
             mma_bf16_pipe,
+            mma_bf16_argmax,
             mma_bf16_pipe_route,
             mma_bf16_pipe_wave,
             mma_fp8_pipe,
@@ -1659,6 +1663,28 @@ impl Kernels {
         let (wp, _w) = w.device_ptr(&self.stream);
         let (yp, _y) = y.device_ptr_mut(&self.stream);
         self.mma_launch(false, wp, None, xh, xl, None, [yp; 3], [n, 0, 0], k, t, zero)
+    }
+
+    /// Whether `gemv_bf16_presplit_argmax` takes `t` tokens of an `n` x `k` BF16 matrix: one
+    /// token on the one-tile GEMV that `gemv_bf16_presplit` would run (a grid of more than one
+    /// wave of the pipelined one, the lm_head's; no forced tile).
+    pub fn bf16_argmax_takes(&self, t: usize, n: usize, k: usize) -> bool {
+        t == 1 && n > 0 && k.is_multiple_of(128) && MMA_GEMV_TILES[self.mma_tile(false, 1, n)] == (1, 1) && self.dense_gemm_wg(1, n, k).is_none() && !self.pipe_takes(false, 1, 1, n.div_ceil(16))
+    }
+
+    /// `gemv_bf16_presplit` of one token (`bf16_argmax_takes`) that also folds its rows into the
+    /// argmax key `keys[0]` (zero before the call; `argmax_unpack` reads and zeroes it): the same
+    /// y, and the id argmax_rows would pick.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemv_bf16_presplit_argmax(&self, w: &CudaSlice<u16>, xh: &CudaSlice<u16>, xl: &CudaSlice<u16>, y: &mut CudaSlice<f32>, n: usize, k: usize, keys: &CudaSlice<u64>) -> Result<()> {
+        check(self.bf16_argmax_takes(1, n, k), || format!("gemv_bf16_presplit_argmax: {n}x{k} is not its shape"))?;
+        check(w.len() >= n * k && xh.len() >= k && xl.len() >= k && y.len() >= n && !keys.is_empty(), || format!("gemv_bf16_presplit_argmax: bad shapes {n}x{k}"))?;
+        let (ni, ki) = (n as i32, k as i32);
+        let mut b = crate::launch::builder(&self.stream, &self.mma_bf16_argmax);
+        b.arg(w).arg(xh).arg(xl).arg(y).arg(&ni).arg(&ki).arg(keys);
+        let cfg = LaunchConfig { grid_dim: (n.div_ceil(16) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        unsafe { b.launch(cfg) }.map_err(drv("gemv_mma_bf16_t1_argmax"))?;
+        Ok(())
     }
 
     /// Whether `gemv_bf16_presplit_route` takes an o_proj of `n` x `k` at one token with a

@@ -135,6 +135,65 @@ fn argmax_matches_the_host() {
     }
 }
 
+/// The one-token lm_head that folds the argmax (`gemv_mma_bf16_t1_argmax`, then
+/// `argmax_unpack`): its logits are gemv_bf16_presplit's bit for bit and its id is argmax_rows'
+/// over Flash's lm_head shape and smaller many-wave ones, with the largest logit in two rows
+/// (the lower wins), NaN and -inf logits around the largest, and nothing but NaN and -inf (id
+/// 0); the key is zero again after every unpack.
+#[test]
+fn lm_head_folding_the_argmax_equals_argmax_rows() {
+    let Some(m) = model() else { return };
+    let mut r = rng();
+    let st = m.stream.clone();
+    let bf16 = |v: f32| half::bf16::from_f32(v).to_bits();
+    let (one, pinf, ninf) = (bf16(1.0), bf16(f32::INFINITY), bf16(f32::NEG_INFINITY));
+    for (n, k, case) in [(152_064usize, 4096usize, 0), (20_000, 256, 0), (20_000, 256, 1), (19_999, 128, 2), (40_000, 512, 3)] {
+        assert!(m.kernels.bf16_argmax_takes(1, n, k), "{n}x{k}: the one-tile GEMV");
+        let mut w: Vec<u16> = randn(&mut r, n * k, 0.05).iter().map(|&v| bf16(v)).collect();
+        // Cases 1-3 against x = 1 + 2^-10 (BF16 hi 1, lo 2^-10: both positive, so a row of -inf
+        // gives -inf, not inf x 0), where a row of ones sums far above the random rows.
+        let x = if case == 0 { randn(&mut r, k, 1.0) } else { vec![1.0 + 1.0 / 1024.0; k] };
+        let row = |w: &mut Vec<u16>, i: usize, f: &dyn Fn(usize) -> u16| (0..k).for_each(|c| w[i * k + c] = f(c));
+        match case {
+            1 => {
+                let (a, b) = (r.random_range(0..n / 2), r.random_range(n / 2..n));
+                row(&mut w, a, &|_| one);
+                row(&mut w, b, &|_| one);
+            }
+            2 => {
+                for i in (0..n).step_by(7) {
+                    row(&mut w, i, &|c| if c == 0 { pinf } else if c == 1 { ninf } else { 0 }); // NaN
+                }
+                row(&mut w, n - 1, &|_| ninf);
+                row(&mut w, n - 2, &|_| one);
+            }
+            3 => {
+                for i in 0..n {
+                    row(&mut w, i, &|c| if i % 3 == 0 && c == 1 { pinf } else if c == 0 || i % 3 == 0 { ninf } else { 0 });
+                }
+            }
+            _ => {}
+        }
+        let wd = st.clone_htod(&w).unwrap();
+        let (xh, xl, _) = m.kernels.split_bf16(&st.clone_htod(&x).unwrap(), k).unwrap();
+        let mut y_ref = st.alloc_zeros::<f32>(n).unwrap();
+        m.kernels.gemv_bf16_presplit(&wd, &xh, &xl, &mut y_ref, n, k, 1, None).unwrap();
+        let mut id_ref = st.clone_htod(&[-7i32]).unwrap();
+        m.argmax_rows_into(&y_ref, 1, n, &mut id_ref).unwrap();
+        let logits = st.clone_dtoh(&y_ref).unwrap();
+        let id_ref = st.clone_dtoh(&id_ref).unwrap();
+        assert_eq!(id_ref, [argmax_host(&logits)], "{n}x{k} case {case}: argmax_rows against the host");
+        let mut y = st.clone_htod(&vec![f32::NAN; n]).unwrap();
+        m.kernels.gemv_bf16_presplit_argmax(&wd, &xh, &xl, &mut y, n, k, &m.argmax_key).unwrap();
+        let mut id = st.clone_htod(&[-7i32]).unwrap();
+        m.argmax_unpack_into(&mut id).unwrap();
+        assert_eq!(st.clone_dtoh(&y).unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>(), logits.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{n}x{k} case {case}: logits");
+        assert_eq!(st.clone_dtoh(&id).unwrap(), id_ref, "{n}x{k} case {case}: id");
+        assert_eq!(st.clone_dtoh(&m.argmax_key).unwrap(), [0u64], "{n}x{k} case {case}: the key zeroed");
+        eprintln!("lm_head {n}x{k} case {case}: id {} as argmax_rows", id_ref[0]);
+    }
+}
+
 #[test]
 fn norms_match_the_cpu_reference() {
     let Some(m) = model() else { return };
@@ -268,8 +327,9 @@ fn norm_splits_across_a_power_of_two_take_split_f16s_scale() {
 
 /// The residual adds that sum the routed MoE's pairs themselves (`MlpOut::Pairs`) give exactly
 /// the bits of combining the pairs first (in ascending pair order from 0, as the MoE's combine
-/// does) and then adding: residual, y and the F16 split, for top-1 to top-32, rows of 1 to 8
-/// tokens, pair lists in any order, rows whose width is not a multiple of 4 (element by element).
+/// does) and then adding: residual, y and the F16 split (the last layer's add with the final
+/// norm: y's BF16 split, as split_bf16 gives it), for top-1 to top-32, rows of 1 to 8 tokens,
+/// pair lists in any order, rows whose width is not a multiple of 4 (element by element).
 #[test]
 fn norms_summing_moe_pairs_equal_combine_then_norm() {
     let Some(m) = model() else { return };
@@ -327,6 +387,21 @@ fn norms_summing_moe_pairs_equal_combine_then_norm() {
             assert_eq!(st.clone_dtoh(&yl).unwrap(), st.clone_dtoh(&wl).unwrap(), "add_rms_norm_split_pairs {name}: lo parts");
             assert_eq!(st.clone_dtoh(&yinv).unwrap(), st.clone_dtoh(&winv).unwrap(), "add_rms_norm_split_pairs {name}: inverse scales");
         }
+        // The last layer's add with the final norm split for a BF16 lm_head: the bits of
+        // add_pairs_inplace, rms_norm and split_bf16 (the one-row path and the general one).
+        let bf16_as_three = |pairs: &MoePairs, what: &str| {
+            let mut xw = st.clone_htod(&x).unwrap();
+            m.add_pairs_inplace(&mut xw, pairs, rows, d).unwrap();
+            let wy = m.rms_norm(&xw, &wd, rows, d).unwrap();
+            let (wh, wl, _) = m.kernels.split_bf16(&wy, rows * d).unwrap();
+            let mut xd = st.clone_htod(&x).unwrap();
+            let (y, (yh, yl)) = m.add_rms_norm_pairs_bf16(&mut xd, pairs, &wd, rows, d).unwrap();
+            assert_eq!(st.clone_dtoh(&xd).unwrap(), st.clone_dtoh(&xw).unwrap(), "add_rms_norm_pairs_bf16 {name}{what}: residual");
+            assert_eq!(st.clone_dtoh(&y).unwrap(), st.clone_dtoh(&wy).unwrap(), "add_rms_norm_pairs_bf16 {name}{what}: y");
+            assert_eq!(st.clone_dtoh(&yh).unwrap(), st.clone_dtoh(&wh).unwrap(), "add_rms_norm_pairs_bf16 {name}{what}: hi parts");
+            assert_eq!(st.clone_dtoh(&yl).unwrap(), st.clone_dtoh(&wl).unwrap(), "add_rms_norm_pairs_bf16 {name}{what}: lo parts");
+        };
+        bf16_as_three(&pairs, "");
         // With the attention output left by the router (`pre`): (x + pre) + pairs, the bits of
         // adding pre to x first.
         let pre = randn(&mut r, rows * d, 2.0);
@@ -336,6 +411,7 @@ fn norms_summing_moe_pairs_equal_combine_then_norm() {
         let mut xd = st.clone_htod(&x).unwrap();
         m.add_pairs_inplace(&mut xd, &pairs, rows, d).unwrap();
         assert_eq!(st.clone_dtoh(&xd).unwrap(), sum_pre, "add_pairs_inplace {name}, pre");
+        bf16_as_three(&pairs, ", pre");
         let mut xw = st.clone_htod(&x_pre).unwrap();
         let want = st.clone_dtoh(&m.add_rms_norm(&mut xw, &cd, &wd, rows, d).unwrap()).unwrap();
         for split in [false, true] {
@@ -356,6 +432,10 @@ fn norms_summing_moe_pairs_equal_combine_then_norm() {
     assert!(m.add_pairs_inplace(&mut xd, &small(2), 2, 4).is_err());
     let short_pre = MoePairs { pre: Some(st.clone_htod(&[0f32; 3]).unwrap()), ..small(1) };
     assert!(m.add_pairs_inplace(&mut xd, &short_pre, 1, 4).is_err());
+    let wd = st.clone_htod(&[1f32; 4]).unwrap();
+    assert!(m.add_rms_norm_pairs_bf16(&mut xd, &small(33), &wd, 1, 4).is_err());
+    assert!(m.add_rms_norm_pairs_bf16(&mut xd, &short_pre, &wd, 1, 4).is_err());
+    assert!(m.add_rms_norm_pairs_bf16(&mut xd, &small(1), &wd, 2, 4).is_err(), "x holds one row");
 }
 
 fn poisoned(m: &CudaModel, n: usize) -> CudaSlice<f32> {

@@ -11,7 +11,7 @@ use cudarc::driver::{CudaEvent, CudaSlice};
 use peregrine_core::backend::SeqForward;
 use peregrine_core::{Error, Result};
 
-use crate::backend::{drv, CudaModel, Mlp, MlpOut, MoePairs, RowMeta};
+use crate::backend::{drv, Bf16Split, CudaModel, Mlp, MlpOut, MoePairs, RowMeta};
 
 /// The activations a step passes between operations (each [rows, width]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,6 +117,10 @@ impl CudaModel {
             ops.push(Op::Mlp { layer: li, src: Act::MlpIn, rows, decode });
             if li + 1 < nl {
                 ops.push(Op::AddNorm { add: Act::MlpOut, dst: Act::AttnIn, weight: NormWeight::Input(li + 1), rows });
+            } else if out_rows.is_none() && self.final_norm_fused {
+                // Every row's logits: the final norm goes with the last residual add (one launch;
+                // the features and the drafter's context read Hidden, which it writes too).
+                ops.push(Op::AddNorm { add: Act::MlpOut, dst: Act::Final, weight: NormWeight::Final, rows });
             } else {
                 ops.push(Op::Add { add: Act::MlpOut, rows });
             }
@@ -127,15 +131,19 @@ impl CudaModel {
         if self.drafter.is_some() {
             ops.push(Op::DraftContext { rows });
         }
-        let (src, k) = match out_rows {
+        let k = match out_rows {
             Some(0) => return ops,
-            None => (Act::Hidden, rows),
+            None if self.final_norm_fused => rows,
+            None => {
+                ops.push(Op::Norm { src: Act::Hidden, dst: Act::Final, weight: NormWeight::Final, rows });
+                rows
+            }
             Some(k) => {
                 ops.push(Op::GatherRows { rows: k });
-                (Act::Selected, k)
+                ops.push(Op::Norm { src: Act::Selected, dst: Act::Final, weight: NormWeight::Final, rows: k });
+                k
             }
         };
-        ops.push(Op::Norm { src, dst: Act::Final, weight: NormWeight::Final, rows: k });
         ops.push(Op::LmHead { src: Act::Final, rows: k });
         ops.push(Op::Argmax { rows: k });
         ops
@@ -153,8 +161,9 @@ impl CudaModel {
     fn execute_marked(&self, ops: &[Op], meta: &RowMeta, out_idx: Option<&CudaSlice<i32>>, logits: &mut CudaSlice<f32>, ids: &mut CudaSlice<i32>, marks: Option<&mut Vec<CudaEvent>>) -> Result<()> {
         let r = self.execute_ops(ops, meta, out_idx, logits, ids, marks);
         if r.is_err() {
-            // An o_proj may have added into router accumulators that no MoE read.
-            self.zero_route_acc();
+            // An o_proj may have added into router accumulators that no MoE read (or the
+            // lm_head into an argmax key not unpacked).
+            self.zero_step_accumulators();
         }
         r
     }
@@ -183,6 +192,8 @@ impl CudaModel {
         // MlpOut held as the routed MoE's pairs (`MlpOut::Pairs`) rather than in acts: the
         // residual add after the MoE sums them.
         let mut mlp_pairs: Option<MoePairs> = None;
+        // Final's BF16 split, when the norm that wrote Final split it for the lm_head.
+        let mut final_split: Option<Bf16Split> = None;
         // The post-attention norm left to the MoE's router (`norm_in_router`): AttnOut, for the
         // Mlp op of that layer, which reads the residual and it.
         let mut norm_left: Option<(usize, CudaSlice<f32>)> = None;
@@ -197,7 +208,10 @@ impl CudaModel {
         // The plan's MoE rows are decode rows (the norm ahead of a MoE writes the split its
         // kernel reads, which depends on it).
         let decode = ops.iter().any(|op| matches!(op, Op::Mlp { decode: true, .. }));
-        for &op in ops {
+        // The lm_head folded the argmax into the model's key (`lm_head_split_argmax_into`): the
+        // Argmax right after it unpacks it.
+        let mut argmax_folded = false;
+        for (i, &op) in ops.iter().enumerate() {
             mark(&mut marks)?;
             // The `drain_after_mlp_op`-th op after an MLP (the next) starts on drained SMs at
             // `drain_after_mlp_rows` rows and up (crate::launch::plain_next).
@@ -236,14 +250,23 @@ impl CudaModel {
                     if dst == Act::AttnIn {
                         attn_split = None;
                     }
-                    let split = matches!(weight, NormWeight::Input(l) if dst == Act::AttnIn && self.wants_f16_split(l));
-                    let y = self.add_rms_norm_pairs(&mut x, &pairs, norm_weight(weight), rows, h, split);
+                    let y = if dst == Act::Final && self.lm_head_takes_split() {
+                        // The last residual add and the final norm, split for the lm_head.
+                        self.add_rms_norm_pairs_bf16(&mut x, &pairs, norm_weight(weight), rows, h).map(|(y, sp)| {
+                            final_split = Some(sp);
+                            y
+                        })
+                    } else {
+                        let split = matches!(weight, NormWeight::Input(l) if dst == Act::AttnIn && self.wants_f16_split(l));
+                        self.add_rms_norm_pairs(&mut x, &pairs, norm_weight(weight), rows, h, split).map(|(y, sp)| {
+                            if sp.is_some() {
+                                attn_split = sp;
+                            }
+                            y
+                        })
+                    };
                     acts[Act::Hidden as usize] = Some(x);
-                    let (y, sp) = y?;
-                    if sp.is_some() {
-                        attn_split = sp;
-                    }
-                    acts[dst as usize] = Some(y);
+                    acts[dst as usize] = Some(y?);
                 }
                 Op::AddNorm { add: Act::AttnOut, dst: Act::MlpIn, weight: NormWeight::PostAttention(l), rows } if self.norm_in_router(l, rows) => {
                     // The router computes this norm, and the residual add after the MoE adds
@@ -352,7 +375,18 @@ impl CudaModel {
                 }
                 Op::LmHead { src, rows } => {
                     let x = acts[src as usize].as_ref().ok_or_else(|| Error::Backend(format!("step plan reads {src:?} before writing it")))?;
-                    self.lm_head_into(x, rows, logits)?;
+                    match final_split.take() {
+                        Some(sp) if src == Act::Final && ops.get(i + 1) == Some(&Op::Argmax { rows }) && self.lm_head_argmax_takes(rows) => {
+                            self.lm_head_split_argmax_into(&sp, logits)?;
+                            argmax_folded = true;
+                        }
+                        Some(sp) if src == Act::Final => self.lm_head_split_into(&sp, rows, logits)?,
+                        _ => self.lm_head_into(x, rows, logits)?,
+                    }
+                }
+                Op::Argmax { .. } if argmax_folded => {
+                    argmax_folded = false;
+                    self.argmax_unpack_into(ids)?;
                 }
                 Op::Argmax { rows } => self.argmax_into(logits, rows, ids)?,
             }

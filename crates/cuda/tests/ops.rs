@@ -670,7 +670,7 @@ fn draft_graph_equals_the_eager_draft_pass() {
 /// attention writes the new K/V itself only in decode plans (one new token per sequence).
 #[test]
 fn the_step_is_a_plan_of_operations() {
-    use peregrine_cuda::step::Op;
+    use peregrine_cuda::step::{Act, NormWeight, Op};
     let spec = spec_of("default");
     let Some(mut model) = synthetic(&spec) else { return };
     let nl = spec.layers.len();
@@ -693,6 +693,10 @@ fn the_step_is_a_plan_of_operations() {
     assert_eq!(layers_of(&plan, true), (0..nl).collect::<Vec<_>>());
     assert_eq!(layers_of(&plan, false), (0..nl).collect::<Vec<_>>());
     assert!(!plan.iter().any(|o| matches!(o, Op::CaptureFeatures { .. } | Op::DraftContext { .. } | Op::GatherRows { .. })));
+    // Every row's logits: the last residual add carries the final norm (one launch).
+    let finals = |p: &[Op]| p.iter().filter(|o| matches!(o, Op::Norm { dst: Act::Final, .. } | Op::AddNorm { dst: Act::Final, .. })).copied().collect::<Vec<_>>();
+    assert_eq!(finals(&plan), [Op::AddNorm { add: Act::MlpOut, dst: Act::Final, weight: NormWeight::Final, rows: 4 }]);
+    assert!(!plan.iter().any(|o| matches!(o, Op::Add { .. })));
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/dflash/random/config.json");
     let dspec = peregrine_model::config::parse_draft_config(&serde_json::from_slice(&std::fs::read(dir).unwrap()).unwrap()).unwrap();
     model.attach_synthetic_drafter(&dspec, 1).unwrap();
@@ -705,6 +709,9 @@ fn the_step_is_a_plan_of_operations() {
     let pos = |f: &dyn Fn(&Op) -> bool| plan.iter().position(f).unwrap();
     assert!(pos(&|o| matches!(o, Op::DraftContext { rows: 6 })) < pos(&|o| matches!(o, Op::GatherRows { rows: 2 })));
     assert_eq!(plan.last(), Some(&Op::Argmax { rows: 2 }));
+    // Gathered rows: the residual add alone, the final norm over the gathered rows.
+    assert_eq!(finals(&plan), [Op::Norm { src: Act::Selected, dst: Act::Final, weight: NormWeight::Final, rows: 2 }]);
+    assert_eq!(plan.iter().filter(|o| matches!(o, Op::Add { add: Act::MlpOut, rows: 6 })).count(), 1);
     let none = model.step_plan(6, Some(0), false);
     assert!(!none.iter().any(|o| matches!(o, Op::LmHead { .. } | Op::Argmax { .. })));
 }
