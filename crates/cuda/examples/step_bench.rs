@@ -57,6 +57,10 @@ struct Args {
     /// batch, kernel by kernel, from the blocks' own %globaltimer stamps (PDL overlap included).
     #[arg(long)]
     trace: bool,
+    /// Rounds of an in-process A/B of the step's fused tail (`set_step_tail_fused`: A on, B
+    /// off): per batch, graphs of both, replayed `--steps` times each in turn per round (0: none).
+    #[arg(long, default_value_t = 0)]
+    ab_tail: usize,
 }
 
 /// One graph replay of `batch` (after three untraced ones), launch by launch and summed per
@@ -398,6 +402,20 @@ fn main() {
             if kinds.non_kernel() > 0 {
                 println!("(batch {b}: the graph holds nodes other than kernels, which break PDL: {:?})", kinds.0);
             }
+        }
+    }
+
+    if args.ab_tail > 0 {
+        println!("\n| batch | A (fused tail) ms, median | B (unfused) ms, median | B - A per round, median us | rounds B slower |");
+        println!("|---|---|---|---|---|");
+        for &b in batches {
+            let batch: Vec<SeqForward> = (0..b).map(|s| seqf(s, vec![tok(s, args.context)], args.context, OutputRows::Last)).collect();
+            model.set_cuda_graphs(true);
+            let Some((a, bb)) = model.graph_ab_ms(&batch, args.steps, args.ab_tail, |m, b| m.set_step_tail_fused(!b)).expect("A/B replays") else { continue };
+            let diff: Vec<f64> = a.iter().zip(&bb).map(|(x, y)| (y - x) as f64 * 1e3).collect();
+            let slower = diff.iter().filter(|&&d| d > 0.0).count();
+            let med = |v: &[f32]| median(v.iter().map(|&x| x as f64).collect());
+            println!("| {b} | {:.4} | {:.4} | {:.1} | {slower} of {} |", med(&a), med(&bb), median(diff.clone()), diff.len());
         }
     }
 

@@ -1803,6 +1803,14 @@ impl CudaModel {
         (0..self.layers.len()).filter(|&l| self.route_in_oproj_at(l, rows)).count()
     }
 
+    /// Sets whether the step's tail is fused (`final_norm_fused` and `lm_head_argmax`, both on
+    /// by default), for benchmarks comparing the two. Captured step graphs are dropped.
+    pub fn set_step_tail_fused(&mut self, on: bool) {
+        self.final_norm_fused = on;
+        self.lm_head_argmax = on;
+        self.graphs.clear();
+    }
+
     /// Sets whether the one-token o_proj does its MoE's router (`route_in_oproj`; on by
     /// default), for tests comparing the two. Captured step graphs are dropped.
     pub fn set_route_in_oproj(&mut self, on: bool) {

@@ -261,6 +261,46 @@ impl CudaModel {
         Ok(Some(timed? / n.max(1) as f32))
     }
 
+    /// For benchmarks: two settings of the model compared in one process, so their difference
+    /// is not lost in the spread between processes (clocks, placement). `set(model, b)` applies
+    /// setting A (false) or B (true) and must drop the captured graphs; one graph of `batch` is
+    /// captured under each, then `rounds` rounds replay A then B `n` times each between CUDA
+    /// events. Returns each round's ms per replay of A and of B (None when the batch runs
+    /// eagerly); the model is left in setting A.
+    pub fn graph_ab_ms(&mut self, batch: &[peregrine_core::backend::SeqForward], n: usize, rounds: usize, set: impl Fn(&mut Self, bool)) -> Result<Option<(Vec<f32>, Vec<f32>)>> {
+        use cudarc::driver::sys::CUevent_flags;
+        let rows = self.host_rows(batch)?;
+        let mut graphs = Vec::new();
+        for b in [false, true] {
+            set(self, b);
+            match self.graph_for(&rows)? {
+                Some(g) => graphs.push(g),
+                None => {
+                    set(self, false);
+                    return Ok(None);
+                }
+            }
+        }
+        set(self, false);
+        let st = self.stream.clone();
+        let ev = || st.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(drv);
+        let (e0, e1) = (ev()?, ev()?);
+        let mut times = (Vec::with_capacity(rounds), Vec::with_capacity(rounds));
+        for _ in 0..rounds {
+            for (gi, g) in graphs.iter().enumerate() {
+                e0.record(&st).map_err(drv)?;
+                for _ in 0..n {
+                    g.graph.0.launch().map_err(drv)?;
+                }
+                e1.record(&st).map_err(drv)?;
+                st.synchronize().map_err(drv)?;
+                let ms = e0.elapsed_ms(&e1).map_err(drv)? / n.max(1) as f32;
+                if gi == 0 { &mut times.0 } else { &mut times.1 }.push(ms);
+            }
+        }
+        Ok(Some(times))
+    }
+
     fn capture_graph(&self, key: (usize, usize, bool)) -> Result<StepGraph> {
         let (rows, width, decode) = key;
         let meta = self.alloc_row_meta(rows, width)?;
