@@ -788,9 +788,12 @@ __device__ __forceinline__ unsigned long long argmax_key(float v, int n) {
 // (shared memory), as stored, for the caller's epilogue (gemv_mma_bf16_t1_pipe_route).
 //
 // ARGMAX (one tile, one token: gemv_mma_bf16_t1_argmax, the lm_head of a batch-1 step): each
-// warp of the epilogue folds its rows' values into *amax as argmax_key's (value, index) key by
-// one 64-bit atomic max, so argmax_unpack alone follows the lm_head (argmax_rows read the logits
-// back from L2 and argmax_final merged its slices: ~7 us at the end of a batch-1 step).
+// warp of the epilogue folds its rows' values as argmax_key's (value, index) key into one of
+// `slots` keys (amax[s * stride], a line each) by a 64-bit atomic max, so argmax_unpack alone
+// follows the lm_head (argmax_rows read the logits back from L2 and argmax_final merged its
+// slices: ~7 us at the end of a batch-1 step). The slots spread the ~38k atomics of Flash's
+// lm_head over as many L2 lines (all on one word, the lm_head ran up to ~30 us slower in some
+// processes).
 template <int NT, int R, bool FP8, bool READY = false, bool PIPE = false, int CW = 1, bool XSH = false, bool KEEP = false,
           bool ARGMAX = false>
 __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, const float* __restrict__ S,
@@ -798,7 +801,7 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
                                          const float* __restrict__ xinv, float* __restrict__ y, float* __restrict__ y1,
                                          float* __restrict__ y2, int N0, int N1, int N, int K, int T,
                                          unsigned* __restrict__ ready = nullptr, int heads = 0, int hd = 0, int vd = 0,
-                                         float* keep = nullptr, unsigned long long* amax = nullptr) {
+                                         float* keep = nullptr, unsigned long long* amax = nullptr, int slots = 1, int stride = 0) {
     static_assert(!KEEP || (R == 1 && !READY), "the kept rows are one tile's");
     static_assert(!ARGMAX || (R == 1 && NT == 1 && !READY), "the fused argmax is one token's, over one tile a block");
     static_assert(!READY || R == 1, "the ready counts are per 16-row tile");
@@ -1053,7 +1056,7 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
                 unsigned long long other = __shfl_xor_sync(0xffffffffu, key, o);
                 key = other > key ? other : key;
             }
-            if (lane == 0 && key != 0ull) atomicMax(amax, key);
+            if (lane == 0 && key != 0ull) atomicMax(amax + (size_t)((blockIdx.x * (16 * 8 / 32) + w) % slots) * stride, key);
         }
     }
     if (READY)  // the block's stores, then the tile's count (the attention acquires it)
@@ -1645,14 +1648,14 @@ extern "C" __global__ void __launch_bounds__(256) gemm_wg_combine(const float* _
         gemv_mma<NT, R, false>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T);                                           \
         if (ZERO) zero_after_wait(zero, nzero);                                                                           \
     }
-// gemv_mma_bf16_t1 of one token that also folds its rows into the argmax key *amax (ARGMAX
-// above; argmax_unpack turns it into the id and zeroes it for the next call).
+// gemv_mma_bf16_t1 of one token that also folds its rows into the argmax keys amax (ARGMAX
+// above; argmax_unpack turns them into the id and zeroes them for the next call).
 extern "C" __global__ void __launch_bounds__(256) gemv_mma_bf16_t1_argmax(
     const unsigned char* __restrict__ W, const unsigned short* __restrict__ XH, const unsigned short* __restrict__ XL,
-    float* __restrict__ y, int N, int K, unsigned long long* __restrict__ amax) {
+    float* __restrict__ y, int N, int K, unsigned long long* __restrict__ amax, int slots, int stride) {
     PDL_ENTER();
     gemv_mma<1, 1, false, false, false, 1, false, false, true>(W, nullptr, XH, XL, nullptr, y, y, y, N, 0, N, K, 1, nullptr, 0, 0, 0,
-                                                               nullptr, amax);
+                                                               nullptr, amax, slots, stride);
 }
 // gemv_mma_{bf16,fp8}_t1 with the next K block's weights loaded ahead (PIPE above); they zero
 // counters as the one-tile kernels do.

@@ -1119,14 +1119,22 @@ extern "C" __global__ void argmax_final(const float* __restrict__ part_v, const 
     if (threadIdx.x == 0) out[blockIdx.x] = best_i == 0x7fffffff ? 0 : best_i;
 }
 
-// out[r] = the id in argmax key keys[r] (gemv_mma_bf16_t1_argmax folded the lm_head's rows into
-// it; 0: no finite or +inf logit, id 0 as argmax_final gives), then keys[r] = 0 for the next call.
-extern "C" __global__ void argmax_unpack(unsigned long long* __restrict__ keys, int rows, int* __restrict__ out) { PDL_ENTER();
-    int r = blockIdx.x * blockDim.x + threadIdx.x;
-    if (r >= rows) return;
-    unsigned long long k = __ldcg(keys + r);
-    out[r] = k == 0ull ? 0 : (int)~(unsigned)k;
-    keys[r] = 0ull;
+// out[0] = the id in the largest of the argmax keys keys[s * stride], s < slots, into which
+// gemv_mma_bf16_t1_argmax folded the lm_head's rows (all 0: no finite or +inf logit, id 0 as
+// argmax_final gives); then every key is zeroed for the next call. One warp.
+extern "C" __global__ void argmax_unpack(unsigned long long* __restrict__ keys, int slots, int stride, int* __restrict__ out) { PDL_ENTER();
+    unsigned long long k = 0ull;
+    for (int s = threadIdx.x; s < slots; s += 32) {
+        unsigned long long v = __ldcg(keys + (size_t)s * stride);
+        k = v > k ? v : k;
+        keys[(size_t)s * stride] = 0ull;
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        unsigned long long v = __shfl_xor_sync(0xffffffffu, k, o);
+        k = v > k ? v : k;
+    }
+    if (threadIdx.x == 0) out[0] = k == 0ull ? 0 : (int)~(unsigned)k;
 }
 
 // The fused speculative step (crates/cuda/src/speculate.rs). Verify row s*nb + 1 + j takes

@@ -57,10 +57,15 @@ struct Args {
     /// batch, kernel by kernel, from the blocks' own %globaltimer stamps (PDL overlap included).
     #[arg(long)]
     trace: bool,
-    /// Rounds of an in-process A/B of the step's fused tail (`set_step_tail_fused`: A on, B
-    /// off): per batch, graphs of both, replayed `--steps` times each in turn per round (0: none).
-    #[arg(long, default_value_t = 0)]
-    ab_tail: usize,
+    /// An in-process A/B of the decode-step graph: `tail` (A the fused step tail, B unfused:
+    /// `set_step_tail_fused`), `argmax` (A the lm_head folding the argmax, B argmax_rows after
+    /// it: `set_lm_head_argmax`) or `shift:BYTES` (A as is, B with its buffers placed BYTES
+    /// further on: `shift_step_buffers`). Per batch, graphs of both, replayed `--steps` times each in
+    /// turn for `--ab-rounds` rounds.
+    #[arg(long)]
+    ab: Vec<String>,
+    #[arg(long, default_value_t = 15)]
+    ab_rounds: usize,
 }
 
 /// One graph replay of `batch` (after three untraced ones), launch by launch and summed per
@@ -405,18 +410,31 @@ fn main() {
         }
     }
 
-    if args.ab_tail > 0 {
-        println!("\n| batch | A (fused tail) ms, median | B (unfused) ms, median | B - A per round, median us | rounds B slower |");
-        println!("|---|---|---|---|---|");
-        for &b in batches {
-            let batch: Vec<SeqForward> = (0..b).map(|s| seqf(s, vec![tok(s, args.context)], args.context, OutputRows::Last)).collect();
-            model.set_cuda_graphs(true);
-            let Some((a, bb)) = model.graph_ab_ms(&batch, args.steps, args.ab_tail, |m, b| m.set_step_tail_fused(!b)).expect("A/B replays") else { continue };
-            let diff: Vec<f64> = a.iter().zip(&bb).map(|(x, y)| (y - x) as f64 * 1e3).collect();
-            let slower = diff.iter().filter(|&&d| d > 0.0).count();
-            let med = |v: &[f32]| median(v.iter().map(|&x| x as f64).collect());
-            println!("| {b} | {:.4} | {:.4} | {:.1} | {slower} of {} |", med(&a), med(&bb), median(diff.clone()), diff.len());
+    if !args.ab.is_empty() {
+        println!("\n| A/B | batch | A ms, median | B ms, median | B - A per round, median us | rounds B slower |");
+        println!("|---|---|---|---|---|---|");
+        for what in &args.ab {
+            let shift = match what.strip_prefix("shift:") {
+                Some(n) => Some(n.parse::<usize>().expect("--ab shift:BYTES")),
+                None if what == "tail" || what == "argmax" => None,
+                None => panic!("--ab takes tail, argmax or shift:BYTES, not {what}"),
+            };
+            for &b in batches {
+                let batch: Vec<SeqForward> = (0..b).map(|s| seqf(s, vec![tok(s, args.context)], args.context, OutputRows::Last)).collect();
+                model.set_cuda_graphs(true);
+                let set = |m: &mut CudaModel, on: bool| match shift {
+                    Some(n) => m.shift_step_buffers(if on { n } else { 0 }).expect("buffers shifted"),
+                    None if what == "argmax" => m.set_lm_head_argmax(!on),
+                    None => m.set_step_tail_fused(!on),
+                };
+                let Some((a, bb)) = model.graph_ab_ms(&batch, args.steps, args.ab_rounds, set).expect("A/B replays") else { continue };
+                let diff: Vec<f64> = a.iter().zip(&bb).map(|(x, y)| (y - x) as f64 * 1e3).collect();
+                let slower = diff.iter().filter(|&&d| d > 0.0).count();
+                let med = |v: &[f32]| median(v.iter().map(|&x| x as f64).collect());
+                println!("| {what} | {b} | {:.4} | {:.4} | {:.1} | {slower} of {} |", med(&a), med(&bb), median(diff.clone()), diff.len());
+            }
         }
+        model.shift_step_buffers(0).expect("buffers back");
     }
 
     if args.trace {

@@ -318,12 +318,15 @@ pub struct CudaModel {
     /// such layer's MoE zeroes them, cyclically); then the o_proj blocks' sums of squares of h
     /// [H / 16] and the norm's weight times h [H] (one layer's at a time).
     route_acc: CudaSlice<u64>,
-    /// The argmax key a one-token lm_head folds its logits into (`gemv_bf16_presplit_argmax`);
-    /// zero between steps (`argmax_unpack` zeroes it, a failed step too).
+    /// The argmax keys a one-token lm_head folds its logits into (`gemv_bf16_presplit_argmax`);
+    /// zero between steps (`argmax_unpack` zeroes them, a failed step too).
     pub(crate) argmax_key: CudaSlice<u64>,
     /// Whether a one-token BF16 lm_head over the final norm's split folds the argmax
     /// (`PEREGRINE_LM_HEAD_ARGMAX=0` keeps argmax_rows, for comparison).
     lm_head_argmax: bool,
+    /// Benchmarks only (`shift_step_buffers`): memory held in the capture pool and the stream's
+    /// pool so that graphs captured next place their buffers elsewhere.
+    placement_hold: Option<(CudaSlice<u8>, CudaSlice<u8>)>,
     /// Whether a plan of every row's logits adds the last residual and norms it in one launch
     /// (`PEREGRINE_FINAL_NORM_FUSED=0` keeps the add and the norm apart, for comparison).
     pub(crate) final_norm_fused: bool,
@@ -696,7 +699,7 @@ impl CudaModel {
         let route_acc_copies = std::env::var("PEREGRINE_ROUTE_ACC_COPIES").ok().and_then(|v| v.parse().ok()).filter(|&c: &usize| (1..=64).contains(&c)).unwrap_or(ROUTE_ACC_COPIES);
         let route_acc_stride = layers.iter().filter_map(|l| if let Mlp::Moe { spec, .. } = &l.mlp { Some(route_acc_copies * spec.num_experts + 1) } else { None }).max().unwrap_or(1);
         let route_acc = s.alloc_zeros::<u64>(layers.len().max(1) * route_acc_stride).map_err(drv)?;
-        let argmax_key = s.alloc_zeros::<u64>(1).map_err(drv)?;
+        let argmax_key = s.alloc_zeros::<u64>(crate::kernels::ARGMAX_KEY_SLOTS * crate::kernels::ARGMAX_KEY_STRIDE).map_err(drv)?;
         let route_ssq = s.alloc_zeros::<f32>(h.div_ceil(16)).map_err(drv)?;
         let route_hg = s.alloc_zeros::<f32>(h).map_err(drv)?;
         let model = CudaModel {
@@ -742,6 +745,7 @@ impl CudaModel {
             route_acc,
             argmax_key,
             lm_head_argmax: std::env::var("PEREGRINE_LM_HEAD_ARGMAX").map_or(true, |v| v != "0"),
+            placement_hold: None,
             final_norm_fused: std::env::var("PEREGRINE_FINAL_NORM_FUSED").map_or(true, |v| v != "0"),
             route_acc_copies,
             route_acc_stride,
@@ -1633,7 +1637,7 @@ impl CudaModel {
     }
 
     /// `lm_head_split_into` of one row (`lm_head_argmax_takes`) that also folds its argmax into
-    /// the model's argmax key, which `argmax_unpack_into` must read next.
+    /// the model's argmax keys, which `argmax_unpack_into` must read next.
     pub(crate) fn lm_head_split_argmax_into(&self, (xh, xl): &Bf16Split, y: &mut CudaSlice<f32>) -> Result<()> {
         let (vocab, h) = (self.spec.vocab_size, self.spec.hidden_size);
         match (&self.lm_head, &self.embed) {
@@ -1643,12 +1647,12 @@ impl CudaModel {
         }
     }
 
-    /// ids[0] = the id in the argmax key the lm_head folded (`lm_head_split_argmax_into`), and
-    /// the key zeroed for the next step.
+    /// ids[0] = the id in the argmax keys the lm_head folded (`lm_head_split_argmax_into`), and
+    /// the keys zeroed for the next step.
     pub(crate) fn argmax_unpack_into(&self, ids: &mut CudaSlice<i32>) -> Result<()> {
-        let one = 1i32;
+        let (slots, stride) = (crate::kernels::ARGMAX_KEY_SLOTS as i32, crate::kernels::ARGMAX_KEY_STRIDE as i32);
         let mut b = crate::launch::builder(&self.stream, &self.ops.argmax_unpack);
-        b.arg(&self.argmax_key).arg(&one).arg(ids);
+        b.arg(&self.argmax_key).arg(&slots).arg(&stride).arg(ids);
         unsafe { b.launch(LaunchConfig { grid_dim: (1, 1, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
         Ok(())
     }
@@ -1787,7 +1791,7 @@ impl CudaModel {
         Ok(crate::kernels::RouteInOproj { res, norm: &l.post_norm, router: wr, experts: *n, acc: self.route_acc_ptr(li), copies: self.route_acc_copies, ssq: &self.route_ssq, hg: &self.route_hg })
     }
 
-    /// Zeroes every layer's router accumulators and the argmax key (after a step that may have
+    /// Zeroes every layer's router accumulators and the argmax keys (after a step that may have
     /// stopped between an o_proj adding into them and its MoE's reading them, or between the
     /// lm_head folding the argmax and its unpacking).
     pub(crate) fn zero_step_accumulators(&self) {
@@ -1803,10 +1807,34 @@ impl CudaModel {
         (0..self.layers.len()).filter(|&l| self.route_in_oproj_at(l, rows)).count()
     }
 
+    /// For benchmarks: holds `bytes` of the capture pool and of the stream's pool (0: none), so
+    /// that the graphs captured next place their buffers at other addresses (the same kernels);
+    /// drops the captured graphs.
+    pub fn shift_step_buffers(&mut self, bytes: usize) -> Result<()> {
+        self.placement_hold = None;
+        self.graphs.clear();
+        if bytes > 0 {
+            let alloc = &self.kernels.alloc;
+            alloc.prepare()?;
+            // SAFETY: held, never read or written.
+            let pool = alloc.while_capturing(|| unsafe { alloc.alloc::<u8>(bytes) })?;
+            let stream = unsafe { self.stream.alloc::<u8>(bytes) }.map_err(drv)?;
+            self.placement_hold = Some((pool, stream));
+        }
+        Ok(())
+    }
+
     /// Sets whether the step's tail is fused (`final_norm_fused` and `lm_head_argmax`, both on
     /// by default), for benchmarks comparing the two. Captured step graphs are dropped.
     pub fn set_step_tail_fused(&mut self, on: bool) {
         self.final_norm_fused = on;
+        self.lm_head_argmax = on;
+        self.graphs.clear();
+    }
+
+    /// Sets whether a one-token lm_head folds the argmax (`lm_head_argmax`, on by default), for
+    /// benchmarks. Captured step graphs are dropped.
+    pub fn set_lm_head_argmax(&mut self, on: bool) {
         self.lm_head_argmax = on;
         self.graphs.clear();
     }

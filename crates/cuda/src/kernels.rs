@@ -105,6 +105,10 @@ pub const MAX_TOKENS_PER_PASS: usize = 8;
 /// 2026-11-24-moe-mixed-rings.md). 3 x 2, 8 x 2, 8 x 1, 6 x 1 and 2 x 8 rings, register rings of
 /// 4 and 8 steps, and 2 or 4 warps sharing a tile's K were slower everywhere and dropped.
 pub const TILED_VARIANTS: [(usize, usize); 7] = [(2, 4), (4, 2), (3, 4), (4, 4), (2, 3), (3, 3), (2, 6)];
+/// The one-token lm_head's argmax keys (`gemv_bf16_presplit_argmax`): its warps spread their
+/// atomics over this many keys, one 128-byte line (`ARGMAX_KEY_STRIDE` u64) apart.
+pub const ARGMAX_KEY_SLOTS: usize = 64;
+pub const ARGMAX_KEY_STRIDE: usize = 16;
 /// Activations as F16 hi and lo parts of each row times a power of two, and the inverse powers
 /// (the FP8 tensor-core GEMV's input; `split_f16`'s output).
 pub type F16Split = (CudaSlice<u16>, CudaSlice<u16>, CudaSlice<f32>);
@@ -278,7 +282,7 @@ pub struct Kernels {
     /// the driver's occupancy x SMs) while `gemv_pipe` (`PEREGRINE_GEMV_PIPE=0` turns them off,
     /// for comparisons): the o_proj and a dense MLP's down projection at decode.
     mma_bf16_pipe: CudaFunction,
-    /// The one-token one-tile BF16 GEMV folding its rows into an argmax key (the lm_head).
+    /// The one-token one-tile BF16 GEMV folding its rows into argmax keys (the lm_head).
     mma_bf16_argmax: CudaFunction,
     /// `gemv_mma_bf16_t1_pipe_route`: the one-token o_proj that also does its MoE's router.
     mma_bf16_pipe_route: CudaFunction,
@@ -1673,15 +1677,15 @@ impl Kernels {
     }
 
     /// `gemv_bf16_presplit` of one token (`bf16_argmax_takes`) that also folds its rows into the
-    /// argmax key `keys[0]` (zero before the call; `argmax_unpack` reads and zeroes it): the same
-    /// y, and the id argmax_rows would pick.
+    /// argmax keys `keys[s * ARGMAX_KEY_STRIDE]`, s < `ARGMAX_KEY_SLOTS` (zero before the call;
+    /// `argmax_unpack` reads and zeroes them): the same y, and the id argmax_rows would pick.
     #[allow(clippy::too_many_arguments)]
     pub fn gemv_bf16_presplit_argmax(&self, w: &CudaSlice<u16>, xh: &CudaSlice<u16>, xl: &CudaSlice<u16>, y: &mut CudaSlice<f32>, n: usize, k: usize, keys: &CudaSlice<u64>) -> Result<()> {
         check(self.bf16_argmax_takes(1, n, k), || format!("gemv_bf16_presplit_argmax: {n}x{k} is not its shape"))?;
-        check(w.len() >= n * k && xh.len() >= k && xl.len() >= k && y.len() >= n && !keys.is_empty(), || format!("gemv_bf16_presplit_argmax: bad shapes {n}x{k}"))?;
-        let (ni, ki) = (n as i32, k as i32);
+        check(w.len() >= n * k && xh.len() >= k && xl.len() >= k && y.len() >= n && keys.len() >= ARGMAX_KEY_SLOTS * ARGMAX_KEY_STRIDE, || format!("gemv_bf16_presplit_argmax: bad shapes {n}x{k}"))?;
+        let (ni, ki, slots, stride) = (n as i32, k as i32, ARGMAX_KEY_SLOTS as i32, ARGMAX_KEY_STRIDE as i32);
         let mut b = crate::launch::builder(&self.stream, &self.mma_bf16_argmax);
-        b.arg(w).arg(xh).arg(xl).arg(y).arg(&ni).arg(&ki).arg(keys);
+        b.arg(w).arg(xh).arg(xl).arg(y).arg(&ni).arg(&ki).arg(keys).arg(&slots).arg(&stride);
         let cfg = LaunchConfig { grid_dim: (n.div_ceil(16) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         unsafe { b.launch(cfg) }.map_err(drv("gemv_mma_bf16_t1_argmax"))?;
         Ok(())

@@ -139,7 +139,7 @@ fn argmax_matches_the_host() {
 /// `argmax_unpack`): its logits are gemv_bf16_presplit's bit for bit and its id is argmax_rows'
 /// over Flash's lm_head shape and smaller many-wave ones, with the largest logit in two rows
 /// (the lower wins), NaN and -inf logits around the largest, and nothing but NaN and -inf (id
-/// 0); the key is zero again after every unpack.
+/// 0); the keys are zero again after every unpack.
 #[test]
 fn lm_head_folding_the_argmax_equals_argmax_rows() {
     let Some(m) = model() else { return };
@@ -189,7 +189,7 @@ fn lm_head_folding_the_argmax_equals_argmax_rows() {
         m.argmax_unpack_into(&mut id).unwrap();
         assert_eq!(st.clone_dtoh(&y).unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>(), logits.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{n}x{k} case {case}: logits");
         assert_eq!(st.clone_dtoh(&id).unwrap(), id_ref, "{n}x{k} case {case}: id");
-        assert_eq!(st.clone_dtoh(&m.argmax_key).unwrap(), [0u64], "{n}x{k} case {case}: the key zeroed");
+        assert!(st.clone_dtoh(&m.argmax_key).unwrap().iter().all(|&k| k == 0), "{n}x{k} case {case}: the keys zeroed");
         eprintln!("lm_head {n}x{k} case {case}: id {} as argmax_rows", id_ref[0]);
     }
 }

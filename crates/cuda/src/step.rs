@@ -162,7 +162,7 @@ impl CudaModel {
         let r = self.execute_ops(ops, meta, out_idx, logits, ids, marks);
         if r.is_err() {
             // An o_proj may have added into router accumulators that no MoE read (or the
-            // lm_head into an argmax key not unpacked).
+            // lm_head into argmax keys not unpacked).
             self.zero_step_accumulators();
         }
         r
