@@ -1650,12 +1650,17 @@ extern "C" __global__ void __launch_bounds__(256) gemm_wg_combine(const float* _
     }
 // gemv_mma_bf16_t1 of one token that also folds its rows into the argmax keys amax (ARGMAX
 // above; argmax_unpack turns them into the id and zeroes them for the next call).
+// Its parameters are gemv_mma_bf16_t1's, run-time T and xinv included (the host passes T = 1):
+// with T = 1 and no xinv as constants, ptxas scheduled the weight loads otherwise (56 registers
+// against 64), and that kernel ran ~24 us slower than gemv_mma_bf16_t1 over Flash's lm_head in
+// most processes.
 extern "C" __global__ void __launch_bounds__(256) gemv_mma_bf16_t1_argmax(
-    const unsigned char* __restrict__ W, const unsigned short* __restrict__ XH, const unsigned short* __restrict__ XL,
-    float* __restrict__ y, int N, int K, unsigned long long* __restrict__ amax, int slots, int stride) {
+    const unsigned char* __restrict__ W, const float* __restrict__ S, const unsigned short* __restrict__ XH,
+    const unsigned short* __restrict__ XL, const float* __restrict__ xinv, float* __restrict__ y, float* __restrict__ y1,
+    float* __restrict__ y2, int N0, int N1, int N, int K, int T, unsigned long long* __restrict__ amax, int slots, int stride) {
     PDL_ENTER();
-    gemv_mma<1, 1, false, false, false, 1, false, false, true>(W, nullptr, XH, XL, nullptr, y, y, y, N, 0, N, K, 1, nullptr, 0, 0, 0,
-                                                               nullptr, amax, slots, stride);
+    gemv_mma<1, 1, false, false, false, 1, false, false, true>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T, nullptr, 0, 0, 0, nullptr,
+                                                               amax, slots, stride);
 }
 // gemv_mma_{bf16,fp8}_t1 with the next K block's weights loaded ahead (PIPE above); they zero
 // counters as the one-tile kernels do.

@@ -1683,9 +1683,11 @@ impl Kernels {
     pub fn gemv_bf16_presplit_argmax(&self, w: &CudaSlice<u16>, xh: &CudaSlice<u16>, xl: &CudaSlice<u16>, y: &mut CudaSlice<f32>, n: usize, k: usize, keys: &CudaSlice<u64>) -> Result<()> {
         check(self.bf16_argmax_takes(1, n, k), || format!("gemv_bf16_presplit_argmax: {n}x{k} is not its shape"))?;
         check(w.len() >= n * k && xh.len() >= k && xl.len() >= k && y.len() >= n && keys.len() >= ARGMAX_KEY_SLOTS * ARGMAX_KEY_STRIDE, || format!("gemv_bf16_presplit_argmax: bad shapes {n}x{k}"))?;
-        let (ni, ki, slots, stride) = (n as i32, k as i32, ARGMAX_KEY_SLOTS as i32, ARGMAX_KEY_STRIDE as i32);
+        let (ni, ki, ti, slots, stride) = (n as i32, k as i32, 1i32, ARGMAX_KEY_SLOTS as i32, ARGMAX_KEY_STRIDE as i32);
         let mut b = crate::launch::builder(&self.stream, &self.mma_bf16_argmax);
-        b.arg(w).arg(xh).arg(xl).arg(y).arg(&ni).arg(&ki).arg(keys).arg(&slots).arg(&stride);
+        let (yp, _y) = y.device_ptr_mut(&self.stream);
+        b.arg(w).arg(&0u64).arg(xh).arg(xl).arg(&0u64).arg(&yp).arg(&yp).arg(&yp).arg(&ni).arg(&0i32).arg(&ni).arg(&ki).arg(&ti);
+        b.arg(keys).arg(&slots).arg(&stride);
         let cfg = LaunchConfig { grid_dim: (n.div_ceil(16) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         unsafe { b.launch(cfg) }.map_err(drv("gemv_mma_bf16_t1_argmax"))?;
         Ok(())
