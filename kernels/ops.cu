@@ -1137,27 +1137,6 @@ extern "C" __global__ void argmax_unpack(unsigned long long* __restrict__ keys, 
     if (threadIdx.x == 0) out[0] = k == 0ull ? 0 : (int)~(unsigned)k;
 }
 
-// The arrays a staged buffer describes, copied to their places: a graph step's row data goes up
-// as one host-to-device copy, then this kernel, instead of one copy per array (each a stream
-// operation between two steps; crates/cuda/src/graph.rs, StagedRows). staged: the count n at
-// byte 0, then per array {destination address, byte offset in staged, bytes} (16 bytes each)
-// from byte 16; offsets on 16-byte boundaries, destinations too (allocations), lengths
-// multiples of 4.
-extern "C" __global__ void scatter_staged(const unsigned char* __restrict__ staged) { PDL_ENTER();
-    const unsigned n = __ldg(reinterpret_cast<const unsigned*>(staged));
-    const unsigned tid = blockIdx.x * blockDim.x + threadIdx.x, step = gridDim.x * blockDim.x;
-    for (unsigned a = 0; a < n; a++) {
-        const unsigned char* e = staged + 16 + 16 * a;
-        unsigned char* dst = reinterpret_cast<unsigned char*>(__ldg(reinterpret_cast<const unsigned long long*>(e)));
-        const unsigned off = __ldg(reinterpret_cast<const unsigned*>(e + 8)), bytes = __ldg(reinterpret_cast<const unsigned*>(e + 12));
-        const unsigned char* src = staged + off;
-        const unsigned v = bytes / 16;
-        for (unsigned i = tid; i < v; i += step) reinterpret_cast<uint4*>(dst)[i] = __ldg(reinterpret_cast<const uint4*>(src) + i);
-        for (unsigned i = v * 16 + 4 * tid; i < bytes; i += 4 * step)
-            *reinterpret_cast<unsigned*>(dst + i) = __ldg(reinterpret_cast<const unsigned*>(src + i));
-    }
-}
-
 // The fused speculative step (crates/cuda/src/speculate.rs). Verify row s*nb + 1 + j takes
 // draft j of sequence s (drafts are [seqs, nb - 1], rows [seqs, nb]).
 extern "C" __global__ void place_drafts(const int* __restrict__ drafts, int* __restrict__ tok, int nb, int k) { PDL_ENTER();

@@ -59,9 +59,8 @@ struct Args {
     trace: bool,
     /// An in-process A/B of the decode-step graph: `tail` (A the fused step tail, B unfused:
     /// `set_step_tail_fused`), `argmax` (A the lm_head folding the argmax, B argmax_rows after
-    /// it: `set_lm_head_argmax`), `shift:BYTES` (A as is, B with its buffers placed BYTES
-    /// further on: `shift_step_buffers`) or `meta` (the engine's overlapped steps with the
-    /// graphs' row data as one copy, A, or a copy per array, B: `set_packed_row_meta`). Per batch, graphs of both, replayed `--steps` times each in
+    /// it: `set_lm_head_argmax`) or `shift:BYTES` (A as is, B with its buffers placed BYTES
+    /// further on: `shift_step_buffers`). Per batch, graphs of both, replayed `--steps` times each in
     /// turn for `--ab-rounds` rounds.
     #[arg(long)]
     ab: Vec<String>,
@@ -184,26 +183,6 @@ fn floor(spec: &ModelSpec, tokens: usize, seqs: usize, context: usize) -> Floor 
         bytes += seqs as f64 * span * (a.k_dim() + a.v_dim()) as f64 * 4.0; // f32 KV read
     }
     Floor { bytes }
-}
-
-/// As the engine decodes: each step started before the one ahead of it is collected, its tokens
-/// read on the GPU from that step's ids (Backend::enqueue_decode); the gaps in ms between
-/// consecutive collects over `steps` steps (after 3).
-fn overlapped_gaps(model: &mut CudaModel, decode_batch: &dyn Fn(usize) -> Vec<SeqForward>, b: usize, steps: usize) -> Vec<f64> {
-    let chain: Vec<Option<usize>> = (0..b).map(Some).collect();
-    assert!(model.enqueue_decode(&decode_batch(0), &vec![None; b], None).unwrap(), "batch {b}: the decode step did not overlap");
-    let mut t = Vec::new();
-    let mut last = Instant::now();
-    for i in 1..steps + 4 {
-        assert!(model.enqueue_decode(&decode_batch(i), &chain, None).unwrap(), "batch {b}: a chained step did not start");
-        model.collect_decode().unwrap();
-        if i > 3 {
-            t.push(last.elapsed().as_secs_f64() * 1e3);
-        }
-        last = Instant::now();
-    }
-    model.collect_decode().unwrap();
-    t
 }
 
 fn main() {
@@ -385,7 +364,22 @@ fn main() {
         // As the engine decodes: each step started before the one ahead of it is collected, its
         // tokens read on the GPU from that step's ids (Backend::enqueue_decode); the median gap
         // between consecutive collects.
-        let overlapped_ms = median(overlapped_gaps(&mut model, &decode_batch, b, args.steps));
+        let overlapped_ms = {
+            let chain: Vec<Option<usize>> = (0..b).map(Some).collect();
+            assert!(model.enqueue_decode(&decode_batch(0), &vec![None; b], None).unwrap(), "batch {b}: the decode step did not overlap");
+            let mut t = Vec::new();
+            let mut last = Instant::now();
+            for i in 1..args.steps + 4 {
+                assert!(model.enqueue_decode(&decode_batch(i), &chain, None).unwrap(), "batch {b}: a chained step did not start");
+                model.collect_decode().unwrap();
+                if i > 3 {
+                    t.push(last.elapsed().as_secs_f64() * 1e3);
+                }
+                last = Instant::now();
+            }
+            model.collect_decode().unwrap();
+            median(t)
+        };
         let f = floor(&spec, b, b, args.context);
         let floor_ms = f.bytes / copy_bw * 1e3;
         println!("| {b} | {eager_ms:.3} | {logits_ms:.3} | {sampled_ms:.3} | {lp_ms:.3} | {ids_ms:.3} | {overlapped_ms:.3} | {:.0} | {:.2} | {floor_ms:.3} | {:.2}x | {:.2}x |", b as f64 / (overlapped_ms / 1e3), f.bytes / 1e9, ids_ms / floor_ms, overlapped_ms / floor_ms);
@@ -420,32 +414,10 @@ fn main() {
         println!("\n| A/B | batch | A ms, median | B ms, median | B - A per round, median us | rounds B slower |");
         println!("|---|---|---|---|---|---|");
         for what in &args.ab {
-            if what == "meta" {
-                // The engine's overlapped steps (host-timed gaps), graphs' row data as one copy
-                // (A) or a copy per array (B), in turn per round.
-                for &b in batches {
-                    let decode_batch = |i: usize| -> Vec<SeqForward> { (0..b).map(|s| seqf(s, vec![tok(s, args.context + i)], args.context + i % 8, OutputRows::Last)).collect() };
-                    model.set_cuda_graphs(true);
-                    let (mut a, mut bb) = (Vec::new(), Vec::new());
-                    for _ in 0..args.ab_rounds {
-                        for on in [true, false] {
-                            model.set_packed_row_meta(on);
-                            let m = median(overlapped_gaps(&mut model, &decode_batch, b, args.steps)) as f32;
-                            if on { &mut a } else { &mut bb }.push(m);
-                        }
-                    }
-                    model.set_packed_row_meta(true);
-                    let diff: Vec<f64> = a.iter().zip(&bb).map(|(x, y)| (y - x) as f64 * 1e3).collect();
-                    let slower = diff.iter().filter(|&&d| d > 0.0).count();
-                    let med = |v: &[f32]| median(v.iter().map(|&x| x as f64).collect());
-                    println!("| {what} | {b} | {:.4} | {:.4} | {:.1} | {slower} of {} |", med(&a), med(&bb), median(diff.clone()), diff.len());
-                }
-                continue;
-            }
             let shift = match what.strip_prefix("shift:") {
                 Some(n) => Some(n.parse::<usize>().expect("--ab shift:BYTES")),
                 None if what == "tail" || what == "argmax" => None,
-                None => panic!("--ab takes tail, argmax, meta or shift:BYTES, not {what}"),
+                None => panic!("--ab takes tail, argmax or shift:BYTES, not {what}"),
             };
             for &b in batches {
                 let batch: Vec<SeqForward> = (0..b).map(|s| seqf(s, vec![tok(s, args.context)], args.context, OutputRows::Last)).collect();

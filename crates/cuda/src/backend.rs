@@ -194,7 +194,6 @@ pub(crate) struct Ops {
     argmax_rows: CudaFunction,
     argmax_final: CudaFunction,
     argmax_unpack: CudaFunction,
-    scatter_staged: CudaFunction,
     attention_v2: CudaFunction,
     attention_v2_kv: CudaFunction,
     attention_v2_kv_ready: CudaFunction,
@@ -325,9 +324,6 @@ pub struct CudaModel {
     /// Whether a one-token BF16 lm_head over the final norm's split folds the argmax
     /// (`PEREGRINE_LM_HEAD_ARGMAX=0` keeps argmax_rows, for comparison).
     lm_head_argmax: bool,
-    /// Whether a graph's row data goes up as one copy and a scatter kernel (`write_row_meta`;
-    /// `PEREGRINE_PACKED_ROW_META=0` keeps a copy per array, for comparison).
-    pub(crate) packed_row_meta: bool,
     /// Benchmarks only (`shift_step_buffers`): memory held in the capture pool and the stream's
     /// pool so that graphs captured next place their buffers elsewhere.
     placement_hold: Option<(CudaSlice<u8>, CudaSlice<u8>)>,
@@ -552,7 +548,6 @@ impl CudaModel {
             argmax_rows: f("argmax_rows")?,
             argmax_final: f("argmax_final")?,
             argmax_unpack: f("argmax_unpack")?,
-            scatter_staged: f("scatter_staged")?,
             attention_v2: f("attention_v2")?,
             attention_v2_kv: f("attention_v2_kv")?,
             attention_v2_kv_ready: f("attention_v2_kv_ready")?,
@@ -751,7 +746,6 @@ impl CudaModel {
             argmax_key,
             lm_head_argmax: std::env::var("PEREGRINE_LM_HEAD_ARGMAX").map_or(true, |v| v != "0"),
             placement_hold: None,
-            packed_row_meta: std::env::var("PEREGRINE_PACKED_ROW_META").map_or(true, |v| v != "0"),
             final_norm_fused: std::env::var("PEREGRINE_FINAL_NORM_FUSED").map_or(true, |v| v != "0"),
             route_acc_copies,
             route_acc_stride,
@@ -1838,22 +1832,6 @@ impl CudaModel {
         self.graphs.clear();
     }
 
-    /// Sets whether graphs' row data goes up as one copy (`packed_row_meta`, on by default),
-    /// for benchmarks.
-    pub fn set_packed_row_meta(&mut self, on: bool) {
-        self.packed_row_meta = on;
-    }
-
-    /// The arrays a staged buffer describes, copied to their places (`scatter_staged`; `data`:
-    /// the bytes of the arrays, which set the grid).
-    pub(crate) fn scatter_staged(&self, staged: &CudaSlice<u8>, data: usize) -> Result<()> {
-        let blocks = (data / 4096).clamp(1, 128) as u32;
-        let mut b = crate::launch::builder(&self.stream, &self.ops.scatter_staged);
-        b.arg(staged);
-        unsafe { b.launch(LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
-        Ok(())
-    }
-
     /// Sets whether a one-token lm_head folds the argmax (`lm_head_argmax`, on by default), for
     /// benchmarks. Captured step graphs are dropped.
     pub fn set_lm_head_argmax(&mut self, on: bool) {
@@ -2137,9 +2115,6 @@ pub(crate) struct RowMeta {
     /// Graphs: where the device address of the ids that a chained step's negative `tok` entries
     /// index is written (see `embed_rows`). Eager steps never chain.
     pub(crate) chain: Option<CudaSlice<u64>>,
-    /// Graphs: the buffer a step's row data is copied into at once and scattered from
-    /// (`write_row_meta`); None for eager steps, whose arrays are uploaded one by one.
-    pub(crate) staged: Option<CudaSlice<u8>>,
     pub(crate) max_blocks: usize,
     pub(crate) block_size: usize,
     /// A batch with prompt chunks: the rows attention takes in tiles (`attention_prefill`), and
@@ -2428,7 +2403,6 @@ impl CudaModel {
             full_tables: upload(st, &rows.full_tables)?,
             swa_tables: upload(st, &rows.swa_tables)?,
             chain: None,
-            staged: None,
             max_blocks: rows.max_blocks,
             block_size: self.kv_config.map_or(1, |c| c.block_size),
             prefill: match prefill_tiles(&rows.seq, &rows.pos) {

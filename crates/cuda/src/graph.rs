@@ -8,10 +8,9 @@
 //! `PEREGRINE_CUDA_GRAPHS=0` turns graphs off.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-use cudarc::driver::{CudaGraph, CudaSlice, CudaStream, DevicePtr, PinnedHostSlice};
+use cudarc::driver::{CudaGraph, CudaSlice, PinnedHostSlice};
 use peregrine_core::backend::{split_logits, Logits};
 use peregrine_core::{Error, Result};
 
@@ -327,7 +326,6 @@ impl CudaModel {
             full_tables: z32(rows * width)?,
             swa_tables: z32(rows * width)?,
             chain: Some(st.alloc_zeros::<u64>(1).map_err(drv)?),
-            staged: Some(st.alloc_zeros::<u8>(staged_bytes(rows, width)).map_err(drv)?),
             max_blocks: width,
             block_size: bs,
             prefill: None,
@@ -353,93 +351,18 @@ impl CudaModel {
             }
             t
         };
-        let (tok, pos, seq) = (pad(&rows.toks, 0), pad(&rows.pos, 0), (0..bucket as i32).collect::<Vec<_>>());
-        let (full_slots, swa_slots) = (pad64(&rows.full_slots, scratch_full as i64 * bs), pad64(&rows.swa_slots, scratch_swa as i64 * bs));
-        let (full_tables, swa_tables) = (tables(&rows.full_tables, scratch_full), tables(&rows.swa_tables, scratch_swa));
         let st = &self.stream;
-        if let (true, Some(staged)) = (self.packed_row_meta, m.staged.as_mut()) {
-            // One copy and one kernel (`scatter_staged`) instead of a copy per array: each copy
-            // is a stream operation between the previous step and this one.
-            let mut p = StagedRows::default();
-            p.push(&m.tok, st, &tok);
-            p.push(&m.pos, st, &pos);
-            p.push(&m.seq, st, &seq);
-            p.push(&m.full_slots, st, &full_slots);
-            p.push(&m.swa_slots, st, &swa_slots);
-            p.push(&m.full_tables, st, &full_tables);
-            p.push(&m.swa_tables, st, &swa_tables);
-            if let (Some(addr), Some(c)) = (rows.chain, m.chain.as_ref()) {
-                p.push(c, st, &[addr]);
-            }
-            return p.upload(self, staged);
-        }
-        st.memcpy_htod(&tok, &mut m.tok).map_err(drv)?;
-        st.memcpy_htod(&pos, &mut m.pos).map_err(drv)?;
-        st.memcpy_htod(&seq, &mut m.seq).map_err(drv)?;
-        st.memcpy_htod(&full_slots, &mut m.full_slots).map_err(drv)?;
-        st.memcpy_htod(&swa_slots, &mut m.swa_slots).map_err(drv)?;
-        st.memcpy_htod(&full_tables, &mut m.full_tables).map_err(drv)?;
-        st.memcpy_htod(&swa_tables, &mut m.swa_tables).map_err(drv)?;
+        st.memcpy_htod(&pad(&rows.toks, 0), &mut m.tok).map_err(drv)?;
+        st.memcpy_htod(&pad(&rows.pos, 0), &mut m.pos).map_err(drv)?;
+        st.memcpy_htod(&(0..bucket as i32).collect::<Vec<_>>(), &mut m.seq).map_err(drv)?;
+        st.memcpy_htod(&pad64(&rows.full_slots, scratch_full as i64 * bs), &mut m.full_slots).map_err(drv)?;
+        st.memcpy_htod(&pad64(&rows.swa_slots, scratch_swa as i64 * bs), &mut m.swa_slots).map_err(drv)?;
+        st.memcpy_htod(&tables(&rows.full_tables, scratch_full), &mut m.full_tables).map_err(drv)?;
+        st.memcpy_htod(&tables(&rows.swa_tables, scratch_swa), &mut m.swa_tables).map_err(drv)?;
         if let (Some(addr), Some(c)) = (rows.chain, m.chain.as_mut()) {
             st.memcpy_htod(&[addr], c).map_err(drv)?;
         }
         Ok(())
-    }
-}
-
-/// The bytes of a graph's staged row data at `rows` rows and tables `width` wide
-/// (`StagedRows`): the header, then the arrays of `RowMeta` and the chain address, each from a
-/// 16-byte boundary.
-fn staged_bytes(rows: usize, width: usize) -> usize {
-    let up = |b: usize| b.div_ceil(16) * 16;
-    STAGED_HEADER + 3 * up(4 * rows) + 2 * up(8 * rows) + 2 * up(4 * rows * width) + 16
-}
-
-/// Room for this many arrays in a staged buffer's header.
-const STAGED_ARRAYS: usize = 8;
-const STAGED_HEADER: usize = 16 + 16 * STAGED_ARRAYS;
-
-/// A step's row data packed for one host-to-device copy: a header (the count at byte 0, then per
-/// array its destination address, its byte offset in the buffer and its length, 16 bytes each,
-/// from byte 16), then the arrays, each from a 16-byte boundary (ops.cu's `scatter_staged`).
-#[derive(Default)]
-pub(crate) struct StagedRows {
-    header: Vec<u8>,
-    data: Vec<u8>,
-    count: u32,
-}
-
-impl StagedRows {
-    pub(crate) fn push<T: cudarc::driver::DeviceRepr>(&mut self, dst: &CudaSlice<T>, st: &Arc<CudaStream>, v: &[T]) {
-        let bytes = std::mem::size_of_val(v);
-        // SAFETY: T is a plain device value (i32, i64, u64 here); its bytes as they lie.
-        let raw = unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, bytes) };
-        let (p, _g) = dst.device_ptr(st);
-        let off = STAGED_HEADER + self.data.len();
-        self.header.extend_from_slice(&p.to_le_bytes());
-        self.header.extend_from_slice(&(off as u32).to_le_bytes());
-        self.header.extend_from_slice(&(bytes as u32).to_le_bytes());
-        self.data.extend_from_slice(raw);
-        self.data.resize(self.data.len().div_ceil(16) * 16, 0);
-        self.count += 1;
-    }
-
-    /// The copy into `staged`, then the kernel that scatters it.
-    pub(crate) fn upload(self, m: &CudaModel, staged: &mut CudaSlice<u8>) -> Result<()> {
-        if self.count as usize > STAGED_ARRAYS {
-            return Err(Error::Backend(format!("staged row data: {} arrays, room for {STAGED_ARRAYS}", self.count)));
-        }
-        let mut buf = Vec::with_capacity(STAGED_HEADER + self.data.len());
-        buf.extend_from_slice(&self.count.to_le_bytes());
-        buf.resize(16, 0);
-        buf.extend_from_slice(&self.header);
-        buf.resize(STAGED_HEADER, 0);
-        buf.extend_from_slice(&self.data);
-        if buf.len() > staged.len() {
-            return Err(Error::Backend(format!("staged row data: {} bytes for a buffer of {}", buf.len(), staged.len())));
-        }
-        m.stream.memcpy_htod(&buf, &mut staged.slice_mut(..buf.len())).map_err(drv)?;
-        m.scatter_staged(staged, self.data.len())
     }
 }
 

@@ -194,45 +194,6 @@ fn lm_head_folding_the_argmax_equals_argmax_rows() {
     }
 }
 
-/// A graph step's row data staged as one copy (`StagedRows`, `scatter_staged`) lands in each
-/// array as a copy per array would put it: arrays of 4- and 8-byte values, lengths that are and
-/// are not multiples of 16 bytes, one large enough for many blocks; a staged buffer too small or
-/// too many arrays is an error.
-#[test]
-fn staged_row_data_lands_where_each_array_lies() {
-    use crate::graph::StagedRows;
-    let Some(m) = model() else { return };
-    let mut r = rng();
-    let st = m.stream.clone();
-    let a: Vec<i32> = (0..5).map(|_| r.random()).collect();
-    let b: Vec<i64> = (0..3).map(|_| r.random()).collect();
-    let c: Vec<i32> = (0..40_000).map(|_| r.random()).collect();
-    let d = [0xdead_beef_u64];
-    let (da, db, dc, dd) = (st.alloc_zeros::<i32>(5).unwrap(), st.alloc_zeros::<i64>(3).unwrap(), st.alloc_zeros::<i32>(40_000).unwrap(), st.alloc_zeros::<u64>(1).unwrap());
-    let mut staged = st.alloc_zeros::<u8>(400_000).unwrap();
-    let mut p = StagedRows::default();
-    p.push(&da, &st, &a);
-    p.push(&db, &st, &b);
-    p.push(&dc, &st, &c);
-    p.push(&dd, &st, &d);
-    p.upload(&m, &mut staged).unwrap();
-    assert_eq!(st.clone_dtoh(&da).unwrap(), a);
-    assert_eq!(st.clone_dtoh(&db).unwrap(), b);
-    assert_eq!(st.clone_dtoh(&dc).unwrap(), c);
-    assert_eq!(st.clone_dtoh(&dd).unwrap(), d);
-    // Too small a buffer, too many arrays: errors, nothing written.
-    let mut small = st.alloc_zeros::<u8>(1000).unwrap();
-    let mut p = StagedRows::default();
-    p.push(&dc, &st, &vec![7i32; 40_000]);
-    assert!(p.upload(&m, &mut small).is_err());
-    let mut p = StagedRows::default();
-    for _ in 0..9 {
-        p.push(&da, &st, &[1i32; 5]);
-    }
-    assert!(p.upload(&m, &mut staged).is_err());
-    assert_eq!(st.clone_dtoh(&dc).unwrap(), c, "nothing written by a refused upload");
-}
-
 #[test]
 fn norms_match_the_cpu_reference() {
     let Some(m) = model() else { return };
