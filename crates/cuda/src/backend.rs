@@ -1602,49 +1602,41 @@ impl CudaModel {
         Ok(())
     }
 
-    /// Whether the lm_head (or the tied embedding) is a BF16 GEMV over its input's BF16 hi + lo
-    /// parts, so the final norm may hand it them split (`lm_head_split_into`).
+    /// The lm_head (or the tied embedding) as a BF16 matrix [n, k] whose tensor-core GEMV reads
+    /// its input as BF16 hi + lo parts (K % 128 == 0), so the final norm may hand it them split;
+    /// None for other formats.
+    fn lm_head_bf16(&self) -> Option<(&CudaSlice<u16>, usize, usize)> {
+        let m = match (&self.lm_head, &self.embed) {
+            (Some(Mat { m: GpuMatrix::Bf16(w), n, k }), _) => (w, *n, *k),
+            (None, Embed::Bf16(t)) => (t, self.spec.vocab_size, self.spec.hidden_size),
+            _ => return None,
+        };
+        m.2.is_multiple_of(128).then_some(m)
+    }
+
+    /// Whether the lm_head reads the final norm's BF16 split (`lm_head_split_into`).
     pub(crate) fn lm_head_takes_split(&self) -> bool {
-        let h = self.spec.hidden_size;
-        match (&self.lm_head, &self.embed) {
-            (Some(m), _) => matches!(m.m, GpuMatrix::Bf16(_)) && m.k.is_multiple_of(128),
-            (None, Embed::Bf16(_)) => h.is_multiple_of(128),
-            (None, Embed::F32(_)) => false,
-        }
+        self.lm_head_bf16().is_some()
     }
 
     /// `lm_head_into` over final-normed rows given as their BF16 hi + lo parts (the same bits as
     /// splitting them here). Only where `lm_head_takes_split`.
     pub(crate) fn lm_head_split_into(&self, (xh, xl): &Bf16Split, rows: usize, y: &mut CudaSlice<f32>) -> Result<()> {
-        let (vocab, h) = (self.spec.vocab_size, self.spec.hidden_size);
-        match (&self.lm_head, &self.embed) {
-            (Some(Mat { m: GpuMatrix::Bf16(w), n, k, .. }), _) if k.is_multiple_of(128) => self.kernels.gemv_bf16_presplit(w, xh, xl, y, *n, *k, rows, None),
-            (None, Embed::Bf16(t)) if h.is_multiple_of(128) => self.kernels.gemv_bf16_presplit(t, xh, xl, y, vocab, h, rows, None),
-            _ => Err(Error::Backend("lm_head_split_into: the lm_head does not read a BF16 split".into())),
-        }
+        let (w, n, k) = self.lm_head_bf16().ok_or_else(|| Error::Backend("lm_head_split_into: the lm_head does not read a BF16 split".into()))?;
+        self.kernels.gemv_bf16_presplit(w, xh, xl, y, n, k, rows, None)
     }
 
     /// Whether `lm_head_split_argmax_into` takes `rows` rows (one: the lm_head's one-tile GEMV
     /// folds the argmax), unless turned off.
     pub(crate) fn lm_head_argmax_takes(&self, rows: usize) -> bool {
-        let (vocab, h) = (self.spec.vocab_size, self.spec.hidden_size);
-        self.lm_head_argmax
-            && match (&self.lm_head, &self.embed) {
-                (Some(Mat { m: GpuMatrix::Bf16(_), n, k, .. }), _) => self.kernels.bf16_argmax_takes(rows, *n, *k),
-                (None, Embed::Bf16(_)) => self.kernels.bf16_argmax_takes(rows, vocab, h),
-                _ => false,
-            }
+        self.lm_head_argmax && self.lm_head_bf16().is_some_and(|(_, n, k)| self.kernels.bf16_argmax_takes(rows, n, k))
     }
 
     /// `lm_head_split_into` of one row (`lm_head_argmax_takes`) that also folds its argmax into
     /// the model's argmax keys, which `argmax_unpack_into` must read next.
     pub(crate) fn lm_head_split_argmax_into(&self, (xh, xl): &Bf16Split, y: &mut CudaSlice<f32>) -> Result<()> {
-        let (vocab, h) = (self.spec.vocab_size, self.spec.hidden_size);
-        match (&self.lm_head, &self.embed) {
-            (Some(Mat { m: GpuMatrix::Bf16(w), n, k, .. }), _) => self.kernels.gemv_bf16_presplit_argmax(w, xh, xl, y, *n, *k, &self.argmax_key),
-            (None, Embed::Bf16(t)) => self.kernels.gemv_bf16_presplit_argmax(t, xh, xl, y, vocab, h, &self.argmax_key),
-            _ => Err(Error::Backend("lm_head_split_argmax_into: the lm_head does not read a BF16 split".into())),
-        }
+        let (w, n, k) = self.lm_head_bf16().ok_or_else(|| Error::Backend("lm_head_split_argmax_into: the lm_head does not read a BF16 split".into()))?;
+        self.kernels.gemv_bf16_presplit_argmax(w, xh, xl, y, n, k, &self.argmax_key)
     }
 
     /// ids[0] = the id in the argmax keys the lm_head folded (`lm_head_split_argmax_into`), and

@@ -208,8 +208,8 @@ impl CudaModel {
         // The plan's MoE rows are decode rows (the norm ahead of a MoE writes the split its
         // kernel reads, which depends on it).
         let decode = ops.iter().any(|op| matches!(op, Op::Mlp { decode: true, .. }));
-        // The lm_head folded the argmax into the model's key (`lm_head_split_argmax_into`): the
-        // Argmax right after it unpacks it.
+        // The lm_head folded the argmax into the model's keys (`lm_head_split_argmax_into`): the
+        // Argmax right after it unpacks them.
         let mut argmax_folded = false;
         for (i, &op) in ops.iter().enumerate() {
             mark(&mut marks)?;
