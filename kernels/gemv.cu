@@ -792,8 +792,8 @@ __device__ __forceinline__ unsigned long long argmax_key(float v, int n) {
 // `slots` keys (amax[s * stride], a line each) by a 64-bit atomic max, so argmax_unpack alone
 // follows the lm_head (argmax_rows read the logits back from L2 and argmax_final merged its
 // slices: ~7 us at the end of a batch-1 step). The slots spread the ~38k atomics of Flash's
-// lm_head over as many L2 lines (all on one word, the lm_head ran up to ~30 us slower in some
-// processes).
+// lm_head over 64 L2 lines instead of one word (not measured apart: what made the kernel slow in
+// some processes was its schedule, see gemv_mma_bf16_t1_argmax).
 template <int NT, int R, bool FP8, bool READY = false, bool PIPE = false, int CW = 1, bool XSH = false, bool KEEP = false,
           bool ARGMAX = false>
 __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, const float* __restrict__ S,
