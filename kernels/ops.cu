@@ -1085,6 +1085,14 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, const flo
 // (pair_off = P), so a launch with grid.y = max_u needs no host round trip. One block.
 // Dynamic shared memory: 2 * E ints.
 
+// A graph step's id r also into the host slot *ids_host points at (fetch_staged), written
+// through: the host reads it once the step's event has completed.
+__device__ __forceinline__ void store_host_id(const unsigned long long* __restrict__ ids_host, int r, int id) {
+    if (ids_host == nullptr) return;
+    const unsigned long long h = *ids_host;
+    if (h != 0ull) __stwt(reinterpret_cast<int*>(h) + r, id);
+}
+
 // y[r] = argmax of logits row r (ties to the lower index), so greedy decoding brings back only
 // ids. Two stages: gridDim.y blocks per row each reduce a slice into part[r, blockIdx.y]
 // (one block per row took ~65 us over a vocabulary of 152k), then argmax_final.
@@ -1105,7 +1113,10 @@ extern "C" __global__ void argmax_rows(const float* __restrict__ logits, int V, 
 }
 
 // out[r] = the best of row r's `parts` partial results; all -inf/NaN: id 0, as the host does.
-extern "C" __global__ void argmax_final(const float* __restrict__ part_v, const int* __restrict__ part_i, int parts, int* __restrict__ out) { PDL_ENTER();
+// ids_host (null: none): a device word holding the host address a graph step's ids also go to
+// (fetch_staged writes it; 0: not this step).
+extern "C" __global__ void argmax_final(const float* __restrict__ part_v, const int* __restrict__ part_i, int parts, int* __restrict__ out,
+                                        const unsigned long long* __restrict__ ids_host) { PDL_ENTER();
     __shared__ float sv[32], best_v;
     __shared__ int si[32], best_i;
     float v = __int_as_float(0xff800000u);
@@ -1116,13 +1127,18 @@ extern "C" __global__ void argmax_final(const float* __restrict__ part_v, const 
         if (pv > v || (pv == v && pi < i)) { v = pv; i = pi; }
     }
     block_argmax(v, i, sv, si, &best_v, &best_i);
-    if (threadIdx.x == 0) out[blockIdx.x] = best_i == 0x7fffffff ? 0 : best_i;
+    if (threadIdx.x == 0) {
+        const int id = best_i == 0x7fffffff ? 0 : best_i;
+        out[blockIdx.x] = id;
+        store_host_id(ids_host, blockIdx.x, id);
+    }
 }
 
 // out[0] = the id in the largest of the argmax keys keys[s * stride], s < slots, into which
 // gemv_mma_bf16_t1_argmax folded the lm_head's rows (all 0: no finite or +inf logit, id 0 as
 // argmax_final gives); then every key is zeroed for the next call. One warp.
-extern "C" __global__ void argmax_unpack(unsigned long long* __restrict__ keys, int slots, int stride, int* __restrict__ out) { PDL_ENTER();
+extern "C" __global__ void argmax_unpack(unsigned long long* __restrict__ keys, int slots, int stride, int* __restrict__ out,
+                                         const unsigned long long* __restrict__ ids_host) { PDL_ENTER();
     unsigned long long k = 0ull;
     for (int s = threadIdx.x; s < slots; s += 32) {
         unsigned long long v = __ldcg(keys + (size_t)s * stride);
@@ -1134,7 +1150,50 @@ extern "C" __global__ void argmax_unpack(unsigned long long* __restrict__ keys, 
         unsigned long long v = __shfl_xor_sync(0xffffffffu, k, o);
         k = v > k ? v : k;
     }
-    if (threadIdx.x == 0) out[0] = k == 0ull ? 0 : (int)~(unsigned)k;
+    if (threadIdx.x == 0) {
+        const int id = k == 0ull ? 0 : (int)~(unsigned)k;
+        out[0] = id;
+        store_host_id(ids_host, 0, id);
+    }
+}
+
+// A graph step's row data, read from page-locked host memory inside the graph (copy-free steps,
+// crates/cuda/src/staged.rs): a copy between two graphs is a stream operation the GPU waits on
+// (~5-9 us of an overlapped batch-1 step, more of one taken alone); a read over PCIe by the
+// graph's first kernel is one round trip. The layout goes by value: array a is bytes[a] bytes
+// (a multiple of 4) at src + off[a] (16-byte aligned, the slot padded to 16), for dst[a].
+struct StagedLayout {
+    unsigned long long dst[8];
+    unsigned off[8];
+    unsigned bytes[8];
+    unsigned n;
+    unsigned ids_off;  // where in the slot the step's ids go (argmax_final, argmax_unpack)
+};
+
+// Copies the arrays of the slot at src to their places, one 16-byte chunk a thread (every load
+// issued before any waits on another: one round trip), and points *ids_host at the slot's ids.
+// Loads are .cv: the host rewrites a slot between two steps, so no cached line of it may be used.
+extern "C" __global__ void fetch_staged(const unsigned char* __restrict__ src, StagedLayout L, unsigned long long* __restrict__ ids_host) { PDL_ENTER();
+    const unsigned tid = blockIdx.x * blockDim.x + threadIdx.x, step = gridDim.x * blockDim.x;
+    if (tid == 0) *ids_host = reinterpret_cast<unsigned long long>(src + L.ids_off);
+    unsigned total = 0;
+    for (unsigned a = 0; a < L.n; a++) total += (L.bytes[a] + 15) / 16;
+    for (unsigned c = tid; c < total; c += step) {
+        unsigned a = 0, first = 0;
+        while ((L.bytes[a] + 15) / 16 + first <= c) first += (L.bytes[a++] + 15) / 16;
+        const unsigned at = (c - first) * 16;
+        const uint4 v = __ldcv(reinterpret_cast<const uint4*>(src + L.off[a] + at));
+        unsigned char* d = reinterpret_cast<unsigned char*>(L.dst[a]) + at;
+        const unsigned left = L.bytes[a] - at;
+        if (left >= 16) {
+            *reinterpret_cast<uint4*>(d) = v;
+        } else {
+            unsigned* w = reinterpret_cast<unsigned*>(d);
+            w[0] = v.x;
+            if (left > 4) w[1] = v.y;
+            if (left > 8) w[2] = v.z;
+        }
+    }
 }
 
 // The fused speculative step (crates/cuda/src/speculate.rs). Verify row s*nb + 1 + j takes

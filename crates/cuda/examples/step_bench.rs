@@ -61,7 +61,11 @@ struct Args {
     /// `set_step_tail_fused`), `argmax` (A the lm_head folding the argmax, B argmax_rows after
     /// it: `set_lm_head_argmax`) or `shift:BYTES` (A as is, B with its buffers placed BYTES
     /// further on: `shift_step_buffers`). Per batch, graphs of both, replayed `--steps` times each in
-    /// turn for `--ab-rounds` rounds.
+    /// turn for `--ab-rounds` rounds; `fetch`: A the copy-free graph, B the graph whose row data
+    /// is copied in (`set_copy_free_rows`; replays write no inputs, so B is the step without
+    /// `fetch_staged`). `rows` times the engine's steps instead (host-timed, as
+    /// the table above: overlapped, then one at a time), A copy-free, B copying the row data
+    /// and ids (`set_copy_free_rows`), in turn per round.
     #[arg(long)]
     ab: Vec<String>,
     #[arg(long, default_value_t = 15)]
@@ -129,6 +133,26 @@ const CONTEXT_CHUNK: usize = 64;
 /// Contexts up to this many tokens are prefilled whole; longer ones are random K/V but for
 /// their last chunk (`CudaModel::fill_kv_random`).
 const PREFILLED_CONTEXT: usize = 8192;
+
+/// As the engine decodes: each step started before the one ahead of it is collected, its tokens
+/// read on the GPU from that step's ids (Backend::enqueue_decode); the median gap in ms between
+/// consecutive collects over `steps` steps (after 3).
+fn overlapped_ms(model: &mut CudaModel, decode_batch: &dyn Fn(usize) -> Vec<SeqForward>, b: usize, steps: usize) -> f64 {
+    let chain: Vec<Option<usize>> = (0..b).map(Some).collect();
+    assert!(model.enqueue_decode(&decode_batch(0), &vec![None; b], None).unwrap(), "batch {b}: the decode step did not overlap");
+    let mut t = Vec::new();
+    let mut last = Instant::now();
+    for i in 1..steps + 4 {
+        assert!(model.enqueue_decode(&decode_batch(i), &chain, None).unwrap(), "batch {b}: a chained step did not start");
+        model.collect_decode().unwrap();
+        if i > 3 {
+            t.push(last.elapsed().as_secs_f64() * 1e3);
+        }
+        last = Instant::now();
+    }
+    model.collect_decode().unwrap();
+    median(t)
+}
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -364,22 +388,7 @@ fn main() {
         // As the engine decodes: each step started before the one ahead of it is collected, its
         // tokens read on the GPU from that step's ids (Backend::enqueue_decode); the median gap
         // between consecutive collects.
-        let overlapped_ms = {
-            let chain: Vec<Option<usize>> = (0..b).map(Some).collect();
-            assert!(model.enqueue_decode(&decode_batch(0), &vec![None; b], None).unwrap(), "batch {b}: the decode step did not overlap");
-            let mut t = Vec::new();
-            let mut last = Instant::now();
-            for i in 1..args.steps + 4 {
-                assert!(model.enqueue_decode(&decode_batch(i), &chain, None).unwrap(), "batch {b}: a chained step did not start");
-                model.collect_decode().unwrap();
-                if i > 3 {
-                    t.push(last.elapsed().as_secs_f64() * 1e3);
-                }
-                last = Instant::now();
-            }
-            model.collect_decode().unwrap();
-            median(t)
-        };
+        let overlapped_ms = overlapped_ms(&mut model, &decode_batch, b, args.steps);
         let f = floor(&spec, b, b, args.context);
         let floor_ms = f.bytes / copy_bw * 1e3;
         println!("| {b} | {eager_ms:.3} | {logits_ms:.3} | {sampled_ms:.3} | {lp_ms:.3} | {ids_ms:.3} | {overlapped_ms:.3} | {:.0} | {:.2} | {floor_ms:.3} | {:.2}x | {:.2}x |", b as f64 / (overlapped_ms / 1e3), f.bytes / 1e9, ids_ms / floor_ms, overlapped_ms / floor_ms);
@@ -414,10 +423,44 @@ fn main() {
         println!("\n| A/B | batch | A ms, median | B ms, median | B - A per round, median us | rounds B slower |");
         println!("|---|---|---|---|---|---|");
         for what in &args.ab {
+            if what == "rows" {
+                // The engine's steps, copy-free (A) or copying (B), in turn per round: overlapped,
+                // then one at a time (ids to the host).
+                for &b in batches {
+                    let decode_batch = |i: usize| -> Vec<SeqForward> { (0..b).map(|s| seqf(s, vec![tok(s, args.context + i)], args.context + i % 8, OutputRows::Last)).collect() };
+                    model.set_cuda_graphs(true);
+                    let (mut ov, mut one) = ((Vec::new(), Vec::new()), (Vec::new(), Vec::new()));
+                    for _ in 0..args.ab_rounds {
+                        for copy_free in [true, false] {
+                            model.set_copy_free_rows(copy_free);
+                            for i in 0..3 {
+                                drop(model.forward_argmax(&decode_batch(i)).unwrap());
+                            }
+                            let o = overlapped_ms(&mut model, &decode_batch, b, args.steps);
+                            let mut t = Vec::new();
+                            for i in 0..args.steps {
+                                let t0 = Instant::now();
+                                drop(model.forward_argmax(&decode_batch(i)).unwrap());
+                                t.push(t0.elapsed().as_secs_f64() * 1e3);
+                            }
+                            let (ov, one) = if copy_free { (&mut ov.0, &mut one.0) } else { (&mut ov.1, &mut one.1) };
+                            ov.push(o);
+                            one.push(median(t));
+                        }
+                    }
+                    model.set_copy_free_rows(true);
+                    for (name, (a, bb)) in [("rows (overlapped)", ov), ("rows (one at a time)", one)] {
+                        let diff: Vec<f64> = a.iter().zip(&bb).map(|(x, y)| (y - x) * 1e3).collect();
+                        let slower = diff.iter().filter(|&&d| d > 0.0).count();
+                        println!("| {name} | {b} | {:.4} | {:.4} | {:.1} | {slower} of {} |", median(a), median(bb), median(diff.clone()), diff.len());
+                    }
+                }
+                continue;
+            }
             let shift = match what.strip_prefix("shift:") {
                 Some(n) => Some(n.parse::<usize>().expect("--ab shift:BYTES")),
-                None if what == "tail" || what == "argmax" => None,
-                None => panic!("--ab takes tail, argmax or shift:BYTES, not {what}"),
+                None if what == "tail" || what == "argmax" || what == "fetch" => None,
+                None => panic!("--ab takes tail, argmax, fetch, rows or shift:BYTES, not {what}"),
             };
             for &b in batches {
                 let batch: Vec<SeqForward> = (0..b).map(|s| seqf(s, vec![tok(s, args.context)], args.context, OutputRows::Last)).collect();
@@ -425,6 +468,7 @@ fn main() {
                 let set = |m: &mut CudaModel, on: bool| match shift {
                     Some(n) => m.shift_step_buffers(if on { n } else { 0 }).expect("buffers shifted"),
                     None if what == "argmax" => m.set_lm_head_argmax(!on),
+                    None if what == "fetch" => m.set_copy_free_rows(!on),
                     None => m.set_step_tail_fused(!on),
                 };
                 let Some((a, bb)) = model.graph_ab_ms(&batch, args.steps, args.ab_rounds, set).expect("A/B replays") else { continue };

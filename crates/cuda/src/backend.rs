@@ -194,6 +194,7 @@ pub(crate) struct Ops {
     argmax_rows: CudaFunction,
     argmax_final: CudaFunction,
     argmax_unpack: CudaFunction,
+    pub(crate) fetch_staged: CudaFunction,
     attention_v2: CudaFunction,
     attention_v2_kv: CudaFunction,
     attention_v2_kv_ready: CudaFunction,
@@ -330,6 +331,10 @@ pub struct CudaModel {
     /// Whether a plan of every row's logits adds the last residual and norms it in one launch
     /// (`PEREGRINE_FINAL_NORM_FUSED=0` keeps the add and the norm apart, for comparison).
     pub(crate) final_norm_fused: bool,
+    /// Whether decode graphs read their row data from mapped host memory and write their ids
+    /// back there (crate::staged; `PEREGRINE_COPY_FREE_ROWS=0` copies each array before the
+    /// graph and the ids after it, for comparison).
+    pub(crate) copy_free_rows: bool,
     route_acc_copies: usize,
     route_acc_stride: usize,
     route_ssq: CudaSlice<f32>,
@@ -548,6 +553,7 @@ impl CudaModel {
             argmax_rows: f("argmax_rows")?,
             argmax_final: f("argmax_final")?,
             argmax_unpack: f("argmax_unpack")?,
+            fetch_staged: f("fetch_staged")?,
             attention_v2: f("attention_v2")?,
             attention_v2_kv: f("attention_v2_kv")?,
             attention_v2_kv_ready: f("attention_v2_kv_ready")?,
@@ -747,6 +753,7 @@ impl CudaModel {
             lm_head_argmax: std::env::var("PEREGRINE_LM_HEAD_ARGMAX").map_or(true, |v| v != "0"),
             placement_hold: None,
             final_norm_fused: std::env::var("PEREGRINE_FINAL_NORM_FUSED").map_or(true, |v| v != "0"),
+            copy_free_rows: std::env::var("PEREGRINE_COPY_FREE_ROWS").map_or(true, |v| v != "0"),
             route_acc_copies,
             route_acc_stride,
             route_ssq,
@@ -1582,12 +1589,14 @@ impl CudaModel {
     /// ids[r] = the argmax of logits row r (ties to the lower id; all -inf/NaN: 0) for `rows`
     /// rows of the vocabulary: partial maxima over slices of ~2048 by many blocks, then one
     /// small block per row.
-    pub(crate) fn argmax_into(&self, logits: &CudaSlice<f32>, rows: usize, ids: &mut CudaSlice<i32>) -> Result<()> {
-        self.argmax_rows_into(logits, rows, self.spec.vocab_size, ids)
+    pub(crate) fn argmax_into(&self, logits: &CudaSlice<f32>, rows: usize, ids: &mut CudaSlice<i32>, ids_host: Option<&CudaSlice<u64>>) -> Result<()> {
+        self.argmax_rows_into(logits, rows, self.spec.vocab_size, ids, ids_host)
     }
 
     /// `argmax_into` over rows of `v` logits.
-    pub(crate) fn argmax_rows_into(&self, logits: &CudaSlice<f32>, rows: usize, v: usize, ids: &mut CudaSlice<i32>) -> Result<()> {
+    /// `ids_host`: the ids also go to the host slot it points at (a copy-free graph step:
+    /// crate::staged).
+    pub(crate) fn argmax_rows_into(&self, logits: &CudaSlice<f32>, rows: usize, v: usize, ids: &mut CudaSlice<i32>, ids_host: Option<&CudaSlice<u64>>) -> Result<()> {
         let parts = v.div_ceil(2048).clamp(1, 128);
         let mut part_v = self.empty(rows * parts)?;
         // SAFETY: argmax_rows writes every (row, part) of both.
@@ -1597,7 +1606,7 @@ impl CudaModel {
         b.arg(logits).arg(&vi).arg(&mut part_v).arg(&mut part_i);
         unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, parts as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
         let mut b = crate::launch::builder(&self.stream, &self.ops.argmax_final);
-        b.arg(&part_v).arg(&part_i).arg(&pi).arg(ids);
+        b.arg(&part_v).arg(&part_i).arg(&pi).arg(ids).arg_or_null(ids_host);
         unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
         Ok(())
     }
@@ -1641,10 +1650,10 @@ impl CudaModel {
 
     /// ids[0] = the id in the argmax keys the lm_head folded (`lm_head_split_argmax_into`), and
     /// the keys zeroed for the next step.
-    pub(crate) fn argmax_unpack_into(&self, ids: &mut CudaSlice<i32>) -> Result<()> {
+    pub(crate) fn argmax_unpack_into(&self, ids: &mut CudaSlice<i32>, ids_host: Option<&CudaSlice<u64>>) -> Result<()> {
         let (slots, stride) = (crate::kernels::ARGMAX_KEY_SLOTS as i32, crate::kernels::ARGMAX_KEY_STRIDE as i32);
         let mut b = crate::launch::builder(&self.stream, &self.ops.argmax_unpack);
-        b.arg(&self.argmax_key).arg(&slots).arg(&stride).arg(ids);
+        b.arg(&self.argmax_key).arg(&slots).arg(&stride).arg(ids).arg_or_null(ids_host);
         unsafe { b.launch(LaunchConfig { grid_dim: (1, 1, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
         Ok(())
     }
@@ -1822,6 +1831,23 @@ impl CudaModel {
         self.final_norm_fused = on;
         self.lm_head_argmax = on;
         self.graphs.clear();
+    }
+
+    /// Sets whether decode graphs are copy-free (`copy_free_rows`, on by default), for
+    /// benchmarks and tests comparing the two. Captured step graphs are dropped.
+    pub fn set_copy_free_rows(&mut self, on: bool) {
+        self.copy_free_rows = on;
+        self.graphs.clear();
+    }
+
+    /// The row data of the slot at device address `src` (mapped host memory) copied into the
+    /// buffers `layout` names, and `ids_host` pointed at the slot's ids (`fetch_staged`): a
+    /// copy-free graph's first kernel.
+    pub(crate) fn fetch_staged(&self, src: u64, layout: &crate::staged::StagedLayout, ids_host: &CudaSlice<u64>) -> Result<()> {
+        let mut b = crate::launch::builder(&self.stream, &self.ops.fetch_staged);
+        b.arg(&src).arg_struct(layout).arg(ids_host);
+        unsafe { b.launch(LaunchConfig { grid_dim: (4, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
+        Ok(())
     }
 
     /// Sets whether a one-token lm_head folds the argmax (`lm_head_argmax`, on by default), for
@@ -2107,6 +2133,9 @@ pub(crate) struct RowMeta {
     /// Graphs: where the device address of the ids that a chained step's negative `tok` entries
     /// index is written (see `embed_rows`). Eager steps never chain.
     pub(crate) chain: Option<CudaSlice<u64>>,
+    /// Copy-free graphs: the slots in mapped host memory the graph's first kernel reads these
+    /// arrays from (crate::staged).
+    pub(crate) staged: Option<crate::staged::StagedRows>,
     pub(crate) max_blocks: usize,
     pub(crate) block_size: usize,
     /// A batch with prompt chunks: the rows attention takes in tiles (`attention_prefill`), and
@@ -2395,6 +2424,7 @@ impl CudaModel {
             full_tables: upload(st, &rows.full_tables)?,
             swa_tables: upload(st, &rows.swa_tables)?,
             chain: None,
+            staged: None,
             max_blocks: rows.max_blocks,
             block_size: self.kv_config.map_or(1, |c| c.block_size),
             prefill: match prefill_tiles(&rows.seq, &rows.pos) {
@@ -2435,9 +2465,15 @@ impl CudaModel {
         }
         let vocab = self.spec.vocab_size;
         if let Some(mut g) = self.graph_for(&rows)? {
-            let fetched = match out {
-                Out::Logits if k > 0 => g.fetch_logits(&self.stream, &rows.counts, vocab).map(|logits| Fetched { logits, ..Default::default() }),
-                _ => fetch(&self.kernels, &self.stream, out, &rows.counts, vocab, &mut g.logits, &g.ids),
+            // A copy-free graph wrote its ids into the host slot (crate::staged).
+            let slot_ids = match (&out, g.staged(), g.slot) {
+                (Out::Argmax, Some(s), Some(slot)) => Some(s.slots.ids(slot, k)),
+                _ => None,
+            };
+            let fetched = match (out, slot_ids) {
+                (_, Some(ids)) => ids.map(|ids| Fetched { ids, ..Default::default() }),
+                (Out::Logits, None) if k > 0 => g.fetch_logits(&self.stream, &rows.counts, vocab).map(|logits| Fetched { logits, ..Default::default() }),
+                (out, None) => fetch(&self.kernels, &self.stream, out, &rows.counts, vocab, &mut g.logits, &g.ids),
             };
             self.graphs.put_back(g);
             return Ok((fetched?, rows.counts));

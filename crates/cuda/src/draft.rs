@@ -297,7 +297,7 @@ impl CudaModel {
         self.gather_rows(&x, &m.want, &mut sel, k, h)?;
         let normed = self.rms_norm(&sel, &d.norm, k, h)?;
         self.lm_head_into(&normed, k, logits)?;
-        self.argmax_into(logits, k, ids)
+        self.argmax_into(logits, k, ids, None)
     }
 }
 

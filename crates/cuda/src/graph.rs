@@ -1,8 +1,8 @@
 //! CUDA graphs of the decode step. A batch whose every row wants logits (decode steps and
 //! speculative verify blocks) of at most 64 rows replays a graph captured once per (row bucket,
-//! block-table width): the step's inputs are copied into the graph's static buffers, padding
-//! rows point at a scratch KV block, and one launch replaces the step's few hundred kernel
-//! launches. Its buffers come from a pool of their own (crate::alloc), so the graph holds kernel
+//! block-table width): the step's inputs go into the graph's static buffers (read by its first
+//! kernel from mapped host memory: crate::staged), padding rows point at a scratch KV block, and
+//! one launch replaces the step's few hundred kernel launches. Its buffers come from a pool of their own (crate::alloc), so the graph holds kernel
 //! nodes only and every launch boundary keeps its programmatic edge. Prefill chunks and other
 //! shapes run eagerly.
 //! `PEREGRINE_CUDA_GRAPHS=0` turns graphs off.
@@ -72,12 +72,21 @@ pub(crate) struct StepGraph {
     /// pageable memory is several times slower.
     host: Option<PinnedHostSlice<f32>>,
     graph: Graph,
+    /// A copy-free graph's `fetch_staged` node (crate::staged), pointed at a slot per launch.
+    fetch: Option<crate::staged::FetchNode>,
+    /// The slot the last launch read its rows from and writes its ids to (copy-free graphs).
+    pub(crate) slot: Option<usize>,
 }
 
 impl StepGraph {
     /// The logits of the first `counts.iter().sum()` rows, through the pinned buffer, split per
     /// sequence straight from it (one host copy of the logits, not two: at batch 64 they are
     /// 39 MB).
+    /// The row-data slots of a copy-free graph (crate::staged).
+    pub(crate) fn staged(&self) -> Option<&crate::staged::StagedRows> {
+        self.meta.staged.as_ref()
+    }
+
     pub(crate) fn fetch_logits(&mut self, st: &std::sync::Arc<cudarc::driver::CudaStream>, counts: &[usize], vocab: usize) -> Result<Vec<Logits>> {
         let len = counts.iter().sum::<usize>() * vocab;
         if self.host.is_none() {
@@ -201,8 +210,21 @@ impl CudaModel {
                 }
             },
         };
-        self.write_row_meta(&mut g.meta, bucket, width, rows)?;
-        g.graph.0.launch().map_err(drv)?;
+        g.slot = None;
+        match (g.meta.staged.as_mut(), g.fetch.as_mut()) {
+            (Some(staged), Some(fetch)) => {
+                let a = self.row_arrays(bucket, width, rows)?;
+                let s = staged.write(&a.bytes())?;
+                fetch.point_at(&g.graph.0, staged.src(s))?;
+                g.graph.0.launch().map_err(drv)?;
+                staged.launched(s, &self.stream)?;
+                g.slot = Some(s);
+            }
+            _ => {
+                self.write_row_meta(&mut g.meta, bucket, width, rows)?;
+                g.graph.0.launch().map_err(drv)?;
+            }
+        }
         Ok(Some(g))
     }
 
@@ -303,21 +325,26 @@ impl CudaModel {
 
     fn capture_graph(&self, key: (usize, usize, bool)) -> Result<StepGraph> {
         let (rows, width, decode) = key;
-        let meta = self.alloc_row_meta(rows, width)?;
+        let meta = self.alloc_row_meta(rows, width, self.copy_free_rows)?;
         let mut logits = self.zeros(rows * self.spec.vocab_size)?;
         let mut ids = self.stream.alloc_zeros::<i32>(rows).map_err(drv)?;
         let graph = self.record(|| self.step_body(&meta, rows, None, decode, &mut logits, &mut ids))?;
-        tracing::debug!(rows, width, graphs = self.graphs.len() + 1, "captured a decode-step CUDA graph");
-        Ok(StepGraph { key, meta, logits, ids, host: None, graph })
+        let fetch = match &meta.staged {
+            Some(s) => Some(crate::staged::FetchNode::find(&graph.0, &self.ops.fetch_staged, s, &self.stream)?),
+            None => None,
+        };
+        tracing::debug!(rows, width, graphs = self.graphs.len() + 1, copy_free = fetch.is_some(), "captured a decode-step CUDA graph");
+        Ok(StepGraph { key, meta, logits, ids, host: None, graph, fetch, slot: None })
     }
 
-    /// Static per-row buffers for `rows` rows and block tables `width` wide.
-    pub(crate) fn alloc_row_meta(&self, rows: usize, width: usize) -> Result<RowMeta> {
+    /// Static per-row buffers for `rows` rows and block tables `width` wide; `staged`: with
+    /// slots in mapped host memory that a copy-free graph reads them from (crate::staged).
+    pub(crate) fn alloc_row_meta(&self, rows: usize, width: usize, staged: bool) -> Result<RowMeta> {
         let st = &self.stream;
         let bs = self.kv_config.map_or(1, |c| c.block_size);
         let z32 = |n: usize| st.alloc_zeros::<i32>(n).map_err(drv);
         let z64 = |n: usize| st.alloc_zeros::<i64>(n).map_err(drv);
-        Ok(RowMeta {
+        let mut m = RowMeta {
             tok: z32(rows)?,
             pos: z32(rows)?,
             seq: z32(rows)?,
@@ -326,20 +353,32 @@ impl CudaModel {
             full_tables: z32(rows * width)?,
             swa_tables: z32(rows * width)?,
             chain: Some(st.alloc_zeros::<u64>(1).map_err(drv)?),
+            staged: None,
             max_blocks: width,
             block_size: bs,
             prefill: None,
-        })
+        };
+        if staged {
+            use crate::staged::array;
+            let chain = m.chain.as_ref().ok_or_else(|| Error::Backend("row meta without its chain word".into()))?;
+            // The order of `RowArrays::bytes`.
+            let arrays = [array(&m.tok, st), array(&m.pos, st), array(&m.seq, st), array(&m.full_slots, st), array(&m.swa_slots, st), array(&m.full_tables, st), array(&m.swa_tables, st), array(chain, st)];
+            m.staged = Some(crate::staged::StagedRows::new(st, &arrays, rows)?);
+        }
+        Ok(m)
     }
 
-    /// The rows' inputs into a graph's static buffers (`bucket` rows, tables `width` wide);
-    /// padding rows read and write only the scratch block that `init_kv` reserves past the last
-    /// block of each pool.
-    pub(crate) fn write_row_meta(&self, m: &mut RowMeta, bucket: usize, width: usize, rows: &HostRows) -> Result<()> {
+    /// A graph step's row data as its static buffers take it (`bucket` rows, tables `width`
+    /// wide); padding rows read and write only the scratch block that `init_kv` reserves past
+    /// the last block of each pool.
+    fn row_arrays(&self, bucket: usize, width: usize, rows: &HostRows) -> Result<RowArrays> {
         let cfg = self.kv_config.ok_or_else(|| Error::Backend("forward before init_kv".into()))?;
         let bs = cfg.block_size as i64;
         let (scratch_full, scratch_swa) = (cfg.num_full_blocks as i32, cfg.num_swa_blocks as i32);
         let n = rows.toks.len();
+        if n > bucket || rows.max_blocks > width {
+            return Err(Error::Backend(format!("{n} rows of {} blocks for a graph of {bucket} rows of {width}", rows.max_blocks)));
+        }
         let pad = |v: &[i32], fill: i32| -> Vec<i32> { v.iter().copied().chain(std::iter::repeat(fill)).take(bucket).collect() };
         let pad64 = |v: &[i64], fill: i64| -> Vec<i64> { v.iter().copied().chain(std::iter::repeat(fill)).take(bucket).collect() };
         // One table per row (rows of a sequence share its table).
@@ -351,18 +390,63 @@ impl CudaModel {
             }
             t
         };
+        Ok(RowArrays {
+            tok: pad(&rows.toks, 0),
+            pos: pad(&rows.pos, 0),
+            seq: (0..bucket as i32).collect(),
+            full_slots: pad64(&rows.full_slots, scratch_full as i64 * bs),
+            swa_slots: pad64(&rows.swa_slots, scratch_swa as i64 * bs),
+            full_tables: tables(&rows.full_tables, scratch_full),
+            swa_tables: tables(&rows.swa_tables, scratch_swa),
+            chain: rows.chain,
+        })
+    }
+
+    /// The rows' inputs copied into a graph's static buffers (`bucket` rows, tables `width`
+    /// wide), one copy per array (graphs that are not copy-free).
+    pub(crate) fn write_row_meta(&self, m: &mut RowMeta, bucket: usize, width: usize, rows: &HostRows) -> Result<()> {
+        let a = self.row_arrays(bucket, width, rows)?;
         let st = &self.stream;
-        st.memcpy_htod(&pad(&rows.toks, 0), &mut m.tok).map_err(drv)?;
-        st.memcpy_htod(&pad(&rows.pos, 0), &mut m.pos).map_err(drv)?;
-        st.memcpy_htod(&(0..bucket as i32).collect::<Vec<_>>(), &mut m.seq).map_err(drv)?;
-        st.memcpy_htod(&pad64(&rows.full_slots, scratch_full as i64 * bs), &mut m.full_slots).map_err(drv)?;
-        st.memcpy_htod(&pad64(&rows.swa_slots, scratch_swa as i64 * bs), &mut m.swa_slots).map_err(drv)?;
-        st.memcpy_htod(&tables(&rows.full_tables, scratch_full), &mut m.full_tables).map_err(drv)?;
-        st.memcpy_htod(&tables(&rows.swa_tables, scratch_swa), &mut m.swa_tables).map_err(drv)?;
-        if let (Some(addr), Some(c)) = (rows.chain, m.chain.as_mut()) {
+        st.memcpy_htod(&a.tok, &mut m.tok).map_err(drv)?;
+        st.memcpy_htod(&a.pos, &mut m.pos).map_err(drv)?;
+        st.memcpy_htod(&a.seq, &mut m.seq).map_err(drv)?;
+        st.memcpy_htod(&a.full_slots, &mut m.full_slots).map_err(drv)?;
+        st.memcpy_htod(&a.swa_slots, &mut m.swa_slots).map_err(drv)?;
+        st.memcpy_htod(&a.full_tables, &mut m.full_tables).map_err(drv)?;
+        st.memcpy_htod(&a.swa_tables, &mut m.swa_tables).map_err(drv)?;
+        if let (Some(addr), Some(c)) = (a.chain, m.chain.as_mut()) {
             st.memcpy_htod(&[addr], c).map_err(drv)?;
         }
         Ok(())
+    }
+}
+
+/// A graph step's row data on the host, padded to its graph's buffers (`row_arrays`).
+struct RowArrays {
+    tok: Vec<i32>,
+    pos: Vec<i32>,
+    seq: Vec<i32>,
+    full_slots: Vec<i64>,
+    swa_slots: Vec<i64>,
+    full_tables: Vec<i32>,
+    swa_tables: Vec<i32>,
+    /// A chained step's ids address (crate::overlap).
+    chain: Option<u64>,
+}
+
+impl RowArrays {
+    /// The arrays' bytes in the order of `alloc_row_meta`'s staged layout (the chain address 0
+    /// when the step chains on none: only negative tokens read it).
+    fn bytes(&self) -> [&[u8]; 8] {
+        fn b<T>(v: &[T]) -> &[u8] {
+            // SAFETY: plain integers, read as the bytes they are.
+            unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+        }
+        let chain: &[u64] = match &self.chain {
+            Some(c) => std::slice::from_ref(c),
+            None => &[0],
+        };
+        [b(&self.tok), b(&self.pos), b(&self.seq), b(&self.full_slots), b(&self.swa_slots), b(&self.full_tables), b(&self.swa_tables), b(chain)]
     }
 }
 

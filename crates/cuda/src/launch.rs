@@ -73,10 +73,12 @@ pub(crate) struct Launch<'a> {
     stream: &'a CudaStream,
     f: &'a CudaFunction,
     words: Vec<u64>,
+    /// Where each argument starts in `words` (a struct passed by value spans several).
+    starts: Vec<usize>,
 }
 
 pub(crate) fn builder<'a>(stream: &'a CudaStream, f: &'a CudaFunction) -> Launch<'a> {
-    Launch { stream, f, words: Vec::with_capacity(16) }
+    Launch { stream, f, words: Vec::with_capacity(16), starts: Vec::with_capacity(16) }
 }
 
 thread_local! {
@@ -168,7 +170,20 @@ fn launches(f: &CudaFunction) -> usize {
 
 impl Launch<'_> {
     pub(crate) fn arg(&mut self, a: impl ArgRef) -> &mut Self {
+        self.starts.push(self.words.len());
         self.words.push(a.word(self.stream));
+        self
+    }
+
+    /// A plain-data struct passed by value (its C layout, at most 8-byte aligned).
+    pub(crate) fn arg_struct<T: Copy>(&mut self, v: &T) -> &mut Self {
+        const { assert!(std::mem::align_of::<T>() <= 8) };
+        let n = std::mem::size_of::<T>().div_ceil(8);
+        let at = self.words.len();
+        self.starts.push(at);
+        self.words.resize(at + n, 0);
+        // SAFETY: the words hold at least size_of::<T>() bytes, 8-byte aligned; T is Copy.
+        unsafe { std::ptr::copy_nonoverlapping(v as *const T as *const u8, self.words[at..].as_mut_ptr() as *mut u8, std::mem::size_of::<T>()) };
         self
     }
 
@@ -185,7 +200,8 @@ impl Launch<'_> {
     /// must outlive the kernel's execution.
     pub(crate) unsafe fn launch(&mut self, cfg: LaunchConfig) -> Result<(), DriverError> {
         self.stream.context().bind_to_thread()?;
-        let mut params: Vec<*mut c_void> = self.words.iter_mut().map(|w| w as *mut u64 as *mut c_void).collect();
+        let base = self.words.as_mut_ptr();
+        let mut params: Vec<*mut c_void> = self.starts.iter().map(|&i| base.add(i) as *mut c_void).collect();
         let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
         attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
         attr.value.programmaticStreamSerializationAllowed = 1;

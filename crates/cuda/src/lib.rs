@@ -16,6 +16,7 @@ pub mod device;
 mod draft;
 mod graph;
 mod speculate;
+mod staged;
 pub mod step;
 pub mod trace;
 pub mod kernels;

@@ -129,7 +129,7 @@ fn argmax_matches_the_host() {
         }
         let want: Vec<i32> = x.chunks(v).map(argmax_host).collect();
         let mut ids = st.clone_htod(&vec![-7i32; rows]).unwrap();
-        m.argmax_rows_into(&st.clone_htod(&x).unwrap(), rows, v, &mut ids).unwrap();
+        m.argmax_rows_into(&st.clone_htod(&x).unwrap(), rows, v, &mut ids, None).unwrap();
         assert_eq!(st.clone_dtoh(&ids).unwrap(), want, "argmax of {rows} rows of {v}");
         eprintln!("argmax of {rows} rows of {v}: as the host");
     }
@@ -179,19 +179,93 @@ fn lm_head_folding_the_argmax_equals_argmax_rows() {
         let mut y_ref = st.alloc_zeros::<f32>(n).unwrap();
         m.kernels.gemv_bf16_presplit(&wd, &xh, &xl, &mut y_ref, n, k, 1, None).unwrap();
         let mut id_ref = st.clone_htod(&[-7i32]).unwrap();
-        m.argmax_rows_into(&y_ref, 1, n, &mut id_ref).unwrap();
+        m.argmax_rows_into(&y_ref, 1, n, &mut id_ref, None).unwrap();
         let logits = st.clone_dtoh(&y_ref).unwrap();
         let id_ref = st.clone_dtoh(&id_ref).unwrap();
         assert_eq!(id_ref, [argmax_host(&logits)], "{n}x{k} case {case}: argmax_rows against the host");
         let mut y = st.clone_htod(&vec![f32::NAN; n]).unwrap();
         m.kernels.gemv_bf16_presplit_argmax(&wd, &xh, &xl, &mut y, n, k, &m.argmax_key).unwrap();
         let mut id = st.clone_htod(&[-7i32]).unwrap();
-        m.argmax_unpack_into(&mut id).unwrap();
+        m.argmax_unpack_into(&mut id, None).unwrap();
         assert_eq!(st.clone_dtoh(&y).unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>(), logits.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{n}x{k} case {case}: logits");
         assert_eq!(st.clone_dtoh(&id).unwrap(), id_ref, "{n}x{k} case {case}: id");
         assert!(st.clone_dtoh(&m.argmax_key).unwrap().iter().all(|&k| k == 0), "{n}x{k} case {case}: the keys zeroed");
         eprintln!("lm_head {n}x{k} case {case}: id {} as argmax_rows", id_ref[0]);
     }
+}
+
+/// A copy-free graph step's row data (crate::staged): what the host writes into a slot lands in
+/// each buffer when `fetch_staged` is pointed at that slot (4- and 8-byte values, lengths that
+/// are and are not whole 16-byte chunks, one array over many passes of the grid; the buffers
+/// poisoned before each fetch), another slot keeps its own rows, and the argmax kernels write
+/// the step's ids into the slot fetched last as well as on the device.
+#[test]
+fn copy_free_rows_land_in_their_buffers_and_ids_in_their_slot() {
+    use crate::staged::{array, StagedRows};
+    let Some(m) = model() else { return };
+    let mut r = rng();
+    let st = m.stream.clone();
+    let (na, nb, nc) = (5usize, 3usize, 40_000usize);
+    let (mut da, mut db, mut dc, mut dd) = (st.alloc_zeros::<i32>(na).unwrap(), st.alloc_zeros::<i64>(nb).unwrap(), st.alloc_zeros::<i32>(nc).unwrap(), st.alloc_zeros::<u64>(1).unwrap());
+    let mut staged = StagedRows::new(&st, &[array(&da, &st), array(&db, &st), array(&dc, &st), array(&dd, &st)], 3).unwrap();
+    let set = |r: &mut rand::rngs::StdRng| -> (Vec<i32>, Vec<i64>, Vec<i32>, u64) { ((0..na).map(|_| r.random()).collect(), (0..nb).map(|_| r.random()).collect(), (0..nc).map(|_| r.random()).collect(), r.random()) };
+    let raw = |s: &(Vec<i32>, Vec<i64>, Vec<i32>, u64)| -> Vec<Vec<u8>> {
+        // SAFETY: plain integers, read as their bytes.
+        let b = |p: *const u8, n: usize| unsafe { std::slice::from_raw_parts(p, n) }.to_vec();
+        vec![b(s.0.as_ptr() as _, 4 * na), b(s.1.as_ptr() as _, 8 * nb), b(s.2.as_ptr() as _, 4 * nc), b(&s.3 as *const u64 as _, 8)]
+    };
+    let (one, two) = (set(&mut r), set(&mut r));
+    let write = |staged: &mut StagedRows, s: &(Vec<i32>, Vec<i64>, Vec<i32>, u64)| {
+        let a = raw(s);
+        let slot = staged.write(&a.iter().map(Vec::as_slice).collect::<Vec<_>>()).unwrap();
+        staged.launched(slot, &st).unwrap();
+        slot
+    };
+    let (s1, s2) = (write(&mut staged, &one), write(&mut staged, &two));
+    assert_ne!(s1, s2, "two writes, two slots");
+    for (slot, want) in [(s2, &two), (s1, &one), (s2, &two)] {
+        st.memcpy_htod(&vec![-1i32; na], &mut da).unwrap();
+        st.memcpy_htod(&vec![-1i64; nb], &mut db).unwrap();
+        st.memcpy_htod(&vec![-1i32; nc], &mut dc).unwrap();
+        st.memcpy_htod(&[u64::MAX], &mut dd).unwrap();
+        m.fetch_staged(staged.src(slot), &staged.layout, &staged.ids_host).unwrap();
+        assert_eq!(st.clone_dtoh(&da).unwrap(), want.0, "slot {slot}: 4-byte values");
+        assert_eq!(st.clone_dtoh(&db).unwrap(), want.1, "slot {slot}: 8-byte values");
+        assert_eq!(st.clone_dtoh(&dc).unwrap(), want.2, "slot {slot}: the long array");
+        assert_eq!(st.clone_dtoh(&dd).unwrap(), [want.3], "slot {slot}: one word");
+    }
+    // The ids of the last fetched slot (s2): argmax_rows over 3 rows, and the folded one-row
+    // argmax's unpack.
+    let v = 5_000usize;
+    let x = randn(&mut r, 3 * v, 8.0);
+    let want: Vec<i32> = x.chunks(v).map(argmax_host).collect();
+    let mut ids = st.clone_htod(&[-7i32; 3]).unwrap();
+    m.argmax_rows_into(&st.clone_htod(&x).unwrap(), 3, v, &mut ids, Some(&staged.ids_host)).unwrap();
+    assert_eq!(st.clone_dtoh(&ids).unwrap(), want, "argmax on the device");
+    assert_eq!(staged.slots.ids(s2, 3).unwrap(), want, "argmax in the slot");
+    let (n, k) = (20_000usize, 256usize);
+    assert!(m.kernels.bf16_argmax_takes(1, n, k), "{n}x{k}: the one-tile GEMV");
+    let w: Vec<u16> = (0..n * k).map(|_| half::bf16::from_f32(r.random::<f32>() * 2.0 - 1.0).to_bits()).collect();
+    let (xh, xl, _) = m.kernels.split_bf16(&st.clone_htod(&randn(&mut r, k, 1.0)).unwrap(), k).unwrap();
+    let mut y = st.alloc_zeros::<f32>(n).unwrap();
+    m.kernels.gemv_bf16_presplit_argmax(&st.clone_htod(&w).unwrap(), &xh, &xl, &mut y, n, k, &m.argmax_key).unwrap();
+    let mut id = st.clone_htod(&[-7i32]).unwrap();
+    m.argmax_unpack_into(&mut id, Some(&staged.ids_host)).unwrap();
+    let id = st.clone_dtoh(&id).unwrap();
+    assert_eq!(id, [argmax_host(&st.clone_dtoh(&y).unwrap())], "the folded argmax");
+    assert_eq!(staged.slots.ids(s2, 1).unwrap(), id, "the folded argmax in the slot");
+    // Every slot held: a write is refused, nothing written.
+    let held: Vec<_> = (0..crate::staged::SLOTS).map(|s| staged.hold(s, 1).unwrap()).collect();
+    assert!(staged.write(&raw(&one).iter().map(Vec::as_slice).collect::<Vec<_>>()).is_err(), "a write with every slot held");
+    held[0].release(0);
+    assert_eq!(staged.write(&raw(&one).iter().map(Vec::as_slice).collect::<Vec<_>>()).unwrap(), 0, "the released slot");
+    // Too many bytes for an array, or too few arrays: refused.
+    let mut big = raw(&one);
+    big[0].extend_from_slice(&[0; 4]);
+    held[0].release(1);
+    assert!(staged.write(&big.iter().map(Vec::as_slice).collect::<Vec<_>>()).is_err());
+    assert!(staged.write(&raw(&one)[..3].iter().map(Vec::as_slice).collect::<Vec<_>>()).is_err());
+    eprintln!("copy-free rows: {} slots, every array as written, ids in the slot", crate::staged::SLOTS);
 }
 
 #[test]

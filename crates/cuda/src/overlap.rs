@@ -17,8 +17,13 @@
 //!
 //! Only decode steps whose graph is captured already overlap (a capture runs the step); any
 //! other call makes the ids of the last enqueued step unreachable for chaining.
+//!
+//! A greedy step of a copy-free graph (crate::staged) needs no copy at all: its argmax kernel
+//! writes the ids into the host slot the step's rows came from, which stays held until the
+//! step is collected.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use cudarc::driver::{CudaEvent, CudaSlice, DevicePtr, PinnedHostSlice};
 use cudarc::driver::sys::CUevent_flags;
@@ -26,6 +31,7 @@ use peregrine_core::backend::{LogitAdjust, OutputRows, RowSampling, SeqForward};
 use peregrine_core::{Error, Result};
 
 use crate::backend::{drv, CudaModel};
+use crate::staged::HostSlots;
 
 /// Page-locked id buffers kept for reuse (one per batch size met recently).
 const SPARE_BUFFERS: usize = 8;
@@ -37,9 +43,17 @@ struct IdBuffer {
     copied: CudaEvent,
 }
 
-/// A started step: its ids on their way to `buf`.
+/// Where a started step's ids arrive on the host.
+enum IdsAt {
+    /// Copied into a page-locked buffer after the step.
+    Copy(IdBuffer),
+    /// Written by the graph into this slot of a copy-free graph's (held until collected).
+    Slot(Arc<HostSlots>, usize),
+}
+
+/// A started step: its ids on their way to the host.
 struct InFlight {
-    buf: IdBuffer,
+    ids: IdsAt,
     rows: usize,
 }
 
@@ -104,7 +118,11 @@ impl CudaModel {
             return Err(Error::Backend("a captured decode graph went missing".into()));
         };
         let vocab = self.spec.vocab_size;
-        let launched = (|| -> Result<(u64, Option<CudaSlice<i32>>, IdBuffer)> {
+        let launched = (|| -> Result<(u64, Option<CudaSlice<i32>>, IdsAt)> {
+            if let (None, Some(staged), Some(slot)) = (sampling, g.staged(), g.slot) {
+                // The argmax wrote them into the slot (crate::staged).
+                return Ok((g.ids.device_ptr(&st).0, None, IdsAt::Slot(staged.hold(slot, n)?, slot)));
+            }
             let sampled = match sampling {
                 Some((p, adj)) => Some(self.kernels.sample_rows_adjusted(&mut g.logits, vocab, p, adj)?),
                 None => None,
@@ -123,24 +141,33 @@ impl CudaModel {
             };
             st.memcpy_dtoh(&ids.slice(..n), &mut buf.host).map_err(drv)?;
             buf.copied.record(&st).map_err(drv)?;
-            Ok((addr, sampled, buf))
+            Ok((addr, sampled, IdsAt::Copy(buf)))
         })();
         self.graphs.put_back(g);
-        let (addr, sampled, buf) = launched?;
-        self.graphs.overlap.in_flight.push_back(InFlight { buf, rows: n });
+        let (addr, sampled, ids) = launched?;
+        self.graphs.overlap.in_flight.push_back(InFlight { ids, rows: n });
         self.graphs.overlap.last_ids = Some(LastIds { addr, rows: n, _sampled: sampled });
         Ok(true)
     }
 
     pub(crate) fn collect_decode_step(&mut self) -> Result<Vec<u32>> {
         let step = self.graphs.overlap.in_flight.pop_front().ok_or_else(|| Error::Backend("no decode step is in flight".into()))?;
-        step.buf.copied.synchronize().map_err(drv)?;
-        let ids = step.buf.host.as_slice().map_err(drv)?[..step.rows].iter().map(|&t| t as u32).collect();
-        let spare = &mut self.graphs.overlap.spare;
-        if spare.len() >= SPARE_BUFFERS {
-            spare.remove(0);
+        match step.ids {
+            IdsAt::Slot(slots, s) => {
+                let ids = slots.ids(s, step.rows).map(|v| v.into_iter().map(|t| t as u32).collect());
+                slots.release(s);
+                ids
+            }
+            IdsAt::Copy(buf) => {
+                buf.copied.synchronize().map_err(drv)?;
+                let ids = buf.host.as_slice().map_err(drv)?[..step.rows].iter().map(|&t| t as u32).collect();
+                let spare = &mut self.graphs.overlap.spare;
+                if spare.len() >= SPARE_BUFFERS {
+                    spare.remove(0);
+                }
+                spare.push(buf);
+                Ok(ids)
+            }
         }
-        spare.push(step.buf);
-        Ok(ids)
     }
 }

@@ -96,7 +96,7 @@ impl CudaModel {
         let z = |len: usize| st.alloc_zeros::<i32>(len.max(1)).map_err(drv);
         let mut step = SpecStep {
             draft: self.alloc_draft_meta(seqs, nb, width)?,
-            verify: self.alloc_row_meta(n, width)?,
+            verify: self.alloc_row_meta(n, width, false)?,
             draft_logits: self.zeros(k * vocab)?,
             drafts: z(k)?,
             logits: self.zeros(n * vocab)?,

@@ -211,6 +211,12 @@ impl CudaModel {
         // The lm_head folded the argmax into the model's keys (`lm_head_split_argmax_into`): the
         // Argmax right after it unpacks them.
         let mut argmax_folded = false;
+        // A copy-free graph's first kernel brings its row data from the slot it is pointed at
+        // (crate::staged; slot 0 until then), and its argmax writes the ids back there.
+        let ids_host = meta.staged.as_ref().map(|s| &s.ids_host);
+        if let Some(s) = &meta.staged {
+            self.fetch_staged(s.src(0), &s.layout, &s.ids_host)?;
+        }
         for (i, &op) in ops.iter().enumerate() {
             mark(&mut marks)?;
             // The `drain_after_mlp_op`-th op after an MLP (the next) starts on drained SMs at
@@ -386,9 +392,9 @@ impl CudaModel {
                 }
                 Op::Argmax { .. } if argmax_folded => {
                     argmax_folded = false;
-                    self.argmax_unpack_into(ids)?;
+                    self.argmax_unpack_into(ids, ids_host)?;
                 }
-                Op::Argmax { rows } => self.argmax_into(logits, rows, ids)?,
+                Op::Argmax { rows } => self.argmax_into(logits, rows, ids, ids_host)?,
             }
         }
         if norm_left.is_some() {

@@ -198,7 +198,9 @@ fn too_little_gpu_memory_is_an_error_with_the_numbers() {
 /// Overlapped decode steps (`enqueue_decode` / `collect_decode`), each started before the one
 /// ahead of it is collected and fed that step's ids on the GPU, give the tokens of plain steps:
 /// greedy and sampled, with each chained batch in another row order than the step ahead of it,
-/// a sequence leaving half way, and a last step chained on one already collected.
+/// a sequence leaving half way, and a last step chained on one already collected. The reference
+/// runs graphs that copy their row data in and their ids out; the plain and the overlapped run
+/// graphs that read and write them in mapped host memory (copy-free, the default).
 #[test]
 fn overlapped_decode_steps_give_the_tokens_of_plain_steps() {
     use peregrine_core::backend::RowSampling;
@@ -226,8 +228,9 @@ fn overlapped_decode_steps_give_the_tokens_of_plain_steps() {
         rows.iter().map(|&s| RowSampling { temperature: 0.8, top_k: 40, top_p: 0.95, min_p: 0.0, u: ((s * 31 + i * 17) % 97) as f64 / 97.0, adj_start: 0, adj_len: 0 }).collect()
     };
     for sampled in [false, true] {
-        let run = |overlap: bool| -> Vec<Vec<u32>> {
+        let run = |overlap: bool, copy_free: bool| -> Vec<Vec<u32>> {
             let mut m = CudaModel::synthetic(probe(0).unwrap(), &spec, 7).unwrap();
+            m.set_copy_free_rows(copy_free);
             m.init_kv(KvConfig { block_size: bs, num_full_blocks: 8 * seqs, num_swa_blocks: 8 * seqs }).unwrap();
             // Token 0 of each sequence: its prompt's argmax.
             let mut out: Vec<Vec<u32>> = (0..seqs)
@@ -298,8 +301,9 @@ fn overlapped_decode_steps_give_the_tokens_of_plain_steps() {
             collect(&mut m, rows, &mut out);
             out
         };
-        let (plain, overlapped) = (run(false), run(true));
+        let (plain, plain_copy_free, overlapped) = (run(false, false), run(false, true), run(true, true));
         assert_eq!(plain.iter().map(Vec::len).collect::<Vec<_>>(), vec![steps + 2, steps + 2, 11]);
+        assert_eq!(plain_copy_free, plain, "copy-free plain steps, sampled: {sampled}");
         assert_eq!(overlapped, plain, "sampled: {sampled}");
         eprintln!("overlapped decode steps (sampled: {sampled}): {} tokens as plain steps gave them", plain.iter().map(Vec::len).sum::<usize>());
     }
