@@ -722,6 +722,91 @@ extern "C" __global__ void rms_norm_split(const float* __restrict__ x, const flo
     add_rms_norm_f16_split<RowsAddend, false>(const_cast<float*>(x), RowsAddend{nullptr}, w, y, yh, yl, yinv, D, eps);  // x is only read
 }
 
+// A graph step's row data, read from page-locked host memory inside the graph (copy-free steps,
+// crates/cuda/src/staged.rs): a copy between two graphs is a stream operation the GPU waits on
+// (~10 us of an overlapped batch-1 step, more of one taken alone); a read over PCIe by the
+// graph's first kernel is one round trip. The layout goes by value: array a is bytes[a] bytes
+// (a multiple of 4) at src + off[a] (16-byte aligned, the slot padded to 16), for dst[a].
+struct StagedLayout {
+    unsigned long long dst[8];
+    unsigned off[8];
+    unsigned bytes[8];
+    unsigned n;
+    unsigned ids_off;  // where in the slot the step's ids go (argmax_final, argmax_unpack)
+};
+
+// Copies the arrays of the slot at src to their places, one 16-byte chunk a thread of the grid
+// (every load issued before any waits on another: one round trip), and points *ids_host at the
+// slot's ids. Loads are .cv: the host rewrites a slot between two steps, so no cached line of it
+// may be used.
+__device__ __forceinline__ void fetch_staged_rows(const unsigned char* __restrict__ src, const StagedLayout& L, unsigned long long* __restrict__ ids_host) {
+    const unsigned tid = blockIdx.x * blockDim.x + threadIdx.x, step = gridDim.x * blockDim.x;
+    if (tid == 0) *ids_host = reinterpret_cast<unsigned long long>(src + L.ids_off);
+    unsigned total = 0;
+    for (unsigned a = 0; a < L.n; a++) total += (L.bytes[a] + 15) / 16;
+    for (unsigned c = tid; c < total; c += step) {
+        unsigned a = 0, first = 0;
+        while ((L.bytes[a] + 15) / 16 + first <= c) first += (L.bytes[a++] + 15) / 16;
+        const unsigned at = (c - first) * 16;
+        const uint4 v = __ldcv(reinterpret_cast<const uint4*>(src + L.off[a] + at));
+        unsigned char* d = reinterpret_cast<unsigned char*>(L.dst[a]) + at;
+        const unsigned left = L.bytes[a] - at;
+        if (left >= 16) {
+            *reinterpret_cast<uint4*>(d) = v;
+        } else {
+            unsigned* w = reinterpret_cast<unsigned*>(d);
+            w[0] = v.x;
+            if (left > 4) w[1] = v.y;
+            if (left > 8) w[2] = v.z;
+        }
+    }
+}
+
+extern "C" __global__ void fetch_staged(const unsigned char* __restrict__ src, StagedLayout L, unsigned long long* __restrict__ ids_host) { PDL_ENTER();
+    fetch_staged_rows(src, L, ids_host);
+}
+
+// What the embedding puts in row r in place of the residual (norm_row_regs' "addend", which
+// here replaces x rather than adding to it: x is written, never read): token t's row of an f32
+// or BF16 table, as embed / embed_bf16 write it.
+template <class T>
+struct EmbedRow {
+    const T* __restrict__ table;
+    size_t t;
+    __device__ __forceinline__ float4 add4(size_t, int c, int D, float4) const {
+        if constexpr (sizeof(T) == 4) {
+            return reinterpret_cast<const float4*>(table + t * D)[c];
+        } else {
+            const uint2 u = reinterpret_cast<const uint2*>(table + t * D)[c];
+            return make_float4(__uint_as_float(u.x << 16), __uint_as_float(u.x & 0xffff0000u), __uint_as_float(u.y << 16), __uint_as_float(u.y & 0xffff0000u));
+        }
+    }
+};
+
+// The embedding and the first layer's input norm with its F16 split in one launch, one block a
+// row: x[r] = table[token r], then the bits of rms_norm_split over it (embed, then
+// rms_norm_split, one launch and one round trip fewer at the head of every decode step).
+template <class T>
+__device__ __forceinline__ void embed_norm_split(const T* __restrict__ table, const int* __restrict__ tok, const unsigned long long* __restrict__ chain,
+                                                 float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y,
+                                                 unsigned short* __restrict__ yh, unsigned short* __restrict__ yl, float* __restrict__ yinv, int D, float eps) {
+    const size_t t = row_token(tok, chain, blockIdx.x);
+    add_rms_norm_f16_split<EmbedRow<T>, true>(x, EmbedRow<T>{table, t}, w, y, yh, yl, yinv, D, eps);
+}
+
+extern "C" __global__ void embed_rms_norm_split(const float* __restrict__ table, const int* __restrict__ tok, const unsigned long long* __restrict__ chain,
+                                                float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, unsigned short* __restrict__ yh,
+                                                unsigned short* __restrict__ yl, float* __restrict__ yinv, int D, float eps) { PDL_ENTER();
+    embed_norm_split(table, tok, chain, x, w, y, yh, yl, yinv, D, eps);
+}
+
+extern "C" __global__ void embed_rms_norm_split_bf16(const unsigned short* __restrict__ table, const int* __restrict__ tok,
+                                                     const unsigned long long* __restrict__ chain, float* __restrict__ x, const float* __restrict__ w,
+                                                     float* __restrict__ y, unsigned short* __restrict__ yh, unsigned short* __restrict__ yl,
+                                                     float* __restrict__ yinv, int D, float eps) { PDL_ENTER();
+    embed_norm_split(table, tok, chain, x, w, y, yh, yl, yinv, D, eps);
+}
+
 extern "C" __global__ void add_rms_norm_split(float* __restrict__ x, const float* __restrict__ a, const float* __restrict__ w,
                                               float* __restrict__ y, unsigned short* __restrict__ yh, unsigned short* __restrict__ yl,
                                               float* __restrict__ yinv, int D, float eps) { PDL_ENTER();
@@ -1157,44 +1242,6 @@ extern "C" __global__ void argmax_unpack(unsigned long long* __restrict__ keys, 
     }
 }
 
-// A graph step's row data, read from page-locked host memory inside the graph (copy-free steps,
-// crates/cuda/src/staged.rs): a copy between two graphs is a stream operation the GPU waits on
-// (~5-9 us of an overlapped batch-1 step, more of one taken alone); a read over PCIe by the
-// graph's first kernel is one round trip. The layout goes by value: array a is bytes[a] bytes
-// (a multiple of 4) at src + off[a] (16-byte aligned, the slot padded to 16), for dst[a].
-struct StagedLayout {
-    unsigned long long dst[8];
-    unsigned off[8];
-    unsigned bytes[8];
-    unsigned n;
-    unsigned ids_off;  // where in the slot the step's ids go (argmax_final, argmax_unpack)
-};
-
-// Copies the arrays of the slot at src to their places, one 16-byte chunk a thread (every load
-// issued before any waits on another: one round trip), and points *ids_host at the slot's ids.
-// Loads are .cv: the host rewrites a slot between two steps, so no cached line of it may be used.
-extern "C" __global__ void fetch_staged(const unsigned char* __restrict__ src, StagedLayout L, unsigned long long* __restrict__ ids_host) { PDL_ENTER();
-    const unsigned tid = blockIdx.x * blockDim.x + threadIdx.x, step = gridDim.x * blockDim.x;
-    if (tid == 0) *ids_host = reinterpret_cast<unsigned long long>(src + L.ids_off);
-    unsigned total = 0;
-    for (unsigned a = 0; a < L.n; a++) total += (L.bytes[a] + 15) / 16;
-    for (unsigned c = tid; c < total; c += step) {
-        unsigned a = 0, first = 0;
-        while ((L.bytes[a] + 15) / 16 + first <= c) first += (L.bytes[a++] + 15) / 16;
-        const unsigned at = (c - first) * 16;
-        const uint4 v = __ldcv(reinterpret_cast<const uint4*>(src + L.off[a] + at));
-        unsigned char* d = reinterpret_cast<unsigned char*>(L.dst[a]) + at;
-        const unsigned left = L.bytes[a] - at;
-        if (left >= 16) {
-            *reinterpret_cast<uint4*>(d) = v;
-        } else {
-            unsigned* w = reinterpret_cast<unsigned*>(d);
-            w[0] = v.x;
-            if (left > 4) w[1] = v.y;
-            if (left > 8) w[2] = v.z;
-        }
-    }
-}
 
 // The fused speculative step (crates/cuda/src/speculate.rs). Verify row s*nb + 1 + j takes
 // draft j of sequence s (drafts are [seqs, nb - 1], rows [seqs, nb]).

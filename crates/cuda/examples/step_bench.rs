@@ -63,7 +63,8 @@ struct Args {
     /// further on: `shift_step_buffers`). Per batch, graphs of both, replayed `--steps` times each in
     /// turn for `--ab-rounds` rounds; `fetch`: A the copy-free graph, B the graph whose row data
     /// is copied in (`set_copy_free_rows`; replays write no inputs, so B is the step without
-    /// `fetch_staged`). `rows` times the engine's steps instead (host-timed, as
+    /// `fetch_staged`); `embed`: A the embedding and first norm in one launch, B in two
+    /// (`set_embed_norm_fused`). `rows` times the engine's steps instead (host-timed, as
     /// the table above: overlapped, then one at a time), A copy-free, B copying the row data
     /// and ids (`set_copy_free_rows`), in turn per round.
     #[arg(long)]
@@ -459,8 +460,8 @@ fn main() {
             }
             let shift = match what.strip_prefix("shift:") {
                 Some(n) => Some(n.parse::<usize>().expect("--ab shift:BYTES")),
-                None if what == "tail" || what == "argmax" || what == "fetch" => None,
-                None => panic!("--ab takes tail, argmax, fetch, rows or shift:BYTES, not {what}"),
+                None if ["tail", "argmax", "fetch", "embed"].contains(&what.as_str()) => None,
+                None => panic!("--ab takes tail, argmax, fetch, embed, rows or shift:BYTES, not {what}"),
             };
             for &b in batches {
                 let batch: Vec<SeqForward> = (0..b).map(|s| seqf(s, vec![tok(s, args.context)], args.context, OutputRows::Last)).collect();
@@ -469,6 +470,7 @@ fn main() {
                     Some(n) => m.shift_step_buffers(if on { n } else { 0 }).expect("buffers shifted"),
                     None if what == "argmax" => m.set_lm_head_argmax(!on),
                     None if what == "fetch" => m.set_copy_free_rows(!on),
+                    None if what == "embed" => m.set_embed_norm_fused(!on),
                     None => m.set_step_tail_fused(!on),
                 };
                 let Some((a, bb)) = model.graph_ab_ms(&batch, args.steps, args.ab_rounds, set).expect("A/B replays") else { continue };
@@ -525,7 +527,7 @@ fn main() {
                 Op::LmHead { .. } => add("lm_head and argmax", ms, spec.vocab_size as f64 * spec.hidden_size as f64 * 2.0),
                 Op::Argmax { .. } | Op::GatherRows { .. } => add("lm_head and argmax", ms, 0.0),
                 Op::CaptureFeatures { .. } | Op::DraftContext { .. } => add("drafter context (features, fc, K/V)", ms, 0.0),
-                Op::Embed { .. } => add("embedding", ms, 0.0),
+                Op::Embed { .. } | Op::EmbedNorm { .. } => add("embedding", ms, 0.0),
             }
         }
         let total: f64 = kinds.iter().map(|k| k.1).sum();

@@ -183,6 +183,8 @@ pub(crate) struct Ops {
     add_rms_norm: CudaFunction,
     add_rms_norm_split: CudaFunction,
     rms_norm_split: CudaFunction,
+    embed_rms_norm_split: CudaFunction,
+    embed_rms_norm_split_bf16: CudaFunction,
     add_rms_norm_moe_split: CudaFunction,
     add_rms_norm_pairs: CudaFunction,
     add_rms_norm_split_pairs: CudaFunction,
@@ -335,6 +337,9 @@ pub struct CudaModel {
     /// back there (crate::staged; `PEREGRINE_COPY_FREE_ROWS=0` copies each array before the
     /// graph and the ids after it, for comparison).
     pub(crate) copy_free_rows: bool,
+    /// Whether a plan starts with the embedding and the first input norm as one operation
+    /// (`Op::EmbedNorm`; `PEREGRINE_EMBED_NORM_FUSED=0` keeps them two, for comparison).
+    pub(crate) embed_norm_fused: bool,
     route_acc_copies: usize,
     route_acc_stride: usize,
     route_ssq: CudaSlice<f32>,
@@ -537,6 +542,8 @@ impl CudaModel {
             add_rms_norm: f("add_rms_norm")?,
             add_rms_norm_split: f("add_rms_norm_split")?,
             rms_norm_split: f("rms_norm_split")?,
+            embed_rms_norm_split: f("embed_rms_norm_split")?,
+            embed_rms_norm_split_bf16: f("embed_rms_norm_split_bf16")?,
             add_rms_norm_moe_split: f("add_rms_norm_moe_split")?,
             add_rms_norm_pairs: f("add_rms_norm_pairs")?,
             add_rms_norm_split_pairs: f("add_rms_norm_split_pairs")?,
@@ -754,6 +761,7 @@ impl CudaModel {
             placement_hold: None,
             final_norm_fused: std::env::var("PEREGRINE_FINAL_NORM_FUSED").map_or(true, |v| v != "0"),
             copy_free_rows: std::env::var("PEREGRINE_COPY_FREE_ROWS").map_or(true, |v| v != "0"),
+            embed_norm_fused: std::env::var("PEREGRINE_EMBED_NORM_FUSED").map_or(true, |v| v != "0"),
             route_acc_copies,
             route_acc_stride,
             route_ssq,
@@ -1497,6 +1505,31 @@ impl CudaModel {
         Ok((y, (yh, yl, yinv)))
     }
 
+    /// The embeddings of `n` rows' tokens (as `embed_rows`) and their RMSNorm by `w` with its F16
+    /// split (as `rms_norm_split` over them) in one launch: (x, y, split). Rows the norm keeps
+    /// in registers only (`wants_f16_split`).
+    pub(crate) fn embed_rms_norm_split(&self, tok: &CudaSlice<i32>, chain: Option<&CudaSlice<u64>>, w: &CudaSlice<f32>, n: usize) -> Result<(CudaSlice<f32>, CudaSlice<f32>, F16Split)> {
+        let d = self.spec.hidden_size;
+        if !(d.is_multiple_of(4) && d <= 4 * 4 * norm_cfg(1, d).block_dim.0 as usize) || w.len() < d || tok.len() < n {
+            return Err(Error::Backend(format!("embed_rms_norm_split: {n} rows of {d} is not a shape it takes (or tok / w are short)")));
+        }
+        let mut x = self.empty(n * d)?;
+        let mut y = self.empty(n * d)?;
+        let (mut yh, mut yl, mut yinv) = self.split_outputs(n, d)?;
+        let (dd, eps) = (d as i32, self.spec.rms_norm_eps);
+        let mut b = crate::launch::builder(&self.stream, match &self.embed {
+            Embed::F32(_) => &self.ops.embed_rms_norm_split,
+            Embed::Bf16(_) => &self.ops.embed_rms_norm_split_bf16,
+        });
+        match &self.embed {
+            Embed::F32(t) => b.arg(t),
+            Embed::Bf16(t) => b.arg(t),
+        };
+        b.arg(tok).arg_or_null(chain).arg(&mut x).arg(w).arg(&mut y).arg(&mut yh).arg(&mut yl).arg(&mut yinv).arg(&dd).arg(&eps);
+        unsafe { b.launch(norm_cfg(n, d)) }.map_err(drv)?;
+        Ok((x, y, (yh, yl, yinv)))
+    }
+
     /// `add_rms_norm` (`split`: `add_rms_norm_split`) adding the routed MoE's output from its
     /// pairs: the same bits as combining them first.
     pub(crate) fn add_rms_norm_pairs(&self, x: &mut CudaSlice<f32>, pairs: &MoePairs, w: &CudaSlice<f32>, rows: usize, d: usize, split: bool) -> Result<(CudaSlice<f32>, Option<F16Split>)> {
@@ -1833,6 +1866,13 @@ impl CudaModel {
         self.graphs.clear();
     }
 
+    /// Sets whether a plan starts with `Op::EmbedNorm` (`embed_norm_fused`, on by default), for
+    /// benchmarks and tests comparing the two. Captured step graphs are dropped.
+    pub fn set_embed_norm_fused(&mut self, on: bool) {
+        self.embed_norm_fused = on;
+        self.graphs.clear();
+    }
+
     /// Sets whether decode graphs are copy-free (`copy_free_rows`, on by default), for
     /// benchmarks and tests comparing the two. Captured step graphs are dropped.
     pub fn set_copy_free_rows(&mut self, on: bool) {
@@ -1840,12 +1880,13 @@ impl CudaModel {
         self.graphs.clear();
     }
 
-    /// The row data of the slot at device address `src` (mapped host memory) copied into the
-    /// buffers `layout` names, and `ids_host` pointed at the slot's ids (`fetch_staged`): a
-    /// copy-free graph's first kernel.
-    pub(crate) fn fetch_staged(&self, src: u64, layout: &crate::staged::StagedLayout, ids_host: &CudaSlice<u64>) -> Result<()> {
+    /// The row data of slot `slot` of `s` (mapped host memory; a graph's node is pointed at each
+    /// launch's own slot later) copied into the buffers its layout names, and its ids word
+    /// pointed at the slot's ids (`fetch_staged`): a copy-free graph's first kernel.
+    pub(crate) fn fetch_staged(&self, s: &crate::staged::StagedRows, slot: usize) -> Result<()> {
         let mut b = crate::launch::builder(&self.stream, &self.ops.fetch_staged);
-        b.arg(&src).arg_struct(layout).arg(ids_host);
+        b.arg(&s.src(slot)).arg_struct(&s.layout).arg(&s.ids_host);
+        s.captured(&b);
         unsafe { b.launch(LaunchConfig { grid_dim: (4, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
         Ok(())
     }

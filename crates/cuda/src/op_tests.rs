@@ -194,6 +194,38 @@ fn lm_head_folding_the_argmax_equals_argmax_rows() {
     }
 }
 
+/// The embedding and the first input norm in one launch (`embed_rms_norm_split`, a plan's
+/// `Op::EmbedNorm`) write the bits of `embed_rows` then `rms_norm_split`: x, y and y's F16 split,
+/// for 1, 3 and 9 rows of random tokens, some rows chained on another step's ids (tokens read on
+/// the device).
+#[test]
+fn embedding_and_first_norm_in_one_launch_give_the_bits_of_two() {
+    use cudarc::driver::DevicePtr;
+    let Some(m) = model() else { return };
+    let mut r = rng();
+    let st = m.stream.clone();
+    let (v, d) = (m.spec.vocab_size, m.spec.hidden_size);
+    let w = st.clone_htod(&randn(&mut r, d, 1.0)).unwrap();
+    let prev = st.clone_htod(&(0..9).map(|_| r.random_range(0..v as i32)).collect::<Vec<_>>()).unwrap();
+    let chain = st.clone_htod(&[prev.device_ptr(&st).0]).unwrap();
+    for n in [1usize, 3, 9] {
+        let tok: Vec<i32> = (0..n).map(|i| if i % 3 == 2 { -r.random_range(0..9i32) - 1 } else { r.random_range(0..v as i32) }).collect();
+        let tok = st.clone_htod(&tok).unwrap();
+        let x0 = m.embed_rows(&tok, Some(&chain), n).unwrap();
+        let (y0, (h0, l0, i0)) = m.rms_norm_split(&x0, &w, n, d).unwrap();
+        let (x1, y1, (h1, l1, i1)) = m.embed_rms_norm_split(&tok, Some(&chain), &w, n).unwrap();
+        let bits = |a: &CudaSlice<f32>| st.clone_dtoh(a).unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        let x = bits(&x0);
+        assert!(st.clone_dtoh(&x0).unwrap().iter().all(|v| v.is_finite()), "{n} rows: the embedding");
+        assert_eq!(bits(&x1), x, "{n} rows: x");
+        assert_eq!(bits(&y1), bits(&y0), "{n} rows: y");
+        assert_eq!(st.clone_dtoh(&h1).unwrap(), st.clone_dtoh(&h0).unwrap(), "{n} rows: F16 hi");
+        assert_eq!(st.clone_dtoh(&l1).unwrap(), st.clone_dtoh(&l0).unwrap(), "{n} rows: F16 lo");
+        assert_eq!(bits(&i1), bits(&i0), "{n} rows: the split's scale");
+        eprintln!("embedding + first norm, {n} rows: the bits of two launches");
+    }
+}
+
 /// A copy-free graph step's row data (crate::staged): what the host writes into a slot lands in
 /// each buffer when `fetch_staged` is pointed at that slot (4- and 8-byte values, lengths that
 /// are and are not whole 16-byte chunks, one array over many passes of the grid; the buffers
@@ -228,7 +260,7 @@ fn copy_free_rows_land_in_their_buffers_and_ids_in_their_slot() {
         st.memcpy_htod(&vec![-1i64; nb], &mut db).unwrap();
         st.memcpy_htod(&vec![-1i32; nc], &mut dc).unwrap();
         st.memcpy_htod(&[u64::MAX], &mut dd).unwrap();
-        m.fetch_staged(staged.src(slot), &staged.layout, &staged.ids_host).unwrap();
+        m.fetch_staged(&staged, slot).unwrap();
         assert_eq!(st.clone_dtoh(&da).unwrap(), want.0, "slot {slot}: 4-byte values");
         assert_eq!(st.clone_dtoh(&db).unwrap(), want.1, "slot {slot}: 8-byte values");
         assert_eq!(st.clone_dtoh(&dc).unwrap(), want.2, "slot {slot}: the long array");

@@ -48,6 +48,9 @@ pub enum NormWeight {
 pub enum Op {
     /// Hidden = the embeddings of the step's tokens.
     Embed { rows: usize },
+    /// Embed, then AttnIn = RMSNorm(Hidden) * the first layer's input norm: one launch where the
+    /// norm writes the F16 split its q/k/v projection reads (`embed_rms_norm_split`), else two.
+    EmbedNorm { rows: usize },
     /// dst = RMSNorm(src) * weight.
     Norm { src: Act, dst: Act, weight: NormWeight, rows: usize },
     /// Hidden += add, then dst = RMSNorm(Hidden) * weight (one kernel).
@@ -83,6 +86,7 @@ impl Op {
     pub fn rows(&self) -> usize {
         match *self {
             Op::Embed { rows }
+            | Op::EmbedNorm { rows }
             | Op::Norm { rows, .. }
             | Op::AddNorm { rows, .. }
             | Op::Add { rows, .. }
@@ -109,7 +113,7 @@ impl CudaModel {
     /// its sequence.
     pub fn step_plan(&self, rows: usize, out_rows: Option<usize>, decode: bool) -> Vec<Op> {
         let nl = self.layers.len();
-        let mut ops = vec![Op::Embed { rows }, Op::Norm { src: Act::Hidden, dst: Act::AttnIn, weight: NormWeight::Input(0), rows }];
+        let mut ops = if self.embed_norm_fused { vec![Op::EmbedNorm { rows }] } else { vec![Op::Embed { rows }, Op::Norm { src: Act::Hidden, dst: Act::AttnIn, weight: NormWeight::Input(0), rows }] };
         let drafted = |li: usize| self.drafter.as_ref().is_some_and(|d| d.spec.target_layer_ids.contains(&li));
         for li in 0..nl {
             ops.push(Op::Attention { layer: li, src: Act::AttnIn, rows, kv_in_attention: decode && self.attention_takes_kv(li) });
@@ -213,9 +217,11 @@ impl CudaModel {
         let mut argmax_folded = false;
         // A copy-free graph's first kernel brings its row data from the slot it is pointed at
         // (crate::staged; slot 0 until then), and its argmax writes the ids back there.
+        // (Folding these copies into the embedding measured slower: benches/results/
+        // 2026-11-27-copy-free-steps.md.)
         let ids_host = meta.staged.as_ref().map(|s| &s.ids_host);
         if let Some(s) = &meta.staged {
-            self.fetch_staged(s.src(0), &s.layout, &s.ids_host)?;
+            self.fetch_staged(s, 0)?;
         }
         for (i, &op) in ops.iter().enumerate() {
             mark(&mut marks)?;
@@ -233,6 +239,21 @@ impl CudaModel {
             }
             match op {
                 Op::Embed { rows } => acts[Act::Hidden as usize] = Some(self.embed_rows(&meta.tok, meta.chain.as_ref(), rows)?),
+                Op::EmbedNorm { rows } => {
+                    let w = norm_weight(NormWeight::Input(0));
+                    let (x, y) = if self.norm_split_first && self.wants_f16_split(0) {
+                        let (x, y, sp) = self.embed_rms_norm_split(&meta.tok, meta.chain.as_ref(), w, rows)?;
+                        attn_split = Some(sp);
+                        (x, y)
+                    } else {
+                        let x = self.embed_rows(&meta.tok, meta.chain.as_ref(), rows)?;
+                        let y = self.rms_norm(&x, w, rows, h)?;
+                        attn_split = None;
+                        (x, y)
+                    };
+                    acts[Act::Hidden as usize] = Some(x);
+                    acts[Act::AttnIn as usize] = Some(y);
+                }
                 Op::Norm { src, dst, weight, rows } => {
                     let x = acts[src as usize].as_ref().ok_or_else(|| Error::Backend(format!("step plan reads {src:?} before writing it")))?;
                     if dst == Act::AttnIn {

@@ -679,7 +679,7 @@ fn the_step_is_a_plan_of_operations() {
     let kv_in_attention = |p: &[Op]| p.iter().filter(|o| matches!(o, Op::Attention { kv_in_attention: true, .. })).count();
     assert_eq!(kv_in_attention(&plan), nl, "a decode plan's attention writes the new K/V itself");
     assert_eq!(kv_in_attention(&model.step_plan(4, None, false)), 0, "rows that read each other's new K/V keep the separate write");
-    assert_eq!(plan.first(), Some(&Op::Embed { rows: 4 }));
+    assert_eq!(plan.first(), Some(&Op::EmbedNorm { rows: 4 }));
     assert_eq!(plan.last(), Some(&Op::Argmax { rows: 4 }));
     let layers_of = |p: &[Op], attn: bool| -> Vec<usize> {
         p.iter()
