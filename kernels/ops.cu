@@ -1224,11 +1224,19 @@ extern "C" __global__ void argmax_final(const float* __restrict__ part_v, const 
 // argmax_final gives); then every key is zeroed for the next call. One warp.
 extern "C" __global__ void argmax_unpack(unsigned long long* __restrict__ keys, int slots, int stride, int* __restrict__ out,
                                          const unsigned long long* __restrict__ ids_host) { PDL_ENTER();
-    unsigned long long k = 0ull;
-    for (int s = threadIdx.x; s < slots; s += 32) {
-        unsigned long long v = __ldcg(keys + (size_t)s * stride);
-        k = v > k ? v : k;
-        keys[(size_t)s * stride] = 0ull;
+    // Every lane's loads (up to 4 keys: slots <= 128, kernels.rs) before any store: one round
+    // trip to L2, not one a key.
+    unsigned long long k = 0ull, v[4];
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        const int s = threadIdx.x + 32 * j;
+        v[j] = s < slots ? __ldcg(keys + (size_t)s * stride) : 0ull;
+    }
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        const int s = threadIdx.x + 32 * j;
+        if (s < slots) keys[(size_t)s * stride] = 0ull;
+        k = v[j] > k ? v[j] : k;
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {

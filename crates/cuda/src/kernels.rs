@@ -109,6 +109,8 @@ pub const TILED_VARIANTS: [(usize, usize); 7] = [(2, 4), (4, 2), (3, 4), (4, 4),
 /// atomics over this many keys, one 128-byte line (`ARGMAX_KEY_STRIDE` u64) apart.
 pub const ARGMAX_KEY_SLOTS: usize = 64;
 pub const ARGMAX_KEY_STRIDE: usize = 16;
+// argmax_unpack reads at most 4 keys a lane of its one warp.
+const _: () = assert!(ARGMAX_KEY_SLOTS <= 128);
 /// Activations as F16 hi and lo parts of each row times a power of two, and the inverse powers
 /// (the FP8 tensor-core GEMV's input; `split_f16`'s output).
 pub type F16Split = (CudaSlice<u16>, CudaSlice<u16>, CudaSlice<f32>);
