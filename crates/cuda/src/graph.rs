@@ -363,7 +363,14 @@ impl CudaModel {
             let chain = m.chain.as_ref().ok_or_else(|| Error::Backend("row meta without its chain word".into()))?;
             // The order of `RowArrays::bytes`.
             let arrays = [array(&m.tok, st), array(&m.pos, st), array(&m.seq, st), array(&m.full_slots, st), array(&m.swa_slots, st), array(&m.full_tables, st), array(&m.swa_tables, st), array(chain, st)];
-            m.staged = Some(crate::staged::StagedRows::new(st, &arrays, rows)?);
+            // Page-locked memory refused: this graph copies its rows instead.
+            m.staged = match crate::staged::StagedRows::new(st, &arrays, rows) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::warn!("no mapped host memory for a decode graph's rows, copying them instead: {e}");
+                    None
+                }
+            };
         }
         Ok(m)
     }
