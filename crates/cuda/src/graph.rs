@@ -2,8 +2,9 @@
 //! speculative verify blocks) of at most 64 rows replays a graph captured once per (row bucket,
 //! block-table width): the step's inputs go into the graph's static buffers (read by its first
 //! kernel from mapped host memory: crate::staged), padding rows point at a scratch KV block, and
-//! one launch replaces the step's few hundred kernel launches. Its buffers come from a pool of their own (crate::alloc), so the graph holds kernel
-//! nodes only and every launch boundary keeps its programmatic edge. Prefill chunks and other
+//! one launch replaces the step's few hundred kernel launches. Its buffers come from a pool of
+//! their own (crate::alloc), so the graph holds kernel nodes only and every launch boundary keeps
+//! its programmatic edge. Prefill chunks and other
 //! shapes run eagerly.
 //! `PEREGRINE_CUDA_GRAPHS=0` turns graphs off.
 
@@ -79,14 +80,14 @@ pub(crate) struct StepGraph {
 }
 
 impl StepGraph {
-    /// The logits of the first `counts.iter().sum()` rows, through the pinned buffer, split per
-    /// sequence straight from it (one host copy of the logits, not two: at batch 64 they are
-    /// 39 MB).
     /// The row-data slots of a copy-free graph (crate::staged).
     pub(crate) fn staged(&self) -> Option<&crate::staged::StagedRows> {
         self.meta.staged.as_ref()
     }
 
+    /// The logits of the first `counts.iter().sum()` rows, through the pinned buffer, split per
+    /// sequence straight from it (one host copy of the logits, not two: at batch 64 they are
+    /// 39 MB).
     pub(crate) fn fetch_logits(&mut self, st: &std::sync::Arc<cudarc::driver::CudaStream>, counts: &[usize], vocab: usize) -> Result<Vec<Logits>> {
         let len = counts.iter().sum::<usize>() * vocab;
         if self.host.is_none() {

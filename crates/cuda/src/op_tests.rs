@@ -291,11 +291,14 @@ fn copy_free_rows_land_in_their_buffers_and_ids_in_their_slot() {
     assert!(staged.write(&raw(&one).iter().map(Vec::as_slice).collect::<Vec<_>>()).is_err(), "a write with every slot held");
     held[0].release(0);
     assert_eq!(staged.write(&raw(&one).iter().map(Vec::as_slice).collect::<Vec<_>>()).unwrap(), 0, "the released slot");
-    // Too many bytes for an array, or too few arrays: refused.
+    // An array longer or shorter than its buffer, or too few arrays: refused.
+    held[0].release(1);
     let mut big = raw(&one);
     big[0].extend_from_slice(&[0; 4]);
-    held[0].release(1);
     assert!(staged.write(&big.iter().map(Vec::as_slice).collect::<Vec<_>>()).is_err());
+    let mut short = raw(&one);
+    short[2].truncate(16);
+    assert!(staged.write(&short.iter().map(Vec::as_slice).collect::<Vec<_>>()).is_err());
     assert!(staged.write(&raw(&one)[..3].iter().map(Vec::as_slice).collect::<Vec<_>>()).is_err());
     eprintln!("copy-free rows: {} slots, every array as written, ids in the slot", crate::staged::SLOTS);
 }

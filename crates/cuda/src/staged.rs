@@ -163,7 +163,7 @@ impl StagedRows {
         self.slots.dev + (s * self.slots.slot_bytes) as u64
     }
 
-    /// Writes `arrays` (the layout's, in its order and at most its lengths) into a free slot and
+    /// Writes `arrays` (the layout's, in its order and of its lengths) into a free slot and
     /// returns it: the next one no uncollected step holds, once the step that used it last has
     /// completed.
     pub(crate) fn write(&mut self, arrays: &[&[u8]]) -> Result<usize> {
@@ -171,7 +171,7 @@ impl StagedRows {
         if arrays.len() != l.arrays() {
             return Err(Error::Backend(format!("staged row data: {} arrays for a layout of {}", arrays.len(), l.arrays())));
         }
-        if let Some((i, a)) = arrays.iter().enumerate().find(|(i, a)| a.len() > l.bytes[*i] as usize) {
+        if let Some((i, a)) = arrays.iter().enumerate().find(|(i, a)| a.len() != l.bytes[*i] as usize) {
             return Err(Error::Backend(format!("staged row data: array {i} is {} bytes, its buffer {}", a.len(), l.bytes[i])));
         }
         let h = &self.slots;
