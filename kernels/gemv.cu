@@ -1662,6 +1662,24 @@ extern "C" __global__ void __launch_bounds__(256) gemv_mma_bf16_t1_argmax(
     gemv_mma<1, 1, false, false, false, 1, false, false, true>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T, nullptr, 0, 0, 0, nullptr,
                                                                amax, slots, stride);
 }
+// gemv_mma_bf16_t1_argmax asking L2, before its PDL wait, for the first K block of each of its
+// warps (2 KB of each of the block's 16 rows): the blocks resident while the final norm ahead
+// runs (one block reading and writing what L2 holds) fill DRAM's idle window with their first
+// loads: 0.2-1.1 us a batch-1 step, in 8-9 of 10 rounds in each of 3 processes
+// (benches/results/2026-11-27-copy-free-steps.md; PEREGRINE_LM_HEAD_PREFETCH=0 runs the kernel
+// above).
+extern "C" __global__ void __launch_bounds__(256) gemv_mma_bf16_t1_argmax_pf(
+    const unsigned char* __restrict__ W, const float* __restrict__ S, const unsigned short* __restrict__ XH,
+    const unsigned short* __restrict__ XL, const float* __restrict__ xinv, float* __restrict__ y, float* __restrict__ y1,
+    float* __restrict__ y2, int N0, int N1, int N, int K, int T, unsigned long long* __restrict__ amax, int slots, int stride) {
+    if (threadIdx.x < 16) {
+        const unsigned char* p = W + (size_t)min((int)blockIdx.x * 16 + (int)threadIdx.x, N - 1) * K * 2;
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(min(K * 2, 2048)) : "memory");
+    }
+    PDL_ENTER();
+    gemv_mma<1, 1, false, false, false, 1, false, false, true>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T, nullptr, 0, 0, 0, nullptr,
+                                                               amax, slots, stride);
+}
 // gemv_mma_{bf16,fp8}_t1 with the next K block's weights loaded ahead (PIPE above); they zero
 // counters as the one-tile kernels do.
 #define GEMV_MMA_PIPE(FORMAT, FP8)                                                                                        \

@@ -64,7 +64,8 @@ struct Args {
     /// turn for `--ab-rounds` rounds; `fetch`: A the copy-free graph, B the graph whose row data
     /// is copied in (`set_copy_free_rows`; replays write no inputs, so B is the step without
     /// `fetch_staged`); `embed`: A the embedding and first norm in one launch, B in two
-    /// (`set_embed_norm_fused`). `rows` times the engine's steps instead (host-timed, as
+    /// (`set_embed_norm_fused`); `prefetch`: A the lm_head asking L2 for its first K blocks
+    /// before its wait, B not (`set_lm_head_prefetch`). `rows` times the engine's steps instead (host-timed, as
     /// the table above: overlapped, then one at a time), A copy-free, B copying the row data
     /// and ids (`set_copy_free_rows`), in turn per round.
     #[arg(long)]
@@ -460,8 +461,8 @@ fn main() {
             }
             let shift = match what.strip_prefix("shift:") {
                 Some(n) => Some(n.parse::<usize>().expect("--ab shift:BYTES")),
-                None if ["tail", "argmax", "fetch", "embed"].contains(&what.as_str()) => None,
-                None => panic!("--ab takes tail, argmax, fetch, embed, rows or shift:BYTES, not {what}"),
+                None if ["tail", "argmax", "fetch", "embed", "prefetch"].contains(&what.as_str()) => None,
+                None => panic!("--ab takes tail, argmax, fetch, embed, prefetch, rows or shift:BYTES, not {what}"),
             };
             for &b in batches {
                 let batch: Vec<SeqForward> = (0..b).map(|s| seqf(s, vec![tok(s, args.context)], args.context, OutputRows::Last)).collect();
@@ -471,6 +472,7 @@ fn main() {
                     None if what == "argmax" => m.set_lm_head_argmax(!on),
                     None if what == "fetch" => m.set_copy_free_rows(!on),
                     None if what == "embed" => m.set_embed_norm_fused(!on),
+                    None if what == "prefetch" => m.set_lm_head_prefetch(!on),
                     None => m.set_step_tail_fused(!on),
                 };
                 let Some((a, bb)) = model.graph_ab_ms(&batch, args.steps, args.ab_rounds, set).expect("A/B replays") else { continue };

@@ -1873,6 +1873,13 @@ impl CudaModel {
         self.graphs.clear();
     }
 
+    /// Sets whether the one-token lm_head prefetches its first K blocks into L2 before its wait
+    /// (`Kernels::set_lm_head_prefetch`), for measurements. Captured step graphs are dropped.
+    pub fn set_lm_head_prefetch(&mut self, on: bool) {
+        self.kernels.set_lm_head_prefetch(on);
+        self.graphs.clear();
+    }
+
     /// Sets whether decode graphs are copy-free (`copy_free_rows`, on by default), for
     /// benchmarks and tests comparing the two. Captured step graphs are dropped.
     pub fn set_copy_free_rows(&mut self, on: bool) {

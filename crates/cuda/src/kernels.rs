@@ -286,6 +286,10 @@ pub struct Kernels {
     mma_bf16_pipe: CudaFunction,
     /// The one-token one-tile BF16 GEMV folding its rows into argmax keys (the lm_head).
     mma_bf16_argmax: CudaFunction,
+    /// The same, asking L2 for its first K blocks before its PDL wait (`lm_head_prefetch`).
+    mma_bf16_argmax_pf: CudaFunction,
+    /// Whether the lm_head prefetches (on; `PEREGRINE_LM_HEAD_PREFETCH=0` for comparison).
+    lm_head_prefetch: bool,
     /// `gemv_mma_bf16_t1_pipe_route`: the one-token o_proj that also does its MoE's router.
     mma_bf16_pipe_route: CudaFunction,
     mma_bf16_pipe_wave: usize,
@@ -954,6 +958,7 @@ impl Kernels {
             });
         let sms = gpu.ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(drv("SM count"))? as usize;
         let mma_bf16_argmax = f("gemv_mma_bf16_t1_argmax")?;
+        let mma_bf16_argmax_pf = f("gemv_mma_bf16_t1_argmax_pf")?;
         let mma_bf16_pipe = f("gemv_mma_bf16_t1_pipe")?;
         let mma_bf16_pipe_route = f("gemv_mma_bf16_t1_pipe_route")?;
         let mma_bf16_pipe_wave = mma_bf16_pipe.occupancy_max_active_blocks_per_multiprocessor(256, 0, None).map_err(drv("GEMV occupancy"))? as usize * sms;
@@ -995,6 +1000,8 @@ impl Kernels {
             qkv_pipe_shuffle: std::env::var("PEREGRINE_QKV_PIPE_SHUFFLE").ok().map(|v| v != "0"),
             mma_bf16_pipe,
             mma_bf16_argmax,
+            mma_bf16_argmax_pf,
+            lm_head_prefetch: std::env::var("PEREGRINE_LM_HEAD_PREFETCH").map_or(true, |v| v != "0"),
             mma_bf16_pipe_route,
             mma_bf16_pipe_wave,
             mma_fp8_pipe,
@@ -1590,6 +1597,12 @@ impl Kernels {
         self.wgmma_arch
     }
 
+    /// Sets whether the one-token argmax lm_head asks L2 for its first K blocks before its PDL
+    /// wait (`gemv_mma_bf16_t1_argmax_pf`; on by default), for measurements. Same bits.
+    pub fn set_lm_head_prefetch(&mut self, on: bool) {
+        self.lm_head_prefetch = on;
+    }
+
     /// Runs the BF16 one-tile GEMV with its next K block loaded ahead where its grid fits
     /// (`gemv_mma_bf16_t1_pipe`, the default), or never (`false`). Same bits either way.
     pub fn set_gemv_pipe(&mut self, on: bool) {
@@ -1686,7 +1699,7 @@ impl Kernels {
         check(self.bf16_argmax_takes(1, n, k), || format!("gemv_bf16_presplit_argmax: {n}x{k} is not its shape"))?;
         check(w.len() >= n * k && xh.len() >= k && xl.len() >= k && y.len() >= n && keys.len() >= ARGMAX_KEY_SLOTS * ARGMAX_KEY_STRIDE, || format!("gemv_bf16_presplit_argmax: bad shapes {n}x{k}"))?;
         let (ni, ki, ti, slots, stride) = (n as i32, k as i32, 1i32, ARGMAX_KEY_SLOTS as i32, ARGMAX_KEY_STRIDE as i32);
-        let mut b = crate::launch::builder(&self.stream, &self.mma_bf16_argmax);
+        let mut b = crate::launch::builder(&self.stream, if self.lm_head_prefetch { &self.mma_bf16_argmax_pf } else { &self.mma_bf16_argmax });
         let (yp, _y) = y.device_ptr_mut(&self.stream);
         b.arg(w).arg(&0u64).arg(xh).arg(xl).arg(&0u64).arg(&yp).arg(&yp).arg(&yp).arg(&ni).arg(&0i32).arg(&ni).arg(&ki).arg(&ti);
         b.arg(keys).arg(&slots).arg(&stride);

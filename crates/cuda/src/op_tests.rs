@@ -142,7 +142,7 @@ fn argmax_matches_the_host() {
 /// 0); the keys are zero again after every unpack.
 #[test]
 fn lm_head_folding_the_argmax_equals_argmax_rows() {
-    let Some(m) = model() else { return };
+    let Some(mut m) = model() else { return };
     let mut r = rng();
     let st = m.stream.clone();
     let bf16 = |v: f32| half::bf16::from_f32(v).to_bits();
@@ -183,13 +183,18 @@ fn lm_head_folding_the_argmax_equals_argmax_rows() {
         let logits = st.clone_dtoh(&y_ref).unwrap();
         let id_ref = st.clone_dtoh(&id_ref).unwrap();
         assert_eq!(id_ref, [argmax_host(&logits)], "{n}x{k} case {case}: argmax_rows against the host");
-        let mut y = st.clone_htod(&vec![f32::NAN; n]).unwrap();
-        m.kernels.gemv_bf16_presplit_argmax(&wd, &xh, &xl, &mut y, n, k, &m.argmax_key).unwrap();
-        let mut id = st.clone_htod(&[-7i32]).unwrap();
-        m.argmax_unpack_into(&mut id, None).unwrap();
-        assert_eq!(st.clone_dtoh(&y).unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>(), logits.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{n}x{k} case {case}: logits");
-        assert_eq!(st.clone_dtoh(&id).unwrap(), id_ref, "{n}x{k} case {case}: id");
-        assert!(st.clone_dtoh(&m.argmax_key).unwrap().iter().all(|&k| k == 0), "{n}x{k} case {case}: the keys zeroed");
+        // As is, and asking L2 for its first K blocks before its wait (the same bits).
+        for prefetch in [false, true] {
+            m.kernels.set_lm_head_prefetch(prefetch);
+            let mut y = st.clone_htod(&vec![f32::NAN; n]).unwrap();
+            m.kernels.gemv_bf16_presplit_argmax(&wd, &xh, &xl, &mut y, n, k, &m.argmax_key).unwrap();
+            let mut id = st.clone_htod(&[-7i32]).unwrap();
+            m.argmax_unpack_into(&mut id, None).unwrap();
+            assert_eq!(st.clone_dtoh(&y).unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>(), logits.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{n}x{k} case {case} (prefetch {prefetch}): logits");
+            assert_eq!(st.clone_dtoh(&id).unwrap(), id_ref, "{n}x{k} case {case} (prefetch {prefetch}): id");
+            assert!(st.clone_dtoh(&m.argmax_key).unwrap().iter().all(|&k| k == 0), "{n}x{k} case {case} (prefetch {prefetch}): the keys zeroed");
+        }
+        m.kernels.set_lm_head_prefetch(false);
         eprintln!("lm_head {n}x{k} case {case}: id {} as argmax_rows", id_ref[0]);
     }
 }
