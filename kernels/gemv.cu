@@ -1665,8 +1665,8 @@ extern "C" __global__ void __launch_bounds__(256) gemv_mma_bf16_t1_argmax(
 // gemv_mma_bf16_t1_argmax asking L2, before its PDL wait, for the first K block of each of its
 // warps (2 KB of each of the block's 16 rows): the blocks resident while the final norm ahead
 // runs (one block reading and writing what L2 holds) fill DRAM's idle window with their first
-// loads: 0.2-1.1 us a batch-1 step, in 8-9 of 10 rounds in each of 3 processes
-// (benches/results/2026-11-27-copy-free-steps.md; PEREGRINE_LM_HEAD_PREFETCH=0 runs the kernel
+// loads: at most ~1 us a batch-1 step, in 4 of 5 processes (within their spread;
+// benches/results/2026-11-27-copy-free-steps.md; PEREGRINE_LM_HEAD_PREFETCH=0 runs the kernel
 // above).
 extern "C" __global__ void __launch_bounds__(256) gemv_mma_bf16_t1_argmax_pf(
     const unsigned char* __restrict__ W, const float* __restrict__ S, const unsigned short* __restrict__ XH,
