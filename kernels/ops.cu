@@ -739,7 +739,7 @@ struct StagedLayout {
 // (every load issued before any waits on another: one round trip), and points *ids_host at the
 // slot's ids. Loads are .cv: the host rewrites a slot between two steps, so no cached line of it
 // may be used.
-__device__ __forceinline__ void fetch_staged_rows(const unsigned char* __restrict__ src, const StagedLayout& L, unsigned long long* __restrict__ ids_host) {
+extern "C" __global__ void fetch_staged(const unsigned char* __restrict__ src, StagedLayout L, unsigned long long* __restrict__ ids_host) { PDL_ENTER();
     const unsigned tid = blockIdx.x * blockDim.x + threadIdx.x, step = gridDim.x * blockDim.x;
     if (tid == 0) *ids_host = reinterpret_cast<unsigned long long>(src + L.ids_off);
     unsigned total = 0;
@@ -760,10 +760,6 @@ __device__ __forceinline__ void fetch_staged_rows(const unsigned char* __restric
             if (left > 8) w[2] = v.z;
         }
     }
-}
-
-extern "C" __global__ void fetch_staged(const unsigned char* __restrict__ src, StagedLayout L, unsigned long long* __restrict__ ids_host) { PDL_ENTER();
-    fetch_staged_rows(src, L, ids_host);
 }
 
 // What the embedding puts in row r in place of the residual (norm_row_regs' "addend", which

@@ -1893,7 +1893,6 @@ impl CudaModel {
     pub(crate) fn fetch_staged(&self, s: &crate::staged::StagedRows, slot: usize) -> Result<()> {
         let mut b = crate::launch::builder(&self.stream, &self.ops.fetch_staged);
         b.arg(&s.src(slot)).arg_struct(&s.layout).arg(&s.ids_host);
-        s.captured(&b);
         unsafe { b.launch(LaunchConfig { grid_dim: (4, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
         Ok(())
     }

@@ -331,7 +331,7 @@ impl CudaModel {
         let mut ids = self.stream.alloc_zeros::<i32>(rows).map_err(drv)?;
         let graph = self.record(|| self.step_body(&meta, rows, None, decode, &mut logits, &mut ids))?;
         let fetch = match &meta.staged {
-            Some(s) => Some(crate::staged::FetchNode::find(&graph.0, s)?),
+            Some(s) => Some(crate::staged::FetchNode::find(&graph.0, &self.ops.fetch_staged, s, &self.stream)?),
             None => None,
         };
         tracing::debug!(rows, width, graphs = self.graphs.len() + 1, copy_free = fetch.is_some(), "captured a decode-step CUDA graph");

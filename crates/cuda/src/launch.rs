@@ -175,17 +175,6 @@ impl Launch<'_> {
         self
     }
 
-    /// The argument words and where each argument starts among them (a copy-free graph's first
-    /// kernel keeps them to point its node at another slot: crate::staged).
-    pub(crate) fn args(&self) -> (Vec<u64>, Vec<usize>) {
-        (self.words.clone(), self.starts.clone())
-    }
-
-    /// The kernel this launches.
-    pub(crate) fn function(&self) -> sys::CUfunction {
-        self.f.cu_function()
-    }
-
     /// A plain-data struct passed by value (its C layout, at most 8-byte aligned).
     pub(crate) fn arg_struct<T: Copy>(&mut self, v: &T) -> &mut Self {
         const { assert!(std::mem::align_of::<T>() <= 8) };

@@ -10,18 +10,18 @@
 //! round trip and overlaps nothing else.
 //!
 //! Each graph owns `SLOTS` slots. A launch writes its rows into a free slot, points the graph's
-//! first kernel (`fetch_staged`) at it (`cuGraphExecKernelNodeSetParams`: launches already enqueued keep the
-//! slot they were given) and records the slot's event after the graph. A slot is written again
+//! first kernel (`fetch_staged`) at it (`cuGraphExecKernelNodeSetParams`: launches already
+//! enqueued keep the slot they were given) and records the slot's event after the graph. A slot is written again
 //! only once that event has completed and no overlapped step's ids wait in it uncollected
 //! (`held`), so the host never rewrites rows a queued step has yet to read, nor ids the engine
 //! has yet to see. `PEREGRINE_COPY_FREE_ROWS=0` goes back to a copy per array (for comparison).
 
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use cudarc::driver::sys::{self, CUevent_flags};
-use cudarc::driver::{CudaEvent, CudaGraph, CudaSlice, CudaStream, DevicePtr, PinnedHostSlice};
+use cudarc::driver::{CudaEvent, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, PinnedHostSlice};
 use peregrine_core::{Error, Result};
 
 use crate::backend::drv;
@@ -94,14 +94,13 @@ pub(crate) struct HostSlots {
 impl HostSlots {
     /// Slot `s`'s first `n` ids, once its step has completed (the caller holds it).
     pub(crate) fn ids(&self, s: usize, n: usize) -> Result<Vec<i32>> {
-        self.events[s].synchronize().map_err(drv)?;
-        let p = (self.base + s * self.slot_bytes + self.ids_off) as *const i32;
-        // SAFETY: inside the slot (checked below before any read); the GPU wrote them before the
-        // event completed, and nothing writes the slot before the caller releases it or takes
-        // another step.
         if self.ids_off + 4 * n > self.slot_bytes {
             return Err(Error::Backend(format!("{n} ids for a slot of {} bytes", self.slot_bytes)));
         }
+        self.events[s].synchronize().map_err(drv)?;
+        let p = (self.base + s * self.slot_bytes + self.ids_off) as *const i32;
+        // SAFETY: inside the slot (checked above); the GPU wrote them before the event completed,
+        // and nothing writes the slot before the caller releases it or takes another step.
         Ok((0..n).map(|i| unsafe { std::ptr::read_volatile(p.add(i)) }).collect())
     }
 
@@ -120,17 +119,6 @@ pub(crate) struct StagedRows {
     /// The ids a slot has room for.
     ids_cap: usize,
     next: usize,
-    /// The kernel that reads the slot and its arguments, as launched when the graph was captured
-    /// (`captured`; `FetchNode::find` looks for that kernel's node).
-    launch: Mutex<Option<FetchLaunch>>,
-}
-
-/// A launch of a copy-free graph's first kernel: its function, its argument words (the slot's
-/// address first) and where each argument starts among them.
-struct FetchLaunch {
-    func: usize,
-    words: Vec<u64>,
-    starts: Vec<usize>,
 }
 
 impl StagedRows {
@@ -154,7 +142,6 @@ impl StagedRows {
             ids_host: st.alloc_zeros::<u64>(1).map_err(drv)?,
             ids_cap: ids,
             next: 0,
-            launch: Mutex::new(None),
         })
     }
 
@@ -187,12 +174,6 @@ impl StagedRows {
         Ok(s)
     }
 
-    /// Notes the launch of the kernel that reads the slot (while the graph is captured).
-    pub(crate) fn captured(&self, b: &crate::launch::Launch) {
-        let (words, starts) = b.args();
-        *self.launch.lock().unwrap_or_else(|e| e.into_inner()) = Some(FetchLaunch { func: b.function() as usize, words, starts });
-    }
-
     /// Records slot `s`'s event (after the graph launched on it).
     pub(crate) fn launched(&self, s: usize, st: &CudaStream) -> Result<()> {
         self.slots.events[s].record(st).map_err(drv)
@@ -208,13 +189,19 @@ impl StagedRows {
     }
 }
 
-/// A copy-free graph's first kernel node, pointed at a slot before each launch.
+/// `fetch_staged`'s arguments (the same order and C layout), where the node's parameters point.
+#[repr(C)]
+struct FetchArgs {
+    src: u64,
+    layout: StagedLayout,
+    ids_host: u64,
+}
+
+/// A copy-free graph's `fetch_staged` node, pointed at a slot before each launch.
 pub(crate) struct FetchNode {
     node: sys::CUgraphNode,
     params: sys::CUDA_KERNEL_NODE_PARAMS,
-    /// The node's argument words as captured (the slot's address first) and where each starts.
-    words: Vec<u64>,
-    starts: Vec<usize>,
+    args: Box<FetchArgs>,
 }
 
 // SAFETY: the node and the parameters' pointers are only used through `&mut` of the graph that
@@ -222,10 +209,9 @@ pub(crate) struct FetchNode {
 unsafe impl Send for FetchNode {}
 
 impl FetchNode {
-    /// The one kernel node of `graph` that runs the kernel `staged` noted (`StagedRows::captured`),
-    /// with the arguments it was captured with.
-    pub(crate) fn find(graph: &CudaGraph, staged: &StagedRows) -> Result<FetchNode> {
-        let FetchLaunch { func, words, starts } = staged.launch.lock().unwrap_or_else(|e| e.into_inner()).take().ok_or_else(|| Error::Backend("a copy-free decode graph was captured without the kernel that reads its rows".into()))?;
+    /// The one kernel node of `graph` that runs `f` (`fetch_staged`), with the layout and ids
+    /// word of `staged` it was captured with.
+    pub(crate) fn find(graph: &CudaGraph, f: &CudaFunction, staged: &StagedRows, st: &CudaStream) -> Result<FetchNode> {
         let g = graph.cu_graph();
         let mut n = 0usize;
         // SAFETY: the graph is alive; the first call asks for the count, the second fills it.
@@ -242,28 +228,28 @@ impl FetchNode {
             // SAFETY: a kernel node; the driver fills the struct.
             let mut p: sys::CUDA_KERNEL_NODE_PARAMS = unsafe { std::mem::zeroed() };
             unsafe { sys::cuGraphKernelNodeGetParams_v2(node, &mut p) }.result().map_err(drv)?;
-            if p.func as usize == func {
+            if p.func == f.cu_function() {
                 if found.is_some() {
-                    return Err(Error::Backend("a decode graph holds two nodes of the kernel that reads its rows".into()));
+                    return Err(Error::Backend("a decode graph holds two fetch_staged nodes".into()));
                 }
                 found = Some((node, p));
             }
         }
-        let (node, params) = found.ok_or_else(|| Error::Backend("a copy-free decode graph holds no node of the kernel that reads its rows".into()))?;
-        Ok(FetchNode { node, params, words, starts })
+        let (node, params) = found.ok_or_else(|| Error::Backend("a copy-free decode graph holds no fetch_staged node".into()))?;
+        let args = Box::new(FetchArgs { src: staged.src(0), layout: staged.layout, ids_host: staged.ids_host.device_ptr(st).0 });
+        Ok(FetchNode { node, params, args })
     }
 
     /// Points the node at slot address `src` for the next launches of `graph`.
     pub(crate) fn point_at(&mut self, graph: &CudaGraph, src: u64) -> Result<()> {
-        self.words[self.starts[0]] = src;
-        let base = self.words.as_mut_ptr();
-        // SAFETY: every start lies in `words`.
-        let mut ptrs: Vec<*mut c_void> = self.starts.iter().map(|&i| unsafe { base.add(i) } as *mut c_void).collect();
+        self.args.src = src;
+        let a = &mut *self.args;
+        let mut ptrs: [*mut c_void; 3] = [&mut a.src as *mut u64 as *mut c_void, &mut a.layout as *mut StagedLayout as *mut c_void, &mut a.ids_host as *mut u64 as *mut c_void];
         let mut p = self.params;
         p.kernelParams = ptrs.as_mut_ptr();
         p.extra = std::ptr::null_mut();
-        // SAFETY: the node belongs to the graph the exec was instantiated from, and the words are
-        // its arguments as captured; the driver copies the values during the call.
+        // SAFETY: the node belongs to the graph the exec was instantiated from; the driver copies
+        // the argument values during the call.
         unsafe { sys::cuGraphExecKernelNodeSetParams_v2(graph.cu_graph_exec(), self.node, &p) }.result().map_err(drv)
     }
 }
