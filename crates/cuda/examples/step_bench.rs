@@ -67,7 +67,10 @@ struct Args {
     /// (`set_embed_norm_fused`); `prefetch`: A the lm_head asking L2 for its first K blocks
     /// before its wait, B not (`set_lm_head_prefetch`). `rows` times the engine's steps instead (host-timed, as
     /// the table above: overlapped, then one at a time), A copy-free, B copying the row data
-    /// and ids (`set_copy_free_rows`), in turn per round.
+    /// and ids (`set_copy_free_rows`), in turn per round. `defines:DEFINES` builds every
+    /// kernel a second time under measurement defines (`-DX -DY`, as `PEREGRINE_KERNEL_DEFINES`
+    /// takes them): A the kernels as loaded, B those (`load_kernel_set`); `defines:` with none
+    /// is an A/A of two loads of the same kernels.
     #[arg(long)]
     ab: Vec<String>,
     #[arg(long, default_value_t = 15)]
@@ -459,10 +462,32 @@ fn main() {
                 }
                 continue;
             }
+            if let Some(defines) = what.strip_prefix("defines:") {
+                // Every kernel built twice in one process: A as loaded, B under these
+                // measurement defines (the MoE tuning copied from A).
+                let alt = std::cell::RefCell::new(model.load_kernel_set(defines).expect("kernels under the defines"));
+                let on_b = std::cell::Cell::new(false);
+                for &b in batches {
+                    let batch: Vec<SeqForward> = (0..b).map(|s| seqf(s, vec![tok(s, args.context)], args.context, OutputRows::Last)).collect();
+                    model.set_cuda_graphs(true);
+                    let set = |m: &mut CudaModel, on: bool| {
+                        if on != on_b.get() {
+                            m.swap_kernel_set(&mut alt.borrow_mut());
+                            on_b.set(on);
+                        }
+                    };
+                    let Some((a, bb)) = model.graph_ab_ms(&batch, args.steps, args.ab_rounds, set).expect("A/B replays") else { continue };
+                    let diff: Vec<f64> = a.iter().zip(&bb).map(|(x, y)| (y - x) as f64 * 1e3).collect();
+                    let slower = diff.iter().filter(|&&d| d > 0.0).count();
+                    let med = |v: &[f32]| median(v.iter().map(|&x| x as f64).collect());
+                    println!("| {what} | {b} | {:.4} | {:.4} | {:.1} | {slower} of {} |", med(&a), med(&bb), median(diff.clone()), diff.len());
+                }
+                continue;
+            }
             let shift = match what.strip_prefix("shift:") {
                 Some(n) => Some(n.parse::<usize>().expect("--ab shift:BYTES")),
                 None if ["tail", "argmax", "fetch", "embed", "prefetch"].contains(&what.as_str()) => None,
-                None => panic!("--ab takes tail, argmax, fetch, embed, prefetch, rows or shift:BYTES, not {what}"),
+                None => panic!("--ab takes tail, argmax, fetch, embed, prefetch, rows, shift:BYTES or defines:DEFINES, not {what}"),
             };
             for &b in batches {
                 let batch: Vec<SeqForward> = (0..b).map(|s| seqf(s, vec![tok(s, args.context)], args.context, OutputRows::Last)).collect();

@@ -216,6 +216,105 @@ pub(crate) struct Ops {
     module: Arc<cudarc::driver::CudaModule>,
 }
 
+/// ops.cu's kernels, compiled (or from the cache) and loaded.
+fn load_ops(gpu: &Gpu) -> Result<Ops> {
+    let (ptx, _) = compile::ptx("ops", compile::OPS_CU, nvrtc_arch(gpu.capability))?;
+    let m = gpu.ctx.load_module(ptx).map_err(drv)?;
+    let f = |n: &str| m.load_function(n).map_err(|e| Error::Backend(format!("kernel {n}: {e}")));
+    Ok(Ops {
+        embed: f("embed")?,
+        rms_norm: f("rms_norm")?,
+        add_bias: f("add_bias")?,
+        add_inplace: f("add_inplace")?,
+        rope: f("rope")?,
+        kv_write: f("kv_write")?,
+        attention: f("attention")?,
+        silu_mul: f("silu_mul")?,
+        gather_rows: f("gather_rows")?,
+        scatter_add_scaled: f("scatter_add_scaled")?,
+        gemv_f32: f("gemv_f32")?,
+        gemv_f32_tiles: f("gemv_f32_tiles")?,
+        gemv_f32_norm: f("gemv_f32_norm")?,
+        copy_cols: f("copy_cols")?,
+        fill_rows: f("fill_rows")?,
+        scale: f("scale")?,
+        draft_attention: f("draft_attention")?,
+        embed_bf16: f("embed_bf16")?,
+        add_rms_norm: f("add_rms_norm")?,
+        add_rms_norm_split: f("add_rms_norm_split")?,
+        rms_norm_split: f("rms_norm_split")?,
+        embed_rms_norm_split: f("embed_rms_norm_split")?,
+        embed_rms_norm_split_bf16: f("embed_rms_norm_split_bf16")?,
+        add_rms_norm_moe_split: f("add_rms_norm_moe_split")?,
+        add_rms_norm_pairs: f("add_rms_norm_pairs")?,
+        add_rms_norm_split_pairs: f("add_rms_norm_split_pairs")?,
+        add_rms_norm_pairs_bf16: f("add_rms_norm_pairs_bf16")?,
+        add_pairs_inplace: f("add_pairs_inplace")?,
+        rope_kv_write: f("rope_kv_write")?,
+        moe_route: f("moe_route")?,
+        moe_group: {
+            let k = f("moe_group")?;
+            // Up to 1024 experts: (2 E + 1024) ints and 32 E u16 of shared memory (76 KB).
+            let _ = k.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, 80 * 1024);
+            k
+        },
+        argmax_rows: f("argmax_rows")?,
+        argmax_final: f("argmax_final")?,
+        argmax_unpack: f("argmax_unpack")?,
+        fetch_staged: f("fetch_staged")?,
+        attention_v2: f("attention_v2")?,
+        attention_v2_kv: f("attention_v2_kv")?,
+        attention_v2_kv_ready: f("attention_v2_kv_ready")?,
+        attention_v2_kv_ready_pre: f("attention_v2_kv_ready_pre")?,
+        attention_v2_heads: {
+            // Best effort, as below: a GPU with less shared memory fails at launch.
+            let k = f("attention_v2_heads")?;
+            let _ = k.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, ATT_HEADS_MAX_SMEM as i32);
+            k
+        },
+        attention_gqa_tc: PREFILL_TC_SHAPES
+            .iter()
+            .map(|&(hd, vd)| {
+                let form = |warps: usize| {
+                    // Best effort, as above.
+                    let k = f(&format!("attention_gqa_tc{}_d{hd}_v{vd}", if warps == 8 { String::new() } else { warps.to_string() }))?;
+                    let _ = k.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, gqa_tc_smem(hd, vd, warps) as i32);
+                    Ok::<_, Error>(k)
+                };
+                Ok([form(GQA_TC_WARPS[0])?, form(GQA_TC_WARPS[1])?])
+            })
+            .collect::<Result<_>>()?,
+        attention_combine: f("attention_combine")?,
+        attention_prefill: {
+            // Q, K, V and P tiles of up to 184 KB (f32, K head dim 256) and 199 KB (tensor
+            // cores, K head dim 192). Best effort: a GPU with less shared memory fails at
+            // launch instead.
+            let with_smem = |name: &str, bytes: usize| -> Result<CudaFunction> {
+                let k = f(name)?;
+                let _ = k.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32);
+                Ok(k)
+            };
+            PrefillAttention {
+                f32: with_smem("attention_prefill", prefill_attention_smem(256, 128))?,
+                tc: PREFILL_TC_SHAPES.iter().map(|&(hd, vd)| with_smem(&format!("attention_prefill_tc_d{hd}_v{vd}"), prefill_attention_tc_smem(hd, vd))).collect::<Result<_>>()?,
+                tensor_cores: std::env::var("PEREGRINE_PREFILL_ATTN").map_or(true, |v| v != "f32"),
+            }
+        },
+        attention_v2_rows: f("attention_v2_rows")?,
+        attention_combine_rows: f("attention_combine_rows")?,
+        gemm_f32_nt: f("gemm_f32_nt")?,
+        place_drafts: f("place_drafts")?,
+        accept_drafts: f("accept_drafts")?,
+        module: m.clone(),
+    })
+}
+
+/// A second build of every kernel (`CudaModel::load_kernel_set`), for in-process A/Bs.
+pub struct KernelSet {
+    kernels: Kernels,
+    ops: Ops,
+}
+
 pub struct CudaModel {
     pub(crate) spec: ModelSpec,
     gpu: Gpu,
@@ -517,95 +616,9 @@ impl CudaModel {
     fn load_inner(gpu: Gpu, spec: &ModelSpec, seed: Option<u64>, files: Option<&dyn WeightSource>) -> Result<CudaModel> {
         let s = gpu.stream.clone();
         let kernels = Kernels::load(&gpu)?;
-        let (ptx, _) = compile::ptx("ops", compile::OPS_CU, nvrtc_arch(gpu.capability))?;
-        let m = gpu.ctx.load_module(ptx).map_err(drv)?;
+        let ops = load_ops(&gpu)?;
+        let m = ops.module.clone();
         let f = |n: &str| m.load_function(n).map_err(|e| Error::Backend(format!("kernel {n}: {e}")));
-        let ops = Ops {
-            embed: f("embed")?,
-            rms_norm: f("rms_norm")?,
-            add_bias: f("add_bias")?,
-            add_inplace: f("add_inplace")?,
-            rope: f("rope")?,
-            kv_write: f("kv_write")?,
-            attention: f("attention")?,
-            silu_mul: f("silu_mul")?,
-            gather_rows: f("gather_rows")?,
-            scatter_add_scaled: f("scatter_add_scaled")?,
-            gemv_f32: f("gemv_f32")?,
-            gemv_f32_tiles: f("gemv_f32_tiles")?,
-            gemv_f32_norm: f("gemv_f32_norm")?,
-            copy_cols: f("copy_cols")?,
-            fill_rows: f("fill_rows")?,
-            scale: f("scale")?,
-            draft_attention: f("draft_attention")?,
-            embed_bf16: f("embed_bf16")?,
-            add_rms_norm: f("add_rms_norm")?,
-            add_rms_norm_split: f("add_rms_norm_split")?,
-            rms_norm_split: f("rms_norm_split")?,
-            embed_rms_norm_split: f("embed_rms_norm_split")?,
-            embed_rms_norm_split_bf16: f("embed_rms_norm_split_bf16")?,
-            add_rms_norm_moe_split: f("add_rms_norm_moe_split")?,
-            add_rms_norm_pairs: f("add_rms_norm_pairs")?,
-            add_rms_norm_split_pairs: f("add_rms_norm_split_pairs")?,
-            add_rms_norm_pairs_bf16: f("add_rms_norm_pairs_bf16")?,
-            add_pairs_inplace: f("add_pairs_inplace")?,
-            rope_kv_write: f("rope_kv_write")?,
-            moe_route: f("moe_route")?,
-            moe_group: {
-                let k = f("moe_group")?;
-                // Up to 1024 experts: (2 E + 1024) ints and 32 E u16 of shared memory (76 KB).
-                let _ = k.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, 80 * 1024);
-                k
-            },
-            argmax_rows: f("argmax_rows")?,
-            argmax_final: f("argmax_final")?,
-            argmax_unpack: f("argmax_unpack")?,
-            fetch_staged: f("fetch_staged")?,
-            attention_v2: f("attention_v2")?,
-            attention_v2_kv: f("attention_v2_kv")?,
-            attention_v2_kv_ready: f("attention_v2_kv_ready")?,
-            attention_v2_kv_ready_pre: f("attention_v2_kv_ready_pre")?,
-            attention_v2_heads: {
-                // Best effort, as below: a GPU with less shared memory fails at launch.
-                let k = f("attention_v2_heads")?;
-                let _ = k.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, ATT_HEADS_MAX_SMEM as i32);
-                k
-            },
-            attention_gqa_tc: PREFILL_TC_SHAPES
-                .iter()
-                .map(|&(hd, vd)| {
-                    let form = |warps: usize| {
-                        // Best effort, as above.
-                        let k = f(&format!("attention_gqa_tc{}_d{hd}_v{vd}", if warps == 8 { String::new() } else { warps.to_string() }))?;
-                        let _ = k.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, gqa_tc_smem(hd, vd, warps) as i32);
-                        Ok::<_, Error>(k)
-                    };
-                    Ok([form(GQA_TC_WARPS[0])?, form(GQA_TC_WARPS[1])?])
-                })
-                .collect::<Result<_>>()?,
-            attention_combine: f("attention_combine")?,
-            attention_prefill: {
-                // Q, K, V and P tiles of up to 184 KB (f32, K head dim 256) and 199 KB (tensor
-                // cores, K head dim 192). Best effort: a GPU with less shared memory fails at
-                // launch instead.
-                let with_smem = |name: &str, bytes: usize| -> Result<CudaFunction> {
-                    let k = f(name)?;
-                    let _ = k.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32);
-                    Ok(k)
-                };
-                PrefillAttention {
-                    f32: with_smem("attention_prefill", prefill_attention_smem(256, 128))?,
-                    tc: PREFILL_TC_SHAPES.iter().map(|&(hd, vd)| with_smem(&format!("attention_prefill_tc_d{hd}_v{vd}"), prefill_attention_tc_smem(hd, vd))).collect::<Result<_>>()?,
-                    tensor_cores: std::env::var("PEREGRINE_PREFILL_ATTN").map_or(true, |v| v != "f32"),
-                }
-            },
-            attention_v2_rows: f("attention_v2_rows")?,
-            attention_combine_rows: f("attention_combine_rows")?,
-            gemm_f32_nt: f("gemm_f32_nt")?,
-            place_drafts: f("place_drafts")?,
-            accept_drafts: f("accept_drafts")?,
-            module: m.clone(),
-        };
         let sms = gpu.ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(drv)? as usize;
         let attention_kv_wave = ops.attention_v2_kv.occupancy_max_active_blocks_per_multiprocessor(256, 0, None).map_err(drv)? as usize * sms;
         let attention_ready_pre_wave = ops.attention_v2_kv_ready_pre.occupancy_max_active_blocks_per_multiprocessor(256, 0, None).map_err(drv)? as usize * sms;
@@ -792,6 +805,24 @@ impl CudaModel {
             Mlp::Moe { spec, experts: Experts::Stacked(w), .. } => Some((w, spec.top_k)),
             _ => None,
         })
+    }
+
+    /// For benchmarks: every kernel compiled again under `defines` (measurement defines, as
+    /// `PEREGRINE_KERNEL_DEFINES` would give them), with this model's MoE tuning, for
+    /// `swap_kernel_set`. Settings derived from ops.cu's occupancy at load stay the model's.
+    pub fn load_kernel_set(&self, defines: &str) -> Result<KernelSet> {
+        let (kernels, ops) = compile::with_defines(defines, || -> Result<_> { Ok((Kernels::load(&self.gpu)?, load_ops(&self.gpu)?)) })?;
+        let choices = self.kernels.moe_choices.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        *kernels.moe_choices.lock().unwrap_or_else(|e| e.into_inner()) = choices;
+        Ok(KernelSet { kernels, ops })
+    }
+
+    /// Exchanges the model's kernels with `set`'s (`load_kernel_set`); captured step graphs are
+    /// dropped.
+    pub fn swap_kernel_set(&mut self, set: &mut KernelSet) {
+        std::mem::swap(&mut self.kernels, &mut set.kernels);
+        std::mem::swap(&mut self.ops, &mut set.ops);
+        self.graphs.clear();
     }
 
     /// Random-weight generation for `attach_synthetic_drafter`.

@@ -52,7 +52,22 @@ const OPTIONS: &[&str] = &["--std=c++17", "-lineinfo"];
 /// file on the GPU machine). A word `file:-DNAME` goes to that file only, whatever the list says
 /// (`-DSTEP_TRACE ops:-DATT_MARK=2`: a trace of every kernel, a variant of one file).
 fn options(name: &str) -> Vec<String> {
-    options_with(name, &std::env::var("PEREGRINE_KERNEL_DEFINES").unwrap_or_default(), std::env::var("PEREGRINE_KERNEL_DEFINES_IN").ok().as_deref())
+    let defines = DEFINES_OVERRIDE.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let defines = defines.unwrap_or_else(|| std::env::var("PEREGRINE_KERNEL_DEFINES").unwrap_or_default());
+    options_with(name, &defines, std::env::var("PEREGRINE_KERNEL_DEFINES_IN").ok().as_deref())
+}
+
+/// `PEREGRINE_KERNEL_DEFINES`' value while `with_defines` runs (benchmarks loading a second set
+/// of kernels: `CudaModel::load_kernel_set`).
+static DEFINES_OVERRIDE: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+/// Runs `f` with the kernels compiled under `defines` (as if `PEREGRINE_KERNEL_DEFINES` held
+/// them), for benchmarks comparing two builds of the kernels in one process.
+pub fn with_defines<T>(defines: &str, f: impl FnOnce() -> T) -> T {
+    let before = DEFINES_OVERRIDE.lock().unwrap_or_else(|e| e.into_inner()).replace(defines.to_string());
+    let out = f();
+    *DEFINES_OVERRIDE.lock().unwrap_or_else(|e| e.into_inner()) = before;
+    out
 }
 
 /// `options` given the two variables' values.

@@ -28,7 +28,7 @@ mod weights;
 #[cfg(test)]
 mod op_tests;
 
-pub use backend::CudaModel;
+pub use backend::{CudaModel, KernelSet};
 pub use graph::NodeKinds;
 pub use device::{probe, probe_for_tests, Gpu, REQUIRE_GPU_ENV};
 pub use kernels::{Kernels, MoeKernel, MoeLayout, MoeRouting};
