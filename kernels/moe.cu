@@ -385,34 +385,60 @@ __device__ __forceinline__ void bulk_load(void* smem, const void* gmem, unsigned
     asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(d), "l"(gmem), "r"(bytes), "r"(b)
                  : "memory");
 }
+// The L2 policy of a weight stage's copy: evict_first where this call reads those bytes for the
+// last time (`once`), so the MoE's stream of weights, larger than L2, does not push out what is
+// read again (its own h and outputs, the activations, the K/V cache, the kernels' code), else
+// evict_normal. Batch-1 Flash step -1 to -1.4%, batch 8 -1.9% (benches/results/
+// 2026-11-27-moe-evict-first.md). Not on the GEMVs' loads: a line there serves several warps'
+// requests, and with evict_first the step was 4% slower. -DMOE_WEIGHTS_EVICT_NORMAL
+// (measurements): evict_normal everywhere.
+__device__ __forceinline__ unsigned long long l2_weights_policy(bool once) {
+    unsigned long long p;
+#ifndef MOE_WEIGHTS_EVICT_NORMAL
+    if (once)
+        asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(p));
+    else
+#endif
+        asm("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;" : "=l"(p));
+    return p;
+}
+// A weight stage's copy, with l2_weights_policy(once).
+__device__ __forceinline__ void bulk_load_weights(void* smem, const void* gmem, unsigned bytes, unsigned long long* bar, bool once) {
+    unsigned d = (unsigned)__cvta_generic_to_shared(smem), b = (unsigned)__cvta_generic_to_shared(bar);
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;" ::"r"(d),
+                 "l"(gmem), "r"(bytes), "r"(b), "l"(l2_weights_policy(once))
+                 : "memory");
+}
 __device__ __forceinline__ void mbar_expect(unsigned long long* bar, unsigned bytes) {
     unsigned a = (unsigned)__cvta_generic_to_shared(bar);
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(a), "r"(bytes) : "memory");
 }
 
 // Stage j (of this pass) of a warp's ring: one lane asks for it, one copy (a tile's steps are
-// contiguous, each its codes and then its scales).
+// contiguous, each its codes and then its scales). once: the pass is the call's last over
+// this tile (l2_weights_policy).
 template <int NS, int CS>
 __device__ __forceinline__ void bulk_issue(int j, int seq, const unsigned char* __restrict__ wt, int KS, unsigned char* ring,
-                                           unsigned long long* bars) {
+                                           unsigned long long* bars, bool once) {
     int slot = (seq + j) % NS, steps = min(CS, KS - j * CS);
     mbar_expect(bars + slot, steps * STEP_BYTES);
-    bulk_load(ring + slot * CS * STEP_BYTES, wt + (size_t)j * CS * STEP_BYTES, steps * STEP_BYTES, bars + slot);
+    bulk_load_weights(ring + slot * CS * STEP_BYTES, wt + (size_t)j * CS * STEP_BYTES, steps * STEP_BYTES, bars + slot, once);
 }
 
 // The first NS stages of a pass, asked for before the activations are staged; stages below
 // `from` were already asked for by the previous pass (the ring runs on across passes).
 template <int NS, int CS>
 __device__ __forceinline__ void bulk_prologue(int seq, const unsigned char* __restrict__ wt, int KS, unsigned char* ring,
-                                              unsigned long long* bars, int from = 0) {
+                                              unsigned long long* bars, bool once, int from = 0) {
     int nst = (KS + CS - 1) / CS;
     if ((threadIdx.x & 31) == 0)
-        for (int j = from; j < min(NS, nst); j++) bulk_issue<NS, CS>(j, seq, wt, KS, ring, bars);
+        for (int j = from; j < min(NS, nst); j++) bulk_issue<NS, CS>(j, seq, wt, KS, ring, bars, once);
 }
 
 // Streams the warp's current pass (wt, KS steps). As its last NS stages are consumed, the
 // freed slots are refilled with the first stages of the warp's next pass (nwt, nKS; nKS = 0:
-// none), so the ring never drains between passes; returns how many were asked for.
+// none), so the ring never drains between passes; returns how many were asked for. once /
+// nonce: each pass is the call's last over its tile (bulk_issue).
 // frag holds L / 8 pairs' B fragments, interleaved as stage_b stages them, or (rowstride > 0)
 // row after row.
 // -DMOE_TILED_EARLY=0 gives the tiled kernels the late refill back (measurements).
@@ -427,8 +453,8 @@ __device__ __forceinline__ void bulk_prologue(int seq, const unsigned char* __re
 // sync below orders every lane's reads of the slot before lane 0's refill, as without EARLY.)
 template <int NS, int CS, bool EARLY = false>
 __device__ __forceinline__ int tile_stream_bulk(const unsigned char* __restrict__ wt, int KS, const uint4* frag, int L, float acc[4],
-                                                unsigned char* ring, unsigned long long* bars, int& seq,
-                                                const unsigned char* nwt = nullptr, int nKS = 0, int rowstride = 0) {
+                                                unsigned char* ring, unsigned long long* bars, int& seq, bool once,
+                                                const unsigned char* nwt = nullptr, int nKS = 0, bool nonce = true, int rowstride = 0) {
     constexpr int STAGE = CS * STEP_BYTES;
     int lane = threadIdx.x & 31, g = lane >> 2;
     bool hasb = lane < L;
@@ -469,13 +495,13 @@ __device__ __forceinline__ int tile_stream_bulk(const unsigned char* __restrict_
         if (j + NS < nst) {
             if (lane == 0) {
                 asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-                bulk_issue<NS, CS>(j + NS, seq, wt, KS, ring, bars);
+                bulk_issue<NS, CS>(j + NS, seq, wt, KS, ring, bars, once);
             }
         } else {
             // The next pass's stages in order; with a pass shorter than the ring several at once.
             if (lane == 0 && pre < nnst && nst + pre - NS <= j) asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
             while (pre < nnst && nst + pre - NS <= j) {
-                if (lane == 0) bulk_issue<NS, CS>(pre, seq + nst, nwt, nKS, ring, bars);
+                if (lane == 0) bulk_issue<NS, CS>(pre, seq + nst, nwt, nKS, ring, bars, nonce);
                 pre++;
             }
         }
@@ -670,7 +696,8 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
             }
         };
         if (SPLIT && GATE_UP && threadIdx.x == 0) fetch_rows();
-        if (active) bulk_prologue<NS, CS>(seq, wt, KS, ring, wbars);
+        const bool once = p0 + cap >= pe;  // the block's last pass over its tiles
+        if (active) bulk_prologue<NS, CS>(seq, wt, KS, ring, wbars, once);
         // The down kernel may be launched while gate_up still runs (programmatic dependent
         // launch): its weights are asked for above, h only after gate_up has finished. With
         // `slot_done` a block waits only for its own slot's gate_up blocks (gate_up counts them
@@ -705,7 +732,7 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
         }
         staged = false;
         float acc[4] = {0.f, 0.f, 0.f, 0.f};
-        if (active) tile_stream_bulk<NS, CS, MOE_TILED_EARLY>(wt, KS, frag, 8 * np, acc, ring, wbars, seq, nullptr, 0, SPLIT ? K / 4 : 0);
+        if (active) tile_stream_bulk<NS, CS, MOE_TILED_EARLY>(wt, KS, frag, 8 * np, acc, ring, wbars, seq, once, nullptr, 0, true, SPLIT ? K / 4 : 0);
         if (active && t < np) tile_store(GATE_UP, acc, SPLIT ? inv : ss.inv[t], y, ldy, p0 + t, rt, pair_w);
         __syncthreads();  // every warp is done with the fragments before the next pass restages
     }
@@ -803,14 +830,22 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
         for (int p0 = pb; p0 < pe; p0 += cap) {  // no passes for an unused expert slot
             int np = min(cap, pe - p0);
             if ((int)threadIdx.x < np) ss.rows[threadIdx.x] = down ? p0 + threadIdx.x : pair_tok[p0 + threadIdx.x];
-            if (KS) bulk_prologue<NS, CS>(seq, wt, KS, ring, wbars, pre);
+            const bool once = p0 + cap >= pe;  // the last pass over this item's tiles
+            if (KS) bulk_prologue<NS, CS>(seq, wt, KS, ring, wbars, once, pre);
             // The warp's next pass: this tile again for the slot's next pairs, else its tile of
-            // the block's next item.
+            // the block's next item (whose first pass is its last when its slot fits one).
             const unsigned char* nwt = wt;
             int nKS = KS;
-            if (p0 + cap >= pe) {
+            bool nonce = p0 + 2 * cap >= pe;
+            if (once) {
                 nKS = 0;
-                if (nn < items) nKS = seg(nn, nwt);
+                if (nn < items) {
+                    nKS = seg(nn, nwt);
+                    bool ndown;
+                    int nslot, ngrp;
+                    fused_item(nn, gu_items, gug, dg, ndown, nslot, ngrp);
+                    nonce = pair_off[nslot + 1] - pair_off[nslot] <= pass_rows(ndown ? I : H, TW * RING);
+                }
             }
             if (down && p0 == pb && threadIdx.x == 0) {
                 // h of this slot is complete when all its gate_up items are (the weights are
@@ -827,7 +862,7 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
             if (ti < 14 && p0 == pb) TRACE(ti + 2);
             float acc[4] = {0.f, 0.f, 0.f, 0.f};
             pre = 0;
-            if (KS) pre = tile_stream_bulk<NS, CS>(wt, KS, frag, 8 * np, acc, ring, wbars, seq, nwt, nKS);
+            if (KS) pre = tile_stream_bulk<NS, CS>(wt, KS, frag, 8 * np, acc, ring, wbars, seq, once, nwt, nKS, nonce);
             if (KS && t < np) tile_store(!down, acc, ss.inv[t], down ? out : h, down ? H : I, p0 + t, rt, pair_w);
             ITEM_SYNC();  // every warp is done with the fragments before the next pass restages
             if (ti < 14) TRACE(ti + 3);
