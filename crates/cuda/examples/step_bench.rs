@@ -70,7 +70,8 @@ struct Args {
     /// and ids (`set_copy_free_rows`), in turn per round. `defines:DEFINES` builds every
     /// kernel a second time under measurement defines (`-DX -DY`, as `PEREGRINE_KERNEL_DEFINES`
     /// takes them): A the kernels as loaded, B those (`load_kernel_set`); `defines:` with none
-    /// is an A/A of two loads of the same kernels.
+    /// is an A/A of two loads of the same kernels. `copies:N`: A the router's sums in the
+    /// loaded count of copies, B in N (`set_route_acc_copies`).
     #[arg(long)]
     ab: Vec<String>,
     #[arg(long, default_value_t = 15)]
@@ -126,6 +127,14 @@ fn print_trace(model: &mut CudaModel, batch: &[SeqForward]) {
     for (name, n, exp, dur, run) in kinds {
         println!("| {name} | {n} | {exp:.1} | {:.1}% | {:.2} | {:.2} | {:.2} |", 100.0 * exp / total.max(1e-9), exp / n as f64, dur / n as f64, run / n as f64);
     }
+}
+
+/// One `--ab` table row: each setting's median ms per replay, and the rounds' B - A.
+fn print_ab_row(what: &str, batch: usize, a: &[f32], b: &[f32]) {
+    let diff: Vec<f64> = a.iter().zip(b).map(|(x, y)| (y - x) as f64 * 1e3).collect();
+    let slower = diff.iter().filter(|&&d| d > 0.0).count();
+    let med = |v: &[f32]| median(v.iter().map(|&x| x as f64).collect());
+    println!("| {what} | {batch} | {:.4} | {:.4} | {:.1} | {slower} of {} |", med(a), med(b), median(diff.clone()), diff.len());
 }
 
 fn gpu_sync(model: &CudaModel) {
@@ -477,17 +486,27 @@ fn main() {
                         }
                     };
                     let Some((a, bb)) = model.graph_ab_ms(&batch, args.steps, args.ab_rounds, set).expect("A/B replays") else { continue };
-                    let diff: Vec<f64> = a.iter().zip(&bb).map(|(x, y)| (y - x) as f64 * 1e3).collect();
-                    let slower = diff.iter().filter(|&&d| d > 0.0).count();
-                    let med = |v: &[f32]| median(v.iter().map(|&x| x as f64).collect());
-                    println!("| {what} | {b} | {:.4} | {:.4} | {:.1} | {slower} of {} |", med(&a), med(&bb), median(diff.clone()), diff.len());
+                    print_ab_row(what, b, &a, &bb);
+                }
+                continue;
+            }
+            if let Some(n) = what.strip_prefix("copies:") {
+                // A the router's sums in the loaded count of copies, B in n.
+                let n: usize = n.parse().expect("--ab copies:N");
+                let base = model.route_acc_copies();
+                for &b in batches {
+                    let batch: Vec<SeqForward> = (0..b).map(|s| seqf(s, vec![tok(s, args.context)], args.context, OutputRows::Last)).collect();
+                    model.set_cuda_graphs(true);
+                    let set = |m: &mut CudaModel, on: bool| m.set_route_acc_copies(if on { n } else { base }).expect("router sum copies");
+                    let Some((a, bb)) = model.graph_ab_ms(&batch, args.steps, args.ab_rounds, set).expect("A/B replays") else { continue };
+                    print_ab_row(what, b, &a, &bb);
                 }
                 continue;
             }
             let shift = match what.strip_prefix("shift:") {
                 Some(n) => Some(n.parse::<usize>().expect("--ab shift:BYTES")),
                 None if ["tail", "argmax", "fetch", "embed", "prefetch"].contains(&what.as_str()) => None,
-                None => panic!("--ab takes tail, argmax, fetch, embed, prefetch, rows, shift:BYTES or defines:DEFINES, not {what}"),
+                None => panic!("--ab takes tail, argmax, fetch, embed, prefetch, rows, shift:BYTES, copies:N or defines:DEFINES, not {what}"),
             };
             for &b in batches {
                 let batch: Vec<SeqForward> = (0..b).map(|s| seqf(s, vec![tok(s, args.context)], args.context, OutputRows::Last)).collect();
@@ -501,10 +520,7 @@ fn main() {
                     None => m.set_step_tail_fused(!on),
                 };
                 let Some((a, bb)) = model.graph_ab_ms(&batch, args.steps, args.ab_rounds, set).expect("A/B replays") else { continue };
-                let diff: Vec<f64> = a.iter().zip(&bb).map(|(x, y)| (y - x) as f64 * 1e3).collect();
-                let slower = diff.iter().filter(|&&d| d > 0.0).count();
-                let med = |v: &[f32]| median(v.iter().map(|&x| x as f64).collect());
-                println!("| {what} | {b} | {:.4} | {:.4} | {:.1} | {slower} of {} |", med(&a), med(&bb), median(diff.clone()), diff.len());
+                print_ab_row(what, b, &a, &bb);
             }
         }
         model.shift_step_buffers(0).expect("buffers back");

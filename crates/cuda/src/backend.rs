@@ -1867,6 +1867,27 @@ impl CudaModel {
         }
     }
 
+    /// The copies of the router's fixed-point sums a one-token o_proj spreads its blocks' adds
+    /// over (`ROUTE_ACC_COPIES`, `PEREGRINE_ROUTE_ACC_COPIES` at load).
+    pub fn route_acc_copies(&self) -> usize {
+        self.route_acc_copies
+    }
+
+    /// For benchmarks: sets `route_acc_copies`, from 1 up to what the accumulators were sized
+    /// for at load. Captured step graphs are dropped and every accumulator zeroed (the flag
+    /// word moves with the count).
+    pub fn set_route_acc_copies(&mut self, copies: usize) -> Result<()> {
+        let experts = self.layers.iter().filter_map(|l| if let Mlp::Moe { spec, .. } = &l.mlp { Some(spec.num_experts) } else { None }).max().unwrap_or(0);
+        if copies == 0 || copies * experts >= self.route_acc_stride {
+            return Err(Error::Backend(format!("{copies} copies of the router's sums: from 1 up to {} (as loaded)", self.route_acc_copies.max((self.route_acc_stride - 1) / experts.max(1)))));
+        }
+        self.stream.synchronize().map_err(drv)?;
+        self.route_acc_copies = copies;
+        self.zero_step_accumulators();
+        self.graphs.clear();
+        Ok(())
+    }
+
     /// How many layers do their MoE's router in the o_proj at `rows` rows; for tests.
     pub fn route_in_oproj_layers(&self, rows: usize) -> usize {
         (0..self.layers.len()).filter(|&l| self.route_in_oproj_at(l, rows)).count()
