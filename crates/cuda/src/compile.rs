@@ -118,7 +118,7 @@ pub fn ptx(name: &str, src: &str, arch: &'static str) -> Result<(Ptx, bool)> {
 
 #[cfg(test)]
 mod tests {
-    use super::{cache_file_name, options_with, GEMV_CU, MOE_CU, OPS_CU, SAMPLE_CU};
+    use super::{cache_file_name, options, options_with, with_defines, GEMV_CU, MOE_CU, OPS_CU, SAMPLE_CU};
 
     #[test]
     fn measurement_defines_go_to_the_files_named() {
@@ -136,6 +136,22 @@ mod tests {
         assert_eq!(options_with("ops", "-DA ops:-DB=2", None), ["--std=c++17", "-lineinfo", "-DA", "-DB=2"]);
         assert_eq!(options_with("gemv", "-DA ops:-DB=2", None), ["--std=c++17", "-lineinfo", "-DA"]);
         assert_eq!(options_with("ops", "-DA ops:-DB", Some("gemv")), ["--std=c++17", "-lineinfo", "-DB"]);
+    }
+
+    /// `with_defines` (a second build of the kernels in one process, for A/Bs) replaces the
+    /// environment's defines while it runs, `file:` words included, and nothing after.
+    #[test]
+    fn a_second_build_takes_its_defines_only_while_it_runs() {
+        if std::env::var_os("PEREGRINE_KERNEL_DEFINES_IN").is_some() {
+            return;  // (a measurement environment: the list would filter the words)
+        }
+        let before = options("moe");
+        let inside = with_defines("moe:-DX gemv:-DY -DZ", || (options("moe"), options("gemv"), options("ops")));
+        assert_eq!(inside.0, ["--std=c++17", "-lineinfo", "-DX", "-DZ"]);
+        assert_eq!(inside.1, ["--std=c++17", "-lineinfo", "-DY", "-DZ"]);
+        assert_eq!(inside.2, ["--std=c++17", "-lineinfo", "-DZ"]);
+        assert_eq!(with_defines("", || options("moe")), ["--std=c++17", "-lineinfo"]);
+        assert_eq!(options("moe"), before);
     }
 
     /// The kernels whose dynamic shared memory bulk copies or cp.async fill (moe.cu's rings,
