@@ -471,36 +471,35 @@ fn main() {
                 }
                 continue;
             }
+            // Per batch, one graph captured under each setting (A: set(false), B: set(true)),
+            // replayed in turn.
+            let ab = |model: &mut CudaModel, set: &dyn Fn(&mut CudaModel, bool)| {
+                for &b in batches {
+                    let batch: Vec<SeqForward> = (0..b).map(|s| seqf(s, vec![tok(s, args.context)], args.context, OutputRows::Last)).collect();
+                    model.set_cuda_graphs(true);
+                    if let Some((a, bb)) = model.graph_ab_ms(&batch, args.steps, args.ab_rounds, set).expect("A/B replays") {
+                        print_ab_row(what, b, &a, &bb);
+                    }
+                }
+            };
             if let Some(defines) = what.strip_prefix("defines:") {
                 // Every kernel built twice in one process: A as loaded, B under these
                 // measurement defines (the MoE tuning copied from A).
                 let alt = std::cell::RefCell::new(model.load_kernel_set(defines).expect("kernels under the defines"));
                 let on_b = std::cell::Cell::new(false);
-                for &b in batches {
-                    let batch: Vec<SeqForward> = (0..b).map(|s| seqf(s, vec![tok(s, args.context)], args.context, OutputRows::Last)).collect();
-                    model.set_cuda_graphs(true);
-                    let set = |m: &mut CudaModel, on: bool| {
-                        if on != on_b.get() {
-                            m.swap_kernel_set(&mut alt.borrow_mut());
-                            on_b.set(on);
-                        }
-                    };
-                    let Some((a, bb)) = model.graph_ab_ms(&batch, args.steps, args.ab_rounds, set).expect("A/B replays") else { continue };
-                    print_ab_row(what, b, &a, &bb);
-                }
+                ab(&mut model, &|m, on| {
+                    if on != on_b.get() {
+                        m.swap_kernel_set(&mut alt.borrow_mut());
+                        on_b.set(on);
+                    }
+                });
                 continue;
             }
             if let Some(n) = what.strip_prefix("copies:") {
                 // A the router's sums in the loaded count of copies, B in n.
                 let n: usize = n.parse().expect("--ab copies:N");
                 let base = model.route_acc_copies();
-                for &b in batches {
-                    let batch: Vec<SeqForward> = (0..b).map(|s| seqf(s, vec![tok(s, args.context)], args.context, OutputRows::Last)).collect();
-                    model.set_cuda_graphs(true);
-                    let set = |m: &mut CudaModel, on: bool| m.set_route_acc_copies(if on { n } else { base }).expect("router sum copies");
-                    let Some((a, bb)) = model.graph_ab_ms(&batch, args.steps, args.ab_rounds, set).expect("A/B replays") else { continue };
-                    print_ab_row(what, b, &a, &bb);
-                }
+                ab(&mut model, &|m, on| m.set_route_acc_copies(if on { n } else { base }).expect("router sum copies"));
                 continue;
             }
             let shift = match what.strip_prefix("shift:") {
@@ -508,20 +507,14 @@ fn main() {
                 None if ["tail", "argmax", "fetch", "embed", "prefetch"].contains(&what.as_str()) => None,
                 None => panic!("--ab takes tail, argmax, fetch, embed, prefetch, rows, shift:BYTES, copies:N or defines:DEFINES, not {what}"),
             };
-            for &b in batches {
-                let batch: Vec<SeqForward> = (0..b).map(|s| seqf(s, vec![tok(s, args.context)], args.context, OutputRows::Last)).collect();
-                model.set_cuda_graphs(true);
-                let set = |m: &mut CudaModel, on: bool| match shift {
-                    Some(n) => m.shift_step_buffers(if on { n } else { 0 }).expect("buffers shifted"),
-                    None if what == "argmax" => m.set_lm_head_argmax(!on),
-                    None if what == "fetch" => m.set_copy_free_rows(!on),
-                    None if what == "embed" => m.set_embed_norm_fused(!on),
-                    None if what == "prefetch" => m.set_lm_head_prefetch(!on),
-                    None => m.set_step_tail_fused(!on),
-                };
-                let Some((a, bb)) = model.graph_ab_ms(&batch, args.steps, args.ab_rounds, set).expect("A/B replays") else { continue };
-                print_ab_row(what, b, &a, &bb);
-            }
+            ab(&mut model, &|m, on| match shift {
+                Some(n) => m.shift_step_buffers(if on { n } else { 0 }).expect("buffers shifted"),
+                None if what == "argmax" => m.set_lm_head_argmax(!on),
+                None if what == "fetch" => m.set_copy_free_rows(!on),
+                None if what == "embed" => m.set_embed_norm_fused(!on),
+                None if what == "prefetch" => m.set_lm_head_prefetch(!on),
+                None => m.set_step_tail_fused(!on),
+            });
         }
         model.shift_step_buffers(0).expect("buffers back");
     }
