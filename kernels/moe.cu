@@ -388,7 +388,7 @@ __device__ __forceinline__ void bulk_load(void* smem, const void* gmem, unsigned
 // The L2 policy of a weight stage's copy: evict_first where this call reads those bytes for the
 // last time (`once`), so the MoE's stream of weights, larger than L2, does not push out what is
 // read again (its own h and outputs, the activations, the K/V cache, the kernels' code), else
-// evict_normal. Batch-1 Flash step -1 to -1.4%, batch 8 -1.9% (benches/results/
+// evict_normal. Batch-1 Flash step -0.7 to -1.0%, batch 8 -1.8 to -2.0% (benches/results/
 // 2026-11-27-moe-evict-first.md). Not on the GEMVs' loads: a line there serves several warps'
 // requests, and with evict_first the step was 4% slower. -DMOE_WEIGHTS_EVICT_NORMAL
 // (measurements): evict_normal everywhere.
