@@ -933,27 +933,6 @@ __device__ __forceinline__ void moe_fused_routed(const float* __restrict__ logit
                                   x, h, out, H, I, U, counters, y, tok_pairs_out, ss, staged, 0.f);
 }
 
-// L2 ahead (pf non-null): DRAM has nothing to read from the routing's loads until the routing
-// names the experts (~4-5 us), so the blocks ask L2 for the first pf_bytes of each of pf_rows
-// rows pf_ld bytes apart: the next layer's q/k/v, whose warps read those first. Block b takes
-// rows [b rows / grid, (b + 1) rows / grid), one prefetch a thread. The MoE's own copies are
-// evict_first (l2_weights_policy), so the lines asked for here outlast its stream.
-// -DMOE_PF_EVICT_LAST (measurements) asks with evict_last.
-__device__ __forceinline__ void l2_ahead(const unsigned char* __restrict__ pf, int pf_rows, int pf_ld, int pf_bytes) {
-    if (!pf) return;
-    const int r1 = (int)((long long)pf_rows * (blockIdx.x + 1) / gridDim.x);
-    for (int r = (int)((long long)pf_rows * blockIdx.x / gridDim.x) + (int)threadIdx.x; r < r1; r += (int)blockDim.x) {
-#ifdef MOE_PF_EVICT_LAST
-        unsigned long long pol;
-        asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(pol));
-        asm volatile("cp.async.bulk.prefetch.L2.global.L2::cache_hint [%0], %1, %2;" ::"l"(pf + (size_t)r * pf_ld), "r"(pf_bytes), "l"(pol)
-                     : "memory");
-#else
-        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(pf + (size_t)r * pf_ld), "r"(pf_bytes) : "memory");
-#endif
-    }
-}
-
 // moe_fused_routed after the o_proj that did the router (gemv_mma_bf16_t1_pipe_route in
 // gemv.cu): the logits come as fixed-point sums in `copies` copies, acc[c E + e] (x 2^40;
 // acc[copies E] nonzero: NaN logits), and the post-attention norm's sum of squares as the o_proj
@@ -972,8 +951,7 @@ __device__ __forceinline__ void moe_fused_acc(const unsigned long long* __restri
                                               const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Wd,
                                               const float* __restrict__ hg, float* __restrict__ h, float* __restrict__ out, int H,
                                               int I, int U, unsigned* counters, float* __restrict__ y, int* __restrict__ tok_pairs_out,
-                                              unsigned long long* __restrict__ zero_acc, int nzero,
-                                              const unsigned char* __restrict__ pf, int pf_rows, int pf_ld, int pf_bytes) {
+                                              unsigned long long* __restrict__ zero_acc, int nzero) {
     extern __shared__ __align__(MOE_DSM_ALIGN) uint4 dsm[];
     __shared__ StageSmem ss;
     float* scores = reinterpret_cast<float*>(dsm);
@@ -998,7 +976,6 @@ __device__ __forceinline__ void moe_fused_acc(const unsigned long long* __restri
         for (int c = 0; c < ACC_HELD; c++) part[c] = c < copies ? __ldcg(acc + (size_t)c * E + e0) : 0ull;
     }
     const bool bad = __ldcg(acc + (size_t)copies * E) != 0ull;
-    l2_ahead(pf, pf_rows, pf_ld, pf_bytes);
     float q = 0.f;
     for (int i = threadIdx.x & 31; i < nssq; i += 32) q += __ldcg(ssq + i);
 #pragma unroll
@@ -1091,13 +1068,11 @@ __device__ __forceinline__ void moe_fused_acc(const unsigned long long* __restri
         const float* __restrict__ bias, int E, int K, int softmax, int n_group, int topk_group, int norm, float scale,    \
         const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Wd, const float* __restrict__ hg,       \
         float* __restrict__ h, float* __restrict__ out, int H, int I, int U, unsigned* counters, float* __restrict__ y,  \
-        int* __restrict__ tok_pairs_out, unsigned long long* zero_acc, int nzero, const unsigned char* __restrict__ pf,    \
-        int pf_rows, int pf_ld, int pf_bytes) {                                                                          \
+        int* __restrict__ tok_pairs_out, unsigned long long* zero_acc, int nzero) {                                      \
         TRACE_SM();                                                                                                      \
         TRACE(1);                                                                                                        \
         moe_fused_acc<NS, CS>(acc, copies, ssq, nssq, eps, bias, E, K, softmax, n_group, topk_group, norm, scale, Wg, Wd, \
-                              hg, h, out, H, I, U, counters, y, tok_pairs_out, zero_acc, nzero, pf, pf_rows, pf_ld,      \
-                              pf_bytes);                                                                                 \
+                              hg, h, out, H, I, U, counters, y, tok_pairs_out, zero_acc, nzero);                         \
     }
 MOE_BULK(2, 4)
 MOE_BULK(4, 2)

@@ -855,7 +855,7 @@ fn moe_acc_against_given(k: &Kernels, s: &std::sync::Arc<cudarc::driver::CudaStr
     let mut acc = Vec::new();
     for _ in 0..3 {
         given.push(pct(time_b2b(&mut |run| k.moe_mxfp4_pairs(kind, wt, &dev[run % dev.len()], x, MoeInput::Settled, &mut scratch).unwrap())));
-        acc.push(pct(time_b2b(&mut |run| k.moe_mxfp4_acc_pairs(kind, &spec, wt, &routes[run % routes.len()], 1e-5, None, &mut scratch, &mut tok_pairs, 0, 0, None).unwrap())));
+        acc.push(pct(time_b2b(&mut |run| k.moe_mxfp4_acc_pairs(kind, &spec, wt, &routes[run % routes.len()], 1e-5, None, &mut scratch, &mut tok_pairs, 0, 0).unwrap())));
     }
     let f = |v: &[f64]| v.iter().map(|p| format!("{p:.1}%")).collect::<Vec<_>>().join(" / ");
     println!("  1 token ({kind:?}), three rounds: routing given (moe_fused_bulk) {}; routing from the o_proj's sums, x as the norm's output (moe_fused_acc, as a step runs it) {}", f(&given), f(&acc));
@@ -867,7 +867,7 @@ fn moe_acc_against_given(k: &Kernels, s: &std::sync::Arc<cudarc::driver::CudaStr
         s.synchronize().unwrap();
         print_moe_trace("routing given (moe_fused_bulk), the last of 6 calls", &k.moe_trace().unwrap().unwrap(), wt.inter, top_k);
         for r in routes.iter().take(6) {
-            k.moe_mxfp4_acc_pairs(kind, &spec, wt, r, 1e-5, None, &mut scratch, &mut tok_pairs, 0, 0, None).unwrap();
+            k.moe_mxfp4_acc_pairs(kind, &spec, wt, r, 1e-5, None, &mut scratch, &mut tok_pairs, 0, 0).unwrap();
         }
         s.synchronize().unwrap();
         print_moe_trace("routing from the o_proj's sums (moe_fused_acc), the last of 6 calls", &k.moe_trace().unwrap().unwrap(), wt.inter, top_k);

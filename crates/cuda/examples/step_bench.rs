@@ -71,9 +71,7 @@ struct Args {
     /// kernel a second time under measurement defines (`-DX -DY`, as `PEREGRINE_KERNEL_DEFINES`
     /// takes them): A the kernels as loaded, B those (`load_kernel_set`); `defines:` with none
     /// is an A/A of two loads of the same kernels. `copies:N`: A the router's sums in the
-    /// loaded count of copies, B in N (`set_route_acc_copies`). `l2ahead:BYTES`: A the
-    /// one-token MoE asking L2 for the loaded bytes of each next q/k/v row, B for BYTES
-    /// (`set_l2_ahead_bytes`).
+    /// loaded count of copies, B in N (`set_route_acc_copies`).
     #[arg(long)]
     ab: Vec<String>,
     #[arg(long, default_value_t = 15)]
@@ -497,13 +495,6 @@ fn main() {
                 });
                 continue;
             }
-            if let Some(n) = what.strip_prefix("l2ahead:") {
-                // A the loaded bytes of each q/k/v row the one-token MoE asks L2 for, B n.
-                let n: usize = n.parse().expect("--ab l2ahead:BYTES");
-                let base = model.l2_ahead_bytes();
-                ab(&mut model, &|m, on| m.set_l2_ahead_bytes(if on { n } else { base }));
-                continue;
-            }
             if let Some(n) = what.strip_prefix("copies:") {
                 // A the router's sums in the loaded count of copies, B in n.
                 let n: usize = n.parse().expect("--ab copies:N");
@@ -514,7 +505,7 @@ fn main() {
             let shift = match what.strip_prefix("shift:") {
                 Some(n) => Some(n.parse::<usize>().expect("--ab shift:BYTES")),
                 None if ["tail", "argmax", "fetch", "embed", "prefetch"].contains(&what.as_str()) => None,
-                None => panic!("--ab takes tail, argmax, fetch, embed, prefetch, rows, shift:BYTES, copies:N, l2ahead:BYTES or defines:DEFINES, not {what}"),
+                None => panic!("--ab takes tail, argmax, fetch, embed, prefetch, rows, shift:BYTES, copies:N or defines:DEFINES, not {what}"),
             };
             ab(&mut model, &|m, on| match shift {
                 Some(n) => m.shift_step_buffers(if on { n } else { 0 }).expect("buffers shifted"),

@@ -160,9 +160,6 @@ const DRAIN_AFTER_MLP_ROWS: usize = 2;
 const ROUTE_ACC_COPIES: usize = 8;
 /// Default of `CudaModel::plain_from_rows`.
 const PLAIN_FROM_ROWS: usize = 16;
-/// Leading bytes of each row of the next layer's q/k/v that the one-token MoE asks L2 for
-/// while it routes (`l2_ahead_of`); 0: none.
-const L2_AHEAD_BYTES: usize = 0;
 
 pub(crate) struct Ops {
     pub(crate) embed: CudaFunction,
@@ -443,10 +440,6 @@ pub struct CudaModel {
     /// (`Op::EmbedNorm`; `PEREGRINE_EMBED_NORM_FUSED=0` keeps them two, for comparison).
     pub(crate) embed_norm_fused: bool,
     route_acc_copies: usize,
-    /// Leading bytes of each row of the next layer's q/k/v that the one-token MoE after an
-    /// o_proj with its router asks L2 for while it routes (`l2_ahead_of`;
-    /// `PEREGRINE_L2_AHEAD_BYTES` at load, `set_l2_ahead_bytes`; 0 none).
-    l2_ahead_bytes: usize,
     route_acc_stride: usize,
     route_ssq: CudaSlice<f32>,
     route_hg: CudaSlice<f32>,
@@ -783,7 +776,6 @@ impl CudaModel {
             copy_free_rows: std::env::var("PEREGRINE_COPY_FREE_ROWS").map_or(true, |v| v != "0"),
             embed_norm_fused: std::env::var("PEREGRINE_EMBED_NORM_FUSED").map_or(true, |v| v != "0"),
             route_acc_copies,
-            l2_ahead_bytes: std::env::var("PEREGRINE_L2_AHEAD_BYTES").ok().and_then(|v| v.parse().ok()).unwrap_or(L2_AHEAD_BYTES),
             route_acc_stride,
             route_ssq,
             route_hg,
@@ -1803,7 +1795,7 @@ impl CudaModel {
             let zero = self.route_acc_ptr(prev);
             let mut tok_pairs = unsafe { self.kernels.alloc.alloc::<i32>(spec.top_k) }?;
             let eps = self.spec.rms_norm_eps;
-            let out = self.with_moe_scratch(w, spec.top_k, |scratch| self.kernels.moe_mxfp4_acc_pairs(kind, spec, w, &r, eps, bias.as_ref().map(|b| &b.0), scratch, &mut tok_pairs, zero, self.route_acc_stride, self.l2_ahead_of(li + 1)))?;
+            let out = self.with_moe_scratch(w, spec.top_k, |scratch| self.kernels.moe_mxfp4_acc_pairs(kind, spec, w, &r, eps, bias.as_ref().map(|b| &b.0), scratch, &mut tok_pairs, zero, self.route_acc_stride))?;
             self.moe_pairs_calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return Ok(MlpOut::Pairs(MoePairs { out, tok_pairs, topk: spec.top_k, pre: Some(attn) }));
         }
@@ -1930,29 +1922,6 @@ impl CudaModel {
     /// benchmarks and tests comparing the two. Captured step graphs are dropped.
     pub fn set_embed_norm_fused(&mut self, on: bool) {
         self.embed_norm_fused = on;
-        self.graphs.clear();
-    }
-
-    /// What the one-token MoE ahead of layer `li` asks L2 for while it routes
-    /// (`kernels::L2Ahead`): the first `l2_ahead_bytes` (whole 16 bytes, at most a row) of each
-    /// row of that layer's stacked FP8 q/k/v, which the projection's warps read first. None past
-    /// the last layer, for other q/k/v forms, or with `l2_ahead_bytes` 0.
-    fn l2_ahead_of(&self, li: usize) -> Option<crate::kernels::L2Ahead> {
-        let Some(Qkv::Stacked { m: Mat { m: GpuMatrix::Fp8 { w, .. }, n, k }, .. }) = self.layers.get(li).map(|l| &l.attn.qkv) else {
-            return None;
-        };
-        let bytes = self.l2_ahead_bytes.min(*k) / 16 * 16;
-        (bytes > 0 && k.is_multiple_of(16)).then(|| crate::kernels::L2Ahead { ptr: w.device_ptr(&self.stream).0, rows: *n, ld: *k, bytes })
-    }
-
-    /// The bytes of each q/k/v row the one-token MoE asks L2 for (`l2_ahead_bytes`).
-    pub fn l2_ahead_bytes(&self) -> usize {
-        self.l2_ahead_bytes
-    }
-
-    /// Sets `l2_ahead_bytes`, for measurements; captured step graphs are dropped.
-    pub fn set_l2_ahead_bytes(&mut self, bytes: usize) {
-        self.l2_ahead_bytes = bytes;
         self.graphs.clear();
     }
 

@@ -159,17 +159,6 @@ pub struct RouteInOproj<'a> {
     pub hg: &'a CudaSlice<f32>,
 }
 
-/// Weights read after the one-token MoE that its blocks ask L2 for while they route
-/// (`moe_mxfp4_acc_pairs`; DRAM has nothing to read until the routing names the experts): the
-/// first `bytes` of each of `rows` rows `ld` bytes apart from device address `ptr`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct L2Ahead {
-    pub ptr: u64,
-    pub rows: usize,
-    pub ld: usize,
-    pub bytes: usize,
-}
-
 /// The most router rows `gemv_bf16_presplit_route` takes (64 bytes of shared memory each).
 pub const ROUTE_OPROJ_MAX_EXPERTS: usize = 512;
 
@@ -2106,9 +2095,8 @@ impl Kernels {
     /// with `r`): the logits from `r.acc` and the post-attention norm's 1 / rms from `r.ssq`,
     /// x = (norm * h) * inv staged from `r.hg` (moe_fused_acc_*). `zero_acc` (device address, 0
     /// for none) of `nzero` u64: the accumulators of the MoE layer before, which block 0 zeroes.
-    /// `ahead`: what the blocks ask L2 for while they route (16-byte aligned rows and sizes).
     #[allow(clippy::too_many_arguments)]
-    pub fn moe_mxfp4_acc_pairs(&self, kind: MoeKernel, spec: &MoeSpec, w: &MoeWeights, r: &RouteInOproj, eps: f32, bias: Option<&CudaSlice<f32>>, scratch: &mut MoeScratch, tok_pairs: &mut CudaSlice<i32>, zero_acc: u64, nzero: usize, ahead: Option<L2Ahead>) -> Result<()> {
+    pub fn moe_mxfp4_acc_pairs(&self, kind: MoeKernel, spec: &MoeSpec, w: &MoeWeights, r: &RouteInOproj, eps: f32, bias: Option<&CudaSlice<f32>>, scratch: &mut MoeScratch, tok_pairs: &mut CudaSlice<i32>, zero_acc: u64, nzero: usize) -> Result<()> {
         let (e, k, h) = (spec.num_experts, spec.top_k, w.hidden);
         let (MoeLayout::Tiled { gate_up, down }, MoeKernel::Fused { stages, steps, max_blocks }) = (&w.layout, kind) else {
             return Err(Error::Backend(format!("the routed MoE kernel runs the fused kernel over tiled weights, not {kind:?}")));
@@ -2132,12 +2120,6 @@ impl Kernels {
         Self::routing_args(&mut b, spec);
         b.arg(gate_up).arg(down).arg(r.hg).arg(&mut scratch.h).arg(&mut scratch.out).arg(&hh).arg(&ii).arg(&ui).arg(&mut scratch.counters);
         b.arg(&0u64).arg(&mut *tok_pairs).arg(&zero_acc).arg(&nz);
-        // (A bulk prefetch takes 16-byte aligned addresses and sizes.)
-        let a = ahead.unwrap_or(L2Ahead { ptr: 0, rows: 0, ld: 0, bytes: 0 });
-        let fits = a.ptr.is_multiple_of(16) && a.ld.is_multiple_of(16) && a.bytes.is_multiple_of(16) && a.bytes > 0 && a.bytes <= a.ld && a.rows <= i32::MAX as usize && a.ld <= i32::MAX as usize;
-        check(a.ptr == 0 || fits, || format!("L2 ahead {a:?}: 16-byte aligned rows and sizes, at most a row"))?;
-        let (pr, pl, pb) = (a.rows as i32, a.ld as i32, a.bytes as i32);
-        b.arg(&a.ptr).arg(&pr).arg(&pl).arg(&pb);
         unsafe { b.launch(cfg) }.map_err(drv("moe (fused, router in the o_proj)"))?;
         Ok(())
     }
