@@ -425,19 +425,6 @@ __device__ __forceinline__ void bulk_issue(int j, int seq, const unsigned char* 
     bulk_load_weights(ring + slot * CS * STEP_BYTES, wt + (size_t)j * CS * STEP_BYTES, steps * STEP_BYTES, bars + slot, once);
 }
 
-// Measurement builds (-DMOE_DOWN_L2_AHEAD=n): a down pass's warp, before the wait for its slot's
-// gate_up, asks L2 for up to n more of its tile's steps past the ring's first NS stages. Blocks
-// done with gate_up early wait there while the slowest SMs still stream, and DRAM has room.
-template <int NS, int CS>
-__device__ __forceinline__ void down_l2_ahead(const unsigned char* __restrict__ wt, int KS) {
-#if defined(MOE_DOWN_L2_AHEAD) && MOE_DOWN_L2_AHEAD > 0
-    const int rest = min(KS - NS * CS, MOE_DOWN_L2_AHEAD);
-    if ((threadIdx.x & 31) == 0 && rest > 0)
-        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(wt + (size_t)NS * CS * STEP_BYTES), "r"((unsigned)(rest * STEP_BYTES))
-                     : "memory");
-#endif
-}
-
 // The first NS stages of a pass, asked for before the activations are staged; stages below
 // `from` were already asked for by the previous pass (the ring runs on across passes).
 template <int NS, int CS>
@@ -711,7 +698,6 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
         if (SPLIT && GATE_UP && threadIdx.x == 0) fetch_rows();
         const bool once = p0 + cap >= pe;  // the block's last pass over its tiles
         if (active) bulk_prologue<NS, CS>(seq, wt, KS, ring, wbars, once);
-        if (!GATE_UP && active && p0 == pb) down_l2_ahead<NS, CS>(wt, KS);
         // The down kernel may be launched while gate_up still runs (programmatic dependent
         // launch): its weights are asked for above, h only after gate_up has finished. With
         // `slot_done` a block waits only for its own slot's gate_up blocks (gate_up counts them
@@ -846,7 +832,6 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
             if ((int)threadIdx.x < np) ss.rows[threadIdx.x] = down ? p0 + threadIdx.x : pair_tok[p0 + threadIdx.x];
             const bool once = p0 + cap >= pe;  // the last pass over this item's tiles
             if (KS) bulk_prologue<NS, CS>(seq, wt, KS, ring, wbars, once, pre);
-            if (KS && down && p0 == pb) down_l2_ahead<NS, CS>(wt, KS);
             // The warp's next pass: this tile again for the slot's next pairs, else its tile of
             // the block's next item (whose first pass is its last when its slot fits one).
             const unsigned char* nwt = wt;
