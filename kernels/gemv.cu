@@ -794,20 +794,14 @@ __device__ __forceinline__ unsigned long long argmax_key(float v, int n) {
 // slices: ~7 us at the end of a batch-1 step). The slots spread the ~38k atomics of Flash's
 // lm_head over 64 L2 lines instead of one word (not measured apart: what made the kernel slow in
 // some processes was its schedule, see gemv_mma_bf16_t1_argmax).
-//
-// SMP (BF16, one tile: gemv_mma_bf16_t1_pipe_route_pre): the tile's rows' first pre_k columns
-// come from shared memory (pre_s, row r at r * pre_ld halves), where the block copied them
-// before its PDL wait; the same values, the same arithmetic: the same bits.
 template <int NT, int R, bool FP8, bool READY = false, bool PIPE = false, int CW = 1, bool XSH = false, bool KEEP = false,
-          bool ARGMAX = false, bool SMP = false>
+          bool ARGMAX = false>
 __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, const float* __restrict__ S,
                                          const unsigned short* __restrict__ XH, const unsigned short* __restrict__ XL,
                                          const float* __restrict__ xinv, float* __restrict__ y, float* __restrict__ y1,
                                          float* __restrict__ y2, int N0, int N1, int N, int K, int T,
                                          unsigned* __restrict__ ready = nullptr, int heads = 0, int hd = 0, int vd = 0,
-                                         float* keep = nullptr, unsigned long long* amax = nullptr, int slots = 1, int stride = 0,
-                                         const unsigned short* pre_s = nullptr, int pre_k = 0, int pre_ld = 0) {
-    static_assert(!SMP || (!FP8 && R == 1), "rows from shared memory: the one-tile BF16 kernel's");
+                                         float* keep = nullptr, unsigned long long* amax = nullptr, int slots = 1, int stride = 0) {
     static_assert(!KEEP || (R == 1 && !READY), "the kept rows are one tile's");
     static_assert(!ARGMAX || (R == 1 && NT == 1 && !READY), "the fused argmax is one token's, over one tile a block");
     static_assert(!READY || R == 1, "the ready counts are per 16-row tile");
@@ -848,12 +842,6 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
             for (int i = 0; i < 4; i++) acc[rt][tt][i] = 0.f;
     // BF16 rows g and g + 8 of row tile rt at columns k .. k + 15.
     auto bf16_rows = [&](int rt, int k, uint4 w0[2], uint4 w1[2]) {
-        if (SMP && k < pre_k) {
-            const uint4* s0 = reinterpret_cast<const uint4*>(pre_s + (size_t)(rr[rt][0] - nb) * pre_ld + k);
-            const uint4* s1 = reinterpret_cast<const uint4*>(pre_s + (size_t)(rr[rt][1] - nb) * pre_ld + k);
-            w0[0] = s0[0]; w0[1] = s0[1]; w1[0] = s1[0]; w1[1] = s1[1];
-            return;
-        }
         const uint4* p0 = reinterpret_cast<const uint4*>(reinterpret_cast<const unsigned short*>(W) + (size_t)rr[rt][0] * K + k);
         const uint4* p1 = reinterpret_cast<const uint4*>(reinterpret_cast<const unsigned short*>(W) + (size_t)rr[rt][1] * K + k);
         w0[0] = ld_weights<LDH>(p0); w0[1] = ld_weights<LDH>(p0 + 1); w1[0] = ld_weights<LDH>(p1); w1[1] = ld_weights<LDH>(p1 + 1);
@@ -1722,58 +1710,21 @@ GEMV_MMA_PIPE(fp8, true)
 // on entry (the MoE of the layer after zeroes it: see there). The router's columns of the
 // block's rows (W [E, N] f32, 64 bytes per expert) are copied to shared memory before the wait
 // (weights), the residual's rows loaded after it. 16 E * 4 bytes of dynamic shared memory.
-//
-// PRE (gemv_mma_bf16_t1_pipe_route_pre, measurements: PEREGRINE_OPROJ_PREFETCH_BYTES): the
-// dynamic shared memory past the router's columns holds the first pre_k columns of the block's
-// 16 rows (pre_k = the rest / 16 rows, whole K blocks, a row pre_k + 8 halves apart so the
-// lanes' loads spread over the banks), copied by bulk copies before the PDL wait: the o_proj
-// then reads them while the latency-bound attention ahead leaves DRAM idle. The same bits.
-template <bool PRE>
-__device__ __forceinline__ void oproj_route(const unsigned char* __restrict__ W, const float* __restrict__ S,
-                                            const unsigned short* __restrict__ XH, const unsigned short* __restrict__ XL,
-                                            const float* __restrict__ xinv, float* __restrict__ y, float* __restrict__ y1,
-                                            float* __restrict__ y2, int N0, int N1, int N, int K, int T, unsigned* zero, int nzero,
-                                            const float* __restrict__ res, const float* __restrict__ g, const float* __restrict__ Wr,
-                                            int E, unsigned long long* __restrict__ acc, int copies, float* __restrict__ ssq,
-                                            float* __restrict__ hg) {
+extern "C" __global__ void __launch_bounds__(256) gemv_mma_bf16_t1_pipe_route(
+    const unsigned char* __restrict__ W, const float* __restrict__ S, const unsigned short* __restrict__ XH,
+    const unsigned short* __restrict__ XL, const float* __restrict__ xinv, float* __restrict__ y, float* __restrict__ y1,
+    float* __restrict__ y2, int N0, int N1, int N, int K, int T, unsigned* zero, int nzero, const float* __restrict__ res,
+    const float* __restrict__ g, const float* __restrict__ Wr, int E, unsigned long long* __restrict__ acc, int copies,
+    float* __restrict__ ssq, float* __restrict__ hg) {
     __shared__ float keep[16], hgs[16];
-    __shared__ __align__(8) unsigned long long pre_bar;
     extern __shared__ __align__(128) float4 wr_sh[];  // [E][4]: expert e's columns nb .. nb + 15
     const int nb = blockIdx.x * 16, tid = threadIdx.x;
-    int pre_k = 0, pre_ld = 0;
-    unsigned short* pre_s = reinterpret_cast<unsigned short*>(wr_sh + E * 4);
-    if (PRE) {
-        unsigned dyn;
-        asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
-        const int room = ((int)dyn - E * 64) / 16 / 2 - 8;  // halves a row
-        pre_k = room <= 0 ? 0 : min(room / 128 * 128, K);
-        pre_ld = pre_k + 8;
-        if (tid == 0 && pre_k > 0) {
-            const unsigned bs = (unsigned)__cvta_generic_to_shared(&pre_bar);
-            asm volatile("mbarrier.init.shared.b64 [%0], 1;" ::"r"(bs));
-            asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-            asm volatile("mbarrier.arrive.expect_tx.shared.b64 _, [%0], %1;" ::"r"(bs), "r"(32u * pre_k) : "memory");
-            for (int r = 0; r < 16; r++) {
-                const unsigned d = (unsigned)__cvta_generic_to_shared(pre_s + (size_t)r * pre_ld);
-                const unsigned short* src = reinterpret_cast<const unsigned short*>(W) + (size_t)min(nb + r, N - 1) * K;
-                asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(d), "l"(src),
-                             "r"((unsigned)(2 * pre_k)), "r"(bs)
-                             : "memory");
-            }
-        }
-    }
     for (int i = tid; i < E * 4; i += blockDim.x) cp_async16(wr_sh + i, Wr + (size_t)(i >> 2) * N + nb + (i & 3) * 4);
     cp_async_commit();
     const float gr = tid < 16 && nb + tid < N ? __ldg(g + nb + tid) : 0.f;
     PDL_ENTER();
     const float xr = tid < 16 && nb + tid < N ? __ldcg(res + nb + tid) : 0.f;  // (the host keeps N % 16 == 0)
-    if (PRE && pre_k > 0) {
-        __syncthreads();  // (thread 0 initialised the barrier)
-        const unsigned bs = (unsigned)__cvta_generic_to_shared(&pre_bar);
-        asm volatile("{\n .reg .pred p;\n W: mbarrier.try_wait.parity.shared.b64 p, [%0], 0;\n @!p bra W;\n}" ::"r"(bs) : "memory");
-    }
-    gemv_mma<1, 1, false, false, true, 1, false, true, false, PRE>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T, nullptr, 0, 0, 0,
-                                                                   keep, nullptr, 1, 0, pre_s, pre_k, pre_ld);
+    gemv_mma<1, 1, false, false, true, 1, false, true>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T, nullptr, 0, 0, 0, keep);
     zero_after_wait(zero, nzero);
     cp_async_wait<0>();
     __syncthreads();  // keep[] and every thread's copies
@@ -1802,17 +1753,6 @@ __device__ __forceinline__ void oproj_route(const unsigned char* __restrict__ W,
         else atomicOr(acc + (size_t)copies * E, 1ull);
     }
 }
-#define OPROJ_ROUTE(NAME, PRE)                                                                                             \
-    extern "C" __global__ void __launch_bounds__(256) NAME(                                                               \
-        const unsigned char* __restrict__ W, const float* __restrict__ S, const unsigned short* __restrict__ XH,          \
-        const unsigned short* __restrict__ XL, const float* __restrict__ xinv, float* __restrict__ y, float* __restrict__ y1, \
-        float* __restrict__ y2, int N0, int N1, int N, int K, int T, unsigned* zero, int nzero, const float* __restrict__ res, \
-        const float* __restrict__ g, const float* __restrict__ Wr, int E, unsigned long long* __restrict__ acc, int copies, \
-        float* __restrict__ ssq, float* __restrict__ hg) {                                                                  \
-        oproj_route<PRE>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T, zero, nzero, res, g, Wr, E, acc, copies, ssq, hg); \
-    }
-OPROJ_ROUTE(gemv_mma_bf16_t1_pipe_route, false)
-OPROJ_ROUTE(gemv_mma_bf16_t1_pipe_route_pre, true)
 
 // The q/k/v projection feeding attention_v2_kv_ready (READY above): the kernel's name, its
 // __launch_bounds__ (threads[, blocks per SM]), then gemv_mma's PIPE, CW and XSH.

@@ -71,9 +71,7 @@ struct Args {
     /// kernel a second time under measurement defines (`-DX -DY`, as `PEREGRINE_KERNEL_DEFINES`
     /// takes them): A the kernels as loaded, B those (`load_kernel_set`); `defines:` with none
     /// is an A/A of two loads of the same kernels. `copies:N`: A the router's sums in the
-    /// loaded count of copies, B in N (`set_route_acc_copies`). `oproj:BYTES`: A the one-token
-    /// o_proj copying the loaded bytes of each row to shared memory before its wait, B BYTES
-    /// (`set_oproj_prefetch`).
+    /// loaded count of copies, B in N (`set_route_acc_copies`).
     #[arg(long)]
     ab: Vec<String>,
     #[arg(long, default_value_t = 15)]
@@ -497,13 +495,6 @@ fn main() {
                 });
                 continue;
             }
-            if let Some(n) = what.strip_prefix("oproj:") {
-                // A the loaded bytes of each row the one-token o_proj copies before its wait, B n.
-                let n: usize = n.parse().expect("--ab oproj:BYTES");
-                let base = model.oproj_prefetch();
-                ab(&mut model, &|m, on| m.set_oproj_prefetch(if on { n } else { base }));
-                continue;
-            }
             if let Some(n) = what.strip_prefix("copies:") {
                 // A the router's sums in the loaded count of copies, B in n.
                 let n: usize = n.parse().expect("--ab copies:N");
@@ -514,7 +505,7 @@ fn main() {
             let shift = match what.strip_prefix("shift:") {
                 Some(n) => Some(n.parse::<usize>().expect("--ab shift:BYTES")),
                 None if ["tail", "argmax", "fetch", "embed", "prefetch"].contains(&what.as_str()) => None,
-                None => panic!("--ab takes tail, argmax, fetch, embed, prefetch, rows, shift:BYTES, copies:N, oproj:BYTES or defines:DEFINES, not {what}"),
+                None => panic!("--ab takes tail, argmax, fetch, embed, prefetch, rows, shift:BYTES, copies:N or defines:DEFINES, not {what}"),
             };
             ab(&mut model, &|m, on| match shift {
                 Some(n) => m.shift_step_buffers(if on { n } else { 0 }).expect("buffers shifted"),

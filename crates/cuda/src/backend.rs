@@ -1925,19 +1925,6 @@ impl CudaModel {
         self.graphs.clear();
     }
 
-    /// Sets the bytes of each row the one-token o_proj with the router copies to shared memory
-    /// before its PDL wait (`Kernels::set_oproj_prefetch`), for measurements. Captured step
-    /// graphs are dropped.
-    pub fn set_oproj_prefetch(&mut self, bytes: usize) {
-        self.kernels.set_oproj_prefetch(bytes);
-        self.graphs.clear();
-    }
-
-    /// The bytes of each row the one-token o_proj copies before its wait.
-    pub fn oproj_prefetch(&self) -> usize {
-        self.kernels.oproj_prefetch()
-    }
-
     /// Sets whether the one-token lm_head prefetches its first K blocks into L2 before its wait
     /// (`Kernels::set_lm_head_prefetch`), for measurements. Captured step graphs are dropped.
     pub fn set_lm_head_prefetch(&mut self, on: bool) {

@@ -159,10 +159,6 @@ pub struct RouteInOproj<'a> {
     pub hg: &'a CudaSlice<f32>,
 }
 
-/// Dynamic shared memory `gemv_mma_bf16_t1_pipe_route_pre` may take (the router's columns and
-/// the rows' first bytes).
-const OPROJ_PRE_MAX_SMEM: usize = 200 * 1024;
-
 /// The most router rows `gemv_bf16_presplit_route` takes (64 bytes of shared memory each).
 pub const ROUTE_OPROJ_MAX_EXPERTS: usize = 512;
 
@@ -296,12 +292,6 @@ pub struct Kernels {
     lm_head_prefetch: bool,
     /// `gemv_mma_bf16_t1_pipe_route`: the one-token o_proj that also does its MoE's router.
     mma_bf16_pipe_route: CudaFunction,
-    /// Measurement: `gemv_mma_bf16_t1_pipe_route_pre`, run instead where `oproj_prefetch` (bytes
-    /// of each row copied to shared memory before the PDL wait; `PEREGRINE_OPROJ_PREFETCH_BYTES`,
-    /// `set_oproj_prefetch`) is not 0. `PEREGRINE_OPROJ_CARVEOUT=P` asks for P% of the SM's
-    /// unified memory as shared memory for it.
-    mma_bf16_pipe_route_pre: CudaFunction,
-    oproj_prefetch: usize,
     mma_bf16_pipe_wave: usize,
     mma_fp8_pipe: CudaFunction,
     mma_fp8_pipe_wave: usize,
@@ -971,11 +961,6 @@ impl Kernels {
         let mma_bf16_argmax_pf = f("gemv_mma_bf16_t1_argmax_pf")?;
         let mma_bf16_pipe = f("gemv_mma_bf16_t1_pipe")?;
         let mma_bf16_pipe_route = f("gemv_mma_bf16_t1_pipe_route")?;
-        let mma_bf16_pipe_route_pre = f("gemv_mma_bf16_t1_pipe_route_pre")?;
-        let _ = mma_bf16_pipe_route_pre.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, OPROJ_PRE_MAX_SMEM as i32);
-        if let Some(p) = std::env::var("PEREGRINE_OPROJ_CARVEOUT").ok().and_then(|v| v.parse::<i32>().ok()) {
-            let _ = mma_bf16_pipe_route_pre.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, p);
-        }
         let mma_bf16_pipe_wave = mma_bf16_pipe.occupancy_max_active_blocks_per_multiprocessor(256, 0, None).map_err(drv("GEMV occupancy"))? as usize * sms;
         let mma_fp8_pipe = f("gemv_mma_fp8_t1_pipe")?;
         let mma_fp8_pipe_wave = mma_fp8_pipe.occupancy_max_active_blocks_per_multiprocessor(256, 0, None).map_err(drv("GEMV occupancy"))? as usize * sms;
@@ -1018,8 +1003,6 @@ impl Kernels {
             mma_bf16_argmax_pf,
             lm_head_prefetch: std::env::var("PEREGRINE_LM_HEAD_PREFETCH").map_or(true, |v| v != "0"),
             mma_bf16_pipe_route,
-            mma_bf16_pipe_route_pre,
-            oproj_prefetch: std::env::var("PEREGRINE_OPROJ_PREFETCH_BYTES").ok().and_then(|v| v.parse().ok()).unwrap_or(0),
             mma_bf16_pipe_wave,
             mma_fp8_pipe,
             mma_fp8_pipe_wave,
@@ -1620,18 +1603,6 @@ impl Kernels {
         self.lm_head_prefetch = on;
     }
 
-    /// Sets the bytes of each row the one-token o_proj with the router copies to shared memory
-    /// before its PDL wait (`gemv_mma_bf16_t1_pipe_route_pre`; 0: none, the default), for
-    /// measurements. Same bits.
-    pub fn set_oproj_prefetch(&mut self, bytes: usize) {
-        self.oproj_prefetch = bytes;
-    }
-
-    /// The bytes of each row the one-token o_proj copies before its wait (`set_oproj_prefetch`).
-    pub fn oproj_prefetch(&self) -> usize {
-        self.oproj_prefetch
-    }
-
     /// Runs the BF16 one-tile GEMV with its next K block loaded ahead where its grid fits
     /// (`gemv_mma_bf16_t1_pipe`, the default), or never (`false`). Same bits either way.
     pub fn set_gemv_pipe(&mut self, on: bool) {
@@ -1754,21 +1725,14 @@ impl Kernels {
         check(r.res.len() >= n && r.norm.len() >= n && r.router.len() >= r.experts * n && r.ssq.len() >= n / 16 && r.hg.len() >= n && r.acc != 0 && r.copies >= 1, || "gemv_bf16_presplit_route: router buffers too small".into())?;
         let (wp, _w) = w.device_ptr(&self.stream);
         let (ni, ki, ti, ei) = (n as i32, k as i32, 1i32, r.experts as i32);
-        // Whole K blocks of each row (256 bytes each) that fit OPROJ_PRE_MAX_SMEM beside the
-        // router's columns, each row padded by 16 bytes (the kernel derives the count from its
-        // dynamic shared memory).
-        let room = (OPROJ_PRE_MAX_SMEM.saturating_sub(r.experts * 64) / 16).saturating_sub(16);
-        let pre = self.oproj_prefetch.min(2 * k).min(room) / 256 * 256;
-        let f = if pre > 0 { &self.mma_bf16_pipe_route_pre } else { &self.mma_bf16_pipe_route };
-        let mut b = crate::launch::builder(&self.stream, f);
+        let mut b = crate::launch::builder(&self.stream, &self.mma_bf16_pipe_route);
         b.arg(&wp).arg(&0u64).arg(xh).arg(xl).arg(&0u64);
         b.arg(&mut *y).arg(&0u64).arg(&0u64).arg(&ni).arg(&0i32).arg(&ni).arg(&ki).arg(&ti);
         let nzero = zero.map_or(0, |z| z.len() as i32);
         b.arg_or_null(zero).arg(&nzero);
         let ci = r.copies as i32;
         b.arg(r.res).arg(r.norm).arg(r.router).arg(&ei).arg(&r.acc).arg(&ci).arg(r.ssq).arg(r.hg);
-        let smem = r.experts * 64 + if pre > 0 { 16 * (pre + 16) } else { 0 };
-        let cfg = LaunchConfig { grid_dim: ((n / 16) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem as u32 };
+        let cfg = LaunchConfig { grid_dim: ((n / 16) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: (r.experts * 64) as u32 };
         unsafe { b.launch(cfg) }.map_err(drv("gemv_mma_bf16_t1_pipe_route"))?;
         Ok(())
     }
