@@ -174,3 +174,12 @@ __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_gr
 // then 32 of scales. moe.cu streams them; ops.cu's synthetic fill writes them.
 #define STEP_BYTES 544
 #define STEP_CODE_BYTES 512
+
+// A graph step's id r also into the host slot *ids_host points at (fetch_staged in ops.cu),
+// written through: the host reads it once the step's event has completed. (The argmax kernels
+// and the sampler write their ids so.)
+__device__ __forceinline__ void store_host_id(const unsigned long long* __restrict__ ids_host, int r, int id) {
+    if (ids_host == nullptr) return;
+    const unsigned long long h = *ids_host;
+    if (h != 0ull) __stwt(reinterpret_cast<int*>(h) + r, id);
+}

@@ -728,9 +728,9 @@ extern "C" __global__ void rms_norm_split(const float* __restrict__ x, const flo
 // graph's first kernel is one round trip. The layout goes by value: array a is bytes[a] bytes
 // (a multiple of 4) at src + off[a] (16-byte aligned, the slot padded to 16), for dst[a].
 struct StagedLayout {
-    unsigned long long dst[8];
-    unsigned off[8];
-    unsigned bytes[8];
+    unsigned long long dst[10];
+    unsigned off[10];
+    unsigned bytes[10];
     unsigned n;
     unsigned ids_off;  // where in the slot the step's ids go (argmax_final, argmax_unpack)
 };
@@ -1165,14 +1165,6 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, const flo
 // experts[u] / pair_off[u..u+1] for the used experts ascending, then empty slots up to max_u
 // (pair_off = P), so a launch with grid.y = max_u needs no host round trip. One block.
 // Dynamic shared memory: 2 * E ints.
-
-// A graph step's id r also into the host slot *ids_host points at (fetch_staged), written
-// through: the host reads it once the step's event has completed.
-__device__ __forceinline__ void store_host_id(const unsigned long long* __restrict__ ids_host, int r, int id) {
-    if (ids_host == nullptr) return;
-    const unsigned long long h = *ids_host;
-    if (h != 0ull) __stwt(reinterpret_cast<int*>(h) + r, id);
-}
 
 // y[r] = argmax of logits row r (ties to the lower index), so greedy decoding brings back only
 // ids. Two stages: gridDim.y blocks per row each reduce a slice into part[r, blockIdx.y]

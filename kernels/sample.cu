@@ -305,9 +305,14 @@ __device__ __forceinline__ int top_id(unsigned long long e) { return (int)(unsig
 // One row's sample by a cluster of CL blocks of NT threads; `stage` (shared, the block's slice)
 // when `staged`. Every block reaches the same cluster barriers and ends on one, so no block
 // leaves while another may still read its shared memory.
+// The id goes to out[row] and, in a copy-free graph step, into its host slot (store_host_id).
 template <int CL, int NT>
 __device__ void sample_row(const float* __restrict__ logits, int V, const RowSampling* __restrict__ params, int* __restrict__ out,
-                           int row, float* stage, bool staged, SampleShared<NT>& sh) {
+                           const unsigned long long* __restrict__ ids_host, int row, float* stage, bool staged, SampleShared<NT>& sh) {
+    auto emit = [&](int id) {
+        out[row] = id;
+        store_host_id(ids_host, row, id);
+    };
     const int lane = threadIdx.x & 31;
     unsigned ph = 0;
     unsigned rank = cluster_rank<CL>();
@@ -346,7 +351,7 @@ __device__ void sample_row(const float* __restrict__ logits, int V, const RowSam
     }
     int argmax_id = am == 0x7fffffff ? 0 : am;
     if (p.temperature <= 0.f || !isfinite(mx)) {
-        if (rank == 0 && threadIdx.x == 0) out[row] = argmax_id;
+        if (rank == 0 && threadIdx.x == 0) emit(argmax_id);
         cluster_sync<CL>();
         return;
     }
@@ -398,24 +403,26 @@ __device__ void sample_row(const float* __restrict__ logits, int V, const RowSam
     if (target >= total) target = total - 1;
     // Nothing kept (cannot happen: the largest logit weighs 2^32): the argmax.
     if (total == 0) {
-        if (rank == 0 && threadIdx.x == 0) out[row] = argmax_id;
+        if (rank == 0 && threadIdx.x == 0) emit(argmax_id);
     } else if (before + base <= target && target < before + base + mine) {
         unsigned long long acc = before + base;
         for (int i = c0; i < c1; i++) {
             unsigned long long w = drawn(i);
             if (w == 0) continue;
             acc += w;
-            if (acc > target) { out[row] = s0 + i; break; }
+            if (acc > target) { emit(s0 + i); break; }
         }
     }
     cluster_sync<CL>();
 }
 
 // One block of 1024 threads per row (any GPU).
+// ids_host (null: none): a device word holding the host address a graph step's ids also go to.
 extern "C" __global__ void __launch_bounds__(ST) sample_rows(const float* __restrict__ logits, int V,
-                                                             const RowSampling* __restrict__ params, int* __restrict__ out) { PDL_ENTER();
+                                                             const RowSampling* __restrict__ params, int* __restrict__ out,
+                                                             const unsigned long long* __restrict__ ids_host) { PDL_ENTER();
     __shared__ SampleShared<ST> sh;
-    sample_row<1, ST>(logits, V, params, out, blockIdx.x, nullptr, false, sh);
+    sample_row<1, ST>(logits, V, params, out, ids_host, blockIdx.x, nullptr, false, sh);
 }
 
 #if __CUDA_ARCH__ >= 900
@@ -428,11 +435,12 @@ extern "C" __global__ void __launch_bounds__(ST) sample_rows(const float* __rest
 #endif
 #define SAMPLE_CLUSTER_THREADS 512
 extern "C" __global__ void __cluster_dims__(SAMPLE_CLUSTER, 1, 1) __launch_bounds__(SAMPLE_CLUSTER_THREADS)
-    sample_rows_cluster(const float* __restrict__ logits, int V, const RowSampling* __restrict__ params, int* __restrict__ out, int staged) {
+    sample_rows_cluster(const float* __restrict__ logits, int V, const RowSampling* __restrict__ params, int* __restrict__ out, int staged,
+                        const unsigned long long* __restrict__ ids_host) {
     PDL_ENTER();
     extern __shared__ float stage[];
     __shared__ SampleShared<SAMPLE_CLUSTER_THREADS> sh;
-    sample_row<SAMPLE_CLUSTER, SAMPLE_CLUSTER_THREADS>(logits, V, params, out, blockIdx.y, stage, staged != 0, sh);
+    sample_row<SAMPLE_CLUSTER, SAMPLE_CLUSTER_THREADS>(logits, V, params, out, ids_host, blockIdx.y, stage, staged != 0, sh);
 }
 #endif
 

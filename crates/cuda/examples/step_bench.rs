@@ -150,14 +150,21 @@ const PREFILLED_CONTEXT: usize = 8192;
 
 /// As the engine decodes: each step started before the one ahead of it is collected, its tokens
 /// read on the GPU from that step's ids (Backend::enqueue_decode); the median gap in ms between
-/// consecutive collects over `steps` steps (after 3).
-fn overlapped_ms(model: &mut CudaModel, decode_batch: &dyn Fn(usize) -> Vec<SeqForward>, b: usize, steps: usize) -> f64 {
+/// consecutive collects over `steps` steps (after 3). Greedy, or sampled with `sampling(i)` for
+/// step i (its graph captured already).
+fn overlapped_ms(model: &mut CudaModel, decode_batch: &dyn Fn(usize) -> Vec<SeqForward>, b: usize, steps: usize, sampling: Option<&dyn Fn(usize) -> Vec<RowSampling>>) -> f64 {
     let chain: Vec<Option<usize>> = (0..b).map(Some).collect();
-    assert!(model.enqueue_decode(&decode_batch(0), &vec![None; b], None).unwrap(), "batch {b}: the decode step did not overlap");
+    let rows = |i: usize| sampling.map(|f| f(i));
+    fn with(r: &Option<Vec<RowSampling>>) -> Option<(&[RowSampling], &[peregrine_core::backend::LogitAdjust])> {
+        r.as_ref().map(|r| (&r[..], &[][..]))
+    }
+    let r0 = rows(0);
+    assert!(model.enqueue_decode(&decode_batch(0), &vec![None; b], with(&r0)).unwrap(), "batch {b}: the decode step did not overlap");
     let mut t = Vec::new();
     let mut last = Instant::now();
     for i in 1..steps + 4 {
-        assert!(model.enqueue_decode(&decode_batch(i), &chain, None).unwrap(), "batch {b}: a chained step did not start");
+        let ri = rows(i);
+        assert!(model.enqueue_decode(&decode_batch(i), &chain, with(&ri)).unwrap(), "batch {b}: a chained step did not start");
         model.collect_decode().unwrap();
         if i > 3 {
             t.push(last.elapsed().as_secs_f64() * 1e3);
@@ -402,13 +409,49 @@ fn main() {
         // As the engine decodes: each step started before the one ahead of it is collected, its
         // tokens read on the GPU from that step's ids (Backend::enqueue_decode); the median gap
         // between consecutive collects.
-        let overlapped_ms = overlapped_ms(&mut model, &decode_batch, b, args.steps);
+        let overlapped_ms = overlapped_ms(&mut model, &decode_batch, b, args.steps, None);
         let f = floor(&spec, b, b, args.context);
         let floor_ms = f.bytes / copy_bw * 1e3;
         println!("| {b} | {eager_ms:.3} | {logits_ms:.3} | {sampled_ms:.3} | {lp_ms:.3} | {ids_ms:.3} | {overlapped_ms:.3} | {:.0} | {:.2} | {floor_ms:.3} | {:.2}x | {:.2}x |", b as f64 / (overlapped_ms / 1e3), f.bytes / 1e9, ids_ms / floor_ms, overlapped_ms / floor_ms);
     }
 
     println!("({} CUDA graphs captured)", model.cuda_graphs());
+
+    // Sampled steps: sampled inside the decode graph (`Op::Sample`, the default) against the
+    // greedy graph with the sampler launched after it (PEREGRINE_GRAPH_SAMPLING=0), each alone
+    // and overlapped as the engine runs them; greedy overlapped beside them.
+    println!("\n| batch | sampling | graph step ms, sampled in the graph | graph step ms, sampler after the graph | overlapped ms, in the graph | overlapped ms, after the graph | overlapped ms, greedy |");
+    println!("|---|---|---|---|---|---|---|");
+    for &b in batches {
+        let decode_batch = |i: usize| -> Vec<SeqForward> { (0..b).map(|s| seqf(s, vec![tok(s, args.context + i)], args.context + i % 8, OutputRows::Last)).collect() };
+        for (name, temperature, top_p) in [("T 0.8, top-p 0.95", 0.8f32, 0.95f32), ("T 1", 1.0, 1.0)] {
+            let sampling = |i: usize| -> Vec<RowSampling> { (0..b).map(|s| RowSampling { temperature, top_k: 0, top_p, min_p: 0.0, u: ((s * 37 + i) % 100) as f64 / 100.0, adj_start: 0, adj_len: 0 }).collect() };
+            let mut cells = Vec::new();
+            for in_graph in [true, false] {
+                model.set_graph_sampling(in_graph);
+                model.set_cuda_graphs(true);
+                let mut t = Vec::new();
+                for i in 0..args.steps + 3 {
+                    let t0 = Instant::now();
+                    drop(model.forward_sample(&decode_batch(i), &sampling(i), &[]).unwrap());
+                    if i >= 3 {
+                        t.push(t0.elapsed().as_secs_f64() * 1e3);
+                    }
+                }
+                cells.push(median(t));
+            }
+            for in_graph in [true, false] {
+                model.set_graph_sampling(in_graph);
+                // Captures the graph the overlapped steps replay.
+                drop(model.forward_sample(&decode_batch(0), &sampling(0), &[]).unwrap());
+                cells.push(overlapped_ms(&mut model, &decode_batch, b, args.steps, Some(&sampling)));
+            }
+            model.set_graph_sampling(true);
+            drop(model.forward_argmax(&decode_batch(0)).unwrap());
+            cells.push(overlapped_ms(&mut model, &decode_batch, b, args.steps, None));
+            println!("| {b} | {name} | {} |", cells.iter().map(|c| format!("{c:.3}")).collect::<Vec<_>>().join(" | "));
+        }
+    }
 
     // The graph alone: replays back to back on the GPU against the whole step's wall time
     // (the difference is the host's share: inputs copied in, the launch, ids copied back).
@@ -450,7 +493,7 @@ fn main() {
                             for i in 0..3 {
                                 drop(model.forward_argmax(&decode_batch(i)).unwrap());
                             }
-                            let o = overlapped_ms(&mut model, &decode_batch, b, args.steps);
+                            let o = overlapped_ms(&mut model, &decode_batch, b, args.steps, None);
                             let mut t = Vec::new();
                             for i in 0..args.steps {
                                 let t0 = Instant::now();
@@ -561,7 +604,7 @@ fn main() {
                 },
                 Op::Norm { .. } | Op::AddNorm { .. } | Op::Add { .. } => add("norms and residual adds", ms, 0.0),
                 Op::LmHead { .. } => add("lm_head and argmax", ms, spec.vocab_size as f64 * spec.hidden_size as f64 * 2.0),
-                Op::Argmax { .. } | Op::GatherRows { .. } => add("lm_head and argmax", ms, 0.0),
+                Op::Argmax { .. } | Op::Sample { .. } | Op::GatherRows { .. } => add("lm_head and argmax", ms, 0.0),
                 Op::CaptureFeatures { .. } | Op::DraftContext { .. } => add("drafter context (features, fc, K/V)", ms, 0.0),
                 Op::Embed { .. } | Op::EmbedNorm { .. } => add("embedding", ms, 0.0),
             }

@@ -436,6 +436,10 @@ pub struct CudaModel {
     /// back there (crate::staged; `PEREGRINE_COPY_FREE_ROWS=0` copies each array before the
     /// graph and the ids after it, for comparison).
     pub(crate) copy_free_rows: bool,
+    /// Whether a sampled decode step without logit adjustments samples inside its graph
+    /// (`Op::Sample`; `PEREGRINE_GRAPH_SAMPLING=0` samples after the greedy graph, for
+    /// comparison).
+    pub(crate) graph_sampling: bool,
     /// Whether a plan starts with the embedding and the first input norm as one operation
     /// (`Op::EmbedNorm`; `PEREGRINE_EMBED_NORM_FUSED=0` keeps them two, for comparison).
     pub(crate) embed_norm_fused: bool,
@@ -774,6 +778,7 @@ impl CudaModel {
             placement_hold: None,
             final_norm_fused: std::env::var("PEREGRINE_FINAL_NORM_FUSED").map_or(true, |v| v != "0"),
             copy_free_rows: std::env::var("PEREGRINE_COPY_FREE_ROWS").map_or(true, |v| v != "0"),
+            graph_sampling: std::env::var("PEREGRINE_GRAPH_SAMPLING").map_or(true, |v| v != "0"),
             embed_norm_fused: std::env::var("PEREGRINE_EMBED_NORM_FUSED").map_or(true, |v| v != "0"),
             route_acc_copies,
             route_acc_stride,
@@ -1939,6 +1944,13 @@ impl CudaModel {
         self.graphs.clear();
     }
 
+    /// Sets whether sampled decode steps sample inside their graph (`graph_sampling`, on by
+    /// default), for benchmarks and tests comparing the two. Captured step graphs are dropped.
+    pub fn set_graph_sampling(&mut self, on: bool) {
+        self.graph_sampling = on;
+        self.graphs.clear();
+    }
+
     /// The row data of slot `slot` of `s` (mapped host memory; a graph's node is pointed at each
     /// launch's own slot later) copied into the buffers its layout names, and its ids word
     /// pointed at the slot's ids (`fetch_staged`): a copy-free graph's first kernel.
@@ -2235,6 +2247,9 @@ pub(crate) struct RowMeta {
     /// Copy-free graphs: the slots in mapped host memory the graph's first kernel reads these
     /// arrays from (crate::staged).
     pub(crate) staged: Option<crate::staged::StagedRows>,
+    /// Graphs that sample on the GPU (`Op::Sample`): each row's sampling parameters, written
+    /// with the rest of the row data.
+    pub(crate) sampling: Option<CudaSlice<crate::kernels::DeviceRowSampling>>,
     pub(crate) max_blocks: usize,
     pub(crate) block_size: usize,
     /// A batch with prompt chunks: the rows attention takes in tiles (`attention_prefill`), and
@@ -2524,6 +2539,7 @@ impl CudaModel {
             swa_tables: upload(st, &rows.swa_tables)?,
             chain: None,
             staged: None,
+            sampling: None,
             max_blocks: rows.max_blocks,
             block_size: self.kv_config.map_or(1, |c| c.block_size),
             prefill: match prefill_tiles(&rows.seq, &rows.pos) {
@@ -2563,7 +2579,13 @@ impl CudaModel {
             }
         }
         let vocab = self.spec.vocab_size;
-        if let Some(mut g) = self.graph_for(&rows)? {
+        // Sampled without adjustments: the graph that samples (its ids are the samples).
+        let in_graph = match out {
+            Out::Sample(p, adj) if self.graph_samples(adj) => Some(p),
+            _ => None,
+        };
+        if let Some(mut g) = self.graph_for(&rows, in_graph)? {
+            let out = if in_graph.is_some() { Out::Argmax } else { out };
             // A copy-free graph wrote its ids into the host slot (crate::staged).
             let slot_ids = match (&out, g.staged(), g.slot) {
                 (Out::Argmax, Some(s), Some(slot)) => Some(s.slots.ids(slot, k)),

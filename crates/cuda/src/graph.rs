@@ -2,7 +2,11 @@
 //! speculative verify blocks) of at most 64 rows replays a graph captured once per (row bucket,
 //! block-table width): the step's inputs go into the graph's static buffers (read by its first
 //! kernel from mapped host memory: crate::staged), padding rows point at a scratch KV block, and
-//! one launch replaces the step's few hundred kernel launches. Its buffers come from a pool of
+//! one launch replaces the step's few hundred kernel launches. A sampled decode step without
+//! logit adjustments has graphs of its own, which sample every row on the GPU after the lm_head
+//! (`Op::Sample`) with the rows' parameters written in with the row data, so it is one launch
+//! too; `PEREGRINE_GRAPH_SAMPLING=0` samples after the greedy graph instead (for comparison).
+//! Its buffers come from a pool of
 //! their own (crate::alloc), so the graph holds kernel nodes only and every launch boundary keeps
 //! its programmatic edge. Prefill chunks and other
 //! shapes run eagerly.
@@ -12,11 +16,12 @@ use std::collections::HashMap;
 
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{CudaGraph, CudaSlice, PinnedHostSlice};
-use peregrine_core::backend::{split_logits, Logits};
+use peregrine_core::backend::{split_logits, Logits, RowSampling};
 use peregrine_core::{Error, Result};
 
 use crate::backend::{drv, CudaModel, HostRows, RowMeta};
 use crate::draft::{DraftMeta, DraftRows};
+use crate::kernels::{device_sampling_rows, DeviceRowSampling};
 use crate::speculate::{SpecKey, SpecStep};
 
 /// Row counts a graph is captured for; a batch uses the smallest that holds it.
@@ -63,9 +68,21 @@ impl NodeKinds {
 // SAFETY: see above; the graph is only touched through `&mut CudaModel`.
 unsafe impl Send for Graph {}
 
+/// Which captured decode-step graph a batch replays.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct GraphKey {
+    /// The row bucket.
+    rows: usize,
+    /// The block tables' width.
+    width: usize,
+    /// Every row is its sequence's only new token.
+    decode: bool,
+    /// It samples every row on the GPU (`Op::Sample`) instead of taking the argmax.
+    sampled: bool,
+}
+
 pub(crate) struct StepGraph {
-    /// (row bucket, table width, decode: every row its sequence's only new token).
-    key: (usize, usize, bool),
+    key: GraphKey,
     meta: RowMeta,
     pub(crate) logits: CudaSlice<f32>,
     pub(crate) ids: CudaSlice<i32>,
@@ -106,7 +123,7 @@ pub(crate) struct Graphs {
     /// routed on the host), or after a capture failed.
     pub(crate) enabled: bool,
     capturable: bool,
-    cache: HashMap<(usize, usize, bool), StepGraph>,
+    cache: HashMap<GraphKey, StepGraph>,
     /// Draft-pass graphs by (sequence bucket, block rows per sequence, table width).
     drafts: HashMap<(usize, usize, usize), DraftGraph>,
     /// Fused speculative steps (draft, verify, accept).
@@ -165,6 +182,11 @@ impl CudaModel {
         self.graphs.len()
     }
 
+    /// How many of the cached decode-step graphs sample their rows (`Op::Sample`).
+    pub fn sampling_graphs(&self) -> usize {
+        self.graphs.cache.keys().filter(|k| k.sampled).count()
+    }
+
     /// Captures what `body` launches on the stream as an instantiated, uploaded graph. The
     /// capture is ended even when `body` fails, so the stream is usable again.
     pub(crate) fn record(&self, body: impl FnOnce() -> Result<()>) -> Result<Graph> {
@@ -193,12 +215,17 @@ impl CudaModel {
 
     /// Launches the graph for `rows` (capturing it first if needed) with the rows' inputs, or
     /// None when the batch runs eagerly. The caller reads `logits`/`ids` and puts it back.
-    pub(crate) fn graph_for(&mut self, rows: &HostRows) -> Result<Option<StepGraph>> {
+    /// `sampling` (one entry per row; `graph_samples` says when): the graph that samples the
+    /// rows with these parameters, its `ids` the samples.
+    pub(crate) fn graph_for(&mut self, rows: &HostRows, sampling: Option<&[RowSampling]>) -> Result<Option<StepGraph>> {
         // A replay may overwrite the ids a chained step reads (crate::overlap; enqueue_decode
         // reads them before and names its own after).
         self.graphs.overlap.break_chain();
-        let Some(key) = self.graph_key(rows) else { return Ok(None) };
-        let (bucket, width, _) = key;
+        let Some(key) = self.graph_key(rows, sampling.is_some()) else { return Ok(None) };
+        if sampling.is_some_and(|p| p.len() != rows.toks.len()) {
+            return Err(Error::Backend(format!("{} sampling rows for a graph step of {} rows", sampling.map_or(0, <[_]>::len), rows.toks.len())));
+        }
+        let (bucket, width) = (key.rows, key.width);
         let mut g = match self.graphs.cache.remove(&key) {
             Some(g) => g,
             None => match self.capture_graph(key) {
@@ -214,7 +241,7 @@ impl CudaModel {
         g.slot = None;
         match (g.meta.staged.as_mut(), g.fetch.as_mut()) {
             (Some(staged), Some(fetch)) => {
-                let a = self.row_arrays(bucket, width, rows)?;
+                let a = self.row_arrays(bucket, width, rows, sampling)?;
                 let s = staged.write(&a.bytes())?;
                 fetch.point_at(&g.graph.0, staged.src(s))?;
                 g.graph.0.launch().map_err(drv)?;
@@ -222,34 +249,41 @@ impl CudaModel {
                 g.slot = Some(s);
             }
             _ => {
-                self.write_row_meta(&mut g.meta, bucket, width, rows)?;
+                self.write_row_meta(&mut g.meta, bucket, width, rows, sampling)?;
                 g.graph.0.launch().map_err(drv)?;
             }
         }
         Ok(Some(g))
     }
 
-    /// The graph `rows` would replay: (row bucket, table width, decode), or None when they run
-    /// eagerly (graphs off, more rows than the largest bucket, rows without logits).
-    pub(crate) fn graph_key(&self, rows: &HostRows) -> Option<(usize, usize, bool)> {
+    /// The graph `rows` would replay (the one that samples them when `sampled`), or None when
+    /// they run eagerly (graphs off, more rows than the largest bucket, rows without logits).
+    pub(crate) fn graph_key(&self, rows: &HostRows, sampled: bool) -> Option<GraphKey> {
         let n = rows.toks.len();
         if !self.graphs.enabled || rows.want.len() != n {
             return None;
         }
         let bucket = *ROW_BUCKETS.iter().find(|&&b| b >= n)?;
-        Some((bucket, rows.max_blocks.next_power_of_two().max(8), rows.one_per_seq))
+        Some(GraphKey { rows: bucket, width: rows.max_blocks.next_power_of_two().max(8), decode: rows.one_per_seq, sampled })
     }
 
     /// Whether the graph for `key` is captured already.
-    pub(crate) fn graph_captured(&self, key: &(usize, usize, bool)) -> bool {
+    pub(crate) fn graph_captured(&self, key: &GraphKey) -> bool {
         self.graphs.cache.contains_key(key)
+    }
+
+    /// Whether a step sampled with `adjust` samples inside its graph (`Op::Sample`): when it
+    /// has no logit adjustments (bias and penalties go through the greedy graph's logits and
+    /// the sampler after it) and `PEREGRINE_GRAPH_SAMPLING` is not 0.
+    pub(crate) fn graph_samples(&self, adjust: &[peregrine_core::backend::LogitAdjust]) -> bool {
+        self.graph_sampling && adjust.is_empty()
     }
 
     /// The node kinds of the decode-step graph `batch` replays (capturing it if needed; this
     /// runs the step once), or None when the batch runs eagerly.
     pub fn graph_node_kinds(&mut self, batch: &[peregrine_core::backend::SeqForward]) -> Result<Option<NodeKinds>> {
         let rows = self.host_rows(batch)?;
-        let Some(g) = self.graph_for(&rows)? else {
+        let Some(g) = self.graph_for(&rows, None)? else {
             return match &self.graphs.capture_error {
                 Some(e) => Err(Error::Backend(format!("graph capture failed: {e}"))),
                 None => Ok(None),
@@ -267,7 +301,7 @@ impl CudaModel {
     pub fn graph_replay_ms(&mut self, batch: &[peregrine_core::backend::SeqForward], n: usize) -> Result<Option<f32>> {
         use cudarc::driver::sys::CUevent_flags;
         let rows = self.host_rows(batch)?;
-        let Some(g) = self.graph_for(&rows)? else { return Ok(None) };
+        let Some(g) = self.graph_for(&rows, None)? else { return Ok(None) };
         let st = self.stream.clone();
         let ev = || st.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(drv);
         let (e0, e1) = (ev()?, ev()?);
@@ -296,7 +330,7 @@ impl CudaModel {
         let mut graphs = Vec::new();
         for b in [false, true] {
             set(self, b);
-            match self.graph_for(&rows)? {
+            match self.graph_for(&rows, None)? {
                 Some(g) => graphs.push(g),
                 None => {
                     set(self, false);
@@ -324,23 +358,25 @@ impl CudaModel {
         Ok(Some(times))
     }
 
-    fn capture_graph(&self, key: (usize, usize, bool)) -> Result<StepGraph> {
-        let (rows, width, decode) = key;
-        let meta = self.alloc_row_meta(rows, width, self.copy_free_rows)?;
+    fn capture_graph(&self, key: GraphKey) -> Result<StepGraph> {
+        let GraphKey { rows, width, decode, sampled } = key;
+        let meta = self.alloc_row_meta(rows, width, self.copy_free_rows, sampled)?;
         let mut logits = self.zeros(rows * self.spec.vocab_size)?;
         let mut ids = self.stream.alloc_zeros::<i32>(rows).map_err(drv)?;
-        let graph = self.record(|| self.step_body(&meta, rows, None, decode, &mut logits, &mut ids))?;
+        let plan = if sampled { self.sampled_step_plan(rows, decode) } else { self.step_plan(rows, None, decode) };
+        let graph = self.record(|| self.execute(&plan, &meta, None, &mut logits, &mut ids))?;
         let fetch = match &meta.staged {
             Some(s) => Some(crate::staged::FetchNode::find(&graph.0, &self.ops.fetch_staged, s, &self.stream)?),
             None => None,
         };
-        tracing::debug!(rows, width, graphs = self.graphs.len() + 1, copy_free = fetch.is_some(), "captured a decode-step CUDA graph");
+        tracing::debug!(rows, width, sampled, graphs = self.graphs.len() + 1, copy_free = fetch.is_some(), "captured a decode-step CUDA graph");
         Ok(StepGraph { key, meta, logits, ids, host: None, graph, fetch, slot: None })
     }
 
     /// Static per-row buffers for `rows` rows and block tables `width` wide; `staged`: with
-    /// slots in mapped host memory that a copy-free graph reads them from (crate::staged).
-    pub(crate) fn alloc_row_meta(&self, rows: usize, width: usize, staged: bool) -> Result<RowMeta> {
+    /// slots in mapped host memory that a copy-free graph reads them from (crate::staged);
+    /// `sampled`: with the rows' sampling parameters (`Op::Sample`).
+    pub(crate) fn alloc_row_meta(&self, rows: usize, width: usize, staged: bool, sampled: bool) -> Result<RowMeta> {
         let st = &self.stream;
         let bs = self.kv_config.map_or(1, |c| c.block_size);
         let z32 = |n: usize| st.alloc_zeros::<i32>(n).map_err(drv);
@@ -355,6 +391,7 @@ impl CudaModel {
             swa_tables: z32(rows * width)?,
             chain: Some(st.alloc_zeros::<u64>(1).map_err(drv)?),
             staged: None,
+            sampling: if sampled { Some(st.clone_htod(&device_sampling_rows(&[], rows)).map_err(drv)?) } else { None },
             max_blocks: width,
             block_size: bs,
             prefill: None,
@@ -363,7 +400,10 @@ impl CudaModel {
             use crate::staged::array;
             let chain = m.chain.as_ref().ok_or_else(|| Error::Backend("row meta without its chain word".into()))?;
             // The order of `RowArrays::bytes`.
-            let arrays = [array(&m.tok, st), array(&m.pos, st), array(&m.seq, st), array(&m.full_slots, st), array(&m.swa_slots, st), array(&m.full_tables, st), array(&m.swa_tables, st), array(chain, st)];
+            let mut arrays = vec![array(&m.tok, st), array(&m.pos, st), array(&m.seq, st), array(&m.full_slots, st), array(&m.swa_slots, st), array(&m.full_tables, st), array(&m.swa_tables, st), array(chain, st)];
+            if let Some(p) = &m.sampling {
+                arrays.push(array(p, st));
+            }
             // Page-locked memory refused: this graph copies its rows instead.
             m.staged = match crate::staged::StagedRows::new(st, &arrays, rows) {
                 Ok(s) => Some(s),
@@ -377,9 +417,9 @@ impl CudaModel {
     }
 
     /// A graph step's row data as its static buffers take it (`bucket` rows, tables `width`
-    /// wide); padding rows read and write only the scratch block that `init_kv` reserves past
-    /// the last block of each pool.
-    fn row_arrays(&self, bucket: usize, width: usize, rows: &HostRows) -> Result<RowArrays> {
+    /// wide; with `sampling`, the rows' parameters, padding rows greedy); padding rows read and
+    /// write only the scratch block that `init_kv` reserves past the last block of each pool.
+    fn row_arrays(&self, bucket: usize, width: usize, rows: &HostRows, sampling: Option<&[RowSampling]>) -> Result<RowArrays> {
         let cfg = self.kv_config.ok_or_else(|| Error::Backend("forward before init_kv".into()))?;
         let bs = cfg.block_size as i64;
         let (scratch_full, scratch_swa) = (cfg.num_full_blocks as i32, cfg.num_swa_blocks as i32);
@@ -407,13 +447,18 @@ impl CudaModel {
             full_tables: tables(&rows.full_tables, scratch_full),
             swa_tables: tables(&rows.swa_tables, scratch_swa),
             chain: rows.chain,
+            sampling: sampling.map(|p| device_sampling_rows(p, bucket)),
         })
     }
 
     /// The rows' inputs copied into a graph's static buffers (`bucket` rows, tables `width`
-    /// wide), one copy per array (graphs that are not copy-free).
-    pub(crate) fn write_row_meta(&self, m: &mut RowMeta, bucket: usize, width: usize, rows: &HostRows) -> Result<()> {
-        let a = self.row_arrays(bucket, width, rows)?;
+    /// wide; `sampling` for a graph that samples), one copy per array (graphs that are not
+    /// copy-free).
+    pub(crate) fn write_row_meta(&self, m: &mut RowMeta, bucket: usize, width: usize, rows: &HostRows, sampling: Option<&[RowSampling]>) -> Result<()> {
+        if sampling.is_some() != m.sampling.is_some() {
+            return Err(Error::Backend("sampling parameters for a graph that does not sample, or none for one that does".into()));
+        }
+        let a = self.row_arrays(bucket, width, rows, sampling)?;
         let st = &self.stream;
         st.memcpy_htod(&a.tok, &mut m.tok).map_err(drv)?;
         st.memcpy_htod(&a.pos, &mut m.pos).map_err(drv)?;
@@ -424,6 +469,9 @@ impl CudaModel {
         st.memcpy_htod(&a.swa_tables, &mut m.swa_tables).map_err(drv)?;
         if let (Some(addr), Some(c)) = (a.chain, m.chain.as_mut()) {
             st.memcpy_htod(&[addr], c).map_err(drv)?;
+        }
+        if let (Some(p), Some(d)) = (&a.sampling, m.sampling.as_mut()) {
+            st.memcpy_htod(p, d).map_err(drv)?;
         }
         Ok(())
     }
@@ -440,21 +488,28 @@ struct RowArrays {
     swa_tables: Vec<i32>,
     /// A chained step's ids address (crate::overlap).
     chain: Option<u64>,
+    /// A graph that samples: every row's parameters.
+    sampling: Option<Vec<DeviceRowSampling>>,
 }
 
 impl RowArrays {
     /// The arrays' bytes in the order of `alloc_row_meta`'s staged layout (the chain address 0
     /// when the step chains on none: only negative tokens read it).
-    fn bytes(&self) -> [&[u8]; 8] {
+    fn bytes(&self) -> Vec<&[u8]> {
         fn b<T>(v: &[T]) -> &[u8] {
-            // SAFETY: plain integers, read as the bytes they are.
+            // SAFETY: plain integers and floats (the sampling parameters: #[repr(C)], no
+            // padding), read as the bytes they are.
             unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
         }
         let chain: &[u64] = match &self.chain {
             Some(c) => std::slice::from_ref(c),
             None => &[0],
         };
-        [b(&self.tok), b(&self.pos), b(&self.seq), b(&self.full_slots), b(&self.swa_slots), b(&self.full_tables), b(&self.swa_tables), b(chain)]
+        let mut a = vec![b(&self.tok), b(&self.pos), b(&self.seq), b(&self.full_slots), b(&self.swa_slots), b(&self.full_tables), b(&self.swa_tables), b(chain)];
+        if let Some(p) = &self.sampling {
+            a.push(b(p));
+        }
+        a
     }
 }
 

@@ -12,7 +12,7 @@ use peregrine_core::{Error, MoeSpec, Result, RouterScoring};
 /// The sampling parameters of one row as the kernel reads them (same C layout).
 #[derive(Clone, Copy)]
 #[repr(transparent)]
-struct DeviceRowSampling(RowSampling);
+pub(crate) struct DeviceRowSampling(RowSampling);
 // SAFETY: RowSampling is #[repr(C)] plain data (f32, i32, f32, f32, f64, u32, u32), as the
 // kernel's struct.
 unsafe impl cudarc::driver::DeviceRepr for DeviceRowSampling {}
@@ -55,6 +55,12 @@ fn unpack_logprobs(words: &[i32], tops: &[Option<u32>]) -> Vec<Option<RowLogprob
 /// The parameters of a padding row: greedy, no adjustments.
 const GREEDY_ROW: RowSampling = RowSampling { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, u: 0.0, adj_start: 0, adj_len: 0 };
 
+/// The parameters of `rows` rows as a decode graph that samples takes them (`Op::Sample`): the
+/// given rows', then greedy padding rows.
+pub(crate) fn device_sampling_rows(params: &[RowSampling], rows: usize) -> Vec<DeviceRowSampling> {
+    params.iter().copied().chain(std::iter::repeat(GREEDY_ROW)).take(rows).map(DeviceRowSampling).collect()
+}
+
 /// Device buffers of per-row sampling parameters and logit adjustments, written before each
 /// replay of a graph that samples on the GPU.
 pub(crate) struct SamplingBuffers {
@@ -81,7 +87,7 @@ impl SamplingBuffers {
         if params.len() > self.rows || adjust.len() > self.adjust.len() || params.iter().any(|p| p.adj_start as usize + p.adj_len as usize > adjust.len()) {
             return Ok(false);
         }
-        let rows: Vec<DeviceRowSampling> = params.iter().copied().chain(std::iter::repeat(GREEDY_ROW)).take(self.rows).map(DeviceRowSampling).collect();
+        let rows = device_sampling_rows(params, self.rows);
         stream.memcpy_htod(&rows, &mut self.params).map_err(drv("upload"))?;
         if !adjust.is_empty() {
             let a: Vec<DeviceLogitAdjust> = adjust.iter().map(|&a| DeviceLogitAdjust(a)).collect();
@@ -1232,7 +1238,7 @@ impl Kernels {
         let p = self.upload_params(params)?;
         // Written in full: the sampler writes every row's id.
         let mut out = unsafe { self.alloc.alloc::<i32>(rows) }?;
-        self.launch_sample(logits, v, rows, &p, &mut out, cluster)?;
+        self.launch_sample(logits, v, rows, &p, &mut out, cluster, 0)?;
         Ok(out)
     }
 
@@ -1243,20 +1249,22 @@ impl Kernels {
     /// The sampler's launch over `rows` rows of `logits` with their parameters in `params`:
     /// the cluster one (`sample_width` blocks per row, each staging its slice of the row in
     /// shared memory when it fits `sample_stage_max`) or one block of 1024 threads per row.
-    fn launch_sample(&self, logits: &CudaSlice<f32>, v: usize, rows: usize, params: &CudaSlice<DeviceRowSampling>, out: &mut CudaSlice<i32>, cluster: bool) -> Result<()> {
+    /// `ids_host`: the device address of a copy-free graph's ids word (crate::staged), whose slot
+    /// the ids also go to; 0: none.
+    fn launch_sample(&self, logits: &CudaSlice<f32>, v: usize, rows: usize, params: &CudaSlice<DeviceRowSampling>, out: &mut CudaSlice<i32>, cluster: bool, ids_host: u64) -> Result<()> {
         let vi = v as i32;
         match (&self.sample_cluster, cluster) {
             (Some(f), true) => {
                 let slice = v.div_ceil(self.sample_width) * 4;
                 let staged = slice <= self.sample_stage_max;
                 let mut b = crate::launch::builder(&self.stream, f);
-                b.arg(logits).arg(&vi).arg(params).arg(out).arg(&(staged as i32));
+                b.arg(logits).arg(&vi).arg(params).arg(out).arg(&(staged as i32)).arg(&ids_host);
                 let cfg = LaunchConfig { grid_dim: (self.sample_width as u32, rows as u32, 1), block_dim: (SAMPLE_CLUSTER_THREADS, 1, 1), shared_mem_bytes: if staged { slice as u32 } else { 0 } };
                 unsafe { b.launch(cfg) }.map(|_| ()).map_err(drv("sample_rows_cluster"))
             }
             _ => {
                 let mut b = crate::launch::builder(&self.stream, &self.sample);
-                b.arg(logits).arg(&vi).arg(params).arg(out);
+                b.arg(logits).arg(&vi).arg(params).arg(out).arg(&ids_host);
                 unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 }) }.map(|_| ()).map_err(drv("sample_rows"))
             }
         }
@@ -1328,12 +1336,12 @@ impl Kernels {
         let mut out = unsafe { self.alloc.alloc::<i32>(rows * (1 + LOGPROB_WORDS)) }?;
         let cluster = self.sample_cluster.is_some();
         if adjust.is_empty() {
-            self.launch_sample(logits, v, rows, &p, &mut out, cluster)?;
+            self.launch_sample(logits, v, rows, &p, &mut out, cluster, 0)?;
         } else {
             let mut work = unsafe { self.alloc.alloc::<f32>(rows * v) }?;
             self.stream.memcpy_dtod(&logits.slice(..rows * v), &mut work).map_err(drv("copy"))?;
             self.adjust_logits(&mut work, v, &p, params, adjust)?;
-            self.launch_sample(&work, v, rows, &p, &mut out, cluster)?;
+            self.launch_sample(&work, v, rows, &p, &mut out, cluster, 0)?;
         }
         let base = out.device_ptr(&self.stream).0;
         self.launch_logprobs(logits, v, base, tops, base + (rows * std::mem::size_of::<i32>()) as u64)?;
@@ -1350,7 +1358,17 @@ impl Kernels {
         let mut b = crate::launch::builder(&self.stream, &self.adjust);
         b.arg(&mut *logits).arg(&vi).arg(&bufs.params).arg(&bufs.adjust);
         unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv("adjust_logits"))?;
-        self.launch_sample(logits, v, rows, &bufs.params, out, self.sample_cluster.is_some())
+        self.launch_sample(logits, v, rows, &bufs.params, out, self.sample_cluster.is_some(), 0)
+    }
+
+    /// A decode graph's sampler (`Op::Sample`): the first `rows` rows of `logits` sampled with
+    /// their parameters in `params` (written with the graph's row data before each launch; no
+    /// adjustments), into `out` and, in a copy-free graph, the slot its ids word `ids_host`
+    /// points at (crate::staged).
+    pub(crate) fn sample_step_rows(&self, logits: &CudaSlice<f32>, v: usize, rows: usize, params: &CudaSlice<DeviceRowSampling>, out: &mut CudaSlice<i32>, ids_host: Option<&CudaSlice<u64>>) -> Result<()> {
+        check(rows > 0 && params.len() >= rows && logits.len() >= rows * v && out.len() >= rows, || format!("sample_step_rows: {rows} rows"))?;
+        let host = ids_host.map_or(0, |w| w.device_ptr(&self.stream).0);
+        self.launch_sample(logits, v, rows, params, out, self.sample_cluster.is_some(), host)
     }
 
     /// `n` zeroed elements of a 4-byte T: a memset eagerly, a kernel while a step is captured

@@ -234,8 +234,8 @@ fn embedding_and_first_norm_in_one_launch_give_the_bits_of_two() {
 /// A copy-free graph step's row data (crate::staged): what the host writes into a slot lands in
 /// each buffer when `fetch_staged` is pointed at that slot (4- and 8-byte values, lengths that
 /// are and are not whole 16-byte chunks, one array over many passes of the grid; the buffers
-/// poisoned before each fetch), another slot keeps its own rows, and the argmax kernels write
-/// the step's ids into the slot fetched last as well as on the device.
+/// poisoned before each fetch), another slot keeps its own rows, and the argmax kernels and the
+/// sampler write the step's ids into the slot fetched last as well as on the device.
 #[test]
 fn copy_free_rows_land_in_their_buffers_and_ids_in_their_slot() {
     use crate::staged::{array, StagedRows};
@@ -291,6 +291,18 @@ fn copy_free_rows_land_in_their_buffers_and_ids_in_their_slot() {
     let id = st.clone_dtoh(&id).unwrap();
     assert_eq!(id, [argmax_host(&st.clone_dtoh(&y).unwrap())], "the folded argmax");
     assert_eq!(staged.slots.ids(s2, 1).unwrap(), id, "the folded argmax in the slot");
+    // A graph's sampler (`Op::Sample`): the ids of the sampler launched alone, on the device
+    // and in the slot; a greedy padding row's is its argmax.
+    use peregrine_core::backend::RowSampling;
+    let rows: Vec<RowSampling> = [(0.8f32, 0, 0.95f32, 0.3f64), (1.0, 40, 1.0, 0.9)].iter().map(|&(temperature, top_k, top_p, u)| RowSampling { temperature, top_k, top_p, min_p: 0.0, u, adj_start: 0, adj_len: 0 }).collect();
+    let logits = st.clone_htod(&x).unwrap();
+    let alone = st.clone_dtoh(&m.kernels.sample_rows(&logits, v, &rows).unwrap()).unwrap();
+    let params = st.clone_htod(&crate::kernels::device_sampling_rows(&rows, 3)).unwrap();
+    let mut ids = st.clone_htod(&[-7i32; 3]).unwrap();
+    m.kernels.sample_step_rows(&logits, v, 3, &params, &mut ids, Some(&staged.ids_host)).unwrap();
+    let want = [alone[0], alone[1], argmax_host(&x[2 * v..])];
+    assert_eq!(st.clone_dtoh(&ids).unwrap(), want, "sampled on the device");
+    assert_eq!(staged.slots.ids(s2, 3).unwrap(), want, "sampled in the slot");
     // Every slot held: a write is refused, nothing written.
     let held: Vec<_> = (0..crate::staged::SLOTS).map(|s| staged.hold(s, 1).unwrap()).collect();
     assert!(staged.write(&raw(&one).iter().map(Vec::as_slice).collect::<Vec<_>>()).is_err(), "a write with every slot held");

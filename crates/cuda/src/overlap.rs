@@ -20,7 +20,8 @@
 //!
 //! A greedy step of a copy-free graph (crate::staged) needs no copy at all: its argmax kernel
 //! writes the ids into the host slot the step's rows came from, which stays held until the
-//! step is collected.
+//! step is collected. So does a sampled step without logit adjustments, whose graph samples
+//! (`Op::Sample`).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -98,7 +99,13 @@ impl CudaModel {
             return Ok(false);
         }
         let mut rows = self.host_rows(batch)?;
-        match self.graph_key(&rows) {
+        // Sampled without adjustments: the graph that samples (crate::graph), whose ids are the
+        // samples; with adjustments, the greedy graph and the sampler after it.
+        let in_graph = match sampling {
+            Some((p, adj)) if self.graph_samples(adj) => Some(p),
+            _ => None,
+        };
+        match self.graph_key(&rows, in_graph.is_some()) {
             Some(key) if self.graph_captured(&key) => {}
             _ => return Ok(false),
         }
@@ -114,18 +121,19 @@ impl CudaModel {
         // Held past the launch: a sampled buffer's stream-ordered free must follow the graph
         // that reads it (graph_for's own break_chain would drop it before).
         let _prev_ids = self.graphs.overlap.last_ids.take();
-        let Some(mut g) = self.graph_for(&rows)? else {
+        let Some(mut g) = self.graph_for(&rows, in_graph)? else {
             return Err(Error::Backend("a captured decode graph went missing".into()));
         };
         let vocab = self.spec.vocab_size;
         let launched = (|| -> Result<(u64, Option<CudaSlice<i32>>, IdsAt)> {
-            if let (None, Some(staged), Some(slot)) = (sampling, g.staged(), g.slot) {
-                // The argmax wrote them into the slot (crate::staged).
+            let ids_in_graph = sampling.is_none() || in_graph.is_some();
+            if let (true, Some(staged), Some(slot)) = (ids_in_graph, g.staged(), g.slot) {
+                // The argmax or the sampler wrote them into the slot (crate::staged).
                 return Ok((g.ids.device_ptr(&st).0, None, IdsAt::Slot(staged.hold(slot, n)?, slot)));
             }
             let sampled = match sampling {
-                Some((p, adj)) => Some(self.kernels.sample_rows_adjusted(&mut g.logits, vocab, p, adj)?),
-                None => None,
+                Some((p, adj)) if !ids_in_graph => Some(self.kernels.sample_rows_adjusted(&mut g.logits, vocab, p, adj)?),
+                _ => None,
             };
             let ids = sampled.as_ref().unwrap_or(&g.ids);
             let addr = ids.device_ptr(&st).0;

@@ -96,7 +96,7 @@ impl CudaModel {
         let z = |len: usize| st.alloc_zeros::<i32>(len.max(1)).map_err(drv);
         let mut step = SpecStep {
             draft: self.alloc_draft_meta(seqs, nb, width)?,
-            verify: self.alloc_row_meta(n, width, false)?,
+            verify: self.alloc_row_meta(n, width, false, false)?,
             draft_logits: self.zeros(k * vocab)?,
             drafts: z(k)?,
             logits: self.zeros(n * vocab)?,
@@ -149,7 +149,7 @@ impl CudaModel {
 
     fn run_spec_step(&self, s: &mut SpecStep, key: SpecKey, rows: &crate::backend::HostRows, drows: &crate::draft::DraftRows, sampling: SpecSampling, real: usize) -> Result<Option<Vec<SpecRows>>> {
         let (seqs, nb, width, _) = key;
-        self.write_row_meta(&mut s.verify, seqs * nb, width, rows)?;
+        self.write_row_meta(&mut s.verify, seqs * nb, width, rows, None)?;
         self.write_draft_meta(&mut s.draft, (seqs, nb, width), drows)?;
         if let (SpecSampling::Sampled { rows, adjust }, Some((bufs, _))) = (sampling, &mut s.sampling) {
             if !bufs.write(&self.stream, rows, adjust)? {

@@ -29,8 +29,9 @@ use crate::backend::drv;
 /// Slots per graph: the engine keeps one step in flight beside the one it collects.
 pub(crate) const SLOTS: usize = 4;
 
-/// Arrays a layout describes at most (`StagedLayout` in kernels/ops.cu).
-const MAX_ARRAYS: usize = 8;
+/// Arrays a layout describes at most (`StagedLayout` in kernels/ops.cu): a decode graph's eight,
+/// its sampling parameters, and one spare.
+const MAX_ARRAYS: usize = 10;
 
 /// What `fetch_staged` copies, passed by value (the same C layout as in kernels/ops.cu): array a
 /// is `bytes[a]` bytes at slot offset `off[a]`, for the device address `dst[a]`; the step's ids
@@ -277,7 +278,7 @@ mod tests {
     fn layout_refuses_too_many_arrays_and_partial_words() {
         assert!(StagedLayout::new(&[(0, 4); MAX_ARRAYS + 1], 1).is_err());
         assert!(StagedLayout::new(&[(0, 6)], 1).is_err());
-        // The C struct: 8 addresses, 8 offsets, 8 lengths, the count and the ids' offset.
-        assert_eq!(std::mem::size_of::<StagedLayout>(), 8 * 8 + 4 * 8 + 4 * 8 + 8);
+        // The C struct: 10 addresses, 10 offsets, 10 lengths, the count and the ids' offset.
+        assert_eq!(std::mem::size_of::<StagedLayout>(), 8 * 10 + 4 * 10 + 4 * 10 + 8);
     }
 }

@@ -79,6 +79,10 @@ pub enum Op {
     LmHead { src: Act, rows: usize },
     /// ids = argmax of each logits row.
     Argmax { rows: usize },
+    /// ids = each logits row sampled on the GPU with its parameters, which a decode graph that
+    /// samples takes with its row data (`RowMeta::sampling`): in place of Argmax, so a sampled
+    /// step is one graph like a greedy one (`CudaModel::sampled_step_plan`).
+    Sample { rows: usize },
 }
 
 impl Op {
@@ -96,7 +100,8 @@ impl Op {
             | Op::DraftContext { rows }
             | Op::GatherRows { rows }
             | Op::LmHead { rows, .. }
-            | Op::Argmax { rows } => rows,
+            | Op::Argmax { rows }
+            | Op::Sample { rows } => rows,
         }
     }
 }
@@ -150,6 +155,17 @@ impl CudaModel {
         };
         ops.push(Op::LmHead { src: Act::Final, rows: k });
         ops.push(Op::Argmax { rows: k });
+        ops
+    }
+
+    /// The plan of a decode graph that samples its rows (every row's logits; `decode` as in
+    /// `step_plan`): `step_plan`'s, ending in Sample instead of Argmax (so its lm_head does not
+    /// fold the argmax).
+    pub fn sampled_step_plan(&self, rows: usize, decode: bool) -> Vec<Op> {
+        let mut ops = self.step_plan(rows, None, decode);
+        if let Some(last @ Op::Argmax { .. }) = ops.last_mut() {
+            *last = Op::Sample { rows: last.rows() };
+        }
         ops
     }
 
@@ -416,6 +432,10 @@ impl CudaModel {
                     self.argmax_unpack_into(ids, ids_host)?;
                 }
                 Op::Argmax { rows } => self.argmax_into(logits, rows, ids, ids_host)?,
+                Op::Sample { rows } => {
+                    let params = meta.sampling.as_ref().ok_or_else(|| Error::Backend("step plan samples without its rows' parameters".into()))?;
+                    self.kernels.sample_step_rows(logits, self.spec.vocab_size, rows, params, ids, ids_host)?;
+                }
             }
         }
         if norm_left.is_some() {

@@ -199,8 +199,10 @@ fn too_little_gpu_memory_is_an_error_with_the_numbers() {
 /// ahead of it is collected and fed that step's ids on the GPU, give the tokens of plain steps:
 /// greedy and sampled, with each chained batch in another row order than the step ahead of it,
 /// a sequence leaving half way, and a last step chained on one already collected. The reference
-/// runs graphs that copy their row data in and their ids out; the plain and the overlapped run
-/// graphs that read and write them in mapped host memory (copy-free, the default).
+/// runs graphs that copy their row data in and their ids out, sampled by the sampler launched
+/// after the greedy graph; the others sample inside the graph (`Op::Sample`, the default), with
+/// the row data and the parameters copied in, or read and written in mapped host memory
+/// (copy-free, the default), plain and overlapped.
 #[test]
 fn overlapped_decode_steps_give_the_tokens_of_plain_steps() {
     use peregrine_core::backend::RowSampling;
@@ -228,9 +230,10 @@ fn overlapped_decode_steps_give_the_tokens_of_plain_steps() {
         rows.iter().map(|&s| RowSampling { temperature: 0.8, top_k: 40, top_p: 0.95, min_p: 0.0, u: ((s * 31 + i * 17) % 97) as f64 / 97.0, adj_start: 0, adj_len: 0 }).collect()
     };
     for sampled in [false, true] {
-        let run = |overlap: bool, copy_free: bool| -> Vec<Vec<u32>> {
+        let run = |overlap: bool, copy_free: bool, graph_sampling: bool| -> Vec<Vec<u32>> {
             let mut m = CudaModel::synthetic(probe(0).unwrap(), &spec, 7).unwrap();
             m.set_copy_free_rows(copy_free);
+            m.set_graph_sampling(graph_sampling);
             m.init_kv(KvConfig { block_size: bs, num_full_blocks: 8 * seqs, num_swa_blocks: 8 * seqs }).unwrap();
             // Token 0 of each sequence: its prompt's argmax.
             let mut out: Vec<Vec<u32>> = (0..seqs)
@@ -254,6 +257,7 @@ fn overlapped_decode_steps_give_the_tokens_of_plain_steps() {
                 for i in 1..=steps {
                     plain(&mut m, i, &mut out);
                 }
+                assert_eq!(m.sampling_graphs() > 0, sampled && graph_sampling, "graphs that sample (sampled: {sampled}, in graphs: {graph_sampling})");
                 return out;
             }
             let mut in_flight: VecDeque<Vec<usize>> = VecDeque::new();
@@ -289,6 +293,7 @@ fn overlapped_decode_steps_give_the_tokens_of_plain_steps() {
             while let Some(r) = in_flight.pop_front() {
                 collect(&mut m, r, &mut out);
             }
+            assert_eq!(m.sampling_graphs() > 0, sampled && graph_sampling, "graphs that sample (sampled: {sampled}, in graphs: {graph_sampling})");
             assert!(m.collect_decode().is_err(), "a collect with nothing in flight");
             assert!(started >= steps - 3, "{started} of {} steps overlapped", steps - 1);
             // A step chained on a step already collected (its ids still on the GPU; a sampled
@@ -301,10 +306,14 @@ fn overlapped_decode_steps_give_the_tokens_of_plain_steps() {
             collect(&mut m, rows, &mut out);
             out
         };
-        let (plain, plain_copy_free, overlapped) = (run(false, false), run(false, true), run(true, true));
+        let (plain, plain_copy_free, overlapped) = (run(false, false, false), run(false, true, true), run(true, true, true));
         assert_eq!(plain.iter().map(Vec::len).collect::<Vec<_>>(), vec![steps + 2, steps + 2, 11]);
         assert_eq!(plain_copy_free, plain, "copy-free plain steps, sampled: {sampled}");
         assert_eq!(overlapped, plain, "sampled: {sampled}");
+        if sampled {
+            assert_eq!(run(false, false, true), plain, "sampled in graphs that copy their rows in");
+            assert_eq!(run(true, true, false), plain, "overlapped, sampled after the greedy graph");
+        }
         eprintln!("overlapped decode steps (sampled: {sampled}): {} tokens as plain steps gave them", plain.iter().map(Vec::len).sum::<usize>());
     }
 }

@@ -681,6 +681,11 @@ fn the_step_is_a_plan_of_operations() {
     assert_eq!(kv_in_attention(&model.step_plan(4, None, false)), 0, "rows that read each other's new K/V keep the separate write");
     assert_eq!(plan.first(), Some(&Op::EmbedNorm { rows: 4 }));
     assert_eq!(plan.last(), Some(&Op::Argmax { rows: 4 }));
+    // A graph that samples: the same operations, the argmax replaced by the sampler.
+    let sampled = model.sampled_step_plan(4, true);
+    assert_eq!(sampled.last(), Some(&Op::Sample { rows: 4 }));
+    assert_eq!(sampled[..sampled.len() - 1], plan[..plan.len() - 1]);
+    assert!(!sampled.iter().any(|o| matches!(o, Op::Argmax { .. })));
     let layers_of = |p: &[Op], attn: bool| -> Vec<usize> {
         p.iter()
             .filter_map(|o| match *o {
