@@ -163,21 +163,6 @@ __device__ __forceinline__ unsigned long long cluster_read(const unsigned long l
     }
 }
 
-// Every block's value of this block's shared word *p, v[r] for rank r: all the loads are issued
-// before any is used, so an exchange costs one round trip through the cluster, not CL.
-template <int CL>
-__device__ __forceinline__ void cluster_read_all(const unsigned long long* p, unsigned long long (&v)[CL]) {
-    if constexpr (CL > 1) {
-        unsigned a = (unsigned)__cvta_generic_to_shared(p), ra[CL];
-#pragma unroll
-        for (unsigned r = 0; r < CL; r++) asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(ra[r]) : "r"(a), "r"(r));
-#pragma unroll
-        for (unsigned r = 0; r < CL; r++) asm volatile("ld.shared::cluster.u64 %0, [%1];" : "=l"(v[r]) : "r"(ra[r]));
-    } else {
-        v[0] = *p;
-    }
-}
-
 // Adds v (< 2^63) into a histogram bin held as a low and a high 32-bit word (the carry out of
 // the low word, seen in its old value, goes to the high one), which keeps the u64 sums exact.
 __device__ __forceinline__ void hist_add(unsigned* lo, unsigned* hi, unsigned b, unsigned long long v) {
@@ -214,10 +199,7 @@ __device__ unsigned radix_select(const Slice& s, double frac, unsigned long long
             if ((key & mask) != prefix) continue;
             // Only tokens top-k kept count towards top-p.
             if (MASS && !above(key, s.s0 + i, kkey, kcut)) continue;
-            const unsigned long long w = MASS ? weight_of(x, m, inv_t) : 1ull;
-            // A weight of 0 adds nothing: most of a peaked row's tokens, all in a few bins,
-            // whose atomics would serialise for nothing.
-            if (w != 0ull) hist_add(lo, hi, (key >> shift) & 255u, w);
+            hist_add(lo, hi, (key >> shift) & 255u, MASS ? weight_of(x, m, inv_t) : 1ull);
         }
         __syncthreads();
         unsigned long long* mine = sh.xch[ph & 1];
@@ -231,10 +213,7 @@ __device__ unsigned radix_select(const Slice& s, double frac, unsigned long long
         // Thread b < 256: bin b's total over the cluster and S = the sum over bins >= b.
         unsigned long long tot = 0, S = 0;
         if (threadIdx.x < 256) {
-            unsigned long long v[CL];
-            cluster_read_all<CL>(mine + threadIdx.x, v);
-#pragma unroll
-            for (unsigned r = 0; r < CL; r++) tot += v[r];
+            for (unsigned r = 0; r < CL; r++) tot += cluster_read<CL>(mine + threadIdx.x, r);
             S = tot;
             for (int o = 1; o < 32; o <<= 1) {
                 unsigned long long y = __shfl_down_sync(0xffffffffu, S, o);
@@ -290,11 +269,10 @@ __device__ int tie_cut(const Slice& s, int V, unsigned K, unsigned long long lef
     if (threadIdx.x == 0) pub[0] = block_total;
     cluster_sync<CL>();
     // The cut lies in the first block whose running total reaches `left`.
-    unsigned long long before = 0, ts[CL];
+    unsigned long long before = 0;
     unsigned holder = CL;
-    cluster_read_all<CL>(pub, ts);
     for (unsigned r = 0; r < CL; r++) {
-        unsigned long long t = ts[r];
+        unsigned long long t = cluster_read<CL>(pub, r);
         if (holder == CL) {
             if (before + t >= left) holder = r;
             else before += t;
@@ -365,10 +343,8 @@ __device__ void sample_row(const float* __restrict__ logits, int V, const RowSam
     cluster_sync<CL>();
     float mx = __int_as_float(0xff800000u);
     int am = 0x7fffffff;
-    unsigned long long vs[CL];
-    cluster_read_all<CL>(pub, vs);
     for (unsigned r = 0; r < CL; r++) {
-        unsigned long long v = vs[r];
+        unsigned long long v = cluster_read<CL>(pub, r);
         float b = top_value(v);
         int id = top_id(v);
         if (b > mx || (b == mx && id < am)) { mx = b; am = id; }
@@ -417,10 +393,9 @@ __device__ void sample_row(const float* __restrict__ logits, int V, const RowSam
     ph++;
     if (threadIdx.x == 0) pub[0] = block_total;
     cluster_sync<CL>();
-    unsigned long long before = 0, total = 0, ts[CL];
-    cluster_read_all<CL>(pub, ts);
+    unsigned long long before = 0, total = 0;
     for (unsigned r = 0; r < CL; r++) {
-        unsigned long long t = ts[r];
+        unsigned long long t = cluster_read<CL>(pub, r);
         if (r < rank) before += t;
         total += t;
     }
@@ -541,9 +516,7 @@ __device__ void logprobs_row(const float* __restrict__ logits, int V, const int*
     }
     cluster_sync<CL>();
     m = NEG_INF;
-    unsigned long long ms[CL];
-    cluster_read_all<CL>(pub, ms);
-    for (unsigned q = 0; q < CL; q++) m = fmaxf(m, __uint_as_float((unsigned)ms[q]));
+    for (unsigned q = 0; q < CL; q++) m = fmaxf(m, __uint_as_float((unsigned)cluster_read<CL>(pub, q)));
     double s = 0.0;
     for (int i = s0 + threadIdx.x; i < s1; i += NT) s += (double)expf(l[i] - m);
     for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
@@ -557,9 +530,7 @@ __device__ void logprobs_row(const float* __restrict__ logits, int V, const int*
     cluster_sync<CL>();
     if (rank == 0) {
         double total = 0.0;
-        unsigned long long ts[CL];
-        cluster_read_all<CL>(pub + 1, ts);
-        for (unsigned q = 0; q < CL; q++) total += __longlong_as_double(ts[q]);
+        for (unsigned q = 0; q < CL; q++) total += __longlong_as_double(cluster_read<CL>(pub + 1, q));
         double lse = (double)m + log(total);
         if (threadIdx.x == 0) lp[r] = (float)((double)l[chosen[r]] - lse);
         if (w == 0) {
