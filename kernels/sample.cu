@@ -19,6 +19,22 @@
 
 #define ST 1024
 
+// Measurement builds only (PEREGRINE_KERNEL_DEFINES=-DSAMPLE_TRACE): thread 0 of row 0's first
+// block stamps clock64 at each phase of its sample (phase id in the top 16 bits), so the bench
+// can say where a call's time goes (Kernels::sample_trace; cuda-bench's sampling section).
+#ifdef SAMPLE_TRACE
+#define SAMPLE_TRACE_CAP 64
+__device__ unsigned long long sample_trace[SAMPLE_TRACE_CAP];
+__device__ unsigned sample_trace_n;
+#define SAMPLE_STAMP(id)                                                                          \
+    do {                                                                                          \
+        if (trace_me && sample_trace_n < SAMPLE_TRACE_CAP)                                        \
+            sample_trace[sample_trace_n++] = ((unsigned long long)(id) << 48) | (clock64() & 0xffffffffffffull); \
+    } while (0)
+#else
+#define SAMPLE_STAMP(id)
+#endif
+
 struct RowSampling {
     float temperature;
     int top_k;
@@ -183,7 +199,7 @@ __device__ __forceinline__ void hist_add(unsigned* lo, unsigned* hi, unsigned b,
 // first (__match_any_sync, then __reduce_add_sync) took twice as long again.
 template <int CL, int NT, bool MASS>
 __device__ unsigned radix_select(const Slice& s, double frac, unsigned long long need, float m, float inv_t, unsigned kkey,
-                                 int kcut, SampleShared<NT>& sh, unsigned& ph, unsigned long long* left) {
+                                 int kcut, SampleShared<NT>& sh, unsigned& ph, unsigned long long* left, bool trace_me = false) {
     const int lane = threadIdx.x & 31;
     unsigned prefix = 0, mask = 0;
     unsigned long long rem = need;
@@ -201,7 +217,9 @@ __device__ unsigned radix_select(const Slice& s, double frac, unsigned long long
             if (MASS && !above(key, s.s0 + i, kkey, kcut)) continue;
             hist_add(lo, hi, (key >> shift) & 255u, MASS ? weight_of(x, m, inv_t) : 1ull);
         }
+        SAMPLE_STAMP(10 + (24 - shift) / 8);
         __syncthreads();
+        SAMPLE_STAMP(20 + (24 - shift) / 8);
         unsigned long long* mine = sh.xch[ph & 1];
         ph++;
         for (int b = threadIdx.x; b < 256; b += NT) {
@@ -209,7 +227,9 @@ __device__ unsigned radix_select(const Slice& s, double frac, unsigned long long
             for (int c = 0; c < HCOPIES; c++) t += ((unsigned long long)sh.hhi[c * 256 + b] << 32) + sh.hlo[c * 256 + b];
             mine[b] = t;
         }
+        SAMPLE_STAMP(30 + (24 - shift) / 8);
         cluster_sync<CL>();
+        SAMPLE_STAMP(40 + (24 - shift) / 8);
         // Thread b < 256: bin b's total over the cluster and S = the sum over bins >= b.
         unsigned long long tot = 0, S = 0;
         if (threadIdx.x < 256) {
@@ -238,6 +258,7 @@ __device__ unsigned radix_select(const Slice& s, double frac, unsigned long long
             }
         }
         __syncthreads();
+        SAMPLE_STAMP(50 + (24 - shift) / 8);
         prefix |= sh.sel << shift;
         mask |= 255u << shift;
         rem = sh.rem;
@@ -253,7 +274,7 @@ __device__ unsigned radix_select(const Slice& s, double frac, unsigned long long
 // Chunked by thread for the id order.
 template <int CL, int NT, bool MASS>
 __device__ int tie_cut(const Slice& s, int V, unsigned K, unsigned long long left, float m, float inv_t, unsigned kkey, int kcut,
-                       SampleShared<NT>& sh, unsigned& ph) {
+                       SampleShared<NT>& sh, unsigned& ph, bool trace_me = false) {
     // Odd chunks keep a warp's strided reads of a staged slice off shared-memory bank conflicts.
     int chunk = ((s.n + NT - 1) / NT) | 1, c0 = min(s.n, (int)threadIdx.x * chunk), c1 = min(s.n, c0 + chunk);
     auto counted = [&](int i, float x) { return isfinite(x) && fkey(x) == K && !(K == kkey && s.s0 + i > kcut); };
@@ -262,12 +283,15 @@ __device__ int tie_cut(const Slice& s, int V, unsigned K, unsigned long long lef
         float x = s.l[i];
         if (counted(i, x)) mine += MASS ? weight_of(x, m, inv_t) : 1ull;
     }
+    SAMPLE_STAMP(60);
     unsigned long long block_total;
     unsigned long long base = block_exclusive_u64<NT>(mine, sh.warp, &block_total);
     unsigned long long* pub = sh.xch[ph & 1];
     ph++;
     if (threadIdx.x == 0) pub[0] = block_total;
+    SAMPLE_STAMP(61);
     cluster_sync<CL>();
+    SAMPLE_STAMP(62);
     // The cut lies in the first block whose running total reaches `left`.
     unsigned long long before = 0;
     unsigned holder = CL;
@@ -294,6 +318,7 @@ __device__ int tie_cut(const Slice& s, int V, unsigned K, unsigned long long lef
         }
     }
     __syncthreads();
+    SAMPLE_STAMP(63);
     return sh.cut;
 }
 
@@ -309,6 +334,13 @@ __device__ __forceinline__ int top_id(unsigned long long e) { return (int)(unsig
 template <int CL, int NT>
 __device__ void sample_row(const float* __restrict__ logits, int V, const RowSampling* __restrict__ params, int* __restrict__ out,
                            const unsigned long long* __restrict__ ids_host, int row, float* stage, bool staged, SampleShared<NT>& sh) {
+#ifdef SAMPLE_TRACE
+    const bool trace_me = row == 0 && cluster_rank<CL>() == 0 && threadIdx.x == 0;
+    if (trace_me) sample_trace_n = 0;
+#else
+    const bool trace_me = false;
+#endif
+    SAMPLE_STAMP(1);
     auto emit = [&](int id) {
         out[row] = id;
         store_host_id(ids_host, row, id);
@@ -328,9 +360,11 @@ __device__ void sample_row(const float* __restrict__ logits, int V, const RowSam
         if (staged) stage[i] = x;
         if (x > best) { best = x; bi = s0 + i; }
     }
+    SAMPLE_STAMP(2);
     warp_best(best, bi);
     if (lane == 0) { sh.wbest[threadIdx.x >> 5] = best; sh.wbi[threadIdx.x >> 5] = bi; }
     __syncthreads();
+    SAMPLE_STAMP(3);
     unsigned long long* pub = sh.xch[ph & 1];
     ph++;
     if (threadIdx.x == 0) {
@@ -340,7 +374,9 @@ __device__ void sample_row(const float* __restrict__ logits, int V, const RowSam
             if (sh.wbest[k] > b || (sh.wbest[k] == b && sh.wbi[k] < id)) { b = sh.wbest[k]; id = sh.wbi[k]; }
         pub[0] = pack_top(b, id);
     }
+    SAMPLE_STAMP(4);
     cluster_sync<CL>();
+    SAMPLE_STAMP(5);
     float mx = __int_as_float(0xff800000u);
     int am = 0x7fffffff;
     for (unsigned r = 0; r < CL; r++) {
@@ -361,16 +397,16 @@ __device__ void sample_row(const float* __restrict__ logits, int V, const RowSam
     int kcut = V - 1;
     if (p.top_k > 0 && p.top_k < V) {
         unsigned long long left;
-        kkey = radix_select<CL, NT, false>(s, -1.0, (unsigned long long)p.top_k, m, inv_t, 0, V - 1, sh, ph, &left);
-        kcut = tie_cut<CL, NT, false>(s, V, kkey, left, m, inv_t, 0, V - 1, sh, ph);
+        kkey = radix_select<CL, NT, false>(s, -1.0, (unsigned long long)p.top_k, m, inv_t, 0, V - 1, sh, ph, &left, trace_me);
+        kcut = tie_cut<CL, NT, false>(s, V, kkey, left, m, inv_t, 0, V - 1, sh, ph, trace_me);
     }
     // top-p: the smallest descending prefix whose mass reaches top_p times the mass top-k kept.
     unsigned pkey = 0;
     int pcut = V - 1;
     if (p.top_p < 1.f) {
         unsigned long long left;
-        pkey = radix_select<CL, NT, true>(s, (double)p.top_p, 0, m, inv_t, kkey, kcut, sh, ph, &left);
-        pcut = tie_cut<CL, NT, true>(s, V, pkey, left, m, inv_t, kkey, kcut, sh, ph);
+        pkey = radix_select<CL, NT, true>(s, (double)p.top_p, 0, m, inv_t, kkey, kcut, sh, ph, &left, trace_me);
+        pcut = tie_cut<CL, NT, true>(s, V, pkey, left, m, inv_t, kkey, kcut, sh, ph, trace_me);
     }
     // min-p: weight at least min_p times the largest (whose weight is 2^32).
     unsigned long long wmin = p.min_p > 0.f ? (unsigned long long)ceil((double)p.min_p * 4294967296.0) : 0ull;
@@ -385,20 +421,25 @@ __device__ void sample_row(const float* __restrict__ logits, int V, const RowSam
         unsigned long long w = weight_of(x, m, inv_t);
         return w >= wmin ? w : 0ull;
     };
+    SAMPLE_STAMP(70);
     unsigned long long mine = 0;
     for (int i = c0; i < c1; i++) mine += drawn(i);
+    SAMPLE_STAMP(71);
     unsigned long long block_total;
     unsigned long long base = block_exclusive_u64<NT>(mine, sh.warp, &block_total);
     pub = sh.xch[ph & 1];
     ph++;
     if (threadIdx.x == 0) pub[0] = block_total;
+    SAMPLE_STAMP(72);
     cluster_sync<CL>();
+    SAMPLE_STAMP(73);
     unsigned long long before = 0, total = 0;
     for (unsigned r = 0; r < CL; r++) {
         unsigned long long t = cluster_read<CL>(pub, r);
         if (r < rank) before += t;
         total += t;
     }
+    SAMPLE_STAMP(74);
     unsigned long long target = (unsigned long long)(p.u * (double)total);
     if (target >= total) target = total - 1;
     // Nothing kept (cannot happen: the largest logit weighs 2^32): the argmax.
@@ -413,7 +454,9 @@ __device__ void sample_row(const float* __restrict__ logits, int V, const RowSam
             if (acc > target) { emit(s0 + i); break; }
         }
     }
+    SAMPLE_STAMP(75);
     cluster_sync<CL>();
+    SAMPLE_STAMP(76);
 }
 
 // One block of 1024 threads per row (any GPU).

@@ -1017,6 +1017,20 @@ fn sampling(k: &Kernels, s: &std::sync::Arc<cudarc::driver::CudaStream>, time: &
             println!("| {kind} | {rows} | {} | {lp:.3} |", cells.iter().map(|c| format!("{c:.3}")).collect::<Vec<_>>().join(" | "));
         }
         println!("| {kind} | ids hash | {} | |", hashes.iter().map(|h| format!("{h:016x}")).collect::<Vec<_>>().join(" | "));
+        // A measurement build (-DSAMPLE_TRACE): one row's phases, cycles since the previous stamp.
+        if k.sample_trace().unwrap().is_some() {
+            for &(name, t, top_k, top_p, min_p) in &cases {
+                let p = [RowSampling { temperature: t, top_k, top_p, min_p, u: 0.37, adj_start: 0, adj_len: 0 }];
+                for _ in 0..2 {
+                    drop(s.clone_dtoh(&k.sample_rows(&logits, v, &p).unwrap()).unwrap());
+                }
+                let tr = k.sample_trace().unwrap().unwrap();
+                let stamps: Vec<(u64, u64)> = tr.iter().take_while(|&&w| w != 0).map(|&w| (w >> 48, w & 0xffff_ffff_ffff)).collect();
+                let first = stamps.first().map_or(0, |s| s.1);
+                let cells: Vec<String> = stamps.windows(2).map(|w| format!("{}:{}", w[1].0, w[1].1.wrapping_sub(w[0].1))).collect();
+                println!("sample trace, {kind}, {name}: {} cycles in all; phase:cycles since the last stamp {}", stamps.last().map_or(0, |s| s.1.wrapping_sub(first)), cells.join(" "));
+            }
+        }
     }
 }
 

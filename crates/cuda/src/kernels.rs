@@ -1886,6 +1886,13 @@ impl Kernels {
         self.take_global(&self.gemv_module, "gwg_trace")
     }
 
+    /// The sampler's phase stamps from its last call (row 0's first block: phase id in the top
+    /// 16 bits, clock64 below; see SAMPLE_TRACE in kernels/sample.cu), then zeroed: only in a
+    /// measurement build (`-DSAMPLE_TRACE`), else None.
+    pub fn sample_trace(&self) -> Result<Option<Vec<u64>>> {
+        self.take_global(&self.sample_module, "sample_trace")
+    }
+
     /// A measurement build's device array `name` of `module`, copied out and zeroed; None where
     /// the module has no such symbol (a build without the define).
     fn take_global<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + Default + Clone>(&self, module: &Arc<cudarc::driver::CudaModule>, name: &str) -> Result<Option<Vec<T>>> {
