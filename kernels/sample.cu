@@ -128,6 +128,63 @@ struct Slice {
     unsigned rank;
 };
 
+// A pass's loops issue SCAN_ILP loads before using any: one block per SM has too few warps to
+// hide a load's latency behind other warps, and a pass of one load, a few operations and a
+// dependent branch per token ran at ~160 cycles a token per thread (SAMPLE_TRACE; -DSAMPLE_ILP=1
+// gives the one-at-a-time loops back, for measurements). Every token is visited in the same
+// order as before, so every sum, histogram and choice is the same.
+#ifndef SAMPLE_ILP
+#define SAMPLE_ILP 8
+#endif
+
+// f(i, l[i]) for i = threadIdx.x, + NT, ... < n, in that order.
+template <int NT, class F>
+__device__ __forceinline__ void scan_strided(const float* l, int n, F&& f) {
+    int i = threadIdx.x;
+    for (; i + (SAMPLE_ILP - 1) * NT < n; i += SAMPLE_ILP * NT) {
+        float x[SAMPLE_ILP];
+#pragma unroll
+        for (int u = 0; u < SAMPLE_ILP; u++) x[u] = l[i + u * NT];
+#pragma unroll
+        for (int u = 0; u < SAMPLE_ILP; u++) f(i + u * NT, x[u]);
+    }
+    for (; i < n; i += NT) f(i, l[i]);
+}
+
+// f(i, l[i]) for i in [c0, c1), in order.
+template <class F>
+__device__ __forceinline__ void scan_chunk(const float* l, int c0, int c1, F&& f) {
+    int i = c0;
+    for (; i + SAMPLE_ILP <= c1; i += SAMPLE_ILP) {
+        float x[SAMPLE_ILP];
+#pragma unroll
+        for (int u = 0; u < SAMPLE_ILP; u++) x[u] = l[i + u];
+#pragma unroll
+        for (int u = 0; u < SAMPLE_ILP; u++) f(i + u, x[u]);
+    }
+    for (; i < c1; i++) f(i, l[i]);
+}
+
+// The first i in [c0, c1) at which acc + the running sum of w(i, l[i]) over [c0, i] exceeds
+// `target` (reaches it when `reach`), counting only nonzero weights; -1 if none. Weights are
+// computed SAMPLE_ILP at a time, ahead of the running sum.
+template <class W>
+__device__ __forceinline__ int scan_chunk_until(const float* l, int c0, int c1, unsigned long long acc, unsigned long long target, bool reach,
+                                                W&& w) {
+    for (int i = c0; i < c1; i += SAMPLE_ILP) {
+        unsigned long long ws[SAMPLE_ILP];
+#pragma unroll
+        for (int u = 0; u < SAMPLE_ILP; u++) ws[u] = i + u < c1 ? w(i + u, l[i + u]) : 0ull;
+#pragma unroll
+        for (int u = 0; u < SAMPLE_ILP; u++) {
+            if (ws[u] == 0ull) continue;
+            acc += ws[u];
+            if (reach ? acc >= target : acc > target) return i + u;
+        }
+    }
+    return -1;
+}
+
 // Copies of a block's radix histogram (warp w adds into copy w % HCOPIES).
 #define HCOPIES 16
 
@@ -208,15 +265,14 @@ __device__ unsigned radix_select(const Slice& s, double frac, unsigned long long
     for (int shift = 24; shift >= 0; shift -= 8) {
         for (int b = threadIdx.x; b < HCOPIES * 256; b += NT) { sh.hlo[b] = 0u; sh.hhi[b] = 0u; }
         __syncthreads();
-        for (int i = threadIdx.x; i < s.n; i += NT) {
-            float x = s.l[i];
-            if (!isfinite(x)) continue;
+        scan_strided<NT>(s.l, s.n, [&](int i, float x) {
+            if (!isfinite(x)) return;
             unsigned key = fkey(x);
-            if ((key & mask) != prefix) continue;
+            if ((key & mask) != prefix) return;
             // Only tokens top-k kept count towards top-p.
-            if (MASS && !above(key, s.s0 + i, kkey, kcut)) continue;
+            if (MASS && !above(key, s.s0 + i, kkey, kcut)) return;
             hist_add(lo, hi, (key >> shift) & 255u, MASS ? weight_of(x, m, inv_t) : 1ull);
-        }
+        });
         SAMPLE_STAMP(10 + (24 - shift) / 8);
         __syncthreads();
         SAMPLE_STAMP(20 + (24 - shift) / 8);
@@ -278,11 +334,9 @@ __device__ int tie_cut(const Slice& s, int V, unsigned K, unsigned long long lef
     // Odd chunks keep a warp's strided reads of a staged slice off shared-memory bank conflicts.
     int chunk = ((s.n + NT - 1) / NT) | 1, c0 = min(s.n, (int)threadIdx.x * chunk), c1 = min(s.n, c0 + chunk);
     auto counted = [&](int i, float x) { return isfinite(x) && fkey(x) == K && !(K == kkey && s.s0 + i > kcut); };
+    auto measure = [&](int i, float x) -> unsigned long long { return counted(i, x) ? (MASS ? weight_of(x, m, inv_t) : 1ull) : 0ull; };
     unsigned long long mine = 0;
-    for (int i = c0; i < c1; i++) {
-        float x = s.l[i];
-        if (counted(i, x)) mine += MASS ? weight_of(x, m, inv_t) : 1ull;
-    }
+    scan_chunk(s.l, c0, c1, [&](int i, float x) { mine += measure(i, x); });
     SAMPLE_STAMP(60);
     unsigned long long block_total;
     unsigned long long base = block_exclusive_u64<NT>(mine, sh.warp, &block_total);
@@ -308,14 +362,8 @@ __device__ int tie_cut(const Slice& s, int V, unsigned K, unsigned long long lef
     __syncthreads();
     unsigned long long b0 = before + base;
     if (b0 < left && b0 + mine >= left) {
-        unsigned long long acc = b0;
-        for (int i = c0; i < c1; i++) {
-            float x = s.l[i];
-            if (counted(i, x)) {
-                acc += MASS ? weight_of(x, m, inv_t) : 1ull;
-                if (acc >= left) { sh.cut = s.s0 + i; break; }
-            }
-        }
+        const int i = scan_chunk_until(s.l, c0, c1, b0, left, true, measure);
+        if (i >= 0) sh.cut = s.s0 + i;
     }
     __syncthreads();
     SAMPLE_STAMP(63);
@@ -355,11 +403,10 @@ __device__ void sample_row(const float* __restrict__ logits, int V, const RowSam
     // Greedy and the max: argmax with ties to the lowest id (staging the slice on the way).
     float best = __int_as_float(0xff800000u);
     int bi = 0x7fffffff;
-    for (int i = threadIdx.x; i < n; i += NT) {
-        float x = g[i];
+    scan_strided<NT>(g, n, [&](int i, float x) {
         if (staged) stage[i] = x;
         if (x > best) { best = x; bi = s0 + i; }
-    }
+    });
     SAMPLE_STAMP(2);
     warp_best(best, bi);
     if (lane == 0) { sh.wbest[threadIdx.x >> 5] = best; sh.wbi[threadIdx.x >> 5] = bi; }
@@ -413,8 +460,7 @@ __device__ void sample_row(const float* __restrict__ logits, int V, const RowSam
     // The draw: inverse CDF over the kept tokens in id order.
     int chunk = ((n + NT - 1) / NT) | 1, c0 = min(n, (int)threadIdx.x * chunk), c1 = min(n, c0 + chunk);
     // The weight token s0 + i is drawn with: kept by top-k, top-p and min-p, else 0.
-    auto drawn = [&](int i) -> unsigned long long {
-        float x = s.l[i];
+    auto drawn = [&](int i, float x) -> unsigned long long {
         if (!isfinite(x)) return 0ull;
         unsigned key = fkey(x);
         if (!above(key, s0 + i, kkey, kcut) || !above(key, s0 + i, pkey, pcut)) return 0ull;
@@ -423,7 +469,7 @@ __device__ void sample_row(const float* __restrict__ logits, int V, const RowSam
     };
     SAMPLE_STAMP(70);
     unsigned long long mine = 0;
-    for (int i = c0; i < c1; i++) mine += drawn(i);
+    scan_chunk(s.l, c0, c1, [&](int i, float x) { mine += drawn(i, x); });
     SAMPLE_STAMP(71);
     unsigned long long block_total;
     unsigned long long base = block_exclusive_u64<NT>(mine, sh.warp, &block_total);
@@ -446,13 +492,8 @@ __device__ void sample_row(const float* __restrict__ logits, int V, const RowSam
     if (total == 0) {
         if (rank == 0 && threadIdx.x == 0) emit(argmax_id);
     } else if (before + base <= target && target < before + base + mine) {
-        unsigned long long acc = before + base;
-        for (int i = c0; i < c1; i++) {
-            unsigned long long w = drawn(i);
-            if (w == 0) continue;
-            acc += w;
-            if (acc > target) { emit(s0 + i); break; }
-        }
+        const int i = scan_chunk_until(s.l, c0, c1, before + base, target, false, drawn);
+        if (i >= 0) emit(s0 + i);
     }
     SAMPLE_STAMP(75);
     cluster_sync<CL>();
