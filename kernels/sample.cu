@@ -251,44 +251,6 @@ __device__ __forceinline__ void hist_add(unsigned* lo, unsigned* hi, unsigned b,
     if (up) atomicAdd(&hi[b], up);
 }
 
-// A thread's last BIN_CACHE histogram bins and their sums, added into the histogram when one is
-// evicted and at the end of a pass. A pass's first byte puts most tokens into a few bins, and
-// a warp's 32 atomics on one word serialise: that pass took ~15k cycles a block (SAMPLE_TRACE).
-// The sums are integers, so the histogram is the same. -DBIN_CACHE=0: an atomic per token.
-#ifndef BIN_CACHE
-#define BIN_CACHE 4
-#endif
-struct BinCache {
-    unsigned bin[BIN_CACHE > 0 ? BIN_CACHE : 1];
-    unsigned long long sum[BIN_CACHE > 0 ? BIN_CACHE : 1];
-    __device__ __forceinline__ BinCache() {
-#pragma unroll
-        for (int k = 0; k < BIN_CACHE; k++) { bin[k] = 0xffffffffu; sum[k] = 0ull; }
-    }
-    __device__ __forceinline__ void add(unsigned* lo, unsigned* hi, unsigned b, unsigned long long v) {
-        if constexpr (BIN_CACHE == 0) {
-            hist_add(lo, hi, b, v);
-        } else {
-            bool hit = false;
-#pragma unroll
-            for (int k = 0; k < BIN_CACHE; k++)
-                if (bin[k] == b) { sum[k] += v; hit = true; }
-            if (!hit) {
-                if (sum[BIN_CACHE - 1] != 0ull) hist_add(lo, hi, bin[BIN_CACHE - 1], sum[BIN_CACHE - 1]);
-#pragma unroll
-                for (int k = BIN_CACHE - 1; k > 0; k--) { bin[k] = bin[k - 1]; sum[k] = sum[k - 1]; }
-                bin[0] = b;
-                sum[0] = v;
-            }
-        }
-    }
-    __device__ __forceinline__ void flush(unsigned* lo, unsigned* hi) {
-#pragma unroll
-        for (int k = 0; k < BIN_CACHE; k++)
-            if (sum[k] != 0ull) hist_add(lo, hi, bin[k], sum[k]);
-    }
-};
-
 // Radix selection over keys of the finite logits: the key K at which the descending cumulative
 // measure (count when !MASS, else fixed-point mass) first reaches `need`; returns K and leaves in
 // *left how much of `need` the tokens with key == K must supply. With frac >= 0 (top-p) `need`
@@ -310,16 +272,14 @@ __device__ unsigned radix_select(const Slice& s, double frac, unsigned long long
     for (int shift = 24; shift >= 0; shift -= 8) {
         for (int b = threadIdx.x; b < HCOPIES * 256; b += NT) { sh.hlo[b] = 0u; sh.hhi[b] = 0u; }
         __syncthreads();
-        BinCache cache;
         scan_strided<NT>(s.l, s.n, [&](int i, float x) {
             if (!isfinite(x)) return;
             unsigned key = fkey(x);
             if ((key & mask) != prefix) return;
             // Only tokens top-k kept count towards top-p.
             if (MASS && !above(key, s.s0 + i, kkey, kcut)) return;
-            cache.add(lo, hi, (key >> shift) & 255u, MASS ? weight_of(x, m, inv_t) : 1ull);
+            hist_add(lo, hi, (key >> shift) & 255u, MASS ? weight_of(x, m, inv_t) : 1ull);
         });
-        cache.flush(lo, hi);
         SAMPLE_STAMP(10 + (24 - shift) / 8);
         __syncthreads();
         SAMPLE_STAMP(20 + (24 - shift) / 8);
@@ -565,7 +525,7 @@ extern "C" __global__ void __launch_bounds__(ST) sample_rows(const float* __rest
 #define SAMPLE_CLUSTER 8
 #endif
 #define SAMPLE_CLUSTER_THREADS 512
-extern "C" __global__ void __cluster_dims__(SAMPLE_CLUSTER, 1, 1) __launch_bounds__(SAMPLE_CLUSTER_THREADS, 1)
+extern "C" __global__ void __cluster_dims__(SAMPLE_CLUSTER, 1, 1) __launch_bounds__(SAMPLE_CLUSTER_THREADS)
     sample_rows_cluster(const float* __restrict__ logits, int V, const RowSampling* __restrict__ params, int* __restrict__ out, int staged,
                         const unsigned long long* __restrict__ ids_host) {
     PDL_ENTER();
