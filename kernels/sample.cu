@@ -251,6 +251,31 @@ __device__ __forceinline__ void hist_add(unsigned* lo, unsigned* hi, unsigned b,
     if (up) atomicAdd(&hi[b], up);
 }
 
+// hist_add for every active lane holding a token (`valid`, bin b, v <= 2^32): the lanes whose
+// bin is the first such lane's add theirs together first (two warp sums of 16-bit halves, which
+// cannot overflow), and that lane adds them with one atomic; the others add their own. A pass's
+// first byte puts most of a warp's tokens into one bin, whose 32 atomics on one word serialise
+// (~15k cycles a block on that pass, SAMPLE_TRACE). The sums are integers: the same histogram.
+// -DSAMPLE_HIST_PER_LANE: an atomic per lane (measurements).
+__device__ __forceinline__ void hist_add_warp(unsigned* lo, unsigned* hi, bool valid, unsigned b, unsigned long long v) {
+#ifdef SAMPLE_HIST_PER_LANE
+    if (valid) hist_add(lo, hi, b, v);
+#else
+    const unsigned active = __activemask(), holding = __ballot_sync(active, valid);
+    if (holding == 0u) return;
+    const int first = __ffs(holding) - 1;
+    const unsigned b0 = __shfl_sync(active, b, first);
+    const bool same = valid && b == b0;
+    const unsigned group = __ballot_sync(active, same);
+    if (same) {
+        const unsigned low = __reduce_add_sync(group, (unsigned)(v & 0xffffu)), high = __reduce_add_sync(group, (unsigned)(v >> 16));
+        if ((int)(threadIdx.x & 31) == first) hist_add(lo, hi, b0, ((unsigned long long)high << 16) + low);
+    } else if (valid) {
+        hist_add(lo, hi, b, v);
+    }
+#endif
+}
+
 // Radix selection over keys of the finite logits: the key K at which the descending cumulative
 // measure (count when !MASS, else fixed-point mass) first reaches `need`; returns K and leaves in
 // *left how much of `need` the tokens with key == K must supply. With frac >= 0 (top-p) `need`
@@ -273,12 +298,13 @@ __device__ unsigned radix_select(const Slice& s, double frac, unsigned long long
         for (int b = threadIdx.x; b < HCOPIES * 256; b += NT) { sh.hlo[b] = 0u; sh.hhi[b] = 0u; }
         __syncthreads();
         scan_strided<NT>(s.l, s.n, [&](int i, float x) {
-            if (!isfinite(x)) return;
-            unsigned key = fkey(x);
-            if ((key & mask) != prefix) return;
+            const unsigned key = fkey(x);
             // Only tokens top-k kept count towards top-p.
-            if (MASS && !above(key, s.s0 + i, kkey, kcut)) return;
-            hist_add(lo, hi, (key >> shift) & 255u, MASS ? weight_of(x, m, inv_t) : 1ull);
+            const bool in = isfinite(x) && (key & mask) == prefix && (!MASS || above(key, s.s0 + i, kkey, kcut));
+            unsigned long long w = 0ull;
+            if (in) w = MASS ? weight_of(x, m, inv_t) : 1ull;
+            // (A weight of 0 adds nothing.)
+            hist_add_warp(lo, hi, in && w != 0ull, (key >> shift) & 255u, w);
         });
         SAMPLE_STAMP(10 + (24 - shift) / 8);
         __syncthreads();
