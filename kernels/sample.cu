@@ -251,28 +251,19 @@ __device__ __forceinline__ void hist_add(unsigned* lo, unsigned* hi, unsigned b,
     if (up) atomicAdd(&hi[b], up);
 }
 
-// hist_add for every active lane holding a token (`valid`, bin b, v <= 2^32): the lanes whose
-// bin is the first such lane's add theirs together first (two warp sums of 16-bit halves, which
-// cannot overflow), and that lane adds them with one atomic; the others add their own. A pass's
-// first byte puts most of a warp's tokens into one bin, whose 32 atomics on one word serialise
-// (~15k cycles a block on that pass, SAMPLE_TRACE). The sums are integers: the same histogram.
-// -DSAMPLE_HIST_PER_LANE: an atomic per lane (measurements).
-__device__ __forceinline__ void hist_add_warp(unsigned* lo, unsigned* hi, bool valid, unsigned b, unsigned long long v) {
-#ifdef SAMPLE_HIST_PER_LANE
-    if (valid) hist_add(lo, hi, b, v);
+// The radix passes' histogram add, v <= 2^32 (a weight; the largest is 2^32): its low 16 bits
+// into lo[b], the rest into hi[b], each one add whose old value nobody waits for; the bin's sum
+// is hi << 16 + lo. Exact while a copy takes at most 2^15 adds (each half < 2^31): a copy is one
+// warp's (two at 1024 threads), so rows of up to 2^19 tokens (the host checks). hist_add,
+// which carried from lo into hi through the old value, made every add wait for its atomic
+// (-DSAMPLE_HIST_CARRY: that form, for measurements).
+__device__ __forceinline__ void hist_add16(unsigned* lo, unsigned* hi, unsigned b, unsigned long long v) {
+#ifdef SAMPLE_HIST_CARRY
+    hist_add(lo, hi, b, v);
 #else
-    const unsigned active = __activemask(), holding = __ballot_sync(active, valid);
-    if (holding == 0u) return;
-    const int first = __ffs(holding) - 1;
-    const unsigned b0 = __shfl_sync(active, b, first);
-    const bool same = valid && b == b0;
-    const unsigned group = __ballot_sync(active, same);
-    if (same) {
-        const unsigned low = __reduce_add_sync(group, (unsigned)(v & 0xffffu)), high = __reduce_add_sync(group, (unsigned)(v >> 16));
-        if ((int)(threadIdx.x & 31) == first) hist_add(lo, hi, b0, ((unsigned long long)high << 16) + low);
-    } else if (valid) {
-        hist_add(lo, hi, b, v);
-    }
+    atomicAdd(&lo[b], (unsigned)(v & 0xffffu));
+    const unsigned up = (unsigned)(v >> 16);
+    if (up) atomicAdd(&hi[b], up);
 #endif
 }
 
@@ -298,13 +289,12 @@ __device__ unsigned radix_select(const Slice& s, double frac, unsigned long long
         for (int b = threadIdx.x; b < HCOPIES * 256; b += NT) { sh.hlo[b] = 0u; sh.hhi[b] = 0u; }
         __syncthreads();
         scan_strided<NT>(s.l, s.n, [&](int i, float x) {
-            const unsigned key = fkey(x);
+            if (!isfinite(x)) return;
+            unsigned key = fkey(x);
+            if ((key & mask) != prefix) return;
             // Only tokens top-k kept count towards top-p.
-            const bool in = isfinite(x) && (key & mask) == prefix && (!MASS || above(key, s.s0 + i, kkey, kcut));
-            unsigned long long w = 0ull;
-            if (in) w = MASS ? weight_of(x, m, inv_t) : 1ull;
-            // (A weight of 0 adds nothing.)
-            hist_add_warp(lo, hi, in && w != 0ull, (key >> shift) & 255u, w);
+            if (MASS && !above(key, s.s0 + i, kkey, kcut)) return;
+            hist_add16(lo, hi, (key >> shift) & 255u, MASS ? weight_of(x, m, inv_t) : 1ull);
         });
         SAMPLE_STAMP(10 + (24 - shift) / 8);
         __syncthreads();
@@ -313,7 +303,11 @@ __device__ unsigned radix_select(const Slice& s, double frac, unsigned long long
         ph++;
         for (int b = threadIdx.x; b < 256; b += NT) {
             unsigned long long t = 0;
+#ifdef SAMPLE_HIST_CARRY
             for (int c = 0; c < HCOPIES; c++) t += ((unsigned long long)sh.hhi[c * 256 + b] << 32) + sh.hlo[c * 256 + b];
+#else
+            for (int c = 0; c < HCOPIES; c++) t += ((unsigned long long)sh.hhi[c * 256 + b] << 16) + sh.hlo[c * 256 + b];
+#endif
             mine[b] = t;
         }
         SAMPLE_STAMP(30 + (24 - shift) / 8);
