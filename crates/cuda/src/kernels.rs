@@ -31,10 +31,6 @@ const SAMPLE_CLUSTER_THREADS: u32 = 512;
 /// 37 KB); larger vocabularies read the logits at every pass.
 const SAMPLE_STAGE_MAX: usize = 160 * 1024;
 
-/// The largest vocabulary the sampler takes: its histogram words hold a row's sums exactly up
-/// to 2^19 tokens (hist_add16 in kernels/sample.cu).
-const SAMPLE_MAX_VOCAB: usize = 1 << 19;
-
 /// The most top logprobs a row may ask for (MAXTOP in kernels/sample.cu).
 const MAXTOP: usize = peregrine_core::backend::MAX_BACKEND_TOP_LOGPROBS;
 
@@ -1256,7 +1252,6 @@ impl Kernels {
     /// `ids_host`: the device address of a copy-free graph's ids word (crate::staged), whose slot
     /// the ids also go to; 0: none.
     fn launch_sample(&self, logits: &CudaSlice<f32>, v: usize, rows: usize, params: &CudaSlice<DeviceRowSampling>, out: &mut CudaSlice<i32>, cluster: bool, ids_host: u64) -> Result<()> {
-        check(v <= SAMPLE_MAX_VOCAB, || format!("the GPU sampler takes vocabularies of up to {SAMPLE_MAX_VOCAB} tokens, not {v}"))?;
         let vi = v as i32;
         match (&self.sample_cluster, cluster) {
             (Some(f), true) => {
