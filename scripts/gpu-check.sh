@@ -29,9 +29,10 @@ if [[ "${1:-}" == "--build" ]]; then
     cargo build --release -p peregrine-server --no-default-features --target-dir target/gpu-check
     strip -o .bin/peregrine target/gpu-check/release/peregrine
     strip .bin/cuda-kernels .bin/cuda-model .bin/cuda-ops .bin/cuda-lib .bin/engine-lost-gpu
-    cargo build --release -p peregrine-cuda --example bench --example step_bench
+    cargo build --release -p peregrine-cuda --example bench --example step_bench --example graph_memory
     strip -o .bin/cuda-bench target/release/examples/bench
     strip -o .bin/step-bench target/release/examples/step_bench
+    strip -o .bin/graph-memory target/release/examples/graph_memory
     cargo build --release -p peregrine-engine --example spec_bench --example engine_bench
     strip -o .bin/spec-bench target/release/examples/spec_bench
     strip -o .bin/engine-bench target/release/examples/engine_bench
@@ -122,6 +123,8 @@ grep -q DIFFERS "$LOG/e2e.log" && status=1
 [ "${GPU_CHECK_BENCH:-1}" = 0 ] && exit $status
 .bin/cuda-bench 2>&1 | tee "$LOG/bench.log" || status=1
 .bin/step-bench --config configs/mimo-v2-flash.json 2>&1 | tee "$LOG/step-bench.log" || status=1
+# Device memory the decode graphs hold (their logits share one buffer).
+.bin/graph-memory --config configs/mimo-v2-flash.json --widths 8,64 2>&1 | tee "$LOG/graph-memory.log" || status=1
 # Speculation with the demo model's trained drafter on the GPU: acceptance and tokens/s.
 .bin/spec-bench models/peregrine-mimo-tiny benches/data/heldout_prompts.json 128 1 cuda 2>&1 | tee "$LOG/spec-bench.log" || status=1
 exit $status

@@ -746,7 +746,7 @@ impl CudaModel {
             kv_config: None,
             drafter: None,
             draft_kv: Vec::new(),
-            graphs: Graphs::new(capturable),
+            graphs: Graphs::new(capturable, spec.vocab_size),
             moe_counters: std::sync::Mutex::new(moe_counters),
             route_counter,
             attn_split: std::env::var("PEREGRINE_ATTN_SPLIT").ok().and_then(|v| v.parse().ok()).filter(|&v: &usize| v >= 32).unwrap_or(512),
@@ -2593,7 +2593,7 @@ impl CudaModel {
             };
             let fetched = match (out, slot_ids) {
                 (_, Some(ids)) => ids.map(|ids| Fetched { ids, ..Default::default() }),
-                (Out::Logits, None) if k > 0 => g.fetch_logits(&self.stream, &rows.counts, vocab).map(|logits| Fetched { logits, ..Default::default() }),
+                (Out::Logits, None) if k > 0 => g.fetch_logits(&mut self.graphs.host_logits, &self.stream, &rows.counts, vocab).map(|logits| Fetched { logits, ..Default::default() }),
                 (out, None) => fetch(&self.kernels, &self.stream, out, &rows.counts, vocab, &mut g.logits, &g.ids),
             };
             self.graphs.put_back(g);

@@ -22,6 +22,7 @@ use peregrine_core::{Error, Result};
 use crate::backend::{drv, CudaModel, HostRows, RowMeta};
 use crate::draft::{DraftMeta, DraftRows};
 use crate::kernels::{device_sampling_rows, DeviceRowSampling};
+use crate::shared_logits::{LogitsPool, SharedLogits};
 use crate::speculate::{SpecKey, SpecStep};
 
 /// Row counts a graph is captured for; a batch uses the smallest that holds it.
@@ -84,11 +85,9 @@ pub(crate) struct GraphKey {
 pub(crate) struct StepGraph {
     key: GraphKey,
     meta: RowMeta,
-    pub(crate) logits: CudaSlice<f32>,
+    /// Its logits, in the buffer every step graph shares (crate::shared_logits).
+    pub(crate) logits: SharedLogits,
     pub(crate) ids: CudaSlice<i32>,
-    /// Page-locked host copy of `logits` (allocated on first use): a device-to-host copy into
-    /// pageable memory is several times slower.
-    host: Option<PinnedHostSlice<f32>>,
     graph: Graph,
     /// A copy-free graph's `fetch_staged` node (crate::staged), pointed at a slot per launch.
     fetch: Option<crate::staged::FetchNode>,
@@ -102,17 +101,19 @@ impl StepGraph {
         self.meta.staged.as_ref()
     }
 
-    /// The logits of the first `counts.iter().sum()` rows, through the pinned buffer, split per
-    /// sequence straight from it (one host copy of the logits, not two: at batch 64 they are
-    /// 39 MB).
-    pub(crate) fn fetch_logits(&mut self, st: &std::sync::Arc<cudarc::driver::CudaStream>, counts: &[usize], vocab: usize) -> Result<Vec<Logits>> {
+    /// The logits of the first `counts.iter().sum()` rows, through the page-locked buffer
+    /// `host` (one for every graph, made or grown here: a device-to-host copy into pageable
+    /// memory is several times slower), split per sequence straight from it (one host copy of
+    /// the logits, not two: at batch 64 they are 39 MB).
+    pub(crate) fn fetch_logits(&self, host: &mut Option<PinnedHostSlice<f32>>, st: &std::sync::Arc<cudarc::driver::CudaStream>, counts: &[usize], vocab: usize) -> Result<Vec<Logits>> {
         let len = counts.iter().sum::<usize>() * vocab;
-        if self.host.is_none() {
+        if host.as_ref().is_none_or(|h| h.len() < len) {
             // SAFETY: the buffer is only read after the copy into it completed (as_slice syncs).
-            self.host = Some(unsafe { st.context().alloc_pinned::<f32>(self.logits.len()) }.map_err(drv)?);
+            *host = Some(unsafe { st.context().alloc_pinned::<f32>(self.logits.len().max(len)) }.map_err(drv)?);
         }
-        let host = self.host.as_mut().unwrap();
-        st.memcpy_dtoh(&self.logits.slice(..len), host).map_err(drv)?;
+        let host = host.as_mut().expect("made above");
+        // A copy into a host slice copies the slice's whole length: exactly `len`.
+        st.memcpy_dtoh(&self.logits.slice(..len), &mut host.as_mut_slice().map_err(drv)?[..len]).map_err(drv)?;
         st.synchronize().map_err(drv)?;
         Ok(split_logits(&host.as_slice().map_err(drv)?[..len], counts, vocab))
     }
@@ -132,6 +133,13 @@ pub(crate) struct Graphs {
     capture_error: Option<String>,
     /// Decode steps started and not yet collected (crate::overlap).
     pub(crate) overlap: crate::overlap::Overlap,
+    /// The buffer step graphs and fused speculative steps write their logits into, shared
+    /// (crate::shared_logits).
+    pub(crate) logits: LogitsPool<CudaSlice<f32>>,
+    /// The same for the drafter's logits (draft-pass graphs, and fused steps beside `logits`).
+    pub(crate) draft_logits: LogitsPool<CudaSlice<f32>>,
+    /// The page-locked buffer logits are brought to the host through (`fetch_logits`).
+    pub(crate) host_logits: Option<PinnedHostSlice<f32>>,
 }
 
 /// Sequence counts a draft-pass graph is captured for (each holds logits for every draft row,
@@ -140,30 +148,56 @@ pub(crate) const DRAFT_SEQ_BUCKETS: [usize; 5] = [1, 2, 4, 8, 16];
 
 pub(crate) struct DraftGraph {
     meta: DraftMeta,
-    /// The draft logits the graph writes (kept alive with it).
-    #[allow(dead_code)]
-    logits: CudaSlice<f32>,
+    /// The draft logits the graph writes (a view of the shared buffer, which it keeps alive).
+    logits: SharedLogits,
     ids: CudaSlice<i32>,
     graph: Graph,
 }
 
 impl Graphs {
-    pub(crate) fn new(capturable: bool) -> Graphs {
+    /// `vocab`: logits a row (the shared buffers' first size is the largest decode bucket's).
+    pub(crate) fn new(capturable: bool, vocab: usize) -> Graphs {
         let enabled = capturable;
         let off = std::env::var("PEREGRINE_CUDA_GRAPHS").is_ok_and(|v| v == "0");
-        Graphs { enabled: enabled && !off, capturable: enabled, cache: HashMap::new(), drafts: HashMap::new(), spec: HashMap::new(), capture_error: None, overlap: Default::default() }
+        let floor = ROW_BUCKETS[ROW_BUCKETS.len() - 1] * vocab;
+        Graphs {
+            enabled: enabled && !off,
+            capturable: enabled,
+            cache: HashMap::new(),
+            drafts: HashMap::new(),
+            spec: HashMap::new(),
+            capture_error: None,
+            overlap: Default::default(),
+            logits: LogitsPool::new(floor),
+            draft_logits: LogitsPool::new(floor),
+            host_logits: None,
+        }
     }
 
     pub(crate) fn put_back(&mut self, g: StepGraph) {
         self.cache.insert(g.key, g);
     }
 
-    /// Drops every graph (the KV pools they point at are being replaced).
+    /// Drops every graph (the KV pools they point at are being replaced), and with them the
+    /// shared logits buffers.
     pub(crate) fn clear(&mut self) {
         self.overlap.break_chain();
         self.cache.clear();
         self.drafts.clear();
         self.spec.clear();
+        self.logits.clear();
+        self.draft_logits.clear();
+        self.host_logits = None;
+    }
+
+    /// Device bytes of the logits buffers held for graphs: the cached graphs' and the pools'
+    /// current ones, each shared buffer once.
+    pub(crate) fn logits_bytes(&self) -> usize {
+        let steps = self.cache.values().map(|g| g.logits.owner());
+        let drafts = self.drafts.values().map(|g| g.logits.owner());
+        let spec = self.spec.values().flat_map(|s| s.logits_owners());
+        let pools = self.logits.current().into_iter().chain(self.draft_logits.current());
+        crate::shared_logits::distinct_bytes(steps.chain(drafts).chain(spec).chain(pools))
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -180,6 +214,12 @@ impl CudaModel {
     /// How many decode-step graphs have been captured and are cached.
     pub fn cuda_graphs(&self) -> usize {
         self.graphs.len()
+    }
+
+    /// Device bytes of the logits buffers held for the cached graphs: every graph's logits are
+    /// a view of a buffer they share (crate::shared_logits), each counted once.
+    pub fn graph_logits_bytes(&self) -> usize {
+        self.graphs.logits_bytes()
     }
 
     /// How many of the cached decode-step graphs sample their rows (`Op::Sample`).
@@ -228,7 +268,7 @@ impl CudaModel {
         let (bucket, width) = (key.rows, key.width);
         let mut g = match self.graphs.cache.remove(&key) {
             Some(g) => g,
-            None => match self.capture_graph(key) {
+            None => match self.shared_logits(false, key.rows).and_then(|logits| self.capture_graph(key, logits)) {
                 Ok(g) => g,
                 Err(e) => {
                     tracing::warn!("CUDA graph capture failed, running eagerly from now on: {e}");
@@ -358,10 +398,19 @@ impl CudaModel {
         Ok(Some(times))
     }
 
-    fn capture_graph(&self, key: GraphKey) -> Result<StepGraph> {
+    /// A view of `rows` rows in the shared buffer of step logits (`draft`: of draft logits),
+    /// which grows when it holds fewer.
+    pub(crate) fn shared_logits(&mut self, draft: bool, rows: usize) -> Result<SharedLogits> {
+        let n = rows * self.spec.vocab_size;
+        let kernels = &self.kernels;
+        let pool = if draft { &mut self.graphs.draft_logits } else { &mut self.graphs.logits };
+        let owner = pool.get(n, CudaSlice::len, |len| kernels.zeros(len))?;
+        Ok(SharedLogits::new(owner, n))
+    }
+
+    fn capture_graph(&self, key: GraphKey, mut logits: SharedLogits) -> Result<StepGraph> {
         let GraphKey { rows, width, decode, sampled } = key;
         let meta = self.alloc_row_meta(rows, width, self.copy_free_rows, sampled)?;
-        let mut logits = self.zeros(rows * self.spec.vocab_size)?;
         let mut ids = self.stream.alloc_zeros::<i32>(rows).map_err(drv)?;
         let plan = if sampled { self.sampled_step_plan(rows, decode) } else { self.step_plan(rows, None, decode) };
         let graph = self.record(|| self.execute(&plan, &meta, None, &mut logits, &mut ids))?;
@@ -370,7 +419,7 @@ impl CudaModel {
             None => None,
         };
         tracing::debug!(rows, width, sampled, graphs = self.graphs.len() + 1, copy_free = fetch.is_some(), "captured a decode-step CUDA graph");
-        Ok(StepGraph { key, meta, logits, ids, host: None, graph, fetch, slot: None })
+        Ok(StepGraph { key, meta, logits, ids, graph, fetch, slot: None })
     }
 
     /// Static per-row buffers for `rows` rows and block tables `width` wide; `staged`: with
@@ -528,7 +577,7 @@ impl CudaModel {
         let key = (bucket, nb, width);
         let mut g = match self.graphs.drafts.remove(&key) {
             Some(g) => g,
-            None => match self.capture_draft(key) {
+            None => match self.shared_logits(true, bucket * (nb - 1)).and_then(|logits| self.capture_draft(key, logits)) {
                 Ok(g) => g,
                 Err(e) => {
                     tracing::warn!("CUDA graph capture of the draft pass failed, running eagerly from now on: {e}");
@@ -545,11 +594,10 @@ impl CudaModel {
         res.map(Some)
     }
 
-    fn capture_draft(&self, key: (usize, usize, usize)) -> Result<DraftGraph> {
+    fn capture_draft(&self, key: (usize, usize, usize), mut logits: SharedLogits) -> Result<DraftGraph> {
         let (seqs, nb, width) = key;
         let (n, k) = (seqs * nb, seqs * (nb - 1));
         let meta = self.alloc_draft_meta(seqs, nb, width)?;
-        let mut logits = self.zeros(k * self.spec.vocab_size)?;
         let mut ids = self.stream.alloc_zeros::<i32>(k.max(1)).map_err(drv)?;
         let graph = self.record(|| self.draft_body(&meta, n, k, k, &mut logits, &mut ids))?;
         tracing::debug!(seqs, nb, width, "captured a draft-pass CUDA graph");

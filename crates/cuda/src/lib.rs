@@ -15,6 +15,7 @@ pub mod compile;
 pub mod device;
 mod draft;
 mod graph;
+mod shared_logits;
 mod speculate;
 mod staged;
 pub mod step;

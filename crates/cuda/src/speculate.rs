@@ -11,9 +11,11 @@ use peregrine_core::{Error, Result};
 use crate::backend::{drv, CudaModel, RowMeta};
 use crate::draft::DraftMeta;
 use crate::graph::{Graph, DRAFT_SEQ_BUCKETS};
+use crate::shared_logits::SharedLogits;
 use crate::kernels::SamplingBuffers;
 
-/// At most this many verify rows (bucket x block rows): each step object holds their logits.
+/// At most this many verify rows (bucket x block rows): the shared logits buffer grows to hold
+/// them (crate::shared_logits).
 const MAX_ROWS: usize = 128;
 /// Logit adjustments (bias entries) a sampled step has room for, per row.
 const ADJUST_PER_ROW: usize = 64;
@@ -26,9 +28,10 @@ pub(crate) type SpecKey = (usize, usize, usize, bool);
 pub(crate) struct SpecStep {
     draft: DraftMeta,
     verify: RowMeta,
-    draft_logits: CudaSlice<f32>,
+    /// Views of the shared buffers of draft and step logits (crate::shared_logits).
+    draft_logits: SharedLogits,
     drafts: CudaSlice<i32>,
-    logits: CudaSlice<f32>,
+    logits: SharedLogits,
     argmax: CudaSlice<i32>,
     sampling: Option<(SamplingBuffers, CudaSlice<i32>)>,
     /// Per sequence: nb samples, nb - 1 drafts, the accepted count.
@@ -40,6 +43,11 @@ pub(crate) struct SpecStep {
 impl SpecStep {
     pub(crate) fn captured(&self) -> bool {
         self.graph.is_some()
+    }
+
+    /// The shared buffers its logits are views of.
+    pub(crate) fn logits_owners(&self) -> [&std::sync::Arc<CudaSlice<f32>>; 2] {
+        [self.draft_logits.owner(), self.logits.owner()]
     }
 }
 
@@ -91,15 +99,15 @@ impl CudaModel {
 
     fn build_spec_step(&mut self, key: SpecKey) -> Result<SpecStep> {
         let (seqs, nb, width, sampled) = key;
-        let (n, k, vocab) = (seqs * nb, seqs * (nb - 1), self.spec.vocab_size);
+        let (n, k) = (seqs * nb, seqs * (nb - 1));
         let st = self.stream.clone();
         let z = |len: usize| st.alloc_zeros::<i32>(len.max(1)).map_err(drv);
         let mut step = SpecStep {
             draft: self.alloc_draft_meta(seqs, nb, width)?,
             verify: self.alloc_row_meta(n, width, false, false)?,
-            draft_logits: self.zeros(k * vocab)?,
+            draft_logits: self.shared_logits(true, k)?,
             drafts: z(k)?,
-            logits: self.zeros(n * vocab)?,
+            logits: self.shared_logits(false, n)?,
             argmax: z(n)?,
             sampling: if sampled { Some((SamplingBuffers::new(&st, n, n * ADJUST_PER_ROW)?, z(n)?)) } else { None },
             out: z(seqs * 2 * nb)?,

@@ -599,6 +599,53 @@ fn captured_steps_are_kernels_only_and_replay_the_eager_step() {
     }
 }
 
+/// Every captured decode graph writes its logits into one shared buffer (crate::shared_logits):
+/// graphs of several row buckets and two block-table widths hold one buffer of the largest
+/// bucket's logits, and each replay, interleaved with the others', still brings back the eager
+/// step's logits for its own rows. A batch past the largest bucket runs eagerly and leaves the
+/// buffer as it was.
+#[test]
+fn decode_graphs_share_one_logits_buffer_and_each_replay_reads_its_own() {
+    let Some((spec, mut model)) = fp8_attention_model() else { return };
+    let mut r = rng();
+    let vocab = spec.vocab_size;
+    // (rows, blocks in each table): tables of 1 block take the 8-wide graphs, of 9 the 16-wide.
+    // Every sequence has blocks of its own (101 of the 128), so no step writes K/V another reads.
+    let shapes = [(1usize, 1usize), (3, 1), (2, 9), (7, 9), (16, 1)];
+    let mut next_block = 0u32;
+    let batches: Vec<Vec<SeqForward>> = shapes
+        .iter()
+        .map(|&(rows, nb)| {
+            (0..rows)
+                .map(|s| {
+                    let blocks: Vec<u32> = (next_block..next_block + nb as u32).collect();
+                    next_block += nb as u32;
+                    seq(s as u64, vec![r.random_range(0..vocab as u32)], 3 + 16 * (nb - 1), &blocks, OutputRows::Last)
+                })
+                .collect()
+        })
+        .collect();
+    model.set_cuda_graphs(false);
+    let eager: Vec<Vec<f32>> = batches.iter().map(|b| model.forward(b).unwrap().into_iter().flat_map(|l| l.data).collect()).collect();
+    model.set_cuda_graphs(true);
+    assert_eq!((model.cuda_graphs(), model.graph_logits_bytes()), (0, 0));
+    // Twice through, in another order the second time: every graph is captured on the first
+    // pass and replayed between the others' replays on the second.
+    let order: Vec<usize> = (0..batches.len()).chain((0..batches.len()).rev()).collect();
+    for (pass, &i) in order.iter().enumerate() {
+        let got: Vec<f32> = model.forward(&batches[i]).unwrap().into_iter().flat_map(|l| l.data).collect();
+        let scale = eager[i].iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+        let worst = got.iter().zip(&eager[i]).fold(0f32, |m, (a, b)| m.max((a - b).abs() / scale));
+        assert!(got.len() == eager[i].len() && got.iter().all(|v| v.is_finite()) && worst < 1e-5, "shape {:?} (call {pass}): the graph's logits differ from the eager step's by {worst:.2e}", shapes[i]);
+    }
+    assert_eq!(model.cuda_graphs(), shapes.len(), "one graph per shape");
+    assert_eq!(model.graph_logits_bytes(), 64 * vocab * 4, "the graphs hold one buffer of 64 rows' logits between them");
+    // 65 rows: no bucket holds them, so they run eagerly and the shared buffer is untouched.
+    let big: Vec<SeqForward> = (0..65).map(|s| seq(s as u64, vec![r.random_range(0..vocab as u32)], 3, &[s as u32], OutputRows::Last)).collect();
+    model.forward(&big).unwrap();
+    assert_eq!((model.cuda_graphs(), model.graph_logits_bytes()), (shapes.len(), 64 * vocab * 4));
+}
+
 /// The logits of `batch` with the routed combine in the MoE and in the norm after it, eager
 /// and graphed, in the order (MoE, eager), (norm, eager), (norm, graph), (MoE, graph). Eager
 /// steps leave the MoE's pairs to the norm exactly when asked (a replayed graph runs no host
