@@ -97,11 +97,15 @@ if cmp -s "$LOG/e2e-cuda-spec.txt" "$LOG/e2e-cpu.txt" && [ -s "$LOG/e2e-cpu.txt"
 cat "$LOG/metrics-cuda-8203.txt" >> "$LOG/e2e.log"
 grep -q 'accepted_tokens_total{[^}]*} [1-9]' "$LOG/metrics-cuda-8203.txt" || echo "e2e: no draft accepted on cuda: DIFFERS" >> "$LOG/e2e.log"
 if cmp -s "$LOG/e2e-cuda-adaptive.txt" "$LOG/e2e-cpu.txt"; then echo "e2e demo with adaptive DFlash on cuda: identical to --device cpu without speculation"; else echo "e2e demo with adaptive DFlash on cuda: DIFFERS"; cat "$LOG/e2e-cuda-adaptive.txt"; status=1; fi >> "$LOG/e2e.log"
+# The KV cache sized to a fraction of the GPU after a profiling step (--gpu-memory-utilization).
+e2e cuda 8207 default models/peregrine-mimo-tiny --gpu-memory-utilization 0.3 > "$LOG/e2e-cuda-util.txt"
+if cmp -s "$LOG/e2e-cuda-util.txt" "$LOG/e2e-cpu.txt"; then echo "e2e demo with --gpu-memory-utilization 0.3 on cuda: identical to --device cpu"; else echo "e2e demo with --gpu-memory-utilization 0.3 on cuda: DIFFERS"; cat "$LOG/e2e-cuda-util.txt"; status=1; fi >> "$LOG/e2e.log"
+grep -hoE "KV cache (sized|allocated).*" "$LOG/serve-cuda-8207.log" >> "$LOG/e2e.log" || echo "e2e: no KV sizing line in the log: DIFFERS" >> "$LOG/e2e.log"
 cat "$LOG/metrics-cuda-8206.txt" >> "$LOG/e2e.log"
 cat "$LOG/seeded.txt" >> "$LOG/e2e.log"
 # Random weights made on the GPU for a config alone (--load-format dummy): served, greedy twice the same.
 PEREGRINE_CACHE_DIR=/tmp/pcache .bin/peregrine serve configs/mimo-v2-flash.json --load-format dummy \
-    --hf-overrides '{"num_hidden_layers": 4}' --device cuda --kv-cache-memory 2GiB --port 8205 > "$LOG/serve-dummy.log" 2>&1 &
+    --hf-overrides '{"num_hidden_layers": 4}' --device cuda --gpu-memory-utilization 0.6 --port 8205 > "$LOG/serve-dummy.log" 2>&1 &
 dpid=$!
 for _ in $(seq 1 240); do curl -sf localhost:8205/health >/dev/null && break; sleep 0.5; done
 dummy() { curl -s localhost:8205/v1/completions -H 'content-type: application/json' \
@@ -117,6 +121,7 @@ long_dummy() { python3 -c 'import json; print(json.dumps({"model":"mimo-v2-flash
 l1=$(long_dummy); l2=$(long_dummy)
 if [ -n "$l1" ] && [ "$l1" = "$l2" ] && [ "$(echo "$l1" | cut -d' ' -f1-2)" = "3000 16" ]; then echo "dummy weights on cuda, 3000-token prompt: 16 tokens, greedy reproducible" >> "$LOG/e2e.log"; else echo "dummy weights on cuda, 3000-token prompt: DIFFERS ($l1 / $l2)" >> "$LOG/e2e.log"; fi
 kill $dpid; wait $dpid 2>/dev/null || true
+grep -hoE "KV cache (sized|allocated).*" "$LOG/serve-dummy.log" >> "$LOG/e2e.log"
 tail -10 "$LOG/e2e.log"
 grep -q DIFFERS "$LOG/e2e.log" && status=1
 # GPU_CHECK_BENCH=0: the correctness half only (the benchmarks take several minutes more).

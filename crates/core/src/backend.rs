@@ -33,6 +33,13 @@ pub struct KvBlockBytes {
     pub swa: usize,
 }
 
+/// A device's memory in bytes (`Backend::device_memory`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceMemory {
+    pub free: usize,
+    pub total: usize,
+}
+
 /// Which positions of a chunk need logits back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutputRows {
@@ -212,6 +219,20 @@ pub trait Backend: Send {
     /// nothing more (for example a lost GPU context) and the message says why; the engine then
     /// fails every request and refuses new ones. The default: always healthy.
     fn check_health(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    /// The device's free and total memory in bytes, for a KV cache sized to a fraction of the
+    /// device (`gpu_memory_utilization`); None for a backend in host memory (the default), whose
+    /// KV cache is sized in bytes.
+    fn device_memory(&mut self) -> Result<Option<DeviceMemory>> {
+        Ok(None)
+    }
+
+    /// While `on`, memory the backend frees stays reserved by it, so `device_memory` after a
+    /// profiling step shows what the step needed at its peak; turned off, it is given back.
+    fn hold_freed_memory(&mut self, on: bool) -> Result<()> {
+        let _ = on;
         Ok(())
     }
 

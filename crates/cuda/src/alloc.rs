@@ -95,6 +95,30 @@ impl Drop for StepAlloc {
     }
 }
 
+/// While `on`, memory freed into the device's current pool (where eager steps' stream-ordered
+/// buffers come from) stays reserved by it, so the free memory read after a profiling step
+/// shows the step's peak (`Backend::hold_freed_memory`); turned off, the pool gives back what
+/// it holds past what is allocated, as by default (release threshold 0).
+pub(crate) fn hold_freed_memory(stream: &Arc<CudaStream>, on: bool) -> Result<()> {
+    let ctx = stream.context();
+    let err = |what: &str, e: cudarc::driver::DriverError| Error::Backend(format!("device memory pool: {what}: {e}"));
+    ctx.bind_to_thread().map_err(|e| err("binding the context", e))?;
+    // SAFETY: plain driver calls on the pool of this context's device.
+    unsafe {
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        sys::cuDeviceGetMemPool(&mut pool, ctx.cu_device()).result().map_err(|e| err("cuDeviceGetMemPool", e))?;
+        let mut threshold: u64 = if on { u64::MAX } else { 0 };
+        sys::cuMemPoolSetAttribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, &mut threshold as *mut u64 as *mut std::ffi::c_void)
+            .result()
+            .map_err(|e| err("setting the release threshold", e))?;
+        if !on {
+            stream.synchronize().map_err(|e| err("synchronising", e))?;
+            sys::cuMemPoolTrimTo(pool, 0).result().map_err(|e| err("cuMemPoolTrimTo", e))?;
+        }
+    }
+    Ok(())
+}
+
 fn create_pool(stream: &Arc<CudaStream>) -> std::result::Result<CapturePool, String> {
     let ctx = stream.context();
     ctx.bind_to_thread().map_err(|e| format!("capture pool: {e}"))?;

@@ -2742,6 +2742,17 @@ impl Backend for CudaModel {
     fn check_health(&mut self) -> Result<()> {
         self.stream.synchronize().map_err(|e| Error::Backend(format!("the GPU context is lost ({e}); restart the server")))
     }
+
+    fn device_memory(&mut self) -> Result<Option<peregrine_core::backend::DeviceMemory>> {
+        // Frees enqueued on the stream land once it has run them.
+        self.stream.synchronize().map_err(drv)?;
+        let (free, total) = self.gpu.ctx.mem_get_info().map_err(drv)?;
+        Ok(Some(peregrine_core::backend::DeviceMemory { free, total }))
+    }
+
+    fn hold_freed_memory(&mut self, on: bool) -> Result<()> {
+        crate::alloc::hold_freed_memory(&self.stream, on)
+    }
 }
 
 #[cfg(test)]

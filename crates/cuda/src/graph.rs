@@ -8,7 +8,8 @@
 //! too; `PEREGRINE_GRAPH_SAMPLING=0` samples after the greedy graph instead (for comparison).
 //! Its buffers come from a pool of
 //! their own (crate::alloc), so the graph holds kernel nodes only and every launch boundary keeps
-//! its programmatic edge. Prefill chunks and other
+//! its programmatic edge; its logits are a view of one buffer every graph shares
+//! (crate::shared_logits). Prefill chunks and other
 //! shapes run eagerly.
 //! `PEREGRINE_CUDA_GRAPHS=0` turns graphs off.
 

@@ -116,8 +116,12 @@ pub struct EngineConfig {
     pub max_num_batched_tokens: usize,
     /// Prompt + output tokens of one sequence at most.
     pub max_model_len: usize,
-    /// Bytes for KV blocks (both groups).
+    /// Bytes for KV blocks (both groups), unless `gpu_memory_utilization` is set.
     pub kv_cache_memory_bytes: usize,
+    /// Size the KV cache to what is left of this fraction of the device's memory once the
+    /// weights are loaded and a profiling step of the largest batches has run (crate::kv_sizing);
+    /// needs a backend on a device (`Backend::device_memory`). None: `kv_cache_memory_bytes`.
+    pub gpu_memory_utilization: Option<f64>,
     /// Tokens per KV block.
     pub block_size: usize,
     /// Waiting requests at most before `QueueFull`.
@@ -144,6 +148,7 @@ impl Default for EngineConfig {
             max_num_batched_tokens: 2048,
             max_model_len: 4096,
             kv_cache_memory_bytes: 512 << 20,
+            gpu_memory_utilization: None,
             block_size: 16,
             max_waiting: 1024,
             enable_prefix_caching: true,

@@ -70,14 +70,22 @@ pub fn start_engine(mut backend: Box<dyn Backend>, tokenizer: SharedTokenizer, c
     };
     let swa_bytes = num_swa * bytes.swa;
     let need_full = config.max_model_len.div_ceil(bs);
+    let (kv_memory, field) = match config.gpu_memory_utilization {
+        Some(u) => {
+            let sized = crate::kv_sizing::kv_bytes_for_utilization(backend.as_mut(), &config, u, bytes, num_swa, spec_block)?;
+            tracing::info!(utilization = u, device_bytes = sized.total, in_use_bytes = sized.in_use, kv_bytes = sized.kv_bytes, "KV cache sized to the device's memory after a profiling step");
+            (sized.kv_bytes, "gpu_memory_utilization")
+        }
+        None => (config.kv_cache_memory_bytes, "kv_cache_memory_bytes"),
+    };
     // A backend without full-attention layers still gets block tables (of no memory).
-    let num_full = config.kv_cache_memory_bytes.saturating_sub(swa_bytes).checked_div(bytes.full).unwrap_or(need_full * config.max_num_seqs);
+    let num_full = kv_memory.saturating_sub(swa_bytes).checked_div(bytes.full).unwrap_or(need_full * config.max_num_seqs);
     if num_full < need_full {
         return Err(Error::config(
-            "kv_cache_memory_bytes",
+            field,
             format!(
-                "{} bytes hold {num_full} full-attention blocks after {num_swa} sliding-window blocks ({swa_bytes} bytes); one sequence of max_model_len {} needs {need_full} blocks of {} bytes",
-                config.kv_cache_memory_bytes, config.max_model_len, bytes.full
+                "{kv_memory} bytes for the KV cache hold {num_full} full-attention blocks after {num_swa} sliding-window blocks ({swa_bytes} bytes); one sequence of max_model_len {} needs {need_full} blocks of {} bytes",
+                config.max_model_len, bytes.full
             ),
         ));
     }

@@ -65,6 +65,7 @@ pub mod api;
 pub mod engine;
 pub mod json_mode;
 pub mod kv;
+pub mod kv_sizing;
 pub mod metrics;
 pub mod sampler;
 pub mod spec_policy;

@@ -54,6 +54,7 @@ fn config() -> EngineConfig {
         max_num_batched_tokens: 96,
         max_model_len: 256,
         kv_cache_memory_bytes: 32 << 20,
+        gpu_memory_utilization: None,
         block_size: 4,
         max_waiting: 256,
         enable_prefix_caching: true,

@@ -98,9 +98,15 @@ pub struct ServeArgs {
     /// at 8192 on the CPU).
     #[arg(long, env = "PEREGRINE_MAX_MODEL_LEN")]
     pub max_model_len: Option<usize>,
-    /// Memory for the KV cache, e.g. 512MiB, 4GiB.
-    #[arg(long, env = "PEREGRINE_KV_CACHE_MEMORY", default_value = "512MiB", value_parser = parse_bytes)]
-    pub kv_cache_memory: usize,
+    /// Memory for the KV cache, e.g. 512MiB, 4GiB (default 512MiB, unless
+    /// --gpu-memory-utilization sizes it).
+    #[arg(long, env = "PEREGRINE_KV_CACHE_MEMORY", value_parser = parse_bytes, conflicts_with = "gpu_memory_utilization")]
+    pub kv_cache_memory: Option<usize>,
+    /// With --device cuda: give the KV cache what is left of this fraction of the GPU's memory
+    /// after the weights and a profiling step of the largest batches (as vLLM's option of the
+    /// same name), e.g. 0.9. Counts memory other processes hold on the GPU as in use.
+    #[arg(long, env = "PEREGRINE_GPU_MEMORY_UTILIZATION", value_parser = parse_fraction, allow_negative_numbers = true)]
+    pub gpu_memory_utilization: Option<f64>,
     #[arg(long, env = "PEREGRINE_MAX_NUM_BATCHED_TOKENS", default_value_t = 2048)]
     pub max_num_batched_tokens: usize,
     /// Waiting requests at most; more are answered 429.
@@ -159,6 +165,18 @@ pub struct ServeArgs {
 }
 
 /// "512MiB", "4GiB", "1G", "1000000" -> bytes.
+/// The KV cache's memory when neither --kv-cache-memory nor --gpu-memory-utilization is given.
+pub const DEFAULT_KV_CACHE_MEMORY: usize = 512 << 20;
+
+/// A fraction in (0, 1], e.g. `0.9`.
+pub fn parse_fraction(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(f) if f > 0.0 && f <= 1.0 => Ok(f),
+        Ok(f) => Err(format!("{f} is not in (0, 1]")),
+        Err(_) => Err(format!("`{s}` is not a number (a fraction such as 0.9)")),
+    }
+}
+
 pub fn parse_bytes(s: &str) -> Result<usize, String> {
     let t = s.trim();
     let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
@@ -222,6 +240,9 @@ pub fn init_logging(format: LogFormat) {
 pub fn load(args: &ServeArgs) -> anyhow::Result<Ready> {
     if args.tp != 1 {
         bail!("--tp {} is not supported yet (one GPU or the CPU)", args.tp);
+    }
+    if args.gpu_memory_utilization.is_some() && args.device != Device::Cuda {
+        bail!("--gpu-memory-utilization sizes the KV cache on a GPU (--device cuda); on the CPU give its size with --kv-cache-memory");
     }
     let (path, default_name) = match &args.model {
         // A config file alone (--load-format dummy) is named by its stem.
@@ -305,7 +326,8 @@ pub fn load(args: &ServeArgs) -> anyhow::Result<Ready> {
         max_num_seqs: args.max_num_seqs,
         max_num_batched_tokens: args.max_num_batched_tokens,
         max_model_len,
-        kv_cache_memory_bytes: args.kv_cache_memory,
+        kv_cache_memory_bytes: args.kv_cache_memory.unwrap_or(DEFAULT_KV_CACHE_MEMORY),
+        gpu_memory_utilization: args.gpu_memory_utilization,
         max_waiting: args.max_waiting,
         speculative_block_size: args.speculative_block_size.map(usize::from),
         model_name: Some(args.served_model_name.clone().unwrap_or_else(|| default_name.clone())),

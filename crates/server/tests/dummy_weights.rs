@@ -108,3 +108,17 @@ fn bad_overrides_and_oversized_models_are_refused_before_serving() {
     let (ok, err) = serve_exit(&[flash, "--load-format", "dummy"]);
     assert!(!ok && err.contains("holds every weight as f32"), "{err}");
 }
+
+#[test]
+fn gpu_memory_utilization_is_refused_off_the_gpu_out_of_range_and_beside_a_byte_size() {
+    let dir = config_only();
+    let path = dir.path().to_str().unwrap();
+    let (ok, err) = serve_exit(&[path, "--load-format", "dummy", "--gpu-memory-utilization", "0.9"]);
+    assert!(!ok && err.contains("--device cuda") && err.contains("--kv-cache-memory"), "{err}");
+    for bad in ["0", "1.5", "-0.2", "most"] {
+        let (ok, err) = serve_exit(&[path, "--load-format", "dummy", "--device", "cuda", "--gpu-memory-utilization", bad]);
+        assert!(!ok && err.contains("--gpu-memory-utilization"), "{bad}: {err}");
+    }
+    let (ok, err) = serve_exit(&[path, "--load-format", "dummy", "--device", "cuda", "--gpu-memory-utilization", "0.9", "--kv-cache-memory", "1GiB"]);
+    assert!(!ok && err.contains("cannot be used with"), "{err}");
+}
