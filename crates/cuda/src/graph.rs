@@ -13,7 +13,7 @@
 //! shapes run eagerly.
 //! `PEREGRINE_CUDA_GRAPHS=0` turns graphs off.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{CudaGraph, CudaSlice, PinnedHostSlice};
@@ -120,9 +120,18 @@ impl StepGraph {
     }
 }
 
+/// A graph whose capture failed: its shape runs eagerly from then on (until the graphs are
+/// dropped with the KV pools), while the other graphs keep replaying.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum Capture {
+    Step(GraphKey),
+    Draft((usize, usize, usize)),
+    Spec(SpecKey),
+}
+
 pub(crate) struct Graphs {
-    /// False when turned off, when the model has a layer that needs the host mid-step (experts
-    /// routed on the host), or after a capture failed.
+    /// False when turned off, or when the model has a layer that needs the host mid-step
+    /// (experts routed on the host).
     pub(crate) enabled: bool,
     capturable: bool,
     cache: HashMap<GraphKey, StepGraph>,
@@ -130,7 +139,11 @@ pub(crate) struct Graphs {
     drafts: HashMap<(usize, usize, usize), DraftGraph>,
     /// Fused speculative steps (draft, verify, accept).
     pub(crate) spec: HashMap<SpecKey, SpecStep>,
-    /// Why the last failed capture failed (graphs are off since).
+    /// Captures that failed, whose shapes run eagerly.
+    failed: HashSet<Capture>,
+    /// Tests: the next capture fails inside its body (`fail_next_capture`).
+    fail_next: std::sync::atomic::AtomicBool,
+    /// Why the last failed capture failed.
     capture_error: Option<String>,
     /// Decode steps started and not yet collected (crate::overlap).
     pub(crate) overlap: crate::overlap::Overlap,
@@ -167,6 +180,8 @@ impl Graphs {
             cache: HashMap::new(),
             drafts: HashMap::new(),
             spec: HashMap::new(),
+            failed: HashSet::new(),
+            fail_next: Default::default(),
             capture_error: None,
             overlap: Default::default(),
             logits: LogitsPool::new(floor),
@@ -189,6 +204,20 @@ impl Graphs {
         self.logits.clear();
         self.draft_logits.clear();
         self.host_logits = None;
+        // Memory a capture lacked may be there with the new pools.
+        self.failed.clear();
+    }
+
+    /// Records a failed capture: that shape runs eagerly from now on, the other graphs stay.
+    pub(crate) fn capture_failed(&mut self, what: Capture, e: &Error) {
+        tracing::warn!(?what, "CUDA graph capture failed; this shape runs eagerly from now on: {e}");
+        self.failed.insert(what);
+        self.capture_error = Some(e.to_string());
+    }
+
+    /// Whether `what`'s capture failed.
+    pub(crate) fn has_failed(&self, what: Capture) -> bool {
+        self.failed.contains(&what)
     }
 
     /// Device bytes of the logits buffers held for graphs: the cached graphs' and the pools'
@@ -223,6 +252,12 @@ impl CudaModel {
         self.graphs.logits_bytes()
     }
 
+    /// For tests of the fallback: the next graph capture fails while capturing, as a capture
+    /// that runs out of memory does.
+    pub fn fail_next_capture(&self) {
+        self.graphs.fail_next.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// How many of the cached decode-step graphs sample their rows (`Op::Sample`).
     pub fn sampling_graphs(&self) -> usize {
         self.graphs.cache.keys().filter(|k| k.sampled).count()
@@ -242,6 +277,10 @@ impl CudaModel {
         }
         let mode = if pool { CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED } else { CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL };
         st.begin_capture(mode).map_err(drv)?;
+        let body = || match self.graphs.fail_next.swap(false, std::sync::atomic::Ordering::Relaxed) {
+            true => Err(Error::Backend("a capture failure asked for by fail_next_capture".into())),
+            false => body(),
+        };
         let body = if pool { self.kernels.alloc.while_capturing(body) } else { body() };
         let graph = st.end_capture(CUgraphInstantiate_flags(0));
         body?;
@@ -272,9 +311,7 @@ impl CudaModel {
             None => match self.shared_logits(false, key.rows).and_then(|logits| self.capture_graph(key, logits)) {
                 Ok(g) => g,
                 Err(e) => {
-                    tracing::warn!("CUDA graph capture failed, running eagerly from now on: {e}");
-                    self.graphs.enabled = false;
-                    self.graphs.capture_error = Some(e.to_string());
+                    self.graphs.capture_failed(Capture::Step(key), &e);
                     return Ok(None);
                 }
             },
@@ -298,8 +335,14 @@ impl CudaModel {
     }
 
     /// The graph `rows` would replay (the one that samples them when `sampled`), or None when
-    /// they run eagerly (graphs off, more rows than the largest bucket, rows without logits).
+    /// they run eagerly (graphs off, more rows than the largest bucket, rows without logits, a
+    /// shape whose capture failed).
     pub(crate) fn graph_key(&self, rows: &HostRows, sampled: bool) -> Option<GraphKey> {
+        self.bucket_key(rows, sampled).filter(|&key| !self.graphs.has_failed(Capture::Step(key)))
+    }
+
+    /// `graph_key`, failed captures included.
+    fn bucket_key(&self, rows: &HostRows, sampled: bool) -> Option<GraphKey> {
         let n = rows.toks.len();
         if !self.graphs.enabled || rows.want.len() != n {
             return None;
@@ -325,9 +368,9 @@ impl CudaModel {
     pub fn graph_node_kinds(&mut self, batch: &[peregrine_core::backend::SeqForward]) -> Result<Option<NodeKinds>> {
         let rows = self.host_rows(batch)?;
         let Some(g) = self.graph_for(&rows, None)? else {
-            return match &self.graphs.capture_error {
-                Some(e) => Err(Error::Backend(format!("graph capture failed: {e}"))),
-                None => Ok(None),
+            return match (self.bucket_key(&rows, false), &self.graphs.capture_error) {
+                (Some(key), Some(e)) if self.graphs.has_failed(Capture::Step(key)) => Err(Error::Backend(format!("graph capture failed: {e}"))),
+                _ => Ok(None),
             };
         };
         let kinds = g.graph.1.clone();
@@ -576,13 +619,15 @@ impl CudaModel {
         let Some(&bucket) = DRAFT_SEQ_BUCKETS.iter().find(|&&b| b >= seqs) else { return Ok(None) };
         let (nb, width) = (nb as usize, rows.max_blocks.next_power_of_two().max(8));
         let key = (bucket, nb, width);
+        if self.graphs.has_failed(Capture::Draft(key)) {
+            return Ok(None);
+        }
         let mut g = match self.graphs.drafts.remove(&key) {
             Some(g) => g,
             None => match self.shared_logits(true, bucket * (nb - 1)).and_then(|logits| self.capture_draft(key, logits)) {
                 Ok(g) => g,
                 Err(e) => {
-                    tracing::warn!("CUDA graph capture of the draft pass failed, running eagerly from now on: {e}");
-                    self.graphs.enabled = false;
+                    self.graphs.capture_failed(Capture::Draft(key), &e);
                     return Ok(None);
                 }
             },

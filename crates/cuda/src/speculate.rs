@@ -10,7 +10,7 @@ use peregrine_core::{Error, Result};
 
 use crate::backend::{drv, CudaModel, RowMeta};
 use crate::draft::DraftMeta;
-use crate::graph::{Graph, DRAFT_SEQ_BUCKETS};
+use crate::graph::{Capture, Graph, DRAFT_SEQ_BUCKETS};
 use crate::shared_logits::SharedLogits;
 use crate::kernels::SamplingBuffers;
 
@@ -89,7 +89,7 @@ impl CudaModel {
         let key = (bucket, nb, width, sampled);
         // A step built while graphs were off is rebuilt (and captured) once they are on.
         let mut step = match self.graphs.spec.remove(&key) {
-            Some(s) if s.captured() || !self.graphs.enabled => s,
+            Some(s) if s.captured() || !self.graphs.enabled || self.graphs.has_failed(Capture::Spec(key)) => s,
             _ => self.build_spec_step(key)?,
         };
         let res = self.run_spec_step(&mut step, key, &rows, &drows, sampling, batch.len());
@@ -115,16 +115,14 @@ impl CudaModel {
             host: unsafe { st.context().alloc_pinned::<i32>(seqs * 2 * nb) }.map_err(drv)?,
             graph: None,
         };
-        if self.graphs.enabled {
+        if self.graphs.enabled && !self.graphs.has_failed(Capture::Spec(key)) {
             match self.record(|| self.spec_body(&mut step, key)) {
                 Ok(g) => {
                     step.graph = Some(g);
                     tracing::debug!(seqs, nb, width, sampled, "captured a fused speculative-step CUDA graph");
                 }
-                Err(e) => {
-                    tracing::warn!("CUDA graph capture of the fused speculative step failed, running eagerly from now on: {e}");
-                    self.graphs.enabled = false;
-                }
+                // The step keeps its buffers and runs its body eagerly.
+                Err(e) => self.graphs.capture_failed(Capture::Spec(key), &e),
             }
         }
         Ok(step)

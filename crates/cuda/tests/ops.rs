@@ -646,6 +646,58 @@ fn decode_graphs_share_one_logits_buffer_and_each_replay_reads_its_own() {
     assert_eq!((model.cuda_graphs(), model.graph_logits_bytes()), (shapes.len(), 64 * vocab * 4));
 }
 
+/// A capture that fails (as one out of memory does) costs only its own shape's graph: that
+/// shape runs eagerly, with the eager step's logits, and is not captured again; graphs captured
+/// before keep replaying and new shapes are still captured; once the KV pools are set again
+/// (the graphs dropped with them) the shape is captured.
+#[test]
+fn a_failed_capture_runs_its_shape_eagerly_and_keeps_the_other_graphs() {
+    let Some((spec, mut model)) = fp8_attention_model() else { return };
+    let mut r = rng();
+    let vocab = spec.vocab_size as u32;
+    // Sequences with blocks of their own: 1, 3 and 2 rows.
+    let mut next = 0u32;
+    let mut batch = |rows: usize| -> Vec<SeqForward> {
+        (0..rows)
+            .map(|s| {
+                next += 1;
+                seq(s as u64, vec![r.random_range(0..vocab)], 3, &[next], OutputRows::Last)
+            })
+            .collect()
+    };
+    let (a, b, c) = (batch(1), batch(3), batch(2));
+    let logits = |m: &mut CudaModel, batch: &[SeqForward]| -> Vec<f32> { m.forward(batch).unwrap().into_iter().flat_map(|l| l.data).collect() };
+    let close = |got: &[f32], want: &[f32], what: &str| {
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+        let worst = got.iter().zip(want).fold(0f32, |m, (x, y)| m.max((x - y).abs() / scale));
+        assert!(got.len() == want.len() && got.iter().all(|v| v.is_finite()) && worst < 1e-5, "{what}: {worst:.2e} from the eager step");
+    };
+    model.set_cuda_graphs(false);
+    let eager: Vec<Vec<f32>> = [&a, &b, &c].iter().map(|x| logits(&mut model, x)).collect();
+    model.set_cuda_graphs(true);
+    let a_graph = logits(&mut model, &a);
+    close(&a_graph, &eager[0], "1 row, captured");
+    assert_eq!(model.cuda_graphs(), 1);
+    // The 3-row capture fails: that step runs eagerly, and so does the next of its shape (a
+    // second capture would succeed and count).
+    model.fail_next_capture();
+    close(&logits(&mut model, &b), &eager[1], "3 rows, capture failed");
+    let err = model.graph_node_kinds(&b).unwrap_err().to_string();
+    assert!(err.contains("fail_next_capture"), "{err}");
+    close(&logits(&mut model, &b), &eager[1], "3 rows again");
+    assert_eq!(model.cuda_graphs(), 1, "the failed shape is not captured again");
+    // The 1-row graph still replays (the same bits), and a new shape is captured.
+    assert_eq!(logits(&mut model, &a), a_graph, "the 1-row graph's replay after the failure");
+    close(&logits(&mut model, &c), &eager[2], "2 rows, captured after the failure");
+    assert_eq!(model.cuda_graphs(), 2);
+    assert!(model.graph_node_kinds(&c).unwrap().is_some());
+    // New KV pools drop the graphs and the failure with them: the shape is captured.
+    kv(&mut model, 128);
+    assert_eq!(model.cuda_graphs(), 0);
+    close(&logits(&mut model, &b), &eager[1], "3 rows, captured with new pools");
+    assert_eq!(model.cuda_graphs(), 1);
+}
+
 /// The logits of `batch` with the routed combine in the MoE and in the norm after it, eager
 /// and graphed, in the order (MoE, eager), (norm, eager), (norm, graph), (MoE, graph). Eager
 /// steps leave the MoE's pairs to the norm exactly when asked (a replayed graph runs no host
