@@ -2459,7 +2459,7 @@ impl CudaModel {
         let (free, total) = self.gpu.ctx.mem_get_info().map_err(drv)?;
         if bytes > free {
             return Err(Error::Backend(format!(
-                "the KV cache needs {bytes} bytes but the GPU has {free} of {total} free after the weights; lower --kv-cache-memory"
+                "the KV cache needs {bytes} bytes but the GPU has {free} of {total} free after the weights; lower --kv-cache-memory, or leave it out to size the cache by --gpu-memory-utilization"
             )));
         }
         for l in &self.layers {

@@ -98,13 +98,14 @@ pub struct ServeArgs {
     /// at 8192 on the CPU).
     #[arg(long, env = "PEREGRINE_MAX_MODEL_LEN")]
     pub max_model_len: Option<usize>,
-    /// Memory for the KV cache, e.g. 512MiB, 4GiB (default 512MiB, unless
-    /// --gpu-memory-utilization sizes it).
+    /// Memory for the KV cache, e.g. 512MiB, 4GiB. Default: 512MiB on the CPU; with --device
+    /// cuda the cache is sized by --gpu-memory-utilization unless this is given.
     #[arg(long, env = "PEREGRINE_KV_CACHE_MEMORY", value_parser = parse_bytes, conflicts_with = "gpu_memory_utilization")]
     pub kv_cache_memory: Option<usize>,
     /// With --device cuda: give the KV cache what is left of this fraction of the GPU's memory
     /// after the weights and a profiling step of the largest batches (as vLLM's option of the
-    /// same name), e.g. 0.9. Counts memory other processes hold on the GPU as in use.
+    /// same name; default 0.9 unless --kv-cache-memory is given). Counts memory other processes
+    /// hold on the GPU as in use.
     #[arg(long, env = "PEREGRINE_GPU_MEMORY_UTILIZATION", value_parser = parse_fraction, allow_negative_numbers = true)]
     pub gpu_memory_utilization: Option<f64>,
     #[arg(long, env = "PEREGRINE_MAX_NUM_BATCHED_TOKENS", default_value_t = 2048)]
@@ -165,8 +166,21 @@ pub struct ServeArgs {
 }
 
 /// "512MiB", "4GiB", "1G", "1000000" -> bytes.
-/// The KV cache's memory when neither --kv-cache-memory nor --gpu-memory-utilization is given.
+/// The KV cache's memory on the CPU when --kv-cache-memory is not given.
 pub const DEFAULT_KV_CACHE_MEMORY: usize = 512 << 20;
+
+/// The fraction of a GPU the KV cache is sized to when neither --kv-cache-memory nor
+/// --gpu-memory-utilization is given (vLLM's default).
+pub const DEFAULT_GPU_MEMORY_UTILIZATION: f64 = 0.9;
+
+/// The fraction of the GPU the KV cache is sized to: the one given, else on a GPU without a
+/// byte size the default; None: the byte size (on the CPU always).
+pub fn gpu_memory_utilization(device: Device, kv_cache_memory: Option<usize>, given: Option<f64>) -> Option<f64> {
+    match (device, kv_cache_memory, given) {
+        (Device::Cuda, None, None) => Some(DEFAULT_GPU_MEMORY_UTILIZATION),
+        (_, _, u) => u,
+    }
+}
 
 /// A fraction in (0, 1], e.g. `0.9`.
 pub fn parse_fraction(s: &str) -> Result<f64, String> {
@@ -327,7 +341,7 @@ pub fn load(args: &ServeArgs) -> anyhow::Result<Ready> {
         max_num_batched_tokens: args.max_num_batched_tokens,
         max_model_len,
         kv_cache_memory_bytes: args.kv_cache_memory.unwrap_or(DEFAULT_KV_CACHE_MEMORY),
-        gpu_memory_utilization: args.gpu_memory_utilization,
+        gpu_memory_utilization: gpu_memory_utilization(args.device, args.kv_cache_memory, args.gpu_memory_utilization),
         max_waiting: args.max_waiting,
         speculative_block_size: args.speculative_block_size.map(usize::from),
         model_name: Some(args.served_model_name.clone().unwrap_or_else(|| default_name.clone())),
@@ -413,4 +427,21 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let _ = state.ready.set(ready);
     server.await??;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_gpu_sizes_its_kv_cache_by_fraction_unless_given_bytes() {
+        assert_eq!(gpu_memory_utilization(Device::Cuda, None, None), Some(DEFAULT_GPU_MEMORY_UTILIZATION));
+        assert_eq!(gpu_memory_utilization(Device::Cuda, None, Some(0.5)), Some(0.5));
+        assert_eq!(gpu_memory_utilization(Device::Cuda, Some(1 << 30), None), None);
+        assert_eq!(gpu_memory_utilization(Device::Cpu, None, None), None);
+        assert_eq!((parse_fraction("0.9"), parse_fraction("1")), (Ok(0.9), Ok(1.0)));
+        for bad in ["0", "1.01", "-1", "nine"] {
+            assert!(parse_fraction(bad).is_err(), "{bad}");
+        }
+    }
 }
