@@ -20,7 +20,7 @@ const BLOCK: usize = 100_000;
 
 struct DeviceMock {
     spec: ModelSpec,
-    /// None: a backend in host memory (no device memory to report).
+    /// False: a backend in host memory (no device memory to report).
     device: bool,
     kv_bytes: usize,
     holding: bool,
