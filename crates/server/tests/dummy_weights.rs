@@ -122,3 +122,12 @@ fn gpu_memory_utilization_is_refused_off_the_gpu_out_of_range_and_beside_a_byte_
     let (ok, err) = serve_exit(&[path, "--load-format", "dummy", "--device", "cuda", "--gpu-memory-utilization", "0.9", "--kv-cache-memory", "1GiB"]);
     assert!(!ok && err.contains("cannot be used with"), "{err}");
 }
+
+#[test]
+fn logs_written_to_a_pipe_have_no_colour_codes() {
+    let dir = config_only();
+    // Loads the random weights (a warning is logged), then refuses the context length.
+    let (ok, err) = serve_exit(&[dir.path().to_str().unwrap(), "--load-format", "dummy", "--max-model-len", "99999999"]);
+    assert!(!ok && err.contains("random weights") && err.contains("exceeds"), "{err}");
+    assert!(!err.contains('\u{1b}'), "ANSI escapes in piped logs: {err:?}");
+}
