@@ -246,8 +246,9 @@ impl CudaModel {
         self.graphs.len()
     }
 
-    /// Device bytes of the logits buffers held for the cached graphs: every graph's logits are
-    /// a view of a buffer they share (crate::shared_logits), each counted once.
+    /// Device bytes of the logits buffers held for graphs (the cached graphs' and the pools'
+    /// current buffers): every graph's logits are a view of a buffer they share
+    /// (crate::shared_logits), each counted once.
     pub fn graph_logits_bytes(&self) -> usize {
         self.graphs.logits_bytes()
     }
