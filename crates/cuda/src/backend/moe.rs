@@ -1,0 +1,385 @@
+//! The MoE layer on `CudaModel`: the router (alone, in the o_proj, or inside the one-token MoE
+//! kernel), the token/expert grouping and the MXFP4 expert kernels, and their pair outputs.
+
+use super::*;
+
+/// Up to this many tokens, `moe_route`'s last block also groups the pairs (one launch).
+const FUSED_GROUP_MAX_TOKENS: usize = 8;
+
+/// Copies of the router's fixed-point sums the one-token o_proj spreads its blocks' adds over
+/// (`route_in_oproj`): with one, all 256 of Flash's blocks added into each expert's word at the
+/// o_proj's end.
+pub(super) const ROUTE_ACC_COPIES: usize = 8;
+
+/// A layer's MLP output: rows [n, H], or the routed MoE's pairs left uncombined for the
+/// residual add after it to sum.
+pub(crate) enum MlpOut {
+    Rows(CudaSlice<f32>),
+    Pairs(MoePairs),
+}
+
+/// The routed MoE's pairs left uncombined: `out` [pairs, H], each pair's weighted output, and
+/// `tok_pairs` [n, topk], each row's pairs. `pre` [n, H]: rows the residual add adds before the
+/// pairs, (x + pre) + pairs: the attention output, when the router computed the post-attention
+/// norm itself and left that residual add to this one (`moe_after_attention`).
+pub(crate) struct MoePairs {
+    pub(crate) out: CudaSlice<f32>,
+    pub(crate) tok_pairs: CudaSlice<i32>,
+    pub(crate) topk: usize,
+    pub(crate) pre: Option<CudaSlice<f32>>,
+}
+
+impl MoePairs {
+    /// The pair-summing kernels' bounds for `rows` rows of `d`: topk <= 32 distinct pairs per
+    /// row (ops.cu's `sorted[32]`), inside the buffers.
+    pub(super) fn check(&self, rows: usize, d: usize) -> Result<()> {
+        let topk = self.topk;
+        let pre_fits = self.pre.as_ref().is_none_or(|p| p.len() >= rows * d);
+        if (1..=32).contains(&topk) && self.tok_pairs.len() >= rows * topk && self.out.len() >= rows * topk * d && pre_fits {
+            return Ok(());
+        }
+        Err(Error::Backend(format!("MoE pairs: top-{topk} of {rows} rows of {d} do not fit the buffers")))
+    }
+}
+
+/// Whether `gemv_f32_norm` takes router `m` at `t` rows: f32 weights in gemv_f32's register path
+/// (K % 4 == 0, K <= 4096, below the GEMM's rows) whose K norm_cfg runs one float4 per thread.
+pub(crate) fn router_takes_norm(m: &Mat, t: usize) -> bool {
+    matches!(m.m, GpuMatrix::F32(_)) && m.k.is_multiple_of(4) && m.k <= 4096 && (1..GEMM_F32_MIN_ROWS).contains(&t)
+}
+
+impl CudaModel {
+    /// The routed MLP of rows `hn` [n, H] -> [n, H], or (where the tiled kernels run and
+    /// `moe_leaves_pairs_here`) its routed pairs for the residual add after it to sum (`MlpOut::Pairs`).
+    /// `hn_split`: hn split by the norm that wrote it (`wants_moe_split`).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn moe(&self, spec: &MoeSpec, router: &Mat, bias: Option<&(CudaSlice<f32>, Vec<f32>)>, experts: &Experts, hn: &CudaSlice<f32>, hn_split: Option<&MoeSplit>, n: usize, decode: bool) -> Result<MlpOut> {
+        let logits = self.matvec(router, hn, n)?;
+        // hn was written before this call, and the router launched on it since: by the expert
+        // kernels it is settled (staged while the router still runs).
+        let input = hn_split.map_or(MoeInput::Settled, MoeInput::Split);
+        match experts {
+            Experts::Stacked(w) => self.moe_stacked(spec, &logits, bias.map(|b| &b.0), w, hn, input, n, decode),
+            Experts::PerExpert(e) => self.moe_per_expert(spec, &logits, bias.map(|b| b.1.as_slice()), e, hn, n).map(MlpOut::Rows),
+        }
+    }
+
+    /// Whether layer `li`'s post-attention norm at `rows` rows is left to its MoE's router
+    /// (`moe_after_attention`): one token whose MoE routes inside the fused kernel and leaves
+    /// its pairs, so the residual add after it can add the attention output too. Saves the
+    /// norm's launch per MoE layer: the batch-1 Flash step -0.6% on the H100
+    /// (benches/results/2026-11-24-norm-in-router.md).
+    pub(crate) fn norm_in_router(&self, li: usize, rows: usize) -> bool {
+        let Some(Mlp::Moe { spec, router, experts: Experts::Stacked(w), .. }) = self.layers.get(li).map(|l| &l.mlp) else { return false };
+        if !self.norm_in_router || router.k != self.spec.hidden_size || !router_takes_norm(router, rows) {
+            return false;
+        }
+        let kind = self.kernels.moe_kernel(w, rows, spec.top_k);
+        self.routes_in_moe_kernel(w, rows, kind) && self.moe_leaves_pairs_here(spec, w, kind)
+    }
+
+    /// Whether `moe_stacked` routes `n` rows inside the MoE kernel `kind` (`moe_mxfp4_routed`):
+    /// one token on the fused kernel over tiled weights, unless `route_in_moe` is off.
+    fn routes_in_moe_kernel(&self, w: &MoeWeights, n: usize, kind: MoeKernel) -> bool {
+        n == 1 && self.route_in_moe && matches!(kind, MoeKernel::Fused { .. }) && w.is_tiled()
+    }
+
+    /// The MoE of layer `li` over RMSNorm(x + attn) with the post-attention norm's weight `nw`,
+    /// which its router computes (`router_normed`), where `norm_in_router`. x is not written:
+    /// the pairs carry attn (`MoePairs::pre`) for the residual add after the MoE (where
+    /// `norm_in_router` holds, `moe_stacked` leaves pairs: the same predicates decide both).
+    pub(crate) fn moe_after_attention(&self, li: usize, x: &CudaSlice<f32>, attn: CudaSlice<f32>, nw: &CudaSlice<f32>, rows: usize) -> Result<MlpOut> {
+        let Some(Mlp::Moe { spec, router, bias, experts: Experts::Stacked(w) }) = self.layers.get(li).map(|l| &l.mlp) else {
+            return Err(Error::Backend(format!("layer {li} has no stacked MoE to take its post-attention norm")));
+        };
+        if self.route_in_oproj_at(li, rows) {
+            // The o_proj did the router over x + attn (`attention` with `res`).
+            let r = self.route_bufs(li, x)?;
+            let kind = self.kernels.moe_kernel_rows(w, rows, spec.top_k, true);
+            let prev = self.route_prev_layer(li).ok_or_else(|| Error::Backend(format!("layer {li}: no other layer's router in its o_proj")))?;
+            let zero = self.route_acc_ptr(prev);
+            let mut tok_pairs = unsafe { self.kernels.alloc.alloc::<i32>(spec.top_k) }?;
+            let eps = self.spec.rms_norm_eps;
+            let out = self.with_moe_scratch(w, spec.top_k, |scratch| self.kernels.moe_mxfp4_acc_pairs(kind, spec, w, &r, eps, bias.as_ref().map(|b| &b.0), scratch, &mut tok_pairs, zero, self.route_acc_stride))?;
+            self.moe_pairs_calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Ok(MlpOut::Pairs(MoePairs { out, tok_pairs, topk: spec.top_k, pre: Some(attn) }));
+        }
+        let (logits, xn) = self.router_normed(router, x, &attn, nw, rows)?;
+        // xn comes from the launch just before the experts: staged after their wait.
+        match self.moe_stacked(spec, &logits, bias.as_ref().map(|b| &b.0), w, &xn, MoeInput::Fresh, rows, true)? {
+            MlpOut::Pairs(mut p) => {
+                p.pre = Some(attn);
+                Ok(MlpOut::Pairs(p))
+            }
+            MlpOut::Rows(_) => Err(Error::Backend(format!("layer {li}: the MoE combined its pairs where its post-attention norm was left to the router"))),
+        }
+    }
+
+    /// Whether layer `li`'s o_proj at `rows` rows does its MoE's router (`route_in_oproj`):
+    /// one token where the router would compute the norm (`norm_in_router`), the o_proj the
+    /// BF16 one over the attention's split on the pipelined kernel (`oproj_route_takes`), an f32
+    /// router over the hidden size, and at least one other layer doing the same (the MoE of
+    /// each zeroes the previous one's accumulators: `route_prev_layer`).
+    pub(crate) fn route_in_oproj_at(&self, li: usize, rows: usize) -> bool {
+        // (route_prev_layer looks back from li - 1: usually one check, not one per layer.)
+        rows == 1 && self.route_in_oproj && self.route_oproj_shape(li) && self.route_prev_layer(li).is_some()
+    }
+
+    fn route_oproj_shape(&self, li: usize) -> bool {
+        let Some(l) = self.layers.get(li) else { return false };
+        let (a, Mlp::Moe { spec, router, .. }) = (&l.attn, &l.mlp) else { return false };
+        let h = self.spec.hidden_size;
+        self.route_in_oproj
+            && uses_attention_v2(&a.spec)
+            && matches!(a.o.m, GpuMatrix::Bf16(_))
+            && matches!(router.m, GpuMatrix::F32(_))
+            && a.o.n == h
+            && router.k == h
+            && router.n == spec.num_experts
+            && self.route_acc_copies * spec.num_experts < self.route_acc_stride
+            && self.kernels.oproj_route_takes(a.o.n, a.o.k, router.n)
+            && self.norm_in_router(li, 1)
+    }
+
+    /// The layer before `li` (cyclically) whose o_proj does the router: its accumulators are
+    /// zeroed by `li`'s MoE.
+    fn route_prev_layer(&self, li: usize) -> Option<usize> {
+        let n = self.layers.len();
+        (1..n).map(|d| (li + n - d) % n).find(|&l| self.route_oproj_shape(l))
+    }
+
+    fn route_acc_ptr(&self, li: usize) -> u64 {
+        self.route_acc.device_ptr(&self.stream).0 + (li * self.route_acc_stride * std::mem::size_of::<u64>()) as u64
+    }
+
+    /// The buffers of layer `li`'s router in its o_proj over residual `res`.
+    pub(super) fn route_bufs<'a>(&'a self, li: usize, res: &'a CudaSlice<f32>) -> Result<crate::kernels::RouteInOproj<'a>> {
+        let l = &self.layers[li];
+        let (Mlp::Moe { router: Mat { m: GpuMatrix::F32(wr), n, .. }, .. }, true) = (&l.mlp, self.route_oproj_shape(li)) else {
+            return Err(Error::Backend(format!("layer {li}'s o_proj does not take its router")));
+        };
+        Ok(crate::kernels::RouteInOproj { res, norm: &l.post_norm, router: wr, experts: *n, acc: self.route_acc_ptr(li), copies: self.route_acc_copies, ssq: &self.route_ssq, hg: &self.route_hg })
+    }
+
+    /// Zeroes every layer's router accumulators and the argmax keys (after a step that may have
+    /// stopped between an o_proj adding into them and its MoE's reading them, or between the
+    /// lm_head folding the argmax and its unpacking).
+    pub(crate) fn zero_step_accumulators(&self) {
+        for buf in [&self.route_acc, &self.argmax_key] {
+            let (p, _g) = buf.device_ptr(&self.stream);
+            // SAFETY: the buffer's own allocation, on this stream.
+            let _ = unsafe { cudarc::driver::result::memset_d8_async(p, 0, buf.len() * std::mem::size_of::<u64>(), self.stream.cu_stream()) };
+        }
+    }
+
+    /// The copies of the router's fixed-point sums a one-token o_proj spreads its blocks' adds
+    /// over (`ROUTE_ACC_COPIES`, `PEREGRINE_ROUTE_ACC_COPIES` at load).
+    pub fn route_acc_copies(&self) -> usize {
+        self.route_acc_copies
+    }
+
+    /// For benchmarks: sets `route_acc_copies`, from 1 up to what the accumulators were sized
+    /// for at load. Captured step graphs are dropped and every accumulator zeroed (the flag
+    /// word moves with the count).
+    pub fn set_route_acc_copies(&mut self, copies: usize) -> Result<()> {
+        let experts = self.layers.iter().filter_map(|l| if let Mlp::Moe { spec, .. } = &l.mlp { Some(spec.num_experts) } else { None }).max().unwrap_or(0);
+        if copies == 0 || copies * experts >= self.route_acc_stride {
+            return Err(Error::Backend(format!("{copies} copies of the router's sums: from 1 up to {} (as loaded)", self.route_acc_copies.max((self.route_acc_stride - 1) / experts.max(1)))));
+        }
+        self.stream.synchronize().map_err(drv)?;
+        self.route_acc_copies = copies;
+        self.zero_step_accumulators();
+        self.graphs.clear();
+        Ok(())
+    }
+
+    /// How many layers do their MoE's router in the o_proj at `rows` rows; for tests.
+    pub fn route_in_oproj_layers(&self, rows: usize) -> usize {
+        (0..self.layers.len()).filter(|&l| self.route_in_oproj_at(l, rows)).count()
+    }
+
+    /// Forces whether the tiled MoE leaves its routed pairs to the norm after it (by default
+    /// where `kernels::moe_pairs_pay`); for tests comparing the two (the same bits). Captured step graphs
+    /// are dropped.
+    pub fn set_moe_combine_in_norm(&mut self, on: bool) {
+        self.moe_combine_in_norm = Some(on);
+        self.graphs.clear();
+    }
+
+    /// Pins the MoE decode kernel of `tokens` tokens (every MoE layer of a model has the same
+    /// expert shapes); false when the model has no stacked MoE.
+    pub fn pin_moe_kernel(&self, tokens: usize, kind: MoeKernel) -> bool {
+        self.first_moe().map(|(w, top_k)| self.kernels.pin_moe(w, top_k, tokens, kind)).is_some()
+    }
+
+    /// How many MoE calls have left their pairs to the norm after them.
+    pub fn moe_pairs_calls(&self) -> usize {
+        self.moe_pairs_calls.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether the MoE on `kind` leaves its routed pairs to the norm after it: a kernel that can
+    /// (`Kernels::moe_leaves_pairs`), where that pays (`kernels::moe_pairs_pay`) or is forced.
+    fn moe_leaves_pairs_here(&self, spec: &MoeSpec, w: &MoeWeights, kind: MoeKernel) -> bool {
+        Kernels::moe_leaves_pairs(w, kind, spec.top_k) && self.moe_combine_in_norm.unwrap_or_else(|| crate::kernels::moe_pairs_pay(spec.top_k, w.hidden))
+    }
+
+    /// Router, grouping and the grouped MXFP4 kernels, all on the GPU: no host round trip. One
+    /// token on the fused kernel is routed inside it (`route_in_moe`); the tiled kernels may
+    /// leave their pairs to the norm after them (`MlpOut::Pairs`).
+    #[allow(clippy::too_many_arguments)]
+    /// `decode`: the rows are decode rows (`Kernels::moe_kernel_rows`).
+    #[allow(clippy::too_many_arguments)]
+    fn moe_stacked(&self, spec: &MoeSpec, logits: &CudaSlice<f32>, bias: Option<&CudaSlice<f32>>, w: &MoeWeights, hn: &CudaSlice<f32>, input: MoeInput, n: usize, decode: bool) -> Result<MlpOut> {
+        let kind = self.kernels.moe_kernel_rows(w, n, spec.top_k, decode);
+        let leave_pairs = self.moe_leaves_pairs_here(spec, w, kind);
+        if self.routes_in_moe_kernel(w, n, kind) {
+            if leave_pairs {
+                // Written by the kernel's first block.
+                let mut tok_pairs = unsafe { self.kernels.alloc.alloc::<i32>(spec.top_k) }?;
+                let out = self.with_moe_scratch(w, spec.top_k, |scratch| self.kernels.moe_mxfp4_routed_pairs(kind, spec, w, logits, bias, hn, input, scratch, &mut tok_pairs))?;
+                self.moe_pairs_calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return Ok(MlpOut::Pairs(MoePairs { out, tok_pairs, topk: spec.top_k, pre: None }));
+            }
+            let mut y = self.empty(n * self.spec.hidden_size)?;
+            self.with_moe_scratch(w, spec.top_k, |scratch| self.kernels.moe_mxfp4_routed(kind, spec, w, logits, bias, hn, input, scratch, &mut y))?;
+            return Ok(MlpOut::Rows(y));
+        }
+        let (r, _, _) = self.route_device(spec, logits, bias, n)?;
+        if leave_pairs {
+            let out = self.with_moe_scratch(w, r.num_pairs, |scratch| self.kernels.moe_mxfp4_pairs(kind, w, &r, hn, input, scratch))?;
+            self.moe_pairs_calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Ok(MlpOut::Pairs(MoePairs { out, tok_pairs: r.tok_pairs, topk: spec.top_k, pre: None }));
+        }
+        let mut y = self.empty(n * self.spec.hidden_size)?;
+        self.with_moe_scratch(w, r.num_pairs, |scratch| self.kernels.moe_mxfp4_with(kind, w, &r, hn, input, scratch, &mut y))?;
+        Ok(MlpOut::Rows(y))
+    }
+
+    /// Runs `f` on MoE scratch for `pairs` routed pairs around the model's counters (zero
+    /// between calls; kept unless this layer needs more of them); returns the scratch's pair
+    /// outputs.
+    fn with_moe_scratch(&self, w: &MoeWeights, pairs: usize, f: impl FnOnce(&mut crate::kernels::MoeScratch) -> Result<()>) -> Result<CudaSlice<f32>> {
+        let mut slot = self.moe_counters.lock().map_err(|_| Error::Backend("MoE counters lock poisoned".into()))?;
+        let kept = slot.take_if(|c| c.len() >= Kernels::moe_counters(w, pairs));
+        drop(slot);
+        let was_kept = kept.is_some();
+        let mut scratch = match kept {
+            Some(c) => self.kernels.moe_scratch_with(w, pairs, c)?,
+            None => self.kernels.moe_scratch(w, pairs)?,
+        };
+        let run = f(&mut scratch);
+        if was_kept {
+            *self.moe_counters.lock().map_err(|_| Error::Backend("MoE counters lock poisoned".into()))? = Some(scratch.counters);
+        }
+        run.map(|()| scratch.out)
+    }
+
+    /// The router and the token/expert grouping (`moe_route`, one launch) of `n` rows of
+    /// router logits. The routing lists `min(n * top_k, E)` expert slots; the unused ones are
+    /// empty, so launches need no host round trip. Also returns the per-token choices.
+    fn route_device(&self, spec: &MoeSpec, logits: &CudaSlice<f32>, bias: Option<&CudaSlice<f32>>, n: usize) -> Result<(DeviceRouting, CudaSlice<i32>, CudaSlice<f32>)> {
+        let (e, k) = (spec.num_experts, spec.top_k);
+        let p = n * k;
+        let (st, al) = (&self.stream, &self.kernels.alloc);
+        let mut topk_idx = unsafe { al.alloc::<i32>(p) }?; // written in full by moe_route
+        let mut topk_w = self.empty(p)?;
+        let max_u = p.min(e);
+        let mut r = DeviceRouting {
+            // All written in full by the grouping.
+            experts: unsafe { al.alloc::<i32>(max_u) }?,
+            pair_off: unsafe { al.alloc::<i32>(max_u + 1) }?,
+            pair_tok: unsafe { al.alloc::<i32>(p) }?,
+            pair_w: self.empty(p)?,
+            tok_pairs: unsafe { al.alloc::<i32>(p) }?,
+            num_experts_used: max_u,
+            num_pairs: p,
+            num_tokens: n,
+            top_k: k,
+        };
+        // Decode-sized batches: one launch, every token's routing, then the last block to finish
+        // groups the pairs by expert (the arrival counter comes back to zero). Larger ones
+        // (prefill chunks) group in a separate 1024-thread kernel: one 256-thread block took
+        // 44 us per layer for 64 tokens under ncu.
+        let fused = n <= FUSED_GROUP_MAX_TOKENS;
+        let (ei, ki, sm, ng, tg, norm, sc, mu, pi) = (e as i32, k as i32, matches!(spec.scoring, RouterScoring::Softmax) as i32, spec.n_group as i32, spec.topk_group as i32, spec.norm_topk_prob as i32, spec.routed_scaling_factor, max_u as i32, p as i32);
+        let mut b = crate::launch::builder(st, &self.ops.moe_route);
+        b.arg(logits);
+        match bias {
+            Some(bb) => b.arg(bb),
+            None => b.arg(&0u64),
+        };
+        b.arg(&mut topk_idx).arg(&mut topk_w).arg(&ei).arg(&ki).arg(&sm).arg(&ng).arg(&tg).arg(&norm).arg(&sc);
+        // The model's counter: no memset per layer (the kernel leaves it at zero).
+        if fused {
+            b.arg(&self.route_counter);
+        } else {
+            b.arg(&0u64);
+        }
+        b.arg(&mu).arg(&mut r.experts).arg(&mut r.pair_off).arg(&mut r.pair_tok).arg(&mut r.pair_w).arg(&mut r.tok_pairs);
+        // Shared memory: scores and choices (2 E floats) while routing; counts, starts and a
+        // chunk of 1024 choices (GROUP_CHUNK in ops.cu) while grouping.
+        let smem = (4 * (2 * e + 1024)) as u32;
+        unsafe { b.launch(LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem }) }.map_err(drv)?;
+        if !fused {
+            // moe_group also keeps a u16 count per warp (32) and expert; its per-expert totals
+            // share the chunk's area, so E <= 1024 (its shared memory is sized for that at load).
+            if e > 1024 {
+                return Err(Error::Backend(format!("the MoE grouping kernel takes at most 1024 experts, not {e}")));
+            }
+            let mut b = crate::launch::builder(st, &self.ops.moe_group);
+            b.arg(&topk_idx).arg(&topk_w).arg(&pi).arg(&ki).arg(&ei).arg(&mu).arg(&mut r.experts).arg(&mut r.pair_off).arg(&mut r.pair_tok).arg(&mut r.pair_w).arg(&mut r.tok_pairs);
+            unsafe { b.launch(LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: smem + (2 * 32 * e) as u32 }) }.map_err(drv)?;
+        }
+        Ok((r, topk_idx, topk_w))
+    }
+
+    /// The GPU router and grouping on host logits [n, E], brought back: each token's (expert,
+    /// weight) choices and the grouping (for the kernel tests against the CPU reference).
+    #[allow(clippy::type_complexity)]
+    pub fn route_on_gpu(&self, spec: &MoeSpec, logits: &[f32], bias: Option<&[f32]>) -> Result<(Vec<Vec<(usize, f32)>>, MoeRouting)> {
+        let (e, k) = (spec.num_experts, spec.top_k);
+        let n = logits.len() / e;
+        let st = &self.stream;
+        let bias_d = bias.map(|b| upload(st, b)).transpose()?;
+        let (r, idx, w) = self.route_device(spec, &upload(st, logits)?, bias_d.as_ref(), n)?;
+        let (idx, w) = (st.clone_dtoh(&idx).map_err(drv)?, st.clone_dtoh(&w).map_err(drv)?);
+        let choices = (0..n).map(|t| (0..k).map(|s| (idx[t * k + s] as usize, w[t * k + s])).collect()).collect();
+        let get = |d: &CudaSlice<i32>, len: usize| -> Result<Vec<i32>> { Ok(st.clone_dtoh(d).map_err(drv)?[..len].to_vec()) };
+        let pair_off = get(&r.pair_off, r.num_experts_used + 1)?;
+        let used = pair_off.iter().position(|&o| o as usize == r.num_pairs).unwrap_or(r.num_experts_used).min(r.num_experts_used);
+        let routing = MoeRouting {
+            experts: get(&r.experts, used)?,
+            pair_off: pair_off[..=used].to_vec(),
+            pair_tok: get(&r.pair_tok, r.num_pairs)?,
+            pair_w: st.clone_dtoh(&r.pair_w).map_err(drv)?[..r.num_pairs].to_vec(),
+            tok_pairs: get(&r.tok_pairs, r.num_pairs)?,
+            top_k: k,
+        };
+        Ok((choices, routing))
+    }
+
+    /// Experts in other formats: routed on the host, one GEMV chain per routed expert.
+    fn moe_per_expert(&self, spec: &MoeSpec, logits: &CudaSlice<f32>, bias: Option<&[f32]>, experts: &[Ffn], hn: &CudaSlice<f32>, n: usize) -> Result<CudaSlice<f32>> {
+        let h = self.spec.hidden_size;
+        let logits = self.stream.clone_dtoh(logits).map_err(drv)?;
+        let mut per_expert: Vec<Vec<(i32, f32)>> = vec![Vec::new(); spec.num_experts];
+        for t in 0..n {
+            for (e, wgt) in peregrine_cpu::model::route(spec, &logits[t * spec.num_experts..(t + 1) * spec.num_experts], bias) {
+                per_expert[e].push((t as i32, wgt));
+            }
+        }
+        let mut y = self.zeros(n * h)?;
+        let hh = h as i32;
+        for (e, toks) in per_expert.iter().enumerate().filter(|(_, t)| !t.is_empty()) {
+            let idx = upload(&self.stream, &toks.iter().map(|x| x.0).collect::<Vec<_>>())?;
+            let wts = upload(&self.stream, &toks.iter().map(|x| x.1).collect::<Vec<_>>())?;
+            let mut xs = self.zeros(toks.len() * h)?;
+            self.gather_rows(hn, &idx, &mut xs, toks.len(), h)?;
+            let out = self.ffn(&experts[e], &xs, toks.len())?;
+            let mut b = crate::launch::builder(&self.stream, &self.ops.scatter_add_scaled);
+            b.arg(&out).arg(&idx).arg(&wts).arg(&mut y).arg(&hh);
+            unsafe { b.launch(LaunchConfig { grid_dim: (toks.len() as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
+        }
+        Ok(y)
+    }
+}
