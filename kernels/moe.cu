@@ -310,41 +310,6 @@ __device__ __forceinline__ int pass_rows(int K, int ring_bytes) {
 
 __device__ __forceinline__ float e8m0_bits(unsigned v) { return __uint_as_float(v & 0x7f800000u); }
 
-// One step (64 values of K) of a lane: its 16 bytes of codes `wv` (four MMAs' A fragments),
-// its group's scale word `sv`, the staged B fragments of step k; the E8M0 scale of each
-// 32-block multiplies that block's partial sums: acc[0..1] row g, acc[2..3] row g + 8.
-__device__ __forceinline__ void tile_step(uint4 wv, unsigned sv, const uint4* frag, int L, int k, bool hasb, float acc[4]) {
-    // (It decodes each word just before its MMA, so it spells out mma_k32_scaled's arithmetic
-    // in place: calling it, all four words decoded first, changed the decode kernels' code.)
-    int lane = threadIdx.x & 31;
-    uint4 b01 = make_uint4(0u, 0u, 0u, 0u), b23 = b01;
-    if (hasb) {
-        b01 = frag[(size_t)(2 * k) * L + lane];
-        b23 = frag[(size_t)(2 * k + 1) * L + lane];
-    }
-    unsigned a[4];
-    float tp[4];
-    tile_decode(wv.x, a);
-    mma_zero(tp, a, b01.x, b01.y);
-    tile_decode(wv.y, a);
-    mma_acc(tp, a, b01.z, b01.w);
-    float f0 = e8m0_bits(sv << 23), f1 = e8m0_bits(sv << 7);  // (g, 2k), (g + 8, 2k)
-    acc[0] += f0 * tp[0];
-    acc[1] += f0 * tp[1];
-    acc[2] += f1 * tp[2];
-    acc[3] += f1 * tp[3];
-    tile_decode(wv.z, a);
-    mma_zero(tp, a, b23.x, b23.y);
-    tile_decode(wv.w, a);
-    mma_acc(tp, a, b23.z, b23.w);
-    f0 = e8m0_bits(sv << 15);  // (g, 2k + 1)
-    f1 = e8m0_bits(sv >> 1);   // (g + 8, 2k + 1)
-    acc[0] += f0 * tp[0];
-    acc[1] += f0 * tp[1];
-    acc[2] += f1 * tp[2];
-    acc[3] += f1 * tp[3];
-}
-
 // tile_step's arithmetic for 32 values of k of a tile whose A fragments are decoded already
 // (the MoE GEMM, which reuses them for several column tiles): A fragments a0 (k 0..15) and a1
 // (k 16..31) against B words b (b.x, b.y then b.z, b.w) summed from zero, then scaled into acc
@@ -451,8 +416,184 @@ __device__ __forceinline__ void bulk_prologue(int seq, const unsigned char* __re
 // routings up to +17 (benches/results/2026-11-27-moe-early-refill.md). The fused one-token
 // kernel does not: its 2 x 4 ring then spills, and the batch-1 step was 0.7% slower. (The warp
 // sync below orders every lane's reads of the slot before lane 0's refill, as without EARLY.)
+// The loop is lean in instructions (the one-token fused kernel's steps were issue- and
+// dependency-bound under ncu: 133 warp instructions per 544-byte step, issue slots 59% busy):
+// the ring slot and barrier phase run as counters, the rings', barriers' and fragments' shared-
+// window addresses are taken once and stepped by constants, and lanes past the pairs' columns
+// (lane >= L) load lane & 7's B words instead of zeroing registers and skipping their loads.
+// Same arithmetic in the same order, so the same bits (benches/results/2026-11-28-moe-lean-stream.md).
+__device__ __forceinline__ unsigned smem_addr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void mbar_wait_at(unsigned a, unsigned parity) {
+    asm volatile(
+        "{.reg .pred p;\n"
+        "WAIT_%=:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+        "@!p bra WAIT_%=;}" ::"r"(a),
+        "r"(parity)
+        : "memory");
+}
+// Stage j of a pass into ring slot `slot` (one lane asks), as bulk_issue.
+template <int CS>
+__device__ __forceinline__ void bulk_issue_at(int j, unsigned slot, const unsigned char* __restrict__ wt, int KS, unsigned ring_s, unsigned bars_s,
+                                              bool once) {
+    unsigned bytes = (unsigned)min(CS, KS - j * CS) * STEP_BYTES, bar = bars_s + 8u * slot;
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;" ::"r"(
+                     ring_s + slot * (unsigned)(CS * STEP_BYTES)),
+                 "l"(wt + (size_t)j * CS * STEP_BYTES), "r"(bytes), "r"(bar), "l"(l2_weights_policy(once))
+                 : "memory");
+}
+// Four words of shared memory at the shared-window address a (volatile: kept after the stage's
+// barrier wait, which is volatile too).
+__device__ __forceinline__ uint4 lds128(unsigned a) {
+    uint4 v;
+    asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(a));
+    return v;
+}
+__device__ __forceinline__ unsigned lds32(unsigned a) {
+    unsigned v;
+    asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(a));
+    return v;
+}
+// tile_step's arithmetic on a step's codes wv and scale word sv, with its B fragments b01 (k's
+// first half) and b23 (its second).
+__device__ __forceinline__ void tile_math(uint4 wv, unsigned sv, uint4 b01, uint4 b23, float acc[4]) {
+    unsigned a[4];
+    float tp[4];
+    tile_decode(wv.x, a);
+    mma_zero(tp, a, b01.x, b01.y);
+    tile_decode(wv.y, a);
+    mma_acc(tp, a, b01.z, b01.w);
+    float f0 = e8m0_bits(sv << 23), f1 = e8m0_bits(sv << 7);  // (g, 2k), (g + 8, 2k)
+    acc[0] += f0 * tp[0];
+    acc[1] += f0 * tp[1];
+    acc[2] += f1 * tp[2];
+    acc[3] += f1 * tp[3];
+    tile_decode(wv.z, a);
+    mma_zero(tp, a, b23.x, b23.y);
+    tile_decode(wv.w, a);
+    mma_acc(tp, a, b23.z, b23.w);
+    f0 = e8m0_bits(sv << 15);  // (g, 2k + 1)
+    f1 = e8m0_bits(sv >> 1);   // (g + 8, 2k + 1)
+    acc[0] += f0 * tp[0];
+    acc[1] += f0 * tp[1];
+    acc[2] += f1 * tp[2];
+    acc[3] += f1 * tp[3];
+}
 template <int NS, int CS, bool EARLY = false>
 __device__ __forceinline__ int tile_stream_bulk(const unsigned char* __restrict__ wt, int KS, const uint4* frag, int L, float acc[4],
+                                                unsigned char* ring, unsigned long long* bars, int& seq, bool once,
+                                                const unsigned char* nwt = nullptr, int nKS = 0, bool nonce = true, int rowstride = 0) {
+    constexpr unsigned STAGE = CS * STEP_BYTES;
+    int lane = threadIdx.x & 31, g = lane >> 2;
+    // Step k's B words of this lane: fa + k * fstep, then + half for k's second half. Lanes past
+    // the pairs' columns (lane >= L) read lane & 7's words: they feed only output columns 2 np .. 7
+    // of the MMA, which no store reads, and reading words other lanes read costs no wavefront.
+    int src = lane < L ? lane : lane & 7;
+    if (rowstride) {
+        // Rows staged one after another (rowstride uint4s apart, each as a one-pair pass stages
+        // it): lane 8 j + i reads lane i of row j's fragments.
+        src = lane < L ? (lane >> 3) * rowstride + (lane & 7) : lane & 7;
+        L = 8;
+    }
+    const unsigned half = 16u * (unsigned)L, fstep = 2u * half, ring_s = smem_addr(ring), bars_s = smem_addr(bars);
+    unsigned fa = smem_addr(frag + src);
+    const unsigned wl = 16u * lane, sl = 512u + 4u * g;  // this lane's codes and scale word in a step
+    int nst = (KS + CS - 1) / CS, nnst = (nKS + CS - 1) / CS, pre = 0;
+    unsigned slot = (unsigned)seq % NS, phase = ((unsigned)seq / NS) & 1u, pslot = (unsigned)(seq + nst) % NS;
+    for (int j = 0; j < nst; j++) {
+        mbar_wait_at(bars_s + 8u * slot, phase);
+        const unsigned stage = ring_s + slot * STAGE;
+        uint4 wvs[CS];
+        unsigned svs[CS];
+        if (EARLY) {
+#pragma unroll
+            for (int c = 0; c < CS; c++) {
+                wvs[c] = lds128(stage + c * STEP_BYTES + wl);
+                svs[c] = lds32(stage + c * STEP_BYTES + sl);
+            }
+        } else {
+#pragma unroll
+            for (int c = 0; c < CS; c++) {
+#ifndef MOE_NO_MATH
+                if (j * CS + c < KS)
+                    tile_math(lds128(stage + c * STEP_BYTES + wl), lds32(stage + c * STEP_BYTES + sl), lds128(fa + c * fstep),
+                              lds128(fa + c * fstep + half), acc);
+#endif
+            }
+        }
+        __syncwarp();  // every lane has read the stage before it is refilled
+        // Stage q (counted over passes) may be asked for once stage q - NS has been read: this slot.
+        if (j + NS < nst) {
+            if (lane == 0) {
+                asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+                bulk_issue_at<CS>(j + NS, slot, wt, KS, ring_s, bars_s, once);
+            }
+        } else {
+            if (lane == 0 && pre < nnst && nst + pre - NS <= j) asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+            while (pre < nnst && nst + pre - NS <= j) {
+                if (lane == 0) bulk_issue_at<CS>(pre, pslot, nwt, nKS, ring_s, bars_s, nonce);
+                pre++;
+                pslot = pslot + 1 == NS ? 0u : pslot + 1;
+            }
+        }
+        if (EARLY) {
+#pragma unroll
+            for (int c = 0; c < CS; c++) {
+#ifndef MOE_NO_MATH
+                if (j * CS + c < KS) tile_math(wvs[c], svs[c], lds128(fa + c * fstep), lds128(fa + c * fstep + half), acc);
+#endif
+            }
+        }
+        fa += CS * fstep;
+        if (++slot == NS) {
+            slot = 0;
+            phase ^= 1u;
+        }
+    }
+    seq += nst;
+    return pre;
+}
+// -DMOE_STREAM_OLD (measurements): the streaming loop as it was before the lean one above
+// (benches/results/2026-11-28-moe-lean-stream.md).
+#ifdef MOE_STREAM_OLD
+// One step (64 values of K) of a lane: its 16 bytes of codes `wv` (four MMAs' A fragments),
+// its group's scale word `sv`, the staged B fragments of step k; the E8M0 scale of each
+// 32-block multiplies that block's partial sums: acc[0..1] row g, acc[2..3] row g + 8.
+__device__ __forceinline__ void tile_step_old(uint4 wv, unsigned sv, const uint4* frag, int L, int k, bool hasb, float acc[4]) {
+    // (It decodes each word just before its MMA, so it spells out mma_k32_scaled's arithmetic
+    // in place: calling it, all four words decoded first, changed the decode kernels' code.)
+    int lane = threadIdx.x & 31;
+    uint4 b01 = make_uint4(0u, 0u, 0u, 0u), b23 = b01;
+    if (hasb) {
+        b01 = frag[(size_t)(2 * k) * L + lane];
+        b23 = frag[(size_t)(2 * k + 1) * L + lane];
+    }
+    unsigned a[4];
+    float tp[4];
+    tile_decode(wv.x, a);
+    mma_zero(tp, a, b01.x, b01.y);
+    tile_decode(wv.y, a);
+    mma_acc(tp, a, b01.z, b01.w);
+    float f0 = e8m0_bits(sv << 23), f1 = e8m0_bits(sv << 7);  // (g, 2k), (g + 8, 2k)
+    acc[0] += f0 * tp[0];
+    acc[1] += f0 * tp[1];
+    acc[2] += f1 * tp[2];
+    acc[3] += f1 * tp[3];
+    tile_decode(wv.z, a);
+    mma_zero(tp, a, b23.x, b23.y);
+    tile_decode(wv.w, a);
+    mma_acc(tp, a, b23.z, b23.w);
+    f0 = e8m0_bits(sv << 15);  // (g, 2k + 1)
+    f1 = e8m0_bits(sv >> 1);   // (g + 8, 2k + 1)
+    acc[0] += f0 * tp[0];
+    acc[1] += f0 * tp[1];
+    acc[2] += f1 * tp[2];
+    acc[3] += f1 * tp[3];
+}
+
+template <int NS, int CS, bool EARLY = false>
+__device__ __forceinline__ int tile_stream_old(const unsigned char* __restrict__ wt, int KS, const uint4* frag, int L, float acc[4],
                                                 unsigned char* ring, unsigned long long* bars, int& seq, bool once,
                                                 const unsigned char* nwt = nullptr, int nKS = 0, bool nonce = true, int rowstride = 0) {
     constexpr int STAGE = CS * STEP_BYTES;
@@ -485,7 +626,7 @@ __device__ __forceinline__ int tile_stream_bulk(const unsigned char* __restrict_
 #ifndef MOE_NO_MATH
                     uint4 wv = reinterpret_cast<const uint4*>(stage + c * STEP_BYTES)[lane];
                     unsigned sv = reinterpret_cast<const unsigned*>(stage + c * STEP_BYTES + 512)[g];
-                    tile_step(wv, sv, frag, L, k, hasb, acc);
+                    tile_step_old(wv, sv, frag, L, k, hasb, acc);
 #endif
                 }
             }
@@ -510,7 +651,7 @@ __device__ __forceinline__ int tile_stream_bulk(const unsigned char* __restrict_
             for (int c = 0; c < CS; c++) {
                 int k = j * CS + c;
 #ifndef MOE_NO_MATH
-                if (k < KS) tile_step(wvs[c], svs[c], frag, L, k, hasb, acc);
+                if (k < KS) tile_step_old(wvs[c], svs[c], frag, L, k, hasb, acc);
 #endif
             }
         }
@@ -518,6 +659,9 @@ __device__ __forceinline__ int tile_stream_bulk(const unsigned char* __restrict_
     seq += nst;
     return pre;
 }
+
+#define tile_stream_bulk tile_stream_old
+#endif
 
 // The routed-combine of the down kernel, done by the last block to finish each group of rows
 // (a per-group arrival counter; the block that brings it to the number of used expert slots
