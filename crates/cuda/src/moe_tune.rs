@@ -44,6 +44,26 @@ pub(crate) fn tuned_counts_up_to(max: usize) -> Vec<usize> {
     (1..=TUNED_TOKENS.min(max.max(1))).chain(crate::graph::ROW_BUCKETS.into_iter().filter(|&t| t > TUNED_TOKENS && t <= max)).collect()
 }
 
+/// What a one-token step pays for the tiled kernels beyond their own time, in ms: where the
+/// fused kernel runs at one token, the step routes inside it (the router's sums in the o_proj,
+/// the post-attention norm in the router, `CudaModel::routes_in_moe_kernel`), while the tiled
+/// kernels need that norm, the router GEMV and `moe_route` as launches of their own. The tuner
+/// times kernels alone with the routing given, so it adds this to the tiled candidates at one
+/// token. H100, Flash, 18 layers: with the tiled kernels chosen at one token the batch-1 step
+/// took 2.384-2.399 ms against 2.343-2.345 with the fused kernel (17 MoE layers: ~2.8 us a
+/// layer), while alone the tiled kernels were ~1.6 us faster: ~4.4 us a layer in all
+/// (benches/results/2026-11-28-moe-lean-stream.md). MiMo-V2.5-Pro's one-token tiled kernels are
+/// ~8 us a layer faster alone (83.5 against 74.4% of copy bandwidth) and stay chosen.
+pub const ONE_TOKEN_ROUTING_MS: f32 = 0.0045;
+
+/// The time the tuner compares for `kind` measured at `ms` over `tokens` tokens of top-k routing:
+/// the tiled kernels at one token pay `ONE_TOKEN_ROUTING_MS` where the fused kernel could route
+/// itself (top-k within `MAX_FUSED_TOPK`).
+pub fn step_cost_ms(kind: MoeKernel, tokens: usize, top_k: usize, ms: f32) -> f32 {
+    let routes_apart = tokens == 1 && top_k <= crate::kernels::MAX_FUSED_TOPK && matches!(kind, MoeKernel::Tiled { .. });
+    if routes_apart { ms + ONE_TOKEN_ROUTING_MS } else { ms }
+}
+
 /// (hidden, intermediate, experts, top-k, tokens) -> the kernel measured fastest.
 pub(crate) type MoeChoices = HashMap<(usize, usize, usize, usize, usize), MoeKernel>;
 
@@ -54,7 +74,7 @@ impl Kernels {
     /// Times every compiled tiled kernel (two launches and one launch, each ring, then mixed
     /// rings for the best two-launch pair; the MoE GEMM from 2 tokens) on `w` with uniform
     /// random routings of each of `tuned_counts()` tokens, and keeps the fastest per token count for
-    /// `moe_mxfp4`. Returns every timing (for logs and benches). Row-major weights and
+    /// `moe_mxfp4` (as a step pays for it: `step_cost_ms`). Returns every timing (for logs and benches). Row-major weights and
     /// `PEREGRINE_MOE_TUNE=0` tune nothing.
     pub fn tune_moe(&self, w: &MoeWeights, top_k: usize) -> Result<Vec<MoeTiming>> {
         if !matches!(w.layout, MoeLayout::Tiled { .. }) || std::env::var("PEREGRINE_MOE_TUNE").is_ok_and(|v| v == "0") {
@@ -135,8 +155,9 @@ impl Kernels {
                 runs.sort_by(f32::total_cmp);
                 let ms = runs[1];
                 timings.push((t, kind, ms));
-                if best.is_none_or(|(_, b)| ms < b) {
-                    *best = Some((kind, ms));
+                let cost = step_cost_ms(kind, t, top_k, ms);
+                if best.is_none_or(|(_, b)| cost < b) {
+                    *best = Some((kind, cost));
                 }
                 Ok(())
             };
@@ -197,6 +218,23 @@ impl Kernels {
 #[cfg(test)]
 mod tests {
     use super::tuned_counts_up_to;
+
+    /// At one token the tiled kernels pay for the routing launches a step then needs; the fused
+    /// kernel, other token counts and top-k past what the fused kernel routes do not.
+    #[test]
+    fn one_token_tiled_kernels_pay_for_their_routing() {
+        use super::{step_cost_ms, ONE_TOKEN_ROUTING_MS};
+        use crate::MoeKernel;
+        let tiled = MoeKernel::tiled(3, 4);
+        assert_eq!(step_cost_ms(tiled, 1, 8, 0.04), 0.04 + ONE_TOKEN_ROUTING_MS);
+        assert_eq!(step_cost_ms(MoeKernel::FUSED, 1, 8, 0.04), 0.04);
+        assert_eq!(step_cost_ms(tiled, 2, 8, 0.04), 0.04);
+        assert_eq!(step_cost_ms(tiled, 1, 64, 0.04), 0.04);
+        assert_eq!(step_cost_ms(MoeKernel::Gemm, 1, 8, 0.04), 0.04);
+        // Flash's one-token kernels alone in this session's bench: the tiled 4 x 4 two launches
+        // ~1.6 us faster than the fused 2 x 4, which the routing launches outweigh.
+        assert!(step_cost_ms(tiled, 1, 8, 0.0440) > step_cost_ms(MoeKernel::FUSED, 1, 8, 0.0456));
+    }
 
     /// The tuner measures 1-8 tokens one by one, then the decode buckets up to its largest.
     #[test]
