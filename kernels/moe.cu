@@ -335,8 +335,9 @@ __device__ __forceinline__ void mbar_init(unsigned long long* bar) {
     unsigned a = (unsigned)__cvta_generic_to_shared(bar);
     asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(a) : "memory");
 }
-__device__ __forceinline__ void mbar_wait(unsigned long long* bar, unsigned parity) {
-    unsigned a = (unsigned)__cvta_generic_to_shared(bar);
+__device__ __forceinline__ unsigned smem_addr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
+// Waits for phase `parity` of the mbarrier at shared-window address a.
+__device__ __forceinline__ void mbar_wait_at(unsigned a, unsigned parity) {
     asm volatile(
         "{.reg .pred p;\n"
         "WAIT_%=:\n"
@@ -345,6 +346,7 @@ __device__ __forceinline__ void mbar_wait(unsigned long long* bar, unsigned pari
         "r"(parity)
         : "memory");
 }
+__device__ __forceinline__ void mbar_wait(unsigned long long* bar, unsigned parity) { mbar_wait_at(smem_addr(bar), parity); }
 __device__ __forceinline__ void bulk_load(void* smem, const void* gmem, unsigned bytes, unsigned long long* bar) {
     unsigned d = (unsigned)__cvta_generic_to_shared(smem), b = (unsigned)__cvta_generic_to_shared(bar);
     asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(d), "l"(gmem), "r"(bytes), "r"(b)
@@ -422,16 +424,6 @@ __device__ __forceinline__ void bulk_prologue(int seq, const unsigned char* __re
 // window addresses are taken once and stepped by constants, and lanes past the pairs' columns
 // (lane >= L) load lane & 7's B words instead of zeroing registers and skipping their loads.
 // Same arithmetic in the same order, so the same bits (benches/results/2026-11-28-moe-lean-stream.md).
-__device__ __forceinline__ unsigned smem_addr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
-__device__ __forceinline__ void mbar_wait_at(unsigned a, unsigned parity) {
-    asm volatile(
-        "{.reg .pred p;\n"
-        "WAIT_%=:\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
-        "@!p bra WAIT_%=;}" ::"r"(a),
-        "r"(parity)
-        : "memory");
-}
 // Stage j of a pass into ring slot `slot` (one lane asks), as bulk_issue.
 template <int CS>
 __device__ __forceinline__ void bulk_issue_at(int j, unsigned slot, const unsigned char* __restrict__ wt, int KS, unsigned ring_s, unsigned bars_s,
