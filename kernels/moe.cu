@@ -310,7 +310,7 @@ __device__ __forceinline__ int pass_rows(int K, int ring_bytes) {
 
 __device__ __forceinline__ float e8m0_bits(unsigned v) { return __uint_as_float(v & 0x7f800000u); }
 
-// tile_step's arithmetic for 32 values of k of a tile whose A fragments are decoded already
+// tile_math's arithmetic for 32 values of k of a tile whose A fragments are decoded already
 // (the MoE GEMM, which reuses them for several column tiles): A fragments a0 (k 0..15) and a1
 // (k 16..31) against B words b (b.x, b.y then b.z, b.w) summed from zero, then scaled into acc
 // by the 32-block's E8M0 scales: f_g for row g (acc[0..1]), f_g8 for row g + 8 (acc[2..3]).
@@ -402,28 +402,6 @@ __device__ __forceinline__ void bulk_prologue(int seq, const unsigned char* __re
         for (int j = from; j < min(NS, nst); j++) bulk_issue<NS, CS>(j, seq, wt, KS, ring, bars, once);
 }
 
-// Streams the warp's current pass (wt, KS steps). As its last NS stages are consumed, the
-// freed slots are refilled with the first stages of the warp's next pass (nwt, nKS; nKS = 0:
-// none), so the ring never drains between passes; returns how many were asked for. once /
-// nonce: each pass is the call's last over its tile (bulk_issue).
-// frag holds L / 8 pairs' B fragments, interleaved as stage_b stages them, or (rowstride > 0)
-// row after row.
-// -DMOE_TILED_EARLY=0 gives the tiled kernels the late refill back (measurements).
-#ifndef MOE_TILED_EARLY
-#define MOE_TILED_EARLY true
-#endif
-// EARLY: a stage's words go to registers and its slot is refilled before the stage's decode and
-// MMAs, so a slot waits for its loads, not for CS steps of math (more bytes in flight per warp).
-// The tiled kernels (2+ tokens) take it: Flash 2-16 tokens +1 point of copy bandwidth, clustered
-// routings up to +17 (benches/results/2026-11-27-moe-early-refill.md). The fused one-token
-// kernel does not: its 2 x 4 ring then spills, and the batch-1 step was 0.7% slower. (The warp
-// sync below orders every lane's reads of the slot before lane 0's refill, as without EARLY.)
-// The loop is lean in instructions (the one-token fused kernel's steps were issue- and
-// dependency-bound under ncu: 133 warp instructions per 544-byte step, issue slots 59% busy):
-// the ring slot and barrier phase run as counters, the rings', barriers' and fragments' shared-
-// window addresses are taken once and stepped by constants, and lanes past the pairs' columns
-// (lane >= L) load lane & 7's B words instead of zeroing registers and skipping their loads.
-// Same arithmetic in the same order, so the same bits (benches/results/2026-11-28-moe-lean-stream.md).
 // Stage j of a pass into ring slot `slot` (one lane asks), as bulk_issue.
 template <int CS>
 __device__ __forceinline__ void bulk_issue_at(int j, unsigned slot, const unsigned char* __restrict__ wt, int KS, unsigned ring_s, unsigned bars_s,
@@ -447,8 +425,11 @@ __device__ __forceinline__ unsigned lds32(unsigned a) {
     asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(a));
     return v;
 }
-// tile_step's arithmetic on a step's codes wv and scale word sv, with its B fragments b01 (k's
-// first half) and b23 (its second).
+// One step (64 values of K) of a lane: its 16 bytes of codes `wv` (four MMAs' A fragments), its
+// group's scale word `sv`, the staged B fragments b01 (k's first 32 values) and b23 (the next);
+// the E8M0 scale of each 32-block multiplies that block's partial sums: acc[0..1] row g, acc[2..3]
+// row g + 8. (It decodes each word just before its MMA, so it spells out mma_k32_scaled's
+// arithmetic in place: calling it, all four words decoded first, changed the decode kernels' code.)
 __device__ __forceinline__ void tile_math(uint4 wv, unsigned sv, uint4 b01, uint4 b23, float acc[4]) {
     unsigned a[4];
     float tp[4];
@@ -472,6 +453,29 @@ __device__ __forceinline__ void tile_math(uint4 wv, unsigned sv, uint4 b01, uint
     acc[2] += f1 * tp[2];
     acc[3] += f1 * tp[3];
 }
+
+// Streams the warp's current pass (wt, KS steps). As its last NS stages are consumed, the
+// freed slots are refilled with the first stages of the warp's next pass (nwt, nKS; nKS = 0:
+// none), so the ring never drains between passes; returns how many were asked for. once /
+// nonce: each pass is the call's last over its tile (bulk_issue).
+// frag holds L / 8 pairs' B fragments, interleaved as stage_b stages them, or (rowstride > 0)
+// row after row.
+// -DMOE_TILED_EARLY=0 gives the tiled kernels the late refill back (measurements).
+#ifndef MOE_TILED_EARLY
+#define MOE_TILED_EARLY true
+#endif
+// EARLY: a stage's words go to registers and its slot is refilled before the stage's decode and
+// MMAs, so a slot waits for its loads, not for CS steps of math (more bytes in flight per warp).
+// The tiled kernels (2+ tokens) take it: Flash 2-16 tokens +1 point of copy bandwidth, clustered
+// routings up to +17 (benches/results/2026-11-27-moe-early-refill.md). The fused one-token
+// kernel does not: its 2 x 4 ring then spills, and the batch-1 step was 0.7% slower. (The warp
+// sync below orders every lane's reads of the slot before lane 0's refill, as without EARLY.)
+// The loop is lean in instructions (the one-token fused kernel's steps were issue- and
+// dependency-bound under ncu: 133 warp instructions per 544-byte step, issue slots 59% busy):
+// the ring slot and barrier phase run as counters, the rings', barriers' and fragments' shared-
+// window addresses are taken once and stepped by constants, and lanes past the pairs' columns
+// (lane >= L) load lane & 7's B words instead of zeroing registers and skipping their loads.
+// Same arithmetic in the same order, so the same bits (benches/results/2026-11-28-moe-lean-stream.md).
 template <int NS, int CS, bool EARLY = false>
 __device__ __forceinline__ int tile_stream_bulk(const unsigned char* __restrict__ wt, int KS, const uint4* frag, int L, float acc[4],
                                                 unsigned char* ring, unsigned long long* bars, int& seq, bool once,
@@ -522,6 +526,7 @@ __device__ __forceinline__ int tile_stream_bulk(const unsigned char* __restrict_
                 bulk_issue_at<CS>(j + NS, slot, wt, KS, ring_s, bars_s, once);
             }
         } else {
+            // The next pass's stages in order; with a pass shorter than the ring several at once.
             if (lane == 0 && pre < nnst && nst + pre - NS <= j) asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
             while (pre < nnst && nst + pre - NS <= j) {
                 if (lane == 0) bulk_issue_at<CS>(pre, pslot, nwt, nKS, ring_s, bars_s, nonce);
@@ -1124,7 +1129,7 @@ MOE_BULK(2, 6)
 //
 // Same bits as the kernels above: each pair's row is split by moe_split_rows exactly as stage_b
 // stages it (the row's power of two, then stage_item into a one-pair fragment: 256 bytes per
-// 64 values of K), the MMAs, E8M0 scaling and accumulation order per column are tile_step's,
+// 64 values of K), the MMAs, E8M0 scaling and accumulation order per column are tile_math's,
 // and the epilogue is tile_store; MMA columns are independent, so the 32-pair tiles give what
 // 4-pair passes gave.
 //
@@ -1254,7 +1259,7 @@ __device__ __forceinline__ void moe_gemm_chunk(const unsigned char* __restrict__
                 // Lane (g, t) reads column g of n-tile n: pair 4n + g/2, hi (g even) or lo.
                 const uint4* bp = reinterpret_cast<const uint4*>(st + (4 * n + (g >> 1)) * (GEMM_KC * 256) + kk * 256 + (g & 1) * 64 + t * 16);
                 uint4 b01 = bp[0], b23 = bp[8];  // halves 0 and 1 (128 bytes apart)
-                // tile_step's arithmetic, in its order.
+                // tile_math's arithmetic, in its order.
                 mma_k32_scaled(acc[n], a[0], a[1], b01, f0, f1);
                 mma_k32_scaled(acc[n], a[2], a[3], b23, f2, f3);
             }
@@ -1351,7 +1356,7 @@ __device__ __forceinline__ void moe_gemm_chunk_wg(const unsigned char* __restric
     static_assert(GEMM_KC == 4, "the B staging's index arithmetic takes 4 steps per stage");
     const int lt = w < bt ? w : 0;  // a warp past the block's tiles computes tile 0 and stores nothing
     // A step's two k32 blocks are issued together, block 0 into tp0 and block 1 into tp1; block
-    // 0 is scaled into acc while block 1 runs (the order into acc is tile_step's: block 0, then
+    // 0 is scaled into acc while block 1 runs (the order into acc is tile_math's: block 0, then
     // block 1, step by step). Carrying blocks across steps made ptxas serialise the MMAs.
     float acc[4 * NT], tp0[4 * NT], tp1[4 * NT];
 #pragma unroll
