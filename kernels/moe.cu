@@ -369,15 +369,44 @@ __device__ __forceinline__ unsigned long long l2_weights_policy(bool once) {
         asm("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;" : "=l"(p));
     return p;
 }
+// A weight stage's copy, with l2_weights_policy(once).
+__device__ __forceinline__ void bulk_load_weights(void* smem, const void* gmem, unsigned bytes, unsigned long long* bar, bool once) {
+    unsigned d = (unsigned)__cvta_generic_to_shared(smem), b = (unsigned)__cvta_generic_to_shared(bar);
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;" ::"r"(d),
+                 "l"(gmem), "r"(bytes), "r"(b), "l"(l2_weights_policy(once))
+                 : "memory");
+}
 __device__ __forceinline__ void mbar_expect(unsigned long long* bar, unsigned bytes) {
     unsigned a = (unsigned)__cvta_generic_to_shared(bar);
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(a), "r"(bytes) : "memory");
 }
 
-// Stage j of a warp's pass into ring slot `slot`: one lane asks for it, one copy (a tile's steps
-// are contiguous, each its codes and then its scales). ring_s, bars_s: the ring's and its
-// barriers' shared-window addresses. once: the pass is the call's last over this tile
-// (l2_weights_policy).
+// Stage j (of this pass) of a warp's ring: one lane asks for it, one copy (a tile's steps are
+// contiguous, each its codes and then its scales). once: the pass is the call's last over
+// this tile (l2_weights_policy). The streaming loop's bulk_issue_at does the same from
+// shared-window addresses; the prologue going through it instead (2ec596a) moved every tiled
+// kernel's register allocation and measured slower in one process (batch-1 / 2 Flash steps
+// +0.8 / +5.1 us, 10 / 9 of 10 rounds; benches/results/2026-11-28-issue-6-status.md), so this
+// copy stays.
+template <int NS, int CS>
+__device__ __forceinline__ void bulk_issue(int j, int seq, const unsigned char* __restrict__ wt, int KS, unsigned char* ring,
+                                           unsigned long long* bars, bool once) {
+    int slot = (seq + j) % NS, steps = min(CS, KS - j * CS);
+    mbar_expect(bars + slot, steps * STEP_BYTES);
+    bulk_load_weights(ring + slot * CS * STEP_BYTES, wt + (size_t)j * CS * STEP_BYTES, steps * STEP_BYTES, bars + slot, once);
+}
+
+// The first NS stages of a pass, asked for before the activations are staged; stages below
+// `from` were already asked for by the previous pass (the ring runs on across passes).
+template <int NS, int CS>
+__device__ __forceinline__ void bulk_prologue(int seq, const unsigned char* __restrict__ wt, int KS, unsigned char* ring,
+                                              unsigned long long* bars, bool once, int from = 0) {
+    int nst = (KS + CS - 1) / CS;
+    if ((threadIdx.x & 31) == 0)
+        for (int j = from; j < min(NS, nst); j++) bulk_issue<NS, CS>(j, seq, wt, KS, ring, bars, once);
+}
+
+// Stage j of a pass into ring slot `slot` (one lane asks), as bulk_issue.
 template <int CS>
 __device__ __forceinline__ void bulk_issue_at(int j, unsigned slot, const unsigned char* __restrict__ wt, int KS, unsigned ring_s, unsigned bars_s,
                                               bool once) {
@@ -388,31 +417,6 @@ __device__ __forceinline__ void bulk_issue_at(int j, unsigned slot, const unsign
                  "l"(wt + (size_t)j * CS * STEP_BYTES), "r"(bytes), "r"(bar), "l"(l2_weights_policy(once))
                  : "memory");
 }
-
-// The first NS stages of a pass, asked for before the activations are staged; stages below
-// `from` were already asked for by the previous pass (the ring runs on across passes).
-template <int NS, int CS>
-__device__ __forceinline__ void bulk_prologue(int seq, const unsigned char* __restrict__ wt, int KS, unsigned char* ring,
-                                              unsigned long long* bars, bool once, int from = 0) {
-    int nst = (KS + CS - 1) / CS;
-#ifdef MOE_PROLOGUE_OLD  // measurement builds only: the prologue's own copy of the issue (d932db4)
-    if ((threadIdx.x & 31) == 0)
-        for (int j = from; j < min(NS, nst); j++) {
-            int slot = (seq + j) % NS, steps = min(CS, KS - j * CS);
-            unsigned long long* bar = bars + slot;
-            unsigned b = (unsigned)__cvta_generic_to_shared(bar), d = (unsigned)__cvta_generic_to_shared(ring + slot * CS * STEP_BYTES);
-            asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(b), "r"(steps * STEP_BYTES) : "memory");
-            asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;" ::"r"(d),
-                         "l"(wt + (size_t)j * CS * STEP_BYTES), "r"(steps * STEP_BYTES), "r"(b), "l"(l2_weights_policy(once))
-                         : "memory");
-        }
-#else
-    if ((threadIdx.x & 31) == 0)
-        for (int j = from; j < min(NS, nst); j++)
-            bulk_issue_at<CS>(j, (unsigned)(seq + j) % NS, wt, KS, smem_addr(ring), smem_addr(bars), once);
-#endif
-}
-
 // Four words of shared memory at the shared-window address a (volatile: kept after the stage's
 // barrier wait, which is volatile too).
 __device__ __forceinline__ uint4 lds128(unsigned a) {
@@ -457,7 +461,7 @@ __device__ __forceinline__ void tile_math(uint4 wv, unsigned sv, uint4 b01, uint
 // Streams the warp's current pass (wt, KS steps). As its last NS stages are consumed, the
 // freed slots are refilled with the first stages of the warp's next pass (nwt, nKS; nKS = 0:
 // none), so the ring never drains between passes; returns how many were asked for. once /
-// nonce: each pass is the call's last over its tile (bulk_issue_at).
+// nonce: each pass is the call's last over its tile (bulk_issue).
 // frag holds L / 8 pairs' B fragments, interleaved as stage_b stages them, or (rowstride > 0)
 // row after row.
 // -DMOE_TILED_EARLY=0 gives the tiled kernels the late refill back (measurements).
