@@ -6,9 +6,19 @@
 
 use std::time::Instant;
 
+use clap::Parser;
 use peregrine_core::backend::{Backend, KvConfig, OutputRows, SeqForward};
 use peregrine_cpu::CpuModel;
 use peregrine_model::synthetic::SyntheticWeights;
+
+/// CPU decode throughput of the reference backend at batch 1 and 8.
+#[derive(Parser)]
+struct Args {
+    /// Model directory (e.g. a golden fixture); default: a synthetic ~30M-parameter
+    /// MiMo-V2-shaped model with random weights.
+    #[arg(value_name = "MODEL_DIR")]
+    model_dir: Option<String>,
+}
 
 fn synthetic_spec() -> peregrine_core::ModelSpec {
     let c = serde_json::json!({"model_type": "mimo_v2_flash", "vocab_size": 8192, "hidden_size": 512,
@@ -37,7 +47,7 @@ fn bench(model: &mut CpuModel, batch: usize, prompt: usize, steps: usize) -> f64
 }
 
 fn main() {
-    let arg = std::env::args().nth(1);
+    let arg = Args::parse().model_dir;
     let (name, mut model) = match &arg {
         Some(dir) => {
             let f = peregrine_model::loader::open_model(dir).unwrap();

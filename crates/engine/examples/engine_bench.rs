@@ -28,43 +28,52 @@ mod common;
 use std::sync::Arc;
 use std::time::Instant;
 
+use clap::{ArgAction, Parser};
 use peregrine_core::SamplingParams;
 use peregrine_cuda::{probe, CudaModel};
 use peregrine_engine::*;
 use common::{median, metric};
 
+/// Decoding through the engine on the CUDA backend with synthetic weights, per batch size.
+#[derive(Parser)]
+#[command(args_override_self = true)]
 struct Args {
+    /// Model config (synthetic weights of its shapes).
+    #[arg(long, default_value = "configs/mimo-v2-flash.json")]
     config: String,
+    /// Decoder layers of the config to keep.
+    #[arg(long, default_value_t = 18)]
     layers: usize,
+    /// Batch sizes to time, one round each (comma-separated).
+    #[arg(long, default_value = "1,8,32,64", value_delimiter = ',', action = ArgAction::Set)]
     batches: Vec<usize>,
+    /// Random prompt tokens of each request.
+    #[arg(long, default_value_t = 128)]
     prompt: usize,
+    /// Output tokens each request decodes (EOS ignored); at least 8, so the steady state has gaps
+    /// to time.
+    #[arg(long, default_value_t = 64, value_parser = at_least_8)]
     tokens: usize,
+    /// Sampling temperature (0: greedy; seeded per request).
+    #[arg(long, default_value_t = 0.0)]
     temperature: f32,
+    /// Turn `EngineConfig::overlap_steps` off (each step committed before the next one starts).
+    #[arg(long = "no-overlap", action = ArgAction::SetFalse)]
     overlap: bool,
+    /// The engine's `max_num_seqs` (default: the largest batch).
+    #[arg(long)]
     max_num_seqs: Option<usize>,
+    /// KV cache memory in GiB.
+    #[arg(long, default_value_t = 3.0)]
     kv_gib: f64,
 }
 
-fn parse_args() -> Args {
-    let mut a = Args { config: "configs/mimo-v2-flash.json".into(), layers: 18, batches: vec![1, 8, 32, 64], prompt: 128, tokens: 64, temperature: 0.0, overlap: true, max_num_seqs: None, kv_gib: 3.0 };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
-        match flag.as_str() {
-            "--config" => a.config = value(),
-            "--layers" => a.layers = value().parse().expect("--layers"),
-            "--batches" => a.batches = value().split(',').map(|s| s.parse().expect("--batches")).collect(),
-            "--prompt" => a.prompt = value().parse().expect("--prompt"),
-            "--tokens" => a.tokens = value().parse().expect("--tokens"),
-            "--temperature" => a.temperature = value().parse().expect("--temperature"),
-            "--no-overlap" => a.overlap = false,
-            "--max-num-seqs" => a.max_num_seqs = Some(value().parse().expect("--max-num-seqs")),
-            "--kv-gib" => a.kv_gib = value().parse().expect("--kv-gib"),
-            other => panic!("unknown argument {other}"),
-        }
+fn at_least_8(s: &str) -> Result<usize, String> {
+    let n: usize = s.parse().map_err(|e| format!("{e}"))?;
+    if n < 8 {
+        return Err("at least 8, so the steady state has gaps to time".into());
     }
-    assert!(a.tokens >= 8, "--tokens: at least 8, so the steady state has gaps to time");
-    a
+    Ok(n)
 }
 
 /// One round of `b` requests decoding `tokens` tokens each: when the first was submitted, and
@@ -114,7 +123,7 @@ fn round(e: &EngineHandle, b: usize, a: &Args, vocab: usize, salt: u64) -> (Inst
 }
 
 fn main() {
-    let a = parse_args();
+    let a = Args::parse();
     let gpu = match probe(0) {
         Ok(g) => g,
         Err(e) => {

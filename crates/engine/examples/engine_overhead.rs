@@ -11,12 +11,21 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use clap::Parser;
 use peregrine_core::backend::{output_rows, Backend, KvBlockBytes, KvConfig, Logits, SeqForward};
 use peregrine_core::{ModelSpec, Result, SamplingParams};
 use peregrine_engine::*;
 
 #[path = "common/mod.rs"]
 mod common;
+
+/// The engine's own host time per decode step, over a backend that answers at once.
+#[derive(Parser)]
+struct Args {
+    /// Random prompt tokens of each request.
+    #[arg(value_name = "PROMPT_TOKENS", default_value_t = 16384)]
+    prompt: usize,
+}
 
 /// Answers every forward at once: prompt chunks with nothing, decode rows with a token derived
 /// from the position.
@@ -47,7 +56,7 @@ impl Backend for NoDevice {
 }
 
 fn main() {
-    let prompt: usize = std::env::args().nth(1).map_or(16384, |s| s.parse().expect("PROMPT_TOKENS"));
+    let prompt = Args::parse().prompt;
     let text = std::fs::read_to_string("configs/mimo-v2-flash.json").expect("configs/mimo-v2-flash.json (run from the repository root)");
     let spec = peregrine_model::config::parse_config(&serde_json::from_str(&text).expect("json"), None).expect("config parses");
     let vocab = spec.vocab_size;

@@ -7,11 +7,20 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use clap::Parser;
 use peregrine_engine::json_mode::{JsonConstraint, TokenBytes};
 use peregrine_model::tokenizer::Tokenizer;
 
+/// The host cost of one JSON-mode mask for a tokenizer's vocabulary.
+#[derive(Parser)]
+struct Args {
+    /// The tokenizer's tokenizer.json.
+    #[arg(value_name = "TOKENIZER_JSON")]
+    path: String,
+}
+
 fn main() {
-    let path = std::env::args().nth(1).expect("usage: json_mask_bench TOKENIZER_JSON");
+    let path = Args::parse().path;
     let tok = Tokenizer::from_file(std::path::Path::new(&path)).unwrap();
     let t0 = Instant::now();
     let tb = Arc::new(TokenBytes::from_tokenizer(&tok).unwrap());

@@ -14,6 +14,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Instant;
 
+use clap::Parser;
 use peregrine_core::backend::Backend;
 use peregrine_core::SamplingParams;
 use peregrine_cpu::CpuModel;
@@ -21,6 +22,26 @@ use peregrine_engine::*;
 use peregrine_model::dflash::{bundled_drafter, open_drafter};
 use peregrine_model::loader::open_model;
 use common::metric;
+
+/// Speculative decoding: acceptance length and output tokens/s with and without the drafter.
+#[derive(Parser)]
+struct Args {
+    /// The target model's directory (with its drafter in dflash/).
+    #[arg(value_name = "MODEL_DIR", default_value = "models/peregrine-mimo-tiny")]
+    model: String,
+    /// The prompts: a JSON object whose "prompts" array holds objects with a "prompt" string.
+    #[arg(value_name = "PROMPTS_JSON", default_value = "benches/data/heldout_prompts.json")]
+    prompts_path: String,
+    /// Output tokens per request (EOS ignored).
+    #[arg(value_name = "MAX_TOKENS", default_value_t = 128)]
+    max_tokens: usize,
+    /// Requests in flight together (1: one after another).
+    #[arg(value_name = "CONCURRENCY", default_value_t = 1)]
+    conc: usize,
+    /// The backend.
+    #[arg(value_name = "DEVICE", default_value = "cpu", value_parser = ["cpu", "cuda"])]
+    device: String,
+}
 
 /// The target model on `device`, with the drafter attached when given.
 fn load(device: &str, files: &peregrine_model::loader::ModelFiles, drafter: Option<&peregrine_model::dflash::DraftFiles>) -> Box<dyn Backend> {
@@ -70,12 +91,7 @@ fn cost_breakdown(device: &str, files: &peregrine_model::loader::ModelFiles, dra
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let model = args.get(1).cloned().unwrap_or_else(|| "models/peregrine-mimo-tiny".into());
-    let prompts_path = args.get(2).cloned().unwrap_or_else(|| "benches/data/heldout_prompts.json".into());
-    let max_tokens: usize = args.get(3).map_or(128, |s| s.parse().unwrap());
-    let conc: usize = args.get(4).map_or(1, |s| s.parse().unwrap());
-    let device = args.get(5).cloned().unwrap_or_else(|| "cpu".into());
+    let Args { model, prompts_path, max_tokens, conc, device } = Args::parse();
     let mut files = open_model(&model).unwrap();
     let tok = Arc::new(files.tokenizer.take().unwrap());
     let prompts: serde_json::Value = serde_json::from_slice(&std::fs::read(&prompts_path).unwrap()).unwrap();

@@ -3,7 +3,7 @@
 //! streamed chunks) and output tokens/s (from the usage chunk, over the level's wall time, so
 //! prefills and first tokens count against it).
 //!
-//!     cargo run --release -p peregrine-server --example loadgen -- URL [CONCURRENCY,...] [REQUESTS] [MAX_TOKENS]
+//!     cargo run --release -p peregrine-server --example loadgen -- [URL] [CONCURRENCY,...] [REQUESTS] [MAX_TOKENS]
 //!         [--temperature T] [--prompt-words N [--vocab V]]
 //!     e.g. loadgen http://127.0.0.1:8000 1,4,16,64 64 64
 //!
@@ -15,8 +15,36 @@
 
 use std::time::{Duration, Instant};
 
+use clap::{ArgAction, Parser};
 use futures::StreamExt;
 use serde_json::{json, Value};
+
+/// Streamed text completions at several concurrency levels: TTFT, inter-token latency, output tokens/s.
+#[derive(Parser)]
+struct Args {
+    /// The server's base URL.
+    #[arg(value_name = "URL", default_value = "http://127.0.0.1:8000")]
+    url: String,
+    /// Concurrency levels (comma-separated), one run each.
+    #[arg(value_name = "CONCURRENCY,...", default_value = "1,4,16,64", value_delimiter = ',', num_args = 1, action = ArgAction::Set)]
+    levels: Vec<usize>,
+    /// Requests per level.
+    #[arg(value_name = "REQUESTS", default_value_t = 64)]
+    requests: usize,
+    /// Output tokens per request (EOS ignored).
+    #[arg(value_name = "MAX_TOKENS", default_value_t = 64)]
+    max_tokens: usize,
+    /// Sampling temperature, seeded per request (0: greedy).
+    #[arg(long, default_value_t = 0.7)]
+    temperature: f64,
+    /// Each prompt is N random words `t0` .. `t{V-1}` (read as exactly N tokens by the stand-in
+    /// tokenizer); without it, short code prompts for a real tokenizer.
+    #[arg(long, value_name = "N")]
+    prompt_words: Option<usize>,
+    /// V of `--prompt-words` (MiMo-V2-Flash's vocabulary size by default).
+    #[arg(long, value_name = "V", default_value_t = 152_576, value_parser = clap::value_parser!(u64).range(1..))]
+    vocab: u64,
+}
 
 struct Sample {
     ttft: Duration,
@@ -96,27 +124,8 @@ fn pct(v: &mut [Duration], p: f64) -> f64 {
 
 #[tokio::main]
 async fn main() {
-    let (mut args, mut flags): (Vec<String>, Vec<String>) = (Vec::new(), Vec::new());
-    let mut it = std::env::args().skip(1);
-    while let Some(a) = it.next() {
-        if a.starts_with("--") {
-            flags.push(a);
-            flags.push(it.next().expect("a value after each flag"));
-        } else {
-            args.push(a);
-        }
-    }
-    let flag = |name: &str| flags.chunks(2).find(|f| f[0] == name).map(|f| f[1].clone());
-    assert!(flags.chunks(2).all(|f| ["--temperature", "--prompt-words", "--vocab"].contains(&f[0].as_str())), "unknown flag in {flags:?}");
-    let url = args.first().cloned().unwrap_or_else(|| "http://127.0.0.1:8000".into());
-    let levels: Vec<usize> = args.get(1).map_or("1,4,16,64".into(), Clone::clone).split(',').map(|x| x.parse().unwrap()).collect();
-    let requests: usize = args.get(2).map_or(64, |x| x.parse().unwrap());
-    let max_tokens: usize = args.get(3).map_or(64, |x| x.parse().unwrap());
-    let load = Load {
-        max_tokens,
-        temperature: flag("--temperature").map_or(0.7, |t| t.parse().expect("--temperature")),
-        words: flag("--prompt-words").map(|n| (n.parse().expect("--prompt-words"), flag("--vocab").map_or(152_576, |v| v.parse().expect("--vocab")))),
-    };
+    let Args { url, levels, requests, max_tokens, temperature, prompt_words, vocab } = Args::parse();
+    let load = Load { max_tokens, temperature, words: prompt_words.map(|n| (n, vocab)) };
     let client = reqwest::Client::new();
     println!("{:>5} {:>9} {:>10} {:>10} {:>10} {:>10} {:>12}", "conc", "requests", "ttft_p50", "ttft_p90", "itl_p50", "itl_p90", "out_tok/s");
     for &c in &levels {
