@@ -16,7 +16,23 @@ fn median(mut v: Vec<f32>) -> f32 {
     v[v.len() / 2]
 }
 
+/// Decode-kernel bandwidth on the GPU: copy bandwidth, plain reads, the GEMVs and the MXFP4 MoE
+/// decode at MiMo-V2-Flash and MiMo-V2.5-Pro shapes, as fractions of the copy bandwidth. It takes
+/// no arguments; environment variables pick what runs.
+#[derive(clap::Parser)]
+#[command(after_help = "Environment:
+  PEREGRINE_BENCH_ONLY=moe|gemv|read|sample|prefill-moe|prefill-gemm|load   one section (load: compile the kernels only)
+  PEREGRINE_BENCH_MOE_TOKENS=1,2,8   the MoE's decode token counts only (default 1, 2, 4, 8, 16, 64 and prefill sizes)
+  PEREGRINE_BENCH_READ_SPANS=1,2,8   plain reads over fresh pages of that many GiB
+  PEREGRINE_BENCH_MOE_LAYERS=L       one token, each call on the next of L layers' experts
+  PEREGRINE_BENCH_MOE_ACC=1          the step's one-token kernel (routing from the o_proj's sums) beside the routed one
+  PEREGRINE_BENCH_SWEEP=1            the pipelined kernels' K splits at 1, 8 and 64 tokens
+  PEREGRINE_TRACE_DUMP=DIR           with a -DMOE_TRACE build: raw stamps of 8 fused-kernel calls, one CSV per shape
+  PEREGRINE_KERNEL_DEFINES=\"-DX\"     kernels built with measurement defines (PEREGRINE_KERNEL_DEFINES_IN=moe: that file only)")]
+struct Args {}
+
 fn main() {
+    <Args as clap::Parser>::parse();
     let g = match probe(0) {
         Ok(g) => g,
         Err(e) => {
