@@ -338,6 +338,9 @@ fn main() {
         model.attach_synthetic_drafter(d, 2).expect("synthetic drafter");
     }
     model.init_kv(KvConfig { block_size: BS, num_full_blocks: full_blocks, num_swa_blocks: swa_blocks }).expect("KV cache");
+    if let Some((fused_ms, tiled_ms, kept)) = model.one_token_step_ms() {
+        println!("one-token MoE kernel timed as batch-1 steps at KV setup: fused finalist {fused_ms:.4} ms, tiled finalist {tiled_ms:.4} ms; kept {kept:?}");
+    }
     let table = |s: usize| -> Vec<u32> { (0..per_seq_blocks).map(|b| (s * per_seq_blocks + b) as u32).collect() };
     let swa_table = |s: usize| -> Vec<u32> { (0..per_seq_blocks).map(|b| (s * swa_ring + b % swa_ring) as u32).collect() };
     let seqf = |s: usize, tokens: Vec<u32>, start: usize, output| SeqForward { seq_id: s as u64, tokens, start_pos: start, full_blocks: table(s), swa_blocks: swa_table(s), output };

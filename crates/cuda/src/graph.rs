@@ -168,6 +168,11 @@ pub(crate) struct DraftGraph {
     graph: Graph,
 }
 
+/// `tune_one_token_step`: replays of each candidate's batch-1 step between two events, and
+/// rounds of both in turn (medians kept). ~0.3 s at load for an 18-layer Flash on the H100.
+const STEP_TUNE_REPLAYS: usize = 8;
+const STEP_TUNE_ROUNDS: usize = 7;
+
 impl Graphs {
     /// `vocab`: logits a row (the shared buffers' first size is the largest decode bucket's).
     pub(crate) fn new(capturable: bool, vocab: usize) -> Graphs {
@@ -441,6 +446,62 @@ impl CudaModel {
             }
         }
         Ok(Some(times))
+    }
+
+    /// Chooses the MoE kernel for one token by timing whole batch-1 decode steps, once the KV
+    /// cache exists. `tune_moe` times kernels alone with the routing given, but the fused kernel
+    /// routes inside itself while the tiled kernels need the post-attention norm, the router
+    /// GEMV and `moe_route` as launches of their own, which only a step pays
+    /// (`moe_tune::ONE_TOKEN_ROUTING_MS`, the H100's measure of that, decides until here). So the
+    /// fastest fused and the fastest tiled kernel alone (`one_token_finalists`) each run a
+    /// captured batch-1 step, alternating over `STEP_TUNE_ROUNDS` rounds, and the faster median
+    /// is kept. The step is the scratch block's (past the last of each pool, which padding rows
+    /// use), so no sequence's K/V is touched; captures that fail here leave no mark.
+    pub(crate) fn tune_one_token_step(&mut self) -> Result<()> {
+        let (Some((fused, tiled)), Some(cfg)) = (self.one_token_finalists.take(), self.kv_config) else { return Ok(()) };
+        if std::env::var("PEREGRINE_MOE_STEP_TUNE").is_ok_and(|v| v == "0") || !self.graphs.enabled {
+            return Ok(());
+        }
+        let Some(prior) = self.first_moe().and_then(|(w, k)| self.kernels.tuned_moe(w, k, 1)) else { return Ok(()) };
+        let pin = |m: &mut Self, kind: crate::MoeKernel| {
+            if let Some((w, k)) = m.first_moe() {
+                m.kernels.pin_moe(w, k, 1, kind);
+            }
+            m.graphs.clear();
+        };
+        let batch = [peregrine_core::backend::SeqForward {
+            seq_id: u64::MAX,
+            tokens: vec![0],
+            start_pos: 0,
+            full_blocks: vec![cfg.num_full_blocks as u32],
+            swa_blocks: vec![cfg.num_swa_blocks as u32],
+            output: peregrine_core::backend::OutputRows::Last,
+        }];
+        let failed = self.graphs.failed.clone();
+        let t0 = std::time::Instant::now();
+        let timed = self.graph_ab_ms(&batch, STEP_TUNE_REPLAYS, STEP_TUNE_ROUNDS, |m, b| pin(m, if b { tiled } else { fused }));
+        self.graphs.failed = failed;
+        let median = |mut v: Vec<f32>| {
+            v.sort_by(f32::total_cmp);
+            v[v.len() / 2]
+        };
+        match timed {
+            Ok(Some((a, b))) => {
+                let (fused_ms, tiled_ms) = (median(a), median(b));
+                let kept = if tiled_ms < fused_ms { tiled } else { fused };
+                pin(self, kept);
+                self.one_token_step_ms = Some((fused_ms, tiled_ms, kept));
+                tracing::info!(
+                    "one-token MoE kernel timed as batch-1 steps in {:.2} s: {fused:?} {fused_ms:.4} ms, {tiled:?} {tiled_ms:.4} ms; kept {kept:?} (alone the tuner had {prior:?})",
+                    t0.elapsed().as_secs_f64()
+                );
+                Ok(())
+            }
+            other => {
+                pin(self, prior);
+                other.map(|_| ())
+            }
+        }
     }
 
     /// A view of `rows` rows in the shared buffer of step logits (`draft`: of draft logits),

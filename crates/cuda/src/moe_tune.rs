@@ -64,6 +64,20 @@ pub fn step_cost_ms(kind: MoeKernel, tokens: usize, top_k: usize, ms: f32) -> f3
     if routes_apart { ms + ONE_TOKEN_ROUTING_MS } else { ms }
 }
 
+/// The fastest fused kernel and the fastest tiled kernel (either ring pairing) at one token in
+/// `tune_moe`'s timings, by their time alone; None unless both families ran. A step then
+/// decides between them (`CudaModel::tune_one_token_step`).
+pub fn one_token_finalists(timings: &[MoeTiming]) -> Option<(MoeKernel, MoeKernel)> {
+    let best = |fused: bool| {
+        timings
+            .iter()
+            .filter(|(t, k, ms)| *t == 1 && ms.is_finite() && matches!(k, MoeKernel::Fused { .. }) == fused && matches!(k, MoeKernel::Fused { .. } | MoeKernel::Tiled { .. }))
+            .min_by(|a, b| a.2.total_cmp(&b.2))
+            .map(|&(_, k, _)| k)
+    };
+    Some((best(true)?, best(false)?))
+}
+
 /// (hidden, intermediate, experts, top-k, tokens) -> the kernel measured fastest.
 pub(crate) type MoeChoices = HashMap<(usize, usize, usize, usize, usize), MoeKernel>;
 
@@ -234,6 +248,29 @@ mod tests {
         // Flash's one-token kernels alone in this session's bench: the tiled 4 x 4 two launches
         // ~1.6 us faster than the fused 2 x 4, which the routing launches outweigh.
         assert!(step_cost_ms(tiled, 1, 8, 0.0440) > step_cost_ms(MoeKernel::FUSED, 1, 8, 0.0456));
+    }
+
+    /// The step-level choice at one token starts from the fastest of each family alone; other
+    /// token counts, the GEMM and non-finite times do not take part.
+    #[test]
+    fn one_token_finalists_are_each_familys_fastest() {
+        use super::one_token_finalists;
+        use crate::MoeKernel;
+        let fused = |s| MoeKernel::Fused { stages: s, steps: 4, max_blocks: 0 };
+        let t = vec![
+            (1, fused(2), 0.046),
+            (1, fused(3), 0.045),
+            (1, MoeKernel::tiled(3, 4), 0.048),
+            (1, MoeKernel::Tiled { stages: 3, steps: 4, down_stages: 2, down_steps: 4 }, 0.047),
+            (1, MoeKernel::tiled(4, 4), f32::NAN),
+            (1, MoeKernel::Gemm, 0.001),
+            (2, MoeKernel::tiled(2, 3), 0.010),
+            (2, fused(4), 0.010),
+        ];
+        assert_eq!(one_token_finalists(&t), Some((fused(3), MoeKernel::Tiled { stages: 3, steps: 4, down_stages: 2, down_steps: 4 })));
+        assert_eq!(one_token_finalists(&t[..2]), None);
+        assert_eq!(one_token_finalists(&t[2..4]), None);
+        assert_eq!(one_token_finalists(&[]), None);
     }
 
     /// The tuner measures 1-8 tokens one by one, then the decode buckets up to its largest.

@@ -318,6 +318,37 @@ fn overlapped_decode_steps_give_the_tokens_of_plain_steps() {
     }
 }
 
+/// `init_kv` times the fused and the tiled one-token MoE finalists as whole batch-1 steps and
+/// keeps the faster (`tune_one_token_step`): the kept kernel is the one-token choice, its step
+/// was the faster median, no graph of the timing is left behind, and the model decodes after it.
+#[test]
+fn one_token_moe_kernel_is_chosen_by_timing_steps() {
+    if probe_for_tests(0).is_none() {
+        return;
+    }
+    // The default fixture with experts wide enough for the tiled layout (its 32 are not).
+    let wide = serde_json::json!({"moe_intermediate_size": 64});
+    let spec = peregrine_model::config::load_spec_with(Path::new(&fixture("default")), wide.as_object()).unwrap();
+    let mut m = CudaModel::synthetic(probe(0).unwrap(), &spec, 3).unwrap();
+    assert_eq!(m.one_token_step_ms(), None, "timed before the KV cache exists");
+    m.init_kv(KvConfig { block_size: 16, num_full_blocks: 8, num_swa_blocks: 8 }).unwrap();
+    let (fused_ms, tiled_ms, kept) = m.one_token_step_ms().expect("the one-token MoE was not timed as a step");
+    assert!(fused_ms.is_finite() && tiled_ms.is_finite() && fused_ms > 0.0 && tiled_ms > 0.0, "{fused_ms} / {tiled_ms} ms");
+    assert_eq!(matches!(kept, peregrine_cuda::MoeKernel::Tiled { .. }), tiled_ms < fused_ms, "kept {kept:?} at {fused_ms} (fused) / {tiled_ms} ms (tiled)");
+    assert!(matches!(kept, peregrine_cuda::MoeKernel::Tiled { .. } | peregrine_cuda::MoeKernel::Fused { .. }), "{kept:?}");
+    assert_eq!(m.moe_kernel_choices().first(), Some(&(1, kept)), "the one-token choice is not the kept kernel");
+    assert_eq!(m.cuda_graphs(), 0, "the timing's graphs were left cached");
+    let prompt: Vec<u32> = (0..12).map(|i| 5 + i * 11).collect();
+    let table: Vec<u32> = (0..4).collect();
+    let mut tok = m.forward_argmax(&[SeqForward { seq_id: 1, tokens: prompt.clone(), start_pos: 0, full_blocks: table.clone(), swa_blocks: table.clone(), output: OutputRows::Last }]).unwrap()[0][0];
+    for i in 0..4 {
+        let b = SeqForward { seq_id: 1, tokens: vec![tok], start_pos: prompt.len() + i, full_blocks: table.clone(), swa_blocks: table.clone(), output: OutputRows::Last };
+        tok = m.forward_argmax(&[b]).unwrap()[0][0];
+        assert!((tok as usize) < spec.vocab_size);
+    }
+    assert!(m.cuda_graphs() >= 1, "the decode step after the timing was not captured");
+}
+
 /// Long contexts through the whole model on the tensor-core attention kernels, against the CPU
 /// backend: a MiMo-V2-Flash-shaped attention (K head dim 192, V 128, partial RoPE; a full layer
 /// of 16 heads per KV head, a sliding-window layer of 8 with sinks) with random f32 weights, two

@@ -359,6 +359,12 @@ pub struct CudaModel {
     /// From this many rows a step launches without PDL at all; PEREGRINE_PLAIN_FROM_ROWS sets
     /// it (measurements).
     pub(crate) plain_from_rows: usize,
+    /// The fastest fused and the fastest tiled MoE kernel at one token as `tune_moe` timed them
+    /// alone, until `init_kv` times batch-1 steps on each (`tune_one_token_step`).
+    pub(crate) one_token_finalists: Option<(crate::MoeKernel, crate::MoeKernel)>,
+    /// What that step timing measured: ms per batch-1 step on the fused and on the tiled
+    /// finalist (medians of the rounds), and the kernel kept.
+    pub(crate) one_token_step_ms: Option<(f32, f32, crate::MoeKernel)>,
 }
 
 pub(crate) fn upload<T: cudarc::driver::DeviceRepr>(s: &Arc<CudaStream>, v: &[T]) -> Result<CudaSlice<T>> {
@@ -565,7 +571,7 @@ impl CudaModel {
         let argmax_key = s.alloc_zeros::<u64>(crate::kernels::ARGMAX_KEY_SLOTS * crate::kernels::ARGMAX_KEY_STRIDE).map_err(drv)?;
         let route_ssq = s.alloc_zeros::<f32>(h.div_ceil(16)).map_err(drv)?;
         let route_hg = s.alloc_zeros::<f32>(h).map_err(drv)?;
-        let model = CudaModel {
+        let mut model = CudaModel {
             spec: spec.clone(),
             final_norm,
             stream: s,
@@ -624,21 +630,27 @@ impl CudaModel {
             drain_after_mlp_rows: std::env::var("PEREGRINE_DRAIN_AFTER_MLP_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(DRAIN_AFTER_MLP_ROWS),
             drain_after_mlp_op: std::env::var("PEREGRINE_DRAIN_AFTER_MLP_OPS").ok().and_then(|v| v.parse().ok()).unwrap_or(1),
             plain_from_rows: std::env::var("PEREGRINE_PLAIN_FROM_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(PLAIN_FROM_ROWS),
+            one_token_finalists: None,
+            one_token_step_ms: None,
         };
         // The MoE decode kernel per token count, measured on the first MoE layer's experts
         // (every MoE layer of a model has the same shapes).
+        let mut finalists = None;
         if let Some((w, top_k)) = model.first_moe() {
             let t0 = std::time::Instant::now();
-            if !model.kernels.tune_moe(w, top_k)?.is_empty() {
+            let timings = model.kernels.tune_moe(w, top_k)?;
+            if !timings.is_empty() {
                 let chosen: Vec<String> = model.moe_kernel_choices().iter().map(|(t, k)| format!("{t}: {k:?}")).collect();
                 tracing::info!("MoE kernels tuned in {:.2} s: {}", t0.elapsed().as_secs_f64(), chosen.join(", "));
             }
+            finalists = crate::moe_tune::one_token_finalists(&timings);
         }
+        model.one_token_finalists = finalists;
         Ok(model)
     }
 
     /// The first layer with stacked (GPU-routed) experts: its weights and top-k.
-    fn first_moe(&self) -> Option<(&MoeWeights, usize)> {
+    pub(crate) fn first_moe(&self) -> Option<(&MoeWeights, usize)> {
         self.layers.iter().find_map(|l| match &l.mlp {
             Mlp::Moe { spec, experts: Experts::Stacked(w), .. } => Some((w, spec.top_k)),
             _ => None,
@@ -698,6 +710,13 @@ impl CudaModel {
 
     pub fn gpu(&self) -> &Gpu {
         &self.gpu
+    }
+
+    /// What `init_kv` measured choosing the one-token MoE kernel as a step (`tune_one_token_step`):
+    /// ms per batch-1 step with the fused and with the tiled finalist, and the kernel kept; None
+    /// where it did not run (no MoE, one family only, graphs off, `PEREGRINE_MOE_STEP_TUNE=0`).
+    pub fn one_token_step_ms(&self) -> Option<(f32, f32, crate::MoeKernel)> {
+        self.one_token_step_ms
     }
 
     /// The MoE decode kernel chosen per token count (`moe_tune::tuned_counts`) for this
@@ -842,7 +861,7 @@ impl CudaModel {
             }
         }
         self.kv_config = Some(config);
-        Ok(())
+        self.tune_one_token_step()
     }
 
     /// Flattens `batch` into rows with their positions, KV slots and block tables, checking
