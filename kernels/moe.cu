@@ -113,9 +113,21 @@ __device__ __forceinline__ void e4m3x4_to_f16x2x2(unsigned e, unsigned& lo, unsi
 }
 
 // One tiled word (8 codes) -> the A fragment a0..a3 of one MMA, each value x 2^-6.
+// Measurement builds only (outputs are wrong), bounding what a cheaper decode could give:
+// -DMOE_DECODE_FREE feeds the word itself to the MMA (no decode at all), -DMOE_DECODE_NO_CVT
+// keeps the five integer operations and leaves out the four conversions.
 __device__ __forceinline__ void tile_decode(unsigned w, unsigned a[4]) {
+#if defined(MOE_DECODE_FREE)
+    a[0] = a[1] = a[2] = a[3] = w;
+    return;
+#endif
     unsigned ea = w & 0x9C9C9C9Cu;
     unsigned eb = ((w << 2) & 0x8C8C8C8Cu) | ((w >> 2) & 0x10101010u);
+#if defined(MOE_DECODE_NO_CVT)
+    a[0] = a[2] = ea;
+    a[1] = a[3] = eb;
+    return;
+#endif
     e4m3x4_to_f16x2x2(ea, a[0], a[1]);
     e4m3x4_to_f16x2x2(eb, a[2], a[3]);
 }
