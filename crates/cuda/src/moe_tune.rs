@@ -5,7 +5,8 @@
 //! MiMo-V2.5-Pro's; `TILED_VARIANTS` lists the rest).
 //! Every candidate computes each output with the same arithmetic in the same order, so the
 //! choice changes speed only, never results. Tuned once per expert shape at model load, outside
-//! any graph capture.
+//! any graph capture; the one-token choice is settled when the KV cache is set up, by timing
+//! batch-1 steps (`CudaModel::tune_one_token_step`).
 
 use std::collections::HashMap;
 
@@ -54,6 +55,8 @@ pub(crate) fn tuned_counts_up_to(max: usize) -> Vec<usize> {
 /// layer), while alone the tiled kernels were ~1.6 us faster: ~4.4 us a layer in all
 /// (benches/results/2026-11-28-moe-lean-stream.md). MiMo-V2.5-Pro's one-token tiled kernels are
 /// ~8 us a layer faster alone (83.5 against 74.4% of copy bandwidth) and stay chosen.
+/// The choice it gives is a prior: once the KV cache exists, `CudaModel::tune_one_token_step`
+/// times the two families' best as whole batch-1 steps and keeps the faster.
 pub const ONE_TOKEN_ROUTING_MS: f32 = 0.0045;
 
 /// The time the tuner compares for `kind` measured at `ms` over `tokens` tokens of top-k routing:
