@@ -446,24 +446,36 @@ __device__ __forceinline__ unsigned lds32(unsigned a) {
 // the E8M0 scale of each 32-block multiplies that block's partial sums: acc[0..1] row g, acc[2..3]
 // row g + 8. (It decodes each word just before its MMA, so it spells out mma_k32_scaled's
 // arithmetic in place: calling it, all four words decoded first, changed the decode kernels' code.)
+// Measurement builds only (outputs are wrong), splitting what the math costs beyond the decode:
+// -DMOE_ONE_MMA leaves out each 32-block's second MMA (and its word's decode), -DMOE_NO_SCALE
+// adds the partial sums unscaled (no E8M0 extraction, FADDs for the FFMAs).
+#ifdef MOE_NO_SCALE
+#define SCALE_OF(v) 1.0f
+#else
+#define SCALE_OF(v) e8m0_bits(v)
+#endif
 __device__ __forceinline__ void tile_math(uint4 wv, unsigned sv, uint4 b01, uint4 b23, float acc[4]) {
     unsigned a[4];
     float tp[4];
     tile_decode(wv.x, a);
     mma_zero(tp, a, b01.x, b01.y);
+#ifndef MOE_ONE_MMA
     tile_decode(wv.y, a);
     mma_acc(tp, a, b01.z, b01.w);
-    float f0 = e8m0_bits(sv << 23), f1 = e8m0_bits(sv << 7);  // (g, 2k), (g + 8, 2k)
+#endif
+    float f0 = SCALE_OF(sv << 23), f1 = SCALE_OF(sv << 7);  // (g, 2k), (g + 8, 2k)
     acc[0] += f0 * tp[0];
     acc[1] += f0 * tp[1];
     acc[2] += f1 * tp[2];
     acc[3] += f1 * tp[3];
     tile_decode(wv.z, a);
     mma_zero(tp, a, b23.x, b23.y);
+#ifndef MOE_ONE_MMA
     tile_decode(wv.w, a);
     mma_acc(tp, a, b23.z, b23.w);
-    f0 = e8m0_bits(sv << 15);  // (g, 2k + 1)
-    f1 = e8m0_bits(sv >> 1);   // (g + 8, 2k + 1)
+#endif
+    f0 = SCALE_OF(sv << 15);  // (g, 2k + 1)
+    f1 = SCALE_OF(sv >> 1);   // (g + 8, 2k + 1)
     acc[0] += f0 * tp[0];
     acc[1] += f0 * tp[1];
     acc[2] += f1 * tp[2];
