@@ -482,39 +482,6 @@ __device__ __forceinline__ void tile_math(uint4 wv, unsigned sv, uint4 b01, uint
     acc[3] += f1 * tp[3];
 }
 
-#ifdef MOE_FP8_MATH
-// Measurement builds only (outputs are wrong): what a one-token step would cost with FP8 MMAs
-// on activations staged as e4m3 digits: each word's two e4m3 halves (5 integer operations) are
-// the A registers of one row each, one m16n8k32 per 32-block, one 16-byte B load a step.
-__device__ __forceinline__ void mma_fp8_zero(float d[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1) {
-    asm("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%10,%10,%10};"
-        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "f"(0.f));
-}
-__device__ __forceinline__ void tile_math_fp8(uint4 wv, unsigned sv, uint4 b, float acc[4]) {
-    float tp[4];
-    unsigned xa = wv.x & 0x9C9C9C9Cu, xb = ((wv.x << 2) & 0x8C8C8C8Cu) | ((wv.x >> 2) & 0x10101010u);
-    unsigned ya = wv.y & 0x9C9C9C9Cu, yb = ((wv.y << 2) & 0x8C8C8C8Cu) | ((wv.y >> 2) & 0x10101010u);
-    mma_fp8_zero(tp, xa, xb, ya, yb, b.x, b.y);
-    float f0 = e8m0_bits(sv << 23), f1 = e8m0_bits(sv << 7);
-    acc[0] += f0 * tp[0];
-    acc[1] += f0 * tp[1];
-    acc[2] += f1 * tp[2];
-    acc[3] += f1 * tp[3];
-    xa = wv.z & 0x9C9C9C9Cu, xb = ((wv.z << 2) & 0x8C8C8C8Cu) | ((wv.z >> 2) & 0x10101010u);
-    ya = wv.w & 0x9C9C9C9Cu, yb = ((wv.w << 2) & 0x8C8C8C8Cu) | ((wv.w >> 2) & 0x10101010u);
-    mma_fp8_zero(tp, xa, xb, ya, yb, b.z, b.w);
-    f0 = e8m0_bits(sv << 15);
-    f1 = e8m0_bits(sv >> 1);
-    acc[0] += f0 * tp[0];
-    acc[1] += f0 * tp[1];
-    acc[2] += f1 * tp[2];
-    acc[3] += f1 * tp[3];
-}
-#define TILE_MATH(wv, sv, fa, half, acc) tile_math_fp8(wv, sv, lds128(fa), acc)
-#else
-#define TILE_MATH(wv, sv, fa, half, acc) tile_math(wv, sv, lds128(fa), lds128((fa) + (half)), acc)
-#endif
 
 // Streams the warp's current pass (wt, KS steps). As its last NS stages are consumed, the
 // freed slots are refilled with the first stages of the warp's next pass (nwt, nKS; nKS = 0:
@@ -575,7 +542,8 @@ __device__ __forceinline__ int tile_stream_bulk(const unsigned char* __restrict_
             for (int c = 0; c < CS; c++) {
 #ifndef MOE_NO_MATH
                 if (j * CS + c < KS)
-                    TILE_MATH(lds128(stage + c * STEP_BYTES + wl), lds32(stage + c * STEP_BYTES + sl), fa + c * fstep, half, acc);
+                    tile_math(lds128(stage + c * STEP_BYTES + wl), lds32(stage + c * STEP_BYTES + sl), lds128(fa + c * fstep),
+                              lds128(fa + c * fstep + half), acc);
 #endif
             }
         }
@@ -599,7 +567,7 @@ __device__ __forceinline__ int tile_stream_bulk(const unsigned char* __restrict_
 #pragma unroll
             for (int c = 0; c < CS; c++) {
 #ifndef MOE_NO_MATH
-                if (j * CS + c < KS) TILE_MATH(wvs[c], svs[c], fa + c * fstep, half, acc);
+                if (j * CS + c < KS) tile_math(wvs[c], svs[c], lds128(fa + c * fstep), lds128(fa + c * fstep + half), acc);
 #endif
             }
         }
