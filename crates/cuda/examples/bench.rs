@@ -481,6 +481,15 @@ fn main() {
                 let input = sp.as_ref().map_or(MoeInput::Settled, MoeInput::Split);
                 let ms = time_b2b(&mut |run| k.moe_mxfp4_pairs(default, &wt, &dev[run % dev.len()], &x, input, &mut scratch).unwrap());
                 println!("{t:>6} {used:>8.1} {:>10.1} {ms:>8.3} {:>8.0} {:>9.1}%   (as in a step: the pairs left to the norm after it, no combine)", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, pct(ms));
+                // PEREGRINE_BENCH_MOE_GRIDS=N,N,..: the same on at most N blocks each (the fused
+                // kernel's grid; by default as many as are resident).
+                if let (MoeKernel::Fused { stages, steps, .. }, Ok(grids)) = (default, std::env::var("PEREGRINE_BENCH_MOE_GRIDS")) {
+                    for n in grids.split(',').filter_map(|v| v.trim().parse::<usize>().ok()) {
+                        let kind = MoeKernel::Fused { stages, steps, max_blocks: n };
+                        let ms = time_b2b(&mut |run| k.moe_mxfp4_pairs(kind, &wt, &dev[run % dev.len()], &x, input, &mut scratch).unwrap());
+                        println!("{t:>6} {used:>8.1} {:>10.1} {ms:>8.3} {:>8.0} {:>9.1}%   (the same on at most {n} blocks)", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, pct(ms));
+                    }
+                }
             }
             // Routing that shares experts between tokens (as consecutive tokens of one text
             // often do): every token draws its top-k from the same pool of 2 x top-k experts (a
