@@ -483,56 +483,6 @@ __device__ __forceinline__ void tile_math(uint4 wv, unsigned sv, uint4 b01, uint
 }
 
 
-#if defined(MOE_WGMMA_PROXY) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-// Measurement builds only (outputs are wrong): what the fused one-token kernel's steps would
-// cost on FP8 warpgroup MMAs. A warpgroup's four warps stream their own row tiles at the same
-// k, so their A fragments form one m64n8k32 e4m3 wgmma per 32-block (the word's two e4m3 halves,
-// 5 integer operations, are its registers), B (any 256 bytes of the staged fragments) from
-// shared memory. A stage's MMAs are asynchronous: step c's partial sums are scaled while step
-// c + 1's MMAs run.
-__device__ __forceinline__ void wg_e4m3_k32(float d[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned long long desc) {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 0, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n8k32.f32.e4m3.e4m3 {%0,%1,%2,%3}, {%4,%5,%6,%7}, %8, p, 1, 1;\n}\n"
-                 : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc));
-}
-__device__ __forceinline__ void wg_pin(float d[8]) {
-#pragma unroll
-    for (int i = 0; i < 8; i++) asm volatile("" : "+f"(d[i])::"memory");
-}
-__device__ __forceinline__ void wg_e4m3_pair(unsigned w, unsigned& a, unsigned& b) {
-    a = w & 0x9C9C9C9Cu;
-    b = ((w << 2) & 0x8C8C8C8Cu) | ((w >> 2) & 0x10101010u);
-}
-__device__ __forceinline__ void wg_step_issue(uint4 wv, unsigned bdesc_lo, float tp[8]) {
-    unsigned x0, x1, y0, y1, z0, z1, u0, u1;
-    wg_e4m3_pair(wv.x, x0, x1);
-    wg_e4m3_pair(wv.y, y0, y1);
-    wg_e4m3_pair(wv.z, z0, z1);
-    wg_e4m3_pair(wv.w, u0, u1);
-    wg_fence();
-    wg_e4m3_k32(tp, x0, x1, y0, y1, wg_desc_of(bdesc_lo, 128));
-    wg_e4m3_k32(tp + 4, z0, z1, u0, u1, wg_desc_of(bdesc_lo, 128));
-    wg_commit();
-}
-__device__ __forceinline__ void wg_step_scale(const float tp[8], unsigned sv, float acc[4]) {
-    float f0 = e8m0_bits(sv << 23), f1 = e8m0_bits(sv << 7);
-    acc[0] += f0 * tp[0];
-    acc[1] += f0 * tp[1];
-    acc[2] += f1 * tp[2];
-    acc[3] += f1 * tp[3];
-    f0 = e8m0_bits(sv << 15);
-    f1 = e8m0_bits(sv >> 1);
-    acc[0] += f0 * tp[4];
-    acc[1] += f0 * tp[5];
-    acc[2] += f1 * tp[6];
-    acc[3] += f1 * tp[7];
-}
-#define MOE_WGP 1
-#else
-#define MOE_WGP 0
-#endif
-
 // Streams the warp's current pass (wt, KS steps). As its last NS stages are consumed, the
 // freed slots are refilled with the first stages of the warp's next pass (nwt, nKS; nKS = 0:
 // none), so the ring never drains between passes; returns how many were asked for. once /
@@ -555,7 +505,7 @@ __device__ __forceinline__ void wg_step_scale(const float tp[8], unsigned sv, fl
 // window addresses are taken once and stepped by constants, and lanes past the pairs' columns
 // (lane >= L) load lane & 7's B words instead of zeroing registers and skipping their loads.
 // Same arithmetic in the same order, so the same bits (benches/results/2026-11-28-moe-lean-stream.md).
-template <int NS, int CS, bool EARLY = false, bool WGP = false>
+template <int NS, int CS, bool EARLY = false>
 __device__ __forceinline__ int tile_stream_bulk(const unsigned char* __restrict__ wt, int KS, const uint4* frag, int L, float acc[4],
                                                 unsigned char* ring, unsigned long long* bars, int& seq, bool once,
                                                 const unsigned char* nwt = nullptr, int nKS = 0, bool nonce = true, int rowstride = 0) {
@@ -587,28 +537,6 @@ __device__ __forceinline__ int tile_stream_bulk(const unsigned char* __restrict_
                 wvs[c] = lds128(stage + c * STEP_BYTES + wl);
                 svs[c] = lds32(stage + c * STEP_BYTES + sl);
             }
-        } else if (WGP) {
-#if MOE_WGP
-            __syncwarp();
-            const unsigned bd0 = wg_desc_lo(frag, 128), bd = bd0 + ((unsigned)(j * CS) * fstep >> 4);
-            float tp[CS][8];
-#pragma unroll
-            // (Every step of the stage, also past KS where CS does not divide it: a branch
-            // around a wgmma or its wait makes ptxas serialize them all.)
-            for (int c = 0; c < CS; c++) {
-                svs[c] = lds32(stage + c * STEP_BYTES + sl);
-                // (Steps past KS read step 0's B: the staged rows end at KS.)
-                wg_step_issue(lds128(stage + c * STEP_BYTES + wl), j * CS + c < KS ? bd + ((unsigned)c * fstep >> 4) : bd0, tp[c]);
-                if (c >= 1) {
-                    wg_wait<1>();
-                    wg_pin(tp[c - 1]);
-                    wg_step_scale(tp[c - 1], svs[c - 1], acc);
-                }
-            }
-            wg_wait<0>();
-            wg_pin(tp[CS - 1]);
-            wg_step_scale(tp[CS - 1], svs[CS - 1], acc);
-#endif
         } else {
 #pragma unroll
             for (int c = 0; c < CS; c++) {
@@ -996,7 +924,7 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
             if (ti < 14 && p0 == pb) TRACE(ti + 2);
             float acc[4] = {0.f, 0.f, 0.f, 0.f};
             pre = 0;
-            if (KS) pre = tile_stream_bulk<NS, CS, false, MOE_WGP>(wt, KS, frag, 8 * np, acc, ring, wbars, seq, once, nwt, nKS, nonce);
+            if (KS) pre = tile_stream_bulk<NS, CS>(wt, KS, frag, 8 * np, acc, ring, wbars, seq, once, nwt, nKS, nonce);
             if (KS && t < np) tile_store(!down, acc, ss.inv[t], down ? out : h, down ? H : I, p0 + t, rt, pair_w);
             ITEM_SYNC();  // every warp is done with the fragments before the next pass restages
             if (ti < 14) TRACE(ti + 3);
