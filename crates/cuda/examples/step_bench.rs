@@ -22,7 +22,7 @@ use cudarc::driver::sys::CUevent_flags;
 use peregrine_core::backend::{Backend, KvConfig, OutputRows, RowSampling, SeqForward};
 use peregrine_core::{MlpSpec, ModelSpec};
 use peregrine_cuda::step::Op;
-use peregrine_cuda::{probe, CudaModel};
+use peregrine_cuda::{probe, CudaModel, MoeKernel};
 
 #[derive(Parser)]
 struct Args {
@@ -71,7 +71,8 @@ struct Args {
     /// kernel a second time under measurement defines (`-DX -DY`, as `PEREGRINE_KERNEL_DEFINES`
     /// takes them): A the kernels as loaded, B those (`load_kernel_set`); `defines:` with none
     /// is an A/A of two loads of the same kernels. `copies:N`: A the router's sums in the
-    /// loaded count of copies, B in N (`set_route_acc_copies`).
+    /// loaded count of copies, B in N (`set_route_acc_copies`). `moe-grid:N`: A the one-token
+    /// fused MoE as chosen, B the same kernel on at most N blocks.
     #[arg(long)]
     ab: Vec<String>,
     #[arg(long, default_value_t = 15)]
@@ -541,6 +542,23 @@ fn main() {
                 });
                 continue;
             }
+            if let Some(n) = what.strip_prefix("moe-grid:") {
+                // A the one-token MoE kernel as chosen, B the same fused kernel on at most n
+                // blocks (its grid is otherwise as many blocks as are resident). Pinning does not
+                // drop the graphs captured under the other kernel; shift_step_buffers(0) does.
+                let n: usize = n.parse().expect("--ab moe-grid:N");
+                let chosen = model.moe_kernel_choices().into_iter().find(|&(t, _)| t == 1).map(|(_, k)| k);
+                let Some(a @ MoeKernel::Fused { stages, steps, .. }) = chosen else {
+                    println!("| {what} | - | the one-token MoE is not the fused kernel ({chosen:?}) | | | |");
+                    continue;
+                };
+                let b = MoeKernel::Fused { stages, steps, max_blocks: n };
+                ab(&mut model, &|m, on| {
+                    m.pin_moe_kernel(1, if on { b } else { a });
+                    m.shift_step_buffers(0).expect("graphs dropped");
+                });
+                continue;
+            }
             if let Some(n) = what.strip_prefix("copies:") {
                 // A the router's sums in the loaded count of copies, B in n.
                 let n: usize = n.parse().expect("--ab copies:N");
@@ -551,7 +569,7 @@ fn main() {
             let shift = match what.strip_prefix("shift:") {
                 Some(n) => Some(n.parse::<usize>().expect("--ab shift:BYTES")),
                 None if ["tail", "argmax", "fetch", "embed", "prefetch"].contains(&what.as_str()) => None,
-                None => panic!("--ab takes tail, argmax, fetch, embed, prefetch, rows, shift:BYTES, copies:N or defines:DEFINES, not {what}"),
+                None => panic!("--ab takes tail, argmax, fetch, embed, prefetch, rows, shift:BYTES, copies:N, moe-grid:N or defines:DEFINES, not {what}"),
             };
             ab(&mut model, &|m, on| match shift {
                 Some(n) => m.shift_step_buffers(if on { n } else { 0 }).expect("buffers shifted"),
