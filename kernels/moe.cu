@@ -14,10 +14,12 @@
 // lost ~1 point of copy bandwidth on the H100, benches/results/2026-11-24-moe-ceilings.md).
 //   codes:  [32 lanes][16 bytes]: lane l = 4g + t holds, for the
 //           four m16n8k16 MMAs s = 0..3 of the step, one 32-bit word of 8 codes: its A fragment
-//           (rows g and g+8, k = 16s + 2t + {0, 1, 8, 9}). In each byte the first code sits in
-//           bits {7: sign, 4..2: e1 e0 m}, which IS the e4m3 byte of its value x 2^-6, and the
-//           second in bits {5: sign, 6: e1, 1: e0, 0: m}. So a word decodes with one AND plus
-//           four shifts/ands and four cvt.rn.f16x2.e4m3x2 (exact).
+//           (rows g and g+8, k = 16s + 2t + {0, 1, 8, 9}). Byte j holds rows g and g + 8 at k =
+//           16s + 2t + (j & 1) + 8 (j >> 1): row g's code in bits {7: sign, 4..2: e1 e0 m}, which
+//           IS the e4m3 byte of its value x 2^-6, row g + 8's in bits {5: sign, 6: e1, 1: e0,
+//           0: m}. So a word decodes with one AND plus four shifts/ands into row g's and row
+//           g + 8's four e4m3 bytes (each an FP8 wgmma A register as it is), and four
+//           cvt.rn.f16x2.e4m3x2 (exact) for the F16 MMAs.
 //   scales: [8 groups g][4 bytes]: E8M0 of (row g, k32 block 2j), (g, 2j+1),
 //           (g+8, 2j), (g+8, 2j+1) for step j.
 // Gate and up are interleaved: row tile r holds gate rows 8r..8r+7 then up rows 8r..8r+7, so
@@ -128,8 +130,9 @@ __device__ __forceinline__ void tile_decode(unsigned w, unsigned a[4]) {
     a[1] = a[3] = eb;
     return;
 #endif
-    e4m3x4_to_f16x2x2(ea, a[0], a[1]);
-    e4m3x4_to_f16x2x2(eb, a[2], a[3]);
+    // ea: row g at k 2t, 2t + 1 (a0), 2t + 8, 2t + 9 (a2); eb: row g + 8 (a1, a3).
+    e4m3x4_to_f16x2x2(ea, a[0], a[2]);
+    e4m3x4_to_f16x2x2(eb, a[1], a[3]);
 }
 
 // d = A B (C = 0) and d += A B, m16n8k16 f16 -> f32.

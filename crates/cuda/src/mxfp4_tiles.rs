@@ -9,10 +9,13 @@
 //!
 //! - codes `[32 lanes][4 words][4 bytes]`: lane `4g + t`, word `s`
 //!   holds the A fragment of the step's MMA `s` (m16n8k16: rows `g`, `g + 8`; columns
-//!   `16s + 2t + {0, 1}` and `+ {8, 9}`). Byte `j` of the word holds two codes: the first (row
-//!   `g + 8 (j >> 1)`, column `16s + 2t + (j & 1)`) in bits 7 (sign) and 4..2 (e1 e0 m), which is
-//!   the e4m3 encoding of its value times 2^-6; the second (8 columns further) in bits 5 (sign),
-//!   6 (e1), 1 (e0), 0 (m), which the kernel moves there with two shifts.
+//!   `16s + 2t + {0, 1}` and `+ {8, 9}`). Byte `j` of the word holds the codes of rows `g` and
+//!   `g + 8` at column `16s + 2t + (j & 1) + 8 (j >> 1)`: row `g`'s in bits 7 (sign) and 4..2
+//!   (e1 e0 m), which is the e4m3 encoding of its value times 2^-6; row `g + 8`'s in bits 5
+//!   (sign), 6 (e1), 1 (e0), 0 (m), which the kernel moves there with two shifts. So one mask
+//!   gives row `g`'s four values of the word as e4m3 bytes, two shifts and masks row `g + 8`'s:
+//!   each is one register of an FP8 warpgroup MMA's A fragment as it is (m64n8k32: a warp's row
+//!   `g` at four k), and two F16 pairs of the F16 MMA's (kernels/moe.cu's `tile_decode`).
 //! - scales `[8 g][4]`: rows `(g, 2j)`, `(g, 2j + 1)`, `(g + 8, 2j)`,
 //!   `(g + 8, 2j + 1)` of step `j`'s two 32-blocks.
 //!
@@ -75,9 +78,9 @@ fn tile_rows<'a>(rows: usize, cols: usize, row: impl Fn(usize) -> (RowMajor<'a>,
                 let (g, t) = (lane / 4, lane % 4);
                 for s in 0..4 {
                     for j in 0..4 {
-                        let (m, r) = src[g + 8 * (j >> 1)];
-                        let col = step * STEP_COLS + 16 * s + 2 * t + (j & 1);
-                        out.push(place_first(m.code(r, col)) | place_second(m.code(r, col + 8)));
+                        let ((m, r), (m8, r8)) = (src[g], src[g + 8]);
+                        let col = step * STEP_COLS + 16 * s + 2 * t + (j & 1) + 8 * (j >> 1);
+                        out.push(place_first(m.code(r, col)) | place_second(m8.code(r8, col)));
                     }
                 }
             }
@@ -162,9 +165,9 @@ mod tests {
         let at = (tile * (cols / 64) + step) * TILE_STEP_BYTES;
         let base = at + lane * 16 + 4 * s;
         let w = u32::from_le_bytes(tiled[base..base + 4].try_into().unwrap());
-        // a0 = E_A.lo (row g), a1 = E_A.hi (row g + 8), a2 = E_B.lo (row g, +8), a3 = E_B.hi.
+        // The first codes (E_A) are row g's, the second (E_B) row g + 8's; byte 2 (hi8) + odd.
         let v = decode_word(w);
-        let idx = if hi8 { 4 } else { 0 } + if lower { 2 } else { 0 } + odd;
+        let idx = if lower { 4 } else { 0 } + if hi8 { 2 } else { 0 } + odd;
         let sb = at + 512 + g * 4 + if lower { 2 } else { 0 } + (c / 32);
         let scale = 2f32.powi(tiled[sb] as i32 - 127);
         v[idx] * 64.0 * scale
