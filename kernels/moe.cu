@@ -185,13 +185,62 @@ __device__ __forceinline__ void stage_item(unsigned* frag, int L, int j, int q, 
     pl[1] = l1;
 }
 
+// The FP8 digit form of one token's activations (the one-token fused kernel's wgmma math,
+// moe_fused's DG): each value v = x 2^s (|v| < 4, row_scale<true>) as eight balanced base-16
+// digits, v ~ sum of D_d 16^-d with D_d = rint of what is left times 16^d, integers in [-8, 8]
+// (exact in e4m3; the first in [-4, 4]). Eight digits keep 30 bits below the row's largest
+// magnitude. The digits are the eight columns of an m64n8k32 e4m3 wgmma's B, K-major without
+// swizzle: one 8 x 16-byte core matrix (digit d's row at 16 d) per 16 values of k, core matrix
+// q at DG_CORE q bytes (the descriptor's leading offset). The MMA's k order is the A fragment's
+// (a0: row g, k 4t..4t+3), which digits_a builds from a tiled word's bytes: hardware k 4t + i
+// of core matrix q holds logical k 16 q + 2t + (i & 1) + 8 (i >> 1), exactly the values of one
+// staging item (q, t). So item (q, t) writes one word per digit: its four values' digit d at
+// word DG_CORE / 4 q + 4 d + t. Core matrices 144 bytes apart instead of 128 put a warp's 8
+// consecutive q in 8 different groups of 4 banks: its stores are conflict-free (128 apart:
+// 8-way conflicts, ~2000 cycles of the shared-memory port a block's staging of 4096 values).
+// Every k32 sum of code (x 2^-6) times digit is then a multiple of 2^-7 below 24 in magnitude,
+// which the FP8 wgmma adds exactly (benches/micro/fp8_mma_exact.cu: 16.8 M outputs).
+__device__ __forceinline__ unsigned e4m3x4(float a, float b, float c, float d) {
+    unsigned w;
+    // cvt's first source goes to the upper byte of each pair.
+    asm("{.reg .b16 l, h; cvt.rn.satfinite.e4m3x2.f32 l, %2, %1; cvt.rn.satfinite.e4m3x2.f32 h, %4, %3; mov.b32 %0, {l, h};}"
+        : "=r"(w)
+        : "f"(a), "f"(b), "f"(c), "f"(d));
+    return w;
+}
+// Measurement builds only (outputs wrong): -DMOE_DG_NO_STAGE_MATH stores zeros without
+// computing digits.
+#define DG_CORE 144  // bytes from one core matrix of staged digits to the next (16 values of k)
+__device__ __forceinline__ void stage_item_digits(unsigned* frag, int q, int t, float2 v0, float2 v1, float s) {
+    float a = v0.x * s, b = v0.y * s, c = v1.x * s, d = v1.y * s;
+    unsigned* u = frag + (size_t)q * (DG_CORE / 4) + t;
+#ifdef MOE_DG_NO_STAGE_MATH
+#pragma unroll
+    for (int i = 0; i < 8; i++) u[4 * i] = 0u;
+    return;
+#endif
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        const float da = rintf(a), db = rintf(b), dc = rintf(c), dd = rintf(d);
+        u[4 * i] = e4m3x4(da, db, dc, dd);
+        // What is left is exact (|v - rint v| <= 1/2), and so is its scaling by 16.
+        a = (a - da) * 16.f;
+        b = (b - db) * 16.f;
+        c = (c - dc) * 16.f;
+        d = (d - dd) * 16.f;
+    }
+}
+
 // Pair j's power-of-two scale from its warps' largest magnitudes red[w * NP + j]: m < 2^ex;
 // scale by 2^(14 - ex) (0 or non-finite: no scaling), as split_f16 does; inv undoes it.
+// DG (the FP8 digit staging, stage_item_digits): the largest magnitude just under 4 instead, and
+// every finite row scaled that far down (a factor of 2^-126 at most, still a normal float).
+template <bool DG = false>
 __device__ __forceinline__ void row_scale(const float* red, int j, float* scale, float* inv) {
     float m = 0.f;
     for (int i = 0; i < TW; i++) m = fmaxf(m, red[i * NP + j]);
     int ex = (m > 0.f && m < __int_as_float(0x7f800000u)) ? (int)((__float_as_uint(m) >> 23) & 0xffu) - 126 : 0;
-    int sh = min(max(14 - ex, -100), 100);
+    int sh = DG ? min(max(2 - ex, -126), 100) : min(max(14 - ex, -100), 100);
     scale[j] = __int_as_float((unsigned)(sh + 127) << 23);
     inv[j] = __int_as_float((unsigned)(127 - sh) << 23);
 }
@@ -205,7 +254,9 @@ __device__ __forceinline__ void row_scale(const float* red, int j, float* scale,
 // post-attention norm g h * inv from g h: moe_fused_acc_*), as the row's maximum and its power
 // of two scale times ninv: 2^s (x ninv) = x (2^s ninv) exactly (barring subnormals), so the
 // same bits as staging x * ninv, and no multiply per value.
-template <bool WG = false, bool NORM = false>
+// DG: one row (np = 1) as FP8 digits (stage_item_digits; DG_CORE K / 16 bytes), fenced for the wgmmas that
+// read them.
+template <bool WG = false, bool NORM = false, bool DG = false>
 __device__ __forceinline__ void stage_b(const float* __restrict__ x, const int* rows, int np, int K, unsigned* frag,
                                         float* red, float* scale, float* inv, float ninv = 0.f) {
 #ifdef MOE_NO_STAGE
@@ -240,16 +291,20 @@ __device__ __forceinline__ void stage_b(const float* __restrict__ x, const int* 
         for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
         if (lane == 0) red[w * NP] = NORM ? m * ninv : m;
         __syncthreads();
-        if (tid == 0) row_scale(red, 0, scale, inv);
+        if (tid == 0) row_scale<DG>(red, 0, scale, inv);
         __syncthreads();
         float s = NORM ? scale[0] * ninv : scale[0];
 #pragma unroll
         for (int i = 0; i < STAGE_REGS; i++) {
             int it = tid + i * (int)blockDim.x;
             if (it < q16 * 4) {
-                stage_item<WG>(frag, 8, 0, it >> 2, it & 3, v0[i], v1[i], s);
+                if (DG)
+                    stage_item_digits(frag, it >> 2, it & 3, v0[i], v1[i], s);
+                else
+                    stage_item<WG>(frag, 8, 0, it >> 2, it & 3, v0[i], v1[i], s);
             }
         }
+        if (DG) asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // the digits, seen by wgmma
         __syncthreads();
         return;
     }
@@ -265,7 +320,7 @@ __device__ __forceinline__ void stage_b(const float* __restrict__ x, const int* 
         if (lane == 0) red[w * NP + j] = NORM ? m * ninv : m;
     }
     __syncthreads();
-    if (tid < np) row_scale(red, tid, scale, inv);
+    if (tid < np) row_scale<DG>(red, tid, scale, inv);
     __syncthreads();
     int L = 8 * np, items = np * q16 * 4;
     for (int it = tid; it < items; it += blockDim.x) {
@@ -273,8 +328,12 @@ __device__ __forceinline__ void stage_b(const float* __restrict__ x, const int* 
         const float* xr = x + (size_t)rows[j] * K + 16 * q + 2 * t;
         float2 v0 = __ldcg(reinterpret_cast<const float2*>(xr)), v1 = __ldcg(reinterpret_cast<const float2*>(xr + 8));
         float s = NORM ? scale[j] * ninv : scale[j];
-        stage_item<WG>(frag, L, j, q, t, v0, v1, s);
+        if (DG)
+            stage_item_digits(frag, q, t, v0, v1, s);  // (np = 1)
+        else
+            stage_item<WG>(frag, L, j, q, t, v0, v1, s);
     }
+    if (DG) asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
     __syncthreads();
 }
 
@@ -301,6 +360,7 @@ __device__ __forceinline__ uint4* staged_frag(int ring) {
 // activations staged). x from the launch just before (not settled) is staged after the wait.
 // Returns whether `frag` holds x's row 0 as a one-pair pass (np = 1) would stage it.
 // -DMOE_STAGE_LATE keeps the old order (staging after the wait), for measurements.
+template <bool DG = false>
 __device__ __forceinline__ bool stage_token_early(const float* __restrict__ x, int T, int K, uint4* frag, StageSmem& ss, int settled) {
 #ifdef MOE_STAGE_LATE
     (void)x; (void)T; (void)K; (void)frag; (void)ss; (void)settled;
@@ -308,7 +368,7 @@ __device__ __forceinline__ bool stage_token_early(const float* __restrict__ x, i
 #else
     if (T != 1 || !settled) return false;
     const int row0[1] = {0};
-    stage_b(x, row0, 1, K, reinterpret_cast<unsigned*>(frag), ss.red, ss.scale, ss.inv);
+    stage_b<false, false, DG>(x, row0, 1, K, reinterpret_cast<unsigned*>(frag), ss.red, ss.scale, ss.inv);
     return true;
 #endif
 }
@@ -317,7 +377,10 @@ __device__ __forceinline__ bool stage_token_early(const float* __restrict__ x, i
 // (ring_bytes) and min(tokens, NP) rows of the wider of H and I (4 K bytes each). An expert
 // slot holding more pairs than that (a repeated expert, when fewer than top-k experts could be
 // chosen: NaN logits) takes more passes instead of staging past the end.
+// (DG: one row a pass, DG_CORE K / 16 bytes of digits; the host sizes for it.)
+template <bool DG = false>
 __device__ __forceinline__ int pass_rows(int K, int ring_bytes) {
+    if (DG) return 1;
     unsigned dyn;
     asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
     return max(1, min(NP, (int)((dyn - (unsigned)ring_bytes) / (4u * (unsigned)K))));
@@ -486,6 +549,63 @@ __device__ __forceinline__ void tile_math(uint4 wv, unsigned sv, uint4 b01, uint
 }
 
 
+#ifdef __CUDA_ARCH_FEAT_SM90_ALL
+// The one-token fused kernel's steps on FP8 warpgroup MMAs (moe_fused's DG). A block's warps
+// stream row tiles rt = TW grp + w of one item at the same k, so each warpgroup's four tiles
+// are one 64-row m64n8k32 e4m3 tile. A word's two e4m3 halves (tile_decode's five integer
+// operations, no conversions) are A registers as they are (a0/a2: row g, a1/a3: row g + 8;
+// hardware k 4t + i holds logical k 2t + (i & 1) + 8 (i >> 1), as the tiled layout puts the
+// codes and stage_item_digits lays out B), and each k32 block is one MMA against the digits from
+// zero (its sum exact), scaled into acc by the block's E8M0 scale as tile_math does. A step's
+// two MMAs are asynchronous: the previous step's sums are scaled while they run.
+// acc: rows g and g + 8, digits 2t and 2t + 1 (tile_store_digits adds the digits up).
+__device__ __forceinline__ void wg_e4m3_k32(float d[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned long long desc) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 0, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n8k32.f32.e4m3.e4m3 {%0,%1,%2,%3}, {%4,%5,%6,%7}, %8, p, 1, 1;\n}\n"
+                 : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc));
+}
+// Pins the registers of asynchronous MMA results in program order.
+__device__ __forceinline__ void wg_pin8(float d[8]) {
+#pragma unroll
+    for (int i = 0; i < 8; i++) asm volatile("" : "+f"(d[i])::"memory");
+}
+// A tiled word's codes as the A registers of rows g (ra) and g + 8 (rb) at one k16 half.
+__device__ __forceinline__ void digits_a(unsigned w, unsigned& ra, unsigned& rb) {
+    ra = w & 0x9C9C9C9Cu;
+    rb = ((w << 2) & 0x8C8C8C8Cu) | ((w >> 2) & 0x10101010u);
+}
+// One step's two k32 MMAs into tp (block 0: tp[0..3], block 1: tp[4..7]); bdesc: the step's
+// digits (block 1 two core matrices on).
+__device__ __forceinline__ void digits_step_issue(uint4 wv, unsigned bdesc_lo, float tp[8]) {
+    unsigned x0, x1, y0, y1, z0, z1, u0, u1;
+    digits_a(wv.x, x0, x1);
+    digits_a(wv.y, y0, y1);
+    digits_a(wv.z, z0, z1);
+    digits_a(wv.w, u0, u1);
+    wg_fence();
+    wg_e4m3_k32(tp, x0, x1, y0, y1, wg_desc_of(bdesc_lo, 128));
+    wg_e4m3_k32(tp + 4, z0, z1, u0, u1, wg_desc_of(bdesc_lo + 2 * DG_CORE / 16, 128));
+    wg_commit();
+}
+__device__ __forceinline__ void digits_step_scale(const float tp[8], unsigned sv, float acc[4]) {
+    float f0 = e8m0_bits(sv << 23), f1 = e8m0_bits(sv << 7);  // (g, 2k), (g + 8, 2k)
+    acc[0] += f0 * tp[0];
+    acc[1] += f0 * tp[1];
+    acc[2] += f1 * tp[2];
+    acc[3] += f1 * tp[3];
+    f0 = e8m0_bits(sv << 15);  // (g, 2k + 1)
+    f1 = e8m0_bits(sv >> 1);   // (g + 8, 2k + 1)
+    acc[0] += f0 * tp[4];
+    acc[1] += f0 * tp[5];
+    acc[2] += f1 * tp[6];
+    acc[3] += f1 * tp[7];
+}
+#define MOE_DG_MATH 1
+#else
+#define MOE_DG_MATH 0
+#endif
+
 // Streams the warp's current pass (wt, KS steps). As its last NS stages are consumed, the
 // freed slots are refilled with the first stages of the warp's next pass (nwt, nKS; nKS = 0:
 // none), so the ring never drains between passes; returns how many were asked for. once /
@@ -508,7 +628,9 @@ __device__ __forceinline__ void tile_math(uint4 wv, unsigned sv, uint4 b01, uint
 // window addresses are taken once and stepped by constants, and lanes past the pairs' columns
 // (lane >= L) load lane & 7's B words instead of zeroing registers and skipping their loads.
 // Same arithmetic in the same order, so the same bits (benches/results/2026-11-28-moe-lean-stream.md).
-template <int NS, int CS, bool EARLY = false>
+// DG: frag holds one row's FP8 digits (stage_item_digits) and the math runs on wgmma
+// (digits_step_issue); every warp of the block streams a tile of the same K.
+template <int NS, int CS, bool EARLY = false, bool DG = false>
 __device__ __forceinline__ int tile_stream_bulk(const unsigned char* __restrict__ wt, int KS, const uint4* frag, int L, float acc[4],
                                                 unsigned char* ring, unsigned long long* bars, int& seq, bool once,
                                                 const unsigned char* nwt = nullptr, int nKS = 0, bool nonce = true, int rowstride = 0) {
@@ -527,6 +649,11 @@ __device__ __forceinline__ int tile_stream_bulk(const unsigned char* __restrict_
     const unsigned half = 16u * (unsigned)L, fstep = 2u * half, ring_s = smem_addr(ring), bars_s = smem_addr(bars);
     unsigned fa = smem_addr(frag + src);
     const unsigned wl = 16u * lane, sl = 512u + 4u * g;  // this lane's codes and scale word in a step
+#if MOE_DG_MATH
+    // DG: the digits' descriptor (low word) at the pass's first step; a step is 4 core matrices.
+    const unsigned dga0 = DG ? wg_desc_lo(frag, DG_CORE) : 0u;
+    if (DG && KS % CS) __trap();  // (never launched so: DG_RINGS)
+#endif
     int nst = (KS + CS - 1) / CS, nnst = (nKS + CS - 1) / CS, pre = 0;
     unsigned slot = (unsigned)seq % NS, phase = ((unsigned)seq / NS) & 1u, pslot = (unsigned)(seq + nst) % NS;
     for (int j = 0; j < nst; j++) {
@@ -540,6 +667,28 @@ __device__ __forceinline__ int tile_stream_bulk(const unsigned char* __restrict_
                 wvs[c] = lds128(stage + c * STEP_BYTES + wl);
                 svs[c] = lds32(stage + c * STEP_BYTES + sl);
             }
+        } else if (DG) {
+#if MOE_DG_MATH && !defined(MOE_NO_MATH)
+            // Every stage is whole (the host runs these rings only where CS divides each pass's
+            // steps, DG_RINGS): no step is skipped, so no branch or select per step, which the
+            // streaming, bound by instructions issued, pays for.
+            const unsigned bd = dga0 + (unsigned)(j * CS) * (4 * DG_CORE / 16);
+            float tp[CS][8];
+#pragma unroll
+            for (int c = 0; c < CS; c++) {
+                svs[c] = lds32(stage + c * STEP_BYTES + sl);
+                digits_step_issue(lds128(stage + c * STEP_BYTES + wl), bd + (unsigned)c * (4 * DG_CORE / 16), tp[c]);
+                wg_pin8(tp[c]);
+                if (c >= 1) {
+                    wg_wait<1>();
+                    wg_pin8(tp[c - 1]);
+                    digits_step_scale(tp[c - 1], svs[c - 1], acc);
+                }
+            }
+            wg_wait<0>();
+            wg_pin8(tp[CS - 1]);
+            digits_step_scale(tp[CS - 1], svs[CS - 1], acc);
+#endif
         } else {
 #pragma unroll
             for (int c = 0; c < CS; c++) {
@@ -629,6 +778,23 @@ __device__ __forceinline__ void tile_store(bool gate_up, const float acc[4], flo
         y[(size_t)p * ldy + rt * 16 + g] = r0 * pw;
         y[(size_t)p * ldy + rt * 16 + g + 8] = r1 * pw;
     }
+}
+
+// tile_store for the digit form (DG): lane t holds rows g, g + 8 at digits 2t, 2t + 1; each row
+// is the digits' sums weighted by 16^-d, added over the quad in a fixed order (every lane of the
+// warp calls this), then stored as tile_store stores one pair's results.
+__device__ __forceinline__ void tile_store_digits(bool gate_up, const float acc[4], float inv, float* __restrict__ y, int ldy, int p,
+                                                  int rt, const float* __restrict__ pair_w) {
+    const int t = threadIdx.x & 3;
+    const float w0 = __int_as_float((127 - 8 * t) << 23), w1 = w0 * 0.0625f;  // 16^-2t, 16^-(2t+1)
+    float r0 = acc[0] * w0 + acc[1] * w1, r1 = acc[2] * w0 + acc[3] * w1;
+#pragma unroll
+    for (int o = 1; o <= 2; o <<= 1) {
+        r0 += __shfl_xor_sync(0xffffffffu, r0, o);
+        r1 += __shfl_xor_sync(0xffffffffu, r1, o);
+    }
+    const float row[4] = {r0, 0.f, r1, 0.f};
+    if (t == 0) tile_store(gate_up, row, inv, y, ldy, p, rt, pair_w);
 }
 
 // After a block's down outputs for row group grp (TW x 16 rows of H): counted on counters[grp];
@@ -838,7 +1004,10 @@ __device__ __forceinline__ void fused_item(int n, int gu_items, int gug, int dg,
 }
 
 // NORM: x is g h, staged as the post-attention norm g h * ninv (stage_b's NORM; h by 1).
-template <int NS, int CS, bool NORM = false>
+// DG: the FP8 digit math (one row a pass staged as digits, tile_stream_bulk's DG, summed by
+// tile_store_digits): the host launches it only on sm_90a, where every item's row tiles fill
+// the block (I / 8 and H / 16 multiples of TW), since a warpgroup's four warps multiply together.
+template <int NS, int CS, bool NORM = false, bool DG = false>
 __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Wd,
                                           const int* __restrict__ experts, const int* __restrict__ pair_off,
                                           const int* __restrict__ pair_tok, const float* __restrict__ pair_w,
@@ -891,7 +1060,7 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
         int pb = pair_off[slot], pe = pair_off[slot + 1];
         const unsigned char* wt = nullptr;
         int KS = seg(n, wt), rt = grp * TW + w;
-        const int cap = pass_rows(down ? I : H, TW * RING);
+        const int cap = pass_rows<DG>(down ? I : H, TW * RING);
         for (int p0 = pb; p0 < pe; p0 += cap) {  // no passes for an unused expert slot
             int np = min(cap, pe - p0);
             if ((int)threadIdx.x < np) ss.rows[threadIdx.x] = down ? p0 + threadIdx.x : pair_tok[p0 + threadIdx.x];
@@ -909,7 +1078,7 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
                     bool ndown;
                     int nslot, ngrp;
                     fused_item(nn, gu_items, gug, dg, ndown, nslot, ngrp);
-                    nonce = pair_off[nslot + 1] - pair_off[nslot] <= pass_rows(ndown ? I : H, TW * RING);
+                    nonce = pair_off[nslot + 1] - pair_off[nslot] <= pass_rows<DG>(ndown ? I : H, TW * RING);
                 }
             }
             if (down && p0 == pb && threadIdx.x == 0) {
@@ -921,14 +1090,18 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
             if (ti < 14 && p0 == pb) TRACE(ti + 1);
             // x staged before the wait serves the block's first gate_up pass if it has one pair.
             if (!(x_staged && !down && np == 1))
-                stage_b<false, NORM>(down ? h : x, ss.rows, np, down ? I : H, reinterpret_cast<unsigned*>(frag), ss.red, ss.scale, ss.inv,
-                                     down ? 1.f : ninv);
+                stage_b<false, NORM, DG>(down ? h : x, ss.rows, np, down ? I : H, reinterpret_cast<unsigned*>(frag), ss.red, ss.scale,
+                                         ss.inv, down ? 1.f : ninv);
             x_staged = false;
             if (ti < 14 && p0 == pb) TRACE(ti + 2);
             float acc[4] = {0.f, 0.f, 0.f, 0.f};
             pre = 0;
-            if (KS) pre = tile_stream_bulk<NS, CS>(wt, KS, frag, 8 * np, acc, ring, wbars, seq, once, nwt, nKS, nonce);
-            if (KS && t < np) tile_store(!down, acc, ss.inv[t], down ? out : h, down ? H : I, p0 + t, rt, pair_w);
+            if (KS) pre = tile_stream_bulk<NS, CS, false, DG>(wt, KS, frag, 8 * np, acc, ring, wbars, seq, once, nwt, nKS, nonce);
+            if (DG) {
+                if (KS) tile_store_digits(!down, acc, ss.inv[0], down ? out : h, down ? H : I, p0, rt, pair_w);
+            } else if (KS && t < np) {
+                tile_store(!down, acc, ss.inv[t], down ? out : h, down ? H : I, p0 + t, rt, pair_w);
+            }
             ITEM_SYNC();  // every warp is done with the fragments before the next pass restages
             if (ti < 14) TRACE(ti + 3);
         }
@@ -952,7 +1125,7 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
 // block 0 writes the token's pair indices when the pairs are left (y null), then moe_fused runs
 // on that routing. scores: 2 E floats of the rings' shared memory (free again past
 // route_token's closing barrier).
-template <int NS, int CS, bool NORM>
+template <int NS, int CS, bool NORM, bool DG = false>
 __device__ __forceinline__ void route_then_moe(const float* logits, const float* __restrict__ bias, int E, int K, int softmax,
                                                int n_group, int topk_group, int norm, float scale, float* scores,
                                                const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Wd,
@@ -971,8 +1144,8 @@ __device__ __forceinline__ void route_then_moe(const float* logits, const float*
     if (!y && blockIdx.x == 0 && (int)threadIdx.x < K) tok_pairs_out[threadIdx.x] = tok_pairs[threadIdx.x];
     // The rings' bulk copies (async proxy) will land where the scores were written (generic).
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-    moe_fused<NS, CS, NORM>(Wg, Wd, experts, pair_off, pair_tok, pair_w, x, h, out, H, I, U, counters, tok_pairs, y, 1, K, ss, staged,
-                            ninv);
+    moe_fused<NS, CS, NORM, DG>(Wg, Wd, experts, pair_off, pair_tok, pair_w, x, h, out, H, I, U, counters, tok_pairs, y, 1, K, ss, staged,
+                                ninv);
 }
 
 // The fused kernel for one token that routes it itself: every block runs the router on the
@@ -982,7 +1155,7 @@ __device__ __forceinline__ void route_then_moe(const float* logits, const float*
 // E logits and biases (L2), and the scores' scratch is the ring's shared memory (2 E floats,
 // before any copy lands there). U = min(K, E) expert slots; K <= MAX_FUSED_TOPK. y null: the
 // pairs stay uncombined, and block 0 writes the token's pair indices to tok_pairs_out [K].
-template <int NS, int CS>
+template <int NS, int CS, bool DG = false>
 __device__ __forceinline__ void moe_fused_routed(const float* __restrict__ logits, const float* __restrict__ bias, int E, int K,
                                                  int softmax, int n_group, int topk_group, int norm, float scale,
                                                  const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Wd,
@@ -991,10 +1164,10 @@ __device__ __forceinline__ void moe_fused_routed(const float* __restrict__ logit
                                                  int* __restrict__ tok_pairs_out) {
     extern __shared__ __align__(MOE_DSM_ALIGN) uint4 dsm[];
     __shared__ StageSmem ss;
-    bool staged = stage_token_early(x, 1, H, staged_frag(NS * CS * STEP_BYTES), ss, x_settled);
+    bool staged = stage_token_early<DG>(x, 1, H, staged_frag(NS * CS * STEP_BYTES), ss, x_settled);
     PDL_ENTER();
     TRACE(2);
-    route_then_moe<NS, CS, false>(logits, bias, E, K, softmax, n_group, topk_group, norm, scale, reinterpret_cast<float*>(dsm), Wg, Wd,
+    route_then_moe<NS, CS, false, DG>(logits, bias, E, K, softmax, n_group, topk_group, norm, scale, reinterpret_cast<float*>(dsm), Wg, Wd,
                                   x, h, out, H, I, U, counters, y, tok_pairs_out, ss, staged, 0.f);
 }
 
@@ -1009,7 +1182,7 @@ __device__ __forceinline__ void moe_fused_routed(const float* __restrict__ logit
 // such layer's accumulators, zeroed by block 0 past the wait (every block of that layer's MoE
 // has read them, and the o_proj that adds into them next runs after this kernel). Shared
 // scratch before the rings: scores, choices, logits and the bias, E floats each.
-template <int NS, int CS>
+template <int NS, int CS, bool DG = false>
 __device__ __forceinline__ void moe_fused_acc(const unsigned long long* __restrict__ acc, int copies, const float* __restrict__ ssq,
                                               int nssq, float eps, const float* __restrict__ bias, int E, int K, int softmax,
                                               int n_group, int topk_group, int norm, float scale,
@@ -1065,7 +1238,7 @@ __device__ __forceinline__ void moe_fused_acc(const unsigned long long* __restri
         for (int i = threadIdx.x; i < nzero; i += blockDim.x) zero_acc[i] = 0ull;
     __syncthreads();
     TRACE(15);
-    route_then_moe<NS, CS, true>(logits, bias_s, E, K, softmax, n_group, topk_group, norm, scale, scores, Wg, Wd, hg, h, out, H, I, U,
+    route_then_moe<NS, CS, true, DG>(logits, bias_s, E, K, softmax, n_group, topk_group, norm, scale, scores, Wg, Wd, hg, h, out, H, I, U,
                                  counters, y, tok_pairs_out, ss, false, inv);
 }
 
@@ -1146,6 +1319,53 @@ MOE_BULK(4, 4)
 MOE_BULK(2, 3)
 MOE_BULK(3, 3)
 MOE_BULK(2, 6)
+
+// The fused kernels with the FP8 digit math (moe_fused's DG; the host launches them for one
+// token on sm_90a only, where they are built: elsewhere they trap).
+#if MOE_DG_MATH
+#define DG_GUARD()
+#else
+#define DG_GUARD() __trap()
+#endif
+#define MOE_FUSED_DG(NS, CS)                                                                                             \
+    extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_fused_dg_n##NS##_c##CS(                        \
+        const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Wd, const int* __restrict__ experts,      \
+        const int* __restrict__ pair_off,                                                                                \
+        const int* __restrict__ pair_tok, const float* __restrict__ pair_w, const float* __restrict__ x,                 \
+        float* __restrict__ h, float* __restrict__ out, int H, int I, int U, unsigned* counters,                         \
+        const int* __restrict__ tok_pairs, float* __restrict__ y, int T, int topk, int x_settled) {                      \
+        DG_GUARD();                                                                                                      \
+        __shared__ StageSmem ss;                                                                                         \
+        bool staged = stage_token_early<true>(x, T, H, staged_frag(NS * CS * STEP_BYTES), ss, x_settled);                \
+        PDL_ENTER();                                                                                                     \
+        moe_fused<NS, CS, false, true>(Wg, Wd, experts, pair_off, pair_tok, pair_w, x, h, out, H, I, U, counters,        \
+                                       tok_pairs, y, T, topk, ss, staged);                                               \
+    }                                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_fused_routed_dg_n##NS##_c##CS(                 \
+        const float* __restrict__ logits, const float* __restrict__ bias, int E, int K, int softmax, int n_group,        \
+        int topk_group, int norm, float scale, const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Wd, \
+        const float* __restrict__ x,                                                                                     \
+        float* __restrict__ h, float* __restrict__ out, int H, int I, int U, unsigned* counters, float* __restrict__ y,  \
+        int x_settled, int* __restrict__ tok_pairs_out) {                                                                \
+        DG_GUARD();                                                                                                      \
+        moe_fused_routed<NS, CS, true>(logits, bias, E, K, softmax, n_group, topk_group, norm, scale, Wg, Wd, x, h, out,  \
+                                       H, I, U, counters, y, x_settled, tok_pairs_out);                                  \
+    }                                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_fused_acc_dg_n##NS##_c##CS(                    \
+        const unsigned long long* __restrict__ acc, int copies, const float* __restrict__ ssq, int nssq, float eps,      \
+        const float* __restrict__ bias, int E, int K, int softmax, int n_group, int topk_group, int norm, float scale,    \
+        const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Wd, const float* __restrict__ hg,       \
+        float* __restrict__ h, float* __restrict__ out, int H, int I, int U, unsigned* counters, float* __restrict__ y,  \
+        int* __restrict__ tok_pairs_out, unsigned long long* zero_acc, int nzero) {                                      \
+        DG_GUARD();                                                                                                      \
+        moe_fused_acc<NS, CS, true>(acc, copies, ssq, nssq, eps, bias, E, K, softmax, n_group, topk_group, norm, scale,   \
+                                    Wg, Wd, hg, h, out, H, I, U, counters, y, tok_pairs_out, zero_acc, nzero);           \
+    }
+// The rings whose CS divides the steps of every pass the host gives them (kernels::DG_RINGS).
+MOE_FUSED_DG(2, 4)
+MOE_FUSED_DG(4, 2)
+MOE_FUSED_DG(3, 4)
+MOE_FUSED_DG(4, 4)
 
 // ---------------------------------------------------------------------------------------------
 // MoE GEMM for prefill-sized batches: many pairs per expert.

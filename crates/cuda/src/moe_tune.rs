@@ -178,7 +178,14 @@ impl Kernels {
                 }
                 Ok(())
             };
+            // One token on FP8 digits (`moe_fp8_for`) stays on the fused kernel's digit rings
+            // (`DG_RINGS`): the other kernels' bits are other, and a choice by timing would make
+            // the bits a matter of luck.
+            let fused_only = t == 1 && self.moe_fp8_for(w);
             for &kind in kinds.iter().chain((t >= gemm_from).then_some(&MoeKernel::Gemm)) {
+                if fused_only && !matches!(kind, MoeKernel::Fused { stages, steps, .. } if crate::kernels::DG_RINGS.contains(&(stages, steps))) {
+                    continue;
+                }
                 measure(kind, &mut best)?;
             }
             // The two launches may stream with different rings (gate_up's tiles are twice as

@@ -360,6 +360,8 @@ fn ready_qkv_projection_gives_the_stacked_gemvs_bits() {
 #[test]
 fn mxfp4_moe_decode_matches_the_cpu_reference() {
     let Some((g, mut kern)) = gpu() else { return };
+    // The tiled family's bits first (one token's FP8 digit kernels have their own, below).
+    kern.set_moe_fp8(false);
     let mut r = rng();
     // The second shape splits K unevenly over the pipelined kernels' 8 warps (9 and 5 steps).
     // The third is as wide as MiMo-V2.5-Pro's x (6144): four staged rows would leave room for
@@ -558,6 +560,52 @@ fn mxfp4_moe_decode_matches_the_cpu_reference() {
                 assert!(yv.iter().zip(&yt_host).all(|(a, b)| a.to_bits() == b.to_bits()), "moe mxfp4 ({kind}) {h}x{i} T={t} differs from the default in some bit");
             }
             assert_eq!(g.stream.clone_dtoh(&scratch.counters).unwrap().iter().filter(|&&c| c != 0).count(), 0, "combine counters left non-zero");
+            // One token's fused kernel on FP8 digits (sm_90a, H and I multiples of 256): each of
+            // its rings, the widest grid and 1 and 3 blocks, twice each, and x from the
+            // launch just before: as close to the CPU as the tiled family, the same bits among
+            // themselves, the counters back to zero; a NaN in x reaches every output.
+            kern.set_moe_fp8(true);
+            if t == 1 && kern.moe_fp8_for(&wt) {
+                let mut first: Option<Vec<f32>> = None;
+                for &(stages, steps) in peregrine_cuda::kernels::DG_RINGS.iter() {
+                    for max_blocks in [0, 1, 3] {
+                        let kind = MoeKernel::Fused { stages, steps, max_blocks };
+                        for _ in 0..2 {
+                            let mut yv = poisoned(&g, h);
+                            kern.moe_mxfp4_with(kind, &wt, &dr, &xd, MoeInput::Settled, &mut scratch, &mut yv).unwrap();
+                            let yv = g.stream.clone_dtoh(&yv).unwrap();
+                            assert_close(&format!("moe mxfp4 ({kind:?}, FP8 digits) {h}x{i} T=1"), &yv, &want);
+                            assert!(g.stream.clone_dtoh(&scratch.counters).unwrap().iter().all(|&c| c == 0), "{kind:?} (FP8 digits): counters left non-zero");
+                            match &first {
+                                None => first = Some(yv),
+                                Some(f) => assert!(f.iter().zip(&yv).all(|(a, b)| a.to_bits() == b.to_bits()), "moe mxfp4 ({kind:?}, FP8 digits) {h}x{i}: differs from the first ring's bits"),
+                            }
+                        }
+                    }
+                    let kind = MoeKernel::Fused { stages, steps, max_blocks: 0 };
+                    let mut out1 = poisoned(&g, h);
+                    let mut chained = poisoned(&g, h);
+                    kern.moe_mxfp4_with(kind, &wt, &dr, &xd, MoeInput::Settled, &mut scratch, &mut out1).unwrap();
+                    kern.moe_mxfp4_with(kind, &wt, &dr, &out1, MoeInput::Fresh, &mut scratch, &mut chained).unwrap();
+                    let mut again = poisoned(&g, h);
+                    kern.moe_mxfp4_with(kind, &wt, &dr, &out1, MoeInput::Settled, &mut scratch, &mut again).unwrap();
+                    let (chained, again) = (g.stream.clone_dtoh(&chained).unwrap(), g.stream.clone_dtoh(&again).unwrap());
+                    assert!(again.iter().all(|v| v.is_finite()), "{kind:?} (FP8 digits) of a MoE output is finite");
+                    assert!(chained.iter().zip(&again).all(|(a, b)| a.to_bits() == b.to_bits()), "{kind:?} (FP8 digits): x from the launch just before differs from the same x settled");
+                }
+                let mut xn = x.clone();
+                xn[h / 3] = f32::NAN;
+                let xnd = g.stream.clone_htod(&xn).unwrap();
+                let mut yv = poisoned(&g, h);
+                g.stream.memcpy_htod(&vec![0f32; h], &mut yv).unwrap();
+                kern.moe_mxfp4_with(MoeKernel::FUSED, &wt, &dr, &xnd, MoeInput::Settled, &mut scratch, &mut yv).unwrap();
+                assert!(g.stream.clone_dtoh(&yv).unwrap().iter().all(|v| v.is_nan()), "a NaN in x must reach every output of the FP8 digit kernel");
+                assert!(g.stream.clone_dtoh(&scratch.counters).unwrap().iter().all(|&c| c == 0), "FP8 digits, NaN x: counters left non-zero");
+                eprintln!("moe mxfp4 (FP8 digits) {h}x{i} T=1: every ring and grid within the tolerance, bit-identical");
+            } else if t == 1 {
+                eprintln!("moe mxfp4 {h}x{i}: FP8 digits not run (GPU or shape)");
+            }
+            kern.set_moe_fp8(false);
             // x written by the launch just before (`MoeInput::Fresh`): one call's output is the
             // next one's input, launched back to back, so the second call's blocks may start
             // while the first still writes; it must wait before staging x, and give the bits

@@ -206,6 +206,18 @@ impl CudaModel {
         self.graphs.clear();
     }
 
+    /// Whether one token's MoE runs on FP8 digits (`Kernels::moe_fp8_for` of its experts).
+    pub fn moe_fp8(&self) -> bool {
+        self.first_moe().is_some_and(|(w, _)| self.kernels.moe_fp8_for(w))
+    }
+
+    /// Turns one token's FP8 digit MoE on or off (`Kernels::set_moe_fp8`), for tests comparing
+    /// it with the F16 form. Captured step graphs are dropped.
+    pub fn set_moe_fp8(&mut self, on: bool) {
+        self.kernels.set_moe_fp8(on);
+        self.graphs.clear();
+    }
+
     /// Pins the MoE decode kernel of `tokens` tokens (every MoE layer of a model has the same
     /// expert shapes); false when the model has no stacked MoE.
     pub fn pin_moe_kernel(&self, tokens: usize, kind: MoeKernel) -> bool {

@@ -132,6 +132,13 @@ pub struct Kernels {
     fused_routed: Vec<CudaFunction>,
     /// `moe_fused_acc_*`: the fused one-token MoE after the o_proj that did its router.
     fused_acc: Vec<CudaFunction>,
+    /// The three fused kernels with the one-token FP8 digit math (`moe_fused*_dg_*`, sm_90a
+    /// only), one per `DG_RINGS` entry, and whether one token's fused MoE runs them (`moe_fp8_for`; on by default on
+    /// sm_90a, `PEREGRINE_MOE_FP8=0` or `set_moe_fp8` turns it off).
+    fused_tiled_dg: Vec<CudaFunction>,
+    fused_routed_dg: Vec<CudaFunction>,
+    fused_acc_dg: Vec<CudaFunction>,
+    moe_fp8: bool,
     /// The grouped-GEMM MoE kernels (`MoeKernel::Gemm`) and the row split they read.
     gemm_gate_up: CudaFunction,
     gemm_down: CudaFunction,
@@ -356,6 +363,10 @@ impl Kernels {
             fused_tiled: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_fused_bulk_n{n}_c{c}"))).collect::<Result<_>>()?,
             fused_routed: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_fused_routed_bulk_n{n}_c{c}"))).collect::<Result<_>>()?,
             fused_acc: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_fused_acc_bulk_n{n}_c{c}"))).collect::<Result<_>>()?,
+            fused_tiled_dg: DG_RINGS.iter().map(|(n, c)| fm(&format!("moe_fused_dg_n{n}_c{c}"))).collect::<Result<_>>()?,
+            fused_routed_dg: DG_RINGS.iter().map(|(n, c)| fm(&format!("moe_fused_routed_dg_n{n}_c{c}"))).collect::<Result<_>>()?,
+            fused_acc_dg: DG_RINGS.iter().map(|(n, c)| fm(&format!("moe_fused_acc_dg_n{n}_c{c}"))).collect::<Result<_>>()?,
+            moe_fp8: std::env::var("PEREGRINE_MOE_FP8").map_or(true, |v| v != "0"),
             gemm_gate_up: fm("moe_gemm_gate_up")?,
             gemm_down: fm("moe_gemm_down")?,
             split_rows: fm("moe_split_rows")?,

@@ -16,6 +16,11 @@ use super::*;
 /// 4 and 8 steps, and 2 or 4 warps sharing a tile's K were slower everywhere and dropped.
 pub const TILED_VARIANTS: [(usize, usize); 7] = [(2, 4), (4, 2), (3, 4), (4, 4), (2, 3), (3, 3), (2, 6)];
 
+/// The rings of the fused kernels on FP8 digits (`moe_fused*_dg_*`): steps of 2 or 4, which
+/// divide every pass where `moe_fp8_for` holds (H and I multiples of 256), so their streaming
+/// has no partial stage to branch around.
+pub const DG_RINGS: [(usize, usize); 4] = [(2, 4), (4, 2), (3, 4), (4, 4)];
+
 /// How old a MoE call's input x is, which decides when the tiled kernels may read it, and
 /// whether it comes split already (`Split`: the split must be of this x). With one
 /// token they stage x before they wait for the kernel ahead (programmatic dependent launch lets
@@ -486,6 +491,32 @@ impl Kernels {
         self.wgmma_arch
     }
 
+    /// Whether one token's fused MoE over `w` runs on FP8 digits (`moe_fused*_dg_*` in
+    /// kernels/moe.cu, rings `DG_RINGS`): the activation as eight balanced base-16 digits in
+    /// e4m3, the MXFP4 codes as e4m3 A fragments, one exact m64n8k32 wgmma per 32-block. Not
+    /// tile_math's bits (nor the two-launch kernels'), but as accurate: every 32-block's sum is
+    /// exact and the digits keep 30 bits below the row's largest magnitude. Needs sm_90a, row
+    /// tiles that fill a block's warpgroups and passes that the rings' stages divide (H and I
+    /// multiples of 256).
+    pub fn moe_fp8_for(&self, w: &MoeWeights) -> bool {
+        self.moe_fp8 && self.wgmma_arch && w.is_tiled() && w.inter.is_multiple_of(256) && w.hidden.is_multiple_of(256)
+    }
+
+    /// The FP8 digit form of fused kernel `f` of ring `stages` x `steps` (`table`: one of the
+    /// three `*_dg` tables), when one token over `w` runs on it: `moe_fp8_for` and a `DG_RINGS`
+    /// ring (a forced other ring keeps the F16 form).
+    fn fp8_fused<'a>(&self, table: &'a [CudaFunction], w: &MoeWeights, stages: usize, steps: usize) -> Option<&'a CudaFunction> {
+        let i = DG_RINGS.iter().position(|&r| r == (stages, steps))?;
+        self.moe_fp8_for(w).then(|| &table[i])
+    }
+
+    /// Turns the one-token FP8 digit MoE (`moe_fp8_for`) on or off; returns the setting before.
+    /// Tuned one-token choices stay as tuned (`tune_moe` keeps one token on the fused kernel
+    /// while it is on, so the choice between kernels never changes the bits).
+    pub fn set_moe_fp8(&mut self, on: bool) -> bool {
+        std::mem::replace(&mut self.moe_fp8, on)
+    }
+
     /// The MXFP4 MoE decode: `y[t] = sum_s w[t,s] * down_e(silu(gate_e x_t) * up_e x_t)` over
     /// token t's routed experts e, for x [T, H] -> y [T, H]: the tiled kernels for tiled
     /// weights; for row-major ones the tensor-core kernels when H and I are multiples of 64,
@@ -632,11 +663,13 @@ impl Kernels {
     /// `scratch` bytes), a grid no larger than what is resident at once (block b starts with
     /// item b, and down items wait on gate_up items), at most `max_blocks` blocks (0: no limit).
     #[allow(clippy::too_many_arguments)]
-    fn fused_grid(&self, f: &CudaFunction, w: &MoeWeights, stages: usize, steps: usize, max_blocks: usize, tokens: usize, u: usize, scratch: usize, counters: &CudaSlice<u32>) -> Result<LaunchConfig> {
+    fn fused_grid(&self, f: &CudaFunction, w: &MoeWeights, stages: usize, steps: usize, max_blocks: usize, tokens: usize, u: usize, scratch: usize, counters: &CudaSlice<u32>, fp8: bool) -> Result<LaunchConfig> {
         let (h, i) = (w.hidden, w.inter);
         let ring = ring_bytes(stages, steps);
-        let np = self.staged_pairs(f, ring, h.max(i), tokens, scratch)?;
-        let smem = (ring + h.max(i) * 4 * np).max(scratch);
+        // The FP8 digit kernels stage one row a pass, 8 digits a value in core matrices of 16
+        // values 144 bytes apart (DG_CORE in kernels/moe.cu).
+        let staged = if fp8 { h.max(i) / 16 * 144 } else { h.max(i) * 4 * self.staged_pairs(f, ring, h.max(i), tokens, scratch)? };
+        let smem = (ring + staged).max(scratch);
         check(smem <= TILED_MAX_SMEM, || format!("MoE dims {h}, {i} need more than {TILED_MAX_SMEM} bytes of shared memory"))?;
         let (gug, dg) = ((i / 8).div_ceil(8), (h / 16).div_ceil(8));
         check(counters.len() >= dg + 2 * u, || "MoE scratch counters too small".into())?;
@@ -682,8 +715,11 @@ impl Kernels {
         check(logits.len() >= e && bias.is_none_or(|b| b.len() >= e) && x.len() >= h && out_fits, || "routed MoE: buffers too small".into())?;
         check(scratch.h.len() >= k * w.inter && scratch.out.len() >= k * h, || "MoE scratch too small".into())?;
         let u = k.min(e);
-        let f = &self.fused_routed[Self::tiled_variant(stages, steps)?];
-        let cfg = self.fused_grid(f, w, stages, steps, max_blocks, 1, u, 8 * e, &scratch.counters)?;
+        let (f, fp8) = match self.fp8_fused(&self.fused_routed_dg, w, stages, steps) {
+            Some(f) => (f, true),
+            None => (&self.fused_routed[Self::tiled_variant(stages, steps)?], false),
+        };
+        let cfg = self.fused_grid(f, w, stages, steps, max_blocks, 1, u, 8 * e, &scratch.counters, fp8)?;
         let (hh, ii, ui) = (h as i32, w.inter as i32, u as i32);
         let mut b = crate::launch::builder(&self.stream, f);
         b.arg(logits);
@@ -717,9 +753,12 @@ impl Kernels {
         check(h.is_multiple_of(16) && r.ssq.len() >= h / 16 && r.hg.len() >= h && r.acc != 0 && r.copies >= 1 && bias.is_none_or(|b| b.len() >= e) && tok_pairs.len() >= k, || "routed MoE (router in the o_proj): buffers too small".into())?;
         check(scratch.h.len() >= k * w.inter && scratch.out.len() >= k * h, || "MoE scratch too small".into())?;
         let u = k.min(e);
-        let f = &self.fused_acc[Self::tiled_variant(stages, steps)?];
+        let (f, fp8) = match self.fp8_fused(&self.fused_acc_dg, w, stages, steps) {
+            Some(f) => (f, true),
+            None => (&self.fused_acc[Self::tiled_variant(stages, steps)?], false),
+        };
         // Shared scratch before the rings: scores, choices, logits and the bias, E floats each.
-        let cfg = self.fused_grid(f, w, stages, steps, max_blocks, 1, u, 16 * e, &scratch.counters)?;
+        let cfg = self.fused_grid(f, w, stages, steps, max_blocks, 1, u, 16 * e, &scratch.counters, fp8)?;
         let (hh, ii, ui, nssq, nz) = (h as i32, w.inter as i32, u as i32, (h / 16) as i32, nzero as i32);
         let mut b = crate::launch::builder(&self.stream, f);
         let ci = r.copies as i32;
@@ -860,8 +899,12 @@ impl Kernels {
             }
             (MoeLayout::Tiled { gate_up, down }, MoeKernel::Fused { stages, steps, max_blocks }) => {
                 check(r.top_k <= MAX_FUSED_TOPK, || format!("the fused MoE kernel combines at most {MAX_FUSED_TOPK} experts per token, not {}", r.top_k))?;
-                let f = &self.fused_tiled[Self::tiled_variant(stages, steps)?];
-                let cfg = self.fused_grid(f, w, stages, steps, max_blocks, r.num_tokens, u as usize, 0, &scratch.counters)?;
+                // One token on FP8 digits where the GPU and shape allow (`moe_fp8_for`).
+                let (f, fp8) = match self.fp8_fused(&self.fused_tiled_dg, w, stages, steps).filter(|_| r.num_tokens == 1) {
+                    Some(f) => (f, true),
+                    None => (&self.fused_tiled[Self::tiled_variant(stages, steps)?], false),
+                };
+                let cfg = self.fused_grid(f, w, stages, steps, max_blocks, r.num_tokens, u as usize, 0, &scratch.counters, fp8)?;
                 let (ti, ki, ui) = (r.num_tokens as i32, r.top_k as i32, u as i32);
                 let mut b = crate::launch::builder(&self.stream, f);
                 b.arg(gate_up).arg(down).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_tok).arg(&r.pair_w).arg(x);
