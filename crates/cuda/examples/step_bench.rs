@@ -72,7 +72,8 @@ struct Args {
     /// takes them): A the kernels as loaded, B those (`load_kernel_set`); `defines:` with none
     /// is an A/A of two loads of the same kernels. `copies:N`: A the router's sums in the
     /// loaded count of copies, B in N (`set_route_acc_copies`). `moe-grid:N`: A the one-token
-    /// fused MoE as chosen, B the same kernel on at most N blocks.
+    /// fused MoE as chosen, B the same kernel on at most N blocks. `fp8`: A one token's MoE on
+    /// FP8 digits (the default on sm_90a), B the same ring on F16 MMAs.
     #[arg(long)]
     ab: Vec<String>,
     #[arg(long, default_value_t = 15)]
@@ -542,6 +543,16 @@ fn main() {
                 });
                 continue;
             }
+            if what == "fp8" {
+                // A one token's MoE as loaded (FP8 digits where `moe_fp8` holds), B the same
+                // ring on F16 MMAs (set_moe_fp8 drops the graphs).
+                if !model.moe_fp8() {
+                    println!("| {what} | - | one token's MoE is not on FP8 digits here | | | |");
+                    continue;
+                }
+                ab(&mut model, &|m, on| m.set_moe_fp8(!on));
+                continue;
+            }
             if let Some(n) = what.strip_prefix("moe-grid:") {
                 // A the one-token MoE kernel as chosen, B the same fused kernel on at most n
                 // blocks (its grid is otherwise as many blocks as are resident). Pinning does not
@@ -569,7 +580,7 @@ fn main() {
             let shift = match what.strip_prefix("shift:") {
                 Some(n) => Some(n.parse::<usize>().expect("--ab shift:BYTES")),
                 None if ["tail", "argmax", "fetch", "embed", "prefetch"].contains(&what.as_str()) => None,
-                None => panic!("--ab takes tail, argmax, fetch, embed, prefetch, rows, shift:BYTES, copies:N, moe-grid:N or defines:DEFINES, not {what}"),
+                None => panic!("--ab takes tail, argmax, fetch, embed, prefetch, rows, fp8, shift:BYTES, copies:N, moe-grid:N or defines:DEFINES, not {what}"),
             };
             ab(&mut model, &|m, on| match shift {
                 Some(n) => m.shift_step_buffers(if on { n } else { 0 }).expect("buffers shifted"),
