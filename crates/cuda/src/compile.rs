@@ -196,9 +196,9 @@ mod tests {
     #[test]
     fn tiled_moe_kernels_refill_before_their_math_and_fused_ones_after() {
         assert!(MOE_CU.contains("#define MOE_TILED_EARLY true"), "moe.cu: MOE_TILED_EARLY is not on");
-        assert!(MOE_CU.contains("template <int NS, int CS, bool EARLY = false>\n__device__ __forceinline__ int tile_stream_bulk("), "moe.cu: tile_stream_bulk's EARLY is not off by default");
+        assert!(MOE_CU.contains("template <int NS, int CS, bool EARLY = false, bool DG = false>\n__device__ __forceinline__ int tile_stream_bulk("), "moe.cu: tile_stream_bulk's EARLY is not off by default");
         let calls: Vec<&str> = MOE_CU.match_indices("tile_stream_bulk<").map(|(i, _)| &MOE_CU[i..i + MOE_CU[i..].find('>').unwrap() + 1]).collect();
-        assert_eq!(calls, ["tile_stream_bulk<NS, CS, MOE_TILED_EARLY>", "tile_stream_bulk<NS, CS>"], "moe.cu: moe_tiled's call, then moe_fused's");
+        assert_eq!(calls, ["tile_stream_bulk<NS, CS, MOE_TILED_EARLY>", "tile_stream_bulk<NS, CS, false, DG>"], "moe.cu: moe_tiled's call, then moe_fused's (its FP8 digit form too)");
         let tiled = MOE_CU.find("void moe_tiled(").expect("moe.cu: moe_tiled");
         let fused = MOE_CU.find("void moe_fused(").expect("moe.cu: moe_fused");
         let (early, late) = (MOE_CU.find(calls[0]).unwrap(), MOE_CU.find(calls[1]).unwrap());

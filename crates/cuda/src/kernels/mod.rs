@@ -133,8 +133,9 @@ pub struct Kernels {
     /// `moe_fused_acc_*`: the fused one-token MoE after the o_proj that did its router.
     fused_acc: Vec<CudaFunction>,
     /// The three fused kernels with the one-token FP8 digit math (`moe_fused*_dg_*`, sm_90a
-    /// only), one per `DG_RINGS` entry, and whether one token's fused MoE runs them (`moe_fp8_for`; on by default on
-    /// sm_90a, `PEREGRINE_MOE_FP8=0` or `set_moe_fp8` turns it off).
+    /// only), one per `DG_RINGS` entry, and whether one token's fused MoE runs them
+    /// (`moe_fp8_for`; by default on GPUs of `FP8_MOE_MIN_BANDWIDTH` and more,
+    /// `PEREGRINE_MOE_FP8=1` / `0` or `set_moe_fp8` sets it).
     fused_tiled_dg: Vec<CudaFunction>,
     fused_routed_dg: Vec<CudaFunction>,
     fused_acc_dg: Vec<CudaFunction>,
@@ -277,6 +278,11 @@ impl Kernels {
                 fns.iter().all(|func| func.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, dense_wg_smem(rows) as i32).is_ok())
             });
         let sms = gpu.ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(drv("SM count"))? as usize;
+        // The GPU's peak memory bandwidth (bytes/s; 0 where the driver does not say), which
+        // decides where one token's MoE runs on FP8 digits by default (`moe_fp8`).
+        let attr = |a| gpu.ctx.attribute(a).map_or(0.0, |v| v.max(0) as f64);
+        let peak_bandwidth = 2.0 * attr(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MEMORY_CLOCK_RATE) * 1e3
+            * attr(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_GLOBAL_MEMORY_BUS_WIDTH) / 8.0;
         let mma_bf16_argmax = f("gemv_mma_bf16_t1_argmax")?;
         let mma_bf16_argmax_pf = f("gemv_mma_bf16_t1_argmax_pf")?;
         let mma_bf16_pipe = f("gemv_mma_bf16_t1_pipe")?;
@@ -366,7 +372,7 @@ impl Kernels {
             fused_tiled_dg: DG_RINGS.iter().map(|(n, c)| fm(&format!("moe_fused_dg_n{n}_c{c}"))).collect::<Result<_>>()?,
             fused_routed_dg: DG_RINGS.iter().map(|(n, c)| fm(&format!("moe_fused_routed_dg_n{n}_c{c}"))).collect::<Result<_>>()?,
             fused_acc_dg: DG_RINGS.iter().map(|(n, c)| fm(&format!("moe_fused_acc_dg_n{n}_c{c}"))).collect::<Result<_>>()?,
-            moe_fp8: std::env::var("PEREGRINE_MOE_FP8").map_or(true, |v| v != "0"),
+            moe_fp8: std::env::var("PEREGRINE_MOE_FP8").map_or(peak_bandwidth >= FP8_MOE_MIN_BANDWIDTH, |v| v != "0"),
             gemm_gate_up: fm("moe_gemm_gate_up")?,
             gemm_down: fm("moe_gemm_down")?,
             split_rows: fm("moe_split_rows")?,

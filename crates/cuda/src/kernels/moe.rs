@@ -16,6 +16,15 @@ use super::*;
 /// 4 and 8 steps, and 2 or 4 warps sharing a tile's K were slower everywhere and dropped.
 pub const TILED_VARIANTS: [(usize, usize); 7] = [(2, 4), (4, 2), (3, 4), (4, 4), (2, 3), (3, 3), (2, 6)];
 
+/// Peak memory bandwidth (bytes/s) from which one token's MoE runs on FP8 digits by default:
+/// where the F16 math cannot keep up with DRAM. On an H200 (4.8 TB/s peak) the one-token Flash
+/// MoE's F16 decode and MMAs cost it 18-20 points of copy bandwidth and the digit form took it
+/// from 62-64% to 76.5% (the batch-1 step 2.1% faster); on an H100 (3.35 TB/s) they cost 6-8
+/// points, FP8 warpgroup MMAs were worth ~2 as a measurement proxy (before the digits' staging),
+/// and the digit form is not measured there, so the H100 keeps the F16 form and its bits
+/// (benches/results/2026-11-28-h200-fp8-digit-moe.md).
+pub const FP8_MOE_MIN_BANDWIDTH: f64 = 4.0e12;
+
 /// The rings of the fused kernels on FP8 digits (`moe_fused*_dg_*`): steps of 2 or 4, which
 /// divide every pass where `moe_fp8_for` holds (H and I multiples of 256), so their streaming
 /// has no partial stage to branch around.
