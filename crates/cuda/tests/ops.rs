@@ -349,7 +349,7 @@ fn one_token_moe_on_fp8_digits_decodes_as_the_f16_form() {
     let mut r = rng();
     let prompt: Vec<u32> = (0..24).map(|_| r.random_range(0..spec.vocab_size as u32)).collect();
     let vocab = spec.vocab_size;
-    let mut run = |model: &mut CudaModel, id: u64, blocks: &[u32], feed: Option<&[u32]>| -> (Vec<Vec<f32>>, Vec<u32>) {
+    let run = |model: &mut CudaModel, id: u64, blocks: &[u32], feed: Option<&[u32]>| -> (Vec<Vec<f32>>, Vec<u32>) {
         let first = model.forward(&[seq(id, prompt.clone(), 0, blocks, OutputRows::Last)]).unwrap().remove(0);
         let mut tok = feed.map_or_else(|| argmax_of(&first.data[..vocab]), |f| f[0]);
         let (mut logits, mut toks) = (Vec::new(), vec![tok]);

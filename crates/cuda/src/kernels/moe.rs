@@ -18,8 +18,9 @@ pub const TILED_VARIANTS: [(usize, usize); 7] = [(2, 4), (4, 2), (3, 4), (4, 4),
 
 /// Peak memory bandwidth (bytes/s) from which one token's MoE runs on FP8 digits by default:
 /// where the F16 math cannot keep up with DRAM. On an H200 (4.8 TB/s peak) the one-token Flash
-/// MoE's F16 decode and MMAs cost it 18-20 points of copy bandwidth and the digit form took it
-/// from 62-64% to 76.5% (the batch-1 step 2.1% faster); on an H100 (3.35 TB/s) they cost 6-8
+/// MoE's F16 decode and MMAs cost it 18-20 points of copy bandwidth; the digit form read 76.5%
+/// against 61.6% alone in one call, 65.9% against 62.5% in another, and the batch-1 step ran
+/// 2.1% faster (one process, 10 of 10 rounds); on an H100 (3.35 TB/s) they cost 6-8
 /// points, FP8 warpgroup MMAs were worth ~2 as a measurement proxy (before the digits' staging),
 /// and the digit form is not measured there, so the H100 keeps the F16 form and its bits
 /// (benches/results/2026-11-28-h200-fp8-digit-moe.md).
