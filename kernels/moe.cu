@@ -1248,6 +1248,57 @@ __device__ __forceinline__ void moe_fused_acc(const unsigned long long* __restri
                                  counters, y, tok_pairs_out, ss, false, inv);
 }
 
+// The fused kernels of ring NS x CS: SFX _bulk on F16 MMAs (every ring), _dg with the FP8
+// digit math (moe_fused's DG; the rings whose CS divides the steps of every pass the host gives
+// them, kernels::DG_RINGS; launched for one token on sm_90a only, where they are built:
+// elsewhere they trap).
+#if MOE_DG_MATH
+#define DG_GUARD(DG)
+#else
+#define DG_GUARD(DG) if (DG) __trap()
+#endif
+#define MOE_FUSED(NS, CS, SFX, DG)                                                                                       \
+    extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_fused##SFX##_n##NS##_c##CS(                     \
+        const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Wd, const int* __restrict__ experts,      \
+        const int* __restrict__ pair_off,                                                                                \
+        const int* __restrict__ pair_tok, const float* __restrict__ pair_w, const float* __restrict__ x,                 \
+        float* __restrict__ h, float* __restrict__ out, int H, int I, int U, unsigned* counters,                         \
+        const int* __restrict__ tok_pairs, float* __restrict__ y, int T, int topk, int x_settled) {                      \
+        DG_GUARD(DG);                                                                                                    \
+        TRACE_SM();                                                                                                      \
+        TRACE(1);                                                                                                        \
+        __shared__ StageSmem ss;                                                                                         \
+        bool staged = stage_token_early<DG>(x, T, H, staged_frag(NS * CS * STEP_BYTES), ss, x_settled);                             \
+        PDL_ENTER();                                                                                                     \
+        TRACE(2);                                                                                                        \
+        moe_fused<NS, CS, false, DG>(Wg, Wd, experts, pair_off, pair_tok, pair_w, x, h, out, H, I, U, counters, tok_pairs,  \
+                          y, T, topk, ss, staged);                                                                       \
+    }                                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_fused_routed##SFX##_n##NS##_c##CS(               \
+        const float* __restrict__ logits, const float* __restrict__ bias, int E, int K, int softmax, int n_group,        \
+        int topk_group, int norm, float scale, const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Wd, \
+        const float* __restrict__ x,                                                                                     \
+        float* __restrict__ h, float* __restrict__ out, int H, int I, int U, unsigned* counters, float* __restrict__ y,  \
+        int x_settled, int* __restrict__ tok_pairs_out) {                                                                \
+        DG_GUARD(DG);                                                                                                    \
+        TRACE_SM();                                                                                                      \
+        TRACE(1);                                                                                                        \
+        moe_fused_routed<NS, CS, DG>(logits, bias, E, K, softmax, n_group, topk_group, norm, scale, Wg, Wd, x, h, out, \
+                                 H, I, U, counters, y, x_settled, tok_pairs_out);                                        \
+    }                                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_fused_acc##SFX##_n##NS##_c##CS(                 \
+        const unsigned long long* __restrict__ acc, int copies, const float* __restrict__ ssq, int nssq, float eps,      \
+        const float* __restrict__ bias, int E, int K, int softmax, int n_group, int topk_group, int norm, float scale,    \
+        const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Wd, const float* __restrict__ hg,       \
+        float* __restrict__ h, float* __restrict__ out, int H, int I, int U, unsigned* counters, float* __restrict__ y,  \
+        int* __restrict__ tok_pairs_out, unsigned long long* zero_acc, int nzero) {                                      \
+        DG_GUARD(DG);                                                                                                    \
+        TRACE_SM();                                                                                                      \
+        TRACE(1);                                                                                                        \
+        moe_fused_acc<NS, CS, DG>(acc, copies, ssq, nssq, eps, bias, E, K, softmax, n_group, topk_group, norm, scale, Wg, Wd, \
+                              hg, h, out, H, I, U, counters, y, tok_pairs_out, zero_acc, nzero);                         \
+    }
+
 // Ring shapes: NS stages of CS steps. The _split_ kernels read their rows split already (moe_tiled's SPLIT).
 #define MOE_BULK(NS, CS)                                                                                                 \
     extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_gate_up_bulk_n##NS##_c##CS(                    \
@@ -1281,43 +1332,7 @@ __device__ __forceinline__ void moe_fused_acc(const unsigned long long* __restri
         moe_tiled<false, NS, CS, true>(W, experts, pair_off, nullptr, pair_w, nullptr, out, I, H / 16, H, counters,   \
                                        tok_pairs, y, T, topk, 0, slots, slots + gridDim.y, hs, hinv, nullptr, nullptr);  \
     }                                                                                                                    \
-    extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_fused_bulk_n##NS##_c##CS(                      \
-        const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Wd, const int* __restrict__ experts,      \
-        const int* __restrict__ pair_off,                                                                                \
-        const int* __restrict__ pair_tok, const float* __restrict__ pair_w, const float* __restrict__ x,                 \
-        float* __restrict__ h, float* __restrict__ out, int H, int I, int U, unsigned* counters,                         \
-        const int* __restrict__ tok_pairs, float* __restrict__ y, int T, int topk, int x_settled) {                      \
-        TRACE_SM();                                                                                                      \
-        TRACE(1);                                                                                                        \
-        __shared__ StageSmem ss;                                                                                         \
-        bool staged = stage_token_early(x, T, H, staged_frag(NS * CS * STEP_BYTES), ss, x_settled);                             \
-        PDL_ENTER();                                                                                                     \
-        TRACE(2);                                                                                                        \
-        moe_fused<NS, CS>(Wg, Wd, experts, pair_off, pair_tok, pair_w, x, h, out, H, I, U, counters, tok_pairs,  \
-                          y, T, topk, ss, staged);                                                                       \
-    }                                                                                                                    \
-    extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_fused_routed_bulk_n##NS##_c##CS(               \
-        const float* __restrict__ logits, const float* __restrict__ bias, int E, int K, int softmax, int n_group,        \
-        int topk_group, int norm, float scale, const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Wd, \
-        const float* __restrict__ x,                                                                                     \
-        float* __restrict__ h, float* __restrict__ out, int H, int I, int U, unsigned* counters, float* __restrict__ y,  \
-        int x_settled, int* __restrict__ tok_pairs_out) {                                                                \
-        TRACE_SM();                                                                                                      \
-        TRACE(1);                                                                                                        \
-        moe_fused_routed<NS, CS>(logits, bias, E, K, softmax, n_group, topk_group, norm, scale, Wg, Wd, x, h, out, \
-                                 H, I, U, counters, y, x_settled, tok_pairs_out);                                        \
-    }                                                                                                                    \
-    extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_fused_acc_bulk_n##NS##_c##CS(                  \
-        const unsigned long long* __restrict__ acc, int copies, const float* __restrict__ ssq, int nssq, float eps,      \
-        const float* __restrict__ bias, int E, int K, int softmax, int n_group, int topk_group, int norm, float scale,    \
-        const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Wd, const float* __restrict__ hg,       \
-        float* __restrict__ h, float* __restrict__ out, int H, int I, int U, unsigned* counters, float* __restrict__ y,  \
-        int* __restrict__ tok_pairs_out, unsigned long long* zero_acc, int nzero) {                                      \
-        TRACE_SM();                                                                                                      \
-        TRACE(1);                                                                                                        \
-        moe_fused_acc<NS, CS>(acc, copies, ssq, nssq, eps, bias, E, K, softmax, n_group, topk_group, norm, scale, Wg, Wd, \
-                              hg, h, out, H, I, U, counters, y, tok_pairs_out, zero_acc, nzero);                         \
-    }
+    MOE_FUSED(NS, CS, _bulk, false)
 MOE_BULK(2, 4)
 MOE_BULK(4, 2)
 MOE_BULK(3, 4)
@@ -1326,52 +1341,11 @@ MOE_BULK(2, 3)
 MOE_BULK(3, 3)
 MOE_BULK(2, 6)
 
-// The fused kernels with the FP8 digit math (moe_fused's DG; the host launches them for one
-// token on sm_90a only, where they are built: elsewhere they trap).
-#if MOE_DG_MATH
-#define DG_GUARD()
-#else
-#define DG_GUARD() __trap()
-#endif
-#define MOE_FUSED_DG(NS, CS)                                                                                             \
-    extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_fused_dg_n##NS##_c##CS(                        \
-        const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Wd, const int* __restrict__ experts,      \
-        const int* __restrict__ pair_off,                                                                                \
-        const int* __restrict__ pair_tok, const float* __restrict__ pair_w, const float* __restrict__ x,                 \
-        float* __restrict__ h, float* __restrict__ out, int H, int I, int U, unsigned* counters,                         \
-        const int* __restrict__ tok_pairs, float* __restrict__ y, int T, int topk, int x_settled) {                      \
-        DG_GUARD();                                                                                                      \
-        __shared__ StageSmem ss;                                                                                         \
-        bool staged = stage_token_early<true>(x, T, H, staged_frag(NS * CS * STEP_BYTES), ss, x_settled);                \
-        PDL_ENTER();                                                                                                     \
-        moe_fused<NS, CS, false, true>(Wg, Wd, experts, pair_off, pair_tok, pair_w, x, h, out, H, I, U, counters,        \
-                                       tok_pairs, y, T, topk, ss, staged);                                               \
-    }                                                                                                                    \
-    extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_fused_routed_dg_n##NS##_c##CS(                 \
-        const float* __restrict__ logits, const float* __restrict__ bias, int E, int K, int softmax, int n_group,        \
-        int topk_group, int norm, float scale, const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Wd, \
-        const float* __restrict__ x,                                                                                     \
-        float* __restrict__ h, float* __restrict__ out, int H, int I, int U, unsigned* counters, float* __restrict__ y,  \
-        int x_settled, int* __restrict__ tok_pairs_out) {                                                                \
-        DG_GUARD();                                                                                                      \
-        moe_fused_routed<NS, CS, true>(logits, bias, E, K, softmax, n_group, topk_group, norm, scale, Wg, Wd, x, h, out,  \
-                                       H, I, U, counters, y, x_settled, tok_pairs_out);                                  \
-    }                                                                                                                    \
-    extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_fused_acc_dg_n##NS##_c##CS(                    \
-        const unsigned long long* __restrict__ acc, int copies, const float* __restrict__ ssq, int nssq, float eps,      \
-        const float* __restrict__ bias, int E, int K, int softmax, int n_group, int topk_group, int norm, float scale,    \
-        const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Wd, const float* __restrict__ hg,       \
-        float* __restrict__ h, float* __restrict__ out, int H, int I, int U, unsigned* counters, float* __restrict__ y,  \
-        int* __restrict__ tok_pairs_out, unsigned long long* zero_acc, int nzero) {                                      \
-        DG_GUARD();                                                                                                      \
-        moe_fused_acc<NS, CS, true>(acc, copies, ssq, nssq, eps, bias, E, K, softmax, n_group, topk_group, norm, scale,   \
-                                    Wg, Wd, hg, h, out, H, I, U, counters, y, tok_pairs_out, zero_acc, nzero);           \
-    }
-// The rings whose CS divides the steps of every pass the host gives them (kernels::DG_RINGS).
-MOE_FUSED_DG(2, 4)
-MOE_FUSED_DG(4, 2)
-MOE_FUSED_DG(3, 4)
-MOE_FUSED_DG(4, 4)
+// One token's fused kernels with the FP8 digit math, on the rings of kernels::DG_RINGS.
+MOE_FUSED(2, 4, _dg, true)
+MOE_FUSED(4, 2, _dg, true)
+MOE_FUSED(3, 4, _dg, true)
+MOE_FUSED(4, 4, _dg, true)
 
 // ---------------------------------------------------------------------------------------------
 // MoE GEMM for prefill-sized batches: many pairs per expert.
