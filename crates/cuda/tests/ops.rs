@@ -154,89 +154,89 @@ fn moe_routed_inside_the_fused_kernel_equals_routing_then_moe() {
     ];
     // The tiled family's math, then one token's FP8 digit math (sm_90a: these shapes take it).
     for fp8 in [false, true] {
-    kern.set_moe_fp8(fp8);
-    for (name, spec, nan, ties) in cases {
-        let e = spec.num_experts;
-        let bytes = |r: &mut rand::rngs::StdRng, n: usize| -> Vec<u8> { (0..n).map(|_| r.random()).collect() };
-        let scales = |r: &mut rand::rngs::StdRng, n: usize| -> Vec<u8> { (0..n).map(|_| r.random_range(118..128)).collect() };
-        let (gate, gate_s, up, up_s) = (bytes(&mut r, e * i * h / 2), scales(&mut r, e * i * h / 32), bytes(&mut r, e * i * h / 2), scales(&mut r, e * i * h / 32));
-        let (down, down_s) = (bytes(&mut r, e * h * i / 2), scales(&mut r, e * h * i / 32));
-        let w = MoeWeights::upload(&g.stream, true, &gate, &gate_s, &up, &up_s, &down, &down_s, e, h, i).unwrap();
-        let mut logits: Vec<f32> = if ties {
-            (0..e).map(|_| [-1.0f32, 0.0, 0.5, 1.0][r.random_range(0..4usize)]).collect()
-        } else {
-            (0..e).map(|_| (r.random::<f32>() - 0.5) * 6.0).collect()
-        };
-        if nan {
-            // One NaN, then all: fewer than K candidates repeat the fallback expert.
-            logits[3] = f32::NAN;
-        }
-        let bias: Option<Vec<f32>> = spec.correction_bias.then(|| (0..e).map(|_| (r.random::<f32>() - 0.5) * 0.2).collect());
-        let x: Vec<f32> = (0..h).map(|_| r.random::<f32>() - 0.5).collect();
-        let up_f = |v: &[f32]| g.stream.clone_htod(v).unwrap();
-        let (xd, bd) = (up_f(&x), bias.as_deref().map(up_f));
-        let mut all_nan = logits.clone();
-        all_nan.iter_mut().for_each(|v| *v = f32::NAN);
-        let runs: Vec<Vec<f32>> = if nan { vec![logits, all_nan] } else { vec![logits] };
-        for lg in runs {
-            let ld2 = up_f(&lg);
-            let (_, routing) = model.route_on_gpu(&spec, &lg, bias.as_deref()).expect("GPU routing");
-            let dr = kern.upload_routing(&routing, e).unwrap();
-            let mut scratch = kern.moe_scratch(&w, spec.top_k).unwrap();
-            for &(stages, steps) in peregrine_cuda::kernels::TILED_VARIANTS.iter() {
-                for max_blocks in [0, 3] {
-                    let kind = MoeKernel::Fused { stages, steps, max_blocks };
-                    let mut want = g.stream.clone_htod(&vec![f32::NAN; h]).unwrap();
-                    kern.moe_mxfp4_with(kind, &w, &dr, &xd, MoeInput::Settled, &mut scratch, &mut want).unwrap();
-                    let mut got = g.stream.clone_htod(&vec![f32::NAN; h]).unwrap();
-                    kern.moe_mxfp4_routed(kind, &spec, &w, &ld2, bd.as_ref(), &xd, MoeInput::Settled, &mut scratch, &mut got).unwrap();
-                    // x staged after the wait (as for x from the launch just before) gives the same bits.
-                    let mut fresh = g.stream.clone_htod(&vec![f32::NAN; h]).unwrap();
-                    kern.moe_mxfp4_routed(kind, &spec, &w, &ld2, bd.as_ref(), &xd, MoeInput::Fresh, &mut scratch, &mut fresh).unwrap();
-                    let fresh = g.stream.clone_dtoh(&fresh).unwrap();
-                    let (want, got) = (g.stream.clone_dtoh(&want).unwrap(), g.stream.clone_dtoh(&got).unwrap());
-                    if !lg.iter().any(|v| v.is_nan()) {
-                        assert!(want.iter().all(|v| v.is_finite()), "{name}: the reference MoE output is finite");
+        kern.set_moe_fp8(fp8);
+        for (name, spec, nan, ties) in cases {
+            let e = spec.num_experts;
+            let bytes = |r: &mut rand::rngs::StdRng, n: usize| -> Vec<u8> { (0..n).map(|_| r.random()).collect() };
+            let scales = |r: &mut rand::rngs::StdRng, n: usize| -> Vec<u8> { (0..n).map(|_| r.random_range(118..128)).collect() };
+            let (gate, gate_s, up, up_s) = (bytes(&mut r, e * i * h / 2), scales(&mut r, e * i * h / 32), bytes(&mut r, e * i * h / 2), scales(&mut r, e * i * h / 32));
+            let (down, down_s) = (bytes(&mut r, e * h * i / 2), scales(&mut r, e * h * i / 32));
+            let w = MoeWeights::upload(&g.stream, true, &gate, &gate_s, &up, &up_s, &down, &down_s, e, h, i).unwrap();
+            let mut logits: Vec<f32> = if ties {
+                (0..e).map(|_| [-1.0f32, 0.0, 0.5, 1.0][r.random_range(0..4usize)]).collect()
+            } else {
+                (0..e).map(|_| (r.random::<f32>() - 0.5) * 6.0).collect()
+            };
+            if nan {
+                // One NaN, then all: fewer than K candidates repeat the fallback expert.
+                logits[3] = f32::NAN;
+            }
+            let bias: Option<Vec<f32>> = spec.correction_bias.then(|| (0..e).map(|_| (r.random::<f32>() - 0.5) * 0.2).collect());
+            let x: Vec<f32> = (0..h).map(|_| r.random::<f32>() - 0.5).collect();
+            let up_f = |v: &[f32]| g.stream.clone_htod(v).unwrap();
+            let (xd, bd) = (up_f(&x), bias.as_deref().map(up_f));
+            let mut all_nan = logits.clone();
+            all_nan.iter_mut().for_each(|v| *v = f32::NAN);
+            let runs: Vec<Vec<f32>> = if nan { vec![logits, all_nan] } else { vec![logits] };
+            for lg in runs {
+                let ld2 = up_f(&lg);
+                let (_, routing) = model.route_on_gpu(&spec, &lg, bias.as_deref()).expect("GPU routing");
+                let dr = kern.upload_routing(&routing, e).unwrap();
+                let mut scratch = kern.moe_scratch(&w, spec.top_k).unwrap();
+                for &(stages, steps) in peregrine_cuda::kernels::TILED_VARIANTS.iter() {
+                    for max_blocks in [0, 3] {
+                        let kind = MoeKernel::Fused { stages, steps, max_blocks };
+                        let mut want = g.stream.clone_htod(&vec![f32::NAN; h]).unwrap();
+                        kern.moe_mxfp4_with(kind, &w, &dr, &xd, MoeInput::Settled, &mut scratch, &mut want).unwrap();
+                        let mut got = g.stream.clone_htod(&vec![f32::NAN; h]).unwrap();
+                        kern.moe_mxfp4_routed(kind, &spec, &w, &ld2, bd.as_ref(), &xd, MoeInput::Settled, &mut scratch, &mut got).unwrap();
+                        // x staged after the wait (as for x from the launch just before) gives the same bits.
+                        let mut fresh = g.stream.clone_htod(&vec![f32::NAN; h]).unwrap();
+                        kern.moe_mxfp4_routed(kind, &spec, &w, &ld2, bd.as_ref(), &xd, MoeInput::Fresh, &mut scratch, &mut fresh).unwrap();
+                        let fresh = g.stream.clone_dtoh(&fresh).unwrap();
+                        let (want, got) = (g.stream.clone_dtoh(&want).unwrap(), g.stream.clone_dtoh(&got).unwrap());
+                        if !lg.iter().any(|v| v.is_nan()) {
+                            assert!(want.iter().all(|v| v.is_finite()), "{name}: the reference MoE output is finite");
+                        }
+                        assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{name} ({kind:?}): routed in the kernel differs from routing then the kernel");
+                        assert!(fresh.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{name} ({kind:?}): routed with x staged after the wait differs");
+                        assert!(g.stream.clone_dtoh(&scratch.counters).unwrap().iter().all(|&c| c == 0), "{name} ({kind:?}): counters left non-zero");
+                        // Left as pairs: the token's K pair indices, each pair's weighted output,
+                        // which summed in ascending pair order from 0 are the combine's bits.
+                        let k = spec.top_k;
+                        let mut tok_pairs = g.stream.clone_htod(&vec![-1i32; k]).unwrap();
+                        let poison = vec![f32::NAN; scratch.out.len()];
+                        g.stream.memcpy_htod(&poison, &mut scratch.out).unwrap();
+                        kern.moe_mxfp4_routed_pairs(kind, &spec, &w, &ld2, bd.as_ref(), &xd, MoeInput::Settled, &mut scratch, &mut tok_pairs).unwrap();
+                        let mut tp = g.stream.clone_dtoh(&tok_pairs).unwrap();
+                        let out = g.stream.clone_dtoh(&scratch.out).unwrap();
+                        tp.sort_unstable();
+                        assert_eq!(tp, (0..k as i32).collect::<Vec<_>>(), "{name} ({kind:?}): the token's pair indices");
+                        let summed: Vec<f32> = (0..h).map(|c| tp.iter().fold(0f32, |acc, &p| acc + out[p as usize * h + c])).collect();
+                        assert!(summed.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{name} ({kind:?}): the pairs left uncombined do not sum to the combine");
+                        assert!(g.stream.clone_dtoh(&scratch.counters).unwrap().iter().all(|&c| c == 0), "{name} ({kind:?}): counters left non-zero after the pairs run");
                     }
-                    assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{name} ({kind:?}): routed in the kernel differs from routing then the kernel");
-                    assert!(fresh.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{name} ({kind:?}): routed with x staged after the wait differs");
-                    assert!(g.stream.clone_dtoh(&scratch.counters).unwrap().iter().all(|&c| c == 0), "{name} ({kind:?}): counters left non-zero");
-                    // Left as pairs: the token's K pair indices, each pair's weighted output,
-                    // which summed in ascending pair order from 0 are the combine's bits.
-                    let k = spec.top_k;
-                    let mut tok_pairs = g.stream.clone_htod(&vec![-1i32; k]).unwrap();
-                    let poison = vec![f32::NAN; scratch.out.len()];
-                    g.stream.memcpy_htod(&poison, &mut scratch.out).unwrap();
-                    kern.moe_mxfp4_routed_pairs(kind, &spec, &w, &ld2, bd.as_ref(), &xd, MoeInput::Settled, &mut scratch, &mut tok_pairs).unwrap();
-                    let mut tp = g.stream.clone_dtoh(&tok_pairs).unwrap();
-                    let out = g.stream.clone_dtoh(&scratch.out).unwrap();
-                    tp.sort_unstable();
-                    assert_eq!(tp, (0..k as i32).collect::<Vec<_>>(), "{name} ({kind:?}): the token's pair indices");
-                    let summed: Vec<f32> = (0..h).map(|c| tp.iter().fold(0f32, |acc, &p| acc + out[p as usize * h + c])).collect();
-                    assert!(summed.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{name} ({kind:?}): the pairs left uncombined do not sum to the combine");
-                    assert!(g.stream.clone_dtoh(&scratch.counters).unwrap().iter().all(|&c| c == 0), "{name} ({kind:?}): counters left non-zero after the pairs run");
-                }
-                // The two-launch kernels over the same routing: one token's x is staged before
-                // their wait too, and a slot holding several pairs (the repeated fallback expert
-                // of all-NaN logits) restages them; every tiled kernel gives the same bits.
-                let kind = MoeKernel::tiled(stages, steps);
-                let mut tiled = g.stream.clone_htod(&vec![f32::NAN; h]).unwrap();
-                kern.moe_mxfp4_with(kind, &w, &dr, &xd, MoeInput::Settled, &mut scratch, &mut tiled).unwrap();
-                let mut fused = g.stream.clone_htod(&vec![f32::NAN; h]).unwrap();
-                kern.moe_mxfp4_routed(MoeKernel::Fused { stages, steps, max_blocks: 0 }, &spec, &w, &ld2, bd.as_ref(), &xd, MoeInput::Settled, &mut scratch, &mut fused).unwrap();
-                let (tiled, fused) = (g.stream.clone_dtoh(&tiled).unwrap(), g.stream.clone_dtoh(&fused).unwrap());
-                if kern.moe_fp8_for(&w) {
-                    // Other bits, as close: NaN logits give NaN outputs in both.
-                    let scale = tiled.iter().filter(|v| v.is_finite()).fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
-                    let worst = tiled.iter().zip(&fused).map(|(a, b)| if a.is_nan() && b.is_nan() { 0.0 } else { (a - b).abs() / scale }).fold(0f32, f32::max);
-                    assert!(worst < 1e-5, "{name} ({kind:?}): the FP8 digit fused kernel is {worst:.2e} off the two launches (relative to their largest output)");
-                } else {
-                    assert!(tiled.iter().zip(&fused).all(|(a, b)| a.to_bits() == b.to_bits()), "{name} ({kind:?}): two launches differ from the routed fused kernel");
+                    // The two-launch kernels over the same routing: one token's x is staged before
+                    // their wait too, and a slot holding several pairs (the repeated fallback expert
+                    // of all-NaN logits) restages them; every tiled kernel gives the same bits.
+                    let kind = MoeKernel::tiled(stages, steps);
+                    let mut tiled = g.stream.clone_htod(&vec![f32::NAN; h]).unwrap();
+                    kern.moe_mxfp4_with(kind, &w, &dr, &xd, MoeInput::Settled, &mut scratch, &mut tiled).unwrap();
+                    let mut fused = g.stream.clone_htod(&vec![f32::NAN; h]).unwrap();
+                    kern.moe_mxfp4_routed(MoeKernel::Fused { stages, steps, max_blocks: 0 }, &spec, &w, &ld2, bd.as_ref(), &xd, MoeInput::Settled, &mut scratch, &mut fused).unwrap();
+                    let (tiled, fused) = (g.stream.clone_dtoh(&tiled).unwrap(), g.stream.clone_dtoh(&fused).unwrap());
+                    if kern.moe_fp8_for(&w) {
+                        // Other bits, as close: NaN logits give NaN outputs in both.
+                        let scale = tiled.iter().filter(|v| v.is_finite()).fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+                        let worst = tiled.iter().zip(&fused).map(|(a, b)| if a.is_nan() && b.is_nan() { 0.0 } else { (a - b).abs() / scale }).fold(0f32, f32::max);
+                        assert!(worst < 1e-5, "{name} ({kind:?}): the FP8 digit fused kernel is {worst:.2e} off the two launches (relative to their largest output)");
+                    } else {
+                        assert!(tiled.iter().zip(&fused).all(|(a, b)| a.to_bits() == b.to_bits()), "{name} ({kind:?}): two launches differ from the routed fused kernel");
+                    }
                 }
             }
+            eprintln!("{name}: routed inside the fused kernel, bit-identical (FP8 digits {})", kern.moe_fp8_for(&w));
         }
-        eprintln!("{name}: routed inside the fused kernel, bit-identical (FP8 digits {})", kern.moe_fp8_for(&w));
-    }
     }
     kern.set_moe_fp8(true);
     // A kernel other than the fused one is refused, not run.
@@ -291,31 +291,31 @@ fn moe_after_the_oproj_router_equals_the_routed_kernel() {
         let mut scratch = kern.moe_scratch(&w, k).unwrap();
         // The tiled family's math and one token's FP8 digit math (sm_90a): each agrees with itself.
         for fp8 in [false, true] {
-        kern.set_moe_fp8(fp8);
-        for &(stages, steps) in peregrine_cuda::kernels::TILED_VARIANTS.iter() {
-            for max_blocks in [0, 3] {
-                let kind = MoeKernel::Fused { stages, steps, max_blocks };
-                let mut run = |acc_path: bool| -> (Vec<i32>, Vec<f32>) {
-                    let mut tok_pairs = st.clone_htod(&vec![-1i32; k]).unwrap();
-                    st.memcpy_htod(&vec![f32::NAN; scratch.out.len()], &mut scratch.out).unwrap();
-                    if acc_path {
-                        kern.moe_mxfp4_acc_pairs(kind, &spec, &w, &route, 0.0, Some(&bd), &mut scratch, &mut tok_pairs, 0, 0).unwrap();
-                    } else {
-                        kern.moe_mxfp4_routed_pairs(kind, &spec, &w, &ld, Some(&bd), &xd, MoeInput::Fresh, &mut scratch, &mut tok_pairs).unwrap();
+            kern.set_moe_fp8(fp8);
+            for &(stages, steps) in peregrine_cuda::kernels::TILED_VARIANTS.iter() {
+                for max_blocks in [0, 3] {
+                    let kind = MoeKernel::Fused { stages, steps, max_blocks };
+                    let mut run = |acc_path: bool| -> (Vec<i32>, Vec<f32>) {
+                        let mut tok_pairs = st.clone_htod(&vec![-1i32; k]).unwrap();
+                        st.memcpy_htod(&vec![f32::NAN; scratch.out.len()], &mut scratch.out).unwrap();
+                        if acc_path {
+                            kern.moe_mxfp4_acc_pairs(kind, &spec, &w, &route, 0.0, Some(&bd), &mut scratch, &mut tok_pairs, 0, 0).unwrap();
+                        } else {
+                            kern.moe_mxfp4_routed_pairs(kind, &spec, &w, &ld, Some(&bd), &xd, MoeInput::Fresh, &mut scratch, &mut tok_pairs).unwrap();
+                        }
+                        assert!(st.clone_dtoh(&scratch.counters).unwrap().iter().all(|&c| c == 0), "{name} ({kind:?}, after the o_proj's router {acc_path}): counters left non-zero");
+                        (st.clone_dtoh(&tok_pairs).unwrap(), st.clone_dtoh(&scratch.out).unwrap()[..k * h].to_vec())
+                    };
+                    let (want_tp, want) = run(false);
+                    let (got_tp, got) = run(true);
+                    if !nan {
+                        assert!(want.iter().all(|v| v.is_finite()), "{name} ({kind:?}): the routed kernel's pairs are finite");
                     }
-                    assert!(st.clone_dtoh(&scratch.counters).unwrap().iter().all(|&c| c == 0), "{name} ({kind:?}, after the o_proj's router {acc_path}): counters left non-zero");
-                    (st.clone_dtoh(&tok_pairs).unwrap(), st.clone_dtoh(&scratch.out).unwrap()[..k * h].to_vec())
-                };
-                let (want_tp, want) = run(false);
-                let (got_tp, got) = run(true);
-                if !nan {
-                    assert!(want.iter().all(|v| v.is_finite()), "{name} ({kind:?}): the routed kernel's pairs are finite");
+                    assert_eq!(got_tp, want_tp, "{name} ({kind:?}): the token's pair indices");
+                    let bad = got.iter().zip(&want).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+                    assert_eq!(bad, 0, "{name} ({kind:?}, FP8 digits {fp8}): {bad} of {} pair values differ from the routed kernel's", want.len());
                 }
-                assert_eq!(got_tp, want_tp, "{name} ({kind:?}): the token's pair indices");
-                let bad = got.iter().zip(&want).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
-                assert_eq!(bad, 0, "{name} ({kind:?}, FP8 digits {fp8}): {bad} of {} pair values differ from the routed kernel's", want.len());
             }
-        }
         }
         eprintln!("{name}: the MoE after the o_proj's router equals the routed kernel, bit for bit (FP8 digits {})", kern.moe_fp8_for(&w));
     }
@@ -331,7 +331,8 @@ fn seq(id: u64, tokens: Vec<u32>, start_pos: usize, blocks: &[u32], output: Outp
     SeqForward { seq_id: id, tokens, start_pos, full_blocks: blocks.to_vec(), swa_blocks: blocks.to_vec(), output }
 }
 
-/// One token's MoE on FP8 digits through the whole model (sm_90a): a synthetic model with
+/// One token's MoE on FP8 digits through the whole model (where it is the default: sm_90a at 4
+/// TB/s of peak bandwidth and more, the H200; skipped elsewhere): a synthetic model with
 /// experts wide enough for it (H and I 256) decodes the same tokens with the digit form and
 /// with the F16 form; every step's logits agree within 1e-5 of their scale, and some bits
 /// differ (the digit form ran).
