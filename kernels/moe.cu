@@ -210,7 +210,7 @@ __device__ __forceinline__ unsigned e4m3x4(float a, float b, float c, float d) {
 }
 // Measurement builds only (outputs wrong): -DMOE_DG_NO_STAGE_MATH stores zeros without
 // computing digits.
-#define DG_CORE 144  // bytes from one core matrix of staged digits to the next (16 values of k)
+#define DG_CORE 144  // bytes from one core matrix of staged digits to the next (16 values of k; DG_CORE_BYTES in kernels/moe.rs)
 __device__ __forceinline__ void stage_item_digits(unsigned* frag, int q, int t, float2 v0, float2 v1, float s) {
     float a = v0.x * s, b = v0.y * s, c = v1.x * s, d = v1.y * s;
     unsigned* u = frag + (size_t)q * (DG_CORE / 4) + t;
@@ -1011,8 +1011,9 @@ __device__ __forceinline__ void fused_item(int n, int gu_items, int gug, int dg,
 
 // NORM: x is g h, staged as the post-attention norm g h * ninv (stage_b's NORM; h by 1).
 // DG: the FP8 digit math (one row a pass staged as digits, tile_stream_bulk's DG, summed by
-// tile_store_digits): the host launches it only on sm_90a, where every item's row tiles fill
-// the block (I / 8 and H / 16 multiples of TW), since a warpgroup's four warps multiply together.
+// tile_store_digits): the host launches it only on sm_90a with H and I multiples of 256
+// (Kernels::moe_fp8_for), so every item's row tiles fill the block, since a warpgroup's four
+// warps multiply together, and every pass is whole stages of the DG_RINGS rings.
 template <int NS, int CS, bool NORM = false, bool DG = false>
 __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Wd,
                                           const int* __restrict__ experts, const int* __restrict__ pair_off,

@@ -31,6 +31,10 @@ pub const FP8_MOE_MIN_BANDWIDTH: f64 = 4.0e12;
 /// has no partial stage to branch around.
 pub const DG_RINGS: [(usize, usize); 4] = [(2, 4), (4, 2), (3, 4), (4, 4)];
 
+/// Shared-memory bytes of one staged core matrix of digits (16 values of k, 8 digits of 16
+/// bytes, padded to keep the staging's stores conflict-free): DG_CORE in kernels/moe.cu.
+const DG_CORE_BYTES: usize = 144;
+
 /// How old a MoE call's input x is, which decides when the tiled kernels may read it, and
 /// whether it comes split already (`Split`: the split must be of this x). With one
 /// token they stage x before they wait for the kernel ahead (programmatic dependent launch lets
@@ -676,9 +680,8 @@ impl Kernels {
     fn fused_grid(&self, f: &CudaFunction, w: &MoeWeights, stages: usize, steps: usize, max_blocks: usize, tokens: usize, u: usize, scratch: usize, counters: &CudaSlice<u32>, fp8: bool) -> Result<LaunchConfig> {
         let (h, i) = (w.hidden, w.inter);
         let ring = ring_bytes(stages, steps);
-        // The FP8 digit kernels stage one row a pass, 8 digits a value in core matrices of 16
-        // values 144 bytes apart (DG_CORE in kernels/moe.cu).
-        let staged = if fp8 { h.max(i) / 16 * 144 } else { h.max(i) * 4 * self.staged_pairs(f, ring, h.max(i), tokens, scratch)? };
+        // The FP8 digit kernels stage one row a pass, in core matrices of 16 values.
+        let staged = if fp8 { h.max(i) / 16 * DG_CORE_BYTES } else { h.max(i) * 4 * self.staged_pairs(f, ring, h.max(i), tokens, scratch)? };
         let smem = (ring + staged).max(scratch);
         check(smem <= TILED_MAX_SMEM, || format!("MoE dims {h}, {i} need more than {TILED_MAX_SMEM} bytes of shared memory"))?;
         let (gug, dg) = ((i / 8).div_ceil(8), (h / 16).div_ceil(8));
