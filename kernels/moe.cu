@@ -241,17 +241,62 @@ __device__ __forceinline__ void stage_item_digits(unsigned* frag, int q, int t, 
 // scale by 2^(14 - ex) (0 or non-finite: no scaling), as split_f16 does; inv undoes it.
 // DG (the FP8 digit staging, stage_item_digits): the largest magnitude just under 4 instead, and
 // every finite row scaled that far down (a factor of 2^-126 at most, still a normal float).
+// (row_scale_of: the same pair of scales into registers, for threads that each need them.)
 template <bool DG = false>
-__device__ __forceinline__ void row_scale(const float* red, int j, float* scale, float* inv) {
+__device__ __forceinline__ void row_scale_of(const float* red, int j, float& scale, float& inv) {
     float m = 0.f;
     for (int i = 0; i < TW; i++) m = fmaxf(m, red[i * NP + j]);
     int ex = (m > 0.f && m < __int_as_float(0x7f800000u)) ? (int)((__float_as_uint(m) >> 23) & 0xffu) - 126 : 0;
     int sh = DG ? min(max(2 - ex, -126), 100) : min(max(14 - ex, -100), 100);
-    scale[j] = __int_as_float((unsigned)(sh + 127) << 23);
-    inv[j] = __int_as_float((unsigned)(127 - sh) << 23);
+    scale = __int_as_float((unsigned)(sh + 127) << 23);
+    inv = __int_as_float((unsigned)(127 - sh) << 23);
+}
+template <bool DG = false>
+__device__ __forceinline__ void row_scale(const float* red, int j, float* scale, float* inv) {
+    row_scale_of<DG>(red, j, scale[j], inv[j]);
+}
+
+// One row's staging items held in registers (stage_b's one-row path): thread `me` of `n` takes
+// items me, me + n, ... (R of them at most; item (q, t) is the values 16 q + 2 t + {0, 1, 8, 9}).
+template <int R>
+struct RowItems {
+    float2 v0[R], v1[R];
+};
+// Loads this thread's items of row xr (q16 = K / 16 groups) and returns their largest magnitude.
+template <int R>
+__device__ __forceinline__ float row_items_load(const float* __restrict__ xr, int q16, int me, int n, RowItems<R>& r) {
+    float m = 0.f;
+#pragma unroll
+    for (int i = 0; i < R; i++) {
+        int it = me + i * n;
+        r.v0[i] = r.v1[i] = make_float2(0.f, 0.f);
+        if (it < q16 * 4) {
+            const float* p = xr + 16 * (it >> 2) + 2 * (it & 3);
+            r.v0[i] = __ldcg(reinterpret_cast<const float2*>(p));
+            r.v1[i] = __ldcg(reinterpret_cast<const float2*>(p + 8));
+        }
+        m = fmaxf(m, fmaxf(fmaxf(fabsf(r.v0[i].x), fabsf(r.v0[i].y)), fmaxf(fabsf(r.v1[i].x), fabsf(r.v1[i].y))));
+    }
+    return m;
+}
+// Stages the items row_items_load gave this thread, times s, as one row's B fragments (DG: its
+// FP8 digits; the caller fences them for the wgmmas).
+template <int R, bool WG, bool DG>
+__device__ __forceinline__ void row_items_stage(unsigned* frag, int q16, int me, int n, const RowItems<R>& r, float s) {
+#pragma unroll
+    for (int i = 0; i < R; i++) {
+        int it = me + i * n;
+        if (it < q16 * 4) {
+            if (DG)
+                stage_item_digits(frag, it >> 2, it & 3, r.v0[i], r.v1[i], s);
+            else
+                stage_item<WG>(frag, 8, 0, it >> 2, it & 3, r.v0[i], r.v1[i], s);
+        }
+    }
 }
 
 #define STAGE_REGS 8  // items per thread a one-row staging keeps in registers (K <= 8192)
+#define ACC_STAGE_REGS 8  // the same for moe_fused_acc's staging by 6 warps while warp 0 routes (H <= 6144)
 // Stages rows rows[0..np) of x (f32, K each) as B fragments in `frag` and their 2^-s in inv.
 // Fragment layout (uint4 units): [K/64 steps][2 halves][8 np lanes], lane 4g + t of column
 // g = 2j + part (part 0 = hi, 1 = lo of pair j); half h holds MMAs 2h and 2h+1 as {b0, b1, b0, b1}.
@@ -279,20 +324,8 @@ __device__ __forceinline__ void stage_b(const float* __restrict__ x, const int* 
         // round trip, queued behind the rings' first weight copies, into every item's start
         // (the fused kernel's trace: ~7 us from start to staged). Same values, same maximum,
         // same split as the general path below.
-        const float* xr = x + (size_t)rows[0] * K;
-        float2 v0[STAGE_REGS], v1[STAGE_REGS];
-        float m = 0.f;
-#pragma unroll
-        for (int i = 0; i < STAGE_REGS; i++) {
-            int it = tid + i * (int)blockDim.x;
-            v0[i] = v1[i] = make_float2(0.f, 0.f);
-            if (it < q16 * 4) {
-                const float* p = xr + 16 * (it >> 2) + 2 * (it & 3);
-                v0[i] = __ldcg(reinterpret_cast<const float2*>(p));
-                v1[i] = __ldcg(reinterpret_cast<const float2*>(p + 8));
-            }
-            m = fmaxf(m, fmaxf(fmaxf(fabsf(v0[i].x), fabsf(v0[i].y)), fmaxf(fabsf(v1[i].x), fabsf(v1[i].y))));
-        }
+        RowItems<STAGE_REGS> r;
+        float m = row_items_load(x + (size_t)rows[0] * K, q16, tid, (int)blockDim.x, r);
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
         if (lane == 0) red[w * NP] = NORM ? m * ninv : m;
@@ -300,16 +333,7 @@ __device__ __forceinline__ void stage_b(const float* __restrict__ x, const int* 
         if (tid == 0) row_scale<DG>(red, 0, scale, inv);
         __syncthreads();
         float s = NORM ? scale[0] * ninv : scale[0];
-#pragma unroll
-        for (int i = 0; i < STAGE_REGS; i++) {
-            int it = tid + i * (int)blockDim.x;
-            if (it < q16 * 4) {
-                if (DG)
-                    stage_item_digits(frag, it >> 2, it & 3, v0[i], v1[i], s);
-                else
-                    stage_item<WG>(frag, 8, 0, it >> 2, it & 3, v0[i], v1[i], s);
-            }
-        }
+        row_items_stage<STAGE_REGS, WG, DG>(frag, q16, tid, (int)blockDim.x, r, s);
         if (DG) asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // the digits, seen by wgmma
         __syncthreads();
         return;
@@ -1095,7 +1119,8 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
             }
             ITEM_SYNC();
             if (ti < 14 && p0 == pb) TRACE(ti + 1);
-            // x staged before the wait serves the block's first gate_up pass if it has one pair.
+            // x staged before the wait (or while warp 0 routed: moe_fused_acc) serves the block's
+            // first gate_up pass if it has one pair.
             if (!(x_staged && !down && np == 1))
                 stage_b<false, NORM, DG>(down ? h : x, ss.rows, np, down ? I : H, reinterpret_cast<unsigned*>(frag), ss.red, ss.scale,
                                          ss.inv, down ? 1.f : ninv);
@@ -1131,21 +1156,21 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
 // or global memory) by route_token, warp 0 grouping the choices (K <= MAX_FUSED_TOPK <= 32),
 // block 0 writes the token's pair indices when the pairs are left (y null), then moe_fused runs
 // on that routing. scores: 2 E floats of the rings' shared memory (free again past
-// route_token's closing barrier).
-template <int NS, int CS, bool NORM, bool DG = false>
+// route_token's closing barrier). idle(): route_token's, for the warps that do not route.
+template <int NS, int CS, bool NORM, bool DG = false, class Idle = RouteNoIdle>
 __device__ __forceinline__ void route_then_moe(const float* logits, const float* __restrict__ bias, int E, int K, int softmax,
                                                int n_group, int topk_group, int norm, float scale, float* scores,
                                                const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Wd,
                                                const float* __restrict__ x, float* __restrict__ h, float* __restrict__ out, int H,
                                                int I, int U, unsigned* counters, float* __restrict__ y, int* __restrict__ tok_pairs_out,
-                                               StageSmem& ss, bool staged, float ninv) {
+                                               StageSmem& ss, bool staged, float ninv, Idle idle = Idle()) {
     __shared__ int sel[MAX_FUSED_TOPK], experts[MAX_FUSED_TOPK], pair_off[MAX_FUSED_TOPK + 1], pair_tok[MAX_FUSED_TOPK],
         tok_pairs[MAX_FUSED_TOPK];
     __shared__ float wsel[MAX_FUSED_TOPK], pair_w[MAX_FUSED_TOPK];
     static_assert(MAX_FUSED_TOPK <= 32, "group_one_token_warp holds one choice a lane");
     const OneTokenGroups groups = {experts, pair_off, pair_tok, pair_w, tok_pairs, U};
     route_token(logits, bias, E, K, softmax, n_group, topk_group, norm, scale, scores, scores + E, sel, wsel, &groups,
-                [](int slot) { TRACE(slot); });
+                [](int slot) { TRACE(slot); }, idle);
     TRACE(16);
     // y null: the pairs are left to the residual add after the MoE, which needs to know them.
     if (!y && blockIdx.x == 0 && (int)threadIdx.x < K) tok_pairs_out[threadIdx.x] = tok_pairs[threadIdx.x];
@@ -1221,11 +1246,34 @@ __device__ __forceinline__ void moe_fused_acc(const unsigned long long* __restri
         for (int c = 0; c < ACC_HELD; c++) part[c] = c < copies ? __ldcg(acc + (size_t)c * E + e0) : 0ull;
     }
     const bool bad = __ldcg(acc + (size_t)copies * E) != 0ull;
+    // hg's row is asked for in the same round trip, by six of the warps that do not route (warp
+    // 0 takes the top K alone): they stage it while warp 0 routes (route_token's idle), so the
+    // first gate_up pass finds it staged instead of reading and converting it after the
+    // routing, behind its first weight copies. Warp 4 stages nothing: it shares warp 0's
+    // scheduler (warp w issues on quarter w % 4), whose top K is the routing's longest phase
+    // (all seven warps staging: the batch-1 step 3.8 us slower). Same values, same maximum,
+    // same scale: stage_b's bits. (-DMOE_ACC_STAGE_AFTER keeps the old order, for measurements.)
+    static_assert(TW == 8, "the stagers are warps 1-3 and 5-7");
+    const int wq = (int)threadIdx.x >> 5, q16 = H / 16, others = 32 * (TW - 2);
+    const int me = wq % 4 == 0 ? -1 : (int)threadIdx.x - 32 * (1 + wq / 4);
+#ifdef MOE_ACC_STAGE_AFTER
+    const bool early = false;
+#else
+    const bool early = q16 * 4 <= ACC_STAGE_REGS * others;
+#endif
+    RowItems<ACC_STAGE_REGS> row;
+    float hm = 0.f;
+    if (early && me >= 0) hm = row_items_load(hg, q16, me, others, row);
     float q = 0.f;
     for (int i = threadIdx.x & 31; i < nssq; i += 32) q += __ldcg(ssq + i);
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) q += __shfl_xor_sync(0xffffffffu, q, o);
     const float inv = 1.f / sqrtf(q / H + eps);
+    if (early) {
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) hm = fmaxf(hm, __shfl_xor_sync(0xffffffffu, hm, o));
+        if ((threadIdx.x & 31) == 0) ss.red[(threadIdx.x >> 5) * NP] = hm * inv;  // warps 0 and 4: 0
+    }
     auto logit = [&](unsigned long long v) { return bad ? __int_as_float(0x7fc00000) : (float)((double)(long long)v * 0x1p-40) * inv; };
     if (held) {
         if (e0 < E) {
@@ -1245,8 +1293,20 @@ __device__ __forceinline__ void moe_fused_acc(const unsigned long long* __restri
         for (int i = threadIdx.x; i < nzero; i += blockDim.x) zero_acc[i] = 0ull;
     __syncthreads();
     TRACE(15);
+    // Staged as stage_b<false, true, DG> stages a one-pair pass (its row_scale from the warps'
+    // maxima, times 1 / rms), into the fragments past the rings (the routing's scratch is in the
+    // rings). route_then_moe's fence after route_token's closing barrier and moe_fused's item
+    // barrier come before the first wgmma reads them.
+    auto stage = [&]() {
+        if (!early || me < 0) return;
+        float sc, si;
+        row_scale_of<DG>(ss.red, 0, sc, si);
+        if (me == 0) ss.inv[0] = si;
+        row_items_stage<ACC_STAGE_REGS, false, DG>(reinterpret_cast<unsigned*>(staged_frag(NS * CS * STEP_BYTES)), q16, me, others, row,
+                                                   sc * inv);
+    };
     route_then_moe<NS, CS, true, DG>(logits, bias_s, E, K, softmax, n_group, topk_group, norm, scale, scores, Wg, Wd, hg, h, out, H, I, U,
-                                 counters, y, tok_pairs_out, ss, false, inv);
+                                 counters, y, tok_pairs_out, ss, early, inv, stage);
 }
 
 // The fused kernels of ring NS x CS: SFX _bulk on F16 MMAs (every ring), _dg with the FP8

@@ -175,6 +175,10 @@ __device__ __forceinline__ void group_one_token_warp(const int* sel, float w, in
 struct RouteNoStamp {
     __device__ void operator()(int) const {}
 };
+// Work for the threads outside warp 0 while warp 0 takes the top K (route_token's `idle`): none.
+struct RouteNoIdle {
+    __device__ void operator()() const {}
+};
 
 // The MoE router of one token, by the whole block (HF MiMoV2FlashTopkRouter / DeepSeek-V3
 // noaux_tc, as peregrine_cpu::model::route): scores = sigmoid (or softmax) of the logits l[0..E);
@@ -186,10 +190,13 @@ struct RouteNoStamp {
 // floats each of shared memory. The top K with the choices in registers (route_top_k_regs)
 // where E allows, else (and with -DROUTE_TOPK_SCAN, for measurements) by a scan. stamp(slot):
 // thread 0 marks its phases (17: scores, 18: top K, 19: weights, 20: grouped) for a trace.
-template <class Stamp = RouteNoStamp>
+// idle(): what the other warps do meanwhile (they would wait at the closing barrier; the fused
+// one-token MoE stages its activations there).
+template <class Stamp = RouteNoStamp, class Idle = RouteNoIdle>
 __device__ __forceinline__ void route_token(const float* __restrict__ l, const float* __restrict__ bias, int E, int K, int softmax,
                                             int n_group, int topk_group, int norm, float scale, float* scores, float* choice,
-                                            int* sel, float* wsel, const OneTokenGroups* groups = nullptr, Stamp stamp = Stamp()) {
+                                            int* sel, float* wsel, const OneTokenGroups* groups = nullptr, Stamp stamp = Stamp(),
+                                            Idle idle = Idle()) {
     __shared__ float sv[32], sh[32], best_v;
     __shared__ int si[32], best_i, keep[64];
     const float NEG_INF = __int_as_float(0xff800000u);
@@ -289,6 +296,8 @@ __device__ __forceinline__ void route_token(const float* __restrict__ l, const f
         stamp(19);
         if (groups) group_one_token_warp(sel, mine, K, *groups);
         stamp(20);
+    } else {
+        idle();
     }
     __syncthreads();
 }
