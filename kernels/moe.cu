@@ -1251,11 +1251,17 @@ __device__ __forceinline__ void moe_fused_acc(const unsigned long long* __restri
     // first gate_up pass finds it staged instead of reading and converting it after the
     // routing, behind its first weight copies. Warp 4 stages nothing: it shares warp 0's
     // scheduler (warp w issues on quarter w % 4), whose top K is the routing's longest phase
-    // (all seven warps staging: the batch-1 step 3.8 us slower). Same values, same maximum,
-    // same scale: stage_b's bits. (-DMOE_ACC_STAGE_AFTER keeps the old order, for measurements.)
+    // (all seven warps staging, -DMOE_ACC_STAGE_SEVEN: the H200's batch-1 step 4-8 us slower).
+    // Same values, same maximum, same scale: stage_b's bits. (-DMOE_ACC_STAGE_AFTER keeps the
+    // old order, for measurements: benches/results/2026-11-28-moe-acc-stage-while-routing.md.)
     static_assert(TW == 8, "the stagers are warps 1-3 and 5-7");
+#ifdef MOE_ACC_STAGE_SEVEN  // measurement builds: warp 4 stages too
+    const int wq = (int)threadIdx.x >> 5, q16 = H / 16, others = 32 * (TW - 1);
+    const int me = wq == 0 ? -1 : (int)threadIdx.x - 32;
+#else
     const int wq = (int)threadIdx.x >> 5, q16 = H / 16, others = 32 * (TW - 2);
     const int me = wq % 4 == 0 ? -1 : (int)threadIdx.x - 32 * (1 + wq / 4);
+#endif
 #ifdef MOE_ACC_STAGE_AFTER
     const bool early = false;
 #else
