@@ -73,7 +73,8 @@ struct Args {
     /// is an A/A of two loads of the same kernels. That A/A is not zero: on H200s the second
     /// load read 2-12 us faster at batch 1, every round (not the replay order; the load's or the
     /// capture's), so run one beside small differences, or swap the roles across processes
-    /// (`PEREGRINE_KERNEL_DEFINES=X ... --ab defines:`): benches/results/2026-11-28-moe-acc-stage-while-routing.md. `copies:N`: A the router's sums in the
+    /// (`PEREGRINE_KERNEL_DEFINES=X ... --ab defines:`):
+    /// benches/results/2026-11-28-moe-acc-stage-while-routing.md. `copies:N`: A the router's sums in the
     /// loaded count of copies, B in N (`set_route_acc_copies`). `moe-grid:N`: A the one-token
     /// fused MoE as chosen, B the same kernel on at most N blocks. `fp8`: A one token's MoE on
     /// FP8 digits (the default on sm_90a), B the same ring on F16 MMAs.
