@@ -114,6 +114,13 @@ __device__ __forceinline__ void e4m3x4_to_f16x2x2(unsigned e, unsigned& lo, unsi
         : "r"(e));
 }
 
+// A tiled word's codes as e4m3 bytes (each value x 2^-6): rows g (ra) and g + 8 (rb) at one k16
+// half, the FP8 wgmma's A registers as they are and what tile_decode converts to f16.
+__device__ __forceinline__ void digits_a(unsigned w, unsigned& ra, unsigned& rb) {
+    ra = w & 0x9C9C9C9Cu;
+    rb = ((w << 2) & 0x8C8C8C8Cu) | ((w >> 2) & 0x10101010u);
+}
+
 // One tiled word (8 codes) -> the A fragment a0..a3 of one MMA, each value x 2^-6.
 // Measurement builds only (outputs are wrong), bounding what a cheaper decode could give:
 // -DMOE_DECODE_FREE feeds the word itself to the MMA (no decode at all), -DMOE_DECODE_NO_CVT
@@ -123,8 +130,8 @@ __device__ __forceinline__ void tile_decode(unsigned w, unsigned a[4]) {
     a[0] = a[1] = a[2] = a[3] = w;
     return;
 #endif
-    unsigned ea = w & 0x9C9C9C9Cu;
-    unsigned eb = ((w << 2) & 0x8C8C8C8Cu) | ((w >> 2) & 0x10101010u);
+    unsigned ea, eb;
+    digits_a(w, ea, eb);
 #if defined(MOE_DECODE_NO_CVT)
     a[0] = a[2] = ea;
     a[1] = a[3] = eb;
@@ -582,7 +589,7 @@ __device__ __forceinline__ void tile_math(uint4 wv, unsigned sv, uint4 b01, uint
 #ifdef __CUDA_ARCH_FEAT_SM90_ALL
 // The one-token fused kernel's steps on FP8 warpgroup MMAs (moe_fused's DG). A block's warps
 // stream row tiles rt = TW grp + w of one item at the same k, so each warpgroup's four tiles
-// are one 64-row m64n8k32 e4m3 tile. A word's two e4m3 halves (tile_decode's five integer
+// are one 64-row m64n8k32 e4m3 tile. A word's two e4m3 halves (digits_a's five integer
 // operations, no conversions) are A registers as they are (a0/a2: row g, a1/a3: row g + 8;
 // hardware k 4t + i holds logical k 2t + (i & 1) + 8 (i >> 1), as the tiled layout puts the
 // codes and stage_item_digits lays out B), and each k32 block is one MMA against the digits from
@@ -599,11 +606,6 @@ __device__ __forceinline__ void wg_e4m3_k32(float d[4], unsigned a0, unsigned a1
 __device__ __forceinline__ void wg_pin8(float d[8]) {
 #pragma unroll
     for (int i = 0; i < 8; i++) asm volatile("" : "+f"(d[i])::"memory");
-}
-// A tiled word's codes as the A registers of rows g (ra) and g + 8 (rb) at one k16 half.
-__device__ __forceinline__ void digits_a(unsigned w, unsigned& ra, unsigned& rb) {
-    ra = w & 0x9C9C9C9Cu;
-    rb = ((w << 2) & 0x8C8C8C8Cu) | ((w >> 2) & 0x10101010u);
 }
 // One step's two k32 MMAs into tp (block 0: tp[0..3], block 1: tp[4..7]); bdesc: the step's
 // digits (block 1 two core matrices on).
