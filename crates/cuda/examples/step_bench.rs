@@ -67,14 +67,13 @@ struct Args {
     /// (`set_embed_norm_fused`); `prefetch`: A the lm_head asking L2 for its first K blocks
     /// before its wait, B not (`set_lm_head_prefetch`). `rows` times the engine's steps instead (host-timed, as
     /// the table above: overlapped, then one at a time), A copy-free, B copying the row data
-    /// and ids (`set_copy_free_rows`), in turn per round. `defines:DEFINES` builds every
-    /// kernel a second time under measurement defines (`-DX -DY`, as `PEREGRINE_KERNEL_DEFINES`
-    /// takes them): A the kernels as loaded, B those (`load_kernel_set`); `defines:` with none
-    /// is an A/A of two loads of the same kernels. That A/A is not zero: on H200s the second
-    /// load read 2-12 us faster at batch 1, every round (not the replay order; the load's or the
-    /// capture's), so run one beside small differences, or swap the roles across processes
-    /// (`PEREGRINE_KERNEL_DEFINES=X ... --ab defines:`):
-    /// benches/results/2026-11-28-moe-acc-stage-while-routing.md. `copies:N`: A the router's sums in the
+    /// and ids (`set_copy_free_rows`), in turn per round. `defines:DEFINES` loads every
+    /// kernel afresh in `--ab-loads` pairs, A as the model was loaded and B under measurement
+    /// defines (`-DX -DY`, as `PEREGRINE_KERNEL_DEFINES` takes them; `load_kernel_set`), a row
+    /// per pair, then the median over pairs and their spread; `defines:` with none is an A/A.
+    /// One pair is not enough: where a load's code lies moves the step by up to ~1% (an A/A
+    /// pair read -10 to +20 us at batch 1 on H200s, every round), and the pairs' spread is that
+    /// placement (benches/results/2026-11-28-kernel-code-placement.md). `copies:N`: A the router's sums in the
     /// loaded count of copies, B in N (`set_route_acc_copies`). `moe-grid:N`: A the one-token
     /// fused MoE as chosen, B the same kernel on at most N blocks. `fp8`: A one token's MoE on
     /// FP8 digits (the default on sm_90a), B the same ring on F16 MMAs.
@@ -82,6 +81,9 @@ struct Args {
     ab: Vec<String>,
     #[arg(long, default_value_t = 15)]
     ab_rounds: usize,
+    /// Pairs of fresh kernel loads a `defines:` A/B measures (see `--ab`).
+    #[arg(long, default_value_t = 3)]
+    ab_loads: usize,
 }
 
 /// One graph replay of `batch` (after three untraced ones), launch by launch and summed per
@@ -136,11 +138,14 @@ fn print_trace(model: &mut CudaModel, batch: &[SeqForward]) {
 }
 
 /// One `--ab` table row: each setting's median ms per replay, and the rounds' B - A.
-fn print_ab_row(what: &str, batch: usize, a: &[f32], b: &[f32]) {
+/// Prints an A/B row and returns its median B - A per round, in us.
+fn print_ab_row(what: &str, batch: usize, a: &[f32], b: &[f32]) -> f64 {
     let diff: Vec<f64> = a.iter().zip(b).map(|(x, y)| (y - x) as f64 * 1e3).collect();
     let slower = diff.iter().filter(|&&d| d > 0.0).count();
     let med = |v: &[f32]| median(v.iter().map(|&x| x as f64).collect());
-    println!("| {what} | {batch} | {:.4} | {:.4} | {:.1} | {slower} of {} |", med(a), med(b), median(diff.clone()), diff.len());
+    let d = median(diff.clone());
+    println!("| {what} | {batch} | {:.4} | {:.4} | {d:.1} | {slower} of {} |", med(a), med(b), diff.len());
+    d
 }
 
 fn gpu_sync(model: &CudaModel) {
@@ -525,26 +530,56 @@ fn main() {
             }
             // Per batch, one graph captured under each setting (A: set(false), B: set(true)),
             // replayed in turn.
-            let ab = |model: &mut CudaModel, set: &dyn Fn(&mut CudaModel, bool)| {
+            // Returns each batch's median B - A (us).
+            let ab_as = |model: &mut CudaModel, label: &str, set: &dyn Fn(&mut CudaModel, bool)| -> Vec<(usize, f64)> {
+                let mut diffs = Vec::new();
                 for &b in batches {
                     let batch: Vec<SeqForward> = (0..b).map(|s| seqf(s, vec![tok(s, args.context)], args.context, OutputRows::Last)).collect();
                     model.set_cuda_graphs(true);
                     if let Some((a, bb)) = model.graph_ab_ms(&batch, args.steps, args.ab_rounds, set).expect("A/B replays") {
-                        print_ab_row(what, b, &a, &bb);
+                        diffs.push((b, print_ab_row(label, b, &a, &bb)));
                     }
                 }
+                diffs
+            };
+            let ab = |model: &mut CudaModel, set: &dyn Fn(&mut CudaModel, bool)| {
+                ab_as(model, what, set);
             };
             if let Some(defines) = what.strip_prefix("defines:") {
-                // Every kernel built twice in one process: A as loaded, B under these
-                // measurement defines (the MoE tuning copied from A).
-                let alt = std::cell::RefCell::new(model.load_kernel_set(defines).expect("kernels under the defines"));
-                let on_b = std::cell::Cell::new(false);
-                ab(&mut model, &|m, on| {
-                    if on != on_b.get() {
-                        m.swap_kernel_set(&mut alt.borrow_mut());
-                        on_b.set(on);
+                // Pairs of fresh loads of every kernel, A as the model was loaded and B under
+                // these measurement defines (the model's MoE tuning and capture pool), loaded in
+                // turn (A first in odd pairs, B first in even ones). Where a load's code lies
+                // moves the step by up to ~1% (benches/results/2026-11-28-kernel-code-placement.md),
+                // so one pair is not a measurement of the defines; the median over pairs is.
+                let mut per_batch: std::collections::BTreeMap<usize, Vec<f64>> = Default::default();
+                for pair in 1..=args.ab_loads.max(1) {
+                    let load = |d: Option<&str>| model.load_kernel_set(d).expect("kernels loaded");
+                    let (mut a, b) = if pair % 2 == 1 {
+                        let a = load(None);
+                        (a, load(Some(defines)))
+                    } else {
+                        let b = load(Some(defines));
+                        (load(None), b)
+                    };
+                    model.swap_kernel_set(&mut a); // a now holds the model's own set
+                    let alt = std::cell::RefCell::new(b);
+                    let on_b = std::cell::Cell::new(false);
+                    let swap_to = |m: &mut CudaModel, on: bool| {
+                        if on != on_b.get() {
+                            m.swap_kernel_set(&mut alt.borrow_mut());
+                            on_b.set(on);
+                        }
+                    };
+                    for (batch, d) in ab_as(&mut model, &format!("{what} (load pair {pair})"), &swap_to) {
+                        per_batch.entry(batch).or_default().push(d);
                     }
-                });
+                    swap_to(&mut model, false);
+                    model.swap_kernel_set(&mut a);
+                }
+                for (batch, d) in per_batch {
+                    let (lo, hi) = d.iter().fold((f64::MAX, f64::MIN), |(l, h), &x| (l.min(x), h.max(x)));
+                    println!("| {what}: median of {} load pairs | {batch} | | | {:.1} (pairs {lo:.1} to {hi:.1}) | |", d.len(), median(d.clone()));
+                }
                 continue;
             }
             if what == "fp8" {
