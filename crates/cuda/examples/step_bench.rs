@@ -69,11 +69,11 @@ struct Args {
     /// the table above: overlapped, then one at a time), A copy-free, B copying the row data
     /// and ids (`set_copy_free_rows`), in turn per round. `defines:DEFINES` loads every
     /// kernel afresh in `--ab-loads` pairs, A as the model was loaded and B under measurement
-    /// defines (`-DX -DY`, as `PEREGRINE_KERNEL_DEFINES` takes them; `load_kernel_set`), a row
-    /// per pair, then the median over pairs and their spread; `defines:` with none is an A/A.
-    /// One pair is not enough: where a load's code lies moves the step by up to ~1% (an A/A
-    /// pair read -10 to +20 us at batch 1 on H200s, every round), and the pairs' spread is that
-    /// placement (benches/results/2026-11-28-kernel-code-placement.md). `copies:N`: A the router's sums in the
+    /// defines (`-DX -DY`, as `PEREGRINE_KERNEL_DEFINES` takes them; `load_kernel_set`), the
+    /// load order alternating, a row per pair, then the mean over pairs; `defines:` with none is
+    /// an A/A. One pair is not enough: where a load's code lies moves the step by up to ~1% (A/A
+    /// pairs read -12 to +20 us at batch 1 on H200s, every round, the sign following the load
+    /// order within a process: benches/results/2026-11-28-kernel-code-placement.md). `copies:N`: A the router's sums in the
     /// loaded count of copies, B in N (`set_route_acc_copies`). `moe-grid:N`: A the one-token
     /// fused MoE as chosen, B the same kernel on at most N blocks. `fp8`: A one token's MoE on
     /// FP8 digits (the default on sm_90a), B the same ring on F16 MMAs.
@@ -81,8 +81,9 @@ struct Args {
     ab: Vec<String>,
     #[arg(long, default_value_t = 15)]
     ab_rounds: usize,
-    /// Pairs of fresh kernel loads a `defines:` A/B measures (see `--ab`).
-    #[arg(long, default_value_t = 3)]
+    /// Pairs of fresh kernel loads a `defines:` A/B measures (see `--ab`); an even count
+    /// cancels the load order.
+    #[arg(long, default_value_t = 2)]
     ab_loads: usize,
 }
 
@@ -548,9 +549,11 @@ fn main() {
             if let Some(defines) = what.strip_prefix("defines:") {
                 // Pairs of fresh loads of every kernel, A as the model was loaded and B under
                 // these measurement defines (the model's MoE tuning and capture pool), loaded in
-                // turn (A first in odd pairs, B first in even ones). Where a load's code lies
-                // moves the step by up to ~1% (benches/results/2026-11-28-kernel-code-placement.md),
-                // so one pair is not a measurement of the defines; the median over pairs is.
+                // turn, A first in odd pairs and B first in even ones. Where a load's code lies
+                // moves the step by up to ~1%, and in an A/A the pair's later load read ~12 us
+                // faster in every pair of a process
+                // (benches/results/2026-11-28-kernel-code-placement.md): one pair measures the
+                // load order as much as the defines, the mean over pairs of both orders does not.
                 let mut per_batch: std::collections::BTreeMap<usize, Vec<f64>> = Default::default();
                 for pair in 1..=args.ab_loads.max(1) {
                     let load = |d: Option<&str>| model.load_kernel_set(d).expect("kernels loaded");
@@ -577,8 +580,9 @@ fn main() {
                     model.swap_kernel_set(&mut a);
                 }
                 for (batch, d) in per_batch {
-                    let (lo, hi) = d.iter().fold((f64::MAX, f64::MIN), |(l, h), &x| (l.min(x), h.max(x)));
-                    println!("| {what}: median of {} load pairs | {batch} | | | {:.1} (pairs {lo:.1} to {hi:.1}) | |", d.len(), median(d.clone()));
+                    let each: Vec<String> = d.iter().map(|x| format!("{x:.1}")).collect();
+                    let mean = d.iter().sum::<f64>() / d.len() as f64;
+                    println!("| {what}: mean of {} load pairs | {batch} | | | {mean:.1} (pairs {}) | |", d.len(), each.join(", "));
                 }
                 continue;
             }

@@ -444,7 +444,7 @@ impl CudaModel {
 
     fn build(gpu: Gpu, spec: &ModelSpec, seed: Option<u64>, w: Option<&dyn WeightSource>) -> Result<CudaModel> {
         let (free0, total) = gpu.ctx.mem_get_info().map_err(drv)?;
-        let mut model = Self::load_inner(gpu, spec, seed, w).map_err(|e| {
+        Self::load_inner(gpu, spec, seed, w).map_err(|e| {
             if e.to_string().contains("OUT_OF_MEMORY") {
                 Error::Backend(format!(
                     "the GPU ran out of memory while loading the weights of a {}-parameter model: {free0} of {total} bytes were free (run with `--device cpu`, or use a larger GPU)",
@@ -453,9 +453,7 @@ impl CudaModel {
             } else {
                 e
             }
-        })?;
-        model.reload_kernels_after_weights()?;
-        Ok(model)
+        })
     }
 
     fn load_inner(gpu: Gpu, spec: &ModelSpec, seed: Option<u64>, files: Option<&dyn WeightSource>) -> Result<CudaModel> {
@@ -659,10 +657,12 @@ impl CudaModel {
         })
     }
 
-    /// Every kernel loaded again (compiled, unless the PTX cache has it) under `defines`
-    /// (measurement defines, as `PEREGRINE_KERNEL_DEFINES` gives them; None: the defines the
-    /// model was loaded with), with this model's MoE tuning and capture pool, for
+    /// For benchmarks: every kernel loaded again (compiled, unless the PTX cache has it) under
+    /// `defines` (measurement defines, as `PEREGRINE_KERNEL_DEFINES` gives them; None: the
+    /// defines the model was loaded with), with this model's MoE tuning and capture pool, for
     /// `swap_kernel_set`. Settings derived from ops.cu's occupancy at load stay the model's.
+    /// Where a load's code lies moves a step's time by up to ~1%
+    /// (benches/results/2026-11-28-kernel-code-placement.md).
     pub fn load_kernel_set(&self, defines: Option<&str>) -> Result<KernelSet> {
         let load = || -> Result<_> { Ok((Kernels::load(&self.gpu)?, load_ops(&self.gpu)?)) };
         let (mut kernels, ops) = match defines {
@@ -672,23 +672,7 @@ impl CudaModel {
         let choices = self.kernels.moe_choices.lock().unwrap_or_else(|e| e.into_inner()).clone();
         *kernels.moe_choices.lock().unwrap_or_else(|e| e.into_inner()) = choices;
         kernels.alloc = self.kernels.alloc.clone();
-        kernels.cached = self.kernels.cached;
         Ok(KernelSet { kernels, ops })
-    }
-
-    /// The kernels loaded a second time once the weights are in GPU memory, and the first
-    /// load's modules unloaded. Where a module's code lies moves a decode step's time by up to
-    /// ~1% (a fresh load of the same kernels read 2-20 us faster or slower at batch 1, every
-    /// round); the load made after the weights was the faster in every process measured on two
-    /// H200s, ~9 us a batch-1 Flash step (benches/results/2026-11-28-kernel-code-placement.md).
-    /// Why is not known. `PEREGRINE_KERNEL_RELOAD=0` keeps the first load.
-    fn reload_kernels_after_weights(&mut self) -> Result<()> {
-        if std::env::var("PEREGRINE_KERNEL_RELOAD").is_ok_and(|v| v == "0") {
-            return Ok(());
-        }
-        let mut first = self.load_kernel_set(None)?;
-        self.swap_kernel_set(&mut first);
-        Ok(())
     }
 
     /// Exchanges the model's kernels with `set`'s (`load_kernel_set`); captured step graphs are
