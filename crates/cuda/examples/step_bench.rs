@@ -138,8 +138,8 @@ fn print_trace(model: &mut CudaModel, batch: &[SeqForward]) {
     }
 }
 
-/// One `--ab` table row: each setting's median ms per replay, and the rounds' B - A.
-/// Prints an A/B row and returns its median B - A per round, in us.
+/// One `--ab` table row: each setting's median ms per replay, and the rounds' B - A, whose
+/// median (us) it returns.
 fn print_ab_row(what: &str, batch: usize, a: &[f32], b: &[f32]) -> f64 {
     let diff: Vec<f64> = a.iter().zip(b).map(|(x, y)| (y - x) as f64 * 1e3).collect();
     let slower = diff.iter().filter(|&&d| d > 0.0).count();
@@ -550,8 +550,8 @@ fn main() {
                 // Pairs of fresh loads of every kernel, A as the model was loaded and B under
                 // these measurement defines (the model's MoE tuning and capture pool), loaded in
                 // turn, A first in odd pairs and B first in even ones. Where a load's code lies
-                // moves the step by up to ~1%, and in an A/A the pair's later load read ~12 us
-                // faster in every pair of a process
+                // moves the step by up to ~1% (in one process's A/A the later load of every
+                // pair read ~12 us faster)
                 // (benches/results/2026-11-28-kernel-code-placement.md): one pair measures the
                 // load order as much as the defines, the mean over pairs of both orders does not.
                 let mut per_batch: std::collections::BTreeMap<usize, Vec<f64>> = Default::default();
