@@ -550,10 +550,10 @@ fn main() {
                 // Pairs of fresh loads of every kernel, A as the model was loaded and B under
                 // these measurement defines (the model's MoE tuning and capture pool), loaded in
                 // turn, A first in odd pairs and B first in even ones. Where a load's code lies
-                // moves the step by up to ~1% (in one process's A/A the later load of every
-                // pair read ~12 us faster)
-                // (benches/results/2026-11-28-kernel-code-placement.md): one pair measures the
-                // load order as much as the defines, the mean over pairs of both orders does not.
+                // moves the step by up to ~1%: in one process's A/A the later load of every pair
+                // read ~12 us faster (benches/results/2026-11-28-kernel-code-placement.md). One
+                // pair measures the load order as much as the defines; the mean over pairs of
+                // both orders does not.
                 let mut per_batch: std::collections::BTreeMap<usize, Vec<f64>> = Default::default();
                 for pair in 1..=args.ab_loads.max(1) {
                     let load = |d: Option<&str>| model.load_kernel_set(d).expect("kernels loaded");
