@@ -1253,7 +1253,9 @@ __device__ __forceinline__ void moe_fused_acc(const unsigned long long* __restri
     // first gate_up pass finds it staged instead of reading and converting it after the
     // routing, behind its first weight copies. Warp 4 stages nothing: it shares warp 0's
     // scheduler (warp w issues on quarter w % 4), whose top K is the routing's longest phase
-    // (all seven warps staging, -DMOE_ACC_STAGE_SEVEN: the H200's batch-1 step 4-8 us slower).
+    // (all seven warps staging, -DMOE_ACC_STAGE_SEVEN: the H200's batch-1 step 4-8 us slower in
+    // single-load A/Bs, which code placement alone can move by as much: not re-measured in load
+    // pairs, benches/results/2026-11-28-kernel-code-placement.md).
     // Same values, same maximum, same scale: stage_b's bits. (-DMOE_ACC_STAGE_AFTER keeps the
     // old order, for measurements: benches/results/2026-11-28-moe-acc-stage-while-routing.md.)
     static_assert(TW == 8, "the stagers are warps 1-3 and 5-7");
