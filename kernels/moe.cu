@@ -688,33 +688,6 @@ __device__ __forceinline__ int tile_stream_bulk(const unsigned char* __restrict_
 #endif
     int nst = (KS + CS - 1) / CS, nnst = (nKS + CS - 1) / CS, pre = 0;
     unsigned slot = (unsigned)seq % NS, phase = ((unsigned)seq / NS) & 1u, pslot = (unsigned)(seq + nst) % NS;
-    // Every lane has read stage j's slot: refill it (stage q, counted over passes, may be asked
-    // for once stage q - NS has been read), else ask for the next pass's first stages.
-    auto refill = [&](int j) {
-        __syncwarp();
-        if (j + NS < nst) {
-            if (lane == 0) {
-                asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-                bulk_issue_at<CS>(j + NS, slot, wt, KS, ring_s, bars_s, once);
-            }
-        } else {
-            // The next pass's stages in order; with a pass shorter than the ring several at once.
-            if (lane == 0 && pre < nnst && nst + pre - NS <= j) asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-            while (pre < nnst && nst + pre - NS <= j) {
-                if (lane == 0) bulk_issue_at<CS>(pre, pslot, nwt, nKS, ring_s, bars_s, nonce);
-                pre++;
-                pslot = pslot + 1 == NS ? 0u : pslot + 1;
-            }
-        }
-    };
-    // DG refills a stage's slot once its last step's MMAs are issued (its words are in
-    // registers by then; the MMAs read B from frag), not after they finish: the slot's next
-    // copy is asked for ~2 MMA latencies earlier. -DMOE_DG_LATE_REFILL: after (measurements).
-#ifdef MOE_DG_LATE_REFILL
-    constexpr bool DG_EARLY_REFILL = false;
-#else
-    constexpr bool DG_EARLY_REFILL = DG && MOE_DG_MATH;
-#endif
     for (int j = 0; j < nst; j++) {
         mbar_wait_at(bars_s + 8u * slot, phase);
         const unsigned stage = ring_s + slot * STAGE;
@@ -738,7 +711,6 @@ __device__ __forceinline__ int tile_stream_bulk(const unsigned char* __restrict_
                 svs[c] = lds32(stage + c * STEP_BYTES + sl);
                 digits_step_issue(lds128(stage + c * STEP_BYTES + wl), bd + (unsigned)c * (4 * DG_CORE / 16), tp[c]);
                 wg_pin8(tp[c]);
-                if (DG_EARLY_REFILL && c == CS - 1) refill(j);
                 if (c >= 1) {
                     wg_wait<1>();
                     wg_pin8(tp[c - 1]);
@@ -759,22 +731,20 @@ __device__ __forceinline__ int tile_stream_bulk(const unsigned char* __restrict_
 #endif
             }
         }
-        if (!DG_EARLY_REFILL) {
-            __syncwarp();  // every lane has read the stage before it is refilled
-            // Stage q (counted over passes) may be asked for once stage q - NS has been read: this slot.
-            if (j + NS < nst) {
-                if (lane == 0) {
-                    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-                    bulk_issue_at<CS>(j + NS, slot, wt, KS, ring_s, bars_s, once);
-                }
-            } else {
-                // The next pass's stages in order; with a pass shorter than the ring several at once.
-                if (lane == 0 && pre < nnst && nst + pre - NS <= j) asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-                while (pre < nnst && nst + pre - NS <= j) {
-                    if (lane == 0) bulk_issue_at<CS>(pre, pslot, nwt, nKS, ring_s, bars_s, nonce);
-                    pre++;
-                    pslot = pslot + 1 == NS ? 0u : pslot + 1;
-                }
+        __syncwarp();  // every lane has read the stage before it is refilled
+        // Stage q (counted over passes) may be asked for once stage q - NS has been read: this slot.
+        if (j + NS < nst) {
+            if (lane == 0) {
+                asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+                bulk_issue_at<CS>(j + NS, slot, wt, KS, ring_s, bars_s, once);
+            }
+        } else {
+            // The next pass's stages in order; with a pass shorter than the ring several at once.
+            if (lane == 0 && pre < nnst && nst + pre - NS <= j) asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+            while (pre < nnst && nst + pre - NS <= j) {
+                if (lane == 0) bulk_issue_at<CS>(pre, pslot, nwt, nKS, ring_s, bars_s, nonce);
+                pre++;
+                pslot = pslot + 1 == NS ? 0u : pslot + 1;
             }
         }
         if (EARLY) {
