@@ -49,7 +49,8 @@
 // Measurement builds only, to bound what each part of the tiled kernels costs (outputs are
 // wrong): -DMOE_NO_MATH streams the weights through the rings without reading them (no decode,
 // no MMA), -DMOE_NO_WAIT lets down units start without waiting for their slot's gate_up units,
-// -DMOE_NO_STAGE stages no activations, -DMOE_NO_COMBINE leaves out the down blocks' routed
+// -DMOE_NO_STAGE stages no activations (-DMOE_DOWN_NO_STAGE: the fused kernel's down passes
+// none), -DMOE_NO_COMBINE leaves out the down blocks' routed
 // combine (their count, fence and the last block's sum into y), and -DMOE_NO_SYNC leaves out
 // the fused kernel's block barriers, fences and counts between items (and its combine).
 // `cuda-bench` also times plain reads of the same bytes.
@@ -1123,6 +1124,12 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
             if (ti < 14 && p0 == pb) TRACE(ti + 1);
             // x staged before the wait (or while warp 0 routed: moe_fused_acc) serves the block's
             // first gate_up pass if it has one pair.
+#ifdef MOE_DOWN_NO_STAGE  // measurement builds: down passes keep whatever frag holds
+            if (down) {
+                if (threadIdx.x < NP) ss.inv[threadIdx.x] = 1.f;
+                __syncthreads();
+            } else
+#endif
             if (!(x_staged && !down && np == 1))
                 stage_b<false, NORM, DG>(down ? h : x, ss.rows, np, down ? I : H, reinterpret_cast<unsigned*>(frag), ss.red, ss.scale,
                                          ss.inv, down ? 1.f : ninv);
