@@ -759,7 +759,8 @@ __device__ __forceinline__ unsigned long long argmax_key(float v, int n) {
 // Measurement builds only (PEREGRINE_KERNEL_DEFINES, outputs wrong; FP8, one row tile):
 // -DGEMV_TILED_ORDER reads each tile's same bytes with every warp load 512 contiguous bytes (the
 // order a tiled weight layout would give), -DGEMV_NO_MATH keeps the loads and drops the decode
-// and the MMAs (benches/results/2026-11-24-gemv-order-attention-combine.md). Under the first,
+// and the MMAs of the FP8 kernels, the pipelined one-token q/k/v's (XSH) included; BF16 keeps
+// its math, whose registers hold half its loads (benches/results/2026-11-24-gemv-order-attention-combine.md). Under the first,
 // only the one-tile kernels (up to 8 tokens) read the bytes a call must read.
 //
 // R row tiles of 16 per block: each activation fragment a lane loads serves R tiles. At 16-64
@@ -950,6 +951,10 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
                         unsigned l0 = __shfl_sync(0xffffffffu, xv[wa & 3], sa + 16 + (wa >> 2));
                         unsigned l1 = __shfl_sync(0xffffffffu, xv[wb & 3], sa + 16 + (wb >> 2));
                         if (g != 0) h0 = h1 = l0 = l1 = 0u;
+#ifdef GEMV_NO_MATH
+                        part[0][0][0] += __uint_as_float((u0[st] ^ u1[st] ^ h0 ^ h1 ^ l0 ^ l1) & 0x3fffffffu);
+                        continue;
+#endif
                         const unsigned a00 = fp8x2_to_f16x2(u0[st] & 0xffffu), a01 = fp8x2_to_f16x2(u0[st] >> 16);
                         const unsigned a10 = fp8x2_to_f16x2(u1[st] & 0xffffu), a11 = fp8x2_to_f16x2(u1[st] >> 16);
                         mma_f16(part[0][0], a00, a10, a01, a11, h0, h1);
@@ -979,6 +984,10 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
                         bf16_rows(rt, k, w0, w1);
                     }
 #ifdef GEMV_NO_MATH
+                    if (!FP8) {  // (BF16 keeps its math: dropping it would drop half its loads)
+                        mma_a_frags<FP8>(w0, w1, a0[rt], a1[rt]);
+                        continue;
+                    }
                     a0[rt][0] = w0[0].x; a0[rt][1] = w0[0].y; a0[rt][2] = w0[0].z; a0[rt][3] = w0[0].w;
                     a1[rt][0] = w1[0].x; a1[rt][1] = w1[0].y; a1[rt][2] = w1[0].z; a1[rt][3] = w1[0].w;
 #pragma unroll
@@ -1005,6 +1014,11 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
                     }
 #ifdef GEMV_NO_MATH
                     // Measurement only (wrong results): the loads kept alive, no decode, no MMA.
+                    if (!FP8) {
+#pragma unroll
+                        for (int rt = 0; rt < R; rt++) mma_k16<FP8>(acc[rt][tt], a0[rt], a1[rt], bh, bl);
+                        continue;
+                    }
 #pragma unroll
                     for (int rt = 0; rt < R; rt++) {
                         unsigned xx = bh[0] ^ bl[0];
