@@ -573,6 +573,17 @@ fn main() {
                             on_b.set(on);
                         }
                     };
+                    // A build with other registers may pick another q/k/v kernel at load
+                    // (by occupancy): then the pair compares kernels, not just the defines.
+                    for &t in batches {
+                        let qkv_a = model.qkv_ready_kernels(t);
+                        swap_to(&mut model, true);
+                        let qkv_b = model.qkv_ready_kernels(t);
+                        swap_to(&mut model, false);
+                        if qkv_a != qkv_b {
+                            println!("| {what} (load pair {pair}): the q/k/v kernels differ, A {qkv_a:?}, B {qkv_b:?} (PEREGRINE_QKV_READY4 / _PIPE / _PIPE_SHUFFLE pin them) | {t} | | | | |");
+                        }
+                    }
                     for (batch, d) in ab_as(&mut model, &format!("{what} (load pair {pair})"), &swap_to) {
                         per_batch.entry(batch).or_default().push(d);
                     }

@@ -224,6 +224,24 @@ pub(crate) struct AttendBufs {
 }
 
 impl CudaModel {
+    /// The kernel each stacked FP8 q/k/v projection of `t` rows would run as the ready
+    /// projection (`Kernels::qkv_ready_kernel`), by its rows, once per distinct pair. The choice
+    /// follows the loaded kernels' occupancy, so a build under measurement defines with other
+    /// registers may pick another kernel: `step_bench --ab defines:` prints both.
+    pub fn qkv_ready_kernels(&self, t: usize) -> Vec<(usize, crate::kernels::QkvReady)> {
+        let mut out = Vec::new();
+        for l in &self.layers {
+            if let Qkv::Stacked { m: Mat { m: GpuMatrix::Fp8 { .. }, .. }, rows } = &l.attn.qkv {
+                let n: usize = rows.iter().sum();
+                let choice = (n, self.kernels.qkv_ready_kernel(n, t));
+                if !out.contains(&choice) {
+                    out.push(choice);
+                }
+            }
+        }
+        out
+    }
+
     /// Whether layer `li`'s attention kernel can apply RoPE and write the new K/V itself (the
     /// v2 kernel, for decode rows: `Op::Attention::kv_in_attention`).
     pub(crate) fn attention_takes_kv(&self, li: usize) -> bool {
