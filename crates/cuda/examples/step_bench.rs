@@ -73,7 +73,9 @@ struct Args {
     /// load order alternating, a row per pair, then the mean over pairs; `defines:` with none is
     /// an A/A. One pair is not enough: where a load's code lies moves the step by up to ~1% (A/A
     /// pairs read -12 to +20 us at batch 1 on H200s, every round, the sign following the load
-    /// order within a process: benches/results/2026-11-28-kernel-code-placement.md). `copies:N`: A the router's sums in the
+    /// order within a process: benches/results/2026-11-28-kernel-code-placement.md). A pair whose
+    /// builds would run different q/k/v kernels (chosen by occupancy at load) says so in a row
+    /// of its own. `copies:N`: A the router's sums in the
     /// loaded count of copies, B in N (`set_route_acc_copies`). `moe-grid:N`: A the one-token
     /// fused MoE as chosen, B the same kernel on at most N blocks. `fp8`: A one token's MoE on
     /// FP8 digits (the default on sm_90a), B the same ring on F16 MMAs.
