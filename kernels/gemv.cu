@@ -760,7 +760,8 @@ __device__ __forceinline__ unsigned long long argmax_key(float v, int n) {
 // -DGEMV_TILED_ORDER reads each tile's same bytes with every warp load 512 contiguous bytes (the
 // order a tiled weight layout would give), -DGEMV_NO_MATH keeps the loads and drops the decode
 // and the MMAs of the FP8 kernels, the pipelined one-token q/k/v's (XSH) included; BF16 keeps
-// its math, whose registers hold half its loads (benches/results/2026-11-24-gemv-order-attention-combine.md). Under the first,
+// its math (without it, half of its loads were dead code: benches/results/2026-11-28-h200-moe-handoff-bounds.md;
+// benches/results/2026-11-24-gemv-order-attention-combine.md). Under the first,
 // only the one-tile kernels (up to 8 tokens) read the bytes a call must read.
 //
 // R row tiles of 16 per block: each activation fragment a lane loads serves R tiles. At 16-64
