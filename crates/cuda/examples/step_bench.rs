@@ -73,7 +73,8 @@ struct Args {
     /// load order alternating, a row per pair, then the mean over pairs; `defines:` with none is
     /// an A/A. One pair is not enough: where a load's code lies moves the step by up to ~1% (A/A
     /// pairs read -12 to +20 us at batch 1 on H200s, every round, the sign following the load
-    /// order within a process: benches/results/2026-11-28-kernel-code-placement.md). A pair whose
+    /// order within a process, or ~0 on some machines:
+    /// benches/results/2026-11-28-kernel-code-placement.md). A pair whose
     /// builds would run different q/k/v kernels (chosen by occupancy at load) says so in a row
     /// of its own. `copies:N`: A the router's sums in the
     /// loaded count of copies, B in N (`set_route_acc_copies`). `moe-grid:N`: A the one-token
@@ -552,8 +553,10 @@ fn main() {
                 // Pairs of fresh loads of every kernel, A as the model was loaded and B under
                 // these measurement defines (the model's MoE tuning and capture pool), loaded in
                 // turn, A first in odd pairs and B first in even ones. Where a load's code lies
-                // moves the step by up to ~1%: in one process's A/A the later load of every pair
-                // read ~12 us faster (benches/results/2026-11-28-kernel-code-placement.md). One
+                // moves the step by up to ~1%: within a process one position in the pair read
+                // up to ~20 us faster in every pair, the later on one machine, the earlier on
+                // another (benches/results/2026-11-28-kernel-code-placement.md,
+                // 2026-11-28-h200-moe-handoff-bounds.md). One
                 // pair measures the load order as much as the defines; the mean over pairs of
                 // both orders does not.
                 let mut per_batch: std::collections::BTreeMap<usize, Vec<f64>> = Default::default();
@@ -577,11 +580,12 @@ fn main() {
                     };
                     // A build with other registers may pick another q/k/v kernel at load
                     // (by occupancy): then the pair compares kernels, not just the defines.
-                    for &t in batches {
-                        let qkv_a = model.qkv_ready_kernels(t);
-                        swap_to(&mut model, true);
-                        let qkv_b = model.qkv_ready_kernels(t);
-                        swap_to(&mut model, false);
+                    let qkv = |m: &CudaModel| batches.iter().map(|&t| m.qkv_ready_kernels(t)).collect::<Vec<_>>();
+                    let qkv_a = qkv(&model);
+                    swap_to(&mut model, true);
+                    let qkv_b = qkv(&model);
+                    swap_to(&mut model, false);
+                    for ((&t, qkv_a), qkv_b) in batches.iter().zip(qkv_a).zip(qkv_b) {
                         if qkv_a != qkv_b {
                             println!("| {what} (load pair {pair}): the q/k/v kernels differ, A {qkv_a:?}, B {qkv_b:?} (PEREGRINE_QKV_READY4 / _PIPE / _PIPE_SHUFFLE pin them) | {t} | | | | |");
                         }
