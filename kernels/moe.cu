@@ -621,14 +621,26 @@ __device__ __forceinline__ void digits_step_issue(uint4 wv, unsigned bdesc_lo, f
     wg_e4m3_k32(tp + 4, z0, z1, u0, u1, wg_desc_of(bdesc_lo + 2 * DG_CORE / 16, 128));
     wg_commit();
 }
-__device__ __forceinline__ void digits_step_scale(const float tp[8], unsigned sv, float acc[4]) {
+// CSC: the step's activation chunk has its own power-of-two scale cs (a down pass over h staged
+// as digits by the gate_up items, gate_up_chunk_digits), folded into the blocks' scales: both
+// are powers of two, so the products are exact.
+template <bool CSC = false>
+__device__ __forceinline__ void digits_step_scale(const float tp[8], unsigned sv, float acc[4], float cs = 1.f) {
     float f0 = e8m0_bits(sv << 23), f1 = e8m0_bits(sv << 7);  // (g, 2k), (g + 8, 2k)
+    if (CSC) {
+        f0 *= cs;
+        f1 *= cs;
+    }
     acc[0] += f0 * tp[0];
     acc[1] += f0 * tp[1];
     acc[2] += f1 * tp[2];
     acc[3] += f1 * tp[3];
     f0 = e8m0_bits(sv << 15);  // (g, 2k + 1)
     f1 = e8m0_bits(sv >> 1);   // (g + 8, 2k + 1)
+    if (CSC) {
+        f0 *= cs;
+        f1 *= cs;
+    }
     acc[0] += f0 * tp[4];
     acc[1] += f0 * tp[5];
     acc[2] += f1 * tp[6];
@@ -663,10 +675,13 @@ __device__ __forceinline__ void digits_step_scale(const float tp[8], unsigned sv
 // Same arithmetic in the same order, so the same bits (benches/results/2026-11-28-moe-lean-stream.md).
 // DG: frag holds one row's FP8 digits (stage_item_digits) and the math runs on wgmma
 // (digits_step_issue); every warp of the block streams a tile of the same K.
-template <int NS, int CS, bool EARLY = false, bool DG = false>
+// CSC (DG only): step k's activation chunk scale is the float at shared-window address csc + 4 k
+// (digits_step_scale's CSC).
+template <int NS, int CS, bool EARLY = false, bool DG = false, bool CSC = false>
 __device__ __forceinline__ int tile_stream_bulk(const unsigned char* __restrict__ wt, int KS, const uint4* frag, int L, float acc[4],
                                                 unsigned char* ring, unsigned long long* bars, int& seq, bool once,
-                                                const unsigned char* nwt = nullptr, int nKS = 0, bool nonce = true, int rowstride = 0) {
+                                                const unsigned char* nwt = nullptr, int nKS = 0, bool nonce = true, int rowstride = 0,
+                                                unsigned csc = 0u) {
     constexpr unsigned STAGE = CS * STEP_BYTES;
     int lane = threadIdx.x & 31, g = lane >> 2;
     // Step k's B words of this lane: fa + k * fstep, then + half for k's second half. Lanes past
@@ -707,20 +722,24 @@ __device__ __forceinline__ int tile_stream_bulk(const unsigned char* __restrict_
             // streaming, bound by instructions issued, pays for.
             const unsigned bd = dga0 + (unsigned)(j * CS) * (4 * DG_CORE / 16);
             float tp[CS][8];
+            // CSC: step c's chunk scale, loaded while its MMAs run (one register at a time).
+            const unsigned cst = csc + 4u * (unsigned)(j * CS);
 #pragma unroll
             for (int c = 0; c < CS; c++) {
                 svs[c] = lds32(stage + c * STEP_BYTES + sl);
                 digits_step_issue(lds128(stage + c * STEP_BYTES + wl), bd + (unsigned)c * (4 * DG_CORE / 16), tp[c]);
                 wg_pin8(tp[c]);
                 if (c >= 1) {
+                    const float cs = CSC ? __uint_as_float(lds32(cst + 4u * (c - 1))) : 1.f;
                     wg_wait<1>();
                     wg_pin8(tp[c - 1]);
-                    digits_step_scale(tp[c - 1], svs[c - 1], acc);
+                    digits_step_scale<CSC>(tp[c - 1], svs[c - 1], acc, cs);
                 }
             }
+            const float cs = CSC ? __uint_as_float(lds32(cst + 4u * (CS - 1))) : 1.f;
             wg_wait<0>();
             wg_pin8(tp[CS - 1]);
-            digits_step_scale(tp[CS - 1], svs[CS - 1], acc);
+            digits_step_scale<CSC>(tp[CS - 1], svs[CS - 1], acc, cs);
 #endif
         } else {
 #pragma unroll
@@ -828,6 +847,63 @@ __device__ __forceinline__ void tile_store_digits(bool gate_up, const float acc[
     }
     const float row[4] = {r0, 0.f, r1, 0.f};
     if (t == 0) tile_store(gate_up, row, inv, y, ldy, p, rt, pair_w);
+}
+
+// The one-token digit MoE's h, handed from gate_up to down as digits. Each gate_up item holds
+// one 64-value chunk of its pair's h (its 8 warps' 8 rows each): it stages that chunk as FP8
+// digits itself, from the chunk's own largest magnitude, into the pair's digit row in global
+// memory (dg_row_bytes: the digits as the down pass's descriptor reads them, then one inverse
+// scale per chunk), before it counts itself done. A down pass then copies its row to shared
+// memory with one bulk copy past its slot's wait, instead of loading h, reducing the row's
+// largest magnitude over the block (two barriers) and converting 2048 values after the wait;
+// the chunk scales enter its math per step (digits_step_scale's CSC). A scale per 64 values is
+// at least as accurate as one per row. (-DMOE_DG_STAGE_H: the down passes stage h as floats
+// themselves, with a scale per row, for measurements.)
+#ifdef MOE_DG_STAGE_H
+#define DG_H_DIGITS false
+#else
+#define DG_H_DIGITS true
+#endif
+#define DG_MAX_CHUNKS 64  // I / 64 at most (Kernels::moe_fp8_for: I <= 4096)
+// Bytes of one pair's digit row of h: I / 16 core matrices of DG_CORE bytes, then I / 64 floats
+// (DG_ROW_FLOATS in kernels/moe.rs counts the same in floats).
+__device__ __forceinline__ unsigned dg_row_bytes(int I) { return (unsigned)(I / 16 * DG_CORE + I / 64 * 4); }
+
+// A gate_up pass of the digit MoE, in place of tile_store_digits: lane t == 0 of each quad puts
+// its row's h (tile_store's value) at hv[8 w + g] and the warp its largest magnitude at
+// red[w NP] (row_scale_of's layout), for gate_up_chunk_digits past the block's barrier.
+__device__ __forceinline__ void gate_up_chunk_values(const float acc[4], float inv, float* hv, float* red) {
+    const int lane = threadIdx.x & 31, t = lane & 3, w = threadIdx.x >> 5;
+    const float w0 = __int_as_float((127 - 8 * t) << 23), w1 = w0 * 0.0625f;  // 16^-2t, 16^-(2t+1)
+    float r0 = acc[0] * w0 + acc[1] * w1, r1 = acc[2] * w0 + acc[3] * w1;
+#pragma unroll
+    for (int o = 1; o <= 2; o <<= 1) {
+        r0 += __shfl_xor_sync(0xffffffffu, r0, o);
+        r1 += __shfl_xor_sync(0xffffffffu, r1, o);
+    }
+    float m = 0.f;
+    if (t == 0) {
+        const float f = inv * 64.f, a = (r0 + 0.f) * f, b = (r1 + 0.f) * f;  // tile_store's arithmetic
+        const float v = a / (1.f + __expf(-a)) * b;
+        hv[8 * w + (lane >> 2)] = v;
+        m = fabsf(v);
+    }
+#pragma unroll
+    for (int o = 4; o < 32; o <<= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    if (lane == 0) red[w * NP] = m;
+}
+// Threads 0..15 stage chunk grp (the 64 values gate_up_chunk_values left) as the 16 staging
+// items (q, t) of stage_item_digits into a pair's digit row, scaled as row_scale_of<true>
+// scales a row from the chunk's largest magnitude; thread 0 writes the inverse scale.
+__device__ __forceinline__ void gate_up_chunk_digits(const float* hv, const float* red, unsigned char* row, int I, int grp) {
+    const int tid = threadIdx.x;
+    if (tid >= 16) return;
+    float sc, inv;
+    row_scale_of<true>(red, 0, sc, inv);
+    const int q = tid >> 2, t = tid & 3;
+    const float* v = hv + 16 * q + 2 * t;
+    stage_item_digits(reinterpret_cast<unsigned*>(row), 4 * grp + q, t, make_float2(v[0], v[1]), make_float2(v[8], v[9]), sc);
+    if (tid == 0) reinterpret_cast<float*>(row + I / 16 * DG_CORE)[grp] = inv;
 }
 
 // After a block's down outputs for row group grp (TW x 16 rows of H): counted on counters[grp];
@@ -1061,8 +1137,18 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
     unsigned* passed = counters + dg + U;  // per slot: down items past their wait
     unsigned char* ring = reinterpret_cast<unsigned char*>(dsm) + w * RING;
     unsigned long long* wbars = bars + w * NS;
+    // DG with h as digits (DG_H_DIGITS): a gate_up pass's chunk of h and the warps' largest
+    // magnitudes (ss.red) for gate_up_chunk_digits; a down pass's chunk scales, copied with its
+    // digits on hbar (phase hpass). The digit rows lie in h (dg_row_bytes each).
+    constexpr bool HD = DG && DG_H_DIGITS;
+    __shared__ float hv[HD ? TW * 8 : 1];
+    __shared__ __align__(16) float cinv[HD ? DG_MAX_CHUNKS : 4];
+    __shared__ unsigned long long hbar;
+    unsigned char* hd = reinterpret_cast<unsigned char*>(h);
+    int hpass = 0;
     if (lane == 0)
         for (int i = 0; i < NS; i++) mbar_init(wbars + i);
+    if (HD && threadIdx.x == 0) mbar_init(&hbar);  // (thread 0 arms it first; the others wait past an item barrier)
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     __syncwarp();
     int seq = 0, pre = 0;  // the warp's stages so far; stages of its next pass already asked for
@@ -1130,20 +1216,48 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
                 __syncthreads();
             } else
 #endif
-            if (!(x_staged && !down && np == 1))
+            if (HD && down) {
+#ifndef MOE_NO_STAGE
+                // The pass's digit row (np = 1), written by the slot's gate_up items (generic
+                // stores in other blocks, acquired by the wait above; read here by the async
+                // proxy), onto fragments and chunk scales the previous pass read.
+                if (threadIdx.x == 0) {
+                    const unsigned char* row = hd + (size_t)p0 * dg_row_bytes(I);
+                    asm volatile("fence.proxy.async.global;" ::: "memory");
+                    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+                    mbar_expect(&hbar, dg_row_bytes(I));
+                    bulk_load(frag, row, (unsigned)(I / 16 * DG_CORE), &hbar);
+                    bulk_load(cinv, row + I / 16 * DG_CORE, (unsigned)(I / 64 * 4), &hbar);
+                }
+                mbar_wait(&hbar, hpass & 1);
+                hpass++;
+#endif
+            } else if (!(x_staged && !down && np == 1)) {
                 stage_b<false, NORM, DG>(down ? h : x, ss.rows, np, down ? I : H, reinterpret_cast<unsigned*>(frag), ss.red, ss.scale,
                                          ss.inv, down ? 1.f : ninv);
+            }
             x_staged = false;
             if (ti < 14 && p0 == pb) TRACE(ti + 2);
             float acc[4] = {0.f, 0.f, 0.f, 0.f};
             pre = 0;
-            if (KS) pre = tile_stream_bulk<NS, CS, false, DG>(wt, KS, frag, 8 * np, acc, ring, wbars, seq, once, nwt, nKS, nonce);
-            if (DG) {
-                if (KS) tile_store_digits(!down, acc, ss.inv[0], down ? out : h, down ? H : I, p0, rt, pair_w);
+            if (KS) {
+                if (HD && down)
+                    pre = tile_stream_bulk<NS, CS, false, DG, true>(wt, KS, frag, 8, acc, ring, wbars, seq, once, nwt, nKS, nonce, 0, smem_addr(cinv));
+                else
+                    pre = tile_stream_bulk<NS, CS, false, DG>(wt, KS, frag, 8 * np, acc, ring, wbars, seq, once, nwt, nKS, nonce);
+            }
+            if (HD && !down) {
+                if (KS) gate_up_chunk_values(acc, ss.inv[0], hv, ss.red);
+            } else if (DG) {
+                // (HD: the chunk scales are in acc already.)
+                if (KS) tile_store_digits(!down, acc, HD ? 1.f : ss.inv[0], down ? out : h, down ? H : I, p0, rt, pair_w);
             } else if (KS && t < np) {
                 tile_store(!down, acc, ss.inv[t], down ? out : h, down ? H : I, p0 + t, rt, pair_w);
             }
             ITEM_SYNC();  // every warp is done with the fragments before the next pass restages
+            // HD: the pass's chunk of h as digits into its pair's row, before the item counts
+            // itself done (gate_up_unit_done's barrier and release publish these stores).
+            if (HD && !down && KS) gate_up_chunk_digits(hv, ss.red, hd + (size_t)p0 * dg_row_bytes(I), I, grp);
             if (ti < 14) TRACE(ti + 3);
         }
         if (pb >= pe) continue;  // an unused expert slot

@@ -196,13 +196,20 @@ mod tests {
     #[test]
     fn tiled_moe_kernels_refill_before_their_math_and_fused_ones_after() {
         assert!(MOE_CU.contains("#define MOE_TILED_EARLY true"), "moe.cu: MOE_TILED_EARLY is not on");
-        assert!(MOE_CU.contains("template <int NS, int CS, bool EARLY = false, bool DG = false>\n__device__ __forceinline__ int tile_stream_bulk("), "moe.cu: tile_stream_bulk's EARLY is not off by default");
+        assert!(MOE_CU.contains("template <int NS, int CS, bool EARLY = false, bool DG = false, bool CSC = false>\n__device__ __forceinline__ int tile_stream_bulk("), "moe.cu: tile_stream_bulk's EARLY is not off by default");
         let calls: Vec<&str> = MOE_CU.match_indices("tile_stream_bulk<").map(|(i, _)| &MOE_CU[i..i + MOE_CU[i..].find('>').unwrap() + 1]).collect();
-        assert_eq!(calls, ["tile_stream_bulk<NS, CS, MOE_TILED_EARLY>", "tile_stream_bulk<NS, CS, false, DG>"], "moe.cu: moe_tiled's call, then moe_fused's (its FP8 digit form too)");
+        assert_eq!(
+            calls,
+            ["tile_stream_bulk<NS, CS, MOE_TILED_EARLY>", "tile_stream_bulk<NS, CS, false, DG, true>", "tile_stream_bulk<NS, CS, false, DG>"],
+            "moe.cu: moe_tiled's call, then moe_fused's (the digit form's down passes with their chunk scales, then every other pass)"
+        );
         let tiled = MOE_CU.find("void moe_tiled(").expect("moe.cu: moe_tiled");
         let fused = MOE_CU.find("void moe_fused(").expect("moe.cu: moe_fused");
-        let (early, late) = (MOE_CU.find(calls[0]).unwrap(), MOE_CU.find(calls[1]).unwrap());
-        assert!(tiled < early && early < fused && fused < late, "moe.cu: the early refill is moe_tiled's, the late one moe_fused's");
+        let early = MOE_CU.find(calls[0]).unwrap();
+        assert!(tiled < early && early < fused, "moe.cu: the early refill is moe_tiled's");
+        for late in &calls[1..] {
+            assert!(fused < MOE_CU.find(late).unwrap(), "moe.cu: the late refill is moe_fused's");
+        }
     }
 
     /// tools/kernel_report.py's `--print-cache-names` gives the file names `ptx` looks up, for

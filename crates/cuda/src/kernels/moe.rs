@@ -35,6 +35,14 @@ pub const DG_RINGS: [(usize, usize); 4] = [(2, 4), (4, 2), (3, 4), (4, 4)];
 /// bytes, padded to keep the staging's stores conflict-free): DG_CORE in kernels/moe.cu.
 const DG_CORE_BYTES: usize = 144;
 
+/// Floats of one pair's digit row of h in the one-token digit MoE (`dg_row_bytes` in
+/// kernels/moe.cu): the gate_up items stage h there as digits, I / 16 core matrices, then one
+/// inverse scale per 64 values, for the down items to copy whole. `MoeScratch::h` holds
+/// `MAX_FUSED_TOPK` of them (a one-token call's pairs) besides its `[pairs, I]` floats.
+fn dg_row_floats(inter: usize) -> usize {
+    (inter / 16 * DG_CORE_BYTES + inter / 64 * 4) / 4
+}
+
 /// How old a MoE call's input x is, which decides when the tiled kernels may read it, and
 /// whether it comes split already (`Split`: the split must be of this x). With one
 /// token they stage x before they wait for the kernel ahead (programmatic dependent launch lets
@@ -481,8 +489,9 @@ impl Kernels {
     pub fn moe_scratch_with(&self, w: &MoeWeights, max_pairs: usize, counters: CudaSlice<u32>) -> Result<MoeScratch> {
         check(counters.len() >= Self::moe_counters(w, max_pairs), || "MoE counters too small".into())?;
         Ok(MoeScratch {
-            // Written in full (rows of every pair) before they are read.
-            h: unsafe { self.alloc.alloc(max_pairs.max(1) * w.inter) }?,
+            // Written in full (rows of every pair) before they are read; as large as the digit
+            // rows of a one-token call's pairs too (dg_row_floats).
+            h: unsafe { self.alloc.alloc((max_pairs.max(1) * w.inter).max(max_pairs.clamp(1, MAX_FUSED_TOPK) * dg_row_floats(w.inter))) }?,
             out: unsafe { self.alloc.alloc(max_pairs.max(1) * w.hidden) }?,
             counters,
         })
@@ -513,7 +522,8 @@ impl Kernels {
     /// tiles that fill a block's warpgroups and passes that the rings' stages divide (H and I
     /// multiples of 256).
     pub fn moe_fp8_for(&self, w: &MoeWeights) -> bool {
-        self.moe_fp8 && self.wgmma_arch && w.is_tiled() && w.inter.is_multiple_of(256) && w.hidden.is_multiple_of(256)
+        // (I <= 4096: the down passes' chunk scales, DG_MAX_CHUNKS in kernels/moe.cu.)
+        self.moe_fp8 && self.wgmma_arch && w.is_tiled() && w.inter.is_multiple_of(256) && w.hidden.is_multiple_of(256) && w.inter <= 4096
     }
 
     /// The FP8 digit form of fused kernel `f` of ring `stages` x `steps` (`table`: one of the
@@ -677,8 +687,11 @@ impl Kernels {
     /// `scratch` bytes), a grid no larger than what is resident at once (block b starts with
     /// item b, and down items wait on gate_up items), at most `max_blocks` blocks (0: no limit).
     #[allow(clippy::too_many_arguments)]
-    fn fused_grid(&self, f: &CudaFunction, w: &MoeWeights, stages: usize, steps: usize, max_blocks: usize, tokens: usize, u: usize, scratch: usize, counters: &CudaSlice<u32>, fp8: bool) -> Result<LaunchConfig> {
+    fn fused_grid(&self, f: &CudaFunction, w: &MoeWeights, stages: usize, steps: usize, max_blocks: usize, tokens: usize, u: usize, scratch: usize, ms: &MoeScratch, pairs: usize, fp8: bool) -> Result<LaunchConfig> {
         let (h, i) = (w.hidden, w.inter);
+        let counters = &ms.counters;
+        // The digit form hands h over as digit rows (dg_row_floats).
+        check(!fp8 || ms.h.len() >= pairs * dg_row_floats(i), || "MoE scratch too small for the digit rows of h".into())?;
         let ring = ring_bytes(stages, steps);
         // The FP8 digit kernels stage one row a pass, in core matrices of 16 values.
         let staged = if fp8 { h.max(i) / 16 * DG_CORE_BYTES } else { h.max(i) * 4 * self.staged_pairs(f, ring, h.max(i), tokens, scratch)? };
@@ -732,7 +745,7 @@ impl Kernels {
             Some(f) => (f, true),
             None => (&self.fused_routed[Self::tiled_variant(stages, steps)?], false),
         };
-        let cfg = self.fused_grid(f, w, stages, steps, max_blocks, 1, u, 8 * e, &scratch.counters, fp8)?;
+        let cfg = self.fused_grid(f, w, stages, steps, max_blocks, 1, u, 8 * e, scratch, k, fp8)?;
         let (hh, ii, ui) = (h as i32, w.inter as i32, u as i32);
         let mut b = crate::launch::builder(&self.stream, f);
         b.arg(logits);
@@ -771,7 +784,7 @@ impl Kernels {
             None => (&self.fused_acc[Self::tiled_variant(stages, steps)?], false),
         };
         // Shared scratch before the rings: scores, choices, logits and the bias, E floats each.
-        let cfg = self.fused_grid(f, w, stages, steps, max_blocks, 1, u, 16 * e, &scratch.counters, fp8)?;
+        let cfg = self.fused_grid(f, w, stages, steps, max_blocks, 1, u, 16 * e, scratch, k, fp8)?;
         let (hh, ii, ui, nssq, nz) = (h as i32, w.inter as i32, u as i32, (h / 16) as i32, nzero as i32);
         let mut b = crate::launch::builder(&self.stream, f);
         let ci = r.copies as i32;
@@ -917,7 +930,7 @@ impl Kernels {
                     Some(f) => (f, true),
                     None => (&self.fused_tiled[Self::tiled_variant(stages, steps)?], false),
                 };
-                let cfg = self.fused_grid(f, w, stages, steps, max_blocks, r.num_tokens, u as usize, 0, &scratch.counters, fp8)?;
+                let cfg = self.fused_grid(f, w, stages, steps, max_blocks, r.num_tokens, u as usize, 0, scratch, r.num_pairs, fp8)?;
                 let (ti, ki, ui) = (r.num_tokens as i32, r.top_k as i32, u as i32);
                 let mut b = crate::launch::builder(&self.stream, f);
                 b.arg(gate_up).arg(down).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_tok).arg(&r.pair_w).arg(x);
