@@ -866,7 +866,7 @@ __device__ __forceinline__ void tile_store_digits(bool gate_up, const float acc[
 #endif
 #define DG_MAX_CHUNKS 64  // I / 64 at most (Kernels::moe_fp8_for: I <= 4096)
 // Bytes of one pair's digit row of h: I / 16 core matrices of DG_CORE bytes, then I / 64 floats
-// (DG_ROW_FLOATS in kernels/moe.rs counts the same in floats).
+// (dg_row_floats in kernels/moe.rs counts the same in floats).
 __device__ __forceinline__ unsigned dg_row_bytes(int I) { return (unsigned)(I / 16 * DG_CORE + I / 64 * 4); }
 
 // A gate_up pass of the digit MoE, in place of tile_store_digits: lane t == 0 of each quad puts
