@@ -925,49 +925,62 @@ __device__ __forceinline__ void gate_up_group_done(unsigned* count) {
     if (threadIdx.x == 0) asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(count) : "memory");
 }
 
-// A down pass's hand-off, run by its warp 0 at the top of each stage (ensure): stage j needs
-// group j of the pass's digit row. If it is not asked for yet, the warp reads its slot's group
-// counters (ng of them, zero between calls, CS each when in; one a lane, one coalesced load
-// with acquire semantics) until group j is in, then copies every group in from there on, each
-// with one bulk copy onto its barrier (gbar: DG_MAX_GROUPS mbarriers, phase `parity` this
-// pass); the warp's barrier hands the lanes' acquires to lane 0, which fences the async proxy
-// and copies. A group asked for costs later stages nothing. (Reading the counters ahead every
-// stage without waiting for them, with a fence to acquire what came back, made the batch-1
-// step ~7 us slower than one wait for the whole slot. -DMOE_HANDOFF_WHOLE: the first stage
-// waits for every group, the slot's wait in this form, for measurements.)
+// A down pass's hand-off, run by its warp 0 at the top of each stage (ensure): the group
+// counters of its slot (ng of them, zero between calls; CS each when in), one per lane, read
+// with one coalesced load; the groups in from the next one not yet asked for are copied, each
+// with one bulk copy onto its barrier (gbar: DG_MAX_GROUPS mbarriers, phase `parity` this pass).
+// Stage j needs group j: if it is not in yet the warp polls until it is. After asking, the
+// warp reads the counters again without waiting for them (pend), and looks at what came back
+// one stage later. Every lane that saw its counter complete acquires (fence), then the warp's
+// barrier hands that to lane 0, which fences the async proxy and copies.
 template <int CS>
 struct HandOff {
-    const unsigned* count;     // the slot's group counters
+    const unsigned* count;   // the slot's group counters
     const unsigned char* row;  // the pass's digit row
     unsigned frag_s, gbar_s, parity;
-    int ng, issued;  // groups; groups asked for so far
-    __device__ __forceinline__ void ensure(int j) {
-#ifdef MOE_HANDOFF_WHOLE
-        j = ng - 1;
-#endif
+    int ng, issued;          // groups; groups asked for so far
+    unsigned pend;           // a counter read ahead (lanes < ng), when `pending`
+    bool pending;
+    __device__ __forceinline__ void ask(unsigned ready) {
         const int lane = threadIdx.x & 31;
+        const unsigned r = ready >> issued;  // (issued < ng <= 32)
+        int n = ~r ? __ffs(~r) - 1 : 32;
+        n = min(n, ng - issued);
+        if (n == 0) return;
+        asm volatile("fence.acq_rel.gpu;" ::: "memory");  // lanes that saw their group in
+        __syncwarp();
+        if (lane == 0) {
+            asm volatile("fence.proxy.async.global;" ::: "memory");
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+            for (int g = issued; g < issued + n; g++) {
+                const unsigned bytes = CS * 4 * DG_CORE, bar = gbar_s + 8u * g, dst = frag_s + (unsigned)g * bytes;
+                asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+                asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(dst),
+                             "l"(row + (size_t)g * bytes), "r"(bytes), "r"(bar)
+                             : "memory");
+            }
+        }
+        issued += n;
+    }
+    __device__ __forceinline__ unsigned read() const {
+        const int lane = threadIdx.x & 31;
+        unsigned c = 0u;
+        if (lane < ng) asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(c) : "l"(count + lane) : "memory");
+        return c;
+    }
+    __device__ __forceinline__ void ensure(int j) {
+        if (issued >= ng) return;
+        if (pending) {
+            ask(__ballot_sync(0xffffffffu, pend >= (unsigned)CS));
+            pending = false;
+        }
         while (issued <= j) {
-            unsigned c = 0u;
-            if (lane < ng) asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(c) : "l"(count + lane) : "memory");
-            const unsigned r = __ballot_sync(0xffffffffu, c >= (unsigned)CS) >> issued;  // (issued < ng <= 32)
-            const int n = min(~r ? __ffs(~r) - 1 : 32, ng - issued);
-            if (n == 0) {
-                __nanosleep(64);
-                continue;
-            }
-            __syncwarp();
-            if (lane == 0) {
-                asm volatile("fence.proxy.async.global;" ::: "memory");
-                asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-                for (int g = issued; g < issued + n; g++) {
-                    const unsigned bytes = CS * 4 * DG_CORE, bar = gbar_s + 8u * g, dst = frag_s + (unsigned)g * bytes;
-                    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
-                    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(dst),
-                                 "l"(row + (size_t)g * bytes), "r"(bytes), "r"(bar)
-                                 : "memory");
-                }
-            }
-            issued += n;
+            ask(__ballot_sync(0xffffffffu, read() >= (unsigned)CS));
+            if (issued <= j) __nanosleep(64);
+        }
+        if (issued < ng) {
+            pend = read();
+            pending = true;
         }
     }
 };
@@ -1300,7 +1313,7 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
                     // The pass's digit row (np = 1), group by group as the slot's gate_up
                     // items finish (HandOff), onto fragments the previous pass has read.
                     HandOff<CS> ho{groups + (size_t)slot * (I / 64), hd + (size_t)p0 * dg_row_bytes(I), smem_addr(frag), smem_addr(gbar),
-                                   (unsigned)(hpass & 1), ng, 0};
+                                   (unsigned)(hpass & 1), ng, 0, 0u, false};
                     pre = tile_stream_bulk<NS, CS, false, DG, true>(wt, KS, frag, 8, acc, ring, wbars, seq, once, nwt, nKS, nonce, 0, &ho);
                     hpass++;
                 } else
