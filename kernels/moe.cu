@@ -219,7 +219,6 @@ __device__ __forceinline__ unsigned e4m3x4(float a, float b, float c, float d) {
 // Measurement builds only (outputs wrong): -DMOE_DG_NO_STAGE_MATH stores zeros without
 // computing digits.
 #define DG_CORE 144  // bytes from one core matrix of staged digits to the next (16 values of k; DG_CORE_BYTES in kernels/moe.rs)
-#define DG_CHUNK_SCALE 128  // byte of a chunk's first core matrix (past its digits) holding h's chunk scale (HandOff)
 __device__ __forceinline__ void stage_item_digits(unsigned* frag, int q, int t, float2 v0, float2 v1, float s) {
     float a = v0.x * s, b = v0.y * s, c = v1.x * s, d = v1.y * s;
     unsigned* u = frag + (size_t)q * (DG_CORE / 4) + t;
@@ -676,16 +675,13 @@ __device__ __forceinline__ void digits_step_scale(const float tp[8], unsigned sv
 // Same arithmetic in the same order, so the same bits (benches/results/2026-11-28-moe-lean-stream.md).
 // DG: frag holds one row's FP8 digits (stage_item_digits) and the math runs on wgmma
 // (digits_step_issue); every warp of the block streams a tile of the same K.
-// CSC (DG only): a down pass over h handed over as digits (HandOff): stage j waits for group j
-// of its digits (warp 0 asks for them), and step k's activation chunk scale is the float in the
-// tail of its first core matrix (digits_step_scale's CSC).
-template <int CS>
-struct HandOff;
+// CSC (DG only): step k's activation chunk scale is the float at shared-window address csc + 4 k
+// (digits_step_scale's CSC).
 template <int NS, int CS, bool EARLY = false, bool DG = false, bool CSC = false>
 __device__ __forceinline__ int tile_stream_bulk(const unsigned char* __restrict__ wt, int KS, const uint4* frag, int L, float acc[4],
                                                 unsigned char* ring, unsigned long long* bars, int& seq, bool once,
                                                 const unsigned char* nwt = nullptr, int nKS = 0, bool nonce = true, int rowstride = 0,
-                                                HandOff<CS>* ho = nullptr) {
+                                                unsigned csc = 0u) {
     constexpr unsigned STAGE = CS * STEP_BYTES;
     int lane = threadIdx.x & 31, g = lane >> 2;
     // Step k's B words of this lane: fa + k * fstep, then + half for k's second half. Lanes past
@@ -709,10 +705,6 @@ __device__ __forceinline__ int tile_stream_bulk(const unsigned char* __restrict_
     int nst = (KS + CS - 1) / CS, nnst = (nKS + CS - 1) / CS, pre = 0;
     unsigned slot = (unsigned)seq % NS, phase = ((unsigned)seq / NS) & 1u, pslot = (unsigned)(seq + nst) % NS;
     for (int j = 0; j < nst; j++) {
-        if (CSC) {
-            if (threadIdx.x < 32) ho->ensure(j);
-            mbar_wait_at(ho->gbar_s + 8u * j, ho->parity);
-        }
         mbar_wait_at(bars_s + 8u * slot, phase);
         const unsigned stage = ring_s + slot * STAGE;
         uint4 wvs[CS];
@@ -731,20 +723,20 @@ __device__ __forceinline__ int tile_stream_bulk(const unsigned char* __restrict_
             const unsigned bd = dga0 + (unsigned)(j * CS) * (4 * DG_CORE / 16);
             float tp[CS][8];
             // CSC: step c's chunk scale, loaded while its MMAs run (one register at a time).
-            const unsigned cst = smem_addr(frag) + DG_CHUNK_SCALE + (unsigned)(j * CS) * (4 * DG_CORE);
+            const unsigned cst = csc + 4u * (unsigned)(j * CS);
 #pragma unroll
             for (int c = 0; c < CS; c++) {
                 svs[c] = lds32(stage + c * STEP_BYTES + sl);
                 digits_step_issue(lds128(stage + c * STEP_BYTES + wl), bd + (unsigned)c * (4 * DG_CORE / 16), tp[c]);
                 wg_pin8(tp[c]);
                 if (c >= 1) {
-                    const float cs = CSC ? __uint_as_float(lds32(cst + (c - 1) * (4 * DG_CORE))) : 1.f;
+                    const float cs = CSC ? __uint_as_float(lds32(cst + 4u * (c - 1))) : 1.f;
                     wg_wait<1>();
                     wg_pin8(tp[c - 1]);
                     digits_step_scale<CSC>(tp[c - 1], svs[c - 1], acc, cs);
                 }
             }
-            const float cs = CSC ? __uint_as_float(lds32(cst + (CS - 1) * (4 * DG_CORE))) : 1.f;
+            const float cs = CSC ? __uint_as_float(lds32(cst + 4u * (CS - 1))) : 1.f;
             wg_wait<0>();
             wg_pin8(tp[CS - 1]);
             digits_step_scale<CSC>(tp[CS - 1], svs[CS - 1], acc, cs);
@@ -857,28 +849,25 @@ __device__ __forceinline__ void tile_store_digits(bool gate_up, const float acc[
     if (t == 0) tile_store(gate_up, row, inv, y, ldy, p, rt, pair_w);
 }
 
-// The one-token digit MoE's h, handed from gate_up to down as digits, a group of chunks at a
-// time. Each gate_up item holds one 64-value chunk of its pair's h (its 8 warps' 8 rows each):
-// it stages that chunk as FP8 digits itself, from the chunk's own largest magnitude, into the
-// pair's digit row in global memory (the digits as a down pass's descriptor reads them, I / 16
-// core matrices of DG_CORE bytes; chunk c's inverse scale in the unused tail of its first core
-// matrix, byte DG_CORE 4 c + 128), then counts itself into its group's counter (a group: the
-// CS chunks of one ring stage of the down pass). A down pass asks for no wait: its warp 0
-// polls the group counters (HandOff) and copies each group whose chunks are all in with one
-// bulk copy onto that group's barrier, and every warp waits for group j's barrier before its
-// stage j. So a down pass streams as soon as its first group is in, where it waited for every
-// gate_up item of its slot and then loaded, reduced (two block barriers) and converted 2048
-// values. The chunk scales enter its math per step (digits_step_scale's CSC); a scale per 64
-// values is at least as accurate as one per row. (-DMOE_DG_STAGE_H: the down passes wait for
-// their slot and stage h as floats themselves, with a scale per row, for measurements.)
+// The one-token digit MoE's h, handed from gate_up to down as digits. Each gate_up item holds
+// one 64-value chunk of its pair's h (its 8 warps' 8 rows each): it stages that chunk as FP8
+// digits itself, from the chunk's own largest magnitude, into the pair's digit row in global
+// memory (dg_row_bytes: the digits as the down pass's descriptor reads them, then one inverse
+// scale per chunk), before it counts itself done. A down pass then copies its row to shared
+// memory with one bulk copy past its slot's wait, instead of loading h, reducing the row's
+// largest magnitude over the block (two barriers) and converting 2048 values after the wait;
+// the chunk scales enter its math per step (digits_step_scale's CSC). A scale per 64 values is
+// at least as accurate as one per row. (-DMOE_DG_STAGE_H: the down passes stage h as floats
+// themselves, with a scale per row, for measurements.)
 #ifdef MOE_DG_STAGE_H
 #define DG_H_DIGITS false
 #else
 #define DG_H_DIGITS true
 #endif
-#define DG_MAX_GROUPS 32  // a down pass's groups at most (I / 64 / CS; Kernels::moe_fp8_for: I <= 4096, CS >= 2)
-// Bytes of one pair's digit row of h (dg_row_floats in kernels/moe.rs counts the same in floats).
-__device__ __forceinline__ unsigned dg_row_bytes(int I) { return (unsigned)(I / 16 * DG_CORE); }
+#define DG_MAX_CHUNKS 64  // I / 64 at most (Kernels::moe_fp8_for: I <= 4096)
+// Bytes of one pair's digit row of h: I / 16 core matrices of DG_CORE bytes, then I / 64 floats
+// (dg_row_floats in kernels/moe.rs counts the same in floats).
+__device__ __forceinline__ unsigned dg_row_bytes(int I) { return (unsigned)(I / 16 * DG_CORE + I / 64 * 4); }
 
 // A gate_up pass of the digit MoE, in place of tile_store_digits: lane t == 0 of each quad puts
 // its row's h (tile_store's value) at hv[8 w + g] and the warp its largest magnitude at
@@ -903,10 +892,10 @@ __device__ __forceinline__ void gate_up_chunk_values(const float acc[4], float i
     for (int o = 4; o < 32; o <<= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
     if (lane == 0) red[w * NP] = m;
 }
-// Threads 0..15 (warp 0) stage chunk grp (the 64 values gate_up_chunk_values left) as the 16
-// staging items (q, t) of stage_item_digits into a pair's digit row, scaled as row_scale_of<true>
+// Threads 0..15 stage chunk grp (the 64 values gate_up_chunk_values left) as the 16 staging
+// items (q, t) of stage_item_digits into a pair's digit row, scaled as row_scale_of<true>
 // scales a row from the chunk's largest magnitude; thread 0 writes the inverse scale.
-__device__ __forceinline__ void gate_up_chunk_digits(const float* hv, const float* red, unsigned char* row, int grp) {
+__device__ __forceinline__ void gate_up_chunk_digits(const float* hv, const float* red, unsigned char* row, int I, int grp) {
     const int tid = threadIdx.x;
     if (tid >= 16) return;
     float sc, inv;
@@ -914,76 +903,8 @@ __device__ __forceinline__ void gate_up_chunk_digits(const float* hv, const floa
     const int q = tid >> 2, t = tid & 3;
     const float* v = hv + 16 * q + 2 * t;
     stage_item_digits(reinterpret_cast<unsigned*>(row), 4 * grp + q, t, make_float2(v[0], v[1]), make_float2(v[8], v[9]), sc);
-    if (tid == 0) *reinterpret_cast<float*>(row + 4 * grp * DG_CORE + DG_CHUNK_SCALE) = inv;
+    if (tid == 0) reinterpret_cast<float*>(row + I / 16 * DG_CORE)[grp] = inv;
 }
-// A gate_up item of the digit MoE counts itself into its group's counter once warp 0 has
-// written its chunks (every thread calls it; only warp 0 wrote to global memory, so the other
-// warps go on without a block barrier: the next pass's barrier keeps them off hv and red).
-__device__ __forceinline__ void gate_up_group_done(unsigned* count) {
-    if (threadIdx.x >= 32) return;
-    __syncwarp();
-    if (threadIdx.x == 0) asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(count) : "memory");
-}
-
-// A down pass's hand-off, run by its warp 0 at the top of each stage (ensure): the group
-// counters of its slot (ng of them, zero between calls; CS each when in), one per lane, read
-// with one coalesced load; the groups in from the next one not yet asked for are copied, each
-// with one bulk copy onto its barrier (gbar: DG_MAX_GROUPS mbarriers, phase `parity` this pass).
-// Stage j needs group j: if it is not in yet the warp polls until it is. After asking, the
-// warp reads the counters again without waiting for them (pend), and looks at what came back
-// one stage later. Every lane that saw its counter complete acquires (fence), then the warp's
-// barrier hands that to lane 0, which fences the async proxy and copies.
-template <int CS>
-struct HandOff {
-    const unsigned* count;   // the slot's group counters
-    const unsigned char* row;  // the pass's digit row
-    unsigned frag_s, gbar_s, parity;
-    int ng, issued;          // groups; groups asked for so far
-    unsigned pend;           // a counter read ahead (lanes < ng), when `pending`
-    bool pending;
-    __device__ __forceinline__ void ask(unsigned ready) {
-        const int lane = threadIdx.x & 31;
-        const unsigned r = ready >> issued;  // (issued < ng <= 32)
-        int n = ~r ? __ffs(~r) - 1 : 32;
-        n = min(n, ng - issued);
-        if (n == 0) return;
-        asm volatile("fence.acq_rel.gpu;" ::: "memory");  // lanes that saw their group in
-        __syncwarp();
-        if (lane == 0) {
-            asm volatile("fence.proxy.async.global;" ::: "memory");
-            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-            for (int g = issued; g < issued + n; g++) {
-                const unsigned bytes = CS * 4 * DG_CORE, bar = gbar_s + 8u * g, dst = frag_s + (unsigned)g * bytes;
-                asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
-                asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(dst),
-                             "l"(row + (size_t)g * bytes), "r"(bytes), "r"(bar)
-                             : "memory");
-            }
-        }
-        issued += n;
-    }
-    __device__ __forceinline__ unsigned read() const {
-        const int lane = threadIdx.x & 31;
-        unsigned c = 0u;
-        if (lane < ng) asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(c) : "l"(count + lane) : "memory");
-        return c;
-    }
-    __device__ __forceinline__ void ensure(int j) {
-        if (issued >= ng) return;
-        if (pending) {
-            ask(__ballot_sync(0xffffffffu, pend >= (unsigned)CS));
-            pending = false;
-        }
-        while (issued <= j) {
-            ask(__ballot_sync(0xffffffffu, read() >= (unsigned)CS));
-            if (issued <= j) __nanosleep(64);
-        }
-        if (issued < ng) {
-            pend = read();
-            pending = true;
-        }
-    }
-};
 
 // After a block's down outputs for row group grp (TW x 16 rows of H): counted on counters[grp];
 // the block that brings it to the number of used expert slots (of U) sums the group's rows of
@@ -1216,21 +1137,18 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
     unsigned* passed = counters + dg + U;  // per slot: down items past their wait
     unsigned char* ring = reinterpret_cast<unsigned char*>(dsm) + w * RING;
     unsigned long long* wbars = bars + w * NS;
-    // DG with h as digits (DG_H_DIGITS, HandOff): a gate_up pass's chunk of h and the warps'
-    // largest magnitudes (ss.red) for gate_up_chunk_digits; a down pass's group barriers (phase
-    // hpass & 1: the block's down passes so far). The digit rows lie in h (dg_row_bytes each);
-    // the group counters follow the per-slot counters, I / 64 a slot (at least its groups).
+    // DG with h as digits (DG_H_DIGITS): a gate_up pass's chunk of h and the warps' largest
+    // magnitudes (ss.red) for gate_up_chunk_digits; a down pass's chunk scales, copied with its
+    // digits on hbar (phase hpass). The digit rows lie in h (dg_row_bytes each).
     constexpr bool HD = DG && DG_H_DIGITS;
     __shared__ float hv[HD ? TW * 8 : 1];
-    __shared__ unsigned long long gbar[HD ? DG_MAX_GROUPS : 1];
+    __shared__ __align__(16) float cinv[HD ? DG_MAX_CHUNKS : 4];
+    __shared__ unsigned long long hbar;
     unsigned char* hd = reinterpret_cast<unsigned char*>(h);
-    unsigned* groups = counters + dg + 2 * U;
-    const int ng = I / 64 / CS;
     int hpass = 0;
     if (lane == 0)
         for (int i = 0; i < NS; i++) mbar_init(wbars + i);
-    if (HD && threadIdx.x == 0)
-        for (int i = 0; i < ng; i++) mbar_init(gbar + i);  // (armed by warp 0 only, past the item's first barrier)
+    if (HD && threadIdx.x == 0) mbar_init(&hbar);  // (thread 0 arms it first; the others wait past an item barrier)
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     __syncwarp();
     int seq = 0, pre = 0;  // the warp's stages so far; stages of its next pass already asked for
@@ -1283,7 +1201,7 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
                     nonce = pair_off[nslot + 1] - pair_off[nslot] <= pass_rows<DG>(ndown ? I : H, TW * RING);
                 }
             }
-            if (!HD && down && p0 == pb && threadIdx.x == 0) {
+            if (down && p0 == pb && threadIdx.x == 0) {
                 // h of this slot is complete when all its gate_up items are (the weights are
                 // already on their way).
                 down_unit_wait(done + slot, passed + slot, (unsigned)gug, (unsigned)dg);
@@ -1299,7 +1217,21 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
             } else
 #endif
             if (HD && down) {
-                // Staged as it streams (HandOff).
+#ifndef MOE_NO_STAGE
+                // The pass's digit row (np = 1), written by the slot's gate_up items (generic
+                // stores in other blocks, acquired by the wait above; read here by the async
+                // proxy), onto fragments and chunk scales the previous pass read.
+                if (threadIdx.x == 0) {
+                    const unsigned char* row = hd + (size_t)p0 * dg_row_bytes(I);
+                    asm volatile("fence.proxy.async.global;" ::: "memory");
+                    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+                    mbar_expect(&hbar, dg_row_bytes(I));
+                    bulk_load(frag, row, (unsigned)(I / 16 * DG_CORE), &hbar);
+                    bulk_load(cinv, row + I / 16 * DG_CORE, (unsigned)(I / 64 * 4), &hbar);
+                }
+                mbar_wait(&hbar, hpass & 1);
+                hpass++;
+#endif
             } else if (!(x_staged && !down && np == 1)) {
                 stage_b<false, NORM, DG>(down ? h : x, ss.rows, np, down ? I : H, reinterpret_cast<unsigned*>(frag), ss.red, ss.scale,
                                          ss.inv, down ? 1.f : ninv);
@@ -1309,14 +1241,9 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
             float acc[4] = {0.f, 0.f, 0.f, 0.f};
             pre = 0;
             if (KS) {
-                if (HD && down) {
-                    // The pass's digit row (np = 1), group by group as the slot's gate_up
-                    // items finish (HandOff), onto fragments the previous pass has read.
-                    HandOff<CS> ho{groups + (size_t)slot * (I / 64), hd + (size_t)p0 * dg_row_bytes(I), smem_addr(frag), smem_addr(gbar),
-                                   (unsigned)(hpass & 1), ng, 0, 0u, false};
-                    pre = tile_stream_bulk<NS, CS, false, DG, true>(wt, KS, frag, 8, acc, ring, wbars, seq, once, nwt, nKS, nonce, 0, &ho);
-                    hpass++;
-                } else
+                if (HD && down)
+                    pre = tile_stream_bulk<NS, CS, false, DG, true>(wt, KS, frag, 8, acc, ring, wbars, seq, once, nwt, nKS, nonce, 0, smem_addr(cinv));
+                else
                     pre = tile_stream_bulk<NS, CS, false, DG>(wt, KS, frag, 8 * np, acc, ring, wbars, seq, once, nwt, nKS, nonce);
             }
             if (HD && !down) {
@@ -1330,7 +1257,7 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
             ITEM_SYNC();  // every warp is done with the fragments before the next pass restages
             // HD: the pass's chunk of h as digits into its pair's row, before the item counts
             // itself done (gate_up_unit_done's barrier and release publish these stores).
-            if (HD && !down && KS) gate_up_chunk_digits(hv, ss.red, hd + (size_t)p0 * dg_row_bytes(I), grp);
+            if (HD && !down && KS) gate_up_chunk_digits(hv, ss.red, hd + (size_t)p0 * dg_row_bytes(I), I, grp);
             if (ti < 14) TRACE(ti + 3);
         }
         if (pb >= pe) continue;  // an unused expert slot
@@ -1338,16 +1265,8 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
         continue;
 #endif
         if (down) {
-            // HD: the block has read its slot's group counters for the last time; the last of
-            // the slot's down items zeroes them for the next call.
-            if (HD && threadIdx.x == 0 && atomicAdd(passed + slot, 1u) + 1 == (unsigned)dg) {
-                for (int i = 0; i < I / 64; i++) groups[(size_t)slot * (I / 64) + i] = 0u;
-                passed[slot] = 0u;
-            }
             // y null: the pairs stay uncombined for the residual add after the MoE to sum.
             if (y) combine_if_last(counters, grp, pair_off, U, out, tok_pairs, y, H, T, topk);
-        } else if (HD) {
-            gate_up_group_done(groups + (size_t)slot * (I / 64) + grp / CS);
         } else {
             gate_up_unit_done(done + slot);
         }

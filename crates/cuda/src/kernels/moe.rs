@@ -36,12 +36,11 @@ pub const DG_RINGS: [(usize, usize); 4] = [(2, 4), (4, 2), (3, 4), (4, 4)];
 const DG_CORE_BYTES: usize = 144;
 
 /// Floats of one pair's digit row of h in the one-token digit MoE (`dg_row_bytes` in
-/// kernels/moe.cu): the gate_up items stage h there as digits, I / 16 core matrices with one
-/// inverse scale per 64 values in their unused tails, for the down items to copy a group of
-/// chunks at a time (`HandOff`). `MoeScratch::h` is large enough for the rows of a one-token
-/// call's pairs (up to `MAX_FUSED_TOPK`) too.
+/// kernels/moe.cu): the gate_up items stage h there as digits, I / 16 core matrices, then one
+/// inverse scale per 64 values, for the down items to copy whole. `MoeScratch::h` holds
+/// `MAX_FUSED_TOPK` of them (a one-token call's pairs) besides its `[pairs, I]` floats.
 fn dg_row_floats(inter: usize) -> usize {
-    inter / 16 * DG_CORE_BYTES / 4
+    (inter / 16 * DG_CORE_BYTES + inter / 64 * 4) / 4
 }
 
 /// How old a MoE call's input x is, which decides when the tiled kernels may read it, and
@@ -475,11 +474,9 @@ impl Kernels {
 
     /// Counters the tiled kernels need for up to `max_pairs` pairs: the combine's arrivals per
     /// group of 8 down tiles, then two per expert slot for the waits of the fused kernel and of
-    /// the two-launch down kernel, then I / 64 per slot of a one-token call for the digit MoE's
-    /// hand-off (its group counters, `HandOff` in kernels/moe.cu).
+    /// the two-launch down kernel.
     pub fn moe_counters(w: &MoeWeights, max_pairs: usize) -> usize {
-        let slots = max_pairs.min(w.num_experts);
-        ((w.hidden / 16).div_ceil(8) + 2 * slots + slots.min(MAX_FUSED_TOPK) * (w.inter / 64)).max(1)
+        ((w.hidden / 16).div_ceil(8) + 2 * max_pairs.min(w.num_experts)).max(1)
     }
 
     pub fn moe_scratch(&self, w: &MoeWeights, max_pairs: usize) -> Result<MoeScratch> {
@@ -701,7 +698,7 @@ impl Kernels {
         let smem = (ring + staged).max(scratch);
         check(smem <= TILED_MAX_SMEM, || format!("MoE dims {h}, {i} need more than {TILED_MAX_SMEM} bytes of shared memory"))?;
         let (gug, dg) = ((i / 8).div_ceil(8), (h / 16).div_ceil(8));
-        check(counters.len() >= dg + 2 * u + if fp8 { u * (i / 64) } else { 0 }, || "MoE scratch counters too small".into())?;
+        check(counters.len() >= dg + 2 * u, || "MoE scratch counters too small".into())?;
         let fit = self.blocks_per_sm(f, smem)?;
         check(fit > 0, || format!("the fused MoE kernel does not fit an SM with {smem} bytes of shared memory"))?;
         let resident = fit * self.sms;
