@@ -832,19 +832,27 @@ __device__ __forceinline__ void tile_store(bool gate_up, const float acc[4], flo
     }
 }
 
-// tile_store for the digit form (DG): lane t holds rows g, g + 8 at digits 2t, 2t + 1; each row
+// The digit form's (DG) rows g, g + 8 of a tile: lane t holds them at digits 2t, 2t + 1; each row
 // is the digits' sums weighted by 16^-d, added over the quad in a fixed order (every lane of the
-// warp calls this), then stored as tile_store stores one pair's results.
-__device__ __forceinline__ void tile_store_digits(bool gate_up, const float acc[4], float inv, float* __restrict__ y, int ldy, int p,
-                                                  int rt, const float* __restrict__ pair_w) {
+// warp calls this; every lane gets the sums).
+__device__ __forceinline__ void digit_rows(const float acc[4], float& r0, float& r1) {
     const int t = threadIdx.x & 3;
     const float w0 = __int_as_float((127 - 8 * t) << 23), w1 = w0 * 0.0625f;  // 16^-2t, 16^-(2t+1)
-    float r0 = acc[0] * w0 + acc[1] * w1, r1 = acc[2] * w0 + acc[3] * w1;
+    r0 = acc[0] * w0 + acc[1] * w1;
+    r1 = acc[2] * w0 + acc[3] * w1;
 #pragma unroll
     for (int o = 1; o <= 2; o <<= 1) {
         r0 += __shfl_xor_sync(0xffffffffu, r0, o);
         r1 += __shfl_xor_sync(0xffffffffu, r1, o);
     }
+}
+
+// tile_store for the digit form: digit_rows, then stored as tile_store stores one pair's results.
+__device__ __forceinline__ void tile_store_digits(bool gate_up, const float acc[4], float inv, float* __restrict__ y, int ldy, int p,
+                                                  int rt, const float* __restrict__ pair_w) {
+    const int t = threadIdx.x & 3;
+    float r0, r1;
+    digit_rows(acc, r0, r1);
     const float row[4] = {r0, 0.f, r1, 0.f};
     if (t == 0) tile_store(gate_up, row, inv, y, ldy, p, rt, pair_w);
 }
@@ -874,13 +882,8 @@ __device__ __forceinline__ unsigned dg_row_bytes(int I) { return (unsigned)(I / 
 // red[w NP] (row_scale_of's layout), for gate_up_chunk_digits past the block's barrier.
 __device__ __forceinline__ void gate_up_chunk_values(const float acc[4], float inv, float* hv, float* red) {
     const int lane = threadIdx.x & 31, t = lane & 3, w = threadIdx.x >> 5;
-    const float w0 = __int_as_float((127 - 8 * t) << 23), w1 = w0 * 0.0625f;  // 16^-2t, 16^-(2t+1)
-    float r0 = acc[0] * w0 + acc[1] * w1, r1 = acc[2] * w0 + acc[3] * w1;
-#pragma unroll
-    for (int o = 1; o <= 2; o <<= 1) {
-        r0 += __shfl_xor_sync(0xffffffffu, r0, o);
-        r1 += __shfl_xor_sync(0xffffffffu, r1, o);
-    }
+    float r0, r1;
+    digit_rows(acc, r0, r1);
     float m = 0.f;
     if (t == 0) {
         const float f = inv * 64.f, a = (r0 + 0.f) * f, b = (r1 + 0.f) * f;  // tile_store's arithmetic
