@@ -37,8 +37,9 @@ const DG_CORE_BYTES: usize = 144;
 
 /// Floats of one pair's digit row of h in the one-token digit MoE (`dg_row_bytes` in
 /// kernels/moe.cu): the gate_up items stage h there as digits, I / 16 core matrices, then one
-/// inverse scale per 64 values, for the down items to copy whole. `MoeScratch::h` holds
-/// `MAX_FUSED_TOPK` of them (a one-token call's pairs) besides its `[pairs, I]` floats.
+/// inverse scale per 64 values, for the down items to copy whole. `MoeScratch::h` is large
+/// enough for the rows of a one-token call's pairs (up to `MAX_FUSED_TOPK`) as well as for its
+/// `[pairs, I]` floats.
 fn dg_row_floats(inter: usize) -> usize {
     (inter / 16 * DG_CORE_BYTES + inter / 64 * 4) / 4
 }
