@@ -178,10 +178,10 @@ impl Kernels {
                 }
                 Ok(())
             };
-            // One token on FP8 digits (`moe_fp8_for`) stays on the fused kernel's digit rings
+            // Token counts on FP8 digits (`moe_fp8_at`) stay on the fused kernel's digit rings
             // (`DG_RINGS`): the other kernels' bits are other, and a choice by timing would make
             // the bits a matter of luck.
-            let fused_only = t == 1 && self.moe_fp8_for(w);
+            let fused_only = self.moe_fp8_at(w, t);
             for &kind in kinds.iter().chain((t >= gemm_from).then_some(&MoeKernel::Gemm)) {
                 if fused_only && !matches!(kind, MoeKernel::Fused { stages, steps, .. } if crate::kernels::DG_RINGS.contains(&(stages, steps))) {
                     continue;

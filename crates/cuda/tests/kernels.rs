@@ -560,51 +560,76 @@ fn mxfp4_moe_decode_matches_the_cpu_reference() {
                 assert!(yv.iter().zip(&yt_host).all(|(a, b)| a.to_bits() == b.to_bits()), "moe mxfp4 ({kind}) {h}x{i} T={t} differs from the default in some bit");
             }
             assert_eq!(g.stream.clone_dtoh(&scratch.counters).unwrap().iter().filter(|&&c| c != 0).count(), 0, "combine counters left non-zero");
-            // One token's fused kernel on FP8 digits (sm_90a, H and I multiples of 256): each of
-            // its rings, the widest grid and 1 and 3 blocks, twice each, and x from the
-            // launch just before: as close to the CPU as the tiled family, the same bits among
-            // themselves, the counters back to zero; a NaN in x reaches every output.
+            // The fused kernel on FP8 digits (sm_90a, H and I multiples of 256), up to 8 tokens
+            // (a pass stages one pair; at 5 tokens of 4 among 16 experts slots hold several):
+            // each of its rings, the widest grid and 1 and 3 blocks, twice each, and x from
+            // the launch just before: as close to the CPU as the tiled family, the same bits
+            // among themselves, the counters back to zero. Each token's row is the bits of that
+            // token run alone (its pairs are computed and combined as they are alone). A NaN in
+            // one token's x reaches every output of that token and no other's.
             kern.set_moe_fp8(true);
-            if t == 1 && kern.moe_fp8_for(&wt) {
+            let fp8_tokens = kern.set_moe_fp8_tokens(peregrine_cuda::moe_tune::TUNED_TOKENS).unwrap();
+            if t <= peregrine_cuda::moe_tune::TUNED_TOKENS && kern.moe_fp8_at(&wt, t) {
                 let mut first: Option<Vec<f32>> = None;
                 for &(stages, steps) in peregrine_cuda::kernels::DG_RINGS.iter() {
                     for max_blocks in [0, 1, 3] {
                         let kind = MoeKernel::Fused { stages, steps, max_blocks };
                         for _ in 0..2 {
-                            let mut yv = poisoned(&g, h);
+                            let mut yv = poisoned(&g, t * h);
                             kern.moe_mxfp4_with(kind, &wt, &dr, &xd, MoeInput::Settled, &mut scratch, &mut yv).unwrap();
                             let yv = g.stream.clone_dtoh(&yv).unwrap();
-                            assert_close(&format!("moe mxfp4 ({kind:?}, FP8 digits) {h}x{i} T=1"), &yv, &want);
-                            assert!(g.stream.clone_dtoh(&scratch.counters).unwrap().iter().all(|&c| c == 0), "{kind:?} (FP8 digits): counters left non-zero");
+                            assert_close(&format!("moe mxfp4 ({kind:?}, FP8 digits) {h}x{i} T={t}"), &yv, &want);
+                            assert!(g.stream.clone_dtoh(&scratch.counters).unwrap().iter().all(|&c| c == 0), "{kind:?} (FP8 digits) T={t}: counters left non-zero");
                             match &first {
                                 None => first = Some(yv),
-                                Some(f) => assert!(f.iter().zip(&yv).all(|(a, b)| a.to_bits() == b.to_bits()), "moe mxfp4 ({kind:?}, FP8 digits) {h}x{i}: differs from the first ring's bits"),
+                                Some(f) => assert!(f.iter().zip(&yv).all(|(a, b)| a.to_bits() == b.to_bits()), "moe mxfp4 ({kind:?}, FP8 digits) {h}x{i} T={t}: differs from the first ring's bits"),
                             }
                         }
                     }
                     let kind = MoeKernel::Fused { stages, steps, max_blocks: 0 };
-                    let mut out1 = poisoned(&g, h);
-                    let mut chained = poisoned(&g, h);
+                    let mut out1 = poisoned(&g, t * h);
+                    let mut chained = poisoned(&g, t * h);
                     kern.moe_mxfp4_with(kind, &wt, &dr, &xd, MoeInput::Settled, &mut scratch, &mut out1).unwrap();
                     kern.moe_mxfp4_with(kind, &wt, &dr, &out1, MoeInput::Fresh, &mut scratch, &mut chained).unwrap();
-                    let mut again = poisoned(&g, h);
+                    let mut again = poisoned(&g, t * h);
                     kern.moe_mxfp4_with(kind, &wt, &dr, &out1, MoeInput::Settled, &mut scratch, &mut again).unwrap();
                     let (chained, again) = (g.stream.clone_dtoh(&chained).unwrap(), g.stream.clone_dtoh(&again).unwrap());
-                    assert!(again.iter().all(|v| v.is_finite()), "{kind:?} (FP8 digits) of a MoE output is finite");
-                    assert!(chained.iter().zip(&again).all(|(a, b)| a.to_bits() == b.to_bits()), "{kind:?} (FP8 digits): x from the launch just before differs from the same x settled");
+                    assert!(again.iter().all(|v| v.is_finite()), "{kind:?} (FP8 digits) T={t} of a MoE output is finite");
+                    assert!(chained.iter().zip(&again).all(|(a, b)| a.to_bits() == b.to_bits()), "{kind:?} (FP8 digits) T={t}: x from the launch just before differs from the same x settled");
                 }
+                let first = first.expect("the digit rings ran");
+                if t > 1 {
+                    let mut one_scratch = kern.moe_scratch(&w, top_k).unwrap();
+                    for (ti, c) in choices.iter().enumerate() {
+                        let dr1 = kern.upload_routing(&MoeRouting::new(std::slice::from_ref(c)), e).unwrap();
+                        let x1 = g.stream.clone_htod(&x[ti * h..(ti + 1) * h]).unwrap();
+                        let mut y1 = poisoned(&g, h);
+                        kern.moe_mxfp4_with(MoeKernel::FUSED, &wt, &dr1, &x1, MoeInput::Settled, &mut one_scratch, &mut y1).unwrap();
+                        let y1 = g.stream.clone_dtoh(&y1).unwrap();
+                        assert!(y1.iter().zip(&first[ti * h..(ti + 1) * h]).all(|(a, b)| a.to_bits() == b.to_bits()), "FP8 digits {h}x{i}: token {ti} of {t} differs from the same token alone");
+                    }
+                }
+                let nan_tok = t / 2;
                 let mut xn = x.clone();
-                xn[h / 3] = f32::NAN;
+                xn[nan_tok * h + h / 3] = f32::NAN;
                 let xnd = g.stream.clone_htod(&xn).unwrap();
-                let mut yv = poisoned(&g, h);
-                g.stream.memcpy_htod(&vec![0f32; h], &mut yv).unwrap();
+                let mut yv = poisoned(&g, t * h);
+                g.stream.memcpy_htod(&vec![0f32; t * h], &mut yv).unwrap();
                 kern.moe_mxfp4_with(MoeKernel::FUSED, &wt, &dr, &xnd, MoeInput::Settled, &mut scratch, &mut yv).unwrap();
-                assert!(g.stream.clone_dtoh(&yv).unwrap().iter().all(|v| v.is_nan()), "a NaN in x must reach every output of the FP8 digit kernel");
-                assert!(g.stream.clone_dtoh(&scratch.counters).unwrap().iter().all(|&c| c == 0), "FP8 digits, NaN x: counters left non-zero");
-                eprintln!("moe mxfp4 (FP8 digits) {h}x{i} T=1: every ring and grid within the tolerance, bit-identical");
-            } else if t == 1 {
-                eprintln!("moe mxfp4 {h}x{i}: FP8 digits not run (GPU or shape)");
+                let yv = g.stream.clone_dtoh(&yv).unwrap();
+                for (ti, row) in yv.chunks(h).enumerate() {
+                    if ti == nan_tok {
+                        assert!(row.iter().all(|v| v.is_nan()), "a NaN in token {ti}'s x must reach every output of that token (FP8 digits, T={t})");
+                    } else {
+                        assert!(row.iter().all(|v| v.is_finite()), "a NaN in token {nan_tok}'s x reached token {ti} (FP8 digits, T={t})");
+                    }
+                }
+                assert!(g.stream.clone_dtoh(&scratch.counters).unwrap().iter().all(|&c| c == 0), "FP8 digits, NaN x, T={t}: counters left non-zero");
+                eprintln!("moe mxfp4 (FP8 digits) {h}x{i} T={t}: every ring and grid within the tolerance, bit-identical, each token as alone");
+            } else if t <= peregrine_cuda::moe_tune::TUNED_TOKENS {
+                eprintln!("moe mxfp4 {h}x{i} T={t}: FP8 digits not run (GPU or shape)");
             }
+            kern.set_moe_fp8_tokens(fp8_tokens).unwrap();
             kern.set_moe_fp8(false);
             // x written by the launch just before (`MoeInput::Fresh`): one call's output is the
             // next one's input, launched back to back, so the second call's blocks may start

@@ -140,6 +140,9 @@ pub struct Kernels {
     fused_routed_dg: Vec<CudaFunction>,
     fused_acc_dg: Vec<CudaFunction>,
     moe_fp8: bool,
+    /// Token counts up to which the fused kernel runs on FP8 digits where `moe_fp8` holds
+    /// (`moe_fp8_at`; `PEREGRINE_MOE_FP8_TOKENS`, 1..=`moe_tune::TUNED_TOKENS`).
+    moe_fp8_tokens: usize,
     /// The grouped-GEMM MoE kernels (`MoeKernel::Gemm`) and the row split they read.
     gemm_gate_up: CudaFunction,
     gemm_down: CudaFunction,
@@ -373,6 +376,11 @@ impl Kernels {
             fused_routed_dg: DG_RINGS.iter().map(|(n, c)| fm(&format!("moe_fused_routed_dg_n{n}_c{c}"))).collect::<Result<_>>()?,
             fused_acc_dg: DG_RINGS.iter().map(|(n, c)| fm(&format!("moe_fused_acc_dg_n{n}_c{c}"))).collect::<Result<_>>()?,
             moe_fp8: std::env::var("PEREGRINE_MOE_FP8").map_or(peak_bandwidth >= FP8_MOE_MIN_BANDWIDTH, |v| v != "0"),
+            moe_fp8_tokens: std::env::var("PEREGRINE_MOE_FP8_TOKENS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .filter(|n| (1..=crate::moe_tune::TUNED_TOKENS).contains(n))
+                .unwrap_or(FP8_MOE_TOKENS),
             gemm_gate_up: fm("moe_gemm_gate_up")?,
             gemm_down: fm("moe_gemm_down")?,
             split_rows: fm("moe_split_rows")?,

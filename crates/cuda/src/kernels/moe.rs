@@ -26,6 +26,11 @@ pub const TILED_VARIANTS: [(usize, usize); 7] = [(2, 4), (4, 2), (3, 4), (4, 4),
 /// (benches/results/2026-11-28-h200-fp8-digit-moe.md).
 pub const FP8_MOE_MIN_BANDWIDTH: f64 = 4.0e12;
 
+/// Token counts up to which the fused kernel runs on FP8 digits by default where `moe_fp8_for`
+/// holds (`Kernels::moe_fp8_at`; `PEREGRINE_MOE_FP8_TOKENS` sets it). From 2 tokens a pass
+/// stages one pair, so an expert slot with n pairs streams its tiles n times.
+pub const FP8_MOE_TOKENS: usize = 1;
+
 /// The rings of the fused kernels on FP8 digits (`moe_fused*_dg_*`): steps of 2 or 4, which
 /// divide every pass where `moe_fp8_for` holds (H and I multiples of 256), so their streaming
 /// has no partial stage to branch around.
@@ -38,8 +43,8 @@ const DG_CORE_BYTES: usize = 144;
 /// Floats of one pair's digit row of h in the one-token digit MoE (`dg_row_bytes` in
 /// kernels/moe.cu): the gate_up items stage h there as digits, I / 16 core matrices, then one
 /// inverse scale per 64 values, for the down items to copy whole. `MoeScratch::h` is large
-/// enough for the rows of a one-token call's pairs (up to `MAX_FUSED_TOPK`) as well as for its
-/// `[pairs, I]` floats.
+/// enough for the rows of the pairs of up to `moe_tune::TUNED_TOKENS` tokens (`MAX_FUSED_TOPK`
+/// each) as well as for its `[pairs, I]` floats.
 fn dg_row_floats(inter: usize) -> usize {
     (inter / 16 * DG_CORE_BYTES + inter / 64 * 4) / 4
 }
@@ -491,8 +496,8 @@ impl Kernels {
         check(counters.len() >= Self::moe_counters(w, max_pairs), || "MoE counters too small".into())?;
         Ok(MoeScratch {
             // Written in full (rows of every pair) before they are read; as large as the digit
-            // rows of a one-token call's pairs too (dg_row_floats).
-            h: unsafe { self.alloc.alloc((max_pairs.max(1) * w.inter).max(max_pairs.clamp(1, MAX_FUSED_TOPK) * dg_row_floats(w.inter))) }?,
+            // rows of the pairs of the token counts that may run on digits too (dg_row_floats).
+            h: unsafe { self.alloc.alloc((max_pairs.max(1) * w.inter).max(max_pairs.clamp(1, crate::moe_tune::TUNED_TOKENS * MAX_FUSED_TOPK) * dg_row_floats(w.inter))) }?,
             out: unsafe { self.alloc.alloc(max_pairs.max(1) * w.hidden) }?,
             counters,
         })
@@ -530,9 +535,27 @@ impl Kernels {
     /// The FP8 digit form of fused kernel `f` of ring `stages` x `steps` (`table`: one of the
     /// three `*_dg` tables), when one token over `w` runs on it: `moe_fp8_for` and a `DG_RINGS`
     /// ring (a forced other ring keeps the F16 form).
-    fn fp8_fused<'a>(&self, table: &'a [CudaFunction], w: &MoeWeights, stages: usize, steps: usize) -> Option<&'a CudaFunction> {
+    fn fp8_fused<'a>(&self, table: &'a [CudaFunction], w: &MoeWeights, stages: usize, steps: usize, tokens: usize) -> Option<&'a CudaFunction> {
         let i = DG_RINGS.iter().position(|&r| r == (stages, steps))?;
-        self.moe_fp8_for(w).then(|| &table[i])
+        self.moe_fp8_at(w, tokens).then(|| &table[i])
+    }
+
+    /// Whether the fused MoE of `tokens` tokens over `w` runs on FP8 digits: `moe_fp8_for`, up
+    /// to `FP8_MOE_TOKENS` tokens (`PEREGRINE_MOE_FP8_TOKENS`).
+    pub fn moe_fp8_at(&self, w: &MoeWeights, tokens: usize) -> bool {
+        tokens <= self.moe_fp8_tokens && self.moe_fp8_for(w)
+    }
+
+    /// The token counts up to which `moe_fp8_at` holds where `moe_fp8_for` does.
+    pub fn moe_fp8_tokens(&self) -> usize {
+        self.moe_fp8_tokens
+    }
+
+    /// Sets `moe_fp8_tokens` (1..=`moe_tune::TUNED_TOKENS`); returns the setting before. As with
+    /// `set_moe_fp8`, kernels tuned before keep their choice.
+    pub fn set_moe_fp8_tokens(&mut self, tokens: usize) -> Result<usize> {
+        check((1..=crate::moe_tune::TUNED_TOKENS).contains(&tokens), || format!("FP8 digit MoE token counts must be 1..={}, not {tokens}", crate::moe_tune::TUNED_TOKENS))?;
+        Ok(std::mem::replace(&mut self.moe_fp8_tokens, tokens))
     }
 
     /// Turns the one-token FP8 digit MoE (`moe_fp8_for`) on or off; returns the setting before.
@@ -742,7 +765,7 @@ impl Kernels {
         check(logits.len() >= e && bias.is_none_or(|b| b.len() >= e) && x.len() >= h && out_fits, || "routed MoE: buffers too small".into())?;
         check(scratch.h.len() >= k * w.inter && scratch.out.len() >= k * h, || "MoE scratch too small".into())?;
         let u = k.min(e);
-        let (f, fp8) = match self.fp8_fused(&self.fused_routed_dg, w, stages, steps) {
+        let (f, fp8) = match self.fp8_fused(&self.fused_routed_dg, w, stages, steps, 1) {
             Some(f) => (f, true),
             None => (&self.fused_routed[Self::tiled_variant(stages, steps)?], false),
         };
@@ -780,7 +803,7 @@ impl Kernels {
         check(h.is_multiple_of(16) && r.ssq.len() >= h / 16 && r.hg.len() >= h && r.acc != 0 && r.copies >= 1 && bias.is_none_or(|b| b.len() >= e) && tok_pairs.len() >= k, || "routed MoE (router in the o_proj): buffers too small".into())?;
         check(scratch.h.len() >= k * w.inter && scratch.out.len() >= k * h, || "MoE scratch too small".into())?;
         let u = k.min(e);
-        let (f, fp8) = match self.fp8_fused(&self.fused_acc_dg, w, stages, steps) {
+        let (f, fp8) = match self.fp8_fused(&self.fused_acc_dg, w, stages, steps, 1) {
             Some(f) => (f, true),
             None => (&self.fused_acc[Self::tiled_variant(stages, steps)?], false),
         };
@@ -926,8 +949,8 @@ impl Kernels {
             }
             (MoeLayout::Tiled { gate_up, down }, MoeKernel::Fused { stages, steps, max_blocks }) => {
                 check(r.top_k <= MAX_FUSED_TOPK, || format!("the fused MoE kernel combines at most {MAX_FUSED_TOPK} experts per token, not {}", r.top_k))?;
-                // One token on FP8 digits where the GPU and shape allow (`moe_fp8_for`).
-                let (f, fp8) = match self.fp8_fused(&self.fused_tiled_dg, w, stages, steps).filter(|_| r.num_tokens == 1) {
+                // FP8 digits where the GPU, shape and token count allow (`moe_fp8_at`).
+                let (f, fp8) = match self.fp8_fused(&self.fused_tiled_dg, w, stages, steps, r.num_tokens) {
                     Some(f) => (f, true),
                     None => (&self.fused_tiled[Self::tiled_variant(stages, steps)?], false),
                 };
