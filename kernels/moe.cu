@@ -976,7 +976,10 @@ __device__ __forceinline__ void split_row(const float* __restrict__ y, int p, in
 // slot_done / slot_passed (per expert slot, zero between calls; null: the down kernel waits for
 // the whole gate_up grid instead): gate_up blocks count themselves done per slot, down blocks
 // wait for their slot's count and the last one past the wait resets both.
-template <bool GATE_UP, int NS, int CS, bool SPLIT>
+// DG: the FP8 digit math of the fused digit kernel, bit for bit (Kernels::moe_fp8_at: sm_90a,
+// H and I multiples of 256, DG_RINGS): one pair a pass, x staged as digits, gate_up writing h
+// as the pairs' digit rows (gate_up_chunk_digits) and down copying its pair's row (no SPLIT).
+template <bool GATE_UP, int NS, int CS, bool SPLIT, bool DG = false>
 __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, const int* __restrict__ experts, const int* __restrict__ pair_off,
                                           const int* __restrict__ pair_tok, const float* __restrict__ pair_w,
                                           const float* __restrict__ x, float* __restrict__ y, int K, int tiles, int ldy,
@@ -994,7 +997,7 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
     TRACE_SCOPE_NAMED(GATE_UP ? "moe_tiled gate_up" : "moe_tiled down");
     bool staged = false;
     if (GATE_UP) {
-        staged = !SPLIT && stage_token_early(x, T, K, frag, ss, x_settled);
+        staged = !SPLIT && stage_token_early<DG>(x, T, K, frag, ss, x_settled);
         PDL_WAIT();
         TRACE_PAST_WAIT();
         PDL_TRIGGER();
@@ -1019,12 +1022,16 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
     // run-time checks cost the one-token kernels, which never split, up to 4 points.)
     __shared__ unsigned long long xbar;
     int xpass = 0;
+    // DG: a gate_up pass's chunk of h and its warps' largest magnitudes (ss.red); a down pass's
+    // chunk scales, copied with its digit row on xbar.
+    __shared__ float hv[DG ? TW * 8 : 1];
+    __shared__ __align__(16) float cinv[DG ? DG_MAX_CHUNKS : 4];
     if (lane == 0)
         for (int i = 0; i < NS; i++) mbar_init(wbars + i);
-    if (SPLIT && threadIdx.x == 0) mbar_init(&xbar);  // (thread 0 uses it first; others past the pass's barrier)
+    if ((SPLIT || (DG && !GATE_UP)) && threadIdx.x == 0) mbar_init(&xbar);  // (thread 0 uses it first; others past the pass's barrier)
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     __syncwarp();
-    const int cap = pass_rows(K, TW * RING);
+    const int cap = pass_rows<DG>(K, TW * RING);
     for (int p0 = pb; p0 < pe; p0 += cap) {
         int np = min(cap, pe - p0);
         if ((int)threadIdx.x < np) ss.rows[threadIdx.x] = GATE_UP ? pair_tok[p0 + threadIdx.x] : p0 + threadIdx.x;
@@ -1062,6 +1069,16 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
                 if (SPLIT) asm volatile("fence.proxy.async.global;" ::: "memory");
             }
             if (SPLIT && threadIdx.x == 0) fetch_rows();
+            if (DG && threadIdx.x == 0) {
+                // The pass's digit row (np = 1), written by the slot's gate_up blocks through the
+                // generic proxy, read here by the async one.
+                const unsigned char* row = reinterpret_cast<const unsigned char*>(x) + (size_t)p0 * dg_row_bytes(K);
+                asm volatile("fence.proxy.async.global;" ::: "memory");
+                asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+                mbar_expect(&xbar, dg_row_bytes(K));
+                bulk_load(frag, row, (unsigned)(K / 16 * DG_CORE), &xbar);
+                bulk_load(cinv, row + K / 16 * DG_CORE, (unsigned)(K / 64 * 4), &xbar);
+            }
         }
         __syncthreads();
         float inv = 0.f;  // SPLIT: the 2^-s of the lane's pair (lanes t < np)
@@ -1069,15 +1086,30 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
             if (t < np) inv = __ldcg(xinv + (GATE_UP ? ss.rows[t] : p0 + t));
             mbar_wait(&xbar, xpass & 1);
             xpass++;
+        } else if (DG && !GATE_UP) {
+            mbar_wait(&xbar, xpass & 1);
+            xpass++;
         } else if (!(staged && np == 1)) {
             // The early staging holds one pair; a slot with more (a repeated expert) restages.
-            stage_b(x, ss.rows, np, K, reinterpret_cast<unsigned*>(frag), ss.red, ss.scale, ss.inv);
+            stage_b<false, false, DG>(x, ss.rows, np, K, reinterpret_cast<unsigned*>(frag), ss.red, ss.scale, ss.inv);
         }
         staged = false;
         float acc[4] = {0.f, 0.f, 0.f, 0.f};
-        if (active) tile_stream_bulk<NS, CS, MOE_TILED_EARLY>(wt, KS, frag, 8 * np, acc, ring, wbars, seq, once, nullptr, 0, true, SPLIT ? K / 4 : 0);
-        if (active && t < np) tile_store(GATE_UP, acc, SPLIT ? inv : ss.inv[t], y, ldy, p0 + t, rt, pair_w);
+        if constexpr (DG) {
+            // (Every warp has a tile: the host runs DG where the tiles fill the blocks.)
+            tile_stream_bulk<NS, CS, false, DG, !GATE_UP>(wt, KS, frag, 8, acc, ring, wbars, seq, once, nullptr, 0, true, 0, smem_addr(cinv));
+            if (GATE_UP)
+                gate_up_chunk_values(acc, ss.inv[0], hv, ss.red);
+            else
+                tile_store_digits(false, acc, 1.f, y, ldy, p0, rt, pair_w);
+        } else {
+            if (active) tile_stream_bulk<NS, CS, MOE_TILED_EARLY>(wt, KS, frag, 8 * np, acc, ring, wbars, seq, once, nullptr, 0, true, SPLIT ? K / 4 : 0);
+            if (active && t < np) tile_store(GATE_UP, acc, SPLIT ? inv : ss.inv[t], y, ldy, p0 + t, rt, pair_w);
+        }
         __syncthreads();  // every warp is done with the fragments before the next pass restages
+        // DG: the pass's chunk of h as digits into its pair's row, before the block counts
+        // itself done (gate_up_unit_done's barrier and release, or the grid's end, publish it).
+        if (DG && GATE_UP) gate_up_chunk_digits(hv, ss.red, reinterpret_cast<unsigned char*>(y) + (size_t)p0 * dg_row_bytes(ldy), ldy, blockIdx.x);
     }
     if (GATE_UP) {
         if (slot_done == nullptr) return;
@@ -1536,11 +1568,31 @@ MOE_BULK(2, 3)
 MOE_BULK(3, 3)
 MOE_BULK(2, 6)
 
-// One token's fused kernels with the FP8 digit math, on the rings of kernels::DG_RINGS.
-MOE_FUSED(2, 4, _dg, true)
-MOE_FUSED(4, 2, _dg, true)
-MOE_FUSED(3, 4, _dg, true)
-MOE_FUSED(4, 4, _dg, true)
+// The fused and two-launch kernels with the FP8 digit math, on the rings of kernels::DG_RINGS
+// (the bulk kernels' arguments).
+#define MOE_TILED_DG(NS, CS)                                                                                             \
+    extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_gate_up_dg_n##NS##_c##CS(                      \
+        const unsigned char* __restrict__ W, const int* __restrict__ experts,                                           \
+        const int* __restrict__ pair_off, const int* __restrict__ pair_tok, const float* __restrict__ x,                 \
+        float* __restrict__ h, int H, int I, int T, int x_settled, unsigned* slots) {                                    \
+        DG_GUARD(true);                                                                                                  \
+        moe_tiled<true, NS, CS, false, true>(W, experts, pair_off, pair_tok, nullptr, x, h, H, I / 8, I, nullptr,     \
+                                             nullptr, nullptr, T, 0, x_settled, slots, nullptr);                         \
+    }                                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_down_dg_n##NS##_c##CS(                         \
+        const unsigned char* __restrict__ W, const int* __restrict__ experts,                                           \
+        const int* __restrict__ pair_off, const float* __restrict__ pair_w, const float* __restrict__ h,                 \
+        float* __restrict__ out, int H, int I, unsigned* counters, const int* __restrict__ tok_pairs,                    \
+        float* __restrict__ y, int T, int topk, unsigned* slots) { PDL_TRIGGER();                                        \
+        DG_GUARD(true);                                                                                                  \
+        moe_tiled<false, NS, CS, false, true>(W, experts, pair_off, nullptr, pair_w, h, out, I, H / 16, H, counters,  \
+                                              tok_pairs, y, T, topk, 0, slots, slots ? slots + gridDim.y : nullptr);     \
+    }                                                                                                                    \
+    MOE_FUSED(NS, CS, _dg, true)
+MOE_TILED_DG(2, 4)
+MOE_TILED_DG(4, 2)
+MOE_TILED_DG(3, 4)
+MOE_TILED_DG(4, 4)
 
 // ---------------------------------------------------------------------------------------------
 // MoE GEMM for prefill-sized batches: many pairs per expert.

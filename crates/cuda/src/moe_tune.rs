@@ -178,12 +178,12 @@ impl Kernels {
                 }
                 Ok(())
             };
-            // Token counts on FP8 digits (`moe_fp8_at`) stay on the fused kernel's digit rings
-            // (`DG_RINGS`): the other kernels' bits are other, and a choice by timing would make
-            // the bits a matter of luck.
-            let fused_only = self.moe_fp8_at(w, t);
+            // Token counts on FP8 digits (`moe_fp8_at`) stay on the digit rings (`DG_RINGS`) of
+            // the fused and two-launch kernels, which agree bit for bit: the other kernels' bits
+            // are other, and a choice by timing would make the bits a matter of luck.
+            let digits = self.moe_fp8_at(w, t);
             for &kind in kinds.iter().chain((t >= gemm_from).then_some(&MoeKernel::Gemm)) {
-                if fused_only && !matches!(kind, MoeKernel::Fused { stages, steps, .. } if crate::kernels::DG_RINGS.contains(&(stages, steps))) {
+                if digits && !self.moe_kind_on_digits(kind, w, t) {
                     continue;
                 }
                 measure(kind, &mut best)?;
@@ -202,12 +202,16 @@ impl Kernels {
                 let pairs = self.moe_tiled_staged_pairs(w, stages, steps, t)?;
                 let mut tiled_best: Option<(MoeKernel, f32)> = best;
                 for &(ds, dc) in TILED_VARIANTS.iter().filter(|&&d| d != (stages, steps)) {
-                    measure(MoeKernel::Tiled { stages, steps, down_stages: ds, down_steps: dc }, &mut tiled_best)?;
+                    let kind = MoeKernel::Tiled { stages, steps, down_stages: ds, down_steps: dc };
+                    if !digits || self.moe_kind_on_digits(kind, w, t) {
+                        measure(kind, &mut tiled_best)?;
+                    }
                 }
                 if let Some((MoeKernel::Tiled { down_stages, down_steps, .. }, _)) = tiled_best {
                     for &(gs, gc) in TILED_VARIANTS.iter().filter(|&&g| g != (stages, steps) && g != (down_stages, down_steps)) {
-                        if self.moe_tiled_staged_pairs(w, gs, gc, t)? >= pairs {
-                            measure(MoeKernel::Tiled { stages: gs, steps: gc, down_stages, down_steps }, &mut tiled_best)?;
+                        let kind = MoeKernel::Tiled { stages: gs, steps: gc, down_stages, down_steps };
+                        if self.moe_tiled_staged_pairs(w, gs, gc, t)? >= pairs && (!digits || self.moe_kind_on_digits(kind, w, t)) {
+                            measure(kind, &mut tiled_best)?;
                         }
                     }
                 }

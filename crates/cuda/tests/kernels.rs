@@ -598,6 +598,26 @@ fn mxfp4_moe_decode_matches_the_cpu_reference() {
                     assert!(chained.iter().zip(&again).all(|(a, b)| a.to_bits() == b.to_bits()), "{kind:?} (FP8 digits) T={t}: x from the launch just before differs from the same x settled");
                 }
                 let first = first.expect("the digit rings ran");
+                // The two-launch kernels on digits: the same bits, on every digit ring and with
+                // gate_up and down on different rings.
+                let dgr = peregrine_cuda::kernels::DG_RINGS;
+                for j in 0..dgr.len() {
+                    for (gu_ring, down_ring) in [(dgr[j], dgr[j]), (dgr[j], dgr[(j + 1) % dgr.len()])] {
+                        let kind = MoeKernel::Tiled { stages: gu_ring.0, steps: gu_ring.1, down_stages: down_ring.0, down_steps: down_ring.1 };
+                        assert!(kern.moe_kind_on_digits(kind, &wt, t), "{kind:?} runs on digits at {t} tokens");
+                        assert!(!kern.moe_kind_reads_split(kind, &wt, t, top_k), "{kind:?} on digits stages x itself");
+                        for _ in 0..2 {
+                            let mut yv = poisoned(&g, t * h);
+                            kern.moe_mxfp4_with(kind, &wt, &dr, &xd, MoeInput::Settled, &mut scratch, &mut yv).unwrap();
+                            let yv = g.stream.clone_dtoh(&yv).unwrap();
+                            assert!(yv.iter().zip(&first).all(|(a, b)| a.to_bits() == b.to_bits()), "moe mxfp4 ({kind:?}, FP8 digits) {h}x{i} T={t}: differs from the fused digit kernel's bits");
+                            assert!(g.stream.clone_dtoh(&scratch.counters).unwrap().iter().all(|&c| c == 0), "{kind:?} (FP8 digits) T={t}: counters left non-zero");
+                        }
+                    }
+                }
+                // A ring that is not a digit ring keeps the F16 form (the tiled family's bits).
+                let f16_ring = peregrine_cuda::kernels::TILED_VARIANTS.iter().copied().find(|r| !dgr.contains(r)).expect("an F16-only ring");
+                assert!(!kern.moe_kind_on_digits(MoeKernel::tiled(f16_ring.0, f16_ring.1), &wt, t));
                 if t > 1 {
                     let mut one_scratch = kern.moe_scratch(&w, top_k).unwrap();
                     for (ti, c) in choices.iter().enumerate() {

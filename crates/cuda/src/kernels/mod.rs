@@ -139,6 +139,10 @@ pub struct Kernels {
     fused_tiled_dg: Vec<CudaFunction>,
     fused_routed_dg: Vec<CudaFunction>,
     fused_acc_dg: Vec<CudaFunction>,
+    /// The two-launch tiled kernels with that math (`moe_gate_up_dg_*`, `moe_down_dg_*`), one
+    /// per `DG_RINGS` entry.
+    gate_up_dg: Vec<CudaFunction>,
+    down_dg: Vec<CudaFunction>,
     moe_fp8: bool,
     /// Token counts up to which the fused kernel runs on FP8 digits where `moe_fp8` holds
     /// (`moe_fp8_at`; `PEREGRINE_MOE_FP8_TOKENS`, 1..=`moe_tune::TUNED_TOKENS`).
@@ -375,6 +379,8 @@ impl Kernels {
             fused_tiled_dg: DG_RINGS.iter().map(|(n, c)| fm(&format!("moe_fused_dg_n{n}_c{c}"))).collect::<Result<_>>()?,
             fused_routed_dg: DG_RINGS.iter().map(|(n, c)| fm(&format!("moe_fused_routed_dg_n{n}_c{c}"))).collect::<Result<_>>()?,
             fused_acc_dg: DG_RINGS.iter().map(|(n, c)| fm(&format!("moe_fused_acc_dg_n{n}_c{c}"))).collect::<Result<_>>()?,
+            gate_up_dg: DG_RINGS.iter().map(|(n, c)| fm(&format!("moe_gate_up_dg_n{n}_c{c}"))).collect::<Result<_>>()?,
+            down_dg: DG_RINGS.iter().map(|(n, c)| fm(&format!("moe_down_dg_n{n}_c{c}"))).collect::<Result<_>>()?,
             moe_fp8: std::env::var("PEREGRINE_MOE_FP8").map_or(peak_bandwidth >= FP8_MOE_MIN_BANDWIDTH, |v| v != "0"),
             moe_fp8_tokens: std::env::var("PEREGRINE_MOE_FP8_TOKENS")
                 .ok()

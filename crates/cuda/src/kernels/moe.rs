@@ -540,10 +540,29 @@ impl Kernels {
         self.moe_fp8_at(w, tokens).then(|| &table[i])
     }
 
-    /// Whether the fused MoE of `tokens` tokens over `w` runs on FP8 digits: `moe_fp8_for`, up
-    /// to `FP8_MOE_TOKENS` tokens (`PEREGRINE_MOE_FP8_TOKENS`).
+    /// Whether the fused and two-launch tiled MoE of `tokens` tokens over `w` run on FP8 digits
+    /// (on `DG_RINGS` rings; other rings keep the F16 form): `moe_fp8_for`, up to
+    /// `FP8_MOE_TOKENS` tokens (`PEREGRINE_MOE_FP8_TOKENS`).
     pub fn moe_fp8_at(&self, w: &MoeWeights, tokens: usize) -> bool {
         tokens <= self.moe_fp8_tokens && self.moe_fp8_for(w)
+    }
+
+    /// The indices in `DG_RINGS` of the gate_up and down rings of a two-launch tiled MoE of
+    /// `tokens` tokens over `w` when it runs on FP8 digits (`moe_fp8_at`, both rings digit rings).
+    fn tiled_digits(&self, w: &MoeWeights, tokens: usize, gate_up: (usize, usize), down: (usize, usize)) -> Option<(usize, usize)> {
+        let ring = |r: (usize, usize)| DG_RINGS.iter().position(|&d| d == r);
+        self.moe_fp8_at(w, tokens).then_some(())?;
+        Some((ring(gate_up)?, ring(down)?))
+    }
+
+    /// Whether MoE kernel `kind` of `tokens` tokens over `w` runs on FP8 digits (`moe_fp8_at`
+    /// and digit rings), so that its bits are the digit family's.
+    pub fn moe_kind_on_digits(&self, kind: MoeKernel, w: &MoeWeights, tokens: usize) -> bool {
+        match kind {
+            MoeKernel::Fused { stages, steps, .. } => DG_RINGS.contains(&(stages, steps)) && self.moe_fp8_at(w, tokens),
+            MoeKernel::Tiled { stages, steps, down_stages, down_steps } => self.tiled_digits(w, tokens, (stages, steps), (down_stages, down_steps)).is_some(),
+            _ => false,
+        }
     }
 
     /// The token counts up to which `moe_fp8_at` holds where `moe_fp8_for` does.
@@ -612,6 +631,9 @@ impl Kernels {
     /// experts take fewer than 4; the tuner compares rings by it).
     pub fn moe_tiled_staged_pairs(&self, w: &MoeWeights, stages: usize, steps: usize, tokens: usize) -> Result<usize> {
         let v = Self::tiled_variant(stages, steps)?;
+        if self.tiled_digits(w, tokens, (stages, steps), (stages, steps)).is_some() {
+            return Ok(1);
+        }
         self.staged_pairs(self.gate_up_kernel(v, tokens), ring_bytes(stages, steps), w.hidden.max(w.inter), tokens, 0)
     }
 
@@ -650,7 +672,7 @@ impl Kernels {
     /// (`splits_x`) and the MoE GEMM.
     pub fn moe_kind_reads_split(&self, kind: MoeKernel, w: &MoeWeights, tokens: usize, top_k: usize) -> bool {
         match kind {
-            MoeKernel::Tiled { .. } => self.splits_x(tokens),
+            MoeKernel::Tiled { .. } => self.splits_x(tokens) && !self.moe_kind_on_digits(kind, w, tokens),
             // (On wgmma it splits x itself, into that kernel's layout.)
             MoeKernel::Gemm => !self.moe_gemm_on_wgmma(tokens * top_k, w.num_experts),
             _ => false,
@@ -886,15 +908,29 @@ impl Kernels {
                 let slot_ptr = if slot_wait { scratch.counters.device_ptr(&self.stream).0 + (groups * std::mem::size_of::<u32>()) as u64 } else { 0u64 };
                 // From 2 tokens the _split_ kernels: x split once per token (here), and with the
                 // per-slot wait h once per slot (by its last gate_up block); both written in full
-                // before they are read.
-                let fg = self.gate_up_kernel(v, r.num_tokens);
-                let split_x = self.splits_x(r.num_tokens);
+                // before they are read. On FP8 digits (`tiled_digits`) neither: a pass stages its
+                // pair's x as digits, and gate_up hands h over as the pairs' digit rows.
+                let digits = self.tiled_digits(w, r.num_tokens, (stages, steps), (down_stages, down_steps));
+                let fg = match digits {
+                    Some((g, _)) => &self.gate_up_dg[g],
+                    None => self.gate_up_kernel(v, r.num_tokens),
+                };
+                let split_x = digits.is_none() && self.splits_x(r.num_tokens);
                 let split_h = split_x && self.presplit_h && slot_wait;
-                let fd = if split_h { &self.down_split[dv] } else { &self.down_tiled[dv] };
+                let fd = match digits {
+                    Some((_, d)) => &self.down_dg[d],
+                    None if split_h => &self.down_split[dv],
+                    None => &self.down_tiled[dv],
+                };
                 let ring = ring_bytes(stages, steps);
-                // A routed expert has at most one pair per token; a pass stages up to 4.
-                let np = self.staged_pairs(fg, ring, h.max(i), r.num_tokens, 0)?;
-                let (gu_smem, d_smem) = (ring + h * 4 * np, ring_bytes(down_stages, down_steps) + i * 4 * np);
+                let (gu_smem, d_smem) = if digits.is_some() {
+                    check(scratch.h.len() >= r.num_pairs * dg_row_floats(i), || "MoE scratch too small for the digit rows of h".into())?;
+                    (ring + h / 16 * DG_CORE_BYTES, ring_bytes(down_stages, down_steps) + i / 16 * DG_CORE_BYTES)
+                } else {
+                    // A routed expert has at most one pair per token; a pass stages up to 4.
+                    let np = self.staged_pairs(fg, ring, h.max(i), r.num_tokens, 0)?;
+                    (ring + h * 4 * np, ring_bytes(down_stages, down_steps) + i * 4 * np)
+                };
                 check(gu_smem.max(d_smem) <= TILED_MAX_SMEM, || format!("MoE dims {h}, {i} need more than {TILED_MAX_SMEM} bytes of shared memory"))?;
                 // A block's 8 warps stream one 16-row tile each.
                 let cfg = |tiles: usize, smem: usize| LaunchConfig { grid_dim: (tiles.div_ceil(8) as u32, u, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem as u32 };
