@@ -876,6 +876,9 @@ __device__ __forceinline__ void tile_store_digits(bool gate_up, const float acc[
 // Bytes of one pair's digit row of h: I / 16 core matrices of DG_CORE bytes, then I / 64 floats
 // (dg_row_floats in kernels/moe.rs counts the same in floats).
 __device__ __forceinline__ unsigned dg_row_bytes(int I) { return (unsigned)(I / 16 * DG_CORE + I / 64 * 4); }
+// Bytes of one token's row of x as digits (moe_digit_rows; dg_x_row_bytes in kernels/moe.rs):
+// the K / 16 core matrices a one-pair pass stages, then the row's inverse scale, padded to 16.
+__device__ __forceinline__ unsigned dg_x_row_bytes(int K) { return (unsigned)(K / 16 * DG_CORE + 16); }
 
 // A gate_up pass of the digit MoE, in place of tile_store_digits: lane t == 0 of each quad puts
 // its row's h (tile_store's value) at hv[8 w + g] and the warp its largest magnitude at
@@ -979,6 +982,9 @@ __device__ __forceinline__ void split_row(const float* __restrict__ y, int p, in
 // DG: the FP8 digit math of the fused digit kernel, bit for bit (Kernels::moe_fp8_at: sm_90a,
 // H and I multiples of 256, DG_RINGS): one pair a pass, x staged as digits, gate_up writing h
 // as the pairs' digit rows (gate_up_chunk_digits) and down copying its pair's row (no SPLIT).
+// xd (DG gate_up, 2+ tokens): x as digit rows (moe_digit_rows one launch ahead, dg_x_row_bytes
+// each), copied in by a bulk copy per pass instead of staged: the staging after the wait cost
+// the blocks of the multi-wave grid ~8-14 points of copy bandwidth (H200, 2-8 tokens).
 template <bool GATE_UP, int NS, int CS, bool SPLIT, bool DG = false>
 __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, const int* __restrict__ experts, const int* __restrict__ pair_off,
                                           const int* __restrict__ pair_tok, const float* __restrict__ pair_w,
@@ -986,7 +992,8 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
                                           unsigned* counters, const int* __restrict__ tok_pairs, float* __restrict__ comb, int T,
                                           int topk, int x_settled, unsigned* slot_done, unsigned* slot_passed,
                                           const unsigned* __restrict__ xs = nullptr, const float* __restrict__ xinv = nullptr,
-                                          unsigned* __restrict__ hs = nullptr, float* __restrict__ hinv = nullptr) {
+                                          unsigned* __restrict__ hs = nullptr, float* __restrict__ hinv = nullptr,
+                                          const unsigned char* __restrict__ xd = nullptr) {
     constexpr int RING = NS * CS * STEP_BYTES;  // bytes per warp
     extern __shared__ __align__(MOE_DSM_ALIGN) uint4 dsm[];
     uint4* frag = staged_frag(RING);
@@ -997,7 +1004,7 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
     TRACE_SCOPE_NAMED(GATE_UP ? "moe_tiled gate_up" : "moe_tiled down");
     bool staged = false;
     if (GATE_UP) {
-        staged = !SPLIT && stage_token_early<DG>(x, T, K, frag, ss, x_settled);
+        staged = !SPLIT && xd == nullptr && stage_token_early<DG>(x, T, K, frag, ss, x_settled);
         PDL_WAIT();
         TRACE_PAST_WAIT();
         PDL_TRIGGER();
@@ -1028,7 +1035,7 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
     __shared__ __align__(16) float cinv[DG ? DG_MAX_CHUNKS : 4];
     if (lane == 0)
         for (int i = 0; i < NS; i++) mbar_init(wbars + i);
-    if ((SPLIT || (DG && !GATE_UP)) && threadIdx.x == 0) mbar_init(&xbar);  // (thread 0 uses it first; others past the pass's barrier)
+    if ((SPLIT || DG) && threadIdx.x == 0) mbar_init(&xbar);  // (thread 0 uses it first; others past the pass's barrier)
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     __syncwarp();
     const int cap = pass_rows<DG>(K, TW * RING);
@@ -1046,6 +1053,16 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
             }
         };
         if (SPLIT && GATE_UP && threadIdx.x == 0) fetch_rows();
+        if (DG && GATE_UP && xd != nullptr && threadIdx.x == 0) {
+            // The pass's token's digit row (np = 1; the kernel waited for moe_digit_rows above)
+            // and its inverse scale.
+            const unsigned char* row = xd + (size_t)pair_tok[p0] * dg_x_row_bytes(K);
+            asm volatile("fence.proxy.async.global;" ::: "memory");
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+            mbar_expect(&xbar, (unsigned)(K / 16 * DG_CORE));
+            bulk_load(frag, row, (unsigned)(K / 16 * DG_CORE), &xbar);
+            ss.inv[0] = __ldcg(reinterpret_cast<const float*>(row + K / 16 * DG_CORE));
+        }
         const bool once = p0 + cap >= pe;  // the block's last pass over its tiles
         if (active) bulk_prologue<NS, CS>(seq, wt, KS, ring, wbars, once);
         // The down kernel may be launched while gate_up still runs (programmatic dependent
@@ -1086,7 +1103,7 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
             if (t < np) inv = __ldcg(xinv + (GATE_UP ? ss.rows[t] : p0 + t));
             mbar_wait(&xbar, xpass & 1);
             xpass++;
-        } else if (DG && !GATE_UP) {
+        } else if (DG && (!GATE_UP || xd != nullptr)) {
             mbar_wait(&xbar, xpass & 1);
             xpass++;
         } else if (!(staged && np == 1)) {
@@ -1574,10 +1591,12 @@ MOE_BULK(2, 6)
     extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_gate_up_dg_n##NS##_c##CS(                      \
         const unsigned char* __restrict__ W, const int* __restrict__ experts,                                           \
         const int* __restrict__ pair_off, const int* __restrict__ pair_tok, const float* __restrict__ x,                 \
-        float* __restrict__ h, int H, int I, int T, int x_settled, unsigned* slots) {                                    \
+        float* __restrict__ h, int H, int I, int T, int x_settled, unsigned* slots,                                      \
+        const unsigned char* __restrict__ xd) {                                                                          \
         DG_GUARD(true);                                                                                                  \
         moe_tiled<true, NS, CS, false, true>(W, experts, pair_off, pair_tok, nullptr, x, h, H, I / 8, I, nullptr,     \
-                                             nullptr, nullptr, T, 0, x_settled, slots, nullptr);                         \
+                                             nullptr, nullptr, T, 0, x_settled, slots, nullptr, nullptr, nullptr,        \
+                                             nullptr, nullptr, xd);                                                      \
     }                                                                                                                    \
     extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_down_dg_n##NS##_c##CS(                         \
         const unsigned char* __restrict__ W, const int* __restrict__ experts,                                           \
@@ -1651,6 +1670,18 @@ extern "C" __global__ void __launch_bounds__(256) moe_split_rows(const float* __
     PDL_ENTER();
     __shared__ StageSmem ss;
     split_row(x, blockIdx.x, K, xs, inv, ss);
+}
+
+// rows x [rows, K] f32 -> xd [rows][dg_x_row_bytes(K)]: each row as the FP8 digit kernels'
+// one-pair pass stages it (stage_b's DG: digits, then the row's inverse scale), for the
+// two-launch digit gate_up (moe_tiled's xd). One block of TW warps per row; K % 256 == 0.
+extern "C" __global__ void __launch_bounds__(256) moe_digit_rows(const float* __restrict__ x, int K, unsigned char* __restrict__ xd) {
+    PDL_ENTER();
+    __shared__ StageSmem ss;
+    const int row[1] = {(int)blockIdx.x};
+    unsigned char* r = xd + (size_t)blockIdx.x * dg_x_row_bytes(K);
+    stage_b<false, false, true>(x, row, 1, K, reinterpret_cast<unsigned*>(r), ss.red, ss.scale, ss.inv);
+    if (threadIdx.x == 0) *reinterpret_cast<float*>(r + K / 16 * DG_CORE) = ss.inv[0];
 }
 
 // The same split in the wgmma GEMM's layout (stage_item's WG): the same values, other places.

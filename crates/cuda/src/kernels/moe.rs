@@ -49,6 +49,12 @@ fn dg_row_floats(inter: usize) -> usize {
     (inter / 16 * DG_CORE_BYTES + inter / 64 * 4) / 4
 }
 
+/// Bytes of one token's row of x as digits for the two-launch digit gate_up (`dg_x_row_bytes`
+/// in kernels/moe.cu): the staged core matrices, then the row's inverse scale, padded to 16.
+fn dg_x_row_bytes(hidden: usize) -> usize {
+    hidden / 16 * DG_CORE_BYTES + 16
+}
+
 /// How old a MoE call's input x is, which decides when the tiled kernels may read it, and
 /// whether it comes split already (`Split`: the split must be of this x). With one
 /// token they stage x before they wait for the kernel ahead (programmatic dependent launch lets
@@ -936,9 +942,14 @@ impl Kernels {
                 let cfg = |tiles: usize, smem: usize| LaunchConfig { grid_dim: (tiles.div_ceil(8) as u32, u, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem as u32 };
                 let alloc_u32 = |n: usize| unsafe { self.alloc.alloc::<u32>(n) };
                 let alloc_f32 = |n: usize| unsafe { self.alloc.alloc::<f32>(n) };
+                // On digits from 2 tokens, x as digit rows, written one launch ahead.
+                // (The split and digit rows live to the end of the call: freed in stream order after both launches.)
+                let x_digits = match digits {
+                    Some(_) if r.num_tokens >= 2 => Some(self.digit_rows(x, r.num_tokens, h)?),
+                    _ => None,
+                };
                 let mut b = crate::launch::builder(&self.stream, fg);
                 b.arg(gate_up).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_tok);
-                // (The split rows live to the end of the call: freed in stream order after both launches.)
                 let (_xsplit, mut hsplit) = if split_x {
                     let xsplit = self.x_split(input, x, r.num_tokens, h)?;
                     let sp = xsplit.rows();
@@ -954,6 +965,12 @@ impl Kernels {
                     // One settled token's x is staged before the kernel waits for the one ahead
                     // (moe.cu, stage_token_early).
                     b.arg(x).arg(&mut scratch.h).arg(&hh).arg(&ii).arg(&ti).arg(&settled).arg(&slot_ptr);
+                    if digits.is_some() {
+                        match &x_digits {
+                            Some(xd) => b.arg(xd),
+                            None => b.arg(&0u64),
+                        };
+                    }
                     unsafe { b.launch(cfg(2 * i / 16, gu_smem)) }.map_err(drv("moe gate_up (tiled)"))?;
                     (None, None)
                 };
@@ -1093,6 +1110,18 @@ impl Kernels {
         let mut inv = unsafe { self.alloc.alloc::<f32>(rows) }?;
         self.split_rows(x, rows, k, &mut xs, &mut inv, wg)?;
         Ok(MoeSplit { xs, inv })
+    }
+
+    /// `rows` rows of `x` [rows, k] as the FP8 digit kernels stage them (`moe_digit_rows`,
+    /// `dg_x_row_bytes` each), for the two-launch digit gate_up; written in full.
+    fn digit_rows(&self, x: &CudaSlice<f32>, rows: usize, k: usize) -> Result<CudaSlice<u8>> {
+        check(k.is_multiple_of(256) && k <= 8192 && x.len() >= rows * k, || format!("moe_digit_rows: {rows} rows of {k}"))?;
+        let mut xd = unsafe { self.alloc.alloc::<u8>(rows.max(1) * dg_x_row_bytes(k)) }?;
+        let ki = k as i32;
+        let mut b = crate::launch::builder(&self.stream, &self.digit_rows);
+        b.arg(x).arg(&ki).arg(&mut xd);
+        unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv("moe_digit_rows"))?;
+        Ok(xd)
     }
 
     /// `rows` rows of `x` [rows, k] split for the MoE GEMM (`moe_split_rows`): each row's F16
