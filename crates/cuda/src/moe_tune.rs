@@ -128,6 +128,7 @@ impl Kernels {
         let gemm_from = if self.gemm_enabled() { 2 } else { usize::MAX };
         let mut timings = Vec::new();
         let mut chosen = Vec::new();
+        let mut verify_chosen = Vec::new();
         for &t in tuned_counts() {
             // Four routings in turn, so an expert's weights are rarely still in L2.
             let routings = (0..4)
@@ -181,13 +182,19 @@ impl Kernels {
             // Token counts on FP8 digits (`moe_fp8_at`) stay on the digit rings (`DG_RINGS`) of
             // the fused and two-launch kernels, which agree bit for bit: the other kernels' bits
             // are other, and a choice by timing would make the bits a matter of luck.
+            // Rows that may share experts (a verify block's) stay off the digits, whose passes
+            // take one pair each: the fastest F16 kernel is kept for them too (from 2 tokens; the
+            // tiled kernels on rings that are not digit rings, and the MoE GEMM).
             let digits = self.moe_fp8_at(w, t);
+            let mut verify_best: Option<(MoeKernel, f32)> = None;
             for &kind in kinds.iter().chain((t >= gemm_from).then_some(&MoeKernel::Gemm)) {
-                if digits && !self.moe_kind_on_digits(kind, w, t) {
-                    continue;
+                if !digits || self.moe_kind_on_digits(kind, w, t) {
+                    measure(kind, &mut best)?;
+                } else if t >= 2 && !matches!(kind, MoeKernel::Fused { .. }) {
+                    measure(kind, &mut verify_best)?;
                 }
-                measure(kind, &mut best)?;
             }
+            verify_chosen.push((t, verify_best.map(|(kind, _)| kind)));
             // The two launches may stream with different rings (gate_up's tiles are twice as
             // long as down's at MiMo-V2 shapes): from the best same-ring pair, the best down ring
             // for its gate_up ring, then the best gate_up ring for that down ring. A gate_up ring
@@ -225,7 +232,21 @@ impl Kernels {
         for (t, kind) in chosen {
             table.insert((h, w.inter, e, top_k, t), kind);
         }
+        drop(table);
+        let mut table = self.moe_verify_choices.lock().map_err(|_| peregrine_core::Error::Backend("MoE choices lock poisoned".into()))?;
+        for (t, kind) in verify_chosen {
+            match kind {
+                Some(kind) => table.insert((h, w.inter, e, top_k, t), kind),
+                None => table.remove(&(h, w.inter, e, top_k, t)),
+            };
+        }
         Ok(timings)
+    }
+
+    /// The tuned kernel off the digits for rows that may share experts (`moe_verify_choices`).
+    pub fn tuned_verify_moe(&self, w: &MoeWeights, top_k: usize, tokens: usize) -> Option<MoeKernel> {
+        let table = self.moe_verify_choices.lock().ok()?;
+        table.get(&(w.hidden, w.inter, w.num_experts, top_k, tokens)).copied()
     }
 
     /// The tuned kernel for this shape and token count, if `tune_moe` measured one.

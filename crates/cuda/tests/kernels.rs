@@ -598,6 +598,22 @@ fn mxfp4_moe_decode_matches_the_cpu_reference() {
                     assert!(chained.iter().zip(&again).all(|(a, b)| a.to_bits() == b.to_bits()), "{kind:?} (FP8 digits) T={t}: x from the launch just before differs from the same x settled");
                 }
                 let first = first.expect("the digit rings ran");
+                // Tuned with digits on: decode rows take digit kernels, rows that may share
+                // experts (a verify block's) the fastest kernel off them, from 2 tokens.
+                if t == 1 && std::env::var("PEREGRINE_MOE_KERNEL").is_err() {
+                    kern.tune_moe(&wt, top_k).unwrap();
+                    for tt in 2..=peregrine_cuda::moe_tune::TUNED_TOKENS {
+                        let (decode, verify) = (kern.moe_kernel_rows(&wt, tt, top_k, true), kern.moe_kernel_rows(&wt, tt, top_k, false));
+                        assert!(kern.moe_kind_on_digits(decode, &wt, tt), "{tt} decode rows on digits: {decode:?}");
+                        assert!(!kern.moe_kind_on_digits(verify, &wt, tt), "{tt} verify rows off the digits: {verify:?}");
+                    }
+                    kern.set_moe_fp8(false);
+                    kern.tune_moe(&wt, top_k).unwrap();
+                    for tt in 1..=peregrine_cuda::moe_tune::TUNED_TOKENS {
+                        assert_eq!(kern.moe_kernel_rows(&wt, tt, top_k, false), kern.moe_kernel_rows(&wt, tt, top_k, true), "{tt} rows, digits off: verify rows as decode rows");
+                    }
+                    kern.set_moe_fp8(true);
+                }
                 // The two-launch kernels on digits: the same bits, on every digit ring and with
                 // gate_up and down on different rings.
                 let dgr = peregrine_cuda::kernels::DG_RINGS;

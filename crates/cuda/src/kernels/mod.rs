@@ -193,6 +193,10 @@ pub struct Kernels {
     occupancy: std::sync::Mutex<std::collections::HashMap<(usize, usize), usize>>,
     /// MoE kernels chosen by measurement (`tune_moe`).
     pub(crate) moe_choices: std::sync::Mutex<crate::moe_tune::MoeChoices>,
+    /// Where `moe_fp8_at` holds from 2 tokens, the fastest kernel off the digits (F16 rings or
+    /// the MoE GEMM) per shape and token count, for rows that may share experts
+    /// (`moe_kernel_rows`' verify rows).
+    pub(crate) moe_verify_choices: std::sync::Mutex<crate::moe_tune::MoeChoices>,
     /// The one-block sampler (every GPU) and the cluster sampler (Hopper on; None elsewhere or
     /// with PEREGRINE_SAMPLE_CLUSTER=0): both draw the same tokens.
     sample: CudaFunction,
@@ -401,6 +405,7 @@ impl Kernels {
             wgmma_arch,
             gemm_wgmma: std::env::var("PEREGRINE_MOE_WGMMA").ok().map(|v| v != "0"),
             moe_choices: Default::default(),
+            moe_verify_choices: Default::default(),
             slot_wait: match std::env::var("PEREGRINE_MOE_SLOT_WAIT").as_deref() {
                 Ok("0") => 0..=0, // (no MoE call that reaches the kernels has 0 tokens)
                 Ok(v) => v.split_once('-').and_then(|(a, b)| Some(a.trim().parse().ok()?..=b.trim().parse().ok()?)).unwrap_or(SLOT_WAIT_TOKENS),

@@ -26,10 +26,15 @@ pub const TILED_VARIANTS: [(usize, usize); 7] = [(2, 4), (4, 2), (3, 4), (4, 4),
 /// (benches/results/2026-11-28-h200-fp8-digit-moe.md).
 pub const FP8_MOE_MIN_BANDWIDTH: f64 = 4.0e12;
 
-/// Token counts up to which the fused kernel runs on FP8 digits by default where `moe_fp8_for`
-/// holds (`Kernels::moe_fp8_at`; `PEREGRINE_MOE_FP8_TOKENS` sets it). From 2 tokens a pass
-/// stages one pair, so an expert slot with n pairs streams its tiles n times.
-pub const FP8_MOE_TOKENS: usize = 1;
+/// Token counts up to which the fused and two-launch tiled kernels run on FP8 digits by default
+/// where `moe_fp8_for` holds (`Kernels::moe_fp8_at`; `PEREGRINE_MOE_FP8_TOKENS` sets it): every
+/// tuned count. From 2 tokens the two-launch kernels win there (x as digit rows one launch
+/// ahead, h as the pairs' digit rows). H200, Flash, as a step runs them: 81.3 / 88.5 / 87.4% of
+/// copy bandwidth at 2 / 4 / 8 tokens against 77.9 / 84.1 / 84.6% on F16 MMAs, decode steps at
+/// batch 2 / 4 / 8 0.8 / 1.4 / 3% faster (benches/results/2026-11-28-h200-digit-moe-2-8-tokens.md).
+/// A pass stages one pair, so an expert slot with n pairs streams its tiles n times: rows that
+/// may share experts (verify blocks) stay off the digits (`Kernels::moe_kernel_rows`).
+pub const FP8_MOE_TOKENS: usize = crate::moe_tune::TUNED_TOKENS;
 
 /// The rings of the fused kernels on FP8 digits (`moe_fused*_dg_*`): steps of 2 or 4, which
 /// divide every pass where `moe_fp8_for` holds (H and I multiples of 256), so their streaming
@@ -666,9 +671,17 @@ impl Kernels {
     /// block's tokens may share experts, where the tiled kernels lose to the MoE GEMM (H100,
     /// Flash, 16 tokens drawn from a pool of 16 / 32 experts: 27 / 53% of copy bandwidth against
     /// 53 / 74%; benches/results/2026-11-26-moe-tuned-decode-buckets.md), so those rows keep the default.
+    /// Where the tuned kernel runs on FP8 digits (`moe_fp8_at`), whose passes take one pair each,
+    /// such rows take the tuner's fastest kernel off the digits instead (`tuned_verify_moe`):
+    /// H200, Flash, 8 tokens of one sequence 5.49-5.51 ms a verify step on digits against 4.94.
     pub fn moe_kernel_rows(&self, w: &MoeWeights, tokens: usize, top_k: usize, decode: bool) -> MoeKernel {
-        if !decode && tokens > crate::moe_tune::TUNED_TOKENS && matches!(w.layout, MoeLayout::Tiled { .. }) && MoeKernel::forced().is_none() {
-            return if self.gemm { MoeKernel::for_tiled(tokens, top_k) } else { MoeKernel::TILED };
+        if !decode && matches!(w.layout, MoeLayout::Tiled { .. }) && MoeKernel::forced().is_none() {
+            if tokens > crate::moe_tune::TUNED_TOKENS {
+                return if self.gemm { MoeKernel::for_tiled(tokens, top_k) } else { MoeKernel::TILED };
+            }
+            if let Some(kind) = self.tuned_verify_moe(w, top_k, tokens) {
+                return kind;
+            }
         }
         self.moe_kernel(w, tokens, top_k)
     }
