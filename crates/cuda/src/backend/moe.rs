@@ -206,12 +206,13 @@ impl CudaModel {
         self.graphs.clear();
     }
 
-    /// Whether one token's MoE runs on FP8 digits (`Kernels::moe_fp8_for` of its experts).
+    /// Whether the MoE may run on FP8 digits (`Kernels::moe_fp8_for` of its experts; one token,
+    /// and up to `moe_fp8_tokens` decode rows: `Kernels::moe_fp8_at`).
     pub fn moe_fp8(&self) -> bool {
         self.first_moe().is_some_and(|(w, _)| self.kernels.moe_fp8_for(w))
     }
 
-    /// Turns one token's FP8 digit MoE on or off (`Kernels::set_moe_fp8`), for tests comparing
+    /// Turns the FP8 digit MoE on or off (`Kernels::set_moe_fp8`), for tests comparing
     /// it with the F16 form. Captured step graphs are dropped.
     pub fn set_moe_fp8(&mut self, on: bool) {
         self.kernels.set_moe_fp8(on);

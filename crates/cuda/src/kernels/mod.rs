@@ -132,10 +132,10 @@ pub struct Kernels {
     fused_routed: Vec<CudaFunction>,
     /// `moe_fused_acc_*`: the fused one-token MoE after the o_proj that did its router.
     fused_acc: Vec<CudaFunction>,
-    /// The three fused kernels with the one-token FP8 digit math (`moe_fused*_dg_*`, sm_90a
-    /// only), one per `DG_RINGS` entry, and whether one token's fused MoE runs them
-    /// (`moe_fp8_for`; by default on GPUs of `FP8_MOE_MIN_BANDWIDTH` and more,
-    /// `PEREGRINE_MOE_FP8=1` / `0` or `set_moe_fp8` sets it).
+    /// The three fused kernels with the FP8 digit math (`moe_fused*_dg_*`, sm_90a only; the
+    /// routed and o_proj-router ones for one token), one per `DG_RINGS` entry, and whether the
+    /// MoE runs on digits (`moe_fp8_for`; by default on GPUs of `FP8_MOE_MIN_BANDWIDTH` and
+    /// more, `PEREGRINE_MOE_FP8=1` / `0` or `set_moe_fp8` sets it).
     fused_tiled_dg: Vec<CudaFunction>,
     fused_routed_dg: Vec<CudaFunction>,
     fused_acc_dg: Vec<CudaFunction>,

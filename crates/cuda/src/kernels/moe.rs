@@ -16,7 +16,8 @@ use super::*;
 /// 4 and 8 steps, and 2 or 4 warps sharing a tile's K were slower everywhere and dropped.
 pub const TILED_VARIANTS: [(usize, usize); 7] = [(2, 4), (4, 2), (3, 4), (4, 4), (2, 3), (3, 3), (2, 6)];
 
-/// Peak memory bandwidth (bytes/s) from which one token's MoE runs on FP8 digits by default:
+/// Peak memory bandwidth (bytes/s) from which the MoE of 1-`FP8_MOE_TOKENS` decode rows runs on
+/// FP8 digits by default:
 /// where the F16 math cannot keep up with DRAM. On an H200 (4.8 TB/s peak) the one-token Flash
 /// MoE's F16 decode and MMAs cost it 18-20 points of copy bandwidth; the digit form read 76.5%
 /// against 61.6% alone in one call, 65.9% against 62.5% in another, and the batch-1 step ran
@@ -45,7 +46,7 @@ pub const DG_RINGS: [(usize, usize); 4] = [(2, 4), (4, 2), (3, 4), (4, 4)];
 /// bytes, padded to keep the staging's stores conflict-free): DG_CORE in kernels/moe.cu.
 const DG_CORE_BYTES: usize = 144;
 
-/// Floats of one pair's digit row of h in the one-token digit MoE (`dg_row_bytes` in
+/// Floats of one pair's digit row of h in the digit MoE (`dg_row_bytes` in
 /// kernels/moe.cu): the gate_up items stage h there as digits, I / 16 core matrices, then one
 /// inverse scale per 64 values, for the down items to copy whole. `MoeScratch::h` is large
 /// enough for the rows of the pairs of up to `moe_tune::TUNED_TOKENS` tokens (`MAX_FUSED_TOPK`
@@ -531,10 +532,11 @@ impl Kernels {
         self.wgmma_arch
     }
 
-    /// Whether one token's fused MoE over `w` runs on FP8 digits (`moe_fused*_dg_*` in
-    /// kernels/moe.cu, rings `DG_RINGS`): the activation as eight balanced base-16 digits in
-    /// e4m3, the MXFP4 codes as e4m3 A fragments, one exact m64n8k32 wgmma per 32-block. Not
-    /// tile_math's bits (nor the two-launch kernels'), but as accurate: every 32-block's sum is
+    /// Whether the MoE over `w` may run on FP8 digits (`moe_fused*_dg_*`, `moe_gate_up_dg_*`,
+    /// `moe_down_dg_*` in kernels/moe.cu, rings `DG_RINGS`; which token counts: `moe_fp8_at`):
+    /// the activation as eight balanced base-16 digits in e4m3, the MXFP4 codes as e4m3 A
+    /// fragments, one exact m64n8k32 wgmma per 32-block. Not tile_math's bits (nor the F16
+    /// kernels'), but as accurate: every 32-block's sum is
     /// exact and the digits keep 30 bits below the row's largest magnitude. Needs sm_90a, row
     /// tiles that fill a block's warpgroups and passes that the rings' stages divide (H and I
     /// multiples of 256).
@@ -544,8 +546,8 @@ impl Kernels {
     }
 
     /// The FP8 digit form of fused kernel `f` of ring `stages` x `steps` (`table`: one of the
-    /// three `*_dg` tables), when one token over `w` runs on it: `moe_fp8_for` and a `DG_RINGS`
-    /// ring (a forced other ring keeps the F16 form).
+    /// three fused `*_dg` tables), when `tokens` tokens over `w` run on it: `moe_fp8_at` and a
+    /// `DG_RINGS` ring (a forced other ring keeps the F16 form).
     fn fp8_fused<'a>(&self, table: &'a [CudaFunction], w: &MoeWeights, stages: usize, steps: usize, tokens: usize) -> Option<&'a CudaFunction> {
         let i = DG_RINGS.iter().position(|&r| r == (stages, steps))?;
         self.moe_fp8_at(w, tokens).then(|| &table[i])
@@ -588,9 +590,9 @@ impl Kernels {
         Ok(std::mem::replace(&mut self.moe_fp8_tokens, tokens))
     }
 
-    /// Turns the one-token FP8 digit MoE (`moe_fp8_for`) on or off; returns the setting before.
-    /// Tuned one-token choices stay as tuned (`tune_moe` keeps one token on the fused kernel
-    /// while it is on, so the choice between kernels never changes the bits).
+    /// Turns the FP8 digit MoE (`moe_fp8_for`) on or off; returns the setting before. Tuned
+    /// choices stay as tuned (`tune_moe` keeps the digit token counts on digit kernels while it
+    /// is on, so the choice between kernels never changes the bits).
     pub fn set_moe_fp8(&mut self, on: bool) -> bool {
         std::mem::replace(&mut self.moe_fp8, on)
     }
