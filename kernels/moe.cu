@@ -857,16 +857,17 @@ __device__ __forceinline__ void tile_store_digits(bool gate_up, const float acc[
     if (t == 0) tile_store(gate_up, row, inv, y, ldy, p, rt, pair_w);
 }
 
-// The one-token digit MoE's h, handed from gate_up to down as digits. Each gate_up item holds
-// one 64-value chunk of its pair's h (its 8 warps' 8 rows each): it stages that chunk as FP8
+// The digit MoE's h, handed from gate_up to down as digits (the fused kernel's items; the
+// two-launch digit kernels' blocks do the same with each block's chunk, moe_tiled's DG). Each
+// gate_up item holds one 64-value chunk of its pair's h (its 8 warps' 8 rows each): it stages that chunk as FP8
 // digits itself, from the chunk's own largest magnitude, into the pair's digit row in global
 // memory (dg_row_bytes: the digits as the down pass's descriptor reads them, then one inverse
 // scale per chunk), before it counts itself done. A down pass then copies its row to shared
 // memory with one bulk copy past its slot's wait, instead of loading h, reducing the row's
 // largest magnitude over the block (two barriers) and converting 2048 values after the wait;
 // the chunk scales enter its math per step (digits_step_scale's CSC). A scale per 64 values is
-// at least as accurate as one per row. (-DMOE_DG_STAGE_H: the down passes stage h as floats
-// themselves, with a scale per row, for measurements.)
+// at least as accurate as one per row. (-DMOE_DG_STAGE_H: the fused kernel's down passes stage
+// h as floats themselves, with a scale per row, for measurements.)
 #ifdef MOE_DG_STAGE_H
 #define DG_H_DIGITS false
 #else
