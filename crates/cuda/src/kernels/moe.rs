@@ -32,7 +32,7 @@ pub const FP8_MOE_MIN_BANDWIDTH: f64 = 4.0e12;
 /// tuned count. From 2 tokens the two-launch kernels win there (x as digit rows one launch
 /// ahead, h as the pairs' digit rows). H200, Flash, as a step runs them: 81.3 / 88.5 / 87.4% of
 /// copy bandwidth at 2 / 4 / 8 tokens against 77.9 / 84.1 / 84.6% on F16 MMAs, decode steps at
-/// batch 2 / 4 / 8 0.8 / 1.4 / 3% faster (benches/results/2026-11-28-h200-digit-moe-2-8-tokens.md).
+/// batch 2 / 4 0.8-2% faster, batch 8 even (benches/results/2026-11-28-h200-digit-moe-2-8-tokens.md).
 /// A pass stages one pair, so an expert slot with n pairs streams its tiles n times: rows that
 /// may share experts (verify blocks) stay off the digits (`Kernels::moe_kernel_rows`).
 pub const FP8_MOE_TOKENS: usize = crate::moe_tune::TUNED_TOKENS;
