@@ -144,7 +144,7 @@ pub struct Kernels {
     gate_up_dg: Vec<CudaFunction>,
     down_dg: Vec<CudaFunction>,
     moe_fp8: bool,
-    /// Token counts up to which the fused kernel runs on FP8 digits where `moe_fp8` holds
+    /// Token counts up to which the MoE kernels run on FP8 digits where `moe_fp8` holds
     /// (`moe_fp8_at`; `PEREGRINE_MOE_FP8_TOKENS`, 1..=`moe_tune::TUNED_TOKENS`).
     moe_fp8_tokens: usize,
     /// The grouped-GEMM MoE kernels (`MoeKernel::Gemm`) and the row split they read.

@@ -563,8 +563,10 @@ impl Kernels {
     /// The indices in `DG_RINGS` of the gate_up and down rings of a two-launch tiled MoE of
     /// `tokens` tokens over `w` when it runs on FP8 digits (`moe_fp8_at`, both rings digit rings).
     fn tiled_digits(&self, w: &MoeWeights, tokens: usize, gate_up: (usize, usize), down: (usize, usize)) -> Option<(usize, usize)> {
+        if !self.moe_fp8_at(w, tokens) {
+            return None;
+        }
         let ring = |r: (usize, usize)| DG_RINGS.iter().position(|&d| d == r);
-        self.moe_fp8_at(w, tokens).then_some(())?;
         Some((ring(gate_up)?, ring(down)?))
     }
 
@@ -576,11 +578,6 @@ impl Kernels {
             MoeKernel::Tiled { stages, steps, down_stages, down_steps } => self.tiled_digits(w, tokens, (stages, steps), (down_stages, down_steps)).is_some(),
             _ => false,
         }
-    }
-
-    /// The token counts up to which `moe_fp8_at` holds where `moe_fp8_for` does.
-    pub fn moe_fp8_tokens(&self) -> usize {
-        self.moe_fp8_tokens
     }
 
     /// Sets `moe_fp8_tokens` (1..=`moe_tune::TUNED_TOKENS`); returns the setting before. As with
