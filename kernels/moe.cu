@@ -912,6 +912,16 @@ __device__ __forceinline__ void gate_up_chunk_digits(const float* hv, const floa
     stage_item_digits(reinterpret_cast<unsigned*>(row), 4 * grp + q, t, make_float2(v[0], v[1]), make_float2(v[8], v[9]), sc);
     if (tid == 0) reinterpret_cast<float*>(row + I / 16 * DG_CORE)[grp] = inv;
 }
+// A down pass's digit row of h (dg_row_bytes), asked for by one thread onto `bar`: the digits
+// into frag, the chunk scales into cinv. The row was written through the generic proxy (the
+// slot's gate_up, acquired by the caller's wait) and is read here by the async one.
+__device__ __forceinline__ void fetch_h_digit_row(const unsigned char* row, int I, uint4* frag, float* cinv, unsigned long long* bar) {
+    asm volatile("fence.proxy.async.global;" ::: "memory");
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    mbar_expect(bar, dg_row_bytes(I));
+    bulk_load(frag, row, (unsigned)(I / 16 * DG_CORE), bar);
+    bulk_load(cinv, row + I / 16 * DG_CORE, (unsigned)(I / 64 * 4), bar);
+}
 
 // After a block's down outputs for row group grp (TW x 16 rows of H): counted on counters[grp];
 // the block that brings it to the number of used expert slots (of U) sums the group's rows of
@@ -1087,16 +1097,8 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
                 if (SPLIT) asm volatile("fence.proxy.async.global;" ::: "memory");
             }
             if (SPLIT && threadIdx.x == 0) fetch_rows();
-            if (DG && threadIdx.x == 0) {
-                // The pass's digit row (np = 1), written by the slot's gate_up blocks through the
-                // generic proxy, read here by the async one.
-                const unsigned char* row = reinterpret_cast<const unsigned char*>(x) + (size_t)p0 * dg_row_bytes(K);
-                asm volatile("fence.proxy.async.global;" ::: "memory");
-                asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-                mbar_expect(&xbar, dg_row_bytes(K));
-                bulk_load(frag, row, (unsigned)(K / 16 * DG_CORE), &xbar);
-                bulk_load(cinv, row + K / 16 * DG_CORE, (unsigned)(K / 64 * 4), &xbar);
-            }
+            // DG: the pass's digit row (np = 1).
+            if (DG && threadIdx.x == 0) fetch_h_digit_row(reinterpret_cast<const unsigned char*>(x) + (size_t)p0 * dg_row_bytes(K), K, frag, cinv, &xbar);
         }
         __syncthreads();
         float inv = 0.f;  // SPLIT: the 2^-s of the lane's pair (lanes t < np)
@@ -1271,17 +1273,9 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
 #endif
             if (HD && down) {
 #ifndef MOE_NO_STAGE
-                // The pass's digit row (np = 1), written by the slot's gate_up items (generic
-                // stores in other blocks, acquired by the wait above; read here by the async
-                // proxy), onto fragments and chunk scales the previous pass read.
-                if (threadIdx.x == 0) {
-                    const unsigned char* row = hd + (size_t)p0 * dg_row_bytes(I);
-                    asm volatile("fence.proxy.async.global;" ::: "memory");
-                    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-                    mbar_expect(&hbar, dg_row_bytes(I));
-                    bulk_load(frag, row, (unsigned)(I / 16 * DG_CORE), &hbar);
-                    bulk_load(cinv, row + I / 16 * DG_CORE, (unsigned)(I / 64 * 4), &hbar);
-                }
+                // The pass's digit row (np = 1), onto fragments and chunk scales the previous pass
+                // read (past the item barrier above).
+                if (threadIdx.x == 0) fetch_h_digit_row(hd + (size_t)p0 * dg_row_bytes(I), I, frag, cinv, &hbar);
                 mbar_wait(&hbar, hpass & 1);
                 hpass++;
 #endif

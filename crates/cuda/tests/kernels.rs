@@ -560,7 +560,7 @@ fn mxfp4_moe_decode_matches_the_cpu_reference() {
                 assert!(yv.iter().zip(&yt_host).all(|(a, b)| a.to_bits() == b.to_bits()), "moe mxfp4 ({kind}) {h}x{i} T={t} differs from the default in some bit");
             }
             assert_eq!(g.stream.clone_dtoh(&scratch.counters).unwrap().iter().filter(|&&c| c != 0).count(), 0, "combine counters left non-zero");
-            // The fused kernel on FP8 digits (sm_90a, H and I multiples of 256), up to 8 tokens
+            // The MoE on FP8 digits (sm_90a, H and I multiples of 256), up to 8 tokens, first the fused kernel
             // (a pass stages one pair; at 5 tokens of 4 among 16 experts slots hold several):
             // each of its rings, the widest grid and 1 and 3 blocks, twice each, and x from
             // the launch just before: as close to the CPU as the tiled family, the same bits
@@ -631,7 +631,7 @@ fn mxfp4_moe_decode_matches_the_cpu_reference() {
                         }
                     }
                 }
-                // A ring that is not a digit ring keeps the F16 form (the tiled family's bits).
+                // A ring that is not a digit ring is not on the digits (it keeps the F16 form).
                 let f16_ring = peregrine_cuda::kernels::TILED_VARIANTS.iter().copied().find(|r| !dgr.contains(r)).expect("an F16-only ring");
                 assert!(!kern.moe_kind_on_digits(MoeKernel::tiled(f16_ring.0, f16_ring.1), &wt, t));
                 if t > 1 {
