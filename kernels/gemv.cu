@@ -1806,41 +1806,16 @@ __device__ __forceinline__ void route_after_oproj(unsigned long long* __restrict
     __shared__ int sel[32];
     __shared__ float wsel[32];
     float *scores = smem, *choice = smem + E, *logits = smem + 2 * E, *bias_s = bias ? smem + 3 * E : nullptr;
-    // Every load in one round trip (HELD of a thread's sum copies and of its lane's squares in
-    // registers; the rest, if any, after): the block's path to its routing is one L2 trip.
-    constexpr int HELD = 8;
-    const int lane = threadIdx.x & 31, e0 = threadIdx.x;
-    float sv[HELD];
-    unsigned long long part[HELD];
-#pragma unroll
-    for (int j = 0; j < HELD; j++) sv[j] = lane + 32 * j < nssq ? __ldcg(ssq + lane + 32 * j) : 0.f;
-#pragma unroll
-    for (int c = 0; c < HELD; c++) part[c] = e0 < E && c < copies ? __ldcg(acc + (size_t)c * E + e0) : 0ull;
-    const bool bad = __ldcg(acc + (size_t)copies * E) != 0ull;
-    const float b0 = bias && e0 < E ? __ldg(bias + e0) : 0.f;
-    // Each warp sums the squares in moe_fused_acc's order (lane l: parts l, l + 32, ...; the
-    // xor tree), so every thread holds its 1 / rms.
     float q = 0.f;
-#pragma unroll
-    for (int j = 0; j < HELD; j++)
-        if (lane + 32 * j < nssq) q += sv[j];
-    for (int i = lane + 32 * HELD; i < nssq; i += 32) q += __ldcg(ssq + i);
+    for (int i = threadIdx.x & 31; i < nssq; i += 32) q += __ldcg(ssq + i);
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) q += __shfl_xor_sync(0xffffffffu, q, o);
     const float inv = 1.f / sqrtf(q / H + eps);
-    auto logit = [&](unsigned long long v) { return bad ? __int_as_float(0x7fc00000) : (float)((double)(long long)v * 0x1p-40) * inv; };
-    if (e0 < E) {
-        unsigned long long v = 0ull;
-#pragma unroll
-        for (int c = 0; c < HELD; c++) v += part[c];
-        for (int c = HELD; c < copies; c++) v += __ldcg(acc + (size_t)c * E + e0);
-        logits[e0] = logit(v);
-        if (bias) bias_s[e0] = b0;
-    }
-    for (int e = e0 + blockDim.x; e < E; e += blockDim.x) {
+    const bool bad = __ldcg(acc + (size_t)copies * E) != 0ull;
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
         unsigned long long v = 0ull;
         for (int c = 0; c < copies; c++) v += __ldcg(acc + (size_t)c * E + e);
-        logits[e] = logit(v);
+        logits[e] = bad ? __int_as_float(0x7fc00000) : (float)((double)(long long)v * 0x1p-40) * inv;
         if (bias) bias_s[e] = __ldg(bias + e);
     }
     __syncthreads();  // every sum read

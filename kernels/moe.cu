@@ -1172,20 +1172,14 @@ __device__ __forceinline__ void fused_item(int n, int gu_items, int gug, int dg,
 // tile_store_digits): the host launches it only on sm_90a with H and I multiples of 256
 // (Kernels::moe_fp8_for), so every item's row tiles fill the block, since a warpgroup's four
 // warps multiply together, and every pass is whole stages of the DG_RINGS rings.
-// What a fused kernel's block does once its first gate_up pass has asked for its weights, before
-// the pass's barrier (moe_fused's `first`): nothing, or (moe_fused_pre) stage x from registers
-// while those copies are in flight.
-struct FusedFirstNone {
-    __device__ void operator()() const {}
-};
-template <int NS, int CS, bool NORM = false, bool DG = false, class First = FusedFirstNone>
+template <int NS, int CS, bool NORM = false, bool DG = false>
 __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Wd,
                                           const int* __restrict__ experts, const int* __restrict__ pair_off,
                                           const int* __restrict__ pair_tok, const float* __restrict__ pair_w,
                                           const float* __restrict__ x, float* __restrict__ h, float* __restrict__ out, int H,
                                           int I, int U, unsigned* counters, const int* __restrict__ tok_pairs,
                                           float* __restrict__ y, int T, int topk, StageSmem& ss, bool x_staged,
-                                          float ninv = 0.f, First first = First()) {
+                                          float ninv = 0.f) {
     constexpr int RING = NS * CS * STEP_BYTES;
     extern __shared__ __align__(MOE_DSM_ALIGN) uint4 dsm[];
     uint4* frag = staged_frag(RING);
@@ -1247,7 +1241,6 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
             if ((int)threadIdx.x < np) ss.rows[threadIdx.x] = down ? p0 + threadIdx.x : pair_tok[p0 + threadIdx.x];
             const bool once = p0 + cap >= pe;  // the last pass over this item's tiles
             if (KS) bulk_prologue<NS, CS>(seq, wt, KS, ring, wbars, once, pre);
-            if (!down && p0 == pb && n == (int)blockIdx.x) first();
             // The warp's next pass: this tile again for the slot's next pairs, else its tile of
             // the block's next item (whose first pass is its last when its slot fits one).
             const unsigned char* nwt = wt;
@@ -1526,22 +1519,19 @@ __device__ __forceinline__ void moe_fused_pre(const int* __restrict__ route, con
     for (int o = 16; o > 0; o >>= 1) hm = fmaxf(hm, __shfl_xor_sync(0xffffffffu, hm, o));
     if ((tid & 31) == 0) ss.red[(tid >> 5) * NP] = hm * inv;
     __syncthreads();
-    if (blockIdx.x == 0 && tid < K) tok_pairs_out[tid] = tok_pairs[tid];
-    TRACE(16);
-    // g h is staged once the block's first gate_up pass has asked for its weights (moe_fused's
-    // `first`), so the copies are in flight meanwhile; the staged fragments (generic proxy) are
-    // read by the wgmmas past that pass's barrier.
-    auto stage = [&]() {
-        if (!early) return;
+    if (early) {
         float sc, si;
         row_scale_of<DG>(ss.red, 0, sc, si);
         if (tid == 0) ss.inv[0] = si;
         row_items_stage<ACC_STAGE_REGS, false, DG>(reinterpret_cast<unsigned*>(staged_frag(NS * CS * STEP_BYTES)), q16, tid, n, row,
                                                    sc * inv);
-        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-    };
+    }
+    if (blockIdx.x == 0 && tid < K) tok_pairs_out[tid] = tok_pairs[tid];
+    TRACE(16);
+    // The staged fragments (generic proxy) are read by the wgmmas past moe_fused's item barrier.
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
     moe_fused<NS, CS, true, DG>(Wg, Wd, experts, pair_off, pair_tok, pair_w, hg, h, out, H, I, U, counters, tok_pairs, nullptr, 1, K,
-                                ss, early, inv, stage);
+                                ss, early, inv);
 }
 
 // The fused kernels of ring NS x CS: SFX _bulk on F16 MMAs (every ring), _dg with the FP8
