@@ -1737,7 +1737,7 @@ GEMV_MMA_PIPE(fp8, true)
 // on entry (the MoE of the layer after zeroes it: see there). The router's columns of the
 // block's rows (W [E, N] f32, 64 bytes per expert) are copied to shared memory before the wait
 // (weights), the residual's rows loaded after it. 16 E * 4 bytes of dynamic shared memory.
-__device__ __forceinline__ void oproj_route(
+extern "C" __global__ void __launch_bounds__(256) gemv_mma_bf16_t1_pipe_route(
     const unsigned char* __restrict__ W, const float* __restrict__ S, const unsigned short* __restrict__ XH,
     const unsigned short* __restrict__ XL, const float* __restrict__ xinv, float* __restrict__ y, float* __restrict__ y1,
     float* __restrict__ y2, int N0, int N1, int N, int K, int T, unsigned* zero, int nzero, const float* __restrict__ res,
@@ -1779,65 +1779,6 @@ __device__ __forceinline__ void oproj_route(
         if (fabsf(p) < 0x1p22f) atomicAdd(mine + e, (unsigned long long)__float2ll_rn(p * 0x1p40f));
         else atomicOr(acc + (size_t)copies * E, 1ull);
     }
-}
-#define OPROJ_ROUTE_ARGS                                                                                                   \
-    const unsigned char* __restrict__ W, const float* __restrict__ S, const unsigned short* __restrict__ XH,                \
-        const unsigned short* __restrict__ XL, const float* __restrict__ xinv, float* __restrict__ y, float* __restrict__ y1, \
-        float* __restrict__ y2, int N0, int N1, int N, int K, int T, unsigned* zero, int nzero, const float* __restrict__ res, \
-        const float* __restrict__ g, const float* __restrict__ Wr, int E, unsigned long long* __restrict__ acc, int copies,  \
-        float* __restrict__ ssq, float* __restrict__ hg
-extern "C" __global__ void __launch_bounds__(256) gemv_mma_bf16_t1_pipe_route(OPROJ_ROUTE_ARGS) {
-    oproj_route(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T, zero, nzero, res, g, Wr, E, acc, copies, ssq, hg);
-}
-
-// The routing of the one token whose o_proj blocks have all added their parts into acc, by the
-// last of them (gemv_mma_bf16_t1_pipe_route_pre), for the fused MoE after it (moe_fused_pre_*):
-// 1 / rms from the blocks' sums of squares and the logits from acc exactly as moe_fused_acc_*
-// forms them (the same fixed order, the same integer sums), routed and grouped by route_token
-// into route (ROUTE_PRE_* words), so the MoE gets the experts, weights and staging scale
-// moe_fused_acc_* would have computed, bit for bit. Every block of the MoE then reads 768 bytes
-// instead of the sums' copies (16 KB at 256 experts) and routes nothing. The sums are zeroed
-// here once read (this block is their only reader), for the next layer's o_proj. smem: 4 E
-// floats (the router columns' shared memory, free again).
-__device__ __forceinline__ void route_after_oproj(unsigned long long* __restrict__ acc, int copies, const float* __restrict__ ssq,
-                                                  int nssq, int H, float eps, const float* __restrict__ bias, int E, int K,
-                                                  int softmax, int n_group, int topk_group, int norm, float scale, float* smem,
-                                                  int* __restrict__ route) {
-    __shared__ int sel[32];
-    __shared__ float wsel[32];
-    float *scores = smem, *choice = smem + E, *logits = smem + 2 * E, *bias_s = bias ? smem + 3 * E : nullptr;
-    float q = 0.f;
-    for (int i = threadIdx.x & 31; i < nssq; i += 32) q += __ldcg(ssq + i);
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) q += __shfl_xor_sync(0xffffffffu, q, o);
-    const float inv = 1.f / sqrtf(q / H + eps);
-    const bool bad = __ldcg(acc + (size_t)copies * E) != 0ull;
-    for (int e = threadIdx.x; e < E; e += blockDim.x) {
-        unsigned long long v = 0ull;
-        for (int c = 0; c < copies; c++) v += __ldcg(acc + (size_t)c * E + e);
-        logits[e] = bad ? __int_as_float(0x7fc00000) : (float)((double)(long long)v * 0x1p-40) * inv;
-        if (bias) bias_s[e] = __ldg(bias + e);
-    }
-    __syncthreads();  // every sum read
-    for (int i = threadIdx.x; i <= copies * E; i += blockDim.x) acc[i] = 0ull;
-    const OneTokenGroups groups = {route + ROUTE_PRE_EXPERTS, route + ROUTE_PRE_PAIR_OFF, route + ROUTE_PRE_PAIR_TOK,
-                                   reinterpret_cast<float*>(route + ROUTE_PRE_PAIR_W), route + ROUTE_PRE_TOK_PAIRS, min(K, E)};
-    route_token(logits, bias_s, E, K, softmax, n_group, topk_group, norm, scale, scores, choice, sel, wsel, &groups);
-    if (threadIdx.x == 0) reinterpret_cast<float*>(route)[ROUTE_PRE_INV] = inv;
-}
-
-// gemv_mma_bf16_t1_pipe_route whose last block to finish also routes the token
-// (route_after_oproj; K <= 32, E <= 4 * 16 E floats of its shared memory). arrive: zero on
-// entry, left zero. acc: zero on entry, left zero (no MoE zeroes it on this path).
-extern "C" __global__ void __launch_bounds__(256) gemv_mma_bf16_t1_pipe_route_pre(OPROJ_ROUTE_ARGS, const float* __restrict__ bias,
-                                                                                 int topk, int softmax, int n_group, int topk_group,
-                                                                                 int norm, float scale, float eps,
-                                                                                 unsigned* __restrict__ arrive, int* __restrict__ route) {
-    extern __shared__ __align__(128) float4 route_sh[];  // oproj_route's wr_sh, free once its blocks have added
-    oproj_route(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T, zero, nzero, res, g, Wr, E, acc, copies, ssq, hg);
-    if (!block_arrive_last(arrive, gridDim.x)) return;
-    route_after_oproj(acc, copies, ssq, gridDim.x, N, eps, bias, E, topk, softmax, n_group, topk_group, norm, scale,
-                      reinterpret_cast<float*>(route_sh), route);
 }
 
 // The q/k/v projection feeding attention_v2_kv_ready (READY above): the kernel's name, its

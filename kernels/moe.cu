@@ -1487,53 +1487,6 @@ __device__ __forceinline__ void moe_fused_acc(const unsigned long long* __restri
                                  counters, y, tok_pairs_out, ss, early, inv, stage);
 }
 
-// moe_fused after the o_proj whose last block routed the token (gemv_mma_bf16_t1_pipe_route_pre,
-// route_after_oproj in gemv.cu): past the wait every block reads that routing (route,
-// ROUTE_PRE_* words) and its items of g h in one round trip, every warp stages g h as
-// moe_fused_acc stages it (times the norm's 1 / rms: the same maximum, scale and bits), and the
-// experts run as there. No routing on the block's path to its first weight copy; the pairs are
-// left to the norm after the MoE (block 0 copies the token's pair indices to tok_pairs_out).
-template <int NS, int CS, bool DG = false>
-__device__ __forceinline__ void moe_fused_pre(const int* __restrict__ route, const unsigned char* __restrict__ Wg,
-                                              const unsigned char* __restrict__ Wd, const float* __restrict__ hg,
-                                              float* __restrict__ h, float* __restrict__ out, int H, int I, int U, int K,
-                                              unsigned* counters, int* __restrict__ tok_pairs_out) {
-    __shared__ StageSmem ss;
-    __shared__ int experts[MAX_FUSED_TOPK], pair_off[MAX_FUSED_TOPK + 1], pair_tok[MAX_FUSED_TOPK], tok_pairs[MAX_FUSED_TOPK];
-    __shared__ float pair_w[MAX_FUSED_TOPK];
-    static_assert(MAX_FUSED_TOPK == 32 && ROUTE_PRE_WORDS <= 256, "route_after_oproj's layout");
-    PDL_ENTER();
-    TRACE(2);
-    const int tid = threadIdx.x, n = blockDim.x, q16 = H / 16;
-    const int rv = tid < ROUTE_PRE_WORDS ? __ldcg(route + tid) : 0;
-    const float inv = __ldcg(reinterpret_cast<const float*>(route) + ROUTE_PRE_INV);
-    const bool early = q16 * 4 <= ACC_STAGE_REGS * n;
-    RowItems<ACC_STAGE_REGS> row;
-    float hm = early ? row_items_load(hg, q16, tid, n, row) : 0.f;
-    if (tid < 32) experts[tid] = rv;
-    else if (tid < ROUTE_PRE_PAIR_OFF + 33) pair_off[tid - ROUTE_PRE_PAIR_OFF] = rv;
-    else if (tid >= ROUTE_PRE_PAIR_TOK && tid < ROUTE_PRE_PAIR_TOK + 32) pair_tok[tid - ROUTE_PRE_PAIR_TOK] = rv;
-    else if (tid >= ROUTE_PRE_TOK_PAIRS && tid < ROUTE_PRE_TOK_PAIRS + 32) tok_pairs[tid - ROUTE_PRE_TOK_PAIRS] = rv;
-    else if (tid >= ROUTE_PRE_PAIR_W && tid < ROUTE_PRE_PAIR_W + 32) pair_w[tid - ROUTE_PRE_PAIR_W] = __int_as_float(rv);
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) hm = fmaxf(hm, __shfl_xor_sync(0xffffffffu, hm, o));
-    if ((tid & 31) == 0) ss.red[(tid >> 5) * NP] = hm * inv;
-    __syncthreads();
-    if (early) {
-        float sc, si;
-        row_scale_of<DG>(ss.red, 0, sc, si);
-        if (tid == 0) ss.inv[0] = si;
-        row_items_stage<ACC_STAGE_REGS, false, DG>(reinterpret_cast<unsigned*>(staged_frag(NS * CS * STEP_BYTES)), q16, tid, n, row,
-                                                   sc * inv);
-    }
-    if (blockIdx.x == 0 && tid < K) tok_pairs_out[tid] = tok_pairs[tid];
-    TRACE(16);
-    // The staged fragments (generic proxy) are read by the wgmmas past moe_fused's item barrier.
-    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-    moe_fused<NS, CS, true, DG>(Wg, Wd, experts, pair_off, pair_tok, pair_w, hg, h, out, H, I, U, counters, tok_pairs, nullptr, 1, K,
-                                ss, early, inv);
-}
-
 // The fused kernels of ring NS x CS: SFX _bulk on F16 MMAs (every ring), _dg with the FP8
 // digit math (moe_fused's DG; the rings whose CS divides the steps of every pass the host gives
 // them, kernels::DG_RINGS; launched for one token on sm_90a only, where they are built:
@@ -1583,15 +1536,6 @@ __device__ __forceinline__ void moe_fused_pre(const int* __restrict__ route, con
         TRACE(1);                                                                                                        \
         moe_fused_acc<NS, CS, DG>(acc, copies, ssq, nssq, eps, bias, E, K, softmax, n_group, topk_group, norm, scale, Wg, Wd, \
                               hg, h, out, H, I, U, counters, y, tok_pairs_out, zero_acc, nzero);                         \
-    }                                                                                                                    \
-    extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_fused_pre##SFX##_n##NS##_c##CS(                 \
-        const int* __restrict__ route, const unsigned char* __restrict__ Wg, const unsigned char* __restrict__ Wd,      \
-        const float* __restrict__ hg, float* __restrict__ h, float* __restrict__ out, int H, int I, int U, int K,       \
-        unsigned* counters, int* __restrict__ tok_pairs_out) {                                                           \
-        DG_GUARD(DG);                                                                                                    \
-        TRACE_SM();                                                                                                      \
-        TRACE(1);                                                                                                        \
-        moe_fused_pre<NS, CS, DG>(route, Wg, Wd, hg, h, out, H, I, U, K, counters, tok_pairs_out);                       \
     }
 
 // Ring shapes: NS stages of CS steps. The _split_ kernels read their rows split already (moe_tiled's SPLIT).

@@ -171,18 +171,6 @@ __device__ __forceinline__ void group_one_token_warp(const int* sel, float w, in
 
 #define ROUTE_MAX_K 64  // experts per token the router takes (checked at load)
 
-// One token's routing as the one-token o_proj's last block leaves it for the fused MoE after it
-// (gemv_mma_bf16_t1_pipe_route_pre -> moe_fused_pre_*): words of one array, group_one_token's
-// arrays for up to 32 choices and slots, then the post-attention norm's 1 / rms
-// (ROUTE_PRE_WORDS in kernels/mod.rs).
-#define ROUTE_PRE_EXPERTS 0
-#define ROUTE_PRE_PAIR_OFF 32
-#define ROUTE_PRE_PAIR_TOK 72
-#define ROUTE_PRE_TOK_PAIRS 104
-#define ROUTE_PRE_PAIR_W 136
-#define ROUTE_PRE_INV 168
-#define ROUTE_PRE_WORDS 192
-
 // route_token's phases for a measurement build's trace (the fused MoE passes its TRACE): none.
 struct RouteNoStamp {
     __device__ void operator()(int) const {}

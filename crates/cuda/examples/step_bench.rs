@@ -79,8 +79,7 @@ struct Args {
     /// of its own. `copies:N`: A the router's sums in the
     /// loaded count of copies, B in N (`set_route_acc_copies`). `moe-grid:N`: A the one-token
     /// fused MoE as chosen, B the same kernel on at most N blocks. `fp8`: A one token's MoE on
-    /// FP8 digits (the default on sm_90a), B the same ring on F16 MMAs. `route-pre`: A the
-    /// one-token routing path as loaded (`PEREGRINE_ROUTE_PRE`), B the other (`set_route_pre`).
+    /// FP8 digits (the default on sm_90a), B the same ring on F16 MMAs.
     #[arg(long)]
     ab: Vec<String>,
     #[arg(long, default_value_t = 15)]
@@ -631,13 +630,6 @@ fn main() {
                 });
                 continue;
             }
-            if what == "route-pre" {
-                // A as loaded, B with the other routing path at one token: the o_proj's last
-                // block routing the token, or every MoE block routing it from the sums.
-                let base = model.route_pre();
-                ab(&mut model, &|m, on| m.set_route_pre(if on { !base } else { base }).expect("routing path"));
-                continue;
-            }
             if let Some(n) = what.strip_prefix("copies:") {
                 // A the router's sums in the loaded count of copies, B in n.
                 let n: usize = n.parse().expect("--ab copies:N");
@@ -648,7 +640,7 @@ fn main() {
             let shift = match what.strip_prefix("shift:") {
                 Some(n) => Some(n.parse::<usize>().expect("--ab shift:BYTES")),
                 None if ["tail", "argmax", "fetch", "embed", "prefetch"].contains(&what.as_str()) => None,
-                None => panic!("--ab takes tail, argmax, fetch, embed, prefetch, rows, fp8, route-pre, shift:BYTES, copies:N, moe-grid:N or defines:DEFINES, not {what}"),
+                None => panic!("--ab takes tail, argmax, fetch, embed, prefetch, rows, fp8, shift:BYTES, copies:N, moe-grid:N or defines:DEFINES, not {what}"),
             };
             ab(&mut model, &|m, on| match shift {
                 Some(n) => m.shift_step_buffers(if on { n } else { 0 }).expect("buffers shifted"),

@@ -14,9 +14,8 @@ macro_rules! kernel_source {
         concat!(include_str!("../../../kernels/common.cuh"), $(include_str!(concat!("../../../kernels/", $header)),)* include_str!(concat!("../../../kernels/", $file)))
     };
 }
-/// moe.cu's and gemv.cu's wgmma GEMMs share the warpgroup MMA helpers (`wgmma.cuh`); the
-/// one-token o_proj that routes its MoE's token (gemv.cu) shares the router (`route.cuh`).
-pub const GEMV_CU: &str = kernel_source!("gemv.cu", "route.cuh", "wgmma.cuh");
+/// moe.cu's and gemv.cu's wgmma GEMMs share the warpgroup MMA helpers (`wgmma.cuh`).
+pub const GEMV_CU: &str = kernel_source!("gemv.cu", "wgmma.cuh");
 /// ops.cu's moe_route and moe.cu's routed fused kernel share the router (`route.cuh`).
 pub const OPS_CU: &str = kernel_source!("ops.cu", "route.cuh");
 pub const SAMPLE_CU: &str = kernel_source!("sample.cu");

@@ -1009,7 +1009,7 @@ fn oproj_doing_the_router_matches_the_host() {
             let acc = st.alloc_zeros::<u64>(copies * e + 1).unwrap();
             let (ssq, hd) = (st.clone_htod(&vec![f32::NAN; n / 16]).unwrap(), st.clone_htod(&vec![f32::NAN; n]).unwrap());
             let mut y = st.clone_htod(&vec![f32::NAN; n]).unwrap();
-            let rb = crate::kernels::RouteInOproj { res: &resd, norm: &gd, router: &wrd, experts: e, acc: acc.device_ptr(&st).0, copies, ssq: &ssq, hg: &hd, pre: None };
+            let rb = crate::kernels::RouteInOproj { res: &resd, norm: &gd, router: &wrd, experts: e, acc: acc.device_ptr(&st).0, copies, ssq: &ssq, hg: &hd };
             m.kernels.gemv_bf16_presplit_route(wd, &xhd, &xld, &mut y, n, k, None, &rb).unwrap();
             let (y, hg, ssq, acc) = (st.clone_dtoh(&y).unwrap(), st.clone_dtoh(&hd).unwrap(), st.clone_dtoh(&ssq).unwrap(), st.clone_dtoh(&acc).unwrap());
             assert!(y.iter().zip(&want_y).all(|(a, b)| a.to_bits() == b.to_bits()), "{name}: o differs from the plain kernel's");
@@ -1040,7 +1040,7 @@ fn oproj_doing_the_router_matches_the_host() {
     let acc = st.alloc_zeros::<u64>(2 * e + 1).unwrap();
     let (ssq, hd) = (st.alloc_zeros::<f32>(n / 16).unwrap(), st.alloc_zeros::<f32>(n).unwrap());
     let mut y = st.alloc_zeros::<f32>(n).unwrap();
-    let rb = crate::kernels::RouteInOproj { res: &resd, norm: &gd, router: &wrd, experts: e, acc: acc.device_ptr(&st).0, copies: 2, ssq: &ssq, hg: &hd, pre: None };
+    let rb = crate::kernels::RouteInOproj { res: &resd, norm: &gd, router: &wrd, experts: e, acc: acc.device_ptr(&st).0, copies: 2, ssq: &ssq, hg: &hd };
     m.kernels.gemv_bf16_presplit_route(&wd, &zeros, &zeros, &mut y, n, k, None, &rb).unwrap();
     assert_ne!(st.clone_dtoh(&acc).unwrap()[2 * e], 0, "a part of 1.6e8 left the flag clear");
     assert!(!m.kernels.oproj_route_takes(4096, 8192, 0) && !m.kernels.oproj_route_takes(4100, 8192, 8), "shapes the kernel does not take");

@@ -287,7 +287,7 @@ fn moe_after_the_oproj_router_equals_the_routed_kernel() {
         let x: Vec<f32> = hg.iter().map(|v| v * 0.5).collect();
         let (acc, ssq) = (st.clone_htod(&sums).unwrap(), st.clone_htod(&vec![64f32; h / 16]).unwrap());
         let (hgd, xd, ld, bd) = (st.clone_htod(&hg).unwrap(), st.clone_htod(&x).unwrap(), st.clone_htod(&logits).unwrap(), st.clone_htod(&bias).unwrap());
-        let route = peregrine_cuda::kernels::RouteInOproj { res: &hgd, norm: &hgd, router: &hgd, experts: e, acc: acc.device_ptr(st).0, copies: 1, ssq: &ssq, hg: &hgd, pre: None };
+        let route = peregrine_cuda::kernels::RouteInOproj { res: &hgd, norm: &hgd, router: &hgd, experts: e, acc: acc.device_ptr(st).0, copies: 1, ssq: &ssq, hg: &hgd };
         let mut scratch = kern.moe_scratch(&w, k).unwrap();
         // The tiled family's math and one token's FP8 digit math (sm_90a): each agrees with itself.
         for fp8 in [false, true] {
@@ -318,93 +318,6 @@ fn moe_after_the_oproj_router_equals_the_routed_kernel() {
             }
         }
         eprintln!("{name}: the MoE after the o_proj's router equals the routed kernel, bit for bit (FP8 digits {})", kern.moe_fp8_for(&w));
-    }
-}
-
-/// The one-token o_proj whose last block also routes its MoE's token (`RoutePre`) and the fused
-/// MoE on that routing (`moe_mxfp4_pre_pairs`) give what the o_proj doing the router and the MoE
-/// routing from its sums give (`moe_mxfp4_acc_pairs`), bit for bit, on fresh random inputs: o,
-/// g h, the pair indices and every pair value (poisoned before each run), for each compiled ring
-/// on F16 MMAs and FP8 digits, the widest grid and a 3-block one; with a correction bias and
-/// groups, without a bias, and with a part past the fixed point (NaN logits: the fallback
-/// expert in every slot). The routing o_proj leaves the router's sums and its arrival count
-/// zero, the MoE its counters.
-#[test]
-fn moe_on_the_oprojs_routing_equals_the_moe_routing_from_its_sums() {
-    use cudarc::driver::DevicePtr;
-    let Some(model) = synthetic(&spec_of("default")) else { return };
-    let g = model.gpu();
-    let st = &g.stream;
-    let mut kern = Kernels::load(g).expect("kernels compile and load");
-    let mut r = rng();
-    let normal = |r: &mut rand::rngs::StdRng, n: usize, s: f32| -> Vec<f32> { (0..n).map(|_| (r.random::<f32>() + r.random::<f32>() + r.random::<f32>() - 1.5) * s).collect() };
-    let cases = [
-        ("H 512, bias and groups", 512usize, 1024usize, 64usize, 8usize, 8usize, 4usize, true, false),
-        ("H 4096, no bias", 4096, 8192, 32, 8, 1, 1, false, false),
-        ("NaN logits", 512, 1024, 16, 4, 1, 1, true, true),
-    ];
-    for (name, h, kin, e, k, n_group, topk_group, with_bias, nan) in cases {
-        let i = 256usize;
-        assert!(kern.oproj_route_takes(h, kin, e), "{name}: the o_proj's shape");
-        let spec = moe_spec(e, k, i, RouterScoring::Sigmoid, with_bias, n_group, topk_group, true, 2.5);
-        let bytes = |r: &mut rand::rngs::StdRng, n: usize| -> Vec<u8> { (0..n).map(|_| r.random()).collect() };
-        let scales = |r: &mut rand::rngs::StdRng, n: usize| -> Vec<u8> { (0..n).map(|_| r.random_range(118..128)).collect() };
-        let (gate, gate_s, up, up_s) = (bytes(&mut r, e * i * h / 2), scales(&mut r, e * i * h / 32), bytes(&mut r, e * i * h / 2), scales(&mut r, e * i * h / 32));
-        let (down, down_s) = (bytes(&mut r, e * h * i / 2), scales(&mut r, e * h * i / 32));
-        let w = MoeWeights::upload(st, true, &gate, &gate_s, &up, &up_s, &down, &down_s, e, h, i).unwrap();
-        // The o_proj: BF16 weights, x as its BF16 hi + lo split.
-        let wo: Vec<u16> = normal(&mut r, h * kin, 2.0 / (kin as f32).sqrt()).iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
-        let xv = normal(&mut r, kin, 1.0);
-        let xh: Vec<u16> = xv.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
-        let xl: Vec<u16> = xv.iter().zip(&xh).map(|(&v, &b)| half::bf16::from_f32(v - half::bf16::from_bits(b).to_f32()).to_bits()).collect();
-        let (res, gn) = (normal(&mut r, h, if nan { 1e4 } else { 2.0 }), normal(&mut r, h, 1.0));
-        let wr = if nan { vec![1e3f32; e * h] } else { normal(&mut r, e * h, 0.05) };
-        let bias: Vec<f32> = (0..e).map(|_| (r.random::<f32>() - 0.5) * 0.2).collect();
-        let (wod, xhd, xld) = (st.clone_htod(&wo).unwrap(), st.clone_htod(&xh).unwrap(), st.clone_htod(&xl).unwrap());
-        let (resd, gnd, wrd, bd) = (st.clone_htod(&res).unwrap(), st.clone_htod(&gn).unwrap(), st.clone_htod(&wr).unwrap(), st.clone_htod(&bias).unwrap());
-        let (ssq, mut hgd) = (st.alloc_zeros::<f32>(h / 16).unwrap(), st.alloc_zeros::<f32>(h).unwrap());
-        let (arrive, route) = (st.alloc_zeros::<u32>(1).unwrap(), st.clone_htod(&vec![-1i32; peregrine_cuda::kernels::ROUTE_PRE_WORDS]).unwrap());
-        let copies = 2;
-        let eps = 1e-6f32;
-        let mut scratch = kern.moe_scratch(&w, k).unwrap();
-        for fp8 in [false, true] {
-            kern.set_moe_fp8(fp8);
-            for &(stages, steps) in peregrine_cuda::kernels::TILED_VARIANTS.iter() {
-                for max_blocks in [0, 3] {
-                    let kind = MoeKernel::Fused { stages, steps, max_blocks };
-                    let mut run = |pre_path: bool| -> (Vec<f32>, Vec<f32>, Vec<i32>, Vec<f32>) {
-                        let acc = st.alloc_zeros::<u64>(copies * e + 1).unwrap();
-                        let mut y = st.clone_htod(&vec![f32::NAN; h]).unwrap();
-                        st.memcpy_htod(&vec![f32::NAN; h], &mut hgd).unwrap();
-                        let pre = pre_path.then(|| peregrine_cuda::kernels::RoutePre { spec: &spec, bias: with_bias.then_some(&bd), eps, arrive: &arrive, route: &route });
-                        let rb = peregrine_cuda::kernels::RouteInOproj { res: &resd, norm: &gnd, router: &wrd, experts: e, acc: acc.device_ptr(st).0, copies, ssq: &ssq, hg: &hgd, pre };
-                        kern.gemv_bf16_presplit_route(&wod, &xhd, &xld, &mut y, h, kin, None, &rb).unwrap();
-                        let mut tok_pairs = st.clone_htod(&vec![-1i32; k]).unwrap();
-                        st.memcpy_htod(&vec![f32::NAN; scratch.out.len()], &mut scratch.out).unwrap();
-                        if pre_path {
-                            kern.moe_mxfp4_pre_pairs(kind, &w, &rb, &mut scratch, &mut tok_pairs).unwrap();
-                            assert!(st.clone_dtoh(&acc).unwrap().iter().all(|&v| v == 0), "{name} ({kind:?}): the routing o_proj left its sums non-zero");
-                            assert_eq!(st.clone_dtoh(&arrive).unwrap(), vec![0], "{name}: the arrival count is not back to zero");
-                        } else {
-                            kern.moe_mxfp4_acc_pairs(kind, &spec, &w, &rb, eps, with_bias.then_some(&bd), &mut scratch, &mut tok_pairs, 0, 0).unwrap();
-                        }
-                        assert!(st.clone_dtoh(&scratch.counters).unwrap().iter().all(|&c| c == 0), "{name} ({kind:?}, routed in the o_proj {pre_path}): counters left non-zero");
-                        (st.clone_dtoh(&y).unwrap(), st.clone_dtoh(&hgd).unwrap(), st.clone_dtoh(&tok_pairs).unwrap(), st.clone_dtoh(&scratch.out).unwrap()[..k * h].to_vec())
-                    };
-                    let (ya, hga, tpa, want) = run(false);
-                    let (yb, hgb, tpb, got) = run(true);
-                    let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
-                    assert!(ya.iter().all(|v| v.is_finite()) && same(&ya, &yb) && same(&hga, &hgb), "{name} ({kind:?}): o or g h differ");
-                    if !nan {
-                        assert!(want.iter().all(|v| v.is_finite()), "{name} ({kind:?}): the pairs are finite");
-                    }
-                    assert_eq!(tpb, tpa, "{name} ({kind:?}): the token's pair indices");
-                    let bad = got.iter().zip(&want).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
-                    assert_eq!(bad, 0, "{name} ({kind:?}, FP8 digits {fp8}): {bad} of {} pair values differ from the MoE routing from the sums", want.len());
-                }
-            }
-        }
-        eprintln!("{name}: the MoE on the o_proj's routing equals the MoE routing from the sums, bit for bit (FP8 digits {})", kern.moe_fp8_for(&w));
     }
 }
 

@@ -306,13 +306,6 @@ pub struct CudaModel {
     /// instead (`route_in_oproj_at`; `PEREGRINE_ROUTE_IN_OPROJ=0` keeps the router's launch, for
     /// comparison; tests flip it).
     route_in_oproj: bool,
-    /// Where the o_proj does the router, its last block also routes the token and the MoE
-    /// reads that routing (`RoutePre`; `PEREGRINE_ROUTE_PRE=0` leaves the routing to every MoE
-    /// block, for comparison; `set_route_pre`).
-    route_pre: bool,
-    /// The o_proj blocks' arrival count and the routing its last block writes (`RoutePre`).
-    route_pre_arrive: CudaSlice<u32>,
-    route_pre_buf: CudaSlice<i32>,
     /// Per layer, `route_acc_stride` u64: the fixed-point logit sums the o_proj adds into and
     /// its MoE reads, in `route_acc_copies` copies, then a flag word (zero between: the next
     /// such layer's MoE zeroes them, cyclically); then the o_proj blocks' sums of squares of h
@@ -578,8 +571,6 @@ impl CudaModel {
         let argmax_key = s.alloc_zeros::<u64>(crate::kernels::ARGMAX_KEY_SLOTS * crate::kernels::ARGMAX_KEY_STRIDE).map_err(drv)?;
         let route_ssq = s.alloc_zeros::<f32>(h.div_ceil(16)).map_err(drv)?;
         let route_hg = s.alloc_zeros::<f32>(h).map_err(drv)?;
-        let route_pre_arrive = s.alloc_zeros::<u32>(1).map_err(drv)?;
-        let route_pre_buf = s.alloc_zeros::<i32>(crate::kernels::ROUTE_PRE_WORDS).map_err(drv)?;
         let mut model = CudaModel {
             spec: spec.clone(),
             final_norm,
@@ -620,9 +611,6 @@ impl CudaModel {
             route_in_moe: std::env::var("PEREGRINE_MOE_ROUTE_IN_KERNEL").map_or(true, |v| v != "0"),
             norm_in_router: std::env::var("PEREGRINE_NORM_IN_ROUTER").map_or(true, |v| v != "0"),
             route_in_oproj: std::env::var("PEREGRINE_ROUTE_IN_OPROJ").map_or(true, |v| v != "0"),
-            route_pre: std::env::var("PEREGRINE_ROUTE_PRE").map_or(true, |v| v != "0"),
-            route_pre_arrive,
-            route_pre_buf,
             route_acc,
             argmax_key,
             lm_head_argmax: std::env::var("PEREGRINE_LM_HEAD_ARGMAX").map_or(true, |v| v != "0"),

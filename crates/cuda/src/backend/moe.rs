@@ -96,16 +96,11 @@ impl CudaModel {
             // The o_proj did the router over x + attn (`attention` with `res`).
             let r = self.route_bufs(li, x)?;
             let kind = self.kernels.moe_kernel_rows(w, rows, spec.top_k, true);
+            let prev = self.route_prev_layer(li).ok_or_else(|| Error::Backend(format!("layer {li}: no other layer's router in its o_proj")))?;
+            let zero = self.route_acc_ptr(prev);
             let mut tok_pairs = unsafe { self.kernels.alloc.alloc::<i32>(spec.top_k) }?;
-            let out = if r.pre.is_some() {
-                // The o_proj's last block routed the token (and zeroed its sums).
-                self.with_moe_scratch(w, spec.top_k, |scratch| self.kernels.moe_mxfp4_pre_pairs(kind, w, &r, scratch, &mut tok_pairs))?
-            } else {
-                let prev = self.route_prev_layer(li).ok_or_else(|| Error::Backend(format!("layer {li}: no other layer's router in its o_proj")))?;
-                let zero = self.route_acc_ptr(prev);
-                let eps = self.spec.rms_norm_eps;
-                self.with_moe_scratch(w, spec.top_k, |scratch| self.kernels.moe_mxfp4_acc_pairs(kind, spec, w, &r, eps, bias.as_ref().map(|b| &b.0), scratch, &mut tok_pairs, zero, self.route_acc_stride))?
-            };
+            let eps = self.spec.rms_norm_eps;
+            let out = self.with_moe_scratch(w, spec.top_k, |scratch| self.kernels.moe_mxfp4_acc_pairs(kind, spec, w, &r, eps, bias.as_ref().map(|b| &b.0), scratch, &mut tok_pairs, zero, self.route_acc_stride))?;
             self.moe_pairs_calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return Ok(MlpOut::Pairs(MoePairs { out, tok_pairs, topk: spec.top_k, pre: Some(attn) }));
         }
@@ -163,11 +158,7 @@ impl CudaModel {
         let (Mlp::Moe { router: Mat { m: GpuMatrix::F32(wr), n, .. }, .. }, true) = (&l.mlp, self.route_oproj_shape(li)) else {
             return Err(Error::Backend(format!("layer {li}'s o_proj does not take its router")));
         };
-        let pre = match &l.mlp {
-            Mlp::Moe { spec, bias, .. } if self.route_pre => Some(crate::kernels::RoutePre { spec, bias: bias.as_ref().map(|b| &b.0), eps: self.spec.rms_norm_eps, arrive: &self.route_pre_arrive, route: &self.route_pre_buf }),
-            _ => None,
-        };
-        Ok(crate::kernels::RouteInOproj { res, norm: &l.post_norm, router: wr, experts: *n, acc: self.route_acc_ptr(li), copies: self.route_acc_copies, ssq: &self.route_ssq, hg: &self.route_hg, pre })
+        Ok(crate::kernels::RouteInOproj { res, norm: &l.post_norm, router: wr, experts: *n, acc: self.route_acc_ptr(li), copies: self.route_acc_copies, ssq: &self.route_ssq, hg: &self.route_hg })
     }
 
     /// Zeroes every layer's router accumulators and the argmax keys (after a step that may have
@@ -179,26 +170,6 @@ impl CudaModel {
             // SAFETY: the buffer's own allocation, on this stream.
             let _ = unsafe { cudarc::driver::result::memset_d8_async(p, 0, buf.len() * std::mem::size_of::<u64>(), self.stream.cu_stream()) };
         }
-        let (p, _g) = self.route_pre_arrive.device_ptr(&self.stream);
-        // SAFETY: as above.
-        let _ = unsafe { cudarc::driver::result::memset_d8_async(p, 0, self.route_pre_arrive.len() * std::mem::size_of::<u32>(), self.stream.cu_stream()) };
-    }
-
-    /// Whether a one-token o_proj that does its MoE's router also routes the token
-    /// (`RoutePre`, `PEREGRINE_ROUTE_PRE`).
-    pub fn route_pre(&self) -> bool {
-        self.route_pre
-    }
-
-    /// Sets `route_pre` (benchmarks and tests compare both paths). Captured step graphs are
-    /// dropped and every accumulator zeroed (each path zeroes the router's sums at its own
-    /// point).
-    pub fn set_route_pre(&mut self, on: bool) -> Result<()> {
-        self.stream.synchronize().map_err(drv)?;
-        self.route_pre = on;
-        self.zero_step_accumulators();
-        self.graphs.clear();
-        Ok(())
     }
 
     /// The copies of the router's fixed-point sums a one-token o_proj spreads its blocks' adds

@@ -679,28 +679,15 @@ impl Kernels {
         check(r.res.len() >= n && r.norm.len() >= n && r.router.len() >= r.experts * n && r.ssq.len() >= n / 16 && r.hg.len() >= n && r.acc != 0 && r.copies >= 1, || "gemv_bf16_presplit_route: router buffers too small".into())?;
         let (wp, _w) = w.device_ptr(&self.stream);
         let (ni, ki, ti, ei) = (n as i32, k as i32, 1i32, r.experts as i32);
-        let mut b = crate::launch::builder(&self.stream, if r.pre.is_some() { &self.mma_bf16_pipe_route_pre } else { &self.mma_bf16_pipe_route });
+        let mut b = crate::launch::builder(&self.stream, &self.mma_bf16_pipe_route);
         b.arg(&wp).arg(&0u64).arg(xh).arg(xl).arg(&0u64);
         b.arg(&mut *y).arg(&0u64).arg(&0u64).arg(&ni).arg(&0i32).arg(&ni).arg(&ki).arg(&ti);
         let nzero = zero.map_or(0, |z| z.len() as i32);
         b.arg_or_null(zero).arg(&nzero);
         let ci = r.copies as i32;
         b.arg(r.res).arg(r.norm).arg(r.router).arg(&ei).arg(&r.acc).arg(&ci).arg(r.ssq).arg(r.hg);
-        if let Some(p) = &r.pre {
-            // The last block routes the token (route_after_oproj): E and K as the fused MoE takes them.
-            check(p.spec.num_experts == r.experts && p.route.len() >= ROUTE_PRE_WORDS && !p.arrive.is_empty() && p.bias.is_none_or(|bb| bb.len() >= r.experts), || "gemv_bf16_presplit_route: routing buffers too small".into())?;
-            check((1..=MAX_FUSED_TOPK).contains(&p.spec.top_k) && p.spec.n_group <= 64 && (p.spec.n_group <= 1 || r.experts.is_multiple_of(p.spec.n_group)), || format!("gemv_bf16_presplit_route: top-{} of {} experts in {} groups", p.spec.top_k, r.experts, p.spec.n_group))?;
-            match p.bias {
-                Some(bb) => b.arg(bb),
-                None => b.arg(&0u64),
-            };
-            let s = p.spec;
-            let (ki, sm, ng, tg, norm) = (s.top_k as i32, matches!(s.scoring, RouterScoring::Softmax) as i32, s.n_group as i32, s.topk_group as i32, s.norm_topk_prob as i32);
-            b.arg(&ki).arg(&sm).arg(&ng).arg(&tg).arg(&norm).arg(&s.routed_scaling_factor).arg(&p.eps).arg(p.arrive).arg(p.route);
-        }
-        let f = if r.pre.is_some() { "gemv_mma_bf16_t1_pipe_route_pre" } else { "gemv_mma_bf16_t1_pipe_route" };
         let cfg = LaunchConfig { grid_dim: ((n / 16) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: (r.experts * 64) as u32 };
-        unsafe { b.launch(cfg) }.map_err(drv(f))?;
+        unsafe { b.launch(cfg) }.map_err(drv("gemv_mma_bf16_t1_pipe_route"))?;
         Ok(())
     }
 

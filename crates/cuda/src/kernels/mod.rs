@@ -84,7 +84,6 @@ pub struct Kernels {
     lm_head_prefetch: bool,
     /// `gemv_mma_bf16_t1_pipe_route`: the one-token o_proj that also does its MoE's router.
     mma_bf16_pipe_route: CudaFunction,
-    mma_bf16_pipe_route_pre: CudaFunction,
     mma_bf16_pipe_wave: usize,
     mma_fp8_pipe: CudaFunction,
     mma_fp8_pipe_wave: usize,
@@ -133,8 +132,6 @@ pub struct Kernels {
     fused_routed: Vec<CudaFunction>,
     /// `moe_fused_acc_*`: the fused one-token MoE after the o_proj that did its router.
     fused_acc: Vec<CudaFunction>,
-    /// `moe_fused_pre_*`: the same after the o_proj whose last block also routed the token.
-    fused_pre: Vec<CudaFunction>,
     /// The three fused kernels with the FP8 digit math (`moe_fused*_dg_*`, sm_90a only; the
     /// routed and o_proj-router ones for one token), one per `DG_RINGS` entry, and whether the
     /// MoE runs on digits (`moe_fp8_for`; by default on GPUs of `FP8_MOE_MIN_BANDWIDTH` and
@@ -142,7 +139,6 @@ pub struct Kernels {
     fused_tiled_dg: Vec<CudaFunction>,
     fused_routed_dg: Vec<CudaFunction>,
     fused_acc_dg: Vec<CudaFunction>,
-    fused_pre_dg: Vec<CudaFunction>,
     /// The two-launch tiled kernels with that math (`moe_gate_up_dg_*`, `moe_down_dg_*`), one
     /// per `DG_RINGS` entry.
     gate_up_dg: Vec<CudaFunction>,
@@ -304,7 +300,6 @@ impl Kernels {
         let mma_bf16_argmax_pf = f("gemv_mma_bf16_t1_argmax_pf")?;
         let mma_bf16_pipe = f("gemv_mma_bf16_t1_pipe")?;
         let mma_bf16_pipe_route = f("gemv_mma_bf16_t1_pipe_route")?;
-        let mma_bf16_pipe_route_pre = f("gemv_mma_bf16_t1_pipe_route_pre")?;
         let mma_bf16_pipe_wave = mma_bf16_pipe.occupancy_max_active_blocks_per_multiprocessor(256, 0, None).map_err(drv("GEMV occupancy"))? as usize * sms;
         let mma_fp8_pipe = f("gemv_mma_fp8_t1_pipe")?;
         let mma_fp8_pipe_wave = mma_fp8_pipe.occupancy_max_active_blocks_per_multiprocessor(256, 0, None).map_err(drv("GEMV occupancy"))? as usize * sms;
@@ -347,7 +342,6 @@ impl Kernels {
             mma_bf16_argmax_pf,
             lm_head_prefetch: std::env::var("PEREGRINE_LM_HEAD_PREFETCH").map_or(true, |v| v != "0"),
             mma_bf16_pipe_route,
-            mma_bf16_pipe_route_pre,
             mma_bf16_pipe_wave,
             mma_fp8_pipe,
             mma_fp8_pipe_wave,
@@ -388,11 +382,9 @@ impl Kernels {
             fused_tiled: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_fused_bulk_n{n}_c{c}"))).collect::<Result<_>>()?,
             fused_routed: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_fused_routed_bulk_n{n}_c{c}"))).collect::<Result<_>>()?,
             fused_acc: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_fused_acc_bulk_n{n}_c{c}"))).collect::<Result<_>>()?,
-            fused_pre: TILED_VARIANTS.iter().map(|(n, c)| fm(&format!("moe_fused_pre_bulk_n{n}_c{c}"))).collect::<Result<_>>()?,
             fused_tiled_dg: DG_RINGS.iter().map(|(n, c)| fm(&format!("moe_fused_dg_n{n}_c{c}"))).collect::<Result<_>>()?,
             fused_routed_dg: DG_RINGS.iter().map(|(n, c)| fm(&format!("moe_fused_routed_dg_n{n}_c{c}"))).collect::<Result<_>>()?,
             fused_acc_dg: DG_RINGS.iter().map(|(n, c)| fm(&format!("moe_fused_acc_dg_n{n}_c{c}"))).collect::<Result<_>>()?,
-            fused_pre_dg: DG_RINGS.iter().map(|(n, c)| fm(&format!("moe_fused_pre_dg_n{n}_c{c}"))).collect::<Result<_>>()?,
             gate_up_dg: DG_RINGS.iter().map(|(n, c)| fm(&format!("moe_gate_up_dg_n{n}_c{c}"))).collect::<Result<_>>()?,
             down_dg: DG_RINGS.iter().map(|(n, c)| fm(&format!("moe_down_dg_n{n}_c{c}"))).collect::<Result<_>>()?,
             moe_fp8: std::env::var("PEREGRINE_MOE_FP8").map_or(peak_bandwidth >= FP8_MOE_MIN_BANDWIDTH, |v| v != "0"),

@@ -104,29 +104,7 @@ pub struct RouteInOproj<'a> {
     pub ssq: &'a CudaSlice<f32>,
     /// The norm's weight times h, g h [H].
     pub hg: &'a CudaSlice<f32>,
-    /// Where the o_proj's last block also routes the token for the MoE after it.
-    pub pre: Option<RoutePre<'a>>,
 }
-
-/// One token's routing done by the o_proj's last block (`gemv_mma_bf16_t1_pipe_route_pre`) for
-/// the fused MoE after it (`moe_mxfp4_pre_pairs`): every MoE block then reads the routing
-/// instead of computing it from the sums (the same experts, weights and bits as
-/// `moe_mxfp4_acc_pairs`), and the o_proj's last block zeroes the sums once read.
-pub struct RoutePre<'a> {
-    pub spec: &'a MoeSpec,
-    /// The router's correction bias [E], if any.
-    pub bias: Option<&'a CudaSlice<f32>>,
-    /// The post-attention norm's epsilon.
-    pub eps: f32,
-    /// The o_proj blocks' arrival count (zero on entry; the last block leaves it zero).
-    pub arrive: &'a CudaSlice<u32>,
-    /// The routing [`ROUTE_PRE_WORDS`] the last block writes and the MoE reads.
-    pub route: &'a CudaSlice<i32>,
-}
-
-/// Words of the routing a one-token o_proj's last block leaves for the MoE (route.cuh's
-/// ROUTE_PRE_WORDS: up to 32 slots and choices, then the norm's 1 / rms).
-pub const ROUTE_PRE_WORDS: usize = 192;
 
 /// The most router rows `gemv_bf16_presplit_route` takes (64 bytes of shared memory each).
 pub const ROUTE_OPROJ_MAX_EXPERTS: usize = 512;
@@ -886,44 +864,16 @@ impl Kernels {
         Ok(())
     }
 
-    /// One token's MoE after the o_proj whose last block routed it (`r.pre`,
-    /// `gemv_bf16_presplit_route`): `moe_fused_pre_*` reads that routing and stages x = g h
-    /// times the norm's 1 / rms from `r.hg`, then runs as `moe_mxfp4_acc_pairs` does: the same
-    /// pairs in `scratch.out` and pair indices in `tok_pairs`, bit for bit. `kind` must be
-    /// `MoeKernel::Fused` and the weights tiled.
-    pub fn moe_mxfp4_pre_pairs(&self, kind: MoeKernel, w: &MoeWeights, r: &RouteInOproj, scratch: &mut MoeScratch, tok_pairs: &mut CudaSlice<i32>) -> Result<()> {
-        let (MoeLayout::Tiled { gate_up, down }, MoeKernel::Fused { stages, steps, max_blocks }, Some(pre)) = (&w.layout, kind, r.pre.as_ref()) else {
-            return Err(Error::Backend(format!("the MoE after the o_proj's routing runs the fused kernel over tiled weights on that routing, not {kind:?}")));
-        };
-        let (e, k, h) = (pre.spec.num_experts, pre.spec.top_k, w.hidden);
-        Self::check_routed_spec(pre.spec, w)?;
-        check(e == r.experts && pre.route.len() >= ROUTE_PRE_WORDS, || format!("routed MoE: {e} experts, the o_proj's router has {}", r.experts))?;
-        check(h.is_multiple_of(16) && r.hg.len() >= h && tok_pairs.len() >= k, || "routed MoE (routing in the o_proj): buffers too small".into())?;
-        check(scratch.h.len() >= k * w.inter && scratch.out.len() >= k * h, || "MoE scratch too small".into())?;
-        let u = k.min(e);
-        let (f, fp8) = match self.fp8_fused(&self.fused_pre_dg, w, stages, steps, 1) {
-            Some(f) => (f, true),
-            None => (&self.fused_pre[Self::tiled_variant(stages, steps)?], false),
-        };
-        let cfg = self.fused_grid(f, w, stages, steps, max_blocks, 1, u, 0, scratch, k, fp8)?;
-        let (hh, ii, ui, ki) = (h as i32, w.inter as i32, u as i32, k as i32);
-        let mut b = crate::launch::builder(&self.stream, f);
-        b.arg(pre.route).arg(gate_up).arg(down).arg(r.hg).arg(&mut scratch.h).arg(&mut scratch.out).arg(&hh).arg(&ii).arg(&ui).arg(&ki);
-        b.arg(&mut scratch.counters).arg(&mut *tok_pairs);
-        unsafe { b.launch(cfg) }.map_err(drv("moe (fused, routed in the o_proj)"))?;
-        Ok(())
-    }
-
     /// What the routed fused kernels take of a routing: E experts, top-K within
     /// MAX_FUSED_TOPK, groups that divide E.
-    pub(crate) fn check_routed_spec(spec: &MoeSpec, w: &MoeWeights) -> Result<()> {
+    fn check_routed_spec(spec: &MoeSpec, w: &MoeWeights) -> Result<()> {
         let (e, k) = (spec.num_experts, spec.top_k);
         check(e == w.num_experts && (1..=MAX_FUSED_TOPK).contains(&k) && spec.n_group <= 64 && (spec.n_group <= 1 || e.is_multiple_of(spec.n_group)), || format!("routed MoE: {e} experts in {} groups, top-{k}", spec.n_group))
     }
 
     /// The routed fused kernels' routing arguments, in their order: E, K, softmax, n_group,
     /// topk_group, norm, scale.
-    pub(crate) fn routing_args(b: &mut crate::launch::Launch<'_>, spec: &MoeSpec) {
+    fn routing_args(b: &mut crate::launch::Launch<'_>, spec: &MoeSpec) {
         let (ei, ki, sm, ng, tg, norm) = (spec.num_experts as i32, spec.top_k as i32, matches!(spec.scoring, RouterScoring::Softmax) as i32, spec.n_group as i32, spec.topk_group as i32, spec.norm_topk_prob as i32);
         b.arg(&ei).arg(&ki).arg(&sm).arg(&ng).arg(&tg).arg(&norm).arg(&spec.routed_scaling_factor);
     }
