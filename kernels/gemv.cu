@@ -733,19 +733,7 @@ __device__ __forceinline__ uint4 ld_weights(const uint4* p) {
         asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
             : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
             : "l"(p));
-    else if (H == 4 || H == 5) {
-        // Measurement builds only: 3 (4) or 2 (5) with an L2 evict_first policy.
-        unsigned long long pol;
-        asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
-        if (H == 4)
-            asm("ld.global.nc.L1::no_allocate.L2::cache_hint.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
-                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                : "l"(p), "l"(pol));
-        else
-            asm("ld.global.nc.L2::cache_hint.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
-                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                : "l"(p), "l"(pol));
-    } else
+    else
         v = __ldg(p);
     return v;
 }
