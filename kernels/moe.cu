@@ -1241,6 +1241,9 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
             if ((int)threadIdx.x < np) ss.rows[threadIdx.x] = down ? p0 + threadIdx.x : pair_tok[p0 + threadIdx.x];
             const bool once = p0 + cap >= pe;  // the last pass over this item's tiles
             if (KS) bulk_prologue<NS, CS>(seq, wt, KS, ring, wbars, once, pre);
+#ifdef MOE_TRACE_PROLOGUE  // measurement builds: the "activations staged" stamp right after warp 0's copies are issued
+            if (ti < 14 && p0 == pb) TRACE(ti + 2);
+#endif
             // The warp's next pass: this tile again for the slot's next pairs, else its tile of
             // the block's next item (whose first pass is its last when its slot fits one).
             const unsigned char* nwt = wt;
@@ -1284,7 +1287,9 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
                                          ss.inv, down ? 1.f : ninv);
             }
             x_staged = false;
+#ifndef MOE_TRACE_PROLOGUE
             if (ti < 14 && p0 == pb) TRACE(ti + 2);
+#endif
             float acc[4] = {0.f, 0.f, 0.f, 0.f};
             pre = 0;
             if (KS) {
