@@ -758,7 +758,8 @@ __device__ __forceinline__ unsigned long long argmax_key(float v, int n) {
 
 // Measurement builds only (PEREGRINE_KERNEL_DEFINES, outputs wrong; FP8, one row tile):
 // -DGEMV_TILED_ORDER reads each tile's same bytes with every warp load 512 contiguous bytes (the
-// order a tiled weight layout would give), -DGEMV_NO_MATH keeps the loads and drops the decode
+// order a tiled weight layout would give; the pipelined kernels, PIPE, BF16 too: the one-token
+// o_proj and q/k/v), -DGEMV_NO_MATH keeps the loads and drops the decode
 // and the MMAs of the FP8 kernels, the pipelined one-token q/k/v's (XSH) included; BF16 keeps
 // its math (without it, half of its loads were dead code: benches/results/2026-11-28-h200-moe-handoff-bounds.md;
 // benches/results/2026-11-24-gemv-order-attention-combine.md). Under the first,
@@ -844,12 +845,28 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
             for (int i = 0; i < 4; i++) acc[rt][tt][i] = 0.f;
     // BF16 rows g and g + 8 of row tile rt at columns k .. k + 15.
     auto bf16_rows = [&](int rt, int k, uint4 w0[2], uint4 w1[2]) {
+#ifdef GEMV_TILED_ORDER
+        if (PIPE) {  // measurement only (wrong results): the chunk's same bytes, 512 contiguous a warp load
+            const unsigned char* tb = W + ((size_t)min(nb, N - 16) * K + (size_t)(k / 64) * 1024) * 2 + lane * 16;
+            w0[0] = ld_weights<LDH>(reinterpret_cast<const uint4*>(tb)); w0[1] = ld_weights<LDH>(reinterpret_cast<const uint4*>(tb + 512));
+            w1[0] = ld_weights<LDH>(reinterpret_cast<const uint4*>(tb + 1024)); w1[1] = ld_weights<LDH>(reinterpret_cast<const uint4*>(tb + 1536));
+            return;
+        }
+#endif
         const uint4* p0 = reinterpret_cast<const uint4*>(reinterpret_cast<const unsigned short*>(W) + (size_t)rr[rt][0] * K + k);
         const uint4* p1 = reinterpret_cast<const uint4*>(reinterpret_cast<const unsigned short*>(W) + (size_t)rr[rt][1] * K + k);
         w0[0] = ld_weights<LDH>(p0); w0[1] = ld_weights<LDH>(p0 + 1); w1[0] = ld_weights<LDH>(p1); w1[1] = ld_weights<LDH>(p1 + 1);
     };
     // FP8 rows g and g + 8 of row tile rt at columns k .. k + 15 (in [0] of each).
     auto fp8_rows = [&](int rt, int k, uint4 w0[2], uint4 w1[2]) {
+#ifdef GEMV_TILED_ORDER
+        if (PIPE) {  // measurement only (wrong results): the chunk's same bytes, 512 contiguous a warp load
+            const unsigned char* tb = W + (size_t)min(nb, N - 16) * K + (size_t)(k / 64) * 1024 + lane * 16;
+            w0[0] = ld_weights<LDH>(reinterpret_cast<const uint4*>(tb));
+            w1[0] = ld_weights<LDH>(reinterpret_cast<const uint4*>(tb + 512));
+            return;
+        }
+#endif
         w0[0] = ld_weights<LDH>(reinterpret_cast<const uint4*>(W + (size_t)rr[rt][0] * K + k));
         w1[0] = ld_weights<LDH>(reinterpret_cast<const uint4*>(W + (size_t)rr[rt][1] * K + k));
     };
