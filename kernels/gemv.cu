@@ -828,10 +828,7 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
         nb = (blockIdx.x / ny) * 16 * R;
         t0 = (blockIdx.x % ny) * NT * 8;
     }
-#ifndef GEMV_LD_PIPE_BF16
-#define GEMV_LD_PIPE_BF16 GEMV_LD_PIPE
-#endif
-    constexpr int LDH = PIPE ? (FP8 ? GEMV_LD_PIPE : GEMV_LD_PIPE_BF16) : GEMV_LD_WAVES;  // how the weights are loaded (ld_weights)
+    constexpr int LDH = PIPE ? GEMV_LD_PIPE : GEMV_LD_WAVES;  // how the weights are loaded (ld_weights)
     int rr[R][2];  // each tile's two rows of this lane: loads clamped, stores guarded
 #pragma unroll
     for (int rt = 0; rt < R; rt++) {

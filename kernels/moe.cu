@@ -1375,10 +1375,7 @@ struct FusedEarlyCopies {
             const int pb = pair_off[slot], pe = pair_off[slot + 1];
             if (pb < pe) {  // (moe_fused's seg and first pass)
                 const int tiles = down ? d_tiles : gu_tiles, KS = (down ? I : H) / 64, rt = grp * TW + lane;
-#ifndef MOE_EARLY_STAGES
-#define MOE_EARLY_STAGES NS
-#endif
-                stages = min(MOE_EARLY_STAGES, (KS + CS - 1) / CS);
+                stages = min(NS, (KS + CS - 1) / CS);
                 const bool once = pb + pass_rows<DG>(down ? I : H, TW * RING) >= pe;
                 if (lane < TW && rt < tiles) {
                     const unsigned char* wt = (down ? Wd : Wg) + ((size_t)experts[slot] * tiles + rt) * KS * STEP_BYTES;
