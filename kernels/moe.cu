@@ -1167,12 +1167,11 @@ __device__ __forceinline__ void fused_item(int n, int gu_items, int gug, int dg,
     grp = m % per;
 }
 
-// The fused kernels' ring barriers (NS a warp), then the down passes' digit-row barrier (DG):
-// one array per kernel, so the routed kernels' routing (route_then_moe) can arm them before
-// moe_fused runs.
+// The fused kernels' ring barriers (NS a warp): one array per kernel, so the routed kernels'
+// routing (route_then_moe) can arm them before moe_fused runs.
 template <int NS>
 __device__ __forceinline__ unsigned long long* fused_ring_bars() {
-    __shared__ unsigned long long bars[TW * NS + 1];
+    __shared__ unsigned long long bars[TW * NS];
     return bars;
 }
 
@@ -1207,15 +1206,16 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
     constexpr bool HD = DG && DG_H_DIGITS;
     __shared__ float hv[HD ? TW * 8 : 1];
     __shared__ __align__(16) float cinv[HD ? DG_MAX_CHUNKS : 4];
-    unsigned long long& hbar = bars[TW * NS];
+    __shared__ unsigned long long hbar;
     unsigned char* hd = reinterpret_cast<unsigned char*>(h);
     int hpass = 0;
     // bars_ready: the routing initialised the ring barriers and asked for the first first_pre
     // stages of every warp's first pass (route_then_moe's early copies).
     if (lane == 0 && !bars_ready)
         for (int i = 0; i < NS; i++) mbar_init(wbars + i);
-    if (HD && threadIdx.x == 0 && !bars_ready) mbar_init(&hbar);  // (thread 0 arms it first; the others wait past an item barrier)
-    // (With early copies in flight this fence held the warps ~2 us, by the trace.)
+    if (HD && threadIdx.x == 0) mbar_init(&hbar);  // (thread 0 arms it first; the others wait past an item barrier)
+    // (With early copies in flight this fence held the warps ~2 us, by the trace; hbar is
+    // thread 0's, which asks for its copies itself.)
     if (!bars_ready) asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     __syncwarp();
     int seq = 0, pre = first_pre;  // the warp's stages so far; stages of its next pass already asked for
@@ -1410,7 +1410,7 @@ __device__ __forceinline__ void route_then_moe(const float* logits, const float*
     // The ring barriers, armed before the routing so that warp 0 can ask for the first copies
     // (FusedEarlyCopies; route_token's barriers publish the initialisation).
     __shared__ int early_stages;
-    for (int i = threadIdx.x; i <= TW * NS; i += blockDim.x) mbar_init(fused_ring_bars<NS>() + i);
+    for (int i = threadIdx.x; i < TW * NS; i += blockDim.x) mbar_init(fused_ring_bars<NS>() + i);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     const FusedEarlyCopies<NS, CS, DG> early = {Wg, Wd, experts, pair_off, H, I, U, &early_stages};
     route_token(logits, bias, E, K, softmax, n_group, topk_group, norm, scale, scores, scores + E, sel, wsel, &groups,
