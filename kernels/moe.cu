@@ -1214,9 +1214,7 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
     if (lane == 0 && !bars_ready)
         for (int i = 0; i < NS; i++) mbar_init(wbars + i);
     if (HD && threadIdx.x == 0) mbar_init(&hbar);  // (thread 0 arms it first; the others wait past an item barrier)
-    // (With early copies in flight this fence held the warps ~2 us, by the trace; hbar is
-    // thread 0's, which asks for its copies itself.)
-    if (!bars_ready) asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     __syncwarp();
     int seq = 0, pre = first_pre;  // the warp's stages so far; stages of its next pass already asked for
     // This warp's tile of item n: its first step, and the count of steps (0 when the warp has
