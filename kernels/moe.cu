@@ -1425,9 +1425,7 @@ __device__ __forceinline__ void route_then_moe(const float* logits, const float*
     // y null: the pairs are left to the residual add after the MoE, which needs to know them.
     if (!y && blockIdx.x == 0 && (int)threadIdx.x < K) tok_pairs_out[threadIdx.x] = tok_pairs[threadIdx.x];
     // The rings' bulk copies (async proxy) will land where the scores were written (generic).
-    // With early copies route_token fenced those writes already (fence_async), and this fence,
-    // with the copies in flight, held every warp ~1.3 us (H200 trace).
-    if (first_pre == 0) asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
     moe_fused<NS, CS, NORM, DG>(Wg, Wd, experts, pair_off, pair_tok, pair_w, x, h, out, H, I, U, counters, tok_pairs, y, 1, K, ss, staged,
                                 ninv, bars_ready, first_pre);
 }
