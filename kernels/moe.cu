@@ -1167,14 +1167,6 @@ __device__ __forceinline__ void fused_item(int n, int gu_items, int gug, int dg,
     grp = m % per;
 }
 
-// The fused kernels' ring barriers (NS a warp): one array per kernel, so the routed kernels'
-// routing (route_then_moe) can arm them before moe_fused runs.
-template <int NS>
-__device__ __forceinline__ unsigned long long* fused_ring_bars() {
-    __shared__ unsigned long long bars[TW * NS];
-    return bars;
-}
-
 // NORM: x is g h, staged as the post-attention norm g h * ninv (stage_b's NORM; h by 1).
 // DG: the FP8 digit math (one row a pass staged as digits, tile_stream_bulk's DG, summed by
 // tile_store_digits): the host launches it only on sm_90a with H and I multiples of 256
@@ -1187,11 +1179,11 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
                                           const float* __restrict__ x, float* __restrict__ h, float* __restrict__ out, int H,
                                           int I, int U, unsigned* counters, const int* __restrict__ tok_pairs,
                                           float* __restrict__ y, int T, int topk, StageSmem& ss, bool x_staged,
-                                          float ninv = 0.f, bool bars_ready = false, int first_pre = 0) {
+                                          float ninv = 0.f) {
     constexpr int RING = NS * CS * STEP_BYTES;
     extern __shared__ __align__(MOE_DSM_ALIGN) uint4 dsm[];
     uint4* frag = staged_frag(RING);
-    unsigned long long* bars = fused_ring_bars<NS>();
+    __shared__ unsigned long long bars[TW * NS];
     int w = threadIdx.x >> 5, lane = threadIdx.x & 31, t = lane & 3;
     const int gu_tiles = I / 8, d_tiles = H / 16;  // 16-row tiles (gate_up rows interleaved)
     const int gug = (gu_tiles + TW - 1) / TW, dg = (d_tiles + TW - 1) / TW;
@@ -1209,14 +1201,12 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
     __shared__ unsigned long long hbar;
     unsigned char* hd = reinterpret_cast<unsigned char*>(h);
     int hpass = 0;
-    // bars_ready: the routing initialised the ring barriers and asked for the first first_pre
-    // stages of every warp's first pass (route_then_moe's early copies).
-    if (lane == 0 && !bars_ready)
+    if (lane == 0)
         for (int i = 0; i < NS; i++) mbar_init(wbars + i);
     if (HD && threadIdx.x == 0) mbar_init(&hbar);  // (thread 0 arms it first; the others wait past an item barrier)
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     __syncwarp();
-    int seq = 0, pre = first_pre;  // the warp's stages so far; stages of its next pass already asked for
+    int seq = 0, pre = 0;  // the warp's stages so far; stages of its next pass already asked for
     // This warp's tile of item n: its first step, and the count of steps (0 when the warp has
     // no tile there).
     auto seg = [&](int n, const unsigned char*& wt) -> int {
@@ -1337,56 +1327,6 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
     TRACE(13);
 }
 
-// route_token's `grouped` in the routed fused kernels: as soon as warp 0 has grouped the
-// token's choices, its lane w asks for the first stages of warp w's first pass of the block's
-// first item, the copies moe_fused's bulk_prologue would ask for past route_token's closing
-// barrier and the item's barrier (~3 us later on the H200), and lane 0 records how many
-// (*issued, moe_fused's first_pre). Same tiles, same policy: the same bytes land where they
-// would have. The rings overlap the routing's scratch (logits, scores, choices), which every
-// thread writes before the top K and warp 0 alone reads after it: route_token fences those
-// writes for the async proxy before its barrier (fence_async), and the asking lanes fence warp
-// 0's reads and its own writes. (-DMOE_NO_EARLY_COPIES: the copies wait for moe_fused, for measurements.)
-template <int NS, int CS, bool DG>
-struct FusedEarlyCopies {
-    static constexpr bool fence_async = true;
-    const unsigned char* Wg;
-    const unsigned char* Wd;
-    const int* experts;
-    const int* pair_off;
-    int H, I, U;
-    int* issued;
-    __device__ void operator()() const {
-        constexpr int RING = NS * CS * STEP_BYTES;
-        extern __shared__ __align__(MOE_DSM_ALIGN) uint4 dsm[];
-        // Warp 0's reads of the scratch (and a scan's writes) before the copies land there; then
-        // group_one_token_warp's stores, seen by every lane.
-        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-        __syncwarp();
-        const int lane = threadIdx.x & 31;
-        const int gu_tiles = I / 8, d_tiles = H / 16, gug = (gu_tiles + TW - 1) / TW, dg = (d_tiles + TW - 1) / TW;
-        const int n = blockIdx.x;  // the block's first item
-        int stages = 0;
-        if (n < U * (gug + dg)) {
-            bool down;
-            int slot, grp;
-            fused_item(n, U * gug, gug, dg, down, slot, grp);
-            const int pb = pair_off[slot], pe = pair_off[slot + 1];
-            if (pb < pe) {  // (moe_fused's seg and first pass)
-                const int tiles = down ? d_tiles : gu_tiles, KS = (down ? I : H) / 64, rt = grp * TW + lane;
-                stages = min(NS, (KS + CS - 1) / CS);
-                const bool once = pb + pass_rows<DG>(down ? I : H, TW * RING) >= pe;
-                if (lane < TW && rt < tiles) {
-                    const unsigned char* wt = (down ? Wd : Wg) + ((size_t)experts[slot] * tiles + rt) * KS * STEP_BYTES;
-                    for (int j = 0; j < stages; j++)
-                        bulk_issue<NS, CS>(j, 0, wt, KS, reinterpret_cast<unsigned char*>(dsm) + lane * RING, fused_ring_bars<NS>() + lane * NS,
-                                           once);
-                }
-            }
-        }
-        if (lane == 0) *issued = stages;
-    }
-};
-
 // The routed fused kernels' common part: every block routes its token from `logits` (shared
 // or global memory) by route_token, warp 0 grouping the choices (K <= MAX_FUSED_TOPK <= 32),
 // block 0 writes the token's pair indices when the pairs are left (y null), then moe_fused runs
@@ -1404,30 +1344,15 @@ __device__ __forceinline__ void route_then_moe(const float* logits, const float*
     __shared__ float wsel[MAX_FUSED_TOPK], pair_w[MAX_FUSED_TOPK];
     static_assert(MAX_FUSED_TOPK <= 32, "group_one_token_warp holds one choice a lane");
     const OneTokenGroups groups = {experts, pair_off, pair_tok, pair_w, tok_pairs, U};
-#ifndef MOE_NO_EARLY_COPIES
-    // The ring barriers, armed before the routing so that warp 0 can ask for the first copies
-    // (FusedEarlyCopies; route_token's barriers publish the initialisation).
-    __shared__ int early_stages;
-    for (int i = threadIdx.x; i < TW * NS; i += blockDim.x) mbar_init(fused_ring_bars<NS>() + i);
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    const FusedEarlyCopies<NS, CS, DG> early = {Wg, Wd, experts, pair_off, H, I, U, &early_stages};
-    route_token(logits, bias, E, K, softmax, n_group, topk_group, norm, scale, scores, scores + E, sel, wsel, &groups,
-                [](int slot) { TRACE(slot); }, idle, early);
-    const bool bars_ready = true;
-    const int first_pre = early_stages;
-#else
     route_token(logits, bias, E, K, softmax, n_group, topk_group, norm, scale, scores, scores + E, sel, wsel, &groups,
                 [](int slot) { TRACE(slot); }, idle);
-    const bool bars_ready = false;
-    const int first_pre = 0;
-#endif
     TRACE(16);
     // y null: the pairs are left to the residual add after the MoE, which needs to know them.
     if (!y && blockIdx.x == 0 && (int)threadIdx.x < K) tok_pairs_out[threadIdx.x] = tok_pairs[threadIdx.x];
     // The rings' bulk copies (async proxy) will land where the scores were written (generic).
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
     moe_fused<NS, CS, NORM, DG>(Wg, Wd, experts, pair_off, pair_tok, pair_w, x, h, out, H, I, U, counters, tok_pairs, y, 1, K, ss, staged,
-                                ninv, bars_ready, first_pre);
+                                ninv);
 }
 
 // The fused kernel for one token that routes it itself: every block runs the router on the

@@ -175,12 +175,8 @@ __device__ __forceinline__ void group_one_token_warp(const int* sel, float w, in
 struct RouteNoStamp {
     __device__ void operator()(int) const {}
 };
-// Work for the threads outside warp 0 while warp 0 takes the top K (route_token's `idle`), or
-// for warp 0 once it has grouped the choices (`grouped`): none. fence_async: whether the block's
-// writes to scores and choice are fenced for the async proxy before warp 0 takes the top K
-// (a `grouped` that has bulk copies land there sets it).
+// Work for the threads outside warp 0 while warp 0 takes the top K (route_token's `idle`): none.
 struct RouteNoIdle {
-    static constexpr bool fence_async = false;
     __device__ void operator()() const {}
 };
 
@@ -195,13 +191,12 @@ struct RouteNoIdle {
 // where E allows, else (and with -DROUTE_TOPK_SCAN, for measurements) by a scan. stamp(slot):
 // thread 0 marks its phases (17: scores, 18: top K, 19: weights, 20: grouped) for a trace.
 // idle(): what the other warps do meanwhile (they would wait at the closing barrier; the fused
-// one-token MoE stages its activations there). grouped(): what warp 0 does right after
-// grouping, before the closing barrier (the fused one-token MoE asks for its first weights).
-template <class Stamp = RouteNoStamp, class Idle = RouteNoIdle, class Grouped = RouteNoIdle>
+// one-token MoE stages its activations there).
+template <class Stamp = RouteNoStamp, class Idle = RouteNoIdle>
 __device__ __forceinline__ void route_token(const float* __restrict__ l, const float* __restrict__ bias, int E, int K, int softmax,
                                             int n_group, int topk_group, int norm, float scale, float* scores, float* choice,
                                             int* sel, float* wsel, const OneTokenGroups* groups = nullptr, Stamp stamp = Stamp(),
-                                            Idle idle = Idle(), Grouped grouped = Grouped()) {
+                                            Idle idle = Idle()) {
     __shared__ float sv[32], sh[32], best_v;
     __shared__ int si[32], best_i, keep[64];
     const float NEG_INF = __int_as_float(0xff800000u);
@@ -226,7 +221,6 @@ __device__ __forceinline__ void route_token(const float* __restrict__ l, const f
             choice[e] = bias ? x + bias[e] : x;
         }
     }
-    if (Grouped::fence_async) asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
     __syncthreads();
     stamp(17);
     if (n_group > 1) {
@@ -253,7 +247,6 @@ __device__ __forceinline__ void route_token(const float* __restrict__ l, const f
         __syncthreads();
         for (int e = threadIdx.x; e < E; e += blockDim.x)
             if (!keep[e / per]) choice[e] = NEG_INF;
-        if (Grouped::fence_async) asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
         __syncthreads();
     }
     // The top K by one warp, shuffles only (K block-wide argmax rounds, two barriers each, made
@@ -303,7 +296,6 @@ __device__ __forceinline__ void route_token(const float* __restrict__ l, const f
         stamp(19);
         if (groups) group_one_token_warp(sel, mine, K, *groups);
         stamp(20);
-        grouped();
     } else {
         idle();
     }
