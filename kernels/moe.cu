@@ -1240,38 +1240,25 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
             int np = min(cap, pe - p0);
             if ((int)threadIdx.x < np) ss.rows[threadIdx.x] = down ? p0 + threadIdx.x : pair_tok[p0 + threadIdx.x];
             const bool once = p0 + cap >= pe;  // the last pass over this item's tiles
+            if (KS) bulk_prologue<NS, CS>(seq, wt, KS, ring, wbars, once, pre);
+#ifdef MOE_TRACE_PROLOGUE  // measurement builds: the "activations staged" stamp right after warp 0's copies are issued
+            if (ti < 14 && p0 == pb) TRACE(ti + 2);
+#endif
             // The warp's next pass: this tile again for the slot's next pairs, else its tile of
             // the block's next item (whose first pass is its last when its slot fits one).
             const unsigned char* nwt = wt;
             int nKS = KS;
             bool nonce = p0 + 2 * cap >= pe;
-            auto next_pass = [&]() {
-                if (once) {
-                    nKS = 0;
-                    if (nn < items) {
-                        nKS = seg(nn, nwt);
-                        bool ndown;
-                        int nslot, ngrp;
-                        fused_item(nn, gu_items, gug, dg, ndown, nslot, ngrp);
-                        nonce = pair_off[nslot + 1] - pair_off[nslot] <= pass_rows<DG>(ndown ? I : H, TW * RING);
-                    }
+            if (once) {
+                nKS = 0;
+                if (nn < items) {
+                    nKS = seg(nn, nwt);
+                    bool ndown;
+                    int nslot, ngrp;
+                    fused_item(nn, gu_items, gug, dg, ndown, nslot, ngrp);
+                    nonce = pair_off[nslot + 1] - pair_off[nslot] <= pass_rows<DG>(ndown ? I : H, TW * RING);
                 }
-            };
-            // Worked out before the pass's copies are asked for: its code runs for the first
-            // time here, and after the copies its instruction fetches waited behind their bytes
-            // (ncu on the H200: ~13% of the one-token kernel's warp samples stalled for
-            // instructions, most of them on this code between the copies and the item's
-            // barrier). -DMOE_NEXT_AFTER_COPIES: the old order, for measurements.
-#ifndef MOE_NEXT_AFTER_COPIES
-            next_pass();
-#endif
-            if (KS) bulk_prologue<NS, CS>(seq, wt, KS, ring, wbars, once, pre);
-#ifdef MOE_TRACE_PROLOGUE  // measurement builds: the "activations staged" stamp right after warp 0's copies are issued
-            if (ti < 14 && p0 == pb) TRACE(ti + 2);
-#endif
-#ifdef MOE_NEXT_AFTER_COPIES
-            next_pass();
-#endif
+            }
             if (down && p0 == pb && threadIdx.x == 0) {
                 // h of this slot is complete when all its gate_up items are (the weights are
                 // already on their way).
