@@ -479,9 +479,9 @@ extern "C" __global__ void __launch_bounds__(256) moe_down_mxfp4_v2(
 // exactly), B = 8 tokens of x. x is f32, so it is split into hi + lo BF16 parts (split_bf16)
 // and each tile takes two MMAs: products are exact and x keeps ~16 mantissa bits, which keeps
 // the result within ~1e-5 of f32 arithmetic. The dot product does not care about the order of
-// k, so each lane owns 16 k of a 64-k chunk (FP8: 16 consecutive, one 16-byte load per row;
-// BF16: two pieces of 8, k_piece): mma step s uses the lane's elements s*4..s*4+3 as the
-// fragment's k pairs {2q,2q+1} and {2q+8,2q+9}, for A and B alike. Block: 8 warps on the same 16 rows, splitting K in 128-wide blocks (FP8's
+// k, so each lane owns 16 consecutive k of a 64-k chunk (one 16-byte load per row for FP8): mma
+// step s uses the lane's elements s*4..s*4+3 as the fragment's k pairs {2q,2q+1} and {2q+8,2q+9},
+// for A and B alike. Block: 8 warps on the same 16 rows, splitting K in 128-wide blocks (FP8's
 // scale blocks, applied per block), reduced through shared memory in a fixed order.
 
 
@@ -663,8 +663,8 @@ __device__ __forceinline__ void mma_bf16(float c[4], unsigned a0, unsigned a1, u
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// A fragments of one 16-row tile for a lane's 16 k of a 64-k chunk: w0 / w1 hold rows g and
-// g + 8 (FP8: 16 consecutive bytes each in v[0]; BF16: its two k_piece's in v[0..1]), decoded into
+// A fragments of one 16-row tile for a lane's 16 consecutive k of a 64-k chunk: w0 / w1 hold
+// rows g and g + 8 (FP8: 16 bytes each in v[0]; BF16: 32 bytes each in v[0..1]), decoded into
 // the MMA's F16 (FP8) or BF16 registers a0 (row g) and a1 (row g + 8), 8 each.
 template <bool FP8>
 __device__ __forceinline__ void mma_a_frags(const uint4 w0[2], const uint4 w1[2], unsigned a0[8], unsigned a1[8]) {
@@ -741,35 +741,6 @@ __device__ __forceinline__ uint4 ld_weights(const uint4* p) {
 // 16 halves (32 bytes) as 8 B registers.
 __device__ __forceinline__ void b_regs(uint4 x0, uint4 x1, unsigned b[8]) {
     b[0] = x0.x; b[1] = x0.y; b[2] = x0.z; b[3] = x0.w; b[4] = x1.x; b[5] = x1.y; b[6] = x1.z; b[7] = x1.w;
-}
-
-// Which 16-byte pieces (8 k each, of BF16 weights or of F16/BF16 activation halves) of a row's
-// 64-k chunk lane q = lane & 3 takes as its 16 k: its fragments' words 0-3 are piece
-// k_piece(q, 0), words 4-7 piece k_piece(q, 1). FP8 takes k 16q .. 16q + 15 (its weights one
-// 16-byte piece at q, its activations pieces 2q, 2q + 1). BF16 takes pieces q and q + 4, so
-// each warp load of weights reads 64 contiguous bytes of a row, whole 32-byte sectors: with
-// pieces 2q and 2q + 1 each load asked for half of every sector of the row's 128 bytes and the
-// next load for the other half (the one-token o_proj 20.3 us a layer against 19.0 read in whole
-// sectors: benches/results/2026-11-29-h200-moe-first-copies-not-kept.md). Every tensor-core
-// GEMV and GEMM path takes the same pieces, so they keep one another's bits.
-// -DGEMV_BF16_HALF_SECTORS (measurements only) gives BF16 FP8's pieces again.
-template <bool FP8>
-__device__ __forceinline__ int k_piece(int q, int i) {
-#ifdef GEMV_BF16_HALF_SECTORS
-    return 2 * q + i;
-#else
-    return FP8 ? 2 * q + i : q + 4 * i;
-#endif
-}
-// The place (in 16-byte slots of a row's chunk in shared memory) where the GEMMs stage piece u,
-// so that a lane reading slots 2q, 2q + 1 (32 contiguous bytes) gets k_piece(q, 0), (q, 1).
-template <bool FP8>
-__device__ __forceinline__ int piece_slot(int u) {
-#ifdef GEMV_BF16_HALF_SECTORS
-    return u;
-#else
-    return FP8 ? u : 2 * (u & 3) + (u >> 2);
-#endif
 }
 
 #define MMA_WARPS 8
@@ -872,10 +843,7 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
         for (int tt = 0; tt < NT; tt++)
 #pragma unroll
             for (int i = 0; i < 4; i++) acc[rt][tt][i] = 0.f;
-    // This lane's first column of a 64-k chunk (FP8: its 16 consecutive k; BF16: 0) and, in
-    // 16-byte pieces from there, its two pieces of BF16 weights and of the activations (k_piece).
-    const int klane = FP8 ? q * 16 : 0, pc0 = FP8 ? 0 : k_piece<false>(q, 0), pc1 = FP8 ? 1 : k_piece<false>(q, 1);
-    // BF16 rows g and g + 8 of row tile rt: this lane's pieces of the 64-k chunk at k.
+    // BF16 rows g and g + 8 of row tile rt at columns k .. k + 15.
     auto bf16_rows = [&](int rt, int k, uint4 w0[2], uint4 w1[2]) {
 #ifdef GEMV_TILED_ORDER
         if (PIPE) {  // measurement only (wrong results): the chunk's same bytes, 512 contiguous a warp load
@@ -887,9 +855,9 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
 #endif
         const uint4* p0 = reinterpret_cast<const uint4*>(reinterpret_cast<const unsigned short*>(W) + (size_t)rr[rt][0] * K + k);
         const uint4* p1 = reinterpret_cast<const uint4*>(reinterpret_cast<const unsigned short*>(W) + (size_t)rr[rt][1] * K + k);
-        w0[0] = ld_weights<LDH>(p0 + pc0); w0[1] = ld_weights<LDH>(p0 + pc1); w1[0] = ld_weights<LDH>(p1 + pc0); w1[1] = ld_weights<LDH>(p1 + pc1);
+        w0[0] = ld_weights<LDH>(p0); w0[1] = ld_weights<LDH>(p0 + 1); w1[0] = ld_weights<LDH>(p1); w1[1] = ld_weights<LDH>(p1 + 1);
     };
-    // FP8 rows g and g + 8 of row tile rt at columns k .. k + 15 (k: the chunk's + klane; in [0] of each).
+    // FP8 rows g and g + 8 of row tile rt at columns k .. k + 15 (in [0] of each).
     auto fp8_rows = [&](int rt, int k, uint4 w0[2], uint4 w1[2]) {
 #ifdef GEMV_TILED_ORDER
         if (PIPE) {  // measurement only (wrong results): the chunk's same bytes, 512 contiguous a warp load
@@ -922,13 +890,12 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
         const unsigned short* src = (lane >> 4 ? XL : XH) + (size_t)t0 * K + kb * 128 + (lane & 15) * 8;
         return __ldg(reinterpret_cast<const uint4*>(src));
     };
-    // Token t0 + g's activations (hi, then lo: this lane's two pieces each) of the 64-k chunk at
-    // k (+ klane), zero past T.
+    // Token t0 + g's activations (hi, then lo: 16 halves each) at columns k .. k + 15, zero past T.
     auto x_ahead = [&](int k, uint4 xv[4]) {
         if (t0 + g < T) {
             const uint4* ph = reinterpret_cast<const uint4*>(XH + (size_t)(t0 + g) * K + k);
             const uint4* pl = reinterpret_cast<const uint4*>(XL + (size_t)(t0 + g) * K + k);
-            xv[0] = __ldg(ph + pc0); xv[1] = __ldg(ph + pc1); xv[2] = __ldg(pl + pc0); xv[3] = __ldg(pl + pc1);
+            xv[0] = __ldg(ph); xv[1] = __ldg(ph + 1); xv[2] = __ldg(pl); xv[3] = __ldg(pl + 1);
         } else {
 #pragma unroll
             for (int i = 0; i < 4; i++) xv[i] = make_uint4(0u, 0u, 0u, 0u);
@@ -937,8 +904,8 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
     if (PIPE && w < KB) {
 #pragma unroll
         for (int c = 0; c < 2; c++) {
-            tile_rows(0, w * 128 + c * 64 + klane, pw0[c], pw1[c]);
-            if (!XSH) x_ahead(w * 128 + c * 64 + klane, px[c]);
+            tile_rows(0, w * 128 + c * 64 + q * 16, pw0[c], pw1[c]);
+            if (!XSH) x_ahead(w * 128 + c * 64 + q * 16, px[c]);
         }
         if (XSH) xnext = x_piece(w);
     }
@@ -1011,10 +978,10 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
                         mma_f16(part[0][0], a00, a10, a01, a11, h0, h1);
                         mma_f16(part[0][0], a00, a10, a01, a11, l0, l1);
                     }
-                    if (ahead) tile_rows(0, nkb * 128 + c * 64 + klane, pw0[c], pw1[c]);
+                    if (ahead) tile_rows(0, nkb * 128 + c * 64 + q * 16, pw0[c], pw1[c]);
                     continue;
                 }
-                int k = kb * 128 + c * 64 + klane;
+                int k = kb * 128 + c * 64 + q * 16;
                 unsigned a0[R][8], a1[R][8];
 #pragma unroll
                 for (int rt = 0; rt < R; rt++) {
@@ -1057,8 +1024,8 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
                     } else if (t < T) {
                         const uint4* ph = reinterpret_cast<const uint4*>(XH + (size_t)t * K + k);
                         const uint4* pl = reinterpret_cast<const uint4*>(XL + (size_t)t * K + k);
-                        b_regs(__ldg(ph + pc0), __ldg(ph + pc1), bh);
-                        b_regs(__ldg(pl + pc0), __ldg(pl + pc1), bl);
+                        b_regs(__ldg(ph), __ldg(ph + 1), bh);
+                        b_regs(__ldg(pl), __ldg(pl + 1), bl);
                     } else {
 #pragma unroll
                         for (int i = 0; i < 8; i++) { bh[i] = 0u; bl[i] = 0u; }
@@ -1083,8 +1050,8 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
 #endif
                 }
                 if (ahead) {  // this chunk's slots, for the next K block
-                    tile_rows(0, nkb * 128 + c * 64 + klane, pw0[c], pw1[c]);
-                    if (!XSH) x_ahead(nkb * 128 + c * 64 + klane, px[c]);
+                    tile_rows(0, nkb * 128 + c * 64 + q * 16, pw0[c], pw1[c]);
+                    if (!XSH) x_ahead(nkb * 128 + c * 64 + q * 16, px[c]);
                 }
             }
             if (FP8) {
@@ -1181,10 +1148,8 @@ __device__ __forceinline__ void gemm_mma(const unsigned char* __restrict__ W, co
     // lines crowded one place of L2. (Their columns' MMA results are never stored.)
     constexpr bool skip_past_t = STAGES != GEMMT_STAGES;
     bool xload[2] = {!skip_past_t || t0 + tid / 8 < T, !skip_past_t || t0 + tid / 8 + 32 < T};
-    // Each 16-byte piece of a row's chunk staged at its piece_slot, so a lane's 32 bytes at q
-    // (FP8 weights: 16) are its k_piece's.
-    const int wdst = (tid / G::WUNITS) * G::WROW + piece_slot<FP8>(tid % G::WUNITS) * 16;
-    const int xdst = G::W_BYTES + (tid / 8) * GEMMT_XROW + piece_slot<FP8>(tid % 8) * 16;
+    const int wdst = (tid / G::WUNITS) * G::WROW + (tid % G::WUNITS) * 16;
+    const int xdst = G::W_BYTES + (tid / 8) * GEMMT_XROW + (tid % 8) * 16;
     // Chunks in the visiting order: k offsets of K block (class w, j-th) = w + 8 j, halves 0, 1.
     auto next_k = [&](int k) {
         if (!(k & 64)) return k + 64;
@@ -1335,19 +1300,17 @@ GEMM_MMA_KERNEL(gemm_mma_deep_bf16, false, 1, 5)
 // 256-4096 tokens (~215 / ~160 useful TFLOP/s at 2048; benches/results/2026-11-26-dense-gemm-wgmma.md).
 //
 // The same bits as gemm_mma (and so as every GEMV tile): K blocks of 128 visited class by class
-// (blocks w, w + 8, ... for w = 0..7), each 64-k half as four MMAs, MMA s over lane q's words
-// 2 s, 2 s + 1 (FP8: k {16 q + 4 s + j}; BF16: its k_piece's), the hi part then the lo part;
-// an FP8 block summed from zero (its first MMA writes A B) and scaled into acc, each class's
-// acc added into total. A is mma_a_frags' fragment (wgmma's per-warp register fragment is
-// mma.sync's), so wgmma's logical k inside an MMA is mma.sync's;
+// (blocks w, w + 8, ... for w = 0..7), each 64-k half as four MMAs over k {16 q + 4 s + j},
+// the hi part then the lo part; an FP8 block summed from zero (its first MMA writes A B) and
+// scaled into acc, each class's acc added into total. A is mma_a_frags' fragment (wgmma's
+// per-warp register fragment is mma.sync's), so wgmma's logical k inside an MMA is mma.sync's;
 // wgmma chains give mma.sync's bits (benches/micro/wgmma_bits.cu).
 //
 // B (gemm_wg_split's layout): per 64-token tile and 64-k chunk 16 KB, [s][h][c][n / 8][n % 8]
 // of 16-byte units (no swizzle): the unit (s, h, c, n) holds part h (0 hi, 1 lo) of token n at
-// lane t's word 2 s + c (k 16 t + 4 s + 2 c + e for FP8, t = 0..3, e = 0..1; BF16 from its
-// k_piece's), which are logical k 8 c + 2 t + e of MMA s (the places of mma_k16's B
-// fragments). So MMA s of part h is one descriptor: core matrices 1 KB apart along K, 128 bytes
-// along N.
+// k 16 t + 4 s + 2 c + e, t = 0..3, e = 0..1, which are logical k 8 c + 2 t + e of MMA s (the
+// places of mma_k16's B fragments). So MMA s of part h is one descriptor: core matrices 1 KB
+// apart along K, 128 bytes along N.
 // A block takes ROWS rows (256, 128 or 64: four, two or one warpgroups of 64 rows, 2 ROWS
 // threads) x 64 tokens. The smaller blocks are for decode batches of 32-127 tokens, where 256-row
 // blocks leave most SMs idle (q/k/v: 53 blocks, o_proj: 16); they stream the same B per block,
@@ -1390,22 +1353,8 @@ struct GemmWg {
 
 // x's hi + lo parts [T, K] (K % 64 == 0) into gemm_wg's B layout, [ceil(T / 64)][K / 64][16 KB];
 // tokens past T are zeros (their columns are never stored). Thread: (tile, chunk, part, token).
-// bf16 != 0: for the BF16 GEMM, whose lanes take other pieces of a chunk (k_piece).
-template <bool FP8>
-__device__ __forceinline__ void gemm_wg_units(const unsigned wd[32], uint4* dst, int h) {
-#pragma unroll
-    for (int s = 0; s < 4; s++)
-#pragma unroll
-        for (int c = 0; c < 2; c++) {
-            // lane t's word j = 2 s + c is word j % 4 of its piece k_piece(t, j / 4)
-            unsigned u[4];
-#pragma unroll
-            for (int t = 0; t < 4; t++) u[t] = wd[4 * k_piece<FP8>(t, s >> 1) + 2 * (s & 1) + c];
-            dst[((s * 2 + h) * 2 + c) * 64] = make_uint4(u[0], u[1], u[2], u[3]);
-        }
-}
 extern "C" __global__ void __launch_bounds__(256) gemm_wg_split(const unsigned short* __restrict__ XH, const unsigned short* __restrict__ XL,
-                                                                uint4* __restrict__ xw, int K, int T, int bf16) {
+                                                                uint4* __restrict__ xw, int K, int T) {
     PDL_ENTER();
     const int KC = K / 64;
     const long long id = (long long)blockIdx.x * blockDim.x + threadIdx.x;
@@ -1427,8 +1376,11 @@ extern "C" __global__ void __launch_bounds__(256) gemm_wg_split(const unsigned s
         for (int i = 0; i < 32; i++) wd[i] = 0u;
     }
     uint4* dst = xw + (size_t)tc * (GWG_XCHUNK / 16) + (n >> 3) * 8 + (n & 7);
-    if (bf16) gemm_wg_units<false>(wd, dst, h);
-    else gemm_wg_units<true>(wd, dst, h);
+#pragma unroll
+    for (int s = 0; s < 4; s++)
+#pragma unroll
+        for (int c = 0; c < 2; c++)  // word 8 t + 2 s + c holds k 16 t + 4 s + 2 c, + 1
+            dst[((s * 2 + h) * 2 + c) * 64] = make_uint4(wd[2 * s + c], wd[8 + 2 * s + c], wd[16 + 2 * s + c], wd[24 + 2 * s + c]);
 }
 
 // Measurement builds only (PEREGRINE_KERNEL_DEFINES=-DGWG_TRACE): thread 0 of each gemm_wg block
@@ -1495,7 +1447,7 @@ __device__ __forceinline__ void gemm_wg(const unsigned char* __restrict__ W, con
     unsigned wofs[NWU];
 #pragma unroll
     for (int u = 0; u < NWU; u++) wofs[u] = (unsigned)(min(nb + tid / (HS * G::WUNITS) + WSTEP * u, N - 1) - nb) * K * ESIZE;
-    const int wdst = whalf * G::HALF + (tid / (HS * G::WUNITS)) * G::WROW + piece_slot<FP8>(wu) * 16;  // (gemm_mma's)
+    const int wdst = whalf * G::HALF + (tid / (HS * G::WUNITS)) * G::WROW + wu * 16;
     // B: a K block's two 16 KB chunks are adjacent in xw; XUNITS units a thread.
     const unsigned char* xbase = reinterpret_cast<const unsigned char*>(xw) + (size_t)tile * (K / 64) * GWG_XCHUNK + tid * 16;
     auto next_kb = [&](int kb) {

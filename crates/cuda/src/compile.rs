@@ -200,19 +200,6 @@ mod tests {
         assert_eq!(loads.matches("ld_weights<LDH>(").count(), 6, "gemv.cu: bf16_rows loads 4 pieces, fp8_rows 2");
     }
 
-    /// BF16 lanes of the tensor-core GEMVs and GEMMs take pieces q and q + 4 of a 64-k chunk, so
-    /// each warp load of weights reads whole sectors (gemv.cu's k_piece; the o_proj's loads had
-    /// asked for half of every sector). Going back to FP8's pieces 2q, 2q + 1 keeps every other
-    /// test passing (the paths agree with one another either way), only slower.
-    #[test]
-    fn bf16_gemv_lanes_read_whole_sectors() {
-        let start = GEMV_CU.find("__device__ __forceinline__ int k_piece(int q, int i) {").expect("gemv.cu: k_piece");
-        let body = &GEMV_CU[start..start + GEMV_CU[start..].find("\n}\n").expect("gemv.cu: k_piece's end")];
-        let default = &body[body.find("#else").expect("gemv.cu: k_piece's default")..];
-        assert!(default.contains("return FP8 ? 2 * q + i : q + 4 * i;"), "gemv.cu: BF16 lanes no longer take pieces q and q + 4 by default");
-        assert!(GEMV_CU.contains("return FP8 ? u : 2 * (u & 3) + (u >> 2);"), "gemv.cu: the GEMMs' piece_slot no longer matches k_piece");
-    }
-
     /// The tiled MoE kernels refill a ring slot before the stage's math and the fused ones after
     /// it (kernels/moe.cu, `tile_stream_bulk`'s EARLY; benches/results/2026-11-27-moe-early-refill.md).
     /// The FP8 digit passes of either have their own loop, which refills after the stage.

@@ -460,10 +460,8 @@ impl Kernels {
         let mut xw = unsafe { self.alloc.alloc::<u32>(tiles * 64 * k) }?;
         let (ki, ti) = (k as i32, t as i32);
         let threads = tiles * (k / 64) * 128;
-        // (BF16 lanes take other pieces of a chunk than FP8's: gemv.cu's k_piece)
-        let bf16 = i32::from(!fp8);
         let mut b = crate::launch::builder(&self.stream, &self.dense_wg_split);
-        b.arg(xh).arg(xl).arg(&mut xw).arg(&ki).arg(&ti).arg(&bf16);
+        b.arg(xh).arg(xl).arg(&mut xw).arg(&ki).arg(&ti);
         unsafe { b.launch(LaunchConfig { grid_dim: (threads.div_ceil(256) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv("gemm_wg_split"))?;
         let i = DENSE_WG_ROWS.iter().position(|&r| r == block_rows).ok_or_else(|| Error::Backend(format!("wgmma GEMM blocks of {block_rows} rows: expected one of {DENSE_WG_ROWS:?}")))?;
         let f = &self.dense_wg_fns[i][usize::from(!fp8) + 2 * usize::from(splits > 1)];
