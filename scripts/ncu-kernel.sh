@@ -7,15 +7,20 @@
 # and source-counter sections, and writes OUT_DIR/report.ncu-rep, details.txt (the sections),
 # source.csv (per SASS instruction) and stalls.txt (tools/ncu_stalls.py). The GPU's clocks are
 # left as they are (--clock-control none) and caches are not flushed (--cache-control none), so
-# the launch runs as it does in the step, apart from ncu replaying it.
+# the launch runs as it does in the step, apart from ncu replaying it. NCU_SECTIONS adds sections
+# (e.g. NCU_SECTIONS="MemoryWorkloadAnalysis MemoryWorkloadAnalysis_Tables" for where the bytes go).
+# ncu is taken from PATH, else from /usr/local/cuda/bin (where the GPU machine has it).
 set -euo pipefail
 if [ $# -lt 4 ]; then sed -n 2,10p "$0" >&2; exit 2; fi
 out=$1 regex=$2 skip=$3
 shift 3
-command -v ncu > /dev/null || { echo "ncu (Nsight Compute) is not on PATH" >&2; exit 1; }
+ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+[ -x "$ncu" ] || { echo "ncu (Nsight Compute) is neither on PATH nor in /usr/local/cuda/bin" >&2; exit 1; }
+extra=()
+for s in ${NCU_SECTIONS:-}; do extra+=(--section "$s"); done
 mkdir -p "$out"
-ncu --clock-control none --cache-control none --graph-profiling node -k "regex:$regex" --launch-skip "$skip" --launch-count 1 \
-    --section WarpStateStats --section SourceCounters --section LaunchStats -o "$out/report" -f "$@"
-ncu -i "$out/report.ncu-rep" --page details > "$out/details.txt"
-ncu -i "$out/report.ncu-rep" --page source --print-source sass --csv > "$out/source.csv"
+"$ncu" --clock-control none --cache-control none --graph-profiling node -k "regex:$regex" --launch-skip "$skip" --launch-count 1 \
+    --section WarpStateStats --section SourceCounters --section LaunchStats "${extra[@]}" -o "$out/report" -f "$@"
+"$ncu" -i "$out/report.ncu-rep" --page details > "$out/details.txt"
+"$ncu" -i "$out/report.ncu-rep" --page source --print-source sass --csv > "$out/source.csv"
 python3 "$(dirname "$0")/../tools/ncu_stalls.py" "$out/source.csv" | tee "$out/stalls.txt"
