@@ -756,14 +756,18 @@ __device__ __forceinline__ unsigned long long argmax_key(float v, int n) {
     return ((unsigned long long)o << 32) | (unsigned)~(unsigned)n;
 }
 
-// Measurement builds only (PEREGRINE_KERNEL_DEFINES, outputs wrong; FP8, one row tile):
-// -DGEMV_TILED_ORDER reads each tile's same bytes with every warp load 512 contiguous bytes (the
-// order a tiled weight layout would give; the pipelined kernels, PIPE, BF16 too: the one-token
-// o_proj and q/k/v), -DGEMV_NO_MATH keeps the loads and drops the decode
-// and the MMAs of the FP8 kernels, the pipelined one-token q/k/v's (XSH) included; BF16 keeps
-// its math (without it, half of its loads were dead code: benches/results/2026-11-28-h200-moe-handoff-bounds.md;
-// benches/results/2026-11-24-gemv-order-attention-combine.md). Under the first,
-// only the one-tile kernels (up to 8 tokens) read the bytes a call must read.
+// The weights are in the tensor-core tile layout (crates/cuda/src/tc_tiles.rs): each warp load
+// of a lane's fragment pieces reads 512 contiguous bytes. In the row-major layout each read 16
+// rows x 32 (FP8) or 8 rows x 2 x 16 (BF16) bytes, and in the step the one-token o_proj took
+// 20.3 us a layer against 19.0, the batch-8 q/k/v 24.0 against 20.7 and o_proj 21.6 against
+// 18.0 (benches/results/2026-11-29-h200-bf16-gemv-whole-sectors-not-kept.md; the same bytes and
+// the same fragments, so the same bits).
+//
+// Measurement builds only (PEREGRINE_KERNEL_DEFINES, outputs wrong): -DGEMV_NO_MATH keeps the
+// loads and drops the decode and the MMAs of the FP8 kernels, the pipelined one-token q/k/v's
+// (XSH) included; BF16 keeps its math (without it, half of its loads were dead code:
+// benches/results/2026-11-28-h200-moe-handoff-bounds.md;
+// benches/results/2026-11-24-gemv-order-attention-combine.md).
 //
 // R row tiles of 16 per block: each activation fragment a lane loads serves R tiles. At 16-64
 // tokens one tile per block read the whole [T, K] hi + lo activations per 16 rows (1 MB per
@@ -829,12 +833,15 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
         t0 = (blockIdx.x % ny) * NT * 8;
     }
     constexpr int LDH = PIPE ? GEMV_LD_PIPE : GEMV_LD_WAVES;  // how the weights are loaded (ld_weights)
-    int rr[R][2];  // each tile's two rows of this lane: loads clamped, stores guarded
+    // Each row tile's first bytes for this lane in the tensor-core tile layout (tc_tiles.rs):
+    // per 16-row tile, K x 16 x ESIZE bytes, each 64-k chunk CH = 16 x 64 x ESIZE of them in
+    // which the lane's pieces of rows g and g + 8 are warp loads i = 0, 1, .. at i x 512 + 16
+    // lane. Tiles past N (an R-tile kernel's last row group) read the last one: loaded, never
+    // stored.
+    constexpr int CH = FP8 ? 1024 : 2048;
+    const unsigned char* tile0[R];
 #pragma unroll
-    for (int rt = 0; rt < R; rt++) {
-        rr[rt][0] = min(nb + rt * 16 + g, N - 1);
-        rr[rt][1] = min(nb + rt * 16 + g + 8, N - 1);
-    }
+    for (int rt = 0; rt < R; rt++) tile0[rt] = W + (size_t)min(nb / 16 + rt, (N + 15) / 16 - 1) * K * 16 * (FP8 ? 1 : 2) + lane * 16;
     int KB = K / 128;
     float acc[R][NT][4];
 #pragma unroll
@@ -843,32 +850,18 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
         for (int tt = 0; tt < NT; tt++)
 #pragma unroll
             for (int i = 0; i < 4; i++) acc[rt][tt][i] = 0.f;
-    // BF16 rows g and g + 8 of row tile rt at columns k .. k + 15.
+    // BF16 rows g and g + 8 of row tile rt at columns k .. k + 15 (k: the chunk's + 16 q): warp
+    // loads 0, 1 row g's two 16-byte pieces, 2, 3 row g + 8's.
     auto bf16_rows = [&](int rt, int k, uint4 w0[2], uint4 w1[2]) {
-#ifdef GEMV_TILED_ORDER
-        if (PIPE) {  // measurement only (wrong results): the chunk's same bytes, 512 contiguous a warp load
-            const unsigned char* tb = W + ((size_t)min(nb, N - 16) * K + (size_t)(k / 64) * 1024) * 2 + lane * 16;
-            w0[0] = ld_weights<LDH>(reinterpret_cast<const uint4*>(tb)); w0[1] = ld_weights<LDH>(reinterpret_cast<const uint4*>(tb + 512));
-            w1[0] = ld_weights<LDH>(reinterpret_cast<const uint4*>(tb + 1024)); w1[1] = ld_weights<LDH>(reinterpret_cast<const uint4*>(tb + 1536));
-            return;
-        }
-#endif
-        const uint4* p0 = reinterpret_cast<const uint4*>(reinterpret_cast<const unsigned short*>(W) + (size_t)rr[rt][0] * K + k);
-        const uint4* p1 = reinterpret_cast<const uint4*>(reinterpret_cast<const unsigned short*>(W) + (size_t)rr[rt][1] * K + k);
-        w0[0] = ld_weights<LDH>(p0); w0[1] = ld_weights<LDH>(p0 + 1); w1[0] = ld_weights<LDH>(p1); w1[1] = ld_weights<LDH>(p1 + 1);
+        const unsigned char* tb = tile0[rt] + (size_t)(k >> 6) * CH;
+        w0[0] = ld_weights<LDH>(reinterpret_cast<const uint4*>(tb)); w0[1] = ld_weights<LDH>(reinterpret_cast<const uint4*>(tb + 512));
+        w1[0] = ld_weights<LDH>(reinterpret_cast<const uint4*>(tb + 1024)); w1[1] = ld_weights<LDH>(reinterpret_cast<const uint4*>(tb + 1536));
     };
-    // FP8 rows g and g + 8 of row tile rt at columns k .. k + 15 (in [0] of each).
+    // FP8 rows g and g + 8 of row tile rt at columns k .. k + 15 (in [0] of each): warp loads 0, 1.
     auto fp8_rows = [&](int rt, int k, uint4 w0[2], uint4 w1[2]) {
-#ifdef GEMV_TILED_ORDER
-        if (PIPE) {  // measurement only (wrong results): the chunk's same bytes, 512 contiguous a warp load
-            const unsigned char* tb = W + (size_t)min(nb, N - 16) * K + (size_t)(k / 64) * 1024 + lane * 16;
-            w0[0] = ld_weights<LDH>(reinterpret_cast<const uint4*>(tb));
-            w1[0] = ld_weights<LDH>(reinterpret_cast<const uint4*>(tb + 512));
-            return;
-        }
-#endif
-        w0[0] = ld_weights<LDH>(reinterpret_cast<const uint4*>(W + (size_t)rr[rt][0] * K + k));
-        w1[0] = ld_weights<LDH>(reinterpret_cast<const uint4*>(W + (size_t)rr[rt][1] * K + k));
+        const unsigned char* tb = tile0[rt] + (size_t)(k >> 6) * CH;
+        w0[0] = ld_weights<LDH>(reinterpret_cast<const uint4*>(tb));
+        w1[0] = ld_weights<LDH>(reinterpret_cast<const uint4*>(tb + 512));
     };
     auto tile_rows = [&](int rt, int k, uint4 w0[2], uint4 w1[2]) {
         if (FP8) fp8_rows(rt, k, w0, w1);
@@ -989,15 +982,7 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
                     if (PIPE) {
                         w0[0] = pw0[c][0]; w0[1] = pw0[c][1]; w1[0] = pw1[c][0]; w1[1] = pw1[c][1];
                     } else if (FP8) {
-#ifdef GEMV_TILED_ORDER
-                        // Measurement only (wrong results): the tile's same bytes, each warp load 512
-                        // contiguous bytes (a tiled layout's order) instead of 16 rows x 32 bytes.
-                        const unsigned char* tb = W + (size_t)min(nb, N - 16) * K + (size_t)kb * 2048 + c * 1024 + lane * 16;
-                        w0[0] = __ldg(reinterpret_cast<const uint4*>(tb));
-                        w1[0] = __ldg(reinterpret_cast<const uint4*>(tb + 512));
-#else
                         fp8_rows(rt, k, w0, w1);
-#endif
                     } else {
                         bf16_rows(rt, k, w0, w1);
                     }
@@ -1111,8 +1096,8 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
 #define GEMMT_XROW 144  // bytes per token per 64-k chunk in shared memory (128 + 16: no bank conflicts)
 template <bool FP8>
 struct GemmTile {
-    static constexpr int WROW = FP8 ? 64 : 144;  // weight bytes per row per chunk in shared memory
-    static constexpr int WUNITS = FP8 ? 4 : 8;   // 16-byte units of a row's chunk in global memory
+    static constexpr int WROW = FP8 ? 64 : 144;  // a stage's weight bytes per row (the tiles take 64 / 128)
+    static constexpr int WUNITS = FP8 ? 4 : 8;   // 16-byte units of a row's chunk
     static constexpr int W_BYTES = GEMMT_ROWS * WROW;
     static constexpr int X_BYTES = GEMMT_TOKENS * GEMMT_XROW;
     static constexpr int STAGE = W_BYTES + 2 * X_BYTES;
@@ -1133,14 +1118,19 @@ __device__ __forceinline__ void gemm_mma(const unsigned char* __restrict__ W, co
     // 128 rows (clamped to N - 1: loaded, never stored), then the activations' 64 tokens
     // (clamped to T - 1), hi and lo. Offsets from the block's bases, computed once: per chunk
     // the address arithmetic had kept the integer pipe busier than the tensor pipe.
-    constexpr int NWU = GEMMT_ROWS * G::WUNITS / 256, ESIZE = FP8 ? 1 : 2;
-    constexpr int WSTEP = 256 / G::WUNITS;  // rows between a thread's weight units
-    const unsigned char* wbase = W + (size_t)nb * K * ESIZE + (tid % G::WUNITS) * 16;
+    // The weights come as the block's 8 row tiles of the chunk in the tensor-core tile layout
+    // (tc_tiles.rs: CH contiguous bytes each), copied as they lie: thread tid copies unit
+    // tid % TU of tiles tid / TU + TSTEP u (tiles past N read the last: loaded, never stored).
+    constexpr int ESIZE = FP8 ? 1 : 2, TU = 16 * G::WUNITS, CH = 16 * TU;  // a tile chunk's units, bytes
+    constexpr int NWU = GEMMT_ROWS / 16 * TU / 256, TSTEP = 256 / TU;
+    static_assert(GEMMT_ROWS / 16 * CH <= G::W_BYTES, "a stage's weights hold its row tiles");
+    const int tile_base = nb / 16, ntiles = (N + 15) / 16;
+    const unsigned char* wbase = W + (size_t)tile_base * K * 16 * ESIZE + (tid % TU) * 16;
     const unsigned char* hbase = reinterpret_cast<const unsigned char*>(XH + (size_t)t0 * K) + (tid % 8) * 16;
     const unsigned char* lbase = reinterpret_cast<const unsigned char*>(XL + (size_t)t0 * K) + (tid % 8) * 16;
     unsigned wofs[NWU], xofs[2];
 #pragma unroll
-    for (int u = 0; u < NWU; u++) wofs[u] = (unsigned)(min(nb + tid / G::WUNITS + WSTEP * u, N - 1) - nb) * K * ESIZE;
+    for (int u = 0; u < NWU; u++) wofs[u] = (unsigned)(min(tile_base + tid / TU + TSTEP * u, ntiles - 1) - tile_base) * K * 16 * ESIZE;
 #pragma unroll
     for (int u = 0; u < 2; u++) xofs[u] = (unsigned)(min(t0 + tid / 8 + 32 * u, T - 1) - t0) * K * 2;
     // The deep kernels (decode batches, often fewer than 64 tokens a tile) leave token rows past
@@ -1148,7 +1138,7 @@ __device__ __forceinline__ void gemm_mma(const unsigned char* __restrict__ W, co
     // lines crowded one place of L2. (Their columns' MMA results are never stored.)
     constexpr bool skip_past_t = STAGES != GEMMT_STAGES;
     bool xload[2] = {!skip_past_t || t0 + tid / 8 < T, !skip_past_t || t0 + tid / 8 + 32 < T};
-    const int wdst = (tid / G::WUNITS) * G::WROW + (tid % G::WUNITS) * 16;
+    const int wdst = (tid / TU) * CH + (tid % TU) * 16;
     const int xdst = G::W_BYTES + (tid / 8) * GEMMT_XROW + (tid % 8) * 16;
     // Chunks in the visiting order: k offsets of K block (class w, j-th) = w + 8 j, halves 0, 1.
     auto next_k = [&](int k) {
@@ -1161,7 +1151,7 @@ __device__ __forceinline__ void gemm_mma(const unsigned char* __restrict__ W, co
         if (p < NC) {
             unsigned char* st = smem + (p % STAGES) * G::STAGE;
 #pragma unroll
-            for (int u = 0; u < NWU; u++) cp_async16(st + wdst + u * WSTEP * G::WROW, wbase + wofs[u] + k_issue * ESIZE);
+            for (int u = 0; u < NWU; u++) cp_async16(st + wdst + u * TSTEP * CH, wbase + wofs[u] + (size_t)(k_issue >> 6) * CH);
 #pragma unroll
             for (int u = 0; u < 2; u++)
                 if (xload[u]) {
@@ -1190,13 +1180,13 @@ __device__ __forceinline__ void gemm_mma(const unsigned char* __restrict__ W, co
         __syncthreads();                    // everyone's copies; chunk p - 1's stage is free
         issue(p + STAGES - 1);
         const unsigned char* st = smem + (p % STAGES) * G::STAGE;
-        // A fragments of the warp's two row tiles: rows g and g + 8, this lane's 16 k.
+        // A fragments of the warp's two row tiles: rows g and g + 8, this lane's 16 k (its tile
+        // chunk's warp loads 0, 1 (FP8) or 0-3 (BF16), 512 bytes apart).
         unsigned a0[2][8], a1[2][8];
 #pragma unroll
         for (int mt = 0; mt < 2; mt++) {
-            const uint4* r0 = reinterpret_cast<const uint4*>(st + (wm * 32 + mt * 16 + g) * G::WROW + q * (FP8 ? 16 : 32));
-            const uint4* r1 = reinterpret_cast<const uint4*>(reinterpret_cast<const unsigned char*>(r0) + 8 * G::WROW);
-            uint4 w0[2] = {r0[0], FP8 ? r0[0] : r0[1]}, w1[2] = {r1[0], FP8 ? r1[0] : r1[1]};
+            const uint4* r0 = reinterpret_cast<const uint4*>(st + (wm * 2 + mt) * CH + lane * 16);
+            uint4 w0[2] = {r0[0], r0[32]}, w1[2] = {r0[FP8 ? 32 : 64], r0[FP8 ? 32 : 96]};
             mma_a_frags<FP8>(w0, w1, a0[mt], a1[mt]);
         }
 #pragma unroll
@@ -1338,8 +1328,8 @@ GEMM_MMA_KERNEL(gemm_mma_deep_bf16, false, 1, 5)
 template <bool FP8, int ROWS>
 struct GemmWg {
     static constexpr int THREADS = 2 * ROWS;
-    static constexpr int WROW = FP8 ? 64 : 144;  // bytes per row per 64-k half in shared memory (BF16 padded)
-    static constexpr int WUNITS = FP8 ? 4 : 8;   // 16-byte units of a row's half in global memory
+    static constexpr int WROW = FP8 ? 64 : 144;  // a half's weight bytes per row (the tiles take 64 / 128)
+    static constexpr int WUNITS = FP8 ? 4 : 8;   // 16-byte units of a row's half
     static constexpr int W_HALF = ROWS * WROW;
     static constexpr int HALF = W_HALF + GWG_XCHUNK;  // a half's weights, then its B
     static constexpr int HS = FP8 ? GWG_HS_FP8 : GWG_HS_BF16;  // halves per stage
@@ -1439,15 +1429,19 @@ __device__ __forceinline__ void gemm_wg(const unsigned char* __restrict__ W, con
         for (int c = c0; c < c1; c++) nkb += class_blocks(c);
     }
     const int NU = nkb * 2 / HS;  // stages' worth of halves
-    // Each thread's weight units of a stage at k = 0: (row, half, unit) = (id / (HS WUNITS), ...)
-    // for id = tid + THREADS i; rows clamped to N - 1 (loaded, never stored).
-    constexpr int NWU = ROWS * HS * G::WUNITS / THREADS, WSTEP = THREADS / (HS * G::WUNITS);
-    const int whalf = HS == 2 ? (tid / G::WUNITS) & 1 : 0, wu = tid % G::WUNITS;
-    const unsigned char* wbase = W + (size_t)nb * K * ESIZE + whalf * 64 * ESIZE + wu * 16;
+    // The weights in the tensor-core tile layout (tc_tiles.rs: per row tile and 64-k chunk CH
+    // contiguous bytes of TU units), copied as they lie, the block's ROWS / 16 tiles of a half one
+    // after another: thread tid copies unit tid % TU of half (tid / TU) % HS of tiles
+    // tid / (TU HS) + TSTEP u (tiles past N read the last: loaded, never stored).
+    constexpr int TU = 16 * G::WUNITS, CH = 16 * TU;
+    static_assert((THREADS / TU) % HS == 0 && ROWS / 16 * CH <= G::W_HALF, "a thread's units lie in one half; a half holds its tiles");
+    constexpr int NWU = ROWS / 16 * HS * TU / THREADS, TSTEP = THREADS / (TU * HS);
+    const int whalf = (tid / TU) % HS, tile_base = nb / 16, ntiles = (N + 15) / 16;
+    const unsigned char* wbase = W + (size_t)tile_base * K * 16 * ESIZE + whalf * CH + (tid % TU) * 16;
     unsigned wofs[NWU];
 #pragma unroll
-    for (int u = 0; u < NWU; u++) wofs[u] = (unsigned)(min(nb + tid / (HS * G::WUNITS) + WSTEP * u, N - 1) - nb) * K * ESIZE;
-    const int wdst = whalf * G::HALF + (tid / (HS * G::WUNITS)) * G::WROW + wu * 16;
+    for (int u = 0; u < NWU; u++) wofs[u] = (unsigned)(min(tile_base + tid / (TU * HS) + TSTEP * u, ntiles - 1) - tile_base) * K * 16 * ESIZE;
+    const int wdst = whalf * G::HALF + (tid / (TU * HS)) * CH + (tid % TU) * 16;
     // B: a K block's two 16 KB chunks are adjacent in xw; XUNITS units a thread.
     const unsigned char* xbase = reinterpret_cast<const unsigned char*>(xw) + (size_t)tile * (K / 64) * GWG_XCHUNK + tid * 16;
     auto next_kb = [&](int kb) {
@@ -1463,7 +1457,7 @@ __device__ __forceinline__ void gemm_wg(const unsigned char* __restrict__ W, con
             unsigned char* st = smem + (p % STAGES) * G::STAGE;
             const int chunk = kb_issue * 2 + half_issue;  // the stage's first 64-k chunk
 #pragma unroll
-            for (int u = 0; u < NWU; u++) cp_async16(st + wdst + u * WSTEP * G::WROW, wbase + wofs[u] + (size_t)chunk * 64 * ESIZE);
+            for (int u = 0; u < NWU; u++) cp_async16(st + wdst + u * TSTEP * CH, wbase + wofs[u] + (size_t)chunk * CH);
 #pragma unroll
             for (int u = 0; u < G::XUNITS; u++) {
                 const int o = tid * 16 + u * THREADS * 16;  // byte of the stage's B
@@ -1548,9 +1542,9 @@ __device__ __forceinline__ void gemm_wg(const unsigned char* __restrict__ W, con
         for (int hf = 0; hf < HS; hf++) {
             const int gh = HS == 2 ? hf : p & 1;  // the half of the K block
             const int ha = FP8 && !G::TSM ? 0 : hf;  // the A registers this half uses
-            const uint4* r0 = reinterpret_cast<const uint4*>(st + hf * G::HALF + (wrow + g) * G::WROW + q * (FP8 ? 16 : 32));
-            const uint4* r1 = reinterpret_cast<const uint4*>(reinterpret_cast<const unsigned char*>(r0) + 8 * G::WROW);
-            uint4 w0[2] = {r0[0], FP8 ? r0[0] : r0[1]}, w1[2] = {r1[0], FP8 ? r1[0] : r1[1]};
+            // the warp's row tile (wrow / 16 = w) of the half: warp loads 0, 1 (FP8) or 0-3 (BF16)
+            const uint4* r0 = reinterpret_cast<const uint4*>(st + hf * G::HALF + w * CH + lane * 16);
+            uint4 w0[2] = {r0[0], r0[32]}, w1[2] = {r0[FP8 ? 32 : 64], r0[FP8 ? 32 : 96]};
             mma_a_frags<FP8>(w0, w1, a0[ha], a1[ha]);
             pin(C);
             wg_fence();
@@ -1695,7 +1689,7 @@ extern "C" __global__ void __launch_bounds__(256) gemv_mma_bf16_t1_argmax(
                                                                amax, slots, stride);
 }
 // gemv_mma_bf16_t1_argmax asking L2, before its PDL wait, for the first K block of each of its
-// warps (2 KB of each of the block's 16 rows): the blocks resident while the final norm ahead
+// warps (the 32 KB of its tile's first 16 chunks): the blocks resident while the final norm ahead
 // runs (one block reading and writing what L2 holds) fill DRAM's idle window with their first
 // loads: at most ~1 us a batch-1 step, in 4 of 5 processes (within their spread;
 // benches/results/2026-11-27-copy-free-steps.md; PEREGRINE_LM_HEAD_PREFETCH=0 runs the kernel
@@ -1704,9 +1698,9 @@ extern "C" __global__ void __launch_bounds__(256) gemv_mma_bf16_t1_argmax_pf(
     const unsigned char* __restrict__ W, const float* __restrict__ S, const unsigned short* __restrict__ XH,
     const unsigned short* __restrict__ XL, const float* __restrict__ xinv, float* __restrict__ y, float* __restrict__ y1,
     float* __restrict__ y2, int N0, int N1, int N, int K, int T, unsigned long long* __restrict__ amax, int slots, int stride) {
-    if (threadIdx.x < 16) {
-        const unsigned char* p = W + (size_t)min((int)blockIdx.x * 16 + (int)threadIdx.x, N - 1) * K * 2;
-        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(min(K * 2, 2048)) : "memory");
+    if (threadIdx.x < min(16, K / 64)) {  // the tile's first 16 chunks of 2 KB (tc_tiles.rs)
+        const unsigned char* p = W + (size_t)blockIdx.x * K * 32 + threadIdx.x * 2048;
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(2048) : "memory");
     }
     PDL_ENTER();
     gemv_mma<1, 1, false, false, false, 1, false, false, true>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T, nullptr, 0, 0, 0, nullptr,

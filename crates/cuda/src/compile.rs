@@ -186,16 +186,8 @@ mod tests {
         }
         let start = GEMV_CU.find("auto bf16_rows = [&]").expect("gemv.cu: bf16_rows");
         let end = start + GEMV_CU[start..].find("auto tile_rows = [&]").expect("gemv.cu: tile_rows");
-        // The production loads: the measurement-only GEMV_TILED_ORDER branches (which take the
-        // same hints) left out.
-        let mut loads = String::new();
-        let mut rest = &GEMV_CU[start..end];
-        while let Some(i) = rest.find("#ifdef GEMV_TILED_ORDER") {
-            loads.push_str(&rest[..i]);
-            let close = rest[i..].find("#endif").expect("gemv.cu: GEMV_TILED_ORDER without #endif");
-            rest = &rest[i + close..];
-        }
-        loads.push_str(rest);
+        let loads = &GEMV_CU[start..end];
+        assert!(!loads.contains("#if"), "gemv.cu: bf16_rows / fp8_rows under a define");
         assert!(!loads.contains("__ldg("), "gemv.cu: a weight load of bf16_rows / fp8_rows without its hint");
         assert_eq!(loads.matches("ld_weights<LDH>(").count(), 6, "gemv.cu: bf16_rows loads 4 pieces, fp8_rows 2");
     }

@@ -2,7 +2,8 @@
 //! `kernels/` with NVRTC for the GPU found (cached on disk by content hash), and the decode
 //! kernels over weights in their stored formats — BF16, FP8 e4m3 with 128x128 block scales,
 //! MXFP4 with E8M0 scales — including the MXFP4 MoE decode, whose experts are re-laid out at
-//! load for it (`mxfp4_tiles`, `kernels/moe.cu`). Every launch allows programmatic dependent
+//! load for it (`mxfp4_tiles`, `kernels/moe.cu`), and FP8 and BF16 matrices laid out in tiles for
+//! the tensor-core GEMVs (`tc_tiles`). Every launch allows programmatic dependent
 //! launch (`launch`). Each kernel is checked against the CPU reference on the GPU machine
 //! (`scripts/gpu-check.sh`) and benchmarked against the device's copy bandwidth
 //! (`examples/bench.rs`).
@@ -25,6 +26,7 @@ mod launch;
 mod overlap;
 pub mod moe_tune;
 pub mod mxfp4_tiles;
+pub mod tc_tiles;
 mod weights;
 #[cfg(test)]
 mod op_tests;

@@ -174,7 +174,7 @@ fn lm_head_folding_the_argmax_equals_argmax_rows() {
             }
             _ => {}
         }
-        let wd = st.clone_htod(&w).unwrap();
+        let wd = st.clone_htod(&crate::tc_tiles::tile(&w, n, k)).unwrap();
         let (xh, xl, _) = m.kernels.split_bf16(&st.clone_htod(&x).unwrap(), k).unwrap();
         let mut y_ref = st.alloc_zeros::<f32>(n).unwrap();
         m.kernels.gemv_bf16_presplit(&wd, &xh, &xl, &mut y_ref, n, k, 1, None).unwrap();
@@ -285,7 +285,7 @@ fn copy_free_rows_land_in_their_buffers_and_ids_in_their_slot() {
     let w: Vec<u16> = (0..n * k).map(|_| half::bf16::from_f32(r.random::<f32>() * 2.0 - 1.0).to_bits()).collect();
     let (xh, xl, _) = m.kernels.split_bf16(&st.clone_htod(&randn(&mut r, k, 1.0)).unwrap(), k).unwrap();
     let mut y = st.alloc_zeros::<f32>(n).unwrap();
-    m.kernels.gemv_bf16_presplit_argmax(&st.clone_htod(&w).unwrap(), &xh, &xl, &mut y, n, k, &m.argmax_key).unwrap();
+    m.kernels.gemv_bf16_presplit_argmax(&st.clone_htod(&crate::tc_tiles::tile(&w, n, k)).unwrap(), &xh, &xl, &mut y, n, k, &m.argmax_key).unwrap();
     let mut id = st.clone_htod(&[-7i32]).unwrap();
     m.argmax_unpack_into(&mut id, Some(&staged.ids_host)).unwrap();
     let id = st.clone_dtoh(&id).unwrap();
@@ -1046,8 +1046,8 @@ fn oproj_doing_the_router_matches_the_host() {
     assert!(!m.kernels.oproj_route_takes(4096, 8192, 0) && !m.kernels.oproj_route_takes(4100, 8192, 8), "shapes the kernel does not take");
 }
 
-/// A random matrix [n, k] on the GPU (FP8 e4m3 with 128 x 128 block scales, or BF16) and its
-/// values as f32.
+/// A random matrix [n, k] on the GPU (FP8 e4m3 with 128 x 128 block scales, or BF16), laid out
+/// as the loader lays it out (`tc_tiles` where K % 128 == 0), and its values as f32.
 fn random_tc_matrix(st: &std::sync::Arc<cudarc::driver::CudaStream>, r: &mut rand::rngs::StdRng, n: usize, k: usize, fp8: bool) -> (crate::backend::Mat, Vec<f32>) {
     use crate::backend::{GpuMatrix, Mat};
     if fp8 {
@@ -1055,10 +1055,12 @@ fn random_tc_matrix(st: &std::sync::Arc<cudarc::driver::CudaStream>, r: &mut ran
         let w: Vec<u8> = (0..n * k).map(|_| r.random::<u8>()).map(|b| if b & 0x7f == 0x7f { b ^ 1 } else { b }).collect();
         let s: Vec<f32> = (0..n.div_ceil(128) * k.div_ceil(128)).map(|_| (0.5 + r.random::<f32>()) / (64.0 * (k as f32).sqrt())).collect();
         let wf = peregrine_model::formats::dequant_fp8_block(&w, &s, n, k, 128, 128);
+        let w = if crate::tc_tiles::tiled(k) { crate::tc_tiles::tile(&w, n, k) } else { w };
         (Mat { m: GpuMatrix::Fp8 { w: st.clone_htod(&w).unwrap(), s: st.clone_htod(&s).unwrap() }, n, k }, wf)
     } else {
         let wf: Vec<f32> = randn(r, n * k, 2.0 / (k as f32).sqrt()).iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
         let bits: Vec<u16> = wf.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
+        let bits = if crate::tc_tiles::tiled(k) { crate::tc_tiles::tile(&bits, n, k) } else { bits };
         (Mat { m: GpuMatrix::Bf16(st.clone_htod(&bits).unwrap()), n, k }, wf)
     }
 }

@@ -12,7 +12,7 @@ use peregrine_model::weights::WeightSource;
 
 use crate::backend::{drv, upload, GpuMatrix, Mat};
 use crate::kernels::{MoeLayout, MoeWeights};
-use crate::mxfp4_tiles;
+use crate::{mxfp4_tiles, tc_tiles};
 use rayon::prelude::*;
 
 /// The embedding table on the GPU.
@@ -103,12 +103,14 @@ impl Synthetic {
         let m = if name.ends_with("mlp.gate.weight") || !k.is_multiple_of(32) {
             GpuMatrix::F32(self.floats(st, n * k, amp, 0.0)?) // routers are kept in f32
         } else if self.fp8_linear && k.is_multiple_of(128) && !name.contains("o_proj") && !name.contains("lm_head") {
-            // e4m3 with exponent field 4..7: |w| in [0.125, 1.875], RMS ~0.9.
-            let w = self.u8s(st, n * k, 2, 4, 4)?;
+            // e4m3 with exponent field 4..7: |w| in [0.125, 1.875], RMS ~0.9 (random, so the
+            // tile layout is only the padding rows: tc_tiles).
+            let w = self.u8s(st, tc_tiles::padded_rows(n) * k, 2, 4, 4)?;
             let s = upload(st, &vec![1.0 / (0.9 * (k as f32).sqrt()); n.div_ceil(128) * (k / 128)])?;
             GpuMatrix::Fp8 { w, s }
         } else {
-            GpuMatrix::Bf16(self.bf16(st, n * k, amp)?)
+            let rows = if tc_tiles::tiled(k) { tc_tiles::padded_rows(n) } else { n };
+            GpuMatrix::Bf16(self.bf16(st, rows * k, amp)?)
         };
         Ok(Mat { m, n, k })
     }
@@ -259,12 +261,14 @@ pub(crate) fn load_mat(s: &Arc<CudaStream>, w: &dyn WeightSource, name: &str, ro
                 if let Some(sc) = w.stored(&sname).filter(|x| x.shape == [rows.div_ceil(128), cols / 128]) {
                     let scales = w.vector(&sname, sc.shape.iter().product()).ok();
                     if let Some(scales) = scales {
-                        return Ok(Mat { m: GpuMatrix::Fp8 { w: upload(s, t.data)?, s: upload(s, &scales)? }, n: rows, k: cols });
+                        return Ok(Mat { m: GpuMatrix::Fp8 { w: upload(s, &tc_tiles::tile(t.data, rows, cols))?, s: upload(s, &scales)? }, n: rows, k: cols });
                     }
                 }
             }
             DType::BF16 if cols.is_multiple_of(32) && t.shape == [rows, cols] => {
-                return Ok(Mat { m: GpuMatrix::Bf16(upload(s, &bf16_bits(t.data))?), n: rows, k: cols });
+                let bits = bf16_bits(t.data);
+                let bits = if tc_tiles::tiled(cols) { tc_tiles::tile(&bits, rows, cols) } else { bits };
+                return Ok(Mat { m: GpuMatrix::Bf16(upload(s, &bits)?), n: rows, k: cols });
             }
             _ => {}
         }

@@ -411,16 +411,14 @@ impl CudaModel {
         Ok(())
     }
 
-    /// The lm_head (or the tied embedding) as a BF16 matrix [n, k] whose tensor-core GEMV reads
-    /// its input as BF16 hi + lo parts (K % 128 == 0), so the final norm may hand it them split;
-    /// None for other formats.
+    /// The lm_head as a BF16 matrix [n, k] whose tensor-core GEMV reads its input as BF16 hi +
+    /// lo parts (K % 128 == 0), so the final norm may hand it them split; None for other formats.
+    /// (A tied BF16 embedding of such a K has a tiled copy as the lm_head: see `load`.)
     fn lm_head_bf16(&self) -> Option<(&CudaSlice<u16>, usize, usize)> {
-        let m = match (&self.lm_head, &self.embed) {
-            (Some(Mat { m: GpuMatrix::Bf16(w), n, k }), _) => (w, *n, *k),
-            (None, Embed::Bf16(t)) => (t, self.spec.vocab_size, self.spec.hidden_size),
-            _ => return None,
-        };
-        m.2.is_multiple_of(128).then_some(m)
+        match &self.lm_head {
+            Some(Mat { m: GpuMatrix::Bf16(w), n, k }) if k.is_multiple_of(128) => Some((w, *n, *k)),
+            _ => None,
+        }
     }
 
     /// Whether the lm_head reads the final norm's BF16 split (`lm_head_split_into`).

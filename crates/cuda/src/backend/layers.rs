@@ -3,7 +3,9 @@
 
 use super::*;
 
-/// A weight matrix [n, k] on the GPU, in the format it was stored in when a kernel reads it.
+/// A weight matrix [n, k] on the GPU, in the format it was stored in when a kernel reads it. FP8
+/// and BF16 matrices with K % 128 == 0 lie in the tensor-core tile layout (`tc_tiles`: rows
+/// padded to whole tiles), the others row-major.
 pub(crate) enum GpuMatrix {
     F32(CudaSlice<f32>),
     Bf16(CudaSlice<u16>),
@@ -28,7 +30,8 @@ pub(crate) enum Qkv {
 
 /// Matrices with their rows stacked into one (first's rows, then the next's), where the
 /// tensor-core GEMV can run them as one: all FP8 with whole 128-row scale blocks before the
-/// last, or all BF16, with one K, K % 128 == 0. None otherwise. The copies are made on the GPU.
+/// last, or all BF16 with whole 16-row tiles before the last (`tc_tiles`), with one K,
+/// K % 128 == 0. None otherwise. The copies are made on the GPU.
 pub(crate) fn stack_rows(st: &Arc<CudaStream>, parts: &[&Mat]) -> Result<Option<Mat>> {
     let Some(first) = parts.first() else { return Ok(None) };
     let (kk, n) = (first.k, parts.iter().map(|p| p.n).sum());
@@ -45,6 +48,7 @@ pub(crate) fn stack_rows(st: &Arc<CudaStream>, parts: &[&Mat]) -> Result<Option<
         Ok(out)
     }
     let whole_blocks = parts[..parts.len() - 1].iter().all(|p| p.n.is_multiple_of(128));
+    let whole_tiles = parts[..parts.len() - 1].iter().all(|p| p.n.is_multiple_of(16));
     let fp8: Option<Vec<_>> = parts.iter().map(|p| if let GpuMatrix::Fp8 { w, s } = &p.m { Some((w, s)) } else { None }).collect();
     let bf16: Option<Vec<_>> = parts.iter().map(|p| if let GpuMatrix::Bf16(w) = &p.m { Some(w) } else { None }).collect();
     let m = match (fp8, bf16) {
@@ -52,7 +56,7 @@ pub(crate) fn stack_rows(st: &Arc<CudaStream>, parts: &[&Mat]) -> Result<Option<
             let (ws, ss): (Vec<_>, Vec<_>) = f.into_iter().unzip();
             GpuMatrix::Fp8 { w: cat(st, &ws)?, s: cat(st, &ss)? }
         }
-        (_, Some(b)) => GpuMatrix::Bf16(cat(st, &b)?),
+        (_, Some(b)) if whole_tiles => GpuMatrix::Bf16(cat(st, &b)?),
         _ => return Ok(None),
     };
     Ok(Some(Mat { m, n, k: kk }))

@@ -543,7 +543,15 @@ impl CudaModel {
         }
         let embed = w.embed(&s, spec.vocab_size, h)?;
         let lm_head = if spec.tie_word_embeddings && !(matches!(w, Source::Files(_)) && w.contains("lm_head.weight")) {
-            None
+            match &embed {
+                // The tensor-core lm_head reads tiles (tc_tiles), the embedding lookup rows: a
+                // tiled copy of the table for it.
+                Embed::Bf16(t) if crate::tc_tiles::tiled(h) => {
+                    let rows = s.clone_dtoh(t).map_err(drv)?;
+                    Some(Mat { m: GpuMatrix::Bf16(upload(&s, &crate::tc_tiles::tile(&rows, spec.vocab_size, h))?), n: spec.vocab_size, k: h })
+                }
+                _ => None,
+            }
         } else {
             Some(w.mat(&s, "lm_head.weight", spec.vocab_size, h)?)
         };

@@ -5,6 +5,7 @@
 #![allow(clippy::too_many_arguments)]
 
 use super::*;
+use crate::tc_tiles;
 
 /// The one-token lm_head's argmax keys (`gemv_bf16_presplit_argmax`): its warps spread their
 /// atomics over this many keys, one 128-byte line (`ARGMAX_KEY_STRIDE` u64) apart.
@@ -233,10 +234,11 @@ impl QkvReady {
 
 impl Kernels {
     /// `y[t, n] = W[n, :] · x[t, :]` for BF16 `W` [N, K] (as u16 bits); K % 32 == 0. The
-    /// tensor-core kernel when K % 128 == 0, else the one-row-per-warp kernel.
+    /// tensor-core kernel when K % 128 == 0, `W` then in the tile layout (`tc_tiles`), else the
+    /// one-row-per-warp kernel over `W` row-major.
     pub fn gemv_bf16(&self, w: &CudaSlice<u16>, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>, n: usize, k: usize, t: usize) -> Result<()> {
         if k.is_multiple_of(128) {
-            check(w.len() >= n * k && y.len() >= t * n, || format!("gemv_bf16: W must hold {n}x{k} and y {t}x{n}"))?;
+            check(w.len() >= tc_tiles::padded_rows(n) * k && y.len() >= t * n, || format!("gemv_bf16: W must hold {n}x{k} in tiles and y {t}x{n}"))?;
             let (wp, _w) = w.device_ptr(&self.stream);
             let (yp, _y) = y.device_ptr_mut(&self.stream);
             return self.gemv_mma(false, wp, None, x, [yp; 3], [n, 0, 0], k, t);
@@ -246,7 +248,8 @@ impl Kernels {
 
     /// One GEMV whose rows are split over three outputs: rows `[0, n[0])` into `ys[0]`
     /// ([T, n[0]]), the next `n[1]` into `ys[1]`, the last `n[2]` into `ys[2]` (a fused q/k/v
-    /// projection). `W` is FP8 (with `scales`) or BF16 (`scales` None); K % 128 == 0. An FP8
+    /// projection). `W` is FP8 (with `scales`) or BF16 (`scales` None), the parts' rows stacked
+    /// in the tile layout (`tc_tiles`; parts before the last of whole tiles); K % 128 == 0. An FP8
     /// GEMV may be given `x_split`, x already split as `split_f16` would (by
     /// `add_rms_norm_split`: F16 hi, lo and the rows' inverse scales), instead of splitting x.
     pub fn gemv_split3(&self, w: cudarc::driver::sys::CUdeviceptr, scales: Option<&CudaSlice<f32>>, x: &CudaSlice<f32>, x_split: Option<&F16Split>, ys: [&mut CudaSlice<f32>; 3], n: [usize; 3], k: usize, t: usize) -> Result<()> {
@@ -320,17 +323,18 @@ impl Kernels {
         })
     }
 
-    /// FP8 e4m3 `W` [N, K] with f32 block scales [ceil(N/128), K/128]; K % 128 == 0
-    /// (tensor-core kernel).
+    /// FP8 e4m3 `W` [N, K] in the tile layout (`tc_tiles`) with f32 block scales
+    /// [ceil(N/128), K/128]; K % 128 == 0 (tensor-core kernel).
     pub fn gemv_fp8(&self, w: &CudaSlice<u8>, scales: &CudaSlice<f32>, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>, n: usize, k: usize, t: usize) -> Result<()> {
-        check(k.is_multiple_of(128) && w.len() >= n * k && scales.len() >= n.div_ceil(128) * (k / 128), || format!("gemv_fp8: bad shapes {n}x{k}"))?;
+        check(k.is_multiple_of(128) && w.len() >= tc_tiles::padded_rows(n) * k && scales.len() >= n.div_ceil(128) * (k / 128), || format!("gemv_fp8: bad shapes {n}x{k}"))?;
         check(y.len() >= t * n, || format!("gemv_fp8: y must hold {t}x{n}"))?;
         let (wp, _w) = w.device_ptr(&self.stream);
         let (yp, _y) = y.device_ptr_mut(&self.stream);
         self.gemv_mma(true, wp, Some(scales), x, [yp; 3], [n, 0, 0], k, t)
     }
 
-    /// The one-row-per-warp FP8 GEMV (CUDA cores), kept for comparison in the bench.
+    /// The one-row-per-warp FP8 GEMV (CUDA cores) over `W` row-major, kept for comparison in the
+    /// bench.
     pub fn gemv_fp8_simt(&self, w: &CudaSlice<u8>, scales: &CudaSlice<f32>, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>, n: usize, k: usize, t: usize) -> Result<()> {
         check(k.is_multiple_of(128) && w.len() >= n * k && scales.len() >= n.div_ceil(128) * (k / 128), || format!("gemv_fp8: bad shapes {n}x{k}"))?;
         let (ni, ki) = (n as i32, k as i32);
@@ -621,13 +625,13 @@ impl Kernels {
         MMA_GEMV_TILES[self.mma_tile(false, t, n)] == (1, 1)
     }
 
-    /// `y[t, n] = W[n, :] · x[t, :]` for BF16 `W` [N, K] with x given as its BF16 hi + lo parts
-    /// [T, K] (as the attention kernels write them); K % 128 == 0.
+    /// `y[t, n] = W[n, :] · x[t, :]` for BF16 `W` [N, K] in the tile layout (`tc_tiles`) with x
+    /// given as its BF16 hi + lo parts [T, K] (as the attention kernels write them); K % 128 == 0.
     /// `zero`: counters to zero once the kernel ahead has finished (a ready attention's,
     /// `zero_after_wait`).
     #[allow(clippy::too_many_arguments)]
     pub fn gemv_bf16_presplit(&self, w: &CudaSlice<u16>, xh: &CudaSlice<u16>, xl: &CudaSlice<u16>, y: &mut CudaSlice<f32>, n: usize, k: usize, t: usize, zero: Option<&CudaSlice<u32>>) -> Result<()> {
-        check(k.is_multiple_of(128) && w.len() >= n * k && xh.len() >= t * k && xl.len() >= t * k && y.len() >= t * n, || format!("gemv_bf16_presplit: bad shapes {n}x{k}, {t} tokens"))?;
+        check(k.is_multiple_of(128) && w.len() >= tc_tiles::padded_rows(n) * k && xh.len() >= t * k && xl.len() >= t * k && y.len() >= t * n, || format!("gemv_bf16_presplit: bad shapes {n}x{k}, {t} tokens"))?;
         // An empty launch would leave the counters as they are.
         check(zero.is_none() || (t > 0 && n > 0), || "gemv_bf16_presplit: counters to zero, but nothing to launch".to_string())?;
         if t == 0 || n == 0 {
@@ -651,7 +655,7 @@ impl Kernels {
     #[allow(clippy::too_many_arguments)]
     pub fn gemv_bf16_presplit_argmax(&self, w: &CudaSlice<u16>, xh: &CudaSlice<u16>, xl: &CudaSlice<u16>, y: &mut CudaSlice<f32>, n: usize, k: usize, keys: &CudaSlice<u64>) -> Result<()> {
         check(self.bf16_argmax_takes(1, n, k), || format!("gemv_bf16_presplit_argmax: {n}x{k} is not its shape"))?;
-        check(w.len() >= n * k && xh.len() >= k && xl.len() >= k && y.len() >= n && keys.len() >= ARGMAX_KEY_SLOTS * ARGMAX_KEY_STRIDE, || format!("gemv_bf16_presplit_argmax: bad shapes {n}x{k}"))?;
+        check(w.len() >= tc_tiles::padded_rows(n) * k && xh.len() >= k && xl.len() >= k && y.len() >= n && keys.len() >= ARGMAX_KEY_SLOTS * ARGMAX_KEY_STRIDE, || format!("gemv_bf16_presplit_argmax: bad shapes {n}x{k}"))?;
         let (ni, ki, ti, slots, stride) = (n as i32, k as i32, 1i32, ARGMAX_KEY_SLOTS as i32, ARGMAX_KEY_STRIDE as i32);
         let mut b = crate::launch::builder(&self.stream, if self.lm_head_prefetch { &self.mma_bf16_argmax_pf } else { &self.mma_bf16_argmax });
         let (yp, _y) = y.device_ptr_mut(&self.stream);
@@ -675,7 +679,7 @@ impl Kernels {
     #[allow(clippy::too_many_arguments)]
     pub fn gemv_bf16_presplit_route(&self, w: &CudaSlice<u16>, xh: &CudaSlice<u16>, xl: &CudaSlice<u16>, y: &mut CudaSlice<f32>, n: usize, k: usize, zero: Option<&CudaSlice<u32>>, r: &RouteInOproj) -> Result<()> {
         check(self.oproj_route_takes(n, k, r.experts), || format!("gemv_bf16_presplit_route: {n}x{k} with {} experts is not its shape", r.experts))?;
-        check(w.len() >= n * k && xh.len() >= k && xl.len() >= k && y.len() >= n, || format!("gemv_bf16_presplit_route: bad shapes {n}x{k}"))?;
+        check(w.len() >= tc_tiles::padded_rows(n) * k && xh.len() >= k && xl.len() >= k && y.len() >= n, || format!("gemv_bf16_presplit_route: bad shapes {n}x{k}"))?;
         check(r.res.len() >= n && r.norm.len() >= n && r.router.len() >= r.experts * n && r.ssq.len() >= n / 16 && r.hg.len() >= n && r.acc != 0 && r.copies >= 1, || "gemv_bf16_presplit_route: router buffers too small".into())?;
         let (wp, _w) = w.device_ptr(&self.stream);
         let (ni, ki, ti, ei) = (n as i32, k as i32, 1i32, r.experts as i32);
@@ -696,7 +700,7 @@ impl Kernels {
     #[allow(clippy::too_many_arguments)]
     pub fn gemv_fp8_presplit(&self, w: &CudaSlice<u8>, scales: &CudaSlice<f32>, x: &F16Split, y: &mut CudaSlice<f32>, n: usize, k: usize, t: usize) -> Result<()> {
         let (xh, xl, inv) = x;
-        check(k.is_multiple_of(128) && w.len() >= n * k && scales.len() >= n.div_ceil(128) * (k / 128), || format!("gemv_fp8_presplit: bad shapes {n}x{k}"))?;
+        check(k.is_multiple_of(128) && w.len() >= tc_tiles::padded_rows(n) * k && scales.len() >= n.div_ceil(128) * (k / 128), || format!("gemv_fp8_presplit: bad shapes {n}x{k}"))?;
         check(xh.len() >= t * k && xl.len() >= t * k && inv.len() >= t && y.len() >= t * n, || format!("gemv_fp8_presplit: buffers too small for {t} tokens of {n}x{k}"))?;
         if t == 0 || n == 0 {
             return Ok(());
