@@ -1,5 +1,6 @@
 //! Where the GPU weights come from: a checkpoint, uploaded in its stored formats (MXFP4 and FP8
-//! stay packed, BF16 stays BF16; anything else becomes exact f32), or random weights generated
+//! stay packed, BF16 stays BF16; anything else becomes exact f32; the tensor-core kernels'
+//! matrices re-laid out in tiles as they go up: `mxfp4_tiles`, `tc_tiles`), or random weights generated
 //! directly on the GPU in the formats a real checkpoint would use, so real shapes (MiMo-V2-Flash,
 //! MiMo-V2.5-Pro) can be benchmarked without checkpoints.
 
