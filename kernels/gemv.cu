@@ -757,11 +757,11 @@ __device__ __forceinline__ unsigned long long argmax_key(float v, int n) {
 }
 
 // The weights are in the tensor-core tile layout (crates/cuda/src/tc_tiles.rs): each warp load
-// of a lane's fragment pieces reads 512 contiguous bytes. In the row-major layout each read 16
-// rows x 32 (FP8) or 8 rows x 2 x 16 (BF16) bytes, and in the step the one-token o_proj took
-// 20.3 us a layer against 19.0, the batch-8 q/k/v 24.0 against 20.7 and o_proj 21.6 against
-// 18.0 (benches/results/2026-11-29-h200-bf16-gemv-whole-sectors-not-kept.md; the same bytes and
-// the same fragments, so the same bits).
+// of a lane's fragment pieces reads 512 contiguous bytes. Row-major, each read 8 rows x 64 bytes
+// (FP8) or 8 rows x 4 pieces of 16 bytes 32 apart (BF16), the rows K apart: on an H200 the GEMVs alone read 3-11
+// points of copy bandwidth less, the batch-8 step's q/k/v took 24.0 us a launch against 20.7 and
+// its o_proj 21.6 against 18.0 (benches/results/2026-11-29-h200-tc-tile-layout.md). The lanes'
+// registers are what they were row-major, so the bits are too.
 //
 // Measurement builds only (PEREGRINE_KERNEL_DEFINES, outputs wrong): -DGEMV_NO_MATH keeps the
 // loads and drops the decode and the MMAs of the FP8 kernels, the pipelined one-token q/k/v's
@@ -1114,13 +1114,13 @@ __device__ __forceinline__ void gemm_mma(const unsigned char* __restrict__ W, co
     const int wm = w & 3, wn = w >> 2;  // the warp's 32 rows and 32 tokens of the block's 128 x 64
     const int nb = blockIdx.x * GEMMT_ROWS, t0 = blockIdx.y * GEMMT_TOKENS;
     const int KB = K / 128, NC = 2 * KB;
-    // Each thread's 16-byte units of a stage, at k = 0 (a chunk adds its k offset): the weights'
-    // 128 rows (clamped to N - 1: loaded, never stored), then the activations' 64 tokens
-    // (clamped to T - 1), hi and lo. Offsets from the block's bases, computed once: per chunk
-    // the address arithmetic had kept the integer pipe busier than the tensor pipe.
-    // The weights come as the block's 8 row tiles of the chunk in the tensor-core tile layout
-    // (tc_tiles.rs: CH contiguous bytes each), copied as they lie: thread tid copies unit
-    // tid % TU of tiles tid / TU + TSTEP u (tiles past N read the last: loaded, never stored).
+    // Each thread's 16-byte units of a stage, at the first chunk (a chunk adds its offset): the
+    // weights' 128 rows, then the activations' 64 tokens (clamped to T - 1), hi and lo. Offsets
+    // from the block's bases, computed once: per chunk the address arithmetic had kept the
+    // integer pipe busier than the tensor pipe. The weights come as the block's 8 row tiles of
+    // the chunk in the tensor-core tile layout (tc_tiles.rs: CH contiguous bytes each), copied as
+    // they lie: thread tid copies unit tid % TU of tiles tid / TU + TSTEP u (tiles past N read
+    // the last: loaded, never stored).
     constexpr int ESIZE = FP8 ? 1 : 2, TU = 16 * G::WUNITS, CH = 16 * TU;  // a tile chunk's units, bytes
     constexpr int NWU = GEMMT_ROWS / 16 * TU / 256, TSTEP = 256 / TU;
     static_assert(GEMMT_ROWS / 16 * CH <= G::W_BYTES, "a stage's weights hold its row tiles");
