@@ -758,10 +758,11 @@ __device__ __forceinline__ unsigned long long argmax_key(float v, int n) {
 
 // The weights are in the tensor-core tile layout (crates/cuda/src/tc_tiles.rs): each warp load
 // of a lane's fragment pieces reads 512 contiguous bytes. Row-major, each read 8 rows x 64 bytes
-// (FP8) or 8 rows x 4 pieces of 16 bytes 32 apart (BF16), the rows K apart: on an H200 the GEMVs alone read 3-11
-// points of copy bandwidth less, the batch-8 step's q/k/v took 24.0 us a launch against 20.7 and
-// its o_proj 21.6 against 18.0 (benches/results/2026-11-29-h200-tc-tile-layout.md). The lanes'
-// registers are what they were row-major, so the bits are too.
+// (FP8) or 8 rows x 4 pieces of 16 bytes 32 apart (BF16), the rows K apart: on an H200 the
+// GEMVs alone read 3-11 points of copy bandwidth less, the batch-8 step's q/k/v took 24.0 us a
+// launch against 20.7 and its o_proj 21.6 against 18.0
+// (benches/results/2026-11-29-h200-tc-tile-layout.md). The lanes' registers are what they were
+// row-major, so the bits are too.
 //
 // Measurement builds only (PEREGRINE_KERNEL_DEFINES, outputs wrong): -DGEMV_NO_MATH keeps the
 // loads and drops the decode and the MMAs of the FP8 kernels, the pipelined one-token q/k/v's
