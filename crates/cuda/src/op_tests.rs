@@ -1140,3 +1140,29 @@ fn dense_mlp_with_gate_and_up_stacked_gives_the_separate_bits() {
         assert!(m.kernels.silu_mul_split_f16(&yd, 1, i).is_err(), "silu_mul_split_f16 took rows of {i}");
     }
 }
+
+/// A tied BF16 embedding whose hidden size the tensor-core lm_head takes (K % 128 == 0) gets a
+/// tiled copy as the lm_head (`tc_tiles`; the embedding lookup keeps reading rows): the logits
+/// of random rows through `lm_head_into` are the embedding table's rows times them, within the
+/// GEMV's error.
+#[test]
+fn tied_bf16_embedding_serves_as_a_tiled_lm_head() {
+    let Some(gpu) = probe_for_tests(0) else { return };
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/golden/default");
+    let over = serde_json::json!({"hidden_size": 256, "tie_word_embeddings": true});
+    let spec = peregrine_model::config::load_spec_with(&dir, over.as_object()).expect("fixture config");
+    let m = CudaModel::synthetic(gpu, &spec, 5).expect("synthetic model");
+    let (v, h) = (spec.vocab_size, spec.hidden_size);
+    assert!(spec.tie_word_embeddings && h == 256, "the overrides took");
+    assert!(m.lm_head.is_some(), "no tiled copy of the tied embedding as the lm_head");
+    let crate::weights::Embed::Bf16(table) = &m.embed else { panic!("a synthetic embedding is BF16") };
+    let st = m.stream.clone();
+    let e: Vec<f32> = st.clone_dtoh(table).unwrap().iter().map(|&b| half::bf16::from_bits(b).to_f32()).collect();
+    let mut r = rng();
+    let rows = 3usize;
+    let x = randn(&mut r, rows * h, 1.0);
+    let mut y = st.clone_htod(&vec![f32::NAN; rows * v]).unwrap();
+    m.lm_head_into(&st.clone_htod(&x).unwrap(), rows, &mut y).unwrap();
+    let want: Vec<f32> = (0..rows).flat_map(|t| (0..v).map(|n| (0..h).map(|k| e[n * h + k] as f64 * x[t * h + k] as f64).sum::<f64>() as f32).collect::<Vec<_>>()).collect();
+    close("tied lm_head", &st.clone_dtoh(&y).unwrap(), &want, 1e-5);
+}
