@@ -4,15 +4,16 @@
 //!
 //! The kernels give a lane of a warp (g = lane / 4, q = lane % 4) rows g and g + 8 of a 16-row
 //! tile and 16 k of each 64-k chunk: FP8 bytes 16q .. 16q + 15 of each row (one 16-byte load a
-//! row), BF16 the 32 bytes 32q .. 32q + 31 (two). Row-major, each warp load then read 16 or 32
-//! bytes of 8 rows far apart; here the tile's chunk is `chunk_bytes` contiguous bytes in which
+//! row), BF16 the 32 bytes 32q .. 32q + 31 (two). Row-major, each warp load then read 8 rows x
+//! 64 bytes (FP8) or 8 rows x four 16-byte pieces 32 apart (BF16), the rows K apart; here the
+//! tile's chunk is `chunk_bytes` contiguous bytes in which
 //! warp load i of lane l is the 16 bytes at 512 i + 16 l: FP8 load 0 row g, load 1 row g + 8;
 //! BF16 loads 0, 1 row g's two pieces, 2, 3 row g + 8's. The lanes' registers hold what they
 //! held row-major, so the arithmetic and its bits are the same. Chunks follow each other along
 //! K, tiles along N; rows are padded with zeros to whole tiles (`padded_rows`), so a stacked
 //! matrix (`stack_rows`) may only end a part inside a tile if it is the last.
-//! benches/results/2026-11-29-h200-bf16-gemv-whole-sectors-not-kept.md measured this order
-//! (same bytes) on an H200: the batch-1 Flash step 24 us faster, batch 8 138 us.
+//! On an H200 the GEMVs alone read 3-11 points more of copy bandwidth and decode steps ran
+//! 0.6-2.2% faster (benches/results/2026-11-29-h200-tc-tile-layout.md).
 
 /// Whether an FP8 or BF16 matrix of `k` columns runs on the tensor-core kernels and so is stored
 /// tiled.
