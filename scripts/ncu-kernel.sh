@@ -11,7 +11,7 @@
 # (e.g. NCU_SECTIONS="MemoryWorkloadAnalysis MemoryWorkloadAnalysis_Tables" for where the bytes go).
 # ncu is taken from PATH, else from /usr/local/cuda/bin (where the GPU machine has it).
 set -euo pipefail
-if [ $# -lt 4 ]; then sed -n 2,10p "$0" >&2; exit 2; fi
+if [ $# -lt 4 ]; then sed -n 2,12p "$0" >&2; exit 2; fi
 out=$1 regex=$2 skip=$3
 shift 3
 ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)

@@ -1055,12 +1055,12 @@ fn random_tc_matrix(st: &std::sync::Arc<cudarc::driver::CudaStream>, r: &mut ran
         let w: Vec<u8> = (0..n * k).map(|_| r.random::<u8>()).map(|b| if b & 0x7f == 0x7f { b ^ 1 } else { b }).collect();
         let s: Vec<f32> = (0..n.div_ceil(128) * k.div_ceil(128)).map(|_| (0.5 + r.random::<f32>()) / (64.0 * (k as f32).sqrt())).collect();
         let wf = peregrine_model::formats::dequant_fp8_block(&w, &s, n, k, 128, 128);
-        let w = if crate::tc_tiles::tiled(k) { crate::tc_tiles::tile(&w, n, k) } else { w };
+        let w = crate::tc_tiles::laid_out(w, n, k);
         (Mat { m: GpuMatrix::Fp8 { w: st.clone_htod(&w).unwrap(), s: st.clone_htod(&s).unwrap() }, n, k }, wf)
     } else {
         let wf: Vec<f32> = randn(r, n * k, 2.0 / (k as f32).sqrt()).iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
         let bits: Vec<u16> = wf.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
-        let bits = if crate::tc_tiles::tiled(k) { crate::tc_tiles::tile(&bits, n, k) } else { bits };
+        let bits = crate::tc_tiles::laid_out(bits, n, k);
         (Mat { m: GpuMatrix::Bf16(st.clone_htod(&bits).unwrap()), n, k }, wf)
     }
 }

@@ -39,6 +39,12 @@ fn unit_in_chunk(rr: usize, p: usize, esize: usize) -> usize {
     (hi * per_lane + sub) * 32 + 4 * g + q
 }
 
+/// A row-major [n, k] matrix of FP8 bytes or BF16 bits as the GPU kernels read it: tiled where
+/// the tensor-core kernels run it (`tiled(k)`), else as it is (the CUDA-core kernels').
+pub fn laid_out<T: Copy + Default + Send + Sync>(rows: Vec<T>, n: usize, k: usize) -> Vec<T> {
+    if tiled(k) { tile(&rows, n, k) } else { rows }
+}
+
 /// A row-major [n, k] matrix of FP8 bytes (`u8`) or BF16 bits (`u16`) in the tiled layout,
 /// `padded_rows(n) * k` elements (the padding zero). k % 64 == 0. Tiles in parallel.
 pub fn tile<T: Copy + Default + Send + Sync>(rows: &[T], n: usize, k: usize) -> Vec<T> {

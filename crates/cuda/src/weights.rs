@@ -267,8 +267,7 @@ pub(crate) fn load_mat(s: &Arc<CudaStream>, w: &dyn WeightSource, name: &str, ro
                 }
             }
             DType::BF16 if cols.is_multiple_of(32) && t.shape == [rows, cols] => {
-                let bits = bf16_bits(t.data);
-                let bits = if tc_tiles::tiled(cols) { tc_tiles::tile(&bits, rows, cols) } else { bits };
+                let bits = tc_tiles::laid_out(bf16_bits(t.data), rows, cols);
                 return Ok(Mat { m: GpuMatrix::Bf16(upload(s, &bits)?), n: rows, k: cols });
             }
             _ => {}

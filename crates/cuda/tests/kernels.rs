@@ -7,6 +7,7 @@
 
 use peregrine_cuda::{probe, probe_for_tests, Gpu, Kernels, MoeKernel, MoeRouting};
 use peregrine_cuda::kernels::{MoeInput, MoeWeights, QkvReady};
+use peregrine_cuda::tc_tiles::laid_out;
 use peregrine_model::formats::{dequant_fp8_block, dequant_mxfp4, fp8_e4m3_to_f32};
 use rand::{Rng, SeedableRng};
 
@@ -31,12 +32,6 @@ fn randn(r: &mut impl Rng, n: usize) -> Vec<f32> {
 /// BF16 weights uniform in (-0.5, 0.5), as bits.
 fn random_bf16(r: &mut impl Rng, n: usize) -> Vec<u16> {
     (0..n).map(|_| half::bf16::from_f32(r.random::<f32>() - 0.5).to_bits()).collect()
-}
-
-/// A row-major [n, k] matrix as the tensor-core kernels read it: in tiles where they run it
-/// (K % 128 == 0; `tc_tiles`), else as it is.
-fn tc_layout<T: Copy + Default + Send + Sync>(w: &[T], n: usize, k: usize) -> Vec<T> {
-    if peregrine_cuda::tc_tiles::tiled(k) { peregrine_cuda::tc_tiles::tile(w, n, k) } else { w.to_vec() }
 }
 
 /// FP8 e4m3 weights [n, k] (finite codes only) and their 128 x 128 block scales.
@@ -134,7 +129,7 @@ fn gemv_kernels_match_the_cpu_reference() {
             let wb = random_bf16(&mut r, n * k);
             let wf: Vec<f32> = wb.iter().map(|&b| half::bf16::from_bits(b).to_f32()).collect();
             let want = reference(&wf, &x, n, k, t);
-            let wbd = g.stream.clone_htod(&tc_layout(&wb, n, k)).unwrap();
+            let wbd = g.stream.clone_htod(&laid_out(wb.clone(), n, k)).unwrap();
             every_gemv_tile(&mut kern, &format!("bf16 {n}x{k} T={t}"), &want, |kern| {
                 let mut y = poisoned(&g, t * n);
                 kern.gemv_bf16(&wbd, &xd, &mut y, n, k, t).unwrap();
@@ -150,7 +145,7 @@ fn gemv_kernels_match_the_cpu_reference() {
                 let (w8, sc) = random_fp8(&mut r, n, k);
                 let wf = dequant_fp8_block(&w8, &sc, n, k, 128, 128);
                 let want = reference(&wf, &x, n, k, t);
-                let (w8d, scd) = (g.stream.clone_htod(&tc_layout(&w8, n, k)).unwrap(), g.stream.clone_htod(&sc).unwrap());
+                let (w8d, scd) = (g.stream.clone_htod(&laid_out(w8.clone(), n, k)).unwrap(), g.stream.clone_htod(&sc).unwrap());
                 every_gemv_tile(&mut kern, &format!("fp8 {n}x{k} T={t}"), &want, |kern| {
                     let mut y = poisoned(&g, t * n);
                     kern.gemv_fp8(&w8d, &scd, &xd, &mut y, n, k, t).unwrap();
@@ -247,7 +242,7 @@ fn stacked_qkv_gemv_matches_the_cpu_reference() {
         for (name, wf, fp8) in cases {
             let want = reference(&wf, &x, n, k, t);
             // (the stacked rows tiled as one matrix: the parts before the last are whole tiles)
-            let (w8d, scd, wbd) = (g.stream.clone_htod(&tc_layout(&w8, n, k)).unwrap(), g.stream.clone_htod(&sc).unwrap(), g.stream.clone_htod(&tc_layout(&wb, n, k)).unwrap());
+            let (w8d, scd, wbd) = (g.stream.clone_htod(&laid_out(w8.clone(), n, k)).unwrap(), g.stream.clone_htod(&sc).unwrap(), g.stream.clone_htod(&laid_out(wb.clone(), n, k)).unwrap());
             let wp = if fp8 { w8d.device_ptr(&g.stream).0 } else { wbd.device_ptr(&g.stream).0 };
             let mut first: Option<Vec<Vec<f32>>> = None;
             for &(wg, wg_rows, splits) in &wgmma {
@@ -293,7 +288,7 @@ fn ready_qkv_projection_gives_the_stacked_gemvs_bits() {
     for k in [640usize, 1024, 4096] {
         let (w8, sc) = random_fp8(&mut r, n, k);
         let wf = dequant_fp8_block(&w8, &sc, n, k, 128, 128);
-        let (w8d, scd) = (g.stream.clone_htod(&tc_layout(&w8, n, k)).unwrap(), g.stream.clone_htod(&sc).unwrap());
+        let (w8d, scd) = (g.stream.clone_htod(&laid_out(w8.clone(), n, k)).unwrap(), g.stream.clone_htod(&sc).unwrap());
         let wp = w8d.device_ptr(&g.stream).0;
         for t in [1usize, 2, 3, 4, 8] {
             assert!(kern.qkv_ready_takes(rows, heads, hd, vd, k, t), "{k} x {t}: a shape the ready projection takes");
