@@ -1637,12 +1637,7 @@ MOE_TILED_DG(4, 4)
 #define GEMM_NT 8                        // n8 tiles (4 pairs each) per chunk of pairs
 #define GEMM_PAIRS (4 * GEMM_NT)         // pairs per chunk
 #define GEMM_KC 4                        // steps of 64 K per stage
-// Stages of GEMM_KC steps in shared memory; GEMM_STAGES - 1 chunks are in flight while one is
-// multiplied (GEMM_SMEM in kernels/moe.rs). -DGEMM_STAGES=2 (measurement builds) gives the form
-// before 2026-11-29: one chunk (35 KB of weights a block, one block an SM) in flight.
-#ifndef GEMM_STAGES
-#define GEMM_STAGES 3
-#endif
+#define GEMM_STAGES 2
 #define GEMM_TILES 16                    // row tiles per block, one per warp (512 threads)
 #define GEMM_THREADS (32 * GEMM_TILES)
 #define GEMM_B_BYTES (GEMM_PAIRS * GEMM_KC * 256)
@@ -1747,17 +1742,12 @@ __device__ __forceinline__ void moe_gemm_chunk(const unsigned char* __restrict__
     for (int n = 0; n < NT; n++)
 #pragma unroll
         for (int i = 0; i < 4; i++) acc[n][i] = 0.f;
-#pragma unroll
-    for (int p = 0; p < GEMM_STAGES - 1; p++) {
-        if (p < nkc) issue(p);
-        cp_async_commit();  // (empty groups past the last chunk keep the wait's count)
-    }
+    issue(0);
+    cp_async_commit();
     for (int c = 0; c < nkc; c++) {
-        // Chunk c + GEMM_STAGES - 1 into the buffer chunk c - 1 used: every warp passed the
-        // barrier after multiplying it.
-        if (c + GEMM_STAGES - 1 < nkc) issue(c + GEMM_STAGES - 1);
-        cp_async_commit();
-        cp_async_wait<GEMM_STAGES - 1>();  // chunk c is in
+        if (c + 1 < nkc) issue(c + 1);
+        cp_async_commit();  // (an empty group past the last chunk)
+        cp_async_wait<1>();
         __syncthreads();
         const unsigned char* st = smem + (c % GEMM_STAGES) * GEMM_STAGE_BYTES;
         const unsigned char* sw = st + GEMM_B_BYTES + lt * (GEMM_KC * STEP_BYTES);

@@ -165,16 +165,12 @@ pub(crate) const MAX_FUSED_TOPK: usize = 32;
 /// Dynamic shared memory the tiled MoE kernels may ask for (8 warps' rings and the staged
 /// activations; `mxfp4_tiles::MAX_TILED_K` keeps the shapes it takes within it).
 pub const TILED_MAX_SMEM: usize = 200 * 1024;
-/// Stages of the mma.sync MoE GEMM (GEMM_STAGES in moe.cu; a measurement build may compile
-/// fewer, which this room also holds).
-const GEMM_STAGES: usize = 3;
-/// Dynamic shared memory of the MoE GEMM kernels (`GEMM_*` in moe.cu): `GEMM_STAGES` stages,
-/// each the split rows of 32 pairs (256 bytes per step) and 16 row tiles' steps (codes and
-/// scales, `mxfp4_tiles::TILE_STEP_BYTES` each), over 4 steps of K; within `TILED_MAX_SMEM`.
-const GEMM_SMEM: usize = gemm_smem(GEMM_TILES, GEMM_STAGES);
-const _: () = assert!(GEMM_SMEM <= TILED_MAX_SMEM);
-/// The MoE GEMM's dynamic shared memory for `tiles` row tiles per block and `stages` stages,
-/// each the split rows of 32 pairs and the tiles' codes and scales, 4 steps of 64 K.
+/// Dynamic shared memory of the MoE GEMM kernels (`GEMM_*` in moe.cu): two stages, each the
+/// split rows of 32 pairs (256 bytes per step) and 16 row tiles' steps (codes and scales,
+/// `mxfp4_tiles::TILE_STEP_BYTES` each), over 4 steps of K.
+const GEMM_SMEM: usize = gemm_smem(GEMM_TILES, 2);
+/// The MoE GEMM's dynamic shared memory for `tiles` row tiles per block: two stages of 32 pairs'
+/// split rows and the tiles' codes and scales, 4 steps of 64 K each.
 pub(super) const fn gemm_smem(tiles: usize, stages: usize) -> usize {
     stages * (32 * 4 * 256 + tiles * 4 * crate::mxfp4_tiles::TILE_STEP_BYTES)
 }
