@@ -145,7 +145,7 @@ pub struct Kernels {
     down_dg: Vec<CudaFunction>,
     moe_fp8: bool,
     /// Token counts up to which the MoE kernels run on FP8 digits where `moe_fp8` holds
-    /// (`moe_fp8_at`; `PEREGRINE_MOE_FP8_TOKENS`, 1..=`moe_tune::TUNED_TOKENS`).
+    /// (`moe_fp8_at`; `PEREGRINE_MOE_FP8_TOKENS`, 1..=`moe_tune::TUNED_BUCKETS_MAX`).
     moe_fp8_tokens: usize,
     /// The grouped-GEMM MoE kernels (`MoeKernel::Gemm`) and the row split they read.
     gemm_gate_up: CudaFunction,
@@ -391,7 +391,7 @@ impl Kernels {
             moe_fp8_tokens: std::env::var("PEREGRINE_MOE_FP8_TOKENS")
                 .ok()
                 .and_then(|v| v.parse().ok())
-                .filter(|n| (1..=crate::moe_tune::TUNED_TOKENS).contains(n))
+                .filter(|n| (1..=crate::moe_tune::TUNED_BUCKETS_MAX).contains(n))
                 .unwrap_or(FP8_MOE_TOKENS),
             gemm_gate_up: fm("moe_gemm_gate_up")?,
             gemm_down: fm("moe_gemm_down")?,

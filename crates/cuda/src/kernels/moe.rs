@@ -49,8 +49,8 @@ const DG_CORE_BYTES: usize = 144;
 /// Floats of one pair's digit row of h in the digit MoE (`dg_row_bytes` in
 /// kernels/moe.cu): the gate_up items stage h there as digits, I / 16 core matrices, then one
 /// inverse scale per 64 values, for the down items to copy whole. `MoeScratch::h` is large
-/// enough for the rows of the pairs of up to `moe_tune::TUNED_TOKENS` tokens (`MAX_FUSED_TOPK`
-/// each) as well as for its `[pairs, I]` floats.
+/// enough for the rows of the pairs of up to `moe_fp8_tokens` (at least `moe_tune::TUNED_TOKENS`)
+/// tokens (`MAX_FUSED_TOPK` each) as well as for its `[pairs, I]` floats.
 fn dg_row_floats(inter: usize) -> usize {
     (inter / 16 * DG_CORE_BYTES + inter / 64 * 4) / 4
 }
@@ -509,7 +509,7 @@ impl Kernels {
         Ok(MoeScratch {
             // Written in full (rows of every pair) before they are read; as large as the digit
             // rows of the pairs of the token counts that may run on digits too (dg_row_floats).
-            h: unsafe { self.alloc.alloc((max_pairs.max(1) * w.inter).max(max_pairs.clamp(1, crate::moe_tune::TUNED_TOKENS * MAX_FUSED_TOPK) * dg_row_floats(w.inter))) }?,
+            h: unsafe { self.alloc.alloc((max_pairs.max(1) * w.inter).max(max_pairs.clamp(1, self.moe_fp8_tokens.max(crate::moe_tune::TUNED_TOKENS) * MAX_FUSED_TOPK) * dg_row_floats(w.inter))) }?,
             out: unsafe { self.alloc.alloc(max_pairs.max(1) * w.hidden) }?,
             counters,
         })
@@ -580,10 +580,12 @@ impl Kernels {
         }
     }
 
-    /// Sets `moe_fp8_tokens` (1..=`moe_tune::TUNED_TOKENS`); returns the setting before. As with
-    /// `set_moe_fp8`, kernels tuned before keep their choice.
+    /// Sets `moe_fp8_tokens` (1..=`moe_tune::TUNED_BUCKETS_MAX`: above, the MoE GEMM runs);
+    /// returns the setting before. As with `set_moe_fp8`, kernels tuned before keep their
+    /// choice, and scratch allocated before holds the digit rows of the setting it saw.
     pub fn set_moe_fp8_tokens(&mut self, tokens: usize) -> Result<usize> {
-        check((1..=crate::moe_tune::TUNED_TOKENS).contains(&tokens), || format!("FP8 digit MoE token counts must be 1..={}, not {tokens}", crate::moe_tune::TUNED_TOKENS))?;
+        let most = crate::moe_tune::TUNED_BUCKETS_MAX;
+        check((1..=most).contains(&tokens), || format!("FP8 digit MoE token counts must be 1..={most}, not {tokens}"))?;
         Ok(std::mem::replace(&mut self.moe_fp8_tokens, tokens))
     }
 
