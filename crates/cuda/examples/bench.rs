@@ -192,6 +192,9 @@ fn main() {
             }
             run(k, 0, y);
             let base = s.clone_dtoh(y).unwrap();
+            // What the environment set (`PEREGRINE_GEMM_WGMMA`, `_WG_ROWS`, `_WG_SPLIT`), put back
+            // after the forced cells so the next lines' default is still the one asked for.
+            let before = (k.set_dense_gemm_wgmma(None), k.set_dense_wg_rows(None).unwrap(), k.set_dense_wg_k_splits(None).unwrap());
             let mut cells = Vec::new();
             for rows in peregrine_cuda::kernels::DENSE_WG_ROWS {
                 let mut by_split = Vec::new();
@@ -206,9 +209,9 @@ fn main() {
                 }
                 cells.push(by_split.join(" "));
             }
-            k.set_dense_gemm_wgmma(None);
-            k.set_dense_wg_rows(None).unwrap();
-            k.set_dense_wg_k_splits(None).unwrap();
+            k.set_dense_gemm_wgmma(before.0);
+            k.set_dense_wg_rows(before.1).unwrap();
+            k.set_dense_wg_k_splits(before.2).unwrap();
             format!("; wgmma 256 / 128 / 64 rows, K in 1 2 4 8 splits: {}", cells.join(" / "))
         };
         drop(y);
