@@ -1095,12 +1095,13 @@ fn prefill_gemm(g: &peregrine_cuda::device::Gpu, k: &mut Kernels, time: Time) {
             };
             let mut ms = [0f32; 2];
             let mut bits = Vec::new();
+            let before = k.set_dense_gemm_wgmma(None);  // the environment's, put back after
             for (i, wg) in [false, true].into_iter().enumerate() {
                 k.set_dense_gemm_wgmma(Some(wg));
                 ms[i] = time(10, &mut |_| run(k, &mut y));
                 bits.push(s.clone_dtoh(&y.slice(..t * n)).unwrap());
             }
-            k.set_dense_gemm_wgmma(None);
+            k.set_dense_gemm_wgmma(before);
             let same = bits[0].iter().zip(&bits[1]).all(|(a, b)| a.to_bits() == b.to_bits());
             let tf = |ms: f32| 2.0 * (n * kk * t) as f64 / (ms as f64 * 1e-3) / 1e12;
             println!("{name:<12} T={t:<5} {:8.3} {:8.3} {:6.1} / {:6.1} TFLOP/s  {:.2}x{}", ms[0], ms[1], tf(ms[0]), tf(ms[1]), ms[0] / ms[1], if same { "" } else { "  BITS DIFFER" });
