@@ -226,6 +226,39 @@ fn distinct_experts(e: usize, k: usize, b: usize) -> f64 {
     e as f64 * (1.0 - (1.0 - k as f64 / e as f64).powi(b as i32))
 }
 
+/// How the routing of one eager step compares with the uniform routing the floors assume: per
+/// MoE layer the distinct experts, the pairs sharing an expert and the most pairs on one.
+fn print_routing(spec: &ModelSpec, b: usize, layers: &[Vec<i32>]) {
+    let Some(m) = spec.layers.iter().find_map(|l| match l.mlp {
+        MlpSpec::Moe(m) => Some(m),
+        MlpSpec::Dense { .. } => None,
+    }) else {
+        return;
+    };
+    let expect = distinct_experts(m.num_experts, m.top_k, b);
+    let (mut distinct, mut shared, mut most) = (Vec::new(), Vec::new(), Vec::new());
+    for ids in layers {
+        let mut count = vec![0usize; m.num_experts];
+        for &e in ids {
+            if let Some(c) = count.get_mut(e as usize) {
+                *c += 1;
+            }
+        }
+        distinct.push(count.iter().filter(|&&c| c > 0).count());
+        shared.push(count.iter().filter(|&&c| c > 1).sum::<usize>());
+        most.push(count.iter().copied().max().unwrap_or(0));
+    }
+    let mean = |v: &[usize]| v.iter().sum::<usize>() as f64 / v.len().max(1) as f64;
+    println!(
+        "routing of this batch-{b} step ({} MoE layers, {} pairs each): distinct experts a layer {:.1} (uniform routing: {expect:.1}; per layer {distinct:?}), pairs on a shared expert {:.1} a layer, the most pairs on one expert {:.1} a layer (per layer {most:?})",
+        layers.len(),
+        b * m.top_k,
+        mean(&distinct),
+        mean(&shared),
+        mean(&most)
+    );
+}
+
 struct Floor {
     bytes: f64,
 }
@@ -709,6 +742,9 @@ fn main() {
             let fl = bytes / copy_bw * 1e3;
             let ratio = if fl > 0.0 { format!("{:.2}x", ms / fl) } else { "-".into() };
             println!("| {name} | {ms:.3} | {:.1}% | {fl:.3} | {ratio} |", 100.0 * ms / total);
+        }
+        if b > 1 {
+            print_routing(&spec, b, &model.probe_routing(&batch).expect("routing probe"));
         }
     }
     // Prefill: one prompt in one forward (eager: prompts are not captured), sequence 0's

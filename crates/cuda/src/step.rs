@@ -444,6 +444,25 @@ impl CudaModel {
         mark(&mut marks)
     }
 
+    /// The experts each grouped routing of one eager forward of `batch` chose: per MoE call (in
+    /// layer order) its rows' top-k expert ids, [rows * top_k]. The one-token fused kernel routes
+    /// inside itself and is not seen here; from 2 rows every MoE layer is. For checking how the
+    /// routing a benchmark's weights give compares with the uniform routing its floors assume.
+    pub fn probe_routing(&mut self, batch: &[SeqForward]) -> Result<Vec<Vec<i32>>> {
+        let rows = self.host_rows(batch)?;
+        let (n, k) = (rows.toks.len(), rows.want.len());
+        let (meta, idx) = self.upload_rows(&rows)?;
+        let plan = self.step_plan(n, Some(k), rows.one_per_seq);
+        let mut logits = self.zeros(k.max(1) * self.spec.vocab_size)?;
+        let mut ids = self.stream.alloc_zeros::<i32>(k.max(1)).map_err(drv)?;
+        *self.routing_probe.lock().map_err(|_| Error::Backend("routing probe lock poisoned".into()))? = Some(Vec::new());
+        let run = self.execute_marked(&plan, &meta, Some(&idx), &mut logits, &mut ids, None);
+        let seen = self.routing_probe.lock().map_err(|_| Error::Backend("routing probe lock poisoned".into()))?.take().unwrap_or_default();
+        run?;
+        self.stream.synchronize().map_err(drv)?;
+        Ok(seen)
+    }
+
     /// Where a forward's time goes: runs `batch` eagerly `reps` times (after one warm-up) with
     /// CUDA events around every operation of its plan and returns each operation with its median
     /// time in ms. Eager launches, so the sum exceeds a graph replay by the launch gaps.

@@ -347,6 +347,9 @@ pub struct CudaModel {
     moe_combine_in_norm: Option<bool>,
     /// MoE calls that left their pairs to the norm (tests check the path ran).
     moe_pairs_calls: std::sync::atomic::AtomicUsize,
+    /// While `probe_routing` runs: each grouped routing's expert choices ([rows, top_k]),
+    /// brought back after its launch (eager only: it synchronises the stream).
+    pub(crate) routing_probe: std::sync::Mutex<Option<Vec<Vec<i32>>>>,
     /// Steps with prompt chunks launch with PDL too (`PEREGRINE_PREFILL_PDL=1`; by default they
     /// launch plainly, see `launch::PlainLaunches`).
     pub(crate) prefill_pdl: bool,
@@ -634,6 +637,7 @@ impl CudaModel {
             f32_tiles: std::env::var("PEREGRINE_F32_TILES").map_or(true, |v| v != "0"),
             moe_combine_in_norm: None,
             moe_pairs_calls: std::sync::atomic::AtomicUsize::new(0),
+            routing_probe: std::sync::Mutex::new(None),
             prefill_pdl: std::env::var("PEREGRINE_PREFILL_PDL").is_ok_and(|v| v == "1"),
             drain_after_mlp_rows: std::env::var("PEREGRINE_DRAIN_AFTER_MLP_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(DRAIN_AFTER_MLP_ROWS),
             drain_after_mlp_op: std::env::var("PEREGRINE_DRAIN_AFTER_MLP_OPS").ok().and_then(|v| v.parse().ok()).unwrap_or(1),

@@ -343,6 +343,11 @@ impl CudaModel {
             b.arg(&topk_idx).arg(&topk_w).arg(&pi).arg(&ki).arg(&ei).arg(&mu).arg(&mut r.experts).arg(&mut r.pair_off).arg(&mut r.pair_tok).arg(&mut r.pair_w).arg(&mut r.tok_pairs);
             unsafe { b.launch(LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: smem + (2 * 32 * e) as u32 }) }.map_err(drv)?;
         }
+        let mut probe = self.routing_probe.lock().map_err(|_| Error::Backend("routing probe lock poisoned".into()))?;
+        if let Some(seen) = probe.as_mut() {
+            seen.push(st.clone_dtoh(&topk_idx).map_err(drv)?);
+        }
+        drop(probe);
         Ok((r, topk_idx, topk_w))
     }
 
