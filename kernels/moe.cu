@@ -1049,10 +1049,21 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
     if ((SPLIT || DG) && threadIdx.x == 0) mbar_init(&xbar);  // (thread 0 uses it first; others past the pass's barrier)
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     __syncwarp();
+#ifdef MOE_DG_ONE_PASS
+    // Measurement builds only (outputs wrong): a digit block makes one pass over its tiles
+    // whatever its slot's pairs, multiplying only the first pair's digits, which bounds what
+    // passes over every pair of a slot at once (wgmma columns for several pairs) could read.
+    const int cap = DG ? max(1, pe - pb) : pass_rows<DG>(K, TW * RING);
+#else
     const int cap = pass_rows<DG>(K, TW * RING);
+#endif
     for (int p0 = pb; p0 < pe; p0 += cap) {
         int np = min(cap, pe - p0);
+#ifdef MOE_DG_ONE_PASS
+        if ((int)threadIdx.x < min(np, NP)) ss.rows[threadIdx.x] = GATE_UP ? pair_tok[p0 + threadIdx.x] : p0 + threadIdx.x;
+#else
         if ((int)threadIdx.x < np) ss.rows[threadIdx.x] = GATE_UP ? pair_tok[p0 + threadIdx.x] : p0 + threadIdx.x;
+#endif
         // The pass's split rows, asked for by thread 0 (the previous pass's readers are past
         // the barrier that ends it).
         auto fetch_rows = [&]() {
