@@ -603,7 +603,19 @@ __device__ __forceinline__ void wg_e4m3_k32(float d[4], unsigned a0, unsigned a1
                  : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc));
 }
+// The same over two pairs' digits (m64n16k32): d[0..3] the first pair's eight columns, d[4..7]
+// the second's, as m64n8k32 gives each alone (the columns of an MMA are independent).
+__device__ __forceinline__ void wg_e4m3_k32_n16(float d[8], unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned long long desc) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 0, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n16k32.f32.e4m3.e4m3 {%0,%1,%2,%3,%4,%5,%6,%7}, {%8,%9,%10,%11}, %12, p, 1, 1;\n}\n"
+                 : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3]), "=f"(d[4]), "=f"(d[5]), "=f"(d[6]), "=f"(d[7])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc));
+}
 // Pins the registers of asynchronous MMA results in program order.
+__device__ __forceinline__ void wg_pin16(float d[16]) {
+#pragma unroll
+    for (int i = 0; i < 16; i++) asm volatile("" : "+f"(d[i])::"memory");
+}
 __device__ __forceinline__ void wg_pin8(float d[8]) {
 #pragma unroll
     for (int i = 0; i < 8; i++) asm volatile("" : "+f"(d[i])::"memory");
@@ -619,6 +631,20 @@ __device__ __forceinline__ void digits_step_issue(uint4 wv, unsigned bdesc_lo, f
     wg_fence();
     wg_e4m3_k32(tp, x0, x1, y0, y1, wg_desc_of(bdesc_lo, 128));
     wg_e4m3_k32(tp + 4, z0, z1, u0, u1, wg_desc_of(bdesc_lo + 2 * DG_CORE / 16, 128));
+    wg_commit();
+}
+// digits_step_issue over two pairs' digit rows, `pstride` bytes apart (the descriptor's stride
+// between 8-column groups): block 0 into tp[0..7], block 1 into tp[8..15], each pair's four
+// results as digits_step_issue gives them.
+__device__ __forceinline__ void digits_step_issue2(uint4 wv, unsigned bdesc_lo, unsigned pstride, float tp[16]) {
+    unsigned x0, x1, y0, y1, z0, z1, u0, u1;
+    digits_a(wv.x, x0, x1);
+    digits_a(wv.y, y0, y1);
+    digits_a(wv.z, z0, z1);
+    digits_a(wv.w, u0, u1);
+    wg_fence();
+    wg_e4m3_k32_n16(tp, x0, x1, y0, y1, wg_desc_of(bdesc_lo, pstride));
+    wg_e4m3_k32_n16(tp + 8, z0, z1, u0, u1, wg_desc_of(bdesc_lo + 2 * DG_CORE / 16, pstride));
     wg_commit();
 }
 // CSC: the step's activation chunk has its own power-of-two scale cs (a down pass over h staged
@@ -645,6 +671,16 @@ __device__ __forceinline__ void digits_step_scale(const float tp[8], unsigned sv
     acc[1] += f0 * tp[5];
     acc[2] += f1 * tp[6];
     acc[3] += f1 * tp[7];
+}
+// digits_step_scale for the two pairs of digits_step_issue2 (pair j's sums at tp[4 j] and
+// tp[8 + 4 j], its chunk scale cs[j]): each pair's arithmetic is digits_step_scale's, in its order.
+template <bool CSC = false>
+__device__ __forceinline__ void digits_step_scale2(const float tp[16], unsigned sv, float acc[8], const float cs[2]) {
+#pragma unroll
+    for (int j = 0; j < 2; j++) {
+        const float b[8] = {tp[4 * j], tp[4 * j + 1], tp[4 * j + 2], tp[4 * j + 3], tp[8 + 4 * j], tp[9 + 4 * j], tp[10 + 4 * j], tp[11 + 4 * j]};
+        digits_step_scale<CSC>(b, sv, acc + 4 * j, cs[j]);
+    }
 }
 #define MOE_DG_MATH 1
 #else
@@ -677,7 +713,11 @@ __device__ __forceinline__ void digits_step_scale(const float tp[8], unsigned sv
 // (digits_step_issue); every warp of the block streams a tile of the same K.
 // CSC (DG only): step k's activation chunk scale is the float at shared-window address csc + 4 k
 // (digits_step_scale's CSC).
-template <int NS, int CS, bool EARLY = false, bool DG = false, bool CSC = false>
+// NPD (DG only, 1 or 2): pairs a pass multiplies, their digit rows K / 16 core matrices apart
+// in frag, acc holding 4 NPD sums (pair j's at acc + 4 j), pair j's chunk scales DG_CINV_STRIDE
+// j bytes past csc (digits_step_issue2).
+#define DG_CINV_STRIDE 256  // bytes from one pair's chunk scales to the next in shared memory (DG_MAX_CHUNKS floats)
+template <int NS, int CS, bool EARLY = false, bool DG = false, bool CSC = false, int NPD = 1>
 __device__ __forceinline__ int tile_stream_bulk(const unsigned char* __restrict__ wt, int KS, const uint4* frag, int L, float acc[4],
                                                 unsigned char* ring, unsigned long long* bars, int& seq, bool once,
                                                 const unsigned char* nwt = nullptr, int nKS = 0, bool nonce = true, int rowstride = 0,
@@ -715,6 +755,35 @@ __device__ __forceinline__ int tile_stream_bulk(const unsigned char* __restrict_
                 wvs[c] = lds128(stage + c * STEP_BYTES + wl);
                 svs[c] = lds32(stage + c * STEP_BYTES + sl);
             }
+        } else if (DG && NPD == 2) {
+#if MOE_DG_MATH && !defined(MOE_NO_MATH)
+            // digits_step_issue2 / digits_step_scale2 in the one-pair loop's order below.
+            const unsigned bd = dga0 + (unsigned)(j * CS) * (4 * DG_CORE / 16), pstride = (unsigned)KS * 4u * DG_CORE;
+            float tp[CS][16];
+            const unsigned cst = csc + 4u * (unsigned)(j * CS);
+            auto chunk_scales = [&](int c, float cs[2]) {
+                cs[0] = CSC ? __uint_as_float(lds32(cst + 4u * c)) : 1.f;
+                cs[1] = CSC ? __uint_as_float(lds32(cst + DG_CINV_STRIDE + 4u * c)) : 1.f;
+            };
+#pragma unroll
+            for (int c = 0; c < CS; c++) {
+                svs[c] = lds32(stage + c * STEP_BYTES + sl);
+                digits_step_issue2(lds128(stage + c * STEP_BYTES + wl), bd + (unsigned)c * (4 * DG_CORE / 16), pstride, tp[c]);
+                wg_pin16(tp[c]);
+                if (c >= 1) {
+                    float cs[2];
+                    chunk_scales(c - 1, cs);
+                    wg_wait<1>();
+                    wg_pin16(tp[c - 1]);
+                    digits_step_scale2<CSC>(tp[c - 1], svs[c - 1], acc, cs);
+                }
+            }
+            float cs[2];
+            chunk_scales(CS - 1, cs);
+            wg_wait<0>();
+            wg_pin16(tp[CS - 1]);
+            digits_step_scale2<CSC>(tp[CS - 1], svs[CS - 1], acc, cs);
+#endif
         } else if (DG) {
 #if MOE_DG_MATH && !defined(MOE_NO_MATH)
             // Every stage is whole (the host runs these rings only where CS divides each pass's
@@ -874,6 +943,7 @@ __device__ __forceinline__ void tile_store_digits(bool gate_up, const float acc[
 #define DG_H_DIGITS true
 #endif
 #define DG_MAX_CHUNKS 64  // I / 64 at most (Kernels::moe_fp8_for: I <= 4096)
+static_assert(DG_CINV_STRIDE == 4 * DG_MAX_CHUNKS, "two pairs' chunk scales lie DG_MAX_CHUNKS floats apart");
 // Bytes of one pair's digit row of h: I / 16 core matrices of DG_CORE bytes, then I / 64 floats
 // (dg_row_floats in kernels/moe.rs counts the same in floats).
 __device__ __forceinline__ unsigned dg_row_bytes(int I) { return (unsigned)(I / 16 * DG_CORE + I / 64 * 4); }
@@ -921,6 +991,20 @@ __device__ __forceinline__ void fetch_h_digit_row(const unsigned char* row, int 
     mbar_expect(bar, dg_row_bytes(I));
     bulk_load(frag, row, (unsigned)(I / 16 * DG_CORE), bar);
     bulk_load(cinv, row + I / 16 * DG_CORE, (unsigned)(I / 64 * 4), bar);
+}
+
+// fetch_h_digit_row for np consecutive pairs' rows (from `row`) on one expect: pair j's digits
+// dg rows on in frag, its chunk scales DG_MAX_CHUNKS floats on in cinv (tile_stream_bulk's NPD).
+__device__ __forceinline__ void fetch_h_digit_rows(const unsigned char* row, int np, int I, uint4* frag, float* cinv, unsigned long long* bar) {
+    asm volatile("fence.proxy.async.global;" ::: "memory");
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    mbar_expect(bar, (unsigned)np * dg_row_bytes(I));
+    const unsigned dg = (unsigned)(I / 16 * DG_CORE);
+    for (int j = 0; j < np; j++) {
+        const unsigned char* r = row + (size_t)j * dg_row_bytes(I);
+        bulk_load(reinterpret_cast<unsigned char*>(frag) + j * dg, r, dg, bar);
+        bulk_load(cinv + j * DG_MAX_CHUNKS, r + dg, (unsigned)(I / 64 * 4), bar);
+    }
 }
 
 // After a block's down outputs for row group grp (TW x 16 rows of H): counted on counters[grp];
@@ -996,7 +1080,7 @@ __device__ __forceinline__ void split_row(const float* __restrict__ y, int p, in
 // xd (DG gate_up, 2+ tokens): x as digit rows (moe_digit_rows one launch ahead, dg_x_row_bytes
 // each), copied in by a bulk copy per pass instead of staged: the staging after the wait cost
 // the blocks of the multi-wave grid ~8-14 points of copy bandwidth (H200, 2-8 tokens).
-template <bool GATE_UP, int NS, int CS, bool SPLIT, bool DG = false>
+template <bool GATE_UP, int NS, int CS, bool SPLIT, bool DG = false, int NPD = 1>
 __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, const int* __restrict__ experts, const int* __restrict__ pair_off,
                                           const int* __restrict__ pair_tok, const float* __restrict__ pair_w,
                                           const float* __restrict__ x, float* __restrict__ y, int K, int tiles, int ldy,
@@ -1042,8 +1126,8 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
     int xpass = 0;
     // DG: a gate_up pass's chunk of h and its warps' largest magnitudes (ss.red); a down pass's
     // chunk scales, copied with its digit row on xbar.
-    __shared__ float hv[DG ? TW * 8 : 1];
-    __shared__ __align__(16) float cinv[DG ? DG_MAX_CHUNKS : 4];
+    __shared__ float hv[DG ? NPD * TW * 8 : 1];
+    __shared__ __align__(16) float cinv[DG ? NPD * DG_MAX_CHUNKS : 4];
     if (lane == 0)
         for (int i = 0; i < NS; i++) mbar_init(wbars + i);
     if ((SPLIT || DG) && threadIdx.x == 0) mbar_init(&xbar);  // (thread 0 uses it first; others past the pass's barrier)
@@ -1055,8 +1139,14 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
     // passes over every pair of a slot at once (wgmma columns for several pairs) could read.
     const int cap = DG ? max(1, pe - pb) : pass_rows<DG>(K, TW * RING);
 #else
-    const int cap = pass_rows<DG>(K, TW * RING);
+    const int cap = DG ? NPD : pass_rows<DG>(K, TW * RING);
 #endif
+    const unsigned dg_rows = (unsigned)(K / 16 * DG_CORE);  // DG: one pair's digits in frag
+    if (DG && NPD > 1) {
+        unsigned dyn;  // the host sizes the rings and NPD digit rows (kernels/moe.rs)
+        asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
+        if (dyn < (unsigned)(TW * RING) + NPD * dg_rows) __trap();
+    }
     for (int p0 = pb; p0 < pe; p0 += cap) {
         int np = min(cap, pe - p0);
 #ifdef MOE_DG_ONE_PASS
@@ -1078,12 +1168,15 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
         if (DG && GATE_UP && xd != nullptr && threadIdx.x == 0) {
             // The pass's token's digit row (np = 1; the kernel waited for moe_digit_rows above)
             // and its inverse scale.
-            const unsigned char* row = xd + (size_t)pair_tok[p0] * dg_x_row_bytes(K);
+            // (NPD: the pass's np tokens' rows one after another.)
             asm volatile("fence.proxy.async.global;" ::: "memory");
             asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-            mbar_expect(&xbar, (unsigned)(K / 16 * DG_CORE));
-            bulk_load(frag, row, (unsigned)(K / 16 * DG_CORE), &xbar);
-            ss.inv[0] = __ldcg(reinterpret_cast<const float*>(row + K / 16 * DG_CORE));
+            mbar_expect(&xbar, (unsigned)np * dg_rows);
+            for (int j = 0; j < np; j++) {
+                const unsigned char* row = xd + (size_t)pair_tok[p0 + j] * dg_x_row_bytes(K);
+                bulk_load(reinterpret_cast<unsigned char*>(frag) + j * dg_rows, row, dg_rows, &xbar);
+                ss.inv[j] = __ldcg(reinterpret_cast<const float*>(row + dg_rows));
+            }
         }
         const bool once = p0 + cap >= pe;  // the block's last pass over its tiles
         if (active) bulk_prologue<NS, CS>(seq, wt, KS, ring, wbars, once);
@@ -1109,7 +1202,12 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
             }
             if (SPLIT && threadIdx.x == 0) fetch_rows();
             // DG: the pass's digit row (np = 1).
-            if (DG && threadIdx.x == 0) fetch_h_digit_row(reinterpret_cast<const unsigned char*>(x) + (size_t)p0 * dg_row_bytes(K), K, frag, cinv, &xbar);
+            if (DG && threadIdx.x == 0) {
+                if (NPD == 1)
+                    fetch_h_digit_row(reinterpret_cast<const unsigned char*>(x) + (size_t)p0 * dg_row_bytes(K), K, frag, cinv, &xbar);
+                else
+                    fetch_h_digit_rows(reinterpret_cast<const unsigned char*>(x) + (size_t)p0 * dg_row_bytes(K), np, K, frag, cinv, &xbar);
+            }
         }
         __syncthreads();
         float inv = 0.f;  // SPLIT: the 2^-s of the lane's pair (lanes t < np)
@@ -1125,14 +1223,20 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
             stage_b<false, false, DG>(x, ss.rows, np, K, reinterpret_cast<unsigned*>(frag), ss.red, ss.scale, ss.inv);
         }
         staged = false;
-        float acc[4] = {0.f, 0.f, 0.f, 0.f};
+        float acc[4 * NPD];
+#pragma unroll
+        for (int i = 0; i < 4 * NPD; i++) acc[i] = 0.f;
         if constexpr (DG) {
             // (Every warp has a tile: the host runs DG where the tiles fill the blocks.)
-            tile_stream_bulk<NS, CS, false, DG, !GATE_UP>(wt, KS, frag, 8, acc, ring, wbars, seq, once, nullptr, 0, true, 0, smem_addr(cinv));
-            if (GATE_UP)
-                gate_up_chunk_values(acc, ss.inv[0], hv, ss.red);
-            else
-                tile_store_digits(false, acc, 1.f, y, ldy, p0, rt, pair_w);
+            tile_stream_bulk<NS, CS, false, DG, !GATE_UP, NPD>(wt, KS, frag, 8, acc, ring, wbars, seq, once, nullptr, 0, true, 0, smem_addr(cinv));
+#pragma unroll
+            for (int j = 0; j < NPD; j++) {
+                if (j >= np) break;
+                if (GATE_UP)
+                    gate_up_chunk_values(acc + 4 * j, ss.inv[j], hv + j * TW * 8, ss.red + j);
+                else
+                    tile_store_digits(false, acc + 4 * j, 1.f, y, ldy, p0 + j, rt, pair_w);
+            }
         } else {
             if (active) tile_stream_bulk<NS, CS, MOE_TILED_EARLY>(wt, KS, frag, 8 * np, acc, ring, wbars, seq, once, nullptr, 0, true, SPLIT ? K / 4 : 0);
             if (active && t < np) tile_store(GATE_UP, acc, SPLIT ? inv : ss.inv[t], y, ldy, p0 + t, rt, pair_w);
@@ -1140,7 +1244,9 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
         __syncthreads();  // every warp is done with the fragments before the next pass restages
         // DG: the pass's chunk of h as digits into its pair's row, before the block counts
         // itself done (gate_up_unit_done's barrier and release, or the grid's end, publish it).
-        if (DG && GATE_UP) gate_up_chunk_digits(hv, ss.red, reinterpret_cast<unsigned char*>(y) + (size_t)p0 * dg_row_bytes(ldy), ldy, blockIdx.x);
+        if (DG && GATE_UP)
+            for (int j = 0; j < np; j++)
+                gate_up_chunk_digits(hv + j * TW * 8, ss.red + j, reinterpret_cast<unsigned char*>(y) + (size_t)(p0 + j) * dg_row_bytes(ldy), ldy, blockIdx.x);
     }
     if (GATE_UP) {
         if (slot_done == nullptr) return;
@@ -1623,6 +1729,36 @@ MOE_TILED_DG(2, 4)
 MOE_TILED_DG(4, 2)
 MOE_TILED_DG(3, 4)
 MOE_TILED_DG(4, 4)
+
+// The two-launch digit kernels whose passes take two pairs of a slot at once (moe_tiled's NPD):
+// an expert holding several pairs (from ~16 rows on) is streamed once per two of them instead of
+// once a pair, on m64n16k32 wgmmas; the same bits as the one-pair kernels (each pair's columns
+// and arithmetic are theirs). Dynamic shared memory: the rings, then two digit rows of K / 16
+// core matrices (kernels::moe.rs sizes it).
+#define MOE_TILED_DG2(NS, CS)                                                                                            \
+    extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_gate_up_dg2_n##NS##_c##CS(                     \
+        const unsigned char* __restrict__ W, const int* __restrict__ experts,                                           \
+        const int* __restrict__ pair_off, const int* __restrict__ pair_tok, const float* __restrict__ x,                 \
+        float* __restrict__ h, int H, int I, int T, int x_settled, unsigned* slots,                                      \
+        const unsigned char* __restrict__ xd) {                                                                          \
+        DG_GUARD(true);                                                                                                  \
+        moe_tiled<true, NS, CS, false, true, 2>(W, experts, pair_off, pair_tok, nullptr, x, h, H, I / 8, I, nullptr,  \
+                                                nullptr, nullptr, T, 0, x_settled, slots, nullptr, nullptr, nullptr,     \
+                                                nullptr, nullptr, xd);                                                   \
+    }                                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_down_dg2_n##NS##_c##CS(                        \
+        const unsigned char* __restrict__ W, const int* __restrict__ experts,                                           \
+        const int* __restrict__ pair_off, const float* __restrict__ pair_w, const float* __restrict__ h,                 \
+        float* __restrict__ out, int H, int I, unsigned* counters, const int* __restrict__ tok_pairs,                    \
+        float* __restrict__ y, int T, int topk, unsigned* slots) { PDL_TRIGGER();                                        \
+        DG_GUARD(true);                                                                                                  \
+        moe_tiled<false, NS, CS, false, true, 2>(W, experts, pair_off, nullptr, pair_w, h, out, I, H / 16, H, counters, \
+                                                 tok_pairs, y, T, topk, 0, slots, slots ? slots + gridDim.y : nullptr);  \
+    }
+MOE_TILED_DG2(2, 4)
+MOE_TILED_DG2(4, 2)
+MOE_TILED_DG2(3, 4)
+MOE_TILED_DG2(4, 4)
 
 // ---------------------------------------------------------------------------------------------
 // MoE GEMM for prefill-sized batches: many pairs per expert.

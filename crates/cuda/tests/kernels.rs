@@ -617,21 +617,26 @@ fn mxfp4_moe_decode_matches_the_cpu_reference() {
                     kern.set_moe_fp8(true);
                 }
                 // The two-launch kernels on digits: the same bits, on every digit ring and with
-                // gate_up and down on different rings.
+                // gate_up and down on different rings, with a pair a pass and with two pairs of
+                // a slot a pass (from 2 tokens slots hold several pairs here: 4 of 16 experts).
                 let dgr = peregrine_cuda::kernels::DG_RINGS;
-                for j in 0..dgr.len() {
-                    for (gu_ring, down_ring) in [(dgr[j], dgr[j]), (dgr[j], dgr[(j + 1) % dgr.len()])] {
-                        let kind = MoeKernel::Tiled { stages: gu_ring.0, steps: gu_ring.1, down_stages: down_ring.0, down_steps: down_ring.1 };
-                        assert!(kern.moe_kind_on_digits(kind, &wt, t), "{kind:?} runs on digits at {t} tokens");
-                        assert!(!kern.moe_kind_reads_split(kind, &wt, t, top_k), "{kind:?} on digits stages x itself");
-                        for _ in 0..2 {
-                            let mut yv = poisoned(&g, t * h);
-                            kern.moe_mxfp4_with(kind, &wt, &dr, &xd, MoeInput::Settled, &mut scratch, &mut yv).unwrap();
-                            let yv = g.stream.clone_dtoh(&yv).unwrap();
-                            assert!(yv.iter().zip(&first).all(|(a, b)| a.to_bits() == b.to_bits()), "moe mxfp4 ({kind:?}, FP8 digits) {h}x{i} T={t}: differs from the fused digit kernel's bits");
-                            assert!(g.stream.clone_dtoh(&scratch.counters).unwrap().iter().all(|&c| c == 0), "{kind:?} (FP8 digits) T={t}: counters left non-zero");
+                for pairs_from in [usize::MAX, 1] {
+                    let pairs_before = kern.set_moe_fp8_pairs_from(pairs_from);
+                    for j in 0..dgr.len() {
+                        for (gu_ring, down_ring) in [(dgr[j], dgr[j]), (dgr[j], dgr[(j + 1) % dgr.len()])] {
+                            let kind = MoeKernel::Tiled { stages: gu_ring.0, steps: gu_ring.1, down_stages: down_ring.0, down_steps: down_ring.1 };
+                            assert!(kern.moe_kind_on_digits(kind, &wt, t), "{kind:?} runs on digits at {t} tokens");
+                            assert!(!kern.moe_kind_reads_split(kind, &wt, t, top_k), "{kind:?} on digits stages x itself");
+                            for _ in 0..2 {
+                                let mut yv = poisoned(&g, t * h);
+                                kern.moe_mxfp4_with(kind, &wt, &dr, &xd, MoeInput::Settled, &mut scratch, &mut yv).unwrap();
+                                let yv = g.stream.clone_dtoh(&yv).unwrap();
+                                assert!(yv.iter().zip(&first).all(|(a, b)| a.to_bits() == b.to_bits()), "moe mxfp4 ({kind:?}, FP8 digits, two pairs a pass from {pairs_from} tokens) {h}x{i} T={t}: differs from the fused digit kernel's bits");
+                                assert!(g.stream.clone_dtoh(&scratch.counters).unwrap().iter().all(|&c| c == 0), "{kind:?} (FP8 digits, two pairs from {pairs_from}) T={t}: counters left non-zero");
+                            }
                         }
                     }
+                    kern.set_moe_fp8_pairs_from(pairs_before);
                 }
                 // A ring that is not a digit ring is not on the digits (it keeps the F16 form).
                 let f16_ring = peregrine_cuda::kernels::TILED_VARIANTS.iter().copied().find(|r| !dgr.contains(r)).expect("an F16-only ring");

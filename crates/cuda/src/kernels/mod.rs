@@ -143,6 +143,12 @@ pub struct Kernels {
     /// per `DG_RINGS` entry.
     gate_up_dg: Vec<CudaFunction>,
     down_dg: Vec<CudaFunction>,
+    /// The same whose passes take two pairs of a slot at once (`moe_gate_up_dg2_*`,
+    /// `moe_down_dg2_*`), and the token count from which the two-launch digit MoE runs them
+    /// (`moe_fp8_pairs_from`; `PEREGRINE_MOE_FP8_PAIRS_FROM`).
+    gate_up_dg2: Vec<CudaFunction>,
+    down_dg2: Vec<CudaFunction>,
+    moe_fp8_pairs_from: usize,
     moe_fp8: bool,
     /// Token counts up to which the MoE kernels run on FP8 digits where `moe_fp8` holds
     /// (`moe_fp8_at`; `PEREGRINE_MOE_FP8_TOKENS`, 1..=`moe_tune::TUNED_BUCKETS_MAX`).
@@ -387,6 +393,9 @@ impl Kernels {
             fused_acc_dg: DG_RINGS.iter().map(|(n, c)| fm(&format!("moe_fused_acc_dg_n{n}_c{c}"))).collect::<Result<_>>()?,
             gate_up_dg: DG_RINGS.iter().map(|(n, c)| fm(&format!("moe_gate_up_dg_n{n}_c{c}"))).collect::<Result<_>>()?,
             down_dg: DG_RINGS.iter().map(|(n, c)| fm(&format!("moe_down_dg_n{n}_c{c}"))).collect::<Result<_>>()?,
+            gate_up_dg2: DG_RINGS.iter().map(|(n, c)| fm(&format!("moe_gate_up_dg2_n{n}_c{c}"))).collect::<Result<_>>()?,
+            down_dg2: DG_RINGS.iter().map(|(n, c)| fm(&format!("moe_down_dg2_n{n}_c{c}"))).collect::<Result<_>>()?,
+            moe_fp8_pairs_from: std::env::var("PEREGRINE_MOE_FP8_PAIRS_FROM").ok().and_then(|v| v.parse().ok()).filter(|&n| n >= 1).unwrap_or(FP8_MOE_PAIRS_FROM),
             moe_fp8: std::env::var("PEREGRINE_MOE_FP8").map_or(peak_bandwidth >= FP8_MOE_MIN_BANDWIDTH, |v| v != "0"),
             moe_fp8_tokens: std::env::var("PEREGRINE_MOE_FP8_TOKENS")
                 .ok()

@@ -37,6 +37,11 @@ pub const FP8_MOE_MIN_BANDWIDTH: f64 = 4.0e12;
 /// may share experts (verify blocks) stay off the digits (`Kernels::moe_kernel_rows`).
 pub const FP8_MOE_TOKENS: usize = crate::moe_tune::TUNED_TOKENS;
 
+/// Token counts from which the two-launch digit MoE takes two pairs of an expert slot a pass
+/// (`moe_gate_up_dg2_*`, `moe_down_dg2_*`: one read of the expert's tiles per two of its pairs
+/// instead of one a pair; the same bits). `PEREGRINE_MOE_FP8_PAIRS_FROM` sets it.
+pub const FP8_MOE_PAIRS_FROM: usize = usize::MAX;
+
 /// The rings of the fused kernels on FP8 digits (`moe_fused*_dg_*`): steps of 2 or 4, which
 /// divide every pass where `moe_fp8_for` holds (H and I multiples of 256), so their streaming
 /// has no partial stage to branch around.
@@ -589,6 +594,12 @@ impl Kernels {
         Ok(std::mem::replace(&mut self.moe_fp8_tokens, tokens))
     }
 
+    /// Sets the token count from which the two-launch digit MoE passes take two pairs of a slot
+    /// at once (`moe_fp8_pairs_from`; 1: always); returns the setting before.
+    pub fn set_moe_fp8_pairs_from(&mut self, tokens: usize) -> usize {
+        std::mem::replace(&mut self.moe_fp8_pairs_from, tokens.max(1))
+    }
+
     /// Turns the FP8 digit MoE (`moe_fp8_for`) on or off; returns the setting before. Tuned
     /// choices stay as tuned (`tune_moe` keeps the digit token counts on digit kernels while it
     /// is on, so the choice between kernels never changes the bits).
@@ -931,13 +942,17 @@ impl Kernels {
                 // before they are read. On FP8 digits (`tiled_digits`) neither: a pass stages its
                 // pair's x as digits, and gate_up hands h over as the pairs' digit rows.
                 let digits = self.tiled_digits(w, r.num_tokens, (stages, steps), (down_stages, down_steps));
+                // Two pairs of a slot a digit pass from `moe_fp8_pairs_from` tokens.
+                let npd = if digits.is_some() && r.num_tokens >= self.moe_fp8_pairs_from { 2 } else { 1 };
                 let fg = match digits {
+                    Some((g, _)) if npd == 2 => &self.gate_up_dg2[g],
                     Some((g, _)) => &self.gate_up_dg[g],
                     None => self.gate_up_kernel(v, r.num_tokens),
                 };
                 let split_x = digits.is_none() && self.splits_x(r.num_tokens);
                 let split_h = split_x && self.presplit_h && slot_wait;
                 let fd = match digits {
+                    Some((_, d)) if npd == 2 => &self.down_dg2[d],
                     Some((_, d)) => &self.down_dg[d],
                     None if split_h => &self.down_split[dv],
                     None => &self.down_tiled[dv],
@@ -945,7 +960,7 @@ impl Kernels {
                 let ring = ring_bytes(stages, steps);
                 let (gu_smem, d_smem) = if digits.is_some() {
                     check(scratch.h.len() >= r.num_pairs * dg_row_floats(i), || "MoE scratch too small for the digit rows of h".into())?;
-                    (ring + h / 16 * DG_CORE_BYTES, ring_bytes(down_stages, down_steps) + i / 16 * DG_CORE_BYTES)
+                    (ring + npd * h / 16 * DG_CORE_BYTES, ring_bytes(down_stages, down_steps) + npd * i / 16 * DG_CORE_BYTES)
                 } else {
                     // A routed expert has at most one pair per token; a pass stages up to 4.
                     let np = self.staged_pairs(fg, ring, h.max(i), r.num_tokens, 0)?;
