@@ -1228,7 +1228,13 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
         for (int i = 0; i < 4 * NPD; i++) acc[i] = 0.f;
         if constexpr (DG) {
             // (Every warp has a tile: the host runs DG where the tiles fill the blocks.)
-            tile_stream_bulk<NS, CS, false, DG, !GATE_UP, NPD>(wt, KS, frag, 8, acc, ring, wbars, seq, once, nullptr, 0, true, 0, smem_addr(cinv));
+            // A pass of one pair keeps the one-pair math (n8): on the H200 the digit kernels are
+            // bound by their math, and two-pair steps for one pair cost a slot with a single pair
+            // (most of them at 16 tokens) what the second read saves elsewhere.
+            if (NPD == 2 && np == 2)
+                tile_stream_bulk<NS, CS, false, DG, !GATE_UP, NPD>(wt, KS, frag, 8, acc, ring, wbars, seq, once, nullptr, 0, true, 0, smem_addr(cinv));
+            else
+                tile_stream_bulk<NS, CS, false, DG, !GATE_UP, 1>(wt, KS, frag, 8, acc, ring, wbars, seq, once, nullptr, 0, true, 0, smem_addr(cinv));
 #pragma unroll
             for (int j = 0; j < NPD; j++) {
                 if (j >= np) break;
