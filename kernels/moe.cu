@@ -1075,7 +1075,8 @@ __device__ __forceinline__ void split_row(const float* __restrict__ y, int p, in
 // the whole gate_up grid instead): gate_up blocks count themselves done per slot, down blocks
 // wait for their slot's count and the last one past the wait resets both.
 // DG: the FP8 digit math of the fused digit kernel, bit for bit (Kernels::moe_fp8_at: sm_90a,
-// H and I multiples of 256, DG_RINGS): one pair a pass, x staged as digits, gate_up writing h
+// H and I multiples of 256, DG_RINGS): one pair a pass (NPD = 2: up to two pairs of the slot, their
+// digit rows one after another in frag, tile_stream_bulk's NPD), x staged as digits, gate_up writing h
 // as the pairs' digit rows (gate_up_chunk_digits) and down copying its pair's row (no SPLIT).
 // xd (DG gate_up, 2+ tokens): x as digit rows (moe_digit_rows one launch ahead, dg_x_row_bytes
 // each), copied in by a bulk copy per pass instead of staged: the staging after the wait cost
