@@ -1711,26 +1711,31 @@ MOE_BULK(2, 6)
 
 // The fused and two-launch kernels with the FP8 digit math, on the rings of kernels::DG_RINGS
 // (the bulk kernels' arguments).
-#define MOE_TILED_DG(NS, CS)                                                                                             \
-    extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_gate_up_dg_n##NS##_c##CS(                      \
+// The two-launch kernels of ring NS x CS on digits whose passes take up to NPD pairs of a slot
+// (moe_tiled's NPD): SFX dg (one pair) or dg2 (two).
+#define MOE_TILED_DG_PASS(NS, CS, SFX, NPD)                                                                              \
+    extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_gate_up_##SFX##_n##NS##_c##CS(                 \
         const unsigned char* __restrict__ W, const int* __restrict__ experts,                                           \
         const int* __restrict__ pair_off, const int* __restrict__ pair_tok, const float* __restrict__ x,                 \
         float* __restrict__ h, int H, int I, int T, int x_settled, unsigned* slots,                                      \
         const unsigned char* __restrict__ xd) {                                                                          \
         DG_GUARD(true);                                                                                                  \
-        moe_tiled<true, NS, CS, false, true>(W, experts, pair_off, pair_tok, nullptr, x, h, H, I / 8, I, nullptr,     \
-                                             nullptr, nullptr, T, 0, x_settled, slots, nullptr, nullptr, nullptr,        \
-                                             nullptr, nullptr, xd);                                                      \
+        moe_tiled<true, NS, CS, false, true, NPD>(W, experts, pair_off, pair_tok, nullptr, x, h, H, I / 8, I, nullptr, \
+                                                  nullptr, nullptr, T, 0, x_settled, slots, nullptr, nullptr, nullptr,   \
+                                                  nullptr, nullptr, xd);                                                 \
     }                                                                                                                    \
-    extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_down_dg_n##NS##_c##CS(                         \
+    extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_down_##SFX##_n##NS##_c##CS(                    \
         const unsigned char* __restrict__ W, const int* __restrict__ experts,                                           \
         const int* __restrict__ pair_off, const float* __restrict__ pair_w, const float* __restrict__ h,                 \
         float* __restrict__ out, int H, int I, unsigned* counters, const int* __restrict__ tok_pairs,                    \
         float* __restrict__ y, int T, int topk, unsigned* slots) { PDL_TRIGGER();                                        \
         DG_GUARD(true);                                                                                                  \
-        moe_tiled<false, NS, CS, false, true>(W, experts, pair_off, nullptr, pair_w, h, out, I, H / 16, H, counters,  \
-                                              tok_pairs, y, T, topk, 0, slots, slots ? slots + gridDim.y : nullptr);     \
-    }                                                                                                                    \
+        moe_tiled<false, NS, CS, false, true, NPD>(W, experts, pair_off, nullptr, pair_w, h, out, I, H / 16, H,       \
+                                                   counters, tok_pairs, y, T, topk, 0, slots,                            \
+                                                   slots ? slots + gridDim.y : nullptr);                                 \
+    }
+#define MOE_TILED_DG(NS, CS)                                                                                             \
+    MOE_TILED_DG_PASS(NS, CS, dg, 1)                                                                                     \
     MOE_FUSED(NS, CS, _dg, true)
 MOE_TILED_DG(2, 4)
 MOE_TILED_DG(4, 2)
@@ -1739,33 +1744,14 @@ MOE_TILED_DG(4, 4)
 
 // The two-launch digit kernels whose passes take two pairs of a slot at once (moe_tiled's NPD):
 // an expert holding several pairs (from ~16 rows on) is streamed once per two of them instead of
-// once a pair, on m64n16k32 wgmmas; the same bits as the one-pair kernels (each pair's columns
+// once a pair, on m64n16k32 wgmmas (a pass of one pair on the one-pair math); the same bits as
+// the one-pair kernels (each pair's columns
 // and arithmetic are theirs). Dynamic shared memory: the rings, then two digit rows of K / 16
 // core matrices (kernels::moe.rs sizes it).
-#define MOE_TILED_DG2(NS, CS)                                                                                            \
-    extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_gate_up_dg2_n##NS##_c##CS(                     \
-        const unsigned char* __restrict__ W, const int* __restrict__ experts,                                           \
-        const int* __restrict__ pair_off, const int* __restrict__ pair_tok, const float* __restrict__ x,                 \
-        float* __restrict__ h, int H, int I, int T, int x_settled, unsigned* slots,                                      \
-        const unsigned char* __restrict__ xd) {                                                                          \
-        DG_GUARD(true);                                                                                                  \
-        moe_tiled<true, NS, CS, false, true, 2>(W, experts, pair_off, pair_tok, nullptr, x, h, H, I / 8, I, nullptr,  \
-                                                nullptr, nullptr, T, 0, x_settled, slots, nullptr, nullptr, nullptr,     \
-                                                nullptr, nullptr, xd);                                                   \
-    }                                                                                                                    \
-    extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_down_dg2_n##NS##_c##CS(                        \
-        const unsigned char* __restrict__ W, const int* __restrict__ experts,                                           \
-        const int* __restrict__ pair_off, const float* __restrict__ pair_w, const float* __restrict__ h,                 \
-        float* __restrict__ out, int H, int I, unsigned* counters, const int* __restrict__ tok_pairs,                    \
-        float* __restrict__ y, int T, int topk, unsigned* slots) { PDL_TRIGGER();                                        \
-        DG_GUARD(true);                                                                                                  \
-        moe_tiled<false, NS, CS, false, true, 2>(W, experts, pair_off, nullptr, pair_w, h, out, I, H / 16, H, counters, \
-                                                 tok_pairs, y, T, topk, 0, slots, slots ? slots + gridDim.y : nullptr);  \
-    }
-MOE_TILED_DG2(2, 4)
-MOE_TILED_DG2(4, 2)
-MOE_TILED_DG2(3, 4)
-MOE_TILED_DG2(4, 4)
+MOE_TILED_DG_PASS(2, 4, dg2, 2)
+MOE_TILED_DG_PASS(4, 2, dg2, 2)
+MOE_TILED_DG_PASS(3, 4, dg2, 2)
+MOE_TILED_DG_PASS(4, 4, dg2, 2)
 
 // ---------------------------------------------------------------------------------------------
 // MoE GEMM for prefill-sized batches: many pairs per expert.
