@@ -198,20 +198,28 @@ mod tests {
     #[test]
     fn tiled_moe_kernels_refill_before_their_math_and_fused_ones_after() {
         assert!(MOE_CU.contains("#define MOE_TILED_EARLY true"), "moe.cu: MOE_TILED_EARLY is not on");
-        assert!(MOE_CU.contains("template <int NS, int CS, bool EARLY = false, bool DG = false, bool CSC = false>\n__device__ __forceinline__ int tile_stream_bulk("), "moe.cu: tile_stream_bulk's EARLY is not off by default");
+        assert!(MOE_CU.contains("template <int NS, int CS, bool EARLY = false, bool DG = false, bool CSC = false, int NPD = 1>\n__device__ __forceinline__ int tile_stream_bulk("), "moe.cu: tile_stream_bulk's EARLY is not off by default");
         let calls: Vec<&str> = MOE_CU.match_indices("tile_stream_bulk<").map(|(i, _)| &MOE_CU[i..i + MOE_CU[i..].find('>').unwrap() + 1]).collect();
         assert_eq!(
             calls,
-            ["tile_stream_bulk<NS, CS, false, DG, !GATE_UP>", "tile_stream_bulk<NS, CS, MOE_TILED_EARLY>", "tile_stream_bulk<NS, CS, false, DG, true>", "tile_stream_bulk<NS, CS, false, DG>"],
-            "moe.cu: moe_tiled's calls (its digit passes, then the others), then moe_fused's (the digit form's down passes with their chunk scales, then every other pass)"
+            [
+                "tile_stream_bulk<NS, CS, false, DG, !GATE_UP, NPD>",
+                "tile_stream_bulk<NS, CS, false, DG, !GATE_UP, 1>",
+                "tile_stream_bulk<NS, CS, MOE_TILED_EARLY>",
+                "tile_stream_bulk<NS, CS, false, DG, true>",
+                "tile_stream_bulk<NS, CS, false, DG>"
+            ],
+            "moe.cu: moe_tiled's calls (its digit passes of two pairs and of one, then the others), then moe_fused's (the digit form's down passes with their chunk scales, then every other pass)"
         );
         let tiled = MOE_CU.find("void moe_tiled(").expect("moe.cu: moe_tiled");
         let fused = MOE_CU.find("void moe_fused(").expect("moe.cu: moe_fused");
-        let early = MOE_CU.find(calls[1]).unwrap();
+        let early = MOE_CU.find(calls[2]).unwrap();
         assert!(tiled < early && early < fused, "moe.cu: the early refill is moe_tiled's");
-        let tiled_digits = MOE_CU.find(calls[0]).unwrap();
-        assert!(tiled < tiled_digits && tiled_digits < fused, "moe.cu: moe_tiled's digit passes");
-        for late in &calls[2..] {
+        for digits in &calls[..2] {
+            let at = MOE_CU.find(digits).unwrap();
+            assert!(tiled < at && at < fused, "moe.cu: moe_tiled's digit passes");
+        }
+        for late in &calls[3..] {
             assert!(fused < MOE_CU.find(late).unwrap(), "moe.cu: the late refill is moe_fused's");
         }
     }
