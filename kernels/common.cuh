@@ -18,7 +18,10 @@
 // Kernels::step_trace reads and clears them all). Launches are told apart by gridid, so a graph
 // replay's timeline (PDL overlap included) comes out kernel by kernel: step_bench --trace.
 #ifdef STEP_TRACE
-#define STEP_TRACE_CAP 262144
+// Records per module (80 bytes each, 80 MB a module in these builds): step_bench --trace of
+// Flash's batch-16 step overflowed 262144 (stop 92; moe.cu alone stamps 8192 blocks a MoE layer,
+// ~139 K a replay).
+#define STEP_TRACE_CAP (1 << 20)
 struct StepTraceRec {
     unsigned long long grid, enter, waited, exit;
     unsigned sm, block;
