@@ -622,29 +622,33 @@ __device__ __forceinline__ void wg_pin8(float d[8]) {
 }
 // One step's two k32 MMAs into tp (block 0: tp[0..3], block 1: tp[4..7]); bdesc: the step's
 // digits (block 1 two core matrices on).
+// A step's four words as the A registers of its two k32 MMAs (digits_a of each word).
+struct StepA {
+    unsigned r[8];
+};
+__device__ __forceinline__ StepA digits_a_step(uint4 wv) {
+    StepA a;
+    digits_a(wv.x, a.r[0], a.r[1]);
+    digits_a(wv.y, a.r[2], a.r[3]);
+    digits_a(wv.z, a.r[4], a.r[5]);
+    digits_a(wv.w, a.r[6], a.r[7]);
+    return a;
+}
 __device__ __forceinline__ void digits_step_issue(uint4 wv, unsigned bdesc_lo, float tp[8]) {
-    unsigned x0, x1, y0, y1, z0, z1, u0, u1;
-    digits_a(wv.x, x0, x1);
-    digits_a(wv.y, y0, y1);
-    digits_a(wv.z, z0, z1);
-    digits_a(wv.w, u0, u1);
+    const StepA a = digits_a_step(wv);
     wg_fence();
-    wg_e4m3_k32(tp, x0, x1, y0, y1, wg_desc_of(bdesc_lo, 128));
-    wg_e4m3_k32(tp + 4, z0, z1, u0, u1, wg_desc_of(bdesc_lo + 2 * DG_CORE / 16, 128));
+    wg_e4m3_k32(tp, a.r[0], a.r[1], a.r[2], a.r[3], wg_desc_of(bdesc_lo, 128));
+    wg_e4m3_k32(tp + 4, a.r[4], a.r[5], a.r[6], a.r[7], wg_desc_of(bdesc_lo + 2 * DG_CORE / 16, 128));
     wg_commit();
 }
 // digits_step_issue over two pairs' digit rows, `pstride` bytes apart (the descriptor's stride
 // between 8-column groups): block 0 into tp[0..7], block 1 into tp[8..15], each pair's four
 // results as digits_step_issue gives them.
 __device__ __forceinline__ void digits_step_issue2(uint4 wv, unsigned bdesc_lo, unsigned pstride, float tp[16]) {
-    unsigned x0, x1, y0, y1, z0, z1, u0, u1;
-    digits_a(wv.x, x0, x1);
-    digits_a(wv.y, y0, y1);
-    digits_a(wv.z, z0, z1);
-    digits_a(wv.w, u0, u1);
+    const StepA a = digits_a_step(wv);
     wg_fence();
-    wg_e4m3_k32_n16(tp, x0, x1, y0, y1, wg_desc_of(bdesc_lo, pstride));
-    wg_e4m3_k32_n16(tp + 8, z0, z1, u0, u1, wg_desc_of(bdesc_lo + 2 * DG_CORE / 16, pstride));
+    wg_e4m3_k32_n16(tp, a.r[0], a.r[1], a.r[2], a.r[3], wg_desc_of(bdesc_lo, pstride));
+    wg_e4m3_k32_n16(tp + 8, a.r[4], a.r[5], a.r[6], a.r[7], wg_desc_of(bdesc_lo + 2 * DG_CORE / 16, pstride));
     wg_commit();
 }
 // CSC: the step's activation chunk has its own power-of-two scale cs (a down pass over h staged
