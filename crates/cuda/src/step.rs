@@ -444,17 +444,24 @@ impl CudaModel {
         mark(&mut marks)
     }
 
+    /// What an eager forward of `batch` runs on: its rows' metadata and output rows, its plan,
+    /// and buffers for its logits and ids (`probe_routing`, `profile_plan`).
+    fn eager_forward(&self, batch: &[SeqForward]) -> Result<EagerForward> {
+        let rows = self.host_rows(batch)?;
+        let (n, k) = (rows.toks.len(), rows.want.len());
+        let (meta, idx) = self.upload_rows(&rows)?;
+        let plan = self.step_plan(n, Some(k), rows.one_per_seq);
+        let logits = self.zeros(k.max(1) * self.spec.vocab_size)?;
+        let ids = self.stream.alloc_zeros::<i32>(k.max(1)).map_err(drv)?;
+        Ok(EagerForward { meta, idx, plan, logits, ids })
+    }
+
     /// The experts each grouped routing of one eager forward of `batch` chose: per MoE call (in
     /// layer order) its rows' top-k expert ids, [rows * top_k]. The one-token fused kernel routes
     /// inside itself and is not seen here; from 2 rows every MoE layer is. For checking how the
     /// routing a benchmark's weights give compares with the uniform routing its floors assume.
     pub fn probe_routing(&mut self, batch: &[SeqForward]) -> Result<Vec<Vec<i32>>> {
-        let rows = self.host_rows(batch)?;
-        let (n, k) = (rows.toks.len(), rows.want.len());
-        let (meta, idx) = self.upload_rows(&rows)?;
-        let plan = self.step_plan(n, Some(k), rows.one_per_seq);
-        let mut logits = self.zeros(k.max(1) * self.spec.vocab_size)?;
-        let mut ids = self.stream.alloc_zeros::<i32>(k.max(1)).map_err(drv)?;
+        let EagerForward { meta, idx, plan, mut logits, mut ids } = self.eager_forward(batch)?;
         *self.routing_probe.lock().map_err(|_| Error::Backend("routing probe lock poisoned".into()))? = Some(Vec::new());
         let run = self.execute_marked(&plan, &meta, Some(&idx), &mut logits, &mut ids, None);
         let seen = self.routing_probe.lock().map_err(|_| Error::Backend("routing probe lock poisoned".into()))?.take().unwrap_or_default();
@@ -467,13 +474,8 @@ impl CudaModel {
     /// CUDA events around every operation of its plan and returns each operation with its median
     /// time in ms. Eager launches, so the sum exceeds a graph replay by the launch gaps.
     pub fn profile_plan(&mut self, batch: &[SeqForward], reps: usize) -> Result<Vec<(Op, f32)>> {
-        let rows = self.host_rows(batch)?;
         let st = self.stream.clone();
-        let (n, k) = (rows.toks.len(), rows.want.len());
-        let (meta, idx) = self.upload_rows(&rows)?;
-        let plan = self.step_plan(n, Some(k), rows.one_per_seq);
-        let mut logits = self.zeros(k.max(1) * self.spec.vocab_size)?;
-        let mut ids = st.alloc_zeros::<i32>(k.max(1)).map_err(drv)?;
+        let EagerForward { meta, idx, plan, mut logits, mut ids } = self.eager_forward(batch)?;
         let mut times: Vec<Vec<f32>> = vec![Vec::new(); plan.len()];
         for rep in 0..=reps {
             let mut marks = Vec::with_capacity(plan.len() + 1);
@@ -494,4 +496,13 @@ impl CudaModel {
             })
             .collect())
     }
+}
+
+/// What `CudaModel::eager_forward` sets up for one eager forward.
+struct EagerForward {
+    meta: RowMeta,
+    idx: CudaSlice<i32>,
+    plan: Vec<Op>,
+    logits: CudaSlice<f32>,
+    ids: CudaSlice<i32>,
 }
