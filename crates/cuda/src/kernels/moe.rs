@@ -28,19 +28,25 @@ pub const TILED_VARIANTS: [(usize, usize); 7] = [(2, 4), (4, 2), (3, 4), (4, 4),
 pub const FP8_MOE_MIN_BANDWIDTH: f64 = 4.0e12;
 
 /// Token counts up to which the fused and two-launch tiled kernels run on FP8 digits by default
-/// where `moe_fp8_for` holds (`Kernels::moe_fp8_at`; `PEREGRINE_MOE_FP8_TOKENS` sets it): every
-/// tuned count. From 2 tokens the two-launch kernels win there (x as digit rows one launch
-/// ahead, h as the pairs' digit rows). H200, Flash, as a step runs them: 81.3 / 88.5 / 87.4% of
-/// copy bandwidth at 2 / 4 / 8 tokens against 77.9 / 84.1 / 84.6% on F16 MMAs, decode steps at
-/// batch 2 / 4 0.8-2% faster, batch 8 even (benches/results/2026-11-28-h200-digit-moe-2-8-tokens.md).
-/// A pass stages one pair, so an expert slot with n pairs streams its tiles n times: rows that
-/// may share experts (verify blocks) stay off the digits (`Kernels::moe_kernel_rows`).
-pub const FP8_MOE_TOKENS: usize = crate::moe_tune::TUNED_TOKENS;
+/// where `moe_fp8_for` holds (`Kernels::moe_fp8_at`; `PEREGRINE_MOE_FP8_TOKENS` sets it): the
+/// decode row buckets up to 32. From 2 tokens the two-launch kernels win there (x as digit rows
+/// one launch ahead, h as the pairs' digit rows). H200, Flash, as a step runs them: 81.3 / 88.5 /
+/// 87.4% of copy bandwidth at 2 / 4 / 8 tokens against 77.9 / 84.1 / 84.6% on F16 MMAs, decode
+/// steps at batch 2 / 4 0.8-2% faster, batch 8 even
+/// (benches/results/2026-11-28-h200-digit-moe-2-8-tokens.md). From `FP8_MOE_PAIRS_FROM` tokens a
+/// pass takes two pairs of a slot: the 18-layer Flash step's graph replay at batch 12 / 16 / 24 /
+/// 32 7.06 / 8.56-8.64 / 11.85 / 13.94-13.97 ms against 7.58-7.63 / 9.03-9.06 / 12.41-12.51 /
+/// 14.46-14.75 on F16 (-7.2 / -5.0 / -4.8 / -4.4%), while at 48 rows it was 3.7% slower (slots of
+/// 3+ pairs still re-read their tiles), so 48 stays on F16
+/// (benches/results/2026-11-29-h200-two-pair-digit-moe-default.md). Rows that may share experts
+/// (verify blocks) stay off the digits (`Kernels::moe_kernel_rows`).
+pub const FP8_MOE_TOKENS: usize = 32;
 
 /// Token counts from which the two-launch digit MoE takes two pairs of an expert slot a pass
 /// (`moe_gate_up_dg2_*`, `moe_down_dg2_*`: one read of the expert's tiles per two of its pairs
-/// instead of one a pair; the same bits). `PEREGRINE_MOE_FP8_PAIRS_FROM` sets it.
-pub const FP8_MOE_PAIRS_FROM: usize = usize::MAX;
+/// instead of one a pair; the same bits): above the counts tuned one by one, i.e. the decode row
+/// buckets from 12 (`FP8_MOE_TOKENS` has the measurements). `PEREGRINE_MOE_FP8_PAIRS_FROM` sets it.
+pub const FP8_MOE_PAIRS_FROM: usize = crate::moe_tune::TUNED_TOKENS + 1;
 
 /// The rings of the fused kernels on FP8 digits (`moe_fused*_dg_*`): steps of 2 or 4, which
 /// divide every pass where `moe_fp8_for` holds (H and I multiples of 256), so their streaming
