@@ -36,8 +36,9 @@ pub const FP8_MOE_MIN_BANDWIDTH: f64 = 4.0e12;
 /// (benches/results/2026-11-28-h200-digit-moe-2-8-tokens.md). From `FP8_MOE_PAIRS_FROM` tokens a
 /// pass takes two pairs of a slot: the 18-layer Flash step's graph replay at batch 12 / 16 / 24 /
 /// 32 7.06 / 8.56-8.64 / 11.85 / 13.94-13.97 ms against 7.58-7.63 / 9.03-9.06 / 12.41-12.51 /
-/// 14.46-14.75 on F16 (-7.2 / -5.0 / -4.8 / -4.4%; two pairs a pass from 12 there), while at 48
-/// rows it was 3.7% slower (slots of 3+ pairs still re-read their tiles), so 48 stays on F16
+/// 14.46-14.75 on F16 (-7.1 / -4.9 / -4.8 / -4.4%, means of two processes each; two pairs a
+/// pass from 12 there), while at 48 rows it was 3.6% slower (slots of 3+ pairs still re-read
+/// their tiles), so 48 stays on F16
 /// (benches/results/2026-11-29-h200-two-pair-digit-moe-default.md). Rows that may share experts
 /// (verify blocks) stay off the digits (`Kernels::moe_kernel_rows`).
 pub const FP8_MOE_TOKENS: usize = 32;
@@ -46,9 +47,9 @@ pub const FP8_MOE_TOKENS: usize = 32;
 /// (`moe_gate_up_dg2_*`, `moe_down_dg2_*`: one read of the expert's tiles per two of its pairs
 /// instead of one a pair; the same bits). A slot with two pairs then streams its tiles once, not
 /// twice, and no longer holds up the down items waiting for it; but the second digit row leaves
-/// room for fewer gate_up blocks an SM (Flash on the 2 x 4 ring: two instead of three). H200, Flash,
-/// 18 layers, graph replay, three processes each: batch 2 / 3 / 4 / 6 / 8 +0.5 / +0.5 / 0.0 /
-/// -1.6 / -3.1% against one pair a pass (batch 12-32 in `FP8_MOE_TOKENS`)
+/// room for fewer gate_up blocks an SM (Flash on the 2 x 4 ring: two instead of three). H200,
+/// Flash, 18 layers, graph replay, three processes each: batch 2 / 3 / 4 / 6 / 8 +0.6 / +0.6 / -0.1 /
+/// -1.6 / -3.0% against one pair a pass (batch 12-32 in `FP8_MOE_TOKENS`)
 /// (benches/results/2026-11-29-h200-two-pair-digit-moe-default.md). `PEREGRINE_MOE_FP8_PAIRS_FROM`
 /// sets it.
 pub const FP8_MOE_PAIRS_FROM: usize = 6;
