@@ -1855,7 +1855,7 @@ extern "C" __global__ void __launch_bounds__(256) moe_route_digits(const float* 
     TRACE_PAST_WAIT();
     PDL_TRIGGER();
     if (!x_settled) digit_row(x, blockIdx.x, H, xd);
-    extern __shared__ float rsm[];
+    extern __shared__ __align__(MOE_DSM_ALIGN) float rsm[];  // (declared on lines as every moe.cu kernel declares it)
     route_rows(logits, bias, topk_idx, topk_w, E, K, softmax, n_group, topk_group, norm, scale, counter, max_u, experts, pair_off,
                pair_tok, pair_w, tok_pairs, rsm);
 }

@@ -66,7 +66,9 @@ struct Args {
     /// `fetch_staged`); `embed`: A the embedding and first norm in one launch, B in two
     /// (`set_embed_norm_fused`); `prefetch`: A the lm_head asking L2 for its first K blocks
     /// before its wait, B not (`set_lm_head_prefetch`); `route-digits`: A the routing launch
-    /// writing x's digit rows for the digit MoE, B their own launch (`set_route_digits`). `rows` times the engine's steps instead (host-timed, as
+    /// writing x's digit rows for the digit MoE, B their own launch (`set_route_digits`);
+    /// `group:N`: A the grouping by the routing launch up to the loaded count (8), B up to N
+    /// (`set_fused_group_max`). `rows` times the engine's steps instead (host-timed, as
     /// the table above: overlapped, then one at a time), A copy-free, B copying the row data
     /// and ids (`set_copy_free_rows`), in turn per round. `defines:DEFINES` loads every
     /// kernel afresh in `--ab-loads` pairs, A as the model was loaded and B under measurement
@@ -664,6 +666,13 @@ fn main() {
                 });
                 continue;
             }
+            if let Some(n) = what.strip_prefix("group:") {
+                // A the grouping as loaded, B by the routing launch's last block up to n tokens.
+                let n: usize = n.parse().expect("--ab group:N");
+                let base = model.fused_group_max();
+                ab(&mut model, &|m, on| m.set_fused_group_max(if on { n } else { base }));
+                continue;
+            }
             if let Some(n) = what.strip_prefix("copies:") {
                 // A the router's sums in the loaded count of copies, B in n.
                 let n: usize = n.parse().expect("--ab copies:N");
@@ -674,7 +683,7 @@ fn main() {
             let shift = match what.strip_prefix("shift:") {
                 Some(n) => Some(n.parse::<usize>().expect("--ab shift:BYTES")),
                 None if ["tail", "argmax", "fetch", "embed", "prefetch", "route-digits"].contains(&what.as_str()) => None,
-                None => panic!("--ab takes tail, argmax, fetch, embed, prefetch, route-digits, rows, fp8, shift:BYTES, copies:N, moe-grid:N or defines:DEFINES, not {what}"),
+                None => panic!("--ab takes tail, argmax, fetch, embed, prefetch, route-digits, rows, fp8, shift:BYTES, copies:N, group:N, moe-grid:N or defines:DEFINES, not {what}"),
             };
             ab(&mut model, &|m, on| match shift {
                 Some(n) => m.shift_step_buffers(if on { n } else { 0 }).expect("buffers shifted"),

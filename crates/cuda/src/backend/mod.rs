@@ -303,6 +303,9 @@ pub struct CudaModel {
     /// launch writes them (`moe_route_digits`) instead of a launch of their own
     /// (`PEREGRINE_MOE_ROUTE_DIGITS=0`, for comparison; `set_route_digits`).
     route_digits: bool,
+    /// Up to this many tokens `moe_route`'s last block groups the pairs (`moe::FUSED_GROUP_MAX_TOKENS`;
+    /// `set_fused_group_max`, for measurements); above, `moe_group` is a launch of its own.
+    fused_group_max: usize,
     /// A one-token MoE whose router computes the post-attention norm itself (`norm_in_router`;
     /// `PEREGRINE_NORM_IN_ROUTER=0` keeps the norm's launch, for comparison; tests flip it).
     norm_in_router: bool,
@@ -627,6 +630,7 @@ impl CudaModel {
             attn_fill: std::env::var("PEREGRINE_ATTN_FILL").map_or(true, |v| v != "0"),
             route_in_moe: std::env::var("PEREGRINE_MOE_ROUTE_IN_KERNEL").map_or(true, |v| v != "0"),
             route_digits: std::env::var("PEREGRINE_MOE_ROUTE_DIGITS").map_or(true, |v| v != "0"),
+            fused_group_max: moe::FUSED_GROUP_MAX_TOKENS,
             norm_in_router: std::env::var("PEREGRINE_NORM_IN_ROUTER").map_or(true, |v| v != "0"),
             route_in_oproj: std::env::var("PEREGRINE_ROUTE_IN_OPROJ").map_or(true, |v| v != "0"),
             route_acc,
@@ -791,6 +795,18 @@ impl CudaModel {
     pub fn set_route_digits(&mut self, on: bool) {
         self.route_digits = on;
         self.graphs.clear();
+    }
+
+    /// Sets up to how many tokens the routing launch's last block groups the pairs
+    /// (`fused_group_max`), for measurements. Captured step graphs are dropped.
+    pub fn set_fused_group_max(&mut self, tokens: usize) {
+        self.fused_group_max = tokens;
+        self.graphs.clear();
+    }
+
+    /// Up to how many tokens the routing launch's last block groups the pairs.
+    pub fn fused_group_max(&self) -> usize {
+        self.fused_group_max
     }
 
     /// Sets whether the one-token lm_head prefetches its first K blocks into L2 before its wait

@@ -4,7 +4,7 @@
 use super::*;
 
 /// Up to this many tokens, `moe_route`'s last block also groups the pairs (one launch).
-const FUSED_GROUP_MAX_TOKENS: usize = 8;
+pub(super) const FUSED_GROUP_MAX_TOKENS: usize = 8;
 
 /// Copies of the router's fixed-point sums the one-token o_proj spreads its blocks' adds over
 /// (`route_in_oproj`): with one, all 256 of Flash's blocks added into each expert's word at the
@@ -323,7 +323,7 @@ impl CudaModel {
         // groups the pairs by expert (the arrival counter comes back to zero). Larger ones
         // (prefill chunks) group in a separate 1024-thread kernel: one 256-thread block took
         // 44 us per layer for 64 tokens under ncu.
-        let fused = n <= FUSED_GROUP_MAX_TOKENS;
+        let fused = n <= self.fused_group_max;
         let (ei, ki, sm, ng, tg, norm, sc, mu, pi) = (e as i32, k as i32, matches!(spec.scoring, RouterScoring::Softmax) as i32, spec.n_group as i32, spec.topk_group as i32, spec.norm_topk_prob as i32, spec.routed_scaling_factor, max_u as i32, p as i32);
         let mut b = crate::launch::builder(st, if digits.is_some() { &self.kernels.route_digits } else { &self.ops.moe_route });
         b.arg(logits);
