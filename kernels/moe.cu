@@ -1816,48 +1816,16 @@ extern "C" __global__ void __launch_bounds__(256) moe_split_rows(const float* __
     split_row(x, blockIdx.x, K, xs, inv, ss);
 }
 
-// Row `row` of x [rows, K] f32 -> xd + row dg_x_row_bytes(K): the row as the FP8 digit kernels'
+// rows x [rows, K] f32 -> xd [rows][dg_x_row_bytes(K)]: each row as the FP8 digit kernels'
 // one-pair pass stages it (stage_b's DG: digits, then the row's inverse scale), for the
-// two-launch digit gate_up (moe_tiled's xd). The block's TW warps; K % 256 == 0.
-__device__ __forceinline__ void digit_row(const float* __restrict__ x, int row, int K, unsigned char* __restrict__ xd) {
-    __shared__ StageSmem ss;
-    const int rows[1] = {row};
-    unsigned char* r = xd + (size_t)row * dg_x_row_bytes(K);
-    stage_b<false, false, true>(x, rows, 1, K, reinterpret_cast<unsigned*>(r), ss.red, ss.scale, ss.inv);
-    if (threadIdx.x == 0) *reinterpret_cast<float*>(r + K / 16 * DG_CORE) = ss.inv[0];
-}
-
-// rows x [rows, K] f32 -> xd [rows][dg_x_row_bytes(K)] (digit_row), one block per row: where the
-// routing does not write them (moe_route_digits).
+// two-launch digit gate_up (moe_tiled's xd). One block of TW warps per row; K % 256 == 0.
 extern "C" __global__ void __launch_bounds__(256) moe_digit_rows(const float* __restrict__ x, int K, unsigned char* __restrict__ xd) {
     PDL_ENTER();
-    digit_row(x, blockIdx.x, K, xd);
-}
-
-// ops.cu's moe_route (route_rows, one token per block) that first writes its token's row of x
-// [rows, H] as digits (digit_row) for the two-launch digit gate_up: one launch fewer between
-// the router and the MoE (moe_digit_rows was ~4 us a layer exposed, DRAM idle, H200 batch 16).
-// x_settled: x was written two or more launches back (MoeInput::Settled: the norm, then the
-// router GEMV, whose blocks let this kernel start only once past their own wait), so the row
-// is staged before this kernel's wait, beside the router's tail. Dynamic shared memory: 2 E +
-// GROUP_CHUNK floats.
-extern "C" __global__ void __launch_bounds__(256) moe_route_digits(const float* __restrict__ logits, const float* __restrict__ bias,
-                                                                   int* __restrict__ topk_idx, float* __restrict__ topk_w, int E, int K,
-                                                                   int softmax, int n_group, int topk_group, int norm, float scale,
-                                                                   unsigned* counter, int max_u, int* __restrict__ experts,
-                                                                   int* __restrict__ pair_off, int* __restrict__ pair_tok,
-                                                                   float* __restrict__ pair_w, int* __restrict__ tok_pairs,
-                                                                   const float* __restrict__ x, int H, int x_settled,
-                                                                   unsigned char* __restrict__ xd) {
-    TRACE_SCOPE();
-    if (x_settled) digit_row(x, blockIdx.x, H, xd);
-    PDL_WAIT();
-    TRACE_PAST_WAIT();
-    PDL_TRIGGER();
-    if (!x_settled) digit_row(x, blockIdx.x, H, xd);
-    extern __shared__ __align__(MOE_DSM_ALIGN) float rsm[];  // (declared on lines as every moe.cu kernel declares it)
-    route_rows(logits, bias, topk_idx, topk_w, E, K, softmax, n_group, topk_group, norm, scale, counter, max_u, experts, pair_off,
-               pair_tok, pair_w, tok_pairs, rsm);
+    __shared__ StageSmem ss;
+    const int row[1] = {(int)blockIdx.x};
+    unsigned char* r = xd + (size_t)blockIdx.x * dg_x_row_bytes(K);
+    stage_b<false, false, true>(x, row, 1, K, reinterpret_cast<unsigned*>(r), ss.red, ss.scale, ss.inv);
+    if (threadIdx.x == 0) *reinterpret_cast<float*>(r + K / 16 * DG_CORE) = ss.inv[0];
 }
 
 // The same split in the wgmma GEMM's layout (stage_item's WG): the same values, other places.

@@ -1006,6 +1006,81 @@ extern "C" __global__ void rope_kv_write(float* __restrict__ q, const float* __r
 }
 
 
+// The first half of grouping P routed pairs by expert: count[e] (ism[0, E)) the pairs of each
+// expert, start[e] (ism[E, 2 E)) its first pair, and the used experts ascending in `max_u` slots
+// of experts / pair_off (the rest empty). Reads the choices with __ldcg (moe_route wrote them).
+__device__ __forceinline__ void group_count_scan(const int* __restrict__ topk_idx, int P, int E, int max_u, int* __restrict__ experts,
+                                                 int* __restrict__ pair_off, int* ism) {
+    __shared__ int wsum[2][32];
+    int* count = ism;
+    int* start = ism + E;
+    for (int e = threadIdx.x; e < E; e += blockDim.x) count[e] = 0;
+    __syncthreads();
+    for (int p = threadIdx.x; p < P; p += blockDim.x) atomicAdd(&count[__ldcg(topk_idx + p)], 1);
+    __syncthreads();
+    // Each thread owns a contiguous run of experts; a block-wide exclusive scan of (used
+    // experts, pairs) over the runs gives every expert its slot and first pair (with one thread
+    // walking E the kernel measured ~14 us per layer on the H100, under ncu).
+    int per = (E + blockDim.x - 1) / blockDim.x, e0 = min((int)threadIdx.x * per, E), e1 = min(e0 + per, E);
+    int used = 0, pairs = 0;
+    for (int e = e0; e < e1; e++) { used += count[e] > 0; pairs += count[e]; }
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    int iu = used, ip = pairs;  // inclusive scans within the warp
+    for (int o = 1; o < 32; o <<= 1) {
+        int a = __shfl_up_sync(0xffffffffu, iu, o), b = __shfl_up_sync(0xffffffffu, ip, o);
+        if (lane >= o) { iu += a; ip += b; }
+    }
+    if (lane == 31) { wsum[0][w] = iu; wsum[1][w] = ip; }
+    __syncthreads();
+    int bu = 0, bp = 0, tu = 0;
+    for (int k = 0; k < nw; k++) {
+        if (k < w) { bu += wsum[0][k]; bp += wsum[1][k]; }
+        tu += wsum[0][k];
+    }
+    int u = bu + iu - used, off = bp + ip - pairs;
+    for (int e = e0; e < e1; e++) {
+        start[e] = off;
+        if (count[e] > 0) { experts[u] = e; pair_off[u] = off; u++; off += count[e]; }
+    }
+    for (int k = tu + threadIdx.x; k < max_u; k += blockDim.x) { experts[k] = 0; pair_off[k] = P; }
+    if (threadIdx.x == 0) pair_off[max_u] = P;
+}
+
+// Groups P routed (token, slot) pairs by expert: per expert its pairs in token order, the used
+// experts ascending in `max_u` slots (the rest empty). `ism` holds 2 E + GROUP_CHUNK ints.
+// Reads the choices with __ldcg: other blocks of moe_route wrote them.
+#define GROUP_CHUNK 1024
+__device__ __forceinline__ void group_pairs(const int* __restrict__ topk_idx, const float* __restrict__ topk_w, int P, int K, int E,
+                                            int max_u, int* __restrict__ experts, int* __restrict__ pair_off, int* __restrict__ pair_tok,
+                                            float* __restrict__ pair_w, int* __restrict__ tok_pairs, int* ism) {
+    group_count_scan(topk_idx, P, E, max_u, experts, pair_off, ism);
+    int* count = ism;
+    int* start = ism + E;
+    // Each expert's pairs in pair (= token) order, scanning the choices in chunks staged in
+    // shared memory (one L2 round trip per chunk, not per pair and expert); start[e] runs on as
+    // the expert's next slot.
+    int* chunk = ism + 2 * E;
+    for (int c0 = 0; c0 < P; c0 += GROUP_CHUNK) {
+        int cn = min(GROUP_CHUNK, P - c0);
+        __syncthreads();
+        for (int i = threadIdx.x; i < cn; i += blockDim.x) chunk[i] = __ldcg(topk_idx + c0 + i);
+        __syncthreads();
+        for (int e = threadIdx.x; e < E; e += blockDim.x) {
+            if (count[e] == 0) continue;
+            int q = start[e];
+            for (int i = 0; i < cn; i++)
+                if (chunk[i] == e) {
+                    int p = c0 + i;
+                    pair_tok[q] = p / K;
+                    pair_w[q] = __ldcg(topk_w + p);
+                    tok_pairs[p] = q;
+                    q++;
+                }
+            start[e] = q;
+        }
+    }
+}
+
 // The grouping as its own kernel (one block of 1024 threads), for batches too large for
 // moe_route's last block to group alone. The same grouping as group_pairs (each expert's pairs
 // in pair order), scattered one thread per pair of a chunk: a pair's place is its expert's
@@ -1055,16 +1130,34 @@ extern "C" __global__ void __launch_bounds__(1024) moe_group(const int* __restri
     }
 }
 
-// The MoE router, one token per block (route_rows in kernels/route.cuh; moe.cu's
-// moe_route_digits also writes x's digit rows). Dynamic shared memory: 2 E + GROUP_CHUNK floats.
+// The MoE router (route_token in kernels/route.cuh), one token per block. With `counter` (zero
+// between calls), the last block to finish routing also groups every token's pairs by expert
+// (one launch for routing and grouping) and resets the counter; a batch of one token is grouped
+// by its own block from shared memory (group_one_token), without the counter and group_pairs'
+// global round trips. Dynamic shared memory: 2 E + GROUP_CHUNK floats.
 extern "C" __global__ void moe_route(const float* __restrict__ logits, const float* __restrict__ bias, int* __restrict__ topk_idx,
                                      float* __restrict__ topk_w, int E, int K, int softmax, int n_group, int topk_group,
                                      int norm, float scale, unsigned* counter, int max_u, int* __restrict__ experts,
                                      int* __restrict__ pair_off, int* __restrict__ pair_tok, float* __restrict__ pair_w,
                                      int* __restrict__ tok_pairs) { PDL_ENTER();
     extern __shared__ float smem[];
-    route_rows(logits, bias, topk_idx, topk_w, E, K, softmax, n_group, topk_group, norm, scale, counter, max_u, experts, pair_off,
-               pair_tok, pair_w, tok_pairs, smem);
+    __shared__ int sel[ROUTE_MAX_K];
+    __shared__ float wsel[ROUTE_MAX_K];
+    int t = blockIdx.x;
+    route_token(logits + (size_t)t * E, bias, E, K, softmax, n_group, topk_group, norm, scale, smem, smem + E, sel, wsel);
+    for (int k = threadIdx.x; k < K; k += blockDim.x) {
+        topk_idx[t * K + k] = sel[k];
+        topk_w[t * K + k] = wsel[k];
+    }
+    if (counter == nullptr) return;
+    if (gridDim.x == 1) {
+        group_one_token(sel, wsel, K, max_u, experts, pair_off, pair_tok, pair_w, tok_pairs);
+        return;
+    }
+    // This token's choices published, then counted; the last token's block groups them all.
+    if (!block_arrive_last(counter, gridDim.x)) return;
+    group_pairs(topk_idx, topk_w, (int)gridDim.x * K, K, E, max_u, experts, pair_off, pair_tok, pair_w, tok_pairs,
+                reinterpret_cast<int*>(smem));
 }
 
 // Groups a batch's routing by expert on the GPU (as kernels::MoeRouting::new does on the host),

@@ -490,51 +490,6 @@ fn moe_pairs_summed_by_the_norm_equal_the_combine_in_the_moe() {
     }
 }
 
-/// The routing launch writing x's digit rows for the two-launch FP8-digit MoE
-/// (`moe_route_digits`) gives the logits of their own launch (`moe_digit_rows`), bit for bit,
-/// eager and graphed: decode batches of 2 to 12 rows (one and two pairs a digit pass; the
-/// grouping inside the routing launch up to 8 rows, `moe_group` after it at 12), on a synthetic
-/// model whose experts take the digit kernels (H and I 256, 16 experts, top-8).
-#[test]
-fn routing_writing_the_digit_rows_equals_their_own_launch() {
-    let Some((spec, mut model)) = synthetic_resized(
-        "tests/fixtures/golden/mxfp4/config.json",
-        &[("hidden_size", 256), ("moe_intermediate_size", 256), ("intermediate_size", 256), ("n_routed_experts", 16), ("num_experts_per_tok", 8)],
-    ) else {
-        return;
-    };
-    model.set_moe_fp8(true);
-    if !model.moe_fp8() {
-        eprintln!("skipped: the MoE does not run on FP8 digits on this GPU (sm_90a only)");
-        return;
-    }
-    let rows_tested = [2usize, 5, 6, 8, 12];
-    for &rows in &rows_tested {
-        assert!(model.pin_moe_kernel(rows, MoeKernel::TILED), "the synthetic model has stacked MXFP4 experts");
-    }
-    let mut r = rng();
-    let vocab = spec.vocab_size;
-    for &rows in &rows_tested {
-        let toks: Vec<u32> = (0..rows).map(|_| r.random_range(0..vocab as u32)).collect();
-        let batch: Vec<SeqForward> = (0..rows).map(|s| seq(s as u64, vec![toks[s]], 0, &[(s * 8) as u32], OutputRows::Last)).collect();
-        let mut got = Vec::new();
-        for (in_route, graphs) in [(false, false), (true, false), (true, true), (false, true)] {
-            model.set_route_digits(in_route);
-            model.set_cuda_graphs(graphs);
-            let before = model.route_digits_calls();
-            let logits: Vec<f32> = model.forward(&batch).unwrap().into_iter().flat_map(|l| l.data).collect();
-            assert!(logits.iter().all(|v| v.is_finite()), "{rows} rows: non-finite logits");
-            if !graphs {
-                assert_eq!(model.route_digits_calls() > before, in_route, "{rows} rows: the routing wrote the digit rows only when asked");
-            }
-            got.push(logits);
-        }
-        assert_eq!(got[1], got[0], "{rows} rows, eager: logits differ with the digit rows written by the routing");
-        assert_eq!(got[2], got[3], "{rows} rows, graphed: logits differ with the digit rows written by the routing");
-        eprintln!("{rows} rows: digit rows by the routing = by their own launch, eager and graphed");
-    }
-}
-
 /// The router computing the post-attention norm itself at one token (`norm_in_router`: the
 /// fused MoE leaving its pairs, the residual add after it adding the attention output) gives
 /// the logits of the norm's own launch, bit for bit, eager and graphed, over a few decode steps

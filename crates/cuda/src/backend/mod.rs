@@ -299,10 +299,6 @@ pub struct CudaModel {
     /// `moe_route` launch). `PEREGRINE_MOE_ROUTE_IN_KERNEL=0` keeps the routing launch, for
     /// comparison.
     route_in_moe: bool,
-    /// Where the MoE reads x as digit rows (`Kernels::moe_reads_digit_rows`), the routing
-    /// launch writes them (`moe_route_digits`) instead of a launch of their own
-    /// (`PEREGRINE_MOE_ROUTE_DIGITS=0`, for comparison; `set_route_digits`).
-    route_digits: bool,
     /// Up to this many tokens `moe_route`'s last block groups the pairs (`moe::FUSED_GROUP_MAX_TOKENS`;
     /// `set_fused_group_max`, for measurements); above, `moe_group` is a launch of its own.
     fused_group_max: usize,
@@ -354,8 +350,6 @@ pub struct CudaModel {
     moe_combine_in_norm: Option<bool>,
     /// MoE calls that left their pairs to the norm (tests check the path ran).
     moe_pairs_calls: std::sync::atomic::AtomicUsize,
-    /// How many routing launches have written x's digit rows (`route_digits`), for tests.
-    route_digits_calls: std::sync::atomic::AtomicUsize,
     /// While `probe_routing` runs: each grouped routing's expert choices ([rows, top_k]),
     /// brought back after its launch (eager only: it synchronises the stream).
     pub(crate) routing_probe: std::sync::Mutex<Option<Vec<Vec<i32>>>>,
@@ -629,7 +623,6 @@ impl CudaModel {
             ready_counters,
             attn_fill: std::env::var("PEREGRINE_ATTN_FILL").map_or(true, |v| v != "0"),
             route_in_moe: std::env::var("PEREGRINE_MOE_ROUTE_IN_KERNEL").map_or(true, |v| v != "0"),
-            route_digits: std::env::var("PEREGRINE_MOE_ROUTE_DIGITS").map_or(true, |v| v != "0"),
             fused_group_max: moe::FUSED_GROUP_MAX_TOKENS,
             norm_in_router: std::env::var("PEREGRINE_NORM_IN_ROUTER").map_or(true, |v| v != "0"),
             route_in_oproj: std::env::var("PEREGRINE_ROUTE_IN_OPROJ").map_or(true, |v| v != "0"),
@@ -648,7 +641,6 @@ impl CudaModel {
             f32_tiles: std::env::var("PEREGRINE_F32_TILES").map_or(true, |v| v != "0"),
             moe_combine_in_norm: None,
             moe_pairs_calls: std::sync::atomic::AtomicUsize::new(0),
-            route_digits_calls: std::sync::atomic::AtomicUsize::new(0),
             routing_probe: std::sync::Mutex::new(None),
             prefill_pdl: std::env::var("PEREGRINE_PREFILL_PDL").is_ok_and(|v| v == "1"),
             drain_after_mlp_rows: std::env::var("PEREGRINE_DRAIN_AFTER_MLP_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(DRAIN_AFTER_MLP_ROWS),
@@ -787,13 +779,6 @@ impl CudaModel {
     /// benchmarks and tests comparing the two. Captured step graphs are dropped.
     pub fn set_embed_norm_fused(&mut self, on: bool) {
         self.embed_norm_fused = on;
-        self.graphs.clear();
-    }
-
-    /// Sets whether the routing writes x's digit rows for the MoE (`route_digits`, on by
-    /// default), for measurements and tests comparing the two. Captured step graphs are dropped.
-    pub fn set_route_digits(&mut self, on: bool) {
-        self.route_digits = on;
         self.graphs.clear();
     }
 

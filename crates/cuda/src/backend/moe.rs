@@ -3,7 +3,11 @@
 
 use super::*;
 
-/// Up to this many tokens, `moe_route`'s last block also groups the pairs (one launch).
+/// Up to this many tokens, `moe_route`'s last block also groups the pairs (one launch). Above,
+/// its one thread per expert scanning every pair costs more than `moe_group`'s launch: H200,
+/// Flash, 18 layers, grouping in the routing launch up to 32 tokens made the batch-12 / 16 / 24 /
+/// 32 steps 139 / 173 / 241 / 223 us slower (`step-bench --ab group:32`;
+/// benches/results/2026-11-29-h200-two-pair-digit-moe-default.md).
 pub(super) const FUSED_GROUP_MAX_TOKENS: usize = 8;
 
 /// Copies of the router's fixed-point sums the one-token o_proj spreads its blocks' adds over
@@ -230,11 +234,6 @@ impl CudaModel {
         self.moe_pairs_calls.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// How many routing launches have also written x's digit rows (`set_route_digits`).
-    pub fn route_digits_calls(&self) -> usize {
-        self.route_digits_calls.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
     /// Whether the MoE on `kind` leaves its routed pairs to the norm after it: a kernel that can
     /// (`Kernels::moe_leaves_pairs`), where that pays (`kernels::moe_pairs_pay`) or is forced.
     fn moe_leaves_pairs_here(&self, spec: &MoeSpec, w: &MoeWeights, kind: MoeKernel) -> bool {
@@ -262,9 +261,7 @@ impl CudaModel {
             self.with_moe_scratch(w, spec.top_k, |scratch| self.kernels.moe_mxfp4_routed(kind, spec, w, logits, bias, hn, input, scratch, &mut y))?;
             return Ok(MlpOut::Rows(y));
         }
-        // x's digit rows written by the routing launch where the MoE reads them.
-        let digits = (self.route_digits && self.kernels.moe_reads_digit_rows(kind, w, n)).then_some((hn, w.hidden, input));
-        let (r, _, _) = self.route_device(spec, logits, bias, n, digits)?;
+        let (r, _, _) = self.route_device(spec, logits, bias, n)?;
         if leave_pairs {
             let out = self.with_moe_scratch(w, r.num_pairs, |scratch| self.kernels.moe_mxfp4_pairs(kind, w, &r, hn, input, scratch))?;
             self.moe_pairs_calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -297,9 +294,7 @@ impl CudaModel {
     /// The router and the token/expert grouping (`moe_route`, one launch) of `n` rows of
     /// router logits. The routing lists `min(n * top_k, E)` expert slots; the unused ones are
     /// empty, so launches need no host round trip. Also returns the per-token choices.
-    /// `digits` (x [n, h] and how old it is): the routing launch also writes x's digit rows
-    /// (`moe_route_digits`, `DeviceRouting::x_digits`), for the MoE that reads them.
-    fn route_device(&self, spec: &MoeSpec, logits: &CudaSlice<f32>, bias: Option<&CudaSlice<f32>>, n: usize, digits: Option<(&CudaSlice<f32>, usize, MoeInput)>) -> Result<(DeviceRouting, CudaSlice<i32>, CudaSlice<f32>)> {
+    fn route_device(&self, spec: &MoeSpec, logits: &CudaSlice<f32>, bias: Option<&CudaSlice<f32>>, n: usize) -> Result<(DeviceRouting, CudaSlice<i32>, CudaSlice<f32>)> {
         let (e, k) = (spec.num_experts, spec.top_k);
         let p = n * k;
         let (st, al) = (&self.stream, &self.kernels.alloc);
@@ -317,7 +312,6 @@ impl CudaModel {
             num_pairs: p,
             num_tokens: n,
             top_k: k,
-            x_digits: None,
         };
         // Decode-sized batches: one launch, every token's routing, then the last block to finish
         // groups the pairs by expert (the arrival counter comes back to zero). Larger ones
@@ -325,7 +319,7 @@ impl CudaModel {
         // 44 us per layer for 64 tokens under ncu.
         let fused = n <= self.fused_group_max;
         let (ei, ki, sm, ng, tg, norm, sc, mu, pi) = (e as i32, k as i32, matches!(spec.scoring, RouterScoring::Softmax) as i32, spec.n_group as i32, spec.topk_group as i32, spec.norm_topk_prob as i32, spec.routed_scaling_factor, max_u as i32, p as i32);
-        let mut b = crate::launch::builder(st, if digits.is_some() { &self.kernels.route_digits } else { &self.ops.moe_route });
+        let mut b = crate::launch::builder(st, &self.ops.moe_route);
         b.arg(logits);
         match bias {
             Some(bb) => b.arg(bb),
@@ -339,13 +333,6 @@ impl CudaModel {
             b.arg(&0u64);
         }
         b.arg(&mu).arg(&mut r.experts).arg(&mut r.pair_off).arg(&mut r.pair_tok).arg(&mut r.pair_w).arg(&mut r.tok_pairs);
-        let hi = digits.map_or(0, |(_, h, _)| h as i32);
-        let settled = digits.map_or(0, |(_, _, input)| input.settled_flag());
-        if let Some((x, h, _)) = digits {
-            let xd = r.x_digits.insert(self.kernels.alloc_digit_rows(x, n, h)?);
-            b.arg(x).arg(&hi).arg(&settled).arg(xd);
-            self.route_digits_calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
         // Shared memory: scores and choices (2 E floats) while routing; counts, starts and a
         // chunk of 1024 choices (GROUP_CHUNK in ops.cu) while grouping.
         let smem = (4 * (2 * e + 1024)) as u32;
@@ -376,7 +363,7 @@ impl CudaModel {
         let n = logits.len() / e;
         let st = &self.stream;
         let bias_d = bias.map(|b| upload(st, b)).transpose()?;
-        let (r, idx, w) = self.route_device(spec, &upload(st, logits)?, bias_d.as_ref(), n, None)?;
+        let (r, idx, w) = self.route_device(spec, &upload(st, logits)?, bias_d.as_ref(), n)?;
         let (idx, w) = (st.clone_dtoh(&idx).map_err(drv)?, st.clone_dtoh(&w).map_err(drv)?);
         let choices = (0..n).map(|t| (0..k).map(|s| (idx[t * k + s] as usize, w[t * k + s])).collect()).collect();
         let get = |d: &CudaSlice<i32>, len: usize| -> Result<Vec<i32>> { Ok(st.clone_dtoh(d).map_err(drv)?[..len].to_vec()) };

@@ -97,7 +97,7 @@ pub enum MoeInput<'a> {
 }
 
 impl MoeInput<'_> {
-    pub(crate) fn settled_flag(self) -> i32 {
+    fn settled_flag(self) -> i32 {
         matches!(self, MoeInput::Settled | MoeInput::Split(_)) as i32
     }
 }
@@ -387,9 +387,6 @@ pub struct DeviceRouting {
     pub(crate) num_pairs: usize,
     pub(crate) num_tokens: usize,
     pub(crate) top_k: usize,
-    /// x as digit rows (`dg_x_row_bytes` each), where the routing wrote them for the two-launch
-    /// digit gate_up (`moe_route_digits`); else that call writes them itself (`moe_digit_rows`).
-    pub(crate) x_digits: Option<CudaSlice<u8>>,
 }
 
 /// How one layer's MXFP4 experts sit in GPU memory. (One per MoE layer, built at load and
@@ -507,7 +504,6 @@ impl Kernels {
             num_pairs: r.num_pairs(),
             num_tokens: r.tok_pairs.len() / r.top_k.max(1),
             top_k: r.top_k,
-            x_digits: None,
         })
     }
 
@@ -989,15 +985,8 @@ impl Kernels {
                 let alloc_f32 = |n: usize| unsafe { self.alloc.alloc::<f32>(n) };
                 // On digits from 2 tokens, x as digit rows, written one launch ahead.
                 // (The split and digit rows live to the end of the call: freed in stream order after both launches.)
-                let own_digits;
                 let x_digits = match digits {
-                    Some(_) if r.num_tokens >= 2 => match &r.x_digits {
-                        Some(xd) => Some(xd),
-                        None => {
-                            own_digits = self.digit_rows(x, r.num_tokens, h)?;
-                            Some(&own_digits)
-                        }
-                    },
+                    Some(_) if r.num_tokens >= 2 => Some(self.digit_rows(x, r.num_tokens, h)?),
                     _ => None,
                 };
                 let mut b = crate::launch::builder(&self.stream, fg);
@@ -1018,7 +1007,7 @@ impl Kernels {
                     // (moe.cu, stage_token_early).
                     b.arg(x).arg(&mut scratch.h).arg(&hh).arg(&ii).arg(&ti).arg(&settled).arg(&slot_ptr);
                     if digits.is_some() {
-                        match x_digits {
+                        match &x_digits {
                             Some(xd) => b.arg(xd),
                             None => b.arg(&0u64),
                         };
@@ -1167,29 +1156,13 @@ impl Kernels {
     /// `rows` rows of `x` [rows, k] as the FP8 digit kernels stage them (`moe_digit_rows`,
     /// `dg_x_row_bytes` each), for the two-launch digit gate_up; written in full.
     fn digit_rows(&self, x: &CudaSlice<f32>, rows: usize, k: usize) -> Result<CudaSlice<u8>> {
-        let mut xd = self.alloc_digit_rows(x, rows, k)?;
+        check(k.is_multiple_of(256) && k <= 8192 && x.len() >= rows * k, || format!("moe_digit_rows: {rows} rows of {k}"))?;
+        let mut xd = unsafe { self.alloc.alloc::<u8>(rows.max(1) * dg_x_row_bytes(k)) }?;
         let ki = k as i32;
         let mut b = crate::launch::builder(&self.stream, &self.digit_rows);
         b.arg(x).arg(&ki).arg(&mut xd);
         unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv("moe_digit_rows"))?;
         Ok(xd)
-    }
-
-    /// Room for `rows` rows of `x` [rows, k] as digit rows (`digit_rows`; `moe_route_digits`
-    /// writes them in full), after checking the shapes the digit staging takes.
-    pub(crate) fn alloc_digit_rows(&self, x: &CudaSlice<f32>, rows: usize, k: usize) -> Result<CudaSlice<u8>> {
-        check(k.is_multiple_of(256) && k <= 8192 && x.len() >= rows * k, || format!("moe_digit_rows: {rows} rows of {k}"))?;
-        unsafe { self.alloc.alloc::<u8>(rows.max(1) * dg_x_row_bytes(k)) }
-    }
-
-    /// Whether MoE kernel `kind` of `tokens` tokens over `w` reads x as digit rows (the
-    /// two-launch digit gate_up from 2 tokens), so the routing ahead of it may write them
-    /// (`DeviceRouting::x_digits`, `moe_route_digits`).
-    pub(crate) fn moe_reads_digit_rows(&self, kind: MoeKernel, w: &MoeWeights, tokens: usize) -> bool {
-        match (&w.layout, kind) {
-            (MoeLayout::Tiled { .. }, MoeKernel::Tiled { stages, steps, down_stages, down_steps }) => tokens >= 2 && self.tiled_digits(w, tokens, (stages, steps), (down_stages, down_steps)).is_some(),
-            _ => false,
-        }
     }
 
     /// `rows` rows of `x` [rows, k] split for the MoE GEMM (`moe_split_rows`): each row's F16
