@@ -622,6 +622,7 @@ fn mxfp4_moe_decode_matches_the_cpu_reference() {
                 let dgr = peregrine_cuda::kernels::DG_RINGS;
                 for pairs_from in [usize::MAX, 1] {
                     let pairs_before = kern.set_moe_fp8_pairs_from(pairs_from);
+                    assert_eq!(kern.moe_two_pairs_at(&wt, t), pairs_from == 1, "{h}x{i} T={t}: two pairs a pass from {pairs_from} tokens (two-pair blocks of a {h}-wide x fit two to an SM)");
                     for j in 0..dgr.len() {
                         for (gu_ring, down_ring) in [(dgr[j], dgr[j]), (dgr[j], dgr[(j + 1) % dgr.len()])] {
                             let kind = MoeKernel::Tiled { stages: gu_ring.0, steps: gu_ring.1, down_stages: down_ring.0, down_steps: down_ring.1 };

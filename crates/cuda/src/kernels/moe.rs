@@ -39,8 +39,9 @@ pub const FP8_MOE_MIN_BANDWIDTH: f64 = 4.0e12;
 /// 14.46-14.75 on F16 (-7.1 / -4.9 / -4.8 / -4.4%, means of two processes each; two pairs a
 /// pass from 12 there), while at 48 rows it was 3.6% slower (slots of 3+ pairs still re-read
 /// their tiles), so 48 stays on F16
-/// (benches/results/2026-11-29-h200-two-pair-digit-moe-default.md). Rows that may share experts
-/// (verify blocks) stay off the digits (`Kernels::moe_kernel_rows`).
+/// (benches/results/2026-11-29-h200-two-pair-digit-moe-default.md). Past 8 rows only where two
+/// pairs a pass fit (`Kernels::moe_fp8_at`): not Pro's. Rows that may share experts (verify
+/// blocks) stay off the digits (`Kernels::moe_kernel_rows`).
 pub const FP8_MOE_TOKENS: usize = 32;
 
 /// Token counts from which the two-launch digit MoE takes two pairs of an expert slot a pass
@@ -50,7 +51,8 @@ pub const FP8_MOE_TOKENS: usize = 32;
 /// room for fewer gate_up blocks an SM (Flash on the 2 x 4 ring: two instead of three). H200,
 /// Flash, 18 layers, graph replay, three processes each: batch 2 / 3 / 4 / 6 / 8 +0.6 / +0.6 / -0.1 /
 /// -1.6 / -3.0% against one pair a pass (batch 12-32 in `FP8_MOE_TOKENS`)
-/// (benches/results/2026-11-29-h200-two-pair-digit-moe-default.md). `PEREGRINE_MOE_FP8_PAIRS_FROM`
+/// (benches/results/2026-11-29-h200-two-pair-digit-moe-default.md). Only where two-pair blocks
+/// still fit two to an SM (`Kernels::moe_two_pairs_at`): not Pro's. `PEREGRINE_MOE_FP8_PAIRS_FROM`
 /// sets it.
 pub const FP8_MOE_PAIRS_FROM: usize = 6;
 
@@ -573,8 +575,28 @@ impl Kernels {
     /// Whether the fused and two-launch tiled MoE of `tokens` tokens over `w` run on FP8 digits
     /// (on `DG_RINGS` rings; other rings keep the F16 form): `moe_fp8_for`, up to
     /// `FP8_MOE_TOKENS` tokens (`PEREGRINE_MOE_FP8_TOKENS`).
+    /// Past `moe_tune::TUNED_TOKENS` only where two pairs a pass fit (`two_pairs_fit`): with one
+    /// pair a pass the digits lose there.
     pub fn moe_fp8_at(&self, w: &MoeWeights, tokens: usize) -> bool {
-        tokens <= self.moe_fp8_tokens && self.moe_fp8_for(w)
+        tokens <= self.moe_fp8_tokens && self.moe_fp8_for(w) && (tokens <= crate::moe_tune::TUNED_TOKENS || self.two_pairs_fit(w))
+    }
+
+    /// Whether the two-launch digit MoE of `tokens` tokens over `w` takes two pairs of a slot a
+    /// pass (`moe_gate_up_dg2_*`, `moe_down_dg2_*`): from `moe_fp8_pairs_from` tokens, where
+    /// `two_pairs_fit`.
+    pub fn moe_two_pairs_at(&self, w: &MoeWeights, tokens: usize) -> bool {
+        tokens >= self.moe_fp8_pairs_from && self.two_pairs_fit(w)
+    }
+
+    /// Whether two-pair gate_up blocks over `w` (two digit rows of x beside the smallest digit
+    /// ring) stay resident two to an SM. Flash's (H 4096) do, as one-pair blocks three; Pro's
+    /// (H 6144) do not: one a SM, and its batch-6 / 8 steps ran 4-5% slower than with one pair a
+    /// pass, its 16- and 32-row steps no faster than on F16
+    /// (benches/results/2026-11-29-h200-two-pair-digit-moe-default.md).
+    fn two_pairs_fit(&self, w: &MoeWeights) -> bool {
+        let (stages, steps) = DG_RINGS[0];
+        let smem = ring_bytes(stages, steps) + 2 * (w.hidden / 16) * DG_CORE_BYTES;
+        smem <= TILED_MAX_SMEM && self.blocks_per_sm(&self.gate_up_dg2[0], smem).is_ok_and(|n| n >= 2)
     }
 
     /// The indices in `DG_RINGS` of the gate_up and down rings of a two-launch tiled MoE of
@@ -955,7 +977,7 @@ impl Kernels {
                 // pair's x as digits, and gate_up hands h over as the pairs' digit rows.
                 let digits = self.tiled_digits(w, r.num_tokens, (stages, steps), (down_stages, down_steps));
                 // Two pairs of a slot a digit pass from `moe_fp8_pairs_from` tokens.
-                let npd = if digits.is_some() && r.num_tokens >= self.moe_fp8_pairs_from { 2 } else { 1 };
+                let npd = if digits.is_some() && self.moe_two_pairs_at(w, r.num_tokens) { 2 } else { 1 };
                 let fg = match digits {
                     Some((g, _)) if npd == 2 => &self.gate_up_dg2[g],
                     Some((g, _)) => &self.gate_up_dg[g],
