@@ -574,9 +574,8 @@ impl Kernels {
 
     /// Whether the fused and two-launch tiled MoE of `tokens` tokens over `w` run on FP8 digits
     /// (on `DG_RINGS` rings; other rings keep the F16 form): `moe_fp8_for`, up to
-    /// `FP8_MOE_TOKENS` tokens (`PEREGRINE_MOE_FP8_TOKENS`).
-    /// Past `moe_tune::TUNED_TOKENS` only where two pairs a pass fit (`two_pairs_fit`): with one
-    /// pair a pass the digits lose there.
+    /// `FP8_MOE_TOKENS` tokens (`PEREGRINE_MOE_FP8_TOKENS`); past `moe_tune::TUNED_TOKENS` only
+    /// where two pairs a pass fit (`two_pairs_fit`): with one pair a pass the digits lose there.
     pub fn moe_fp8_at(&self, w: &MoeWeights, tokens: usize) -> bool {
         tokens <= self.moe_fp8_tokens && self.moe_fp8_for(w) && (tokens <= crate::moe_tune::TUNED_TOKENS || self.two_pairs_fit(w))
     }
@@ -976,7 +975,7 @@ impl Kernels {
                 // before they are read. On FP8 digits (`tiled_digits`) neither: a pass stages its
                 // pair's x as digits, and gate_up hands h over as the pairs' digit rows.
                 let digits = self.tiled_digits(w, r.num_tokens, (stages, steps), (down_stages, down_steps));
-                // Two pairs of a slot a digit pass from `moe_fp8_pairs_from` tokens.
+                // Two pairs of a slot a digit pass from `moe_fp8_pairs_from` tokens, where they fit.
                 let npd = if digits.is_some() && self.moe_two_pairs_at(w, r.num_tokens) { 2 } else { 1 };
                 let fg = match digits {
                     Some((g, _)) if npd == 2 => &self.gate_up_dg2[g],
