@@ -380,6 +380,11 @@ fn mxfp4_moe_decode_matches_the_cpu_reference() {
         if h == 6144 {
             let np = kern.moe_tiled_staged_pairs(&wt, 2, 4, 8).unwrap();
             assert!((1..4).contains(&np), "a 6144-wide x should stage fewer than 4 pairs per pass to keep two blocks per SM, stages {np}");
+            // Two digit rows of so wide an x leave room for one gate_up block an SM: one pair a
+            // digit pass (Pro's 6-8 row steps were 4-5% slower with two).
+            let pairs_before = kern.set_moe_fp8_pairs_from(1);
+            assert!(!kern.moe_two_pairs_at(&wt, 8), "a 6144-wide x should take one pair a digit pass");
+            kern.set_moe_fp8_pairs_from(pairs_before);
         }
         let timings = kern.tune_moe(&wt, top_k).unwrap();
         assert!(timings.iter().all(|&(_, _, ms)| ms.is_finite() && ms > 0.0), "MoE tuning timings: {timings:?}");
