@@ -1336,7 +1336,7 @@ struct GemmWg {
     static constexpr int HS = FP8 ? GWG_HS_FP8 : GWG_HS_BF16;  // halves per stage
     static constexpr int STAGE = HS * HALF;
     static constexpr bool TSM = FP8 && GWG_FP8_TOTAL_SMEM;  // totals in shared memory
-    static constexpr int STAGES = TSM ? (HS == 2 ? 2 : ROWS == 64 ? 4 : 5) : (FP8 ? 3 : 2) * 2 / HS;  // 192 / 208 KB
+    static constexpr int STAGES = TSM ? (HS == 2 ? 2 : 5) : (FP8 ? 3 : 2) * 2 / HS;  // 192 / 208 KB
     static constexpr int TOTAL_OFF = STAGES * STAGE;
     static constexpr int SMEM = TOTAL_OFF + (TSM ? THREADS * 32 * 4 : 0);  // at most kernels.rs' dense_wg_smem(ROWS)
     static constexpr int XUNITS = HS * GWG_XCHUNK / (16 * THREADS);    // B units a thread copies per stage
@@ -1496,7 +1496,6 @@ __device__ __forceinline__ void gemm_wg(const unsigned char* __restrict__ W, con
         return nk < KB ? nk : (kb & 7) + 1;  // else the next class's first block
     };
     int kb_issue = c0, half_issue = 0;  // (HS = 1: the half of kb_issue that comes next)
-    int b_stage = NU, b_chunk = 0;      // (MC > 1: the stage whose B issue_b asks for next, its first chunk)
     auto issue = [&](int p) {
 #ifdef GWG_NO_LOAD  // measurement builds only (outputs wrong): after the first stages, no loads
         if (p >= STAGES) p = NU;
@@ -1507,8 +1506,16 @@ __device__ __forceinline__ void gemm_wg(const unsigned char* __restrict__ W, con
 #pragma unroll
             for (int u = 0; u < NWU; u++) cp_async16(st + wdst + u * TSTEP * CH, wbase + wofs[u] + (size_t)chunk * CH);
             if (MC > 1) {
-                b_stage = p;
-                b_chunk = chunk;
+                if (tid == 0) {
+                    const int s = p % STAGES;
+                    // The slot's last stage (p - STAGES) released by every block of the cluster.
+                    if (p >= STAGES) mbar_wait_cluster(&empty[s], (p / STAGES - 1) & 1);
+                    mbar_expect(&full[s], HS * GWG_XCHUNK);
+#pragma unroll
+                    for (int hf = 0; hf < HS; hf++)
+                        bulk_load_multicast(st + hf * G::HALF + G::W_HALF + rank * XPART, xtile + (size_t)(chunk + hf) * GWG_XCHUNK + rank * XPART,
+                                            XPART, &full[s], (unsigned short)((1u << MC) - 1));
+                }
             } else {
 #pragma unroll
                 for (int u = 0; u < G::XUNITS; u++) {
@@ -1521,21 +1528,6 @@ __device__ __forceinline__ void gemm_wg(const unsigned char* __restrict__ W, con
             if (HS == 1) half_issue ^= 1;
         }
         cp_async_commit();  // empty groups past the end keep the wait's count
-    };
-    // MC > 1: the B of the stage issue() took last, once every block of the cluster is done with
-    // its slot's previous stage. The loop asks after its MMAs, so that wait (on the slowest block
-    // of the cluster) does not hold them up.
-    auto issue_b = [&]() {
-        if (MC == 1 || tid != 0 || b_stage >= NU) return;
-        const int s = b_stage % STAGES;
-        unsigned char* st = smem + s * G::STAGE;
-        if (b_stage >= STAGES) mbar_wait_cluster(&empty[s], (b_stage / STAGES - 1) & 1);
-        mbar_expect(&full[s], HS * GWG_XCHUNK);
-#pragma unroll
-        for (int hf = 0; hf < HS; hf++)
-            bulk_load_multicast(st + hf * G::HALF + G::W_HALF + rank * XPART, xtile + (size_t)(b_chunk + hf) * GWG_XCHUNK + rank * XPART, XPART,
-                                &full[s], (unsigned short)((1u << MC) - 1));
-        b_stage = NU;
     };
     float total[32], acc[32], part[32];
 #pragma unroll
@@ -1566,10 +1558,7 @@ __device__ __forceinline__ void gemm_wg(const unsigned char* __restrict__ W, con
         cluster_sync_all();  // no block copies into another's slots or arrives on its barriers before they are set up
     }
 #pragma unroll
-    for (int p = 0; p < STAGES - 1; p++) {
-        issue(p);
-        issue_b();
-    }
+    for (int p = 0; p < STAGES - 1; p++) issue(p);
     int cls = c0, left = class_blocks(c0);
     // Where a class sum goes: split 0 adds its classes into total (as the unsplit kernel does all
     // eight), a later split stores each of its own (slot c - 8 / NS + 1 of csum, [slot][tile][64
@@ -1661,7 +1650,6 @@ __device__ __forceinline__ void gemm_wg(const unsigned char* __restrict__ W, con
         issue(p + STAGES - 1);
         GWG_STAMP(p, 2);
         multiply(p);
-        issue_b();
         GWG_STAMP(p, 3);
         if (HS == 2 || (p & 1)) {
             finish(kb);
