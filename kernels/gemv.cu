@@ -1392,42 +1392,7 @@ __device__ unsigned gwg_trace[GWG_TRACE_BLOCKS * (4 + 4 * GWG_TRACE_STAGES)];
 #endif
 
 #ifdef __CUDA_ARCH_FEAT_SM90_ALL
-// A cluster's B multicast (gemm_wg's MC > 1). This CTA's rank in its cluster.
-__device__ __forceinline__ unsigned cluster_rank() {
-    unsigned r;
-    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
-    return r;
-}
-// Every thread of every CTA of the cluster (barriers initialised before it are seen after it).
-__device__ __forceinline__ void cluster_sync_all() {
-    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
-}
-// One arrival on the mbarrier at bar's place in CTA `cta` of the cluster.
-__device__ __forceinline__ void mbar_arrive_remote(unsigned long long* bar, unsigned cta) {
-    unsigned r;
-    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(smem_addr(bar)), "r"(cta));
-    asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(r) : "memory");
-}
-// mbar_wait for a phase that other CTAs' arrivals complete.
-__device__ __forceinline__ void mbar_wait_cluster(unsigned long long* bar, unsigned parity) {
-    asm volatile(
-        "{.reg .pred p;\n"
-        "WAIT_%=:\n"
-        "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%0], %1;\n"
-        "@!p bra WAIT_%=;}" ::"r"(smem_addr(bar)),
-        "r"(parity)
-        : "memory");
-}
-// `bytes` of global src to dst's place in each CTA of the cluster in `mask`, completing on bar's
-// place there.
-__device__ __forceinline__ void bulk_load_multicast(void* dst, const void* src, unsigned bytes, unsigned long long* bar, unsigned short mask) {
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1], %2, [%3], %4;" ::"r"(
-                     smem_addr(dst)),
-                 "l"(src), "r"(bytes), "r"(smem_addr(bar)), "h"(mask)
-                 : "memory");
-}
-
-template <bool FP8, int ROWS, bool KS, int MC>
+template <bool FP8, int ROWS, bool KS>
 __device__ __forceinline__ void gemm_wg(const unsigned char* __restrict__ W, const float* __restrict__ S, const uint4* __restrict__ xw,
                                         const float* __restrict__ xinv, float* __restrict__ y, float* __restrict__ y1,
                                         float* __restrict__ y2, int N0, int N1, int N, int K, int T, float* __restrict__ csum) {
@@ -1472,25 +1437,14 @@ __device__ __forceinline__ void gemm_wg(const unsigned char* __restrict__ W, con
     constexpr int TU = 16 * G::WUNITS, CH = 16 * TU;
     static_assert((THREADS / TU) % HS == 0 && ROWS / 16 * CH <= G::W_HALF, "a thread's units lie in one half; a half holds its tiles");
     constexpr int NWU = ROWS / 16 * HS * TU / THREADS, TSTEP = THREADS / (TU * HS);
-    // (MC > 1: a cluster's last blocks may lie wholly past N; they load the last tile.)
-    const int whalf = (tid / TU) % HS, ntiles = (N + 15) / 16, tile_base = MC > 1 ? min(nb / 16, ntiles - 1) : nb / 16;
+    const int whalf = (tid / TU) % HS, tile_base = nb / 16, ntiles = (N + 15) / 16;
     const unsigned char* wbase = W + (size_t)tile_base * K * 16 * ESIZE + whalf * CH + (tid % TU) * 16;
     unsigned wofs[NWU];
 #pragma unroll
     for (int u = 0; u < NWU; u++) wofs[u] = (unsigned)(min(tile_base + tid / (TU * HS) + TSTEP * u, ntiles - 1) - tile_base) * K * 16 * ESIZE;
     const int wdst = whalf * G::HALF + (tid / (TU * HS)) * CH + (tid % TU) * 16;
-    // B: a K block's two 16 KB chunks are adjacent in xw; XUNITS units a thread (MC = 1).
-    const unsigned char* xtile = reinterpret_cast<const unsigned char*>(xw) + (size_t)tile * (K / 64) * GWG_XCHUNK;
-    const unsigned char* xbase = xtile + tid * 16;
-    // MC > 1 (a cluster of MC blocks along the rows, one token tile): B is the same in each, so
-    // block r of the cluster asks for part r of every chunk, multicast to all MC blocks (each
-    // reads 1 / MC of B from L2 instead of all of it). full[s]: stage slot s's B has landed (its
-    // weights still come by cp.async); empty[s]: all MC blocks are done with slot s, so it may
-    // be filled again (each block's thread 0 arrives on every block's).
-    __shared__ __align__(8) unsigned long long full[MC > 1 ? STAGES : 1], empty[MC > 1 ? STAGES : 1];
-    const unsigned rank = MC > 1 ? cluster_rank() : 0;
-    constexpr unsigned XPART = GWG_XCHUNK / MC;
-    static_assert(GWG_XCHUNK % (16 * MC) == 0, "a block's part of a chunk is whole 16-byte units");
+    // B: a K block's two 16 KB chunks are adjacent in xw; XUNITS units a thread.
+    const unsigned char* xbase = reinterpret_cast<const unsigned char*>(xw) + (size_t)tile * (K / 64) * GWG_XCHUNK + tid * 16;
     auto next_kb = [&](int kb) {
         const int nk = kb + 8;
         return nk < KB ? nk : (kb & 7) + 1;  // else the next class's first block
@@ -1505,24 +1459,11 @@ __device__ __forceinline__ void gemm_wg(const unsigned char* __restrict__ W, con
             const int chunk = kb_issue * 2 + half_issue;  // the stage's first 64-k chunk
 #pragma unroll
             for (int u = 0; u < NWU; u++) cp_async16(st + wdst + u * TSTEP * CH, wbase + wofs[u] + (size_t)chunk * CH);
-            if (MC > 1) {
-                if (tid == 0) {
-                    const int s = p % STAGES;
-                    // The slot's last stage (p - STAGES) released by every block of the cluster.
-                    if (p >= STAGES) mbar_wait_cluster(&empty[s], (p / STAGES - 1) & 1);
-                    mbar_expect(&full[s], HS * GWG_XCHUNK);
 #pragma unroll
-                    for (int hf = 0; hf < HS; hf++)
-                        bulk_load_multicast(st + hf * G::HALF + G::W_HALF + rank * XPART, xtile + (size_t)(chunk + hf) * GWG_XCHUNK + rank * XPART,
-                                            XPART, &full[s], (unsigned short)((1u << MC) - 1));
-                }
-            } else {
-#pragma unroll
-                for (int u = 0; u < G::XUNITS; u++) {
-                    const int o = tid * 16 + u * THREADS * 16;  // byte of the stage's B
-                    cp_async16(st + (o / GWG_XCHUNK) * G::HALF + G::W_HALF + o % GWG_XCHUNK,
-                               xbase + (size_t)chunk * GWG_XCHUNK + u * THREADS * 16);
-                }
+            for (int u = 0; u < G::XUNITS; u++) {
+                const int o = tid * 16 + u * THREADS * 16;  // byte of the stage's B
+                cp_async16(st + (o / GWG_XCHUNK) * G::HALF + G::W_HALF + o % GWG_XCHUNK,
+                           xbase + (size_t)chunk * GWG_XCHUNK + u * THREADS * 16);
             }
             if (HS == 2 || half_issue) kb_issue = next_kb(kb_issue);
             if (HS == 1) half_issue ^= 1;
@@ -1546,17 +1487,6 @@ __device__ __forceinline__ void gemm_wg(const unsigned char* __restrict__ W, con
 #pragma unroll
         for (int i = 0; i < 32; i++) asm volatile("" : "+f"(v[i])::"memory");
     };
-    if (MC > 1) {
-        if (tid == 0) {
-#pragma unroll
-            for (int s = 0; s < STAGES; s++) {
-                mbar_init(&full[s]);
-                mbar_init<MC>(&empty[s]);
-            }
-            asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-        }
-        cluster_sync_all();  // no block copies into another's slots or arrives on its barriers before they are set up
-    }
 #pragma unroll
     for (int p = 0; p < STAGES - 1; p++) issue(p);
     int cls = c0, left = class_blocks(c0);
@@ -1639,14 +1569,10 @@ __device__ __forceinline__ void gemm_wg(const unsigned char* __restrict__ W, con
     int kb = c0;  // (the block whose MMAs finish next)
     for (int p = 0; p < NU; p++) {
         cp_async_wait<STAGES - 2>();                                   // stage p landed (this thread's copies)
-        if (MC > 1) mbar_wait(&full[p % STAGES], (p / STAGES) & 1);  // and its B
         GWG_STAMP(p, 0);
         asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // the copies, seen by wgmma
         __syncthreads();  // block p is everyone's; every warpgroup is done with block p - 1's stage
         GWG_STAMP(p, 1);
-        // MC > 1: this block is done with stage p - 1's slot; tell every block of the cluster,
-        // where a stage is still to come into it (so no arrival comes after a block's exit).
-        if (MC > 1 && tid < MC && p > 0 && p - 1 + STAGES < NU) mbar_arrive_remote(&empty[(p - 1) % STAGES], tid);
         issue(p + STAGES - 1);
         GWG_STAMP(p, 2);
         multiply(p);
@@ -1656,7 +1582,6 @@ __device__ __forceinline__ void gemm_wg(const unsigned char* __restrict__ W, con
             kb = next_kb(kb);
         }
     }
-    // (Every copy into this block's slots has landed: it waited for each stage's B.)
     // A split past its K (no K blocks at all) still owes its classes' zeros.
     if (z > 0 && nkb == 0)
         for (; cls < c1; cls++)
@@ -1684,19 +1609,18 @@ __device__ __forceinline__ void gemm_wg(const unsigned char* __restrict__ W, con
 // unused); the _ks kernels split K by class over S of 2, 4 or 8 and leave (9 - 8 / S) x
 // ceil(T / 64) x 64 x N class sums in csum for gemm_wg_combine. The host runs them on sm_90a
 // only (built for another GPU they trap).
-#define GEMM_WG_KERNEL(NAME, IS_FP8, ROWS, MIN_BLOCKS, KS) GEMM_WG_KERNEL_MC(NAME, IS_FP8, ROWS, MIN_BLOCKS, KS, 1, )
-#define GEMM_WG_KERNEL_MC(NAME, IS_FP8, ROWS, MIN_BLOCKS, KS, MC, CLUSTER)                                                \
-    extern "C" __global__ void CLUSTER __launch_bounds__(2 * ROWS, MIN_BLOCKS) NAME(                                      \
+#define GEMM_WG_KERNEL(NAME, IS_FP8, ROWS, MIN_BLOCKS, KS)                                                                \
+    extern "C" __global__ void __launch_bounds__(2 * ROWS, MIN_BLOCKS) NAME(                                              \
         const unsigned char* __restrict__ W, const float* __restrict__ S, const uint4* __restrict__ xw,                  \
         const float* __restrict__ xinv, float* __restrict__ y, float* __restrict__ y1, float* __restrict__ y2, int N0,    \
         int N1, int N, int K, int T, float* __restrict__ csum) {                                                         \
         PDL_ENTER();                                                                                                      \
-        GEMM_WG_BODY(IS_FP8, ROWS, KS, MC)                                                                                \
+        GEMM_WG_BODY(IS_FP8, ROWS, KS)                                                                                    \
     }
 #ifdef __CUDA_ARCH_FEAT_SM90_ALL
-#define GEMM_WG_BODY(IS_FP8, ROWS, KS, MC) gemm_wg<IS_FP8, ROWS, KS, MC>(W, S, xw, xinv, y, y1, y2, N0, N1, N, K, T, csum);
+#define GEMM_WG_BODY(IS_FP8, ROWS, KS) gemm_wg<IS_FP8, ROWS, KS>(W, S, xw, xinv, y, y1, y2, N0, N1, N, K, T, csum);
 #else
-#define GEMM_WG_BODY(IS_FP8, ROWS, KS, MC) asm volatile("trap;");
+#define GEMM_WG_BODY(IS_FP8, ROWS, KS) asm volatile("trap;");
 #endif
 GEMM_WG_KERNEL(gemm_wg_fp8, true, 256, 1, false)
 GEMM_WG_KERNEL(gemm_wg_bf16, false, 256, 1, false)
@@ -1710,16 +1634,6 @@ GEMM_WG_KERNEL(gemm_wg128_fp8_ks, true, 128, 1, true)
 GEMM_WG_KERNEL(gemm_wg128_bf16_ks, false, 128, 1, true)
 GEMM_WG_KERNEL(gemm_wg64_fp8_ks, true, 64, 2, true)
 GEMM_WG_KERNEL(gemm_wg64_bf16_ks, false, 64, 2, true)
-// 64-row blocks in clusters of GWG_MC along the rows, B multicast (gemm_wg's MC): the grid's
-// row blocks a multiple of GWG_MC (the host rounds up; blocks past N load the last tile and
-// store nothing).
-#ifndef GWG_MC
-#define GWG_MC 4
-#endif
-GEMM_WG_KERNEL_MC(gemm_wg64c_fp8, true, 64, 2, false, GWG_MC, __cluster_dims__(1, GWG_MC, 1))
-GEMM_WG_KERNEL_MC(gemm_wg64c_bf16, false, 64, 2, false, GWG_MC, __cluster_dims__(1, GWG_MC, 1))
-GEMM_WG_KERNEL_MC(gemm_wg64c_fp8_ks, true, 64, 2, true, GWG_MC, __cluster_dims__(1, GWG_MC, 1))
-GEMM_WG_KERNEL_MC(gemm_wg64c_bf16_ks, false, 64, 2, true, GWG_MC, __cluster_dims__(1, GWG_MC, 1))
 
 // The wgmma GEMM split over K (grid.z = S > 1): its first split left the running total of
 // classes 0 .. 8 / S - 1 in slot 0 of csum, each later split the sum of each of its classes

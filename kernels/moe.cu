@@ -447,7 +447,22 @@ __device__ __forceinline__ void mma_k32_scaled(float acc[4], const unsigned a0[4
 // per warp, and 2 or 4 warps sharing a tile's K, measured slower at every token count on the
 // H100.) `seq` counts the stages this warp has used before (the barriers' phases run on across
 // passes).
-// (mbar_init, smem_addr, mbar_wait_at, mbar_wait and mbar_expect: kernels/wgmma.cuh.)
+__device__ __forceinline__ void mbar_init(unsigned long long* bar) {
+    unsigned a = (unsigned)__cvta_generic_to_shared(bar);
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(a) : "memory");
+}
+__device__ __forceinline__ unsigned smem_addr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
+// Waits for phase `parity` of the mbarrier at shared-window address a.
+__device__ __forceinline__ void mbar_wait_at(unsigned a, unsigned parity) {
+    asm volatile(
+        "{.reg .pred p;\n"
+        "WAIT_%=:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+        "@!p bra WAIT_%=;}" ::"r"(a),
+        "r"(parity)
+        : "memory");
+}
+__device__ __forceinline__ void mbar_wait(unsigned long long* bar, unsigned parity) { mbar_wait_at(smem_addr(bar), parity); }
 __device__ __forceinline__ void bulk_load(void* smem, const void* gmem, unsigned bytes, unsigned long long* bar) {
     unsigned d = (unsigned)__cvta_generic_to_shared(smem), b = (unsigned)__cvta_generic_to_shared(bar);
     asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(d), "l"(gmem), "r"(bytes), "r"(b)
@@ -476,6 +491,10 @@ __device__ __forceinline__ void bulk_load_weights(void* smem, const void* gmem, 
     asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;" ::"r"(d),
                  "l"(gmem), "r"(bytes), "r"(b), "l"(l2_weights_policy(once))
                  : "memory");
+}
+__device__ __forceinline__ void mbar_expect(unsigned long long* bar, unsigned bytes) {
+    unsigned a = (unsigned)__cvta_generic_to_shared(bar);
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(a), "r"(bytes) : "memory");
 }
 
 // Stage j (of this pass) of a warp's ring: one lane asks for it, one copy (a tile's steps are

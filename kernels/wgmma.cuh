@@ -7,30 +7,6 @@
 // first MMA that reads registers written since, and commits and waits for the group.
 // benches/micro/wgmma_bits.cu: these chains give mma.sync's bits for the same operands in the
 // same logical places (F16, BF16, TF32; stop 48).
-// mbarriers and the bulk-copy engine's completions (moe.cu's rings, gemv.cu's multicast B).
-// mbar_init<COUNT>: a barrier whose phase completes after COUNT arrivals (and the bytes expected).
-template <int COUNT = 1>
-__device__ __forceinline__ void mbar_init(unsigned long long* bar) {
-    unsigned a = (unsigned)__cvta_generic_to_shared(bar);
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(a), "n"(COUNT) : "memory");
-}
-__device__ __forceinline__ unsigned smem_addr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
-// Waits for phase `parity` of the mbarrier at shared-window address a.
-__device__ __forceinline__ void mbar_wait_at(unsigned a, unsigned parity) {
-    asm volatile(
-        "{.reg .pred p;\n"
-        "WAIT_%=:\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
-        "@!p bra WAIT_%=;}" ::"r"(a),
-        "r"(parity)
-        : "memory");
-}
-__device__ __forceinline__ void mbar_wait(unsigned long long* bar, unsigned parity) { mbar_wait_at(smem_addr(bar), parity); }
-__device__ __forceinline__ void mbar_expect(unsigned long long* bar, unsigned bytes) {
-    unsigned a = (unsigned)__cvta_generic_to_shared(bar);
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(a), "r"(bytes) : "memory");
-}
-
 #ifdef __CUDA_ARCH_FEAT_SM90_ALL
 template <int NT>
 __device__ __forceinline__ void wg_mma(float* d, const unsigned a[4], unsigned long long desc, int acc);

@@ -195,23 +195,19 @@ fn main() {
             // What the environment set (`PEREGRINE_GEMM_WGMMA`, `_WG_ROWS`, `_WG_SPLIT`), put back
             // after the forced cells so the next lines' default is still the one asked for.
             let before = (k.set_dense_gemm_wgmma(None), k.set_dense_wg_rows(None).unwrap(), k.set_dense_wg_k_splits(None).unwrap());
-            // One cell: the wgmma GEMM forced at a block height and K splits.
-            let mut cell = |k: &mut Kernels, rows: usize, splits: usize| {
-                k.set_dense_gemm_wgmma(Some(true));
-                k.set_dense_wg_rows(Some(rows)).unwrap();
-                k.set_dense_wg_k_splits(Some(splits)).unwrap();
-                let ms = time_b2b(&mut |i| run(k, i, y));
-                run(k, 0, y);  // (the timed calls alternate weight copies)
-                let same = s.clone_dtoh(y).unwrap().iter().zip(&base).all(|(a, b)| a.to_bits() == b.to_bits());
-                format!("{:.1}%{}", 100.0 * b / (ms as f64 * 1e-3) / copy_bw, if same { "" } else { " BITS DIFFER" })
-            };
-            let splits = peregrine_cuda::kernels::DENSE_WG_SPLITS;
-            let mut cells: Vec<String> = peregrine_cuda::kernels::DENSE_WG_ROWS.iter().map(|&rows| splits.iter().map(|&sp| cell(k, rows, sp)).collect::<Vec<_>>().join(" ")).collect();
-            // 64-row blocks each reading all of B themselves (no cluster multicast).
-            if k.dense_wg_multicasts() {
-                k.set_dense_wg_multicast(false);
-                cells.push(format!("64 without multicast {}", splits.iter().map(|&sp| cell(k, 64, sp)).collect::<Vec<_>>().join(" ")));
-                k.set_dense_wg_multicast(true);
+            let mut cells = Vec::new();
+            for rows in peregrine_cuda::kernels::DENSE_WG_ROWS {
+                let mut by_split = Vec::new();
+                for splits in peregrine_cuda::kernels::DENSE_WG_SPLITS {
+                    k.set_dense_gemm_wgmma(Some(true));
+                    k.set_dense_wg_rows(Some(rows)).unwrap();
+                    k.set_dense_wg_k_splits(Some(splits)).unwrap();
+                    let ms = time_b2b(&mut |i| run(k, i, y));
+                    run(k, 0, y);  // (the timed calls alternate weight copies)
+                    let same = s.clone_dtoh(y).unwrap().iter().zip(&base).all(|(a, b)| a.to_bits() == b.to_bits());
+                    by_split.push(format!("{:.1}%{}", 100.0 * b / (ms as f64 * 1e-3) / copy_bw, if same { "" } else { " BITS DIFFER" }));
+                }
+                cells.push(by_split.join(" "));
             }
             k.set_dense_gemm_wgmma(before.0);
             k.set_dense_wg_rows(before.1).unwrap();

@@ -65,9 +65,7 @@ struct Args {
     /// is copied in (`set_copy_free_rows`; replays write no inputs, so B is the step without
     /// `fetch_staged`); `embed`: A the embedding and first norm in one launch, B in two
     /// (`set_embed_norm_fused`); `prefetch`: A the lm_head asking L2 for its first K blocks
-    /// before its wait, B not (`set_lm_head_prefetch`); `multicast`: A the wgmma GEMM's 64-row
-    /// blocks in clusters multicasting the activations, B each block reading them itself
-    /// (`set_dense_wg_multicast`); `group:N`: A the grouping by the routing
+    /// before its wait, B not (`set_lm_head_prefetch`); `group:N`: A the grouping by the routing
     /// launch up to the loaded count (8 tokens), B up to N (`set_fused_group_max`). `rows` times
     /// the engine's steps instead (host-timed, as the table above: overlapped, then one at a
     /// time), A copy-free, B copying the row data and ids (`set_copy_free_rows`), in turn per
@@ -683,8 +681,8 @@ fn main() {
             }
             let shift = match what.strip_prefix("shift:") {
                 Some(n) => Some(n.parse::<usize>().expect("--ab shift:BYTES")),
-                None if ["tail", "argmax", "fetch", "embed", "prefetch", "multicast"].contains(&what.as_str()) => None,
-                None => panic!("--ab takes tail, argmax, fetch, embed, prefetch, multicast, rows, fp8, shift:BYTES, copies:N, group:N, moe-grid:N or defines:DEFINES, not {what}"),
+                None if ["tail", "argmax", "fetch", "embed", "prefetch"].contains(&what.as_str()) => None,
+                None => panic!("--ab takes tail, argmax, fetch, embed, prefetch, rows, fp8, shift:BYTES, copies:N, group:N, moe-grid:N or defines:DEFINES, not {what}"),
             };
             ab(&mut model, &|m, on| match shift {
                 Some(n) => m.shift_step_buffers(if on { n } else { 0 }).expect("buffers shifted"),
@@ -692,7 +690,6 @@ fn main() {
                 None if what == "fetch" => m.set_copy_free_rows(!on),
                 None if what == "embed" => m.set_embed_norm_fused(!on),
                 None if what == "prefetch" => m.set_lm_head_prefetch(!on),
-                None if what == "multicast" => m.set_dense_wg_multicast(!on),
                 None => m.set_step_tail_fused(!on),
             });
         }

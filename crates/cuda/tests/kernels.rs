@@ -217,26 +217,19 @@ fn stacked_qkv_gemv_matches_the_cpu_reference() {
     use cudarc::driver::DevicePtr;
     let Some((g, mut kern)) = gpu() else { return };
     let mut r = rng();
-    let (rows, k) = ([256usize, 128, 136], 512usize);
+    let (rows, k) = ([256usize, 128, 72], 512usize);
     let n: usize = rows.iter().sum();
     // 260 tokens: the GEMM (gemm_mma_*) writes the three outputs; each token count also runs as
     // the wgmma GEMM (gemm_wg*, where the GPU has it) at each block height, which must write them
-    // with the same bits (520 rows: partial blocks of 256, 128 and 64; 64-row blocks also in
-    // clusters multicasting B, whose 9 blocks round up to whole clusters of 4 or 2, the last
-    // blocks wholly past the rows).
-    // (wgmma, block rows, K splits, multicast); 512 columns are 4 K blocks, so the later splits
-    // of 4 and 8 have no K blocks at all and must still leave their classes' zeros.
-    type WgCase = (Option<bool>, Option<usize>, Option<usize>, bool);
-    let wgmma: Vec<WgCase> = if kern.has_dense_gemm_wgmma() {
-        let on = peregrine_cuda::kernels::DENSE_WG_ROWS.iter().flat_map(|&r| {
-            let multicast: &[bool] = if r == 64 { &[true, false] } else { &[true] };
-            peregrine_cuda::kernels::DENSE_WG_SPLITS.iter().flat_map(move |&s| multicast.iter().map(move |&mc| (Some(true), Some(r), Some(s), mc)))
-        });
-        std::iter::once((Some(false), None, None, true)).chain(on).collect()
+    // with the same bits (456 rows: partial blocks of 256, 128 and 64).
+    // (wgmma, block rows, K splits); 512 columns are 4 K blocks, so the later splits of 4 and 8
+    // have no K blocks at all and must still leave their classes' zeros.
+    let wgmma: Vec<(Option<bool>, Option<usize>, Option<usize>)> = if kern.has_dense_gemm_wgmma() {
+        let on = peregrine_cuda::kernels::DENSE_WG_ROWS.iter().flat_map(|&r| peregrine_cuda::kernels::DENSE_WG_SPLITS.iter().map(move |&s| (Some(true), Some(r), Some(s))));
+        std::iter::once((Some(false), None, None)).chain(on).collect()
     } else {
-        vec![(None, None, None, true)]
+        vec![(None, None, None)]
     };
-    assert!(!kern.has_dense_gemm_wgmma() || kern.dense_wg_multicasts(), "a GPU with the wgmma GEMM runs its 64-row blocks in clusters multicasting B");
     for &t in &[1usize, 5, 70, 260] {
         let x = randn(&mut r, t * k);
         let xd = g.stream.clone_htod(&x).unwrap();
@@ -252,26 +245,24 @@ fn stacked_qkv_gemv_matches_the_cpu_reference() {
             let (w8d, scd, wbd) = (g.stream.clone_htod(&laid_out(w8.clone(), n, k)).unwrap(), g.stream.clone_htod(&sc).unwrap(), g.stream.clone_htod(&laid_out(wb.clone(), n, k)).unwrap());
             let wp = if fp8 { w8d.device_ptr(&g.stream).0 } else { wbd.device_ptr(&g.stream).0 };
             let mut first: Option<Vec<Vec<f32>>> = None;
-            for &(wg, wg_rows, splits, multicast) in &wgmma {
+            for &(wg, wg_rows, splits) in &wgmma {
                 kern.set_dense_gemm_wgmma(wg);
                 kern.set_dense_wg_rows(wg_rows).unwrap();
                 kern.set_dense_wg_k_splits(splits).unwrap();
-                kern.set_dense_wg_multicast(multicast);
                 let (mut y0, mut y1, mut y2) = (poisoned(&g, t * rows[0]), poisoned(&g, t * rows[1]), poisoned(&g, t * rows[2]));
                 kern.gemv_split3(wp, fp8.then_some(&scd), &xd, None, [&mut y0, &mut y1, &mut y2], rows, k, t).unwrap();
                 let got: Vec<Vec<f32>> = [y0, y1, y2].iter().map(|y| g.stream.clone_dtoh(y).unwrap()).collect();
                 let mut off = 0;
                 for (i, part_got) in got.iter().enumerate() {
                     let part: Vec<f32> = (0..t).flat_map(|ti| want[ti * n + off..ti * n + off + rows[i]].to_vec()).collect();
-                    assert_close(&format!("stacked {name} part {i} T={t} (wgmma {wg:?}, block rows {wg_rows:?}, K splits {splits:?}, multicast {multicast})"), part_got, &part);
+                    assert_close(&format!("stacked {name} part {i} T={t} (wgmma {wg:?}, block rows {wg_rows:?}, K splits {splits:?})"), part_got, &part);
                     off += rows[i];
                 }
                 match &first {
                     None => first = Some(got),
-                    Some(f) => assert!(f.iter().flatten().zip(got.iter().flatten()).all(|(a, b)| a.to_bits() == b.to_bits()), "stacked {name} T={t}: the wgmma GEMM's bits ({wg_rows:?}-row blocks, {splits:?} K splits, multicast {multicast}) differ from the mma.sync kernels'"),
+                    Some(f) => assert!(f.iter().flatten().zip(got.iter().flatten()).all(|(a, b)| a.to_bits() == b.to_bits()), "stacked {name} T={t}: the wgmma GEMM's bits ({wg_rows:?}-row blocks, {splits:?} K splits) differ from the mma.sync kernels'"),
                 }
             }
-            kern.set_dense_wg_multicast(true);
             kern.set_dense_gemm_wgmma(None);
             kern.set_dense_wg_rows(None).unwrap();
             kern.set_dense_wg_k_splits(None).unwrap();

@@ -801,14 +801,6 @@ impl CudaModel {
         self.graphs.clear();
     }
 
-    /// Sets whether the wgmma GEMM's 64-row blocks run in clusters multicasting the activations
-    /// (`Kernels::set_dense_wg_multicast`, on by default), for measurements. Same bits; captured
-    /// step graphs are dropped.
-    pub fn set_dense_wg_multicast(&mut self, on: bool) {
-        self.kernels.set_dense_wg_multicast(on);
-        self.graphs.clear();
-    }
-
     /// Sets whether decode graphs are copy-free (`copy_free_rows`, on by default), for
     /// benchmarks and tests comparing the two. Captured step graphs are dropped.
     pub fn set_copy_free_rows(&mut self, on: bool) {

@@ -468,13 +468,7 @@ impl Kernels {
         b.arg(xh).arg(xl).arg(&mut xw).arg(&ki).arg(&ti);
         unsafe { b.launch(LaunchConfig { grid_dim: (threads.div_ceil(256) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv("gemm_wg_split"))?;
         let i = DENSE_WG_ROWS.iter().position(|&r| r == block_rows).ok_or_else(|| Error::Backend(format!("wgmma GEMM blocks of {block_rows} rows: expected one of {DENSE_WG_ROWS:?}")))?;
-        let which = usize::from(!fp8) + 2 * usize::from(splits > 1);
-        // 64-row blocks in clusters multicasting B where the GPU runs them: the grid's row
-        // blocks rounded up to whole clusters.
-        let (f, cluster) = match &self.dense_wg_mc {
-            Some((fns, height)) if block_rows == 64 && self.dense_wg_multicast => (&fns[which], *height),
-            _ => (&self.dense_wg_fns[i][which], 1),
-        };
+        let f = &self.dense_wg_fns[i][usize::from(!fp8) + 2 * usize::from(splits > 1)];
         let mut b = crate::launch::builder(&self.stream, f);
         b.arg(&w);
         match scales {
@@ -492,8 +486,7 @@ impl Kernels {
         // Split: the class sums, (9 - 8 / S) slots of every tile's 64 tokens x n rows.
         let csum = if splits > 1 { Some(unsafe { self.alloc.alloc::<f32>((9 - 8 / splits) * tiles * 64 * n) }?) } else { None };
         b.arg_or_null(csum.as_ref());
-        let row_blocks = n.div_ceil(block_rows).next_multiple_of(cluster);
-        let cfg = LaunchConfig { grid_dim: (tiles as u32, row_blocks as u32, splits as u32), block_dim: (2 * block_rows as u32, 1, 1), shared_mem_bytes: dense_wg_smem(block_rows) as u32 };
+        let cfg = LaunchConfig { grid_dim: (tiles as u32, n.div_ceil(block_rows) as u32, splits as u32), block_dim: (2 * block_rows as u32, 1, 1), shared_mem_bytes: dense_wg_smem(block_rows) as u32 };
         unsafe { b.launch(cfg) }.map_err(drv(if fp8 { "gemm_wg*_fp8" } else { "gemm_wg*_bf16" }))?;
         if let Some(csum) = &csum {
             let mut b = crate::launch::builder(&self.stream, &self.dense_wg_combine);
@@ -541,18 +534,6 @@ impl Kernels {
     pub fn set_dense_wg_rows(&mut self, rows: Option<usize>) -> Result<Option<usize>> {
         check(rows.is_none_or(|r| DENSE_WG_ROWS.contains(&r)), || format!("wgmma GEMM blocks of {rows:?} rows: expected one of {DENSE_WG_ROWS:?}"))?;
         Ok(std::mem::replace(&mut self.dense_wg_rows, rows))
-    }
-
-    /// Sets whether 64-row wgmma GEMM blocks run in clusters that multicast the activations
-    /// (`gemm_wg64c_*`, where the GPU runs them; on by default); the same bits either way.
-    /// Returns the setting before.
-    pub fn set_dense_wg_multicast(&mut self, on: bool) -> bool {
-        std::mem::replace(&mut self.dense_wg_multicast, on)
-    }
-
-    /// Whether 64-row wgmma GEMM blocks run in clusters multicasting the activations now.
-    pub fn dense_wg_multicasts(&self) -> bool {
-        self.dense_wg_multicast && self.dense_wg_mc.is_some()
     }
 
     /// Whether this GPU runs the wgmma dense GEMM (sm_90a, its shared memory granted).

@@ -98,11 +98,6 @@ pub struct Kernels {
     /// BF16 split-K kernels of `DENSE_WG_ROWS[i]` rows per block; `dense_wg_rows` forces a block height
     /// (`PEREGRINE_GEMM_WG_ROWS`, `set_dense_wg_rows`; None: by the shape, `dense_wg_for`).
     dense_wg_fns: Vec<[CudaFunction; 4]>,
-    /// The 64-row kernels in clusters that multicast B (`gemm_wg64c_*`, as `dense_wg_fns`' four)
-    /// and their compiled cluster height, where the GPU runs them; `dense_wg_multicast` whether
-    /// 64-row blocks take them (`PEREGRINE_GEMM_WG_MULTICAST=0`, `set_dense_wg_multicast`: not).
-    dense_wg_mc: Option<([CudaFunction; 4], usize)>,
-    dense_wg_multicast: bool,
     dense_wg_split: CudaFunction,
     /// `gemm_wg_combine`: the class sums of a wgmma GEMM split over K, added in class order.
     dense_wg_combine: CudaFunction,
@@ -301,14 +296,6 @@ impl Kernels {
             && dense_wg_fns.iter().zip(DENSE_WG_ROWS).all(|(fns, rows)| {
                 fns.iter().all(|func| func.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, dense_wg_smem(rows) as i32).is_ok())
             });
-        let dense_wg_mc = if dense_wg {
-            let fns = [f("gemm_wg64c_fp8")?, f("gemm_wg64c_bf16")?, f("gemm_wg64c_fp8_ks")?, f("gemm_wg64c_bf16_ks")?];
-            let height = fns[0].get_attribute(FnAttr::CU_FUNC_ATTRIBUTE_REQUIRED_CLUSTER_HEIGHT).unwrap_or(0).max(0) as usize;
-            let smem_ok = fns.iter().all(|func| func.set_attribute(FnAttr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, dense_wg_smem(64) as i32).is_ok());
-            (height > 1 && smem_ok).then_some((fns, height))
-        } else {
-            None
-        };
         let sms = gpu.ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(drv("SM count"))? as usize;
         // The GPU's peak memory bandwidth (bytes/s; 0 where the driver does not say), which
         // decides where one token's MoE runs on FP8 digits by default (`moe_fp8`).
@@ -367,8 +354,6 @@ impl Kernels {
             gemv_pipe: std::env::var("PEREGRINE_GEMV_PIPE").map_or(true, |v| v != "0"),
             dense_gemm,
             dense_wg_fns,
-            dense_wg_mc,
-            dense_wg_multicast: std::env::var("PEREGRINE_GEMM_WG_MULTICAST").map_or(true, |v| v != "0"),
             dense_wg_split: f("gemm_wg_split")?,
             dense_wg_combine: f("gemm_wg_combine")?,
             dense_wg,
