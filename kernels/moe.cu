@@ -986,19 +986,11 @@ __device__ __forceinline__ void gate_up_chunk_digits(const float* hv, const floa
     stage_item_digits(reinterpret_cast<unsigned*>(row), 4 * grp + q, t, make_float2(v[0], v[1]), make_float2(v[8], v[9]), sc);
     if (tid == 0) reinterpret_cast<float*>(row + I / 16 * DG_CORE)[grp] = inv;
 }
-// A down pass's digit row of h (dg_row_bytes), asked for by one thread onto `bar`: the digits
-// into frag, the chunk scales into cinv. The row was written through the generic proxy (the
-// slot's gate_up, acquired by the caller's wait) and is read here by the async one.
-__device__ __forceinline__ void fetch_h_digit_row(const unsigned char* row, int I, uint4* frag, float* cinv, unsigned long long* bar) {
-    asm volatile("fence.proxy.async.global;" ::: "memory");
-    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-    mbar_expect(bar, dg_row_bytes(I));
-    bulk_load(frag, row, (unsigned)(I / 16 * DG_CORE), bar);
-    bulk_load(cinv, row + I / 16 * DG_CORE, (unsigned)(I / 64 * 4), bar);
-}
-
-// fetch_h_digit_row for np consecutive pairs' rows (from `row`) on one expect: pair j's digits
-// dg rows on in frag, its chunk scales DG_MAX_CHUNKS floats on in cinv (tile_stream_bulk's NPD).
+// The digit rows of h (dg_row_bytes each) of np consecutive pairs (from `row`), asked for by one
+// thread onto `bar` on one expect: pair j's digits dg rows on in frag, its chunk scales
+// DG_MAX_CHUNKS floats on in cinv (tile_stream_bulk's NPD; np = 1: a down pass's one row). The
+// rows were written through the generic proxy (the slot's gate_up, acquired by the caller's
+// wait) and are read here by the async one.
 __device__ __forceinline__ void fetch_h_digit_rows(const unsigned char* row, int np, int I, uint4* frag, float* cinv, unsigned long long* bar) {
     asm volatile("fence.proxy.async.global;" ::: "memory");
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
@@ -1010,6 +1002,19 @@ __device__ __forceinline__ void fetch_h_digit_rows(const unsigned char* row, int
         bulk_load(cinv + j * DG_MAX_CHUNKS, r + dg, (unsigned)(I / 64 * 4), bar);
     }
 }
+#ifdef MOE_H_ROW_OLD  // measurement builds only: the one-row copy as its own function, as before
+__device__ __forceinline__ void fetch_h_digit_row(const unsigned char* row, int I, uint4* frag, float* cinv, unsigned long long* bar) {
+    asm volatile("fence.proxy.async.global;" ::: "memory");
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    mbar_expect(bar, dg_row_bytes(I));
+    bulk_load(frag, row, (unsigned)(I / 16 * DG_CORE), bar);
+    bulk_load(cinv, row + I / 16 * DG_CORE, (unsigned)(I / 64 * 4), bar);
+}
+#else
+__device__ __forceinline__ void fetch_h_digit_row(const unsigned char* row, int I, uint4* frag, float* cinv, unsigned long long* bar) {
+    fetch_h_digit_rows(row, 1, I, frag, cinv, bar);
+}
+#endif
 
 // After a block's down outputs for row group grp (TW x 16 rows of H): counted on counters[grp];
 // the block that brings it to the number of used expert slots (of U) sums the group's rows of
