@@ -1002,19 +1002,6 @@ __device__ __forceinline__ void fetch_h_digit_rows(const unsigned char* row, int
         bulk_load(cinv + j * DG_MAX_CHUNKS, r + dg, (unsigned)(I / 64 * 4), bar);
     }
 }
-#ifdef MOE_H_ROW_OLD  // measurement builds only: the one-row copy as its own function, as before
-__device__ __forceinline__ void fetch_h_digit_row(const unsigned char* row, int I, uint4* frag, float* cinv, unsigned long long* bar) {
-    asm volatile("fence.proxy.async.global;" ::: "memory");
-    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-    mbar_expect(bar, dg_row_bytes(I));
-    bulk_load(frag, row, (unsigned)(I / 16 * DG_CORE), bar);
-    bulk_load(cinv, row + I / 16 * DG_CORE, (unsigned)(I / 64 * 4), bar);
-}
-#else
-__device__ __forceinline__ void fetch_h_digit_row(const unsigned char* row, int I, uint4* frag, float* cinv, unsigned long long* bar) {
-    fetch_h_digit_rows(row, 1, I, frag, cinv, bar);
-}
-#endif
 
 // After a block's down outputs for row group grp (TW x 16 rows of H): counted on counters[grp];
 // the block that brings it to the number of used expert slots (of U) sums the group's rows of
@@ -1211,13 +1198,9 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
                 if (SPLIT) asm volatile("fence.proxy.async.global;" ::: "memory");
             }
             if (SPLIT && threadIdx.x == 0) fetch_rows();
-            // DG: the pass's digit row (np = 1).
-            if (DG && threadIdx.x == 0) {
-                if (NPD == 1)
-                    fetch_h_digit_row(reinterpret_cast<const unsigned char*>(x) + (size_t)p0 * dg_row_bytes(K), K, frag, cinv, &xbar);
-                else
-                    fetch_h_digit_rows(reinterpret_cast<const unsigned char*>(x) + (size_t)p0 * dg_row_bytes(K), np, K, frag, cinv, &xbar);
-            }
+            // DG: the pass's np digit rows (1 where NPD is, as a constant).
+            if (DG && threadIdx.x == 0)
+                fetch_h_digit_rows(reinterpret_cast<const unsigned char*>(x) + (size_t)p0 * dg_row_bytes(K), NPD == 1 ? 1 : np, K, frag, cinv, &xbar);
         }
         __syncthreads();
         float inv = 0.f;  // SPLIT: the 2^-s of the lane's pair (lanes t < np)
@@ -1411,7 +1394,7 @@ __device__ __forceinline__ void moe_fused(const unsigned char* __restrict__ Wg, 
 #ifndef MOE_NO_STAGE
                 // The pass's digit row (np = 1), onto fragments and chunk scales the previous pass
                 // read (past the item barrier above).
-                if (threadIdx.x == 0) fetch_h_digit_row(hd + (size_t)p0 * dg_row_bytes(I), I, frag, cinv, &hbar);
+                if (threadIdx.x == 0) fetch_h_digit_rows(hd + (size_t)p0 * dg_row_bytes(I), 1, I, frag, cinv, &hbar);
                 mbar_wait(&hbar, hpass & 1);
                 hpass++;
 #endif
