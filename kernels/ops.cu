@@ -1046,57 +1046,19 @@ __device__ __forceinline__ void group_count_scan(const int* __restrict__ topk_id
     if (threadIdx.x == 0) pair_off[max_u] = P;
 }
 
-// Groups P routed (token, slot) pairs by expert: per expert its pairs in token order, the used
-// experts ascending in `max_u` slots (the rest empty). `ism` holds 2 E + GROUP_CHUNK ints.
-// Reads the choices with __ldcg: other blocks of moe_route wrote them.
 #define GROUP_CHUNK 1024
-__device__ __forceinline__ void group_pairs(const int* __restrict__ topk_idx, const float* __restrict__ topk_w, int P, int K, int E,
-                                            int max_u, int* __restrict__ experts, int* __restrict__ pair_off, int* __restrict__ pair_tok,
-                                            float* __restrict__ pair_w, int* __restrict__ tok_pairs, int* ism) {
-    group_count_scan(topk_idx, P, E, max_u, experts, pair_off, ism);
-    int* count = ism;
+// Each expert's pairs in pair order, scattered one thread per pair of a chunk of blockDim.x
+// pairs: a pair's place is its expert's start (group_count_scan's, in ism + E), plus that
+// expert's pairs in the chunk's earlier warps (per-warp counts in shared memory, `wcount`:
+// blockDim.x / 32 x E u16), plus its rank among its warp's lanes of the same expert
+// (__match_any_sync). The chunk's per-expert totals use ism's chunk area, so E <= GROUP_CHUNK.
+// group_pairs' former thread per expert scanning every chunk took 1.1 ms per layer for 2048
+// tokens of top-8 (H100, ncu) and, in moe_route's last block, 139-241 us more per batch-12-32
+// step than moe_group's launch (H200).
+__device__ __forceinline__ void group_scatter(const int* __restrict__ topk_idx, const float* __restrict__ topk_w, int P, int K, int E,
+                                              int* __restrict__ pair_tok, float* __restrict__ pair_w, int* __restrict__ tok_pairs, int* ism,
+                                              unsigned short* wcount) {
     int* start = ism + E;
-    // Each expert's pairs in pair (= token) order, scanning the choices in chunks staged in
-    // shared memory (one L2 round trip per chunk, not per pair and expert); start[e] runs on as
-    // the expert's next slot.
-    int* chunk = ism + 2 * E;
-    for (int c0 = 0; c0 < P; c0 += GROUP_CHUNK) {
-        int cn = min(GROUP_CHUNK, P - c0);
-        __syncthreads();
-        for (int i = threadIdx.x; i < cn; i += blockDim.x) chunk[i] = __ldcg(topk_idx + c0 + i);
-        __syncthreads();
-        for (int e = threadIdx.x; e < E; e += blockDim.x) {
-            if (count[e] == 0) continue;
-            int q = start[e];
-            for (int i = 0; i < cn; i++)
-                if (chunk[i] == e) {
-                    int p = c0 + i;
-                    pair_tok[q] = p / K;
-                    pair_w[q] = __ldcg(topk_w + p);
-                    tok_pairs[p] = q;
-                    q++;
-                }
-            start[e] = q;
-        }
-    }
-}
-
-// The grouping as its own kernel (one block of 1024 threads), for batches too large for
-// moe_route's last block to group alone. The same grouping as group_pairs (each expert's pairs
-// in pair order), scattered one thread per pair of a chunk: a pair's place is its expert's
-// start, plus that expert's pairs in the chunk's earlier warps (per-warp counts in shared
-// memory), plus its rank among its warp's lanes of the same expert (__match_any_sync).
-// group_pairs' thread per expert scanned every chunk: 1.1 ms per layer for 2048 tokens of
-// top-8 (H100, ncu). Dynamic shared memory: (2 E + GROUP_CHUNK) ints and 32 E u16.
-extern "C" __global__ void __launch_bounds__(1024) moe_group(const int* __restrict__ topk_idx, const float* __restrict__ topk_w, int P,
-                                                            int K, int E, int max_u, int* __restrict__ experts,
-                                                            int* __restrict__ pair_off, int* __restrict__ pair_tok,
-                                                            float* __restrict__ pair_w, int* __restrict__ tok_pairs) {
-    PDL_ENTER();
-    extern __shared__ int ism[];
-    group_count_scan(topk_idx, P, E, max_u, experts, pair_off, ism);
-    int* start = ism + E;
-    unsigned short* wcount = reinterpret_cast<unsigned short*>(ism + 2 * E + GROUP_CHUNK);  // [32 warps][E]
     const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, nw = blockDim.x >> 5;
     for (int c0 = 0; c0 < P; c0 += blockDim.x) {
         __syncthreads();  // the previous chunk's counts are consumed
@@ -1130,11 +1092,62 @@ extern "C" __global__ void __launch_bounds__(1024) moe_group(const int* __restri
     }
 }
 
+// Groups P routed (token, slot) pairs by expert: per expert its pairs in token order, the used
+// experts ascending in `max_u` slots (the rest empty): moe_route's last block. `ism` holds
+// 2 E + GROUP_CHUNK ints, then group_scatter's blockDim.x / 32 x E u16. Reads the choices with
+// __ldcg: other blocks of moe_route wrote them. (-DROUTE_GROUP_SCAN, measurements only: a
+// thread per expert scanning every chunk of choices instead, the same grouping.)
+__device__ __forceinline__ void group_pairs(const int* __restrict__ topk_idx, const float* __restrict__ topk_w, int P, int K, int E,
+                                            int max_u, int* __restrict__ experts, int* __restrict__ pair_off, int* __restrict__ pair_tok,
+                                            float* __restrict__ pair_w, int* __restrict__ tok_pairs, int* ism) {
+    group_count_scan(topk_idx, P, E, max_u, experts, pair_off, ism);
+#ifndef ROUTE_GROUP_SCAN
+    group_scatter(topk_idx, topk_w, P, K, E, pair_tok, pair_w, tok_pairs, ism, reinterpret_cast<unsigned short*>(ism + 2 * E + GROUP_CHUNK));
+#else
+    int* count = ism;
+    int* start = ism + E;
+    int* chunk = ism + 2 * E;
+    for (int c0 = 0; c0 < P; c0 += GROUP_CHUNK) {
+        int cn = min(GROUP_CHUNK, P - c0);
+        __syncthreads();
+        for (int i = threadIdx.x; i < cn; i += blockDim.x) chunk[i] = __ldcg(topk_idx + c0 + i);
+        __syncthreads();
+        for (int e = threadIdx.x; e < E; e += blockDim.x) {
+            if (count[e] == 0) continue;
+            int q = start[e];
+            for (int i = 0; i < cn; i++)
+                if (chunk[i] == e) {
+                    int p = c0 + i;
+                    pair_tok[q] = p / K;
+                    pair_w[q] = __ldcg(topk_w + p);
+                    tok_pairs[p] = q;
+                    q++;
+                }
+            start[e] = q;
+        }
+    }
+#endif
+}
+
+// The grouping as its own kernel (one block of 1024 threads), for batches too large for
+// moe_route's last block to group alone: group_count_scan, then group_scatter. Dynamic shared
+// memory: (2 E + GROUP_CHUNK) ints and 32 E u16.
+extern "C" __global__ void __launch_bounds__(1024) moe_group(const int* __restrict__ topk_idx, const float* __restrict__ topk_w, int P,
+                                                            int K, int E, int max_u, int* __restrict__ experts,
+                                                            int* __restrict__ pair_off, int* __restrict__ pair_tok,
+                                                            float* __restrict__ pair_w, int* __restrict__ tok_pairs) {
+    PDL_ENTER();
+    extern __shared__ int ism[];
+    group_count_scan(topk_idx, P, E, max_u, experts, pair_off, ism);
+    group_scatter(topk_idx, topk_w, P, K, E, pair_tok, pair_w, tok_pairs, ism, reinterpret_cast<unsigned short*>(ism + 2 * E + GROUP_CHUNK));
+}
+
 // The MoE router (route_token in kernels/route.cuh), one token per block. With `counter` (zero
 // between calls), the last block to finish routing also groups every token's pairs by expert
 // (one launch for routing and grouping) and resets the counter; a batch of one token is grouped
 // by its own block from shared memory (group_one_token), without the counter and group_pairs'
-// global round trips. Dynamic shared memory: 2 E + GROUP_CHUNK floats.
+// global round trips. Dynamic shared memory: 2 E + GROUP_CHUNK floats, then blockDim.x / 32 x E
+// u16 (group_scatter's counts).
 extern "C" __global__ void moe_route(const float* __restrict__ logits, const float* __restrict__ bias, int* __restrict__ topk_idx,
                                      float* __restrict__ topk_w, int E, int K, int softmax, int n_group, int topk_group,
                                      int norm, float scale, unsigned* counter, int max_u, int* __restrict__ experts,

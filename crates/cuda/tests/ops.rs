@@ -45,9 +45,10 @@ fn moe_spec(num_experts: usize, top_k: usize, intermediate_size: usize, scoring:
 
 #[test]
 fn router_and_grouping_match_the_cpu_reference() {
-    let Some(model) = synthetic(&spec_of("default")) else { return };
+    let Some(mut model) = synthetic(&spec_of("default")) else { return };
     let mut r = rng();
     let moe = |experts, top_k, scoring, bias, n_group, topk_group, norm, scale| moe_spec(experts, top_k, 64, scoring, bias, n_group, topk_group, norm, scale);
+    let fused_max = model.fused_group_max();
     let cases = [
         ("flash", moe(256, 8, RouterScoring::Sigmoid, true, 1, 1, true, 1.0)),
         ("pro", moe(384, 8, RouterScoring::Sigmoid, true, 1, 1, true, 1.0)),
@@ -60,7 +61,10 @@ fn router_and_grouping_match_the_cpu_reference() {
         ("40 of 64", moe(64, 40, RouterScoring::Sigmoid, true, 1, 1, true, 1.0)),
     ];
     for (name, spec) in cases {
-        for n in [1usize, 3, 8, 64, 300] {
+        // Grouped by the routing launch's last block up to the model's fused_group_max tokens,
+        // else by moe_group; 64 and 300 tokens also by the routing launch (several chunks).
+        for (n, fused) in [(1usize, false), (3, false), (8, false), (64, false), (64, true), (300, false), (300, true)] {
+            model.set_fused_group_max(if fused { n } else { fused_max });
             let logits: Vec<f32> = (0..n * spec.num_experts).map(|_| (r.random::<f32>() - 0.5) * 6.0).collect();
             let bias: Option<Vec<f32>> = spec.correction_bias.then(|| (0..spec.num_experts).map(|_| (r.random::<f32>() - 0.5) * 0.2).collect());
             let (got, routing) = model.route_on_gpu(&spec, &logits, bias.as_deref()).expect("GPU routing");
@@ -77,16 +81,17 @@ fn router_and_grouping_match_the_cpu_reference() {
                 }
             }
             let host = MoeRouting::new(&want);
-            assert_eq!(routing.experts, host.experts, "{name} n={n}: grouped experts");
-            assert_eq!(routing.pair_off, host.pair_off, "{name} n={n}: pair offsets");
-            assert_eq!(routing.pair_tok, host.pair_tok, "{name} n={n}: pair tokens");
-            assert_eq!(routing.tok_pairs, host.tok_pairs, "{name} n={n}: token pairs");
+            assert_eq!(routing.experts, host.experts, "{name} n={n} (grouped in the routing launch: {fused}): grouped experts");
+            assert_eq!(routing.pair_off, host.pair_off, "{name} n={n} (routing launch {fused}): pair offsets");
+            assert_eq!(routing.pair_tok, host.pair_tok, "{name} n={n} (routing launch {fused}): pair tokens");
+            assert_eq!(routing.tok_pairs, host.tok_pairs, "{name} n={n} (routing launch {fused}): token pairs");
             for (a, b) in routing.pair_w.iter().zip(&host.pair_w) {
                 assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "{name} n={n}: pair weight {a} vs {b}");
             }
         }
         eprintln!("{name}: routing identical to the CPU reference");
     }
+    model.set_fused_group_max(fused_max);
     // Ties (logits of three values, some -inf: sigmoid 0) choose the lower index, as the host
     // does, in the register top-K (256 and 384 experts) and the scan (1024).
     for (name, spec) in [("flash", cases[0].1), ("pro", cases[1].1), ("1024 experts", cases[5].1)] {

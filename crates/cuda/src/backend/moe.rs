@@ -333,19 +333,23 @@ impl CudaModel {
             b.arg(&0u64);
         }
         b.arg(&mu).arg(&mut r.experts).arg(&mut r.pair_off).arg(&mut r.pair_tok).arg(&mut r.pair_w).arg(&mut r.tok_pairs);
+        // The grouping (group_scatter in ops.cu, in moe_route's last block or moe_group) keeps
+        // its per-expert totals in the chunk's area, so E <= 1024 (moe_group's shared memory is
+        // sized for that at load).
+        if e > 1024 {
+            return Err(Error::Backend(format!("the MoE grouping takes at most 1024 experts, not {e}")));
+        }
         // Shared memory: scores and choices (2 E floats) while routing; counts, starts and a
-        // chunk of 1024 choices (GROUP_CHUNK in ops.cu) while grouping.
-        let smem = (4 * (2 * e + 1024)) as u32;
+        // chunk of 1024 choices (GROUP_CHUNK in ops.cu), then a u16 count per warp (8) and expert,
+        // while grouping.
+        let smem = (4 * (2 * e + 1024) + 2 * 8 * e) as u32;
         unsafe { b.launch(LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem }) }.map_err(drv)?;
         if !fused {
-            // moe_group also keeps a u16 count per warp (32) and expert; its per-expert totals
-            // share the chunk's area, so E <= 1024 (its shared memory is sized for that at load).
-            if e > 1024 {
-                return Err(Error::Backend(format!("the MoE grouping kernel takes at most 1024 experts, not {e}")));
-            }
             let mut b = crate::launch::builder(st, &self.ops.moe_group);
             b.arg(&topk_idx).arg(&topk_w).arg(&pi).arg(&ki).arg(&ei).arg(&mu).arg(&mut r.experts).arg(&mut r.pair_off).arg(&mut r.pair_tok).arg(&mut r.pair_w).arg(&mut r.tok_pairs);
-            unsafe { b.launch(LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: smem + (2 * 32 * e) as u32 }) }.map_err(drv)?;
+            // (its 32 warps' counts in place of moe_route's 8)
+            let group_smem = (4 * (2 * e + 1024) + 2 * 32 * e) as u32;
+            unsafe { b.launch(LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: group_smem }) }.map_err(drv)?;
         }
         let mut probe = self.routing_probe.lock().map_err(|_| Error::Backend("routing probe lock poisoned".into()))?;
         if let Some(seen) = probe.as_mut() {
