@@ -1052,9 +1052,9 @@ __device__ __forceinline__ void group_count_scan(const int* __restrict__ topk_id
 // expert's pairs in the chunk's earlier warps (per-warp counts in shared memory, `wcount`:
 // blockDim.x / 32 x E u16), plus its rank among its warp's lanes of the same expert
 // (__match_any_sync). The chunk's per-expert totals use ism's chunk area, so E <= GROUP_CHUNK.
-// group_pairs' former thread per expert scanning every chunk took 1.1 ms per layer for 2048
-// tokens of top-8 (H100, ncu) and, in moe_route's last block, 139-241 us more per batch-12-32
-// step than moe_group's launch (H200).
+// A thread per expert scanning every chunk (group_pairs' former loop) took 1.1 ms per layer for
+// 2048 tokens of top-8 (H100, ncu), and in moe_route's last block made batch-2 / 4 / 8 steps
+// 15 / 32 / 68 us slower than this (H200; benches/results/2026-11-29-h200-route-group-scatter.md).
 __device__ __forceinline__ void group_scatter(const int* __restrict__ topk_idx, const float* __restrict__ topk_w, int P, int K, int E,
                                               int* __restrict__ pair_tok, float* __restrict__ pair_w, int* __restrict__ tok_pairs, int* ism,
                                               unsigned short* wcount) {
@@ -1095,38 +1095,12 @@ __device__ __forceinline__ void group_scatter(const int* __restrict__ topk_idx, 
 // Groups P routed (token, slot) pairs by expert: per expert its pairs in token order, the used
 // experts ascending in `max_u` slots (the rest empty): moe_route's last block. `ism` holds
 // 2 E + GROUP_CHUNK ints, then group_scatter's blockDim.x / 32 x E u16. Reads the choices with
-// __ldcg: other blocks of moe_route wrote them. (-DROUTE_GROUP_SCAN, measurements only: a
-// thread per expert scanning every chunk of choices instead, the same grouping.)
+// __ldcg: other blocks of moe_route wrote them.
 __device__ __forceinline__ void group_pairs(const int* __restrict__ topk_idx, const float* __restrict__ topk_w, int P, int K, int E,
                                             int max_u, int* __restrict__ experts, int* __restrict__ pair_off, int* __restrict__ pair_tok,
                                             float* __restrict__ pair_w, int* __restrict__ tok_pairs, int* ism) {
     group_count_scan(topk_idx, P, E, max_u, experts, pair_off, ism);
-#ifndef ROUTE_GROUP_SCAN
     group_scatter(topk_idx, topk_w, P, K, E, pair_tok, pair_w, tok_pairs, ism, reinterpret_cast<unsigned short*>(ism + 2 * E + GROUP_CHUNK));
-#else
-    int* count = ism;
-    int* start = ism + E;
-    int* chunk = ism + 2 * E;
-    for (int c0 = 0; c0 < P; c0 += GROUP_CHUNK) {
-        int cn = min(GROUP_CHUNK, P - c0);
-        __syncthreads();
-        for (int i = threadIdx.x; i < cn; i += blockDim.x) chunk[i] = __ldcg(topk_idx + c0 + i);
-        __syncthreads();
-        for (int e = threadIdx.x; e < E; e += blockDim.x) {
-            if (count[e] == 0) continue;
-            int q = start[e];
-            for (int i = 0; i < cn; i++)
-                if (chunk[i] == e) {
-                    int p = c0 + i;
-                    pair_tok[q] = p / K;
-                    pair_w[q] = __ldcg(topk_w + p);
-                    tok_pairs[p] = q;
-                    q++;
-                }
-            start[e] = q;
-        }
-    }
-#endif
 }
 
 // The grouping as its own kernel (one block of 1024 threads), for batches too large for

@@ -66,7 +66,7 @@ struct Args {
     /// `fetch_staged`); `embed`: A the embedding and first norm in one launch, B in two
     /// (`set_embed_norm_fused`); `prefetch`: A the lm_head asking L2 for its first K blocks
     /// before its wait, B not (`set_lm_head_prefetch`); `group:N`: A the grouping by the routing
-    /// launch up to the loaded count (8 tokens), B up to N (`set_fused_group_max`). `rows` times
+    /// launch up to the loaded count (32 tokens), B up to N (`set_fused_group_max`). `rows` times
     /// the engine's steps instead (host-timed, as the table above: overlapped, then one at a
     /// time), A copy-free, B copying the row data and ids (`set_copy_free_rows`), in turn per
     /// round. `defines:DEFINES` loads every

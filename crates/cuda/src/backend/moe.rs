@@ -3,12 +3,13 @@
 
 use super::*;
 
-/// Up to this many tokens, `moe_route`'s last block also groups the pairs (one launch). Above,
-/// its one thread per expert scanning every pair costs more than `moe_group`'s launch: H200,
-/// Flash, 18 layers, grouping in the routing launch up to 32 tokens made the batch-12 / 16 / 24 /
-/// 32 steps 139 / 173 / 241 / 223 us slower (`step-bench --ab group:32`;
-/// benches/results/2026-11-29-h200-two-pair-digit-moe-default.md).
-pub(super) const FUSED_GROUP_MAX_TOKENS: usize = 8;
+/// Up to this many tokens, `moe_route`'s last block also groups the pairs (one launch); above,
+/// `moe_group` is a launch of its own. H200, Flash, 18 layers: with a thread per pair
+/// (`group_scatter`), grouping in the routing launch up to 32 tokens took the batch-12 / 16 / 24 /
+/// 32 steps +14 / -27 / -28 / -48 us against `moe_group`'s launch (`step-bench --ab group:32`);
+/// with the former thread per expert scanning every pair it had cost +139 to +241 us
+/// (benches/results/2026-11-29-h200-route-group-scatter.md).
+pub(super) const FUSED_GROUP_MAX_TOKENS: usize = 32;
 
 /// Copies of the router's fixed-point sums the one-token o_proj spreads its blocks' adds over
 /// (`route_in_oproj`): with one, all 256 of Flash's blocks added into each expert's word at the
