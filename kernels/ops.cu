@@ -1093,9 +1093,9 @@ __device__ __forceinline__ void group_scatter(const int* __restrict__ topk_idx, 
 }
 
 // Groups P routed (token, slot) pairs by expert: per expert its pairs in token order, the used
-// experts ascending in `max_u` slots (the rest empty): moe_route's last block. `ism` holds
-// 2 E + GROUP_CHUNK ints, then group_scatter's blockDim.x / 32 x E u16. Reads the choices with
-// __ldcg: other blocks of moe_route wrote them.
+// experts ascending in `max_u` slots (the rest empty): moe_route's last block, or moe_group.
+// `ism` holds 2 E + GROUP_CHUNK ints (counts, starts, the chunks' per-expert totals), then
+// group_scatter's blockDim.x / 32 x E u16. Reads the choices with __ldcg (moe_route wrote them).
 __device__ __forceinline__ void group_pairs(const int* __restrict__ topk_idx, const float* __restrict__ topk_w, int P, int K, int E,
                                             int max_u, int* __restrict__ experts, int* __restrict__ pair_off, int* __restrict__ pair_tok,
                                             float* __restrict__ pair_w, int* __restrict__ tok_pairs, int* ism) {
@@ -1104,16 +1104,15 @@ __device__ __forceinline__ void group_pairs(const int* __restrict__ topk_idx, co
 }
 
 // The grouping as its own kernel (one block of 1024 threads), for batches too large for
-// moe_route's last block to group alone: group_count_scan, then group_scatter. Dynamic shared
-// memory: (2 E + GROUP_CHUNK) ints and 32 E u16.
+// moe_route's last block to group alone (group_pairs). Dynamic shared memory: (2 E +
+// GROUP_CHUNK) ints and 32 E u16.
 extern "C" __global__ void __launch_bounds__(1024) moe_group(const int* __restrict__ topk_idx, const float* __restrict__ topk_w, int P,
                                                             int K, int E, int max_u, int* __restrict__ experts,
                                                             int* __restrict__ pair_off, int* __restrict__ pair_tok,
                                                             float* __restrict__ pair_w, int* __restrict__ tok_pairs) {
     PDL_ENTER();
     extern __shared__ int ism[];
-    group_count_scan(topk_idx, P, E, max_u, experts, pair_off, ism);
-    group_scatter(topk_idx, topk_w, P, K, E, pair_tok, pair_w, tok_pairs, ism, reinterpret_cast<unsigned short*>(ism + 2 * E + GROUP_CHUNK));
+    group_pairs(topk_idx, topk_w, P, K, E, max_u, experts, pair_off, pair_tok, pair_w, tok_pairs, ism);
 }
 
 // The MoE router (route_token in kernels/route.cuh), one token per block. With `counter` (zero

@@ -340,9 +340,9 @@ impl CudaModel {
         if e > 1024 {
             return Err(Error::Backend(format!("the MoE grouping takes at most 1024 experts, not {e}")));
         }
-        // Shared memory: scores and choices (2 E floats) while routing; counts, starts and a
-        // chunk of 1024 choices (GROUP_CHUNK in ops.cu), then a u16 count per warp (8) and expert,
-        // while grouping.
+        // Shared memory: scores and choices (2 E floats) while routing; counts, starts and the
+        // chunks' per-expert totals (2 E + 1024 ints: GROUP_CHUNK in ops.cu), then a u16 count
+        // per warp (8) and expert, while grouping.
         let smem = (4 * (2 * e + 1024) + 2 * 8 * e) as u32;
         unsafe { b.launch(LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem }) }.map_err(drv)?;
         if !fused {
