@@ -62,9 +62,11 @@ fn router_and_grouping_match_the_cpu_reference() {
     ];
     for (name, spec) in cases {
         // Grouped by the routing launch's last block up to the model's fused_group_max tokens,
-        // else by moe_group; 64 and 300 tokens also by the routing launch (several chunks).
-        for (n, fused) in [(1usize, false), (3, false), (8, false), (64, false), (64, true), (300, false), (300, true)] {
-            model.set_fused_group_max(if fused { n } else { fused_max });
+        // else by moe_group; 64 and 300 tokens both ways (`widen`: the routing launch groups
+        // them too, in several chunks).
+        for (n, widen) in [(1usize, false), (3, false), (8, false), (64, false), (64, true), (300, false), (300, true)] {
+            model.set_fused_group_max(if widen { n } else { fused_max });
+            let in_route = n <= model.fused_group_max();
             let logits: Vec<f32> = (0..n * spec.num_experts).map(|_| (r.random::<f32>() - 0.5) * 6.0).collect();
             let bias: Option<Vec<f32>> = spec.correction_bias.then(|| (0..spec.num_experts).map(|_| (r.random::<f32>() - 0.5) * 0.2).collect());
             let (got, routing) = model.route_on_gpu(&spec, &logits, bias.as_deref()).expect("GPU routing");
@@ -81,10 +83,10 @@ fn router_and_grouping_match_the_cpu_reference() {
                 }
             }
             let host = MoeRouting::new(&want);
-            assert_eq!(routing.experts, host.experts, "{name} n={n} (grouped in the routing launch: {fused}): grouped experts");
-            assert_eq!(routing.pair_off, host.pair_off, "{name} n={n} (routing launch {fused}): pair offsets");
-            assert_eq!(routing.pair_tok, host.pair_tok, "{name} n={n} (routing launch {fused}): pair tokens");
-            assert_eq!(routing.tok_pairs, host.tok_pairs, "{name} n={n} (routing launch {fused}): token pairs");
+            assert_eq!(routing.experts, host.experts, "{name} n={n} (grouped in the routing launch: {in_route}): grouped experts");
+            assert_eq!(routing.pair_off, host.pair_off, "{name} n={n} (routing launch {in_route}): pair offsets");
+            assert_eq!(routing.pair_tok, host.pair_tok, "{name} n={n} (routing launch {in_route}): pair tokens");
+            assert_eq!(routing.tok_pairs, host.tok_pairs, "{name} n={n} (routing launch {in_route}): token pairs");
             for (a, b) in routing.pair_w.iter().zip(&host.pair_w) {
                 assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "{name} n={n}: pair weight {a} vs {b}");
             }
