@@ -469,87 +469,60 @@ extern "C" __global__ void __launch_bounds__(512) gemv_f32_tiles(const float* __
 // that launch's threads t + B j: per j the same warp sums, then the same sequential sum over its
 // warps. Block 0 writes xn (the MoE's input). x is not written: the residual add is left to the
 // one after the MoE (PairsAddend's `pre`), so no block reads x while another writes it. One
-// launch per MoE layer fewer (the norm's). K % 4 == 0, K <= 16 x blockDim, K <= 4096 (so at
-// most 256 threads: two blocks an SM at 128 registers). The router row is loaded and nw asked
-// into L1 before the wait (weights), x and a loaded after it. Rows go
-// GFN_ROWS at a time: their loads asked for together and each of the two reductions (the sum of
-// squares, the dot product) done for all of them behind one barrier, where one row at a time
-// paid an L2 round trip and four barriers a row (each row's arithmetic is the same either way).
-#define GFN_ROWS 4
-extern "C" __global__ void __launch_bounds__(256, 2) gemv_f32_norm(const float* __restrict__ W, const float* __restrict__ x, const float* __restrict__ a,
+// launch per MoE layer fewer at one token (the norm's). K % 4 == 0, K <= 16 x blockDim, K <= 4096.
+// The router row and nw (weights) are loaded before the wait, x and a after it.
+extern "C" __global__ void gemv_f32_norm(const float* __restrict__ W, const float* __restrict__ x, const float* __restrict__ a,
                                          const float* __restrict__ nw, float* __restrict__ y, float* __restrict__ xn, int N, int K,
                                          int T, float eps) {
-    __shared__ float shq[GFN_ROWS][32], shs[GFN_ROWS][32];
-    int n = blockIdx.x, tid = threadIdx.x, B = blockDim.x, lane = tid & 31;
+    __shared__ float sh[32];
+    int n = blockIdx.x, tid = threadIdx.x, B = blockDim.x;
     const int K4 = K / 4, NT = (K4 + 31) / 32 * 32;  // add_rms_norm's threads
     const float4* w4 = reinterpret_cast<const float4*>(W + (size_t)n * K);
     const float4* nw4 = reinterpret_cast<const float4*>(nw);
-    float4 w[4];
+    float4 w[4], g[4];
 #pragma unroll
     for (int j = 0; j < 4; j++) {
         int c = tid + j * B;
         w[j] = c < K4 ? __ldg(w4 + c) : make_float4(0.f, 0.f, 0.f, 0.f);
-        // nw asked into L1 for its reads past the wait (held in registers it made the kernel spill
-        // at two blocks per SM, which Flash's 256 routers need for one wave).
-        if (c < K4) asm volatile("prefetch.global.L1 [%0];" ::"l"(nw4 + c));
+        g[j] = c < K4 ? __ldg(nw4 + c) : make_float4(0.f, 0.f, 0.f, 0.f);
     }
     PDL_ENTER();
-    for (int t0 = 0; t0 < T; t0 += GFN_ROWS) {
-        const int nr = min(GFN_ROWS, T - t0);
-        float4 v[GFN_ROWS][4];
+    for (int t = 0; t < T; t++) {
+        const float4* x4 = reinterpret_cast<const float4*>(x + (size_t)t * K);
+        const float4* a4 = reinterpret_cast<const float4*>(a + (size_t)t * K);
+        float4 v[4];
 #pragma unroll
-        for (int r = 0; r < GFN_ROWS; r++) {
-            const float4* x4 = reinterpret_cast<const float4*>(x + (size_t)(t0 + r) * K);
-            const float4* a4 = reinterpret_cast<const float4*>(a + (size_t)(t0 + r) * K);
-#pragma unroll
-            for (int j = 0; j < 4; j++) {
-                int c = tid + j * B;
-                v[r][j] = r < nr && c < K4 ? plus4(x4[c], a4[c]) : make_float4(0.f, 0.f, 0.f, 0.f);
-            }
+        for (int j = 0; j < 4; j++) {
+            int c = tid + j * B;
+            v[j] = c < K4 ? plus4(x4[c], a4[c]) : make_float4(0.f, 0.f, 0.f, 0.f);
         }
         // add_rms_norm's thread c: s = 0.f (+ sumsq4 of its float4 when c < K / 4); warp sums.
 #pragma unroll
-        for (int r = 0; r < GFN_ROWS; r++) {
-            if (r >= nr) break;
-#pragma unroll
-            for (int j = 0; j < 4; j++) {
-                int c = tid + j * B;
-                if (c - lane < NT) {  // warp-uniform: the warp's first c is one of its threads
-                    float q = c < K4 ? 0.f + sumsq4(v[r][j]) : 0.f;
-                    for (int o = 16; o > 0; o >>= 1) q += __shfl_xor_sync(0xffffffffu, q, o);
-                    if (lane == 0) shq[r][c >> 5] = q;
-                }
+        for (int j = 0; j < 4; j++) {
+            int c = tid + j * B;
+            if (c - (tid & 31) < NT) {  // warp-uniform: the warp's first c is one of its threads
+                float q = c < K4 ? 0.f + sumsq4(v[j]) : 0.f;
+                for (int o = 16; o > 0; o >>= 1) q += __shfl_xor_sync(0xffffffffu, q, o);
+                if ((tid & 31) == 0) sh[c >> 5] = q;
             }
         }
         __syncthreads();
-        // Each row's dot product over its normed values, summed as block_sum sums: the warp's
-        // xor tree, then warp 0 over the warps in order.
-#pragma unroll
-        for (int r = 0; r < GFN_ROWS; r++) {
-            if (r >= nr) break;
-            float ss = 0.f;
-            for (int i = 0; i < NT / 32; i++) ss += shq[r][i];
-            float inv = 1.f / sqrtf(ss / K + eps);
-            float s = 0.f;
-#pragma unroll
-            for (int j = 0; j < 4; j++) {
-                int c = tid + j * B;
-                if (c < K4) {
-                    float4 e = scale4(__ldg(nw4 + c), v[r][j], inv);
-                    if (n == 0) reinterpret_cast<float4*>(xn + (size_t)(t0 + r) * K)[c] = e;
-                    s = dot4_acc(s, w[j], e);
-                }
-            }
-            for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-            if (lane == 0) shs[r][tid >> 5] = s;
-        }
+        float ss = 0.f;
+        for (int i = 0; i < NT / 32; i++) ss += sh[i];
         __syncthreads();
-        if (tid < nr) {
-            float s = 0.f;
-            for (int i = 0; i < (B + 31) / 32; i++) s += shs[tid][i];
-            y[(size_t)(t0 + tid) * N + n] = s;
+        float inv = 1.f / sqrtf(ss / K + eps);
+        float s = 0.f;
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            int c = tid + j * B;
+            if (c < K4) {
+                float4 e = scale4(g[j], v[j], inv);
+                if (n == 0) reinterpret_cast<float4*>(xn + (size_t)t * K)[c] = e;
+                s = dot4_acc(s, w[j], e);
+            }
         }
-        __syncthreads();  // shq and shs are read before the next rows write them
+        s = block_sum(s, sh);
+        if (tid == 0) y[(size_t)t * N + n] = s;
     }
 }
 

@@ -79,9 +79,7 @@ struct Args {
     /// benches/results/2026-11-28-kernel-code-placement.md). A pair whose
     /// builds would run different q/k/v kernels (chosen by occupancy at load) says so in a row
     /// of its own. `copies:N`: A the router's sums in the
-    /// loaded count of copies, B in N (`set_route_acc_copies`). `norm-rows:N`: A the router
-    /// computing the post-attention norm up to the loaded count of decode rows, B up to N
-    /// (`set_norm_in_router_rows`; 1: one token only). `moe-grid:N`: A the one-token
+    /// loaded count of copies, B in N (`set_route_acc_copies`). `moe-grid:N`: A the one-token
     /// fused MoE as chosen, B the same kernel on at most N blocks. `fp8`: A one token's MoE on
     /// FP8 digits (the default on sm_90a), B the same ring on F16 MMAs.
     #[arg(long)]
@@ -674,17 +672,6 @@ fn main() {
                 ab(&mut model, &|m, on| m.set_fused_group_max(if on { n } else { base }));
                 continue;
             }
-            if let Some(n) = what.strip_prefix("norm-rows:") {
-                // A the router computing the post-attention norm up to the loaded count of decode
-                // rows (where the MoE reads x unsplit), B up to n (1: one token only).
-                let n: usize = n.parse().expect("--ab norm-rows:N");
-                let base = model.set_norm_in_router_rows(n);
-                model.set_norm_in_router_rows(base);
-                ab(&mut model, &|m, on| {
-                    m.set_norm_in_router_rows(if on { n } else { base });
-                });
-                continue;
-            }
             if let Some(n) = what.strip_prefix("copies:") {
                 // A the router's sums in the loaded count of copies, B in n.
                 let n: usize = n.parse().expect("--ab copies:N");
@@ -695,7 +682,7 @@ fn main() {
             let shift = match what.strip_prefix("shift:") {
                 Some(n) => Some(n.parse::<usize>().expect("--ab shift:BYTES")),
                 None if ["tail", "argmax", "fetch", "embed", "prefetch"].contains(&what.as_str()) => None,
-                None => panic!("--ab takes tail, argmax, fetch, embed, prefetch, rows, fp8, shift:BYTES, copies:N, group:N, norm-rows:N, moe-grid:N or defines:DEFINES, not {what}"),
+                None => panic!("--ab takes tail, argmax, fetch, embed, prefetch, rows, fp8, shift:BYTES, copies:N, group:N, moe-grid:N or defines:DEFINES, not {what}"),
             };
             ab(&mut model, &|m, on| match shift {
                 Some(n) => m.shift_step_buffers(if on { n } else { 0 }).expect("buffers shifted"),

@@ -939,16 +939,14 @@ fn f32_matrices_over_many_rows_give_each_rows_bits_at_one_row() {
 
 /// The router computing the post-attention norm itself (`gemv_f32_norm`) gives the bits of
 /// `add_rms_norm` then `gemv_f32`: the logits and the normed rows, for K from one warp's worth
-/// to 4096 (partial warps of norm_cfg's threads included), 1 to 9 rows (the kernel takes them
-/// four at a time: whole and partial groups); the residual is left as it was; routers it does
-/// not take are an error.
+/// to 4096 (partial warps of norm_cfg's threads included), 1 and 2 rows; the residual is left
+/// as it was; routers it does not take are an error.
 #[test]
 fn router_computing_the_norm_equals_norm_then_router() {
     let Some(m) = model() else { return };
     let mut r = rng();
     let st = m.stream.clone();
-    let cases = [(256usize, 4096usize, 1usize), (256, 4096, 2), (256, 4096, 4), (256, 4096, 5), (256, 4096, 8), (16, 4092, 1), (16, 4092, 7), (64, 2048, 1), (64, 2048, 9), (8, 520, 2), (8, 520, 3), (5, 192, 1), (7, 64, 1), (7, 64, 6), (3, 4, 1)];
-    for (n, k, t) in cases {
+    for (n, k, t) in [(256usize, 4096usize, 1usize), (256, 4096, 2), (16, 4092, 1), (64, 2048, 1), (8, 520, 2), (5, 192, 1), (7, 64, 1), (3, 4, 1)] {
         let w = randn(&mut r, n * k, 1.0);
         let (x, a, nw) = (randn(&mut r, t * k, 4.0), randn(&mut r, t * k, 2.0), randn(&mut r, k, 1.0));
         let mat = crate::backend::Mat { m: crate::backend::GpuMatrix::F32(st.clone_htod(&w).unwrap()), n, k };

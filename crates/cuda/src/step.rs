@@ -311,7 +311,7 @@ impl CudaModel {
                     acts[Act::Hidden as usize] = Some(x);
                     acts[dst as usize] = Some(y?);
                 }
-                Op::AddNorm { add: Act::AttnOut, dst: Act::MlpIn, weight: NormWeight::PostAttention(l), rows } if self.norm_in_router(l, rows, decode) => {
+                Op::AddNorm { add: Act::AttnOut, dst: Act::MlpIn, weight: NormWeight::PostAttention(l), rows } if self.norm_in_router(l, rows) => {
                     // The router computes this norm, and the residual add after the MoE adds
                     // AttnOut (one launch fewer).
                     let a = acts[Act::AttnOut as usize].take().ok_or_else(|| Error::Backend("step plan reads AttnOut before writing it".into()))?;
@@ -379,7 +379,7 @@ impl CudaModel {
                             return Err(Error::Backend(format!("step plan: layer {l}'s post-attention norm left to layer {layer}'s MLP")));
                         }
                         let x = acts[Act::Hidden as usize].as_ref().ok_or_else(|| Error::Backend("step plan runs an MLP before the embedding".into()))?;
-                        self.moe_after_attention(layer, x, a, &self.layers[layer].post_norm, rows, decode)?
+                        self.moe_after_attention(layer, x, a, &self.layers[layer].post_norm, rows)?
                     } else {
                         let x = acts[src as usize].as_ref().ok_or_else(|| Error::Backend(format!("step plan reads {src:?} before writing it")))?;
                         let split = if src == Act::MlpIn { mlp_split.take() } else { None };

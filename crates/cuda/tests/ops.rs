@@ -512,10 +512,7 @@ fn router_computing_the_norm_equals_the_norm_launch() {
     // (The router in the o_proj, which changes the logits' rounding, has a test of its own.)
     model.set_route_in_oproj(false);
     assert_eq!(model.norm_in_router_layers(1), moe_layers, "every MoE layer leaves its norm to the router at one token");
-    // From 2 rows only a MoE reading x unsplit does (the digit kernels: a test of its own); the
-    // F16 tiled kernels read the split the norm writes.
-    assert!(model.pin_moe_kernel(2, MoeKernel::TILED));
-    assert_eq!(model.norm_in_router_layers(2), 0, "2 rows on the F16 tiled kernels keep the norm's launch");
+    assert_eq!(model.norm_in_router_layers(2), 0, "only one token does");
     let mut r = rng();
     let toks: Vec<u32> = (0..4).map(|_| r.random_range(0..spec.vocab_size as u32)).collect();
     let mut got: Vec<Vec<Vec<f32>>> = Vec::new();
@@ -533,51 +530,6 @@ fn router_computing_the_norm_equals_the_norm_launch() {
     assert_eq!(got[1], got[0], "eager: logits differ with the norm in the router");
     assert_eq!(got[2], got[3], "graphed: logits differ with the norm in the router");
     eprintln!("{moe_layers} MoE layers: the router's norm = the norm's launch over {} steps, eager and graphed", toks.len());
-}
-
-/// The router computing the post-attention norm for 2-8 decode rows whose MoE runs on FP8
-/// digits (`norm_in_router` past one row: the digit kernels stage x themselves, so the norm's
-/// split is not missed) gives the logits of the norm's own launch, bit for bit, eager and
-/// graphed, over a few decode steps of several sequences. Where the MoE is not on digits (not
-/// sm_90a at 4 TB/s and more) no layer takes it, and the test says so and stops.
-#[test]
-fn router_computing_the_norm_for_digit_rows_equals_the_norm_launch() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/golden/default");
-    let wide = serde_json::json!({"hidden_size": 256, "moe_intermediate_size": 256});
-    let spec = peregrine_model::config::load_spec_with(&dir, wide.as_object()).expect("fixture config");
-    let Some(mut model) = synthetic(&spec) else { return };
-    let bs = kv(&mut model, 128);
-    let moe_layers = spec.layers.iter().filter(|l| matches!(l.mlp, peregrine_core::spec::MlpSpec::Moe(_))).count();
-    assert!(moe_layers > 0);
-    model.set_norm_in_router(true);
-    let rows_before = model.set_norm_in_router_rows(8);
-    if model.norm_in_router_layers(2) == 0 {
-        assert!(!model.moe_fp8(), "the MoE is on FP8 digits, yet 2 rows keep the norm's launch");
-        eprintln!("skipped: the MoE of 2 rows does not run on FP8 digits on this GPU");
-        return;
-    }
-    let mut r = rng();
-    for rows in [2usize, 4, 8] {
-        assert_eq!(model.norm_in_router_layers(rows), moe_layers, "{rows} rows: every MoE layer leaves its norm to the router");
-        // Each step's token of every row.
-        let steps: Vec<Vec<u32>> = (0..3).map(|_| (0..rows).map(|_| r.random_range(0..spec.vocab_size as u32)).collect()).collect();
-        let mut got: Vec<Vec<f32>> = Vec::new();
-        for (limit, graphs) in [(1usize, false), (8, false), (8, true), (1, true)] {
-            model.set_norm_in_router_rows(limit);
-            model.set_cuda_graphs(graphs);
-            let mut logits = Vec::new();
-            for (p, step) in steps.iter().enumerate() {
-                let batch: Vec<SeqForward> = step.iter().enumerate().map(|(s, &t)| seq(s as u64, vec![t], p, &[(s * 64 / bs) as u32], OutputRows::Last)).collect();
-                logits.extend(model.forward(&batch).unwrap().into_iter().flat_map(|l| l.data));
-            }
-            assert!(logits.iter().all(|v| v.is_finite()), "{rows} rows, router rows {limit}, graphs {graphs}: non-finite logits");
-            got.push(logits);
-        }
-        assert_eq!(got[1], got[0], "{rows} rows, eager: logits differ with the norm in the router");
-        assert_eq!(got[2], got[3], "{rows} rows, graphed: logits differ with the norm in the router");
-        eprintln!("{rows} rows on FP8 digits: the router's norm = the norm's launch over 3 steps, eager and graphed ({moe_layers} MoE layers)");
-    }
-    model.set_norm_in_router_rows(rows_before);
 }
 
 /// The one-token o_proj doing its MoE's router (`route_in_oproj`: each block adds its rows' part

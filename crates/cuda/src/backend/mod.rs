@@ -305,10 +305,6 @@ pub struct CudaModel {
     /// A one-token MoE whose router computes the post-attention norm itself (`norm_in_router`;
     /// `PEREGRINE_NORM_IN_ROUTER=0` keeps the norm's launch, for comparison; tests flip it).
     norm_in_router: bool,
-    /// From 2 up to this many decode rows the router computes the norm too, where the MoE
-    /// reads x unsplit (`moe::NORM_IN_ROUTER_ROWS`; `PEREGRINE_NORM_IN_ROUTER_ROWS`,
-    /// `set_norm_in_router_rows`).
-    norm_in_router_rows: usize,
     /// Where the router computes the norm at one token, the o_proj before it does the router
     /// instead (`route_in_oproj_at`; `PEREGRINE_ROUTE_IN_OPROJ=0` keeps the router's launch, for
     /// comparison; tests flip it).
@@ -629,7 +625,6 @@ impl CudaModel {
             route_in_moe: std::env::var("PEREGRINE_MOE_ROUTE_IN_KERNEL").map_or(true, |v| v != "0"),
             fused_group_max: moe::FUSED_GROUP_MAX_TOKENS,
             norm_in_router: std::env::var("PEREGRINE_NORM_IN_ROUTER").map_or(true, |v| v != "0"),
-            norm_in_router_rows: std::env::var("PEREGRINE_NORM_IN_ROUTER_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(moe::NORM_IN_ROUTER_ROWS),
             route_in_oproj: std::env::var("PEREGRINE_ROUTE_IN_OPROJ").map_or(true, |v| v != "0"),
             route_acc,
             argmax_key,
@@ -844,17 +839,9 @@ impl CudaModel {
         self.graphs.clear();
     }
 
-    /// How many layers leave their post-attention norm to the router at `rows` decode rows.
+    /// How many layers leave their post-attention norm to the router at `rows` rows.
     pub fn norm_in_router_layers(&self, rows: usize) -> usize {
-        (0..self.layers.len()).filter(|&l| self.norm_in_router(l, rows, true)).count()
-    }
-
-    /// Sets up to how many decode rows (from 2) the router computes the post-attention norm
-    /// where the MoE reads x unsplit (1: one token only), for measurements and tests; returns
-    /// the count before. Captured step graphs are dropped.
-    pub fn set_norm_in_router_rows(&mut self, rows: usize) -> usize {
-        self.graphs.clear();
-        std::mem::replace(&mut self.norm_in_router_rows, rows)
+        (0..self.layers.len()).filter(|&l| self.norm_in_router(l, rows)).count()
     }
 
     /// Sets whether a one-token MoE's router computes the post-attention norm (`norm_in_router`;

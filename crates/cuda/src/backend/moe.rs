@@ -16,11 +16,6 @@ pub(super) const FUSED_GROUP_MAX_TOKENS: usize = 32;
 /// o_proj's end.
 pub(super) const ROUTE_ACC_COPIES: usize = 8;
 
-/// Up to this many decode rows (from 2) the router computes the post-attention norm where the
-/// MoE reads x unsplit (`CudaModel::norm_in_router`; `PEREGRINE_NORM_IN_ROUTER_ROWS`, 1: one
-/// token only).
-pub(super) const NORM_IN_ROUTER_ROWS: usize = 8;
-
 /// A layer's MLP output: rows [n, H], or the routed MoE's pairs left uncombined for the
 /// residual add after it to sum.
 pub(crate) enum MlpOut {
@@ -75,27 +70,17 @@ impl CudaModel {
     }
 
     /// Whether layer `li`'s post-attention norm at `rows` rows is left to its MoE's router
-    /// (`moe_after_attention`), so the residual add after the MoE adds the attention output too
-    /// (one launch fewer per MoE layer): one token whose MoE routes inside the fused kernel and
-    /// leaves its pairs (the batch-1 Flash step -0.6% on the H100,
-    /// benches/results/2026-11-24-norm-in-router.md), or 2 to `norm_in_router_rows` rows
-    /// (`decode`: decode rows, as `Kernels::moe_kernel_rows` takes them) whose MoE leaves its
-    /// pairs and reads x unsplit (the FP8-digit kernels, which stage it themselves), so nothing
-    /// is lost with the norm's split (NORM_IN_ROUTER_ROWS).
-    pub(crate) fn norm_in_router(&self, li: usize, rows: usize, decode: bool) -> bool {
+    /// (`moe_after_attention`): one token whose MoE routes inside the fused kernel and leaves
+    /// its pairs, so the residual add after it can add the attention output too. Saves the
+    /// norm's launch per MoE layer: the batch-1 Flash step -0.6% on the H100
+    /// (benches/results/2026-11-24-norm-in-router.md).
+    pub(crate) fn norm_in_router(&self, li: usize, rows: usize) -> bool {
         let Some(Mlp::Moe { spec, router, experts: Experts::Stacked(w), .. }) = self.layers.get(li).map(|l| &l.mlp) else { return false };
         if !self.norm_in_router || router.k != self.spec.hidden_size || !router_takes_norm(router, rows) {
             return false;
         }
-        if rows == 1 {
-            let kind = self.kernels.moe_kernel(w, rows, spec.top_k);
-            return self.routes_in_moe_kernel(w, rows, kind) && self.moe_leaves_pairs_here(spec, w, kind);
-        }
-        let kind = self.kernels.moe_kernel_rows(w, rows, spec.top_k, decode);
-        rows <= self.norm_in_router_rows
-            && !self.routes_in_moe_kernel(w, rows, kind)
-            && !self.kernels.moe_kind_reads_split(kind, w, rows, spec.top_k)
-            && self.moe_leaves_pairs_here(spec, w, kind)
+        let kind = self.kernels.moe_kernel(w, rows, spec.top_k);
+        self.routes_in_moe_kernel(w, rows, kind) && self.moe_leaves_pairs_here(spec, w, kind)
     }
 
     /// Whether `moe_stacked` routes `n` rows inside the MoE kernel `kind` (`moe_mxfp4_routed`):
@@ -108,7 +93,7 @@ impl CudaModel {
     /// which its router computes (`router_normed`), where `norm_in_router`. x is not written:
     /// the pairs carry attn (`MoePairs::pre`) for the residual add after the MoE (where
     /// `norm_in_router` holds, `moe_stacked` leaves pairs: the same predicates decide both).
-    pub(crate) fn moe_after_attention(&self, li: usize, x: &CudaSlice<f32>, attn: CudaSlice<f32>, nw: &CudaSlice<f32>, rows: usize, decode: bool) -> Result<MlpOut> {
+    pub(crate) fn moe_after_attention(&self, li: usize, x: &CudaSlice<f32>, attn: CudaSlice<f32>, nw: &CudaSlice<f32>, rows: usize) -> Result<MlpOut> {
         let Some(Mlp::Moe { spec, router, bias, experts: Experts::Stacked(w) }) = self.layers.get(li).map(|l| &l.mlp) else {
             return Err(Error::Backend(format!("layer {li} has no stacked MoE to take its post-attention norm")));
         };
@@ -124,11 +109,9 @@ impl CudaModel {
             self.moe_pairs_calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return Ok(MlpOut::Pairs(MoePairs { out, tok_pairs, topk: spec.top_k, pre: Some(attn) }));
         }
-        // (One row: norm_in_router judged moe_kernel's choice, which moe_kernel_rows gives decode rows.)
-        let decode = decode || rows == 1;
         let (logits, xn) = self.router_normed(router, x, &attn, nw, rows)?;
         // xn comes from the launch just before the experts: staged after their wait.
-        match self.moe_stacked(spec, &logits, bias.as_ref().map(|b| &b.0), w, &xn, MoeInput::Fresh, rows, decode)? {
+        match self.moe_stacked(spec, &logits, bias.as_ref().map(|b| &b.0), w, &xn, MoeInput::Fresh, rows, true)? {
             MlpOut::Pairs(mut p) => {
                 p.pre = Some(attn);
                 Ok(MlpOut::Pairs(p))
@@ -160,7 +143,7 @@ impl CudaModel {
             && router.n == spec.num_experts
             && self.route_acc_copies * spec.num_experts < self.route_acc_stride
             && self.kernels.oproj_route_takes(a.o.n, a.o.k, router.n)
-            && self.norm_in_router(li, 1, true)
+            && self.norm_in_router(li, 1)
     }
 
     /// The layer before `li` (cyclically) whose o_proj does the router: its accumulators are
