@@ -1806,14 +1806,35 @@ extern "C" __global__ void __launch_bounds__(256) moe_split_rows(const float* __
 
 // rows x [rows, K] f32 -> xd [rows][dg_x_row_bytes(K)]: each row as the FP8 digit kernels'
 // one-pair pass stages it (stage_b's DG: digits, then the row's inverse scale), for the
-// two-launch digit gate_up (moe_tiled's xd). One block of TW warps per row; K % 256 == 0.
+// two-launch digit gate_up (moe_tiled's xd). One block of TW warps per row; K % 256 == 0;
+// dg_x_row_bytes(K) of dynamic shared memory.
+// The row is staged before the wait for the kernel ahead: x is settled when this launch's
+// blocks start (its writer, the norm or the router, is two or more launches back, and the
+// routing launch in between lets this one start only once past its own wait: MoeInput). The
+// digits go to shared memory and to xd only past the wait, as every step kernel writes (a
+// step's buffers may reuse memory the kernel ahead still reads: crate::alloc). What is left
+// past the wait is the copy of one row (37 KB for Flash). -DMOE_DIGIT_ROWS_AFTER_WAIT stages
+// after the wait, for measurements.
 extern "C" __global__ void __launch_bounds__(256) moe_digit_rows(const float* __restrict__ x, int K, unsigned char* __restrict__ xd) {
-    PDL_ENTER();
+    uint4* dsm = staged_frag(0);  // (the dynamic shared memory, declared where the MoE kernels declare it)
     __shared__ StageSmem ss;
+    TRACE_SCOPE();
+#ifdef MOE_DIGIT_ROWS_AFTER_WAIT
+    PDL_WAIT();
+    TRACE_PAST_WAIT();
+#endif
+    PDL_TRIGGER();
     const int row[1] = {(int)blockIdx.x};
-    unsigned char* r = xd + (size_t)blockIdx.x * dg_x_row_bytes(K);
-    stage_b<false, false, true>(x, row, 1, K, reinterpret_cast<unsigned*>(r), ss.red, ss.scale, ss.inv);
-    if (threadIdx.x == 0) *reinterpret_cast<float*>(r + K / 16 * DG_CORE) = ss.inv[0];
+    const unsigned bytes = dg_x_row_bytes(K);
+    stage_b<false, false, true>(x, row, 1, K, reinterpret_cast<unsigned*>(dsm), ss.red, ss.scale, ss.inv);
+    if (threadIdx.x == 0) *reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(dsm) + K / 16 * DG_CORE) = ss.inv[0];
+    __syncthreads();  // (stage_b ended with one: this one is for the scale)
+#ifndef MOE_DIGIT_ROWS_AFTER_WAIT
+    PDL_WAIT();
+    TRACE_PAST_WAIT();
+#endif
+    uint4* r = reinterpret_cast<uint4*>(xd + (size_t)blockIdx.x * bytes);
+    for (unsigned i = threadIdx.x; i < bytes / 16; i += blockDim.x) r[i] = dsm[i];
 }
 
 // The same split in the wgmma GEMM's layout (stage_item's WG): the same values, other places.

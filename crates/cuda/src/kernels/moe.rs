@@ -1182,7 +1182,9 @@ impl Kernels {
         let ki = k as i32;
         let mut b = crate::launch::builder(&self.stream, &self.digit_rows);
         b.arg(x).arg(&ki).arg(&mut xd);
-        unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv("moe_digit_rows"))?;
+        // A row's digits in shared memory: the kernel stages them before its wait, writes them after.
+        let smem = dg_x_row_bytes(k) as u32;
+        unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem }) }.map_err(drv("moe_digit_rows"))?;
         Ok(xd)
     }
 
