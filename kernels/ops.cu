@@ -979,27 +979,52 @@ __device__ __forceinline__ float rope_dim(const float* vec, int i, int half, int
 
 // Partial RoPE fused with the KV-cache write, gridDim.y blocks per row: q rotated in place; k rotated
 // on its way into the paged pool; v scaled by vscale into the pool. Same arithmetic as rope +
-// kv_write.
+// kv_write. The row's position and slot are settled (the step's row data, staged by its first
+// kernel or copied before it), so each thread works out its first q and k items' coefficients
+// before the wait for the q/k/v projection (rope_coef: the same values rope_dim computes, and
+// i and i + half share them); past the wait only the loads, the rotations and the stores are
+// left. -DROPE_COEF_AFTER_WAIT works them out after the wait, for measurements.
 extern "C" __global__ void rope_kv_write(float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
                                          float* __restrict__ kc, float* __restrict__ vc, const int* __restrict__ pos,
                                          const long long* __restrict__ slot, int heads, int kv_heads, int hd, int vd,
-                                         int half, int rotary_dim, float theta, float vscale) { PDL_ENTER();
+                                         int half, int rotary_dim, float theta, float vscale) {
+    TRACE_SCOPE();
+#ifdef ROPE_COEF_AFTER_WAIT
+    PDL_WAIT();
+    TRACE_PAST_WAIT();
+    PDL_TRIGGER();
+#endif
     int r = blockIdx.x;
     // gridDim.y blocks share a row (one block per row computed 64 heads' sin/cos alone).
     int j0 = blockIdx.y * blockDim.x + threadIdx.x, stride = blockDim.x * gridDim.y;
     float p = (float)pos[r];
     size_t s = (size_t)slot[r];
+    const int kd = kv_heads * hd, ik0 = j0 % hd;
+    float cq = 0.f, sq = 0.f, ck = 0.f, sk = 0.f;
+    if (j0 < heads * half) rope_coef(j0 % half, half, rotary_dim, theta, p, cq, sq);
+    if (j0 < kd && ik0 < 2 * half) rope_coef(ik0, half, rotary_dim, theta, p, ck, sk);
+#ifndef ROPE_COEF_AFTER_WAIT
+    PDL_WAIT();
+    TRACE_PAST_WAIT();
+    PDL_TRIGGER();
+#endif
     for (int j = j0; j < heads * half; j += stride) {
         int h = j / half, i = j % half;
         float* qv = q + ((size_t)r * heads + h) * hd;
-        float a = rope_dim(qv, i, half, rotary_dim, theta, p), b = rope_dim(qv, i + half, half, rotary_dim, theta, p);
+        if (j != j0) rope_coef(i, half, rotary_dim, theta, p, cq, sq);
+        float a = rope_apply(qv, i, half, cq, sq), b = rope_apply(qv, i + half, half, cq, sq);
         qv[i] = a;
         qv[i + half] = b;
     }
-    int kd = kv_heads * hd;
     for (int j = j0; j < kd; j += stride) {
         int i = j % hd;
-        kc[s * kd + j] = rope_dim(k + (size_t)r * kd + (j - i), i, half, rotary_dim, theta, p);
+        const float* kv = k + (size_t)r * kd + (j - i);
+        if (i >= 2 * half) {
+            kc[s * kd + j] = kv[i];
+            continue;
+        }
+        if (j != j0) rope_coef(i, half, rotary_dim, theta, p, ck, sk);
+        kc[s * kd + j] = rope_apply(kv, i, half, ck, sk);
     }
     int vdd = kv_heads * vd;
     for (int j = j0; j < vdd; j += stride) vc[s * vdd + j] = v[(size_t)r * vdd + j] * vscale;
