@@ -18,12 +18,13 @@
 // Kernels::step_trace reads and clears them all). Launches are told apart by gridid, so a graph
 // replay's timeline (PDL overlap included) comes out kernel by kernel: step_bench --trace.
 #ifdef STEP_TRACE
-// Records per module (80 bytes each, 80 MB a module in these builds): step_bench --trace of
+// Records per module (104 bytes each, 104 MB a module in these builds): step_bench --trace of
 // Flash's batch-16 step overflowed 262144 (stop 92; moe.cu alone stamps 8192 blocks a MoE layer,
 // ~139 K a replay).
 #define STEP_TRACE_CAP (1 << 20)
 struct StepTraceRec {
     unsigned long long grid, enter, waited, exit;
+    unsigned long long mark[3];  // TRACE_MARK points inside the block (0: not reached)
     unsigned sm, block;
     char name[40];
 };
@@ -36,7 +37,7 @@ __device__ __forceinline__ unsigned long long step_trace_now() {
 }
 struct StepTraceScope {
     const char* name;
-    unsigned long long enter, waited;
+    unsigned long long enter, waited, mark[3] = {0, 0, 0};
     __device__ explicit StepTraceScope(const char* n) : name(n) { enter = waited = step_trace_now(); }
     __device__ void past_wait() { waited = step_trace_now(); }
     __device__ ~StepTraceScope() {
@@ -52,6 +53,7 @@ struct StepTraceScope {
         r.enter = enter;
         r.waited = waited;
         r.exit = step_trace_now();
+        for (int k = 0; k < 3; k++) r.mark[k] = mark[k];
         r.sm = sm;
         r.block = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
         int k = 0;
@@ -67,6 +69,9 @@ struct StepTraceScope {
 // A kernel's "past the wait" stamp set to time t instead (a point inside the kernel, for
 // measurements: see ATT_MARK in ops.cu).
 #define TRACE_PAST_WAIT_AT(t) (step_trace_scope_.waited = (t))
+// Point k (0-2) of a block's work, for measurements: step_bench --trace prints when the blocks
+// of each launch that marks got there, and PEREGRINE_TRACE_CSV writes every block's stamps.
+#define TRACE_MARK(k) (step_trace_scope_.mark[k] = step_trace_now())
 #define PDL_ENTER()   \
     TRACE_SCOPE();    \
     PDL_WAIT();       \
@@ -77,6 +82,7 @@ struct StepTraceScope {
 #define TRACE_SCOPE_NAMED(n)
 #define TRACE_PAST_WAIT()
 #define TRACE_PAST_WAIT_AT(t)
+#define TRACE_MARK(k)
 #define PDL_ENTER()    \
     do {               \
         PDL_WAIT();    \

@@ -1016,6 +1016,7 @@ extern "C" __global__ void rope_kv_write(float* __restrict__ q, const float* __r
         qv[i] = a;
         qv[i + half] = b;
     }
+    TRACE_MARK(0);
     for (int j = j0; j < kd; j += stride) {
         int i = j % hd;
         const float* kv = k + (size_t)r * kd + (j - i);
@@ -1026,6 +1027,7 @@ extern "C" __global__ void rope_kv_write(float* __restrict__ q, const float* __r
         if (j != j0) rope_coef(i, half, rotary_dim, theta, p, ck, sk);
         kc[s * kd + j] = rope_apply(kv, i, half, ck, sk);
     }
+    TRACE_MARK(1);
     int vdd = kv_heads * vd;
     for (int j = j0; j < vdd; j += stride) vc[s * vdd + j] = v[(size_t)r * vdd + j] * vscale;
 }
@@ -1806,6 +1808,7 @@ extern "C" __global__ void __launch_bounds__(256, 3) attention_v2_heads(
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
     const int jl = lane & (ATT_TILE - 1), half = lane / ATT_TILE, hh = hd / 2;  // position, half of hd
     const float4* qh = reinterpret_cast<const float4*>(sq + w * hd + half * hh);
+    TRACE_MARK(0);
     for (int t0 = j_lo, b = 0; t0 <= j_hi; t0 += ATT_TILE, b = b + 1 == stages ? 0 : b + 1) {
         int ta = t0 + (stages - 1) * ATT_TILE;  // the tile asked for now, into the buffer freed last step
         stage(ta, b == 0 ? stages - 1 : b - 1, ent);
@@ -1848,6 +1851,7 @@ extern "C" __global__ void __launch_bounds__(256, 3) attention_v2_heads(
         }
         __syncthreads();  // every warp is done with buffer b before it is staged again
     }
+    TRACE_MARK(1);
     size_t hb = (size_t)r * heads + h;
     if (splits == 1) {
         if (!active) return;
@@ -1880,6 +1884,7 @@ extern "C" __global__ void __launch_bounds__(256, 3) attention_v2_heads(
     }
     if (!counters) return;  // attention_combine merges the splits
     bool merges = block_arrive_last(counters + (size_t)r * heads + blockIdx.y * ATT_WARPS, (unsigned)splits);
+    TRACE_MARK(2);
     if (!merges || !active) return;
     attention_combine_head(part_m, part_l, part_acc, o, r, h, heads, vd, splits, sinks, oh, ol, lane, 32);
 }

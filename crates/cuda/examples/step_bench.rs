@@ -133,6 +133,7 @@ fn print_trace(model: &mut CudaModel, batch: &[SeqForward]) {
             None => kinds.push((x.kernel.clone(), 1, exp, dur, run)),
         }
     }
+    print_trace_marks(&stamps, &l, t0, batch.len());
     kinds.sort_by(|a, b| b.2.total_cmp(&a.2));
     let total: f64 = exposed.iter().sum::<u64>() as f64 / 1e3;
     println!("\nper kernel (exposed us sum to {total:.1}, first start to last end, first past its wait to last end):");
@@ -140,6 +141,49 @@ fn print_trace(model: &mut CudaModel, batch: &[SeqForward]) {
     println!("|---|---|---|---|---|---|---|");
     for (name, n, exp, dur, run) in kinds {
         println!("| {name} | {n} | {exp:.1} | {:.1}% | {:.2} | {:.2} | {:.2} |", 100.0 * exp / total.max(1e-9), exp / n as f64, dur / n as f64, run / n as f64);
+    }
+}
+
+/// The launches whose blocks stamped `TRACE_MARK` points: for each point, when the first block,
+/// the median one and the last got there (us from the replay's start). With
+/// `PEREGRINE_TRACE_CSV=DIR`, every block's stamps of the replay to DIR/batch-N.csv.
+fn print_trace_marks(stamps: &[peregrine_cuda::trace::BlockStamp], l: &[peregrine_cuda::trace::LaunchSpan], t0: u64, batch: usize) {
+    let runs = peregrine_cuda::trace::last_runs(stamps);
+    let index: std::collections::HashMap<u64, usize> = l.iter().enumerate().map(|(i, x)| (x.grid, i)).collect();
+    let us = |t: u64| t.saturating_sub(t0) as f64 / 1e3;
+    let mut rows = Vec::new();
+    for (i, x) in l.iter().enumerate() {
+        let blocks: Vec<_> = runs.iter().filter(|s| s.grid == x.grid).collect();
+        let mut cells = Vec::new();
+        for k in 0..3 {
+            let mut t: Vec<u64> = blocks.iter().map(|s| s.marks[k]).filter(|&m| m > 0).collect();
+            t.sort_unstable();
+            cells.push(match t.len() {
+                0 => "-".to_string(),
+                n => format!("{:.1} / {:.1} / {:.1} ({n})", us(t[0]), us(t[n / 2]), us(t[n - 1])),
+            });
+        }
+        if cells.iter().any(|c| c != "-") {
+            rows.push(format!("| {i} | {} | {:.1} | {} | {} | {} | {:.1} |", x.kernel, us(x.last_waited), cells[0], cells[1], cells[2], us(x.end)));
+        }
+    }
+    if !rows.is_empty() {
+        println!("\nTRACE_MARK points (us: first / median / last block, and how many blocks got there):");
+        println!("| # | kernel | last past wait | mark 0 | mark 1 | mark 2 | end |");
+        println!("|---|---|---|---|---|---|---|");
+        for r in rows {
+            println!("{r}");
+        }
+    }
+    if let Ok(dir) = std::env::var("PEREGRINE_TRACE_CSV") {
+        let mut out = String::from("launch,kernel,block,sm,enter_ns,waited_ns,exit_ns,mark0_ns,mark1_ns,mark2_ns\n");
+        let rel = |t: u64| if t == 0 { -1 } else { t.saturating_sub(t0) as i64 };
+        for s in &runs {
+            let Some(&i) = index.get(&s.grid) else { continue };
+            out += &format!("{i},{},{},{},{},{},{},{},{},{}\n", s.kernel, s.block, s.sm, rel(s.enter), rel(s.waited), rel(s.exit), rel(s.marks[0]), rel(s.marks[1]), rel(s.marks[2]));
+        }
+        let path = std::path::Path::new(&dir).join(format!("batch-{batch}.csv"));
+        std::fs::create_dir_all(&dir).and_then(|_| std::fs::write(&path, out)).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     }
 }
 

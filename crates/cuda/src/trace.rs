@@ -12,7 +12,7 @@ use crate::kernels::drv;
 use peregrine_core::Result;
 
 /// Bytes of one record (kernels/common.cuh's `StepTraceRec`).
-const RECORD_BYTES: usize = 80;
+const RECORD_BYTES: usize = 104;
 
 /// One block's stamps (ns of `%globaltimer`).
 #[derive(Clone, Debug, PartialEq)]
@@ -21,6 +21,8 @@ pub struct BlockStamp {
     pub enter: u64,
     pub waited: u64,
     pub exit: u64,
+    /// `TRACE_MARK` points 0-2 inside the block (0: not reached).
+    pub marks: [u64; 3],
     pub sm: u32,
     pub block: u32,
     pub kernel: String,
@@ -30,15 +32,16 @@ impl BlockStamp {
     fn parse(b: &[u8]) -> BlockStamp {
         let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
         let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
-        let name = &b[40..RECORD_BYTES];
+        let name = &b[64..RECORD_BYTES];
         let len = name.iter().position(|&c| c == 0).unwrap_or(name.len());
         BlockStamp {
             grid: u64_at(0),
             enter: u64_at(8),
             waited: u64_at(16),
             exit: u64_at(24),
-            sm: u32_at(32),
-            block: u32_at(36),
+            marks: [u64_at(32), u64_at(40), u64_at(48)],
+            sm: u32_at(56),
+            block: u32_at(60),
             kernel: String::from_utf8_lossy(&name[..len]).into_owned(),
         }
     }
@@ -72,6 +75,7 @@ pub(crate) fn read(modules: &[&Arc<CudaModule>], stream: &Arc<CudaStream>) -> Re
 /// One launch: its blocks' first start, first and last pass of the PDL wait, last exit.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LaunchSpan {
+    pub grid: u64,
     pub kernel: String,
     pub blocks: usize,
     pub start: u64,
@@ -85,15 +89,10 @@ pub struct LaunchSpan {
 /// kernel node keeps its %gridid from replay to replay, so only each block's last run counts:
 /// the stamps that end after that block's last start.
 pub fn launches(stamps: &[BlockStamp]) -> Vec<LaunchSpan> {
-    let mut last_enter: std::collections::HashMap<(u64, u32), u64> = Default::default();
-    for s in stamps {
-        let e = last_enter.entry((s.grid, s.block)).or_insert(0);
-        *e = (*e).max(s.enter);
-    }
     let mut by_grid: std::collections::BTreeMap<u64, (LaunchSpan, std::collections::BTreeSet<u32>)> = Default::default();
-    for s in stamps.iter().filter(|s| s.exit >= last_enter[&(s.grid, s.block)]) {
+    for s in last_runs(stamps) {
         let e = by_grid.entry(s.grid).or_insert_with(|| {
-            (LaunchSpan { kernel: s.kernel.clone(), blocks: 0, start: u64::MAX, first_waited: u64::MAX, last_waited: 0, end: 0 }, Default::default())
+            (LaunchSpan { grid: s.grid, kernel: s.kernel.clone(), blocks: 0, start: u64::MAX, first_waited: u64::MAX, last_waited: 0, end: 0 }, Default::default())
         });
         e.1.insert(s.block);
         let l = &mut e.0;
@@ -111,6 +110,16 @@ pub fn launches(stamps: &[BlockStamp]) -> Vec<LaunchSpan> {
         .collect();
     v.sort_by_key(|l| (l.start, l.end));
     v
+}
+
+/// The stamps of each block's last run (see `launches`).
+pub fn last_runs(stamps: &[BlockStamp]) -> Vec<&BlockStamp> {
+    let mut last_enter: std::collections::HashMap<(u64, u32), u64> = Default::default();
+    for s in stamps {
+        let e = last_enter.entry((s.grid, s.block)).or_insert(0);
+        *e = (*e).max(s.enter);
+    }
+    stamps.iter().filter(|s| s.exit >= last_enter[&(s.grid, s.block)]).collect()
 }
 
 /// Each launch's exposed time: how far its end moved the timeline's end past every launch
@@ -197,21 +206,23 @@ mod tests {
     use super::*;
 
     fn stamp(grid: u64, block: u32, enter: u64, waited: u64, exit: u64, kernel: &str) -> BlockStamp {
-        BlockStamp { grid, enter, waited, exit, sm: 0, block, kernel: kernel.into() }
+        BlockStamp { grid, enter, waited, exit, marks: [0; 3], sm: 0, block, kernel: kernel.into() }
     }
 
     #[test]
     fn a_record_parses_from_the_kernels_layout() {
         let mut b = vec![0u8; RECORD_BYTES];
-        for (o, v) in [(0usize, 7u64), (8, 100), (16, 150), (24, 900)] {
+        for (o, v) in [(0usize, 7u64), (8, 100), (16, 150), (24, 900), (32, 200), (48, 600)] {
             b[o..o + 8].copy_from_slice(&v.to_le_bytes());
         }
-        b[32..36].copy_from_slice(&5u32.to_le_bytes());
-        b[36..40].copy_from_slice(&42u32.to_le_bytes());
-        b[40..40 + 12].copy_from_slice(b"gemv_mma_fp8");
-        assert_eq!(BlockStamp::parse(&b), stamp(7, 42, 100, 150, 900, "gemv_mma_fp8").with_sm(5));
+        b[56..60].copy_from_slice(&5u32.to_le_bytes());
+        b[60..64].copy_from_slice(&42u32.to_le_bytes());
+        b[64..64 + 12].copy_from_slice(b"gemv_mma_fp8");
+        let mut want = stamp(7, 42, 100, 150, 900, "gemv_mma_fp8").with_sm(5);
+        want.marks = [200, 0, 600];
+        assert_eq!(BlockStamp::parse(&b), want);
         // A name filling the whole field has no terminator.
-        b[40..].copy_from_slice(&[b'x'; 40]);
+        b[64..].copy_from_slice(&[b'x'; 40]);
         assert_eq!(BlockStamp::parse(&b).kernel.len(), 40);
     }
 
@@ -242,7 +253,7 @@ mod tests {
 
     #[test]
     fn exposed_time_counts_only_what_moves_the_end() {
-        let span = |start, end| LaunchSpan { kernel: String::new(), blocks: 1, start, first_waited: start, last_waited: start, end };
+        let span = |start, end| LaunchSpan { grid: 0, kernel: String::new(), blocks: 1, start, first_waited: start, last_waited: start, end };
         // b ends inside a's span (hidden), c ends 50 past a, d starts after a gap.
         let l = vec![span(0, 100), span(20, 90), span(80, 150), span(200, 260)];
         assert_eq!(exposed_ns(&l), vec![100, 0, 50, 110]);
