@@ -439,6 +439,48 @@ fn synthetic_models_prefill_equals_decode_and_argmax_on_gpu() {
     }
 }
 
+/// A decode step of ten sequences (one new token each: the heads kernel from 8 rows, whose
+/// blocks stage the K/V below each row's position before their PDL wait) gives each sequence
+/// the logits it gets decoded alone (the one-row kernels), eagerly and as a graph replay.
+#[test]
+fn a_decode_batch_equals_each_sequence_decoded_alone() {
+    let spec = spec_of("mimo_v2_fused");
+    let Some(mut model) = synthetic(&spec) else { return };
+    let bs = kv(&mut model, 256);
+    let mut r = rng();
+    let vocab = spec.vocab_size;
+    // Ten sequences of 20-60 tokens, prefilled, each on blocks of its own.
+    let seqs: Vec<(Vec<u32>, Vec<u32>)> = (0..10u32)
+        .map(|i| {
+            let len = r.random_range(20..60usize);
+            let toks: Vec<u32> = (0..len).map(|_| r.random_range(0..vocab as u32)).collect();
+            let blocks: Vec<u32> = (0..(len + 1).div_ceil(bs) as u32).map(|b| 20 * i + b).collect();
+            (toks, blocks)
+        })
+        .collect();
+    for (i, (toks, blocks)) in seqs.iter().enumerate() {
+        model.forward(&[seq(i as u64, toks[..toks.len() - 1].to_vec(), 0, blocks, OutputRows::Last)]).unwrap();
+    }
+    let step = |i: usize| {
+        let (toks, blocks) = &seqs[i];
+        seq(i as u64, vec![toks[toks.len() - 1]], toks.len() - 1, blocks, OutputRows::Last)
+    };
+    let alone: Vec<Vec<f32>> = (0..seqs.len()).map(|i| model.forward(&[step(i)]).unwrap().remove(0).data).collect();
+    for graphs in [false, true] {
+        model.set_cuda_graphs(graphs);
+        let batch: Vec<SeqForward> = (0..seqs.len()).map(step).collect();
+        // Twice under graphs: the capture, then a replay.
+        for _ in 0..1 + graphs as usize {
+            let out = model.forward(&batch).unwrap();
+            for (i, (o, a)) in out.iter().zip(&alone).enumerate() {
+                let scale = a.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+                let worst = o.data.iter().zip(a).fold(0f32, |m, (x, y)| m.max((x - y).abs() / scale));
+                assert!(o.data.len() == vocab && worst < 1e-4, "sequence {i} (graphs {graphs}): the batch's logits differ from its own step's by {worst:.2e}");
+            }
+        }
+    }
+}
+
 /// The mxfp4 fixture's model with experts the tiled kernels take (the fixture's 64 x 32 are
 /// below their tiles: hidden 256, 16 experts of 128, top-8), synthetic, with 128 KV blocks;
 /// None without a GPU.
