@@ -1317,9 +1317,6 @@ extern "C" __global__ void fill_random_f(void* __restrict__ p, unsigned long lon
 // warps, then the sink logit: o = sum_s acc_s e^(m_s - M) / (sum_s l_s e^(m_s - M) [+ sink]).
 // The states are read through L2 (__ldcg): inside attention_v2 other blocks wrote them. Thread
 // tid of nthreads (a block, or one warp's lanes) writes o's elements tid, tid + nthreads, ...
-// PER: o's elements a thread may hold in the one-round form (a warp per head: vd / 32 = 4);
-// where vd needs more, or splits pass ATT_COMBINE_MAX, the loops below take three rounds of loads.
-template <int PER = 1>
 __device__ __forceinline__ void attention_combine_head(const float* part_m, const float* part_l, const float* part_acc,
                                                        float* __restrict__ o, int r, int h, int heads, int vd, int splits,
                                                        const float* __restrict__ sinks, unsigned short* __restrict__ oh,
@@ -1327,20 +1324,17 @@ __device__ __forceinline__ void attention_combine_head(const float* part_m, cons
     const float NEG_INF = __int_as_float(0xff800000u);
     size_t p0 = ((size_t)r * heads + h) * splits;
 #ifndef ATT_COMBINE_LOOPS
-    if (splits <= ATT_COMBINE_MAX && PER * nthreads >= vd) {
+    if (splits <= ATT_COMBINE_MAX && nthreads >= vd) {
         // Every load first (one round trip to L2 instead of three: the maxima, the sums, the
         // accumulators), then the arithmetic of the loops below in their order: the same bits.
-        float ms[ATT_COMBINE_MAX], ls[ATT_COMBINE_MAX], as[ATT_COMBINE_MAX][PER];
+        float ms[ATT_COMBINE_MAX], ls[ATT_COMBINE_MAX], as[ATT_COMBINE_MAX];
+        const bool mine = tid < vd;
 #pragma unroll
         for (int s = 0; s < ATT_COMBINE_MAX; s++)
             if (s < splits) {
                 ms[s] = __ldcg(part_m + p0 + s);
                 ls[s] = __ldcg(part_l + p0 + s);
-#pragma unroll
-                for (int e = 0; e < PER; e++) {
-                    int i = tid + e * nthreads;
-                    as[s][e] = i < vd ? __ldcg(part_acc + (p0 + s) * vd + i) : 0.f;
-                }
+                as[s] = mine ? __ldcg(part_acc + (p0 + s) * vd + tid) : 0.f;
             }
         float M = NEG_INF;
 #pragma unroll
@@ -1356,19 +1350,15 @@ __device__ __forceinline__ void attention_combine_head(const float* part_m, cons
             L = L * __expf(M - mn) + __expf(sc - mn);
             M = mn;
         }
+        if (!mine) return;
+        float a = 0.f;
 #pragma unroll
-        for (int e = 0; e < PER; e++) {
-            int i = tid + e * nthreads;
-            if (i >= vd) break;
-            float a = 0.f;
-#pragma unroll
-            for (int s = 0; s < ATT_COMBINE_MAX; s++)
-                if (s < splits && ms[s] != NEG_INF) a += as[s][e] * __expf(ms[s] - M);
-            a /= L;
-            size_t oi = ((size_t)r * heads + h) * vd + i;
-            o[oi] = a;
-            if (oh) split_bf16_value(a, oh[oi], ol[oi]);
-        }
+        for (int s = 0; s < ATT_COMBINE_MAX; s++)
+            if (s < splits && ms[s] != NEG_INF) a += as[s] * __expf(ms[s] - M);
+        a /= L;
+        size_t oi = ((size_t)r * heads + h) * vd + tid;
+        o[oi] = a;
+        if (oh) split_bf16_value(a, oh[oi], ol[oi]);
         return;
     }
 #endif
@@ -1751,32 +1741,15 @@ ATTENTION_V2_KV_READY(attention_v2_kv_ready_pre, true, ATT_PRE_MAXREG)
 // same bits.
 // (80 registers, 3 blocks per SM; cut for 4, ptxas spills 64 bytes. Three tiles in flight
 // measured no faster: 63 against 61 us at batch 64.)
-// With `settled` (every row is its sequence's only new token: a decode step) the pool's
-// positions below each row's own were written by earlier steps, and the row data (positions,
-// sequences, tables) by the step's first kernels, so the block stages its first tiles that lie
-// wholly below the row's position before its PDL wait for the launch ahead (rope_kv_write,
-// which writes position p and rotates q in place: both are read past the wait). Shared memory
-// only before the wait. -DATT_HEADS_STAGE_AFTER_WAIT keeps every load past it, for measurements.
 #define ATT_TILE 16
 #define ATT_STAGES 2
-// o's elements a lane holds in the merge of a head's splits (attention_combine_head's PER: one
-// round of loads); -DATT_HEADS_COMBINE_PER=1 gives the three rounds of loads a lane had before.
-#ifndef ATT_HEADS_COMBINE_PER
-#define ATT_HEADS_COMBINE_PER 4
-#endif
 extern "C" __global__ void __launch_bounds__(256, 3) attention_v2_heads(
     const float* __restrict__ q, const float* __restrict__ kc, const float* __restrict__ vc, float* __restrict__ o,
     const int* __restrict__ pos, const int* __restrict__ seq, const int* __restrict__ tables, int max_blocks,
     int block_size, int heads, int kv_heads, int hd, int vd, int window, float scale, const float* __restrict__ sinks,
     float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc, unsigned short* __restrict__ oh,
-    unsigned short* __restrict__ ol, unsigned* __restrict__ counters, int settled) {
-    TRACE_SCOPE();
-#ifdef ATT_HEADS_STAGE_AFTER_WAIT
-    PDL_WAIT();
-    TRACE_PAST_WAIT();
-    PDL_TRIGGER();
-    settled = 0;
-#endif
+    unsigned short* __restrict__ ol, unsigned* __restrict__ counters) {
+    PDL_ENTER();
     constexpr int stages = ATT_STAGES;
     extern __shared__ float4 att_smem[];
     int r = blockIdx.x, lane = threadIdx.x & 31, w = threadIdx.x >> 5, h = blockIdx.y * ATT_WARPS + w;
@@ -1819,25 +1792,13 @@ extern "C" __global__ void __launch_bounds__(256, 3) attention_v2_heads(
         cp_async_commit();
     };
     // The first stages - 1 tiles; then each step stages the tile stages - 1 ahead (a commit
-    // group each, empty past j_hi, so the wait below is by count). Before the wait (settled):
-    // the first `pre` tiles, up to the ring's stages, none of which holds position p.
-    int ent[PW], pre = 0;
-#ifndef ATT_HEADS_STAGE_AFTER_WAIT
-    for (; settled && pre < stages; pre++) {
-        int t = j_lo + pre * ATT_TILE;
-        if (t > j_hi || min(t + ATT_TILE - 1, j_hi) >= p) break;
-        entries(t, ent);
-        stage(t, pre, ent);
-    }
-    PDL_WAIT();
-    TRACE_PAST_WAIT();
-    PDL_TRIGGER();
-#endif
-    for (int i = pre; i < stages - 1; i++) {
+    // group each, empty past j_hi, so the wait below is by count).
+    int ent[PW];
+    for (int i = 0; i < stages - 1; i++) {
         entries(j_lo + i * ATT_TILE, ent);
         stage(j_lo + i * ATT_TILE, i, ent);
     }
-    entries(j_lo + max(pre, stages - 1) * ATT_TILE, ent);
+    entries(j_lo + (stages - 1) * ATT_TILE, ent);
     // The warp's q, for its lanes' float4 reads.
     int hq = min(h, heads - 1), kk = hq / group - kv0;  // kk: the warp's KV head among the staged
     for (int i = lane; i < hd; i += 32) sq[w * hd + i] = q[((size_t)r * heads + hq) * hd + i];
@@ -1848,14 +1809,10 @@ extern "C" __global__ void __launch_bounds__(256, 3) attention_v2_heads(
     const int jl = lane & (ATT_TILE - 1), half = lane / ATT_TILE, hh = hd / 2;  // position, half of hd
     const float4* qh = reinterpret_cast<const float4*>(sq + w * hd + half * hh);
     TRACE_MARK(0);
-    for (int t0 = j_lo, b = 0, k = 0; t0 <= j_hi; t0 += ATT_TILE, b = b + 1 == stages ? 0 : b + 1, k++) {
+    for (int t0 = j_lo, b = 0; t0 <= j_hi; t0 += ATT_TILE, b = b + 1 == stages ? 0 : b + 1) {
         int ta = t0 + (stages - 1) * ATT_TILE;  // the tile asked for now, into the buffer freed last step
-        if (k + stages - 1 >= pre) {
-            stage(ta, b == 0 ? stages - 1 : b - 1, ent);
-            entries(ta + ATT_TILE, ent);  // used a step from now
-        } else {
-            cp_async_commit();  // staged before the wait: an empty group keeps the count
-        }
+        stage(ta, b == 0 ? stages - 1 : b - 1, ent);
+        entries(ta + ATT_TILE, ent);  // used a step from now
         cp_async_wait<stages - 1>();
         __syncthreads();  // tile t0 is in buffer b for every warp
         const float* tb = tiles + (size_t)b * ATT_TILE * nkv * row + kk * row;  // position 0's row
@@ -1929,7 +1886,7 @@ extern "C" __global__ void __launch_bounds__(256, 3) attention_v2_heads(
     bool merges = block_arrive_last(counters + (size_t)r * heads + blockIdx.y * ATT_WARPS, (unsigned)splits);
     TRACE_MARK(2);
     if (!merges || !active) return;
-    attention_combine_head<ATT_HEADS_COMBINE_PER>(part_m, part_l, part_acc, o, r, h, heads, vd, splits, sinks, oh, ol, lane, 32);
+    attention_combine_head(part_m, part_l, part_acc, o, r, h, heads, vd, splits, sinks, oh, ol, lane, 32);
 }
 
 // attention_v2 over a list of rows (block x serves row rows[x]): in a prefill batch, the rows

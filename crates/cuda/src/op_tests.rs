@@ -721,7 +721,7 @@ fn attention_matches_the_cpu_reference() {
             m.attn_heads_min_rows = if per_head_warps { 1 } else { usize::MAX };
             (m.attn_tc_min_rows, m.attn_tc_min_span) = if tc { (1, 0) } else { (usize::MAX, usize::MAX) };
             m.attn_tc_warps = tc_warps;
-            let (o, split) = m.attend(&qd, &kd, &vd, &pd, &sd, &td, max_blocks, bs, n, &s, sk.as_ref(), v2, v2, None, None, false).unwrap();
+            let (o, split) = m.attend(&qd, &kd, &vd, &pd, &sd, &td, max_blocks, bs, n, &s, sk.as_ref(), v2, v2, None, None).unwrap();
             let takes_tc = m.gqa_tc_for(&s, max_blocks, bs, n).is_some_and(|f| Some(f.warps) == tc_warps);
             assert_eq!(takes_tc, tc && crate::backend::PREFILL_TC_SHAPES.contains(&(s.head_dim, s.v_head_dim)) && s.num_heads / s.num_kv_heads <= 16);
             let kernel = match (v2, per_head_warps, tc) {
@@ -734,21 +734,13 @@ fn attention_matches_the_cpu_reference() {
             };
             let name = format!("attention{kernel} h{} kv{} d{}/{} window {:?} sinks {}, {} positions", s.num_heads, s.num_kv_heads, s.head_dim, s.v_head_dim, s.window(), s.sinks, max_blocks * bs);
             let o = st.clone_dtoh(&o).unwrap();
-            if kernel == "_v2_heads" {
-                // A decode step's heads kernel stages the tiles below each row's position
-                // before its PDL wait: only when they are asked for changes, not the bits.
-                let (o_pre, split_pre) = m.attend(&qd, &kd, &vd, &pd, &sd, &td, max_blocks, bs, n, &s, sk.as_ref(), v2, v2, None, None, true).unwrap();
-                assert!(o == st.clone_dtoh(&o_pre).unwrap(), "{name}: tiles staged before the wait change the output");
-                let hl = |sp: &Option<Bf16Split>| sp.as_ref().map(|(h, l)| (st.clone_dtoh(h).unwrap(), st.clone_dtoh(l).unwrap()));
-                assert!(hl(&split) == hl(&split_pre), "{name}: tiles staged before the wait change the BF16 split");
-            }
             if v2 {
                 // Long ranges are split; their last split merges them inside the kernel. The
                 // separate merge launch (attention_combine) gives the same bits, and the
                 // arrival counters are zero again.
                 let split_hl = |sp: &Option<Bf16Split>| sp.as_ref().map(|(h, l)| (st.clone_dtoh(h).unwrap(), st.clone_dtoh(l).unwrap()));
                 m.merge_in_attention = false;
-                let (o_sep, split_sep) = m.attend(&qd, &kd, &vd, &pd, &sd, &td, max_blocks, bs, n, &s, sk.as_ref(), v2, v2, None, None, false).unwrap();
+                let (o_sep, split_sep) = m.attend(&qd, &kd, &vd, &pd, &sd, &td, max_blocks, bs, n, &s, sk.as_ref(), v2, v2, None, None).unwrap();
                 m.merge_in_attention = true;
                 let o_sep = st.clone_dtoh(&o_sep).unwrap();
                 assert!(o == o_sep, "{name}: merged in the kernel and by attention_combine differ at {:?}", o.iter().zip(&o_sep).position(|(a, b)| a != b));
@@ -760,7 +752,7 @@ fn attention_matches_the_cpu_reference() {
                     // block alone give the same bits.
                     let default_sharers = m.attn_merge_sharers;
                     m.attn_merge_sharers = 1;
-                    let (o_one, _) = m.attend(&qd, &kd, &vd, &pd, &sd, &td, max_blocks, bs, n, &s, sk.as_ref(), v2, v2, None, None, false).unwrap();
+                    let (o_one, _) = m.attend(&qd, &kd, &vd, &pd, &sd, &td, max_blocks, bs, n, &s, sk.as_ref(), v2, v2, None, None).unwrap();
                     m.attn_merge_sharers = default_sharers;
                     assert!(o == st.clone_dtoh(&o_one).unwrap(), "{name}: the shared merge and the last block's differ");
                     assert!(st.clone_dtoh(&m.attn_counters).unwrap().iter().all(|&c| c == 0), "{name}: counters left non-zero by the last block's merge");
@@ -817,12 +809,12 @@ fn attention_writing_the_new_kv_matches_rope_kv_write_then_attention() {
         let (kc1, vc1) = (st.clone_htod(&kc).unwrap(), st.clone_htod(&vc).unwrap());
         let mut q1 = st.clone_htod(&q).unwrap();
         m.rope_kv_write(&mut q1, &kd, &vd, &kc1, &vc1, &pd, &sl, n, &s).unwrap();
-        let (o1, split1) = m.attend(&q1, &kc1, &vc1, &pd, &sd, &td, max_blocks, bs, n, &s, sk.as_ref(), true, true, None, None, false).unwrap();
+        let (o1, split1) = m.attend(&q1, &kc1, &vc1, &pd, &sd, &td, max_blocks, bs, n, &s, sk.as_ref(), true, true, None, None).unwrap();
         // One launch: unrotated q, the new K/V handed to the kernel.
         let (kc2, vc2) = (st.clone_htod(&kc).unwrap(), st.clone_htod(&vc).unwrap());
         let q2 = st.clone_htod(&q).unwrap();
         let fresh = FreshKv { k: &kd, v: &vd, slots: &sl, ready: None };
-        let (o2, split2) = m.attend(&q2, &kc2, &vc2, &pd, &sd, &td, max_blocks, bs, n, &s, sk.as_ref(), true, true, Some(fresh), None, false).unwrap();
+        let (o2, split2) = m.attend(&q2, &kc2, &vc2, &pd, &sd, &td, max_blocks, bs, n, &s, sk.as_ref(), true, true, Some(fresh), None).unwrap();
         let (o1, o2) = (st.clone_dtoh(&o1).unwrap(), st.clone_dtoh(&o2).unwrap());
         assert!(o2.iter().all(|x| x.is_finite()), "{name}: non-finite output");
         assert!(o1 == o2, "{name}: o differs at {:?}", o1.iter().zip(&o2).position(|(a, b)| a != b));
@@ -888,7 +880,7 @@ fn prefill_attention_matches_the_cpu_reference() {
         let tc = crate::backend::PREFILL_TC_SHAPES.contains(&(s.head_dim, s.v_head_dim));
         for tensor_cores in [false, true].into_iter().filter(|&t| !t || tc) {
             m.ops.attention_prefill.tensor_cores = tensor_cores;
-            let (o, split) = m.attend(&qd, &kd, &vd, &pd, &sd, &td, max_blocks, bs, n, &s, sk.as_ref(), true, true, None, Some(&pf), false).unwrap();
+            let (o, split) = m.attend(&qd, &kd, &vd, &pd, &sd, &td, max_blocks, bs, n, &s, sk.as_ref(), true, true, None, Some(&pf)).unwrap();
             let kernel = if tensor_cores { "tensor cores, 3xTF32" } else { "f32" };
             let name = format!("attention_prefill ({kernel}) h{} kv{} d{}/{} window {:?} sinks {}, {} positions", s.num_heads, s.num_kv_heads, s.head_dim, s.v_head_dim, s.window(), s.sinks, max_blocks * bs);
             let o = st.clone_dtoh(&o).unwrap();

@@ -61,10 +61,8 @@ pub enum Op {
     /// RoPE fused with the paged K/V write, paged attention with its window and sinks. With
     /// `kv_in_attention` (every row is its sequence's only new token, so no row reads another's
     /// new K/V) the attention kernel may apply RoPE and write the pool itself, one launch fewer:
-    /// it does while its grid fits one wave of the GPU (small decode batches). `decode`: every
-    /// row is its sequence's only new token (the pools below the rows' positions are settled
-    /// when the step starts, so the attention may read them before its PDL wait).
-    Attention { layer: usize, src: Act, rows: usize, kv_in_attention: bool, decode: bool },
+    /// it does while its grid fits one wave of the GPU (small decode batches).
+    Attention { layer: usize, src: Act, rows: usize, kv_in_attention: bool },
     /// MlpOut = the layer's dense MLP, or its MoE (router, grouping, experts, combine; the
     /// tiled MoE may leave the combine to the residual add after it). `decode`: every row is its
     /// sequence's only new token; above 8 rows only such rows take the MoE kernel tuned for
@@ -123,7 +121,7 @@ impl CudaModel {
         let mut ops = if self.embed_norm_fused { vec![Op::EmbedNorm { rows }] } else { vec![Op::Embed { rows }, Op::Norm { src: Act::Hidden, dst: Act::AttnIn, weight: NormWeight::Input(0), rows }] };
         let drafted = |li: usize| self.drafter.as_ref().is_some_and(|d| d.spec.target_layer_ids.contains(&li));
         for li in 0..nl {
-            ops.push(Op::Attention { layer: li, src: Act::AttnIn, rows, kv_in_attention: decode && self.attention_takes_kv(li), decode });
+            ops.push(Op::Attention { layer: li, src: Act::AttnIn, rows, kv_in_attention: decode && self.attention_takes_kv(li) });
             ops.push(Op::AddNorm { add: Act::AttnOut, dst: Act::MlpIn, weight: NormWeight::PostAttention(li), rows });
             ops.push(Op::Mlp { layer: li, src: Act::MlpIn, rows, decode });
             if li + 1 < nl {
@@ -367,11 +365,11 @@ impl CudaModel {
                     acts[Act::Hidden as usize] = Some(x);
                     r?;
                 }
-                Op::Attention { layer, src, rows, kv_in_attention, decode } => {
+                Op::Attention { layer, src, rows, kv_in_attention } => {
                     let split = if src == Act::AttnIn { attn_split.take() } else { None };
                     // The o_proj may do the MoE's router too, over the residual.
                     let res = if self.route_in_oproj_at(layer, rows) { Some(acts[Act::Hidden as usize].as_ref().ok_or_else(|| Error::Backend("step plan runs attention before the embedding".into()))?) } else { None };
-                    let o = self.attention(layer, acts[src as usize].as_ref().ok_or_else(|| Error::Backend(format!("step plan reads {src:?} before writing it")))?, split.as_ref(), rows, meta, kv_in_attention, decode, res)?;
+                    let o = self.attention(layer, acts[src as usize].as_ref().ok_or_else(|| Error::Backend(format!("step plan reads {src:?} before writing it")))?, split.as_ref(), rows, meta, kv_in_attention, res)?;
                     acts[Act::AttnOut as usize] = Some(o);
                 }
                 Op::Mlp { layer, src, rows, decode } => {

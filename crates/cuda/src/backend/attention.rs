@@ -251,9 +251,8 @@ impl CudaModel {
     /// `hn_split`: hn's F16 split when the norm wrote it (`wants_f16_split`); `kv_in_attention`:
     /// the attention kernel rotates q and k and writes the pool (decode rows only).
     /// `res` (where `route_in_oproj_at`): the residual, for the o_proj that does the router.
-    /// `decode`: every row is its sequence's only new token (`attend`'s `settled`).
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn attention(&self, li: usize, hn: &CudaSlice<f32>, hn_split: Option<&F16Split>, n: usize, meta: &RowMeta, kv_in_attention: bool, decode: bool, res: Option<&CudaSlice<f32>>) -> Result<CudaSlice<f32>> {
+    pub(crate) fn attention(&self, li: usize, hn: &CudaSlice<f32>, hn_split: Option<&F16Split>, n: usize, meta: &RowMeta, kv_in_attention: bool, res: Option<&CudaSlice<f32>>) -> Result<CudaSlice<f32>> {
         let l = &self.layers[li];
         let a = &l.attn;
         let s = a.spec;
@@ -313,7 +312,7 @@ impl CudaModel {
             // SAFETY: the counters' own allocation, on this stream, as u32 zeros.
             let _ = unsafe { cudarc::driver::result::memset_d8_async(p, 0, self.ready_counters.len() * std::mem::size_of::<u32>(), self.stream.cu_stream()) };
         };
-        let (o, split) = match self.attend(&q, kc, vc, &meta.pos, &meta.seq, tables, meta.max_blocks, meta.block_size, n, &s, a.sinks.as_ref(), v2, presplit, fresh, prefill, decode) {
+        let (o, split) = match self.attend(&q, kc, vc, &meta.pos, &meta.seq, tables, meta.max_blocks, meta.block_size, n, &s, a.sinks.as_ref(), v2, presplit, fresh, prefill) {
             Ok(r) => r,
             Err(e) if counted => {
                 zero_counters();
@@ -464,10 +463,8 @@ impl CudaModel {
     /// rows) q is unrotated and the rows' new K/V are not yet in the pools: the kernel applies
     /// RoPE, scores each row's own position against its new K/V and writes them to the pools.
     /// With `prefill` (a batch with prompt chunks; v2 only, not with `fresh`), its tiles run
-    /// `attention_prefill` and its other rows `attention_v2_rows`. `settled`: every row is its
-    /// sequence's only new token (a decode step), so the pools below each row's position were
-    /// written by earlier steps and `attention_v2_heads` may stage them before its PDL wait.
-    pub(crate) fn attend(&self, q: &CudaSlice<f32>, kc: &CudaSlice<f32>, vc: &CudaSlice<f32>, pos: &CudaSlice<i32>, seq: &CudaSlice<i32>, tables: &CudaSlice<i32>, max_blocks: usize, block_size: usize, n: usize, s: &AttentionSpec, sinks: Option<&CudaSlice<f32>>, v2: bool, bf16_split: bool, mut fresh: Option<FreshKv>, prefill: Option<&PrefillRows>, settled: bool) -> Result<(CudaSlice<f32>, Option<Bf16Split>)> {
+    /// `attention_prefill` and its other rows `attention_v2_rows`.
+    pub(crate) fn attend(&self, q: &CudaSlice<f32>, kc: &CudaSlice<f32>, vc: &CudaSlice<f32>, pos: &CudaSlice<i32>, seq: &CudaSlice<i32>, tables: &CudaSlice<i32>, max_blocks: usize, block_size: usize, n: usize, s: &AttentionSpec, sinks: Option<&CudaSlice<f32>>, v2: bool, bf16_split: bool, mut fresh: Option<FreshKv>, prefill: Option<&PrefillRows>) -> Result<(CudaSlice<f32>, Option<Bf16Split>)> {
         if fresh.is_some() && !v2 {
             return Err(Error::Backend("the one-warp attention kernel cannot write the new K/V itself".into()));
         }
@@ -559,7 +556,7 @@ impl CudaModel {
             };
             b.arg_or_null(counters).arg(&sharers);
         } else if per_head_warps {
-            b.arg_or_null(counters).arg(&(settled as i32));
+            b.arg_or_null(counters);
         } else if v2 {
             let (half, rd, th, vs) = (s.rope.rotary_dim.div_ceil(2) as i32, s.rope.rotary_dim as i32, s.rope.theta as f32, s.value_scale);
             match (&fresh, rows) {
