@@ -81,7 +81,8 @@ struct Args {
     /// of its own. `copies:N`: A the router's sums in the
     /// loaded count of copies, B in N (`set_route_acc_copies`). `moe-grid:N`: A the one-token
     /// fused MoE as chosen, B the same kernel on at most N blocks. `fp8`: A one token's MoE on
-    /// FP8 digits (the default on sm_90a), B the same ring on F16 MMAs.
+    /// FP8 digits (the default on sm_90a), B the same ring on F16 MMAs. `attn-tc-rows:N`: A the
+    /// decode attention kernels as loaded, B the tensor-core GQA kernel from N rows.
     #[arg(long)]
     ab: Vec<String>,
     #[arg(long, default_value_t = 15)]
@@ -716,6 +717,13 @@ fn main() {
                 ab(&mut model, &|m, on| m.set_fused_group_max(if on { n } else { base }));
                 continue;
             }
+            if let Some(n) = what.strip_prefix("attn-tc-rows:") {
+                // A the decode attention kernels as loaded, B the tensor-core GQA kernel from n rows.
+                let n: usize = n.parse().expect("--ab attn-tc-rows:N");
+                let base = model.attn_tc_min_rows();
+                ab(&mut model, &|m, on| m.set_attn_tc_min_rows(if on { n } else { base }));
+                continue;
+            }
             if let Some(n) = what.strip_prefix("copies:") {
                 // A the router's sums in the loaded count of copies, B in n.
                 let n: usize = n.parse().expect("--ab copies:N");
@@ -726,7 +734,7 @@ fn main() {
             let shift = match what.strip_prefix("shift:") {
                 Some(n) => Some(n.parse::<usize>().expect("--ab shift:BYTES")),
                 None if ["tail", "argmax", "fetch", "embed", "prefetch"].contains(&what.as_str()) => None,
-                None => panic!("--ab takes tail, argmax, fetch, embed, prefetch, rows, fp8, shift:BYTES, copies:N, group:N, moe-grid:N or defines:DEFINES, not {what}"),
+                None => panic!("--ab takes tail, argmax, fetch, embed, prefetch, rows, fp8, shift:BYTES, copies:N, group:N, moe-grid:N, attn-tc-rows:N or defines:DEFINES, not {what}"),
             };
             ab(&mut model, &|m, on| match shift {
                 Some(n) => m.shift_step_buffers(if on { n } else { 0 }).expect("buffers shifted"),

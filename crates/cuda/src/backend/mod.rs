@@ -789,6 +789,19 @@ impl CudaModel {
         self.graphs.clear();
     }
 
+    /// Sets the decode rows from which `attention_gqa_tc` serves decode attention
+    /// (`attn_tc_min_rows`, `PEREGRINE_ATTN_TC_MIN_ROWS`), for measurements. Captured step
+    /// graphs are dropped.
+    pub fn set_attn_tc_min_rows(&mut self, rows: usize) {
+        self.attn_tc_min_rows = rows;
+        self.graphs.clear();
+    }
+
+    /// The decode rows from which `attention_gqa_tc` serves decode attention.
+    pub fn attn_tc_min_rows(&self) -> usize {
+        self.attn_tc_min_rows
+    }
+
     /// Up to how many tokens the routing launch's last block groups the pairs.
     pub fn fused_group_max(&self) -> usize {
         self.fused_group_max
