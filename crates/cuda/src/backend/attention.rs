@@ -414,7 +414,7 @@ impl CudaModel {
     fn attn_heads_splits(&self, s: &AttentionSpec, max_blocks: usize, block_size: usize, rows: usize, smem: usize) -> Result<usize> {
         let span = s.window().map_or(max_blocks * block_size, |w| w.min(max_blocks * block_size));
         let wave = self.ops.attention_v2_heads.occupancy_max_active_blocks_per_multiprocessor(256, smem, None).map_err(drv)? as usize * self.sm_count;
-        Ok(attention_splits(span, self.attn_split, self.attn_fill.then_some(wave), rows * s.num_heads.div_ceil(ATT_WARPS)))
+        Ok(attention_splits(span, self.attn_split, self.attn_fill.then_some(wave), rows * s.num_heads.div_ceil(ATT_WARPS)).min(self.attn_heads_max_splits))
     }
 
     /// The tensor-core GQA kernel that serves decode attention of `n` rows without the K/V write

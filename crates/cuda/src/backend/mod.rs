@@ -268,6 +268,9 @@ pub struct CudaModel {
     /// (`attention_v2_heads`, the heads of a KV head in one block) instead of a block per head
     /// (`PEREGRINE_ATTN_HEADS_MIN_ROWS`; tests set it to compare the two).
     pub(crate) attn_heads_min_rows: usize,
+    /// At most this many splits of `attention_v2_heads`' position range (`usize::MAX`: as
+    /// `attention_splits` fills the wave); step-bench's `--ab heads-splits:N` sets it.
+    pub(crate) attn_heads_max_splits: usize,
     /// Decode attention without the K/V write inside runs the heads of each KV head on the
     /// tensor cores (`attention_gqa_tc`, shapes `gqa_tc_for` takes) from this many rows
     /// (`PEREGRINE_ATTN_TC_MIN_ROWS`) or from this many positions in the block tables
@@ -614,6 +617,7 @@ impl CudaModel {
             attn_reset_by_next: std::env::var("PEREGRINE_ATTN_RESET_BY_NEXT").map_or(true, |v| v != "0"),
             sm_count: sms,
             attn_heads_min_rows: std::env::var("PEREGRINE_ATTN_HEADS_MIN_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(ATTN_HEADS_MIN_ROWS),
+            attn_heads_max_splits: usize::MAX,
             attn_tc_min_rows: std::env::var("PEREGRINE_ATTN_TC_MIN_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(ATTN_TC_MIN_ROWS),
             attn_tc_min_span: std::env::var("PEREGRINE_ATTN_TC_MIN_SPAN").ok().and_then(|v| v.parse().ok()).unwrap_or(ATTN_TC_MIN_SPAN),
             attn_tc_warps: std::env::var("PEREGRINE_ATTN_TC_WARPS").ok().and_then(|v| v.parse().ok()).filter(|w| GQA_TC_WARPS.contains(w)),
@@ -794,6 +798,13 @@ impl CudaModel {
     /// graphs are dropped.
     pub fn set_attn_tc_min_rows(&mut self, rows: usize) {
         self.attn_tc_min_rows = rows;
+        self.graphs.clear();
+    }
+
+    /// Caps the splits of `attention_v2_heads`' position range, for measurements (usize::MAX:
+    /// the default rule). Captured step graphs are dropped.
+    pub fn set_attn_heads_max_splits(&mut self, splits: usize) {
+        self.attn_heads_max_splits = splits.max(1);
         self.graphs.clear();
     }
 
