@@ -1404,15 +1404,34 @@ __device__ __forceinline__ void attention_combine_head(const float* part_m, cons
 // the wait" stamp is taken at point k of its blocks instead, so step_bench --trace shows when
 // the last block got there: 1 its heads' counts seen, 2 q and the new k rotated (the dots
 // start), 3 its positions' loop done, 4 its state written or merged, 5 past the wait for the
-// projection's grid.
+// projection's grid. Without ATT_MARK a -DSTEP_TRACE build stamps them all: "past the wait" is
+// point 1, and TRACE_MARK points 0 / 1 / 2 are points 2 / 3 / 4.
 #if defined(STEP_TRACE) && defined(ATT_MARK)
 __shared__ unsigned long long att_mark_t;
+#define ATT_TRACE_MARKS_INIT()
 #define ATT_TRACE_MARK(k)                                                   \
     do {                                                                    \
         if (ATT_MARK == (k) && threadIdx.x == 0) att_mark_t = step_trace_now(); \
     } while (0)
 #define ATT_TRACE_MARK_END() TRACE_PAST_WAIT_AT(att_mark_t)
+#elif defined(STEP_TRACE)
+__shared__ unsigned long long att_marks_t[6];
+#define ATT_TRACE_MARKS_INIT()                                   \
+    do {                                                         \
+        if (threadIdx.x == 0)                                    \
+            for (int k_ = 0; k_ < 6; k_++) att_marks_t[k_] = 0;  \
+    } while (0)
+#define ATT_TRACE_MARK(k)                                        \
+    do {                                                         \
+        if (threadIdx.x == 0) att_marks_t[k] = step_trace_now(); \
+    } while (0)
+#define ATT_TRACE_MARK_END()                                     \
+    do {                                                         \
+        if (att_marks_t[1]) TRACE_PAST_WAIT_AT(att_marks_t[1]);  \
+        for (int k_ = 0; k_ < 3; k_++) step_trace_scope_.mark[k_] = att_marks_t[k_ + 2]; \
+    } while (0)
 #else
+#define ATT_TRACE_MARKS_INIT()
 #define ATT_TRACE_MARK(k)
 #define ATT_TRACE_MARK_END()
 #endif
@@ -1704,6 +1723,7 @@ ATTENTION_V2_KERNEL(attention_v2_kv, true)
         const long long* __restrict__ slots, int half, int rotary_dim, float theta, float vscale, unsigned* __restrict__ counters, \
         unsigned* ready, unsigned need_q, unsigned need_kv, int reset_by_next) {                                               \
         TRACE_SCOPE();                                                                                                         \
+        ATT_TRACE_MARKS_INIT();                                                                                                \
         PDL_TRIGGER();                                                                                                         \
         attention_v2_body<true, false, true, PRELOAD>(q, kc, vc, o, pos, seq, tables, max_blocks, block_size, heads, kv_heads, \
                                                       hd, vd, window, scale, sinks, part_m, part_l, part_acc, oh, ol, knew, vnew, \
