@@ -1497,27 +1497,6 @@ __device__ __forceinline__ void attention_v2_body(
             for (int c = 0; c < 4; c++) vr0[u][c] = (lane + 32 * c < vd) ? vp[lane + 32 * c] : 0.f;
         }
     }
-#ifndef ATT_NO_L2_AHEAD
-    // READY: the warp's later rounds of positions (all of them without the preload) asked of L2
-    // while the block waits for its heads (settled, as above). At 2-6 rows a warp walks 2-4
-    // rounds of 4 positions, each a dependent trip to DRAM once its heads are ready (the MoE
-    // streaming between layers leaves no K/V in L2). -DATT_NO_L2_AHEAD leaves them out.
-    if (READY) {
-        const int kl = (hd * 4 + 127) / 128, vl = (vd * 4 + 127) / 128;  // 128-byte lines of a K row, a V row
-        for (int j0 = j0_first + (preloaded ? ATT_WARPS * ATT_UNROLL : 0); j0 <= j_hi; j0 += ATT_WARPS * ATT_UNROLL)
-#pragma unroll
-            for (int u = 0; u < ATT_UNROLL; u++) {
-                int j = j0 + u;
-                if (j > j_hi) break;
-                size_t slot = (size_t)table[j / block_size] * block_size + j % block_size;
-                if (lane < kl + vl) {
-                    const char* a = lane < kl ? reinterpret_cast<const char*>(kc + (slot * kv_heads + kvh) * hd) + 128 * lane
-                                              : reinterpret_cast<const char*>(vc + (slot * kv_heads + kvh) * vd) + 128 * (lane - kl);
-                    asm volatile("prefetch.global.L2 [%0];" ::"l"(a));
-                }
-            }
-    }
-#endif
     float rc = 1.f, rs = 0.f;  // thread i's RoPE coefficients (i < 2 half; hd <= blockDim)
     if (early && (int)threadIdx.x < 2 * half) rope_coef(threadIdx.x, half, rotary_dim, theta, (float)p, rc, rs);
     if (fused) {
