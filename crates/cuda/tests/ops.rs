@@ -439,9 +439,9 @@ fn synthetic_models_prefill_equals_decode_and_argmax_on_gpu() {
     }
 }
 
-/// A decode step of ten sequences (one new token each: `attention_v2_heads` from 8 rows, the
-/// tiled MoE) gives each sequence the logits it gets decoded alone (the one-row kernels),
-/// eagerly and as a graph replay.
+/// A decode step of ten sequences (one new token each: the kernels of 8+ rows, among them
+/// `attention_v2_heads`) gives each sequence the logits it gets decoded alone (the one-row
+/// kernels), eagerly and as a graph replay.
 #[test]
 fn a_decode_batch_equals_each_sequence_decoded_alone() {
     let spec = spec_of("mimo_v2_fused");
