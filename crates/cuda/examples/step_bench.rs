@@ -153,9 +153,13 @@ fn print_trace_marks(stamps: &[peregrine_cuda::trace::BlockStamp], l: &[peregrin
     let runs = peregrine_cuda::trace::last_runs(stamps);
     let index: std::collections::HashMap<u64, usize> = l.iter().enumerate().map(|(i, x)| (x.grid, i)).collect();
     let us = |t: u64| t.saturating_sub(t0) as f64 / 1e3;
+    let mut by_grid: std::collections::HashMap<u64, Vec<&peregrine_cuda::trace::BlockStamp>> = Default::default();
+    for s in &runs {
+        by_grid.entry(s.grid).or_default().push(s);
+    }
     let mut rows = Vec::new();
     for (i, x) in l.iter().enumerate() {
-        let blocks: Vec<_> = runs.iter().filter(|s| s.grid == x.grid).collect();
+        let blocks = by_grid.get(&x.grid).map_or(&[][..], |v| &v[..]);
         let mut cells = Vec::new();
         for k in 0..3 {
             let mut t: Vec<u64> = blocks.iter().map(|s| s.marks[k]).filter(|&m| m > 0).collect();
