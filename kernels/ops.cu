@@ -1497,6 +1497,23 @@ __device__ __forceinline__ void attention_v2_body(
             for (int c = 0; c < 4; c++) vr0[u][c] = (lane + 32 * c < vd) ? vp[lane + 32 * c] : 0.f;
         }
     }
+    // READY (decode rows behind the projection, where every round of positions is latency):
+    // the loop loads each round's K and V rows at once and asks for the next round's block-table
+    // entries as soon as they are out; the first round's entries are asked for here, before the
+    // wait for the heads. The other kernels keep the loop that fits them in 64 registers.
+    // -DATT_LOOP_OLD gives READY that loop too, for measurements.
+#ifdef ATT_LOOP_OLD
+    constexpr bool round_loads = false;
+#else
+    constexpr bool round_loads = READY;
+#endif
+    constexpr int ROUND = ATT_WARPS * ATT_UNROLL;
+    int ent[ATT_UNROLL];
+    auto entries_at = [&](int j0) {
+#pragma unroll
+        for (int u = 0; u < ATT_UNROLL; u++) ent[u] = table[min(j0 + u, j_hi) / block_size];
+    };
+    if (round_loads && (preloaded ? j0_first + ROUND : j0_first) <= j_hi) entries_at(preloaded ? j0_first + ROUND : j0_first);
     float rc = 1.f, rs = 0.f;  // thread i's RoPE coefficients (i < 2 half; hd <= blockDim)
     if (early && (int)threadIdx.x < 2 * half) rope_coef(threadIdx.x, half, rotary_dim, theta, (float)p, rc, rs);
     if (fused) {
@@ -1558,13 +1575,32 @@ __device__ __forceinline__ void attention_v2_body(
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
     for (int j0 = j0_first; j0 <= j_hi; j0 += ATT_WARPS * ATT_UNROLL) {
         const bool first = preloaded && j0 == j0_first;  // its K and V are in kr, vr0
+        // round_loads: every round's K and V rows into kr, vr0 at once (one round trip to L2 a
+        // round, where the other loop takes three: the table entries, the K rows, then the V
+        // rows, which it issues past the dots' shuffles), then the next round's entries. Same
+        // values in the same order: the same bits.
+        const bool in_regs = first || round_loads;
+        if (round_loads && !first) {
+#pragma unroll
+            for (int u = 0; u < ATT_UNROLL; u++) {
+                const int j = min(j0 + u, j_hi);
+                const size_t sl = (size_t)ent[u] * block_size + j % block_size;
+                const float* kv = kc + (sl * kv_heads + kvh) * hd;
+                const float* vp = vc + (sl * kv_heads + kvh) * vd;
+#pragma unroll
+                for (int c = 0; c < 8; c++) kr[u][c] = (lane + 32 * c < hd) ? kv[lane + 32 * c] : 0.f;
+#pragma unroll
+                for (int c = 0; c < 4; c++) vr0[u][c] = (lane + 32 * c < vd) ? vp[lane + 32 * c] : 0.f;
+            }
+            if (j0 + ROUND <= j_hi) entries_at(j0 + ROUND);
+        }
         float d[ATT_UNROLL];
         size_t slot[ATT_UNROLL];
 #pragma unroll
         for (int u = 0; u < ATT_UNROLL; u++) {
             int j = min(j0 + u, j_hi);
             float s = 0.f;
-            if (first) {
+            if (in_regs) {
 #pragma unroll
                 for (int c = 0; c < 8; c++)
                     if (lane + 32 * c < hd) s += qr[c] * kr[u][c];
@@ -1584,7 +1620,7 @@ __device__ __forceinline__ void attention_v2_body(
         float vv[ATT_UNROLL][4];
 #pragma unroll
         for (int u = 0; u < ATT_UNROLL; u++) {
-            if (first) {
+            if (in_regs) {
 #pragma unroll
                 for (int c = 0; c < 4; c++) vv[u][c] = vr0[u][c];
             } else {
@@ -1713,6 +1749,9 @@ ATTENTION_V2_KERNEL(attention_v2_kv, true)
 #ifndef ATT_PRE_MAXREG
 #define ATT_PRE_MAXREG 96
 #endif
+#ifndef ATT_READY_MAXREG
+#define ATT_READY_MAXREG 80
+#endif
 #define ATTENTION_V2_KV_READY(NAME, PRELOAD, MAXREG)                                                                           \
     extern "C" __global__ void __maxnreg__(MAXREG) NAME(                                                                       \
         const float* q, const float* __restrict__ kc, const float* __restrict__ vc, float* __restrict__ o,                     \
@@ -1738,7 +1777,7 @@ ATTENTION_V2_KERNEL(attention_v2_kv, true)
             for (int i = 0; i < heads + kv_heads; i++) ready[i] = 0u;                                                          \
         ATT_TRACE_MARK_END();                                                                                                  \
     }
-ATTENTION_V2_KV_READY(attention_v2_kv_ready, false, 80)
+ATTENTION_V2_KV_READY(attention_v2_kv_ready, false, ATT_READY_MAXREG)
 ATTENTION_V2_KV_READY(attention_v2_kv_ready_pre, true, ATT_PRE_MAXREG)
 
 // Decode attention with one warp per head: block (r, y, z) serves heads ATT_WARPS y .. + 7 of
