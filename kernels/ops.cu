@@ -1497,15 +1497,19 @@ __device__ __forceinline__ void attention_v2_body(
             for (int c = 0; c < 4; c++) vr0[u][c] = (lane + 32 * c < vd) ? vp[lane + 32 * c] : 0.f;
         }
     }
-    // READY (decode rows behind the projection, where every round of positions is latency):
+    // PRELOAD (decode rows behind the projection, where every round of positions is latency):
     // the loop loads each round's K and V rows at once and asks for the next round's block-table
     // entries as soon as they are out; the first round's entries are asked for here, before the
-    // wait for the heads. The other kernels keep the loop that fits them in 64 registers.
-    // -DATT_LOOP_OLD gives READY that loop too, for measurements.
-#ifdef ATT_LOOP_OLD
+    // wait for the heads. The other kernels keep the loop that fits them in 64 or 80 registers
+    // (in attention_v2_kv_ready's 80 the round loads spilled 80 bytes and its steps were slower).
+    // For measurements -DATT_LOOP_OLD gives PRELOAD the other loop too, and
+    // -DATT_ROUND_LOADS_READY gives attention_v2_kv_ready the round loads.
+#if defined(ATT_LOOP_OLD)
     constexpr bool round_loads = false;
-#else
+#elif defined(ATT_ROUND_LOADS_READY)
     constexpr bool round_loads = READY;
+#else
+    constexpr bool round_loads = PRELOAD;
 #endif
     constexpr int ROUND = ATT_WARPS * ATT_UNROLL;
     int ent[ATT_UNROLL];
