@@ -259,8 +259,9 @@ impl CudaModel {
         let v2 = uses_attention_v2(&s);
         // The fused kernel holds fewer blocks per SM than attention_v2: only while its grid fits
         // one wave is it the faster of the two (a second wave cost more than the launch saved).
-        let splits = self.attn_splits(&s, meta.max_blocks, meta.block_size, n);
-        let kv_fused = kv_in_attention && v2 && n * s.num_heads * splits <= self.attention_kv_wave && self.gqa_tc_for(&s, meta.max_blocks, meta.block_size, n).is_none();
+        let no_tc = self.gqa_tc_for(&s, meta.max_blocks, meta.block_size, n).is_none();
+        let splits = self.attn_splits(&s, meta.max_blocks, meta.block_size, n, kv_in_attention && v2 && no_tc && self.qkv_ready_at(li, n));
+        let kv_fused = kv_in_attention && v2 && n * s.num_heads * splits <= self.attention_kv_wave && no_tc;
         // A BF16 o_proj on the tensor-core path reads the attention's own BF16 split of o.
         let presplit = v2 && a.o.k.is_multiple_of(128) && matches!(a.o.m, GpuMatrix::Bf16(_));
         // Each head's attention may start as soon as the projection has written its rows.
@@ -403,9 +404,21 @@ impl CudaModel {
 
     /// Blocks per (row, head) of `attention_v2` for `rows` rows (`attention_splits`), as the
     /// block tables allow, so a graph captured for a table width and row bucket keeps its count.
-    fn attn_splits(&self, s: &AttentionSpec, max_blocks: usize, block_size: usize, rows: usize) -> usize {
+    /// A `ready` attention whose splits would leave the wave of `attention_v2_kv_ready_pre`
+    /// (which loads its first K/V rows while its heads are projected, and each round's K and V
+    /// at once) takes as many as fit that wave instead, where that is enough (`attn_ready_pre_fill`):
+    /// batch 2 and 3 of 64 heads in 2 and 1 splits instead of 3 and 2.
+    fn attn_splits(&self, s: &AttentionSpec, max_blocks: usize, block_size: usize, rows: usize, ready: bool) -> usize {
         let span = s.window().map_or(max_blocks * block_size, |w| w.min(max_blocks * block_size));
-        attention_splits(span, self.attn_split, self.attn_fill.then_some(self.attention_kv_wave), rows * s.num_heads)
+        let row_heads = rows * s.num_heads;
+        let splits = attention_splits(span, self.attn_split, self.attn_fill.then_some(self.attention_kv_wave), row_heads);
+        if ready && self.attn_ready_pre_fill && self.attention_ready_pre && row_heads * splits > self.attention_ready_pre_wave {
+            let pre = attention_splits(span, self.attn_split, self.attn_fill.then_some(self.attention_ready_pre_wave), row_heads);
+            if row_heads * pre <= self.attention_ready_pre_wave {
+                return pre;
+            }
+        }
+        splits
     }
 
     /// Blocks per (row, block of 8 heads) of `attention_v2_heads` for `rows` rows, whose
@@ -520,7 +533,7 @@ impl CudaModel {
             (true, _, Some(wave)) => self.gqa_tc_splits(s, wave, max_blocks, block_size, n),
             (false, _, _) => 1,
             (true, true, None) => self.attn_heads_splits(s, max_blocks, block_size, n, heads_smem)?,
-            (true, false, None) => self.attn_splits(s, max_blocks, block_size, n),
+            (true, false, None) => self.attn_splits(s, max_blocks, block_size, n, fresh.as_ref().is_some_and(|f| f.ready.is_some())),
         };
         let (mut pm, mut pl, mut pa) = match given_parts {
             Some((splits_given, parts)) if splits_given == splits => parts,

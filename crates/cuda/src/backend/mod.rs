@@ -258,6 +258,11 @@ pub struct CudaModel {
     /// off, for measurements; tests set it).
     attention_ready_pre_wave: usize,
     attention_ready_pre: bool,
+    /// A ready attention whose splits, filling `attention_v2_kv_ready`'s wave, would leave
+    /// `attention_v2_kv_ready_pre`'s takes as many as fit the latter's instead, so that the
+    /// preloading kernel runs (batch 2-3 of 64 heads; `attn_splits`). On by default;
+    /// step-bench's `--ab pre-fill` turns it off.
+    attn_ready_pre_fill: bool,
     /// The o_proj after a ready attention zeroes its counters (`ReadyCounts::reset_by_next`);
     /// `PEREGRINE_ATTN_RESET_BY_NEXT=0` leaves it to the attention's last block, for
     /// measurements; tests set it.
@@ -614,6 +619,7 @@ impl CudaModel {
             attention_kv_wave,
             attention_ready_pre_wave,
             attention_ready_pre: std::env::var("PEREGRINE_ATTN_READY_PRE").map_or(true, |v| v != "0"),
+            attn_ready_pre_fill: true,
             attn_reset_by_next: std::env::var("PEREGRINE_ATTN_RESET_BY_NEXT").map_or(true, |v| v != "0"),
             sm_count: sms,
             attn_heads_min_rows: std::env::var("PEREGRINE_ATTN_HEADS_MIN_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(ATTN_HEADS_MIN_ROWS),
@@ -799,6 +805,20 @@ impl CudaModel {
     pub fn set_attn_tc_min_rows(&mut self, rows: usize) {
         self.attn_tc_min_rows = rows;
         self.graphs.clear();
+    }
+
+    /// Sets whether a ready attention splits to fit `attention_v2_kv_ready_pre`'s wave where
+    /// that lets the preloading kernel run (`attn_ready_pre_fill`; on by default), for
+    /// measurements. Captured step graphs are dropped.
+    pub fn set_attn_ready_pre_fill(&mut self, on: bool) {
+        self.attn_ready_pre_fill = on;
+        self.graphs.clear();
+    }
+
+    /// Whether a ready attention splits to fit the preloading kernel's wave where that lets it
+    /// run (`attn_ready_pre_fill`).
+    pub fn attn_ready_pre_fill(&self) -> bool {
+        self.attn_ready_pre_fill
     }
 
     /// Caps the splits of `attention_v2_heads`' position range, for measurements (usize::MAX:
