@@ -683,6 +683,56 @@ fn attention_starting_heads_as_projected_equals_waiting_for_the_projection() {
     }
 }
 
+/// A ready attention of 2-3 decode rows of 64 heads split to fit the preloading kernel's wave
+/// (`attention_v2_kv_ready_pre`, which then runs: 2 / 1 splits on a 132-SM GPU) gives the logits
+/// of the same rows split to fill the other ready kernel's wave (3 / 2 splits), within f32
+/// rounding (the splits merge in another order), over 4 decode steps after a 100-token prompt
+/// each, eager and graphed.
+#[test]
+fn ready_attention_split_for_the_preloading_kernel_decodes_as_split_to_fill() {
+    let sizes = [("num_hidden_layers", 2), ("vocab_size", 512), ("hidden_size", 256), ("intermediate_size", 256), ("num_attention_heads", 64), ("num_key_value_heads", 4), ("head_dim", 32), ("v_head_dim", 32), ("n_routed_experts", 16), ("num_experts_per_tok", 8), ("moe_intermediate_size", 128), ("eos_token_id", 2)];
+    let Some((spec, mut model)) = synthetic_resized("configs/mimo-v2-flash.json", &sizes) else { return };
+    let layers = spec.layers.len();
+    let mut r = rng();
+    const PROMPT: usize = 100;
+    for rows in 2..=3usize {
+        let prompts: Vec<Vec<u32>> = (0..rows).map(|_| (0..PROMPT).map(|_| r.random_range(0..spec.vocab_size as u32)).collect()).collect();
+        let toks: Vec<Vec<u32>> = (0..4).map(|_| (0..rows).map(|_| r.random_range(0..spec.vocab_size as u32)).collect()).collect();
+        // Sequence s holds blocks 8 s .. 8 s + 7 (128 positions of 16).
+        let blocks = |s: usize| (0..8).map(|b| (s * 8 + b) as u32).collect::<Vec<u32>>();
+        let mut got: Vec<Vec<Vec<f32>>> = Vec::new();
+        for (fit_pre, graphs) in [(true, false), (false, false), (true, true), (false, true)] {
+            model.set_attn_ready_pre_fill(fit_pre);
+            model.set_cuda_graphs(graphs);
+            if fit_pre {
+                assert_eq!(model.preloading_attention_layers(rows, 8), layers, "{rows} rows: the preloading kernel should run in every layer");
+            }
+            let prompt: Vec<SeqForward> = (0..rows).map(|s| seq(s as u64, prompts[s].clone(), 0, &blocks(s), OutputRows::Last)).collect();
+            model.forward(&prompt).unwrap();
+            let mut steps = Vec::new();
+            for (p, ts) in toks.iter().enumerate() {
+                let batch: Vec<SeqForward> = (0..rows).map(|s| seq(s as u64, vec![ts[s]], PROMPT + p, &blocks(s), OutputRows::Last)).collect();
+                steps.push(model.forward(&batch).unwrap().into_iter().flat_map(|l| l.data).collect::<Vec<f32>>());
+                assert!(model.qkv_ready_counters().unwrap().iter().all(|&c| c == 0), "{rows} rows, fit {fit_pre}, graphs {graphs}: counters left non-zero");
+            }
+            got.push(steps);
+        }
+        for (a, b, what) in [(0, 1, "eager"), (2, 3, "graphed")] {
+            for (step, (x, y)) in got[a].iter().zip(&got[b]).enumerate() {
+                let scale = y.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+                let worst = x.iter().zip(y).fold(0f32, |m, (u, v)| if u.is_finite() { m.max((u - v).abs() / scale) } else { f32::INFINITY });
+                assert!(worst < 1e-4, "{rows} rows, {what}, step {step}: split for the preloading kernel differs by {worst:.2e}");
+            }
+        }
+        eprintln!("{rows} rows: split for the preloading kernel ({} of {layers} layers with it split to fill) = split to fill, 4 steps after {PROMPT} tokens, eager and graphed", {
+            model.set_attn_ready_pre_fill(false);
+            let n = model.preloading_attention_layers(rows, 8);
+            model.set_attn_ready_pre_fill(true);
+            n
+        });
+    }
+}
+
 /// A captured decode step is kernel nodes only: its buffers come from the capture pool and
 /// its zeroed ones from a kernel, since a memory node or a memset between two kernels would
 /// cost them their programmatic edge (crates/cuda/src/alloc.rs). Its logits match the eager

@@ -366,6 +366,21 @@ impl CudaModel {
         (0..self.layers.len()).filter(|&l| self.attention_takes_kv(l) && self.qkv_ready_at(l, rows)).count()
     }
 
+    /// Layers whose ready attention of `rows` decode rows over block tables `max_blocks` wide
+    /// runs as `attention_v2_kv_ready_pre` (the splits of `attn_splits`, the choice `attend`
+    /// makes); for tests. 0 before `init_kv`.
+    pub fn preloading_attention_layers(&self, rows: usize, max_blocks: usize) -> usize {
+        let Some(cfg) = self.kv_config else { return 0 };
+        (0..self.layers.len())
+            .filter(|&l| {
+                let s = &self.layers[l].attn.spec;
+                let ready = self.attention_takes_kv(l) && self.qkv_ready_at(l, rows) && self.gqa_tc_for(s, max_blocks, cfg.block_size, rows).is_none();
+                let splits = self.attn_splits(s, max_blocks, cfg.block_size, rows, ready);
+                ready && self.attention_ready_pre && rows * s.num_heads * splits <= self.attention_ready_pre_wave
+            })
+            .count()
+    }
+
     /// Layers whose decode attention of `rows` rows over block tables `max_blocks` wide runs
     /// on the tensor cores (`attention_gqa_tc`, `gqa_tc_for`); for tests. 0 before `init_kv`.
     pub fn tensor_core_decode_layers(&self, rows: usize, max_blocks: usize) -> usize {
