@@ -1501,8 +1501,8 @@ __device__ __forceinline__ void attention_v2_body(
     // the loop loads each round's K and V rows at once and asks for the next round's block-table
     // entries as soon as they are out; the first round's entries are asked for here, before the
     // wait for the heads. The other kernels keep the loop that fits them in 64 or 80 registers
-    // (in attention_v2_kv_ready's 80 the round loads spilled 80 bytes and its steps were slower).
-    // For measurements -DATT_LOOP_OLD gives PRELOAD the other loop too, and
+    // (in attention_v2_kv_ready's 80 the round loads spilled 80 bytes and its steps were slower:
+    // benches/results/2026-11-29-h200-ready-attention-round-loads.md). For measurements -DATT_LOOP_OLD gives PRELOAD the other loop too, and
     // -DATT_ROUND_LOADS_READY gives attention_v2_kv_ready the round loads.
 #if defined(ATT_LOOP_OLD)
     constexpr bool round_loads = false;
@@ -1745,11 +1745,13 @@ ATTENTION_V2_KERNEL(attention_v2_kv, true)
 // past its own wait (the o_proj GEMV: zero_after_wait), and the blocks leave uncounted.
 // attention_v2_kv_ready_pre: the same, loading its warps' first round of positions and the
 // RoPE coefficients before waiting for its heads (PRELOAD above). Holding them across the wait
-// takes registers: the host runs it only where its grid fits one wave (batch 1: 256 blocks),
-// capped at 96 (8 bytes spilled) so that two of its blocks and an o_proj block share an SM. At
-// 3 blocks per SM (80 registers, 32 bytes spilled) the batch-1 step was 0.5% slower than
-// without the preload; at 96 or 109 it is 0.3-0.6% faster
-// (benches/results/2026-11-25-attention-preload.md).
+// takes registers: the host runs it only where its grid fits one wave (batch 1 and 4: 256
+// blocks; batch 2 and 3 split to fit it), capped at 96 (84 bytes spilled with the round loads,
+// 8 before) so that two of its blocks and an o_proj block share an SM. At 3 blocks per SM (80
+// registers, 32 bytes spilled) the batch-1 step was 0.5% slower than without the preload; at
+// 96 or 109 it is 0.3-0.6% faster (benches/results/2026-11-25-attention-preload.md).
+// attention_v2_kv_ready stays at 80 registers (3 blocks an SM): at 96 its batch 2 / 3 / 5 steps
+// were 55-83 us slower (benches/results/2026-11-29-h200-ready-attention-round-loads.md).
 #ifndef ATT_PRE_MAXREG
 #define ATT_PRE_MAXREG 96
 #endif
