@@ -1484,17 +1484,20 @@ __device__ __forceinline__ void attention_v2_body(
     constexpr bool early = PRELOAD;
 #endif
     const bool preloaded = early && j0_first <= j_hi;
+    // Position u's K and V rows (pool slot `slot`) into kr[u], vr0[u].
+    auto load_rows = [&](int u, size_t slot) {
+        const float* kv = kc + (slot * kv_heads + kvh) * hd;
+        const float* vp = vc + (slot * kv_heads + kvh) * vd;
+#pragma unroll
+        for (int c = 0; c < 8; c++) kr[u][c] = (lane + 32 * c < hd) ? kv[lane + 32 * c] : 0.f;
+#pragma unroll
+        for (int c = 0; c < 4; c++) vr0[u][c] = (lane + 32 * c < vd) ? vp[lane + 32 * c] : 0.f;
+    };
     if (preloaded) {
 #pragma unroll
         for (int u = 0; u < ATT_UNROLL; u++) {
             int j = min(j0_first + u, j_hi);
-            size_t slot = (size_t)table[j / block_size] * block_size + j % block_size;
-            const float* kv = kc + (slot * kv_heads + kvh) * hd;
-            const float* vp = vc + (slot * kv_heads + kvh) * vd;
-#pragma unroll
-            for (int c = 0; c < 8; c++) kr[u][c] = (lane + 32 * c < hd) ? kv[lane + 32 * c] : 0.f;
-#pragma unroll
-            for (int c = 0; c < 4; c++) vr0[u][c] = (lane + 32 * c < vd) ? vp[lane + 32 * c] : 0.f;
+            load_rows(u, (size_t)table[j / block_size] * block_size + j % block_size);
         }
     }
     // PRELOAD (decode rows behind the projection, where every round of positions is latency):
@@ -1586,16 +1589,7 @@ __device__ __forceinline__ void attention_v2_body(
         const bool in_regs = first || round_loads;
         if (round_loads && !first) {
 #pragma unroll
-            for (int u = 0; u < ATT_UNROLL; u++) {
-                const int j = min(j0 + u, j_hi);
-                const size_t sl = (size_t)ent[u] * block_size + j % block_size;
-                const float* kv = kc + (sl * kv_heads + kvh) * hd;
-                const float* vp = vc + (sl * kv_heads + kvh) * vd;
-#pragma unroll
-                for (int c = 0; c < 8; c++) kr[u][c] = (lane + 32 * c < hd) ? kv[lane + 32 * c] : 0.f;
-#pragma unroll
-                for (int c = 0; c < 4; c++) vr0[u][c] = (lane + 32 * c < vd) ? vp[lane + 32 * c] : 0.f;
-            }
+            for (int u = 0; u < ATT_UNROLL; u++) load_rows(u, (size_t)ent[u] * block_size + min(j0 + u, j_hi) % block_size);
             if (j0 + ROUND <= j_hi) entries_at(j0 + ROUND);
         }
         float d[ATT_UNROLL];
