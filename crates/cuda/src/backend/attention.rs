@@ -376,7 +376,7 @@ impl CudaModel {
                 let s = &self.layers[l].attn.spec;
                 let ready = self.attention_takes_kv(l) && self.qkv_ready_at(l, rows) && self.gqa_tc_for(s, max_blocks, cfg.block_size, rows).is_none();
                 let splits = self.attn_splits(s, max_blocks, cfg.block_size, rows, ready);
-                ready && self.attention_ready_pre && rows * s.num_heads * splits <= self.attention_ready_pre_wave
+                ready && self.runs_ready_pre(rows * s.num_heads, splits)
             })
             .count()
     }
@@ -417,6 +417,12 @@ impl CudaModel {
         self.stream.clone_dtoh(&self.ready_counters).map_err(drv)
     }
 
+    /// Whether a ready attention of `row_heads` (rows x heads) in `splits` splits runs as
+    /// `attention_v2_kv_ready_pre`: while that is on and its grid fits one wave of it.
+    fn runs_ready_pre(&self, row_heads: usize, splits: usize) -> bool {
+        self.attention_ready_pre && row_heads * splits <= self.attention_ready_pre_wave
+    }
+
     /// Blocks per (row, head) of `attention_v2` for `rows` rows (`attention_splits`), as the
     /// block tables allow, so a graph captured for a table width and row bucket keeps its count.
     /// A `ready` attention whose splits would leave the wave of `attention_v2_kv_ready_pre`
@@ -427,9 +433,9 @@ impl CudaModel {
         let span = s.window().map_or(max_blocks * block_size, |w| w.min(max_blocks * block_size));
         let row_heads = rows * s.num_heads;
         let splits = attention_splits(span, self.attn_split, self.attn_fill.then_some(self.attention_kv_wave), row_heads);
-        if ready && self.attn_ready_pre_fill && self.attention_ready_pre && row_heads * splits > self.attention_ready_pre_wave {
+        if ready && self.attn_ready_pre_fill && !self.runs_ready_pre(row_heads, splits) {
             let pre = attention_splits(span, self.attn_split, self.attn_fill.then_some(self.attention_ready_pre_wave), row_heads);
-            if row_heads * pre <= self.attention_ready_pre_wave {
+            if self.runs_ready_pre(row_heads, pre) {
                 return pre;
             }
         }
@@ -564,7 +570,7 @@ impl CudaModel {
             (None, _) if per_head_warps => &self.ops.attention_v2_heads,
             // Its first round of K/V rows loaded while it waits for its heads, where its grid
             // fits one wave at the registers that takes (batch 1).
-            (None, (true, true, _)) if fresh.as_ref().is_some_and(|f| f.ready.is_some()) && self.attention_ready_pre && n * s.num_heads * splits <= self.attention_ready_pre_wave => &self.ops.attention_v2_kv_ready_pre,
+            (None, (true, true, _)) if fresh.as_ref().is_some_and(|f| f.ready.is_some()) && self.runs_ready_pre(n * s.num_heads, splits) => &self.ops.attention_v2_kv_ready_pre,
             (None, (true, true, _)) if fresh.as_ref().is_some_and(|f| f.ready.is_some()) => &self.ops.attention_v2_kv_ready,
             (None, (true, true, _)) => &self.ops.attention_v2_kv,
             (None, (true, false, true)) => &self.ops.attention_v2_rows,
