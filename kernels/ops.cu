@@ -1435,7 +1435,7 @@ __shared__ unsigned long long att_marks_t[6];
 #define ATT_TRACE_MARK(k)
 #define ATT_TRACE_MARK_END()
 #endif
-template <bool FUSED, bool ROWS = false, bool READY = false, bool PRELOAD = false>
+template <bool FUSED, bool ROWS = false, bool READY = false, bool PRELOAD = false, int U = ATT_UNROLL, bool ROUND_LOADS = PRELOAD>
 __device__ __forceinline__ void attention_v2_body(
     const float* __restrict__ q, const float* __restrict__ kc, const float* __restrict__ vc, float* __restrict__ o,
     const int* __restrict__ pos, const int* __restrict__ seq, const int* __restrict__ tables, int max_blocks,
@@ -1470,8 +1470,8 @@ __device__ __forceinline__ void attention_v2_body(
     __shared__ float sm_q[256], sm_k[256], sm_v[128], sm_dnew;
     // READY's preloaded first round of positions (below): K elements lane + 32 c and V
     // elements lane + 32 c of the warp's positions j0_first + u (clamped to j_hi).
-    float kr[ATT_UNROLL][8], vr0[ATT_UNROLL][4];
-    const int j0_first = j_lo + w * ATT_UNROLL;
+    float kr[U][8], vr0[U][4];
+    const int j0_first = j_lo + w * U;
     // PRELOAD (attention_v2_kv_ready_pre): nothing of the pool's positions depends on the
     // projection still running (earlier steps wrote them; slot p's leftovers are replaced
     // below), nor do the RoPE coefficients of position p: the block loads its warps' first
@@ -1495,7 +1495,7 @@ __device__ __forceinline__ void attention_v2_body(
     };
     if (preloaded) {
 #pragma unroll
-        for (int u = 0; u < ATT_UNROLL; u++) {
+        for (int u = 0; u < U; u++) {
             int j = min(j0_first + u, j_hi);
             load_rows(u, (size_t)table[j / block_size] * block_size + j % block_size);
         }
@@ -1512,13 +1512,13 @@ __device__ __forceinline__ void attention_v2_body(
 #elif defined(ATT_ROUND_LOADS_READY)
     constexpr bool round_loads = READY;
 #else
-    constexpr bool round_loads = PRELOAD;
+    constexpr bool round_loads = ROUND_LOADS;
 #endif
-    constexpr int ROUND = ATT_WARPS * ATT_UNROLL;
-    int ent[ATT_UNROLL];
+    constexpr int ROUND = ATT_WARPS * U;
+    int ent[U];
     auto entries_at = [&](int j0) {
 #pragma unroll
-        for (int u = 0; u < ATT_UNROLL; u++) ent[u] = table[min(j0 + u, j_hi) / block_size];
+        for (int u = 0; u < U; u++) ent[u] = table[min(j0 + u, j_hi) / block_size];
     };
     if (round_loads && (preloaded ? j0_first + ROUND : j0_first) <= j_hi) entries_at(preloaded ? j0_first + ROUND : j0_first);
     float rc = 1.f, rs = 0.f;  // thread i's RoPE coefficients (i < 2 half; hd <= blockDim)
@@ -1580,7 +1580,7 @@ __device__ __forceinline__ void attention_v2_body(
     if (fused) __syncthreads();
     float m = NEG_INF, l = 0.f;
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
-    for (int j0 = j0_first; j0 <= j_hi; j0 += ATT_WARPS * ATT_UNROLL) {
+    for (int j0 = j0_first; j0 <= j_hi; j0 += ATT_WARPS * U) {
         const bool first = preloaded && j0 == j0_first;  // its K and V are in kr, vr0
         // round_loads: every round's K and V rows into kr, vr0 at once (one round trip to L2 a
         // round, where the other loop takes three: the table entries, the K rows, then the V
@@ -1589,13 +1589,13 @@ __device__ __forceinline__ void attention_v2_body(
         const bool in_regs = first || round_loads;
         if (round_loads && !first) {
 #pragma unroll
-            for (int u = 0; u < ATT_UNROLL; u++) load_rows(u, (size_t)ent[u] * block_size + min(j0 + u, j_hi) % block_size);
+            for (int u = 0; u < U; u++) load_rows(u, (size_t)ent[u] * block_size + min(j0 + u, j_hi) % block_size);
             if (j0 + ROUND <= j_hi) entries_at(j0 + ROUND);
         }
-        float d[ATT_UNROLL];
-        size_t slot[ATT_UNROLL];
+        float d[U];
+        size_t slot[U];
 #pragma unroll
-        for (int u = 0; u < ATT_UNROLL; u++) {
+        for (int u = 0; u < U; u++) {
             int j = min(j0 + u, j_hi);
             float s = 0.f;
             if (in_regs) {
@@ -1614,10 +1614,10 @@ __device__ __forceinline__ void attention_v2_body(
 #pragma unroll
         for (int o2 = 16; o2 > 0; o2 >>= 1)
 #pragma unroll
-            for (int u = 0; u < ATT_UNROLL; u++) d[u] += __shfl_xor_sync(0xffffffffu, d[u], o2);
-        float vv[ATT_UNROLL][4];
+            for (int u = 0; u < U; u++) d[u] += __shfl_xor_sync(0xffffffffu, d[u], o2);
+        float vv[U][4];
 #pragma unroll
-        for (int u = 0; u < ATT_UNROLL; u++) {
+        for (int u = 0; u < U; u++) {
             if (in_regs) {
 #pragma unroll
                 for (int c = 0; c < 4; c++) vv[u][c] = vr0[u][c];
@@ -1637,7 +1637,7 @@ __device__ __forceinline__ void attention_v2_body(
             }
         }
 #pragma unroll
-        for (int u = 0; u < ATT_UNROLL; u++) {
+        for (int u = 0; u < U; u++) {
             if (j0 + u > j_hi) break;
             float sc = d[u] * scale;
             float mn = fmaxf(m, sc);
@@ -1752,7 +1752,7 @@ ATTENTION_V2_KERNEL(attention_v2_kv, true)
 #ifndef ATT_READY_MAXREG
 #define ATT_READY_MAXREG 80
 #endif
-#define ATTENTION_V2_KV_READY(NAME, PRELOAD, MAXREG)                                                                           \
+#define ATTENTION_V2_KV_READY(NAME, PRELOAD, MAXREG, U, ROUND_LOADS)                                                           \
     extern "C" __global__ void __maxnreg__(MAXREG) NAME(                                                                       \
         const float* q, const float* __restrict__ kc, const float* __restrict__ vc, float* __restrict__ o,                     \
         const int* __restrict__ pos, const int* __restrict__ seq, const int* __restrict__ tables, int max_blocks,              \
@@ -1764,7 +1764,7 @@ ATTENTION_V2_KERNEL(attention_v2_kv, true)
         TRACE_SCOPE();                                                                                                         \
         ATT_TRACE_MARKS_INIT();                                                                                                \
         PDL_TRIGGER();                                                                                                         \
-        attention_v2_body<true, false, true, PRELOAD>(q, kc, vc, o, pos, seq, tables, max_blocks, block_size, heads, kv_heads, \
+        attention_v2_body<true, false, true, PRELOAD, U, ROUND_LOADS>(q, kc, vc, o, pos, seq, tables, max_blocks, block_size, heads, kv_heads, \
                                                       hd, vd, window, scale, sinks, part_m, part_l, part_acc, oh, ol, knew, vnew, \
                                                       kc_out, vc_out, slots, half, rotary_dim, theta, vscale, counters, nullptr, \
                                                       ready, need_q, need_kv);                                                 \
@@ -1777,8 +1777,14 @@ ATTENTION_V2_KERNEL(attention_v2_kv, true)
             for (int i = 0; i < heads + kv_heads; i++) ready[i] = 0u;                                                          \
         ATT_TRACE_MARK_END();                                                                                                  \
     }
-ATTENTION_V2_KV_READY(attention_v2_kv_ready, false, ATT_READY_MAXREG)
-ATTENTION_V2_KV_READY(attention_v2_kv_ready_pre, true, ATT_PRE_MAXREG)
+#if defined(ATT_READY_U2_PRE)
+ATTENTION_V2_KV_READY(attention_v2_kv_ready, true, ATT_READY_MAXREG, 2, true)
+#elif defined(ATT_READY_U2)
+ATTENTION_V2_KV_READY(attention_v2_kv_ready, false, ATT_READY_MAXREG, 2, true)
+#else
+ATTENTION_V2_KV_READY(attention_v2_kv_ready, false, ATT_READY_MAXREG, ATT_UNROLL, false)
+#endif
+ATTENTION_V2_KV_READY(attention_v2_kv_ready_pre, true, ATT_PRE_MAXREG, ATT_UNROLL, true)
 
 // Decode attention with one warp per head: block (r, y, z) serves heads ATT_WARPS y .. + 7 of
 // row r over split z's positions. The block stages the K and V rows of ATT_TILE positions at a
