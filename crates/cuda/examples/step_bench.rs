@@ -86,6 +86,8 @@ struct Args {
     /// `heads-splits:N`: A `attention_v2_heads` split to fill the wave, B into at most N.
     /// `pre-fill`: A the ready attention's splits as loaded (fitting the preloading kernel's
     /// wave where that lets it run), B filling the wave of the kernel without the preload.
+    /// `ready-wave`: A the ready attention filling and fitting `attention_v2_kv_ready`'s own
+    /// wave, B `attention_v2_kv`'s (the same where the two take the same registers).
     #[arg(long)]
     ab: Vec<String>,
     #[arg(long, default_value_t = 15)]
@@ -744,6 +746,12 @@ fn main() {
                 ab(&mut model, &|m, on| m.set_attn_ready_pre_fill(if on { !base } else { base }));
                 continue;
             }
+            if what == "ready-wave" {
+                // A the ready attention judged by its own kernel's wave, B by attention_v2_kv's.
+                let base = model.attn_ready_own_wave();
+                ab(&mut model, &|m, on| m.set_attn_ready_own_wave(if on { !base } else { base }));
+                continue;
+            }
             if let Some(n) = what.strip_prefix("copies:") {
                 // A the router's sums in the loaded count of copies, B in n.
                 let n: usize = n.parse().expect("--ab copies:N");
@@ -754,7 +762,7 @@ fn main() {
             let shift = match what.strip_prefix("shift:") {
                 Some(n) => Some(n.parse::<usize>().expect("--ab shift:BYTES")),
                 None if ["tail", "argmax", "fetch", "embed", "prefetch"].contains(&what.as_str()) => None,
-                None => panic!("--ab takes tail, argmax, fetch, embed, prefetch, rows, fp8, shift:BYTES, copies:N, group:N, moe-grid:N, attn-tc-rows:N, heads-splits:N, pre-fill or defines:DEFINES, not {what}"),
+                None => panic!("--ab takes tail, argmax, fetch, embed, prefetch, rows, fp8, shift:BYTES, copies:N, group:N, moe-grid:N, attn-tc-rows:N, heads-splits:N, pre-fill, ready-wave or defines:DEFINES, not {what}"),
             };
             ab(&mut model, &|m, on| match shift {
                 Some(n) => m.shift_step_buffers(if on { n } else { 0 }).expect("buffers shifted"),

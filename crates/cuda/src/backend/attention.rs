@@ -260,8 +260,9 @@ impl CudaModel {
         // The fused kernel holds fewer blocks per SM than attention_v2: only while its grid fits
         // one wave is it the faster of the two (a second wave cost more than the launch saved).
         let no_tc = self.gqa_tc_for(&s, meta.max_blocks, meta.block_size, n).is_none();
-        let splits = self.attn_splits(&s, meta.max_blocks, meta.block_size, n, kv_in_attention && v2 && no_tc && self.qkv_ready_at(li, n));
-        let kv_fused = kv_in_attention && v2 && n * s.num_heads * splits <= self.attention_kv_wave && no_tc;
+        let ready_shape = kv_in_attention && v2 && no_tc && self.qkv_ready_at(li, n);
+        let splits = self.attn_splits(&s, meta.max_blocks, meta.block_size, n, ready_shape);
+        let kv_fused = kv_in_attention && v2 && n * s.num_heads * splits <= self.attention_fused_wave(ready_shape) && no_tc;
         // A BF16 o_proj on the tensor-core path reads the attention's own BF16 split of o.
         let presplit = v2 && a.o.k.is_multiple_of(128) && matches!(a.o.m, GpuMatrix::Bf16(_));
         // Each head's attention may start as soon as the projection has written its rows.
@@ -417,6 +418,17 @@ impl CudaModel {
         self.stream.clone_dtoh(&self.ready_counters).map_err(drv)
     }
 
+    /// One wave of the kernel a decode attention with the K/V write inside runs: for a `ready`
+    /// one (behind a projection counting its tiles) `attention_v2_kv_ready`, whose loop may
+    /// take fewer registers than `attention_v2_kv`'s (`attn_ready_own_wave`).
+    fn attention_fused_wave(&self, ready: bool) -> usize {
+        if ready && self.attn_ready_own_wave {
+            self.attention_ready_wave
+        } else {
+            self.attention_kv_wave
+        }
+    }
+
     /// Whether a ready attention of `row_heads` (rows x heads) in `splits` splits runs as
     /// `attention_v2_kv_ready_pre`: while that is on and its grid fits one wave of it.
     fn runs_ready_pre(&self, row_heads: usize, splits: usize) -> bool {
@@ -432,7 +444,7 @@ impl CudaModel {
     fn attn_splits(&self, s: &AttentionSpec, max_blocks: usize, block_size: usize, rows: usize, ready: bool) -> usize {
         let span = s.window().map_or(max_blocks * block_size, |w| w.min(max_blocks * block_size));
         let row_heads = rows * s.num_heads;
-        let splits = attention_splits(span, self.attn_split, self.attn_fill.then_some(self.attention_kv_wave), row_heads);
+        let splits = attention_splits(span, self.attn_split, self.attn_fill.then_some(self.attention_fused_wave(ready)), row_heads);
         if ready && self.attn_ready_pre_fill && !self.runs_ready_pre(row_heads, splits) {
             let pre = attention_splits(span, self.attn_split, self.attn_fill.then_some(self.attention_ready_pre_wave), row_heads);
             if self.runs_ready_pre(row_heads, pre) {

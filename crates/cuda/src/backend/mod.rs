@@ -258,6 +258,12 @@ pub struct CudaModel {
     /// off, for measurements; tests set it).
     attention_ready_pre_wave: usize,
     attention_ready_pre: bool,
+    /// The same for `attention_v2_kv_ready`. A ready attention (behind a projection counting
+    /// its tiles) fills and must fit this wave, not `attention_v2_kv`'s, while
+    /// `attn_ready_own_wave` (on by default; step-bench's `--ab ready-wave` turns it off): the
+    /// two kernels hold different registers once the ready one's loop differs.
+    attention_ready_wave: usize,
+    attn_ready_own_wave: bool,
     /// A ready attention whose splits, filling `attention_v2_kv_ready`'s wave, would leave
     /// `attention_v2_kv_ready_pre`'s takes as many as fit the latter's instead, so that the
     /// preloading kernel runs (batch 2-3 of 64 heads; `attn_splits`). On by default;
@@ -479,6 +485,7 @@ impl CudaModel {
         let sms = gpu.ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(drv)? as usize;
         let attention_kv_wave = ops.attention_v2_kv.occupancy_max_active_blocks_per_multiprocessor(256, 0, None).map_err(drv)? as usize * sms;
         let attention_ready_pre_wave = ops.attention_v2_kv_ready_pre.occupancy_max_active_blocks_per_multiprocessor(256, 0, None).map_err(drv)? as usize * sms;
+        let attention_ready_wave = ops.attention_v2_kv_ready.occupancy_max_active_blocks_per_multiprocessor(256, 0, None).map_err(drv)? as usize * sms;
         let synth = seed.map(|seed| -> Result<Synthetic> { Ok(Synthetic::new(f("fill_random_u8")?, f("fill_random_f")?, spec.quant.linear, seed)) }).transpose()?;
         let w = match (files, &synth) {
             (Some(w), _) => Source::Files(w),
@@ -618,6 +625,8 @@ impl CudaModel {
             norm_split_first: std::env::var("PEREGRINE_NORM_SPLIT_FIRST").map_or(true, |v| v != "0"),
             attention_kv_wave,
             attention_ready_pre_wave,
+            attention_ready_wave,
+            attn_ready_own_wave: true,
             attention_ready_pre: std::env::var("PEREGRINE_ATTN_READY_PRE").map_or(true, |v| v != "0"),
             attn_ready_pre_fill: true,
             attn_reset_by_next: std::env::var("PEREGRINE_ATTN_RESET_BY_NEXT").map_or(true, |v| v != "0"),
@@ -813,6 +822,19 @@ impl CudaModel {
     pub fn set_attn_ready_pre_fill(&mut self, on: bool) {
         self.attn_ready_pre_fill = on;
         self.graphs.clear();
+    }
+
+    /// Sets whether a ready attention fills and must fit `attention_v2_kv_ready`'s own wave
+    /// (`attn_ready_own_wave`; on by default) or `attention_v2_kv`'s, for measurements. Captured
+    /// step graphs are dropped.
+    pub fn set_attn_ready_own_wave(&mut self, on: bool) {
+        self.attn_ready_own_wave = on;
+        self.graphs.clear();
+    }
+
+    /// Whether a ready attention fills and must fit its own kernel's wave (`attn_ready_own_wave`).
+    pub fn attn_ready_own_wave(&self) -> bool {
+        self.attn_ready_own_wave
     }
 
     /// Whether a ready attention splits to fit the preloading kernel's wave where that lets it
