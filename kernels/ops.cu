@@ -1435,7 +1435,7 @@ __shared__ unsigned long long att_marks_t[6];
 #define ATT_TRACE_MARK(k)
 #define ATT_TRACE_MARK_END()
 #endif
-template <bool FUSED, bool ROWS = false, bool READY = false, bool PRELOAD = false, int U = ATT_UNROLL, bool ROUND_LOADS = PRELOAD>
+template <bool FUSED, bool ROWS = false, bool READY = false, bool PRELOAD = false, int U = ATT_UNROLL, bool ROUND_LOADS = PRELOAD, int SUBS = 1>
 __device__ __forceinline__ void attention_v2_body(
     const float* __restrict__ q, const float* __restrict__ kc, const float* __restrict__ vc, float* __restrict__ o,
     const int* __restrict__ pos, const int* __restrict__ seq, const int* __restrict__ tables, int max_blocks,
@@ -1471,7 +1471,9 @@ __device__ __forceinline__ void attention_v2_body(
     // READY's preloaded first round of positions (below): K elements lane + 32 c and V
     // elements lane + 32 c of the warp's positions j0_first + u (clamped to j_hi).
     float kr[U][8], vr0[U][4];
-    const int j0_first = j_lo + w * U;
+    // A warp takes PW positions a round (its rounds ROUND apart), loading U of them at a time.
+    constexpr int PW = U * SUBS, ROUND = ATT_WARPS * PW;
+    const int j0_first = j_lo + w * PW;
     // PRELOAD (attention_v2_kv_ready_pre): nothing of the pool's positions depends on the
     // projection still running (earlier steps wrote them; slot p's leftovers are replaced
     // below), nor do the RoPE coefficients of position p: the block loads its warps' first
@@ -1500,27 +1502,23 @@ __device__ __forceinline__ void attention_v2_body(
             load_rows(u, (size_t)table[j / block_size] * block_size + j % block_size);
         }
     }
-    // PRELOAD (decode rows behind the projection, where every round of positions is latency):
-    // the loop loads each round's K and V rows at once and asks for the next round's block-table
-    // entries as soon as they are out; the first round's entries are asked for here, before the
-    // wait for the heads. The other kernels keep the loop that fits them in 64 or 80 registers
-    // (in attention_v2_kv_ready's 80 the round loads spilled 80 bytes and its steps were slower:
-    // benches/results/2026-11-29-h200-ready-attention-round-loads.md). For measurements -DATT_LOOP_OLD gives PRELOAD the other loop too, and
-    // -DATT_ROUND_LOADS_READY gives attention_v2_kv_ready the round loads.
+    // ROUND_LOADS (the ready kernels: decode rows behind the projection, where every round of
+    // positions is latency): the loop loads U positions' K and V rows at once and asks for the
+    // next U positions' block-table entries as soon as they are out; the first entries are asked
+    // for here, before the wait for the heads. The other kernels keep the loop that fits them in
+    // 64 or 80 registers. For measurements -DATT_LOOP_OLD gives the ready kernels that loop too.
 #if defined(ATT_LOOP_OLD)
     constexpr bool round_loads = false;
-#elif defined(ATT_ROUND_LOADS_READY)
-    constexpr bool round_loads = READY;
 #else
     constexpr bool round_loads = ROUND_LOADS;
 #endif
-    constexpr int ROUND = ATT_WARPS * U;
     int ent[U];
     auto entries_at = [&](int j0) {
 #pragma unroll
         for (int u = 0; u < U; u++) ent[u] = table[min(j0 + u, j_hi) / block_size];
     };
-    if (round_loads && (preloaded ? j0_first + ROUND : j0_first) <= j_hi) entries_at(preloaded ? j0_first + ROUND : j0_first);
+    const int first_loaded = preloaded ? (SUBS > 1 ? j0_first + U : j0_first + ROUND) : j0_first;
+    if (round_loads && first_loaded <= j_hi) entries_at(first_loaded);
     float rc = 1.f, rs = 0.f;  // thread i's RoPE coefficients (i < 2 half; hd <= blockDim)
     if (early && (int)threadIdx.x < 2 * half) rope_coef(threadIdx.x, half, rotary_dim, theta, (float)p, rc, rs);
     if (fused) {
@@ -1580,72 +1578,80 @@ __device__ __forceinline__ void attention_v2_body(
     if (fused) __syncthreads();
     float m = NEG_INF, l = 0.f;
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
-    for (int j0 = j0_first; j0 <= j_hi; j0 += ATT_WARPS * U) {
-        const bool first = preloaded && j0 == j0_first;  // its K and V are in kr, vr0
-        // round_loads: every round's K and V rows into kr, vr0 at once (one round trip to L2 a
-        // round, where the other loop takes three: the table entries, the K rows, then the V
-        // rows, which it issues past the dots' shuffles), then the next round's entries. Same
-        // values in the same order: the same bits.
-        const bool in_regs = first || round_loads;
-        if (round_loads && !first) {
+    for (int j0 = j0_first; j0 <= j_hi; j0 += ROUND) {
+        // A round's PW positions, U at a time in their order (the same online softmax updates
+        // in the same order whatever U is).
 #pragma unroll
-            for (int u = 0; u < U; u++) load_rows(u, (size_t)ent[u] * block_size + min(j0 + u, j_hi) % block_size);
-            if (j0 + ROUND <= j_hi) entries_at(j0 + ROUND);
-        }
-        float d[U];
-        size_t slot[U];
+        for (int sub = 0; sub < SUBS; sub++) {
+            const int jb = j0 + sub * U;
+            if (jb > j_hi) break;
+            const bool first = preloaded && jb == j0_first;  // its K and V are in kr, vr0
+            // round_loads: every load's K and V rows into kr, vr0 at once (one round trip to L2 a
+            // load, where the other loop takes three: the table entries, the K rows, then the V
+            // rows, which it issues past the dots' shuffles), then the next load's entries. Same
+            // values in the same order: the same bits.
+            const bool in_regs = first || round_loads;
+            if (round_loads && !first) {
 #pragma unroll
-        for (int u = 0; u < U; u++) {
-            int j = min(j0 + u, j_hi);
-            float s = 0.f;
-            if (in_regs) {
-#pragma unroll
-                for (int c = 0; c < 8; c++)
-                    if (lane + 32 * c < hd) s += qr[c] * kr[u][c];
-            } else {
-                slot[u] = (size_t)table[j / block_size] * block_size + j % block_size;
-                const float* kv = kc + (slot[u] * kv_heads + kvh) * hd;
-#pragma unroll
-                for (int c = 0; c < 8; c++)
-                    if (lane + 32 * c < hd) s += qr[c] * kv[lane + 32 * c];
+                for (int u = 0; u < U; u++) load_rows(u, (size_t)ent[u] * block_size + min(jb + u, j_hi) % block_size);
+                const int next = sub + 1 < SUBS ? jb + U : j0 + ROUND;
+                if (next <= j_hi) entries_at(next);
             }
-            d[u] = s;
-        }
+            float d[U];
+            size_t slot[U];
 #pragma unroll
-        for (int o2 = 16; o2 > 0; o2 >>= 1)
+            for (int u = 0; u < U; u++) {
+                int j = min(jb + u, j_hi);
+                float s = 0.f;
+                if (in_regs) {
 #pragma unroll
-            for (int u = 0; u < U; u++) d[u] += __shfl_xor_sync(0xffffffffu, d[u], o2);
-        float vv[U][4];
+                    for (int c = 0; c < 8; c++)
+                        if (lane + 32 * c < hd) s += qr[c] * kr[u][c];
+                } else {
+                    slot[u] = (size_t)table[j / block_size] * block_size + j % block_size;
+                    const float* kv = kc + (slot[u] * kv_heads + kvh) * hd;
 #pragma unroll
-        for (int u = 0; u < U; u++) {
-            if (in_regs) {
-#pragma unroll
-                for (int c = 0; c < 4; c++) vv[u][c] = vr0[u][c];
-            } else {
-                const float* vr = vc + (slot[u] * kv_heads + kvh) * vd;
-#pragma unroll
-                for (int c = 0; c < 4; c++) vv[u][c] = (lane + 32 * c < vd) ? vr[lane + 32 * c] : 0.f;
+                    for (int c = 0; c < 8; c++)
+                        if (lane + 32 * c < hd) s += qr[c] * kv[lane + 32 * c];
+                }
+                d[u] = s;
             }
-            // FUSED: position p's score and value are the new ones (the pool's slot p, read
-            // above, holds the previous step's leftovers). Replacing them here, in the order the
-            // unfused kernel reads them, keeps its bits. (Scoring p after the loop instead fits
-            // 64 registers, not 80, but measured ~9 us slower per call on the H100.)
-            if (fused && min(j0 + u, j_hi) == p) {
-                d[u] = sm_dnew;
 #pragma unroll
-                for (int c = 0; c < 4; c++) vv[u][c] = (lane + 32 * c < vd) ? sm_v[lane + 32 * c] : 0.f;
+            for (int o2 = 16; o2 > 0; o2 >>= 1)
+#pragma unroll
+                for (int u = 0; u < U; u++) d[u] += __shfl_xor_sync(0xffffffffu, d[u], o2);
+            float vv[U][4];
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                if (in_regs) {
+#pragma unroll
+                    for (int c = 0; c < 4; c++) vv[u][c] = vr0[u][c];
+                } else {
+                    const float* vr = vc + (slot[u] * kv_heads + kvh) * vd;
+#pragma unroll
+                    for (int c = 0; c < 4; c++) vv[u][c] = (lane + 32 * c < vd) ? vr[lane + 32 * c] : 0.f;
+                }
+                // FUSED: position p's score and value are the new ones (the pool's slot p, read
+                // above, holds the previous step's leftovers). Replacing them here, in the order the
+                // unfused kernel reads them, keeps its bits. (Scoring p after the loop instead fits
+                // 64 registers, not 80, but measured ~9 us slower per call on the H100.)
+                if (fused && min(jb + u, j_hi) == p) {
+                    d[u] = sm_dnew;
+#pragma unroll
+                    for (int c = 0; c < 4; c++) vv[u][c] = (lane + 32 * c < vd) ? sm_v[lane + 32 * c] : 0.f;
+                }
             }
-        }
 #pragma unroll
-        for (int u = 0; u < U; u++) {
-            if (j0 + u > j_hi) break;
-            float sc = d[u] * scale;
-            float mn = fmaxf(m, sc);
-            float corr = __expf(m - mn), pe = __expf(sc - mn);
-            l = l * corr + pe;
+            for (int u = 0; u < U; u++) {
+                if (jb + u > j_hi) break;
+                float sc = d[u] * scale;
+                float mn = fmaxf(m, sc);
+                float corr = __expf(m - mn), pe = __expf(sc - mn);
+                l = l * corr + pe;
 #pragma unroll
-            for (int c = 0; c < 4; c++) acc[c] = acc[c] * corr + pe * vv[u][c];
-            m = mn;
+                for (int c = 0; c < 4; c++) acc[c] = acc[c] * corr + pe * vv[u][c];
+                m = mn;
+            }
         }
     }
     ATT_TRACE_MARK(3);
@@ -1744,15 +1750,22 @@ ATTENTION_V2_KERNEL(attention_v2_kv, true)
 // 8 before) so that two of its blocks and an o_proj block share an SM. At 3 blocks per SM (80
 // registers, 32 bytes spilled) the batch-1 step was 0.5% slower than without the preload; at
 // 96 or 109 it is 0.3-0.6% faster (benches/results/2026-11-25-attention-preload.md).
-// attention_v2_kv_ready stays at 80 registers (3 blocks an SM): at 96 its batch 2 / 3 / 5 steps
-// were 55-83 us slower (benches/results/2026-11-29-h200-ready-attention-round-loads.md).
+// attention_v2_kv_ready (where that wave is too small: 5-6 rows of 64 heads) stays at 80
+// registers, 3 blocks an SM (at 96 its batch 2 / 3 / 5 steps were 55-83 us slower), and takes the
+// preload and the round loads 2 positions at a time (SUBS = 2: a warp's 4 positions a round in 2
+// loads, the same positions in the same order as attention_v2_kv's, so the same bits): no spills
+// at 80, and batch 5 / 6 steps ~48 us faster than its old loop without the preload (which
+// -DATT_READY_OLD restores, for measurements). Its 4 positions loaded at once spilled 80 bytes
+// at 80 registers and were slower; 2 a round without the preload took 56 registers (4 blocks an
+// SM) and made batch 5 / 6 steps ~236 us slower
+// (benches/results/2026-11-29-h200-ready-attention-two-at-a-time.md).
 #ifndef ATT_PRE_MAXREG
 #define ATT_PRE_MAXREG 96
 #endif
 #ifndef ATT_READY_MAXREG
 #define ATT_READY_MAXREG 80
 #endif
-#define ATTENTION_V2_KV_READY(NAME, PRELOAD, MAXREG, U, ROUND_LOADS)                                                           \
+#define ATTENTION_V2_KV_READY(NAME, PRELOAD, MAXREG, U, SUBS)                                                                  \
     extern "C" __global__ void __maxnreg__(MAXREG) NAME(                                                                       \
         const float* q, const float* __restrict__ kc, const float* __restrict__ vc, float* __restrict__ o,                     \
         const int* __restrict__ pos, const int* __restrict__ seq, const int* __restrict__ tables, int max_blocks,              \
@@ -1764,7 +1777,7 @@ ATTENTION_V2_KERNEL(attention_v2_kv, true)
         TRACE_SCOPE();                                                                                                         \
         ATT_TRACE_MARKS_INIT();                                                                                                \
         PDL_TRIGGER();                                                                                                         \
-        attention_v2_body<true, false, true, PRELOAD, U, ROUND_LOADS>(q, kc, vc, o, pos, seq, tables, max_blocks, block_size, heads, kv_heads, \
+        attention_v2_body<true, false, true, PRELOAD, U, PRELOAD, SUBS>(q, kc, vc, o, pos, seq, tables, max_blocks, block_size, heads, kv_heads, \
                                                       hd, vd, window, scale, sinks, part_m, part_l, part_acc, oh, ol, knew, vnew, \
                                                       kc_out, vc_out, slots, half, rotary_dim, theta, vscale, counters, nullptr, \
                                                       ready, need_q, need_kv);                                                 \
@@ -1777,14 +1790,12 @@ ATTENTION_V2_KERNEL(attention_v2_kv, true)
             for (int i = 0; i < heads + kv_heads; i++) ready[i] = 0u;                                                          \
         ATT_TRACE_MARK_END();                                                                                                  \
     }
-#if defined(ATT_READY_U2_PRE)
-ATTENTION_V2_KV_READY(attention_v2_kv_ready, true, ATT_READY_MAXREG, 2, true)
-#elif defined(ATT_READY_U2)
-ATTENTION_V2_KV_READY(attention_v2_kv_ready, false, ATT_READY_MAXREG, 2, true)
+#ifdef ATT_READY_OLD
+ATTENTION_V2_KV_READY(attention_v2_kv_ready, false, ATT_READY_MAXREG, ATT_UNROLL, 1)
 #else
-ATTENTION_V2_KV_READY(attention_v2_kv_ready, false, ATT_READY_MAXREG, ATT_UNROLL, false)
+ATTENTION_V2_KV_READY(attention_v2_kv_ready, true, ATT_READY_MAXREG, 2, 2)
 #endif
-ATTENTION_V2_KV_READY(attention_v2_kv_ready_pre, true, ATT_PRE_MAXREG, ATT_UNROLL, true)
+ATTENTION_V2_KV_READY(attention_v2_kv_ready_pre, true, ATT_PRE_MAXREG, ATT_UNROLL, 1)
 
 // Decode attention with one warp per head: block (r, y, z) serves heads ATT_WARPS y .. + 7 of
 // row r over split z's positions. The block stages the K and V rows of ATT_TILE positions at a

@@ -88,6 +88,8 @@ struct Args {
     /// wave where that lets it run), B filling the wave of the kernel without the preload.
     /// `ready-wave`: A the ready attention filling and fitting `attention_v2_kv_ready`'s own
     /// wave, B `attention_v2_kv`'s (the same where the two take the same registers).
+    /// `preload`: A the ready attention by default, B without `attention_v2_kv_ready_pre`
+    /// (`attention_v2_kv_ready` wherever the attention is ready, its splits filling its wave).
     #[arg(long)]
     ab: Vec<String>,
     #[arg(long, default_value_t = 15)]
@@ -746,6 +748,12 @@ fn main() {
                 ab(&mut model, &|m, on| m.set_attn_ready_pre_fill(if on { !base } else { base }));
                 continue;
             }
+            if what == "preload" {
+                // A the ready attention by default (the preloading kernel where its grid fits),
+                // B attention_v2_kv_ready in place of the preloading kernel.
+                ab(&mut model, &|m, on| m.set_attention_preload(!on));
+                continue;
+            }
             if what == "ready-wave" {
                 // A the ready attention judged by its own kernel's wave, B by attention_v2_kv's.
                 let base = model.attn_ready_own_wave();
@@ -762,7 +770,7 @@ fn main() {
             let shift = match what.strip_prefix("shift:") {
                 Some(n) => Some(n.parse::<usize>().expect("--ab shift:BYTES")),
                 None if ["tail", "argmax", "fetch", "embed", "prefetch"].contains(&what.as_str()) => None,
-                None => panic!("--ab takes tail, argmax, fetch, embed, prefetch, rows, fp8, shift:BYTES, copies:N, group:N, moe-grid:N, attn-tc-rows:N, heads-splits:N, pre-fill, ready-wave or defines:DEFINES, not {what}"),
+                None => panic!("--ab takes tail, argmax, fetch, embed, prefetch, rows, fp8, shift:BYTES, copies:N, group:N, moe-grid:N, attn-tc-rows:N, heads-splits:N, pre-fill, ready-wave, preload or defines:DEFINES, not {what}"),
             };
             ab(&mut model, &|m, on| match shift {
                 Some(n) => m.shift_step_buffers(if on { n } else { 0 }).expect("buffers shifted"),

@@ -636,13 +636,14 @@ fn fp8_attention_model() -> Option<(ModelSpec, CudaModel)> {
 }
 
 /// Decode attention starting each head as soon as the q/k/v projection has counted its rows
-/// in (`gemv_mma_fp8_t1_ready`, `attention_v2_kv_ready`, and `attention_v2_kv_ready_pre` with
-/// its first K/V rows loaded before its heads are ready) gives the logits of attention waiting
-/// for the whole projection, bit for bit, eager and graphed, over 4 decode steps of 1-3
-/// sequences after a 100-token prompt each (so a warp's positions take more than the one
-/// round the preload covers); the counters are zero again after every step, whether the o_proj
-/// after the attention zeroes them (with the preload here) or the attention's last block does
-/// (without).
+/// in (`gemv_mma_fp8_t1_ready`; `attention_v2_kv_ready_pre`, its warps' first 4 K/V rows loaded
+/// before its heads are ready, or `attention_v2_kv_ready`, its first 2, each round's 4 positions
+/// in two loads) gives the logits of attention waiting for the whole projection
+/// (`attention_v2_kv`, 4 positions a round in one), bit for bit, eager and graphed, over 4
+/// decode steps of 1-3 sequences after a 100-token prompt each (so a warp's positions take more
+/// than the one round the preload covers, the last one partial); the counters are zero again
+/// after every step, whether the o_proj after the attention zeroes them (with the preloading
+/// kernel here) or the attention's last block does (without).
 #[test]
 fn attention_starting_heads_as_projected_equals_waiting_for_the_projection() {
     let Some((spec, mut model)) = fp8_attention_model() else { return };
