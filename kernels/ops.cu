@@ -1746,18 +1746,18 @@ ATTENTION_V2_KERNEL(attention_v2_kv, true)
 // attention_v2_kv_ready_pre: the same, loading its warps' first round of positions and the
 // RoPE coefficients before waiting for its heads (PRELOAD above). Holding them across the wait
 // takes registers: the host runs it only where its grid fits one wave (batch 1 and 4: 256
-// blocks; batch 2 and 3 split to fit it), capped at 96 (84 bytes spilled with the round loads,
-// 8 before) so that two of its blocks and an o_proj block share an SM. At 3 blocks per SM (80
-// registers, 32 bytes spilled) the batch-1 step was 0.5% slower than without the preload; at
-// 96 or 109 it is 0.3-0.6% faster (benches/results/2026-11-25-attention-preload.md).
-// attention_v2_kv_ready (where that wave is too small: 5-6 rows of 64 heads) stays at 80
-// registers, 3 blocks an SM (at 96 its batch 2 / 3 / 5 steps were 55-83 us slower), and takes the
-// preload and the round loads 2 positions at a time (SUBS = 2: a warp's 4 positions a round in 2
-// loads, the same positions in the same order as attention_v2_kv's, so the same bits): no spills
-// at 80, and batch 5 / 6 steps ~48 us faster than its old loop without the preload (which
-// -DATT_READY_OLD restores, for measurements). Its 4 positions loaded at once spilled 80 bytes
-// at 80 registers and were slower; 2 a round without the preload took 56 registers (4 blocks an
-// SM) and made batch 5 / 6 steps ~236 us slower
+// blocks), capped at 96 (84 bytes spilled with the round loads, 8 before) so that two of its
+// blocks and an o_proj block share an SM. At 3 blocks per SM (80 registers, 32 bytes spilled)
+// the batch-1 step was 0.5% slower than without the preload; at 96 or 109 it is 0.3-0.6% faster
+// (benches/results/2026-11-25-attention-preload.md).
+// attention_v2_kv_ready (where the splits fill a larger wave: 2-3 and 5-6 rows of 64 heads)
+// stays at 80 registers, 3 blocks an SM (at 96 its batch 2 / 3 / 5 steps were 55-83 us
+// slower), and takes the preload and the round loads 2 positions at a time (SUBS = 2: a warp's
+// 4 positions a round in 2 loads, the same positions in the same order as attention_v2_kv's, so
+// the same bits): no spills at 80, and batch 5 / 6 steps ~45 us faster than its old loop
+// without the preload (which -DATT_READY_OLD restores, for measurements). Its 4 positions
+// loaded at once spilled 80 bytes at 80 registers and were slower; 2 a round without the
+// preload took 56 registers (4 blocks an SM) and made batch 5 / 6 steps ~236 us slower
 // (benches/results/2026-11-29-h200-ready-attention-two-at-a-time.md).
 #ifndef ATT_PRE_MAXREG
 #define ATT_PRE_MAXREG 96

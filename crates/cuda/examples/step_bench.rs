@@ -84,8 +84,9 @@ struct Args {
     /// FP8 digits (the default on sm_90a), B the same ring on F16 MMAs. `attn-tc-rows:N`: A the
     /// decode attention kernels as loaded, B the tensor-core GQA kernel from N rows.
     /// `heads-splits:N`: A `attention_v2_heads` split to fill the wave, B into at most N.
-    /// `pre-fill`: A the ready attention's splits as loaded (fitting the preloading kernel's
-    /// wave where that lets it run), B filling the wave of the kernel without the preload.
+    /// `pre-fill`: A the ready attention's splits as loaded (by default filling
+    /// `attention_v2_kv_ready`'s wave), B the other rule (fitting the wave of
+    /// `attention_v2_kv_ready_pre` where that lets it run).
     /// `ready-wave`: A the ready attention filling and fitting `attention_v2_kv_ready`'s own
     /// wave, B `attention_v2_kv`'s (the same where the two take the same registers).
     /// `preload`: A the ready attention by default, B without `attention_v2_kv_ready_pre`
@@ -742,8 +743,8 @@ fn main() {
                 continue;
             }
             if what == "pre-fill" {
-                // A the ready attention's splits as loaded (fitting the preloading kernel's wave
-                // where that lets it run), B filling attention_v2_kv_ready's wave.
+                // A the ready attention's splits as loaded, B under the other rule
+                // (attn_ready_pre_fill toggled).
                 let base = model.attn_ready_pre_fill();
                 ab(&mut model, &|m, on| m.set_attn_ready_pre_fill(if on { !base } else { base }));
                 continue;

@@ -437,10 +437,11 @@ impl CudaModel {
 
     /// Blocks per (row, head) of `attention_v2` for `rows` rows (`attention_splits`), as the
     /// block tables allow, so a graph captured for a table width and row bucket keeps its count.
-    /// A `ready` attention whose splits would leave the wave of `attention_v2_kv_ready_pre`
-    /// (which loads its first K/V rows while its heads are projected, and each round's K and V
-    /// at once) takes as many as fit that wave instead, where that is enough (`attn_ready_pre_fill`):
-    /// batch 2 and 3 of 64 heads in 2 and 1 splits instead of 3 and 2.
+    /// A `ready` attention fills its own kernel's wave (`attention_fused_wave`). With
+    /// `attn_ready_pre_fill` (off by default) one whose splits would leave the wave of
+    /// `attention_v2_kv_ready_pre` (4 positions a warp preloaded, 2 in `attention_v2_kv_ready`)
+    /// takes as many as fit that wave instead, where that is enough: batch 2 and 3 of 64 heads
+    /// in 2 and 1 splits instead of 3 and 2.
     fn attn_splits(&self, s: &AttentionSpec, max_blocks: usize, block_size: usize, rows: usize, ready: bool) -> usize {
         let span = s.window().map_or(max_blocks * block_size, |w| w.min(max_blocks * block_size));
         let row_heads = rows * s.num_heads;

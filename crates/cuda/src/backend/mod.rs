@@ -266,8 +266,10 @@ pub struct CudaModel {
     attn_ready_own_wave: bool,
     /// A ready attention whose splits, filling `attention_v2_kv_ready`'s wave, would leave
     /// `attention_v2_kv_ready_pre`'s takes as many as fit the latter's instead, so that the
-    /// preloading kernel runs (batch 2-3 of 64 heads; `attn_splits`). On by default;
-    /// step-bench's `--ab pre-fill` turns it off.
+    /// preloading kernel runs (batch 2-3 of 64 heads; `attn_splits`). Off by default: since
+    /// `attention_v2_kv_ready` preloads too, filling its wave is even at batch 2 and ~25 us a
+    /// step faster at 3 on the H200 (benches/results/2026-11-29-h200-ready-attention-two-at-a-time.md);
+    /// step-bench's `--ab pre-fill` turns it on, tests set it.
     attn_ready_pre_fill: bool,
     /// The o_proj after a ready attention zeroes its counters (`ReadyCounts::reset_by_next`);
     /// `PEREGRINE_ATTN_RESET_BY_NEXT=0` leaves it to the attention's last block, for
@@ -628,7 +630,7 @@ impl CudaModel {
             attention_ready_wave,
             attn_ready_own_wave: true,
             attention_ready_pre: std::env::var("PEREGRINE_ATTN_READY_PRE").map_or(true, |v| v != "0"),
-            attn_ready_pre_fill: true,
+            attn_ready_pre_fill: false,
             attn_reset_by_next: std::env::var("PEREGRINE_ATTN_RESET_BY_NEXT").map_or(true, |v| v != "0"),
             sm_count: sms,
             attn_heads_min_rows: std::env::var("PEREGRINE_ATTN_HEADS_MIN_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(ATTN_HEADS_MIN_ROWS),
@@ -817,8 +819,8 @@ impl CudaModel {
     }
 
     /// Sets whether a ready attention splits to fit `attention_v2_kv_ready_pre`'s wave where
-    /// that lets the preloading kernel run (`attn_ready_pre_fill`; on by default), for
-    /// measurements. Captured step graphs are dropped.
+    /// that lets the preloading kernel run (`attn_ready_pre_fill`; off by default), for
+    /// measurements and tests. Captured step graphs are dropped.
     pub fn set_attn_ready_pre_fill(&mut self, on: bool) {
         self.attn_ready_pre_fill = on;
         self.graphs.clear();
