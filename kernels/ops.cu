@@ -1758,7 +1758,9 @@ ATTENTION_V2_KERNEL(attention_v2_kv, true)
 // without the preload (which -DATT_READY_OLD restores, for measurements). Its 4 positions
 // loaded at once spilled 80 bytes at 80 registers and were slower; 2 a round without the
 // preload took 56 registers (4 blocks an SM) and made batch 5 / 6 steps ~236 us slower
-// (benches/results/2026-11-29-h200-ready-attention-two-at-a-time.md).
+// (benches/results/2026-11-29-h200-ready-attention-two-at-a-time.md). -DATT_READY_ONE loads one
+// position at a time (the preload one), which with -DATT_READY_MAXREG=64 fits 64 registers
+// without spills, 4 blocks an SM, for measurements.
 #ifndef ATT_PRE_MAXREG
 #define ATT_PRE_MAXREG 96
 #endif
@@ -1792,6 +1794,8 @@ ATTENTION_V2_KERNEL(attention_v2_kv, true)
     }
 #ifdef ATT_READY_OLD
 ATTENTION_V2_KV_READY(attention_v2_kv_ready, false, ATT_READY_MAXREG, ATT_UNROLL, 1)
+#elif defined(ATT_READY_ONE)
+ATTENTION_V2_KV_READY(attention_v2_kv_ready, true, ATT_READY_MAXREG, 1, 4)
 #else
 ATTENTION_V2_KV_READY(attention_v2_kv_ready, true, ATT_READY_MAXREG, 2, 2)
 #endif
