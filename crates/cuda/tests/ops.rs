@@ -618,7 +618,12 @@ fn router_in_the_oproj_matches_the_router_launch() {
 /// whole 128-row scale blocks, stacked), 16 tiled experts of 128, top-8; 3 layers, 128 KV
 /// blocks; None without a GPU.
 fn fp8_attention_model() -> Option<(ModelSpec, CudaModel)> {
-    let sizes = [
+    fp8_attention_model_with(&[])
+}
+
+/// `fp8_attention_model` with the config values `more` set as well.
+fn fp8_attention_model_with(more: &[(&str, usize)]) -> Option<(ModelSpec, CudaModel)> {
+    let mut sizes = vec![
         ("num_hidden_layers", 3),
         ("vocab_size", 512),
         ("hidden_size", 256),
@@ -632,6 +637,7 @@ fn fp8_attention_model() -> Option<(ModelSpec, CudaModel)> {
         ("moe_intermediate_size", 128),
         ("eos_token_id", 2),
     ];
+    sizes.extend_from_slice(more);
     synthetic_resized("configs/mimo-v2-flash.json", &sizes)
 }
 
@@ -643,14 +649,23 @@ fn fp8_attention_model() -> Option<(ModelSpec, CudaModel)> {
 /// decode steps of 1-3 sequences after a 100-token prompt each (so a warp's positions take more
 /// than the one round the preload covers, the last one partial); the counters are zero again
 /// after every step, whether the o_proj after the attention zeroes them (with the preloading
-/// kernel here) or the attention's last block does (without).
+/// kernel here) or the attention's last block does (without). Flash's sliding window of 128,
+/// then one of 21 (fewer positions than a round of the block's warps, the last warp's one
+/// position alone in its load of two).
 #[test]
 fn attention_starting_heads_as_projected_equals_waiting_for_the_projection() {
-    let Some((spec, mut model)) = fp8_attention_model() else { return };
+    for window in [None, Some(21)] {
+        let Some((spec, model)) = fp8_attention_model_with(&window.map(|w| ("sliding_window", w)).into_iter().collect::<Vec<_>>()) else { return };
+        starting_heads_as_projected_equals_waiting(&spec, model, window);
+    }
+}
+
+fn starting_heads_as_projected_equals_waiting(spec: &ModelSpec, mut model: CudaModel, window: Option<usize>) {
     let layers = spec.layers.len();
+    let win = window.map_or_else(|| "window 128".to_string(), |w| format!("window {w}"));
     model.set_qkv_ready(true);
-    assert_eq!(model.qkv_ready_layers(1), layers, "every layer's attention starts heads as projected at one row");
-    assert_eq!(model.qkv_ready_layers(16), 0, "not past the one-tile GEMV's 8 tokens");
+    assert_eq!(model.qkv_ready_layers(1), layers, "{win}: every layer's attention starts heads as projected at one row");
+    assert_eq!(model.qkv_ready_layers(16), 0, "{win}: not past the one-tile GEMV's 8 tokens");
     let mut r = rng();
     for rows in 1..=3usize {
         const PROMPT: usize = 100;
@@ -670,17 +685,17 @@ fn attention_starting_heads_as_projected_equals_waiting_for_the_projection() {
             for (p, ts) in toks.iter().enumerate() {
                 let batch: Vec<SeqForward> = (0..rows).map(|s| seq(s as u64, vec![ts[s]], PROMPT + p, &blocks(s), OutputRows::Last)).collect();
                 let logits: Vec<f32> = model.forward(&batch).unwrap().into_iter().flat_map(|l| l.data).collect();
-                assert!(logits.iter().all(|v| v.is_finite()), "{rows} rows, ready {ready}, preload {preload}, graphs {graphs}: non-finite logits");
-                assert!(model.qkv_ready_counters().unwrap().iter().all(|&c| c == 0), "{rows} rows, ready {ready}, preload {preload}, graphs {graphs}: counters left non-zero");
+                assert!(logits.iter().all(|v| v.is_finite()), "{win}, {rows} rows, ready {ready}, preload {preload}, graphs {graphs}: non-finite logits");
+                assert!(model.qkv_ready_counters().unwrap().iter().all(|&c| c == 0), "{win}, {rows} rows, ready {ready}, preload {preload}, graphs {graphs}: counters left non-zero");
                 steps.push(logits);
             }
             got.push(steps);
         }
-        assert_eq!(got[1], got[0], "{rows} rows, eager: logits differ with heads started as projected (K/V preloaded)");
-        assert_eq!(got[2], got[0], "{rows} rows, eager: logits differ with heads started as projected");
-        assert_eq!(got[3], got[5], "{rows} rows, graphed: logits differ with heads started as projected (K/V preloaded)");
-        assert_eq!(got[4], got[5], "{rows} rows, graphed: logits differ with heads started as projected");
-        eprintln!("{rows} rows: heads started as projected (K/V preloaded or not) = after the projection, {layers} layers, 4 steps after {PROMPT} tokens, eager and graphed");
+        assert_eq!(got[1], got[0], "{win}, {rows} rows, eager: logits differ with heads started as projected (K/V preloaded)");
+        assert_eq!(got[2], got[0], "{win}, {rows} rows, eager: logits differ with heads started as projected");
+        assert_eq!(got[3], got[5], "{win}, {rows} rows, graphed: logits differ with heads started as projected (K/V preloaded)");
+        assert_eq!(got[4], got[5], "{win}, {rows} rows, graphed: logits differ with heads started as projected");
+        eprintln!("{win}, {rows} rows: heads started as projected (K/V preloaded or not) = after the projection, {layers} layers, 4 steps after {PROMPT} tokens, eager and graphed");
     }
 }
 
