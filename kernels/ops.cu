@@ -1435,7 +1435,7 @@ __shared__ unsigned long long att_marks_t[6];
 #define ATT_TRACE_MARK(k)
 #define ATT_TRACE_MARK_END()
 #endif
-template <bool FUSED, bool ROWS = false, bool READY = false, bool PRELOAD = false, int U = ATT_UNROLL, bool ROUND_LOADS = PRELOAD, int SUBS = 1>
+template <bool FUSED, bool ROWS = false, bool READY = false, bool PRELOAD = false, int U = ATT_UNROLL, bool ROUND_LOADS = PRELOAD, int SUBS = 1, bool PRE_ROUND = false>
 __device__ __forceinline__ void attention_v2_body(
     const float* __restrict__ q, const float* __restrict__ kc, const float* __restrict__ vc, float* __restrict__ o,
     const int* __restrict__ pos, const int* __restrict__ seq, const int* __restrict__ tables, int max_blocks,
@@ -1470,9 +1470,10 @@ __device__ __forceinline__ void attention_v2_body(
     __shared__ float sm_q[256], sm_k[256], sm_v[128], sm_dnew;
     // READY's preloaded first round of positions (below): K elements lane + 32 c and V
     // elements lane + 32 c of the warp's positions j0_first + u (clamped to j_hi).
-    float kr[U][8], vr0[U][4];
-    // A warp takes PW positions a round (its rounds ROUND apart), loading U of them at a time.
-    constexpr int PW = U * SUBS, ROUND = ATT_WARPS * PW;
+    // A warp takes PW positions a round (its rounds ROUND apart), loading U of them at a time;
+    // PRE_ROUND: its first round's PW positions preloaded at once (NPRE).
+    constexpr int PW = U * SUBS, ROUND = ATT_WARPS * PW, NPRE = PRE_ROUND ? PW : U;
+    float kr[NPRE][8], vr0[NPRE][4];
     const int j0_first = j_lo + w * PW;
     // PRELOAD (attention_v2_kv_ready_pre): nothing of the pool's positions depends on the
     // projection still running (earlier steps wrote them; slot p's leftovers are replaced
@@ -1497,7 +1498,7 @@ __device__ __forceinline__ void attention_v2_body(
     };
     if (preloaded) {
 #pragma unroll
-        for (int u = 0; u < U; u++) {
+        for (int u = 0; u < NPRE; u++) {
             int j = min(j0_first + u, j_hi);
             load_rows(u, (size_t)table[j / block_size] * block_size + j % block_size);
         }
@@ -1517,7 +1518,7 @@ __device__ __forceinline__ void attention_v2_body(
 #pragma unroll
         for (int u = 0; u < U; u++) ent[u] = table[min(j0 + u, j_hi) / block_size];
     };
-    const int first_loaded = preloaded ? (SUBS > 1 ? j0_first + U : j0_first + ROUND) : j0_first;
+    const int first_loaded = preloaded ? (NPRE < PW ? j0_first + U : j0_first + ROUND) : j0_first;
     if (round_loads && first_loaded <= j_hi) entries_at(first_loaded);
     float rc = 1.f, rs = 0.f;  // thread i's RoPE coefficients (i < 2 half; hd <= blockDim)
     if (early && (int)threadIdx.x < 2 * half) rope_coef(threadIdx.x, half, rotary_dim, theta, (float)p, rc, rs);
@@ -1585,7 +1586,10 @@ __device__ __forceinline__ void attention_v2_body(
         for (int sub = 0; sub < SUBS; sub++) {
             const int jb = j0 + sub * U;
             if (jb > j_hi) break;
-            const bool first = preloaded && jb == j0_first;  // its K and V are in kr, vr0
+            // Its K and V are in kr, vr0 (kr[sub * U + u] where the whole round was preloaded).
+            const bool first = preloaded && j0 == j0_first && (PRE_ROUND || sub == 0);
+            // (Both indices constant once unrolled: a run-time index would put kr in local memory.)
+            const bool shifted = PRE_ROUND && first;
             // round_loads: every load's K and V rows into kr, vr0 at once (one round trip to L2 a
             // load, where the other loop takes three: the table entries, the K rows, then the V
             // rows, which it issues past the dots' shuffles), then the next load's entries. Same
@@ -1606,7 +1610,7 @@ __device__ __forceinline__ void attention_v2_body(
                 if (in_regs) {
 #pragma unroll
                     for (int c = 0; c < 8; c++)
-                        if (lane + 32 * c < hd) s += qr[c] * kr[u][c];
+                        if (lane + 32 * c < hd) s += qr[c] * (shifted ? kr[(sub * U + u) % NPRE][c] : kr[u][c]);
                 } else {
                     slot[u] = (size_t)table[j / block_size] * block_size + j % block_size;
                     const float* kv = kc + (slot[u] * kv_heads + kvh) * hd;
@@ -1625,7 +1629,7 @@ __device__ __forceinline__ void attention_v2_body(
             for (int u = 0; u < U; u++) {
                 if (in_regs) {
 #pragma unroll
-                    for (int c = 0; c < 4; c++) vv[u][c] = vr0[u][c];
+                    for (int c = 0; c < 4; c++) vv[u][c] = shifted ? vr0[(sub * U + u) % NPRE][c] : vr0[u][c];
                 } else {
                     const float* vr = vc + (slot[u] * kv_heads + kvh) * vd;
 #pragma unroll
@@ -1767,7 +1771,7 @@ ATTENTION_V2_KERNEL(attention_v2_kv, true)
 #ifndef ATT_READY_MAXREG
 #define ATT_READY_MAXREG 80
 #endif
-#define ATTENTION_V2_KV_READY(NAME, PRELOAD, MAXREG, U, SUBS)                                                                  \
+#define ATTENTION_V2_KV_READY(NAME, PRELOAD, MAXREG, U, SUBS, PRE_ROUND)                                                       \
     extern "C" __global__ void __maxnreg__(MAXREG) NAME(                                                                       \
         const float* q, const float* __restrict__ kc, const float* __restrict__ vc, float* __restrict__ o,                     \
         const int* __restrict__ pos, const int* __restrict__ seq, const int* __restrict__ tables, int max_blocks,              \
@@ -1779,7 +1783,7 @@ ATTENTION_V2_KERNEL(attention_v2_kv, true)
         TRACE_SCOPE();                                                                                                         \
         ATT_TRACE_MARKS_INIT();                                                                                                \
         PDL_TRIGGER();                                                                                                         \
-        attention_v2_body<true, false, true, PRELOAD, U, PRELOAD, SUBS>(q, kc, vc, o, pos, seq, tables, max_blocks, block_size, heads, kv_heads, \
+        attention_v2_body<true, false, true, PRELOAD, U, PRELOAD, SUBS, PRE_ROUND>(q, kc, vc, o, pos, seq, tables, max_blocks, block_size, heads, kv_heads, \
                                                       hd, vd, window, scale, sinks, part_m, part_l, part_acc, oh, ol, knew, vnew, \
                                                       kc_out, vc_out, slots, half, rotary_dim, theta, vscale, counters, nullptr, \
                                                       ready, need_q, need_kv);                                                 \
@@ -1793,13 +1797,17 @@ ATTENTION_V2_KERNEL(attention_v2_kv, true)
         ATT_TRACE_MARK_END();                                                                                                  \
     }
 #ifdef ATT_READY_OLD
-ATTENTION_V2_KV_READY(attention_v2_kv_ready, false, ATT_READY_MAXREG, ATT_UNROLL, 1)
+ATTENTION_V2_KV_READY(attention_v2_kv_ready, false, ATT_READY_MAXREG, ATT_UNROLL, 1, false)
 #elif defined(ATT_READY_ONE)
-ATTENTION_V2_KV_READY(attention_v2_kv_ready, true, ATT_READY_MAXREG, 1, 4)
+ATTENTION_V2_KV_READY(attention_v2_kv_ready, true, ATT_READY_MAXREG, 1, 4, false)
 #else
-ATTENTION_V2_KV_READY(attention_v2_kv_ready, true, ATT_READY_MAXREG, 2, 2)
+ATTENTION_V2_KV_READY(attention_v2_kv_ready, true, ATT_READY_MAXREG, 2, 2, false)
 #endif
-ATTENTION_V2_KV_READY(attention_v2_kv_ready_pre, true, ATT_PRE_MAXREG, ATT_UNROLL, 1)
+#ifdef ATT_PRE_HALVES
+ATTENTION_V2_KV_READY(attention_v2_kv_ready_pre, true, ATT_PRE_MAXREG, 2, 2, true)
+#else
+ATTENTION_V2_KV_READY(attention_v2_kv_ready_pre, true, ATT_PRE_MAXREG, ATT_UNROLL, 1, false)
+#endif
 
 // Decode attention with one warp per head: block (r, y, z) serves heads ATT_WARPS y .. + 7 of
 // row r over split z's positions. The block stages the K and V rows of ATT_TILE positions at a
