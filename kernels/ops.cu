@@ -1587,7 +1587,7 @@ __device__ __forceinline__ void attention_v2_body(
             const int jb = j0 + sub * U;
             if (jb > j_hi) break;
             // Its K and V are in kr, vr0 (kr[sub * U + u] where the whole round was preloaded).
-            const bool first = preloaded && j0 == j0_first && (PRE_ROUND || sub == 0);
+            const bool first = PRE_ROUND ? preloaded && j0 == j0_first : preloaded && jb == j0_first;
             // (Both indices constant once unrolled: a run-time index would put kr in local memory.)
             const bool shifted = PRE_ROUND && first;
             // round_loads: every load's K and V rows into kr, vr0 at once (one round trip to L2 a
@@ -1750,10 +1750,12 @@ ATTENTION_V2_KERNEL(attention_v2_kv, true)
 // attention_v2_kv_ready_pre: the same, loading its warps' first round of positions and the
 // RoPE coefficients before waiting for its heads (PRELOAD above). Holding them across the wait
 // takes registers: the host runs it only where its grid fits one wave (batch 1 and 4: 256
-// blocks), capped at 96 (84 bytes spilled with the round loads, 8 before) so that two of its
-// blocks and an o_proj block share an SM. At 3 blocks per SM (80 registers, 32 bytes spilled)
-// the batch-1 step was 0.5% slower than without the preload; at 96 or 109 it is 0.3-0.6% faster
-// (benches/results/2026-11-25-attention-preload.md).
+// blocks), capped at 96 so that two of its blocks and an o_proj block share an SM. At 3 blocks
+// per SM (80 registers, 32 bytes spilled) the batch-1 step was 0.5% slower than without the
+// preload; at 96 or 109 it is 0.3-0.6% faster (benches/results/2026-11-25-attention-preload.md).
+// Its first round of 4 positions is preloaded at once (PRE_ROUND), its later rounds loaded 2
+// at a time: 16 bytes spilled where 4 at a time spilled 84, the batch-1 step 2.5 us faster in
+// 4 of 4 load pairs, batch 4 even (-DATT_PRE_FOURS restores 4 at a time, for measurements).
 // attention_v2_kv_ready (where the splits fill a larger wave: 2-3 and 5-6 rows of 64 heads)
 // stays at 80 registers, 3 blocks an SM (at 96 its batch 2 / 3 / 5 steps were 55-83 us
 // slower), and takes the preload and the round loads 2 positions at a time (SUBS = 2: a warp's
@@ -1803,10 +1805,10 @@ ATTENTION_V2_KV_READY(attention_v2_kv_ready, true, ATT_READY_MAXREG, 1, 4, false
 #else
 ATTENTION_V2_KV_READY(attention_v2_kv_ready, true, ATT_READY_MAXREG, 2, 2, false)
 #endif
-#ifdef ATT_PRE_HALVES
-ATTENTION_V2_KV_READY(attention_v2_kv_ready_pre, true, ATT_PRE_MAXREG, 2, 2, true)
-#else
+#ifdef ATT_PRE_FOURS
 ATTENTION_V2_KV_READY(attention_v2_kv_ready_pre, true, ATT_PRE_MAXREG, ATT_UNROLL, 1, false)
+#else
+ATTENTION_V2_KV_READY(attention_v2_kv_ready_pre, true, ATT_PRE_MAXREG, 2, 2, true)
 #endif
 
 // Decode attention with one warp per head: block (r, y, z) serves heads ATT_WARPS y .. + 7 of

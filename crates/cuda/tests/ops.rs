@@ -641,17 +641,17 @@ fn fp8_attention_model_with(more: &[(&str, usize)]) -> Option<(ModelSpec, CudaMo
     synthetic_resized("configs/mimo-v2-flash.json", &sizes)
 }
 
-/// Decode attention starting each head as soon as the q/k/v projection has counted its rows
-/// in (`gemv_mma_fp8_t1_ready`; `attention_v2_kv_ready_pre`, its warps' first 4 K/V rows loaded
-/// before its heads are ready, or `attention_v2_kv_ready`, its first 2, each round's 4 positions
-/// in two loads) gives the logits of attention waiting for the whole projection
-/// (`attention_v2_kv`, 4 positions a round in one), bit for bit, eager and graphed, over 4
-/// decode steps of 1-3 sequences after a 100-token prompt each (so a warp's positions take more
-/// than the one round the preload covers, the last one partial); the counters are zero again
-/// after every step, whether the o_proj after the attention zeroes them (with the preloading
-/// kernel here) or the attention's last block does (without). Flash's sliding window of 128,
-/// then one of 21 (fewer positions than a round of the block's warps, the last warp's one
-/// position alone in its load of two).
+/// Decode attention starting each head as soon as the q/k/v projection has counted its rows in
+/// (`gemv_mma_fp8_t1_ready`; `attention_v2_kv_ready_pre`, its warps' first round of 4 K/V rows
+/// loaded before its heads are ready, or `attention_v2_kv_ready`, the first 2 of them; both load a
+/// later round's 4 positions in two loads) gives the logits of attention waiting for the whole
+/// projection (`attention_v2_kv`, 4 positions a round in one), bit for bit, eager and graphed, over
+/// 4 decode steps of 1-3 sequences after a 100-token prompt each (so a warp's positions take more
+/// than the one round the preload covers, the last one partial); the counters are zero again after
+/// every step, whether the o_proj after the attention zeroes them (with the preloading kernel here)
+/// or the attention's last block does (without). Flash's sliding window of 128, then one of 21
+/// (fewer positions than a round of the block's warps, the last warp's one position alone in its
+/// load of two).
 #[test]
 fn attention_starting_heads_as_projected_equals_waiting_for_the_projection() {
     for window in [None, Some(21)] {
