@@ -487,10 +487,7 @@ impl CudaModel {
         let sms = gpu.ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(drv)? as usize;
         let attention_kv_wave = ops.attention_v2_kv.occupancy_max_active_blocks_per_multiprocessor(256, 0, None).map_err(drv)? as usize * sms;
         let attention_ready_pre_wave = ops.attention_v2_kv_ready_pre.occupancy_max_active_blocks_per_multiprocessor(256, 0, None).map_err(drv)? as usize * sms;
-        let attention_ready_wave = match std::env::var("PEREGRINE_ATTN_READY_WAVE").ok().and_then(|v| v.parse().ok()) {
-            Some(blocks) => blocks,
-            None => ops.attention_v2_kv_ready.occupancy_max_active_blocks_per_multiprocessor(256, 0, None).map_err(drv)? as usize * sms,
-        };
+        let attention_ready_wave = ops.attention_v2_kv_ready.occupancy_max_active_blocks_per_multiprocessor(256, 0, None).map_err(drv)? as usize * sms;
         let synth = seed.map(|seed| -> Result<Synthetic> { Ok(Synthetic::new(f("fill_random_u8")?, f("fill_random_f")?, spec.quant.linear, seed)) }).transpose()?;
         let w = match (files, &synth) {
             (Some(w), _) => Source::Files(w),
