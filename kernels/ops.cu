@@ -1587,6 +1587,7 @@ __device__ __forceinline__ void attention_v2_body(
             const int jb = j0 + sub * U;
             if (jb > j_hi) break;
             // Its K and V are in kr, vr0 (kr[sub * U + u] where the whole round was preloaded).
+            // With PRE_ROUND every load of the first round is preloaded, else only its first.
             const bool first = PRE_ROUND ? preloaded && j0 == j0_first : preloaded && jb == j0_first;
             // (Both indices constant once unrolled: a run-time index would put kr in local memory.)
             const bool shifted = PRE_ROUND && first;

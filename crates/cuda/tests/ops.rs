@@ -655,7 +655,8 @@ fn fp8_attention_model_with(more: &[(&str, usize)]) -> Option<(ModelSpec, CudaMo
 #[test]
 fn attention_starting_heads_as_projected_equals_waiting_for_the_projection() {
     for window in [None, Some(21)] {
-        let Some((spec, model)) = fp8_attention_model_with(&window.map(|w| ("sliding_window", w)).into_iter().collect::<Vec<_>>()) else { return };
+        let more = window.map(|w| ("sliding_window", w));
+        let Some((spec, model)) = fp8_attention_model_with(more.as_slice()) else { return };
         starting_heads_as_projected_equals_waiting(&spec, model, window);
     }
 }
