@@ -792,8 +792,9 @@ __device__ __forceinline__ unsigned long long argmax_key(float v, int n) {
 // block" crosses from one of a warp's K classes to the next). Same loads, same arithmetic in the
 // same order: the same bits.
 //
-// KEEP (one tile, one token group): token 0's values of the block's 16 rows also go to keep[16]
-// (shared memory), as stored, for the caller's epilogue (gemv_mma_bf16_t1_pipe_route).
+// KEEP (one tile, one token group): the values of the block's 16 rows also go to keep[16 x 8]
+// (shared memory; row r of token t at keep[8 r + t]), as stored, for the caller's epilogue
+// (gemv_mma_bf16_t1_pipe_route).
 //
 // ARGMAX (one tile, one token: gemv_mma_bf16_t1_argmax, the lm_head of a batch-1 step): each
 // warp of the epilogue folds its rows' values as argmax_key's (value, index) key into one of
@@ -1065,7 +1066,7 @@ __device__ __forceinline__ void gemv_mma(const unsigned char* __restrict__ W, co
             for (int i = 0; i < MMA_WARPS; i++) s += red[i][e];
             int n = nb + rt * 16 + e / (NT * 8), t = t0 + e % (NT * 8);
             if (n < N && t < T) store_out(s, xinv, y, y1, y2, N0, N1, N, n, t);
-            if (KEEP && n < N && t == 0) keep[n - nb] = xinv ? s * xinv[t] : s;
+            if (KEEP && n < N && t < T) keep[(n - nb) * 8 + (t - t0)] = xinv ? s * xinv[t] : s;
             if (ARGMAX && n < N && t == 0) key = argmax_key(xinv ? s * xinv[t] : s, n);
         }
         if (ARGMAX && w < 16 * 8 / 32) {  // the warps holding the tile's 128 entries, whole
@@ -1721,20 +1722,22 @@ extern "C" __global__ void __launch_bounds__(256) gemv_mma_bf16_t1_argmax_pf(
 GEMV_MMA_PIPE(bf16, false)
 GEMV_MMA_PIPE(fp8, true)
 
-// The one-token o_proj (gemv_mma_bf16_t1_pipe) that also does its MoE's router, so no router
-// launch sits between it and the fused MoE (route_in_oproj on the host). The router is linear
-// and the post-attention norm's 1 / rms is one scalar: logits[e] = inv * sum_k W[e, k] g[k] h[k]
-// with h = res + o (the residual add), inv = 1 / sqrt(mean(h^2) + eps). So each block, once its
-// 16 rows of o are summed, forms h of its rows, writes g h (hg: the MoE stages x = hg * inv from
-// it, so it reads no weights of the norm in its path) and the sum of squares of h (ssq[block],
-// in row order), and adds its part of every expert's dot product over those rows into acc as a
-// fixed-point integer (x 2^40, red.global.add.u64): integer sums do not depend on the blocks'
-// order, so the logits are the same bits from run to run. Block b adds into copy b % copies of
-// the E sums (acc[c E + e]; the MoE adds the copies up), so fewer blocks' reds meet at one
-// address at the o_proj's end. A part that is not finite or not below 2^22 sets acc[copies E]
-// instead (the MoE then sees NaN logits, as the router would give). The fused MoE
-// (moe_fused_acc_*) sums ssq in its own fixed order, applies inv and routes; acc must be zero
-// on entry (the MoE of the layer after zeroes it: see there). The router's columns of the
+// The decode o_proj of T <= 8 tokens (gemv_mma_bf16_t1_pipe) that also does its MoE's router, so
+// no norm and no router launch sit between it and the MoE (route_in_oproj on the host). The
+// router is linear and the post-attention norm's 1 / rms is one scalar a token:
+// logits[t, e] = inv_t * sum_k W[e, k] g[k] h[t, k] with h = res + o (the residual add),
+// inv_t = 1 / sqrt(mean(h_t^2) + eps). So each block, once its 16 rows of o are summed, forms h of
+// its rows, writes g h (hg [T, N]: the MoE stages x = hg * inv from it, so it reads no weights of
+// the norm in its path) and each token's sum of squares of h over its rows (ssq[t gridDim.x +
+// block], in row order), and adds its part of every expert's dot product over those rows into
+// token t's sums at acc + t tok as a fixed-point integer (x 2^40, red.global.add.u64): integer
+// sums do not depend on the blocks' order, so the logits are the same bits from run to run.
+// Block b adds into copy b % copies of the E sums (acc[t tok + c E + e]; the reader adds the
+// copies up), so fewer blocks' reds meet at one address at the o_proj's end. A part that is not
+// finite or not below 2^22 sets acc[t tok + copies E] instead (the reader then sees NaN logits,
+// as the router would give). One token is read by the fused MoE (moe_fused_acc_*), more by
+// moe_route_acc and moe_digit_rows_acc (ops.cu, moe.cu); each sums ssq in acc_norm_inv's order.
+// acc must be zero on entry (its readers zero it: see there). The router's columns of the
 // block's rows (W [E, N] f32, 64 bytes per expert) are copied to shared memory before the wait
 // (weights), the residual's rows loaded after it. 16 E * 4 bytes of dynamic shared memory.
 extern "C" __global__ void __launch_bounds__(256) gemv_mma_bf16_t1_pipe_route(
@@ -1742,42 +1745,49 @@ extern "C" __global__ void __launch_bounds__(256) gemv_mma_bf16_t1_pipe_route(
     const unsigned short* __restrict__ XL, const float* __restrict__ xinv, float* __restrict__ y, float* __restrict__ y1,
     float* __restrict__ y2, int N0, int N1, int N, int K, int T, unsigned* zero, int nzero, const float* __restrict__ res,
     const float* __restrict__ g, const float* __restrict__ Wr, int E, unsigned long long* __restrict__ acc, int copies,
-    float* __restrict__ ssq, float* __restrict__ hg) {
-    __shared__ float keep[16], hgs[16];
+    float* __restrict__ ssq, float* __restrict__ hg, int tok) {
+    __shared__ float keep[16 * 8], hgs[16 * 8];  // row r of token t at 8 r + t
     extern __shared__ __align__(128) float4 wr_sh[];  // [E][4]: expert e's columns nb .. nb + 15
     const int nb = blockIdx.x * 16, tid = threadIdx.x;
     for (int i = tid; i < E * 4; i += blockDim.x) cp_async16(wr_sh + i, Wr + (size_t)(i >> 2) * N + nb + (i & 3) * 4);
     cp_async_commit();
-    const float gr = tid < 16 && nb + tid < N ? __ldg(g + nb + tid) : 0.f;
+    // Thread 8 r + t (of the first 128) holds row r of token t.
+    const int rr = tid >> 3, tt = tid & 7;
+    const bool held = tid < 16 * 8 && tt < T && nb + rr < N;  // (the host keeps N % 16 == 0)
+    const float gr = held ? __ldg(g + nb + rr) : 0.f;
     PDL_ENTER();
-    const float xr = tid < 16 && nb + tid < N ? __ldcg(res + nb + tid) : 0.f;  // (the host keeps N % 16 == 0)
+    const float xr = held ? __ldcg(res + (size_t)tt * N + nb + rr) : 0.f;
     gemv_mma<1, 1, false, false, true, 1, false, true>(W, S, XH, XL, xinv, y, y1, y2, N0, N1, N, K, T, nullptr, 0, 0, 0, keep);
     zero_after_wait(zero, nzero);
     cp_async_wait<0>();
     __syncthreads();  // keep[] and every thread's copies
-    if (tid < 16) {
+    if (held) {
         const float h = xr + keep[tid];  // the norm's x + a
         hgs[tid] = gr * h;
-        if (nb + tid < N) hg[nb + tid] = hgs[tid];
+        hg[(size_t)tt * N + nb + rr] = hgs[tid];
         keep[tid] = h;
     }
     __syncthreads();
-    if (tid == 0) {
+    if (tid < T) {
         float s = 0.f;
 #pragma unroll
-        for (int r = 0; r < 16; r++) s += keep[r] * keep[r];
-        ssq[blockIdx.x] = s;
+        for (int r = 0; r < 16; r++) s += keep[8 * r + tid] * keep[8 * r + tid];
+        ssq[(size_t)tid * gridDim.x + blockIdx.x] = s;
     }
-    unsigned long long* mine = acc + (size_t)(blockIdx.x % copies) * E;
     for (int e = tid; e < E; e += blockDim.x) {
-        float p = 0.f;
+        float4 w[4];
 #pragma unroll
-        for (int j = 0; j < 4; j++) {
-            const float4 w = wr_sh[e * 4 + j];
-            p += w.x * hgs[4 * j] + w.y * hgs[4 * j + 1] + w.z * hgs[4 * j + 2] + w.w * hgs[4 * j + 3];
+        for (int j = 0; j < 4; j++) w[j] = wr_sh[e * 4 + j];
+        for (int t = 0; t < T; t++) {
+            float p = 0.f;
+#pragma unroll
+            for (int j = 0; j < 4; j++)
+                p += w[j].x * hgs[8 * (4 * j) + t] + w[j].y * hgs[8 * (4 * j + 1) + t] + w[j].z * hgs[8 * (4 * j + 2) + t] +
+                     w[j].w * hgs[8 * (4 * j + 3) + t];
+            unsigned long long* mine = acc + (size_t)t * tok;
+            if (fabsf(p) < 0x1p22f) atomicAdd(mine + (size_t)(blockIdx.x % copies) * E + e, (unsigned long long)__float2ll_rn(p * 0x1p40f));
+            else atomicOr(mine + (size_t)copies * E, 1ull);
         }
-        if (fabsf(p) < 0x1p22f) atomicAdd(mine + e, (unsigned long long)__float2ll_rn(p * 0x1p40f));
-        else atomicOr(acc + (size_t)copies * E, 1ull);
     }
 }
 

@@ -1563,17 +1563,13 @@ __device__ __forceinline__ void moe_fused_acc(const unsigned long long* __restri
     RowItems<ACC_STAGE_REGS> row;
     float hm = 0.f;
     if (early && me >= 0) hm = row_items_load(hg, q16, me, others, row);
-    float q = 0.f;
-    for (int i = threadIdx.x & 31; i < nssq; i += 32) q += __ldcg(ssq + i);
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) q += __shfl_xor_sync(0xffffffffu, q, o);
-    const float inv = 1.f / sqrtf(q / H + eps);
+    const float inv = acc_norm_inv(ssq, nssq, H, eps);
     if (early) {
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) hm = fmaxf(hm, __shfl_xor_sync(0xffffffffu, hm, o));
         if ((threadIdx.x & 31) == 0) ss.red[(threadIdx.x >> 5) * NP] = hm * inv;  // warps 0 and 4: 0
     }
-    auto logit = [&](unsigned long long v) { return bad ? __int_as_float(0x7fc00000) : (float)((double)(long long)v * 0x1p-40) * inv; };
+    auto logit = [&](unsigned long long v) { return acc_logit(v, bad, inv); };
     if (held) {
         if (e0 < E) {
             unsigned long long v = 0ull;
@@ -1815,10 +1811,16 @@ extern "C" __global__ void __launch_bounds__(256) moe_split_rows(const float* __
 // step's buffers may reuse memory the kernel ahead still reads: crate::alloc). What is left
 // past the wait is the copy of one row (37 KB for Flash). -DMOE_DIGIT_ROWS_AFTER_WAIT stages
 // after the wait, for measurements.
-extern "C" __global__ void __launch_bounds__(256) moe_digit_rows(const float* __restrict__ x, int K, unsigned char* __restrict__ xd) {
+// NORM (moe_digit_rows_acc): row t is x_t * inv_t, x = g h as the o_proj that did the router
+// wrote it for T tokens (gemv_mma_bf16_t1_pipe_route) and inv_t from its blocks' parts ssq +
+// t nssq (acc_norm_inv): stage_b's NORM, the digits of the post-attention norm's output.
+// (Settled as x is: the o_proj is two launches back, moe_route_acc between.)
+template <bool NORM>
+__device__ __forceinline__ void digit_rows_body(const float* __restrict__ x, int K, unsigned char* __restrict__ xd,
+                                                const float* __restrict__ ssq, int nssq, float eps) {
     uint4* dsm = staged_frag(0);  // (the dynamic shared memory, declared where the MoE kernels declare it)
     __shared__ StageSmem ss;
-    TRACE_SCOPE();
+    TRACE_SCOPE_NAMED(NORM ? "moe_digit_rows_acc" : "moe_digit_rows");
 #ifdef MOE_DIGIT_ROWS_AFTER_WAIT
     PDL_WAIT();
     TRACE_PAST_WAIT();
@@ -1826,7 +1828,8 @@ extern "C" __global__ void __launch_bounds__(256) moe_digit_rows(const float* __
     PDL_TRIGGER();
     const int row[1] = {(int)blockIdx.x};
     const unsigned bytes = dg_x_row_bytes(K);
-    stage_b<false, false, true>(x, row, 1, K, reinterpret_cast<unsigned*>(dsm), ss.red, ss.scale, ss.inv);
+    const float ninv = NORM ? acc_norm_inv(ssq + (size_t)blockIdx.x * nssq, nssq, K, eps) : 0.f;
+    stage_b<false, NORM, true>(x, row, 1, K, reinterpret_cast<unsigned*>(dsm), ss.red, ss.scale, ss.inv, ninv);
     if (threadIdx.x == 0) *reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(dsm) + K / 16 * DG_CORE) = ss.inv[0];
     __syncthreads();  // (stage_b ended with one: this one is for the scale)
 #ifndef MOE_DIGIT_ROWS_AFTER_WAIT
@@ -1835,6 +1838,13 @@ extern "C" __global__ void __launch_bounds__(256) moe_digit_rows(const float* __
 #endif
     uint4* r = reinterpret_cast<uint4*>(xd + (size_t)blockIdx.x * bytes);
     for (unsigned i = threadIdx.x; i < bytes / 16; i += blockDim.x) r[i] = dsm[i];
+}
+extern "C" __global__ void __launch_bounds__(256) moe_digit_rows(const float* __restrict__ x, int K, unsigned char* __restrict__ xd) {
+    digit_rows_body<false>(x, K, xd, nullptr, 0, 0.f);
+}
+extern "C" __global__ void __launch_bounds__(256) moe_digit_rows_acc(const float* __restrict__ hg, int K, unsigned char* __restrict__ xd,
+                                                                      const float* __restrict__ ssq, int nssq, float eps) {
+    digit_rows_body<true>(hg, K, xd, ssq, nssq, eps);
 }
 
 // The same split in the wgmma GEMM's layout (stage_item's WG): the same values, other places.

@@ -1173,6 +1173,49 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, const flo
                 reinterpret_cast<int*>(smem));
 }
 
+// moe_route after the o_proj that did the router for T tokens (gemv_mma_bf16_t1_pipe_route in
+// gemv.cu): block t takes token t's logits from its fixed-point sums at acc + t tok (copies x E,
+// then the flag) and 1 / rms from the o_proj blocks' parts ssq + t nssq (acc_norm_inv, as the
+// one-token MoE reads them), then routes and groups as moe_route (counter non-null, T >= 2).
+// Block t is the only reader of token t's sums, so it zeroes them once every thread has read
+// its share; block 0 also zeroes nzero words at zero_acc (the token-0 sums of the layer before
+// that does the router in its o_proj, which a one-token step's fused MoE leaves to the next such
+// layer: the sums are zero whenever an o_proj adds into them, whatever the step's token count).
+// Dynamic shared memory: moe_route's, then E floats of logits.
+extern "C" __global__ void moe_route_acc(unsigned long long* __restrict__ acc, int tok, int copies, const float* __restrict__ ssq,
+                                         int nssq, int H, float eps, const float* __restrict__ bias, int* __restrict__ topk_idx,
+                                         float* __restrict__ topk_w, int E, int K, int softmax, int n_group, int topk_group,
+                                         int norm, float scale, unsigned* counter, int max_u, int* __restrict__ experts,
+                                         int* __restrict__ pair_off, int* __restrict__ pair_tok, float* __restrict__ pair_w,
+                                         int* __restrict__ tok_pairs, unsigned long long* __restrict__ zero_acc, int nzero, int smem_floats) {
+    PDL_ENTER();
+    extern __shared__ float smem[];
+    __shared__ int sel[ROUTE_MAX_K];
+    __shared__ float wsel[ROUTE_MAX_K];
+    const int t = blockIdx.x;
+    unsigned long long* a = acc + (size_t)t * tok;
+    float* lg = smem + smem_floats;
+    const float inv = acc_norm_inv(ssq + (size_t)t * nssq, nssq, H, eps);
+    const bool bad = __ldcg(a + (size_t)copies * E) != 0ull;
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+        unsigned long long v = 0ull;
+        for (int c = 0; c < copies; c++) v += __ldcg(a + (size_t)c * E + e);
+        lg[e] = acc_logit(v, bad, inv);
+    }
+    __syncthreads();  // every sum read
+    for (int i = threadIdx.x; i <= copies * E; i += blockDim.x) a[i] = 0ull;
+    if (t == 0 && zero_acc != nullptr)
+        for (int i = threadIdx.x; i < nzero; i += blockDim.x) zero_acc[i] = 0ull;
+    route_token(lg, bias, E, K, softmax, n_group, topk_group, norm, scale, smem, smem + E, sel, wsel);
+    for (int k = threadIdx.x; k < K; k += blockDim.x) {
+        topk_idx[t * K + k] = sel[k];
+        topk_w[t * K + k] = wsel[k];
+    }
+    if (!block_arrive_last(counter, gridDim.x)) return;
+    group_pairs(topk_idx, topk_w, (int)gridDim.x * K, K, E, max_u, experts, pair_off, pair_tok, pair_w, tok_pairs,
+                reinterpret_cast<int*>(smem));
+}
+
 // Groups a batch's routing by expert on the GPU (as kernels::MoeRouting::new does on the host),
 // so the MoE kernels stream each routed expert once: pairs p = t * K + s sorted by (expert, p).
 // experts[u] / pair_off[u..u+1] for the used experts ascending, then empty slots up to max_u

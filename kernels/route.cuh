@@ -171,6 +171,24 @@ __device__ __forceinline__ void group_one_token_warp(const int* sel, float w, in
 
 #define ROUTE_MAX_K 64  // experts per token the router takes (checked at load)
 
+// The router done by the o_proj (gemv_mma_bf16_t1_pipe_route in gemv.cu) leaves, per token, the
+// post-attention norm's sum of squares of h as the o_proj blocks' parts[0..n) and the logits as
+// fixed-point sums (x 2^40) in copies. acc_norm_inv: 1 / rms from the parts, every warp summing
+// them in the same order (lane l: parts l, l + 32, ..., then the xor tree), so every thread of
+// every kernel reading them (the fused one-token MoE, moe_route_acc, moe_digit_rows_acc) holds the
+// same bits without a barrier. acc_logit: one expert's logit from its summed copies, NaN where
+// the o_proj flagged a part it could not hold (`bad`).
+__device__ __forceinline__ float acc_norm_inv(const float* __restrict__ parts, int n, int H, float eps) {
+    float q = 0.f;
+    for (int i = threadIdx.x & 31; i < n; i += 32) q += __ldcg(parts + i);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) q += __shfl_xor_sync(0xffffffffu, q, o);
+    return 1.f / sqrtf(q / H + eps);
+}
+__device__ __forceinline__ float acc_logit(unsigned long long v, bool bad, float inv) {
+    return bad ? __int_as_float(0x7fc00000) : (float)((double)(long long)v * 0x1p-40) * inv;
+}
+
 // route_token's phases for a measurement build's trace (the fused MoE passes its TRACE): none.
 struct RouteNoStamp {
     __device__ void operator()(int) const {}

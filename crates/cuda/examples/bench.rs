@@ -877,7 +877,7 @@ fn moe_acc_against_given(k: &Kernels, s: &std::sync::Arc<cudarc::driver::CudaStr
     let pct = |ms: f32| 100.0 * bytes / (ms as f64 * 1e-3) / copy_bw;
     let routes: Vec<peregrine_cuda::kernels::RouteInOproj> = accs
         .iter()
-        .map(|a| peregrine_cuda::kernels::RouteInOproj { res: &unused, norm: &unused, router: &unused, experts: e, acc: a.device_ptr(s).0, copies, ssq: &ssq, hg: x })
+        .map(|a| peregrine_cuda::kernels::RouteInOproj { res: &unused, norm: &unused, router: &unused, experts: e, acc: a.device_ptr(s).0, copies, ssq: &ssq, hg: x, tok: copies * e + 1 })
         .collect();
     let mut given = Vec::new();
     let mut acc = Vec::new();

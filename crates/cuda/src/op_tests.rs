@@ -976,12 +976,13 @@ fn router_computing_the_norm_equals_norm_then_router() {
     }
 }
 
-/// The one-token o_proj that also does its MoE's router (`gemv_bf16_presplit_route`) on fresh
-/// random inputs: o is the plain kernel's, bit for bit (y poisoned first); g h = g (res + o)
-/// exactly; each block's sum of squares and the fixed-point logit sums (over the copies) against
-/// f64 sums on the host (the logits within 1e-5 of the sum of their terms' magnitudes); the same
-/// sums again when run with another count of copies (integer sums, whatever the blocks' order);
-/// a part that overflows the fixed point sets the flag word instead.
+/// The decode o_proj of 1-8 tokens that also does its MoE's router (`gemv_bf16_presplit_route`)
+/// on fresh random inputs: o is the plain kernel's, bit for bit (y poisoned first); g h = g
+/// (res + o) exactly, per token; each block's sum of squares per token and each token's
+/// fixed-point logit sums (over the copies, `tok` words apart) against f64 sums on the host (the
+/// logits within 1e-5 of the sum of their terms' magnitudes); the same sums again when run with
+/// another count of copies (integer sums, whatever the blocks' order); a part that overflows the
+/// fixed point sets the flag word instead.
 #[test]
 fn oproj_doing_the_router_matches_the_host() {
     use cudarc::driver::DevicePtr;
@@ -989,45 +990,54 @@ fn oproj_doing_the_router_matches_the_host() {
     let mut r = rng();
     let st = m.stream.clone();
     assert!(m.kernels.oproj_route_takes(4096, 8192, 256), "Flash's o_proj and router shapes");
-    for (n, k, e) in [(4096usize, 8192usize, 256usize), (256, 256, 16), (512, 1024, 40)] {
+    for (n, k, e, t) in [(4096usize, 8192usize, 256usize, 1usize), (4096, 8192, 256, 3), (256, 256, 16, 1), (256, 256, 16, 8), (512, 1024, 40, 2)] {
         assert!(m.kernels.oproj_route_takes(n, k, e), "{n}x{k}, {e} experts");
         let (mat, _) = random_tc_matrix(&st, &mut r, n, k, false);
         let crate::backend::GpuMatrix::Bf16(wd) = &mat.m else { unreachable!() };
-        let xv = randn(&mut r, k, 1.0);
+        let xv = randn(&mut r, t * k, 1.0);
         let xh: Vec<u16> = xv.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
         let xl: Vec<u16> = xv.iter().zip(&xh).map(|(&v, &h)| half::bf16::from_f32(v - half::bf16::from_bits(h).to_f32()).to_bits()).collect();
         let (xhd, xld) = (st.clone_htod(&xh).unwrap(), st.clone_htod(&xl).unwrap());
-        let (res, g, wr) = (randn(&mut r, n, 2.0), randn(&mut r, n, 1.0), randn(&mut r, e * n, 0.05));
+        let (res, g, wr) = (randn(&mut r, t * n, 2.0), randn(&mut r, n, 1.0), randn(&mut r, e * n, 0.05));
         let (resd, gd, wrd) = (st.clone_htod(&res).unwrap(), st.clone_htod(&g).unwrap(), st.clone_htod(&wr).unwrap());
-        let mut want_y = st.alloc_zeros::<f32>(n).unwrap();
-        m.kernels.gemv_bf16_presplit(wd, &xhd, &xld, &mut want_y, n, k, 1, None).unwrap();
+        let mut want_y = st.alloc_zeros::<f32>(t * n).unwrap();
+        m.kernels.gemv_bf16_presplit(wd, &xhd, &xld, &mut want_y, n, k, t, None).unwrap();
         let want_y = st.clone_dtoh(&want_y).unwrap();
-        let name = format!("o_proj {n}x{k} with a router of {e}");
+        let name = format!("o_proj {n}x{k} of {t} tokens with a router of {e}");
+        let blocks = n / 16;
         let mut runs = Vec::new();
         for _ in 0..2 {
             let copies = 1 + runs.len() * 4;
-            let acc = st.alloc_zeros::<u64>(copies * e + 1).unwrap();
-            let (ssq, hd) = (st.clone_htod(&vec![f32::NAN; n / 16]).unwrap(), st.clone_htod(&vec![f32::NAN; n]).unwrap());
-            let mut y = st.clone_htod(&vec![f32::NAN; n]).unwrap();
-            let rb = crate::kernels::RouteInOproj { res: &resd, norm: &gd, router: &wrd, experts: e, acc: acc.device_ptr(&st).0, copies, ssq: &ssq, hg: &hd };
-            m.kernels.gemv_bf16_presplit_route(wd, &xhd, &xld, &mut y, n, k, None, &rb).unwrap();
+            // Token j's sums a few words past the one before's flag.
+            let tok = copies * e + 3;
+            let acc = st.alloc_zeros::<u64>(t * tok).unwrap();
+            let (ssq, hd) = (st.clone_htod(&vec![f32::NAN; t * blocks]).unwrap(), st.clone_htod(&vec![f32::NAN; t * n]).unwrap());
+            let mut y = st.clone_htod(&vec![f32::NAN; t * n]).unwrap();
+            let rb = crate::kernels::RouteInOproj { res: &resd, norm: &gd, router: &wrd, experts: e, acc: acc.device_ptr(&st).0, copies, ssq: &ssq, hg: &hd, tok };
+            m.kernels.gemv_bf16_presplit_route(wd, &xhd, &xld, &mut y, n, k, t, None, &rb).unwrap();
             let (y, hg, ssq, acc) = (st.clone_dtoh(&y).unwrap(), st.clone_dtoh(&hd).unwrap(), st.clone_dtoh(&ssq).unwrap(), st.clone_dtoh(&acc).unwrap());
             assert!(y.iter().zip(&want_y).all(|(a, b)| a.to_bits() == b.to_bits()), "{name}: o differs from the plain kernel's");
-            let h: Vec<f32> = res.iter().zip(&y).map(|(x, o)| x + o).collect();
-            assert!(hg.iter().zip(h.iter().zip(&g)).all(|(a, (h, g))| a.to_bits() == (g * h).to_bits()), "{name}: hg is not g (res + o)");
-            for (b, s) in ssq.iter().enumerate() {
-                let want: f64 = h[16 * b..16 * b + 16].iter().map(|&v| v as f64 * v as f64).sum();
-                assert!((*s as f64 - want).abs() <= 1e-5 * want.max(1e-6), "{name}: block {b}'s sum of squares {s} against {want}");
+            let mut sums = Vec::new();
+            for j in 0..t {
+                let h: Vec<f32> = res[j * n..(j + 1) * n].iter().zip(&y[j * n..(j + 1) * n]).map(|(x, o)| x + o).collect();
+                assert!(hg[j * n..(j + 1) * n].iter().zip(h.iter().zip(&g)).all(|(a, (h, g))| a.to_bits() == (g * h).to_bits()), "{name}: token {j}'s hg is not g (res + o)");
+                for b in 0..blocks {
+                    let (s, want) = (ssq[j * blocks + b], h[16 * b..16 * b + 16].iter().map(|&v| v as f64 * v as f64).sum::<f64>());
+                    assert!((s as f64 - want).abs() <= 1e-5 * want.max(1e-6), "{name}: token {j}, block {b}'s sum of squares {s} against {want}");
+                }
+                let a = &acc[j * tok..(j + 1) * tok];
+                assert_eq!(a[copies * e], 0, "{name}: token {j}'s overflow flag is set");
+                assert!(a[copies * e + 1..].iter().all(|&v| v == 0), "{name}: token {j}'s sums spilled past its flag");
+                for ei in 0..e {
+                    let terms = (0..n).map(|i| wr[ei * n + i] as f64 * (g[i] * h[i]) as f64);
+                    let (want, mag) = terms.fold((0f64, 0f64), |(s, a), t| (s + t, a + t.abs()));
+                    let sum = (0..copies).fold(0u64, |s, c| s.wrapping_add(a[c * e + ei]));
+                    let got = sum as i64 as f64 * (-40f64).exp2();
+                    assert!((got - want).abs() <= 1e-5 * mag.max(1e-9), "{name}: token {j}, expert {ei}'s logit sum {got} against {want}");
+                    sums.push(sum);
+                }
             }
-            assert_eq!(acc[copies * e], 0, "{name}: the overflow flag is set");
-            for ei in 0..e {
-                let terms = (0..n).map(|j| wr[ei * n + j] as f64 * (g[j] * h[j]) as f64);
-                let (want, mag) = terms.fold((0f64, 0f64), |(s, a), t| (s + t, a + t.abs()));
-                let sum = (0..copies).fold(0u64, |s, c| s.wrapping_add(acc[c * e + ei]));
-                let got = sum as i64 as f64 * (-40f64).exp2();
-                assert!((got - want).abs() <= 1e-5 * mag.max(1e-9), "{name}: expert {ei}'s logit sum {got} against {want}");
-            }
-            runs.push((0..e).map(|ei| (0..copies).fold(0u64, |s, c| s.wrapping_add(acc[c * e + ei]))).collect::<Vec<u64>>());
+            runs.push(sums);
         }
         assert_eq!(runs[0], runs[1], "{name}: the sums differ between runs (1 and 5 copies)");
     }
@@ -1040,8 +1050,9 @@ fn oproj_doing_the_router_matches_the_host() {
     let acc = st.alloc_zeros::<u64>(2 * e + 1).unwrap();
     let (ssq, hd) = (st.alloc_zeros::<f32>(n / 16).unwrap(), st.alloc_zeros::<f32>(n).unwrap());
     let mut y = st.alloc_zeros::<f32>(n).unwrap();
-    let rb = crate::kernels::RouteInOproj { res: &resd, norm: &gd, router: &wrd, experts: e, acc: acc.device_ptr(&st).0, copies: 2, ssq: &ssq, hg: &hd };
-    m.kernels.gemv_bf16_presplit_route(&wd, &zeros, &zeros, &mut y, n, k, None, &rb).unwrap();
+    let rb = crate::kernels::RouteInOproj { res: &resd, norm: &gd, router: &wrd, experts: e, acc: acc.device_ptr(&st).0, copies: 2, ssq: &ssq, hg: &hd, tok: 2 * e + 1 };
+    m.kernels.gemv_bf16_presplit_route(&wd, &zeros, &zeros, &mut y, n, k, 1, None, &rb).unwrap();
+    assert!(m.kernels.gemv_bf16_presplit_route(&wd, &zeros, &zeros, &mut y, n, k, 9, None, &rb).is_err(), "9 tokens taken");
     assert_ne!(st.clone_dtoh(&acc).unwrap()[2 * e], 0, "a part of 1.6e8 left the flag clear");
     assert!(!m.kernels.oproj_route_takes(4096, 8192, 0) && !m.kernels.oproj_route_takes(4100, 8192, 8), "shapes the kernel does not take");
 }

@@ -294,7 +294,7 @@ fn moe_after_the_oproj_router_equals_the_routed_kernel() {
         let x: Vec<f32> = hg.iter().map(|v| v * 0.5).collect();
         let (acc, ssq) = (st.clone_htod(&sums).unwrap(), st.clone_htod(&vec![64f32; h / 16]).unwrap());
         let (hgd, xd, ld, bd) = (st.clone_htod(&hg).unwrap(), st.clone_htod(&x).unwrap(), st.clone_htod(&logits).unwrap(), st.clone_htod(&bias).unwrap());
-        let route = peregrine_cuda::kernels::RouteInOproj { res: &hgd, norm: &hgd, router: &hgd, experts: e, acc: acc.device_ptr(st).0, copies: 1, ssq: &ssq, hg: &hgd };
+        let route = peregrine_cuda::kernels::RouteInOproj { res: &hgd, norm: &hgd, router: &hgd, experts: e, acc: acc.device_ptr(st).0, copies: 1, ssq: &ssq, hg: &hgd, tok: e + 1 };
         let mut scratch = kern.moe_scratch(&w, k).unwrap();
         // The tiled family's math and one token's FP8 digit math (sm_90a): each agrees with itself.
         for fp8 in [false, true] {
@@ -589,7 +589,7 @@ fn router_in_the_oproj_matches_the_router_launch() {
     let moe_layers = spec.layers.iter().filter(|l| matches!(l.mlp, peregrine_core::spec::MlpSpec::Moe(_))).count();
     assert!(moe_layers >= 2, "the test model needs two MoE layers");
     assert_eq!(model.route_in_oproj_layers(1), moe_layers, "every MoE layer's o_proj does its router at one token");
-    assert_eq!(model.route_in_oproj_layers(2), 0, "only one token does");
+    assert_eq!(model.route_in_oproj_layers(2), 0, "past one token only an MoE on FP8 digit rows takes it, not these 128-wide experts");
     let mut r = rng();
     let toks: Vec<u32> = (0..4).map(|_| r.random_range(0..spec.vocab_size as u32)).collect();
     let mut got: Vec<Vec<f32>> = Vec::new();
@@ -610,6 +610,61 @@ fn router_in_the_oproj_matches_the_router_launch() {
         let worst = got[i].iter().zip(&got[j]).fold(0f32, |m, (a, b)| m.max((a - b).abs() / scale));
         assert!(worst < 1e-4, "the router in the o_proj: logits {worst:.1e} of their scale from the router's launch ({i} against {j})");
         eprintln!("router in the o_proj against its launch ({i}, {j}): {worst:.1e} of the logits' scale");
+    }
+}
+
+/// Past one token, the o_proj doing its MoE's router (`route_in_oproj_at` from 2 up to
+/// `route_oproj_rows` decode rows, where the MoE runs the two-launch kernels on FP8 digits: the
+/// routing launch reads the o_proj's sums, `moe_route_acc`, and x's digit rows come from its g h
+/// and norm parts, `moe_digit_rows_acc`) gives the logits of the norm's and the router's own
+/// launches up to f32 rounding, over decode steps of 3, 2, 1, 3 and 2 sequences (the one-token
+/// step's fused MoE leaves its sums for the next such layer to zero, so the steps after it
+/// check that every token's sums are zero again when an o_proj adds into them); the same bits
+/// when run again, and as CUDA graphs. Skipped where the MoE does not run on FP8 digits.
+#[test]
+fn router_in_the_oproj_past_one_token_matches_the_router_launch() {
+    let Some((spec, mut model)) = fp8_attention_model_with(&[("moe_intermediate_size", 256)]) else { return };
+    if !model.moe_fp8() {
+        eprintln!("skipped: the MoE does not run on FP8 digits on this GPU");
+        return;
+    }
+    let digit_ring = MoeKernel::Tiled { stages: 2, steps: 4, down_stages: 2, down_steps: 4 };
+    for t in 2..=4 {
+        assert!(model.pin_moe_kernel(t, digit_ring));
+    }
+    assert!(model.pin_moe_kernel(1, MoeKernel::FUSED));
+    model.set_moe_combine_in_norm(true);
+    model.set_norm_in_router(true);
+    model.set_route_in_oproj(true);
+    let moe_layers = spec.layers.iter().filter(|l| matches!(l.mlp, peregrine_core::spec::MlpSpec::Moe(_))).count();
+    model.set_route_oproj_rows(8);
+    for rows in [1, 2, 3] {
+        assert_eq!(model.route_in_oproj_layers(rows), moe_layers, "every MoE layer's o_proj does its router at {rows} rows");
+    }
+    model.set_route_oproj_rows(1);
+    assert_eq!(model.route_in_oproj_layers(2), 0, "route_oproj_rows 1: one token only");
+    let mut r = rng();
+    let toks: Vec<u32> = (0..16).map(|_| r.random_range(0..spec.vocab_size as u32)).collect();
+    // (sequence, position) of each step's rows; sequence s in KV block s.
+    let steps: [&[(u64, usize)]; 5] = [&[(0, 0), (1, 0), (2, 0)], &[(0, 1), (1, 1)], &[(0, 2)], &[(0, 3), (1, 2), (2, 1)], &[(1, 3), (2, 2)]];
+    let mut got: Vec<Vec<f32>> = Vec::new();
+    for (rows, graphs) in [(1, false), (8, false), (8, false), (8, true), (1, true)] {
+        model.set_route_oproj_rows(rows);
+        model.set_cuda_graphs(graphs);
+        let mut logits = Vec::new();
+        for step in steps {
+            let batch: Vec<SeqForward> = step.iter().map(|&(s, p)| seq(s, vec![toks[4 * s as usize + p]], p, &[s as u32], OutputRows::Last)).collect();
+            logits.extend(model.forward(&batch).unwrap().into_iter().flat_map(|l| l.data));
+        }
+        assert!(logits.iter().all(|v| v.is_finite()), "route_oproj_rows {rows}, graphs {graphs}: non-finite logits");
+        got.push(logits);
+    }
+    assert_eq!(got[1], got[2], "the router in the o_proj past one token: the same steps twice gave other bits");
+    let scale = got[0].iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+    for (i, j) in [(0, 1), (4, 3), (1, 3)] {
+        let worst = got[i].iter().zip(&got[j]).fold(0f32, |m, (a, b)| m.max((a - b).abs() / scale));
+        assert!(worst < 1e-4, "the router in the o_proj past one token: logits {worst:.1e} of their scale from the router's launch ({i} against {j})");
+        eprintln!("router in the o_proj past one token against its launch ({i}, {j}): {worst:.1e} of the logits' scale");
     }
 }
 

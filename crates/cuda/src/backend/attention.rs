@@ -327,7 +327,7 @@ impl CudaModel {
                 let mut y = self.empty(n * a.o.n)?;
                 let zero = reset_by_next.then_some(&self.ready_counters);
                 let r = match res {
-                    Some(res) => self.route_bufs(li, res).and_then(|rb| self.kernels.gemv_bf16_presplit_route(w, &oh, &ol, &mut y, a.o.n, a.o.k, zero, &rb)),
+                    Some(res) => self.route_bufs(li, res).and_then(|rb| self.kernels.gemv_bf16_presplit_route(w, &oh, &ol, &mut y, a.o.n, a.o.k, n, zero, &rb)),
                     None => self.kernels.gemv_bf16_presplit(w, &oh, &ol, &mut y, a.o.n, a.o.k, n, zero),
                 };
                 if r.is_err() && reset_by_next {

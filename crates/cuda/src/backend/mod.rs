@@ -20,7 +20,7 @@ use peregrine_model::weights::WeightSource;
 use crate::compile;
 use crate::device::{nvrtc_arch, Gpu};
 use crate::draft::Drafter;
-use crate::kernels::{DeviceRouting, F16Split, Kernels, MoeInput, MoeKernel, MoeRouting, MoeSplit, MoeWeights};
+use crate::kernels::{DeviceRouting, F16Split, Kernels, MoeInput, MoeKernel, MoeRouting, MoeSplit, MoeWeights, ROUTE_OPROJ_MAX_ROWS};
 use crate::graph::Graphs;
 use crate::weights::{Embed, Source, Synthetic};
 
@@ -83,6 +83,8 @@ pub(crate) struct Ops {
     add_pairs_inplace: CudaFunction,
     rope_kv_write: CudaFunction,
     moe_route: CudaFunction,
+    /// `moe_route` over the sums of an o_proj that did the router (2+ tokens).
+    moe_route_acc: CudaFunction,
     moe_group: CudaFunction,
     argmax_rows: CudaFunction,
     argmax_final: CudaFunction,
@@ -143,6 +145,7 @@ fn load_ops(gpu: &Gpu) -> Result<Ops> {
         add_pairs_inplace: f("add_pairs_inplace")?,
         rope_kv_write: f("rope_kv_write")?,
         moe_route: f("moe_route")?,
+        moe_route_acc: f("moe_route_acc")?,
         moe_group: {
             let k = f("moe_group")?;
             // Up to 1024 experts: (2 E + 1024) ints and 32 E u16 of shared memory (76 KB).
@@ -325,10 +328,16 @@ pub struct CudaModel {
     /// instead (`route_in_oproj_at`; `PEREGRINE_ROUTE_IN_OPROJ=0` keeps the router's launch, for
     /// comparison; tests flip it).
     route_in_oproj: bool,
-    /// Per layer, `route_acc_stride` u64: the fixed-point logit sums the o_proj adds into and
-    /// its MoE reads, in `route_acc_copies` copies, then a flag word (zero between: the next
-    /// such layer's MoE zeroes them, cyclically); then the o_proj blocks' sums of squares of h
-    /// [H / 16] and the norm's weight times h [H] (one layer's at a time).
+    /// Up to this many decode rows (from 2) the o_proj does the router too where the MoE runs
+    /// the two-launch digit kernels (`route_in_oproj_at`; `PEREGRINE_ROUTE_OPROJ_ROWS`, at most
+    /// `ROUTE_OPROJ_MAX_ROWS`; 1: one token only).
+    route_oproj_rows: usize,
+    /// Per layer and token (up to `ROUTE_OPROJ_MAX_ROWS`), `route_acc_stride` u64: the
+    /// fixed-point logit sums the o_proj adds into and its MoE reads, in `route_acc_copies`
+    /// copies, then a flag word (zero between: one token's are zeroed by the next such layer's
+    /// MoE, cyclically, more tokens' by their routing launch: `moe_route_acc`); then the o_proj
+    /// blocks' sums of squares of h [T, H / 16] and the norm's weight times h [T, H] (one
+    /// layer's at a time).
     route_acc: CudaSlice<u64>,
     /// The argmax keys a one-token lm_head folds its logits into (`gemv_bf16_presplit_argmax`);
     /// zero between steps (`argmax_unpack` zeroes them, a failed step too).
@@ -598,10 +607,10 @@ impl CudaModel {
         // Copies of the router's sums the o_proj spreads its adds over (PEREGRINE_ROUTE_ACC_COPIES).
         let route_acc_copies = std::env::var("PEREGRINE_ROUTE_ACC_COPIES").ok().and_then(|v| v.parse().ok()).filter(|&c: &usize| (1..=64).contains(&c)).unwrap_or(ROUTE_ACC_COPIES);
         let route_acc_stride = layers.iter().filter_map(|l| if let Mlp::Moe { spec, .. } = &l.mlp { Some(route_acc_copies * spec.num_experts + 1) } else { None }).max().unwrap_or(1);
-        let route_acc = s.alloc_zeros::<u64>(layers.len().max(1) * route_acc_stride).map_err(drv)?;
+        let route_acc = s.alloc_zeros::<u64>(layers.len().max(1) * ROUTE_OPROJ_MAX_ROWS * route_acc_stride).map_err(drv)?;
         let argmax_key = s.alloc_zeros::<u64>(crate::kernels::ARGMAX_KEY_SLOTS * crate::kernels::ARGMAX_KEY_STRIDE).map_err(drv)?;
-        let route_ssq = s.alloc_zeros::<f32>(h.div_ceil(16)).map_err(drv)?;
-        let route_hg = s.alloc_zeros::<f32>(h).map_err(drv)?;
+        let route_ssq = s.alloc_zeros::<f32>(ROUTE_OPROJ_MAX_ROWS * h.div_ceil(16)).map_err(drv)?;
+        let route_hg = s.alloc_zeros::<f32>(ROUTE_OPROJ_MAX_ROWS * h).map_err(drv)?;
         let mut model = CudaModel {
             spec: spec.clone(),
             final_norm,
@@ -645,6 +654,7 @@ impl CudaModel {
             attn_fill: std::env::var("PEREGRINE_ATTN_FILL").map_or(true, |v| v != "0"),
             route_in_moe: std::env::var("PEREGRINE_MOE_ROUTE_IN_KERNEL").map_or(true, |v| v != "0"),
             fused_group_max: moe::FUSED_GROUP_MAX_TOKENS,
+            route_oproj_rows: std::env::var("PEREGRINE_ROUTE_OPROJ_ROWS").ok().and_then(|v| v.parse().ok()).map_or(moe::ROUTE_OPROJ_ROWS, |r: usize| r.clamp(1, ROUTE_OPROJ_MAX_ROWS)),
             norm_in_router: std::env::var("PEREGRINE_NORM_IN_ROUTER").map_or(true, |v| v != "0"),
             route_in_oproj: std::env::var("PEREGRINE_ROUTE_IN_OPROJ").map_or(true, |v| v != "0"),
             route_acc,
@@ -801,6 +811,19 @@ impl CudaModel {
     pub fn set_embed_norm_fused(&mut self, on: bool) {
         self.embed_norm_fused = on;
         self.graphs.clear();
+    }
+
+    /// Up to how many decode rows the o_proj does the router (`route_oproj_rows`).
+    pub fn route_oproj_rows(&self) -> usize {
+        self.route_oproj_rows
+    }
+
+    /// Sets up to how many decode rows the o_proj does the router (`route_oproj_rows`; 1: one
+    /// token only), for measurements and tests comparing the two; returns the setting before.
+    /// Captured step graphs are dropped.
+    pub fn set_route_oproj_rows(&mut self, rows: usize) -> usize {
+        self.graphs.clear();
+        std::mem::replace(&mut self.route_oproj_rows, rows.clamp(1, ROUTE_OPROJ_MAX_ROWS))
     }
 
     /// Sets up to how many tokens the routing launch's last block groups the pairs

@@ -11,6 +11,10 @@ use super::*;
 /// (benches/results/2026-11-29-h200-route-group-scatter.md).
 pub(super) const FUSED_GROUP_MAX_TOKENS: usize = 32;
 
+/// Up to this many decode rows (from 2) the o_proj does the router too where the MoE runs the
+/// two-launch digit kernels (`route_multi_rows`).
+pub(super) const ROUTE_OPROJ_ROWS: usize = 8;
+
 /// Copies of the router's fixed-point sums the one-token o_proj spreads its blocks' adds over
 /// (`route_in_oproj`): with one, all 256 of Flash's blocks added into each expert's word at the
 /// o_proj's end.
@@ -47,6 +51,17 @@ impl MoePairs {
     }
 }
 
+/// Where `route_device` takes a batch's router logits from.
+#[derive(Clone, Copy)]
+enum RouteSource<'a> {
+    /// Logits [n, E] (the router GEMV's).
+    Logits(&'a CudaSlice<f32>),
+    /// The o_proj's fixed-point sums and norm parts (`gemv_bf16_presplit_route` of n tokens):
+    /// `moe_route_acc`, which also zeroes `nzero` u64 at `zero` (the previous such layer's
+    /// token-0 sums).
+    Acc { r: &'a crate::kernels::RouteInOproj<'a>, eps: f32, zero: u64, nzero: usize },
+}
+
 /// Whether `gemv_f32_norm` takes router `m` at `t` rows: f32 weights in gemv_f32's register path
 /// (K % 4 == 0, K <= 4096, below the GEMM's rows) whose K norm_cfg runs one float4 per thread.
 pub(crate) fn router_takes_norm(m: &Mat, t: usize) -> bool {
@@ -73,8 +88,13 @@ impl CudaModel {
     /// (`moe_after_attention`): one token whose MoE routes inside the fused kernel and leaves
     /// its pairs, so the residual add after it can add the attention output too. Saves the
     /// norm's launch per MoE layer: the batch-1 Flash step -0.6% on the H100
-    /// (benches/results/2026-11-24-norm-in-router.md).
+    /// (benches/results/2026-11-24-norm-in-router.md). Past one token, where the o_proj does
+    /// the router (`route_in_oproj_at`).
     pub(crate) fn norm_in_router(&self, li: usize, rows: usize) -> bool {
+        if rows >= 2 {
+            // Only the o_proj doing the router takes the norm past one token.
+            return self.route_in_oproj_at(li, rows);
+        }
         let Some(Mlp::Moe { spec, router, experts: Experts::Stacked(w), .. }) = self.layers.get(li).map(|l| &l.mlp) else { return false };
         if !self.norm_in_router || router.k != self.spec.hidden_size || !router_takes_norm(router, rows) {
             return false;
@@ -103,8 +123,18 @@ impl CudaModel {
             let kind = self.kernels.moe_kernel_rows(w, rows, spec.top_k, true);
             let prev = self.route_prev_layer(li).ok_or_else(|| Error::Backend(format!("layer {li}: no other layer's router in its o_proj")))?;
             let zero = self.route_acc_ptr(prev);
-            let mut tok_pairs = unsafe { self.kernels.alloc.alloc::<i32>(spec.top_k) }?;
             let eps = self.spec.rms_norm_eps;
+            if rows >= 2 {
+                // The routing launch reads the sums, the digit rows launch the norm's parts and
+                // g h, and the two-launch digit kernels take those rows (`route_multi_rows`).
+                let src = RouteSource::Acc { r: &r, eps, zero, nzero: self.route_acc_stride };
+                let (routing, _, _) = self.route_device(spec, src, bias.as_ref().map(|b| &b.0), rows)?;
+                let xd = self.kernels.digit_rows_acc(&r, rows, self.spec.hidden_size, eps)?;
+                let out = self.with_moe_scratch(w, routing.num_pairs, |scratch| self.kernels.moe_mxfp4_pairs(kind, w, &routing, r.hg, MoeInput::Digits(&xd), scratch))?;
+                self.moe_pairs_calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return Ok(MlpOut::Pairs(MoePairs { out, tok_pairs: routing.tok_pairs, topk: spec.top_k, pre: Some(attn) }));
+            }
+            let mut tok_pairs = unsafe { self.kernels.alloc.alloc::<i32>(spec.top_k) }?;
             let out = self.with_moe_scratch(w, spec.top_k, |scratch| self.kernels.moe_mxfp4_acc_pairs(kind, spec, w, &r, eps, bias.as_ref().map(|b| &b.0), scratch, &mut tok_pairs, zero, self.route_acc_stride))?;
             self.moe_pairs_calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return Ok(MlpOut::Pairs(MoePairs { out, tok_pairs, topk: spec.top_k, pre: Some(attn) }));
@@ -121,13 +151,29 @@ impl CudaModel {
     }
 
     /// Whether layer `li`'s o_proj at `rows` rows does its MoE's router (`route_in_oproj`):
-    /// one token where the router would compute the norm (`norm_in_router`), the o_proj the
-    /// BF16 one over the attention's split on the pipelined kernel (`oproj_route_takes`), an f32
-    /// router over the hidden size, and at least one other layer doing the same (the MoE of
-    /// each zeroes the previous one's accumulators: `route_prev_layer`).
+    /// one token where the router would compute the norm (`norm_in_router`), or 2 up to
+    /// `route_oproj_rows` decode rows whose MoE runs the two-launch digit kernels
+    /// (`route_multi_rows`); the o_proj the BF16 one over the attention's split on the
+    /// pipelined kernel (`oproj_route_takes`), an f32 router over the hidden size, and at least
+    /// one other layer doing the same (one token's MoE zeroes the previous such layer's
+    /// accumulators: `route_prev_layer`).
     pub(crate) fn route_in_oproj_at(&self, li: usize, rows: usize) -> bool {
         // (route_prev_layer looks back from li - 1: usually one check, not one per layer.)
-        rows == 1 && self.route_in_oproj && self.route_oproj_shape(li) && self.route_prev_layer(li).is_some()
+        (rows == 1 || self.route_multi_rows(li, rows)) && self.route_in_oproj && self.route_oproj_shape(li) && self.route_prev_layer(li).is_some()
+    }
+
+    /// Whether layer `li`'s MoE at `rows` (2 up to `route_oproj_rows`) decode rows takes its
+    /// routing and input from the o_proj: the two-launch kernels on FP8 digits, leaving their
+    /// pairs, which then read x as digit rows written from the o_proj's g h and norm parts
+    /// (`moe_digit_rows_acc`) after a routing launch over its sums (`moe_route_acc`). The
+    /// post-attention norm and the router GEMV are two launches fewer a layer.
+    fn route_multi_rows(&self, li: usize, rows: usize) -> bool {
+        if !(2..=self.route_oproj_rows.min(ROUTE_OPROJ_MAX_ROWS)).contains(&rows) || rows > self.fused_group_max {
+            return false;
+        }
+        let Some(Mlp::Moe { spec, experts: Experts::Stacked(w), .. }) = self.layers.get(li).map(|l| &l.mlp) else { return false };
+        let kind = self.kernels.moe_kernel_rows(w, rows, spec.top_k, true);
+        matches!(kind, MoeKernel::Tiled { .. }) && self.kernels.moe_kind_on_digits(kind, w, rows) && self.moe_leaves_pairs_here(spec, w, kind)
     }
 
     fn route_oproj_shape(&self, li: usize) -> bool {
@@ -153,8 +199,9 @@ impl CudaModel {
         (1..n).map(|d| (li + n - d) % n).find(|&l| self.route_oproj_shape(l))
     }
 
+    /// Layer `li`'s sums: `ROUTE_OPROJ_MAX_ROWS` tokens' of `route_acc_stride` u64 each.
     fn route_acc_ptr(&self, li: usize) -> u64 {
-        self.route_acc.device_ptr(&self.stream).0 + (li * self.route_acc_stride * std::mem::size_of::<u64>()) as u64
+        self.route_acc.device_ptr(&self.stream).0 + (li * ROUTE_OPROJ_MAX_ROWS * self.route_acc_stride * std::mem::size_of::<u64>()) as u64
     }
 
     /// The buffers of layer `li`'s router in its o_proj over residual `res`.
@@ -163,7 +210,7 @@ impl CudaModel {
         let (Mlp::Moe { router: Mat { m: GpuMatrix::F32(wr), n, .. }, .. }, true) = (&l.mlp, self.route_oproj_shape(li)) else {
             return Err(Error::Backend(format!("layer {li}'s o_proj does not take its router")));
         };
-        Ok(crate::kernels::RouteInOproj { res, norm: &l.post_norm, router: wr, experts: *n, acc: self.route_acc_ptr(li), copies: self.route_acc_copies, ssq: &self.route_ssq, hg: &self.route_hg })
+        Ok(crate::kernels::RouteInOproj { res, norm: &l.post_norm, router: wr, experts: *n, acc: self.route_acc_ptr(li), copies: self.route_acc_copies, ssq: &self.route_ssq, hg: &self.route_hg, tok: self.route_acc_stride })
     }
 
     /// Zeroes every layer's router accumulators and the argmax keys (after a step that may have
@@ -262,7 +309,7 @@ impl CudaModel {
             self.with_moe_scratch(w, spec.top_k, |scratch| self.kernels.moe_mxfp4_routed(kind, spec, w, logits, bias, hn, input, scratch, &mut y))?;
             return Ok(MlpOut::Rows(y));
         }
-        let (r, _, _) = self.route_device(spec, logits, bias, n)?;
+        let (r, _, _) = self.route_device(spec, RouteSource::Logits(logits), bias, n)?;
         if leave_pairs {
             let out = self.with_moe_scratch(w, r.num_pairs, |scratch| self.kernels.moe_mxfp4_pairs(kind, w, &r, hn, input, scratch))?;
             self.moe_pairs_calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -295,7 +342,7 @@ impl CudaModel {
     /// The router and the token/expert grouping (`moe_route`, one launch) of `n` rows of
     /// router logits. The routing lists `min(n * top_k, E)` expert slots; the unused ones are
     /// empty, so launches need no host round trip. Also returns the per-token choices.
-    fn route_device(&self, spec: &MoeSpec, logits: &CudaSlice<f32>, bias: Option<&CudaSlice<f32>>, n: usize) -> Result<(DeviceRouting, CudaSlice<i32>, CudaSlice<f32>)> {
+    fn route_device(&self, spec: &MoeSpec, src: RouteSource, bias: Option<&CudaSlice<f32>>, n: usize) -> Result<(DeviceRouting, CudaSlice<i32>, CudaSlice<f32>)> {
         let (e, k) = (spec.num_experts, spec.top_k);
         let p = n * k;
         let (st, al) = (&self.stream, &self.kernels.alloc);
@@ -320,8 +367,27 @@ impl CudaModel {
         // 44 us per layer for 64 tokens under ncu.
         let fused = n <= self.fused_group_max;
         let (ei, ki, sm, ng, tg, norm, sc, mu, pi) = (e as i32, k as i32, matches!(spec.scoring, RouterScoring::Softmax) as i32, spec.n_group as i32, spec.topk_group as i32, spec.norm_topk_prob as i32, spec.routed_scaling_factor, max_u as i32, p as i32);
-        let mut b = crate::launch::builder(st, &self.ops.moe_route);
-        b.arg(logits);
+        // Shared memory: scores and choices (2 E floats) while routing; counts, starts and the
+        // chunks' per-expert totals (2 E + 1024 ints: GROUP_CHUNK in ops.cu), then a u16 count
+        // per warp (8) and expert, while grouping; from the o_proj's sums, then E logits.
+        let smem = 4 * (2 * e + 1024) + 2 * 8 * e;
+        let h = self.spec.hidden_size;
+        let (mut b, smem) = match src {
+            RouteSource::Logits(logits) => {
+                let mut b = crate::launch::builder(st, &self.ops.moe_route);
+                b.arg(logits);
+                (b, smem)
+            }
+            RouteSource::Acc { r, eps, .. } => {
+                if !(fused && n <= ROUTE_OPROJ_MAX_ROWS && r.experts == e && r.ssq.len() >= n * (h / 16) && r.tok > r.copies * e) {
+                    return Err(Error::Backend(format!("moe_route_acc: {n} tokens of {e} experts do not fit the o_proj's sums")));
+                }
+                let (tok, ci, nssq, hi) = (r.tok as i32, r.copies as i32, (h / 16) as i32, h as i32);
+                let mut b = crate::launch::builder(st, &self.ops.moe_route_acc);
+                b.arg(&r.acc).arg(&tok).arg(&ci).arg(r.ssq).arg(&nssq).arg(&hi).arg(&eps);
+                (b, smem + 4 * e)
+            }
+        };
         match bias {
             Some(bb) => b.arg(bb),
             None => b.arg(&0u64),
@@ -340,11 +406,11 @@ impl CudaModel {
         if e > 1024 {
             return Err(Error::Backend(format!("the MoE grouping takes at most 1024 experts, not {e}")));
         }
-        // Shared memory: scores and choices (2 E floats) while routing; counts, starts and the
-        // chunks' per-expert totals (2 E + 1024 ints: GROUP_CHUNK in ops.cu), then a u16 count
-        // per warp (8) and expert, while grouping.
-        let smem = (4 * (2 * e + 1024) + 2 * 8 * e) as u32;
-        unsafe { b.launch(LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem }) }.map_err(drv)?;
+        if let RouteSource::Acc { zero, nzero, .. } = src {
+            let (nz, floats) = (nzero as i32, ((4 * (2 * e + 1024) + 2 * 8 * e) / 4) as i32);
+            b.arg(&zero).arg(&nz).arg(&floats);
+        }
+        unsafe { b.launch(LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem as u32 }) }.map_err(drv)?;
         if !fused {
             let mut b = crate::launch::builder(st, &self.ops.moe_group);
             b.arg(&topk_idx).arg(&topk_w).arg(&pi).arg(&ki).arg(&ei).arg(&mu).arg(&mut r.experts).arg(&mut r.pair_off).arg(&mut r.pair_tok).arg(&mut r.pair_w).arg(&mut r.tok_pairs);
@@ -368,7 +434,7 @@ impl CudaModel {
         let n = logits.len() / e;
         let st = &self.stream;
         let bias_d = bias.map(|b| upload(st, b)).transpose()?;
-        let (r, idx, w) = self.route_device(spec, &upload(st, logits)?, bias_d.as_ref(), n)?;
+        let (r, idx, w) = self.route_device(spec, RouteSource::Logits(&upload(st, logits)?), bias_d.as_ref(), n)?;
         let (idx, w) = (st.clone_dtoh(&idx).map_err(drv)?, st.clone_dtoh(&w).map_err(drv)?);
         let choices = (0..n).map(|t| (0..k).map(|s| (idx[t * k + s] as usize, w[t * k + s])).collect()).collect();
         let get = |d: &CudaSlice<i32>, len: usize| -> Result<Vec<i32>> { Ok(st.clone_dtoh(d).map_err(drv)?[..len].to_vec()) };

@@ -666,30 +666,34 @@ impl Kernels {
         Ok(())
     }
 
-    /// Whether `gemv_bf16_presplit_route` takes an o_proj of `n` x `k` at one token with a
-    /// router of `experts` rows: the pipelined one-tile kernel's shapes (one wave).
+    /// Whether `gemv_bf16_presplit_route` takes an o_proj of `n` x `k` (up to
+    /// `ROUTE_OPROJ_MAX_ROWS` tokens) with a router of `experts` rows: the pipelined one-tile
+    /// kernel's shapes (one wave).
     pub fn oproj_route_takes(&self, n: usize, k: usize, experts: usize) -> bool {
         n.is_multiple_of(16) && k.is_multiple_of(128) && (1..=ROUTE_OPROJ_MAX_EXPERTS).contains(&experts) && self.pipe_takes(false, 1, 1, n / 16)
     }
 
-    /// `gemv_bf16_presplit` of one token (`oproj_route_takes`) that also starts the MoE's router
-    /// (gemv_mma_bf16_t1_pipe_route): y = o as before, and with h = res + o, norm * h, the
-    /// blocks' sums of squares of h and the router's fixed-point sums over norm * h into `r`'s
-    /// buffers.
+    /// `gemv_bf16_presplit` of `t` <= `ROUTE_OPROJ_MAX_ROWS` tokens (`oproj_route_takes`) that
+    /// also starts the MoE's router (gemv_mma_bf16_t1_pipe_route): y = o as before, and with
+    /// h = res + o, norm * h, each token's blocks' sums of squares of h and the router's
+    /// fixed-point sums over norm * h into `r`'s buffers (token j's sums `r.tok` words on).
     #[allow(clippy::too_many_arguments)]
-    pub fn gemv_bf16_presplit_route(&self, w: &CudaSlice<u16>, xh: &CudaSlice<u16>, xl: &CudaSlice<u16>, y: &mut CudaSlice<f32>, n: usize, k: usize, zero: Option<&CudaSlice<u32>>, r: &RouteInOproj) -> Result<()> {
-        check(self.oproj_route_takes(n, k, r.experts), || format!("gemv_bf16_presplit_route: {n}x{k} with {} experts is not its shape", r.experts))?;
-        check(w.len() >= tc_tiles::padded_rows(n) * k && xh.len() >= k && xl.len() >= k && y.len() >= n, || format!("gemv_bf16_presplit_route: bad shapes {n}x{k}"))?;
-        check(r.res.len() >= n && r.norm.len() >= n && r.router.len() >= r.experts * n && r.ssq.len() >= n / 16 && r.hg.len() >= n && r.acc != 0 && r.copies >= 1, || "gemv_bf16_presplit_route: router buffers too small".into())?;
+    pub fn gemv_bf16_presplit_route(&self, w: &CudaSlice<u16>, xh: &CudaSlice<u16>, xl: &CudaSlice<u16>, y: &mut CudaSlice<f32>, n: usize, k: usize, t: usize, zero: Option<&CudaSlice<u32>>, r: &RouteInOproj) -> Result<()> {
+        check(self.oproj_route_takes(n, k, r.experts) && (1..=ROUTE_OPROJ_MAX_ROWS).contains(&t), || format!("gemv_bf16_presplit_route: {n}x{k} with {} experts at {t} tokens is not its shape", r.experts))?;
+        check(w.len() >= tc_tiles::padded_rows(n) * k && xh.len() >= t * k && xl.len() >= t * k && y.len() >= t * n, || format!("gemv_bf16_presplit_route: bad shapes {n}x{k}, {t} tokens"))?;
+        check(
+            r.res.len() >= t * n && r.norm.len() >= n && r.router.len() >= r.experts * n && r.ssq.len() >= t * (n / 16) && r.hg.len() >= t * n && r.acc != 0 && r.copies >= 1 && (t == 1 || r.tok > r.copies * r.experts),
+            || "gemv_bf16_presplit_route: router buffers too small".into(),
+        )?;
         let (wp, _w) = w.device_ptr(&self.stream);
-        let (ni, ki, ti, ei) = (n as i32, k as i32, 1i32, r.experts as i32);
+        let (ni, ki, ti, ei, tok) = (n as i32, k as i32, t as i32, r.experts as i32, r.tok as i32);
         let mut b = crate::launch::builder(&self.stream, &self.mma_bf16_pipe_route);
         b.arg(&wp).arg(&0u64).arg(xh).arg(xl).arg(&0u64);
         b.arg(&mut *y).arg(&0u64).arg(&0u64).arg(&ni).arg(&0i32).arg(&ni).arg(&ki).arg(&ti);
         let nzero = zero.map_or(0, |z| z.len() as i32);
         b.arg_or_null(zero).arg(&nzero);
         let ci = r.copies as i32;
-        b.arg(r.res).arg(r.norm).arg(r.router).arg(&ei).arg(&r.acc).arg(&ci).arg(r.ssq).arg(r.hg);
+        b.arg(r.res).arg(r.norm).arg(r.router).arg(&ei).arg(&r.acc).arg(&ci).arg(r.ssq).arg(r.hg).arg(&tok);
         let cfg = LaunchConfig { grid_dim: ((n / 16) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: (r.experts * 64) as u32 };
         unsafe { b.launch(cfg) }.map_err(drv("gemv_mma_bf16_t1_pipe_route"))?;
         Ok(())

@@ -159,6 +159,8 @@ pub struct Kernels {
     split_rows: CudaFunction,
     /// x as the FP8 digit kernels stage it, a row per token (`moe_digit_rows`).
     digit_rows: CudaFunction,
+    /// The same from the o_proj that did the router (`moe_digit_rows_acc`).
+    digit_rows_acc: CudaFunction,
     /// The same GEMM on wgmma (`moe_gemm_wg_*`, sm_90a only; the same bits), and when
     /// `MoeKernel::Gemm` runs it: None from `GEMM_WGMMA_MIN_PAIRS_PER_EXPERT`, Some: always or never
     /// (`PEREGRINE_MOE_WGMMA=1` / `0`, `set_moe_gemm_wgmma`).
@@ -406,6 +408,7 @@ impl Kernels {
             gemm_down: fm("moe_gemm_down")?,
             split_rows: fm("moe_split_rows")?,
             digit_rows: fm("moe_digit_rows")?,
+            digit_rows_acc: fm("moe_digit_rows_acc")?,
             gemm_wg_tiles: wg_tiles,
             gemm_wg_chunk_blocks: std::env::var("PEREGRINE_MOE_WG_CHUNK_BLOCKS").ok().and_then(|v| v.parse().ok()).filter(|&n: &usize| (1..=64).contains(&n)).unwrap_or(4),
             gemm_wg_gate_up,

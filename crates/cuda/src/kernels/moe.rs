@@ -96,11 +96,14 @@ pub enum MoeInput<'a> {
     /// x split (`Kernels::moe_reads_split`) take it instead of splitting x in a launch of
     /// their own; the others read x as `Settled`.
     Split(&'a MoeSplit),
+    /// x as the FP8 digit kernels' rows already (`moe_digit_rows_acc`, `dg_x_row_bytes` each),
+    /// for the two-launch digit kernels of 2+ tokens only: x itself is not read.
+    Digits(&'a CudaSlice<u8>),
 }
 
 impl MoeInput<'_> {
     fn settled_flag(self) -> i32 {
-        matches!(self, MoeInput::Settled | MoeInput::Split(_)) as i32
+        matches!(self, MoeInput::Settled | MoeInput::Split(_) | MoeInput::Digits(_)) as i32
     }
 }
 
@@ -121,12 +124,18 @@ pub struct RouteInOproj<'a> {
     pub copies: usize,
     /// The o_proj blocks' sums of squares of h [H / 16].
     pub ssq: &'a CudaSlice<f32>,
-    /// The norm's weight times h, g h [H].
+    /// The norm's weight times h, g h [T, H].
     pub hg: &'a CudaSlice<f32>,
+    /// u64 words from one token's sums (and flag) to the next's, past `copies` x E (more than
+    /// one token: `ROUTE_OPROJ_MAX_ROWS`).
+    pub tok: usize,
 }
 
 /// The most router rows `gemv_bf16_presplit_route` takes (64 bytes of shared memory each).
 pub const ROUTE_OPROJ_MAX_EXPERTS: usize = 512;
+
+/// The most tokens `gemv_bf16_presplit_route` takes (one token group of its GEMV: 8 columns).
+pub const ROUTE_OPROJ_MAX_ROWS: usize = 8;
 
 /// A MoE call's split x: the caller's, or its own (freed in stream order after the launches).
 enum XSplit<'a> {
@@ -1006,9 +1015,18 @@ impl Kernels {
                 let alloc_f32 = |n: usize| unsafe { self.alloc.alloc::<f32>(n) };
                 // On digits from 2 tokens, x as digit rows, written one launch ahead.
                 // (The split and digit rows live to the end of the call: freed in stream order after both launches.)
-                let x_digits = match digits {
-                    Some(_) if r.num_tokens >= 2 => Some(self.digit_rows(x, r.num_tokens, h)?),
+                let own_digits = match (digits, input) {
+                    (Some(_), MoeInput::Digits(_)) => None,
+                    (Some(_), _) if r.num_tokens >= 2 => Some(self.digit_rows(x, r.num_tokens, h)?),
                     _ => None,
+                };
+                let x_digits = match (digits, input) {
+                    (Some(_), MoeInput::Digits(d)) if r.num_tokens >= 2 => {
+                        check(d.len() >= r.num_tokens * dg_x_row_bytes(h), || format!("MoE: {} digit rows of {h} given in {} bytes", r.num_tokens, d.len()))?;
+                        Some(d)
+                    }
+                    (_, MoeInput::Digits(_)) => return Err(Error::Backend(format!("MoE: x given as digit rows, but {kind:?} at {} tokens does not read them", r.num_tokens))),
+                    _ => own_digits.as_ref(),
                 };
                 let mut b = crate::launch::builder(&self.stream, fg);
                 b.arg(gate_up).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_tok);
@@ -1028,7 +1046,7 @@ impl Kernels {
                     // (moe.cu, stage_token_early).
                     b.arg(x).arg(&mut scratch.h).arg(&hh).arg(&ii).arg(&ti).arg(&settled).arg(&slot_ptr);
                     if digits.is_some() {
-                        match &x_digits {
+                        match x_digits {
                             Some(xd) => b.arg(xd),
                             None => b.arg(&0u64),
                         };
@@ -1185,6 +1203,22 @@ impl Kernels {
         // A row's digits in shared memory: the kernel stages them before its wait, writes them after.
         let smem = dg_x_row_bytes(k) as u32;
         unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem }) }.map_err(drv("moe_digit_rows"))?;
+        Ok(xd)
+    }
+
+    /// `digit_rows` of the post-attention norm's output where the o_proj did the router for
+    /// `rows` tokens (`gemv_bf16_presplit_route` into `r`): row t is g h_t (`r.hg`) times its
+    /// 1 / rms from `r.ssq` (`moe_digit_rows_acc`); written in full.
+    pub fn digit_rows_acc(&self, r: &RouteInOproj, rows: usize, k: usize, eps: f32) -> Result<CudaSlice<u8>> {
+        let nssq = k / 16;
+        check(k.is_multiple_of(256) && k <= 8192 && r.hg.len() >= rows * k && r.ssq.len() >= rows * nssq, || format!("moe_digit_rows_acc: {rows} rows of {k}"))?;
+        let mut xd = unsafe { self.alloc.alloc::<u8>(rows.max(1) * dg_x_row_bytes(k)) }?;
+        let (ki, ni) = (k as i32, nssq as i32);
+        let mut b = crate::launch::builder(&self.stream, &self.digit_rows_acc);
+        b.arg(r.hg).arg(&ki).arg(&mut xd).arg(r.ssq).arg(&ni).arg(&eps);
+        // As digit_rows: a row's digits in shared memory, written after the wait.
+        let smem = dg_x_row_bytes(k) as u32;
+        unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem }) }.map_err(drv("moe_digit_rows_acc"))?;
         Ok(xd)
     }
 
