@@ -228,6 +228,11 @@ impl CudaModel {
         // The plan's MoE rows are decode rows (the norm ahead of a MoE writes the split its
         // kernel reads, which depends on it).
         let decode = ops.iter().any(|op| matches!(op, Op::Mlp { decode: true, .. }));
+        // Whether layer l's post-attention norm is left to the router: at one row where
+        // `norm_in_router`; past one row, where the o_proj does the router
+        // (`route_in_oproj_at`, which `norm_in_router` then is), only in decode steps: verify
+        // rows keep their own MoE kernels (`moe_kernel_rows`).
+        let router_takes_norm = |l: usize, rows: usize| (rows == 1 || decode) && self.norm_in_router(l, rows);
         // The lm_head folded the argmax into the model's keys (`lm_head_split_argmax_into`): the
         // Argmax right after it unpacks them.
         let mut argmax_folded = false;
@@ -311,7 +316,7 @@ impl CudaModel {
                     acts[Act::Hidden as usize] = Some(x);
                     acts[dst as usize] = Some(y?);
                 }
-                Op::AddNorm { add: Act::AttnOut, dst: Act::MlpIn, weight: NormWeight::PostAttention(l), rows } if self.norm_in_router(l, rows) => {
+                Op::AddNorm { add: Act::AttnOut, dst: Act::MlpIn, weight: NormWeight::PostAttention(l), rows } if router_takes_norm(l, rows) => {
                     // The router computes this norm, and the residual add after the MoE adds
                     // AttnOut (one launch fewer).
                     let a = acts[Act::AttnOut as usize].take().ok_or_else(|| Error::Backend("step plan reads AttnOut before writing it".into()))?;
@@ -368,7 +373,7 @@ impl CudaModel {
                 Op::Attention { layer, src, rows, kv_in_attention } => {
                     let split = if src == Act::AttnIn { attn_split.take() } else { None };
                     // The o_proj may do the MoE's router too, over the residual.
-                    let res = if self.route_in_oproj_at(layer, rows) { Some(acts[Act::Hidden as usize].as_ref().ok_or_else(|| Error::Backend("step plan runs attention before the embedding".into()))?) } else { None };
+                    let res = if (rows == 1 || decode) && self.route_in_oproj_at(layer, rows) { Some(acts[Act::Hidden as usize].as_ref().ok_or_else(|| Error::Backend("step plan runs attention before the embedding".into()))?) } else { None };
                     let o = self.attention(layer, acts[src as usize].as_ref().ok_or_else(|| Error::Backend(format!("step plan reads {src:?} before writing it")))?, split.as_ref(), rows, meta, kv_in_attention, res)?;
                     acts[Act::AttnOut as usize] = Some(o);
                 }
