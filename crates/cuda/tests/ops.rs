@@ -632,39 +632,44 @@ fn router_in_the_oproj_past_one_token_matches_the_router_launch() {
     for t in 2..=4 {
         assert!(model.pin_moe_kernel(t, digit_ring));
     }
-    assert!(model.pin_moe_kernel(1, MoeKernel::FUSED));
     model.set_moe_combine_in_norm(true);
     model.set_norm_in_router(true);
     model.set_route_in_oproj(true);
     let moe_layers = spec.layers.iter().filter(|l| matches!(l.mlp, peregrine_core::spec::MlpSpec::Moe(_))).count();
-    model.set_route_oproj_rows(8);
-    for rows in [1, 2, 3] {
-        assert_eq!(model.route_in_oproj_layers(rows), moe_layers, "every MoE layer's o_proj does its router at {rows} rows");
-    }
-    model.set_route_oproj_rows(1);
-    assert_eq!(model.route_in_oproj_layers(2), 0, "route_oproj_rows 1: one token only");
     let mut r = rng();
     let toks: Vec<u32> = (0..16).map(|_| r.random_range(0..spec.vocab_size as u32)).collect();
     // (sequence, position) of each step's rows; sequence s in KV block s.
     let steps: [&[(u64, usize)]; 5] = [&[(0, 0), (1, 0), (2, 0)], &[(0, 1), (1, 1)], &[(0, 2)], &[(0, 3), (1, 2), (2, 1)], &[(1, 3), (2, 2)]];
-    let mut got: Vec<Vec<f32>> = Vec::new();
-    for (rows, graphs) in [(1, false), (8, false), (8, false), (8, true), (1, true)] {
-        model.set_route_oproj_rows(rows);
-        model.set_cuda_graphs(graphs);
-        let mut logits = Vec::new();
-        for step in steps {
-            let batch: Vec<SeqForward> = step.iter().map(|&(s, p)| seq(s, vec![toks[4 * s as usize + p]], p, &[s as u32], OutputRows::Last)).collect();
-            logits.extend(model.forward(&batch).unwrap().into_iter().flat_map(|l| l.data));
+    // One token on the fused kernel (its o_proj does the router too, and its MoE leaves the
+    // token-0 sums to the next such layer's to zero) or on the tiled one (router launched).
+    for (one_token, one_token_layers) in [(MoeKernel::FUSED, moe_layers), (digit_ring, 0)] {
+        assert!(model.pin_moe_kernel(1, one_token));
+        model.set_route_oproj_rows(8);
+        assert_eq!(model.route_in_oproj_layers(1), one_token_layers, "{one_token:?}: o_projs doing the router at one row");
+        for rows in [2, 3] {
+            assert_eq!(model.route_in_oproj_layers(rows), moe_layers, "{one_token:?}: every MoE layer's o_proj does its router at {rows} rows");
         }
-        assert!(logits.iter().all(|v| v.is_finite()), "route_oproj_rows {rows}, graphs {graphs}: non-finite logits");
-        got.push(logits);
-    }
-    assert_eq!(got[1], got[2], "the router in the o_proj past one token: the same steps twice gave other bits");
-    let scale = got[0].iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
-    for (i, j) in [(0, 1), (4, 3), (1, 3)] {
-        let worst = got[i].iter().zip(&got[j]).fold(0f32, |m, (a, b)| m.max((a - b).abs() / scale));
-        assert!(worst < 1e-4, "the router in the o_proj past one token: logits {worst:.1e} of their scale from the router's launch ({i} against {j})");
-        eprintln!("router in the o_proj past one token against its launch ({i}, {j}): {worst:.1e} of the logits' scale");
+        model.set_route_oproj_rows(1);
+        assert_eq!(model.route_in_oproj_layers(2), 0, "route_oproj_rows 1: one token only");
+        let mut got: Vec<Vec<f32>> = Vec::new();
+        for (rows, graphs) in [(1, false), (8, false), (8, false), (8, true), (1, true)] {
+            model.set_route_oproj_rows(rows);
+            model.set_cuda_graphs(graphs);
+            let mut logits = Vec::new();
+            for step in steps {
+                let batch: Vec<SeqForward> = step.iter().map(|&(s, p)| seq(s, vec![toks[4 * s as usize + p]], p, &[s as u32], OutputRows::Last)).collect();
+                logits.extend(model.forward(&batch).unwrap().into_iter().flat_map(|l| l.data));
+            }
+            assert!(logits.iter().all(|v| v.is_finite()), "{one_token:?}, route_oproj_rows {rows}, graphs {graphs}: non-finite logits");
+            got.push(logits);
+        }
+        assert_eq!(got[1], got[2], "{one_token:?}: the router in the o_proj past one token gave other bits for the same steps");
+        let scale = got[0].iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+        for (i, j) in [(0, 1), (4, 3), (1, 3)] {
+            let worst = got[i].iter().zip(&got[j]).fold(0f32, |m, (a, b)| m.max((a - b).abs() / scale));
+            assert!(worst < 1e-4, "{one_token:?}: the router in the o_proj past one token: logits {worst:.1e} of their scale from the router's launch ({i} against {j})");
+            eprintln!("{one_token:?}: router in the o_proj past one token against its launch ({i}, {j}): {worst:.1e} of the logits' scale");
+        }
     }
 }
 

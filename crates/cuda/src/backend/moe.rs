@@ -121,19 +121,21 @@ impl CudaModel {
             // The o_proj did the router over x + attn (`attention` with `res`).
             let r = self.route_bufs(li, x)?;
             let kind = self.kernels.moe_kernel_rows(w, rows, spec.top_k, true);
-            let prev = self.route_prev_layer(li).ok_or_else(|| Error::Backend(format!("layer {li}: no other layer's router in its o_proj")))?;
-            let zero = self.route_acc_ptr(prev);
             let eps = self.spec.rms_norm_eps;
             if rows >= 2 {
                 // The routing launch reads the sums, the digit rows launch the norm's parts and
                 // g h, and the two-launch digit kernels take those rows (`route_multi_rows`).
-                let src = RouteSource::Acc { r: &r, eps, zero, nzero: self.route_acc_stride };
+                // It also zeroes the token-0 sums a one-token step's MoE may have left.
+                let (zero, nzero) = self.route_prev_layer(li).map_or((0, 0), |p| (self.route_acc_ptr(p), self.route_acc_stride));
+                let src = RouteSource::Acc { r: &r, eps, zero, nzero };
                 let (routing, _, _) = self.route_device(spec, src, bias.as_ref().map(|b| &b.0), rows)?;
                 let xd = self.kernels.digit_rows_acc(&r, rows, self.spec.hidden_size, eps)?;
                 let out = self.with_moe_scratch(w, routing.num_pairs, |scratch| self.kernels.moe_mxfp4_pairs(kind, w, &routing, r.hg, MoeInput::Digits(&xd), scratch))?;
                 self.moe_pairs_calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 return Ok(MlpOut::Pairs(MoePairs { out, tok_pairs: routing.tok_pairs, topk: spec.top_k, pre: Some(attn) }));
             }
+            let prev = self.route_prev_layer(li).ok_or_else(|| Error::Backend(format!("layer {li}: no other layer's router in its o_proj")))?;
+            let zero = self.route_acc_ptr(prev);
             let mut tok_pairs = unsafe { self.kernels.alloc.alloc::<i32>(spec.top_k) }?;
             let out = self.with_moe_scratch(w, spec.top_k, |scratch| self.kernels.moe_mxfp4_acc_pairs(kind, spec, w, &r, eps, bias.as_ref().map(|b| &b.0), scratch, &mut tok_pairs, zero, self.route_acc_stride))?;
             self.moe_pairs_calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -155,11 +157,14 @@ impl CudaModel {
     /// `route_oproj_rows` decode rows whose MoE runs the two-launch digit kernels
     /// (`route_multi_rows`); the o_proj the BF16 one over the attention's split on the
     /// pipelined kernel (`oproj_route_takes`), an f32 router over the hidden size, and at least
-    /// one other layer doing the same (one token's MoE zeroes the previous such layer's
+    /// one other layer doing the same at one token (its MoE zeroes the previous such layer's
     /// accumulators: `route_prev_layer`).
     pub(crate) fn route_in_oproj_at(&self, li: usize, rows: usize) -> bool {
+        if rows >= 2 {
+            return self.route_in_oproj && self.route_multi_rows(li, rows) && self.route_oproj_fits(li);
+        }
         // (route_prev_layer looks back from li - 1: usually one check, not one per layer.)
-        (rows == 1 || self.route_multi_rows(li, rows)) && self.route_in_oproj && self.route_oproj_shape(li) && self.route_prev_layer(li).is_some()
+        rows == 1 && self.route_in_oproj && self.route_oproj_shape(li) && self.route_prev_layer(li).is_some()
     }
 
     /// Whether layer `li`'s MoE at `rows` (2 up to `route_oproj_rows`) decode rows takes its
@@ -176,7 +181,14 @@ impl CudaModel {
         matches!(kind, MoeKernel::Tiled { .. }) && self.kernels.moe_kind_on_digits(kind, w, rows) && self.moe_leaves_pairs_here(spec, w, kind)
     }
 
+    /// Whether layer `li`'s o_proj at one token does the router where `route_in_oproj_at`'s
+    /// other conditions hold: `route_oproj_fits`, and the router computes the norm.
     fn route_oproj_shape(&self, li: usize) -> bool {
+        self.route_oproj_fits(li) && self.norm_in_router(li, 1)
+    }
+
+    /// Whether layer `li`'s o_proj and router are the shapes `gemv_bf16_presplit_route` takes.
+    fn route_oproj_fits(&self, li: usize) -> bool {
         let Some(l) = self.layers.get(li) else { return false };
         let (a, Mlp::Moe { spec, router, .. }) = (&l.attn, &l.mlp) else { return false };
         let h = self.spec.hidden_size;
@@ -189,7 +201,6 @@ impl CudaModel {
             && router.n == spec.num_experts
             && self.route_acc_copies * spec.num_experts < self.route_acc_stride
             && self.kernels.oproj_route_takes(a.o.n, a.o.k, router.n)
-            && self.norm_in_router(li, 1)
     }
 
     /// The layer before `li` (cyclically) whose o_proj does the router: its accumulators are
@@ -207,7 +218,7 @@ impl CudaModel {
     /// The buffers of layer `li`'s router in its o_proj over residual `res`.
     pub(super) fn route_bufs<'a>(&'a self, li: usize, res: &'a CudaSlice<f32>) -> Result<crate::kernels::RouteInOproj<'a>> {
         let l = &self.layers[li];
-        let (Mlp::Moe { router: Mat { m: GpuMatrix::F32(wr), n, .. }, .. }, true) = (&l.mlp, self.route_oproj_shape(li)) else {
+        let (Mlp::Moe { router: Mat { m: GpuMatrix::F32(wr), n, .. }, .. }, true) = (&l.mlp, self.route_oproj_fits(li)) else {
             return Err(Error::Backend(format!("layer {li}'s o_proj does not take its router")));
         };
         Ok(crate::kernels::RouteInOproj { res, norm: &l.post_norm, router: wr, experts: *n, acc: self.route_acc_ptr(li), copies: self.route_acc_copies, ssq: &self.route_ssq, hg: &self.route_hg, tok: self.route_acc_stride })
