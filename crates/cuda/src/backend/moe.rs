@@ -125,8 +125,11 @@ impl CudaModel {
             if rows >= 2 {
                 // The routing launch reads the sums, the digit rows launch the norm's parts and
                 // g h, and the two-launch digit kernels take those rows (`route_multi_rows`).
-                // It also zeroes the token-0 sums a one-token step's MoE may have left.
-                let (zero, nzero) = self.route_prev_layer(li).map_or((0, 0), |p| (self.route_acc_ptr(p), self.route_acc_stride));
+                // It also zeroes the token-0 sums of the layer before that takes the router in
+                // its o_proj, which a one-token step's fused MoE may have left for the next one
+                // (`route_prev_layer`): whether one token runs that kernel now or not (the tuner
+                // times both at setup), every layer's sums are zero when its o_proj adds.
+                let (zero, nzero) = self.route_prev_fit(li).map_or((0, 0), |p| (self.route_acc_ptr(p), self.route_acc_stride));
                 let src = RouteSource::Acc { r: &r, eps, zero, nzero };
                 let (routing, _, _) = self.route_device(spec, src, bias.as_ref().map(|b| &b.0), rows)?;
                 let xd = self.kernels.digit_rows_acc(&r, rows, self.spec.hidden_size, eps)?;
@@ -203,11 +206,19 @@ impl CudaModel {
             && self.kernels.oproj_route_takes(a.o.n, a.o.k, router.n)
     }
 
-    /// The layer before `li` (cyclically) whose o_proj does the router: its accumulators are
-    /// zeroed by `li`'s MoE.
+    /// The layer before `li` (cyclically) whose o_proj does the router at one token: its
+    /// accumulators are zeroed by `li`'s MoE.
     fn route_prev_layer(&self, li: usize) -> Option<usize> {
         let n = self.layers.len();
         (1..n).map(|d| (li + n - d) % n).find(|&l| self.route_oproj_shape(l))
+    }
+
+    /// The layer before `li` (cyclically) whose o_proj may do the router (`route_oproj_fits`):
+    /// `route_prev_layer` whenever one token's MoE is the fused kernel, and where it is not, a
+    /// superset of what it was.
+    fn route_prev_fit(&self, li: usize) -> Option<usize> {
+        let n = self.layers.len();
+        (1..n).map(|d| (li + n - d) % n).find(|&l| self.route_oproj_fits(l))
     }
 
     /// Layer `li`'s sums: `ROUTE_OPROJ_MAX_ROWS` tokens' of `route_acc_stride` u64 each.
