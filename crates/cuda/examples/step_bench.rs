@@ -67,8 +67,8 @@ struct Args {
     /// (`set_embed_norm_fused`); `prefetch`: A the lm_head asking L2 for its first K blocks
     /// before its wait, B not (`set_lm_head_prefetch`); `group:N`: A the grouping by the routing
     /// launch up to the loaded count (32 tokens), B up to N (`set_fused_group_max`); `oproj-rows:N`:
-    /// A the o_proj doing the router of the two-launch MoE up to the loaded count of decode rows
-    /// (8), B up to N (`set_route_oproj_rows`; 0: never, one token's fused kernel only). `rows` times
+    /// A the o_proj doing its MoE's router up to the loaded count of decode rows (8), B up to N
+    /// (`set_route_oproj_rows`; 1: one token only). `rows` times
     /// the engine's steps instead (host-timed, as the table above: overlapped, then one at a
     /// time), A copy-free, B copying the row data and ids (`set_copy_free_rows`), in turn per
     /// round. `defines:DEFINES` loads every
@@ -732,7 +732,7 @@ fn main() {
                 continue;
             }
             if let Some(n) = what.strip_prefix("oproj-rows:") {
-                // A the o_proj doing the router for the two-launch MoE up to the loaded count of rows, B up to n (0: never).
+                // A the o_proj doing the router up to the loaded count of rows, B up to n (1: one token only).
                 let n: usize = n.parse().expect("--ab oproj-rows:N");
                 let base = model.route_oproj_rows();
                 ab(&mut model, &|m, on| {

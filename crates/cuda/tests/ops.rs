@@ -613,17 +613,16 @@ fn router_in_the_oproj_matches_the_router_launch() {
     }
 }
 
-/// The o_proj doing its MoE's router for the two-launch kernels (`route_in_oproj_at` up to
+/// Past one token, the o_proj doing its MoE's router (`route_in_oproj_at` from 2 up to
 /// `route_oproj_rows` decode rows, where the MoE runs the two-launch kernels on FP8 digits: the
 /// routing launch reads the o_proj's sums, `moe_route_acc`, and x's digit rows come from its g h
 /// and norm parts, `moe_digit_rows_acc`) gives the logits of the norm's and the router's own
-/// launches up to f32 rounding, over decode steps of 3, 2, 1, 3 and 2 sequences, with one token
-/// on the fused kernel (whose MoE leaves its sums for the next such layer to zero, so the steps
-/// after it check that every token's sums are zero again when an o_proj adds into them) and on
-/// the tiled one (the same path from one token); the same bits when run again, and as CUDA
-/// graphs. Skipped where the MoE does not run on FP8 digits.
+/// launches up to f32 rounding, over decode steps of 3, 2, 1, 3 and 2 sequences (the one-token
+/// step's fused MoE leaves its sums for the next such layer to zero, so the steps after it
+/// check that every token's sums are zero again when an o_proj adds into them); the same bits
+/// when run again, and as CUDA graphs. Skipped where the MoE does not run on FP8 digits.
 #[test]
-fn router_in_the_oproj_for_the_two_launch_moe_matches_the_router_launch() {
+fn router_in_the_oproj_past_one_token_matches_the_router_launch() {
     let Some((spec, mut model)) = fp8_attention_model_with(&[("moe_intermediate_size", 256)]) else { return };
     if !model.moe_fp8() {
         eprintln!("skipped: the MoE does not run on FP8 digits on this GPU");
@@ -642,19 +641,18 @@ fn router_in_the_oproj_for_the_two_launch_moe_matches_the_router_launch() {
     // (sequence, position) of each step's rows; sequence s in KV block s.
     let steps: [&[(u64, usize)]; 5] = [&[(0, 0), (1, 0), (2, 0)], &[(0, 1), (1, 1)], &[(0, 2)], &[(0, 3), (1, 2), (2, 1)], &[(1, 3), (2, 2)]];
     // One token on the fused kernel (its o_proj does the router too, and its MoE leaves the
-    // token-0 sums to the next such layer's to zero) or on the tiled one (the two-launch path
-    // from one token, or the router's launch with route_oproj_rows 0).
-    for (one_token, one_token_before) in [(MoeKernel::FUSED, moe_layers), (digit_ring, 0)] {
+    // token-0 sums to the next such layer's to zero) or on the tiled one (router launched).
+    for (one_token, one_token_layers) in [(MoeKernel::FUSED, moe_layers), (digit_ring, 0)] {
         assert!(model.pin_moe_kernel(1, one_token));
         model.set_route_oproj_rows(8);
-        for rows in [1, 2, 3] {
+        assert_eq!(model.route_in_oproj_layers(1), one_token_layers, "{one_token:?}: o_projs doing the router at one row");
+        for rows in [2, 3] {
             assert_eq!(model.route_in_oproj_layers(rows), moe_layers, "{one_token:?}: every MoE layer's o_proj does its router at {rows} rows");
         }
-        model.set_route_oproj_rows(0);
-        assert_eq!(model.route_in_oproj_layers(1), one_token_before, "{one_token:?}, route_oproj_rows 0: o_projs doing the router at one row");
-        assert_eq!(model.route_in_oproj_layers(2), 0, "route_oproj_rows 0: the two-launch kernels never take it");
+        model.set_route_oproj_rows(1);
+        assert_eq!(model.route_in_oproj_layers(2), 0, "route_oproj_rows 1: one token only");
         let mut got: Vec<Vec<f32>> = Vec::new();
-        for (rows, graphs) in [(0, false), (8, false), (8, false), (8, true), (0, true)] {
+        for (rows, graphs) in [(1, false), (8, false), (8, false), (8, true), (1, true)] {
             model.set_route_oproj_rows(rows);
             model.set_cuda_graphs(graphs);
             let mut logits = Vec::new();
@@ -665,12 +663,12 @@ fn router_in_the_oproj_for_the_two_launch_moe_matches_the_router_launch() {
             assert!(logits.iter().all(|v| v.is_finite()), "{one_token:?}, route_oproj_rows {rows}, graphs {graphs}: non-finite logits");
             got.push(logits);
         }
-        assert_eq!(got[1], got[2], "{one_token:?}: the router in the o_proj for the two-launch MoE gave other bits for the same steps");
+        assert_eq!(got[1], got[2], "{one_token:?}: the router in the o_proj past one token gave other bits for the same steps");
         let scale = got[0].iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
         for (i, j) in [(0, 1), (4, 3), (1, 3)] {
             let worst = got[i].iter().zip(&got[j]).fold(0f32, |m, (a, b)| m.max((a - b).abs() / scale));
-            assert!(worst < 1e-4, "{one_token:?}: the router in the o_proj for the two-launch MoE: logits {worst:.1e} of their scale from the router's launch ({i} against {j})");
-            eprintln!("{one_token:?}: router in the o_proj for the two-launch MoE against its launch ({i}, {j}): {worst:.1e} of the logits' scale");
+            assert!(worst < 1e-4, "{one_token:?}: the router in the o_proj past one token: logits {worst:.1e} of their scale from the router's launch ({i} against {j})");
+            eprintln!("{one_token:?}: router in the o_proj past one token against its launch ({i}, {j}): {worst:.1e} of the logits' scale");
         }
     }
 }

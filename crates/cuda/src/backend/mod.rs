@@ -328,9 +328,9 @@ pub struct CudaModel {
     /// instead (`route_in_oproj_at`; `PEREGRINE_ROUTE_IN_OPROJ=0` keeps the router's launch, for
     /// comparison; tests flip it).
     route_in_oproj: bool,
-    /// Up to this many decode rows the o_proj does the router too where the MoE runs the
-    /// two-launch digit kernels (`route_in_oproj_at`; `PEREGRINE_ROUTE_OPROJ_ROWS`, at most
-    /// `ROUTE_OPROJ_MAX_ROWS`; 0: never, only for one token's fused kernel).
+    /// Up to this many decode rows (from 2) the o_proj does the router too where the MoE runs
+    /// the two-launch digit kernels (`route_in_oproj_at`; `PEREGRINE_ROUTE_OPROJ_ROWS`, at most
+    /// `ROUTE_OPROJ_MAX_ROWS`; 1: one token only).
     route_oproj_rows: usize,
     /// Per layer and token (up to `ROUTE_OPROJ_MAX_ROWS`), `route_acc_stride` u64: the
     /// fixed-point logit sums the o_proj adds into and its MoE reads, in `route_acc_copies`
@@ -654,7 +654,7 @@ impl CudaModel {
             attn_fill: std::env::var("PEREGRINE_ATTN_FILL").map_or(true, |v| v != "0"),
             route_in_moe: std::env::var("PEREGRINE_MOE_ROUTE_IN_KERNEL").map_or(true, |v| v != "0"),
             fused_group_max: moe::FUSED_GROUP_MAX_TOKENS,
-            route_oproj_rows: std::env::var("PEREGRINE_ROUTE_OPROJ_ROWS").ok().and_then(|v| v.parse().ok()).map_or(moe::ROUTE_OPROJ_ROWS, |r: usize| r.min(ROUTE_OPROJ_MAX_ROWS)),
+            route_oproj_rows: std::env::var("PEREGRINE_ROUTE_OPROJ_ROWS").ok().and_then(|v| v.parse().ok()).map_or(moe::ROUTE_OPROJ_ROWS, |r: usize| r.clamp(1, ROUTE_OPROJ_MAX_ROWS)),
             norm_in_router: std::env::var("PEREGRINE_NORM_IN_ROUTER").map_or(true, |v| v != "0"),
             route_in_oproj: std::env::var("PEREGRINE_ROUTE_IN_OPROJ").map_or(true, |v| v != "0"),
             route_acc,
@@ -818,12 +818,12 @@ impl CudaModel {
         self.route_oproj_rows
     }
 
-    /// Sets up to how many decode rows the o_proj does the router for the two-launch MoE
-    /// (`route_oproj_rows`; 0: never), for measurements and tests comparing the two; returns
-    /// the setting before. Captured step graphs are dropped.
+    /// Sets up to how many decode rows the o_proj does the router (`route_oproj_rows`; 1: one
+    /// token only), for measurements and tests comparing the two; returns the setting before.
+    /// Captured step graphs are dropped.
     pub fn set_route_oproj_rows(&mut self, rows: usize) -> usize {
         self.graphs.clear();
-        std::mem::replace(&mut self.route_oproj_rows, rows.min(ROUTE_OPROJ_MAX_ROWS))
+        std::mem::replace(&mut self.route_oproj_rows, rows.clamp(1, ROUTE_OPROJ_MAX_ROWS))
     }
 
     /// Sets up to how many tokens the routing launch's last block groups the pairs

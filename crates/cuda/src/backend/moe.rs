@@ -11,8 +11,8 @@ use super::*;
 /// (benches/results/2026-11-29-h200-route-group-scatter.md).
 pub(super) const FUSED_GROUP_MAX_TOKENS: usize = 32;
 
-/// Up to this many decode rows the o_proj does the router too where the MoE runs the two-launch
-/// digit kernels (`route_two_launch`).
+/// Up to this many decode rows (from 2) the o_proj does the router too where the MoE runs the
+/// two-launch digit kernels (`route_multi_rows`).
 pub(super) const ROUTE_OPROJ_ROWS: usize = 8;
 
 /// Copies of the router's fixed-point sums the one-token o_proj spreads its blocks' adds over
@@ -91,21 +91,16 @@ impl CudaModel {
     /// (benches/results/2026-11-24-norm-in-router.md). Past one token, where the o_proj does
     /// the router (`route_in_oproj_at`).
     pub(crate) fn norm_in_router(&self, li: usize, rows: usize) -> bool {
-        if rows >= 2 || self.route_two_launch(li, rows) {
-            // Only the o_proj doing the router takes the norm for the two-launch kernels.
+        if rows >= 2 {
+            // Only the o_proj doing the router takes the norm past one token.
             return self.route_in_oproj_at(li, rows);
         }
-        rows == 1 && self.norm_in_fused_router(li)
-    }
-
-    /// `norm_in_router` at one token whose MoE is the fused kernel routing inside itself.
-    fn norm_in_fused_router(&self, li: usize) -> bool {
         let Some(Mlp::Moe { spec, router, experts: Experts::Stacked(w), .. }) = self.layers.get(li).map(|l| &l.mlp) else { return false };
-        if !self.norm_in_router || router.k != self.spec.hidden_size || !router_takes_norm(router, 1) {
+        if !self.norm_in_router || router.k != self.spec.hidden_size || !router_takes_norm(router, rows) {
             return false;
         }
-        let kind = self.kernels.moe_kernel(w, 1, spec.top_k);
-        self.routes_in_moe_kernel(w, 1, kind) && self.moe_leaves_pairs_here(spec, w, kind)
+        let kind = self.kernels.moe_kernel(w, rows, spec.top_k);
+        self.routes_in_moe_kernel(w, rows, kind) && self.moe_leaves_pairs_here(spec, w, kind)
     }
 
     /// Whether `moe_stacked` routes `n` rows inside the MoE kernel `kind` (`moe_mxfp4_routed`):
@@ -127,9 +122,9 @@ impl CudaModel {
             let r = self.route_bufs(li, x)?;
             let kind = self.kernels.moe_kernel_rows(w, rows, spec.top_k, true);
             let eps = self.spec.rms_norm_eps;
-            if self.route_two_launch(li, rows) {
+            if rows >= 2 {
                 // The routing launch reads the sums, the digit rows launch the norm's parts and
-                // g h, and the two-launch digit kernels take those rows (`route_two_launch`).
+                // g h, and the two-launch digit kernels take those rows (`route_multi_rows`).
                 // It also zeroes the token-0 sums of the layer before that takes the router in
                 // its o_proj, which a one-token step's fused MoE may have left for the next one
                 // (`route_prev_layer`): whether one token runs that kernel now or not (the tuner
@@ -161,27 +156,27 @@ impl CudaModel {
     }
 
     /// Whether layer `li`'s o_proj at `rows` rows does its MoE's router (`route_in_oproj`):
-    /// up to `route_oproj_rows` decode rows whose MoE runs the two-launch digit kernels
-    /// (`route_two_launch`), or one token on the fused kernel where its router would compute the
-    /// norm (`norm_in_router`) and another layer does the same (its MoE zeroes the previous such
-    /// layer's accumulators: `route_prev_layer`); the o_proj the BF16 one over the attention's
-    /// split on the pipelined kernel (`oproj_route_takes`), an f32 router over the hidden size.
+    /// one token where the router would compute the norm (`norm_in_router`), or 2 up to
+    /// `route_oproj_rows` decode rows whose MoE runs the two-launch digit kernels
+    /// (`route_multi_rows`); the o_proj the BF16 one over the attention's split on the
+    /// pipelined kernel (`oproj_route_takes`), an f32 router over the hidden size, and at least
+    /// one other layer doing the same at one token (its MoE zeroes the previous such layer's
+    /// accumulators: `route_prev_layer`).
     pub(crate) fn route_in_oproj_at(&self, li: usize, rows: usize) -> bool {
-        if self.route_two_launch(li, rows) {
-            return self.route_in_oproj && self.route_oproj_fits(li);
+        if rows >= 2 {
+            return self.route_in_oproj && self.route_multi_rows(li, rows) && self.route_oproj_fits(li);
         }
         // (route_prev_layer looks back from li - 1: usually one check, not one per layer.)
         rows == 1 && self.route_in_oproj && self.route_oproj_shape(li) && self.route_prev_layer(li).is_some()
     }
 
-    /// Whether layer `li`'s MoE at `rows` (up to `route_oproj_rows`) decode rows takes its
+    /// Whether layer `li`'s MoE at `rows` (2 up to `route_oproj_rows`) decode rows takes its
     /// routing and input from the o_proj: the two-launch kernels on FP8 digits, leaving their
     /// pairs, which then read x as digit rows written from the o_proj's g h and norm parts
     /// (`moe_digit_rows_acc`) after a routing launch over its sums (`moe_route_acc`). The
-    /// post-attention norm and the router GEMV are two launches fewer a layer (at one token,
-    /// where the tiled kernel runs: the batch-1 step timing may pick it over the fused one).
-    fn route_two_launch(&self, li: usize, rows: usize) -> bool {
-        if !(1..=self.route_oproj_rows.min(ROUTE_OPROJ_MAX_ROWS)).contains(&rows) || rows > self.fused_group_max {
+    /// post-attention norm and the router GEMV are two launches fewer a layer.
+    fn route_multi_rows(&self, li: usize, rows: usize) -> bool {
+        if !(2..=self.route_oproj_rows.min(ROUTE_OPROJ_MAX_ROWS)).contains(&rows) || rows > self.fused_group_max {
             return false;
         }
         let Some(Mlp::Moe { spec, experts: Experts::Stacked(w), .. }) = self.layers.get(li).map(|l| &l.mlp) else { return false };
@@ -189,11 +184,10 @@ impl CudaModel {
         matches!(kind, MoeKernel::Tiled { .. }) && self.kernels.moe_kind_on_digits(kind, w, rows) && self.moe_leaves_pairs_here(spec, w, kind)
     }
 
-    /// Whether layer `li`'s o_proj at one token does the router for the fused MoE where
-    /// `route_in_oproj_at`'s other conditions hold: `route_oproj_fits`, and the router computes
-    /// the norm.
+    /// Whether layer `li`'s o_proj at one token does the router where `route_in_oproj_at`'s
+    /// other conditions hold: `route_oproj_fits`, and the router computes the norm.
     fn route_oproj_shape(&self, li: usize) -> bool {
-        self.route_oproj_fits(li) && self.norm_in_fused_router(li)
+        self.route_oproj_fits(li) && self.norm_in_router(li, 1)
     }
 
     /// Whether layer `li`'s o_proj and router are the shapes `gemv_bf16_presplit_route` takes.

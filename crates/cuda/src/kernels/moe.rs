@@ -97,7 +97,7 @@ pub enum MoeInput<'a> {
     /// their own; the others read x as `Settled`.
     Split(&'a MoeSplit),
     /// x as the FP8 digit kernels' rows already (`moe_digit_rows_acc`, `dg_x_row_bytes` each),
-    /// for the two-launch digit kernels only: x itself is not read.
+    /// for the two-launch digit kernels of 2+ tokens only: x itself is not read.
     Digits(&'a CudaSlice<u8>),
 }
 
@@ -1020,9 +1020,8 @@ impl Kernels {
                     (Some(_), _) if r.num_tokens >= 2 => Some(self.digit_rows(x, r.num_tokens, h)?),
                     _ => None,
                 };
-                // (Rows given as digits are read at one token too: a pass copies its row.)
                 let x_digits = match (digits, input) {
-                    (Some(_), MoeInput::Digits(d)) => {
+                    (Some(_), MoeInput::Digits(d)) if r.num_tokens >= 2 => {
                         check(d.len() >= r.num_tokens * dg_x_row_bytes(h), || format!("MoE: {} digit rows of {h} given in {} bytes", r.num_tokens, d.len()))?;
                         Some(d)
                     }
