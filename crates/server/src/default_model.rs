@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+#[cfg(feature = "embedded-model")]
 macro_rules! model_file {
     ($name:literal) => {
         ($name, include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/peregrine-mimo-tiny/", $name)).as_slice())
