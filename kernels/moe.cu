@@ -1828,7 +1828,7 @@ __device__ __forceinline__ void digit_rows_body(const float* __restrict__ x, int
     PDL_TRIGGER();
     const int row[1] = {(int)blockIdx.x};
     const unsigned bytes = dg_x_row_bytes(K);
-    const float ninv = NORM ? acc_norm_inv<true>(ssq + (size_t)blockIdx.x * nssq, nssq, K, eps) : 0.f;
+    const float ninv = NORM ? acc_norm_inv(ssq + (size_t)blockIdx.x * nssq, nssq, K, eps) : 0.f;
     stage_b<false, NORM, true>(x, row, 1, K, reinterpret_cast<unsigned*>(dsm), ss.red, ss.scale, ss.inv, ninv);
     if (threadIdx.x == 0) *reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(dsm) + K / 16 * DG_CORE) = ss.inv[0];
     __syncthreads();  // (stage_b ended with one: this one is for the scale)

@@ -1195,35 +1195,13 @@ extern "C" __global__ void moe_route_acc(unsigned long long* __restrict__ acc, i
     const int t = blockIdx.x;
     unsigned long long* a = acc + (size_t)t * tok;
     float* lg = smem + smem_floats;
-    // Every load of the routing at once, one L2 round trip (this launch is the MoE's critical
-    // path): the thread's expert's copies (up to ACC_COPIES_HELD where an expert is a thread's),
-    // the flag, then the norm's parts (acc_norm_inv's AT_ONCE). Integer sums: the same bits.
-    constexpr int ACC_COPIES_HELD = 8;
-    const bool held = copies <= ACC_COPIES_HELD && E <= (int)blockDim.x;
-    unsigned long long part[ACC_COPIES_HELD];
-#ifndef ROUTE_ACC_LOOP_LOADS
-    if (held && (int)threadIdx.x < E) {
-#pragma unroll
-        for (int c = 0; c < ACC_COPIES_HELD; c++) part[c] = c < copies ? __ldcg(a + (size_t)c * E + threadIdx.x) : 0ull;
-    }
-#endif
+    const float inv = acc_norm_inv(ssq + (size_t)t * nssq, nssq, H, eps);
     const bool bad = __ldcg(a + (size_t)copies * E) != 0ull;
-    const float inv = acc_norm_inv<true>(ssq + (size_t)t * nssq, nssq, H, eps);
-#ifndef ROUTE_ACC_LOOP_LOADS
-    if (held) {
-        if ((int)threadIdx.x < E) {
-            unsigned long long v = 0ull;
-#pragma unroll
-            for (int c = 0; c < ACC_COPIES_HELD; c++) v += part[c];
-            lg[threadIdx.x] = acc_logit(v, bad, inv);
-        }
-    } else
-#endif
-        for (int e = threadIdx.x; e < E; e += blockDim.x) {
-            unsigned long long v = 0ull;
-            for (int c = 0; c < copies; c++) v += __ldcg(a + (size_t)c * E + e);
-            lg[e] = acc_logit(v, bad, inv);
-        }
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+        unsigned long long v = 0ull;
+        for (int c = 0; c < copies; c++) v += __ldcg(a + (size_t)c * E + e);
+        lg[e] = acc_logit(v, bad, inv);
+    }
     __syncthreads();  // every sum read
     for (int i = threadIdx.x; i <= copies * E; i += blockDim.x) a[i] = 0ull;
     if (t == 0 && zero_acc != nullptr)

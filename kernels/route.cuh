@@ -178,26 +178,9 @@ __device__ __forceinline__ void group_one_token_warp(const int* sel, float w, in
 // every kernel reading them (the fused one-token MoE, moe_route_acc, moe_digit_rows_acc) holds the
 // same bits without a barrier. acc_logit: one expert's logit from its summed copies, NaN where
 // the o_proj flagged a part it could not hold (`bad`).
-// AT_ONCE: a lane's parts (up to ACC_PARTS_HELD) are all asked for before the first add, one L2
-// round trip instead of one per few parts (the loop's loads wait on the adds between them);
-// the same adds in the same order, so the same bits. (The fused MoE keeps the loop: its loads
-// overlap its staging's, and its code is placed as measured.)
-#define ACC_PARTS_HELD 16  // parts a lane holds: n <= 512, H <= 8192
-template <bool AT_ONCE = false>
 __device__ __forceinline__ float acc_norm_inv(const float* __restrict__ parts, int n, int H, float eps) {
     float q = 0.f;
-    const int lane = threadIdx.x & 31;
-#ifndef ROUTE_ACC_LOOP_LOADS  // measurement builds: the loop's loads in moe_route_acc / moe_digit_rows_acc too
-    if (AT_ONCE && n <= 32 * ACC_PARTS_HELD) {
-        float v[ACC_PARTS_HELD];
-#pragma unroll
-        for (int j = 0; j < ACC_PARTS_HELD; j++) v[j] = lane + 32 * j < n ? __ldcg(parts + lane + 32 * j) : 0.f;
-#pragma unroll
-        for (int j = 0; j < ACC_PARTS_HELD; j++)
-            if (lane + 32 * j < n) q += v[j];
-    } else
-#endif
-        for (int i = lane; i < n; i += 32) q += __ldcg(parts + i);
+    for (int i = threadIdx.x & 31; i < n; i += 32) q += __ldcg(parts + i);
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) q += __shfl_xor_sync(0xffffffffu, q, o);
     return 1.f / sqrtf(q / H + eps);
