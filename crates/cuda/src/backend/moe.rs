@@ -214,8 +214,9 @@ impl CudaModel {
     }
 
     /// The layer before `li` (cyclically) whose o_proj may do the router (`route_oproj_fits`):
-    /// `route_prev_layer` whenever one token's MoE is the fused kernel, and where it is not, a
-    /// superset of what it was.
+    /// `route_prev_layer` whenever one token's MoE is the fused kernel, since every MoE layer of
+    /// a model has the same expert and router shapes (`pin_moe_kernel`), so the layers that fit
+    /// are the ones the fused path takes, whichever kernel one token runs now.
     fn route_prev_fit(&self, li: usize) -> Option<usize> {
         let n = self.layers.len();
         (1..n).map(|d| (li + n - d) % n).find(|&l| self.route_oproj_fits(l))
