@@ -393,13 +393,13 @@ impl CudaModel {
         // Shared memory: scores and choices (2 E floats) while routing; counts, starts and the
         // chunks' per-expert totals (2 E + 1024 ints: GROUP_CHUNK in ops.cu), then a u16 count
         // per warp (8) and expert, while grouping; from the o_proj's sums, then E logits.
-        let smem = 4 * (2 * e + 1024) + 2 * 8 * e;
+        let route_smem = 4 * (2 * e + 1024) + 2 * 8 * e;
         let h = self.spec.hidden_size;
         let (mut b, smem) = match src {
             RouteSource::Logits(logits) => {
                 let mut b = crate::launch::builder(st, &self.ops.moe_route);
                 b.arg(logits);
-                (b, smem)
+                (b, route_smem)
             }
             RouteSource::Acc { r, eps, .. } => {
                 if !(fused && n <= ROUTE_OPROJ_MAX_ROWS && r.experts == e && r.ssq.len() >= n * (h / 16) && r.tok > r.copies * e) {
@@ -408,7 +408,7 @@ impl CudaModel {
                 let (tok, ci, nssq, hi) = (r.tok as i32, r.copies as i32, (h / 16) as i32, h as i32);
                 let mut b = crate::launch::builder(st, &self.ops.moe_route_acc);
                 b.arg(&r.acc).arg(&tok).arg(&ci).arg(r.ssq).arg(&nssq).arg(&hi).arg(&eps);
-                (b, smem + 4 * e)
+                (b, route_smem + 4 * e)
             }
         };
         match bias {
@@ -430,7 +430,8 @@ impl CudaModel {
             return Err(Error::Backend(format!("the MoE grouping takes at most 1024 experts, not {e}")));
         }
         if let RouteSource::Acc { zero, nzero, .. } = src {
-            let (nz, floats) = (nzero as i32, ((4 * (2 * e + 1024) + 2 * 8 * e) / 4) as i32);
+            // (The logits follow moe_route's shared memory.)
+            let (nz, floats) = (nzero as i32, (route_smem / 4) as i32);
             b.arg(&zero).arg(&nz).arg(&floats);
         }
         unsafe { b.launch(LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem as u32 }) }.map_err(drv)?;

@@ -1015,18 +1015,19 @@ impl Kernels {
                 let alloc_f32 = |n: usize| unsafe { self.alloc.alloc::<f32>(n) };
                 // On digits from 2 tokens, x as digit rows, written one launch ahead.
                 // (The split and digit rows live to the end of the call: freed in stream order after both launches.)
-                let own_digits = match (digits, input) {
-                    (Some(_), MoeInput::Digits(_)) => None,
-                    (Some(_), _) if r.num_tokens >= 2 => Some(self.digit_rows(x, r.num_tokens, h)?),
-                    _ => None,
-                };
+                // (Given as `MoeInput::Digits`, or written here.)
+                let own_digits;
                 let x_digits = match (digits, input) {
                     (Some(_), MoeInput::Digits(d)) if r.num_tokens >= 2 => {
                         check(d.len() >= r.num_tokens * dg_x_row_bytes(h), || format!("MoE: {} digit rows of {h} given in {} bytes", r.num_tokens, d.len()))?;
                         Some(d)
                     }
                     (_, MoeInput::Digits(_)) => return Err(Error::Backend(format!("MoE: x given as digit rows, but {kind:?} at {} tokens does not read them", r.num_tokens))),
-                    _ => own_digits.as_ref(),
+                    (Some(_), _) if r.num_tokens >= 2 => {
+                        own_digits = self.digit_rows(x, r.num_tokens, h)?;
+                        Some(&own_digits)
+                    }
+                    _ => None,
                 };
                 let mut b = crate::launch::builder(&self.stream, fg);
                 b.arg(gate_up).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_tok);
