@@ -1216,6 +1216,156 @@ extern "C" __global__ void moe_route_acc(unsigned long long* __restrict__ acc, i
                 reinterpret_cast<int*>(smem));
 }
 
+// moe_route and moe_route_acc for a decode batch of 2..T tokens in one block (moe_route_block,
+// moe_route_acc_block): warp w routes tokens w, w + warps, ... at once, and the block groups
+// every token's pairs from shared memory. The multi-block kernels route a token a block, then
+// the last block to arrive reads every choice back from L2 and groups them through
+// group_pairs' counts, scans and scatter: at 2-8 rows on the H200 moe_route_acc took 8.5-9 us
+// past its wait, most of it after the routing. The same choices, weights and grouping, bit for
+// bit: each token's scores, choices and top K are route_token's (sigmoid, bias, the register
+// top K, the weights in the same order), and the grouping is group_pairs' arrays (experts
+// ascending, each expert's pairs in pair order, the empty slots expert 0 with no pairs).
+// Sigmoid routing without groups (n_group <= 1), E <= 512, T x K <= blockDim.x (the host
+// checks; the others keep the multi-block kernels). `logit(t, e)` gives token t's logit of
+// expert e. Dynamic shared memory: E bias floats, T E scores, T E choices, T K choices, T K
+// weights and T K flags. Leaves the grouping in experts / pair_off / pair_tok / pair_w /
+// tok_pairs and each token's choices in topk_idx / topk_w (as moe_route).
+template <class Logit>
+__device__ __forceinline__ void route_group_block(Logit logit, int T, const float* bias_s, int E, int K, int norm, float scale,
+                                                  float* sm, int* __restrict__ topk_idx, float* __restrict__ topk_w, int max_u,
+                                                  int* __restrict__ experts, int* __restrict__ pair_off, int* __restrict__ pair_tok,
+                                                  float* __restrict__ pair_w, int* __restrict__ tok_pairs) {
+    float* scores = sm;
+    float* choice = scores + T * E;
+    int* sel = reinterpret_cast<int*>(choice + T * E);
+    float* wsel = reinterpret_cast<float*>(sel + T * K);
+    int* opens = reinterpret_cast<int*>(wsel + T * K);
+    const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, nw = blockDim.x >> 5, P = T * K;
+    for (int i = tid; i < T * E; i += blockDim.x) {
+        const int e = i % E;
+        const float x = 1.f / (1.f + expf(-logit(i / E, e)));  // (route_token's sigmoid)
+        scores[i] = x;
+        choice[i] = bias_s ? x + bias_s[e] : x;
+    }
+    __syncthreads();
+#if __CUDA_ARCH__ >= 800
+    for (int t = w; t < T; t += nw) {
+        const float wsum = E <= 256 ? route_top_k_regs<8>(choice + t * E, scores + t * E, E, K, sel + t * K)
+                                    : route_top_k_regs<16>(choice + t * E, scores + t * E, E, K, sel + t * K);
+        const float denom = wsum + 1e-20f;
+        for (int k = lane; k < K; k += 32) {
+            float v = scores[t * E + sel[t * K + k]];
+            if (norm) v /= denom;
+            wsel[t * K + k] = v * scale;
+            topk_idx[t * K + k] = sel[t * K + k];
+            topk_w[t * K + k] = v * scale;
+        }
+    }
+#endif
+    __syncthreads();
+    // Pair p (thread p): its place q among the pairs ordered by (expert, p), whether it opens its
+    // expert's run, then (once every pair's flag is out) how many distinct experts lie below.
+    const int e = tid < P ? sel[tid] : 0x7fffffff;
+    int q = 0;
+    bool first = tid < P;
+    for (int r = 0; r < P; r++) {
+        const int er = sel[r];
+        q += er < e || (er == e && r < tid);
+        first &= !(er == e && r < tid);
+    }
+    if (tid < P) opens[tid] = first;
+    const int used = __syncthreads_count(first);
+    int u = 0;
+    for (int r = 0; r < P; r++) u += opens[r] && sel[r] < e;
+    if (tid < P) {
+        pair_tok[q] = tid / K;
+        pair_w[q] = wsel[tid];
+        tok_pairs[tid] = q;
+        if (first) {
+            experts[u] = e;
+            pair_off[u] = q;
+        }
+    }
+    for (int s = used + tid; s < max_u; s += blockDim.x) {
+        experts[s] = 0;
+        pair_off[s] = P;
+    }
+    if (tid == 0) pair_off[max_u] = P;
+}
+
+// The bias into shared memory before the wait (a weight: no kernel of the step writes it).
+__device__ __forceinline__ const float* route_block_bias(const float* __restrict__ bias, int E, float* bias_s) {
+    if (!bias) return nullptr;
+    for (int e = threadIdx.x; e < E; e += blockDim.x) bias_s[e] = __ldg(bias + e);
+    return bias_s;
+}
+
+#define ROUTE_BLOCK_MAX_TOKENS 32  // tokens the one-block routing takes (the host checks)
+#define ROUTE_BLOCK_HELD 16        // (token, expert) entries a thread of moe_route_acc_block holds: T E <= 16 blockDim.x
+
+// moe_route of T tokens' logits [T, E] in one block (route_group_block).
+extern "C" __global__ void __launch_bounds__(1024) moe_route_block(const float* __restrict__ logits, const float* __restrict__ bias, int T,
+                                                                   int* __restrict__ topk_idx, float* __restrict__ topk_w, int E, int K,
+                                                                   int norm, float scale, int max_u, int* __restrict__ experts,
+                                                                   int* __restrict__ pair_off, int* __restrict__ pair_tok,
+                                                                   float* __restrict__ pair_w, int* __restrict__ tok_pairs) {
+    extern __shared__ float smem[];
+    const float* bias_s = route_block_bias(bias, E, smem);
+    PDL_ENTER();
+    route_group_block([&](int t, int e) { return logits[(size_t)t * E + e]; }, T, bias_s, E, K, norm, scale, smem + E, topk_idx,
+                      topk_w, max_u, experts, pair_off, pair_tok, pair_w, tok_pairs);
+}
+
+// moe_route_acc of T tokens in one block: token t's logits from its fixed-point sums at acc + t
+// tok and 1 / rms from its parts ssq + t nssq (acc_norm_inv by warp t, as moe_route_acc's
+// block t has it), its sums zeroed once read, and block 0's zeroing of zero_acc (see there).
+extern "C" __global__ void __launch_bounds__(1024) moe_route_acc_block(
+    unsigned long long* __restrict__ acc, int tok, int copies, const float* __restrict__ ssq, int nssq, int H, float eps,
+    const float* __restrict__ bias, int T, int* __restrict__ topk_idx, float* __restrict__ topk_w, int E, int K, int norm, float scale,
+    int max_u, int* __restrict__ experts, int* __restrict__ pair_off, int* __restrict__ pair_tok, float* __restrict__ pair_w,
+    int* __restrict__ tok_pairs, unsigned long long* __restrict__ zero_acc, int nzero) {
+    extern __shared__ float smem[];
+    __shared__ float inv_s[ROUTE_BLOCK_MAX_TOKENS];
+    __shared__ bool bad_s[ROUTE_BLOCK_MAX_TOKENS];
+    const float* bias_s = route_block_bias(bias, E, smem);
+    PDL_ENTER();
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    for (int t = w; t < T; t += nw) {
+        const float inv = acc_norm_inv(ssq + (size_t)t * nssq, nssq, H, eps);
+        const bool bad = __ldcg(acc + (size_t)t * tok + (size_t)copies * E) != 0ull;
+        if (lane == 0) {
+            inv_s[t] = inv;
+            bad_s[t] = bad;
+        }
+    }
+    // A thread's (token, expert) entries i = tid + j blockDim.x, their sum copies added in
+    // registers (integers: any order), converted once the tokens' 1 / rms and flags are out.
+    unsigned long long v[ROUTE_BLOCK_HELD];
+#pragma unroll
+    for (int j = 0; j < ROUTE_BLOCK_HELD; j++) {
+        const int i = threadIdx.x + j * blockDim.x;
+        v[j] = 0ull;
+        if (i < T * E) {
+            const unsigned long long* a = acc + (size_t)(i / E) * tok + i % E;
+            for (int c = 0; c < copies; c++) v[j] += __ldcg(a + (size_t)c * E);
+        }
+    }
+    __syncthreads();  // every sum read, the tokens' 1 / rms and flags out
+    float* lg = smem + E;  // T E logits, then route_group_block's arrays
+#pragma unroll
+    for (int j = 0; j < ROUTE_BLOCK_HELD; j++) {
+        const int i = threadIdx.x + j * blockDim.x;
+        if (i < T * E) lg[i] = acc_logit(v[j], bad_s[i / E], inv_s[i / E]);
+    }
+    const int per = copies * E + 1;
+    for (int i = threadIdx.x; i < T * per; i += blockDim.x) acc[(size_t)(i / per) * tok + i % per] = 0ull;
+    if (zero_acc != nullptr)
+        for (int i = threadIdx.x; i < nzero; i += blockDim.x) zero_acc[i] = 0ull;
+    __syncthreads();
+    route_group_block([&](int t, int e) { return lg[t * E + e]; }, T, bias_s, E, K, norm, scale, lg + T * E, topk_idx, topk_w, max_u,
+                      experts, pair_off, pair_tok, pair_w, tok_pairs);
+}
+
 // Groups a batch's routing by expert on the GPU (as kernels::MoeRouting::new does on the host),
 // so the MoE kernels stream each routed expert once: pairs p = t * K + s sorted by (expert, p).
 // experts[u] / pair_off[u..u+1] for the used experts ascending, then empty slots up to max_u

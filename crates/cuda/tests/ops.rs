@@ -131,6 +131,73 @@ fn router_and_grouping_match_the_cpu_reference() {
     }
 }
 
+/// The routing launch of a decode batch in one block (`moe_route_block`: a warp routes each
+/// token, the block groups every pair from shared memory) gives what the block-a-token launch
+/// gives (its last block grouping from L2), bit for bit: the choices, their weights and the
+/// grouping, over 2-32 tokens of Flash's and Pro's routers, without a bias, unnormalised and
+/// scaled, on random logits, ties (logits of four values, -inf among them) and NaN logits (a
+/// token with one, a token with all: the fallback expert repeated); the choices are the CPU
+/// reference's where the logits are finite and the grouping is the host's of the same choices.
+#[test]
+fn routing_in_one_block_equals_the_block_a_token_launch() {
+    let Some(mut model) = synthetic(&spec_of("default")) else { return };
+    let mut r = rng();
+    let before = model.set_route_block_tokens(32);
+    let cases = [
+        ("flash", moe_spec(256, 8, 64, RouterScoring::Sigmoid, true, 1, 1, true, 1.0)),
+        ("pro", moe_spec(384, 8, 64, RouterScoring::Sigmoid, true, 1, 1, true, 1.0)),
+        ("no bias", moe_spec(256, 8, 64, RouterScoring::Sigmoid, false, 1, 1, true, 1.0)),
+        ("7 of 40, unnormalised, scaled", moe_spec(40, 7, 64, RouterScoring::Sigmoid, true, 1, 1, false, 2.5)),
+    ];
+    for (name, spec) in cases {
+        for n in [2usize, 3, 5, 8, 16, 32] {
+            assert!(model.routes_in_one_block(&spec, n), "{name}: {n} tokens not routed in one block");
+            for form in ["random", "ties", "nan"] {
+                let e = spec.num_experts;
+                let mut logits: Vec<f32> = match form {
+                    "ties" => (0..n * e).map(|_| [-1.0f32, 0.0, 1.0, f32::NEG_INFINITY][r.random_range(0..4usize)]).collect(),
+                    _ => (0..n * e).map(|_| (r.random::<f32>() - 0.5) * 6.0).collect(),
+                };
+                if form == "nan" {
+                    logits[r.random_range(0..e)] = f32::NAN;
+                    logits[e..2 * e].fill(f32::NAN);
+                }
+                let bias: Option<Vec<f32>> = spec.correction_bias.then(|| (0..e).map(|_| (r.random::<f32>() - 0.5) * 0.2).collect());
+                model.set_route_block_tokens(1);
+                let (want, want_r) = model.route_on_gpu(&spec, &logits, bias.as_deref()).expect("routing, a block a token");
+                model.set_route_block_tokens(32);
+                let (got, got_r) = model.route_on_gpu(&spec, &logits, bias.as_deref()).expect("routing in one block");
+                let what = format!("{name}, {n} tokens, {form}");
+                let bits = |c: &Vec<Vec<(usize, f32)>>| c.iter().map(|t| t.iter().map(|&(x, w)| (x, w.to_bits())).collect::<Vec<_>>()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "{what}: choices and weights");
+                assert_eq!(
+                    (&got_r.experts, &got_r.pair_off, &got_r.pair_tok, &got_r.tok_pairs),
+                    (&want_r.experts, &want_r.pair_off, &want_r.pair_tok, &want_r.tok_pairs),
+                    "{what}: grouping"
+                );
+                assert_eq!(got_r.pair_w.iter().map(|w| w.to_bits()).collect::<Vec<_>>(), want_r.pair_w.iter().map(|w| w.to_bits()).collect::<Vec<_>>(), "{what}: pair weights");
+                let host = MoeRouting::new(&got);
+                assert_eq!((&got_r.experts, &got_r.pair_off, &got_r.pair_tok, &got_r.tok_pairs), (&host.experts, &host.pair_off, &host.pair_tok, &host.tok_pairs), "{what}: the host's grouping");
+                for (t, (g, l)) in got.iter().zip(logits.chunks(e)).enumerate() {
+                    if l.iter().all(|v| !v.is_nan()) {
+                        let w = peregrine_cpu::model::route(&spec, l, bias.as_deref());
+                        assert_eq!(g.iter().map(|c| c.0).collect::<Vec<_>>(), w.iter().map(|c| c.0).collect::<Vec<_>>(), "{what}, token {t}: the CPU reference's experts");
+                        assert!(g.iter().zip(&w).all(|(a, b)| (a.1 - b.1).abs() <= 1e-6 * b.1.abs().max(1.0)), "{what}, token {t}: the CPU reference's weights");
+                    } else if l.iter().all(|v| v.is_nan()) {
+                        assert!(g.iter().all(|c| c.0 == 0), "{what}, token {t}: all NaN logits choose the fallback expert 0: {g:?}");
+                    }
+                }
+            }
+        }
+        eprintln!("{name}: one-block routing identical to the block-a-token launch at 2-32 tokens");
+    }
+    // Softmax scores and groups keep the block-a-token launch.
+    assert!(!model.routes_in_one_block(&moe_spec(16, 4, 64, RouterScoring::Softmax, false, 1, 1, false, 1.0), 4));
+    assert!(!model.routes_in_one_block(&moe_spec(256, 8, 64, RouterScoring::Sigmoid, true, 8, 4, true, 2.5), 4));
+    assert!(!model.routes_in_one_block(&cases[0].1, 1), "one token keeps its own grouping");
+    model.set_route_block_tokens(before);
+}
+
 /// One token routed inside the fused MoE kernel (`moe_mxfp4_routed`: every block runs the
 /// router and groups the choices itself) equals the routing kernel followed by the fused
 /// kernel, bit for bit: each router form, each compiled ring, the widest grid and a 3-block one
@@ -620,7 +687,8 @@ fn router_in_the_oproj_matches_the_router_launch() {
 /// launches up to f32 rounding, over decode steps of 3, 2, 1, 3 and 2 sequences (the one-token
 /// step's fused MoE leaves its sums for the next such layer to zero, so the steps after it
 /// check that every token's sums are zero again when an o_proj adds into them); the same bits
-/// when run again, and as CUDA graphs. Skipped where the MoE does not run on FP8 digits.
+/// when run again, as CUDA graphs, and with the routing launch a block a token instead of one
+/// block for the batch. Skipped where the MoE does not run on FP8 digits.
 #[test]
 fn router_in_the_oproj_past_one_token_matches_the_router_launch() {
     let Some((spec, mut model)) = fp8_attention_model_with(&[("moe_intermediate_size", 256)]) else { return };
@@ -652,8 +720,12 @@ fn router_in_the_oproj_past_one_token_matches_the_router_launch() {
         model.set_route_oproj_rows(1);
         assert_eq!(model.route_in_oproj_layers(2), 0, "route_oproj_rows 1: one token only");
         let mut got: Vec<Vec<f32>> = Vec::new();
-        for (rows, graphs) in [(1, false), (8, false), (8, false), (8, true), (1, true)] {
+        // The last run routes a block a token (`moe_route_acc`), the others in one block.
+        let block_tokens = model.route_block_tokens();
+        assert!(block_tokens >= 3, "the routing of 2-3 tokens runs in one block by default");
+        for (rows, graphs, block) in [(1, false, block_tokens), (8, false, block_tokens), (8, false, block_tokens), (8, true, block_tokens), (1, true, block_tokens), (8, false, 1)] {
             model.set_route_oproj_rows(rows);
+            model.set_route_block_tokens(block);
             model.set_cuda_graphs(graphs);
             let mut logits = Vec::new();
             for step in steps {
@@ -664,6 +736,8 @@ fn router_in_the_oproj_past_one_token_matches_the_router_launch() {
             got.push(logits);
         }
         assert_eq!(got[1], got[2], "{one_token:?}: the router in the o_proj past one token gave other bits for the same steps");
+        assert_eq!(got[1], got[5], "{one_token:?}: routing the o_proj's sums in one block gave other bits than a block a token");
+        model.set_route_block_tokens(block_tokens);
         let scale = got[0].iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
         for (i, j) in [(0, 1), (4, 3), (1, 3)] {
             let worst = got[i].iter().zip(&got[j]).fold(0f32, |m, (a, b)| m.max((a - b).abs() / scale));

@@ -85,6 +85,9 @@ pub(crate) struct Ops {
     moe_route: CudaFunction,
     /// `moe_route` over the sums of an o_proj that did the router (2+ tokens).
     moe_route_acc: CudaFunction,
+    /// `moe_route` and `moe_route_acc` of a decode batch in one block (`CudaModel::route_one_block`).
+    moe_route_block: CudaFunction,
+    moe_route_acc_block: CudaFunction,
     moe_group: CudaFunction,
     argmax_rows: CudaFunction,
     argmax_final: CudaFunction,
@@ -146,6 +149,17 @@ fn load_ops(gpu: &Gpu) -> Result<Ops> {
         rope_kv_write: f("rope_kv_write")?,
         moe_route: f("moe_route")?,
         moe_route_acc: f("moe_route_acc")?,
+        moe_route_block: {
+            // Best effort, as below: larger batches keep the multi-block kernels.
+            let k = f("moe_route_block")?;
+            let _ = k.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, moe::ROUTE_BLOCK_MAX_SMEM as i32);
+            k
+        },
+        moe_route_acc_block: {
+            let k = f("moe_route_acc_block")?;
+            let _ = k.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, moe::ROUTE_BLOCK_MAX_SMEM as i32);
+            k
+        },
         moe_group: {
             let k = f("moe_group")?;
             // Up to 1024 experts: (2 E + 1024) ints and 32 E u16 of shared memory (76 KB).
@@ -321,6 +335,10 @@ pub struct CudaModel {
     /// Up to this many tokens `moe_route`'s last block groups the pairs (`moe::FUSED_GROUP_MAX_TOKENS`;
     /// `set_fused_group_max`, for measurements); above, `moe_group` is a launch of its own.
     fused_group_max: usize,
+    /// Up to this many tokens (from 2) the routing launch is one block that routes every token
+    /// and groups them (`route_one_block`; `moe::ROUTE_BLOCK_TOKENS`, `PEREGRINE_ROUTE_BLOCK_TOKENS`;
+    /// 1: the multi-block kernels only).
+    route_block_tokens: usize,
     /// A one-token MoE whose router computes the post-attention norm itself (`norm_in_router`;
     /// `PEREGRINE_NORM_IN_ROUTER=0` keeps the norm's launch, for comparison; tests flip it).
     norm_in_router: bool,
@@ -654,6 +672,7 @@ impl CudaModel {
             attn_fill: std::env::var("PEREGRINE_ATTN_FILL").map_or(true, |v| v != "0"),
             route_in_moe: std::env::var("PEREGRINE_MOE_ROUTE_IN_KERNEL").map_or(true, |v| v != "0"),
             fused_group_max: moe::FUSED_GROUP_MAX_TOKENS,
+            route_block_tokens: std::env::var("PEREGRINE_ROUTE_BLOCK_TOKENS").ok().and_then(|v| v.parse().ok()).map_or(moe::ROUTE_BLOCK_TOKENS, |t: usize| t.clamp(1, moe::ROUTE_BLOCK_MAX_TOKENS)),
             route_oproj_rows: std::env::var("PEREGRINE_ROUTE_OPROJ_ROWS").ok().and_then(|v| v.parse().ok()).map_or(moe::ROUTE_OPROJ_ROWS, |r: usize| r.clamp(1, ROUTE_OPROJ_MAX_ROWS)),
             norm_in_router: std::env::var("PEREGRINE_NORM_IN_ROUTER").map_or(true, |v| v != "0"),
             route_in_oproj: std::env::var("PEREGRINE_ROUTE_IN_OPROJ").map_or(true, |v| v != "0"),
@@ -878,6 +897,19 @@ impl CudaModel {
     /// The decode rows from which `attention_gqa_tc` serves decode attention.
     pub fn attn_tc_min_rows(&self) -> usize {
         self.attn_tc_min_rows
+    }
+
+    /// Sets up to how many tokens the routing launch is one block (`route_block_tokens`; 1: the
+    /// multi-block kernels only), for measurements and tests comparing the two; returns the
+    /// setting before. Captured step graphs are dropped.
+    pub fn set_route_block_tokens(&mut self, tokens: usize) -> usize {
+        self.graphs.clear();
+        std::mem::replace(&mut self.route_block_tokens, tokens.clamp(1, moe::ROUTE_BLOCK_MAX_TOKENS))
+    }
+
+    /// Up to how many tokens the routing launch is one block (`route_block_tokens`).
+    pub fn route_block_tokens(&self) -> usize {
+        self.route_block_tokens
     }
 
     /// Up to how many tokens the routing launch's last block groups the pairs.

@@ -11,6 +11,19 @@ use super::*;
 /// (benches/results/2026-11-29-h200-route-group-scatter.md).
 pub(super) const FUSED_GROUP_MAX_TOKENS: usize = 32;
 
+/// Up to this many tokens (from 2) the routing launch is one block that routes every token, a
+/// warp a token, and groups the pairs from shared memory (`moe_route_block`,
+/// `moe_route_acc_block` in kernels/ops.cu; `CudaModel::route_one_block`), instead of a block a
+/// token and the last one to arrive grouping from L2. `PEREGRINE_ROUTE_BLOCK_TOKENS` sets it (1:
+/// the multi-block kernels only).
+pub(super) const ROUTE_BLOCK_TOKENS: usize = 16;
+
+/// The most tokens the one-block routing takes (`ROUTE_BLOCK_MAX_TOKENS` in kernels/ops.cu).
+pub(super) const ROUTE_BLOCK_MAX_TOKENS: usize = 32;
+
+/// The dynamic shared memory the one-block routing kernels may take (set at load, best effort).
+pub(super) const ROUTE_BLOCK_MAX_SMEM: usize = 128 * 1024;
+
 /// Up to this many decode rows (from 2) the o_proj does the router too where the MoE runs the
 /// two-launch digit kernels (`route_multi_rows`).
 pub(super) const ROUTE_OPROJ_ROWS: usize = 8;
@@ -385,7 +398,8 @@ impl CudaModel {
             top_k: k,
         };
         // Decode-sized batches: one launch, every token's routing, then the last block to finish
-        // groups the pairs by expert (the arrival counter comes back to zero). Larger ones
+        // groups the pairs by expert (the arrival counter comes back to zero), or where
+        // `route_one_block` takes them one block routing every token and grouping them. Larger ones
         // (prefill chunks) group in a separate 1024-thread kernel: one 256-thread block took
         // 44 us per layer for 64 tokens under ncu.
         let fused = n <= self.fused_group_max;
@@ -395,6 +409,46 @@ impl CudaModel {
         // per warp (8) and expert, while grouping; from the o_proj's sums, then E logits.
         let route_smem = 4 * (2 * e + 1024) + 2 * 8 * e;
         let h = self.spec.hidden_size;
+        if let RouteSource::Acc { r, .. } = src {
+            if !(fused && n <= ROUTE_OPROJ_MAX_ROWS && r.experts == e && r.ssq.len() >= n * (h / 16) && r.tok > r.copies * e) {
+                return Err(Error::Backend(format!("moe_route_acc: {n} tokens of {e} experts do not fit the o_proj's sums")));
+            }
+        }
+        // The grouping (group_scatter in ops.cu, in moe_route's last block or moe_group) keeps
+        // its per-expert totals in the chunk's area, so E <= 1024 (moe_group's shared memory is
+        // sized for that at load).
+        if e > 1024 {
+            return Err(Error::Backend(format!("the MoE grouping takes at most 1024 experts, not {e}")));
+        }
+        if let Some((threads, smem)) = self.route_one_block(spec, matches!(src, RouteSource::Acc { .. }), n) {
+            let (ti, ei, ki, norm, sc, mu) = (n as i32, e as i32, k as i32, spec.norm_topk_prob as i32, spec.routed_scaling_factor, max_u as i32);
+            let mut b = match src {
+                RouteSource::Logits(logits) => {
+                    let mut b = crate::launch::builder(st, &self.ops.moe_route_block);
+                    b.arg(logits);
+                    b
+                }
+                RouteSource::Acc { r, eps, .. } => {
+                    let (tok, ci, nssq, hi) = (r.tok as i32, r.copies as i32, (h / 16) as i32, h as i32);
+                    let mut b = crate::launch::builder(st, &self.ops.moe_route_acc_block);
+                    b.arg(&r.acc).arg(&tok).arg(&ci).arg(r.ssq).arg(&nssq).arg(&hi).arg(&eps);
+                    b
+                }
+            };
+            match bias {
+                Some(bb) => b.arg(bb),
+                None => b.arg(&0u64),
+            };
+            b.arg(&ti).arg(&mut topk_idx).arg(&mut topk_w).arg(&ei).arg(&ki).arg(&norm).arg(&sc);
+            b.arg(&mu).arg(&mut r.experts).arg(&mut r.pair_off).arg(&mut r.pair_tok).arg(&mut r.pair_w).arg(&mut r.tok_pairs);
+            if let RouteSource::Acc { zero, nzero, .. } = src {
+                let nz = nzero as i32;
+                b.arg(&zero).arg(&nz);
+            }
+            unsafe { b.launch(LaunchConfig { grid_dim: (1, 1, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: smem as u32 }) }.map_err(drv)?;
+            self.record_routing(&topk_idx)?;
+            return Ok((r, topk_idx, topk_w));
+        }
         let (mut b, smem) = match src {
             RouteSource::Logits(logits) => {
                 let mut b = crate::launch::builder(st, &self.ops.moe_route);
@@ -402,9 +456,6 @@ impl CudaModel {
                 (b, route_smem)
             }
             RouteSource::Acc { r, eps, .. } => {
-                if !(fused && n <= ROUTE_OPROJ_MAX_ROWS && r.experts == e && r.ssq.len() >= n * (h / 16) && r.tok > r.copies * e) {
-                    return Err(Error::Backend(format!("moe_route_acc: {n} tokens of {e} experts do not fit the o_proj's sums")));
-                }
                 let (tok, ci, nssq, hi) = (r.tok as i32, r.copies as i32, (h / 16) as i32, h as i32);
                 let mut b = crate::launch::builder(st, &self.ops.moe_route_acc);
                 b.arg(&r.acc).arg(&tok).arg(&ci).arg(r.ssq).arg(&nssq).arg(&hi).arg(&eps);
@@ -423,12 +474,6 @@ impl CudaModel {
             b.arg(&0u64);
         }
         b.arg(&mu).arg(&mut r.experts).arg(&mut r.pair_off).arg(&mut r.pair_tok).arg(&mut r.pair_w).arg(&mut r.tok_pairs);
-        // The grouping (group_scatter in ops.cu, in moe_route's last block or moe_group) keeps
-        // its per-expert totals in the chunk's area, so E <= 1024 (moe_group's shared memory is
-        // sized for that at load).
-        if e > 1024 {
-            return Err(Error::Backend(format!("the MoE grouping takes at most 1024 experts, not {e}")));
-        }
         if let RouteSource::Acc { zero, nzero, .. } = src {
             // (The logits follow moe_route's shared memory.)
             let (nz, floats) = (nzero as i32, (route_smem / 4) as i32);
@@ -442,12 +487,44 @@ impl CudaModel {
             let group_smem = (4 * (2 * e + 1024) + 2 * 32 * e) as u32;
             unsafe { b.launch(LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: group_smem }) }.map_err(drv)?;
         }
+        self.record_routing(&topk_idx)?;
+        Ok((r, topk_idx, topk_w))
+    }
+
+    /// Brings a routing's per-token choices back where `probe_routing` is on (step-bench).
+    fn record_routing(&self, topk_idx: &CudaSlice<i32>) -> Result<()> {
         let mut probe = self.routing_probe.lock().map_err(|_| Error::Backend("routing probe lock poisoned".into()))?;
         if let Some(seen) = probe.as_mut() {
-            seen.push(st.clone_dtoh(&topk_idx).map_err(drv)?);
+            seen.push(self.stream.clone_dtoh(topk_idx).map_err(drv)?);
         }
-        drop(probe);
-        Ok((r, topk_idx, topk_w))
+        Ok(())
+    }
+
+    /// Whether the routing launch of `n` tokens' logits under `spec` is one block
+    /// (`route_one_block`; for tests).
+    pub fn routes_in_one_block(&self, spec: &MoeSpec, n: usize) -> bool {
+        self.route_one_block(spec, false, n).is_some()
+    }
+
+    /// The threads and dynamic shared memory of the one-block routing of `n` tokens from logits
+    /// or (`acc`) the o_proj's sums (`moe_route_block`, `moe_route_acc_block`), where it serves
+    /// them: 2 up to
+    /// `route_block_tokens` tokens, sigmoid scores without groups, at most 512 experts (the
+    /// register top K), every pair a thread of a block of a warp a token (at least 8 warps),
+    /// Ampere or newer (the top K's warp reductions), within `ROUTE_BLOCK_MAX_SMEM`.
+    fn route_one_block(&self, spec: &MoeSpec, acc: bool, n: usize) -> Option<(usize, usize)> {
+        let (e, k) = (spec.num_experts, spec.top_k);
+        let threads = 32 * n.max(8);
+        let smem = 4 * (e + (2 + acc as usize) * n * e + 3 * n * k);
+        let takes = (2..=self.route_block_tokens).contains(&n)
+            && n <= self.fused_group_max
+            && matches!(spec.scoring, RouterScoring::Sigmoid)
+            && spec.n_group <= 1
+            && (1..=512).contains(&e)
+            && n * k <= threads
+            && self.gpu.capability.0 >= 8
+            && smem <= ROUTE_BLOCK_MAX_SMEM;
+        takes.then_some((threads, smem))
     }
 
     /// The GPU router and grouping on host logits [n, E], brought back: each token's (expert,
