@@ -1217,37 +1217,42 @@ extern "C" __global__ void moe_route_acc(unsigned long long* __restrict__ acc, i
 }
 
 // moe_route and moe_route_acc for a decode batch of 2..T tokens in one block (moe_route_block,
-// moe_route_acc_block): warp w routes tokens w, w + warps, ... at once, and the block groups
-// every token's pairs from shared memory. The multi-block kernels route a token a block, then
-// the last block to arrive reads every choice back from L2 and groups them through
-// group_pairs' counts, scans and scatter: at 2-8 rows on the H200 moe_route_acc took 8.5-9 us
-// past its wait, most of it after the routing. The same choices, weights and grouping, bit for
-// bit: each token's scores, choices and top K are route_token's (sigmoid, bias, the register
-// top K, the weights in the same order), and the grouping is group_pairs' arrays (experts
-// ascending, each expert's pairs in pair order, the empty slots expert 0 with no pairs).
-// Sigmoid routing without groups (n_group <= 1), E <= 512, T x K <= blockDim.x (the host
-// checks; the others keep the multi-block kernels). `logit(t, e)` gives token t's logit of
-// expert e. Dynamic shared memory: E bias floats, T E scores, T E choices, T K choices, T K
-// weights and T K flags. Leaves the grouping in experts / pair_off / pair_tok / pair_w /
-// tok_pairs and each token's choices in topk_idx / topk_w (as moe_route).
-template <class Logit>
-__device__ __forceinline__ void route_group_block(Logit logit, int T, const float* bias_s, int E, int K, int norm, float scale,
-                                                  float* sm, int* __restrict__ topk_idx, float* __restrict__ topk_w, int max_u,
-                                                  int* __restrict__ experts, int* __restrict__ pair_off, int* __restrict__ pair_tok,
-                                                  float* __restrict__ pair_w, int* __restrict__ tok_pairs) {
-    float* scores = sm;
-    float* choice = scores + T * E;
-    int* sel = reinterpret_cast<int*>(choice + T * E);
+// moe_route_acc_block): every thread asks for all its loads at once, warp w routes tokens w,
+// w + warps, ... at once, and the block groups every token's pairs from shared memory. The
+// multi-block kernels route a token a block, then the last block to arrive reads every choice
+// back from L2 and groups them through group_pairs' counts, scans and scatter: at 2-8 rows on
+// the H200 moe_route_acc took 8.5-9 us past its wait, most of it after the routing. (A first
+// form that loaded a thread's entries one L2 round trip each took 18-31 us at 2-8 tokens.) The
+// same choices, weights and grouping, bit for bit: each token's scores, choices and top K are
+// route_token's (sigmoid, bias, the register top K, the weights in the same order), and the
+// grouping is group_pairs' arrays (experts ascending, each expert's pairs in pair order, the
+// empty slots expert 0 with no pairs). Sigmoid routing without groups (n_group <= 1), E <= 512,
+// T x K <= blockDim.x (the host checks; the others keep the multi-block kernels).
+#define ROUTE_BLOCK_MAX_TOKENS 32  // tokens the one-block routing takes
+#define ROUTE_BLOCK_LOGITS 16      // logits a thread of moe_route_block loads at once: T E <= 16 blockDim.x
+#define ROUTE_ACC_ENTRIES 2        // (token, expert) entries of a thread of moe_route_acc_block: T E <= 2 blockDim.x
+#define ROUTE_ACC_COPIES 8         // and the sum copies it asks for at once: copies <= 8
+#define ROUTE_ACC_PARTS 16         // norm parts a lane asks for at once: nssq <= 16 x 32
+
+// Entry i = t E + e (token t, expert e) of the one-block routing: its score and choice.
+__device__ __forceinline__ void route_block_score(int i, float l, int E, const float* bias_s, float* scores, float* choice) {
+    const float x = 1.f / (1.f + expf(-l));  // (route_token's sigmoid)
+    scores[i] = x;
+    choice[i] = bias_s ? x + bias_s[i % E] : x;
+}
+
+// The one-block routing past the scores (scores and choice [T, E] in shared memory, visible to
+// the block): each token's top K by a warp, then the grouping. sm: 3 T K words of shared memory.
+// Leaves the grouping in experts / pair_off / pair_tok / pair_w / tok_pairs and each token's
+// choices in topk_idx / topk_w (as moe_route).
+__device__ __forceinline__ void route_group_block(int T, int E, int K, int norm, float scale, const float* scores, float* choice, int* sm,
+                                                  int* __restrict__ topk_idx, float* __restrict__ topk_w, int max_u, int* __restrict__ experts,
+                                                  int* __restrict__ pair_off, int* __restrict__ pair_tok, float* __restrict__ pair_w,
+                                                  int* __restrict__ tok_pairs) {
+    int* sel = sm;
     float* wsel = reinterpret_cast<float*>(sel + T * K);
     int* opens = reinterpret_cast<int*>(wsel + T * K);
     const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, nw = blockDim.x >> 5, P = T * K;
-    for (int i = tid; i < T * E; i += blockDim.x) {
-        const int e = i % E;
-        const float x = 1.f / (1.f + expf(-logit(i / E, e)));  // (route_token's sigmoid)
-        scores[i] = x;
-        choice[i] = bias_s ? x + bias_s[e] : x;
-    }
-    __syncthreads();
 #if __CUDA_ARCH__ >= 800
     for (int t = w; t < T; t += nw) {
         const float wsum = E <= 256 ? route_top_k_regs<8>(choice + t * E, scores + t * E, E, K, sel + t * K)
@@ -1300,10 +1305,8 @@ __device__ __forceinline__ const float* route_block_bias(const float* __restrict
     return bias_s;
 }
 
-#define ROUTE_BLOCK_MAX_TOKENS 32  // tokens the one-block routing takes (the host checks)
-#define ROUTE_BLOCK_HELD 16        // (token, expert) entries a thread of moe_route_acc_block holds: T E <= 16 blockDim.x
-
-// moe_route of T tokens' logits [T, E] in one block (route_group_block).
+// moe_route of T tokens' logits [T, E] in one block. Dynamic shared memory: E bias floats, T E
+// scores, T E choices, 3 T K words.
 extern "C" __global__ void __launch_bounds__(1024) moe_route_block(const float* __restrict__ logits, const float* __restrict__ bias, int T,
                                                                    int* __restrict__ topk_idx, float* __restrict__ topk_w, int E, int K,
                                                                    int norm, float scale, int max_u, int* __restrict__ experts,
@@ -1311,14 +1314,29 @@ extern "C" __global__ void __launch_bounds__(1024) moe_route_block(const float* 
                                                                    float* __restrict__ pair_w, int* __restrict__ tok_pairs) {
     extern __shared__ float smem[];
     const float* bias_s = route_block_bias(bias, E, smem);
+    float* scores = smem + E;
+    float* choice = scores + T * E;
     PDL_ENTER();
-    route_group_block([&](int t, int e) { return logits[(size_t)t * E + e]; }, T, bias_s, E, K, norm, scale, smem + E, topk_idx,
-                      topk_w, max_u, experts, pair_off, pair_tok, pair_w, tok_pairs);
+    float l[ROUTE_BLOCK_LOGITS];
+#pragma unroll
+    for (int j = 0; j < ROUTE_BLOCK_LOGITS; j++) {
+        const int i = threadIdx.x + j * blockDim.x;
+        l[j] = i < T * E ? logits[i] : 0.f;
+    }
+#pragma unroll
+    for (int j = 0; j < ROUTE_BLOCK_LOGITS; j++) {
+        const int i = threadIdx.x + j * blockDim.x;
+        if (i < T * E) route_block_score(i, l[j], E, bias_s, scores, choice);
+    }
+    __syncthreads();
+    route_group_block(T, E, K, norm, scale, scores, choice, reinterpret_cast<int*>(choice + T * E), topk_idx, topk_w, max_u, experts,
+                      pair_off, pair_tok, pair_w, tok_pairs);
 }
 
 // moe_route_acc of T tokens in one block: token t's logits from its fixed-point sums at acc + t
-// tok and 1 / rms from its parts ssq + t nssq (acc_norm_inv by warp t, as moe_route_acc's
-// block t has it), its sums zeroed once read, and block 0's zeroing of zero_acc (see there).
+// tok and 1 / rms from its parts ssq + t nssq (acc_norm_inv's sum in its order, by warp t, every
+// part asked for at once), its sums zeroed once read, and block 0's zeroing of zero_acc (see
+// moe_route_acc). Dynamic shared memory: as moe_route_block's.
 extern "C" __global__ void __launch_bounds__(1024) moe_route_acc_block(
     unsigned long long* __restrict__ acc, int tok, int copies, const float* __restrict__ ssq, int nssq, int H, float eps,
     const float* __restrict__ bias, int T, int* __restrict__ topk_idx, float* __restrict__ topk_w, int E, int K, int norm, float scale,
@@ -1328,42 +1346,53 @@ extern "C" __global__ void __launch_bounds__(1024) moe_route_acc_block(
     __shared__ float inv_s[ROUTE_BLOCK_MAX_TOKENS];
     __shared__ bool bad_s[ROUTE_BLOCK_MAX_TOKENS];
     const float* bias_s = route_block_bias(bias, E, smem);
+    float* scores = smem + E;
+    float* choice = scores + T * E;
     PDL_ENTER();
-    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    for (int t = w; t < T; t += nw) {
-        const float inv = acc_norm_inv(ssq + (size_t)t * nssq, nssq, H, eps);
-        const bool bad = __ldcg(acc + (size_t)t * tok + (size_t)copies * E) != 0ull;
-        if (lane == 0) {
-            inv_s[t] = inv;
-            bad_s[t] = bad;
-        }
-    }
-    // A thread's (token, expert) entries i = tid + j blockDim.x, their sum copies added in
-    // registers (integers: any order), converted once the tokens' 1 / rms and flags are out.
-    unsigned long long v[ROUTE_BLOCK_HELD];
+    const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
+    // A thread's entries i = tid + j blockDim.x and every copy of their sums, asked for at once.
+    unsigned long long v[ROUTE_ACC_ENTRIES][ROUTE_ACC_COPIES];
 #pragma unroll
-    for (int j = 0; j < ROUTE_BLOCK_HELD; j++) {
-        const int i = threadIdx.x + j * blockDim.x;
-        v[j] = 0ull;
-        if (i < T * E) {
-            const unsigned long long* a = acc + (size_t)(i / E) * tok + i % E;
-            for (int c = 0; c < copies; c++) v[j] += __ldcg(a + (size_t)c * E);
+    for (int j = 0; j < ROUTE_ACC_ENTRIES; j++) {
+        const int i = tid + j * blockDim.x;
+        const unsigned long long* a = acc + (size_t)(i / E) * tok + i % E;
+#pragma unroll
+        for (int c = 0; c < ROUTE_ACC_COPIES; c++) v[j][c] = i < T * E && c < copies ? __ldcg(a + (size_t)c * E) : 0ull;
+    }
+    // Warp t: token t's 1 / rms (acc_norm_inv's sum, its parts asked for at once) and flag.
+    if (w < T) {
+        const float* parts = ssq + (size_t)w * nssq;
+        float p[ROUTE_ACC_PARTS];
+#pragma unroll
+        for (int j = 0; j < ROUTE_ACC_PARTS; j++) p[j] = lane + 32 * j < nssq ? __ldcg(parts + lane + 32 * j) : 0.f;
+        const bool bad = __ldcg(acc + (size_t)w * tok + (size_t)copies * E) != 0ull;
+        float q = 0.f;
+#pragma unroll
+        for (int j = 0; j < ROUTE_ACC_PARTS; j++)
+            if (lane + 32 * j < nssq) q += p[j];
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) q += __shfl_xor_sync(0xffffffffu, q, o);
+        if (lane == 0) {
+            inv_s[w] = 1.f / sqrtf(q / H + eps);
+            bad_s[w] = bad;
         }
     }
     __syncthreads();  // every sum read, the tokens' 1 / rms and flags out
-    float* lg = smem + E;  // T E logits, then route_group_block's arrays
 #pragma unroll
-    for (int j = 0; j < ROUTE_BLOCK_HELD; j++) {
-        const int i = threadIdx.x + j * blockDim.x;
-        if (i < T * E) lg[i] = acc_logit(v[j], bad_s[i / E], inv_s[i / E]);
+    for (int j = 0; j < ROUTE_ACC_ENTRIES; j++) {
+        const int i = tid + j * blockDim.x;
+        unsigned long long sum = 0ull;
+#pragma unroll
+        for (int c = 0; c < ROUTE_ACC_COPIES; c++) sum += v[j][c];
+        if (i < T * E) route_block_score(i, acc_logit(sum, bad_s[i / E], inv_s[i / E]), E, bias_s, scores, choice);
     }
     const int per = copies * E + 1;
-    for (int i = threadIdx.x; i < T * per; i += blockDim.x) acc[(size_t)(i / per) * tok + i % per] = 0ull;
+    for (int i = tid; i < T * per; i += blockDim.x) acc[(size_t)(i / per) * tok + i % per] = 0ull;
     if (zero_acc != nullptr)
-        for (int i = threadIdx.x; i < nzero; i += blockDim.x) zero_acc[i] = 0ull;
+        for (int i = tid; i < nzero; i += blockDim.x) zero_acc[i] = 0ull;
     __syncthreads();
-    route_group_block([&](int t, int e) { return lg[t * E + e]; }, T, bias_s, E, K, norm, scale, lg + T * E, topk_idx, topk_w, max_u,
-                      experts, pair_off, pair_tok, pair_w, tok_pairs);
+    route_group_block(T, E, K, norm, scale, scores, choice, reinterpret_cast<int*>(choice + T * E), topk_idx, topk_w, max_u, experts,
+                      pair_off, pair_tok, pair_w, tok_pairs);
 }
 
 // Groups a batch's routing by expert on the GPU (as kernels::MoeRouting::new does on the host),

@@ -747,6 +747,61 @@ fn router_in_the_oproj_past_one_token_matches_the_router_launch() {
     }
 }
 
+/// The routing launch over the o_proj's sums in one block (`moe_route_acc_block`: a thread's two
+/// (token, expert) entries of 1024 and their 8 copies asked for at once at 8 rows of 256
+/// experts) gives the bits of a block a token (`moe_route_acc`), eager and graphed, at 8, 5 and 2
+/// decode rows, and the logits of the router's own launch within f32 rounding. Skipped where
+/// the MoE does not run on FP8 digits.
+#[test]
+fn routing_the_oprojs_sums_in_one_block_equals_a_block_a_token() {
+    let Some((spec, mut model)) = fp8_attention_model_with(&[("moe_intermediate_size", 256), ("n_routed_experts", 256)]) else { return };
+    if !model.moe_fp8() {
+        eprintln!("skipped: the MoE does not run on FP8 digits on this GPU");
+        return;
+    }
+    let digit_ring = MoeKernel::Tiled { stages: 2, steps: 4, down_stages: 2, down_steps: 4 };
+    for t in 2..=8 {
+        assert!(model.pin_moe_kernel(t, digit_ring));
+    }
+    model.set_moe_combine_in_norm(true);
+    model.set_norm_in_router(true);
+    model.set_route_in_oproj(true);
+    model.set_route_oproj_rows(8);
+    let moe_layers = spec.layers.iter().filter(|l| matches!(l.mlp, peregrine_core::spec::MlpSpec::Moe(_))).count();
+    for rows in [2, 5, 8] {
+        assert_eq!(model.route_in_oproj_layers(rows), moe_layers, "every MoE layer's o_proj does its router at {rows} rows");
+    }
+    let block_tokens = model.route_block_tokens();
+    let moe_spec = spec.layers.iter().find_map(|l| if let peregrine_core::spec::MlpSpec::Moe(m) = &l.mlp { Some(*m) } else { None }).expect("a MoE layer");
+    assert!(model.routes_in_one_block(&moe_spec, 8), "8 rows of 256 experts are routed in one block by default");
+    let mut r = rng();
+    let toks: Vec<u32> = (0..32).map(|_| r.random_range(0..spec.vocab_size as u32)).collect();
+    // Decode steps of 8 sequences (positions 0-2), then 5 of them, then 2; sequence s in KV block s.
+    let mut steps: Vec<Vec<(u64, usize)>> = (0..3).map(|p| (0..8).map(|s| (s, p)).collect()).collect();
+    steps.push((0..5).map(|s| (s, 3)).collect());
+    steps.push((0..2).map(|s| (s, 4)).collect());
+    let mut got: Vec<Vec<f32>> = Vec::new();
+    for (oproj_rows, block, graphs) in [(8, block_tokens, false), (8, 1, false), (8, block_tokens, true), (1, block_tokens, false)] {
+        model.set_route_oproj_rows(oproj_rows);
+        model.set_route_block_tokens(block);
+        model.set_cuda_graphs(graphs);
+        let mut logits = Vec::new();
+        for step in &steps {
+            let batch: Vec<SeqForward> = step.iter().map(|&(s, p)| seq(s, vec![toks[4 * s as usize + p]], p, &[s as u32], OutputRows::Last)).collect();
+            logits.extend(model.forward(&batch).unwrap().into_iter().flat_map(|l| l.data));
+        }
+        assert!(logits.iter().all(|v| v.is_finite()), "route_oproj_rows {oproj_rows}, route_block_tokens {block}, graphs {graphs}: non-finite logits");
+        got.push(logits);
+    }
+    model.set_route_block_tokens(block_tokens);
+    assert_eq!(got[0], got[1], "routing the o_proj's sums in one block gave other bits than a block a token");
+    assert_eq!(got[0], got[2], "routing the o_proj's sums in one block gave other bits graphed");
+    let scale = got[3].iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+    let worst = got[0].iter().zip(&got[3]).fold(0f32, |m, (a, b)| m.max((a - b).abs() / scale));
+    assert!(worst < 1e-4, "routing the o_proj's sums in one block: logits {worst:.1e} of their scale from the router's launch");
+    eprintln!("routing the o_proj's sums in one block against the router's launch: {worst:.1e} of the logits' scale");
+}
+
 /// A synthetic model of MiMo-V2-Flash's form at test size whose attention can start heads as
 /// the q/k/v projection finishes them: hidden 256, 8 heads over 4 KV heads of 32 (FP8 q/k/v in
 /// whole 128-row scale blocks, stacked), 16 tiled experts of 128, top-8; 3 layers, 128 KV

@@ -420,7 +420,11 @@ impl CudaModel {
         if e > 1024 {
             return Err(Error::Backend(format!("the MoE grouping takes at most 1024 experts, not {e}")));
         }
-        if let Some((threads, smem)) = self.route_one_block(spec, matches!(src, RouteSource::Acc { .. }), n) {
+        let acc = match src {
+            RouteSource::Acc { r, .. } => Some((r.copies, h / 16)),
+            RouteSource::Logits(_) => None,
+        };
+        if let Some((threads, smem)) = self.route_one_block(spec, acc, n) {
             let (ti, ei, ki, norm, sc, mu) = (n as i32, e as i32, k as i32, spec.norm_topk_prob as i32, spec.routed_scaling_factor, max_u as i32);
             let mut b = match src {
                 RouteSource::Logits(logits) => {
@@ -503,25 +507,32 @@ impl CudaModel {
     /// Whether the routing launch of `n` tokens' logits under `spec` is one block
     /// (`route_one_block`; for tests).
     pub fn routes_in_one_block(&self, spec: &MoeSpec, n: usize) -> bool {
-        self.route_one_block(spec, false, n).is_some()
+        self.route_one_block(spec, None, n).is_some()
     }
 
     /// The threads and dynamic shared memory of the one-block routing of `n` tokens from logits
-    /// or (`acc`) the o_proj's sums (`moe_route_block`, `moe_route_acc_block`), where it serves
-    /// them: 2 up to
-    /// `route_block_tokens` tokens, sigmoid scores without groups, at most 512 experts (the
-    /// register top K), every pair a thread of a block of a warp a token (at least 8 warps),
-    /// Ampere or newer (the top K's warp reductions), within `ROUTE_BLOCK_MAX_SMEM`.
-    fn route_one_block(&self, spec: &MoeSpec, acc: bool, n: usize) -> Option<(usize, usize)> {
+    /// or (`acc`: `Some((copies, norm parts))`) the o_proj's sums (`moe_route_block`,
+    /// `moe_route_acc_block`), where it serves them: 2 up to `route_block_tokens` tokens, sigmoid
+    /// scores without groups, at most 512 experts (the register top K), every pair a thread,
+    /// Ampere or newer (the top K's warp reductions), within `ROUTE_BLOCK_MAX_SMEM`. A thread asks
+    /// for all its loads at once: from logits a warp a token, at least 8 (16 logits a thread at
+    /// most); from the sums 1024 threads, each with at most 2 entries of at most 8 copies and a
+    /// lane with at most 16 norm parts (ROUTE_ACC_* in kernels/ops.cu).
+    fn route_one_block(&self, spec: &MoeSpec, acc: Option<(usize, usize)>, n: usize) -> Option<(usize, usize)> {
         let (e, k) = (spec.num_experts, spec.top_k);
-        let threads = 32 * n.max(8);
-        let smem = 4 * (e + (2 + acc as usize) * n * e + 3 * n * k);
+        let threads = if acc.is_some() { 1024 } else { 32 * n.max(8) };
+        let smem = 4 * (e + 2 * n * e + 3 * n * k);
+        let loads_fit = match acc {
+            Some((copies, parts)) => n * e <= 2 * threads && copies <= 8 && parts <= 16 * 32 && n <= threads / 32,
+            None => n * e <= 16 * threads,
+        };
         let takes = (2..=self.route_block_tokens).contains(&n)
             && n <= self.fused_group_max
             && matches!(spec.scoring, RouterScoring::Sigmoid)
             && spec.n_group <= 1
             && (1..=512).contains(&e)
             && n * k <= threads
+            && loads_fit
             && self.gpu.capability.0 >= 8
             && smem <= ROUTE_BLOCK_MAX_SMEM;
         takes.then_some((threads, smem))
