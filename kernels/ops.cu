@@ -1230,7 +1230,8 @@ extern "C" __global__ void moe_route_acc(unsigned long long* __restrict__ acc, i
 // T x K <= blockDim.x (the host checks; the others keep the multi-block kernels).
 #define ROUTE_BLOCK_MAX_TOKENS 32  // tokens the one-block routing takes
 #define ROUTE_BLOCK_LOGITS 16      // logits a thread of moe_route_block loads at once: T E <= 16 blockDim.x
-#define ROUTE_ACC_ENTRIES 2        // (token, expert) entries of a thread of moe_route_acc_block: T E <= 2 blockDim.x
+#define ROUTE_ACC_THREADS 512      // moe_route_acc_block's threads
+#define ROUTE_ACC_ENTRIES 4        // (token, expert) entries of a thread of it: T E <= 4 x 512
 #define ROUTE_ACC_COPIES 8         // and the sum copies it asks for at once: copies <= 8
 #define ROUTE_ACC_PARTS 16         // norm parts a lane asks for at once: nssq <= 16 x 32
 
@@ -1244,11 +1245,13 @@ __device__ __forceinline__ void route_block_score(int i, float l, int E, const f
 // The one-block routing past the scores (scores and choice [T, E] in shared memory, visible to
 // the block): each token's top K by a warp, then the grouping. sm: 3 T K words of shared memory.
 // Leaves the grouping in experts / pair_off / pair_tok / pair_w / tok_pairs and each token's
-// choices in topk_idx / topk_w (as moe_route).
+// choices in topk_idx / topk_w (as moe_route). mark(k): the kernel's TRACE_MARK (1: top K
+// done, 2: grouped), for -DSTEP_TRACE builds.
+template <class Mark>
 __device__ __forceinline__ void route_group_block(int T, int E, int K, int norm, float scale, const float* scores, float* choice, int* sm,
                                                   int* __restrict__ topk_idx, float* __restrict__ topk_w, int max_u, int* __restrict__ experts,
                                                   int* __restrict__ pair_off, int* __restrict__ pair_tok, float* __restrict__ pair_w,
-                                                  int* __restrict__ tok_pairs) {
+                                                  int* __restrict__ tok_pairs, Mark mark) {
     int* sel = sm;
     float* wsel = reinterpret_cast<float*>(sel + T * K);
     int* opens = reinterpret_cast<int*>(wsel + T * K);
@@ -1268,21 +1271,27 @@ __device__ __forceinline__ void route_group_block(int T, int E, int K, int norm,
     }
 #endif
     __syncthreads();
-    // Pair p (thread p): its place q among the pairs ordered by (expert, p), whether it opens its
-    // expert's run, then (once every pair's flag is out) how many distinct experts lie below.
-    const int e = tid < P ? sel[tid] : 0x7fffffff;
-    int q = 0;
-    bool first = tid < P;
-    for (int r = 0; r < P; r++) {
-        const int er = sel[r];
-        q += er < e || (er == e && r < tid);
-        first &= !(er == e && r < tid);
-    }
-    if (tid < P) opens[tid] = first;
-    const int used = __syncthreads_count(first);
-    int u = 0;
-    for (int r = 0; r < P; r++) u += opens[r] && sel[r] < e;
+    mark(1);
+    // Pair p (thread p < P; the other warps skip the loops, which at 8 tokens of 1024 threads
+    // cost ~3 us): its place q among the pairs ordered by (expert, p) and whether it opens its
+    // expert's run (opens[p]: its expert if so, else none), then, once every pair's is out, how
+    // many distinct experts lie below.
+    int e = 0x7fffffff, q = 0;
+    bool first = false;
     if (tid < P) {
+        e = sel[tid];
+        first = true;
+        for (int r = 0; r < P; r++) {
+            const int er = sel[r];
+            q += er < e || (er == e && r < tid);
+            first &= !(er == e && r < tid);
+        }
+        opens[tid] = first ? e : 0x7fffffff;
+    }
+    const int used = __syncthreads_count(first);
+    if (tid < P) {
+        int u = 0;
+        for (int r = 0; r < P; r++) u += opens[r] < e;
         pair_tok[q] = tid / K;
         pair_w[q] = wsel[tid];
         tok_pairs[tid] = q;
@@ -1296,6 +1305,7 @@ __device__ __forceinline__ void route_group_block(int T, int E, int K, int norm,
         pair_off[s] = P;
     }
     if (tid == 0) pair_off[max_u] = P;
+    mark(2);
 }
 
 // The bias into shared memory before the wait (a weight: no kernel of the step writes it).
@@ -1329,15 +1339,16 @@ extern "C" __global__ void __launch_bounds__(1024) moe_route_block(const float* 
         if (i < T * E) route_block_score(i, l[j], E, bias_s, scores, choice);
     }
     __syncthreads();
+    TRACE_MARK(0);  // (-DSTEP_TRACE: the scores out)
     route_group_block(T, E, K, norm, scale, scores, choice, reinterpret_cast<int*>(choice + T * E), topk_idx, topk_w, max_u, experts,
-                      pair_off, pair_tok, pair_w, tok_pairs);
+                      pair_off, pair_tok, pair_w, tok_pairs, [&](int k) { TRACE_MARK(k); });
 }
 
 // moe_route_acc of T tokens in one block: token t's logits from its fixed-point sums at acc + t
 // tok and 1 / rms from its parts ssq + t nssq (acc_norm_inv's sum in its order, by warp t, every
 // part asked for at once), its sums zeroed once read, and block 0's zeroing of zero_acc (see
 // moe_route_acc). Dynamic shared memory: as moe_route_block's.
-extern "C" __global__ void __launch_bounds__(1024) moe_route_acc_block(
+extern "C" __global__ void __launch_bounds__(ROUTE_ACC_THREADS) moe_route_acc_block(
     unsigned long long* __restrict__ acc, int tok, int copies, const float* __restrict__ ssq, int nssq, int H, float eps,
     const float* __restrict__ bias, int T, int* __restrict__ topk_idx, float* __restrict__ topk_w, int E, int K, int norm, float scale,
     int max_u, int* __restrict__ experts, int* __restrict__ pair_off, int* __restrict__ pair_tok, float* __restrict__ pair_w,
@@ -1386,13 +1397,14 @@ extern "C" __global__ void __launch_bounds__(1024) moe_route_acc_block(
         for (int c = 0; c < ROUTE_ACC_COPIES; c++) sum += v[j][c];
         if (i < T * E) route_block_score(i, acc_logit(sum, bad_s[i / E], inv_s[i / E]), E, bias_s, scores, choice);
     }
-    const int per = copies * E + 1;
-    for (int i = tid; i < T * per; i += blockDim.x) acc[(size_t)(i / per) * tok + i % per] = 0ull;
+    for (int t = 0; t < T; t++)
+        for (int i = tid; i <= copies * E; i += blockDim.x) acc[(size_t)t * tok + i] = 0ull;
     if (zero_acc != nullptr)
         for (int i = tid; i < nzero; i += blockDim.x) zero_acc[i] = 0ull;
     __syncthreads();
+    TRACE_MARK(0);  // (-DSTEP_TRACE: the scores out)
     route_group_block(T, E, K, norm, scale, scores, choice, reinterpret_cast<int*>(choice + T * E), topk_idx, topk_w, max_u, experts,
-                      pair_off, pair_tok, pair_w, tok_pairs);
+                      pair_off, pair_tok, pair_w, tok_pairs, [&](int k) { TRACE_MARK(k); });
 }
 
 // Groups a batch's routing by expert on the GPU (as kernels::MoeRouting::new does on the host),

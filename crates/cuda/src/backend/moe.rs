@@ -516,14 +516,14 @@ impl CudaModel {
     /// scores without groups, at most 512 experts (the register top K), every pair a thread,
     /// Ampere or newer (the top K's warp reductions), within `ROUTE_BLOCK_MAX_SMEM`. A thread asks
     /// for all its loads at once: from logits a warp a token, at least 8 (16 logits a thread at
-    /// most); from the sums 1024 threads, each with at most 2 entries of at most 8 copies and a
+    /// most); from the sums 512 threads, each with at most 4 entries of at most 8 copies and a
     /// lane with at most 16 norm parts (ROUTE_ACC_* in kernels/ops.cu).
     fn route_one_block(&self, spec: &MoeSpec, acc: Option<(usize, usize)>, n: usize) -> Option<(usize, usize)> {
         let (e, k) = (spec.num_experts, spec.top_k);
-        let threads = if acc.is_some() { 1024 } else { 32 * n.max(8) };
+        let threads = if acc.is_some() { 512 } else { 32 * n.max(8) };
         let smem = 4 * (e + 2 * n * e + 3 * n * k);
         let loads_fit = match acc {
-            Some((copies, parts)) => n * e <= 2 * threads && copies <= 8 && parts <= 16 * 32 && n <= threads / 32,
+            Some((copies, parts)) => n * e <= 4 * threads && copies <= 8 && parts <= 16 * 32 && n <= threads / 32,
             None => n * e <= 16 * threads,
         };
         let takes = (2..=self.route_block_tokens).contains(&n)
