@@ -1243,19 +1243,21 @@ __device__ __forceinline__ void route_block_score(int i, float l, int E, const f
 }
 
 // The one-block routing past the scores (scores and choice [T, E] in shared memory, visible to
-// the block): each token's top K by a warp, then the grouping. sm: 3 T K words of shared memory.
-// Leaves the grouping in experts / pair_off / pair_tok / pair_w / tok_pairs and each token's
-// choices in topk_idx / topk_w (as moe_route). mark(k): the kernel's TRACE_MARK (1: top K
-// done, 2: grouped), for -DSTEP_TRACE builds.
+// the block): each token's top K by a warp, then the grouping. sm: 3 P4 words of shared memory
+// on 16 bytes (P4: the T K pairs rounded up to 4). Leaves the grouping in experts / pair_off /
+// pair_tok / pair_w / tok_pairs and each token's choices in topk_idx / topk_w (as moe_route).
+// mark(k): the kernel's TRACE_MARK (1: top K done, 2: grouped), for -DSTEP_TRACE builds.
 template <class Mark>
 __device__ __forceinline__ void route_group_block(int T, int E, int K, int norm, float scale, const float* scores, float* choice, int* sm,
                                                   int* __restrict__ topk_idx, float* __restrict__ topk_w, int max_u, int* __restrict__ experts,
                                                   int* __restrict__ pair_off, int* __restrict__ pair_tok, float* __restrict__ pair_w,
                                                   int* __restrict__ tok_pairs, Mark mark) {
+    const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, nw = blockDim.x >> 5, P = T * K, P4 = (P + 3) & ~3;
     int* sel = sm;
-    float* wsel = reinterpret_cast<float*>(sel + T * K);
-    int* opens = reinterpret_cast<int*>(wsel + T * K);
-    const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, nw = blockDim.x >> 5, P = T * K;
+    float* wsel = reinterpret_cast<float*>(sel + P4);
+    int* opens = reinterpret_cast<int*>(wsel + P4);
+    constexpr int NONE = 0x7fffffff;  // past every expert
+    for (int i = P + tid; i < P4; i += blockDim.x) sel[i] = NONE;
 #if __CUDA_ARCH__ >= 800
     for (int t = w; t < T; t += nw) {
         const float wsum = E <= 256 ? route_top_k_regs<8>(choice + t * E, scores + t * E, E, K, sel + t * K)
@@ -1274,24 +1276,32 @@ __device__ __forceinline__ void route_group_block(int T, int E, int K, int norm,
     mark(1);
     // Pair p (thread p < P; the other warps skip the loops, which at 8 tokens of 1024 threads
     // cost ~3 us): its place q among the pairs ordered by (expert, p) and whether it opens its
-    // expert's run (opens[p]: its expert if so, else none), then, once every pair's is out, how
-    // many distinct experts lie below.
-    int e = 0x7fffffff, q = 0;
+    // expert's run (opens[p]: its expert if so, else NONE), then, once every pair's is out, how
+    // many distinct experts lie below. Four choices a shared-memory load (the padding NONE).
+    const int4* sel4 = reinterpret_cast<const int4*>(sel);
+    const int4* opens4 = reinterpret_cast<const int4*>(opens);
+    int e = NONE, q = 0;
     bool first = false;
     if (tid < P) {
         e = sel[tid];
-        first = true;
-        for (int r = 0; r < P; r++) {
-            const int er = sel[r];
-            q += er < e || (er == e && r < tid);
-            first &= !(er == e && r < tid);
+        int same_below = 0;  // earlier pairs of this expert
+        for (int r4 = 0; r4 < P4 / 4; r4++) {
+            const int4 v = sel4[r4];
+            const int r = 4 * r4;
+            q += (v.x < e) + (v.y < e) + (v.z < e) + (v.w < e);
+            same_below += (v.x == e && r < tid) + (v.y == e && r + 1 < tid) + (v.z == e && r + 2 < tid) + (v.w == e && r + 3 < tid);
         }
-        opens[tid] = first ? e : 0x7fffffff;
+        q += same_below;
+        first = same_below == 0;
     }
+    if (tid < P4) opens[tid] = first ? e : NONE;
     const int used = __syncthreads_count(first);
     if (tid < P) {
         int u = 0;
-        for (int r = 0; r < P; r++) u += opens[r] < e;
+        for (int r4 = 0; r4 < P4 / 4; r4++) {
+            const int4 o = opens4[r4];
+            u += (o.x < e) + (o.y < e) + (o.z < e) + (o.w < e);
+        }
         pair_tok[q] = tid / K;
         pair_w[q] = wsel[tid];
         tok_pairs[tid] = q;
@@ -1315,16 +1325,17 @@ __device__ __forceinline__ const float* route_block_bias(const float* __restrict
     return bias_s;
 }
 
-// moe_route of T tokens' logits [T, E] in one block. Dynamic shared memory: E bias floats, T E
-// scores, T E choices, 3 T K words.
+// moe_route of T tokens' logits [T, E] in one block. Dynamic shared memory: route_group_block's
+// 3 P4 words, E bias floats, T E scores, T E choices.
 extern "C" __global__ void __launch_bounds__(1024) moe_route_block(const float* __restrict__ logits, const float* __restrict__ bias, int T,
                                                                    int* __restrict__ topk_idx, float* __restrict__ topk_w, int E, int K,
                                                                    int norm, float scale, int max_u, int* __restrict__ experts,
                                                                    int* __restrict__ pair_off, int* __restrict__ pair_tok,
                                                                    float* __restrict__ pair_w, int* __restrict__ tok_pairs) {
-    extern __shared__ float smem[];
-    const float* bias_s = route_block_bias(bias, E, smem);
-    float* scores = smem + E;
+    extern __shared__ __align__(16) float smem[];
+    float* bias_a = smem + 3 * ((T * K + 3) & ~3);  // (route_group_block's words first, on 16 bytes)
+    const float* bias_s = route_block_bias(bias, E, bias_a);
+    float* scores = bias_a + E;
     float* choice = scores + T * E;
     PDL_ENTER();
     float l[ROUTE_BLOCK_LOGITS];
@@ -1340,7 +1351,7 @@ extern "C" __global__ void __launch_bounds__(1024) moe_route_block(const float* 
     }
     __syncthreads();
     TRACE_MARK(0);  // (-DSTEP_TRACE: the scores out)
-    route_group_block(T, E, K, norm, scale, scores, choice, reinterpret_cast<int*>(choice + T * E), topk_idx, topk_w, max_u, experts,
+    route_group_block(T, E, K, norm, scale, scores, choice, reinterpret_cast<int*>(smem), topk_idx, topk_w, max_u, experts,
                       pair_off, pair_tok, pair_w, tok_pairs, [&](int k) { TRACE_MARK(k); });
 }
 
@@ -1353,11 +1364,12 @@ extern "C" __global__ void __launch_bounds__(ROUTE_ACC_THREADS) moe_route_acc_bl
     const float* __restrict__ bias, int T, int* __restrict__ topk_idx, float* __restrict__ topk_w, int E, int K, int norm, float scale,
     int max_u, int* __restrict__ experts, int* __restrict__ pair_off, int* __restrict__ pair_tok, float* __restrict__ pair_w,
     int* __restrict__ tok_pairs, unsigned long long* __restrict__ zero_acc, int nzero) {
-    extern __shared__ float smem[];
+    extern __shared__ __align__(16) float smem[];
     __shared__ float inv_s[ROUTE_BLOCK_MAX_TOKENS];
     __shared__ bool bad_s[ROUTE_BLOCK_MAX_TOKENS];
-    const float* bias_s = route_block_bias(bias, E, smem);
-    float* scores = smem + E;
+    float* bias_a = smem + 3 * ((T * K + 3) & ~3);  // (as moe_route_block's)
+    const float* bias_s = route_block_bias(bias, E, bias_a);
+    float* scores = bias_a + E;
     float* choice = scores + T * E;
     PDL_ENTER();
     const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
@@ -1403,7 +1415,7 @@ extern "C" __global__ void __launch_bounds__(ROUTE_ACC_THREADS) moe_route_acc_bl
         for (int i = tid; i < nzero; i += blockDim.x) zero_acc[i] = 0ull;
     __syncthreads();
     TRACE_MARK(0);  // (-DSTEP_TRACE: the scores out)
-    route_group_block(T, E, K, norm, scale, scores, choice, reinterpret_cast<int*>(choice + T * E), topk_idx, topk_w, max_u, experts,
+    route_group_block(T, E, K, norm, scale, scores, choice, reinterpret_cast<int*>(smem), topk_idx, topk_w, max_u, experts,
                       pair_off, pair_tok, pair_w, tok_pairs, [&](int k) { TRACE_MARK(k); });
 }
 

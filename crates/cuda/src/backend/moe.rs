@@ -521,7 +521,7 @@ impl CudaModel {
     fn route_one_block(&self, spec: &MoeSpec, acc: Option<(usize, usize)>, n: usize) -> Option<(usize, usize)> {
         let (e, k) = (spec.num_experts, spec.top_k);
         let threads = if acc.is_some() { 512 } else { 32 * n.max(8) };
-        let smem = 4 * (e + 2 * n * e + 3 * n * k);
+        let smem = 4 * (e + 2 * n * e + 3 * (n * k).next_multiple_of(4));
         let loads_fit = match acc {
             Some((copies, parts)) => n * e <= 4 * threads && copies <= 8 && parts <= 16 * 32 && n <= threads / 32,
             None => n * e <= 16 * threads,
