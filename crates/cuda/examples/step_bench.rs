@@ -69,7 +69,7 @@ struct Args {
     /// launch up to the loaded count (32 tokens), B up to N (`set_fused_group_max`); `oproj-rows:N`:
     /// A the o_proj doing its MoE's router up to the loaded count of decode rows (8), B up to N
     /// (`set_route_oproj_rows`; 1: one token only); `route-block:N`: A the routing launch in one
-    /// block up to the loaded count of tokens (16), B up to N (`set_route_block_tokens`; 1: a
+    /// block up to the loaded count of tokens (4), B up to N (`set_route_block_tokens`; 1: a
     /// block a token). `rows` times
     /// the engine's steps instead (host-timed, as the table above: overlapped, then one at a
     /// time), A copy-free, B copying the row data and ids (`set_copy_free_rows`), in turn per
