@@ -1231,7 +1231,7 @@ extern "C" __global__ void moe_route_acc(unsigned long long* __restrict__ acc, i
 #define ROUTE_BLOCK_MAX_TOKENS 32  // tokens the one-block routing takes
 #define ROUTE_BLOCK_LOGITS 16      // logits a thread of moe_route_block loads at once: T E <= 16 blockDim.x
 #define ROUTE_ACC_THREADS 512      // moe_route_acc_block's threads
-#define ROUTE_ACC_ENTRIES 4        // (token, expert) entries of a thread of it: T E <= 4 x 512
+#define ROUTE_ACC_PAIRS 2          // pairs of (token, expert) entries of a thread of it: T E <= 4 x 512
 #define ROUTE_ACC_COPIES 8         // and the sum copies it asks for at once: copies <= 8
 #define ROUTE_ACC_PARTS 16         // norm parts a lane asks for at once: nssq <= 16 x 32
 
@@ -1373,14 +1373,16 @@ extern "C" __global__ void __launch_bounds__(ROUTE_ACC_THREADS) moe_route_acc_bl
     float* choice = scores + T * E;
     PDL_ENTER();
     const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
-    // A thread's entries i = tid + j blockDim.x and every copy of their sums, asked for at once.
-    unsigned long long v[ROUTE_ACC_ENTRIES][ROUTE_ACC_COPIES];
+    // A thread's entries i, i + 1 (i = 2 (tid + j blockDim.x): experts e, e + 1 of one token, E
+    // and tok even) and every copy of their sums, asked for at once, 16 bytes a load.
+    ulonglong2 v[ROUTE_ACC_PAIRS][ROUTE_ACC_COPIES];
 #pragma unroll
-    for (int j = 0; j < ROUTE_ACC_ENTRIES; j++) {
-        const int i = tid + j * blockDim.x;
+    for (int j = 0; j < ROUTE_ACC_PAIRS; j++) {
+        const int i = 2 * (tid + j * blockDim.x);
         const unsigned long long* a = acc + (size_t)(i / E) * tok + i % E;
 #pragma unroll
-        for (int c = 0; c < ROUTE_ACC_COPIES; c++) v[j][c] = i < T * E && c < copies ? __ldcg(a + (size_t)c * E) : 0ull;
+        for (int c = 0; c < ROUTE_ACC_COPIES; c++)
+            v[j][c] = i < T * E && c < copies ? __ldcg(reinterpret_cast<const ulonglong2*>(a + (size_t)c * E)) : make_ulonglong2(0ull, 0ull);
     }
     // Warp t: token t's 1 / rms (acc_norm_inv's sum, its parts asked for at once) and flag.
     if (w < T) {
@@ -1402,12 +1404,18 @@ extern "C" __global__ void __launch_bounds__(ROUTE_ACC_THREADS) moe_route_acc_bl
     }
     __syncthreads();  // every sum read, the tokens' 1 / rms and flags out
 #pragma unroll
-    for (int j = 0; j < ROUTE_ACC_ENTRIES; j++) {
-        const int i = tid + j * blockDim.x;
-        unsigned long long sum = 0ull;
+    for (int j = 0; j < ROUTE_ACC_PAIRS; j++) {
+        const int i = 2 * (tid + j * blockDim.x);
+        unsigned long long s0 = 0ull, s1 = 0ull;
 #pragma unroll
-        for (int c = 0; c < ROUTE_ACC_COPIES; c++) sum += v[j][c];
-        if (i < T * E) route_block_score(i, acc_logit(sum, bad_s[i / E], inv_s[i / E]), E, bias_s, scores, choice);
+        for (int c = 0; c < ROUTE_ACC_COPIES; c++) {
+            s0 += v[j][c].x;
+            s1 += v[j][c].y;
+        }
+        if (i < T * E) {
+            route_block_score(i, acc_logit(s0, bad_s[i / E], inv_s[i / E]), E, bias_s, scores, choice);
+            route_block_score(i + 1, acc_logit(s1, bad_s[i / E], inv_s[i / E]), E, bias_s, scores, choice);
+        }
     }
     for (int t = 0; t < T; t++)
         for (int i = tid; i <= copies * E; i += blockDim.x) acc[(size_t)t * tok + i] = 0ull;

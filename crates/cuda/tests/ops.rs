@@ -722,7 +722,8 @@ fn router_in_the_oproj_past_one_token_matches_the_router_launch() {
         let mut got: Vec<Vec<f32>> = Vec::new();
         // The last run routes a block a token (`moe_route_acc`), the others in one block.
         let block_tokens = model.route_block_tokens();
-        assert!(block_tokens >= 3, "the routing of 2-3 tokens runs in one block by default");
+        let moe_spec = spec.layers.iter().find_map(|l| if let peregrine_core::spec::MlpSpec::Moe(m) = &l.mlp { Some(*m) } else { None }).expect("a MoE layer");
+        assert!(block_tokens >= 3 && model.routes_oproj_sums_in_one_block(&moe_spec, 3), "the routing of 2-3 tokens from the o_proj's sums runs in one block by default");
         for (rows, graphs, block) in [(1, false, block_tokens), (8, false, block_tokens), (8, false, block_tokens), (8, true, block_tokens), (1, true, block_tokens), (8, false, 1)] {
             model.set_route_oproj_rows(rows);
             model.set_route_block_tokens(block);
@@ -776,7 +777,7 @@ fn routing_the_oprojs_sums_in_one_block_equals_a_block_a_token() {
     let block_tokens = 8;
     let before = model.set_route_block_tokens(block_tokens);
     let moe_spec = spec.layers.iter().find_map(|l| if let peregrine_core::spec::MlpSpec::Moe(m) = &l.mlp { Some(*m) } else { None }).expect("a MoE layer");
-    assert!(model.routes_in_one_block(&moe_spec, 8), "8 rows of 256 experts are routed in one block");
+    assert!(model.routes_oproj_sums_in_one_block(&moe_spec, 8), "8 rows of 256 experts are routed in one block from the o_proj's sums");
     let mut r = rng();
     let toks: Vec<u32> = (0..32).map(|_| r.random_range(0..spec.vocab_size as u32)).collect();
     // Decode steps of 8 sequences (positions 0-2), then 5 of them, then 2; sequence s in KV block s.

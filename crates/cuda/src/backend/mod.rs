@@ -624,7 +624,8 @@ impl CudaModel {
         let ready_counters = s.alloc_zeros::<u32>(ready_len).map_err(drv)?;
         // Copies of the router's sums the o_proj spreads its adds over (PEREGRINE_ROUTE_ACC_COPIES).
         let route_acc_copies = std::env::var("PEREGRINE_ROUTE_ACC_COPIES").ok().and_then(|v| v.parse().ok()).filter(|&c: &usize| (1..=64).contains(&c)).unwrap_or(ROUTE_ACC_COPIES);
-        let route_acc_stride = layers.iter().filter_map(|l| if let Mlp::Moe { spec, .. } = &l.mlp { Some(route_acc_copies * spec.num_experts + 1) } else { None }).max().unwrap_or(1);
+        // (Even, so every token's sums start on 16 bytes: the one-block routing reads them 16 bytes a load.)
+        let route_acc_stride = layers.iter().filter_map(|l| if let Mlp::Moe { spec, .. } = &l.mlp { Some((route_acc_copies * spec.num_experts + 1).next_multiple_of(2)) } else { None }).max().unwrap_or(2);
         let route_acc = s.alloc_zeros::<u64>(layers.len().max(1) * ROUTE_OPROJ_MAX_ROWS * route_acc_stride).map_err(drv)?;
         let argmax_key = s.alloc_zeros::<u64>(crate::kernels::ARGMAX_KEY_SLOTS * crate::kernels::ARGMAX_KEY_STRIDE).map_err(drv)?;
         let route_ssq = s.alloc_zeros::<f32>(ROUTE_OPROJ_MAX_ROWS * h.div_ceil(16)).map_err(drv)?;

@@ -425,7 +425,7 @@ impl CudaModel {
             return Err(Error::Backend(format!("the MoE grouping takes at most 1024 experts, not {e}")));
         }
         let acc = match src {
-            RouteSource::Acc { r, .. } => Some((r.copies, h / 16)),
+            RouteSource::Acc { r, .. } => Some((r.copies, h / 16, r.tok)),
             RouteSource::Logits(_) => None,
         };
         if let Some((threads, smem)) = self.route_one_block(spec, acc, n) {
@@ -514,20 +514,27 @@ impl CudaModel {
         self.route_one_block(spec, None, n).is_some()
     }
 
+    /// Whether the routing launch over the o_proj's sums of `n` tokens under `spec` is one block
+    /// (`route_one_block`; for tests).
+    pub fn routes_oproj_sums_in_one_block(&self, spec: &MoeSpec, n: usize) -> bool {
+        self.route_one_block(spec, Some((self.route_acc_copies, self.spec.hidden_size / 16, self.route_acc_stride)), n).is_some()
+    }
+
     /// The threads and dynamic shared memory of the one-block routing of `n` tokens from logits
-    /// or (`acc`: `Some((copies, norm parts))`) the o_proj's sums (`moe_route_block`,
+    /// or (`acc`: `Some((copies, norm parts, words a token))`) the o_proj's sums (`moe_route_block`,
     /// `moe_route_acc_block`), where it serves them: 2 up to `route_block_tokens` tokens, sigmoid
     /// scores without groups, at most 512 experts (the register top K), every pair a thread,
     /// Ampere or newer (the top K's warp reductions), within `ROUTE_BLOCK_MAX_SMEM`. A thread asks
     /// for all its loads at once: from logits a warp a token, at least 8 (16 logits a thread at
-    /// most); from the sums 512 threads, each with at most 4 entries of at most 8 copies and a
-    /// lane with at most 16 norm parts (ROUTE_ACC_* in kernels/ops.cu).
-    fn route_one_block(&self, spec: &MoeSpec, acc: Option<(usize, usize)>, n: usize) -> Option<(usize, usize)> {
+    /// most); from the sums 512 threads, each with at most 2 pairs of entries (16-byte loads: an
+    /// even E and token stride) of at most 8 copies and a lane with at most 16 norm parts
+    /// (ROUTE_ACC_* in kernels/ops.cu).
+    fn route_one_block(&self, spec: &MoeSpec, acc: Option<(usize, usize, usize)>, n: usize) -> Option<(usize, usize)> {
         let (e, k) = (spec.num_experts, spec.top_k);
         let threads = if acc.is_some() { 512 } else { 32 * n.max(8) };
         let smem = 4 * (e + 2 * n * e + 3 * (n * k).next_multiple_of(4));
         let loads_fit = match acc {
-            Some((copies, parts)) => n * e <= 4 * threads && copies <= 8 && parts <= 16 * 32 && n <= threads / 32,
+            Some((copies, parts, tok)) => n * e <= 4 * threads && e % 2 == 0 && tok % 2 == 0 && copies <= 8 && parts <= 16 * 32 && n <= threads / 32,
             None => n * e <= 16 * threads,
         };
         let takes = (2..=self.route_block_tokens).contains(&n)
