@@ -14,12 +14,13 @@ pub(super) const FUSED_GROUP_MAX_TOKENS: usize = 32;
 /// Up to this many tokens (from 2) the routing launch is one block that routes every token, a
 /// warp a token, and groups the pairs from shared memory (`moe_route_block`,
 /// `moe_route_acc_block` in kernels/ops.cu; `CudaModel::route_one_block`), instead of a block a
-/// token and the last one to arrive grouping from L2. H200, Flash, 18 layers, the routing launch
-/// over the o_proj's sums (`step-bench --ab route-block:1`, B a block a token): batch 2 / 3 / 4
-/// 37 / 32 / 23 us a step faster, 6 even, 8 17 us slower (one SM asks for every token's sums: 128
-/// KB at 8 tokens, ~5.6 us), 12 / 16 (the router's logits) 20-22 us slower
-/// (benches/results/2026-11-29-h200-routing-in-one-block.md). `PEREGRINE_ROUTE_BLOCK_TOKENS`
-/// sets it (1: the multi-block kernels only).
+/// token and the last one to arrive grouping from L2. H200, Flash, 18 layers (`step-bench --ab
+/// route-block:1`, B a block a token): batch 2 / 3 / 4 42 / 38 / 26 us a step faster over the
+/// o_proj's sums, 23 / 18 / 10 over the router's logits. Past 4 the one SM asking for every
+/// token's sums holds it (16 KB a token, ~35-40 GB/s): batch 5 / 6 14 / 6 us slower, 7 even, 8 22
+/// us faster in one run (17-27 slower with 8-byte loads), 12 / 16 20-31 slower
+/// (benches/results/2026-11-29-h200-routing-in-one-block.md). `PEREGRINE_ROUTE_BLOCK_TOKENS` sets
+/// it (1: the multi-block kernels only).
 pub(super) const ROUTE_BLOCK_TOKENS: usize = 4;
 
 /// The most tokens the one-block routing takes (`ROUTE_BLOCK_MAX_TOKENS` in kernels/ops.cu).
