@@ -672,12 +672,7 @@ fn router_in_the_oproj_matches_the_router_launch() {
         got.push(steps);
     }
     assert_eq!(got[1], got[2], "the router in the o_proj: the same step twice gave other bits");
-    let scale = got[0].iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
-    for (i, j) in [(0, 1), (4, 3)] {
-        let worst = got[i].iter().zip(&got[j]).fold(0f32, |m, (a, b)| m.max((a - b).abs() / scale));
-        assert!(worst < 1e-4, "the router in the o_proj: logits {worst:.1e} of their scale from the router's launch ({i} against {j})");
-        eprintln!("router in the o_proj against its launch ({i}, {j}): {worst:.1e} of the logits' scale");
-    }
+    assert_runs_close(&got, 0, &[(0, 1), (4, 3)], "router in the o_proj against its launch");
 }
 
 /// Past one token, the o_proj doing its MoE's router (`route_in_oproj_at` from 2 up to
@@ -691,19 +686,7 @@ fn router_in_the_oproj_matches_the_router_launch() {
 /// block for the batch. Skipped where the MoE does not run on FP8 digits.
 #[test]
 fn router_in_the_oproj_past_one_token_matches_the_router_launch() {
-    let Some((spec, mut model)) = fp8_attention_model_with(&[("moe_intermediate_size", 256)]) else { return };
-    if !model.moe_fp8() {
-        eprintln!("skipped: the MoE does not run on FP8 digits on this GPU");
-        return;
-    }
-    let digit_ring = MoeKernel::Tiled { stages: 2, steps: 4, down_stages: 2, down_steps: 4 };
-    for t in 2..=4 {
-        assert!(model.pin_moe_kernel(t, digit_ring));
-    }
-    model.set_moe_combine_in_norm(true);
-    model.set_norm_in_router(true);
-    model.set_route_in_oproj(true);
-    let moe_layers = spec.layers.iter().filter(|l| matches!(l.mlp, peregrine_core::spec::MlpSpec::Moe(_))).count();
+    let Some((spec, mut model, moe_layers, digit_ring)) = oproj_router_model(&[("moe_intermediate_size", 256)], 4) else { return };
     let mut r = rng();
     let toks: Vec<u32> = (0..16).map(|_| r.random_range(0..spec.vocab_size as u32)).collect();
     // (sequence, position) of each step's rows; sequence s in KV block s.
@@ -722,8 +705,7 @@ fn router_in_the_oproj_past_one_token_matches_the_router_launch() {
         let mut got: Vec<Vec<f32>> = Vec::new();
         // The last run routes a block a token (`moe_route_acc`), the others in one block.
         let block_tokens = model.route_block_tokens();
-        let moe_spec = spec.layers.iter().find_map(|l| if let peregrine_core::spec::MlpSpec::Moe(m) = &l.mlp { Some(*m) } else { None }).expect("a MoE layer");
-        assert!(block_tokens >= 3 && model.routes_oproj_sums_in_one_block(&moe_spec, 3), "the routing of 2-3 tokens from the o_proj's sums runs in one block by default");
+        assert!(block_tokens >= 3 && model.routes_oproj_sums_in_one_block(&first_moe_spec(&spec), 3), "the routing of 2-3 tokens from the o_proj's sums runs in one block by default");
         for (rows, graphs, block) in [(1, false, block_tokens), (8, false, block_tokens), (8, false, block_tokens), (8, true, block_tokens), (1, true, block_tokens), (8, false, 1)] {
             model.set_route_oproj_rows(rows);
             model.set_route_block_tokens(block);
@@ -739,12 +721,7 @@ fn router_in_the_oproj_past_one_token_matches_the_router_launch() {
         assert_eq!(got[1], got[2], "{one_token:?}: the router in the o_proj past one token gave other bits for the same steps");
         assert_eq!(got[1], got[5], "{one_token:?}: routing the o_proj's sums in one block gave other bits than a block a token");
         model.set_route_block_tokens(block_tokens);
-        let scale = got[0].iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
-        for (i, j) in [(0, 1), (4, 3), (1, 3)] {
-            let worst = got[i].iter().zip(&got[j]).fold(0f32, |m, (a, b)| m.max((a - b).abs() / scale));
-            assert!(worst < 1e-4, "{one_token:?}: the router in the o_proj past one token: logits {worst:.1e} of their scale from the router's launch ({i} against {j})");
-            eprintln!("{one_token:?}: router in the o_proj past one token against its launch ({i}, {j}): {worst:.1e} of the logits' scale");
-        }
+        assert_runs_close(&got, 0, &[(0, 1), (4, 3), (1, 3)], &format!("{one_token:?}: router in the o_proj past one token against its launch"));
     }
 }
 
@@ -756,28 +733,15 @@ fn router_in_the_oproj_past_one_token_matches_the_router_launch() {
 /// rounding. Skipped where the MoE does not run on FP8 digits.
 #[test]
 fn routing_the_oprojs_sums_in_one_block_equals_a_block_a_token() {
-    let Some((spec, mut model)) = fp8_attention_model_with(&[("moe_intermediate_size", 256), ("n_routed_experts", 256)]) else { return };
-    if !model.moe_fp8() {
-        eprintln!("skipped: the MoE does not run on FP8 digits on this GPU");
-        return;
-    }
-    let digit_ring = MoeKernel::Tiled { stages: 2, steps: 4, down_stages: 2, down_steps: 4 };
-    for t in 2..=8 {
-        assert!(model.pin_moe_kernel(t, digit_ring));
-    }
-    model.set_moe_combine_in_norm(true);
-    model.set_norm_in_router(true);
-    model.set_route_in_oproj(true);
+    let Some((spec, mut model, moe_layers, _)) = oproj_router_model(&[("moe_intermediate_size", 256), ("n_routed_experts", 256)], 8) else { return };
     model.set_route_oproj_rows(8);
-    let moe_layers = spec.layers.iter().filter(|l| matches!(l.mlp, peregrine_core::spec::MlpSpec::Moe(_))).count();
     for rows in [2, 5, 8] {
         assert_eq!(model.route_in_oproj_layers(rows), moe_layers, "every MoE layer's o_proj does its router at {rows} rows");
     }
     // (One block up to 8 tokens here, whatever the default: the kernel is what is tested.)
     let block_tokens = 8;
     let before = model.set_route_block_tokens(block_tokens);
-    let moe_spec = spec.layers.iter().find_map(|l| if let peregrine_core::spec::MlpSpec::Moe(m) = &l.mlp { Some(*m) } else { None }).expect("a MoE layer");
-    assert!(model.routes_oproj_sums_in_one_block(&moe_spec, 8), "8 rows of 256 experts are routed in one block from the o_proj's sums");
+    assert!(model.routes_oproj_sums_in_one_block(&first_moe_spec(&spec), 8), "8 rows of 256 experts are routed in one block from the o_proj's sums");
     let mut r = rng();
     let toks: Vec<u32> = (0..32).map(|_| r.random_range(0..spec.vocab_size as u32)).collect();
     // Decode steps of 8 sequences (positions 0-2), then 5 of them, then 2; sequence s in KV block s.
@@ -800,12 +764,44 @@ fn routing_the_oprojs_sums_in_one_block_equals_a_block_a_token() {
     model.set_route_block_tokens(before);
     assert_eq!(got[0], got[1], "routing the o_proj's sums in one block gave other bits than a block a token");
     assert_eq!(got[2], got[3], "graphed, routing the o_proj's sums in one block gave other bits than a block a token");
-    let scale = got[4].iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
-    for (i, j) in [(0, 4), (2, 4)] {
+    assert_runs_close(&got, 4, &[(0, 4), (2, 4)], "routing the o_proj's sums in one block against the router's launch");
+}
+
+/// Asserts that each pair (i, j) of runs in `got` gives logits within 1e-4 of run `of`'s largest
+/// magnitude of each other (f32 rounding, not bits), and prints how close (`what`: the comparison).
+fn assert_runs_close(got: &[Vec<f32>], of: usize, pairs: &[(usize, usize)], what: &str) {
+    let scale = got[of].iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+    for &(i, j) in pairs {
         let worst = got[i].iter().zip(&got[j]).fold(0f32, |m, (a, b)| m.max((a - b).abs() / scale));
-        assert!(worst < 1e-4, "routing the o_proj's sums in one block: logits {worst:.1e} of their scale from the router's launch ({i} against {j})");
-        eprintln!("routing the o_proj's sums in one block against the router's launch ({i}, {j}): {worst:.1e} of the logits' scale");
+        assert!(worst < 1e-4, "{what} ({i}, {j}): logits {worst:.1e} of their scale apart");
+        eprintln!("{what} ({i}, {j}): {worst:.1e} of the logits' scale");
     }
+}
+
+/// `fp8_attention_model_with(more)` set up for its o_proj to do its MoE's router past one
+/// token: the two-launch MoE on FP8 digits pinned at 2 up to `max_rows` rows, its pairs left to
+/// the norm after it, the norm in the router; with the count of MoE layers and the digit ring.
+/// None without a GPU or (saying so) where the MoE does not run on FP8 digits.
+fn oproj_router_model(more: &[(&str, usize)], max_rows: usize) -> Option<(ModelSpec, CudaModel, usize, MoeKernel)> {
+    let (spec, mut model) = fp8_attention_model_with(more)?;
+    if !model.moe_fp8() {
+        eprintln!("skipped: the MoE does not run on FP8 digits on this GPU");
+        return None;
+    }
+    let digit_ring = MoeKernel::Tiled { stages: 2, steps: 4, down_stages: 2, down_steps: 4 };
+    for t in 2..=max_rows {
+        assert!(model.pin_moe_kernel(t, digit_ring));
+    }
+    model.set_moe_combine_in_norm(true);
+    model.set_norm_in_router(true);
+    model.set_route_in_oproj(true);
+    let moe_layers = spec.layers.iter().filter(|l| matches!(l.mlp, peregrine_core::spec::MlpSpec::Moe(_))).count();
+    Some((spec, model, moe_layers, digit_ring))
+}
+
+/// The router of `spec`'s first MoE layer.
+fn first_moe_spec(spec: &ModelSpec) -> MoeSpec {
+    spec.layers.iter().find_map(|l| if let peregrine_core::spec::MlpSpec::Moe(m) = &l.mlp { Some(*m) } else { None }).expect("a MoE layer")
 }
 
 /// A synthetic model of MiMo-V2-Flash's form at test size whose attention can start heads as
