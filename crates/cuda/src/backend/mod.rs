@@ -88,6 +88,9 @@ pub(crate) struct Ops {
     /// `moe_route` and `moe_route_acc` of a decode batch in one block (`CudaModel::route_one_block`).
     moe_route_block: CudaFunction,
     moe_route_acc_block: CudaFunction,
+    /// The dynamic shared memory those two may take on this GPU (`moe::ROUTE_BLOCK_MAX_SMEM`
+    /// where it allows that, else the 48 KB every GPU does).
+    route_block_smem: usize,
     moe_group: CudaFunction,
     argmax_rows: CudaFunction,
     argmax_final: CudaFunction,
@@ -149,16 +152,12 @@ fn load_ops(gpu: &Gpu) -> Result<Ops> {
         rope_kv_write: f("rope_kv_write")?,
         moe_route: f("moe_route")?,
         moe_route_acc: f("moe_route_acc")?,
-        moe_route_block: {
-            // Best effort, as below: larger batches keep the multi-block kernels.
-            let k = f("moe_route_block")?;
-            let _ = k.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, moe::ROUTE_BLOCK_MAX_SMEM as i32);
-            k
-        },
-        moe_route_acc_block: {
-            let k = f("moe_route_acc_block")?;
-            let _ = k.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, moe::ROUTE_BLOCK_MAX_SMEM as i32);
-            k
+        moe_route_block: f("moe_route_block")?,
+        moe_route_acc_block: f("moe_route_acc_block")?,
+        route_block_smem: {
+            // Where the GPU allows less, batches past 48 KB keep the multi-block kernels.
+            let allows = |n: &str| f(n).is_ok_and(|k| k.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, moe::ROUTE_BLOCK_MAX_SMEM as i32).is_ok());
+            if allows("moe_route_block") && allows("moe_route_acc_block") { moe::ROUTE_BLOCK_MAX_SMEM } else { 48 * 1024 }
         },
         moe_group: {
             let k = f("moe_group")?;

@@ -525,7 +525,8 @@ impl CudaModel {
     /// or (`acc`: `Some((copies, norm parts, words a token))`) the o_proj's sums (`moe_route_block`,
     /// `moe_route_acc_block`), where it serves them: 2 up to `route_block_tokens` tokens, sigmoid
     /// scores without groups, at most 512 experts (the register top K), every pair a thread,
-    /// Ampere or newer (the top K's warp reductions), within `ROUTE_BLOCK_MAX_SMEM`. A thread asks
+    /// Ampere or newer (the top K's warp reductions), within the shared memory the GPU allows them
+    /// (`Ops::route_block_smem`). A thread asks
     /// for all its loads at once: from logits a warp a token, at least 8 (16 logits a thread at
     /// most); from the sums 512 threads, each with at most 2 pairs of entries (16-byte loads: an
     /// even E and token stride) of at most 8 copies and a lane with at most 16 norm parts
@@ -546,7 +547,7 @@ impl CudaModel {
             && n * k <= threads
             && loads_fit
             && self.gpu.capability.0 >= 8
-            && smem <= ROUTE_BLOCK_MAX_SMEM;
+            && smem <= self.ops.route_block_smem;
         takes.then_some((threads, smem))
     }
 
