@@ -1237,7 +1237,7 @@ extern "C" __global__ void moe_route_acc(unsigned long long* __restrict__ acc, i
 
 // Entry i = t E + e (token t, expert e) of the one-block routing: its score and choice.
 __device__ __forceinline__ void route_block_score(int i, float l, int E, const float* bias_s, float* scores, float* choice) {
-    const float x = 1.f / (1.f + expf(-l));  // (route_token's sigmoid)
+    const float x = route_sigmoid(l);
     scores[i] = x;
     choice[i] = bias_s ? x + bias_s[i % E] : x;
 }
@@ -1262,13 +1262,12 @@ __device__ __forceinline__ void route_group_block(int T, int E, int K, int norm,
     for (int t = w; t < T; t += nw) {
         const float wsum = E <= 256 ? route_top_k_regs<8>(choice + t * E, scores + t * E, E, K, sel + t * K)
                                     : route_top_k_regs<16>(choice + t * E, scores + t * E, E, K, sel + t * K);
-        const float denom = wsum + 1e-20f;
+        const float denom = route_weight_denom(wsum);
         for (int k = lane; k < K; k += 32) {
-            float v = scores[t * E + sel[t * K + k]];
-            if (norm) v /= denom;
-            wsel[t * K + k] = v * scale;
+            const float v = route_weight(scores[t * E + sel[t * K + k]], norm, denom, scale);
+            wsel[t * K + k] = v;
             topk_idx[t * K + k] = sel[t * K + k];
-            topk_w[t * K + k] = v * scale;
+            topk_w[t * K + k] = v;
         }
     }
 #endif

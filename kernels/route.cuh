@@ -198,6 +198,17 @@ struct RouteNoIdle {
     __device__ void operator()() const {}
 };
 
+// A sigmoid router's score of logit l, and a chosen expert's weight from its score: over the
+// chosen scores' sum denom when norm, times scale. route_token and the one-block routing in
+// ops.cu take both from here, so their scores and weights are the same bits.
+__device__ __forceinline__ float route_sigmoid(float l) { return 1.f / (1.f + expf(-l)); }
+__device__ __forceinline__ float route_weight(float score, int norm, float denom, float scale) {
+    if (norm) score /= denom;
+    return score * scale;
+}
+// The denominator of route_weight from the chosen scores' sum (+1e-20: no division by zero).
+__device__ __forceinline__ float route_weight_denom(float wsum) { return wsum + 1e-20f; }
+
 // The MoE router of one token, by the whole block (HF MiMoV2FlashTopkRouter / DeepSeek-V3
 // noaux_tc, as peregrine_cpu::model::route): scores = sigmoid (or softmax) of the logits l[0..E);
 // the choice adds the correction bias; with n_group > 1 only the topk_group best groups (by the
@@ -234,7 +245,7 @@ __device__ __forceinline__ void route_token(const float* __restrict__ l, const f
     } else {
         // The logit and the bias are loaded together (one round trip, not two).
         for (int e = threadIdx.x; e < E; e += blockDim.x) {
-            float x = 1.f / (1.f + expf(-l[e]));
+            float x = route_sigmoid(l[e]);
             scores[e] = x;
             choice[e] = bias ? x + bias[e] : x;
         }
@@ -301,12 +312,10 @@ __device__ __forceinline__ void route_token(const float* __restrict__ l, const f
             __syncwarp();
         }
         stamp(18);
-        float denom = wsum + 1e-20f, mine = 0.f;
+        float denom = route_weight_denom(wsum), mine = 0.f;
         for (int k = threadIdx.x; k < K; k += 32) {
-            float w = scores[sel[k]];
-            if (norm) w /= denom;
-            wsel[k] = w * scale;
-            mine = w * scale;
+            mine = route_weight(scores[sel[k]], norm, denom, scale);
+            wsel[k] = mine;
         }
         // With groups (K <= 32), warp 0 groups the choices too, before the barrier below, so the
         // block's grouping (group_one_token) and its barrier leave the path to the first
