@@ -1235,11 +1235,55 @@ extern "C" __global__ void moe_route_acc(unsigned long long* __restrict__ acc, i
 #define ROUTE_ACC_COPIES 8         // and the sum copies it asks for at once: copies <= 8
 #define ROUTE_ACC_PARTS 16         // norm parts a lane asks for at once: nssq <= 16 x 32
 
-// Entry i = t E + e (token t, expert e) of the one-block routing: its score and choice.
-__device__ __forceinline__ void route_block_score(int i, float l, int E, const float* bias_s, float* scores, float* choice) {
+// The routing launch's cluster (moe_route_acc_block): this block's rank in it and its blocks
+// (0 and 1 without a cluster launch, and before Hopper).
+__device__ __forceinline__ int cluster_block_rank() {
+    unsigned r = 0;
+#if __CUDA_ARCH__ >= 900
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+#endif
+    return (int)r;
+}
+__device__ __forceinline__ int cluster_blocks() {
+    unsigned n = 1;
+#if __CUDA_ARCH__ >= 900
+    asm volatile("mov.u32 %0, %%cluster_nctarank;" : "=r"(n));
+#endif
+    return (int)n;
+}
+// The cluster barrier in halves: arrive (release: this block's earlier stores, its remote ones
+// too, are seen by every block past the wait), wait (acquire).
+__device__ __forceinline__ void cluster_arrive() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void cluster_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
+#endif
+}
+// v into the float at p's offset in the shared memory of the cluster's block 0.
+__device__ __forceinline__ void st_shared_block0(float* p, float v) {
+#if __CUDA_ARCH__ >= 900
+    unsigned ra, a = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("mapa.shared::cluster.u32 %0, %1, 0;" : "=r"(ra) : "r"(a));
+    asm volatile("st.shared::cluster.f32 [%0], %1;" ::"r"(ra), "f"(v) : "memory");
+#endif
+}
+
+// Entry i = t E + e (token t, expert e) of the one-block routing: its score and choice, in this
+// block's shared memory or (to_block0) in the cluster's block 0's.
+__device__ __forceinline__ void route_block_score(int i, float l, int E, const float* bias_s, float* scores, float* choice, bool to_block0 = false) {
     const float x = route_sigmoid(l);
-    scores[i] = x;
-    choice[i] = bias_s ? x + bias_s[i % E] : x;
+    const float c = bias_s ? x + bias_s[i % E] : x;
+    if (to_block0) {
+        st_shared_block0(scores + i, x);
+        st_shared_block0(choice + i, c);
+    } else {
+        scores[i] = x;
+        choice[i] = c;
+    }
 }
 
 // The one-block routing past the scores (scores and choice [T, E] in shared memory, visible to
@@ -1359,6 +1403,10 @@ extern "C" __global__ void __launch_bounds__(1024) moe_route_block(const float* 
 // tok and 1 / rms from its parts ssq + t nssq (acc_norm_inv's sum in its order, by warp t, every
 // part asked for at once), its sums zeroed once read, and block 0's zeroing of zero_acc (see
 // moe_route_acc). Dynamic shared memory: as moe_route_block's.
+// Launched as a cluster of C blocks (the host's choice; no cluster: C = 1), block r asks for the
+// sums of tokens r, r + C, ... and writes their scores into block 0's shared memory, which alone
+// goes on past the cluster barrier: one SM asks for 16 KB of sums a token (256 experts, 8
+// copies) at ~35-40 GB/s, which held the one-block launch past 4 tokens.
 extern "C" __global__ void __launch_bounds__(ROUTE_ACC_THREADS) moe_route_acc_block(
     unsigned long long* __restrict__ acc, int tok, int copies, const float* __restrict__ ssq, int nssq, int H, float eps,
     const float* __restrict__ bias, int T, int* __restrict__ topk_idx, float* __restrict__ topk_w, int E, int K, int norm, float scale,
@@ -1367,30 +1415,36 @@ extern "C" __global__ void __launch_bounds__(ROUTE_ACC_THREADS) moe_route_acc_bl
     extern __shared__ __align__(16) float smem[];
     __shared__ float inv_s[ROUTE_BLOCK_MAX_TOKENS];
     __shared__ bool bad_s[ROUTE_BLOCK_MAX_TOKENS];
+    const int C = cluster_blocks(), rank = cluster_block_rank();
+    // Every block of the cluster has started (its shared memory is there) before any writes to
+    // block 0's: this arrive, waited for past the loads.
+    if (C > 1) asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
     float* bias_a = smem + 3 * ((T * K + 3) & ~3);  // (as moe_route_block's)
     const float* bias_s = route_block_bias(bias, E, bias_a);
     float* scores = bias_a + E;
     float* choice = scores + T * E;
     PDL_ENTER();
-    const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
-    // A thread's entries i, i + 1 (i = 2 (tid + j blockDim.x): experts e, e + 1 of one token, E
-    // and tok even) and every copy of their sums, asked for at once, 16 bytes a load.
+    // This block's tokens: local token u is token rank + C u.
+    const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, TL = (T - rank + C - 1) / C;
+    // A thread's local entries i, i + 1 (i = 2 (tid + j blockDim.x): experts e, e + 1 of one
+    // token, E and tok even) and every copy of their sums, asked for at once, 16 bytes a load.
     ulonglong2 v[ROUTE_ACC_PAIRS][ROUTE_ACC_COPIES];
 #pragma unroll
     for (int j = 0; j < ROUTE_ACC_PAIRS; j++) {
         const int i = 2 * (tid + j * blockDim.x);
-        const unsigned long long* a = acc + (size_t)(i / E) * tok + i % E;
+        const unsigned long long* a = acc + (size_t)(rank + C * (i / E)) * tok + i % E;
 #pragma unroll
         for (int c = 0; c < ROUTE_ACC_COPIES; c++)
-            v[j][c] = i < T * E && c < copies ? __ldcg(reinterpret_cast<const ulonglong2*>(a + (size_t)c * E)) : make_ulonglong2(0ull, 0ull);
+            v[j][c] = i < TL * E && c < copies ? __ldcg(reinterpret_cast<const ulonglong2*>(a + (size_t)c * E)) : make_ulonglong2(0ull, 0ull);
     }
-    // Warp t: token t's 1 / rms (acc_norm_inv's sum, its parts asked for at once) and flag.
-    if (w < T) {
-        const float* parts = ssq + (size_t)w * nssq;
+    // Warp u: local token u's 1 / rms (acc_norm_inv's sum, its parts asked for at once) and flag.
+    if (w < TL) {
+        const int t = rank + C * w;
+        const float* parts = ssq + (size_t)t * nssq;
         float p[ROUTE_ACC_PARTS];
 #pragma unroll
         for (int j = 0; j < ROUTE_ACC_PARTS; j++) p[j] = lane + 32 * j < nssq ? __ldcg(parts + lane + 32 * j) : 0.f;
-        const bool bad = __ldcg(acc + (size_t)w * tok + (size_t)copies * E) != 0ull;
+        const bool bad = __ldcg(acc + (size_t)t * tok + (size_t)copies * E) != 0ull;
         float q = 0.f;
 #pragma unroll
         for (int j = 0; j < ROUTE_ACC_PARTS; j++)
@@ -1403,6 +1457,7 @@ extern "C" __global__ void __launch_bounds__(ROUTE_ACC_THREADS) moe_route_acc_bl
         }
     }
     __syncthreads();  // every sum read, the tokens' 1 / rms and flags out
+    if (C > 1) cluster_wait();
 #pragma unroll
     for (int j = 0; j < ROUTE_ACC_PAIRS; j++) {
         const int i = 2 * (tid + j * blockDim.x);
@@ -1412,16 +1467,23 @@ extern "C" __global__ void __launch_bounds__(ROUTE_ACC_THREADS) moe_route_acc_bl
             s0 += v[j][c].x;
             s1 += v[j][c].y;
         }
-        if (i < T * E) {
-            route_block_score(i, acc_logit(s0, bad_s[i / E], inv_s[i / E]), E, bias_s, scores, choice);
-            route_block_score(i + 1, acc_logit(s1, bad_s[i / E], inv_s[i / E]), E, bias_s, scores, choice);
+        if (i < TL * E) {
+            const int u = i / E, at = (rank + C * u) * E + i % E;
+            route_block_score(at, acc_logit(s0, bad_s[u], inv_s[u]), E, bias_s, scores, choice, rank != 0);
+            route_block_score(at + 1, acc_logit(s1, bad_s[u], inv_s[u]), E, bias_s, scores, choice, rank != 0);
         }
     }
-    for (int t = 0; t < T; t++)
-        for (int i = tid; i <= copies * E; i += blockDim.x) acc[(size_t)t * tok + i] = 0ull;
+    for (int u = 0; u < TL; u++)
+        for (int i = tid; i <= copies * E; i += blockDim.x) acc[(size_t)(rank + C * u) * tok + i] = 0ull;
     if (zero_acc != nullptr)
-        for (int i = tid; i < nzero; i += blockDim.x) zero_acc[i] = 0ull;
-    __syncthreads();
+        for (int i = rank * blockDim.x + tid; i < nzero; i += C * blockDim.x) zero_acc[i] = 0ull;
+    if (C > 1) {
+        cluster_arrive();  // every token's scores in block 0
+        cluster_wait();
+        if (rank != 0) return;
+    } else {
+        __syncthreads();
+    }
     TRACE_MARK(0);  // (-DSTEP_TRACE: the scores out)
     route_group_block(T, E, K, norm, scale, scores, choice, reinterpret_cast<int*>(smem), topk_idx, topk_w, max_u, experts,
                       pair_off, pair_tok, pair_w, tok_pairs, [&](int k) { TRACE_MARK(k); });

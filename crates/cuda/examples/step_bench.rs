@@ -70,7 +70,8 @@ struct Args {
     /// A the o_proj doing its MoE's router up to the loaded count of decode rows (8), B up to N
     /// (`set_route_oproj_rows`; 1: one token only); `route-block:N`: A the routing launch in one
     /// block up to the loaded count of tokens (4), B up to N (`set_route_block_tokens`; 1: a
-    /// block a token). `rows` times
+    /// block a token); `route-cluster:N`: A that launch over the o_proj's sums in clusters of the
+    /// loaded count of blocks at most (8), B of N (`set_route_cluster`; 1: one block). `rows` times
     /// the engine's steps instead (host-timed, as the table above: overlapped, then one at a
     /// time), A copy-free, B copying the row data and ids (`set_copy_free_rows`), in turn per
     /// round. `defines:DEFINES` loads every
@@ -751,6 +752,15 @@ fn main() {
                 });
                 continue;
             }
+            if let Some(n) = what.strip_prefix("route-cluster:") {
+                // A the routing over the o_proj's sums in clusters of up to the loaded count of blocks, B up to n (1: one block).
+                let n: usize = n.parse().expect("--ab route-cluster:N");
+                let base = model.route_cluster();
+                ab(&mut model, &|m, on| {
+                    m.set_route_cluster(if on { n } else { base });
+                });
+                continue;
+            }
             if let Some(n) = what.strip_prefix("attn-tc-rows:") {
                 // A the decode attention kernels as loaded, B the tensor-core GQA kernel from n rows.
                 let n: usize = n.parse().expect("--ab attn-tc-rows:N");
@@ -793,7 +803,7 @@ fn main() {
             let shift = match what.strip_prefix("shift:") {
                 Some(n) => Some(n.parse::<usize>().expect("--ab shift:BYTES")),
                 None if ["tail", "argmax", "fetch", "embed", "prefetch"].contains(&what.as_str()) => None,
-                None => panic!("--ab takes tail, argmax, fetch, embed, prefetch, rows, fp8, shift:BYTES, copies:N, group:N, oproj-rows:N, route-block:N, moe-grid:N, attn-tc-rows:N, heads-splits:N, pre-fill, ready-wave, preload or defines:DEFINES, not {what}"),
+                None => panic!("--ab takes tail, argmax, fetch, embed, prefetch, rows, fp8, shift:BYTES, copies:N, group:N, oproj-rows:N, route-block:N, route-cluster:N, moe-grid:N, attn-tc-rows:N, heads-splits:N, pre-fill, ready-wave, preload or defines:DEFINES, not {what}"),
             };
             ab(&mut model, &|m, on| match shift {
                 Some(n) => m.shift_step_buffers(if on { n } else { 0 }).expect("buffers shifted"),

@@ -75,10 +75,12 @@ pub(crate) struct Launch<'a> {
     words: Vec<u64>,
     /// Where each argument starts in `words` (a struct passed by value spans several).
     starts: Vec<usize>,
+    /// Blocks a cluster along x (`cluster`; 1: no cluster attribute).
+    cluster: u32,
 }
 
 pub(crate) fn builder<'a>(stream: &'a CudaStream, f: &'a CudaFunction) -> Launch<'a> {
-    Launch { stream, f, words: Vec::with_capacity(16), starts: Vec::with_capacity(16) }
+    Launch { stream, f, words: Vec::with_capacity(16), starts: Vec::with_capacity(16), cluster: 1 }
 }
 
 thread_local! {
@@ -195,6 +197,13 @@ impl Launch<'_> {
         }
     }
 
+    /// Launches the grid in clusters of `blocks` blocks along x (compute capability 9.0+; the
+    /// grid's x a multiple of it), for kernels that size their clusters at run time.
+    pub(crate) fn cluster(&mut self, blocks: u32) -> &mut Self {
+        self.cluster = blocks;
+        self
+    }
+
     /// # Safety
     /// The arguments must match the kernel's parameters in order and type, and every buffer
     /// must outlive the kernel's execution.
@@ -202,11 +211,22 @@ impl Launch<'_> {
         self.stream.context().bind_to_thread()?;
         let base = self.words.as_mut_ptr();
         let mut params: Vec<*mut c_void> = self.starts.iter().map(|&i| base.add(i) as *mut c_void).collect();
-        let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
-        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-        attr.value.programmaticStreamSerializationAllowed = 1;
         let plain_next = PLAIN_NEXT.with(|c| c.replace(false));
         let pdl = pdl_enabled(self.stream) && PLAIN.with(|c| c.get() == 0) && !plain_next;
+        let mut attrs: [sys::CUlaunchAttribute; 2] = std::mem::zeroed();
+        let mut n_attrs = 0;
+        if pdl {
+            attrs[n_attrs].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+            attrs[n_attrs].value.programmaticStreamSerializationAllowed = 1;
+            n_attrs += 1;
+        }
+        if self.cluster > 1 {
+            attrs[n_attrs].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+            attrs[n_attrs].value.clusterDim.x = self.cluster;
+            attrs[n_attrs].value.clusterDim.y = 1;
+            attrs[n_attrs].value.clusterDim.z = 1;
+            n_attrs += 1;
+        }
         let config = sys::CUlaunchConfig {
             gridDimX: cfg.grid_dim.0,
             gridDimY: cfg.grid_dim.1,
@@ -216,8 +236,8 @@ impl Launch<'_> {
             blockDimZ: cfg.block_dim.2,
             sharedMemBytes: cfg.shared_mem_bytes,
             hStream: self.stream.cu_stream(),
-            attrs: if pdl { &mut attr } else { std::ptr::null_mut() },
-            numAttrs: pdl as u32,
+            attrs: if n_attrs > 0 { attrs.as_mut_ptr() } else { std::ptr::null_mut() },
+            numAttrs: n_attrs as u32,
         };
         for _ in 0..launches(self.f) {
             sys::cuLaunchKernelEx(&config, self.f.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()).result()?;

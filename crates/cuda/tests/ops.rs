@@ -727,10 +727,11 @@ fn router_in_the_oproj_past_one_token_matches_the_router_launch() {
 
 /// The routing launch over the o_proj's sums in one block (`moe_route_acc_block`: a thread's four
 /// (token, expert) entries of 512 and their 8 copies asked for at once at 8 rows of 256
-/// experts) gives the bits of a block a token (`moe_route_acc`), eager and graphed (a graph's
-/// step may differ from an eager one in other kernels' plans, so graphed runs are compared with
-/// each other), at 8, 5 and 2 decode rows, and the logits of the router's own launch within f32
-/// rounding. Skipped where the MoE does not run on FP8 digits.
+/// experts), and in a cluster of a block per token (each writing its token's scores into block
+/// 0's shared memory), gives the bits of a block a token (`moe_route_acc`), eager and graphed (a
+/// graph's step may differ from an eager one in other kernels' plans, so graphed runs are
+/// compared with each other), at 8, 5 and 2 decode rows, and the logits of the router's own
+/// launch within f32 rounding. Skipped where the MoE does not run on FP8 digits.
 #[test]
 fn routing_the_oprojs_sums_in_one_block_equals_a_block_a_token() {
     let Some((spec, mut model, moe_layers, _)) = oproj_router_model(&[("moe_intermediate_size", 256), ("n_routed_experts", 256)], 8) else { return };
@@ -748,22 +749,35 @@ fn routing_the_oprojs_sums_in_one_block_equals_a_block_a_token() {
     let mut steps: Vec<Vec<(u64, usize)>> = (0..3).map(|p| (0..8).map(|s| (s, p)).collect()).collect();
     steps.push((0..5).map(|s| (s, 3)).collect());
     steps.push((0..2).map(|s| (s, 4)).collect());
+    // A cluster of a block per token (Hopper: the FP8 digits' GPUs), or one block.
+    let cluster = model.route_cluster();
+    assert!(cluster >= 8, "the routing over the o_proj's sums takes clusters of 8 blocks by default");
+    for rows in [2, 5, 8] {
+        assert_eq!(model.oproj_sums_routing_blocks(&first_moe_spec(&spec), rows), Some(rows), "{rows} rows: a cluster of a block a token");
+    }
+    model.set_route_cluster(1);
+    assert_eq!(model.oproj_sums_routing_blocks(&first_moe_spec(&spec), 8), Some(1), "route_cluster 1: one block");
     let mut got: Vec<Vec<f32>> = Vec::new();
-    for (oproj_rows, block, graphs) in [(8, block_tokens, false), (8, 1, false), (8, block_tokens, true), (8, 1, true), (1, block_tokens, false)] {
+    let runs = [(8, block_tokens, false, cluster), (8, 1, false, cluster), (8, block_tokens, true, cluster), (8, 1, true, cluster), (1, block_tokens, false, cluster), (8, block_tokens, false, 1), (8, block_tokens, true, 1)];
+    for (oproj_rows, block, graphs, blocks) in runs {
         model.set_route_oproj_rows(oproj_rows);
         model.set_route_block_tokens(block);
+        model.set_route_cluster(blocks);
         model.set_cuda_graphs(graphs);
         let mut logits = Vec::new();
         for step in &steps {
             let batch: Vec<SeqForward> = step.iter().map(|&(s, p)| seq(s, vec![toks[4 * s as usize + p]], p, &[s as u32], OutputRows::Last)).collect();
             logits.extend(model.forward(&batch).unwrap().into_iter().flat_map(|l| l.data));
         }
-        assert!(logits.iter().all(|v| v.is_finite()), "route_oproj_rows {oproj_rows}, route_block_tokens {block}, graphs {graphs}: non-finite logits");
+        assert!(logits.iter().all(|v| v.is_finite()), "route_oproj_rows {oproj_rows}, route_block_tokens {block}, route_cluster {blocks}, graphs {graphs}: non-finite logits");
         got.push(logits);
     }
     model.set_route_block_tokens(before);
-    assert_eq!(got[0], got[1], "routing the o_proj's sums in one block gave other bits than a block a token");
-    assert_eq!(got[2], got[3], "graphed, routing the o_proj's sums in one block gave other bits than a block a token");
+    model.set_route_cluster(cluster);
+    assert_eq!(got[0], got[1], "routing the o_proj's sums in a cluster gave other bits than a block a token");
+    assert_eq!(got[2], got[3], "graphed, routing the o_proj's sums in a cluster gave other bits than a block a token");
+    assert_eq!(got[5], got[1], "routing the o_proj's sums in one block gave other bits than a block a token");
+    assert_eq!(got[6], got[3], "graphed, routing the o_proj's sums in one block gave other bits than a block a token");
     assert_runs_close(&got, 4, &[(0, 4), (2, 4)], "routing the o_proj's sums in one block against the router's launch");
 }
 

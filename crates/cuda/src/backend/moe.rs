@@ -23,6 +23,16 @@ pub(super) const FUSED_GROUP_MAX_TOKENS: usize = 32;
 /// it (1: the multi-block kernels only).
 pub(super) const ROUTE_BLOCK_TOKENS: usize = 4;
 
+/// The one-block routing over the o_proj's sums (`moe_route_acc_block`) on Hopper spreads its
+/// tokens over a cluster of up to this many blocks, a block per token, each asking for its
+/// token's sums and writing the scores into block 0's shared memory, which routes and groups them
+/// all: alone, one SM asks for the 16 KB a token of sums at ~35-40 GB/s. `PEREGRINE_ROUTE_CLUSTER`
+/// sets it (1: one block).
+pub(super) const ROUTE_CLUSTER_BLOCKS: usize = 8;
+
+/// The most blocks of that cluster (the portable cluster size).
+pub(super) const ROUTE_CLUSTER_MAX_BLOCKS: usize = 8;
+
 /// The most tokens the one-block routing takes (`ROUTE_BLOCK_MAX_TOKENS` in kernels/ops.cu).
 pub(super) const ROUTE_BLOCK_MAX_TOKENS: usize = 32;
 
@@ -429,7 +439,7 @@ impl CudaModel {
             RouteSource::Acc { r, .. } => Some((r.copies, h / 16, r.tok)),
             RouteSource::Logits(_) => None,
         };
-        if let Some((threads, smem)) = self.route_one_block(spec, acc, n) {
+        if let Some((threads, smem, blocks)) = self.route_one_block(spec, acc, n) {
             let (ti, ei, ki, norm, sc, mu) = (n as i32, e as i32, k as i32, spec.norm_topk_prob as i32, spec.routed_scaling_factor, max_u as i32);
             let mut b = match src {
                 RouteSource::Logits(logits) => {
@@ -454,7 +464,8 @@ impl CudaModel {
                 let nz = nzero as i32;
                 b.arg(&zero).arg(&nz);
             }
-            unsafe { b.launch(LaunchConfig { grid_dim: (1, 1, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: smem as u32 }) }.map_err(drv)?;
+            b.cluster(blocks as u32);
+            unsafe { b.launch(LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: smem as u32 }) }.map_err(drv)?;
             self.record_routing(&topk_idx)?;
             return Ok((r, topk_idx, topk_w));
         }
@@ -518,25 +529,35 @@ impl CudaModel {
     /// Whether the routing launch over the o_proj's sums of `n` tokens under `spec` is one block
     /// (`route_one_block`; for tests).
     pub fn routes_oproj_sums_in_one_block(&self, spec: &MoeSpec, n: usize) -> bool {
-        self.route_one_block(spec, Some((self.route_acc_copies, self.spec.hidden_size / 16, self.route_acc_stride)), n).is_some()
+        self.oproj_sums_routing_blocks(spec, n).is_some()
     }
 
-    /// The threads and dynamic shared memory of the one-block routing of `n` tokens from logits
-    /// or (`acc`: `Some((copies, norm parts, words a token))`) the o_proj's sums (`moe_route_block`,
-    /// `moe_route_acc_block`), where it serves them: 2 up to `route_block_tokens` tokens, sigmoid
+    /// The blocks of the one-block routing launch over the o_proj's sums of `n` tokens under
+    /// `spec` (more than 1: a cluster), or None where that launch is a block a token (for tests).
+    pub fn oproj_sums_routing_blocks(&self, spec: &MoeSpec, n: usize) -> Option<usize> {
+        self.route_one_block(spec, Some((self.route_acc_copies, self.spec.hidden_size / 16, self.route_acc_stride)), n).map(|(_, _, blocks)| blocks)
+    }
+
+    /// The threads, dynamic shared memory and blocks (a cluster where more than 1) of the one-block
+    /// routing of `n` tokens from logits or (`acc`: `Some((copies, norm parts, words a token))`)
+    /// the o_proj's sums (`moe_route_block`, `moe_route_acc_block`), where it serves them: 2 up to
+    /// `route_block_tokens` tokens, sigmoid
     /// scores without groups, at most 512 experts (the register top K), every pair a thread,
     /// Ampere or newer (the top K's warp reductions), within the shared memory the GPU allows them
     /// (`Ops::route_block_smem`). A thread asks
     /// for all its loads at once: from logits a warp a token, at least 8 (16 logits a thread at
     /// most); from the sums 512 threads, each with at most 2 pairs of entries (16-byte loads: an
     /// even E and token stride) of at most 8 copies and a lane with at most 16 norm parts
-    /// (ROUTE_ACC_* in kernels/ops.cu).
-    fn route_one_block(&self, spec: &MoeSpec, acc: Option<(usize, usize, usize)>, n: usize) -> Option<(usize, usize)> {
+    /// (ROUTE_ACC_* in kernels/ops.cu). Over the sums on Hopper, a cluster of a block per token
+    /// (at most `route_cluster`), each asking for its tokens' loads (those bounds per block).
+    fn route_one_block(&self, spec: &MoeSpec, acc: Option<(usize, usize, usize)>, n: usize) -> Option<(usize, usize, usize)> {
         let (e, k) = (spec.num_experts, spec.top_k);
         let threads = if acc.is_some() { 512 } else { 32 * n.max(8) };
         let smem = 4 * (e + 2 * n * e + 3 * (n * k).next_multiple_of(4));
+        let blocks = if acc.is_some() && self.gpu.capability.0 >= 9 { n.clamp(1, self.route_cluster) } else { 1 };
+        let block_tokens = n.div_ceil(blocks);
         let loads_fit = match acc {
-            Some((copies, parts, tok)) => n * e <= 4 * threads && e % 2 == 0 && tok % 2 == 0 && copies <= 8 && parts <= 16 * 32 && n <= threads / 32,
+            Some((copies, parts, tok)) => block_tokens * e <= 4 * threads && e % 2 == 0 && tok % 2 == 0 && copies <= 8 && parts <= 16 * 32 && block_tokens <= threads / 32,
             None => n * e <= 16 * threads,
         };
         let takes = (2..=self.route_block_tokens).contains(&n)
@@ -548,7 +569,7 @@ impl CudaModel {
             && loads_fit
             && self.gpu.capability.0 >= 8
             && smem <= self.ops.route_block_smem;
-        takes.then_some((threads, smem))
+        takes.then_some((threads, smem, blocks))
     }
 
     /// The GPU router and grouping on host logits [n, E], brought back: each token's (expert,
