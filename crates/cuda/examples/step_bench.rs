@@ -70,8 +70,9 @@ struct Args {
     /// A the o_proj doing its MoE's router up to the loaded count of decode rows (8), B up to N
     /// (`set_route_oproj_rows`; 1: one token only); `route-block:N`: A the routing launch in one
     /// block up to the loaded count of tokens (4), B up to N (`set_route_block_tokens`; 1: a
-    /// block a token); `route-cluster:N`: A that launch over the o_proj's sums in clusters of the
-    /// loaded count of blocks at most (8), B of N (`set_route_cluster`; 1: one block). `rows` times
+    /// block a token); `route-cluster:N`: A that launch over the o_proj's sums a cluster of a block
+    /// a token up to the loaded count of tokens (8), B up to N (`set_route_cluster_tokens`; 1:
+    /// none). `rows` times
     /// the engine's steps instead (host-timed, as the table above: overlapped, then one at a
     /// time), A copy-free, B copying the row data and ids (`set_copy_free_rows`), in turn per
     /// round. `defines:DEFINES` loads every
@@ -753,11 +754,11 @@ fn main() {
                 continue;
             }
             if let Some(n) = what.strip_prefix("route-cluster:") {
-                // A the routing over the o_proj's sums in clusters of up to the loaded count of blocks, B up to n (1: one block).
+                // A the routing over the o_proj's sums a cluster up to the loaded count of tokens, B up to n (1: none).
                 let n: usize = n.parse().expect("--ab route-cluster:N");
-                let base = model.route_cluster();
+                let base = model.route_cluster_tokens();
                 ab(&mut model, &|m, on| {
-                    m.set_route_cluster(if on { n } else { base });
+                    m.set_route_cluster_tokens(if on { n } else { base });
                 });
                 continue;
             }

@@ -703,12 +703,14 @@ fn router_in_the_oproj_past_one_token_matches_the_router_launch() {
         model.set_route_oproj_rows(1);
         assert_eq!(model.route_in_oproj_layers(2), 0, "route_oproj_rows 1: one token only");
         let mut got: Vec<Vec<f32>> = Vec::new();
-        // The last run routes a block a token (`moe_route_acc`), the others in one block.
-        let block_tokens = model.route_block_tokens();
-        assert!(block_tokens >= 3 && model.routes_oproj_sums_in_one_block(&first_moe_spec(&spec), 3), "the routing of 2-3 tokens from the o_proj's sums runs in one block by default");
+        // The last run routes a block a token (`moe_route_acc`), the others in one block or
+        // cluster (the defaults).
+        let (block_tokens, cluster_tokens) = (model.route_block_tokens(), model.route_cluster_tokens());
+        assert!(block_tokens.max(cluster_tokens) >= 3 && model.routes_oproj_sums_in_one_block(&first_moe_spec(&spec), 3), "the routing of 2-3 tokens from the o_proj's sums runs in one block or cluster by default");
         for (rows, graphs, block) in [(1, false, block_tokens), (8, false, block_tokens), (8, false, block_tokens), (8, true, block_tokens), (1, true, block_tokens), (8, false, 1)] {
             model.set_route_oproj_rows(rows);
             model.set_route_block_tokens(block);
+            model.set_route_cluster_tokens(if block == 1 { 1 } else { cluster_tokens });
             model.set_cuda_graphs(graphs);
             let mut logits = Vec::new();
             for step in steps {
@@ -719,8 +721,9 @@ fn router_in_the_oproj_past_one_token_matches_the_router_launch() {
             got.push(logits);
         }
         assert_eq!(got[1], got[2], "{one_token:?}: the router in the o_proj past one token gave other bits for the same steps");
-        assert_eq!(got[1], got[5], "{one_token:?}: routing the o_proj's sums in one block gave other bits than a block a token");
+        assert_eq!(got[1], got[5], "{one_token:?}: routing the o_proj's sums in one block or cluster gave other bits than a block a token");
         model.set_route_block_tokens(block_tokens);
+        model.set_route_cluster_tokens(cluster_tokens);
         assert_runs_close(&got, 0, &[(0, 1), (4, 3), (1, 3)], &format!("{one_token:?}: router in the o_proj past one token against its launch"));
     }
 }
@@ -750,30 +753,32 @@ fn routing_the_oprojs_sums_in_one_block_equals_a_block_a_token() {
     steps.push((0..5).map(|s| (s, 3)).collect());
     steps.push((0..2).map(|s| (s, 4)).collect());
     // A cluster of a block per token (Hopper: the FP8 digits' GPUs), or one block.
-    let cluster = model.route_cluster();
-    assert!(cluster >= 8, "the routing over the o_proj's sums takes clusters of 8 blocks by default");
+    let cluster = model.route_cluster_tokens();
+    assert!(cluster >= 8, "the routing over the o_proj's sums of up to 8 tokens is a cluster by default");
     for rows in [2, 5, 8] {
         assert_eq!(model.oproj_sums_routing_blocks(&first_moe_spec(&spec), rows), Some(rows), "{rows} rows: a cluster of a block a token");
     }
-    model.set_route_cluster(1);
-    assert_eq!(model.oproj_sums_routing_blocks(&first_moe_spec(&spec), 8), Some(1), "route_cluster 1: one block");
+    model.set_route_cluster_tokens(1);
+    assert_eq!(model.oproj_sums_routing_blocks(&first_moe_spec(&spec), 8), Some(1), "route_cluster_tokens 1: one block");
     let mut got: Vec<Vec<f32>> = Vec::new();
-    let runs = [(8, block_tokens, false, cluster), (8, 1, false, cluster), (8, block_tokens, true, cluster), (8, 1, true, cluster), (1, block_tokens, false, cluster), (8, block_tokens, false, 1), (8, block_tokens, true, 1)];
-    for (oproj_rows, block, graphs, blocks) in runs {
+    // (route_oproj_rows, route_block_tokens, route_cluster_tokens, graphs): a cluster, a block a
+    // token, the same graphed, the router's launch, one block, one block graphed.
+    let runs = [(8, block_tokens, cluster, false), (8, 1, 1, false), (8, block_tokens, cluster, true), (8, 1, 1, true), (1, block_tokens, cluster, false), (8, block_tokens, 1, false), (8, block_tokens, 1, true)];
+    for (oproj_rows, block, cluster_tokens, graphs) in runs {
         model.set_route_oproj_rows(oproj_rows);
         model.set_route_block_tokens(block);
-        model.set_route_cluster(blocks);
+        model.set_route_cluster_tokens(cluster_tokens);
         model.set_cuda_graphs(graphs);
         let mut logits = Vec::new();
         for step in &steps {
             let batch: Vec<SeqForward> = step.iter().map(|&(s, p)| seq(s, vec![toks[4 * s as usize + p]], p, &[s as u32], OutputRows::Last)).collect();
             logits.extend(model.forward(&batch).unwrap().into_iter().flat_map(|l| l.data));
         }
-        assert!(logits.iter().all(|v| v.is_finite()), "route_oproj_rows {oproj_rows}, route_block_tokens {block}, route_cluster {blocks}, graphs {graphs}: non-finite logits");
+        assert!(logits.iter().all(|v| v.is_finite()), "route_oproj_rows {oproj_rows}, route_block_tokens {block}, route_cluster_tokens {cluster_tokens}, graphs {graphs}: non-finite logits");
         got.push(logits);
     }
     model.set_route_block_tokens(before);
-    model.set_route_cluster(cluster);
+    model.set_route_cluster_tokens(cluster);
     assert_eq!(got[0], got[1], "routing the o_proj's sums in a cluster gave other bits than a block a token");
     assert_eq!(got[2], got[3], "graphed, routing the o_proj's sums in a cluster gave other bits than a block a token");
     assert_eq!(got[5], got[1], "routing the o_proj's sums in one block gave other bits than a block a token");

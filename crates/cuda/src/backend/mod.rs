@@ -338,10 +338,10 @@ pub struct CudaModel {
     /// and groups them (`route_one_block`; `moe::ROUTE_BLOCK_TOKENS`, `PEREGRINE_ROUTE_BLOCK_TOKENS`;
     /// 1: the multi-block kernels only).
     route_block_tokens: usize,
-    /// The most blocks the one-block routing over the o_proj's sums spreads its tokens' loads
-    /// over, as one cluster (`route_one_block`; `moe::ROUTE_CLUSTER_BLOCKS`,
-    /// `PEREGRINE_ROUTE_CLUSTER`; 1: one block).
-    route_cluster: usize,
+    /// Up to this many tokens (from 2) the routing launch over the o_proj's sums is one cluster of
+    /// a block per token on Hopper (`route_one_block`; `moe::ROUTE_CLUSTER_TOKENS`,
+    /// `PEREGRINE_ROUTE_CLUSTER_TOKENS`; 1: none).
+    route_cluster_tokens: usize,
     /// A one-token MoE whose router computes the post-attention norm itself (`norm_in_router`;
     /// `PEREGRINE_NORM_IN_ROUTER=0` keeps the norm's launch, for comparison; tests flip it).
     norm_in_router: bool,
@@ -677,7 +677,7 @@ impl CudaModel {
             route_in_moe: std::env::var("PEREGRINE_MOE_ROUTE_IN_KERNEL").map_or(true, |v| v != "0"),
             fused_group_max: moe::FUSED_GROUP_MAX_TOKENS,
             route_block_tokens: std::env::var("PEREGRINE_ROUTE_BLOCK_TOKENS").ok().and_then(|v| v.parse().ok()).map_or(moe::ROUTE_BLOCK_TOKENS, |t: usize| t.clamp(1, moe::ROUTE_BLOCK_MAX_TOKENS)),
-            route_cluster: std::env::var("PEREGRINE_ROUTE_CLUSTER").ok().and_then(|v| v.parse().ok()).map_or(moe::ROUTE_CLUSTER_BLOCKS, |c: usize| c.clamp(1, moe::ROUTE_CLUSTER_MAX_BLOCKS)),
+            route_cluster_tokens: std::env::var("PEREGRINE_ROUTE_CLUSTER_TOKENS").ok().and_then(|v| v.parse().ok()).map_or(moe::ROUTE_CLUSTER_TOKENS, |t: usize| t.clamp(1, moe::ROUTE_CLUSTER_MAX_TOKENS)),
             route_oproj_rows: std::env::var("PEREGRINE_ROUTE_OPROJ_ROWS").ok().and_then(|v| v.parse().ok()).map_or(moe::ROUTE_OPROJ_ROWS, |r: usize| r.clamp(1, ROUTE_OPROJ_MAX_ROWS)),
             norm_in_router: std::env::var("PEREGRINE_NORM_IN_ROUTER").map_or(true, |v| v != "0"),
             route_in_oproj: std::env::var("PEREGRINE_ROUTE_IN_OPROJ").map_or(true, |v| v != "0"),
@@ -917,17 +917,17 @@ impl CudaModel {
         self.route_block_tokens
     }
 
-    /// Sets the most blocks the one-block routing over the o_proj's sums takes as a cluster
-    /// (`route_cluster`; 1: one block), for measurements and tests; returns the setting before.
-    /// Captured step graphs are dropped.
-    pub fn set_route_cluster(&mut self, blocks: usize) -> usize {
+    /// Sets up to how many tokens the routing launch over the o_proj's sums is a cluster of a
+    /// block per token (`route_cluster_tokens`; 1: none, `route_block_tokens` decides), for
+    /// measurements and tests; returns the setting before. Captured step graphs are dropped.
+    pub fn set_route_cluster_tokens(&mut self, tokens: usize) -> usize {
         self.graphs.clear();
-        std::mem::replace(&mut self.route_cluster, blocks.clamp(1, moe::ROUTE_CLUSTER_MAX_BLOCKS))
+        std::mem::replace(&mut self.route_cluster_tokens, tokens.clamp(1, moe::ROUTE_CLUSTER_MAX_TOKENS))
     }
 
-    /// The most blocks the one-block routing over the o_proj's sums takes (`route_cluster`).
-    pub fn route_cluster(&self) -> usize {
-        self.route_cluster
+    /// Up to how many tokens the routing over the o_proj's sums is a cluster (`route_cluster_tokens`).
+    pub fn route_cluster_tokens(&self) -> usize {
+        self.route_cluster_tokens
     }
 
     /// Up to how many tokens the routing launch's last block groups the pairs.

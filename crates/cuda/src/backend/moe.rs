@@ -19,19 +19,24 @@ pub(super) const FUSED_GROUP_MAX_TOKENS: usize = 32;
 /// o_proj's sums, 23 / 18 / 10 over the router's logits. Past 4 the one SM asking for every
 /// token's sums holds it (16 KB a token, ~35-40 GB/s): batch 5 / 6 14 / 6 us slower, 7 even, 8 22
 /// us faster in one run (17-27 slower with 8-byte loads), 12 / 16 20-31 slower
-/// (benches/results/2026-11-29-h200-routing-in-one-block.md). `PEREGRINE_ROUTE_BLOCK_TOKENS` sets
-/// it (1: the multi-block kernels only).
+/// (benches/results/2026-11-29-h200-routing-in-one-block.md). Over the o_proj's sums on Hopper,
+/// `ROUTE_CLUSTER_TOKENS` takes them first. `PEREGRINE_ROUTE_BLOCK_TOKENS` sets it (1: the
+/// multi-block kernels only).
 pub(super) const ROUTE_BLOCK_TOKENS: usize = 4;
 
-/// The one-block routing over the o_proj's sums (`moe_route_acc_block`) on Hopper spreads its
-/// tokens over a cluster of up to this many blocks, a block per token, each asking for its
-/// token's sums and writing the scores into block 0's shared memory, which routes and groups them
-/// all: alone, one SM asks for the 16 KB a token of sums at ~35-40 GB/s. `PEREGRINE_ROUTE_CLUSTER`
-/// sets it (1: one block).
-pub(super) const ROUTE_CLUSTER_BLOCKS: usize = 8;
+/// Up to this many tokens (from 2) the routing launch over the o_proj's sums on Hopper is one
+/// cluster of a block per token (`moe_route_acc_block`; `CudaModel::route_one_block`): each block
+/// asks for its token's sums and writes its scores into block 0's shared memory, which routes and
+/// groups them all as the one-block launch does. One block alone asks for every token's 16 KB of
+/// sums at ~35-40 GB/s. H200, Flash, 18 layers: batch 5 / 6 / 7 / 8 33 / 29 / 36 / 25 us a step
+/// faster than a block a token (`step-bench --ab route-cluster:1` with one block only up to 4
+/// tokens), batch 5 / 6 / 8 29 / 32 / 57 faster than one block, batch 2 / 3 / 4 -2 / 5 / 17
+/// (benches/results/2026-11-29-h200-routing-cluster.md). `PEREGRINE_ROUTE_CLUSTER_TOKENS` sets it
+/// (1: none; then `route_block_tokens` decides).
+pub(super) const ROUTE_CLUSTER_TOKENS: usize = 8;
 
-/// The most blocks of that cluster (the portable cluster size).
-pub(super) const ROUTE_CLUSTER_MAX_BLOCKS: usize = 8;
+/// The most tokens of that cluster: its blocks (the portable cluster size).
+pub(super) const ROUTE_CLUSTER_MAX_TOKENS: usize = 8;
 
 /// The most tokens the one-block routing takes (`ROUTE_BLOCK_MAX_TOKENS` in kernels/ops.cu).
 pub(super) const ROUTE_BLOCK_MAX_TOKENS: usize = 32;
@@ -548,19 +553,20 @@ impl CudaModel {
     /// for all its loads at once: from logits a warp a token, at least 8 (16 logits a thread at
     /// most); from the sums 512 threads, each with at most 2 pairs of entries (16-byte loads: an
     /// even E and token stride) of at most 8 copies and a lane with at most 16 norm parts
-    /// (ROUTE_ACC_* in kernels/ops.cu). Over the sums on Hopper, a cluster of a block per token
-    /// (at most `route_cluster`), each asking for its tokens' loads (those bounds per block).
+    /// (ROUTE_ACC_* in kernels/ops.cu). Over the sums on Hopper, 2 up to `route_cluster_tokens`
+    /// tokens are a cluster of a block per token (those bounds per block).
     fn route_one_block(&self, spec: &MoeSpec, acc: Option<(usize, usize, usize)>, n: usize) -> Option<(usize, usize, usize)> {
         let (e, k) = (spec.num_experts, spec.top_k);
         let threads = if acc.is_some() { 512 } else { 32 * n.max(8) };
         let smem = 4 * (e + 2 * n * e + 3 * (n * k).next_multiple_of(4));
-        let blocks = if acc.is_some() && self.gpu.capability.0 >= 9 { n.clamp(1, self.route_cluster) } else { 1 };
-        let block_tokens = n.div_ceil(blocks);
+        let cluster = acc.is_some() && self.gpu.capability.0 >= 9 && (2..=self.route_cluster_tokens).contains(&n);
+        let blocks = if cluster { n } else { 1 };
+        let block_tokens = n / blocks;
         let loads_fit = match acc {
             Some((copies, parts, tok)) => block_tokens * e <= 4 * threads && e % 2 == 0 && tok % 2 == 0 && copies <= 8 && parts <= 16 * 32 && block_tokens <= threads / 32,
             None => n * e <= 16 * threads,
         };
-        let takes = (2..=self.route_block_tokens).contains(&n)
+        let takes = (cluster || (2..=self.route_block_tokens).contains(&n))
             && n <= self.fused_group_max
             && matches!(spec.scoring, RouterScoring::Sigmoid)
             && spec.n_group <= 1
