@@ -731,10 +731,11 @@ fn router_in_the_oproj_past_one_token_matches_the_router_launch() {
 /// The routing launch over the o_proj's sums in one block (`moe_route_acc_block`: a thread's four
 /// (token, expert) entries of 512 and their 8 copies asked for at once at 8 rows of 256
 /// experts), and in a cluster of a block per token (each writing its token's scores into block
-/// 0's shared memory), gives the bits of a block a token (`moe_route_acc`), eager and graphed (a
-/// graph's step may differ from an eager one in other kernels' plans, so graphed runs are
-/// compared with each other), at 8, 5 and 2 decode rows, and the logits of the router's own
-/// launch within f32 rounding. Skipped where the MoE does not run on FP8 digits.
+/// 0's shared memory; by default at 3-8 rows, so the cluster runs at 8 and 5 rows and one block at
+/// 2), gives the bits of a block a token (`moe_route_acc`), eager and graphed (a graph's step may
+/// differ from an eager one in other kernels' plans, so graphed runs are compared with each
+/// other), at 8, 5 and 2 decode rows, and the logits of the router's own launch within f32
+/// rounding. Skipped where the MoE does not run on FP8 digits.
 #[test]
 fn routing_the_oprojs_sums_in_one_block_equals_a_block_a_token() {
     let Some((spec, mut model, moe_layers, _)) = oproj_router_model(&[("moe_intermediate_size", 256), ("n_routed_experts", 256)], 8) else { return };
@@ -755,9 +756,10 @@ fn routing_the_oprojs_sums_in_one_block_equals_a_block_a_token() {
     // A cluster of a block per token (Hopper: the FP8 digits' GPUs), or one block.
     let cluster = model.route_cluster_tokens();
     assert!(cluster >= 8, "the routing over the o_proj's sums of up to 8 tokens is a cluster by default");
-    for rows in [2, 5, 8] {
+    for rows in [3, 5, 8] {
         assert_eq!(model.oproj_sums_routing_blocks(&first_moe_spec(&spec), rows), Some(rows), "{rows} rows: a cluster of a block a token");
     }
+    assert_eq!(model.oproj_sums_routing_blocks(&first_moe_spec(&spec), 2), Some(1), "2 rows: one block");
     model.set_route_cluster_tokens(1);
     assert_eq!(model.oproj_sums_routing_blocks(&first_moe_spec(&spec), 8), Some(1), "route_cluster_tokens 1: one block");
     let mut got: Vec<Vec<f32>> = Vec::new();

@@ -338,9 +338,9 @@ pub struct CudaModel {
     /// and groups them (`route_one_block`; `moe::ROUTE_BLOCK_TOKENS`, `PEREGRINE_ROUTE_BLOCK_TOKENS`;
     /// 1: the multi-block kernels only).
     route_block_tokens: usize,
-    /// Up to this many tokens (from 2) the routing launch over the o_proj's sums is one cluster of
-    /// a block per token on Hopper (`route_one_block`; `moe::ROUTE_CLUSTER_TOKENS`,
-    /// `PEREGRINE_ROUTE_CLUSTER_TOKENS`; 1: none).
+    /// Up to this many tokens (from `moe::ROUTE_CLUSTER_MIN_TOKENS`) the routing launch over the
+    /// o_proj's sums is one cluster of a block per token on Hopper (`route_one_block`;
+    /// `moe::ROUTE_CLUSTER_TOKENS`, `PEREGRINE_ROUTE_CLUSTER_TOKENS`; below 3: none).
     route_cluster_tokens: usize,
     /// A one-token MoE whose router computes the post-attention norm itself (`norm_in_router`;
     /// `PEREGRINE_NORM_IN_ROUTER=0` keeps the norm's launch, for comparison; tests flip it).
@@ -918,7 +918,7 @@ impl CudaModel {
     }
 
     /// Sets up to how many tokens the routing launch over the o_proj's sums is a cluster of a
-    /// block per token (`route_cluster_tokens`; 1: none, `route_block_tokens` decides), for
+    /// block per token (`route_cluster_tokens`; below 3: none, `route_block_tokens` decides), for
     /// measurements and tests; returns the setting before. Captured step graphs are dropped.
     pub fn set_route_cluster_tokens(&mut self, tokens: usize) -> usize {
         self.graphs.clear();

@@ -24,16 +24,21 @@ pub(super) const FUSED_GROUP_MAX_TOKENS: usize = 32;
 /// multi-block kernels only).
 pub(super) const ROUTE_BLOCK_TOKENS: usize = 4;
 
-/// Up to this many tokens (from 2) the routing launch over the o_proj's sums on Hopper is one
-/// cluster of a block per token (`moe_route_acc_block`; `CudaModel::route_one_block`): each block
-/// asks for its token's sums and writes its scores into block 0's shared memory, which routes and
-/// groups them all as the one-block launch does. One block alone asks for every token's 16 KB of
-/// sums at ~35-40 GB/s. H200, Flash, 18 layers: batch 5 / 6 / 7 / 8 33 / 29 / 36 / 25 us a step
-/// faster than a block a token (`step-bench --ab route-cluster:1` with one block only up to 4
-/// tokens), batch 5 / 6 / 8 29 / 32 / 57 faster than one block, batch 2 / 3 / 4 -2 / 5 / 17
+/// From `ROUTE_CLUSTER_MIN_TOKENS` up to this many tokens the routing launch over the o_proj's
+/// sums on Hopper is one cluster of a block per token (`moe_route_acc_block`;
+/// `CudaModel::route_one_block`): each block asks for its token's sums and writes its scores into
+/// block 0's shared memory, which routes and groups them all as the one-block launch does. One
+/// block alone asks for every token's 16 KB of sums at ~35-40 GB/s. H200, Flash, 18 layers
+/// (`step-bench --ab route-cluster:1`, B one block up to 4 tokens, then a block a token): batch
+/// 3 / 4 5 / 17 us a step faster, 5 / 6 / 7 / 8 35 / 28 / 35 / 24 (and 29 / 32 / - / 57 faster than
+/// one block), batch 2 4 us slower, so it starts at 3
 /// (benches/results/2026-11-29-h200-routing-cluster.md). `PEREGRINE_ROUTE_CLUSTER_TOKENS` sets it
-/// (1: none; then `route_block_tokens` decides).
+/// (below 3: none; then `route_block_tokens` decides).
 pub(super) const ROUTE_CLUSTER_TOKENS: usize = 8;
+
+/// The fewest tokens that cluster takes: at 2 one block was 2-4 us a step faster (10 of 10
+/// rounds, two runs).
+pub(super) const ROUTE_CLUSTER_MIN_TOKENS: usize = 3;
 
 /// The most tokens of that cluster: its blocks (the portable cluster size).
 pub(super) const ROUTE_CLUSTER_MAX_TOKENS: usize = 8;
@@ -553,13 +558,13 @@ impl CudaModel {
     /// for all its loads at once: from logits a warp a token, at least 8 (16 logits a thread at
     /// most); from the sums 512 threads, each with at most 2 pairs of entries (16-byte loads: an
     /// even E and token stride) of at most 8 copies and a lane with at most 16 norm parts
-    /// (ROUTE_ACC_* in kernels/ops.cu). Over the sums on Hopper, 2 up to `route_cluster_tokens`
-    /// tokens are a cluster of a block per token (those bounds per block).
+    /// (ROUTE_ACC_* in kernels/ops.cu). Over the sums on Hopper, `ROUTE_CLUSTER_MIN_TOKENS` up to
+    /// `route_cluster_tokens` tokens are a cluster of a block per token (those bounds per block).
     fn route_one_block(&self, spec: &MoeSpec, acc: Option<(usize, usize, usize)>, n: usize) -> Option<(usize, usize, usize)> {
         let (e, k) = (spec.num_experts, spec.top_k);
         let threads = if acc.is_some() { 512 } else { 32 * n.max(8) };
         let smem = 4 * (e + 2 * n * e + 3 * (n * k).next_multiple_of(4));
-        let cluster = acc.is_some() && self.gpu.capability.0 >= 9 && (2..=self.route_cluster_tokens).contains(&n);
+        let cluster = acc.is_some() && self.gpu.capability.0 >= 9 && (ROUTE_CLUSTER_MIN_TOKENS..=self.route_cluster_tokens).contains(&n);
         let blocks = if cluster { n } else { 1 };
         let block_tokens = n / blocks;
         let loads_fit = match acc {
