@@ -1815,13 +1815,9 @@ extern "C" __global__ void __launch_bounds__(256) moe_split_rows(const float* __
 // wrote it for T tokens (gemv_mma_bf16_t1_pipe_route) and inv_t from its blocks' parts ssq +
 // t nssq (acc_norm_inv): stage_b's NORM, the digits of the post-attention norm's output.
 // (Settled as x is: the o_proj is two launches back, moe_route_acc between.)
-// early: xd was allocated before the routing launch ahead was, while every buffer that launch
-// reads was alive (crate::alloc's rule for a kernel that writes before its wait), so the row
-// goes to xd before the wait too and only the wait is left past it (the copy was ~1.3 of the
-// launch's ~1.9 us exposed at 3-8 rows on the H200).
 template <bool NORM>
 __device__ __forceinline__ void digit_rows_body(const float* __restrict__ x, int K, unsigned char* __restrict__ xd,
-                                                const float* __restrict__ ssq, int nssq, float eps, bool early = false) {
+                                                const float* __restrict__ ssq, int nssq, float eps) {
     uint4* dsm = staged_frag(0);  // (the dynamic shared memory, declared where the MoE kernels declare it)
     __shared__ StageSmem ss;
     TRACE_SCOPE_NAMED(NORM ? "moe_digit_rows_acc" : "moe_digit_rows");
@@ -1836,27 +1832,19 @@ __device__ __forceinline__ void digit_rows_body(const float* __restrict__ x, int
     stage_b<false, NORM, true>(x, row, 1, K, reinterpret_cast<unsigned*>(dsm), ss.red, ss.scale, ss.inv, ninv);
     if (threadIdx.x == 0) *reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(dsm) + K / 16 * DG_CORE) = ss.inv[0];
     __syncthreads();  // (stage_b ended with one: this one is for the scale)
-#ifdef MOE_DIGIT_ROWS_AFTER_WAIT
-    early = false;
-#else
-    if (!early) {
-        PDL_WAIT();
-        TRACE_PAST_WAIT();
-    }
+#ifndef MOE_DIGIT_ROWS_AFTER_WAIT
+    PDL_WAIT();
+    TRACE_PAST_WAIT();
 #endif
     uint4* r = reinterpret_cast<uint4*>(xd + (size_t)blockIdx.x * bytes);
     for (unsigned i = threadIdx.x; i < bytes / 16; i += blockDim.x) r[i] = dsm[i];
-    if (early) {
-        PDL_WAIT();  // (what comes after waits for this launch, and so for the one ahead)
-        TRACE_PAST_WAIT();
-    }
 }
 extern "C" __global__ void __launch_bounds__(256) moe_digit_rows(const float* __restrict__ x, int K, unsigned char* __restrict__ xd) {
     digit_rows_body<false>(x, K, xd, nullptr, 0, 0.f);
 }
 extern "C" __global__ void __launch_bounds__(256) moe_digit_rows_acc(const float* __restrict__ hg, int K, unsigned char* __restrict__ xd,
-                                                                      const float* __restrict__ ssq, int nssq, float eps, int early) {
-    digit_rows_body<true>(hg, K, xd, ssq, nssq, eps, early != 0);
+                                                                      const float* __restrict__ ssq, int nssq, float eps) {
+    digit_rows_body<true>(hg, K, xd, ssq, nssq, eps);
 }
 
 // The same split in the wgmma GEMM's layout (stage_item's WG): the same values, other places.

@@ -72,8 +72,7 @@ struct Args {
     /// block up to the loaded count of tokens (4), B up to N (`set_route_block_tokens`; 1: a
     /// block a token); `route-cluster:N`: A that launch over the o_proj's sums a cluster of a block
     /// a token up to the loaded count of tokens (8), B up to N (`set_route_cluster_tokens`; 1:
-    /// none); `digit-rows-late`: A x's digit rows after that launch written before their
-    /// launch's wait, B after it (`set_digit_rows_early`). `rows` times
+    /// none). `rows` times
     /// the engine's steps instead (host-timed, as the table above: overlapped, then one at a
     /// time), A copy-free, B copying the row data and ids (`set_copy_free_rows`), in turn per
     /// round. `defines:DEFINES` loads every
@@ -754,13 +753,6 @@ fn main() {
                 });
                 continue;
             }
-            if what == "digit-rows-late" {
-                // A the digit rows after the routing over the o_proj's sums written before their launch's wait, B after it.
-                ab(&mut model, &|m, on| {
-                    m.set_digit_rows_early(on);
-                });
-                continue;
-            }
             if let Some(n) = what.strip_prefix("route-cluster:") {
                 // A the routing over the o_proj's sums a cluster up to the loaded count of tokens, B up to n (1: none).
                 let n: usize = n.parse().expect("--ab route-cluster:N");
@@ -812,7 +804,7 @@ fn main() {
             let shift = match what.strip_prefix("shift:") {
                 Some(n) => Some(n.parse::<usize>().expect("--ab shift:BYTES")),
                 None if ["tail", "argmax", "fetch", "embed", "prefetch"].contains(&what.as_str()) => None,
-                None => panic!("--ab takes tail, argmax, fetch, embed, prefetch, rows, fp8, shift:BYTES, copies:N, group:N, oproj-rows:N, route-block:N, route-cluster:N, digit-rows-late, moe-grid:N, attn-tc-rows:N, heads-splits:N, pre-fill, ready-wave, preload or defines:DEFINES, not {what}"),
+                None => panic!("--ab takes tail, argmax, fetch, embed, prefetch, rows, fp8, shift:BYTES, copies:N, group:N, oproj-rows:N, route-block:N, route-cluster:N, moe-grid:N, attn-tc-rows:N, heads-splits:N, pre-fill, ready-wave, preload or defines:DEFINES, not {what}"),
             };
             ab(&mut model, &|m, on| match shift {
                 Some(n) => m.shift_step_buffers(if on { n } else { 0 }).expect("buffers shifted"),

@@ -342,10 +342,6 @@ pub struct CudaModel {
     /// o_proj's sums is one cluster of a block per token on Hopper (`route_one_block`;
     /// `moe::ROUTE_CLUSTER_TOKENS`, `PEREGRINE_ROUTE_CLUSTER_TOKENS`; below 3: none).
     route_cluster_tokens: usize,
-    /// The digit rows launch after the routing over the o_proj's sums writes x's rows before
-    /// its wait (`digit_rows_acc`'s `early`; `PEREGRINE_DIGIT_ROWS_EARLY=0` after it, for
-    /// comparison).
-    digit_rows_early: bool,
     /// A one-token MoE whose router computes the post-attention norm itself (`norm_in_router`;
     /// `PEREGRINE_NORM_IN_ROUTER=0` keeps the norm's launch, for comparison; tests flip it).
     norm_in_router: bool,
@@ -681,7 +677,6 @@ impl CudaModel {
             route_in_moe: std::env::var("PEREGRINE_MOE_ROUTE_IN_KERNEL").map_or(true, |v| v != "0"),
             fused_group_max: moe::FUSED_GROUP_MAX_TOKENS,
             route_block_tokens: std::env::var("PEREGRINE_ROUTE_BLOCK_TOKENS").ok().and_then(|v| v.parse().ok()).map_or(moe::ROUTE_BLOCK_TOKENS, |t: usize| t.clamp(1, moe::ROUTE_BLOCK_MAX_TOKENS)),
-            digit_rows_early: std::env::var("PEREGRINE_DIGIT_ROWS_EARLY").map_or(true, |v| v != "0"),
             route_cluster_tokens: std::env::var("PEREGRINE_ROUTE_CLUSTER_TOKENS").ok().and_then(|v| v.parse().ok()).map_or(moe::ROUTE_CLUSTER_TOKENS, |t: usize| t.clamp(1, moe::ROUTE_CLUSTER_MAX_TOKENS)),
             route_oproj_rows: std::env::var("PEREGRINE_ROUTE_OPROJ_ROWS").ok().and_then(|v| v.parse().ok()).map_or(moe::ROUTE_OPROJ_ROWS, |r: usize| r.clamp(1, ROUTE_OPROJ_MAX_ROWS)),
             norm_in_router: std::env::var("PEREGRINE_NORM_IN_ROUTER").map_or(true, |v| v != "0"),
@@ -933,14 +928,6 @@ impl CudaModel {
     /// Up to how many tokens the routing over the o_proj's sums is a cluster (`route_cluster_tokens`).
     pub fn route_cluster_tokens(&self) -> usize {
         self.route_cluster_tokens
-    }
-
-    /// Sets whether the digit rows after the routing over the o_proj's sums are written before
-    /// the launch's wait (`digit_rows_early`), for measurements and tests; returns the setting
-    /// before. Captured step graphs are dropped.
-    pub fn set_digit_rows_early(&mut self, early: bool) -> bool {
-        self.graphs.clear();
-        std::mem::replace(&mut self.digit_rows_early, early)
     }
 
     /// Up to how many tokens the routing launch's last block groups the pairs.

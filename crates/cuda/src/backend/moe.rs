@@ -169,11 +169,8 @@ impl CudaModel {
                 // times both at setup), every layer's sums are zero when its o_proj adds.
                 let (zero, nzero) = self.route_prev_fit(li).map_or((0, 0), |p| (self.route_acc_ptr(p), self.route_acc_stride));
                 let src = RouteSource::Acc { r: &r, eps, zero, nzero };
-                // x's digit rows are allocated before the routing launch, so their launch may
-                // write them before its wait (`digit_rows_early`).
-                let mut xd = self.kernels.digit_rows_buf(rows, self.spec.hidden_size)?;
                 let (routing, _, _) = self.route_device(spec, src, bias.as_ref().map(|b| &b.0), rows)?;
-                self.kernels.digit_rows_acc(&r, rows, self.spec.hidden_size, eps, &mut xd, self.digit_rows_early)?;
+                let xd = self.kernels.digit_rows_acc(&r, rows, self.spec.hidden_size, eps)?;
                 let out = self.with_moe_scratch(w, routing.num_pairs, |scratch| self.kernels.moe_mxfp4_pairs(kind, w, &routing, r.hg, MoeInput::Digits(&xd), scratch))?;
                 self.moe_pairs_calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 return Ok(MlpOut::Pairs(MoePairs { out, tok_pairs: routing.tok_pairs, topk: spec.top_k, pre: Some(attn) }));

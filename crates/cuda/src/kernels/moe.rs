@@ -1207,26 +1207,20 @@ impl Kernels {
         Ok(xd)
     }
 
-    /// A buffer for `rows` rows of x [rows, k] as digits (`digit_rows_acc`'s `xd`).
-    pub fn digit_rows_buf(&self, rows: usize, k: usize) -> Result<CudaSlice<u8>> {
-        unsafe { self.alloc.alloc::<u8>(rows.max(1) * dg_x_row_bytes(k)) }
-    }
-
     /// `digit_rows` of the post-attention norm's output where the o_proj did the router for
     /// `rows` tokens (`gemv_bf16_presplit_route` into `r`): row t is g h_t (`r.hg`) times its
-    /// 1 / rms from `r.ssq` (`moe_digit_rows_acc`), written in full into `xd`
-    /// (`digit_rows_buf`). `early`: the kernel writes xd before its wait, which only a buffer
-    /// allocated before the launch ahead of this one may take (see `moe_digit_rows_acc`).
-    pub fn digit_rows_acc(&self, r: &RouteInOproj, rows: usize, k: usize, eps: f32, xd: &mut CudaSlice<u8>, early: bool) -> Result<()> {
+    /// 1 / rms from `r.ssq` (`moe_digit_rows_acc`); written in full.
+    pub fn digit_rows_acc(&self, r: &RouteInOproj, rows: usize, k: usize, eps: f32) -> Result<CudaSlice<u8>> {
         let nssq = k / 16;
-        check(k.is_multiple_of(256) && k <= 8192 && r.hg.len() >= rows * k && r.ssq.len() >= rows * nssq && xd.len() >= rows * dg_x_row_bytes(k), || format!("moe_digit_rows_acc: {rows} rows of {k}"))?;
-        let (ki, ni, ei) = (k as i32, nssq as i32, early as i32);
+        check(k.is_multiple_of(256) && k <= 8192 && r.hg.len() >= rows * k && r.ssq.len() >= rows * nssq, || format!("moe_digit_rows_acc: {rows} rows of {k}"))?;
+        let mut xd = unsafe { self.alloc.alloc::<u8>(rows.max(1) * dg_x_row_bytes(k)) }?;
+        let (ki, ni) = (k as i32, nssq as i32);
         let mut b = crate::launch::builder(&self.stream, &self.digit_rows_acc);
-        b.arg(r.hg).arg(&ki).arg(xd).arg(r.ssq).arg(&ni).arg(&eps).arg(&ei);
-        // As digit_rows: a row's digits in shared memory, staged before the wait.
+        b.arg(r.hg).arg(&ki).arg(&mut xd).arg(r.ssq).arg(&ni).arg(&eps);
+        // As digit_rows: a row's digits in shared memory, written after the wait.
         let smem = dg_x_row_bytes(k) as u32;
         unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem }) }.map_err(drv("moe_digit_rows_acc"))?;
-        Ok(())
+        Ok(xd)
     }
 
     /// `rows` rows of `x` [rows, k] split for the MoE GEMM (`moe_split_rows`): each row's F16
