@@ -29,9 +29,9 @@ pub(super) const ROUTE_BLOCK_TOKENS: usize = 4;
 /// `CudaModel::route_one_block`): each block asks for its token's sums and writes its scores into
 /// block 0's shared memory, which routes and groups them all as the one-block launch does. One
 /// block alone asks for every token's 16 KB of sums at ~35-40 GB/s. H200, Flash, 18 layers
-/// (`step-bench --ab route-cluster:1`, B one block up to 4 tokens, then a block a token): batch
-/// 3 / 4 5 / 17 us a step faster, 5 / 6 / 7 / 8 35 / 28 / 35 / 24 (and 29 / 32 / - / 57 faster than
-/// one block), batch 2 4 us slower, so it starts at 3
+/// (`step-bench --ab route-cluster:1`, B one block up to 4 tokens, then a block a token; two
+/// runs): batch 3 / 4 5 / 17 us a step faster, 5 / 6 / 7 / 8 30-35 / 28-30 / 35-39 / 24-25 (and
+/// 29 / 32 / - / 57 faster than one block), batch 2 2-4 us slower, so it starts at 3
 /// (benches/results/2026-11-29-h200-routing-cluster.md). `PEREGRINE_ROUTE_CLUSTER_TOKENS` sets it
 /// (below 3: none; then `route_block_tokens` decides).
 pub(super) const ROUTE_CLUSTER_TOKENS: usize = 8;
