@@ -1252,10 +1252,16 @@ __device__ __forceinline__ int cluster_blocks() {
     return (int)n;
 }
 // The cluster barrier in halves: arrive (release: this block's earlier stores, its remote ones
-// too, are seen by every block past the wait), wait (acquire).
+// too, are seen by every block past the wait; relaxed: no ordering, only that the block has
+// started), wait (acquire).
 __device__ __forceinline__ void cluster_arrive() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void cluster_arrive_relaxed() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
 #endif
 }
 __device__ __forceinline__ void cluster_wait() {
@@ -1418,7 +1424,7 @@ extern "C" __global__ void __launch_bounds__(ROUTE_ACC_THREADS) moe_route_acc_bl
     const int C = cluster_blocks(), rank = cluster_block_rank();
     // Every block of the cluster has started (its shared memory is there) before any writes to
     // block 0's: this arrive, waited for past the loads.
-    if (C > 1) asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+    if (C > 1) cluster_arrive_relaxed();
     float* bias_a = smem + 3 * ((T * K + 3) & ~3);  // (as moe_route_block's)
     const float* bias_s = route_block_bias(bias, E, bias_a);
     float* scores = bias_a + E;
