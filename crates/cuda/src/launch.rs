@@ -170,6 +170,34 @@ fn launches(f: &CudaFunction) -> usize {
     times
 }
 
+/// How many clusters of `blocks` blocks (along x) of `threads` threads and `smem` bytes of
+/// dynamic shared memory `f` can have resident at once on the stream's GPU (0: it cannot be
+/// launched so there), or None where the driver cannot say (before Hopper).
+pub(crate) fn max_active_clusters(stream: &CudaStream, f: &CudaFunction, blocks: u32, threads: u32, smem: u32) -> Option<i32> {
+    // SAFETY: the attribute and config are plain data read by the call; the function is loaded.
+    unsafe {
+        let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+        attr.value.clusterDim.x = blocks;
+        attr.value.clusterDim.y = 1;
+        attr.value.clusterDim.z = 1;
+        let config = sys::CUlaunchConfig {
+            gridDimX: blocks,
+            gridDimY: 1,
+            gridDimZ: 1,
+            blockDimX: threads,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: smem,
+            hStream: stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        let mut n = 0;
+        sys::cuOccupancyMaxActiveClusters(&mut n, f.cu_function(), &config).result().ok().map(|_| n)
+    }
+}
+
 impl Launch<'_> {
     pub(crate) fn arg(&mut self, a: impl ArgRef) -> &mut Self {
         self.starts.push(self.words.len());

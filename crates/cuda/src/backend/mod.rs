@@ -91,6 +91,9 @@ pub(crate) struct Ops {
     /// The dynamic shared memory those two may take on this GPU (`moe::ROUTE_BLOCK_MAX_SMEM`
     /// where it allows that, else the 48 KB every GPU does).
     route_block_smem: usize,
+    /// Whether `moe_route_acc_block` runs as a cluster of `moe::ROUTE_CLUSTER_MAX_TOKENS` blocks
+    /// here (Hopper, asked of the occupancy API with the most shared memory such a launch takes).
+    route_cluster_fits: bool,
     moe_group: CudaFunction,
     argmax_rows: CudaFunction,
     argmax_final: CudaFunction,
@@ -158,6 +161,11 @@ fn load_ops(gpu: &Gpu) -> Result<Ops> {
             // Where the GPU allows less, batches past 48 KB keep the multi-block kernels.
             let allows = |n: &str| f(n).is_ok_and(|k| k.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, moe::ROUTE_BLOCK_MAX_SMEM as i32).is_ok());
             if allows("moe_route_block") && allows("moe_route_acc_block") { moe::ROUTE_BLOCK_MAX_SMEM } else { 48 * 1024 }
+        },
+        route_cluster_fits: gpu.capability.0 >= 9 && {
+            let t = moe::ROUTE_CLUSTER_MAX_TOKENS;
+            let smem = moe::route_block_smem_bytes(moe::ROUTE_BLOCK_MAX_EXPERTS, moe::ROUTE_BLOCK_MAX_K, t);
+            crate::launch::max_active_clusters(&gpu.stream, &f("moe_route_acc_block")?, t as u32, moe::ROUTE_ACC_THREADS as u32, smem as u32).is_some_and(|n| n >= 1)
         },
         moe_group: {
             let k = f("moe_group")?;

@@ -43,6 +43,21 @@ pub(super) const ROUTE_CLUSTER_MIN_TOKENS: usize = 3;
 /// The most tokens of that cluster: its blocks (the portable cluster size).
 pub(super) const ROUTE_CLUSTER_MAX_TOKENS: usize = 8;
 
+/// The one-block routing's largest expert count (its register top K) and threads over the
+/// o_proj's sums (`ROUTE_ACC_THREADS` in kernels/ops.cu).
+pub(super) const ROUTE_BLOCK_MAX_EXPERTS: usize = 512;
+pub(super) const ROUTE_ACC_THREADS: usize = 512;
+
+/// The largest top K the load-time check of the routing cluster assumes (`ROUTE_MAX_K` in
+/// kernels/route.cuh).
+pub(super) const ROUTE_BLOCK_MAX_K: usize = 64;
+
+/// The dynamic shared memory of the one-block routing of `n` tokens of `e` experts, top `k`:
+/// route_group_block's 3 P4 words, the bias, the scores and the choices.
+pub(super) fn route_block_smem_bytes(e: usize, k: usize, n: usize) -> usize {
+    4 * (e + 2 * n * e + 3 * (n * k).next_multiple_of(4))
+}
+
 /// The most tokens the one-block routing takes (`ROUTE_BLOCK_MAX_TOKENS` in kernels/ops.cu).
 pub(super) const ROUTE_BLOCK_MAX_TOKENS: usize = 32;
 
@@ -562,9 +577,9 @@ impl CudaModel {
     /// `route_cluster_tokens` tokens are a cluster of a block per token (those bounds per block).
     fn route_one_block(&self, spec: &MoeSpec, acc: Option<(usize, usize, usize)>, n: usize) -> Option<(usize, usize, usize)> {
         let (e, k) = (spec.num_experts, spec.top_k);
-        let threads = if acc.is_some() { 512 } else { 32 * n.max(8) };
-        let smem = 4 * (e + 2 * n * e + 3 * (n * k).next_multiple_of(4));
-        let cluster = acc.is_some() && self.gpu.capability.0 >= 9 && (ROUTE_CLUSTER_MIN_TOKENS..=self.route_cluster_tokens).contains(&n);
+        let threads = if acc.is_some() { ROUTE_ACC_THREADS } else { 32 * n.max(8) };
+        let smem = route_block_smem_bytes(e, k, n);
+        let cluster = acc.is_some() && self.ops.route_cluster_fits && (ROUTE_CLUSTER_MIN_TOKENS..=self.route_cluster_tokens).contains(&n);
         let blocks = if cluster { n } else { 1 };
         let block_tokens = n / blocks;
         let loads_fit = match acc {
@@ -575,7 +590,7 @@ impl CudaModel {
             && n <= self.fused_group_max
             && matches!(spec.scoring, RouterScoring::Sigmoid)
             && spec.n_group <= 1
-            && (1..=512).contains(&e)
+            && (1..=ROUTE_BLOCK_MAX_EXPERTS).contains(&e)
             && n * k <= threads
             && loads_fit
             && self.gpu.capability.0 >= 8
