@@ -1407,8 +1407,8 @@ extern "C" __global__ void __launch_bounds__(1024) moe_route_block(const float* 
 
 // moe_route_acc of T tokens in one block: token t's logits from its fixed-point sums at acc + t
 // tok and 1 / rms from its parts ssq + t nssq (acc_norm_inv's sum in its order, by warp t, every
-// part asked for at once), its sums zeroed once read, and block 0's zeroing of zero_acc (see
-// moe_route_acc). Dynamic shared memory: as moe_route_block's.
+// part asked for at once), its sums zeroed once read, and the zeroing of zero_acc (see
+// moe_route_acc; spread over a cluster's blocks). Dynamic shared memory: as moe_route_block's.
 // Launched as a cluster of C blocks (the host's choice; no cluster: C = 1), block r asks for the
 // sums of tokens r, r + C, ... and writes their scores into block 0's shared memory, which alone
 // goes on past the cluster barrier: one SM asks for 16 KB of sums a token (256 experts, 8
