@@ -12,6 +12,49 @@
 #define PDL_TRIGGER()
 #endif
 
+// Thread-block clusters (Hopper; sample.cu's sampler, ops.cu's routing): this block's rank in
+// its cluster and the cluster's blocks (0 and 1 before Hopper or without a cluster launch); the
+// cluster barrier in halves: arrive with release (this block's earlier stores, its stores to
+// other blocks' shared memory too, are seen by every block past the wait) or relaxed (only that
+// this block has started, so its shared memory may be written), then wait with acquire; and the
+// address in block `rank`'s shared memory of this block's shared pointer p (mapa).
+__device__ __forceinline__ unsigned cluster_ctarank() {
+    unsigned r = 0;
+#if __CUDA_ARCH__ >= 900
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+#endif
+    return r;
+}
+__device__ __forceinline__ unsigned cluster_nctarank() {
+    unsigned n = 1;
+#if __CUDA_ARCH__ >= 900
+    asm volatile("mov.u32 %0, %%cluster_nctarank;" : "=r"(n));
+#endif
+    return n;
+}
+__device__ __forceinline__ void cluster_arrive_release() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void cluster_arrive_relaxed() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void cluster_wait_acquire() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ unsigned cluster_shared_addr(const void* p, unsigned rank) {
+    unsigned ra = 0, a = (unsigned)__cvta_generic_to_shared(p);
+#if __CUDA_ARCH__ >= 900
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(ra) : "r"(a), "r"(rank));
+#endif
+    return ra;
+}
+
 // Measurement builds only (PEREGRINE_KERNEL_DEFINES=-DSTEP_TRACE): every block's thread 0 stamps
 // %globaltimer when the kernel starts, once past its PDL wait and when it leaves the kernel's
 // scope, with its launch's %gridid and the kernel's name, into step_trace (one array per module;

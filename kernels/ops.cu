@@ -1235,46 +1235,11 @@ extern "C" __global__ void moe_route_acc(unsigned long long* __restrict__ acc, i
 #define ROUTE_ACC_COPIES 8         // and the sum copies it asks for at once: copies <= 8
 #define ROUTE_ACC_PARTS 16         // norm parts a lane asks for at once: nssq <= 16 x 32
 
-// The routing launch's cluster (moe_route_acc_block): this block's rank in it and its blocks
-// (0 and 1 without a cluster launch, and before Hopper).
-__device__ __forceinline__ int cluster_block_rank() {
-    unsigned r = 0;
-#if __CUDA_ARCH__ >= 900
-    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
-#endif
-    return (int)r;
-}
-__device__ __forceinline__ int cluster_blocks() {
-    unsigned n = 1;
-#if __CUDA_ARCH__ >= 900
-    asm volatile("mov.u32 %0, %%cluster_nctarank;" : "=r"(n));
-#endif
-    return (int)n;
-}
-// The cluster barrier in halves: arrive (release: this block's earlier stores, its remote ones
-// too, are seen by every block past the wait; relaxed: no ordering, only that the block has
-// started), wait (acquire).
-__device__ __forceinline__ void cluster_arrive() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void cluster_arrive_relaxed() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void cluster_wait() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
-#endif
-}
-// v into the float at p's offset in the shared memory of the cluster's block 0.
+// v into the float at p's offset in the shared memory of the cluster's block 0 (the cluster
+// helpers: kernels/common.cuh).
 __device__ __forceinline__ void st_shared_block0(float* p, float v) {
 #if __CUDA_ARCH__ >= 900
-    unsigned ra, a = (unsigned)__cvta_generic_to_shared(p);
-    asm volatile("mapa.shared::cluster.u32 %0, %1, 0;" : "=r"(ra) : "r"(a));
-    asm volatile("st.shared::cluster.f32 [%0], %1;" ::"r"(ra), "f"(v) : "memory");
+    asm volatile("st.shared::cluster.f32 [%0], %1;" ::"r"(cluster_shared_addr(p, 0)), "f"(v) : "memory");
 #endif
 }
 
@@ -1421,7 +1386,7 @@ extern "C" __global__ void __launch_bounds__(ROUTE_ACC_THREADS) moe_route_acc_bl
     extern __shared__ __align__(16) float smem[];
     __shared__ float inv_s[ROUTE_BLOCK_MAX_TOKENS];
     __shared__ bool bad_s[ROUTE_BLOCK_MAX_TOKENS];
-    const int C = cluster_blocks(), rank = cluster_block_rank();
+    const int C = (int)cluster_nctarank(), rank = (int)cluster_ctarank();
     // Every block of the cluster has started (its shared memory is there) before any writes to
     // block 0's: this arrive, waited for past the loads.
     if (C > 1) cluster_arrive_relaxed();
@@ -1463,7 +1428,7 @@ extern "C" __global__ void __launch_bounds__(ROUTE_ACC_THREADS) moe_route_acc_bl
         }
     }
     __syncthreads();  // every sum read, the tokens' 1 / rms and flags out
-    if (C > 1) cluster_wait();
+    if (C > 1) cluster_wait_acquire();
 #pragma unroll
     for (int j = 0; j < ROUTE_ACC_PAIRS; j++) {
         const int i = 2 * (tid + j * blockDim.x);
@@ -1484,8 +1449,8 @@ extern "C" __global__ void __launch_bounds__(ROUTE_ACC_THREADS) moe_route_acc_bl
     if (zero_acc != nullptr)
         for (int i = rank * blockDim.x + tid; i < nzero; i += C * blockDim.x) zero_acc[i] = 0ull;
     if (C > 1) {
-        cluster_arrive();  // every token's scores in block 0
-        cluster_wait();
+        cluster_arrive_release();  // every token's scores in block 0
+        cluster_wait_acquire();
         if (rank != 0) return;
     } else {
         __syncthreads();

@@ -211,11 +211,12 @@ struct SampleShared {
 };
 
 // All threads of the cluster meet; shared-memory writes before it are visible to every block
-// after it (for CL = 1, a block barrier).
+// after it (for CL = 1, a block barrier). (The cluster helpers: kernels/common.cuh.)
 template <int CL>
 __device__ __forceinline__ void cluster_sync() {
     if constexpr (CL > 1) {
-        asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+        cluster_arrive_release();
+        cluster_wait_acquire();
     } else {
         __syncthreads();
     }
@@ -224,19 +225,16 @@ __device__ __forceinline__ void cluster_sync() {
 // This block's rank in its cluster (0 for CL = 1, where no cluster instruction is emitted).
 template <int CL>
 __device__ __forceinline__ unsigned cluster_rank() {
-    unsigned r = 0;
-    if constexpr (CL > 1) asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
-    return r;
+    if constexpr (CL > 1) return cluster_ctarank();
+    return 0;
 }
 
 // Block `rank`'s value of this block's shared word *p.
 template <int CL>
 __device__ __forceinline__ unsigned long long cluster_read(const unsigned long long* p, unsigned rank) {
     if constexpr (CL > 1) {
-        unsigned a = (unsigned)__cvta_generic_to_shared(p), ra;
         unsigned long long v;
-        asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(ra) : "r"(a), "r"(rank));
-        asm volatile("ld.shared::cluster.u64 %0, [%1];" : "=l"(v) : "r"(ra) : "memory");
+        asm volatile("ld.shared::cluster.u64 %0, [%1];" : "=l"(v) : "r"(cluster_shared_addr(p, rank)) : "memory");
         return v;
     } else {
         return *p;
