@@ -40,6 +40,13 @@ pub fn tuned_counts() -> &'static [usize] {
     })
 }
 
+/// The largest token count `tune_moe` measures (`TUNED_BUCKETS_MAX` unless
+/// `PEREGRINE_MOE_TUNE_TOKENS` sets another): the most rows the FP8 digit MoE may take
+/// (`Kernels::set_moe_fp8_tokens`), since above it no digit kernel is tuned.
+pub fn tuned_max() -> usize {
+    tuned_counts().iter().copied().max().unwrap_or(TUNED_TOKENS).max(TUNED_BUCKETS_MAX)
+}
+
 /// `tuned_counts` for a largest bucket `max`.
 pub(crate) fn tuned_counts_up_to(max: usize) -> Vec<usize> {
     (1..=TUNED_TOKENS.min(max.max(1))).chain(crate::graph::ROW_BUCKETS.into_iter().filter(|&t| t > TUNED_TOKENS && t <= max)).collect()
