@@ -611,20 +611,15 @@ __device__ __forceinline__ void wg_e4m3_k32_n16(float d[8], unsigned a0, unsigne
                  : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3]), "=f"(d[4]), "=f"(d[5]), "=f"(d[6]), "=f"(d[7])
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc));
 }
-// The same over four pairs' digits (m64n32k32): pair j's eight columns at d[4 j .. 4 j + 3].
-__device__ __forceinline__ void wg_e4m3_k32_n32(float d[16], unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned long long desc) {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 0, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n32k32.f32.e4m3.e4m3 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, {%16,%17,%18,%19}, %20, p, 1, 1;\n}\n"
-                 : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3]), "=f"(d[4]), "=f"(d[5]), "=f"(d[6]), "=f"(d[7]), "=f"(d[8]), "=f"(d[9]), "=f"(d[10]), "=f"(d[11]), "=f"(d[12]), "=f"(d[13]), "=f"(d[14]), "=f"(d[15])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc));
-}
 // Pins the registers of asynchronous MMA results in program order.
-template <int N>
-__device__ __forceinline__ void wg_pin(float* d) {
+__device__ __forceinline__ void wg_pin16(float d[16]) {
 #pragma unroll
-    for (int i = 0; i < N; i++) asm volatile("" : "+f"(d[i])::"memory");
+    for (int i = 0; i < 16; i++) asm volatile("" : "+f"(d[i])::"memory");
 }
-__device__ __forceinline__ void wg_pin8(float d[8]) { wg_pin<8>(d); }
+__device__ __forceinline__ void wg_pin8(float d[8]) {
+#pragma unroll
+    for (int i = 0; i < 8; i++) asm volatile("" : "+f"(d[i])::"memory");
+}
 // One step's two k32 MMAs into tp (block 0: tp[0..3], block 1: tp[4..7]); bdesc: the step's
 // digits (block 1 two core matrices on).
 // A step's four words as the A registers of its two k32 MMAs (digits_a of each word).
@@ -649,20 +644,11 @@ __device__ __forceinline__ void digits_step_issue(uint4 wv, unsigned bdesc_lo, f
 // digits_step_issue over two pairs' digit rows, `pstride` bytes apart (the descriptor's stride
 // between 8-column groups): block 0 into tp[0..7], block 1 into tp[8..15], each pair's four
 // results as digits_step_issue gives them.
-// NP pairs (2 or 4; a pass of 3 takes 4, the fourth column group ignored): block 0 into
-// tp[0 .. 4 NP), block 1 into tp[4 NP .. 8 NP).
-template <int NP2>
-__device__ __forceinline__ void digits_step_issue_np(uint4 wv, unsigned bdesc_lo, unsigned pstride, float* tp) {
-    static_assert(NP2 == 2 || NP2 == 4, "two or four pairs a step");
+__device__ __forceinline__ void digits_step_issue2(uint4 wv, unsigned bdesc_lo, unsigned pstride, float tp[16]) {
     const StepA a = digits_a_step(wv);
     wg_fence();
-    if constexpr (NP2 == 2) {
-        wg_e4m3_k32_n16(tp, a.r[0], a.r[1], a.r[2], a.r[3], wg_desc_of(bdesc_lo, pstride));
-        wg_e4m3_k32_n16(tp + 8, a.r[4], a.r[5], a.r[6], a.r[7], wg_desc_of(bdesc_lo + 2 * DG_CORE / 16, pstride));
-    } else {
-        wg_e4m3_k32_n32(tp, a.r[0], a.r[1], a.r[2], a.r[3], wg_desc_of(bdesc_lo, pstride));
-        wg_e4m3_k32_n32(tp + 16, a.r[4], a.r[5], a.r[6], a.r[7], wg_desc_of(bdesc_lo + 2 * DG_CORE / 16, pstride));
-    }
+    wg_e4m3_k32_n16(tp, a.r[0], a.r[1], a.r[2], a.r[3], wg_desc_of(bdesc_lo, pstride));
+    wg_e4m3_k32_n16(tp + 8, a.r[4], a.r[5], a.r[6], a.r[7], wg_desc_of(bdesc_lo + 2 * DG_CORE / 16, pstride));
     wg_commit();
 }
 // CSC: the step's activation chunk has its own power-of-two scale cs (a down pass over h staged
@@ -690,15 +676,13 @@ __device__ __forceinline__ void digits_step_scale(const float tp[8], unsigned sv
     acc[2] += f1 * tp[6];
     acc[3] += f1 * tp[7];
 }
-// digits_step_scale for the NP2 pairs of digits_step_issue_np (pair j's sums at tp[4 j] and
-// tp[4 NP2 + 4 j], its chunk scale cs[j]): each pair's arithmetic is digits_step_scale's, in its
-// order.
-template <bool CSC, int NP2>
-__device__ __forceinline__ void digits_step_scale_np(const float* tp, unsigned sv, float* acc, const float* cs) {
+// digits_step_scale for the two pairs of digits_step_issue2 (pair j's sums at tp[4 j] and
+// tp[8 + 4 j], its chunk scale cs[j]): each pair's arithmetic is digits_step_scale's, in its order.
+template <bool CSC = false>
+__device__ __forceinline__ void digits_step_scale2(const float tp[16], unsigned sv, float acc[8], const float cs[2]) {
 #pragma unroll
-    for (int j = 0; j < NP2; j++) {
-        const float* b1 = tp + 4 * NP2 + 4 * j;
-        const float b[8] = {tp[4 * j], tp[4 * j + 1], tp[4 * j + 2], tp[4 * j + 3], b1[0], b1[1], b1[2], b1[3]};
+    for (int j = 0; j < 2; j++) {
+        const float b[8] = {tp[4 * j], tp[4 * j + 1], tp[4 * j + 2], tp[4 * j + 3], tp[8 + 4 * j], tp[9 + 4 * j], tp[10 + 4 * j], tp[11 + 4 * j]};
         digits_step_scale<CSC>(b, sv, acc + 4 * j, cs[j]);
     }
 }
@@ -733,9 +717,9 @@ __device__ __forceinline__ void digits_step_scale_np(const float* tp, unsigned s
 // (digits_step_issue); every warp of the block streams a tile of the same K.
 // CSC (DG only): step k's activation chunk scale is the float at shared-window address csc + 4 k
 // (digits_step_scale's CSC).
-// NPD (DG only, 1, 2 or 4): pairs a pass multiplies, their digit rows K / 16 core matrices apart
+// NPD (DG only, 1 or 2): pairs a pass multiplies, their digit rows K / 16 core matrices apart
 // in frag, acc holding 4 NPD sums (pair j's at acc + 4 j), pair j's chunk scales DG_CINV_STRIDE
-// j bytes past csc (digits_step_issue_np).
+// j bytes past csc (digits_step_issue2).
 #define DG_CINV_STRIDE 256  // bytes from one pair's chunk scales to the next in shared memory (DG_MAX_CHUNKS floats)
 template <int NS, int CS, bool EARLY = false, bool DG = false, bool CSC = false, int NPD = 1>
 __device__ __forceinline__ int tile_stream_bulk(const unsigned char* __restrict__ wt, int KS, const uint4* frag, int L, float acc[4],
@@ -775,35 +759,34 @@ __device__ __forceinline__ int tile_stream_bulk(const unsigned char* __restrict_
                 wvs[c] = lds128(stage + c * STEP_BYTES + wl);
                 svs[c] = lds32(stage + c * STEP_BYTES + sl);
             }
-        } else if (DG && NPD >= 2) {
+        } else if (DG && NPD == 2) {
 #if MOE_DG_MATH && !defined(MOE_NO_MATH)
-            // digits_step_issue_np / digits_step_scale_np in the one-pair loop's order below.
+            // digits_step_issue2 / digits_step_scale2 in the one-pair loop's order below.
             const unsigned bd = dga0 + (unsigned)(j * CS) * (4 * DG_CORE / 16), pstride = (unsigned)KS * 4u * DG_CORE;
-            constexpr int NPX = NPD >= 2 ? NPD : 2;  // (NPD as a constant where this branch is taken)
-            float tp[CS][8 * NPX];
+            float tp[CS][16];
             const unsigned cst = csc + 4u * (unsigned)(j * CS);
-            auto chunk_scales = [&](int c, float cs[NPX]) {
-#pragma unroll
-                for (int q = 0; q < NPX; q++) cs[q] = CSC ? __uint_as_float(lds32(cst + q * DG_CINV_STRIDE + 4u * c)) : 1.f;
+            auto chunk_scales = [&](int c, float cs[2]) {
+                cs[0] = CSC ? __uint_as_float(lds32(cst + 4u * c)) : 1.f;
+                cs[1] = CSC ? __uint_as_float(lds32(cst + DG_CINV_STRIDE + 4u * c)) : 1.f;
             };
 #pragma unroll
             for (int c = 0; c < CS; c++) {
                 svs[c] = lds32(stage + c * STEP_BYTES + sl);
-                digits_step_issue_np<NPX>(lds128(stage + c * STEP_BYTES + wl), bd + (unsigned)c * (4 * DG_CORE / 16), pstride, tp[c]);
-                wg_pin<8 * NPX>(tp[c]);
+                digits_step_issue2(lds128(stage + c * STEP_BYTES + wl), bd + (unsigned)c * (4 * DG_CORE / 16), pstride, tp[c]);
+                wg_pin16(tp[c]);
                 if (c >= 1) {
-                    float cs[NPX];
+                    float cs[2];
                     chunk_scales(c - 1, cs);
                     wg_wait<1>();
-                    wg_pin<8 * NPX>(tp[c - 1]);
-                    digits_step_scale_np<CSC, NPX>(tp[c - 1], svs[c - 1], acc, cs);
+                    wg_pin16(tp[c - 1]);
+                    digits_step_scale2<CSC>(tp[c - 1], svs[c - 1], acc, cs);
                 }
             }
-            float cs[NPX];
+            float cs[2];
             chunk_scales(CS - 1, cs);
             wg_wait<0>();
-            wg_pin<8 * NPX>(tp[CS - 1]);
-            digits_step_scale_np<CSC, NPX>(tp[CS - 1], svs[CS - 1], acc, cs);
+            wg_pin16(tp[CS - 1]);
+            digits_step_scale2<CSC>(tp[CS - 1], svs[CS - 1], acc, cs);
 #endif
         } else if (DG) {
 #if MOE_DG_MATH && !defined(MOE_NO_MATH)
@@ -1241,16 +1224,7 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
             // A pass of one pair keeps the one-pair math (n8): on the H200 the digit kernels are
             // bound by their math, and two-pair steps for one pair cost a slot with a single pair
             // (most of them at 16 tokens) what the second read saves elsewhere.
-            // (NPD = 4: a pass of three pairs takes the four-pair math; its fourth column group,
-            // over whatever the frag's fourth row holds, is never stored.)
-            if constexpr (NPD == 4) {
-                if (np >= 3)
-                    tile_stream_bulk<NS, CS, false, DG, !GATE_UP, 4>(wt, KS, frag, 8, acc, ring, wbars, seq, once, nullptr, 0, true, 0, smem_addr(cinv));
-                else if (np == 2)
-                    tile_stream_bulk<NS, CS, false, DG, !GATE_UP, 2>(wt, KS, frag, 8, acc, ring, wbars, seq, once, nullptr, 0, true, 0, smem_addr(cinv));
-                else
-                    tile_stream_bulk<NS, CS, false, DG, !GATE_UP, 1>(wt, KS, frag, 8, acc, ring, wbars, seq, once, nullptr, 0, true, 0, smem_addr(cinv));
-            } else if (NPD == 2 && np == 2)
+            if (NPD == 2 && np == 2)
                 tile_stream_bulk<NS, CS, false, DG, !GATE_UP, NPD>(wt, KS, frag, 8, acc, ring, wbars, seq, once, nullptr, 0, true, 0, smem_addr(cinv));
             else
                 tile_stream_bulk<NS, CS, false, DG, !GATE_UP, 1>(wt, KS, frag, 8, acc, ring, wbars, seq, once, nullptr, 0, true, 0, smem_addr(cinv));
@@ -1727,8 +1701,8 @@ MOE_BULK(2, 6)
 // (the bulk kernels' arguments).
 // The two-launch kernels of ring NS x CS on digits whose passes take up to NPD pairs of a slot
 // (moe_tiled's NPD): SFX dg (one pair) or dg2 (two).
-#define MOE_TILED_DG_PASS(NS, CS, SFX, NPD, GU_MIN_BLOCKS)                                                               \
-    extern "C" __global__ void __launch_bounds__(256, GU_MIN_BLOCKS) moe_gate_up_##SFX##_n##NS##_c##CS(                  \
+#define MOE_TILED_DG_PASS(NS, CS, SFX, NPD)                                                                              \
+    extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_gate_up_##SFX##_n##NS##_c##CS(                 \
         const unsigned char* __restrict__ W, const int* __restrict__ experts,                                           \
         const int* __restrict__ pair_off, const int* __restrict__ pair_tok, const float* __restrict__ x,                 \
         float* __restrict__ h, int H, int I, int T, int x_settled, unsigned* slots,                                      \
@@ -1749,7 +1723,7 @@ MOE_BULK(2, 6)
                                                    slots ? slots + gridDim.y : nullptr);                                 \
     }
 #define MOE_TILED_DG(NS, CS)                                                                                             \
-    MOE_TILED_DG_PASS(NS, CS, dg, 1, MOE_MIN_BLOCKS)                                                                     \
+    MOE_TILED_DG_PASS(NS, CS, dg, 1)                                                                                     \
     MOE_FUSED(NS, CS, _dg, true)
 MOE_TILED_DG(2, 4)
 MOE_TILED_DG(4, 2)
@@ -1762,18 +1736,10 @@ MOE_TILED_DG(4, 4)
 // the one-pair kernels (each pair's columns
 // and arithmetic are theirs). Dynamic shared memory: the rings, then two digit rows of K / 16
 // core matrices (kernels::moe.rs sizes it).
-MOE_TILED_DG_PASS(2, 4, dg2, 2, MOE_MIN_BLOCKS)
-MOE_TILED_DG_PASS(4, 2, dg2, 2, MOE_MIN_BLOCKS)
-MOE_TILED_DG_PASS(3, 4, dg2, 2, MOE_MIN_BLOCKS)
-MOE_TILED_DG_PASS(4, 4, dg2, 2, MOE_MIN_BLOCKS)
-// Four pairs a pass (m64n32k32; 2-3 pairs on the n16 / n32 math): for slots of 3+ pairs, from
-// ~48 rows and in verify blocks whose tokens share experts. Four digit rows of Flash's x take
-// 147 KB, so its gate_up blocks run one to an SM, with the registers that leaves them (at 128
-// the four-pair loop spilled).
-MOE_TILED_DG_PASS(2, 4, dg4, 4, 1)
-MOE_TILED_DG_PASS(4, 2, dg4, 4, 1)
-MOE_TILED_DG_PASS(3, 4, dg4, 4, 1)
-MOE_TILED_DG_PASS(4, 4, dg4, 4, 1)
+MOE_TILED_DG_PASS(2, 4, dg2, 2)
+MOE_TILED_DG_PASS(4, 2, dg2, 2)
+MOE_TILED_DG_PASS(3, 4, dg2, 2)
+MOE_TILED_DG_PASS(4, 4, dg2, 2)
 
 // ---------------------------------------------------------------------------------------------
 // MoE GEMM for prefill-sized batches: many pairs per expert.

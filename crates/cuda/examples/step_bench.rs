@@ -711,17 +711,6 @@ fn main() {
                 ab(&mut model, &|m, on| m.set_moe_fp8(!on));
                 continue;
             }
-            if let Some(n) = what.strip_prefix("quads:") {
-                // A the digit MoE's passes as loaded, B up to four pairs a pass from n rows
-                // (the tuned rings kept; a ring without room for four digit rows keeps two).
-                let n: usize = n.parse().expect("--ab quads:N");
-                let base = model.set_moe_fp8_quads_from(usize::MAX);
-                model.set_moe_fp8_quads_from(base);
-                ab(&mut model, &|m, on| {
-                    m.set_moe_fp8_quads_from(if on { n } else { base });
-                });
-                continue;
-            }
             if let Some(n) = what.strip_prefix("moe-grid:") {
                 // A the one-token MoE kernel as chosen, B the same fused kernel on at most n
                 // blocks (its grid is otherwise as many blocks as are resident). Pinning does not
@@ -815,7 +804,7 @@ fn main() {
             let shift = match what.strip_prefix("shift:") {
                 Some(n) => Some(n.parse::<usize>().expect("--ab shift:BYTES")),
                 None if ["tail", "argmax", "fetch", "embed", "prefetch"].contains(&what.as_str()) => None,
-                None => panic!("--ab takes tail, argmax, fetch, embed, prefetch, rows, fp8, quads:N, shift:BYTES, copies:N, group:N, oproj-rows:N, route-block:N, route-cluster:N, moe-grid:N, attn-tc-rows:N, heads-splits:N, pre-fill, ready-wave, preload or defines:DEFINES, not {what}"),
+                None => panic!("--ab takes tail, argmax, fetch, embed, prefetch, rows, fp8, shift:BYTES, copies:N, group:N, oproj-rows:N, route-block:N, route-cluster:N, moe-grid:N, attn-tc-rows:N, heads-splits:N, pre-fill, ready-wave, preload or defines:DEFINES, not {what}"),
             };
             ab(&mut model, &|m, on| match shift {
                 Some(n) => m.shift_step_buffers(if on { n } else { 0 }).expect("buffers shifted"),

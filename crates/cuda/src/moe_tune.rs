@@ -40,9 +40,10 @@ pub fn tuned_counts() -> &'static [usize] {
     })
 }
 
-/// The largest token count `tune_moe` measures (`TUNED_BUCKETS_MAX` unless
-/// `PEREGRINE_MOE_TUNE_TOKENS` sets another): the most rows the FP8 digit MoE may take
-/// (`Kernels::set_moe_fp8_tokens`), since above it no digit kernel is tuned.
+/// The most rows the FP8 digit MoE may be set to take (`Kernels::set_moe_fp8_tokens`,
+/// `PEREGRINE_MOE_FP8_TOKENS`): `TUNED_BUCKETS_MAX`, or the largest count tuned where
+/// `PEREGRINE_MOE_TUNE_TOKENS` asks for more (64: the largest decode row bucket), since a count
+/// on digits is tuned among the digit kernels.
 pub fn tuned_max() -> usize {
     tuned_counts().iter().copied().max().unwrap_or(TUNED_TOKENS).max(TUNED_BUCKETS_MAX)
 }

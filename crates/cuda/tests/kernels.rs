@@ -417,8 +417,8 @@ fn mxfp4_moe_decode_matches_the_cpu_reference() {
         }
         let counted_t = counts.iter().sum::<usize>() / top_k;
         assert!(counts.iter().all(|&c| c <= counted_t), "every expert's pairs on distinct tokens");
-        // And 8 tokens whose experts hold 8, 4, 4, 3, 3, 2, ... pairs: the digit passes of one
-        // to four pairs, and two passes of four.
+        // And 8 tokens whose experts hold 8, 4, 4, 3, 3, 2, ... pairs: the two-pair digit passes
+        // over slots of 3-8 pairs (a last pass of one, passes of two).
         let mut counts8: Vec<usize> = [8usize, 4, 4, 3, 3, 2, 2].into_iter().chain(std::iter::repeat(1)).take(e).collect();
         while counts8.iter().sum::<usize>() > 8 * top_k {
             let last = counts8.iter().rposition(|&c| c > 0).expect("a count");
@@ -630,15 +630,13 @@ fn mxfp4_moe_decode_matches_the_cpu_reference() {
                     kern.set_moe_fp8(true);
                 }
                 // The two-launch kernels on digits: the same bits, on every digit ring and with
-                // gate_up and down on different rings, with a pair a pass, with two pairs of a
-                // slot a pass and with up to four (from 2 tokens slots hold several pairs here:
-                // 4 of 16 experts; at 8 tokens 1-4 and 8, two passes of four).
+                // gate_up and down on different rings, with a pair a pass and with two pairs of
+                // a slot a pass (from 2 tokens slots hold several pairs here: 4 of 16 experts; at
+                // 8 tokens 1-4 and 8).
                 let dgr = peregrine_cuda::kernels::DG_RINGS;
-                for (pairs_from, quads_from) in [(usize::MAX, usize::MAX), (1, usize::MAX), (1, 1)] {
+                for pairs_from in [usize::MAX, 1] {
                     let pairs_before = kern.set_moe_fp8_pairs_from(pairs_from);
-                    let quads_before = kern.set_moe_fp8_quads_from(quads_from);
                     assert_eq!(kern.moe_two_pairs_at(&wt, t), pairs_from == 1, "{h}x{i} T={t}: two pairs a pass from {pairs_from} tokens (two-pair blocks of a {h}-wide x fit two to an SM)");
-                    assert_eq!(kern.moe_four_pairs_at(&wt, t), quads_from == 1, "{h}x{i} T={t}: four pairs a pass from {quads_from} tokens (four digit rows of a {h}-wide x fit)");
                     for j in 0..dgr.len() {
                         for (gu_ring, down_ring) in [(dgr[j], dgr[j]), (dgr[j], dgr[(j + 1) % dgr.len()])] {
                             let kind = MoeKernel::Tiled { stages: gu_ring.0, steps: gu_ring.1, down_stages: down_ring.0, down_steps: down_ring.1 };
@@ -648,13 +646,12 @@ fn mxfp4_moe_decode_matches_the_cpu_reference() {
                                 let mut yv = poisoned(&g, t * h);
                                 kern.moe_mxfp4_with(kind, &wt, &dr, &xd, MoeInput::Settled, &mut scratch, &mut yv).unwrap();
                                 let yv = g.stream.clone_dtoh(&yv).unwrap();
-                                assert!(yv.iter().zip(&first).all(|(a, b)| a.to_bits() == b.to_bits()), "moe mxfp4 ({kind:?}, FP8 digits, two pairs a pass from {pairs_from} tokens, four from {quads_from}) {h}x{i} T={t}: differs from the fused digit kernel's bits");
-                                assert!(g.stream.clone_dtoh(&scratch.counters).unwrap().iter().all(|&c| c == 0), "{kind:?} (FP8 digits, two pairs from {pairs_from}, four from {quads_from}) T={t}: counters left non-zero");
+                                assert!(yv.iter().zip(&first).all(|(a, b)| a.to_bits() == b.to_bits()), "moe mxfp4 ({kind:?}, FP8 digits, two pairs a pass from {pairs_from} tokens) {h}x{i} T={t}: differs from the fused digit kernel's bits");
+                                assert!(g.stream.clone_dtoh(&scratch.counters).unwrap().iter().all(|&c| c == 0), "{kind:?} (FP8 digits, two pairs from {pairs_from}) T={t}: counters left non-zero");
                             }
                         }
                     }
                     kern.set_moe_fp8_pairs_from(pairs_before);
-                    kern.set_moe_fp8_quads_from(quads_before);
                 }
                 // A ring that is not a digit ring is not on the digits (it keeps the F16 form).
                 let f16_ring = peregrine_cuda::kernels::TILED_VARIANTS.iter().copied().find(|r| !dgr.contains(r)).expect("an F16-only ring");

@@ -347,14 +347,6 @@ impl CudaModel {
         self.graphs.clear();
     }
 
-    /// Sets the token count from which the two-launch digit MoE takes up to four pairs of a
-    /// slot a pass (`Kernels::set_moe_fp8_quads_from`); returns the setting before. Captured
-    /// step graphs are dropped.
-    pub fn set_moe_fp8_quads_from(&mut self, tokens: usize) -> usize {
-        self.graphs.clear();
-        self.kernels.set_moe_fp8_quads_from(tokens)
-    }
-
     /// Pins the MoE decode kernel of `tokens` tokens (every MoE layer of a model has the same
     /// expert shapes); false when the model has no stacked MoE.
     pub fn pin_moe_kernel(&self, tokens: usize, kind: MoeKernel) -> bool {

@@ -149,12 +149,6 @@ pub struct Kernels {
     gate_up_dg2: Vec<CudaFunction>,
     down_dg2: Vec<CudaFunction>,
     moe_fp8_pairs_from: usize,
-    /// The same whose passes take up to four pairs (`moe_gate_up_dg4_*`, `moe_down_dg4_*`), and
-    /// the token count from which they run (`moe_fp8_quads_from`;
-    /// `PEREGRINE_MOE_FP8_QUADS_FROM`).
-    gate_up_dg4: Vec<CudaFunction>,
-    down_dg4: Vec<CudaFunction>,
-    moe_fp8_quads_from: usize,
     moe_fp8: bool,
     /// Token counts up to which the MoE kernels run on FP8 digits where `moe_fp8` holds
     /// (`moe_fp8_at`; `PEREGRINE_MOE_FP8_TOKENS`, 1..=`moe_tune::tuned_max`).
@@ -404,9 +398,6 @@ impl Kernels {
             gate_up_dg2: DG_RINGS.iter().map(|(n, c)| fm(&format!("moe_gate_up_dg2_n{n}_c{c}"))).collect::<Result<_>>()?,
             down_dg2: DG_RINGS.iter().map(|(n, c)| fm(&format!("moe_down_dg2_n{n}_c{c}"))).collect::<Result<_>>()?,
             moe_fp8_pairs_from: std::env::var("PEREGRINE_MOE_FP8_PAIRS_FROM").ok().and_then(|v| v.parse().ok()).filter(|&n| n >= 1).unwrap_or(FP8_MOE_PAIRS_FROM),
-            gate_up_dg4: DG_RINGS.iter().map(|(n, c)| fm(&format!("moe_gate_up_dg4_n{n}_c{c}"))).collect::<Result<_>>()?,
-            down_dg4: DG_RINGS.iter().map(|(n, c)| fm(&format!("moe_down_dg4_n{n}_c{c}"))).collect::<Result<_>>()?,
-            moe_fp8_quads_from: std::env::var("PEREGRINE_MOE_FP8_QUADS_FROM").ok().and_then(|v| v.parse().ok()).filter(|&n| n >= 1).unwrap_or(FP8_MOE_QUADS_FROM),
             moe_fp8: std::env::var("PEREGRINE_MOE_FP8").map_or(peak_bandwidth >= FP8_MOE_MIN_BANDWIDTH, |v| v != "0"),
             moe_fp8_tokens: std::env::var("PEREGRINE_MOE_FP8_TOKENS")
                 .ok()

@@ -56,14 +56,6 @@ pub const FP8_MOE_TOKENS: usize = 32;
 /// sets it.
 pub const FP8_MOE_PAIRS_FROM: usize = 6;
 
-/// Token counts from which the two-launch digit MoE takes up to four pairs of an expert slot a
-/// pass (`moe_gate_up_dg4_*`, `moe_down_dg4_*`, m64n32k32 wgmmas; the same bits): where the
-/// busiest slots hold 3-8 pairs, which two a pass stream 2-4 times. Off by default
-/// (`usize::MAX`) until a step measures it ahead; `PEREGRINE_MOE_FP8_QUADS_FROM` sets it. Only
-/// where four-pair gate_up blocks fit at all (`Kernels::moe_four_pairs_at`): Flash's four digit
-/// rows of x take 147 KB, one block an SM.
-pub const FP8_MOE_QUADS_FROM: usize = usize::MAX;
-
 /// The rings of the fused kernels on FP8 digits (`moe_fused*_dg_*`): steps of 2 or 4, which
 /// divide every pass where `moe_fp8_for` holds (H and I multiples of 256), so their streaming
 /// has no partial stage to branch around.
@@ -604,24 +596,6 @@ impl Kernels {
         tokens >= self.moe_fp8_pairs_from && self.two_pairs_fit(w)
     }
 
-    /// Whether the two-launch digit MoE of `tokens` tokens over `w` takes up to four pairs of a
-    /// slot a pass (`moe_gate_up_dg4_*`, `moe_down_dg4_*`): from `moe_fp8_quads_from` tokens,
-    /// where two pairs a pass run and four-pair blocks fit (`four_pairs_fit`).
-    pub fn moe_four_pairs_at(&self, w: &MoeWeights, tokens: usize) -> bool {
-        tokens >= self.moe_fp8_quads_from && self.moe_two_pairs_at(w, tokens) && self.four_pairs_fit(w)
-    }
-
-    /// Whether four-pair gate_up and down blocks over `w` (four digit rows beside the smallest
-    /// digit ring) can be resident at all.
-    fn four_pairs_fit(&self, w: &MoeWeights) -> bool {
-        let (stages, steps) = DG_RINGS[0];
-        let fits = |f: &CudaFunction, k: usize| {
-            let smem = ring_bytes(stages, steps) + 4 * (k / 16) * DG_CORE_BYTES;
-            smem <= TILED_MAX_SMEM && self.blocks_per_sm(f, smem).is_ok_and(|n| n >= 1)
-        };
-        fits(&self.gate_up_dg4[0], w.hidden) && fits(&self.down_dg4[0], w.inter)
-    }
-
     /// Whether two-pair gate_up blocks over `w` (two digit rows of x beside the smallest digit
     /// ring) stay resident two to an SM. Flash's (H 4096) do, as one-pair blocks three; Pro's
     /// (H 6144) do not: one a SM, and its batch-6 / 8 steps ran 4-5% slower than with one pair a
@@ -666,12 +640,6 @@ impl Kernels {
     /// at once (`moe_fp8_pairs_from`; 1: always); returns the setting before.
     pub fn set_moe_fp8_pairs_from(&mut self, tokens: usize) -> usize {
         std::mem::replace(&mut self.moe_fp8_pairs_from, tokens.max(1))
-    }
-
-    /// Sets the token count from which the two-launch digit MoE passes take up to four pairs of
-    /// a slot (`moe_fp8_quads_from`; 1: always, `usize::MAX`: never); returns the setting before.
-    pub fn set_moe_fp8_quads_from(&mut self, tokens: usize) -> usize {
-        std::mem::replace(&mut self.moe_fp8_quads_from, tokens.max(1))
     }
 
     /// Turns the FP8 digit MoE (`moe_fp8_for`) on or off; returns the setting before. Tuned
@@ -1016,18 +984,9 @@ impl Kernels {
                 // before they are read. On FP8 digits (`tiled_digits`) neither: a pass stages its
                 // pair's x as digits, and gate_up hands h over as the pairs' digit rows.
                 let digits = self.tiled_digits(w, r.num_tokens, (stages, steps), (down_stages, down_steps));
-                // Two pairs of a slot a digit pass from `moe_fp8_pairs_from` tokens, four from
-                // `moe_fp8_quads_from`, where they fit.
-                // (Four only where this call's rings leave room for four digit rows.)
-                let quad_rings_fit = ring_bytes(stages, steps) + 4 * h / 16 * DG_CORE_BYTES <= TILED_MAX_SMEM
-                    && ring_bytes(down_stages, down_steps) + 4 * i / 16 * DG_CORE_BYTES <= TILED_MAX_SMEM;
-                let npd = match digits {
-                    Some(_) if quad_rings_fit && self.moe_four_pairs_at(w, r.num_tokens) => 4,
-                    Some(_) if self.moe_two_pairs_at(w, r.num_tokens) => 2,
-                    _ => 1,
-                };
+                // Two pairs of a slot a digit pass from `moe_fp8_pairs_from` tokens, where they fit.
+                let npd = if digits.is_some() && self.moe_two_pairs_at(w, r.num_tokens) { 2 } else { 1 };
                 let fg = match digits {
-                    Some((g, _)) if npd == 4 => &self.gate_up_dg4[g],
                     Some((g, _)) if npd == 2 => &self.gate_up_dg2[g],
                     Some((g, _)) => &self.gate_up_dg[g],
                     None => self.gate_up_kernel(v, r.num_tokens),
@@ -1035,7 +994,6 @@ impl Kernels {
                 let split_x = digits.is_none() && self.splits_x(r.num_tokens);
                 let split_h = split_x && self.presplit_h && slot_wait;
                 let fd = match digits {
-                    Some((_, d)) if npd == 4 => &self.down_dg4[d],
                     Some((_, d)) if npd == 2 => &self.down_dg2[d],
                     Some((_, d)) => &self.down_dg[d],
                     None if split_h => &self.down_split[dv],
