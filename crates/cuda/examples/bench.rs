@@ -371,7 +371,7 @@ fn main() {
         let t0 = std::time::Instant::now();
         let tuned = k.tune_moe(&wt, top_k).unwrap();
         println!("\nMoE MXFP4 decode, {name}: {e} experts, hidden {h}, expert intermediate {i}, top-{top_k}, uniform routing");
-        println!("(kernels tuned in {:.2} s over {} candidates; the default below is the tuned choice at {:?} tokens)", t0.elapsed().as_secs_f64(), tuned.len(), peregrine_cuda::moe_tune::tuned_counts());
+        println!("(kernels tuned in {:.2} s over {} candidates; the default below is the tuned choice at {:?} tokens)", t0.elapsed().as_secs_f64(), tuned.len(), k.tuned_counts());
         println!("tokens  experts  bytes(MB)       ms     GB/s  of copy bw   (the default kernel, 20 calls back to back between events)");
         let x = s.clone_htod(&(0..64 * h).map(|_| rng.random::<f32>() - 0.5).collect::<Vec<_>>()).unwrap();
         let mut y = s.alloc_zeros::<f32>(64 * h).unwrap();

@@ -17,7 +17,8 @@ use peregrine_core::Result;
 use crate::kernels::{Kernels, MoeInput, MoeKernel, MoeLayout, MoeRouting, MoeWeights, TILED_VARIANTS};
 
 /// Token counts tuned one by one (1..=TUNED_TOKENS); above, the decode graphs' row buckets up
-/// to `TUNED_BUCKETS_MAX` (`tuned_counts`); other counts use the default (`MoeKernel::for_tiled`).
+/// to `Kernels::moe_tune_tokens` (`Kernels::tuned_counts`); other counts use the default
+/// (`MoeKernel::for_tiled`).
 pub const TUNED_TOKENS: usize = 8;
 
 /// The largest row bucket tuned by default (`PEREGRINE_MOE_TUNE_TOKENS` sets it, a measurement
@@ -29,26 +30,25 @@ pub const TUNED_TOKENS: usize = 8;
 /// benches/results/2026-11-26-moe-tuned-decode-buckets.md).
 pub const TUNED_BUCKETS_MAX: usize = 48;
 
-/// The token counts `tune_moe` measures: 1..=`TUNED_TOKENS`, then the decode graphs' row
-/// buckets (`graph::ROW_BUCKETS`) up to `PEREGRINE_MOE_TUNE_TOKENS` (default
-/// `TUNED_BUCKETS_MAX`).
-pub fn tuned_counts() -> &'static [usize] {
-    static COUNTS: std::sync::OnceLock<Vec<usize>> = std::sync::OnceLock::new();
-    COUNTS.get_or_init(|| {
-        let max = std::env::var("PEREGRINE_MOE_TUNE_TOKENS").ok().and_then(|v| v.parse().ok()).unwrap_or(TUNED_BUCKETS_MAX);
-        tuned_counts_up_to(max)
+/// The same where the GPU's peak memory bandwidth is `kernels::FP8_MOE_MIN_BANDWIDTH` or more
+/// (the H200): there 64 rows are tuned too, and the tiled kernels the tuner picks made the
+/// 18-layer Flash step at batch 64 1.6-1.7% faster than the MoE GEMM (20.534-20.562 against
+/// 20.892-20.896 ms, two rounds of separate processes; 48 rows unchanged;
+/// benches/results/2026-11-30-h200-four-pair-digit-moe-not-kept.md).
+pub const TUNED_BUCKETS_MAX_FAST_MEMORY: usize = 64;
+
+/// The largest row bucket `tune_moe` measures on a GPU of `peak_bandwidth` bytes/s:
+/// `PEREGRINE_MOE_TUNE_TOKENS` if set, else `TUNED_BUCKETS_MAX_FAST_MEMORY` from
+/// `kernels::FP8_MOE_MIN_BANDWIDTH` on, else `TUNED_BUCKETS_MAX`.
+pub fn tune_tokens_for(peak_bandwidth: f64) -> usize {
+    std::env::var("PEREGRINE_MOE_TUNE_TOKENS").ok().and_then(|v| v.parse().ok()).unwrap_or(if peak_bandwidth >= crate::kernels::FP8_MOE_MIN_BANDWIDTH {
+        TUNED_BUCKETS_MAX_FAST_MEMORY
+    } else {
+        TUNED_BUCKETS_MAX
     })
 }
 
-/// The most rows the FP8 digit MoE may be set to take (`Kernels::set_moe_fp8_tokens`,
-/// `PEREGRINE_MOE_FP8_TOKENS`): `TUNED_BUCKETS_MAX`, or the largest count tuned where
-/// `PEREGRINE_MOE_TUNE_TOKENS` asks for more (64: the largest decode row bucket), since a count
-/// on digits is tuned among the digit kernels.
-pub fn tuned_max() -> usize {
-    tuned_counts().iter().copied().max().unwrap_or(TUNED_TOKENS).max(TUNED_BUCKETS_MAX)
-}
-
-/// `tuned_counts` for a largest bucket `max`.
+/// `Kernels::tuned_counts` for a largest bucket `max`.
 pub(crate) fn tuned_counts_up_to(max: usize) -> Vec<usize> {
     (1..=TUNED_TOKENS.min(max.max(1))).chain(crate::graph::ROW_BUCKETS.into_iter().filter(|&t| t > TUNED_TOKENS && t <= max)).collect()
 }
@@ -98,7 +98,7 @@ pub type MoeTiming = (usize, MoeKernel, f32);
 impl Kernels {
     /// Times every compiled tiled kernel (two launches and one launch, each ring, then mixed
     /// rings for the best two-launch pair; the MoE GEMM from 2 tokens) on `w` with uniform
-    /// random routings of each of `tuned_counts()` tokens, and keeps the fastest per token count for
+    /// random routings of each of `tuned_counts` tokens, and keeps the fastest per token count for
     /// `moe_mxfp4` (as a step pays for it: `step_cost_ms`). Returns every timing (for logs and benches). Row-major weights and
     /// `PEREGRINE_MOE_TUNE=0` tune nothing.
     pub fn tune_moe(&self, w: &MoeWeights, top_k: usize) -> Result<Vec<MoeTiming>> {
@@ -119,7 +119,8 @@ impl Kernels {
             seed ^= seed << 17;
             seed
         };
-        let most = tuned_counts().iter().copied().max().unwrap_or(TUNED_TOKENS);
+        let counts = self.tuned_counts();
+        let most = counts.iter().copied().max().unwrap_or(TUNED_TOKENS);
         let x: Vec<f32> = (0..most * h).map(|_| (next() % 2001) as f32 / 1000.0 - 1.0).collect();
         let x = st.clone_htod(&x).map_err(drv)?;
         // x split as a step's norm writes it for the kernels that read it split (`MoeInput::Split`):
@@ -137,7 +138,7 @@ impl Kernels {
         let mut timings = Vec::new();
         let mut chosen = Vec::new();
         let mut verify_chosen = Vec::new();
-        for &t in tuned_counts() {
+        for &t in &counts {
             // Four routings in turn, so an expert's weights are rarely still in L2.
             let routings = (0..4)
                 .map(|_| {
@@ -317,6 +318,15 @@ mod tests {
     }
 
     /// The tuner measures 1-8 tokens one by one, then the decode buckets up to its largest.
+    #[test]
+    fn tuned_buckets_by_bandwidth() {
+        // (PEREGRINE_MOE_TUNE_TOKENS, a measurement switch, overrides both.)
+        if std::env::var_os("PEREGRINE_MOE_TUNE_TOKENS").is_none() {
+            assert_eq!(super::tune_tokens_for(4.8e12), 64, "an H200 tunes 64 rows too");
+            assert_eq!(super::tune_tokens_for(3.35e12), 48, "an H100 tunes up to 48 rows");
+        }
+    }
+
     #[test]
     fn tuned_token_counts() {
         assert_eq!(tuned_counts_up_to(32), vec![1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32]);

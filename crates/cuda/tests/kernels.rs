@@ -388,13 +388,13 @@ fn mxfp4_moe_decode_matches_the_cpu_reference() {
         }
         let timings = kern.tune_moe(&wt, top_k).unwrap();
         assert!(timings.iter().all(|&(_, _, ms)| ms.is_finite() && ms > 0.0), "MoE tuning timings: {timings:?}");
-        for &t in peregrine_cuda::moe_tune::tuned_counts() {
+        for t in kern.tuned_counts() {
             assert!(kern.tuned_moe(&wt, top_k, t).is_some(), "no MoE kernel tuned for {t} tokens");
         }
         // A step's MoE takes the tuned kernel for decode rows; above 8 rows, rows that share
         // sequences (a verify block) keep the default (the MoE GEMM where it is built).
         if std::env::var("PEREGRINE_MOE_KERNEL").is_err() {
-            for &t in peregrine_cuda::moe_tune::tuned_counts() {
+            for t in kern.tuned_counts() {
                 let (decode, verify) = (kern.moe_kernel_rows(&wt, t, top_k, true), kern.moe_kernel_rows(&wt, t, top_k, false));
                 assert_eq!(Some(decode), kern.tuned_moe(&wt, top_k, t), "{t} decode rows");
                 if t <= peregrine_cuda::moe_tune::TUNED_TOKENS {

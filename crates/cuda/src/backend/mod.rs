@@ -806,11 +806,11 @@ impl CudaModel {
         self.one_token_step_ms
     }
 
-    /// The MoE decode kernel chosen per token count (`moe_tune::tuned_counts`) for this
+    /// The MoE decode kernel chosen per token count (`Kernels::tuned_counts`) for this
     /// model's experts, as `tune_moe` measured at load; empty when nothing was tuned.
     pub fn moe_kernel_choices(&self) -> Vec<(usize, crate::MoeKernel)> {
         let Some((w, top_k)) = self.first_moe() else { return Vec::new() };
-        crate::moe_tune::tuned_counts().iter().filter_map(|&t| self.kernels.tuned_moe(w, top_k, t).map(|k| (t, k))).collect()
+        self.kernels.tuned_counts().into_iter().filter_map(|t| self.kernels.tuned_moe(w, top_k, t).map(|k| (t, k))).collect()
     }
 
     /// For benchmarks: holds `bytes` of the capture pool and of the stream's pool (0: none), so

@@ -151,8 +151,10 @@ pub struct Kernels {
     moe_fp8_pairs_from: usize,
     moe_fp8: bool,
     /// Token counts up to which the MoE kernels run on FP8 digits where `moe_fp8` holds
-    /// (`moe_fp8_at`; `PEREGRINE_MOE_FP8_TOKENS`, 1..=`moe_tune::tuned_max`).
+    /// (`moe_fp8_at`; `PEREGRINE_MOE_FP8_TOKENS`, 1..=`moe_fp8_tokens_max`).
     moe_fp8_tokens: usize,
+    /// The largest row bucket `tune_moe` measures (`moe_tune::tune_tokens_for` this GPU).
+    moe_tune_tokens: usize,
     /// The grouped-GEMM MoE kernels (`MoeKernel::Gemm`) and the row split they read.
     gemm_gate_up: CudaFunction,
     gemm_down: CudaFunction,
@@ -402,8 +404,9 @@ impl Kernels {
             moe_fp8_tokens: std::env::var("PEREGRINE_MOE_FP8_TOKENS")
                 .ok()
                 .and_then(|v| v.parse().ok())
-                .filter(|n| (1..=crate::moe_tune::tuned_max()).contains(n))
+                .filter(|n| (1..=fp8_tokens_max(crate::moe_tune::tune_tokens_for(peak_bandwidth))).contains(n))
                 .unwrap_or(FP8_MOE_TOKENS),
+            moe_tune_tokens: crate::moe_tune::tune_tokens_for(peak_bandwidth),
             gemm_gate_up: fm("moe_gemm_gate_up")?,
             gemm_down: fm("moe_gemm_down")?,
             split_rows: fm("moe_split_rows")?,

@@ -56,6 +56,13 @@ pub const FP8_MOE_TOKENS: usize = 32;
 /// sets it.
 pub const FP8_MOE_PAIRS_FROM: usize = 6;
 
+/// The most rows the FP8 digit MoE may be set to take where `tune_tokens` rows are tuned:
+/// `moe_tune::TUNED_BUCKETS_MAX`, or more where more are tuned (a count on digits is tuned among
+/// the digit kernels).
+pub(crate) fn fp8_tokens_max(tune_tokens: usize) -> usize {
+    tune_tokens.max(crate::moe_tune::TUNED_BUCKETS_MAX)
+}
+
 /// The rings of the fused kernels on FP8 digits (`moe_fused*_dg_*`): steps of 2 or 4, which
 /// divide every pass where `moe_fp8_for` holds (H and I multiples of 256), so their streaming
 /// has no partial stage to branch around.
@@ -297,8 +304,8 @@ impl MoeKernel {
     /// of copy bandwidth against 50.5%, Pro 64.6% against 59.3%); two launches above (2 tokens
     /// within 2% either way, 8 tokens 80.7% against 74.8%; benches/results/2026-11-23-moe-fused.md).
     /// Above the tuned token counts, the MoE GEMM (since 2026-11-26 the tuner also measures the
-    /// row buckets up to 48 tokens, `moe_tune::tuned_counts`, where the tiled kernels won in
-    /// steps): on the H100 it took 0.95-1.01x the tiled
+    /// row buckets up to 48 tokens, 64 on GPUs as fast as an H200, `Kernels::tuned_counts`,
+    /// where the tiled kernels won in steps): on the H100 it took 0.95-1.01x the tiled
     /// kernels' time at 16-32 tokens of uniform routing, 0.85x at 64 and 0.3x at 2048, and
     /// 0.5-0.7x at 8-16 tokens drawn from one pool of 16 experts, as a verify block's tokens may
     /// be (benches/results/2026-11-24-prefill-gemm.md).
@@ -627,13 +634,24 @@ impl Kernels {
         }
     }
 
-    /// Sets `moe_fp8_tokens` (1..=`moe_tune::tuned_max`: above, the MoE GEMM runs);
+    /// Sets `moe_fp8_tokens` (1..=`moe_fp8_tokens_max`: above, the MoE GEMM runs);
     /// returns the setting before. As with `set_moe_fp8`, kernels tuned before keep their
     /// choice, and scratch allocated before holds the digit rows of the setting it saw.
     pub fn set_moe_fp8_tokens(&mut self, tokens: usize) -> Result<usize> {
-        let most = crate::moe_tune::tuned_max();
+        let most = self.moe_fp8_tokens_max();
         check((1..=most).contains(&tokens), || format!("FP8 digit MoE token counts must be 1..={most}, not {tokens}"))?;
         Ok(std::mem::replace(&mut self.moe_fp8_tokens, tokens))
+    }
+
+    /// The token counts `tune_moe` measures on this GPU: 1..=`moe_tune::TUNED_TOKENS`, then the
+    /// decode row buckets up to `moe_tune_tokens`.
+    pub fn tuned_counts(&self) -> Vec<usize> {
+        crate::moe_tune::tuned_counts_up_to(self.moe_tune_tokens)
+    }
+
+    /// The most rows `set_moe_fp8_tokens` takes on this GPU (`fp8_tokens_max`).
+    pub fn moe_fp8_tokens_max(&self) -> usize {
+        fp8_tokens_max(self.moe_tune_tokens)
     }
 
     /// Sets the token count from which the two-launch digit MoE passes take two pairs of a slot
