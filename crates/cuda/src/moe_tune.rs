@@ -34,7 +34,7 @@ pub const TUNED_BUCKETS_MAX: usize = 48;
 /// (the H200): there 64 rows are tuned too, and the tiled kernels the tuner picks made the
 /// 18-layer Flash step at batch 64 1.6-1.7% faster than the MoE GEMM (20.534-20.562 against
 /// 20.892-20.896 ms, two rounds of separate processes; 48 rows unchanged;
-/// benches/results/2026-11-30-h200-four-pair-digit-moe-not-kept.md).
+/// benches/results/2026-11-30-h200-moe-tuned-to-64-rows.md).
 pub const TUNED_BUCKETS_MAX_FAST_MEMORY: usize = 64;
 
 /// The largest row bucket `tune_moe` measures on a GPU of `peak_bandwidth` bytes/s:
