@@ -233,13 +233,7 @@ const PREFILLED_CONTEXT: usize = 8192;
 /// consecutive collects over `steps` steps (after 3). Greedy, or sampled with `sampling(i)` for
 /// step i (its graph captured already).
 fn overlapped_ms(model: &mut CudaModel, decode_batch: &dyn Fn(usize) -> Vec<SeqForward>, b: usize, steps: usize, sampling: Option<&dyn Fn(usize) -> Vec<RowSampling>>) -> f64 {
-    overlapped_run(model, decode_batch, b, steps, sampling, true).0
-}
-
-/// `overlapped_ms`, each row's token its previous output (`chained`, as the engine decodes) or
-/// the token `decode_batch` gives; and the last step's ids.
-fn overlapped_run(model: &mut CudaModel, decode_batch: &dyn Fn(usize) -> Vec<SeqForward>, b: usize, steps: usize, sampling: Option<&dyn Fn(usize) -> Vec<RowSampling>>, chained: bool) -> (f64, Vec<u32>) {
-    let chain: Vec<Option<usize>> = (0..b).map(|r| chained.then_some(r)).collect();
+    let chain: Vec<Option<usize>> = (0..b).map(Some).collect();
     let rows = |i: usize| sampling.map(|f| f(i));
     fn with(r: &Option<Vec<RowSampling>>) -> Option<(&[RowSampling], &[peregrine_core::backend::LogitAdjust])> {
         r.as_ref().map(|r| (&r[..], &[][..]))
@@ -257,8 +251,8 @@ fn overlapped_run(model: &mut CudaModel, decode_batch: &dyn Fn(usize) -> Vec<Seq
         }
         last = Instant::now();
     }
-    let ids = model.collect_decode().unwrap();
-    (median(t), ids)
+    model.collect_decode().unwrap();
+    median(t)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -487,7 +481,6 @@ fn main() {
     }
 
     let batches: &[usize] = if args.only_prefill { &[] } else { &args.batches };
-    let mut overlapped_given: Vec<(usize, f64, f64, Vec<u32>)> = Vec::new();
     println!("\n| batch | eager step ms (ids only) | graph step ms (logits to host) | graph step ms (sampled on the GPU) | graph step ms (sampled, 5 logprobs on the GPU) | graph step ms (ids only) | overlapped step ms (ids only) | tokens/s (overlapped) | floor GB | floor ms | step / floor | overlapped / floor |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     #[derive(Clone, Copy)]
@@ -532,30 +525,13 @@ fn main() {
         // As the engine decodes: each step started before the one ahead of it is collected, its
         // tokens read on the GPU from that step's ids (Backend::enqueue_decode); the median gap
         // between consecutive collects.
-        let (overlapped_ms, chained_ids) = overlapped_run(&mut model, &decode_batch, b, args.steps, None, true);
-        // The same with the tokens given (no row reads its previous output): with synthetic
-        // weights, rows fed their own argmax may converge on a few tokens and so route alike,
-        // which a step of independent sequences would not.
-        let given_ms = overlapped_run(&mut model, &decode_batch, b, args.steps, None, false).0;
-        overlapped_given.push((b, overlapped_ms, given_ms, chained_ids));
+        let overlapped_ms = overlapped_ms(&mut model, &decode_batch, b, args.steps, None);
         let f = floor(&spec, b, b, args.context);
         let floor_ms = f.bytes / copy_bw * 1e3;
         println!("| {b} | {eager_ms:.3} | {logits_ms:.3} | {sampled_ms:.3} | {lp_ms:.3} | {ids_ms:.3} | {overlapped_ms:.3} | {:.0} | {:.2} | {floor_ms:.3} | {:.2}x | {:.2}x |", b as f64 / (overlapped_ms / 1e3), f.bytes / 1e9, ids_ms / floor_ms, overlapped_ms / floor_ms);
     }
 
     println!("({} CUDA graphs captured)", model.cuda_graphs());
-    println!("\n| batch | overlapped ms, each row's token its previous output (as above) | overlapped ms, tokens given | distinct tokens in the last chained step |");
-    println!("|---|---|---|---|");
-    for (b, chained, given, ids) in &overlapped_given {
-        let distinct = ids.iter().collect::<std::collections::BTreeSet<_>>().len();
-        println!("| {b} | {chained:.3} | {given:.3} | {distinct} of {} |", ids.len());
-    }
-    // The chained tokens' routing (as the engine's batch-64 steps route them here).
-    if let Some((b, _, _, ids)) = overlapped_given.iter().rev().find(|(b, ..)| *b > 1) {
-        let batch: Vec<SeqForward> = ids.iter().enumerate().map(|(s, &t)| seqf(s, vec![t], args.context, OutputRows::Last)).collect();
-        println!("the last chained step's tokens (batch {b}):");
-        print_routing(&spec, *b, &model.probe_routing(&batch).expect("routing probe"));
-    }
 
     // Sampled steps: sampled inside the decode graph (`Op::Sample`, the default) against the
     // greedy graph with the sampler launched after it (PEREGRINE_GRAPH_SAMPLING=0), each alone
