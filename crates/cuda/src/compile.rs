@@ -91,14 +91,50 @@ fn cache_file_name(name: &str, src: &str, arch: &str, options: &[String]) -> Str
     format!("{name}-{arch}-{key:016x}.ptx")
 }
 
-/// PTX of `src` for `arch` (e.g. "sm_90a"), from the cache or freshly compiled. Returns the PTX
-/// and whether it came from the cache.
-pub fn ptx(name: &str, src: &str, arch: &'static str) -> Result<(Ptx, bool)> {
-    let options = options(name);
-    let path = cache_dir().join(cache_file_name(name, src, arch, &options));
-    if let Ok(text) = std::fs::read_to_string(&path) {
-        return Ok((Ptx::from_src(text), true));
+/// Every kernel file, by the name its cache files and `ptx` calls use.
+const FILES: [(&str, &str); 4] = [("gemv", GEMV_CU), ("sample", SAMPLE_CU), ("moe", MOE_CU), ("ops", OPS_CU)];
+
+/// PTX that `prepare` compiled and could not write to the cache, by cache file name, until a
+/// `ptx` call takes it.
+static PREPARED: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
+
+/// Compiles every kernel file whose PTX for `arch` is not in the cache yet, each on a thread of
+/// its own, so that the `ptx` calls after it find them: NVRTC compiles a file on one core, and
+/// moe.cu alone takes minutes, so a first start on a new GPU type waits for the slowest file
+/// instead of all four in turn. Best effort: a file that fails here fails again, with its
+/// error, in `ptx`.
+pub fn prepare(arch: &'static str) {
+    prepare_in(&cache_dir(), &FILES, arch);
+}
+
+/// `prepare` for `files` (name, source) and the cache directory `dir`.
+fn prepare_in(dir: &std::path::Path, files: &[(&str, &str)], arch: &'static str) {
+    let missing: Vec<(&str, &str, Vec<String>, String)> = files
+        .iter()
+        .filter_map(|&(name, src)| {
+            let options = options(name);
+            let file = cache_file_name(name, src, arch, &options);
+            let held = PREPARED.lock().unwrap_or_else(|e| e.into_inner()).iter().any(|(f, _)| *f == file);
+            (!held && !dir.join(&file).exists()).then_some((name, src, options, file))
+        })
+        .collect();
+    if missing.len() < 2 {
+        return;
     }
+    std::thread::scope(|s| {
+        for (name, src, options, file) in missing {
+            s.spawn(move || {
+                if let Ok(ptx) = compile(name, src, arch, options) {
+                    if !store(&dir.join(&file), &ptx) {
+                        PREPARED.lock().unwrap_or_else(|e| e.into_inner()).push((file, ptx));
+                    }
+                }
+            });
+        }
+    });
+}
+
+fn compile(name: &str, src: &str, arch: &'static str, options: Vec<String>) -> Result<String> {
     let opts = CompileOptions {
         arch: Some(arch),
         options,
@@ -106,19 +142,90 @@ pub fn ptx(name: &str, src: &str, arch: &'static str) -> Result<(Ptx, bool)> {
         ..Default::default()
     };
     let ptx = compile_ptx_with_opts(src, opts).map_err(|e| Error::Backend(format!("NVRTC failed on {name}.cu for {arch}: {e}")))?;
+    Ok(ptx.to_src())
+}
+
+/// Writes `ptx` to the cache file `path` (through a temporary file, so a reader never sees a
+/// partial one); whether it is there.
+fn store(path: &std::path::Path, ptx: &str) -> bool {
     // Best effort: a read-only cache only costs a recompile next time.
-    if std::fs::create_dir_all(path.parent().unwrap()).is_ok() {
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-        if std::fs::write(&tmp, ptx.to_src()).is_ok() {
-            let _ = std::fs::rename(&tmp, &path);
+    if std::fs::create_dir_all(path.parent().unwrap()).is_err() {
+        return false;
+    }
+    let tmp = path.with_extension(format!("tmp{}-{:?}", std::process::id(), std::thread::current().id()).replace(['(', ')'], ""));
+    std::fs::write(&tmp, ptx).is_ok() && std::fs::rename(&tmp, path).is_ok()
+}
+
+/// PTX of `src` for `arch` (e.g. "sm_90a"), from the cache (or `prepare`) or freshly compiled.
+/// Returns the PTX and whether it was compiled before this call.
+pub fn ptx(name: &str, src: &str, arch: &'static str) -> Result<(Ptx, bool)> {
+    ptx_in(&cache_dir(), name, src, arch)
+}
+
+/// `ptx` with the cache directory `dir`.
+fn ptx_in(dir: &std::path::Path, name: &str, src: &str, arch: &'static str) -> Result<(Ptx, bool)> {
+    let options = options(name);
+    let file = cache_file_name(name, src, arch, &options);
+    {
+        let mut prepared = PREPARED.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = prepared.iter().position(|(f, _)| *f == file) {
+            return Ok((Ptx::from_src(prepared.swap_remove(i).1), true));
         }
     }
-    Ok((ptx, false))
+    let path = dir.join(&file);
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        return Ok((Ptx::from_src(text), true));
+    }
+    let ptx = compile(name, src, arch, options)?;
+    store(&path, &ptx);
+    Ok((Ptx::from_src(ptx), false))
 }
 
 #[cfg(test)]
 mod tests {
     use super::{cache_file_name, options, options_with, with_defines, GEMV_CU, MOE_CU, OPS_CU, SAMPLE_CU};
+
+    /// `prepare` compiles the files the cache lacks, on a thread each, into the cache, where
+    /// `ptx` then finds them; where the cache cannot be written, `ptx` takes what `prepare`
+    /// compiled once, and compiles again after that. Needs libnvrtc (skipped without it).
+    #[test]
+    fn files_compiled_ahead_at_once_are_what_ptx_finds() {
+        // SAFETY: only tries to dlopen libnvrtc.
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            eprintln!("skipped: libnvrtc not found");
+            return;
+        }
+        if std::env::var_os("PEREGRINE_KERNEL_DEFINES").is_some() {
+            return; // (a measurement environment)
+        }
+        let files = [("prep_a", "extern \"C\" __global__ void a(float* x) { x[threadIdx.x] += 1.f; }"), ("prep_b", "extern \"C\" __global__ void b(float* x) { x[threadIdx.x] *= 2.f; }")];
+        let root = std::env::temp_dir().join(format!("peregrine-prepare-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        // A writable cache: both files land in it, and ptx reads them from there.
+        let dir = root.join("kernels");
+        super::prepare_in(&dir, &files, "sm_90a");
+        for (name, src) in files {
+            assert!(dir.join(cache_file_name(name, src, "sm_90a", &options(name))).exists(), "{name}: compiled ahead into the cache");
+            let (ptx, cached) = super::ptx_in(&dir, name, src, "sm_90a").unwrap();
+            assert!(cached && ptx.to_src().contains(".entry"), "{name}: read from the cache");
+        }
+        // A cache that cannot be made (its parent is a file): held for one ptx call each (and
+        // not compiled again by a second prepare while held).
+        std::fs::write(root.join("file"), b"").unwrap();
+        let dir = root.join("file").join("kernels");
+        super::prepare_in(&dir, &files, "sm_90a");
+        let held = || super::PREPARED.lock().unwrap().iter().filter(|(f, _)| f.starts_with("prep_")).count();
+        assert_eq!(held(), 2, "both held");
+        super::prepare_in(&dir, &files, "sm_90a");
+        assert_eq!(held(), 2, "a second prepare compiles nothing held already");
+        for (name, src) in files {
+            let (ptx, cached) = super::ptx_in(&dir, name, src, "sm_90a").unwrap();
+            assert!(cached && ptx.to_src().contains(&format!(".entry {}", &name[5..])), "{name}: the PTX compiled ahead");
+            let (_, cached) = super::ptx_in(&dir, name, src, "sm_90a").unwrap();
+            assert!(!cached, "{name}: compiled again once taken");
+        }
+        let _ = std::fs::remove_dir_all(&root);
+    }
 
     #[test]
     fn measurement_defines_go_to_the_files_named() {
