@@ -1,5 +1,6 @@
 //! NVRTC compilation of the embedded kernel sources, cached on disk by content hash (source,
-//! architecture, options), so a server start compiles each kernel file once per GPU type.
+//! architecture, options), so a server start compiles each kernel file once per GPU type, and
+//! the files a start lacks all at once (`prepare`).
 
 use std::path::PathBuf;
 
@@ -100,9 +101,11 @@ static PREPARED: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new
 
 /// Compiles every kernel file whose PTX for `arch` is not in the cache yet, each on a thread of
 /// its own, so that the `ptx` calls after it find them: NVRTC compiles a file on one core, and
-/// moe.cu alone takes minutes, so a first start on a new GPU type waits for the slowest file
-/// instead of all four in turn. Best effort: a file that fails here fails again, with its
-/// error, in `ptx`.
+/// moe.cu alone takes over a minute, so a first start on a new GPU type waits for the slowest
+/// file instead of all four in turn (2 cores: 98 s against 139, moe.cu 88 s;
+/// benches/results/2026-11-30-kernel-compile-at-once.md). Best effort: a file that fails here
+/// fails again, with its error, in `ptx`. (Loading the modules on threads as well, where the
+/// driver compiles the PTX for the GPU, measured no faster: 48-53 against 44-55 s on an H200.)
 pub fn prepare(arch: &'static str) {
     prepare_in(&cache_dir(), &FILES, arch);
 }

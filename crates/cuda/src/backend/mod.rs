@@ -118,17 +118,10 @@ pub(crate) struct Ops {
     module: Arc<cudarc::driver::CudaModule>,
 }
 
-/// Every kernel module: ops.cu's loaded on a thread beside `Kernels::load`'s (which first
-/// compiles every file the cache lacks at once), since the driver compiles each module's PTX
-/// for the GPU as it loads it.
+/// Every kernel module (`Kernels::load` first compiles every file the cache lacks at once,
+/// ops.cu's too).
 fn load_kernels_and_ops(gpu: &Gpu) -> Result<(Kernels, Ops)> {
-    compile::prepare(nvrtc_arch(gpu.capability));
-    std::thread::scope(|s| {
-        let ops = s.spawn(|| load_ops(gpu));
-        let kernels = Kernels::load(gpu);
-        let ops = ops.join().map_err(|_| Error::Backend("loading ops.cu panicked".into()))?;
-        Ok((kernels?, ops?))
-    })
+    Ok((Kernels::load(gpu)?, load_ops(gpu)?))
 }
 
 /// ops.cu's kernels, compiled (or from the cache) and loaded.

@@ -248,21 +248,10 @@ impl Kernels {
         let arch = nvrtc_arch(gpu.capability);
         compile::prepare(arch);
         let (ptx, cached) = compile::ptx("gemv", compile::GEMV_CU, arch)?;
-        let (sptx, _) = compile::ptx("sample", compile::SAMPLE_CU, arch)?;
-        let (mptx, _) = compile::ptx("moe", compile::MOE_CU, arch)?;
-        // The driver compiles a module's PTX for the GPU as it loads it, on the calling thread
-        // (moe.cu's for longest): the three at once.
-        let (m, sm, mm) = std::thread::scope(|s| {
-            let gemv = s.spawn(|| gpu.ctx.load_module(ptx));
-            let sample = s.spawn(|| gpu.ctx.load_module(sptx));
-            let moe = gpu.ctx.load_module(mptx);
-            let joined = |h: std::thread::ScopedJoinHandle<'_, std::result::Result<_, _>>, what: &str| h.join().map_err(|_| Error::Backend(format!("loading {what} panicked")));
-            (joined(gemv, "gemv.cu"), joined(sample, "sample.cu"), moe)
-        });
-        let m = m?.map_err(drv("loading gemv.cu"))?;
-        let sm = sm?.map_err(drv("loading sample.cu"))?;
-        let mm = mm.map_err(drv("loading moe.cu"))?;
+        let m = gpu.ctx.load_module(ptx).map_err(drv("loading gemv.cu"))?;
         let f = |n: &str| m.load_function(n).map_err(|e| Error::Backend(format!("kernel {n}: {e}")));
+        let (sptx, _) = compile::ptx("sample", compile::SAMPLE_CU, arch)?;
+        let sm = gpu.ctx.load_module(sptx).map_err(drv("loading sample.cu"))?;
         let sample = sm.load_function("sample_rows").map_err(drv("kernel sample_rows"))?;
         // The cluster sampler (Hopper on): its compiled cluster width; past 8 blocks, a
         // non-portable size the GPU must allow.
@@ -285,6 +274,8 @@ impl Kernels {
         let adjust = sm.load_function("adjust_logits").map_err(drv("kernel adjust_logits"))?;
         let logprobs = sm.load_function("row_logprobs").map_err(drv("kernel row_logprobs"))?;
         let logprobs_cluster = sample_cluster.as_ref().and_then(|_| sm.load_function("row_logprobs_cluster").ok()).filter(|f| width(f) == sample_width && allows(f));
+        let (mptx, _) = compile::ptx("moe", compile::MOE_CU, arch)?;
+        let mm = gpu.ctx.load_module(mptx).map_err(drv("loading moe.cu"))?;
         let fm = |n: &str| -> Result<CudaFunction> {
             let f = mm.load_function(n).map_err(|e| Error::Backend(format!("kernel {n}: {e}")))?;
             // The staged activations take K * 16 bytes at 4 pairs per pass (96 KB for
