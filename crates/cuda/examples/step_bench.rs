@@ -728,45 +728,25 @@ fn main() {
                 });
                 continue;
             }
-            if let Some(n) = what.strip_prefix("group:") {
-                // A the grouping as loaded, B by the routing launch's last block up to n tokens.
-                let n: usize = n.parse().expect("--ab group:N");
-                let base = model.fused_group_max();
-                ab(&mut model, &|m, on| m.set_fused_group_max(if on { n } else { base }));
-                continue;
-            }
-            if let Some(n) = what.strip_prefix("oproj-rows:") {
-                // A the o_proj doing the router up to the loaded count of rows, B up to n (1: one token only).
-                let n: usize = n.parse().expect("--ab oproj-rows:N");
-                let base = model.route_oproj_rows();
-                ab(&mut model, &|m, on| {
-                    m.set_route_oproj_rows(if on { n } else { base });
-                });
-                continue;
-            }
-            if let Some(n) = what.strip_prefix("route-block:") {
-                // A the routing launch in one block up to the loaded count of tokens, B up to n (1: a block a token).
-                let n: usize = n.parse().expect("--ab route-block:N");
-                let base = model.route_block_tokens();
-                ab(&mut model, &|m, on| {
-                    m.set_route_block_tokens(if on { n } else { base });
-                });
-                continue;
-            }
-            if let Some(n) = what.strip_prefix("route-cluster:") {
-                // A the routing over the o_proj's sums a cluster up to the loaded count of tokens, B up to n (1: none).
-                let n: usize = n.parse().expect("--ab route-cluster:N");
-                let base = model.route_cluster_tokens();
-                ab(&mut model, &|m, on| {
-                    m.set_route_cluster_tokens(if on { n } else { base });
-                });
-                continue;
-            }
-            if let Some(n) = what.strip_prefix("attn-tc-rows:") {
-                // A the decode attention kernels as loaded, B the tensor-core GQA kernel from n rows.
-                let n: usize = n.parse().expect("--ab attn-tc-rows:N");
-                let base = model.attn_tc_min_rows();
-                ab(&mut model, &|m, on| m.set_attn_tc_min_rows(if on { n } else { base }));
+            // A count setting as loaded (A) against n (B): `--ab NAME:N`.
+            type Get = fn(&CudaModel) -> usize;
+            type Set = fn(&mut CudaModel, usize);
+            let counts: [(&str, Get, Set); 5] = [
+                // the grouping in the routing launch's last block up to n tokens
+                ("group:", CudaModel::fused_group_max, |m, n| m.set_fused_group_max(n)),
+                // the o_proj doing the router up to n rows (1: one token only)
+                ("oproj-rows:", CudaModel::route_oproj_rows, |m, n| { m.set_route_oproj_rows(n); }),
+                // the routing launch in one block up to n tokens (1: a block a token)
+                ("route-block:", CudaModel::route_block_tokens, |m, n| { m.set_route_block_tokens(n); }),
+                // the routing over the o_proj's sums a cluster up to n tokens (1: none)
+                ("route-cluster:", CudaModel::route_cluster_tokens, |m, n| { m.set_route_cluster_tokens(n); }),
+                // the tensor-core GQA decode attention from n rows
+                ("attn-tc-rows:", CudaModel::attn_tc_min_rows, |m, n| m.set_attn_tc_min_rows(n)),
+            ];
+            if let Some(&(prefix, get, set)) = counts.iter().find(|(p, ..)| what.starts_with(p)) {
+                let n: usize = what[prefix.len()..].parse().unwrap_or_else(|_| panic!("--ab {prefix}N"));
+                let base = get(&model);
+                ab(&mut model, &|m, on| set(m, if on { n } else { base }));
                 continue;
             }
             if let Some(n) = what.strip_prefix("heads-splits:") {

@@ -118,12 +118,6 @@ pub(crate) struct Ops {
     module: Arc<cudarc::driver::CudaModule>,
 }
 
-/// Every kernel module (`Kernels::load` first compiles every file the cache lacks at once,
-/// ops.cu's too).
-fn load_kernels_and_ops(gpu: &Gpu) -> Result<(Kernels, Ops)> {
-    Ok((Kernels::load(gpu)?, load_ops(gpu)?))
-}
-
 /// ops.cu's kernels, compiled (or from the cache) and loaded.
 fn load_ops(gpu: &Gpu) -> Result<Ops> {
     let (ptx, _) = compile::ptx("ops", compile::OPS_CU, nvrtc_arch(gpu.capability))?;
@@ -524,7 +518,8 @@ impl CudaModel {
 
     fn load_inner(gpu: Gpu, spec: &ModelSpec, seed: Option<u64>, files: Option<&dyn WeightSource>) -> Result<CudaModel> {
         let s = gpu.stream.clone();
-        let (kernels, ops) = load_kernels_and_ops(&gpu)?;
+        let kernels = Kernels::load(&gpu)?;
+        let ops = load_ops(&gpu)?;
         let m = ops.module.clone();
         let f = |n: &str| m.load_function(n).map_err(|e| Error::Backend(format!("kernel {n}: {e}")));
         let sms = gpu.ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(drv)? as usize;
@@ -748,7 +743,7 @@ impl CudaModel {
     /// Where a load's code lies moves a step's time by up to ~1%
     /// (benches/results/2026-11-28-kernel-code-placement.md).
     pub fn load_kernel_set(&self, defines: Option<&str>) -> Result<KernelSet> {
-        let load = || load_kernels_and_ops(&self.gpu);
+        let load = || -> Result<_> { Ok((Kernels::load(&self.gpu)?, load_ops(&self.gpu)?)) };
         let (mut kernels, ops) = match defines {
             Some(d) => compile::with_defines(d, load)?,
             None => load()?,

@@ -309,6 +309,8 @@ impl Kernels {
         let attr = |a| gpu.ctx.attribute(a).map_or(0.0, |v| v.max(0) as f64);
         let peak_bandwidth = 2.0 * attr(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MEMORY_CLOCK_RATE) * 1e3
             * attr(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_GLOBAL_MEMORY_BUS_WIDTH) / 8.0;
+        // The largest row bucket the MoE tuner measures on this GPU.
+        let moe_tune_tokens = crate::moe_tune::tune_tokens_for(peak_bandwidth);
         let mma_bf16_argmax = f("gemv_mma_bf16_t1_argmax")?;
         let mma_bf16_argmax_pf = f("gemv_mma_bf16_t1_argmax_pf")?;
         let mma_bf16_pipe = f("gemv_mma_bf16_t1_pipe")?;
@@ -407,9 +409,9 @@ impl Kernels {
             moe_fp8_tokens: std::env::var("PEREGRINE_MOE_FP8_TOKENS")
                 .ok()
                 .and_then(|v| v.parse().ok())
-                .filter(|n| (1..=fp8_tokens_max(crate::moe_tune::tune_tokens_for(peak_bandwidth))).contains(n))
+                .filter(|n| (1..=fp8_tokens_max(moe_tune_tokens)).contains(n))
                 .unwrap_or(FP8_MOE_TOKENS),
-            moe_tune_tokens: crate::moe_tune::tune_tokens_for(peak_bandwidth),
+            moe_tune_tokens,
             gemm_gate_up: fm("moe_gemm_gate_up")?,
             gemm_down: fm("moe_gemm_down")?,
             split_rows: fm("moe_split_rows")?,
