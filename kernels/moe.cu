@@ -1077,6 +1077,10 @@ __device__ __forceinline__ void split_row(const float* __restrict__ y, int p, in
 // xd (DG gate_up, 2+ tokens): x as digit rows (moe_digit_rows one launch ahead, dg_x_row_bytes
 // each), copied in by a bulk copy per pass instead of staged: the staging after the wait cost
 // the blocks of the multi-wave grid ~8-14 points of copy bandwidth (H200, 2-8 tokens).
+// np_min / np_max: the block takes its slot only if the slot holds np_min..np_max pairs (its
+// other blocks leave at once, before counting anything), so two kernel families can share one
+// routing, each taking the slots it streams fastest (Kernels::moe_mixed_at: digit passes for
+// slots of 1-2 pairs, F16 passes of up to 4 for the rest). 1 and 0x7fffffff take every slot.
 template <bool GATE_UP, int NS, int CS, bool SPLIT, bool DG = false, int NPD = 1>
 __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, const int* __restrict__ experts, const int* __restrict__ pair_off,
                                           const int* __restrict__ pair_tok, const float* __restrict__ pair_w,
@@ -1085,7 +1089,7 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
                                           int topk, int x_settled, unsigned* slot_done, unsigned* slot_passed,
                                           const unsigned* __restrict__ xs = nullptr, const float* __restrict__ xinv = nullptr,
                                           unsigned* __restrict__ hs = nullptr, float* __restrict__ hinv = nullptr,
-                                          const unsigned char* __restrict__ xd = nullptr) {
+                                          const unsigned char* __restrict__ xd = nullptr, int np_min = 1, int np_max = 0x7fffffff) {
     constexpr int RING = NS * CS * STEP_BYTES;  // bytes per warp
     extern __shared__ __align__(MOE_DSM_ALIGN) uint4 dsm[];
     uint4* frag = staged_frag(RING);
@@ -1104,6 +1108,7 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
     int u = blockIdx.y;
     int pb = pair_off[u], pe = pair_off[u + 1];
     if (pb >= pe) return;  // an unused expert slot (the whole block leaves)
+    if (pe - pb < np_min || pe - pb > np_max) return;  // another launch's slot
     size_t e = (size_t)experts[u];
     int w = threadIdx.x >> 5, lane = threadIdx.x & 31, t = lane & 3;
     int rt = blockIdx.x * TW + w, KS = K / 64;
@@ -1660,33 +1665,37 @@ __device__ __forceinline__ void moe_fused_acc(const unsigned long long* __restri
     extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_gate_up_bulk_n##NS##_c##CS(                    \
         const unsigned char* __restrict__ W, const int* __restrict__ experts,                                           \
         const int* __restrict__ pair_off, const int* __restrict__ pair_tok, const float* __restrict__ x,                 \
-        float* __restrict__ h, int H, int I, int T, int x_settled, unsigned* slots) {                                    \
+        float* __restrict__ h, int H, int I, int T, int x_settled, unsigned* slots, int np_min, int np_max) {            \
         moe_tiled<true, NS, CS, false>(W, experts, pair_off, pair_tok, nullptr, x, h, H, I / 8, I, nullptr, nullptr,  \
-                                       nullptr, T, 0, x_settled, slots, nullptr);                                        \
+                                       nullptr, T, 0, x_settled, slots, nullptr, nullptr, nullptr, nullptr, nullptr,     \
+                                       nullptr, np_min, np_max);                                                         \
     }                                                                                                                    \
     extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_down_bulk_n##NS##_c##CS(                       \
         const unsigned char* __restrict__ W, const int* __restrict__ experts,                                           \
         const int* __restrict__ pair_off, const float* __restrict__ pair_w, const float* __restrict__ h,                 \
         float* __restrict__ out, int H, int I, unsigned* counters, const int* __restrict__ tok_pairs,                    \
-        float* __restrict__ y, int T, int topk, unsigned* slots) { PDL_TRIGGER();                                        \
+        float* __restrict__ y, int T, int topk, unsigned* slots, int np_min, int np_max) { PDL_TRIGGER();                \
         moe_tiled<false, NS, CS, false>(W, experts, pair_off, nullptr, pair_w, h, out, I, H / 16, H, counters, tok_pairs,\
-                                        y, T, topk, 0, slots, slots ? slots + gridDim.y : nullptr);                      \
+                                        y, T, topk, 0, slots, slots ? slots + gridDim.y : nullptr, nullptr, nullptr,     \
+                                        nullptr, nullptr, nullptr, np_min, np_max);                                      \
     }                                                                                                                    \
     extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_gate_up_split_n##NS##_c##CS(                   \
         const unsigned char* __restrict__ W, const int* __restrict__ experts,                                           \
         const int* __restrict__ pair_off, const int* __restrict__ pair_tok, float* __restrict__ h, int H, int I,         \
         unsigned* slots, const unsigned* __restrict__ xs, const float* __restrict__ xinv, unsigned* __restrict__ hs,     \
-        float* __restrict__ hinv) {                                                                                      \
+        float* __restrict__ hinv, int np_min, int np_max) {                                                              \
         moe_tiled<true, NS, CS, true>(W, experts, pair_off, pair_tok, nullptr, nullptr, h, H, I / 8, I, nullptr,      \
-                                      nullptr, nullptr, 0, 0, 0, slots, nullptr, xs, xinv, hs, hinv);                    \
+                                      nullptr, nullptr, 0, 0, 0, slots, nullptr, xs, xinv, hs, hinv, nullptr, np_min,    \
+                                      np_max);                                                                           \
     }                                                                                                                    \
     extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_down_split_n##NS##_c##CS(                      \
         const unsigned char* __restrict__ W, const int* __restrict__ experts,                                           \
         const int* __restrict__ pair_off, const float* __restrict__ pair_w, float* __restrict__ out, int H, int I,       \
         unsigned* counters, const int* __restrict__ tok_pairs, float* __restrict__ y, int T, int topk, unsigned* slots,  \
-        const unsigned* __restrict__ hs, const float* __restrict__ hinv) { PDL_TRIGGER();                               \
+        const unsigned* __restrict__ hs, const float* __restrict__ hinv, int np_min, int np_max) { PDL_TRIGGER();       \
         moe_tiled<false, NS, CS, true>(W, experts, pair_off, nullptr, pair_w, nullptr, out, I, H / 16, H, counters,   \
-                                       tok_pairs, y, T, topk, 0, slots, slots + gridDim.y, hs, hinv, nullptr, nullptr);  \
+                                       tok_pairs, y, T, topk, 0, slots, slots + gridDim.y, hs, hinv, nullptr, nullptr,   \
+                                       nullptr, np_min, np_max);                                                         \
     }                                                                                                                    \
     MOE_FUSED(NS, CS, _bulk, false)
 MOE_BULK(2, 4)
@@ -1706,21 +1715,22 @@ MOE_BULK(2, 6)
         const unsigned char* __restrict__ W, const int* __restrict__ experts,                                           \
         const int* __restrict__ pair_off, const int* __restrict__ pair_tok, const float* __restrict__ x,                 \
         float* __restrict__ h, int H, int I, int T, int x_settled, unsigned* slots,                                      \
-        const unsigned char* __restrict__ xd) {                                                                          \
+        const unsigned char* __restrict__ xd, int np_min, int np_max) {                                                  \
         DG_GUARD(true);                                                                                                  \
         moe_tiled<true, NS, CS, false, true, NPD>(W, experts, pair_off, pair_tok, nullptr, x, h, H, I / 8, I, nullptr, \
                                                   nullptr, nullptr, T, 0, x_settled, slots, nullptr, nullptr, nullptr,   \
-                                                  nullptr, nullptr, xd);                                                 \
+                                                  nullptr, nullptr, xd, np_min, np_max);                                 \
     }                                                                                                                    \
     extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_down_##SFX##_n##NS##_c##CS(                    \
         const unsigned char* __restrict__ W, const int* __restrict__ experts,                                           \
         const int* __restrict__ pair_off, const float* __restrict__ pair_w, const float* __restrict__ h,                 \
         float* __restrict__ out, int H, int I, unsigned* counters, const int* __restrict__ tok_pairs,                    \
-        float* __restrict__ y, int T, int topk, unsigned* slots) { PDL_TRIGGER();                                        \
+        float* __restrict__ y, int T, int topk, unsigned* slots, int np_min, int np_max) { PDL_TRIGGER();                \
         DG_GUARD(true);                                                                                                  \
         moe_tiled<false, NS, CS, false, true, NPD>(W, experts, pair_off, nullptr, pair_w, h, out, I, H / 16, H,       \
                                                    counters, tok_pairs, y, T, topk, 0, slots,                            \
-                                                   slots ? slots + gridDim.y : nullptr);                                 \
+                                                   slots ? slots + gridDim.y : nullptr, nullptr, nullptr, nullptr,       \
+                                                   nullptr, nullptr, np_min, np_max);                                    \
     }
 #define MOE_TILED_DG(NS, CS)                                                                                             \
     MOE_TILED_DG_PASS(NS, CS, dg, 1)                                                                                     \

@@ -88,7 +88,8 @@ struct Args {
     /// loaded count of copies, B in N (`set_route_acc_copies`). `moe-grid:N`: A the one-token
     /// fused MoE as chosen, B the same kernel on at most N blocks. `fp8`: A one token's MoE on
     /// FP8 digits (the default on sm_90a), B the same ring on F16 MMAs. `attn-tc-rows:N`: A the
-    /// decode attention kernels as loaded, B the tensor-core GQA kernel from N rows.
+    /// decode attention kernels as loaded, B the tensor-core GQA kernel from N rows. `mixed:N`:
+    /// A the MoE as loaded, B the mixed MoE from N decode rows (`set_moe_mixed_from`).
     /// `heads-splits:N`: A `attention_v2_heads` split to fill the wave, B into at most N.
     /// `pre-fill`: A the ready attention's splits as loaded (by default filling
     /// `attention_v2_kv_ready`'s wave), B the other rule (fitting the wave of
@@ -731,7 +732,7 @@ fn main() {
             // A count setting as loaded (A) against n (B): `--ab NAME:N`.
             type Get = fn(&CudaModel) -> usize;
             type Set = fn(&mut CudaModel, usize);
-            let counts: [(&str, Get, Set); 5] = [
+            let counts: [(&str, Get, Set); 6] = [
                 // the grouping in the routing launch's last block up to n tokens
                 ("group:", CudaModel::fused_group_max, |m, n| m.set_fused_group_max(n)),
                 // the o_proj doing the router up to n rows (1: one token only)
@@ -742,6 +743,8 @@ fn main() {
                 ("route-cluster:", CudaModel::route_cluster_tokens, |m, n| { m.set_route_cluster_tokens(n); }),
                 // the tensor-core GQA decode attention from n rows
                 ("attn-tc-rows:", CudaModel::attn_tc_min_rows, |m, n| m.set_attn_tc_min_rows(n)),
+                // the mixed MoE (slots of 1-2 pairs on digits) from n decode rows
+                ("mixed:", CudaModel::moe_mixed_from, |m, n| { m.set_moe_mixed_from(n); }),
             ];
             if let Some(&(prefix, get, set)) = counts.iter().find(|(p, ..)| what.starts_with(p)) {
                 let n: usize = what[prefix.len()..].parse().unwrap_or_else(|_| panic!("--ab {prefix}N"));
@@ -784,7 +787,7 @@ fn main() {
             let shift = match what.strip_prefix("shift:") {
                 Some(n) => Some(n.parse::<usize>().expect("--ab shift:BYTES")),
                 None if ["tail", "argmax", "fetch", "embed", "prefetch"].contains(&what.as_str()) => None,
-                None => panic!("--ab takes tail, argmax, fetch, embed, prefetch, rows, fp8, shift:BYTES, copies:N, group:N, oproj-rows:N, route-block:N, route-cluster:N, moe-grid:N, attn-tc-rows:N, heads-splits:N, pre-fill, ready-wave, preload or defines:DEFINES, not {what}"),
+                None => panic!("--ab takes tail, argmax, fetch, embed, prefetch, rows, fp8, shift:BYTES, copies:N, group:N, oproj-rows:N, route-block:N, route-cluster:N, moe-grid:N, attn-tc-rows:N, mixed:N, heads-splits:N, pre-fill, ready-wave, preload or defines:DEFINES, not {what}"),
             };
             ab(&mut model, &|m, on| match shift {
                 Some(n) => m.shift_step_buffers(if on { n } else { 0 }).expect("buffers shifted"),

@@ -162,7 +162,7 @@ impl Kernels {
                 let leave_pairs = Self::moe_leaves_pairs(w, kind, top_k) && crate::kernels::moe_pairs_pay(top_k, h);
                 let mut call = |i: usize| {
                     let r = &routings[i % routings.len()];
-                    self.moe_mxfp4_run(kind, w, r, &x, MoeInput::Split(&xsplit), &mut scratch, if leave_pairs { None } else { Some(&mut y) })
+                    self.moe_mxfp4_run(kind, w, r, &x, MoeInput::Split(&xsplit), &mut scratch, if leave_pairs { None } else { Some(&mut y) }, false)
                 };
                 // A kernel that cannot run this shape (shared memory, top-k) is skipped.
                 if call(0).is_err() {

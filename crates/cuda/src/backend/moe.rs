@@ -347,6 +347,18 @@ impl CudaModel {
         self.graphs.clear();
     }
 
+    /// Decode rows from which the mixed MoE may run (`Kernels::moe_mixed_at`).
+    pub fn moe_mixed_from(&self) -> usize {
+        self.kernels.moe_mixed_from()
+    }
+
+    /// Sets the decode rows from which the mixed MoE may run (`usize::MAX`: never) and drops
+    /// the graphs; returns the setting before.
+    pub fn set_moe_mixed_from(&mut self, tokens: usize) -> usize {
+        self.graphs.clear();
+        self.kernels.set_moe_mixed_from(tokens)
+    }
+
     /// Pins the MoE decode kernel of `tokens` tokens (every MoE layer of a model has the same
     /// expert shapes); false when the model has no stacked MoE.
     pub fn pin_moe_kernel(&self, tokens: usize, kind: MoeKernel) -> bool {
@@ -387,7 +399,10 @@ impl CudaModel {
         }
         let (r, _, _) = self.route_device(spec, RouteSource::Logits(logits), bias, n)?;
         if leave_pairs {
-            let out = self.with_moe_scratch(w, r.num_pairs, |scratch| self.kernels.moe_mxfp4_pairs(kind, w, &r, hn, input, scratch))?;
+            let out = self.with_moe_scratch(w, r.num_pairs, |scratch| match decode {
+                true => self.kernels.moe_mxfp4_decode_pairs(kind, w, &r, hn, input, scratch),
+                false => self.kernels.moe_mxfp4_pairs(kind, w, &r, hn, input, scratch),
+            })?;
             self.moe_pairs_calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return Ok(MlpOut::Pairs(MoePairs { out, tok_pairs: r.tok_pairs, topk: spec.top_k, pre: None }));
         }

@@ -56,6 +56,10 @@ pub const FP8_MOE_TOKENS: usize = 32;
 /// sets it.
 pub const FP8_MOE_PAIRS_FROM: usize = 6;
 
+/// The mixed MoE of decode rows (`Kernels::moe_mixed_at`): slots of up to this many pairs
+/// run on the two-pair digit kernels (one pass each), the rest on F16 MMAs (up to 4 a pass).
+pub const MIXED_DIGIT_PAIRS: i32 = 2;
+
 /// The most rows the FP8 digit MoE may be set to take where `tune_tokens` rows are tuned:
 /// `moe_tune::TUNED_BUCKETS_MAX`, or more where more are tuned (a count on digits is tuned among
 /// the digit kernels).
@@ -603,6 +607,42 @@ impl Kernels {
         tokens >= self.moe_fp8_pairs_from && self.two_pairs_fit(w)
     }
 
+    /// Whether decode rows of `tokens` over `w` on a two-launch F16 kind run the mixed MoE
+    /// (`moe_mxfp4_decode_pairs`): from `moe_mixed_from` rows (`PEREGRINE_MOE_MIXED_FROM`),
+    /// where the digits would run (`moe_fp8_for`, two pairs a pass fitting) but `tokens` is
+    /// past their rows (`moe_fp8_at`). There a slot of 3+ pairs would take 2+ digit passes,
+    /// each a read of its expert's tiles, against one F16 pass of up to 4.
+    pub fn moe_mixed_at(&self, w: &MoeWeights, tokens: usize) -> bool {
+        tokens >= self.moe_mixed_from && self.moe_fp8_for(w) && !self.moe_fp8_at(w, tokens) && self.two_pairs_fit(w)
+    }
+
+    /// The digit rings (`DG_RINGS` indices of gate_up, down) of the mixed MoE's digit half for
+    /// `kind` at `tokens` rows, where it runs (`moe_mixed_at`, `kind` two-launch F16): those the
+    /// tuner chose for the most digit rows (`moe_fp8_tokens`), else the first.
+    fn mixed_digit_rings(&self, w: &MoeWeights, kind: MoeKernel, tokens: usize, top_k: usize) -> Option<(usize, usize)> {
+        let MoeKernel::Tiled { stages, steps, down_stages, down_steps } = kind else { return None };
+        if !self.moe_mixed_at(w, tokens) || self.tiled_digits(w, tokens, (stages, steps), (down_stages, down_steps)).is_some() {
+            return None;
+        }
+        let most = self.moe_fp8_tokens;
+        let tuned = match self.moe_kernel(w, most, top_k) {
+            MoeKernel::Tiled { stages, steps, down_stages, down_steps } => self.tiled_digits(w, most, (stages, steps), (down_stages, down_steps)),
+            _ => None,
+        };
+        Some(tuned.unwrap_or((0, 0)))
+    }
+
+    /// Sets `moe_mixed_from` (decode rows from which `moe_mixed_at` may hold; `usize::MAX`:
+    /// never); returns the setting before.
+    pub fn set_moe_mixed_from(&mut self, tokens: usize) -> usize {
+        std::mem::replace(&mut self.moe_mixed_from, tokens.max(2))
+    }
+
+    /// Decode rows from which the mixed MoE may run (`moe_mixed_at`).
+    pub fn moe_mixed_from(&self) -> usize {
+        self.moe_mixed_from
+    }
+
     /// Whether two-pair gate_up blocks over `w` (two digit rows of x beside the smallest digit
     /// ring) stay resident two to an SM. Flash's (H 4096) do, as one-pair blocks three; Pro's
     /// (H 6144) do not: one a SM, and its batch-6 / 8 steps ran 4-5% slower than with one pair a
@@ -955,7 +995,7 @@ impl Kernels {
     /// must read the weights' layout.
     #[allow(clippy::too_many_arguments)]
     pub fn moe_mxfp4_with(&self, kind: MoeKernel, w: &MoeWeights, r: &DeviceRouting, x: &CudaSlice<f32>, input: MoeInput, scratch: &mut MoeScratch, y: &mut CudaSlice<f32>) -> Result<()> {
-        self.moe_mxfp4_run(kind, w, r, x, input, scratch, Some(y))
+        self.moe_mxfp4_run(kind, w, r, x, input, scratch, Some(y), false)
     }
 
     /// Whether MoE kernel `kind` is a tiled kernel with its combine fused (the two-launch pair
@@ -970,12 +1010,21 @@ impl Kernels {
     /// then skip the combine's fence, count and last-block sum: 4-6 points of the copy
     /// bandwidth at 2-8 tokens in the two-launch kernels.
     pub fn moe_mxfp4_pairs(&self, kind: MoeKernel, w: &MoeWeights, r: &DeviceRouting, x: &CudaSlice<f32>, input: MoeInput, scratch: &mut MoeScratch) -> Result<()> {
-        self.moe_mxfp4_run(kind, w, r, x, input, scratch, None)
+        self.moe_mxfp4_run(kind, w, r, x, input, scratch, None, false)
+    }
+
+    /// `moe_mxfp4_pairs` for decode rows (one per sequence): where `moe_mixed_at` holds and
+    /// `kind` is a two-launch kernel on F16 MMAs, the slots of one or two pairs run on the
+    /// two-pair digit kernels and only the others on `kind` (other bits for those pairs: the
+    /// digit kernels'). Rows that may share experts (verify blocks) keep `moe_mxfp4_pairs`.
+    pub fn moe_mxfp4_decode_pairs(&self, kind: MoeKernel, w: &MoeWeights, r: &DeviceRouting, x: &CudaSlice<f32>, input: MoeInput, scratch: &mut MoeScratch) -> Result<()> {
+        self.moe_mxfp4_run(kind, w, r, x, input, scratch, None, true)
     }
 
     /// `moe_mxfp4_with`; y None: the pairs stay uncombined (where `moe_leaves_pairs`).
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn moe_mxfp4_run(&self, kind: MoeKernel, w: &MoeWeights, r: &DeviceRouting, x: &CudaSlice<f32>, input: MoeInput, scratch: &mut MoeScratch, mut y: Option<&mut CudaSlice<f32>>) -> Result<()> {
+    /// `mixed`: decode rows, which may run the mixed form where `moe_mixed_at` holds.
+    pub(crate) fn moe_mxfp4_run(&self, kind: MoeKernel, w: &MoeWeights, r: &DeviceRouting, x: &CudaSlice<f32>, input: MoeInput, scratch: &mut MoeScratch, mut y: Option<&mut CudaSlice<f32>>, mixed: bool) -> Result<()> {
         let (h, i) = (w.hidden, w.inter);
         check(h % 32 == 0 && i % 32 == 0, || format!("MoE dims {h}, {i} must be multiples of 32"))?;
         check(scratch.h.len() >= r.num_pairs * i && scratch.out.len() >= r.num_pairs * h, || "MoE scratch too small".into())?;
@@ -987,115 +1036,26 @@ impl Kernels {
         }
         let (hh, ii) = (h as i32, i as i32);
         match (&w.layout, kind) {
-            (MoeLayout::Tiled { gate_up, down }, MoeKernel::Tiled { stages, steps, down_stages, down_steps }) => {
-                let (v, dv) = (Self::tiled_variant(stages, steps)?, Self::tiled_variant(down_stages, down_steps)?);
-                let (ti, ki, settled) = (r.num_tokens as i32, r.top_k as i32, input.settled_flag());
-                let fused = r.top_k <= MAX_FUSED_TOPK;
-                let groups = (h / 16).div_ceil(8);
-                check(scratch.counters.len() >= groups, || "MoE scratch counters too small".into())?;
-                // Per-slot counters after the combine's (done, then passed; moe_counters sizes
-                // them), zero between calls like the combine's; 0: the whole-grid wait.
-                let slot_wait = fused && self.slot_wait.contains(&r.num_tokens) && scratch.counters.len() >= groups + 2 * u as usize;
-                let slot_ptr = if slot_wait { scratch.counters.device_ptr(&self.stream).0 + (groups * std::mem::size_of::<u32>()) as u64 } else { 0u64 };
-                // From 2 tokens the _split_ kernels: x split once per token (here), and with the
-                // per-slot wait h once per slot (by its last gate_up block); both written in full
-                // before they are read. On FP8 digits (`tiled_digits`) neither: a pass stages its
-                // pair's x as digits, and gate_up hands h over as the pairs' digit rows.
-                let digits = self.tiled_digits(w, r.num_tokens, (stages, steps), (down_stages, down_steps));
+            (MoeLayout::Tiled { .. }, MoeKernel::Tiled { stages, steps, down_stages, down_steps }) => {
+                let rings = ((stages, steps), (down_stages, down_steps));
+                let MoeScratch { h: hbuf, out, counters } = &mut *scratch;
+                if let Some(dr) = self.mixed_digit_rings(w, kind, r.num_tokens, r.top_k).filter(|_| mixed && y.is_none()) {
+                    // Mixed (`moe_mixed_at`): the slots of 1..=MIXED_DIGIT_PAIRS pairs on the
+                    // two-pair digit kernels (a pass each), then the others on `kind`'s F16
+                    // kernels (up to 4 pairs a pass), with h of their own (the two halves lay h
+                    // out differently). The F16 gate_up waits for the digit down, so each
+                    // launch's completion covers the ones before it (programmatic dependent
+                    // launch orders only neighbours). Pairs only: the combine counts every slot.
+                    self.tiled_launches(w, r, x, input, (DG_RINGS[dr.0], DG_RINGS[dr.1]), Some(dr), 2, hbuf, out, counters, None, (1, MIXED_DIGIT_PAIRS))?;
+                    // Written in full by the F16 gate_up before its down reads it.
+                    let mut hf = unsafe { self.alloc.alloc::<f32>(r.num_pairs * i) }?;
+                    return self.tiled_launches(w, r, x, input, rings, None, 1, &mut hf, out, counters, None, (MIXED_DIGIT_PAIRS + 1, i32::MAX));
+                }
+                let digits = self.tiled_digits(w, r.num_tokens, rings.0, rings.1);
                 // Two pairs of a slot a digit pass from `moe_fp8_pairs_from` tokens, where they fit.
                 let npd = if digits.is_some() && self.moe_two_pairs_at(w, r.num_tokens) { 2 } else { 1 };
-                let fg = match digits {
-                    Some((g, _)) if npd == 2 => &self.gate_up_dg2[g],
-                    Some((g, _)) => &self.gate_up_dg[g],
-                    None => self.gate_up_kernel(v, r.num_tokens),
-                };
-                let split_x = digits.is_none() && self.splits_x(r.num_tokens);
-                let split_h = split_x && self.presplit_h && slot_wait;
-                let fd = match digits {
-                    Some((_, d)) if npd == 2 => &self.down_dg2[d],
-                    Some((_, d)) => &self.down_dg[d],
-                    None if split_h => &self.down_split[dv],
-                    None => &self.down_tiled[dv],
-                };
-                let ring = ring_bytes(stages, steps);
-                let (gu_smem, d_smem) = if digits.is_some() {
-                    check(scratch.h.len() >= r.num_pairs * dg_row_floats(i), || "MoE scratch too small for the digit rows of h".into())?;
-                    (ring + npd * h / 16 * DG_CORE_BYTES, ring_bytes(down_stages, down_steps) + npd * i / 16 * DG_CORE_BYTES)
-                } else {
-                    // A routed expert has at most one pair per token; a pass stages up to 4.
-                    let np = self.staged_pairs(fg, ring, h.max(i), r.num_tokens, 0)?;
-                    (ring + h * 4 * np, ring_bytes(down_stages, down_steps) + i * 4 * np)
-                };
-                check(gu_smem.max(d_smem) <= TILED_MAX_SMEM, || format!("MoE dims {h}, {i} need more than {TILED_MAX_SMEM} bytes of shared memory"))?;
-                // A block's 8 warps stream one 16-row tile each.
-                let cfg = |tiles: usize, smem: usize| LaunchConfig { grid_dim: (tiles.div_ceil(8) as u32, u, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem as u32 };
-                let alloc_u32 = |n: usize| unsafe { self.alloc.alloc::<u32>(n) };
-                let alloc_f32 = |n: usize| unsafe { self.alloc.alloc::<f32>(n) };
-                // On digits from 2 tokens, x as digit rows, written one launch ahead.
-                // (The split and digit rows live to the end of the call: freed in stream order after both launches.)
-                // (Given as `MoeInput::Digits`, or written here.)
-                let own_digits;
-                let x_digits = match (digits, input) {
-                    (Some(_), MoeInput::Digits(d)) if r.num_tokens >= 2 => {
-                        check(d.len() >= r.num_tokens * dg_x_row_bytes(h), || format!("MoE: {} digit rows of {h} given in {} bytes", r.num_tokens, d.len()))?;
-                        Some(d)
-                    }
-                    (_, MoeInput::Digits(_)) => return Err(Error::Backend(format!("MoE: x given as digit rows, but {kind:?} at {} tokens does not read them", r.num_tokens))),
-                    (Some(_), _) if r.num_tokens >= 2 => {
-                        own_digits = self.digit_rows(x, r.num_tokens, h)?;
-                        Some(&own_digits)
-                    }
-                    _ => None,
-                };
-                let mut b = crate::launch::builder(&self.stream, fg);
-                b.arg(gate_up).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_tok);
-                let (_xsplit, mut hsplit) = if split_x {
-                    let xsplit = self.x_split(input, x, r.num_tokens, h)?;
-                    let sp = xsplit.rows();
-                    let mut hsplit = if split_h { Some((alloc_u32(r.num_pairs * i)?, alloc_f32(r.num_pairs)?)) } else { None };
-                    b.arg(&mut scratch.h).arg(&hh).arg(&ii).arg(&slot_ptr).arg(&sp.xs).arg(&sp.inv);
-                    match &mut hsplit {
-                        Some((hs, hinv)) => b.arg(hs).arg(hinv),
-                        None => b.arg(&0u64).arg(&0u64),
-                    };
-                    unsafe { b.launch(cfg(2 * i / 16, gu_smem)) }.map_err(drv("moe gate_up (tiled, split)"))?;
-                    (Some(xsplit), hsplit)
-                } else {
-                    // One settled token's x is staged before the kernel waits for the one ahead
-                    // (moe.cu, stage_token_early).
-                    b.arg(x).arg(&mut scratch.h).arg(&hh).arg(&ii).arg(&ti).arg(&settled).arg(&slot_ptr);
-                    if digits.is_some() {
-                        match x_digits {
-                            Some(xd) => b.arg(xd),
-                            None => b.arg(&0u64),
-                        };
-                    }
-                    unsafe { b.launch(cfg(2 * i / 16, gu_smem)) }.map_err(drv("moe gate_up (tiled)"))?;
-                    (None, None)
-                };
-                // The down kernel asks for its weights before it waits for gate_up (see launch.rs).
-                let mut b = crate::launch::builder(&self.stream, fd);
-                b.arg(down).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_w);
-                if hsplit.is_none() {
-                    b.arg(&scratch.h);
-                }
-                b.arg(&mut scratch.out).arg(&hh).arg(&ii);
-                // Null counters: no combine (the pairs' consumer sums them, or moe_combine).
-                match &mut y {
-                    Some(_) if fused => b.arg(&mut scratch.counters),
-                    _ => b.arg(&0u64),
-                };
-                b.arg(&r.tok_pairs);
-                match &mut y {
-                    Some(y) => b.arg(&mut **y),
-                    None => b.arg(&0u64),
-                };
-                b.arg(&ti).arg(&ki).arg(&slot_ptr);
-                if let Some((hs, hinv)) = &mut hsplit {
-                    b.arg(&*hs).arg(&*hinv);
-                }
-                unsafe { b.launch(cfg(h / 16, d_smem)) }.map_err(drv("moe down (tiled)"))?;
-                if fused || y.is_none() {
+                self.tiled_launches(w, r, x, input, rings, digits, npd, hbuf, out, counters, y.as_deref_mut(), (1, i32::MAX))?;
+                if r.top_k <= MAX_FUSED_TOPK || y.is_none() {
                     return Ok(());
                 }
             }
@@ -1183,6 +1143,129 @@ impl Kernels {
         b.arg(&scratch.out).arg(&r.tok_pairs).arg(y).arg(&hh).arg(&topk);
         let cfg = LaunchConfig { grid_dim: ((h as u32).div_ceil(256), r.num_tokens as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         unsafe { b.launch(cfg) }.map_err(drv("moe_combine"))?;
+        Ok(())
+    }
+
+    /// The two-launch tiled MoE (gate_up, then down) of routing `r` over the expert slots of
+    /// `slots.0..=slots.1` pairs (the others' blocks leave at once): on `rings` (gate_up,
+    /// down), on FP8 digits where `digits` gives their `DG_RINGS` indices (passes of `npd`
+    /// pairs), else on F16 MMAs; h in `hbuf`, the pairs' outputs in `out`, combined into `y`
+    /// where given (every slot in range only: the combine counts them all).
+    fn tiled_launches(&self, w: &MoeWeights, r: &DeviceRouting, x: &CudaSlice<f32>, input: MoeInput, rings: ((usize, usize), (usize, usize)), digits: Option<(usize, usize)>, npd: usize, hbuf: &mut CudaSlice<f32>, out: &mut CudaSlice<f32>, counters: &mut CudaSlice<u32>, mut y: Option<&mut CudaSlice<f32>>, slots: (i32, i32)) -> Result<()> {
+        let ((stages, steps), (down_stages, down_steps)) = rings;
+        let (v, dv) = (Self::tiled_variant(stages, steps)?, Self::tiled_variant(down_stages, down_steps)?);
+        let (h, i, u) = (w.hidden, w.inter, r.num_experts_used as u32);
+        let (hh, ii) = (h as i32, i as i32);
+        let MoeLayout::Tiled { gate_up, down } = &w.layout else {
+            return Err(Error::Backend("the tiled MoE kernels read the tiled layout".into()));
+        };
+        let (np_min, np_max) = slots;
+        let (ti, ki, settled) = (r.num_tokens as i32, r.top_k as i32, input.settled_flag());
+        let fused = r.top_k <= MAX_FUSED_TOPK;
+        let groups = (h / 16).div_ceil(8);
+        check(counters.len() >= groups, || "MoE scratch counters too small".into())?;
+        // Per-slot counters after the combine's (done, then passed; moe_counters sizes
+        // them), zero between calls like the combine's; 0: the whole-grid wait.
+        let slot_wait = fused && self.slot_wait.contains(&r.num_tokens) && counters.len() >= groups + 2 * u as usize;
+        let slot_ptr = if slot_wait { counters.device_ptr(&self.stream).0 + (groups * std::mem::size_of::<u32>()) as u64 } else { 0u64 };
+        // From 2 tokens the _split_ kernels: x split once per token (here), and with the
+        // per-slot wait h once per slot (by its last gate_up block); both written in full
+        // before they are read. On FP8 digits (`tiled_digits`) neither: a pass stages its
+        // pair's x as digits, and gate_up hands h over as the pairs' digit rows.
+        let fg = match digits {
+            Some((g, _)) if npd == 2 => &self.gate_up_dg2[g],
+            Some((g, _)) => &self.gate_up_dg[g],
+            None => self.gate_up_kernel(v, r.num_tokens),
+        };
+        let split_x = digits.is_none() && self.splits_x(r.num_tokens);
+        let split_h = split_x && self.presplit_h && slot_wait;
+        let fd = match digits {
+            Some((_, d)) if npd == 2 => &self.down_dg2[d],
+            Some((_, d)) => &self.down_dg[d],
+            None if split_h => &self.down_split[dv],
+            None => &self.down_tiled[dv],
+        };
+        let ring = ring_bytes(stages, steps);
+        let (gu_smem, d_smem) = if digits.is_some() {
+            check(hbuf.len() >= r.num_pairs * dg_row_floats(i), || "MoE scratch too small for the digit rows of h".into())?;
+            (ring + npd * h / 16 * DG_CORE_BYTES, ring_bytes(down_stages, down_steps) + npd * i / 16 * DG_CORE_BYTES)
+        } else {
+            // A routed expert has at most one pair per token; a pass stages up to 4.
+            let np = self.staged_pairs(fg, ring, h.max(i), r.num_tokens, 0)?;
+            (ring + h * 4 * np, ring_bytes(down_stages, down_steps) + i * 4 * np)
+        };
+        check(gu_smem.max(d_smem) <= TILED_MAX_SMEM, || format!("MoE dims {h}, {i} need more than {TILED_MAX_SMEM} bytes of shared memory"))?;
+        // A block's 8 warps stream one 16-row tile each.
+        let cfg = |tiles: usize, smem: usize| LaunchConfig { grid_dim: (tiles.div_ceil(8) as u32, u, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem as u32 };
+        let alloc_u32 = |n: usize| unsafe { self.alloc.alloc::<u32>(n) };
+        let alloc_f32 = |n: usize| unsafe { self.alloc.alloc::<f32>(n) };
+        // On digits from 2 tokens, x as digit rows, written one launch ahead.
+        // (The split and digit rows live to the end of the call: freed in stream order after both launches.)
+        // (Given as `MoeInput::Digits`, or written here.)
+        let own_digits;
+        let x_digits = match (digits, input) {
+            (Some(_), MoeInput::Digits(d)) if r.num_tokens >= 2 => {
+                check(d.len() >= r.num_tokens * dg_x_row_bytes(h), || format!("MoE: {} digit rows of {h} given in {} bytes", r.num_tokens, d.len()))?;
+                Some(d)
+            }
+            (_, MoeInput::Digits(_)) => return Err(Error::Backend(format!("MoE: x given as digit rows, but the {} kernels at {} tokens do not read them", if digits.is_some() { "digit" } else { "F16" }, r.num_tokens))),
+            (Some(_), _) if r.num_tokens >= 2 => {
+                own_digits = self.digit_rows(x, r.num_tokens, h)?;
+                Some(&own_digits)
+            }
+            _ => None,
+        };
+        let mut b = crate::launch::builder(&self.stream, fg);
+        b.arg(gate_up).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_tok);
+        let (_xsplit, mut hsplit) = if split_x {
+            let xsplit = self.x_split(input, x, r.num_tokens, h)?;
+            let sp = xsplit.rows();
+            let mut hsplit = if split_h { Some((alloc_u32(r.num_pairs * i)?, alloc_f32(r.num_pairs)?)) } else { None };
+            b.arg(&mut *hbuf).arg(&hh).arg(&ii).arg(&slot_ptr).arg(&sp.xs).arg(&sp.inv);
+            match &mut hsplit {
+                Some((hs, hinv)) => b.arg(hs).arg(hinv),
+                None => b.arg(&0u64).arg(&0u64),
+            };
+            b.arg(&np_min).arg(&np_max);
+            unsafe { b.launch(cfg(2 * i / 16, gu_smem)) }.map_err(drv("moe gate_up (tiled, split)"))?;
+            (Some(xsplit), hsplit)
+        } else {
+            // One settled token's x is staged before the kernel waits for the one ahead
+            // (moe.cu, stage_token_early).
+            b.arg(x).arg(&mut *hbuf).arg(&hh).arg(&ii).arg(&ti).arg(&settled).arg(&slot_ptr);
+            if digits.is_some() {
+                match x_digits {
+                    Some(xd) => b.arg(xd),
+                    None => b.arg(&0u64),
+                };
+            }
+            b.arg(&np_min).arg(&np_max);
+            unsafe { b.launch(cfg(2 * i / 16, gu_smem)) }.map_err(drv("moe gate_up (tiled)"))?;
+            (None, None)
+        };
+        // The down kernel asks for its weights before it waits for gate_up (see launch.rs).
+        let mut b = crate::launch::builder(&self.stream, fd);
+        b.arg(down).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_w);
+        if hsplit.is_none() {
+            b.arg(&*hbuf);
+        }
+        b.arg(&mut *out).arg(&hh).arg(&ii);
+        // Null counters: no combine (the pairs' consumer sums them, or moe_combine).
+        match &mut y {
+            Some(_) if fused => b.arg(&mut *counters),
+            _ => b.arg(&0u64),
+        };
+        b.arg(&r.tok_pairs);
+        match &mut y {
+            Some(y) => b.arg(&mut **y),
+            None => b.arg(&0u64),
+        };
+        b.arg(&ti).arg(&ki).arg(&slot_ptr);
+        if let Some((hs, hinv)) = &mut hsplit {
+            b.arg(&*hs).arg(&*hinv);
+        }
+        b.arg(&np_min).arg(&np_max);
+        unsafe { b.launch(cfg(h / 16, d_smem)) }.map_err(drv("moe down (tiled)"))?;
         Ok(())
     }
 
