@@ -156,13 +156,16 @@ impl Kernels {
                 })
                 .collect::<Result<Vec<_>>>()?;
             let mut best: Option<(MoeKernel, f32)> = None;
-            let mut measure = |kind: MoeKernel, best: &mut Option<(MoeKernel, f32)>| -> Result<()> {
+            // Decode rows where the mixed MoE runs (`moe_mixed_at`) are timed in it: a
+            // two-launch F16 candidate then takes only the slots of 3+ pairs.
+            let mixed = self.moe_mixed_at(w, t);
+            let mut measure = |kind: MoeKernel, best: &mut Option<(MoeKernel, f32)>, mixed: bool| -> Result<()> {
                 // The tiled kernels as a step runs them: without their combine where the
                 // norm after the MoE sums the pairs (`moe_pairs_pay`).
                 let leave_pairs = Self::moe_leaves_pairs(w, kind, top_k) && crate::kernels::moe_pairs_pay(top_k, h);
                 let mut call = |i: usize| {
                     let r = &routings[i % routings.len()];
-                    self.moe_mxfp4_run(kind, w, r, &x, MoeInput::Split(&xsplit), &mut scratch, if leave_pairs { None } else { Some(&mut y) }, false)
+                    self.moe_mxfp4_run(kind, w, r, &x, MoeInput::Split(&xsplit), &mut scratch, if leave_pairs { None } else { Some(&mut y) }, mixed)
                 };
                 // A kernel that cannot run this shape (shared memory, top-k) is skipped.
                 if call(0).is_err() {
@@ -198,9 +201,9 @@ impl Kernels {
             let mut verify_best: Option<(MoeKernel, f32)> = None;
             for &kind in kinds.iter().chain((t >= gemm_from).then_some(&MoeKernel::Gemm)) {
                 if !digits || self.moe_kind_on_digits(kind, w, t) {
-                    measure(kind, &mut best)?;
+                    measure(kind, &mut best, mixed)?;
                 } else if t >= 2 && !matches!(kind, MoeKernel::Fused { .. }) {
-                    measure(kind, &mut verify_best)?;
+                    measure(kind, &mut verify_best, false)?;
                 }
             }
             verify_chosen.push((t, verify_best.map(|(kind, _)| kind)));
@@ -220,14 +223,14 @@ impl Kernels {
                 for &(ds, dc) in TILED_VARIANTS.iter().filter(|&&d| d != (stages, steps)) {
                     let kind = MoeKernel::Tiled { stages, steps, down_stages: ds, down_steps: dc };
                     if !digits || self.moe_kind_on_digits(kind, w, t) {
-                        measure(kind, &mut tiled_best)?;
+                        measure(kind, &mut tiled_best, mixed)?;
                     }
                 }
                 if let Some((MoeKernel::Tiled { down_stages, down_steps, .. }, _)) = tiled_best {
                     for &(gs, gc) in TILED_VARIANTS.iter().filter(|&&g| g != (stages, steps) && g != (down_stages, down_steps)) {
                         let kind = MoeKernel::Tiled { stages: gs, steps: gc, down_stages, down_steps };
                         if self.moe_tiled_staged_pairs(w, gs, gc, t)? >= pairs && (!digits || self.moe_kind_on_digits(kind, w, t)) {
-                            measure(kind, &mut tiled_best)?;
+                            measure(kind, &mut tiled_best, mixed)?;
                         }
                     }
                 }
