@@ -150,7 +150,7 @@ pub struct Kernels {
     down_dg2: Vec<CudaFunction>,
     moe_fp8_pairs_from: usize,
     /// Decode rows from which the two-launch F16 MoE sends slots of 1-2 pairs to the digit
-    /// kernels (`moe_mixed_at`; `PEREGRINE_MOE_MIXED_FROM`, off by default).
+    /// kernels (`moe_mixed_at`; `MIXED_FROM`, `PEREGRINE_MOE_MIXED_FROM`).
     moe_mixed_from: usize,
     moe_fp8: bool,
     /// Token counts up to which the MoE kernels run on FP8 digits where `moe_fp8` holds
@@ -407,7 +407,11 @@ impl Kernels {
             down_dg: DG_RINGS.iter().map(|(n, c)| fm(&format!("moe_down_dg_n{n}_c{c}"))).collect::<Result<_>>()?,
             gate_up_dg2: DG_RINGS.iter().map(|(n, c)| fm(&format!("moe_gate_up_dg2_n{n}_c{c}"))).collect::<Result<_>>()?,
             down_dg2: DG_RINGS.iter().map(|(n, c)| fm(&format!("moe_down_dg2_n{n}_c{c}"))).collect::<Result<_>>()?,
-            moe_mixed_from: std::env::var("PEREGRINE_MOE_MIXED_FROM").ok().and_then(|v| v.parse().ok()).filter(|&n| n >= 2).unwrap_or(usize::MAX),
+            moe_mixed_from: match std::env::var("PEREGRINE_MOE_MIXED_FROM").as_deref() {
+                Ok("0") => usize::MAX,
+                Ok(v) => v.parse().ok().filter(|&n| n >= 2).unwrap_or(MIXED_FROM),
+                Err(_) => MIXED_FROM,
+            },
             moe_fp8_pairs_from: std::env::var("PEREGRINE_MOE_FP8_PAIRS_FROM").ok().and_then(|v| v.parse().ok()).filter(|&n| n >= 1).unwrap_or(FP8_MOE_PAIRS_FROM),
             moe_fp8: std::env::var("PEREGRINE_MOE_FP8").map_or(peak_bandwidth >= FP8_MOE_MIN_BANDWIDTH, |v| v != "0"),
             moe_fp8_tokens: std::env::var("PEREGRINE_MOE_FP8_TOKENS")

@@ -29,8 +29,8 @@ pub const FP8_MOE_MIN_BANDWIDTH: f64 = 4.0e12;
 
 /// Token counts up to which the fused and two-launch tiled kernels run on FP8 digits by default
 /// where `moe_fp8_for` holds (`Kernels::moe_fp8_at`; `PEREGRINE_MOE_FP8_TOKENS` sets it): the
-/// decode row buckets up to 32. From 2 tokens the two-launch kernels win there (x as digit rows
-/// one launch ahead, h as the pairs' digit rows). H200, Flash, as a step runs them: 81.3 / 88.5 /
+/// decode row buckets up to 16; past them the mixed MoE (`MIXED_FROM`). From 2 tokens the
+/// two-launch kernels win there (x as digit rows one launch ahead, h as the pairs' digit rows). H200, Flash, as a step runs them: 81.3 / 88.5 /
 /// 87.4% of copy bandwidth at 2 / 4 / 8 tokens against 77.9 / 84.1 / 84.6% on F16 MMAs, decode
 /// steps at batch 2 / 4 0.8-2% faster, batch 8 even
 /// (benches/results/2026-11-28-h200-digit-moe-2-8-tokens.md). From `FP8_MOE_PAIRS_FROM` tokens a
@@ -39,10 +39,13 @@ pub const FP8_MOE_MIN_BANDWIDTH: f64 = 4.0e12;
 /// 14.46-14.75 on F16 (-7.1 / -4.9 / -4.8 / -4.4%, means of two processes each; two pairs a
 /// pass from 12 there), while at 48 rows it was 3.6% slower (slots of 3+ pairs still re-read
 /// their tiles), so 48 stays on F16
-/// (benches/results/2026-11-29-h200-two-pair-digit-moe-default.md). Past 8 rows only where two
+/// (benches/results/2026-11-29-h200-two-pair-digit-moe-default.md). At 24 and 32 rows (the
+/// default up to 2026-11-30) the mixed MoE is faster: slots of 3+ pairs (7% of used slots at 24
+/// rows, 13% at 32) take one F16 pass instead of two digit passes
+/// (benches/results/2026-11-30-h200-mixed-moe.md). Past 8 rows only where two
 /// pairs a pass fit (`Kernels::moe_fp8_at`): not Pro's. Rows that may share experts (verify
 /// blocks) stay off the digits (`Kernels::moe_kernel_rows`).
-pub const FP8_MOE_TOKENS: usize = 32;
+pub const FP8_MOE_TOKENS: usize = 16;
 
 /// Token counts from which the two-launch digit MoE takes two pairs of an expert slot a pass
 /// (`moe_gate_up_dg2_*`, `moe_down_dg2_*`: one read of the expert's tiles per two of its pairs
@@ -59,6 +62,10 @@ pub const FP8_MOE_PAIRS_FROM: usize = 6;
 /// The mixed MoE of decode rows (`Kernels::moe_mixed_at`): slots of up to this many pairs
 /// run on the two-pair digit kernels (one pass each), the rest on F16 MMAs (up to 4 a pass).
 pub const MIXED_DIGIT_PAIRS: i32 = 2;
+
+/// Decode rows from which the mixed MoE runs by default (`Kernels::moe_mixed_at`; rows past
+/// `FP8_MOE_TOKENS`): the row buckets 24, 32, 48 and 64.
+pub const MIXED_FROM: usize = 24;
 
 /// The most rows the FP8 digit MoE may be set to take where `tune_tokens` rows are tuned:
 /// `moe_tune::TUNED_BUCKETS_MAX`, or more where more are tuned (a count on digits is tuned among
@@ -545,10 +552,14 @@ impl Kernels {
     /// them), so a decode step sets no memory per layer.
     pub fn moe_scratch_with(&self, w: &MoeWeights, max_pairs: usize, counters: CudaSlice<u32>) -> Result<MoeScratch> {
         check(counters.len() >= Self::moe_counters(w, max_pairs), || "MoE counters too small".into())?;
+        // The token counts whose pairs may take digit rows of h: those on digits, and up to the
+        // tuned counts where the mixed MoE may run (its digit half indexes h by every pair).
+        let dg_tokens = if self.moe_mixed_from <= self.moe_tune_tokens { self.moe_tune_tokens } else { 0 };
+        let dg_tokens = dg_tokens.max(self.moe_fp8_tokens).max(crate::moe_tune::TUNED_TOKENS);
         Ok(MoeScratch {
             // Written in full (rows of every pair) before they are read; as large as the digit
             // rows of the pairs of the token counts that may run on digits too (dg_row_floats).
-            h: unsafe { self.alloc.alloc((max_pairs.max(1) * w.inter).max(max_pairs.clamp(1, self.moe_fp8_tokens.max(crate::moe_tune::TUNED_TOKENS) * MAX_FUSED_TOPK) * dg_row_floats(w.inter))) }?,
+            h: unsafe { self.alloc.alloc((max_pairs.max(1) * w.inter).max(max_pairs.clamp(1, dg_tokens * MAX_FUSED_TOPK) * dg_row_floats(w.inter))) }?,
             out: unsafe { self.alloc.alloc(max_pairs.max(1) * w.hidden) }?,
             counters,
         })
@@ -1039,7 +1050,9 @@ impl Kernels {
             (MoeLayout::Tiled { .. }, MoeKernel::Tiled { stages, steps, down_stages, down_steps }) => {
                 let rings = ((stages, steps), (down_stages, down_steps));
                 let MoeScratch { h: hbuf, out, counters } = &mut *scratch;
-                if let Some(dr) = self.mixed_digit_rings(w, kind, r.num_tokens, r.top_k).filter(|_| mixed && y.is_none()) {
+                // (Scratch sized before the mixed MoE was set keeps the plain form.)
+                let fits = hbuf.len() >= r.num_pairs * dg_row_floats(i);
+                if let Some(dr) = self.mixed_digit_rings(w, kind, r.num_tokens, r.top_k).filter(|_| mixed && fits && y.is_none()) {
                     // Mixed (`moe_mixed_at`): the slots of 1..=MIXED_DIGIT_PAIRS pairs on the
                     // two-pair digit kernels (a pass each), then the others on `kind`'s F16
                     // kernels (up to 4 pairs a pass), with h of their own (the two halves lay h
