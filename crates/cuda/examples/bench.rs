@@ -478,12 +478,14 @@ fn main() {
                 println!("{t:>6} {used:>8.1} {:>10.1} {ms:>8.3} {:>8.0} {:>9.1}%   (the same, x split by its producer as in a step)", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, pct(ms));
             }
             // As a step runs it where the norm after the MoE sums the routed pairs
-            // (`moe_pairs_pay`): the same kernel without its combine.
+            // (`moe_pairs_pay`): the same kernel without its combine, as decode rows (the mixed
+            // form where `moe_mixed_at` holds).
             if Kernels::moe_leaves_pairs(&wt, default, top_k) && peregrine_cuda::kernels::moe_pairs_pay(top_k, h) {
                 let sp = k.moe_reads_split(&wt, t, top_k).then(|| k.moe_split_x(&x, t, h).unwrap());
                 let input = sp.as_ref().map_or(MoeInput::Settled, MoeInput::Split);
-                let ms = time_b2b(&mut |run| k.moe_mxfp4_pairs(default, &wt, &dev[run % dev.len()], &x, input, &mut scratch).unwrap());
-                println!("{t:>6} {used:>8.1} {:>10.1} {ms:>8.3} {:>8.0} {:>9.1}%   (as in a step: the pairs left to the norm after it, no combine)", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, pct(ms));
+                let ms = time_b2b(&mut |run| k.moe_mxfp4_decode_pairs(default, &wt, &dev[run % dev.len()], &x, input, &mut scratch).unwrap());
+                let mixed = if k.moe_mixed_at(&wt, t) && matches!(default, MoeKernel::Tiled { .. }) { ", slots of 1-2 pairs on digits" } else { "" };
+                println!("{t:>6} {used:>8.1} {:>10.1} {ms:>8.3} {:>8.0} {:>9.1}%   (as in a step: the pairs left to the norm after it, no combine{mixed})", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, pct(ms));
                 // PEREGRINE_BENCH_MOE_GRIDS=N,N,..: the same on at most N blocks each (the fused
                 // kernel's grid; by default as many as are resident).
                 if let (MoeKernel::Fused { stages, steps, .. }, Ok(grids)) = (default, std::env::var("PEREGRINE_BENCH_MOE_GRIDS")) {
