@@ -59,9 +59,6 @@ pub const FP8_MOE_TOKENS: usize = 16;
 /// sets it.
 pub const FP8_MOE_PAIRS_FROM: usize = 6;
 
-/// The mixed MoE of decode rows (`Kernels::moe_mixed_at`): slots of up to this many pairs
-/// run on the two-pair digit kernels (one pass each), the rest on F16 MMAs (up to 4 a pass).
-pub const MIXED_DIGIT_PAIRS: i32 = 2;
 
 /// Decode rows from which the mixed MoE runs by default (`Kernels::moe_mixed_at`; rows past
 /// `FP8_MOE_TOKENS`): the row buckets 24, 32, 48 and 64.
@@ -620,22 +617,30 @@ impl Kernels {
 
     /// Whether decode rows of `tokens` over `w` on a two-launch F16 kind run the mixed MoE
     /// (`moe_mxfp4_decode_pairs`): from `moe_mixed_from` rows (`PEREGRINE_MOE_MIXED_FROM`),
-    /// where the digits would run (`moe_fp8_for`, two pairs a pass fitting) but `tokens` is
-    /// past their rows (`moe_fp8_at`). There a slot of 3+ pairs would take 2+ digit passes,
-    /// each a read of its expert's tiles, against one F16 pass of up to 4.
+    /// where the digits could run (`moe_fp8_for`) but `tokens` is past their rows
+    /// (`moe_fp8_at`). There a slot of more pairs than a digit pass takes would take several
+    /// digit passes, each a read of its expert's tiles, against one F16 pass of up to 4.
     pub fn moe_mixed_at(&self, w: &MoeWeights, tokens: usize) -> bool {
-        tokens >= self.moe_mixed_from && self.moe_fp8_for(w) && !self.moe_fp8_at(w, tokens) && self.two_pairs_fit(w)
+        tokens >= self.moe_mixed_from && self.moe_fp8_for(w) && !self.moe_fp8_at(w, tokens)
+    }
+
+    /// The most pairs of a slot the mixed MoE's digit half takes at `tokens` rows (in one
+    /// pass): two where two pairs a digit pass run (`moe_two_pairs_at`: Flash), else one (Pro's
+    /// 6144-wide x: two digit rows leave one block an SM).
+    fn mixed_digit_pairs(&self, w: &MoeWeights, tokens: usize) -> usize {
+        if self.moe_two_pairs_at(w, tokens) { 2 } else { 1 }
     }
 
     /// The digit rings (`DG_RINGS` indices of gate_up, down) of the mixed MoE's digit half for
     /// `kind` at `tokens` rows, where it runs (`moe_mixed_at`, `kind` two-launch F16): those the
-    /// tuner chose for the most digit rows (`moe_fp8_tokens`), else the first.
+    /// tuner chose for the most digit rows (`moe_fp8_tokens`, or 8 where past 8 rows only two
+    /// pairs a pass may run digits and they do not fit), else the first.
     fn mixed_digit_rings(&self, w: &MoeWeights, kind: MoeKernel, tokens: usize, top_k: usize) -> Option<(usize, usize)> {
         let MoeKernel::Tiled { stages, steps, down_stages, down_steps } = kind else { return None };
         if !self.moe_mixed_at(w, tokens) || self.tiled_digits(w, tokens, (stages, steps), (down_stages, down_steps)).is_some() {
             return None;
         }
-        let most = self.moe_fp8_tokens;
+        let most = if self.two_pairs_fit(w) { self.moe_fp8_tokens } else { self.moe_fp8_tokens.min(crate::moe_tune::TUNED_TOKENS) };
         let tuned = match self.moe_kernel(w, most, top_k) {
             MoeKernel::Tiled { stages, steps, down_stages, down_steps } => self.tiled_digits(w, most, (stages, steps), (down_stages, down_steps)),
             _ => None,
@@ -1053,16 +1058,17 @@ impl Kernels {
                 // (Scratch sized before the mixed MoE was set keeps the plain form.)
                 let fits = hbuf.len() >= r.num_pairs * dg_row_floats(i);
                 if let Some(dr) = self.mixed_digit_rings(w, kind, r.num_tokens, r.top_k).filter(|_| mixed && fits && y.is_none()) {
-                    // Mixed (`moe_mixed_at`): the slots of 1..=MIXED_DIGIT_PAIRS pairs on the
-                    // two-pair digit kernels (a pass each), then the others on `kind`'s F16
+                    // Mixed (`moe_mixed_at`): the slots of 1..=npd pairs (`mixed_digit_pairs`) on
+                    // the digit kernels (a pass each), then the others on `kind`'s F16
                     // kernels (up to 4 pairs a pass), with h of their own (the two halves lay h
                     // out differently). The F16 gate_up waits for the digit down, so each
                     // launch's completion covers the ones before it (programmatic dependent
                     // launch orders only neighbours). Pairs only: the combine counts every slot.
-                    self.tiled_launches(w, r, x, input, (DG_RINGS[dr.0], DG_RINGS[dr.1]), Some(dr), 2, hbuf, out, counters, None, (1, MIXED_DIGIT_PAIRS))?;
+                    let npd = self.mixed_digit_pairs(w, r.num_tokens);
+                    self.tiled_launches(w, r, x, input, (DG_RINGS[dr.0], DG_RINGS[dr.1]), Some(dr), npd, hbuf, out, counters, None, (1, npd as i32))?;
                     // Written in full by the F16 gate_up before its down reads it.
                     let mut hf = unsafe { self.alloc.alloc::<f32>(r.num_pairs * i) }?;
-                    return self.tiled_launches(w, r, x, input, rings, None, 1, &mut hf, out, counters, None, (MIXED_DIGIT_PAIRS + 1, i32::MAX));
+                    return self.tiled_launches(w, r, x, input, rings, None, 1, &mut hf, out, counters, None, (npd as i32 + 1, i32::MAX));
                 }
                 let digits = self.tiled_digits(w, r.num_tokens, rings.0, rings.1);
                 // Two pairs of a slot a digit pass from `moe_fp8_pairs_from` tokens, where they fit.
