@@ -496,6 +496,13 @@ fn main() {
                     }
                 }
             }
+            // Decode rows whose combined MoE runs mixed (pairs not left to the norm: Pro).
+            if !(Kernels::moe_leaves_pairs(&wt, default, top_k) && peregrine_cuda::kernels::moe_pairs_pay(top_k, h)) && k.moe_mixed_at(&wt, t) && matches!(default, MoeKernel::Tiled { .. }) {
+                let sp = k.moe_reads_split(&wt, t, top_k).then(|| k.moe_split_x(&x, t, h).unwrap());
+                let input = sp.as_ref().map_or(MoeInput::Settled, MoeInput::Split);
+                let ms = time_b2b(&mut |run| k.moe_mxfp4_decode(default, &wt, &dev[run % dev.len()], &x, input, &mut scratch, &mut y).unwrap());
+                println!("{t:>6} {used:>8.1} {:>10.1} {ms:>8.3} {:>8.0} {:>9.1}%   (as in a step: decode rows, the small slots on digits, combined)", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, pct(ms));
+            }
             // Routing that shares experts between tokens (as consecutive tokens of one text
             // often do): every token draws its top-k from the same pool of 2 x top-k experts (a
             // fresh pool per run: an expert holds ~T/2 pairs, and passes that stage fewer pairs

@@ -739,6 +739,21 @@ fn mxfp4_moe_decode_matches_the_cpu_reference() {
                     let (on_digits, on_f16, mixed) = (pair_rows(true, false), pair_rows(false, false), pair_rows(false, true));
                     let again = pair_rows(false, true);
                     assert!(mixed.iter().zip(&again).all(|(a, b)| a.to_bits() == b.to_bits()), "mixed MoE {h}x{i} T={t}: a second call differs");
+                    // Combined (`moe_mxfp4_decode`): each token's pairs summed in ascending pair
+                    // order from zero, as moe_combine and the fused combine sum them.
+                    let mut sc = kern.moe_scratch(&w, t * top_k).unwrap();
+                    let mut yc = poisoned(&g, t * h);
+                    kern.moe_mxfp4_decode(MoeKernel::TILED, &wt, &dr, &xd, MoeInput::Settled, &mut sc, &mut yc).unwrap();
+                    let yc = g.stream.clone_dtoh(&yc).unwrap();
+                    for ti in 0..t {
+                        let mut pairs = routing.tok_pairs[ti * top_k..(ti + 1) * top_k].to_vec();
+                        pairs.sort_unstable();
+                        for n in 0..h {
+                            let sum = pairs.iter().fold(0f32, |acc, &p| acc + mixed[p as usize * h + n]);
+                            assert_eq!(yc[ti * h + n].to_bits(), sum.to_bits(), "mixed MoE {h}x{i} T={t}, combined: token {ti} row {n}");
+                        }
+                    }
+                    assert!(g.stream.clone_dtoh(&sc.counters).unwrap().iter().all(|&c| c == 0), "T={t} (mixed, combined): counters left non-zero");
                     let (mut small, mut big) = (0, 0);
                     for s in 0..routing.experts.len() {
                         let (pb, pe) = (routing.pair_off[s] as usize, routing.pair_off[s + 1] as usize);

@@ -407,7 +407,10 @@ impl CudaModel {
             return Ok(MlpOut::Pairs(MoePairs { out, tok_pairs: r.tok_pairs, topk: spec.top_k, pre: None }));
         }
         let mut y = self.empty(n * self.spec.hidden_size)?;
-        self.with_moe_scratch(w, r.num_pairs, |scratch| self.kernels.moe_mxfp4_with(kind, w, &r, hn, input, scratch, &mut y))?;
+        self.with_moe_scratch(w, r.num_pairs, |scratch| match decode {
+            true => self.kernels.moe_mxfp4_decode(kind, w, &r, hn, input, scratch, &mut y),
+            false => self.kernels.moe_mxfp4_with(kind, w, &r, hn, input, scratch, &mut y),
+        })?;
         Ok(MlpOut::Rows(y))
     }
 

@@ -1030,11 +1030,17 @@ impl Kernels {
     }
 
     /// `moe_mxfp4_pairs` for decode rows (one per sequence): where `moe_mixed_at` holds and
-    /// `kind` is a two-launch kernel on F16 MMAs, the slots of one or two pairs run on the
-    /// two-pair digit kernels and only the others on `kind` (other bits for those pairs: the
+    /// `kind` is a two-launch kernel on F16 MMAs, the slots of up to `mixed_digit_pairs` pairs
+    /// run on the digit kernels and only the others on `kind` (other bits for those pairs: the
     /// digit kernels'). Rows that may share experts (verify blocks) keep `moe_mxfp4_pairs`.
     pub fn moe_mxfp4_decode_pairs(&self, kind: MoeKernel, w: &MoeWeights, r: &DeviceRouting, x: &CudaSlice<f32>, input: MoeInput, scratch: &mut MoeScratch) -> Result<()> {
         self.moe_mxfp4_run(kind, w, r, x, input, scratch, None, true)
+    }
+
+    /// `moe_mxfp4_with` for decode rows: `moe_mxfp4_decode_pairs`, then the pairs combined
+    /// into y (`moe_combine`) where the mixed form ran.
+    pub fn moe_mxfp4_decode(&self, kind: MoeKernel, w: &MoeWeights, r: &DeviceRouting, x: &CudaSlice<f32>, input: MoeInput, scratch: &mut MoeScratch, y: &mut CudaSlice<f32>) -> Result<()> {
+        self.moe_mxfp4_run(kind, w, r, x, input, scratch, Some(y), true)
     }
 
     /// `moe_mxfp4_with`; y None: the pairs stay uncombined (where `moe_leaves_pairs`).
@@ -1057,25 +1063,30 @@ impl Kernels {
                 let MoeScratch { h: hbuf, out, counters } = &mut *scratch;
                 // (Scratch sized before the mixed MoE was set keeps the plain form.)
                 let fits = hbuf.len() >= r.num_pairs * dg_row_floats(i);
-                if let Some(dr) = self.mixed_digit_rings(w, kind, r.num_tokens, r.top_k).filter(|_| mixed && fits && y.is_none()) {
+                if let Some(dr) = self.mixed_digit_rings(w, kind, r.num_tokens, r.top_k).filter(|_| mixed && fits) {
                     // Mixed (`moe_mixed_at`): the slots of 1..=npd pairs (`mixed_digit_pairs`) on
                     // the digit kernels (a pass each), then the others on `kind`'s F16
                     // kernels (up to 4 pairs a pass), with h of their own (the two halves lay h
                     // out differently). The F16 gate_up waits for the digit down, so each
                     // launch's completion covers the ones before it (programmatic dependent
-                    // launch orders only neighbours). Pairs only: the combine counts every slot.
+                    // launch orders only neighbours). Both leave their pairs (the fused combine
+                    // counts every slot): with y, moe_combine below sums them, in its order.
                     let npd = self.mixed_digit_pairs(w, r.num_tokens);
                     self.tiled_launches(w, r, x, input, (DG_RINGS[dr.0], DG_RINGS[dr.1]), Some(dr), npd, hbuf, out, counters, None, (1, npd as i32))?;
                     // Written in full by the F16 gate_up before its down reads it.
                     let mut hf = unsafe { self.alloc.alloc::<f32>(r.num_pairs * i) }?;
-                    return self.tiled_launches(w, r, x, input, rings, None, 1, &mut hf, out, counters, None, (npd as i32 + 1, i32::MAX));
-                }
-                let digits = self.tiled_digits(w, r.num_tokens, rings.0, rings.1);
-                // Two pairs of a slot a digit pass from `moe_fp8_pairs_from` tokens, where they fit.
-                let npd = if digits.is_some() && self.moe_two_pairs_at(w, r.num_tokens) { 2 } else { 1 };
-                self.tiled_launches(w, r, x, input, rings, digits, npd, hbuf, out, counters, y.as_deref_mut(), (1, i32::MAX))?;
-                if r.top_k <= MAX_FUSED_TOPK || y.is_none() {
-                    return Ok(());
+                    self.tiled_launches(w, r, x, input, rings, None, 1, &mut hf, out, counters, None, (npd as i32 + 1, i32::MAX))?;
+                    if y.is_none() {
+                        return Ok(());
+                    }
+                } else {
+                    let digits = self.tiled_digits(w, r.num_tokens, rings.0, rings.1);
+                    // Two pairs of a slot a digit pass from `moe_fp8_pairs_from` tokens, where they fit.
+                    let npd = if digits.is_some() && self.moe_two_pairs_at(w, r.num_tokens) { 2 } else { 1 };
+                    self.tiled_launches(w, r, x, input, rings, digits, npd, hbuf, out, counters, y.as_deref_mut(), (1, i32::MAX))?;
+                    if r.top_k <= MAX_FUSED_TOPK || y.is_none() {
+                        return Ok(());
+                    }
                 }
             }
             (MoeLayout::Tiled { gate_up, down }, MoeKernel::Fused { stages, steps, max_blocks }) => {
