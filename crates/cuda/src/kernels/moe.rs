@@ -30,9 +30,9 @@ pub const FP8_MOE_MIN_BANDWIDTH: f64 = 4.0e12;
 /// Token counts up to which the fused and two-launch tiled kernels run on FP8 digits by default
 /// where `moe_fp8_for` holds (`Kernels::moe_fp8_at`; `PEREGRINE_MOE_FP8_TOKENS` sets it): the
 /// decode row buckets up to 16; past them the mixed MoE (`MIXED_FROM`). From 2 tokens the
-/// two-launch kernels win there (x as digit rows one launch ahead, h as the pairs' digit rows). H200, Flash, as a step runs them: 81.3 / 88.5 /
-/// 87.4% of copy bandwidth at 2 / 4 / 8 tokens against 77.9 / 84.1 / 84.6% on F16 MMAs, decode
-/// steps at batch 2 / 4 0.8-2% faster, batch 8 even
+/// two-launch kernels win there (x as digit rows one launch ahead, h as the pairs' digit rows).
+/// H200, Flash, as a step runs them: 81.3 / 88.5 / 87.4% of copy bandwidth at 2 / 4 / 8 tokens
+/// against 77.9 / 84.1 / 84.6% on F16 MMAs, decode steps at batch 2 / 4 0.8-2% faster, batch 8 even
 /// (benches/results/2026-11-28-h200-digit-moe-2-8-tokens.md). From `FP8_MOE_PAIRS_FROM` tokens a
 /// pass takes two pairs of a slot: the 18-layer Flash step's graph replay at batch 12 / 16 / 24 /
 /// 32 7.06 / 8.56-8.64 / 11.85 / 13.94-13.97 ms against 7.58-7.63 / 9.03-9.06 / 12.41-12.51 /
@@ -40,10 +40,10 @@ pub const FP8_MOE_MIN_BANDWIDTH: f64 = 4.0e12;
 /// pass from 12 there), while at 48 rows it was 3.6% slower (slots of 3+ pairs still re-read
 /// their tiles), so 48 stays on F16
 /// (benches/results/2026-11-29-h200-two-pair-digit-moe-default.md). At 24 and 32 rows (the
-/// default up to 2026-11-30) the mixed MoE is faster: slots of 3+ pairs (7% of used slots at 24
-/// rows, 13% at 32) take one F16 pass instead of two digit passes
-/// (benches/results/2026-11-30-h200-mixed-moe.md). Past 8 rows only where two
-/// pairs a pass fit (`Kernels::moe_fp8_at`): not Pro's. Rows that may share experts (verify
+/// default up to 2026-11-30) the mixed MoE is as fast (24) or 3% faster (32): slots of 3+ pairs
+/// (7% of used slots at 24 rows, 13% at 32) take one F16 pass instead of two digit passes
+/// (benches/results/2026-11-30-h200-mixed-moe.md). Past 8 rows only where two pairs a pass fit
+/// (`Kernels::moe_fp8_at`): not Pro's. Rows that may share experts (verify
 /// blocks) stay off the digits (`Kernels::moe_kernel_rows`).
 pub const FP8_MOE_TOKENS: usize = 16;
 
