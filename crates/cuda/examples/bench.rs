@@ -477,31 +477,33 @@ fn main() {
                 let ms = time_b2b(&mut |run| k.moe_mxfp4_with(default, &wt, &dev[run % dev.len()], &x, MoeInput::Split(&sp), &mut scratch, &mut y).unwrap());
                 println!("{t:>6} {used:>8.1} {:>10.1} {ms:>8.3} {:>8.0} {:>9.1}%   (the same, x split by its producer as in a step)", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, pct(ms));
             }
-            // As a step runs it where the norm after the MoE sums the routed pairs
-            // (`moe_pairs_pay`): the same kernel without its combine, as decode rows (the mixed
-            // form where `moe_mixed_at` holds).
-            if Kernels::moe_leaves_pairs(&wt, default, top_k) && peregrine_cuda::kernels::moe_pairs_pay(top_k, h) {
+            // As a step runs it, as decode rows (the mixed form where `moe_mixed_at` holds): where
+            // the norm after the MoE sums the routed pairs (`moe_pairs_pay`), the same kernel
+            // without its combine; else combined, where the mixed form runs (Pro).
+            let pairs = Kernels::moe_leaves_pairs(&wt, default, top_k) && peregrine_cuda::kernels::moe_pairs_pay(top_k, h);
+            let mixed = k.moe_mixed_at(&wt, t) && matches!(default, MoeKernel::Tiled { .. });
+            if pairs || mixed {
                 let sp = k.moe_reads_split(&wt, t, top_k).then(|| k.moe_split_x(&x, t, h).unwrap());
                 let input = sp.as_ref().map_or(MoeInput::Settled, MoeInput::Split);
-                let ms = time_b2b(&mut |run| k.moe_mxfp4_decode_pairs(default, &wt, &dev[run % dev.len()], &x, input, &mut scratch).unwrap());
-                let mixed = if k.moe_mixed_at(&wt, t) && matches!(default, MoeKernel::Tiled { .. }) { ", slots of 1-2 pairs on digits" } else { "" };
-                println!("{t:>6} {used:>8.1} {:>10.1} {ms:>8.3} {:>8.0} {:>9.1}%   (as in a step: the pairs left to the norm after it, no combine{mixed})", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, pct(ms));
+                let ms = match pairs {
+                    true => time_b2b(&mut |run| k.moe_mxfp4_decode_pairs(default, &wt, &dev[run % dev.len()], &x, input, &mut scratch).unwrap()),
+                    false => time_b2b(&mut |run| k.moe_mxfp4_decode(default, &wt, &dev[run % dev.len()], &x, input, &mut scratch, &mut y).unwrap()),
+                };
+                let form = match (pairs, mixed) {
+                    (true, false) => "the pairs left to the norm after it, no combine",
+                    (true, true) => "the pairs left to the norm after it, no combine, the small slots on digits",
+                    _ => "decode rows, the small slots on digits, combined",
+                };
+                println!("{t:>6} {used:>8.1} {:>10.1} {ms:>8.3} {:>8.0} {:>9.1}%   (as in a step: {form})", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, pct(ms));
                 // PEREGRINE_BENCH_MOE_GRIDS=N,N,..: the same on at most N blocks each (the fused
                 // kernel's grid; by default as many as are resident).
-                if let (MoeKernel::Fused { stages, steps, .. }, Ok(grids)) = (default, std::env::var("PEREGRINE_BENCH_MOE_GRIDS")) {
+                if let (true, MoeKernel::Fused { stages, steps, .. }, Ok(grids)) = (pairs, default, std::env::var("PEREGRINE_BENCH_MOE_GRIDS")) {
                     for n in grids.split(',').filter_map(|v| v.trim().parse::<usize>().ok()) {
                         let kind = MoeKernel::Fused { stages, steps, max_blocks: n };
                         let ms = time_b2b(&mut |run| k.moe_mxfp4_pairs(kind, &wt, &dev[run % dev.len()], &x, input, &mut scratch).unwrap());
                         println!("{t:>6} {used:>8.1} {:>10.1} {ms:>8.3} {:>8.0} {:>9.1}%   (the same on at most {n} blocks)", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, pct(ms));
                     }
                 }
-            }
-            // Decode rows whose combined MoE runs mixed (pairs not left to the norm: Pro).
-            if !(Kernels::moe_leaves_pairs(&wt, default, top_k) && peregrine_cuda::kernels::moe_pairs_pay(top_k, h)) && k.moe_mixed_at(&wt, t) && matches!(default, MoeKernel::Tiled { .. }) {
-                let sp = k.moe_reads_split(&wt, t, top_k).then(|| k.moe_split_x(&x, t, h).unwrap());
-                let input = sp.as_ref().map_or(MoeInput::Settled, MoeInput::Split);
-                let ms = time_b2b(&mut |run| k.moe_mxfp4_decode(default, &wt, &dev[run % dev.len()], &x, input, &mut scratch, &mut y).unwrap());
-                println!("{t:>6} {used:>8.1} {:>10.1} {ms:>8.3} {:>8.0} {:>9.1}%   (as in a step: decode rows, the small slots on digits, combined)", b / 1e6, b / (ms as f64 * 1e-3) / 1e9, pct(ms));
             }
             // Routing that shares experts between tokens (as consecutive tokens of one text
             // often do): every token draws its top-k from the same pool of 2 x top-k experts (a

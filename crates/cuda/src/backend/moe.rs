@@ -399,18 +399,13 @@ impl CudaModel {
         }
         let (r, _, _) = self.route_device(spec, RouteSource::Logits(logits), bias, n)?;
         if leave_pairs {
-            let out = self.with_moe_scratch(w, r.num_pairs, |scratch| match decode {
-                true => self.kernels.moe_mxfp4_decode_pairs(kind, w, &r, hn, input, scratch),
-                false => self.kernels.moe_mxfp4_pairs(kind, w, &r, hn, input, scratch),
-            })?;
+            // Decode rows may run the mixed form (`Kernels::moe_mixed_at`), verify blocks not.
+            let out = self.with_moe_scratch(w, r.num_pairs, |scratch| self.kernels.moe_mxfp4_run(kind, w, &r, hn, input, scratch, None, decode))?;
             self.moe_pairs_calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return Ok(MlpOut::Pairs(MoePairs { out, tok_pairs: r.tok_pairs, topk: spec.top_k, pre: None }));
         }
         let mut y = self.empty(n * self.spec.hidden_size)?;
-        self.with_moe_scratch(w, r.num_pairs, |scratch| match decode {
-            true => self.kernels.moe_mxfp4_decode(kind, w, &r, hn, input, scratch, &mut y),
-            false => self.kernels.moe_mxfp4_with(kind, w, &r, hn, input, scratch, &mut y),
-        })?;
+        self.with_moe_scratch(w, r.num_pairs, |scratch| self.kernels.moe_mxfp4_run(kind, w, &r, hn, input, scratch, Some(&mut y), decode))?;
         Ok(MlpOut::Rows(y))
     }
 
