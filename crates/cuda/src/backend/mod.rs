@@ -750,6 +750,8 @@ impl CudaModel {
         };
         let choices = self.kernels.moe_choices.lock().unwrap_or_else(|e| e.into_inner()).clone();
         *kernels.moe_choices.lock().unwrap_or_else(|e| e.into_inner()) = choices;
+        let verify = self.kernels.moe_verify_choices.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        *kernels.moe_verify_choices.lock().unwrap_or_else(|e| e.into_inner()) = verify;
         kernels.alloc = self.kernels.alloc.clone();
         Ok(KernelSet { kernels, ops })
     }
