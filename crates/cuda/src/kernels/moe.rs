@@ -60,9 +60,12 @@ pub const FP8_MOE_TOKENS: usize = 16;
 pub const FP8_MOE_PAIRS_FROM: usize = 6;
 
 
-/// Decode rows from which the mixed MoE runs by default (`Kernels::moe_mixed_at`; rows past
-/// `FP8_MOE_TOKENS`): the row buckets 24, 32, 48 and 64.
-pub const MIXED_FROM: usize = 24;
+/// Decode rows from which the mixed MoE runs by default (`Kernels::moe_mixed_at`, which also
+/// needs the rows past the digits' own, `Kernels::moe_fp8_at`): every row bucket past the tuned
+/// counts (12-64). On Flash that is 24-64 (12 and 16 run on digits); on MiMo-V2.5-Pro, whose
+/// digits stop at 8 rows, also 12 and 16, where mixed the step ran 7-8% shorter than on F16
+/// (H200, 15 layers, 10 of 10 rounds: benches/results/2026-11-30-h200-pro-mixed-from-12.md).
+pub const MIXED_FROM: usize = crate::moe_tune::TUNED_TOKENS + 1;
 
 /// The most rows the FP8 digit MoE may be set to take where `tune_tokens` rows are tuned:
 /// `moe_tune::TUNED_BUCKETS_MAX`, or more where more are tuned (a count on digits is tuned among
