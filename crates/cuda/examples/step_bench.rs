@@ -90,6 +90,10 @@ struct Args {
     /// FP8 digits (the default on sm_90a), B the same ring on F16 MMAs. `attn-tc-rows:N`: A the
     /// decode attention kernels as loaded, B the tensor-core GQA kernel from N rows. `mixed:N`:
     /// A the MoE as loaded, B the mixed MoE from N decode rows (`set_moe_mixed_from`).
+    /// `digits-to:N`: A the MoE as loaded, B on FP8 digits up to N rows and mixed from N + 1
+    /// (`set_moe_fp8_tokens`, `set_moe_mixed_from`; the kernels tuned at load kept, so B's F16
+    /// half runs the rings tuned for digits; rows taken off the digits also leave the paths
+    /// that need them, such as the o_proj doing the router at 2-8 rows).
     /// `heads-splits:N`: A `attention_v2_heads` split to fill the wave, B into at most N.
     /// `pre-fill`: A the ready attention's splits as loaded (by default filling
     /// `attention_v2_kv_ready`'s wave), B the other rule (fitting the wave of
@@ -752,6 +756,15 @@ fn main() {
                 ab(&mut model, &|m, on| set(m, if on { n } else { base }));
                 continue;
             }
+            if let Some(n) = what.strip_prefix("digits-to:") {
+                let n: usize = n.parse().expect("--ab digits-to:N");
+                let (fp8, mixed) = (model.moe_fp8_tokens(), model.moe_mixed_from());
+                ab(&mut model, &|m, on| {
+                    m.set_moe_fp8_tokens(if on { n } else { fp8 }).expect("digit rows");
+                    m.set_moe_mixed_from(if on { n + 1 } else { mixed });
+                });
+                continue;
+            }
             if let Some(n) = what.strip_prefix("heads-splits:") {
                 // A the heads kernel's splits as the wave asks, B at most n.
                 let n: usize = n.parse().expect("--ab heads-splits:N");
@@ -787,7 +800,7 @@ fn main() {
             let shift = match what.strip_prefix("shift:") {
                 Some(n) => Some(n.parse::<usize>().expect("--ab shift:BYTES")),
                 None if ["tail", "argmax", "fetch", "embed", "prefetch"].contains(&what.as_str()) => None,
-                None => panic!("--ab takes tail, argmax, fetch, embed, prefetch, rows, fp8, shift:BYTES, copies:N, group:N, oproj-rows:N, route-block:N, route-cluster:N, moe-grid:N, attn-tc-rows:N, mixed:N, heads-splits:N, pre-fill, ready-wave, preload or defines:DEFINES, not {what}"),
+                None => panic!("--ab takes tail, argmax, fetch, embed, prefetch, rows, fp8, shift:BYTES, copies:N, group:N, oproj-rows:N, route-block:N, route-cluster:N, moe-grid:N, attn-tc-rows:N, mixed:N, digits-to:N, heads-splits:N, pre-fill, ready-wave, preload or defines:DEFINES, not {what}"),
             };
             ab(&mut model, &|m, on| match shift {
                 Some(n) => m.shift_step_buffers(if on { n } else { 0 }).expect("buffers shifted"),

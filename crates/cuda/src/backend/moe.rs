@@ -347,6 +347,19 @@ impl CudaModel {
         self.graphs.clear();
     }
 
+    /// Rows up to which the MoE may run on FP8 digits (`Kernels::moe_fp8_at`).
+    pub fn moe_fp8_tokens(&self) -> usize {
+        self.kernels.moe_fp8_tokens()
+    }
+
+    /// Sets the rows up to which the MoE may run on FP8 digits (`Kernels::set_moe_fp8_tokens`:
+    /// the kernels tuned at load keep their choice) and drops the graphs; returns the setting
+    /// before.
+    pub fn set_moe_fp8_tokens(&mut self, tokens: usize) -> Result<usize> {
+        self.graphs.clear();
+        self.kernels.set_moe_fp8_tokens(tokens)
+    }
+
     /// Decode rows from which the mixed MoE may run (`Kernels::moe_mixed_at`).
     pub fn moe_mixed_from(&self) -> usize {
         self.kernels.moe_mixed_from()

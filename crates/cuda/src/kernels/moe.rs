@@ -702,6 +702,11 @@ impl Kernels {
         Ok(std::mem::replace(&mut self.moe_fp8_tokens, tokens))
     }
 
+    /// Rows up to which the MoE may run on FP8 digits (`moe_fp8_at`).
+    pub fn moe_fp8_tokens(&self) -> usize {
+        self.moe_fp8_tokens
+    }
+
     /// The token counts `tune_moe` measures on this GPU: 1..=`moe_tune::TUNED_TOKENS`, then the
     /// decode row buckets up to `moe_tune_tokens`.
     pub fn tuned_counts(&self) -> Vec<usize> {
