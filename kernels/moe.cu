@@ -1089,8 +1089,7 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
                                           int topk, int x_settled, unsigned* slot_done, unsigned* slot_passed,
                                           const unsigned* __restrict__ xs = nullptr, const float* __restrict__ xinv = nullptr,
                                           unsigned* __restrict__ hs = nullptr, float* __restrict__ hinv = nullptr,
-                                          const unsigned char* __restrict__ xd = nullptr, int np_min = 1, int np_max = 0x7fffffff,
-                                          bool entry_wait = true) {
+                                          const unsigned char* __restrict__ xd = nullptr, int np_min = 1, int np_max = 0x7fffffff) {
     constexpr int RING = NS * CS * STEP_BYTES;  // bytes per warp
     extern __shared__ __align__(MOE_DSM_ALIGN) uint4 dsm[];
     uint4* frag = staged_frag(RING);
@@ -1102,7 +1101,7 @@ __device__ __forceinline__ void moe_tiled(const unsigned char* __restrict__ W, c
     bool staged = false;
     if (GATE_UP) {
         staged = !SPLIT && xd == nullptr && stage_token_early<DG>(x, T, K, frag, ss, x_settled);
-        if (entry_wait) PDL_WAIT();
+        PDL_WAIT();
         TRACE_PAST_WAIT();
         PDL_TRIGGER();
     }
@@ -1662,56 +1661,41 @@ __device__ __forceinline__ void moe_fused_acc(const unsigned long long* __restri
     }
 
 // Ring shapes: NS stages of CS steps. The _split_ kernels read their rows split already (moe_tiled's SPLIT).
-// late (the mixed MoE's F16 half, launched behind the digit half: Kernels::moe_mxfp4_run):
-// gate_up does not wait for the kernel ahead (the digit down), whose blocks have all started by
-// the time any of gate_up's runs, so x, the routing and everything before the digit gate_up's
-// wait are done; nothing it reads or writes is the digit half's. Block (0, 0) of each launch
-// waits at its exit instead, so that gate_up's completion still covers the digit down's and
-// down's covers gate_up's: the next kernel's wait then covers the whole MoE.
-#define MOE_LATE_EXIT_WAIT(late)                                            \
-    do {                                                                    \
-        if ((late) && blockIdx.x == 0 && blockIdx.y == 0) PDL_WAIT();      \
-    } while (0)
 #define MOE_BULK(NS, CS)                                                                                                 \
     extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_gate_up_bulk_n##NS##_c##CS(                    \
         const unsigned char* __restrict__ W, const int* __restrict__ experts,                                           \
         const int* __restrict__ pair_off, const int* __restrict__ pair_tok, const float* __restrict__ x,                 \
-        float* __restrict__ h, int H, int I, int T, int x_settled, unsigned* slots, int np_min, int np_max, int late) {  \
+        float* __restrict__ h, int H, int I, int T, int x_settled, unsigned* slots, int np_min, int np_max) {            \
         moe_tiled<true, NS, CS, false>(W, experts, pair_off, pair_tok, nullptr, x, h, H, I / 8, I, nullptr, nullptr,  \
                                        nullptr, T, 0, x_settled, slots, nullptr, nullptr, nullptr, nullptr, nullptr,     \
-                                       nullptr, np_min, np_max, !late);                                                  \
-        MOE_LATE_EXIT_WAIT(late);                                                                                        \
+                                       nullptr, np_min, np_max);                                                         \
     }                                                                                                                    \
     extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_down_bulk_n##NS##_c##CS(                       \
         const unsigned char* __restrict__ W, const int* __restrict__ experts,                                           \
         const int* __restrict__ pair_off, const float* __restrict__ pair_w, const float* __restrict__ h,                 \
         float* __restrict__ out, int H, int I, unsigned* counters, const int* __restrict__ tok_pairs,                    \
-        float* __restrict__ y, int T, int topk, unsigned* slots, int np_min, int np_max, int late) { PDL_TRIGGER();      \
+        float* __restrict__ y, int T, int topk, unsigned* slots, int np_min, int np_max) { PDL_TRIGGER();                \
         moe_tiled<false, NS, CS, false>(W, experts, pair_off, nullptr, pair_w, h, out, I, H / 16, H, counters, tok_pairs,\
                                         y, T, topk, 0, slots, slots ? slots + gridDim.y : nullptr, nullptr, nullptr,     \
                                         nullptr, nullptr, nullptr, np_min, np_max);                                      \
-        MOE_LATE_EXIT_WAIT(late);                                                                                        \
     }                                                                                                                    \
     extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_gate_up_split_n##NS##_c##CS(                   \
         const unsigned char* __restrict__ W, const int* __restrict__ experts,                                           \
         const int* __restrict__ pair_off, const int* __restrict__ pair_tok, float* __restrict__ h, int H, int I,         \
         unsigned* slots, const unsigned* __restrict__ xs, const float* __restrict__ xinv, unsigned* __restrict__ hs,     \
-        float* __restrict__ hinv, int np_min, int np_max, int late) {                                                    \
+        float* __restrict__ hinv, int np_min, int np_max) {                                                              \
         moe_tiled<true, NS, CS, true>(W, experts, pair_off, pair_tok, nullptr, nullptr, h, H, I / 8, I, nullptr,      \
                                       nullptr, nullptr, 0, 0, 0, slots, nullptr, xs, xinv, hs, hinv, nullptr, np_min,    \
-                                      np_max, !late);                                                                    \
-        MOE_LATE_EXIT_WAIT(late);                                                                                        \
+                                      np_max);                                                                           \
     }                                                                                                                    \
     extern "C" __global__ void __launch_bounds__(256, MOE_MIN_BLOCKS) moe_down_split_n##NS##_c##CS(                      \
         const unsigned char* __restrict__ W, const int* __restrict__ experts,                                           \
         const int* __restrict__ pair_off, const float* __restrict__ pair_w, float* __restrict__ out, int H, int I,       \
         unsigned* counters, const int* __restrict__ tok_pairs, float* __restrict__ y, int T, int topk, unsigned* slots,  \
-        const unsigned* __restrict__ hs, const float* __restrict__ hinv, int np_min, int np_max, int late) {             \
-        PDL_TRIGGER();                                                                                                   \
+        const unsigned* __restrict__ hs, const float* __restrict__ hinv, int np_min, int np_max) { PDL_TRIGGER();       \
         moe_tiled<false, NS, CS, true>(W, experts, pair_off, nullptr, pair_w, nullptr, out, I, H / 16, H, counters,   \
                                        tok_pairs, y, T, topk, 0, slots, slots + gridDim.y, hs, hinv, nullptr, nullptr,   \
                                        nullptr, np_min, np_max);                                                         \
-        MOE_LATE_EXIT_WAIT(late);                                                                                        \
     }                                                                                                                    \
     MOE_FUSED(NS, CS, _bulk, false)
 MOE_BULK(2, 4)

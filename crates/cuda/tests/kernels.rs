@@ -723,10 +723,8 @@ fn mxfp4_moe_decode_matches_the_cpu_reference() {
                     let pairs_before = kern.set_moe_fp8_pairs_from(pairs_from);
                     let npd = if kern.moe_two_pairs_at(&wt, t) { 2 } else { 1 };
                     assert_eq!(npd, if pairs_from == 1 { 2 } else { 1 }, "{h}x{i} T={t}: two pairs a digit pass from {pairs_from} tokens");
-                    let late = kern.set_moe_mixed_late(true);
-                    let mut pair_rows = |digits: bool, mixed: bool, late: bool| -> Vec<f32> {
+                    let mut pair_rows = |digits: bool, mixed: bool| -> Vec<f32> {
                         kern.set_moe_fp8_tokens(if digits { t } else { 1 }).unwrap();
-                        kern.set_moe_mixed_late(late);
                         assert_eq!(kern.moe_mixed_at(&wt, t), !digits, "{h}x{i} T={t}: mixed where the digits do not run");
                         let mut sc = kern.moe_scratch(&w, t * top_k).unwrap();
                         g.stream.memcpy_htod(&vec![f32::NAN; t * top_k * h], &mut sc.out).unwrap();
@@ -738,11 +736,9 @@ fn mxfp4_moe_decode_matches_the_cpu_reference() {
                         assert!(g.stream.clone_dtoh(&sc.counters).unwrap().iter().all(|&c| c == 0), "T={t} (digits {digits}, mixed {mixed}): counters left non-zero");
                         g.stream.clone_dtoh(&sc.out).unwrap()
                     };
-                    let (on_digits, on_f16, mixed) = (pair_rows(true, false, true), pair_rows(false, false, true), pair_rows(false, true, true));
-                    // A second call, its F16 half waiting for the digit half (not `late`).
-                    let again = pair_rows(false, true, false);
-                    assert!(mixed.iter().zip(&again).all(|(a, b)| a.to_bits() == b.to_bits()), "mixed MoE {h}x{i} T={t}: a second call (F16 half not late) differs");
-                    kern.set_moe_mixed_late(late);
+                    let (on_digits, on_f16, mixed) = (pair_rows(true, false), pair_rows(false, false), pair_rows(false, true));
+                    let again = pair_rows(false, true);
+                    assert!(mixed.iter().zip(&again).all(|(a, b)| a.to_bits() == b.to_bits()), "mixed MoE {h}x{i} T={t}: a second call differs");
                     // Combined (`moe_mxfp4_decode`): each token's pairs summed in ascending pair
                     // order from zero, as moe_combine and the fused combine sum them.
                     let mut sc = kern.moe_scratch(&w, t * top_k).unwrap();

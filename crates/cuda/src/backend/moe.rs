@@ -360,17 +360,6 @@ impl CudaModel {
         self.kernels.set_moe_fp8_tokens(tokens)
     }
 
-    /// Whether the mixed MoE's F16 half starts without waiting for its digit half.
-    pub fn moe_mixed_late(&self) -> bool {
-        self.kernels.mixed_late
-    }
-
-    /// Sets that (`Kernels::set_moe_mixed_late`) and drops the graphs; returns the setting before.
-    pub fn set_moe_mixed_late(&mut self, on: bool) -> bool {
-        self.graphs.clear();
-        self.kernels.set_moe_mixed_late(on)
-    }
-
     /// Decode rows from which the mixed MoE may run (`Kernels::moe_mixed_at`).
     pub fn moe_mixed_from(&self) -> usize {
         self.kernels.moe_mixed_from()

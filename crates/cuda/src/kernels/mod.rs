@@ -152,9 +152,6 @@ pub struct Kernels {
     /// Decode rows from which the two-launch F16 MoE sends slots of 1-2 pairs to the digit
     /// kernels (`moe_mixed_at`; `MIXED_FROM`, `PEREGRINE_MOE_MIXED_FROM`).
     moe_mixed_from: usize,
-    /// Whether the mixed MoE's F16 half starts without waiting for its digit half
-    /// (`moe_mxfp4_run`'s `LatePre`; `PEREGRINE_MOE_MIXED_LATE`).
-    pub(crate) mixed_late: bool,
     moe_fp8: bool,
     /// Token counts up to which the MoE kernels run on FP8 digits where `moe_fp8` holds
     /// (`moe_fp8_at`; `PEREGRINE_MOE_FP8_TOKENS`, 1..=`moe_fp8_tokens_max`).
@@ -415,7 +412,6 @@ impl Kernels {
                 Ok(v) => v.parse().ok().filter(|&n| n >= 2).unwrap_or(MIXED_FROM),
                 Err(_) => MIXED_FROM,
             },
-            mixed_late: std::env::var("PEREGRINE_MOE_MIXED_LATE").map_or(true, |v| v != "0"),
             moe_fp8_pairs_from: std::env::var("PEREGRINE_MOE_FP8_PAIRS_FROM").ok().and_then(|v| v.parse().ok()).filter(|&n| n >= 1).unwrap_or(FP8_MOE_PAIRS_FROM),
             moe_fp8: std::env::var("PEREGRINE_MOE_FP8").map_or(peak_bandwidth >= FP8_MOE_MIN_BANDWIDTH, |v| v != "0"),
             moe_fp8_tokens: std::env::var("PEREGRINE_MOE_FP8_TOKENS")

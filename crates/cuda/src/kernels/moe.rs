@@ -170,16 +170,6 @@ impl XSplit<'_> {
     }
 }
 
-/// What the mixed MoE's F16 half reads or writes of its own, made before its digit half
-/// launches: the F16 half then runs `late` (its gate_up does not wait for the digit down), and
-/// a buffer allocated between the halves could reuse memory the digit half still reads (x's
-/// digit rows, freed once its launches are queued). x split (where its kernels read x split)
-/// and h split (where they split h).
-struct LatePre<'a> {
-    xsplit: Option<XSplit<'a>>,
-    hsplit: Option<(CudaSlice<u32>, CudaSlice<f32>)>,
-}
-
 /// Rows of x split as the MoE kernels read them (`moe_split_rows`' layout: each row's F16 hi
 /// and lo of x * 2^s as one routed pair's staged fragments, 4 bytes per element) and 2^-s per
 /// row, written by x's producer (the backend's `add_rms_norm_moe_split`).
@@ -672,12 +662,6 @@ impl Kernels {
         self.moe_mixed_from
     }
 
-    /// Sets whether the mixed MoE's F16 half starts without waiting for the digit half
-    /// (`LatePre`; the same bits either way); returns the setting before.
-    pub fn set_moe_mixed_late(&mut self, on: bool) -> bool {
-        std::mem::replace(&mut self.mixed_late, on)
-    }
-
     /// Whether two-pair gate_up blocks over `w` (two digit rows of x beside the smallest digit
     /// ring) stay resident two to an SM. Flash's (H 4096) do, as one-pair blocks three; Pro's
     /// (H 6144) do not: one a SM, and its batch-6 / 8 steps ran 4-5% slower than with one pair a
@@ -1091,29 +1075,15 @@ impl Kernels {
                     // Mixed (`moe_mixed_at`): the slots of 1..=npd pairs (`mixed_digit_pairs`) on
                     // the digit kernels (a pass each), then the others on `kind`'s F16
                     // kernels (up to 4 pairs a pass), with h of their own (the two halves lay h
-                    // out differently). Both leave their pairs (the fused combine counts every
-                    // slot): with y, moe_combine below sums them, in its order.
-                    // With `mixed_late` the F16 gate_up does not wait for the digit down (the
-                    // kernels' `late`: one block of each F16 launch waits at its exit, so each
-                    // launch's completion still covers the ones before it; programmatic
-                    // dependent launch orders only neighbours); everything the F16 half reads
-                    // or writes of its own is then made before the digit half launches, while
-                    // every buffer the digit half reads is alive (`LatePre`). Without it the
-                    // F16 gate_up waits for the digit down.
+                    // out differently). The F16 gate_up waits for the digit down, so each
+                    // launch's completion covers the ones before it (programmatic dependent
+                    // launch orders only neighbours). Both leave their pairs (the fused combine
+                    // counts every slot): with y, moe_combine below sums them, in its order.
                     let npd = self.mixed_digit_pairs(w, r.num_tokens);
+                    self.tiled_launches(w, r, x, input, (DG_RINGS[dr.0], DG_RINGS[dr.1]), Some(dr), npd, hbuf, out, counters, None, (1, npd as i32))?;
                     // Written in full by the F16 gate_up before its down reads it.
                     let mut hf = unsafe { self.alloc.alloc::<f32>(r.num_pairs * i) }?;
-                    let pre = if self.mixed_late {
-                        let (_, split_x, split_h) = self.tiled_splits(w, r, None, counters.len());
-                        Some(LatePre {
-                            xsplit: if split_x { Some(self.x_split(input, x, r.num_tokens, h)?) } else { None },
-                            hsplit: if split_h { Some((unsafe { self.alloc.alloc::<u32>(r.num_pairs * i) }?, unsafe { self.alloc.alloc::<f32>(r.num_pairs) }?)) } else { None },
-                        })
-                    } else {
-                        None
-                    };
-                    self.tiled_launches(w, r, x, input, (DG_RINGS[dr.0], DG_RINGS[dr.1]), Some(dr), npd, hbuf, out, counters, None, (1, npd as i32), None)?;
-                    self.tiled_launches(w, r, x, input, rings, None, 1, &mut hf, out, counters, None, (npd as i32 + 1, i32::MAX), pre)?;
+                    self.tiled_launches(w, r, x, input, rings, None, 1, &mut hf, out, counters, None, (npd as i32 + 1, i32::MAX))?;
                     if y.is_none() {
                         return Ok(());
                     }
@@ -1121,7 +1091,7 @@ impl Kernels {
                     let digits = self.tiled_digits(w, r.num_tokens, rings.0, rings.1);
                     // Two pairs of a slot a digit pass from `moe_fp8_pairs_from` tokens, where they fit.
                     let npd = if digits.is_some() && self.moe_two_pairs_at(w, r.num_tokens) { 2 } else { 1 };
-                    self.tiled_launches(w, r, x, input, rings, digits, npd, hbuf, out, counters, y.as_deref_mut(), (1, i32::MAX), None)?;
+                    self.tiled_launches(w, r, x, input, rings, digits, npd, hbuf, out, counters, y.as_deref_mut(), (1, i32::MAX))?;
                     if r.top_k <= MAX_FUSED_TOPK || y.is_none() {
                         return Ok(());
                     }
@@ -1219,7 +1189,7 @@ impl Kernels {
     /// down), on FP8 digits where `digits` gives their `DG_RINGS` indices (passes of `npd`
     /// pairs), else on F16 MMAs; h in `hbuf`, the pairs' outputs in `out`, combined into `y`
     /// where given (every slot in range only: the combine counts them all).
-    fn tiled_launches(&self, w: &MoeWeights, r: &DeviceRouting, x: &CudaSlice<f32>, input: MoeInput, rings: ((usize, usize), (usize, usize)), digits: Option<(usize, usize)>, npd: usize, hbuf: &mut CudaSlice<f32>, out: &mut CudaSlice<f32>, counters: &mut CudaSlice<u32>, mut y: Option<&mut CudaSlice<f32>>, slots: (i32, i32), late: Option<LatePre>) -> Result<()> {
+    fn tiled_launches(&self, w: &MoeWeights, r: &DeviceRouting, x: &CudaSlice<f32>, input: MoeInput, rings: ((usize, usize), (usize, usize)), digits: Option<(usize, usize)>, npd: usize, hbuf: &mut CudaSlice<f32>, out: &mut CudaSlice<f32>, counters: &mut CudaSlice<u32>, mut y: Option<&mut CudaSlice<f32>>, slots: (i32, i32)) -> Result<()> {
         let ((stages, steps), (down_stages, down_steps)) = rings;
         let (v, dv) = (Self::tiled_variant(stages, steps)?, Self::tiled_variant(down_stages, down_steps)?);
         let (h, i, u) = (w.hidden, w.inter, r.num_experts_used as u32);
@@ -1232,15 +1202,21 @@ impl Kernels {
         let fused = r.top_k <= MAX_FUSED_TOPK;
         let groups = (h / 16).div_ceil(8);
         check(counters.len() >= groups, || "MoE scratch counters too small".into())?;
-        let (slot_wait, split_x, split_h) = self.tiled_splits(w, r, digits, counters.len());
-        check(late.as_ref().is_none_or(|p| digits.is_none() && p.xsplit.is_some() == split_x && p.hsplit.is_some() == split_h), || "MoE: the late F16 launches' buffers do not match their kernels".into())?;
-        let late_flag = late.is_some() as i32;
+        // Per-slot counters after the combine's (done, then passed; moe_counters sizes
+        // them), zero between calls like the combine's; 0: the whole-grid wait.
+        let slot_wait = fused && self.slot_wait.contains(&r.num_tokens) && counters.len() >= groups + 2 * u as usize;
         let slot_ptr = if slot_wait { counters.device_ptr(&self.stream).0 + (groups * std::mem::size_of::<u32>()) as u64 } else { 0u64 };
+        // From 2 tokens the _split_ kernels: x split once per token (here), and with the
+        // per-slot wait h once per slot (by its last gate_up block); both written in full
+        // before they are read. On FP8 digits (`tiled_digits`) neither: a pass stages its
+        // pair's x as digits, and gate_up hands h over as the pairs' digit rows.
         let fg = match digits {
             Some((g, _)) if npd == 2 => &self.gate_up_dg2[g],
             Some((g, _)) => &self.gate_up_dg[g],
             None => self.gate_up_kernel(v, r.num_tokens),
         };
+        let split_x = digits.is_none() && self.splits_x(r.num_tokens);
+        let split_h = split_x && self.presplit_h && slot_wait;
         let fd = match digits {
             Some((_, d)) if npd == 2 => &self.down_dg2[d],
             Some((_, d)) => &self.down_dg[d],
@@ -1279,27 +1255,16 @@ impl Kernels {
         };
         let mut b = crate::launch::builder(&self.stream, fg);
         b.arg(gate_up).arg(&r.experts).arg(&r.pair_off).arg(&r.pair_tok);
-        let (mut pre_x, pre_h) = match late {
-            Some(LatePre { xsplit, hsplit }) => (xsplit, hsplit),
-            None => (None, None),
-        };
         let (_xsplit, mut hsplit) = if split_x {
-            let xsplit = match pre_x.take() {
-                Some(xsplit) => xsplit,
-                None => self.x_split(input, x, r.num_tokens, h)?,
-            };
+            let xsplit = self.x_split(input, x, r.num_tokens, h)?;
             let sp = xsplit.rows();
-            let mut hsplit = match pre_h {
-                Some(hsplit) => Some(hsplit),
-                None if split_h => Some((alloc_u32(r.num_pairs * i)?, alloc_f32(r.num_pairs)?)),
-                None => None,
-            };
+            let mut hsplit = if split_h { Some((alloc_u32(r.num_pairs * i)?, alloc_f32(r.num_pairs)?)) } else { None };
             b.arg(&mut *hbuf).arg(&hh).arg(&ii).arg(&slot_ptr).arg(&sp.xs).arg(&sp.inv);
             match &mut hsplit {
                 Some((hs, hinv)) => b.arg(hs).arg(hinv),
                 None => b.arg(&0u64).arg(&0u64),
             };
-            b.arg(&np_min).arg(&np_max).arg(&late_flag);
+            b.arg(&np_min).arg(&np_max);
             unsafe { b.launch(cfg(2 * i / 16, gu_smem)) }.map_err(drv("moe gate_up (tiled, split)"))?;
             (Some(xsplit), hsplit)
         } else {
@@ -1313,9 +1278,6 @@ impl Kernels {
                 };
             }
             b.arg(&np_min).arg(&np_max);
-            if digits.is_none() {
-                b.arg(&late_flag);
-            }
             unsafe { b.launch(cfg(2 * i / 16, gu_smem)) }.map_err(drv("moe gate_up (tiled)"))?;
             (None, None)
         };
@@ -1341,26 +1303,8 @@ impl Kernels {
             b.arg(&*hs).arg(&*hinv);
         }
         b.arg(&np_min).arg(&np_max);
-        if digits.is_none() {
-            b.arg(&late_flag);
-        }
         unsafe { b.launch(cfg(h / 16, d_smem)) }.map_err(drv("moe down (tiled)"))?;
         Ok(())
-    }
-
-    /// How the two-launch tiled kernels of `r` run (`digits`: on FP8 digits) with `counters`
-    /// words of counters: (the per-slot wait, x split, h split). The per-slot counters come after
-    /// the combine's (done, then passed; `moe_counters` sizes them), zero between calls like
-    /// the combine's; without them the down kernel waits for the whole gate_up grid. From 2
-    /// tokens the _split_ kernels: x split once per token (`x_split`), and with the per-slot
-    /// wait h once per slot (by its last gate_up block); both written in full before they are
-    /// read. On FP8 digits neither: a pass stages its pair's x as digits, and gate_up hands h
-    /// over as the pairs' digit rows.
-    fn tiled_splits(&self, w: &MoeWeights, r: &DeviceRouting, digits: Option<(usize, usize)>, counters: usize) -> (bool, bool, bool) {
-        let groups = (w.hidden / 16).div_ceil(8);
-        let slot_wait = r.top_k <= MAX_FUSED_TOPK && self.slot_wait.contains(&r.num_tokens) && counters >= groups + 2 * r.num_experts_used;
-        let split_x = digits.is_none() && self.splits_x(r.num_tokens);
-        (slot_wait, split_x, split_x && self.presplit_h && slot_wait)
     }
 
     /// The `t` rows of x [t, h] split as the MoE kernels that read x split take them: the
