@@ -94,8 +94,6 @@ struct Args {
     /// (`set_moe_fp8_tokens`, `set_moe_mixed_from`; the kernels tuned at load kept, so B's F16
     /// half runs the rings tuned for digits; rows taken off the digits also leave the paths
     /// that need them, such as the o_proj doing the router at 2-8 rows).
-    /// `mixed-rings`: A the mixed MoE's digit half on the rings tuned per count, B on those
-    /// tuned where every slot is on digits (`swap_moe_mixed_rings` of an empty table).
     /// `heads-splits:N`: A `attention_v2_heads` split to fill the wave, B into at most N.
     /// `pre-fill`: A the ready attention's splits as loaded (by default filling
     /// `attention_v2_kv_ready`'s wave), B the other rule (fitting the wave of
@@ -718,21 +716,6 @@ fn main() {
                 ab(&mut model, &|m, on| m.set_moe_fp8(!on));
                 continue;
             }
-            if what == "mixed-rings" {
-                let tuned = model.swap_moe_mixed_rings(Default::default());
-                model.swap_moe_mixed_rings(tuned.clone());
-                if tuned.is_empty() {
-                    println!("| {what} | - | no mixed MoE digit rings were tuned here | | | |");
-                    continue;
-                }
-                let mut each: Vec<_> = tuned.iter().map(|(k, &(g, d))| (k.4, peregrine_cuda::kernels::DG_RINGS[g], peregrine_cuda::kernels::DG_RINGS[d])).collect();
-                each.sort();
-                println!("mixed MoE digit rings tuned (tokens, gate_up, down): {each:?}");
-                ab(&mut model, &|m, on| {
-                    m.swap_moe_mixed_rings(if on { Default::default() } else { tuned.clone() });
-                });
-                continue;
-            }
             if let Some(n) = what.strip_prefix("moe-grid:") {
                 // A the one-token MoE kernel as chosen, B the same fused kernel on at most n
                 // blocks (its grid is otherwise as many blocks as are resident). Pinning does not
@@ -817,7 +800,7 @@ fn main() {
             let shift = match what.strip_prefix("shift:") {
                 Some(n) => Some(n.parse::<usize>().expect("--ab shift:BYTES")),
                 None if ["tail", "argmax", "fetch", "embed", "prefetch"].contains(&what.as_str()) => None,
-                None => panic!("--ab takes tail, argmax, fetch, embed, prefetch, rows, fp8, shift:BYTES, copies:N, group:N, oproj-rows:N, route-block:N, route-cluster:N, moe-grid:N, attn-tc-rows:N, mixed:N, mixed-rings, digits-to:N, heads-splits:N, pre-fill, ready-wave, preload or defines:DEFINES, not {what}"),
+                None => panic!("--ab takes tail, argmax, fetch, embed, prefetch, rows, fp8, shift:BYTES, copies:N, group:N, oproj-rows:N, route-block:N, route-cluster:N, moe-grid:N, attn-tc-rows:N, mixed:N, digits-to:N, heads-splits:N, pre-fill, ready-wave, preload or defines:DEFINES, not {what}"),
             };
             ab(&mut model, &|m, on| match shift {
                 Some(n) => m.shift_step_buffers(if on { n } else { 0 }).expect("buffers shifted"),

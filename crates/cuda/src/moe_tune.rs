@@ -14,7 +14,7 @@ use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::CudaSlice;
 use peregrine_core::Result;
 
-use crate::kernels::{Kernels, MoeInput, MoeKernel, MoeLayout, MoeRouting, MoeWeights, DG_RINGS, TILED_VARIANTS};
+use crate::kernels::{Kernels, MoeInput, MoeKernel, MoeLayout, MoeRouting, MoeWeights, TILED_VARIANTS};
 
 /// Token counts tuned one by one (1..=TUNED_TOKENS); above, the decode graphs' row buckets up
 /// to `Kernels::moe_tune_tokens` (`Kernels::tuned_counts`); other counts use the default
@@ -91,8 +91,6 @@ pub fn one_token_finalists(timings: &[MoeTiming]) -> Option<(MoeKernel, MoeKerne
 
 /// (hidden, intermediate, experts, top-k, tokens) -> the kernel measured fastest.
 pub(crate) type MoeChoices = HashMap<(usize, usize, usize, usize, usize), MoeKernel>;
-/// `Kernels::moe_mixed_rings`: (hidden, inter, experts, top-k, tokens) -> digit ring indices.
-pub type MixedRings = HashMap<(usize, usize, usize, usize, usize), (usize, usize)>;
 
 /// One measured candidate: token count, kernel, milliseconds per call.
 pub type MoeTiming = (usize, MoeKernel, f32);
@@ -161,8 +159,7 @@ impl Kernels {
             // Decode rows where the mixed MoE runs (`moe_mixed_at`) are timed in it: a
             // two-launch F16 candidate then takes only the slots of 3+ pairs.
             let mixed = self.moe_mixed_at(w, t);
-            // `record`: the timing goes into what tune_moe returns (not the mixed digit rings').
-            let mut measure = |kind: MoeKernel, best: &mut Option<(MoeKernel, f32)>, mixed: bool, record: bool| -> Result<()> {
+            let mut measure = |kind: MoeKernel, best: &mut Option<(MoeKernel, f32)>, mixed: bool| -> Result<()> {
                 // The tiled kernels as a step runs them: without their combine where the
                 // norm after the MoE sums the pairs (`moe_pairs_pay`).
                 let leave_pairs = Self::moe_leaves_pairs(w, kind, top_k) && crate::kernels::moe_pairs_pay(top_k, h);
@@ -187,9 +184,7 @@ impl Kernels {
                 }
                 runs.sort_by(f32::total_cmp);
                 let ms = runs[1];
-                if record {
-                    timings.push((t, kind, ms));
-                }
+                timings.push((t, kind, ms));
                 let cost = step_cost_ms(kind, t, top_k, ms);
                 if best.is_none_or(|(_, b)| cost < b) {
                     *best = Some((kind, cost));
@@ -206,9 +201,9 @@ impl Kernels {
             let mut verify_best: Option<(MoeKernel, f32)> = None;
             for &kind in kinds.iter().chain((t >= gemm_from).then_some(&MoeKernel::Gemm)) {
                 if !digits || self.moe_kind_on_digits(kind, w, t) {
-                    measure(kind, &mut best, mixed, true)?;
+                    measure(kind, &mut best, mixed)?;
                 } else if t >= 2 && !matches!(kind, MoeKernel::Fused { .. }) {
-                    measure(kind, &mut verify_best, false, true)?;
+                    measure(kind, &mut verify_best, false)?;
                 }
             }
             verify_chosen.push((t, verify_best.map(|(kind, _)| kind)));
@@ -228,57 +223,18 @@ impl Kernels {
                 for &(ds, dc) in TILED_VARIANTS.iter().filter(|&&d| d != (stages, steps)) {
                     let kind = MoeKernel::Tiled { stages, steps, down_stages: ds, down_steps: dc };
                     if !digits || self.moe_kind_on_digits(kind, w, t) {
-                        measure(kind, &mut tiled_best, mixed, true)?;
+                        measure(kind, &mut tiled_best, mixed)?;
                     }
                 }
                 if let Some((MoeKernel::Tiled { down_stages, down_steps, .. }, _)) = tiled_best {
                     for &(gs, gc) in TILED_VARIANTS.iter().filter(|&&g| g != (stages, steps) && g != (down_stages, down_steps)) {
                         let kind = MoeKernel::Tiled { stages: gs, steps: gc, down_stages, down_steps };
                         if self.moe_tiled_staged_pairs(w, gs, gc, t)? >= pairs && (!digits || self.moe_kind_on_digits(kind, w, t)) {
-                            measure(kind, &mut tiled_best, mixed, true)?;
+                            measure(kind, &mut tiled_best, mixed)?;
                         }
                     }
                 }
                 best = tiled_best;
-            }
-            // The mixed MoE's digit half at this count (`mixed_digit_rings`), timed in the mixed
-            // form beside the F16 kind chosen above (every digit ring gives the same bits): the
-            // same-ring pairs, then the best down ring for that gate_up ring, then the best
-            // gate_up ring for that down ring. Without this it streams on the rings tuned where
-            // every slot is on digits.
-            if let Some((kind, cost)) = best.filter(|_| mixed) {
-                if let Some(start) = self.mixed_digit_rings(w, kind, t, top_k) {
-                    let key = (h, w.inter, e, top_k, t);
-                    let set = |rings: (usize, usize)| -> Result<()> {
-                        self.moe_mixed_rings.lock().map_err(|_| peregrine_core::Error::Backend("MoE choices lock poisoned".into()))?.insert(key, rings);
-                        Ok(())
-                    };
-                    let mut ring_best = (start, cost);
-                    let mut tried = vec![start];
-                    let n = DG_RINGS.len();
-                    for round in 0..3 {
-                        let (g, d) = ring_best.0;
-                        let candidates: Vec<(usize, usize)> = match round {
-                            0 => (0..n).map(|r| (r, r)).collect(),
-                            1 => (0..n).map(|r| (g, r)).collect(),
-                            _ => (0..n).map(|r| (r, d)).collect(),
-                        };
-                        for rings in candidates {
-                            if tried.contains(&rings) {
-                                continue;
-                            }
-                            tried.push(rings);
-                            set(rings)?;
-                            let mut timed = None;
-                            measure(kind, &mut timed, true, false)?;
-                            if let Some((_, c)) = timed.filter(|&(_, c)| c < ring_best.1) {
-                                ring_best = (rings, c);
-                            }
-                        }
-                    }
-                    tracing::debug!(tokens = t, gate_up = ?DG_RINGS[ring_best.0.0], down = ?DG_RINGS[ring_best.0.1], "mixed MoE digit rings");
-                    set(ring_best.0)?;
-                }
             }
             if let Some((kind, _)) = best {
                 chosen.push((t, kind));
@@ -309,12 +265,6 @@ impl Kernels {
     pub fn tuned_moe(&self, w: &MoeWeights, top_k: usize, tokens: usize) -> Option<MoeKernel> {
         let table = self.moe_choices.lock().ok()?;
         table.get(&(w.hidden, w.inter, w.num_experts, top_k, tokens)).copied()
-    }
-
-    /// Swaps in `rings` for `moe_mixed_rings` (the mixed MoE's digit rings per shape and
-    /// count); returns the table before.
-    pub fn swap_moe_mixed_rings(&self, rings: MixedRings) -> MixedRings {
-        std::mem::replace(&mut *self.moe_mixed_rings.lock().unwrap_or_else(|e| e.into_inner()), rings)
     }
 
     /// Makes `kind` the choice `tuned_moe` gives for `w`'s shape at `tokens` tokens (tests pin

@@ -752,8 +752,6 @@ impl CudaModel {
         *kernels.moe_choices.lock().unwrap_or_else(|e| e.into_inner()) = choices;
         let verify = self.kernels.moe_verify_choices.lock().unwrap_or_else(|e| e.into_inner()).clone();
         *kernels.moe_verify_choices.lock().unwrap_or_else(|e| e.into_inner()) = verify;
-        let rings = self.kernels.moe_mixed_rings.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        *kernels.moe_mixed_rings.lock().unwrap_or_else(|e| e.into_inner()) = rings;
         kernels.alloc = self.kernels.alloc.clone();
         Ok(KernelSet { kernels, ops })
     }

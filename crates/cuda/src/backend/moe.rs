@@ -372,13 +372,6 @@ impl CudaModel {
         self.kernels.set_moe_mixed_from(tokens)
     }
 
-    /// Swaps in `rings` for the mixed MoE's tuned digit rings (`Kernels::moe_mixed_rings`; empty:
-    /// those tuned where every slot is on digits) and drops the graphs; returns the table before.
-    pub fn swap_moe_mixed_rings(&mut self, rings: crate::moe_tune::MixedRings) -> crate::moe_tune::MixedRings {
-        self.graphs.clear();
-        self.kernels.swap_moe_mixed_rings(rings)
-    }
-
     /// Pins the MoE decode kernel of `tokens` tokens (every MoE layer of a model has the same
     /// expert shapes); false when the model has no stacked MoE.
     pub fn pin_moe_kernel(&self, tokens: usize, kind: MoeKernel) -> bool {

@@ -210,9 +210,6 @@ pub struct Kernels {
     /// the MoE GEMM) per shape and token count, for rows that may share experts
     /// (`moe_kernel_rows`' verify rows).
     pub(crate) moe_verify_choices: std::sync::Mutex<crate::moe_tune::MoeChoices>,
-    /// The digit rings (`DG_RINGS` indices of gate_up, down) of the mixed MoE's digit half per
-    /// shape and token count, where `tune_moe` measured them (`mixed_digit_rings`).
-    pub(crate) moe_mixed_rings: std::sync::Mutex<crate::moe_tune::MixedRings>,
     /// The one-block sampler (every GPU) and the cluster sampler (Hopper on; None elsewhere or
     /// with PEREGRINE_SAMPLE_CLUSTER=0): both draw the same tokens.
     sample: CudaFunction,
@@ -437,7 +434,6 @@ impl Kernels {
             gemm_wgmma: std::env::var("PEREGRINE_MOE_WGMMA").ok().map(|v| v != "0"),
             moe_choices: Default::default(),
             moe_verify_choices: Default::default(),
-            moe_mixed_rings: Default::default(),
             slot_wait: match std::env::var("PEREGRINE_MOE_SLOT_WAIT").as_deref() {
                 Ok("0") => 0..=0, // (no MoE call that reaches the kernels has 0 tokens)
                 Ok(v) => v.split_once('-').and_then(|(a, b)| Some(a.trim().parse().ok()?..=b.trim().parse().ok()?)).unwrap_or(SLOT_WAIT_TOKENS),

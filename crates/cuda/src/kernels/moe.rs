@@ -635,18 +635,13 @@ impl Kernels {
     }
 
     /// The digit rings (`DG_RINGS` indices of gate_up, down) of the mixed MoE's digit half for
-    /// `kind` at `tokens` rows, where it runs (`moe_mixed_at`, `kind` two-launch F16): those
-    /// `tune_moe` measured for this count (`moe_mixed_rings`), else those the tuner chose for
-    /// the most digit rows (`moe_fp8_tokens`, or 8 where past 8 rows only two pairs a pass may
-    /// run digits and they do not fit), else the first.
-    pub(crate) fn mixed_digit_rings(&self, w: &MoeWeights, kind: MoeKernel, tokens: usize, top_k: usize) -> Option<(usize, usize)> {
+    /// `kind` at `tokens` rows, where it runs (`moe_mixed_at`, `kind` two-launch F16): those the
+    /// tuner chose for the most digit rows (`moe_fp8_tokens`, or 8 where past 8 rows only two
+    /// pairs a pass may run digits and they do not fit), else the first.
+    fn mixed_digit_rings(&self, w: &MoeWeights, kind: MoeKernel, tokens: usize, top_k: usize) -> Option<(usize, usize)> {
         let MoeKernel::Tiled { stages, steps, down_stages, down_steps } = kind else { return None };
         if !self.moe_mixed_at(w, tokens) || self.tiled_digits(w, tokens, (stages, steps), (down_stages, down_steps)).is_some() {
             return None;
-        }
-        let key = (w.hidden, w.inter, w.num_experts, top_k, tokens);
-        if let Some(rings) = self.moe_mixed_rings.lock().ok().and_then(|t| t.get(&key).copied()) {
-            return Some(rings);
         }
         let most = if self.two_pairs_fit(w) { self.moe_fp8_tokens } else { self.moe_fp8_tokens.min(crate::moe_tune::TUNED_TOKENS) };
         let tuned = match self.moe_kernel(w, most, top_k) {
