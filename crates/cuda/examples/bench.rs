@@ -480,7 +480,7 @@ fn main() {
             // As a step runs it, as decode rows (the mixed form where `moe_mixed_at` holds): where
             // the norm after the MoE sums the routed pairs (`moe_pairs_pay`), the same kernel
             // without its combine; else combined, where the mixed form runs (Pro).
-            let pairs = Kernels::moe_leaves_pairs(&wt, default, top_k) && peregrine_cuda::kernels::moe_pairs_pay(top_k, h);
+            let pairs = Kernels::moe_leaves_pairs(&wt, default, top_k) && peregrine_cuda::kernels::moe_pairs_pay(top_k, h, t);
             let mixed = k.moe_mixed_at(&wt, t) && matches!(default, MoeKernel::Tiled { .. });
             if pairs || mixed {
                 let sp = k.moe_reads_split(&wt, t, top_k).then(|| k.moe_split_x(&x, t, h).unwrap());

@@ -90,6 +90,9 @@ struct Args {
     /// FP8 digits (the default on sm_90a), B the same ring on F16 MMAs. `attn-tc-rows:N`: A the
     /// decode attention kernels as loaded, B the tensor-core GQA kernel from N rows. `mixed:N`:
     /// A the MoE as loaded, B the mixed MoE from N decode rows (`set_moe_mixed_from`).
+    /// `combine-in-norm`: A the tiled MoE combining its pairs itself, B leaving them to the norm
+    /// after it (`set_moe_combine_in_norm`; by default the pairs go to the norm where
+    /// `kernels::moe_pairs_pay`; the kernels tuned at load kept).
     /// `digits-to:N`: A the MoE as loaded, B on FP8 digits up to N rows and mixed from N + 1
     /// (`set_moe_fp8_tokens`, `set_moe_mixed_from`; the kernels tuned at load kept, so B's F16
     /// half runs the rings tuned for digits; rows taken off the digits also leave the paths
@@ -756,6 +759,10 @@ fn main() {
                 ab(&mut model, &|m, on| set(m, if on { n } else { base }));
                 continue;
             }
+            if what == "combine-in-norm" {
+                ab(&mut model, &|m, on| m.set_moe_combine_in_norm(on));
+                continue;
+            }
             if let Some(n) = what.strip_prefix("digits-to:") {
                 let n: usize = n.parse().expect("--ab digits-to:N");
                 let (fp8, mixed) = (model.moe_fp8_tokens(), model.moe_mixed_from());
@@ -800,7 +807,7 @@ fn main() {
             let shift = match what.strip_prefix("shift:") {
                 Some(n) => Some(n.parse::<usize>().expect("--ab shift:BYTES")),
                 None if ["tail", "argmax", "fetch", "embed", "prefetch"].contains(&what.as_str()) => None,
-                None => panic!("--ab takes tail, argmax, fetch, embed, prefetch, rows, fp8, shift:BYTES, copies:N, group:N, oproj-rows:N, route-block:N, route-cluster:N, moe-grid:N, attn-tc-rows:N, mixed:N, digits-to:N, heads-splits:N, pre-fill, ready-wave, preload or defines:DEFINES, not {what}"),
+                None => panic!("--ab takes tail, argmax, fetch, embed, prefetch, rows, fp8, shift:BYTES, copies:N, group:N, oproj-rows:N, route-block:N, route-cluster:N, moe-grid:N, attn-tc-rows:N, mixed:N, combine-in-norm, digits-to:N, heads-splits:N, pre-fill, ready-wave, preload or defines:DEFINES, not {what}"),
             };
             ab(&mut model, &|m, on| match shift {
                 Some(n) => m.shift_step_buffers(if on { n } else { 0 }).expect("buffers shifted"),

@@ -162,7 +162,7 @@ impl Kernels {
             let mut measure = |kind: MoeKernel, best: &mut Option<(MoeKernel, f32)>, mixed: bool| -> Result<()> {
                 // The tiled kernels as a step runs them: without their combine where the
                 // norm after the MoE sums the pairs (`moe_pairs_pay`).
-                let leave_pairs = Self::moe_leaves_pairs(w, kind, top_k) && crate::kernels::moe_pairs_pay(top_k, h);
+                let leave_pairs = Self::moe_leaves_pairs(w, kind, top_k) && crate::kernels::moe_pairs_pay(top_k, h, t);
                 let mut call = |i: usize| {
                     let r = &routings[i % routings.len()];
                     self.moe_mxfp4_run(kind, w, r, &x, MoeInput::Split(&xsplit), &mut scratch, if leave_pairs { None } else { Some(&mut y) }, mixed)

@@ -153,7 +153,7 @@ impl CudaModel {
             return false;
         }
         let kind = self.kernels.moe_kernel(w, rows, spec.top_k);
-        self.routes_in_moe_kernel(w, rows, kind) && self.moe_leaves_pairs_here(spec, w, kind)
+        self.routes_in_moe_kernel(w, rows, kind) && self.moe_leaves_pairs_here(spec, w, kind, rows)
     }
 
     /// Whether `moe_stacked` routes `n` rows inside the MoE kernel `kind` (`moe_mxfp4_routed`):
@@ -234,7 +234,7 @@ impl CudaModel {
         }
         let Some(Mlp::Moe { spec, experts: Experts::Stacked(w), .. }) = self.layers.get(li).map(|l| &l.mlp) else { return false };
         let kind = self.kernels.moe_kernel_rows(w, rows, spec.top_k, true);
-        matches!(kind, MoeKernel::Tiled { .. }) && self.kernels.moe_kind_on_digits(kind, w, rows) && self.moe_leaves_pairs_here(spec, w, kind)
+        matches!(kind, MoeKernel::Tiled { .. }) && self.kernels.moe_kind_on_digits(kind, w, rows) && self.moe_leaves_pairs_here(spec, w, kind, rows)
     }
 
     /// Whether layer `li`'s o_proj at one token does the router where `route_in_oproj_at`'s
@@ -383,10 +383,11 @@ impl CudaModel {
         self.moe_pairs_calls.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Whether the MoE on `kind` leaves its routed pairs to the norm after it: a kernel that can
-    /// (`Kernels::moe_leaves_pairs`), where that pays (`kernels::moe_pairs_pay`) or is forced.
-    fn moe_leaves_pairs_here(&self, spec: &MoeSpec, w: &MoeWeights, kind: MoeKernel) -> bool {
-        Kernels::moe_leaves_pairs(w, kind, spec.top_k) && self.moe_combine_in_norm.unwrap_or_else(|| crate::kernels::moe_pairs_pay(spec.top_k, w.hidden))
+    /// Whether the MoE of `rows` rows on `kind` leaves its routed pairs to the norm after it: a
+    /// kernel that can (`Kernels::moe_leaves_pairs`), where that pays (`kernels::moe_pairs_pay`)
+    /// or is forced.
+    fn moe_leaves_pairs_here(&self, spec: &MoeSpec, w: &MoeWeights, kind: MoeKernel, rows: usize) -> bool {
+        Kernels::moe_leaves_pairs(w, kind, spec.top_k) && self.moe_combine_in_norm.unwrap_or_else(|| crate::kernels::moe_pairs_pay(spec.top_k, w.hidden, rows))
     }
 
     /// Router, grouping and the grouped MXFP4 kernels, all on the GPU: no host round trip. One
@@ -397,7 +398,7 @@ impl CudaModel {
     #[allow(clippy::too_many_arguments)]
     fn moe_stacked(&self, spec: &MoeSpec, logits: &CudaSlice<f32>, bias: Option<&CudaSlice<f32>>, w: &MoeWeights, hn: &CudaSlice<f32>, input: MoeInput, n: usize, decode: bool) -> Result<MlpOut> {
         let kind = self.kernels.moe_kernel_rows(w, n, spec.top_k, decode);
-        let leave_pairs = self.moe_leaves_pairs_here(spec, w, kind);
+        let leave_pairs = self.moe_leaves_pairs_here(spec, w, kind, n);
         if self.routes_in_moe_kernel(w, n, kind) {
             if leave_pairs {
                 // Written by the kernel's first block.

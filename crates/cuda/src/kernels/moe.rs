@@ -186,18 +186,25 @@ pub struct MoeSplit {
 /// but one norm block reads each row's topk pair rows. With 128 KB per row (MiMo-V2-Flash's 8 x
 /// 4096 floats) the steps were 0.5-1.3% faster from 2 tokens and 1.1% at one token (the fused
 /// kernel routing inside it); with 192 KB (MiMo-V2.5-Pro's 8 x 6144) steps at 1-2 tokens were
-/// 0.4-0.8% slower and at 4-8 even: the rule is the bytes per row, at any token count.
-/// PEREGRINE_MOE_COMBINE_IN_NORM=1|0 forces it either way. The tuner times the tiled kernels
-/// as the step will run them.
-pub fn moe_pairs_pay(top_k: usize, hidden: usize) -> bool {
+/// 0.4-0.8% slower and at 4-8 even then. On the H200 with today's MoE (FP8 digit kernels at 2-8
+/// rows, whose pairs left to the norm also let the o_proj do the router) Pro's decode steps
+/// leaving their pairs were 0.3 / 1.9 / 3.2% faster at 2 / 4 / 8 rows (every round), 0.2%
+/// slower at 1, 1.4% at 16 and even at 32-64 (in-process, `step_bench --ab combine-in-norm`;
+/// benches/results/2026-11-30-h200-pro-mixed-from-12.md): so up to 128 KB a row at any count,
+/// up to 192 KB at 2-8 `rows`. PEREGRINE_MOE_COMBINE_IN_NORM=1|0 forces it either way. The
+/// tuner times the tiled kernels as the step will run them.
+pub fn moe_pairs_pay(top_k: usize, hidden: usize, rows: usize) -> bool {
     static FORCED: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
+    let bytes = top_k * hidden * 4;
     FORCED
         .get_or_init(|| std::env::var("PEREGRINE_MOE_COMBINE_IN_NORM").ok().map(|v| v != "0"))
-        .unwrap_or(top_k * hidden * 4 <= PAIRS_NORM_MAX_BYTES)
+        .unwrap_or(bytes <= PAIRS_NORM_MAX_BYTES || (bytes <= PAIRS_NORM_MAX_BYTES_FEW_ROWS && (2..=crate::moe_tune::TUNED_TOKENS).contains(&rows)))
 }
 
 /// The most pair bytes per row for which `moe_pairs_pay` leaves the combine to the norm.
 const PAIRS_NORM_MAX_BYTES: usize = 128 * 1024;
+/// The same at 2 to `moe_tune::TUNED_TOKENS` rows.
+const PAIRS_NORM_MAX_BYTES_FEW_ROWS: usize = 192 * 1024;
 
 /// Where the one-token routed MoE puts its result: combined into y [H], or left as the
 /// token's pairs (scratch.out) with their indices written to the buffer given.
