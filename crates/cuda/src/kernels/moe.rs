@@ -1406,6 +1406,21 @@ impl Kernels {
 mod tests {
     use super::*;
 
+    /// The norm after the MoE sums rows of pairs up to 128 KB at any count, up to 192 KB (Pro's
+    /// 8 x 6144 floats) only at 2-8 rows, where that measured faster (unless
+    /// PEREGRINE_MOE_COMBINE_IN_NORM forces it, which this test then leaves alone).
+    #[test]
+    fn pairs_go_to_the_norm_by_row_bytes_and_row_count() {
+        if std::env::var_os("PEREGRINE_MOE_COMBINE_IN_NORM").is_some() {
+            return;
+        }
+        for rows in [1, 2, 8, 9, 16, 64, 2048] {
+            assert!(moe_pairs_pay(8, 4096, rows), "Flash's 128 KB rows at {rows} rows");
+            assert_eq!(moe_pairs_pay(8, 6144, rows), (2..=8).contains(&rows), "Pro's 192 KB rows at {rows} rows");
+            assert!(!moe_pairs_pay(8, 8192, rows), "256 KB rows at {rows} rows");
+        }
+    }
+
     /// `PEREGRINE_MOE_KERNEL`'s values: the named kernels, a ring of `TILED_VARIANTS` after
     /// `fused:` or `tiled:`, and nothing for a ring that is not compiled or a word it does not know.
     #[test]
