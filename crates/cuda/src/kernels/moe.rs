@@ -63,7 +63,7 @@ pub const FP8_MOE_PAIRS_FROM: usize = 6;
 /// Decode rows from which the mixed MoE runs by default (`Kernels::moe_mixed_at`, which also
 /// needs the rows past the digits' own, `Kernels::moe_fp8_at`): every row bucket past the tuned
 /// counts (12-64). On Flash that is 24-64 (12 and 16 run on digits); on MiMo-V2.5-Pro, whose
-/// digits stop at 8 rows, also 12 and 16, where mixed the step ran 7-8% shorter than on F16
+/// digits stop at 8 rows, also 12 and 16, where mixed the step ran 8-10% shorter than on F16
 /// (H200, 15 layers, 10 of 10 rounds: benches/results/2026-11-30-h200-pro-mixed-from-12.md).
 pub const MIXED_FROM: usize = crate::moe_tune::TUNED_TOKENS + 1;
 
