@@ -393,7 +393,6 @@ impl CudaModel {
     /// Router, grouping and the grouped MXFP4 kernels, all on the GPU: no host round trip. One
     /// token on the fused kernel is routed inside it (`route_in_moe`); the tiled kernels may
     /// leave their pairs to the norm after them (`MlpOut::Pairs`).
-    #[allow(clippy::too_many_arguments)]
     /// `decode`: the rows are decode rows (`Kernels::moe_kernel_rows`).
     #[allow(clippy::too_many_arguments)]
     fn moe_stacked(&self, spec: &MoeSpec, logits: &CudaSlice<f32>, bias: Option<&CudaSlice<f32>>, w: &MoeWeights, hn: &CudaSlice<f32>, input: MoeInput, n: usize, decode: bool) -> Result<MlpOut> {

@@ -59,7 +59,6 @@ pub const FP8_MOE_TOKENS: usize = 16;
 /// sets it.
 pub const FP8_MOE_PAIRS_FROM: usize = 6;
 
-
 /// Decode rows from which the mixed MoE runs by default (`Kernels::moe_mixed_at`, which also
 /// needs the rows past the digits' own, `Kernels::moe_fp8_at`): every row bucket past the tuned
 /// counts (12-64). On Flash that is 24-64 (12 and 16 run on digits); on MiMo-V2.5-Pro, whose
@@ -1059,9 +1058,10 @@ impl Kernels {
     }
 
     /// `moe_mxfp4_with`; y None: the pairs stay uncombined (where `moe_leaves_pairs`).
+    /// `decode`: decode rows (one per sequence), which run the mixed form where `moe_mixed_at`
+    /// holds.
     #[allow(clippy::too_many_arguments)]
-    /// `mixed`: decode rows, which may run the mixed form where `moe_mixed_at` holds.
-    pub(crate) fn moe_mxfp4_run(&self, kind: MoeKernel, w: &MoeWeights, r: &DeviceRouting, x: &CudaSlice<f32>, input: MoeInput, scratch: &mut MoeScratch, mut y: Option<&mut CudaSlice<f32>>, mixed: bool) -> Result<()> {
+    pub(crate) fn moe_mxfp4_run(&self, kind: MoeKernel, w: &MoeWeights, r: &DeviceRouting, x: &CudaSlice<f32>, input: MoeInput, scratch: &mut MoeScratch, mut y: Option<&mut CudaSlice<f32>>, decode: bool) -> Result<()> {
         let (h, i) = (w.hidden, w.inter);
         check(h % 32 == 0 && i % 32 == 0, || format!("MoE dims {h}, {i} must be multiples of 32"))?;
         check(scratch.h.len() >= r.num_pairs * i && scratch.out.len() >= r.num_pairs * h, || "MoE scratch too small".into())?;
@@ -1078,7 +1078,7 @@ impl Kernels {
                 let MoeScratch { h: hbuf, out, counters } = &mut *scratch;
                 // (Scratch sized before the mixed MoE was set keeps the plain form.)
                 let fits = hbuf.len() >= r.num_pairs * dg_row_floats(i);
-                if let Some(dr) = self.mixed_digit_rings(w, kind, r.num_tokens, r.top_k).filter(|_| mixed && fits) {
+                if let Some(dr) = self.mixed_digit_rings(w, kind, r.num_tokens, r.top_k).filter(|_| decode && fits) {
                     // Mixed (`moe_mixed_at`): the slots of 1..=npd pairs (`mixed_digit_pairs`) on
                     // the digit kernels (a pass each), then the others on `kind`'s F16
                     // kernels (up to 4 pairs a pass), with h of their own (the two halves lay h
