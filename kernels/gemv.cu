@@ -1693,9 +1693,10 @@ extern "C" __global__ void __launch_bounds__(256) gemv_mma_bf16_t1_argmax(
 // gemv_mma_bf16_t1_argmax asking L2, before its PDL wait, for the first K block of each of its
 // warps (the 32 KB of its tile's first 16 chunks): the blocks resident while the final norm ahead
 // runs (one block reading and writing what L2 holds) fill DRAM's idle window with their first
-// loads: at most ~1 us a batch-1 step, in 4 of 5 processes (within their spread;
-// benches/results/2026-11-27-copy-free-steps.md; PEREGRINE_LM_HEAD_PREFETCH=0 runs the kernel
-// above).
+// loads: at most ~1 us a batch-1 step on the H100, in 4 of 5 processes (within their spread;
+// benches/results/2026-11-27-copy-free-steps.md). Off by default since: on the H200 the batch-1
+// step was 8-9 us slower with it, in every round of four processes
+// (benches/results/2026-11-30-h200-defaults-sweep.md); PEREGRINE_LM_HEAD_PREFETCH=1 runs it.
 extern "C" __global__ void __launch_bounds__(256) gemv_mma_bf16_t1_argmax_pf(
     const unsigned char* __restrict__ W, const float* __restrict__ S, const unsigned short* __restrict__ XH,
     const unsigned short* __restrict__ XL, const float* __restrict__ xinv, float* __restrict__ y, float* __restrict__ y1,

@@ -377,7 +377,7 @@ impl CudaModel {
                 let s = &self.layers[l].attn.spec;
                 let ready = self.attention_takes_kv(l) && self.qkv_ready_at(l, rows) && self.gqa_tc_for(s, max_blocks, cfg.block_size, rows).is_none();
                 let splits = self.attn_splits(s, max_blocks, cfg.block_size, rows, ready);
-                ready && self.runs_ready_pre(rows * s.num_heads, splits)
+                ready && self.runs_ready_pre(s, rows, splits)
             })
             .count()
     }
@@ -429,10 +429,16 @@ impl CudaModel {
         }
     }
 
-    /// Whether a ready attention of `row_heads` (rows x heads) in `splits` splits runs as
-    /// `attention_v2_kv_ready_pre`: while that is on and its grid fits one wave of it.
-    fn runs_ready_pre(&self, row_heads: usize, splits: usize) -> bool {
-        self.attention_ready_pre && row_heads * splits <= self.attention_ready_pre_wave
+    /// Whether a ready attention `s` of `rows` rows in `splits` splits runs as
+    /// `attention_v2_kv_ready_pre`: while that is on, its grid fits one wave of it and the q/k/v
+    /// projection ahead of it fits one wave of its own kernel (`Kernels::qkv_ready_waves`).
+    /// Behind a projection of two waves the preloading kernel was slower: MiMo-V2.5-Pro's 128
+    /// heads at 2 rows (1696 tiles of q/k/v) 26-29 us a step in every round of three processes on
+    /// the H200, while Flash's one-wave projections gain from it at 1 and 4 rows
+    /// (benches/results/2026-11-30-h200-defaults-sweep.md).
+    fn runs_ready_pre(&self, s: &AttentionSpec, rows: usize, splits: usize) -> bool {
+        let qkv_rows = s.num_heads * s.head_dim + s.num_kv_heads * (s.head_dim + s.v_head_dim);
+        self.attention_ready_pre && rows * s.num_heads * splits <= self.attention_ready_pre_wave && self.kernels.qkv_ready_waves(qkv_rows, rows) <= 1
     }
 
     /// Blocks per (row, head) of `attention_v2` for `rows` rows (`attention_splits`), as the
@@ -446,9 +452,9 @@ impl CudaModel {
         let span = s.window().map_or(max_blocks * block_size, |w| w.min(max_blocks * block_size));
         let row_heads = rows * s.num_heads;
         let splits = attention_splits(span, self.attn_split, self.attn_fill.then_some(self.attention_fused_wave(ready)), row_heads);
-        if ready && self.attn_ready_pre_fill && !self.runs_ready_pre(row_heads, splits) {
+        if ready && self.attn_ready_pre_fill && !self.runs_ready_pre(s, rows, splits) {
             let pre = attention_splits(span, self.attn_split, self.attn_fill.then_some(self.attention_ready_pre_wave), row_heads);
-            if self.runs_ready_pre(row_heads, pre) {
+            if self.runs_ready_pre(s, rows, pre) {
                 return pre;
             }
         }
@@ -583,7 +589,7 @@ impl CudaModel {
             (None, _) if per_head_warps => &self.ops.attention_v2_heads,
             // Its first round of K/V rows loaded while it waits for its heads, where its grid
             // fits one wave at the registers that takes (batch 1).
-            (None, (true, true, _)) if fresh.as_ref().is_some_and(|f| f.ready.is_some()) && self.runs_ready_pre(n * s.num_heads, splits) => &self.ops.attention_v2_kv_ready_pre,
+            (None, (true, true, _)) if fresh.as_ref().is_some_and(|f| f.ready.is_some()) && self.runs_ready_pre(s, n, splits) => &self.ops.attention_v2_kv_ready_pre,
             (None, (true, true, _)) if fresh.as_ref().is_some_and(|f| f.ready.is_some()) => &self.ops.attention_v2_kv_ready,
             (None, (true, true, _)) => &self.ops.attention_v2_kv,
             (None, (true, false, true)) => &self.ops.attention_v2_rows,

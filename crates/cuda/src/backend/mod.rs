@@ -946,7 +946,7 @@ impl CudaModel {
     }
 
     /// Sets whether the one-token lm_head prefetches its first K blocks into L2 before its wait
-    /// (`Kernels::set_lm_head_prefetch`), for measurements. Captured step graphs are dropped.
+    /// (`Kernels::set_lm_head_prefetch`; off by default), for measurements. Captured step graphs are dropped.
     pub fn set_lm_head_prefetch(&mut self, on: bool) {
         self.kernels.set_lm_head_prefetch(on);
         self.graphs.clear();

@@ -556,7 +556,7 @@ impl Kernels {
     }
 
     /// Sets whether the one-token argmax lm_head asks L2 for its first K blocks before its PDL
-    /// wait (`gemv_mma_bf16_t1_argmax_pf`; on by default), for measurements. Same bits.
+    /// wait (`gemv_mma_bf16_t1_argmax_pf`; off by default), for measurements. Same bits.
     pub fn set_lm_head_prefetch(&mut self, on: bool) {
         self.lm_head_prefetch = on;
     }
@@ -605,6 +605,18 @@ impl Kernels {
         } else {
             QkvReady::Pipe
         }
+    }
+
+    /// Waves of its kernel's blocks that `gemv_qkv_ready` of `rows` stacked rows and `t` tokens
+    /// takes (the kernel `qkv_ready_kernel` chooses, one 16-row tile a block).
+    pub fn qkv_ready_waves(&self, rows: usize, t: usize) -> usize {
+        let wave = match self.qkv_ready_kernel(rows, t) {
+            QkvReady::Warps8 => self.mma_fp8_ready_wave,
+            QkvReady::Warps4 => self.mma_fp8_ready4_wave,
+            QkvReady::Pipe => self.mma_fp8_ready4_pipe_wave[0],
+            QkvReady::PipeShuffled => self.mma_fp8_ready4_pipe_wave[1],
+        };
+        rows.div_ceil(16).div_ceil(wave.max(1))
     }
 
     /// Whether `gemv_qkv_ready` of `rows` stacked rows runs in blocks of 4 warps: forced, or

@@ -59,6 +59,7 @@ pub struct Kernels {
     mma_fp8_ready: CudaFunction,
     mma_fp8_ready4: CudaFunction,
     mma_fp8_ready_wave: usize,
+    mma_fp8_ready4_wave: usize,
     qkv_ready4: Option<bool>,
     /// The 4-warp form loading a K block ahead (`gemv_mma_fp8_t1_ready4_pipe`, capped at 72
     /// registers: 7 blocks per SM; at one token also `..._pipe1`, its activations shuffled
@@ -80,7 +81,9 @@ pub struct Kernels {
     mma_bf16_argmax: CudaFunction,
     /// The same, asking L2 for its first K blocks before its PDL wait (`lm_head_prefetch`).
     mma_bf16_argmax_pf: CudaFunction,
-    /// Whether the lm_head prefetches (on; `PEREGRINE_LM_HEAD_PREFETCH=0` for comparison).
+    /// Whether the lm_head prefetches (off: on the H200 the batch-1 step was 8-9 us faster
+    /// without it in every round of four processes, on the H100 it had gained at most ~1 us;
+    /// `PEREGRINE_LM_HEAD_PREFETCH=1` for comparison).
     lm_head_prefetch: bool,
     /// `gemv_mma_bf16_t1_pipe_route`: the one-token o_proj that also does its MoE's router.
     mma_bf16_pipe_route: CudaFunction,
@@ -329,6 +332,8 @@ impl Kernels {
         }
         let mma_fp8_ready = f("gemv_mma_fp8_t1_ready")?;
         let mma_fp8_ready_wave = mma_fp8_ready.occupancy_max_active_blocks_per_multiprocessor(256, 0, None).map_err(drv("GEMV occupancy"))? as usize * sms;
+        let mma_fp8_ready4 = f("gemv_mma_fp8_t1_ready4")?;
+        let mma_fp8_ready4_wave = mma_fp8_ready4.occupancy_max_active_blocks_per_multiprocessor(128, 0, None).map_err(drv("GEMV occupancy"))? as usize * sms;
         let mma_fp8_ready4_pipe = [f("gemv_mma_fp8_t1_ready4_pipe")?, f("gemv_mma_fp8_t1_ready4_pipe1")?];
         let mut mma_fp8_ready4_pipe_wave = [0; 2];
         for (f, wave) in mma_fp8_ready4_pipe.iter().zip(&mut mma_fp8_ready4_pipe_wave) {
@@ -348,8 +353,9 @@ impl Kernels {
             mma_fp8,
             mma_bf16,
             mma_fp8_ready,
-            mma_fp8_ready4: f("gemv_mma_fp8_t1_ready4")?,
+            mma_fp8_ready4,
             mma_fp8_ready_wave,
+            mma_fp8_ready4_wave,
             qkv_ready4: std::env::var("PEREGRINE_QKV_READY4").ok().map(|v| v != "0"),
             mma_fp8_ready4_pipe,
             mma_fp8_ready4_pipe_wave,
@@ -358,7 +364,7 @@ impl Kernels {
             mma_bf16_pipe,
             mma_bf16_argmax,
             mma_bf16_argmax_pf,
-            lm_head_prefetch: std::env::var("PEREGRINE_LM_HEAD_PREFETCH").map_or(true, |v| v != "0"),
+            lm_head_prefetch: std::env::var("PEREGRINE_LM_HEAD_PREFETCH").is_ok_and(|v| v != "0"),
             mma_bf16_pipe_route,
             mma_bf16_pipe_wave,
             mma_fp8_pipe,
