@@ -563,6 +563,13 @@ fn synthetic_resized(config: &str, sizes: &[(&str, usize)]) -> Option<(ModelSpec
     for &(k, v) in sizes {
         cfg[k] = serde_json::json!(v);
     }
+    // Per-layer lists (MiMo-V2.5-Pro's hybrid_layer_pattern, moe_layer_freq) cut to the layers.
+    let layers = cfg["num_hidden_layers"].as_u64().unwrap_or(0) as usize;
+    for k in ["hybrid_layer_pattern", "moe_layer_freq"] {
+        if let Some(list) = cfg[k].as_array_mut() {
+            list.truncate(layers);
+        }
+    }
     let spec = peregrine_model::config::parse_config(&cfg, None).expect("config");
     let mut model = synthetic(&spec)?;
     kv(&mut model, 128);
