@@ -875,6 +875,31 @@ impl CudaModel {
         self.graphs.clear();
     }
 
+    /// Sets the decode rows from which a step launches without PDL at all (`plain_from_rows`,
+    /// `PEREGRINE_PLAIN_FROM_ROWS`), for measurements. Captured step graphs are dropped.
+    pub fn set_plain_from_rows(&mut self, rows: usize) {
+        self.plain_from_rows = rows;
+        self.graphs.clear();
+    }
+
+    /// The decode rows from which a step launches without PDL at all.
+    pub fn plain_from_rows(&self) -> usize {
+        self.plain_from_rows
+    }
+
+    /// Sets the rows from which the op after each MLP launches on drained SMs
+    /// (`drain_after_mlp_rows`, `PEREGRINE_DRAIN_AFTER_MLP_ROWS`), for measurements. Captured
+    /// step graphs are dropped.
+    pub fn set_drain_after_mlp_rows(&mut self, rows: usize) {
+        self.drain_after_mlp_rows = rows;
+        self.graphs.clear();
+    }
+
+    /// The rows from which the op after each MLP launches on drained SMs.
+    pub fn drain_after_mlp_rows(&self) -> usize {
+        self.drain_after_mlp_rows
+    }
+
     /// Sets whether a ready attention splits to fit `attention_v2_kv_ready_pre`'s wave where
     /// that lets the preloading kernel run (`attn_ready_pre_fill`; off by default), for
     /// measurements and tests. Captured step graphs are dropped.
