@@ -81,8 +81,8 @@ pub struct Kernels {
     mma_bf16_argmax: CudaFunction,
     /// The same, asking L2 for its first K blocks before its PDL wait (`lm_head_prefetch`).
     mma_bf16_argmax_pf: CudaFunction,
-    /// Whether the lm_head prefetches (off: on the H200 the batch-1 step was 8-9 us faster
-    /// without it in every round of four processes, on the H100 it had gained at most ~1 us;
+    /// Whether the lm_head prefetches (off: on the H200 the batch-1 step was 7-9 us faster
+    /// without it in every round of five processes, on the H100 it had gained at most ~1 us;
     /// `PEREGRINE_LM_HEAD_PREFETCH=1` for comparison).
     lm_head_prefetch: bool,
     /// `gemv_mma_bf16_t1_pipe_route`: the one-token o_proj that also does its MoE's router.
