@@ -437,6 +437,8 @@ impl CudaModel {
     /// the H200, while Flash's one-wave projections gain from it at 1 and 4 rows
     /// (benches/results/2026-11-30-h200-defaults-sweep.md).
     fn runs_ready_pre(&self, s: &AttentionSpec, rows: usize, splits: usize) -> bool {
+        // The stacked projection's rows: a ready attention runs only behind one of exactly
+        // these (`Kernels::qkv_ready_takes`).
         let qkv_rows = s.num_heads * s.head_dim + s.num_kv_heads * (s.head_dim + s.v_head_dim);
         self.attention_ready_pre && rows * s.num_heads * splits <= self.attention_ready_pre_wave && self.kernels.qkv_ready_waves(qkv_rows, rows) <= 1
     }
