@@ -108,6 +108,9 @@ struct Args {
     /// wave, B `attention_v2_kv`'s (the same where the two take the same registers).
     /// `preload`: A the ready attention by default, B without `attention_v2_kv_ready_pre`
     /// (`attention_v2_kv_ready` wherever the attention is ready, its splits filling its wave).
+    /// `chain`: the engine's overlapped steps, A with their tokens read from the step ahead's
+    /// ids, B given (host-timed as the table above), and how many distinct ids the chained
+    /// steps sample.
     #[arg(long)]
     ab: Vec<String>,
     #[arg(long, default_value_t = 15)]
@@ -264,6 +267,43 @@ fn overlapped_ms(model: &mut CudaModel, decode_batch: &dyn Fn(usize) -> Vec<SeqF
     }
     model.collect_decode().unwrap();
     median(t)
+}
+
+/// As `overlapped_ms`, but each step's tokens given (none read from the step ahead's ids).
+fn overlapped_given_ms(model: &mut CudaModel, decode_batch: &dyn Fn(usize) -> Vec<SeqForward>, b: usize, steps: usize) -> f64 {
+    let given = vec![None; b];
+    assert!(model.enqueue_decode(&decode_batch(0), &given, None).unwrap(), "batch {b}: the decode step did not overlap");
+    let mut t = Vec::new();
+    let mut last = Instant::now();
+    for i in 1..steps + 4 {
+        assert!(model.enqueue_decode(&decode_batch(i), &given, None).unwrap(), "batch {b}: a step did not start");
+        model.collect_decode().unwrap();
+        if i > 3 {
+            t.push(last.elapsed().as_secs_f64() * 1e3);
+        }
+        last = Instant::now();
+    }
+    model.collect_decode().unwrap();
+    median(t)
+}
+
+/// Chained steps `chained_ids` runs before counting.
+const CHAINED_STEPS: usize = 8;
+
+/// Distinct ids among a step's rows from the given tokens, and after `CHAINED_STEPS` chained
+/// steps (a synthetic model's argmax may fold many rows onto a few tokens, and so onto the
+/// same experts).
+fn chained_ids(model: &mut CudaModel, decode_batch: &dyn Fn(usize) -> Vec<SeqForward>, b: usize) -> (usize, usize) {
+    let distinct = |ids: Vec<u32>| ids.into_iter().collect::<std::collections::HashSet<_>>().len();
+    let chain: Vec<Option<usize>> = (0..b).map(Some).collect();
+    assert!(model.enqueue_decode(&decode_batch(0), &vec![None; b], None).unwrap(), "batch {b}: the decode step did not overlap");
+    let given = distinct(model.collect_decode().unwrap());
+    assert!(model.enqueue_decode(&decode_batch(0), &vec![None; b], None).unwrap(), "batch {b}: the decode step did not overlap");
+    for i in 1..=CHAINED_STEPS {
+        assert!(model.enqueue_decode(&decode_batch(i), &chain, None).unwrap(), "batch {b}: a chained step did not start");
+        model.collect_decode().unwrap();
+    }
+    (given, distinct(model.collect_decode().unwrap()))
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -641,6 +681,30 @@ fn main() {
                 }
                 continue;
             }
+            if what == "chain" {
+                // The engine's overlapped steps with their tokens read from the step ahead's ids
+                // (A, as the engine runs them) or given (B, each step's own tokens, as the
+                // replays and one-at-a-time steps take them), in turn per round: whether the
+                // tokens a synthetic model samples change what a step costs (its routing).
+                for &b in batches {
+                    let decode_batch = |i: usize| -> Vec<SeqForward> { (0..b).map(|s| seqf(s, vec![tok(s, args.context + i)], args.context + i % 8, OutputRows::Last)).collect() };
+                    model.set_cuda_graphs(true);
+                    for i in 0..3 {
+                        drop(model.forward_argmax(&decode_batch(i)).unwrap());
+                    }
+                    let (mut a, mut bb) = (Vec::new(), Vec::new());
+                    for _ in 0..args.ab_rounds {
+                        a.push(overlapped_ms(&mut model, &decode_batch, b, args.steps, None));
+                        bb.push(overlapped_given_ms(&mut model, &decode_batch, b, args.steps));
+                    }
+                    let diff: Vec<f64> = a.iter().zip(&bb).map(|(x, y)| (y - x) * 1e3).collect();
+                    let slower = diff.iter().filter(|&&d| d > 0.0).count();
+                    println!("| chain | {b} | {:.4} | {:.4} | {:.1} | {slower} of {} |", median(a), median(bb), median(diff.clone()), diff.len());
+                    let (given, chained) = chained_ids(&mut model, &decode_batch, b);
+                    println!("(batch {b}: {given} distinct ids sampled from the given tokens, {chained} after {CHAINED_STEPS} chained steps)");
+                }
+                continue;
+            }
             // Per batch, one graph captured under each setting (A: set(false), B: set(true)),
             // replayed in turn.
             // Returns each batch's median B - A (us).
@@ -814,7 +878,7 @@ fn main() {
             let shift = match what.strip_prefix("shift:") {
                 Some(n) => Some(n.parse::<usize>().expect("--ab shift:BYTES")),
                 None if ["tail", "argmax", "fetch", "embed", "prefetch"].contains(&what.as_str()) => None,
-                None => panic!("--ab takes tail, argmax, fetch, embed, prefetch, rows, fp8, shift:BYTES, copies:N, group:N, oproj-rows:N, route-block:N, route-cluster:N, moe-grid:N, attn-tc-rows:N, mixed:N, plain-from:N, drain-from:N, combine-in-norm, digits-to:N, heads-splits:N, pre-fill, ready-wave, preload or defines:DEFINES, not {what}"),
+                None => panic!("--ab takes tail, argmax, fetch, embed, prefetch, rows, fp8, shift:BYTES, copies:N, group:N, oproj-rows:N, route-block:N, route-cluster:N, moe-grid:N, attn-tc-rows:N, mixed:N, plain-from:N, drain-from:N, chain, combine-in-norm, digits-to:N, heads-splits:N, pre-fill, ready-wave, preload or defines:DEFINES, not {what}"),
             };
             ab(&mut model, &|m, on| match shift {
                 Some(n) => m.shift_step_buffers(if on { n } else { 0 }).expect("buffers shifted"),
