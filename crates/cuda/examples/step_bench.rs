@@ -91,7 +91,8 @@ struct Args {
     /// decode attention kernels as loaded, B the tensor-core GQA kernel from N rows. `mixed:N`:
     /// A the MoE as loaded, B the mixed MoE from N decode rows (`set_moe_mixed_from`).
     /// `plain-from:N`: A as loaded, B every launch of a step without PDL from N rows
-    /// (`set_plain_from_rows`). `drain-from:N`: A as loaded, B the op after each MLP on drained
+    /// (`set_plain_from_rows`), `plain-to:N` up to N rows, exclusive (`set_plain_to_rows`).
+    /// `drain-from:N`: A as loaded, B the op after each MLP on drained
     /// SMs from N rows (`set_drain_after_mlp_rows`).
     /// `combine-in-norm`: A the tiled MoE combining its pairs itself, B leaving them to the norm
     /// after it (`set_moe_combine_in_norm`; by default the pairs go to the norm where
@@ -806,7 +807,7 @@ fn main() {
             // A count setting as loaded (A) against n (B): `--ab NAME:N`.
             type Get = fn(&CudaModel) -> usize;
             type Set = fn(&mut CudaModel, usize);
-            let counts: [(&str, Get, Set); 8] = [
+            let counts: [(&str, Get, Set); 9] = [
                 // the grouping in the routing launch's last block up to n tokens
                 ("group:", CudaModel::fused_group_max, |m, n| m.set_fused_group_max(n)),
                 // the o_proj doing the router up to n rows (1: one token only)
@@ -821,6 +822,8 @@ fn main() {
                 ("mixed:", CudaModel::moe_mixed_from, |m, n| { m.set_moe_mixed_from(n); }),
                 // every launch of a step without PDL from n rows
                 ("plain-from:", CudaModel::plain_from_rows, |m, n| m.set_plain_from_rows(n)),
+                // ... up to n rows (exclusive)
+                ("plain-to:", CudaModel::plain_to_rows, |m, n| m.set_plain_to_rows(n)),
                 // the op after each MLP on drained SMs from n rows
                 ("drain-from:", CudaModel::drain_after_mlp_rows, |m, n| m.set_drain_after_mlp_rows(n)),
             ];
@@ -878,7 +881,7 @@ fn main() {
             let shift = match what.strip_prefix("shift:") {
                 Some(n) => Some(n.parse::<usize>().expect("--ab shift:BYTES")),
                 None if ["tail", "argmax", "fetch", "embed", "prefetch"].contains(&what.as_str()) => None,
-                None => panic!("--ab takes tail, argmax, fetch, embed, prefetch, rows, fp8, shift:BYTES, copies:N, group:N, oproj-rows:N, route-block:N, route-cluster:N, moe-grid:N, attn-tc-rows:N, mixed:N, plain-from:N, drain-from:N, chain, combine-in-norm, digits-to:N, heads-splits:N, pre-fill, ready-wave, preload or defines:DEFINES, not {what}"),
+                None => panic!("--ab takes tail, argmax, fetch, embed, prefetch, rows, fp8, shift:BYTES, copies:N, group:N, oproj-rows:N, route-block:N, route-cluster:N, moe-grid:N, attn-tc-rows:N, mixed:N, plain-from:N, plain-to:N, drain-from:N, chain, combine-in-norm, digits-to:N, heads-splits:N, pre-fill, ready-wave, preload or defines:DEFINES, not {what}"),
             };
             ab(&mut model, &|m, on| match shift {
                 Some(n) => m.shift_step_buffers(if on { n } else { 0 }).expect("buffers shifted"),

@@ -197,10 +197,11 @@ impl CudaModel {
         };
         // A batch with prompt chunks launches plainly (`PlainLaunches`), unless
         // PEREGRINE_PREFILL_PDL=1 (measurements).
-        // So does a step of `plain_from_rows` rows or more: its kernels are multi-wave grids
-        // (and GEMMs with up to 200 KB of shared memory per block), whose early blocks under
-        // PDL hold SMs in the wrong shared-memory carveout, as after the MLP below.
-        let many_rows = ops.first().is_some_and(|op| op.rows() >= self.plain_from_rows);
+        // So does a step of `plain_from_rows` rows up to `plain_to_rows`: its kernels are
+        // multi-wave grids (and GEMMs with up to 200 KB of shared memory per block), whose early
+        // blocks under PDL hold SMs in the wrong shared-memory carveout, as after the MLP below.
+        // At 48-64 rows PDL measured faster again (`launches_plainly`).
+        let many_rows = ops.first().is_some_and(|op| self.launches_plainly(op.rows()));
         let _plain = ((meta.prefill.is_some() && !self.prefill_pdl) || many_rows).then(crate::launch::PlainLaunches::new);
         let h = self.spec.hidden_size;
         let mut acts: [Option<CudaSlice<f32>>; ACTS] = Default::default();

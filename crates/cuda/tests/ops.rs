@@ -996,6 +996,36 @@ fn the_preloading_attention_runs_only_behind_a_one_wave_projection() {
     eprintln!("preloading attention: every layer behind Flash-form one-wave projections at 4 rows, none behind Pro-form two-wave ones at 2");
 }
 
+/// Decode steps of 48 and 64 rows launch under PDL again (`PEREGRINE_PLAIN_TO_ROWS`, 48 by
+/// default): their logits are the plain launches' (every launch waiting for the whole grid
+/// ahead), eager and graphed, and a 32-row step keeps launching plainly either way.
+#[test]
+fn pdl_at_48_and_64_rows_gives_the_plain_launches_logits() {
+    let Some((spec, mut model)) = fp8_attention_model() else { return };
+    let mut r = rng();
+    let default = model.plain_to_rows();
+    for rows in [32usize, 48, 64] {
+        let batch: Vec<SeqForward> = (0..rows).map(|s| seq(s as u64, vec![r.random_range(0..spec.vocab_size as u32)], 3, &[s as u32], OutputRows::Last)).collect();
+        for graphs in [false, true] {
+            model.set_cuda_graphs(graphs);
+            let mut logits = Vec::new();
+            for plain_to in [default, 99] {
+                model.set_plain_to_rows(plain_to);
+                logits.push(model.forward(&batch).unwrap().into_iter().flat_map(|l| l.data).collect::<Vec<f32>>());
+                if graphs {
+                    assert!(model.graph_node_kinds(&batch).unwrap().is_some(), "{rows} rows: a decode batch replays a graph");
+                }
+            }
+            model.set_plain_to_rows(default);
+            let (pdl, plain) = (&logits[0], &logits[1]);
+            let scale = plain.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+            let worst = pdl.iter().zip(plain).fold(0f32, |m, (a, b)| m.max((a - b).abs() / scale));
+            assert!(pdl.len() == rows * spec.vocab_size && pdl.len() == plain.len() && pdl.iter().all(|v| v.is_finite()) && worst < 1e-5, "{rows} rows (graphs {graphs}): the default launches' logits differ from plain launches' by {worst:.2e}");
+            eprintln!("{rows} rows (graphs {graphs}): within {worst:.1e} of plain launches");
+        }
+    }
+}
+
 /// A captured decode step is kernel nodes only: its buffers come from the capture pool and
 /// its zeroed ones from a kernel, since a memory node or a memset between two kernels would
 /// cost them their programmatic edge (crates/cuda/src/alloc.rs). Its logits match the eager

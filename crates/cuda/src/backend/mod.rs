@@ -51,6 +51,19 @@ pub(crate) fn drv(e: cudarc::driver::DriverError) -> Error {
 const DRAIN_AFTER_MLP_ROWS: usize = 2;
 /// Default of `CudaModel::plain_from_rows`.
 const PLAIN_FROM_ROWS: usize = 16;
+/// Default of `CudaModel::plain_to_rows`: PDL again from 48 rows. On the H200 every launch
+/// under PDL made a Flash-shaped step 99-128 us shorter at 48 rows and 43-68 us at 64 (B faster
+/// in 9-10 of 10 rounds in each of three processes), MiMo-V2.5-Pro's even at 48 and 32-46 us
+/// shorter at 64, while at 16 and 32 rows PDL stays 81-732 us slower
+/// (benches/results/2026-11-30-h200-pdl-from-48-rows.md).
+const PLAIN_TO_ROWS: usize = 48;
+
+/// Whether a decode step of `rows` rows launches without PDL: from `from` rows up to `to`
+/// (exclusive), and past the largest graph bucket (`CudaModel::launches_plainly`).
+fn launches_plainly(rows: usize, from: usize, to: usize) -> bool {
+    let largest = crate::graph::ROW_BUCKETS[crate::graph::ROW_BUCKETS.len() - 1];
+    rows >= from && (rows < to || rows > largest)
+}
 
 pub(crate) struct Ops {
     pub(crate) embed: CudaFunction,
@@ -419,6 +432,9 @@ pub struct CudaModel {
     /// From this many rows a step launches without PDL at all; PEREGRINE_PLAIN_FROM_ROWS sets
     /// it (measurements).
     pub(crate) plain_from_rows: usize,
+    /// ... up to this many rows (exclusive), and again past the largest graph bucket; between
+    /// the two, PDL again. PEREGRINE_PLAIN_TO_ROWS sets it (measurements).
+    pub(crate) plain_to_rows: usize,
     /// The fastest fused and the fastest tiled MoE kernel at one token as `tune_moe` timed them
     /// alone, until `init_kv` times batch-1 steps on each (`tune_one_token_step`).
     pub(crate) one_token_finalists: Option<(crate::MoeKernel, crate::MoeKernel)>,
@@ -709,6 +725,7 @@ impl CudaModel {
             drain_after_mlp_rows: std::env::var("PEREGRINE_DRAIN_AFTER_MLP_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(DRAIN_AFTER_MLP_ROWS),
             drain_after_mlp_op: std::env::var("PEREGRINE_DRAIN_AFTER_MLP_OPS").ok().and_then(|v| v.parse().ok()).unwrap_or(1),
             plain_from_rows: std::env::var("PEREGRINE_PLAIN_FROM_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(PLAIN_FROM_ROWS),
+            plain_to_rows: std::env::var("PEREGRINE_PLAIN_TO_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(PLAIN_TO_ROWS),
             one_token_finalists: None,
             one_token_step_ms: None,
         };
@@ -885,6 +902,25 @@ impl CudaModel {
     /// The decode rows from which a step launches without PDL at all.
     pub fn plain_from_rows(&self) -> usize {
         self.plain_from_rows
+    }
+
+    /// Sets the decode rows up to which (exclusive) a step from `plain_from_rows` rows
+    /// launches without PDL (`plain_to_rows`, `PEREGRINE_PLAIN_TO_ROWS`), for measurements.
+    /// Captured step graphs are dropped.
+    pub fn set_plain_to_rows(&mut self, rows: usize) {
+        self.plain_to_rows = rows;
+        self.graphs.clear();
+    }
+
+    /// The decode rows up to which (exclusive) a step launches without PDL.
+    pub fn plain_to_rows(&self) -> usize {
+        self.plain_to_rows
+    }
+
+    /// Whether a step of `rows` rows launches without PDL at all: from `plain_from_rows` up to
+    /// `plain_to_rows`, and past the largest graph bucket (rows PDL was not measured at).
+    pub(crate) fn launches_plainly(&self, rows: usize) -> bool {
+        launches_plainly(rows, self.plain_from_rows, self.plain_to_rows)
     }
 
     /// Sets the rows from which the op after each MLP launches on drained SMs
@@ -1350,5 +1386,21 @@ impl Backend for CudaModel {
 
     fn hold_freed_memory(&mut self, on: bool) -> Result<()> {
         crate::alloc::hold_freed_memory(&self.stream, on)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_steps_launch_plainly_only_between_the_measured_row_counts() {
+        let plain: Vec<usize> = crate::graph::ROW_BUCKETS.into_iter().filter(|&r| launches_plainly(r, PLAIN_FROM_ROWS, PLAIN_TO_ROWS)).collect();
+        assert_eq!(plain, [16, 24, 32]);
+        // Past the largest bucket (rows PDL was not measured at) plainly again.
+        assert!(launches_plainly(65, PLAIN_FROM_ROWS, PLAIN_TO_ROWS) && launches_plainly(512, PLAIN_FROM_ROWS, PLAIN_TO_ROWS));
+        // With `to` past the largest bucket, every step from `from` rows on (the rule before).
+        assert!((16..=100).all(|r| launches_plainly(r, 16, 99) == (r >= 16)));
+        assert!(!(1..16).any(|r| launches_plainly(r, 16, 99)));
     }
 }
