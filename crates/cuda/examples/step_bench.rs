@@ -109,6 +109,8 @@ struct Args {
     /// wave, B `attention_v2_kv`'s (the same where the two take the same registers).
     /// `preload`: A the ready attention by default, B without `attention_v2_kv_ready_pre`
     /// (`attention_v2_kv_ready` wherever the attention is ready, its splits filling its wave).
+    /// `drain-one-wave`: A the op after each MLP on drained SMs except before a one-wave ready
+    /// q/k/v projection (the default), B drained there too (`set_drain_before_one_wave`).
     /// `chain`: the engine's overlapped steps, A with their tokens read from the step ahead's
     /// ids, B given (host-timed as the table above), and how many distinct ids the chained
     /// steps sample.
@@ -859,6 +861,13 @@ fn main() {
                 ab(&mut model, &|m, on| m.set_attn_ready_pre_fill(if on { !base } else { base }));
                 continue;
             }
+            if what == "drain-one-wave" {
+                // A the default (no drain before a one-wave ready q/k/v projection), B drained
+                // there too.
+                let base = model.drain_before_one_wave();
+                ab(&mut model, &|m, on| m.set_drain_before_one_wave(on || base));
+                continue;
+            }
             if what == "preload" {
                 // A the ready attention by default (the preloading kernel where its grid fits),
                 // B attention_v2_kv_ready in place of the preloading kernel.
@@ -881,7 +890,7 @@ fn main() {
             let shift = match what.strip_prefix("shift:") {
                 Some(n) => Some(n.parse::<usize>().expect("--ab shift:BYTES")),
                 None if ["tail", "argmax", "fetch", "embed", "prefetch"].contains(&what.as_str()) => None,
-                None => panic!("--ab takes tail, argmax, fetch, embed, prefetch, rows, fp8, shift:BYTES, copies:N, group:N, oproj-rows:N, route-block:N, route-cluster:N, moe-grid:N, attn-tc-rows:N, mixed:N, plain-from:N, plain-to:N, drain-from:N, chain, combine-in-norm, digits-to:N, heads-splits:N, pre-fill, ready-wave, preload or defines:DEFINES, not {what}"),
+                None => panic!("--ab takes tail, argmax, fetch, embed, prefetch, rows, fp8, shift:BYTES, copies:N, group:N, oproj-rows:N, route-block:N, route-cluster:N, moe-grid:N, attn-tc-rows:N, mixed:N, plain-from:N, plain-to:N, drain-from:N, drain-one-wave, chain, combine-in-norm, digits-to:N, heads-splits:N, pre-fill, ready-wave, preload or defines:DEFINES, not {what}"),
             };
             ab(&mut model, &|m, on| match shift {
                 Some(n) => m.shift_step_buffers(if on { n } else { 0 }).expect("buffers shifted"),

@@ -247,10 +247,10 @@ impl CudaModel {
         }
         for (i, &op) in ops.iter().enumerate() {
             mark(&mut marks)?;
-            // The `drain_after_mlp_op`-th op after an MLP (the next) starts on drained SMs at
-            // `drain_after_mlp_rows` rows and up (crate::launch::plain_next).
+            // The `drain_after_mlp_op`-th op after an MLP (the next) starts on drained SMs
+            // (crate::launch::plain_next) where `drains_after_mlp`.
             since_mlp = since_mlp.saturating_add(1);
-            if since_mlp == self.drain_after_mlp_op && op.rows() >= self.drain_after_mlp_rows {
+            if since_mlp == self.drain_after_mlp_op && self.drains_after_mlp(&op) {
                 crate::launch::plain_next();
             }
             if matches!(op, Op::Mlp { .. }) {

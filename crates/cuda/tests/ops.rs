@@ -973,16 +973,21 @@ fn ready_attention_split_for_the_preloading_kernel_decodes_as_split_to_fill() {
 /// projection of one wave: MiMo-V2.5-Pro's 128 heads of 192 + 8 KV heads (1696 tiles of 16
 /// rows, past one wave of any of its kernels: at most 9 blocks an SM) at 2 rows never take it,
 /// though their grid (256 blocks, one split) is the one Flash-form heads at 4 rows take it with
-/// in every layer; the decode steps stay finite and leave the counters at zero.
+/// in every layer; the decode steps stay finite and leave the counters at zero. Likewise the
+/// input norm after each MLP drains the SMs only ahead of the two-wave projections
+/// (`drains_after_mlp`).
 #[test]
 fn the_preloading_attention_runs_only_behind_a_one_wave_projection() {
     let small = [("num_hidden_layers", 2), ("vocab_size", 512), ("hidden_size", 256), ("intermediate_size", 256), ("n_routed_experts", 16), ("num_experts_per_tok", 8), ("moe_intermediate_size", 128), ("eos_token_id", 2)];
     let flash_heads = [("num_attention_heads", 64), ("num_key_value_heads", 4), ("head_dim", 32), ("v_head_dim", 32)];
     let Some((spec, model)) = synthetic_resized("configs/mimo-v2-flash.json", &[&small[..], &flash_heads[..]].concat()) else { return };
     assert_eq!(model.preloading_attention_layers(4, 8), spec.layers.len(), "Flash-form heads at 4 rows (256 blocks, one-wave projection): the preloading kernel in every layer");
+    assert_eq!(model.drained_after_mlp_layers(4), 0, "Flash-form heads at 4 rows: no input norm after an MLP drains the SMs ahead of a one-wave projection");
     let Some((spec, mut model)) = synthetic_resized("configs/mimo-v2.5-pro.json", &small) else { return };
     assert_eq!(model.qkv_ready_layers(2), spec.layers.len(), "Pro-form heads at 2 rows: every layer's attention starts heads as projected");
     assert_eq!(model.preloading_attention_layers(2, 8), 0, "Pro-form heads at 2 rows (a two-wave projection): no layer preloads");
+    assert_eq!(model.drained_after_mlp_layers(2), spec.layers.len() - 1, "Pro-form heads at 2 rows: every input norm after an MLP drains the SMs ahead of the two-wave projection");
+    assert_eq!(model.drained_after_mlp_layers(1), 0, "one row: no drain after the MLP");
     let mut r = rng();
     let blocks = |s: usize| (0..8).map(|b| (s * 8 + b) as u32).collect::<Vec<u32>>();
     let prompt: Vec<SeqForward> = (0..2).map(|s| seq(s as u64, (0..20).map(|_| r.random_range(0..spec.vocab_size as u32)).collect(), 0, &blocks(s), OutputRows::Last)).collect();
@@ -993,7 +998,7 @@ fn the_preloading_attention_runs_only_behind_a_one_wave_projection() {
         assert!(logits.iter().all(|v| v.is_finite()), "Pro-form heads, step {p}: non-finite logits");
         assert!(model.qkv_ready_counters().unwrap().iter().all(|&c| c == 0), "Pro-form heads, step {p}: counters left non-zero");
     }
-    eprintln!("preloading attention: every layer behind Flash-form one-wave projections at 4 rows, none behind Pro-form two-wave ones at 2");
+    eprintln!("preloading attention and no drain after the MLP: every layer behind Flash-form one-wave projections at 4 rows, none behind Pro-form two-wave ones at 2");
 }
 
 /// Decode steps of 48 and 64 rows launch under PDL again (`PEREGRINE_PLAIN_TO_ROWS`, 48 by

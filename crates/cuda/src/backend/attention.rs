@@ -361,6 +361,15 @@ impl CudaModel {
             && matches!(&a.qkv, Qkv::Stacked { m, rows: r } if matches!(m.m, GpuMatrix::Fp8 { .. }) && self.kernels.qkv_ready_takes(*r, s.num_heads, s.head_dim, s.v_head_dim, m.k, rows))
     }
 
+    /// Whether layer `li`'s q/k/v projection of `rows` decode rows runs the ready kernel
+    /// (`qkv_ready_at`, the attention writing the K/V itself) in one wave of its blocks
+    /// (`Kernels::qkv_ready_waves`).
+    pub(crate) fn qkv_ready_one_wave(&self, li: usize, rows: usize) -> bool {
+        let s = &self.layers[li].attn.spec;
+        let qkv_rows = s.num_heads * s.head_dim + s.num_kv_heads * (s.head_dim + s.v_head_dim);
+        self.attention_takes_kv(li) && self.qkv_ready_at(li, rows) && self.kernels.qkv_ready_waves(qkv_rows, rows) <= 1
+    }
+
     /// Layers whose attention of `rows` decode rows would start heads as their projection
     /// finishes them (`qkv_ready_at`, where the attention writes the K/V itself); for tests.
     pub fn qkv_ready_layers(&self, rows: usize) -> usize {

@@ -429,6 +429,10 @@ pub struct CudaModel {
     /// Which op after an MLP launches without PDL (1: the next); PEREGRINE_DRAIN_AFTER_MLP_OPS
     /// sets it (measurements).
     pub(crate) drain_after_mlp_op: usize,
+    /// Whether that op drains the SMs even where the q/k/v projection after it is the ready
+    /// kernel in one wave (`CudaModel::drains_after_mlp`); PEREGRINE_DRAIN_BEFORE_ONE_WAVE=1
+    /// (measurements).
+    pub(crate) drain_before_one_wave: bool,
     /// From this many rows a step launches without PDL at all; PEREGRINE_PLAIN_FROM_ROWS sets
     /// it (measurements).
     pub(crate) plain_from_rows: usize,
@@ -724,6 +728,7 @@ impl CudaModel {
             prefill_pdl: std::env::var("PEREGRINE_PREFILL_PDL").is_ok_and(|v| v == "1"),
             drain_after_mlp_rows: std::env::var("PEREGRINE_DRAIN_AFTER_MLP_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(DRAIN_AFTER_MLP_ROWS),
             drain_after_mlp_op: std::env::var("PEREGRINE_DRAIN_AFTER_MLP_OPS").ok().and_then(|v| v.parse().ok()).unwrap_or(1),
+            drain_before_one_wave: std::env::var("PEREGRINE_DRAIN_BEFORE_ONE_WAVE").is_ok_and(|v| v != "0"),
             plain_from_rows: std::env::var("PEREGRINE_PLAIN_FROM_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(PLAIN_FROM_ROWS),
             plain_to_rows: std::env::var("PEREGRINE_PLAIN_TO_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(PLAIN_TO_ROWS),
             one_token_finalists: None,
@@ -934,6 +939,41 @@ impl CudaModel {
     /// The rows from which the op after each MLP launches on drained SMs.
     pub fn drain_after_mlp_rows(&self) -> usize {
         self.drain_after_mlp_rows
+    }
+
+    /// Sets whether the op after an MLP drains the SMs before a one-wave ready q/k/v projection
+    /// too (`drain_before_one_wave`, `PEREGRINE_DRAIN_BEFORE_ONE_WAVE`), for measurements.
+    /// Captured step graphs are dropped.
+    pub fn set_drain_before_one_wave(&mut self, on: bool) {
+        self.drain_before_one_wave = on;
+        self.graphs.clear();
+    }
+
+    /// Whether the op after an MLP drains the SMs before a one-wave ready q/k/v projection too.
+    pub fn drain_before_one_wave(&self) -> bool {
+        self.drain_before_one_wave
+    }
+
+    /// Whether `op`, the `drain_after_mlp_op`-th after an MLP, launches on drained SMs: from
+    /// `drain_after_mlp_rows` rows, unless it is the input norm of a layer whose q/k/v
+    /// projection runs the ready kernel in one wave (`qkv_ready_one_wave`). Without the drain
+    /// there, Flash's 2 / 4 / 12-row steps ran 3-11 us shorter in every process of four, while
+    /// MiMo-V2.5-Pro's two-wave projections at 2 / 8 rows ran 12-58 us longer without it
+    /// (benches/results/2026-11-30-h200-drain-before-two-waves.md).
+    pub(crate) fn drains_after_mlp(&self, op: &crate::step::Op) -> bool {
+        if op.rows() < self.drain_after_mlp_rows {
+            return false;
+        }
+        match *op {
+            crate::step::Op::AddNorm { weight: crate::step::NormWeight::Input(l), rows, .. } if !self.drain_before_one_wave => !self.qkv_ready_one_wave(l, rows),
+            _ => true,
+        }
+    }
+
+    /// Layers whose input norm after the MLP ahead launches on drained SMs at `rows` decode
+    /// rows (`drains_after_mlp`); for tests.
+    pub fn drained_after_mlp_layers(&self, rows: usize) -> usize {
+        (1..self.layers.len()).filter(|&l| self.drains_after_mlp(&crate::step::Op::AddNorm { add: crate::step::Act::MlpOut, dst: crate::step::Act::AttnIn, weight: crate::step::NormWeight::Input(l), rows })).count()
     }
 
     /// Sets whether a ready attention splits to fit `attention_v2_kv_ready_pre`'s wave where
