@@ -866,6 +866,9 @@ fn main() {
                 // there too.
                 let base = model.drain_before_one_wave();
                 ab(&mut model, &|m, on| m.set_drain_before_one_wave(on || base));
+                for &b in batches {
+                    println!("(batch {b}: the input norm after an MLP drains the SMs in {} of {} layers)", model.drained_after_mlp_layers(b), spec.layers.len() - 1);
+                }
                 continue;
             }
             if what == "preload" {
