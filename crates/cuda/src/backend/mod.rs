@@ -956,10 +956,11 @@ impl CudaModel {
 
     /// Whether `op`, the `drain_after_mlp_op`-th after an MLP, launches on drained SMs: from
     /// `drain_after_mlp_rows` rows, unless it is the input norm of a layer whose q/k/v
-    /// projection runs the ready kernel in one wave (`qkv_ready_one_wave`). Without the drain
-    /// there, Flash's 2 / 4 / 12-row steps ran 3-11 us shorter in every process of four, while
-    /// MiMo-V2.5-Pro's two-wave projections at 2 / 8 rows ran 12-58 us longer without it
-    /// (benches/results/2026-11-30-h200-drain-before-two-waves.md).
+    /// projection runs the ready kernel in one wave (`qkv_ready_one_wave`; likely, not traced,
+    /// one wave has no second for the MoE's carveout to slow). Without the drain there, Flash's
+    /// 2 / 4 / 8-row steps ran 5-8 us shorter (H200; 3-11 us at 2 / 4 in four earlier
+    /// processes), while MiMo-V2.5-Pro's two-wave projections at 2 / 8 rows ran 12-58 us longer
+    /// without it (benches/results/2026-11-30-h200-drain-before-two-waves.md).
     pub(crate) fn drains_after_mlp(&self, op: &crate::step::Op) -> bool {
         if op.rows() < self.drain_after_mlp_rows {
             return false;
