@@ -250,7 +250,13 @@ const PREFILLED_CONTEXT: usize = 8192;
 /// consecutive collects over `steps` steps (after 3). Greedy, or sampled with `sampling(i)` for
 /// step i (its graph captured already).
 fn overlapped_ms(model: &mut CudaModel, decode_batch: &dyn Fn(usize) -> Vec<SeqForward>, b: usize, steps: usize, sampling: Option<&dyn Fn(usize) -> Vec<RowSampling>>) -> f64 {
-    let chain: Vec<Option<usize>> = (0..b).map(Some).collect();
+    overlapped_steps_ms(model, decode_batch, b, steps, sampling, true)
+}
+
+/// `overlapped_ms`, with each step's tokens read from the step ahead's ids (`chained`) or
+/// given.
+fn overlapped_steps_ms(model: &mut CudaModel, decode_batch: &dyn Fn(usize) -> Vec<SeqForward>, b: usize, steps: usize, sampling: Option<&dyn Fn(usize) -> Vec<RowSampling>>, chained: bool) -> f64 {
+    let chain: Vec<Option<usize>> = (0..b).map(|r| chained.then_some(r)).collect();
     let rows = |i: usize| sampling.map(|f| f(i));
     fn with(r: &Option<Vec<RowSampling>>) -> Option<(&[RowSampling], &[peregrine_core::backend::LogitAdjust])> {
         r.as_ref().map(|r| (&r[..], &[][..]))
@@ -262,24 +268,6 @@ fn overlapped_ms(model: &mut CudaModel, decode_batch: &dyn Fn(usize) -> Vec<SeqF
     for i in 1..steps + 4 {
         let ri = rows(i);
         assert!(model.enqueue_decode(&decode_batch(i), &chain, with(&ri)).unwrap(), "batch {b}: a chained step did not start");
-        model.collect_decode().unwrap();
-        if i > 3 {
-            t.push(last.elapsed().as_secs_f64() * 1e3);
-        }
-        last = Instant::now();
-    }
-    model.collect_decode().unwrap();
-    median(t)
-}
-
-/// As `overlapped_ms`, but each step's tokens given (none read from the step ahead's ids).
-fn overlapped_given_ms(model: &mut CudaModel, decode_batch: &dyn Fn(usize) -> Vec<SeqForward>, b: usize, steps: usize) -> f64 {
-    let given = vec![None; b];
-    assert!(model.enqueue_decode(&decode_batch(0), &given, None).unwrap(), "batch {b}: the decode step did not overlap");
-    let mut t = Vec::new();
-    let mut last = Instant::now();
-    for i in 1..steps + 4 {
-        assert!(model.enqueue_decode(&decode_batch(i), &given, None).unwrap(), "batch {b}: a step did not start");
         model.collect_decode().unwrap();
         if i > 3 {
             t.push(last.elapsed().as_secs_f64() * 1e3);
@@ -698,7 +686,7 @@ fn main() {
                     let (mut a, mut bb) = (Vec::new(), Vec::new());
                     for _ in 0..args.ab_rounds {
                         a.push(overlapped_ms(&mut model, &decode_batch, b, args.steps, None));
-                        bb.push(overlapped_given_ms(&mut model, &decode_batch, b, args.steps));
+                        bb.push(overlapped_steps_ms(&mut model, &decode_batch, b, args.steps, None, false));
                     }
                     let diff: Vec<f64> = a.iter().zip(&bb).map(|(x, y)| (y - x) * 1e3).collect();
                     let slower = diff.iter().filter(|&&d| d > 0.0).count();
