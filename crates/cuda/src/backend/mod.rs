@@ -52,9 +52,9 @@ const DRAIN_AFTER_MLP_ROWS: usize = 2;
 /// Default of `CudaModel::plain_from_rows`.
 const PLAIN_FROM_ROWS: usize = 16;
 /// Default of `CudaModel::plain_to_rows`: PDL again from 48 rows. On the H200 every launch
-/// under PDL made a Flash-shaped step 99-128 us shorter at 48 rows and 43-68 us at 64 (B faster
-/// in 9-10 of 10 rounds in each of three processes), MiMo-V2.5-Pro's even at 48 and 32-46 us
-/// shorter at 64, while at 16 and 32 rows PDL stays 81-732 us slower
+/// under PDL made a Flash-shaped step 99-152 us shorter at 48 rows and 43-80 us at 64 (in 8-10
+/// of 10 rounds in each of four processes), MiMo-V2.5-Pro's even to 72 us shorter at 48 and
+/// 32-68 us at 64, while at 16 and 32 rows PDL stays 81-732 us slower
 /// (benches/results/2026-11-30-h200-pdl-from-48-rows.md).
 const PLAIN_TO_ROWS: usize = 48;
 
