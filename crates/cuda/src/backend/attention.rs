@@ -154,6 +154,12 @@ pub(crate) fn prefill_tiles(seq: &[i32], pos: &[i32]) -> Option<(Vec<i32>, Vec<i
     (!tiles.is_empty()).then_some((tiles, rest))
 }
 
+/// Rows of a layer's stacked q/k/v projection: a ready attention runs only behind one of
+/// exactly these (`Kernels::qkv_ready_takes`).
+fn stacked_qkv_rows(s: &AttentionSpec) -> usize {
+    s.q_dim() + s.k_dim() + s.v_dim()
+}
+
 /// Whether a layer's attention runs `attention_v2` (8 warps per head over the positions), not
 /// the one-warp kernel: unless its K head is wider than v2 holds.
 pub(super) fn uses_attention_v2(s: &AttentionSpec) -> bool {
@@ -365,9 +371,7 @@ impl CudaModel {
     /// (`qkv_ready_at`, the attention writing the K/V itself) in one wave of its blocks
     /// (`Kernels::qkv_ready_waves`).
     pub(crate) fn qkv_ready_one_wave(&self, li: usize, rows: usize) -> bool {
-        let s = &self.layers[li].attn.spec;
-        let qkv_rows = s.num_heads * s.head_dim + s.num_kv_heads * (s.head_dim + s.v_head_dim);
-        self.attention_takes_kv(li) && self.qkv_ready_at(li, rows) && self.kernels.qkv_ready_waves(qkv_rows, rows) <= 1
+        self.attention_takes_kv(li) && self.qkv_ready_at(li, rows) && self.kernels.qkv_ready_waves(stacked_qkv_rows(&self.layers[li].attn.spec), rows) <= 1
     }
 
     /// Layers whose attention of `rows` decode rows would start heads as their projection
@@ -446,10 +450,7 @@ impl CudaModel {
     /// the H200, while Flash's one-wave projections gain from it at 1 and 4 rows
     /// (benches/results/2026-11-30-h200-defaults-sweep.md).
     fn runs_ready_pre(&self, s: &AttentionSpec, rows: usize, splits: usize) -> bool {
-        // The stacked projection's rows: a ready attention runs only behind one of exactly
-        // these (`Kernels::qkv_ready_takes`).
-        let qkv_rows = s.num_heads * s.head_dim + s.num_kv_heads * (s.head_dim + s.v_head_dim);
-        self.attention_ready_pre && rows * s.num_heads * splits <= self.attention_ready_pre_wave && self.kernels.qkv_ready_waves(qkv_rows, rows) <= 1
+        self.attention_ready_pre && rows * s.num_heads * splits <= self.attention_ready_pre_wave && self.kernels.qkv_ready_waves(stacked_qkv_rows(s), rows) <= 1
     }
 
     /// Blocks per (row, head) of `attention_v2` for `rows` rows (`attention_splits`), as the
