@@ -1157,23 +1157,6 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, const flo
     __shared__ int sel[ROUTE_MAX_K];
     __shared__ float wsel[ROUTE_MAX_K];
     int t = blockIdx.x;
-#ifndef ROUTE_ONE_TOKEN_BLOCK_GROUP
-    // One token of at most 32 choices (MiMo-V2.5-Pro's one-token steps, whose tiled MoE has this
-    // launch in front): warp 0 groups them right after its top K (group_one_token_warp, as the
-    // fused one-token MoE does), before route_token's closing barrier. group_one_token, every
-    // thread walking K x K choices through shared memory after that barrier, held the path to
-    // the expert kernels ~2 us longer. The same arrays, the same values.
-    // -DROUTE_ONE_TOKEN_BLOCK_GROUP keeps the block's grouping, for measurements.
-    if (counter != nullptr && gridDim.x == 1 && K <= 32) {
-        const OneTokenGroups groups{experts, pair_off, pair_tok, pair_w, tok_pairs, max_u};
-        route_token(logits, bias, E, K, softmax, n_group, topk_group, norm, scale, smem, smem + E, sel, wsel, &groups);
-        for (int k = threadIdx.x; k < K; k += blockDim.x) {
-            topk_idx[k] = sel[k];
-            topk_w[k] = wsel[k];
-        }
-        return;
-    }
-#endif
     route_token(logits + (size_t)t * E, bias, E, K, softmax, n_group, topk_group, norm, scale, smem, smem + E, sel, wsel);
     for (int k = threadIdx.x; k < K; k += blockDim.x) {
         topk_idx[t * K + k] = sel[k];

@@ -110,7 +110,7 @@ fn router_and_grouping_match_the_cpu_reference() {
         eprintln!("{name}: ties and -inf logits routed as the CPU reference");
     }
     // NaN logits (a diverged model) leave fewer than K candidates: one token's routing repeats
-    // the fallback expert, and its grouping (group_one_token_warp, by the routing block's warp 0) is the host
+    // the fallback expert, and its grouping (group_one_token, in the routing block) is the host
     // grouping of the same choices: only real experts, every pair accounted for once.
     let spec = cases[0].1;
     for nan_at in [vec![0usize], (0..spec.num_experts).collect::<Vec<_>>()] {
