@@ -1157,7 +1157,16 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, const flo
     __shared__ int sel[ROUTE_MAX_K];
     __shared__ float wsel[ROUTE_MAX_K];
     int t = blockIdx.x;
-    route_token(logits + (size_t)t * E, bias, E, K, softmax, n_group, topk_group, norm, scale, smem, smem + E, sel, wsel);
+#ifdef STEP_TRACE
+    // (-DSTEP_TRACE: points 0 and 1 the scores out and the top K taken, 2 one token grouped.)
+    auto stamp = [&](int k) {
+        if (k == 17) TRACE_MARK(0);
+        if (k == 18) TRACE_MARK(1);
+    };
+#else
+    RouteNoStamp stamp;
+#endif
+    route_token(logits + (size_t)t * E, bias, E, K, softmax, n_group, topk_group, norm, scale, smem, smem + E, sel, wsel, nullptr, stamp);
     for (int k = threadIdx.x; k < K; k += blockDim.x) {
         topk_idx[t * K + k] = sel[k];
         topk_w[t * K + k] = wsel[k];
@@ -1165,6 +1174,7 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, const flo
     if (counter == nullptr) return;
     if (gridDim.x == 1) {
         group_one_token(sel, wsel, K, max_u, experts, pair_off, pair_tok, pair_w, tok_pairs);
+        TRACE_MARK(2);
         return;
     }
     // This token's choices published, then counted; the last token's block groups them all.
