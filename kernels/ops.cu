@@ -1166,9 +1166,7 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, const flo
 #else
     RouteNoStamp stamp;
 #endif
-    // (SPLIT: the other warps only wait while warp 0 takes the top K, so past 256 experts every
-    // warp takes part: route_top_k_split. -DROUTE_TOPK_ONE_WARP keeps warp 0 alone.)
-    route_token<true>(logits + (size_t)t * E, bias, E, K, softmax, n_group, topk_group, norm, scale, smem, smem + E, sel, wsel, nullptr, stamp);
+    route_token(logits + (size_t)t * E, bias, E, K, softmax, n_group, topk_group, norm, scale, smem, smem + E, sel, wsel, nullptr, stamp);
     for (int k = threadIdx.x; k < K; k += blockDim.x) {
         topk_idx[t * K + k] = sel[k];
         topk_w[t * K + k] = wsel[k];

@@ -107,85 +107,6 @@ __device__ __forceinline__ float route_top_k_regs(const float* choice, const flo
 }
 #endif
 
-#if __CUDA_ARCH__ >= 800
-// One round of a top K over keys held J a lane with their expert indices (key 0: none): the
-// largest key, ties to the lower index, by a tree within the lane, then two warp reductions.
-// Returns the chosen index (-1 when no key is left) with its key in `key`, and drops it from its
-// holder.
-template <int J>
-__device__ __forceinline__ int route_top_k_round(unsigned (&c)[J], const int (&ix)[J], unsigned& key) {
-    unsigned k = c[0];
-    int i = ix[0];
-#pragma unroll
-    for (int j = 1; j < J; j++)
-        if (c[j] > k || (c[j] == k && ix[j] < i)) {
-            k = c[j];
-            i = ix[j];
-        }
-    const unsigned m = __reduce_max_sync(0xffffffffu, k);
-    key = m;
-    if (m == 0u) return -1;
-    const int best = (int)__reduce_min_sync(0xffffffffu, k == m ? (unsigned)i : 0xffffffffu);
-#pragma unroll
-    for (int j = 0; j < J; j++) c[j] = ix[j] == best ? 0u : c[j];
-    return best;
-}
-
-// route_top_k_regs by every warp of the block, for E too large for one warp's registers to scan
-// cheaply (MiMo-V2.5-Pro's 384 experts took route_top_k_regs<16> ~2.5-3.4 us at one token in
-// moe_route, its other seven warps idle). Warp w takes the contiguous experts [w per, (w + 1)
-// per) and its own top K (J1 a lane), written to shared memory; warp 0 then takes the top K of
-// those W K candidates (J2 a lane). The global top K is among them (a choice in it has fewer
-// than K keys above it in its warp too) and both levels order by (key, lower index), so the same
-// choices in the same order as route_top_k_regs, the same sum (in warp 0); expert 0 once no
-// candidate is left. Every thread of the block calls it; E <= 32 J1 W, W K <= 32 J2, K <= 32.
-template <int J1, int J2>
-__device__ __forceinline__ float route_top_k_split(const float* choice, const float* scores, int E, int K, int* sel) {
-    __shared__ unsigned cand_key[32 * J2];
-    __shared__ int cand_ix[32 * J2];
-    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, W = blockDim.x >> 5;
-    const int per = (E + W - 1) / W, base = w * per;
-    unsigned c[J1];
-    int ix[J1];
-#pragma unroll
-    for (int j = 0; j < J1; j++) {
-        const int e = base + lane + 32 * j;
-        const bool mine = lane + 32 * j < per && e < E;
-        c[j] = mine ? route_key(choice[e]) : 0u;
-        ix[j] = mine ? e : 0x7fffffff;
-    }
-    for (int k = 0; k < K; k++) {
-        unsigned key;
-        const int i = route_top_k_round<J1>(c, ix, key);
-        if (lane == 0) {
-            cand_key[w * K + k] = key;
-            cand_ix[w * K + k] = i < 0 ? 0x7fffffff : i;
-        }
-    }
-    __syncthreads();
-    float wsum = 0.f;
-    if (w == 0) {
-        unsigned d[J2];
-        int dx[J2];
-#pragma unroll
-        for (int j = 0; j < J2; j++) {
-            const int q = lane + 32 * j;
-            d[j] = q < W * K ? cand_key[q] : 0u;
-            dx[j] = q < W * K ? cand_ix[q] : 0x7fffffff;
-        }
-        for (int k = 0; k < K; k++) {
-            unsigned key;
-            int i = route_top_k_round<J2>(d, dx, key);
-            if (i < 0) i = 0;  // no candidate left (NaN logits): expert 0
-            wsum += scores[i];
-            if (lane == 0) sel[k] = i;
-        }
-        __syncwarp();
-    }
-    return wsum;
-}
-#endif
-
 // Where group_one_token_warp writes (group_one_token's arrays, max_u slots).
 struct OneTokenGroups {
     int* experts;
@@ -296,12 +217,11 @@ __device__ __forceinline__ float route_weight_denom(float wsum) { return wsum + 
 // expert) and wsel[k] (its weight) in choice order, visible to the whole block on return; with
 // `groups` (K <= 32) also their grouping there (group_one_token_warp). scores, choice: E
 // floats each of shared memory. The top K with the choices in registers (route_top_k_regs)
-// where E allows, else (and with -DROUTE_TOPK_SCAN, for measurements) by a scan; with SPLIT
-// (idle() doing nothing) by every warp past 256 experts (route_top_k_split). stamp(slot):
+// where E allows, else (and with -DROUTE_TOPK_SCAN, for measurements) by a scan. stamp(slot):
 // thread 0 marks its phases (17: scores, 18: top K, 19: weights, 20: grouped) for a trace.
 // idle(): what the other warps do meanwhile (they would wait at the closing barrier; the fused
 // one-token MoE stages its activations there).
-template <bool SPLIT = false, class Stamp = RouteNoStamp, class Idle = RouteNoIdle>
+template <class Stamp = RouteNoStamp, class Idle = RouteNoIdle>
 __device__ __forceinline__ void route_token(const float* __restrict__ l, const float* __restrict__ bias, int E, int K, int softmax,
                                             int n_group, int topk_group, int norm, float scale, float* scores, float* choice,
                                             int* sel, float* wsel, const OneTokenGroups* groups = nullptr, Stamp stamp = Stamp(),
@@ -358,22 +278,10 @@ __device__ __forceinline__ void route_token(const float* __restrict__ l, const f
             if (!keep[e / per]) choice[e] = NEG_INF;
         __syncthreads();
     }
-    // SPLIT (moe_route, whose other warps have nothing to do meanwhile): past 256 experts the top
-    // K by every warp (route_top_k_split), in blocks of 8 warps and K <= 8.
-#if __CUDA_ARCH__ >= 800 && !defined(ROUTE_TOPK_SCAN) && !defined(ROUTE_TOPK_ONE_WARP)
-    const bool split = SPLIT && E > 256 && E <= 512 && blockDim.x == 256 && K <= 8;
-    const float wsum_split = split ? route_top_k_split<2, 2>(choice, scores, E, K, sel) : 0.f;
-#else
-    const bool split = false;
-    const float wsum_split = 0.f;
-#endif
     // The top K by one warp, shuffles only (K block-wide argmax rounds, two barriers each, made
     // moe_route ~11 us per layer on the H100 under ncu). Largest choice, ties to the lower index.
     if (threadIdx.x < 32) {
-        float wsum = wsum_split;
-        if (split) {
-            // (taken above, by the whole block)
-        } else
+        float wsum = 0.f;
 #if __CUDA_ARCH__ >= 800 && !defined(ROUTE_TOPK_SCAN)  // (-DROUTE_TOPK_SCAN: the scan, for measurements)
         if (E <= 256) {
             wsum = route_top_k_regs<8>(choice, scores, E, K, sel);
