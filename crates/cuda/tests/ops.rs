@@ -112,7 +112,7 @@ fn router_and_grouping_match_the_cpu_reference() {
     // NaN logits (a diverged model) leave fewer than K candidates: one token's routing repeats
     // the fallback expert, and its grouping (group_one_token, in the routing block) is the host
     // grouping of the same choices: only real experts, every pair accounted for once.
-    // (Flash's 256 experts: warp 0's top K; Pro's 384: every warp's, route_top_k_split.)
+    // (Flash's 256 experts and Pro's 384: route_top_k_regs with 8 and 16 choices a lane.)
     for (spec, nan_at) in [cases[0].1, cases[1].1].into_iter().flat_map(|s| [(s, vec![0usize]), (s, (0..s.num_experts).collect::<Vec<_>>())]) {
         let mut logits: Vec<f32> = (0..spec.num_experts).map(|_| (r.random::<f32>() - 0.5) * 6.0).collect();
         for &i in &nan_at {
