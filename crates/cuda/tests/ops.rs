@@ -119,15 +119,15 @@ fn router_and_grouping_match_the_cpu_reference() {
             logits[i] = f32::NAN;
         }
         let (got, routing) = model.route_on_gpu(&spec, &logits, None).expect("GPU routing of NaN logits");
-        assert!(routing.experts.iter().all(|&e| (e as usize) < spec.num_experts), "NaN logits: experts {:?}", routing.experts);
-        assert_eq!(routing.pair_off.last().copied(), Some(spec.top_k as i32), "NaN logits ({} NaN): pair offsets {:?}", nan_at.len(), routing.pair_off);
-        assert!(routing.pair_off.windows(2).all(|w| w[0] < w[1]), "NaN logits: every used expert has pairs: {:?}", routing.pair_off);
+        assert!(routing.experts.iter().all(|&e| (e as usize) < spec.num_experts), "NaN logits, {} experts: experts {:?}", spec.num_experts, routing.experts);
+        assert_eq!(routing.pair_off.last().copied(), Some(spec.top_k as i32), "NaN logits ({} NaN of {}): pair offsets {:?}", nan_at.len(), spec.num_experts, routing.pair_off);
+        assert!(routing.pair_off.windows(2).all(|w| w[0] < w[1]), "NaN logits, {} experts: every used expert has pairs: {:?}", spec.num_experts, routing.pair_off);
         let mut seen = routing.tok_pairs.clone();
         seen.sort();
-        assert_eq!(seen, (0..spec.top_k as i32).collect::<Vec<_>>(), "NaN logits: every pair in exactly one slot");
+        assert_eq!(seen, (0..spec.top_k as i32).collect::<Vec<_>>(), "NaN logits, {} experts: every pair in exactly one slot", spec.num_experts);
         let host = MoeRouting::new(&got);
-        assert_eq!((&routing.experts, &routing.pair_off, &routing.pair_tok, &routing.tok_pairs), (&host.experts, &host.pair_off, &host.pair_tok, &host.tok_pairs), "NaN logits ({} NaN): grouping", nan_at.len());
-        assert!(routing.pair_w.iter().zip(&host.pair_w).all(|(a, b)| a.to_bits() == b.to_bits()), "NaN logits: pair weights");
+        assert_eq!((&routing.experts, &routing.pair_off, &routing.pair_tok, &routing.tok_pairs), (&host.experts, &host.pair_off, &host.pair_tok, &host.tok_pairs), "NaN logits ({} NaN of {}): grouping", nan_at.len(), spec.num_experts);
+        assert!(routing.pair_w.iter().zip(&host.pair_w).all(|(a, b)| a.to_bits() == b.to_bits()), "NaN logits, {} experts: pair weights", spec.num_experts);
     }
 }
 
