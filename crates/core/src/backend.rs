@@ -12,7 +12,7 @@
 //! Position `p` of a sequence lives in block `table[p / block_size]` at offset `p % block_size`,
 //! in both groups. A layer's K/V layout inside a block is the backend's business.
 
-use crate::{DraftSpec, Error, ModelSpec, Result};
+use crate::{DraftSpec, Error, KvDtype, ModelSpec, Result};
 
 /// Marks a block-table entry that holds no block (a sliding-window block released by the engine).
 pub const NULL_BLOCK: u32 = u32::MAX;
@@ -138,8 +138,23 @@ pub struct DraftForward {
 pub trait Backend: Send {
     fn spec(&self) -> &ModelSpec;
 
-    /// Bytes one KV block of `block_size` tokens takes in each group.
+    /// Bytes one KV block of `block_size` tokens takes in each group, at the current
+    /// [`Backend::kv_dtype`].
     fn kv_block_bytes(&self, block_size: usize) -> KvBlockBytes;
+
+    /// The element type the next `init_kv` gives the K/V pools. The default: f32 only.
+    fn kv_dtype(&self) -> KvDtype {
+        KvDtype::F32
+    }
+
+    /// Chooses the K/V pools' element type for the next `init_kv` (and `kv_block_bytes` from
+    /// now on). The default accepts f32 only and names the type it cannot hold.
+    fn set_kv_dtype(&mut self, dtype: KvDtype) -> Result<()> {
+        match dtype {
+            KvDtype::F32 => Ok(()),
+            other => Err(Error::Unsupported(format!("the {} backend keeps its KV cache in float32 only, not {other}", self.name()))),
+        }
+    }
 
     /// Allocate (or re-allocate, dropping contents) the KV pools.
     fn init_kv(&mut self, config: KvConfig) -> Result<()>;

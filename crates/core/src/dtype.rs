@@ -41,3 +41,90 @@ pub enum QuantFormat {
     /// 32 consecutive elements along K.
     Mxfp4,
 }
+
+/// Element type of the KV cache's K and V pools (`--kv-cache-dtype`). Values are rounded to it
+/// when written and read back exactly, so every backend holding the same type computes the same
+/// attention inputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+pub enum KvDtype {
+    /// f32, as the projections compute them.
+    #[default]
+    F32,
+    /// BF16, rounded to nearest even: half the bytes, the checkpoints' own precision.
+    Bf16,
+}
+
+impl KvDtype {
+    /// Bytes of one element.
+    pub fn size(self) -> usize {
+        match self {
+            KvDtype::F32 => 4,
+            KvDtype::Bf16 => 2,
+        }
+    }
+
+    /// The name `--kv-cache-dtype` takes and logs print.
+    pub fn name(self) -> &'static str {
+        match self {
+            KvDtype::F32 => "float32",
+            KvDtype::Bf16 => "bfloat16",
+        }
+    }
+
+    /// `x` as the cache holds it, back in f32.
+    pub fn round(self, x: f32) -> f32 {
+        match self {
+            KvDtype::F32 => x,
+            KvDtype::Bf16 => f32::from_bits(bf16_bits(x) << 16),
+        }
+    }
+}
+
+/// The BF16 bits of `x`, rounded to nearest even (NaN stays NaN), as the GPU's
+/// `__float2bfloat16_rn` rounds.
+pub fn bf16_bits(x: f32) -> u32 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        return (b >> 16) | 0x40;
+    }
+    (b + 0x7fff + ((b >> 16) & 1)) >> 16
+}
+
+impl std::fmt::Display for KvDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for KvDtype {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "float32" | "fp32" | "f32" => Ok(KvDtype::F32),
+            "bfloat16" | "bf16" => Ok(KvDtype::Bf16),
+            _ => Err(format!("unknown KV cache dtype {s:?} (expected float32 or bfloat16)")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod kv_dtype_tests {
+    use super::KvDtype;
+
+    #[test]
+    fn kv_dtype_names_parse_back_and_bf16_rounds_to_nearest_even() {
+        for d in [KvDtype::F32, KvDtype::Bf16] {
+            assert_eq!(d.name().parse::<KvDtype>(), Ok(d));
+        }
+        assert_eq!("BF16".parse::<KvDtype>(), Ok(KvDtype::Bf16));
+        assert!("fp8".parse::<KvDtype>().unwrap_err().contains("fp8"));
+        assert_eq!((KvDtype::F32.size(), KvDtype::Bf16.size()), (4, 2));
+        // 1 + 2^-8 lies halfway between bf16 neighbours 1 and 1 + 2^-7: even (1) wins.
+        assert_eq!(KvDtype::Bf16.round(1.0 + 1.0 / 256.0), 1.0);
+        assert_eq!(KvDtype::Bf16.round(1.0 + 3.0 / 256.0), 1.0 + 4.0 / 256.0);
+        let x = 0.123_456_7_f32;
+        assert_eq!(KvDtype::F32.round(x), x);
+        assert!((KvDtype::Bf16.round(x) - x).abs() <= x * 2f32.powi(-8));
+        assert!(KvDtype::Bf16.round(f32::NAN).is_nan());
+    }
+}

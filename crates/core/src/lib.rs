@@ -15,7 +15,7 @@ pub mod sampling;
 pub mod spec;
 
 pub use draft::{DraftLayerSpec, DraftSpec};
-pub use dtype::{DType, QuantFormat};
+pub use dtype::{DType, KvDtype, QuantFormat};
 pub use error::{Error, Result};
 pub use sampling::SamplingParams;
 pub use spec::{

@@ -7,7 +7,7 @@
 //! are dropped.
 
 use peregrine_core::backend::{DraftForward, NULL_BLOCK};
-use peregrine_core::{DraftSpec, Error, ModelSpec, Result};
+use peregrine_core::{DraftSpec, Error, KvDtype, ModelSpec, Result};
 use peregrine_model::dflash::DraftFiles;
 use rayon::prelude::*;
 
@@ -103,7 +103,7 @@ impl Drafter {
 
     /// Projects target features (`n` rows of `context_dim`) to context K/V and writes them at
     /// the given slots (one per row).
-    pub(crate) fn write_context(&self, features: &[f32], positions: &[usize], slots: &[usize], kv: &mut [LayerKv]) {
+    pub(crate) fn write_context(&self, features: &[f32], positions: &[usize], slots: &[usize], kv: &mut [LayerKv], dtype: KvDtype) {
         let h = self.spec.hidden_size;
         let n = positions.len();
         let ctx = rms_norm(&matmul(features, n, &self.fc, h, self.spec.context_dim()), &self.hidden_norm, self.spec.rms_norm_eps);
@@ -117,9 +117,7 @@ impl Drafter {
                 if s.value_scale != 1.0 {
                     v[r * s.v_dim()..(r + 1) * s.v_dim()].iter_mut().for_each(|x| *x *= s.value_scale);
                 }
-                let slot = slots[r];
-                pool.k[slot * s.k_dim()..(slot + 1) * s.k_dim()].copy_from_slice(&k[r * s.k_dim()..(r + 1) * s.k_dim()]);
-                pool.v[slot * s.v_dim()..(slot + 1) * s.v_dim()].copy_from_slice(&v[r * s.v_dim()..(r + 1) * s.v_dim()]);
+                pool.write(slots[r], &k[r * s.k_dim()..(r + 1) * s.k_dim()], &v[r * s.v_dim()..(r + 1) * s.v_dim()], dtype);
             }
         }
     }

@@ -2,7 +2,7 @@
 //! from `ModelSpec`, with a paged two-group KV cache (see `peregrine_core::backend`).
 
 use peregrine_core::backend::{Backend, DraftForward, KvBlockBytes, KvConfig, Logits, OutputRows, SeqForward, NULL_BLOCK};
-use peregrine_core::{AttentionKind, DraftSpec, AttentionSpec, Error, MlpSpec, ModelSpec, MoeSpec, QkvLayout, Result, RouterScoring};
+use peregrine_core::{AttentionKind, KvDtype, DraftSpec, AttentionSpec, Error, MlpSpec, ModelSpec, MoeSpec, QkvLayout, Result, RouterScoring};
 use peregrine_model::dflash::DraftFiles;
 use peregrine_model::weights::WeightSource;
 use rayon::prelude::*;
@@ -52,6 +52,20 @@ pub(crate) struct LayerKv {
     pub(crate) v: Vec<f32>,
 }
 
+impl LayerKv {
+    /// Slot `slot`'s K and V rows, rounded to `dtype` as a GPU pool of that type holds them
+    /// (the pools stay f32 here: the reference keeps one attention path).
+    pub(crate) fn write(&mut self, slot: usize, k: &[f32], v: &[f32], dtype: KvDtype) {
+        let (kd, vd) = (k.len(), v.len());
+        for (dst, &x) in self.k[slot * kd..(slot + 1) * kd].iter_mut().zip(k) {
+            *dst = dtype.round(x);
+        }
+        for (dst, &x) in self.v[slot * vd..(slot + 1) * vd].iter_mut().zip(v) {
+            *dst = dtype.round(x);
+        }
+    }
+}
+
 pub struct CpuModel {
     spec: ModelSpec,
     embed: Vec<f32>,
@@ -60,6 +74,8 @@ pub struct CpuModel {
     layers: Vec<Layer>,
     kv: Vec<LayerKv>,
     kv_config: Option<KvConfig>,
+    /// What the K/V pools round their values to (`set_kv_dtype`).
+    kv_dtype: KvDtype,
     drafter: Option<Drafter>,
     /// The drafter's context K/V, one pool per drafter layer, indexed like the full group.
     draft_kv: Vec<LayerKv>,
@@ -176,6 +192,7 @@ impl CpuModel {
             layers,
             kv: Vec::new(),
             kv_config: None,
+            kv_dtype: KvDtype::F32,
             drafter: None,
             draft_kv: Vec::new(),
         })
@@ -266,8 +283,7 @@ impl CpuModel {
                 let seq = &batch[si];
                 let pos = seq.start_pos + ti;
                 let slot = slot_of(seq, swa, pos, bs)?;
-                pool.k[slot * s.k_dim()..(slot + 1) * s.k_dim()].copy_from_slice(&k[r * s.k_dim()..(r + 1) * s.k_dim()]);
-                pool.v[slot * s.v_dim()..(slot + 1) * s.v_dim()].copy_from_slice(&v[r * s.v_dim()..(r + 1) * s.v_dim()]);
+                pool.write(slot, &k[r * s.k_dim()..(r + 1) * s.k_dim()], &v[r * s.v_dim()..(r + 1) * s.v_dim()], self.kv_dtype);
             }
         }
         // Attention per (row, head), in parallel.
@@ -442,6 +458,17 @@ impl Backend for CpuModel {
         b
     }
 
+    fn kv_dtype(&self) -> KvDtype {
+        self.kv_dtype
+    }
+
+    /// Either type: BF16 pools stay f32 here, their values rounded as a GPU's BF16 pool rounds
+    /// them, so the CPU reference checks a BF16 cache's numbers (not its memory).
+    fn set_kv_dtype(&mut self, dtype: KvDtype) -> Result<()> {
+        self.kv_dtype = dtype;
+        Ok(())
+    }
+
     fn init_kv(&mut self, config: KvConfig) -> Result<()> {
         let mut kv = Vec::with_capacity(self.layers.len());
         for swa in [false, true] {
@@ -521,7 +548,7 @@ impl Backend for CpuModel {
                 .zip(&positions)
                 .map(|(&(si, _), &p)| slot_of(&batch[si], false, p, bs))
                 .collect::<Result<Vec<_>>>()?;
-            d.write_context(&features, &positions, &slots, &mut self.draft_kv);
+            d.write_context(&features, &positions, &slots, &mut self.draft_kv, self.kv_dtype);
         }
         // Logits only for the rows asked for.
         let (want, counts) = peregrine_core::backend::output_rows(batch);

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use peregrine_core::SamplingParams;
+use peregrine_core::{KvDtype, SamplingParams};
 use crate::spec_policy::SpeculationMode;
 
 /// One generation request: one sequence (the server submits `n` of them for `n > 1`).
@@ -139,6 +139,8 @@ pub struct EngineConfig {
     /// When a drafter speculates: while it measures faster than plain decoding (`Adaptive`),
     /// or on every eligible step (`Always`). Outputs are the same either way.
     pub speculation: SpeculationMode,
+    /// The KV cache's element type; None: the backend's own choice (`Backend::kv_dtype`).
+    pub kv_cache_dtype: Option<KvDtype>,
 }
 
 impl Default for EngineConfig {
@@ -156,6 +158,7 @@ impl Default for EngineConfig {
             model_name: None,
             overlap_steps: true,
             speculation: SpeculationMode::Adaptive,
+            kv_cache_dtype: None,
         }
     }
 }

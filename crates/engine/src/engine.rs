@@ -60,6 +60,9 @@ pub fn start_engine(mut backend: Box<dyn Backend>, tokenizer: SharedTokenizer, c
         (Some(_), Some(b)) if (2..=16).contains(&b) => Some(b),
         (Some(_), Some(b)) => return Err(Error::config("speculative_block_size", format!("{b} is outside 2..=16"))),
     };
+    if let Some(dtype) = config.kv_cache_dtype {
+        backend.set_kv_dtype(dtype).map_err(|e| Error::config("kv_cache_dtype", e.to_string()))?;
+    }
     let window = spec.layers.iter().filter_map(|l| l.attention.window()).max();
     let bytes = backend.kv_block_bytes(bs);
     // Each running sequence may look ahead `block - 1` positions past its window.
@@ -97,6 +100,7 @@ pub fn start_engine(mut backend: Box<dyn Backend>, tokenizer: SharedTokenizer, c
         full_bytes = num_full * bytes.full,
         swa_bytes,
         block_size = bs,
+        kv_dtype = backend.kv_dtype().name(),
         speculative_block = spec_block,
         "KV cache allocated"
     );

@@ -33,7 +33,7 @@ fn engine_greedy_equals_direct_greedy() {
         expected.push(toks[p.len()..].to_vec());
     }
     let tok = Arc::new(Tokenizer::from_file(&Path::new(FIX).join("tokenizer.json")).unwrap());
-    let cfg = EngineConfig { max_num_seqs: 4, max_num_batched_tokens: 16, max_model_len: 128, kv_cache_memory_bytes: 4 << 20, gpu_memory_utilization: None, block_size: 4, max_waiting: 16, enable_prefix_caching: true, speculative_block_size: None, model_name: None, overlap_steps: true, speculation: SpeculationMode::Always };
+    let cfg = EngineConfig { max_num_seqs: 4, max_num_batched_tokens: 16, max_model_len: 128, kv_cache_memory_bytes: 4 << 20, gpu_memory_utilization: None, block_size: 4, max_waiting: 16, enable_prefix_caching: true, speculative_block_size: None, model_name: None, overlap_steps: true, speculation: SpeculationMode::Always, kv_cache_dtype: None };
     let e = start_engine(Box::new(load()), tok, cfg).unwrap();
     let rxs: Vec<_> = prompts
         .iter()

@@ -242,7 +242,7 @@ fn engine_drafting_with(cfg: EngineConfig, block: usize, perfect_drafts: bool, f
 }
 
 fn cfg() -> EngineConfig {
-    EngineConfig { max_num_seqs: 16, max_num_batched_tokens: 64, max_model_len: 256, kv_cache_memory_bytes: 100 * 400, gpu_memory_utilization: None, block_size: 4, max_waiting: 64, enable_prefix_caching: true, speculative_block_size: None, model_name: None, overlap_steps: true, speculation: SpeculationMode::Always }
+    EngineConfig { max_num_seqs: 16, max_num_batched_tokens: 64, max_model_len: 256, kv_cache_memory_bytes: 100 * 400, gpu_memory_utilization: None, block_size: 4, max_waiting: 64, enable_prefix_caching: true, speculative_block_size: None, model_name: None, overlap_steps: true, speculation: SpeculationMode::Always, kv_cache_dtype: None }
 }
 
 fn req(id: &str, prompt: Vec<u32>, sampling: SamplingParams, max_tokens: usize) -> GenerateRequest {

@@ -51,7 +51,7 @@ fn a_kernel_fault_fails_the_engine_and_says_why() {
     let mut model = CudaModel::synthetic(gpu, &spec, 5).expect("synthetic model");
     model.check_health().expect("a fresh context is healthy");
     let tok = Arc::new(Tokenizer::from_file(&Path::new(FIX).join("tokenizer.json")).unwrap());
-    let cfg = EngineConfig { max_num_seqs: 4, max_num_batched_tokens: 64, max_model_len: 128, kv_cache_memory_bytes: 4 << 20, gpu_memory_utilization: None, block_size: 4, max_waiting: 16, enable_prefix_caching: false, speculative_block_size: None, model_name: None, overlap_steps: true, speculation: SpeculationMode::Always };
+    let cfg = EngineConfig { max_num_seqs: 4, max_num_batched_tokens: 64, max_model_len: 128, kv_cache_memory_bytes: 4 << 20, gpu_memory_utilization: None, block_size: 4, max_waiting: 16, enable_prefix_caching: false, speculative_block_size: None, model_name: None, overlap_steps: true, speculation: SpeculationMode::Always, kv_cache_dtype: None };
     let e = start_engine(Box::new(model), tok, cfg).unwrap();
     let served = outcome(e.submit(request("before")).unwrap()).expect("the engine serves before the fault");
     assert_eq!(served.len(), 6);

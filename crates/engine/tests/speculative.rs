@@ -64,6 +64,7 @@ fn config() -> EngineConfig {
         // These tests check the speculative mechanics on every step; the adaptive policy has
         // tests of its own.
         speculation: SpeculationMode::Always,
+        kv_cache_dtype: None,
     }
 }
 

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
 use peregrine_engine::{start_engine, EngineConfig};
+use peregrine_core::KvDtype;
 use peregrine_model::chat_template::ChatTemplate;
 
 use crate::generation_defaults::SamplingDefaults;
@@ -108,6 +109,11 @@ pub struct ServeArgs {
     /// hold on the GPU as in use.
     #[arg(long, env = "PEREGRINE_GPU_MEMORY_UTILIZATION", value_parser = parse_fraction, allow_negative_numbers = true)]
     pub gpu_memory_utilization: Option<f64>,
+    /// The KV cache's element type: auto (the backend's choice: float32 for now), float32 or
+    /// bfloat16 (half the memory, so about twice the cached tokens, and half the bytes a long
+    /// context's attention reads; K and V rounded to BF16 as they are written).
+    #[arg(long, env = "PEREGRINE_KV_CACHE_DTYPE", value_parser = parse_kv_dtype, default_value = "auto")]
+    pub kv_cache_dtype: KvCacheDtype,
     #[arg(long, env = "PEREGRINE_MAX_NUM_BATCHED_TOKENS", default_value_t = 2048)]
     pub max_num_batched_tokens: usize,
     /// Waiting requests at most; more are answered 429.
@@ -175,6 +181,20 @@ pub const DEFAULT_GPU_MEMORY_UTILIZATION: f64 = 0.9;
 
 /// The fraction of the GPU the KV cache is sized to: the one given, else on a GPU without a
 /// byte size the default; None: the byte size (on the CPU always).
+/// `--kv-cache-dtype`: the backend's choice, or one type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvCacheDtype {
+    Auto,
+    Given(KvDtype),
+}
+
+fn parse_kv_dtype(s: &str) -> Result<KvCacheDtype, String> {
+    if s.eq_ignore_ascii_case("auto") {
+        return Ok(KvCacheDtype::Auto);
+    }
+    s.parse().map(KvCacheDtype::Given).map_err(|e: String| e.replace("(expected ", "(expected auto, "))
+}
+
 pub fn gpu_memory_utilization(device: Device, kv_cache_memory: Option<usize>, given: Option<f64>) -> Option<f64> {
     match (device, kv_cache_memory, given) {
         (Device::Cuda, None, None) => Some(DEFAULT_GPU_MEMORY_UTILIZATION),
@@ -349,6 +369,10 @@ pub fn load(args: &ServeArgs) -> anyhow::Result<Ready> {
         model_name: Some(args.served_model_name.clone().unwrap_or_else(|| default_name.clone())),
         overlap_steps: !args.no_overlap_steps,
         speculation: args.speculative_mode,
+        kv_cache_dtype: match args.kv_cache_dtype {
+            KvCacheDtype::Auto => None,
+            KvCacheDtype::Given(d) => Some(d),
+        },
         ..EngineConfig::default()
     };
     let sampling_defaults = match args.generation_config {
@@ -445,5 +469,20 @@ mod tests {
         for bad in ["0", "1.01", "-1", "nine"] {
             assert!(parse_fraction(bad).is_err(), "{bad}");
         }
+    }
+    #[test]
+    fn kv_cache_dtype_takes_auto_or_a_type_and_names_the_choices_otherwise() {
+        assert_eq!(parse_kv_dtype("auto"), Ok(KvCacheDtype::Auto));
+        assert_eq!(parse_kv_dtype("bfloat16"), Ok(KvCacheDtype::Given(KvDtype::Bf16)));
+        assert_eq!(parse_kv_dtype("float32"), Ok(KvCacheDtype::Given(KvDtype::F32)));
+        let err = parse_kv_dtype("fp8").unwrap_err();
+        assert!(err.contains("auto, float32 or bfloat16"), "{err}");
+        let kv = |extra: &[&str]| match Cli::try_parse_from([&["peregrine", "serve"], extra].concat()) {
+            Ok(Cli { command: Command::Serve(a) }) => Ok(a.kv_cache_dtype),
+            Err(e) => Err(e.to_string()),
+        };
+        assert_eq!(kv(&[]), Ok(KvCacheDtype::Auto));
+        assert_eq!(kv(&["--kv-cache-dtype", "bf16"]), Ok(KvCacheDtype::Given(KvDtype::Bf16)));
+        assert!(kv(&["--kv-cache-dtype", "int4"]).unwrap_err().contains("int4"));
     }
 }
