@@ -7,6 +7,43 @@
 // (PDL_ENTER and the f16 helpers come from kernels/common.cuh, block_sum, block_argmax and the
 // router from kernels/route.cuh: compile.rs prepends both.)
 
+// The KV pools' element type (kv_t): f32, or BF16 bits when compiled with -DKV_BF16
+// (`--kv-cache-dtype bfloat16`: the host builds this file once for each type it uses). Pool
+// values are rounded to nearest even as they are written (kv_store; NaN stays NaN, as
+// crates/core's KvDtype::round) and widened exactly as they are read (kv_val, kv_val4), so a
+// kernel computes in f32 from the same values whichever type holds them. KV_VEC: elements in
+// one 16-byte unit of a pool row (the cp.async copies).
+__device__ __forceinline__ float kv_val(const float* p) { return *p; }
+__device__ __forceinline__ float kv_val(const unsigned short* p) { return __uint_as_float((unsigned)*p << 16); }
+__device__ __forceinline__ float4 kv_val4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+__device__ __forceinline__ float4 kv_val4(const unsigned short* p) {
+    uint2 u = *reinterpret_cast<const uint2*>(p);
+    return make_float4(__uint_as_float(u.x << 16), __uint_as_float(u.x & 0xffff0000u), __uint_as_float(u.y << 16),
+                       __uint_as_float(u.y & 0xffff0000u));
+}
+__device__ __forceinline__ void kv_store(float* p, float v) { *p = v; }
+__device__ __forceinline__ void kv_store(unsigned short* p, float v) {
+    unsigned u = __float_as_uint(v);
+    *p = (u & 0x7fffffffu) > 0x7f800000u ? (unsigned short)((u >> 16) | 0x40u) : (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+// v as the pool holds it (the fused decode kernels score their row's new K/V before storing it).
+__device__ __forceinline__ float kv_round(float v) {
+#ifdef KV_BF16
+    unsigned short b;
+    kv_store(&b, v);
+    return kv_val(&b);
+#else
+    return v;
+#endif
+}
+#ifdef KV_BF16
+typedef unsigned short kv_t;
+#define KV_VEC 8
+#else
+typedef float kv_t;
+#define KV_VEC 4
+#endif
+
 // Row r's token: tok[r], or where tok[r] = -(j + 1) (a step chained on the one before it, whose
 // sampled ids the host has not seen) row j of the ids at the device address chain[0].
 __device__ __forceinline__ int row_token(const int* __restrict__ tok, const unsigned long long* __restrict__ chain, int r) {
@@ -251,22 +288,24 @@ extern "C" __global__ void rope(float* __restrict__ x, const int* __restrict__ p
 }
 
 // K/V rows into the paged pool: slot[r] = block * block_size + offset; v scaled by vscale.
-extern "C" __global__ void kv_write(const float* __restrict__ k, const float* __restrict__ v, float* __restrict__ kc,
-                                    float* __restrict__ vc, const long long* __restrict__ slot, int kd, int vd, float vscale) { PDL_ENTER();
+extern "C" __global__ void kv_write(const float* __restrict__ k, const float* __restrict__ v, kv_t* __restrict__ kc,
+                                    kv_t* __restrict__ vc, const long long* __restrict__ slot, int kd, int vd, float vscale) { PDL_ENTER();
     int r = blockIdx.x;
     size_t s = (size_t)slot[r];
-    for (int i = threadIdx.x; i < kd; i += blockDim.x) kc[s * kd + i] = k[(size_t)r * kd + i];
-    for (int i = threadIdx.x; i < vd; i += blockDim.x) vc[s * vd + i] = v[(size_t)r * vd + i] * vscale;
+    for (int i = threadIdx.x; i < kd; i += blockDim.x) kv_store(kc + s * kd + i, k[(size_t)r * kd + i]);
+    for (int i = threadIdx.x; i < vd; i += blockDim.x) kv_store(vc + s * vd + i, v[(size_t)r * vd + i] * vscale);
 }
 
 // One key of a warp's online softmax over one head (the f32 reference kernels `attention` and
 // `draft_attention`): score q.k (lanes split the head dim), then m, l and the lane's V dims
 // lane, lane + 32, ... (vd <= 128) rescaled and the key's value added.
-__device__ __forceinline__ void warp_attend_key(const float* __restrict__ qv, const float* __restrict__ kv,
-                                                const float* __restrict__ vv, int lane, int hd, int vd, float scale,
+// (K, V: the pool's kv_t, or the draft block's own f32 rows.)
+template <typename K, typename V>
+__device__ __forceinline__ void warp_attend_key(const float* __restrict__ qv, const K* __restrict__ kv,
+                                                const V* __restrict__ vv, int lane, int hd, int vd, float scale,
                                                 float& m, float& l, float acc[4]) {
     float d = 0.f;
-    for (int i = lane; i < hd; i += 32) d += qv[i] * kv[i];
+    for (int i = lane; i < hd; i += 32) d += qv[i] * kv_val(kv + i);
     for (int o2 = 16; o2 > 0; o2 >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o2);
     float sc = d * scale;
     float mn = fmaxf(m, sc);
@@ -275,7 +314,7 @@ __device__ __forceinline__ void warp_attend_key(const float* __restrict__ qv, co
 #pragma unroll
     for (int c = 0; c < 4; c++) {
         int i = lane + 32 * c;
-        acc[c] = acc[c] * corr + (i < vd ? pe * vv[i] : 0.f);
+        acc[c] = acc[c] * corr + (i < vd ? pe * kv_val(vv + i) : 0.f);
     }
     m = mn;
 }
@@ -301,7 +340,7 @@ __device__ __forceinline__ void warp_attention_out(const float* __restrict__ sin
 // Paged causal attention, one block (one warp) per (row, head): query row r at position pos[r]
 // attends keys lo..pos (lo from the sliding window), with an optional sink logit per head, with
 // online softmax. table: the row's sequence block table (tables + seq[r] * max_blocks).
-extern "C" __global__ void attention(const float* __restrict__ q, const float* __restrict__ kc, const float* __restrict__ vc,
+extern "C" __global__ void attention(const float* __restrict__ q, const kv_t* __restrict__ kc, const kv_t* __restrict__ vc,
                                      float* __restrict__ o, const int* __restrict__ pos, const int* __restrict__ seq,
                                      const int* __restrict__ tables, int max_blocks, int block_size, int heads, int kv_heads,
                                      int hd, int vd, int window, float scale, const float* __restrict__ sinks) { PDL_ENTER();
@@ -549,7 +588,7 @@ extern "C" __global__ void scale(float* __restrict__ a, float s, int n) { PDL_EN
 // (first .. first + nb), at positions start .. start + nb - 1. Visible: kpos <= qpos when causal,
 // |qpos - kpos| < window when windowed. Online softmax, optional sinks.
 extern "C" __global__ void draft_attention(const float* __restrict__ q, const float* __restrict__ kb, const float* __restrict__ vb,
-                                           const float* __restrict__ kc, const float* __restrict__ vc, float* __restrict__ o,
+                                           const kv_t* __restrict__ kc, const kv_t* __restrict__ vc, float* __restrict__ o,
                                            const int* __restrict__ row_seq, const int* __restrict__ row_idx,
                                            const int* __restrict__ seq_start, const int* __restrict__ seq_first,
                                            const int* __restrict__ seq_nb, const int* __restrict__ tables, int max_blocks,
@@ -567,17 +606,13 @@ extern "C" __global__ void draft_attention(const float* __restrict__ q, const fl
     for (int j = lo; j < start + nb; j++) {
         if (causal && j > qpos) break;
         if (window > 0 && abs(qpos - j) >= window) { if (j > qpos) break; else continue; }
-        const float *kv, *vv;
         if (j < start) {
             size_t slot = (size_t)table[j / block_size] * block_size + j % block_size;
-            kv = kc + (slot * kv_heads + kvh) * hd;
-            vv = vc + (slot * kv_heads + kvh) * vd;
+            warp_attend_key(qv, kc + (slot * kv_heads + kvh) * hd, vc + (slot * kv_heads + kvh) * vd, lane, hd, vd, scale, m, l, acc);
         } else {
             size_t br = (size_t)(first + j - start);
-            kv = kb + (br * kv_heads + kvh) * hd;
-            vv = vb + (br * kv_heads + kvh) * vd;
+            warp_attend_key(qv, kb + (br * kv_heads + kvh) * hd, vb + (br * kv_heads + kvh) * vd, lane, hd, vd, scale, m, l, acc);
         }
-        warp_attend_key(qv, kv, vv, lane, hd, vd, scale, m, l, acc);
     }
     warp_attention_out(sinks, h, m, l, acc, o + ((size_t)r * heads + h) * vd, lane, vd);
 }
@@ -985,7 +1020,7 @@ __device__ __forceinline__ float rope_dim(const float* vec, int i, int half, int
 // i and i + half share them); past the wait only the loads, the rotations and the stores are
 // left. -DROPE_COEF_AFTER_WAIT works them out after the wait, for measurements.
 extern "C" __global__ void rope_kv_write(float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
-                                         float* __restrict__ kc, float* __restrict__ vc, const int* __restrict__ pos,
+                                         kv_t* __restrict__ kc, kv_t* __restrict__ vc, const int* __restrict__ pos,
                                          const long long* __restrict__ slot, int heads, int kv_heads, int hd, int vd,
                                          int half, int rotary_dim, float theta, float vscale) {
     TRACE_SCOPE();
@@ -1021,15 +1056,15 @@ extern "C" __global__ void rope_kv_write(float* __restrict__ q, const float* __r
         int i = j % hd;
         const float* kv = k + (size_t)r * kd + (j - i);
         if (i >= 2 * half) {
-            kc[s * kd + j] = kv[i];
+            kv_store(kc + s * kd + j, kv[i]);
             continue;
         }
         if (j != j0) rope_coef(i, half, rotary_dim, theta, p, ck, sk);
-        kc[s * kd + j] = rope_apply(kv, i, half, ck, sk);
+        kv_store(kc + s * kd + j, rope_apply(kv, i, half, ck, sk));
     }
     TRACE_MARK(1);
     int vdd = kv_heads * vd;
-    for (int j = j0; j < vdd; j += stride) vc[s * vdd + j] = v[(size_t)r * vdd + j] * vscale;
+    for (int j = j0; j < vdd; j += stride) kv_store(vc + s * vdd + j, v[(size_t)r * vdd + j] * vscale);
 }
 
 
@@ -1734,12 +1769,12 @@ __shared__ unsigned long long att_marks_t[6];
 #endif
 template <bool FUSED, bool ROWS = false, bool READY = false, bool PRELOAD = false, int U = ATT_UNROLL, bool ROUND_LOADS = PRELOAD, int SUBS = 1, bool PRE_ROUND = false>
 __device__ __forceinline__ void attention_v2_body(
-    const float* __restrict__ q, const float* __restrict__ kc, const float* __restrict__ vc, float* __restrict__ o,
+    const float* __restrict__ q, const kv_t* __restrict__ kc, const kv_t* __restrict__ vc, float* __restrict__ o,
     const int* __restrict__ pos, const int* __restrict__ seq, const int* __restrict__ tables, int max_blocks,
     int block_size, int heads, int kv_heads, int hd, int vd, int window, float scale, const float* __restrict__ sinks,
     float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc, unsigned short* __restrict__ oh,
-    unsigned short* __restrict__ ol, const float* __restrict__ knew, const float* __restrict__ vnew, float* kc_out,
-    float* vc_out, const long long* __restrict__ slots, int half, int rotary_dim, float theta, float vscale,
+    unsigned short* __restrict__ ol, const float* __restrict__ knew, const float* __restrict__ vnew, kv_t* kc_out,
+    kv_t* vc_out, const long long* __restrict__ slots, int half, int rotary_dim, float theta, float vscale,
     unsigned* __restrict__ counters, const int* __restrict__ rows = nullptr, const unsigned* ready = nullptr,
     unsigned need_q = 0, unsigned need_kv = 0) {
     static_assert(!READY || FUSED, "the ready counts stand in for the wait on the projection of the new q/k/v");
@@ -1786,12 +1821,12 @@ __device__ __forceinline__ void attention_v2_body(
     const bool preloaded = early && j0_first <= j_hi;
     // Position u's K and V rows (pool slot `slot`) into kr[u], vr0[u].
     auto load_rows = [&](int u, size_t slot) {
-        const float* kv = kc + (slot * kv_heads + kvh) * hd;
-        const float* vp = vc + (slot * kv_heads + kvh) * vd;
+        const kv_t* kv = kc + (slot * kv_heads + kvh) * hd;
+        const kv_t* vp = vc + (slot * kv_heads + kvh) * vd;
 #pragma unroll
-        for (int c = 0; c < 8; c++) kr[u][c] = (lane + 32 * c < hd) ? kv[lane + 32 * c] : 0.f;
+        for (int c = 0; c < 8; c++) kr[u][c] = (lane + 32 * c < hd) ? kv_val(kv + lane + 32 * c) : 0.f;
 #pragma unroll
-        for (int c = 0; c < 4; c++) vr0[u][c] = (lane + 32 * c < vd) ? vp[lane + 32 * c] : 0.f;
+        for (int c = 0; c < 4; c++) vr0[u][c] = (lane + 32 * c < vd) ? kv_val(vp + lane + 32 * c) : 0.f;
     };
     if (preloaded) {
 #pragma unroll
@@ -1847,15 +1882,16 @@ __device__ __forceinline__ void attention_v2_body(
             int i = threadIdx.x;
             if (i < hd) {
                 sm_q[i] = rope_apply(qv, i, half, rc, rs);
-                sm_k[i] = rope_apply(kn_head, i, half, rc, rs);
+                sm_k[i] = kv_round(rope_apply(kn_head, i, half, rc, rs));
             }
         } else {
             for (int i = threadIdx.x; i < hd; i += blockDim.x) {
                 sm_q[i] = rope_dim(qv, i, half, rotary_dim, theta, (float)p);
-                sm_k[i] = rope_dim(kn_head, i, half, rotary_dim, theta, (float)p);
+                sm_k[i] = kv_round(rope_dim(kn_head, i, half, rotary_dim, theta, (float)p));
             }
         }
-        for (int i = threadIdx.x; i < vd; i += blockDim.x) sm_v[i] = vn_head[i] * vscale;
+        // (sm_k, sm_v: the new K and V as the pool will hold them, kv_round.)
+        for (int i = threadIdx.x; i < vd; i += blockDim.x) sm_v[i] = kv_round(vn_head[i] * vscale);
         __syncthreads();
         ATT_TRACE_MARK(2);
         qv = sm_q;
@@ -1911,10 +1947,10 @@ __device__ __forceinline__ void attention_v2_body(
                         if (lane + 32 * c < hd) s += qr[c] * (shifted ? kr[(sub * U + u) % NPRE][c] : kr[u][c]);
                 } else {
                     slot[u] = (size_t)table[j / block_size] * block_size + j % block_size;
-                    const float* kv = kc + (slot[u] * kv_heads + kvh) * hd;
+                    const kv_t* kv = kc + (slot[u] * kv_heads + kvh) * hd;
 #pragma unroll
                     for (int c = 0; c < 8; c++)
-                        if (lane + 32 * c < hd) s += qr[c] * kv[lane + 32 * c];
+                        if (lane + 32 * c < hd) s += qr[c] * kv_val(kv + lane + 32 * c);
                 }
                 d[u] = s;
             }
@@ -1929,9 +1965,9 @@ __device__ __forceinline__ void attention_v2_body(
 #pragma unroll
                     for (int c = 0; c < 4; c++) vv[u][c] = shifted ? vr0[(sub * U + u) % NPRE][c] : vr0[u][c];
                 } else {
-                    const float* vr = vc + (slot[u] * kv_heads + kvh) * vd;
+                    const kv_t* vr = vc + (slot[u] * kv_heads + kvh) * vd;
 #pragma unroll
-                    for (int c = 0; c < 4; c++) vv[u][c] = (lane + 32 * c < vd) ? vr[lane + 32 * c] : 0.f;
+                    for (int c = 0; c < 4; c++) vv[u][c] = (lane + 32 * c < vd) ? kv_val(vr + lane + 32 * c) : 0.f;
                 }
                 // FUSED: position p's score and value are the new ones (the pool's slot p, read
                 // above, holds the previous step's leftovers). Replacing them here, in the order the
@@ -1961,8 +1997,8 @@ __device__ __forceinline__ void attention_v2_body(
     // head. (Other blocks may still read slot p's leftovers, which they replace as above.)
     if (fused && h % (heads / kv_heads) == 0 && blockIdx.z == 0) {
         size_t s = (size_t)slots[r];
-        for (int i = threadIdx.x; i < hd; i += blockDim.x) kc_out[(s * kv_heads + kvh) * hd + i] = sm_k[i];
-        for (int i = threadIdx.x; i < vd; i += blockDim.x) vc_out[(s * kv_heads + kvh) * vd + i] = sm_v[i];
+        for (int i = threadIdx.x; i < hd; i += blockDim.x) kv_store(kc_out + (s * kv_heads + kvh) * hd + i, sm_k[i]);
+        for (int i = threadIdx.x; i < vd; i += blockDim.x) kv_store(vc_out + (s * kv_heads + kvh) * vd + i, sm_v[i]);
     }
     if (lane == 0) { sm_m[w] = m; sm_l[w] = l; }
 #pragma unroll
@@ -2015,12 +2051,12 @@ __device__ __forceinline__ void attention_v2_body(
 // The two entry points of attention_v2_body, one parameter list.
 #define ATTENTION_V2_KERNEL(NAME, FUSED)                                                                                     \
     extern "C" __global__ void __launch_bounds__(256) NAME(                                                                  \
-        const float* __restrict__ q, const float* __restrict__ kc, const float* __restrict__ vc, float* __restrict__ o,      \
+        const float* __restrict__ q, const kv_t* __restrict__ kc, const kv_t* __restrict__ vc, float* __restrict__ o,      \
         const int* __restrict__ pos, const int* __restrict__ seq, const int* __restrict__ tables, int max_blocks,            \
         int block_size, int heads, int kv_heads, int hd, int vd, int window, float scale, const float* __restrict__ sinks,   \
         float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc,                                \
         unsigned short* __restrict__ oh, unsigned short* __restrict__ ol, const float* __restrict__ knew,                    \
-        const float* __restrict__ vnew, float* kc_out, float* vc_out, const long long* __restrict__ slots, int half,         \
+        const float* __restrict__ vnew, kv_t* kc_out, kv_t* vc_out, const long long* __restrict__ slots, int half,         \
         int rotary_dim, float theta, float vscale, unsigned* __restrict__ counters) {                                        \
         PDL_ENTER();                                                                                                         \
         attention_v2_body<FUSED>(q, kc, vc, o, pos, seq, tables, max_blocks, block_size, heads, kv_heads, hd, vd, window,    \
@@ -2073,11 +2109,11 @@ ATTENTION_V2_KERNEL(attention_v2_kv, true)
 #endif
 #define ATTENTION_V2_KV_READY(NAME, PRELOAD, MAXREG, U, SUBS, PRE_ROUND)                                                       \
     extern "C" __global__ void __maxnreg__(MAXREG) NAME(                                                                       \
-        const float* q, const float* __restrict__ kc, const float* __restrict__ vc, float* __restrict__ o,                     \
+        const float* q, const kv_t* __restrict__ kc, const kv_t* __restrict__ vc, float* __restrict__ o,                     \
         const int* __restrict__ pos, const int* __restrict__ seq, const int* __restrict__ tables, int max_blocks,              \
         int block_size, int heads, int kv_heads, int hd, int vd, int window, float scale, const float* __restrict__ sinks,     \
         float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc, unsigned short* __restrict__ oh, \
-        unsigned short* __restrict__ ol, const float* knew, const float* vnew, float* kc_out, float* vc_out,                   \
+        unsigned short* __restrict__ ol, const float* knew, const float* vnew, kv_t* kc_out, kv_t* vc_out,                   \
         const long long* __restrict__ slots, int half, int rotary_dim, float theta, float vscale, unsigned* __restrict__ counters, \
         unsigned* ready, unsigned need_q, unsigned need_kv, int reset_by_next) {                                               \
         TRACE_SCOPE();                                                                                                         \
@@ -2132,7 +2168,7 @@ ATTENTION_V2_KV_READY(attention_v2_kv_ready_pre, true, ATT_PRE_MAXREG, 2, 2, tru
 #define ATT_TILE 16
 #define ATT_STAGES 2
 extern "C" __global__ void __launch_bounds__(256, 3) attention_v2_heads(
-    const float* __restrict__ q, const float* __restrict__ kc, const float* __restrict__ vc, float* __restrict__ o,
+    const float* __restrict__ q, const kv_t* __restrict__ kc, const kv_t* __restrict__ vc, float* __restrict__ o,
     const int* __restrict__ pos, const int* __restrict__ seq, const int* __restrict__ tables, int max_blocks,
     int block_size, int heads, int kv_heads, int hd, int vd, int window, float scale, const float* __restrict__ sinks,
     float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc, unsigned short* __restrict__ oh,
@@ -2148,14 +2184,14 @@ extern "C" __global__ void __launch_bounds__(256, 3) attention_v2_heads(
     int lo = window > 0 ? max(0, p + 1 - window) : 0;
     int splits = gridDim.z, chunk = (p - lo + splits) / splits;
     int j_lo = lo + blockIdx.z * chunk, j_hi = min(j_lo + chunk - 1, p);
-    const int kq = hd / 4, rq = (hd + vd) / 4;  // 16-byte units of a K row, of a K + V row
-    const int row = 4 * (rq | 1);               // floats per staged row (padded: odd units)
+    const int kq = hd / KV_VEC, rq = (hd + vd) / KV_VEC;  // 16-byte units of a K row, of a K + V row
+    const int row = KV_VEC * (rq | 1);                    // elements per staged row (padded: odd units)
     // A block's heads may span KV heads (fewer than 8 heads per KV head): a tile holds, per
     // position, the rows of the KV heads of its first to its last head.
     int kv0 = (blockIdx.y * ATT_WARPS) / group, kv1 = (min(blockIdx.y * ATT_WARPS + ATT_WARPS, heads) - 1) / group;
     int nkv = kv1 - kv0 + 1;  // 1 unless group < ATT_WARPS
-    float* tiles = reinterpret_cast<float*>(att_smem);            // [stages][ATT_TILE][nkv][row]
-    float* sq = tiles + (size_t)stages * ATT_TILE * nkv * row;      // [ATT_WARPS][hd]
+    kv_t* tiles = reinterpret_cast<kv_t*>(att_smem);                                   // [stages][ATT_TILE][nkv][row]
+    float* sq = reinterpret_cast<float*>(tiles + (size_t)stages * ATT_TILE * nkv * row);  // [ATT_WARPS][hd]
     // Warp w stages positions PW w + a of a tile, lane-strided 16-byte units of their rows;
     // `ent` holds their block-table entries, loaded a tile ahead so the copies never wait.
     constexpr int PW = ATT_TILE / ATT_WARPS;
@@ -2164,17 +2200,17 @@ extern "C" __global__ void __launch_bounds__(256, 3) attention_v2_heads(
         for (int a = 0; a < PW; a++) ent[a] = __ldg(table + min(t0 + PW * w + a, j_hi) / block_size);
     };
     auto stage = [&](int t0, int b, const int ent[PW]) {
-        float* t = tiles + (size_t)b * ATT_TILE * nkv * row;
+        kv_t* t = tiles + (size_t)b * ATT_TILE * nkv * row;
 #pragma unroll
         for (int a = 0; a < PW; a++) {
             int jj = PW * w + a, j = t0 + jj;
             if (j > j_hi) break;
             size_t slot = (size_t)ent[a] * block_size + j % block_size;
             for (int kk = 0; kk < nkv; kk++) {
-                const float* ks = kc + (slot * kv_heads + kv0 + kk) * hd;
-                const float* vs = vc + (slot * kv_heads + kv0 + kk) * vd;
-                float* dst = t + ((size_t)jj * nkv + kk) * row;
-                for (int c = lane; c < rq; c += 32) cp_async16(dst + 4 * c, c < kq ? ks + 4 * c : vs + 4 * (c - kq));
+                const kv_t* ks = kc + (slot * kv_heads + kv0 + kk) * hd;
+                const kv_t* vs = vc + (slot * kv_heads + kv0 + kk) * vd;
+                kv_t* dst = t + ((size_t)jj * nkv + kk) * row;
+                for (int c = lane; c < rq; c += 32) cp_async16(dst + KV_VEC * c, c < kq ? ks + KV_VEC * c : vs + KV_VEC * (c - kq));
             }
         }
         cp_async_commit();
@@ -2203,14 +2239,14 @@ extern "C" __global__ void __launch_bounds__(256, 3) attention_v2_heads(
         entries(ta + ATT_TILE, ent);  // used a step from now
         cp_async_wait<stages - 1>();
         __syncthreads();  // tile t0 is in buffer b for every warp
-        const float* tb = tiles + (size_t)b * ATT_TILE * nkv * row + kk * row;  // position 0's row
+        const kv_t* tb = tiles + (size_t)b * ATT_TILE * nkv * row + kk * row;  // position 0's row
         const int nt = min(ATT_TILE, j_hi - t0 + 1);                             // staged positions
         if (active) {
             // Scores: lane (jl, half) takes half of q . k_jl; unstaged positions score -inf.
-            const float4* kr = reinterpret_cast<const float4*>(tb + (size_t)jl * nkv * row + half * hh);
+            const kv_t* kr = tb + (size_t)jl * nkv * row + half * hh;
             float sc = 0.f;
             for (int i = 0; i < hh / 4; i++) {
-                float4 a4 = qh[i], k4 = kr[i];
+                float4 a4 = qh[i], k4 = kv_val4(kr + 4 * i);
                 sc += a4.x * k4.x + a4.y * k4.y + a4.z * k4.z + a4.w * k4.w;
             }
             sc += __shfl_xor_sync(0xffffffffu, sc, ATT_TILE);
@@ -2231,10 +2267,10 @@ extern "C" __global__ void __launch_bounds__(256, 3) attention_v2_heads(
             // V: lane holds output elements lane + 32 c.
             for (int jj = 0; jj < nt; jj++) {
                 float pj = __shfl_sync(0xffffffffu, pe, jj);
-                const float* vr = tb + (size_t)jj * nkv * row + hd;
+                const kv_t* vr = tb + (size_t)jj * nkv * row + hd;
 #pragma unroll
                 for (int c = 0; c < 4; c++)
-                    if (lane + 32 * c < vd) acc[c] += pj * vr[lane + 32 * c];
+                    if (lane + 32 * c < vd) acc[c] += pj * kv_val(vr + lane + 32 * c);
             }
         }
         __syncthreads();  // every warp is done with buffer b before it is staged again
@@ -2280,7 +2316,7 @@ extern "C" __global__ void __launch_bounds__(256, 3) attention_v2_heads(
 // attention_v2 over a list of rows (block x serves row rows[x]): in a prefill batch, the rows
 // that no attention_prefill tile covers (decode rows of other sequences).
 extern "C" __global__ void __launch_bounds__(256) attention_v2_rows(
-    const float* __restrict__ q, const float* __restrict__ kc, const float* __restrict__ vc, float* __restrict__ o,
+    const float* __restrict__ q, const kv_t* __restrict__ kc, const kv_t* __restrict__ vc, float* __restrict__ o,
     const int* __restrict__ pos, const int* __restrict__ seq, const int* __restrict__ tables, int max_blocks,
     int block_size, int heads, int kv_heads, int hd, int vd, int window, float scale, const float* __restrict__ sinks,
     float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc, unsigned short* __restrict__ oh,
@@ -2355,7 +2391,7 @@ __device__ __forceinline__ void prefill_tile_ranges(const int* __restrict__ pos,
 // float4s handed to put(row, float4 index, value) by the block's threads; rows nk .. ROWS get
 // zeros.
 template <int ROWS, typename Put>
-__device__ __forceinline__ void for_pool_rows(const float* __restrict__ pool, int dim, int j0, int nk, const int* __restrict__ table,
+__device__ __forceinline__ void for_pool_rows(const kv_t* __restrict__ pool, int dim, int j0, int nk, const int* __restrict__ table,
                                               int block_size, int kv_heads, int kvh, Put put) {
     const int d4 = dim / 4;
     for (int i = threadIdx.x; i < ROWS * d4; i += blockDim.x) {
@@ -2364,21 +2400,21 @@ __device__ __forceinline__ void for_pool_rows(const float* __restrict__ pool, in
         if (jj < nk) {
             int j = j0 + jj;
             size_t slot = (size_t)table[j / block_size] * block_size + j % block_size;
-            v = reinterpret_cast<const float4*>(pool + (slot * kv_heads + kvh) * dim)[c];
+            v = kv_val4(pool + (slot * kv_heads + kvh) * dim + 4 * c);
         }
         put(jj, c, v);
     }
 }
 // Those rows into shared memory rows `pitch` floats apart.
 template <int ROWS>
-__device__ __forceinline__ void stage_pool_rows(const float* __restrict__ pool, float* dst, int pitch, int dim, int j0, int nk,
+__device__ __forceinline__ void stage_pool_rows(const kv_t* __restrict__ pool, float* dst, int pitch, int dim, int j0, int nk,
                                                 const int* __restrict__ table, int block_size, int kv_heads, int kvh) {
     for_pool_rows<ROWS>(pool, dim, j0, nk, table, block_size, kv_heads, kvh,
                         [&](int jj, int c, float4 v) { *reinterpret_cast<float4*>(dst + jj * pitch + 4 * c) = v; });
 }
 #define PT_K 64  // keys per staged block
 __device__ __forceinline__ void attention_prefill_body(
-    const float* __restrict__ q, const float* __restrict__ kc, const float* __restrict__ vc, float* __restrict__ o,
+    const float* __restrict__ q, const kv_t* __restrict__ kc, const kv_t* __restrict__ vc, float* __restrict__ o,
     const int* __restrict__ pos, const int* __restrict__ seq, const int* __restrict__ tables, int max_blocks,
     int block_size, int heads, int kv_heads, int hd, int vd, int window, float scale, const float* __restrict__ sinks,
     unsigned short* __restrict__ oh, unsigned short* __restrict__ ol, const int* __restrict__ tiles) {
@@ -2527,7 +2563,7 @@ __device__ __forceinline__ void attention_prefill_body(
 // (Key blocks of 32, two blocks per SM, were faster alone under ncu but slower in a prompt while
 // its steps launched with PDL, and were not kept: benches/results/2026-11-24-prefill-gemm.md.)
 extern "C" __global__ void __launch_bounds__(256) attention_prefill(
-    const float* __restrict__ q, const float* __restrict__ kc, const float* __restrict__ vc, float* __restrict__ o,
+    const float* __restrict__ q, const kv_t* __restrict__ kc, const kv_t* __restrict__ vc, float* __restrict__ o,
     const int* __restrict__ pos, const int* __restrict__ seq, const int* __restrict__ tables, int max_blocks,
     int block_size, int heads, int kv_heads, int hd, int vd, int window, float scale, const float* __restrict__ sinks,
     unsigned short* __restrict__ oh, unsigned short* __restrict__ ol, const int* __restrict__ tiles) {
@@ -2761,14 +2797,14 @@ __device__ __forceinline__ void pool_row_offsets(long long* rows, int j0, int nk
     }
 }
 template <int DIM>
-__device__ __forceinline__ void load_pool_rows_regs(PoolRowRegs<DIM>& r, const float* __restrict__ pool, const long long* rows) {
+__device__ __forceinline__ void load_pool_rows_regs(PoolRowRegs<DIM>& r, const kv_t* __restrict__ pool, const long long* rows) {
     constexpr int D4 = PoolRowRegs<DIM>::D4;
 #pragma unroll
     for (int e = 0; e < PoolRowRegs<DIM>::N; e++) {
         int i = threadIdx.x + 256 * e, jj = i / D4, c = i % D4;
         float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
         long long row = i < TK * D4 ? rows[jj] : -1;
-        if (row >= 0) v = reinterpret_cast<const float4*>(pool + row * DIM)[c];
+        if (row >= 0) v = kv_val4(pool + row * DIM + 4 * c);
         r.v[e] = v;
     }
 }
@@ -2791,7 +2827,7 @@ __device__ __forceinline__ void store_pool_rows_split(const PoolRowRegs<DIM>& r,
 }
 template <int HD, int VD>
 __device__ __forceinline__ void attention_prefill_tc_body(
-    const float* __restrict__ q, const float* __restrict__ kc, const float* __restrict__ vc, float* __restrict__ o,
+    const float* __restrict__ q, const kv_t* __restrict__ kc, const kv_t* __restrict__ vc, float* __restrict__ o,
     const int* __restrict__ pos, const int* __restrict__ seq, const int* __restrict__ tables, int max_blocks,
     int block_size, int heads, int kv_heads, int window, float scale, const float* __restrict__ sinks,
     unsigned short* __restrict__ oh, unsigned short* __restrict__ ol, const int* __restrict__ tiles) {
@@ -2962,7 +2998,7 @@ __device__ __forceinline__ void attention_prefill_tc_body(
 }
 #define ATTENTION_PREFILL_TC_KERNEL(HD, VD)                                                                                  \
     extern "C" __global__ void __launch_bounds__(256, 1) attention_prefill_tc_d##HD##_v##VD(                                 \
-        const float* __restrict__ q, const float* __restrict__ kc, const float* __restrict__ vc, float* __restrict__ o,      \
+        const float* __restrict__ q, const kv_t* __restrict__ kc, const kv_t* __restrict__ vc, float* __restrict__ o,      \
         const int* __restrict__ pos, const int* __restrict__ seq, const int* __restrict__ tables, int max_blocks,            \
         int block_size, int heads, int kv_heads, int window, float scale, const float* __restrict__ sinks,                   \
         unsigned short* __restrict__ oh, unsigned short* __restrict__ ol, const int* __restrict__ tiles) {                  \
@@ -3001,7 +3037,7 @@ ATTENTION_PREFILL_TC_KERNEL(64, 64)
 #define GT_TK 8
 template <int HD, int VD, int GT_WARPS>
 __device__ __forceinline__ void attention_gqa_tc_body(
-    const float* __restrict__ q, const float* __restrict__ kc, const float* __restrict__ vc, float* __restrict__ o,
+    const float* __restrict__ q, const kv_t* __restrict__ kc, const kv_t* __restrict__ vc, float* __restrict__ o,
     const int* __restrict__ pos, const int* __restrict__ seq, const int* __restrict__ tables, int max_blocks,
     int block_size, int heads, int kv_heads, float scale, const float* __restrict__ sinks,
     float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc, unsigned short* __restrict__ oh,
@@ -3040,7 +3076,17 @@ __device__ __forceinline__ void attention_gqa_tc_body(
     // 16-byte writes fill one row's 128 contiguous bytes: no bank conflicts; compile-time
     // offsets). Positions past j_hi are zero: their V meets P = 0, which must stay finite.
     static_assert(GT_TK == 8 && HD % 32 == 0 && VD % 32 == 0, "8 positions, rows of whole 128-byte units");
-    const int pa = lane >> 3, q8 = 4 * (lane & 7);
+    // The staged rows hold the pool's kv_t (KPT / VPT elements apart: 16-byte aligned, within the
+    // f32 rows' words); each lane copies KV_VEC elements per unit, 8 lanes a row.
+#ifdef KV_BF16
+    constexpr int KPT = HD + 8, VPT = VD + 8;
+#else
+    constexpr int KPT = KP, VPT = VP;
+#endif
+    constexpr int RU = 8 * KV_VEC;  // elements a row's 8 lanes copy per unit round
+    kv_t* Kt = reinterpret_cast<kv_t*>(Kb);
+    kv_t* Vt = reinterpret_cast<kv_t*>(Vb);
+    const int pa = lane >> 3, q8 = KV_VEC * (lane & 7);
 #ifdef GT_HEAD_MAJOR_PROBE
     const size_t hm_first = (size_t)__ldg(table) * block_size, hm_base = hm_first * kv_heads;
     const size_t hm_rows = (size_t)((p + block_size) / block_size) * block_size;
@@ -3050,26 +3096,31 @@ __device__ __forceinline__ void attention_gqa_tc_body(
 #pragma unroll
         for (int half = 0; half < 2; half++) {
             const int jj = pa + 4 * half, j = t0 + jj;
-            float* kd = Kb + b * GT_TK * KP + jj * KP + q8;
-            float* vd = Vb + b * GT_TK * VP + jj * VP + q8;
+            kv_t* kd = Kt + b * GT_TK * KPT + jj * KPT + q8;
+            kv_t* vd = Vt + b * GT_TK * VPT + jj * VPT + q8;
             if (j <= j_hi) {
                 const int ent = block_size >= GT_TK ? (j / block_size == t0 / block_size ? e0 : e1) : __ldg(table + j / block_size);
                 size_t slot = ((size_t)ent * block_size + j % block_size) * kv_heads + kvh;
 #ifdef GT_HEAD_MAJOR_PROBE
                 slot = hm_base + (size_t)kvh * hm_rows + ((size_t)ent * block_size + j % block_size - hm_first);
 #endif
-                const float* ks = kc + slot * HD + q8;
-                const float* vs = vc + slot * VD + q8;
+                const kv_t* ks = kc + slot * HD + q8;
+                const kv_t* vs = vc + slot * VD + q8;
+                // (HD % RU != 0 only for BF16 rows: a round past the row's end copies nothing.)
 #pragma unroll
-                for (int c = 0; c < HD; c += 32) cp_async16(kd + c, ks + c);
+                for (int c = 0; c < HD; c += RU)
+                    if (HD % RU == 0 || c + q8 < HD) cp_async16(kd + c, ks + c);
 #pragma unroll
-                for (int c = 0; c < VD; c += 32) cp_async16(vd + c, vs + c);
+                for (int c = 0; c < VD; c += RU)
+                    if (VD % RU == 0 || c + q8 < VD) cp_async16(vd + c, vs + c);
             } else {
                 const float4 z = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
-                for (int c = 0; c < HD; c += 32) *reinterpret_cast<float4*>(kd + c) = z;
+                for (int c = 0; c < HD; c += RU)
+                    if (HD % RU == 0 || c + q8 < HD) *reinterpret_cast<float4*>(kd + c) = z;
 #pragma unroll
-                for (int c = 0; c < VD; c += 32) *reinterpret_cast<float4*>(vd + c) = z;
+                for (int c = 0; c < VD; c += RU)
+                    if (VD % RU == 0 || c + q8 < VD) *reinterpret_cast<float4*>(vd + c) = z;
             }
         }
         cp_async_commit();
@@ -3129,8 +3180,8 @@ __device__ __forceinline__ void attention_gqa_tc_body(
 #ifdef GT_NO_COMPUTE
         continue;
 #endif
-        const float* K = Kb + b * GT_TK * KP;
-        const float* V = Vb + b * GT_TK * VP;
+        const kv_t* K = Kt + b * GT_TK * KPT;
+        const kv_t* V = Vt + b * GT_TK * VPT;
         // S = Q K^T: rows g, g + 8 (heads), columns 2t, 2t + 1 (positions); two accumulators
         // over alternate 8-wide slices of HD halve the dependent chain of MMAs.
         float s0[4] = {0.f, 0.f, 0.f, 0.f}, s1[4] = {0.f, 0.f, 0.f, 0.f};
@@ -3143,8 +3194,8 @@ __device__ __forceinline__ void attention_gqa_tc_body(
                 const unsigned ah[4] = {qh4.x, qh4.y, qh4.z, qh4.w};
                 const unsigned al[4] = {ql4.x, ql4.y, ql4.z, ql4.w};
                 unsigned bh0, bl0, bh1, bl1;
-                tf32_split(K[g * KP + c0], bh0, bl0);
-                tf32_split(K[g * KP + c0 + 4], bh1, bl1);
+                tf32_split(kv_val(K + g * KPT + c0), bh0, bl0);
+                tf32_split(kv_val(K + g * KPT + c0 + 4), bh1, bl1);
 #ifndef GT_NO_MMA
                 mma_tf32x3(e ? s1 : s0, ah, al, bh0, bh1, bl0, bl1);
 #else
@@ -3184,8 +3235,8 @@ __device__ __forceinline__ void attention_gqa_tc_body(
 #pragma unroll
         for (int c = 0; c < VD / 8; c++) {
             unsigned bh0, bl0, bh1, bl1;
-            tf32_split(V[t * VP + 8 * c + g], bh0, bl0);
-            tf32_split(V[(t + 4) * VP + 8 * c + g], bh1, bl1);
+            tf32_split(kv_val(V + t * VPT + 8 * c + g), bh0, bl0);
+            tf32_split(kv_val(V + (t + 4) * VPT + 8 * c + g), bh1, bl1);
 #ifndef GT_NO_MMA
             mma_tf32x3(acc[c], ah, al, bh0, bh1, bl0, bl1);
 #else
@@ -3371,7 +3422,7 @@ __device__ __forceinline__ void attention_gqa_tc_body(
 }
 #define ATTENTION_GQA_TC_KERNEL(HD, VD, W, NAME)                                                                             \
     extern "C" __global__ void __launch_bounds__(32 * W, 8 / W) NAME(                                                        \
-        const float* __restrict__ q, const float* __restrict__ kc, const float* __restrict__ vc, float* __restrict__ o,      \
+        const float* __restrict__ q, const kv_t* __restrict__ kc, const kv_t* __restrict__ vc, float* __restrict__ o,      \
         const int* __restrict__ pos, const int* __restrict__ seq, const int* __restrict__ tables, int max_blocks,            \
         int block_size, int heads, int kv_heads, int hd, int vd, int window, float scale, const float* __restrict__ sinks,   \
         float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc, unsigned short* __restrict__ oh, \

@@ -102,6 +102,15 @@ e2e cuda 8207 default models/peregrine-mimo-tiny --gpu-memory-utilization 0.3 > 
 if cmp -s "$LOG/e2e-cuda-util.txt" "$LOG/e2e-cpu.txt"; then echo "e2e demo with --gpu-memory-utilization 0.3 on cuda: identical to --device cpu"; else echo "e2e demo with --gpu-memory-utilization 0.3 on cuda: DIFFERS"; cat "$LOG/e2e-cuda-util.txt"; status=1; fi >> "$LOG/e2e.log"
 grep -hoE "KV cache (sized|allocated).*" "$LOG/serve-cuda-8207.log" >> "$LOG/e2e.log" || echo "e2e: no KV sizing line in the log: DIFFERS" >> "$LOG/e2e.log"
 cat "$LOG/metrics-cuda-8206.txt" >> "$LOG/e2e.log"
+# BF16 KV pools (--kv-cache-dtype bfloat16): the GPU greedy as the CPU rounding its pools the same
+# way, plain and with DFlash drafting on every step (the drafter's context pools BF16 too).
+e2e cuda 8208 none models/peregrine-mimo-tiny --kv-cache-dtype bfloat16 > "$LOG/e2e-cuda-bf16.txt"
+e2e cuda 8210 default models/peregrine-mimo-tiny --kv-cache-dtype bfloat16 --speculative-mode always > "$LOG/e2e-cuda-bf16-spec.txt"
+e2e cpu 8209 none models/peregrine-mimo-tiny --kv-cache-dtype bfloat16 > "$LOG/e2e-cpu-bf16.txt"
+for v in bf16 bf16-spec; do
+    if cmp -s "$LOG/e2e-cuda-$v.txt" "$LOG/e2e-cpu-bf16.txt" && [ -s "$LOG/e2e-cpu-bf16.txt" ]; then echo "e2e demo with --kv-cache-dtype bfloat16 on cuda ($v): identical to --device cpu with BF16 pools"; else echo "e2e demo with --kv-cache-dtype bfloat16 on cuda ($v): DIFFERS"; cat "$LOG/e2e-cuda-$v.txt"; status=1; fi >> "$LOG/e2e.log"
+done
+grep -hoE "KV cache allocated.*" "$LOG/serve-cuda-8208.log" >> "$LOG/e2e.log" || echo "e2e: no KV allocation line in the BF16 log: DIFFERS" >> "$LOG/e2e.log"
 cat "$LOG/seeded.txt" >> "$LOG/e2e.log"
 # Random weights made on the GPU for a config alone (--load-format dummy): served, greedy twice the same.
 PEREGRINE_CACHE_DIR=/tmp/pcache .bin/peregrine serve configs/mimo-v2-flash.json --load-format dummy \

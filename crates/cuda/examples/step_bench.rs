@@ -20,7 +20,7 @@ use std::time::Instant;
 use clap::Parser;
 use cudarc::driver::sys::CUevent_flags;
 use peregrine_core::backend::{Backend, KvConfig, OutputRows, RowSampling, SeqForward};
-use peregrine_core::{MlpSpec, ModelSpec};
+use peregrine_core::{KvDtype, MlpSpec, ModelSpec};
 use peregrine_cuda::step::Op;
 use peregrine_cuda::{probe, CudaModel, MoeKernel};
 
@@ -122,6 +122,10 @@ struct Args {
     /// cancels the load order.
     #[arg(long, default_value_t = 2)]
     ab_loads: usize,
+    /// The KV pools' element type (`--kv-cache-dtype` of the server): float32 or bfloat16. The
+    /// floor counts the K/V bytes of that type.
+    #[arg(long, default_value = "float32")]
+    kv_cache_dtype: KvDtype,
 }
 
 /// One graph replay of `batch` (after three untraced ones), launch by launch and summed per
@@ -370,7 +374,7 @@ struct Floor {
     bytes: f64,
 }
 
-fn floor(spec: &ModelSpec, tokens: usize, seqs: usize, context: usize) -> Floor {
+fn floor(spec: &ModelSpec, tokens: usize, seqs: usize, context: usize, kv: KvDtype) -> Floor {
     let mut bytes = spec.vocab_size as f64 * spec.hidden_size as f64 * 2.0; // lm_head (BF16)
     for li in 0..spec.layers.len() {
         let (shared, expert) = layer_bytes(spec, li);
@@ -380,7 +384,7 @@ fn floor(spec: &ModelSpec, tokens: usize, seqs: usize, context: usize) -> Floor 
         }
         let a = spec.layers[li].attention;
         let span = a.window().map_or(context, |w| w.min(context)) as f64;
-        bytes += seqs as f64 * span * (a.k_dim() + a.v_dim()) as f64 * 4.0; // f32 KV read
+        bytes += seqs as f64 * span * (a.k_dim() + a.v_dim()) as f64 * kv.size() as f64; // the KV read
     }
     Floor { bytes }
 }
@@ -454,7 +458,7 @@ fn main() {
     let layer_kv = |li: usize| {
         let a = spec.layers[li].attention;
         let kv_blocks = if a.window().is_some() { swa_blocks } else { full_blocks };
-        ((kv_blocks + 1) * BS * (a.k_dim() + a.v_dim()) * 4) as f64
+        ((kv_blocks + 1) * BS * (a.k_dim() + a.v_dim()) * args.kv_cache_dtype.size()) as f64
     };
     let fit = {
         let mut used = fixed;
@@ -492,6 +496,8 @@ fn main() {
     if let Some(d) = &draft_spec {
         model.attach_synthetic_drafter(d, 2).expect("synthetic drafter");
     }
+    model.use_kv_dtype(args.kv_cache_dtype).expect("KV pool type");
+    println!("KV pools: {}", args.kv_cache_dtype);
     model.init_kv(KvConfig { block_size: BS, num_full_blocks: full_blocks, num_swa_blocks: swa_blocks }).expect("KV cache");
     if let Some((fused_ms, tiled_ms, kept)) = model.one_token_step_ms() {
         println!("one-token MoE kernel timed as batch-1 steps at KV setup: fused finalist {fused_ms:.4} ms, tiled finalist {tiled_ms:.4} ms; kept {kept:?}");
@@ -568,7 +574,7 @@ fn main() {
         // tokens read on the GPU from that step's ids (Backend::enqueue_decode); the median gap
         // between consecutive collects.
         let overlapped_ms = overlapped_ms(&mut model, &decode_batch, b, args.steps, None);
-        let f = floor(&spec, b, b, args.context);
+        let f = floor(&spec, b, b, args.context, args.kv_cache_dtype);
         let floor_ms = f.bytes / copy_bw * 1e3;
         println!("| {b} | {eager_ms:.3} | {logits_ms:.3} | {sampled_ms:.3} | {lp_ms:.3} | {ids_ms:.3} | {overlapped_ms:.3} | {:.0} | {:.2} | {floor_ms:.3} | {:.2}x | {:.2}x |", b as f64 / (overlapped_ms / 1e3), f.bytes / 1e9, ids_ms / floor_ms, overlapped_ms / floor_ms);
     }
@@ -973,7 +979,7 @@ fn main() {
                 }
             }
             let ms = median(ts);
-            let floor_ms = floor(&spec, n, 1, 0).bytes / copy_bw * 1e3;
+            let floor_ms = floor(&spec, n, 1, 0, args.kv_cache_dtype).bytes / copy_bw * 1e3;
             println!("| {n} | {ms:.1} | {:.0} | {floor_ms:.3} |", n as f64 / (ms / 1e3));
         }
         // Where the longest prompt's time goes (CUDA events around each operation).
@@ -1029,7 +1035,7 @@ fn main() {
         if t == 1 {
             base = ms;
         }
-        let floor_ms = floor(&spec, t, 1, args.context).bytes / copy_bw * 1e3;
+        let floor_ms = floor(&spec, t, 1, args.context, args.kv_cache_dtype).bytes / copy_bw * 1e3;
         println!("| {t} | {ms:.3} | {:.2}x | {floor_ms:.3} | {:.2}x |", ms / base, ms / floor_ms);
     }
 

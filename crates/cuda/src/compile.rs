@@ -162,12 +162,20 @@ fn store(path: &std::path::Path, ptx: &str) -> bool {
 /// PTX of `src` for `arch` (e.g. "sm_90a"), from the cache (or `prepare`) or freshly compiled.
 /// Returns the PTX and whether it was compiled before this call.
 pub fn ptx(name: &str, src: &str, arch: &'static str) -> Result<(Ptx, bool)> {
-    ptx_in(&cache_dir(), name, src, arch)
+    ptx_in(&cache_dir(), name, src, arch, &[])
 }
 
-/// `ptx` with the cache directory `dir`.
-fn ptx_in(dir: &std::path::Path, name: &str, src: &str, arch: &'static str) -> Result<(Ptx, bool)> {
-    let options = options(name);
+/// `ptx` with `variant` defines after the measurement ones: a production build of another
+/// form of the file (ops.cu's `-DKV_BF16` for BF16 KV pools), cached under its own key as
+/// `scripts/kernel-report.sh --fill-cache DIR -DKV_BF16 --defines-in ops` names it.
+pub fn ptx_variant(name: &str, src: &str, arch: &'static str, variant: &[&str]) -> Result<(Ptx, bool)> {
+    ptx_in(&cache_dir(), name, src, arch, variant)
+}
+
+/// `ptx_variant` with the cache directory `dir`.
+fn ptx_in(dir: &std::path::Path, name: &str, src: &str, arch: &'static str, variant: &[&str]) -> Result<(Ptx, bool)> {
+    let mut options = options(name);
+    options.extend(variant.iter().map(|d| d.to_string()));
     let file = cache_file_name(name, src, arch, &options);
     {
         let mut prepared = PREPARED.lock().unwrap_or_else(|e| e.into_inner());
@@ -209,7 +217,7 @@ mod tests {
         super::prepare_in(&dir, &files, "sm_90a");
         for (name, src) in files {
             assert!(dir.join(cache_file_name(name, src, "sm_90a", &options(name))).exists(), "{name}: compiled ahead into the cache");
-            let (ptx, cached) = super::ptx_in(&dir, name, src, "sm_90a").unwrap();
+            let (ptx, cached) = super::ptx_in(&dir, name, src, "sm_90a", &[]).unwrap();
             assert!(cached && ptx.to_src().contains(".entry"), "{name}: read from the cache");
         }
         // A cache that cannot be made (its parent is a file): held for one ptx call each (and
@@ -222,9 +230,9 @@ mod tests {
         super::prepare_in(&dir, &files, "sm_90a");
         assert_eq!(held(), 2, "a second prepare compiles nothing held already");
         for (name, src) in files {
-            let (ptx, cached) = super::ptx_in(&dir, name, src, "sm_90a").unwrap();
+            let (ptx, cached) = super::ptx_in(&dir, name, src, "sm_90a", &[]).unwrap();
             assert!(cached && ptx.to_src().contains(&format!(".entry {}", &name[5..])), "{name}: the PTX compiled ahead");
-            let (_, cached) = super::ptx_in(&dir, name, src, "sm_90a").unwrap();
+            let (_, cached) = super::ptx_in(&dir, name, src, "sm_90a", &[]).unwrap();
             assert!(!cached, "{name}: compiled again once taken");
         }
         let _ = std::fs::remove_dir_all(&root);
@@ -332,6 +340,19 @@ mod tests {
         for late in &calls[3..] {
             assert!(fused < MOE_CU.find(late).unwrap(), "moe.cu: the late refill is moe_fused's");
         }
+    }
+
+    /// ops.cu's BF16-pool build (`ptx_variant`, `-DKV_BF16` after the measurement defines) has
+    /// the options, so the cache name, that `kernel-report.sh --fill-cache DIR -DKV_BF16
+    /// --defines-in ops` gives it (scripts/gpu-check.sh fills it that way).
+    #[test]
+    fn the_bf16_kv_build_of_ops_is_named_as_kernel_report_fills_it() {
+        // (Without measurement defines; `options` would also read another test's `with_defines`.)
+        let plain = options_with("ops", "", None);
+        let mut variant = plain.clone();
+        variant.push("-DKV_BF16".into());
+        assert_eq!(variant, options_with("ops", "-DKV_BF16", Some("ops")));
+        assert_ne!(cache_file_name("ops", OPS_CU, "sm_90a", &variant), cache_file_name("ops", OPS_CU, "sm_90a", &plain));
     }
 
     /// tools/kernel_report.py's `--print-cache-names` gives the file names `ptx` looks up, for

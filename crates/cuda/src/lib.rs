@@ -23,6 +23,7 @@ pub mod step;
 pub mod trace;
 pub mod kernels;
 mod launch;
+mod kv_pool;
 mod overlap;
 pub mod moe_tune;
 pub mod mxfp4_tiles;

@@ -7,11 +7,12 @@
 
 use cudarc::driver::CudaSlice;
 use peregrine_core::spec::RopeStyle;
-use peregrine_core::{AttentionKind, AttentionSpec, QkvLayout, RopeSpec};
+use peregrine_core::{AttentionKind, AttentionSpec, KvDtype, QkvLayout, RopeSpec};
 use peregrine_cpu::ops;
 use rand::{Rng, SeedableRng};
 
 use crate::backend::{Bf16Split, CudaModel, FreshKv, MoePairs};
+use crate::kv_pool::KvPool;
 use crate::probe_for_tests;
 
 fn model() -> Option<CudaModel> {
@@ -564,13 +565,21 @@ fn norms_summing_moe_pairs_equal_combine_then_norm() {
     assert!(m.add_rms_norm_pairs_bf16(&mut xd, &small(1), &wd, 2, 4).is_err(), "x holds one row");
 }
 
-fn poisoned(m: &CudaModel, n: usize) -> CudaSlice<f32> {
-    m.stream.clone_htod(&vec![f32::NAN; n]).unwrap()
+/// A K/V pool of type `dtype` holding `values` (rounded to it).
+fn pool(m: &CudaModel, dtype: KvDtype, values: &[f32]) -> KvPool {
+    KvPool::upload(&m.stream, dtype, values).unwrap()
 }
 
+/// `values` as a pool of type `dtype` holds them: the reference's inputs for that pool.
+fn as_held(dtype: KvDtype, values: Vec<f32>) -> Vec<f32> {
+    values.into_iter().map(|v| dtype.round(v)).collect()
+}
+
+/// Also for BF16 pools: the same rotation, each value stored as the f32 build stores it, rounded
+/// to nearest even (bit for bit), and NaN poison overwritten in every written slot.
 #[test]
 fn rope_with_kv_write_matches_the_cpu_reference() {
-    let Some(m) = model() else { return };
+    let Some(mut m) = model() else { return };
     let mut r = rng();
     let st = m.stream.clone();
     // MiMo-V2-Flash's full layer (partial rotary 64 of 192, K 192 != V 128), a full-rotary head
@@ -584,10 +593,18 @@ fn rope_with_kv_write_matches_the_cpu_reference() {
         // Positions below 512: one ulp of a RoPE frequency moves the angle by ~pos * 6e-8.
         let pos: Vec<i32> = (0..n).map(|_| r.random_range(0..512)).collect();
         let slots: Vec<i64> = (0..n as i64).map(|i| i * 9 % slots_total).collect();
-        let mut qd = st.clone_htod(&q).unwrap();
-        let (kc, vc) = (poisoned(&m, slots_total as usize * s.k_dim()), poisoned(&m, slots_total as usize * s.v_dim()));
         let (pd, sd) = (st.clone_htod(&pos).unwrap(), st.clone_htod(&slots).unwrap());
-        m.rope_kv_write(&mut qd, &st.clone_htod(&k).unwrap(), &st.clone_htod(&v).unwrap(), &kc, &vc, &pd, &sd, n, &s).unwrap();
+        // Each pool type's q and its pools' contents (widened to f32).
+        let mut runs = Vec::new();
+        for dtype in [KvDtype::F32, KvDtype::Bf16] {
+            m.use_kv_dtype(dtype).unwrap();
+            let mut qd = st.clone_htod(&q).unwrap();
+            let nan = |dim: usize| pool(&m, dtype, &vec![f32::NAN; slots_total as usize * dim]);
+            let (kc, vc) = (nan(s.k_dim()), nan(s.v_dim()));
+            m.rope_kv_write(&mut qd, &st.clone_htod(&k).unwrap(), &st.clone_htod(&v).unwrap(), &kc, &vc, &pd, &sd, n, &s).unwrap();
+            runs.push((st.clone_dtoh(&qd).unwrap(), kc.download(&st).unwrap(), vc.download(&st).unwrap()));
+        }
+        m.use_kv_dtype(KvDtype::F32).unwrap();
         let inv = ops::rope_inv_freq(s.rope.theta, s.rope.rotary_dim);
         let (mut qw, mut kw) = (q.clone(), k.clone());
         for row in 0..n {
@@ -599,13 +616,18 @@ fn rope_with_kv_write_matches_the_cpu_reference() {
             }
         }
         let name = format!("rope_kv_write h{} kv{} d{} rot{}", s.num_heads, s.num_kv_heads, s.head_dim, s.rope.rotary_dim);
-        close(&format!("{name} q"), &st.clone_dtoh(&qd).unwrap(), &qw, 1e-4);
-        let (kcache, vcache) = (st.clone_dtoh(&kc).unwrap(), st.clone_dtoh(&vc).unwrap());
         let (kd, vd) = (s.k_dim(), s.v_dim());
-        let got_k: Vec<f32> = slots.iter().flat_map(|&sl| kcache[sl as usize * kd..][..kd].to_vec()).collect();
-        let got_v: Vec<f32> = slots.iter().flat_map(|&sl| vcache[sl as usize * vd..][..vd].to_vec()).collect();
+        let written = |cache: &[f32], dim: usize| -> Vec<f32> { slots.iter().flat_map(|&sl| cache[sl as usize * dim..][..dim].to_vec()).collect() };
+        let (q32, k32, v32) = &runs[0];
+        close(&format!("{name} q"), q32, &qw, 1e-4);
+        let (got_k, got_v) = (written(k32, kd), written(v32, vd));
         close(&format!("{name} k in the cache"), &got_k, &kw, 1e-4);
         close(&format!("{name} v in the cache"), &got_v, &v.iter().map(|x| x * s.value_scale).collect::<Vec<_>>(), 1e-7);
+        let (q16, k16, v16) = &runs[1];
+        assert!(q16 == q32, "{name}: q differs between the pool types' builds");
+        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&written(k16, kd)), bits(&as_held(KvDtype::Bf16, got_k)), "{name}: BF16 K pool is the f32 build's K rounded");
+        assert_eq!(bits(&written(v16, vd)), bits(&as_held(KvDtype::Bf16, got_v)), "{name}: BF16 V pool is the f32 build's V rounded");
     }
 }
 
@@ -686,11 +708,14 @@ fn attention_matches_the_cpu_reference() {
         // Two heads per KV head: a block of attention_v2_heads stages four KV heads' rows.
         attn_spec(12, 6, 48, 32, 32, Some(40), true),
     ];
-    for (s, max_blocks) in cases.iter().flat_map(|&s| [(s, 24usize), (s, 160)]) {
+    // Over f32 and BF16 pools (the reference reads the values the pool holds).
+    let each = [KvDtype::F32, KvDtype::Bf16].into_iter().flat_map(|dt| cases.iter().flat_map(move |&s| [(dt, s, 24usize), (dt, s, 160)]));
+    for (dtype, s, max_blocks) in each {
+        m.use_kv_dtype(dtype).unwrap();
         let seqs = 3usize;
         let blocks = seqs * max_blocks;
-        let kc = randn(&mut r, blocks * bs * s.k_dim(), 1.0);
-        let vc = randn(&mut r, blocks * bs * s.v_dim(), 1.0);
+        let kc = as_held(dtype, randn(&mut r, blocks * bs * s.k_dim(), 1.0));
+        let vc = as_held(dtype, randn(&mut r, blocks * bs * s.v_dim(), 1.0));
         // Each sequence's table is a shuffled set of blocks.
         let tables = shuffled_blocks(&mut r, blocks);
         // Rows: several positions per sequence, including short (pos 0) and long contexts.
@@ -706,7 +731,7 @@ fn attention_matches_the_cpu_reference() {
         let q = randn(&mut r, n * s.q_dim(), 1.0);
         let sinks: Option<Vec<f32>> = s.sinks.then(|| randn(&mut r, s.num_heads, 2.0));
         let want = attention_reference(&s, &q, &kc, &vc, &pos, &seq, &tables, max_blocks, bs, sinks.as_deref());
-        let (qd, kd, vd) = (st.clone_htod(&q).unwrap(), st.clone_htod(&kc).unwrap(), st.clone_htod(&vc).unwrap());
+        let (qd, kd, vd) = (st.clone_htod(&q).unwrap(), pool(&m, dtype, &kc), pool(&m, dtype, &vc));
         let (pd, sd, td) = (st.clone_htod(&pos).unwrap(), st.clone_htod(&seq).unwrap(), st.clone_htod(&tables).unwrap());
         let sk = sinks.as_ref().map(|v| st.clone_htod(v).unwrap());
         // attention_v2 (a block per head), attention_v2_heads (a warp per head), the heads of a
@@ -725,14 +750,14 @@ fn attention_matches_the_cpu_reference() {
             let takes_tc = m.gqa_tc_for(&s, max_blocks, bs, n).is_some_and(|f| Some(f.warps) == tc_warps);
             assert_eq!(takes_tc, tc && crate::backend::PREFILL_TC_SHAPES.contains(&(s.head_dim, s.v_head_dim)) && s.num_heads / s.num_kv_heads <= 16);
             let kernel = match (v2, per_head_warps, tc) {
-                (true, true, _) if crate::backend::attention_heads_smem(&s).is_some() => "_v2_heads",
+                (true, true, _) if crate::backend::attention_heads_smem(&s, dtype).is_some() => "_v2_heads",
                 (true, true, _) => "_v2 (no attention_v2_heads for these shapes)",
                 (true, _, true) if takes_tc => &format!("_gqa_tc ({} warps)", tc_warps.unwrap_or(0)),
                 (true, _, true) => "_v2 (no attention_gqa_tc for these shapes)",
                 (true, false, false) => "_v2",
                 _ => "",
             };
-            let name = format!("attention{kernel} h{} kv{} d{}/{} window {:?} sinks {}, {} positions", s.num_heads, s.num_kv_heads, s.head_dim, s.v_head_dim, s.window(), s.sinks, max_blocks * bs);
+            let name = format!("attention{kernel} h{} kv{} d{}/{} window {:?} sinks {}, {} positions, {dtype} pools", s.num_heads, s.num_kv_heads, s.head_dim, s.v_head_dim, s.window(), s.sinks, max_blocks * bs);
             let o = st.clone_dtoh(&o).unwrap();
             if v2 {
                 // Long ranges are split; their last split merges them inside the kernel. The
@@ -767,11 +792,13 @@ fn attention_matches_the_cpu_reference() {
             }
         }
     }
+    m.use_kv_dtype(KvDtype::F32).unwrap();
 }
 
 /// A decode step's attention with RoPE and the K/V write inside the kernel (`FreshKv`) gives
 /// the same bits as `rope_kv_write` followed by the kernel: o, its BF16 split and both pools,
-/// over one row per sequence at short and long positions (long ones split over several blocks).
+/// over one row per sequence at short and long positions (long ones split over several blocks),
+/// over f32 and BF16 pools (the fused kernel scores its row's new K/V as the pool holds them).
 #[test]
 fn attention_writing_the_new_kv_matches_rope_kv_write_then_attention() {
     let Some(mut m) = model() else { return };
@@ -787,7 +814,9 @@ fn attention_writing_the_new_kv_matches_rope_kv_write_then_attention() {
         attn_spec(4, 1, 64, 48, 15, Some(5), true),
         attn_spec(8, 2, 128, 128, 128, Some(2000), true),
     ];
-    for (s, max_blocks) in cases.iter().flat_map(|&s| [(s, 24usize), (s, 160)]) {
+    let each = [KvDtype::F32, KvDtype::Bf16].into_iter().flat_map(|dt| cases.iter().flat_map(move |&s| [(dt, s, 24usize), (dt, s, 160)]));
+    for (dtype, s, max_blocks) in each {
+        m.use_kv_dtype(dtype).unwrap();
         // One row per sequence (a decode step), at positions 0, 3, 130, 200 and the last.
         let pos: Vec<i32> = [0usize, 3, 130, 200, max_blocks * bs - 1].iter().map(|&p| p as i32).collect();
         let n = pos.len();
@@ -804,14 +833,15 @@ fn attention_writing_the_new_kv_matches_rope_kv_write_then_attention() {
         let (pd, sd, td, sl) = (st.clone_htod(&pos).unwrap(), st.clone_htod(&seq).unwrap(), st.clone_htod(&ids).unwrap(), st.clone_htod(&slots).unwrap());
         let (kd, vd) = (st.clone_htod(&k).unwrap(), st.clone_htod(&v).unwrap());
         let sk = sinks.as_ref().map(|v| st.clone_htod(v).unwrap());
-        let name = format!("attention_v2 with the K/V write, h{} kv{} d{}/{} rot{} window {:?}, {} positions", s.num_heads, s.num_kv_heads, s.head_dim, s.v_head_dim, s.rope.rotary_dim, s.window(), max_blocks * bs);
+        let name = format!("attention_v2 with the K/V write, h{} kv{} d{}/{} rot{} window {:?}, {} positions, {dtype} pools", s.num_heads, s.num_kv_heads, s.head_dim, s.v_head_dim, s.rope.rotary_dim, s.window(), max_blocks * bs);
+        let kc = as_held(dtype, kc);
         // Two launches: RoPE + pool write, then attention over the pools.
-        let (kc1, vc1) = (st.clone_htod(&kc).unwrap(), st.clone_htod(&vc).unwrap());
+        let (kc1, vc1) = (pool(&m, dtype, &kc), pool(&m, dtype, &vc));
         let mut q1 = st.clone_htod(&q).unwrap();
         m.rope_kv_write(&mut q1, &kd, &vd, &kc1, &vc1, &pd, &sl, n, &s).unwrap();
         let (o1, split1) = m.attend(&q1, &kc1, &vc1, &pd, &sd, &td, max_blocks, bs, n, &s, sk.as_ref(), true, true, None, None).unwrap();
         // One launch: unrotated q, the new K/V handed to the kernel.
-        let (kc2, vc2) = (st.clone_htod(&kc).unwrap(), st.clone_htod(&vc).unwrap());
+        let (kc2, vc2) = (pool(&m, dtype, &kc), pool(&m, dtype, &vc));
         let q2 = st.clone_htod(&q).unwrap();
         let fresh = FreshKv { k: &kd, v: &vd, slots: &sl, ready: None };
         let (o2, split2) = m.attend(&q2, &kc2, &vc2, &pd, &sd, &td, max_blocks, bs, n, &s, sk.as_ref(), true, true, Some(fresh), None).unwrap();
@@ -821,13 +851,14 @@ fn attention_writing_the_new_kv_matches_rope_kv_write_then_attention() {
         let ((h1, l1), (h2, l2)) = (split1.unwrap(), split2.unwrap());
         assert_eq!(st.clone_dtoh(&h1).unwrap(), st.clone_dtoh(&h2).unwrap(), "{name}: BF16 hi parts");
         assert_eq!(st.clone_dtoh(&l1).unwrap(), st.clone_dtoh(&l2).unwrap(), "{name}: BF16 lo parts");
-        let (k1, k2) = (st.clone_dtoh(&kc1).unwrap(), st.clone_dtoh(&kc2).unwrap());
+        let (k1, k2) = (kc1.download(&st).unwrap(), kc2.download(&st).unwrap());
         assert!(k1 == k2, "{name}: K pools differ at {:?}", k1.iter().zip(&k2).position(|(a, b)| a != b));
         assert_ne!(k1, kc, "{name}: the new K reached the pool");
-        assert_eq!(st.clone_dtoh(&vc1).unwrap(), st.clone_dtoh(&vc2).unwrap(), "{name}: V pools");
+        assert_eq!(vc1.download(&st).unwrap(), vc2.download(&st).unwrap(), "{name}: V pools");
         assert!(st.clone_dtoh(&m.attn_counters).unwrap().iter().all(|&c| c == 0), "{name}: attention arrival counters left non-zero");
         eprintln!("{name}: identical");
     }
+    m.use_kv_dtype(KvDtype::F32).unwrap();
 }
 
 /// A batch with prompt chunks: its runs of one sequence's rows go through `attention_prefill`
@@ -835,7 +866,7 @@ fn attention_writing_the_new_kv_matches_rope_kv_write_then_attention() {
 /// the tile's later rows, sinks, GQA), the other rows (a decode row, a run too short for a
 /// tile) through `attention_v2_rows`, split over several blocks on long tables. Every row
 /// matches the f64 reference, and o's BF16 split is exactly the split of o, for the f32 kernel
-/// and the tensor-core kernel (shapes it is compiled for).
+/// and the tensor-core kernel (shapes it is compiled for), over f32 and BF16 pools.
 #[test]
 fn prefill_attention_matches_the_cpu_reference() {
     let Some(mut m) = model() else { return };
@@ -849,11 +880,13 @@ fn prefill_attention_matches_the_cpu_reference() {
         attn_spec(8, 2, 128, 128, 128, Some(40), true),
         attn_spec(8, 4, 64, 64, 32, Some(50), false),
     ];
-    for (s, max_blocks) in cases.iter().flat_map(|&s| [(s, 24usize), (s, 160)]) {
+    let each = [KvDtype::F32, KvDtype::Bf16].into_iter().flat_map(|dt| cases.iter().flat_map(move |&s| [(dt, s, 24usize), (dt, s, 160)]));
+    for (dtype, s, max_blocks) in each {
+        m.use_kv_dtype(dtype).unwrap();
         let seqs = 4usize;
         let blocks = seqs * max_blocks;
-        let kc = randn(&mut r, blocks * bs * s.k_dim(), 1.0);
-        let vc = randn(&mut r, blocks * bs * s.v_dim(), 1.0);
+        let kc = as_held(dtype, randn(&mut r, blocks * bs * s.k_dim(), 1.0));
+        let vc = as_held(dtype, randn(&mut r, blocks * bs * s.v_dim(), 1.0));
         let tables = shuffled_blocks(&mut r, blocks);
         // Sequence 0: a decode row late in its table; 1: a 100-row chunk from position 0;
         // 2: a 70-row chunk from position 150; 3: a run of 5 rows (too short for a tile).
@@ -872,7 +905,7 @@ fn prefill_attention_matches_the_cpu_reference() {
         let q = randn(&mut r, n * s.q_dim(), 1.0);
         let sinks: Option<Vec<f32>> = s.sinks.then(|| randn(&mut r, s.num_heads, 2.0));
         let want = attention_reference(&s, &q, &kc, &vc, &pos, &seq, &tables, max_blocks, bs, sinks.as_deref());
-        let (qd, kd, vd) = (st.clone_htod(&q).unwrap(), st.clone_htod(&kc).unwrap(), st.clone_htod(&vc).unwrap());
+        let (qd, kd, vd) = (st.clone_htod(&q).unwrap(), pool(&m, dtype, &kc), pool(&m, dtype, &vc));
         let (pd, sd, td) = (st.clone_htod(&pos).unwrap(), st.clone_htod(&seq).unwrap(), st.clone_htod(&tables).unwrap());
         let sk = sinks.as_ref().map(|v| st.clone_htod(v).unwrap());
         let pf = crate::backend::PrefillRows { num_tiles: tiles.len() / 2, tiles: st.clone_htod(&tiles).unwrap(), num_rest: rest.len(), rest: st.clone_htod(&rest).unwrap() };
@@ -882,7 +915,7 @@ fn prefill_attention_matches_the_cpu_reference() {
             m.ops.attention_prefill.tensor_cores = tensor_cores;
             let (o, split) = m.attend(&qd, &kd, &vd, &pd, &sd, &td, max_blocks, bs, n, &s, sk.as_ref(), true, true, None, Some(&pf)).unwrap();
             let kernel = if tensor_cores { "tensor cores, 3xTF32" } else { "f32" };
-            let name = format!("attention_prefill ({kernel}) h{} kv{} d{}/{} window {:?} sinks {}, {} positions", s.num_heads, s.num_kv_heads, s.head_dim, s.v_head_dim, s.window(), s.sinks, max_blocks * bs);
+            let name = format!("attention_prefill ({kernel}) h{} kv{} d{}/{} window {:?} sinks {}, {} positions, {dtype} pools", s.num_heads, s.num_kv_heads, s.head_dim, s.v_head_dim, s.window(), s.sinks, max_blocks * bs);
             let o = st.clone_dtoh(&o).unwrap();
             close(&name, &o, &want, 2e-5);
             eprintln!("{name}: output bits fingerprint {:016x}", bits_fingerprint(&o));

@@ -84,6 +84,16 @@ impl Synthetic {
         Ok(())
     }
 
+    /// `fill_floats` for a buffer of BF16 bits.
+    pub(crate) fn fill_bf16(&self, st: &Arc<CudaStream>, buf: &mut CudaSlice<u16>, amp: f32, offset: f32) -> Result<()> {
+        let (n, seed, bf) = (buf.len(), self.next_seed(), 1i32);
+        let nn = n as u64;
+        let mut b = crate::launch::builder(st, &self.fill_f);
+        b.arg(buf).arg(&nn).arg(&seed).arg(&amp).arg(&offset).arg(&bf);
+        unsafe { b.launch(grid(n)) }.map_err(drv)?;
+        Ok(())
+    }
+
     fn bf16(&self, st: &Arc<CudaStream>, n: usize, amp: f32) -> Result<CudaSlice<u16>> {
         let mut buf = unsafe { st.alloc::<u16>(n.max(1)) }.map_err(drv)?;
         let (nn, seed, off, bf) = (n as u64, self.next_seed(), 0f32, 1i32);

@@ -76,6 +76,73 @@ fn golden_fixtures_match_the_cpu_backend() {
     }
 }
 
+/// BF16 KV pools (`--kv-cache-dtype bfloat16`) on both backends. The CPU rounds its pools'
+/// values as the GPU's BF16 pools hold them, so the two compute from the same K/V except where a
+/// value's f32 result lies within the backends' ~1e-6 of a BF16 rounding boundary (one ulp
+/// apart). So the GPU's logits must be far closer to the CPU's BF16-pool logits than the CPU's
+/// own f32-pool logits are (under a tenth of that distance, over the prefill and 64 decode
+/// steps), on the golden fixtures (every kernel shape; random models that amplify the rounding)
+/// and the trained demo model. Each decode step feeds all three the CPU's token, so a near tie
+/// cannot fork them (that bound on every logit decides the argmax wherever the best two are
+/// further apart than twice it). The GPU's blocks take half the bytes.
+#[test]
+fn bf16_kv_pools_match_the_cpu_backend_rounding_its_pools() {
+    use peregrine_core::KvDtype;
+    if probe_for_tests(0).is_none() {
+        return;
+    }
+    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/peregrine-mimo-tiny").display().to_string();
+    let models = ["default", "groups", "mxfp4", "fp8", "mimo_v2_fused"].map(|n| (n.to_string(), fixture(n)));
+    for ((name, dir), len) in models.into_iter().chain([("demo".to_string(), demo)]).flat_map(|m| [(m.clone(), 40u32), (m, 150)]) {
+        let files = open_model(&dir).unwrap();
+        let mut cpu = CpuModel::load(&files.spec, files.weights.as_ref()).unwrap();
+        let mut cpu32 = CpuModel::load(&files.spec, files.weights.as_ref()).unwrap();
+        let mut gpu = CudaModel::load(probe(0).unwrap(), &files.spec, files.weights.as_ref()).unwrap();
+        let f32_bytes = gpu.kv_block_bytes(16);
+        cpu.set_kv_dtype(KvDtype::Bf16).unwrap();
+        gpu.set_kv_dtype(KvDtype::Bf16).unwrap();
+        assert_eq!(gpu.kv_dtype(), KvDtype::Bf16);
+        let bf16_bytes = gpu.kv_block_bytes(16);
+        assert_eq!((2 * bf16_bytes.full, 2 * bf16_bytes.swa), (f32_bytes.full, f32_bytes.swa), "{name}: BF16 blocks take half the bytes");
+        let prompt: Vec<u32> = (0..len).map(|i| 7 + (i * 37) % 500).collect();
+        let name = format!("{name}, {len}-token prompt, BF16 KV");
+        let n_new = 64;
+        let bs = 16;
+        let blocks = (prompt.len() + n_new + bs).div_ceil(bs);
+        let cfg = KvConfig { block_size: bs, num_full_blocks: blocks, num_swa_blocks: blocks };
+        for m in [&mut cpu as &mut dyn Backend, &mut cpu32, &mut gpu] {
+            m.init_kv(cfg).unwrap();
+        }
+        let table: Vec<u32> = (0..blocks as u32).rev().collect();
+        let rel = |a: &[f32], b: &[f32]| {
+            let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+            a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max) / scale
+        };
+        // Per call: (GPU against CPU, f32 pools against BF16 pools), both relative to the CPU's
+        // largest logit; then the same for every decode step.
+        let mut errs = Vec::new();
+        let mut tokens = vec![prompt.clone()];
+        let vocab = files.spec.vocab_size;
+        let mut start = 0;
+        for i in 0..n_new {
+            let ids = tokens[i].clone();
+            let out = if i == 0 { OutputRows::All } else { OutputRows::Last };
+            let c = step(&mut cpu, ids.clone(), start, &table, out);
+            let g = step(&mut gpu, ids.clone(), start, &table, out);
+            let c32 = step(&mut cpu32, ids.clone(), start, &table, out);
+            assert!(g.iter().all(|v| v.is_finite()), "{name}: call {i}: non-finite GPU logits");
+            errs.push((rel(&c, &g), rel(&c, &c32)));
+            start += ids.len();
+            tokens.push(vec![argmax(&c[c.len() - vocab..])]);
+        }
+        let gpu_err = errs.iter().map(|e| e.0).fold(0f32, f32::max);
+        let rounding = errs.iter().map(|e| e.1).fold(0f32, f32::max);
+        eprintln!("{name}: GPU against the CPU's BF16 pools {gpu_err:.2e}, the CPU's f32 pools against them {rounding:.2e} (largest relative, 64 calls)");
+        assert!(rounding > 0.0, "{name}: the CPU's BF16 pools changed nothing");
+        assert!(gpu_err < 0.1 * rounding, "{name}: the GPU's BF16 pools are {gpu_err:.2e} from the CPU's, against {rounding:.2e} for f32 pools");
+    }
+}
+
 /// `dflash_generate` (greedy) through the Backend API, as in crates/cpu/tests/dflash.rs.
 fn spec_generate(m: &mut dyn Backend, prompt: &[u32], max_new: usize, block: usize) -> (Vec<u32>, Vec<usize>, Vec<Vec<u32>>) {
     use peregrine_core::backend::DraftForward;

@@ -175,12 +175,12 @@ const ATT_STAGES: usize = 2;
 /// Dynamic shared memory an `attention_v2_heads` block may ask for (opted into at load).
 pub(super) const ATT_HEADS_MAX_SMEM: usize = 96 * 1024;
 
-/// Dynamic shared memory of an `attention_v2_heads` block for `s`, if `s` suits it: its tiles
-/// in flight of the K + V rows of every KV head its 8 heads read (each row padded to an odd
-/// count of 16-byte units), then the 8 heads' q; head dims of whole float4 halves, V of whole
-/// float4s, the limits of attention_v2 (hd <= 256, vd <= 128), and at most
-/// `ATT_HEADS_MAX_SMEM`.
-pub(crate) fn attention_heads_smem(s: &AttentionSpec) -> Option<usize> {
+/// Dynamic shared memory of an `attention_v2_heads` block for `s` over pools of type `kv`, if
+/// `s` suits it: its tiles in flight of the K + V rows of every KV head its 8 heads read (each
+/// row padded to an odd count of 16-byte units), then the 8 heads' f32 q; head dims of whole
+/// float4 halves, K and V rows of whole 16-byte units, the limits of attention_v2 (hd <= 256,
+/// vd <= 128), and at most `ATT_HEADS_MAX_SMEM`.
+pub(crate) fn attention_heads_smem(s: &AttentionSpec, kv: KvDtype) -> Option<usize> {
     let group = s.num_heads / s.num_kv_heads.max(1);
     if group == 0 {
         return None;
@@ -188,9 +188,11 @@ pub(crate) fn attention_heads_smem(s: &AttentionSpec) -> Option<usize> {
     let kv_per_block = (0..s.num_heads.div_ceil(ATT_WARPS))
         .map(|y| ((y * ATT_WARPS + ATT_WARPS).min(s.num_heads) - 1) / group - y * ATT_WARPS / group + 1)
         .max()?;
-    let row = 4 * (((s.head_dim + s.v_head_dim) / 4) | 1);
-    let bytes = (ATT_STAGES * ATT_TILE * kv_per_block * row + ATT_WARPS * s.head_dim) * 4;
-    (s.head_dim.is_multiple_of(8) && s.v_head_dim.is_multiple_of(4) && s.head_dim <= 256 && s.v_head_dim <= 128 && bytes <= ATT_HEADS_MAX_SMEM).then_some(bytes)
+    let unit = 16 / kv.size();  // elements per 16-byte unit (KV_VEC)
+    let row = unit * (((s.head_dim + s.v_head_dim) / unit) | 1);
+    let bytes = ATT_STAGES * ATT_TILE * kv_per_block * row * kv.size() + ATT_WARPS * s.head_dim * 4;
+    let whole_units = s.head_dim.is_multiple_of(unit.max(8)) && s.v_head_dim.is_multiple_of(unit);
+    (whole_units && s.head_dim <= 256 && s.v_head_dim <= 128 && bytes <= ATT_HEADS_MAX_SMEM).then_some(bytes)
 }
 
 /// A decode step's new K and V rows (before RoPE and the value scale) and their pool slots, for
@@ -529,7 +531,7 @@ impl CudaModel {
     /// RoPE, scores each row's own position against its new K/V and writes them to the pools.
     /// With `prefill` (a batch with prompt chunks; v2 only, not with `fresh`), its tiles run
     /// `attention_prefill` and its other rows `attention_v2_rows`.
-    pub(crate) fn attend(&self, q: &CudaSlice<f32>, kc: &CudaSlice<f32>, vc: &CudaSlice<f32>, pos: &CudaSlice<i32>, seq: &CudaSlice<i32>, tables: &CudaSlice<i32>, max_blocks: usize, block_size: usize, n: usize, s: &AttentionSpec, sinks: Option<&CudaSlice<f32>>, v2: bool, bf16_split: bool, mut fresh: Option<FreshKv>, prefill: Option<&PrefillRows>) -> Result<(CudaSlice<f32>, Option<Bf16Split>)> {
+    pub(crate) fn attend(&self, q: &CudaSlice<f32>, kc: &KvPool, vc: &KvPool, pos: &CudaSlice<i32>, seq: &CudaSlice<i32>, tables: &CudaSlice<i32>, max_blocks: usize, block_size: usize, n: usize, s: &AttentionSpec, sinks: Option<&CudaSlice<f32>>, v2: bool, bf16_split: bool, mut fresh: Option<FreshKv>, prefill: Option<&PrefillRows>) -> Result<(CudaSlice<f32>, Option<Bf16Split>)> {
         if fresh.is_some() && !v2 {
             return Err(Error::Backend("the one-warp attention kernel cannot write the new K/V itself".into()));
         }
@@ -575,7 +577,7 @@ impl CudaModel {
         };
         // Decode rows whose K/V are in the pools: one warp per head from attn_heads_min_rows,
         // for the shapes it takes (attention_heads_smem).
-        let heads_smem = attention_heads_smem(s);
+        let heads_smem = attention_heads_smem(s, self.kv_dtype);
         // Or, where gqa_tc_for says so, the heads of each KV head on the tensor cores.
         let gqa_tc = if v2 && fresh.is_none() && rows.is_none() { self.gqa_tc_for(s, max_blocks, block_size, n) } else { None };
         let gqa_tc_wave = gqa_tc.as_ref().map(|tc| self.gqa_tc_wave(s, tc)).transpose()?;
@@ -726,7 +728,7 @@ impl CudaModel {
 
     /// RoPE of q (in place) and k fused with the KV-cache write (V times the value scale).
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn rope_kv_write(&self, q: &mut CudaSlice<f32>, k: &CudaSlice<f32>, v: &CudaSlice<f32>, kc: &CudaSlice<f32>, vc: &CudaSlice<f32>, pos: &CudaSlice<i32>, slots: &CudaSlice<i64>, n: usize, s: &AttentionSpec) -> Result<()> {
+    pub(crate) fn rope_kv_write(&self, q: &mut CudaSlice<f32>, k: &CudaSlice<f32>, v: &CudaSlice<f32>, kc: &KvPool, vc: &KvPool, pos: &CudaSlice<i32>, slots: &CudaSlice<i64>, n: usize, s: &AttentionSpec) -> Result<()> {
         let half = s.rope.rotary_dim.div_ceil(2);
         let (hh, kvh, hd, vd, hf, rd, th, vs) = (s.num_heads as i32, s.num_kv_heads as i32, s.head_dim as i32, s.v_head_dim as i32, half as i32, s.rope.rotary_dim as i32, s.rope.theta as f32, s.value_scale);
         let mut b = crate::launch::builder(&self.stream, &self.ops.rope_kv_write);
@@ -739,7 +741,7 @@ impl CudaModel {
 
     /// K/V rows into paged pools (V times the value scale).
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn kv_write(&self, k: &CudaSlice<f32>, v: &CudaSlice<f32>, kc: &CudaSlice<f32>, vc: &CudaSlice<f32>, slots: &CudaSlice<i64>, n: usize, s: &AttentionSpec) -> Result<()> {
+    pub(crate) fn kv_write(&self, k: &CudaSlice<f32>, v: &CudaSlice<f32>, kc: &KvPool, vc: &KvPool, slots: &CudaSlice<i64>, n: usize, s: &AttentionSpec) -> Result<()> {
         let (kd, vd, vs) = (s.k_dim() as i32, s.v_dim() as i32, s.value_scale);
         let mut b = crate::launch::builder(&self.stream, &self.ops.kv_write);
         b.arg(k).arg(v).arg(kc).arg(vc).arg(slots).arg(&kd).arg(&vd).arg(&vs);
@@ -827,7 +829,7 @@ mod split_tests {
 mod heads_attention_tests {
     use super::{attention_heads_smem, gqa_tc_smem};
     use peregrine_core::spec::RopeStyle;
-    use peregrine_core::{AttentionKind, AttentionSpec, QkvLayout, RopeSpec};
+    use peregrine_core::{AttentionKind, AttentionSpec, KvDtype, QkvLayout, RopeSpec};
 
     /// attention_gqa_tc's shared memory: Q hi + lo, then per warp two K and V tiles and P. The
     /// largest compiled shape fits an H100 block (227 KB) in 8 warps, and two and three blocks
@@ -873,23 +875,41 @@ mod heads_attention_tests {
         }
     }
 
+    fn attention_heads_smem_f32(s: &AttentionSpec) -> Option<usize> {
+        attention_heads_smem(s, KvDtype::F32)
+    }
+
     #[test]
     fn one_warp_per_head_attention_takes_shapes_whose_tiles_fit() {
         // Flash: one KV head per block, rows of 320 floats padded to 324 (81 float4s), two
         // tiles of 16, then 8 heads' q of 192.
-        assert_eq!(attention_heads_smem(&spec(64, 4, 192, 128)), Some((2 * 16 * 324 + 8 * 192) * 4));
-        assert_eq!(attention_heads_smem(&spec(64, 8, 192, 128)), Some((2 * 16 * 324 + 8 * 192) * 4));
+        assert_eq!(attention_heads_smem_f32(&spec(64, 4, 192, 128)), Some((2 * 16 * 324 + 8 * 192) * 4));
+        assert_eq!(attention_heads_smem_f32(&spec(64, 8, 192, 128)), Some((2 * 16 * 324 + 8 * 192) * 4));
         // Four heads per KV head: a block stages two KV heads (rows of 256 floats padded to 260).
-        assert_eq!(attention_heads_smem(&spec(8, 2, 128, 128)), Some((2 * 16 * 2 * 260 + 8 * 128) * 4));
+        assert_eq!(attention_heads_smem_f32(&spec(8, 2, 128, 128)), Some((2 * 16 * 2 * 260 + 8 * 128) * 4));
         // Two heads per KV head: four KV heads a block; rows of 80 floats (20 float4s) padded to 84.
-        assert_eq!(attention_heads_smem(&spec(12, 6, 48, 32)), Some((2 * 16 * 4 * 84 + 8 * 48) * 4));
+        assert_eq!(attention_heads_smem_f32(&spec(12, 6, 48, 32)), Some((2 * 16 * 4 * 84 + 8 * 48) * 4));
         // Multi-head attention of 128-wide heads: eight KV heads a block, past the 96 KiB.
-        assert_eq!(attention_heads_smem(&spec(32, 32, 128, 128)), None);
+        assert_eq!(attention_heads_smem_f32(&spec(32, 32, 128, 128)), None);
         // Head dims that are not whole float4 halves, V not whole float4s, past attention_v2's limits.
-        assert_eq!(attention_heads_smem(&spec(8, 1, 100, 128)), None);
-        assert_eq!(attention_heads_smem(&spec(8, 1, 128, 126)), None);
-        assert_eq!(attention_heads_smem(&spec(8, 1, 320, 64)), None);
-        assert_eq!(attention_heads_smem(&spec(8, 1, 128, 256)), None);
+        assert_eq!(attention_heads_smem_f32(&spec(8, 1, 100, 128)), None);
+        assert_eq!(attention_heads_smem_f32(&spec(8, 1, 128, 126)), None);
+        assert_eq!(attention_heads_smem_f32(&spec(8, 1, 320, 64)), None);
+        assert_eq!(attention_heads_smem_f32(&spec(8, 1, 128, 256)), None);
+    }
+
+    #[test]
+    fn one_warp_per_head_attention_over_bf16_pools_stages_half_the_bytes() {
+        let f32 = |s: &AttentionSpec| attention_heads_smem(s, KvDtype::F32);
+        let bf16 = |s: &AttentionSpec| attention_heads_smem(s, KvDtype::Bf16);
+        // Flash: rows of 320 BF16 values (40 units, padded to 41: 328 values), q stays f32.
+        assert_eq!(bf16(&spec(64, 4, 192, 128)), Some(2 * 16 * 328 * 2 + 8 * 192 * 4));
+        assert!(bf16(&spec(64, 4, 192, 128)) < f32(&spec(64, 4, 192, 128)));
+        // Rows of 80 values: 10 units, padded to 11 (88 values), four KV heads a block.
+        assert_eq!(bf16(&spec(12, 6, 48, 32)), Some(2 * 16 * 4 * 88 * 2 + 8 * 48 * 4));
+        // V of whole float4s but not of whole 8-value units: f32 pools only.
+        assert!(f32(&spec(8, 1, 128, 124)).is_some());
+        assert_eq!(bf16(&spec(8, 1, 128, 124)), None);
     }
 }
 

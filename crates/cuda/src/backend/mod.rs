@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, CudaView, DevicePtr, LaunchConfig};
 use peregrine_core::backend::{split_logits, Backend, KvBlockBytes, KvConfig, LogitAdjust, Logits, RowLogprobs, RowSampling, SampledRows, SeqForward, NULL_BLOCK};
-use peregrine_core::{AttentionKind, AttentionSpec, Error, MlpSpec, ModelSpec, MoeSpec, QkvLayout, Result, RouterScoring};
+use peregrine_core::{AttentionKind, AttentionSpec, Error, KvDtype, MlpSpec, ModelSpec, MoeSpec, QkvLayout, Result, RouterScoring};
 use peregrine_model::weights::WeightSource;
 
 use crate::compile;
@@ -22,6 +22,7 @@ use crate::device::{nvrtc_arch, Gpu};
 use crate::draft::Drafter;
 use crate::kernels::{DeviceRouting, F16Split, Kernels, MoeInput, MoeKernel, MoeRouting, MoeSplit, MoeWeights, ROUTE_OPROJ_MAX_ROWS};
 use crate::graph::Graphs;
+use crate::kv_pool::KvPool;
 use crate::weights::{Embed, Source, Synthetic};
 
 mod attention;
@@ -132,8 +133,13 @@ pub(crate) struct Ops {
 }
 
 /// ops.cu's kernels, compiled (or from the cache) and loaded.
-fn load_ops(gpu: &Gpu) -> Result<Ops> {
-    let (ptx, _) = compile::ptx("ops", compile::OPS_CU, nvrtc_arch(gpu.capability))?;
+/// ops.cu's build for KV pools of type `kv` (kernels/ops.cu's `kv_t`).
+fn load_ops(gpu: &Gpu, kv: KvDtype) -> Result<Ops> {
+    let variant: &[&str] = match kv {
+        KvDtype::F32 => &[],
+        KvDtype::Bf16 => &["-DKV_BF16"],
+    };
+    let (ptx, _) = compile::ptx_variant("ops", compile::OPS_CU, nvrtc_arch(gpu.capability), variant)?;
     let m = gpu.ctx.load_module(ptx).map_err(drv)?;
     let f = |n: &str| m.load_function(n).map_err(|e| Error::Backend(format!("kernel {n}: {e}")));
     Ok(Ops {
@@ -253,12 +259,14 @@ pub struct CudaModel {
     pub(crate) lm_head: Option<Mat>,
     pub(crate) final_norm: CudaSlice<f32>,
     pub(crate) layers: Vec<Layer>,
-    /// Per layer: K and V pools [slots, kv_heads, dim].
-    kv: Vec<(CudaSlice<f32>, CudaSlice<f32>)>,
+    /// Per layer: K and V pools [slots, kv_heads, dim], of type `kv_dtype`.
+    kv: Vec<(KvPool, KvPool)>,
+    /// The pools' element type (`Backend::set_kv_dtype`); `ops` is its build of ops.cu.
+    kv_dtype: KvDtype,
     pub(crate) kv_config: Option<KvConfig>,
     pub(crate) drafter: Option<Drafter>,
     /// The drafter's context K/V per drafter layer, indexed like the full-attention group.
-    pub(crate) draft_kv: Vec<(CudaSlice<f32>, CudaSlice<f32>)>,
+    pub(crate) draft_kv: Vec<(KvPool, KvPool)>,
     /// Captured decode-step graphs.
     pub(crate) graphs: Graphs,
     /// The MoE kernels' counters, shared by every layer (they are zero again after each call),
@@ -539,13 +547,11 @@ impl CudaModel {
     fn load_inner(gpu: Gpu, spec: &ModelSpec, seed: Option<u64>, files: Option<&dyn WeightSource>) -> Result<CudaModel> {
         let s = gpu.stream.clone();
         let kernels = Kernels::load(&gpu)?;
-        let ops = load_ops(&gpu)?;
+        let ops = load_ops(&gpu, KvDtype::F32)?;
         let m = ops.module.clone();
         let f = |n: &str| m.load_function(n).map_err(|e| Error::Backend(format!("kernel {n}: {e}")));
         let sms = gpu.ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(drv)? as usize;
-        let attention_kv_wave = ops.attention_v2_kv.occupancy_max_active_blocks_per_multiprocessor(256, 0, None).map_err(drv)? as usize * sms;
-        let attention_ready_pre_wave = ops.attention_v2_kv_ready_pre.occupancy_max_active_blocks_per_multiprocessor(256, 0, None).map_err(drv)? as usize * sms;
-        let attention_ready_wave = ops.attention_v2_kv_ready.occupancy_max_active_blocks_per_multiprocessor(256, 0, None).map_err(drv)? as usize * sms;
+        let [attention_kv_wave, attention_ready_pre_wave, attention_ready_wave] = attention_waves(&ops, sms)?;
         let synth = seed.map(|seed| -> Result<Synthetic> { Ok(Synthetic::new(f("fill_random_u8")?, f("fill_random_f")?, spec.quant.linear, seed)) }).transpose()?;
         let w = match (files, &synth) {
             (Some(w), _) => Source::Files(w),
@@ -672,6 +678,7 @@ impl CudaModel {
             lm_head,
             layers,
             kv: Vec::new(),
+            kv_dtype: KvDtype::F32,
             kv_config: None,
             drafter: None,
             draft_kv: Vec::new(),
@@ -765,7 +772,7 @@ impl CudaModel {
     /// Where a load's code lies moves a step's time by up to ~1%
     /// (benches/results/2026-11-28-kernel-code-placement.md).
     pub fn load_kernel_set(&self, defines: Option<&str>) -> Result<KernelSet> {
-        let load = || -> Result<_> { Ok((Kernels::load(&self.gpu)?, load_ops(&self.gpu)?)) };
+        let load = || -> Result<_> { Ok((Kernels::load(&self.gpu)?, load_ops(&self.gpu, self.kv_dtype)?)) };
         let (mut kernels, ops) = match defines {
             Some(d) => compile::with_defines(d, load)?,
             None => load()?,
@@ -801,8 +808,12 @@ impl CudaModel {
         let synth = self.synthetic_source(seed)?;
         let st = self.gpu.stream.clone();
         for (k, v) in &mut self.kv {
-            synth.fill_floats(&st, k, 1.0, 0.0)?;
-            synth.fill_floats(&st, v, 1.0, 0.0)?;
+            for pool in [k, v] {
+                match pool {
+                    KvPool::F32(p) => synth.fill_floats(&st, p, 1.0, 0.0)?,
+                    KvPool::Bf16(p) => synth.fill_bf16(&st, p, 1.0, 0.0)?,
+                }
+            }
         }
         st.synchronize().map_err(drv)
     }
@@ -1106,15 +1117,41 @@ impl CudaModel {
     }
 }
 
+/// Blocks of `attention_v2_kv`, `attention_v2_kv_ready_pre` and `attention_v2_kv_ready` resident
+/// at once on the whole GPU (one wave of each), by `ops`' occupancy.
+fn attention_waves(ops: &Ops, sms: usize) -> Result<[usize; 3]> {
+    let wave = |f: &CudaFunction| -> Result<usize> { Ok(f.occupancy_max_active_blocks_per_multiprocessor(256, 0, None).map_err(drv)? as usize * sms) };
+    Ok([wave(&ops.attention_v2_kv)?, wave(&ops.attention_v2_kv_ready_pre)?, wave(&ops.attention_v2_kv_ready)?])
+}
+
 impl CudaModel {
+    /// The K/V pools' element type from the next `init_kv` on: ops.cu's build for it loaded (its
+    /// PTX compiled unless cached: `kernel-report.sh --fill-cache DIR -DKV_BF16 --defines-in
+    /// ops` fills it) and the attention waves taken from its occupancy. Pools held until then are
+    /// dropped (they were the other type): `forward` before the next `init_kv` is an error.
+    pub fn use_kv_dtype(&mut self, dtype: KvDtype) -> Result<()> {
+        if dtype == self.kv_dtype {
+            return Ok(());
+        }
+        let ops = load_ops(&self.gpu, dtype)?;
+        [self.attention_kv_wave, self.attention_ready_pre_wave, self.attention_ready_wave] = attention_waves(&ops, self.sm_count)?;
+        self.ops = ops;
+        self.kv_dtype = dtype;
+        self.graphs.clear();
+        self.kv.clear();
+        self.draft_kv.clear();
+        self.kv_config = None;
+        Ok(())
+    }
+
     fn kv_bytes_per_block(&self, block_size: usize) -> KvBlockBytes {
-        let mut b = KvBlockBytes { full: 0, swa: 0 };
+        let (mut b, e) = (KvBlockBytes { full: 0, swa: 0 }, self.kv_dtype.size());
         for l in &self.layers {
-            let per = block_size * (l.attn.spec.k_dim() + l.attn.spec.v_dim()) * 4;
+            let per = block_size * (l.attn.spec.k_dim() + l.attn.spec.v_dim()) * e;
             if l.swa { b.swa += per } else { b.full += per }
         }
         if let Some(d) = &self.drafter {
-            b.full += block_size * d.kv_floats_per_token() * 4;
+            b.full += block_size * d.kv_floats_per_token() * e;
         }
         b
     }
@@ -1125,28 +1162,25 @@ impl CudaModel {
         self.draft_kv.clear();
         // One scratch block past the last of each pool: padding rows of graph replays use it.
         let (full, swa) = (config.num_full_blocks + 1, config.num_swa_blocks + 1);
-        let bytes: usize = self
-            .layers
-            .iter()
-            .map(|l| (if l.swa { swa } else { full }) * config.block_size * (l.attn.spec.k_dim() + l.attn.spec.v_dim()) * 4)
-            .sum::<usize>()
-            + self.drafter.as_ref().map_or(0, |d| full * config.block_size * d.kv_floats_per_token() * 4);
+        let per_block = self.kv_bytes_per_block(config.block_size);
+        let bytes = full * per_block.full + swa * per_block.swa;
         let (free, total) = self.gpu.ctx.mem_get_info().map_err(drv)?;
         if bytes > free {
             return Err(Error::Backend(format!(
                 "the KV cache needs {bytes} bytes but the GPU has {free} of {total} free after the weights; lower --kv-cache-memory, or leave it out to size the cache by --gpu-memory-utilization"
             )));
         }
+        let (st, dt) = (&self.stream, self.kv_dtype);
         for l in &self.layers {
             let slots = (if l.swa { swa } else { full }) * config.block_size;
             let s = &l.attn.spec;
-            self.kv.push((self.zeros(slots * s.k_dim())?, self.zeros(slots * s.v_dim())?));
+            self.kv.push((KvPool::zeros(st, dt, slots * s.k_dim())?, KvPool::zeros(st, dt, slots * s.v_dim())?));
         }
         if let Some(d) = &self.drafter {
             let slots = full * config.block_size;
             for l in &d.layers {
                 let s = &l.attn.spec;
-                self.draft_kv.push((self.zeros(slots * s.k_dim())?, self.zeros(slots * s.v_dim())?));
+                self.draft_kv.push((KvPool::zeros(st, dt, slots * s.k_dim())?, KvPool::zeros(st, dt, slots * s.v_dim())?));
             }
         }
         self.kv_config = Some(config);
@@ -1369,6 +1403,14 @@ impl Backend for CudaModel {
 
     fn init_kv(&mut self, config: KvConfig) -> Result<()> {
         self.init_kv_pools(config)
+    }
+
+    fn kv_dtype(&self) -> KvDtype {
+        self.kv_dtype
+    }
+
+    fn set_kv_dtype(&mut self, dtype: KvDtype) -> Result<()> {
+        self.use_kv_dtype(dtype)
     }
 
     fn forward(&mut self, batch: &[SeqForward]) -> Result<Vec<Logits>> {
