@@ -43,6 +43,30 @@ typedef unsigned short kv_t;
 typedef float kv_t;
 #define KV_VEC 4
 #endif
+// Element c of a lane's share of a K or V row in attention_v2's warps: lane + 32 c over f32
+// pools; over BF16 pools pairs, 2 lane + 64 (c / 2) + c % 2, so that each load brings a lane
+// two values (4 bytes, as many bytes a load as f32's: lone 2-byte loads left a 32k-token step as
+// long as over f32 pools).
+__device__ __forceinline__ int kv_lane_elem(int lane, int c) {
+#ifdef KV_BF16
+    return 64 * (c >> 1) + 2 * lane + (c & 1);
+#else
+    return lane + 32 * c;
+#endif
+}
+// Elements c and c + 1 (c even) of a lane's share of pool row `row` of `dim` values, 0 past its
+// end (dim even over BF16 pools).
+__device__ __forceinline__ void kv_lane_pair(const kv_t* row, int lane, int c, int dim, float& a, float& b) {
+#ifdef KV_BF16
+    const int e = kv_lane_elem(lane, c);
+    const unsigned w = e < dim ? *reinterpret_cast<const unsigned*>(row + e) : 0u;
+    a = __uint_as_float(w << 16);
+    b = __uint_as_float(w & 0xffff0000u);
+#else
+    a = lane + 32 * c < dim ? row[lane + 32 * c] : 0.f;
+    b = lane + 32 * (c + 1) < dim ? row[lane + 32 * (c + 1)] : 0.f;
+#endif
+}
 
 // Row r's token: tok[r], or where tok[r] = -(j + 1) (a step chained on the one before it, whose
 // sampled ids the host has not seen) row j of the ids at the device address chain[0].
@@ -1824,9 +1848,9 @@ __device__ __forceinline__ void attention_v2_body(
         const kv_t* kv = kc + (slot * kv_heads + kvh) * hd;
         const kv_t* vp = vc + (slot * kv_heads + kvh) * vd;
 #pragma unroll
-        for (int c = 0; c < 8; c++) kr[u][c] = (lane + 32 * c < hd) ? kv_val(kv + lane + 32 * c) : 0.f;
+        for (int c = 0; c < 8; c += 2) kv_lane_pair(kv, lane, c, hd, kr[u][c], kr[u][c + 1]);
 #pragma unroll
-        for (int c = 0; c < 4; c++) vr0[u][c] = (lane + 32 * c < vd) ? kv_val(vp + lane + 32 * c) : 0.f;
+        for (int c = 0; c < 4; c += 2) kv_lane_pair(vp, lane, c, vd, vr0[u][c], vr0[u][c + 1]);
     };
     if (preloaded) {
 #pragma unroll
@@ -1898,13 +1922,13 @@ __device__ __forceinline__ void attention_v2_body(
     }
     float qr[8];
 #pragma unroll
-    for (int c = 0; c < 8; c++) qr[c] = (lane + 32 * c < hd) ? qv[lane + 32 * c] : 0.f;
+    for (int c = 0; c < 8; c++) qr[c] = (kv_lane_elem(lane, c) < hd) ? qv[kv_lane_elem(lane, c)] : 0.f;
     if (fused && w == 0) {
         // q . k_new, in the order the loop below reduces a pooled key.
         float d = 0.f;
 #pragma unroll
         for (int c = 0; c < 8; c++)
-            if (lane + 32 * c < hd) d += qr[c] * sm_k[lane + 32 * c];
+            if (kv_lane_elem(lane, c) < hd) d += qr[c] * sm_k[kv_lane_elem(lane, c)];
 #pragma unroll
         for (int o2 = 16; o2 > 0; o2 >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o2);
         if (lane == 0) sm_dnew = d;
@@ -1944,13 +1968,24 @@ __device__ __forceinline__ void attention_v2_body(
                 if (in_regs) {
 #pragma unroll
                     for (int c = 0; c < 8; c++)
-                        if (lane + 32 * c < hd) s += qr[c] * (shifted ? kr[(sub * U + u) % NPRE][c] : kr[u][c]);
+                        if (kv_lane_elem(lane, c) < hd) s += qr[c] * (shifted ? kr[(sub * U + u) % NPRE][c] : kr[u][c]);
                 } else {
                     slot[u] = (size_t)table[j / block_size] * block_size + j % block_size;
                     const kv_t* kv = kc + (slot[u] * kv_heads + kvh) * hd;
+#ifdef KV_BF16
+#pragma unroll
+                    for (int c = 0; c < 8; c += 2)
+                        if (kv_lane_elem(lane, c) < hd) {
+                            float a, b;
+                            kv_lane_pair(kv, lane, c, hd, a, b);
+                            s += qr[c] * a;
+                            s += qr[c + 1] * b;
+                        }
+#else
 #pragma unroll
                     for (int c = 0; c < 8; c++)
-                        if (lane + 32 * c < hd) s += qr[c] * kv_val(kv + lane + 32 * c);
+                        if (lane + 32 * c < hd) s += qr[c] * kv[lane + 32 * c];
+#endif
                 }
                 d[u] = s;
             }
@@ -1967,7 +2002,7 @@ __device__ __forceinline__ void attention_v2_body(
                 } else {
                     const kv_t* vr = vc + (slot[u] * kv_heads + kvh) * vd;
 #pragma unroll
-                    for (int c = 0; c < 4; c++) vv[u][c] = (lane + 32 * c < vd) ? kv_val(vr + lane + 32 * c) : 0.f;
+                    for (int c = 0; c < 4; c += 2) kv_lane_pair(vr, lane, c, vd, vv[u][c], vv[u][c + 1]);
                 }
                 // FUSED: position p's score and value are the new ones (the pool's slot p, read
                 // above, holds the previous step's leftovers). Replacing them here, in the order the
@@ -1976,7 +2011,7 @@ __device__ __forceinline__ void attention_v2_body(
                 if (fused && min(jb + u, j_hi) == p) {
                     d[u] = sm_dnew;
 #pragma unroll
-                    for (int c = 0; c < 4; c++) vv[u][c] = (lane + 32 * c < vd) ? sm_v[lane + 32 * c] : 0.f;
+                    for (int c = 0; c < 4; c++) vv[u][c] = (kv_lane_elem(lane, c) < vd) ? sm_v[kv_lane_elem(lane, c)] : 0.f;
                 }
             }
 #pragma unroll
@@ -2003,7 +2038,7 @@ __device__ __forceinline__ void attention_v2_body(
     if (lane == 0) { sm_m[w] = m; sm_l[w] = l; }
 #pragma unroll
     for (int c = 0; c < 4; c++)
-        if (lane + 32 * c < vd) sm_acc[w][lane + 32 * c] = acc[c];
+        if (kv_lane_elem(lane, c) < vd) sm_acc[w][kv_lane_elem(lane, c)] = acc[c];
     __syncthreads();
     float M = NEG_INF;
     for (int i = 0; i < ATT_WARPS; i++) M = fmaxf(M, sm_m[i]);
@@ -2245,7 +2280,20 @@ extern "C" __global__ void __launch_bounds__(256, 3) attention_v2_heads(
             // Scores: lane (jl, half) takes half of q . k_jl; unstaged positions score -inf.
             const kv_t* kr = tb + (size_t)jl * nkv * row + half * hh;
             float sc = 0.f;
-            for (int i = 0; i < hh / 4; i++) {
+            int i0 = 0;
+#ifdef KV_BF16
+            // Eight BF16 values a 16-byte read where the half rows are whole 16-byte units.
+            if (hh % 8 == 0)
+                for (; i0 < hh / 4; i0 += 2) {
+                    const uint4 w8 = *reinterpret_cast<const uint4*>(kr + 4 * i0);
+                    float4 a4 = qh[i0], b4 = qh[i0 + 1];
+                    sc += a4.x * __uint_as_float(w8.x << 16) + a4.y * __uint_as_float(w8.x & 0xffff0000u) +
+                          a4.z * __uint_as_float(w8.y << 16) + a4.w * __uint_as_float(w8.y & 0xffff0000u);
+                    sc += b4.x * __uint_as_float(w8.z << 16) + b4.y * __uint_as_float(w8.z & 0xffff0000u) +
+                          b4.z * __uint_as_float(w8.w << 16) + b4.w * __uint_as_float(w8.w & 0xffff0000u);
+                }
+#endif
+            for (int i = i0; i < hh / 4; i++) {
                 float4 a4 = qh[i], k4 = kv_val4(kr + 4 * i);
                 sc += a4.x * k4.x + a4.y * k4.y + a4.z * k4.z + a4.w * k4.w;
             }

@@ -81,10 +81,12 @@ fn golden_fixtures_match_the_cpu_backend() {
 /// value's f32 result lies within the backends' ~1e-6 of a BF16 rounding boundary (one ulp
 /// apart). So the GPU's logits must be far closer to the CPU's BF16-pool logits than the CPU's
 /// own f32-pool logits are (under a tenth of that distance, over the prefill and 64 decode
-/// steps), on the golden fixtures (every kernel shape; random models that amplify the rounding)
-/// and the trained demo model. Each decode step feeds all three the CPU's token, so a near tie
-/// cannot fork them (that bound on every logit decides the argmax wherever the best two are
-/// further apart than twice it). The GPU's blocks take half the bytes.
+/// steps). On the trained demo model: the golden fixtures' random models turn those few
+/// one-ulp differences into logits 46% apart within 64 steps (their f32-pool logits 80% apart),
+/// so they cannot tell a right BF16 path from a wrong one; the op tests check every attention
+/// kernel over BF16 pools against the f64 reference instead. Each decode step feeds all three
+/// the CPU's token, so a near tie cannot fork them (the bound on every logit decides the argmax
+/// wherever the best two are further apart than twice it). The GPU's blocks take half the bytes.
 #[test]
 fn bf16_kv_pools_match_the_cpu_backend_rounding_its_pools() {
     use peregrine_core::KvDtype;
@@ -92,9 +94,9 @@ fn bf16_kv_pools_match_the_cpu_backend_rounding_its_pools() {
         return;
     }
     let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/peregrine-mimo-tiny").display().to_string();
-    let models = ["default", "groups", "mxfp4", "fp8", "mimo_v2_fused"].map(|n| (n.to_string(), fixture(n)));
-    for ((name, dir), len) in models.into_iter().chain([("demo".to_string(), demo)]).flat_map(|m| [(m.clone(), 40u32), (m, 150)]) {
-        let files = open_model(&dir).unwrap();
+    let files = open_model(&demo).unwrap();
+    for len in [40u32, 150, 400] {
+        let name = "demo model";
         let mut cpu = CpuModel::load(&files.spec, files.weights.as_ref()).unwrap();
         let mut cpu32 = CpuModel::load(&files.spec, files.weights.as_ref()).unwrap();
         let mut gpu = CudaModel::load(probe(0).unwrap(), &files.spec, files.weights.as_ref()).unwrap();

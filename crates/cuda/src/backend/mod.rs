@@ -1133,6 +1133,11 @@ impl CudaModel {
         if dtype == self.kv_dtype {
             return Ok(());
         }
+        // attention_v2's warps load BF16 values in pairs (kernels/ops.cu's kv_lane_pair).
+        let mut dims = self.layers.iter().map(|l| l.attn.spec).chain(self.drafter.iter().flat_map(|d| d.layers.iter().map(|l| l.attn.spec)));
+        if let Some(s) = dims.find(|s| dtype == KvDtype::Bf16 && !(s.head_dim.is_multiple_of(2) && s.v_head_dim.is_multiple_of(2))) {
+            return Err(Error::Unsupported(format!("BF16 KV pools need even head dims on the CUDA backend; this model has K {} and V {}", s.head_dim, s.v_head_dim)));
+        }
         let ops = load_ops(&self.gpu, dtype)?;
         [self.attention_kv_wave, self.attention_ready_pre_wave, self.attention_ready_wave] = attention_waves(&ops, self.sm_count)?;
         self.ops = ops;
