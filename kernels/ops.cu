@@ -2312,13 +2312,24 @@ extern "C" __global__ void __launch_bounds__(256, 3) attention_v2_heads(
             m = mn;
 #pragma unroll
             for (int c = 0; c < 4; c++) acc[c] *= corr;
-            // V: lane holds output elements lane + 32 c.
+            // V: lane holds output elements kv_lane_elem(lane, c) (over BF16 pools in pairs, a
+            // 4-byte read each).
             for (int jj = 0; jj < nt; jj++) {
                 float pj = __shfl_sync(0xffffffffu, pe, jj);
                 const kv_t* vr = tb + (size_t)jj * nkv * row + hd;
+#ifdef KV_BF16
+#pragma unroll
+                for (int c = 0; c < 4; c += 2) {
+                    float a, b;
+                    kv_lane_pair(vr, lane, c, vd, a, b);
+                    acc[c] += pj * a;
+                    acc[c + 1] += pj * b;
+                }
+#else
 #pragma unroll
                 for (int c = 0; c < 4; c++)
-                    if (lane + 32 * c < vd) acc[c] += pj * kv_val(vr + lane + 32 * c);
+                    if (lane + 32 * c < vd) acc[c] += pj * vr[lane + 32 * c];
+#endif
             }
         }
         __syncthreads();  // every warp is done with buffer b before it is staged again
@@ -2337,7 +2348,7 @@ extern "C" __global__ void __launch_bounds__(256, 3) attention_v2_heads(
         }
 #pragma unroll
         for (int c = 0; c < 4; c++) {
-            int i = lane + 32 * c;
+            int i = kv_lane_elem(lane, c);
             if (i < vd) {
                 float a = acc[c] * corr / L;
                 o[hb * vd + i] = a;
@@ -2352,7 +2363,7 @@ extern "C" __global__ void __launch_bounds__(256, 3) attention_v2_heads(
         if (lane == 0) { part_m[ps] = m; part_l[ps] = l; }
 #pragma unroll
         for (int c = 0; c < 4; c++)
-            if (lane + 32 * c < vd) part_acc[ps * vd + lane + 32 * c] = acc[c];
+            if (kv_lane_elem(lane, c) < vd) part_acc[ps * vd + kv_lane_elem(lane, c)] = acc[c];
     }
     if (!counters) return;  // attention_combine merges the splits
     bool merges = block_arrive_last(counters + (size_t)r * heads + blockIdx.y * ATT_WARPS, (unsigned)splits);
