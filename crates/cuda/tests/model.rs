@@ -108,7 +108,6 @@ fn bf16_kv_pools_match_the_cpu_backend_rounding_its_pools() {
         let bf16_bytes = gpu.kv_block_bytes(16);
         assert_eq!((2 * bf16_bytes.full, 2 * bf16_bytes.swa), (f32_bytes.full, f32_bytes.swa), "{name}: BF16 blocks take half the bytes");
         let prompt: Vec<u32> = (0..len).map(|i| 7 + (i * 37) % 500).collect();
-        let name = format!("{name}, {len}-token prompt, BF16 KV");
         let n_new = 64;
         let bs = 16;
         let blocks = (prompt.len() + n_new + bs).div_ceil(bs);
@@ -140,8 +139,12 @@ fn bf16_kv_pools_match_the_cpu_backend_rounding_its_pools() {
         }
         let gpu_err = errs.iter().map(|e| e.0).fold(0f32, f32::max);
         let rounding = errs.iter().map(|e| e.1).fold(0f32, f32::max);
-        eprintln!("{name}: GPU against the CPU's BF16 pools {gpu_err:.2e}, the CPU's f32 pools against them {rounding:.2e} (largest relative, 64 calls)");
-        assert!(rounding > 0.0, "{name}: the CPU's BF16 pools changed nothing");
+        assert!(errs.iter().all(|e| e.1 > 0.0), "{name}: the CPU's BF16 pools changed nothing in some call");
+        // Per call, the GPU's distance over the f32 pools': its median over the 64 calls.
+        let mut ratios: Vec<f32> = errs.iter().map(|e| e.0 / e.1).collect();
+        ratios.sort_by(f32::total_cmp);
+        let median = ratios[ratios.len() / 2];
+        eprintln!("{name}: GPU against the CPU's BF16 pools {gpu_err:.2e}, the CPU's f32 pools against them {rounding:.2e} (largest relative, 64 calls); per call the first over the second: median {median:.3}, quartiles {:.3} {:.3}, largest {:.3}", ratios[ratios.len() / 4], ratios[3 * ratios.len() / 4], ratios[ratios.len() - 1]);
         assert!(gpu_err < 0.5 * rounding, "{name}: the GPU's BF16 pools are {gpu_err:.2e} from the CPU's, against {rounding:.2e} for f32 pools");
     }
 }
