@@ -80,9 +80,11 @@ fn golden_fixtures_match_the_cpu_backend() {
 /// values as the GPU's BF16 pools hold them, so the two compute from the same K/V except where a
 /// value's f32 result lies within the backends' ~1e-6 of a BF16 rounding boundary (one ulp
 /// apart). So the GPU's logits must be closer to the CPU's BF16-pool logits than the CPU's own
-/// f32-pool logits are, by at least half (over the prefill and 64 decode steps; measured 0.22
-/// at 40 tokens on an H200): pools that did not round, or rounded otherwise than to nearest
-/// even, would sit near 1. On the trained demo model: the golden fixtures' random models turn those few
+/// f32-pool logits are: per call (the prefill, 64 decode steps), the first distance over the
+/// second has a median under 0.4 (H200: 0.07-0.22 at 40, 150 and 400 tokens), and the largest
+/// distance over the calls stays under the f32 pools' (0.22-0.44 of it). Pools that did not
+/// round, or rounded otherwise than to nearest even, would sit near 1 on both. On the trained
+/// demo model: the golden fixtures' random models turn those few
 /// one-ulp differences into logits 46% apart within 64 steps (their f32-pool logits 80% apart),
 /// so they cannot tell a right BF16 path from a wrong one; the op tests check every attention
 /// kernel over BF16 pools against the f64 reference instead. Each decode step feeds all three
@@ -145,7 +147,8 @@ fn bf16_kv_pools_match_the_cpu_backend_rounding_its_pools() {
         ratios.sort_by(f32::total_cmp);
         let median = ratios[ratios.len() / 2];
         eprintln!("{name}: GPU against the CPU's BF16 pools {gpu_err:.2e}, the CPU's f32 pools against them {rounding:.2e} (largest relative, 64 calls); per call the first over the second: median {median:.3}, quartiles {:.3} {:.3}, largest {:.3}", ratios[ratios.len() / 4], ratios[3 * ratios.len() / 4], ratios[ratios.len() - 1]);
-        assert!(gpu_err < 0.5 * rounding, "{name}: the GPU's BF16 pools are {gpu_err:.2e} from the CPU's, against {rounding:.2e} for f32 pools");
+        assert!(median < 0.4, "{name}: per call, the GPU's BF16 pools are a median {median:.3} of the f32 pools' distance from the CPU's");
+        assert!(gpu_err < rounding, "{name}: the GPU's BF16 pools are {gpu_err:.2e} from the CPU's, against {rounding:.2e} for f32 pools");
     }
 }
 

@@ -158,3 +158,16 @@ fn too_small_a_fraction_a_host_backend_and_a_failed_profile_are_clear_errors() {
     assert!(err.contains("profiling step") && err.contains("out of memory"), "{err}");
     assert_eq!(log.last().map(String::as_str), Some("hold false"), "{log:?}");
 }
+
+/// `kv_cache_dtype` reaches the backend before the cache is sized; a backend holding only f32
+/// pools refuses BF16 with a clear error, before any KV memory is allocated.
+#[test]
+fn a_kv_cache_dtype_the_backend_cannot_hold_is_a_clear_error_before_sizing() {
+    let cfg = EngineConfig { kv_cache_dtype: Some(peregrine_core::KvDtype::Bf16), ..config(0.5) };
+    let (e, log) = start(true, false, cfg);
+    let err = e.err().expect("BF16 pools refused").to_string();
+    assert!(err.contains("kv_cache_dtype") && err.contains("mock-device") && err.contains("bfloat16"), "{err}");
+    assert!(log.is_empty(), "nothing allocated or run: {log:?}");
+    let (e, _) = start(true, false, EngineConfig { kv_cache_dtype: Some(peregrine_core::KvDtype::F32), ..config(0.5) });
+    e.unwrap().shutdown();
+}
