@@ -927,7 +927,7 @@ fn main() {
                 Op::Attention { layer, .. } => {
                     let a = spec.layers[layer].attention;
                     let span = a.window().map_or(args.context, |w| w.min(args.context)) as f64;
-                    let kv = b as f64 * span * (a.k_dim() + a.v_dim()) as f64 * 4.0;
+                    let kv = b as f64 * span * (a.k_dim() + a.v_dim()) as f64 * args.kv_cache_dtype.size() as f64;
                     let w = attention_bytes(&spec, layer);
                     add(if a.window().is_some() { "attention (sliding window)" } else { "attention (full)" }, ms, w + kv);
                 }
