@@ -76,18 +76,20 @@ impl Synthetic {
 
     /// Overwrites all of `buf` with values uniform in [offset - amp, offset + amp).
     pub(crate) fn fill_floats(&self, st: &Arc<CudaStream>, buf: &mut CudaSlice<f32>, amp: f32, offset: f32) -> Result<()> {
-        let (n, seed, bf) = (buf.len(), self.next_seed(), 0i32);
-        let nn = n as u64;
-        let mut b = crate::launch::builder(st, &self.fill_f);
-        b.arg(buf).arg(&nn).arg(&seed).arg(&amp).arg(&offset).arg(&bf);
-        unsafe { b.launch(grid(n)) }.map_err(drv)?;
-        Ok(())
+        let n = buf.len();
+        self.fill(st, buf, n, amp, offset, false)
     }
 
     /// `fill_floats` for a buffer of BF16 bits.
     pub(crate) fn fill_bf16(&self, st: &Arc<CudaStream>, buf: &mut CudaSlice<u16>, amp: f32, offset: f32) -> Result<()> {
-        let (n, seed, bf) = (buf.len(), self.next_seed(), 1i32);
-        let nn = n as u64;
+        let n = buf.len();
+        self.fill(st, buf, n, amp, offset, true)
+    }
+
+    /// The first `n` elements of `buf` (f32, or BF16 bits with `bf16`) uniform in
+    /// [offset - amp, offset + amp) (`fill_random_f`).
+    fn fill<T>(&self, st: &Arc<CudaStream>, buf: &mut CudaSlice<T>, n: usize, amp: f32, offset: f32, bf16: bool) -> Result<()> {
+        let (nn, seed, bf) = (n as u64, self.next_seed(), bf16 as i32);
         let mut b = crate::launch::builder(st, &self.fill_f);
         b.arg(buf).arg(&nn).arg(&seed).arg(&amp).arg(&offset).arg(&bf);
         unsafe { b.launch(grid(n)) }.map_err(drv)?;
@@ -96,10 +98,7 @@ impl Synthetic {
 
     fn bf16(&self, st: &Arc<CudaStream>, n: usize, amp: f32) -> Result<CudaSlice<u16>> {
         let mut buf = unsafe { st.alloc::<u16>(n.max(1)) }.map_err(drv)?;
-        let (nn, seed, off, bf) = (n as u64, self.next_seed(), 0f32, 1i32);
-        let mut b = crate::launch::builder(st, &self.fill_f);
-        b.arg(&mut buf).arg(&nn).arg(&seed).arg(&amp).arg(&off).arg(&bf);
-        unsafe { b.launch(grid(n)) }.map_err(drv)?;
+        self.fill(st, &mut buf, n, amp, 0.0, true)?;
         Ok(buf)
     }
 
