@@ -105,6 +105,7 @@ pub fn start_engine(mut backend: Box<dyn Backend>, tokenizer: SharedTokenizer, c
         "KV cache allocated"
     );
     let metrics = Arc::new(Metrics::new(config.model_name.as_deref().unwrap_or(&spec.model_type)));
+    metrics.record_cache_config(bs, backend.kv_dtype().name(), num_full, config.enable_prefix_caching);
     let kv = KvManager::new(num_full, num_swa, bs, window, config.enable_prefix_caching);
     let (tx, rx) = mpsc::channel();
     let waiting = Arc::new(AtomicUsize::new(0));

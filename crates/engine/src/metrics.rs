@@ -29,6 +29,8 @@ pub struct Metrics {
     pub spec_plain_steps: IntCounter,
     pub overlapped_steps: IntCounter,
     pub backend_failed: IntGauge,
+    /// The `model_name` label every metric carries.
+    model_name: String,
 }
 
 fn buckets() -> Vec<f64> {
@@ -101,7 +103,24 @@ impl Metrics {
             overlapped_steps: ic("peregrine:overlapped_steps_total", "Decode steps started before the step ahead of them was committed (their host work overlapped the GPU's)"),
             backend_failed: ig("peregrine:backend_failed", "1 once the backend can serve nothing more (a lost GPU context): restart the server"),
             registry,
+            model_name: model_name.to_string(),
         }
+    }
+
+    /// `vllm:cache_config_info` (always 1) with the KV cache's settings as labels, as vLLM
+    /// exports them (a subset: `cache_dtype` is the pools' element type, `float32` or `bfloat16`,
+    /// and `num_gpu_blocks` the full-attention blocks), once the cache is allocated.
+    pub fn record_cache_config(&self, block_size: usize, cache_dtype: &str, num_gpu_blocks: usize, enable_prefix_caching: bool) {
+        let opts = Opts::new("vllm:cache_config_info", "Information of the KV cache's settings")
+            .const_label("model_name", &self.model_name)
+            .const_label("block_size", block_size.to_string())
+            .const_label("cache_dtype", cache_dtype)
+            .const_label("num_gpu_blocks", num_gpu_blocks.to_string())
+            .const_label("enable_prefix_caching", enable_prefix_caching.to_string());
+        let g = IntGauge::with_opts(opts).unwrap();
+        g.set(1);
+        // (Registered once per engine: a second call's duplicate is refused and changes nothing.)
+        let _ = self.registry.register(Box::new(g));
     }
 
     pub fn render(&self) -> String {

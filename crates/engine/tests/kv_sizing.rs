@@ -169,5 +169,13 @@ fn a_kv_cache_dtype_the_backend_cannot_hold_is_a_clear_error_before_sizing() {
     assert!(err.contains("kv_cache_dtype") && err.contains("mock-device") && err.contains("bfloat16"), "{err}");
     assert!(log.is_empty(), "nothing allocated or run: {log:?}");
     let (e, _) = start(true, false, EngineConfig { kv_cache_dtype: Some(peregrine_core::KvDtype::F32), ..config(0.5) });
-    e.unwrap().shutdown();
+    let e = e.unwrap();
+    // The cache's settings as vLLM exports them.
+    let blocks = e.stats().total_full_blocks;
+    let info = e.render_metrics().lines().find(|l| l.starts_with("vllm:cache_config_info{")).map(str::to_string).expect("vllm:cache_config_info");
+    for label in ["block_size=\"4\"", "cache_dtype=\"float32\"", "enable_prefix_caching=\"true\"", &format!("num_gpu_blocks=\"{blocks}\"")] {
+        assert!(info.contains(label), "{label} in {info}");
+    }
+    assert!(info.ends_with(" 1"), "{info}");
+    e.shutdown();
 }
