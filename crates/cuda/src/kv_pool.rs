@@ -1,6 +1,6 @@
 //! The KV cache's pools on the GPU: one K and one V buffer per layer, in the element type the
 //! model was given (`KvDtype`, `Backend::set_kv_dtype`). ops.cu reads and writes them through
-//! `kv_t`, compiled once per type (`-DKV_BF16` for BF16 pools: `CudaModel::set_kv_dtype`).
+//! `kv_t`, compiled once per type (`-DKV_BF16` for BF16 pools: `CudaModel::use_kv_dtype`).
 
 use std::sync::Arc;
 

@@ -179,8 +179,6 @@ pub const DEFAULT_KV_CACHE_MEMORY: usize = 512 << 20;
 /// --gpu-memory-utilization is given (vLLM's default).
 pub const DEFAULT_GPU_MEMORY_UTILIZATION: f64 = 0.9;
 
-/// The fraction of the GPU the KV cache is sized to: the one given, else on a GPU without a
-/// byte size the default; None: the byte size (on the CPU always).
 /// `--kv-cache-dtype`: the backend's choice, or one type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KvCacheDtype {
@@ -195,6 +193,8 @@ fn parse_kv_dtype(s: &str) -> Result<KvCacheDtype, String> {
     s.parse().map(KvCacheDtype::Given).map_err(|e: String| e.replace("(expected ", "(expected auto, "))
 }
 
+/// The fraction of the GPU the KV cache is sized to: the one given, else on a GPU without a
+/// byte size the default; None: the byte size (on the CPU always).
 pub fn gpu_memory_utilization(device: Device, kv_cache_memory: Option<usize>, given: Option<f64>) -> Option<f64> {
     match (device, kv_cache_memory, given) {
         (Device::Cuda, None, None) => Some(DEFAULT_GPU_MEMORY_UTILIZATION),

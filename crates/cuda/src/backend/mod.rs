@@ -132,8 +132,8 @@ pub(crate) struct Ops {
     module: Arc<cudarc::driver::CudaModule>,
 }
 
-/// ops.cu's kernels, compiled (or from the cache) and loaded.
-/// ops.cu's build for KV pools of type `kv` (kernels/ops.cu's `kv_t`).
+/// ops.cu's kernels for KV pools of type `kv` (its `kv_t`), compiled (or from the cache) and
+/// loaded.
 fn load_ops(gpu: &Gpu, kv: KvDtype) -> Result<Ops> {
     let variant: &[&str] = match kv {
         KvDtype::F32 => &[],
