@@ -44,11 +44,11 @@ pub enum QuantFormat {
 
 /// Element type of the KV cache's K and V pools (`--kv-cache-dtype`). Values are rounded to it
 /// when written and read back exactly, so every backend holding the same type computes the same
-/// attention inputs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+/// attention inputs (BF16: `half`'s round to nearest even, NaN kept, as kernels/ops.cu's
+/// `kv_store`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KvDtype {
     /// f32, as the projections compute them.
-    #[default]
     F32,
     /// BF16, rounded to nearest even: half the bytes, the checkpoints' own precision.
     Bf16,
@@ -75,19 +75,9 @@ impl KvDtype {
     pub fn round(self, x: f32) -> f32 {
         match self {
             KvDtype::F32 => x,
-            KvDtype::Bf16 => f32::from_bits(bf16_bits(x) << 16),
+            KvDtype::Bf16 => half::bf16::from_f32(x).to_f32(),
         }
     }
-}
-
-/// The BF16 bits of `x`, rounded to nearest even (NaN stays NaN), as the GPU's
-/// `__float2bfloat16_rn` rounds.
-pub fn bf16_bits(x: f32) -> u32 {
-    let b = x.to_bits();
-    if x.is_nan() {
-        return (b >> 16) | 0x40;
-    }
-    (b + 0x7fff + ((b >> 16) & 1)) >> 16
 }
 
 impl std::fmt::Display for KvDtype {

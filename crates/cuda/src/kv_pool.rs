@@ -32,7 +32,7 @@ impl KvPool {
         Ok(match dtype {
             KvDtype::F32 => KvPool::F32(st.clone_htod(values).map_err(drv)?),
             KvDtype::Bf16 => {
-                let bits: Vec<u16> = values.iter().map(|&v| peregrine_core::dtype::bf16_bits(v) as u16).collect();
+                let bits: Vec<u16> = values.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
                 KvPool::Bf16(st.clone_htod(&bits).map_err(drv)?)
             }
         })
