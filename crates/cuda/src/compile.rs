@@ -71,6 +71,13 @@ pub fn with_defines<T>(defines: &str, f: impl FnOnce() -> T) -> T {
     out
 }
 
+/// `options`, then a production variant's defines (after the measurement ones).
+fn variant_options(name: &str, variant: &[&str]) -> Vec<String> {
+    let mut o = options(name);
+    o.extend(variant.iter().map(|d| d.to_string()));
+    o
+}
+
 /// `options` given the two variables' values.
 fn options_with(name: &str, defines: &str, only_in: Option<&str>) -> Vec<String> {
     let applies = match only_in.map(str::trim) {
@@ -106,16 +113,37 @@ static PREPARED: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new
 /// benches/results/2026-11-30-kernel-compile-at-once.md). Best effort: a file that fails here
 /// fails again, with its error, in `ptx`. (Loading the modules on threads as well, where the
 /// driver compiles the PTX for the GPU, measured no faster: 48-53 against 44-55 s on an H200.)
+/// Production variants asked for with `prepare_variant` are compiled with them.
 pub fn prepare(arch: &'static str) {
-    prepare_in(&cache_dir(), &FILES, arch);
+    prepare_in(&cache_dir(), &prepare_files(), arch);
 }
 
-/// `prepare` for `files` (name, source) and the cache directory `dir`.
-fn prepare_in(dir: &std::path::Path, files: &[(&str, &str)], arch: &'static str) {
+/// What `prepare` compiles: every kernel file, then the variants asked for.
+fn prepare_files() -> Vec<(&'static str, &'static str, &'static [&'static str])> {
+    let variants = VARIANTS.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let variants = variants.into_iter().filter_map(|(name, defines)| FILES.iter().find(|f| f.0 == name).map(|&(_, src)| (name, src, defines)));
+    FILES.iter().map(|&(name, src)| (name, src, &[][..])).chain(variants).collect()
+}
+
+/// Production variants (`ptx_variant`'s defines) that `prepare` compiles too, by file name.
+static VARIANTS: std::sync::Mutex<Vec<(&'static str, &'static [&'static str])>> = std::sync::Mutex::new(Vec::new());
+
+/// Asks the next `prepare` calls to compile kernel file `name` under `defines` as well (ops.cu's
+/// BF16-pool build when the server is told `--kv-cache-dtype bfloat16`: otherwise a first start on
+/// a new GPU type compiles it alone after the others, a minute more).
+pub fn prepare_variant(name: &'static str, defines: &'static [&'static str]) {
+    let mut v = VARIANTS.lock().unwrap_or_else(|e| e.into_inner());
+    if !v.contains(&(name, defines)) {
+        v.push((name, defines));
+    }
+}
+
+/// `prepare` for `files` (name, source, variant defines) and the cache directory `dir`.
+fn prepare_in(dir: &std::path::Path, files: &[(&str, &str, &[&str])], arch: &'static str) {
     let missing: Vec<(&str, &str, Vec<String>, String)> = files
         .iter()
-        .filter_map(|&(name, src)| {
-            let options = options(name);
+        .filter_map(|&(name, src, variant)| {
+            let options = variant_options(name, variant);
             let file = cache_file_name(name, src, arch, &options);
             let held = PREPARED.lock().unwrap_or_else(|e| e.into_inner()).iter().any(|(f, _)| *f == file);
             (!held && !dir.join(&file).exists()).then_some((name, src, options, file))
@@ -174,8 +202,7 @@ pub fn ptx_variant(name: &str, src: &str, arch: &'static str, variant: &[&str]) 
 
 /// `ptx_variant` with the cache directory `dir`.
 fn ptx_in(dir: &std::path::Path, name: &str, src: &str, arch: &'static str, variant: &[&str]) -> Result<(Ptx, bool)> {
-    let mut options = options(name);
-    options.extend(variant.iter().map(|d| d.to_string()));
+    let options = variant_options(name, variant);
     let file = cache_file_name(name, src, arch, &options);
     {
         let mut prepared = PREPARED.lock().unwrap_or_else(|e| e.into_inner());
@@ -210,16 +237,23 @@ mod tests {
             return; // (a measurement environment)
         }
         let files = [("prep_a", "extern \"C\" __global__ void a(float* x) { x[threadIdx.x] += 1.f; }"), ("prep_b", "extern \"C\" __global__ void b(float* x) { x[threadIdx.x] *= 2.f; }")];
+        // prep_b once more as a production variant (ops.cu's -DKV_BF16 build), whose define
+        // changes the kernel's name.
+        let (vname, vsrc, vdef) = ("prep_b", "extern \"C\" __global__ void ENTRY(float* x) { x[threadIdx.x] *= 3.f; }", &["-DENTRY=b_variant"][..]);
+        let plain = files.map(|(n, s)| (n, s, &[][..]));
         let root = std::env::temp_dir().join(format!("peregrine-prepare-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
-        // A writable cache: both files land in it, and ptx reads them from there.
+        // A writable cache: both files and the variant land in it, and ptx reads them from there.
         let dir = root.join("kernels");
-        super::prepare_in(&dir, &files, "sm_90a");
+        super::prepare_in(&dir, &[plain[0], plain[1], (vname, vsrc, vdef)], "sm_90a");
         for (name, src) in files {
             assert!(dir.join(cache_file_name(name, src, "sm_90a", &options(name))).exists(), "{name}: compiled ahead into the cache");
             let (ptx, cached) = super::ptx_in(&dir, name, src, "sm_90a", &[]).unwrap();
             assert!(cached && ptx.to_src().contains(".entry"), "{name}: read from the cache");
         }
+        let (ptx, cached) = super::ptx_in(&dir, vname, vsrc, "sm_90a", vdef).unwrap();
+        assert!(cached && ptx.to_src().contains(".entry b_variant"), "the variant: compiled ahead with its define, read from the cache");
+        let files = plain;
         // A cache that cannot be made (its parent is a file): held for one ptx call each (and
         // not compiled again by a second prepare while held).
         std::fs::write(root.join("file"), b"").unwrap();
@@ -229,13 +263,26 @@ mod tests {
         assert_eq!(held(), 2, "both held");
         super::prepare_in(&dir, &files, "sm_90a");
         assert_eq!(held(), 2, "a second prepare compiles nothing held already");
-        for (name, src) in files {
+        for (name, src, _) in files {
             let (ptx, cached) = super::ptx_in(&dir, name, src, "sm_90a", &[]).unwrap();
             assert!(cached && ptx.to_src().contains(&format!(".entry {}", &name[5..])), "{name}: the PTX compiled ahead");
             let (_, cached) = super::ptx_in(&dir, name, src, "sm_90a", &[]).unwrap();
             assert!(!cached, "{name}: compiled again once taken");
         }
         let _ = std::fs::remove_dir_all(&root);
+    }
+
+    /// A variant asked for (the server's `--kv-cache-dtype bfloat16`) joins `prepare`'s files
+    /// once, with its file's source; a name no kernel file has is left out.
+    #[test]
+    fn prepare_compiles_the_variants_asked_for() {
+        super::prepare_variant("ops", &["-DKV_BF16"]);
+        super::prepare_variant("ops", &["-DKV_BF16"]);
+        super::prepare_variant("no_such_file", &["-DX"]);
+        let files = super::prepare_files();
+        assert_eq!(files.len(), super::FILES.len() + 1, "{:?}", files.iter().map(|f| (f.0, f.2)).collect::<Vec<_>>());
+        assert_eq!(files.iter().filter(|f| f.0 == "ops" && f.2 == ["-DKV_BF16"] && f.1 == OPS_CU).count(), 1);
+        assert!(files.iter().filter(|f| f.2.is_empty()).map(|f| f.0).eq(super::FILES.iter().map(|f| f.0)));
     }
 
     #[test]

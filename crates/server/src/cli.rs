@@ -333,6 +333,9 @@ pub fn load(args: &ServeArgs) -> anyhow::Result<Ready> {
         Device::Cuda => {
             let gpu = peregrine_cuda::probe(0)?;
             tracing::info!(gpu = %gpu.name, capability = ?gpu.capability, "CUDA device");
+            if let KvCacheDtype::Given(d) = args.kv_cache_dtype {
+                peregrine_cuda::CudaModel::expect_kv_dtype(d);
+            }
             // Random weights are made on the GPU, in the formats the config names.
             let mut model = match args.load_format {
                 LoadFormat::Auto => peregrine_cuda::CudaModel::load(gpu, &files.spec, files.weights.as_ref()),

@@ -134,12 +134,16 @@ pub(crate) struct Ops {
 
 /// ops.cu's kernels for KV pools of type `kv` (its `kv_t`), compiled (or from the cache) and
 /// loaded.
-fn load_ops(gpu: &Gpu, kv: KvDtype) -> Result<Ops> {
-    let variant: &[&str] = match kv {
+/// ops.cu's build for KV pools of `kv` (kernels/ops.cu's kv_t).
+fn ops_variant(kv: KvDtype) -> &'static [&'static str] {
+    match kv {
         KvDtype::F32 => &[],
         KvDtype::Bf16 => &["-DKV_BF16"],
-    };
-    let (ptx, _) = compile::ptx_variant("ops", compile::OPS_CU, nvrtc_arch(gpu.capability), variant)?;
+    }
+}
+
+fn load_ops(gpu: &Gpu, kv: KvDtype) -> Result<Ops> {
+    let (ptx, _) = compile::ptx_variant("ops", compile::OPS_CU, nvrtc_arch(gpu.capability), ops_variant(kv))?;
     let m = gpu.ctx.load_module(ptx).map_err(drv)?;
     let f = |n: &str| m.load_function(n).map_err(|e| Error::Backend(format!("kernel {n}: {e}")));
     Ok(Ops {
@@ -1125,6 +1129,16 @@ fn attention_waves(ops: &Ops, sms: usize) -> Result<[usize; 3]> {
 }
 
 impl CudaModel {
+    /// Before loading: the K/V pools will be `dtype`, so the load's `compile::prepare` compiles
+    /// ops.cu's build for it with the other kernel files (at once, on a first start on a new GPU
+    /// type) instead of `use_kv_dtype` compiling it alone afterwards.
+    pub fn expect_kv_dtype(dtype: KvDtype) {
+        let variant = ops_variant(dtype);
+        if !variant.is_empty() {
+            compile::prepare_variant("ops", variant);
+        }
+    }
+
     /// The K/V pools' element type from the next `init_kv` on: ops.cu's build for it loaded (its
     /// PTX compiled unless cached: `kernel-report.sh --fill-cache DIR -DKV_BF16 --defines-in
     /// ops` fills it) and the attention waves taken from its occupancy. Pools held until then are
