@@ -51,6 +51,7 @@ status=0
 .bin/cuda-kernels --nocapture --test-threads 1 2>&1 | tee "$LOG/kernels.log" || status=1
 # The one-block sampler and logprobs (what GPUs before Hopper run) against the host as well.
 PEREGRINE_SAMPLE_CLUSTER=0 .bin/cuda-kernels --nocapture --test-threads 1 sampl logprob logit 2>&1 | tee "$LOG/kernels-one-block-sampler.log" || status=1
+# (On a machine with two GPUs, `nvidia-h200-x2`, they also run a model on each, in turn and at once.)
 .bin/cuda-model --nocapture --test-threads 1 2>&1 | tee "$LOG/model.log" || status=1
 .bin/cuda-ops --nocapture --test-threads 1 2>&1 | tee "$LOG/ops.log" || status=1
 .bin/cuda-lib --nocapture --test-threads 1 2>&1 | tee "$LOG/lib.log" || status=1

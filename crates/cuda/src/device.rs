@@ -66,6 +66,14 @@ pub fn probe(ordinal: usize) -> Result<Gpu> {
     }
 }
 
+/// How many GPUs the driver sees (0 without a driver, or where it fails).
+pub fn gpu_count() -> usize {
+    match presence() {
+        Ok(Presence::Devices(n)) => n,
+        _ => 0,
+    }
+}
+
 /// The environment variable that makes GPU tests fail instead of skipping on a machine without
 /// a GPU (scripts/gpu-check.sh sets it): any non-empty value other than "0".
 pub const REQUIRE_GPU_ENV: &str = "PEREGRINE_REQUIRE_GPU";

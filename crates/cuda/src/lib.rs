@@ -34,7 +34,7 @@ mod op_tests;
 
 pub use backend::{CudaModel, KernelSet};
 pub use graph::NodeKinds;
-pub use device::{probe, probe_for_tests, Gpu, REQUIRE_GPU_ENV};
+pub use device::{gpu_count, probe, probe_for_tests, Gpu, REQUIRE_GPU_ENV};
 pub use kernels::{Kernels, MoeKernel, MoeLayout, MoeRouting};
 
 /// docs/cuda-switches.md lists every environment variable this crate reads, and nothing else.
