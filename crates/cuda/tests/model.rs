@@ -260,15 +260,36 @@ fn too_little_gpu_memory_is_an_error_with_the_numbers() {
     assert_eq!(after, before, "logits after a refused KV cache");
     drop(m);
 
+    // Weights that cannot fit: refused before any is loaded, with the bytes they take at least
+    // (MiMo-V2-Flash's 48 layers: 168 GB with the synthetic MXFP4 experts, 309 GB as released).
     let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/mimo-v2-flash.json");
     let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(config).unwrap()).unwrap();
     let spec = peregrine_model::config::parse_config(&cfg, None).unwrap();
+    let need = CudaModel::min_weight_bytes(&spec, true);
+    assert!(need > total && CudaModel::min_weight_bytes(&spec, false) > need, "{need} of {total}");
+    let t0 = std::time::Instant::now();
     let err = match CudaModel::synthetic(probe(0).unwrap(), &spec, 1) {
         Ok(_) => panic!("{} parameters loaded into {total} bytes", spec.num_parameters()),
         Err(e) => e.to_string(),
     };
-    assert!(err.contains("ran out of memory") && err.contains(&spec.num_parameters().to_string()) && err.contains(&format!("of {total} bytes were free")), "{err}");
+    assert!(err.contains(&format!("take at least {need} bytes")) && err.contains(&spec.num_parameters().to_string()) && err.contains("bytes free") && err.contains(&format!("of {total}")), "{err}");
+    assert!(t0.elapsed().as_secs_f64() < 2.0, "refused after {:?}: the weights were loaded first", t0.elapsed());
     eprintln!("weights too large: {err}");
+    // Weights that fit the bound but not what the load needs beside them: the GPU held all but
+    // 1 MiB more than the default fixture's bound, so the load itself runs out of memory, and
+    // says so with the numbers.
+    let gpu = probe(0).unwrap();
+    let files = open_model(&fixture("default")).unwrap();
+    let need = CudaModel::min_weight_bytes(&files.spec, false);
+    let (free, _) = gpu.ctx.mem_get_info().unwrap();
+    let hold = unsafe { gpu.stream.alloc::<u8>(free - need - (1 << 20)) }.unwrap();
+    let err = match CudaModel::load(gpu, &files.spec, files.weights.as_ref()) {
+        Ok(_) => panic!("loaded with {} bytes free", need + (1 << 20)),
+        Err(e) => e.to_string(),
+    };
+    drop(hold);
+    assert!(err.contains("ran out of memory") && err.contains(&files.spec.num_parameters().to_string()) && err.contains(&format!("of {total} bytes were free")), "{err}");
+    eprintln!("the load out of memory: {err}");
 }
 
 /// Overlapped decode steps (`enqueue_decode` / `collect_decode`), each started before the one
