@@ -275,6 +275,19 @@ fn too_little_gpu_memory_is_an_error_with_the_numbers() {
     assert!(err.contains(&format!("take at least {need} bytes")) && err.contains(&spec.num_parameters().to_string()) && err.contains("bytes free") && err.contains(&format!("of {total}")), "{err}");
     assert!(t0.elapsed().as_secs_f64() < 2.0, "refused after {:?}: the weights were loaded first", t0.elapsed());
     eprintln!("weights too large: {err}");
+    // The bound is one: four of those layers, made on the GPU, take more than it says (and not
+    // twice as much).
+    let mut cfg4 = cfg.clone();
+    cfg4["num_hidden_layers"] = serde_json::json!(4);
+    let spec4 = peregrine_model::config::parse_config(&cfg4, None).unwrap();
+    let gpu = probe(0).unwrap();
+    let (free_before, _) = gpu.ctx.mem_get_info().unwrap();
+    let m = CudaModel::synthetic(gpu, &spec4, 1).unwrap();
+    let (free_after, _) = m.gpu().ctx.mem_get_info().unwrap();
+    let (used, need4) = (free_before - free_after, CudaModel::min_weight_bytes(&spec4, true));
+    assert!(need4 <= used && used < 2 * need4, "4 layers: bound {need4}, {used} bytes used");
+    eprintln!("4 Flash layers: {used} bytes on the GPU, bound {need4}");
+    drop(m);
     // Weights that fit the bound but not what the load needs beside them: the GPU held all but
     // 1 MiB more than the default fixture's bound, so the load itself runs out of memory, and
     // says so with the numbers.
