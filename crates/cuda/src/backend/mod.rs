@@ -132,8 +132,6 @@ pub(crate) struct Ops {
     module: Arc<cudarc::driver::CudaModule>,
 }
 
-/// ops.cu's kernels for KV pools of type `kv` (its `kv_t`), compiled (or from the cache) and
-/// loaded.
 /// ops.cu's build for KV pools of `kv` (kernels/ops.cu's kv_t).
 fn ops_variant(kv: KvDtype) -> &'static [&'static str] {
     match kv {
@@ -142,6 +140,8 @@ fn ops_variant(kv: KvDtype) -> &'static [&'static str] {
     }
 }
 
+/// ops.cu's kernels for KV pools of type `kv` (its `kv_t`), compiled (or from the cache) and
+/// loaded.
 fn load_ops(gpu: &Gpu, kv: KvDtype) -> Result<Ops> {
     let (ptx, _) = compile::ptx_variant("ops", compile::OPS_CU, nvrtc_arch(gpu.capability), ops_variant(kv))?;
     let m = gpu.ctx.load_module(ptx).map_err(drv)?;
