@@ -214,37 +214,26 @@ impl ModelSpec {
     }
 
     /// A lower bound of the bytes a backend keeping the stored formats (the CUDA backend) holds
-    /// for the weights, so a model that cannot fit is refused before any is loaded: every
-    /// embedding, projection and expert at its `quant` format's size (MXFP4 4.25 bits, FP8 blocks
-    /// one byte, any plain type two: BF16 is the narrowest plain type a backend keeps; modules
-    /// `quant.ignored` names at their layer's format all the same), norms, biases, routers and
-    /// scales left out. Saturating, as `num_parameters`.
+    /// for the weights, whatever formats the checkpoint stores them in, so that a model that
+    /// cannot fit is refused before any is loaded and one that fits never is: every projection,
+    /// expert and the lm_head at MXFP4's 4.25 bits (the most compact format a backend keeps, and
+    /// a loader keeps it wherever a tensor is stored so, whatever `quant` says), the embedding at
+    /// two bytes (BF16 or f32 on the device); norms, biases and routers left out. Tight where
+    /// MXFP4 experts dominate (MiMo-V2-Flash: 164.9 GB); up to ~4x below a BF16 model's bytes.
+    /// Saturating, as `num_parameters`.
     pub fn min_device_weight_bytes(&self) -> usize {
-        // Bits per parameter of a format, at its narrowest.
-        let bits = |f: QuantFormat| -> u128 {
-            match f {
-                QuantFormat::Mxfp4 => 4,
-                QuantFormat::Fp8Block { .. } => 8,
-                QuantFormat::Plain(_) => 16,
-            }
-        };
-        // MXFP4's scale byte per 32 codes is part of its 4.25 bits.
-        let mxfp4_scales = |params: u128, f: QuantFormat| if f == QuantFormat::Mxfp4 { params / 32 * 8 } else { 0 };
         let h = self.hidden_size as u128;
         let vocab = self.vocab_size as u128;
-        let mut b = vocab * h * if self.tie_word_embeddings { 16 } else { 32 };
-        let lin = self.quant.linear;
+        let mut matrices = if self.tie_word_embeddings { 0 } else { vocab * h };
         for l in &self.layers {
             let a = &l.attention;
-            b += h * (a.q_dim() + a.k_dim() + a.v_dim() + a.o_dim()) as u128 * bits(lin);
-            b += match l.mlp {
-                MlpSpec::Dense { intermediate_size } => 3 * h * intermediate_size as u128 * bits(lin),
-                MlpSpec::Moe(m) => {
-                    let p = m.num_experts as u128 * 3 * h * m.intermediate_size as u128;
-                    p * bits(self.quant.experts) + mxfp4_scales(p, self.quant.experts)
-                }
+            matrices += h * (a.q_dim() + a.k_dim() + a.v_dim() + a.o_dim()) as u128;
+            matrices += match l.mlp {
+                MlpSpec::Dense { intermediate_size } => 3 * h * intermediate_size as u128,
+                MlpSpec::Moe(m) => m.num_experts as u128 * 3 * h * m.intermediate_size as u128,
             };
         }
-        usize::try_from(b / 8).unwrap_or(usize::MAX)
+        // 16 code bytes and one scale byte per 32 parameters.
+        usize::try_from(2 * vocab * h + matrices / 32 * 17).unwrap_or(usize::MAX)
     }
 }

@@ -304,12 +304,11 @@ fn dense_llama_config() {
 }
 
 /// `min_device_weight_bytes` is a lower bound of what a backend keeping stored formats holds,
-/// and a close one where the experts dominate: no golden fixture's checkpoint (the stored formats
-/// themselves: f32, BF16, FP8 blocks with their scales, MXFP4 with its scale bytes) is smaller,
-/// and MiMo-V2-Flash (47 MoE layers of 256 experts) comes to its experts' bytes plus at most two
-/// bytes for every other parameter: 309 GB as released (FP8 experts), 168 GB with MXFP4 experts
-/// (as `--load-format dummy` makes them), either beyond one 141 GB GPU, which the CUDA backend now
-/// says before loading anything.
+/// whatever formats a checkpoint stores, and a close one where MXFP4 experts dominate: no golden
+/// fixture's checkpoint (f32, BF16, FP8 blocks with their scales, MXFP4 with its scale bytes) is
+/// smaller, and MiMo-V2-Flash (47 MoE layers of 256 experts) comes to its experts' MXFP4 bytes
+/// plus at most two bytes for every other parameter, 164.9 GB: beyond one 141 GB GPU, which the
+/// CUDA backend says before loading anything (309 GB as released, with FP8 experts).
 #[test]
 fn min_device_weight_bytes_bounds_the_stored_formats_from_below() {
     let golden = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/golden");
@@ -318,9 +317,9 @@ fn min_device_weight_bytes_bounds_the_stored_formats_from_below() {
         let spec = load_spec(&dir).unwrap();
         let stored = std::fs::metadata(dir.join("model.safetensors")).unwrap().len() as usize;
         let bound = spec.min_device_weight_bytes();
-        assert!(bound > stored / 2 && bound <= stored, "{name}: bound {bound} against {stored} stored bytes");
+        assert!(bound > 0 && bound <= stored, "{name}: bound {bound} against {stored} stored bytes");
     }
-    let mut s = parse_config(&preset("mimo-v2-flash.json"), None).unwrap();
+    let s = parse_config(&preset("mimo-v2-flash.json"), None).unwrap();
     let (mut experts, mut moe_layers) = (0usize, 0);
     for l in &s.layers {
         if let MlpSpec::Moe(m) = l.mlp {
@@ -329,12 +328,8 @@ fn min_device_weight_bytes_bounds_the_stored_formats_from_below() {
         }
     }
     assert_eq!(moe_layers, 47);
-    let others = s.num_parameters() - experts;
-    assert!(matches!(s.quant.experts, QuantFormat::Fp8Block { .. }), "{:?}", s.quant.experts);
-    for (format, expert_bytes, gb) in [(s.quant.experts, experts, 309), (QuantFormat::Mxfp4, experts / 32 * 17, 168)] {
-        s.quant.experts = format;
-        let bound = s.min_device_weight_bytes();
-        assert!(bound > expert_bytes && bound <= expert_bytes + 2 * others, "{format:?}: {bound} against experts {expert_bytes}");
-        assert_eq!(bound / 1_000_000_000, gb, "{format:?}: {bound}");
-    }
+    let expert_bytes = experts / 32 * 17; // 16 code bytes and one scale byte per 32
+    let bound = s.min_device_weight_bytes();
+    assert!(bound > expert_bytes && bound <= expert_bytes + 2 * (s.num_parameters() - experts), "{bound} against experts {expert_bytes}");
+    assert_eq!(bound / 1_000_000_000, 164, "{bound}");
 }

@@ -534,26 +534,14 @@ impl CudaModel {
         Self::build(gpu, spec, Some(seed), None)
     }
 
-    /// At least the bytes the GPU will hold for `spec`'s weights
-    /// (`ModelSpec::min_device_weight_bytes`); `synthetic` (`CudaModel::synthetic`): its experts
-    /// are MXFP4 whatever format the config gives them.
-    pub fn min_weight_bytes(spec: &ModelSpec, synthetic: bool) -> usize {
-        if !synthetic {
-            return spec.min_device_weight_bytes();
-        }
-        let mut s = spec.clone();
-        s.quant.experts = peregrine_core::QuantFormat::Mxfp4;
-        s.min_device_weight_bytes()
-    }
-
     fn build(gpu: Gpu, spec: &ModelSpec, seed: Option<u64>, w: Option<&dyn WeightSource>) -> Result<CudaModel> {
         let (free0, total) = gpu.ctx.mem_get_info().map_err(drv)?;
         // A model that cannot fit is refused before anything is loaded (a checkpoint of hundreds
         // of GB would otherwise stream until the GPU runs out).
-        let need = Self::min_weight_bytes(spec, seed.is_some());
+        let need = spec.min_device_weight_bytes();
         if need > free0 {
             return Err(Error::Backend(format!(
-                "the weights of this {}-parameter model take at least {need} bytes ({:.1} GB) in the formats the GPU keeps them in, and GPU {} has {free0} of {total} bytes free: use a larger GPU or `--device cpu` (a load test can take fewer layers: --load-format dummy --hf-overrides '{{\"num_hidden_layers\": N}}'; tensor parallelism across GPUs is not built yet)",
+                "the weights of this {}-parameter model take at least {need} bytes ({:.1} GB) on the GPU, and GPU {} has {free0} of {total} bytes free: use a larger GPU or `--device cpu` (a load test can take fewer layers: --load-format dummy --hf-overrides '{{\"num_hidden_layers\": N}}'; tensor parallelism across GPUs is not built yet)",
                 spec.num_parameters(),
                 need as f64 / 1e9,
                 gpu.ctx.ordinal()
