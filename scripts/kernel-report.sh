@@ -5,7 +5,7 @@
 #   scripts/kernel-report.sh --base HEAD moe.cu    only moe.cu's kernels that differ from HEAD
 #   scripts/kernel-report.sh -DMOE_TRACE           with a measurement define
 #   scripts/kernel-report.sh --fill-cache DIR [-D..] [--defines-in ops,gemv]
-#                                                  PTX as compile.rs caches it, for
+#                                                  PTX and CUBIN as compile.rs caches them, for
 #                                                  PEREGRINE_CACHE_DIR=DIR on a GPU machine
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -46,6 +46,12 @@ def compile_rs_layout(rev):
 
 
 def nvrtc_ptx(lib, name, source, options):
+    return nvrtc_compile(lib, name, source, options, False)[0]
+
+
+def nvrtc_compile(lib, name, source, options, want_cubin):
+    """(PTX, CUBIN or None): the CUBIN NVRTC assembles for a real architecture (sm_90a), as
+    compile.rs keeps it."""
     prog = ctypes.c_void_p()
     if lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), name.encode(), 0, None, None) != 0:
         sys.exit(f"{name}: nvrtcCreateProgram failed")
@@ -62,7 +68,15 @@ def nvrtc_ptx(lib, name, source, options):
     lib.nvrtcGetPTXSize(prog, ctypes.byref(n))
     ptx = ctypes.create_string_buffer(n.value)
     lib.nvrtcGetPTX(prog, ptx)
-    return ptx.value
+    cubin = None
+    if want_cubin:
+        lib.nvrtcGetCUBINSize(prog, ctypes.byref(n))
+        buf = ctypes.create_string_buffer(n.value)
+        if lib.nvrtcGetCUBIN(prog, buf) != 0:
+            sys.exit(f"{name}: nvrtcGetCUBIN failed")
+        cubin = buf.raw
+    lib.nvrtcDestroyProgram(ctypes.byref(prog))
+    return ptx.value, cubin
 
 
 def ptxas_report(ptxas, arch, ptx):
@@ -147,15 +161,27 @@ def cache_entries(arch, defines, defines_in):
         yield f, source, opts, f"{stem}-{arch}-{key:016x}.ptx"
 
 
+def write_atomically(path, data):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as out:
+        out.write(data)
+    os.replace(tmp, path)
+
+
 def fill_cache(lib, cache, arch, defines, defines_in):
-    """Writes the PTX compile.rs would compile (same source, options and key) into cache/kernels,
-    so a fresh GPU machine given PEREGRINE_CACHE_DIR=cache skips NVRTC."""
+    """Writes the PTX and, for a real architecture, the CUBIN compile.rs would compile (same
+    source, options and key) into cache/kernels, so a fresh GPU machine given
+    PEREGRINE_CACHE_DIR=cache skips NVRTC and the driver's compile of the PTX."""
     os.makedirs(os.path.join(cache, "kernels"), exist_ok=True)
+    want_cubin = arch.startswith("sm_")
     for f, source, opts, name in cache_entries(arch, defines, defines_in):
         path = os.path.join(cache, "kernels", name)
-        if not os.path.exists(path):
-            with open(path, "wb") as out:
-                out.write(nvrtc_ptx(lib, f, source, [f"--gpu-architecture={arch}"] + opts))
+        cubin_path = path[: -len(".ptx")] + ".cubin"
+        if not os.path.exists(path) or (want_cubin and not os.path.exists(cubin_path)):
+            ptx, cubin = nvrtc_compile(lib, f, source, [f"--gpu-architecture={arch}"] + opts, want_cubin)
+            if cubin is not None:
+                write_atomically(cubin_path, cubin)  # first: a PTX found has its CUBIN
+            write_atomically(path, ptx)
         print(path)
 
 

@@ -747,8 +747,7 @@ struct ReadProbe {
 
 impl ReadProbe {
     fn load(g: &peregrine_cuda::device::Gpu) -> ReadProbe {
-        let (ptx, _) = peregrine_cuda::compile::ptx("read_probe", READ_PROBE_CU, peregrine_cuda::device::nvrtc_arch(g.capability)).unwrap();
-        let m = g.ctx.load_module(ptx).unwrap();
+        let (m, _) = peregrine_cuda::compile::load(&g.ctx, "read_probe", READ_PROBE_CU, peregrine_cuda::device::nvrtc_arch(g.capability)).unwrap();
         let f = |name: &str| m.load_function(name).unwrap();
         ReadProbe { fill: f("fill"), read_v4: f("read_v4"), read_bulk: f("read_bulk"), read_items: f("read_items") }
     }

@@ -1,10 +1,14 @@
 //! NVRTC compilation of the embedded kernel sources, cached on disk by content hash (source,
 //! architecture, options), so a server start compiles each kernel file once per GPU type, and
-//! the files a start lacks all at once (`prepare`).
+//! the files a start lacks all at once (`prepare`). For a real architecture (`sm_90a`) the cache
+//! holds the CUBIN NVRTC assembled as well as the PTX, and modules load from the CUBIN: the
+//! driver then has nothing to compile (from PTX it took ~50-75 s on a fresh H200 host).
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
-use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
+use cudarc::driver::{CudaContext, CudaModule};
+use cudarc::nvrtc::Ptx;
 use peregrine_core::{Error, Result};
 
 /// The kernel sources compiled into the binary, each behind `kernels/common.cuh` and the headers
@@ -92,8 +96,9 @@ fn options_with(name: &str, defines: &str, only_in: Option<&str>) -> Vec<String>
 }
 
 /// The cache file of kernel file `name`'s PTX: `{name}-{arch}-{key}.ptx`, the key FNV-1a 64 over
-/// the source, the arch and the options. tools/kernel_report.py (`--fill-cache`) names its files
-/// the same way, so PTX compiled without a GPU is found on the GPU machine.
+/// the source, the arch and the options; its CUBIN (`cubin_path`) is beside it, `.cubin`.
+/// tools/kernel_report.py (`--fill-cache`) names its files the same way, so kernels compiled
+/// without a GPU are found on the GPU machine.
 fn cache_file_name(name: &str, src: &str, arch: &str, options: &[String]) -> String {
     let key = fnv1a(&[src.as_bytes(), arch.as_bytes(), options.join(" ").as_bytes()]);
     format!("{name}-{arch}-{key:016x}.ptx")
@@ -102,9 +107,36 @@ fn cache_file_name(name: &str, src: &str, arch: &str, options: &[String]) -> Str
 /// Every kernel file, by the name its cache files and `ptx` calls use.
 const FILES: [(&str, &str); 4] = [("gemv", GEMV_CU), ("sample", SAMPLE_CU), ("moe", MOE_CU), ("ops", OPS_CU)];
 
-/// PTX that `prepare` compiled and could not write to the cache, by cache file name, until a
-/// `ptx` call takes it.
-static PREPARED: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
+/// The CUBIN beside the PTX cache file `ptx`.
+fn cubin_path(ptx: &std::path::Path) -> PathBuf {
+    ptx.with_extension("cubin")
+}
+
+/// Whether NVRTC assembles a CUBIN for `arch`: a real architecture (`sm_90a`), not a virtual one
+/// (`compute_90a`).
+fn makes_cubin(arch: &str) -> bool {
+    arch.starts_with("sm_")
+}
+
+/// Whether the cache holds everything a load of `file` (a PTX cache file name) for `arch` reads:
+/// the PTX and, for a real architecture, the CUBIN (a cache filled before CUBINs were kept is
+/// compiled again once, rather than leaving every fresh GPU machine to compile its PTX).
+fn is_cached(dir: &std::path::Path, file: &str, arch: &str) -> bool {
+    let ptx = dir.join(file);
+    ptx.exists() && (!makes_cubin(arch) || cubin_path(&ptx).exists())
+}
+
+/// A kernel file compiled: its PTX and, for a real architecture, the CUBIN NVRTC assembled from
+/// it (the driver loads that as it is; the PTX it would compile first).
+#[derive(Clone, Debug)]
+pub struct Compiled {
+    pub ptx: String,
+    pub cubin: Option<Vec<u8>>,
+}
+
+/// Kernels that `prepare` compiled and could not write to the cache, by cache file name, until a
+/// load takes them.
+static PREPARED: std::sync::Mutex<Vec<(String, Compiled)>> = std::sync::Mutex::new(Vec::new());
 
 /// Compiles every kernel file whose PTX for `arch` is not in the cache yet, each on a thread of
 /// its own, so that the `ptx` calls after it find them: NVRTC compiles a file on one core, and
@@ -125,7 +157,7 @@ fn prepare_files() -> Vec<(&'static str, &'static str, &'static [&'static str])>
     FILES.iter().map(|&(name, src)| (name, src, &[][..])).chain(variants).collect()
 }
 
-/// Production variants (`ptx_variant`'s defines) that `prepare` compiles too, by file name.
+/// Production variants (`load_variant`'s defines) that `prepare` compiles too, by file name.
 static VARIANTS: std::sync::Mutex<Vec<(&'static str, &'static [&'static str])>> = std::sync::Mutex::new(Vec::new());
 
 /// Asks the next `prepare` calls to compile kernel file `name` under `defines` as well (ops.cu's
@@ -147,7 +179,7 @@ fn prepare_in(dir: &std::path::Path, files: &[(&str, &str, &[&str])], arch: &'st
             let options = variant_options(name, variant);
             let file = cache_file_name(name, src, arch, &options);
             let held = PREPARED.lock().unwrap_or_else(|e| e.into_inner()).iter().any(|(f, _)| *f == file);
-            (!held && !dir.join(&file).exists()).then_some((name, src, options, file))
+            (!held && !is_cached(dir, &file, arch)).then_some((name, src, options, file))
         })
         .collect();
     if missing.len() < 2 {
@@ -156,9 +188,9 @@ fn prepare_in(dir: &std::path::Path, files: &[(&str, &str, &[&str])], arch: &'st
     std::thread::scope(|s| {
         for (name, src, options, file) in missing {
             s.spawn(move || {
-                if let Ok(ptx) = compile(name, src, arch, options) {
-                    if !store(&dir.join(&file), &ptx) {
-                        PREPARED.lock().unwrap_or_else(|e| e.into_inner()).push((file, ptx));
+                if let Ok(compiled) = compile(name, src, arch, options) {
+                    if !store(&dir.join(&file), &compiled) {
+                        PREPARED.lock().unwrap_or_else(|e| e.into_inner()).push((file, compiled));
                     }
                 }
             });
@@ -166,69 +198,126 @@ fn prepare_in(dir: &std::path::Path, files: &[(&str, &str, &[&str])], arch: &'st
     });
 }
 
-fn compile(name: &str, src: &str, arch: &'static str, options: Vec<String>) -> Result<String> {
-    let opts = CompileOptions {
-        arch: Some(arch),
-        options,
-        name: Some(format!("{name}.cu")),
-        ..Default::default()
+/// Compiles `src` for `arch` with NVRTC: the PTX, and the CUBIN NVRTC assembled from it for a
+/// real architecture (the same `--gpu-architecture` option cudarc's `compile_ptx_with_opts`
+/// gives, so the PTX is what it would be).
+fn compile(name: &str, src: &str, arch: &'static str, options: Vec<String>) -> Result<Compiled> {
+    use cudarc::nvrtc::{result, sys};
+    use std::ffi::{CStr, CString};
+    let fail = |what: String| Error::Backend(format!("NVRTC failed on {name}.cu for {arch}: {what}"));
+    let c_src = CString::new(src).map_err(|e| fail(e.to_string()))?;
+    let c_name = CString::new(format!("{name}.cu")).map_err(|e| fail(e.to_string()))?;
+    /// Destroys the program however `compile` returns.
+    struct Program(sys::nvrtcProgram);
+    impl Drop for Program {
+        fn drop(&mut self) {
+            // SAFETY: created by create_program, destroyed once, here.
+            let _ = unsafe { result::destroy_program(self.0) };
+        }
+    }
+    let prog = Program(result::create_program(&c_src, Some(&c_name)).map_err(|e| fail(format!("{e:?}")))?);
+    let options: Vec<String> = std::iter::once(format!("--gpu-architecture={arch}")).chain(options).collect();
+    // SAFETY (each call below): `prog` is a live program, compiled before anything is read back.
+    if let Err(e) = unsafe { result::compile_program(prog.0, &options) } {
+        let log = unsafe { result::get_program_log(prog.0) }.ok();
+        let log = log.map(|l| unsafe { CStr::from_ptr(l.as_ptr()) }.to_string_lossy().into_owned()).unwrap_or_default();
+        return Err(fail(format!("{e:?} (options {options:?})\n{log}")));
+    }
+    let ptx = unsafe { result::get_ptx(prog.0) }.map_err(|e| fail(format!("{e:?}")))?;
+    let ptx = unsafe { CStr::from_ptr(ptx.as_ptr()) }.to_string_lossy().into_owned();
+    let cubin = if makes_cubin(arch) {
+        let mut size = 0usize;
+        unsafe { sys::nvrtcGetCUBINSize(prog.0, &mut size) }.result().map_err(|e| fail(format!("CUBIN size: {e:?}")))?;
+        let mut bin = vec![0u8; size];
+        unsafe { sys::nvrtcGetCUBIN(prog.0, bin.as_mut_ptr().cast()) }.result().map_err(|e| fail(format!("CUBIN: {e:?}")))?;
+        Some(bin)
+    } else {
+        None
     };
-    let ptx = compile_ptx_with_opts(src, opts).map_err(|e| Error::Backend(format!("NVRTC failed on {name}.cu for {arch}: {e}")))?;
-    Ok(ptx.to_src())
+    Ok(Compiled { ptx, cubin })
 }
 
-/// Writes `ptx` to the cache file `path` (through a temporary file, so a reader never sees a
-/// partial one); whether it is there.
-fn store(path: &std::path::Path, ptx: &str) -> bool {
+/// Writes `c` to the cache, its PTX to `path` and its CUBIN beside it (each through a temporary
+/// file, so a reader never sees a partial one; the CUBIN first, so a PTX found has its CUBIN);
+/// whether both are there.
+fn store(path: &std::path::Path, c: &Compiled) -> bool {
     // Best effort: a read-only cache only costs a recompile next time.
     if std::fs::create_dir_all(path.parent().unwrap()).is_err() {
         return false;
     }
-    let tmp = path.with_extension(format!("tmp{}-{:?}", std::process::id(), std::thread::current().id()).replace(['(', ')'], ""));
-    std::fs::write(&tmp, ptx).is_ok() && std::fs::rename(&tmp, path).is_ok()
+    let write = |path: &std::path::Path, bytes: &[u8]| {
+        let tmp = path.with_extension(format!("tmp{}-{:?}", std::process::id(), std::thread::current().id()).replace(['(', ')'], ""));
+        std::fs::write(&tmp, bytes).is_ok() && std::fs::rename(&tmp, path).is_ok()
+    };
+    c.cubin.as_ref().is_none_or(|bin| write(&cubin_path(path), bin)) && write(path, c.ptx.as_bytes())
 }
 
-/// PTX of `src` for `arch` (e.g. "sm_90a"), from the cache (or `prepare`) or freshly compiled.
-/// Returns the PTX and whether it was compiled before this call.
-pub fn ptx(name: &str, src: &str, arch: &'static str) -> Result<(Ptx, bool)> {
-    ptx_in(&cache_dir(), name, src, arch, &[])
+/// Kernel file `name` (source `src`) for `arch` (e.g. "sm_90a") loaded into `ctx`: compiled, or
+/// from the cache (or `prepare`). Returns the module and whether it was compiled before this
+/// call.
+pub fn load(ctx: &Arc<CudaContext>, name: &str, src: &str, arch: &'static str) -> Result<(Arc<CudaModule>, bool)> {
+    load_variant(ctx, name, src, arch, &[])
 }
 
-/// `ptx` with `variant` defines after the measurement ones: a production build of another
+/// `load` with `variant` defines after the measurement ones: a production build of another
 /// form of the file (ops.cu's `-DKV_BF16` for BF16 KV pools), cached under its own key as
 /// `scripts/kernel-report.sh --fill-cache DIR -DKV_BF16 --defines-in ops` names it.
-pub fn ptx_variant(name: &str, src: &str, arch: &'static str, variant: &[&str]) -> Result<(Ptx, bool)> {
-    ptx_in(&cache_dir(), name, src, arch, variant)
+pub fn load_variant(ctx: &Arc<CudaContext>, name: &str, src: &str, arch: &'static str, variant: &[&str]) -> Result<(Arc<CudaModule>, bool)> {
+    let (compiled, cached) = compiled_in(&cache_dir(), name, src, arch, variant)?;
+    Ok((load_compiled(ctx, name, compiled)?, cached))
 }
 
-/// `ptx_variant` with the cache directory `dir`.
-fn ptx_in(dir: &std::path::Path, name: &str, src: &str, arch: &'static str, variant: &[&str]) -> Result<(Ptx, bool)> {
+/// Loads `c` into `ctx`: its CUBIN where it has one that the driver takes, else its PTX (which
+/// the driver compiles: a CUBIN from a newer NVRTC than the driver, or for another GPU, is
+/// refused and the PTX still loads). `PEREGRINE_LOAD_PTX=1` loads the PTX always (to compare
+/// the driver's code with NVRTC's).
+fn load_compiled(ctx: &Arc<CudaContext>, name: &str, c: Compiled) -> Result<Arc<CudaModule>> {
+    let ptx_only = std::env::var("PEREGRINE_LOAD_PTX").is_ok_and(|v| v == "1");
+    if let Some(bin) = c.cubin.filter(|b| !ptx_only && b.starts_with(b"\x7fELF")) {
+        match ctx.load_module(Ptx::from_binary(bin)) {
+            Ok(m) => return Ok(m),
+            Err(e) => tracing::warn!("{name}.cu: the driver refused its CUBIN ({e}); loading the PTX"),
+        }
+    }
+    ctx.load_module(Ptx::from_src(c.ptx)).map_err(|e| Error::Backend(format!("loading {name}.cu: {e}")))
+}
+
+/// `load_variant`'s compiled kernels, from the cache directory `dir`, or `prepare`, or NVRTC;
+/// whether they were compiled before this call.
+fn compiled_in(dir: &std::path::Path, name: &str, src: &str, arch: &'static str, variant: &[&str]) -> Result<(Compiled, bool)> {
     let options = variant_options(name, variant);
     let file = cache_file_name(name, src, arch, &options);
     {
         let mut prepared = PREPARED.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(i) = prepared.iter().position(|(f, _)| *f == file) {
-            return Ok((Ptx::from_src(prepared.swap_remove(i).1), true));
+            return Ok((prepared.swap_remove(i).1, true));
         }
     }
     let path = dir.join(&file);
-    if let Ok(text) = std::fs::read_to_string(&path) {
-        return Ok((Ptx::from_src(text), true));
+    if is_cached(dir, &file, arch) {
+        if let Ok(ptx) = std::fs::read_to_string(&path) {
+            let cubin = if makes_cubin(arch) { std::fs::read(cubin_path(&path)).ok() } else { None };
+            if cubin.is_some() || !makes_cubin(arch) {
+                return Ok((Compiled { ptx, cubin }, true));
+            }
+        }
     }
-    let ptx = compile(name, src, arch, options)?;
-    store(&path, &ptx);
-    Ok((Ptx::from_src(ptx), false))
+    let compiled = compile(name, src, arch, options)?;
+    store(&path, &compiled);
+    Ok((compiled, false))
 }
 
 #[cfg(test)]
 mod tests {
     use super::{cache_file_name, options, options_with, with_defines, GEMV_CU, MOE_CU, OPS_CU, SAMPLE_CU};
 
-    /// `prepare` compiles the files the cache lacks, on a thread each, into the cache, where
-    /// `ptx` then finds them; where the cache cannot be written, `ptx` takes what `prepare`
-    /// compiled once, and compiles again after that. Needs libnvrtc (skipped without it).
+    /// `prepare` compiles the files the cache lacks, on a thread each, into the cache (PTX and
+    /// CUBIN), where a load then finds them; where the cache cannot be written, a load takes what
+    /// `prepare` compiled once, and compiles again after that. A PTX without its CUBIN is not a
+    /// cache entry for a real architecture; a virtual one has PTX only. Needs libnvrtc (skipped
+    /// without it).
     #[test]
-    fn files_compiled_ahead_at_once_are_what_ptx_finds() {
+    fn files_compiled_ahead_at_once_are_what_loads_find() {
         // SAFETY: only tries to dlopen libnvrtc.
         if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
             eprintln!("skipped: libnvrtc not found");
@@ -244,18 +333,34 @@ mod tests {
         let plain = files.map(|(n, s)| (n, s, &[][..]));
         let root = std::env::temp_dir().join(format!("peregrine-prepare-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
-        // A writable cache: both files and the variant land in it, and ptx reads them from there.
+        let is_elf = |c: &super::Compiled| c.cubin.as_ref().is_some_and(|b| b.starts_with(b"\x7fELF"));
+        // A writable cache: both files and the variant land in it, and loads read them from there.
         let dir = root.join("kernels");
         super::prepare_in(&dir, &[plain[0], plain[1], (vname, vsrc, vdef)], "sm_90a");
         for (name, src) in files {
-            assert!(dir.join(cache_file_name(name, src, "sm_90a", &options(name))).exists(), "{name}: compiled ahead into the cache");
-            let (ptx, cached) = super::ptx_in(&dir, name, src, "sm_90a", &[]).unwrap();
-            assert!(cached && ptx.to_src().contains(".entry"), "{name}: read from the cache");
+            let ptx = dir.join(cache_file_name(name, src, "sm_90a", &options(name)));
+            assert!(ptx.exists() && super::cubin_path(&ptx).exists(), "{name}: compiled ahead into the cache, PTX and CUBIN");
+            let (c, cached) = super::compiled_in(&dir, name, src, "sm_90a", &[]).unwrap();
+            assert!(cached && c.ptx.contains(".entry") && !c.ptx.contains('\0') && is_elf(&c), "{name}: read from the cache");
+            assert_eq!(c.cubin.as_deref(), Some(&std::fs::read(super::cubin_path(&ptx)).unwrap()[..]));
         }
-        let (ptx, cached) = super::ptx_in(&dir, vname, vsrc, "sm_90a", vdef).unwrap();
-        assert!(cached && ptx.to_src().contains(".entry b_variant"), "the variant: compiled ahead with its define, read from the cache");
+        let (c, cached) = super::compiled_in(&dir, vname, vsrc, "sm_90a", vdef).unwrap();
+        assert!(cached && c.ptx.contains(".entry b_variant") && is_elf(&c), "the variant: compiled ahead with its define, read from the cache");
+        // A PTX whose CUBIN is gone (a cache filled before CUBINs were kept): compiled again,
+        // once, and both kept.
+        let (name, src) = files[0];
+        let ptx = dir.join(cache_file_name(name, src, "sm_90a", &options(name)));
+        std::fs::remove_file(super::cubin_path(&ptx)).unwrap();
+        let (c, cached) = super::compiled_in(&dir, name, src, "sm_90a", &[]).unwrap();
+        assert!(!cached && is_elf(&c) && super::cubin_path(&ptx).exists(), "{name}: compiled again for its CUBIN");
+        assert!(super::compiled_in(&dir, name, src, "sm_90a", &[]).unwrap().1, "{name}: then from the cache");
+        // A virtual architecture: PTX alone, and that is a cache entry.
+        let (c, cached) = super::compiled_in(&dir, name, src, "compute_90a", &[]).unwrap();
+        assert!(!cached && c.cubin.is_none() && c.ptx.contains(".entry a"), "compute_90a: PTX only");
+        let (c, cached) = super::compiled_in(&dir, name, src, "compute_90a", &[]).unwrap();
+        assert!(cached && c.cubin.is_none(), "compute_90a: from the cache");
         let files = plain;
-        // A cache that cannot be made (its parent is a file): held for one ptx call each (and
+        // A cache that cannot be made (its parent is a file): held for one load each (and
         // not compiled again by a second prepare while held).
         std::fs::write(root.join("file"), b"").unwrap();
         let dir = root.join("file").join("kernels");
@@ -265,12 +370,24 @@ mod tests {
         super::prepare_in(&dir, &files, "sm_90a");
         assert_eq!(held(), 2, "a second prepare compiles nothing held already");
         for (name, src, _) in files {
-            let (ptx, cached) = super::ptx_in(&dir, name, src, "sm_90a", &[]).unwrap();
-            assert!(cached && ptx.to_src().contains(&format!(".entry {}", &name[5..])), "{name}: the PTX compiled ahead");
-            let (_, cached) = super::ptx_in(&dir, name, src, "sm_90a", &[]).unwrap();
+            let (c, cached) = super::compiled_in(&dir, name, src, "sm_90a", &[]).unwrap();
+            assert!(cached && c.ptx.contains(&format!(".entry {}", &name[5..])) && is_elf(&c), "{name}: the kernels compiled ahead");
+            let (_, cached) = super::compiled_in(&dir, name, src, "sm_90a", &[]).unwrap();
             assert!(!cached, "{name}: compiled again once taken");
         }
         let _ = std::fs::remove_dir_all(&root);
+    }
+
+    /// NVRTC's errors reach the caller with the file, the arch and the log.
+    #[test]
+    fn a_file_that_does_not_compile_says_where() {
+        // SAFETY: only tries to dlopen libnvrtc.
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            eprintln!("skipped: libnvrtc not found");
+            return;
+        }
+        let err = super::compile("broken", "extern \"C\" __global__ void k() { undeclared_name = 1; }", "sm_90a", vec![]).unwrap_err().to_string();
+        assert!(err.contains("NVRTC failed on broken.cu for sm_90a") && err.contains("undeclared_name"), "{err}");
     }
 
     /// A variant asked for (the server's `--kv-cache-dtype bfloat16`) joins `prepare`'s files
@@ -390,7 +507,7 @@ mod tests {
         }
     }
 
-    /// ops.cu's BF16-pool build (`ptx_variant`, `-DKV_BF16` after the measurement defines) has
+    /// ops.cu's BF16-pool build (`load_variant`, `-DKV_BF16` after the measurement defines) has
     /// the options, so the cache name, that `kernel-report.sh --fill-cache DIR -DKV_BF16
     /// --defines-in ops` gives it (scripts/gpu-check.sh fills it that way).
     #[test]

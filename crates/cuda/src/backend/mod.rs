@@ -143,8 +143,7 @@ fn ops_variant(kv: KvDtype) -> &'static [&'static str] {
 /// ops.cu's kernels for KV pools of type `kv` (its `kv_t`), compiled (or from the cache) and
 /// loaded.
 fn load_ops(gpu: &Gpu, kv: KvDtype) -> Result<Ops> {
-    let (ptx, _) = compile::ptx_variant("ops", compile::OPS_CU, nvrtc_arch(gpu.capability), ops_variant(kv))?;
-    let m = gpu.ctx.load_module(ptx).map_err(drv)?;
+    let (m, _) = compile::load_variant(&gpu.ctx, "ops", compile::OPS_CU, nvrtc_arch(gpu.capability), ops_variant(kv))?;
     let f = |n: &str| m.load_function(n).map_err(|e| Error::Backend(format!("kernel {n}: {e}")));
     Ok(Ops {
         embed: f("embed")?,
@@ -780,7 +779,7 @@ impl CudaModel {
         })
     }
 
-    /// For benchmarks: every kernel loaded again (compiled, unless the PTX cache has it) under
+    /// For benchmarks: every kernel loaded again (compiled, unless the kernel cache has it) under
     /// `defines` (measurement defines, as `PEREGRINE_KERNEL_DEFINES` gives them; None: the
     /// defines the model was loaded with), with this model's MoE tuning and capture pool, for
     /// `swap_kernel_set`. Settings derived from ops.cu's occupancy at load stay the model's.
@@ -810,8 +809,7 @@ impl CudaModel {
 
     /// Random-weight generation for `attach_synthetic_drafter`.
     pub(crate) fn synthetic_source(&self, seed: u64) -> Result<Synthetic> {
-        let (ptx, _) = compile::ptx("ops", compile::OPS_CU, nvrtc_arch(self.gpu.capability))?;
-        let m = self.gpu.ctx.load_module(ptx).map_err(drv)?;
+        let (m, _) = compile::load(&self.gpu.ctx, "ops", compile::OPS_CU, nvrtc_arch(self.gpu.capability))?;
         let f = |n: &str| m.load_function(n).map_err(|e| Error::Backend(format!("kernel {n}: {e}")));
         Ok(Synthetic::new(f("fill_random_u8")?, f("fill_random_f")?, self.spec.quant.linear, seed))
     }

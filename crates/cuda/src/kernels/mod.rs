@@ -225,7 +225,7 @@ pub struct Kernels {
     /// Logprobs likewise: one block per row, or (with the cluster sampler) a cluster.
     logprobs: CudaFunction,
     logprobs_cluster: Option<CudaFunction>,
-    /// gemv.cu's PTX came from the on-disk cache (or was compiled ahead, `compile::prepare`).
+    /// gemv.cu's kernels came from the on-disk cache (or was compiled ahead, `compile::prepare`).
     pub cached: bool,
     /// kernels/moe.cu's module (for `moe_trace`).
     moe_module: Arc<cudarc::driver::CudaModule>,
@@ -253,11 +253,9 @@ impl Kernels {
         // Every file not in the cache yet compiled at once (ops.cu's too, for `load_ops`).
         let arch = nvrtc_arch(gpu.capability);
         compile::prepare(arch);
-        let (ptx, cached) = compile::ptx("gemv", compile::GEMV_CU, arch)?;
-        let m = gpu.ctx.load_module(ptx).map_err(drv("loading gemv.cu"))?;
+        let (m, cached) = compile::load(&gpu.ctx, "gemv", compile::GEMV_CU, arch)?;
         let f = |n: &str| m.load_function(n).map_err(|e| Error::Backend(format!("kernel {n}: {e}")));
-        let (sptx, _) = compile::ptx("sample", compile::SAMPLE_CU, arch)?;
-        let sm = gpu.ctx.load_module(sptx).map_err(drv("loading sample.cu"))?;
+        let (sm, _) = compile::load(&gpu.ctx, "sample", compile::SAMPLE_CU, arch)?;
         let sample = sm.load_function("sample_rows").map_err(drv("kernel sample_rows"))?;
         // The cluster sampler (Hopper on): its compiled cluster width; past 8 blocks, a
         // non-portable size the GPU must allow.
@@ -280,8 +278,7 @@ impl Kernels {
         let adjust = sm.load_function("adjust_logits").map_err(drv("kernel adjust_logits"))?;
         let logprobs = sm.load_function("row_logprobs").map_err(drv("kernel row_logprobs"))?;
         let logprobs_cluster = sample_cluster.as_ref().and_then(|_| sm.load_function("row_logprobs_cluster").ok()).filter(|f| width(f) == sample_width && allows(f));
-        let (mptx, _) = compile::ptx("moe", compile::MOE_CU, arch)?;
-        let mm = gpu.ctx.load_module(mptx).map_err(drv("loading moe.cu"))?;
+        let (mm, _) = compile::load(&gpu.ctx, "moe", compile::MOE_CU, arch)?;
         let fm = |n: &str| -> Result<CudaFunction> {
             let f = mm.load_function(n).map_err(|e| Error::Backend(format!("kernel {n}: {e}")))?;
             // The staged activations take K * 16 bytes at 4 pairs per pass (96 KB for
