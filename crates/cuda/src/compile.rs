@@ -139,12 +139,13 @@ pub struct Compiled {
 static PREPARED: std::sync::Mutex<Vec<(String, Compiled)>> = std::sync::Mutex::new(Vec::new());
 
 /// Compiles every kernel file whose PTX for `arch` is not in the cache yet, each on a thread of
-/// its own, so that the `ptx` calls after it find them: NVRTC compiles a file on one core, and
+/// its own, so that the loads after it find them: NVRTC compiles a file on one core, and
 /// moe.cu alone takes over a minute, so a first start on a new GPU type waits for the slowest
 /// file instead of all four in turn (2 cores: 98 s against 139, moe.cu 88 s;
 /// benches/results/2026-11-30-kernel-compile-at-once.md). Best effort: a file that fails here
-/// fails again, with its error, in `ptx`. (Loading the modules on threads as well, where the
-/// driver compiles the PTX for the GPU, measured no faster: 48-53 against 44-55 s on an H200.)
+/// fails again, with its error, in a load. (Loading PTX modules on threads as well, where the
+/// driver compiles the PTX for the GPU, measured no faster: 48-53 against 44-55 s on an H200;
+/// modules now load from the CUBIN, which the driver does not compile.)
 /// Production variants asked for with `prepare_variant` are compiled with them.
 pub fn prepare(arch: &'static str) {
     prepare_in(&cache_dir(), &prepare_files(), arch);
@@ -162,8 +163,8 @@ static VARIANTS: std::sync::Mutex<Vec<(&'static str, &'static [&'static str])>> 
 
 /// Asks the next `prepare` calls to compile kernel file `name` under `defines` as well (ops.cu's
 /// BF16-pool build when the server is told `--kv-cache-dtype bfloat16`: otherwise a first start on
-/// a new GPU type compiles it alone after the others, which costs where NVRTC is slow: ops.cu
-/// took 25.6 s on a 2-core machine, a fraction of a second on the H200 host).
+/// a new GPU type compiles it alone after the others: ops.cu took 25.6 s on a 2-core machine;
+/// on an H200 host an empty cache's files took 67.5 s at once, moe.cu's time).
 pub fn prepare_variant(name: &'static str, defines: &'static [&'static str]) {
     let mut v = VARIANTS.lock().unwrap_or_else(|e| e.into_inner());
     if !v.contains(&(name, defines)) {
