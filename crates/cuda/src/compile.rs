@@ -104,8 +104,55 @@ fn cache_file_name(name: &str, src: &str, arch: &str, options: &[String]) -> Str
     format!("{name}-{arch}-{key:016x}.ptx")
 }
 
-/// Every kernel file, by the name its cache files and `ptx` calls use.
+/// Every kernel file, by the name its cache files and loads use.
 const FILES: [(&str, &str); 4] = [("gemv", GEMV_CU), ("sample", SAMPLE_CU), ("moe", MOE_CU), ("ops", OPS_CU)];
+
+/// Whether libnvrtc can be loaded (without it the first NVRTC call would panic).
+pub fn nvrtc_present() -> bool {
+    // SAFETY: only tries to dlopen libnvrtc.
+    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+/// ops.cu's production variant for BF16 K/V pools (its `kv_t`).
+pub const OPS_KV_BF16: &[&str] = &["-DKV_BF16"];
+
+/// Compiles every build a server may load for `arch` (each kernel file, and ops.cu's for BF16
+/// K/V pools) into the kernel cache, each on a thread of its own, without a GPU: what
+/// `peregrine compile-kernels` runs so that a later start (a container image's) finds them all.
+/// Returns each build's PTX cache file and whether it was compiled now (false: it was cached).
+pub fn fill(arch: &str) -> Result<Vec<(PathBuf, bool)>> {
+    let files: Vec<(&str, &str, &[&str])> = FILES.iter().map(|&(name, src)| (name, src, &[][..])).chain([("ops", OPS_CU, OPS_KV_BF16)]).collect();
+    fill_in(&cache_dir(), &files, arch)
+}
+
+/// `fill` for `files` (name, source, variant defines) and the cache directory `dir`: unlike
+/// `prepare`, every failure is an error (NVRTC's, or a cache that cannot be written).
+fn fill_in(dir: &std::path::Path, files: &[(&str, &str, &[&str])], arch: &str) -> Result<Vec<(PathBuf, bool)>> {
+    if !nvrtc_present() {
+        return Err(Error::Backend("libnvrtc (CUDA 13's NVRTC) was not found: install the CUDA runtime libraries, or point LD_LIBRARY_PATH at the directory holding libnvrtc.so.13".into()));
+    }
+    std::thread::scope(|s| {
+        let builds: Vec<_> = files
+            .iter()
+            .map(|&(name, src, variant)| {
+                s.spawn(move || -> Result<(PathBuf, bool)> {
+                    let options = variant_options(name, variant);
+                    let file = cache_file_name(name, src, arch, &options);
+                    let path = dir.join(&file);
+                    if is_cached(dir, &file, arch) {
+                        return Ok((path, false));
+                    }
+                    let compiled = compile(name, src, arch, options)?;
+                    if !store(&path, &compiled) {
+                        return Err(Error::Backend(format!("could not write the kernel cache file {}", path.display())));
+                    }
+                    Ok((path, true))
+                })
+            })
+            .collect();
+        builds.into_iter().map(|b| b.join().unwrap_or_else(|_| Err(Error::Backend("a kernel compile thread panicked".into())))).collect()
+    })
+}
 
 /// The CUBIN beside the PTX cache file `ptx`.
 fn cubin_path(ptx: &std::path::Path) -> PathBuf {
@@ -202,7 +249,7 @@ fn prepare_in(dir: &std::path::Path, files: &[(&str, &str, &[&str])], arch: &'st
 /// Compiles `src` for `arch` with NVRTC: the PTX, and the CUBIN NVRTC assembled from it for a
 /// real architecture (the same `--gpu-architecture` option cudarc's `compile_ptx_with_opts`
 /// gives, so the PTX is what it would be).
-fn compile(name: &str, src: &str, arch: &'static str, options: Vec<String>) -> Result<Compiled> {
+fn compile(name: &str, src: &str, arch: &str, options: Vec<String>) -> Result<Compiled> {
     use cudarc::nvrtc::{result, sys};
     use std::ffi::{CStr, CString};
     let fail = |what: String| Error::Backend(format!("NVRTC failed on {name}.cu for {arch}: {what}"));
@@ -376,6 +423,41 @@ mod tests {
             let (_, cached) = super::compiled_in(&dir, name, src, "sm_90a", &[]).unwrap();
             assert!(!cached, "{name}: compiled again once taken");
         }
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    /// `fill` (`peregrine compile-kernels`) compiles what the cache lacks, PTX and CUBIN, says
+    /// what it compiled and what it found, and fails, naming the file, where the cache cannot be
+    /// written. Needs libnvrtc (skipped without it).
+    #[test]
+    fn filling_the_cache_compiles_what_it_lacks_and_fails_loudly() {
+        // SAFETY: only tries to dlopen libnvrtc.
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            eprintln!("skipped: libnvrtc not found");
+            return;
+        }
+        if std::env::var_os("PEREGRINE_KERNEL_DEFINES").is_some() {
+            return; // (a measurement environment)
+        }
+        let files = [("fill_a", "extern \"C\" __global__ void a(float* x) { x[threadIdx.x] += 1.f; }", &[][..]), ("fill_a", "extern \"C\" __global__ void ENTRY(float* x) { x[threadIdx.x] += 2.f; }", &["-DENTRY=a2"][..])];
+        let root = std::env::temp_dir().join(format!("peregrine-fill-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let dir = root.join("kernels");
+        let first = super::fill_in(&dir, &files, "sm_90a").unwrap();
+        assert_eq!(first.len(), 2);
+        for (path, compiled) in &first {
+            assert!(*compiled && path.exists() && std::fs::read(super::cubin_path(path)).unwrap().starts_with(b"\x7fELF"), "{}", path.display());
+        }
+        assert_ne!(first[0].0, first[1].0, "the variant has its own cache file");
+        let again = super::fill_in(&dir, &files, "sm_90a").unwrap();
+        assert_eq!(again.iter().map(|(p, c)| (p.clone(), *c)).collect::<Vec<_>>(), first.iter().map(|(p, _)| (p.clone(), false)).collect::<Vec<_>>(), "found in the cache");
+        let (c, cached) = super::compiled_in(&dir, "fill_a", files[1].1, "sm_90a", files[1].2).unwrap();
+        assert!(cached && c.ptx.contains(".entry a2"), "a load finds what fill wrote");
+        std::fs::write(root.join("file"), b"").unwrap();
+        let err = super::fill_in(&root.join("file").join("kernels"), &files[..1], "sm_90a").unwrap_err().to_string();
+        assert!(err.contains("could not write the kernel cache file") && err.contains("fill_a-sm_90a-"), "{err}");
+        let err = super::fill_in(&dir, &[("fill_bad", "this is not CUDA", &[][..])], "sm_90a").unwrap_err().to_string();
+        assert!(err.contains("NVRTC failed on fill_bad.cu for sm_90a"), "{err}");
         let _ = std::fs::remove_dir_all(&root);
     }
 

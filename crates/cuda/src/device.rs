@@ -16,6 +16,9 @@ pub struct Gpu {
     pub total_memory: usize,
 }
 
+/// Every architecture `nvrtc_arch` gives (what `peregrine compile-kernels --arch` takes).
+pub const NVRTC_ARCHES: [&str; 6] = ["sm_90a", "sm_100a", "sm_89", "sm_86", "sm_80", "sm_120"];
+
 /// The NVRTC architecture for a compute capability: the arch-specific `sm_90a` on Hopper (for
 /// wgmma/setmaxnreg), otherwise the plain `sm_XY`.
 pub fn nvrtc_arch(cap: (i32, i32)) -> &'static str {

@@ -24,6 +24,32 @@ pub struct Cli {
 pub enum Command {
     /// Serve a model over HTTP.
     Serve(ServeArgs),
+    /// Compile the CUDA kernels into the kernel cache ($PEREGRINE_CACHE_DIR, else
+    /// ~/.cache/peregrine) for a GPU architecture, without a GPU (only libnvrtc): a later
+    /// `serve --device cuda` on such a GPU then starts without compiling (a container image
+    /// built with it starts in about a second instead of about a minute).
+    CompileKernels(CompileKernelsArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct CompileKernelsArgs {
+    /// The GPU architecture, as `serve` picks it for the GPU it finds: sm_90a for Hopper (H100,
+    /// H200).
+    #[arg(long, default_value = "sm_90a", value_parser = clap::builder::PossibleValuesParser::new(peregrine_cuda::device::NVRTC_ARCHES))]
+    pub arch: String,
+}
+
+/// `peregrine compile-kernels`: every build a server may load for the architecture (both K/V
+/// pool types), compiled into the cache unless there already; one line per build.
+pub fn compile_kernels(args: &CompileKernelsArgs) -> anyhow::Result<()> {
+    let start = std::time::Instant::now();
+    let builds = peregrine_cuda::compile::fill(&args.arch).context("compiling the CUDA kernels")?;
+    for (path, compiled) in &builds {
+        println!("{} {}", if *compiled { "compiled" } else { "cached  " }, path.display());
+    }
+    let n = builds.iter().filter(|b| b.1).count();
+    println!("{n} of {} kernel builds compiled for {} in {:.1} s", builds.len(), args.arch, start.elapsed().as_secs_f64());
+    Ok(())
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -482,10 +508,28 @@ mod tests {
         assert!(err.contains("auto, float32 or bfloat16"), "{err}");
         let kv = |extra: &[&str]| match Cli::try_parse_from([&["peregrine", "serve"], extra].concat()) {
             Ok(Cli { command: Command::Serve(a) }) => Ok(a.kv_cache_dtype),
+            Ok(other) => Err(format!("{other:?}")),
             Err(e) => Err(e.to_string()),
         };
         assert_eq!(kv(&[]), Ok(KvCacheDtype::Auto));
         assert_eq!(kv(&["--kv-cache-dtype", "bf16"]), Ok(KvCacheDtype::Given(KvDtype::Bf16)));
         assert!(kv(&["--kv-cache-dtype", "int4"]).unwrap_err().contains("int4"));
+    }
+    #[test]
+    fn compile_kernels_takes_the_architectures_serve_uses() {
+        let arch = |extra: &[&str]| match Cli::try_parse_from([&["peregrine", "compile-kernels"], extra].concat()) {
+            Ok(Cli { command: Command::CompileKernels(a) }) => Ok(a.arch),
+            Ok(other) => Err(format!("{other:?}")),
+            Err(e) => Err(e.to_string()),
+        };
+        assert_eq!(arch(&[]), Ok("sm_90a".to_string()));
+        assert_eq!(arch(&["--arch", "sm_100a"]), Ok("sm_100a".to_string()));
+        let err = arch(&["--arch", "sm_91"]).unwrap_err();
+        assert!(err.contains("sm_91") && err.contains("sm_90a"), "{err}");
+        assert!(Cli::try_parse_from(["peregrine", "compile-kernels", "--device", "cuda"]).is_err(), "serve's flags are not compile-kernels'");
+        // Every capability's architecture is one the flag takes.
+        for cap in [(9, 0), (10, 0), (8, 9), (8, 6), (8, 0), (12, 0), (7, 5)] {
+            assert!(peregrine_cuda::device::NVRTC_ARCHES.contains(&peregrine_cuda::device::nvrtc_arch(cap)), "{cap:?}");
+        }
     }
 }

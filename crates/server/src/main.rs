@@ -1,9 +1,19 @@
 use clap::Parser;
-use peregrine_server::cli::{init_logging, serve, Cli, Command};
+use peregrine_server::cli::{compile_kernels, init_logging, serve, Cli, Command, LogFormat};
 
 fn main() {
     let cli = Cli::parse();
-    let Command::Serve(args) = cli.command;
+    let args = match cli.command {
+        Command::Serve(args) => args,
+        Command::CompileKernels(args) => {
+            init_logging(LogFormat::Text);
+            if let Err(e) = compile_kernels(&args) {
+                eprintln!("error: {e:#}");
+                std::process::exit(1);
+            }
+            return;
+        }
+    };
     init_logging(args.log_format);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     if let Err(e) = rt.block_on(serve(args)) {

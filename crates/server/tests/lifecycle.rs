@@ -58,3 +58,19 @@ async fn sigterm_ends_streams_cleanly_and_exits() {
     let status = tokio::task::spawn_blocking(move || s.child.wait().unwrap()).await.unwrap();
     assert!(status.success(), "server exit status {status}");
 }
+
+/// `peregrine compile-kernels` on a machine without libnvrtc (CI's) fails with what to install
+/// and exit status 1, writing nothing; with libnvrtc the lib tests (`compile::tests`) cover it.
+#[test]
+fn compile_kernels_without_nvrtc_says_what_is_missing() {
+    if peregrine_cuda::compile::nvrtc_present() {
+        eprintln!("skipped: this machine has libnvrtc");
+        return;
+    }
+    let cache = std::env::temp_dir().join(format!("peregrine-ck-{}", std::process::id()));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_peregrine")).args(["compile-kernels", "--arch", "sm_90a"]).env("PEREGRINE_CACHE_DIR", &cache).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("libnvrtc (CUDA 13's NVRTC) was not found") && err.contains("LD_LIBRARY_PATH"), "{err}");
+    assert!(!cache.exists(), "nothing written");
+}

@@ -136,7 +136,7 @@ pub(crate) struct Ops {
 fn ops_variant(kv: KvDtype) -> &'static [&'static str] {
     match kv {
         KvDtype::F32 => &[],
-        KvDtype::Bf16 => &["-DKV_BF16"],
+        KvDtype::Bf16 => compile::OPS_KV_BF16,
     }
 }
 
