@@ -312,22 +312,30 @@ pub fn load(ctx: &Arc<CudaContext>, name: &str, src: &str, arch: &'static str) -
 /// `scripts/kernel-report.sh --fill-cache DIR -DKV_BF16 --defines-in ops` names it.
 pub fn load_variant(ctx: &Arc<CudaContext>, name: &str, src: &str, arch: &'static str, variant: &[&str]) -> Result<(Arc<CudaModule>, bool)> {
     let (compiled, cached) = compiled_in(&cache_dir(), name, src, arch, variant)?;
-    Ok((load_compiled(ctx, name, compiled)?, cached))
+    let ptx_only = std::env::var("PEREGRINE_LOAD_PTX").is_ok_and(|v| v == "1");
+    Ok((load_compiled(ctx, name, compiled, ptx_only)?.0, cached))
+}
+
+/// What `load_compiled` loaded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Loaded {
+    Cubin,
+    Ptx,
 }
 
 /// Loads `c` into `ctx`: its CUBIN where it has one that the driver takes, else its PTX (which
 /// the driver compiles: a CUBIN from a newer NVRTC than the driver, or for another GPU, is
-/// refused and the PTX still loads). `PEREGRINE_LOAD_PTX=1` loads the PTX always (to compare
-/// the driver's code with NVRTC's).
-fn load_compiled(ctx: &Arc<CudaContext>, name: &str, c: Compiled) -> Result<Arc<CudaModule>> {
-    let ptx_only = std::env::var("PEREGRINE_LOAD_PTX").is_ok_and(|v| v == "1");
+/// refused and the PTX still loads). `ptx_only` (`PEREGRINE_LOAD_PTX=1`) loads the PTX always
+/// (to compare the driver's code with NVRTC's).
+fn load_compiled(ctx: &Arc<CudaContext>, name: &str, c: Compiled, ptx_only: bool) -> Result<(Arc<CudaModule>, Loaded)> {
     if let Some(bin) = c.cubin.filter(|b| !ptx_only && b.starts_with(b"\x7fELF")) {
         match ctx.load_module(Ptx::from_binary(bin)) {
-            Ok(m) => return Ok(m),
+            Ok(m) => return Ok((m, Loaded::Cubin)),
             Err(e) => tracing::warn!("{name}.cu: the driver refused its CUBIN ({e}); loading the PTX"),
         }
     }
-    ctx.load_module(Ptx::from_src(c.ptx)).map_err(|e| Error::Backend(format!("loading {name}.cu: {e}")))
+    let m = ctx.load_module(Ptx::from_src(c.ptx)).map_err(|e| Error::Backend(format!("loading {name}.cu: {e}")))?;
+    Ok((m, Loaded::Ptx))
 }
 
 /// `load_variant`'s compiled kernels, from the cache directory `dir`, or `prepare`, or NVRTC;
@@ -459,6 +467,38 @@ mod tests {
         let err = super::fill_in(&dir, &[("fill_bad", "this is not CUDA", &[][..])], "sm_90a").unwrap_err().to_string();
         assert!(err.contains("NVRTC failed on fill_bad.cu for sm_90a"), "{err}");
         let _ = std::fs::remove_dir_all(&root);
+    }
+
+    /// On the GPU: a module loads from its CUBIN; a CUBIN the driver refuses (one for another
+    /// architecture: sm_80 code does not run on Hopper) or a file that is not one falls back to
+    /// the PTX, and `ptx_only` loads the PTX; each module runs. Needs a GPU (and libnvrtc).
+    #[test]
+    fn a_cubin_the_driver_refuses_falls_back_to_the_ptx() {
+        let Some(gpu) = crate::device::probe_for_tests(0) else { return };
+        let arch = crate::device::nvrtc_arch(gpu.capability);
+        let src = "extern \"C\" __global__ void fallback(float* x) { x[threadIdx.x] = 7.f + threadIdx.x; }";
+        let good = super::compile("fallback", src, arch, options("fallback")).unwrap();
+        let other_arch = if arch == "sm_80" { "sm_90a" } else { "sm_80" };
+        let foreign = super::compile("fallback", src, other_arch, options("fallback")).unwrap().cubin;
+        let garbage = Some(b"\x7fELF not a cubin".to_vec());
+        let with = |cubin: Option<Vec<u8>>| super::Compiled { ptx: good.ptx.clone(), cubin };
+        for (what, c, ptx_only, want) in [
+            ("its own CUBIN", good.clone(), false, super::Loaded::Cubin),
+            ("a CUBIN for another architecture", with(foreign), false, super::Loaded::Ptx),
+            ("a file that is no CUBIN", with(garbage), false, super::Loaded::Ptx),
+            ("PTX asked for", good.clone(), true, super::Loaded::Ptx),
+        ] {
+            let (m, loaded) = super::load_compiled(&gpu.ctx, "fallback", c, ptx_only).unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_eq!(loaded, want, "{what}");
+            let f = m.load_function("fallback").unwrap();
+            let mut x = gpu.stream.clone_htod(&[f32::NAN; 32]).unwrap();
+            let cfg = cudarc::driver::LaunchConfig { grid_dim: (1, 1, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 };
+            use cudarc::driver::PushKernelArg;
+            // SAFETY: one float per thread of the 32-thread block, all in bounds.
+            unsafe { gpu.stream.launch_builder(&f).arg(&mut x).launch(cfg) }.unwrap();
+            let got = gpu.stream.clone_dtoh(&x).unwrap();
+            assert!(got.iter().enumerate().all(|(i, &v)| v == 7.0 + i as f32), "{what}: {got:?}");
+        }
     }
 
     /// NVRTC's errors reach the caller with the file, the arch and the log.
