@@ -470,8 +470,10 @@ mod tests {
     }
 
     /// On the GPU: a module loads from its CUBIN; a CUBIN the driver refuses (one for another
-    /// architecture: sm_80 code does not run on Hopper) or a file that is not one falls back to
-    /// the PTX, and `ptx_only` loads the PTX; each module runs. Needs a GPU (and libnvrtc).
+    /// architecture: sm_80 code does not run on Hopper) falls back to the PTX, and `ptx_only`
+    /// loads the PTX; each module runs. (Not tried: bytes that are no CUBIN; the driver reads an
+    /// image without its length, so a short one could be read past its end.) Needs a GPU (and
+    /// libnvrtc).
     #[test]
     fn a_cubin_the_driver_refuses_falls_back_to_the_ptx() {
         let Some(gpu) = crate::device::probe_for_tests(0) else { return };
@@ -480,12 +482,10 @@ mod tests {
         let good = super::compile("fallback", src, arch, options("fallback")).unwrap();
         let other_arch = if arch == "sm_80" { "sm_90a" } else { "sm_80" };
         let foreign = super::compile("fallback", src, other_arch, options("fallback")).unwrap().cubin;
-        let garbage = Some(b"\x7fELF not a cubin".to_vec());
         let with = |cubin: Option<Vec<u8>>| super::Compiled { ptx: good.ptx.clone(), cubin };
         for (what, c, ptx_only, want) in [
             ("its own CUBIN", good.clone(), false, super::Loaded::Cubin),
             ("a CUBIN for another architecture", with(foreign), false, super::Loaded::Ptx),
-            ("a file that is no CUBIN", with(garbage), false, super::Loaded::Ptx),
             ("PTX asked for", good.clone(), true, super::Loaded::Ptx),
         ] {
             let (m, loaded) = super::load_compiled(&gpu.ctx, "fallback", c, ptx_only).unwrap_or_else(|e| panic!("{what}: {e}"));
