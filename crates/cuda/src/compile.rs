@@ -328,7 +328,7 @@ enum Loaded {
 /// refused and the PTX still loads). `ptx_only` (`PEREGRINE_LOAD_PTX=1`) loads the PTX always
 /// (to compare the driver's code with NVRTC's).
 fn load_compiled(ctx: &Arc<CudaContext>, name: &str, c: Compiled, ptx_only: bool) -> Result<(Arc<CudaModule>, Loaded)> {
-    if let Some(bin) = c.cubin.filter(|b| !ptx_only && b.starts_with(b"\x7fELF")) {
+    if let Some(bin) = c.cubin.filter(|b| !ptx_only && whole_elf(b)) {
         match ctx.load_module(Ptx::from_binary(bin)) {
             Ok(m) => return Ok((m, Loaded::Cubin)),
             Err(e) => tracing::warn!("{name}.cu: the driver refused its CUBIN ({e}); loading the PTX"),
@@ -336,6 +336,16 @@ fn load_compiled(ctx: &Arc<CudaContext>, name: &str, c: Compiled, ptx_only: bool
     }
     let m = ctx.load_module(Ptx::from_src(c.ptx)).map_err(|e| Error::Backend(format!("loading {name}.cu: {e}")))?;
     Ok((m, Loaded::Ptx))
+}
+
+/// Whether `b` is a whole 64-bit ELF image: the driver reads an image without its length, so a
+/// truncated cache file must not reach it (its section and program header tables, which come
+/// last, must lie inside).
+fn whole_elf(b: &[u8]) -> bool {
+    let u16_at = |i: usize| b.get(i..i + 2).map_or(0, |s| u16::from_le_bytes([s[0], s[1]]) as u64);
+    let u64_at = |i: usize| b.get(i..i + 8).map_or(u64::MAX, |s| u64::from_le_bytes(s.try_into().unwrap()));
+    let inside = |off: u64, size: u64, count: u64| off.checked_add(size * count).is_some_and(|end| end <= b.len() as u64);
+    b.len() >= 64 && b.starts_with(b"\x7fELF\x02\x01") && inside(u64_at(0x20), u16_at(0x36), u16_at(0x38)) && inside(u64_at(0x28), u16_at(0x3a), u16_at(0x3c)) && u16_at(0x3c) > 0
 }
 
 /// `load_variant`'s compiled kernels, from the cache directory `dir`, or `prepare`, or NVRTC;
@@ -399,6 +409,12 @@ mod tests {
             let (c, cached) = super::compiled_in(&dir, name, src, "sm_90a", &[]).unwrap();
             assert!(cached && c.ptx.contains(".entry") && !c.ptx.contains('\0') && is_elf(&c), "{name}: read from the cache");
             assert_eq!(c.cubin.as_deref(), Some(&std::fs::read(super::cubin_path(&ptx)).unwrap()[..]));
+            // What the driver would be handed only whole: cut anywhere, it is not.
+            let bin = c.cubin.unwrap();
+            assert!(super::whole_elf(&bin), "{name}: NVRTC's CUBIN is a whole image");
+            for cut in [0, 16, 63, 64, bin.len() / 2, bin.len() - 1] {
+                assert!(!super::whole_elf(&bin[..cut]), "{name}: {cut} of {} bytes taken as whole", bin.len());
+            }
         }
         let (c, cached) = super::compiled_in(&dir, vname, vsrc, "sm_90a", vdef).unwrap();
         assert!(cached && c.ptx.contains(".entry b_variant") && is_elf(&c), "the variant: compiled ahead with its define, read from the cache");
@@ -471,9 +487,8 @@ mod tests {
 
     /// On the GPU: a module loads from its CUBIN; a CUBIN the driver refuses (one for another
     /// architecture: sm_80 code does not run on Hopper) falls back to the PTX, and `ptx_only`
-    /// loads the PTX; each module runs. (Not tried: bytes that are no CUBIN; the driver reads an
-    /// image without its length, so a short one could be read past its end.) Needs a GPU (and
-    /// libnvrtc).
+    /// loads the PTX; a truncated CUBIN is not handed to the driver (`whole_elf`) and the PTX
+    /// loads; each module runs. Needs a GPU (and libnvrtc).
     #[test]
     fn a_cubin_the_driver_refuses_falls_back_to_the_ptx() {
         let Some(gpu) = crate::device::probe_for_tests(0) else { return };
@@ -483,9 +498,11 @@ mod tests {
         let other_arch = if arch == "sm_80" { "sm_90a" } else { "sm_80" };
         let foreign = super::compile("fallback", src, other_arch, options("fallback")).unwrap().cubin;
         let with = |cubin: Option<Vec<u8>>| super::Compiled { ptx: good.ptx.clone(), cubin };
+        let own = good.cubin.clone().unwrap();
         for (what, c, ptx_only, want) in [
             ("its own CUBIN", good.clone(), false, super::Loaded::Cubin),
             ("a CUBIN for another architecture", with(foreign), false, super::Loaded::Ptx),
+            ("a truncated CUBIN", with(Some(own[..own.len() - 1].to_vec())), false, super::Loaded::Ptx),
             ("PTX asked for", good.clone(), true, super::Loaded::Ptx),
         ] {
             let (m, loaded) = super::load_compiled(&gpu.ctx, "fallback", c, ptx_only).unwrap_or_else(|e| panic!("{what}: {e}"));
