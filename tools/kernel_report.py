@@ -150,8 +150,8 @@ def file_defines(stem, defines, defines_in):
 
 
 def cache_entries(arch, defines, defines_in):
-    """(file, source, NVRTC options, cache file name) of every kernel file, as compile.rs's loads
-    compiles and names them (its cache_file_name)."""
+    """(file, source, NVRTC options, cache file name) of every kernel file, as compile.rs compiles
+    and names them for its loads (its cache_file_name)."""
     files, options = compile_rs_layout(None)
     for f, headers in files.items():
         stem = f[: -len(".cu")]
