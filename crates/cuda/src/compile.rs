@@ -377,6 +377,16 @@ fn compiled_in(dir: &std::path::Path, name: &str, src: &str, arch: &'static str,
 mod tests {
     use super::{cache_file_name, options, options_with, with_defines, GEMV_CU, MOE_CU, OPS_CU, SAMPLE_CU};
 
+    /// Whether the tests that compile with NVRTC run here: libnvrtc is present, and no
+    /// measurement defines (which every compile would take) are set.
+    fn nvrtc_tests_run() -> bool {
+        if !super::nvrtc_present() {
+            eprintln!("skipped: libnvrtc not found");
+            return false;
+        }
+        std::env::var_os("PEREGRINE_KERNEL_DEFINES").is_none()
+    }
+
     /// `prepare` compiles the files the cache lacks, on a thread each, into the cache (PTX and
     /// CUBIN), where a load then finds them; where the cache cannot be written, a load takes what
     /// `prepare` compiled once, and compiles again after that. A PTX without its CUBIN is not a
@@ -384,13 +394,8 @@ mod tests {
     /// without it).
     #[test]
     fn files_compiled_ahead_at_once_are_what_loads_find() {
-        // SAFETY: only tries to dlopen libnvrtc.
-        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
-            eprintln!("skipped: libnvrtc not found");
+        if !nvrtc_tests_run() {
             return;
-        }
-        if std::env::var_os("PEREGRINE_KERNEL_DEFINES").is_some() {
-            return; // (a measurement environment)
         }
         let files = [("prep_a", "extern \"C\" __global__ void a(float* x) { x[threadIdx.x] += 1.f; }"), ("prep_b", "extern \"C\" __global__ void b(float* x) { x[threadIdx.x] *= 2.f; }")];
         // prep_b once more as a production variant (ops.cu's -DKV_BF16 build), whose define
@@ -455,13 +460,8 @@ mod tests {
     /// written. Needs libnvrtc (skipped without it).
     #[test]
     fn filling_the_cache_compiles_what_it_lacks_and_fails_loudly() {
-        // SAFETY: only tries to dlopen libnvrtc.
-        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
-            eprintln!("skipped: libnvrtc not found");
+        if !nvrtc_tests_run() {
             return;
-        }
-        if std::env::var_os("PEREGRINE_KERNEL_DEFINES").is_some() {
-            return; // (a measurement environment)
         }
         let files = [("fill_a", "extern \"C\" __global__ void a(float* x) { x[threadIdx.x] += 1.f; }", &[][..]), ("fill_a", "extern \"C\" __global__ void ENTRY(float* x) { x[threadIdx.x] += 2.f; }", &["-DENTRY=a2"][..])];
         let root = std::env::temp_dir().join(format!("peregrine-fill-{}", std::process::id()));
@@ -521,9 +521,7 @@ mod tests {
     /// NVRTC's errors reach the caller with the file, the arch and the log.
     #[test]
     fn a_file_that_does_not_compile_says_where() {
-        // SAFETY: only tries to dlopen libnvrtc.
-        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
-            eprintln!("skipped: libnvrtc not found");
+        if !nvrtc_tests_run() {
             return;
         }
         let err = super::compile("broken", "extern \"C\" __global__ void k() { undeclared_name = 1; }", "sm_90a", vec![]).unwrap_err().to_string();
