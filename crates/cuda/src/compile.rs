@@ -2,7 +2,7 @@
 //! architecture, options), so a server start compiles each kernel file once per GPU type, and
 //! the files a start lacks all at once (`prepare`). For a real architecture (`sm_90a`) the cache
 //! holds the CUBIN NVRTC assembled as well as the PTX, and modules load from the CUBIN: the
-//! driver then has nothing to compile (from PTX it took ~50-75 s on a fresh H200 host).
+//! driver then has nothing to compile (from PTX it took 58.8 s on a fresh H200 machine).
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -225,7 +225,7 @@ pub struct Kernels {
     /// Logprobs likewise: one block per row, or (with the cluster sampler) a cluster.
     logprobs: CudaFunction,
     logprobs_cluster: Option<CudaFunction>,
-    /// gemv.cu's kernels came from the on-disk cache (or was compiled ahead, `compile::prepare`).
+    /// gemv.cu's kernels came from the on-disk cache (or were compiled ahead, `compile::prepare`).
     pub cached: bool,
     /// kernels/moe.cu's module (for `moe_trace`).
     moe_module: Arc<cudarc::driver::CudaModule>,
