@@ -126,7 +126,8 @@ pub fn fill(arch: &str) -> Result<Vec<(PathBuf, bool)>> {
 }
 
 /// `fill` for `files` (name, source, variant defines) and the cache directory `dir`: unlike
-/// `prepare`, every failure is an error (NVRTC's, or a cache that cannot be written).
+/// `prepare`, every failure is an error (NVRTC's, or a cache that cannot be written), each
+/// build's in the one returned.
 fn fill_in(dir: &std::path::Path, files: &[(&str, &str, &[&str])], arch: &str) -> Result<Vec<(PathBuf, bool)>> {
     if !nvrtc_present() {
         return Err(Error::Backend("libnvrtc (CUDA 13's NVRTC) was not found: install the CUDA runtime libraries, or point LD_LIBRARY_PATH at the directory holding libnvrtc.so.13".into()));
@@ -150,7 +151,13 @@ fn fill_in(dir: &std::path::Path, files: &[(&str, &str, &[&str])], arch: &str) -
                 })
             })
             .collect();
-        builds.into_iter().map(|b| b.join().unwrap_or_else(|_| Err(Error::Backend("a kernel compile thread panicked".into())))).collect()
+        let results: Vec<Result<(PathBuf, bool)>> = builds.into_iter().map(|b| b.join().unwrap_or_else(|_| Err(Error::Backend("a kernel compile thread panicked".into())))).collect();
+        let errors: Vec<String> = results.iter().filter_map(|r| r.as_ref().err().map(|e| e.to_string())).collect();
+        if errors.is_empty() {
+            Ok(results.into_iter().flatten().collect())
+        } else {
+            Err(Error::Backend(format!("{} of {} kernel builds failed:\n{}", errors.len(), results.len(), errors.join("\n"))))
+        }
     })
 }
 
@@ -480,8 +487,10 @@ mod tests {
         std::fs::write(root.join("file"), b"").unwrap();
         let err = super::fill_in(&root.join("file").join("kernels"), &files[..1], "sm_90a").unwrap_err().to_string();
         assert!(err.contains("could not write the kernel cache file") && err.contains("fill_a-sm_90a-"), "{err}");
-        let err = super::fill_in(&dir, &[("fill_bad", "this is not CUDA", &[][..])], "sm_90a").unwrap_err().to_string();
-        assert!(err.contains("NVRTC failed on fill_bad.cu for sm_90a"), "{err}");
+        // Every failing build is reported, not only the first.
+        let bad = [("fill_bad", "this is not CUDA", &[][..]), files[0], ("fill_worse", "neither is this", &[][..])];
+        let err = super::fill_in(&dir, &bad, "sm_90a").unwrap_err().to_string();
+        assert!(err.contains("2 of 3 kernel builds failed") && err.contains("NVRTC failed on fill_bad.cu for sm_90a") && err.contains("NVRTC failed on fill_worse.cu for sm_90a"), "{err}");
         let _ = std::fs::remove_dir_all(&root);
     }
 

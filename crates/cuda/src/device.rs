@@ -17,20 +17,39 @@ pub struct Gpu {
 }
 
 /// Every architecture `nvrtc_arch` gives (what `peregrine compile-kernels --arch` takes).
-pub const NVRTC_ARCHES: [&str; 6] = ["sm_90a", "sm_100a", "sm_89", "sm_86", "sm_80", "sm_120"];
+pub const NVRTC_ARCHES: [&str; 4] = ["sm_90a", "sm_100a", "sm_120", "compute_90"];
 
-/// The NVRTC architecture for a compute capability: the arch-specific `sm_90a` on Hopper (for
-/// wgmma/setmaxnreg), otherwise the plain `sm_XY`.
+/// The NVRTC architecture for a GPU of compute capability `cap` that `unsupported` lets through:
+/// `arch_for(cap)`, unless `PEREGRINE_KERNEL_ARCH` names one of `NVRTC_ARCHES` (for tests:
+/// `compute_90` on a Hopper GPU runs the kernels as a newer GPU without sm_90a would, without
+/// wgmma).
 pub fn nvrtc_arch(cap: (i32, i32)) -> &'static str {
+    match std::env::var("PEREGRINE_KERNEL_ARCH") {
+        Ok(v) if !v.is_empty() => NVRTC_ARCHES.iter().find(|a| **a == v).copied().unwrap_or_else(|| {
+            tracing::warn!("PEREGRINE_KERNEL_ARCH={v} is none of {NVRTC_ARCHES:?}; ignored");
+            arch_for(cap)
+        }),
+        _ => arch_for(cap),
+    }
+}
+
+/// The arch-specific `sm_90a` on Hopper (for wgmma), the Blackwell GPUs NVRTC 13 names, else
+/// `compute_90` (PTX only, which the driver compiles for any newer GPU).
+fn arch_for(cap: (i32, i32)) -> &'static str {
     match cap {
         (9, 0) => "sm_90a",
         (10, 0) => "sm_100a",
-        (8, 9) => "sm_89",
-        (8, 6) => "sm_86",
-        (8, 0) => "sm_80",
         (12, 0) => "sm_120",
-        _ => "sm_80",
+        _ => "compute_90",
     }
+}
+
+/// Why the kernels cannot run on a GPU of compute capability `cap`, if they cannot: they use
+/// Hopper's bulk copies, clusters and programmatic dependent launches throughout, so ptxas
+/// refuses them below 9.0 (`cp.async.bulk.prefetch requires .target sm_90 or higher`).
+/// Checked on Hopper only; newer GPUs compile (sm_100a, sm_120) but have not been run.
+pub fn unsupported(cap: (i32, i32)) -> Option<String> {
+    (cap.0 < 9).then(|| format!("has compute capability {}.{}, and the CUDA kernels need 9.0 or newer (Hopper: H100, H200)", cap.0, cap.1))
 }
 
 /// What the driver says about this machine's GPUs; `probe` and `probe_for_tests` share it.
@@ -143,6 +162,9 @@ fn open(ordinal: usize, count: usize) -> Result<Gpu> {
     let err = |e: cudarc::driver::DriverError| Error::Backend(format!("GPU {ordinal}: {e}"));
     let name = ctx.name().map_err(err)?;
     let capability = ctx.compute_capability().map_err(err)?;
+    if let Some(why) = unsupported(capability) {
+        return Err(Error::Backend(format!("GPU {ordinal} ({name}) {why}; run with `--device cpu`")));
+    }
     let total_memory = ctx.total_mem().map_err(err)?;
     // One stream does all the work, so cudarc's cross-stream event tracking is only overhead
     // (and would record events inside CUDA-graph captures); a created stream, not the legacy
@@ -156,6 +178,21 @@ fn open(ordinal: usize, count: usize) -> Result<Gpu> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// GPUs below Hopper are refused with what they have and what is needed (the kernels do not
+    /// compile for them); Hopper and newer get an architecture NVRTC builds.
+    #[test]
+    fn gpus_below_hopper_are_refused_and_newer_ones_get_an_architecture() {
+        for cap in [(7, 5), (8, 0), (8, 6), (8, 9)] {
+            let why = unsupported(cap).unwrap_or_else(|| panic!("{cap:?} accepted"));
+            assert!(why.contains(&format!("{}.{}", cap.0, cap.1)) && why.contains("9.0 or newer"), "{why}");
+        }
+        for (cap, arch) in [((9, 0), "sm_90a"), ((10, 0), "sm_100a"), ((12, 0), "sm_120"), ((10, 3), "compute_90"), ((12, 1), "compute_90"), ((11, 0), "compute_90")] {
+            assert_eq!(unsupported(cap), None, "{cap:?}");
+            assert_eq!(arch_for(cap), arch, "{cap:?}");
+            assert!(NVRTC_ARCHES.contains(&arch), "{arch}");
+        }
+    }
 
     #[test]
     fn the_require_variable_is_any_non_empty_value_but_zero() {
