@@ -367,12 +367,12 @@ fn compiled_in(dir: &std::path::Path, name: &str, src: &str, arch: &'static str,
         }
     }
     let path = dir.join(&file);
-    if is_cached(dir, &file, arch) {
-        if let Ok(ptx) = std::fs::read_to_string(&path) {
-            let cubin = if makes_cubin(arch) { std::fs::read(cubin_path(&path)).ok() } else { None };
-            if cubin.is_some() || !makes_cubin(arch) {
-                return Ok((Compiled { ptx, cubin }, true));
-            }
+    if let Ok(ptx) = std::fs::read_to_string(&path) {
+        // A cache entry is the PTX and, for a real architecture, its CUBIN (as `is_cached`).
+        match makes_cubin(arch).then(|| std::fs::read(cubin_path(&path)).ok()) {
+            None => return Ok((Compiled { ptx, cubin: None }, true)),
+            Some(Some(bin)) => return Ok((Compiled { ptx, cubin: Some(bin) }, true)),
+            Some(None) => {}
         }
     }
     let compiled = compile(name, src, arch, options)?;

@@ -1,4 +1,5 @@
-//! Overload (429 with Retry-After) and graceful shutdown on SIGTERM.
+//! Overload (429 with Retry-After), graceful shutdown on SIGTERM, and `compile-kernels`
+//! without libnvrtc.
 
 mod common;
 
