@@ -5,6 +5,7 @@ use std::io::IsTerminal;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
+use axum::serve::ListenerExt;
 use clap::{Parser, Subcommand, ValueEnum};
 use peregrine_engine::{start_engine, EngineConfig};
 use peregrine_core::KvDtype;
@@ -456,9 +457,23 @@ async fn shutdown_signal() {
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
 }
 
+/// The listener with TCP_NODELAY on every accepted connection, so each response write goes out
+/// at once. With Nagle's algorithm on, an SSE event written while the previous segment waited for
+/// the client's delayed ACK (up to 40 ms on Linux) was held back: on a kept-alive connection the
+/// first streamed token arrived ~35 ms late and later ones in bursts (the tiny model on the CPU:
+/// time to first token 36.9 -> 5.2 ms, benches/results/2026-11-30-http-nodelay.md).
+fn without_nagle(listener: tokio::net::TcpListener) -> impl axum::serve::Listener<Io = tokio::net::TcpStream, Addr = std::net::SocketAddr> {
+    listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("cannot set TCP_NODELAY on a connection: {e}");
+        }
+    })
+}
+
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let addr = format!("{}:{}", args.host, args.port);
     let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+    let listener = without_nagle(listener);
     let state = AppState::new(Settings {
         api_key: args.api_key.clone(),
         always_include_usage: args.always_include_usage,
@@ -489,6 +504,19 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn accepted_connections_send_without_nagle() {
+        use axum::serve::Listener;
+        let bound = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = bound.local_addr().unwrap();
+        let mut listener = without_nagle(bound);
+        let client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (served, _) = listener.accept().await;
+        // (A plain accepted socket has Nagle on, so this is what the tap changes.)
+        assert!(!client.nodelay().unwrap(), "a plain socket starts with Nagle's algorithm on");
+        assert!(served.nodelay().unwrap(), "the server's side of the connection sends at once");
+    }
 
     #[test]
     fn the_gpu_sizes_its_kv_cache_by_fraction_unless_given_bytes() {
