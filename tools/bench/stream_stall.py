@@ -1,0 +1,54 @@
+"""How long one streamed completion waits between SSE reads while other clients send very long
+prompts: a running Peregrine (or any OpenAI-compatible server) at PORT, BIGS processes each
+sending a CHARS-character prompt to /v1/completions in a loop (1 token asked; over the model's
+context they are refused after tokenizing, which is the work this measures), and one client
+streaming three 200-token greedy completions on a kept-alive connection. Prints the gaps' median,
+p99 and largest. Standard library only.
+
+    python tools/bench/stream_stall.py PORT CHARS BIGS      # e.g. 8000 2000000 2
+"""
+import http.client, json, multiprocessing, random, sys, time, urllib.request
+
+
+def hammer(port, prompt, stop):
+    body = json.dumps({"prompt": prompt, "max_tokens": 1}).encode()
+    while not stop.is_set():
+        try:
+            urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body, {"content-type": "application/json"}))
+        except Exception:
+            pass  # refused for its length: expected
+
+
+def main():
+    port, chars, bigs = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    rng = random.Random(1)
+    words = ["alpha", "beta", "gamma", "delta", "function", "return", "value", "index", "matrix", "tensor", "kernel", "stream"]
+    big = " ".join(rng.choice(words) + str(rng.randint(0, 999)) for _ in range(chars // 8))
+    stop = multiprocessing.Event()
+    procs = [multiprocessing.Process(target=hammer, args=(port, big, stop)) for _ in range(bigs)]
+    for p in procs:
+        p.start()
+    time.sleep(0.2)
+    conn, gaps = http.client.HTTPConnection("127.0.0.1", port), []
+    for _ in range(3):
+        body = json.dumps({"prompt": "def f(x):\n", "max_tokens": 200, "temperature": 0, "stream": True, "ignore_eos": True})
+        conn.request("POST", "/v1/completions", body, {"content-type": "application/json"})
+        r, last = conn.getresponse(), None
+        while True:
+            chunk = r.read1(65536)
+            if not chunk:
+                break
+            now = time.perf_counter()
+            if last is not None:
+                gaps.append(now - last)
+            last = now
+    stop.set()
+    for p in procs:
+        p.join()
+    gaps.sort()
+    print(f"prompts of {len(big)} chars x{bigs}: stream gaps n={len(gaps)} p50 {gaps[len(gaps) // 2] * 1e3:.2f} ms "
+          f"p99 {gaps[int(len(gaps) * 0.99)] * 1e3:.1f} ms max {gaps[-1] * 1e3:.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
