@@ -240,6 +240,14 @@ fn prepare_in(dir: &std::path::Path, files: &[(&str, &str, &[&str])], arch: &'st
     if missing.len() < 2 {
         return;
     }
+    // Said before the wait, which is otherwise a silent minute between "listening" and "ready".
+    let builds: Vec<String> = missing.iter().map(|(name, _, options, _)| build_name(name, options)).collect();
+    tracing::info!(
+        "compiling {} for {arch} with NVRTC, at once (a first start on this GPU type or version: about a minute on a many-core host; `peregrine compile-kernels` does it ahead); cached in {}",
+        builds.join(", "),
+        dir.display()
+    );
+    let t0 = std::time::Instant::now();
     std::thread::scope(|s| {
         for (name, src, options, file) in missing {
             s.spawn(move || {
@@ -251,6 +259,18 @@ fn prepare_in(dir: &std::path::Path, files: &[(&str, &str, &[&str])], arch: &'st
             });
         }
     });
+    tracing::info!("kernels compiled in {:.1} s", t0.elapsed().as_secs_f64());
+}
+
+/// A build's name in messages: the file, and the defines that are not every build's.
+fn build_name(name: &str, options: &[String]) -> String {
+    let every = self::options(name);
+    let defines: Vec<&str> = options.iter().map(String::as_str).filter(|o| !every.iter().any(|c| c == o)).collect();
+    if defines.is_empty() {
+        format!("{name}.cu")
+    } else {
+        format!("{name}.cu ({})", defines.join(" "))
+    }
 }
 
 /// Compiles `src` for `arch` with NVRTC: the PTX, and the CUBIN NVRTC assembled from it for a
@@ -375,7 +395,10 @@ fn compiled_in(dir: &std::path::Path, name: &str, src: &str, arch: &'static str,
             Some(None) => {}
         }
     }
+    tracing::info!("compiling {} for {arch} with NVRTC (not in the cache at {})", build_name(name, &options), dir.display());
+    let t0 = std::time::Instant::now();
     let compiled = compile(name, src, arch, options)?;
+    tracing::info!("{name}.cu compiled in {:.1} s", t0.elapsed().as_secs_f64());
     store(&path, &compiled);
     Ok((compiled, false))
 }
