@@ -263,9 +263,9 @@ fn prepare_in(dir: &std::path::Path, files: &[(&str, &str, &[&str])], arch: &'st
 }
 
 /// A build's name in messages: the file, and the defines that are not every build's.
-fn build_name(name: &str, options: &[String]) -> String {
-    let every = self::options(name);
-    let defines: Vec<&str> = options.iter().map(String::as_str).filter(|o| !every.iter().any(|c| c == o)).collect();
+fn build_name(name: &str, opts: &[String]) -> String {
+    let every = options(name);
+    let defines: Vec<&str> = opts.iter().map(String::as_str).filter(|o| !every.iter().any(|c| c == o)).collect();
     if defines.is_empty() {
         format!("{name}.cu")
     } else {

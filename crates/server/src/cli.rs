@@ -460,8 +460,8 @@ async fn shutdown_signal() {
 /// The listener with TCP_NODELAY on every accepted connection, so each response write goes out
 /// at once. With Nagle's algorithm on, an SSE event written while the previous segment waited for
 /// the client's delayed ACK (up to 40 ms on Linux) was held back: on a kept-alive connection the
-/// first streamed token arrived ~35 ms late and later ones in bursts (the tiny model on the CPU:
-/// time to first token 36.9 -> 5.2 ms, benches/results/2026-11-30-http-nodelay.md).
+/// first streamed token arrived ~17 ms late (a Flash-shaped model on an H200) to ~31 ms (the tiny
+/// model on the CPU) and later ones in bursts (benches/results/2026-11-30-http-nodelay.md).
 fn without_nagle(listener: tokio::net::TcpListener) -> impl axum::serve::Listener<Io = tokio::net::TcpStream, Addr = std::net::SocketAddr> {
     listener.tap_io(|tcp| {
         if let Err(e) = tcp.set_nodelay(true) {

@@ -89,7 +89,8 @@ fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
 /// Prompt texts longer than this are tokenized on tokio's blocking pool instead of the runtime
 /// worker serving the request: BPE costs ~1.2 us a token here (a 144k-token prompt ~175 ms, a
 /// 32 MiB body many seconds), and a worker held that long holds back every stream it would
-/// write (2 cores, two 2.3 MB prompts at once: another client's SSE gaps up to 787 ms).
+/// write (2 cores, two 2.3 MB prompts at once: another client's SSE gaps up to ~1 s;
+/// benches/results/2026-11-30-cpu-tokenize-off-runtime.md).
 const ENCODE_INLINE_MAX_BYTES: usize = 16 << 10;
 
 /// `text` as token ids, off the runtime where it is long.
@@ -701,7 +702,6 @@ async fn detokenize(State(state): State<AppState>, body: Result<Bytes, BytesReje
     let text = r.engine.tokenizer().decode(&req.tokens, false).map_err(|e| ApiError::invalid(e.to_string()))?;
     Ok(Json(json!({"prompt": text})))
 }
-
 
 #[cfg(test)]
 mod tests {
