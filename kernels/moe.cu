@@ -38,6 +38,17 @@
 // (PDL_ENTER and the f16 helpers come from kernels/common.cuh, the router from kernels/route.cuh:
 // compile.rs prepends both.)
 
+// The file is compiled in parts at once (compile.rs's MOE_PARTS, each `-DMOE_PART=k` a build of
+// its own): NVRTC compiles a program on one core, and the whole file took 46 s on a 2-core
+// machine, the pole of a first start on a new GPU type. A part holds only its kernels, each
+// compiled to the same SASS as in the whole file (no kernel calls another); without MOE_PART
+// (tools/kernel_report.py, the kernel tests' sources) the file is whole.
+#ifdef MOE_PART
+#define MOE_IN_PART(k) (MOE_PART == (k))
+#else
+#define MOE_IN_PART(k) 1
+#endif
+
 #define TW 8  // warps per block, one 16-row tile each
 // Blocks per SM the tiled kernels' register budget is cut for (measurement builds may ask for
 // more with PEREGRINE_KERNEL_DEFINES=-DMOE_MIN_BLOCKS=3).
@@ -1698,13 +1709,19 @@ __device__ __forceinline__ void moe_fused_acc(const unsigned long long* __restri
                                        nullptr, np_min, np_max);                                                         \
     }                                                                                                                    \
     MOE_FUSED(NS, CS, _bulk, false)
+#if MOE_IN_PART(0)
 MOE_BULK(2, 4)
 MOE_BULK(4, 2)
+#endif
+#if MOE_IN_PART(1)
 MOE_BULK(3, 4)
 MOE_BULK(4, 4)
-MOE_BULK(2, 3)
+#endif
+#if MOE_IN_PART(2)
 MOE_BULK(3, 3)
 MOE_BULK(2, 6)
+MOE_BULK(2, 3)
+#endif
 
 // The fused and two-launch kernels with the FP8 digit math, on the rings of kernels::DG_RINGS
 // (the bulk kernels' arguments).
@@ -1735,10 +1752,14 @@ MOE_BULK(2, 6)
 #define MOE_TILED_DG(NS, CS)                                                                                             \
     MOE_TILED_DG_PASS(NS, CS, dg, 1)                                                                                     \
     MOE_FUSED(NS, CS, _dg, true)
+#if MOE_IN_PART(1)
+MOE_TILED_DG(4, 4)
+#endif
+#if MOE_IN_PART(3)
 MOE_TILED_DG(2, 4)
 MOE_TILED_DG(4, 2)
 MOE_TILED_DG(3, 4)
-MOE_TILED_DG(4, 4)
+#endif
 
 // The two-launch digit kernels whose passes take two pairs of a slot at once (moe_tiled's NPD):
 // an expert holding several pairs (from ~16 rows on) is streamed once per two of them instead of
@@ -1746,10 +1767,17 @@ MOE_TILED_DG(4, 4)
 // the one-pair kernels (each pair's columns
 // and arithmetic are theirs). Dynamic shared memory: the rings, then two digit rows of K / 16
 // core matrices (kernels::moe.rs sizes it).
+#if MOE_IN_PART(1)
+MOE_TILED_DG_PASS(4, 4, dg2, 2)
+#endif
+#if MOE_IN_PART(3)
 MOE_TILED_DG_PASS(2, 4, dg2, 2)
 MOE_TILED_DG_PASS(4, 2, dg2, 2)
 MOE_TILED_DG_PASS(3, 4, dg2, 2)
-MOE_TILED_DG_PASS(4, 4, dg2, 2)
+#endif
+
+// Everything below (the row splits and the prefill GEMMs) is part 0's.
+#if MOE_IN_PART(0)
 
 // ---------------------------------------------------------------------------------------------
 // MoE GEMM for prefill-sized batches: many pairs per expert.
@@ -2232,3 +2260,4 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) moe_gemm_wg_down(con
     PDL_ENTER();
     moe_gemm<false, true>(W, experts, pair_off, nullptr, pair_w, hs, inv, out, I, H / 16, H, cb);
 }
+#endif  // MOE_IN_PART(0)

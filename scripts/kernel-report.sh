@@ -7,6 +7,8 @@
 #   scripts/kernel-report.sh --fill-cache DIR [-D..] [--defines-in ops,gemv]
 #                                                  PTX and CUBIN as compile.rs caches them, for
 #                                                  PEREGRINE_CACHE_DIR=DIR on a GPU machine
+#   scripts/kernel-report.sh --check-moe-parts     moe.cu's parts (compile.rs MOE_PARTS): each kernel in one,
+#                                                  compiled as in the whole file
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T=target/cuda-tools

@@ -24,6 +24,9 @@ trap 'rm -rf "$tmp"' EXIT
 defines=()
 [ $# -gt 0 ] && defines=("$@" --defines-in "$stem")
 scripts/kernel-report.sh --fill-cache "$tmp" "${defines[@]}" > /dev/null
-"$T/nvidia/cu13/bin/ptxas" -arch=sm_90a -o "$tmp/k.cubin" "$tmp"/kernels/"$stem"-*.ptx
-PATH="$PWD/$T/nvidia/cu13/bin:$PATH" cuobjdump -sass "$tmp/k.cubin" |
-    awk -v pat="^($pattern)\$" '/Function : /{keep = ($3 ~ pat)} keep'
+# (moe.cu is cached as parts, compile.rs's MOE_PARTS: one PTX file each)
+for ptx in "$tmp"/kernels/"$stem"-*.ptx; do
+    "$T/nvidia/cu13/bin/ptxas" -arch=sm_90a -o "$tmp/k.cubin" "$ptx"
+    PATH="$PWD/$T/nvidia/cu13/bin:$PATH" cuobjdump -sass "$tmp/k.cubin" |
+        awk -v pat="^($pattern)\$" '/Function : /{keep = ($3 ~ pat)} keep'
+done

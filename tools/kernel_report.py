@@ -11,6 +11,7 @@ Needs libnvrtc and ptxas of CUDA 13: scripts/kernel-report.sh fetches them from 
 (nvidia-cuda-nvrtc, nvidia-cuda-nvcc) into target/cuda-tools and runs this script.
 
     scripts/kernel-report.sh [--arch sm_90a] [--base REV] [-DNAME ...] [FILE.cu ...]
+    scripts/kernel-report.sh --check-moe-parts [-DNAME ...]
 """
 import argparse
 import ctypes
@@ -43,6 +44,14 @@ def compile_rs_layout(rev):
     opts = re.search(r"const OPTIONS: &\[&str\] = &\[([^\]]*)\]", src)
     options = re.findall(r'"([^"]+)"', opts.group(1)) if opts else []
     return files, options
+
+
+def moe_parts(rev):
+    """moe.cu's part defines as compile.rs's MOE_PARTS lists them (each part a build and a cache
+    entry of its own; none listed: the file whole)."""
+    src = read(rev, "crates/cuda/src/compile.rs")
+    m = re.search(r"const MOE_PARTS: [^=]*= \[(.*?)\];", src)
+    return re.findall(r'"(-DMOE_PART=\d+)"', m.group(1)) if m else []
 
 
 def nvrtc_ptx(lib, name, source, options):
@@ -150,15 +159,17 @@ def file_defines(stem, defines, defines_in):
 
 
 def cache_entries(arch, defines, defines_in):
-    """(file, source, NVRTC options, cache file name) of every kernel file, as compile.rs compiles
-    and names them for its loads (its cache_file_name)."""
+    """(file, source, NVRTC options, cache file name) of every kernel file's builds (moe.cu's once
+    per part), as compile.rs compiles and names them for its loads (its cache_file_name)."""
     files, options = compile_rs_layout(None)
+    parts = {"moe.cu": [[d] for d in moe_parts(None)]}
     for f, headers in files.items():
         stem = f[: -len(".cu")]
-        opts = options + file_defines(stem, defines, defines_in)
         source = kernel_source(None, f, headers)
-        key = fnv1a([source.encode(), arch.encode(), " ".join(opts).encode()])
-        yield f, source, opts, f"{stem}-{arch}-{key:016x}.ptx"
+        for part in parts.get(f) or [[]]:
+            opts = options + file_defines(stem, defines, defines_in) + part
+            key = fnv1a([source.encode(), arch.encode(), " ".join(opts).encode()])
+            yield f, source, opts, f"{stem}-{arch}-{key:016x}.ptx"
 
 
 def write_atomically(path, data):
@@ -172,9 +183,13 @@ def fill_cache(lib, cache, arch, defines, defines_in):
     """Writes the PTX and, for a real architecture, the CUBIN compile.rs would compile (same
     source, options and key) into cache/kernels, so a fresh GPU machine given
     PEREGRINE_CACHE_DIR=cache skips NVRTC and the driver's compile of the PTX."""
+    from concurrent.futures import ThreadPoolExecutor
+
     os.makedirs(os.path.join(cache, "kernels"), exist_ok=True)
     want_cubin = arch.startswith("sm_")
-    for f, source, opts, name in cache_entries(arch, defines, defines_in):
+
+    def fill(entry):
+        f, source, opts, name = entry
         path = os.path.join(cache, "kernels", name)
         cubin_path = path[: -len(".ptx")] + ".cubin"
         if not os.path.exists(path) or (want_cubin and not os.path.exists(cubin_path)):
@@ -182,7 +197,71 @@ def fill_cache(lib, cache, arch, defines, defines_in):
             if cubin is not None:
                 write_atomically(cubin_path, cubin)  # first: a PTX found has its CUBIN
             write_atomically(path, ptx)
-        print(path)
+        return path
+
+    # At once, as compile.rs's prepare (ctypes lets NVRTC run without the GIL).
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        for path in pool.map(fill, list(cache_entries(arch, defines, defines_in))):
+            print(path)
+
+
+def elf_sections(b):
+    """name -> bytes of each section of an ELF64 image (NOBITS sections empty)."""
+    import struct
+    shoff = struct.unpack_from("<Q", b, 0x28)[0]
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", b, 0x3A)
+    hdrs = [struct.unpack_from("<IIQQQQIIQQ", b, shoff + i * shentsize) for i in range(shnum)]
+    names = hdrs[shstrndx][4]
+    name = lambda off: b[names + off : b.index(b"\0", names + off)].decode()
+    return {name(h[0]): (b"" if h[1] == 8 else b[h[4] : h[4] + h[5]]) for h in hdrs}
+
+
+def kernel_attributes(info):
+    """A kernel's .nv.info records with the parameter bank's symbol index (EIATTR_PARAM_CBANK,
+    0x0a) zeroed: it numbers the module's symbols, which differ from one module to the next."""
+    import struct
+    out, i = bytearray(info), 0
+    while i + 4 <= len(out):
+        fmt, attr = out[i], out[i + 1]
+        size = struct.unpack_from("<H", out, i + 2)[0] if fmt == 4 else 0
+        if fmt == 4 and attr == 0x0A:
+            out[i + 4 : i + 8] = bytes(4)
+        i += 4 + size
+    return bytes(out)
+
+
+def check_moe_parts(lib, arch, defines):
+    """Compiles moe.cu whole and in compile.rs's parts (at once, a thread each) and checks that
+    every kernel is in exactly one part, with the whole file's code (.text), attributes,
+    shared and constant sections. A part can differ where it alone uses a device function's
+    static __shared__ variable: NVVM then moves it into that kernel. Returns the problems."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    files, options = compile_rs_layout(None)
+    source = kernel_source(None, "moe.cu", files["moe.cu"])
+    opts = [f"--gpu-architecture={arch}"] + options + file_defines("moe", defines, [])
+    builds = [[]] + [[d] for d in moe_parts(None)]
+    with ThreadPoolExecutor(len(builds)) as pool:  # ctypes lets NVRTC run without the GIL
+        cubins = list(pool.map(lambda part: nvrtc_compile(lib, "moe.cu", source, opts + part, True)[1], builds))
+    whole, parts = elf_sections(cubins[0]), [elf_sections(c) for c in cubins[1:]]
+    kernels = lambda secs: {k[len(".text.") :] for k in secs if k.startswith(".text.")}
+    problems, seen = [], {}
+    for n, secs in enumerate(parts):
+        for k in sorted(kernels(secs)):
+            if k in seen:
+                problems.append(f"{k}: in parts {seen[k]} and {n}")
+            seen[k] = n
+            for pre in (".text.", ".nv.info.", ".nv.shared.", ".nv.constant0."):
+                a, b = whole.get(pre + k), secs.get(pre + k)
+                if pre == ".nv.info." and a is not None and b is not None:
+                    a, b = kernel_attributes(a), kernel_attributes(b)
+                if a != b:
+                    problems.append(f"{k}: its {pre.strip('.')} section differs from the whole file's (part {n})")
+    problems += [f"{k}: in no part" for k in sorted(kernels(whole) - set(seen))]
+    print(f"moe.cu for {arch}: {len(kernels(whole))} kernels whole, {len(seen)} in {len(parts)} parts, {len(problems)} problems")
+    for p in problems:
+        print(p)
+    return problems
 
 
 def print_cache_names(arch, defines, defines_in):
@@ -200,6 +279,7 @@ def main():
     ap.add_argument("--fill-cache", metavar="DIR", help="write every file's PTX into DIR/kernels as compile.rs caches it (the defines as PEREGRINE_KERNEL_DEFINES), and report nothing")
     ap.add_argument("--defines-in", default="", help="with --fill-cache: the files the defines go to, as PEREGRINE_KERNEL_DEFINES_IN")
     ap.add_argument("--print-cache-names", action="store_true", help="print the cache file names --fill-cache would write (needs no NVRTC)")
+    ap.add_argument("--check-moe-parts", action="store_true", help="check that moe.cu's parts (compile.rs's MOE_PARTS) hold every kernel once, each compiled as in the whole file")
     ap.add_argument("files", nargs="*", help="kernel files (default: every file compile.rs embeds)")
     args, rest = ap.parse_known_args()
     # Words, as compile.rs splits PEREGRINE_KERNEL_DEFINES: "-DA -DB" given as one argument is two
@@ -221,6 +301,8 @@ def main():
     if args.fill_cache:
         fill_cache(lib, args.fill_cache, args.arch, defines, defines_in)
         return
+    if args.check_moe_parts:
+        sys.exit(1 if check_moe_parts(lib, args.arch, defines) else 0)
     now = report(lib, ptxas, None, args.arch, defines, args.files)
     base = report(lib, ptxas, args.base, args.arch, defines, args.files) if args.base else None
     fmt = "{:<44} {:>5} {:>6} {:>7} {:>7} {:>6}"

@@ -107,6 +107,27 @@ fn cache_file_name(name: &str, src: &str, arch: &str, options: &[String]) -> Str
 /// Every kernel file, by the name its cache files and loads use.
 const FILES: [(&str, &str); 4] = [("gemv", GEMV_CU), ("sample", SAMPLE_CU), ("moe", MOE_CU), ("ops", OPS_CU)];
 
+/// moe.cu's parts (its `MOE_PART`), each a build and a module of its own holding disjoint
+/// kernels: NVRTC compiles a program on one core, and moe.cu whole took 46.3 s on a 2-core
+/// machine (gemv.cu 13.0, ops.cu 11.5), so a first start on a new GPU type waited on it alone.
+/// The parts took 8.6-11.8 s; each kernel's SASS is the whole file's
+/// (benches/results/2026-11-30-moe-in-parts.md). tools/kernel_report.py reads this list.
+pub const MOE_PARTS: [&[&str]; 4] = [&["-DMOE_PART=0"], &["-DMOE_PART=1"], &["-DMOE_PART=2"], &["-DMOE_PART=3"]];
+
+/// The builds of kernel file `name` a server loads: moe.cu's parts, else the file as it is.
+fn file_builds(name: &str) -> &'static [&'static [&'static str]] {
+    if name == "moe" {
+        &MOE_PARTS
+    } else {
+        &[&[]]
+    }
+}
+
+/// Every file's builds (name, source, variant defines), in `FILES`' order.
+fn production_builds() -> impl Iterator<Item = (&'static str, &'static str, &'static [&'static str])> {
+    FILES.iter().flat_map(|&(name, src)| file_builds(name).iter().map(move |&v| (name, src, v)))
+}
+
 /// Whether libnvrtc can be loaded (without it the first NVRTC call would panic).
 pub fn nvrtc_present() -> bool {
     // SAFETY: only tries to dlopen libnvrtc.
@@ -121,7 +142,7 @@ pub const OPS_KV_BF16: &[&str] = &["-DKV_BF16"];
 /// `peregrine compile-kernels` runs so that a later start (a container image's) finds them all.
 /// Returns each build's PTX cache file and whether it was compiled now (false: it was cached).
 pub fn fill(arch: &str) -> Result<Vec<(PathBuf, bool)>> {
-    let files: Vec<(&str, &str, &[&str])> = FILES.iter().map(|&(name, src)| (name, src, &[][..])).chain([("ops", OPS_CU, OPS_KV_BF16)]).collect();
+    let files: Vec<(&str, &str, &[&str])> = production_builds().chain([("ops", OPS_CU, OPS_KV_BF16)]).collect();
     fill_in(&cache_dir(), &files, arch)
 }
 
@@ -192,11 +213,11 @@ pub struct Compiled {
 /// load takes them.
 static PREPARED: std::sync::Mutex<Vec<(String, Compiled)>> = std::sync::Mutex::new(Vec::new());
 
-/// Compiles every kernel file whose PTX for `arch` is not in the cache yet, each on a thread of
-/// its own, so that the loads after it find them: NVRTC compiles a file on one core, and
-/// moe.cu alone takes over a minute, so a first start on a new GPU type waits for the slowest
-/// file instead of all four in turn (2 cores: 98 s against 139, moe.cu 88 s;
-/// benches/results/2026-11-30-kernel-compile-at-once.md). Best effort: a file that fails here
+/// Compiles every kernel build whose PTX for `arch` is not in the cache yet, each on a thread of
+/// its own, so that the loads after it find them: NVRTC compiles a program on one core, so a
+/// first start on a new GPU type waits for the slowest build instead of all in turn (2 cores:
+/// 98 s against 139 when moe.cu was one build of 88 s,
+/// benches/results/2026-11-30-kernel-compile-at-once.md; hence `MOE_PARTS`). Best effort: a build that fails here
 /// fails again, with its error, in a load. (Loading PTX modules on threads as well, where the
 /// driver compiles the PTX for the GPU, measured no faster: 48-53 against 44-55 s on an H200;
 /// modules now load from the CUBIN, which the driver does not compile.)
@@ -205,11 +226,11 @@ pub fn prepare(arch: &'static str) {
     prepare_in(&cache_dir(), &prepare_files(), arch);
 }
 
-/// What `prepare` compiles: every kernel file, then the variants asked for.
+/// What `prepare` compiles: every kernel file's builds, then the variants asked for.
 fn prepare_files() -> Vec<(&'static str, &'static str, &'static [&'static str])> {
     let variants = VARIANTS.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let variants = variants.into_iter().filter_map(|(name, defines)| FILES.iter().find(|f| f.0 == name).map(|&(_, src)| (name, src, defines)));
-    FILES.iter().map(|&(name, src)| (name, src, &[][..])).chain(variants).collect()
+    production_builds().chain(variants).collect()
 }
 
 /// Production variants (`load_variant`'s defines) that `prepare` compiles too, by file name.
@@ -343,6 +364,19 @@ pub fn load_variant(ctx: &Arc<CudaContext>, name: &str, src: &str, arch: &'stati
     Ok((load_compiled(ctx, name, compiled, ptx_only)?.0, cached))
 }
 
+/// Kernel file `name` loaded as the modules of its parts (`parts`' defines, each a build of its
+/// own: `MOE_PARTS`); whether every part was compiled before this call.
+pub fn load_parts(ctx: &Arc<CudaContext>, name: &str, src: &str, arch: &'static str, parts: &[&[&str]]) -> Result<(Vec<Arc<CudaModule>>, bool)> {
+    let mut modules = Vec::with_capacity(parts.len());
+    let mut all_cached = true;
+    for part in parts {
+        let (m, cached) = load_variant(ctx, name, src, arch, part)?;
+        modules.push(m);
+        all_cached &= cached;
+    }
+    Ok((modules, all_cached))
+}
+
 /// What `load_compiled` loaded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Loaded {
@@ -405,7 +439,7 @@ fn compiled_in(dir: &std::path::Path, name: &str, src: &str, arch: &'static str,
 
 #[cfg(test)]
 mod tests {
-    use super::{cache_file_name, options, options_with, with_defines, GEMV_CU, MOE_CU, OPS_CU, SAMPLE_CU};
+    use super::{cache_file_name, options, options_with, with_defines, GEMV_CU, MOE_CU, OPS_CU};
 
     /// Whether the tests that compile with NVRTC run here: libnvrtc is present, and no
     /// measurement defines (which every compile would take) are set.
@@ -568,9 +602,10 @@ mod tests {
         super::prepare_variant("ops", &["-DKV_BF16"]);
         super::prepare_variant("no_such_file", &["-DX"]);
         let files = super::prepare_files();
-        assert_eq!(files.len(), super::FILES.len() + 1, "{:?}", files.iter().map(|f| (f.0, f.2)).collect::<Vec<_>>());
+        let builds: Vec<_> = super::production_builds().collect();
+        assert_eq!(files.len(), builds.len() + 1, "{:?}", files.iter().map(|f| (f.0, f.2)).collect::<Vec<_>>());
         assert_eq!(files.iter().filter(|f| f.0 == "ops" && f.2 == ["-DKV_BF16"] && f.1 == OPS_CU).count(), 1);
-        assert!(files.iter().filter(|f| f.2.is_empty()).map(|f| f.0).eq(super::FILES.iter().map(|f| f.0)));
+        assert_eq!(files[..builds.len()], builds[..]);
     }
 
     #[test]
@@ -690,6 +725,38 @@ mod tests {
         assert_ne!(cache_file_name("ops", OPS_CU, "sm_90a", &variant), cache_file_name("ops", OPS_CU, "sm_90a", &plain));
     }
 
+    /// Every kernel moe.cu defines (a column-0 `extern "C"` kernel or ring instantiation) lies in
+    /// exactly one of `MOE_PARTS`' parts, and every part has kernels: one outside the parts would
+    /// be compiled into every part, one in a part not listed into none (a start would then fail
+    /// to find it). That each part's kernels compile to the whole file's SASS is
+    /// `scripts/kernel-report.sh --check-moe-parts`'s to check (NVRTC, ~a minute).
+    #[test]
+    fn every_moe_kernel_is_in_one_part() {
+        let src = include_str!("../../../kernels/moe.cu");
+        let mut open: Vec<Option<usize>> = Vec::new();
+        let mut per_part = vec![0usize; super::MOE_PARTS.len()];
+        for (i, line) in src.lines().enumerate() {
+            let t = line.trim_start();
+            if t.starts_with("#if") {
+                open.push(t.strip_prefix("#if MOE_IN_PART(").and_then(|r| r.split(')').next()).map(|k| k.parse().expect("a part number")));
+            } else if t.starts_with("#endif") {
+                open.pop().expect("an #endif without its #if");
+            }
+            let defines_kernel = line.starts_with("extern \"C\"") || ["MOE_BULK(", "MOE_TILED_DG(", "MOE_TILED_DG_PASS("].iter().any(|m| line.starts_with(m));
+            if defines_kernel {
+                let parts: Vec<usize> = open.iter().flatten().copied().collect();
+                assert_eq!(parts.len(), 1, "moe.cu:{}: in parts {parts:?}: {line}", i + 1);
+                assert!(parts[0] < per_part.len(), "moe.cu:{}: part {} is not in MOE_PARTS", i + 1, parts[0]);
+                per_part[parts[0]] += 1;
+            }
+        }
+        assert!(open.is_empty(), "moe.cu: an #if without its #endif");
+        assert!(per_part.iter().all(|&n| n > 0), "moe.cu: a part without kernels: {per_part:?}");
+        for (k, part) in super::MOE_PARTS.iter().enumerate() {
+            assert_eq!(*part, [format!("-DMOE_PART={k}").as_str()]);
+        }
+    }
+
     /// tools/kernel_report.py's `--print-cache-names` gives the file names `ptx` looks up, for
     /// every kernel file and several define sets: what `--fill-cache` writes is what a GPU
     /// machine finds (a mismatch would only cost a compile there, silently).
@@ -700,7 +767,6 @@ mod tests {
             eprintln!("skipped: no python3");
             return;
         }
-        let files = [("gemv", GEMV_CU), ("ops", OPS_CU), ("sample", SAMPLE_CU), ("moe", MOE_CU)];
         for (defines, only_in) in [("", None), ("-DA -DB=2", None), ("-DSTEP_TRACE gemv:-DX", Some("ops")), ("ops:-DNORM_MARK=2", None), ("-DA", Some("gemv,moe"))] {
             let mut cmd = std::process::Command::new("python3");
             cmd.arg(format!("{root}/tools/kernel_report.py")).args(["--print-cache-names", "--arch", "sm_90a"]);
@@ -711,7 +777,13 @@ mod tests {
             let out = cmd.output().unwrap();
             assert!(out.status.success(), "kernel_report.py {defines:?}: {}", String::from_utf8_lossy(&out.stderr));
             let mut got: Vec<String> = String::from_utf8(out.stdout).unwrap().lines().map(str::to_string).collect();
-            let mut want: Vec<String> = files.iter().map(|(name, src)| cache_file_name(name, src, "sm_90a", &options_with(name, defines, only_in))).collect();
+            let mut want: Vec<String> = super::production_builds()
+                .map(|(name, src, part)| {
+                    let mut o = options_with(name, defines, only_in);
+                    o.extend(part.iter().map(|d| d.to_string()));
+                    cache_file_name(name, src, "sm_90a", &o)
+                })
+                .collect();
             got.sort();
             want.sort();
             assert_eq!(got, want, "defines {defines:?}, only in {only_in:?}");

@@ -227,8 +227,8 @@ pub struct Kernels {
     logprobs_cluster: Option<CudaFunction>,
     /// gemv.cu's kernels came from the on-disk cache (or were compiled ahead, `compile::prepare`).
     pub cached: bool,
-    /// kernels/moe.cu's module (for `moe_trace`).
-    moe_module: Arc<cudarc::driver::CudaModule>,
+    /// kernels/moe.cu's modules, one per part (`compile::MOE_PARTS`; for `moe_trace`).
+    moe_modules: Vec<Arc<cudarc::driver::CudaModule>>,
     /// Where step buffers come from (a pool of their own while a step is captured).
     pub(crate) alloc: Arc<crate::alloc::StepAlloc>,
     /// gemv.cu's and sample.cu's modules (for `step_trace`, with moe.cu's).
@@ -278,9 +278,10 @@ impl Kernels {
         let adjust = sm.load_function("adjust_logits").map_err(drv("kernel adjust_logits"))?;
         let logprobs = sm.load_function("row_logprobs").map_err(drv("kernel row_logprobs"))?;
         let logprobs_cluster = sample_cluster.as_ref().and_then(|_| sm.load_function("row_logprobs_cluster").ok()).filter(|f| width(f) == sample_width && allows(f));
-        let (mm, _) = compile::load(&gpu.ctx, "moe", compile::MOE_CU, arch)?;
+        let (mm, _) = compile::load_parts(&gpu.ctx, "moe", compile::MOE_CU, arch, &compile::MOE_PARTS)?;
         let fm = |n: &str| -> Result<CudaFunction> {
-            let f = mm.load_function(n).map_err(|e| Error::Backend(format!("kernel {n}: {e}")))?;
+            // Each kernel is in one part.
+            let f = mm.iter().find_map(|m| m.load_function(n).ok()).ok_or_else(|| Error::Backend(format!("kernel {n}: in none of moe.cu's {} parts", mm.len())))?;
             // The staged activations take K * 16 bytes at 4 pairs per pass (96 KB for
             // MiMo-V2.5-Pro). Best effort: a GPU with less shared memory fails at launch instead.
             let _ = f.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, TILED_MAX_SMEM as i32);
@@ -456,7 +457,7 @@ impl Kernels {
             logprobs,
             logprobs_cluster,
             cached,
-            moe_module: mm.clone(),
+            moe_modules: mm.clone(),
             alloc: Arc::new(crate::alloc::StepAlloc::new(gpu.stream.clone())),
             gemv_module: m.clone(),
             sample_module: sm.clone(),
@@ -507,7 +508,18 @@ impl Kernels {
     /// block; see kernels/moe.cu), then zeroed: only in a measurement build of the kernels
     /// (`PEREGRINE_KERNEL_DEFINES=-DMOE_TRACE`), else None.
     pub fn moe_trace(&self) -> Result<Option<Vec<u64>>> {
-        self.take_global(&self.moe_module, "moe_trace")
+        // Each part has its own array, written by its kernels that ran: a stamp is the latest
+        // of the parts' (unwritten ones are zero).
+        let mut merged: Option<Vec<u64>> = None;
+        for m in &self.moe_modules {
+            if let Some(t) = self.take_global::<u64>(m, "moe_trace")? {
+                match merged.as_mut() {
+                    None => merged = Some(t),
+                    Some(all) => all.iter_mut().zip(t).for_each(|(a, b)| *a = (*a).max(b)),
+                }
+            }
+        }
+        Ok(merged)
     }
 
     /// The wgmma GEMM's per-stage clock stamps from its last call (see GWG_TRACE in
@@ -537,7 +549,8 @@ impl Kernels {
     /// The step-trace stamps of this object's modules and `more` since the last read, then
     /// cleared: only in a measurement build (`-DSTEP_TRACE`, crate::trace), else None.
     pub fn step_trace(&self, more: &[&Arc<cudarc::driver::CudaModule>]) -> Result<Option<crate::trace::StepTrace>> {
-        let mut modules = vec![&self.gemv_module, &self.sample_module, &self.moe_module];
+        let mut modules = vec![&self.gemv_module, &self.sample_module];
+        modules.extend(&self.moe_modules);
         modules.extend_from_slice(more);
         crate::trace::read(&modules, &self.stream)
     }
