@@ -106,6 +106,21 @@ async fn encode(tok: &peregrine_engine::SharedTokenizer, text: &str, add_special
     ids.map_err(|e| ApiError::invalid(e.to_string()))
 }
 
+/// Bodies longer than this are read (parsed, checked, a chat's template rendered) on tokio's
+/// blocking pool instead of the runtime worker serving the request, as long prompts are
+/// tokenized (`encode`): the JSON is parsed into a value, then into the route's two request
+/// types, a few ms a megabyte, and a body may be 32 MiB.
+const READ_INLINE_MAX_BYTES: usize = 64 << 10;
+
+/// `read(state, body)`: inline for a short body, else on tokio's blocking pool.
+async fn read_request<T: Send + 'static>(state: &AppState, body: Bytes, read: fn(&AppState, &[u8]) -> Result<T, ApiError>) -> Result<T, ApiError> {
+    if body.len() <= READ_INLINE_MAX_BYTES {
+        return read(state, &body);
+    }
+    let state = state.clone();
+    tokio::task::spawn_blocking(move || read(&state, &body)).await.map_err(|e| ApiError::internal(format!("reading the request failed: {e}")))?
+}
+
 /// /health: 200 while the engine serves; 503 while the model loads or once the engine has
 /// failed (the failure named in the error object).
 async fn health(State(state): State<AppState>) -> Response {
@@ -349,10 +364,18 @@ fn total_usage(results: &[(usize, usize, Collected)], prompt_lens: &[usize], spe
 // Chat completions
 // ---------------------------------------------------------------------------------------------
 
-async fn chat(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
-    let body = body_bytes(body)?;
+/// A chat request as read from its body: the template rendered, the plan made.
+struct ChatRead {
+    top: Option<usize>,
+    plan: Plan,
+    /// The request's tools, when their calls are parsed from the output.
+    parse_tools: Option<Option<Value>>,
+    text: String,
+}
+
+fn read_chat(state: &AppState, body: &[u8]) -> Result<ChatRead, ApiError> {
     let r = state.ready()?;
-    let (req, mut common): (ChatRequest, _) = protocol::parse_request(&body, "chat", protocol::CHAT_FIELDS)?;
+    let (req, mut common): (ChatRequest, _) = protocol::parse_request(body, "chat", protocol::CHAT_FIELDS)?;
     r.sampling_defaults.apply(&mut common);
     check_model(r, &common.model)?;
     let top = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
@@ -362,7 +385,6 @@ async fn chat(State(state): State<AppState>, body: Result<Bytes, BytesRejection>
         (true, Some(k)) if (0..=protocol::MAX_TOP_LOGPROBS as i64).contains(&k) => Some(k as usize),
         (true, Some(k)) => return Err(ApiError::param("top_logprobs", format!("`top_logprobs` must be between 0 and {}, got {k}", protocol::MAX_TOP_LOGPROBS))),
     };
-    let tok = r.engine.tokenizer();
     let mut plan = protocol::plan(&common, top, r.engine.spec().vocab_size, state.settings.always_include_usage)?;
     plan.default_max_tokens = r.sampling_defaults.max_tokens;
     let parse_tools = protocol::tool_parsing(req.tools.as_ref(), req.tool_choice.as_ref())? && state.settings.parse_tool_calls;
@@ -371,11 +393,19 @@ async fn chat(State(state): State<AppState>, body: Result<Bytes, BytesRejection>
     let text = template
         .render(&messages, req.tools.as_ref(), req.add_generation_prompt.unwrap_or(true), &req.chat_template_kwargs.clone().unwrap_or_default())
         .map_err(|e| ApiError::param("messages", e.to_string()))?;
+    Ok(ChatRead { top, plan, parse_tools: parse_tools.then_some(req.tools), text })
+}
+
+async fn chat(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let body = body_bytes(body)?;
+    let r = state.ready()?;
+    let ChatRead { top, plan, parse_tools, text } = read_request(&state, body, read_chat).await?;
+    let tok = r.engine.tokenizer();
     let ids = encode(tok, &text, false).await?;
     let parsing = OutputParsing {
         reasoning: state.settings.parse_reasoning.then(|| ReasoningParser::prompt_opens_thinking(&text)),
         // The declared parameter types, for reading XML tool call values.
-        tools: parse_tools.then(|| Arc::new(ToolSchemas::from_tools(req.tools.as_ref()))),
+        tools: parse_tools.map(|tools| Arc::new(ToolSchemas::from_tools(tools.as_ref()))),
     };
     let id = random_id("chatcmpl");
     let sub = submit_all(r, &id, &[ids], &plan, None)?;
@@ -407,10 +437,18 @@ async fn chat(State(state): State<AppState>, body: Result<Bytes, BytesRejection>
 // Text completions
 // ---------------------------------------------------------------------------------------------
 
-async fn completions(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
-    let body = body_bytes(body)?;
+/// A text completion request as read from its body: the plan made, the prompts not yet
+/// tokenized.
+struct CompletionRead {
+    top: Option<usize>,
+    plan: Plan,
+    echo: bool,
+    prompts: Vec<PromptInput>,
+}
+
+fn read_completion(state: &AppState, body: &[u8]) -> Result<CompletionRead, ApiError> {
     let r = state.ready()?;
-    let (req, mut common): (CompletionRequest, _) = protocol::parse_request(&body, "completions", protocol::COMPLETION_FIELDS)?;
+    let (req, mut common): (CompletionRequest, _) = protocol::parse_request(body, "completions", protocol::COMPLETION_FIELDS)?;
     r.sampling_defaults.apply(&mut common);
     check_model(r, &common.model)?;
     if req.suffix.is_some() {
@@ -423,10 +461,16 @@ async fn completions(State(state): State<AppState>, body: Result<Bytes, BytesRej
     };
     let mut plan = protocol::plan(&common, top, r.engine.spec().vocab_size, state.settings.always_include_usage)?;
     plan.default_max_tokens = r.sampling_defaults.max_tokens;
-    let echo = req.echo.unwrap_or(false);
+    Ok(CompletionRead { top, plan, echo: req.echo.unwrap_or(false), prompts: protocol::prompts(&req.prompt)? })
+}
+
+async fn completions(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let body = body_bytes(body)?;
+    let r = state.ready()?;
+    let CompletionRead { top, plan, echo, prompts: inputs } = read_request(&state, body, read_completion).await?;
     let tok = r.engine.tokenizer();
     let mut prompts = Vec::new();
-    for p in protocol::prompts(&req.prompt)? {
+    for p in inputs {
         prompts.push(match p {
             PromptInput::Text(t) => encode(tok, &t, true).await?,
             PromptInput::Tokens(ids) => ids,
@@ -663,24 +707,31 @@ struct TokenizeRequest {
     chat_template_kwargs: Option<serde_json::Map<String, Value>>,
 }
 
-async fn tokenize(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Json<Value>, ApiError> {
-    let body = body_bytes(body)?;
+/// A /tokenize request as read from its body: the text to encode (a chat's rendered) and
+/// whether special tokens are added.
+fn read_tokenize(state: &AppState, body: &[u8]) -> Result<(String, bool), ApiError> {
     let r = state.ready()?;
-    let req: TokenizeRequest = protocol::parse_body(&body)?;
+    let req: TokenizeRequest = protocol::parse_body(body)?;
     check_model(r, &req.model)?;
-    let tok = r.engine.tokenizer();
-    let tokens = match (req.prompt, req.messages) {
-        (Some(p), None) => encode(tok, &p, req.add_special_tokens.unwrap_or(true)).await?,
+    match (req.prompt, req.messages) {
+        (Some(p), None) => Ok((p, req.add_special_tokens.unwrap_or(true))),
         (None, Some(m)) => {
             let messages = protocol::chat_messages(&m)?;
             let t = r.template.as_ref().ok_or_else(|| ApiError::invalid("this model has no chat template"))?;
             let text = t
                 .render(&messages, req.tools.as_ref(), req.add_generation_prompt.unwrap_or(true), &req.chat_template_kwargs.unwrap_or_default())
                 .map_err(|e| ApiError::param("messages", e.to_string()))?;
-            encode(tok, &text, req.add_special_tokens.unwrap_or(false)).await?
+            Ok((text, req.add_special_tokens.unwrap_or(false)))
         }
-        _ => return Err(ApiError::invalid("give exactly one of `prompt` or `messages`")),
-    };
+        _ => Err(ApiError::invalid("give exactly one of `prompt` or `messages`")),
+    }
+}
+
+async fn tokenize(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Json<Value>, ApiError> {
+    let body = body_bytes(body)?;
+    let r = state.ready()?;
+    let (text, add_special_tokens) = read_request(&state, body, read_tokenize).await?;
+    let tokens = encode(r.engine.tokenizer(), &text, add_special_tokens).await?;
     Ok(Json(json!({"tokens": tokens, "count": tokens.len(), "max_model_len": r.engine.max_model_len()})))
 }
 
