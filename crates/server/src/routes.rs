@@ -759,6 +759,29 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
+    /// A long body is read on the blocking pool, a short one on the runtime's thread, and a
+    /// reader's error comes back as it was.
+    #[tokio::test(flavor = "current_thread")]
+    async fn long_bodies_are_read_off_the_runtime() {
+        fn read(_: &AppState, body: &[u8]) -> Result<(std::thread::ThreadId, usize), ApiError> {
+            let v: Value = protocol::parse_body(body)?;
+            Ok((std::thread::current().id(), v["prompt"].as_str().map_or(0, str::len)))
+        }
+        let state = AppState::new(crate::state::Settings { api_key: None, always_include_usage: false, parse_tool_calls: false, parse_reasoning: false });
+        let runtime = std::thread::current().id();
+        let body = |n: usize| Bytes::from(serde_json::to_vec(&json!({"prompt": "x".repeat(n)})).unwrap());
+        let (thread, n) = read_request(&state, body(100), read).await.unwrap();
+        assert_eq!((thread, n), (runtime, 100));
+        let (thread, n) = read_request(&state, body(READ_INLINE_MAX_BYTES), read).await.unwrap();
+        assert_ne!(thread, runtime, "the prompt's bytes and the JSON around them are over the limit");
+        assert_eq!(n, READ_INLINE_MAX_BYTES);
+        let mut bad = body(READ_INLINE_MAX_BYTES).to_vec();
+        bad.push(b'}');
+        let err = read_request(&state, Bytes::from(bad), read).await.unwrap_err();
+        assert_eq!(err.status, StatusCode::BAD_REQUEST);
+        assert!(err.message.contains("not valid JSON"), "{}", err.message);
+    }
+
     /// A long prompt is tokenized without holding the runtime: on a one-thread runtime another
     /// task runs while it is encoded (inline, it could not run before the encode returned), and
     /// the ids are the tokenizer's.
