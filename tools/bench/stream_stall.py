@@ -3,29 +3,35 @@ prompts: a running Peregrine (or any OpenAI-compatible server) at PORT, BIGS pro
 sending a CHARS-character prompt to /v1/completions in a loop (1 token asked; over the model's
 context they are refused after tokenizing, which is the work this measures), and one client
 streaming three 200-token greedy completions on a kept-alive connection. Prints the gaps' median,
-p99 and largest. Standard library only.
+p99 and largest. Standard library only. With --chat the long prompts are one user message each to
+/v1/chat/completions (the body parsed, the chat template rendered, then tokenized).
 
-    python tools/bench/stream_stall.py PORT CHARS BIGS      # e.g. 8000 2000000 2
+    python tools/bench/stream_stall.py PORT CHARS BIGS [--chat]      # e.g. 8000 2000000 2
 """
 import http.client, json, multiprocessing, random, sys, time, urllib.request
 
 
-def hammer(port, prompt, stop):
-    body = json.dumps({"prompt": prompt, "max_tokens": 1}).encode()
+def hammer(port, prompt, chat, stop):
+    if chat:
+        route, body = "chat/completions", {"messages": [{"role": "user", "content": prompt}], "max_tokens": 1}
+    else:
+        route, body = "completions", {"prompt": prompt, "max_tokens": 1}
+    body = json.dumps(body).encode()
     while not stop.is_set():
         try:
-            urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body, {"content-type": "application/json"}))
+            urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/v1/{route}", body, {"content-type": "application/json"}))
         except Exception:
             pass  # refused for its length: expected
 
 
 def main():
     port, chars, bigs = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    chat = "--chat" in sys.argv[4:]
     rng = random.Random(1)
     words = ["alpha", "beta", "gamma", "delta", "function", "return", "value", "index", "matrix", "tensor", "kernel", "stream"]
     big = " ".join(rng.choice(words) + str(rng.randint(0, 999)) for _ in range(chars // 8))
     stop = multiprocessing.Event()
-    procs = [multiprocessing.Process(target=hammer, args=(port, big, stop)) for _ in range(bigs)]
+    procs = [multiprocessing.Process(target=hammer, args=(port, big, chat, stop)) for _ in range(bigs)]
     for p in procs:
         p.start()
     time.sleep(0.2)
@@ -46,7 +52,7 @@ def main():
     for p in procs:
         p.join()
     gaps.sort()
-    print(f"prompts of {len(big)} chars x{bigs}: stream gaps n={len(gaps)} p50 {gaps[len(gaps) // 2] * 1e3:.2f} ms "
+    print(f"{'chat ' if chat else ''}prompts of {len(big)} chars x{bigs}: stream gaps n={len(gaps)} p50 {gaps[len(gaps) // 2] * 1e3:.2f} ms "
           f"p99 {gaps[int(len(gaps) * 0.99)] * 1e3:.1f} ms max {gaps[-1] * 1e3:.1f} ms")
 
 

@@ -110,7 +110,7 @@ const FILES: [(&str, &str); 4] = [("gemv", GEMV_CU), ("sample", SAMPLE_CU), ("mo
 /// moe.cu's parts (its `MOE_PART`), each a build and a module of its own holding disjoint
 /// kernels: NVRTC compiles a program on one core, and moe.cu whole took 46.3 s on a 2-core
 /// machine (gemv.cu 13.0, ops.cu 11.5), so a first start on a new GPU type waited on it alone.
-/// The parts took 8.6-11.8 s; each kernel's SASS is the whole file's
+/// The parts took 9.5-13.4 s; each kernel's SASS is the whole file's
 /// (benches/results/2026-11-30-moe-in-parts.md). tools/kernel_report.py reads this list.
 pub const MOE_PARTS: [&[&str]; 4] = [&["-DMOE_PART=0"], &["-DMOE_PART=1"], &["-DMOE_PART=2"], &["-DMOE_PART=3"]];
 
@@ -264,7 +264,7 @@ fn prepare_in(dir: &std::path::Path, files: &[(&str, &str, &[&str])], arch: &'st
     // Said before the wait, which is otherwise a silent minute between "listening" and "ready".
     let builds: Vec<String> = missing.iter().map(|(name, _, options, _)| build_name(name, options)).collect();
     tracing::info!(
-        "compiling {} for {arch} with NVRTC, at once (a first start on this GPU type or version: about a minute on a many-core host; `peregrine compile-kernels` does it ahead); cached in {}",
+        "compiling {} for {arch} with NVRTC, at once (a first start on this GPU type or version: ~25 s on a many-core host; `peregrine compile-kernels` does it ahead); cached in {}",
         builds.join(", "),
         dir.display()
     );

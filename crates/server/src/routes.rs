@@ -109,7 +109,9 @@ async fn encode(tok: &peregrine_engine::SharedTokenizer, text: &str, add_special
 /// Bodies longer than this are read (parsed, checked, a chat's template rendered) on tokio's
 /// blocking pool instead of the runtime worker serving the request, as long prompts are
 /// tokenized (`encode`): the JSON is parsed into a value, then into the route's two request
-/// types, a few ms a megabyte, and a body may be 32 MiB.
+/// types, and a chat's template rendered, ~3-5 ms a megabyte, and a body may be 32 MiB (with one
+/// runtime worker, a 33 MB chat body read inline stopped another stream for 222-1056 ms;
+/// benches/results/2026-11-30-cpu-read-off-runtime.md).
 const READ_INLINE_MAX_BYTES: usize = 64 << 10;
 
 /// `read(state, body)`: inline for a short body, else on tokio's blocking pool.
