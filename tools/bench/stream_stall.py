@@ -11,6 +11,31 @@ p99 and largest. Standard library only. With --chat the long prompts are one use
 import http.client, json, multiprocessing, random, sys, time, urllib.request
 
 
+def long_prompt(chars):
+    """A CHARS-character prompt of numbered words (the same one every run)."""
+    rng = random.Random(1)
+    words = ["alpha", "beta", "gamma", "delta", "function", "return", "value", "index", "matrix", "tensor", "kernel", "stream"]
+    return " ".join(rng.choice(words) + str(rng.randint(0, 999)) for _ in range(chars // 8))
+
+
+def stream_gaps(conn, tokens):
+    """Streams a TOKENS-token greedy completion on conn; (gap, seconds since the request) of each
+    SSE read after the first."""
+    body = json.dumps({"prompt": "def f(x):\n", "max_tokens": tokens, "temperature": 0, "stream": True, "ignore_eos": True})
+    t0 = time.perf_counter()
+    conn.request("POST", "/v1/completions", body, {"content-type": "application/json"})
+    r, last, gaps = conn.getresponse(), None, []
+    while True:
+        chunk = r.read1(65536)
+        if not chunk:
+            break
+        now = time.perf_counter()
+        if last is not None:
+            gaps.append((now - last, now - t0))
+        last = now
+    return gaps
+
+
 def hammer(port, prompt, chat, stop):
     if chat:
         route, body = "chat/completions", {"messages": [{"role": "user", "content": prompt}], "max_tokens": 1}
@@ -27,27 +52,14 @@ def hammer(port, prompt, chat, stop):
 def main():
     port, chars, bigs = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     chat = "--chat" in sys.argv[4:]
-    rng = random.Random(1)
-    words = ["alpha", "beta", "gamma", "delta", "function", "return", "value", "index", "matrix", "tensor", "kernel", "stream"]
-    big = " ".join(rng.choice(words) + str(rng.randint(0, 999)) for _ in range(chars // 8))
+    big = long_prompt(chars)
     stop = multiprocessing.Event()
     procs = [multiprocessing.Process(target=hammer, args=(port, big, chat, stop)) for _ in range(bigs)]
     for p in procs:
         p.start()
     time.sleep(0.2)
-    conn, gaps = http.client.HTTPConnection("127.0.0.1", port), []
-    for _ in range(3):
-        body = json.dumps({"prompt": "def f(x):\n", "max_tokens": 200, "temperature": 0, "stream": True, "ignore_eos": True})
-        conn.request("POST", "/v1/completions", body, {"content-type": "application/json"})
-        r, last = conn.getresponse(), None
-        while True:
-            chunk = r.read1(65536)
-            if not chunk:
-                break
-            now = time.perf_counter()
-            if last is not None:
-                gaps.append(now - last)
-            last = now
+    conn = http.client.HTTPConnection("127.0.0.1", port)
+    gaps = [g for _ in range(3) for g, _ in stream_gaps(conn, 200)]
     stop.set()
     for p in procs:
         p.join()
