@@ -370,8 +370,8 @@ fn total_usage(results: &[(usize, usize, Collected)], prompt_lens: &[usize], spe
 struct ChatRead {
     top: Option<usize>,
     plan: Plan,
-    /// The request's tools, when their calls are parsed from the output.
-    parse_tools: Option<Option<Value>>,
+    /// The tools' declared parameter types, when their calls are parsed from the output.
+    tools: Option<ToolSchemas>,
     text: String,
 }
 
@@ -395,19 +395,20 @@ fn read_chat(state: &AppState, body: &[u8]) -> Result<ChatRead, ApiError> {
     let text = template
         .render(&messages, req.tools.as_ref(), req.add_generation_prompt.unwrap_or(true), &req.chat_template_kwargs.clone().unwrap_or_default())
         .map_err(|e| ApiError::param("messages", e.to_string()))?;
-    Ok(ChatRead { top, plan, parse_tools: parse_tools.then_some(req.tools), text })
+    let tools = parse_tools.then(|| ToolSchemas::from_tools(req.tools.as_ref()));
+    Ok(ChatRead { top, plan, tools, text })
 }
 
 async fn chat(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let body = body_bytes(body)?;
     let r = state.ready()?;
-    let ChatRead { top, plan, parse_tools, text } = read_request(&state, body, read_chat).await?;
+    let ChatRead { top, plan, tools, text } = read_request(&state, body, read_chat).await?;
     let tok = r.engine.tokenizer();
     let ids = encode(tok, &text, false).await?;
     let parsing = OutputParsing {
         reasoning: state.settings.parse_reasoning.then(|| ReasoningParser::prompt_opens_thinking(&text)),
         // The declared parameter types, for reading XML tool call values.
-        tools: parse_tools.map(|tools| Arc::new(ToolSchemas::from_tools(tools.as_ref()))),
+        tools: tools.map(Arc::new),
     };
     let id = random_id("chatcmpl");
     let sub = submit_all(r, &id, &[ids], &plan, None)?;
