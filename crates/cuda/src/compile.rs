@@ -269,18 +269,27 @@ fn prepare_in(dir: &std::path::Path, files: &[(&str, &str, &[&str])], arch: &'st
         dir.display()
     );
     let t0 = std::time::Instant::now();
-    std::thread::scope(|s| {
-        for (name, src, options, file) in missing {
-            s.spawn(move || {
-                if let Ok(compiled) = compile(name, src, arch, options) {
-                    if !store(&dir.join(&file), &compiled) {
-                        PREPARED.lock().unwrap_or_else(|e| e.into_inner()).push((file, compiled));
+    // Each build's time, so that the log names the one a first start waited for.
+    let times: Vec<(String, f64)> = std::thread::scope(|s| {
+        let builds: Vec<_> = missing
+            .into_iter()
+            .map(|(name, src, options, file)| {
+                let build = build_name(name, &options);
+                s.spawn(move || {
+                    let t = std::time::Instant::now();
+                    if let Ok(compiled) = compile(name, src, arch, options) {
+                        if !store(&dir.join(&file), &compiled) {
+                            PREPARED.lock().unwrap_or_else(|e| e.into_inner()).push((file, compiled));
+                        }
                     }
-                }
-            });
-        }
+                    (build, t.elapsed().as_secs_f64())
+                })
+            })
+            .collect();
+        builds.into_iter().filter_map(|b| b.join().ok()).collect()
     });
-    tracing::info!("kernels compiled in {:.1} s", t0.elapsed().as_secs_f64());
+    let slowest = times.iter().max_by(|a, b| a.1.total_cmp(&b.1)).map(|(b, t)| format!(" (the slowest {b}, {t:.1} s)")).unwrap_or_default();
+    tracing::info!("kernels compiled in {:.1} s{slowest}", t0.elapsed().as_secs_f64());
 }
 
 /// A build's name in messages: the file, and the defines that are not every build's.
