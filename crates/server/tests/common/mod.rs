@@ -5,6 +5,22 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// A port for a spawned server, free when asked. Not bind(0)'s: that port is released before the
+/// server binds it, and meanwhile it may become the source port of a client connection (Linux
+/// takes both from 32768-60999; CI once saw a server exit with "Address already in use"). These
+/// come from 20000-31999, counted within the test binary so that its parallel tests differ.
+fn free_port() -> u16 {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(7919);
+    for _ in 0..12000 {
+        let port = 20000 + (start.wrapping_add(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)) % 12000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in 20000-31999");
+}
+
 pub struct Server {
     pub child: Child,
     pub base: String,
@@ -30,7 +46,7 @@ impl Server {
     }
 
     async fn spawn(extra: &[&str]) -> Server {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = free_port();
         let cache = std::env::temp_dir().join("peregrine-test-cache");
         let child = Command::new(env!("CARGO_BIN_EXE_peregrine"))
             .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string(), "--kv-cache-memory", "64MiB"])
