@@ -374,16 +374,9 @@ pub fn load_variant(ctx: &Arc<CudaContext>, name: &str, src: &str, arch: &'stati
 }
 
 /// Kernel file `name` loaded as the modules of its parts (`parts`' defines, each a build of its
-/// own: `MOE_PARTS`); whether every part was compiled before this call.
-pub fn load_parts(ctx: &Arc<CudaContext>, name: &str, src: &str, arch: &'static str, parts: &[&[&str]]) -> Result<(Vec<Arc<CudaModule>>, bool)> {
-    let mut modules = Vec::with_capacity(parts.len());
-    let mut all_cached = true;
-    for part in parts {
-        let (m, cached) = load_variant(ctx, name, src, arch, part)?;
-        modules.push(m);
-        all_cached &= cached;
-    }
-    Ok((modules, all_cached))
+/// own: `MOE_PARTS`).
+pub fn load_parts(ctx: &Arc<CudaContext>, name: &str, src: &str, arch: &'static str, parts: &[&[&str]]) -> Result<Vec<Arc<CudaModule>>> {
+    parts.iter().map(|part| Ok(load_variant(ctx, name, src, arch, part)?.0)).collect()
 }
 
 /// What `load_compiled` loaded.

@@ -278,7 +278,7 @@ impl Kernels {
         let adjust = sm.load_function("adjust_logits").map_err(drv("kernel adjust_logits"))?;
         let logprobs = sm.load_function("row_logprobs").map_err(drv("kernel row_logprobs"))?;
         let logprobs_cluster = sample_cluster.as_ref().and_then(|_| sm.load_function("row_logprobs_cluster").ok()).filter(|f| width(f) == sample_width && allows(f));
-        let (mm, _) = compile::load_parts(&gpu.ctx, "moe", compile::MOE_CU, arch, &compile::MOE_PARTS)?;
+        let mm = compile::load_parts(&gpu.ctx, "moe", compile::MOE_CU, arch, &compile::MOE_PARTS)?;
         let fm = |n: &str| -> Result<CudaFunction> {
             // Each kernel is in one part.
             let f = mm.iter().find_map(|m| m.load_function(n).ok()).ok_or_else(|| Error::Backend(format!("kernel {n}: in none of moe.cu's {} parts", mm.len())))?;
