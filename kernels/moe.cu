@@ -41,8 +41,11 @@
 // The file is compiled in parts at once (compile.rs's MOE_PARTS, each `-DMOE_PART=k` a build of
 // its own): NVRTC compiles a program on one core, and the whole file took 46 s on a 2-core
 // machine, the pole of a first start on a new GPU type. A part holds only its kernels, each
-// compiled to the same SASS as in the whole file (no kernel calls another); without MOE_PART
-// (tools/kernel_report.py, the kernel tests' sources) the file is whole.
+// compiled to the same SASS as in the whole file, which `scripts/kernel-report.sh
+// --check-moe-parts` checks: a kernel that alone in its part uses a device function's static
+// __shared__ (gate_up_unit_last's) gets other code, so each part keeps two or more split
+// kernels or none. Without MOE_PART (tools/kernel_report.py, the kernel tests' sources) the file
+// is whole.
 #ifdef MOE_PART
 #define MOE_IN_PART(k) (MOE_PART == (k))
 #else

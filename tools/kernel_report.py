@@ -17,6 +17,7 @@ import argparse
 import ctypes
 import os
 import re
+import struct
 import subprocess
 import sys
 import tempfile
@@ -207,7 +208,6 @@ def fill_cache(lib, cache, arch, defines, defines_in):
 
 def elf_sections(b):
     """name -> bytes of each section of an ELF64 image (NOBITS sections empty)."""
-    import struct
     shoff = struct.unpack_from("<Q", b, 0x28)[0]
     shentsize, shnum, shstrndx = struct.unpack_from("<HHH", b, 0x3A)
     hdrs = [struct.unpack_from("<IIQQQQIIQQ", b, shoff + i * shentsize) for i in range(shnum)]
@@ -219,7 +219,6 @@ def elf_sections(b):
 def kernel_attributes(info):
     """A kernel's .nv.info records with the parameter bank's symbol index (EIATTR_PARAM_CBANK,
     0x0a) zeroed: it numbers the module's symbols, which differ from one module to the next."""
-    import struct
     out, i = bytearray(info), 0
     while i + 4 <= len(out):
         fmt, attr = out[i], out[i + 1]
