@@ -138,9 +138,10 @@ pub struct ServeArgs {
     /// hold on the GPU as in use.
     #[arg(long, env = "PEREGRINE_GPU_MEMORY_UTILIZATION", value_parser = parse_fraction, allow_negative_numbers = true)]
     pub gpu_memory_utilization: Option<f64>,
-    /// The KV cache's element type: auto (the backend's choice: float32 for now), float32 or
-    /// bfloat16 (half the memory, so about twice the cached tokens, and half the bytes a long
-    /// context's attention reads; K and V rounded to BF16 as they are written).
+    /// The KV cache's element type: auto (bfloat16 on a GPU, the checkpoints' precision as
+    /// vLLM's auto; float32 on the CPU, the exact reference), float32 or bfloat16 (half the
+    /// memory of float32, so about twice the cached tokens, and half the bytes a long context's
+    /// attention reads; K and V rounded to BF16 as they are written).
     #[arg(long, env = "PEREGRINE_KV_CACHE_DTYPE", value_parser = parse_kv_dtype, default_value = "auto")]
     pub kv_cache_dtype: KvCacheDtype,
     #[arg(long, env = "PEREGRINE_MAX_NUM_BATCHED_TOKENS", default_value_t = 2048)]
@@ -348,6 +349,11 @@ pub fn load(args: &ServeArgs) -> anyhow::Result<Ready> {
     if args.speculative_block_size.is_some() && drafter_dir.is_none() {
         bail!("--speculative-block-size needs a drafter (--speculative-model PATH, or a model with a dflash/ subfolder)");
     }
+    // `auto` on the CPU: the backend's own f32 (None); on a GPU, the CUDA backend's choice below.
+    let mut kv_cache_dtype = match args.kv_cache_dtype {
+        KvCacheDtype::Auto => None,
+        KvCacheDtype::Given(d) => Some(d),
+    };
     let backend: Box<dyn peregrine_core::backend::Backend> = match args.device {
         Device::Cpu => {
             check_cpu_memory(files.spec.num_parameters() as u64, memory_available())?;
@@ -362,9 +368,7 @@ pub fn load(args: &ServeArgs) -> anyhow::Result<Ready> {
         Device::Cuda => {
             let gpu = peregrine_cuda::probe(0)?;
             tracing::info!(gpu = %gpu.name, capability = ?gpu.capability, "CUDA device");
-            if let KvCacheDtype::Given(d) = args.kv_cache_dtype {
-                peregrine_cuda::CudaModel::expect_kv_dtype(d);
-            }
+            peregrine_cuda::CudaModel::expect_kv_dtype(kv_cache_dtype.unwrap_or_else(|| peregrine_cuda::CudaModel::auto_kv_dtype_for(&files.spec)));
             // Random weights are made on the GPU, in the formats the config names.
             let mut model = match args.load_format {
                 LoadFormat::Auto => peregrine_cuda::CudaModel::load(gpu, &files.spec, files.weights.as_ref()),
@@ -376,6 +380,7 @@ pub fn load(args: &ServeArgs) -> anyhow::Result<Ready> {
                 model.attach_drafter(&draft).with_context(|| format!("drafter {} does not fit this model", dir.display()))?;
                 tracing::info!(drafter = %dir.display(), layers = draft.spec.layers.len(), mode = ?args.speculative_mode, "DFlash speculative decoding on (cuda)");
             }
+            kv_cache_dtype = kv_cache_dtype.or(Some(model.auto_kv_dtype()));
             Box::new(model)
         }
     };
@@ -401,10 +406,7 @@ pub fn load(args: &ServeArgs) -> anyhow::Result<Ready> {
         model_name: Some(args.served_model_name.clone().unwrap_or_else(|| default_name.clone())),
         overlap_steps: !args.no_overlap_steps,
         speculation: args.speculative_mode,
-        kv_cache_dtype: match args.kv_cache_dtype {
-            KvCacheDtype::Auto => None,
-            KvCacheDtype::Given(d) => Some(d),
-        },
+        kv_cache_dtype,
         ..EngineConfig::default()
     };
     let sampling_defaults = match args.generation_config {

@@ -1137,7 +1137,41 @@ fn attention_waves(ops: &Ops, sms: usize) -> Result<[usize; 3]> {
     Ok([wave(&ops.attention_v2_kv)?, wave(&ops.attention_v2_kv_ready_pre)?, wave(&ops.attention_v2_kv_ready)?])
 }
 
+/// Whether attention of these head dims can keep BF16 pools: attention_v2's warps load BF16
+/// values in pairs (kernels/ops.cu's kv_lane_pair), so K and V head dims must be even.
+fn bf16_pools_fit(head_dim: usize, v_head_dim: usize) -> bool {
+    head_dim.is_multiple_of(2) && v_head_dim.is_multiple_of(2)
+}
+
 impl CudaModel {
+    /// What `--kv-cache-dtype auto` means on this backend, from the model's spec alone (before
+    /// loading; a drafter is checked by [`CudaModel::auto_kv_dtype`]): BF16, the checkpoints'
+    /// precision (vLLM's `auto` is the model's dtype), so twice the cached tokens of f32 and half
+    /// a long context's reads; f32 where a head dim is odd.
+    pub fn auto_kv_dtype_for(spec: &ModelSpec) -> KvDtype {
+        if spec.layers.iter().all(|l| bf16_pools_fit(l.attention.head_dim, l.attention.v_head_dim)) {
+            KvDtype::Bf16
+        } else {
+            KvDtype::F32
+        }
+    }
+
+    /// `--kv-cache-dtype auto` for the loaded model and its drafter: as
+    /// [`CudaModel::auto_kv_dtype_for`], f32 if any attention (the drafter's too) has an odd head dim.
+    pub fn auto_kv_dtype(&self) -> KvDtype {
+        if self.bf16_pools_misfit().is_none() {
+            KvDtype::Bf16
+        } else {
+            KvDtype::F32
+        }
+    }
+
+    /// The first attention (the model's, then the drafter's) whose head dims cannot keep BF16 pools.
+    fn bf16_pools_misfit(&self) -> Option<AttentionSpec> {
+        let mut dims = self.layers.iter().map(|l| l.attn.spec).chain(self.drafter.iter().flat_map(|d| d.layers.iter().map(|l| l.attn.spec)));
+        dims.find(|s| !bf16_pools_fit(s.head_dim, s.v_head_dim))
+    }
+
     /// Before loading: the K/V pools will be `dtype`, so the load's `compile::prepare` compiles
     /// ops.cu's build for it with the other kernel files (at once, on a first start on a new GPU
     /// type) instead of `use_kv_dtype` compiling it alone afterwards.
@@ -1156,9 +1190,7 @@ impl CudaModel {
         if dtype == self.kv_dtype {
             return Ok(());
         }
-        // attention_v2's warps load BF16 values in pairs (kernels/ops.cu's kv_lane_pair).
-        let mut dims = self.layers.iter().map(|l| l.attn.spec).chain(self.drafter.iter().flat_map(|d| d.layers.iter().map(|l| l.attn.spec)));
-        if let Some(s) = dims.find(|s| dtype == KvDtype::Bf16 && !(s.head_dim.is_multiple_of(2) && s.v_head_dim.is_multiple_of(2))) {
+        if let Some(s) = self.bf16_pools_misfit().filter(|_| dtype == KvDtype::Bf16) {
             return Err(Error::Unsupported(format!("BF16 KV pools need even head dims on the CUDA backend; this model has K {} and V {}", s.head_dim, s.v_head_dim)));
         }
         let ops = load_ops(&self.gpu, dtype)?;
@@ -1513,5 +1545,18 @@ mod tests {
         // With `to` past the largest bucket, every step from `from` rows on (the rule before).
         assert!((16..=100).all(|r| launches_plainly(r, 16, 99) == (r >= 16)));
         assert!(!(1..16).any(|r| launches_plainly(r, 16, 99)));
+    }
+
+    #[test]
+    fn auto_kv_dtype_is_bf16_where_every_head_dim_is_even() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+        let mut spec = peregrine_model::config::load_spec_file(&dir.join("mimo-v2-flash.json"), None, None).unwrap();
+        assert_eq!(CudaModel::auto_kv_dtype_for(&spec), KvDtype::Bf16);
+        let last = spec.layers.len() - 1;
+        spec.layers[last].attention.v_head_dim = 129;
+        assert_eq!(CudaModel::auto_kv_dtype_for(&spec), KvDtype::F32, "one odd V head dim");
+        spec.layers[last].attention.v_head_dim = 128;
+        spec.layers[0].attention.head_dim = 191;
+        assert_eq!(CudaModel::auto_kv_dtype_for(&spec), KvDtype::F32, "one odd K head dim");
     }
 }
