@@ -143,7 +143,7 @@ l1=$(long_dummy); l2=$(long_dummy)
 if [ -n "$l1" ] && [ "$l1" = "$l2" ] && [ "$(echo "$l1" | cut -d' ' -f1-2)" = "3000 16" ]; then echo "dummy weights on cuda, 3000-token prompt: 16 tokens, greedy reproducible" >> "$LOG/e2e.log"; else echo "dummy weights on cuda, 3000-token prompt: DIFFERS ($l1 / $l2)" >> "$LOG/e2e.log"; fi
 kill $dpid; wait $dpid 2>/dev/null || true
 grep -hoE "KV cache (sized|allocated).*" "$LOG/serve-dummy.log" >> "$LOG/e2e.log"
-tail -10 "$LOG/e2e.log"
+echo "== e2e.log, every comparison:"; cat "$LOG/e2e.log"
 grep -q DIFFERS "$LOG/e2e.log" && status=1
 # GPU_CHECK_BENCH=0: the correctness half only (the benchmarks take several minutes more).
 [ "${GPU_CHECK_BENCH:-1}" = 0 ] && exit $status
