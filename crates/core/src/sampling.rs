@@ -28,6 +28,10 @@ pub struct SamplingParams {
     /// closes (the engine's `json_mode`; sampled on the host).
     #[serde(default)]
     pub json_object: bool,
+    /// A JSON schema the output must be a value of (`response_format` `json_schema`; the
+    /// engine's `schema_mode`, sampled on the host); the output ends when the value does.
+    #[serde(default)]
+    pub json_schema: Option<serde_json::Value>,
 }
 
 impl Default for SamplingParams {
@@ -44,6 +48,7 @@ impl Default for SamplingParams {
             seed: None,
             logprobs: None,
             json_object: false,
+            json_schema: None,
         }
     }
 }

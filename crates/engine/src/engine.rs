@@ -13,7 +13,9 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 
 use crate::api::*;
 use crate::kv::{KvManager, SeqBlocks};
+use crate::constraint::Constraint;
 use crate::json_mode::{JsonConstraint, TokenBytes};
+use crate::schema_mode::{SchemaCompiler, SchemaConstraint};
 use crate::metrics::Metrics;
 use crate::sampler::{self, SeqRng};
 use crate::spec_policy::SpecPolicy;
@@ -43,6 +45,8 @@ struct Inner {
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// The vocabulary's bytes for JSON mode, made on its first request (or why it cannot be).
     json_tokens: OnceLock<Result<Arc<TokenBytes>, String>>,
+    /// The schema compiler over those bytes, made on the first `json_schema` request.
+    schemas: OnceLock<Result<Arc<SchemaCompiler>, String>>,
     /// The model's EOS ids (never allowed in JSON mode: the object's end stops the output).
     eos: Vec<u32>,
 }
@@ -150,12 +154,35 @@ pub fn start_engine(mut backend: Box<dyn Backend>, tokenizer: SharedTokenizer, c
             spec_block,
             thread: Mutex::new(Some(thread)),
             json_tokens: OnceLock::new(),
+            schemas: OnceLock::new(),
             eos: handle_eos,
         }),
     })
 }
 
 impl EngineHandle {
+    /// The request's output constraint (JSON mode, or its JSON schema), or why it cannot have one.
+    fn constraint(&self, req: &GenerateRequest) -> Result<Option<Constraint>, String> {
+        let schema = req.sampling.json_schema.as_ref();
+        if !req.sampling.json_object && schema.is_none() {
+            return Ok(None);
+        }
+        let tokens = self.inner.json_tokens.get_or_init(|| TokenBytes::from_tokenizer(&self.inner.tokenizer).map(Arc::new)).clone()?;
+        // A prompt that leaves a `<think>` block open (a thinking mode's template) gets its
+        // thinking first, the value after `</think>`.
+        let thinking = tokens.ends_in_open_think(&req.prompt_tokens);
+        let eos = self.inner.eos.clone();
+        Ok(Some(match schema {
+            Some(schema) => {
+                let compiler = self.inner.schemas.get_or_init(|| SchemaCompiler::new(tokens).map(Arc::new)).clone()?;
+                let matcher = compiler.compile(schema)?;
+                Constraint::Schema(Box::new(SchemaConstraint::new(&compiler, matcher, eos, thinking)?))
+            }
+            None if thinking => Constraint::Json(JsonConstraint::after_thinking(tokens, eos)),
+            None => Constraint::Json(JsonConstraint::new(tokens, eos)),
+        }))
+    }
+
     pub fn submit(&self, req: GenerateRequest) -> Result<RequestStream, SubmitError> {
         if let Some(why) = self.inner.failure.get() {
             return Err(SubmitError::BackendFailed(why.clone()));
@@ -179,20 +206,12 @@ impl EngineHandle {
             self.inner.waiting.fetch_sub(1, Ordering::SeqCst);
             return Err(SubmitError::QueueFull);
         }
-        let json = if req.sampling.json_object {
-            let tokens = self.inner.json_tokens.get_or_init(|| TokenBytes::from_tokenizer(&self.inner.tokenizer).map(Arc::new));
-            match tokens {
-                // A prompt that leaves a `<think>` block open (a thinking mode's template) gets
-                // its thinking first, the object after `</think>`.
-                Ok(t) if t.ends_in_open_think(&req.prompt_tokens) => Some(JsonConstraint::after_thinking(t.clone(), self.inner.eos.clone())),
-                Ok(t) => Some(JsonConstraint::new(t.clone(), self.inner.eos.clone())),
-                Err(why) => {
-                    self.inner.waiting.fetch_sub(1, Ordering::SeqCst);
-                    return Err(SubmitError::Invalid(why.clone()));
-                }
+        let json = match self.constraint(&req) {
+            Ok(c) => c,
+            Err(why) => {
+                self.inner.waiting.fetch_sub(1, Ordering::SeqCst);
+                return Err(SubmitError::Invalid(why));
             }
-        } else {
-            None
         };
         let (tx, rx) = unbounded_channel();
         let seq = Seq::new(req, tx, self.inner.tokenizer.clone(), json);
@@ -265,12 +284,13 @@ struct Seq {
     first_scheduled: Option<Instant>,
     last_token: Option<Instant>,
     finish_reason: Option<FinishReason>,
-    /// JSON mode's automaton over the output (sampled on the host, never speculated).
-    json: Option<JsonConstraint>,
+    /// JSON mode's automaton or the schema's matcher over the output (sampled on the host,
+    /// never speculated).
+    json: Option<Constraint>,
 }
 
 impl Seq {
-    fn new(req: GenerateRequest, tx: UnboundedSender<RequestEvent>, tok: SharedTokenizer, json: Option<JsonConstraint>) -> Self {
+    fn new(req: GenerateRequest, tx: UnboundedSender<RequestEvent>, tok: SharedTokenizer, json: Option<Constraint>) -> Self {
         let seed = req.sampling.seed.unwrap_or_else(|| sampler::fnv1a(req.request_id.as_bytes()));
         let decoder = IncrementalDecoder::new(tok, &req.prompt_tokens, req.stop.skip_special_tokens);
         Seq {
@@ -873,7 +893,7 @@ impl Core {
                 self.metrics.prompt_tokens.inc_by(plen as u64);
             }
             let (mut text, mut ids, mut lps, mut fin) = (String::new(), Vec::new(), Vec::new(), None);
-            let mut json_stuck = false;
+            let mut json_stuck: Option<String> = None;
             for (r, row) in rows.iter().enumerate() {
                 // Plain sampling of this position, with the history (penalties) and the random
                 // number (seed, output index) that decoding token by token would have used.
@@ -884,8 +904,8 @@ impl Core {
                     Row::Logits(raw) => {
                         let mut proc = raw.to_vec();
                         sampler::apply_penalties(&mut proc, &s.req.sampling, &s.req.prompt_tokens, &s.output);
-                        if s.json.as_ref().is_some_and(|c| !c.mask(&mut proc)) {
-                            json_stuck = true;
+                        if let Some(c) = s.json.as_ref().filter(|c| !c.mask(&mut proc)) {
+                            json_stuck = Some(c.stuck().to_string());
                             break;
                         }
                         let tok = sampler::sample(&proc, &s.req.sampling, &s.rng, s.output.len() as u64);
@@ -907,8 +927,11 @@ impl Core {
                 let (t, mut f) = commit_token(s, tok, &self.eos, self.config.max_model_len);
                 text.push_str(&t);
                 if let Some(c) = s.json.as_mut() {
-                    c.advance(tok);
-                    // The object closed: nothing may follow it.
+                    if let Err(e) = c.advance(tok) {
+                        json_stuck = Some(e);
+                        break;
+                    }
+                    // The value is complete: nothing may follow it.
                     if c.done() && f.is_none() {
                         f = Some(FinishReason::Stop);
                     }
@@ -927,8 +950,8 @@ impl Core {
                     break;
                 }
             }
-            if json_stuck {
-                done.push((id, Some("JSON mode: no token of the vocabulary can continue the object".into())));
+            if let Some(why) = json_stuck {
+                done.push((id, Some(why)));
                 continue;
             }
             if !drafts.is_empty() {

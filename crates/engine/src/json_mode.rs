@@ -41,7 +41,7 @@ impl TokenBytes {
     /// The vocabulary's bytes, or an error naming why it cannot be constrained.
     pub fn from_tokenizer(tok: &Tokenizer) -> Result<TokenBytes, String> {
         if !tok.is_byte_level() {
-            return Err("JSON mode needs a byte-level BPE tokenizer (GPT-2's byte map), which this model's is not".into());
+            return Err("JSON mode and `json_schema` need a byte-level BPE tokenizer (GPT-2's byte map), which this model's is not".into());
         }
         let unmap = char_to_byte();
         let n = tok.vocab_size();
@@ -81,6 +81,20 @@ impl TokenBytes {
 
     pub fn bytes(&self, id: u32) -> &[u8] {
         self.bytes.get(id as usize).map_or(&[], Vec::as_slice)
+    }
+
+    /// The vocabulary's size (ids with and without bytes).
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    /// The ids holding `>`: the only ones that can end a thinking block.
+    pub fn ids_with_gt(&self) -> &[u32] {
+        &self.with_gt
     }
 
     /// Whether `prompt` ends inside an open `<think>` block (its last bytes, past whitespace).
@@ -329,10 +343,10 @@ pub struct JsonConstraint {
 }
 
 /// What ends the free thinking before the object.
-const THINK_END: &[u8] = b"</think>";
+pub(crate) const THINK_END: &[u8] = b"</think>";
 
 /// Where `bytes` hold `</think>`: the index just past it.
-fn past_think_end(bytes: &[u8]) -> Option<usize> {
+pub(crate) fn past_think_end(bytes: &[u8]) -> Option<usize> {
     bytes.windows(THINK_END.len()).position(|w| w == THINK_END).map(|at| at + THINK_END.len())
 }
 

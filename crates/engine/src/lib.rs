@@ -62,12 +62,14 @@
 //!   100 µs. Read them with `EngineHandle::render_metrics()` or `registry()`.
 
 pub mod api;
+pub mod constraint;
 pub mod engine;
 pub mod json_mode;
 pub mod kv;
 pub mod kv_sizing;
 pub mod metrics;
 pub mod sampler;
+pub mod schema_mode;
 pub mod spec_policy;
 
 pub use api::*;

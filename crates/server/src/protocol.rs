@@ -158,7 +158,8 @@ fn range(param: &str, v: Option<f64>, lo: f64, hi: f64, lo_open: bool) -> Result
 
 /// Validates the shared fields. `logprobs` is the number of top log-probabilities asked for.
 pub fn plan(c: &CommonParams, logprobs: Option<usize>, vocab_size: usize, always_usage: bool) -> Result<Plan, ApiError> {
-    let mut s = SamplingParams { json_object: json_mode(c.response_format.as_ref())?, ..SamplingParams::default() };
+    let (json_object, json_schema) = response_format(c.response_format.as_ref())?;
+    let mut s = SamplingParams { json_object, json_schema, ..SamplingParams::default() };
     if let Some(t) = range("temperature", c.temperature, 0.0, 2.0, false)? {
         s.temperature = t as f32;
     }
@@ -260,24 +261,44 @@ pub fn plan(c: &CommonParams, logprobs: Option<usize>, vocab_size: usize, always
     })
 }
 
-/// `response_format`: whether JSON mode is on (`json_object`: the output is kept a JSON object,
-/// engine's json_mode). A JSON schema would need schema-guided decoding, which this server does
-/// not have, so it is refused rather than ignored (an ignored schema returns JSON the client
-/// then fails to validate).
-fn json_mode(v: Option<&Value>) -> Result<bool, ApiError> {
+/// `response_format`: JSON mode (`json_object`: the output is kept a JSON object, engine's
+/// json_mode) or a JSON schema (`json_schema`: the output is kept a value of
+/// `json_schema.schema`, engine's schema_mode; `strict` is accepted and always holds). Returns
+/// (JSON mode, the schema).
+fn response_format(v: Option<&Value>) -> Result<(bool, Option<Value>), ApiError> {
     let kind = match v {
-        None | Some(Value::Null) => return Ok(false),
+        None | Some(Value::Null) => return Ok((false, None)),
         Some(v) => v.get("type").and_then(Value::as_str),
     };
     match kind {
-        Some("text") => Ok(false),
-        Some("json_object") => Ok(true),
-        Some("json_schema") => Err(ApiError::param(
-            "response_format",
-            "`response_format` of type `json_schema` is not supported: this server has no schema-guided decoding (`json_object` keeps the output a JSON object)",
-        )),
+        Some("text") => Ok((false, None)),
+        Some("json_object") => Ok((true, None)),
+        Some("json_schema") => json_schema(v.and_then(|v| v.get("json_schema"))).map(|s| (false, Some(s))),
         Some(t) => Err(ApiError::param("response_format", format!("`response_format.type` must be `text`, `json_object` or `json_schema`, got `{t}`"))),
         None => Err(ApiError::param("response_format", "`response_format` must be an object with a string `type`")),
+    }
+}
+
+/// `response_format.json_schema`: `{"name": .., "schema": {..}, "strict": ..}` (OpenAI's form).
+/// A missing `schema` is `{}`, any JSON value, as OpenAI's is optional.
+fn json_schema(v: Option<&Value>) -> Result<Value, ApiError> {
+    let err = |m: String| ApiError::param("response_format", m);
+    let Some(Value::Object(o)) = v else {
+        return Err(err("`response_format` of type `json_schema` needs a `json_schema` object: {\"name\": .., \"schema\": {..}}".into()));
+    };
+    if let Some(n) = o.get("name").filter(|n| !n.is_null()) {
+        match n.as_str() {
+            Some(n) if !n.is_empty() && n.len() <= 64 && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') => {}
+            _ => return Err(err(format!("`response_format.json_schema.name` must be 1-64 letters, digits, `_` or `-`, got {n}"))),
+        }
+    }
+    if let Some(s) = o.get("strict").filter(|s| !s.is_null() && !s.is_boolean()) {
+        return Err(err(format!("`response_format.json_schema.strict` must be a boolean, got {s}")));
+    }
+    match o.get("schema") {
+        None | Some(Value::Null) => Ok(Value::Object(Default::default())),
+        Some(s @ (Value::Object(_) | Value::Bool(true))) => Ok(s.clone()),
+        Some(s) => Err(err(format!("`response_format.json_schema.schema` must be a JSON Schema object, got {s}"))),
     }
 }
 

@@ -177,6 +177,19 @@ struct Submitted {
     prompt_lens: Vec<usize>,
 }
 
+/// `submit_all`, on the blocking pool when the request has a JSON schema: compiling it, and on
+/// the first such request the vocabulary's schema compiler (~0.6 s for a 152k-token vocabulary:
+/// benches/results/2026-11-30-json-schema.md), must not stall the runtime's other requests.
+async fn submit(state: &AppState, id: &str, prompts: &[Vec<u32>], plan: &Plan, prompt_logprobs: Option<usize>) -> Result<Submitted, ApiError> {
+    if plan.sampling.json_schema.is_none() {
+        return submit_all(state.ready()?, id, prompts, plan, prompt_logprobs);
+    }
+    let (state, id, prompts, plan) = (state.clone(), id.to_owned(), prompts.to_vec(), plan.clone());
+    tokio::task::spawn_blocking(move || submit_all(state.ready()?, &id, &prompts, &plan, prompt_logprobs))
+        .await
+        .map_err(|e| ApiError::internal(format!("submitting the request failed: {e}")))?
+}
+
 fn submit_all(r: &Ready, id: &str, prompts: &[Vec<u32>], plan: &Plan, prompt_logprobs: Option<usize>) -> Result<Submitted, ApiError> {
     let max_len = r.engine.max_model_len();
     let vocab = r.engine.spec().vocab_size;
@@ -411,7 +424,7 @@ async fn chat(State(state): State<AppState>, body: Result<Bytes, BytesRejection>
         tools: tools.map(Arc::new),
     };
     let id = random_id("chatcmpl");
-    let sub = submit_all(r, &id, &[ids], &plan, None)?;
+    let sub = submit(&state, &id, &[ids], &plan, None).await?;
     let created = unix_now();
     if plan.stream {
         let mut st = StreamState::new(state.clone(), sub, id, created, true, plan.include_usage, None);
@@ -481,7 +494,7 @@ async fn completions(State(state): State<AppState>, body: Result<Bytes, BytesRej
     }
     let id = random_id("cmpl");
     let prompt_lp = if echo { top } else { None };
-    let sub = submit_all(r, &id, &prompts, &plan, prompt_lp)?;
+    let sub = submit(&state, &id, &prompts, &plan, prompt_lp).await?;
     let created = unix_now();
     let echo_texts: Option<Vec<String>> = if echo {
         Some(prompts.iter().map(|p| tok.decode(p, false).unwrap_or_default()).collect())

@@ -421,7 +421,7 @@ async fn requests_the_server_cannot_honour_are_refused() {
         (json!({"tools": [{"type": "retrieval"}]}), "tools", "tools[0].type"),
         (json!({"tools": [{"type": "function", "function": {"description": "no name"}}]}), "tools", "tools[0].function.name"),
         (json!({"tools": [{"type": "function", "function": {"name": "f", "parameters": "x"}}]}), "tools", "parameters"),
-        (json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}), "response_format", "json_schema"),
+        (json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": 3}}}), "response_format", "json_schema.schema"),
         (json!({"response_format": {"type": "yaml"}}), "response_format", "yaml"),
         (json!({"response_format": "json"}), "response_format", "must be an object"),
     ];

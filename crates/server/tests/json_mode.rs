@@ -1,7 +1,8 @@
 //! JSON mode over HTTP (`response_format: {"type": "json_object"}`) on the CPU reference backend
 //! and the golden fixture model (random weights, so only the constraint makes its output JSON):
 //! a finished output is a JSON object and ends where the object closes; a cut one is a prefix
-//! of one; streamed the same; with speculation on too.
+//! of one; streamed the same; with speculation on too. Schemas (`json_schema`) likewise: a
+//! finished output is a value of the schema.
 
 mod common;
 
@@ -82,7 +83,7 @@ async fn outputs_are_json_objects_that_end_where_they_close() {
 }
 
 #[tokio::test]
-async fn json_mode_with_speculation_and_schemas_refused() {
+async fn json_mode_and_schemas_with_speculation() {
     // The demo model with its DFlash drafter: JSON-mode requests decode without drafts, beside
     // requests that speculate.
     let s = Server::start_embedded(&["--max-model-len", "512"]).await;
@@ -99,7 +100,106 @@ async fn json_mode_with_speculation_and_schemas_refused() {
     assert_eq!((st1, st2), (200, 200), "{together} {j}");
     assert_eq!(together["choices"][0]["text"], alone["choices"][0]["text"]);
     assert!(json_prefix(j["choices"][0]["message"]["content"].as_str().unwrap()), "{j}");
-    let (status, v) = s.post("/v1/chat/completions", chat(json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}))).await;
-    assert_eq!(status, 400, "{v}");
-    assert_eq!(v["error"]["param"], "response_format");
+    // A schema on the same server: a value of it, the drafter idle for that sequence too.
+    let schema = json!({"type": "json_schema", "json_schema": {"name": "flag", "schema": {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": false}}});
+    let (status, v) = s.post("/v1/chat/completions", chat(json!({"temperature": 0.7, "seed": 1, "max_tokens": 120, "response_format": schema}))).await;
+    assert_eq!(status, 200, "{v}");
+    let text = v["choices"][0]["message"]["content"].as_str().unwrap();
+    if v["choices"][0]["finish_reason"] == "stop" {
+        let o: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+        assert!(o["ok"].is_boolean() && o.as_object().unwrap().len() == 1, "{text:?}");
+    }
+}
+
+/// The schema the golden model's outputs are held to: every kind of constraint the outputs are
+/// checked for below.
+fn person_schema() -> Value {
+    json!({
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 5},
+            "age": {"type": "integer", "minimum": 0, "maximum": 120},
+            "pet": {"enum": ["cat", "dog", null]},
+            "tags": {"type": "array", "items": {"$ref": "#/$defs/tag"}, "maxItems": 2}
+        },
+        "required": ["name", "age", "pet", "tags"],
+        "additionalProperties": false,
+        "$defs": {"tag": {"type": "boolean"}}
+    })
+}
+
+/// Whether `text` is a whole value of `person_schema`, and why not.
+fn check_person(text: &str) -> Result<(), String> {
+    let v: Value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
+    let o = v.as_object().ok_or("not an object")?;
+    let ok = o.len() == 4
+        && o["name"].as_str().is_some_and(|n| n.chars().count() <= 5)
+        && o["age"].as_i64().is_some_and(|a| (0..=120).contains(&a))
+        && [json!("cat"), json!("dog"), Value::Null].contains(&o["pet"])
+        && o["tags"].as_array().is_some_and(|t| t.len() <= 2 && t.iter().all(Value::is_boolean));
+    if ok { Ok(()) } else { Err("a field outside the schema".into()) }
+}
+
+#[tokio::test]
+async fn json_schema_outputs_are_values_of_the_schema() {
+    // The golden fixture model's random weights: only the constraint makes the output fit.
+    let s = Server::start(&["--max-model-len", "512"]).await;
+    let format = json!({"type": "json_schema", "json_schema": {"name": "person", "schema": person_schema(), "strict": true}});
+    let mut whole = 0;
+    for seed in 0..6 {
+        let body = chat(json!({"temperature": 1.0, "seed": seed, "max_tokens": 160, "response_format": format}));
+        let (status, v) = s.post("/v1/chat/completions", body.clone()).await;
+        assert_eq!(status, 200, "{v}");
+        let text = v["choices"][0]["message"]["content"].as_str().unwrap().to_owned();
+        match v["choices"][0]["finish_reason"].as_str().unwrap() {
+            "stop" => {
+                check_person(&text).unwrap_or_else(|e| panic!("seed {seed}: {text:?}: {e}"));
+                whole += 1;
+            }
+            "length" => assert_eq!(v["usage"]["completion_tokens"], 160, "{v}"),
+            other => panic!("finish_reason {other}: {v}"),
+        }
+        if seed == 0 {
+            // Streamed: the same text.
+            let mut body = body;
+            body["stream"] = json!(true);
+            let chunks = s.stream("/v1/chat/completions", body).await;
+            let streamed: String = chunks
+                .iter()
+                .filter(|c| *c != "[DONE]")
+                .filter_map(|c| serde_json::from_str::<Value>(c).ok()?["choices"][0]["delta"]["content"].as_str().map(str::to_owned))
+                .collect();
+            assert_eq!(streamed, text);
+        }
+        // The completions route takes the same `response_format`.
+        let (status, v) = s
+            .post("/v1/completions", json!({"prompt": "x = ", "temperature": 1.0, "seed": seed, "max_tokens": 160, "response_format": format}))
+            .await;
+        assert_eq!(status, 200, "{v}");
+        if v["choices"][0]["finish_reason"] == "stop" {
+            check_person(v["choices"][0]["text"].as_str().unwrap()).unwrap_or_else(|e| panic!("completions seed {seed}: {v}: {e}"));
+            whole += 1;
+        }
+    }
+    eprintln!("{whole} of 12 schema outputs closed within 160 tokens");
+    // Random weights spend tokens on whitespace (at most 24 bytes a gap) and strings; most close.
+    assert!(whole >= 6, "only {whole} of 12 outputs closed within 160 tokens");
+
+    // Schemas that cannot be used, and malformed `json_schema` objects: 400s that say why.
+    let cases = [
+        (json!({"type": "json_schema"}), "needs a `json_schema` object"),
+        (json!({"type": "json_schema", "json_schema": {"name": "a b", "schema": {}}}), "name"),
+        (json!({"type": "json_schema", "json_schema": {"name": "x", "schema": [1]}}), "must be a JSON Schema object"),
+        (json!({"type": "json_schema", "json_schema": {"name": "x", "strict": "yes", "schema": {}}}), "strict"),
+        (json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "no-such-type"}}}), "cannot be used"),
+        (json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/$defs/missing"}}}), "cannot be used"),
+    ];
+    for (format, words) in cases {
+        let (status, v) = s.post("/v1/chat/completions", chat(json!({"max_tokens": 8, "response_format": format}))).await;
+        assert_eq!(status, 400, "{format}: {v}");
+        assert!(v["error"]["message"].as_str().unwrap().contains(words), "{format}: {v}");
+    }
+    // The server still serves after them.
+    let (status, v) = s.post("/v1/chat/completions", chat(json!({"max_tokens": 4, "response_format": {"type": "json_schema", "json_schema": {"name": "any"}}}))).await;
+    assert_eq!(status, 200, "{v}");
 }
