@@ -17,7 +17,7 @@ pub mod spec;
 pub use draft::{DraftLayerSpec, DraftSpec};
 pub use dtype::{DType, KvDtype, QuantFormat};
 pub use error::{Error, Result};
-pub use sampling::SamplingParams;
+pub use sampling::{Guide, SamplingParams};
 pub use spec::{
     AttentionKind, AttentionSpec, LayerSpec, MlpSpec, ModelSpec, MoeSpec, QkvLayout, RopeSpec,
     RouterScoring,

@@ -28,10 +28,21 @@ pub struct SamplingParams {
     /// closes (the engine's `json_mode`; sampled on the host).
     #[serde(default)]
     pub json_object: bool,
-    /// A JSON schema the output must be a value of (`response_format` `json_schema`; the
-    /// engine's `schema_mode`, sampled on the host); the output ends when the value does.
+    /// A grammar the whole output must match (`response_format` `json_schema`, vLLM's
+    /// `guided_*` / `structured_outputs`; the engine's `guided`, sampled on the host).
     #[serde(default)]
-    pub json_schema: Option<serde_json::Value>,
+    pub guide: Option<Guide>,
+}
+
+/// Structured output held to a grammar (JSON mode, `json_object`, is its own automaton).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Guide {
+    /// A value of this JSON schema.
+    JsonSchema(serde_json::Value),
+    /// A whole match of this regular expression (Rust `regex` syntax).
+    Regex(String),
+    /// Exactly one of these strings.
+    Choice(Vec<String>),
 }
 
 impl Default for SamplingParams {
@@ -48,7 +59,7 @@ impl Default for SamplingParams {
             seed: None,
             logprobs: None,
             json_object: false,
-            json_schema: None,
+            guide: None,
         }
     }
 }

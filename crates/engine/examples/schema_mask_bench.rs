@@ -1,4 +1,4 @@
-//! The host cost of schema-guided decoding (`schema_mode`) for a tokenizer's vocabulary: the
+//! The host cost of schema-guided decoding (`guided`) for a tokenizer's vocabulary: the
 //! compiler's one-time build, one schema's compile, and each token's step (taking the token and
 //! computing the next mask) along outputs sampled from random logits under the constraint.
 //!
@@ -9,7 +9,8 @@ use std::time::Instant;
 
 use clap::Parser;
 use peregrine_engine::json_mode::TokenBytes;
-use peregrine_engine::schema_mode::{SchemaCompiler, SchemaConstraint};
+use peregrine_core::Guide;
+use peregrine_engine::guided::{GuideCompiler, GuidedConstraint};
 use peregrine_model::tokenizer::Tokenizer;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
@@ -34,9 +35,9 @@ fn main() {
     let tok = Tokenizer::from_file(std::path::Path::new(&args.path)).unwrap();
     let tb = Arc::new(TokenBytes::from_tokenizer(&tok).unwrap());
     let t = Instant::now();
-    let compiler = SchemaCompiler::new(tb.clone()).unwrap();
+    let compiler = GuideCompiler::new(tb.clone()).unwrap();
     println!("vocabulary {} tokens: compiler built in {:.1} ms", tok.vocab_size(), ms(t));
-    let schema = json!({
+    let schema = Guide::JsonSchema(json!({
         "type": "object",
         "properties": {
             "name": {"type": "string", "maxLength": 40},
@@ -46,13 +47,13 @@ fn main() {
         },
         "required": ["name", "age", "pets"],
         "$defs": {"pet": {"type": "object", "properties": {"kind": {"enum": ["cat", "dog", "fish"]}, "legs": {"type": "integer"}}, "required": ["kind"]}}
-    });
+    }));
     let (mut compiles, mut steps, mut first) = (Vec::new(), Vec::new(), Vec::new());
     let mut tokens = 0;
     for seed in 0..args.runs {
         let t = Instant::now();
         let matcher = compiler.compile(&schema).unwrap();
-        let mut c = SchemaConstraint::new(&compiler, matcher, Vec::new(), false).unwrap();
+        let mut c = GuidedConstraint::new(&compiler, matcher, Vec::new(), false).unwrap();
         compiles.push(ms(t));
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let mut logits = vec![0.0f32; tok.vocab_size()];

@@ -1,12 +1,13 @@
-//! A sequence's output constraint: JSON mode (`json_object`) or a JSON schema (`json_schema`).
+//! A sequence's output constraint: JSON mode (`json_object`) or a guide (a JSON schema, a regex,
+//! a choice).
 //! Constrained sequences sample on the host from full logits and propose no drafts.
 
 use crate::json_mode::JsonConstraint;
-use crate::schema_mode::SchemaConstraint;
+use crate::guided::GuidedConstraint;
 
 pub enum Constraint {
     Json(JsonConstraint),
-    Schema(Box<SchemaConstraint>),
+    Guided(Box<GuidedConstraint>),
 }
 
 impl Constraint {
@@ -14,7 +15,7 @@ impl Constraint {
     pub fn mask(&self, logits: &mut [f32]) -> bool {
         match self {
             Constraint::Json(c) => c.mask(logits),
-            Constraint::Schema(c) => c.mask(logits),
+            Constraint::Guided(c) => c.mask(logits),
         }
     }
 
@@ -25,7 +26,7 @@ impl Constraint {
                 c.advance(token);
                 Ok(())
             }
-            Constraint::Schema(c) => c.advance(token),
+            Constraint::Guided(c) => c.advance(token),
         }
     }
 
@@ -33,7 +34,7 @@ impl Constraint {
     pub fn done(&mut self) -> bool {
         match self {
             Constraint::Json(c) => c.done(),
-            Constraint::Schema(c) => c.done(),
+            Constraint::Guided(c) => c.done(),
         }
     }
 
@@ -41,7 +42,7 @@ impl Constraint {
     pub fn stuck(&self) -> &'static str {
         match self {
             Constraint::Json(_) => "JSON mode: no token of the vocabulary can continue the object",
-            Constraint::Schema(_) => "json_schema: no token of the vocabulary can continue a value the schema accepts",
+            Constraint::Guided(_) => "guided decoding: no token of the vocabulary can continue a match of the request's grammar",
         }
     }
 }

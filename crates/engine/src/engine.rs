@@ -15,7 +15,7 @@ use crate::api::*;
 use crate::kv::{KvManager, SeqBlocks};
 use crate::constraint::Constraint;
 use crate::json_mode::{JsonConstraint, TokenBytes};
-use crate::schema_mode::{SchemaCompiler, SchemaConstraint};
+use crate::guided::{GuideCompiler, GuidedConstraint};
 use crate::metrics::Metrics;
 use crate::sampler::{self, SeqRng};
 use crate::spec_policy::SpecPolicy;
@@ -45,8 +45,8 @@ struct Inner {
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// The vocabulary's bytes for JSON mode, made on its first request (or why it cannot be).
     json_tokens: OnceLock<Result<Arc<TokenBytes>, String>>,
-    /// The schema compiler over those bytes, made on the first `json_schema` request.
-    schemas: OnceLock<Result<Arc<SchemaCompiler>, String>>,
+    /// The guide compiler over those bytes, made on the first guided request.
+    guides: OnceLock<Result<Arc<GuideCompiler>, String>>,
     /// The model's EOS ids (never allowed in JSON mode: the object's end stops the output).
     eos: Vec<u32>,
 }
@@ -154,29 +154,29 @@ pub fn start_engine(mut backend: Box<dyn Backend>, tokenizer: SharedTokenizer, c
             spec_block,
             thread: Mutex::new(Some(thread)),
             json_tokens: OnceLock::new(),
-            schemas: OnceLock::new(),
+            guides: OnceLock::new(),
             eos: handle_eos,
         }),
     })
 }
 
 impl EngineHandle {
-    /// The request's output constraint (JSON mode, or its JSON schema), or why it cannot have one.
+    /// The request's output constraint (JSON mode, or its guide), or why it cannot have one.
     fn constraint(&self, req: &GenerateRequest) -> Result<Option<Constraint>, String> {
-        let schema = req.sampling.json_schema.as_ref();
-        if !req.sampling.json_object && schema.is_none() {
+        let guide = req.sampling.guide.as_ref();
+        if !req.sampling.json_object && guide.is_none() {
             return Ok(None);
         }
         let tokens = self.inner.json_tokens.get_or_init(|| TokenBytes::from_tokenizer(&self.inner.tokenizer).map(Arc::new)).clone()?;
         // A prompt that leaves a `<think>` block open (a thinking mode's template) gets its
-        // thinking first, the value after `</think>`.
+        // thinking first, the constrained output after `</think>`.
         let thinking = tokens.ends_in_open_think(&req.prompt_tokens);
         let eos = self.inner.eos.clone();
-        Ok(Some(match schema {
-            Some(schema) => {
-                let compiler = self.inner.schemas.get_or_init(|| SchemaCompiler::new(tokens).map(Arc::new)).clone()?;
-                let matcher = compiler.compile(schema)?;
-                Constraint::Schema(Box::new(SchemaConstraint::new(&compiler, matcher, eos, thinking)?))
+        Ok(Some(match guide {
+            Some(guide) => {
+                let compiler = self.inner.guides.get_or_init(|| GuideCompiler::new(tokens).map(Arc::new)).clone()?;
+                let matcher = compiler.compile(guide)?;
+                Constraint::Guided(Box::new(GuidedConstraint::new(&compiler, matcher, eos, thinking)?))
             }
             None if thinking => Constraint::Json(JsonConstraint::after_thinking(tokens, eos)),
             None => Constraint::Json(JsonConstraint::new(tokens, eos)),

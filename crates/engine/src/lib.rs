@@ -64,12 +64,12 @@
 pub mod api;
 pub mod constraint;
 pub mod engine;
+pub mod guided;
 pub mod json_mode;
 pub mod kv;
 pub mod kv_sizing;
 pub mod metrics;
 pub mod sampler;
-pub mod schema_mode;
 pub mod spec_policy;
 
 pub use api::*;

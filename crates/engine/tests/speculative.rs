@@ -219,7 +219,7 @@ fn sampling_requests(t: &Tokenizer) -> Vec<GenerateRequest> {
                 seed: Some(1000 + i as u64),
                 logprobs: Some(2),
                 json_object: false,
-                json_schema: None,
+                guide: None,
             };
             let stop = StopParams {
                 max_tokens: 40,

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use peregrine_core::SamplingParams;
+use peregrine_core::{Guide, SamplingParams};
 use peregrine_engine::StopParams;
 use serde::Deserialize;
 use serde_json::Value;
@@ -43,7 +43,8 @@ const COMMON_FIELDS: &[&str] = &[
     "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "n", "stream",
     "stream_options", "stop", "stop_token_ids", "seed", "presence_penalty", "frequency_penalty",
     "repetition_penalty", "logit_bias", "ignore_eos", "min_tokens", "priority", "skip_special_tokens", "user",
-    "response_format",
+    "response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend",
+    "structured_outputs",
 ];
 pub const CHAT_FIELDS: &[&str] = &["messages", "logprobs", "top_logprobs", "tools", "tool_choice", "chat_template_kwargs", "add_generation_prompt"];
 pub const COMPLETION_FIELDS: &[&str] = &["prompt", "echo", "logprobs", "suffix"];
@@ -105,6 +106,13 @@ pub struct CommonParams {
     pub skip_special_tokens: Option<bool>,
     pub user: Option<String>,
     pub response_format: Option<Value>,
+    /// vLLM's guided decoding fields (`structured_outputs` is their newer form); checked by
+    /// `guide` rather than typed here, so a wrong type gets that field's own error.
+    pub guided_json: Option<Value>,
+    pub guided_regex: Option<Value>,
+    pub guided_choice: Option<Value>,
+    pub guided_grammar: Option<Value>,
+    pub structured_outputs: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -158,8 +166,9 @@ fn range(param: &str, v: Option<f64>, lo: f64, hi: f64, lo_open: bool) -> Result
 
 /// Validates the shared fields. `logprobs` is the number of top log-probabilities asked for.
 pub fn plan(c: &CommonParams, logprobs: Option<usize>, vocab_size: usize, always_usage: bool) -> Result<Plan, ApiError> {
-    let (json_object, json_schema) = response_format(c.response_format.as_ref())?;
-    let mut s = SamplingParams { json_object, json_schema, ..SamplingParams::default() };
+    let (json_object, guide) = response_format(c.response_format.as_ref())?;
+    let guide = one_guide(json_object, guide, vllm_guide(c)?)?;
+    let mut s = SamplingParams { json_object, guide, ..SamplingParams::default() };
     if let Some(t) = range("temperature", c.temperature, 0.0, 2.0, false)? {
         s.temperature = t as f32;
     }
@@ -263,9 +272,9 @@ pub fn plan(c: &CommonParams, logprobs: Option<usize>, vocab_size: usize, always
 
 /// `response_format`: JSON mode (`json_object`: the output is kept a JSON object, engine's
 /// json_mode) or a JSON schema (`json_schema`: the output is kept a value of
-/// `json_schema.schema`, engine's schema_mode; `strict` is accepted and always holds). Returns
-/// (JSON mode, the schema).
-fn response_format(v: Option<&Value>) -> Result<(bool, Option<Value>), ApiError> {
+/// `json_schema.schema`, engine's guided; `strict` is accepted and always holds). Returns
+/// (JSON mode, the schema's guide).
+fn response_format(v: Option<&Value>) -> Result<(bool, Option<Guide>), ApiError> {
     let kind = match v {
         None | Some(Value::Null) => return Ok((false, None)),
         Some(v) => v.get("type").and_then(Value::as_str),
@@ -273,7 +282,7 @@ fn response_format(v: Option<&Value>) -> Result<(bool, Option<Value>), ApiError>
     match kind {
         Some("text") => Ok((false, None)),
         Some("json_object") => Ok((true, None)),
-        Some("json_schema") => json_schema(v.and_then(|v| v.get("json_schema"))).map(|s| (false, Some(s))),
+        Some("json_schema") => json_schema(v.and_then(|v| v.get("json_schema"))).map(|s| (false, Some(Guide::JsonSchema(s)))),
         Some(t) => Err(ApiError::param("response_format", format!("`response_format.type` must be `text`, `json_object` or `json_schema`, got `{t}`"))),
         None => Err(ApiError::param("response_format", "`response_format` must be an object with a string `type`")),
     }
@@ -299,6 +308,70 @@ fn json_schema(v: Option<&Value>) -> Result<Value, ApiError> {
         None | Some(Value::Null) => Ok(Value::Object(Default::default())),
         Some(s @ (Value::Object(_) | Value::Bool(true))) => Ok(s.clone()),
         Some(s) => Err(err(format!("`response_format.json_schema.schema` must be a JSON Schema object, got {s}"))),
+    }
+}
+
+/// vLLM's guided decoding fields: `guided_json` (a schema, or its JSON text), `guided_regex`,
+/// `guided_choice`, or `structured_outputs` holding one of `json` / `regex` / `choice`. Grammars
+/// (`guided_grammar`, `structured_outputs.grammar` and the like) are refused: llguidance reads
+/// Lark, not the EBNF vLLM's clients send.
+fn vllm_guide(c: &CommonParams) -> Result<Option<Guide>, ApiError> {
+    if c.guided_grammar.as_ref().is_some_and(|g| !g.is_null()) {
+        return Err(ApiError::param("guided_grammar", "`guided_grammar` is not supported (`guided_json`, `guided_regex` and `guided_choice` are)"));
+    }
+    let mut found = Vec::new();
+    for (field, v) in [("guided_json", &c.guided_json), ("guided_regex", &c.guided_regex), ("guided_choice", &c.guided_choice)] {
+        if let Some(v) = v.as_ref().filter(|v| !v.is_null()) {
+            found.push(guide_of(field, field.trim_start_matches("guided_"), v)?);
+        }
+    }
+    match &c.structured_outputs {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(o)) => {
+            for (key, v) in o.iter().filter(|(_, v)| !v.is_null()) {
+                match key.as_str() {
+                    "json" | "regex" | "choice" => found.push(guide_of("structured_outputs", key, v)?),
+                    // vLLM's switches that choose no grammar themselves.
+                    "disable_fallback" | "disable_any_whitespace" | "disable_additional_properties" | "whitespace_pattern" => {}
+                    other => return Err(ApiError::param("structured_outputs", format!("`structured_outputs.{other}` is not supported (`json`, `regex` and `choice` are)"))),
+                }
+            }
+        }
+        Some(v) => return Err(ApiError::param("structured_outputs", format!("`structured_outputs` must be an object, got {v}"))),
+    }
+    match found.len() {
+        0 => Ok(None),
+        1 => Ok(found.pop()),
+        _ => Err(ApiError::invalid("give one of `guided_json`, `guided_regex`, `guided_choice` and `structured_outputs`'s `json` / `regex` / `choice`, not several")),
+    }
+}
+
+/// One guided field's value as a guide: `kind` is `json`, `regex` or `choice`; `field` names it
+/// in errors.
+fn guide_of(field: &str, kind: &str, v: &Value) -> Result<Guide, ApiError> {
+    let err = |m: String| ApiError::param(field, m);
+    match (kind, v) {
+        ("json", Value::Object(_) | Value::Bool(true)) => Ok(Guide::JsonSchema(v.clone())),
+        ("json", Value::String(text)) => match serde_json::from_str::<Value>(text) {
+            Ok(s @ Value::Object(_)) => Ok(Guide::JsonSchema(s)),
+            _ => Err(err(format!("`{field}` must be a JSON Schema object or its JSON text"))),
+        },
+        ("json", _) => Err(err(format!("`{field}` must be a JSON Schema object or its JSON text"))),
+        ("regex", Value::String(rx)) if !rx.is_empty() => Ok(Guide::Regex(rx.clone())),
+        ("regex", _) => Err(err(format!("`{field}` must be a non-empty regular expression string"))),
+        ("choice", Value::Array(list)) if !list.is_empty() && list.iter().all(Value::is_string) => {
+            Ok(Guide::Choice(list.iter().filter_map(|c| c.as_str().map(str::to_owned)).collect()))
+        }
+        _ => Err(err(format!("`{field}` must be a non-empty list of strings"))),
+    }
+}
+
+/// At most one constraint a request: JSON mode, `response_format`'s schema or vLLM's fields.
+fn one_guide(json_object: bool, from_format: Option<Guide>, from_vllm: Option<Guide>) -> Result<Option<Guide>, ApiError> {
+    match (json_object || from_format.is_some(), from_vllm) {
+        (true, Some(_)) => Err(ApiError::param("response_format", "`response_format` and vLLM's guided fields (`guided_json`, `structured_outputs`, ...) constrain the output both; give one")),
+        (_, Some(g)) => Ok(Some(g)),
+        (_, None) => Ok(from_format),
     }
 }
 

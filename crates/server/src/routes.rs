@@ -177,11 +177,12 @@ struct Submitted {
     prompt_lens: Vec<usize>,
 }
 
-/// `submit_all`, on the blocking pool when the request has a JSON schema: compiling it, and on
-/// the first such request the vocabulary's schema compiler (~0.6 s for a 152k-token vocabulary:
-/// benches/results/2026-11-30-json-schema.md), must not stall the runtime's other requests.
+/// `submit_all`, on the blocking pool when the request has a guide (a JSON schema, a regex, a
+/// choice): compiling it, and on the first such request the vocabulary's guide compiler (~0.5 s
+/// for a 152k-token vocabulary: benches/results/2026-11-30-json-schema.md), must not stall the
+/// runtime's other requests.
 async fn submit(state: &AppState, id: &str, prompts: &[Vec<u32>], plan: &Plan, prompt_logprobs: Option<usize>) -> Result<Submitted, ApiError> {
-    if plan.sampling.json_schema.is_none() {
+    if plan.sampling.guide.is_none() {
         return submit_all(state.ready()?, id, prompts, plan, prompt_logprobs);
     }
     let (state, id, prompts, plan) = (state.clone(), id.to_owned(), prompts.to_vec(), plan.clone());

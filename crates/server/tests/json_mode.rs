@@ -203,3 +203,62 @@ async fn json_schema_outputs_are_values_of_the_schema() {
     let (status, v) = s.post("/v1/chat/completions", chat(json!({"max_tokens": 4, "response_format": {"type": "json_schema", "json_schema": {"name": "any"}}}))).await;
     assert_eq!(status, 200, "{v}");
 }
+
+#[tokio::test]
+async fn vllm_guided_fields_hold_the_output() {
+    let s = Server::start(&["--max-model-len", "512"]).await;
+    let ask = |extra: Value| {
+        let mut body = json!({"prompt": "answer: ", "temperature": 1.0, "max_tokens": 40});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        body
+    };
+    for seed in 0..4 {
+        // A choice: exactly one of the strings, and the output ends there.
+        let (status, v) = s.post("/v1/completions", ask(json!({"seed": seed, "guided_choice": ["cat", "dog (big)", "a|b"]}))).await;
+        assert_eq!(status, 200, "{v}");
+        assert!(["cat", "dog (big)", "a|b"].contains(&v["choices"][0]["text"].as_str().unwrap()), "{v}");
+        assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+        // A regex of fixed length: a whole match, then stop.
+        let (status, v) = s.post("/v1/completions", ask(json!({"seed": seed, "guided_regex": "[0-9]{3}-[a-c]{2}"}))).await;
+        assert_eq!(status, 200, "{v}");
+        let t = v["choices"][0]["text"].as_str().unwrap().as_bytes();
+        assert!(t.len() == 6 && t[..3].iter().all(u8::is_ascii_digit) && t[3] == b'-' && t[4..].iter().all(|b| (b'a'..=b'c').contains(b)), "{v}");
+        assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+        // `guided_json` as the schema's JSON text, and `structured_outputs`' form.
+        let schema = json!({"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": false});
+        for mut extra in [json!({"guided_json": schema.to_string()}), json!({"structured_outputs": {"json": schema}})] {
+            // chat() asks for JSON mode; these requests take the guide instead.
+            (extra["seed"], extra["temperature"], extra["max_tokens"], extra["response_format"]) = (json!(seed), json!(1.0), json!(80), Value::Null);
+            let (status, v) = s.post("/v1/chat/completions", chat(extra.clone())).await;
+            assert_eq!(status, 200, "{extra}: {v}");
+            let text = v["choices"][0]["message"]["content"].as_str().unwrap();
+            if v["choices"][0]["finish_reason"] == "stop" {
+                let o: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{extra}: {text:?}: {e}"));
+                assert!(o["ok"].is_boolean() && o.as_object().unwrap().len() == 1, "{extra}: {text:?}");
+            }
+        }
+        let (status, v) = s.post("/v1/completions", ask(json!({"seed": seed, "structured_outputs": {"choice": ["yes", "no"]}}))).await;
+        assert_eq!(status, 200, "{v}");
+        assert!(["yes", "no"].contains(&v["choices"][0]["text"].as_str().unwrap()), "{v}");
+    }
+    // What cannot be honoured, or is malformed: 400s naming the field.
+    let cases = [
+        (json!({"guided_grammar": "root ::= \"a\""}), "guided_grammar"),
+        (json!({"guided_choice": []}), "guided_choice"),
+        (json!({"guided_choice": ["a", 1]}), "guided_choice"),
+        (json!({"guided_regex": ""}), "guided_regex"),
+        (json!({"guided_regex": "(unclosed"}), "regex cannot be used"),
+        (json!({"guided_json": "not json"}), "guided_json"),
+        (json!({"guided_json": {"type": "object"}, "guided_regex": "a"}), "not several"),
+        (json!({"guided_regex": "a", "response_format": {"type": "json_object"}}), "give one"),
+        (json!({"structured_outputs": {"grammar": "start: \"a\""}}), "structured_outputs.grammar"),
+        (json!({"structured_outputs": "json"}), "must be an object"),
+    ];
+    for (extra, words) in cases {
+        let (status, v) = s.post("/v1/completions", ask(extra.clone())).await;
+        assert_eq!(status, 400, "{extra}: {v}");
+        assert!(v["error"]["message"].as_str().unwrap().contains(words), "{extra}: {v}");
+    }
+}

@@ -1,0 +1,406 @@
+//! Guided decoding: each sampled token keeps the output a prefix of a whole match of the request's
+//! grammar (`response_format` `json_schema`, vLLM's `guided_json` / `guided_regex` /
+//! `guided_choice` / `structured_outputs`), and the sequence stops (reason `stop`) where the match
+//! is complete and nothing can extend it. Where the match is complete but could go on (a number,
+//! a regex's `+`), the model's EOS is allowed and it chooses.
+//!
+//! llguidance (the library vLLM's `guidance` backend uses) compiles the grammar and computes each
+//! step's token mask over a trie of the vocabulary's bytes: the same bytes JSON mode reads
+//! ([`TokenBytes`], so the same byte-level BPE requirement). Tokens without bytes of their own
+//! (special tokens) enter the trie under a marker byte no grammar here produces, so they are
+//! never allowed, and the model's EOS only as said above.
+
+use std::sync::Arc;
+
+use llguidance::api::TopLevelGrammar;
+use llguidance::toktrie::{ApproximateTokEnv, SimpleVob, TokEnv, TokRxInfo, TokTrie};
+use llguidance::{Matcher, ParserFactory};
+use peregrine_core::Guide;
+use serde_json::Value;
+
+use crate::json_mode::{past_think_end, TokenBytes, THINK_END};
+
+/// Whitespace between a JSON value's tokens: at most this many bytes in a gap (as JSON mode's
+/// runs), so a model cannot spend its tokens on endless newlines.
+const WHITESPACE: &str = r"[\x20\x0A\x0D\x09]{1,24}";
+
+/// Compiles guides against one vocabulary. Building it walks the whole vocabulary (llguidance's
+/// token slices), so the engine makes one, on the first guided request.
+pub struct GuideCompiler {
+    factory: ParserFactory,
+    tokens: Arc<TokenBytes>,
+}
+
+impl GuideCompiler {
+    pub fn new(tokens: Arc<TokenBytes>) -> Result<GuideCompiler, String> {
+        let n = tokens.len();
+        let mut words: Vec<Vec<u8>> = (0..n as u32)
+            .map(|id| match tokens.bytes(id) {
+                [] => [&[TokTrie::SPECIAL_TOKEN_MARKER][..], format!("<[{id}]>").as_bytes()].concat(),
+                b => b.to_vec(),
+            })
+            .collect();
+        // llguidance allows its EOS id where the match may end: an id of its own past the
+        // vocabulary, which `Next::from_mask` reads and clears.
+        words.push([&[TokTrie::SPECIAL_TOKEN_MARKER][..], b"<[end]>"].concat());
+        let info = TokRxInfo::new(n as u32 + 1, n as u32);
+        let env: TokEnv = Arc::new(ApproximateTokEnv::new(TokTrie::from(&info, &words)));
+        let mut factory = ParserFactory::new_simple(&env).map_err(|e| format!("guided decoding: {e}"))?;
+        factory.quiet();
+        Ok(GuideCompiler { factory, tokens })
+    }
+
+    /// The guide's grammar, ready for a sequence; one llguidance cannot take is an error naming
+    /// the request field and why (the request's 400).
+    pub fn compile(&self, guide: &Guide) -> Result<Matcher, String> {
+        let (grammar, what) = match guide {
+            Guide::JsonSchema(schema) => {
+                let mut schema = schema.clone();
+                if let Value::Object(o) = &mut schema {
+                    o.entry("x-guidance").or_insert_with(|| serde_json::json!({"whitespace_pattern": WHITESPACE}));
+                }
+                (TopLevelGrammar::from_json_schema(schema), "`json_schema`")
+            }
+            Guide::Regex(rx) => (TopLevelGrammar::from_regex(rx), "the regex"),
+            Guide::Choice(choices) => {
+                let alternatives: Vec<String> = choices.iter().map(|c| escape_regex(c)).collect();
+                (TopLevelGrammar::from_regex(&format!("(?:{})", alternatives.join("|"))), "the choice")
+            }
+        };
+        let parser = self.factory.create_parser(grammar).map_err(|e| format!("{what} cannot be used: {e}"))?;
+        let matcher = Matcher::new(Ok(parser));
+        match matcher.get_error() {
+            Some(e) => Err(format!("{what} cannot be used: {e}")),
+            None => Ok(matcher),
+        }
+    }
+}
+
+/// `s` as a regex matching exactly itself (the `regex` crate's meta characters escaped).
+fn escape_regex(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if "\\.+*?()|[]{}^$#&-~".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// What may come next.
+struct Next {
+    /// The tokens of the vocabulary that continue the match (the model's EOS among them where
+    /// the match may end here).
+    mask: SimpleVob,
+    /// Nothing but the end can follow: the sequence stops without asking the model.
+    only_end: bool,
+}
+
+impl Next {
+    /// From llguidance's mask (its EOS bit at `n`, the vocabulary's size); None: nothing at all.
+    fn from_mask(mut m: SimpleVob, n: usize, eos: &[u32]) -> Option<Next> {
+        let may_end = n < m.len() && m.is_allowed(n as u32);
+        for id in eos.iter().map(|&e| e as usize).chain([n]) {
+            if id < m.len() {
+                m.disallow_token(id as u32);
+            }
+        }
+        let only_end = m.num_set() == 0;
+        if only_end && !may_end {
+            return None;
+        }
+        if may_end {
+            eos.iter().filter(|&&e| (e as usize) < n).for_each(|&e| m.allow_token(e));
+        }
+        Some(Next { mask: m, only_end })
+    }
+}
+
+/// One sequence's constraint: the guide's matcher over its output so far.
+pub struct GuidedConstraint {
+    matcher: Matcher,
+    tokens: Arc<TokenBytes>,
+    /// The model's EOS ids: allowed only where the match may end.
+    eos: Vec<u32>,
+    /// What may follow the output so far (computed when the last token was taken); None:
+    /// nothing can, or the output has ended.
+    next: Option<Next>,
+    /// The model chose EOS where the match could end.
+    ended: bool,
+    /// Thinking first (the prompt opened a `<think>` block): free until `</think>`; the last bytes.
+    thinking: Option<Vec<u8>>,
+}
+
+impl GuidedConstraint {
+    /// `thinking`: the output thinks first (anything but EOS until `</think>`, as vLLM starts a
+    /// grammar only past the reasoning).
+    pub fn new(compiler: &GuideCompiler, mut matcher: Matcher, eos: Vec<u32>, thinking: bool) -> Result<GuidedConstraint, String> {
+        let next = Self::next(&mut matcher, &compiler.tokens, &eos)?;
+        Ok(GuidedConstraint { matcher, tokens: compiler.tokens.clone(), eos, next, ended: false, thinking: thinking.then(Vec::new) })
+    }
+
+    fn next(matcher: &mut Matcher, tokens: &TokenBytes, eos: &[u32]) -> Result<Option<Next>, String> {
+        if matcher.is_stopped() {
+            return Ok(matcher.is_accepting().unwrap_or(false).then(|| Next { mask: SimpleVob::alloc(tokens.len() + 1), only_end: true }));
+        }
+        let m = matcher.compute_mask().map_err(|e| format!("guided decoding: {e}"))?;
+        Ok(Next::from_mask(m, tokens.len(), eos))
+    }
+
+    /// Sets the logits of every token that cannot come next to -inf; false if none can.
+    pub fn mask(&self, logits: &mut [f32]) -> bool {
+        if let Some(seen) = &self.thinking {
+            // Free text but EOS, and a token that ends the block must end with the tag (the
+            // match then starts at the next token).
+            let mut refuse = self.eos.clone();
+            let mut tail = Vec::new();
+            for &id in self.tokens.ids_with_gt() {
+                tail.clear();
+                tail.extend_from_slice(seen);
+                tail.extend_from_slice(self.tokens.bytes(id));
+                if past_think_end(&tail).is_some_and(|past| past < tail.len()) {
+                    refuse.push(id);
+                }
+            }
+            for id in refuse {
+                if let Some(l) = logits.get_mut(id as usize) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+            return logits.iter().any(|l| *l > f32::NEG_INFINITY);
+        }
+        let Some(next) = self.next.as_ref().filter(|n| !n.only_end) else {
+            return false;
+        };
+        for (id, l) in logits.iter_mut().enumerate() {
+            if id >= self.tokens.len() || !next.mask.is_allowed(id as u32) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+        logits.iter().any(|l| *l > f32::NEG_INFINITY)
+    }
+
+    /// Takes the sampled token (one `mask` allowed); an error where the matcher refuses it.
+    pub fn advance(&mut self, token: u32) -> Result<(), String> {
+        if let Some(seen) = &mut self.thinking {
+            seen.extend_from_slice(self.tokens.bytes(token));
+            if past_think_end(seen).is_some() {
+                self.thinking = None;
+            } else if seen.len() > THINK_END.len() {
+                seen.drain(..seen.len() - (THINK_END.len() - 1));
+            }
+            return Ok(());
+        }
+        if self.eos.contains(&token) {
+            // Allowed only where the match may end: the output is whole.
+            self.ended = true;
+            self.next = None;
+            return Ok(());
+        }
+        self.matcher.consume_token(token).map_err(|e| format!("guided decoding: {e}"))?;
+        self.next = Self::next(&mut self.matcher, &self.tokens, &self.eos)?;
+        Ok(())
+    }
+
+    /// Whether the match is whole and the output ends (the sequence then stops).
+    pub fn done(&self) -> bool {
+        self.thinking.is_none() && (self.ended || self.next.as_ref().is_some_and(|n| n.only_end))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use peregrine_model::tokenizer::Tokenizer;
+    use rand::{Rng, SeedableRng};
+    use serde_json::json;
+
+    /// The golden fixture's byte-level vocabulary (512 tokens) and a compiler over it.
+    fn golden() -> (Tokenizer, GuideCompiler) {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/golden/default/tokenizer.json");
+        let tok = Tokenizer::from_file(std::path::Path::new(path)).unwrap();
+        let tb = Arc::new(TokenBytes::from_tokenizer(&tok).unwrap());
+        let c = GuideCompiler::new(tb).unwrap();
+        (tok, c)
+    }
+
+    /// Samples from random logits under the guide until it is done (or `max` tokens), with
+    /// `eos` as the model's EOS ids (taken as the end: their bytes are not output): the output's
+    /// bytes, and whether it finished.
+    fn run(c: &GuideCompiler, guide: &Guide, seed: u64, max: usize, eos: &[u32]) -> (Vec<u8>, bool) {
+        let mut k = GuidedConstraint::new(c, c.compile(guide).unwrap(), eos.to_vec(), false).unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut out = Vec::new();
+        for _ in 0..max {
+            if k.done() {
+                return (out, true);
+            }
+            let mut logits: Vec<f32> = (0..c.tokens.len() + 3).map(|_| rng.random::<f32>() * 4.0).collect();
+            assert!(k.mask(&mut logits), "no token can continue {:?}", String::from_utf8_lossy(&out));
+            let (id, _) = logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap();
+            assert!(id < c.tokens.len(), "masked token {id} sampled");
+            if !eos.contains(&(id as u32)) {
+                out.extend_from_slice(c.tokens.bytes(id as u32));
+            }
+            k.advance(id as u32).unwrap();
+        }
+        (out, k.done())
+    }
+
+    #[test]
+    fn random_samples_under_a_schema_are_values_it_accepts() {
+        let (_, c) = golden();
+        let schema = Guide::JsonSchema(json!({
+            "type": "object",
+            "properties": {
+                "name": {"type": "string", "maxLength": 6},
+                "age": {"type": "integer", "minimum": 0, "maximum": 99},
+                "kind": {"enum": ["cat", "dog"]},
+                "tags": {"type": "array", "items": {"$ref": "#/$defs/tag"}, "maxItems": 2}
+            },
+            "required": ["name", "age", "kind", "tags"],
+            "additionalProperties": false,
+            "$defs": {"tag": {"type": "boolean"}}
+        }));
+        let mut finished = 0;
+        for seed in 0..12 {
+            // Token 0 as EOS: never allowed inside an object, and nothing follows its close.
+            let (out, done) = run(&c, &schema, seed, 400, &[0]);
+            if !done {
+                continue;
+            }
+            finished += 1;
+            let text = String::from_utf8(out).unwrap();
+            let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+            let o = v.as_object().unwrap();
+            assert_eq!(o.len(), 4, "{text}");
+            assert!(o["name"].as_str().unwrap().chars().count() <= 6, "{text}");
+            assert!((0..=99).contains(&o["age"].as_i64().unwrap()), "{text}");
+            assert!(["cat", "dog"].contains(&o["kind"].as_str().unwrap()), "{text}");
+            let tags = o["tags"].as_array().unwrap();
+            assert!(tags.len() <= 2 && tags.iter().all(Value::is_boolean), "{text}");
+            assert!(text.ends_with('}'), "{text}");
+        }
+        // Random logits choose whitespace and long strings often; most runs still close.
+        assert!(finished >= 8, "only {finished} of 12 runs completed their value");
+    }
+
+    #[test]
+    fn patterns_consts_unions_and_item_counts_hold() {
+        let (_, c) = golden();
+        let schema = Guide::JsonSchema(json!({
+            "type": "object",
+            "properties": {
+                "id": {"type": "string", "pattern": "^[a-c]{2}[0-9]$"},
+                "v": {"const": 3},
+                "x": {"anyOf": [{"type": "integer", "minimum": 10, "maximum": 12}, {"type": "null"}]},
+                "list": {"type": "array", "items": {"type": "integer"}, "minItems": 1, "maxItems": 2}
+            },
+            "required": ["id", "v", "x", "list"],
+            "additionalProperties": false
+        }));
+        let mut finished = 0;
+        for seed in 0..12 {
+            let (out, done) = run(&c, &schema, seed, 400, &[]);
+            if !done {
+                continue;
+            }
+            finished += 1;
+            let text = String::from_utf8(out).unwrap();
+            let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+            let id = v["id"].as_str().unwrap().as_bytes();
+            assert!(id.len() == 3 && id[..2].iter().all(|b| (b'a'..=b'c').contains(b)) && id[2].is_ascii_digit(), "{text}");
+            assert_eq!(v["v"], json!(3), "{text}");
+            assert!(v["x"].is_null() || (10..=12).contains(&v["x"].as_i64().unwrap()), "{text}");
+            let list = v["list"].as_array().unwrap();
+            // JSON Schema's integers are numbers without a fraction (`-0` among them).
+            assert!((1..=2).contains(&list.len()) && list.iter().all(|i| i.as_f64().is_some_and(|f| f.fract() == 0.0)), "{text}");
+            assert_eq!(v.as_object().unwrap().len(), 4, "{text}");
+        }
+        assert!(finished >= 8, "only {finished} of 12 runs completed their value");
+    }
+
+    #[test]
+    fn eos_is_allowed_exactly_where_the_match_may_end() {
+        let (tok, c) = golden();
+        let eos = 0u32;
+        // A value nothing can extend is done at once, without EOS.
+        for seed in 0..6 {
+            let (out, done) = run(&c, &Guide::JsonSchema(json!({"enum": ["yes", "no"]})), seed, 40, &[eos]);
+            assert!(done, "{:?}", String::from_utf8_lossy(&out));
+            let v: Value = serde_json::from_slice(&out).unwrap();
+            assert!(v == json!("yes") || v == json!("no"), "{v}");
+        }
+        // `[0-9]+`: EOS refused before the first digit, allowed after it; the model's EOS ends it.
+        let digits = Guide::Regex("[0-9]+".into());
+        let mut k = GuidedConstraint::new(&c, c.compile(&digits).unwrap(), vec![eos], false).unwrap();
+        let mut logits = vec![0.0f32; c.tokens.len()];
+        assert!(k.mask(&mut logits) && logits[eos as usize] == f32::NEG_INFINITY);
+        let seven = tok.encode("7", false).unwrap();
+        assert_eq!(seven.len(), 1);
+        k.advance(seven[0]).unwrap();
+        assert!(!k.done());
+        let mut logits = vec![0.0f32; c.tokens.len()];
+        assert!(k.mask(&mut logits) && logits[eos as usize] == 0.0);
+        for id in 0..c.tokens.len() as u32 {
+            if id != eos && logits[id as usize] == 0.0 {
+                assert!(c.tokens.bytes(id).iter().all(u8::is_ascii_digit), "{:?} allowed", c.tokens.bytes(id));
+            }
+        }
+        k.advance(eos).unwrap();
+        assert!(k.done());
+        // Sampled, every output is digits (ended by EOS, or cut).
+        for seed in 0..6 {
+            let (out, _) = run(&c, &digits, seed, 30, &[eos]);
+            assert!(!out.is_empty() && out.iter().all(u8::is_ascii_digit), "{:?}", String::from_utf8_lossy(&out));
+        }
+    }
+
+    #[test]
+    fn a_choice_is_one_of_its_strings_whatever_they_hold() {
+        let (_, c) = golden();
+        let choices = vec!["a+b (c)".to_string(), "x|y".into(), "[ok]".into(), "a.b".into()];
+        let guide = Guide::Choice(choices.clone());
+        for seed in 0..16 {
+            let (out, done) = run(&c, &guide, seed, 40, &[0]);
+            let text = String::from_utf8(out).unwrap();
+            assert!(done && choices.contains(&text), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn guides_that_cannot_be_used_are_errors_that_say_why() {
+        let (_, c) = golden();
+        for bad in [json!({"type": "no-such-type"}), json!({"$ref": "#/$defs/missing"}), json!({"type": "integer", "minimum": 5, "maximum": 1})] {
+            let e = c.compile(&Guide::JsonSchema(bad.clone())).err().unwrap_or_else(|| panic!("{bad} compiled"));
+            assert!(e.starts_with("`json_schema` cannot be used: "), "{e}");
+        }
+        let e = c.compile(&Guide::Regex("(unclosed".into())).err().expect("an unclosed group compiled");
+        assert!(e.starts_with("the regex cannot be used: "), "{e}");
+    }
+
+    #[test]
+    fn thinking_is_free_until_the_tag_then_the_guide_holds() {
+        let (tok, c) = golden();
+        let schema = Guide::JsonSchema(json!({"type": "boolean"}));
+        let mut k = GuidedConstraint::new(&c, c.compile(&schema).unwrap(), vec![], true).unwrap();
+        // Any token while thinking (the schema alone would allow only t/f starts).
+        let think = tok.encode("hmm </think>", false).unwrap();
+        for &t in &think {
+            let mut logits = vec![0.0f32; c.tokens.len()];
+            assert!(k.mask(&mut logits));
+            assert!(logits[t as usize].is_finite(), "thinking token {t} refused");
+            k.advance(t).unwrap();
+        }
+        assert!(!k.done());
+        let mut logits = vec![0.0f32; c.tokens.len()];
+        assert!(k.mask(&mut logits));
+        for id in 0..c.tokens.len() as u32 {
+            let b = c.tokens.bytes(id);
+            if logits[id as usize].is_finite() {
+                assert!(b"true".starts_with(b) || b"false".starts_with(b) || b.iter().all(|x| x.is_ascii_whitespace()), "{:?} allowed", String::from_utf8_lossy(b));
+            }
+        }
+    }
+}
