@@ -142,7 +142,12 @@ impl GuidedConstraint {
 
     fn next(matcher: &mut Matcher, tokens: &TokenBytes, eos: &[u32]) -> Result<Option<Next>, String> {
         if matcher.is_stopped() {
-            return Ok(matcher.is_accepting().unwrap_or(false).then(|| Next { mask: SimpleVob::alloc(tokens.len() + 1), only_end: true }));
+            // Whole, and nothing can follow: only the end (the EOS ids, for `mask` before any token).
+            let mut m = SimpleVob::alloc(tokens.len() + 1);
+            if matcher.is_accepting().unwrap_or(false) {
+                m.allow_token(tokens.len() as u32);
+            }
+            return Ok(Next::from_mask(m, tokens.len(), eos));
         }
         let m = matcher.compute_mask().map_err(|e| format!("guided decoding: {e}"))?;
         Ok(Next::from_mask(m, tokens.len(), eos))
@@ -170,9 +175,11 @@ impl GuidedConstraint {
             }
             return logits.iter().any(|l| *l > f32::NEG_INFINITY);
         }
-        let Some(next) = self.next.as_ref().filter(|n| !n.only_end) else {
+        let Some(next) = &self.next else {
             return false;
         };
+        // (`only_end` before any token, a grammar matching only the empty string: the EOS ids
+        // are the mask.)
         for (id, l) in logits.iter_mut().enumerate() {
             if id >= self.tokens.len() || !next.mask.is_allowed(id as u32) {
                 *l = f32::NEG_INFINITY;
@@ -355,6 +362,16 @@ mod tests {
             let (out, _) = run(&c, &digits, seed, 30, &[eos]);
             assert!(!out.is_empty() && out.iter().all(u8::is_ascii_digit), "{:?}", String::from_utf8_lossy(&out));
         }
+    }
+
+    #[test]
+    fn a_grammar_of_the_empty_string_asks_for_eos_alone() {
+        let (_, c) = golden();
+        let k = GuidedConstraint::new(&c, c.compile(&Guide::Regex("a{0}".into())).unwrap(), vec![7], false).unwrap();
+        assert!(k.done(), "nothing can follow the empty match");
+        let mut logits = vec![0.0f32; c.tokens.len()];
+        assert!(k.mask(&mut logits));
+        assert!(logits.iter().enumerate().all(|(id, l)| (id == 7) == l.is_finite()), "only EOS may come");
     }
 
     #[test]
