@@ -53,7 +53,7 @@ fn main() {
     for seed in 0..args.runs {
         let t = Instant::now();
         let matcher = compiler.compile(&schema).unwrap();
-        let mut c = GuidedConstraint::new(&compiler, matcher, Vec::new(), false).unwrap();
+        let mut c = GuidedConstraint::new(&compiler, matcher, Vec::new(), false, true).unwrap();
         compiles.push(ms(t));
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let mut logits = vec![0.0f32; tok.vocab_size()];

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use peregrine_core::backend::{accepted_prefix, Backend, DraftForward, KvConfig, LogitAdjust, OutputRows, RowLogprobs, RowSampling, SeqForward, SpecRows, SpecSampling, MAX_BACKEND_TOP_LOGPROBS};
-use peregrine_core::{Error, ModelSpec, SamplingParams};
+use peregrine_core::{Error, Guide, ModelSpec, SamplingParams};
 use peregrine_model::tokenizer::IncrementalDecoder;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 
@@ -176,7 +176,7 @@ impl EngineHandle {
             Some(guide) => {
                 let compiler = self.inner.guides.get_or_init(|| GuideCompiler::new(tokens).map(Arc::new)).clone()?;
                 let matcher = compiler.compile(guide)?;
-                Constraint::Guided(Box::new(GuidedConstraint::new(&compiler, matcher, eos, thinking)?))
+                Constraint::Guided(Box::new(GuidedConstraint::new(&compiler, matcher, eos, thinking, matches!(guide, Guide::JsonSchema(_)))?))
             }
             None if thinking => Constraint::Json(JsonConstraint::after_thinking(tokens, eos)),
             None => Constraint::Json(JsonConstraint::new(tokens, eos)),

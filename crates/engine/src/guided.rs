@@ -130,14 +130,28 @@ pub struct GuidedConstraint {
     ended: bool,
     /// Thinking first (the prompt opened a `<think>` block): free until `</think>`; the last bytes.
     thinking: Option<Vec<u8>>,
+    /// A JSON guide just past the thinking: whitespace the value may start after (as models
+    /// write after `</think>`; bytes so far, at most `MAX_LEAD_WS`). None once the value starts.
+    lead_ws: Option<usize>,
+    json: bool,
 }
+
+/// Whitespace allowed between `</think>` and a JSON value.
+const MAX_LEAD_WS: usize = 24;
 
 impl GuidedConstraint {
     /// `thinking`: the output thinks first (anything but EOS until `</think>`, as vLLM starts a
     /// grammar only past the reasoning).
-    pub fn new(compiler: &GuideCompiler, mut matcher: Matcher, eos: Vec<u32>, thinking: bool) -> Result<GuidedConstraint, String> {
+    /// `json`: the guide is a JSON schema (whitespace may come between the thinking and it).
+    pub fn new(compiler: &GuideCompiler, mut matcher: Matcher, eos: Vec<u32>, thinking: bool, json: bool) -> Result<GuidedConstraint, String> {
         let next = Self::next(&mut matcher, &compiler.tokens, &eos)?;
-        Ok(GuidedConstraint { matcher, tokens: compiler.tokens.clone(), eos, next, ended: false, thinking: thinking.then(Vec::new) })
+        Ok(GuidedConstraint { matcher, tokens: compiler.tokens.clone(), eos, next, ended: false, thinking: thinking.then(Vec::new), lead_ws: None, json })
+    }
+
+    /// A token of whitespace only, which may still come before the value.
+    fn leading_ws(&self, id: u32) -> bool {
+        let b = self.tokens.bytes(id);
+        self.lead_ws.is_some_and(|n| n + b.len() <= MAX_LEAD_WS) && !b.is_empty() && b.iter().all(u8::is_ascii_whitespace)
     }
 
     fn next(matcher: &mut Matcher, tokens: &TokenBytes, eos: &[u32]) -> Result<Option<Next>, String> {
@@ -181,7 +195,7 @@ impl GuidedConstraint {
         // (`only_end` before any token, a grammar matching only the empty string: the EOS ids
         // are the mask.)
         for (id, l) in logits.iter_mut().enumerate() {
-            if id >= self.tokens.len() || !next.mask.is_allowed(id as u32) {
+            if id >= self.tokens.len() || !(next.mask.is_allowed(id as u32) || self.leading_ws(id as u32)) {
                 *l = f32::NEG_INFINITY;
             }
         }
@@ -194,11 +208,18 @@ impl GuidedConstraint {
             seen.extend_from_slice(self.tokens.bytes(token));
             if past_think_end(seen).is_some() {
                 self.thinking = None;
+                self.lead_ws = self.json.then_some(0);
             } else if seen.len() > THINK_END.len() {
                 seen.drain(..seen.len() - (THINK_END.len() - 1));
             }
             return Ok(());
         }
+        if self.leading_ws(token) {
+            // Before the value, not part of it (the grammar starts at the value's first byte).
+            self.lead_ws = self.lead_ws.map(|n| n + self.tokens.bytes(token).len());
+            return Ok(());
+        }
+        self.lead_ws = None;
         if self.eos.contains(&token) {
             // Allowed only where the match may end: the output is whole.
             self.ended = true;
@@ -236,7 +257,7 @@ mod tests {
     /// `eos` as the model's EOS ids (taken as the end: their bytes are not output): the output's
     /// bytes, and whether it finished.
     fn run(c: &GuideCompiler, guide: &Guide, seed: u64, max: usize, eos: &[u32]) -> (Vec<u8>, bool) {
-        let mut k = GuidedConstraint::new(c, c.compile(guide).unwrap(), eos.to_vec(), false).unwrap();
+        let mut k = GuidedConstraint::new(c, c.compile(guide).unwrap(), eos.to_vec(), false, matches!(guide, Guide::JsonSchema(_))).unwrap();
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let mut out = Vec::new();
         for _ in 0..max {
@@ -341,7 +362,7 @@ mod tests {
         }
         // `[0-9]+`: EOS refused before the first digit, allowed after it; the model's EOS ends it.
         let digits = Guide::Regex("[0-9]+".into());
-        let mut k = GuidedConstraint::new(&c, c.compile(&digits).unwrap(), vec![eos], false).unwrap();
+        let mut k = GuidedConstraint::new(&c, c.compile(&digits).unwrap(), vec![eos], false, false).unwrap();
         let mut logits = vec![0.0f32; c.tokens.len()];
         assert!(k.mask(&mut logits) && logits[eos as usize] == f32::NEG_INFINITY);
         let seven = tok.encode("7", false).unwrap();
@@ -367,7 +388,7 @@ mod tests {
     #[test]
     fn a_grammar_of_the_empty_string_asks_for_eos_alone() {
         let (_, c) = golden();
-        let k = GuidedConstraint::new(&c, c.compile(&Guide::Regex("a{0}".into())).unwrap(), vec![7], false).unwrap();
+        let k = GuidedConstraint::new(&c, c.compile(&Guide::Regex("a{0}".into())).unwrap(), vec![7], false, false).unwrap();
         assert!(k.done(), "nothing can follow the empty match");
         let mut logits = vec![0.0f32; c.tokens.len()];
         assert!(k.mask(&mut logits));
@@ -401,7 +422,7 @@ mod tests {
     fn thinking_is_free_until_the_tag_then_the_guide_holds() {
         let (tok, c) = golden();
         let schema = Guide::JsonSchema(json!({"type": "boolean"}));
-        let mut k = GuidedConstraint::new(&c, c.compile(&schema).unwrap(), vec![], true).unwrap();
+        let mut k = GuidedConstraint::new(&c, c.compile(&schema).unwrap(), vec![], true, true).unwrap();
         // Any token while thinking (the schema alone would allow only t/f starts).
         let think = tok.encode("hmm </think>", false).unwrap();
         for &t in &think {

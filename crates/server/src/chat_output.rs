@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 
+use crate::protocol::Forced;
 use crate::reasoning::{self, Part, ReasoningParser};
 use crate::tool_calls::{self, Piece, ToolCall, ToolCallParser, ToolSchemas};
 
@@ -16,11 +17,13 @@ pub struct OutputParsing {
     pub reasoning: Option<bool>,
     /// Tool calls parsed out, with the tools' parameter types.
     pub tools: Option<Arc<ToolSchemas>>,
+    /// A forced call: the answer is its JSON (held to it by the request's guide).
+    pub forced: Option<Forced>,
 }
 
 impl OutputParsing {
     pub fn any(&self) -> bool {
-        self.reasoning.is_some() || self.tools.is_some()
+        self.reasoning.is_some() || self.tools.is_some() || self.forced.is_some()
     }
 
     /// A whole output as the assistant message, and how many tool calls it holds.
@@ -29,9 +32,14 @@ impl OutputParsing {
             Some(opened) => reasoning::split_output(text, opened),
             None => (None, text.to_owned()),
         };
-        let (content, calls) = match &self.tools {
-            Some(schemas) => tool_calls::parse_output(&answer, schemas.clone()),
-            None => (Some(answer), Vec::new()),
+        let (content, calls) = match (&self.forced, &self.tools) {
+            // A cut call's JSON (`length`) stays content: nothing is lost.
+            (Some(f), _) => match forced_calls(f, &answer) {
+                Some(calls) => (None, calls),
+                None => (Some(answer), Vec::new()),
+            },
+            (None, Some(schemas)) => tool_calls::parse_output(&answer, schemas.clone()),
+            (None, None) => (Some(answer), Vec::new()),
         };
         let mut message = json!({"role": "assistant", "content": content});
         if let Some(r) = reasoning {
@@ -48,7 +56,24 @@ impl OutputParsing {
         ChoiceStream {
             reasoning: self.reasoning.map(ReasoningParser::new),
             tools: self.tools.clone().map(ToolCallParser::new),
+            forced: self.forced.clone().map(|f| (f, String::new())),
+            forced_calls: 0,
         }
+    }
+}
+
+/// A forced call's answer read back: the named function's arguments object, or `required`'s
+/// list of `{"name", "parameters"}`; None where it is not whole (cut by `max_tokens`).
+fn forced_calls(forced: &Forced, answer: &str) -> Option<Vec<ToolCall>> {
+    let v: Value = serde_json::from_str(answer.trim()).ok()?;
+    match forced {
+        Forced::Named(name) => v.is_object().then(|| vec![ToolCall { name: name.clone(), arguments: v.to_string() }]),
+        Forced::Required => v
+            .as_array()
+            .filter(|calls| !calls.is_empty())?
+            .iter()
+            .map(|c| Some(ToolCall { name: c.get("name")?.as_str()?.to_owned(), arguments: c.get("parameters").filter(|p| p.is_object())?.to_string() }))
+            .collect(),
     }
 }
 
@@ -67,6 +92,9 @@ pub fn tool_call_json(call: &ToolCall, index: Option<usize>) -> Value {
 pub struct ChoiceStream {
     reasoning: Option<ReasoningParser>,
     tools: Option<ToolCallParser>,
+    /// A forced call and its answer so far: released as calls when the output ends.
+    forced: Option<(Forced, String)>,
+    forced_calls: usize,
 }
 
 impl ChoiceStream {
@@ -93,10 +121,24 @@ impl ChoiceStream {
 
     /// Tool calls released so far.
     pub fn calls(&self) -> usize {
-        self.tools.as_ref().map_or(0, ToolCallParser::calls)
+        self.tools.as_ref().map_or(0, ToolCallParser::calls) + self.forced_calls
     }
 
     fn answer_deltas(&mut self, text: Option<&str>, out: &mut Vec<Value>) {
+        if let Some((forced, answer)) = &mut self.forced {
+            match text {
+                Some(t) => answer.push_str(t),
+                None => match forced_calls(forced, answer) {
+                    Some(calls) => {
+                        self.forced_calls = calls.len();
+                        out.extend(calls.iter().enumerate().map(|(i, c)| json!({"tool_calls": [tool_call_json(c, Some(i))]})));
+                    }
+                    None if !answer.is_empty() => out.push(json!({"content": std::mem::take(answer)})),
+                    None => {}
+                },
+            }
+            return;
+        }
         let Some(tp) = &mut self.tools else {
             if let Some(t) = text {
                 out.push(json!({"content": t}));

@@ -375,12 +375,30 @@ fn one_guide(json_object: bool, from_format: Option<Guide>, from_vllm: Option<Gu
     }
 }
 
-/// Checks `tools` and `tool_choice`; returns whether the output is to be parsed for tool calls
-/// (tools given and `tool_choice` `auto`, its default with tools). `required` and a named
-/// function would need constrained decoding and are refused.
-pub fn tool_parsing(tools: Option<&Value>, tool_choice: Option<&Value>) -> Result<bool, ApiError> {
-    let count = match tools {
-        None | Some(Value::Null) => 0,
+/// What a chat request's tools ask of its output.
+#[derive(Debug)]
+pub enum ToolUse {
+    /// No tools, or `tool_choice: none`.
+    Off,
+    /// `auto` (the default with tools): calls parsed out of the output in the model's syntax.
+    Parse,
+    /// `required` or a named function: the output is held to the calls' JSON by `guide` (as
+    /// vLLM forces them) and read back as `forced` says.
+    Forced { forced: Forced, guide: Guide },
+}
+
+/// A forced tool call's output: the named function's arguments object, or (`required`) a list
+/// of `{"name": .., "parameters": {..}}`, one or more.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Forced {
+    Named(String),
+    Required,
+}
+
+/// Checks `tools` and `tool_choice`, and says what they ask of the output.
+pub fn tool_use(tools: Option<&Value>, tool_choice: Option<&Value>) -> Result<ToolUse, ApiError> {
+    let list: &[Value] = match tools {
+        None | Some(Value::Null) => &[],
         Some(Value::Array(list)) => {
             for (i, t) in list.iter().enumerate() {
                 if t.get("type").and_then(Value::as_str) != Some("function") {
@@ -394,29 +412,43 @@ pub fn tool_parsing(tools: Option<&Value>, tool_choice: Option<&Value>) -> Resul
                     return Err(ApiError::param("tools", format!("`tools[{i}].function.parameters` must be a JSON Schema object")));
                 }
             }
-            list.len()
+            list
         }
         Some(_) => return Err(ApiError::param("tools", "`tools` must be a list of {\"type\": \"function\", \"function\": {...}}")),
     };
+    // Each tool's name and parameters schema (an object of any keys where none is given).
+    let params = |t: &Value| t["function"].get("parameters").cloned().unwrap_or_else(|| serde_json::json!({"type": "object"}));
+    let name_of = |t: &Value| t["function"]["name"].as_str().unwrap_or_default().to_owned();
     let choice = match tool_choice {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) => Some(s.as_str()),
         Some(Value::Object(o)) if o.get("type").and_then(Value::as_str) == Some("function") => {
-            let name = o.get("function").and_then(|f| f.get("name")).and_then(Value::as_str).unwrap_or("");
-            return Err(ApiError::param(
-                "tool_choice",
-                format!("`tool_choice` naming a function (`{name}`) is not supported: forcing a call needs constrained decoding; use `auto`"),
-            ));
+            let Some(name) = o.get("function").and_then(|f| f.get("name")).and_then(Value::as_str) else {
+                return Err(ApiError::param("tool_choice", "`tool_choice.function.name` is required"));
+            };
+            let Some(tool) = list.iter().find(|t| t["function"]["name"] == name) else {
+                return Err(ApiError::param("tool_choice", format!("`tool_choice` names `{name}`, which is not among `tools`")));
+            };
+            return Ok(ToolUse::Forced { forced: Forced::Named(name.to_owned()), guide: Guide::JsonSchema(params(tool)) });
         }
         Some(_) => return Err(ApiError::param("tool_choice", "`tool_choice` must be `none`, `auto`, `required` or {\"type\": \"function\", ...}")),
     };
     match choice {
-        None | Some("auto") => Ok(count > 0),
-        Some("none") => Ok(false),
-        Some("required") => Err(ApiError::param(
-            "tool_choice",
-            "`tool_choice: required` is not supported: forcing a call needs constrained decoding; use `auto`",
-        )),
+        None | Some("auto") if list.is_empty() => Ok(ToolUse::Off),
+        None | Some("auto") => Ok(ToolUse::Parse),
+        Some("none") => Ok(ToolUse::Off),
+        Some("required") if list.is_empty() => Err(ApiError::param("tool_choice", "`tool_choice: required` needs `tools`")),
+        Some("required") => {
+            let calls: Vec<Value> = list
+                .iter()
+                .map(|t| {
+                    serde_json::json!({"type": "object", "properties": {"name": {"const": name_of(t)}, "parameters": params(t)},
+                                       "required": ["name", "parameters"], "additionalProperties": false})
+                })
+                .collect();
+            let guide = Guide::JsonSchema(serde_json::json!({"type": "array", "minItems": 1, "items": {"anyOf": calls}}));
+            Ok(ToolUse::Forced { forced: Forced::Required, guide })
+        }
         Some(s) => Err(ApiError::param("tool_choice", format!("`tool_choice` must be `none`, `auto` or `required`, got `{s}`"))),
     }
 }

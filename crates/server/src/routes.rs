@@ -22,7 +22,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::chat_output::{ChoiceStream, OutputParsing};
 use crate::error::ApiError;
-use crate::protocol::{self, ChatRequest, CompletionRequest, Plan, PromptInput};
+use crate::protocol::{self, ChatRequest, CompletionRequest, Forced, Plan, PromptInput, ToolUse};
 use crate::reasoning::ReasoningParser;
 use crate::state::{random_id, unix_now, AppState, Ready};
 use crate::tool_calls::ToolSchemas;
@@ -386,6 +386,8 @@ struct ChatRead {
     plan: Plan,
     /// The tools' declared parameter types, when their calls are parsed from the output.
     tools: Option<ToolSchemas>,
+    /// A forced call (`tool_choice` `required` or a function): the output is its JSON.
+    forced: Option<Forced>,
     text: String,
 }
 
@@ -403,26 +405,37 @@ fn read_chat(state: &AppState, body: &[u8]) -> Result<ChatRead, ApiError> {
     };
     let mut plan = protocol::plan(&common, top, r.engine.spec().vocab_size, state.settings.always_include_usage)?;
     plan.default_max_tokens = r.sampling_defaults.max_tokens;
-    let parse_tools = protocol::tool_parsing(req.tools.as_ref(), req.tool_choice.as_ref())? && state.settings.parse_tool_calls;
+    let (parse_tools, forced) = match protocol::tool_use(req.tools.as_ref(), req.tool_choice.as_ref())? {
+        ToolUse::Off => (false, None),
+        ToolUse::Parse => (state.settings.parse_tool_calls, None),
+        ToolUse::Forced { forced, guide } => {
+            if plan.sampling.json_object || plan.sampling.guide.is_some() {
+                return Err(ApiError::param("tool_choice", "a forced tool call (`tool_choice` `required` or a function) holds the output to the call's JSON; it cannot be combined with `response_format` or guided fields"));
+            }
+            plan.sampling.guide = Some(guide);
+            (false, Some(forced))
+        }
+    };
     let messages = protocol::chat_messages(&req.messages)?;
     let template = r.template.as_ref().ok_or_else(|| ApiError::invalid("this model has no chat template: use /v1/completions or start the server with --chat-template"))?;
     let text = template
         .render(&messages, req.tools.as_ref(), req.add_generation_prompt.unwrap_or(true), &req.chat_template_kwargs.clone().unwrap_or_default())
         .map_err(|e| ApiError::param("messages", e.to_string()))?;
     let tools = parse_tools.then(|| ToolSchemas::from_tools(req.tools.as_ref()));
-    Ok(ChatRead { top, plan, tools, text })
+    Ok(ChatRead { top, plan, tools, forced, text })
 }
 
 async fn chat(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let body = body_bytes(body)?;
     let r = state.ready()?;
-    let ChatRead { top, plan, tools, text } = read_request(&state, body, read_chat).await?;
+    let ChatRead { top, plan, tools, forced, text } = read_request(&state, body, read_chat).await?;
     let tok = r.engine.tokenizer();
     let ids = encode(tok, &text, false).await?;
     let parsing = OutputParsing {
         reasoning: state.settings.parse_reasoning.then(|| ReasoningParser::prompt_opens_thinking(&text)),
         // The declared parameter types, for reading XML tool call values.
         tools: tools.map(Arc::new),
+        forced,
     };
     let id = random_id("chatcmpl");
     let sub = submit(&state, &id, &[ids], &plan, None).await?;

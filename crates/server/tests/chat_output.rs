@@ -1,8 +1,9 @@
 //! Chat outputs parsed over HTTP: the router served in-process over a scripted backend whose
 //! logits spell out a chosen reply (picked by the last key word in the prompt), so a reply
 //! holding `<think>` reasoning or `<tool_call>` blocks comes back as OpenAI `reasoning_content` /
-//! `tool_calls`, streamed and not, and the requests the server cannot honour (`tool_choice:
-//! required`, a named function, JSON `response_format`) are refused up front.
+//! `tool_calls`, streamed and not; forced calls (`tool_choice` `required` or a named function)
+//! are held to the calls' JSON and come back as `tool_calls`; malformed requests are refused up
+//! front.
 
 mod common;
 
@@ -31,6 +32,10 @@ const OPENED: &str = "Short question, short answer.\n</think>\n\nIt is noon.";
 const JSON_REPLY: &str = "{\"city\": \"Paris\"}";
 /// Thinking (braces and quotes in it are free), then the object.
 const JSON_THINK: &str = "A city: {Paris} \"quoted\".\n</think>\n\n{\"city\": \"Paris\"}";
+/// A forced call's arguments (`tool_choice` naming get_weather).
+const FORCED: &str = "{\"city\": \"Paris\", \"unit\": \"C\"}";
+/// `tool_choice: required`'s list of calls.
+const REQUIRED: &str = "[{\"name\": \"get_time\", \"parameters\": {}}, {\"name\": \"get_weather\", \"parameters\": {\"city\": \"Paris\"}}]";
 /// MiMo's own form (XML), with a parameter the tool declares as an integer.
 const XML: &str = "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>";
 
@@ -98,7 +103,7 @@ impl Harness {
         let spec = peregrine_model::config::load_spec(Path::new(FIX)).unwrap();
         let tokenizer = Arc::new(Tokenizer::from_file(&Path::new(FIX).join("tokenizer.json")).unwrap());
         let scripts: Vec<(&'static str, Vec<u32>)> =
-            [("ask-weather", WEATHER), ("ask-plain", PLAIN), ("ask-xml", XML), ("ask-think", THINK), ("ask-opened", OPENED), ("ask-json", JSON_REPLY), ("ask-json-think", JSON_THINK)].iter().map(|&(k, t)| (k, tokenizer.encode(t, false).unwrap())).collect();
+            [("ask-weather", WEATHER), ("ask-plain", PLAIN), ("ask-xml", XML), ("ask-think", THINK), ("ask-opened", OPENED), ("ask-json", JSON_REPLY), ("ask-json-think", JSON_THINK), ("ask-forced", FORCED), ("ask-required", REQUIRED)].iter().map(|&(k, t)| (k, tokenizer.encode(t, false).unwrap())).collect();
         for ((key, ids), text) in scripts.iter().zip([WEATHER, PLAIN, XML, THINK, OPENED, JSON_REPLY, JSON_THINK]) {
             assert_eq!(tokenizer.decode(ids, false).unwrap(), text, "the fixture tokenizer must round-trip the {key} script");
         }
@@ -402,9 +407,10 @@ async fn with_the_parsers_off_replies_stay_text() {
         assert!(v["choices"][0]["message"].get("reasoning_content").is_none(), "{v}");
         assert_eq!(v["choices"][0]["finish_reason"], "stop");
     }
-    // What the server cannot honour is still refused.
-    let (status, _) = h.chat(request("ask-weather", json!({"tools": tools(), "tool_choice": "required"}))).await;
-    assert_eq!(status, 400);
+    // A forced call is the calls' JSON, whatever the model's own syntax: read back without the parser.
+    let (status, v) = h.chat(request("ask-required", json!({"tools": tools(), "tool_choice": "required"}))).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["choices"][0]["message"]["tool_calls"].as_array().map(Vec::len), Some(2), "{v}");
     let e = h.engine.clone();
     tokio::task::spawn_blocking(move || e.shutdown()).await.unwrap();
 }
@@ -413,8 +419,10 @@ async fn with_the_parsers_off_replies_stay_text() {
 async fn requests_the_server_cannot_honour_are_refused() {
     let h = Harness::start(true).await;
     let cases = [
-        (json!({"tools": tools(), "tool_choice": "required"}), "tool_choice", "not supported"),
-        (json!({"tools": tools(), "tool_choice": {"type": "function", "function": {"name": "get_time"}}}), "tool_choice", "get_time"),
+        (json!({"tool_choice": "required"}), "tool_choice", "needs `tools`"),
+        (json!({"tools": tools(), "tool_choice": {"type": "function", "function": {"name": "get_date"}}}), "tool_choice", "`get_date`, which is not among"),
+        (json!({"tools": tools(), "tool_choice": {"type": "function", "function": {}}}), "tool_choice", "name` is required"),
+        (json!({"tools": tools(), "tool_choice": "required", "response_format": {"type": "json_object"}}), "tool_choice", "cannot be combined"),
         (json!({"tools": tools(), "tool_choice": "sometimes"}), "tool_choice", "sometimes"),
         (json!({"tools": tools(), "tool_choice": 3}), "tool_choice", "must be"),
         (json!({"tools": {"type": "function"}}), "tools", "must be a list"),
@@ -450,6 +458,64 @@ async fn requests_the_server_cannot_honour_are_refused() {
     let (status, v) = h.chat(request("ask-plain", json!({"response_format": {"type": "text"}}))).await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["choices"][0]["message"]["content"], PLAIN);
+    let e = h.engine.clone();
+    tokio::task::spawn_blocking(move || e.shutdown()).await.unwrap();
+}
+
+#[tokio::test]
+async fn forced_tool_calls_come_back_as_tool_calls() {
+    let h = Harness::start(true).await;
+    let named = json!({"tools": tools(), "tool_choice": {"type": "function", "function": {"name": "get_weather"}}});
+    for stream in [false, true] {
+        // A named function: the reply is its arguments object, returned as that function's call.
+        let mut body = request("ask-forced", named.clone());
+        body["stream"] = json!(stream);
+        let (content, calls, finish) = if stream {
+            let (_, c, calls, f) = gather(&h.chat_stream(body).await);
+            (json!(c), calls, f)
+        } else {
+            let (_, v) = h.chat(body).await;
+            let m = &v["choices"][0]["message"];
+            (m["content"].clone(), m["tool_calls"].as_array().cloned().unwrap_or_default(), v["choices"][0]["finish_reason"].clone())
+        };
+        assert!(content.is_null() || content == "", "stream {stream}: {content}");
+        assert_eq!(calls.len(), 1, "stream {stream}: {calls:?}");
+        assert_eq!(calls[0]["function"]["name"], "get_weather");
+        let args: Value = serde_json::from_str(calls[0]["function"]["arguments"].as_str().unwrap()).unwrap();
+        assert_eq!(args, json!({"city": "Paris", "unit": "C"}));
+        assert_eq!(finish, "tool_calls", "stream {stream}");
+
+        // `required`: a list of calls, each its tool's name and arguments.
+        let mut body = request("ask-required", json!({"tools": tools(), "tool_choice": "required"}));
+        body["stream"] = json!(stream);
+        let calls = if stream {
+            gather(&h.chat_stream(body).await).2
+        } else {
+            let (_, v) = h.chat(body).await;
+            v["choices"][0]["message"]["tool_calls"].as_array().cloned().unwrap_or_default()
+        };
+        let got: Vec<(Value, Value)> = calls.iter().map(|c| (c["function"]["name"].clone(), serde_json::from_str(c["function"]["arguments"].as_str().unwrap()).unwrap())).collect();
+        assert_eq!(got, [(json!("get_time"), json!({})), (json!("get_weather"), json!({"city": "Paris"}))], "stream {stream}");
+    }
+    // The model's own syntax does not get through: the weather script's `<tool_call>` tags are
+    // refused, so the reply is the calls' JSON (whole, or cut by max_tokens and left as content).
+    let (status, v) = h.chat(request("ask-weather", json!({"tools": tools(), "tool_choice": "required", "max_tokens": 60}))).await;
+    assert_eq!(status, 200, "{v}");
+    let m = &v["choices"][0]["message"];
+    match v["choices"][0]["finish_reason"].as_str().unwrap() {
+        "tool_calls" => assert!(!m["tool_calls"].as_array().unwrap().is_empty(), "{v}"),
+        "length" => assert!(m["content"].as_str().unwrap().trim_start().starts_with('['), "{v}"),
+        other => panic!("finish_reason {other}: {v}"),
+    }
+    assert!(!v.to_string().contains("<tool_call>"), "{v}");
+    // Where the prompt opened a thinking block: the thinking first, then the call.
+    let mut body = request("ask-json-think", named.clone());
+    body["chat_template_kwargs"] = json!({"enable_thinking": true});
+    let (_, v) = h.chat(body).await;
+    let m = &v["choices"][0]["message"];
+    assert_eq!(m["reasoning_content"], "A city: {Paris} \"quoted\".\n", "{v}");
+    assert_eq!(m["tool_calls"][0]["function"]["name"], "get_weather", "{v}");
+    assert_eq!(serde_json::from_str::<Value>(m["tool_calls"][0]["function"]["arguments"].as_str().unwrap()).unwrap(), json!({"city": "Paris"}));
     let e = h.engine.clone();
     tokio::task::spawn_blocking(move || e.shutdown()).await.unwrap();
 }
