@@ -62,4 +62,25 @@ stream = client.chat.completions.create(model="scripted", messages=[{"role": "us
                                         temperature=0, max_tokens=400, stream=True)
 reasoning = "".join((c.delta.model_extra or {}).get("reasoning_content", "") for chunk in stream for c in chunk.choices)
 assert reasoning == "\nThe user wants the time: call get_time.\n", reasoning
+
+# Structured outputs: the SDK's parse() sends a strict json_schema made from a pydantic model
+# and reads the reply back into it (the script for "ask-json" is {"city": "Paris"}).
+from pydantic import BaseModel
+
+
+class City(BaseModel):
+    city: str
+
+
+r = client.chat.completions.parse(model="scripted", messages=[{"role": "user", "content": "ask-json"}], response_format=City,
+                                  temperature=0, max_tokens=400)
+assert r.choices[0].message.parsed == City(city="Paris"), r
+assert r.choices[0].finish_reason == "stop", r
+
+# A forced call (tool_choice naming a function): its arguments as the call, even with the SDK's
+# strict validation ("ask-forced" replies {"city": "Paris", "unit": "C"}).
+r = client.chat.completions.create(model="scripted", messages=[{"role": "user", "content": "ask-forced"}], tools=tools,
+                                   tool_choice={"type": "function", "function": {"name": "get_weather"}}, temperature=0, max_tokens=400)
+calls = r.choices[0].message.tool_calls
+assert [c.function.name for c in calls] == ["get_weather"] and json.loads(calls[0].function.arguments)["city"] == "Paris", r
 print("all checks passed")
