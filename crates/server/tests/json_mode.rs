@@ -25,6 +25,16 @@ fn json_prefix(text: &str) -> bool {
     text.bytes().all(|b| st.push(b))
 }
 
+/// A streamed chat request's content deltas, joined.
+async fn streamed_content(s: &Server, body: Value) -> String {
+    let chunks = s.stream("/v1/chat/completions", body).await;
+    chunks
+        .iter()
+        .filter(|c| *c != "[DONE]")
+        .filter_map(|c| serde_json::from_str::<Value>(c).ok()?["choices"][0]["delta"]["content"].as_str().map(str::to_owned))
+        .collect()
+}
+
 fn chat(extra: Value) -> Value {
     let mut body = json!({"messages": [{"role": "user", "content": "Describe a cat as JSON."}], "response_format": {"type": "json_object"}});
     for (k, v) in extra.as_object().unwrap() {
@@ -50,13 +60,7 @@ async fn outputs_are_json_objects_that_end_where_they_close() {
     // Streamed: the same text.
     let mut body = chat(json!({"temperature": 0, "max_tokens": 100, "logit_bias": bias, "stream": true}));
     body["stream"] = json!(true);
-    let chunks = s.stream("/v1/chat/completions", body).await;
-    let streamed: String = chunks
-        .iter()
-        .filter(|c| *c != "[DONE]")
-        .filter_map(|c| serde_json::from_str::<Value>(c).ok()?["choices"][0]["delta"]["content"].as_str().map(str::to_owned))
-        .collect();
-    assert_eq!(streamed, text);
+    assert_eq!(streamed_content(&s, body).await, text);
 
     // Sampled, 6 seeds, both routes: every output is a JSON object prefix, whole where it stopped.
     let mut whole = 0;
@@ -163,13 +167,7 @@ async fn json_schema_outputs_are_values_of_the_schema() {
             // Streamed: the same text.
             let mut body = body;
             body["stream"] = json!(true);
-            let chunks = s.stream("/v1/chat/completions", body).await;
-            let streamed: String = chunks
-                .iter()
-                .filter(|c| *c != "[DONE]")
-                .filter_map(|c| serde_json::from_str::<Value>(c).ok()?["choices"][0]["delta"]["content"].as_str().map(str::to_owned))
-                .collect();
-            assert_eq!(streamed, text);
+            assert_eq!(streamed_content(&s, body).await, text);
         }
         // The completions route takes the same `response_format`.
         let (status, v) = s
