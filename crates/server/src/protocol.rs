@@ -44,7 +44,7 @@ const COMMON_FIELDS: &[&str] = &[
     "stream_options", "stop", "stop_token_ids", "seed", "presence_penalty", "frequency_penalty",
     "repetition_penalty", "logit_bias", "ignore_eos", "min_tokens", "priority", "skip_special_tokens", "user",
     "response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend",
-    "structured_outputs",
+    "guided_whitespace_pattern", "structured_outputs",
 ];
 pub const CHAT_FIELDS: &[&str] = &["messages", "logprobs", "top_logprobs", "tools", "tool_choice", "chat_template_kwargs", "add_generation_prompt"];
 pub const COMPLETION_FIELDS: &[&str] = &["prompt", "echo", "logprobs", "suffix"];
@@ -112,6 +112,7 @@ pub struct CommonParams {
     pub guided_regex: Option<Value>,
     pub guided_choice: Option<Value>,
     pub guided_grammar: Option<Value>,
+    pub guided_whitespace_pattern: Option<Value>,
     pub structured_outputs: Option<Value>,
 }
 
@@ -325,14 +326,27 @@ fn vllm_guide(c: &CommonParams) -> Result<Option<Guide>, ApiError> {
             found.push(guide_of(field, field.trim_start_matches("guided_"), v)?);
         }
     }
+    // How a JSON guide's whitespace and objects are read (vLLM's switches).
+    let mut options = JsonOptions::default();
+    if let Some(p) = c.guided_whitespace_pattern.as_ref().filter(|p| !p.is_null()) {
+        options.whitespace_pattern = Some(p.as_str().ok_or_else(|| ApiError::param("guided_whitespace_pattern", "`guided_whitespace_pattern` must be a regex string"))?.to_owned());
+    }
     match &c.structured_outputs {
         None | Some(Value::Null) => {}
         Some(Value::Object(o)) => {
             for (key, v) in o.iter().filter(|(_, v)| !v.is_null()) {
+                let flag = || v.as_bool().ok_or_else(|| ApiError::param("structured_outputs", format!("`structured_outputs.{key}` must be a boolean")));
                 match key.as_str() {
                     "json" | "regex" | "choice" => found.push(guide_of("structured_outputs", key, v)?),
-                    // vLLM's switches that choose no grammar themselves.
-                    "disable_fallback" | "disable_any_whitespace" | "disable_additional_properties" | "whitespace_pattern" => {}
+                    // One backend here, so nothing to fall back from.
+                    "disable_fallback" => {
+                        flag()?;
+                    }
+                    "disable_any_whitespace" => options.compact = flag()?,
+                    "disable_additional_properties" => options.closed_objects = flag()?,
+                    "whitespace_pattern" => {
+                        options.whitespace_pattern = Some(v.as_str().ok_or_else(|| ApiError::param("structured_outputs", "`structured_outputs.whitespace_pattern` must be a regex string"))?.to_owned())
+                    }
                     other => return Err(ApiError::param("structured_outputs", format!("`structured_outputs.{other}` is not supported (`json`, `regex` and `choice` are)"))),
                 }
             }
@@ -341,8 +355,59 @@ fn vllm_guide(c: &CommonParams) -> Result<Option<Guide>, ApiError> {
     }
     match found.len() {
         0 => Ok(None),
-        1 => Ok(found.pop()),
+        1 => Ok(found.pop().map(|g| options.apply(g))),
         _ => Err(ApiError::invalid("give one of `guided_json`, `guided_regex`, `guided_choice` and `structured_outputs`'s `json` / `regex` / `choice`, not several")),
+    }
+}
+
+/// vLLM's switches for a JSON guide.
+#[derive(Default)]
+struct JsonOptions {
+    /// `whitespace_pattern`: the whitespace allowed between a value's tokens.
+    whitespace_pattern: Option<String>,
+    /// `disable_any_whitespace`: none at all.
+    compact: bool,
+    /// `disable_additional_properties`: objects whose schema does not say take no other keys.
+    closed_objects: bool,
+}
+
+impl JsonOptions {
+    fn apply(&self, guide: Guide) -> Guide {
+        let Guide::JsonSchema(mut schema) = guide else {
+            return guide;
+        };
+        if self.closed_objects {
+            close_objects(&mut schema);
+        }
+        let whitespace = match (&self.whitespace_pattern, self.compact) {
+            (_, true) => Some(serde_json::json!({"whitespace_flexible": false})),
+            (Some(p), false) => Some(serde_json::json!({"whitespace_pattern": p})),
+            (None, false) => None,
+        };
+        if let (Some(w), Value::Object(o)) = (whitespace, &mut schema) {
+            o.entry("x-guidance").or_insert(w);
+        }
+        Guide::JsonSchema(schema)
+    }
+}
+
+/// Sets `additionalProperties: false` on every object schema in `schema` (through its
+/// subschemas, not its data: `const`, `enum`, `default` stay as sent) that leaves it unset.
+fn close_objects(schema: &mut Value) {
+    let Value::Object(o) = schema else {
+        return;
+    };
+    let is_object = o.get("type").is_some_and(|t| t == "object" || t.as_array().is_some_and(|a| a.iter().any(|t| t == "object"))) || o.contains_key("properties");
+    if is_object && !o.contains_key("additionalProperties") {
+        o.insert("additionalProperties".into(), Value::Bool(false));
+    }
+    for (key, sub) in o.iter_mut() {
+        match (key.as_str(), sub) {
+            ("properties" | "patternProperties" | "$defs" | "definitions", Value::Object(map)) => map.values_mut().for_each(close_objects),
+            ("anyOf" | "oneOf" | "allOf" | "prefixItems", Value::Array(list)) => list.iter_mut().for_each(close_objects),
+            ("items" | "additionalProperties" | "not" | "if" | "then" | "else" | "contains", sub) => close_objects(sub),
+            _ => {}
+        }
     }
 }
 
@@ -536,4 +601,47 @@ pub fn chat_messages(v: &Value) -> Result<Value, ApiError> {
         out.push(Value::Object(m));
     }
     Ok(Value::Array(out))
+}
+
+#[cfg(test)]
+mod guide_tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn closed_objects_reach_subschemas_but_not_data() {
+        let mut schema = json!({
+            "type": "object",
+            "properties": {"a": {"type": "object", "properties": {"b": {"type": "integer"}}}, "c": {"const": {"type": "object"}}},
+            "$defs": {"d": {"properties": {"e": {"type": "string"}}}},
+            "items": {"anyOf": [{"type": ["object", "null"]}, {"type": "object", "additionalProperties": true}]}
+        });
+        close_objects(&mut schema);
+        assert_eq!(schema["additionalProperties"], false);
+        assert_eq!(schema["properties"]["a"]["additionalProperties"], false);
+        assert!(schema["properties"]["a"]["properties"]["b"].get("additionalProperties").is_none());
+        assert_eq!(schema["properties"]["c"], json!({"const": {"type": "object"}}), "data is not a schema");
+        assert_eq!(schema["$defs"]["d"]["additionalProperties"], false);
+        assert_eq!(schema["items"]["anyOf"][0]["additionalProperties"], false);
+        assert_eq!(schema["items"]["anyOf"][1]["additionalProperties"], true, "what the schema says stays");
+    }
+
+    #[test]
+    fn vllm_switches_reach_the_json_guide_only() {
+        let guide = |so: Value| {
+            let c = CommonParams { structured_outputs: Some(so), ..CommonParams::default() };
+            vllm_guide(&c)
+        };
+        let Ok(Some(Guide::JsonSchema(s))) = guide(json!({"json": {"type": "object"}, "disable_any_whitespace": true, "disable_additional_properties": true})) else {
+            panic!("no JSON guide")
+        };
+        assert_eq!(s, json!({"type": "object", "additionalProperties": false, "x-guidance": {"whitespace_flexible": false}}));
+        let Ok(Some(Guide::JsonSchema(s))) = guide(json!({"json": {"type": "object", "x-guidance": {"lenient": true}}, "whitespace_pattern": " ?"})) else {
+            panic!("no JSON guide")
+        };
+        assert_eq!(s["x-guidance"], json!({"lenient": true}), "the schema's own x-guidance wins");
+        assert_eq!(guide(json!({"regex": "a+", "disable_any_whitespace": true})).ok().flatten(), Some(Guide::Regex("a+".into())));
+        assert!(guide(json!({"json": {}, "disable_any_whitespace": "yes"})).is_err());
+        assert!(guide(json!({"json": {}, "whitespace_pattern": 3})).is_err());
+    }
 }

@@ -237,6 +237,12 @@ async fn vllm_guided_fields_hold_the_output() {
                 assert!(o["ok"].is_boolean() && o.as_object().unwrap().len() == 1, "{extra}: {text:?}");
             }
         }
+        // vLLM's `disable_any_whitespace`: compact JSON, not one byte of whitespace outside strings.
+        let compact = json!({"json": {"type": "array", "items": {"type": "integer"}, "maxItems": 4}, "disable_any_whitespace": true});
+        let (status, v) = s.post("/v1/completions", ask(json!({"seed": seed, "max_tokens": 60, "structured_outputs": compact}))).await;
+        assert_eq!(status, 200, "{v}");
+        let text = v["choices"][0]["text"].as_str().unwrap();
+        assert!(text.starts_with('[') && !text.bytes().any(|b| b.is_ascii_whitespace()), "{v}");
         let (status, v) = s.post("/v1/completions", ask(json!({"seed": seed, "structured_outputs": {"choice": ["yes", "no"]}}))).await;
         assert_eq!(status, 200, "{v}");
         assert!(["yes", "no"].contains(&v["choices"][0]["text"].as_str().unwrap()), "{v}");
@@ -253,6 +259,7 @@ async fn vllm_guided_fields_hold_the_output() {
         (json!({"guided_regex": "a", "response_format": {"type": "json_object"}}), "give one"),
         (json!({"structured_outputs": {"grammar": "start: \"a\""}}), "structured_outputs.grammar"),
         (json!({"structured_outputs": "json"}), "must be an object"),
+        (json!({"structured_outputs": {"json": {}, "disable_any_whitespace": "yes"}}), "must be a boolean"),
     ];
     for (extra, words) in cases {
         let (status, v) = s.post("/v1/completions", ask(extra.clone())).await;
