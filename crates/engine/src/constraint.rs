@@ -2,8 +2,8 @@
 //! a choice).
 //! Constrained sequences sample on the host from full logits and propose no drafts.
 
-use crate::json_mode::JsonConstraint;
 use crate::guided::GuidedConstraint;
+use crate::json_mode::JsonConstraint;
 
 pub enum Constraint {
     Json(JsonConstraint),
@@ -31,7 +31,7 @@ impl Constraint {
     }
 
     /// Whether the output is complete (the sequence then stops, reason `stop`).
-    pub fn done(&mut self) -> bool {
+    pub fn done(&self) -> bool {
         match self {
             Constraint::Json(c) => c.done(),
             Constraint::Guided(c) => c.done(),

@@ -12,10 +12,10 @@ use peregrine_model::tokenizer::IncrementalDecoder;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 
 use crate::api::*;
-use crate::kv::{KvManager, SeqBlocks};
 use crate::constraint::Constraint;
-use crate::json_mode::{JsonConstraint, TokenBytes};
 use crate::guided::{GuideCompiler, GuidedConstraint};
+use crate::json_mode::{JsonConstraint, TokenBytes};
+use crate::kv::{KvManager, SeqBlocks};
 use crate::metrics::Metrics;
 use crate::sampler::{self, SeqRng};
 use crate::spec_policy::SpecPolicy;
@@ -47,7 +47,8 @@ struct Inner {
     json_tokens: OnceLock<Result<Arc<TokenBytes>, String>>,
     /// The guide compiler over those bytes, made on the first guided request.
     guides: OnceLock<Result<Arc<GuideCompiler>, String>>,
-    /// The model's EOS ids (never allowed in JSON mode: the object's end stops the output).
+    /// The model's EOS ids (never allowed in JSON mode, where the object's end stops the output;
+    /// for a guide, only where its match may end).
     eos: Vec<u32>,
 }
 
@@ -206,7 +207,7 @@ impl EngineHandle {
             self.inner.waiting.fetch_sub(1, Ordering::SeqCst);
             return Err(SubmitError::QueueFull);
         }
-        let json = match self.constraint(&req) {
+        let constraint = match self.constraint(&req) {
             Ok(c) => c,
             Err(why) => {
                 self.inner.waiting.fetch_sub(1, Ordering::SeqCst);
@@ -214,7 +215,7 @@ impl EngineHandle {
             }
         };
         let (tx, rx) = unbounded_channel();
-        let seq = Seq::new(req, tx, self.inner.tokenizer.clone(), json);
+        let seq = Seq::new(req, tx, self.inner.tokenizer.clone(), constraint);
         if self.inner.tx.lock().unwrap().send(Cmd::Submit(Box::new(seq))).is_err() {
             self.inner.waiting.fetch_sub(1, Ordering::SeqCst);
             return Err(SubmitError::ShuttingDown);
@@ -284,13 +285,13 @@ struct Seq {
     first_scheduled: Option<Instant>,
     last_token: Option<Instant>,
     finish_reason: Option<FinishReason>,
-    /// JSON mode's automaton or the schema's matcher over the output (sampled on the host,
+    /// JSON mode's automaton or the guide's matcher over the output (sampled on the host,
     /// never speculated).
-    json: Option<Constraint>,
+    constraint: Option<Constraint>,
 }
 
 impl Seq {
-    fn new(req: GenerateRequest, tx: UnboundedSender<RequestEvent>, tok: SharedTokenizer, json: Option<Constraint>) -> Self {
+    fn new(req: GenerateRequest, tx: UnboundedSender<RequestEvent>, tok: SharedTokenizer, constraint: Option<Constraint>) -> Self {
         let seed = req.sampling.seed.unwrap_or_else(|| sampler::fnv1a(req.request_id.as_bytes()));
         let decoder = IncrementalDecoder::new(tok, &req.prompt_tokens, req.stop.skip_special_tokens);
         Seq {
@@ -311,7 +312,7 @@ impl Seq {
             first_scheduled: None,
             last_token: None,
             finish_reason: None,
-            json,
+            constraint,
             req,
         }
     }
@@ -509,7 +510,7 @@ impl Core {
     /// context limit (the reference's `min(block, max_length - start)`).
     fn drafts_possible(&self, s: &Seq) -> usize {
         let Some(block) = self.spec_block else { return 0 };
-        if s.len() - s.computed != 1 || !s.prompt_lp_done || s.json.is_some() {
+        if s.len() - s.computed != 1 || !s.prompt_lp_done || s.constraint.is_some() {
             return 0;
         }
         let left = s.req.stop.max_tokens.saturating_sub(s.output.len());
@@ -653,7 +654,7 @@ impl Core {
         // Logprobs (past the prompt's) are computed on the backend too when it can.
         let with_logprobs = !sampled
             && seqs.len() == plan.len()
-            && seqs.iter().all(|s| s.prompt_lp_done && s.json.is_none() && s.req.sampling.logprobs.is_none_or(|k| k <= MAX_BACKEND_TOP_LOGPROBS));
+            && seqs.iter().all(|s| s.prompt_lp_done && s.constraint.is_none() && s.req.sampling.logprobs.is_none_or(|k| k <= MAX_BACKEND_TOP_LOGPROBS));
         let vocab = self.backend.spec().vocab_size;
         if with_logprobs {
             let (rows, adjust) = row_sampling(&seqs, &batch, vocab, 0);
@@ -893,7 +894,7 @@ impl Core {
                 self.metrics.prompt_tokens.inc_by(plen as u64);
             }
             let (mut text, mut ids, mut lps, mut fin) = (String::new(), Vec::new(), Vec::new(), None);
-            let mut json_stuck: Option<String> = None;
+            let mut stuck: Option<String> = None;
             for (r, row) in rows.iter().enumerate() {
                 // Plain sampling of this position, with the history (penalties) and the random
                 // number (seed, output index) that decoding token by token would have used.
@@ -904,8 +905,8 @@ impl Core {
                     Row::Logits(raw) => {
                         let mut proc = raw.to_vec();
                         sampler::apply_penalties(&mut proc, &s.req.sampling, &s.req.prompt_tokens, &s.output);
-                        if let Some(c) = s.json.as_ref().filter(|c| !c.mask(&mut proc)) {
-                            json_stuck = Some(c.stuck().to_string());
+                        if let Some(c) = s.constraint.as_ref().filter(|c| !c.mask(&mut proc)) {
+                            stuck = Some(c.stuck().to_string());
                             break;
                         }
                         let tok = sampler::sample(&proc, &s.req.sampling, &s.rng, s.output.len() as u64);
@@ -926,9 +927,9 @@ impl Core {
                 ids.push(tok);
                 let (t, mut f) = commit_token(s, tok, &self.eos, self.config.max_model_len);
                 text.push_str(&t);
-                if let Some(c) = s.json.as_mut() {
+                if let Some(c) = s.constraint.as_mut() {
                     if let Err(e) = c.advance(tok) {
-                        json_stuck = Some(e);
+                        stuck = Some(e);
                         break;
                     }
                     // The value is complete: nothing may follow it.
@@ -950,7 +951,7 @@ impl Core {
                     break;
                 }
             }
-            if let Some(why) = json_stuck {
+            if let Some(why) = stuck {
                 done.push((id, Some(why)));
                 continue;
             }
@@ -1179,7 +1180,7 @@ fn output_row_count(b: &SeqForward) -> usize {
 /// prompt logprobs, with no logprobs and not in JSON mode (whose mask needs the logits; bias and
 /// penalties travel as logit adjustments).
 fn sampled_ids_suffice(s: &Seq) -> bool {
-    s.prompt_lp_done && s.req.sampling.logprobs.is_none() && s.json.is_none()
+    s.prompt_lp_done && s.req.sampling.logprobs.is_none() && s.constraint.is_none()
 }
 
 /// Whether sampling reads the raw logits (no bias, no penalties): then a greedy row's sample is
