@@ -932,7 +932,7 @@ impl Core {
                         stuck = Some(e);
                         break;
                     }
-                    // The value is complete: nothing may follow it.
+                    // The output is whole: nothing may follow it.
                     if c.done() && f.is_none() {
                         f = Some(FinishReason::Stop);
                     }
