@@ -1,0 +1,63 @@
+"""What constrained decoding costs a streamed completion per token: a running Peregrine (or any
+OpenAI-compatible server) at PORT, one client, several requests of TOKENS tokens in each mode:
+plain greedy, plain sampled (T 0.8, top-p 0.95), JSON mode, a JSON schema and a regex, each
+greedy. Prints each mode's median and p90 gap between SSE events (the inter-token latency while
+the output lasts: a constrained output may end before TOKENS). Standard library only.
+
+    python tools/bench/guided_itl.py PORT [TOKENS] [REQUESTS]      # e.g. 8000 64 3
+"""
+import http.client, json, statistics, sys, time
+
+SCHEMA = {"type": "object", "properties": {"items": {"type": "array", "items": {"type": "integer"}},
+                                           "note": {"type": "string"}}, "required": ["items", "note"]}
+MODES = {
+    "plain greedy": {"temperature": 0, "ignore_eos": True},
+    "plain T0.8 top-p 0.95": {"temperature": 0.8, "top_p": 0.95, "seed": 1, "ignore_eos": True},
+    "json_object": {"temperature": 0, "response_format": {"type": "json_object"}},
+    "json_schema": {"temperature": 0, "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": SCHEMA}}},
+    "guided_regex": {"temperature": 0, "guided_regex": "([a-z]+ [0-9]+, )+"},
+}
+
+
+def gaps(conn, tokens, extra):
+    """Streams one completion; the gaps between its SSE reads (seconds) and its token count."""
+    body = dict({"prompt": "Record: ", "max_tokens": tokens, "stream": True,
+                 "stream_options": {"include_usage": True}}, **extra)
+    conn.request("POST", "/v1/completions", json.dumps(body), {"content-type": "application/json"})
+    r = conn.getresponse()
+    if r.status != 200:
+        raise SystemExit(f"{r.status}: {r.read()[:300]!r}")
+    last, out, text = None, [], b""
+    while True:
+        chunk = r.read1(65536)
+        if not chunk:
+            break
+        text += chunk
+        now = time.perf_counter()
+        if last is not None:
+            out.append(now - last)
+        last = now
+    used = [json.loads(l[6:])["usage"]["completion_tokens"] for l in text.decode().splitlines()
+            if l.startswith("data: {") and '"usage":{' in l]
+    return out, (used or [0])[-1]
+
+
+def main():
+    port = int(sys.argv[1])
+    tokens = int(sys.argv[2]) if len(sys.argv) > 2 else 64
+    requests = int(sys.argv[3]) if len(sys.argv) > 3 else 3
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    gaps(conn, 8, MODES["plain greedy"])  # warm up
+    for name, extra in MODES.items():
+        gaps(conn, 8, extra)  # the first guided request builds the vocabulary's compiler
+        all_gaps, counts = [], []
+        for _ in range(requests):
+            g, n = gaps(conn, tokens, extra)
+            all_gaps += g
+            counts.append(n)
+        all_gaps.sort()
+        print(f"{name:>22}: median {statistics.median(all_gaps) * 1e3:.3f} ms, p90 {all_gaps[len(all_gaps) * 9 // 10] * 1e3:.3f} ms"
+              f" over {len(all_gaps)} gaps; tokens per request {counts}")
+
+
+main()
