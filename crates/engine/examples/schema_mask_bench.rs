@@ -1,6 +1,7 @@
 //! The host cost of schema-guided decoding (`guided`) for a tokenizer's vocabulary: the
-//! compiler's one-time build, one schema's compile, and each token's step (taking the token and
-//! computing the next mask) along outputs sampled from random logits under the constraint.
+//! compiler's one-time build, one schema's compile, each token's step (taking the token and
+//! computing the next mask) and each mask's application to a row of logits, along outputs sampled
+//! from random logits under the constraint.
 //!
 //!     cargo run --release -p peregrine-engine --example schema_mask_bench -- path/to/tokenizer.json
 
@@ -48,7 +49,7 @@ fn main() {
         "required": ["name", "age", "pets"],
         "$defs": {"pet": {"type": "object", "properties": {"kind": {"enum": ["cat", "dog", "fish"]}, "legs": {"type": "integer"}}, "required": ["kind"]}}
     }));
-    let (mut compiles, mut steps, mut first) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut compiles, mut steps, mut first, mut masks) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut tokens = 0;
     for seed in 0..args.runs {
         let t = Instant::now();
@@ -62,7 +63,9 @@ fn main() {
                 break;
             }
             logits.iter_mut().for_each(|l| *l = rng.random::<f32>());
+            let t = Instant::now();
             assert!(c.mask(&mut logits));
+            masks.push(ms(t));
             let (id, _) = logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap();
             let t = Instant::now();
             c.advance(id as u32).unwrap();
@@ -77,5 +80,6 @@ fn main() {
     println!("schema compile + first mask: {}", summary(&mut compiles));
     println!("first token's step: {}", summary(&mut first));
     println!("later steps (take the token, compute the next mask): {}", summary(&mut steps));
+    println!("masks applied to the logits: {}", summary(&mut masks));
     println!("{tokens} tokens over {} runs", args.runs);
 }
