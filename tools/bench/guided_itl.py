@@ -5,8 +5,13 @@ greedy. Prints each mode's median and p90 gap between SSE events (the inter-toke
 the output lasts: a constrained output may end before TOKENS). Standard library only.
 
     python tools/bench/guided_itl.py PORT [TOKENS] [REQUESTS]      # e.g. 8000 64 3
+    python tools/bench/guided_itl.py PORT TOKENS REQUESTS --beside N  # e.g. 8000 64 3 --beside 7
+
+With --beside N: N other clients stream plain greedy completions the whole time, and the measured
+client is plain greedy, first alone among them, then with one more client streaming a JSON schema
+(a constrained sequence sharing the others' steps).
 """
-import http.client, json, statistics, sys, time
+import http.client, json, statistics, sys, threading, time
 
 SCHEMA = {"type": "object", "properties": {"items": {"type": "array", "items": {"type": "integer"}},
                                            "note": {"type": "string"}}, "required": ["items", "note"]}
@@ -42,10 +47,47 @@ def gaps(conn, tokens, extra):
     return out, (used or [0])[-1]
 
 
+def stream_until(port, extra, stop):
+    """Streams TOKENS-token completions of one kind on its own connection until stop is set."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    while not stop.is_set():
+        gaps(conn, 64, extra)
+
+
+def measure(conn, tokens, requests, extra):
+    all_gaps = []
+    for _ in range(requests):
+        all_gaps += gaps(conn, tokens, extra)[0]
+    all_gaps.sort()
+    return f"median {statistics.median(all_gaps) * 1e3:.3f} ms, p90 {all_gaps[len(all_gaps) * 9 // 10] * 1e3:.3f} ms over {len(all_gaps)} gaps"
+
+
+def beside(port, tokens, requests, n):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    gaps(conn, 8, MODES["json_schema"])  # the vocabulary's compiler, built before timing
+    stop = threading.Event()
+    others = [threading.Thread(target=stream_until, args=(port, MODES["plain greedy"], stop)) for _ in range(n)]
+    for t in others:
+        t.start()
+    time.sleep(1)
+    print(f"plain greedy beside {n} plain: {measure(conn, tokens, requests, MODES['plain greedy'])}")
+    guided_stop = threading.Event()
+    guided = threading.Thread(target=stream_until, args=(port, dict(MODES["json_schema"], max_tokens=64), guided_stop))
+    guided.start()
+    time.sleep(0.5)
+    print(f"plain greedy beside {n} plain and 1 json_schema: {measure(conn, tokens, requests, MODES['plain greedy'])}")
+    guided_stop.set()
+    stop.set()
+    for t in others + [guided]:
+        t.join()
+
+
 def main():
     port = int(sys.argv[1])
     tokens = int(sys.argv[2]) if len(sys.argv) > 2 else 64
     requests = int(sys.argv[3]) if len(sys.argv) > 3 else 3
+    if "--beside" in sys.argv:
+        return beside(port, tokens, requests, int(sys.argv[sys.argv.index("--beside") + 1]))
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     gaps(conn, 8, MODES["plain greedy"])  # warm up
     for name, extra in MODES.items():
