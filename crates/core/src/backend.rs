@@ -205,6 +205,16 @@ pub trait Backend: Send {
         Ok(None)
     }
 
+    /// `forward_sampled` for the sequences whose `keep` entry is false; the others' rows come
+    /// back as raw logits instead (sequences the engine samples itself, under a constraint), so
+    /// one constrained sequence does not bring every row's logits to the host. `rows` covers
+    /// every asked-for row (a kept sequence's entries are not drawn from). `Ok(None)`: no such
+    /// path; the engine then reads every row's logits.
+    fn forward_sampled_keeping(&mut self, batch: &[SeqForward], rows: &[RowSampling], adjust: &[LogitAdjust], keep: &[bool]) -> Result<Option<Vec<KeptRows>>> {
+        let _ = (batch, rows, adjust, keep);
+        Ok(None)
+    }
+
     /// Overlapped decoding: starts a decode step without waiting for it, so the caller can
     /// commit the step before while this one runs. Every sequence of `batch` feeds one token and
     /// asks for its `Last` row. `chain[i]` = Some(r): row i's input is not `batch[i].tokens[0]`
@@ -269,6 +279,13 @@ pub const MAX_BACKEND_TOP_LOGPROBS: usize = 20;
 
 /// Per sequence, each sampled row's token and, when asked, its logprobs.
 pub type SampledRows = Vec<Vec<(u32, Option<RowLogprobs>)>>;
+
+/// One sequence's rows from [`Backend::forward_sampled_keeping`]: sampled ids, or (kept) logits.
+#[derive(Debug, Clone)]
+pub enum KeptRows {
+    Ids(Vec<u32>),
+    Logits(Logits),
+}
 
 /// Log-probabilities of one row under its raw logits: the sampled token's, and the most likely
 /// tokens', descending, ties to the lower id. Non-finite logits are never listed.

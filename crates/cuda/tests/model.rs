@@ -315,6 +315,57 @@ fn too_little_gpu_memory_is_an_error_with_the_numbers() {
     eprintln!("the load out of memory: {err}");
 }
 
+/// `forward_sample_keeping` (a constrained sequence beside others): the kept sequence's rows are
+/// the logits `forward` returns, bit for bit, and the others' ids are `forward_sample`'s, with
+/// graph sampling on and off (the keeping step never samples inside a graph), over steps whose
+/// graphs are captured and replayed.
+#[test]
+fn kept_rows_are_the_logits_and_the_others_the_samples() {
+    use peregrine_core::backend::{KeptRows, RowSampling};
+    if probe_for_tests(0).is_none() {
+        return;
+    }
+    let spec = peregrine_model::config::load_spec(Path::new(&fixture("default"))).unwrap();
+    let (bs, seqs) = (16, 3usize);
+    let prompts: Vec<Vec<u32>> = (0..seqs as u32).map(|s| (0..12 + 5 * s).map(|i| 7 + (i * 37 + s * 101) % 500).collect()).collect();
+    let table = |s: usize| -> Vec<u32> { (0..8).map(|b| (s * 8 + b) as u32).collect() };
+    for graph_sampling in [true, false] {
+        let mut m = CudaModel::synthetic(probe(0).unwrap(), &spec, 7).unwrap();
+        m.set_graph_sampling(graph_sampling);
+        m.init_kv(KvConfig { block_size: bs, num_full_blocks: 8 * seqs, num_swa_blocks: 8 * seqs }).unwrap();
+        let mut last: Vec<u32> = (0..seqs)
+            .map(|s| {
+                let b = SeqForward { seq_id: s as u64, tokens: prompts[s].clone(), start_pos: 0, full_blocks: table(s), swa_blocks: table(s), output: OutputRows::Last };
+                m.forward_argmax(&[b]).unwrap()[0][0]
+            })
+            .collect();
+        for step in 0..4 {
+            let b: Vec<SeqForward> = (0..seqs)
+                .map(|s| SeqForward { seq_id: s as u64, tokens: vec![last[s]], start_pos: prompts[s].len() + step, full_blocks: table(s), swa_blocks: table(s), output: OutputRows::Last })
+                .collect();
+            let rows: Vec<RowSampling> = (0..seqs).map(|s| RowSampling { temperature: 0.8, top_k: 40, top_p: 0.95, min_p: 0.0, u: ((s * 31 + step * 17) % 97) as f64 / 97.0, adj_start: 0, adj_len: 0 }).collect();
+            // Each call writes the same K/V at the same positions (same tokens).
+            let logits = m.forward(&b).unwrap();
+            let ids = m.forward_sample(&b, &rows, &[]).unwrap();
+            let kept = m.forward_sample_keeping(&b, &rows, &[], &[false, true, false]).unwrap();
+            assert_eq!(kept.len(), seqs);
+            for (s, k) in kept.iter().enumerate() {
+                match (s, k) {
+                    (1, KeptRows::Logits(l)) => {
+                        assert_eq!(l.rows, 1);
+                        assert!(l.data.iter().zip(&logits[1].data).all(|(a, b)| a.to_bits() == b.to_bits()), "step {step}: kept logits differ");
+                    }
+                    (0 | 2, KeptRows::Ids(t)) => assert_eq!(t, &ids[s], "step {step}, sequence {s}, graph sampling {graph_sampling}"),
+                    other => panic!("step {step}: sequence {s} came back as {other:?}"),
+                }
+            }
+            last = (0..seqs).map(|s| ids[s][0]).collect();
+        }
+        assert!(m.cuda_graphs() >= 1, "the decode step was not captured");
+    }
+    eprintln!("kept rows: the logits bit for bit, the other rows the samples, graph sampling on and off");
+}
+
 /// Overlapped decode steps (`enqueue_decode` / `collect_decode`), each started before the one
 /// ahead of it is collected and fed that step's ids on the GPU, give the tokens of plain steps:
 /// greedy and sampled, with each chained batch in another row order than the step ahead of it,

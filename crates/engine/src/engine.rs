@@ -6,7 +6,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
-use peregrine_core::backend::{accepted_prefix, Backend, DraftForward, KvConfig, LogitAdjust, OutputRows, RowLogprobs, RowSampling, SeqForward, SpecRows, SpecSampling, MAX_BACKEND_TOP_LOGPROBS};
+use peregrine_core::backend::{accepted_prefix, Backend, DraftForward, KeptRows, KvConfig, LogitAdjust, OutputRows, RowLogprobs, RowSampling, SeqForward, SpecRows, SpecSampling, MAX_BACKEND_TOP_LOGPROBS};
 use peregrine_core::{Error, Guide, ModelSpec, SamplingParams};
 use peregrine_model::tokenizer::IncrementalDecoder;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
@@ -663,6 +663,28 @@ impl Core {
                 Ok(None) => {}
                 other => {
                     let rows = other.map(|o| o.unwrap_or_default().into_iter().map(StepRows::IdsLp).collect());
+                    return self.finish_step(t0, plan, drafts, rows, ntok);
+                }
+            }
+        }
+        // Constrained sequences beside others: only theirs come back as logits (sampled here,
+        // under the constraint), the others sampled on the backend as they would be alone.
+        let constrained = seqs.iter().filter(|s| s.constraint.is_some()).count();
+        if fused.is_none() && seqs.len() == plan.len() && constrained > 0 && constrained < seqs.len() && seqs.iter().all(|s| s.prompt_lp_done && s.req.sampling.logprobs.is_none()) {
+            let (rows, adjust) = row_sampling(&seqs, &batch, vocab, 0);
+            let keep: Vec<bool> = seqs.iter().map(|s| s.constraint.is_some()).collect();
+            match self.backend.forward_sampled_keeping(&batch, &rows, &adjust, &keep) {
+                Ok(None) => {}
+                other => {
+                    let rows = other.map(|o| {
+                        o.unwrap_or_default()
+                            .into_iter()
+                            .map(|k| match k {
+                                KeptRows::Ids(ids) => StepRows::Ids(ids),
+                                KeptRows::Logits(l) => StepRows::Logits(l),
+                            })
+                            .collect()
+                    });
                     return self.finish_step(t0, plan, drafts, rows, ntok);
                 }
             }

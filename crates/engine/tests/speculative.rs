@@ -396,8 +396,16 @@ impl Wrap {
         if !self.ids {
             return Ok(None);
         }
-        assert_eq!(rows.len(), top.len(), "one logprobs entry per sampling row");
         let logits = peregrine_core::backend::Backend::forward(&mut self.inner, b)?;
+        let out = Self::sample_logits(&logits, rows, adjust, top);
+        self.answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(Some(out))
+    }
+
+    /// `sample_rows` of logits already computed.
+    #[allow(clippy::type_complexity)]
+    fn sample_logits(logits: &[peregrine_core::backend::Logits], rows: &[peregrine_core::backend::RowSampling], adjust: &[peregrine_core::backend::LogitAdjust], top: &[Option<u32>]) -> Vec<Vec<(u32, Option<peregrine_core::backend::RowLogprobs>)>> {
+        assert_eq!(rows.len(), top.len(), "one logprobs entry per sampling row");
         let mut it = rows.iter().zip(top);
         let out = logits
             .iter()
@@ -427,8 +435,7 @@ impl Wrap {
             })
             .collect();
         assert!(it.next().is_none(), "more sampling rows than output rows");
-        self.answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        Ok(Some(out))
+        out
     }
 }
 
@@ -458,6 +465,23 @@ impl peregrine_core::backend::Backend for Wrap {
     fn forward_sampled(&mut self, b: &[peregrine_core::backend::SeqForward], rows: &[peregrine_core::backend::RowSampling], adjust: &[peregrine_core::backend::LogitAdjust]) -> peregrine_core::Result<Option<Vec<Vec<u32>>>> {
         let top = vec![None; rows.len()];
         Ok(self.sample_rows(b, rows, adjust, &top)?.map(|v| v.into_iter().map(|r| r.into_iter().map(|x| x.0).collect()).collect()))
+    }
+    /// As forward_sampled, with the kept sequences' rows as their logits.
+    fn forward_sampled_keeping(&mut self, b: &[peregrine_core::backend::SeqForward], rows: &[peregrine_core::backend::RowSampling], adjust: &[peregrine_core::backend::LogitAdjust], keep: &[bool]) -> peregrine_core::Result<Option<Vec<peregrine_core::backend::KeptRows>>> {
+        if !self.ids {
+            return Ok(None);
+        }
+        let logits = peregrine_core::backend::Backend::forward(&mut self.inner, b)?;
+        let sampled = Self::sample_logits(&logits, rows, adjust, &vec![None; rows.len()]);
+        self.answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(Some(
+            logits
+                .into_iter()
+                .zip(sampled)
+                .zip(keep)
+                .map(|((l, s), &k)| if k { peregrine_core::backend::KeptRows::Logits(l) } else { peregrine_core::backend::KeptRows::Ids(s.into_iter().map(|x| x.0).collect()) })
+                .collect(),
+        ))
     }
     /// As forward_sampled, with each asked-for row's logprobs from its raw logits.
     fn forward_sampled_logprobs(&mut self, b: &[peregrine_core::backend::SeqForward], rows: &[peregrine_core::backend::RowSampling], adjust: &[peregrine_core::backend::LogitAdjust], top: &[Option<u32>]) -> peregrine_core::Result<Option<Vec<Vec<(u32, Option<peregrine_core::backend::RowLogprobs>)>>>> {
@@ -555,6 +579,15 @@ fn greedy_ids_path_equals_the_logits_path() {
             let got = run(&start(true, block), sampled.clone());
             assert_same(&format!("{} sampled on the backend, block {block:?}", p.name), &base, &got);
             assert!(answered.swap(0, std::sync::atomic::Ordering::SeqCst) > 0, "{}: no step sampled on the backend", p.name);
+            // One JSON-mode sequence among sampled ones: only its rows come back as logits
+            // (forward_sampled_keeping), the others are drawn on the backend, as alone.
+            let mut constrained = sampled.clone();
+            constrained[2].sampling.json_object = true;
+            let base = run(&start(false, block), constrained.clone());
+            let got = run(&start(true, block), constrained.clone());
+            assert_same(&format!("{} a JSON-mode sequence among sampled ones, block {block:?}", p.name), &base, &got);
+            assert!(answered.swap(0, std::sync::atomic::Ordering::SeqCst) > 0, "{}: no step kept the constrained rows alone", p.name);
+            assert!(got[2].text.trim_start().starts_with('{'), "{}: {:?}", p.name, got[2].text);
             // Logprobs computed with the sample on the backend: every option, verify rows too.
             logprob_steps.store(0, std::sync::atomic::Ordering::SeqCst);
             let base = run(&start(false, block), with_logprobs.clone());

@@ -13,7 +13,7 @@
 use std::sync::Arc;
 
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, CudaView, DevicePtr, LaunchConfig};
-use peregrine_core::backend::{split_logits, Backend, KvBlockBytes, KvConfig, LogitAdjust, Logits, RowLogprobs, RowSampling, SampledRows, SeqForward, NULL_BLOCK};
+use peregrine_core::backend::{split_logits, Backend, KeptRows, KvBlockBytes, KvConfig, LogitAdjust, Logits, RowLogprobs, RowSampling, SampledRows, SeqForward, NULL_BLOCK};
 use peregrine_core::{AttentionKind, AttentionSpec, Error, KvDtype, MlpSpec, ModelSpec, MoeSpec, QkvLayout, Result, RouterScoring};
 use peregrine_model::weights::WeightSource;
 
@@ -1342,7 +1342,7 @@ impl CudaModel {
             return Ok((Fetched::empty(&rows.counts, self.spec.vocab_size), rows.counts));
         }
         let k = rows.want.len();
-        if let Out::Sample(p, _) | Out::SampleLogprobs(p, _, _) = out {
+        if let Out::Sample(p, _) | Out::SampleLogprobs(p, _, _) | Out::SampleKeeping(p, _, _) = out {
             if p.len() != k {
                 return Err(Error::Backend(format!("{} sampling rows for {k} output rows", p.len())));
             }
@@ -1390,6 +1390,27 @@ impl CudaModel {
         Ok(per_sequence(f.ids, &counts))
     }
 
+    /// `forward_sample` for the sequences whose `keep` entry is false; the kept sequences' rows
+    /// come back as their raw logits (copied before the sampler adjusts rows in place).
+    pub fn forward_sample_keeping(&mut self, batch: &[SeqForward], rows: &[RowSampling], adjust: &[LogitAdjust], keep: &[bool]) -> Result<Vec<KeptRows>> {
+        if keep.len() != batch.len() {
+            return Err(Error::Backend(format!("{} keep entries for {} sequences", keep.len(), batch.len())));
+        }
+        let (f, counts) = self.run(batch, Out::SampleKeeping(rows, adjust, keep))?;
+        let mut ids = f.ids.into_iter().map(|t| t as u32);
+        let mut kept = f.kept.into_iter();
+        Ok(counts
+            .iter()
+            .map(|&c| {
+                let seq_ids: Vec<u32> = ids.by_ref().take(c).collect();
+                match kept.next().flatten() {
+                    Some(l) => KeptRows::Logits(l),
+                    None => KeptRows::Ids(seq_ids),
+                }
+            })
+            .collect())
+    }
+
     /// `forward_sample` with the raw logits' logprobs of the rows whose `top` entry is Some(n):
     /// the sampled token's and the n most likely (computed on the GPU; only they come back).
     pub fn forward_sample_logprobs(&mut self, batch: &[SeqForward], rows: &[RowSampling], adjust: &[LogitAdjust], top: &[Option<u32>]) -> Result<SampledRows> {
@@ -1410,6 +1431,8 @@ enum Out<'a> {
     Sample(&'a [RowSampling], &'a [LogitAdjust]),
     /// Sample, with the raw logits' logprobs of the rows whose entry is Some(top).
     SampleLogprobs(&'a [RowSampling], &'a [LogitAdjust], &'a [Option<u32>]),
+    /// Sample, and bring back the raw logits of the sequences whose entry is true.
+    SampleKeeping(&'a [RowSampling], &'a [LogitAdjust], &'a [bool]),
 }
 
 /// What a forward brought back: logits per sequence, or ids (with logprobs when asked).
@@ -1418,6 +1441,8 @@ struct Fetched {
     logits: Vec<Logits>,
     ids: Vec<i32>,
     logprobs: Vec<Option<RowLogprobs>>,
+    /// `SampleKeeping`: per sequence, its raw logits where kept.
+    kept: Vec<Option<Logits>>,
 }
 
 impl Fetched {
@@ -1443,6 +1468,20 @@ fn fetch(kern: &Kernels, st: &Arc<CudaStream>, out: Out, counts: &[usize], vocab
         Out::SampleLogprobs(p, adj, top) => {
             let (ids, logprobs) = kern.sample_rows_with_logprobs(logits, vocab, p, adj, top)?;
             Fetched { ids, logprobs, ..Default::default() }
+        }
+        Out::SampleKeeping(p, adj, keep) => {
+            // The kept rows first: the sampler adjusts rows in place.
+            let mut kept = Vec::with_capacity(counts.len());
+            let mut at = 0;
+            for (&c, &k) in counts.iter().zip(keep) {
+                kept.push(match k && c > 0 {
+                    true => Some(Logits { rows: c, data: st.clone_dtoh(&logits.slice(at * vocab..(at + c) * vocab)).map_err(drv)? }),
+                    false => None,
+                });
+                at += c;
+            }
+            let ids = st.clone_dtoh(&kern.sample_rows_adjusted(logits, vocab, p, adj)?).map_err(drv)?;
+            Fetched { ids, kept, ..Default::default() }
         }
     })
 }
@@ -1487,6 +1526,10 @@ impl Backend for CudaModel {
 
     fn forward_sampled_logprobs(&mut self, batch: &[SeqForward], rows: &[RowSampling], adjust: &[LogitAdjust], top: &[Option<u32>]) -> Result<Option<SampledRows>> {
         self.forward_sample_logprobs(batch, rows, adjust, top).map(Some)
+    }
+
+    fn forward_sampled_keeping(&mut self, batch: &[SeqForward], rows: &[RowSampling], adjust: &[LogitAdjust], keep: &[bool]) -> Result<Option<Vec<KeptRows>>> {
+        self.forward_sample_keeping(batch, rows, adjust, keep).map(Some)
     }
 
     fn forward_speculative(&mut self, batch: &[SeqForward], sampling: peregrine_core::backend::SpecSampling) -> Result<Option<Vec<peregrine_core::backend::SpecRows>>> {
