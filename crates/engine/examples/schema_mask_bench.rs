@@ -27,6 +27,12 @@ struct Args {
     runs: u64,
 }
 
+/// This process's resident memory (Linux; 0 elsewhere).
+fn rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok()).map_or(0.0, |kb| kb / 1024.0)
+}
+
 fn ms(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
 }
@@ -35,9 +41,9 @@ fn main() {
     let args = Args::parse();
     let tok = Tokenizer::from_file(std::path::Path::new(&args.path)).unwrap();
     let tb = Arc::new(TokenBytes::from_tokenizer(&tok).unwrap());
-    let t = Instant::now();
+    let (t, rss0) = (Instant::now(), rss_mib());
     let compiler = GuideCompiler::new(tb.clone()).unwrap();
-    println!("vocabulary {} tokens: compiler built in {:.1} ms", tok.vocab_size(), ms(t));
+    println!("vocabulary {} tokens: compiler built in {:.1} ms, resident memory +{:.0} MiB", tok.vocab_size(), ms(t), rss_mib() - rss0);
     let schema = Guide::JsonSchema(json!({
         "type": "object",
         "properties": {
