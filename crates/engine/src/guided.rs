@@ -59,7 +59,7 @@ impl GuideCompiler {
                 if let Value::Object(o) = &mut schema {
                     o.entry("x-guidance").or_insert_with(|| serde_json::json!({"whitespace_pattern": WHITESPACE}));
                 }
-                (TopLevelGrammar::from_json_schema(schema), "`json_schema`")
+                (TopLevelGrammar::from_json_schema(schema), "the JSON schema")
             }
             Guide::Regex(rx) => (TopLevelGrammar::from_regex(rx), "the regex"),
             Guide::Choice(choices) => {
@@ -456,7 +456,7 @@ mod tests {
         let (_, c) = golden();
         for bad in [json!({"type": "no-such-type"}), json!({"$ref": "#/$defs/missing"}), json!({"type": "integer", "minimum": 5, "maximum": 1})] {
             let e = c.compile(&Guide::JsonSchema(bad.clone())).err().unwrap_or_else(|| panic!("{bad} compiled"));
-            assert!(e.starts_with("`json_schema` cannot be used: "), "{e}");
+            assert!(e.starts_with("the JSON schema cannot be used: "), "{e}");
         }
         let e = c.compile(&Guide::Regex("(unclosed".into())).err().expect("an unclosed group compiled");
         assert!(e.starts_with("the regex cannot be used: "), "{e}");
