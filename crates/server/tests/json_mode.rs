@@ -267,3 +267,79 @@ async fn vllm_guided_fields_hold_the_output() {
         assert!(v["error"]["message"].as_str().unwrap().contains(words), "{extra}: {v}");
     }
 }
+
+/// A random JSON schema: every kind the compiler reads, a few it refuses, nested to depth 3.
+fn random_schema(rng: &mut rand::rngs::StdRng, depth: usize) -> Value {
+    use rand::Rng;
+    let kinds = ["string", "integer", "number", "boolean", "null", "object", "array", "enum", "anyOf", "ref", "bad", "pattern"];
+    let kind = kinds[rng.random_range(0..if depth < 3 { kinds.len() } else { 5 })];
+    match kind {
+        "object" => {
+            let props: serde_json::Map<String, Value> = (0..rng.random_range(0..3)).map(|i| (format!("p{i}"), random_schema(rng, depth + 1))).collect();
+            let required: Vec<&String> = props.keys().take(rng.random_range(0..=props.len())).collect();
+            json!({"type": "object", "properties": props, "required": required, "additionalProperties": rng.random_bool(0.5)})
+        }
+        "array" => json!({"type": "array", "items": random_schema(rng, depth + 1), "maxItems": rng.random_range(0..4)}),
+        "enum" => {
+            let lists = [json!(["a", "b\"c"]), json!([1, null]), json!([{"x": [1]}])];
+            json!({"enum": lists[rng.random_range(0..3)]})
+        }
+        "anyOf" => json!({"anyOf": [random_schema(rng, depth + 1), random_schema(rng, depth + 1)]}),
+        "ref" => {
+            let to = ["#/$defs/a", "#", "http://example.com/s.json"][rng.random_range(0..3)];
+            json!({"$ref": to})
+        }
+        "bad" => [json!({"type": 3}), json!({"type": "integer", "multipleOf": 0}), json!({"type": "string", "minLength": 5, "maxLength": 2})][rng.random_range(0..3)].clone(),
+        "pattern" => {
+            let p = ["^a+$", "(", "[a-", "\\d{2,1}"][rng.random_range(0..4)];
+            json!({"type": "string", "pattern": p})
+        }
+        "integer" => json!({"type": "integer", "minimum": rng.random_range(-5..5), "maximum": rng.random_range(-5..5)}),
+        k => json!({"type": k}),
+    }
+}
+
+#[tokio::test]
+async fn random_guides_get_a_reply_or_a_400_and_nothing_else_breaks() {
+    use rand::{Rng, SeedableRng};
+    let s = Server::start(&["--max-model-len", "512"]).await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let mut seen = std::collections::BTreeMap::new();
+    for i in 0..120 {
+        let schema = random_schema(&mut rng, 0);
+        let (max_tokens, temperature) = ([1, 6, 24][i % 3], [0.0, 1.0][i % 2]);
+        let mut body = json!({"max_tokens": max_tokens, "temperature": temperature, "seed": i, "n": 1 + i % 2});
+        let regex = ["a+", "[0-9]{3}", "(", "x|", "(a|b)*c", ".{0,3}"][rng.random_range(0..6)];
+        let choice = [json!(["a", "b"]), json!([""]), json!(["(", ")"]), json!(["é", "日本"])][rng.random_range(0..4)].clone();
+        let (route, field) = match i % 6 {
+            0 => ("/v1/chat/completions", json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}})),
+            1 => ("/v1/completions", json!({"guided_json": schema.to_string()})),
+            2 => ("/v1/completions", json!({"guided_regex": regex})),
+            3 => ("/v1/completions", json!({"guided_choice": choice})),
+            4 => ("/v1/chat/completions", json!({"tools": [{"type": "function", "function": {"name": "f", "parameters": schema}}], "tool_choice": "required"})),
+            _ => ("/v1/completions", json!({"structured_outputs": {"json": schema, "disable_any_whitespace": true, "disable_additional_properties": true}})),
+        };
+        for (k, v) in field.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        if route.contains("chat") {
+            body["messages"] = json!([{"role": "user", "content": "hi"}]);
+        } else {
+            body["prompt"] = json!("x = ");
+        }
+        let (status, v) = s.post(route, body.clone()).await;
+        assert!(status == 200 || (status == 400 && v["error"]["message"].is_string()), "{body}: {status} {v}");
+        if status == 200 && i % 4 == 0 {
+            // Streamed as well: every event, then the end.
+            body["stream"] = json!(true);
+            let chunks = s.stream(route, body.clone()).await;
+            assert!(chunks.last().is_some_and(|c| c == "[DONE]") && !chunks.iter().any(|c| c.contains("\"error\"")), "{body}: {chunks:?}");
+        }
+        *seen.entry(status).or_insert(0) += 1;
+    }
+    eprintln!("random guides: replies and 400s by status {seen:?}");
+    // Both kinds of answer came, and the server still serves plain requests.
+    assert!(seen.len() == 2, "{seen:?}");
+    let (status, v) = s.post("/v1/completions", json!({"prompt": "x", "max_tokens": 2})).await;
+    assert_eq!(status, 200, "{v}");
+}
