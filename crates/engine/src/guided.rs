@@ -409,6 +409,21 @@ mod tests {
     }
 
     #[test]
+    fn whitespace_between_a_values_tokens_is_at_most_24_bytes_a_gap() {
+        let (_, c) = golden();
+        // No strings, so every whitespace byte lies between tokens of the value.
+        let ints = Guide::JsonSchema(json!({"type": "array", "items": {"type": "integer"}}));
+        let mut longest = 0;
+        for seed in 0..8 {
+            let (out, _) = run(&c, &ints, seed, 200, &[0]);
+            let run_len = out.split(|b| !b.is_ascii_whitespace()).map(<[u8]>::len).max().unwrap_or(0);
+            longest = longest.max(run_len);
+        }
+        // Random logits take whitespace often: the cap is reached, never passed.
+        assert_eq!(longest, 24, "longest whitespace run {longest}");
+    }
+
+    #[test]
     fn the_mask_refuses_exactly_the_tokens_the_matcher_refuses() {
         let (tok, c) = golden();
         let schema = Guide::JsonSchema(json!({"type": "object", "properties": {"a": {"type": "string"}, "b": {"type": "array"}}}));
