@@ -7,12 +7,18 @@
 // (PDL_ENTER and the f16 helpers come from kernels/common.cuh, block_sum, block_argmax and the
 // router from kernels/route.cuh: compile.rs prepends both.)
 
-// The KV pools' element type (kv_t): f32, or BF16 bits when compiled with -DKV_BF16
-// (`--kv-cache-dtype bfloat16`: the host builds this file once for each type it uses). Pool
-// values are rounded to nearest even as they are written (kv_store; NaN stays NaN, as
-// crates/core's KvDtype::round) and widened exactly as they are read (kv_val, kv_val4), so a
-// kernel computes in f32 from the same values whichever type holds them. KV_VEC: elements in
-// one 16-byte unit of a pool row (the cp.async copies).
+// The KV pools' element type (kv_t): f32, BF16 bits when compiled with -DKV_BF16, or FP8 e4m3
+// bytes with -DKV_FP8 (`--kv-cache-dtype bfloat16 / fp8`: the host builds this file once for
+// each type it uses). Pool values are rounded to nearest even as they are written (kv_store; NaN
+// stays NaN, FP8 saturates at +-448, as crates/core's KvDtype::round) and widened exactly as they
+// are read (kv_val, kv_val4), so a kernel computes in f32 from the same values whichever type
+// holds them. KV_VEC: elements in one 16-byte unit of a pool row (the cp.async copies).
+#if defined(KV_BF16) && defined(KV_FP8)
+#error "one KV pool type a build"
+#endif
+#if defined(KV_BF16) || defined(KV_FP8)
+#define KV_PAIRS  // narrow pools: attention_v2's lanes load their values in pairs (kv_lane_pair)
+#endif
 __device__ __forceinline__ float kv_val(const float* p) { return *p; }
 __device__ __forceinline__ float kv_val(const unsigned short* p) { return __uint_as_float((unsigned)*p << 16); }
 __device__ __forceinline__ float4 kv_val4(const float* p) { return *reinterpret_cast<const float4*>(p); }
@@ -26,42 +32,69 @@ __device__ __forceinline__ void kv_store(unsigned short* p, float v) {
     unsigned u = __float_as_uint(v);
     *p = (u & 0x7fffffffu) > 0x7f800000u ? (unsigned short)((u >> 16) | 0x40u) : (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
+#ifdef KV_FP8
+// Two e4m3 bytes (low byte first) -> two f32, exactly (every e4m3 value is an f16 normal).
+__device__ __forceinline__ float2 kv_fp8x2(unsigned short b) {
+    unsigned h;
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h) : "h"(b));
+    return make_float2(f16_to_f32((unsigned short)(h & 0xffffu)), f16_to_f32((unsigned short)(h >> 16)));
+}
+__device__ __forceinline__ float kv_val(const unsigned char* p) { return kv_fp8x2(*p).x; }
+__device__ __forceinline__ float4 kv_val4(const unsigned char* p) {
+    const unsigned u = *reinterpret_cast<const unsigned*>(p);
+    const float2 a = kv_fp8x2((unsigned short)(u & 0xffffu)), b = kv_fp8x2((unsigned short)(u >> 16));
+    return make_float4(a.x, a.y, b.x, b.y);
+}
+// (cvt packs its first operand's byte high, its second's low.)
+__device__ __forceinline__ void kv_store(unsigned char* p, float v) {
+    unsigned short d;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(d) : "f"(0.f), "f"(v));
+    *p = (unsigned char)(d & 0xffu);
+}
+#endif
+#if defined(KV_BF16)
+typedef unsigned short kv_t;
+#define KV_VEC 8
+#elif defined(KV_FP8)
+typedef unsigned char kv_t;
+#define KV_VEC 16
+#else
+typedef float kv_t;
+#define KV_VEC 4
+#endif
 // v as the pool holds it (the fused decode kernels score their row's new K/V before storing it).
 __device__ __forceinline__ float kv_round(float v) {
-#ifdef KV_BF16
-    unsigned short b;
+#ifdef KV_PAIRS
+    kv_t b;
     kv_store(&b, v);
     return kv_val(&b);
 #else
     return v;
 #endif
 }
-#ifdef KV_BF16
-typedef unsigned short kv_t;
-#define KV_VEC 8
-#else
-typedef float kv_t;
-#define KV_VEC 4
-#endif
 // Element c of a lane's share of a K or V row in attention_v2's warps: lane + 32 c over f32
-// pools; over BF16 pools pairs, 2 lane + 64 (c / 2) + c % 2, so that each load brings a lane
-// two values (4 bytes, as many bytes a load as f32's: lone 2-byte loads left a 32k-token step as
-// long as over f32 pools).
+// pools; over BF16 and FP8 pools pairs, 2 lane + 64 (c / 2) + c % 2, so that each load brings a
+// lane two values (lone 2-byte loads left a 32k-token step as long as over f32 pools).
 __device__ __forceinline__ int kv_lane_elem(int lane, int c) {
-#ifdef KV_BF16
+#ifdef KV_PAIRS
     return 64 * (c >> 1) + 2 * lane + (c & 1);
 #else
     return lane + 32 * c;
 #endif
 }
 // Elements c and c + 1 (c even) of a lane's share of pool row `row` of `dim` values, 0 past its
-// end (dim even over BF16 pools).
+// end (dim even over BF16 and FP8 pools).
 __device__ __forceinline__ void kv_lane_pair(const kv_t* row, int lane, int c, int dim, float& a, float& b) {
-#ifdef KV_BF16
+#if defined(KV_BF16)
     const int e = kv_lane_elem(lane, c);
     const unsigned w = e < dim ? *reinterpret_cast<const unsigned*>(row + e) : 0u;
     a = __uint_as_float(w << 16);
     b = __uint_as_float(w & 0xffff0000u);
+#elif defined(KV_FP8)
+    const int e = kv_lane_elem(lane, c);
+    const float2 v = e < dim ? kv_fp8x2(*reinterpret_cast<const unsigned short*>(row + e)) : make_float2(0.f, 0.f);
+    a = v.x;
+    b = v.y;
 #else
     a = lane + 32 * c < dim ? row[lane + 32 * c] : 0.f;
     b = lane + 32 * (c + 1) < dim ? row[lane + 32 * (c + 1)] : 0.f;
@@ -1972,7 +2005,7 @@ __device__ __forceinline__ void attention_v2_body(
                 } else {
                     slot[u] = (size_t)table[j / block_size] * block_size + j % block_size;
                     const kv_t* kv = kc + (slot[u] * kv_heads + kvh) * hd;
-#ifdef KV_BF16
+#ifdef KV_PAIRS
 #pragma unroll
                     for (int c = 0; c < 8; c += 2)
                         if (kv_lane_elem(lane, c) < hd) {
@@ -2292,6 +2325,19 @@ extern "C" __global__ void __launch_bounds__(256, 3) attention_v2_heads(
                     sc += b4.x * __uint_as_float(w8.z << 16) + b4.y * __uint_as_float(w8.z & 0xffff0000u) +
                           b4.z * __uint_as_float(w8.w << 16) + b4.w * __uint_as_float(w8.w & 0xffff0000u);
                 }
+#elif defined(KV_FP8)
+            // Sixteen FP8 values a 16-byte read where the half rows are whole 16-byte units.
+            if (hh % 16 == 0)
+                for (; i0 < hh / 4; i0 += 4) {
+                    const uint4 w16 = *reinterpret_cast<const uint4*>(kr + 4 * i0);
+                    const unsigned wv[4] = {w16.x, w16.y, w16.z, w16.w};
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        const float2 lo = kv_fp8x2((unsigned short)(wv[e] & 0xffffu)), hi = kv_fp8x2((unsigned short)(wv[e] >> 16));
+                        const float4 a4 = qh[i0 + e];
+                        sc += a4.x * lo.x + a4.y * lo.y + a4.z * hi.x + a4.w * hi.y;
+                    }
+                }
 #endif
             for (int i = i0; i < hh / 4; i++) {
                 float4 a4 = qh[i], k4 = kv_val4(kr + 4 * i);
@@ -2317,7 +2363,7 @@ extern "C" __global__ void __launch_bounds__(256, 3) attention_v2_heads(
             for (int jj = 0; jj < nt; jj++) {
                 float pj = __shfl_sync(0xffffffffu, pe, jj);
                 const kv_t* vr = tb + (size_t)jj * nkv * row + hd;
-#ifdef KV_BF16
+#ifdef KV_PAIRS
 #pragma unroll
                 for (int c = 0; c < 4; c += 2) {
                     float a, b;
@@ -3137,8 +3183,10 @@ __device__ __forceinline__ void attention_gqa_tc_body(
     static_assert(GT_TK == 8 && HD % 32 == 0 && VD % 32 == 0, "8 positions, rows of whole 128-byte units");
     // The staged rows hold the pool's kv_t (KPT / VPT elements apart: 16-byte aligned, within the
     // f32 rows' words); each lane copies KV_VEC elements per unit, 8 lanes a row.
-#ifdef KV_BF16
+#if defined(KV_BF16)
     constexpr int KPT = HD + 8, VPT = VD + 8;
+#elif defined(KV_FP8)
+    constexpr int KPT = HD + 16, VPT = VD + 16;
 #else
     constexpr int KPT = KP, VPT = VP;
 #endif
@@ -3165,7 +3213,7 @@ __device__ __forceinline__ void attention_gqa_tc_body(
 #endif
                 const kv_t* ks = kc + slot * HD + q8;
                 const kv_t* vs = vc + slot * VD + q8;
-                // (HD % RU != 0 only for BF16 rows: a round past the row's end copies nothing.)
+                // (HD % RU != 0 only for BF16 and FP8 rows: a round past the row's end copies nothing.)
 #pragma unroll
                 for (int c = 0; c < HD; c += RU)
                     if (HD % RU == 0 || c + q8 < HD) cp_async16(kd + c, ks + c);

@@ -88,8 +88,8 @@ e2e() {  # $1 device, $2 port, $3 speculative model (none: off; default: the mod
     kill $pid; wait $pid 2>/dev/null || true
 }
 # `--kv-cache-dtype auto` keeps BF16 pools on the GPU and f32 on the CPU. float32 on both is
-# compared on every model; BF16 (the CPU rounding its f32 pools the same way) on the trained demo
-# model only: on the golden fixtures' random models a value within ~1e-6 of a rounding boundary
+# compared on every model; BF16 and FP8 (the CPU rounding its f32 pools the same way) on the
+# trained demo model only: on the golden fixtures' random models a value within ~1e-6 of a rounding boundary
 # rounds to neighbours one ulp apart and grows (docs/design-notes.md, "How BF16 is tested").
 same() {  # $1 what, $2 GPU's file, $3 CPU's file
     if cmp -s "$LOG/$2" "$LOG/$3" && [ -s "$LOG/$3" ]; then echo "e2e $1: identical to --device cpu"; else echo "e2e $1: DIFFERS from --device cpu:"; cat "$LOG/$2"; status=1; fi
@@ -106,6 +106,18 @@ e2e cuda 8208 none models/peregrine-mimo-tiny > "$LOG/e2e-cuda-auto.txt"
     same "demo with the default --kv-cache-dtype auto on cuda (BF16 pools), against the CPU's BF16 pools" e2e-cuda-auto.txt e2e-demo-cpu-bf16.txt
     grep -q "KV cache allocated.*bfloat16" "$LOG/serve-cuda-8208.log" || echo "e2e: auto did not keep BF16 pools on cuda: DIFFERS"
     grep -q "KV cache allocated.*float32" "$LOG/serve-cpu-8204.log" || echo "e2e: auto did not keep float32 pools on the CPU: DIFFERS"
+} >> "$LOG/e2e.log"
+# FP8 e4m3 pools (--kv-cache-dtype fp8) on both backends, and under DFlash on the GPU (the
+# drafter's context pools FP8 too).
+e2e cpu 8211 none models/peregrine-mimo-tiny --kv-cache-dtype fp8 > "$LOG/e2e-demo-cpu-fp8.txt"
+e2e cuda 8212 none models/peregrine-mimo-tiny --kv-cache-dtype fp8 > "$LOG/e2e-cuda-fp8.txt"
+e2e cuda 8213 default models/peregrine-mimo-tiny --kv-cache-dtype fp8 --speculative-mode always > "$LOG/e2e-cuda-fp8-spec.txt"
+{
+    same "demo with FP8 pools on cuda, against the CPU's FP8 pools" e2e-cuda-fp8.txt e2e-demo-cpu-fp8.txt
+    same "demo with DFlash and FP8 pools on cuda, against no speculation" e2e-cuda-fp8-spec.txt e2e-demo-cpu-fp8.txt
+    grep -q "KV cache allocated.*fp8_e4m3" "$LOG/serve-cuda-8212.log" || echo "e2e: --kv-cache-dtype fp8 did not make FP8 pools on cuda: DIFFERS"
+    grep -q "KV cache allocated.*fp8_e4m3" "$LOG/serve-cpu-8211.log" || echo "e2e: --kv-cache-dtype fp8 did not make FP8 pools on the CPU: DIFFERS"
+    grep -q 'accepted_tokens_total{[^}]*} [1-9]' "$LOG/metrics-cuda-8213.txt" || echo "e2e: no draft accepted on cuda with FP8 pools: DIFFERS"
 } >> "$LOG/e2e.log"
 cat "$LOG/e2e.log"
 # Speculation on the GPU (the demo model's own drafter) must not change greedy output either.

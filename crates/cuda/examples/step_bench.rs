@@ -122,7 +122,7 @@ struct Args {
     /// cancels the load order.
     #[arg(long, default_value_t = 2)]
     ab_loads: usize,
-    /// The KV pools' element type (`--kv-cache-dtype` of the server): float32 or bfloat16. The
+    /// The KV pools' element type (`--kv-cache-dtype` of the server): float32, bfloat16 or fp8. The
     /// floor counts the K/V bytes of that type.
     #[arg(long, default_value = "float32")]
     kv_cache_dtype: KvDtype,

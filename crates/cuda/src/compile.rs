@@ -136,13 +136,15 @@ pub fn nvrtc_present() -> bool {
 
 /// ops.cu's production variant for BF16 K/V pools (its `kv_t`).
 pub const OPS_KV_BF16: &[&str] = &["-DKV_BF16"];
+/// ops.cu's production variant for FP8 e4m3 K/V pools.
+pub const OPS_KV_FP8: &[&str] = &["-DKV_FP8"];
 
 /// Compiles every build a server may load for `arch` (each kernel file, and ops.cu's for BF16
-/// K/V pools) into the kernel cache, each on a thread of its own, without a GPU: what
+/// and FP8 K/V pools) into the kernel cache, each on a thread of its own, without a GPU: what
 /// `peregrine compile-kernels` runs so that a later start (a container image's) finds them all.
 /// Returns each build's PTX cache file and whether it was compiled now (false: it was cached).
 pub fn fill(arch: &str) -> Result<Vec<(PathBuf, bool)>> {
-    let files: Vec<(&str, &str, &[&str])> = production_builds().chain([("ops", OPS_CU, OPS_KV_BF16)]).collect();
+    let files: Vec<(&str, &str, &[&str])> = production_builds().chain([("ops", OPS_CU, OPS_KV_BF16), ("ops", OPS_CU, OPS_KV_FP8)]).collect();
     fill_in(&cache_dir(), &files, arch)
 }
 

@@ -575,8 +575,8 @@ fn as_held(dtype: KvDtype, values: Vec<f32>) -> Vec<f32> {
     values.into_iter().map(|v| dtype.round(v)).collect()
 }
 
-/// Also for BF16 pools: the same rotation, each value stored as the f32 build stores it, rounded
-/// to nearest even (bit for bit), and NaN poison overwritten in every written slot.
+/// Also for BF16 and FP8 pools: the same rotation, each value stored as the f32 build stores it,
+/// rounded to nearest even (bit for bit), and NaN poison overwritten in every written slot.
 #[test]
 fn rope_with_kv_write_matches_the_cpu_reference() {
     let Some(mut m) = model() else { return };
@@ -596,7 +596,7 @@ fn rope_with_kv_write_matches_the_cpu_reference() {
         let (pd, sd) = (st.clone_htod(&pos).unwrap(), st.clone_htod(&slots).unwrap());
         // Each pool type's q and its pools' contents (widened to f32).
         let mut runs = Vec::new();
-        for dtype in [KvDtype::F32, KvDtype::Bf16] {
+        for dtype in [KvDtype::F32, KvDtype::Bf16, KvDtype::Fp8E4m3] {
             m.use_kv_dtype(dtype).unwrap();
             let mut qd = st.clone_htod(&q).unwrap();
             let nan = |dim: usize| pool(&m, dtype, &vec![f32::NAN; slots_total as usize * dim]);
@@ -623,12 +623,47 @@ fn rope_with_kv_write_matches_the_cpu_reference() {
         let (got_k, got_v) = (written(k32, kd), written(v32, vd));
         close(&format!("{name} k in the cache"), &got_k, &kw, 1e-4);
         close(&format!("{name} v in the cache"), &got_v, &v.iter().map(|x| x * s.value_scale).collect::<Vec<_>>(), 1e-7);
-        let (q16, k16, v16) = &runs[1];
-        assert!(q16 == q32, "{name}: q differs between the pool types' builds");
         let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(&written(k16, kd)), bits(&as_held(KvDtype::Bf16, got_k)), "{name}: BF16 K pool is the f32 build's K rounded");
-        assert_eq!(bits(&written(v16, vd)), bits(&as_held(KvDtype::Bf16, got_v)), "{name}: BF16 V pool is the f32 build's V rounded");
+        for (dtype, (qn, kn, vn)) in [KvDtype::Bf16, KvDtype::Fp8E4m3].into_iter().zip(&runs[1..]) {
+            assert!(qn == q32, "{name}: q differs between the f32 and {dtype} pools' builds");
+            assert_eq!(bits(&written(kn, kd)), bits(&as_held(dtype, got_k.clone())), "{name}: {dtype} K pool is the f32 build's K rounded");
+            assert_eq!(bits(&written(vn, vd)), bits(&as_held(dtype, got_v.clone())), "{name}: {dtype} V pool is the f32 build's V rounded");
+        }
     }
+}
+
+/// FP8 pools round as the CPU reference does (`KvDtype::round`) where rounding is hardest: every
+/// value halfway between two e4m3 neighbours (ties to the even code), values either side of
+/// each, saturation past 448 (infinities too) and values below the smallest subnormal. The
+/// values go in as V with a value scale of 1, which `rope_kv_write` stores unchanged but rounded.
+#[test]
+fn fp8_pools_round_as_the_cpu_reference_at_ties_and_limits() {
+    let Some(mut m) = model() else { return };
+    let st = m.stream.clone();
+    let mut s = attn_spec(4, 1, 64, 64, 64, None, false);
+    s.value_scale = 1.0;
+    let e4m3 = |c: u8| peregrine_model::formats::fp8_e4m3_to_f32(c);
+    let mut values: Vec<f32> = Vec::new();
+    for c in 0..0x7eu8 {
+        let (lo, hi) = (e4m3(c), e4m3(c + 1));
+        let (mid, step) = ((lo + hi) / 2.0, (hi - lo) / 8.0);
+        values.extend([mid, mid - step, mid + step, -mid, -(mid + step)]);
+    }
+    values.extend([448.0, 449.0, 464.0, 500.0, 1e30, f32::INFINITY, -f32::INFINITY, -1e9, 2f32.powi(-11), -2f32.powi(-11), 2f32.powi(-10), 0.0, -0.0]);
+    let n = values.len().div_ceil(s.v_dim());
+    values.resize(n * s.v_dim(), 0.25);
+    m.use_kv_dtype(KvDtype::Fp8E4m3).unwrap();
+    let slots: Vec<i64> = (0..n as i64).collect();
+    let mut qd = st.clone_htod(&vec![0f32; n * s.q_dim()]).unwrap();
+    let k = st.clone_htod(&vec![0f32; n * s.k_dim()]).unwrap();
+    let (kc, vc) = (pool(&m, KvDtype::Fp8E4m3, &vec![f32::NAN; n * s.k_dim()]), pool(&m, KvDtype::Fp8E4m3, &vec![f32::NAN; n * s.v_dim()]));
+    m.rope_kv_write(&mut qd, &k, &st.clone_htod(&values).unwrap(), &kc, &vc, &st.clone_htod(&vec![0i32; n]).unwrap(), &st.clone_htod(&slots).unwrap(), n, &s).unwrap();
+    let got = vc.download(&st).unwrap();
+    for (i, (&x, &g)) in values.iter().zip(&got).enumerate() {
+        assert_eq!(g.to_bits(), KvDtype::Fp8E4m3.round(x).to_bits(), "value {i}: {x:e} held as {g:e}");
+    }
+    assert!(kc.download(&st).unwrap().iter().all(|&v| v == 0.0), "zero K rows held as zeros");
+    m.use_kv_dtype(KvDtype::F32).unwrap();
 }
 
 /// Block ids 0..n in a random order (sequence si's table is entries si * max_blocks..).
@@ -708,8 +743,8 @@ fn attention_matches_the_cpu_reference() {
         // Two heads per KV head: a block of attention_v2_heads stages four KV heads' rows.
         attn_spec(12, 6, 48, 32, 32, Some(40), true),
     ];
-    // Over f32 and BF16 pools (the reference reads the values the pool holds).
-    let each = [KvDtype::F32, KvDtype::Bf16].into_iter().flat_map(|dt| cases.iter().flat_map(move |&s| [(dt, s, 24usize), (dt, s, 160)]));
+    // Over f32, BF16 and FP8 pools (the reference reads the values the pool holds).
+    let each = [KvDtype::F32, KvDtype::Bf16, KvDtype::Fp8E4m3].into_iter().flat_map(|dt| cases.iter().flat_map(move |&s| [(dt, s, 24usize), (dt, s, 160)]));
     for (dtype, s, max_blocks) in each {
         m.use_kv_dtype(dtype).unwrap();
         let seqs = 3usize;
@@ -798,7 +833,7 @@ fn attention_matches_the_cpu_reference() {
 /// A decode step's attention with RoPE and the K/V write inside the kernel (`FreshKv`) gives
 /// the same bits as `rope_kv_write` followed by the kernel: o, its BF16 split and both pools,
 /// over one row per sequence at short and long positions (long ones split over several blocks),
-/// over f32 and BF16 pools (the fused kernel scores its row's new K/V as the pool holds them).
+/// over f32, BF16 and FP8 pools (the fused kernel scores its row's new K/V as the pool holds them).
 #[test]
 fn attention_writing_the_new_kv_matches_rope_kv_write_then_attention() {
     let Some(mut m) = model() else { return };
@@ -814,7 +849,7 @@ fn attention_writing_the_new_kv_matches_rope_kv_write_then_attention() {
         attn_spec(4, 1, 64, 48, 15, Some(5), true),
         attn_spec(8, 2, 128, 128, 128, Some(2000), true),
     ];
-    let each = [KvDtype::F32, KvDtype::Bf16].into_iter().flat_map(|dt| cases.iter().flat_map(move |&s| [(dt, s, 24usize), (dt, s, 160)]));
+    let each = [KvDtype::F32, KvDtype::Bf16, KvDtype::Fp8E4m3].into_iter().flat_map(|dt| cases.iter().flat_map(move |&s| [(dt, s, 24usize), (dt, s, 160)]));
     for (dtype, s, max_blocks) in each {
         m.use_kv_dtype(dtype).unwrap();
         // One row per sequence (a decode step), at positions 0, 3, 130, 200 and the last.
@@ -866,7 +901,7 @@ fn attention_writing_the_new_kv_matches_rope_kv_write_then_attention() {
 /// the tile's later rows, sinks, GQA), the other rows (a decode row, a run too short for a
 /// tile) through `attention_v2_rows`, split over several blocks on long tables. Every row
 /// matches the f64 reference, and o's BF16 split is exactly the split of o, for the f32 kernel
-/// and the tensor-core kernel (shapes it is compiled for), over f32 and BF16 pools.
+/// and the tensor-core kernel (shapes it is compiled for), over f32, BF16 and FP8 pools.
 #[test]
 fn prefill_attention_matches_the_cpu_reference() {
     let Some(mut m) = model() else { return };
@@ -880,7 +915,7 @@ fn prefill_attention_matches_the_cpu_reference() {
         attn_spec(8, 2, 128, 128, 128, Some(40), true),
         attn_spec(8, 4, 64, 64, 32, Some(50), false),
     ];
-    let each = [KvDtype::F32, KvDtype::Bf16].into_iter().flat_map(|dt| cases.iter().flat_map(move |&s| [(dt, s, 24usize), (dt, s, 160)]));
+    let each = [KvDtype::F32, KvDtype::Bf16, KvDtype::Fp8E4m3].into_iter().flat_map(|dt| cases.iter().flat_map(move |&s| [(dt, s, 24usize), (dt, s, 160)]));
     for (dtype, s, max_blocks) in each {
         m.use_kv_dtype(dtype).unwrap();
         let seqs = 4usize;

@@ -86,6 +86,13 @@ impl Synthetic {
         self.fill(st, buf, n, amp, offset, true)
     }
 
+    /// Overwrites all of `buf` with random FP8 e4m3 values of magnitude below 2 (exponent
+    /// fields 0..7: no NaN), for FP8 K/V pools.
+    pub(crate) fn fill_fp8(&self, st: &Arc<CudaStream>, buf: &mut CudaSlice<u8>) -> Result<()> {
+        let n = buf.len();
+        self.bytes(st, buf, n, 2, 0, 8)
+    }
+
     /// The first `n` elements of `buf` (f32, or BF16 bits with `bf16`) uniform in
     /// [offset - amp, offset + amp) (`fill_random_f`).
     fn fill<T>(&self, st: &Arc<CudaStream>, buf: &mut CudaSlice<T>, n: usize, amp: f32, offset: f32, bf16: bool) -> Result<()> {

@@ -90,25 +90,27 @@ fn golden_fixtures_match_the_cpu_backend() {
 /// kernel over BF16 pools against the f64 reference instead. Each decode step feeds all three
 /// the CPU's token, so a near tie cannot fork them (the bound on every logit decides the argmax
 /// wherever the best two are further apart than twice it). The GPU's blocks take half the bytes.
+/// FP8 e4m3 pools (`--kv-cache-dtype fp8`) likewise, in a quarter of the bytes: their rounding
+/// boundaries lie 2^5 further apart, so fewer values sit near one, but each that does moves more.
 #[test]
-fn bf16_kv_pools_match_the_cpu_backend_rounding_its_pools() {
+fn bf16_and_fp8_kv_pools_match_the_cpu_backend_rounding_its_pools() {
     use peregrine_core::KvDtype;
     if probe_for_tests(0).is_none() {
         return;
     }
     let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/peregrine-mimo-tiny").display().to_string();
     let files = open_model(&demo).unwrap();
-    for len in [40u32, 150, 400] {
-        let name = format!("demo model, {len}-token prompt");
+    for (dtype, len) in [KvDtype::Bf16, KvDtype::Fp8E4m3].into_iter().flat_map(|d| [40u32, 150, 400].map(|l| (d, l))) {
+        let name = format!("demo model, {dtype} pools, {len}-token prompt");
         let mut cpu = CpuModel::load(&files.spec, files.weights.as_ref()).unwrap();
         let mut cpu32 = CpuModel::load(&files.spec, files.weights.as_ref()).unwrap();
         let mut gpu = CudaModel::load(probe(0).unwrap(), &files.spec, files.weights.as_ref()).unwrap();
         let f32_bytes = gpu.kv_block_bytes(16);
-        cpu.set_kv_dtype(KvDtype::Bf16).unwrap();
-        gpu.set_kv_dtype(KvDtype::Bf16).unwrap();
-        assert_eq!(gpu.kv_dtype(), KvDtype::Bf16);
-        let bf16_bytes = gpu.kv_block_bytes(16);
-        assert_eq!((2 * bf16_bytes.full, 2 * bf16_bytes.swa), (f32_bytes.full, f32_bytes.swa), "{name}: BF16 blocks take half the bytes");
+        cpu.set_kv_dtype(dtype).unwrap();
+        gpu.set_kv_dtype(dtype).unwrap();
+        assert_eq!(gpu.kv_dtype(), dtype);
+        let (narrow, times) = (gpu.kv_block_bytes(16), 4 / dtype.size());
+        assert_eq!((times * narrow.full, times * narrow.swa), (f32_bytes.full, f32_bytes.swa), "{name}: blocks take 1/{times} of f32's bytes");
         let prompt: Vec<u32> = (0..len).map(|i| 7 + (i * 37) % 500).collect();
         let n_new = 64;
         let bs = 16;
@@ -141,14 +143,14 @@ fn bf16_kv_pools_match_the_cpu_backend_rounding_its_pools() {
         }
         let gpu_err = errs.iter().map(|e| e.0).fold(0f32, f32::max);
         let rounding = errs.iter().map(|e| e.1).fold(0f32, f32::max);
-        assert!(errs.iter().all(|e| e.1 > 0.0), "{name}: the CPU's BF16 pools changed nothing in some call");
+        assert!(errs.iter().all(|e| e.1 > 0.0), "{name}: the CPU's narrow pools changed nothing in some call");
         // Per call, the GPU's distance over the f32 pools': its median over the 64 calls.
         let mut ratios: Vec<f32> = errs.iter().map(|e| e.0 / e.1).collect();
         ratios.sort_by(f32::total_cmp);
         let median = ratios[ratios.len() / 2];
-        eprintln!("{name}: GPU against the CPU's BF16 pools {gpu_err:.2e}, the CPU's f32 pools against them {rounding:.2e} (largest relative, 64 calls); per call the first over the second: median {median:.3}, quartiles {:.3} {:.3}, largest {:.3}", ratios[ratios.len() / 4], ratios[3 * ratios.len() / 4], ratios[ratios.len() - 1]);
-        assert!(median < 0.4, "{name}: per call, the GPU's BF16 pools are a median {median:.3} of the f32 pools' distance from the CPU's");
-        assert!(gpu_err < rounding, "{name}: the GPU's BF16 pools are {gpu_err:.2e} from the CPU's, against {rounding:.2e} for f32 pools");
+        eprintln!("{name}: GPU against the CPU's {dtype} pools {gpu_err:.2e}, the CPU's f32 pools against them {rounding:.2e} (largest relative, 64 calls); per call the first over the second: median {median:.3}, quartiles {:.3} {:.3}, largest {:.3}", ratios[ratios.len() / 4], ratios[3 * ratios.len() / 4], ratios[ratios.len() - 1]);
+        assert!(median < 0.4, "{name}: per call, the GPU's pools are a median {median:.3} of the f32 pools' distance from the CPU's");
+        assert!(gpu_err < rounding, "{name}: the GPU's pools are {gpu_err:.2e} from the CPU's, against {rounding:.2e} for f32 pools");
     }
 }
 

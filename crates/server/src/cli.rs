@@ -139,9 +139,11 @@ pub struct ServeArgs {
     #[arg(long, env = "PEREGRINE_GPU_MEMORY_UTILIZATION", value_parser = parse_fraction, allow_negative_numbers = true)]
     pub gpu_memory_utilization: Option<f64>,
     /// The KV cache's element type: auto (bfloat16 on a GPU, the checkpoints' precision as
-    /// vLLM's auto; float32 on the CPU, the exact reference), float32 or bfloat16 (half the
+    /// vLLM's auto; float32 on the CPU, the exact reference), float32, bfloat16 (half the
     /// memory of float32, so about twice the cached tokens, and half the bytes a long context's
-    /// attention reads; K and V rounded to BF16 as they are written).
+    /// attention reads; K and V rounded to BF16 as they are written) or fp8 (alias fp8_e4m3:
+    /// half of bfloat16's memory again; K and V rounded to FP8 e4m3 with a scale of 1, as vLLM's
+    /// fp8 without calibrated scales, magnitudes past 448 saturated: it costs some accuracy).
     #[arg(long, env = "PEREGRINE_KV_CACHE_DTYPE", value_parser = parse_kv_dtype, default_value = "auto")]
     pub kv_cache_dtype: KvCacheDtype,
     #[arg(long, env = "PEREGRINE_MAX_NUM_BATCHED_TOKENS", default_value_t = 2048)]
@@ -536,8 +538,11 @@ mod tests {
         assert_eq!(parse_kv_dtype("auto"), Ok(KvCacheDtype::Auto));
         assert_eq!(parse_kv_dtype("bfloat16"), Ok(KvCacheDtype::Given(KvDtype::Bf16)));
         assert_eq!(parse_kv_dtype("float32"), Ok(KvCacheDtype::Given(KvDtype::F32)));
-        let err = parse_kv_dtype("fp8").unwrap_err();
-        assert!(err.contains("auto, float32 or bfloat16"), "{err}");
+        assert_eq!(parse_kv_dtype("fp8"), Ok(KvCacheDtype::Given(KvDtype::Fp8E4m3)));
+        assert_eq!(parse_kv_dtype("FP8_E4M3"), Ok(KvCacheDtype::Given(KvDtype::Fp8E4m3)));
+        let err = parse_kv_dtype("int8").unwrap_err();
+        assert!(err.contains("auto, float32, bfloat16 or fp8"), "{err}");
+        assert!(parse_kv_dtype("fp8_e5m2").unwrap_err().contains("not supported"));
         let kv = |extra: &[&str]| match Cli::try_parse_from([&["peregrine", "serve"], extra].concat()) {
             Ok(Cli { command: Command::Serve(a) }) => Ok(a.kv_cache_dtype),
             Ok(other) => Err(format!("{other:?}")),

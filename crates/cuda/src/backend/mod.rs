@@ -137,6 +137,7 @@ fn ops_variant(kv: KvDtype) -> &'static [&'static str] {
     match kv {
         KvDtype::F32 => &[],
         KvDtype::Bf16 => compile::OPS_KV_BF16,
+        KvDtype::Fp8E4m3 => compile::OPS_KV_FP8,
     }
 }
 
@@ -825,6 +826,7 @@ impl CudaModel {
                 match pool {
                     KvPool::F32(p) => synth.fill_floats(&st, p, 1.0, 0.0)?,
                     KvPool::Bf16(p) => synth.fill_bf16(&st, p, 1.0, 0.0)?,
+                    KvPool::Fp8(p) => synth.fill_fp8(&st, p)?,
                 }
             }
         }
@@ -1137,9 +1139,9 @@ fn attention_waves(ops: &Ops, sms: usize) -> Result<[usize; 3]> {
     Ok([wave(&ops.attention_v2_kv)?, wave(&ops.attention_v2_kv_ready_pre)?, wave(&ops.attention_v2_kv_ready)?])
 }
 
-/// Whether attention of these head dims can keep BF16 pools: attention_v2's warps load BF16
-/// values in pairs (kernels/ops.cu's kv_lane_pair), so K and V head dims must be even.
-fn bf16_pools_fit(head_dim: usize, v_head_dim: usize) -> bool {
+/// Whether attention of these head dims can keep BF16 or FP8 pools: attention_v2's warps load
+/// their values in pairs (kernels/ops.cu's kv_lane_pair), so K and V head dims must be even.
+fn narrow_pools_fit(head_dim: usize, v_head_dim: usize) -> bool {
     head_dim.is_multiple_of(2) && v_head_dim.is_multiple_of(2)
 }
 
@@ -1149,7 +1151,7 @@ impl CudaModel {
     /// precision (vLLM's `auto` is the model's dtype), so twice the cached tokens of f32 and half
     /// a long context's reads; f32 where a head dim is odd.
     pub fn auto_kv_dtype_for(spec: &ModelSpec) -> KvDtype {
-        if spec.layers.iter().all(|l| bf16_pools_fit(l.attention.head_dim, l.attention.v_head_dim)) {
+        if spec.layers.iter().all(|l| narrow_pools_fit(l.attention.head_dim, l.attention.v_head_dim)) {
             KvDtype::Bf16
         } else {
             KvDtype::F32
@@ -1159,17 +1161,18 @@ impl CudaModel {
     /// `--kv-cache-dtype auto` for the loaded model and its drafter: as
     /// [`CudaModel::auto_kv_dtype_for`], f32 if any attention (the drafter's too) has an odd head dim.
     pub fn auto_kv_dtype(&self) -> KvDtype {
-        if self.bf16_pools_misfit().is_none() {
+        if self.narrow_pools_misfit().is_none() {
             KvDtype::Bf16
         } else {
             KvDtype::F32
         }
     }
 
-    /// The first attention (the model's, then the drafter's) whose head dims cannot keep BF16 pools.
-    fn bf16_pools_misfit(&self) -> Option<AttentionSpec> {
+    /// The first attention (the model's, then the drafter's) whose head dims cannot keep BF16 or
+    /// FP8 pools.
+    fn narrow_pools_misfit(&self) -> Option<AttentionSpec> {
         let mut dims = self.layers.iter().map(|l| l.attn.spec).chain(self.drafter.iter().flat_map(|d| d.layers.iter().map(|l| l.attn.spec)));
-        dims.find(|s| !bf16_pools_fit(s.head_dim, s.v_head_dim))
+        dims.find(|s| !narrow_pools_fit(s.head_dim, s.v_head_dim))
     }
 
     /// Before loading: the K/V pools will be `dtype`, so the load's `compile::prepare` compiles
@@ -1190,8 +1193,8 @@ impl CudaModel {
         if dtype == self.kv_dtype {
             return Ok(());
         }
-        if let Some(s) = self.bf16_pools_misfit().filter(|_| dtype == KvDtype::Bf16) {
-            return Err(Error::Unsupported(format!("BF16 KV pools need even head dims on the CUDA backend; this model has K {} and V {}", s.head_dim, s.v_head_dim)));
+        if let Some(s) = self.narrow_pools_misfit().filter(|_| dtype != KvDtype::F32) {
+            return Err(Error::Unsupported(format!("{dtype} KV pools need even head dims on the CUDA backend; this model has K {} and V {}", s.head_dim, s.v_head_dim)));
         }
         let ops = load_ops(&self.gpu, dtype)?;
         [self.attention_kv_wave, self.attention_ready_pre_wave, self.attention_ready_wave] = attention_waves(&ops, self.sm_count)?;
