@@ -18,6 +18,12 @@
 #endif
 #if defined(KV_BF16) || defined(KV_FP8)
 #define KV_PAIRS  // narrow pools: attention_v2's lanes load their values in pairs (kv_lane_pair)
+#ifndef ATT_SPLIT_NARROW
+// Narrow pools' values are exact in TF32 (8 and 4 significant bits within its 11), so the
+// tensor-core attention kernels leave out their low parts, zero, and the MMAs on them
+// (mma_tf32x2). Measurement builds with -DATT_SPLIT_NARROW split them as f32's.
+#define KV_TF32_EXACT
+#endif
 #endif
 __device__ __forceinline__ float kv_val(const float* p) { return *p; }
 __device__ __forceinline__ float kv_val(const unsigned short* p) { return __uint_as_float((unsigned)*p << 16); }
@@ -2840,6 +2846,13 @@ __device__ __forceinline__ void mma_tf32x3(float d[4], const unsigned ah[4], con
     mma_tf32(d, ah, bl0, bl1);
     mma_tf32(d, ah, bh0, bh1);
 }
+// d += a b where b is exact in TF32 (its low part 0): mma_tf32x3 without the term that would
+// add a b_lo of zeros, the same sums. Values of BF16 and FP8 pools are exact in TF32 (8 and 4
+// significant bits within TF32's 11).
+__device__ __forceinline__ void mma_tf32x2(float d[4], const unsigned ah[4], const unsigned al[4], unsigned bh0, unsigned bh1) {
+    mma_tf32(d, al, bh0, bh1);
+    mma_tf32(d, ah, bh0, bh1);
+}
 // A fragment (m16n8k8) of rows r, r + 8 and columns c, c + 4 of a row-major f32 tile, split.
 __device__ __forceinline__ void load_a_split(const float* base, int pitch, int r, int c, unsigned ah[4], unsigned al[4]) {
     const float* f = base + r * pitch + c;
@@ -3026,7 +3039,11 @@ __device__ __forceinline__ void attention_prefill_tc_body(
                 for (int n = 0; n < TK / 8; n++) {
                     unsigned kb[4];
                     ldsm_x4(k_row + 4 * (8 * n * KP + 8 * kd), kb);
+#ifdef KV_TF32_EXACT
+                    mma_tf32x2(s[n], ah, al, kb[0], kb[1]);  // (narrow pools: kb[2], kb[3], the low parts, are 0)
+#else
                     mma_tf32x3(s[n], ah, al, kb[0], kb[1], kb[2], kb[3]);
+#endif
                 }
             }
             // Online softmax of rows a (g) and b (g + 8); a row's TK scores sit on the 4 lanes t.
@@ -3074,7 +3091,11 @@ __device__ __forceinline__ void attention_prefill_tc_body(
 #pragma unroll
                 for (int c = 0; c < VD / 8; c++) {
                     const unsigned* vc8 = vk + 8 * c;
+#ifdef KV_TF32_EXACT
+                    mma_tf32x2(acc[c], ah, al, vc8[0], vc8[VP]);
+#else
                     mma_tf32x3(acc[c], ah, al, vc8[0], vc8[VP], vc8[TK * VP], vc8[TK * VP + VP]);
+#endif
                 }
             }
         }
@@ -3300,6 +3321,22 @@ __device__ __forceinline__ void attention_gqa_tc_body(
                 const uint4 qh4 = reinterpret_cast<const uint4*>(Qh)[(kd + e) * 32 + lane], ql4 = reinterpret_cast<const uint4*>(Ql)[(kd + e) * 32 + lane];
                 const unsigned ah[4] = {qh4.x, qh4.y, qh4.z, qh4.w};
                 const unsigned al[4] = {ql4.x, ql4.y, ql4.z, ql4.w};
+#ifdef KV_TF32_EXACT
+                // Narrow pools' values are TF32 already: no split, two MMAs.
+#ifdef KV_FP8
+                // Row g's bytes c0 and c0 + 4 from one 8-byte read, widened together.
+                const uint2 w8 = *reinterpret_cast<const uint2*>(K + g * KPT + 8 * (kd + e));
+                const float2 kv2 = kv_fp8x2((unsigned short)__byte_perm(w8.x, w8.y, t | ((t + 4) << 4)));
+                const unsigned bh0 = __float_as_uint(kv2.x), bh1 = __float_as_uint(kv2.y);
+#else
+                const unsigned bh0 = __float_as_uint(kv_val(K + g * KPT + c0)), bh1 = __float_as_uint(kv_val(K + g * KPT + c0 + 4));
+#endif
+#ifndef GT_NO_MMA
+                mma_tf32x2(e ? s1 : s0, ah, al, bh0, bh1);
+#else
+                (e ? s1 : s0)[0] += __uint_as_float(ah[0] ^ al[1] ^ bh0 ^ bh1);  // measurement builds: no MMA
+#endif
+#else
                 unsigned bh0, bl0, bh1, bl1;
                 tf32_split(kv_val(K + g * KPT + c0), bh0, bl0);
                 tf32_split(kv_val(K + g * KPT + c0 + 4), bh1, bl1);
@@ -3307,6 +3344,7 @@ __device__ __forceinline__ void attention_gqa_tc_body(
                 mma_tf32x3(e ? s1 : s0, ah, al, bh0, bh1, bl0, bl1);
 #else
                 (e ? s1 : s0)[0] += __uint_as_float(ah[0] ^ al[1] ^ bh0 ^ bl1);  // measurement builds: no MMA
+#endif
 #endif
             }
         }
@@ -3341,6 +3379,14 @@ __device__ __forceinline__ void attention_gqa_tc_body(
         load_a_split(P, PP, g, t, ah, al);
 #pragma unroll
         for (int c = 0; c < VD / 8; c++) {
+#ifdef KV_TF32_EXACT
+            const unsigned bh0 = __float_as_uint(kv_val(V + t * VPT + 8 * c + g)), bh1 = __float_as_uint(kv_val(V + (t + 4) * VPT + 8 * c + g));
+#ifndef GT_NO_MMA
+            mma_tf32x2(acc[c], ah, al, bh0, bh1);
+#else
+            acc[c][0] += __uint_as_float(ah[0] ^ bh0 ^ bh1);
+#endif
+#else
             unsigned bh0, bl0, bh1, bl1;
             tf32_split(kv_val(V + t * VPT + 8 * c + g), bh0, bl0);
             tf32_split(kv_val(V + (t + 4) * VPT + 8 * c + g), bh1, bl1);
@@ -3348,6 +3394,7 @@ __device__ __forceinline__ void attention_gqa_tc_body(
             mma_tf32x3(acc[c], ah, al, bh0, bh1, bl0, bl1);
 #else
             acc[c][0] += __uint_as_float(ah[0] ^ bh0 ^ bl1);
+#endif
 #endif
         }
         __syncwarp();  // buffer b and P are rewritten from the next step
