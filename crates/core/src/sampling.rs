@@ -43,6 +43,8 @@ pub enum Guide {
     Regex(String),
     /// Exactly one of these strings.
     Choice(Vec<String>),
+    /// A whole match of this grammar, in llguidance's Lark syntax (the server rewrites GBNF).
+    Grammar(String),
 }
 
 impl Default for SamplingParams {

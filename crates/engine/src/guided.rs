@@ -1,6 +1,6 @@
 //! Guided decoding: each sampled token keeps the output a prefix of a whole match of the request's
 //! grammar (`response_format` `json_schema`, vLLM's `guided_json` / `guided_regex` /
-//! `guided_choice` / `structured_outputs`), and the sequence stops (reason `stop`) where the match
+//! `guided_choice` / `guided_grammar` / `structured_outputs`), and the sequence stops (reason `stop`) where the match
 //! is complete and nothing can extend it. Where the match is complete but could go on (a number,
 //! a regex's `+`), the model's EOS is allowed and it chooses.
 //!
@@ -66,6 +66,7 @@ impl GuideCompiler {
                 let alternatives: Vec<String> = choices.iter().map(|c| escape_regex(c)).collect();
                 (TopLevelGrammar::from_regex(&format!("(?:{})", alternatives.join("|"))), "the choice")
             }
+            Guide::Grammar(lark) => (TopLevelGrammar::from_lark(lark.clone()), "the grammar"),
         };
         let parser = self.factory.create_parser(grammar).map_err(|e| format!("{what} cannot be used: {e}"))?;
         let matcher = Matcher::new(Ok(parser));
@@ -464,6 +465,54 @@ mod tests {
             let text = String::from_utf8(out).unwrap();
             assert!(done && choices.contains(&text), "{text:?}");
         }
+    }
+
+    /// GBNF (rewritten by `gbnf::gbnf_to_lark`) and Lark grammars: every finished sample is in
+    /// the grammar's language, a recursive one included, and EOS ends a match only where it may.
+    #[test]
+    fn random_samples_under_a_grammar_are_in_its_language() {
+        let (_, c) = golden();
+        let eos = 0u32;
+        let lark = |g: &str| Guide::Grammar(crate::gbnf::gbnf_to_lark(g).unwrap());
+        // A list of words or numbers.
+        let list = lark("root ::= \"[\" item (\",\" item)* \"]\"\nitem ::= [a-c]+ | num\nnum ::= [0-9]{1,3}\n");
+        // Balanced parentheses around an x: not a regular language.
+        let nested = lark("root ::= \"(\" root \")\" | \"x\"\n");
+        // Lark as given: a word, then digits the model may stop anywhere after the first.
+        let direct = Guide::Grammar("start: (\"yes\" | \"no\") \"-\" /[0-9]+/\n".into());
+        let mut finished = [0; 3];
+        for seed in 0..12 {
+            let (out, done) = run(&c, &list, seed, 60, &[eos]);
+            let text = String::from_utf8(out).unwrap();
+            if done {
+                finished[0] += 1;
+                let inner = text.strip_prefix('[').and_then(|t| t.strip_suffix(']')).unwrap_or_else(|| panic!("{text:?}"));
+                for item in inner.split(',') {
+                    let word = !item.is_empty() && item.bytes().all(|b| (b'a'..=b'c').contains(&b));
+                    let num = (1..=3).contains(&item.len()) && item.bytes().all(|b| b.is_ascii_digit());
+                    assert!(word || num, "{text:?}: item {item:?}");
+                }
+            }
+            let (out, done) = run(&c, &nested, seed, 60, &[eos]);
+            let text = String::from_utf8(out).unwrap();
+            if done {
+                finished[1] += 1;
+                let n = text.len() / 2;
+                assert_eq!(text, format!("{}x{}", "(".repeat(n), ")".repeat(n)), "{text:?}");
+            } else {
+                assert!(text.bytes().all(|b| b == b'('), "an unfinished sample is open parentheses: {text:?}");
+            }
+            let (out, done) = run(&c, &direct, seed, 30, &[eos]);
+            let text = String::from_utf8(out).unwrap();
+            if done {
+                finished[2] += 1;
+                let digits = text.strip_prefix("yes-").or_else(|| text.strip_prefix("no-")).unwrap_or_else(|| panic!("{text:?}"));
+                assert!(!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()), "{text:?}");
+            }
+        }
+        assert!(finished.iter().all(|&f| f > 0), "some sample of each grammar finishes: {finished:?}");
+        let e = c.compile(&Guide::Grammar("start: missing_rule\n".into())).err().expect("an undefined rule compiled");
+        assert!(e.starts_with("the grammar cannot be used: "), "{e}");
     }
 
     #[test]

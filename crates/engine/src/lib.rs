@@ -64,6 +64,7 @@
 pub mod api;
 pub mod constraint;
 pub mod engine;
+pub mod gbnf;
 pub mod guided;
 pub mod json_mode;
 pub mod kv;

@@ -313,15 +313,12 @@ fn json_schema(v: Option<&Value>) -> Result<Value, ApiError> {
 }
 
 /// vLLM's guided decoding fields: `guided_json` (a schema, or its JSON text), `guided_regex`,
-/// `guided_choice`, or `structured_outputs` holding one of `json` / `regex` / `choice`. Grammars
-/// (`guided_grammar`, `structured_outputs.grammar` and the like) are refused: llguidance reads
-/// Lark, not the EBNF vLLM's clients send.
+/// `guided_choice`, `guided_grammar`, or `structured_outputs` holding one of `json` / `regex` /
+/// `choice` / `grammar`. A grammar is GBNF (llama.cpp's, the EBNF vLLM's clients send; rewritten
+/// by `gbnf::gbnf_to_lark`) or llguidance's Lark, told apart as vLLM's guidance backend does.
 fn vllm_guide(c: &CommonParams) -> Result<Option<Guide>, ApiError> {
-    if c.guided_grammar.as_ref().is_some_and(|g| !g.is_null()) {
-        return Err(ApiError::param("guided_grammar", "`guided_grammar` is not supported (`guided_json`, `guided_regex` and `guided_choice` are)"));
-    }
     let mut found = Vec::new();
-    for (field, v) in [("guided_json", &c.guided_json), ("guided_regex", &c.guided_regex), ("guided_choice", &c.guided_choice)] {
+    for (field, v) in [("guided_json", &c.guided_json), ("guided_regex", &c.guided_regex), ("guided_choice", &c.guided_choice), ("guided_grammar", &c.guided_grammar)] {
         if let Some(v) = v.as_ref().filter(|v| !v.is_null()) {
             found.push(guide_of(field, field.trim_start_matches("guided_"), v)?);
         }
@@ -337,7 +334,7 @@ fn vllm_guide(c: &CommonParams) -> Result<Option<Guide>, ApiError> {
             for (key, v) in o.iter().filter(|(_, v)| !v.is_null()) {
                 let flag = || v.as_bool().ok_or_else(|| ApiError::param("structured_outputs", format!("`structured_outputs.{key}` must be a boolean")));
                 match key.as_str() {
-                    "json" | "regex" | "choice" => found.push(guide_of("structured_outputs", key, v)?),
+                    "json" | "regex" | "choice" | "grammar" => found.push(guide_of("structured_outputs", key, v)?),
                     // One backend here, so nothing to fall back from.
                     "disable_fallback" => {
                         flag()?;
@@ -347,7 +344,7 @@ fn vllm_guide(c: &CommonParams) -> Result<Option<Guide>, ApiError> {
                     "whitespace_pattern" => {
                         options.whitespace_pattern = Some(v.as_str().ok_or_else(|| ApiError::param("structured_outputs", "`structured_outputs.whitespace_pattern` must be a regex string"))?.to_owned())
                     }
-                    other => return Err(ApiError::param("structured_outputs", format!("`structured_outputs.{other}` is not supported (`json`, `regex` and `choice` are)"))),
+                    other => return Err(ApiError::param("structured_outputs", format!("`structured_outputs.{other}` is not supported (`json`, `regex`, `choice` and `grammar` are)"))),
                 }
             }
         }
@@ -356,7 +353,7 @@ fn vllm_guide(c: &CommonParams) -> Result<Option<Guide>, ApiError> {
     match found.len() {
         0 => Ok(None),
         1 => Ok(found.pop().map(|g| options.apply(g))),
-        _ => Err(ApiError::invalid("give one of `guided_json`, `guided_regex`, `guided_choice` and `structured_outputs`'s `json` / `regex` / `choice`, not several")),
+        _ => Err(ApiError::invalid("give one of `guided_json`, `guided_regex`, `guided_choice`, `guided_grammar` and `structured_outputs`'s `json` / `regex` / `choice` / `grammar`, not several")),
     }
 }
 
@@ -427,7 +424,15 @@ fn guide_of(field: &str, kind: &str, v: &Value) -> Result<Guide, ApiError> {
         ("choice", Value::Array(list)) if !list.is_empty() && list.iter().all(Value::is_string) => {
             Ok(Guide::Choice(list.iter().filter_map(|c| c.as_str().map(str::to_owned)).collect()))
         }
-        _ => Err(err(format!("`{field}` must be a non-empty list of strings"))),
+        ("choice", _) => Err(err(format!("`{field}` must be a non-empty list of strings"))),
+        ("grammar", Value::String(g)) if !g.trim().is_empty() => {
+            if peregrine_engine::gbnf::looks_like_gbnf(g) {
+                peregrine_engine::gbnf::gbnf_to_lark(g).map(Guide::Grammar).map_err(|e| err(format!("`{field}` (GBNF): {e}")))
+            } else {
+                Ok(Guide::Grammar(g.clone()))
+            }
+        }
+        _ => Err(err(format!("`{field}` must be a grammar string (GBNF, as llama.cpp's, or Lark)"))),
     }
 }
 

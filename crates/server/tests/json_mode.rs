@@ -246,10 +246,34 @@ async fn vllm_guided_fields_hold_the_output() {
         let (status, v) = s.post("/v1/completions", ask(json!({"seed": seed, "structured_outputs": {"choice": ["yes", "no"]}}))).await;
         assert_eq!(status, 200, "{v}");
         assert!(["yes", "no"].contains(&v["choices"][0]["text"].as_str().unwrap()), "{v}");
+        // A GBNF grammar (`guided_grammar`, as vLLM's clients write them): balanced parentheses
+        // around an x, so not a regex; within 40 tokens unless nested 20 deep.
+        let gbnf = "# nested\nroot ::= \"(\" root \")\" | x\nx ::= [xX]\n";
+        let (status, v) = s.post("/v1/completions", ask(json!({"seed": seed, "guided_grammar": gbnf}))).await;
+        assert_eq!(status, 200, "{v}");
+        let t = v["choices"][0]["text"].as_str().unwrap();
+        let n = t.bytes().take_while(|&b| b == b'(').count();
+        if v["choices"][0]["finish_reason"] == "stop" {
+            assert!(t.len() == 2 * n + 1 && (t.as_bytes()[n] == b'x' || t.as_bytes()[n] == b'X') && t[n + 1..].bytes().all(|b| b == b')'), "{v}");
+        } else {
+            assert_eq!(n, t.len(), "a cut output is open parentheses: {v}");
+        }
+        // Lark (`structured_outputs.grammar`): a word, a dash, digits the model may end after one.
+        let lark = "start: (\"yes\" | \"no\") \"-\" NUM\nNUM: /[0-9]{1,4}/\n";
+        let (status, v) = s.post("/v1/completions", ask(json!({"seed": seed, "structured_outputs": {"grammar": lark}}))).await;
+        assert_eq!(status, 200, "{v}");
+        let t = v["choices"][0]["text"].as_str().unwrap();
+        let digits = t.strip_prefix("yes-").or_else(|| t.strip_prefix("no-")).unwrap_or_else(|| panic!("{v}"));
+        assert!((1..=4).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit()), "{v}");
+        assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
     }
     // What cannot be honoured, or is malformed: 400s naming the field.
     let cases = [
-        (json!({"guided_grammar": "root ::= \"a\""}), "guided_grammar"),
+        (json!({"guided_grammar": "root ::= word\n"}), "`word`, which is never defined"),
+        (json!({"guided_grammar": "root ::= [z-a]"}), "guided_grammar` (GBNF): line 1"),
+        (json!({"guided_grammar": "start: missing\n"}), "grammar cannot be used"),
+        (json!({"guided_grammar": 7}), "must be a grammar string"),
+        (json!({"guided_grammar": "root ::= \"a\"", "guided_regex": "a"}), "not several"),
         (json!({"guided_choice": []}), "guided_choice"),
         (json!({"guided_choice": ["a", 1]}), "guided_choice"),
         (json!({"guided_regex": ""}), "guided_regex"),
@@ -257,7 +281,8 @@ async fn vllm_guided_fields_hold_the_output() {
         (json!({"guided_json": "not json"}), "guided_json"),
         (json!({"guided_json": {"type": "object"}, "guided_regex": "a"}), "not several"),
         (json!({"guided_regex": "a", "response_format": {"type": "json_object"}}), "give one"),
-        (json!({"structured_outputs": {"grammar": "start: \"a\""}}), "structured_outputs.grammar"),
+        (json!({"structured_outputs": {"grammar": ""}}), "must be a grammar string"),
+        (json!({"structured_outputs": {"structural_tag": "{}"}}), "structured_outputs.structural_tag"),
         (json!({"structured_outputs": "json"}), "must be an object"),
         (json!({"structured_outputs": {"json": {}, "disable_any_whitespace": "yes"}}), "must be a boolean"),
     ];
@@ -299,6 +324,44 @@ fn random_schema(rng: &mut rand::rngs::StdRng, depth: usize) -> Value {
     }
 }
 
+/// A random GBNF grammar: `root` and up to three more rules of strings, classes, `.`, groups,
+/// repetitions and references (recursive ones, and now and then a mistake: a backwards range, a
+/// rule never defined, an unclosed group).
+fn random_gbnf(rng: &mut rand::rngs::StdRng) -> String {
+    use rand::Rng;
+    let rules = rng.random_range(1..=4);
+    let name = |k: usize| if k == 0 { "root".to_string() } else { format!("r{k}") };
+    let mut g = String::new();
+    for k in 0..rules {
+        let alts: Vec<String> = (0..rng.random_range(1..=3))
+            .map(|_| {
+                let items: Vec<String> = (0..rng.random_range(0..=3))
+                    .map(|_| {
+                        let atom = match rng.random_range(0..12) {
+                            0 => "\"a\"".to_string(),
+                            1 => "\"b c\"".to_string(),
+                            2 => "\"\\n\"".to_string(),
+                            3 => "\"é\"".to_string(),
+                            4 => "[a-c]".to_string(),
+                            5 => "[^x\\]]".to_string(),
+                            6 => ".".to_string(),
+                            7 => "(\"x\" | [0-9])".to_string(),
+                            8 | 9 => name(rng.random_range(0..rules)),
+                            10 => ["[z-a]", "ghost", "(\"open\""][rng.random_range(0..3)].to_string(),
+                            _ => "\"\"".to_string(),
+                        };
+                        let rep = ["", "", "*", "+", "?", "{1,3}", "{2,}", "{,2}"][rng.random_range(0..8)];
+                        atom + rep
+                    })
+                    .collect();
+                items.join(" ")
+            })
+            .collect();
+        g += &format!("{} ::= {}\n", name(k), alts.join(" | "));
+    }
+    g
+}
+
 #[tokio::test]
 async fn random_guides_get_a_reply_or_a_400_and_nothing_else_breaks() {
     use rand::{Rng, SeedableRng};
@@ -311,12 +374,13 @@ async fn random_guides_get_a_reply_or_a_400_and_nothing_else_breaks() {
         let mut body = json!({"max_tokens": max_tokens, "temperature": temperature, "seed": i, "n": 1 + i % 2});
         let regex = ["a+", "[0-9]{3}", "(", "x|", "(a|b)*c", ".{0,3}"][rng.random_range(0..6)];
         let choice = [json!(["a", "b"]), json!([""]), json!(["(", ")"]), json!(["é", "日本"])][rng.random_range(0..4)].clone();
-        let (route, field) = match i % 6 {
+        let (route, field) = match i % 7 {
             0 => ("/v1/chat/completions", json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}})),
             1 => ("/v1/completions", json!({"guided_json": schema.to_string()})),
             2 => ("/v1/completions", json!({"guided_regex": regex})),
             3 => ("/v1/completions", json!({"guided_choice": choice})),
             4 => ("/v1/chat/completions", json!({"tools": [{"type": "function", "function": {"name": "f", "parameters": schema}}], "tool_choice": "required"})),
+            5 => ("/v1/completions", json!({"guided_grammar": random_gbnf(&mut rng)})),
             _ => ("/v1/completions", json!({"structured_outputs": {"json": schema, "disable_any_whitespace": true, "disable_additional_properties": true}})),
         };
         for (k, v) in field.as_object().unwrap() {
