@@ -75,6 +75,10 @@ e2e() {  # $1 device, $2 port, $3 speculative model (none: off; default: the mod
     curl -s "localhost:$port/v1/completions" -H 'content-type: application/json' \
         -d '{"prompt":"user = ","max_tokens":48,"temperature":0,"response_format":{"type":"json_schema","json_schema":{"name":"user","schema":{"type":"object","properties":{"name":{"type":"string","maxLength":12},"age":{"type":"integer"},"pet":{"enum":["cat","dog"]}},"required":["name","age","pet"],"additionalProperties":false}}}}' \
         | python3 -c 'import json,sys; r=json.load(sys.stdin)["choices"][0]; print(json.dumps([r["text"], r["finish_reason"]]))'
+    # A GBNF grammar (rewritten into llguidance's Lark, masks over the GPU's logits): greedy, as on the CPU.
+    curl -s "localhost:$port/v1/completions" -H 'content-type: application/json' \
+        -d '{"prompt":"def f(x):\n    return ","max_tokens":24,"temperature":0,"guided_grammar":"root ::= expr\nexpr ::= term ((\" + \" | \" * \") term)*\nterm ::= \"x\" | [0-9]{1,3} | \"(\" expr \")\"\n"}' \
+        | python3 -c 'import json,sys; r=json.load(sys.stdin)["choices"][0]; print(json.dumps([r["text"], r["finish_reason"]]))'
     # Seeded sampling (on the GPU for --device cuda): the same seed twice gives the same text.
     local a b
     a=$(curl -s "localhost:$port/v1/completions" -H 'content-type: application/json' -d '{"prompt":"def main():\n","max_tokens":48,"temperature":0.8,"top_p":0.95,"seed":7}')
