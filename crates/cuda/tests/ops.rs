@@ -43,6 +43,42 @@ fn moe_spec(num_experts: usize, top_k: usize, intermediate_size: usize, scoring:
     MoeSpec { num_experts, top_k, intermediate_size, scoring, correction_bias, n_group, topk_group, norm_topk_prob, routed_scaling_factor }
 }
 
+/// The GPU's routing choices `got` for one token are the CPU reference's `want`, in its order,
+/// and weigh the same to 1e-6, except that experts whose selection scores (the CPU's: sigmoid or
+/// softmax, plus the bias) lie within 1e-6 of each other may trade places: the GPU's `expf`
+/// differs from the host's `exp` by an ulp or two, which can reorder scores two ulps apart (a
+/// Flash-sized router met one such pair, 0x3f72ef75 and 0x3f72ef77, in a few thousand tokens).
+/// Each position's choice must score as the reference's choice there does, and none may repeat.
+/// Returns how many positions held another (near-tied) expert.
+fn assert_choices_match(what: &str, spec: &MoeSpec, logits: &[f32], bias: Option<&[f32]>, got: &[(usize, f32)], want: &[(usize, f32)]) -> usize {
+    let mut scores: Vec<f32> = match spec.scoring {
+        RouterScoring::Sigmoid => logits.iter().map(|&l| peregrine_cpu::ops::sigmoid(l)).collect(),
+        RouterScoring::Softmax => {
+            let mut s = logits.to_vec();
+            peregrine_cpu::ops::softmax_in_place(&mut s);
+            s
+        }
+    };
+    if let Some(b) = bias {
+        scores.iter_mut().zip(b).for_each(|(s, b)| *s += b);
+    }
+    assert_eq!(got.len(), want.len(), "{what}: choices {got:?} against {want:?}");
+    let mut distinct: Vec<usize> = got.iter().map(|c| c.0).collect();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), got.len(), "{what}: an expert chosen twice: {got:?}");
+    let mut traded = 0;
+    for (k, (g, w)) in got.iter().zip(want).enumerate() {
+        if g.0 != w.0 {
+            let (sg, sw) = (scores[g.0], scores[w.0]);
+            assert!((sg - sw).abs() <= 1e-6, "{what}: choice {k} is expert {} (score {sg:e}) where the CPU reference chose {} ({sw:e}): {got:?} against {want:?}", g.0, w.0);
+            traded += 1;
+        }
+        assert!(g.1.is_finite() && (g.1 - w.1).abs() <= 1e-6 * w.1.abs().max(1.0), "{what}: choice {k}'s weight {} against {}", g.1, w.1);
+    }
+    traded
+}
+
 #[test]
 fn router_and_grouping_match_the_cpu_reference() {
     let Some(mut model) = synthetic(&spec_of("default")) else { return };
@@ -74,15 +110,15 @@ fn router_and_grouping_match_the_cpu_reference() {
                 .chunks(spec.num_experts)
                 .map(|l| peregrine_cpu::model::route(&spec, l, bias.as_deref()))
                 .collect();
-            for (t, (g, w)) in got.iter().zip(&want).enumerate() {
-                let ge: Vec<usize> = g.iter().map(|c| c.0).collect();
-                let we: Vec<usize> = w.iter().map(|c| c.0).collect();
-                assert_eq!(ge, we, "{name} n={n} token {t}: chosen experts");
-                for (a, b) in g.iter().zip(w) {
-                    assert!(a.1.is_finite() && (a.1 - b.1).abs() <= 1e-6 * b.1.abs().max(1.0), "{name} n={n} token {t}: weight {} vs {}", a.1, b.1);
-                }
+            let mut traded = 0;
+            for (t, ((g, w), l)) in got.iter().zip(&want).zip(logits.chunks(spec.num_experts)).enumerate() {
+                traded += assert_choices_match(&format!("{name} n={n} token {t}"), &spec, l, bias.as_deref(), g, w);
             }
-            let host = MoeRouting::new(&want);
+            if traded > 0 {
+                eprintln!("{name} n={n}: {traded} choices near-tied with the reference's and traded");
+            }
+            // The grouping of the GPU's own choices (the same as the reference's but for near ties).
+            let host = MoeRouting::new(&got);
             assert_eq!(routing.experts, host.experts, "{name} n={n} (grouped in the routing launch: {in_route}): grouped experts");
             assert_eq!(routing.pair_off, host.pair_off, "{name} n={n} (routing launch {in_route}): pair offsets");
             assert_eq!(routing.pair_tok, host.pair_tok, "{name} n={n} (routing launch {in_route}): pair tokens");
@@ -91,7 +127,7 @@ fn router_and_grouping_match_the_cpu_reference() {
                 assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "{name} n={n}: pair weight {a} vs {b}");
             }
         }
-        eprintln!("{name}: routing identical to the CPU reference");
+        eprintln!("{name}: routing as the CPU reference (near-tied choices aside)");
     }
     model.set_fused_group_max(fused_max);
     // Ties (logits of three values, some -inf: sigmoid 0) choose the lower index, as the host
@@ -137,7 +173,8 @@ fn router_and_grouping_match_the_cpu_reference() {
 /// grouping, over 2-32 tokens of Flash's and Pro's routers, without a bias, unnormalised and
 /// scaled, on random logits, ties (logits of four values, -inf among them) and NaN logits (a
 /// token with one, a token with all: the fallback expert repeated); the choices are the CPU
-/// reference's where the logits are finite and the grouping is the host's of the same choices.
+/// reference's where the logits are finite (near-tied ones may trade places:
+/// `assert_choices_match`) and the grouping is the host's of the same choices.
 #[test]
 fn routing_in_one_block_equals_the_block_a_token_launch() {
     let Some(mut model) = synthetic(&spec_of("default")) else { return };
@@ -181,8 +218,9 @@ fn routing_in_one_block_equals_the_block_a_token_launch() {
                 for (t, (g, l)) in got.iter().zip(logits.chunks(e)).enumerate() {
                     if l.iter().all(|v| !v.is_nan()) {
                         let w = peregrine_cpu::model::route(&spec, l, bias.as_deref());
-                        assert_eq!(g.iter().map(|c| c.0).collect::<Vec<_>>(), w.iter().map(|c| c.0).collect::<Vec<_>>(), "{what}, token {t}: the CPU reference's experts");
-                        assert!(g.iter().zip(&w).all(|(a, b)| (a.1 - b.1).abs() <= 1e-6 * b.1.abs().max(1.0)), "{what}, token {t}: the CPU reference's weights");
+                        if assert_choices_match(&format!("{what}, token {t}: the CPU reference's experts"), &spec, l, bias.as_deref(), g, &w) > 0 {
+                            eprintln!("{what}, token {t}: near-tied choices traded against the CPU reference");
+                        }
                     } else if l.iter().all(|v| v.is_nan()) {
                         assert!(g.iter().all(|c| c.0 == 0), "{what}, token {t}: all NaN logits choose the fallback expert 0: {g:?}");
                     }
