@@ -5,6 +5,7 @@ validation (every body and every stream chunk is checked against the SDK's model
 
 Run by crates/server/tests/sdk.rs; exits non-zero on the first failure.
 """
+import re
 import sys
 
 import openai
@@ -72,12 +73,22 @@ chunks = list(lax.completions.create(model=model, prompt=["a", "b"], max_tokens=
                                      extra_body={"ignore_eos": True}))
 assert sorted(c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason) == ["length", "length"]
 
+# vLLM's structured-output fields through extra_body: a GBNF grammar holds the output, on both routes.
+grammar = 'root ::= ("yes" | "no") "-" [0-9]{1,3}\n'
+g = client.completions.create(model=model, prompt="x = ", max_tokens=20, temperature=1.0, seed=3,
+                              extra_body={"guided_grammar": grammar})
+assert re.fullmatch(r"(yes|no)-[0-9]{1,3}", g.choices[0].text) and g.choices[0].finish_reason == "stop", g
+g = client.chat.completions.create(model=model, messages=msgs, max_tokens=20, temperature=1.0, seed=4,
+                                   extra_body={"structured_outputs": {"grammar": grammar}})
+assert re.fullmatch(r"(yes|no)-[0-9]{1,3}", g.choices[0].message.content), g
+
 # Errors surface as the right exception classes.
 for call, exc in [
     (lambda: client.chat.completions.create(model="no-such-model", messages=msgs), openai.NotFoundError),
     (lambda: client.chat.completions.create(model=model, messages=[]), openai.BadRequestError),
     (lambda: client.chat.completions.create(model=model, messages=msgs, temperature=9), openai.BadRequestError),
     (lambda: bad_client.models.list(), openai.AuthenticationError),
+    (lambda: client.completions.create(model=model, prompt="x", extra_body={"guided_grammar": "root ::= nope\n"}), openai.BadRequestError),
 ]:
     try:
         call()
