@@ -393,6 +393,9 @@ pub fn load(args: &ServeArgs) -> anyhow::Result<Ready> {
     if args.load_format == LoadFormat::Dummy {
         tracing::warn!("random weights (--load-format dummy): for load tests and benchmarks; the text means nothing");
     }
+    if kv_cache_dtype == Some(KvDtype::Fp8E4m3) {
+        tracing::warn!("FP8 K/V pools (--kv-cache-dtype fp8): K and V rounded to e4m3 with a scale of 1 (the checkpoint gives none), values past +-448 saturated; expect some loss of accuracy");
+    }
     let max_model_len = args.max_model_len.unwrap_or(files.spec.max_position_embeddings.min(8192));
     if max_model_len > files.spec.max_position_embeddings {
         bail!("--max-model-len {max_model_len} exceeds the model's max_position_embeddings {}", files.spec.max_position_embeddings);
