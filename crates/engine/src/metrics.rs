@@ -108,8 +108,8 @@ impl Metrics {
     }
 
     /// `vllm:cache_config_info` (always 1) with the KV cache's settings as labels, as vLLM
-    /// exports them (a subset: `cache_dtype` is the pools' element type, `float32` or `bfloat16`,
-    /// and `num_gpu_blocks` the full-attention blocks), once the cache is allocated.
+    /// exports them (a subset: `cache_dtype` is the pools' element type, `float32`, `bfloat16` or
+    /// `fp8_e4m3`, and `num_gpu_blocks` the full-attention blocks), once the cache is allocated.
     pub fn record_cache_config(&self, block_size: usize, cache_dtype: &str, num_gpu_blocks: usize, enable_prefix_caching: bool) {
         let opts = Opts::new("vllm:cache_config_info", "Information of the KV cache's settings")
             .const_label("model_name", &self.model_name)

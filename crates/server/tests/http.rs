@@ -318,3 +318,19 @@ async fn embedded_default_model_completes_python() {
     let text = s.client.get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
     assert!(text.contains("vllm:generation_tokens_total{model_name=\"peregrine-mimo-tiny\"}"), "{text}");
 }
+
+/// `--kv-cache-dtype fp8` (on the CPU the pools' values rounded to e4m3): served, and named in
+/// vLLM's `cache_config_info`; `fp8_e5m2` refuses to start, naming what is supported.
+#[tokio::test]
+async fn fp8_kv_pools_serve_and_are_named_in_the_metrics() {
+    let s = Server::start(&["--kv-cache-dtype", "fp8"]).await;
+    let (status, v) = s.post("/v1/completions", json!({"prompt": "a b c", "max_tokens": 6, "ignore_eos": true})).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 6, "{v}");
+    let metrics = s.client.get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.lines().any(|l| l.starts_with("vllm:cache_config_info{") && l.contains("cache_dtype=\"fp8_e4m3\"")), "{metrics}");
+    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/golden/default");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_peregrine")).args(["serve", fixture, "--kv-cache-dtype", "fp8_e5m2"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("fp8_e5m2") && err.contains("not supported"), "{err}");
+}
