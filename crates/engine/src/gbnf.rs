@@ -454,6 +454,26 @@ ws ::= | " " ws"#;
         }
     }
 
+    /// Random text over GBNF's characters: an error or a grammar, never a panic (guided.rs's
+    /// tests compile such grammars too).
+    #[test]
+    fn random_text_converts_or_errs_without_panicking() {
+        use rand::{Rng, SeedableRng};
+        let alphabet: Vec<char> = "root ::= ab|()[]^-\"\\{},*+?.#\n xé0123".chars().collect();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let mut converted = 0;
+        for i in 0..20_000 {
+            let len = rng.random_range(0..40);
+            let mut g: String = if i % 2 == 0 { "root ::= ".into() } else { String::new() };
+            g.extend((0..len).map(|_| alphabet[rng.random_range(0..alphabet.len())]));
+            if let Ok(lark) = gbnf_to_lark(&g) {
+                converted += 1;
+                assert!(lark.starts_with("start: ") || lark.contains("\nstart: "), "{g:?} -> {lark:?}");
+            }
+        }
+        assert!(converted > 100, "only {converted} random grammars converted");
+    }
+
     #[test]
     fn lark_is_told_apart_from_gbnf() {
         assert!(!looks_like_gbnf("start: \"a\" | b\nb: /[0-9]+/ # ::= in a comment"));

@@ -77,6 +77,11 @@ impl GuideCompiler {
     }
 }
 
+/// An llguidance error's first line: the rest is its parser's state, for its developers.
+fn first_line(e: &impl std::fmt::Display) -> String {
+    e.to_string().lines().next().unwrap_or_default().trim().to_owned()
+}
+
 /// `s` as a regex matching exactly itself (the `regex` crate's meta characters escaped).
 fn escape_regex(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -145,7 +150,9 @@ impl GuidedConstraint {
     /// grammar only past the reasoning).
     /// `json`: the guide is a JSON schema (whitespace may come between the thinking and it).
     pub fn new(compiler: &GuideCompiler, mut matcher: Matcher, eos: Vec<u32>, thinking: bool, json: bool) -> Result<GuidedConstraint, String> {
-        let next = Self::next(&mut matcher, &compiler.tokens, &eos)?;
+        // Where no token can start the output and none is wanted (`root ::= root`), nothing can
+        // match: the request's 400.
+        let next = Self::next(&mut matcher, &compiler.tokens, &eos).map_err(|e| format!("no output can match the guide ({e})"))?;
         Ok(GuidedConstraint { matcher, tokens: compiler.tokens.clone(), eos, next, ended: false, thinking: thinking.then(Vec::new), lead_ws: None, json })
     }
 
@@ -164,7 +171,7 @@ impl GuidedConstraint {
             }
             return Ok(Next::from_mask(m, tokens.len(), eos));
         }
-        let m = matcher.compute_mask().map_err(|e| format!("guided decoding: {e}"))?;
+        let m = matcher.compute_mask().map_err(|e| format!("guided decoding: {}", first_line(&e)))?;
         Ok(Next::from_mask(m, tokens.len(), eos))
     }
 
@@ -255,7 +262,7 @@ impl GuidedConstraint {
             self.next = None;
             return Ok(());
         }
-        self.matcher.consume_token(token).map_err(|e| format!("guided decoding: {e}"))?;
+        self.matcher.consume_token(token).map_err(|e| format!("guided decoding: {}", first_line(&e)))?;
         self.next = Self::next(&mut self.matcher, &self.tokens, &self.eos)?;
         Ok(())
     }
@@ -513,6 +520,32 @@ mod tests {
         assert!(finished.iter().all(|&f| f > 0), "some sample of each grammar finishes: {finished:?}");
         let e = c.compile(&Guide::Grammar("start: missing_rule\n".into())).err().expect("an undefined rule compiled");
         assert!(e.starts_with("the grammar cannot be used: "), "{e}");
+        // A grammar no output matches (no finite derivation) is refused in one line.
+        let endless = c.compile(&Guide::Grammar(crate::gbnf::gbnf_to_lark("root ::= root\n").unwrap())).unwrap();
+        let e = GuidedConstraint::new(&c, endless, vec![eos], false, false).err().expect("a grammar matching nothing started");
+        assert!(e.starts_with("no output can match the guide (guided decoding: ") && !e.contains('\n'), "{e}");
+    }
+
+    /// Random GBNF text that converts compiles, or is refused with a message; never a panic.
+    #[test]
+    fn random_converted_grammars_compile_or_are_refused() {
+        let (_, c) = golden();
+        let alphabet: Vec<char> = "root ::= ab|()[]^-\"\\{},*+?.#\n xé0123".chars().collect();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        let (mut compiled, mut refused) = (0, 0);
+        while compiled + refused < 1500 {
+            let g: String = std::iter::once("root ::= ".to_string()).chain((0..rng.random_range(0..30)).map(|_| alphabet[rng.random_range(0..alphabet.len())].to_string())).collect();
+            let Ok(lark) = crate::gbnf::gbnf_to_lark(&g) else { continue };
+            match c.compile(&Guide::Grammar(lark)) {
+                Ok(_) => compiled += 1,
+                Err(e) => {
+                    assert!(e.starts_with("the grammar cannot be used: "), "{g:?}: {e}");
+                    refused += 1;
+                }
+            }
+        }
+        eprintln!("random converted grammars: {compiled} compiled, {refused} refused");
+        assert!(compiled > 100, "{compiled} compiled, {refused} refused");
     }
 
     #[test]

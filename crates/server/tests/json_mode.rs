@@ -272,6 +272,7 @@ async fn vllm_guided_fields_hold_the_output() {
         (json!({"guided_grammar": "root ::= word\n"}), "`word`, which is never defined"),
         (json!({"guided_grammar": "root ::= [z-a]"}), "guided_grammar` (GBNF): line 1"),
         (json!({"guided_grammar": "start: missing\n"}), "grammar cannot be used"),
+        (json!({"guided_grammar": "root ::= root\n"}), "no output can match the guide"),
         (json!({"guided_grammar": 7}), "must be a grammar string"),
         (json!({"guided_grammar": "root ::= \"a\"", "guided_regex": "a"}), "not several"),
         (json!({"guided_choice": []}), "guided_choice"),
