@@ -416,6 +416,28 @@ ws ::= | " " ws"#;
         assert_eq!(lark, "start: \"say \\\"hi\\\"\\n\\t\\\\\" /[\\x{41}\\x{e9}\\x{1f600}\\x{5d}\\x{2d}]/ \"é\" | r_ws\nr_ws: \"\" | \" \" r_ws\n");
     }
 
+    /// vLLM's documentation's `guided_grammar` example, indented as it is there.
+    #[test]
+    fn vllms_sql_example_converts() {
+        let g = "
+    root ::= select_statement
+    select_statement ::= \"SELECT \" column \" from \" table \" where \" condition
+    column ::= \"col_1 \" | \"col_2 \"
+    table ::= \"table_1 \" | \"table_2 \"
+    condition ::= column \"= \" number
+    number ::= \"1 \" | \"2 \"
+";
+        assert_eq!(
+            gbnf_to_lark(g).unwrap(),
+            "start: r_select_statement\n\
+             r_select_statement: \"SELECT \" r_column \" from \" r_table \" where \" r_condition\n\
+             r_column: \"col_1 \" | \"col_2 \"\n\
+             r_table: \"table_1 \" | \"table_2 \"\n\
+             r_condition: r_column \"= \" r_number\n\
+             r_number: \"1 \" | \"2 \"\n"
+        );
+    }
+
     #[test]
     fn names_keep_apart_where_only_their_case_differs() {
         let lark = gbnf_to_lark("root ::= Value value\nValue ::= \"A\"\nvalue ::= \"a\"\n").unwrap();
