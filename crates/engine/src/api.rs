@@ -24,8 +24,11 @@ pub struct GenerateRequest {
 
 #[derive(Debug, Clone, Default)]
 pub struct StopParams {
-    /// Generation ends when the output text contains one of these; the match is not emitted.
+    /// Generation ends when the output text contains one of these; the match is not emitted
+    /// unless `include_stop_str`.
     pub stop_strings: Vec<String>,
+    /// The stop string that ended the output is emitted too (vLLM's `include_stop_str_in_output`).
+    pub include_stop_str: bool,
     /// Generation ends on these ids (emitted as tokens, their text not emitted).
     pub stop_token_ids: Vec<u32>,
     /// Do not stop on the model's EOS ids.

@@ -1154,8 +1154,11 @@ fn commit_token(s: &mut Seq, tok: u32, eos: &[u32], max_model_len: usize) -> (St
     s.held.push_str(&new);
     let mut out = String::new();
     if can_stop && !stop.stop_strings.is_empty() {
-        if let Some(i) = stop.stop_strings.iter().filter(|x| !x.is_empty()).filter_map(|x| s.held.find(x.as_str())).min() {
-            out = s.held[..i].to_string();
+        // The earliest match (the first listed where two start at one place) ends the output,
+        // before it or, asked for, after it.
+        let matched = stop.stop_strings.iter().filter(|x| !x.is_empty()).filter_map(|x| s.held.find(x.as_str()).map(|i| (i, x.len()))).min_by_key(|&(i, _)| i);
+        if let Some((i, len)) = matched {
+            out = s.held[..if stop.include_stop_str { i + len } else { i }].to_string();
             s.held.clear();
             return (out, Some(FinishReason::Stop));
         }

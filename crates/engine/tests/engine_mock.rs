@@ -539,6 +539,11 @@ fn stop_strings_across_token_boundaries() {
     assert_eq!(o.reason, Some(FinishReason::Stop));
     assert_eq!(o.text, full.text[..first], "stop {stop:?}");
     assert!(o.tokens.len() < full.tokens.len());
+    // Asked for, the stop string is in the output too, and the output ends there.
+    let mut r = req("b2", prompts()[2].clone(), SamplingParams::greedy(), 30);
+    (r.stop.stop_strings, r.stop.include_stop_str) = (vec!["\u{1}never".into(), stop.clone()], true);
+    let o2 = collect(e.submit(r).unwrap());
+    assert_eq!((o2.reason, o2.text.as_str(), &o2.tokens), (Some(FinishReason::Stop), &full.text[..first + stop.len()], &o.tokens), "stop {stop:?}, included");
     // Stop token id: ends at that token, its text not emitted.
     let mut r = req("c", prompts()[2].clone(), SamplingParams::greedy(), 30);
     let k = 7;

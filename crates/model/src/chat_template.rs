@@ -57,6 +57,29 @@ impl ChatTemplate {
     }
 }
 
+/// `rendered` (the chat rendered without a generation prompt) cut right after the final
+/// message's text, so that the model continues that message (transformers'
+/// `continue_final_message`, vLLM's too): the last text of the last message, stripped of
+/// surrounding whitespace as templates often strip it, must appear in the rendering; everything
+/// after its last occurrence (the end-of-turn tokens) goes.
+pub fn continue_final_message(rendered: &str, messages: &Value) -> Result<String> {
+    let last = messages.as_array().and_then(|m| m.last()).ok_or_else(|| Error::Template("continue_final_message needs a final message".into()))?;
+    let text = match &last["content"] {
+        Value::String(s) => Some(s.as_str()),
+        Value::Array(parts) => parts.iter().rev().find_map(|p| p["text"].as_str()),
+        _ => None,
+    }
+    .ok_or_else(|| Error::Template("continue_final_message is set but the final message has no text to continue".into()))?;
+    let text = text.trim();
+    if text.is_empty() {
+        return Err(Error::Template("continue_final_message is set but the final message is empty (to start a new reply, use add_generation_prompt)".into()));
+    }
+    match rendered.rfind(text) {
+        Some(i) => Ok(rendered[..i + text.len()].to_owned()),
+        None => Err(Error::Template("continue_final_message is set but the final message's text does not appear in the chat the template renders".into())),
+    }
+}
+
 /// transformers 5.17's apply_chat_template hands messages to the template as given: a
 /// `tool_calls[].function.arguments` JSON *string* stays a string (Qwen3's template prints it
 /// verbatim, an object goes through `tojson`), so nothing is rewritten here.

@@ -87,3 +87,30 @@ fn qwen3_template_matches_transformers() {
         assert_eq!(out, case["expected"].as_str().unwrap(), "case {}", case["name"]);
     }
 }
+
+/// `continue_final_message`: the chat rendered without a generation prompt, cut after the last
+/// message's text (as transformers cuts it: the stripped text's last occurrence), so that the
+/// end-of-turn tokens go and the model continues the message; a list of parts continues its
+/// last text; a final message the rendering lacks, or an empty one, is an error.
+#[test]
+fn continue_final_message_cuts_after_the_final_text() {
+    use peregrine_model::chat_template::continue_final_message;
+    let t = ChatTemplate::new(CHATML, None, Some("<|im_end|>")).unwrap();
+    let msgs = json!([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "The answer is "}]);
+    let rendered = t.render(&msgs, None, false, &Map::new()).unwrap();
+    let cut = continue_final_message(&rendered, &msgs).unwrap();
+    assert!(cut.ends_with("<|im_start|>assistant\nThe answer is") && rendered.starts_with(&cut), "{cut:?}");
+    // The same text earlier in the chat: the last occurrence is the final message's.
+    let msgs = json!([{"role": "user", "content": "Say yes"}, {"role": "assistant", "content": "yes"}, {"role": "user", "content": "again"}, {"role": "assistant", "content": [{"type": "text", "text": "yes"}]}]);
+    let parts_template = ChatTemplate::new("{% for m in messages %}<{{ m.role }}>{% if m.content is string %}{{ m.content }}{% else %}{{ m.content[0].text }}{% endif %}</{{ m.role }}>{% endfor %}", None, None).unwrap();
+    let rendered = parts_template.render(&msgs, None, false, &Map::new()).unwrap();
+    assert_eq!(continue_final_message(&rendered, &msgs).unwrap(), "<user>Say yes</user><assistant>yes</assistant><user>again</user><assistant>yes");
+    for (bad, why) in [
+        (json!([{"role": "assistant", "content": "  "}]), "empty"),
+        (json!([{"role": "assistant", "content": [{"type": "image_url"}]}]), "no text"),
+        (json!([{"role": "assistant", "content": "not rendered"}]), "does not appear"),
+    ] {
+        let e = continue_final_message("<assistant>something else", &bad).unwrap_err().to_string();
+        assert!(e.contains(why), "{bad}: {e}");
+    }
+}

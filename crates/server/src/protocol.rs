@@ -44,9 +44,9 @@ const COMMON_FIELDS: &[&str] = &[
     "stream_options", "stop", "stop_token_ids", "seed", "presence_penalty", "frequency_penalty",
     "repetition_penalty", "logit_bias", "ignore_eos", "min_tokens", "priority", "skip_special_tokens", "user",
     "response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend",
-    "guided_whitespace_pattern", "structured_outputs",
+    "guided_whitespace_pattern", "structured_outputs", "include_stop_str_in_output", "truncate_prompt_tokens",
 ];
-pub const CHAT_FIELDS: &[&str] = &["messages", "logprobs", "top_logprobs", "tools", "tool_choice", "chat_template_kwargs", "add_generation_prompt"];
+pub const CHAT_FIELDS: &[&str] = &["messages", "logprobs", "top_logprobs", "tools", "tool_choice", "chat_template_kwargs", "add_generation_prompt", "continue_final_message"];
 pub const COMPLETION_FIELDS: &[&str] = &["prompt", "echo", "logprobs", "suffix"];
 
 fn from_value<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, ApiError> {
@@ -114,6 +114,10 @@ pub struct CommonParams {
     pub guided_grammar: Option<Value>,
     pub guided_whitespace_pattern: Option<Value>,
     pub structured_outputs: Option<Value>,
+    /// vLLM's: the stop string that ended the output is part of it.
+    pub include_stop_str_in_output: Option<bool>,
+    /// vLLM's: only the prompt's last k tokens are read (-1: as many as the context holds).
+    pub truncate_prompt_tokens: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -125,6 +129,7 @@ pub struct ChatRequest {
     pub tool_choice: Option<Value>,
     pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
     pub add_generation_prompt: Option<bool>,
+    pub continue_final_message: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -152,6 +157,22 @@ pub struct Plan {
     pub stream: bool,
     pub include_usage: bool,
     pub priority: i32,
+    /// Only the prompt's last this many tokens are read; `usize::MAX`: as many as the context
+    /// holds with room for one token (vLLM's `truncate_prompt_tokens: -1`).
+    pub truncate_prompt_tokens: Option<usize>,
+}
+
+impl Plan {
+    /// `ids` cut to the prompt's tokens this request reads (`truncate_prompt_tokens`: its last
+    /// k, a left truncation), for a context of `max_model_len`.
+    pub fn truncate_prompt(&self, ids: &mut Vec<u32>, max_model_len: usize) {
+        if let Some(k) = self.truncate_prompt_tokens {
+            let keep = k.min(max_model_len.saturating_sub(1));
+            if ids.len() > keep {
+                ids.drain(..ids.len() - keep);
+            }
+        }
+    }
 }
 
 fn range(param: &str, v: Option<f64>, lo: f64, hi: f64, lo_open: bool) -> Result<Option<f64>, ApiError> {
@@ -252,10 +273,17 @@ pub fn plan(c: &CommonParams, logprobs: Option<usize>, vocab_size: usize, always
         return Err(ApiError::param("stream_options", "`stream_options` is only allowed with `stream: true`"));
     }
     let include_usage = always_usage || c.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false);
+    let truncate_prompt_tokens = match c.truncate_prompt_tokens {
+        None => None,
+        Some(-1) => Some(usize::MAX),
+        Some(k) if k >= 1 => Some(k as usize),
+        Some(k) => return Err(ApiError::param("truncate_prompt_tokens", format!("`truncate_prompt_tokens` must be -1 (as many as the context holds) or at least 1, got {k}"))),
+    };
     Ok(Plan {
         sampling: s,
         stop: StopParams {
             stop_strings,
+            include_stop_str: c.include_stop_str_in_output.unwrap_or(false),
             stop_token_ids,
             ignore_eos: c.ignore_eos.unwrap_or(false),
             min_tokens,
@@ -268,6 +296,7 @@ pub fn plan(c: &CommonParams, logprobs: Option<usize>, vocab_size: usize, always
         stream,
         include_usage,
         priority: c.priority.unwrap_or(0),
+        truncate_prompt_tokens,
     })
 }
 

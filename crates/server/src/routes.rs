@@ -418,11 +418,28 @@ fn read_chat(state: &AppState, body: &[u8]) -> Result<ChatRead, ApiError> {
     };
     let messages = protocol::chat_messages(&req.messages)?;
     let template = r.template.as_ref().ok_or_else(|| ApiError::invalid("this model has no chat template: use /v1/completions or start the server with --chat-template"))?;
-    let text = template
-        .render(&messages, req.tools.as_ref(), req.add_generation_prompt.unwrap_or(true), &req.chat_template_kwargs.clone().unwrap_or_default())
-        .map_err(|e| ApiError::param("messages", e.to_string()))?;
+    let text = render_chat(template, &messages, req.tools.as_ref(), req.add_generation_prompt, req.continue_final_message, &req.chat_template_kwargs.clone().unwrap_or_default())?;
     let tools = parse_tools.then(|| ToolSchemas::from_tools(req.tools.as_ref()));
     Ok(ChatRead { top, plan, tools, forced, text })
+}
+
+/// The chat's prompt text: rendered with a generation prompt (by default), or
+/// (`continue_final_message`) without one and cut after the final message's text, so that the
+/// reply continues it (vLLM's and transformers' fields).
+fn render_chat(template: &peregrine_model::chat_template::ChatTemplate, messages: &Value, tools: Option<&Value>, add_generation_prompt: Option<bool>, continue_final: Option<bool>, kwargs: &serde_json::Map<String, Value>) -> Result<String, ApiError> {
+    let continue_final = continue_final.unwrap_or(false);
+    let add_generation_prompt = match (continue_final, add_generation_prompt) {
+        (true, Some(true)) => {
+            return Err(ApiError::param("continue_final_message", "`continue_final_message` continues the final message, `add_generation_prompt` starts a new one: set one of them"));
+        }
+        (true, _) => false,
+        (false, a) => a.unwrap_or(true),
+    };
+    let text = template.render(messages, tools, add_generation_prompt, kwargs).map_err(|e| ApiError::param("messages", e.to_string()))?;
+    if !continue_final {
+        return Ok(text);
+    }
+    peregrine_model::chat_template::continue_final_message(&text, messages).map_err(|e| ApiError::param("continue_final_message", e.to_string()))
 }
 
 async fn chat(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
@@ -430,7 +447,8 @@ async fn chat(State(state): State<AppState>, body: Result<Bytes, BytesRejection>
     let r = state.ready()?;
     let ChatRead { top, plan, tools, forced, text } = read_request(&state, body, read_chat).await?;
     let tok = r.engine.tokenizer();
-    let ids = encode(tok, &text, false).await?;
+    let mut ids = encode(tok, &text, false).await?;
+    plan.truncate_prompt(&mut ids, r.engine.max_model_len());
     let parsing = OutputParsing {
         reasoning: state.settings.parse_reasoning.then(|| ReasoningParser::prompt_opens_thinking(&text)),
         // The declared parameter types, for reading XML tool call values.
@@ -501,10 +519,12 @@ async fn completions(State(state): State<AppState>, body: Result<Bytes, BytesRej
     let tok = r.engine.tokenizer();
     let mut prompts = Vec::new();
     for p in inputs {
-        prompts.push(match p {
+        let mut ids = match p {
             PromptInput::Text(t) => encode(tok, &t, true).await?,
             PromptInput::Tokens(ids) => ids,
-        });
+        };
+        plan.truncate_prompt(&mut ids, r.engine.max_model_len());
+        prompts.push(ids);
     }
     let id = random_id("cmpl");
     let prompt_lp = if echo { top } else { None };
@@ -733,6 +753,7 @@ struct TokenizeRequest {
     messages: Option<Value>,
     add_special_tokens: Option<bool>,
     add_generation_prompt: Option<bool>,
+    continue_final_message: Option<bool>,
     tools: Option<Value>,
     chat_template_kwargs: Option<serde_json::Map<String, Value>>,
 }
@@ -748,9 +769,7 @@ fn read_tokenize(state: &AppState, body: &[u8]) -> Result<(String, bool), ApiErr
         (None, Some(m)) => {
             let messages = protocol::chat_messages(&m)?;
             let t = r.template.as_ref().ok_or_else(|| ApiError::invalid("this model has no chat template"))?;
-            let text = t
-                .render(&messages, req.tools.as_ref(), req.add_generation_prompt.unwrap_or(true), &req.chat_template_kwargs.unwrap_or_default())
-                .map_err(|e| ApiError::param("messages", e.to_string()))?;
+            let text = render_chat(t, &messages, req.tools.as_ref(), req.add_generation_prompt, req.continue_final_message, &req.chat_template_kwargs.unwrap_or_default())?;
             Ok((text, req.add_special_tokens.unwrap_or(false)))
         }
         _ => Err(ApiError::invalid("give exactly one of `prompt` or `messages`")),

@@ -334,3 +334,57 @@ async fn fp8_kv_pools_serve_and_are_named_in_the_metrics() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("fp8_e5m2") && err.contains("not supported"), "{err}");
 }
+
+/// vLLM's request fields `continue_final_message` (the reply continues the final message: its
+/// prompt is /tokenize's of the same chat, which ends in that message's text),
+/// `truncate_prompt_tokens` (the prompt's last k tokens) and `include_stop_str_in_output`.
+#[tokio::test]
+async fn continue_final_message_truncate_prompt_tokens_and_include_stop_str() {
+    let s = Server::start(&["--max-model-len", "64"]).await;
+    // Continue the final message.
+    let messages = json!([{"role": "user", "content": "def fib(n):"}, {"role": "assistant", "content": "    return fib(n - 1) +"}]);
+    let (status, t) = s.post("/tokenize", json!({"messages": messages, "continue_final_message": true})).await;
+    assert_eq!(status, 200, "{t}");
+    let (_, d) = s.post("/detokenize", json!({"tokens": t["tokens"]})).await;
+    assert!(d["prompt"].as_str().unwrap().ends_with("return fib(n - 1) +"), "{d}");
+    let (_, full) = s.post("/tokenize", json!({"messages": messages, "add_generation_prompt": false})).await;
+    assert!(t["count"].as_u64() < full["count"].as_u64(), "the end of the turn is cut: {t} {full}");
+    let (status, v) = s.post("/v1/chat/completions", json!({"messages": messages, "continue_final_message": true, "max_tokens": 4, "ignore_eos": true})).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["usage"]["prompt_tokens"], t["count"], "{v}");
+    for (body, words) in [
+        (json!({"messages": messages, "continue_final_message": true, "add_generation_prompt": true}), "set one of them"),
+        (json!({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}], "continue_final_message": true}), "empty"),
+    ] {
+        let (status, v) = s.post("/v1/chat/completions", body.clone()).await;
+        assert_eq!(status, 400, "{body}: {v}");
+        assert!(v["error"]["message"].as_str().unwrap().contains(words), "{body}: {v}");
+    }
+    // Truncated prompts: the last k tokens, or (-1) as many as the context holds.
+    let long: Vec<u32> = (0..100).map(|i| 3 + i % 50).collect();
+    let (status, v) = s.post("/v1/completions", json!({"prompt": long, "max_tokens": 1, "truncate_prompt_tokens": 10})).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["usage"]["prompt_tokens"], 10, "{v}");
+    let (status, v) = s.post("/v1/completions", json!({"prompt": long, "max_tokens": 1, "truncate_prompt_tokens": -1, "echo": true, "logprobs": 0})).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["usage"]["prompt_tokens"], 63, "{v}");
+    assert_eq!(v["choices"][0]["logprobs"]["tokens"].as_array().unwrap().len(), 64, "the echo is of the prompt read: {v}");
+    let (status, v) = s.post("/v1/completions", json!({"prompt": long, "max_tokens": 1})).await;
+    assert_eq!(status, 400, "without truncation the prompt is too long: {v}");
+    for k in [0, -2] {
+        let (status, v) = s.post("/v1/completions", json!({"prompt": "a", "truncate_prompt_tokens": k})).await;
+        assert_eq!(status, 400, "{k}: {v}");
+        assert!(v["error"]["message"].as_str().unwrap().contains("truncate_prompt_tokens"), "{v}");
+    }
+    // The stop string in the output.
+    let (_, full) = s.post("/v1/completions", json!({"prompt": "def", "max_tokens": 16, "temperature": 0, "ignore_eos": true})).await;
+    let text = text_of(&full, 0);
+    let chars: Vec<char> = text.chars().collect();
+    assert!(chars.len() > 8, "{text:?}");
+    let stop: String = chars[4..7].iter().collect();
+    let at = text.find(&stop).unwrap();
+    for (include, want) in [(false, &text[..at]), (true, &text[..at + stop.len()])] {
+        let (_, v) = s.post("/v1/completions", json!({"prompt": "def", "max_tokens": 16, "temperature": 0, "ignore_eos": true, "stop": stop, "include_stop_str_in_output": include})).await;
+        assert_eq!((text_of(&v, 0).as_str(), &v["choices"][0]["finish_reason"]), (want, &json!("stop")), "include {include}: {v}");
+    }
+}
