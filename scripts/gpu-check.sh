@@ -95,8 +95,11 @@ e2e() {  # $1 device, $2 port, $3 speculative model (none: off; default: the mod
 # compared on every model; BF16 and FP8 (the CPU rounding its f32 pools the same way) on the
 # trained demo model only: on the golden fixtures' random models a value within ~1e-6 of a rounding boundary
 # rounds to neighbours one ulp apart and grows (docs/design-notes.md, "How BF16 is tested").
+# Each e2e run prints one line a request (3 prompts, JSON mode, a schema, a grammar); a request
+# that failed prints none, so two failed runs cannot compare as identical.
+E2E_LINES=6
 same() {  # $1 what, $2 GPU's file, $3 CPU's file
-    if cmp -s "$LOG/$2" "$LOG/$3" && [ -s "$LOG/$3" ]; then echo "e2e $1: identical to --device cpu"; else echo "e2e $1: DIFFERS from --device cpu:"; cat "$LOG/$2"; status=1; fi
+    if cmp -s "$LOG/$2" "$LOG/$3" && [ "$(wc -l < "$LOG/$3")" -eq "$E2E_LINES" ]; then echo "e2e $1: identical to --device cpu"; else echo "e2e $1: DIFFERS from --device cpu:"; cat "$LOG/$2"; status=1; fi
 }
 for m in models/peregrine-mimo-tiny tests/fixtures/golden/default; do
     e2e cuda 8201 none $m --kv-cache-dtype float32 > "$LOG/e2e-cuda.txt"; e2e cpu 8202 none $m > "$LOG/e2e-cpu.txt"
