@@ -32,6 +32,9 @@ pub struct SamplingParams {
     /// `guided_*` / `structured_outputs`; the engine's `guided`, sampled on the host).
     #[serde(default)]
     pub guide: Option<Guide>,
+    /// Only these token ids may be sampled (vLLM's `allowed_token_ids`; sampled on the host).
+    #[serde(default)]
+    pub allowed_token_ids: Option<Vec<u32>>,
 }
 
 /// Structured output held to a grammar (JSON mode, `json_object`, is its own automaton).
@@ -62,6 +65,7 @@ impl Default for SamplingParams {
             logprobs: None,
             json_object: false,
             guide: None,
+            allowed_token_ids: None,
         }
     }
 }

@@ -1,5 +1,5 @@
-//! A sequence's output constraint: JSON mode (`json_object`) or a guide (a JSON schema, a regex,
-//! a choice).
+//! A sequence's output constraint: JSON mode (`json_object`), a guide (a JSON schema, a regex,
+//! a choice, a grammar) or a set of allowed tokens (`allowed_token_ids`).
 //! Constrained sequences sample on the host from full logits and propose no drafts.
 
 use crate::guided::GuidedConstraint;
@@ -8,6 +8,23 @@ use crate::json_mode::JsonConstraint;
 pub enum Constraint {
     Json(JsonConstraint),
     Guided(Box<GuidedConstraint>),
+    Allowed(AllowedTokens),
+}
+
+/// vLLM's `allowed_token_ids`: every other token's logit is -inf, at every step.
+pub struct AllowedTokens {
+    /// By token id (ids past its end are not allowed).
+    allowed: Vec<bool>,
+}
+
+impl AllowedTokens {
+    pub fn new(ids: &[u32]) -> AllowedTokens {
+        let mut allowed = vec![false; ids.iter().max().map_or(0, |&m| m as usize + 1)];
+        for &id in ids {
+            allowed[id as usize] = true;
+        }
+        AllowedTokens { allowed }
+    }
 }
 
 impl Constraint {
@@ -16,6 +33,14 @@ impl Constraint {
         match self {
             Constraint::Json(c) => c.mask(logits),
             Constraint::Guided(c) => c.mask(logits),
+            Constraint::Allowed(a) => {
+                for (i, l) in logits.iter_mut().enumerate() {
+                    if !a.allowed.get(i).copied().unwrap_or(false) {
+                        *l = f32::NEG_INFINITY;
+                    }
+                }
+                a.allowed.iter().take(logits.len()).any(|&x| x)
+            }
         }
     }
 
@@ -27,6 +52,7 @@ impl Constraint {
                 Ok(())
             }
             Constraint::Guided(c) => c.advance(token),
+            Constraint::Allowed(_) => Ok(()),
         }
     }
 
@@ -35,6 +61,7 @@ impl Constraint {
         match self {
             Constraint::Json(c) => c.done(),
             Constraint::Guided(c) => c.done(),
+            Constraint::Allowed(_) => false,
         }
     }
 
@@ -43,6 +70,7 @@ impl Constraint {
         match self {
             Constraint::Json(_) => "JSON mode: no token of the vocabulary can continue the object",
             Constraint::Guided(_) => "guided decoding: no token of the vocabulary can continue a match of the request's grammar",
+            Constraint::Allowed(_) => "allowed_token_ids: none of the allowed tokens is in the vocabulary",
         }
     }
 }

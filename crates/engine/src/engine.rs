@@ -12,7 +12,7 @@ use peregrine_model::tokenizer::IncrementalDecoder;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 
 use crate::api::*;
-use crate::constraint::Constraint;
+use crate::constraint::{AllowedTokens, Constraint};
 use crate::guided::{GuideCompiler, GuidedConstraint};
 use crate::json_mode::{JsonConstraint, TokenBytes};
 use crate::kv::{KvManager, SeqBlocks};
@@ -165,6 +165,12 @@ impl EngineHandle {
     /// The request's output constraint (JSON mode, or its guide), or why it cannot have one.
     fn constraint(&self, req: &GenerateRequest) -> Result<Option<Constraint>, String> {
         let guide = req.sampling.guide.as_ref();
+        if let Some(ids) = &req.sampling.allowed_token_ids {
+            if req.sampling.json_object || guide.is_some() {
+                return Err("allowed_token_ids cannot be combined with JSON mode or a guide".into());
+            }
+            return Ok(Some(Constraint::Allowed(AllowedTokens::new(ids))));
+        }
         if !req.sampling.json_object && guide.is_none() {
             return Ok(None);
         }

@@ -900,3 +900,27 @@ fn failed_step_with_a_healthy_backend_fails_only_its_sequences() {
     f.e.shutdown();
     clean.shutdown();
 }
+
+/// `allowed_token_ids`: sampled (greedy and seeded) and drafted beside unconstrained sequences,
+/// every output token is one of the allowed ids, and the other sequences decode as alone.
+#[test]
+fn allowed_token_ids_hold_every_output_token() {
+    for e in [engine(None, cfg()), engine_drafting(cfg(), 4)] {
+        let alone = collect(e.submit(req("plain-alone", prompts()[3].clone(), SamplingParams::greedy(), 12)).unwrap());
+        let allowed = vec![23u32, 41, 57];
+        let mut rxs = Vec::new();
+        for (i, sampling) in [SamplingParams::greedy(), SamplingParams { temperature: 1.0, seed: Some(5), ..SamplingParams::default() }].into_iter().enumerate() {
+            let s = SamplingParams { allowed_token_ids: Some(allowed.clone()), ..sampling };
+            rxs.push(e.submit(req(&format!("allowed-{i}"), prompts()[i].clone(), s, 12)).unwrap());
+        }
+        let beside = collect(e.submit(req("plain", prompts()[3].clone(), SamplingParams::greedy(), 12)).unwrap());
+        for rx in rxs {
+            let o = collect(rx);
+            assert_eq!(o.tokens.len(), 12);
+            assert!(o.tokens.iter().all(|t| allowed.contains(t)), "{:?}", o.tokens);
+        }
+        assert_eq!(beside.tokens, alone.tokens, "an unconstrained sequence decodes as alone");
+        wait_idle(&e);
+        e.shutdown();
+    }
+}

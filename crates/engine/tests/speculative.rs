@@ -220,6 +220,7 @@ fn sampling_requests(t: &Tokenizer) -> Vec<GenerateRequest> {
                 logprobs: Some(2),
                 json_object: false,
                 guide: None,
+                allowed_token_ids: None,
             };
             let stop = StopParams {
                 max_tokens: 40,

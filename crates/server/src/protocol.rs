@@ -44,7 +44,7 @@ const COMMON_FIELDS: &[&str] = &[
     "stream_options", "stop", "stop_token_ids", "seed", "presence_penalty", "frequency_penalty",
     "repetition_penalty", "logit_bias", "ignore_eos", "min_tokens", "priority", "skip_special_tokens", "user",
     "response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend",
-    "guided_whitespace_pattern", "structured_outputs", "include_stop_str_in_output", "truncate_prompt_tokens",
+    "guided_whitespace_pattern", "structured_outputs", "include_stop_str_in_output", "truncate_prompt_tokens", "allowed_token_ids",
 ];
 pub const CHAT_FIELDS: &[&str] = &["messages", "logprobs", "top_logprobs", "tools", "tool_choice", "chat_template_kwargs", "add_generation_prompt", "continue_final_message"];
 pub const COMPLETION_FIELDS: &[&str] = &["prompt", "echo", "logprobs", "suffix"];
@@ -118,6 +118,8 @@ pub struct CommonParams {
     pub include_stop_str_in_output: Option<bool>,
     /// vLLM's: only the prompt's last k tokens are read (-1: as many as the context holds).
     pub truncate_prompt_tokens: Option<i64>,
+    /// vLLM's: only these tokens may be sampled.
+    pub allowed_token_ids: Option<Vec<u32>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -229,6 +231,18 @@ pub fn plan(c: &CommonParams, logprobs: Option<usize>, vocab_size: usize, always
     }
     s.seed = c.seed.map(|x| x as u64);
     s.logprobs = logprobs;
+    if let Some(ids) = &c.allowed_token_ids {
+        if ids.is_empty() {
+            return Err(ApiError::param("allowed_token_ids", "`allowed_token_ids` must not be empty"));
+        }
+        if let Some(id) = ids.iter().find(|&&id| id as usize >= vocab_size) {
+            return Err(ApiError::param("allowed_token_ids", format!("token id {id} is outside the vocabulary ({vocab_size})")));
+        }
+        if s.json_object || s.guide.is_some() {
+            return Err(ApiError::param("allowed_token_ids", "`allowed_token_ids` cannot be combined with `response_format` or guided fields (each holds the output to its own tokens)"));
+        }
+        s.allowed_token_ids = Some(ids.clone());
+    }
 
     let n = match c.n {
         None => 1,

@@ -409,8 +409,8 @@ fn read_chat(state: &AppState, body: &[u8]) -> Result<ChatRead, ApiError> {
         ToolUse::Off => (false, None),
         ToolUse::Parse => (state.settings.parse_tool_calls, None),
         ToolUse::Forced { forced, guide } => {
-            if plan.sampling.json_object || plan.sampling.guide.is_some() {
-                return Err(ApiError::param("tool_choice", "a forced tool call (`tool_choice` `required` or a function) holds the output to the call's JSON; it cannot be combined with `response_format` or guided fields"));
+            if plan.sampling.json_object || plan.sampling.guide.is_some() || plan.sampling.allowed_token_ids.is_some() {
+                return Err(ApiError::param("tool_choice", "a forced tool call (`tool_choice` `required` or a function) holds the output to the call's JSON; it cannot be combined with `response_format`, guided fields or `allowed_token_ids`"));
             }
             plan.sampling.guide = Some(guide);
             (false, Some(forced))

@@ -337,7 +337,8 @@ async fn fp8_kv_pools_serve_and_are_named_in_the_metrics() {
 
 /// vLLM's request fields `continue_final_message` (the reply continues the final message: its
 /// prompt is /tokenize's of the same chat, which ends in that message's text),
-/// `truncate_prompt_tokens` (the prompt's last k tokens) and `include_stop_str_in_output`.
+/// `truncate_prompt_tokens` (the prompt's last k tokens), `allowed_token_ids` and
+/// `include_stop_str_in_output`.
 #[tokio::test]
 async fn continue_final_message_truncate_prompt_tokens_and_include_stop_str() {
     let s = Server::start(&["--max-model-len", "64"]).await;
@@ -375,6 +376,28 @@ async fn continue_final_message_truncate_prompt_tokens_and_include_stop_str() {
         let (status, v) = s.post("/v1/completions", json!({"prompt": "a", "truncate_prompt_tokens": k})).await;
         assert_eq!(status, 400, "{k}: {v}");
         assert!(v["error"]["message"].as_str().unwrap().contains("truncate_prompt_tokens"), "{v}");
+    }
+    // Allowed tokens only: two one-character tokens, so the text is made of those characters.
+    let mut ids = Vec::new();
+    for c in ["x", "y"] {
+        let (_, t) = s.post("/tokenize", json!({"prompt": c, "add_special_tokens": false})).await;
+        assert_eq!(t["count"], 1, "{t}");
+        ids.push(t["tokens"][0].clone());
+    }
+    let (status, v) = s.post("/v1/completions", json!({"prompt": "def", "max_tokens": 8, "temperature": 1.0, "seed": 3, "ignore_eos": true, "allowed_token_ids": ids})).await;
+    assert_eq!(status, 200, "{v}");
+    let t = text_of(&v, 0);
+    assert!(t.len() == 8 && t.chars().all(|c| c == 'x' || c == 'y'), "{v}");
+    for (extra, words) in [
+        (json!({"allowed_token_ids": []}), "must not be empty"),
+        (json!({"allowed_token_ids": [99999999]}), "outside the vocabulary"),
+        (json!({"allowed_token_ids": ids, "guided_regex": "x+"}), "cannot be combined"),
+    ] {
+        let mut body = json!({"prompt": "def", "max_tokens": 2});
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        let (status, v) = s.post("/v1/completions", body).await;
+        assert_eq!(status, 400, "{extra}: {v}");
+        assert!(v["error"]["message"].as_str().unwrap().contains(words), "{extra}: {v}");
     }
     // The stop string in the output.
     let (_, full) = s.post("/v1/completions", json!({"prompt": "def", "max_tokens": 16, "temperature": 0, "ignore_eos": true})).await;
