@@ -45,6 +45,7 @@ const COMMON_FIELDS: &[&str] = &[
     "repetition_penalty", "logit_bias", "ignore_eos", "min_tokens", "priority", "skip_special_tokens", "user",
     "response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend",
     "guided_whitespace_pattern", "structured_outputs", "include_stop_str_in_output", "truncate_prompt_tokens", "allowed_token_ids",
+    "return_tokens_as_token_ids",
 ];
 pub const CHAT_FIELDS: &[&str] = &["messages", "logprobs", "top_logprobs", "tools", "tool_choice", "chat_template_kwargs", "add_generation_prompt", "continue_final_message"];
 pub const COMPLETION_FIELDS: &[&str] = &["prompt", "echo", "logprobs", "suffix"];
@@ -120,6 +121,8 @@ pub struct CommonParams {
     pub truncate_prompt_tokens: Option<i64>,
     /// vLLM's: only these tokens may be sampled.
     pub allowed_token_ids: Option<Vec<u32>>,
+    /// vLLM's: logprobs name their tokens `token_id:<id>` instead of by their text.
+    pub return_tokens_as_token_ids: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -162,6 +165,8 @@ pub struct Plan {
     /// Only the prompt's last this many tokens are read; `usize::MAX`: as many as the context
     /// holds with room for one token (vLLM's `truncate_prompt_tokens: -1`).
     pub truncate_prompt_tokens: Option<usize>,
+    /// Logprobs name tokens `token_id:<id>` (vLLM's `return_tokens_as_token_ids`).
+    pub tokens_as_ids: bool,
 }
 
 impl Plan {
@@ -311,6 +316,7 @@ pub fn plan(c: &CommonParams, logprobs: Option<usize>, vocab_size: usize, always
         include_usage,
         priority: c.priority.unwrap_or(0),
         truncate_prompt_tokens,
+        tokens_as_ids: c.return_tokens_as_token_ids.unwrap_or(false),
     })
 }
 

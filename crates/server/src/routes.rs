@@ -264,33 +264,40 @@ fn token_text(r: &Ready, id: u32) -> String {
     r.engine.tokenizer().decode(&[id], false).unwrap_or_default()
 }
 
-fn chat_logprob_entry(r: &Ready, lp: &TokenLogprob) -> Value {
-    let t = token_text(r, lp.token_id);
-    json!({"token": t, "logprob": lp.logprob, "bytes": t.as_bytes(),
-           "top_logprobs": lp.top.iter().map(|&(id, l)| {
-               let s = token_text(r, id);
-               json!({"token": s, "logprob": l, "bytes": s.as_bytes()})
-           }).collect::<Vec<_>>()})
+/// How logprobs name a token: its text, or (`as_ids`, vLLM's `return_tokens_as_token_ids`)
+/// `token_id:<id>`, which stays exact where a token's text is part of a character.
+fn token_name(r: &Ready, id: u32, as_ids: bool) -> String {
+    if as_ids {
+        format!("token_id:{id}")
+    } else {
+        token_text(r, id)
+    }
+}
+
+fn chat_logprob_entry(r: &Ready, lp: &TokenLogprob, as_ids: bool) -> Value {
+    let entry = |id: u32, l: f32| json!({"token": token_name(r, id, as_ids), "logprob": l, "bytes": token_text(r, id).as_bytes()});
+    let mut e = entry(lp.token_id, lp.logprob);
+    e["top_logprobs"] = lp.top.iter().map(|&(id, l)| entry(id, l)).collect();
+    e
 }
 
 /// Legacy completions logprobs for a run of tokens (prompt entries may be None).
-fn legacy_logprobs(r: &Ready, entries: &[Option<TokenLogprob>], ids: &[u32], start_offset: usize) -> Value {
+fn legacy_logprobs(r: &Ready, entries: &[Option<TokenLogprob>], ids: &[u32], start_offset: usize, as_ids: bool) -> Value {
     let mut tokens = Vec::new();
     let mut lps = Vec::new();
     let mut tops = Vec::new();
     let mut offsets = Vec::new();
     let mut off = start_offset;
     for (e, &id) in entries.iter().zip(ids) {
-        let t = token_text(r, id);
         offsets.push(off);
-        off += t.chars().count();
-        tokens.push(t);
+        off += token_text(r, id).chars().count();
+        tokens.push(token_name(r, id, as_ids));
         match e {
             Some(lp) => {
                 lps.push(json!(lp.logprob));
                 let mut m = serde_json::Map::new();
                 for &(tid, l) in &lp.top {
-                    m.insert(token_text(r, tid), json!(l));
+                    m.insert(token_name(r, tid, as_ids), json!(l));
                 }
                 tops.push(Value::Object(m));
             }
@@ -460,6 +467,7 @@ async fn chat(State(state): State<AppState>, body: Result<Bytes, BytesRejection>
     let created = unix_now();
     if plan.stream {
         let mut st = StreamState::new(state.clone(), sub, id, created, true, plan.include_usage, None);
+        st.tokens_as_ids = plan.tokens_as_ids;
         if parsing.any() {
             st.parsing = Some(parsing);
         }
@@ -473,7 +481,7 @@ async fn chat(State(state): State<AppState>, body: Result<Bytes, BytesRejection>
             let (message, calls) = parsing.message(&c.text);
             let finish = c.finish.map(|f| chat_finish_str(f, calls));
             json!({"index": ci, "message": message,
-                   "logprobs": top.map(|_| json!({"content": c.logprobs.iter().map(|lp| chat_logprob_entry(r, lp)).collect::<Vec<_>>()})),
+                   "logprobs": top.map(|_| json!({"content": c.logprobs.iter().map(|lp| chat_logprob_entry(r, lp, plan.tokens_as_ids)).collect::<Vec<_>>()})),
                    "finish_reason": finish})
         })
         .collect();
@@ -536,7 +544,8 @@ async fn completions(State(state): State<AppState>, body: Result<Bytes, BytesRej
         None
     };
     if plan.stream {
-        let st = StreamState::new(state.clone(), sub, id, created, false, plan.include_usage, echo_texts);
+        let mut st = StreamState::new(state.clone(), sub, id, created, false, plan.include_usage, echo_texts);
+        st.tokens_as_ids = plan.tokens_as_ids;
         return Ok(sse(st).into_response());
     }
     let prompt_lens = sub.prompt_lens.clone();
@@ -556,7 +565,7 @@ async fn completions(State(state): State<AppState>, body: Result<Bytes, BytesRej
                 }
                 entries.extend(c.logprobs.iter().cloned().map(Some));
                 ids.extend(c.logprobs.iter().map(|l| l.token_id));
-                legacy_logprobs(r, &entries, &ids, 0)
+                legacy_logprobs(r, &entries, &ids, 0, plan.tokens_as_ids)
             });
             json!({"index": ci, "text": format!("{prefix}{}", c.text), "logprobs": logprobs,
                    "finish_reason": c.finish.map(finish_str)})
@@ -593,6 +602,8 @@ struct StreamState {
     /// parsers.
     parsing: Option<OutputParsing>,
     choice_streams: HashMap<usize, ChoiceStream>,
+    /// Logprobs name tokens `token_id:<id>` (`Plan::tokens_as_ids`).
+    tokens_as_ids: bool,
 }
 
 impl StreamState {
@@ -615,6 +626,7 @@ impl StreamState {
             done: false,
             parsing: None,
             choice_streams: HashMap::new(),
+            tokens_as_ids: false,
         };
         for (ci, pi, rx) in sub.streams {
             if chat {
@@ -657,11 +669,11 @@ impl StreamState {
                 let lp = if logprobs.is_empty() {
                     Value::Null
                 } else if self.chat {
-                    json!({"content": logprobs.iter().map(|l| chat_logprob_entry(r, l)).collect::<Vec<_>>()})
+                    json!({"content": logprobs.iter().map(|l| chat_logprob_entry(r, l, self.tokens_as_ids)).collect::<Vec<_>>()})
                 } else {
                     let entries: Vec<Option<TokenLogprob>> = logprobs.iter().cloned().map(Some).collect();
                     let ids: Vec<u32> = logprobs.iter().map(|l| l.token_id).collect();
-                    legacy_logprobs(r, &entries, &ids, 0)
+                    legacy_logprobs(r, &entries, &ids, 0, self.tokens_as_ids)
                 };
                 if let Some(parsing) = &self.parsing {
                     let deltas = self.choice_streams.entry(ci).or_insert_with(|| parsing.stream()).deltas(Some(&text));

@@ -337,8 +337,8 @@ async fn fp8_kv_pools_serve_and_are_named_in_the_metrics() {
 
 /// vLLM's request fields `continue_final_message` (the reply continues the final message: its
 /// prompt is /tokenize's of the same chat, which ends in that message's text),
-/// `truncate_prompt_tokens` (the prompt's last k tokens), `allowed_token_ids` and
-/// `include_stop_str_in_output`.
+/// `truncate_prompt_tokens` (the prompt's last k tokens), `allowed_token_ids`,
+/// `return_tokens_as_token_ids` and `include_stop_str_in_output`.
 #[tokio::test]
 async fn continue_final_message_truncate_prompt_tokens_and_include_stop_str() {
     let s = Server::start(&["--max-model-len", "64"]).await;
@@ -399,6 +399,23 @@ async fn continue_final_message_truncate_prompt_tokens_and_include_stop_str() {
         assert_eq!(status, 400, "{extra}: {v}");
         assert!(v["error"]["message"].as_str().unwrap().contains(words), "{extra}: {v}");
     }
+    // Logprobs naming tokens by id: the same tokens as by text, whose ids detokenize to them.
+    let ask = json!({"prompt": "def", "max_tokens": 5, "temperature": 0, "ignore_eos": true, "logprobs": 2});
+    let (_, by_text) = s.post("/v1/completions", ask.clone()).await;
+    let mut by_id_body = ask.clone();
+    by_id_body["return_tokens_as_token_ids"] = json!(true);
+    let (_, by_id) = s.post("/v1/completions", by_id_body).await;
+    let names = by_id["choices"][0]["logprobs"]["tokens"].as_array().unwrap().clone();
+    assert_eq!(names.len(), 5, "{by_id}");
+    for (name, text) in names.iter().zip(by_text["choices"][0]["logprobs"]["tokens"].as_array().unwrap()) {
+        let id: u64 = name.as_str().and_then(|n| n.strip_prefix("token_id:")).and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{name}"));
+        let (_, d) = s.post("/detokenize", json!({"tokens": [id]})).await;
+        assert_eq!(&d["prompt"], text, "{by_id}");
+    }
+    assert!(by_id["choices"][0]["logprobs"]["top_logprobs"][0].as_object().unwrap().keys().all(|k| k.starts_with("token_id:")), "{by_id}");
+    let (_, chat) = s.post("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "logprobs": true, "top_logprobs": 1, "return_tokens_as_token_ids": true})).await;
+    let entry = &chat["choices"][0]["logprobs"]["content"][0];
+    assert!(entry["token"].as_str().unwrap().starts_with("token_id:") && entry["top_logprobs"][0]["token"].as_str().unwrap().starts_with("token_id:"), "{chat}");
     // The stop string in the output.
     let (_, full) = s.post("/v1/completions", json!({"prompt": "def", "max_tokens": 16, "temperature": 0, "ignore_eos": true})).await;
     let text = text_of(&full, 0);
