@@ -404,7 +404,11 @@ async fn continue_final_message_truncate_prompt_tokens_and_include_stop_str() {
     let (_, by_text) = s.post("/v1/completions", ask.clone()).await;
     let mut by_id_body = ask.clone();
     by_id_body["return_tokens_as_token_ids"] = json!(true);
-    let (_, by_id) = s.post("/v1/completions", by_id_body).await;
+    let (_, by_id) = s.post("/v1/completions", by_id_body.clone()).await;
+    by_id_body["stream"] = json!(true);
+    let streamed: Vec<Value> = s.stream("/v1/completions", by_id_body).await.iter().filter(|c| *c != "[DONE]").map(|c| serde_json::from_str(c).unwrap()).collect();
+    let streamed_names: Vec<&Value> = streamed.iter().flat_map(|c| c["choices"][0]["logprobs"]["tokens"].as_array().into_iter().flatten()).collect();
+    assert!(streamed_names.len() == 5 && streamed_names.iter().all(|n| n.as_str().is_some_and(|n| n.starts_with("token_id:"))), "{streamed:?}");
     let names = by_id["choices"][0]["logprobs"]["tokens"].as_array().unwrap().clone();
     assert_eq!(names.len(), 5, "{by_id}");
     for (name, text) in names.iter().zip(by_text["choices"][0]["logprobs"]["tokens"].as_array().unwrap()) {
