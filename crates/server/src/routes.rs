@@ -264,18 +264,22 @@ fn token_text(r: &Ready, id: u32) -> String {
     r.engine.tokenizer().decode(&[id], false).unwrap_or_default()
 }
 
-/// How logprobs name a token: its text, or (`as_ids`, vLLM's `return_tokens_as_token_ids`)
-/// `token_id:<id>`, which stays exact where a token's text is part of a character.
-fn token_name(r: &Ready, id: u32, as_ids: bool) -> String {
+/// How logprobs name token `id` whose text is `text`: that text, or (`as_ids`, vLLM's
+/// `return_tokens_as_token_ids`) `token_id:<id>`, which stays exact where a token's text is part
+/// of a character.
+fn token_name(id: u32, text: &str, as_ids: bool) -> String {
     if as_ids {
         format!("token_id:{id}")
     } else {
-        token_text(r, id)
+        text.to_owned()
     }
 }
 
 fn chat_logprob_entry(r: &Ready, lp: &TokenLogprob, as_ids: bool) -> Value {
-    let entry = |id: u32, l: f32| json!({"token": token_name(r, id, as_ids), "logprob": l, "bytes": token_text(r, id).as_bytes()});
+    let entry = |id: u32, l: f32| {
+        let text = token_text(r, id);
+        json!({"token": token_name(id, &text, as_ids), "logprob": l, "bytes": text.as_bytes()})
+    };
     let mut e = entry(lp.token_id, lp.logprob);
     e["top_logprobs"] = lp.top.iter().map(|&(id, l)| entry(id, l)).collect();
     e
@@ -289,15 +293,16 @@ fn legacy_logprobs(r: &Ready, entries: &[Option<TokenLogprob>], ids: &[u32], sta
     let mut offsets = Vec::new();
     let mut off = start_offset;
     for (e, &id) in entries.iter().zip(ids) {
+        let text = token_text(r, id);
         offsets.push(off);
-        off += token_text(r, id).chars().count();
-        tokens.push(token_name(r, id, as_ids));
+        off += text.chars().count();
+        tokens.push(token_name(id, &text, as_ids));
         match e {
             Some(lp) => {
                 lps.push(json!(lp.logprob));
                 let mut m = serde_json::Map::new();
                 for &(tid, l) in &lp.top {
-                    m.insert(token_name(r, tid, as_ids), json!(l));
+                    m.insert(token_name(tid, &token_text(r, tid), as_ids), json!(l));
                 }
                 tops.push(Value::Object(m));
             }
