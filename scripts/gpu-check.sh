@@ -68,16 +68,23 @@ e2e() {  # $1 device, $2 port, $3 speculative model (none: off; default: the mod
         curl -s "localhost:$port/v1/completions" -H 'content-type: application/json' \
             -d "{\"prompt\":\"$prompt\",\"max_tokens\":64,\"temperature\":0}" | python3 -c 'import json,sys; print(json.dumps(json.load(sys.stdin)["choices"][0]["text"]))'
     done
-    # JSON mode (the logits come to the host for the constraint): greedy, as on the CPU.
+    # JSON mode (its masks built on the host, applied to the GPU's logits on the GPU): greedy, as on the CPU.
     curl -s "localhost:$port/v1/completions" -H 'content-type: application/json' \
         -d '{"prompt":"config = ","max_tokens":48,"temperature":0,"response_format":{"type":"json_object"}}' | python3 -c 'import json,sys; print(json.dumps(json.load(sys.stdin)["choices"][0]["text"]))'
-    # A JSON schema (llguidance's masks on the host, over the GPU's logits): greedy, as on the CPU.
+    # A JSON schema (llguidance's masks, applied on the GPU): greedy, as on the CPU.
     curl -s "localhost:$port/v1/completions" -H 'content-type: application/json' \
         -d '{"prompt":"user = ","max_tokens":48,"temperature":0,"response_format":{"type":"json_schema","json_schema":{"name":"user","schema":{"type":"object","properties":{"name":{"type":"string","maxLength":12},"age":{"type":"integer"},"pet":{"enum":["cat","dog"]}},"required":["name","age","pet"],"additionalProperties":false}}}}' \
         | python3 -c 'import json,sys; r=json.load(sys.stdin)["choices"][0]; print(json.dumps([r["text"], r["finish_reason"]]))'
     # A GBNF grammar (rewritten into llguidance's Lark, masks over the GPU's logits): greedy, as on the CPU.
     curl -s "localhost:$port/v1/completions" -H 'content-type: application/json' \
         -d '{"prompt":"def f(x):\n    return ","max_tokens":24,"temperature":0,"guided_grammar":"root ::= expr\nexpr ::= term ((\" + \" | \" * \") term)*\nterm ::= \"x\" | [0-9]{1,3} | \"(\" expr \")\"\n"}' \
+        | python3 -c 'import json,sys; r=json.load(sys.stdin)["choices"][0]; print(json.dumps([r["text"], r["finish_reason"]]))'
+    # A regex and allowed token ids (masks applied on the GPU): greedy, as on the CPU.
+    curl -s "localhost:$port/v1/completions" -H 'content-type: application/json' \
+        -d '{"prompt":"x = ","max_tokens":16,"temperature":0,"guided_regex":"[a-z_]{1,8}\\([0-9]{1,3}\\)"}' \
+        | python3 -c 'import json,sys; r=json.load(sys.stdin)["choices"][0]; print(json.dumps([r["text"], r["finish_reason"]]))'
+    curl -s "localhost:$port/v1/completions" -H 'content-type: application/json' \
+        -d '{"prompt":"def f(x):\n","max_tokens":12,"temperature":0,"allowed_token_ids":[220,262,284,320,340,345,353,366,400,482]}' \
         | python3 -c 'import json,sys; r=json.load(sys.stdin)["choices"][0]; print(json.dumps([r["text"], r["finish_reason"]]))'
     # Seeded sampling (on the GPU for --device cuda): the same seed twice gives the same text.
     local a b
@@ -95,9 +102,9 @@ e2e() {  # $1 device, $2 port, $3 speculative model (none: off; default: the mod
 # compared on every model; BF16 and FP8 (the CPU rounding its f32 pools the same way) on the
 # trained demo model only: on the golden fixtures' random models a value within ~1e-6 of a rounding boundary
 # rounds to neighbours one ulp apart and grows (docs/design-notes.md, "How BF16 is tested").
-# Each e2e run prints one line a request (3 prompts, JSON mode, a schema, a grammar); a request
-# that failed prints none, so two failed runs cannot compare as identical.
-E2E_LINES=6
+# Each e2e run prints one line a request (3 prompts, JSON mode, a schema, a grammar, a regex,
+# allowed ids); a request that failed prints none, so two failed runs cannot compare as identical.
+E2E_LINES=8
 same() {  # $1 what, $2 GPU's file, $3 CPU's file
     if cmp -s "$LOG/$2" "$LOG/$3" && [ "$(wc -l < "$LOG/$3")" -eq "$E2E_LINES" ]; then echo "e2e $1: identical to --device cpu"; else echo "e2e $1: DIFFERS from --device cpu:"; cat "$LOG/$2"; status=1; fi
 }

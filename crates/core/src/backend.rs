@@ -215,6 +215,18 @@ pub trait Backend: Send {
         Ok(None)
     }
 
+    /// `forward_sampled` where rows may be held to a set of allowed tokens (a constrained
+    /// sequence: JSON mode, a guide, `allowed_token_ids`), so its ids come back without its
+    /// logits. `masks` is called once, after the forward is started and before any row is
+    /// sampled, so the host builds the masks while the device computes: for each row in
+    /// `output_rows` order, None (any token) or a [`TokenMask`] of the vocabulary, applied after
+    /// the row's adjustments (a refused token's logit becomes -inf). `Ok(None)`: no such path;
+    /// the engine then reads the constrained rows' logits.
+    fn forward_sampled_masked(&mut self, batch: &[SeqForward], rows: &[RowSampling], adjust: &[LogitAdjust], masks: MaskSource) -> Result<Option<Vec<Vec<u32>>>> {
+        let _ = (batch, rows, adjust, masks);
+        Ok(None)
+    }
+
     /// Overlapped decoding: starts a decode step without waiting for it, so the caller can
     /// commit the step before while this one runs. Every sequence of `batch` feeds one token and
     /// asks for its `Last` row. `chain[i]` = Some(r): row i's input is not `batch[i].tokens[0]`
@@ -279,6 +291,23 @@ pub const MAX_BACKEND_TOP_LOGPROBS: usize = 20;
 
 /// Per sequence, each sampled row's token and, when asked, its logprobs.
 pub type SampledRows = Vec<Vec<(u32, Option<RowLogprobs>)>>;
+
+/// The tokens a row may sample: bit `i % 32` of word `i / 32` is set where token `i` may be
+/// sampled; `vocab_size.div_ceil(32)` words.
+pub type TokenMask = Vec<u32>;
+
+/// `forward_sampled_masked`'s masks, one entry per sampled row, built when the backend asks.
+pub type MaskSource<'a> = &'a dyn Fn() -> Vec<Option<TokenMask>>;
+
+/// Words of a [`TokenMask`] over `vocab` tokens.
+pub fn token_mask_words(vocab: usize) -> usize {
+    vocab.div_ceil(32)
+}
+
+/// Whether `mask` lets token `id` be sampled (ids past the mask are refused).
+pub fn token_mask_allows(mask: &[u32], id: u32) -> bool {
+    mask.get(id as usize / 32).is_some_and(|w| w >> (id % 32) & 1 == 1)
+}
 
 /// One sequence's rows from [`Backend::forward_sampled_keeping`]: sampled ids, or (kept) logits.
 #[derive(Debug, Clone)]

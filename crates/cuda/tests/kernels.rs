@@ -94,7 +94,7 @@ fn nvrtc_compiles_the_kernels() {
     )
     .expect("sample.cu compiles for sm_90a")
     .to_src();
-    for k in ["sample_rows", "sample_rows_cluster", "adjust_logits", "row_logprobs"] {
+    for k in ["sample_rows", "sample_rows_cluster", "adjust_logits", "mask_logits", "row_logprobs"] {
         assert!(sample.contains(&format!(".entry {k}")), "kernel {k} missing from the PTX");
     }
     let moe = cudarc::nvrtc::compile_ptx_with_opts(
@@ -1013,6 +1013,85 @@ fn logit_adjustments_match_the_host() {
         let row = &want[ri * v..(ri + 1) * v];
         let best = (0..v).fold(0, |b, i| if row[i] > row[b] { i } else { b });
         assert_eq!(*id as usize, best, "row {ri}: greedy after adjustments");
+    }
+}
+
+/// Token masks on the GPU (`sample_rows_masked`): after the adjustments, a refused token's logit
+/// is -inf and every other logit keeps its bits, for vocabularies of 33 tokens (a partial last
+/// word), 1000 and MiMo's 152,576, rows without a mask, with a random half, a few tokens, or
+/// every token allowed; the greedy rows draw the best allowed token, the sampled ones what the
+/// sampler draws from the host-masked logits (always an allowed token). A mask of the wrong
+/// length is refused.
+#[test]
+fn token_masks_match_the_host() {
+    use peregrine_core::backend::{token_mask_allows, token_mask_words, LogitAdjust, RowSampling};
+    let Some((g, kern)) = gpu() else { return };
+    let mut r = rng();
+    for v in [33usize, 1000, 152_576] {
+        let rows = 5usize;
+        let words = token_mask_words(v);
+        let logits: Vec<f32> = (0..rows * v).map(|_| (r.random::<f32>() - 0.5) * 8.0).collect();
+        let mut masks: Vec<Option<Vec<u32>>> = vec![None; rows];
+        masks[1] = Some((0..words).map(|_| r.random::<u32>()).collect());
+        let mut few = vec![0u32; words];
+        for _ in 0..3 {
+            let t = r.random_range(0..v);
+            few[t / 32] |= 1 << (t % 32);
+        }
+        masks[2] = Some(few.clone());
+        masks[3] = Some(vec![u32::MAX; words]);
+        masks[4] = Some(few);
+        // Row 1 has adjustments too (one on a refused token, which stays -inf).
+        let adjust: Vec<LogitAdjust> = (0..6).map(|i| LogitAdjust { token: (i * 7) as u32 % v as u32, bias: 1.5, repetition: 1.2, subtract: 0.25 }).collect();
+        let params: Vec<RowSampling> = (0..rows)
+            .map(|i| {
+                let (t, adj_len) = match i {
+                    1 => (0.0, adjust.len() as u32),
+                    4 => (0.8, 0),
+                    _ => (0.0, 0),
+                };
+                RowSampling { temperature: t, top_k: 0, top_p: 1.0, min_p: 0.0, u: 0.37, adj_start: 0, adj_len }
+            })
+            .collect();
+        let mut want = logits.clone();
+        for (ri, p) in params.iter().enumerate() {
+            let row = &mut want[ri * v..(ri + 1) * v];
+            for a in &adjust[..p.adj_len as usize] {
+                let x = &mut row[a.token as usize];
+                *x += a.bias;
+                *x = if *x > 0.0 { *x / a.repetition } else { *x * a.repetition };
+                *x -= a.subtract;
+            }
+            if let Some(m) = &masks[ri] {
+                for (i, x) in row.iter_mut().enumerate() {
+                    if !token_mask_allows(m, i as u32) {
+                        *x = f32::NEG_INFINITY;
+                    }
+                }
+            }
+        }
+        let mut d = g.stream.clone_htod(&logits).unwrap();
+        let ids = g.stream.clone_dtoh(&kern.sample_rows_masked(&mut d, v, &params, &adjust, &masks).unwrap()).unwrap();
+        let got = g.stream.clone_dtoh(&d).unwrap();
+        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(a.to_bits(), b.to_bits(), "V={v}: row {} token {}: {a} against the host's {b}", i / v, i % v);
+        }
+        let host_drawn = g.stream.clone_dtoh(&kern.sample_rows(&g.stream.clone_htod(&want).unwrap(), v, &params).unwrap()).unwrap();
+        for (ri, &id) in ids.iter().enumerate() {
+            let row = &want[ri * v..(ri + 1) * v];
+            assert!(row[id as usize].is_finite(), "V={v} row {ri}: drew refused token {id}");
+            if params[ri].temperature == 0.0 {
+                let best = (0..v).fold(0, |b, i| if row[i] > row[b] { i } else { b });
+                assert_eq!(id as usize, best, "V={v} row {ri}: greedy under the mask");
+            }
+            assert_eq!(id, host_drawn[ri], "V={v} row {ri}: the masked draw against the draw from host-masked logits");
+        }
+        let mut short = masks.clone();
+        short[1] = Some(vec![0; words + 1]);
+        let Err(err) = kern.sample_rows_masked(&mut d, v, &params, &[], &short) else { panic!("a mask of the wrong length was taken") };
+        let err = err.to_string();
+        assert!(err.contains("token mask of"), "{err}");
+        eprintln!("V={v}: masked logits bit for bit, draws under the masks");
     }
 }
 

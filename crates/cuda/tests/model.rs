@@ -368,6 +368,89 @@ fn kept_rows_are_the_logits_and_the_others_the_samples() {
     eprintln!("kept rows: the logits bit for bit, the other rows the samples, graph sampling on and off");
 }
 
+/// Rows held to token masks (`forward_sample_masked`, a constrained sequence's path) draw what
+/// the sampler draws from the step's logits masked on the host: greedy and sampled rows, one
+/// without a mask, with bias, over captured decode steps with graph sampling on and off; the
+/// masks are asked for once a step, after it is enqueued.
+#[test]
+fn masked_rows_draw_what_host_masked_logits_give() {
+    use peregrine_core::backend::{token_mask_allows, token_mask_words, LogitAdjust, RowSampling};
+    if probe_for_tests(0).is_none() {
+        return;
+    }
+    let spec = peregrine_model::config::load_spec(Path::new(&fixture("default"))).unwrap();
+    let v = spec.vocab_size;
+    let (bs, seqs) = (16, 3usize);
+    let prompts: Vec<Vec<u32>> = (0..seqs as u32).map(|s| (0..12 + 5 * s).map(|i| 7 + (i * 37 + s * 101) % 500).collect()).collect();
+    let table = |s: usize| -> Vec<u32> { (0..8).map(|b| (s * 8 + b) as u32).collect() };
+    for graph_sampling in [true, false] {
+        let mut m = CudaModel::synthetic(probe(0).unwrap(), &spec, 7).unwrap();
+        m.set_graph_sampling(graph_sampling);
+        m.init_kv(KvConfig { block_size: bs, num_full_blocks: 8 * seqs, num_swa_blocks: 8 * seqs }).unwrap();
+        // The sampler of the reference draws, on the model's stream.
+        let sampler = peregrine_cuda::Kernels::load(m.gpu()).unwrap();
+        let mut last: Vec<u32> = (0..seqs)
+            .map(|s| {
+                let b = SeqForward { seq_id: s as u64, tokens: prompts[s].clone(), start_pos: 0, full_blocks: table(s), swa_blocks: table(s), output: OutputRows::Last };
+                m.forward_argmax(&[b]).unwrap()[0][0]
+            })
+            .collect();
+        for step in 0..4 {
+            let b: Vec<SeqForward> = (0..seqs)
+                .map(|s| SeqForward { seq_id: s as u64, tokens: vec![last[s]], start_pos: prompts[s].len() + step, full_blocks: table(s), swa_blocks: table(s), output: OutputRows::Last })
+                .collect();
+            // Sequence 0 greedy with bias, 1 sampled, 2 sampled without a mask.
+            let adjust = [LogitAdjust { token: 11, bias: 3.0, repetition: 1.0, subtract: 0.0 }];
+            let rows: Vec<RowSampling> = (0..seqs)
+                .map(|s| RowSampling { temperature: if s == 0 { 0.0 } else { 0.9 }, top_k: 0, top_p: 0.95, min_p: 0.0, u: ((s * 31 + step * 17) % 97) as f64 / 97.0, adj_start: 0, adj_len: u32::from(s == 0) })
+                .collect();
+            // Every third token from a step-dependent offset, and token 11.
+            let mask: Vec<u32> = {
+                let mut w = vec![0u32; token_mask_words(v)];
+                for t in (step % 3..v).step_by(3).chain([11]) {
+                    w[t / 32] |= 1 << (t % 32);
+                }
+                w
+            };
+            let masks = vec![Some(mask.clone()), Some(mask.clone()), None];
+            // Each call writes the same K/V at the same positions (same tokens).
+            let logits = m.forward(&b).unwrap();
+            let asked = std::cell::Cell::new(0);
+            let got = m
+                .forward_sample_masked(&b, &rows, &adjust, &|| {
+                    asked.set(asked.get() + 1);
+                    masks.clone()
+                })
+                .unwrap();
+            assert_eq!(asked.get(), 1, "the masks are asked for once a step");
+            let mut host = Vec::with_capacity(seqs * v);
+            for s in 0..seqs {
+                let mut row = logits[s].data.clone();
+                if s == 0 {
+                    row[11] += 3.0;
+                }
+                if let Some(mk) = &masks[s] {
+                    for (t, x) in row.iter_mut().enumerate() {
+                        if !token_mask_allows(mk, t as u32) {
+                            *x = f32::NEG_INFINITY;
+                        }
+                    }
+                }
+                host.extend(row);
+            }
+            let st = &m.gpu().stream;
+            let want = st.clone_dtoh(&sampler.sample_rows(&st.clone_htod(&host).unwrap(), v, &rows).unwrap()).unwrap();
+            for s in 0..seqs {
+                assert_eq!(got[s], vec![want[s] as u32], "step {step}, sequence {s}, graph sampling {graph_sampling}");
+                assert!(masks[s].as_ref().is_none_or(|mk| token_mask_allows(mk, got[s][0])), "step {step}, sequence {s}: a refused token");
+            }
+            last = (0..seqs).map(|s| got[s][0]).collect();
+        }
+        assert!(m.cuda_graphs() >= 1, "the decode step was not captured");
+    }
+    eprintln!("masked rows: the draws of host-masked logits, graph sampling on and off");
+}
+
 /// Overlapped decode steps (`enqueue_decode` / `collect_decode`), each started before the one
 /// ahead of it is collected and fed that step's ids on the GPU, give the tokens of plain steps:
 /// greedy and sampled, with each chained batch in another row order than the step ahead of it,

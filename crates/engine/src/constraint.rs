@@ -1,6 +1,9 @@
 //! A sequence's output constraint: JSON mode (`json_object`), a guide (a JSON schema, a regex,
 //! a choice, a grammar) or a set of allowed tokens (`allowed_token_ids`).
-//! Constrained sequences sample on the host from full logits and propose no drafts.
+//! Constrained sequences propose no drafts. They sample on the backend under a token mask
+//! where it can (`Backend::forward_sampled_masked`), else on the host from full logits.
+
+use peregrine_core::backend::{token_mask_words, TokenMask};
 
 use crate::guided::GuidedConstraint;
 use crate::json_mode::JsonConstraint;
@@ -42,6 +45,24 @@ impl Constraint {
                 a.allowed.iter().take(logits.len()).any(|&x| x)
             }
         }
+    }
+
+    /// The tokens `mask` leaves over a vocabulary of `vocab`, as a token mask (bit `i % 32` of
+    /// word `i / 32`: token `i` may come next) for a backend that masks on its device; None if
+    /// none can come next. `mask` is given zeros, so only the constraint decides: a token an
+    /// adjustment pushed to -inf stays in the mask (the host path counts it out of "any left").
+    pub fn token_mask(&self, vocab: usize) -> Option<TokenMask> {
+        let mut probe = vec![0f32; vocab];
+        if !self.mask(&mut probe) {
+            return None;
+        }
+        let mut words = vec![0u32; token_mask_words(vocab)];
+        for (i, l) in probe.iter().enumerate() {
+            if *l > f32::NEG_INFINITY {
+                words[i / 32] |= 1 << (i % 32);
+            }
+        }
+        Some(words)
     }
 
     /// Takes the sampled token (one `mask` allowed).

@@ -6,7 +6,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
-use peregrine_core::backend::{accepted_prefix, Backend, DraftForward, KeptRows, KvConfig, LogitAdjust, OutputRows, RowLogprobs, RowSampling, SeqForward, SpecRows, SpecSampling, MAX_BACKEND_TOP_LOGPROBS};
+use peregrine_core::backend::{accepted_prefix, token_mask_words, Backend, DraftForward, KeptRows, KvConfig, LogitAdjust, OutputRows, RowLogprobs, RowSampling, SeqForward, SpecRows, SpecSampling, TokenMask, MAX_BACKEND_TOP_LOGPROBS};
 use peregrine_core::{Error, Guide, ModelSpec, SamplingParams};
 use peregrine_model::tokenizer::IncrementalDecoder;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
@@ -673,9 +673,33 @@ impl Core {
                 }
             }
         }
-        // Constrained sequences beside others: only theirs come back as logits (sampled here,
-        // under the constraint), the others sampled on the backend as they would be alone.
         let constrained = seqs.iter().filter(|s| s.constraint.is_some()).count();
+        // Constrained sequences sampled on the backend under their masks, built here while the
+        // device computes the step; a sequence no token can continue ends as on the host path.
+        if fused.is_none() && seqs.len() == plan.len() && constrained > 0 && seqs.iter().all(|s| s.prompt_lp_done && s.req.sampling.logprobs.is_none()) {
+            let (rows, adjust) = row_sampling(&seqs, &batch, vocab, 0);
+            let stuck = std::cell::RefCell::new(vec![false; seqs.len()]);
+            let masks = || constraint_masks(&seqs, &batch, vocab, &mut stuck.borrow_mut());
+            match self.backend.forward_sampled_masked(&batch, &rows, &adjust, &masks) {
+                Ok(None) => {}
+                other => {
+                    let stuck = stuck.into_inner();
+                    let rows = other.map(|o| {
+                        o.unwrap_or_default()
+                            .into_iter()
+                            .zip(seqs.iter().zip(&stuck))
+                            .map(|(ids, (s, &stuck))| match (stuck, &s.constraint) {
+                                (true, Some(c)) => StepRows::Stuck(c.stuck()),
+                                _ => StepRows::Ids(ids),
+                            })
+                            .collect()
+                    });
+                    return self.finish_step(t0, plan, drafts, rows, ntok);
+                }
+            }
+        }
+        // Else constrained sequences beside others: only theirs come back as logits (sampled
+        // here, under the constraint), the others sampled on the backend as they would be alone.
         if fused.is_none() && seqs.len() == plan.len() && constrained > 0 && constrained < seqs.len() && seqs.iter().all(|s| s.prompt_lp_done && s.req.sampling.logprobs.is_none()) {
             let (rows, adjust) = row_sampling(&seqs, &batch, vocab, 0);
             let keep: Vec<bool> = seqs.iter().map(|s| s.constraint.is_some()).collect();
@@ -901,8 +925,13 @@ impl Core {
             if drafts.is_empty() && s.computed < s.len() {
                 continue;
             }
+            if let StepRows::Stuck(why) = &lg {
+                done.push((id, Some(why.to_string())));
+                continue;
+            }
             // The rows to sample: the last one, or (verification) one per fed token.
             let rows: Vec<Row> = match &lg {
+                StepRows::Stuck(_) => Vec::new(),
                 StepRows::Logits(lg) if drafts.is_empty() => lg.last().into_iter().map(Row::Logits).collect(),
                 StepRows::Logits(lg) => (0..lg.rows).map(|r| Row::Logits(lg.row(r))).collect(),
                 StepRows::Ids(ids) if drafts.is_empty() => ids.last().map(|&t| Row::Id(t, None)).into_iter().collect(),
@@ -1190,6 +1219,28 @@ enum StepRows {
     Ids(Vec<u32>),
     /// Sampled ids with their logprobs (rows of sequences that asked for them).
     IdsLp(Vec<(u32, Option<RowLogprobs>)>),
+    /// A constrained sequence no token could continue (its mask was empty): it ends with this.
+    Stuck(&'static str),
+}
+
+/// The token masks of a step's sampled rows (`output_rows` order) for
+/// `Backend::forward_sampled_masked`: a constrained sequence's mask on each of its rows, None on
+/// the others' rows. A sequence whose constraint leaves no token is marked in `stuck` (its rows
+/// get an empty mask; the engine drops what was sampled there).
+fn constraint_masks(seqs: &[&Seq], batch: &[SeqForward], vocab: usize, stuck: &mut [bool]) -> Vec<Option<TokenMask>> {
+    let mut masks = Vec::new();
+    for (i, (s, b)) in seqs.iter().zip(batch).enumerate() {
+        let n = output_row_count(b);
+        let mask = match (&s.constraint, n) {
+            (Some(c), 1..) => Some(c.token_mask(vocab).unwrap_or_else(|| {
+                stuck[i] = true;
+                vec![0; token_mask_words(vocab)]
+            })),
+            _ => None,
+        };
+        masks.extend(std::iter::repeat_n(mask, n));
+    }
+    masks
 }
 
 /// One row to sample from, or its sample from the backend (with its logprobs when computed there).

@@ -114,7 +114,11 @@ fn request(id: &str, prompt: Vec<u32>, sampling: SamplingParams, stop: StopParam
 
 /// Submits every request at once (they batch together) and collects their outcomes.
 fn run(e: &EngineHandle, reqs: Vec<GenerateRequest>) -> Vec<Outcome> {
-    let rxs: Vec<_> = reqs.into_iter().map(|r| e.submit(r).unwrap()).collect();
+    run_streams(reqs.into_iter().map(|r| e.submit(r).unwrap()).collect())
+}
+
+/// The outcomes of submitted requests' streams.
+fn run_streams(rxs: Vec<RequestStream>) -> Vec<Outcome> {
     rxs.into_iter()
         .map(|mut rx| {
             let (mut text, mut ids, mut logprobs) = (String::new(), Vec::new(), Vec::new());
@@ -386,6 +390,9 @@ struct Wrap {
     fused: Option<Arc<std::sync::atomic::AtomicUsize>>,
     /// Steps answered with logprobs computed on the "backend".
     logprob_steps: Arc<std::sync::atomic::AtomicUsize>,
+    /// Answer `forward_sampled_masked` (constrained rows sampled under their masks) and count
+    /// the steps it answered; None: no such path (the constrained rows' logits come back).
+    masked: Option<Arc<std::sync::atomic::AtomicUsize>>,
 }
 
 impl Wrap {
@@ -398,15 +405,20 @@ impl Wrap {
             return Ok(None);
         }
         let logits = peregrine_core::backend::Backend::forward(&mut self.inner, b)?;
-        let out = Self::sample_logits(&logits, rows, adjust, top);
+        let out = Self::sample_logits(&logits, rows, adjust, top, None);
         self.answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Ok(Some(out))
     }
 
-    /// `sample_rows` of logits already computed.
+    /// `sample_rows` of logits already computed; with `masks`, each row's refused tokens at
+    /// -inf after its adjustments (as `forward_sampled_masked` documents).
     #[allow(clippy::type_complexity)]
-    fn sample_logits(logits: &[peregrine_core::backend::Logits], rows: &[peregrine_core::backend::RowSampling], adjust: &[peregrine_core::backend::LogitAdjust], top: &[Option<u32>]) -> Vec<Vec<(u32, Option<peregrine_core::backend::RowLogprobs>)>> {
+    fn sample_logits(logits: &[peregrine_core::backend::Logits], rows: &[peregrine_core::backend::RowSampling], adjust: &[peregrine_core::backend::LogitAdjust], top: &[Option<u32>], masks: Option<&[Option<Vec<u32>>]>) -> Vec<Vec<(u32, Option<peregrine_core::backend::RowLogprobs>)>> {
         assert_eq!(rows.len(), top.len(), "one logprobs entry per sampling row");
+        if let Some(m) = masks {
+            assert_eq!(m.len(), rows.len(), "one mask entry per sampling row");
+        }
+        let mut masks = masks.into_iter().flatten();
         let mut it = rows.iter().zip(top);
         let out = logits
             .iter()
@@ -424,6 +436,15 @@ impl Wrap {
                                 *x = if *x > 0.0 { *x / a.repetition } else { *x * a.repetition };
                             }
                             *x -= a.subtract;
+                        }
+                        if let Some(Some(mask)) = masks.next() {
+                            let words = peregrine_core::backend::token_mask_words(row.len());
+                            assert_eq!(mask.len(), words, "a mask of the vocabulary's words");
+                            for (i, x) in row.iter_mut().enumerate() {
+                                if !peregrine_core::backend::token_mask_allows(mask, i as u32) {
+                                    *x = f32::NEG_INFINITY;
+                                }
+                            }
                         }
                         let tok = peregrine_engine::sampler::sample_with(&row, &params, p.u);
                         let lp = top.map(|k| {
@@ -473,7 +494,7 @@ impl peregrine_core::backend::Backend for Wrap {
             return Ok(None);
         }
         let logits = peregrine_core::backend::Backend::forward(&mut self.inner, b)?;
-        let sampled = Self::sample_logits(&logits, rows, adjust, &vec![None; rows.len()]);
+        let sampled = Self::sample_logits(&logits, rows, adjust, &vec![None; rows.len()], None);
         self.answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Ok(Some(
             logits
@@ -483,6 +504,16 @@ impl peregrine_core::backend::Backend for Wrap {
                 .map(|((l, s), &k)| if k { peregrine_core::backend::KeptRows::Logits(l) } else { peregrine_core::backend::KeptRows::Ids(s.into_iter().map(|x| x.0).collect()) })
                 .collect(),
         ))
+    }
+    /// As forward_sampled, each row held to its mask, asked for between the forward and the
+    /// draws as a device backend does.
+    fn forward_sampled_masked(&mut self, b: &[peregrine_core::backend::SeqForward], rows: &[peregrine_core::backend::RowSampling], adjust: &[peregrine_core::backend::LogitAdjust], masks: peregrine_core::backend::MaskSource) -> peregrine_core::Result<Option<Vec<Vec<u32>>>> {
+        let Some(count) = self.masked.clone().filter(|_| self.ids) else { return Ok(None) };
+        let logits = peregrine_core::backend::Backend::forward(&mut self.inner, b)?;
+        let m = masks();
+        let sampled = Self::sample_logits(&logits, rows, adjust, &vec![None; rows.len()], Some(&m));
+        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(Some(sampled.into_iter().map(|r| r.into_iter().map(|x| x.0).collect()).collect()))
     }
     /// As forward_sampled, with each asked-for row's logprobs from its raw logits.
     fn forward_sampled_logprobs(&mut self, b: &[peregrine_core::backend::SeqForward], rows: &[peregrine_core::backend::RowSampling], adjust: &[peregrine_core::backend::LogitAdjust], top: &[Option<u32>]) -> peregrine_core::Result<Option<Vec<Vec<(u32, Option<peregrine_core::backend::RowLogprobs>)>>>> {
@@ -526,6 +557,7 @@ fn greedy_ids_path_equals_the_logits_path() {
         let t = tokenizer(&p);
         let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let logprob_steps = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (masked, masked_steps) = (std::cell::Cell::new(false), Arc::new(std::sync::atomic::AtomicUsize::new(0)));
         let start = |ids: bool, block: Option<usize>| {
             let files = open_model(p.target.to_str().unwrap()).unwrap();
             let mut m = CpuModel::load(&files.spec, files.weights.as_ref()).unwrap();
@@ -533,7 +565,7 @@ fn greedy_ids_path_equals_the_logits_path() {
                 m.attach_drafter(&open_drafter(&p.drafter).unwrap()).unwrap();
             }
             let cfg = EngineConfig { speculative_block_size: block, ..config() };
-            start_engine(Box::new(Wrap { inner: m, ids, answered: answered.clone(), fused: None, logprob_steps: logprob_steps.clone() }), Arc::new(files.tokenizer.unwrap()), cfg).unwrap()
+            start_engine(Box::new(Wrap { inner: m, ids, answered: answered.clone(), fused: None, logprob_steps: logprob_steps.clone(), masked: masked.get().then(|| masked_steps.clone()) }), Arc::new(files.tokenizer.unwrap()), cfg).unwrap()
         };
         let mut mixed = greedy_requests(&t, 24);
         mixed[3].sampling.logprobs = Some(3);
@@ -581,14 +613,38 @@ fn greedy_ids_path_equals_the_logits_path() {
             assert_same(&format!("{} sampled on the backend, block {block:?}", p.name), &base, &got);
             assert!(answered.swap(0, std::sync::atomic::Ordering::SeqCst) > 0, "{}: no step sampled on the backend", p.name);
             // One JSON-mode sequence among sampled ones: only its rows come back as logits
-            // (forward_sampled_keeping), the others are drawn on the backend, as alone.
+            // (forward_sampled_keeping), the others are drawn on the backend, as alone; or,
+            // where the backend masks rows, every row is drawn there (forward_sampled_masked).
             let mut constrained = sampled.clone();
             constrained[2].sampling.json_object = true;
-            let base = run(&start(false, block), constrained.clone());
-            let got = run(&start(true, block), constrained.clone());
-            assert_same(&format!("{} a JSON-mode sequence among sampled ones, block {block:?}", p.name), &base, &got);
-            assert!(answered.swap(0, std::sync::atomic::Ordering::SeqCst) > 0, "{}: no step kept the constrained rows alone", p.name);
-            assert!(got[2].text.trim_start().starts_with('{'), "{}: {:?}", p.name, got[2].text);
+            // Every sequence constrained: JSON mode (greedy and sampled), a regex, a choice and
+            // allowed ids, penalties and bias kept.
+            let mut all_constrained = sampled.clone();
+            for (i, r) in all_constrained.iter_mut().enumerate() {
+                match i % 4 {
+                    0 => r.sampling.json_object = true,
+                    1 => r.sampling.guide = Some(peregrine_core::Guide::Regex("[a-z ]{3,40}\\.".into())),
+                    2 => r.sampling.guide = Some(peregrine_core::Guide::Choice(vec!["yes indeed".into(), "no way".into(), "maybe".into()])),
+                    _ => r.sampling.allowed_token_ids = Some(t.encode(" the cat sat on a mat", false).unwrap()),
+                }
+            }
+            all_constrained[0].sampling.temperature = 0.0;
+            for m in [false, true] {
+                masked.set(m);
+                let base = run(&start(false, block), constrained.clone());
+                let got = run(&start(true, block), constrained.clone());
+                assert_same(&format!("{} a JSON-mode sequence among sampled ones, block {block:?}, masked {m}", p.name), &base, &got);
+                assert!(answered.swap(0, std::sync::atomic::Ordering::SeqCst) > 0, "{}: no step kept the constrained rows alone", p.name);
+                assert!(got[2].text.trim_start().starts_with('{'), "{}: {:?}", p.name, got[2].text);
+                let base = run(&start(false, block), all_constrained.clone());
+                let got = run(&start(true, block), all_constrained.clone());
+                assert_same(&format!("{} every sequence constrained, block {block:?}, masked {m}", p.name), &base, &got);
+                assert!(got[0].text.trim_start().starts_with('{'), "{}: {:?}", p.name, got[0].text);
+                assert!(["yes indeed", "no way", "maybe"].contains(&got[2].text.as_str()), "{}: {:?}", p.name, got[2].text);
+                assert_eq!(masked_steps.swap(0, std::sync::atomic::Ordering::SeqCst) > 0, m, "{}: masked steps, with the masked path {m}", p.name);
+                answered.store(0, std::sync::atomic::Ordering::SeqCst);
+            }
+            masked.set(false);
             // Logprobs computed with the sample on the backend: every option, verify rows too.
             logprob_steps.store(0, std::sync::atomic::Ordering::SeqCst);
             let base = run(&start(false, block), with_logprobs.clone());
@@ -599,6 +655,42 @@ fn greedy_ids_path_equals_the_logits_path() {
             assert!(got.iter().all(|o| o.logprobs.len() == o.ids.len()), "{}: a token lost its logprobs", p.name);
             answered.store(0, std::sync::atomic::Ordering::SeqCst);
         }
+    }
+}
+
+/// A constrained sequence no token can continue (allowed ids all past the vocabulary) ends with
+/// its constraint's error whether its rows are masked on the backend or sampled on the host,
+/// and the sequence beside it decodes as alone.
+#[test]
+fn a_stuck_constrained_sequence_ends_with_its_error_on_either_path() {
+    let p = &pairs()[0];
+    let t = tokenizer(p);
+    let vocab = open_model(p.target.to_str().unwrap()).unwrap().spec.vocab_size as u32;
+    let plain = greedy_requests(&t, 12).remove(1);
+    let mut stuck = greedy_requests(&t, 12).remove(0);
+    stuck.sampling.allowed_token_ids = Some(vec![vocab + 3, vocab + 9]);
+    for (ids, masked) in [(false, false), (true, false), (true, true)] {
+        let files = open_model(p.target.to_str().unwrap()).unwrap();
+        let m = CpuModel::load(&files.spec, files.weights.as_ref()).unwrap();
+        let masked_steps = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let w = Wrap { inner: m, ids, answered: Default::default(), fused: None, logprob_steps: Default::default(), masked: masked.then(|| masked_steps.clone()) };
+        let e = start_engine(Box::new(w), Arc::new(files.tokenizer.unwrap()), config()).unwrap();
+        let alone = run(&e, vec![plain.clone()]);
+        let (mut rx, beside) = (e.submit(stuck.clone()).unwrap(), e.submit(plain.clone()).unwrap());
+        let mut error = None;
+        while let Some(ev) = rx.blocking_recv() {
+            match ev {
+                RequestEvent::Error(why) => error = Some(why),
+                RequestEvent::Delta { token_ids, .. } => assert!(token_ids.is_empty(), "the stuck sequence sampled {token_ids:?}"),
+                RequestEvent::Finished { .. } => panic!("the stuck sequence finished"),
+                RequestEvent::PromptLogprobs(_) => {}
+            }
+        }
+        assert_eq!(error.as_deref(), Some("allowed_token_ids: none of the allowed tokens is in the vocabulary"), "ids {ids}, masked {masked}");
+        let beside = run_streams(vec![beside]);
+        assert_same(&format!("beside a stuck sequence, ids {ids}, masked {masked}"), &alone, &beside);
+        assert_eq!(masked_steps.load(std::sync::atomic::Ordering::SeqCst) > 0, masked);
+        e.shutdown();
     }
 }
 
@@ -617,7 +709,7 @@ fn fused_speculative_step_equals_the_two_call_path() {
             let mut m = CpuModel::load(&files.spec, files.weights.as_ref()).unwrap();
             m.attach_drafter(&open_drafter(&p.drafter).unwrap()).unwrap();
             let cfg = EngineConfig { speculative_block_size: Some(8), ..config() };
-            let w = Wrap { inner: m, ids: true, answered: answered.clone(), fused: f.then(|| fused.clone()), logprob_steps: Default::default() };
+            let w = Wrap { inner: m, ids: true, answered: answered.clone(), fused: f.then(|| fused.clone()), logprob_steps: Default::default(), masked: None };
             start_engine(Box::new(w), Arc::new(files.tokenizer.unwrap()), cfg).unwrap()
         };
         let mut plain_sampled = sampling_requests(&t);

@@ -13,7 +13,7 @@
 use std::sync::Arc;
 
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, CudaView, DevicePtr, LaunchConfig};
-use peregrine_core::backend::{split_logits, Backend, KeptRows, KvBlockBytes, KvConfig, LogitAdjust, Logits, RowLogprobs, RowSampling, SampledRows, SeqForward, NULL_BLOCK};
+use peregrine_core::backend::{split_logits, Backend, KeptRows, KvBlockBytes, KvConfig, LogitAdjust, Logits, MaskSource, RowLogprobs, RowSampling, SampledRows, SeqForward, NULL_BLOCK};
 use peregrine_core::{AttentionKind, AttentionSpec, Error, KvDtype, MlpSpec, ModelSpec, MoeSpec, QkvLayout, Result, RouterScoring};
 use peregrine_model::weights::WeightSource;
 
@@ -1345,7 +1345,7 @@ impl CudaModel {
             return Ok((Fetched::empty(&rows.counts, self.spec.vocab_size), rows.counts));
         }
         let k = rows.want.len();
-        if let Out::Sample(p, _) | Out::SampleLogprobs(p, _, _) | Out::SampleKeeping(p, _, _) = out {
+        if let Out::Sample(p, _) | Out::SampleLogprobs(p, _, _) | Out::SampleKeeping(p, _, _) | Out::SampleMasked(p, _, _) = out {
             if p.len() != k {
                 return Err(Error::Backend(format!("{} sampling rows for {k} output rows", p.len())));
             }
@@ -1414,6 +1414,14 @@ impl CudaModel {
             .collect())
     }
 
+    /// `forward_sample` with rows held to token masks (`Backend::forward_sampled_masked`):
+    /// `masks` is called once the step is enqueued, and a row's refused tokens are -inf after
+    /// its adjustments.
+    pub fn forward_sample_masked(&mut self, batch: &[SeqForward], rows: &[RowSampling], adjust: &[LogitAdjust], masks: MaskSource) -> Result<Vec<Vec<u32>>> {
+        let (f, counts) = self.run(batch, Out::SampleMasked(rows, adjust, masks))?;
+        Ok(per_sequence(f.ids, &counts))
+    }
+
     /// `forward_sample` with the raw logits' logprobs of the rows whose `top` entry is Some(n):
     /// the sampled token's and the n most likely (computed on the GPU; only they come back).
     pub fn forward_sample_logprobs(&mut self, batch: &[SeqForward], rows: &[RowSampling], adjust: &[LogitAdjust], top: &[Option<u32>]) -> Result<SampledRows> {
@@ -1436,6 +1444,9 @@ enum Out<'a> {
     SampleLogprobs(&'a [RowSampling], &'a [LogitAdjust], &'a [Option<u32>]),
     /// Sample, and bring back the raw logits of the sequences whose entry is true.
     SampleKeeping(&'a [RowSampling], &'a [LogitAdjust], &'a [bool]),
+    /// Sample with the rows held to the token masks the source gives once the step is
+    /// enqueued (the host builds them while the GPU runs it).
+    SampleMasked(&'a [RowSampling], &'a [LogitAdjust], MaskSource<'a>),
 }
 
 /// What a forward brought back: logits per sequence, or ids (with logprobs when asked).
@@ -1468,6 +1479,15 @@ fn fetch(kern: &Kernels, st: &Arc<CudaStream>, out: Out, counts: &[usize], vocab
         Out::Logits => Fetched { logits: split_logits(&st.clone_dtoh(&logits.slice(..k * vocab)).map_err(drv)?, counts, vocab), ..Default::default() },
         Out::Argmax => Fetched { ids: st.clone_dtoh(&ids.slice(..k)).map_err(drv)?, ..Default::default() },
         Out::Sample(p, adj) => Fetched { ids: st.clone_dtoh(&kern.sample_rows_adjusted(logits, vocab, p, adj)?).map_err(drv)?, ..Default::default() },
+        Out::SampleMasked(p, adj, masks) => {
+            // Asked for only now: the step is on the stream, and the host builds the masks
+            // while the GPU computes it.
+            let m = masks();
+            if m.len() != k {
+                return Err(Error::Backend(format!("{} token masks for {k} output rows", m.len())));
+            }
+            Fetched { ids: st.clone_dtoh(&kern.sample_rows_masked(logits, vocab, p, adj, &m)?).map_err(drv)?, ..Default::default() }
+        }
         Out::SampleLogprobs(p, adj, top) => {
             let (ids, logprobs) = kern.sample_rows_with_logprobs(logits, vocab, p, adj, top)?;
             Fetched { ids, logprobs, ..Default::default() }
@@ -1533,6 +1553,10 @@ impl Backend for CudaModel {
 
     fn forward_sampled_keeping(&mut self, batch: &[SeqForward], rows: &[RowSampling], adjust: &[LogitAdjust], keep: &[bool]) -> Result<Option<Vec<KeptRows>>> {
         self.forward_sample_keeping(batch, rows, adjust, keep).map(Some)
+    }
+
+    fn forward_sampled_masked(&mut self, batch: &[SeqForward], rows: &[RowSampling], adjust: &[LogitAdjust], masks: MaskSource) -> Result<Option<Vec<Vec<u32>>>> {
+        self.forward_sample_masked(batch, rows, adjust, masks).map(Some)
     }
 
     fn forward_speculative(&mut self, batch: &[SeqForward], sampling: peregrine_core::backend::SpecSampling) -> Result<Option<Vec<peregrine_core::backend::SpecRows>>> {

@@ -222,6 +222,8 @@ pub struct Kernels {
     /// Blocks per row of the cluster sampler and logprobs (their compiled cluster width).
     sample_width: usize,
     adjust: CudaFunction,
+    /// Token masks of constrained rows (`mask_logits`).
+    mask: CudaFunction,
     /// Logprobs likewise: one block per row, or (with the cluster sampler) a cluster.
     logprobs: CudaFunction,
     logprobs_cluster: Option<CudaFunction>,
@@ -276,6 +278,7 @@ impl Kernels {
             if f.set_attribute(FnAttr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, room).is_ok() { room as usize } else { 0 }
         });
         let adjust = sm.load_function("adjust_logits").map_err(drv("kernel adjust_logits"))?;
+        let mask = sm.load_function("mask_logits").map_err(drv("kernel mask_logits"))?;
         let logprobs = sm.load_function("row_logprobs").map_err(drv("kernel row_logprobs"))?;
         let logprobs_cluster = sample_cluster.as_ref().and_then(|_| sm.load_function("row_logprobs_cluster").ok()).filter(|f| width(f) == sample_width && allows(f));
         let mm = compile::load_parts(&gpu.ctx, "moe", compile::MOE_CU, arch, &compile::MOE_PARTS)?;
@@ -454,6 +457,7 @@ impl Kernels {
             sample_stage_max,
             sample_width,
             adjust,
+            mask,
             logprobs,
             logprobs_cluster,
             cached,

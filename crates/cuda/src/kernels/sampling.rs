@@ -5,6 +5,7 @@
 #![allow(clippy::too_many_arguments)]
 
 use super::*;
+use peregrine_core::backend::TokenMask;
 
 /// The sampling parameters of one row as the kernel reads them (same C layout).
 #[derive(Clone, Copy)]
@@ -156,6 +157,52 @@ impl Kernels {
             self.adjust_logits(logits, v, &self.upload_params(params)?, params, adjust)?;
         }
         self.sample_rows(logits, v, params)
+    }
+
+    /// `sample_rows_adjusted` with the rows held to their token masks after the adjustments:
+    /// `masks[r]` Some(words) (`peregrine_core::backend::TokenMask`, one bit a token) sets row
+    /// r's refused tokens to -inf before it is sampled; None leaves the row as it is.
+    pub fn sample_rows_masked(&self, logits: &mut CudaSlice<f32>, v: usize, params: &[RowSampling], adjust: &[LogitAdjust], masks: &[Option<TokenMask>]) -> Result<CudaSlice<i32>> {
+        let rows = params.len();
+        check(logits.len() >= rows * v && rows > 0, || format!("sample_rows: logits hold fewer than {rows} rows of {v}"))?;
+        if !adjust.is_empty() {
+            self.adjust_logits(logits, v, &self.upload_params(params)?, params, adjust)?;
+        }
+        self.mask_logits(logits, v, masks)?;
+        self.sample_rows(logits, v, params)
+    }
+
+    /// Sets every token a row's mask refuses to -inf in `logits` [rows, V] (`masks`: one entry
+    /// per row, each None or `token_mask_words(V)` words); nothing is launched when no row has
+    /// a mask.
+    pub fn mask_logits(&self, logits: &mut CudaSlice<f32>, v: usize, masks: &[Option<TokenMask>]) -> Result<()> {
+        let rows = masks.len();
+        let words = peregrine_core::backend::token_mask_words(v);
+        check(logits.len() >= rows * v, || format!("mask_logits: logits hold fewer than {rows} rows of {v}"))?;
+        if let Some(m) = masks.iter().flatten().find(|m| m.len() != words) {
+            return Err(Error::Backend(format!("a token mask of {} words for a vocabulary of {v} ({words} words)", m.len())));
+        }
+        if masks.iter().all(Option::is_none) {
+            return Ok(());
+        }
+        let mut at = Vec::with_capacity(rows);
+        let mut flat = Vec::with_capacity(words * masks.iter().flatten().count());
+        for m in masks {
+            at.push(match m {
+                Some(m) => {
+                    let a = i32::try_from(flat.len()).map_err(|_| Error::Backend("token masks past 2^31 words".into()))?;
+                    flat.extend_from_slice(m);
+                    a
+                }
+                None => -1,
+            });
+        }
+        let at = self.stream.clone_htod(&at).map_err(drv("upload"))?;
+        let flat = self.stream.clone_htod(&flat).map_err(drv("upload"))?;
+        let vi = v as i32;
+        let mut b = crate::launch::builder(&self.stream, &self.mask);
+        b.arg(&mut *logits).arg(&vi).arg(&at).arg(&flat);
+        unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 }) }.map(|_| ()).map_err(drv("mask_logits"))
     }
 
     /// Applies the rows' adjustments (`params` uploaded as `p`) to `logits` in place.
