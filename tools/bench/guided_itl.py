@@ -6,6 +6,7 @@ the output lasts: a constrained output may end before TOKENS). Standard library 
 
     python tools/bench/guided_itl.py PORT [TOKENS] [REQUESTS]      # e.g. 8000 64 3
     python tools/bench/guided_itl.py PORT TOKENS REQUESTS --beside N  # e.g. 8000 64 3 --beside 7
+    python tools/bench/guided_itl.py PORT TOKENS REQUESTS --sampling  # penalties, bias, logprobs
 
 With --beside N: N other clients stream plain greedy completions the whole time, and the measured
 client is plain greedy, first alone among them, then with one more client streaming a JSON schema
@@ -21,6 +22,16 @@ MODES = {
     "json_object": {"temperature": 0, "response_format": {"type": "json_object"}},
     "json_schema": {"temperature": 0, "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": SCHEMA}}},
     "guided_regex": {"temperature": 0, "guided_regex": "([a-z]+ [0-9]+, )+"},
+}
+# With --sampling: unconstrained requests whose sampling needs more than ids and fixed parameters
+# (penalties read the output so far, logprobs the logits), against plain greedy.
+SAMPLING_MODES = {
+    "plain greedy": {"temperature": 0, "ignore_eos": True},
+    "greedy logit_bias": {"temperature": 0, "ignore_eos": True, "logit_bias": {"11": 2.0}},
+    "T0.8 presence 0.5 frequency 0.3": {"temperature": 0.8, "top_p": 0.95, "seed": 1, "ignore_eos": True,
+                                        "presence_penalty": 0.5, "frequency_penalty": 0.3},
+    "greedy repetition 1.1": {"temperature": 0, "ignore_eos": True, "repetition_penalty": 1.1},
+    "greedy logprobs 5": {"temperature": 0, "ignore_eos": True, "logprobs": 5},
 }
 
 
@@ -90,7 +101,7 @@ def main():
         return beside(port, tokens, requests, int(sys.argv[sys.argv.index("--beside") + 1]))
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     gaps(conn, 8, MODES["plain greedy"])  # warm up
-    for name, extra in MODES.items():
+    for name, extra in (SAMPLING_MODES if "--sampling" in sys.argv else MODES).items():
         gaps(conn, 8, extra)  # the first guided request builds the vocabulary's compiler
         all_gaps, counts = [], []
         for _ in range(requests):
