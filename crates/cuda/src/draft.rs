@@ -151,6 +151,7 @@ impl CudaModel {
     }
 
     pub(crate) fn draft_pass(&mut self, batch: &[DraftForward]) -> Result<Vec<Vec<u32>>> {
+        self.graphs.overlap.refuse_while_awaiting()?;
         self.graphs.overlap.break_chain(); // crate::overlap: no chaining across other steps
         let rows = self.draft_rows(batch)?;
         let d = self.drafter.as_ref().ok_or_else(|| Error::Unsupported("no drafter is attached to the CUDA backend".into()))?;

@@ -203,6 +203,7 @@ impl Graphs {
     /// shared logits buffers.
     pub(crate) fn clear(&mut self) {
         self.overlap.break_chain();
+        self.overlap.drop_awaiting();
         self.cache.clear();
         self.drafts.clear();
         self.spec.clear();

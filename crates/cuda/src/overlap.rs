@@ -18,6 +18,12 @@
 //! Only decode steps whose graph is captured already overlap (a capture runs the step); any
 //! other call makes the ids of the last enqueued step unreachable for chaining.
 //!
+//! A masked step (`enqueue_decode_masked`: a constrained sequence's row, whose mask depends on
+//! the token of the step ahead) launches its greedy graph and holds it, logits and all, until
+//! `sample_enqueued` brings the masks; only collecting the steps ahead may come between, so no
+//! other replay touches the logits every step graph shares. Its sampler then writes the ids
+//! the next step chains on.
+//!
 //! A greedy step of a copy-free graph (crate::staged) needs no copy at all: its argmax kernel
 //! writes the ids into the host slot the step's rows came from, which stays held until the
 //! step is collected. So does a sampled step without logit adjustments, whose graph samples
@@ -28,10 +34,11 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaEvent, CudaSlice, DevicePtr, PinnedHostSlice};
 use cudarc::driver::sys::CUevent_flags;
-use peregrine_core::backend::{LogitAdjust, OutputRows, RowSampling, SeqForward};
+use peregrine_core::backend::{LogitAdjust, OutputRows, RowSampling, SeqForward, TokenMask};
 use peregrine_core::{Error, Result};
 
 use crate::backend::{drv, CudaModel};
+use crate::graph::StepGraph;
 use crate::staged::HostSlots;
 
 /// Page-locked id buffers kept for reuse (one per batch size met recently).
@@ -66,6 +73,14 @@ struct LastIds {
     _sampled: Option<CudaSlice<i32>>,
 }
 
+/// A masked step started and not sampled yet: its graph (whose logits hold its rows) and how
+/// its rows are sampled.
+struct AwaitingMasks {
+    graph: StepGraph,
+    params: Vec<RowSampling>,
+    adjust: Vec<LogitAdjust>,
+}
+
 #[derive(Default)]
 pub(crate) struct Overlap {
     in_flight: VecDeque<InFlight>,
@@ -74,6 +89,8 @@ pub(crate) struct Overlap {
     /// The ids the last enqueued step writes, while no other call has run since (the only ids
     /// a chained step may read).
     last_ids: Option<LastIds>,
+    /// A masked step waiting for `sample_enqueued`.
+    awaiting: Option<AwaitingMasks>,
 }
 
 impl Overlap {
@@ -82,10 +99,24 @@ impl Overlap {
     pub(crate) fn break_chain(&mut self) {
         self.last_ids = None;
     }
+
+    /// Forgets a masked step waiting for its masks (its graph is being dropped with the rest).
+    pub(crate) fn drop_awaiting(&mut self) {
+        self.awaiting = None;
+    }
+
+    /// An error while a masked step waits for its masks: any replay would overwrite its logits.
+    pub(crate) fn refuse_while_awaiting(&self) -> Result<()> {
+        match self.awaiting {
+            Some(_) => Err(Error::Backend("a masked decode step waits for its masks (sample_enqueued) before any other step".into())),
+            None => Ok(()),
+        }
+    }
 }
 
 impl CudaModel {
     pub(crate) fn enqueue_decode_step(&mut self, batch: &[SeqForward], chain: &[Option<usize>], sampling: Option<(&[RowSampling], &[LogitAdjust])>) -> Result<bool> {
+        self.graphs.overlap.refuse_while_awaiting()?;
         let n = batch.len();
         if n == 0 || chain.len() != n || !batch.iter().all(|s| s.tokens.len() == 1 && s.output == OutputRows::Last) {
             return Ok(false);
@@ -137,18 +168,7 @@ impl CudaModel {
             };
             let ids = sampled.as_ref().unwrap_or(&g.ids);
             let addr = ids.device_ptr(&st).0;
-            // Exactly n ids: a copy into a host slice copies the slice's whole length.
-            let spare = &mut self.graphs.overlap.spare;
-            let mut buf = match spare.iter().position(|b| b.host.len() == n) {
-                Some(i) => spare.swap_remove(i),
-                None => IdBuffer {
-                    // SAFETY: read only after `copied` completed (collect_decode_step).
-                    host: unsafe { st.context().alloc_pinned_with_flags::<i32>(n, 0) }.map_err(drv)?,
-                    copied: st.context().new_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING)).map_err(drv)?,
-                },
-            };
-            st.memcpy_dtoh(&ids.slice(..n), &mut buf.host).map_err(drv)?;
-            buf.copied.record(&st).map_err(drv)?;
+            let buf = self.copy_ids(ids, n)?;
             Ok((addr, sampled, IdsAt::Copy(buf)))
         })();
         self.graphs.put_back(g);
@@ -156,6 +176,85 @@ impl CudaModel {
         self.graphs.overlap.in_flight.push_back(InFlight { ids, rows: n });
         self.graphs.overlap.last_ids = Some(LastIds { addr, rows: n, _sampled: sampled });
         Ok(true)
+    }
+
+    /// A page-locked buffer (a spare one of n ids, or a new one) with the first n of `ids`
+    /// copied into it after the work enqueued so far, and its event recorded.
+    fn copy_ids(&mut self, ids: &CudaSlice<i32>, n: usize) -> Result<IdBuffer> {
+        let st = self.stream.clone();
+        // Exactly n ids: a copy into a host slice copies the slice's whole length.
+        let spare = &mut self.graphs.overlap.spare;
+        let mut buf = match spare.iter().position(|b| b.host.len() == n) {
+            Some(i) => spare.swap_remove(i),
+            None => IdBuffer {
+                // SAFETY: read only after `copied` completed (collect_decode_step).
+                host: unsafe { st.context().alloc_pinned_with_flags::<i32>(n, 0) }.map_err(drv)?,
+                copied: st.context().new_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING)).map_err(drv)?,
+            },
+        };
+        st.memcpy_dtoh(&ids.slice(..n), &mut buf.host).map_err(drv)?;
+        buf.copied.record(&st).map_err(drv)?;
+        Ok(buf)
+    }
+
+    /// `Backend::enqueue_decode_masked`: the step's greedy graph launched (its rows chained as
+    /// in `enqueue_decode_step`) and held until `sample_enqueued_step`.
+    pub(crate) fn enqueue_decode_masked_step(&mut self, batch: &[SeqForward], chain: &[Option<usize>], params: &[RowSampling], adjust: &[LogitAdjust]) -> Result<bool> {
+        self.graphs.overlap.refuse_while_awaiting()?;
+        let n = batch.len();
+        if n == 0 || chain.len() != n || !batch.iter().all(|s| s.tokens.len() == 1 && s.output == OutputRows::Last) {
+            return Ok(false);
+        }
+        if params.len() != n {
+            return Err(Error::Backend(format!("{} sampling rows for {n} output rows", params.len())));
+        }
+        let prev = self.graphs.overlap.last_ids.as_ref().map(|l| (l.addr, l.rows));
+        let chained = chain.iter().any(Option::is_some);
+        if chained && !prev.is_some_and(|(_, rows)| chain.iter().flatten().all(|&r| r < rows)) {
+            return Ok(false);
+        }
+        let mut rows = self.host_rows(batch)?;
+        match self.graph_key(&rows, false) {
+            Some(key) if self.graph_captured(&key) => {}
+            _ => return Ok(false),
+        }
+        for (t, c) in rows.toks.iter_mut().zip(chain) {
+            if let Some(r) = c {
+                *t = -(*r as i32) - 1;
+            }
+        }
+        if chained {
+            rows.chain = prev.map(|p| p.0);
+        }
+        // Held past the launch, as in enqueue_decode_step.
+        let _prev_ids = self.graphs.overlap.last_ids.take();
+        let Some(graph) = self.graph_for(&rows, None)? else {
+            return Err(Error::Backend("a captured decode graph went missing".into()));
+        };
+        self.graphs.overlap.awaiting = Some(AwaitingMasks { graph, params: params.to_vec(), adjust: adjust.to_vec() });
+        Ok(true)
+    }
+
+    /// `Backend::sample_enqueued`: the awaiting step's rows adjusted, masked and sampled, its
+    /// graph put back, its ids on their way to the host and the ones a next step chains on.
+    pub(crate) fn sample_enqueued_step(&mut self, masks: Vec<Option<TokenMask>>) -> Result<()> {
+        let AwaitingMasks { mut graph, params, adjust } = self.graphs.overlap.awaiting.take().ok_or_else(|| Error::Backend("no masked decode step waits for its masks".into()))?;
+        let n = params.len();
+        let vocab = self.spec.vocab_size;
+        let sampled = (|| -> Result<(CudaSlice<i32>, IdBuffer)> {
+            if masks.len() != n {
+                return Err(Error::Backend(format!("{} token masks for {n} rows", masks.len())));
+            }
+            let ids = self.kernels.sample_rows_masked(&mut graph.logits, vocab, &params, &adjust, &masks)?;
+            let buf = self.copy_ids(&ids, n)?;
+            Ok((ids, buf))
+        })();
+        self.graphs.put_back(graph);
+        let (ids, buf) = sampled?;
+        let addr = ids.device_ptr(&self.stream).0;
+        self.graphs.overlap.in_flight.push_back(InFlight { ids: IdsAt::Copy(buf), rows: n });
+        self.graphs.overlap.last_ids = Some(LastIds { addr, rows: n, _sampled: Some(ids) });
+        Ok(())
     }
 
     pub(crate) fn collect_decode_step(&mut self) -> Result<Vec<u32>> {

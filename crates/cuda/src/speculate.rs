@@ -56,6 +56,7 @@ impl CudaModel {
     /// (no drafter, drafts post-processed on the host, blocks of different sizes, too many rows,
     /// too many adjustments).
     pub(crate) fn speculate(&mut self, batch: &[SeqForward], sampling: SpecSampling) -> Result<Option<Vec<SpecRows>>> {
+        self.graphs.overlap.refuse_while_awaiting()?;
         self.graphs.overlap.break_chain(); // crate::overlap: no chaining across other steps
         let Some(d) = &self.drafter else { return Ok(None) };
         let plain = d.plain_output();

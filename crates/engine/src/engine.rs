@@ -365,6 +365,9 @@ struct Core {
 struct InFlight {
     t0: Instant,
     plan: Vec<(u64, usize, usize)>,
+    /// Constrained sequences no token could continue at this step (their masks were empty):
+    /// they end with their constraint's error when it is collected.
+    stuck: Vec<u64>,
 }
 
 /// The step after an in-flight one, planned before its tokens are known.
@@ -374,6 +377,9 @@ struct Chained {
     chain: Vec<Option<usize>>,
     /// None: every row takes its argmax.
     sampling: Option<(Vec<RowSampling>, Vec<LogitAdjust>)>,
+    /// Some row is constrained: the step is sampled under masks made once the step ahead of it
+    /// is committed (`Backend::enqueue_decode_masked`; `sampling` is Some).
+    masked: bool,
 }
 
 impl Core {
@@ -534,8 +540,10 @@ impl Core {
             tokens += if k == 0 { 1.0 } else { self.policy.expected(s.spec_rate).min(k as f64 + 1.0) };
             any |= k > 0;
         }
+        // No sequence can draft (constrained ones, or each at its last token): a plain step,
+        // which may overlap (not counted as a plain step the policy chose).
         if !any {
-            return true;
+            return false;
         }
         let speculate = self.policy.speculate(rows, tokens);
         if !speculate {
@@ -678,6 +686,25 @@ impl Core {
         // device computes the step; a sequence no token can continue ends as on the host path.
         if fused.is_none() && seqs.len() == plan.len() && constrained > 0 && seqs.iter().all(|s| s.prompt_lp_done && s.req.sampling.logprobs.is_none()) {
             let (rows, adjust) = row_sampling(&seqs, &batch, vocab, 0);
+            // A decode step is started, then masked, and not waited for: the steps after it
+            // chain on it (`plan_chained`), each masked once the one ahead is committed.
+            if self.overlap_allowed() && drafts.iter().all(Vec::is_empty) && batch.iter().all(|b| b.tokens.len() == 1 && b.output == OutputRows::Last) {
+                let chain = vec![None; batch.len()];
+                match self.backend.enqueue_decode_masked(&batch, &chain, &rows, &adjust) {
+                    Ok(true) => {
+                        let mut stuck = vec![false; seqs.len()];
+                        let masks = constraint_masks(&seqs, &batch, vocab, &mut stuck);
+                        let stuck = seqs.iter().zip(stuck).filter(|(_, st)| *st).map(|(s, _)| s.id).collect();
+                        match self.backend.sample_enqueued(masks) {
+                            Ok(()) => self.in_flight = Some(InFlight { t0, plan, stuck }),
+                            Err(e) => self.finish_step(t0, plan, drafts, Err(e), ntok),
+                        }
+                        return;
+                    }
+                    Ok(false) => {}
+                    Err(e) => return self.finish_step(t0, plan, drafts, Err(e), ntok),
+                }
+            }
             let stuck = std::cell::RefCell::new(vec![false; seqs.len()]);
             let masks = || constraint_masks(&seqs, &batch, vocab, &mut stuck.borrow_mut());
             match self.backend.forward_sampled_masked(&batch, &rows, &adjust, &masks) {
@@ -726,7 +753,7 @@ impl Core {
             let chain = vec![None; batch.len()];
             match self.backend.enqueue_decode(&batch, &chain, sampling.as_ref().map(|(r, a)| (&r[..], &a[..]))) {
                 Ok(true) => {
-                    self.in_flight = Some(InFlight { t0, plan });
+                    self.in_flight = Some(InFlight { t0, plan, stuck: Vec::new() });
                     return;
                 }
                 Ok(false) => {}
@@ -764,12 +791,17 @@ impl Core {
         self.drop_gone_clients();
         let mut next = None;
         let mut failed = None;
+        let mut masked = false;
         if let Some(c) = self.plan_chained(&prev) {
-            let sampling = c.sampling.as_ref().map(|(r, a)| (&r[..], &a[..]));
-            match self.backend.enqueue_decode(&c.batch, &c.chain, sampling) {
+            let started = match (&c.sampling, c.masked) {
+                (Some((r, a)), true) => self.backend.enqueue_decode_masked(&c.batch, &c.chain, r, a),
+                (sampling, _) => self.backend.enqueue_decode(&c.batch, &c.chain, sampling.as_ref().map(|(r, a)| (&r[..], &a[..]))),
+            };
+            match started {
                 Ok(true) => {
                     self.metrics.overlapped_steps.inc();
-                    next = Some(InFlight { t0, plan: c.plan });
+                    next = Some(InFlight { t0, plan: c.plan, stuck: Vec::new() });
+                    masked = c.masked;
                 }
                 Ok(false) => {}
                 Err(e) => failed = Some((c.plan, e)),
@@ -782,10 +814,37 @@ impl Core {
             n.t0 = Instant::now();
         }
         self.finish_collected(prev, ids);
+        // The chained step's masks follow from the tokens just committed.
+        if let (true, Some(n)) = (masked, &mut next) {
+            let (masks, stuck) = self.chained_masks(&n.plan);
+            n.stuck = stuck;
+            if let Err(e) = self.backend.sample_enqueued(masks) {
+                failed = next.take().map(|n| (n.plan, e));
+            }
+        }
         if let Some((plan, e)) = failed {
-            self.finish_collected(InFlight { t0, plan }, Err(e));
+            self.finish_collected(InFlight { t0, plan, stuck: Vec::new() }, Err(e));
         }
         self.in_flight = next;
+    }
+
+    /// The masks of a chained masked step's rows (one per planned sequence) from the sequences'
+    /// constraints now, and the sequences no token can continue. A sequence that ended
+    /// meanwhile, or has no constraint, takes any token.
+    fn chained_masks(&self, plan: &[(u64, usize, usize)]) -> (Vec<Option<TokenMask>>, Vec<u64>) {
+        let vocab = self.backend.spec().vocab_size;
+        let mut stuck = Vec::new();
+        let masks = plan
+            .iter()
+            .map(|&(id, _, _)| {
+                let c = self.running.iter().find(|s| s.id == id)?.constraint.as_ref()?;
+                Some(c.token_mask(vocab).unwrap_or_else(|| {
+                    stuck.push(id);
+                    vec![0; token_mask_words(vocab)]
+                }))
+            })
+            .collect();
+        (masks, stuck)
     }
 
     /// The decode step after `prev`, when every running sequence was a row of prev, stays
@@ -805,7 +864,9 @@ impl Core {
         for s in &self.running {
             let r = prev.plan.iter().position(|p| p.0 == s.id)?;
             let continues = s.output.len() + 1 < s.req.stop.max_tokens && s.len() + 1 < max_len;
-            if s.len() != s.computed + 1 || !continues || !sampled_ids_suffice(s) || !no_penalties(&s.req.sampling) {
+            // A constrained row is sampled under its mask, made once prev is committed.
+            let ids_suffice = s.prompt_lp_done && s.req.sampling.logprobs.is_none();
+            if s.len() != s.computed + 1 || !continues || !ids_suffice || !no_penalties(&s.req.sampling) {
                 return None;
             }
             rows.push(r);
@@ -834,9 +895,10 @@ impl Core {
             })
             .collect();
         let seqs: Vec<&Seq> = self.running.iter().collect();
-        let greedy = seqs.iter().all(|s| s.req.sampling.is_greedy() && no_adjustments(&s.req.sampling));
+        let masked = seqs.iter().any(|s| s.constraint.is_some());
+        let greedy = !masked && seqs.iter().all(|s| s.req.sampling.is_greedy() && no_adjustments(&s.req.sampling));
         let sampling = (!greedy).then(|| row_sampling(&seqs, &batch, self.backend.spec().vocab_size, 1));
-        Some(Chained { plan: self.running.iter().map(|s| (s.id, 1, 0)).collect(), batch, chain: rows.into_iter().map(Some).collect(), sampling })
+        Some(Chained { plan: self.running.iter().map(|s| (s.id, 1, 0)).collect(), batch, chain: rows.into_iter().map(Some).collect(), sampling, masked })
     }
 
     /// Commits a collected overlapped step: the rows of sequences still running (one ended by
@@ -855,7 +917,17 @@ impl Core {
             return;
         }
         let ntok = plan.len();
-        let rows = ids.map(|ids| ids.into_iter().zip(&live).filter(|(_, &l)| l).map(|(t, _)| StepRows::Ids(vec![t])).collect());
+        let stuck = |id: u64| step.stuck.contains(&id).then(|| self.running.iter().find(|s| s.id == id).and_then(|s| s.constraint.as_ref()).map(|c| c.stuck())).flatten();
+        let rows = ids.map(|ids| {
+            ids.into_iter()
+                .zip(step.plan.iter().zip(&live))
+                .filter(|(_, (_, &l))| l)
+                .map(|(t, (p, _))| match stuck(p.0) {
+                    Some(why) => StepRows::Stuck(why),
+                    None => StepRows::Ids(vec![t]),
+                })
+                .collect()
+        });
         let drafts = vec![Vec::new(); plan.len()];
         self.finish_step(step.t0, plan, drafts, rows, ntok);
     }

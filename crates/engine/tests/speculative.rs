@@ -393,6 +393,12 @@ struct Wrap {
     /// Answer `forward_sampled_masked` (constrained rows sampled under their masks) and count
     /// the steps it answered; None: no such path (the constrained rows' logits come back).
     masked: Option<Arc<std::sync::atomic::AtomicUsize>>,
+    /// Overlapped masked steps (`enqueue_decode_masked`): the started step's logits and
+    /// sampling, waiting for its masks; the ids of the last sampled step (what a chained row
+    /// reads); sampled steps' ids not collected yet.
+    pending: Option<(Vec<peregrine_core::backend::Logits>, Vec<peregrine_core::backend::RowSampling>, Vec<peregrine_core::backend::LogitAdjust>)>,
+    last_ids: Vec<u32>,
+    sampled: std::collections::VecDeque<Vec<u32>>,
 }
 
 impl Wrap {
@@ -515,6 +521,34 @@ impl peregrine_core::backend::Backend for Wrap {
         count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Ok(Some(sampled.into_iter().map(|r| r.into_iter().map(|x| x.0).collect()).collect()))
     }
+    /// Started as a GPU would: the forward now (a chained row fed the last sampled step's id),
+    /// the draws when the masks come.
+    fn enqueue_decode_masked(&mut self, b: &[peregrine_core::backend::SeqForward], chain: &[Option<usize>], rows: &[peregrine_core::backend::RowSampling], adjust: &[peregrine_core::backend::LogitAdjust]) -> peregrine_core::Result<bool> {
+        if self.masked.is_none() || !self.ids {
+            return Ok(false);
+        }
+        assert!(self.pending.is_none(), "a masked step started while another waits for its masks");
+        let mut b = b.to_vec();
+        for (s, c) in b.iter_mut().zip(chain) {
+            if let Some(r) = c {
+                s.tokens = vec![self.last_ids[*r]];
+            }
+        }
+        let logits = peregrine_core::backend::Backend::forward(&mut self.inner, &b)?;
+        self.pending = Some((logits, rows.to_vec(), adjust.to_vec()));
+        Ok(true)
+    }
+    fn sample_enqueued(&mut self, masks: Vec<Option<Vec<u32>>>) -> peregrine_core::Result<()> {
+        let (logits, rows, adjust) = self.pending.take().expect("masks for a started step");
+        let ids: Vec<u32> = Self::sample_logits(&logits, &rows, &adjust, &vec![None; rows.len()], Some(&masks)).into_iter().flatten().map(|x| x.0).collect();
+        self.masked.as_ref().unwrap().fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.last_ids = ids.clone();
+        self.sampled.push_back(ids);
+        Ok(())
+    }
+    fn collect_decode(&mut self) -> peregrine_core::Result<Vec<u32>> {
+        self.sampled.pop_front().ok_or_else(|| peregrine_core::Error::Backend("nothing in flight".into()))
+    }
     /// As forward_sampled, with each asked-for row's logprobs from its raw logits.
     fn forward_sampled_logprobs(&mut self, b: &[peregrine_core::backend::SeqForward], rows: &[peregrine_core::backend::RowSampling], adjust: &[peregrine_core::backend::LogitAdjust], top: &[Option<u32>]) -> peregrine_core::Result<Option<Vec<Vec<(u32, Option<peregrine_core::backend::RowLogprobs>)>>>> {
         let r = self.sample_rows(b, rows, adjust, top)?;
@@ -565,7 +599,7 @@ fn greedy_ids_path_equals_the_logits_path() {
                 m.attach_drafter(&open_drafter(&p.drafter).unwrap()).unwrap();
             }
             let cfg = EngineConfig { speculative_block_size: block, ..config() };
-            start_engine(Box::new(Wrap { inner: m, ids, answered: answered.clone(), fused: None, logprob_steps: logprob_steps.clone(), masked: masked.get().then(|| masked_steps.clone()) }), Arc::new(files.tokenizer.unwrap()), cfg).unwrap()
+            start_engine(Box::new(Wrap { inner: m, ids, answered: answered.clone(), fused: None, logprob_steps: logprob_steps.clone(), masked: masked.get().then(|| masked_steps.clone()), pending: None, last_ids: Vec::new(), sampled: Default::default() }), Arc::new(files.tokenizer.unwrap()), cfg).unwrap()
         };
         let mut mixed = greedy_requests(&t, 24);
         mixed[3].sampling.logprobs = Some(3);
@@ -629,6 +663,13 @@ fn greedy_ids_path_equals_the_logits_path() {
                 }
             }
             all_constrained[0].sampling.temperature = 0.0;
+            // Without penalties (which read the output so far) the masked steps chain.
+            let mut chainable = all_constrained.clone();
+            for r in chainable.iter_mut() {
+                r.sampling.repetition_penalty = 1.0;
+                r.sampling.presence_penalty = 0.0;
+                r.sampling.frequency_penalty = 0.0;
+            }
             for m in [false, true] {
                 masked.set(m);
                 let base = run(&start(false, block), constrained.clone());
@@ -636,11 +677,16 @@ fn greedy_ids_path_equals_the_logits_path() {
                 assert_same(&format!("{} a JSON-mode sequence among sampled ones, block {block:?}, masked {m}", p.name), &base, &got);
                 assert!(answered.swap(0, std::sync::atomic::Ordering::SeqCst) > 0, "{}: no step kept the constrained rows alone", p.name);
                 assert!(got[2].text.trim_start().starts_with('{'), "{}: {:?}", p.name, got[2].text);
-                let base = run(&start(false, block), all_constrained.clone());
-                let got = run(&start(true, block), all_constrained.clone());
-                assert_same(&format!("{} every sequence constrained, block {block:?}, masked {m}", p.name), &base, &got);
-                assert!(got[0].text.trim_start().starts_with('{'), "{}: {:?}", p.name, got[0].text);
-                assert!(["yes indeed", "no way", "maybe"].contains(&got[2].text.as_str()), "{}: {:?}", p.name, got[2].text);
+                for (reqs, chains) in [(&all_constrained, false), (&chainable, true)] {
+                    let base = run(&start(false, block), reqs.clone());
+                    let e = start(true, block);
+                    let got = run(&e, reqs.clone());
+                    assert_same(&format!("{} every sequence constrained, block {block:?}, masked {m}, chains {chains}", p.name), &base, &got);
+                    // Masked steps overlap: each chained on the one ahead, masked once it is committed.
+                    assert_eq!(metric(&e, "peregrine:overlapped_steps_total") > 0.0, m && chains, "{}: overlapped masked steps, masked path {m}, chains {chains}", p.name);
+                    assert!(got[0].text.trim_start().starts_with('{'), "{}: {:?}", p.name, got[0].text);
+                    assert!(["yes indeed", "no way", "maybe"].contains(&got[2].text.as_str()), "{}: {:?}", p.name, got[2].text);
+                }
                 assert_eq!(masked_steps.swap(0, std::sync::atomic::Ordering::SeqCst) > 0, m, "{}: masked steps, with the masked path {m}", p.name);
                 answered.store(0, std::sync::atomic::Ordering::SeqCst);
             }
@@ -673,7 +719,7 @@ fn a_stuck_constrained_sequence_ends_with_its_error_on_either_path() {
         let files = open_model(p.target.to_str().unwrap()).unwrap();
         let m = CpuModel::load(&files.spec, files.weights.as_ref()).unwrap();
         let masked_steps = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let w = Wrap { inner: m, ids, answered: Default::default(), fused: None, logprob_steps: Default::default(), masked: masked.then(|| masked_steps.clone()) };
+        let w = Wrap { inner: m, ids, answered: Default::default(), fused: None, logprob_steps: Default::default(), masked: masked.then(|| masked_steps.clone()), pending: None, last_ids: Vec::new(), sampled: Default::default() };
         let e = start_engine(Box::new(w), Arc::new(files.tokenizer.unwrap()), config()).unwrap();
         let alone = run(&e, vec![plain.clone()]);
         let (mut rx, beside) = (e.submit(stuck.clone()).unwrap(), e.submit(plain.clone()).unwrap());
@@ -709,7 +755,7 @@ fn fused_speculative_step_equals_the_two_call_path() {
             let mut m = CpuModel::load(&files.spec, files.weights.as_ref()).unwrap();
             m.attach_drafter(&open_drafter(&p.drafter).unwrap()).unwrap();
             let cfg = EngineConfig { speculative_block_size: Some(8), ..config() };
-            let w = Wrap { inner: m, ids: true, answered: answered.clone(), fused: f.then(|| fused.clone()), logprob_steps: Default::default(), masked: None };
+            let w = Wrap { inner: m, ids: true, answered: answered.clone(), fused: f.then(|| fused.clone()), logprob_steps: Default::default(), masked: None, pending: None, last_ids: Vec::new(), sampled: Default::default() };
             start_engine(Box::new(w), Arc::new(files.tokenizer.unwrap()), cfg).unwrap()
         };
         let mut plain_sampled = sampling_requests(&t);

@@ -13,7 +13,7 @@
 use std::sync::Arc;
 
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, CudaView, DevicePtr, LaunchConfig};
-use peregrine_core::backend::{split_logits, Backend, KeptRows, KvBlockBytes, KvConfig, LogitAdjust, Logits, MaskSource, RowLogprobs, RowSampling, SampledRows, SeqForward, NULL_BLOCK};
+use peregrine_core::backend::{split_logits, Backend, KeptRows, KvBlockBytes, KvConfig, LogitAdjust, Logits, MaskSource, TokenMask, RowLogprobs, RowSampling, SampledRows, SeqForward, NULL_BLOCK};
 use peregrine_core::{AttentionKind, AttentionSpec, Error, KvDtype, MlpSpec, ModelSpec, MoeSpec, QkvLayout, Result, RouterScoring};
 use peregrine_model::weights::WeightSource;
 
@@ -1337,6 +1337,7 @@ impl CudaModel {
     /// asked-for rows, what `out` says: logits, argmax ids or ids sampled on the GPU; with the
     /// per-sequence row counts.
     fn run(&mut self, batch: &[SeqForward], out: Out) -> Result<(Fetched, Vec<usize>)> {
+        self.graphs.overlap.refuse_while_awaiting()?;
         // Its graph may overwrite the ids a chained step would read (crate::overlap).
         self.graphs.overlap.break_chain();
         let rows = self.host_rows(batch)?;
@@ -1565,6 +1566,14 @@ impl Backend for CudaModel {
 
     fn enqueue_decode(&mut self, batch: &[SeqForward], chain: &[Option<usize>], sampling: Option<(&[RowSampling], &[LogitAdjust])>) -> Result<bool> {
         self.enqueue_decode_step(batch, chain, sampling)
+    }
+
+    fn enqueue_decode_masked(&mut self, batch: &[SeqForward], chain: &[Option<usize>], rows: &[RowSampling], adjust: &[LogitAdjust]) -> Result<bool> {
+        self.enqueue_decode_masked_step(batch, chain, rows, adjust)
+    }
+
+    fn sample_enqueued(&mut self, masks: Vec<Option<TokenMask>>) -> Result<()> {
+        self.sample_enqueued_step(masks)
     }
 
     fn collect_decode(&mut self) -> Result<Vec<u32>> {
