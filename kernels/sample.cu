@@ -69,15 +69,19 @@ extern "C" __global__ void adjust_logits(float* __restrict__ logits, int V, cons
 // Holds each row to its token mask (a constrained sequence's allowed tokens, built on the host
 // while the step ran): a refused token's logit becomes -inf, after adjust_logits and before the
 // sampler. `at[r]`: the first word of row r's mask in `words` (bit i % 32 of word i / 32 set
-// where token i may be sampled), or -1 for a row without one. Grid: one block per row.
+// where token i may be sampled), or -1 for a row without one. Grid: (blocks of MASK_SPAN
+// tokens, rows), so a row's ~150k tokens take one short pass of many blocks, not one block's
+// ~150 dependent rounds (tens of microseconds on the step's critical path).
+#define MASK_SPAN 1024
 extern "C" __global__ void mask_logits(float* __restrict__ logits, int V, const int* __restrict__ at,
                                        const unsigned* __restrict__ words) { PDL_ENTER();
-    int a = at[blockIdx.x];
+    int a = at[blockIdx.y];
     if (a < 0) return;
-    float* l = logits + (size_t)blockIdx.x * V;
+    float* l = logits + (size_t)blockIdx.y * V;
     const unsigned* w = words + a;
     // A warp takes one word's 32 tokens: one broadcast load, one coalesced store.
-    for (int t = threadIdx.x; t < V; t += blockDim.x)
+    int end = min(V, (int)(blockIdx.x + 1) * MASK_SPAN);
+    for (int t = blockIdx.x * MASK_SPAN + threadIdx.x; t < end; t += blockDim.x)
         if (!((w[t >> 5] >> (t & 31)) & 1u)) l[t] = __int_as_float(0xff800000u);  // -inf
 }
 

@@ -21,6 +21,9 @@ struct DeviceLogitAdjust(LogitAdjust);
 // SAFETY: LogitAdjust is #[repr(C)] plain data (u32, f32, f32, f32), as the kernel's struct.
 unsafe impl cudarc::driver::DeviceRepr for DeviceLogitAdjust {}
 
+/// Tokens of a row one block of `mask_logits` takes (MASK_SPAN in kernels/sample.cu).
+const MASK_SPAN: usize = 1024;
+
 /// Threads per block of the cluster sampler (SAMPLE_CLUSTER_THREADS in kernels/sample.cu).
 const SAMPLE_CLUSTER_THREADS: u32 = 512;
 
@@ -202,7 +205,8 @@ impl Kernels {
         let vi = v as i32;
         let mut b = crate::launch::builder(&self.stream, &self.mask);
         b.arg(&mut *logits).arg(&vi).arg(&at).arg(&flat);
-        unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 }) }.map(|_| ()).map_err(drv("mask_logits"))
+        let blocks = v.div_ceil(MASK_SPAN) as u32;
+        unsafe { b.launch(LaunchConfig { grid_dim: (blocks, rows as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map(|_| ()).map_err(drv("mask_logits"))
     }
 
     /// Applies the rows' adjustments (`params` uploaded as `p`) to `logits` in place.
