@@ -241,23 +241,24 @@ pub trait Backend: Send {
         Ok(false)
     }
 
-    /// `enqueue_decode` for a step whose rows are sampled under token masks that may depend on
-    /// the ids of the step before it (a constrained sequence chained on its last token): the
-    /// forward starts now, and the rows are sampled with `rows` and `adjust` (as
-    /// `forward_sampled_masked` does) only when `sample_enqueued` gives the masks. Until then
-    /// the caller may collect the steps before it and nothing else. `Ok(false)`: nothing was
-    /// started. The default: never.
-    fn enqueue_decode_masked(&mut self, batch: &[SeqForward], chain: &[Option<usize>], rows: &[RowSampling], adjust: &[LogitAdjust]) -> Result<bool> {
-        let _ = (batch, chain, rows, adjust);
+    /// `enqueue_decode` for a step whose sampling depends on the ids of the step before it,
+    /// which the caller does not know yet: a constrained sequence's mask, penalties over the
+    /// output so far. The forward starts now (every row's `Last` row kept on the device); the
+    /// rows are sampled only when `sample_enqueued` gives their sampling, adjustments and masks.
+    /// Until then the caller may collect the steps before it and nothing else. `Ok(false)`:
+    /// nothing was started. The default: never.
+    fn enqueue_decode_deferred(&mut self, batch: &[SeqForward], chain: &[Option<usize>]) -> Result<bool> {
+        let _ = (batch, chain);
         Ok(false)
     }
 
-    /// Samples the step `enqueue_decode_masked` started, under `masks` (one entry per row, as
-    /// `forward_sampled_masked`'s); `collect_decode` then brings its ids, and a later step may
-    /// chain on them. On an error the step is dropped: nothing of it is left to collect.
-    fn sample_enqueued(&mut self, masks: Vec<Option<TokenMask>>) -> Result<()> {
-        let _ = masks;
-        Err(crate::Error::Backend("no masked decode step waits for its masks".into()))
+    /// Samples the step `enqueue_decode_deferred` started: one `RowSampling` and one mask entry
+    /// per row, as `forward_sampled_masked` takes them. `collect_decode` then brings its ids, and
+    /// a later step may chain on them. On an error the step is dropped: nothing of it is left to
+    /// collect.
+    fn sample_enqueued(&mut self, rows: &[RowSampling], adjust: &[LogitAdjust], masks: Vec<Option<TokenMask>>) -> Result<()> {
+        let _ = (rows, adjust, masks);
+        Err(crate::Error::Backend("no deferred decode step waits for its sampling".into()))
     }
 
     /// The ids of the oldest step `enqueue_decode` started and nobody collected yet, one per

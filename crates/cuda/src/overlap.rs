@@ -18,11 +18,11 @@
 //! Only decode steps whose graph is captured already overlap (a capture runs the step); any
 //! other call makes the ids of the last enqueued step unreachable for chaining.
 //!
-//! A masked step (`enqueue_decode_masked`: a constrained sequence's row, whose mask depends on
-//! the token of the step ahead) launches its greedy graph and holds it, logits and all, until
-//! `sample_enqueued` brings the masks; only collecting the steps ahead may come between, so no
-//! other replay touches the logits every step graph shares. Its sampler then writes the ids
-//! the next step chains on.
+//! A deferred step (`enqueue_decode_deferred`: rows whose sampling depends on the token of the
+//! step ahead, a constrained sequence's mask or penalties over its output) launches its greedy
+//! graph and holds it, logits and all, until `sample_enqueued` brings the rows' sampling; only
+//! collecting the steps ahead may come between, so no other replay touches the logits every
+//! step graph shares. Its sampler then writes the ids the next step chains on.
 //!
 //! A greedy step of a copy-free graph (crate::staged) needs no copy at all: its argmax kernel
 //! writes the ids into the host slot the step's rows came from, which stays held until the
@@ -73,12 +73,10 @@ struct LastIds {
     _sampled: Option<CudaSlice<i32>>,
 }
 
-/// A masked step started and not sampled yet: its graph (whose logits hold its rows) and how
-/// its rows are sampled.
-struct AwaitingMasks {
+/// A deferred step started and not sampled yet: its graph (whose logits hold its rows).
+struct Awaiting {
     graph: StepGraph,
-    params: Vec<RowSampling>,
-    adjust: Vec<LogitAdjust>,
+    rows: usize,
 }
 
 #[derive(Default)]
@@ -89,8 +87,8 @@ pub(crate) struct Overlap {
     /// The ids the last enqueued step writes, while no other call has run since (the only ids
     /// a chained step may read).
     last_ids: Option<LastIds>,
-    /// A masked step waiting for `sample_enqueued`.
-    awaiting: Option<AwaitingMasks>,
+    /// A deferred step waiting for `sample_enqueued`.
+    awaiting: Option<Awaiting>,
 }
 
 impl Overlap {
@@ -100,15 +98,16 @@ impl Overlap {
         self.last_ids = None;
     }
 
-    /// Forgets a masked step waiting for its masks (its graph is being dropped with the rest).
+    /// Forgets a deferred step waiting for its sampling (its graph is dropped with the rest).
     pub(crate) fn drop_awaiting(&mut self) {
         self.awaiting = None;
     }
 
-    /// An error while a masked step waits for its masks: any replay would overwrite its logits.
+    /// An error while a deferred step waits for its sampling: any replay would overwrite its
+    /// logits.
     pub(crate) fn refuse_while_awaiting(&self) -> Result<()> {
         match self.awaiting {
-            Some(_) => Err(Error::Backend("a masked decode step waits for its masks (sample_enqueued) before any other step".into())),
+            Some(_) => Err(Error::Backend("a deferred decode step waits for its sampling (sample_enqueued) before any other step".into())),
             None => Ok(()),
         }
     }
@@ -197,16 +196,13 @@ impl CudaModel {
         Ok(buf)
     }
 
-    /// `Backend::enqueue_decode_masked`: the step's greedy graph launched (its rows chained as
+    /// `Backend::enqueue_decode_deferred`: the step's greedy graph launched (its rows chained as
     /// in `enqueue_decode_step`) and held until `sample_enqueued_step`.
-    pub(crate) fn enqueue_decode_masked_step(&mut self, batch: &[SeqForward], chain: &[Option<usize>], params: &[RowSampling], adjust: &[LogitAdjust]) -> Result<bool> {
+    pub(crate) fn enqueue_decode_deferred_step(&mut self, batch: &[SeqForward], chain: &[Option<usize>]) -> Result<bool> {
         self.graphs.overlap.refuse_while_awaiting()?;
         let n = batch.len();
         if n == 0 || chain.len() != n || !batch.iter().all(|s| s.tokens.len() == 1 && s.output == OutputRows::Last) {
             return Ok(false);
-        }
-        if params.len() != n {
-            return Err(Error::Backend(format!("{} sampling rows for {n} output rows", params.len())));
         }
         let prev = self.graphs.overlap.last_ids.as_ref().map(|l| (l.addr, l.rows));
         let chained = chain.iter().any(Option::is_some);
@@ -231,21 +227,20 @@ impl CudaModel {
         let Some(graph) = self.graph_for(&rows, None)? else {
             return Err(Error::Backend("a captured decode graph went missing".into()));
         };
-        self.graphs.overlap.awaiting = Some(AwaitingMasks { graph, params: params.to_vec(), adjust: adjust.to_vec() });
+        self.graphs.overlap.awaiting = Some(Awaiting { graph, rows: n });
         Ok(true)
     }
 
     /// `Backend::sample_enqueued`: the awaiting step's rows adjusted, masked and sampled, its
     /// graph put back, its ids on their way to the host and the ones a next step chains on.
-    pub(crate) fn sample_enqueued_step(&mut self, masks: Vec<Option<TokenMask>>) -> Result<()> {
-        let AwaitingMasks { mut graph, params, adjust } = self.graphs.overlap.awaiting.take().ok_or_else(|| Error::Backend("no masked decode step waits for its masks".into()))?;
-        let n = params.len();
+    pub(crate) fn sample_enqueued_step(&mut self, params: &[RowSampling], adjust: &[LogitAdjust], masks: Vec<Option<TokenMask>>) -> Result<()> {
+        let Awaiting { mut graph, rows: n } = self.graphs.overlap.awaiting.take().ok_or_else(|| Error::Backend("no deferred decode step waits for its sampling".into()))?;
         let vocab = self.spec.vocab_size;
         let sampled = (|| -> Result<(CudaSlice<i32>, IdBuffer)> {
-            if masks.len() != n {
-                return Err(Error::Backend(format!("{} token masks for {n} rows", masks.len())));
+            if masks.len() != n || params.len() != n {
+                return Err(Error::Backend(format!("{} sampling rows and {} token masks for {n} rows", params.len(), masks.len())));
             }
-            let ids = self.kernels.sample_rows_masked(&mut graph.logits, vocab, &params, &adjust, &masks)?;
+            let ids = self.kernels.sample_rows_masked(&mut graph.logits, vocab, params, adjust, &masks)?;
             let buf = self.copy_ids(&ids, n)?;
             Ok((ids, buf))
         })();

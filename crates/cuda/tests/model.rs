@@ -451,13 +451,14 @@ fn masked_rows_draw_what_host_masked_logits_give() {
     eprintln!("masked rows: the draws of host-masked logits, graph sampling on and off");
 }
 
-/// Overlapped masked decode steps (`enqueue_decode_masked`, then `collect_decode` of the step
-/// ahead, then `sample_enqueued` with masks made from the token it brought, as the engine runs a
-/// constrained sequence) give the tokens of plain masked steps (`forward_sample_masked`): a
-/// greedy row, a sampled row with bias and a sampled row without a mask, over 20 chained steps.
-/// While a step waits for its masks no other step may run; a wrong mask count drops it.
+/// Overlapped deferred decode steps (`enqueue_decode_deferred`, then `collect_decode` of the
+/// step ahead, then `sample_enqueued` with the sampling and masks made from the token it brought,
+/// as the engine runs constrained and penalised sequences) give the tokens of plain masked steps
+/// (`forward_sample_masked`): a greedy row, a sampled row whose bias and penalty depend on the
+/// token ahead, and a sampled row without a mask, over 20 chained steps. While a step waits for
+/// its sampling no other step may run; a wrong count drops it.
 #[test]
-fn overlapped_masked_steps_give_the_tokens_of_plain_masked_steps() {
+fn overlapped_deferred_steps_give_the_tokens_of_plain_masked_steps() {
     use peregrine_core::backend::{token_mask_allows, token_mask_words, LogitAdjust, RowSampling};
     if probe_for_tests(0).is_none() {
         return;
@@ -469,10 +470,11 @@ fn overlapped_masked_steps_give_the_tokens_of_plain_masked_steps() {
     let table = |s: usize| -> Vec<u32> { (0..8).map(|b| (s * 8 + b) as u32).collect() };
     // Step i feeds sequence s's token i at position prompt + i.
     let fwd = |s: usize, tok: u32, i: usize| SeqForward { seq_id: s as u64, tokens: vec![tok], start_pos: prompts[s].len() + i, full_blocks: table(s), swa_blocks: table(s), output: OutputRows::Last };
-    let adjust = [LogitAdjust { token: 5, bias: 2.0, repetition: 1.0, subtract: 0.0 }];
     let rows_of = |i: usize| -> Vec<RowSampling> {
-        (0..seqs).map(|s| RowSampling { temperature: if s == 0 { 0.0 } else { 0.9 }, top_k: 0, top_p: 1.0, min_p: 0.0, u: ((s * 31 + i * 17) % 97) as f64 / 97.0, adj_start: 0, adj_len: u32::from(s == 1) }).collect()
+        (0..seqs).map(|s| RowSampling { temperature: if s == 0 { 0.0 } else { 0.9 }, top_k: 0, top_p: 1.0, min_p: 0.0, u: ((s * 31 + i * 17) % 97) as f64 / 97.0, adj_start: 0, adj_len: if s == 1 { 2 } else { 0 } }).collect()
     };
+    // Sequence 1's bias on token 5 and a penalty on its last token (as a presence penalty would).
+    let adjust_of = |last: u32| [LogitAdjust { token: 5, bias: 2.0, repetition: 1.0, subtract: 0.0 }, LogitAdjust { token: last.max(6), bias: 0.0, repetition: 1.3, subtract: 0.5 }];
     // Sequences 0 and 1 may take only the tokens in a third of the vocabulary that their last
     // token picks; sequence 2 any.
     let mask_of = |s: usize, last: u32| -> Option<Vec<u32>> {
@@ -497,7 +499,7 @@ fn overlapped_masked_steps_give_the_tokens_of_plain_masked_steps() {
         let plain = |m: &mut CudaModel, i: usize, out: &mut Vec<Vec<u32>>| {
             let b: Vec<SeqForward> = (0..seqs).map(|s| fwd(s, out[s][i], i)).collect();
             let masks = masks_of(out, i);
-            let ids = m.forward_sample_masked(&b, &rows_of(i), &adjust, &|| masks.clone()).unwrap();
+            let ids = m.forward_sample_masked(&b, &rows_of(i), &adjust_of(out[1][i]), &|| masks.clone()).unwrap();
             for (s, t) in ids.into_iter().enumerate() {
                 out[s].extend(t);
             }
@@ -516,39 +518,39 @@ fn overlapped_masked_steps_give_the_tokens_of_plain_masked_steps() {
                 1 => ((0..seqs).map(|s| fwd(s, out[s][i], i)).collect(), vec![None; seqs]),
                 _ => ((0..seqs).map(|s| fwd(s, 0, i)).collect(), (0..seqs).map(Some).collect()),
             };
-            assert!(m.enqueue_decode_masked(&b, &chain, &rows_of(i), &adjust).unwrap(), "step {i} was not started");
+            assert!(m.enqueue_decode_deferred(&b, &chain).unwrap(), "step {i} was not started");
             if i > 1 {
                 for (s, t) in m.collect_decode().unwrap().into_iter().enumerate() {
                     out[s].push(t);
                 }
             }
-            // Step i's masks from the token step i - 1 brought.
-            m.sample_enqueued(masks_of(&out, i)).unwrap();
+            // Step i's sampling and masks from the token step i - 1 brought.
+            m.sample_enqueued(&rows_of(i), &adjust_of(out[1][i]), masks_of(&out, i)).unwrap();
         }
         for (s, t) in m.collect_decode().unwrap().into_iter().enumerate() {
             out[s].push(t);
         }
         assert!(m.collect_decode().is_err(), "a collect with nothing in flight");
-        // Nothing else runs while a step waits for its masks, and a wrong count drops it.
+        // Nothing else runs while a step waits for its sampling, and a wrong count drops it.
         let b: Vec<SeqForward> = (0..seqs).map(|s| fwd(s, out[s][steps + 1], steps + 1)).collect();
-        assert!(m.enqueue_decode_masked(&b, &[None; 3], &rows_of(0), &adjust).unwrap());
-        assert!(m.forward_argmax(&b).is_err(), "a step ran while one waited for its masks");
-        assert!(m.enqueue_decode_masked(&b, &[None; 3], &rows_of(0), &adjust).is_err(), "a second masked step started");
-        assert!(m.sample_enqueued(vec![None]).is_err(), "one mask for three rows");
+        assert!(m.enqueue_decode_deferred(&b, &[None; 3]).unwrap());
+        assert!(m.forward_argmax(&b).is_err(), "a step ran while one waited for its sampling");
+        assert!(m.enqueue_decode_deferred(&b, &[None; 3]).is_err(), "a second deferred step started");
+        assert!(m.sample_enqueued(&rows_of(0), &[], vec![None]).is_err(), "one mask for three rows");
         assert!(m.collect_decode().is_err(), "the dropped step left something in flight");
         assert!(m.forward_argmax(&b).is_ok(), "steps run again once the waiting step is dropped");
         out
     };
     let plain = run(false);
     let overlapped = run(true);
-    assert_eq!(overlapped, plain, "overlapped masked steps against plain masked steps");
+    assert_eq!(overlapped, plain, "overlapped deferred steps against plain masked steps");
     for (s, toks) in plain.iter().enumerate().take(2) {
         for (i, w) in toks.windows(2).enumerate() {
             let mask = mask_of(s, w[0]).unwrap();
             assert!(token_mask_allows(&mask, w[1]), "sequence {s} step {i}: token {} refused", w[1]);
         }
     }
-    eprintln!("overlapped masked steps: {steps} chained steps, the tokens of plain masked steps");
+    eprintln!("overlapped deferred steps: {steps} chained steps, the tokens of plain masked steps");
 }
 
 /// Overlapped decode steps (`enqueue_decode` / `collect_decode`), each started before the one

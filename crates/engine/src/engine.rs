@@ -377,9 +377,9 @@ struct Chained {
     chain: Vec<Option<usize>>,
     /// None: every row takes its argmax.
     sampling: Option<(Vec<RowSampling>, Vec<LogitAdjust>)>,
-    /// Some row is constrained: the step is sampled under masks made once the step ahead of it
-    /// is committed (`Backend::enqueue_decode_masked`; `sampling` is Some).
-    masked: bool,
+    /// Some row's sampling reads the token ahead (a constraint's mask, penalties): the step is
+    /// sampled once the step ahead of it is committed (`Backend::enqueue_decode_deferred`).
+    deferred: bool,
 }
 
 impl Core {
@@ -690,12 +690,12 @@ impl Core {
             // chain on it (`plan_chained`), each masked once the one ahead is committed.
             if self.overlap_allowed() && drafts.iter().all(Vec::is_empty) && batch.iter().all(|b| b.tokens.len() == 1 && b.output == OutputRows::Last) {
                 let chain = vec![None; batch.len()];
-                match self.backend.enqueue_decode_masked(&batch, &chain, &rows, &adjust) {
+                match self.backend.enqueue_decode_deferred(&batch, &chain) {
                     Ok(true) => {
                         let mut stuck = vec![false; seqs.len()];
                         let masks = constraint_masks(&seqs, &batch, vocab, &mut stuck);
                         let stuck = seqs.iter().zip(stuck).filter(|(_, st)| *st).map(|(s, _)| s.id).collect();
-                        match self.backend.sample_enqueued(masks) {
+                        match self.backend.sample_enqueued(&rows, &adjust, masks) {
                             Ok(()) => self.in_flight = Some(InFlight { t0, plan, stuck }),
                             Err(e) => self.finish_step(t0, plan, drafts, Err(e), ntok),
                         }
@@ -791,17 +791,17 @@ impl Core {
         self.drop_gone_clients();
         let mut next = None;
         let mut failed = None;
-        let mut masked = false;
+        let mut deferred = false;
         if let Some(c) = self.plan_chained(&prev) {
-            let started = match (&c.sampling, c.masked) {
-                (Some((r, a)), true) => self.backend.enqueue_decode_masked(&c.batch, &c.chain, r, a),
-                (sampling, _) => self.backend.enqueue_decode(&c.batch, &c.chain, sampling.as_ref().map(|(r, a)| (&r[..], &a[..]))),
+            let started = match c.deferred {
+                true => self.backend.enqueue_decode_deferred(&c.batch, &c.chain),
+                false => self.backend.enqueue_decode(&c.batch, &c.chain, c.sampling.as_ref().map(|(r, a)| (&r[..], &a[..]))),
             };
             match started {
                 Ok(true) => {
                     self.metrics.overlapped_steps.inc();
                     next = Some(InFlight { t0, plan: c.plan, stuck: Vec::new() });
-                    masked = c.masked;
+                    deferred = c.deferred;
                 }
                 Ok(false) => {}
                 Err(e) => failed = Some((c.plan, e)),
@@ -814,11 +814,11 @@ impl Core {
             n.t0 = Instant::now();
         }
         self.finish_collected(prev, ids);
-        // The chained step's masks follow from the tokens just committed.
-        if let (true, Some(n)) = (masked, &mut next) {
-            let (masks, stuck) = self.chained_masks(&n.plan);
+        // A deferred step's sampling follows from the tokens just committed.
+        if let (true, Some(n)) = (deferred, &mut next) {
+            let (rows, adjust, masks, stuck) = self.deferred_sampling(&n.plan);
             n.stuck = stuck;
-            if let Err(e) = self.backend.sample_enqueued(masks) {
+            if let Err(e) = self.backend.sample_enqueued(&rows, &adjust, masks) {
                 failed = next.take().map(|n| (n.plan, e));
             }
         }
@@ -828,23 +828,29 @@ impl Core {
         self.in_flight = next;
     }
 
-    /// The masks of a chained masked step's rows (one per planned sequence) from the sequences'
-    /// constraints now, and the sequences no token can continue. A sequence that ended
-    /// meanwhile, or has no constraint, takes any token.
-    fn chained_masks(&self, plan: &[(u64, usize, usize)]) -> (Vec<Option<TokenMask>>, Vec<u64>) {
+    /// The sampling of a deferred step's rows (one per planned sequence) from the sequences as
+    /// they stand now that the step ahead is committed: each row's parameters, uniform number
+    /// and adjustments (penalties over the output so far), its constraint's mask, and the
+    /// sequences no token can continue. A sequence that ended meanwhile takes its argmax.
+    #[allow(clippy::type_complexity)]
+    fn deferred_sampling(&self, plan: &[(u64, usize, usize)]) -> (Vec<RowSampling>, Vec<LogitAdjust>, Vec<Option<TokenMask>>, Vec<u64>) {
         let vocab = self.backend.spec().vocab_size;
-        let mut stuck = Vec::new();
-        let masks = plan
-            .iter()
-            .map(|&(id, _, _)| {
-                let c = self.running.iter().find(|s| s.id == id)?.constraint.as_ref()?;
-                Some(c.token_mask(vocab).unwrap_or_else(|| {
+        let (mut rows, mut adjust, mut masks, mut stuck) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for &(id, _, _) in plan {
+            let Some(s) = self.running.iter().find(|s| s.id == id) else {
+                rows.push(RowSampling { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, u: 0.0, adj_start: adjust.len() as u32, adj_len: 0 });
+                masks.push(None);
+                continue;
+            };
+            rows.push(sequence_row(s, &s.output, s.output.len(), vocab, &mut adjust));
+            masks.push(s.constraint.as_ref().map(|c| {
+                c.token_mask(vocab).unwrap_or_else(|| {
                     stuck.push(id);
                     vec![0; token_mask_words(vocab)]
-                }))
-            })
-            .collect();
-        (masks, stuck)
+                })
+            }));
+        }
+        (rows, adjust, masks, stuck)
     }
 
     /// The decode step after `prev`, when every running sequence was a row of prev, stays
@@ -864,9 +870,9 @@ impl Core {
         for s in &self.running {
             let r = prev.plan.iter().position(|p| p.0 == s.id)?;
             let continues = s.output.len() + 1 < s.req.stop.max_tokens && s.len() + 1 < max_len;
-            // A constrained row is sampled under its mask, made once prev is committed.
+            // A constrained or penalised row is sampled once prev is committed (deferred).
             let ids_suffice = s.prompt_lp_done && s.req.sampling.logprobs.is_none();
-            if s.len() != s.computed + 1 || !continues || !ids_suffice || !no_penalties(&s.req.sampling) {
+            if s.len() != s.computed + 1 || !continues || !ids_suffice {
                 return None;
             }
             rows.push(r);
@@ -895,10 +901,10 @@ impl Core {
             })
             .collect();
         let seqs: Vec<&Seq> = self.running.iter().collect();
-        let masked = seqs.iter().any(|s| s.constraint.is_some());
-        let greedy = !masked && seqs.iter().all(|s| s.req.sampling.is_greedy() && no_adjustments(&s.req.sampling));
-        let sampling = (!greedy).then(|| row_sampling(&seqs, &batch, self.backend.spec().vocab_size, 1));
-        Some(Chained { plan: self.running.iter().map(|s| (s.id, 1, 0)).collect(), batch, chain: rows.into_iter().map(Some).collect(), sampling, masked })
+        let deferred = seqs.iter().any(|s| s.constraint.is_some() || !no_penalties(&s.req.sampling));
+        let greedy = seqs.iter().all(|s| s.req.sampling.is_greedy() && no_adjustments(&s.req.sampling));
+        let sampling = (!greedy && !deferred).then(|| row_sampling(&seqs, &batch, self.backend.spec().vocab_size, 1));
+        Some(Chained { plan: self.running.iter().map(|s| (s.id, 1, 0)).collect(), batch, chain: rows.into_iter().map(Some).collect(), sampling, deferred })
     }
 
     /// Commits a collected overlapped step: the rows of sequences still running (one ended by
@@ -1399,18 +1405,25 @@ fn row_sampling(seqs: &[&Seq], batch: &[SeqForward], vocab: usize, ahead: usize)
             if r > 0 {
                 history.push(tok);
             }
-            let start = adjust.len();
-            row_adjustments(p, &s.req.prompt_tokens, &history, vocab, &mut adjust);
-            rows.push(RowSampling {
-                temperature: p.temperature,
-                top_k: i32::try_from(p.top_k).unwrap_or(i32::MAX),
-                top_p: p.top_p,
-                min_p: p.min_p,
-                u: s.rng.uniform_at((s.output.len() + ahead + r) as u64),
-                adj_start: start as u32,
-                adj_len: (adjust.len() - start) as u32,
-            });
+            rows.push(sequence_row(s, &history, s.output.len() + ahead + r, vocab, &mut adjust));
         }
     }
     (rows, adjust)
+}
+
+/// The sampling of one row of `s` that draws output token `n`, with `history` as the tokens
+/// generated before it; its adjustments are appended to `adjust`.
+fn sequence_row(s: &Seq, history: &[u32], n: usize, vocab: usize, adjust: &mut Vec<LogitAdjust>) -> RowSampling {
+    let p = &s.req.sampling;
+    let start = adjust.len();
+    row_adjustments(p, &s.req.prompt_tokens, history, vocab, adjust);
+    RowSampling {
+        temperature: p.temperature,
+        top_k: i32::try_from(p.top_k).unwrap_or(i32::MAX),
+        top_p: p.top_p,
+        min_p: p.min_p,
+        u: s.rng.uniform_at(n as u64),
+        adj_start: start as u32,
+        adj_len: (adjust.len() - start) as u32,
+    }
 }

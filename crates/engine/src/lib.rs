@@ -20,13 +20,14 @@
 //!   steps), the engine starts step N + 1 before committing step N, its rows fed step N's sampled
 //!   ids on the device, so committing, detokenising and streaming overlap the device's work.
 //!   Only steady decoding chains (every running sequence in step N, none at a length limit, no
-//!   penalties, logprobs or drafts, nobody waiting whom a free slot could admit, KV room
+//!   logprobs or drafts, nobody waiting whom a free slot could admit, KV room
 //!   without preemption); anything else commits first and plans as usual. A sequence that EOS or
 //!   a stop string ends in step N wastes its row of N + 1, dropped at collection; freed KV blocks
 //!   are safe to reuse because the device runs steps in order. Outputs are the same either way.
-//!   Constrained sequences (JSON mode, guides, allowed ids) chain too where the backend masks on
-//!   its device (`Backend::enqueue_decode_masked`): step N + 1 starts, step N is committed,
-//!   and only then are N + 1's token masks built and its rows sampled (`sample_enqueued`).
+//!   Rows whose sampling reads the token ahead (penalties, a constrained sequence's mask) chain
+//!   too where the backend can defer sampling (`Backend::enqueue_decode_deferred`): step N + 1
+//!   starts, step N is committed, and only then are N + 1's rows' sampling and token masks built
+//!   and its rows sampled (`sample_enqueued`).
 //! - [`kv`]: block bookkeeping. Prefix caching hashes full blocks as a chain; freed hashed
 //!   blocks stay findable until reallocated (least recently freed first). Sliding-window
 //!   blocks are ref-counted and hashed the same way (released ones stay cached too); a hit at

@@ -393,10 +393,10 @@ struct Wrap {
     /// Answer `forward_sampled_masked` (constrained rows sampled under their masks) and count
     /// the steps it answered; None: no such path (the constrained rows' logits come back).
     masked: Option<Arc<std::sync::atomic::AtomicUsize>>,
-    /// Overlapped masked steps (`enqueue_decode_masked`): the started step's logits and
-    /// sampling, waiting for its masks; the ids of the last sampled step (what a chained row
-    /// reads); sampled steps' ids not collected yet.
-    pending: Option<(Vec<peregrine_core::backend::Logits>, Vec<peregrine_core::backend::RowSampling>, Vec<peregrine_core::backend::LogitAdjust>)>,
+    /// Overlapped steps (`enqueue_decode`, `enqueue_decode_deferred`, both with `masked`): a
+    /// deferred step's logits, waiting for its sampling; the ids of the last sampled step (what
+    /// a chained row reads); sampled steps' ids not collected yet.
+    pending: Option<Vec<peregrine_core::backend::Logits>>,
     last_ids: Vec<u32>,
     sampled: std::collections::VecDeque<Vec<u32>>,
 }
@@ -414,6 +414,17 @@ impl Wrap {
         let out = Self::sample_logits(&logits, rows, adjust, top, None);
         self.answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Ok(Some(out))
+    }
+
+    /// The forward of an overlapped step, each chained row fed the last sampled step's id.
+    fn chained_forward(&mut self, b: &[peregrine_core::backend::SeqForward], chain: &[Option<usize>]) -> peregrine_core::Result<Vec<peregrine_core::backend::Logits>> {
+        let mut b = b.to_vec();
+        for (s, c) in b.iter_mut().zip(chain) {
+            if let Some(r) = c {
+                s.tokens = vec![self.last_ids[*r]];
+            }
+        }
+        peregrine_core::backend::Backend::forward(&mut self.inner, &b)
     }
 
     /// `sample_rows` of logits already computed; with `masks`, each row's refused tokens at
@@ -522,29 +533,36 @@ impl peregrine_core::backend::Backend for Wrap {
         Ok(Some(sampled.into_iter().map(|r| r.into_iter().map(|x| x.0).collect()).collect()))
     }
     /// Started as a GPU would: the forward now (a chained row fed the last sampled step's id),
-    /// the draws when the masks come.
-    fn enqueue_decode_masked(&mut self, b: &[peregrine_core::backend::SeqForward], chain: &[Option<usize>], rows: &[peregrine_core::backend::RowSampling], adjust: &[peregrine_core::backend::LogitAdjust]) -> peregrine_core::Result<bool> {
+    /// the draws when the sampling comes.
+    fn enqueue_decode_deferred(&mut self, b: &[peregrine_core::backend::SeqForward], chain: &[Option<usize>]) -> peregrine_core::Result<bool> {
         if self.masked.is_none() || !self.ids {
             return Ok(false);
         }
-        assert!(self.pending.is_none(), "a masked step started while another waits for its masks");
-        let mut b = b.to_vec();
-        for (s, c) in b.iter_mut().zip(chain) {
-            if let Some(r) = c {
-                s.tokens = vec![self.last_ids[*r]];
-            }
-        }
-        let logits = peregrine_core::backend::Backend::forward(&mut self.inner, &b)?;
-        self.pending = Some((logits, rows.to_vec(), adjust.to_vec()));
+        assert!(self.pending.is_none(), "a deferred step started while another waits for its sampling");
+        self.pending = Some(self.chained_forward(b, chain)?);
         Ok(true)
     }
-    fn sample_enqueued(&mut self, masks: Vec<Option<Vec<u32>>>) -> peregrine_core::Result<()> {
-        let (logits, rows, adjust) = self.pending.take().expect("masks for a started step");
-        let ids: Vec<u32> = Self::sample_logits(&logits, &rows, &adjust, &vec![None; rows.len()], Some(&masks)).into_iter().flatten().map(|x| x.0).collect();
+    fn sample_enqueued(&mut self, rows: &[peregrine_core::backend::RowSampling], adjust: &[peregrine_core::backend::LogitAdjust], masks: Vec<Option<Vec<u32>>>) -> peregrine_core::Result<()> {
+        let logits = self.pending.take().expect("sampling for a started step");
+        let ids: Vec<u32> = Self::sample_logits(&logits, rows, adjust, &vec![None; rows.len()], Some(&masks)).into_iter().flatten().map(|x| x.0).collect();
         self.masked.as_ref().unwrap().fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.last_ids = ids.clone();
         self.sampled.push_back(ids);
         Ok(())
+    }
+    /// An overlapped step sampled at once (argmax without `sampling`), chained as above.
+    fn enqueue_decode(&mut self, b: &[peregrine_core::backend::SeqForward], chain: &[Option<usize>], sampling: Option<(&[peregrine_core::backend::RowSampling], &[peregrine_core::backend::LogitAdjust])>) -> peregrine_core::Result<bool> {
+        if self.masked.is_none() || !self.ids {
+            return Ok(false);
+        }
+        let logits = self.chained_forward(b, chain)?;
+        let ids: Vec<u32> = match sampling {
+            Some((rows, adjust)) => Self::sample_logits(&logits, rows, adjust, &vec![None; rows.len()], None).into_iter().flatten().map(|x| x.0).collect(),
+            None => peregrine_core::backend::argmax_rows(&logits).into_iter().flatten().collect(),
+        };
+        self.last_ids = ids.clone();
+        self.sampled.push_back(ids);
+        Ok(true)
     }
     fn collect_decode(&mut self) -> peregrine_core::Result<Vec<u32>> {
         self.sampled.pop_front().ok_or_else(|| peregrine_core::Error::Backend("nothing in flight".into()))
@@ -663,9 +681,9 @@ fn greedy_ids_path_equals_the_logits_path() {
                 }
             }
             all_constrained[0].sampling.temperature = 0.0;
-            // Without penalties (which read the output so far) the masked steps chain.
-            let mut chainable = all_constrained.clone();
-            for r in chainable.iter_mut() {
+            // Without penalties too (with them the chained steps are sampled the same way).
+            let mut no_penalties = all_constrained.clone();
+            for r in no_penalties.iter_mut() {
                 r.sampling.repetition_penalty = 1.0;
                 r.sampling.presence_penalty = 0.0;
                 r.sampling.frequency_penalty = 0.0;
@@ -677,20 +695,34 @@ fn greedy_ids_path_equals_the_logits_path() {
                 assert_same(&format!("{} a JSON-mode sequence among sampled ones, block {block:?}, masked {m}", p.name), &base, &got);
                 assert!(answered.swap(0, std::sync::atomic::Ordering::SeqCst) > 0, "{}: no step kept the constrained rows alone", p.name);
                 assert!(got[2].text.trim_start().starts_with('{'), "{}: {:?}", p.name, got[2].text);
-                for (reqs, chains) in [(&all_constrained, false), (&chainable, true)] {
+                for (reqs, what) in [(&all_constrained, "with penalties"), (&no_penalties, "without penalties")] {
                     let base = run(&start(false, block), reqs.clone());
                     let e = start(true, block);
                     let got = run(&e, reqs.clone());
-                    assert_same(&format!("{} every sequence constrained, block {block:?}, masked {m}, chains {chains}", p.name), &base, &got);
+                    assert_same(&format!("{} every sequence constrained {what}, block {block:?}, masked {m}", p.name), &base, &got);
                     // Masked steps overlap: each chained on the one ahead, masked once it is committed.
-                    assert_eq!(metric(&e, "peregrine:overlapped_steps_total") > 0.0, m && chains, "{}: overlapped masked steps, masked path {m}, chains {chains}", p.name);
+                    assert_eq!(metric(&e, "peregrine:overlapped_steps_total") > 0.0, m, "{}: overlapped masked steps {what}, masked path {m}", p.name);
                     assert!(got[0].text.trim_start().starts_with('{'), "{}: {:?}", p.name, got[0].text);
                     assert!(["yes indeed", "no way", "maybe"].contains(&got[2].text.as_str()), "{}: {:?}", p.name, got[2].text);
                 }
                 assert_eq!(masked_steps.swap(0, std::sync::atomic::Ordering::SeqCst) > 0, m, "{}: masked steps, with the masked path {m}", p.name);
                 answered.store(0, std::sync::atomic::Ordering::SeqCst);
             }
+            // Penalties and bias without constraints on overlapped steps: each chained step is
+            // sampled once the step ahead is committed (`enqueue_decode_deferred`).
+            masked.set(true);
+            for (reqs, what) in [(&sampled, "sampled"), (&greedy_adjusted, "greedy with bias and penalties")] {
+                let base = run(&start(false, block), reqs.clone());
+                let e = start(true, block);
+                let got = run(&e, reqs.clone());
+                assert_same(&format!("{} {what} on overlapped steps, block {block:?}", p.name), &base, &got);
+                if block.is_none() {
+                    assert!(metric(&e, "peregrine:overlapped_steps_total") > 0.0, "{}: no {what} step overlapped", p.name);
+                }
+            }
             masked.set(false);
+            masked_steps.store(0, std::sync::atomic::Ordering::SeqCst);
+            answered.store(0, std::sync::atomic::Ordering::SeqCst);
             // Logprobs computed with the sample on the backend: every option, verify rows too.
             logprob_steps.store(0, std::sync::atomic::Ordering::SeqCst);
             let base = run(&start(false, block), with_logprobs.clone());

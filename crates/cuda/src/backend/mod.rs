@@ -1568,12 +1568,12 @@ impl Backend for CudaModel {
         self.enqueue_decode_step(batch, chain, sampling)
     }
 
-    fn enqueue_decode_masked(&mut self, batch: &[SeqForward], chain: &[Option<usize>], rows: &[RowSampling], adjust: &[LogitAdjust]) -> Result<bool> {
-        self.enqueue_decode_masked_step(batch, chain, rows, adjust)
+    fn enqueue_decode_deferred(&mut self, batch: &[SeqForward], chain: &[Option<usize>]) -> Result<bool> {
+        self.enqueue_decode_deferred_step(batch, chain)
     }
 
-    fn sample_enqueued(&mut self, masks: Vec<Option<TokenMask>>) -> Result<()> {
-        self.sample_enqueued_step(masks)
+    fn sample_enqueued(&mut self, rows: &[RowSampling], adjust: &[LogitAdjust], masks: Vec<Option<TokenMask>>) -> Result<()> {
+        self.sample_enqueued_step(rows, adjust, masks)
     }
 
     fn collect_decode(&mut self) -> Result<Vec<u32>> {
