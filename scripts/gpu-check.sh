@@ -86,6 +86,11 @@ e2e() {  # $1 device, $2 port, $3 speculative model (none: off; default: the mod
     curl -s "localhost:$port/v1/completions" -H 'content-type: application/json' \
         -d '{"prompt":"def f(x):\n","max_tokens":12,"temperature":0,"allowed_token_ids":[220,262,284,320,340,345,353,366,400,482]}' \
         | python3 -c 'import json,sys; r=json.load(sys.stdin)["choices"][0]; print(json.dumps([r["text"], r["finish_reason"]]))'
+    # Greedy with repetition, presence and frequency penalties (overlapped steps sampled once the
+    # step ahead is committed, on the GPU): as on the CPU.
+    curl -s "localhost:$port/v1/completions" -H 'content-type: application/json' \
+        -d '{"prompt":"class Node:\n","max_tokens":32,"temperature":0,"repetition_penalty":1.2,"presence_penalty":0.5,"frequency_penalty":0.3}' \
+        | python3 -c 'import json,sys; r=json.load(sys.stdin)["choices"][0]; print(json.dumps([r["text"], r["finish_reason"]]))'
     # Seeded sampling (on the GPU for --device cuda): the same seed twice gives the same text.
     local a b
     a=$(curl -s "localhost:$port/v1/completions" -H 'content-type: application/json' -d '{"prompt":"def main():\n","max_tokens":48,"temperature":0.8,"top_p":0.95,"seed":7}')
@@ -103,8 +108,9 @@ e2e() {  # $1 device, $2 port, $3 speculative model (none: off; default: the mod
 # trained demo model only: on the golden fixtures' random models a value within ~1e-6 of a rounding boundary
 # rounds to neighbours one ulp apart and grows (docs/design-notes.md, "How BF16 is tested").
 # Each e2e run prints one line a request (3 prompts, JSON mode, a schema, a grammar, a regex,
-# allowed ids); a request that failed prints none, so two failed runs cannot compare as identical.
-E2E_LINES=8
+# allowed ids, penalties); a request that failed prints none, so two failed runs cannot compare
+# as identical.
+E2E_LINES=9
 same() {  # $1 what, $2 GPU's file, $3 CPU's file
     if cmp -s "$LOG/$2" "$LOG/$3" && [ "$(wc -l < "$LOG/$3")" -eq "$E2E_LINES" ]; then echo "e2e $1: identical to --device cpu"; else echo "e2e $1: DIFFERS from --device cpu:"; cat "$LOG/$2"; status=1; fi
 }
