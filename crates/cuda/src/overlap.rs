@@ -37,7 +37,7 @@ use cudarc::driver::sys::CUevent_flags;
 use peregrine_core::backend::{LogitAdjust, OutputRows, RowSampling, SeqForward, TokenMask};
 use peregrine_core::{Error, Result};
 
-use crate::backend::{drv, CudaModel};
+use crate::backend::{drv, CudaModel, HostRows};
 use crate::graph::StepGraph;
 use crate::staged::HostSlots;
 
@@ -123,30 +123,13 @@ impl CudaModel {
         if sampling.is_some_and(|(rows, _)| rows.len() != n) {
             return Err(Error::Backend(format!("{} sampling rows for {n} output rows", sampling.map_or(0, |s| s.0.len()))));
         }
-        let prev = self.graphs.overlap.last_ids.as_ref().map(|l| (l.addr, l.rows));
-        let chained = chain.iter().any(Option::is_some);
-        if chained && !prev.is_some_and(|(_, rows)| chain.iter().flatten().all(|&r| r < rows)) {
-            return Ok(false);
-        }
-        let mut rows = self.host_rows(batch)?;
         // Sampled without adjustments: the graph that samples (crate::graph), whose ids are the
         // samples; with adjustments, the greedy graph and the sampler after it.
         let in_graph = match sampling {
             Some((p, adj)) if self.graph_samples(adj) => Some(p),
             _ => None,
         };
-        match self.graph_key(&rows, in_graph.is_some()) {
-            Some(key) if self.graph_captured(&key) => {}
-            _ => return Ok(false),
-        }
-        for (t, c) in rows.toks.iter_mut().zip(chain) {
-            if let Some(r) = c {
-                *t = -(*r as i32) - 1;
-            }
-        }
-        if chained {
-            rows.chain = prev.map(|p| p.0);
-        }
+        let Some(rows) = self.overlapped_rows(batch, chain, in_graph.is_some())? else { return Ok(false) };
         let st = self.stream.clone();
         // Held past the launch: a sampled buffer's stream-ordered free must follow the graph
         // that reads it (graph_for's own break_chain would drop it before).
@@ -177,6 +160,36 @@ impl CudaModel {
         Ok(true)
     }
 
+    /// The rows of an overlapped decode step, its chained rows reading the last enqueued step's
+    /// ids, or None where it cannot overlap: a row that is not one token asking for its last
+    /// row, a chained row past the last step's rows (or no last step), a graph (the one that
+    /// samples when `sampled`) not captured yet.
+    fn overlapped_rows(&self, batch: &[SeqForward], chain: &[Option<usize>], sampled: bool) -> Result<Option<HostRows>> {
+        let n = batch.len();
+        if n == 0 || chain.len() != n || !batch.iter().all(|s| s.tokens.len() == 1 && s.output == OutputRows::Last) {
+            return Ok(None);
+        }
+        let prev = self.graphs.overlap.last_ids.as_ref().map(|l| (l.addr, l.rows));
+        let chained = chain.iter().any(Option::is_some);
+        if chained && !prev.is_some_and(|(_, rows)| chain.iter().flatten().all(|&r| r < rows)) {
+            return Ok(None);
+        }
+        let mut rows = self.host_rows(batch)?;
+        match self.graph_key(&rows, sampled) {
+            Some(key) if self.graph_captured(&key) => {}
+            _ => return Ok(None),
+        }
+        for (t, c) in rows.toks.iter_mut().zip(chain) {
+            if let Some(r) = c {
+                *t = -(*r as i32) - 1;
+            }
+        }
+        if chained {
+            rows.chain = prev.map(|p| p.0);
+        }
+        Ok(Some(rows))
+    }
+
     /// A page-locked buffer (a spare one of n ids, or a new one) with the first n of `ids`
     /// copied into it after the work enqueued so far, and its event recorded.
     fn copy_ids(&mut self, ids: &CudaSlice<i32>, n: usize) -> Result<IdBuffer> {
@@ -201,27 +214,7 @@ impl CudaModel {
     pub(crate) fn enqueue_decode_deferred_step(&mut self, batch: &[SeqForward], chain: &[Option<usize>]) -> Result<bool> {
         self.graphs.overlap.refuse_while_awaiting()?;
         let n = batch.len();
-        if n == 0 || chain.len() != n || !batch.iter().all(|s| s.tokens.len() == 1 && s.output == OutputRows::Last) {
-            return Ok(false);
-        }
-        let prev = self.graphs.overlap.last_ids.as_ref().map(|l| (l.addr, l.rows));
-        let chained = chain.iter().any(Option::is_some);
-        if chained && !prev.is_some_and(|(_, rows)| chain.iter().flatten().all(|&r| r < rows)) {
-            return Ok(false);
-        }
-        let mut rows = self.host_rows(batch)?;
-        match self.graph_key(&rows, false) {
-            Some(key) if self.graph_captured(&key) => {}
-            _ => return Ok(false),
-        }
-        for (t, c) in rows.toks.iter_mut().zip(chain) {
-            if let Some(r) = c {
-                *t = -(*r as i32) - 1;
-            }
-        }
-        if chained {
-            rows.chain = prev.map(|p| p.0);
-        }
+        let Some(rows) = self.overlapped_rows(batch, chain, false)? else { return Ok(false) };
         // Held past the launch, as in enqueue_decode_step.
         let _prev_ids = self.graphs.overlap.last_ids.take();
         let Some(graph) = self.graph_for(&rows, None)? else {
