@@ -855,8 +855,9 @@ impl Core {
 
     /// The decode step after `prev`, when every running sequence was a row of prev, stays
     /// decoding after prev's token whatever it is (no length limit reached; EOS and stop strings
-    /// cannot be foreseen, and a sequence they end wastes its row), needs nothing of that token
-    /// on the host (no penalties, no logprobs), and gets a KV slot for the position after it
+    /// cannot be foreseen, and a sequence they end wastes its row), needs no logprobs (its rows'
+    /// penalties and masks, which read prev's token, make it a deferred step: sampled once prev
+    /// is committed), and gets a KV slot for the position after it
     /// without preempting anyone; with nobody waiting who could be admitted (a full batch keeps
     /// the queue waiting anyway; a slot that prev's commit frees is filled by the plain step
     /// after the chained one).
