@@ -52,6 +52,12 @@ impl Constraint {
     /// none can come next. `mask` is given zeros, so only the constraint decides: a token an
     /// adjustment pushed to -inf stays in the mask (the host path counts it out of "any left").
     pub fn token_mask(&self, vocab: usize) -> Option<TokenMask> {
+        // A guide's mask is the matcher's bitmask as it is (no pass over a row of logits).
+        if let Constraint::Guided(c) = self {
+            if let Some(words) = c.token_words(vocab) {
+                return words;
+            }
+        }
         let mut probe = vec![0f32; vocab];
         if !self.mask(&mut probe) {
             return None;

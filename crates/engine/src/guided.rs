@@ -238,6 +238,30 @@ impl GuidedConstraint {
         any
     }
 
+    /// The tokens `mask` allows over a vocabulary of `vocab`, as token-mask words, straight
+    /// from the matcher's bitmask (no pass over a row of logits): Some(None) if none can come
+    /// next; None where the mask is not the matcher's alone (thinking, or the whitespace before a
+    /// JSON value), and the caller goes through `mask`.
+    pub fn token_words(&self, vocab: usize) -> Option<Option<Vec<u32>>> {
+        if self.thinking.is_some() || self.lead_ws.is_some() {
+            return None;
+        }
+        let Some(next) = &self.next else { return Some(None) };
+        // Ids past the tokenizer's vocabulary (a model's padded rows) are never tokens.
+        let n = self.tokens.len().min(vocab);
+        let mut words = vec![0u32; vocab.div_ceil(32)];
+        for (w, &bits) in words.iter_mut().zip(next.mask.as_slice()) {
+            *w = bits;
+        }
+        if !n.is_multiple_of(32) {
+            words[n / 32] &= (1u32 << (n % 32)) - 1;
+        }
+        for w in words.iter_mut().skip(n.div_ceil(32)) {
+            *w = 0;
+        }
+        Some(words.iter().any(|&w| w != 0).then_some(words))
+    }
+
     /// Takes the sampled token (one `mask` allowed); an error where the matcher refuses it.
     pub fn advance(&mut self, token: u32) -> Result<(), String> {
         if let Some(seen) = &mut self.thinking {
@@ -450,6 +474,41 @@ mod tests {
             assert!(!k.mask(&mut gone));
             k.advance(t).unwrap();
         }
+    }
+
+    /// The matcher's bitmask taken straight (`token_words`) allows exactly what `mask` leaves
+    /// finite over a row of zeros, along a schema's and a regex's outputs, for vocabularies
+    /// shorter than, equal to and longer than the tokenizer's (padded rows refused).
+    #[test]
+    fn token_words_are_the_mask_of_a_row_of_zeros() {
+        let (tok, c) = golden();
+        let mut checked = 0;
+        for (guide, text) in [
+            (Guide::JsonSchema(json!({"type": "object", "properties": {"a": {"type": "string"}, "b": {"type": "integer"}}})), "{\"a\": \"x y\", \"b\": 12}"),
+            (Guide::Regex("[a-z]+ [0-9]{1,3}".into()), "abc 42"),
+        ] {
+            let mut k = GuidedConstraint::new(&c, c.compile(&guide).unwrap(), vec![3], false, false).unwrap();
+            for t in tok.encode(text, false).unwrap() {
+                for vocab in [c.tokens.len() - 7, c.tokens.len(), c.tokens.len() + 40] {
+                    let mut zeros = vec![0f32; vocab];
+                    let any = k.mask(&mut zeros);
+                    let words = k.token_words(vocab).expect("no thinking: the matcher's mask");
+                    assert_eq!(words.is_some(), any, "{guide:?}, vocabulary {vocab}");
+                    let words = words.unwrap_or_default();
+                    for (id, l) in zeros.iter().enumerate() {
+                        let bit = words.get(id / 32).is_some_and(|w| w >> (id % 32) & 1 == 1);
+                        assert_eq!(bit, l.is_finite(), "{guide:?}, vocabulary {vocab}: token {id}");
+                    }
+                    assert!(words.len() == vocab.div_ceil(32) || words.is_empty());
+                    for id in vocab..words.len() * 32 {
+                        assert_eq!(words[id / 32] >> (id % 32) & 1, 0, "{guide:?}, vocabulary {vocab}: id {id} past it allowed");
+                    }
+                    checked += 1;
+                }
+                k.advance(t).unwrap();
+            }
+        }
+        assert!(checked > 20, "{checked} masks compared");
     }
 
     #[test]
