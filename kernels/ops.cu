@@ -646,10 +646,15 @@ extern "C" __global__ void scale(float* __restrict__ a, float s, int n) { PDL_EN
     if (i < n) a[i] *= s;
 }
 
-// DFlash draft attention, one warp per (block row, head): keys are the drafter's context K/V in
-// the paged pool at positions [lo, start) of the row's sequence, then the block's own rows
+// DFlash draft attention, one block per (block row, head): keys are the drafter's context K/V
+// in the paged pool at positions [lo, start) of the row's sequence, then the block's own rows
 // (first .. first + nb), at positions start .. start + nb - 1. Visible: kpos <= qpos when causal,
-// |qpos - kpos| < window when windowed. Online softmax, optional sinks.
+// |qpos - kpos| < window when windowed, so the visible keys are one range [lo, hi]. Warp w of
+// the block's W takes keys lo + w, lo + w + W, ... with its own online softmax; the warps'
+// states then merge in shared memory (in warp order, so the same bits on every run), with the
+// sink logit if any. One warp walking the whole context (W = 1, the old form and the same bits)
+// paid one dependent round trip per key: ~0.5 us each, most of the demo's draft pass.
+constexpr int DRAFT_ATT_MAX_WARPS = 16;
 extern "C" __global__ void draft_attention(const float* __restrict__ q, const float* __restrict__ kb, const float* __restrict__ vb,
                                            const kv_t* __restrict__ kc, const kv_t* __restrict__ vc, float* __restrict__ o,
                                            const int* __restrict__ row_seq, const int* __restrict__ row_idx,
@@ -657,7 +662,8 @@ extern "C" __global__ void draft_attention(const float* __restrict__ q, const fl
                                            const int* __restrict__ seq_nb, const int* __restrict__ tables, int max_blocks,
                                            int block_size, int heads, int kv_heads, int hd, int vd, int window, int causal,
                                            float scale, const float* __restrict__ sinks) { PDL_ENTER();
-    int r = blockIdx.x, h = blockIdx.y, lane = threadIdx.x;
+    __shared__ float st_m[DRAFT_ATT_MAX_WARPS], st_l[DRAFT_ATT_MAX_WARPS], st_acc[DRAFT_ATT_MAX_WARPS][128];
+    int r = blockIdx.x, h = blockIdx.y, lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
     int kvh = h / (heads / kv_heads);
     int s = row_seq[r], start = seq_start[s], first = seq_first[s], nb = seq_nb[s];
     int qpos = start + row_idx[r];
@@ -666,9 +672,10 @@ extern "C" __global__ void draft_attention(const float* __restrict__ q, const fl
     float m = __int_as_float(0xff800000u), l = 0.f;
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
     int lo = window > 0 ? max(0, qpos - window + 1) : 0;
-    for (int j = lo; j < start + nb; j++) {
-        if (causal && j > qpos) break;
-        if (window > 0 && abs(qpos - j) >= window) { if (j > qpos) break; else continue; }
+    int hi = start + nb - 1;
+    if (causal) hi = min(hi, qpos);
+    if (window > 0) hi = min(hi, qpos + window - 1);
+    for (int j = lo + w; j <= hi; j += nw) {
         if (j < start) {
             size_t slot = (size_t)table[j / block_size] * block_size + j % block_size;
             warp_attend_key(qv, kc + (slot * kv_heads + kvh) * hd, vc + (slot * kv_heads + kvh) * vd, lane, hd, vd, scale, m, l, acc);
@@ -676,6 +683,36 @@ extern "C" __global__ void draft_attention(const float* __restrict__ q, const fl
             size_t br = (size_t)(first + j - start);
             warp_attend_key(qv, kb + (br * kv_heads + kvh) * hd, vb + (br * kv_heads + kvh) * vd, lane, hd, vd, scale, m, l, acc);
         }
+    }
+    if (nw == 1) {
+        warp_attention_out(sinks, h, m, l, acc, o + ((size_t)r * heads + h) * vd, lane, vd);
+        return;
+    }
+    if (lane == 0) {
+        st_m[w] = m;
+        st_l[w] = l;
+    }
+#pragma unroll
+    for (int c = 0; c < 4; c++) {
+        int i = lane + 32 * c;
+        if (i < vd) st_acc[w][i] = acc[c];
+    }
+    __syncthreads();
+    if (w != 0) return;
+    // Warp 0 folds warps 1.. into its state as one more key each would: rescale by the larger
+    // maximum (a warp with no keys has m = -inf, l = 0 and adds nothing).
+    for (int u = 1; u < nw; u++) {
+        float mu = st_m[u];
+        if (mu == __int_as_float(0xff800000u)) continue;
+        float mn = fmaxf(m, mu);
+        float ca = __expf(m - mn), cb = __expf(mu - mn);
+        l = l * ca + st_l[u] * cb;
+#pragma unroll
+        for (int c = 0; c < 4; c++) {
+            int i = lane + 32 * c;
+            acc[c] = acc[c] * ca + (i < vd ? st_acc[u][i] * cb : 0.f);
+        }
+        m = mn;
     }
     warp_attention_out(sinks, h, m, l, acc, o + ((size_t)r * heads + h) * vd, lane, vd);
 }

@@ -4,10 +4,11 @@
 
 use cudarc::driver::{CudaSlice, LaunchConfig};
 use peregrine_core::backend::{DraftForward, NULL_BLOCK};
-use peregrine_core::{DraftSpec, Error, Result};
+use peregrine_core::{AttentionSpec, DraftSpec, Error, Result};
 use peregrine_model::dflash::DraftFiles;
 
 use crate::backend::{drv, load_ffn, upload, Attn, CudaModel, Ffn, Mat, Qkv};
+use crate::kv_pool::KvPool;
 use crate::weights::Source;
 
 pub(crate) struct DraftLayer {
@@ -236,6 +237,26 @@ impl CudaModel {
         Ok(r)
     }
 
+    /// The draft attention of `n` block rows (`draft_attention`): each row's query against its
+    /// sequence's context K/V in the pools `kc`, `vc` (blocks of `block_size` positions) and its
+    /// block's own rows `k`, `v`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn draft_attend(&self, q: &CudaSlice<f32>, k: &CudaSlice<f32>, v: &CudaSlice<f32>, kc: &KvPool, vc: &KvPool, m: &DraftMeta, block_size: usize, n: usize, s: &AttentionSpec, causal: bool, sinks: Option<&CudaSlice<f32>>) -> Result<CudaSlice<f32>> {
+        let mut o = self.empty(n * s.o_dim())?;
+        let (mb, bsi, hh2, kvh, hd, vd) = (m.max_blocks as i32, block_size as i32, s.num_heads as i32, s.num_kv_heads as i32, s.head_dim as i32, s.v_head_dim as i32);
+        let (window, causal, scale) = (s.window().map_or(0, |w| w as i32), causal as i32, s.softmax_scale);
+        let mut b = crate::launch::builder(&self.stream, &self.ops.draft_attention);
+        b.arg(q).arg(k).arg(v).arg(kc).arg(vc).arg(&mut o).arg(&m.row_seq).arg(&m.row_idx).arg(&m.seq_start).arg(&m.seq_first).arg(&m.seq_nb).arg(&m.tables)
+            .arg(&mb).arg(&bsi).arg(&hh2).arg(&kvh).arg(&hd).arg(&vd).arg(&window).arg(&causal).arg(&scale);
+        match sinks {
+            Some(sk) => b.arg(sk),
+            None => b.arg(&0u64),
+        };
+        let warps = self.draft_attention_warps as u32;
+        unsafe { b.launch(LaunchConfig { grid_dim: (n as u32, s.num_heads as u32, 1), block_dim: (32 * warps, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
+        Ok(o)
+    }
+
     /// The draft pass on the GPU with no host round trip (so it can be captured): embedding and
     /// MASK rows, the drafter's layers over [context, block], the final norm and the target's
     /// lm_head on the `k` wanted rows into `logits`, their argmax into `ids`.
@@ -277,17 +298,7 @@ impl CudaModel {
                 b.arg(&mut v).arg(&sc).arg(&nn);
                 unsafe { b.launch(LaunchConfig::for_num_elems((n * s.v_dim()) as u32)) }.map_err(drv)?;
             }
-            let mut o = self.empty(n * s.o_dim())?;
-            let (mb, bsi, hh2, kvh, hd, vd) = (m.max_blocks as i32, cfg.block_size as i32, s.num_heads as i32, s.num_kv_heads as i32, s.head_dim as i32, s.v_head_dim as i32);
-            let (window, causal, scale) = (s.window().map_or(0, |w| w as i32), layer.causal as i32, s.softmax_scale);
-            let mut b = crate::launch::builder(st, &self.ops.draft_attention);
-            b.arg(&q).arg(&k).arg(&v).arg(kc).arg(vc).arg(&mut o).arg(&m.row_seq).arg(&m.row_idx).arg(&m.seq_start).arg(&m.seq_first).arg(&m.seq_nb).arg(&m.tables)
-                .arg(&mb).arg(&bsi).arg(&hh2).arg(&kvh).arg(&hd).arg(&vd).arg(&window).arg(&causal).arg(&scale);
-            match &a.sinks {
-                Some(sk) => b.arg(sk),
-                None => b.arg(&0u64),
-            };
-            unsafe { b.launch(LaunchConfig { grid_dim: (n as u32, s.num_heads as u32, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
+            let o = self.draft_attend(&q, &k, &v, kc, vc, m, cfg.block_size, n, &s, layer.causal, a.sinks.as_ref())?;
             let o = self.matvec(&a.o, &o, n)?;
             self.add_inplace(&mut x, &o, n * h)?;
             let hn = self.rms_norm(&x, &layer.post_norm, n, h)?;
@@ -334,7 +345,7 @@ pub(crate) struct DraftMeta {
 }
 
 impl DraftMeta {
-    fn upload(st: &std::sync::Arc<cudarc::driver::CudaStream>, r: &DraftRows) -> Result<DraftMeta> {
+    pub(crate) fn upload(st: &std::sync::Arc<cudarc::driver::CudaStream>, r: &DraftRows) -> Result<DraftMeta> {
         // Never empty (a zero-length upload is an error).
         let up = |v: &[i32]| upload(st, if v.is_empty() { &[0] } else { v });
         Ok(DraftMeta {

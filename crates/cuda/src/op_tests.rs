@@ -960,6 +960,118 @@ fn prefill_attention_matches_the_cpu_reference() {
     }
 }
 
+/// Reference DFlash draft attention in f64: block row r (sequence `row_seq[r]`, block index
+/// `row_idx[r]`, at position start + index) attends its sequence's context keys from the pools
+/// (positions < start) and its block's own rows (`kb`, `vb`), within the window and up to its
+/// own position when causal, plus a sink logit per head.
+#[allow(clippy::too_many_arguments)]
+fn draft_attention_reference(s: &AttentionSpec, causal: bool, q: &[f32], kb: &[f32], vb: &[f32], kc: &[f32], vc: &[f32], rows: &crate::draft::DraftRows, bs: usize, sinks: Option<&[f32]>) -> Vec<f32> {
+    let (hd, vd, kvh) = (s.head_dim, s.v_head_dim, s.num_kv_heads);
+    let group = s.num_heads / kvh;
+    let mut out = vec![0f32; rows.toks.len() * s.o_dim()];
+    for r in 0..rows.toks.len() {
+        let si = rows.row_seq[r] as usize;
+        let (start, first, nb) = (rows.seq_start[si] as usize, rows.seq_first[si] as usize, rows.seq_nb[si] as usize);
+        let qpos = start + rows.row_idx[r] as usize;
+        let visible = |j: usize| (!causal || j <= qpos) && s.window().is_none_or(|w| j.abs_diff(qpos) < w);
+        let keys: Vec<usize> = (0..start + nb).filter(|&j| visible(j)).collect();
+        for h in 0..s.num_heads {
+            let g = h / group;
+            let qv = &q[(r * s.num_heads + h) * hd..][..hd];
+            let key = |j: usize| -> (&[f32], &[f32]) {
+                if j < start {
+                    let slot = rows.tables[si * rows.max_blocks + j / bs] as usize * bs + j % bs;
+                    (&kc[(slot * kvh + g) * hd..][..hd], &vc[(slot * kvh + g) * vd..][..vd])
+                } else {
+                    let br = first + j - start;
+                    (&kb[(br * kvh + g) * hd..][..hd], &vb[(br * kvh + g) * vd..][..vd])
+                }
+            };
+            let scores: Vec<f64> = keys.iter().map(|&j| qv.iter().zip(key(j).0).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() * s.softmax_scale as f64).collect();
+            let mut mx = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            if let Some(sk) = sinks {
+                mx = mx.max(sk[h] as f64);
+            }
+            let z: f64 = scores.iter().map(|x| (x - mx).exp()).sum::<f64>() + sinks.map_or(0.0, |sk| (sk[h] as f64 - mx).exp());
+            let o = &mut out[(r * s.num_heads + h) * vd..][..vd];
+            let mut acc = vec![0f64; vd];
+            for (&j, sc) in keys.iter().zip(&scores) {
+                let w = (sc - mx).exp() / z;
+                for (a, v) in acc.iter_mut().zip(key(j).1) {
+                    *a += w * *v as f64;
+                }
+            }
+            for (oi, a) in o.iter_mut().zip(acc) {
+                *oi = a as f32;
+            }
+        }
+    }
+    out
+}
+
+/// The DFlash draft attention (`draft_attention`) against the f64 reference: three sequences
+/// with 0, 37 and 300 positions of context (one past two of the warps' strides) and blocks of
+/// 8, 4 and 8 rows; causal or not, full or windowed (the window cutting into the block), with
+/// and without sinks, K head dim != V head dim, over f32 and BF16 pools; in one warp (the
+/// walk over every key), 3 (keys strided unevenly) and 16 (the default). The same inputs give
+/// the same bits on a second run.
+#[test]
+fn draft_attention_matches_the_cpu_reference() {
+    let Some(mut m) = model() else { return };
+    let mut r = rng();
+    let st = m.stream.clone();
+    let bs = 16;
+    let (starts, nbs) = ([0usize, 37, 300], [8usize, 4, 8]);
+    let max_blocks = (300 + 8usize).div_ceil(bs) + 1;
+    let mut rows = crate::draft::DraftRows { max_blocks, ..Default::default() };
+    for (si, (&start, &nb)) in starts.iter().zip(&nbs).enumerate() {
+        rows.seq_start.push(start as i32);
+        rows.seq_first.push(rows.toks.len() as i32);
+        rows.seq_nb.push(nb as i32);
+        for k in 0..nb {
+            rows.toks.push(0);
+            rows.row_seq.push(si as i32);
+            rows.row_idx.push(k as i32);
+            rows.pos.push((start + k) as i32);
+        }
+    }
+    let blocks = starts.len() * max_blocks;
+    rows.tables = shuffled_blocks(&mut r, blocks);
+    let meta = crate::draft::DraftMeta::upload(&st, &rows).unwrap();
+    let n = rows.toks.len();
+    let cases = [
+        (attn_spec(4, 2, 64, 64, 64, None, false), false),
+        (attn_spec(4, 2, 64, 64, 64, None, false), true),
+        (attn_spec(8, 2, 128, 128, 64, Some(40), true), false),
+        (attn_spec(8, 2, 128, 128, 64, Some(3), true), true),
+        (attn_spec(4, 1, 192, 128, 64, Some(100), false), false),
+    ];
+    let default_warps = m.draft_attention_warps;
+    for dtype in [KvDtype::F32, KvDtype::Bf16] {
+        m.use_kv_dtype(dtype).unwrap();
+        for &(s, causal) in &cases {
+            let kc = as_held(dtype, randn(&mut r, blocks * bs * s.k_dim(), 1.0));
+            let vc = as_held(dtype, randn(&mut r, blocks * bs * s.v_dim(), 1.0));
+            let (q, kb, vb) = (randn(&mut r, n * s.q_dim(), 1.0), randn(&mut r, n * s.k_dim(), 1.0), randn(&mut r, n * s.v_dim(), 1.0));
+            let sinks: Option<Vec<f32>> = s.sinks.then(|| randn(&mut r, s.num_heads, 2.0));
+            let want = draft_attention_reference(&s, causal, &q, &kb, &vb, &kc, &vc, &rows, bs, sinks.as_deref());
+            let (qd, kbd, vbd) = (st.clone_htod(&q).unwrap(), st.clone_htod(&kb).unwrap(), st.clone_htod(&vb).unwrap());
+            let (kd, vd) = (pool(&m, dtype, &kc), pool(&m, dtype, &vc));
+            let sk = sinks.as_ref().map(|v| st.clone_htod(v).unwrap());
+            for warps in [1usize, 3, 16] {
+                m.draft_attention_warps = warps;
+                let run = |m: &CudaModel| st.clone_dtoh(&m.draft_attend(&qd, &kbd, &vbd, &kd, &vd, &meta, bs, n, &s, causal, sk.as_ref()).unwrap()).unwrap();
+                let o = run(&m);
+                let name = format!("draft_attention ({warps} warps) h{} kv{} d{}/{} window {:?} sinks {} causal {causal}, {dtype} pools", s.num_heads, s.num_kv_heads, s.head_dim, s.v_head_dim, s.window(), s.sinks);
+                close(&name, &o, &want, 2e-5);
+                assert!(run(&m) == o, "{name}: a second run gave other bits");
+            }
+        }
+    }
+    m.draft_attention_warps = default_warps;
+    m.use_kv_dtype(KvDtype::F32).unwrap();
+}
+
 /// f32 weights applied to a few rows (`gemv_f32`) and to a prefill chunk (`gemm_f32_nt`, partial
 /// tiles in every dimension; K not a multiple of 4 keeps gemv_f32) match the f64 reference.
 #[test]

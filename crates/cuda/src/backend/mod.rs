@@ -279,6 +279,9 @@ pub struct CudaModel {
     moe_counters: std::sync::Mutex<Option<CudaSlice<u32>>>,
     /// The routing kernel's arrival counter (zero between calls, it resets itself).
     route_counter: CudaSlice<u32>,
+    /// Warps of each (row, head) block of the DFlash draft attention, splitting its keys
+    /// (`PEREGRINE_DRAFT_ATTENTION_WARPS`, 1-16, default 16; 1: one warp walks every key).
+    pub(crate) draft_attention_warps: usize,
     /// Positions per split of decode attention (`PEREGRINE_ATTN_SPLIT`, default 512): ranges
     /// longer than twice this are split over several blocks per (row, head).
     attn_split: usize,
@@ -700,6 +703,7 @@ impl CudaModel {
             graphs: Graphs::new(capturable, spec.vocab_size),
             moe_counters: std::sync::Mutex::new(moe_counters),
             route_counter,
+            draft_attention_warps: std::env::var("PEREGRINE_DRAFT_ATTENTION_WARPS").ok().and_then(|v| v.parse().ok()).filter(|&v: &usize| (1..=16).contains(&v)).unwrap_or(16),
             attn_split: std::env::var("PEREGRINE_ATTN_SPLIT").ok().and_then(|v| v.parse().ok()).filter(|&v: &usize| v >= 32).unwrap_or(512),
             attn_tc_split: std::env::var("PEREGRINE_ATTN_TC_SPLIT").ok().and_then(|v| v.parse().ok()).filter(|&v: &usize| v >= 32).unwrap_or(ATTN_TC_SPLIT),
             attn_merge_sharers: std::env::var("PEREGRINE_ATTN_MERGE_SHARERS").ok().and_then(|v| v.parse().ok()).filter(|&v: &usize| v >= 1).unwrap_or(GT_MERGE_SHARERS),
