@@ -350,6 +350,53 @@ extern "C" __global__ void rope(float* __restrict__ x, const int* __restrict__ p
     v[i + half] = b * c + a * s;
 }
 
+// The drafter's per-head RMSNorm and RoPE in one launch, a block per (row, head) over q's qh
+// heads then k's kh (rows q_stride / k_stride floats apart; w: hd entries each), in place: the
+// bits of rms_norm (norm_row_regs' float4 per thread, block_sum, 32 * ceil(hd / 128) threads),
+// then of rope. With pools (kc), each k head's block also writes that head of the row's K, as
+// rotated, and of V times vscale (v: rows v_stride apart, vhd per head) into slot[row], as
+// kv_write does. hd % 4 == 0, hd <= 4 * blockDim.
+extern "C" __global__ void head_norm_rope(float* __restrict__ q, const float* __restrict__ qw, int qh, int q_stride,
+                                          float* __restrict__ k, const float* __restrict__ kw, int kh, int k_stride,
+                                          const float* __restrict__ v, int v_stride, int vhd, kv_t* __restrict__ kc,
+                                          kv_t* __restrict__ vc, const long long* __restrict__ slot, float vscale,
+                                          const int* __restrict__ pos, int hd, int half, int rotary_dim, float theta,
+                                          float eps) { PDL_ENTER();
+    __shared__ float sh[32];
+    int b = blockIdx.x, heads = qh + kh;
+    int r = b / heads, h = b % heads;
+    bool is_k = h >= qh;
+    if (is_k) h -= qh;
+    float* x = is_k ? k + (size_t)r * k_stride + (size_t)h * hd : q + (size_t)r * q_stride + (size_t)h * hd;
+    const float4* w4 = reinterpret_cast<const float4*>(is_k ? kw : qw);
+    float4* x4 = reinterpret_cast<float4*>(x);
+    int c = threadIdx.x;
+    float4 val = make_float4(0.f, 0.f, 0.f, 0.f);
+    float ss = 0.f;
+    if (c < hd / 4) {
+        val = x4[c];
+        ss = sumsq4(val);
+    }
+    ss = block_sum(ss, sh);
+    float inv = 1.f / sqrtf(ss / hd + eps);
+    if (c < hd / 4) x4[c] = scale4(w4[c], val, inv);
+    __syncthreads();
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+        float f = 1.f / powf(theta, (float)(2 * i) / (float)rotary_dim);
+        float ang = (float)pos[r] * f, sn, cs;
+        sincosf(ang, &sn, &cs);
+        float a = x[i], bb = x[i + half];
+        x[i] = a * cs - bb * sn;
+        x[i + half] = bb * cs + a * sn;
+    }
+    if (!is_k || kc == nullptr) return;
+    __syncthreads();
+    size_t sl = (size_t)slot[r];
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) kv_store(kc + (sl * kh + h) * hd + i, x[i]);
+    const float* vr = v + (size_t)r * v_stride + (size_t)h * vhd;
+    for (int i = threadIdx.x; i < vhd; i += blockDim.x) kv_store(vc + (sl * kh + h) * vhd + i, vr[i] * vscale);
+}
+
 // K/V rows into the paged pool: slot[r] = block * block_size + offset; v scaled by vscale.
 extern "C" __global__ void kv_write(const float* __restrict__ k, const float* __restrict__ v, kv_t* __restrict__ kc,
                                     kv_t* __restrict__ vc, const long long* __restrict__ slot, int kd, int vd, float vscale) { PDL_ENTER();

@@ -2,12 +2,12 @@
 //! written during target forwards into pools indexed like the full-attention group; a draft pass
 //! computes only the block `[last, MASK...]`. Drafts are chosen on the host from the draft logits.
 
-use cudarc::driver::{CudaSlice, LaunchConfig};
+use cudarc::driver::{CudaSlice, DevicePtrMut, LaunchConfig};
 use peregrine_core::backend::{DraftForward, NULL_BLOCK};
 use peregrine_core::{AttentionSpec, DraftSpec, Error, Result};
 use peregrine_model::dflash::DraftFiles;
 
-use crate::backend::{drv, load_ffn, upload, Attn, CudaModel, Ffn, Mat, Qkv};
+use crate::backend::{drv, load_ffn, stack_rows, upload, Attn, CudaModel, Ffn, Mat, Qkv};
 use crate::kv_pool::KvPool;
 use crate::weights::Source;
 
@@ -15,6 +15,9 @@ pub(crate) struct DraftLayer {
     input_norm: CudaSlice<f32>,
     post_norm: CudaSlice<f32>,
     pub(crate) attn: Attn,
+    /// k's rows then v's, for the context rows (one GEMV); None where they do not stack
+    /// (`stack_rows`), and then `attn.qkv` keeps k and v apart for them.
+    ctx_kv: Option<Mat>,
     causal: bool,
     mlp: Ffn,
 }
@@ -75,23 +78,27 @@ impl CudaModel {
             let lp = format!("{p}layers.{i}");
             let a = l.attention;
             let pa = format!("{lp}.self_attn");
+            let q = w.mat(st, &format!("{pa}.q_proj.weight"), a.q_dim(), h)?;
+            let k = w.mat(st, &format!("{pa}.k_proj.weight"), a.k_dim(), h)?;
+            let v = w.mat(st, &format!("{pa}.v_proj.weight"), a.v_dim(), h)?;
+            // Block rows take q, k and v in one GEMV and context rows k and v in another, where
+            // the rows stack and `head_norm_rope` takes the heads; otherwise three matrices
+            // serve both.
+            let ctx_kv = if head_norm_rope_takes(&a) { stack_rows(st, &[&k, &v])? } else { None };
+            let qkv = if ctx_kv.is_some() { Qkv::stack(st, q, k, v)? } else { Qkv::Separate { q, k, v } };
             layers.push(DraftLayer {
                 input_norm: w.vector(st, &format!("{lp}.input_layernorm.weight"), h)?,
                 post_norm: w.vector(st, &format!("{lp}.post_attention_layernorm.weight"), h)?,
                 attn: Attn {
                     spec: a,
-                    // Separate: context rows need only k and v.
-                    qkv: Qkv::Separate {
-                        q: w.mat(st, &format!("{pa}.q_proj.weight"), a.q_dim(), h)?,
-                        k: w.mat(st, &format!("{pa}.k_proj.weight"), a.k_dim(), h)?,
-                        v: w.mat(st, &format!("{pa}.v_proj.weight"), a.v_dim(), h)?,
-                    },
+                    qkv,
                     bias: None,
                     q_norm: Some(w.vector(st, &format!("{pa}.q_norm.weight"), a.head_dim)?),
                     k_norm: Some(w.vector(st, &format!("{pa}.k_norm.weight"), a.head_dim)?),
                     o: w.mat(st, &format!("{pa}.o_proj.weight"), h, a.o_dim())?,
                     sinks: if a.sinks { Some(w.vector(st, &format!("{pa}.attention_sink_bias"), a.num_heads)?) } else { None },
                 },
+                ctx_kv,
                 causal: l.causal,
                 mlp: load_ffn(st, w, &format!("{lp}.mlp"), h, l.intermediate_size)?,
             });
@@ -139,15 +146,50 @@ impl CudaModel {
         let ctx = self.rms_norm(&self.matvec(&d.fc, features, n)?, &d.hidden_norm, n, h)?;
         for (layer, (kc, vc)) in d.layers.iter().zip(&self.draft_kv) {
             let s = layer.attn.spec;
+            let kn = layer.attn.k_norm.as_ref().ok_or_else(|| Error::Backend("drafter layers need k norms".into()))?;
+            if let Some(kv) = &layer.ctx_kv {
+                // k and v in one GEMV, then k's norm and RoPE and both rows' writes in one launch.
+                let mut kvr = self.matvec(kv, &ctx, n)?;
+                let (kd, stride) = (s.k_dim(), s.k_dim() + s.v_dim());
+                let (p, _g) = kvr.device_ptr_mut(&self.stream);
+                let heads = HeadRows { q: None, k: (p, kn, stride), v: Some((p + 4 * kd as u64, stride, kc, vc, slots)) };
+                self.head_norm_rope(&heads, pos, n, &s)?;
+                continue;
+            }
             let Qkv::Separate { k: wk, v: wv, .. } = &layer.attn.qkv else {
-                return Err(Error::Backend("drafter layers keep separate k and v projections".into()));
+                return Err(Error::Backend("drafter layers keep separate k and v projections where they do not stack".into()));
             };
             let mut k = self.matvec(wk, &ctx, n)?;
             let v = self.matvec(wv, &ctx, n)?;
-            k = self.rms_norm(&k, layer.attn.k_norm.as_ref().unwrap(), n * s.num_kv_heads, s.head_dim)?;
+            k = self.rms_norm(&k, kn, n * s.num_kv_heads, s.head_dim)?;
             self.rope(&mut k, pos, n, s.num_kv_heads, &s)?;
             self.kv_write(&k, &v, kc, vc, slots, n, &s)?;
         }
+        Ok(())
+    }
+
+    /// `head_norm_rope`: each row's q heads (when given) and k heads normed by their weights
+    /// and rotated at the row's position, in place; with `v`, k's and v's heads go into the
+    /// pools at the rows' slots.
+    pub(crate) fn head_norm_rope(&self, heads: &HeadRows, pos: &CudaSlice<i32>, n: usize, s: &AttentionSpec) -> Result<()> {
+        let (qh, kh) = (if heads.q.is_some() { s.num_heads } else { 0 }, s.num_kv_heads);
+        let half = s.rope.rotary_dim.div_ceil(2);
+        let (k, kw, k_stride) = heads.k;
+        let mut b = crate::launch::builder(&self.stream, &self.ops.head_norm_rope);
+        match heads.q {
+            Some((q, qw, q_stride)) => b.arg(&q).arg(qw).arg(&(qh as i32)).arg(&(q_stride as i32)),
+            None => b.arg(&0u64).arg(&0u64).arg(&0i32).arg(&0i32),
+        };
+        b.arg(&k).arg(kw).arg(&(kh as i32)).arg(&(k_stride as i32));
+        match heads.v {
+            Some((v, v_stride, kc, vc, slots)) => b.arg(&v).arg(&(v_stride as i32)).arg(&(s.v_head_dim as i32)).arg(kc).arg(vc).arg(slots),
+            None => b.arg(&0u64).arg(&0i32).arg(&0i32).arg(&0u64).arg(&0u64).arg(&0u64),
+        };
+        let (vs, hd, hf, rd, th, eps) = (s.value_scale, s.head_dim as i32, half as i32, s.rope.rotary_dim as i32, s.rope.theta as f32, self.spec.rms_norm_eps);
+        b.arg(&vs).arg(pos).arg(&hd).arg(&hf).arg(&rd).arg(&th).arg(&eps);
+        // rms_norm's block for rows of hd (norm_cfg): the same bits.
+        let threads = ((s.head_dim / 4).div_ceil(32).clamp(1, 32) * 32) as u32;
+        unsafe { b.launch(LaunchConfig { grid_dim: ((n * (qh + kh)) as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
         Ok(())
     }
 
@@ -280,18 +322,29 @@ impl CudaModel {
             unsafe { b.launch(LaunchConfig::for_num_elems((n * h) as u32)) }.map_err(drv)?;
         }
         let cfg = self.kv_config.ok_or_else(|| Error::Backend("draft before init_kv".into()))?;
-        for (layer, (kc, vc)) in d.layers.iter().zip(&self.draft_kv) {
+        let mut layers = d.layers.iter().zip(&self.draft_kv).peekable();
+        let mut hn_next: Option<CudaSlice<f32>> = None;
+        while let Some((layer, (kc, vc))) = layers.next() {
             let a = &layer.attn;
             let s = a.spec;
             let (Some(qn), Some(kn)) = (a.q_norm.as_ref(), a.k_norm.as_ref()) else {
                 return Err(Error::Backend("drafter layers need q and k norms".into()));
             };
-            let hn = self.rms_norm(&x, &layer.input_norm, n, h)?;
+            let hn = match hn_next.take() {
+                Some(hn) => hn,
+                None => self.rms_norm(&x, &layer.input_norm, n, h)?,
+            };
             let (mut q, mut k, mut v) = self.project_qkv(&a.qkv, &hn, None, n)?;
-            q = self.rms_norm(&q, qn, n * s.num_heads, s.head_dim)?;
-            k = self.rms_norm(&k, kn, n * s.num_kv_heads, s.head_dim)?;
-            self.rope(&mut q, &m.pos, n, s.num_heads, &s)?;
-            self.rope(&mut k, &m.pos, n, s.num_kv_heads, &s)?;
+            if head_norm_rope_takes(&s) {
+                let (qp, _gq) = q.device_ptr_mut(st);
+                let (kp, _gk) = k.device_ptr_mut(st);
+                self.head_norm_rope(&HeadRows { q: Some((qp, qn, s.q_dim())), k: (kp, kn, s.k_dim()), v: None }, &m.pos, n, &s)?;
+            } else {
+                q = self.rms_norm(&q, qn, n * s.num_heads, s.head_dim)?;
+                k = self.rms_norm(&k, kn, n * s.num_kv_heads, s.head_dim)?;
+                self.rope(&mut q, &m.pos, n, s.num_heads, &s)?;
+                self.rope(&mut k, &m.pos, n, s.num_kv_heads, &s)?;
+            }
             if s.value_scale != 1.0 {
                 let (sc, nn) = (s.value_scale, (n * s.v_dim()) as i32);
                 let mut b = crate::launch::builder(st, &self.ops.scale);
@@ -300,10 +353,13 @@ impl CudaModel {
             }
             let o = self.draft_attend(&q, &k, &v, kc, vc, m, cfg.block_size, n, &s, layer.causal, a.sinks.as_ref())?;
             let o = self.matvec(&a.o, &o, n)?;
-            self.add_inplace(&mut x, &o, n * h)?;
-            let hn = self.rms_norm(&x, &layer.post_norm, n, h)?;
+            let hn = self.add_rms_norm(&mut x, &o, &layer.post_norm, n, h)?;
             let mm = self.ffn(&layer.mlp, &hn, n)?;
-            self.add_inplace(&mut x, &mm, n * h)?;
+            // The residual add with the next layer's input norm (add_rms_norm: the same bits).
+            match layers.peek() {
+                Some((next, _)) => hn_next = Some(self.add_rms_norm(&mut x, &mm, &next.input_norm, n, h)?),
+                None => self.add_inplace(&mut x, &mm, n * h)?,
+            }
         }
         let mut sel = self.empty(k * h)?;
         self.gather_rows(&x, &m.want, &mut sel, k, h)?;
@@ -362,4 +418,19 @@ impl DraftMeta {
             max_blocks: r.max_blocks,
         })
     }
+}
+
+/// The rows `head_norm_rope` takes, as device pointers and row strides in floats: q's (with
+/// its norm weight), k's (with its), and for context rows v's with the pools and slots K and V
+/// go to.
+pub(crate) struct HeadRows<'a> {
+    pub(crate) q: Option<(u64, &'a CudaSlice<f32>, usize)>,
+    pub(crate) k: (u64, &'a CudaSlice<f32>, usize),
+    pub(crate) v: Option<(u64, usize, &'a KvPool, &'a KvPool, &'a CudaSlice<i64>)>,
+}
+
+/// Whether `head_norm_rope` takes heads of this attention: rms_norm's register path (whole
+/// float4s, one a thread of at most 1024).
+fn head_norm_rope_takes(s: &AttentionSpec) -> bool {
+    s.head_dim.is_multiple_of(4) && s.head_dim <= 4096
 }

@@ -960,6 +960,81 @@ fn prefill_attention_matches_the_cpu_reference() {
     }
 }
 
+/// The drafter's `head_norm_rope` gives the bits of `rms_norm` then `rope` over q's and k's
+/// heads of block rows, and for context rows (k's and v's heads in one buffer) the bits of
+/// `rms_norm`, `rope` and `kv_write` in the pools (f32, BF16 and FP8, NaN-poisoned); and it
+/// matches the CPU reference (per-head RMSNorm in f64, then `ops::apply_rope`).
+#[test]
+fn head_norm_and_rope_in_one_launch_give_the_bits_of_separate_launches() {
+    use cudarc::driver::DevicePtrMut;
+    let Some(mut m) = model() else { return };
+    let mut r = rng();
+    let st = m.stream.clone();
+    let eps = m.spec.rms_norm_eps;
+    let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    // A drafter's heads, a wider head with V narrower than K, partial and odd rotary dims.
+    for s in [attn_spec(4, 2, 64, 64, 64, None, false), attn_spec(8, 2, 128, 96, 64, None, false), attn_spec(4, 1, 48, 48, 15, None, false)] {
+        let (n, hd) = (9, s.head_dim);
+        let name = format!("head_norm_rope h{} kv{} d{}/{} rot{}", s.num_heads, s.num_kv_heads, hd, s.v_head_dim, s.rope.rotary_dim);
+        let (q, k, v) = (randn(&mut r, n * s.q_dim(), 2.0), randn(&mut r, n * s.k_dim(), 2.0), randn(&mut r, n * s.v_dim(), 2.0));
+        let (qw, kw) = (randn(&mut r, hd, 1.5), randn(&mut r, hd, 1.5));
+        let pos: Vec<i32> = (0..n).map(|_| r.random_range(0..512)).collect();
+        let (qwd, kwd, pd) = (st.clone_htod(&qw).unwrap(), st.clone_htod(&kw).unwrap(), st.clone_htod(&pos).unwrap());
+        // Block rows: q and k in place.
+        let mut q1 = m.rms_norm(&st.clone_htod(&q).unwrap(), &qwd, n * s.num_heads, hd).unwrap();
+        let mut k1 = m.rms_norm(&st.clone_htod(&k).unwrap(), &kwd, n * s.num_kv_heads, hd).unwrap();
+        m.rope(&mut q1, &pd, n, s.num_heads, &s).unwrap();
+        m.rope(&mut k1, &pd, n, s.num_kv_heads, &s).unwrap();
+        let (mut q2, mut k2) = (st.clone_htod(&q).unwrap(), st.clone_htod(&k).unwrap());
+        {
+            let (qp, _gq) = q2.device_ptr_mut(&st);
+            let (kp, _gk) = k2.device_ptr_mut(&st);
+            m.head_norm_rope(&crate::draft::HeadRows { q: Some((qp, &qwd, s.q_dim())), k: (kp, &kwd, s.k_dim()), v: None }, &pd, n, &s).unwrap();
+        }
+        let (q1, k1, q2, k2) = (st.clone_dtoh(&q1).unwrap(), st.clone_dtoh(&k1).unwrap(), st.clone_dtoh(&q2).unwrap(), st.clone_dtoh(&k2).unwrap());
+        assert!(bits(&q2) == bits(&q1), "{name}: q differs from rms_norm then rope");
+        assert!(bits(&k2) == bits(&k1), "{name}: k differs from rms_norm then rope");
+        let inv = ops::rope_inv_freq(s.rope.theta, s.rope.rotary_dim);
+        let reference = |x: &[f32], w: &[f32], heads: usize| -> Vec<f32> {
+            let mut y = rms_norm_f64(x, w, eps);
+            for row in 0..n {
+                for h in 0..heads {
+                    ops::apply_rope(&mut y[(row * heads + h) * hd..][..hd], pos[row] as usize, &inv);
+                }
+            }
+            y
+        };
+        close(&format!("{name} q"), &q2, &reference(&q, &qw, s.num_heads), 1e-5);
+        close(&format!("{name} k"), &k2, &reference(&k, &kw, s.num_kv_heads), 1e-5);
+        // Context rows: each row k's heads then v's, into the pools at the rows' slots.
+        let (kd, vd) = (s.k_dim(), s.v_dim());
+        let kv: Vec<f32> = (0..n).flat_map(|row| k[row * kd..][..kd].iter().chain(&v[row * vd..][..vd]).copied().collect::<Vec<_>>()).collect();
+        let slots_total = 32;
+        let slots: Vec<i64> = (0..n as i64).map(|i| (i * 7 + 3) % slots_total).collect();
+        let sd = st.clone_htod(&slots).unwrap();
+        for dtype in [KvDtype::F32, KvDtype::Bf16, KvDtype::Fp8E4m3] {
+            m.use_kv_dtype(dtype).unwrap();
+            let nan = |dim: usize| pool(&m, dtype, &vec![f32::NAN; slots_total as usize * dim]);
+            let (kc1, vc1, kc2, vc2) = (nan(kd), nan(vd), nan(kd), nan(vd));
+            let mut k1 = m.rms_norm(&st.clone_htod(&k).unwrap(), &kwd, n * s.num_kv_heads, hd).unwrap();
+            m.rope(&mut k1, &pd, n, s.num_kv_heads, &s).unwrap();
+            m.kv_write(&k1, &st.clone_htod(&v).unwrap(), &kc1, &vc1, &sd, n, &s).unwrap();
+            let mut kvd = st.clone_htod(&kv).unwrap();
+            {
+                let (p, _g) = kvd.device_ptr_mut(&st);
+                let rows = crate::draft::HeadRows { q: None, k: (p, &kwd, kd + vd), v: Some((p + 4 * kd as u64, kd + vd, &kc2, &vc2, &sd)) };
+                m.head_norm_rope(&rows, &pd, n, &s).unwrap();
+            }
+            let (k1, v1, k2, v2) = (kc1.download(&st).unwrap(), vc1.download(&st).unwrap(), kc2.download(&st).unwrap(), vc2.download(&st).unwrap());
+            assert!(bits(&k2) == bits(&k1), "{name}, {dtype} pools: K pool differs from rms_norm, rope and kv_write");
+            assert!(bits(&v2) == bits(&v1), "{name}, {dtype} pools: V pool differs from kv_write");
+            let written = slots.iter().flat_map(|&sl| k2[sl as usize * kd..][..kd].to_vec()).collect::<Vec<_>>();
+            assert!(written.iter().all(|x| x.is_finite()), "{name}, {dtype} pools: a written K slot holds NaN");
+        }
+        m.use_kv_dtype(KvDtype::F32).unwrap();
+    }
+}
+
 /// Reference DFlash draft attention in f64: block row r (sequence `row_seq[r]`, block index
 /// `row_idx[r]`, at position start + index) attends its sequence's context keys from the pools
 /// (positions < start) and its block's own rows (`kb`, `vb`), within the window and up to its

@@ -88,6 +88,12 @@ fn cost_breakdown(device: &str, files: &peregrine_model::loader::ModelFiles, dra
         m.draft(&[DraftForward { seq_id: 1, last_token: ctx[0], start_pos: 256, num_drafts: 7, full_blocks: table.clone() }]).unwrap();
     });
     println!("draft pass (7 drafts) ms: {d:.2} ({:.2}x a 1-token forward)", d / one);
+    // The same forward without a drafter: what writing the drafter's context K/V costs a step.
+    let mut bare = load(device, files, None);
+    bare.init_kv(KvConfig { block_size: bs, num_full_blocks: 64, num_swa_blocks: 64 }).unwrap();
+    fwd(&mut bare, ctx.clone(), 0, OutputRows::None);
+    let plain = median(&mut || fwd(&mut bare, vec![ctx[0]], 256, OutputRows::All));
+    println!("1-token forward without the drafter ms: {plain:.2} (with it {one:.2}: {:+.1}%)", (one / plain - 1.0) * 100.0);
 }
 
 fn main() {

@@ -64,7 +64,7 @@ pub(crate) fn stack_rows(st: &Arc<CudaStream>, parts: &[&Mat]) -> Result<Option<
 
 impl Qkv {
     /// Stacks q, k and v when the tensor-core GEMV can run them as one (`stack_rows`).
-    pub(super) fn stack(st: &Arc<CudaStream>, q: Mat, k: Mat, v: Mat) -> Result<Qkv> {
+    pub(crate) fn stack(st: &Arc<CudaStream>, q: Mat, k: Mat, v: Mat) -> Result<Qkv> {
         let rows = [q.n, k.n, v.n];
         Ok(match stack_rows(st, &[&q, &k, &v])? {
             Some(m) => Qkv::Stacked { m, rows },
