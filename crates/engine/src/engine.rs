@@ -18,7 +18,7 @@ use crate::json_mode::{JsonConstraint, TokenBytes};
 use crate::kv::{KvManager, SeqBlocks};
 use crate::metrics::Metrics;
 use crate::sampler::{self, SeqRng};
-use crate::spec_policy::SpecPolicy;
+use crate::spec_policy::{SeqRounds, SpecPolicy};
 
 enum Cmd {
     Submit(Box<Seq>),
@@ -283,9 +283,8 @@ struct Seq {
     /// Speculation: drafts accepted into the output, and drafts proposed.
     spec_accepted: usize,
     spec_drafted: usize,
-    /// Tokens this sequence commits per verify round (`SpecPolicy::record_round`); None before
-    /// its first round.
-    spec_rate: Option<f64>,
+    /// Its verify rounds, for its expected tokens per round (`SpecPolicy::expected`).
+    spec_rounds: SeqRounds,
     prompt_lp: Vec<Option<TokenLogprob>>,
     prompt_lp_done: bool,
     first_scheduled: Option<Instant>,
@@ -312,7 +311,7 @@ impl Seq {
             cached_tokens: 0,
             spec_accepted: 0,
             spec_drafted: 0,
-            spec_rate: None,
+            spec_rounds: SeqRounds::default(),
             prompt_lp: Vec::new(),
             prompt_lp_done: req.prompt_logprobs.is_none(),
             first_scheduled: None,
@@ -537,7 +536,7 @@ impl Core {
         for s in self.running.iter().filter(|s| s.len() - s.computed == 1) {
             let k = self.drafts_possible(s);
             rows += 1;
-            tokens += if k == 0 { 1.0 } else { self.policy.expected(s.spec_rate).min(k as f64 + 1.0) };
+            tokens += if k == 0 { 1.0 } else { self.policy.expected(&s.spec_rounds).min(k as f64 + 1.0) };
             any |= k > 0;
         }
         // No sequence can draft (constrained ones, or each at its last token): a plain step,
@@ -1092,7 +1091,7 @@ impl Core {
                 continue;
             }
             if !drafts.is_empty() {
-                s.spec_rate = Some(self.policy.record_round(s.spec_rate, ids.len()));
+                self.policy.record_round(&mut s.spec_rounds, ids.len());
                 // Positions start..start+c hold the fed tokens that were committed; the K/V
                 // written for rejected drafts lie past `computed` and are overwritten later.
                 s.computed = start + ids.len();
