@@ -764,6 +764,105 @@ extern "C" __global__ void draft_attention(const float* __restrict__ q, const fl
     warp_attention_out(sinks, h, m, l, acc, o + ((size_t)r * heads + h) * vd, lane, vd);
 }
 
+// One key of draft_attention_rows for the lane's row: its part of q.k over its dq dims (q in
+// registers), summed over the row's 4 lanes (every lane takes part), then, where the key is
+// visible to the row, the online softmax and its dv dims of V.
+constexpr int DAR_ROWS = 8, DAR_DIMS = 32;
+template <typename K, typename V>
+__device__ __forceinline__ void rows_attend_key(const float (&qr)[DAR_DIMS], const K* __restrict__ kp, const V* __restrict__ vp,
+                                                int dq, int dv, float scale, bool visible, float& m, float& l,
+                                                float (&acc)[DAR_DIMS]) {
+    float d = 0.f;
+#pragma unroll
+    for (int i = 0; i < DAR_DIMS; i += 4) {
+        if (i < dq) {
+            float4 k4 = kv_val4(kp + i);
+            d += qr[i] * k4.x + qr[i + 1] * k4.y + qr[i + 2] * k4.z + qr[i + 3] * k4.w;
+        }
+    }
+    d += __shfl_xor_sync(0xffffffffu, d, 1);
+    d += __shfl_xor_sync(0xffffffffu, d, 2);
+    if (!visible) return;
+    float sc = d * scale;
+    float mn = fmaxf(m, sc);
+    float corr = __expf(m - mn), pe = __expf(sc - mn);
+    l = l * corr + pe;
+#pragma unroll
+    for (int i = 0; i < DAR_DIMS; i += 4) {
+        if (i < dv) {
+            float4 v4 = kv_val4(vp + i);
+            acc[i] = acc[i] * corr + pe * v4.x;
+            acc[i + 1] = acc[i + 1] * corr + pe * v4.y;
+            acc[i + 2] = acc[i + 2] * corr + pe * v4.z;
+            acc[i + 3] = acc[i + 3] * corr + pe * v4.w;
+        }
+    }
+    m = mn;
+}
+
+// DFlash draft attention with a block per (sequence, head) over all its block rows (at most
+// DAR_ROWS): each visible key's K and V rows are read once for every row of the block, where
+// draft_attention reads them once a row. Lanes in groups of 4, group g for block row g: lane t
+// holds dims [t dq, (t + 1) dq) of the row's query and of its V accumulator (dq = hd / 4,
+// dv = vd / 4, multiples of 4, at most DAR_DIMS). Warps take keys strided over the rows' union
+// range [lo(first row), last row] and each row keeps the keys it sees (draft_attention's rule);
+// the warps' states merge in warp order in shared memory, with the sink logit.
+extern "C" __global__ void __launch_bounds__(256) draft_attention_rows(
+    const float* __restrict__ q, const float* __restrict__ kb, const float* __restrict__ vb, const kv_t* __restrict__ kc,
+    const kv_t* __restrict__ vc, float* __restrict__ o, const int* __restrict__ seq_start, const int* __restrict__ seq_first,
+    const int* __restrict__ seq_nb, const int* __restrict__ tables, int max_blocks, int block_size, int heads, int kv_heads,
+    int hd, int vd, int window, int causal, float scale, const float* __restrict__ sinks) { PDL_ENTER();
+    constexpr int W = 8;
+    __shared__ float st_m[W][DAR_ROWS], st_l[W][DAR_ROWS], st_acc[W][DAR_ROWS][4 * DAR_DIMS];
+    int s = blockIdx.x, h = blockIdx.y, lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    int g = lane >> 2, t = lane & 3;
+    int start = seq_start[s], first = seq_first[s], nb = seq_nb[s];
+    bool live = g < nb;
+    int qpos = start + g, kvh = h / (heads / kv_heads), dq = hd / 4, dv = vd / 4;
+    const int* table = tables + (size_t)s * max_blocks;
+    float qr[DAR_DIMS], acc[DAR_DIMS];
+    const float* qv = q + ((size_t)(first + (live ? g : 0)) * heads + h) * hd + t * dq;
+#pragma unroll
+    for (int i = 0; i < DAR_DIMS; i++) {
+        qr[i] = i < dq ? qv[i] : 0.f;
+        acc[i] = 0.f;
+    }
+    float m = __int_as_float(0xff800000u), l = 0.f;
+    int lo = window > 0 ? max(0, start - window + 1) : 0;
+    for (int j = lo + w; j < start + nb; j += W) {
+        bool visible = live && (!causal || j <= qpos) && (window <= 0 || abs(qpos - j) < window);
+        if (j < start) {
+            size_t slot = (size_t)table[j / block_size] * block_size + j % block_size;
+            rows_attend_key(qr, kc + (slot * kv_heads + kvh) * hd + t * dq, vc + (slot * kv_heads + kvh) * vd + t * dv, dq, dv, scale, visible, m, l, acc);
+        } else {
+            size_t br = (size_t)(first + j - start);
+            rows_attend_key(qr, kb + (br * kv_heads + kvh) * hd + t * dq, vb + (br * kv_heads + kvh) * vd + t * dv, dq, dv, scale, visible, m, l, acc);
+        }
+    }
+    if (live) {
+        if (t == 0) {
+            st_m[w][g] = m;
+            st_l[w][g] = l;
+        }
+#pragma unroll
+        for (int i = 0; i < DAR_DIMS; i++)
+            if (i < dv) st_acc[w][g][t * dv + i] = acc[i];
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < nb * vd; e += blockDim.x) {
+        int gg = e / vd, dd = e % vd;
+        float mx = sinks ? sinks[h] : __int_as_float(0xff800000u);
+        for (int u = 0; u < W; u++) mx = fmaxf(mx, st_m[u][gg]);
+        float den = sinks ? __expf(sinks[h] - mx) : 0.f, num = 0.f;
+        for (int u = 0; u < W; u++) {
+            float c = __expf(st_m[u][gg] - mx);  // a warp that saw no key: m = -inf, c = 0
+            den += st_l[u][gg] * c;
+            num += st_acc[u][gg][dd] * c;
+        }
+        o[((size_t)(first + gg) * heads + h) * vd + dd] = num / den;
+    }
+}
+
 // x[r, :] = table[token r, :] for a BF16 table (u16 bits).
 extern "C" __global__ void embed_bf16(const unsigned short* __restrict__ table, const int* __restrict__ tok, const unsigned long long* __restrict__ chain, float* __restrict__ x, int H) { PDL_ENTER();
     int r = blockIdx.x;

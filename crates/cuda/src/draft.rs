@@ -2,7 +2,7 @@
 //! written during target forwards into pools indexed like the full-attention group; a draft pass
 //! computes only the block `[last, MASK...]`. Drafts are chosen on the host from the draft logits.
 
-use cudarc::driver::{CudaSlice, DevicePtrMut, LaunchConfig};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig};
 use peregrine_core::backend::{DraftForward, NULL_BLOCK};
 use peregrine_core::{AttentionSpec, DraftSpec, Error, Result};
 use peregrine_model::dflash::DraftFiles;
@@ -287,13 +287,18 @@ impl CudaModel {
         let mut o = self.empty(n * s.o_dim())?;
         let (mb, bsi, hh2, kvh, hd, vd) = (m.max_blocks as i32, block_size as i32, s.num_heads as i32, s.num_kv_heads as i32, s.head_dim as i32, s.v_head_dim as i32);
         let (window, causal, scale) = (s.window().map_or(0, |w| w as i32), causal as i32, s.softmax_scale);
+        let sk = sinks.map_or(0u64, |sk| sk.device_ptr(&self.stream).0);
+        // A block per (sequence, head) over all its rows where they fit the row kernel.
+        if self.draft_attention_rows && draft_rows_take(s, m.max_nb) {
+            let mut b = crate::launch::builder(&self.stream, &self.ops.draft_attention_rows);
+            b.arg(q).arg(k).arg(v).arg(kc).arg(vc).arg(&mut o).arg(&m.seq_start).arg(&m.seq_first).arg(&m.seq_nb).arg(&m.tables)
+                .arg(&mb).arg(&bsi).arg(&hh2).arg(&kvh).arg(&hd).arg(&vd).arg(&window).arg(&causal).arg(&scale).arg(&sk);
+            unsafe { b.launch(LaunchConfig { grid_dim: (m.seqs as u32, s.num_heads as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
+            return Ok(o);
+        }
         let mut b = crate::launch::builder(&self.stream, &self.ops.draft_attention);
         b.arg(q).arg(k).arg(v).arg(kc).arg(vc).arg(&mut o).arg(&m.row_seq).arg(&m.row_idx).arg(&m.seq_start).arg(&m.seq_first).arg(&m.seq_nb).arg(&m.tables)
-            .arg(&mb).arg(&bsi).arg(&hh2).arg(&kvh).arg(&hd).arg(&vd).arg(&window).arg(&causal).arg(&scale);
-        match sinks {
-            Some(sk) => b.arg(sk),
-            None => b.arg(&0u64),
-        };
+            .arg(&mb).arg(&bsi).arg(&hh2).arg(&kvh).arg(&hd).arg(&vd).arg(&window).arg(&causal).arg(&scale).arg(&sk);
         let warps = self.draft_attention_warps as u32;
         unsafe { b.launch(LaunchConfig { grid_dim: (n as u32, s.num_heads as u32, 1), block_dim: (32 * warps, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
         Ok(o)
@@ -398,6 +403,9 @@ pub(crate) struct DraftMeta {
     pub(crate) seq_nb: CudaSlice<i32>,
     pub(crate) tables: CudaSlice<i32>,
     pub(crate) max_blocks: usize,
+    /// Sequences (padding ones included) and the most block rows one has.
+    pub(crate) seqs: usize,
+    pub(crate) max_nb: usize,
 }
 
 impl DraftMeta {
@@ -416,6 +424,8 @@ impl DraftMeta {
             seq_nb: up(&r.seq_nb)?,
             tables: up(&r.tables)?,
             max_blocks: r.max_blocks,
+            seqs: r.seq_nb.len(),
+            max_nb: r.seq_nb.iter().copied().max().unwrap_or(0) as usize,
         })
     }
 }
@@ -427,6 +437,13 @@ pub(crate) struct HeadRows<'a> {
     pub(crate) q: Option<(u64, &'a CudaSlice<f32>, usize)>,
     pub(crate) k: (u64, &'a CudaSlice<f32>, usize),
     pub(crate) v: Option<(u64, usize, &'a KvPool, &'a KvPool, &'a CudaSlice<i64>)>,
+}
+
+/// Whether `draft_attention_rows` takes blocks of at most `max_nb` rows of this attention: four
+/// lanes a row, each holding a quarter of q and of the V accumulator in float4s (DAR_ROWS,
+/// DAR_DIMS in ops.cu).
+fn draft_rows_take(s: &AttentionSpec, max_nb: usize) -> bool {
+    (1..=8).contains(&max_nb) && s.head_dim.is_multiple_of(16) && s.v_head_dim.is_multiple_of(16) && s.head_dim <= 128 && s.v_head_dim <= 128
 }
 
 /// Whether `head_norm_rope` takes heads of this attention: rms_norm's register path (whole

@@ -730,6 +730,8 @@ impl CudaModel {
             seq_nb: z(seqs)?,
             tables: z(seqs * width)?,
             max_blocks: width,
+            seqs,
+            max_nb: nb,
         })
     }
 

@@ -1084,12 +1084,13 @@ fn draft_attention_reference(s: &AttentionSpec, causal: bool, q: &[f32], kb: &[f
     out
 }
 
-/// The DFlash draft attention (`draft_attention`) against the f64 reference: three sequences
-/// with 0, 37 and 300 positions of context (one past two of the warps' strides) and blocks of
-/// 8, 4 and 8 rows; causal or not, full or windowed (the window cutting into the block), with
-/// and without sinks, K head dim != V head dim, over f32 and BF16 pools; in one warp (the
-/// walk over every key), 3 (keys strided unevenly) and 16 (the default). The same inputs give
-/// the same bits on a second run.
+/// The DFlash draft attention against the f64 reference: three sequences with 0, 37 and 300
+/// positions of context (one past two of the warps' strides) and blocks of 8, 4 and 8 rows;
+/// causal or not, full or windowed (the window cutting into the block), with and without sinks,
+/// K head dim != V head dim, over f32, BF16 and FP8 pools. `draft_attention` (a block per row)
+/// in one warp (the walk over every key), 3 (keys strided unevenly) and 16 (the default), and
+/// `draft_attention_rows` (a block per sequence, where the head dims allow it). The same inputs
+/// give the same bits on a second run.
 #[test]
 fn draft_attention_matches_the_cpu_reference() {
     let Some(mut m) = model() else { return };
@@ -1120,9 +1121,10 @@ fn draft_attention_matches_the_cpu_reference() {
         (attn_spec(8, 2, 128, 128, 64, Some(40), true), false),
         (attn_spec(8, 2, 128, 128, 64, Some(3), true), true),
         (attn_spec(4, 1, 192, 128, 64, Some(100), false), false),
+        (attn_spec(8, 2, 128, 64, 64, None, true), true),
     ];
-    let default_warps = m.draft_attention_warps;
-    for dtype in [KvDtype::F32, KvDtype::Bf16] {
+    let (default_warps, default_rows) = (m.draft_attention_warps, m.draft_attention_rows);
+    for dtype in [KvDtype::F32, KvDtype::Bf16, KvDtype::Fp8E4m3] {
         m.use_kv_dtype(dtype).unwrap();
         for &(s, causal) in &cases {
             let kc = as_held(dtype, randn(&mut r, blocks * bs * s.k_dim(), 1.0));
@@ -1133,17 +1135,23 @@ fn draft_attention_matches_the_cpu_reference() {
             let (qd, kbd, vbd) = (st.clone_htod(&q).unwrap(), st.clone_htod(&kb).unwrap(), st.clone_htod(&vb).unwrap());
             let (kd, vd) = (pool(&m, dtype, &kc), pool(&m, dtype, &vc));
             let sk = sinks.as_ref().map(|v| st.clone_htod(v).unwrap());
-            for warps in [1usize, 3, 16] {
-                m.draft_attention_warps = warps;
+            let row_kernel = s.head_dim <= 128 && s.head_dim % 16 == 0 && s.v_head_dim % 16 == 0;
+            for (rows, warps) in [(false, 1usize), (false, 3), (false, 16), (true, 16)] {
+                (m.draft_attention_rows, m.draft_attention_warps) = (rows, warps);
                 let run = |m: &CudaModel| st.clone_dtoh(&m.draft_attend(&qd, &kbd, &vbd, &kd, &vd, &meta, bs, n, &s, causal, sk.as_ref()).unwrap()).unwrap();
                 let o = run(&m);
-                let name = format!("draft_attention ({warps} warps) h{} kv{} d{}/{} window {:?} sinks {} causal {causal}, {dtype} pools", s.num_heads, s.num_kv_heads, s.head_dim, s.v_head_dim, s.window(), s.sinks);
+                let kernel = match (rows, row_kernel) {
+                    (true, true) => "draft_attention_rows".to_string(),
+                    (true, false) => "draft_attention (no row kernel for these dims)".to_string(),
+                    _ => format!("draft_attention, {warps} warps"),
+                };
+                let name = format!("{kernel}: h{} kv{} d{}/{} window {:?} sinks {} causal {causal}, {dtype} pools", s.num_heads, s.num_kv_heads, s.head_dim, s.v_head_dim, s.window(), s.sinks);
                 close(&name, &o, &want, 2e-5);
                 assert!(run(&m) == o, "{name}: a second run gave other bits");
             }
         }
     }
-    m.draft_attention_warps = default_warps;
+    (m.draft_attention_warps, m.draft_attention_rows) = (default_warps, default_rows);
     m.use_kv_dtype(KvDtype::F32).unwrap();
 }
 

@@ -85,6 +85,7 @@ pub(crate) struct Ops {
     pub(crate) scale: CudaFunction,
     pub(crate) draft_attention: CudaFunction,
     pub(crate) head_norm_rope: CudaFunction,
+    pub(crate) draft_attention_rows: CudaFunction,
     embed_bf16: CudaFunction,
     add_rms_norm: CudaFunction,
     add_rms_norm_split: CudaFunction,
@@ -166,6 +167,7 @@ fn load_ops(gpu: &Gpu, kv: KvDtype) -> Result<Ops> {
         scale: f("scale")?,
         draft_attention: f("draft_attention")?,
         head_norm_rope: f("head_norm_rope")?,
+        draft_attention_rows: f("draft_attention_rows")?,
         embed_bf16: f("embed_bf16")?,
         add_rms_norm: f("add_rms_norm")?,
         add_rms_norm_split: f("add_rms_norm_split")?,
@@ -284,6 +286,9 @@ pub struct CudaModel {
     /// Warps of each (row, head) block of the DFlash draft attention, splitting its keys
     /// (`PEREGRINE_DRAFT_ATTENTION_WARPS`, 1-16, default 16; 1: one warp walks every key).
     pub(crate) draft_attention_warps: usize,
+    /// The draft attention runs a block per (sequence, head) over all its block rows where
+    /// they fit (`draft_attention_rows`; `PEREGRINE_DRAFT_ATTENTION_ROWS=0`: a block per row).
+    pub(crate) draft_attention_rows: bool,
     /// Positions per split of decode attention (`PEREGRINE_ATTN_SPLIT`, default 512): ranges
     /// longer than twice this are split over several blocks per (row, head).
     attn_split: usize,
@@ -705,6 +710,7 @@ impl CudaModel {
             graphs: Graphs::new(capturable, spec.vocab_size),
             moe_counters: std::sync::Mutex::new(moe_counters),
             route_counter,
+            draft_attention_rows: std::env::var("PEREGRINE_DRAFT_ATTENTION_ROWS").map_or(true, |v| v != "0"),
             draft_attention_warps: std::env::var("PEREGRINE_DRAFT_ATTENTION_WARPS").ok().and_then(|v| v.parse().ok()).filter(|&v: &usize| (1..=16).contains(&v)).unwrap_or(16),
             attn_split: std::env::var("PEREGRINE_ATTN_SPLIT").ok().and_then(|v| v.parse().ok()).filter(|&v: &usize| v >= 32).unwrap_or(512),
             attn_tc_split: std::env::var("PEREGRINE_ATTN_TC_SPLIT").ok().and_then(|v| v.parse().ok()).filter(|&v: &usize| v >= 32).unwrap_or(ATTN_TC_SPLIT),
