@@ -800,24 +800,21 @@ __device__ __forceinline__ void rows_attend_key(const float (&qr)[DAR_DIMS], con
     m = mn;
 }
 
-// DFlash draft attention with a block per (sequence, head, split) over all its block rows (at
-// most DAR_ROWS): each visible key's K and V rows are read once for every row of the block,
-// where draft_attention reads them once a row. Lanes in groups of 4, group g for block row g:
-// lane t holds dims [t dq, (t + 1) dq) of the row's query and of its V accumulator (dq = hd / 4,
-// dv = vd / 4, multiples of 4, at most DAR_DIMS). The rows' union range [lo(first row), last
-// row] is cut into gridDim.z splits; warps take a split's keys strided, each row keeping the
-// keys it sees (draft_attention's rule). The warps' states merge in warp order in shared
-// memory; one split writes o (with the sink logit), several write their rows' (m, l, acc) to
-// part_ml / part_acc for draft_attention_merge.
+// DFlash draft attention with a block per (sequence, head) over all its block rows (at most
+// DAR_ROWS): each visible key's K and V rows are read once for every row of the block, where
+// draft_attention reads them once a row. Lanes in groups of 4, group g for block row g: lane t
+// holds dims [t dq, (t + 1) dq) of the row's query and of its V accumulator (dq = hd / 4,
+// dv = vd / 4, multiples of 4, at most DAR_DIMS). Warps take keys strided over the rows' union
+// range [lo(first row), last row] and each row keeps the keys it sees (draft_attention's rule);
+// the warps' states merge in warp order in shared memory, with the sink logit.
 extern "C" __global__ void __launch_bounds__(256) draft_attention_rows(
     const float* __restrict__ q, const float* __restrict__ kb, const float* __restrict__ vb, const kv_t* __restrict__ kc,
     const kv_t* __restrict__ vc, float* __restrict__ o, const int* __restrict__ seq_start, const int* __restrict__ seq_first,
     const int* __restrict__ seq_nb, const int* __restrict__ tables, int max_blocks, int block_size, int heads, int kv_heads,
-    int hd, int vd, int window, int causal, float scale, const float* __restrict__ sinks, float* __restrict__ part_ml,
-    float* __restrict__ part_acc) { PDL_ENTER();
+    int hd, int vd, int window, int causal, float scale, const float* __restrict__ sinks) { PDL_ENTER();
     constexpr int W = 8;
     __shared__ float st_m[W][DAR_ROWS], st_l[W][DAR_ROWS], st_acc[W][DAR_ROWS][4 * DAR_DIMS];
-    int s = blockIdx.x, h = blockIdx.y, z = blockIdx.z, splits = gridDim.z, lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    int s = blockIdx.x, h = blockIdx.y, lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     int g = lane >> 2, t = lane & 3;
     int start = seq_start[s], first = seq_first[s], nb = seq_nb[s];
     bool live = g < nb;
@@ -831,10 +828,8 @@ extern "C" __global__ void __launch_bounds__(256) draft_attention_rows(
         acc[i] = 0.f;
     }
     float m = __int_as_float(0xff800000u), l = 0.f;
-    int lo = window > 0 ? max(0, start - window + 1) : 0, end = start + nb;
-    int chunk = (end - lo + splits - 1) / splits;
-    int j0 = lo + z * chunk, j1 = min(end, j0 + chunk);
-    for (int j = j0 + w; j < j1; j += W) {
+    int lo = window > 0 ? max(0, start - window + 1) : 0;
+    for (int j = lo + w; j < start + nb; j += W) {
         bool visible = live && (!causal || j <= qpos) && (window <= 0 || abs(qpos - j) < window);
         if (j < start) {
             size_t slot = (size_t)table[j / block_size] * block_size + j % block_size;
@@ -854,55 +849,17 @@ extern "C" __global__ void __launch_bounds__(256) draft_attention_rows(
             if (i < dv) st_acc[w][g][t * dv + i] = acc[i];
     }
     __syncthreads();
-    // This split's state of row gg: the warps' folded at the largest maximum (a warp that saw
-    // no key has m = -inf and adds nothing); one split adds the sink and writes o.
-    size_t part = ((size_t)s * heads + h) * splits + z;
     for (int e = threadIdx.x; e < nb * vd; e += blockDim.x) {
         int gg = e / vd, dd = e % vd;
-        bool sink = sinks && splits == 1;
-        float mx = sink ? sinks[h] : __int_as_float(0xff800000u);
-        for (int u = 0; u < W; u++) mx = fmaxf(mx, st_m[u][gg]);
-        float den = sink ? __expf(sinks[h] - mx) : 0.f, num = 0.f;
-        if (mx != __int_as_float(0xff800000u)) {
-            for (int u = 0; u < W; u++) {
-                float c = __expf(st_m[u][gg] - mx);
-                den += st_l[u][gg] * c;
-                num += st_acc[u][gg][dd] * c;
-            }
-        }
-        if (splits == 1) {
-            o[((size_t)(first + gg) * heads + h) * vd + dd] = num / den;
-        } else {
-            part_acc[(part * DAR_ROWS + gg) * vd + dd] = num;
-            if (dd == 0) {
-                part_ml[(part * DAR_ROWS + gg) * 2] = mx;
-                part_ml[(part * DAR_ROWS + gg) * 2 + 1] = den;
-            }
-        }
-    }
-}
-
-// The splits of draft_attention_rows merged, a block per (sequence, head): row g's states
-// folded at their largest maximum with the sink logit, in split order.
-extern "C" __global__ void draft_attention_merge(const float* __restrict__ part_ml, const float* __restrict__ part_acc,
-                                                 float* __restrict__ o, const int* __restrict__ seq_first,
-                                                 const int* __restrict__ seq_nb, int heads, int vd, int splits,
-                                                 const float* __restrict__ sinks) { PDL_ENTER();
-    int s = blockIdx.x, h = blockIdx.y, first = seq_first[s], nb = seq_nb[s];
-    size_t base = ((size_t)s * heads + h) * splits;
-    for (int e = threadIdx.x; e < nb * vd; e += blockDim.x) {
-        int g = e / vd, d = e % vd;
         float mx = sinks ? sinks[h] : __int_as_float(0xff800000u);
-        for (int z = 0; z < splits; z++) mx = fmaxf(mx, part_ml[((base + z) * DAR_ROWS + g) * 2]);
+        for (int u = 0; u < W; u++) mx = fmaxf(mx, st_m[u][gg]);
         float den = sinks ? __expf(sinks[h] - mx) : 0.f, num = 0.f;
-        for (int z = 0; z < splits; z++) {
-            float mz = part_ml[((base + z) * DAR_ROWS + g) * 2];
-            if (mz == __int_as_float(0xff800000u)) continue;  // a split with no key this row sees
-            float c = __expf(mz - mx);
-            den += part_ml[((base + z) * DAR_ROWS + g) * 2 + 1] * c;
-            num += part_acc[((base + z) * DAR_ROWS + g) * vd + d] * c;
+        for (int u = 0; u < W; u++) {
+            float c = __expf(st_m[u][gg] - mx);  // a warp that saw no key: m = -inf, c = 0
+            den += st_l[u][gg] * c;
+            num += st_acc[u][gg][dd] * c;
         }
-        o[((size_t)(first + g) * heads + h) * vd + d] = num / den;
+        o[((size_t)(first + gg) * heads + h) * vd + dd] = num / den;
     }
 }
 

@@ -290,23 +290,10 @@ impl CudaModel {
         let sk = sinks.map_or(0u64, |sk| sk.device_ptr(&self.stream).0);
         // A block per (sequence, head) over all its rows where they fit the row kernel.
         if self.draft_attention_rows && draft_rows_take(s, m.max_nb) {
-            // Splits of the keys fill about two blocks an SM, each of at least 64 of the
-            // positions the tables can hold (the sequences' own ranges are cut alike).
-            let blocks = m.seqs * s.num_heads;
-            let span = m.max_blocks * block_size + m.max_nb;
-            let splits = (2 * self.sm_count).div_ceil(blocks.max(1)).clamp(1, span.div_ceil(64).min(self.draft_rows_max_splits).max(1));
-            let parts = blocks * splits * DRAFT_ROWS_MAX;
-            let (ml, acc) = if splits > 1 { (self.empty(parts * 2)?, self.empty(parts * s.v_head_dim)?) } else { (self.empty(1)?, self.empty(1)?) };
             let mut b = crate::launch::builder(&self.stream, &self.ops.draft_attention_rows);
             b.arg(q).arg(k).arg(v).arg(kc).arg(vc).arg(&mut o).arg(&m.seq_start).arg(&m.seq_first).arg(&m.seq_nb).arg(&m.tables)
-                .arg(&mb).arg(&bsi).arg(&hh2).arg(&kvh).arg(&hd).arg(&vd).arg(&window).arg(&causal).arg(&scale).arg(&sk).arg(&ml).arg(&acc);
-            unsafe { b.launch(LaunchConfig { grid_dim: (m.seqs as u32, s.num_heads as u32, splits as u32), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
-            if splits > 1 {
-                let sp = splits as i32;
-                let mut b = crate::launch::builder(&self.stream, &self.ops.draft_attention_merge);
-                b.arg(&ml).arg(&acc).arg(&mut o).arg(&m.seq_first).arg(&m.seq_nb).arg(&hh2).arg(&vd).arg(&sp).arg(&sk);
-                unsafe { b.launch(LaunchConfig { grid_dim: (m.seqs as u32, s.num_heads as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
-            }
+                .arg(&mb).arg(&bsi).arg(&hh2).arg(&kvh).arg(&hd).arg(&vd).arg(&window).arg(&causal).arg(&scale).arg(&sk);
+            unsafe { b.launch(LaunchConfig { grid_dim: (m.seqs as u32, s.num_heads as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
             return Ok(o);
         }
         let mut b = crate::launch::builder(&self.stream, &self.ops.draft_attention);
@@ -452,14 +439,11 @@ pub(crate) struct HeadRows<'a> {
     pub(crate) v: Option<(u64, usize, &'a KvPool, &'a KvPool, &'a CudaSlice<i64>)>,
 }
 
-/// Block rows a sequence may have for `draft_attention_rows` (DAR_ROWS in ops.cu).
-const DRAFT_ROWS_MAX: usize = 8;
-
 /// Whether `draft_attention_rows` takes blocks of at most `max_nb` rows of this attention: four
 /// lanes a row, each holding a quarter of q and of the V accumulator in float4s (DAR_ROWS,
 /// DAR_DIMS in ops.cu).
 fn draft_rows_take(s: &AttentionSpec, max_nb: usize) -> bool {
-    (1..=DRAFT_ROWS_MAX).contains(&max_nb) && s.head_dim.is_multiple_of(16) && s.v_head_dim.is_multiple_of(16) && s.head_dim <= 128 && s.v_head_dim <= 128
+    (1..=8).contains(&max_nb) && s.head_dim.is_multiple_of(16) && s.v_head_dim.is_multiple_of(16) && s.head_dim <= 128 && s.v_head_dim <= 128
 }
 
 /// Whether `head_norm_rope` takes heads of this attention: rms_norm's register path (whole

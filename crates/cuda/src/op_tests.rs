@@ -1089,9 +1089,8 @@ fn draft_attention_reference(s: &AttentionSpec, causal: bool, q: &[f32], kb: &[f
 /// causal or not, full or windowed (the window cutting into the block), with and without sinks,
 /// K head dim != V head dim, over f32, BF16 and FP8 pools. `draft_attention` (a block per row)
 /// in one warp (the walk over every key), 3 (keys strided unevenly) and 16 (the default), and
-/// `draft_attention_rows` (a block per sequence, where the head dims allow it) in one split and
-/// in the splits that fill the GPU (merged by `draft_attention_merge`). The same inputs give the
-/// same bits on a second run.
+/// `draft_attention_rows` (a block per sequence, where the head dims allow it). The same inputs
+/// give the same bits on a second run.
 #[test]
 fn draft_attention_matches_the_cpu_reference() {
     let Some(mut m) = model() else { return };
@@ -1137,13 +1136,12 @@ fn draft_attention_matches_the_cpu_reference() {
             let (kd, vd) = (pool(&m, dtype, &kc), pool(&m, dtype, &vc));
             let sk = sinks.as_ref().map(|v| st.clone_htod(v).unwrap());
             let row_kernel = s.head_dim <= 128 && s.head_dim % 16 == 0 && s.v_head_dim % 16 == 0;
-            for (rows, warps, splits) in [(false, 1usize, usize::MAX), (false, 3, usize::MAX), (false, 16, usize::MAX), (true, 16, 1), (true, 16, usize::MAX)] {
-                (m.draft_attention_rows, m.draft_attention_warps, m.draft_rows_max_splits) = (rows, warps, splits);
+            for (rows, warps) in [(false, 1usize), (false, 3), (false, 16), (true, 16)] {
+                (m.draft_attention_rows, m.draft_attention_warps) = (rows, warps);
                 let run = |m: &CudaModel| st.clone_dtoh(&m.draft_attend(&qd, &kbd, &vbd, &kd, &vd, &meta, bs, n, &s, causal, sk.as_ref()).unwrap()).unwrap();
                 let o = run(&m);
                 let kernel = match (rows, row_kernel) {
-                    (true, true) if splits == 1 => "draft_attention_rows, one split".to_string(),
-                    (true, true) => "draft_attention_rows, split to fill the GPU, then draft_attention_merge".to_string(),
+                    (true, true) => "draft_attention_rows".to_string(),
                     (true, false) => "draft_attention (no row kernel for these dims)".to_string(),
                     _ => format!("draft_attention, {warps} warps"),
                 };
@@ -1153,7 +1151,7 @@ fn draft_attention_matches_the_cpu_reference() {
             }
         }
     }
-    (m.draft_attention_warps, m.draft_attention_rows, m.draft_rows_max_splits) = (default_warps, default_rows, usize::MAX);
+    (m.draft_attention_warps, m.draft_attention_rows) = (default_warps, default_rows);
     m.use_kv_dtype(KvDtype::F32).unwrap();
 }
 

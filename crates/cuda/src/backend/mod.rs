@@ -86,7 +86,6 @@ pub(crate) struct Ops {
     pub(crate) draft_attention: CudaFunction,
     pub(crate) head_norm_rope: CudaFunction,
     pub(crate) draft_attention_rows: CudaFunction,
-    pub(crate) draft_attention_merge: CudaFunction,
     embed_bf16: CudaFunction,
     add_rms_norm: CudaFunction,
     add_rms_norm_split: CudaFunction,
@@ -169,7 +168,6 @@ fn load_ops(gpu: &Gpu, kv: KvDtype) -> Result<Ops> {
         draft_attention: f("draft_attention")?,
         head_norm_rope: f("head_norm_rope")?,
         draft_attention_rows: f("draft_attention_rows")?,
-        draft_attention_merge: f("draft_attention_merge")?,
         embed_bf16: f("embed_bf16")?,
         add_rms_norm: f("add_rms_norm")?,
         add_rms_norm_split: f("add_rms_norm_split")?,
@@ -291,8 +289,6 @@ pub struct CudaModel {
     /// The draft attention runs a block per (sequence, head) over all its block rows where
     /// they fit (`draft_attention_rows`; `PEREGRINE_DRAFT_ATTENTION_ROWS=0`: a block per row).
     pub(crate) draft_attention_rows: bool,
-    /// The most splits of a sequence's keys `draft_attention_rows` takes (tests pin 1).
-    pub(crate) draft_rows_max_splits: usize,
     /// Positions per split of decode attention (`PEREGRINE_ATTN_SPLIT`, default 512): ranges
     /// longer than twice this are split over several blocks per (row, head).
     attn_split: usize,
@@ -339,7 +335,7 @@ pub struct CudaModel {
     /// measurements; tests set it.
     attn_reset_by_next: bool,
     /// The GPU's SMs.
-    pub(crate) sm_count: usize,
+    sm_count: usize,
     /// Decode rows from which attention without the K/V write inside runs one warp per head
     /// (`attention_v2_heads`, the heads of a KV head in one block) instead of a block per head
     /// (`PEREGRINE_ATTN_HEADS_MIN_ROWS`; tests set it to compare the two).
@@ -715,7 +711,6 @@ impl CudaModel {
             moe_counters: std::sync::Mutex::new(moe_counters),
             route_counter,
             draft_attention_rows: std::env::var("PEREGRINE_DRAFT_ATTENTION_ROWS").map_or(true, |v| v != "0"),
-            draft_rows_max_splits: usize::MAX,
             draft_attention_warps: std::env::var("PEREGRINE_DRAFT_ATTENTION_WARPS").ok().and_then(|v| v.parse().ok()).filter(|&v: &usize| (1..=16).contains(&v)).unwrap_or(16),
             attn_split: std::env::var("PEREGRINE_ATTN_SPLIT").ok().and_then(|v| v.parse().ok()).filter(|&v: &usize| v >= 32).unwrap_or(512),
             attn_tc_split: std::env::var("PEREGRINE_ATTN_TC_SPLIT").ok().and_then(|v| v.parse().ok()).filter(|&v: &usize| v >= 32).unwrap_or(ATTN_TC_SPLIT),
