@@ -288,8 +288,11 @@ impl CudaModel {
         let (mb, bsi, hh2, kvh, hd, vd) = (m.max_blocks as i32, block_size as i32, s.num_heads as i32, s.num_kv_heads as i32, s.head_dim as i32, s.v_head_dim as i32);
         let (window, causal, scale) = (s.window().map_or(0, |w| w as i32), causal as i32, s.softmax_scale);
         let sk = sinks.map_or(0u64, |sk| sk.device_ptr(&self.stream).0);
-        // A block per (sequence, head) over all its rows where they fit the row kernel.
-        if self.draft_attention_rows && draft_rows_take(s, m.max_nb) {
+        // A block per (sequence, head) over all its rows where they fit the row kernel and
+        // fill the GPU: below one block an SM its longer chain per key loses to the per-row
+        // kernel's 16 warps a row (a Flash-shaped batch-1 draft pass at 2048 tokens 2.34 ms
+        // against 1.24, 1.43 with its keys split over blocks; at batch 8 3.16 against 4.27).
+        if self.draft_attention_rows && draft_rows_take(s, m.max_nb) && m.seqs * s.num_heads >= self.draft_rows_min_blocks {
             let mut b = crate::launch::builder(&self.stream, &self.ops.draft_attention_rows);
             b.arg(q).arg(k).arg(v).arg(kc).arg(vc).arg(&mut o).arg(&m.seq_start).arg(&m.seq_first).arg(&m.seq_nb).arg(&m.tables)
                 .arg(&mb).arg(&bsi).arg(&hh2).arg(&kvh).arg(&hd).arg(&vd).arg(&window).arg(&causal).arg(&scale).arg(&sk);

@@ -1123,7 +1123,8 @@ fn draft_attention_matches_the_cpu_reference() {
         (attn_spec(4, 1, 192, 128, 64, Some(100), false), false),
         (attn_spec(8, 2, 128, 64, 64, None, true), true),
     ];
-    let (default_warps, default_rows) = (m.draft_attention_warps, m.draft_attention_rows);
+    let (default_warps, default_rows, default_min) = (m.draft_attention_warps, m.draft_attention_rows, m.draft_rows_min_blocks);
+    m.draft_rows_min_blocks = 0;
     for dtype in [KvDtype::F32, KvDtype::Bf16, KvDtype::Fp8E4m3] {
         m.use_kv_dtype(dtype).unwrap();
         for &(s, causal) in &cases {
@@ -1151,7 +1152,7 @@ fn draft_attention_matches_the_cpu_reference() {
             }
         }
     }
-    (m.draft_attention_warps, m.draft_attention_rows) = (default_warps, default_rows);
+    (m.draft_attention_warps, m.draft_attention_rows, m.draft_rows_min_blocks) = (default_warps, default_rows, default_min);
     m.use_kv_dtype(KvDtype::F32).unwrap();
 }
 

@@ -289,6 +289,8 @@ pub struct CudaModel {
     /// The draft attention runs a block per (sequence, head) over all its block rows where
     /// they fit (`draft_attention_rows`; `PEREGRINE_DRAFT_ATTENTION_ROWS=0`: a block per row).
     pub(crate) draft_attention_rows: bool,
+    /// ... from this many (sequence, head) blocks (the SM count; tests pin 0).
+    pub(crate) draft_rows_min_blocks: usize,
     /// Positions per split of decode attention (`PEREGRINE_ATTN_SPLIT`, default 512): ranges
     /// longer than twice this are split over several blocks per (row, head).
     attn_split: usize,
@@ -711,6 +713,7 @@ impl CudaModel {
             moe_counters: std::sync::Mutex::new(moe_counters),
             route_counter,
             draft_attention_rows: std::env::var("PEREGRINE_DRAFT_ATTENTION_ROWS").map_or(true, |v| v != "0"),
+            draft_rows_min_blocks: sms,
             draft_attention_warps: std::env::var("PEREGRINE_DRAFT_ATTENTION_WARPS").ok().and_then(|v| v.parse().ok()).filter(|&v: &usize| (1..=16).contains(&v)).unwrap_or(16),
             attn_split: std::env::var("PEREGRINE_ATTN_SPLIT").ok().and_then(|v| v.parse().ok()).filter(|&v: &usize| v >= 32).unwrap_or(512),
             attn_tc_split: std::env::var("PEREGRINE_ATTN_TC_SPLIT").ok().and_then(|v| v.parse().ok()).filter(|&v: &usize| v >= 32).unwrap_or(ATTN_TC_SPLIT),
