@@ -92,13 +92,20 @@ e2e() {  # $1 device, $2 port, $3 speculative model (none: off; default: the mod
         -d '{"prompt":"class Node:\n","max_tokens":32,"temperature":0,"repetition_penalty":1.2,"presence_penalty":0.5,"frequency_penalty":0.3}' \
         | python3 -c 'import json,sys; r=json.load(sys.stdin)["choices"][0]; print(json.dumps([r["text"], r["finish_reason"]]))'
     # Seeded sampling (on the GPU for --device cuda): the same seed twice gives the same text.
-    local a b
-    a=$(curl -s "localhost:$port/v1/completions" -H 'content-type: application/json' -d '{"prompt":"def main():\n","max_tokens":48,"temperature":0.8,"top_p":0.95,"seed":7}')
-    b=$(curl -s "localhost:$port/v1/completions" -H 'content-type: application/json' -d '{"prompt":"def main():\n","max_tokens":48,"temperature":0.8,"top_p":0.95,"seed":7}')
-    if [ "$(echo "$a" | python3 -c 'import json,sys; print(json.load(sys.stdin)["choices"][0]["text"])')" = "$(echo "$b" | python3 -c 'import json,sys; print(json.load(sys.stdin)["choices"][0]["text"])')" ]; then
-        echo "seeded sampling on $dev: reproducible" >> "$LOG/seeded.txt"
+    # Under adaptive speculation on the GPU it need not: which positions a verify block computes
+    # and which a decode step does follows the steps' timing, and the two round apart, so a draw
+    # near a boundary can fall either way (design notes, "Speculation only where it pays"). There
+    # the line reports without failing; without a drafter and with `always` it must hold.
+    local a b adaptive=""
+    [ "$spec" != none ] && [[ " $* " != *" always "* ]] && [ -d "$1/dflash" ] && adaptive=" (adaptive speculation)"
+    a=$(curl -s "localhost:$port/v1/completions" -H 'content-type: application/json' -d '{"prompt":"def main():\n","max_tokens":48,"temperature":0.8,"top_p":0.95,"seed":7}' | python3 -c 'import json,sys; print(json.dumps(json.load(sys.stdin)["choices"][0]["text"]))')
+    b=$(curl -s "localhost:$port/v1/completions" -H 'content-type: application/json' -d '{"prompt":"def main():\n","max_tokens":48,"temperature":0.8,"top_p":0.95,"seed":7}' | python3 -c 'import json,sys; print(json.dumps(json.load(sys.stdin)["choices"][0]["text"]))')
+    if [ -n "$a" ] && [ "$a" = "$b" ]; then
+        echo "seeded sampling on $dev$adaptive: reproducible" >> "$LOG/seeded.txt"
+    elif [ -n "$adaptive" ] && [ -n "$a" ] && [ -n "$b" ]; then
+        echo "seeded sampling on $dev$adaptive: two texts for one request, as the step mix allows: $a / $b" >> "$LOG/seeded.txt"
     else
-        echo "seeded sampling on $dev: DIFFERS between identical requests" >> "$LOG/seeded.txt"
+        echo "seeded sampling on $dev: DIFFERS between identical requests: $a / $b" >> "$LOG/seeded.txt"
     fi
     curl -s "localhost:$port/metrics" | grep -E "^(vllm:spec_decode_num_(drafts|accepted_tokens)_total|peregrine:spec_decode_plain_steps_total)" > "$LOG/metrics-$dev-$port.txt" || true
     kill $pid; wait $pid 2>/dev/null || true
