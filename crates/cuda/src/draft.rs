@@ -279,9 +279,9 @@ impl CudaModel {
         Ok(r)
     }
 
-    /// The draft attention of `n` block rows (`draft_attention`): each row's query against its
-    /// sequence's context K/V in the pools `kc`, `vc` (blocks of `block_size` positions) and its
-    /// block's own rows `k`, `v`.
+    /// The draft attention of `n` block rows (`draft_attention_rows` or `draft_attention`): each
+    /// row's query against its sequence's context K/V in the pools `kc`, `vc` (blocks of
+    /// `block_size` positions) and its block's own rows `k`, `v`.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn draft_attend(&self, q: &CudaSlice<f32>, k: &CudaSlice<f32>, v: &CudaSlice<f32>, kc: &KvPool, vc: &KvPool, m: &DraftMeta, block_size: usize, n: usize, s: &AttentionSpec, causal: bool, sinks: Option<&CudaSlice<f32>>) -> Result<CudaSlice<f32>> {
         let mut o = self.empty(n * s.o_dim())?;
