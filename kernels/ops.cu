@@ -485,6 +485,12 @@ extern "C" __global__ void gather_rows(const float* __restrict__ x, const int* _
     for (int i = blockIdx.y * blockDim.x + threadIdx.x; i < D; i += blockDim.x * gridDim.y) y[(size_t)j * D + i] = x[(size_t)idx[j] * D + i];
 }
 
+// y[idx[j], :] = x[j, :] (a decode step's drafter features into their sequences' rings).
+extern "C" __global__ void scatter_rows(const float* __restrict__ x, const int* __restrict__ idx, float* __restrict__ y, int D) { PDL_ENTER();
+    int j = blockIdx.x;
+    for (int i = blockIdx.y * blockDim.x + threadIdx.x; i < D; i += blockDim.x * gridDim.y) y[(size_t)idx[j] * D + i] = x[(size_t)j * D + i];
+}
+
 // y[idx[j], :] += w[j] * x[j, :], for j in order (one launch per expert: rows of one launch are
 // distinct tokens, so there are no write conflicts).
 extern "C" __global__ void scatter_add_scaled(const float* __restrict__ x, const int* __restrict__ idx, const float* __restrict__ w,

@@ -197,6 +197,8 @@ impl CudaModel {
         self.graphs.overlap.refuse_while_awaiting()?;
         self.graphs.overlap.break_chain(); // crate::overlap: no chaining across other steps
         let rows = self.draft_rows(batch)?;
+        // The context the pass reads: rows waiting in the rings first (crate::draft_staging).
+        self.settle_draft_context(batch)?;
         let d = self.drafter.as_ref().ok_or_else(|| Error::Unsupported("no drafter is attached to the CUDA backend".into()))?;
         let plain = d.plain_output();
         let mut out: Vec<Vec<u32>> = batch.iter().map(|x| Vec::with_capacity(x.num_drafts)).collect();

@@ -324,6 +324,10 @@ impl CudaModel {
             },
         };
         g.slot = None;
+        if g.meta.stage.is_some() != rows.stage.is_some() {
+            self.graphs.put_back(g);
+            return Err(Error::Backend("a decode graph's rows and its drafter context staging disagree".into()));
+        }
         match (g.meta.staged.as_mut(), g.fetch.as_mut()) {
             (Some(staged), Some(fetch)) => {
                 let a = self.row_arrays(bucket, width, rows, sampling)?;
@@ -373,7 +377,7 @@ impl CudaModel {
     /// The node kinds of the decode-step graph `batch` replays (capturing it if needed; this
     /// runs the step once), or None when the batch runs eagerly.
     pub fn graph_node_kinds(&mut self, batch: &[peregrine_core::backend::SeqForward]) -> Result<Option<NodeKinds>> {
-        let rows = self.host_rows(batch)?;
+        let rows = self.bench_rows(batch)?;
         let Some(g) = self.graph_for(&rows, None)? else {
             return match (self.bucket_key(&rows, false), &self.graphs.capture_error) {
                 (Some(key), Some(e)) if self.graphs.has_failed(Capture::Step(key)) => Err(Error::Backend(format!("graph capture failed: {e}"))),
@@ -385,13 +389,25 @@ impl CudaModel {
         Ok(Some(kinds))
     }
 
+    /// The rows of a benchmark's replays: a decode step that stages the drafter's context
+    /// stages every row in the scratch ring row, so replays touch no sequence's ring.
+    fn bench_rows(&self, batch: &[peregrine_core::backend::SeqForward]) -> Result<HostRows> {
+        let mut rows = self.host_rows(batch)?;
+        if let Some(s) = &self.draft_staging {
+            if rows.one_per_seq && rows.toks.len() <= crate::draft_staging::STAGE_SEQS {
+                rows.stage = Some(vec![s.table.scratch_row(); rows.toks.len()]);
+            }
+        }
+        Ok(rows)
+    }
+
     /// For benchmarks: the GPU time of one replay of `batch`'s decode-step graph, from `n`
     /// replays launched back to back between CUDA events (inputs written once), so a step's
     /// wall time can be split into the graph and the host work around it. None when the batch
     /// runs eagerly.
     pub fn graph_replay_ms(&mut self, batch: &[peregrine_core::backend::SeqForward], n: usize) -> Result<Option<f32>> {
         use cudarc::driver::sys::CUevent_flags;
-        let rows = self.host_rows(batch)?;
+        let rows = self.bench_rows(batch)?;
         let Some(g) = self.graph_for(&rows, None)? else { return Ok(None) };
         let st = self.stream.clone();
         let ev = || st.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(drv);
@@ -417,10 +433,10 @@ impl CudaModel {
     /// eagerly); the model is left in setting A.
     pub fn graph_ab_ms(&mut self, batch: &[peregrine_core::backend::SeqForward], n: usize, rounds: usize, set: impl Fn(&mut Self, bool)) -> Result<Option<(Vec<f32>, Vec<f32>)>> {
         use cudarc::driver::sys::CUevent_flags;
-        let rows = self.host_rows(batch)?;
         let mut graphs = Vec::new();
         for b in [false, true] {
             set(self, b);
+            let rows = self.bench_rows(batch)?;
             match self.graph_for(&rows, None)? {
                 Some(g) => graphs.push(g),
                 None => {
@@ -517,7 +533,9 @@ impl CudaModel {
 
     fn capture_graph(&self, key: GraphKey, mut logits: SharedLogits) -> Result<StepGraph> {
         let GraphKey { rows, width, decode, sampled } = key;
-        let meta = self.alloc_row_meta(rows, width, self.copy_free_rows, sampled)?;
+        // Decode graphs stage the drafter's context features where deferral is on.
+        let stage = decode && self.draft_staging.is_some();
+        let meta = self.alloc_row_meta(rows, width, self.copy_free_rows, sampled, stage)?;
         let mut ids = self.stream.alloc_zeros::<i32>(rows).map_err(drv)?;
         let plan = if sampled { self.sampled_step_plan(rows, decode) } else { self.step_plan(rows, None, decode) };
         let graph = self.record(|| self.execute(&plan, &meta, None, &mut logits, &mut ids))?;
@@ -531,8 +549,9 @@ impl CudaModel {
 
     /// Static per-row buffers for `rows` rows and block tables `width` wide; `staged`: with
     /// slots in mapped host memory that a copy-free graph reads them from (crate::staged);
-    /// `sampled`: with the rows' sampling parameters (`Op::Sample`).
-    pub(crate) fn alloc_row_meta(&self, rows: usize, width: usize, staged: bool, sampled: bool) -> Result<RowMeta> {
+    /// `sampled`: with the rows' sampling parameters (`Op::Sample`); `stage`: with the rows'
+    /// ring rows for the drafter's context (crate::draft_staging).
+    pub(crate) fn alloc_row_meta(&self, rows: usize, width: usize, staged: bool, sampled: bool, stage: bool) -> Result<RowMeta> {
         let st = &self.stream;
         let bs = self.kv_config.map_or(1, |c| c.block_size);
         let z32 = |n: usize| st.alloc_zeros::<i32>(n).map_err(drv);
@@ -548,6 +567,7 @@ impl CudaModel {
             chain: Some(st.alloc_zeros::<u64>(1).map_err(drv)?),
             staged: None,
             sampling: if sampled { Some(st.clone_htod(&device_sampling_rows(&[], rows)).map_err(drv)?) } else { None },
+            stage: if stage { Some(z32(rows)?) } else { None },
             max_blocks: width,
             block_size: bs,
             prefill: None,
@@ -558,6 +578,9 @@ impl CudaModel {
             // The order of `RowArrays::bytes`.
             let mut arrays = vec![array(&m.tok, st), array(&m.pos, st), array(&m.seq, st), array(&m.full_slots, st), array(&m.swa_slots, st), array(&m.full_tables, st), array(&m.swa_tables, st), array(chain, st)];
             if let Some(p) = &m.sampling {
+                arrays.push(array(p, st));
+            }
+            if let Some(p) = &m.stage {
                 arrays.push(array(p, st));
             }
             // Page-locked memory refused: this graph copies its rows instead.
@@ -604,6 +627,8 @@ impl CudaModel {
             swa_tables: tables(&rows.swa_tables, scratch_swa),
             chain: rows.chain,
             sampling: sampling.map(|p| device_sampling_rows(p, bucket)),
+            // Padding rows stage into the scratch ring row.
+            stage: rows.stage.as_deref().map(|v| pad(v, self.draft_staging.as_ref().map_or(0, |s| s.table.scratch_row()))),
         })
     }
 
@@ -629,6 +654,9 @@ impl CudaModel {
         if let (Some(p), Some(d)) = (&a.sampling, m.sampling.as_mut()) {
             st.memcpy_htod(p, d).map_err(drv)?;
         }
+        if let (Some(p), Some(d)) = (&a.stage, m.stage.as_mut()) {
+            st.memcpy_htod(p, d).map_err(drv)?;
+        }
         Ok(())
     }
 }
@@ -646,6 +674,8 @@ struct RowArrays {
     chain: Option<u64>,
     /// A graph that samples: every row's parameters.
     sampling: Option<Vec<DeviceRowSampling>>,
+    /// A graph that stages the drafter's context: every row's ring row.
+    stage: Option<Vec<i32>>,
 }
 
 impl RowArrays {
@@ -663,6 +693,9 @@ impl RowArrays {
         };
         let mut a = vec![b(&self.tok), b(&self.pos), b(&self.seq), b(&self.full_slots), b(&self.swa_slots), b(&self.full_tables), b(&self.swa_tables), b(chain)];
         if let Some(p) = &self.sampling {
+            a.push(b(p));
+        }
+        if let Some(p) = &self.stage {
             a.push(b(p));
         }
         a

@@ -15,6 +15,7 @@ pub mod backend;
 pub mod compile;
 pub mod device;
 mod draft;
+mod draft_staging;
 mod graph;
 mod shared_logits;
 mod speculate;

@@ -129,13 +129,20 @@ impl CudaModel {
             Some((p, adj)) if self.graph_samples(adj) => Some(p),
             _ => None,
         };
-        let Some(rows) = self.overlapped_rows(batch, chain, in_graph.is_some())? else { return Ok(false) };
+        let Some(mut rows) = self.overlapped_rows(batch, chain, in_graph.is_some())? else { return Ok(false) };
         let st = self.stream.clone();
+        // Decode rows stage the drafter's context; a block they fill is flushed after the step
+        // (crate::draft_staging).
+        let after = self.stage_draft_context(batch, &mut rows)?;
         // Held past the launch: a sampled buffer's stream-ordered free must follow the graph
         // that reads it (graph_for's own break_chain would drop it before).
         let _prev_ids = self.graphs.overlap.last_ids.take();
-        let Some(mut g) = self.graph_for(&rows, in_graph)? else {
-            return Err(Error::Backend("a captured decode graph went missing".into()));
+        let mut g = match self.graph_for(&rows, in_graph) {
+            Ok(Some(g)) => g,
+            res => {
+                self.forget_staged(batch);
+                return Err(res.err().unwrap_or_else(|| Error::Backend("a captured decode graph went missing".into())));
+            }
         };
         let vocab = self.spec.vocab_size;
         let launched = (|| -> Result<(u64, Option<CudaSlice<i32>>, IdsAt)> {
@@ -154,9 +161,16 @@ impl CudaModel {
             Ok((addr, sampled, IdsAt::Copy(buf)))
         })();
         self.graphs.put_back(g);
-        let (addr, sampled, ids) = launched?;
+        let (addr, sampled, ids) = match launched {
+            Ok(l) => l,
+            Err(e) => {
+                self.forget_staged(batch);
+                return Err(e);
+            }
+        };
         self.graphs.overlap.in_flight.push_back(InFlight { ids, rows: n });
         self.graphs.overlap.last_ids = Some(LastIds { addr, rows: n, _sampled: sampled });
+        self.flush_draft_context(&after)?;
         Ok(true)
     }
 
@@ -214,13 +228,20 @@ impl CudaModel {
     pub(crate) fn enqueue_decode_deferred_step(&mut self, batch: &[SeqForward], chain: &[Option<usize>]) -> Result<bool> {
         self.graphs.overlap.refuse_while_awaiting()?;
         let n = batch.len();
-        let Some(rows) = self.overlapped_rows(batch, chain, false)? else { return Ok(false) };
+        let Some(mut rows) = self.overlapped_rows(batch, chain, false)? else { return Ok(false) };
+        let after = self.stage_draft_context(batch, &mut rows)?;
         // Held past the launch, as in enqueue_decode_step.
         let _prev_ids = self.graphs.overlap.last_ids.take();
-        let Some(graph) = self.graph_for(&rows, None)? else {
-            return Err(Error::Backend("a captured decode graph went missing".into()));
+        let graph = match self.graph_for(&rows, None) {
+            Ok(Some(g)) => g,
+            res => {
+                self.forget_staged(batch);
+                return Err(res.err().unwrap_or_else(|| Error::Backend("a captured decode graph went missing".into())));
+            }
         };
         self.graphs.overlap.awaiting = Some(Awaiting { graph, rows: n });
+        // After the graph on the stream: the flush reads the rings it wrote, not its logits.
+        self.flush_draft_context(&after)?;
         Ok(true)
     }
 

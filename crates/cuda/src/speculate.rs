@@ -79,7 +79,9 @@ impl CudaModel {
         }
         // Checks every token and KV block, as a plain forward does; the placeholders are
         // overwritten on the GPU.
-        let rows = self.host_rows(batch)?;
+        let mut rows = self.host_rows(batch)?;
+        // Verify rows write the drafter's context themselves; what waits in the rings goes first.
+        self.stage_draft_context(batch, &mut rows)?;
         let reqs: Vec<DraftForward> = batch
             .iter()
             .map(|s| DraftForward { seq_id: s.seq_id, last_token: s.tokens[0], start_pos: s.start_pos, num_drafts: nb - 1, full_blocks: s.full_blocks.clone() })
@@ -105,7 +107,7 @@ impl CudaModel {
         let z = |len: usize| st.alloc_zeros::<i32>(len.max(1)).map_err(drv);
         let mut step = SpecStep {
             draft: self.alloc_draft_meta(seqs, nb, width)?,
-            verify: self.alloc_row_meta(n, width, false, false)?,
+            verify: self.alloc_row_meta(n, width, false, false, false)?,
             draft_logits: self.shared_logits(true, k)?,
             drafts: z(k)?,
             logits: self.shared_logits(false, n)?,

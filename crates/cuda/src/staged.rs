@@ -30,7 +30,7 @@ use crate::backend::drv;
 pub(crate) const SLOTS: usize = 4;
 
 /// Arrays a layout describes at most (`StagedLayout` in kernels/ops.cu): a decode graph's eight,
-/// its sampling parameters, and one spare.
+/// its sampling parameters, and its rows' drafter rings (crate::draft_staging).
 const MAX_ARRAYS: usize = 10;
 
 /// What `fetch_staged` copies, passed by value (the same C layout as in kernels/ops.cu): array a

@@ -71,7 +71,8 @@ pub enum Op {
     /// The drafter reads this layer: its output (after the final norm for the last layer) joins
     /// the context features.
     CaptureFeatures { layer: usize, rows: usize },
-    /// The drafter's context K/V of every row, from the features.
+    /// The drafter's context K/V of every row, from the features; in a step whose rows carry
+    /// ring rows (`RowMeta::stage`), the features staged there instead (crate::draft_staging).
     DraftContext { rows: usize },
     /// Selected = Hidden at the asked-for rows.
     GatherRows { rows: usize },
@@ -410,11 +411,12 @@ impl CudaModel {
                     let x = acts[Act::Hidden as usize].as_ref().ok_or_else(|| Error::Backend("step plan captures before the embedding".into()))?;
                     self.capture(layer, x, rows, &mut features)?;
                 }
-                Op::DraftContext { rows } => {
-                    if let Some(f) = &features {
-                        self.write_draft_context(f, rows, &meta.pos, &meta.full_slots)?;
-                    }
-                }
+                Op::DraftContext { rows } => match (&features, &meta.stage, &self.draft_staging, &self.drafter) {
+                    // A decode step stages the features in the rows' rings (crate::draft_staging).
+                    (Some(f), Some(stage), Some(s), Some(d)) => self.scatter_rows(f, stage, &s.rows, rows, d.spec.context_dim())?,
+                    (Some(f), ..) => self.write_draft_context(f, rows, &meta.pos, &meta.full_slots)?,
+                    _ => {}
+                },
                 Op::GatherRows { rows } => {
                     let idx = out_idx.ok_or_else(|| Error::Backend("step plan gathers rows without their indices".into()))?;
                     let x = acts[Act::Hidden as usize].as_ref().ok_or_else(|| Error::Backend("step plan gathers before the embedding".into()))?;

@@ -239,6 +239,71 @@ fn drafter_matches_the_dflash_reference_on_the_gpu() {
     }
 }
 
+/// Decode steps that stage the drafter's context (the default; crate::draft_staging) leave the
+/// draft passes the context that steps writing it directly leave: the same drafts, through
+/// eager steps, graphs and overlapped graphs, across block ends, verify rounds that write the
+/// context themselves and the rollbacks after them. A synthetic target (graphs capture only
+/// synthetic experts) with a synthetic drafter of the random fixture's shapes.
+#[test]
+fn staged_drafter_context_gives_the_drafts_of_direct_writes() {
+    use peregrine_core::backend::DraftForward;
+    if probe_for_tests(0).is_none() {
+        return;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let spec = peregrine_model::config::load_spec(Path::new(&fixture("default"))).unwrap();
+    let dspec = peregrine_model::dflash::open_drafter(&root.join("tests/fixtures/dflash/random")).unwrap().spec;
+    let (bs, nb, drafts) = (16usize, 8usize, 5usize);
+    let table: Vec<u32> = (0..nb as u32).collect();
+    let prompt: Vec<u32> = (0..21).map(|i| 3 + (i * 53) % 400).collect();
+    // A round every 9 steps: a draft pass, then its block verified (rows written directly) and
+    // as many positions kept as the verify's argmax agrees with; decode steps go on from there.
+    let run = |deferred: bool, graphs: bool, overlap: bool| -> (Vec<u32>, Vec<Vec<u32>>, usize) {
+        let mut m = CudaModel::synthetic(probe(0).unwrap(), &spec, 7).unwrap();
+        m.attach_synthetic_drafter(&dspec, 11).unwrap();
+        m.set_draft_context_deferred(deferred);
+        m.set_cuda_graphs(graphs);
+        m.init_kv(KvConfig { block_size: bs, num_full_blocks: nb, num_swa_blocks: nb }).unwrap();
+        let fwd = |tokens: Vec<u32>, start: usize, output| SeqForward { seq_id: 1, tokens, start_pos: start, full_blocks: table.clone(), swa_blocks: table.clone(), output };
+        let mut out = prompt.clone();
+        out.extend(m.forward_argmax(&[fwd(prompt.clone(), 0, OutputRows::Last)]).unwrap().remove(0));
+        let mut all_drafts = Vec::new();
+        let mut step = 0;
+        while out.len() < 100 {
+            let p = out.len() - 1;
+            step += 1;
+            if step % 9 == 0 {
+                let d = m.draft(&[DraftForward { seq_id: 1, last_token: out[p], start_pos: p, num_drafts: drafts, full_blocks: table.clone() }]).unwrap().remove(0);
+                let mut ids = vec![out[p]];
+                ids.extend(&d);
+                all_drafts.push(d);
+                let lg = m.forward(&[fwd(ids.clone(), p, OutputRows::All)]).unwrap().remove(0);
+                let post: Vec<u32> = (0..lg.rows).map(|r| argmax(lg.row(r))).collect();
+                let acc = (1..ids.len()).take_while(|&i| ids[i] == post[i - 1]).count();
+                out.extend(&ids[1..=acc]);
+                out.push(post[acc]);
+                continue;
+            }
+            let b = [fwd(vec![out[p]], p, OutputRows::Last)];
+            let t = if overlap && m.enqueue_decode(&b, &[None], None).unwrap() { m.collect_decode().unwrap() } else { m.forward_argmax(&b).unwrap().remove(0) };
+            out.extend(t);
+        }
+        let p = out.len() - 1;
+        all_drafts.push(m.draft(&[DraftForward { seq_id: 1, last_token: out[p], start_pos: p, num_drafts: drafts, full_blocks: table.clone() }]).unwrap().remove(0));
+        (out, all_drafts, m.staged_draft_rows())
+    };
+    let (out, want, none) = run(false, true, false);
+    assert_eq!(none, 0, "rows staged with deferral off");
+    assert!(want.len() >= 6, "{} draft passes", want.len());
+    for (graphs, overlap) in [(false, false), (true, false), (true, true)] {
+        let (o, d, staged) = run(true, graphs, overlap);
+        assert_eq!(o, out, "target tokens (graphs {graphs}, overlapped {overlap})");
+        assert!(staged >= 40, "only {staged} rows staged (graphs {graphs}, overlapped {overlap})");
+        assert_eq!(d, want, "drafts from staged context (graphs {graphs}, overlapped {overlap})");
+    }
+    eprintln!("staged drafter context: {} draft passes over {} positions gave the drafts of direct writes", want.len(), out.len());
+}
+
 /// Too little GPU memory is an error with the numbers, before serving, and breaks nothing else:
 /// a KV cache larger than the GPU is refused (and the model then takes a cache that fits and
 /// gives the logits it gave before), and weights larger than the GPU (MiMo-V2-Flash's full

@@ -76,6 +76,7 @@ pub(crate) struct Ops {
     attention: CudaFunction,
     silu_mul: CudaFunction,
     pub(crate) gather_rows: CudaFunction,
+    pub(crate) scatter_rows: CudaFunction,
     scatter_add_scaled: CudaFunction,
     gemv_f32: CudaFunction,
     gemv_f32_tiles: CudaFunction,
@@ -158,6 +159,7 @@ fn load_ops(gpu: &Gpu, kv: KvDtype) -> Result<Ops> {
         attention: f("attention")?,
         silu_mul: f("silu_mul")?,
         gather_rows: f("gather_rows")?,
+        scatter_rows: f("scatter_rows")?,
         scatter_add_scaled: f("scatter_add_scaled")?,
         gemv_f32: f("gemv_f32")?,
         gemv_f32_tiles: f("gemv_f32_tiles")?,
@@ -275,6 +277,11 @@ pub struct CudaModel {
     pub(crate) drafter: Option<Drafter>,
     /// The drafter's context K/V per drafter layer, indexed like the full-attention group.
     pub(crate) draft_kv: Vec<(KvPool, KvPool)>,
+    /// Decode steps stage the drafter's context features instead of writing its K/V
+    /// (crate::draft_staging; `PEREGRINE_DRAFT_CONTEXT_DEFERRED=0`: every step writes them).
+    pub(crate) draft_context_deferred: bool,
+    /// Their rings, from `init_kv` when a drafter is attached and deferral is on.
+    pub(crate) draft_staging: Option<crate::draft_staging::DraftStaging>,
     /// Captured decode-step graphs.
     pub(crate) graphs: Graphs,
     /// The MoE kernels' counters, shared by every layer (they are zero again after each call),
@@ -493,6 +500,8 @@ pub(crate) struct RowMeta {
     /// Graphs that sample on the GPU (`Op::Sample`): each row's sampling parameters, written
     /// with the rest of the row data.
     pub(crate) sampling: Option<CudaSlice<crate::kernels::DeviceRowSampling>>,
+    /// Steps that stage the drafter's context features: each row's ring row (HostRows::stage).
+    pub(crate) stage: Option<CudaSlice<i32>>,
     pub(crate) max_blocks: usize,
     pub(crate) block_size: usize,
     /// A batch with prompt chunks: the rows attention takes in tiles (`attention_prefill`), and
@@ -530,6 +539,9 @@ pub(crate) struct HostRows {
     /// A chained step (crate::overlap): the device address of the ids its negative `toks`
     /// entries index.
     pub(crate) chain: Option<u64>,
+    /// A decode step that stages the drafter's context features: each row's ring row
+    /// (crate::draft_staging; None: the step writes the context K/V itself).
+    pub(crate) stage: Option<Vec<i32>>,
 }
 
 impl CudaModel {
@@ -709,6 +721,8 @@ impl CudaModel {
             kv_config: None,
             drafter: None,
             draft_kv: Vec::new(),
+            draft_context_deferred: std::env::var("PEREGRINE_DRAFT_CONTEXT_DEFERRED").map_or(true, |v| v != "0"),
+            draft_staging: None,
             graphs: Graphs::new(capturable, spec.vocab_size),
             moe_counters: std::sync::Mutex::new(moe_counters),
             route_counter,
@@ -1218,6 +1232,7 @@ impl CudaModel {
         self.graphs.clear();
         self.kv.clear();
         self.draft_kv.clear();
+        self.draft_staging = None;
         self.kv_config = None;
         Ok(())
     }
@@ -1241,7 +1256,7 @@ impl CudaModel {
         // One scratch block past the last of each pool: padding rows of graph replays use it.
         let (full, swa) = (config.num_full_blocks + 1, config.num_swa_blocks + 1);
         let per_block = self.kv_bytes_per_block(config.block_size);
-        let bytes = full * per_block.full + swa * per_block.swa;
+        let bytes = full * per_block.full + swa * per_block.swa + self.draft_staging_bytes(config.block_size);
         let (free, total) = self.gpu.ctx.mem_get_info().map_err(drv)?;
         if bytes > free {
             return Err(Error::Backend(format!(
@@ -1261,6 +1276,7 @@ impl CudaModel {
                 self.draft_kv.push((KvPool::zeros(st, dt, slots * s.k_dim())?, KvPool::zeros(st, dt, slots * s.v_dim())?));
             }
         }
+        self.draft_staging = self.alloc_draft_staging(config.block_size)?;
         self.kv_config = Some(config);
         self.tune_one_token_step()
     }
@@ -1285,6 +1301,7 @@ impl CudaModel {
             counts,
             one_per_seq: batch.iter().all(|s| s.tokens.len() == 1),
             chain: None,
+            stage: None,
         };
         let any_swa = self.layers.iter().any(|l| l.swa);
         for (si, s) in batch.iter().enumerate() {
@@ -1327,6 +1344,7 @@ impl CudaModel {
             chain: None,
             staged: None,
             sampling: None,
+            stage: rows.stage.as_deref().map(|v| upload(st, v)).transpose()?,
             max_blocks: rows.max_blocks,
             block_size: self.kv_config.map_or(1, |c| c.block_size),
             prefill: match prefill_tiles(&rows.seq, &rows.pos) {
@@ -1355,7 +1373,7 @@ impl CudaModel {
         self.graphs.overlap.refuse_while_awaiting()?;
         // Its graph may overwrite the ids a chained step would read (crate::overlap).
         self.graphs.overlap.break_chain();
-        let rows = self.host_rows(batch)?;
+        let mut rows = self.host_rows(batch)?;
         let n = rows.toks.len();
         if n == 0 {
             return Ok((Fetched::empty(&rows.counts, self.spec.vocab_size), rows.counts));
@@ -1366,13 +1384,31 @@ impl CudaModel {
                 return Err(Error::Backend(format!("{} sampling rows for {k} output rows", p.len())));
             }
         }
+        // Decode rows stage the drafter's context; a block they fill is flushed after the step
+        // (crate::draft_staging).
+        let after = self.stage_draft_context(batch, &mut rows)?;
+        match self.run_rows(&rows, out) {
+            Ok(fetched) => {
+                self.flush_draft_context(&after)?;
+                Ok((fetched, rows.counts))
+            }
+            Err(e) => {
+                self.forget_staged(batch);
+                Err(e)
+            }
+        }
+    }
+
+    /// `run`'s step over its rows.
+    fn run_rows(&mut self, rows: &HostRows, out: Out) -> Result<Fetched> {
+        let (n, k) = (rows.toks.len(), rows.want.len());
         let vocab = self.spec.vocab_size;
         // Sampled without adjustments: the graph that samples (its ids are the samples).
         let in_graph = match out {
             Out::Sample(p, adj) if self.graph_samples(adj) => Some(p),
             _ => None,
         };
-        if let Some(mut g) = self.graph_for(&rows, in_graph)? {
+        if let Some(mut g) = self.graph_for(rows, in_graph)? {
             let out = if in_graph.is_some() { Out::Argmax } else { out };
             // A copy-free graph wrote its ids into the host slot (crate::staged).
             let slot_ids = match (&out, g.staged(), g.slot) {
@@ -1385,14 +1421,14 @@ impl CudaModel {
                 (out, None) => fetch(&self.kernels, &self.stream, out, &rows.counts, vocab, &mut g.logits, &g.ids),
             };
             self.graphs.put_back(g);
-            return Ok((fetched?, rows.counts));
+            return fetched;
         }
         let st = self.stream.clone();
-        let (meta, idx) = self.upload_rows(&rows)?;
+        let (meta, idx) = self.upload_rows(rows)?;
         let mut logits = self.zeros(k * vocab)?;
         let mut ids = st.alloc_zeros::<i32>(k.max(1)).map_err(drv)?;
         self.step_body(&meta, n, Some((&idx, k)), rows.one_per_seq, &mut logits, &mut ids)?;
-        Ok((fetch(&self.kernels, &st, out, &rows.counts, vocab, &mut logits, &ids)?, rows.counts))
+        fetch(&self.kernels, &st, out, &rows.counts, vocab, &mut logits, &ids)
     }
 
     /// Greedy decoding without logits on the host: the argmax token of every asked-for row
