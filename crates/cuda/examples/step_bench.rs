@@ -581,6 +581,31 @@ fn main() {
 
     println!("({} CUDA graphs captured)", model.cuda_graphs());
 
+    // With a drafter, a decode step stages the drafter's context and the step that fills a KV
+    // block writes it for the whole block (crate::draft_staging; PEREGRINE_DRAFT_CONTEXT_DEFERRED=0:
+    // every step writes its own): the steps above repeat 8 positions of one block and never
+    // fill it, so this times steps over a whole block, the write included.
+    if draft_spec.is_some() && !batches.is_empty() {
+        println!("\n| batch | graph step ms over a whole block of {BS} positions, per step (ids only; the drafter's context written as the engine's steps write it) |");
+        println!("|---|---|");
+        model.set_cuda_graphs(true);
+        for &b in batches {
+            let block = |model: &mut CudaModel| {
+                for i in 0..BS {
+                    let batch: Vec<SeqForward> = (0..b).map(|s| seqf(s, vec![tok(s, args.context + i)], args.context + i, OutputRows::Last)).collect();
+                    drop(model.forward_argmax(&batch).unwrap());
+                }
+            };
+            block(&mut model);
+            let t: Vec<f64> = (0..args.steps.max(3)).map(|_| {
+                let t0 = Instant::now();
+                block(&mut model);
+                t0.elapsed().as_secs_f64() * 1e3 / BS as f64
+            }).collect();
+            println!("| {b} | {:.3} |", median(t));
+        }
+    }
+
     // Sampled steps: sampled inside the decode graph (`Op::Sample`, the default) against the
     // greedy graph with the sampler launched after it (PEREGRINE_GRAPH_SAMPLING=0), each alone
     // and overlapped as the engine runs them; greedy overlapped beside them.
