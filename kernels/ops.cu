@@ -485,12 +485,6 @@ extern "C" __global__ void gather_rows(const float* __restrict__ x, const int* _
     for (int i = blockIdx.y * blockDim.x + threadIdx.x; i < D; i += blockDim.x * gridDim.y) y[(size_t)j * D + i] = x[(size_t)idx[j] * D + i];
 }
 
-// y[idx[j], :] = x[j, :] (a decode step's drafter features into their sequences' rings).
-extern "C" __global__ void scatter_rows(const float* __restrict__ x, const int* __restrict__ idx, float* __restrict__ y, int D) { PDL_ENTER();
-    int j = blockIdx.x;
-    for (int i = blockIdx.y * blockDim.x + threadIdx.x; i < D; i += blockDim.x * gridDim.y) y[(size_t)idx[j] * D + i] = x[(size_t)j * D + i];
-}
-
 // y[idx[j], :] += w[j] * x[j, :], for j in order (one launch per expert: rows of one launch are
 // distinct tokens, so there are no write conflicts).
 extern "C" __global__ void scatter_add_scaled(const float* __restrict__ x, const int* __restrict__ idx, const float* __restrict__ w,
@@ -681,10 +675,36 @@ extern "C" __global__ void gemv_f32_norm(const float* __restrict__ W, const floa
     }
 }
 
-// dst[r, off + j] = src[r, j] for j < D (dst rows of width W): building concatenated features.
-extern "C" __global__ void copy_cols(const float* __restrict__ src, float* __restrict__ dst, int D, int W, int off) { PDL_ENTER();
+// dst[q, off + j] = src[r, j] for j < D (dst rows of width W), q = rows[r] or r without rows:
+// building concatenated features (a decode step's straight into its sequences' rings).
+extern "C" __global__ void copy_cols(const float* __restrict__ src, float* __restrict__ dst, int D, int W, int off, const int* __restrict__ rows) { PDL_ENTER();
     int r = blockIdx.x;
-    for (int j = threadIdx.x; j < D; j += blockDim.x) dst[(size_t)r * W + off + j] = src[(size_t)r * D + j];
+    size_t q = rows ? rows[r] : r;
+    for (int j = threadIdx.x; j < D; j += blockDim.x) dst[q * W + off + j] = src[(size_t)r * D + j];
+}
+
+// Runs of the drafter's rings to flush, by value (`RingRuns` in crates/cuda/src/draft_staging.rs):
+// run i is count[i] rows from ring row ring0[i], position pos0[i] and pool slot slot0[i] on.
+#define RING_RUNS 64
+struct RingRuns {
+    int n;
+    int ring0[RING_RUNS];
+    int pos0[RING_RUNS];
+    int count[RING_RUNS];
+    long long slot0[RING_RUNS];
+};
+
+// The runs' rows in order, a block a row: features out of the rings with their positions and
+// pool slots, for write_draft_context (no host copy per flush).
+extern "C" __global__ void ring_gather(const float* __restrict__ ring, RingRuns R, float* __restrict__ out, int* __restrict__ pos, long long* __restrict__ slots, int D) { PDL_ENTER();
+    int r = blockIdx.x, i = 0, first = 0;
+    while (i + 1 < R.n && r >= first + R.count[i]) first += R.count[i++];
+    int k = r - first;
+    if (threadIdx.x == 0) {
+        pos[r] = R.pos0[i] + k;
+        slots[r] = R.slot0[i] + k;
+    }
+    for (int j = threadIdx.x; j < D; j += blockDim.x) out[(size_t)r * D + j] = ring[(size_t)(R.ring0[i] + k) * D + j];
 }
 
 // x[rows[j], :] = v (e.g. the MASK embedding), then nothing else.

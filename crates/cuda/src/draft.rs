@@ -115,13 +115,15 @@ impl CudaModel {
     }
 
     /// Appends target layer `li`'s output (rows of `x`) to the context features when the drafter
-    /// reads that layer; the last layer is taken after the final norm.
-    pub(crate) fn capture(&self, li: usize, x: &CudaSlice<f32>, n: usize, features: &mut Option<CudaSlice<f32>>) -> Result<()> {
+    /// reads that layer; the last layer is taken after the final norm. With `ring` (a decode
+    /// step that stages the context, crate::draft_staging) row r goes to ring row `ring.0[r]`
+    /// of `ring.1` instead.
+    pub(crate) fn capture(&self, li: usize, x: &CudaSlice<f32>, n: usize, features: &mut Option<CudaSlice<f32>>, ring: Option<(&CudaSlice<i32>, &CudaSlice<f32>)>) -> Result<()> {
         let Some(d) = &self.drafter else { return Ok(()) };
         let h = self.spec.hidden_size;
         let cd = d.spec.context_dim();
         for (ci, _) in d.spec.target_layer_ids.iter().enumerate().filter(|(_, &id)| id == li) {
-            if features.is_none() {
+            if features.is_none() && ring.is_none() {
                 *features = Some(self.zeros(n * cd)?);
             }
             let normed;
@@ -132,9 +134,23 @@ impl CudaModel {
                 x
             };
             let (hh, ww, off) = (h as i32, cd as i32, (ci * h) as i32);
+            let cfg = LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
             let mut b = crate::launch::builder(&self.stream, &self.ops.copy_cols);
-            b.arg(src).arg(features.as_mut().unwrap()).arg(&hh).arg(&ww).arg(&off);
-            unsafe { b.launch(LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
+            match (ring, features.as_mut()) {
+                (Some((rows, buf)), _) => {
+                    // The rings are written through a shared reference: only this stream's
+                    // kernels touch them.
+                    let (p, _g) = buf.device_ptr(&self.stream);
+                    b.arg(src).arg(&p).arg(&hh).arg(&ww).arg(&off).arg(rows);
+                    unsafe { b.launch(cfg) }.map_err(drv)?;
+                }
+                (None, Some(f)) => {
+                    let no_rows = 0u64;
+                    b.arg(src).arg(f).arg(&hh).arg(&ww).arg(&off).arg(&no_rows);
+                    unsafe { b.launch(cfg) }.map_err(drv)?;
+                }
+                (None, None) => return Err(Error::Backend("features captured without a buffer".into())),
+            }
         }
         Ok(())
     }

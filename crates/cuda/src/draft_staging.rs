@@ -23,11 +23,11 @@
 
 use std::collections::HashMap;
 
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, DevicePtrMut, LaunchConfig};
 use peregrine_core::backend::{DraftForward, SeqForward, NULL_BLOCK};
 use peregrine_core::Result;
 
-use crate::backend::{upload, CudaModel, HostRows};
+use crate::backend::{drv, CudaModel, HostRows};
 
 /// Sequences with a ring: the largest decode graph's rows (`graph::ROW_BUCKETS`), so every
 /// decode graph step stages all its rows.
@@ -56,7 +56,59 @@ impl Flush {
     pub(crate) fn is_empty(&self) -> bool {
         self.rows.is_empty()
     }
+
+    /// Its rows as runs (ring rows, positions and slots all consecutive), `RING_RUNS` a launch.
+    pub(crate) fn runs(&self) -> Vec<RingRuns> {
+        let mut out: Vec<RingRuns> = Vec::new();
+        for i in 0..self.rows.len() {
+            let (r, p, s) = (self.rows[i], self.pos[i], self.slots[i]);
+            let extends = out.last().is_some_and(|l| {
+                let j = l.n as usize - 1;
+                l.ring0[j] + l.count[j] == r && l.pos0[j] + l.count[j] == p && l.slot0[j] + l.count[j] as i64 == s
+            });
+            if extends {
+                let l = out.last_mut().expect("checked");
+                l.count[l.n as usize - 1] += 1;
+                continue;
+            }
+            if out.last().is_none_or(|l| l.n as usize == RING_RUNS) {
+                out.push(RingRuns::default());
+            }
+            let l = out.last_mut().expect("pushed");
+            let j = l.n as usize;
+            (l.ring0[j], l.pos0[j], l.count[j], l.slot0[j]) = (r, p, 1, s);
+            l.n += 1;
+        }
+        out
+    }
 }
+
+/// Runs a `ring_gather` launch takes (`RING_RUNS` in kernels/ops.cu).
+pub(crate) const RING_RUNS: usize = 64;
+
+/// `ring_gather`'s runs, by value (the C layout of `RingRuns` in kernels/ops.cu).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RingRuns {
+    n: i32,
+    ring0: [i32; RING_RUNS],
+    pos0: [i32; RING_RUNS],
+    count: [i32; RING_RUNS],
+    slot0: [i64; RING_RUNS],
+}
+
+impl Default for RingRuns {
+    fn default() -> RingRuns {
+        RingRuns { n: 0, ring0: [0; RING_RUNS], pos0: [0; RING_RUNS], count: [0; RING_RUNS], slot0: [0; RING_RUNS] }
+    }
+}
+
+impl RingRuns {
+    fn rows(&self) -> usize {
+        self.count[..self.n as usize].iter().map(|&c| c as usize).sum()
+    }
+}
+
 
 /// What a step does with the drafter's context: before it, rows to flush (sequences whose rows
 /// are not where this step continues); per step row, its ring row (or None: the step writes
@@ -261,8 +313,9 @@ impl CudaModel {
         }
     }
 
-    /// Ring rows into context K/V at their pool slots: gathered, then `write_draft_context` as
-    /// a step would over them.
+    /// Ring rows into context K/V at their pool slots: gathered with their positions and slots
+    /// (`ring_gather`, the runs passed by value: no host copy), then `write_draft_context` as a
+    /// step would over them.
     pub(crate) fn flush_draft_context(&self, f: &Flush) -> Result<()> {
         let (Some(s), Some(d)) = (&self.draft_staging, &self.drafter) else { return Ok(()) };
         if f.is_empty() {
@@ -270,9 +323,24 @@ impl CudaModel {
         }
         let (n, cd) = (f.rows.len(), d.spec.context_dim());
         let st = &self.stream;
-        let (idx, pos, slots) = (upload(st, &f.rows)?, upload(st, &f.pos)?, upload(st, &f.slots)?);
         let mut features = self.empty(n * cd)?;
-        self.gather_rows(&s.rows, &idx, &mut features, n, cd)?;
+        let mut pos = st.alloc_zeros::<i32>(n).map_err(drv)?;
+        let mut slots = st.alloc_zeros::<i64>(n).map_err(drv)?;
+        {
+            let (fp, _gf) = features.device_ptr_mut(st);
+            let (pp, _gp) = pos.device_ptr_mut(st);
+            let (sp, _gs) = slots.device_ptr_mut(st);
+            let mut done = 0u64;
+            for runs in f.runs() {
+                let rows = runs.rows();
+                let (fo, po, so) = (fp + 4 * done * cd as u64, pp + 4 * done, sp + 8 * done);
+                let dd = cd as i32;
+                let mut b = crate::launch::builder(st, &self.ops.ring_gather);
+                b.arg(&s.rows).arg_struct(&runs).arg(&fo).arg(&po).arg(&so).arg(&dd);
+                unsafe { b.launch(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.map_err(drv)?;
+                done += rows as u64;
+            }
+        }
         self.write_draft_context(&features, n, &pos, &slots)
     }
 }
@@ -433,6 +501,26 @@ mod tests {
         let s = t.plan(&more, true);
         assert!(s.stage.is_none());
         assert_eq!(s.before.pos.len(), STAGE_SEQS, "every waiting row flushed before the direct step");
+    }
+
+    #[test]
+    fn flushed_rows_go_as_runs_of_consecutive_rows() {
+        let f = Flush { rows: vec![1, 2, 3, 9, 4], pos: vec![5, 6, 7, 1, 8], slots: vec![37, 38, 39, 96, 64] };
+        let runs = f.runs();
+        assert_eq!(runs.len(), 1);
+        let r = &runs[0];
+        assert_eq!(r.n, 3);
+        assert_eq!((r.ring0[0], r.pos0[0], r.count[0], r.slot0[0]), (1, 5, 3, 37));
+        assert_eq!((r.ring0[1], r.pos0[1], r.count[1], r.slot0[1]), (9, 1, 1, 96));
+        // Ring row 4 follows 3, but its slot does not follow 39: a run of its own.
+        assert_eq!((r.ring0[2], r.pos0[2], r.count[2], r.slot0[2]), (4, 8, 1, 64));
+        assert_eq!(r.rows(), 5);
+        // More runs than a launch takes: the rest in the next.
+        let n = RING_RUNS + 3;
+        let f = Flush { rows: (0..n as i32).map(|i| 2 * i).collect(), pos: vec![0; n], slots: vec![0; n] };
+        let runs = f.runs();
+        assert_eq!(runs.iter().map(|r| r.n).collect::<Vec<_>>(), vec![RING_RUNS as i32, 3]);
+        assert_eq!(runs.iter().map(RingRuns::rows).sum::<usize>(), n);
     }
 
     #[test]

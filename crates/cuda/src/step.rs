@@ -220,6 +220,12 @@ impl CudaModel {
         // Mlp op of that layer, which reads the residual and it.
         let mut norm_left: Option<(usize, CudaSlice<f32>)> = None;
         let mut features = None;
+        // A decode step that stages the drafter's context: each row's ring row, and the rings
+        // (crate::draft_staging).
+        let ring = match (&meta.stage, &self.draft_staging) {
+            (Some(rows), Some(s)) => Some((rows, &s.rows)),
+            _ => None,
+        };
         let norm_weight = |w: NormWeight| match w {
             NormWeight::Input(l) => &self.layers[l].input_norm,
             NormWeight::PostAttention(l) => &self.layers[l].post_norm,
@@ -409,14 +415,14 @@ impl CudaModel {
                 }
                 Op::CaptureFeatures { layer, rows } => {
                     let x = acts[Act::Hidden as usize].as_ref().ok_or_else(|| Error::Backend("step plan captures before the embedding".into()))?;
-                    self.capture(layer, x, rows, &mut features)?;
+                    self.capture(layer, x, rows, &mut features, ring)?;
                 }
-                Op::DraftContext { rows } => match (&features, &meta.stage, &self.draft_staging, &self.drafter) {
-                    // A decode step stages the features in the rows' rings (crate::draft_staging).
-                    (Some(f), Some(stage), Some(s), Some(d)) => self.scatter_rows(f, stage, &s.rows, rows, d.spec.context_dim())?,
-                    (Some(f), ..) => self.write_draft_context(f, rows, &meta.pos, &meta.full_slots)?,
-                    _ => {}
-                },
+                // A decode step that stages the context captured straight into the rings.
+                Op::DraftContext { rows } => {
+                    if let (Some(f), None) = (&features, ring) {
+                        self.write_draft_context(f, rows, &meta.pos, &meta.full_slots)?;
+                    }
+                }
                 Op::GatherRows { rows } => {
                     let idx = out_idx.ok_or_else(|| Error::Backend("step plan gathers rows without their indices".into()))?;
                     let x = acts[Act::Hidden as usize].as_ref().ok_or_else(|| Error::Backend("step plan gathers before the embedding".into()))?;

@@ -386,17 +386,6 @@ impl CudaModel {
         Ok(())
     }
 
-    /// y[idx[j]] = x[j] for `rows` rows of `d`.
-    pub(crate) fn scatter_rows(&self, x: &CudaSlice<f32>, idx: &CudaSlice<i32>, y: &CudaSlice<f32>, rows: usize, d: usize) -> Result<()> {
-        let dd = d as i32;
-        let mut b = crate::launch::builder(&self.stream, &self.ops.scatter_rows);
-        // The rings are written through a shared reference: only kernels on this stream touch them.
-        let (yp, _g) = y.device_ptr(&self.stream);
-        b.arg(x).arg(idx).arg(&yp).arg(&dd);
-        unsafe { b.launch(row_copy_cfg(rows, d)) }.map_err(drv)?;
-        Ok(())
-    }
-
     /// ids[r] = the argmax of logits row r (ties to the lower id; all -inf/NaN: 0) for `rows`
     /// rows of the vocabulary: partial maxima over slices of ~2048 by many blocks, then one
     /// small block per row.

@@ -76,7 +76,7 @@ pub(crate) struct Ops {
     attention: CudaFunction,
     silu_mul: CudaFunction,
     pub(crate) gather_rows: CudaFunction,
-    pub(crate) scatter_rows: CudaFunction,
+    pub(crate) ring_gather: CudaFunction,
     scatter_add_scaled: CudaFunction,
     gemv_f32: CudaFunction,
     gemv_f32_tiles: CudaFunction,
@@ -159,7 +159,7 @@ fn load_ops(gpu: &Gpu, kv: KvDtype) -> Result<Ops> {
         attention: f("attention")?,
         silu_mul: f("silu_mul")?,
         gather_rows: f("gather_rows")?,
-        scatter_rows: f("scatter_rows")?,
+        ring_gather: f("ring_gather")?,
         scatter_add_scaled: f("scatter_add_scaled")?,
         gemv_f32: f("gemv_f32")?,
         gemv_f32_tiles: f("gemv_f32_tiles")?,
@@ -1387,11 +1387,8 @@ impl CudaModel {
         // Decode rows stage the drafter's context; a block they fill is flushed after the step
         // (crate::draft_staging).
         let after = self.stage_draft_context(batch, &mut rows)?;
-        match self.run_rows(&rows, out) {
-            Ok(fetched) => {
-                self.flush_draft_context(&after)?;
-                Ok((fetched, rows.counts))
-            }
+        match self.run_rows(&rows, out, &after) {
+            Ok(fetched) => Ok((fetched, rows.counts)),
             Err(e) => {
                 self.forget_staged(batch);
                 Err(e)
@@ -1399,8 +1396,11 @@ impl CudaModel {
         }
     }
 
-    /// `run`'s step over its rows.
-    fn run_rows(&mut self, rows: &HostRows, out: Out) -> Result<Fetched> {
+    /// `run`'s step over its rows, then `after` (the drafter's rings to flush): before the
+    /// step's ids are read where they wait in a copy-free graph's slot (so the GPU has the
+    /// flush queued behind the graph), after its results otherwise (their copies would wait
+    /// for it).
+    fn run_rows(&mut self, rows: &HostRows, out: Out, after: &crate::draft_staging::Flush) -> Result<Fetched> {
         let (n, k) = (rows.toks.len(), rows.want.len());
         let vocab = self.spec.vocab_size;
         // Sampled without adjustments: the graph that samples (its ids are the samples).
@@ -1411,6 +1411,13 @@ impl CudaModel {
         if let Some(mut g) = self.graph_for(rows, in_graph)? {
             let out = if in_graph.is_some() { Out::Argmax } else { out };
             // A copy-free graph wrote its ids into the host slot (crate::staged).
+            let by_slot = matches!((&out, g.staged(), g.slot), (Out::Argmax, Some(_), Some(_)));
+            if by_slot {
+                if let Err(e) = self.flush_draft_context(after) {
+                    self.graphs.put_back(g);
+                    return Err(e);
+                }
+            }
             let slot_ids = match (&out, g.staged(), g.slot) {
                 (Out::Argmax, Some(s), Some(slot)) => Some(s.slots.ids(slot, k)),
                 _ => None,
@@ -1421,6 +1428,9 @@ impl CudaModel {
                 (out, None) => fetch(&self.kernels, &self.stream, out, &rows.counts, vocab, &mut g.logits, &g.ids),
             };
             self.graphs.put_back(g);
+            if !by_slot {
+                self.flush_draft_context(after)?;
+            }
             return fetched;
         }
         let st = self.stream.clone();
@@ -1428,7 +1438,9 @@ impl CudaModel {
         let mut logits = self.zeros(k * vocab)?;
         let mut ids = st.alloc_zeros::<i32>(k.max(1)).map_err(drv)?;
         self.step_body(&meta, n, Some((&idx, k)), rows.one_per_seq, &mut logits, &mut ids)?;
-        fetch(&self.kernels, &st, out, &rows.counts, vocab, &mut logits, &ids)
+        let fetched = fetch(&self.kernels, &st, out, &rows.counts, vocab, &mut logits, &ids)?;
+        self.flush_draft_context(after)?;
+        Ok(fetched)
     }
 
     /// Greedy decoding without logits on the host: the argmax token of every asked-for row
