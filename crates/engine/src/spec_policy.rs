@@ -147,9 +147,6 @@ impl SpecPolicy {
             return false;
         }
         let best = spec_tokens / b.spec.median() > rows as f64 / b.plain.median();
-        if std::env::var("PEREGRINE_SPEC_POLICY_TRACE").is_ok() {
-            eprintln!("POLICY decide rows {rows} tokens {spec_tokens:.3} spec_ms {:.4} plain_ms {:.4} best {best} since {} gap {}", b.spec.median() * 1e3, b.plain.median() * 1e3, b.since_probe, b.gap);
-        }
         if b.probed.take() == Some(best) {
             b.gap = (2 * b.gap).min(PROBE_MAX);
         }
@@ -169,9 +166,6 @@ impl SpecPolicy {
 
     /// Records how long a step of `rows` decoding sequences (and nothing else) took.
     pub fn record_step(&mut self, rows: usize, speculated: bool, secs: f64) {
-        if std::env::var("PEREGRINE_SPEC_POLICY_TRACE").is_ok() {
-            eprintln!("POLICY step rows {rows} spec {speculated} ms {:.4}", secs * 1e3);
-        }
         let b = self.bucket(rows);
         if speculated { b.spec.push(secs) } else { b.plain.push(secs) }
     }
@@ -179,9 +173,6 @@ impl SpecPolicy {
     /// Records a sequence's verify round that committed `committed` tokens.
     pub fn record_round(&mut self, rounds: &mut SeqRounds, committed: usize) {
         let c = committed as f64;
-        if std::env::var("PEREGRINE_SPEC_POLICY_TRACE").is_ok() {
-            eprintln!("POLICY round {committed} prior {:.3} est_before {:.3}", self.prior, self.expected(rounds));
-        }
         self.prior += PRIOR_ALPHA * (c - self.prior);
         rounds.tokens = SEQ_DECAY * rounds.tokens + c;
         rounds.weight = SEQ_DECAY * rounds.weight + 1.0;
