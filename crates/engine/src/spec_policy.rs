@@ -111,42 +111,12 @@ pub struct SpecPolicy {
     buckets: Vec<Bucket>,
     /// Tokens per verify round over every sequence: where a sequence without rounds starts.
     prior: f64,
-    stats: Option<Stats>,
-}
-
-#[derive(Debug, Default)]
-struct Stats {
-    decisions: usize,
-    best_true: usize,
-    ratio_sum: f64,
-    tokens_sum: f64,
-    spec_n: usize,
-    spec_sum: f64,
-    plain_n: usize,
-    plain_sum: f64,
-    rounds: usize,
-    round_tokens: usize,
-    first: Option<std::time::Instant>,
-    last: Option<std::time::Instant>,
-}
-
-impl Drop for SpecPolicy {
-    fn drop(&mut self) {
-        if let Some(s) = &self.stats {
-            let wall = match (s.first, s.last) { (Some(a), Some(b)) => (b - a).as_secs_f64(), _ => 0.0 };
-            eprintln!("POLICY decisions {} best_true {} mean_ratio {:.3} mean_tokens {:.3} spec {} mean_ms {:.4} plain {} mean_ms {:.4} recorded_ms {:.1} wall_ms {:.1} rounds {} tokens/round {:.3}",
-                s.decisions, s.best_true, s.ratio_sum / s.decisions.max(1) as f64, s.tokens_sum / s.decisions.max(1) as f64,
-                s.spec_n, 1e3 * s.spec_sum / s.spec_n.max(1) as f64, s.plain_n, 1e3 * s.plain_sum / s.plain_n.max(1) as f64,
-                1e3 * (s.spec_sum + s.plain_sum), 1e3 * wall, s.rounds, s.round_tokens as f64 / s.rounds.max(1) as f64);
-        }
-    }
 }
 
 impl SpecPolicy {
     /// `block`: the speculative block size (a new sequence is first assumed to commit half).
     pub fn new(mode: SpeculationMode, block: usize) -> Self {
-        let stats = std::env::var("PEREGRINE_SPEC_POLICY_STATS").is_ok().then(Stats::default);
-        SpecPolicy { mode, buckets: Vec::new(), prior: (block as f64 / 2.0).max(1.0), stats }
+        SpecPolicy { mode, buckets: Vec::new(), prior: (block as f64 / 2.0).max(1.0) }
     }
 
     fn bucket(&mut self, rows: usize) -> &mut Bucket {
@@ -177,14 +147,6 @@ impl SpecPolicy {
             return false;
         }
         let best = spec_tokens / b.spec.median() > rows as f64 / b.plain.median();
-        let ratio = b.spec.median() / b.plain.median();
-        if let Some(s) = self.stats.as_mut() {
-            s.decisions += 1;
-            s.best_true += best as usize;
-            s.ratio_sum += ratio;
-            s.tokens_sum += spec_tokens;
-        }
-        let b = self.bucket(rows);
         if b.probed.take() == Some(best) {
             b.gap = (2 * b.gap).min(PROBE_MAX);
         }
@@ -204,12 +166,6 @@ impl SpecPolicy {
 
     /// Records how long a step of `rows` decoding sequences (and nothing else) took.
     pub fn record_step(&mut self, rows: usize, speculated: bool, secs: f64) {
-        if let Some(s) = self.stats.as_mut() {
-            let now = std::time::Instant::now();
-            s.first.get_or_insert(now);
-            s.last = Some(now);
-            if speculated { s.spec_n += 1; s.spec_sum += secs } else { s.plain_n += 1; s.plain_sum += secs }
-        }
         let b = self.bucket(rows);
         if speculated { b.spec.push(secs) } else { b.plain.push(secs) }
     }
@@ -217,10 +173,6 @@ impl SpecPolicy {
     /// Records a sequence's verify round that committed `committed` tokens.
     pub fn record_round(&mut self, rounds: &mut SeqRounds, committed: usize) {
         let c = committed as f64;
-        if let Some(s) = self.stats.as_mut() {
-            s.rounds += 1;
-            s.round_tokens += committed;
-        }
         self.prior += PRIOR_ALPHA * (c - self.prior);
         rounds.tokens = SEQ_DECAY * rounds.tokens + c;
         rounds.weight = SEQ_DECAY * rounds.weight + 1.0;
