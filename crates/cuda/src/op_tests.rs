@@ -1441,3 +1441,93 @@ fn tied_bf16_embedding_serves_as_a_tiled_lm_head() {
     let want: Vec<f32> = (0..rows).flat_map(|t| (0..v).map(|n| (0..h).map(|k| e[n * h + k] as f64 * x[t * h + k] as f64).sum::<f64>() as f32).collect::<Vec<_>>()).collect();
     close("tied lm_head", &st.clone_dtoh(&y).unwrap(), &want, 1e-5);
 }
+
+/// Decode steps of several sequences at once that stage the drafter's context
+/// (crate::draft_staging) leave its pools as steps writing it directly do: the same values
+/// within f32 rounding (the ring's rows go through GEMVs of more rows), at every position the
+/// sequences hold, through block ends, a verify step, a step back over staged positions, a
+/// sequence leaving and draft passes; and the same drafts. F32 pools, so nothing rounds them.
+#[test]
+fn staged_drafter_context_of_several_sequences_fills_the_pools_of_direct_writes() {
+    use peregrine_core::backend::{Backend, DraftForward, KvConfig, OutputRows, SeqForward};
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let spec = peregrine_model::config::load_spec(&root.join("tests/fixtures/golden/default")).expect("fixture config");
+    let dspec = peregrine_model::dflash::open_drafter(&root.join("tests/fixtures/dflash/random")).expect("drafter fixture").spec;
+    let (bs, per_seq, seqs) = (16usize, 6usize, 3usize);
+    let table = |s: usize| -> Vec<u32> { (0..per_seq).map(|b| (s * per_seq + b) as u32).collect() };
+    let prompts: Vec<Vec<u32>> = [13usize, 16, 21].iter().enumerate().map(|(s, &n)| (0..n as u32).map(|i| 5 + (i * 29 + s as u32 * 71) % 300).collect()).collect();
+    let fwd = |s: usize, tokens: Vec<u32>, start: usize, output| SeqForward { seq_id: s as u64 + 1, tokens, start_pos: start, full_blocks: table(s), swa_blocks: table(s), output };
+    let draft = |s: usize, out: &[u32]| DraftForward { seq_id: s as u64 + 1, last_token: out[out.len() - 1], start_pos: out.len() - 1, num_drafts: 5, full_blocks: table(s) };
+    // Tokens, drafts, the drafter's pools and the rows staged.
+    type Run = (Vec<Vec<u32>>, Vec<Vec<u32>>, Vec<Vec<f32>>, usize);
+    let run = |deferred: bool| -> Option<Run> {
+        let mut m = CudaModel::synthetic(probe_for_tests(0)?, &spec, 7).expect("synthetic model");
+        m.attach_synthetic_drafter(&dspec, 11).expect("synthetic drafter");
+        m.set_draft_context_deferred(deferred);
+        m.init_kv(KvConfig { block_size: bs, num_full_blocks: seqs * per_seq, num_swa_blocks: seqs * per_seq }).expect("KV cache");
+        // out[s]: the sequence's tokens; its last one is not in the KV cache yet.
+        let mut out: Vec<Vec<u32>> = prompts.clone();
+        for (s, o) in out.iter_mut().enumerate() {
+            let t = m.forward_argmax(&[fwd(s, o.clone(), 0, OutputRows::Last)]).unwrap();
+            o.extend(&t[0]);
+        }
+        let mut drafts = Vec::new();
+        for step in 0..44 {
+            let live: Vec<usize> = (0..seqs).filter(|&s| s != 2 || step < 27).collect();
+            if step == 12 {
+                // Sequence 1 verifies a block of 6 (its rows write the context directly) and
+                // keeps 3 positions of it.
+                let o = &mut out[1];
+                let p = o.len() - 1;
+                let mut ids = vec![o[p]];
+                ids.extend((0..5).map(|i| 7 + i * 13));
+                let lg = m.forward(&[fwd(1, ids.clone(), p, OutputRows::All)]).unwrap().remove(0);
+                let vocab = lg.data.len() / lg.rows;
+                let am = |r: usize| lg.data[r * vocab..(r + 1) * vocab].iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0 as u32;
+                o.extend([ids[1], ids[2], am(2)]);
+                continue;
+            }
+            if step == 20 || step == 35 {
+                drafts.push(m.draft(&[draft(0, &out[0])]).unwrap().remove(0));
+            }
+            if step == 30 {
+                // Sequence 0 goes back over two positions it staged (their tokens again).
+                let n = out[0].len();
+                out[0].truncate(n - 2);
+            }
+            let b: Vec<SeqForward> = live.iter().map(|&s| fwd(s, vec![out[s][out[s].len() - 1]], out[s].len() - 1, OutputRows::Last)).collect();
+            let ids = m.forward_argmax(&b).unwrap();
+            for (&s, t) in live.iter().zip(ids) {
+                out[s].extend(t);
+            }
+        }
+        let all: Vec<DraftForward> = (0..seqs).map(|s| draft(s, &out[s])).collect();
+        drafts.extend(m.draft(&all).unwrap());
+        let st = m.stream.clone();
+        let pools = m.draft_kv.iter().flat_map(|(k, v)| [k.download(&st).unwrap(), v.download(&st).unwrap()]).collect();
+        Some((out, drafts, pools, m.staged_draft_rows()))
+    };
+    let Some((out, drafts, pools, none)) = run(false) else { return };
+    let (out2, drafts2, pools2, staged) = run(true).expect("a second model on the GPU");
+    assert_eq!(none, 0, "rows staged with deferral off");
+    assert!(staged > 80, "only {staged} rows staged");
+    assert_eq!(out2, out, "the target's tokens");
+    let mut worst = 0f32;
+    for (i, (a, b)) in pools.iter().zip(&pools2).enumerate() {
+        let width = a.len() / ((seqs * per_seq + 1) * bs);
+        for (s, o) in out.iter().enumerate() {
+            // Every position the sequence holds in the KV cache (all but its last token).
+            for p in 0..o.len() - 1 {
+                let slot = table(s)[p / bs] as usize * bs + p % bs;
+                let (x, y) = (&a[slot * width..(slot + 1) * width], &b[slot * width..(slot + 1) * width]);
+                let scale = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+                assert!(scale > 0.0 && y.iter().all(|v| v.is_finite()), "pool {i}, sequence {s}, position {p}: direct {scale} / staged not finite");
+                let d = x.iter().zip(y).fold(0f32, |m, (u, v)| m.max((u - v).abs())) / scale;
+                assert!(d <= 1e-5, "pool {i}, sequence {s}, position {p}: staged context {d:.2e} from direct writes");
+                worst = worst.max(d);
+            }
+        }
+    }
+    assert_eq!(drafts2, drafts, "drafts from staged context");
+    eprintln!("staged drafter context of {seqs} sequences ({staged} rows): pools within {worst:.2e} of direct writes, {} draft passes the same", drafts.len());
+}
