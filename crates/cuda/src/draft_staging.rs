@@ -44,42 +44,43 @@ struct Ring {
     used: u64,
 }
 
-/// Rows to turn into context K/V: each one's ring row, position and pool slot.
+/// Consecutive rows of one ring to turn into context K/V: `count` rows from ring row `ring0`,
+/// position `pos0` and pool slot `slot0` on (a ring's waiting rows are one run: one block).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Run {
+    pub(crate) ring0: i32,
+    pub(crate) pos0: i32,
+    pub(crate) slot0: i64,
+    pub(crate) count: i32,
+}
+
+/// Rows to turn into context K/V, run by run.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub(crate) struct Flush {
-    pub(crate) rows: Vec<i32>,
-    pub(crate) pos: Vec<i32>,
-    pub(crate) slots: Vec<i64>,
+    pub(crate) runs: Vec<Run>,
 }
 
 impl Flush {
     pub(crate) fn is_empty(&self) -> bool {
-        self.rows.is_empty()
+        self.runs.is_empty()
     }
 
-    /// Its rows as runs (ring rows, positions and slots all consecutive), `RING_RUNS` a launch.
-    pub(crate) fn runs(&self) -> Vec<RingRuns> {
-        let mut out: Vec<RingRuns> = Vec::new();
-        for i in 0..self.rows.len() {
-            let (r, p, s) = (self.rows[i], self.pos[i], self.slots[i]);
-            let extends = out.last().is_some_and(|l| {
-                let j = l.n as usize - 1;
-                l.ring0[j] + l.count[j] == r && l.pos0[j] + l.count[j] == p && l.slot0[j] + l.count[j] as i64 == s
-            });
-            if extends {
-                let l = out.last_mut().expect("checked");
-                l.count[l.n as usize - 1] += 1;
-                continue;
-            }
-            if out.last().is_none_or(|l| l.n as usize == RING_RUNS) {
-                out.push(RingRuns::default());
-            }
-            let l = out.last_mut().expect("pushed");
-            let j = l.n as usize;
-            (l.ring0[j], l.pos0[j], l.count[j], l.slot0[j]) = (r, p, 1, s);
-            l.n += 1;
-        }
-        out
+    pub(crate) fn rows(&self) -> usize {
+        self.runs.iter().map(|r| r.count as usize).sum()
+    }
+
+    /// The runs as `ring_gather` launches take them, `RING_RUNS` a launch.
+    pub(crate) fn launches(&self) -> Vec<RingRuns> {
+        self.runs
+            .chunks(RING_RUNS)
+            .map(|c| {
+                let mut l = RingRuns { n: c.len() as i32, ..RingRuns::default() };
+                for (j, r) in c.iter().enumerate() {
+                    (l.ring0[j], l.pos0[j], l.slot0[j], l.count[j]) = (r.ring0, r.pos0, r.slot0, r.count);
+                }
+                l
+            })
+            .collect()
     }
 }
 
@@ -194,11 +195,8 @@ impl StageTable {
     /// Ring `r`'s waiting rows into `flush` where `table` still holds their block; then none wait.
     fn take(r: &mut Ring, bs: usize, table: &[u32], flush: &mut Flush) {
         if r.end > r.next && table.get(r.next / bs) == Some(&r.block) && r.block != NULL_BLOCK {
-            for q in r.next..r.end {
-                flush.rows.push((r.slot * bs + q % bs) as i32);
-                flush.pos.push(q as i32);
-                flush.slots.push(r.block as i64 * bs as i64 + (q % bs) as i64);
-            }
+            let q = r.next;
+            flush.runs.push(Run { ring0: (r.slot * bs + q % bs) as i32, pos0: q as i32, slot0: r.block as i64 * bs as i64 + (q % bs) as i64, count: (r.end - q) as i32 });
         }
         r.next = r.end;
     }
@@ -321,7 +319,7 @@ impl CudaModel {
         if f.is_empty() {
             return Ok(());
         }
-        let (n, cd) = (f.rows.len(), d.spec.context_dim());
+        let (n, cd) = (f.rows(), d.spec.context_dim());
         let st = &self.stream;
         let mut features = self.empty(n * cd)?;
         let mut pos = st.alloc_zeros::<i32>(n).map_err(drv)?;
@@ -331,7 +329,7 @@ impl CudaModel {
             let (pp, _gp) = pos.device_ptr_mut(st);
             let (sp, _gs) = slots.device_ptr_mut(st);
             let mut done = 0u64;
-            for runs in f.runs() {
+            for runs in f.launches() {
                 let rows = runs.rows();
                 let (fo, po, so) = (fp + 4 * done * cd as u64, pp + 4 * done, sp + 8 * done);
                 let dd = cd as i32;
@@ -355,8 +353,15 @@ mod tests {
         t.plan(&[(id, p, 1, table)], true)
     }
 
+    /// A flush's positions, pool slots and ring rows, row by row.
     fn positions(f: &Flush) -> Vec<i32> {
-        f.pos.clone()
+        f.runs.iter().flat_map(|r| r.pos0..r.pos0 + r.count).collect()
+    }
+    fn slots(f: &Flush) -> Vec<i64> {
+        f.runs.iter().flat_map(|r| r.slot0..r.slot0 + r.count as i64).collect()
+    }
+    fn ring_rows(f: &Flush) -> Vec<i32> {
+        f.runs.iter().flat_map(|r| r.ring0..r.ring0 + r.count).collect()
     }
 
     #[test]
@@ -373,8 +378,8 @@ mod tests {
         }
         let s = decode(&mut t, 1, 7, &table);
         assert_eq!(positions(&s.after), vec![5, 6, 7]);
-        assert_eq!(s.after.slots, vec![9 * 4 + 1, 9 * 4 + 2, 9 * 4 + 3]);
-        assert_eq!(s.after.rows, vec![1, 2, 3]);
+        assert_eq!(slots(&s.after), vec![9 * 4 + 1, 9 * 4 + 2, 9 * 4 + 3]);
+        assert_eq!(ring_rows(&s.after), vec![1, 2, 3]);
         // Nothing waits after it.
         let mut f = Flush::default();
         t.settle(1, &table, &mut f);
@@ -390,7 +395,7 @@ mod tests {
         let mut f = Flush::default();
         t.settle(1, &table, &mut f);
         assert_eq!(positions(&f), vec![4, 5]);
-        assert_eq!(f.slots, vec![16, 17]);
+        assert_eq!(slots(&f), vec![16, 17]);
         decode(&mut t, 1, 6, &table);
         let s = decode(&mut t, 1, 7, &table);
         assert_eq!(positions(&s.after), vec![6, 7], "only the rows staged since the pass");
@@ -430,7 +435,7 @@ mod tests {
         // A direct write covered 6..9 (e.g. verify rows); decode resumes at 9 in block 5.
         let s = decode(&mut t, 1, 9, &table);
         assert_eq!(positions(&s.before), vec![4, 5]);
-        assert_eq!(s.before.slots, vec![16, 17]);
+        assert_eq!(slots(&s.before), vec![16, 17]);
         let s = decode(&mut t, 1, 10, &table);
         assert!(s.before.is_empty());
         let s = decode(&mut t, 1, 11, &table);
@@ -500,27 +505,31 @@ mod tests {
         let more: Vec<(u64, usize, usize, &[u32])> = (0..=STAGE_SEQS).map(|i| (i as u64, 2, 1, &tables[i][..])).collect();
         let s = t.plan(&more, true);
         assert!(s.stage.is_none());
-        assert_eq!(s.before.pos.len(), STAGE_SEQS, "every waiting row flushed before the direct step");
+        assert_eq!(positions(&s.before).len(), STAGE_SEQS, "every waiting row flushed before the direct step");
     }
 
     #[test]
-    fn flushed_rows_go_as_runs_of_consecutive_rows() {
-        let f = Flush { rows: vec![1, 2, 3, 9, 4], pos: vec![5, 6, 7, 1, 8], slots: vec![37, 38, 39, 96, 64] };
-        let runs = f.runs();
-        assert_eq!(runs.len(), 1);
-        let r = &runs[0];
-        assert_eq!(r.n, 3);
-        assert_eq!((r.ring0[0], r.pos0[0], r.count[0], r.slot0[0]), (1, 5, 3, 37));
-        assert_eq!((r.ring0[1], r.pos0[1], r.count[1], r.slot0[1]), (9, 1, 1, 96));
-        // Ring row 4 follows 3, but its slot does not follow 39: a run of its own.
-        assert_eq!((r.ring0[2], r.pos0[2], r.count[2], r.slot0[2]), (4, 8, 1, 64));
-        assert_eq!(r.rows(), 5);
-        // More runs than a launch takes: the rest in the next.
-        let n = RING_RUNS + 3;
-        let f = Flush { rows: (0..n as i32).map(|i| 2 * i).collect(), pos: vec![0; n], slots: vec![0; n] };
-        let runs = f.runs();
-        assert_eq!(runs.iter().map(|r| r.n).collect::<Vec<_>>(), vec![RING_RUNS as i32, 3]);
-        assert_eq!(runs.iter().map(RingRuns::rows).sum::<usize>(), n);
+    fn a_flush_goes_as_one_run_a_ring_and_sixty_four_runs_a_launch() {
+        let mut t = StageTable::new(BS);
+        let (a, b) = ([3, 4], [5, 6, 7]);
+        let mut filled = Flush::default();
+        for p in 4..7 {
+            filled.runs.extend(t.plan(&[(1, p, 1, &a[..]), (2, p + 2, 1, &b[..])], true).after.runs);
+        }
+        // Sequence 2's 6 and 7 filled its block 6 (one run, written then); 8 waits in block 7.
+        assert_eq!(filled.runs, vec![Run { ring0: 4 + 2, pos0: 6, slot0: 6 * 4 + 2, count: 2 }]);
+        let mut f = Flush::default();
+        t.settle(1, &a, &mut f);
+        t.settle(2, &b, &mut f);
+        assert_eq!(f.runs, vec![Run { ring0: 0, pos0: 4, slot0: 16, count: 3 }, Run { ring0: 4, pos0: 8, slot0: 28, count: 1 }]);
+        assert_eq!(f.rows(), 4);
+        let r = |i: i32| Run { ring0: 2 * i, pos0: i, slot0: 3 * i as i64, count: 1 + i % 3 };
+        let f = Flush { runs: (0..RING_RUNS as i32 + 3).map(r).collect() };
+        let launches = f.launches();
+        assert_eq!(launches.iter().map(|l| l.n).collect::<Vec<_>>(), vec![RING_RUNS as i32, 3]);
+        assert_eq!(launches.iter().map(RingRuns::rows).sum::<usize>(), f.rows());
+        let last = &launches[1];
+        assert_eq!((last.ring0[2], last.pos0[2], last.slot0[2], last.count[2]), (132, 66, 198, 1));
     }
 
     #[test]
