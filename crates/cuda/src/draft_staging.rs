@@ -6,9 +6,10 @@
 //! drafter's fc and K/V weights whole for one token, ~10% of the demo model's plain step, ~6%
 //! of a Flash-shaped one; the adaptive default pays it on every plain step, drafting or not.
 //!
-//! Now a decode step stages each row's features (a copy, `scatter_rows`) in a ring of one KV
-//! block per sequence, and the ring becomes context K/V in one pass over its rows (the same
-//! `write_draft_context`, its GEMVs reading the weights once for up to a block of rows):
+//! Now a decode step's captures copy each row's features straight into a ring of one KV block
+//! per sequence (`copy_cols` at the row's ring row), and the ring becomes context K/V in one
+//! pass over its rows (`ring_gather`, then the same `write_draft_context`, its GEMVs reading
+//! the weights once for up to a block of rows):
 //! - when the row fills its block (so a full block, which prefix caching may share, always
 //!   holds its context, in the same call that completed it);
 //! - before a draft pass or a speculative round of the sequence reads its context;
@@ -109,7 +110,6 @@ impl RingRuns {
         self.count[..self.n as usize].iter().map(|&c| c as usize).sum()
     }
 }
-
 
 /// What a step does with the drafter's context: before it, rows to flush (sequences whose rows
 /// are not where this step continues); per step row, its ring row (or None: the step writes
