@@ -293,6 +293,15 @@ pub trait Backend: Send {
         Ok(())
     }
 
+    /// Whether a position's logits come out bit for bit alike whichever kind of step computes
+    /// it: in a verify block beside drafts, or decoded alone. True for an exact backend (the
+    /// CPU's rows compute alike at any count); a backend whose multi-row kernels round apart in
+    /// the last bits says false, and the adaptive speculation policy (whose mix of steps follows
+    /// their timing) then keeps seeded sampling requests from drafting, so their text repeats.
+    fn rows_compute_alike(&self) -> bool {
+        true
+    }
+
     /// The attached DFlash drafter, if any. While one is attached, every `forward` also writes
     /// the drafter's context K/V for each position it computes (counted in `kv_block_bytes`).
     fn draft_spec(&self) -> Option<&DraftSpec> {

@@ -20,7 +20,9 @@ pub struct SamplingParams {
     pub repetition_penalty: f32,
     /// Added to the logits of these token ids before everything else.
     pub logit_bias: BTreeMap<u32, f32>,
-    /// Same seed and same request give the same output, whatever else is in the batch.
+    /// Same seed and same request give the same output: whatever else is in the batch on an
+    /// exact backend (the CPU's); on one whose rows round apart by batch (the GPU's), when the
+    /// request runs alone (`Backend::rows_compute_alike`).
     pub seed: Option<u64>,
     /// Return this many top log-probabilities per token (None: no logprobs).
     pub logprobs: Option<usize>,

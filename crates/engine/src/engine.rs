@@ -18,7 +18,7 @@ use crate::json_mode::{JsonConstraint, TokenBytes};
 use crate::kv::{KvManager, SeqBlocks};
 use crate::metrics::Metrics;
 use crate::sampler::{self, SeqRng};
-use crate::spec_policy::{SeqRounds, SpecPolicy};
+use crate::spec_policy::{SeqRounds, SpecPolicy, SpeculationMode};
 
 enum Cmd {
     Submit(Box<Seq>),
@@ -521,12 +521,22 @@ impl Core {
     /// context limit (the reference's `min(block, max_length - start)`).
     fn drafts_possible(&self, s: &Seq) -> usize {
         let Some(block) = self.spec_block else { return 0 };
-        if s.len() - s.computed != 1 || !s.prompt_lp_done || s.constraint.is_some() {
+        if s.len() - s.computed != 1 || !s.prompt_lp_done || s.constraint.is_some() || self.seeded_decodes_plainly(s) {
             return 0;
         }
         let left = s.req.stop.max_tokens.saturating_sub(s.output.len());
         let room = self.config.max_model_len.saturating_sub(s.len());
         (block - 1).min(left).min(room)
+    }
+
+    /// A seeded sampling request under the adaptive policy on a backend whose verify rows round
+    /// apart from decode rows: it never drafts. Which steps draft follows their timing there, and
+    /// a sample near a boundary of its CDF would follow it too; decoded plainly, its text repeats
+    /// (as without a drafter, or under `always`, whose mix of steps is fixed). At a temperature
+    /// above 0 a round rarely pays anyway (a code drafter's ~1.7 tokens a round at T 0.7).
+    fn seeded_decodes_plainly(&self, s: &Seq) -> bool {
+        let p = &s.req.sampling;
+        self.config.speculation == SpeculationMode::Adaptive && p.seed.is_some() && !p.is_greedy() && !self.backend.rows_compute_alike()
     }
 
     /// Whether this step's decoding sequences draft (`SpecPolicy::speculate` over the ones

@@ -26,6 +26,8 @@ struct Mock {
     perfect_drafts: bool,
     /// Every forward takes at least this long (a device whose steps cost the same at 1-8 rows).
     forward_time: Option<Duration>,
+    /// `Backend::rows_compute_alike` (false: as a GPU backend whose verify rows round apart).
+    rows_alike: bool,
 }
 
 /// What the mock's logits at a position depend on: the tokens at positions 0 ..= that one (a
@@ -51,7 +53,7 @@ struct MockOverlap {
 impl Mock {
     /// A mock over `spec(window)`, with `overlap` as in `engine_with`, no drafter.
     fn new(window: Option<usize>, overlap: bool) -> Self {
-        Mock { spec: spec(window), window, bs: 0, full: vec![], swa: vec![], overlap: overlap.then(MockOverlap::default), drafter: None, perfect_drafts: false, forward_time: None }
+        Mock { spec: spec(window), window, bs: 0, full: vec![], swa: vec![], overlap: overlap.then(MockOverlap::default), drafter: None, perfect_drafts: false, forward_time: None, rows_alike: true }
     }
     fn read(pool: &[Option<u32>], table: &[u32], bs: usize, p: usize, what: &str) -> Result<u32> {
         let b = table.get(p / bs).copied().unwrap_or(NULL_BLOCK);
@@ -125,6 +127,9 @@ impl Backend for Mock {
     }
     fn name(&self) -> &str {
         "mock"
+    }
+    fn rows_compute_alike(&self) -> bool {
+        self.rows_alike
     }
     fn draft_spec(&self) -> Option<&peregrine_core::DraftSpec> {
         self.drafter.as_ref()
@@ -224,6 +229,11 @@ fn engine_drafting(cfg: EngineConfig, block: usize) -> EngineHandle {
 }
 
 fn engine_drafting_with(cfg: EngineConfig, block: usize, perfect_drafts: bool, forward_time: Option<Duration>) -> EngineHandle {
+    start_engine(Box::new(drafting_mock(block, perfect_drafts, forward_time)), tokenizer(), cfg).unwrap()
+}
+
+/// The mock of `engine_drafting_with`.
+fn drafting_mock(block: usize, perfect_drafts: bool, forward_time: Option<Duration>) -> Mock {
     let mock = Mock::new(None, true);
     let drafter = peregrine_core::DraftSpec {
         block_size: block,
@@ -237,8 +247,7 @@ fn engine_drafting_with(cfg: EngineConfig, block: usize, perfect_drafts: bool, f
         output_multiplier: 1.0,
         final_logit_softcapping: None,
     };
-    let mock = Mock { drafter: Some(drafter), perfect_drafts, forward_time, ..mock };
-    start_engine(Box::new(mock), tokenizer(), cfg).unwrap()
+    Mock { drafter: Some(drafter), perfect_drafts, forward_time, ..mock }
 }
 
 fn cfg() -> EngineConfig {
@@ -425,6 +434,49 @@ fn adaptive_speculation_keeps_drafting_where_it_pays() {
     // 4 x 79 tokens after the first: ~80 rounds of 4 if every step drafted.
     assert!(accepted >= 2.5 * rounds, "{accepted} drafts accepted in {rounds} rounds: the drafts are the targets");
     assert!((3.0..=12.0).contains(&plain), "{plain} plain steps beside {rounds} rounds: 3 to explore, then a few probes");
+}
+
+/// On a backend whose verify rows round apart from decode rows (the CUDA backend's), the
+/// adaptive policy keeps a seeded sampling request from drafting, so which steps draft (their
+/// timing) cannot change its text; greedy and unseeded requests still draft, `always` drafts for
+/// every request, and on an exact backend seeded requests draft under the adaptive policy too.
+/// Every output is the one without a drafter.
+#[test]
+fn seeded_sampling_decodes_plainly_under_adaptive_where_rows_round_apart() {
+    let seeded = SamplingParams { temperature: 0.8, top_p: 0.95, seed: Some(7), ..Default::default() };
+    let unseeded = SamplingParams { temperature: 0.8, ..Default::default() };
+    let greedy = SamplingParams::greedy();
+    let submit = |e: &EngineHandle, sampling: &SamplingParams| {
+        let o = collect(e.submit(req("r", prompts()[0].clone(), sampling.clone(), 40)).unwrap());
+        wait_idle(e);
+        assert_eq!(o.tokens.len(), 40);
+        o
+    };
+    let base = engine_with(None, cfg(), true);
+    let (base_seeded, base_greedy) = (submit(&base, &seeded), submit(&base, &greedy));
+    base.shutdown();
+    // (mode, rows alike, request): whether it drafts.
+    let cases = [
+        (SpeculationMode::Adaptive, false, &seeded, false),
+        (SpeculationMode::Adaptive, false, &greedy, true),
+        (SpeculationMode::Adaptive, false, &unseeded, true),
+        (SpeculationMode::Always, false, &seeded, true),
+        (SpeculationMode::Adaptive, true, &seeded, true),
+    ];
+    for (mode, alike, sampling, drafts) in cases {
+        let c = EngineConfig { speculation: mode, max_num_seqs: 1, ..cfg() };
+        let e = start_engine(Box::new(Mock { rows_alike: alike, ..drafting_mock(4, true, None) }), tokenizer(), c).unwrap();
+        let o = submit(&e, sampling);
+        let rounds = counter(&e.render_metrics(), "vllm:spec_decode_num_drafts_total");
+        e.shutdown();
+        let case = format!("{mode:?}, rows alike {alike}, seed {:?}, T {}", sampling.seed, sampling.temperature);
+        assert_eq!(rounds > 0.0, drafts, "{case}: {rounds} draft rounds");
+        if sampling.seed.is_some() {
+            assert_eq!(o.tokens, base_seeded.tokens, "{case}");
+        } else if sampling.is_greedy() {
+            assert_eq!(o.tokens, base_greedy.tokens, "{case}");
+        }
+    }
 }
 
 #[test]

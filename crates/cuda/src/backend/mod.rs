@@ -1647,6 +1647,12 @@ impl Backend for CudaModel {
         "cuda"
     }
 
+    /// A verify block's rows run the multi-row attention, MoE and GEMV tiles, a decode row the
+    /// one-token kernels: their sums round apart in the last bits.
+    fn rows_compute_alike(&self) -> bool {
+        false
+    }
+
     fn draft_spec(&self) -> Option<&peregrine_core::DraftSpec> {
         self.drafter.as_ref().map(|d| &d.spec)
     }
