@@ -170,8 +170,18 @@ impl CudaModel {
         };
         self.graphs.overlap.in_flight.push_back(InFlight { ids, rows: n });
         self.graphs.overlap.last_ids = Some(LastIds { addr, rows: n, _sampled: sampled });
-        self.flush_draft_context(&after)?;
+        self.flush_after(batch, &after)?;
         Ok(true)
+    }
+
+    /// The flush of an enqueued step's filled blocks; where it fails, the step's staged rows are
+    /// forgotten as `run` forgets them, so none counts as written.
+    fn flush_after(&mut self, batch: &[SeqForward], after: &crate::draft_staging::Flush) -> Result<()> {
+        let r = self.flush_draft_context(after);
+        if r.is_err() {
+            self.forget_staged(batch);
+        }
+        r
     }
 
     /// The rows of an overlapped decode step, its chained rows reading the last enqueued step's
@@ -241,7 +251,7 @@ impl CudaModel {
         };
         self.graphs.overlap.awaiting = Some(Awaiting { graph, rows: n });
         // After the graph on the stream: the flush reads the rings it wrote, not its logits.
-        self.flush_draft_context(&after)?;
+        self.flush_after(batch, &after)?;
         Ok(true)
     }
 
