@@ -131,7 +131,11 @@ fn main() {
                     .iter()
                     .enumerate()
                     .map(|(i, p)| {
-                        let sampling = SamplingParams { temperature: temp, seed: Some(i as u64), ..SamplingParams::greedy() };
+                        // Seeded, so each mode samples the same texts; but the adaptive policy
+                        // runs unseeded ones, since on a backend whose rows round apart (the
+                        // GPU's) it decodes seeded sampling requests plainly.
+                        let seed = (mode == SpeculationMode::Always || temp == 0.0).then_some(i as u64);
+                        let sampling = SamplingParams { temperature: temp, seed, ..SamplingParams::greedy() };
                         e.submit(GenerateRequest {
                             request_id: format!("b{i}"),
                             prompt_tokens: p.clone(),
