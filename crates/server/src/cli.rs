@@ -190,7 +190,8 @@ pub struct ServeArgs {
     pub speculative_block_size: Option<u16>,
     /// When the drafter speculates: `adaptive` (while speculative steps measure faster than
     /// plain decoding: timed per batch size, with each sequence's own acceptance) or `always`.
-    /// Outputs are the same either way; only the speed differs.
+    /// Outputs are the same either way; only the speed differs. On the GPU, `adaptive` decodes
+    /// seeded sampling requests plainly, so they repeat (`always` drafts for them too).
     #[arg(long, env = "PEREGRINE_SPECULATIVE_MODE", default_value = "adaptive")]
     pub speculative_mode: peregrine_engine::SpeculationMode,
     /// Largest accepted request body, in bytes.
