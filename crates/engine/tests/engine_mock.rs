@@ -477,6 +477,17 @@ fn seeded_sampling_decodes_plainly_under_adaptive_where_rows_round_apart() {
             assert_eq!(o.tokens, base_greedy.tokens, "{case}");
         }
     }
+    // Together: the greedy request drafts and the seeded one rides its speculative steps
+    // without drafts; both outputs as without a drafter.
+    let c = EngineConfig { speculation: SpeculationMode::Adaptive, ..cfg() };
+    let e = start_engine(Box::new(Mock { rows_alike: false, ..drafting_mock(4, true, None) }), tokenizer(), c).unwrap();
+    let (rs, rg) = (e.submit(req("s", prompts()[0].clone(), seeded.clone(), 40)).unwrap(), e.submit(req("g", prompts()[0].clone(), greedy.clone(), 40)).unwrap());
+    let (os, og) = (collect(rs), collect(rg));
+    wait_idle(&e);
+    let rounds = counter(&e.render_metrics(), "vllm:spec_decode_num_drafts_total");
+    e.shutdown();
+    assert!(rounds > 0.0, "the greedy request never drafted");
+    assert_eq!((os.tokens, og.tokens), (base_seeded.tokens, base_greedy.tokens));
 }
 
 #[test]
