@@ -149,20 +149,20 @@ impl StageTable {
         (STAGE_SEQS * self.block_size) as i32
     }
 
-    /// The step of sequences `seqs` (id, first position, new positions, full-attention block
-    /// table): `decode` (one new position each) stages them where the sequences fit the rings;
+    /// The step of sequences `seqs` (id, first position, full-attention block table): `decode`
+    /// (one new position each) stages them where the sequences fit the rings;
     /// otherwise they are written directly, and whatever waits for them is flushed first.
-    pub(crate) fn plan(&mut self, seqs: &[(u64, usize, usize, &[u32])], decode: bool) -> StepStaging {
+    pub(crate) fn plan(&mut self, seqs: &[(u64, usize, &[u32])], decode: bool) -> StepStaging {
         self.tick += 1;
         let mut out = StepStaging::default();
         if !decode || seqs.len() > STAGE_SEQS {
-            for &(id, _, _, table) in seqs {
+            for &(id, _, table) in seqs {
                 self.settle(id, table, &mut out.before);
             }
             return out;
         }
         let mut stage = Vec::with_capacity(seqs.len());
-        for &(id, p, _, table) in seqs {
+        for &(id, p, table) in seqs {
             stage.push(self.stage(id, p, table, &mut out.before, &mut out.after));
         }
         out.stage = Some(stage);
@@ -284,13 +284,10 @@ impl CudaModel {
     /// it stages in `rows.stage`, and returns the rows to flush once it is enqueued.
     pub(crate) fn stage_draft_context(&mut self, batch: &[SeqForward], rows: &mut HostRows) -> Result<Flush> {
         let Some(s) = self.draft_staging.as_mut() else { return Ok(Flush::default()) };
-        let seqs: Vec<(u64, usize, usize, &[u32])> = batch.iter().map(|x| (x.seq_id, x.start_pos, x.tokens.len(), &x.full_blocks[..])).collect();
+        let seqs: Vec<(u64, usize, &[u32])> = batch.iter().map(|x| (x.seq_id, x.start_pos, &x.full_blocks[..])).collect();
         let step = s.table.plan(&seqs, rows.one_per_seq);
         rows.stage = step.stage;
-        if let Err(e) = self.flush_draft_context(&step.before) {
-            self.forget_staged(batch);
-            return Err(e);
-        }
+        self.forgetting_staged_on_error(batch, |m| m.flush_draft_context(&step.before))?;
         Ok(step.after)
     }
 
@@ -305,10 +302,20 @@ impl CudaModel {
     }
 
     /// A failed step's sequences: their rings' rows may not have been written.
-    pub(crate) fn forget_staged(&mut self, batch: &[SeqForward]) {
+    fn forget_staged(&mut self, batch: &[SeqForward]) {
         if let Some(s) = self.draft_staging.as_mut() {
             s.table.forget(batch.iter().map(|x| x.seq_id));
         }
+    }
+
+    /// `step` (the launch and flush of a step that staged `batch`'s rows), forgetting the rows
+    /// where it fails: every step path's one error path.
+    pub(crate) fn forgetting_staged_on_error<T>(&mut self, batch: &[SeqForward], step: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+        let r = step(self);
+        if r.is_err() {
+            self.forget_staged(batch);
+        }
+        r
     }
 
     /// Ring rows into context K/V at their pool slots: gathered with their positions and slots
@@ -350,7 +357,7 @@ mod tests {
     const BS: usize = 4;
 
     fn decode(t: &mut StageTable, id: u64, p: usize, table: &[u32]) -> StepStaging {
-        t.plan(&[(id, p, 1, table)], true)
+        t.plan(&[(id, p, table)], true)
     }
 
     /// A flush's positions, pool slots and ring rows, row by row.
@@ -369,7 +376,7 @@ mod tests {
         let mut t = StageTable::new(BS);
         let table = [7, 9];
         // The prompt (0..5) was written directly; decode rows 5, 6, 7 wait, 7 fills block 1.
-        let s = t.plan(&[(1, 0, 5, &table)], false);
+        let s = t.plan(&[(1, 0, &table)], false);
         assert!(s.before.is_empty() && s.stage.is_none());
         for p in 5..7 {
             let s = decode(&mut t, 1, p, &table);
@@ -448,7 +455,7 @@ mod tests {
         decode(&mut t, 1, 4, &[3, 4]);
         decode(&mut t, 1, 5, &[3, 4]);
         // Preempted: block 4 went to another sequence; the resumed prompt is written directly.
-        let s = t.plan(&[(1, 0, 6, &[3, 8])], false);
+        let s = t.plan(&[(1, 0, &[3, 8])], false);
         assert!(s.before.is_empty(), "block 4 is not this sequence's any more: {s:?}");
         assert!(s.stage.is_none());
         let mut f = Flush::default();
@@ -463,7 +470,7 @@ mod tests {
         decode(&mut t, 1, 5, &table);
         decode(&mut t, 2, 1, &[6]);
         // A verify step of sequence 1 (rows 6..8) beside a decode row of 2.
-        let s = t.plan(&[(1, 6, 3, &table), (2, 2, 1, &[6])], false);
+        let s = t.plan(&[(1, 6, &table), (2, 2, &[6])], false);
         assert_eq!(positions(&s.before), vec![5, 1]);
         assert!(s.stage.is_none());
     }
@@ -494,7 +501,7 @@ mod tests {
     fn a_full_step_of_sequences_all_get_rings_and_larger_batches_write_directly() {
         let mut t = StageTable::new(BS);
         let tables: Vec<[u32; 1]> = (0..STAGE_SEQS as u32 + 1).map(|i| [i]).collect();
-        let seqs: Vec<(u64, usize, usize, &[u32])> = (0..STAGE_SEQS).map(|i| (i as u64, 1, 1, &tables[i][..])).collect();
+        let seqs: Vec<(u64, usize, &[u32])> = (0..STAGE_SEQS).map(|i| (i as u64, 1, &tables[i][..])).collect();
         let s = t.plan(&seqs, true);
         let rows = s.stage.unwrap();
         let mut distinct = rows.clone();
@@ -502,7 +509,7 @@ mod tests {
         distinct.dedup();
         assert_eq!(distinct.len(), STAGE_SEQS);
         assert!(rows.iter().all(|&r| r >= 0 && r < t.scratch_row()));
-        let more: Vec<(u64, usize, usize, &[u32])> = (0..=STAGE_SEQS).map(|i| (i as u64, 2, 1, &tables[i][..])).collect();
+        let more: Vec<(u64, usize, &[u32])> = (0..=STAGE_SEQS).map(|i| (i as u64, 2, &tables[i][..])).collect();
         let s = t.plan(&more, true);
         assert!(s.stage.is_none());
         assert_eq!(positions(&s.before).len(), STAGE_SEQS, "every waiting row flushed before the direct step");
@@ -514,7 +521,7 @@ mod tests {
         let (a, b) = ([3, 4], [5, 6, 7]);
         let mut filled = Flush::default();
         for p in 4..7 {
-            filled.runs.extend(t.plan(&[(1, p, 1, &a[..]), (2, p + 2, 1, &b[..])], true).after.runs);
+            filled.runs.extend(t.plan(&[(1, p, &a[..]), (2, p + 2, &b[..])], true).after.runs);
         }
         // Sequence 2's 6 and 7 filled its block 6 (one run, written then); 8 waits in block 7.
         assert_eq!(filled.runs, vec![Run { ring0: 4 + 2, pos0: 6, slot0: 6 * 4 + 2, count: 2 }]);

@@ -137,51 +137,31 @@ impl CudaModel {
         // Held past the launch: a sampled buffer's stream-ordered free must follow the graph
         // that reads it (graph_for's own break_chain would drop it before).
         let _prev_ids = self.graphs.overlap.last_ids.take();
-        let mut g = match self.graph_for(&rows, in_graph) {
-            Ok(Some(g)) => g,
-            res => {
-                self.forget_staged(batch);
-                return Err(res.err().unwrap_or_else(|| Error::Backend("a captured decode graph went missing".into())));
-            }
-        };
-        let vocab = self.spec.vocab_size;
-        let launched = (|| -> Result<(u64, Option<CudaSlice<i32>>, IdsAt)> {
-            let ids_in_graph = sampling.is_none() || in_graph.is_some();
-            if let (true, Some(staged), Some(slot)) = (ids_in_graph, g.staged(), g.slot) {
-                // The argmax or the sampler wrote them into the slot (crate::staged).
-                return Ok((g.ids.device_ptr(&st).0, None, IdsAt::Slot(staged.hold(slot, n)?, slot)));
-            }
-            let sampled = match sampling {
-                Some((p, adj)) if !ids_in_graph => Some(self.kernels.sample_rows_adjusted(&mut g.logits, vocab, p, adj)?),
-                _ => None,
-            };
-            let ids = sampled.as_ref().unwrap_or(&g.ids);
-            let addr = ids.device_ptr(&st).0;
-            let buf = self.copy_ids(ids, n)?;
-            Ok((addr, sampled, IdsAt::Copy(buf)))
-        })();
-        self.graphs.put_back(g);
-        let (addr, sampled, ids) = match launched {
-            Ok(l) => l,
-            Err(e) => {
-                self.forget_staged(batch);
-                return Err(e);
-            }
-        };
-        self.graphs.overlap.in_flight.push_back(InFlight { ids, rows: n });
-        self.graphs.overlap.last_ids = Some(LastIds { addr, rows: n, _sampled: sampled });
-        self.flush_after(batch, &after)?;
+        self.forgetting_staged_on_error(batch, |m| {
+            let mut g = m.graph_for(&rows, in_graph)?.ok_or_else(|| Error::Backend("a captured decode graph went missing".into()))?;
+            let vocab = m.spec.vocab_size;
+            let launched = (|| -> Result<(u64, Option<CudaSlice<i32>>, IdsAt)> {
+                let ids_in_graph = sampling.is_none() || in_graph.is_some();
+                if let (true, Some(staged), Some(slot)) = (ids_in_graph, g.staged(), g.slot) {
+                    // The argmax or the sampler wrote them into the slot (crate::staged).
+                    return Ok((g.ids.device_ptr(&st).0, None, IdsAt::Slot(staged.hold(slot, n)?, slot)));
+                }
+                let sampled = match sampling {
+                    Some((p, adj)) if !ids_in_graph => Some(m.kernels.sample_rows_adjusted(&mut g.logits, vocab, p, adj)?),
+                    _ => None,
+                };
+                let ids = sampled.as_ref().unwrap_or(&g.ids);
+                let addr = ids.device_ptr(&st).0;
+                let buf = m.copy_ids(ids, n)?;
+                Ok((addr, sampled, IdsAt::Copy(buf)))
+            })();
+            m.graphs.put_back(g);
+            let (addr, sampled, ids) = launched?;
+            m.graphs.overlap.in_flight.push_back(InFlight { ids, rows: n });
+            m.graphs.overlap.last_ids = Some(LastIds { addr, rows: n, _sampled: sampled });
+            m.flush_draft_context(&after)
+        })?;
         Ok(true)
-    }
-
-    /// The flush of an enqueued step's filled blocks; where it fails, the step's staged rows are
-    /// forgotten as `run` forgets them, so none counts as written.
-    fn flush_after(&mut self, batch: &[SeqForward], after: &crate::draft_staging::Flush) -> Result<()> {
-        let r = self.flush_draft_context(after);
-        if r.is_err() {
-            self.forget_staged(batch);
-        }
-        r
     }
 
     /// The rows of an overlapped decode step, its chained rows reading the last enqueued step's
@@ -242,16 +222,12 @@ impl CudaModel {
         let after = self.stage_draft_context(batch, &mut rows)?;
         // Held past the launch, as in enqueue_decode_step.
         let _prev_ids = self.graphs.overlap.last_ids.take();
-        let graph = match self.graph_for(&rows, None) {
-            Ok(Some(g)) => g,
-            res => {
-                self.forget_staged(batch);
-                return Err(res.err().unwrap_or_else(|| Error::Backend("a captured decode graph went missing".into())));
-            }
-        };
-        self.graphs.overlap.awaiting = Some(Awaiting { graph, rows: n });
-        // After the graph on the stream: the flush reads the rings it wrote, not its logits.
-        self.flush_after(batch, &after)?;
+        self.forgetting_staged_on_error(batch, |m| {
+            let graph = m.graph_for(&rows, None)?.ok_or_else(|| Error::Backend("a captured decode graph went missing".into()))?;
+            m.graphs.overlap.awaiting = Some(Awaiting { graph, rows: n });
+            // After the graph on the stream: the flush reads the rings it wrote, not its logits.
+            m.flush_draft_context(&after)
+        })?;
         Ok(true)
     }
 

@@ -1387,13 +1387,8 @@ impl CudaModel {
         // Decode rows stage the drafter's context; a block they fill is flushed after the step
         // (crate::draft_staging).
         let after = self.stage_draft_context(batch, &mut rows)?;
-        match self.run_rows(&rows, out, &after) {
-            Ok(fetched) => Ok((fetched, rows.counts)),
-            Err(e) => {
-                self.forget_staged(batch);
-                Err(e)
-            }
-        }
+        let fetched = self.forgetting_staged_on_error(batch, |m| m.run_rows(&rows, out, &after))?;
+        Ok((fetched, rows.counts))
     }
 
     /// `run`'s step over its rows, then `after` (the drafter's rings to flush): before the
