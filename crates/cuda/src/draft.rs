@@ -463,7 +463,7 @@ pub(crate) struct HeadRows<'a> {
 /// Whether `draft_attention_rows` takes blocks of at most `max_nb` rows of this attention: four
 /// lanes a row, each holding a quarter of q and of the V accumulator in float4s (DAR_ROWS,
 /// DAR_DIMS in ops.cu).
-fn draft_rows_take(s: &AttentionSpec, max_nb: usize) -> bool {
+pub(crate) fn draft_rows_take(s: &AttentionSpec, max_nb: usize) -> bool {
     (1..=8).contains(&max_nb) && s.head_dim.is_multiple_of(16) && s.v_head_dim.is_multiple_of(16) && s.head_dim <= 128 && s.v_head_dim <= 128
 }
 

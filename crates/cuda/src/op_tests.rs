@@ -1136,7 +1136,7 @@ fn draft_attention_matches_the_cpu_reference() {
             let (qd, kbd, vbd) = (st.clone_htod(&q).unwrap(), st.clone_htod(&kb).unwrap(), st.clone_htod(&vb).unwrap());
             let (kd, vd) = (pool(&m, dtype, &kc), pool(&m, dtype, &vc));
             let sk = sinks.as_ref().map(|v| st.clone_htod(v).unwrap());
-            let row_kernel = s.head_dim <= 128 && s.head_dim % 16 == 0 && s.v_head_dim % 16 == 0;
+            let row_kernel = crate::draft::draft_rows_take(&s, meta.max_nb);
             for (rows, warps) in [(false, 1usize), (false, 3), (false, 16), (true, 16)] {
                 (m.draft_attention_rows, m.draft_attention_warps) = (rows, warps);
                 let run = |m: &CudaModel| st.clone_dtoh(&m.draft_attend(&qd, &kbd, &vbd, &kd, &vd, &meta, bs, n, &s, causal, sk.as_ref()).unwrap()).unwrap();
