@@ -4,8 +4,15 @@
 //! `hash(parent_hash, its tokens)` and stays findable in the prefix cache after it is freed,
 //! until it is reallocated (least recently freed first). Sliding-window group: plain free
 //! list; blocks wholly before the window of a sequence's next positions are released.
+//!
+//! A cache hit is exact: the hash is keyed per process (SipHash with a random key, so nobody
+//! can craft a prompt whose blocks collide with another user's, the class of vLLM's
+//! CVE-2025-25183), and a hit is taken only where the cached block's parent hash and tokens
+//! equal the ones looked up.
 
 use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasher, Hasher, RandomState};
+use std::sync::OnceLock;
 
 use peregrine_core::backend::NULL_BLOCK;
 
@@ -23,6 +30,8 @@ pub struct SeqBlocks {
 struct Pool {
     refcnt: Vec<u32>,
     block_hash: Vec<Option<u64>>,
+    /// What each hashed block holds: its parent's hash and its tokens (checked on a hit).
+    content: Vec<Option<(u64, Box<[u32]>)>>,
     cached: HashMap<u64, u32>,
     free: BTreeMap<u64, u32>,
     stamp: Vec<u64>,
@@ -37,6 +46,7 @@ impl Pool {
         Pool {
             refcnt: vec![0; n],
             block_hash: vec![None; n],
+            content: vec![None; n],
             cached: HashMap::new(),
             free: (0..n).map(|b| (BASE + b as u64, b as u32)).collect(),
             stamp: (0..n as u64).map(|b| BASE + b).collect(),
@@ -56,11 +66,13 @@ impl Pool {
                 self.cached.remove(&h);
             }
         }
+        self.content[b as usize] = None;
         self.refcnt[b as usize] = 1;
         b
     }
-    fn is_cached(&self, h: u64) -> bool {
-        self.cached.contains_key(&h)
+    /// Whether the block cached under `h` holds `tokens` after the block hashed `parent`.
+    fn is_cached(&self, h: u64, parent: u64, tokens: &[u32]) -> bool {
+        self.cached.get(&h).is_some_and(|&b| self.content[b as usize].as_ref().is_some_and(|(p, t)| *p == parent && **t == *tokens))
     }
     /// Takes a reference on the cached block with hash `h`.
     fn take_cached(&mut self, h: u64) -> u32 {
@@ -71,10 +83,11 @@ impl Pool {
         self.refcnt[b as usize] += 1;
         b
     }
-    fn register(&mut self, b: u32, h: u64) {
+    fn register(&mut self, b: u32, h: u64, parent: u64, tokens: &[u32]) {
         self.cached.entry(h).or_insert(b);
         if self.block_hash[b as usize].is_none() {
             self.block_hash[b as usize] = Some(h);
+            self.content[b as usize] = Some((parent, tokens.into()));
         }
     }
     fn release(&mut self, b: u32) {
@@ -102,17 +115,22 @@ pub struct KvManager {
     prefix_caching: bool,
     full: Pool,
     swa: Pool,
+    /// The blocks' hash (`block_hash`; tests give colliding ones).
+    hash: fn(u64, &[u32]) -> u64,
     pub queries: u64,
     pub hits: u64,
 }
 
-pub fn block_hash(parent: u64, tokens: &[u32]) -> u64 {
-    let mut h = parent ^ 0x9e3779b97f4a7c15;
+/// A filled block's key: SipHash of its parent's key and its tokens under a key drawn once per
+/// process.
+fn block_hash(parent: u64, tokens: &[u32]) -> u64 {
+    static KEY: OnceLock<RandomState> = OnceLock::new();
+    let mut h = KEY.get_or_init(RandomState::new).build_hasher();
+    h.write_u64(parent);
     for &t in tokens {
-        h ^= t as u64;
-        h = h.wrapping_mul(0x100000001b3).rotate_left(17) ^ 0x5851f42d4c957f2d;
+        h.write_u32(t);
     }
-    h
+    h.finish()
 }
 
 impl KvManager {
@@ -127,6 +145,7 @@ impl KvManager {
             prefix_caching,
             full: Pool::new(num_full),
             swa: Pool::new(num_swa),
+            hash: block_hash,
             queries: 0,
             hits: 0,
         }
@@ -171,8 +190,8 @@ impl KvManager {
         let mut hashes = Vec::new();
         let mut parent = 0u64;
         for i in 0..max_blocks {
-            let h = block_hash(parent, &tokens[i * bs..(i + 1) * bs]);
-            if !self.full.is_cached(h) {
+            let h = (self.hash)(parent, &tokens[i * bs..(i + 1) * bs]);
+            if !self.full.is_cached(h, parent, &tokens[i * bs..(i + 1) * bs]) {
                 break;
             }
             hashes.push(h);
@@ -181,7 +200,8 @@ impl KvManager {
         // The longest hit whose window blocks are cached too.
         let mut k = hashes.len();
         if self.window.is_some() {
-            while k > 0 && !(self.first_swa_block(k * bs)..k).all(|j| self.swa.is_cached(hashes[j])) {
+            let swa_cached = |j: usize| self.swa.is_cached(hashes[j], if j == 0 { 0 } else { hashes[j - 1] }, &tokens[j * bs..(j + 1) * bs]);
+            while k > 0 && !(self.first_swa_block(k * bs)..k).all(swa_cached) {
                 k -= 1;
             }
         }
@@ -196,12 +216,15 @@ impl KvManager {
         n
     }
 
+    /// Sliding-window blocks that releasing the ones before `start`'s window would free: those
+    /// this sequence holds alone (a block shared through the prefix cache only loses a
+    /// reference).
     fn swa_releasable(&self, seq: &SeqBlocks, start: usize) -> usize {
         let end = self.first_swa_block(start).min(seq.swa.len());
         if self.window.is_none() {
             return 0;
         }
-        seq.swa[..end].iter().filter(|&&b| b != NULL_BLOCK).count()
+        seq.swa[..end].iter().filter(|&&b| b != NULL_BLOCK && self.swa.refcnt[b as usize] == 1).count()
     }
 
     /// Full and sliding-window blocks still to allocate so that the tables cover `0..upto`
@@ -251,10 +274,11 @@ impl KvManager {
         while self.commit_wants(seq, computed) {
             let i = seq.hashes.len();
             let parent = if i == 0 { 0 } else { seq.hashes[i - 1] };
-            let h = block_hash(parent, &tokens[i * bs..(i + 1) * bs]);
-            self.full.register(seq.full[i], h);
+            let block = &tokens[i * bs..(i + 1) * bs];
+            let h = (self.hash)(parent, block);
+            self.full.register(seq.full[i], h, parent, block);
             if self.window.is_some() && seq.swa[i] != NULL_BLOCK {
-                self.swa.register(seq.swa[i], h);
+                self.swa.register(seq.swa[i], h, parent, block);
             }
             seq.hashes.push(h);
         }
@@ -337,6 +361,60 @@ mod tests {
         assert_eq!(kv.match_prefix(&mut c, &t1), 0);
         kv.free(&mut c);
         assert_eq!(kv.free_full(), 4);
+    }
+
+    /// A window block shared through the prefix cache frees nothing when one holder moves
+    /// past it: with the pool empty, the allocation that needs it is refused (it used to be
+    /// counted as free and `Pool::alloc` panicked on the empty list).
+    #[test]
+    fn shared_window_blocks_are_not_counted_as_free() {
+        let mut kv = KvManager::new(16, 3, 4, Some(4), true);
+        let toks: Vec<u32> = (0..16).collect();
+        let mut a = SeqBlocks::default();
+        assert!(kv.allocate(&mut a, 0, 8));
+        kv.commit(&mut a, &toks, 8);
+        let mut b = SeqBlocks::default();
+        assert_eq!(kv.match_prefix(&mut b, &toks[..9]), 8, "b shares a's window block 1");
+        assert!(kv.allocate(&mut b, 8, 12), "the last free window block");
+        assert_eq!(kv.used_swa(), 3);
+        assert!(!kv.allocate(&mut b, 12, 13), "releasing the shared block frees nothing");
+        assert_ne!(b.swa[1], NULL_BLOCK, "a refused allocation changes nothing");
+        // Once a has gone, b holds block 1 alone: releasing it makes the room.
+        kv.free(&mut a);
+        assert!(kv.allocate(&mut b, 12, 13));
+        kv.free(&mut b);
+        assert_eq!(kv.usage(), 0.0);
+    }
+
+    /// A hit needs the cached block's tokens and parent, not only its hash: under a hash where
+    /// a block's permutations collide, another order of the same tokens is not reused.
+    #[test]
+    fn prefix_hits_compare_tokens_not_only_hashes() {
+        for window in [None, Some(8)] {
+            let mut kv = KvManager::new(16, if window.is_some() { 8 } else { 0 }, 4, window, true);
+            kv.hash = |parent, tokens| parent.wrapping_mul(31) + tokens.iter().map(|&t| t as u64).sum::<u64>();
+            let t1: Vec<u32> = (0..9).collect();
+            let mut a = SeqBlocks::default();
+            assert!(kv.allocate(&mut a, 0, 9));
+            kv.commit(&mut a, &t1, 9);
+            kv.free(&mut a);
+            let mut t2 = t1.clone();
+            t2.swap(1, 2);
+            assert_eq!((kv.hash)(0, &t2[..4]), (kv.hash)(0, &t1[..4]), "the test's collision");
+            let mut b = SeqBlocks::default();
+            assert_eq!(kv.match_prefix(&mut b, &t2), 0, "window {window:?}: other tokens, the same hash");
+            kv.free(&mut b);
+            // The same first block, then another: one block's hit.
+            let mut t3 = t1.clone();
+            t3[5] = 100;
+            let mut c = SeqBlocks::default();
+            assert_eq!(kv.match_prefix(&mut c, &t3), 4, "window {window:?}");
+            kv.free(&mut c);
+            let mut d = SeqBlocks::default();
+            assert_eq!(kv.match_prefix(&mut d, &t1), 8, "window {window:?}: the same tokens");
+            kv.free(&mut d);
+            assert_eq!(kv.usage(), 0.0);
+        }
     }
 
     #[test]
