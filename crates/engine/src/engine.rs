@@ -421,7 +421,19 @@ impl Core {
                 self.publish();
                 return;
             }
-            self.step();
+            // A panic inside a step (a bug, never user data by design) fails the engine as a
+            // lost backend does: every request gets an error, /health and later submits say
+            // why, instead of the thread dying with its requests' streams cut and the server
+            // still answering 200 on /health.
+            if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step())) {
+                let what = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_default();
+                let why = format!("the engine panicked ({what}); restart the server");
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.fail_engine(why.clone()))).is_err() {
+                    let _ = self.failure.set(why);
+                    self.metrics.backend_failed.set(1);
+                    return;
+                }
+            }
             self.publish();
         }
     }

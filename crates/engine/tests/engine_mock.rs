@@ -804,6 +804,8 @@ struct Failing {
     calls: Arc<std::sync::atomic::AtomicUsize>,
     fail_at: usize,
     sticky: bool,
+    /// The failing call panics instead of returning an error (a bug inside the step).
+    panics: bool,
     broken: bool,
     gate: Arc<std::sync::Mutex<()>>,
     /// Sequences in the batch of the failed call.
@@ -830,6 +832,9 @@ impl Backend for Failing {
             return Err(peregrine_core::Error::Backend("CUDA_ERROR_ILLEGAL_ADDRESS".into()));
         }
         if call == self.fail_at {
+            if self.panics {
+                panic!("injected panic in forward");
+            }
             self.broken = self.sticky;
             *self.failed_batch.lock().unwrap() = Some(batch.len());
             return Err(peregrine_core::Error::Backend("injected forward failure".into()));
@@ -857,6 +862,10 @@ struct FailingEngine {
 }
 
 fn failing_engine(fail_at: usize, sticky: bool, c: EngineConfig) -> FailingEngine {
+    failing_engine_as(fail_at, sticky, false, c)
+}
+
+fn failing_engine_as(fail_at: usize, sticky: bool, panics: bool, c: EngineConfig) -> FailingEngine {
     let gate = Arc::new(std::sync::Mutex::new(()));
     let failed_batch = Arc::new(std::sync::Mutex::new(None));
     let health_checks = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -866,6 +875,7 @@ fn failing_engine(fail_at: usize, sticky: bool, c: EngineConfig) -> FailingEngin
         calls: calls.clone(),
         fail_at,
         sticky,
+        panics,
         broken: false,
         gate: gate.clone(),
         failed_batch: failed_batch.clone(),
@@ -932,6 +942,28 @@ fn lost_backend_fails_every_request_and_refuses_new_ones() {
     assert_eq!(counter(&f.e.render_metrics(), "peregrine:backend_failed"), 1.0);
     f.e.shutdown();
     assert_eq!(f.e.failure(), Some(failure));
+}
+
+/// A panic inside a step fails the engine as a lost backend does: running and waiting requests
+/// get the reason as an error (their streams are not just cut), every block is back, and
+/// later submits are refused with it (the server's /health says it too).
+#[test]
+fn a_panic_in_a_step_fails_every_request_with_the_reason() {
+    let f = failing_engine_as(2, false, true, EngineConfig { max_num_seqs: 2, ..cfg() });
+    let rxs = submit_four(&f);
+    let msgs: Vec<String> = rxs.into_iter().map(expect_error).collect();
+    let failure = f.e.failure().expect("the engine has failed");
+    assert!(failure.contains("the engine panicked (injected panic in forward)"), "{failure}");
+    assert!(msgs.iter().all(|m| m == &failure), "{msgs:?}");
+    let st = wait_idle(&f.e);
+    assert_eq!((st.kv_usage, st.running, st.waiting), (0.0, 0, 0));
+    match f.e.submit(req("late", prompts()[0].clone(), SamplingParams::greedy(), 5)) {
+        Err(SubmitError::BackendFailed(m)) => assert_eq!(m, failure),
+        Err(x) => panic!("{x:?}"),
+        Ok(_) => panic!("a failed engine accepted a request"),
+    }
+    assert_eq!(counter(&f.e.render_metrics(), "peregrine:backend_failed"), 1.0);
+    f.e.shutdown();
 }
 
 #[test]
