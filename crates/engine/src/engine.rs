@@ -221,7 +221,7 @@ impl EngineHandle {
             }
         };
         let (tx, rx) = unbounded_channel();
-        let seq = Seq::new(req, tx, self.inner.tokenizer.clone(), constraint);
+        let seq = Seq::new(req, tx, self.inner.tokenizer.clone(), constraint, &self.inner.eos);
         if self.inner.tx.lock().unwrap().send(Cmd::Submit(Box::new(seq))).is_err() {
             self.inner.waiting.fetch_sub(1, Ordering::SeqCst);
             return Err(SubmitError::ShuttingDown);
@@ -293,11 +293,23 @@ struct Seq {
     /// JSON mode's automaton or the guide's matcher over the output (sampled on the host,
     /// never speculated).
     constraint: Option<Constraint>,
+    /// The tokens that would end the output (stop ids, and EOS unless ignored), banned from
+    /// sampling before `min_tokens` (as vLLM bans them): empty without `min_tokens`.
+    min_ban: Vec<u32>,
 }
 
 impl Seq {
-    fn new(req: GenerateRequest, tx: UnboundedSender<RequestEvent>, tok: SharedTokenizer, constraint: Option<Constraint>) -> Self {
+    fn new(req: GenerateRequest, tx: UnboundedSender<RequestEvent>, tok: SharedTokenizer, constraint: Option<Constraint>, eos: &[u32]) -> Self {
         let seed = req.sampling.seed.unwrap_or_else(|| sampler::fnv1a(req.request_id.as_bytes()));
+        let mut min_ban = Vec::new();
+        if req.stop.min_tokens > 0 {
+            min_ban.extend(&req.stop.stop_token_ids);
+            if !req.stop.ignore_eos {
+                min_ban.extend(eos);
+            }
+            min_ban.sort_unstable();
+            min_ban.dedup();
+        }
         let decoder = IncrementalDecoder::new(tok, &req.prompt_tokens, req.stop.skip_special_tokens);
         Seq {
             id: 0,
@@ -318,8 +330,24 @@ impl Seq {
             last_token: None,
             finish_reason: None,
             constraint,
+            min_ban,
             req,
         }
+    }
+
+    /// The tokens banned from output position `n` (`min_ban` before `min_tokens`).
+    fn banned_at(&self, n: usize) -> &[u32] {
+        if n < self.req.stop.min_tokens {
+            &self.min_ban
+        } else {
+            &[]
+        }
+    }
+
+    /// Whether sampling this sequence's next token reads anything but its raw logits (bias,
+    /// penalties, min_tokens' ban): a greedy row is then not the plain argmax.
+    fn adjusts(&self) -> bool {
+        !no_adjustments(&self.req.sampling) || !self.banned_at(self.output.len()).is_empty()
     }
     fn len(&self) -> usize {
         self.req.prompt_tokens.len() + self.output.len()
@@ -684,7 +712,7 @@ impl Core {
         // backend then keeps the logits on the device): the argmax when every sequence is
         // greedy, else a draw on the backend with each row's parameters and uniform number.
         let seqs: Vec<&Seq> = plan.iter().filter_map(|&(id, _, _)| self.running.iter().find(|s| s.id == id)).collect();
-        let greedy = seqs.len() == plan.len() && seqs.iter().all(|s| s.req.sampling.is_greedy() && no_adjustments(&s.req.sampling) && sampled_ids_suffice(s));
+        let greedy = seqs.len() == plan.len() && seqs.iter().all(|s| s.req.sampling.is_greedy() && !s.adjusts() && sampled_ids_suffice(s));
         let sampled = seqs.len() == plan.len() && seqs.iter().all(|s| sampled_ids_suffice(s));
         // Logprobs (past the prompt's) are computed on the backend too when it can.
         let with_logprobs = !sampled
@@ -924,7 +952,7 @@ impl Core {
             .collect();
         let seqs: Vec<&Seq> = self.running.iter().collect();
         let deferred = seqs.iter().any(|s| s.constraint.is_some() || !no_penalties(&s.req.sampling));
-        let greedy = seqs.iter().all(|s| s.req.sampling.is_greedy() && no_adjustments(&s.req.sampling));
+        let greedy = seqs.iter().all(|s| s.req.sampling.is_greedy() && !s.adjusts());
         let sampling = (!greedy && !deferred).then(|| row_sampling(&seqs, &batch, self.backend.spec().vocab_size, 1));
         Some(Chained { plan: self.running.iter().map(|s| (s.id, 1, 0)).collect(), batch, chain: rows.into_iter().map(Some).collect(), sampling, deferred })
     }
@@ -1062,6 +1090,11 @@ impl Core {
                     Row::Logits(raw) => {
                         let mut proc = raw.to_vec();
                         sampler::apply_penalties(&mut proc, &s.req.sampling, &s.req.prompt_tokens, &s.output);
+                        for &t in s.banned_at(s.output.len()) {
+                            if let Some(l) = proc.get_mut(t as usize) {
+                                *l = f32::NEG_INFINITY;
+                            }
+                        }
                         if let Some(c) = s.constraint.as_ref().filter(|c| !c.mask(&mut proc)) {
                             stuck = Some(c.stuck().to_string());
                             break;
@@ -1176,7 +1209,7 @@ impl Core {
         if !seqs.iter().all(|s| sampled_ids_suffice(s)) {
             return None;
         }
-        let greedy = seqs.iter().all(|s| s.req.sampling.is_greedy() && no_adjustments(&s.req.sampling));
+        let greedy = seqs.iter().all(|s| s.req.sampling.is_greedy() && !s.adjusts());
         if !greedy && !seqs.iter().all(|s| no_penalties(&s.req.sampling)) {
             return None;
         }
@@ -1377,13 +1410,19 @@ fn no_penalties(p: &SamplingParams) -> bool {
 }
 
 /// The logit adjustments of one row, exactly as `sampler::apply_penalties` would apply them with
-/// `output` as the tokens generated so far (one entry per touched token, ascending ids).
-fn row_adjustments(p: &SamplingParams, prompt: &[u32], output: &[u32], vocab: usize, out: &mut Vec<LogitAdjust>) {
+/// `output` as the tokens generated so far, then `banned` at -inf (min_tokens' ban, as the host
+/// sampler sets it): one entry per touched token, ascending ids.
+fn row_adjustments(p: &SamplingParams, prompt: &[u32], output: &[u32], banned: &[u32], vocab: usize, out: &mut Vec<LogitAdjust>) {
     let mut touched: std::collections::BTreeMap<u32, LogitAdjust> = std::collections::BTreeMap::new();
     let none = |t: u32| LogitAdjust { token: t, bias: 0.0, repetition: 1.0, subtract: 0.0 };
     for (&t, &b) in &p.logit_bias {
         if (t as usize) < vocab {
             touched.entry(t).or_insert_with(|| none(t)).bias += b;
+        }
+    }
+    for &t in banned {
+        if (t as usize) < vocab {
+            touched.entry(t).or_insert_with(|| none(t)).bias = f32::NEG_INFINITY;
         }
     }
     if p.repetition_penalty != 1.0 && p.repetition_penalty > 0.0 {
@@ -1438,7 +1477,7 @@ fn row_sampling(seqs: &[&Seq], batch: &[SeqForward], vocab: usize, ahead: usize)
 fn sequence_row(s: &Seq, history: &[u32], n: usize, vocab: usize, adjust: &mut Vec<LogitAdjust>) -> RowSampling {
     let p = &s.req.sampling;
     let start = adjust.len();
-    row_adjustments(p, &s.req.prompt_tokens, history, vocab, adjust);
+    row_adjustments(p, &s.req.prompt_tokens, history, s.banned_at(n), vocab, adjust);
     RowSampling {
         temperature: p.temperature,
         top_k: i32::try_from(p.top_k).unwrap_or(i32::MAX),

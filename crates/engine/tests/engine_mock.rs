@@ -1019,3 +1019,41 @@ fn allowed_token_ids_hold_every_output_token() {
         e.shutdown();
     }
 }
+
+/// `min_tokens` bans the tokens that would end the output (stop ids, EOS unless ignored) from
+/// sampling until it is reached, as vLLM does, rather than sampling them and carrying on past
+/// them: on the host sampler and in overlapped steps (the backend's logit adjustments), greedy
+/// and sampled.
+#[test]
+fn min_tokens_bans_the_stop_tokens_until_reached() {
+    let eos = *spec(None).eos_token_ids.iter().chain(&tokenizer().eos_token_ids()).next().expect("the fixture has an EOS");
+    let seeded = SamplingParams { temperature: 1.0, seed: Some(5), ..Default::default() };
+    for overlap in [false, true] {
+        for p in [SamplingParams::greedy(), seeded.clone()] {
+            let e = engine_with(None, cfg(), overlap);
+            let run = |r: GenerateRequest| collect(e.submit(r).unwrap());
+            // A stop id this output would reach at its second token.
+            let free = run(req("free", prompts()[0].clone(), p.clone(), 12));
+            let x = free.tokens[1];
+            let mut r = req("stop-id", prompts()[0].clone(), p.clone(), 12);
+            r.stop.stop_token_ids = vec![x];
+            let o = run(r.clone());
+            assert_eq!((o.tokens.len(), o.reason), (2, Some(FinishReason::Stop)), "overlap {overlap}, {p:?}: {o:?}");
+            r.stop.min_tokens = 6;
+            let o = run(r);
+            let cut = o.tokens.len().min(6);
+            assert!(o.tokens.len() >= 6, "overlap {overlap}, {p:?}: {o:?}");
+            assert!(!o.tokens[..cut].contains(&x), "overlap {overlap}, {p:?}: {x} sampled before min_tokens: {o:?}");
+            // EOS made every step's choice: exactly min_tokens tokens come first, then it ends.
+            let mut r = req("eos", prompts()[1].clone(), p.clone(), 12);
+            r.sampling.logit_bias.insert(eos, 50.0);
+            r.stop.ignore_eos = false;
+            r.stop.min_tokens = 4;
+            let o = run(r);
+            assert_eq!(o.reason, Some(FinishReason::Stop), "overlap {overlap}, {p:?}: {o:?}");
+            assert!(!o.tokens[..4].contains(&eos), "overlap {overlap}, {p:?}: {o:?}");
+            assert_eq!(o.usage.completion_tokens, 5, "four tokens, then EOS: {o:?}");
+            e.shutdown();
+        }
+    }
+}
