@@ -191,42 +191,68 @@ impl EngineHandle {
     }
 
     pub fn submit(&self, req: GenerateRequest) -> Result<RequestStream, SubmitError> {
+        self.submit_group(vec![req]).map(|mut rx| rx.remove(0))
+    }
+
+    /// Submits the sequences of one request (its prompts times `n`) as a whole: all are queued
+    /// or none is. A group larger than the whole queue (`max_waiting`) can never be, so it is
+    /// refused as invalid rather than as full (a 429 would be retried forever), and a full
+    /// queue refuses the group before any sequence enters it (none is queued, then aborted).
+    pub fn submit_group(&self, reqs: Vec<GenerateRequest>) -> Result<Vec<RequestStream>, SubmitError> {
         if let Some(why) = self.inner.failure.get() {
             return Err(SubmitError::BackendFailed(why.clone()));
         }
         let cfg = &self.inner.config;
-        if req.prompt_tokens.is_empty() {
-            return Err(SubmitError::Invalid("the prompt is empty".into()));
+        let vocab = self.inner.spec.vocab_size as u32;
+        for req in &reqs {
+            if req.prompt_tokens.is_empty() {
+                return Err(SubmitError::Invalid("the prompt is empty".into()));
+            }
+            if req.prompt_tokens.len() >= cfg.max_model_len {
+                return Err(SubmitError::Invalid(format!(
+                    "the prompt has {} tokens; this model's context is {} tokens (prompt + output)",
+                    req.prompt_tokens.len(),
+                    cfg.max_model_len
+                )));
+            }
+            if let Some(t) = req.prompt_tokens.iter().find(|&&t| t >= vocab) {
+                return Err(SubmitError::Invalid(format!("prompt token id {t} is outside the vocabulary ({vocab})")));
+            }
         }
-        if req.prompt_tokens.len() >= cfg.max_model_len {
+        let k = reqs.len();
+        if k > cfg.max_waiting {
             return Err(SubmitError::Invalid(format!(
-                "the prompt has {} tokens; this model's context is {} tokens (prompt + output)",
-                req.prompt_tokens.len(),
-                cfg.max_model_len
+                "this request asks for {k} sequences (prompts x n), more than the server queues at once ({}, --max-waiting): lower `n` or send fewer prompts",
+                cfg.max_waiting
             )));
         }
-        let vocab = self.inner.spec.vocab_size as u32;
-        if let Some(t) = req.prompt_tokens.iter().find(|&&t| t >= vocab) {
-            return Err(SubmitError::Invalid(format!("prompt token id {t} is outside the vocabulary ({vocab})")));
-        }
-        if self.inner.waiting.fetch_add(1, Ordering::SeqCst) >= cfg.max_waiting {
-            self.inner.waiting.fetch_sub(1, Ordering::SeqCst);
+        if self.inner.waiting.fetch_add(k, Ordering::SeqCst) + k > cfg.max_waiting {
+            self.inner.waiting.fetch_sub(k, Ordering::SeqCst);
             return Err(SubmitError::QueueFull);
         }
-        let constraint = match self.constraint(&req) {
-            Ok(c) => c,
-            Err(why) => {
-                self.inner.waiting.fetch_sub(1, Ordering::SeqCst);
-                return Err(SubmitError::Invalid(why));
-            }
-        };
-        let (tx, rx) = unbounded_channel();
-        let seq = Seq::new(req, tx, self.inner.tokenizer.clone(), constraint, &self.inner.eos);
-        if self.inner.tx.lock().unwrap().send(Cmd::Submit(Box::new(seq))).is_err() {
-            self.inner.waiting.fetch_sub(1, Ordering::SeqCst);
-            return Err(SubmitError::ShuttingDown);
+        let mut seqs = Vec::with_capacity(k);
+        let mut rxs = Vec::with_capacity(k);
+        for req in reqs {
+            let constraint = match self.constraint(&req) {
+                Ok(c) => c,
+                Err(why) => {
+                    self.inner.waiting.fetch_sub(k, Ordering::SeqCst);
+                    return Err(SubmitError::Invalid(why));
+                }
+            };
+            let (tx, rx) = unbounded_channel();
+            seqs.push(Seq::new(req, tx, self.inner.tokenizer.clone(), constraint, &self.inner.eos));
+            rxs.push(rx);
         }
-        Ok(rx)
+        let tx = self.inner.tx.lock().unwrap();
+        for (i, seq) in seqs.into_iter().enumerate() {
+            // Only a stopped engine refuses a command, so the first send fails or none does.
+            if tx.send(Cmd::Submit(Box::new(seq))).is_err() {
+                self.inner.waiting.fetch_sub(k - i, Ordering::SeqCst);
+                return Err(SubmitError::ShuttingDown);
+            }
+        }
+        Ok(rxs)
     }
 
     pub fn stats(&self) -> EngineStats {

@@ -14,6 +14,9 @@ pub struct ChatTemplate {
     eos: Option<String>,
 }
 
+/// The variables `ChatTemplate::render` sets itself.
+pub const RESERVED_VARIABLES: &[&str] = &["messages", "tools", "add_generation_prompt", "bos_token", "eos_token"];
+
 impl ChatTemplate {
     pub fn new(source: &str, bos_token: Option<&str>, eos_token: Option<&str>) -> Result<Self> {
         let mut env = Environment::new();
@@ -29,7 +32,8 @@ impl ChatTemplate {
     }
 
     /// Renders `messages` (a JSON array of OpenAI-style messages) with optional `tools`;
-    /// `extra` (chat_template_kwargs) is merged into the context last.
+    /// `extra` (chat_template_kwargs) is merged into the context last (callers refuse
+    /// `RESERVED_VARIABLES` in it, as transformers refuses them twice).
     pub fn render(
         &self,
         messages: &Value,

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use peregrine_engine::FinishReason;
 use serde_json::{json, Value};
 
 use crate::protocol::Forced;
@@ -49,6 +50,17 @@ impl OutputParsing {
             message["tool_calls"] = calls.iter().map(|c| tool_call_json(c, None)).collect();
         }
         (message, calls.len())
+    }
+
+    /// A choice's finish reason: `tool_calls` where the model stopped after calling tools it
+    /// chose to call (`auto`, `required`); a named `tool_choice` ends as `stop`, as OpenAI's and
+    /// vLLM's do, since the caller asked for that call.
+    pub fn finish_reason(&self, f: FinishReason, calls: usize) -> &'static str {
+        if calls > 0 && f == FinishReason::Stop && !matches!(self.forced, Some(Forced::Named(_))) {
+            "tool_calls"
+        } else {
+            f.as_str()
+        }
     }
 
     /// The streaming parser of one choice.

@@ -495,7 +495,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let state = shutdown_state;
         async move {
             shutdown_signal().await;
-            tracing::info!("shutting down: finishing in-flight requests");
+            tracing::info!("shutting down: aborting in-flight requests (streams end with finish_reason `abort`, others get 503)");
             if let Some(r) = state.ready.get() {
                 let e = r.engine.clone();
                 let _ = tokio::task::spawn_blocking(move || e.shutdown()).await;

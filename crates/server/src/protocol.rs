@@ -47,8 +47,8 @@ const COMMON_FIELDS: &[&str] = &[
     "guided_whitespace_pattern", "structured_outputs", "include_stop_str_in_output", "truncate_prompt_tokens", "allowed_token_ids",
     "return_tokens_as_token_ids",
 ];
-pub const CHAT_FIELDS: &[&str] = &["messages", "logprobs", "top_logprobs", "tools", "tool_choice", "chat_template_kwargs", "add_generation_prompt", "continue_final_message"];
-pub const COMPLETION_FIELDS: &[&str] = &["prompt", "echo", "logprobs", "suffix"];
+pub const CHAT_FIELDS: &[&str] = &["messages", "logprobs", "top_logprobs", "tools", "tool_choice", "chat_template_kwargs", "add_generation_prompt", "continue_final_message", "functions", "function_call"];
+pub const COMPLETION_FIELDS: &[&str] = &["prompt", "echo", "logprobs", "suffix", "best_of"];
 
 fn from_value<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, ApiError> {
     serde_path_to_error::deserialize(value).map_err(|e| {
@@ -135,6 +135,9 @@ pub struct ChatRequest {
     pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
     pub add_generation_prompt: Option<bool>,
     pub continue_final_message: Option<bool>,
+    /// OpenAI's deprecated function calling, read only to be refused.
+    pub functions: Option<Value>,
+    pub function_call: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -143,6 +146,7 @@ pub struct CompletionRequest {
     pub echo: Option<bool>,
     pub logprobs: Option<i64>,
     pub suffix: Option<String>,
+    pub best_of: Option<i64>,
 }
 
 pub const MAX_N: usize = 64;
@@ -156,6 +160,8 @@ pub struct Plan {
     pub stop: StopParams,
     /// None: up to the context limit.
     pub max_tokens: Option<usize>,
+    /// The field `max_tokens` came from (`max_completion_tokens` or `max_tokens`), for errors.
+    pub max_tokens_param: &'static str,
     /// Where `max_tokens` is None: at most this many (the model's `max_new_tokens`).
     pub default_max_tokens: Option<usize>,
     pub n: usize,
@@ -310,6 +316,7 @@ pub fn plan(c: &CommonParams, logprobs: Option<usize>, vocab_size: usize, always
             skip_special_tokens: c.skip_special_tokens.unwrap_or(true),
         },
         max_tokens,
+        max_tokens_param: if c.max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" },
         default_max_tokens: None,
         n,
         stream,
@@ -622,25 +629,31 @@ pub fn chat_messages(v: &Value) -> Result<Value, ApiError> {
         }
         let mut m = obj.clone();
         match obj.get("content") {
+            // An assistant turn that only calls tools: its content as an empty string (as vLLM
+            // hands it), since templates concatenate it (`'...' + message['content']`), which
+            // fails on none.
             None | Some(Value::Null) => {
                 let has_calls = obj.get("tool_calls").is_some_and(|c| c.is_array());
                 if role != "assistant" || !has_calls {
                     return Err(ApiError::param("messages", format!("`{p}.content` is required")));
                 }
+                m.insert("content".into(), Value::String(String::new()));
             }
             Some(Value::String(_)) => {}
+            // Text parts joined by newlines, as vLLM joins them: parts are separate pieces of
+            // text, and run together their words would merge.
             Some(Value::Array(parts)) => {
-                let mut text = String::new();
+                let mut texts = Vec::with_capacity(parts.len());
                 for (j, part) in parts.iter().enumerate() {
                     match (part.get("type").and_then(Value::as_str), part.get("text").and_then(Value::as_str)) {
-                        (Some("text"), Some(t)) => text.push_str(t),
+                        (Some("text"), Some(t)) => texts.push(t),
                         (Some(t), _) if t != "text" => {
                             return Err(ApiError::param("messages", format!("`{p}.content[{j}]`: content type `{t}` is not supported by this model")))
                         }
                         _ => return Err(ApiError::param("messages", format!("`{p}.content[{j}]` must be {{\"type\": \"text\", \"text\": ...}}"))),
                     }
                 }
-                m.insert("content".into(), Value::String(text));
+                m.insert("content".into(), Value::String(texts.join("\n")));
             }
             Some(_) => return Err(ApiError::param("messages", format!("`{p}.content` must be a string or a list of text parts"))),
         }

@@ -57,7 +57,8 @@ async fn auth(State(state): State<AppState>, req: Request, next: Next) -> Respon
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            // The scheme's name is case-insensitive (RFC 9110), the token is not.
+            .and_then(|v| v.split_once(' ').filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer")).map(|(_, token)| token.trim_start()))
             .unwrap_or("");
         if !constant_time_eq(given.as_bytes(), key.as_bytes()) {
             return ApiError::unauthorized().into_response();
@@ -181,42 +182,48 @@ struct Submitted {
 /// choice): compiling it, and on the first such request the vocabulary's guide compiler (~0.5 s
 /// for a 152k-token vocabulary: benches/results/2026-11-30-json-schema.md), must not stall the
 /// runtime's other requests.
-async fn submit(state: &AppState, id: &str, prompts: &[Vec<u32>], plan: &Plan, prompt_logprobs: Option<usize>) -> Result<Submitted, ApiError> {
+async fn submit(state: &AppState, id: &str, prompts: &[Vec<u32>], plan: &Plan, prompt_logprobs: Option<usize>, prompt_param: &'static str) -> Result<Submitted, ApiError> {
     if plan.sampling.guide.is_none() {
-        return submit_all(state.ready()?, id, prompts, plan, prompt_logprobs);
+        return submit_all(state.ready()?, id, prompts, plan, prompt_logprobs, prompt_param);
     }
     let (state, id, prompts, plan) = (state.clone(), id.to_owned(), prompts.to_vec(), plan.clone());
-    tokio::task::spawn_blocking(move || submit_all(state.ready()?, &id, &prompts, &plan, prompt_logprobs))
+    tokio::task::spawn_blocking(move || submit_all(state.ready()?, &id, &prompts, &plan, prompt_logprobs, prompt_param))
         .await
         .map_err(|e| ApiError::internal(format!("submitting the request failed: {e}")))?
 }
 
-fn submit_all(r: &Ready, id: &str, prompts: &[Vec<u32>], plan: &Plan, prompt_logprobs: Option<usize>) -> Result<Submitted, ApiError> {
+/// Checks every prompt, then submits all the request's sequences as one group (all queued or
+/// none). `prompt_param`: the field that holds the prompt (`messages`, `prompt`), for errors.
+fn submit_all(r: &Ready, id: &str, prompts: &[Vec<u32>], plan: &Plan, prompt_logprobs: Option<usize>, prompt_param: &str) -> Result<Submitted, ApiError> {
     let max_len = r.engine.max_model_len();
     let vocab = r.engine.spec().vocab_size;
-    let mut streams = Vec::new();
+    let mut reqs = Vec::with_capacity(prompts.len() * plan.n);
     let mut prompt_lens = Vec::new();
     for (pi, p) in prompts.iter().enumerate() {
         if p.is_empty() {
-            return Err(ApiError::param("prompt", "the prompt is empty"));
+            return Err(ApiError::param(prompt_param, "the prompt is empty"));
         }
         if let Some(&bad) = p.iter().find(|&&t| t as usize >= vocab) {
-            return Err(ApiError::param("prompt", format!("token id {bad} is outside the vocabulary ({vocab})")));
+            return Err(ApiError::param(prompt_param, format!("token id {bad} is outside the vocabulary ({vocab})")));
         }
         if p.len() >= max_len {
-            return Err(ApiError::param("messages", format!(
+            return Err(ApiError::param(prompt_param, format!(
                 "This model's maximum context length is {max_len} tokens. However, your prompt has {} tokens.", p.len())));
         }
         let room = max_len - p.len();
         let max_tokens = match plan.max_tokens {
             Some(m) if m > room => {
-                return Err(ApiError::param("max_tokens", format!(
+                return Err(ApiError::param(plan.max_tokens_param, format!(
                     "This model's maximum context length is {max_len} tokens. However, you requested {} tokens ({} in the prompt, {m} for the completion).",
                     p.len() + m, p.len())))
             }
             Some(m) => m,
             None => plan.default_max_tokens.map_or(room, |d| d.min(room)),
         };
+        if plan.stop.min_tokens > max_tokens {
+            return Err(ApiError::param("min_tokens", format!(
+                "`min_tokens` ({}) exceeds the most tokens this completion can have ({max_tokens}: the model's default or the context's room)", plan.stop.min_tokens)));
+        }
         prompt_lens.push(p.len());
         for i in 0..plan.n {
             let mut sampling = plan.sampling.clone();
@@ -225,7 +232,7 @@ fn submit_all(r: &Ready, id: &str, prompts: &[Vec<u32>], plan: &Plan, prompt_log
             }
             let mut stop = plan.stop.clone();
             stop.max_tokens = max_tokens;
-            let req = GenerateRequest {
+            reqs.push(GenerateRequest {
                 request_id: format!("{id}-{pi}-{i}"),
                 prompt_tokens: p.clone(),
                 sampling,
@@ -233,16 +240,18 @@ fn submit_all(r: &Ready, id: &str, prompts: &[Vec<u32>], plan: &Plan, prompt_log
                 prompt_logprobs,
                 priority: plan.priority,
                 arrival: Instant::now(),
-            };
-            match r.engine.submit(req) {
-                Ok(rx) => streams.push((pi * plan.n + i, pi, rx)),
-                Err(SubmitError::QueueFull) => return Err(ApiError::overloaded()),
-                Err(SubmitError::Invalid(m)) => return Err(ApiError::invalid(m)),
-                Err(SubmitError::ShuttingDown) => return Err(ApiError::unavailable("the server is shutting down")),
-                Err(SubmitError::BackendFailed(why)) => return Err(ApiError::backend_failed(&why)),
-            }
+            });
         }
     }
+    let streams = match r.engine.submit_group(reqs) {
+        Ok(rxs) => rxs,
+        Err(SubmitError::QueueFull) => return Err(ApiError::overloaded()),
+        Err(SubmitError::Invalid(m)) => return Err(ApiError::invalid(m)),
+        Err(SubmitError::ShuttingDown) => return Err(ApiError::unavailable("the server is shutting down")),
+        Err(SubmitError::BackendFailed(why)) => return Err(ApiError::backend_failed(&why)),
+    };
+    // Sequence j is prompt j / n's choice j % n; its choice index counts over all prompts.
+    let streams = streams.into_iter().enumerate().map(|(j, rx)| (j, j / plan.n, rx)).collect();
     Ok(Submitted { streams, prompt_lens })
 }
 
@@ -250,14 +259,6 @@ fn finish_str(f: FinishReason) -> &'static str {
     f.as_str()
 }
 
-/// A chat choice's finish reason: `tool_calls` where the model stopped after calling tools.
-fn chat_finish_str(f: FinishReason, calls: usize) -> &'static str {
-    if calls > 0 && f == FinishReason::Stop {
-        "tool_calls"
-    } else {
-        f.as_str()
-    }
-}
 
 /// The text of one token as the logprobs formats show it.
 fn token_text(r: &Ready, id: u32) -> String {
@@ -285,8 +286,9 @@ fn chat_logprob_entry(r: &Ready, lp: &TokenLogprob, as_ids: bool) -> Value {
     e
 }
 
-/// Legacy completions logprobs for a run of tokens (prompt entries may be None).
-fn legacy_logprobs(r: &Ready, entries: &[Option<TokenLogprob>], ids: &[u32], start_offset: usize, as_ids: bool) -> Value {
+/// Legacy completions logprobs for a run of tokens (prompt entries may be None), whose text
+/// starts at character `start_offset` of the choice's text; and the offset after the run.
+fn legacy_logprobs(r: &Ready, entries: &[Option<TokenLogprob>], ids: &[u32], start_offset: usize, as_ids: bool) -> (Value, usize) {
     let mut tokens = Vec::new();
     let mut lps = Vec::new();
     let mut tops = Vec::new();
@@ -312,7 +314,7 @@ fn legacy_logprobs(r: &Ready, entries: &[Option<TokenLogprob>], ids: &[u32], sta
             }
         }
     }
-    json!({"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets})
+    (json!({"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}), off)
 }
 
 /// OpenAI's usage object. With speculation on, `completion_tokens_details` counts the drafted
@@ -367,7 +369,9 @@ async fn collect(sub: Submitted) -> Result<Vec<(usize, usize, Collected)>, ApiEr
                 RequestEvent::Error(m) => return Err(ApiError::internal(m)),
             }
         }
-        if c.finish.is_none() {
+        // Aborted (the engine shut down under it; a client that went away reads nothing): a 503
+        // the client may retry elsewhere, not a 200 holding part of an answer.
+        if matches!(c.finish, None | Some(FinishReason::Abort)) {
             return Err(ApiError::unavailable("the request was aborted (server shutting down)"));
         }
         Ok((ci, pi, c))
@@ -408,6 +412,11 @@ fn read_chat(state: &AppState, body: &[u8]) -> Result<ChatRead, ApiError> {
     let (req, mut common): (ChatRequest, _) = protocol::parse_request(body, "chat", protocol::CHAT_FIELDS)?;
     r.sampling_defaults.apply(&mut common);
     check_model(r, &common.model)?;
+    for (field, given, now) in [("functions", &req.functions, "tools"), ("function_call", &req.function_call, "tool_choice")] {
+        if given.is_some() {
+            return Err(ApiError::param(field, format!("`{field}` (OpenAI's deprecated function calling) is not supported: use `{now}`")));
+        }
+    }
     let top = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
         (false, Some(_)) => return Err(ApiError::param("top_logprobs", "`top_logprobs` requires `logprobs: true`")),
         (false, None) => None,
@@ -439,6 +448,12 @@ fn read_chat(state: &AppState, body: &[u8]) -> Result<ChatRead, ApiError> {
 /// (`continue_final_message`) without one and cut after the final message's text, so that the
 /// reply continues it (vLLM's and transformers' fields).
 fn render_chat(template: &peregrine_model::chat_template::ChatTemplate, messages: &Value, tools: Option<&Value>, add_generation_prompt: Option<bool>, continue_final: Option<bool>, kwargs: &serde_json::Map<String, Value>) -> Result<String, ApiError> {
+    // The template's own variables come from the request's fields, checked there: kwargs
+    // overriding them would render what was never checked (messages) or contradict the
+    // server's reading of the prompt (add_generation_prompt).
+    if let Some(k) = kwargs.keys().find(|k| peregrine_model::chat_template::RESERVED_VARIABLES.contains(&k.as_str())) {
+        return Err(ApiError::param("chat_template_kwargs", format!("`chat_template_kwargs.{k}` is set by the server from the request; send it as the request's own field")));
+    }
     let continue_final = continue_final.unwrap_or(false);
     let add_generation_prompt = match (continue_final, add_generation_prompt) {
         (true, Some(true)) => {
@@ -468,7 +483,7 @@ async fn chat(State(state): State<AppState>, body: Result<Bytes, BytesRejection>
         forced,
     };
     let id = random_id("chatcmpl");
-    let sub = submit(&state, &id, &[ids], &plan, None).await?;
+    let sub = submit(&state, &id, &[ids], &plan, None, "messages").await?;
     let created = unix_now();
     if plan.stream {
         let mut st = StreamState::new(state.clone(), sub, id, created, true, plan.include_usage, None);
@@ -484,7 +499,7 @@ async fn chat(State(state): State<AppState>, body: Result<Bytes, BytesRejection>
         .iter()
         .map(|(ci, _, c)| {
             let (message, calls) = parsing.message(&c.text);
-            let finish = c.finish.map(|f| chat_finish_str(f, calls));
+            let finish = c.finish.map(|f| parsing.finish_reason(f, calls));
             json!({"index": ci, "message": message,
                    "logprobs": top.map(|_| json!({"content": c.logprobs.iter().map(|lp| chat_logprob_entry(r, lp, plan.tokens_as_ids)).collect::<Vec<_>>()})),
                    "finish_reason": finish})
@@ -515,6 +530,13 @@ fn read_completion(state: &AppState, body: &[u8]) -> Result<CompletionRead, ApiE
     if req.suffix.is_some() {
         return Err(ApiError::param("suffix", "`suffix` is not supported"));
     }
+    // best_of = n returns every choice, as n alone does; more would need a ranking by logprob
+    // that this server does not make (vLLM's V1 engine refuses it too).
+    if let Some(b) = req.best_of {
+        if b != common.n.unwrap_or(1) {
+            return Err(ApiError::param("best_of", format!("`best_of` other than `n` is not supported (got {b}): every choice is returned; set `n`")));
+        }
+    }
     let top = match req.logprobs {
         None => None,
         Some(k) if (0..=protocol::MAX_TOP_LOGPROBS as i64).contains(&k) => Some(k as usize),
@@ -531,25 +553,32 @@ async fn completions(State(state): State<AppState>, body: Result<Bytes, BytesRej
     let CompletionRead { top, plan, echo, prompts: inputs } = read_request(&state, body, read_completion).await?;
     let tok = r.engine.tokenizer();
     let mut prompts = Vec::new();
+    let mut echo_texts = Vec::new();
     for p in inputs {
-        let mut ids = match p {
-            PromptInput::Text(t) => encode(tok, &t, true).await?,
-            PromptInput::Tokens(ids) => ids,
+        let (mut ids, text) = match p {
+            PromptInput::Text(t) => (encode(tok, &t, true).await?, Some(t)),
+            PromptInput::Tokens(ids) => (ids, None),
         };
+        let whole = ids.len();
         plan.truncate_prompt(&mut ids, r.engine.max_model_len());
+        if echo {
+            // The prompt as sent, where it was text and kept whole (as vLLM echoes it: decoding
+            // the ids would add what the tokenizer adds, a BOS, and undo its normalisation).
+            echo_texts.push(match text {
+                Some(t) if ids.len() == whole => t,
+                _ => tok.decode(&ids, false).unwrap_or_default(),
+            });
+        }
         prompts.push(ids);
     }
+    let echo_texts = echo.then_some(echo_texts);
     let id = random_id("cmpl");
     let prompt_lp = if echo { top } else { None };
-    let sub = submit(&state, &id, &prompts, &plan, prompt_lp).await?;
+    let sub = submit(&state, &id, &prompts, &plan, prompt_lp, "prompt").await?;
     let created = unix_now();
-    let echo_texts: Option<Vec<String>> = if echo {
-        Some(prompts.iter().map(|p| tok.decode(p, false).unwrap_or_default()).collect())
-    } else {
-        None
-    };
     if plan.stream {
-        let mut st = StreamState::new(state.clone(), sub, id, created, false, plan.include_usage, echo_texts);
+        let echo = echo_texts.map(|texts| Echo { texts, prompts: prompt_lp.map(|_| prompts.clone()) });
+        let mut st = StreamState::new(state.clone(), sub, id, created, false, plan.include_usage, echo);
         st.tokens_as_ids = plan.tokens_as_ids;
         return Ok(sse(st).into_response());
     }
@@ -570,7 +599,7 @@ async fn completions(State(state): State<AppState>, body: Result<Bytes, BytesRej
                 }
                 entries.extend(c.logprobs.iter().cloned().map(Some));
                 ids.extend(c.logprobs.iter().map(|l| l.token_id));
-                legacy_logprobs(r, &entries, &ids, 0, plan.tokens_as_ids)
+                legacy_logprobs(r, &entries, &ids, 0, plan.tokens_as_ids).0
             });
             json!({"index": ci, "text": format!("{prefix}{}", c.text), "logprobs": logprobs,
                    "finish_reason": c.finish.map(finish_str)})
@@ -586,6 +615,13 @@ async fn completions(State(state): State<AppState>, body: Result<Bytes, BytesRej
 
 type Tagged = futures::stream::Map<UnboundedReceiverStream<RequestEvent>, Box<dyn FnMut(RequestEvent) -> (usize, usize, RequestEvent) + Send>>;
 
+/// A streamed completion's echo: per prompt its text, and its ids where the prompt's logprobs
+/// go with it.
+struct Echo {
+    texts: Vec<String>,
+    prompts: Option<Vec<Vec<u32>>>,
+}
+
 /// Turns the engine events of every choice into OpenAI chunks. Dropping it (client gone) drops
 /// the engine streams, which aborts the requests at the next engine step.
 struct StreamState {
@@ -596,7 +632,11 @@ struct StreamState {
     created: u64,
     chat: bool,
     include_usage: bool,
-    echo: Option<Vec<String>>,
+    echo: Option<Echo>,
+    /// Choices whose echo waits for their prompt's logprobs, to go out in one chunk with them.
+    echo_waiting: std::collections::HashSet<usize>,
+    /// Per choice, the character offset its next legacy logprobs start at (`text_offset`).
+    text_offset: HashMap<usize, usize>,
     prompt_lens: Vec<usize>,
     completion_tokens: usize,
     cached: Vec<usize>,
@@ -612,7 +652,7 @@ struct StreamState {
 }
 
 impl StreamState {
-    fn new(state: AppState, sub: Submitted, id: String, created: u64, chat: bool, include_usage: bool, echo: Option<Vec<String>>) -> Self {
+    fn new(state: AppState, sub: Submitted, id: String, created: u64, chat: bool, include_usage: bool, echo: Option<Echo>) -> Self {
         let mut merged = SelectAll::new();
         let mut st = StreamState {
             state,
@@ -623,6 +663,8 @@ impl StreamState {
             chat,
             include_usage,
             echo,
+            echo_waiting: Default::default(),
+            text_offset: HashMap::new(),
             cached: vec![0; sub.prompt_lens.len()],
             prompt_lens: sub.prompt_lens,
             completion_tokens: 0,
@@ -638,8 +680,12 @@ impl StreamState {
                 let c = st.chunk(ci, json!({"role": "assistant", "content": ""}), Value::Null, None);
                 st.pending.push_back(c);
             } else if let Some(e) = &st.echo {
-                let c = st.chunk(ci, json!(e[pi]), Value::Null, None);
-                st.pending.push_back(c);
+                if e.prompts.is_some() {
+                    st.echo_waiting.insert(ci);
+                } else {
+                    let c = st.chunk(ci, json!(e.texts[pi]), Value::Null, None);
+                    st.pending.push_back(c);
+                }
             }
             let f: Box<dyn FnMut(RequestEvent) -> (usize, usize, RequestEvent) + Send> = Box::new(move |ev| (ci, pi, ev));
             merged.push(UnboundedReceiverStream::new(rx).map(f));
@@ -663,10 +709,35 @@ impl StreamState {
         json!({"id": self.id, "object": object, "created": self.created, "model": self.model(), "choices": [choice]}).to_string()
     }
 
+    /// A choice's echo chunk, with its prompt's logprobs where they came (`lp`: the engine's
+    /// entries, one per prompt token after the first).
+    fn send_echo(&mut self, r: &Ready, ci: usize, pi: usize, lp: Option<Vec<Option<TokenLogprob>>>) {
+        if !self.echo_waiting.remove(&ci) {
+            return;
+        }
+        let Some(echo) = &self.echo else { return };
+        let text = echo.texts[pi].clone();
+        let (logprobs, end) = match (lp, &echo.prompts) {
+            (Some(mut entries), Some(prompts)) => {
+                entries.resize(prompts[pi].len(), None);
+                legacy_logprobs(r, &entries, &prompts[pi], 0, self.tokens_as_ids)
+            }
+            _ => (Value::Null, text.chars().count()),
+        };
+        self.text_offset.insert(ci, end);
+        let c = self.chunk(ci, json!(text), logprobs, None);
+        self.pending.push_back(c);
+    }
+
     fn handle(&mut self, ci: usize, pi: usize, ev: RequestEvent) {
-        let Some(r) = self.state.ready.get() else { return };
+        let state = self.state.clone();
+        let Some(r) = state.ready.get() else { return };
+        if !matches!(ev, RequestEvent::PromptLogprobs(_)) {
+            // No prompt logprobs came before the output (or the end): the echo goes without.
+            self.send_echo(r, ci, pi, None);
+        }
         match ev {
-            RequestEvent::PromptLogprobs(_) => {}
+            RequestEvent::PromptLogprobs(lp) => self.send_echo(r, ci, pi, Some(lp)),
             RequestEvent::Delta { text, logprobs, .. } => {
                 if text.is_empty() && logprobs.is_empty() {
                     return;
@@ -678,7 +749,12 @@ impl StreamState {
                 } else {
                     let entries: Vec<Option<TokenLogprob>> = logprobs.iter().cloned().map(Some).collect();
                     let ids: Vec<u32> = logprobs.iter().map(|l| l.token_id).collect();
-                    legacy_logprobs(r, &entries, &ids, 0, self.tokens_as_ids)
+                    // Offsets count from the start of the choice's whole text, echo included,
+                    // as without streaming.
+                    let offset = self.text_offset.entry(ci).or_insert(0);
+                    let (lp, end) = legacy_logprobs(r, &entries, &ids, *offset, self.tokens_as_ids);
+                    *offset = end;
+                    lp
                 };
                 if let Some(parsing) = &self.parsing {
                     let deltas = self.choice_streams.entry(ci).or_insert_with(|| parsing.stream()).deltas(Some(&text));
@@ -698,8 +774,8 @@ impl StreamState {
                 if let Some(parsing) = &self.parsing {
                     let mut p = self.choice_streams.remove(&ci).unwrap_or_else(|| parsing.stream());
                     let deltas = p.deltas(None);
+                    finish = parsing.finish_reason(reason, p.calls());
                     self.push_deltas(ci, deltas, Value::Null);
-                    finish = chat_finish_str(reason, p.calls());
                 }
                 let delta = if self.chat { json!({}) } else { json!("") };
                 let c = self.chunk(ci, delta, Value::Null, Some(finish));

@@ -127,6 +127,32 @@ async fn chat_and_completions_end_to_end() {
     assert_eq!(lp["tokens"].as_array().unwrap().len(), n_prompt + 3);
     assert!(lp["token_logprobs"][1].as_f64().unwrap() <= 0.0);
 
+    // Streamed, the same logprobs: offsets count from the start of the whole text (echo
+    // included), and the echo chunk carries the prompt's.
+    for echo in [false, true] {
+        let body = json!({"prompt": "x = 1", "max_tokens": 6, "echo": echo, "logprobs": 2, "temperature": 0, "ignore_eos": true});
+        let (_, whole) = s.post("/v1/completions", body.clone()).await;
+        let mut streamed = body;
+        streamed["stream"] = json!(true);
+        let events = s.stream("/v1/completions", streamed).await;
+        let (mut text, mut tokens, mut offsets, mut lps) = (String::new(), Vec::new(), Vec::new(), Vec::new());
+        for e in &events[..events.len() - 1] {
+            let c: Value = serde_json::from_str(e).unwrap();
+            text.push_str(c["choices"][0]["text"].as_str().unwrap());
+            let lp = &c["choices"][0]["logprobs"];
+            if !lp.is_null() {
+                tokens.extend(lp["tokens"].as_array().unwrap().clone());
+                offsets.extend(lp["text_offset"].as_array().unwrap().clone());
+                lps.extend(lp["token_logprobs"].as_array().unwrap().clone());
+            }
+        }
+        let want = &whole["choices"][0]["logprobs"];
+        assert_eq!(text, text_of(&whole, 0), "echo {echo}");
+        assert_eq!(json!(tokens), want["tokens"], "echo {echo}");
+        assert_eq!(json!(offsets), want["text_offset"], "echo {echo}");
+        assert_eq!(json!(lps), want["token_logprobs"], "echo {echo}");
+    }
+
     // Streaming completions end with a finish chunk and [DONE].
     let events = s.stream("/v1/completions", json!({"prompt": "def ", "max_tokens": 3, "stream": true, "ignore_eos": true})).await;
     assert_eq!(events.last().unwrap(), "[DONE]");
@@ -188,9 +214,30 @@ async fn errors_are_openai_error_objects() {
     check(st, &v, 400, Some("prompt"));
     let long: Vec<u32> = vec![11; 5000];
     let (st, v) = s.post("/v1/completions", json!({"prompt": long})).await;
-    check(st, &v, 400, None);
+    check(st, &v, 400, Some("prompt"));
+    let (st, v) = s.post("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x ".repeat(5000)}]})).await;
+    check(st, &v, 400, Some("messages"));
     let (st, v) = s.post("/v1/completions", json!({"prompt": [1, 2], "max_tokens": 100000})).await;
     check(st, &v, 400, Some("max_tokens"));
+    let (st, v) = s.post("/v1/completions", json!({"prompt": [1, 2], "max_completion_tokens": 100000})).await;
+    check(st, &v, 400, Some("max_completion_tokens"));
+    // min_tokens past what the completion can hold (here the context's room, no max_tokens).
+    let (st, v) = s.post("/v1/completions", json!({"prompt": [1, 2], "min_tokens": 100000})).await;
+    check(st, &v, 400, Some("min_tokens"));
+    // Fields that cannot be honoured are refused, not ignored.
+    let (st, v) = s.post("/v1/completions", json!({"prompt": "x", "best_of": 3})).await;
+    check(st, &v, 400, Some("best_of"));
+    let (st, v) = s.post("/v1/completions", json!({"prompt": "x", "max_tokens": 1, "n": 2, "best_of": 2})).await;
+    assert_eq!((st, v["choices"].as_array().map(Vec::len)), (200, Some(2)), "best_of = n is n: {v}");
+    let (st, v) = s.post("/v1/chat/completions", chat_body(json!({"functions": [{"name": "f", "parameters": {}}]}))).await;
+    check(st, &v, 400, Some("functions"));
+    let (st, v) = s.post("/v1/chat/completions", chat_body(json!({"function_call": "auto"}))).await;
+    check(st, &v, 400, Some("function_call"));
+    // The template's own variables are the request's fields, not kwargs.
+    for k in ["messages", "add_generation_prompt", "tools", "bos_token"] {
+        let (st, v) = s.post("/v1/chat/completions", chat_body(json!({"chat_template_kwargs": {k: []}}))).await;
+        check(st, &v, 400, Some("chat_template_kwargs"));
+    }
     // Over the body limit (32 MiB by default). The server answers and closes the connection
     // without reading the rest, so a client that reads only after writing the whole body (as
     // reqwest does) may fail with a broken pipe first: write the 40 MiB body and read the
@@ -231,6 +278,32 @@ async fn errors_are_openai_error_objects() {
     assert_eq!(st, 200);
 }
 
+/// Message shapes read as vLLM reads them: text parts joined by newlines, and an assistant turn
+/// that only calls tools (content null, as the OpenAI SDK sends it back) rendered by the
+/// embedded model's template, which concatenates content.
+#[tokio::test]
+async fn chat_messages_in_openai_shapes_render() {
+    let s = Server::start(&[]).await;
+    let tokens = |messages: Value| {
+        let s = &s;
+        async move {
+            let (st, v) = s.post("/tokenize", json!({"messages": messages})).await;
+            assert_eq!(st, 200, "{v}");
+            v["tokens"].clone()
+        }
+    };
+    let parts = tokens(json!([{"role": "user", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": "world"}]}])).await;
+    assert_eq!(parts, tokens(json!([{"role": "user", "content": "Hello\nworld"}])).await);
+    let calls = json!([{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]);
+    let history = |content: Value| json!([
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": content, "tool_calls": calls},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 C"}]);
+    assert_eq!(tokens(history(Value::Null)).await, tokens(history(json!(""))).await);
+    let (st, v) = s.post("/v1/chat/completions", json!({"messages": history(Value::Null), "max_tokens": 2})).await;
+    assert_eq!(st, 200, "{v}");
+}
+
 #[tokio::test]
 async fn api_key_is_required_when_set() {
     let s = Server::start(&["--api-key", "sekret"]).await;
@@ -241,6 +314,11 @@ async fn api_key_is_required_when_set() {
     assert_eq!(r.status(), 401);
     let r = s.client.post(s.url("/v1/completions")).bearer_auth("sekret").json(&json!({"prompt": "x", "max_tokens": 1})).send().await.unwrap();
     assert_eq!(r.status(), 200);
+    // The scheme's name in any case (RFC 9110); the token exactly.
+    for (header, want) in [("bearer sekret", 200), ("BEARER sekret", 200), ("Bearer Sekret", 401), ("Basic sekret", 401), ("sekret", 401)] {
+        let r = s.client.post(s.url("/v1/completions")).header("authorization", header).json(&json!({"prompt": "x", "max_tokens": 1})).send().await.unwrap();
+        assert_eq!(r.status(), want, "{header}");
+    }
     // Health and metrics stay open.
     assert_eq!(s.client.get(s.url("/health")).send().await.unwrap().status(), 200);
     assert_eq!(s.client.get(s.url("/metrics")).send().await.unwrap().status(), 200);

@@ -1,4 +1,4 @@
-//! Overload (429 with Retry-After), graceful shutdown on SIGTERM, and `compile-kernels`
+//! Overload (429 with Retry-After), shutdown on SIGTERM, and `compile-kernels`
 //! without libnvrtc.
 
 mod common;
@@ -37,10 +37,39 @@ async fn a_full_queue_answers_429_with_retry_after() {
     assert!(ok >= 1 && limited >= 1, "ok {ok}, limited {limited}");
 }
 
+/// A request's sequences (prompts x n) enter the queue together or not at all: more than the
+/// whole queue is a 400 naming the limit (a 429 would be retried forever), and a refused
+/// request leaves nothing behind (no sequence queued, then counted as aborted).
+#[tokio::test]
+async fn a_request_larger_than_the_queue_is_refused_whole() {
+    let s = Server::start(&["--max-num-seqs", "4", "--max-waiting", "4"]).await;
+    for _ in 0..2 {
+        let (st, v) = s.post("/v1/completions", json!({"prompt": "x", "max_tokens": 2, "n": 8})).await;
+        assert_eq!(st, 400, "{v}");
+        assert!(v["error"]["message"].as_str().unwrap().contains("8 sequences"), "{v}");
+        let (st, v) = s.post("/v1/completions", json!({"prompt": ["a", "b", "c"], "max_tokens": 2, "n": 2})).await;
+        assert_eq!(st, 400, "{v}");
+    }
+    let (st, v) = s.post("/v1/completions", json!({"prompt": ["a", "b"], "max_tokens": 2, "n": 2})).await;
+    assert_eq!((st, v["choices"].as_array().map(Vec::len)), (200, Some(4)), "{v}");
+    let text = s.client.get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(!text.lines().any(|l| l.starts_with("vllm:request_success_total{finished_reason=\"abort\"") && !l.ends_with(" 0")), "refused requests counted as aborted:\n{text}");
+}
+
 #[cfg(unix)]
 #[tokio::test]
 async fn sigterm_ends_streams_cleanly_and_exits() {
     let mut s = Server::start(&[]).await;
+    // A request that is not streamed, running when the signal comes: a 503 to retry, not a 200
+    // holding part of an answer.
+    let (client, url) = (s.client.clone(), s.url("/v1/completions"));
+    let whole = tokio::spawn(async move {
+        let r = client.post(url).json(&json!({"prompt": "y", "max_tokens": 3000, "ignore_eos": true})).send().await.unwrap();
+        (r.status().as_u16(), r.json::<serde_json::Value>().await.unwrap())
+    });
+    while s.metric("vllm:num_requests_running").await < 1.0 {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     let r = s.client.post(s.url("/v1/completions"))
         .json(&json!({"prompt": "x", "max_tokens": 3000, "ignore_eos": true, "stream": true}))
         .send().await.unwrap();
@@ -56,6 +85,9 @@ async fn sigterm_ends_streams_cleanly_and_exits() {
     }
     assert!(rest.contains("\"finish_reason\":\"abort\""), "stream did not end with a finish chunk");
     assert!(rest.trim_end().ends_with("data: [DONE]"), "stream did not end with [DONE]: {}", &rest[rest.len().saturating_sub(200)..]);
+    let (status, body) = whole.await.unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["type"], "service_unavailable", "{body}");
     let status = tokio::task::spawn_blocking(move || s.child.wait().unwrap()).await.unwrap();
     assert!(status.success(), "server exit status {status}");
 }
