@@ -194,6 +194,10 @@ pub struct ServeArgs {
     /// seeded sampling requests plainly, so they repeat (`always` drafts for them too).
     #[arg(long, env = "PEREGRINE_SPECULATIVE_MODE", default_value = "adaptive")]
     pub speculative_mode: peregrine_engine::SpeculationMode,
+    /// Origins a browser may call the API from (CORS), comma-separated; `*` (the default, as
+    /// vLLM's) lets any page call it, `none` no page.
+    #[arg(long, env = "PEREGRINE_ALLOWED_ORIGINS", value_delimiter = ',', default_value = "*")]
+    pub allowed_origins: Vec<String>,
     /// Largest accepted request body, in bytes.
     #[arg(long, env = "PEREGRINE_MAX_BODY_BYTES", default_value_t = 32 << 20, value_parser = parse_bytes)]
     pub max_body_bytes: usize,
@@ -489,7 +493,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         parse_reasoning: args.reasoning_parser == ReasoningParserKind::Auto,
     });
     tracing::info!(%addr, "listening (503 until the model is loaded)");
-    let app = crate::routes::router(state.clone(), args.max_body_bytes);
+    let app = crate::routes::router(state.clone(), args.max_body_bytes).layer(crate::routes::cors(&args.allowed_origins)?);
     let shutdown_state = state.clone();
     let server = tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown({
         let state = shutdown_state;

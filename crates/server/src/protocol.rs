@@ -191,7 +191,8 @@ impl Plan {
 fn range(param: &str, v: Option<f64>, lo: f64, hi: f64, lo_open: bool) -> Result<Option<f64>, ApiError> {
     match v {
         None => Ok(None),
-        Some(x) if !x.is_finite() || x > hi || x < lo || (lo_open && x == lo) => Err(ApiError::param(
+        // An open bound holds for the f32 the sampler uses too (1e-300 is > 0, its f32 is not).
+        Some(x) if !x.is_finite() || x > hi || x < lo || (lo_open && x as f32 as f64 <= lo) => Err(ApiError::param(
             param,
             format!("`{param}` must be {} {lo} and <= {hi}, got {x}", if lo_open { ">" } else { ">=" }),
         )),

@@ -50,6 +50,32 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .with_state(state)
 }
 
+/// The CORS policy for `origins` (`--allowed-origins`): any origin for `*`, none for `none`,
+/// else those listed; any method and header, no credentials (vLLM's defaults), so a browser
+/// chat UI on another origin can call the API (its preflight `OPTIONS` is answered here,
+/// before the routes and the API key check).
+pub fn cors(origins: &[String]) -> anyhow::Result<tower_http::cors::CorsLayer> {
+    use tower_http::cors::{AllowOrigin, Any, CorsLayer};
+    let layer = CorsLayer::new().allow_methods(Any).allow_headers(Any);
+    let origins: Vec<&str> = origins.iter().map(|o| o.trim()).filter(|o| !o.is_empty()).collect();
+    Ok(match origins.as_slice() {
+        ["*"] => layer.allow_origin(Any),
+        [] | ["none"] => layer.allow_origin(AllowOrigin::list([])),
+        list => {
+            let values = list
+                .iter()
+                .map(|o| {
+                    if *o == "*" || *o == "none" {
+                        anyhow::bail!("--allowed-origins: `{o}` stands alone, not in a list");
+                    }
+                    header::HeaderValue::from_str(o).map_err(|_| anyhow::anyhow!("--allowed-origins: `{o}` is not a valid origin"))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            layer.allow_origin(AllowOrigin::list(values))
+        }
+    })
+}
+
 /// Bearer-token check with a constant-time comparison.
 async fn auth(State(state): State<AppState>, req: Request, next: Next) -> Response {
     if let Some(key) = &state.settings.api_key {
@@ -136,7 +162,7 @@ async fn health(State(state): State<AppState>) -> Response {
 
 async fn metrics(State(state): State<AppState>) -> Response {
     let body = state.ready.get().map(|r| r.engine.render_metrics()).unwrap_or_default();
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
 }
 
 /// The served model as OpenAI's model object.

@@ -190,6 +190,9 @@ async fn errors_are_openai_error_objects() {
     check(st, &v, 400, Some("temperature"));
     let (st, v) = s.post("/v1/chat/completions", chat_body(json!({"top_p": 0}))).await;
     check(st, &v, 400, Some("top_p"));
+    // Above an open bound, but not as the f32 the sampler reads.
+    let (st, v) = s.post("/v1/chat/completions", chat_body(json!({"repetition_penalty": 1e-300}))).await;
+    check(st, &v, 400, Some("repetition_penalty"));
     let (st, v) = s.post("/v1/chat/completions", chat_body(json!({"n": 0}))).await;
     check(st, &v, 400, Some("n"));
     let (st, v) = s.post("/v1/chat/completions", chat_body(json!({"max_tokens": 0}))).await;
@@ -322,6 +325,23 @@ async fn api_key_is_required_when_set() {
     // Health and metrics stay open.
     assert_eq!(s.client.get(s.url("/health")).send().await.unwrap().status(), 200);
     assert_eq!(s.client.get(s.url("/metrics")).send().await.unwrap().status(), 200);
+    // A browser's CORS preflight is answered without the key (any origin by default, as vLLM),
+    // and answers carry the header.
+    let preflight = |s: &Server, origin: &str| {
+        s.client.request(reqwest::Method::OPTIONS, s.url("/v1/chat/completions")).header("origin", origin)
+            .header("access-control-request-method", "POST").header("access-control-request-headers", "authorization,content-type").send()
+    };
+    let r = preflight(&s, "https://ui.example").await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["access-control-allow-origin"], "*");
+    let r = s.client.post(s.url("/v1/completions")).header("origin", "https://ui.example").bearer_auth("sekret").json(&json!({"prompt": "x", "max_tokens": 1})).send().await.unwrap();
+    assert_eq!((r.status().as_u16(), r.headers().get("access-control-allow-origin").map(|v| v.to_str().unwrap().to_owned())), (200, Some("*".into())));
+    // Listed origins only.
+    let s = Server::start(&["--allowed-origins", "https://ui.example,http://localhost:3000"]).await;
+    let r = preflight(&s, "http://localhost:3000").await.unwrap();
+    assert_eq!(r.headers()["access-control-allow-origin"], "http://localhost:3000");
+    let r = preflight(&s, "https://elsewhere.example").await.unwrap();
+    assert!(r.headers().get("access-control-allow-origin").is_none(), "{:?}", r.headers());
 }
 
 /// 64 concurrent streams, about half dropped mid-stream: afterwards nothing runs and every KV
