@@ -566,15 +566,23 @@ impl Core {
     }
 
     /// Frees the newest running sequence and puts it back at the front of the queue.
-    fn preempt_newest(&mut self) -> bool {
-        let Some(mut s) = self.running.pop() else { return false };
+    /// Preempts the running sequence of the lowest priority (the largest `priority`), the
+    /// newest among those, as vLLM's priority policy does (with one priority: the newest, as
+    /// its FCFS policy): its blocks are freed and it waits, ahead of the waiting requests of
+    /// its priority (it came before them), to be computed again. Returns its id. Called only
+    /// with a sequence running.
+    fn preempt_one(&mut self) -> u64 {
+        let i = (0..self.running.len()).max_by_key(|&i| (self.running[i].req.priority, self.running[i].id)).expect("a running sequence");
+        let mut s = self.running.remove(i);
         self.kv.free(&mut s.blocks);
         s.computed = 0;
         s.prompt_lp.clear();
         self.metrics.preemptions.inc();
-        self.waiting.push_front(s);
+        let id = s.id;
+        let at = self.waiting.iter().position(|w| w.req.priority >= s.req.priority).unwrap_or(self.waiting.len());
+        self.waiting.insert(at, s);
         self.waiting_count.fetch_add(1, Ordering::SeqCst);
-        true
+        id
     }
 
     /// Drafts a decoding sequence verifies this step: none when the policy decodes plainly,
@@ -659,14 +667,13 @@ impl Core {
                     break;
                 }
                 preempted = true;
-                let newest = self.running.last().unwrap().id;
-                self.preempt_newest();
+                let victim = self.preempt_one();
                 // Give back the budget of a chunk already planned for it.
-                if let Some(k) = plan.iter().position(|p| p.0 == newest) {
+                if let Some(k) = plan.iter().position(|p| p.0 == victim) {
                     let (_, c, d) = plan.remove(k);
                     budget += c + d;
                 }
-                if newest == id {
+                if victim == id {
                     break;
                 }
             }

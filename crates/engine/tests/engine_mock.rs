@@ -1057,3 +1057,29 @@ fn min_tokens_bans_the_stop_tokens_until_reached() {
         }
     }
 }
+
+/// Out of blocks, the engine preempts the running request of the lowest priority, not merely
+/// the newest: a high-priority request admitted after a low-priority one keeps running and
+/// finishes first, the low one resuming after it (preempted, it would be the other way round).
+#[test]
+fn preemption_takes_the_lowest_priority_first() {
+    // One 1024-token sequence fits (256 blocks), two long ones do not.
+    let e = engine(None, EngineConfig { max_num_seqs: 2, max_model_len: 1024, kv_cache_memory_bytes: 100 * 260, enable_prefix_caching: false, ..cfg() });
+    let mut low = req("low", prompts()[1].clone(), SamplingParams::greedy(), 1000);
+    low.priority = 5;
+    let mut rl = e.submit(low).unwrap();
+    assert!(matches!(rl.blocking_recv(), Some(RequestEvent::Delta { .. })), "low runs first");
+    let mut high = req("high", prompts()[2].clone(), SamplingParams::greedy(), 600);
+    high.priority = -1;
+    let high = collect(e.submit(high).unwrap());
+    assert_eq!(high.tokens.len(), 600);
+    let mut low_finished = false;
+    while let Ok(ev) = rl.try_recv() {
+        low_finished |= matches!(ev, RequestEvent::Finished { .. });
+    }
+    assert!(!low_finished, "the low-priority request ran on while the high-priority one waited");
+    assert!(counter(&e.render_metrics(), "vllm:num_preemptions_total") > 0.0, "no preemption happened");
+    collect(rl);
+    wait_idle(&e);
+    e.shutdown();
+}
