@@ -103,6 +103,9 @@ pub enum SubmitError {
     QueueFull,
     /// The request cannot be served (for example longer than the context).
     Invalid(String),
+    /// Its output constraint cannot be built (a JSON schema, regex or grammar the guide
+    /// compiler refuses, or one combined with what it cannot be): the message says why.
+    Constraint(String),
     /// The engine is shutting down or has stopped.
     ShuttingDown,
     /// The backend can serve nothing more (for example a lost GPU context); the message says

@@ -237,7 +237,7 @@ impl EngineHandle {
                 Ok(c) => c,
                 Err(why) => {
                     self.inner.waiting.fetch_sub(k, Ordering::SeqCst);
-                    return Err(SubmitError::Invalid(why));
+                    return Err(SubmitError::Constraint(why));
                 }
             };
             let (tx, rx) = unbounded_channel();

@@ -162,6 +162,9 @@ pub struct Plan {
     pub max_tokens: Option<usize>,
     /// The field `max_tokens` came from (`max_completion_tokens` or `max_tokens`), for errors.
     pub max_tokens_param: &'static str,
+    /// The field the output's constraint came from (`response_format`, a guided field,
+    /// `allowed_token_ids`, `tool_choice`), for the errors of building it.
+    pub guide_param: &'static str,
     /// Where `max_tokens` is None: at most this many (the model's `max_new_tokens`).
     pub default_max_tokens: Option<usize>,
     pub n: usize,
@@ -318,6 +321,7 @@ pub fn plan(c: &CommonParams, logprobs: Option<usize>, vocab_size: usize, always
         },
         max_tokens,
         max_tokens_param: if c.max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" },
+        guide_param: guide_param(c),
         default_max_tokens: None,
         n,
         stream,
@@ -412,6 +416,15 @@ fn vllm_guide(c: &CommonParams) -> Result<Option<Guide>, ApiError> {
         1 => Ok(found.pop().map(|g| options.apply(g))),
         _ => Err(ApiError::invalid("give one of `guided_json`, `guided_regex`, `guided_choice`, `guided_grammar` and `structured_outputs`'s `json` / `regex` / `choice` / `grammar`, not several")),
     }
+}
+
+/// The field a request's output constraint comes from (`plan` has checked there is one at most).
+fn guide_param(c: &CommonParams) -> &'static str {
+    let given = |v: &Option<Value>| v.as_ref().is_some_and(|v| !v.is_null());
+    [("guided_json", &c.guided_json), ("guided_regex", &c.guided_regex), ("guided_choice", &c.guided_choice), ("guided_grammar", &c.guided_grammar), ("structured_outputs", &c.structured_outputs)]
+        .into_iter()
+        .find(|(_, v)| given(v))
+        .map_or(if c.allowed_token_ids.is_some() && !given(&c.response_format) { "allowed_token_ids" } else { "response_format" }, |(f, _)| f)
 }
 
 /// vLLM's switches for a JSON guide.

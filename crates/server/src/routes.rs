@@ -273,6 +273,7 @@ fn submit_all(r: &Ready, id: &str, prompts: &[Vec<u32>], plan: &Plan, prompt_log
         Ok(rxs) => rxs,
         Err(SubmitError::QueueFull) => return Err(ApiError::overloaded()),
         Err(SubmitError::Invalid(m)) => return Err(ApiError::invalid(m)),
+        Err(SubmitError::Constraint(m)) => return Err(ApiError::param(plan.guide_param, m)),
         Err(SubmitError::ShuttingDown) => return Err(ApiError::unavailable("the server is shutting down")),
         Err(SubmitError::BackendFailed(why)) => return Err(ApiError::backend_failed(&why)),
     };
@@ -460,6 +461,7 @@ fn read_chat(state: &AppState, body: &[u8]) -> Result<ChatRead, ApiError> {
                 return Err(ApiError::param("tool_choice", "a forced tool call (`tool_choice` `required` or a function) holds the output to the call's JSON; it cannot be combined with `response_format`, guided fields or `allowed_token_ids`"));
             }
             plan.sampling.guide = Some(guide);
+            plan.guide_param = "tool_choice";
             (false, Some(forced))
         }
     };

@@ -236,6 +236,13 @@ async fn errors_are_openai_error_objects() {
     check(st, &v, 400, Some("functions"));
     let (st, v) = s.post("/v1/chat/completions", chat_body(json!({"function_call": "auto"}))).await;
     check(st, &v, 400, Some("function_call"));
+    // A guide the compiler refuses is named by the field it came from.
+    let (st, v) = s.post("/v1/completions", json!({"prompt": "x", "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "wat"}}}})).await;
+    check(st, &v, 400, Some("response_format"));
+    let (st, v) = s.post("/v1/completions", json!({"prompt": "x", "guided_regex": "(unclosed"})).await;
+    check(st, &v, 400, Some("guided_regex"));
+    let (st, v) = s.post("/v1/completions", json!({"prompt": "x", "structured_outputs": {"grammar": "root ::= missing_rule"}})).await;
+    check(st, &v, 400, Some("structured_outputs"));
     // The template's own variables are the request's fields, not kwargs.
     for k in ["messages", "add_generation_prompt", "tools", "bos_token"] {
         let (st, v) = s.post("/v1/chat/completions", chat_body(json!({"chat_template_kwargs": {k: []}}))).await;
