@@ -35,8 +35,8 @@ impl OutputParsing {
         };
         let (content, calls) = match (&self.forced, &self.tools) {
             // A cut call's JSON (`length`) stays content: nothing is lost.
-            (Some(f), _) => match forced_calls(f, &answer) {
-                Some(calls) => (None, calls),
+            (Some(f), _) => match forced_reply(f, &answer) {
+                Some((thinking, calls)) => (thinking, calls),
                 None => (Some(answer), Vec::new()),
             },
             (None, Some(schemas)) => tool_calls::parse_output(&answer, schemas.clone()),
@@ -87,6 +87,19 @@ fn forced_calls(forced: &Forced, answer: &str) -> Option<Vec<ToolCall>> {
             .map(|c| Some(ToolCall { name: c.get("name")?.as_str()?.to_owned(), arguments: c.get("parameters").filter(|p| p.is_object())?.to_string() }))
             .collect(),
     }
+}
+
+/// A forced reply read back: its calls, and the thinking before them where the prompt opened a
+/// thinking block and the reasoning parser is off (the engine lets the model think before the
+/// calls' JSON whatever the server's parsers; with the parser on the thinking is split off
+/// before this). The thinking stays content, as everything does with the parser off.
+fn forced_reply(forced: &Forced, answer: &str) -> Option<(Option<String>, Vec<ToolCall>)> {
+    if let Some(calls) = forced_calls(forced, answer) {
+        return Some((None, calls));
+    }
+    let end = answer.rfind("</think>")? + "</think>".len();
+    let calls = forced_calls(forced, &answer[end..])?;
+    Some((Some(answer[..end].to_owned()), calls))
 }
 
 /// OpenAI's tool call object (`index` only in stream deltas), with a fresh id.
@@ -140,8 +153,11 @@ impl ChoiceStream {
         if let Some((forced, answer)) = &mut self.forced {
             match text {
                 Some(t) => answer.push_str(t),
-                None => match forced_calls(forced, answer) {
-                    Some(calls) => {
+                None => match forced_reply(forced, answer) {
+                    Some((thinking, calls)) => {
+                        if let Some(t) = thinking {
+                            out.push(json!({"content": t}));
+                        }
                         self.forced_calls = calls.len();
                         out.extend(calls.iter().enumerate().map(|(i, c)| json!({"tool_calls": [tool_call_json(c, Some(i))]})));
                     }

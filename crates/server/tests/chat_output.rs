@@ -411,6 +411,23 @@ async fn with_the_parsers_off_replies_stay_text() {
     let (status, v) = h.chat(request("ask-required", json!({"tools": tools(), "tool_choice": "required"}))).await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["choices"][0]["message"]["tool_calls"].as_array().map(Vec::len), Some(2), "{v}");
+    // Where the prompt opened a thinking block the model thinks before the call: the thinking
+    // stays content (no parser splits it off), the call still comes back as one.
+    for stream in [false, true] {
+        let mut body = request("ask-json-think", json!({"tools": tools(), "tool_choice": {"type": "function", "function": {"name": "get_weather"}}, "chat_template_kwargs": {"enable_thinking": true}}));
+        body["stream"] = json!(stream);
+        let (content, calls) = if stream {
+            let (_, c, calls, _) = gather(&h.chat_stream(body).await);
+            (c, calls)
+        } else {
+            let (_, v) = h.chat(body).await;
+            let m = &v["choices"][0]["message"];
+            (m["content"].as_str().unwrap_or_default().to_owned(), m["tool_calls"].as_array().cloned().unwrap_or_default())
+        };
+        assert_eq!(content, "A city: {Paris} \"quoted\".\n</think>", "stream {stream}");
+        assert_eq!(calls.len(), 1, "stream {stream}: {calls:?}");
+        assert_eq!(serde_json::from_str::<Value>(calls[0]["function"]["arguments"].as_str().unwrap()).unwrap(), json!({"city": "Paris"}));
+    }
     let e = h.engine.clone();
     tokio::task::spawn_blocking(move || e.shutdown()).await.unwrap();
 }
