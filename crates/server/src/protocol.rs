@@ -18,7 +18,15 @@ pub fn parse_body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Api
 /// The body as a JSON object.
 pub fn body_value(bytes: &[u8]) -> Result<Value, ApiError> {
     let text = std::str::from_utf8(bytes).map_err(|e| ApiError::invalid(format!("request body is not valid UTF-8: {e}")))?;
-    let value: Value = serde_json::from_str(text).map_err(|e| ApiError::invalid(format!("request body is not valid JSON: {e}")))?;
+    let value: Value = serde_json::from_str(text).map_err(|e| {
+        // serde_json stops at 128 levels of nesting (so a crafted body cannot exhaust the stack):
+        // valid JSON, refused for its depth.
+        if e.to_string().starts_with("recursion limit exceeded") {
+            ApiError::invalid(format!("request body nests JSON deeper than 128 levels (the server's limit), at line {} column {}", e.line(), e.column()))
+        } else {
+            ApiError::invalid(format!("request body is not valid JSON: {e}"))
+        }
+    })?;
     if !value.is_object() {
         return Err(ApiError::invalid("request body must be a JSON object"));
     }

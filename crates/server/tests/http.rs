@@ -184,6 +184,11 @@ async fn errors_are_openai_error_objects() {
     check(st, &v, 400, None);
     let (st, v) = s.post_raw("/v1/chat/completions", vec![0xff, 0xfe, b'{']).await;
     check(st, &v, 400, None);
+    // Valid JSON nested past serde_json's limit: refused for its depth, not called invalid.
+    let deep = format!("{{\"prompt\": \"x\", \"deep\": {}1{}}}", "[".repeat(200), "]".repeat(200));
+    let (st, v) = s.post_raw("/v1/completions", deep.into_bytes()).await;
+    check(st, &v, 400, None);
+    assert!(v["error"]["message"].as_str().unwrap().contains("deeper than 128 levels"), "{v}");
     let (st, v) = s.post("/v1/chat/completions", chat_body(json!({"temperature": "hot"}))).await;
     check(st, &v, 400, Some("temperature"));
     let (st, v) = s.post("/v1/chat/completions", chat_body(json!({"temperature": 3}))).await;
