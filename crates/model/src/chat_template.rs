@@ -14,12 +14,18 @@ pub struct ChatTemplate {
     eos: Option<String>,
 }
 
+/// Instructions a render may run: a template comes with the model (tokenizer_config.json, GGUF
+/// metadata), and one that loops without end would hold every chat request; real templates run
+/// a few hundred a message, so this bounds only runaway ones (about a second of rendering).
+pub const RENDER_FUEL: u64 = 100_000_000;
+
 /// The variables `ChatTemplate::render` sets itself.
 pub const RESERVED_VARIABLES: &[&str] = &["messages", "tools", "add_generation_prompt", "bos_token", "eos_token"];
 
 impl ChatTemplate {
     pub fn new(source: &str, bos_token: Option<&str>, eos_token: Option<&str>) -> Result<Self> {
         let mut env = Environment::new();
+        env.set_fuel(Some(RENDER_FUEL));
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -55,6 +61,7 @@ impl ChatTemplate {
             // Show the template's own message for raise_exception.
             match e.kind() {
                 ErrorKind::InvalidOperation => Error::Template(e.detail().unwrap_or("invalid operation").to_owned()),
+                ErrorKind::OutOfFuel => Error::Template(format!("the chat template ran past {RENDER_FUEL} instructions without finishing")),
                 _ => Error::Template(format!("{e:#}")),
             }
         })

@@ -107,6 +107,9 @@ pub fn parse_config(config: &Value, generation_config: Option<&Value>) -> Result
 const MAX_SIZE: u64 = 1 << 32;
 /// Largest `num_hidden_layers` accepted: the spec allocates one entry per layer.
 const MAX_LAYERS: usize = 1 << 16;
+/// Elements of one weight (a stack of experts counts as one) at most: 2^40, ~100x the largest
+/// real one (MiMo-V2.5-Pro's 384 experts of 2048 x 6144 are 4.8e9).
+const MAX_MATRIX_ELEMENTS: usize = 1 << 40;
 
 /// Typed access to a JSON object, with errors naming the field.
 pub(crate) struct Fields<'a> {
@@ -146,7 +149,8 @@ impl<'a> Fields<'a> {
         match self.get(key) {
             None => Ok(None),
             Some(v) => match v.as_u64() {
-                // Bounded so that products of sizes cannot overflow (real sizes are far below).
+                // Bounded so that a product of two sizes cannot overflow (real sizes are far
+                // below); `validate` bounds the weights' products of three.
                 Some(n) if n <= MAX_SIZE => Ok(Some(n as usize)),
                 Some(n) => Err(Error::config(self.name(key), format!("{n} is too large (at most {MAX_SIZE})"))),
                 None => match v.as_f64() {
@@ -230,9 +234,13 @@ impl<'a> Fields<'a> {
     }
 }
 
-/// Python's `int(head_dim * factor)`, in f64 like Python.
-fn rotary_dim(head_dim: usize, factor: f64) -> usize {
-    (head_dim as f64 * factor).floor() as usize
+/// Python's `int(head_dim * factor)`, in f64 like Python; a negative factor is refused (it
+/// would turn RoPE off where transformers fails).
+fn rotary_dim(head_dim: usize, factor: f64) -> Result<usize> {
+    if factor < 0.0 {
+        return Err(Error::config("partial_rotary_factor", format!("must be between 0 and 1, got {factor}")));
+    }
+    Ok((head_dim as f64 * factor).floor() as usize)
 }
 
 struct Common {
@@ -369,7 +377,7 @@ fn parse_mimo_v2_flash(c: &Fields) -> Result<ModelSpec> {
                 }
             }
         };
-        Ok(RopeSpec { theta, rotary_dim: rotary_dim(head_dim, factor), style: RopeStyle::NeoX })
+        Ok(RopeSpec { theta, rotary_dim: rotary_dim(head_dim, factor)?, style: RopeStyle::NeoX })
     };
 
     let mut layers = Vec::with_capacity(n);
@@ -464,7 +472,7 @@ fn parse_mimo_v2(c: &Fields) -> Result<ModelSpec> {
             num_kv_heads: kv,
             head_dim: d,
             v_head_dim: vd,
-            rope: RopeSpec { theta: th, rotary_dim: rotary_dim(d, factor), style: RopeStyle::NeoX },
+            rope: RopeSpec { theta: th, rotary_dim: rotary_dim(d, factor)?, style: RopeStyle::NeoX },
             sinks: if swa { swa_sinks } else { full_sinks },
             value_scale: value_scale as f32,
             softmax_scale: (d as f32).powf(-0.5),
@@ -493,17 +501,17 @@ fn parse_dense(c: &Fields, model_type: &str) -> Result<ModelSpec> {
     let (theta, factor) = flat_rope(c)?;
     let eps = c.f64_or("rms_norm_eps", 1e-6)?;
     let intermediate = c.req_usize("intermediate_size")?;
-    let window = if c.bool_or("use_sliding_window", false)? { c.opt_usize("sliding_window")? } else { None };
+    if c.bool_or("mlp_bias", false)? {
+        return Err(Error::config("mlp_bias", "MLP biases are not supported"));
+    }
+    let windows = dense_windows(c, model_type, com.num_layers)?;
     let attention = AttentionSpec {
-        kind: match window {
-            Some(w) => AttentionKind::Sliding { window: w },
-            None => AttentionKind::Full,
-        },
+        kind: AttentionKind::Full,
         num_heads: heads,
         num_kv_heads: kv,
         head_dim,
         v_head_dim: head_dim,
-        rope: RopeSpec { theta, rotary_dim: rotary_dim(head_dim, factor), style: RopeStyle::NeoX },
+        rope: RopeSpec { theta, rotary_dim: rotary_dim(head_dim, factor)?, style: RopeStyle::NeoX },
         sinks: false,
         value_scale: 1.0,
         softmax_scale: (head_dim as f32).powf(-0.5),
@@ -511,10 +519,41 @@ fn parse_dense(c: &Fields, model_type: &str) -> Result<ModelSpec> {
         qkv_bias: c.bool_or("attention_bias", model_type == "qwen2")?,
         qk_norm: model_type == "qwen3",
     };
-    let layers = (0..com.num_layers)
-        .map(|_| LayerSpec { attention, mlp: MlpSpec::Dense { intermediate_size: intermediate } })
+    let layers = windows
+        .into_iter()
+        .map(|w| {
+            let kind = w.map_or(AttentionKind::Full, |window| AttentionKind::Sliding { window });
+            LayerSpec { attention: AttentionSpec { kind, ..attention }, mlp: MlpSpec::Dense { intermediate_size: intermediate } }
+        })
         .collect();
     Ok(spec_from(com, model_type, eps, layers))
+}
+
+/// Each layer's sliding window in a dense config, as transformers reads it: Mistral slides every
+/// layer by `sliding_window` (4096 when absent; null: none), with no switch; Qwen2/Qwen3 slide only
+/// under `use_sliding_window`, and then only layers from `max_window_layers` on (default 28),
+/// unless `layer_types` names each layer; Llama never slides.
+fn dense_windows(c: &Fields, model_type: &str, num_layers: usize) -> Result<Vec<Option<usize>>> {
+    let window = match model_type {
+        "mistral" if !c.map.contains_key("sliding_window") => Some(4096),
+        "mistral" => c.opt_usize("sliding_window")?,
+        "qwen2" | "qwen3" if c.bool_or("use_sliding_window", false)? => c.opt_usize("sliding_window")?,
+        _ => None,
+    };
+    if let Some(types) = c.opt_str_list("layer_types")?.filter(|_| matches!(model_type, "qwen2" | "qwen3")) {
+        check_len("layer_types", types.len(), num_layers)?;
+        return types
+            .iter()
+            .enumerate()
+            .map(|(i, t)| match t.as_str() {
+                "full_attention" => Ok(None),
+                "sliding_attention" => window.map(Some).ok_or_else(|| Error::config(format!("layer_types[{i}]"), "a sliding layer needs `use_sliding_window` and `sliding_window`")),
+                other => Err(Error::config(format!("layer_types[{i}]"), format!("unknown layer type `{other}`"))),
+            })
+            .collect();
+    }
+    let first_sliding = if model_type == "mistral" { 0 } else { c.usize_or("max_window_layers", 28)? };
+    Ok((0..num_layers).map(|i| window.filter(|_| i >= first_sliding)).collect())
 }
 
 /// RoPE base and partial factor of a single-rope config: transformers 5's flat
@@ -633,7 +672,7 @@ pub fn parse_draft_config(config: &Value) -> Result<DraftSpec> {
             num_kv_heads: kv,
             head_dim,
             v_head_dim: head_dim,
-            rope: RopeSpec { theta, rotary_dim: rotary_dim(head_dim, factor), style: RopeStyle::NeoX },
+            rope: RopeSpec { theta, rotary_dim: rotary_dim(head_dim, factor)?, style: RopeStyle::NeoX },
             sinks: if swa { sinks_swa } else { sinks_full },
             value_scale: value_scale as f32,
             softmax_scale: (head_dim as f32).powf(-0.5),
@@ -721,7 +760,7 @@ fn check_len(field: &str, got: usize, want: usize) -> Result<()> {
 }
 
 /// Cross-field consistency checks shared by every model type.
-fn validate(spec: &ModelSpec) -> Result<()> {
+pub(crate) fn validate(spec: &ModelSpec) -> Result<()> {
     let pos = |field: &str, v: usize| {
         if v == 0 {
             Err(Error::config(field, "must be positive"))
@@ -733,9 +772,17 @@ fn validate(spec: &ModelSpec) -> Result<()> {
     pos("hidden_size", spec.hidden_size)?;
     pos("num_hidden_layers", spec.layers.len())?;
     pos("max_position_embeddings", spec.max_position_embeddings)?;
-    if spec.rms_norm_eps.is_nan() || spec.rms_norm_eps <= 0.0 {
-        return Err(Error::config("rms_norm_eps", "must be positive"));
+    // (As f32: 1e300 passes as f64 and is infinite where it is used.)
+    if !spec.rms_norm_eps.is_finite() || spec.rms_norm_eps <= 0.0 {
+        return Err(Error::config("rms_norm_eps", "must be positive and finite as an f32"));
     }
+    // Each size is at most MAX_SIZE, so a product of two cannot overflow, but one of three can:
+    // the weights' element counts are bounded here, before anything is sized from them.
+    let elems = |field: &str, dims: &[usize]| match dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).filter(|&n| n <= MAX_MATRIX_ELEMENTS) {
+        Some(_) => Ok(()),
+        None => Err(Error::config(field, format!("a weight of {dims:?} elements is larger than any model's (at most {MAX_MATRIX_ELEMENTS} elements)"))),
+    };
+    elems("vocab_size", &[spec.vocab_size, spec.hidden_size])?;
     for id in spec.eos_token_ids.iter().chain(spec.bos_token_id.iter()) {
         if *id as usize >= spec.vocab_size {
             return Err(Error::config("eos_token_id", format!("token id {id} outside the vocabulary of {}", spec.vocab_size)));
@@ -759,14 +806,22 @@ fn validate(spec: &ModelSpec) -> Result<()> {
         if let AttentionKind::Sliding { window } = a.kind {
             pos("sliding_window", window)?;
         }
+        elems("num_attention_heads", &[a.num_heads, a.head_dim.max(a.v_head_dim), spec.hidden_size])?;
+        if !a.value_scale.is_finite() {
+            return Err(Error::config("attention_value_scale", format!("layer {i}: must be finite as an f32")));
+        }
         match l.mlp {
-            MlpSpec::Dense { intermediate_size } => pos("intermediate_size", intermediate_size)?,
+            MlpSpec::Dense { intermediate_size } => {
+                pos("intermediate_size", intermediate_size)?;
+                elems("intermediate_size", &[intermediate_size, spec.hidden_size])?;
+            }
             MlpSpec::Moe(m) => {
                 pos("n_routed_experts", m.num_experts)?;
                 pos("moe_intermediate_size", m.intermediate_size)?;
                 pos("num_experts_per_tok", m.top_k)?;
                 pos("n_group", m.n_group)?;
                 pos("topk_group", m.topk_group)?;
+                elems("moe_intermediate_size", &[m.num_experts, m.intermediate_size, spec.hidden_size])?;
                 if m.top_k > m.num_experts {
                     return Err(Error::config("num_experts_per_tok", format!("{} exceeds n_routed_experts {}", m.top_k, m.num_experts)));
                 }

@@ -114,3 +114,19 @@ fn continue_final_message_cuts_after_the_final_text() {
         assert!(e.contains(why), "{bad}: {e}");
     }
 }
+
+/// A template that loops without end (here 10^10 iterations) fails after its budget of
+/// instructions instead of holding the request, while a long real conversation renders.
+#[test]
+fn runaway_templates_run_out_of_fuel() {
+    let t = ChatTemplate::new("{% for a in range(100000) %}{% for b in range(100000) %}x{% endfor %}{% endfor %}", None, None).unwrap();
+    let start = std::time::Instant::now();
+    match t.render(&json!([{"role": "user", "content": "Hi"}]), None, true, &Map::new()) {
+        Err(Error::Template(m)) => assert!(m.contains("instructions"), "{m}"),
+        other => panic!("expected the fuel error, got {other:?}"),
+    }
+    assert!(start.elapsed() < std::time::Duration::from_secs(30), "{:?}", start.elapsed());
+    let t = ChatTemplate::new(CHATML, None, Some("<|im_end|>")).unwrap();
+    let long: Vec<_> = (0..20_000).map(|i| json!({"role": if i % 2 == 0 { "user" } else { "assistant" }, "content": format!("turn {i}")})).collect();
+    assert!(t.render(&json!(long), None, true, &Map::new()).unwrap().ends_with("<|im_start|>assistant\n"));
+}

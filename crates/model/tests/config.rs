@@ -12,7 +12,7 @@ fn preset(name: &str) -> Value {
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
 
-fn field_of(r: peregrine_core::Result<peregrine_core::ModelSpec>) -> String {
+fn field_of<T>(r: peregrine_core::Result<T>) -> String {
     match r {
         Err(Error::Config { field, .. }) => field,
         Err(e) => panic!("expected a config error, got {e}"),
@@ -170,6 +170,30 @@ fn dense_llama_family() {
     }
 }
 
+/// Sliding windows of dense configs as transformers reads them: Mistral's always (4096 when the
+/// key is absent, none when null), Qwen2/Qwen3's only under `use_sliding_window` and from
+/// `max_window_layers` on (or as `layer_types` says), Llama's never.
+#[test]
+fn dense_sliding_windows_follow_transformers() {
+    let windows = |mt: &str, extra: Value| {
+        let mut c = json!({"model_type": mt, "num_hidden_layers": 3, "hidden_size": 64, "vocab_size": 100,
+            "num_attention_heads": 4, "intermediate_size": 128});
+        c.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        parse_config(&c, None).map(|s| s.layers.iter().map(|l| l.attention.window()).collect::<Vec<_>>())
+    };
+    assert_eq!(windows("mistral", json!({})).unwrap(), [Some(4096); 3]);
+    assert_eq!(windows("mistral", json!({"sliding_window": null})).unwrap(), [None; 3]);
+    assert_eq!(windows("mistral", json!({"sliding_window": 128})).unwrap(), [Some(128); 3]);
+    assert_eq!(windows("qwen2", json!({"sliding_window": 64})).unwrap(), [None; 3], "off without use_sliding_window");
+    assert_eq!(windows("qwen2", json!({"use_sliding_window": true, "sliding_window": 64, "max_window_layers": 1})).unwrap(), [None, Some(64), Some(64)]);
+    assert_eq!(windows("qwen2", json!({"use_sliding_window": true, "sliding_window": 64})).unwrap(), [None; 3], "max_window_layers defaults to 28");
+    let types = json!({"use_sliding_window": true, "sliding_window": 64, "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]});
+    assert_eq!(windows("qwen3", types).unwrap(), [Some(64), None, Some(64)]);
+    assert_eq!(field_of(windows("qwen3", json!({"layer_types": ["sliding_attention", "full_attention", "full_attention"]}))), "layer_types[0]");
+    assert_eq!(field_of(windows("qwen3", json!({"layer_types": ["full_attention"]}))), "layer_types");
+    assert_eq!(windows("llama", json!({"use_sliding_window": true, "sliding_window": 64})).unwrap(), [None; 3]);
+}
+
 #[test]
 fn quantization_configs() {
     let q = |qc: Value| {
@@ -208,6 +232,23 @@ fn invalid_values_name_their_field() {
     let mut c = preset("mimo-v2.5-pro.json");
     c["partial_rotary_factor"] = json!(2.0);
     assert_eq!(field_of(parse_config(&c, None)), "partial_rotary_factor");
+    // A negative factor would turn RoPE off; a finite f64 eps infinite as an f32; sizes whose
+    // products no weight could have; MLP biases nothing reads.
+    let mut c = preset("mimo-v2.5-pro.json");
+    c["partial_rotary_factor"] = json!(-0.5);
+    assert_eq!(field_of(parse_config(&c, None)), "partial_rotary_factor");
+    assert_eq!(field_of(with("rms_norm_eps", json!(1e300))), "rms_norm_eps");
+    assert_eq!(field_of(with("attention_value_scale", json!(1e300))), "attention_value_scale");
+    let dense = |extra: Value| {
+        let mut c = json!({"model_type": "llama", "num_hidden_layers": 1, "hidden_size": 65536, "vocab_size": 100,
+            "num_attention_heads": 4, "intermediate_size": 128});
+        c.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        parse_config(&c, None)
+    };
+    assert_eq!(field_of(dense(json!({"num_attention_heads": 65536, "num_key_value_heads": 65536, "head_dim": 65536}))), "num_attention_heads");
+    assert_eq!(field_of(dense(json!({"vocab_size": 4294967296u64}))), "vocab_size");
+    assert_eq!(field_of(dense(json!({"mlp_bias": true}))), "mlp_bias");
+    assert!(dense(json!({})).is_ok());
     let mut c = preset("mimo-v2.5-pro.json");
     c.as_object_mut().unwrap().remove("num_attention_heads");
     assert_eq!(field_of(parse_config(&c, None)), "num_attention_heads");
