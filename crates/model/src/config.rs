@@ -106,7 +106,7 @@ pub fn parse_config(config: &Value, generation_config: Option<&Value>) -> Result
 /// Largest integer accepted for any size or count (2^32).
 const MAX_SIZE: u64 = 1 << 32;
 /// Largest `num_hidden_layers` accepted: the spec allocates one entry per layer.
-const MAX_LAYERS: usize = 1 << 16;
+pub(crate) const MAX_LAYERS: usize = 1 << 16;
 /// Elements of one weight (a stack of experts counts as one) at most: 2^40, ~100x the largest
 /// real one (MiMo-V2.5-Pro's 384 experts of 2048 x 6144 are 4.8e9).
 const MAX_MATRIX_ELEMENTS: usize = 1 << 40;

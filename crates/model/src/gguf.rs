@@ -3,7 +3,7 @@
 //! [`WeightSource`] under HF names (undoing llama.cpp's Q/K row permutation), and the tokenizer
 //! and chat template stored in the metadata.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{btree_map, hash_map, BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -74,10 +74,30 @@ pub struct GgufFile {
     tensors: HashMap<String, TensorInfo>,
 }
 
+/// Elements one metadata array may hold (real vocabularies and merge lists are under 2^20).
+const MAX_ARRAY_LEN: u64 = 1 << 24;
+/// Elements all metadata arrays may hold together: each costs a 32-byte `MetaValue` for as little
+/// as one byte of file, so this bounds the memory a file can make the parser use (2 GiB).
+const MAX_META_ELEMENTS: u64 = 1 << 26;
+
 /// Little-endian reader with bounds checks: a truncated file is an error, never a panic.
 struct Cursor<'a> {
     data: &'a [u8],
     pos: usize,
+    /// Array elements still allowed (of MAX_META_ELEMENTS).
+    elements_left: u64,
+}
+
+/// Fewest bytes one metadata value of type `ty` takes in the file (a string or array: its header).
+fn min_encoded_size(ty: u32) -> Option<u64> {
+    Some(match ty {
+        0 | 1 | 7 => 1,
+        2 | 3 => 2,
+        4..=6 => 4,
+        8 | 10..=12 => 8,
+        9 => 12,
+        _ => return None,
+    })
 }
 
 impl<'a> Cursor<'a> {
@@ -117,10 +137,18 @@ impl<'a> Cursor<'a> {
                 }
                 let ety = self.u32()?;
                 let n = self.u64()?;
-                if n > (self.data.len() - self.pos) as u64 {
-                    return Err(format!("array of {n} elements does not fit the file"));
+                // The count is the file's word: bound it by the bytes left and by the caps before
+                // building values, and reserve nothing from it.
+                let min = min_encoded_size(ety).ok_or_else(|| format!("array of unknown element type {ety}"))?;
+                let left = (self.data.len() - self.pos) as u64;
+                if n > left / min {
+                    return Err(format!("array of {n} elements of type {ety} does not fit the {left} bytes left ({min} or more each)"));
                 }
-                let mut v = Vec::with_capacity(n as usize);
+                if n > MAX_ARRAY_LEN {
+                    return Err(format!("array of {n} elements (at most {MAX_ARRAY_LEN})"));
+                }
+                self.elements_left = self.elements_left.checked_sub(n).ok_or_else(|| format!("metadata arrays hold more than {MAX_META_ELEMENTS} elements in all"))?;
+                let mut v = Vec::new();
                 for _ in 0..n {
                     v.push(self.value(ety, depth + 1)?);
                 }
@@ -151,10 +179,23 @@ fn f16_at(b: &[u8]) -> f32 {
     f16::from_le_bytes([b[0], b[1]]).to_f32()
 }
 
+/// Element and byte counts of a tensor of `dims` and ggml type `ty`. The dims come from the file:
+/// checked arithmetic, so a huge one is an error rather than a wrapped (small) size.
+fn tensor_size(dims: &[u64], ty: u32) -> std::result::Result<(usize, usize), String> {
+    let n = dims.iter().try_fold(1usize, |a, &d| usize::try_from(d).ok().and_then(|d| a.checked_mul(d))).ok_or_else(|| format!("dims {dims:?}: element count overflows"))?;
+    let (be, bb, name) = block_layout(ty).ok_or_else(|| format!("unsupported ggml type {ty}"))?;
+    if !n.is_multiple_of(be) {
+        return Err(format!("{n} elements are not whole {name} blocks of {be}"));
+    }
+    let bytes = (n / be).checked_mul(bb).ok_or_else(|| format!("dims {dims:?}: byte size of {n} {name} elements overflows"))?;
+    Ok((n, bytes))
+}
+
 /// Dequantises `n` elements of type `ty` from `data` (llama.cpp's formulas, in f32).
 pub fn dequantize(ty: u32, data: &[u8], n: usize) -> std::result::Result<Vec<f32>, String> {
     let (be, bb, name) = block_layout(ty).ok_or_else(|| format!("unsupported ggml tensor type {ty}"))?;
-    if !n.is_multiple_of(be) || data.len() != n / be * bb {
+    // Checked before `n` sizes an allocation: `n / be * bb` can wrap to `data.len()`.
+    if !n.is_multiple_of(be) || (n / be).checked_mul(bb) != Some(data.len()) {
         return Err(format!("{name}: {} bytes do not hold {n} elements", data.len()));
     }
     let mut out = Vec::with_capacity(n);
@@ -200,7 +241,7 @@ impl GgufFile {
     }
 
     fn parse(path: &Path, mmap: Mmap) -> std::result::Result<GgufFile, String> {
-        let mut c = Cursor { data: &mmap, pos: 0 };
+        let mut c = Cursor { data: &mmap, pos: 0, elements_left: MAX_META_ELEMENTS };
         if c.take(4)? != b"GGUF" {
             return Err("not a GGUF file (bad magic)".into());
         }
@@ -215,7 +256,11 @@ impl GgufFile {
             let key = c.string()?;
             let ty = c.u32()?;
             let v = c.value(ty, 0).map_err(|e| format!("metadata `{key}`: {e}"))?;
-            metadata.insert(key, v);
+            // As llama.cpp: a repeated key is an error, not a silent choice of the last one.
+            match metadata.entry(key) {
+                btree_map::Entry::Vacant(e) => e.insert(v),
+                btree_map::Entry::Occupied(e) => return Err(format!("metadata `{}` appears twice", e.key())),
+            };
         }
         let mut infos = Vec::new();
         for _ in 0..n_tensors {
@@ -229,12 +274,39 @@ impl GgufFile {
             let off = c.u64()?;
             infos.push((name, dims, ty, off));
         }
-        let align = metadata.get("general.alignment").and_then(MetaValue::as_u64).unwrap_or(32).max(1) as usize;
-        let base = c.pos.div_ceil(align) * align;
+        // As llama.cpp: 0 or a non-power of two is a corrupt file, not a value to round.
+        let align = match metadata.get("general.alignment") {
+            None => 32,
+            Some(v) => match v.as_u64() {
+                Some(a) if a.is_power_of_two() => usize::try_from(a).map_err(|_| format!("metadata `general.alignment`: {a} is too large"))?,
+                Some(a) => return Err(format!("metadata `general.alignment`: {a} is not a nonzero power of two")),
+                None => return Err(format!("metadata `general.alignment`: {v:?} is not an unsigned integer")),
+            },
+        };
+        let base = c.pos.checked_next_multiple_of(align).ok_or("tensor data base overflows")?;
         let mut tensors = HashMap::new();
         for (name, dims, ty, off) in infos {
-            let offset = base.checked_add(off as usize).ok_or("tensor offset overflow")?;
-            tensors.insert(name, TensorInfo { ggml_type: ty, dims, offset });
+            // Checked here, not first when the tensor is read: a corrupt offset fails the load
+            // instead of reading other bytes as weights.
+            if off % align as u64 != 0 {
+                return Err(format!("tensor `{name}`: offset {off} is not a multiple of the alignment {align}"));
+            }
+            let offset = usize::try_from(off).ok().and_then(|o| base.checked_add(o)).ok_or_else(|| format!("tensor `{name}`: offset {off} overflows"))?;
+            // A type this reader cannot size is an error only if the tensor is read.
+            let end = match block_layout(ty) {
+                Some(_) => {
+                    let (_, bytes) = tensor_size(&dims, ty).map_err(|e| format!("tensor `{name}`: {e}"))?;
+                    offset.checked_add(bytes).ok_or_else(|| format!("tensor `{name}`: offset {off} + {bytes} bytes overflows"))?
+                }
+                None => offset,
+            };
+            if end > mmap.len() {
+                return Err(format!("tensor `{name}`: data {offset}..{end} past the end of the file ({} bytes; truncated?)", mmap.len()));
+            }
+            match tensors.entry(name) {
+                hash_map::Entry::Vacant(e) => e.insert(TensorInfo { ggml_type: ty, dims, offset }),
+                hash_map::Entry::Occupied(e) => return Err(format!("tensor `{}` appears twice", e.key())),
+            };
         }
         Ok(GgufFile { path: path.to_path_buf(), mmap, metadata, tensors })
     }
@@ -254,13 +326,12 @@ impl GgufFile {
     /// A tensor dequantised to f32, with its GGUF dims (innermost first).
     pub fn tensor_f32(&self, name: &str) -> Result<(Vec<f32>, Vec<u64>)> {
         let t = self.tensors.get(name).ok_or_else(|| Error::tensor(name, format!("missing from {}", self.path.display())))?;
-        let n = t.dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d as usize)).ok_or_else(|| Error::tensor(name, "size overflow"))?;
-        let (be, bb, _) = block_layout(t.ggml_type).ok_or_else(|| Error::tensor(name, format!("unsupported ggml type {}", t.ggml_type)))?;
-        if n % be != 0 {
-            return Err(Error::tensor(name, format!("{n} elements are not whole blocks of {be}")));
-        }
-        let bytes = n / be * bb;
-        let data = self.mmap.get(t.offset..t.offset + bytes).ok_or_else(|| Error::tensor(name, "data past the end of the file (truncated?)"))?;
+        let (n, bytes) = tensor_size(&t.dims, t.ggml_type).map_err(|e| Error::tensor(name, e))?;
+        let data = t
+            .offset
+            .checked_add(bytes)
+            .and_then(|end| self.mmap.get(t.offset..end))
+            .ok_or_else(|| Error::tensor(name, "data past the end of the file (truncated?)"))?;
         Ok((dequantize(t.ggml_type, data, n).map_err(|e| Error::tensor(name, e))?, t.dims.clone()))
     }
 }
@@ -271,11 +342,22 @@ pub fn spec_from_gguf(g: &GgufFile) -> Result<ModelSpec> {
     if arch != "llama" {
         return Err(Error::config("general.architecture", format!("unsupported GGUF architecture `{arch}` (supported: llama)")));
     }
+    let n_layers = g.meta_u("llama.block_count")?;
+    // Bounded before the per-layer vector is built from it.
+    // (config.json's bound on num_hidden_layers: the spec allocates one entry per layer.)
+    if n_layers == 0 || n_layers > crate::config::MAX_LAYERS {
+        return Err(Error::config("llama.block_count", format!("{n_layers} layers (expected 1 to {})", crate::config::MAX_LAYERS)));
+    }
     let h = g.meta_u("llama.embedding_length")?;
     let heads = g.meta_u("llama.attention.head_count")?;
     let kv = g.meta("llama.attention.head_count_kv").and_then(MetaValue::as_u64).map_or(heads, |v| v as usize);
     if heads == 0 || kv == 0 || h % heads != 0 {
         return Err(Error::config("llama.attention.head_count", "inconsistent with embedding_length"));
+    }
+    // `validate` checks these too, but under config.json's names; a GGUF user needs the key.
+    // Query heads are grouped by KV head: more KV heads than query heads is a group of 0.
+    if !heads.is_multiple_of(kv) {
+        return Err(Error::config("llama.attention.head_count_kv", format!("{kv} KV heads do not divide the {heads} query heads")));
     }
     let head_dim = h / heads;
     let vocab = match g.meta("llama.vocab_size").and_then(MetaValue::as_u64) {
@@ -283,13 +365,21 @@ pub fn spec_from_gguf(g: &GgufFile) -> Result<ModelSpec> {
         None => g.meta("tokenizer.ggml.tokens").and_then(MetaValue::as_array).map(<[MetaValue]>::len).ok_or_else(|| Error::config("llama.vocab_size", "missing"))?,
     };
     let rot = g.meta("llama.rope.dimension_count").and_then(MetaValue::as_u64).map_or(head_dim, |v| v as usize);
+    if rot > head_dim {
+        return Err(Error::config("llama.rope.dimension_count", format!("{rot} rotated dims exceed the head dim {head_dim}")));
+    }
+    // `validate` refuses a base <= 0 or NaN but lets an infinite one through.
+    let theta = g.meta("llama.rope.freq_base").and_then(MetaValue::as_f64).unwrap_or(10_000.0);
+    if !(theta.is_finite() && theta > 0.0) {
+        return Err(Error::config("llama.rope.freq_base", format!("{theta} is not a positive finite number")));
+    }
     let attention = AttentionSpec {
         kind: AttentionKind::Full,
         num_heads: heads,
         num_kv_heads: kv,
         head_dim,
         v_head_dim: head_dim,
-        rope: RopeSpec { theta: g.meta("llama.rope.freq_base").and_then(MetaValue::as_f64).unwrap_or(10_000.0), rotary_dim: rot, style: RopeStyle::NeoX },
+        rope: RopeSpec { theta, rotary_dim: rot, style: RopeStyle::NeoX },
         sinks: false,
         value_scale: 1.0,
         softmax_scale: (head_dim as f32).powf(-0.5),
@@ -298,20 +388,26 @@ pub fn spec_from_gguf(g: &GgufFile) -> Result<ModelSpec> {
         qk_norm: false,
     };
     let ffn = g.meta_u("llama.feed_forward_length")?;
-    let id = |k: &str| g.meta(k).and_then(MetaValue::as_u64).map(|v| v as u32);
-    Ok(ModelSpec {
+    // A token id past u32 is an error, not wrapped to some valid id.
+    let id = |k: &str| -> Result<Option<u32>> {
+        g.meta(k).and_then(MetaValue::as_u64).map(|v| u32::try_from(v).map_err(|_| Error::config(k, format!("token id {v} is out of range")))).transpose()
+    };
+    let spec = ModelSpec {
         model_type: "gguf:llama".into(),
         vocab_size: vocab,
         hidden_size: h,
         rms_norm_eps: g.meta("llama.attention.layer_norm_rms_epsilon").and_then(MetaValue::as_f64).unwrap_or(1e-5) as f32,
         max_position_embeddings: g.meta_u("llama.context_length").unwrap_or(4096),
         tie_word_embeddings: !g.contains("output.weight"),
-        bos_token_id: id("tokenizer.ggml.bos_token_id"),
-        eos_token_ids: id("tokenizer.ggml.eos_token_id").into_iter().collect(),
-        pad_token_id: id("tokenizer.ggml.padding_token_id"),
-        layers: (0..g.meta_u("llama.block_count")?).map(|_| LayerSpec { attention, mlp: MlpSpec::Dense { intermediate_size: ffn } }).collect(),
+        bos_token_id: id("tokenizer.ggml.bos_token_id")?,
+        eos_token_ids: id("tokenizer.ggml.eos_token_id")?.into_iter().collect(),
+        pad_token_id: id("tokenizer.ggml.padding_token_id")?,
+        layers: (0..n_layers).map(|_| LayerSpec { attention, mlp: MlpSpec::Dense { intermediate_size: ffn } }).collect(),
         quant: QuantSpec::unquantized(),
-    })
+    };
+    // The checks a config.json spec gets: positive sizes, eos/bos inside the vocabulary, ...
+    crate::config::validate(&spec)?;
+    Ok(spec)
 }
 
 /// GGUF tensors under HF names.
@@ -462,4 +558,23 @@ pub fn open_gguf(path: &Path) -> Result<ModelFiles> {
         tokenizer: Some(tokenizer),
         chat_template,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn array_elements_are_capped_across_the_metadata() {
+        // Two arrays of 3 u8: the second one passes the 5 left.
+        let mut b = Vec::new();
+        for _ in 0..2 {
+            b.extend_from_slice(&0u32.to_le_bytes());
+            b.extend_from_slice(&3u64.to_le_bytes());
+            b.extend_from_slice(&[1, 2, 3]);
+        }
+        let mut c = Cursor { data: &b, pos: 0, elements_left: 5 };
+        assert_eq!(c.value(9, 0).unwrap(), MetaValue::Array(vec![MetaValue::Uint(1), MetaValue::Uint(2), MetaValue::Uint(3)]));
+        assert!(c.value(9, 0).unwrap_err().contains("in all"));
+    }
 }
