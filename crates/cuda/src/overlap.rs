@@ -89,6 +89,8 @@ pub(crate) struct Overlap {
     last_ids: Option<LastIds>,
     /// A deferred step waiting for `sample_enqueued`.
     awaiting: Option<Awaiting>,
+    /// Tests: the next drafter flush after an enqueued step fails (`fail_next_flush`).
+    fail_next_flush: std::sync::atomic::AtomicBool,
 }
 
 impl Overlap {
@@ -159,9 +161,40 @@ impl CudaModel {
             let (addr, sampled, ids) = launched?;
             m.graphs.overlap.in_flight.push_back(InFlight { ids, rows: n });
             m.graphs.overlap.last_ids = Some(LastIds { addr, rows: n, _sampled: sampled });
-            m.flush_draft_context(&after)
+            m.flush_after_enqueue(&after).inspect_err(|_| m.abandon_enqueued())
         })?;
         Ok(true)
+    }
+
+    /// The drafter context a step's rows filled, flushed after its launch (or the failure
+    /// `fail_next_flush` asks for).
+    fn flush_after_enqueue(&mut self, after: &crate::draft_staging::Flush) -> Result<()> {
+        if self.graphs.overlap.fail_next_flush.swap(false, std::sync::atomic::Ordering::Relaxed) {
+            return Err(Error::Backend("a flush failure asked for by fail_next_flush".into()));
+        }
+        self.flush_draft_context(after)
+    }
+
+    /// Undoes the record of a step whose launch went out but whose flush after it failed: the
+    /// engine fails that step and never collects it, so nothing of it may stay (its queue entry
+    /// would hand its ids to the next collect, one step late from then on; an awaiting graph
+    /// would refuse every later call). The stream is drained first, since the launched graph
+    /// may still read its slot's row data.
+    fn abandon_enqueued(&mut self) {
+        let _ = self.stream.synchronize();
+        let o = &mut self.graphs.overlap;
+        o.last_ids = None;
+        if let Some(a) = o.awaiting.take() {
+            self.graphs.put_back(a.graph);
+        } else if let Some(InFlight { ids: IdsAt::Slot(slots, s), .. }) = o.in_flight.pop_back() {
+            slots.release(s);
+        }
+    }
+
+    /// For tests of the error path: the drafter flush after the next enqueued decode step
+    /// fails, as an allocation or launch failure there would.
+    pub fn fail_next_flush(&self) {
+        self.graphs.overlap.fail_next_flush.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The rows of an overlapped decode step, its chained rows reading the last enqueued step's
@@ -226,7 +259,7 @@ impl CudaModel {
             let graph = m.graph_for(&rows, None)?.ok_or_else(|| Error::Backend("a captured decode graph went missing".into()))?;
             m.graphs.overlap.awaiting = Some(Awaiting { graph, rows: n });
             // After the graph on the stream: the flush reads the rings it wrote, not its logits.
-            m.flush_draft_context(&after)
+            m.flush_after_enqueue(&after).inspect_err(|_| m.abandon_enqueued())
         })?;
         Ok(true)
     }

@@ -304,6 +304,65 @@ fn staged_drafter_context_gives_the_drafts_of_direct_writes() {
     eprintln!("staged drafter context: {} draft passes over {} positions gave the drafts of direct writes", want.len(), out.len());
 }
 
+/// A drafter flush that fails after an overlapped decode step went out leaves nothing of that
+/// step behind (crate::overlap's `abandon_enqueued`): no step to collect (its ids would go to the
+/// next collect, every later step one late), no deferred step refusing every later call. The
+/// step run again, the model goes on as one that never failed: the same tokens and drafts.
+#[test]
+fn a_failed_flush_after_an_overlapped_step_leaves_nothing_behind() {
+    use peregrine_core::backend::DraftForward;
+    if probe_for_tests(0).is_none() {
+        return;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let spec = peregrine_model::config::load_spec(Path::new(&fixture("default"))).unwrap();
+    let dspec = peregrine_model::dflash::open_drafter(&root.join("tests/fixtures/dflash/random")).unwrap().spec;
+    let (bs, nb) = (16usize, 8usize);
+    let table: Vec<u32> = (0..nb as u32).collect();
+    let prompt: Vec<u32> = (0..21).map(|i| 3 + (i * 53) % 400).collect();
+    // `fail`: None, or the step that fails (deferred or not) at each of the first two block ends.
+    let run = |fail: Option<bool>| -> (Vec<u32>, Vec<u32>) {
+        let mut m = CudaModel::synthetic(probe(0).unwrap(), &spec, 7).unwrap();
+        m.attach_synthetic_drafter(&dspec, 11).unwrap();
+        m.set_draft_context_deferred(true);
+        m.set_cuda_graphs(true);
+        m.init_kv(KvConfig { block_size: bs, num_full_blocks: nb, num_swa_blocks: nb }).unwrap();
+        let fwd = |tokens: Vec<u32>, start: usize, output| SeqForward { seq_id: 1, tokens, start_pos: start, full_blocks: table.clone(), swa_blocks: table.clone(), output };
+        let mut out = prompt.clone();
+        out.extend(m.forward_argmax(&[fwd(prompt.clone(), 0, OutputRows::Last)]).unwrap().remove(0));
+        let mut failed = 0;
+        while out.len() < 70 {
+            let p = out.len() - 1;
+            let b = [fwd(vec![out[p]], p, OutputRows::Last)];
+            if let (Some(deferred), true) = (fail, p % bs == bs - 1 && failed < 2) {
+                // The row fills its block: the drafter context is flushed after the launch.
+                failed += 1;
+                m.fail_next_flush();
+                let r = if deferred { m.enqueue_decode_deferred(&b, &[None]) } else { m.enqueue_decode(&b, &[None], None) };
+                let err = r.expect_err("the flush failed").to_string();
+                assert!(err.contains("fail_next_flush"), "{err}");
+                let left = m.collect_decode().expect_err("nothing of the failed step is in flight").to_string();
+                assert!(left.contains("no decode step is in flight"), "{left}");
+                assert!(m.sample_enqueued(&[], &[], Vec::new()).is_err(), "no deferred step waits");
+                // The engine fails such a step's sequences; here the same step runs again.
+                out.extend(m.forward_argmax(&b).unwrap().remove(0));
+                continue;
+            }
+            let t = if m.enqueue_decode(&b, &[None], None).unwrap() { m.collect_decode().unwrap() } else { m.forward_argmax(&b).unwrap().remove(0) };
+            out.extend(t);
+        }
+        assert_eq!(failed, if fail.is_some() { 2 } else { 0 });
+        let p = out.len() - 1;
+        let drafts = m.draft(&[DraftForward { seq_id: 1, last_token: out[p], start_pos: p, num_drafts: 5, full_blocks: table.clone() }]).unwrap().remove(0);
+        (out, drafts)
+    };
+    let want = run(None);
+    for deferred in [false, true] {
+        assert_eq!(run(Some(deferred)), want, "after failed flushes (deferred steps {deferred})");
+    }
+    eprintln!("failed flushes after overlapped steps: nothing left behind, the same {} tokens and drafts", want.0.len());
+}
+
 /// Too little GPU memory is an error with the numbers, before serving, and breaks nothing else:
 /// a KV cache larger than the GPU is refused (and the model then takes a cache that fits and
 /// gives the logits it gave before), and weights larger than the GPU (MiMo-V2-Flash's full

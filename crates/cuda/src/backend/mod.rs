@@ -635,8 +635,10 @@ impl CudaModel {
             let mlp = match ls.mlp {
                 MlpSpec::Dense { intermediate_size } => Mlp::Dense(load_ffn(&s, &w, &format!("{p}.mlp"), h, intermediate_size)?),
                 MlpSpec::Moe(ms) => {
-                    if ms.n_group > 64 || ms.num_experts > 4096 || ms.top_k > 64 {
-                        return Err(Error::Unsupported(format!("{} experts in {} groups, top-{}, on the CUDA backend (at most 4096, 64, 64)", ms.num_experts, ms.n_group, ms.top_k)));
+                    // (The token grouping, moe_group, takes at most 1024 experts: a model with
+                    // more would load and then fail every prompt of two tokens or more.)
+                    if ms.n_group > 64 || ms.num_experts > 1024 || ms.top_k > 64 {
+                        return Err(Error::Unsupported(format!("{} experts in {} groups, top-{}, on the CUDA backend (at most 1024, 64, 64)", ms.num_experts, ms.n_group, ms.top_k)));
                     }
                     let bias = if ms.correction_bias {
                         let name = format!("{p}.mlp.gate.e_score_correction_bias");
