@@ -38,14 +38,41 @@ fn fnv1a(parts: &[&[u8]]) -> u64 {
 }
 
 /// `$PEREGRINE_CACHE_DIR/kernels`, else `$XDG_CACHE_HOME/peregrine/kernels`, else
-/// `~/.cache/peregrine/kernels`.
+/// `~/.cache/peregrine/kernels`, else (a service with none of them set) a directory of this
+/// user's own under the temporary directory: a shared `/tmp/peregrine` that another local user
+/// created first could hand the server their GPU code (loaded from the cache as it is).
 pub fn cache_dir() -> PathBuf {
     std::env::var_os("PEREGRINE_CACHE_DIR")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|p| PathBuf::from(p).join("peregrine")))
         .or_else(|| std::env::var_os("HOME").map(|p| PathBuf::from(p).join(".cache/peregrine")))
-        .unwrap_or_else(|| std::env::temp_dir().join("peregrine"))
+        .unwrap_or_else(temp_cache_root)
         .join("kernels")
+}
+
+/// `cache_dir`'s last resort: this user's directory under the temporary directory.
+fn temp_cache_root() -> PathBuf {
+    std::env::temp_dir().join(format!("peregrine-{}", own_uid()))
+}
+
+/// This process's user id (Linux: the owner of /proc/self).
+fn own_uid() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").map_or(u32::MAX, |m| m.uid())
+}
+
+/// Whether the cache under `dir` may be read and written: anywhere the user chose; under
+/// `cache_dir`'s last resort only where this user owns it and nobody else may write it.
+fn trusted(dir: &std::path::Path) -> bool {
+    trusted_under(dir, &temp_cache_root())
+}
+
+/// `trusted`, for the last resort `root`.
+fn trusted_under(dir: &std::path::Path, root: &std::path::Path) -> bool {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    // (Not there yet: it will be made by this user.)
+    let owned = |p: &std::path::Path| std::fs::metadata(p).map_or(true, |m| m.uid() == own_uid() && m.permissions().mode() & 0o022 == 0);
+    !dir.starts_with(root) || dir.ancestors().take_while(|a| a.starts_with(root)).all(owned)
 }
 
 const OPTIONS: &[&str] = &["--std=c++17", "-lineinfo"];
@@ -195,12 +222,27 @@ fn makes_cubin(arch: &str) -> bool {
     arch.starts_with("sm_")
 }
 
-/// Whether the cache holds everything a load of `file` (a PTX cache file name) for `arch` reads:
-/// the PTX and, for a real architecture, the CUBIN (a cache filled before CUBINs were kept is
-/// compiled again once, rather than leaving every fresh GPU machine to compile its PTX).
+/// Whether the cache holds everything a load of `file` (a PTX cache file name) for `arch` reads,
+/// whole: the PTX and, for a real architecture, the CUBIN (a cache filled before CUBINs were kept
+/// is compiled again once, rather than leaving every fresh GPU machine to compile its PTX; a file
+/// a crash left empty or truncated is compiled again, rather than the PTX being JIT-compiled at
+/// every start).
 fn is_cached(dir: &std::path::Path, file: &str, arch: &str) -> bool {
-    let ptx = dir.join(file);
-    ptx.exists() && (!makes_cubin(arch) || cubin_path(&ptx).exists())
+    read_cached(dir, file, arch).is_some()
+}
+
+/// The cache's entry for `file` and `arch`, where it is there, whole and may be read (`trusted`).
+fn read_cached(dir: &std::path::Path, file: &str, arch: &str) -> Option<Compiled> {
+    if !trusted(dir) {
+        return None;
+    }
+    let path = dir.join(file);
+    let ptx = std::fs::read_to_string(&path).ok().filter(|p| p.contains(".entry") || p.contains(".version"))?;
+    let cubin = match makes_cubin(arch) {
+        true => Some(std::fs::read(cubin_path(&path)).ok().filter(|b| whole_elf(b))?),
+        false => None,
+    };
+    Some(Compiled { ptx, cubin })
 }
 
 /// A kernel file compiled: its PTX and, for a real architecture, the CUBIN NVRTC assembled from
@@ -352,9 +394,23 @@ fn store(path: &std::path::Path, c: &Compiled) -> bool {
     if std::fs::create_dir_all(path.parent().unwrap()).is_err() {
         return false;
     }
+    if !trusted(path.parent().unwrap()) {
+        return false;
+    }
+    // Synced before the rename, so a crash leaves the old entry or the whole new one (is_cached
+    // still checks), and no temporary file behind on failure.
     let write = |path: &std::path::Path, bytes: &[u8]| {
         let tmp = path.with_extension(format!("tmp{}-{:?}", std::process::id(), std::thread::current().id()).replace(['(', ')'], ""));
-        std::fs::write(&tmp, bytes).is_ok() && std::fs::rename(&tmp, path).is_ok()
+        let written = std::fs::File::create(&tmp).and_then(|mut f| {
+            use std::io::Write;
+            f.write_all(bytes)?;
+            f.sync_all()
+        });
+        let ok = written.is_ok() && std::fs::rename(&tmp, path).is_ok();
+        if !ok {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        ok
     };
     c.cubin.as_ref().is_none_or(|bin| write(&cubin_path(path), bin)) && write(path, c.ptx.as_bytes())
 }
@@ -370,9 +426,22 @@ pub fn load(ctx: &Arc<CudaContext>, name: &str, src: &str, arch: &'static str) -
 /// form of the file (ops.cu's `-DKV_BF16` for BF16 KV pools), cached under its own key as
 /// `scripts/kernel-report.sh --fill-cache DIR -DKV_BF16 --defines-in ops` names it.
 pub fn load_variant(ctx: &Arc<CudaContext>, name: &str, src: &str, arch: &'static str, variant: &[&str]) -> Result<(Arc<CudaModule>, bool)> {
-    let (compiled, cached) = compiled_in(&cache_dir(), name, src, arch, variant)?;
+    let dir = cache_dir();
+    let (compiled, cached) = compiled_in(&dir, name, src, arch, variant)?;
     let ptx_only = std::env::var("PEREGRINE_LOAD_PTX").is_ok_and(|v| v == "1");
-    Ok((load_compiled(ctx, name, compiled, ptx_only)?.0, cached))
+    match load_compiled(ctx, name, compiled, ptx_only) {
+        Ok((m, _)) => Ok((m, cached)),
+        // A cached entry the driver cannot load (its PTX damaged past what `read_cached` sees):
+        // compiled again, stored over it and loaded, once, rather than failing every start.
+        Err(e) if cached => {
+            tracing::warn!("{name}.cu from the kernel cache does not load ({e}); compiling it again");
+            let options = variant_options(name, variant);
+            let compiled = compile(name, src, arch, options.clone())?;
+            store(&dir.join(cache_file_name(name, src, arch, &options)), &compiled);
+            Ok((load_compiled(ctx, name, compiled, ptx_only)?.0, false))
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Kernel file `name` loaded as the modules of its parts (`parts`' defines, each a build of its
@@ -425,13 +494,11 @@ fn compiled_in(dir: &std::path::Path, name: &str, src: &str, arch: &'static str,
         }
     }
     let path = dir.join(&file);
-    if let Ok(ptx) = std::fs::read_to_string(&path) {
-        // A cache entry is the PTX and, for a real architecture, its CUBIN (as `is_cached`).
-        match makes_cubin(arch).then(|| std::fs::read(cubin_path(&path)).ok()) {
-            None => return Ok((Compiled { ptx, cubin: None }, true)),
-            Some(Some(bin)) => return Ok((Compiled { ptx, cubin: Some(bin) }, true)),
-            Some(None) => {}
-        }
+    if let Some(c) = read_cached(dir, &file, arch) {
+        return Ok((c, true));
+    }
+    if path.exists() {
+        tracing::warn!("the kernel cache entry {} is damaged or incomplete (a crash while writing it?); compiling it again", path.display());
     }
     tracing::info!("compiling {} for {arch} with NVRTC (not in the cache at {})", build_name(name, &options), dir.display());
     let t0 = std::time::Instant::now();
@@ -545,6 +612,17 @@ mod tests {
         assert_eq!(again.iter().map(|(p, c)| (p.clone(), *c)).collect::<Vec<_>>(), first.iter().map(|(p, _)| (p.clone(), false)).collect::<Vec<_>>(), "found in the cache");
         let (c, cached) = super::compiled_in(&dir, "fill_a", files[1].1, "sm_90a", files[1].2).unwrap();
         assert!(cached && c.ptx.contains(".entry a2"), "a load finds what fill wrote");
+        // A damaged entry (a crash left its CUBIN empty, or cut its PTX) is not a cache entry:
+        // fill and a load compile it again, over the damage.
+        let name = |p: &std::path::Path| p.file_name().unwrap().to_str().unwrap().to_owned();
+        std::fs::write(super::cubin_path(&first[0].0), b"").unwrap();
+        assert!(!super::is_cached(&dir, &name(&first[0].0), "sm_90a"));
+        assert!(super::fill_in(&dir, &files[..1], "sm_90a").unwrap()[0].1, "compiled again");
+        assert!(super::whole_elf(&std::fs::read(super::cubin_path(&first[0].0)).unwrap()));
+        std::fs::write(&first[1].0, b"").unwrap();
+        let (c, cached) = super::compiled_in(&dir, "fill_a", files[1].1, "sm_90a", files[1].2).unwrap();
+        assert!(!cached && c.ptx.contains(".entry a2"), "an empty PTX is compiled again");
+        assert!(super::is_cached(&dir, &name(&first[1].0), "sm_90a"), "and stored over the damage");
         std::fs::write(root.join("file"), b"").unwrap();
         let err = super::fill_in(&root.join("file").join("kernels"), &files[..1], "sm_90a").unwrap_err().to_string();
         assert!(err.contains("could not write the kernel cache file") && err.contains("fill_a-sm_90a-"), "{err}");
@@ -586,6 +664,25 @@ mod tests {
             let got = gpu.stream.clone_dtoh(&x).unwrap();
             assert!(got.iter().enumerate().all(|(i, &v)| v == 7.0 + i as f32), "{what}: {got:?}");
         }
+    }
+
+    /// The last-resort cache under the temporary directory is used only where this user owns
+    /// it and nobody else may write it; a directory the user chose always is.
+    #[test]
+    fn a_shared_temporary_cache_is_not_trusted() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = std::env::temp_dir().join(format!("peregrine-trust-{}", std::process::id()));
+        let kernels = root.join("kernels");
+        std::fs::create_dir_all(&kernels).unwrap();
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert!(super::trusted_under(&kernels, &root));
+        assert!(super::trusted_under(&root.join("new"), &root), "not made yet: it will be ours");
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(!super::trusted_under(&root, &root), "writable by others");
+        assert!(!super::trusted_under(&kernels, &root), "under a directory writable by others");
+        assert!(super::trusted_under(&kernels, &std::env::temp_dir().join("elsewhere")), "a directory the user chose");
+        assert!(super::temp_cache_root().to_str().unwrap().contains("peregrine-"));
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     /// NVRTC's errors reach the caller with the file, the arch and the log.
