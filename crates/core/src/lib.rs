@@ -5,9 +5,11 @@
 //! - [`draft`]: `DraftSpec`, the shape of a DFlash block drafter;
 //! - [`dtype`]: element types and the storage formats weights keep (BF16, FP8 block, MXFP4);
 //! - [`sampling`]: the sampling parameters of one request;
-//! - [`error`]: the error type shared by the loaders and backends.
+//! - [`error`]: the error type shared by the loaders and backends;
+//! - [`cache`]: where compiled kernels and the unpacked embedded model are kept.
 
 pub mod backend;
+pub mod cache;
 pub mod draft;
 pub mod dtype;
 pub mod error;

@@ -37,42 +37,14 @@ fn fnv1a(parts: &[&[u8]]) -> u64 {
     h
 }
 
-/// `$PEREGRINE_CACHE_DIR/kernels`, else `$XDG_CACHE_HOME/peregrine/kernels`, else
-/// `~/.cache/peregrine/kernels`, else (a service with none of them set) a directory of this
-/// user's own under the temporary directory: a shared `/tmp/peregrine` that another local user
-/// created first could hand the server their GPU code (loaded from the cache as it is).
+/// The compiled kernels' directory: `kernels` under the cache's root (`peregrine_core::cache`).
 pub fn cache_dir() -> PathBuf {
-    std::env::var_os("PEREGRINE_CACHE_DIR")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|p| PathBuf::from(p).join("peregrine")))
-        .or_else(|| std::env::var_os("HOME").map(|p| PathBuf::from(p).join(".cache/peregrine")))
-        .unwrap_or_else(temp_cache_root)
-        .join("kernels")
+    peregrine_core::cache::root().join("kernels")
 }
 
-/// `cache_dir`'s last resort: this user's directory under the temporary directory.
-fn temp_cache_root() -> PathBuf {
-    std::env::temp_dir().join(format!("peregrine-{}", own_uid()))
-}
-
-/// This process's user id (Linux: the owner of /proc/self).
-fn own_uid() -> u32 {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self").map_or(u32::MAX, |m| m.uid())
-}
-
-/// Whether the cache under `dir` may be read and written: anywhere the user chose; under
-/// `cache_dir`'s last resort only where this user owns it and nobody else may write it.
+/// Whether the cache under `dir` may be read and written (`peregrine_core::cache::trusted`).
 fn trusted(dir: &std::path::Path) -> bool {
-    trusted_under(dir, &temp_cache_root())
-}
-
-/// `trusted`, for the last resort `root`.
-fn trusted_under(dir: &std::path::Path, root: &std::path::Path) -> bool {
-    use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    // (Not there yet: it will be made by this user.)
-    let owned = |p: &std::path::Path| std::fs::metadata(p).map_or(true, |m| m.uid() == own_uid() && m.permissions().mode() & 0o022 == 0);
-    !dir.starts_with(root) || dir.ancestors().take_while(|a| a.starts_with(root)).all(owned)
+    peregrine_core::cache::trusted(dir)
 }
 
 const OPTIONS: &[&str] = &["--std=c++17", "-lineinfo"];
@@ -664,25 +636,6 @@ mod tests {
             let got = gpu.stream.clone_dtoh(&x).unwrap();
             assert!(got.iter().enumerate().all(|(i, &v)| v == 7.0 + i as f32), "{what}: {got:?}");
         }
-    }
-
-    /// The last-resort cache under the temporary directory is used only where this user owns
-    /// it and nobody else may write it; a directory the user chose always is.
-    #[test]
-    fn a_shared_temporary_cache_is_not_trusted() {
-        use std::os::unix::fs::PermissionsExt;
-        let root = std::env::temp_dir().join(format!("peregrine-trust-{}", std::process::id()));
-        let kernels = root.join("kernels");
-        std::fs::create_dir_all(&kernels).unwrap();
-        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700)).unwrap();
-        assert!(super::trusted_under(&kernels, &root));
-        assert!(super::trusted_under(&root.join("new"), &root), "not made yet: it will be ours");
-        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o777)).unwrap();
-        assert!(!super::trusted_under(&root, &root), "writable by others");
-        assert!(!super::trusted_under(&kernels, &root), "under a directory writable by others");
-        assert!(super::trusted_under(&kernels, &std::env::temp_dir().join("elsewhere")), "a directory the user chose");
-        assert!(super::temp_cache_root().to_str().unwrap().contains("peregrine-"));
-        std::fs::remove_dir_all(&root).unwrap();
     }
 
     /// NVRTC's errors reach the caller with the file, the arch and the log.

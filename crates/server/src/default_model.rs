@@ -43,11 +43,9 @@ fn fnv1a(bytes: &[u8], mut h: u64) -> u64 {
 pub fn unpack() -> anyhow::Result<PathBuf> {
     anyhow::ensure!(!FILES.is_empty(), "this build has no embedded model (built without the `embedded-model` feature): give a MODEL");
     let hash = FILES.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, (n, b)| fnv1a(b, fnv1a(n.as_bytes(), h)));
-    let base = std::env::var_os("PEREGRINE_CACHE_DIR")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|p| PathBuf::from(p).join("peregrine")))
-        .or_else(|| std::env::var_os("HOME").map(|p| PathBuf::from(p).join(".cache/peregrine")))
-        .unwrap_or_else(|| std::env::temp_dir().join("peregrine"));
+    let base = peregrine_core::cache::root();
+    // Files others may have written there would be served as the model.
+    anyhow::ensure!(peregrine_core::cache::trusted(&base), "{} is writable by other users: set PEREGRINE_CACHE_DIR (or HOME) to a directory of your own", base.display());
     let dir = base.join(format!("{NAME}-{hash:016x}"));
     if FILES.iter().all(|(n, b)| std::fs::metadata(dir.join(n)).is_ok_and(|m| m.len() == b.len() as u64)) {
         return Ok(dir);
