@@ -307,7 +307,9 @@ fn staged_drafter_context_gives_the_drafts_of_direct_writes() {
 /// A drafter flush that fails after an overlapped decode step went out leaves nothing of that
 /// step behind (crate::overlap's `abandon_enqueued`): no step to collect (its ids would go to the
 /// next collect, every later step one late), no deferred step refusing every later call. The
-/// step run again, the model goes on as one that never failed: the same tokens and drafts.
+/// step run again, the target goes on as one that never failed: the same tokens, through later
+/// overlapped steps. (Not the same drafts: the failure forgets the sequence's staged drafter
+/// rows, as the engine then fails the sequence; here it goes on only to check the backend.)
 #[test]
 fn a_failed_flush_after_an_overlapped_step_leaves_nothing_behind() {
     use peregrine_core::backend::DraftForward;
@@ -321,7 +323,7 @@ fn a_failed_flush_after_an_overlapped_step_leaves_nothing_behind() {
     let table: Vec<u32> = (0..nb as u32).collect();
     let prompt: Vec<u32> = (0..21).map(|i| 3 + (i * 53) % 400).collect();
     // `fail`: None, or the step that fails (deferred or not) at each of the first two block ends.
-    let run = |fail: Option<bool>| -> (Vec<u32>, Vec<u32>) {
+    let run = |fail: Option<bool>| -> Vec<u32> {
         let mut m = CudaModel::synthetic(probe(0).unwrap(), &spec, 7).unwrap();
         m.attach_synthetic_drafter(&dspec, 11).unwrap();
         m.set_draft_context_deferred(true);
@@ -352,15 +354,16 @@ fn a_failed_flush_after_an_overlapped_step_leaves_nothing_behind() {
             out.extend(t);
         }
         assert_eq!(failed, if fail.is_some() { 2 } else { 0 });
+        // The drafter still drafts (from what context is left).
         let p = out.len() - 1;
-        let drafts = m.draft(&[DraftForward { seq_id: 1, last_token: out[p], start_pos: p, num_drafts: 5, full_blocks: table.clone() }]).unwrap().remove(0);
-        (out, drafts)
+        assert_eq!(m.draft(&[DraftForward { seq_id: 1, last_token: out[p], start_pos: p, num_drafts: 5, full_blocks: table.clone() }]).unwrap()[0].len(), 5);
+        out
     };
     let want = run(None);
     for deferred in [false, true] {
-        assert_eq!(run(Some(deferred)), want, "after failed flushes (deferred steps {deferred})");
+        assert_eq!(run(Some(deferred)), want, "target tokens after failed flushes (deferred steps {deferred})");
     }
-    eprintln!("failed flushes after overlapped steps: nothing left behind, the same {} tokens and drafts", want.0.len());
+    eprintln!("failed flushes after overlapped steps: nothing left behind, the same {} tokens", want.len());
 }
 
 /// Too little GPU memory is an error with the numbers, before serving, and breaks nothing else:
