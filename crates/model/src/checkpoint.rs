@@ -53,6 +53,11 @@ impl Checkpoint {
             let mut shards: Vec<String> = Vec::new();
             for (name, f) in map {
                 let f = f.as_str().ok_or_else(|| Error::file(&index, format!("weight_map[{name}] is not a file name")))?;
+                // A shard lies in the model's directory: an absolute path or `..` would read
+                // whatever file the index names.
+                if Path::new(f).components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
+                    return Err(Error::file(&index, format!("weight_map[{name}]: `{f}` is not a file in the model's directory")));
+                }
                 if !shards.iter().any(|s| s == f) {
                     shards.push(f.to_owned());
                 }
@@ -64,8 +69,9 @@ impl Checkpoint {
                 }
             }
             let ck = Checkpoint::open_files(&paths)?;
-            for name in map.keys() {
-                if !ck.tensors.contains_key(name) {
+            for (name, f) in map {
+                // In the shard the index names (a tensor in another one is a stale index).
+                if ck.file_of(name) != Some(path.join(f.as_str().unwrap_or_default()).as_path()) {
                     return Err(Error::tensor(name, format!("listed in {} but absent from its shard", index.display())));
                 }
             }
@@ -106,6 +112,10 @@ impl Checkpoint {
                 let (s, e) = info.data_offsets;
                 if base + e > mmap.len() {
                     return Err(Error::tensor(&name, format!("data past the end of {} (truncated file?)", p.display())));
+                }
+                // Two shards holding one name: which to serve would be a guess.
+                if let Some(first) = tensors.get(&name).map(|t: &Entry| t.file) {
+                    return Err(Error::tensor(&name, format!("in both {} and {}", paths[first].display(), p.display())));
                 }
                 tensors.insert(name, Entry { file: fi, dtype, shape: info.shape.clone(), start: base + s, end: base + e });
             }

@@ -157,6 +157,21 @@ fn broken_checkpoints_name_tensor_or_file() {
     let c = ck.get("c").unwrap();
     assert_eq!((c.dtype, c.shape), (peregrine_core::DType::BF16, &[1usize, 2][..]));
     assert_eq!(tensor_err(ck.get("zz").map(|_| ())), "zz");
+    // A tensor listed under another shard than the one holding it (a stale index).
+    index(json!({"a": "model-00002-of-00002.safetensors", "c": "model-00002-of-00002.safetensors"}));
+    assert_eq!(tensor_err(Checkpoint::open(&d).map(|_| ())), "a");
+    // Shards outside the model's directory are not read.
+    for outside in ["../elsewhere.safetensors", "/etc/passwd", "./sub/../../x.safetensors"] {
+        index(json!({"a": outside}));
+        assert!(matches!(Checkpoint::open(&d), Err(Error::File { .. })), "{outside}");
+    }
+    // One name in two shards.
+    write_st(&d.join("model-00002-of-00002.safetensors"), &[("a", "F32", vec![1], f32b(&[2.0])), ("c", "BF16", vec![1, 2], bf16b(&[1.0, 2.0]))]);
+    index(json!({"a": "model-00001-of-00002.safetensors", "c": "model-00002-of-00002.safetensors"}));
+    match Checkpoint::open(&d) {
+        Err(Error::Tensor { tensor, message }) => assert!(tensor == "a" && message.contains("in both"), "{message}"),
+        other => panic!("{:?}", other.map(|_| ())),
+    }
 }
 
 fn tiny_model(dir: &Path) {
