@@ -89,11 +89,15 @@ pub fn start_engine(mut backend: Box<dyn Backend>, tokenizer: SharedTokenizer, c
     // A backend without full-attention layers still gets block tables (of no memory).
     let num_full = kv_memory.saturating_sub(swa_bytes).checked_div(bytes.full).unwrap_or(need_full * config.max_num_seqs);
     if num_full < need_full {
+        let least = swa_bytes + need_full * bytes.full;
         return Err(Error::config(
             field,
             format!(
-                "{kv_memory} bytes for the KV cache hold {num_full} full-attention blocks after {num_swa} sliding-window blocks ({swa_bytes} bytes); one sequence of max_model_len {} needs {need_full} blocks of {} bytes",
-                config.max_model_len, bytes.full
+                "{kv_memory} bytes for the KV cache hold {num_full} full-attention blocks after {num_swa} sliding-window blocks ({swa_bytes} bytes, for max_num_seqs {}); one sequence of max_model_len {} needs {need_full} blocks of {} bytes: give the cache at least {least} bytes ({} MiB), or lower max_num_seqs or max_model_len",
+                config.max_num_seqs,
+                config.max_model_len,
+                bytes.full,
+                least.div_ceil(1 << 20)
             ),
         ));
     }

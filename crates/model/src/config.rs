@@ -62,7 +62,12 @@ fn apply_overrides(config: &mut Value, overrides: &serde_json::Map<String, Value
         }
     }
     for (k, v) in overrides {
-        fields.insert(k.clone(), v.clone());
+        // A key config.json does not have is most often a typo (`num_hidden_layer`): said, since
+        // the run would otherwise go on as if it had not been given.
+        match fields.insert(k.clone(), v.clone()) {
+            Some(old) => tracing::info!("--hf-overrides: {k} = {v} (config.json: {old})"),
+            None => tracing::warn!("--hf-overrides: {k} = {v} is not a field of config.json (added; a typo would be ignored by the model)"),
+        }
     }
     Ok(())
 }

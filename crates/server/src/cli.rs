@@ -120,13 +120,14 @@ pub struct ServeArgs {
     #[arg(long, env = "PEREGRINE_HF_OVERRIDES", value_parser = parse_overrides)]
     pub hf_overrides: Option<serde_json::Map<String, serde_json::Value>>,
     /// Tensor-parallel degree (GPUs).
-    #[arg(long, env = "PEREGRINE_TP", default_value_t = 1)]
-    pub tp: usize,
-    #[arg(long, env = "PEREGRINE_MAX_NUM_SEQS", default_value_t = 64)]
+    #[arg(long, env = "PEREGRINE_TP", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    pub tp: u16,
+    /// Sequences in a decode batch at most (1..=4096).
+    #[arg(long, env = "PEREGRINE_MAX_NUM_SEQS", default_value_t = 64, value_parser = ranged(1, 4096))]
     pub max_num_seqs: usize,
     /// Prompt + output tokens per sequence (default: the model's max_position_embeddings, capped
-    /// at 8192 on the CPU).
-    #[arg(long, env = "PEREGRINE_MAX_MODEL_LEN")]
+    /// at 8192 on the CPU; at least 2: a one-token prompt and its reply).
+    #[arg(long, env = "PEREGRINE_MAX_MODEL_LEN", value_parser = ranged(2, 1 << 24))]
     pub max_model_len: Option<usize>,
     /// Memory for the KV cache, e.g. 512MiB, 4GiB. Default: 512MiB on the CPU; with --device
     /// cuda the cache is sized by --gpu-memory-utilization unless this is given.
@@ -146,10 +147,11 @@ pub struct ServeArgs {
     /// fp8 without calibrated scales, magnitudes past 448 saturated: it costs some accuracy).
     #[arg(long, env = "PEREGRINE_KV_CACHE_DTYPE", value_parser = parse_kv_dtype, default_value = "auto")]
     pub kv_cache_dtype: KvCacheDtype,
-    #[arg(long, env = "PEREGRINE_MAX_NUM_BATCHED_TOKENS", default_value_t = 2048)]
+    /// Tokens a step computes at most (prefill chunks and decode rows together; 1..=2^20).
+    #[arg(long, env = "PEREGRINE_MAX_NUM_BATCHED_TOKENS", default_value_t = 2048, value_parser = ranged(1, 1 << 20))]
     pub max_num_batched_tokens: usize,
-    /// Waiting requests at most; more are answered 429.
-    #[arg(long, env = "PEREGRINE_MAX_WAITING", default_value_t = 1024)]
+    /// Waiting requests at most; more are answered 429 (1..=2^20).
+    #[arg(long, env = "PEREGRINE_MAX_WAITING", default_value_t = 1024, value_parser = ranged(1, 1 << 20))]
     pub max_waiting: usize,
     /// Require `Authorization: Bearer <key>` on the API routes.
     #[arg(long, env = "PEREGRINE_API_KEY")]
@@ -240,6 +242,16 @@ pub fn gpu_memory_utilization(device: Device, kv_cache_memory: Option<usize>, gi
 }
 
 /// A fraction in (0, 1], e.g. `0.9`.
+/// A clap parser of an integer in `lo..=hi` (a size no run could use is refused before loading,
+/// naming the flag, rather than failing after the weights load or overflowing).
+fn ranged(lo: usize, hi: usize) -> impl Fn(&str) -> Result<usize, String> + Clone + Send + Sync + 'static {
+    move |s: &str| match s.trim().parse::<usize>() {
+        Ok(n) if (lo..=hi).contains(&n) => Ok(n),
+        Ok(n) => Err(format!("{n} is not in {lo}..={hi}")),
+        Err(e) => Err(format!("`{s}` is not a whole number: {e}")),
+    }
+}
+
 pub fn parse_fraction(s: &str) -> Result<f64, String> {
     match s.trim().parse::<f64>() {
         Ok(f) if f > 0.0 && f <= 1.0 => Ok(f),
@@ -279,11 +291,21 @@ pub fn parse_overrides(s: &str) -> Result<serde_json::Map<String, serde_json::Va
 
 /// The CPU backend holds every weight as f32: refuse a model that cannot fit before trying
 /// (an allocation failure would abort the process). `available`: bytes free, where known.
-pub fn check_cpu_memory(params: u64, available: Option<u64>) -> anyhow::Result<()> {
+pub fn check_cpu_memory(params: u64, kv_bytes: u64, available: Option<u64>) -> anyhow::Result<()> {
     let need = params.saturating_mul(4);
     if let Some(avail) = available.filter(|&a| need > a) {
         bail!(
             "the CPU backend holds every weight as f32: this {params}-parameter model needs {:.1} GB, and {:.1} GB of memory are available (use --device cuda; a load test with --load-format dummy can also take fewer layers: --hf-overrides '{{\"num_hidden_layers\": N}}')",
+            need as f64 / 1e9,
+            avail as f64 / 1e9
+        );
+    }
+    // The cache is zeroed memory the kernel hands out as it is written: too large a one starts
+    // and is killed later under load (or aborts allocating), so it is refused here.
+    if let Some(avail) = available.filter(|&a| need.saturating_add(kv_bytes) > a) {
+        bail!(
+            "--kv-cache-memory {:.1} GB with the {:.1} GB of f32 weights exceeds the {:.1} GB of memory available: give a smaller --kv-cache-memory",
+            kv_bytes as f64 / 1e9,
             need as f64 / 1e9,
             avail as f64 / 1e9
         );
@@ -314,6 +336,15 @@ pub fn load(args: &ServeArgs) -> anyhow::Result<Ready> {
     if args.tp != 1 {
         bail!("--tp {} is not supported yet (one GPU or the CPU)", args.tp);
     }
+    if args.api_key.as_deref().is_some_and(|k| k.trim().is_empty()) {
+        bail!("--api-key (PEREGRINE_API_KEY) is empty: an empty key would let every request in; give a key, or leave the option out for an open server");
+    }
+    if args.served_model_name.as_deref().is_some_and(|n| n.trim().is_empty()) {
+        bail!("--served-model-name is empty");
+    }
+    if args.max_body_bytes < 1024 {
+        bail!("--max-body-bytes {} refuses every request (at least 1 KiB)", args.max_body_bytes);
+    }
     if args.gpu_memory_utilization.is_some() && args.device != Device::Cuda {
         bail!("--gpu-memory-utilization sizes the KV cache on a GPU (--device cuda); on the CPU give its size with --kv-cache-memory");
     }
@@ -340,7 +371,9 @@ pub fn load(args: &ServeArgs) -> anyhow::Result<Ready> {
     let tokenizer = files.tokenizer.ok_or_else(|| anyhow::anyhow!("model `{path}` has no tokenizer.json"))?;
     let template_src = match &args.chat_template {
         Some(t) if std::path::Path::new(t).is_file() => Some(std::fs::read_to_string(t).with_context(|| format!("reading {t}"))?),
-        Some(t) => Some(t.clone()),
+        // Inline only where it is a template: a mistyped path would render every chat as its text.
+        Some(t) if t.contains("{{") || t.contains("{%") => Some(t.clone()),
+        Some(t) => bail!("--chat-template `{t}` is neither a readable file nor a template (no `{{{{` or `{{%`)"),
         None => files.chat_template.clone(),
     };
     let template = template_src
@@ -363,7 +396,7 @@ pub fn load(args: &ServeArgs) -> anyhow::Result<Ready> {
     };
     let backend: Box<dyn peregrine_core::backend::Backend> = match args.device {
         Device::Cpu => {
-            check_cpu_memory(files.spec.num_parameters() as u64, memory_available())?;
+            check_cpu_memory(files.spec.num_parameters() as u64, args.kv_cache_memory.unwrap_or(DEFAULT_KV_CACHE_MEMORY) as u64, memory_available())?;
             let mut model = peregrine_cpu::CpuModel::load(&files.spec, files.weights.as_ref()).context("loading weights")?;
             if let Some(dir) = &drafter_dir {
                 let draft = peregrine_model::dflash::open_drafter(dir).with_context(|| format!("cannot open the drafter in {}", dir.display()))?;
@@ -393,6 +426,11 @@ pub fn load(args: &ServeArgs) -> anyhow::Result<Ready> {
     };
     if let Some(p) = spinner {
         p.finish_and_clear();
+    }
+    if let Some(block) = args.speculative_block_size.map(usize::from).or(backend.draft_spec().map(|d| d.block_size)) {
+        if args.max_num_batched_tokens < block {
+            tracing::warn!(block, max_num_batched_tokens = args.max_num_batched_tokens, "--max-num-batched-tokens is below the speculative block: a step has no room for a block of drafts, so none will be verified");
+        }
     }
     tracing::info!(model = %default_name, params = files.spec.num_parameters(), layers = files.spec.num_layers(), secs = t0.elapsed().as_secs_f32(), backend = backend.name(), "weights loaded");
     if args.load_format == LoadFormat::Dummy {
@@ -424,7 +462,8 @@ pub fn load(args: &ServeArgs) -> anyhow::Result<Ready> {
         GenerationConfig::Auto if !std::path::Path::new(&path).is_file() => sampling_defaults(&files.dir.join("generation_config.json"), files.spec.vocab_size)?,
         _ => SamplingDefaults::default(),
     };
-    let engine = start_engine(backend, Arc::new(tokenizer), config)?;
+    // (The engine names its own fields: kv_cache_memory_bytes is --kv-cache-memory, and so on.)
+    let engine = start_engine(backend, Arc::new(tokenizer), config).context("starting the engine (--kv-cache-memory, --gpu-memory-utilization, --max-num-seqs, --max-model-len, --max-num-batched-tokens)")?;
     Ok(Ready {
         engine,
         template,
@@ -485,6 +524,8 @@ fn without_nagle(listener: tokio::net::TcpListener) -> impl axum::serve::Listene
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let addr = format!("{}:{}", args.host, args.port);
     let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+    // The address bound, not the one asked for (`--port 0` takes a free port).
+    let addr = listener.local_addr().map_or(addr, |a| a.to_string());
     let listener = without_nagle(listener);
     let state = AppState::new(Settings {
         api_key: args.api_key.clone(),
@@ -560,6 +601,31 @@ mod tests {
         assert_eq!(kv(&["--kv-cache-dtype", "bf16"]), Ok(KvCacheDtype::Given(KvDtype::Bf16)));
         assert!(kv(&["--kv-cache-dtype", "int4"]).unwrap_err().contains("int4"));
     }
+    /// Sizes no run could use are refused while parsing, naming the flag (they used to fail after
+    /// the weights loaded, or overflow); the defaults and real values parse.
+    #[test]
+    fn sizes_no_run_could_use_are_refused_naming_the_flag() {
+        let serve = |extra: &[&str]| Cli::try_parse_from([&["peregrine", "serve"], extra].concat()).map(|_| ()).map_err(|e| e.to_string());
+        for (flag, bad) in [("--max-num-seqs", "0"), ("--max-num-seqs", "18446744073709551615"), ("--max-num-batched-tokens", "0"), ("--max-model-len", "1"), ("--max-waiting", "0"), ("--tp", "0")] {
+            let err = serve(&[flag, bad]).unwrap_err();
+            assert!(err.contains(flag), "{flag} {bad}: {err}");
+        }
+        assert!(serve(&[]).is_ok());
+        assert!(serve(&["--max-num-seqs", "256", "--max-num-batched-tokens", "8192", "--max-model-len", "2", "--max-waiting", "1"]).is_ok());
+    }
+
+    /// The KV cache counts against the memory the CPU has, with the f32 weights.
+    #[test]
+    fn a_kv_cache_larger_than_memory_is_refused() {
+        let gb = 1u64 << 30;
+        assert!(check_cpu_memory(1000, gb / 2, Some(23 * gb)).is_ok());
+        let err = check_cpu_memory(1000, 30 * gb, Some(23 * gb)).unwrap_err().to_string();
+        assert!(err.contains("--kv-cache-memory"), "{err}");
+        let err = check_cpu_memory(3 * gb, gb, Some(11 * gb)).unwrap_err().to_string();
+        assert!(err.contains("f32"), "the weights alone: {err}");
+        assert!(check_cpu_memory(1000, 1 << 50, None).is_ok(), "no MemAvailable: nothing to check against");
+    }
+
     #[test]
     fn compile_kernels_takes_the_architectures_serve_uses() {
         let arch = |extra: &[&str]| match Cli::try_parse_from([&["peregrine", "compile-kernels"], extra].concat()) {

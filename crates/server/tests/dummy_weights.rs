@@ -97,6 +97,9 @@ fn bad_overrides_and_oversized_models_are_refused_before_serving() {
     assert!(!ok && err.contains("expected a JSON object"), "{err}");
     let (ok, err) = serve_exit(&[path, "--load-format", "dummy", "--hf-overrides", "{num_hidden_layers: 2}"]);
     assert!(!ok && err.contains("not JSON"), "{err}");
+    // A key config.json does not have (a typo of num_hidden_layers) is said, not passed over.
+    let (ok, err) = serve_exit(&[path, "--load-format", "dummy", "--hf-overrides", r#"{"num_hidden_layer": 1}"#, "--max-model-len", "1000000"]);
+    assert!(!ok && err.contains("num_hidden_layer = 1 is not a field of config.json"), "{err}");
     // Without random weights a config alone has nothing to load.
     let (ok, err) = serve_exit(&[path]);
     assert!(!ok && err.contains("cannot open model"), "{err}");
@@ -127,7 +130,7 @@ fn gpu_memory_utilization_is_refused_off_the_gpu_out_of_range_and_beside_a_byte_
 fn logs_written_to_a_pipe_have_no_colour_codes() {
     let dir = config_only();
     // Loads the random weights (a warning is logged), then refuses the context length.
-    let (ok, err) = serve_exit(&[dir.path().to_str().unwrap(), "--load-format", "dummy", "--max-model-len", "99999999"]);
+    let (ok, err) = serve_exit(&[dir.path().to_str().unwrap(), "--load-format", "dummy", "--max-model-len", "1000000"]);
     assert!(!ok && err.contains("random weights") && err.contains("exceeds"), "{err}");
     assert!(!err.contains('\u{1b}'), "ANSI escapes in piped logs: {err:?}");
 }

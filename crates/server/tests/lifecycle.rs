@@ -92,6 +92,28 @@ async fn sigterm_ends_streams_cleanly_and_exits() {
     assert!(status.success(), "server exit status {status}");
 }
 
+/// Options that would serve wrongly or not at all are refused at start, with exit status 1 and
+/// the option named: an empty API key (it would let every request in), a --chat-template that is
+/// neither a file nor a template (a mistyped path rendered every chat as its text), an empty
+/// served name, a body limit that refuses every request.
+#[test]
+fn bad_startup_options_are_refused_before_serving() {
+    for (args, words) in [
+        (&["--api-key", ""][..], "--api-key"),
+        (&["--chat-template", "/no/such/template.jinja"][..], "--chat-template"),
+        (&["--chat-template", ""][..], "--chat-template"),
+        (&["--served-model-name", " "][..], "--served-model-name"),
+        (&["--max-body-bytes", "0"][..], "--max-body-bytes"),
+    ] {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_peregrine"));
+        cmd.args(["serve", "--port", "0"]).args(args).env_remove("PEREGRINE_API_KEY");
+        let out = cmd.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains(words), "{args:?}: {err}");
+    }
+}
+
 /// `peregrine compile-kernels` on a machine without libnvrtc (CI's) fails with what to install
 /// and exit status 1, writing nothing; with libnvrtc the lib tests (`compile::tests`) cover it.
 #[test]
