@@ -163,7 +163,7 @@ pub struct ServeArgs {
     #[arg(long, env = "PEREGRINE_CHAT_TEMPLATE")]
     pub chat_template: Option<String>,
     /// Send the usage chunk on every stream, as if `stream_options.include_usage` were set.
-    #[arg(long, env = "PEREGRINE_ALWAYS_INCLUDE_USAGE")]
+    #[arg(long, env = "PEREGRINE_ALWAYS_INCLUDE_USAGE", value_parser = clap::builder::BoolishValueParser::new())]
     pub always_include_usage: bool,
     #[arg(long, env = "PEREGRINE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -206,7 +206,7 @@ pub struct ServeArgs {
     /// Commit each decode step only after starting the next one (the default where the backend
     /// can: the CUDA backend's captured decode steps) turned off: the host then works between
     /// steps while the GPU waits. Outputs are the same either way.
-    #[arg(long, env = "PEREGRINE_NO_OVERLAP_STEPS")]
+    #[arg(long, env = "PEREGRINE_NO_OVERLAP_STEPS", value_parser = clap::builder::BoolishValueParser::new())]
     pub no_overlap_steps: bool,
 }
 
@@ -612,6 +612,25 @@ mod tests {
         }
         assert!(serve(&[]).is_ok());
         assert!(serve(&["--max-num-seqs", "256", "--max-num-batched-tokens", "8192", "--max-model-len", "2", "--max-waiting", "1"]).is_ok());
+    }
+
+    /// Switches given by environment take the usual words for on and off (`1`, `yes`, `0`, ...),
+    /// not only `true` / `false`; the flag alone still turns them on.
+    #[test]
+    fn switches_in_the_environment_take_one_and_zero() {
+        let overlap_off = || match Cli::try_parse_from(["peregrine", "serve"]) {
+            Ok(Cli { command: Command::Serve(a) }) => Ok(a.no_overlap_steps),
+            Ok(other) => Err(format!("{other:?}")),
+            Err(e) => Err(e.to_string()),
+        };
+        // (No other test reads this variable.)
+        for (value, want) in [("1", true), ("yes", true), ("true", true), ("0", false), ("off", false)] {
+            std::env::set_var("PEREGRINE_NO_OVERLAP_STEPS", value);
+            assert_eq!(overlap_off(), Ok(want), "{value}");
+        }
+        std::env::remove_var("PEREGRINE_NO_OVERLAP_STEPS");
+        assert_eq!(overlap_off(), Ok(false));
+        assert!(matches!(Cli::try_parse_from(["peregrine", "serve", "--no-overlap-steps"]), Ok(Cli { command: Command::Serve(ServeArgs { no_overlap_steps: true, .. }) })));
     }
 
     /// The KV cache counts against the memory the CPU has, with the f32 weights.
