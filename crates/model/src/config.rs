@@ -502,6 +502,11 @@ fn parse_dense(c: &Fields, model_type: &str) -> Result<ModelSpec> {
     if heads == 0 {
         return Err(Error::config("num_attention_heads", "must be positive"));
     }
+    // (Without head_dim it is hidden_size / heads: a remainder would surface later as a
+    // rotary or shape error that names neither.)
+    if !c.map.contains_key("head_dim") && com.hidden_size % heads != 0 {
+        return Err(Error::config("hidden_size", format!("{} is not a multiple of num_attention_heads {heads} (and no head_dim is given)", com.hidden_size)));
+    }
     let head_dim = c.usize_or("head_dim", com.hidden_size / heads)?;
     let (theta, factor) = flat_rope(c)?;
     let eps = c.f64_or("rms_norm_eps", 1e-6)?;
@@ -634,8 +639,10 @@ pub fn parse_draft_config(config: &Value) -> Result<DraftSpec> {
             Some(ids) => ids.into_iter().map(|i| i as usize).collect(),
             None => {
                 // The reference's `build_target_layer_ids`.
-                let t = c.req_usize("num_target_layers").map_err(|_| {
-                    Error::config("dflash_config.target_layer_ids", "missing (and no num_target_layers to derive it from)")
+                let t = c.req_usize("num_target_layers").map_err(|_| match d {
+                    // Nothing of DFlash at all: most likely a model's own directory.
+                    None => Error::config("dflash_config", "missing: this config.json is not a DFlash drafter's (no dflash_config, target_layer_ids or num_target_layers)"),
+                    Some(_) => Error::config("dflash_config.target_layer_ids", "missing (and no num_target_layers to derive it from)"),
                 })?;
                 if n == 1 {
                     vec![t / 2]

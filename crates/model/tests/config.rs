@@ -248,6 +248,12 @@ fn invalid_values_name_their_field() {
     assert_eq!(field_of(dense(json!({"num_attention_heads": 65536, "num_key_value_heads": 65536, "head_dim": 65536}))), "num_attention_heads");
     assert_eq!(field_of(dense(json!({"vocab_size": 4294967296u64}))), "vocab_size");
     assert_eq!(field_of(dense(json!({"mlp_bias": true}))), "mlp_bias");
+    assert_eq!(field_of(dense(json!({"hidden_size": 63}))), "hidden_size", "63 is not a multiple of 4 heads");
+    assert!(dense(json!({"hidden_size": 63, "head_dim": 16})).is_ok(), "head_dim given");
+    // A model's own config.json given as a drafter's.
+    let mut c = preset("mimo-v2-flash.json");
+    c["model_type"] = json!("qwen3");
+    assert_eq!(field_of(peregrine_model::config::parse_draft_config(&c)), "dflash_config");
     assert!(dense(json!({})).is_ok());
     let mut c = preset("mimo-v2.5-pro.json");
     c.as_object_mut().unwrap().remove("num_attention_heads");
