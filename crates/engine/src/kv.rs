@@ -29,13 +29,20 @@ pub struct SeqBlocks {
 /// ordered by free time (oldest reallocated first; unhashed blocks before all hashed ones).
 struct Pool {
     refcnt: Vec<u32>,
-    block_hash: Vec<Option<u64>>,
-    /// What each hashed block holds: its parent's hash and its tokens (checked on a hit).
-    content: Vec<Option<(u64, Box<[u32]>)>>,
+    /// Each filled block's key and what it holds (checked on a hit); None for the others.
+    filled: Vec<Option<Filled>>,
     cached: HashMap<u64, u32>,
     free: BTreeMap<u64, u32>,
     stamp: Vec<u64>,
     clock: u64,
+}
+
+/// A filled block: its key (`block_hash`), its parent's key and its tokens.
+#[derive(Clone)]
+struct Filled {
+    hash: u64,
+    parent: u64,
+    tokens: Box<[u32]>,
 }
 
 /// Free-list keys start here so unhashed blocks can be put in front (keys below it).
@@ -45,8 +52,7 @@ impl Pool {
     fn new(n: usize) -> Self {
         Pool {
             refcnt: vec![0; n],
-            block_hash: vec![None; n],
-            content: vec![None; n],
+            filled: vec![None; n],
             cached: HashMap::new(),
             free: (0..n).map(|b| (BASE + b as u64, b as u32)).collect(),
             stamp: (0..n as u64).map(|b| BASE + b).collect(),
@@ -61,18 +67,17 @@ impl Pool {
     }
     fn alloc(&mut self) -> u32 {
         let (_, b) = self.free.pop_first().expect("caller checked the free count");
-        if let Some(h) = self.block_hash[b as usize].take() {
-            if self.cached.get(&h) == Some(&b) {
-                self.cached.remove(&h);
+        if let Some(f) = self.filled[b as usize].take() {
+            if self.cached.get(&f.hash) == Some(&b) {
+                self.cached.remove(&f.hash);
             }
         }
-        self.content[b as usize] = None;
         self.refcnt[b as usize] = 1;
         b
     }
     /// Whether the block cached under `h` holds `tokens` after the block hashed `parent`.
     fn is_cached(&self, h: u64, parent: u64, tokens: &[u32]) -> bool {
-        self.cached.get(&h).is_some_and(|&b| self.content[b as usize].as_ref().is_some_and(|(p, t)| *p == parent && **t == *tokens))
+        self.cached.get(&h).is_some_and(|&b| self.filled[b as usize].as_ref().is_some_and(|f| f.parent == parent && *f.tokens == *tokens))
     }
     /// Takes a reference on the cached block with hash `h`.
     fn take_cached(&mut self, h: u64) -> u32 {
@@ -85,9 +90,8 @@ impl Pool {
     }
     fn register(&mut self, b: u32, h: u64, parent: u64, tokens: &[u32]) {
         self.cached.entry(h).or_insert(b);
-        if self.block_hash[b as usize].is_none() {
-            self.block_hash[b as usize] = Some(h);
-            self.content[b as usize] = Some((parent, tokens.into()));
+        if self.filled[b as usize].is_none() {
+            self.filled[b as usize] = Some(Filled { hash: h, parent, tokens: tokens.into() });
         }
     }
     fn release(&mut self, b: u32) {
@@ -96,7 +100,7 @@ impl Pool {
         if *r > 0 {
             return;
         }
-        let key = if self.block_hash[b as usize].is_some() {
+        let key = if self.filled[b as usize].is_some() {
             self.clock += 1;
             self.clock
         } else {
