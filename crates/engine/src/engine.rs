@@ -569,7 +569,6 @@ impl Core {
         }
     }
 
-    /// Frees the newest running sequence and puts it back at the front of the queue.
     /// Preempts the running sequence of the lowest priority (the largest `priority`), the
     /// newest among those, as vLLM's priority policy does (with one priority: the newest, as
     /// its FCFS policy): its blocks are freed and it waits, ahead of the waiting requests of

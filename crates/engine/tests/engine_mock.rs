@@ -1063,16 +1063,20 @@ fn min_tokens_bans_the_stop_tokens_until_reached() {
 /// finishes first, the low one resuming after it (preempted, it would be the other way round).
 #[test]
 fn preemption_takes_the_lowest_priority_first() {
-    // One 1024-token sequence fits (256 blocks), two long ones do not.
-    let e = engine(None, EngineConfig { max_num_seqs: 2, max_model_len: 1024, kv_cache_memory_bytes: 100 * 260, enable_prefix_caching: false, ..cfg() });
-    let mut low = req("low", prompts()[1].clone(), SamplingParams::greedy(), 1000);
+    // One 256-token sequence fits (64 blocks of 80), the two together do not. Steps of at least
+    // 2 ms: the low request's ~240 steps cannot all run before the test has submitted the high
+    // one (a loaded machine could let a mock's microsecond steps do that).
+    let mock = Mock { forward_time: Some(Duration::from_millis(2)), ..Mock::new(None, false) };
+    let c = EngineConfig { max_num_seqs: 2, max_model_len: 256, kv_cache_memory_bytes: 100 * 80, enable_prefix_caching: false, ..cfg() };
+    let e = start_engine(Box::new(mock), tokenizer(), c).unwrap();
+    let mut low = req("low", prompts()[1].clone(), SamplingParams::greedy(), 240);
     low.priority = 5;
     let mut rl = e.submit(low).unwrap();
     assert!(matches!(rl.blocking_recv(), Some(RequestEvent::Delta { .. })), "low runs first");
-    let mut high = req("high", prompts()[2].clone(), SamplingParams::greedy(), 600);
+    let mut high = req("high", prompts()[2].clone(), SamplingParams::greedy(), 150);
     high.priority = -1;
     let high = collect(e.submit(high).unwrap());
-    assert_eq!(high.tokens.len(), 600);
+    assert_eq!(high.tokens.len(), 150);
     let mut low_finished = false;
     while let Ok(ev) = rl.try_recv() {
         low_finished |= matches!(ev, RequestEvent::Finished { .. });
