@@ -171,7 +171,7 @@ pub struct Plan {
     /// The field `max_tokens` came from (`max_completion_tokens` or `max_tokens`), for errors.
     pub max_tokens_param: &'static str,
     /// The field the output's constraint came from (`response_format`, a guided field,
-    /// `allowed_token_ids`, `tool_choice`), for the errors of building it.
+    /// `tool_choice`), for the errors of building it.
     pub guide_param: &'static str,
     /// Where `max_tokens` is None: at most this many (the model's `max_new_tokens`).
     pub default_max_tokens: Option<usize>,
@@ -214,7 +214,10 @@ fn range(param: &str, v: Option<f64>, lo: f64, hi: f64, lo_open: bool) -> Result
 /// Validates the shared fields. `logprobs` is the number of top log-probabilities asked for.
 pub fn plan(c: &CommonParams, logprobs: Option<usize>, vocab_size: usize, always_usage: bool) -> Result<Plan, ApiError> {
     let (json_object, guide) = response_format(c.response_format.as_ref())?;
-    let guide = one_guide(json_object, guide, vllm_guide(c)?)?;
+    let from_vllm = vllm_guide(c)?;
+    // The field errors in building the guide name (`allowed_token_ids` combines with no guide).
+    let guide_param = from_vllm.as_ref().map_or("response_format", |g| g.1);
+    let guide = one_guide(json_object, guide, from_vllm.map(|g| g.0))?;
     let mut s = SamplingParams { json_object, guide, ..SamplingParams::default() };
     if let Some(t) = range("temperature", c.temperature, 0.0, 2.0, false)? {
         s.temperature = t as f32;
@@ -329,7 +332,7 @@ pub fn plan(c: &CommonParams, logprobs: Option<usize>, vocab_size: usize, always
         },
         max_tokens,
         max_tokens_param: if c.max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" },
-        guide_param: guide_param(c),
+        guide_param,
         default_max_tokens: None,
         n,
         stream,
@@ -385,11 +388,12 @@ fn json_schema(v: Option<&Value>) -> Result<Value, ApiError> {
 /// `guided_choice`, `guided_grammar`, or `structured_outputs` holding one of `json` / `regex` /
 /// `choice` / `grammar`. A grammar is GBNF (llama.cpp's, the EBNF vLLM's clients send; rewritten
 /// by `gbnf::gbnf_to_lark`) or llguidance's Lark, told apart as vLLM's guidance backend does.
-fn vllm_guide(c: &CommonParams) -> Result<Option<Guide>, ApiError> {
+/// Returns the guide and the field it came from.
+fn vllm_guide(c: &CommonParams) -> Result<Option<(Guide, &'static str)>, ApiError> {
     let mut found = Vec::new();
     for (field, v) in [("guided_json", &c.guided_json), ("guided_regex", &c.guided_regex), ("guided_choice", &c.guided_choice), ("guided_grammar", &c.guided_grammar)] {
         if let Some(v) = v.as_ref().filter(|v| !v.is_null()) {
-            found.push(guide_of(field, field.trim_start_matches("guided_"), v)?);
+            found.push((guide_of(field, field.trim_start_matches("guided_"), v)?, field));
         }
     }
     // How a JSON guide's whitespace and objects are read (vLLM's switches).
@@ -403,7 +407,7 @@ fn vllm_guide(c: &CommonParams) -> Result<Option<Guide>, ApiError> {
             for (key, v) in o.iter().filter(|(_, v)| !v.is_null()) {
                 let flag = || v.as_bool().ok_or_else(|| ApiError::param("structured_outputs", format!("`structured_outputs.{key}` must be a boolean")));
                 match key.as_str() {
-                    "json" | "regex" | "choice" | "grammar" => found.push(guide_of("structured_outputs", key, v)?),
+                    "json" | "regex" | "choice" | "grammar" => found.push((guide_of("structured_outputs", key, v)?, "structured_outputs")),
                     // One backend here, so nothing to fall back from.
                     "disable_fallback" => {
                         flag()?;
@@ -421,18 +425,9 @@ fn vllm_guide(c: &CommonParams) -> Result<Option<Guide>, ApiError> {
     }
     match found.len() {
         0 => Ok(None),
-        1 => Ok(found.pop().map(|g| options.apply(g))),
+        1 => Ok(found.pop().map(|(g, field)| (options.apply(g), field))),
         _ => Err(ApiError::invalid("give one of `guided_json`, `guided_regex`, `guided_choice`, `guided_grammar` and `structured_outputs`'s `json` / `regex` / `choice` / `grammar`, not several")),
     }
-}
-
-/// The field a request's output constraint comes from (`plan` has checked there is one at most).
-fn guide_param(c: &CommonParams) -> &'static str {
-    let given = |v: &Option<Value>| v.as_ref().is_some_and(|v| !v.is_null());
-    [("guided_json", &c.guided_json), ("guided_regex", &c.guided_regex), ("guided_choice", &c.guided_choice), ("guided_grammar", &c.guided_grammar), ("structured_outputs", &c.structured_outputs)]
-        .into_iter()
-        .find(|(_, v)| given(v))
-        .map_or(if c.allowed_token_ids.is_some() && !given(&c.response_format) { "allowed_token_ids" } else { "response_format" }, |(f, _)| f)
 }
 
 /// vLLM's switches for a JSON guide.
@@ -719,7 +714,10 @@ mod guide_tests {
     fn vllm_switches_reach_the_json_guide_only() {
         let guide = |so: Value| {
             let c = CommonParams { structured_outputs: Some(so), ..CommonParams::default() };
-            vllm_guide(&c)
+            vllm_guide(&c).map(|g| g.map(|(g, field)| {
+                assert_eq!(field, "structured_outputs");
+                g
+            }))
         };
         let Ok(Some(Guide::JsonSchema(s))) = guide(json!({"json": {"type": "object"}, "disable_any_whitespace": true, "disable_additional_properties": true})) else {
             panic!("no JSON guide")

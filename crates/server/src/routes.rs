@@ -286,7 +286,6 @@ fn finish_str(f: FinishReason) -> &'static str {
     f.as_str()
 }
 
-
 /// The text of one token as the logprobs formats show it.
 fn token_text(r: &Ready, id: u32) -> String {
     r.engine.tokenizer().decode(&[id], false).unwrap_or_default()
@@ -737,13 +736,13 @@ impl StreamState {
         json!({"id": self.id, "object": object, "created": self.created, "model": self.model(), "choices": [choice]}).to_string()
     }
 
-    /// A choice's echo chunk, with its prompt's logprobs where they came (`lp`: the engine's
-    /// entries, one per prompt token after the first).
-    fn send_echo(&mut self, r: &Ready, ci: usize, pi: usize, lp: Option<Vec<Option<TokenLogprob>>>) {
+    /// A choice's echo chunk, once, with its prompt's logprobs where they came (`lp`: the
+    /// engine's entries, one per prompt token, the first None).
+    fn send_echo(&mut self, ci: usize, pi: usize, lp: Option<Vec<Option<TokenLogprob>>>) {
         if !self.echo_waiting.remove(&ci) {
             return;
         }
-        let Some(echo) = &self.echo else { return };
+        let (Some(r), Some(echo)) = (self.state.ready.get(), &self.echo) else { return };
         let text = echo.texts[pi].clone();
         let (logprobs, end) = match (lp, &echo.prompts) {
             (Some(mut entries), Some(prompts)) => {
@@ -758,14 +757,13 @@ impl StreamState {
     }
 
     fn handle(&mut self, ci: usize, pi: usize, ev: RequestEvent) {
-        let state = self.state.clone();
-        let Some(r) = state.ready.get() else { return };
         if !matches!(ev, RequestEvent::PromptLogprobs(_)) {
             // No prompt logprobs came before the output (or the end): the echo goes without.
-            self.send_echo(r, ci, pi, None);
+            self.send_echo(ci, pi, None);
         }
+        let Some(r) = self.state.ready.get() else { return };
         match ev {
-            RequestEvent::PromptLogprobs(lp) => self.send_echo(r, ci, pi, Some(lp)),
+            RequestEvent::PromptLogprobs(lp) => self.send_echo(ci, pi, Some(lp)),
             RequestEvent::Delta { text, logprobs, .. } => {
                 if text.is_empty() && logprobs.is_empty() {
                     return;
