@@ -123,12 +123,12 @@ pub struct ServeArgs {
     #[arg(long, env = "PEREGRINE_TP", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
     pub tp: u16,
     /// Sequences in a decode batch at most (1..=4096).
-    #[arg(long, env = "PEREGRINE_MAX_NUM_SEQS", default_value_t = 64, value_parser = ranged(1, 4096))]
-    pub max_num_seqs: usize,
+    #[arg(long, env = "PEREGRINE_MAX_NUM_SEQS", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub max_num_seqs: u32,
     /// Prompt + output tokens per sequence (default: the model's max_position_embeddings, capped
     /// at 8192 on the CPU; at least 2: a one-token prompt and its reply).
-    #[arg(long, env = "PEREGRINE_MAX_MODEL_LEN", value_parser = ranged(2, 1 << 24))]
-    pub max_model_len: Option<usize>,
+    #[arg(long, env = "PEREGRINE_MAX_MODEL_LEN", value_parser = clap::value_parser!(u32).range(2..=1 << 24))]
+    pub max_model_len: Option<u32>,
     /// Memory for the KV cache, e.g. 512MiB, 4GiB. Default: 512MiB on the CPU; with --device
     /// cuda the cache is sized by --gpu-memory-utilization unless this is given.
     #[arg(long, env = "PEREGRINE_KV_CACHE_MEMORY", value_parser = parse_bytes, conflicts_with = "gpu_memory_utilization")]
@@ -148,11 +148,11 @@ pub struct ServeArgs {
     #[arg(long, env = "PEREGRINE_KV_CACHE_DTYPE", value_parser = parse_kv_dtype, default_value = "auto")]
     pub kv_cache_dtype: KvCacheDtype,
     /// Tokens a step computes at most (prefill chunks and decode rows together; 1..=2^20).
-    #[arg(long, env = "PEREGRINE_MAX_NUM_BATCHED_TOKENS", default_value_t = 2048, value_parser = ranged(1, 1 << 20))]
-    pub max_num_batched_tokens: usize,
+    #[arg(long, env = "PEREGRINE_MAX_NUM_BATCHED_TOKENS", default_value_t = 2048, value_parser = clap::value_parser!(u32).range(1..=1 << 20))]
+    pub max_num_batched_tokens: u32,
     /// Waiting requests at most; more are answered 429 (1..=2^20).
-    #[arg(long, env = "PEREGRINE_MAX_WAITING", default_value_t = 1024, value_parser = ranged(1, 1 << 20))]
-    pub max_waiting: usize,
+    #[arg(long, env = "PEREGRINE_MAX_WAITING", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=1 << 20))]
+    pub max_waiting: u32,
     /// Require `Authorization: Bearer <key>` on the API routes.
     #[arg(long, env = "PEREGRINE_API_KEY")]
     pub api_key: Option<String>,
@@ -242,16 +242,6 @@ pub fn gpu_memory_utilization(device: Device, kv_cache_memory: Option<usize>, gi
 }
 
 /// A fraction in (0, 1], e.g. `0.9`.
-/// A clap parser of an integer in `lo..=hi` (a size no run could use is refused before loading,
-/// naming the flag, rather than failing after the weights load or overflowing).
-fn ranged(lo: usize, hi: usize) -> impl Fn(&str) -> Result<usize, String> + Clone + Send + Sync + 'static {
-    move |s: &str| match s.trim().parse::<usize>() {
-        Ok(n) if (lo..=hi).contains(&n) => Ok(n),
-        Ok(n) => Err(format!("{n} is not in {lo}..={hi}")),
-        Err(e) => Err(format!("`{s}` is not a whole number: {e}")),
-    }
-}
-
 pub fn parse_fraction(s: &str) -> Result<f64, String> {
     match s.trim().parse::<f64>() {
         Ok(f) if f > 0.0 && f <= 1.0 => Ok(f),
@@ -428,7 +418,7 @@ pub fn load(args: &ServeArgs) -> anyhow::Result<Ready> {
         p.finish_and_clear();
     }
     if let Some(block) = args.speculative_block_size.map(usize::from).or(backend.draft_spec().map(|d| d.block_size)) {
-        if args.max_num_batched_tokens < block {
+        if (args.max_num_batched_tokens as usize) < block {
             tracing::warn!(block, max_num_batched_tokens = args.max_num_batched_tokens, "--max-num-batched-tokens is below the speculative block: a step has no room for a block of drafts, so none will be verified");
         }
     }
@@ -439,17 +429,17 @@ pub fn load(args: &ServeArgs) -> anyhow::Result<Ready> {
     if kv_cache_dtype == Some(KvDtype::Fp8E4m3) {
         tracing::warn!("FP8 K/V pools (--kv-cache-dtype fp8): K and V rounded to e4m3 with a scale of 1 (the checkpoint gives none), values past +-448 saturated; expect some loss of accuracy");
     }
-    let max_model_len = args.max_model_len.unwrap_or(files.spec.max_position_embeddings.min(8192));
+    let max_model_len = args.max_model_len.map_or(files.spec.max_position_embeddings.min(8192), |n| n as usize);
     if max_model_len > files.spec.max_position_embeddings {
         bail!("--max-model-len {max_model_len} exceeds the model's max_position_embeddings {}", files.spec.max_position_embeddings);
     }
     let config = EngineConfig {
-        max_num_seqs: args.max_num_seqs,
-        max_num_batched_tokens: args.max_num_batched_tokens,
+        max_num_seqs: args.max_num_seqs as usize,
+        max_num_batched_tokens: args.max_num_batched_tokens as usize,
         max_model_len,
         kv_cache_memory_bytes: args.kv_cache_memory.unwrap_or(DEFAULT_KV_CACHE_MEMORY),
         gpu_memory_utilization: gpu_memory_utilization(args.device, args.kv_cache_memory, args.gpu_memory_utilization),
-        max_waiting: args.max_waiting,
+        max_waiting: args.max_waiting as usize,
         speculative_block_size: args.speculative_block_size.map(usize::from),
         model_name: Some(args.served_model_name.clone().unwrap_or_else(|| default_name.clone())),
         overlap_steps: !args.no_overlap_steps,
