@@ -42,11 +42,6 @@ pub fn cache_dir() -> PathBuf {
     peregrine_core::cache::root().join("kernels")
 }
 
-/// Whether the cache under `dir` may be read and written (`peregrine_core::cache::trusted`).
-fn trusted(dir: &std::path::Path) -> bool {
-    peregrine_core::cache::trusted(dir)
-}
-
 const OPTIONS: &[&str] = &["--std=c++17", "-lineinfo"];
 
 /// The NVRTC options for kernel file `name`: `OPTIONS`, then each word of
@@ -203,13 +198,15 @@ fn is_cached(dir: &std::path::Path, file: &str, arch: &str) -> bool {
     read_cached(dir, file, arch).is_some()
 }
 
-/// The cache's entry for `file` and `arch`, where it is there, whole and may be read (`trusted`).
+/// The cache's entry for `file` and `arch`, where it is there, whole and may be read
+/// (`peregrine_core::cache::trusted`). (A PTX cut short is found only by the driver: `load_variant`
+/// compiles it again then.)
 fn read_cached(dir: &std::path::Path, file: &str, arch: &str) -> Option<Compiled> {
-    if !trusted(dir) {
+    if !peregrine_core::cache::trusted(dir) {
         return None;
     }
     let path = dir.join(file);
-    let ptx = std::fs::read_to_string(&path).ok().filter(|p| p.contains(".entry") || p.contains(".version"))?;
+    let ptx = std::fs::read_to_string(&path).ok().filter(|p| !p.is_empty())?;
     let cubin = match makes_cubin(arch) {
         true => Some(std::fs::read(cubin_path(&path)).ok().filter(|b| whole_elf(b))?),
         false => None,
@@ -366,7 +363,7 @@ fn store(path: &std::path::Path, c: &Compiled) -> bool {
     if std::fs::create_dir_all(path.parent().unwrap()).is_err() {
         return false;
     }
-    if !trusted(path.parent().unwrap()) {
+    if !peregrine_core::cache::trusted(path.parent().unwrap()) {
         return false;
     }
     // Synced before the rename, so a crash leaves the old entry or the whole new one (is_cached
@@ -398,8 +395,12 @@ pub fn load(ctx: &Arc<CudaContext>, name: &str, src: &str, arch: &'static str) -
 /// form of the file (ops.cu's `-DKV_BF16` for BF16 KV pools), cached under its own key as
 /// `scripts/kernel-report.sh --fill-cache DIR -DKV_BF16 --defines-in ops` names it.
 pub fn load_variant(ctx: &Arc<CudaContext>, name: &str, src: &str, arch: &'static str, variant: &[&str]) -> Result<(Arc<CudaModule>, bool)> {
-    let dir = cache_dir();
-    let (compiled, cached) = compiled_in(&dir, name, src, arch, variant)?;
+    load_variant_in(ctx, &cache_dir(), name, src, arch, variant)
+}
+
+/// `load_variant` with the cache directory `dir`.
+fn load_variant_in(ctx: &Arc<CudaContext>, dir: &std::path::Path, name: &str, src: &str, arch: &'static str, variant: &[&str]) -> Result<(Arc<CudaModule>, bool)> {
+    let (compiled, cached) = compiled_in(dir, name, src, arch, variant)?;
     let ptx_only = std::env::var("PEREGRINE_LOAD_PTX").is_ok_and(|v| v == "1");
     match load_compiled(ctx, name, compiled, ptx_only) {
         Ok((m, _)) => Ok((m, cached)),
@@ -636,6 +637,35 @@ mod tests {
             let got = gpu.stream.clone_dtoh(&x).unwrap();
             assert!(got.iter().enumerate().all(|(i, &v)| v == 7.0 + i as f32), "{what}: {got:?}");
         }
+    }
+
+    /// On the GPU: a cache entry that looks whole but that the driver cannot load (a CUBIN for
+    /// another architecture, a PTX cut short) is compiled again, stored over and loaded, once,
+    /// rather than failing every start; the entry is then whole. Needs a GPU (and libnvrtc).
+    #[test]
+    fn a_cached_module_the_driver_refuses_is_compiled_again() {
+        let Some(gpu) = crate::device::probe_for_tests(0) else { return };
+        let arch = crate::device::nvrtc_arch(gpu.capability);
+        let other_arch = if arch == "sm_80" { "sm_90a" } else { "sm_80" };
+        let src = "extern \"C\" __global__ void again(float* x) { x[threadIdx.x] = 3.f; }";
+        let dir = std::env::temp_dir().join(format!("peregrine-again-{}", std::process::id())).join("kernels");
+        let _ = std::fs::remove_dir_all(&dir);
+        let (_, cached) = super::load_variant_in(&gpu.ctx, &dir, "again", src, arch, &[]).unwrap();
+        assert!(!cached, "compiled the first time");
+        let file = super::cache_file_name("again", src, arch, &options("again"));
+        let ptx = dir.join(&file);
+        let good = std::fs::read_to_string(&ptx).unwrap();
+        std::fs::write(&ptx, &good[..good.len() / 2]).unwrap();
+        let foreign = super::compile("again", src, other_arch, options("again")).unwrap().cubin.unwrap();
+        std::fs::write(super::cubin_path(&ptx), &foreign).unwrap();
+        assert!(super::is_cached(&dir, &file, arch), "the damage is past what the cache check sees");
+        let (m, cached) = super::load_variant_in(&gpu.ctx, &dir, "again", src, arch, &[]).unwrap();
+        assert!(!cached, "compiled again");
+        assert!(m.load_function("again").is_ok());
+        assert_eq!(std::fs::read_to_string(&ptx).unwrap(), good, "stored over the damage");
+        let (_, cached) = super::load_variant_in(&gpu.ctx, &dir, "again", src, arch, &[]).unwrap();
+        assert!(cached, "and found whole next time");
+        let _ = std::fs::remove_dir_all(dir.parent().unwrap());
     }
 
     /// NVRTC's errors reach the caller with the file, the arch and the log.
