@@ -239,6 +239,39 @@ fn drafter_matches_the_dflash_reference_on_the_gpu() {
     }
 }
 
+/// The block size and blocks of `drafting_sequence`'s tables.
+const DRAFTING_BLOCK: usize = 16;
+const DRAFTING_BLOCKS: u32 = 8;
+
+/// One sequence on a synthetic target (graphs capture only synthetic experts) with a synthetic
+/// drafter of the random fixture's shapes, staging its drafter context where `deferred`: the
+/// model, and the sequence's tokens so far (its 21-token prompt and the first token after it).
+fn drafting_sequence(deferred: bool, graphs: bool) -> (CudaModel, Vec<u32>) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let spec = peregrine_model::config::load_spec(Path::new(&fixture("default"))).unwrap();
+    let dspec = peregrine_model::dflash::open_drafter(&root.join("tests/fixtures/dflash/random")).unwrap().spec;
+    let mut m = CudaModel::synthetic(probe(0).unwrap(), &spec, 7).unwrap();
+    m.attach_synthetic_drafter(&dspec, 11).unwrap();
+    m.set_draft_context_deferred(deferred);
+    m.set_cuda_graphs(graphs);
+    m.init_kv(KvConfig { block_size: DRAFTING_BLOCK, num_full_blocks: DRAFTING_BLOCKS as usize, num_swa_blocks: DRAFTING_BLOCKS as usize }).unwrap();
+    let prompt: Vec<u32> = (0..21).map(|i| 3 + (i * 53) % 400).collect();
+    let mut out = prompt.clone();
+    out.extend(m.forward_argmax(&[drafting_row(prompt, 0, OutputRows::Last)]).unwrap().remove(0));
+    (m, out)
+}
+
+/// `drafting_sequence`'s rows: `tokens` from position `start`.
+fn drafting_row(tokens: Vec<u32>, start: usize, output: OutputRows) -> SeqForward {
+    let table: Vec<u32> = (0..DRAFTING_BLOCKS).collect();
+    SeqForward { seq_id: 1, tokens, start_pos: start, full_blocks: table.clone(), swa_blocks: table, output }
+}
+
+/// `drafting_sequence`'s draft pass of `n` drafts after `last` at position `pos`.
+fn drafting_draft(last: u32, pos: usize, n: usize) -> peregrine_core::backend::DraftForward {
+    peregrine_core::backend::DraftForward { seq_id: 1, last_token: last, start_pos: pos, num_drafts: n, full_blocks: (0..DRAFTING_BLOCKS).collect() }
+}
+
 /// Decode steps that stage the drafter's context (the default; crate::draft_staging) leave the
 /// draft passes the context that steps writing it directly leave: the same drafts, through
 /// eager steps, graphs and overlapped graphs, across block ends, verify rounds that write the
@@ -246,34 +279,22 @@ fn drafter_matches_the_dflash_reference_on_the_gpu() {
 /// synthetic experts) with a synthetic drafter of the random fixture's shapes.
 #[test]
 fn staged_drafter_context_gives_the_drafts_of_direct_writes() {
-    use peregrine_core::backend::DraftForward;
     if probe_for_tests(0).is_none() {
         return;
     }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let spec = peregrine_model::config::load_spec(Path::new(&fixture("default"))).unwrap();
-    let dspec = peregrine_model::dflash::open_drafter(&root.join("tests/fixtures/dflash/random")).unwrap().spec;
-    let (bs, nb, drafts) = (16usize, 8usize, 5usize);
-    let table: Vec<u32> = (0..nb as u32).collect();
-    let prompt: Vec<u32> = (0..21).map(|i| 3 + (i * 53) % 400).collect();
+    let drafts = 5usize;
     // A round every 9 steps: a draft pass, then its block verified (rows written directly) and
     // as many positions kept as the verify's argmax agrees with; decode steps go on from there.
     let run = |deferred: bool, graphs: bool, overlap: bool| -> (Vec<u32>, Vec<Vec<u32>>, usize) {
-        let mut m = CudaModel::synthetic(probe(0).unwrap(), &spec, 7).unwrap();
-        m.attach_synthetic_drafter(&dspec, 11).unwrap();
-        m.set_draft_context_deferred(deferred);
-        m.set_cuda_graphs(graphs);
-        m.init_kv(KvConfig { block_size: bs, num_full_blocks: nb, num_swa_blocks: nb }).unwrap();
-        let fwd = |tokens: Vec<u32>, start: usize, output| SeqForward { seq_id: 1, tokens, start_pos: start, full_blocks: table.clone(), swa_blocks: table.clone(), output };
-        let mut out = prompt.clone();
-        out.extend(m.forward_argmax(&[fwd(prompt.clone(), 0, OutputRows::Last)]).unwrap().remove(0));
+        let (mut m, mut out) = drafting_sequence(deferred, graphs);
+        let fwd = drafting_row;
         let mut all_drafts = Vec::new();
         let mut step = 0;
         while out.len() < 100 {
             let p = out.len() - 1;
             step += 1;
             if step % 9 == 0 {
-                let d = m.draft(&[DraftForward { seq_id: 1, last_token: out[p], start_pos: p, num_drafts: drafts, full_blocks: table.clone() }]).unwrap().remove(0);
+                let d = m.draft(&[drafting_draft(out[p], p, drafts)]).unwrap().remove(0);
                 let mut ids = vec![out[p]];
                 ids.extend(&d);
                 all_drafts.push(d);
@@ -289,7 +310,7 @@ fn staged_drafter_context_gives_the_drafts_of_direct_writes() {
             out.extend(t);
         }
         let p = out.len() - 1;
-        all_drafts.push(m.draft(&[DraftForward { seq_id: 1, last_token: out[p], start_pos: p, num_drafts: drafts, full_blocks: table.clone() }]).unwrap().remove(0));
+        all_drafts.push(m.draft(&[drafting_draft(out[p], p, drafts)]).unwrap().remove(0));
         (out, all_drafts, m.staged_draft_rows())
     };
     let (out, want, none) = run(false, true, false);
@@ -312,26 +333,14 @@ fn staged_drafter_context_gives_the_drafts_of_direct_writes() {
 /// rows, as the engine then fails the sequence; here it goes on only to check the backend.)
 #[test]
 fn a_failed_flush_after_an_overlapped_step_leaves_nothing_behind() {
-    use peregrine_core::backend::DraftForward;
     if probe_for_tests(0).is_none() {
         return;
     }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let spec = peregrine_model::config::load_spec(Path::new(&fixture("default"))).unwrap();
-    let dspec = peregrine_model::dflash::open_drafter(&root.join("tests/fixtures/dflash/random")).unwrap().spec;
-    let (bs, nb) = (16usize, 8usize);
-    let table: Vec<u32> = (0..nb as u32).collect();
-    let prompt: Vec<u32> = (0..21).map(|i| 3 + (i * 53) % 400).collect();
+    let bs = DRAFTING_BLOCK;
     // `fail`: None, or the step that fails (deferred or not) at each of the first two block ends.
     let run = |fail: Option<bool>| -> Vec<u32> {
-        let mut m = CudaModel::synthetic(probe(0).unwrap(), &spec, 7).unwrap();
-        m.attach_synthetic_drafter(&dspec, 11).unwrap();
-        m.set_draft_context_deferred(true);
-        m.set_cuda_graphs(true);
-        m.init_kv(KvConfig { block_size: bs, num_full_blocks: nb, num_swa_blocks: nb }).unwrap();
-        let fwd = |tokens: Vec<u32>, start: usize, output| SeqForward { seq_id: 1, tokens, start_pos: start, full_blocks: table.clone(), swa_blocks: table.clone(), output };
-        let mut out = prompt.clone();
-        out.extend(m.forward_argmax(&[fwd(prompt.clone(), 0, OutputRows::Last)]).unwrap().remove(0));
+        let (mut m, mut out) = drafting_sequence(true, true);
+        let fwd = drafting_row;
         let mut failed = 0;
         while out.len() < 70 {
             let p = out.len() - 1;
@@ -356,7 +365,7 @@ fn a_failed_flush_after_an_overlapped_step_leaves_nothing_behind() {
         assert_eq!(failed, if fail.is_some() { 2 } else { 0 });
         // The drafter still drafts (from what context is left).
         let p = out.len() - 1;
-        assert_eq!(m.draft(&[DraftForward { seq_id: 1, last_token: out[p], start_pos: p, num_drafts: 5, full_blocks: table.clone() }]).unwrap()[0].len(), 5);
+        assert_eq!(m.draft(&[drafting_draft(out[p], p, 5)]).unwrap()[0].len(), 5);
         out
     };
     let want = run(None);
