@@ -15,8 +15,9 @@ pub struct ChatTemplate {
 }
 
 /// Instructions a render may run: a template comes with the model (tokenizer_config.json, GGUF
-/// metadata), and one that loops without end would hold every chat request; real templates run
-/// a few hundred a message, so this bounds only runaway ones (about a second of rendering).
+/// metadata), and one that loops without end would hold every chat request. A 20,000-message
+/// chat renders well within it (`runaway_templates_run_out_of_fuel`), so it bounds only runaway
+/// templates.
 pub const RENDER_FUEL: u64 = 100_000_000;
 
 /// The variables `ChatTemplate::render` sets itself.
@@ -39,7 +40,7 @@ impl ChatTemplate {
 
     /// Renders `messages` (a JSON array of OpenAI-style messages) with optional `tools`;
     /// `extra` (chat_template_kwargs) is merged into the context last (callers refuse
-    /// `RESERVED_VARIABLES` in it, as transformers refuses them twice).
+    /// `RESERVED_VARIABLES` in it, as transformers refuses a variable given twice).
     pub fn render(
         &self,
         messages: &Value,
