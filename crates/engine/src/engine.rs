@@ -34,6 +34,8 @@ pub struct EngineHandle {
 struct Inner {
     tx: Mutex<mpsc::Sender<Cmd>>,
     waiting: Arc<AtomicUsize>,
+    /// Sequences submitted and not yet dropped by the engine (each holds an `Unfinished`).
+    unfinished: Arc<AtomicUsize>,
     stats: Arc<Mutex<EngineStats>>,
     metrics: Arc<Metrics>,
     /// Set once when the backend can serve nothing more (`Backend::check_health` failed).
@@ -150,6 +152,7 @@ pub fn start_engine(mut backend: Box<dyn Backend>, tokenizer: SharedTokenizer, c
         inner: Arc::new(Inner {
             tx: Mutex::new(tx),
             waiting,
+            unfinished: Arc::new(AtomicUsize::new(0)),
             stats,
             metrics,
             failure,
@@ -245,7 +248,8 @@ impl EngineHandle {
                 }
             };
             let (tx, rx) = unbounded_channel();
-            seqs.push(Seq::new(req, tx, self.inner.tokenizer.clone(), constraint, &self.inner.eos));
+            let unfinished = Unfinished::count(&self.inner.unfinished);
+            seqs.push(Seq::new(req, tx, self.inner.tokenizer.clone(), constraint, &self.inner.eos, unfinished));
             rxs.push(rx);
         }
         let tx = self.inner.tx.lock().unwrap();
@@ -261,6 +265,12 @@ impl EngineHandle {
 
     pub fn stats(&self) -> EngineStats {
         *self.inner.stats.lock().unwrap()
+    }
+    /// Sequences submitted whose engine work is not over (waiting, running, or being finished):
+    /// zero once every accepted request has had its last event sent. A draining server waits
+    /// for it.
+    pub fn unfinished(&self) -> usize {
+        self.inner.unfinished.load(Ordering::SeqCst)
     }
     /// Why the engine has failed, once the backend reported that it can serve nothing more
     /// (`Backend::check_health` after a failed step): every request then failed and every later
@@ -326,10 +336,29 @@ struct Seq {
     /// The tokens that would end the output (stop ids, and EOS unless ignored), banned from
     /// sampling before `min_tokens` (as vLLM bans them): empty without `min_tokens`.
     min_ban: Vec<u32>,
+    /// Counts the sequence in `EngineHandle::unfinished` until it is dropped, whichever way it
+    /// leaves the engine (finished, aborted, refused, failed).
+    _unfinished: Unfinished,
+}
+
+/// One count in a shared number of unfinished sequences, given back on drop.
+struct Unfinished(Arc<AtomicUsize>);
+
+impl Unfinished {
+    fn count(n: &Arc<AtomicUsize>) -> Self {
+        n.fetch_add(1, Ordering::SeqCst);
+        Unfinished(n.clone())
+    }
+}
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Seq {
-    fn new(req: GenerateRequest, tx: UnboundedSender<RequestEvent>, tok: SharedTokenizer, constraint: Option<Constraint>, eos: &[u32]) -> Self {
+    fn new(req: GenerateRequest, tx: UnboundedSender<RequestEvent>, tok: SharedTokenizer, constraint: Option<Constraint>, eos: &[u32], unfinished: Unfinished) -> Self {
         let seed = req.sampling.seed.unwrap_or_else(|| sampler::fnv1a(req.request_id.as_bytes()));
         let mut min_ban = Vec::new();
         if req.stop.min_tokens > 0 {
@@ -361,6 +390,7 @@ impl Seq {
             finish_reason: None,
             constraint,
             min_ban,
+            _unfinished: unfinished,
             req,
         }
     }

@@ -584,6 +584,44 @@ fn dropped_streams_free_everything() {
     e.shutdown();
 }
 
+/// `unfinished` counts every sequence the engine holds, whichever way it leaves: finished,
+/// dropped by its client, refused as a group, aborted at shutdown. A draining server waits for
+/// it to reach zero, so a sequence it forgets would hold a shutdown to its deadline, and one it
+/// loses would cut a request short.
+#[test]
+fn unfinished_counts_each_sequence_until_it_leaves() {
+    // Steps of 2 ms, so none of these requests (50 tokens and more) can finish before the counts
+    // are read.
+    let mock = Mock { forward_time: Some(Duration::from_millis(2)), ..Mock::new(None, false) };
+    let e = start_engine(Box::new(mock), tokenizer(), EngineConfig { max_num_seqs: 2, max_waiting: 3, ..cfg() }).unwrap();
+    assert_eq!(e.unfinished(), 0);
+    let a = e.submit(req("a", prompts()[0].clone(), SamplingParams::greedy(), 50)).unwrap();
+    let b = e.submit(req("b", prompts()[1].clone(), SamplingParams::greedy(), 1000)).unwrap();
+    let c = e.submit(req("c", prompts()[2].clone(), SamplingParams::greedy(), 50)).unwrap();
+    assert_eq!(e.unfinished(), 3, "running and waiting sequences");
+    // A group refused whole (the queue holds 3) adds nothing.
+    let group = vec![req("g1", prompts()[3].clone(), SamplingParams::greedy(), 5), req("g2", prompts()[3].clone(), SamplingParams::greedy(), 5)];
+    assert!(e.submit_group(group).is_err());
+    assert_eq!(e.unfinished(), 3, "a refused group");
+    drop(c);
+    let until = |n: usize| {
+        let t = Instant::now();
+        while e.unfinished() != n {
+            assert!(t.elapsed() < Duration::from_secs(10), "unfinished stays {} (want {n})", e.unfinished());
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    };
+    until(2);
+    assert_eq!(collect(a).tokens.len(), 50);
+    until(1);
+    let d = e.submit(req("d", prompts()[4].clone(), SamplingParams::greedy(), 1000)).unwrap();
+    assert_eq!(e.unfinished(), 2);
+    e.shutdown();
+    assert_eq!(e.unfinished(), 0, "aborted at shutdown");
+    assert_eq!(collect(b).reason, Some(FinishReason::Abort));
+    assert_eq!(collect(d).reason, Some(FinishReason::Abort));
+}
+
 #[test]
 fn stop_strings_across_token_boundaries() {
     let e = engine(None, cfg());

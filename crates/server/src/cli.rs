@@ -3,6 +3,7 @@
 
 use std::io::IsTerminal;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use axum::serve::ListenerExt;
@@ -200,6 +201,11 @@ pub struct ServeArgs {
     /// vLLM's) lets any page call it, `none` no page.
     #[arg(long, env = "PEREGRINE_ALLOWED_ORIGINS", value_delimiter = ',', default_value = "*")]
     pub allowed_origins: Vec<String>,
+    /// On SIGTERM or Ctrl-C, how many seconds requests already running may take to finish
+    /// while new ones get a 503 and /health fails; what is left then is aborted. 0 (the default,
+    /// as vLLM's) aborts at once. A second signal aborts at once too.
+    #[arg(long, env = "PEREGRINE_SHUTDOWN_TIMEOUT", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=86_400))]
+    pub shutdown_timeout: u32,
     /// Largest accepted request body, in bytes.
     #[arg(long, env = "PEREGRINE_MAX_BODY_BYTES", default_value_t = 32 << 20, value_parser = parse_bytes)]
     pub max_body_bytes: usize,
@@ -498,6 +504,35 @@ async fn shutdown_signal() {
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
 }
 
+/// Resolves once the server may stop: after the first signal, at once with `drain_for` zero,
+/// else once every request the engine holds has finished, `drain_for` has passed or a second
+/// signal came; the engine is then shut down (what it still holds is aborted: streams end with
+/// `abort`, others get a 503). Until then generation requests get a 503 and /health fails.
+async fn stop_serving(state: AppState, drain_for: Duration) {
+    shutdown_signal().await;
+    let Some(engine) = state.ready.get().map(|r| r.engine.clone()) else {
+        tracing::info!("shutting down before the model was loaded");
+        return;
+    };
+    if !drain_for.is_zero() {
+        state.start_draining();
+        tracing::info!(unfinished = engine.unfinished(), timeout_s = drain_for.as_secs(), "shutting down: refusing new requests, letting running ones finish (a second signal aborts them)");
+        let drained = async {
+            while engine.unfinished() > 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::select! {
+            _ = drained => tracing::info!("every request finished"),
+            _ = tokio::time::sleep(drain_for) => tracing::warn!(unfinished = engine.unfinished(), "--shutdown-timeout passed: aborting the requests still running"),
+            _ = shutdown_signal() => tracing::warn!(unfinished = engine.unfinished(), "a second signal: aborting the requests still running"),
+        }
+    } else {
+        tracing::info!("shutting down: aborting in-flight requests (streams end with finish_reason `abort`, others get 503; --shutdown-timeout lets them finish)");
+    }
+    let _ = tokio::task::spawn_blocking(move || engine.shutdown()).await;
+}
+
 /// The listener with TCP_NODELAY on every accepted connection, so each response write goes out
 /// at once. With Nagle's algorithm on, an SSE event written while the previous segment waited for
 /// the client's delayed ACK (up to 40 ms on Linux) was held back: on a kept-alive connection the
@@ -525,19 +560,18 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     });
     tracing::info!(%addr, "listening (503 until the model is loaded)");
     let app = crate::routes::router(state.clone(), args.max_body_bytes).layer(crate::routes::cors(&args.allowed_origins)?);
-    let shutdown_state = state.clone();
-    let server = tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown({
-        let state = shutdown_state;
-        async move {
-            shutdown_signal().await;
-            tracing::info!("shutting down: aborting in-flight requests (streams end with finish_reason `abort`, others get 503)");
-            if let Some(r) = state.ready.get() {
-                let e = r.engine.clone();
-                let _ = tokio::task::spawn_blocking(move || e.shutdown()).await;
-            }
+    let (shutdown_state, drain_for) = (state.clone(), Duration::from_secs(args.shutdown_timeout.into()));
+    let mut server = tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(stop_serving(shutdown_state, drain_for)).await });
+    // A signal while the model loads stops the server at once, not after the load (minutes for
+    // a large model: a pod being replaced would wait for it, then be killed).
+    let loading = tokio::task::spawn_blocking(move || load(&args));
+    let ready = tokio::select! {
+        ready = loading => ready??,
+        stopped = &mut server => {
+            stopped??;
+            return Ok(());
         }
-    }).await });
-    let ready = tokio::task::spawn_blocking(move || load(&args)).await??;
+    };
     tracing::info!(model = %ready.model_name, "ready");
     let _ = state.ready.set(ready);
     server.await??;

@@ -68,6 +68,13 @@ impl ApiError {
         e.code = Some("backend_failed");
         e
     }
+    /// 503 for a request that arrives while the server drains before exiting: another replica
+    /// can serve it.
+    pub fn shutting_down() -> Self {
+        let mut e = Self::unavailable("The server is shutting down and accepts no new requests.");
+        e.code = Some("shutting_down");
+        e
+    }
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
     }

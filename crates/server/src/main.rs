@@ -21,4 +21,6 @@ fn main() {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
+    // Not waiting for blocking work still running (a model load a signal interrupted).
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
 }

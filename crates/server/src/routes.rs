@@ -150,9 +150,12 @@ async fn read_request<T: Send + 'static>(state: &AppState, body: Bytes, read: fn
     tokio::task::spawn_blocking(move || read(&state, &body)).await.map_err(|e| ApiError::internal(format!("reading the request failed: {e}")))?
 }
 
-/// /health: 200 while the engine serves; 503 while the model loads or once the engine has
-/// failed (the failure named in the error object).
+/// /health: 200 while the engine serves; 503 while the model loads, once the engine has failed
+/// (the failure named in the error object), or while a shutdown drains.
 async fn health(State(state): State<AppState>) -> Response {
+    if state.draining() {
+        return ApiError::shutting_down().into_response();
+    }
     match state.ready.get().map(|r| r.engine.failure()) {
         Some(None) => (StatusCode::OK, Json(json!({"status": "ok"}))).into_response(),
         Some(Some(why)) => ApiError::backend_failed(&why).into_response(),
@@ -209,6 +212,9 @@ struct Submitted {
 /// for a 152k-token vocabulary: benches/results/2026-11-30-json-schema.md), must not stall the
 /// runtime's other requests.
 async fn submit(state: &AppState, id: &str, prompts: &[Vec<u32>], plan: &Plan, prompt_logprobs: Option<usize>, prompt_param: &'static str) -> Result<Submitted, ApiError> {
+    if state.draining() {
+        return Err(ApiError::shutting_down());
+    }
     if plan.sampling.guide.is_none() {
         return submit_all(state.ready()?, id, prompts, plan, prompt_logprobs, prompt_param);
     }
@@ -274,7 +280,7 @@ fn submit_all(r: &Ready, id: &str, prompts: &[Vec<u32>], plan: &Plan, prompt_log
         Err(SubmitError::QueueFull) => return Err(ApiError::overloaded()),
         Err(SubmitError::Invalid(m)) => return Err(ApiError::invalid(m)),
         Err(SubmitError::Constraint(m)) => return Err(ApiError::param(plan.guide_param, m)),
-        Err(SubmitError::ShuttingDown) => return Err(ApiError::unavailable("the server is shutting down")),
+        Err(SubmitError::ShuttingDown) => return Err(ApiError::shutting_down()),
         Err(SubmitError::BackendFailed(why)) => return Err(ApiError::backend_failed(&why)),
     };
     // Sequence j is prompt j / n's choice j % n; its choice index counts over all prompts.

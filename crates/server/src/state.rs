@@ -1,5 +1,6 @@
 //! Shared server state: the engine once the model is loaded, the chat template, and settings.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use peregrine_engine::EngineHandle;
@@ -31,14 +32,24 @@ pub struct Settings {
 pub struct AppState {
     pub ready: Arc<OnceLock<Ready>>,
     pub settings: Arc<Settings>,
+    /// Set once a shutdown drains: requests in flight run on, new ones are refused.
+    draining: Arc<AtomicBool>,
 }
 
 impl AppState {
     pub fn new(settings: Settings) -> Self {
-        AppState { ready: Arc::new(OnceLock::new()), settings: Arc::new(settings) }
+        AppState { ready: Arc::new(OnceLock::new()), settings: Arc::new(settings), draining: Arc::new(AtomicBool::new(false)) }
     }
     pub fn ready(&self) -> Result<&Ready, ApiError> {
         self.ready.get().ok_or_else(ApiError::loading)
+    }
+    /// From now on generation requests get a 503 and /health fails (so a load balancer stops
+    /// sending any), while those already submitted run to their end.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
     }
 }
 

@@ -92,6 +92,138 @@ async fn sigterm_ends_streams_cleanly_and_exits() {
     assert!(status.success(), "server exit status {status}");
 }
 
+/// Sends SIGTERM to the server.
+#[cfg(unix)]
+fn terminate(child: &std::process::Child) {
+    assert!(std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+}
+
+/// A streamed request's body, read to its end.
+async fn rest_of(stream: &mut (impl futures::Stream<Item = reqwest::Result<axum::body::Bytes>> + Unpin)) -> String {
+    let mut rest = String::new();
+    while let Some(c) = stream.next().await {
+        rest.push_str(&String::from_utf8_lossy(&c.unwrap()));
+    }
+    rest
+}
+
+/// A streamed completion of `max_tokens` tokens that ignores EOS, once its first chunk came.
+async fn streaming(s: &Server, max_tokens: usize) -> impl futures::Stream<Item = reqwest::Result<axum::body::Bytes>> + Unpin {
+    let r = s.client.post(s.url("/v1/completions"))
+        .json(&json!({"prompt": "x", "max_tokens": max_tokens, "ignore_eos": true, "stream": true, "stream_options": {"include_usage": true}}))
+        .send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let mut stream = r.bytes_stream();
+    let first = stream.next().await.unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&first).contains("data: "));
+    stream
+}
+
+/// With `--shutdown-timeout`, SIGTERM drains: the requests running finish whole (streamed and
+/// not), while new ones and /health get a 503 naming the shutdown (a load balancer takes the
+/// replica out), and the server exits once they are done.
+#[cfg(unix)]
+#[tokio::test]
+async fn sigterm_with_a_shutdown_timeout_lets_running_requests_finish() {
+    let mut s = Server::start(&["--shutdown-timeout", "300"]).await;
+    let (client, url) = (s.client.clone(), s.url("/v1/completions"));
+    let whole = tokio::spawn(async move {
+        let r = client.post(url).json(&json!({"prompt": "y", "max_tokens": 3000, "ignore_eos": true})).send().await.unwrap();
+        (r.status().as_u16(), r.json::<serde_json::Value>().await.unwrap())
+    });
+    let mut stream = streaming(&s, 3000).await;
+    while s.metric("vllm:num_requests_running").await < 2.0 {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    terminate(&s.child);
+    // Refused from now on; the first answer may come before the signal is handled.
+    let t0 = std::time::Instant::now();
+    while s.client.get(s.url("/health")).send().await.unwrap().status() == 200 {
+        assert!(t0.elapsed().as_secs() < 10, "/health still 200 after SIGTERM");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let r = s.client.get(s.url("/health")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.json::<serde_json::Value>().await.unwrap()["error"]["code"], "shutting_down");
+    let (status, body) = s.post("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (503, Some("shutting_down")), "{body}");
+    assert!(s.metric("vllm:num_requests_running").await >= 1.0, "the running requests finished before the refusals were checked");
+    let rest = rest_of(&mut stream).await;
+    assert!(rest.contains("\"finish_reason\":\"length\""), "the stream was cut: {}", &rest[rest.len().saturating_sub(300)..]);
+    assert!(rest.contains("\"completion_tokens\":3000"), "{}", &rest[rest.len().saturating_sub(300)..]);
+    assert!(rest.trim_end().ends_with("data: [DONE]"));
+    let (status, body) = whole.await.unwrap();
+    assert_eq!((status, body["usage"]["completion_tokens"].as_u64()), (200, Some(3000)), "{body}");
+    assert_eq!(body["choices"][0]["finish_reason"], "length");
+    let status = tokio::task::spawn_blocking(move || s.child.wait().unwrap()).await.unwrap();
+    assert!(status.success(), "server exit status {status}");
+}
+
+/// A drain ends when `--shutdown-timeout` passes, or at a second signal: what still runs is
+/// aborted (streams end with `abort` and `[DONE]`) and the server exits.
+#[cfg(unix)]
+#[tokio::test]
+async fn a_drain_ends_at_its_timeout_or_a_second_signal() {
+    for second_signal in [false, true] {
+        let timeout = if second_signal { "300" } else { "1" };
+        let mut s = Server::start(&["--shutdown-timeout", timeout]).await;
+        let mut stream = streaming(&s, 4000).await;
+        terminate(&s.child);
+        let t0 = std::time::Instant::now();
+        if second_signal {
+            // Still streaming after the first signal.
+            let more = stream.next().await.unwrap().unwrap();
+            assert!(String::from_utf8_lossy(&more).contains("\"text\""), "{}", String::from_utf8_lossy(&more));
+            while s.client.get(s.url("/health")).send().await.unwrap().status() == 200 {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            terminate(&s.child);
+        }
+        let rest = rest_of(&mut stream).await;
+        assert!(rest.contains("\"finish_reason\":\"abort\""), "second signal {second_signal}: {}", &rest[rest.len().saturating_sub(300)..]);
+        assert!(rest.trim_end().ends_with("data: [DONE]"));
+        assert!(t0.elapsed().as_secs() < 60, "the drain ran {:?}", t0.elapsed());
+        let status = tokio::task::spawn_blocking(move || s.child.wait().unwrap()).await.unwrap();
+        assert!(status.success(), "server exit status {status}");
+    }
+}
+
+/// A signal while the model loads stops the server then, without loading the model to the end
+/// first (a large model takes minutes; the process used to wait for it).
+#[cfg(unix)]
+#[tokio::test]
+async fn a_signal_while_the_model_loads_exits_without_finishing_the_load() {
+    // Random weights for the golden config made wider: ~1.5 s to make here, ~1 GB.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/golden/default/config.json"), dir.path().join("config.json")).unwrap();
+    let wide = r#"{"hidden_size": 1024, "moe_intermediate_size": 512, "n_routed_experts": 32}"#;
+    let port = common::free_port();
+    let log = dir.path().join("log");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_peregrine"))
+        .args(["serve", dir.path().to_str().unwrap(), "--load-format", "dummy", "--hf-overrides", wide, "--host", "127.0.0.1", "--port", &port.to_string(), "--kv-cache-memory", "64MiB"])
+        .env("RUST_LOG", "info")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    // The port answers (503, loading) long before the weights are made.
+    let client = reqwest::Client::new();
+    let t0 = std::time::Instant::now();
+    loop {
+        if let Ok(r) = client.get(format!("http://127.0.0.1:{port}/health")).send().await {
+            assert_eq!(r.status(), 503, "loaded before the test could signal it");
+            break;
+        }
+        assert!(t0.elapsed().as_secs() < 30 && child.try_wait().unwrap().is_none(), "the server never answered");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    terminate(&child);
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "exit status {status}: {text}");
+    assert!(text.contains("before the model was loaded"), "{text}");
+    assert!(!text.contains(" ready "), "the load ran to its end before the server stopped: {text}");
+}
+
 /// Options that would serve wrongly or not at all are refused at start, with exit status 1 and
 /// the option named: an empty API key (it would let every request in), a --chat-template that is
 /// neither a file nor a template (a mistyped path rendered every chat as its text), an empty

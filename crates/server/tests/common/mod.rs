@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 /// server binds it, and meanwhile it may become the source port of a client connection (Linux
 /// takes both from 32768-60999; CI once saw a server exit with "Address already in use"). These
 /// come from 20000-31999, counted within the test binary so that its parallel tests differ.
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let start = std::process::id().wrapping_mul(7919);
     for _ in 0..12000 {
