@@ -1385,21 +1385,32 @@ fn commit_token(s: &mut Seq, tok: u32, eos: &[u32], max_model_len: usize) -> (St
         return (String::new(), Some(FinishReason::Stop));
     }
     let new = s.decoder.push(tok).unwrap_or_default();
+    // A match must end in this token's text: one within the text before (held through
+    // min_tokens, as a stop string may start there and end after it, as vLLM matches) is over.
+    let before = s.held.len();
     s.held.push_str(&new);
     let mut out = String::new();
-    if can_stop && !stop.stop_strings.is_empty() {
-        // The earliest match (the first listed where two start at one place) ends the output,
-        // before it or, asked for, after it.
-        let matched = stop.stop_strings.iter().filter(|x| !x.is_empty()).filter_map(|x| s.held.find(x.as_str()).map(|i| (i, x.len()))).min_by_key(|&(i, _)| i);
-        if let Some((i, len)) = matched {
-            out = s.held[..if stop.include_stop_str { i + len } else { i }].to_string();
-            s.held.clear();
-            return (out, Some(FinishReason::Stop));
+    if !stop.stop_strings.is_empty() {
+        if can_stop {
+            // The earliest match (the first listed where two start at one place) ends the
+            // output, before it or, asked for, after it.
+            let ends_here = |x: &String| {
+                let from = (before + 1).saturating_sub(x.len());
+                let from = (from..=s.held.len()).find(|&i| s.held.is_char_boundary(i)).unwrap_or(s.held.len());
+                s.held[from..].find(x.as_str()).map(|i| (from + i, x.len()))
+            };
+            let matched = stop.stop_strings.iter().filter(|x| !x.is_empty()).filter_map(ends_here).min_by_key(|&(i, _)| i);
+            if let Some((i, len)) = matched {
+                out = s.held[..if stop.include_stop_str { i + len } else { i }].to_string();
+                s.held.clear();
+                return (out, Some(FinishReason::Stop));
+            }
         }
-        // Hold back the longest tail that could start a stop string.
+        // Hold back the longest tail that could start a stop string (and, before min_tokens,
+        // end after it: a proper prefix).
         let cut = (0..=s.held.len())
             .filter(|&i| s.held.is_char_boundary(i))
-            .find(|&i| i < s.held.len() && stop.stop_strings.iter().any(|x| x.starts_with(&s.held[i..])))
+            .find(|&i| i < s.held.len() && stop.stop_strings.iter().any(|x| x.starts_with(&s.held[i..]) && (can_stop || x.len() > s.held.len() - i)))
             .unwrap_or(s.held.len());
         out.push_str(&s.held[..cut]);
         s.held.drain(..cut);

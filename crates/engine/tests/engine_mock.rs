@@ -1096,6 +1096,42 @@ fn min_tokens_bans_the_stop_tokens_until_reached() {
     }
 }
 
+/// A stop string is matched once `min_tokens` is reached even where it starts in the text before
+/// (as vLLM matches it over the output text), and never where it ends before.
+#[test]
+fn a_stop_string_may_start_before_min_tokens_and_end_after() {
+    let e = engine(None, cfg());
+    let p = prompts()[2].clone();
+    let run = |stop: &str, min_tokens: usize| {
+        let mut r = req("s", p.clone(), SamplingParams::greedy(), 30);
+        (r.stop.stop_strings, r.stop.min_tokens) = (vec![stop.to_owned()], min_tokens);
+        collect(e.submit(r).unwrap())
+    };
+    let full = collect(e.submit(req("a", p.clone(), SamplingParams::greedy(), 30)).unwrap());
+    // The text of each prefix of the output (as the engine streams it whole).
+    let prefix = |k: usize| collect(e.submit(req("k", p.clone(), SamplingParams::greedy(), k)).unwrap()).text;
+    let mut tested = 0;
+    for k in 3..20 {
+        let (at_k, next) = (prefix(k), prefix(k + 1));
+        // Two characters of the first k tokens' text and one of token k's.
+        let Some(start) = at_k.char_indices().rev().nth(1).map(|(i, _)| i) else { continue };
+        let Some(end) = next[at_k.len()..].chars().next().map(|c| at_k.len() + c.len_utf8()) else { continue };
+        let stop = &full.text[start..end];
+        if full.text.find(stop) != Some(start) {
+            continue;
+        }
+        // Reached at token k (the (k + 1)-th): the match that starts before it ends the output.
+        let o = run(stop, k + 1);
+        assert_eq!((o.reason, o.text.as_str(), o.tokens.len()), (Some(FinishReason::Stop), &full.text[..start], k + 1), "stop {stop:?} at min_tokens {}", k + 1);
+        // Reached after it: no match ends past min_tokens, the whole output comes.
+        let o = run(stop, k + 2);
+        assert_eq!((o.reason, o.text.as_str()), (Some(FinishReason::Length), full.text.as_str()), "stop {stop:?} at min_tokens {}", k + 2);
+        tested += 1;
+    }
+    assert!(tested >= 3, "only {tested} token boundaries had a stop string that occurs once: {:?}", full.text);
+    wait_idle(&e);
+}
+
 /// Out of blocks, the engine preempts the running request of the lowest priority, not merely
 /// the newest: a high-priority request admitted after a low-priority one keeps running and
 /// finishes first, the low one resuming after it (preempted, it would be the other way round).
