@@ -599,9 +599,10 @@ fn unfinished_counts_each_sequence_until_it_leaves() {
     let b = e.submit(req("b", prompts()[1].clone(), SamplingParams::greedy(), 1000)).unwrap();
     let c = e.submit(req("c", prompts()[2].clone(), SamplingParams::greedy(), 50)).unwrap();
     assert_eq!(e.unfinished(), 3, "running and waiting sequences");
-    // A group refused whole (the queue holds 3) adds nothing.
-    let group = vec![req("g1", prompts()[3].clone(), SamplingParams::greedy(), 5), req("g2", prompts()[3].clone(), SamplingParams::greedy(), 5)];
-    assert!(e.submit_group(group).is_err());
+    // A group the full queue refuses adds nothing: c waits (two run at most), so three more
+    // cannot join it in a queue of three, whether a and b were admitted yet or not.
+    let group = (0..3).map(|i| req(&format!("g{i}"), prompts()[3].clone(), SamplingParams::greedy(), 5)).collect();
+    assert_eq!(e.submit_group(group).unwrap_err(), SubmitError::QueueFull);
     assert_eq!(e.unfinished(), 3, "a refused group");
     drop(c);
     let until = |n: usize| {
