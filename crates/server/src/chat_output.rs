@@ -20,6 +20,9 @@ pub struct OutputParsing {
     pub tools: Option<Arc<ToolSchemas>>,
     /// A forced call: the answer is its JSON (held to it by the request's guide).
     pub forced: Option<Forced>,
+    /// `parallel_tool_calls: false`: the first call is kept, any later one dropped (as vLLM
+    /// does; a forced `required` list is held to one item by its guide already).
+    pub one_call: bool,
 }
 
 impl OutputParsing {
@@ -42,6 +45,10 @@ impl OutputParsing {
             (None, Some(schemas)) => tool_calls::parse_output(&answer, schemas.clone()),
             (None, None) => (Some(answer), Vec::new()),
         };
+        let mut calls = calls;
+        if self.one_call {
+            calls.truncate(1);
+        }
         let mut message = json!({"role": "assistant", "content": content});
         if let Some(r) = reasoning {
             message["reasoning_content"] = json!(r);
@@ -70,6 +77,7 @@ impl OutputParsing {
             tools: self.tools.clone().map(ToolCallParser::new),
             forced: self.forced.clone().map(|f| (f, String::new())),
             forced_calls: 0,
+            one_call: self.one_call,
         }
     }
 }
@@ -120,6 +128,7 @@ pub struct ChoiceStream {
     /// A forced call and its answer so far: released as calls when the output ends.
     forced: Option<(Forced, String)>,
     forced_calls: usize,
+    one_call: bool,
 }
 
 impl ChoiceStream {
@@ -154,9 +163,12 @@ impl ChoiceStream {
             match text {
                 Some(t) => answer.push_str(t),
                 None => match forced_reply(forced, answer) {
-                    Some((thinking, calls)) => {
+                    Some((thinking, mut calls)) => {
                         if let Some(t) = thinking {
                             out.push(json!({"content": t}));
+                        }
+                        if self.one_call {
+                            calls.truncate(1);
                         }
                         self.forced_calls = calls.len();
                         out.extend(calls.iter().enumerate().map(|(i, c)| json!({"tool_calls": [tool_call_json(c, Some(i))]})));
@@ -181,6 +193,7 @@ impl ChoiceStream {
         for piece in pieces {
             match piece {
                 Piece::Text(t) => out.push(json!({"content": t})),
+                Piece::Call(_) if self.one_call && index > 0 => {}
                 Piece::Call(c) => {
                     out.push(json!({"tool_calls": [tool_call_json(&c, Some(index))]}));
                     index += 1;

@@ -55,7 +55,7 @@ const COMMON_FIELDS: &[&str] = &[
     "guided_whitespace_pattern", "structured_outputs", "include_stop_str_in_output", "truncate_prompt_tokens", "allowed_token_ids",
     "return_tokens_as_token_ids",
 ];
-pub const CHAT_FIELDS: &[&str] = &["messages", "logprobs", "top_logprobs", "tools", "tool_choice", "chat_template_kwargs", "add_generation_prompt", "continue_final_message", "functions", "function_call"];
+pub const CHAT_FIELDS: &[&str] = &["messages", "logprobs", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs", "add_generation_prompt", "continue_final_message", "functions", "function_call"];
 pub const COMPLETION_FIELDS: &[&str] = &["prompt", "echo", "logprobs", "suffix", "best_of"];
 
 fn from_value<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, ApiError> {
@@ -140,6 +140,8 @@ pub struct ChatRequest {
     pub top_logprobs: Option<i64>,
     pub tools: Option<Value>,
     pub tool_choice: Option<Value>,
+    /// false: at most one tool call per reply (OpenAI's; true by default).
+    pub parallel_tool_calls: Option<bool>,
     pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
     pub add_generation_prompt: Option<bool>,
     pub continue_final_message: Option<bool>,
@@ -538,8 +540,9 @@ pub enum Forced {
     Required,
 }
 
-/// Checks `tools` and `tool_choice`, and says what they ask of the output.
-pub fn tool_use(tools: Option<&Value>, tool_choice: Option<&Value>) -> Result<ToolUse, ApiError> {
+/// Checks `tools` and `tool_choice`, and says what they ask of the output; `parallel`: more
+/// than one call may be made (`parallel_tool_calls`).
+pub fn tool_use(tools: Option<&Value>, tool_choice: Option<&Value>, parallel: bool) -> Result<ToolUse, ApiError> {
     let list: &[Value] = match tools {
         None | Some(Value::Null) => &[],
         Some(Value::Array(list)) => {
@@ -589,7 +592,11 @@ pub fn tool_use(tools: Option<&Value>, tool_choice: Option<&Value>) -> Result<To
                                        "required": ["name", "parameters"], "additionalProperties": false})
                 })
                 .collect();
-            let guide = Guide::JsonSchema(serde_json::json!({"type": "array", "minItems": 1, "items": {"anyOf": calls}}));
+            let mut list = serde_json::json!({"type": "array", "minItems": 1, "items": {"anyOf": calls}});
+            if !parallel {
+                list["maxItems"] = 1.into();
+            }
+            let guide = Guide::JsonSchema(list);
             Ok(ToolUse::Forced { forced: Forced::Required, guide })
         }
         Some(s) => Err(ApiError::param("tool_choice", format!("`tool_choice` must be `none`, `auto` or `required`, got `{s}`"))),

@@ -436,6 +436,8 @@ struct ChatRead {
     tools: Option<ToolSchemas>,
     /// A forced call (`tool_choice` `required` or a function): the output is its JSON.
     forced: Option<Forced>,
+    /// `parallel_tool_calls: false`: one call at most.
+    one_call: bool,
     text: String,
 }
 
@@ -458,7 +460,7 @@ fn read_chat(state: &AppState, body: &[u8]) -> Result<ChatRead, ApiError> {
     };
     let mut plan = protocol::plan(&common, top, r.engine.spec().vocab_size, state.settings.always_include_usage)?;
     plan.default_max_tokens = r.sampling_defaults.max_tokens;
-    let (parse_tools, forced) = match protocol::tool_use(req.tools.as_ref(), req.tool_choice.as_ref())? {
+    let (parse_tools, forced) = match protocol::tool_use(req.tools.as_ref(), req.tool_choice.as_ref(), req.parallel_tool_calls != Some(false))? {
         ToolUse::Off => (false, None),
         ToolUse::Parse => (state.settings.parse_tool_calls, None),
         ToolUse::Forced { forced, guide } => {
@@ -474,7 +476,7 @@ fn read_chat(state: &AppState, body: &[u8]) -> Result<ChatRead, ApiError> {
     let template = r.template.as_ref().ok_or_else(|| ApiError::invalid("this model has no chat template: use /v1/completions or start the server with --chat-template"))?;
     let text = render_chat(template, &messages, req.tools.as_ref(), req.add_generation_prompt, req.continue_final_message, &req.chat_template_kwargs.clone().unwrap_or_default())?;
     let tools = parse_tools.then(|| ToolSchemas::from_tools(req.tools.as_ref()));
-    Ok(ChatRead { top, plan, tools, forced, text })
+    Ok(ChatRead { top, plan, tools, forced, one_call: req.parallel_tool_calls == Some(false), text })
 }
 
 /// The chat's prompt text: rendered with a generation prompt (by default), or
@@ -505,7 +507,7 @@ fn render_chat(template: &peregrine_model::chat_template::ChatTemplate, messages
 async fn chat(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let body = body_bytes(body)?;
     let r = state.ready()?;
-    let ChatRead { top, plan, tools, forced, text } = read_request(&state, body, read_chat).await?;
+    let ChatRead { top, plan, tools, forced, one_call, text } = read_request(&state, body, read_chat).await?;
     let tok = r.engine.tokenizer();
     let mut ids = encode(tok, &text, false).await?;
     plan.truncate_prompt(&mut ids, r.engine.max_model_len());
@@ -514,6 +516,7 @@ async fn chat(State(state): State<AppState>, body: Result<Bytes, BytesRejection>
         // The declared parameter types, for reading XML tool call values.
         tools: tools.map(Arc::new),
         forced,
+        one_call,
     };
     let id = random_id("chatcmpl");
     let sub = submit(&state, &id, &[ids], &plan, None, "messages").await?;

@@ -479,6 +479,39 @@ async fn requests_the_server_cannot_honour_are_refused() {
     tokio::task::spawn_blocking(move || e.shutdown()).await.unwrap();
 }
 
+/// `parallel_tool_calls: false` (OpenAI's): one call at most, streamed or not; a forced
+/// `required` list is held to one item.
+#[tokio::test]
+async fn parallel_tool_calls_false_gives_one_call() {
+    let h = Harness::start(true).await;
+    let mut contents = Vec::new();
+    for stream in [false, true] {
+        for (word, choice) in [("ask-weather", json!("auto")), ("ask-required", json!("required"))] {
+            let mut body = request(word, json!({"tools": tools(), "tool_choice": choice, "parallel_tool_calls": false}));
+            body["stream"] = json!(stream);
+            let (content, calls, finish) = if stream {
+                let (_, c, calls, f) = gather(&h.chat_stream(body).await);
+                (json!(c), calls, f)
+            } else {
+                let (_, v) = h.chat(body).await;
+                let m = &v["choices"][0]["message"];
+                (m["content"].clone(), m["tool_calls"].as_array().cloned().unwrap_or_default(), v["choices"][0]["finish_reason"].clone())
+            };
+            assert_eq!((calls.len(), &finish), (1, &json!("tool_calls")), "{word}, stream {stream}: {calls:?} {content}");
+            let args: Value = serde_json::from_str(calls[0]["function"]["arguments"].as_str().unwrap()).unwrap();
+            let first = if word == "ask-weather" { ("get_weather", json!({"city": "Paris", "unit": "C"})) } else { ("get_time", json!({})) };
+            assert_eq!((calls[0]["function"]["name"].as_str().unwrap(), args), first, "{word}, stream {stream}");
+            if word == "ask-weather" {
+                contents.push(content.as_str().unwrap_or_default().to_owned());
+            }
+        }
+    }
+    assert_eq!(contents[0], contents[1], "streamed content differs");
+    assert!(contents[0].starts_with("I'll check."), "{contents:?}");
+    let e = h.engine.clone();
+    tokio::task::spawn_blocking(move || e.shutdown()).await.unwrap();
+}
+
 #[tokio::test]
 async fn forced_tool_calls_come_back_as_tool_calls() {
     let h = Harness::start(true).await;
