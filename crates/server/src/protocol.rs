@@ -86,6 +86,9 @@ pub enum StopField {
 pub struct StreamOptions {
     #[serde(default)]
     pub include_usage: Option<bool>,
+    /// vLLM's: with `include_usage`, every chunk carries its choice's usage so far.
+    #[serde(default)]
+    pub continuous_usage_stats: Option<bool>,
 }
 
 /// Sampling and stopping fields shared by both routes.
@@ -180,6 +183,8 @@ pub struct Plan {
     pub n: usize,
     pub stream: bool,
     pub include_usage: bool,
+    /// Every streamed chunk carries its choice's usage so far (`continuous_usage_stats`).
+    pub continuous_usage: bool,
     pub priority: i32,
     /// Only the prompt's last this many tokens are read; `usize::MAX`: as many as the context
     /// holds with room for one token (vLLM's `truncate_prompt_tokens: -1`).
@@ -315,6 +320,7 @@ pub fn plan(c: &CommonParams, logprobs: Option<usize>, vocab_size: usize, always
         return Err(ApiError::param("stream_options", "`stream_options` is only allowed with `stream: true`"));
     }
     let include_usage = always_usage || c.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false);
+    let continuous_usage = include_usage && c.stream_options.as_ref().and_then(|o| o.continuous_usage_stats).unwrap_or(false);
     let truncate_prompt_tokens = match c.truncate_prompt_tokens {
         None => None,
         Some(-1) => Some(usize::MAX),
@@ -339,6 +345,7 @@ pub fn plan(c: &CommonParams, logprobs: Option<usize>, vocab_size: usize, always
         n,
         stream,
         include_usage,
+        continuous_usage,
         priority: c.priority.unwrap_or(0),
         truncate_prompt_tokens,
         tokens_as_ids: c.return_tokens_as_token_ids.unwrap_or(false),

@@ -522,8 +522,7 @@ async fn chat(State(state): State<AppState>, body: Result<Bytes, BytesRejection>
     let sub = submit(&state, &id, &[ids], &plan, None, "messages").await?;
     let created = unix_now();
     if plan.stream {
-        let mut st = StreamState::new(state.clone(), sub, id, created, true, plan.include_usage, None);
-        st.tokens_as_ids = plan.tokens_as_ids;
+        let mut st = StreamState::new(state.clone(), sub, id, created, true, &plan, None);
         if parsing.any() {
             st.parsing = Some(parsing);
         }
@@ -614,8 +613,7 @@ async fn completions(State(state): State<AppState>, body: Result<Bytes, BytesRej
     let created = unix_now();
     if plan.stream {
         let echo = echo_texts.map(|texts| Echo { texts, prompts: prompt_lp.map(|_| prompts.clone()) });
-        let mut st = StreamState::new(state.clone(), sub, id, created, false, plan.include_usage, echo);
-        st.tokens_as_ids = plan.tokens_as_ids;
+        let st = StreamState::new(state.clone(), sub, id, created, false, &plan, echo);
         return Ok(sse(st).into_response());
     }
     let prompt_lens = sub.prompt_lens.clone();
@@ -685,10 +683,15 @@ struct StreamState {
     choice_streams: HashMap<usize, ChoiceStream>,
     /// Logprobs name tokens `token_id:<id>` (`Plan::tokens_as_ids`).
     tokens_as_ids: bool,
+    /// Every chunk carries its choice's usage so far (`Plan::continuous_usage`).
+    continuous_usage: bool,
+    /// Per choice, its prompt's index and the tokens it has generated so far.
+    choice_prompt: HashMap<usize, usize>,
+    choice_tokens: HashMap<usize, usize>,
 }
 
 impl StreamState {
-    fn new(state: AppState, sub: Submitted, id: String, created: u64, chat: bool, include_usage: bool, echo: Option<Echo>) -> Self {
+    fn new(state: AppState, sub: Submitted, id: String, created: u64, chat: bool, plan: &Plan, echo: Option<Echo>) -> Self {
         let mut merged = SelectAll::new();
         let mut st = StreamState {
             state,
@@ -697,7 +700,7 @@ impl StreamState {
             id,
             created,
             chat,
-            include_usage,
+            include_usage: plan.include_usage,
             echo,
             echo_waiting: Default::default(),
             text_offset: HashMap::new(),
@@ -709,7 +712,10 @@ impl StreamState {
             done: false,
             parsing: None,
             choice_streams: HashMap::new(),
-            tokens_as_ids: false,
+            tokens_as_ids: plan.tokens_as_ids,
+            continuous_usage: plan.continuous_usage,
+            choice_prompt: sub.streams.iter().map(|&(ci, pi, _)| (ci, pi)).collect(),
+            choice_tokens: HashMap::new(),
         };
         for (ci, pi, rx) in sub.streams {
             if chat {
@@ -742,7 +748,13 @@ impl StreamState {
             json!({"index": index, "text": delta, "logprobs": logprobs, "finish_reason": finish})
         };
         let object = if self.chat { "chat.completion.chunk" } else { "text_completion" };
-        json!({"id": self.id, "object": object, "created": self.created, "model": self.model(), "choices": [choice]}).to_string()
+        let mut c = json!({"id": self.id, "object": object, "created": self.created, "model": self.model(), "choices": [choice]});
+        if self.continuous_usage {
+            let prompt = self.choice_prompt.get(&index).map_or(0, |&pi| self.prompt_lens[pi]);
+            let generated = self.choice_tokens.get(&index).copied().unwrap_or(0);
+            c["usage"] = json!({"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated});
+        }
+        c.to_string()
     }
 
     /// A choice's echo chunk, once, with its prompt's logprobs where they came (`lp`: the
@@ -773,7 +785,8 @@ impl StreamState {
         let Some(r) = self.state.ready.get() else { return };
         match ev {
             RequestEvent::PromptLogprobs(lp) => self.send_echo(ci, pi, Some(lp)),
-            RequestEvent::Delta { text, logprobs, .. } => {
+            RequestEvent::Delta { text, logprobs, token_ids } => {
+                *self.choice_tokens.entry(ci).or_insert(0) += token_ids.len();
                 if text.is_empty() && logprobs.is_empty() {
                     return;
                 }
@@ -802,6 +815,7 @@ impl StreamState {
             }
             RequestEvent::Finished { reason, usage } => {
                 self.completion_tokens += usage.completion_tokens;
+                self.choice_tokens.insert(ci, usage.completion_tokens);
                 self.cached[pi] = self.cached[pi].max(usage.cached_tokens);
                 self.accepted += usage.accepted_prediction_tokens;
                 self.rejected += usage.rejected_prediction_tokens;

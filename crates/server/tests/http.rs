@@ -542,3 +542,51 @@ async fn continue_final_message_truncate_prompt_tokens_and_include_stop_str() {
         assert_eq!((text_of(&v, 0).as_str(), &v["choices"][0]["finish_reason"]), (want, &json!("stop")), "include {include}: {v}");
     }
 }
+
+/// `stream_options.continuous_usage_stats` (vLLM's), with `include_usage`: every chunk carries
+/// its choice's usage so far, counting each token as it streams, ending at the choice's own
+/// count; the final usage chunk still sums the choices. Without `include_usage`, no chunk has it.
+#[tokio::test]
+async fn continuous_usage_stats_count_each_choice_as_it_streams() {
+    let s = Server::start(&[]).await;
+    for chat in [true, false] {
+        let (path, mut body) = if chat {
+            ("/v1/chat/completions", chat_body(json!({})))
+        } else {
+            ("/v1/completions", json!({"prompt": ["one two", "three four five six"]}))
+        };
+        for (k, v) in [("max_tokens", json!(9)), ("ignore_eos", json!(true)), ("n", json!(2)), ("stream", json!(true)), ("temperature", json!(1.0))] {
+            body[k] = v;
+        }
+        body["stream_options"] = json!({"include_usage": true, "continuous_usage_stats": true});
+        let events = s.stream(path, body.clone()).await;
+        let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+        let (last, choices) = chunks.split_last().unwrap();
+        let mut seen: std::collections::HashMap<u64, (u64, u64)> = Default::default();
+        for c in choices {
+            let u = &c["usage"];
+            let (prompt, done) = (u["prompt_tokens"].as_u64().unwrap(), u["completion_tokens"].as_u64().unwrap());
+            assert_eq!(u["total_tokens"].as_u64(), Some(prompt + done), "{c}");
+            let index = c["choices"][0]["index"].as_u64().unwrap();
+            let (p0, before) = *seen.get(&index).unwrap_or(&(prompt, 0));
+            assert!(p0 == prompt && done >= before && done <= 9, "chat {chat}: {c}");
+            seen.insert(index, (prompt, done));
+            if !c["choices"][0]["finish_reason"].is_null() {
+                assert_eq!(done, 9, "chat {chat}: the finish chunk counts every token: {c}");
+            }
+        }
+        let choices_n = if chat { 2 } else { 4 };
+        assert_eq!(seen.len(), choices_n, "chat {chat}");
+        assert!(seen.values().all(|&(_, done)| done == 9), "chat {chat}: {seen:?}");
+        // Each prompt counted once, however many choices it has (n = 2: choices 2i and 2i + 1).
+        let prompts: u64 = seen.iter().filter(|(i, _)| *i % 2 == 0).map(|(_, &(p, _))| p).sum();
+        assert_eq!(last["choices"], json!([]));
+        assert_eq!((last["usage"]["completion_tokens"].as_u64(), last["usage"]["prompt_tokens"].as_u64()), (Some(9 * choices_n as u64), Some(prompts)), "{last}");
+        // Streamed one token at a time here, so the counts rise through every value.
+        let counts: std::collections::BTreeSet<u64> = choices.iter().map(|c| c["usage"]["completion_tokens"].as_u64().unwrap()).collect();
+        assert!(counts.len() >= 5, "chat {chat}: {counts:?}");
+        body["stream_options"] = json!({"continuous_usage_stats": true});
+        let events = s.stream(path, body).await;
+        assert!(events.iter().all(|e| !e.contains("\"usage\"")), "usage without include_usage: {events:?}");
+    }
+}
