@@ -115,7 +115,7 @@ pub fn start_engine(mut backend: Box<dyn Backend>, tokenizer: SharedTokenizer, c
         speculative_block = spec_block,
         "KV cache allocated"
     );
-    let metrics = Arc::new(Metrics::new(config.model_name.as_deref().unwrap_or(&spec.model_type)));
+    let metrics = Arc::new(Metrics::new(config.model_name.as_deref().unwrap_or(&spec.model_type), config.max_model_len));
     metrics.record_cache_config(bs, backend.kv_dtype().name(), num_full, config.enable_prefix_caching);
     let kv = KvManager::new(num_full, num_swa, bs, window, config.enable_prefix_caching);
     let (tx, rx) = mpsc::channel();
@@ -328,6 +328,7 @@ struct Seq {
     prompt_lp: Vec<Option<TokenLogprob>>,
     prompt_lp_done: bool,
     first_scheduled: Option<Instant>,
+    first_token: Option<Instant>,
     last_token: Option<Instant>,
     finish_reason: Option<FinishReason>,
     /// JSON mode's automaton or the guide's matcher over the output (sampled on the host,
@@ -386,6 +387,7 @@ impl Seq {
             prompt_lp: Vec::new(),
             prompt_lp_done: req.prompt_logprobs.is_none(),
             first_scheduled: None,
+            first_token: None,
             last_token: None,
             finish_reason: None,
             constraint,
@@ -561,7 +563,16 @@ impl Core {
         };
         let _ = s.tx.send(RequestEvent::Finished { reason, usage });
         self.metrics.success.with_label_values(&[reason.as_str()]).inc();
-        self.metrics.e2e.observe(s.req.arrival.elapsed().as_secs_f64());
+        let now = Instant::now();
+        self.metrics.e2e.observe((now - s.req.arrival).as_secs_f64());
+        self.metrics.request_prompt_tokens.observe(s.req.prompt_tokens.len() as f64);
+        self.metrics.request_generation_tokens.observe(s.output.len() as f64);
+        if let Some(t) = s.first_scheduled {
+            self.metrics.inference_time.observe((now - t).as_secs_f64());
+        }
+        if let Some(t) = s.first_token {
+            self.metrics.decode_time.observe((now - t).as_secs_f64());
+        }
     }
 
     /// The backend can serve nothing more: remembers why (the handle then refuses submits),
@@ -1225,7 +1236,13 @@ impl Core {
             self.metrics.generation_tokens.inc_by(ids.len() as u64);
             let now = Instant::now();
             match s.last_token {
-                None => self.metrics.ttft.observe((now - s.req.arrival).as_secs_f64()),
+                None => {
+                    self.metrics.ttft.observe((now - s.req.arrival).as_secs_f64());
+                    if let Some(t) = s.first_scheduled {
+                        self.metrics.prefill_time.observe((now - t).as_secs_f64());
+                    }
+                    s.first_token = Some(now);
+                }
                 Some(t) => {
                     let per = (now - t).as_secs_f64() / ids.len() as f64;
                     for _ in 0..ids.len() {

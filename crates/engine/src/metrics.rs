@@ -17,6 +17,11 @@ pub struct Metrics {
     pub itl: Histogram,
     pub e2e: Histogram,
     pub queue_time: Histogram,
+    pub prefill_time: Histogram,
+    pub decode_time: Histogram,
+    pub inference_time: Histogram,
+    pub request_prompt_tokens: Histogram,
+    pub request_generation_tokens: Histogram,
     pub step_time: Histogram,
     pub batch_size: Histogram,
     pub step_tokens: Histogram,
@@ -46,8 +51,28 @@ fn buckets() -> Vec<f64> {
     v
 }
 
+/// 1, 2, 5, 10, 20, 50, ... up to `max` (vLLM's buckets for per-request token counts).
+fn one_two_five(max: usize) -> Vec<f64> {
+    let mut v = Vec::new();
+    let mut x = 1usize;
+    'out: loop {
+        for m in [1, 2, 5] {
+            match x.checked_mul(m) {
+                Some(b) if b <= max => v.push(b as f64),
+                _ => break 'out,
+            }
+        }
+        x = match x.checked_mul(10) {
+            Some(next) => next,
+            None => break,
+        };
+    }
+    v
+}
+
 impl Metrics {
-    pub fn new(model_name: &str) -> Self {
+    /// `max_model_len` bounds the per-request token histograms' buckets.
+    pub fn new(model_name: &str, max_model_len: usize) -> Self {
         let registry = Registry::new();
         let lbl = |o: Opts| o.const_label("model_name", model_name);
         let hist = |name: &str, help: &str, b: Vec<f64>| {
@@ -90,6 +115,11 @@ impl Metrics {
             itl: hist("vllm:inter_token_latency_seconds", "Time between output tokens", buckets()),
             e2e: hist("vllm:e2e_request_latency_seconds", "Request latency", buckets()),
             queue_time: hist("vllm:request_queue_time_seconds", "Time waiting before first schedule", buckets()),
+            prefill_time: hist("vllm:request_prefill_time_seconds", "Time from first schedule to the first output token", buckets()),
+            decode_time: hist("vllm:request_decode_time_seconds", "Time from the first output token to the request's end", buckets()),
+            inference_time: hist("vllm:request_inference_time_seconds", "Time from first schedule to the request's end", buckets()),
+            request_prompt_tokens: hist("vllm:request_prompt_tokens", "Prompt tokens of each finished request", one_two_five(max_model_len)),
+            request_generation_tokens: hist("vllm:request_generation_tokens", "Output tokens of each finished request", one_two_five(max_model_len)),
             step_time: hist("peregrine:step_duration_seconds", "Duration of one engine step (an overlapped decode step: from the end of the step ahead of it to its commit)", buckets()),
             batch_size: hist("peregrine:batch_size", "Sequences per step", tok_buckets.clone()),
             step_tokens: hist("peregrine:tokens_per_step", "Tokens per step", tok_buckets),

@@ -623,6 +623,29 @@ fn unfinished_counts_each_sequence_until_it_leaves() {
     assert_eq!(collect(d).reason, Some(FinishReason::Abort));
 }
 
+/// Per-request histograms with vLLM's names: prompt and output lengths of each finished request
+/// (1-2-5 buckets up to the context), and its prefill, decode and inference times.
+#[test]
+fn finished_requests_are_measured_per_request() {
+    let e = engine(None, cfg());
+    let (a, b) = (prompts()[1].clone(), prompts()[4].clone());
+    collect(e.submit(req("a", a.clone(), SamplingParams::greedy(), 7)).unwrap());
+    collect(e.submit(req("b", b.clone(), SamplingParams::greedy(), 3)).unwrap());
+    let m = e.render_metrics();
+    let value = |name: &str| counter(&m, &format!("{name}{{model_name="));
+    assert_eq!((value("vllm:request_prompt_tokens_count"), value("vllm:request_prompt_tokens_sum")), (2.0, (a.len() + b.len()) as f64), "{m}");
+    assert_eq!((value("vllm:request_generation_tokens_count"), value("vllm:request_generation_tokens_sum")), (2.0, 10.0), "{m}");
+    // cfg's context is 256 tokens: buckets 1, 2, 5, .. 200 (and +Inf).
+    let les: Vec<&str> = m.lines().filter(|l| l.starts_with("vllm:request_generation_tokens_bucket")).filter_map(|l| l.split("le=\"").nth(1)?.split('"').next()).collect();
+    assert_eq!(les, ["1", "2", "5", "10", "20", "50", "100", "200", "+Inf"], "{m}");
+    for name in ["vllm:request_prefill_time_seconds", "vllm:request_decode_time_seconds", "vllm:request_inference_time_seconds"] {
+        assert_eq!(value(&format!("{name}_count")), 2.0, "{name}: {m}");
+        assert!(value(&format!("{name}_sum")) > 0.0, "{name}: {m}");
+    }
+    assert!(value("vllm:request_inference_time_seconds_sum") >= value("vllm:request_decode_time_seconds_sum"));
+    wait_idle(&e);
+}
+
 #[test]
 fn stop_strings_across_token_boundaries() {
     let e = engine(None, cfg());
