@@ -206,6 +206,9 @@ pub struct ServeArgs {
     /// as vLLM's) aborts at once. A second signal aborts at once too.
     #[arg(long, env = "PEREGRINE_SHUTDOWN_TIMEOUT", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=86_400))]
     pub shutdown_timeout: u32,
+    /// Do not log each request (method, path, status, time) at info level.
+    #[arg(long, env = "PEREGRINE_DISABLE_ACCESS_LOG", value_parser = clap::builder::BoolishValueParser::new())]
+    pub disable_access_log: bool,
     /// Largest accepted request body, in bytes.
     #[arg(long, env = "PEREGRINE_MAX_BODY_BYTES", default_value_t = 32 << 20, value_parser = parse_bytes)]
     pub max_body_bytes: usize,
@@ -557,6 +560,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         always_include_usage: args.always_include_usage,
         parse_tool_calls: args.tool_call_parser == ToolCallParserKind::Auto,
         parse_reasoning: args.reasoning_parser == ReasoningParserKind::Auto,
+        access_log: !args.disable_access_log,
     });
     tracing::info!(%addr, "listening (503 until the model is loaded)");
     let app = crate::routes::router(state.clone(), args.max_body_bytes).layer(crate::routes::cors(&args.allowed_origins)?);

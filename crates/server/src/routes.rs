@@ -44,6 +44,7 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(axum::extract::DefaultBodyLimit::max(max_body_bytes))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), access_log))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| {
             ApiError::internal("internal error while handling the request").into_response()
         }))
@@ -74,6 +75,31 @@ pub fn cors(origins: &[String]) -> anyhow::Result<tower_http::cors::CorsLayer> {
             layer.allow_origin(AllowOrigin::list(values))
         }
     })
+}
+
+/// Echoes the client's `X-Request-Id` on the response (so a caller's own id ties its request to
+/// its logs), and with `--access-log` on (the default) logs the request once its response
+/// starts: method, path, status, that id and the time to the response's start (a stream's own
+/// length is not in it). /health and /metrics log at debug level: probes and scrapes come every
+/// few seconds.
+async fn access_log(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let t0 = Instant::now();
+    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+    let request_id = req.headers().get("x-request-id").cloned();
+    let mut response = next.run(req).await;
+    if state.settings.access_log {
+        let (status, ms) = (response.status().as_u16(), (t0.elapsed().as_secs_f64() * 1e4).round() / 10.0);
+        let request_id = request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-");
+        if matches!(path.as_str(), "/health" | "/metrics") {
+            tracing::debug!(target: "peregrine::access", %method, path, status, ms, request_id, "request");
+        } else {
+            tracing::info!(target: "peregrine::access", %method, path, status, ms, request_id, "request");
+        }
+    }
+    if let Some(id) = request_id {
+        response.headers_mut().insert("x-request-id", id);
+    }
+    response
 }
 
 /// Bearer-token check with a constant-time comparison.
@@ -958,7 +984,7 @@ mod tests {
             let v: Value = protocol::parse_body(body)?;
             Ok((std::thread::current().id(), v["prompt"].as_str().map_or(0, str::len)))
         }
-        let state = AppState::new(crate::state::Settings { api_key: None, always_include_usage: false, parse_tool_calls: false, parse_reasoning: false });
+        let state = AppState::new(crate::state::Settings { api_key: None, always_include_usage: false, parse_tool_calls: false, parse_reasoning: false, access_log: false });
         let runtime = std::thread::current().id();
         let body = |n: usize| Bytes::from(serde_json::to_vec(&json!({"prompt": "x".repeat(n)})).unwrap());
         let (thread, n) = read_request(&state, body(100), read).await.unwrap();

@@ -26,6 +26,8 @@ pub struct Settings {
     pub parse_tool_calls: bool,
     /// Split `<think>` reasoning from chat answers into `reasoning_content`.
     pub parse_reasoning: bool,
+    /// Log each request (method, path, status, time) at info level.
+    pub access_log: bool,
 }
 
 #[derive(Clone)]

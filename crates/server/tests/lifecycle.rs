@@ -188,6 +188,60 @@ async fn a_drain_ends_at_its_timeout_or_a_second_signal() {
     }
 }
 
+/// `peregrine serve ARGS` on a free port with its info-level log written to `log`.
+fn spawn_logged(args: &[&str], log: &std::path::Path) -> (std::process::Child, u16) {
+    let port = common::free_port();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_peregrine"))
+        .arg("serve")
+        .args(args)
+        .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--kv-cache-memory", "64MiB"])
+        .env("RUST_LOG", "info")
+        .env_remove("PEREGRINE_DISABLE_ACCESS_LOG")
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap();
+    (child, port)
+}
+
+/// Each request is logged once (method, path, status, time, the caller's X-Request-Id, which
+/// comes back on the response); probes of /health are not at info level; `--disable-access-log`
+/// logs none.
+#[tokio::test]
+async fn requests_are_logged_with_the_callers_request_id() {
+    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/golden/default");
+    for disabled in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log");
+        let mut args = vec![fixture];
+        if disabled {
+            args.push("--disable-access-log");
+        }
+        let (mut child, port) = spawn_logged(&args, &log);
+        let base = format!("http://127.0.0.1:{port}");
+        let client = reqwest::Client::new();
+        let t0 = std::time::Instant::now();
+        while !client.get(format!("{base}/health")).send().await.is_ok_and(|r| r.status() == 200) {
+            assert!(t0.elapsed().as_secs() < 60, "the server never became healthy");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let r = client.post(format!("{base}/v1/completions")).header("x-request-id", "trace-42").json(&json!({"prompt": "x", "max_tokens": 2})).send().await.unwrap();
+        assert_eq!((r.status().as_u16(), r.headers().get("x-request-id").map(|v| v.to_str().unwrap().to_owned())), (200, Some("trace-42".into())));
+        let r = client.post(format!("{base}/v1/completions")).json(&json!({"prompt": "x", "max_tokens": -1})).send().await.unwrap();
+        assert_eq!((r.status().as_u16(), r.headers().get("x-request-id")), (400, None));
+        let _ = child.kill();
+        let _ = child.wait();
+        let text = std::fs::read_to_string(&log).unwrap();
+        let lines: Vec<&str> = text.lines().filter(|l| l.contains("peregrine::access")).collect();
+        if disabled {
+            assert!(lines.is_empty(), "{text}");
+            continue;
+        }
+        assert_eq!(lines.len(), 2, "one line per request, none for /health: {text}");
+        assert!(lines[0].contains("method=POST") && lines[0].contains("path=\"/v1/completions\"") && lines[0].contains("status=200") && lines[0].contains("request_id=\"trace-42\""), "{}", lines[0]);
+        assert!(lines[1].contains("status=400") && lines[1].contains("request_id=\"-\""), "{}", lines[1]);
+    }
+}
+
 /// A signal while the model loads stops the server then, without loading the model to the end
 /// first (a large model takes minutes; the process used to wait for it).
 #[cfg(unix)]
@@ -197,14 +251,8 @@ async fn a_signal_while_the_model_loads_exits_without_finishing_the_load() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/golden/default/config.json"), dir.path().join("config.json")).unwrap();
     let wide = r#"{"hidden_size": 1024, "moe_intermediate_size": 512, "n_routed_experts": 32}"#;
-    let port = common::free_port();
     let log = dir.path().join("log");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_peregrine"))
-        .args(["serve", dir.path().to_str().unwrap(), "--load-format", "dummy", "--hf-overrides", wide, "--host", "127.0.0.1", "--port", &port.to_string(), "--kv-cache-memory", "64MiB"])
-        .env("RUST_LOG", "info")
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let (mut child, port) = spawn_logged(&[dir.path().to_str().unwrap(), "--load-format", "dummy", "--hf-overrides", wide], &log);
     // The port answers (503, loading) long before the weights are made.
     let client = reqwest::Client::new();
     let t0 = std::time::Instant::now();
