@@ -16,6 +16,8 @@ use crate::tool_calls::{self, Piece, ToolCall, ToolCallParser, ToolSchemas};
 pub struct OutputParsing {
     /// Reasoning split off; `Some(true)` where the prompt left a `<think>` block open.
     pub reasoning: Option<bool>,
+    /// The reasoning split off is left out of the reply (`include_reasoning: false`).
+    pub hide_reasoning: bool,
     /// Tool calls parsed out, with the tools' parameter types.
     pub tools: Option<Arc<ToolSchemas>>,
     /// A forced call: the answer is its JSON (held to it by the request's guide).
@@ -50,7 +52,7 @@ impl OutputParsing {
             calls.truncate(1);
         }
         let mut message = json!({"role": "assistant", "content": content});
-        if let Some(r) = reasoning {
+        if let Some(r) = reasoning.filter(|_| !self.hide_reasoning) {
             message["reasoning_content"] = json!(r);
         }
         if !calls.is_empty() {
@@ -78,6 +80,7 @@ impl OutputParsing {
             forced: self.forced.clone().map(|f| (f, String::new())),
             forced_calls: 0,
             one_call: self.one_call,
+            hide_reasoning: self.hide_reasoning,
         }
     }
 }
@@ -129,6 +132,7 @@ pub struct ChoiceStream {
     forced: Option<(Forced, String)>,
     forced_calls: usize,
     one_call: bool,
+    hide_reasoning: bool,
 }
 
 impl ChoiceStream {
@@ -143,6 +147,7 @@ impl ChoiceStream {
         let mut out = Vec::new();
         for part in parts {
             match part {
+                Part::Reasoning(_) if self.hide_reasoning => {}
                 Part::Reasoning(t) => out.push(json!({"reasoning_content": t})),
                 Part::Content(t) => self.answer_deltas(Some(&t), &mut out),
             }

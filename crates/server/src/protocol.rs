@@ -44,7 +44,47 @@ pub fn parse_request<T: serde::de::DeserializeOwned>(bytes: &[u8], route: &str, 
     if !unknown.is_empty() {
         tracing::debug!(route, ?unknown, "ignoring unknown request fields");
     }
+    if let Some((field, why)) = UNSUPPORTED.iter().find_map(|(field, set, why)| value.get(*field).filter(|v| set(v)).map(|_| (*field, *why))) {
+        return Err(ApiError::param(field, format!("`{field}` is not supported: {why}")));
+    }
     Ok((from_value(value.clone())?, from_value(value)?))
+}
+
+/// vLLM's request fields whose effect this server does not provide: a request setting one to
+/// anything but its neutral value is refused, naming it, instead of being served as if it had
+/// not (an unknown field is ignored; these would silently change what the caller gets).
+#[allow(clippy::type_complexity)]
+const UNSUPPORTED: &[(&str, fn(&Value) -> bool, &str)] = &[
+    ("use_beam_search", |v| v.as_bool() != Some(false) && !v.is_null(), "beam search is not implemented; sampling with `n` and `seed` is"),
+    ("length_penalty", |v| !v.is_null() && v.as_f64() != Some(1.0), "it weighs beam search, which is not implemented"),
+    ("chat_template", |v| !v.is_null(), "the server's chat template (or --chat-template) renders every chat"),
+    ("logits_processors", set_list, "custom logits processors cannot be loaded"),
+    ("bad_words", set_list, "use `logit_bias` to ban tokens"),
+    ("structural_tag", |v| !v.is_null(), "use `response_format` with a JSON schema, or `structured_outputs`"),
+    ("prompt_embeds", |v| !v.is_null(), "send the prompt as text or token ids"),
+    ("kv_transfer_params", |v| !v.is_null(), "there is no disaggregated prefill here"),
+    ("max_repetition_pattern_size", set_number, "repetition stops are not implemented"),
+    ("min_repetition_pattern_size", set_number, "repetition stops are not implemented"),
+    ("repetition_min_count", set_number, "repetition stops are not implemented"),
+];
+
+/// `best_of` = n returns every choice, as n alone does; more would need a ranking by logprob
+/// that this server does not make (vLLM's V1 engine refuses it too).
+pub fn check_best_of(best_of: Option<i64>, common: &CommonParams) -> Result<(), ApiError> {
+    match best_of {
+        Some(b) if b != common.n.unwrap_or(1) => Err(ApiError::param("best_of", format!("`best_of` other than `n` is not supported (got {b}): every choice is returned; set `n`"))),
+        _ => Ok(()),
+    }
+}
+
+/// A list or value other than null and `[]`.
+fn set_list(v: &Value) -> bool {
+    !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty())
+}
+
+/// Anything but null and 0.
+fn set_number(v: &Value) -> bool {
+    !v.is_null() && v.as_f64() != Some(0.0)
 }
 
 const COMMON_FIELDS: &[&str] = &[
@@ -53,9 +93,9 @@ const COMMON_FIELDS: &[&str] = &[
     "repetition_penalty", "logit_bias", "ignore_eos", "min_tokens", "priority", "skip_special_tokens", "user",
     "response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend",
     "guided_whitespace_pattern", "structured_outputs", "include_stop_str_in_output", "truncate_prompt_tokens", "allowed_token_ids",
-    "return_tokens_as_token_ids",
+    "return_tokens_as_token_ids", "add_special_tokens",
 ];
-pub const CHAT_FIELDS: &[&str] = &["messages", "logprobs", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs", "add_generation_prompt", "continue_final_message", "functions", "function_call"];
+pub const CHAT_FIELDS: &[&str] = &["best_of", "reasoning_effort", "documents", "include_reasoning", "messages", "logprobs", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs", "add_generation_prompt", "continue_final_message", "functions", "function_call"];
 pub const COMPLETION_FIELDS: &[&str] = &["prompt", "echo", "logprobs", "suffix", "best_of"];
 
 fn from_value<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, ApiError> {
@@ -134,6 +174,9 @@ pub struct CommonParams {
     pub allowed_token_ids: Option<Vec<u32>>,
     /// vLLM's: logprobs name their tokens `token_id:<id>` instead of by their text.
     pub return_tokens_as_token_ids: Option<bool>,
+    /// vLLM's: the tokenizer adds its special tokens (BOS) to a text prompt; by default on
+    /// /v1/completions, off for chats (the template writes them).
+    pub add_special_tokens: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -151,6 +194,14 @@ pub struct ChatRequest {
     /// OpenAI's deprecated function calling, read only to be refused.
     pub functions: Option<Value>,
     pub function_call: Option<Value>,
+    /// vLLM's legacy field: refused unless it equals `n`.
+    pub best_of: Option<i64>,
+    /// OpenAI's; reaches the chat template as the variable `reasoning_effort` (as vLLM hands it).
+    pub reasoning_effort: Option<String>,
+    /// vLLM's: documents for a RAG chat template, as its variable `documents`.
+    pub documents: Option<Value>,
+    /// vLLM's: false leaves the reasoning out of the reply (`reasoning_content`).
+    pub include_reasoning: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -185,6 +236,8 @@ pub struct Plan {
     pub include_usage: bool,
     /// Every streamed chunk carries its choice's usage so far (`continuous_usage_stats`).
     pub continuous_usage: bool,
+    /// `add_special_tokens` as sent (each route has its own default).
+    pub add_special_tokens: Option<bool>,
     pub priority: i32,
     /// Only the prompt's last this many tokens are read; `usize::MAX`: as many as the context
     /// holds with room for one token (vLLM's `truncate_prompt_tokens: -1`).
@@ -319,7 +372,8 @@ pub fn plan(c: &CommonParams, logprobs: Option<usize>, vocab_size: usize, always
     if c.stream_options.is_some() && !stream {
         return Err(ApiError::param("stream_options", "`stream_options` is only allowed with `stream: true`"));
     }
-    let include_usage = always_usage || c.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false);
+    // `stream_options` without `include_usage` asks for it, as vLLM reads it (its default is true).
+    let include_usage = always_usage || c.stream_options.as_ref().is_some_and(|o| o.include_usage.unwrap_or(true));
     let continuous_usage = include_usage && c.stream_options.as_ref().and_then(|o| o.continuous_usage_stats).unwrap_or(false);
     let truncate_prompt_tokens = match c.truncate_prompt_tokens {
         None => None,
@@ -346,6 +400,7 @@ pub fn plan(c: &CommonParams, logprobs: Option<usize>, vocab_size: usize, always
         stream,
         include_usage,
         continuous_usage,
+        add_special_tokens: c.add_special_tokens,
         priority: c.priority.unwrap_or(0),
         truncate_prompt_tokens,
         tokens_as_ids: c.return_tokens_as_token_ids.unwrap_or(false),

@@ -454,6 +454,9 @@ fn total_usage(results: &[(usize, usize, Collected)], prompt_lens: &[usize], spe
 // Chat completions
 // ---------------------------------------------------------------------------------------------
 
+/// `reasoning_effort`'s values (OpenAI's).
+const REASONING_EFFORTS: &[&str] = &["none", "minimal", "low", "medium", "high"];
+
 /// A chat request as read from its body: the template rendered, the plan made.
 struct ChatRead {
     top: Option<usize>,
@@ -464,6 +467,8 @@ struct ChatRead {
     forced: Option<Forced>,
     /// `parallel_tool_calls: false`: one call at most.
     one_call: bool,
+    /// `include_reasoning: false`: the reasoning is parsed out and left out.
+    hide_reasoning: bool,
     text: String,
 }
 
@@ -472,6 +477,7 @@ fn read_chat(state: &AppState, body: &[u8]) -> Result<ChatRead, ApiError> {
     let (req, mut common): (ChatRequest, _) = protocol::parse_request(body, "chat", protocol::CHAT_FIELDS)?;
     r.sampling_defaults.apply(&mut common);
     check_model(r, &common.model)?;
+    protocol::check_best_of(req.best_of, &common)?;
     for (field, given, now) in [("functions", &req.functions, "tools"), ("function_call", &req.function_call, "tool_choice")] {
         if given.is_some() {
             return Err(ApiError::param(field, format!("`{field}` (OpenAI's deprecated function calling) is not supported: use `{now}`")));
@@ -500,9 +506,24 @@ fn read_chat(state: &AppState, body: &[u8]) -> Result<ChatRead, ApiError> {
     };
     let messages = protocol::chat_messages(&req.messages)?;
     let template = r.template.as_ref().ok_or_else(|| ApiError::invalid("this model has no chat template: use /v1/completions or start the server with --chat-template"))?;
-    let text = render_chat(template, &messages, req.tools.as_ref(), req.add_generation_prompt, req.continue_final_message, &req.chat_template_kwargs.clone().unwrap_or_default())?;
+    let mut kwargs = req.chat_template_kwargs.clone().unwrap_or_default();
+    // The request's own fields for template variables, over the same names in the kwargs (as
+    // vLLM merges them).
+    if let Some(effort) = &req.reasoning_effort {
+        if !REASONING_EFFORTS.contains(&effort.as_str()) {
+            return Err(ApiError::param("reasoning_effort", format!("`reasoning_effort` must be one of {}, got `{effort}`", REASONING_EFFORTS.join(", "))));
+        }
+        kwargs.insert("reasoning_effort".into(), json!(effort));
+    }
+    if let Some(docs) = req.documents.as_ref().filter(|d| !d.is_null()) {
+        if !docs.as_array().is_some_and(|list| list.iter().all(Value::is_object)) {
+            return Err(ApiError::param("documents", "`documents` must be a list of objects"));
+        }
+        kwargs.insert("documents".into(), docs.clone());
+    }
+    let text = render_chat(template, &messages, req.tools.as_ref(), req.add_generation_prompt, req.continue_final_message, &kwargs)?;
     let tools = parse_tools.then(|| ToolSchemas::from_tools(req.tools.as_ref()));
-    Ok(ChatRead { top, plan, tools, forced, one_call: req.parallel_tool_calls == Some(false), text })
+    Ok(ChatRead { top, plan, tools, forced, one_call: req.parallel_tool_calls == Some(false), hide_reasoning: req.include_reasoning == Some(false), text })
 }
 
 /// The chat's prompt text: rendered with a generation prompt (by default), or
@@ -514,6 +535,10 @@ fn render_chat(template: &peregrine_model::chat_template::ChatTemplate, messages
     // server's reading of the prompt (add_generation_prompt).
     if let Some(k) = kwargs.keys().find(|k| peregrine_model::chat_template::RESERVED_VARIABLES.contains(&k.as_str())) {
         return Err(ApiError::param("chat_template_kwargs", format!("`chat_template_kwargs.{k}` is set by the server from the request; send it as the request's own field")));
+    }
+    // (vLLM would render with it as the template: here it would be a variable nothing reads.)
+    if kwargs.contains_key("chat_template") {
+        return Err(ApiError::param("chat_template_kwargs", "`chat_template_kwargs.chat_template` is not supported: the server's chat template (or --chat-template) renders every chat"));
     }
     let continue_final = continue_final.unwrap_or(false);
     let add_generation_prompt = match (continue_final, add_generation_prompt) {
@@ -533,12 +558,13 @@ fn render_chat(template: &peregrine_model::chat_template::ChatTemplate, messages
 async fn chat(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let body = body_bytes(body)?;
     let r = state.ready()?;
-    let ChatRead { top, plan, tools, forced, one_call, text } = read_request(&state, body, read_chat).await?;
+    let ChatRead { top, plan, tools, forced, one_call, hide_reasoning, text } = read_request(&state, body, read_chat).await?;
     let tok = r.engine.tokenizer();
-    let mut ids = encode(tok, &text, false).await?;
+    let mut ids = encode(tok, &text, plan.add_special_tokens.unwrap_or(false)).await?;
     plan.truncate_prompt(&mut ids, r.engine.max_model_len());
     let parsing = OutputParsing {
         reasoning: state.settings.parse_reasoning.then(|| ReasoningParser::prompt_opens_thinking(&text)),
+        hide_reasoning,
         // The declared parameter types, for reading XML tool call values.
         tools: tools.map(Arc::new),
         forced,
@@ -591,13 +617,7 @@ fn read_completion(state: &AppState, body: &[u8]) -> Result<CompletionRead, ApiE
     if req.suffix.is_some() {
         return Err(ApiError::param("suffix", "`suffix` is not supported"));
     }
-    // best_of = n returns every choice, as n alone does; more would need a ranking by logprob
-    // that this server does not make (vLLM's V1 engine refuses it too).
-    if let Some(b) = req.best_of {
-        if b != common.n.unwrap_or(1) {
-            return Err(ApiError::param("best_of", format!("`best_of` other than `n` is not supported (got {b}): every choice is returned; set `n`")));
-        }
-    }
+    protocol::check_best_of(req.best_of, &common)?;
     let top = match req.logprobs {
         None => None,
         Some(k) if (0..=protocol::MAX_TOP_LOGPROBS as i64).contains(&k) => Some(k as usize),
@@ -617,7 +637,7 @@ async fn completions(State(state): State<AppState>, body: Result<Bytes, BytesRej
     let mut echo_texts = Vec::new();
     for p in inputs {
         let (mut ids, text) = match p {
-            PromptInput::Text(t) => (encode(tok, &t, true).await?, Some(t)),
+            PromptInput::Text(t) => (encode(tok, &t, plan.add_special_tokens.unwrap_or(true)).await?, Some(t)),
             PromptInput::Tokens(ids) => (ids, None),
         };
         let whole = ids.len();

@@ -113,6 +113,8 @@ impl Harness {
         let template = ChatTemplate::new(
             concat!(
                 "{% if tools %}tools:{% for t in tools %} {{ t.function.name }}{% endfor %}\n{% endif %}",
+                "{% if reasoning_effort %}effort: {{ reasoning_effort }}\n{% endif %}",
+                "{% for d in documents or [] %}document: {{ d.title }}\n{% endfor %}",
                 "{% for m in messages %}{{ m.role }}: {{ m.content }}",
                 // History calls listed as MiMo's XML template does: arguments must be an object.
                 "{% for c in m.tool_calls or [] %}<function={{ c.function.name }}>{% for k, v in c.function.arguments|items %}",
@@ -392,6 +394,43 @@ async fn reasoning_is_split_from_the_answer() {
     assert!(!m["reasoning_content"].as_str().unwrap().is_empty(), "{v}");
     assert_eq!(m["content"], "", "{v}");
     assert_eq!(v["choices"][0]["finish_reason"], "length");
+    let e = h.engine.clone();
+    tokio::task::spawn_blocking(move || e.shutdown()).await.unwrap();
+}
+
+/// `include_reasoning: false` (vLLM's) leaves the reasoning out, streamed or not, while the
+/// answer stays clean of it; `reasoning_effort` and `documents` reach the template as its
+/// variables of those names.
+#[tokio::test]
+async fn include_reasoning_false_and_template_variables() {
+    let h = Harness::start(true).await;
+    for stream in [false, true] {
+        let mut body = request("ask-think", json!({"tools": tools(), "include_reasoning": false, "stream": stream}));
+        body["stream"] = json!(stream);
+        let (content, calls) = if stream {
+            let chunks = h.chat_stream(body).await;
+            let (_, content, calls, _) = gather(&chunks);
+            assert!(chunks.iter().all(|c| c["choices"][0]["delta"].get("reasoning_content").is_none()), "{chunks:?}");
+            (content, calls)
+        } else {
+            let (_, v) = h.chat(body).await;
+            let m = &v["choices"][0]["message"];
+            assert!(m.get("reasoning_content").is_none(), "{v}");
+            (m["content"].as_str().unwrap_or_default().to_owned(), m["tool_calls"].as_array().cloned().unwrap_or_default())
+        };
+        assert!(!content.contains("wants the time"), "stream {stream}: the reasoning reached the content: {content:?}");
+        assert_eq!(calls.len(), 1, "stream {stream}: {calls:?}");
+        assert_eq!(calls[0]["function"]["name"], "get_time");
+    }
+    let prompt_tokens = |v: &Value| v["usage"]["prompt_tokens"].as_u64().unwrap_or_else(|| panic!("{v}"));
+    let (_, base) = h.chat(request("ask-plain", json!({}))).await;
+    let (_, effort) = h.chat(request("ask-plain", json!({"reasoning_effort": "high"}))).await;
+    let (_, docs) = h.chat(request("ask-plain", json!({"documents": [{"title": "Paris weather", "text": "sunny"}]}))).await;
+    assert!(prompt_tokens(&effort) > prompt_tokens(&base), "{effort} against {base}");
+    assert!(prompt_tokens(&docs) > prompt_tokens(&base), "{docs} against {base}");
+    // The field wins over the same name in the kwargs (as vLLM merges them).
+    let (_, both) = h.chat(request("ask-plain", json!({"reasoning_effort": "high", "chat_template_kwargs": {"reasoning_effort": "a much longer effort than high"}}))).await;
+    assert_eq!(prompt_tokens(&both), prompt_tokens(&effort), "{both}");
     let e = h.engine.clone();
     tokio::task::spawn_blocking(move || e.shutdown()).await.unwrap();
 }

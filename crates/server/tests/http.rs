@@ -248,8 +248,36 @@ async fn errors_are_openai_error_objects() {
     check(st, &v, 400, Some("guided_regex"));
     let (st, v) = s.post("/v1/completions", json!({"prompt": "x", "structured_outputs": {"grammar": "root ::= missing_rule"}})).await;
     check(st, &v, 400, Some("structured_outputs"));
-    // The template's own variables are the request's fields, not kwargs.
-    for k in ["messages", "add_generation_prompt", "tools", "bos_token"] {
+    // vLLM's fields whose effect this server does not have: refused when set, on both routes,
+    // and served where they ask for nothing (their neutral value).
+    for (field, set, neutral) in [
+        ("use_beam_search", json!(true), json!(false)),
+        ("length_penalty", json!(0.8), json!(1.0)),
+        ("chat_template", json!("{{ messages }}"), Value::Null),
+        ("logits_processors", json!(["pkg.Proc"]), json!([])),
+        ("bad_words", json!(["x"]), json!([])),
+        ("structural_tag", json!("{}"), Value::Null),
+        ("prompt_embeds", json!("AAAA"), Value::Null),
+        ("kv_transfer_params", json!({"do_remote_decode": true}), Value::Null),
+        ("repetition_min_count", json!(3), json!(0)),
+    ] {
+        for (path, mut body) in [("/v1/chat/completions", chat_body(json!({"max_tokens": 1}))), ("/v1/completions", json!({"prompt": "x", "max_tokens": 1}))] {
+            body[field] = set.clone();
+            let (st, v) = s.post(path, body.clone()).await;
+            check(st, &v, 400, Some(field));
+            body[field] = neutral.clone();
+            let (st, v) = s.post(path, body).await;
+            assert_eq!(st, 200, "{path} {field}: {neutral}: {v}");
+        }
+    }
+    let (st, v) = s.post("/v1/chat/completions", chat_body(json!({"best_of": 2}))).await;
+    check(st, &v, 400, Some("best_of"));
+    let (st, v) = s.post("/v1/chat/completions", chat_body(json!({"reasoning_effort": "extreme"}))).await;
+    check(st, &v, 400, Some("reasoning_effort"));
+    let (st, v) = s.post("/v1/chat/completions", chat_body(json!({"documents": ["not an object"]}))).await;
+    check(st, &v, 400, Some("documents"));
+    // The template's own variables are the request's fields, not kwargs; nor is the template.
+    for k in ["messages", "add_generation_prompt", "tools", "bos_token", "chat_template"] {
         let (st, v) = s.post("/v1/chat/completions", chat_body(json!({"chat_template_kwargs": {k: []}}))).await;
         check(st, &v, 400, Some("chat_template_kwargs"));
     }
@@ -545,7 +573,8 @@ async fn continue_final_message_truncate_prompt_tokens_and_include_stop_str() {
 
 /// `stream_options.continuous_usage_stats` (vLLM's), with `include_usage`: every chunk carries
 /// its choice's usage so far, counting each token as it streams, ending at the choice's own
-/// count; the final usage chunk still sums the choices. Without `include_usage`, no chunk has it.
+/// count; the final usage chunk still sums the choices. With `include_usage: false`, no chunk
+/// has it; `stream_options` without `include_usage` gets the final usage chunk (vLLM's default).
 #[tokio::test]
 async fn continuous_usage_stats_count_each_choice_as_it_streams() {
     let s = Server::start(&[]).await;
@@ -585,8 +614,54 @@ async fn continuous_usage_stats_count_each_choice_as_it_streams() {
         // Streamed one token at a time here, so the counts rise through every value.
         let counts: std::collections::BTreeSet<u64> = choices.iter().map(|c| c["usage"]["completion_tokens"].as_u64().unwrap()).collect();
         assert!(counts.len() >= 5, "chat {chat}: {counts:?}");
-        body["stream_options"] = json!({"continuous_usage_stats": true});
-        let events = s.stream(path, body).await;
+        body["stream_options"] = json!({"include_usage": false, "continuous_usage_stats": true});
+        let events = s.stream(path, body.clone()).await;
         assert!(events.iter().all(|e| !e.contains("\"usage\"")), "usage without include_usage: {events:?}");
+        // `stream_options` without `include_usage` asks for it (vLLM's default).
+        body["stream_options"] = json!({});
+        let events = s.stream(path, body).await;
+        let usage: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+        assert_eq!((&usage["choices"], usage["usage"]["completion_tokens"].as_u64()), (&json!([]), Some(9 * choices_n as u64)), "{usage}");
+        assert!(events[..events.len() - 2].iter().all(|e| !e.contains("\"usage\"")), "{events:?}");
+    }
+}
+
+/// `add_special_tokens` (vLLM's): a text prompt gets the tokenizer's special tokens by default
+/// on /v1/completions and not on chats (the template writes them), and either way when asked.
+/// The fixture's tokenizer adds none, so a copy of it here adds a BOS.
+#[tokio::test]
+async fn add_special_tokens_is_honoured_on_both_routes() {
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/golden/default");
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer_config.json"] {
+        std::fs::copy(fixture.join(f), dir.path().join(f)).unwrap();
+    }
+    let mut tok: Value = serde_json::from_str(&std::fs::read_to_string(fixture.join("tokenizer.json")).unwrap()).unwrap();
+    tok["post_processor"] = json!({"type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "<|bos|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"SpecialToken": {"id": "<|bos|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"<|bos|>": {"id": "<|bos|>", "ids": [0], "tokens": ["<|bos|>"]}}});
+    std::fs::write(dir.path().join("tokenizer.json"), tok.to_string()).unwrap();
+    let s = Server::start(&[dir.path().to_str().unwrap()]).await;
+    let prompt_tokens = |v: &Value| v["usage"]["prompt_tokens"].as_u64().unwrap_or_else(|| panic!("{v}"));
+    let (_, plain) = s.post("/tokenize", json!({"prompt": "hello there", "add_special_tokens": false})).await;
+    let n = plain["count"].as_u64().unwrap();
+    for (add, want) in [(None, n + 1), (Some(true), n + 1), (Some(false), n)] {
+        let mut body = json!({"prompt": "hello there", "max_tokens": 1});
+        if let Some(a) = add {
+            body["add_special_tokens"] = json!(a);
+        }
+        let (st, v) = s.post("/v1/completions", body).await;
+        assert_eq!((st, prompt_tokens(&v)), (200, want), "completions, add_special_tokens {add:?}: {v}");
+    }
+    let (_, chat) = s.post("/tokenize", json!({"messages": [{"role": "user", "content": "hello"}]})).await;
+    let m = chat["count"].as_u64().unwrap();
+    for (add, want) in [(None, m), (Some(false), m), (Some(true), m + 1)] {
+        let mut body = json!({"messages": [{"role": "user", "content": "hello"}], "max_tokens": 1});
+        if let Some(a) = add {
+            body["add_special_tokens"] = json!(a);
+        }
+        let (st, v) = s.post("/v1/chat/completions", body).await;
+        assert_eq!((st, prompt_tokens(&v)), (200, want), "chat, add_special_tokens {add:?}: {v}");
     }
 }
