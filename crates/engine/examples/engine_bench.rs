@@ -97,6 +97,7 @@ fn round(e: &EngineHandle, b: usize, a: &Args, vocab: usize, salt: u64) -> (Inst
                 prompt_logprobs: None,
                 priority: 0,
                 arrival: Instant::now(),
+                cache_salt: None,
             })
             .expect("submit")
         })

@@ -69,7 +69,7 @@ fn main() {
             .map(|i| {
                 let stop = StopParams { max_tokens: 512, ignore_eos: true, skip_special_tokens: true, ..Default::default() };
                 let prompt_tokens = (0..prompt).map(|j| ((i * 131 + j * 17 + b) % vocab) as u32).collect();
-                e.submit(GenerateRequest { request_id: format!("{b}-{i}"), prompt_tokens, sampling: SamplingParams::greedy(), stop, prompt_logprobs: None, priority: 0, arrival: Instant::now() }).expect("submit")
+                e.submit(GenerateRequest { request_id: format!("{b}-{i}"), prompt_tokens, sampling: SamplingParams::greedy(), stop, prompt_logprobs: None, priority: 0, arrival: Instant::now(), cache_salt: None }).expect("submit")
             })
             .collect();
         let mut times = Vec::new();

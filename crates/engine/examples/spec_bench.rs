@@ -144,6 +144,7 @@ fn main() {
                             prompt_logprobs: None,
                             priority: 0,
                             arrival: Instant::now(),
+                            cache_salt: None,
                         })
                         .unwrap()
                     })

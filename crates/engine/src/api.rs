@@ -20,6 +20,9 @@ pub struct GenerateRequest {
     /// Lower runs first; ties go to the earlier arrival (FCFS).
     pub priority: i32,
     pub arrival: Instant,
+    /// vLLM's `cache_salt`: the prompt's prefix-cache entries are keyed by it too, so only
+    /// requests with the same salt share them (a tenant cannot time another's prompts).
+    pub cache_salt: Option<String>,
 }
 
 #[derive(Debug, Clone, Default)]

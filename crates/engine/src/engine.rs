@@ -376,7 +376,7 @@ impl Seq {
             tx,
             output: Vec::new(),
             computed: 0,
-            blocks: SeqBlocks::default(),
+            blocks: SeqBlocks::salted(req.cache_salt.as_deref()),
             decoder,
             held: String::new(),
             rng: SeqRng::new(seed),

@@ -23,6 +23,15 @@ pub struct SeqBlocks {
     pub swa: Vec<u32>,
     /// Hashes of the leading full blocks already registered in the prefix cache.
     pub hashes: Vec<u64>,
+    /// The parent key of the first block: 0, or the request's cache salt's (`salt_root`).
+    pub root: u64,
+}
+
+impl SeqBlocks {
+    /// Empty tables for a request whose prefix-cache entries are keyed by `salt`.
+    pub fn salted(salt: Option<&str>) -> Self {
+        SeqBlocks { root: salt.map_or(0, salt_root), ..Default::default() }
+    }
 }
 
 /// One group's blocks: reference counts, the hash of each filled block, and the free list
@@ -128,13 +137,27 @@ pub struct KvManager {
 /// A filled block's key: SipHash of its parent's key and its tokens under a key drawn once per
 /// process.
 fn block_hash(parent: u64, tokens: &[u32]) -> u64 {
-    static KEY: OnceLock<RandomState> = OnceLock::new();
-    let mut h = KEY.get_or_init(RandomState::new).build_hasher();
+    let mut h = block_key().build_hasher();
     h.write_u64(parent);
     for &t in tokens {
         h.write_u32(t);
     }
     h.finish()
+}
+
+/// The first block's parent key for requests salted with `salt`: keyed like the blocks and
+/// never 0 (the unsalted root), so salted and unsalted chains never meet.
+fn salt_root(salt: &str) -> u64 {
+    let mut h = block_key().build_hasher();
+    h.write_u8(0xff);
+    h.write(salt.as_bytes());
+    h.finish().max(1)
+}
+
+/// The per-process key of the prefix cache's hashes.
+fn block_key() -> &'static RandomState {
+    static KEY: OnceLock<RandomState> = OnceLock::new();
+    KEY.get_or_init(RandomState::new)
 }
 
 impl KvManager {
@@ -192,7 +215,7 @@ impl KvManager {
         let max_blocks = tokens.len().saturating_sub(1) / bs;
         self.queries += tokens.len() as u64;
         let mut hashes = Vec::new();
-        let mut parent = 0u64;
+        let mut parent = seq.root;
         for i in 0..max_blocks {
             let h = (self.hash)(parent, &tokens[i * bs..(i + 1) * bs]);
             if !self.full.is_cached(h, parent, &tokens[i * bs..(i + 1) * bs]) {
@@ -204,7 +227,7 @@ impl KvManager {
         // The longest hit whose window blocks are cached too.
         let mut k = hashes.len();
         if self.window.is_some() {
-            let swa_cached = |j: usize| self.swa.is_cached(hashes[j], if j == 0 { 0 } else { hashes[j - 1] }, &tokens[j * bs..(j + 1) * bs]);
+            let swa_cached = |j: usize| self.swa.is_cached(hashes[j], if j == 0 { seq.root } else { hashes[j - 1] }, &tokens[j * bs..(j + 1) * bs]);
             while k > 0 && !(self.first_swa_block(k * bs)..k).all(swa_cached) {
                 k -= 1;
             }
@@ -277,7 +300,7 @@ impl KvManager {
         let bs = self.block_size;
         while self.commit_wants(seq, computed) {
             let i = seq.hashes.len();
-            let parent = if i == 0 { 0 } else { seq.hashes[i - 1] };
+            let parent = if i == 0 { seq.root } else { seq.hashes[i - 1] };
             let block = &tokens[i * bs..(i + 1) * bs];
             let h = (self.hash)(parent, block);
             self.full.register(seq.full[i], h, parent, block);
@@ -299,13 +322,41 @@ impl KvManager {
                 self.swa.release(b);
             }
         }
-        *seq = SeqBlocks::default();
+        *seq = SeqBlocks { root: seq.root, ..Default::default() };
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Salted requests share prefix-cache entries only with the same salt, also after their
+    /// blocks were freed (a preempted sequence keeps its salt).
+    #[test]
+    fn a_cache_salt_keeps_prefixes_apart() {
+        let mut kv = KvManager::new(16, 0, 4, None, true);
+        let toks: Vec<u32> = (0..10).collect();
+        let mut a = SeqBlocks::salted(Some("tenant-a"));
+        assert_eq!(kv.match_prefix(&mut a, &toks), 0);
+        assert!(kv.allocate(&mut a, 0, 10));
+        kv.commit(&mut a, &toks, 10);
+        for (salt, hit) in [(None, 0), (Some("tenant-b"), 0), (Some("tenant-a"), 8)] {
+            let mut b = SeqBlocks::salted(salt);
+            assert_eq!(kv.match_prefix(&mut b, &toks), hit, "salt {salt:?}");
+            kv.free(&mut b);
+        }
+        kv.free(&mut a);
+        assert_eq!(a.root, SeqBlocks::salted(Some("tenant-a")).root, "freeing keeps the salt");
+        assert_eq!(kv.match_prefix(&mut a, &toks), 8);
+        kv.free(&mut a);
+        // An unsalted chain is not found by a salted request either.
+        let mut u = SeqBlocks::default();
+        assert!(kv.allocate(&mut u, 0, 10));
+        let other: Vec<u32> = (100..110).collect();
+        kv.commit(&mut u, &other, 10);
+        assert_eq!(kv.match_prefix(&mut SeqBlocks::salted(Some("tenant-a")), &other), 0);
+        assert_eq!(kv.match_prefix(&mut SeqBlocks::default(), &other), 8);
+    }
 
     #[test]
     fn allocate_free_accounting_and_sharing() {

@@ -47,6 +47,7 @@ fn engine_greedy_equals_direct_greedy() {
                 prompt_logprobs: None,
                 priority: 0,
                 arrival: Instant::now(),
+                cache_salt: None,
             })
             .unwrap()
         })
@@ -79,6 +80,7 @@ fn engine_greedy_equals_direct_greedy() {
             prompt_logprobs: None,
             priority: 0,
             arrival: Instant::now(),
+            cache_salt: None,
         })
         .unwrap();
     let mut got = Vec::new();

@@ -263,6 +263,7 @@ fn req(id: &str, prompt: Vec<u32>, sampling: SamplingParams, max_tokens: usize) 
         prompt_logprobs: None,
         priority: 0,
         arrival: Instant::now(),
+        cache_salt: None,
     }
 }
 

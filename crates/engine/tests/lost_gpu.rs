@@ -27,6 +27,7 @@ fn request(id: &str) -> GenerateRequest {
         prompt_logprobs: None,
         priority: 0,
         arrival: Instant::now(),
+        cache_salt: None,
     }
 }
 

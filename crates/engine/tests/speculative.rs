@@ -109,7 +109,7 @@ struct Outcome {
 }
 
 fn request(id: &str, prompt: Vec<u32>, sampling: SamplingParams, stop: StopParams) -> GenerateRequest {
-    GenerateRequest { request_id: id.into(), prompt_tokens: prompt, sampling, stop, prompt_logprobs: None, priority: 0, arrival: Instant::now() }
+    GenerateRequest { request_id: id.into(), prompt_tokens: prompt, sampling, stop, prompt_logprobs: None, priority: 0, arrival: Instant::now(), cache_salt: None }
 }
 
 /// Submits every request at once (they batch together) and collects their outcomes.

@@ -93,7 +93,7 @@ const COMMON_FIELDS: &[&str] = &[
     "repetition_penalty", "logit_bias", "ignore_eos", "min_tokens", "priority", "skip_special_tokens", "user",
     "response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend",
     "guided_whitespace_pattern", "structured_outputs", "include_stop_str_in_output", "truncate_prompt_tokens", "allowed_token_ids",
-    "return_tokens_as_token_ids", "add_special_tokens",
+    "return_tokens_as_token_ids", "add_special_tokens", "cache_salt",
 ];
 pub const CHAT_FIELDS: &[&str] = &["best_of", "reasoning_effort", "documents", "include_reasoning", "messages", "logprobs", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs", "add_generation_prompt", "continue_final_message", "functions", "function_call"];
 pub const COMPLETION_FIELDS: &[&str] = &["prompt", "echo", "logprobs", "suffix", "best_of"];
@@ -177,6 +177,8 @@ pub struct CommonParams {
     /// vLLM's: the tokenizer adds its special tokens (BOS) to a text prompt; by default on
     /// /v1/completions, off for chats (the template writes them).
     pub add_special_tokens: Option<bool>,
+    /// vLLM's: prefix-cache entries are shared only among requests with the same salt.
+    pub cache_salt: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -238,6 +240,7 @@ pub struct Plan {
     pub continuous_usage: bool,
     /// `add_special_tokens` as sent (each route has its own default).
     pub add_special_tokens: Option<bool>,
+    pub cache_salt: Option<String>,
     pub priority: i32,
     /// Only the prompt's last this many tokens are read; `usize::MAX`: as many as the context
     /// holds with room for one token (vLLM's `truncate_prompt_tokens: -1`).
@@ -375,6 +378,10 @@ pub fn plan(c: &CommonParams, logprobs: Option<usize>, vocab_size: usize, always
     // `stream_options` without `include_usage` asks for it, as vLLM reads it (its default is true).
     let include_usage = always_usage || c.stream_options.as_ref().is_some_and(|o| o.include_usage.unwrap_or(true));
     let continuous_usage = include_usage && c.stream_options.as_ref().and_then(|o| o.continuous_usage_stats).unwrap_or(false);
+    let cache_salt = match &c.cache_salt {
+        Some(salt) if salt.is_empty() => return Err(ApiError::param("cache_salt", "`cache_salt` must be a non-empty string")),
+        salt => salt.clone(),
+    };
     let truncate_prompt_tokens = match c.truncate_prompt_tokens {
         None => None,
         Some(-1) => Some(usize::MAX),
@@ -401,6 +408,7 @@ pub fn plan(c: &CommonParams, logprobs: Option<usize>, vocab_size: usize, always
         include_usage,
         continuous_usage,
         add_special_tokens: c.add_special_tokens,
+        cache_salt,
         priority: c.priority.unwrap_or(0),
         truncate_prompt_tokens,
         tokens_as_ids: c.return_tokens_as_token_ids.unwrap_or(false),

@@ -298,6 +298,7 @@ fn submit_all(r: &Ready, id: &str, prompts: &[Vec<u32>], plan: &Plan, prompt_log
                 prompt_logprobs,
                 priority: plan.priority,
                 arrival: Instant::now(),
+                cache_salt: plan.cache_salt.clone(),
             });
         }
     }

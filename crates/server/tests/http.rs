@@ -665,3 +665,29 @@ async fn add_special_tokens_is_honoured_on_both_routes() {
         assert_eq!((st, prompt_tokens(&v)), (200, want), "chat, add_special_tokens {add:?}: {v}");
     }
 }
+
+/// `cache_salt` (vLLM's): a prompt's prefix-cache entries serve only requests with the same salt
+/// (`usage.prompt_tokens_details.cached_tokens` shows the hits); an empty salt is refused.
+#[tokio::test]
+async fn cache_salt_keeps_prefix_cache_hits_within_a_salt() {
+    let s = Server::start(&[]).await;
+    let prompt = "a long shared system prompt ".repeat(12);
+    let cached = |v: &Value| v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap_or_else(|| panic!("{v}"));
+    let run = |salt: Option<&str>| {
+        let mut body = json!({"prompt": prompt, "max_tokens": 1});
+        if let Some(salt) = salt {
+            body["cache_salt"] = json!(salt);
+        }
+        s.post("/v1/completions", body)
+    };
+    let (st, first) = run(Some("tenant-a")).await;
+    assert_eq!((st, cached(&first)), (200, 0), "{first}");
+    let (_, again) = run(Some("tenant-a")).await;
+    assert!(cached(&again) > 0, "the same salt hits the cache: {again}");
+    let (_, other) = run(Some("tenant-b")).await;
+    assert_eq!(cached(&other), 0, "another salt does not: {other}");
+    let (_, plain) = run(None).await;
+    assert_eq!(cached(&plain), 0, "nor does no salt: {plain}");
+    let (st, v) = run(Some("")).await;
+    assert_eq!((st, v["error"]["param"].as_str()), (400, Some("cache_salt")), "{v}");
+}
