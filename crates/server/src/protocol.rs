@@ -93,7 +93,7 @@ const COMMON_FIELDS: &[&str] = &[
     "repetition_penalty", "logit_bias", "ignore_eos", "min_tokens", "priority", "skip_special_tokens", "user",
     "response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend",
     "guided_whitespace_pattern", "structured_outputs", "include_stop_str_in_output", "truncate_prompt_tokens", "allowed_token_ids",
-    "return_tokens_as_token_ids", "add_special_tokens", "cache_salt",
+    "return_tokens_as_token_ids", "add_special_tokens", "cache_salt", "return_token_ids",
 ];
 pub const CHAT_FIELDS: &[&str] = &["best_of", "reasoning_effort", "documents", "include_reasoning", "messages", "logprobs", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs", "add_generation_prompt", "continue_final_message", "functions", "function_call"];
 pub const COMPLETION_FIELDS: &[&str] = &["prompt", "echo", "logprobs", "suffix", "best_of"];
@@ -179,6 +179,8 @@ pub struct CommonParams {
     pub add_special_tokens: Option<bool>,
     /// vLLM's: prefix-cache entries are shared only among requests with the same salt.
     pub cache_salt: Option<String>,
+    /// vLLM's: the response carries the prompt's and the output's token ids.
+    pub return_token_ids: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -241,6 +243,8 @@ pub struct Plan {
     /// `add_special_tokens` as sent (each route has its own default).
     pub add_special_tokens: Option<bool>,
     pub cache_salt: Option<String>,
+    /// The response carries `prompt_token_ids` and each choice's `token_ids`.
+    pub return_token_ids: bool,
     pub priority: i32,
     /// Only the prompt's last this many tokens are read; `usize::MAX`: as many as the context
     /// holds with room for one token (vLLM's `truncate_prompt_tokens: -1`).
@@ -409,6 +413,7 @@ pub fn plan(c: &CommonParams, logprobs: Option<usize>, vocab_size: usize, always
         continuous_usage,
         add_special_tokens: c.add_special_tokens,
         cache_salt,
+        return_token_ids: c.return_token_ids.unwrap_or(false),
         priority: c.priority.unwrap_or(0),
         truncate_prompt_tokens,
         tokens_as_ids: c.return_tokens_as_token_ids.unwrap_or(false),

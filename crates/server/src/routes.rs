@@ -231,6 +231,8 @@ struct Submitted {
     /// (choice index, prompt index, stream)
     streams: Vec<(usize, usize, RequestStream)>,
     prompt_lens: Vec<usize>,
+    /// The prompts' token ids, kept where the response returns them (`return_token_ids`).
+    prompt_ids: Option<Vec<Vec<u32>>>,
 }
 
 /// `submit_all`, on the blocking pool when the request has a guide (a JSON schema, a regex, a
@@ -312,7 +314,7 @@ fn submit_all(r: &Ready, id: &str, prompts: &[Vec<u32>], plan: &Plan, prompt_log
     };
     // Sequence j is prompt j / n's choice j % n; its choice index counts over all prompts.
     let streams = streams.into_iter().enumerate().map(|(j, rx)| (j, j / plan.n, rx)).collect();
-    Ok(Submitted { streams, prompt_lens })
+    Ok(Submitted { streams, prompt_lens, prompt_ids: plan.return_token_ids.then(|| prompts.to_vec()) })
 }
 
 fn finish_str(f: FinishReason) -> &'static str {
@@ -581,20 +583,28 @@ async fn chat(State(state): State<AppState>, body: Result<Bytes, BytesRejection>
         }
         return Ok(sse(st).into_response());
     }
-    let prompt_lens = sub.prompt_lens.clone();
+    let (prompt_lens, prompt_ids) = (sub.prompt_lens.clone(), sub.prompt_ids.clone());
     let results = collect(sub).await?;
     let choices: Vec<Value> = results
         .iter()
         .map(|(ci, _, c)| {
             let (message, calls) = parsing.message(&c.text);
             let finish = c.finish.map(|f| parsing.finish_reason(f, calls));
-            json!({"index": ci, "message": message,
+            let mut choice = json!({"index": ci, "message": message,
                    "logprobs": top.map(|_| json!({"content": c.logprobs.iter().map(|lp| chat_logprob_entry(r, lp, plan.tokens_as_ids)).collect::<Vec<_>>()})),
-                   "finish_reason": finish})
+                   "finish_reason": finish});
+            if plan.return_token_ids {
+                choice["token_ids"] = json!(c.ids);
+            }
+            choice
         })
         .collect();
-    Ok(Json(json!({"id": id, "object": "chat.completion", "created": created, "model": r.model_name,
-                   "choices": choices, "usage": total_usage(&results, &prompt_lens, r.engine.speculative_block_size().is_some())})).into_response())
+    let mut response = json!({"id": id, "object": "chat.completion", "created": created, "model": r.model_name,
+                   "choices": choices, "usage": total_usage(&results, &prompt_lens, r.engine.speculative_block_size().is_some())});
+    if let Some(ids) = prompt_ids {
+        response["prompt_token_ids"] = json!(ids[0]);
+    }
+    Ok(Json(response).into_response())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -682,8 +692,13 @@ async fn completions(State(state): State<AppState>, body: Result<Bytes, BytesRej
                 ids.extend(c.logprobs.iter().map(|l| l.token_id));
                 legacy_logprobs(r, &entries, &ids, 0, plan.tokens_as_ids).0
             });
-            json!({"index": ci, "text": format!("{prefix}{}", c.text), "logprobs": logprobs,
-                   "finish_reason": c.finish.map(finish_str)})
+            let mut choice = json!({"index": ci, "text": format!("{prefix}{}", c.text), "logprobs": logprobs,
+                   "finish_reason": c.finish.map(finish_str)});
+            if plan.return_token_ids {
+                choice["prompt_token_ids"] = json!(prompts[*pi]);
+                choice["token_ids"] = json!(c.ids);
+            }
+            choice
         })
         .collect();
     Ok(Json(json!({"id": id, "object": "text_completion", "created": created, "model": r.model_name,
@@ -735,6 +750,10 @@ struct StreamState {
     /// Per choice, its prompt's index and the tokens it has generated so far.
     choice_prompt: HashMap<usize, usize>,
     choice_tokens: HashMap<usize, usize>,
+    /// `return_token_ids`: the prompts' ids, which go out on each choice's first chunk (vLLM's
+    /// place for them), and the choices whose first chunk went.
+    prompt_ids: Option<Vec<Vec<u32>>>,
+    prompt_ids_sent: std::collections::HashSet<usize>,
 }
 
 impl StreamState {
@@ -763,6 +782,8 @@ impl StreamState {
             continuous_usage: plan.continuous_usage,
             choice_prompt: sub.streams.iter().map(|&(ci, pi, _)| (ci, pi)).collect(),
             choice_tokens: HashMap::new(),
+            prompt_ids: sub.prompt_ids,
+            prompt_ids_sent: Default::default(),
         };
         for (ci, pi, rx) in sub.streams {
             if chat {
@@ -779,8 +800,41 @@ impl StreamState {
             let f: Box<dyn FnMut(RequestEvent) -> (usize, usize, RequestEvent) + Send> = Box::new(move |ev| (ci, pi, ev));
             merged.push(UnboundedReceiverStream::new(rx).map(f));
         }
+        st.add_token_ids(0, None);
         st.merged = merged;
         st
+    }
+
+    /// With `return_token_ids`, the chunks queued from `from` on get their ids: each choice's
+    /// first chunk its prompt's (`prompt_token_ids`, on the chunk for chats and on the choice for
+    /// completions, as vLLM places them), and the first of them `ids` (an event's output ids, as
+    /// the choice's `token_ids`; an empty delta carries them where the event sent no text).
+    fn add_token_ids(&mut self, from: usize, ids: Option<(usize, &[u32])>) {
+        let Some(prompts) = &self.prompt_ids else { return };
+        if let Some((ci, list)) = ids.filter(|(_, list)| !list.is_empty()) {
+            if self.pending.len() == from {
+                let delta = if self.chat { json!({"content": ""}) } else { json!("") };
+                let c = self.chunk(ci, delta, Value::Null, None);
+                self.pending.push_back(c);
+            }
+            let mut c: Value = serde_json::from_str(&self.pending[from]).expect("a chunk is JSON");
+            c["choices"][0]["token_ids"] = json!(list);
+            self.pending[from] = c.to_string();
+        }
+        for i in from..self.pending.len() {
+            let Ok(mut c) = serde_json::from_str::<Value>(&self.pending[i]) else { continue };
+            let Some(ci) = c["choices"][0]["index"].as_u64().map(|ci| ci as usize) else { continue };
+            if !self.prompt_ids_sent.insert(ci) {
+                continue;
+            }
+            let ids = json!(prompts[self.choice_prompt[&ci]]);
+            if self.chat {
+                c["prompt_token_ids"] = ids;
+            } else {
+                c["choices"][0]["prompt_token_ids"] = ids;
+            }
+            self.pending[i] = c.to_string();
+        }
     }
 
     fn model(&self) -> String {
@@ -825,6 +879,16 @@ impl StreamState {
     }
 
     fn handle(&mut self, ci: usize, pi: usize, ev: RequestEvent) {
+        let from = self.pending.len();
+        let ids = match &ev {
+            RequestEvent::Delta { token_ids, .. } if self.prompt_ids.is_some() => token_ids.clone(),
+            _ => Vec::new(),
+        };
+        self.handle_event(ci, pi, ev);
+        self.add_token_ids(from, Some((ci, &ids)));
+    }
+
+    fn handle_event(&mut self, ci: usize, pi: usize, ev: RequestEvent) {
         if !matches!(ev, RequestEvent::PromptLogprobs(_)) {
             // No prompt logprobs came before the output (or the end): the echo goes without.
             self.send_echo(ci, pi, None);

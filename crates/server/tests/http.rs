@@ -691,3 +691,55 @@ async fn cache_salt_keeps_prefix_cache_hits_within_a_salt() {
     let (st, v) = run(Some("")).await;
     assert_eq!((st, v["error"]["param"].as_str()), (400, Some("cache_salt")), "{v}");
 }
+
+/// `return_token_ids` (vLLM's): the prompt's ids (`prompt_token_ids`: on the response for chats,
+/// on each choice for completions; streamed, on each choice's first chunk) and each choice's
+/// output ids (`token_ids`; streamed, each chunk its own), the same streamed or not.
+#[tokio::test]
+async fn return_token_ids_gives_prompt_and_output_ids() {
+    let s = Server::start(&[]).await;
+    let messages = json!([{"role": "user", "content": "count to three"}]);
+    let (_, t) = s.post("/tokenize", json!({"messages": messages})).await;
+    let chat_prompt = t["tokens"].clone();
+    let body = json!({"messages": messages, "max_tokens": 12, "temperature": 0, "ignore_eos": true, "return_token_ids": true});
+    let (st, v) = s.post("/v1/chat/completions", body.clone()).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["prompt_token_ids"], chat_prompt, "{v}");
+    let ids = v["choices"][0]["token_ids"].as_array().unwrap().clone();
+    assert_eq!(ids.len(), 12, "{v}");
+    let mut streamed_body = body.clone();
+    streamed_body["stream"] = json!(true);
+    let chunks: Vec<Value> = s.stream("/v1/chat/completions", streamed_body).await.iter().filter(|d| *d != "[DONE]").map(|d| serde_json::from_str(d).unwrap()).collect();
+    assert_eq!(chunks[0]["prompt_token_ids"], chat_prompt, "{}", chunks[0]);
+    assert!(chunks[1..].iter().all(|c| c.get("prompt_token_ids").is_none()), "prompt ids once");
+    let streamed: Vec<Value> = chunks.iter().filter_map(|c| c["choices"][0]["token_ids"].as_array().cloned()).flatten().collect();
+    assert_eq!(streamed, ids, "streamed ids");
+    // Without the field, none of it.
+    let (_, plain) = s.post("/v1/chat/completions", json!({"messages": messages, "max_tokens": 2})).await;
+    assert!(plain.get("prompt_token_ids").is_none() && plain["choices"][0].get("token_ids").is_none(), "{plain}");
+
+    // Completions: two prompts, two choices each.
+    let prompts = ["one two", "three four five six"];
+    let mut want = Vec::new();
+    for p in prompts {
+        let (_, t) = s.post("/tokenize", json!({"prompt": p})).await;
+        want.push(t["tokens"].clone());
+    }
+    let body = json!({"prompt": prompts, "n": 2, "max_tokens": 5, "temperature": 0, "ignore_eos": true, "return_token_ids": true});
+    let (_, v) = s.post("/v1/completions", body.clone()).await;
+    for c in v["choices"].as_array().unwrap() {
+        let i = c["index"].as_u64().unwrap() as usize;
+        assert_eq!(c["prompt_token_ids"], want[i / 2], "{c}");
+        assert_eq!(c["token_ids"].as_array().map(Vec::len), Some(5), "{c}");
+    }
+    let mut streamed_body = body;
+    streamed_body["stream"] = json!(true);
+    let chunks: Vec<Value> = s.stream("/v1/completions", streamed_body).await.iter().filter(|d| *d != "[DONE]").map(|d| serde_json::from_str(d).unwrap()).collect();
+    for i in 0..4 {
+        let mine: Vec<&Value> = chunks.iter().filter(|c| c["choices"][0]["index"] == i).collect();
+        assert_eq!(mine[0]["choices"][0]["prompt_token_ids"], want[i / 2], "{}", mine[0]);
+        assert!(mine[1..].iter().all(|c| c["choices"][0].get("prompt_token_ids").is_none()));
+        let ids: Vec<Value> = mine.iter().filter_map(|c| c["choices"][0]["token_ids"].as_array().cloned()).flatten().collect();
+        assert_eq!(Value::Array(ids), v["choices"][i]["token_ids"], "choice {i}");
+    }
+}
