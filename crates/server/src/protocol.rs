@@ -62,6 +62,7 @@ const UNSUPPORTED: &[(&str, fn(&Value) -> bool, &str)] = &[
     ("bad_words", set_list, "use `logit_bias` to ban tokens"),
     ("structural_tag", |v| !v.is_null(), "use `response_format` with a JSON schema, or `structured_outputs`"),
     ("prompt_embeds", |v| !v.is_null(), "send the prompt as text or token ids"),
+    ("prompt_logprobs", |v| !v.is_null(), "/v1/completions with `echo` and `logprobs` returns the prompt's logprobs"),
     ("kv_transfer_params", |v| !v.is_null(), "there is no disaggregated prefill here"),
     ("max_repetition_pattern_size", set_number, "repetition stops are not implemented"),
     ("min_repetition_pattern_size", set_number, "repetition stops are not implemented"),
@@ -95,7 +96,7 @@ const COMMON_FIELDS: &[&str] = &[
     "guided_whitespace_pattern", "structured_outputs", "include_stop_str_in_output", "truncate_prompt_tokens", "allowed_token_ids",
     "return_tokens_as_token_ids", "add_special_tokens", "cache_salt", "return_token_ids",
 ];
-pub const CHAT_FIELDS: &[&str] = &["best_of", "reasoning_effort", "documents", "include_reasoning", "messages", "logprobs", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs", "add_generation_prompt", "continue_final_message", "functions", "function_call"];
+pub const CHAT_FIELDS: &[&str] = &["best_of", "echo", "reasoning_effort", "documents", "include_reasoning", "messages", "logprobs", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs", "add_generation_prompt", "continue_final_message", "functions", "function_call"];
 pub const COMPLETION_FIELDS: &[&str] = &["prompt", "echo", "logprobs", "suffix", "best_of"];
 
 fn from_value<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, ApiError> {
@@ -206,6 +207,9 @@ pub struct ChatRequest {
     pub documents: Option<Value>,
     /// vLLM's: false leaves the reasoning out of the reply (`reasoning_content`).
     pub include_reasoning: Option<bool>,
+    /// vLLM's: the reply starts with the last message's text where that message is the
+    /// assistant's (a prefill the reply continues).
+    pub echo: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -472,6 +472,8 @@ struct ChatRead {
     one_call: bool,
     /// `include_reasoning: false`: the reasoning is parsed out and left out.
     hide_reasoning: bool,
+    /// `echo`: the final assistant message's text, which the reply starts with.
+    echo: Option<String>,
     text: String,
 }
 
@@ -526,7 +528,9 @@ fn read_chat(state: &AppState, body: &[u8]) -> Result<ChatRead, ApiError> {
     }
     let text = render_chat(template, &messages, req.tools.as_ref(), req.add_generation_prompt, req.continue_final_message, &kwargs)?;
     let tools = parse_tools.then(|| ToolSchemas::from_tools(req.tools.as_ref()));
-    Ok(ChatRead { top, plan, tools, forced, one_call: req.parallel_tool_calls == Some(false), hide_reasoning: req.include_reasoning == Some(false), text })
+    // (Text parts are joined already.)
+    let echo = req.echo.unwrap_or(false).then(|| messages.as_array().and_then(|m| m.last()).filter(|m| m["role"] == "assistant").and_then(|m| m["content"].as_str()).unwrap_or_default().to_owned());
+    Ok(ChatRead { top, plan, tools, forced, one_call: req.parallel_tool_calls == Some(false), hide_reasoning: req.include_reasoning == Some(false), echo, text })
 }
 
 /// The chat's prompt text: rendered with a generation prompt (by default), or
@@ -561,7 +565,7 @@ fn render_chat(template: &peregrine_model::chat_template::ChatTemplate, messages
 async fn chat(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let body = body_bytes(body)?;
     let r = state.ready()?;
-    let ChatRead { top, plan, tools, forced, one_call, hide_reasoning, text } = read_request(&state, body, read_chat).await?;
+    let ChatRead { top, plan, tools, forced, one_call, hide_reasoning, echo, text } = read_request(&state, body, read_chat).await?;
     let tok = r.engine.tokenizer();
     let mut ids = encode(tok, &text, plan.add_special_tokens.unwrap_or(false)).await?;
     plan.truncate_prompt(&mut ids, r.engine.max_model_len());
@@ -581,6 +585,10 @@ async fn chat(State(state): State<AppState>, body: Result<Bytes, BytesRejection>
         if parsing.any() {
             st.parsing = Some(parsing);
         }
+        // The echo follows each choice's role chunk (as vLLM sends it).
+        if let Some(prefix) = echo.filter(|e| !e.is_empty()) {
+            st.echo_chat(&prefix);
+        }
         return Ok(sse(st).into_response());
     }
     let (prompt_lens, prompt_ids) = (sub.prompt_lens.clone(), sub.prompt_ids.clone());
@@ -588,7 +596,10 @@ async fn chat(State(state): State<AppState>, body: Result<Bytes, BytesRejection>
     let choices: Vec<Value> = results
         .iter()
         .map(|(ci, _, c)| {
-            let (message, calls) = parsing.message(&c.text);
+            let (mut message, calls) = parsing.message(&c.text);
+            if let Some(prefix) = echo.as_deref().filter(|e| !e.is_empty()) {
+                message["content"] = json!(format!("{prefix}{}", message["content"].as_str().unwrap_or_default()));
+            }
             let finish = c.finish.map(|f| parsing.finish_reason(f, calls));
             let mut choice = json!({"index": ci, "message": message,
                    "logprobs": top.map(|_| json!({"content": c.logprobs.iter().map(|lp| chat_logprob_entry(r, lp, plan.tokens_as_ids)).collect::<Vec<_>>()})),
@@ -803,6 +814,18 @@ impl StreamState {
         st.add_token_ids(0, None);
         st.merged = merged;
         st
+    }
+
+    /// A chat's echo (`echo`: the final assistant message's text) as a content chunk after each
+    /// choice's role chunk.
+    fn echo_chat(&mut self, prefix: &str) {
+        let roles: Vec<String> = self.pending.drain(..).collect();
+        for role in roles {
+            let ci = serde_json::from_str::<Value>(&role).ok().and_then(|c| c["choices"][0]["index"].as_u64()).unwrap_or(0) as usize;
+            self.pending.push_back(role);
+            let c = self.chunk(ci, json!({"content": prefix}), Value::Null, None);
+            self.pending.push_back(c);
+        }
     }
 
     /// With `return_token_ids`, the chunks queued from `from` on get their ids: each choice's

@@ -743,3 +743,32 @@ async fn return_token_ids_gives_prompt_and_output_ids() {
         assert_eq!(Value::Array(ids), v["choices"][i]["token_ids"], "choice {i}");
     }
 }
+
+/// A chat's `echo` (vLLM's): where the final message is the assistant's (a prefill the reply
+/// continues), the reply starts with its text, streamed as its own chunk after the role's; where
+/// it is not, nothing changes. `prompt_logprobs` is refused (not silently dropped).
+#[tokio::test]
+async fn chat_echo_starts_the_reply_with_the_assistant_prefill() {
+    let s = Server::start(&[]).await;
+    let prefill = json!([{"role": "user", "content": "tell a story"}, {"role": "assistant", "content": "Once upon"}]);
+    let body = |echo: bool, messages: &Value| json!({"messages": messages, "continue_final_message": messages[messages.as_array().unwrap().len() - 1]["role"] == "assistant",
+                                                      "echo": echo, "max_tokens": 6, "temperature": 0, "ignore_eos": true});
+    let content = |v: &Value| v["choices"][0]["message"]["content"].as_str().unwrap_or_else(|| panic!("{v}")).to_owned();
+    let (_, plain) = s.post("/v1/chat/completions", body(false, &prefill)).await;
+    let (_, echoed) = s.post("/v1/chat/completions", body(true, &prefill)).await;
+    assert_eq!(content(&echoed), format!("Once upon{}", content(&plain)), "{echoed}");
+    let mut streamed = body(true, &prefill);
+    streamed["stream"] = json!(true);
+    let chunks: Vec<Value> = s.stream("/v1/chat/completions", streamed).await.iter().filter(|d| *d != "[DONE]").map(|d| serde_json::from_str(d).unwrap()).collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    assert_eq!(chunks[1]["choices"][0]["delta"]["content"], "Once upon", "{}", chunks[1]);
+    let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    assert_eq!(text, content(&echoed));
+    // The final message the user's: no echo.
+    let user_last = json!([{"role": "user", "content": "tell a story"}]);
+    let (_, a) = s.post("/v1/chat/completions", body(true, &user_last)).await;
+    let (_, b) = s.post("/v1/chat/completions", body(false, &user_last)).await;
+    assert_eq!(content(&a), content(&b));
+    let (st, v) = s.post("/v1/chat/completions", json!({"messages": user_last, "prompt_logprobs": 1})).await;
+    assert_eq!((st, v["error"]["param"].as_str()), (400, Some("prompt_logprobs")), "{v}");
+}
