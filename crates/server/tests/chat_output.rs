@@ -140,6 +140,20 @@ impl Harness {
         (status, serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({status}): {text}")))
     }
 
+    /// One choice's reply, streamed (its chunks gathered) or whole: (reasoning, content, tool
+    /// calls, finish reason), absent text as "".
+    async fn reply(&self, mut body: Value, stream: bool) -> (String, String, Vec<Value>, Value) {
+        body["stream"] = json!(stream);
+        if stream {
+            return gather(&self.chat_stream(body).await);
+        }
+        let (status, v) = self.chat(body).await;
+        assert_eq!(status, 200, "{v}");
+        let m = &v["choices"][0]["message"];
+        let text = |f: &str| m[f].as_str().unwrap_or_default().to_owned();
+        (text("reasoning_content"), text("content"), m["tool_calls"].as_array().cloned().unwrap_or_default(), v["choices"][0]["finish_reason"].clone())
+    }
+
     /// The stream's chunks (the data lines before `[DONE]`).
     async fn chat_stream(&self, body: Value) -> Vec<Value> {
         let r = self.client.post(format!("{}/v1/chat/completions", self.base)).json(&body).send().await.unwrap();
@@ -405,19 +419,9 @@ async fn reasoning_is_split_from_the_answer() {
 async fn include_reasoning_false_and_template_variables() {
     let h = Harness::start(true).await;
     for stream in [false, true] {
-        let mut body = request("ask-think", json!({"tools": tools(), "include_reasoning": false, "stream": stream}));
-        body["stream"] = json!(stream);
-        let (content, calls) = if stream {
-            let chunks = h.chat_stream(body).await;
-            let (_, content, calls, _) = gather(&chunks);
-            assert!(chunks.iter().all(|c| c["choices"][0]["delta"].get("reasoning_content").is_none()), "{chunks:?}");
-            (content, calls)
-        } else {
-            let (_, v) = h.chat(body).await;
-            let m = &v["choices"][0]["message"];
-            assert!(m.get("reasoning_content").is_none(), "{v}");
-            (m["content"].as_str().unwrap_or_default().to_owned(), m["tool_calls"].as_array().cloned().unwrap_or_default())
-        };
+        let body = request("ask-think", json!({"tools": tools(), "include_reasoning": false}));
+        let (reasoning, content, calls, _) = h.reply(body, stream).await;
+        assert_eq!(reasoning, "", "stream {stream}");
         assert!(!content.contains("wants the time"), "stream {stream}: the reasoning reached the content: {content:?}");
         assert_eq!(calls.len(), 1, "stream {stream}: {calls:?}");
         assert_eq!(calls[0]["function"]["name"], "get_time");
@@ -526,22 +530,14 @@ async fn parallel_tool_calls_false_gives_one_call() {
     let mut contents = Vec::new();
     for stream in [false, true] {
         for (word, choice) in [("ask-weather", json!("auto")), ("ask-required", json!("required"))] {
-            let mut body = request(word, json!({"tools": tools(), "tool_choice": choice, "parallel_tool_calls": false}));
-            body["stream"] = json!(stream);
-            let (content, calls, finish) = if stream {
-                let (_, c, calls, f) = gather(&h.chat_stream(body).await);
-                (json!(c), calls, f)
-            } else {
-                let (_, v) = h.chat(body).await;
-                let m = &v["choices"][0]["message"];
-                (m["content"].clone(), m["tool_calls"].as_array().cloned().unwrap_or_default(), v["choices"][0]["finish_reason"].clone())
-            };
+            let body = request(word, json!({"tools": tools(), "tool_choice": choice, "parallel_tool_calls": false}));
+            let (_, content, calls, finish) = h.reply(body, stream).await;
             assert_eq!((calls.len(), &finish), (1, &json!("tool_calls")), "{word}, stream {stream}: {calls:?} {content}");
             let args: Value = serde_json::from_str(calls[0]["function"]["arguments"].as_str().unwrap()).unwrap();
             let first = if word == "ask-weather" { ("get_weather", json!({"city": "Paris", "unit": "C"})) } else { ("get_time", json!({})) };
             assert_eq!((calls[0]["function"]["name"].as_str().unwrap(), args), first, "{word}, stream {stream}");
             if word == "ask-weather" {
-                contents.push(content.as_str().unwrap_or_default().to_owned());
+                contents.push(content);
             }
         }
     }
