@@ -1396,14 +1396,17 @@ impl Core {
 /// and the finish reason if the sequence ends here.
 fn commit_token(s: &mut Seq, tok: u32, eos: &[u32], max_model_len: usize) -> (String, Option<FinishReason>) {
     let stop = &s.req.stop;
-    let can_stop = s.output.len() >= stop.min_tokens;
-    if can_stop && (stop.stop_token_ids.contains(&tok) || (!stop.ignore_eos && eos.contains(&tok))) {
+    // (The stop ids and EOS are banned from sampling before min_tokens, so this holds for them.)
+    if s.output.len() >= stop.min_tokens && (stop.stop_token_ids.contains(&tok) || (!stop.ignore_eos && eos.contains(&tok))) {
         // The stop token's text is not emitted; held text is, by finish().
         return (String::new(), Some(FinishReason::Stop));
     }
+    // A stop string may end only in the tokens after the first min_tokens (vLLM's rule: its
+    // output's first min_tokens tokens never end it), though it may start before them.
+    let can_stop = s.output.len() > stop.min_tokens;
     let new = s.decoder.push(tok).unwrap_or_default();
     // A match must end in this token's text: one within the text before (held through
-    // min_tokens, as a stop string may start there and end after it, as vLLM matches) is over.
+    // min_tokens) is over.
     let before = s.held.len();
     s.held.push_str(&new);
     let mut out = String::new();

@@ -614,6 +614,13 @@ fn unfinished_counts_each_sequence_until_it_leaves() {
         }
     };
     until(2);
+    // A group refused after its first sequence was made (the second's constraint is refused)
+    // gives that sequence's count back.
+    let mut bad = req("g1", prompts()[3].clone(), SamplingParams::greedy(), 5);
+    (bad.sampling.json_object, bad.sampling.allowed_token_ids) = (true, Some(vec![20, 21]));
+    let group = vec![req("g0", prompts()[3].clone(), SamplingParams::greedy(), 5), bad];
+    assert!(matches!(e.submit_group(group), Err(SubmitError::Constraint(_))));
+    assert_eq!(e.unfinished(), 2, "a group refused for its constraint");
     assert_eq!(collect(a).tokens.len(), 50);
     until(1);
     let d = e.submit(req("d", prompts()[4].clone(), SamplingParams::greedy(), 1000)).unwrap();
@@ -1121,8 +1128,8 @@ fn min_tokens_bans_the_stop_tokens_until_reached() {
     }
 }
 
-/// A stop string is matched once `min_tokens` is reached even where it starts in the text before
-/// (as vLLM matches it over the output text), and never where it ends before.
+/// A stop string may end the output only in the tokens after the first `min_tokens` (vLLM's
+/// rule), even where it starts in the text before them; one that ends within them never does.
 #[test]
 fn a_stop_string_may_start_before_min_tokens_and_end_after() {
     let e = engine(None, cfg());
@@ -1145,12 +1152,14 @@ fn a_stop_string_may_start_before_min_tokens_and_end_after() {
         if full.text.find(stop) != Some(start) {
             continue;
         }
-        // Reached at token k (the (k + 1)-th): the match that starts before it ends the output.
+        // Token k (the (k + 1)-th) is the first after min_tokens = k: the match that starts
+        // before it ends the output there.
+        let o = run(stop, k);
+        assert_eq!((o.reason, o.text.as_str(), o.tokens.len()), (Some(FinishReason::Stop), &full.text[..start], k + 1), "stop {stop:?} at min_tokens {k}");
+        // Token k is among the first min_tokens = k + 1: the match ends within them, so the whole
+        // output comes.
         let o = run(stop, k + 1);
-        assert_eq!((o.reason, o.text.as_str(), o.tokens.len()), (Some(FinishReason::Stop), &full.text[..start], k + 1), "stop {stop:?} at min_tokens {}", k + 1);
-        // Reached after it: no match ends past min_tokens, the whole output comes.
-        let o = run(stop, k + 2);
-        assert_eq!((o.reason, o.text.as_str()), (Some(FinishReason::Length), full.text.as_str()), "stop {stop:?} at min_tokens {}", k + 2);
+        assert_eq!((o.reason, o.text.as_str()), (Some(FinishReason::Length), full.text.as_str()), "stop {stop:?} at min_tokens {}", k + 1);
         tested += 1;
     }
     assert!(tested >= 3, "only {tested} token boundaries had a stop string that occurs once: {:?}", full.text);

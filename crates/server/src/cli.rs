@@ -511,17 +511,20 @@ async fn shutdown_signal() {
 /// else once every request the engine holds has finished, `drain_for` has passed or a second
 /// signal came; the engine is then shut down (what it still holds is aborted: streams end with
 /// `abort`, others get a 503). Until then generation requests get a 503 and /health fails.
-async fn stop_serving(state: AppState, drain_for: Duration) {
+async fn stop_serving(state: AppState, drain_for: Duration, stopped: tokio::sync::oneshot::Sender<()>) {
     shutdown_signal().await;
     let Some(engine) = state.ready.get().map(|r| r.engine.clone()) else {
         tracing::info!("shutting down before the model was loaded");
+        let _ = stopped.send(());
         return;
     };
     if !drain_for.is_zero() {
         state.start_draining();
         tracing::info!(unfinished = engine.unfinished(), timeout_s = drain_for.as_secs(), "shutting down: refusing new requests, letting running ones finish (a second signal aborts them)");
         let drained = async {
-            while engine.unfinished() > 0 {
+            // The requests on their way in first, then the engine's: one counted by neither
+            // had seen the drain and was refused (`AppState::start_submit`).
+            while state.submitting() > 0 || engine.unfinished() > 0 {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         };
@@ -534,6 +537,24 @@ async fn stop_serving(state: AppState, drain_for: Duration) {
         tracing::info!("shutting down: aborting in-flight requests (streams end with finish_reason `abort`, others get 503; --shutdown-timeout lets them finish)");
     }
     let _ = tokio::task::spawn_blocking(move || engine.shutdown()).await;
+    let _ = stopped.send(());
+}
+
+/// How long the connections may take to finish their responses once the engine has stopped
+/// (the last events of streams, the errors of aborted requests): a client that stops reading,
+/// or a body that never arrives whole, must not keep the process up.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// Resolves `CLOSE_GRACE` after the engine stopped (`stopped`), or at a further signal then;
+/// never if the server ended first.
+async fn closing_deadline(stopped: tokio::sync::oneshot::Receiver<()>) {
+    if stopped.await.is_err() {
+        return std::future::pending().await;
+    }
+    tokio::select! {
+        _ = tokio::time::sleep(CLOSE_GRACE) => tracing::warn!("connections still open {}s after the engine stopped: closing them", CLOSE_GRACE.as_secs()),
+        _ = shutdown_signal() => tracing::warn!("another signal: closing the connections still open"),
+    }
 }
 
 /// The listener with TCP_NODELAY on every accepted connection, so each response write goes out
@@ -565,7 +586,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!(%addr, "listening (503 until the model is loaded)");
     let app = crate::routes::router(state.clone(), args.max_body_bytes).layer(crate::routes::cors(&args.allowed_origins)?);
     let (shutdown_state, drain_for) = (state.clone(), Duration::from_secs(args.shutdown_timeout.into()));
-    let mut server = tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(stop_serving(shutdown_state, drain_for)).await });
+    let (stopped, stopped_rx) = tokio::sync::oneshot::channel();
+    let mut server = tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(stop_serving(shutdown_state, drain_for, stopped)).await });
+    let deadline = closing_deadline(stopped_rx);
+    tokio::pin!(deadline);
     // A signal while the model loads stops the server at once, not after the load (minutes for
     // a large model: a pod being replaced would wait for it, then be killed).
     let loading = tokio::task::spawn_blocking(move || load(&args));
@@ -575,10 +599,14 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             stopped??;
             return Ok(());
         }
+        _ = &mut deadline => return Ok(()),
     };
     tracing::info!(model = %ready.model_name, "ready");
     let _ = state.ready.set(ready);
-    server.await??;
+    tokio::select! {
+        done = server => done??,
+        _ = &mut deadline => {}
+    }
     Ok(())
 }
 

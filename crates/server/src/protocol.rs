@@ -125,11 +125,18 @@ pub enum StopField {
 
 #[derive(Debug, Deserialize)]
 pub struct StreamOptions {
-    #[serde(default)]
-    pub include_usage: Option<bool>,
+    /// None: absent (usage on, vLLM's default); Some(None): null (off, as vLLM reads it).
+    #[serde(default, deserialize_with = "present")]
+    pub include_usage: Option<Option<bool>>,
     /// vLLM's: with `include_usage`, every chunk carries its choice's usage so far.
     #[serde(default)]
     pub continuous_usage_stats: Option<bool>,
+}
+
+/// A field that is present (null or a value), told apart from an absent one (`#[serde(default)]`
+/// gives None).
+fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
 }
 
 /// Sampling and stopping fields shared by both routes.
@@ -384,7 +391,7 @@ pub fn plan(c: &CommonParams, logprobs: Option<usize>, vocab_size: usize, always
         return Err(ApiError::param("stream_options", "`stream_options` is only allowed with `stream: true`"));
     }
     // `stream_options` without `include_usage` asks for it, as vLLM reads it (its default is true).
-    let include_usage = always_usage || c.stream_options.as_ref().is_some_and(|o| o.include_usage.unwrap_or(true));
+    let include_usage = always_usage || c.stream_options.as_ref().is_some_and(|o| o.include_usage.is_none_or(|given| given == Some(true)));
     let continuous_usage = include_usage && c.stream_options.as_ref().and_then(|o| o.continuous_usage_stats).unwrap_or(false);
     let cache_salt = match &c.cache_salt {
         Some(salt) if salt.is_empty() => return Err(ApiError::param("cache_salt", "`cache_salt` must be a non-empty string")),

@@ -44,10 +44,11 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(axum::extract::DefaultBodyLimit::max(max_body_bytes))
-        .layer(axum::middleware::from_fn_with_state(state.clone(), access_log))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| {
             ApiError::internal("internal error while handling the request").into_response()
         }))
+        // Outside the panic layer, so a panic's 500 is logged and echoes the id too.
+        .layer(axum::middleware::from_fn_with_state(state.clone(), access_log))
         .with_state(state)
 }
 
@@ -57,7 +58,8 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
 /// before the routes and the API key check).
 pub fn cors(origins: &[String]) -> anyhow::Result<tower_http::cors::CorsLayer> {
     use tower_http::cors::{AllowOrigin, Any, CorsLayer};
-    let layer = CorsLayer::new().allow_methods(Any).allow_headers(Any);
+    // A page may read the echoed X-Request-Id (`access_log`).
+    let layer = CorsLayer::new().allow_methods(Any).allow_headers(Any).expose_headers([header::HeaderName::from_static("x-request-id")]);
     let origins: Vec<&str> = origins.iter().map(|o| o.trim()).filter(|o| !o.is_empty()).collect();
     Ok(match origins.as_slice() {
         ["*"] => layer.allow_origin(Any),
@@ -78,28 +80,50 @@ pub fn cors(origins: &[String]) -> anyhow::Result<tower_http::cors::CorsLayer> {
 }
 
 /// Echoes the client's `X-Request-Id` on the response (so a caller's own id ties its request to
-/// its logs), and with `--access-log` on (the default) logs the request once its response
-/// starts: method, path, status, that id and the time to the response's start (a stream's own
-/// length is not in it). /health and /metrics log at debug level: probes and scrapes come every
-/// few seconds.
+/// its logs), and with the access log on (the default; `--disable-access-log`) logs the request
+/// once its response starts: method, path, status, that id and the time to the response's start
+/// (a stream's own length is not in it). A request whose client left before its response
+/// started is logged as 499 (nginx's "client closed request"). /health and /metrics log at debug
+/// level: probes and scrapes come every few seconds.
 async fn access_log(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let t0 = Instant::now();
-    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
     let request_id = req.headers().get("x-request-id").cloned();
+    let mut entry = state.settings.access_log.then(|| AccessLine {
+        method: req.method().to_string(),
+        path: req.uri().path().to_owned(),
+        request_id: request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-").to_owned(),
+        t0: Instant::now(),
+        status: None,
+    });
     let mut response = next.run(req).await;
-    if state.settings.access_log {
-        let (status, ms) = (response.status().as_u16(), (t0.elapsed().as_secs_f64() * 1e4).round() / 10.0);
-        let request_id = request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-");
-        if matches!(path.as_str(), "/health" | "/metrics") {
-            tracing::debug!(target: "peregrine::access", %method, path, status, ms, request_id, "request");
-        } else {
-            tracing::info!(target: "peregrine::access", %method, path, status, ms, request_id, "request");
-        }
+    if let Some(e) = entry.as_mut() {
+        e.status = Some(response.status().as_u16());
     }
     if let Some(id) = request_id {
         response.headers_mut().insert("x-request-id", id);
     }
     response
+}
+
+/// One request's access log line, written when dropped: with its status once the response
+/// started, as 499 where the request was dropped before (its client went away).
+struct AccessLine {
+    method: String,
+    path: String,
+    request_id: String,
+    t0: Instant,
+    status: Option<u16>,
+}
+
+impl Drop for AccessLine {
+    fn drop(&mut self) {
+        let (method, path, request_id) = (&self.method, &self.path, &self.request_id);
+        let (status, ms) = (self.status.unwrap_or(499), (self.t0.elapsed().as_secs_f64() * 1e4).round() / 10.0);
+        if matches!(path.as_str(), "/health" | "/metrics") {
+            tracing::debug!(target: "peregrine::access", method, path, status, ms, request_id, "request");
+        } else {
+            tracing::info!(target: "peregrine::access", method, path, status, ms, request_id, "request");
+        }
+    }
 }
 
 /// Bearer-token check with a constant-time comparison.
@@ -240,9 +264,8 @@ struct Submitted {
 /// for a 152k-token vocabulary: benches/results/2026-11-30-json-schema.md), must not stall the
 /// runtime's other requests.
 async fn submit(state: &AppState, id: &str, prompts: &[Vec<u32>], plan: &Plan, prompt_logprobs: Option<usize>, prompt_param: &'static str) -> Result<Submitted, ApiError> {
-    if state.draining() {
-        return Err(ApiError::shutting_down());
-    }
+    // Held until the engine counts the sequences (or refuses them), for a drain to wait on.
+    let _submitting = state.start_submit().ok_or_else(ApiError::shutting_down)?;
     if plan.sampling.guide.is_none() {
         return submit_all(state.ready()?, id, prompts, plan, prompt_logprobs, prompt_param);
     }
@@ -512,8 +535,7 @@ fn read_chat(state: &AppState, body: &[u8]) -> Result<ChatRead, ApiError> {
     let messages = protocol::chat_messages(&req.messages)?;
     let template = r.template.as_ref().ok_or_else(|| ApiError::invalid("this model has no chat template: use /v1/completions or start the server with --chat-template"))?;
     let mut kwargs = req.chat_template_kwargs.clone().unwrap_or_default();
-    // The request's own fields for template variables, over the same names in the kwargs (as
-    // vLLM merges them).
+    // The request's own fields for template variables, over the same names in the kwargs.
     if let Some(effort) = &req.reasoning_effort {
         if !REASONING_EFFORTS.contains(&effort.as_str()) {
             return Err(ApiError::param("reasoning_effort", format!("`reasoning_effort` must be one of {}, got `{effort}`", REASONING_EFFORTS.join(", "))));

@@ -1,6 +1,6 @@
 //! Shared server state: the engine once the model is loaded, the chat template, and settings.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use peregrine_engine::EngineHandle;
@@ -36,11 +36,24 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     /// Set once a shutdown drains: requests in flight run on, new ones are refused.
     draining: Arc<AtomicBool>,
+    /// Requests between the drain check and the engine's own count (`Submitting`).
+    submitting: Arc<AtomicUsize>,
+}
+
+/// A request on its way into the engine, counted from before it checked for a drain until the
+/// engine counts its sequences (`EngineHandle::unfinished`): a drain that reads this count and
+/// then the engine's misses no request that saw no drain.
+pub struct Submitting(Arc<AtomicUsize>);
+
+impl Drop for Submitting {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl AppState {
     pub fn new(settings: Settings) -> Self {
-        AppState { ready: Arc::new(OnceLock::new()), settings: Arc::new(settings), draining: Arc::new(AtomicBool::new(false)) }
+        AppState { ready: Arc::new(OnceLock::new()), settings: Arc::new(settings), draining: Arc::new(AtomicBool::new(false)), submitting: Arc::new(AtomicUsize::new(0)) }
     }
     pub fn ready(&self) -> Result<&Ready, ApiError> {
         self.ready.get().ok_or_else(ApiError::loading)
@@ -53,6 +66,18 @@ impl AppState {
     pub fn draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
     }
+    /// Counts a request about to be submitted, or None once a drain began. Counted before the
+    /// check (both SeqCst, as the drain sets its flag before reading the count), so either this
+    /// sees the drain or the drain sees this.
+    pub fn start_submit(&self) -> Option<Submitting> {
+        self.submitting.fetch_add(1, Ordering::SeqCst);
+        let counted = Submitting(self.submitting.clone());
+        (!self.draining()).then_some(counted)
+    }
+    /// Requests between their drain check and the engine's count.
+    pub fn submitting(&self) -> usize {
+        self.submitting.load(Ordering::SeqCst)
+    }
 }
 
 pub fn unix_now() -> u64 {
@@ -62,4 +87,26 @@ pub fn unix_now() -> u64 {
 /// A random request id suffix (ids also seed unseeded sampling, so they must not repeat).
 pub fn random_id(prefix: &str) -> String {
     format!("{prefix}-{:032x}", rand::random::<u128>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A request counted on its way in holds the count until it is dropped; once a drain began,
+    /// none is let in and none stays counted.
+    #[test]
+    fn submits_are_counted_until_the_engine_has_them_and_refused_once_draining() {
+        let state = AppState::new(Settings { api_key: None, always_include_usage: false, parse_tool_calls: false, parse_reasoning: false, access_log: false });
+        let a = state.start_submit().expect("not draining");
+        let b = state.start_submit().expect("not draining");
+        assert_eq!(state.submitting(), 2);
+        drop(a);
+        assert_eq!(state.submitting(), 1);
+        state.start_draining();
+        assert!(state.start_submit().is_none(), "let in while draining");
+        assert_eq!(state.submitting(), 1, "a refused submit stays counted");
+        drop(b);
+        assert_eq!(state.submitting(), 0);
+    }
 }

@@ -432,7 +432,7 @@ async fn include_reasoning_false_and_template_variables() {
     let (_, docs) = h.chat(request("ask-plain", json!({"documents": [{"title": "Paris weather", "text": "sunny"}]}))).await;
     assert!(prompt_tokens(&effort) > prompt_tokens(&base), "{effort} against {base}");
     assert!(prompt_tokens(&docs) > prompt_tokens(&base), "{docs} against {base}");
-    // The field wins over the same name in the kwargs (as vLLM merges them).
+    // The field wins over the same name in the kwargs.
     let (_, both) = h.chat(request("ask-plain", json!({"reasoning_effort": "high", "chat_template_kwargs": {"reasoning_effort": "a much longer effort than high"}}))).await;
     assert_eq!(prompt_tokens(&both), prompt_tokens(&effort), "{both}");
     let e = h.engine.clone();
@@ -523,7 +523,8 @@ async fn requests_the_server_cannot_honour_are_refused() {
 }
 
 /// `parallel_tool_calls: false` (OpenAI's): one call at most, streamed or not; a forced
-/// `required` list is held to one item.
+/// `required` list is held to one item by its guide (the script's second item is never
+/// generated, not only dropped).
 #[tokio::test]
 async fn parallel_tool_calls_false_gives_one_call() {
     let h = Harness::start(true).await;
@@ -543,6 +544,10 @@ async fn parallel_tool_calls_false_gives_one_call() {
     }
     assert_eq!(contents[0], contents[1], "streamed content differs");
     assert!(contents[0].starts_with("I'll check."), "{contents:?}");
+    let tokens = |v: &Value| v["usage"]["completion_tokens"].as_u64().unwrap_or_else(|| panic!("{v}"));
+    let (_, both) = h.chat(request("ask-required", json!({"tools": tools(), "tool_choice": "required"}))).await;
+    let (_, one) = h.chat(request("ask-required", json!({"tools": tools(), "tool_choice": "required", "parallel_tool_calls": false}))).await;
+    assert!(tokens(&one) < tokens(&both), "the guide let a second item be generated: {one} against {both}");
     let e = h.engine.clone();
     tokio::task::spawn_blocking(move || e.shutdown()).await.unwrap();
 }

@@ -573,8 +573,9 @@ async fn continue_final_message_truncate_prompt_tokens_and_include_stop_str() {
 
 /// `stream_options.continuous_usage_stats` (vLLM's), with `include_usage`: every chunk carries
 /// its choice's usage so far, counting each token as it streams, ending at the choice's own
-/// count; the final usage chunk still sums the choices. With `include_usage: false`, no chunk
-/// has it; `stream_options` without `include_usage` gets the final usage chunk (vLLM's default).
+/// count; the final usage chunk still sums the choices. With `include_usage` false or null, no
+/// chunk has it; `stream_options` without `include_usage` gets the final usage chunk (vLLM's
+/// default).
 #[tokio::test]
 async fn continuous_usage_stats_count_each_choice_as_it_streams() {
     let s = Server::start(&[]).await;
@@ -614,9 +615,11 @@ async fn continuous_usage_stats_count_each_choice_as_it_streams() {
         // Streamed one token at a time here, so the counts rise through every value.
         let counts: std::collections::BTreeSet<u64> = choices.iter().map(|c| c["usage"]["completion_tokens"].as_u64().unwrap()).collect();
         assert!(counts.len() >= 5, "chat {chat}: {counts:?}");
-        body["stream_options"] = json!({"include_usage": false, "continuous_usage_stats": true});
-        let events = s.stream(path, body.clone()).await;
-        assert!(events.iter().all(|e| !e.contains("\"usage\"")), "usage without include_usage: {events:?}");
+        for off in [json!(false), Value::Null] {
+            body["stream_options"] = json!({"include_usage": off, "continuous_usage_stats": true});
+            let events = s.stream(path, body.clone()).await;
+            assert!(events.iter().all(|e| !e.contains("\"usage\"")), "usage with include_usage {off}: {events:?}");
+        }
         // `stream_options` without `include_usage` asks for it (vLLM's default).
         body["stream_options"] = json!({});
         let events = s.stream(path, body).await;

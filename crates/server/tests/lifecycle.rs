@@ -204,8 +204,8 @@ fn spawn_logged(args: &[&str], log: &std::path::Path) -> (std::process::Child, u
 }
 
 /// Each request is logged once (method, path, status, time, the caller's X-Request-Id, which
-/// comes back on the response); probes of /health are not at info level; `--disable-access-log`
-/// logs none.
+/// comes back on the response), one whose client left before its answer as 499; probes of
+/// /health are not at info level; `--disable-access-log` logs none.
 #[tokio::test]
 async fn requests_are_logged_with_the_callers_request_id() {
     let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/golden/default");
@@ -228,6 +228,15 @@ async fn requests_are_logged_with_the_callers_request_id() {
         assert_eq!((r.status().as_u16(), r.headers().get("x-request-id").map(|v| v.to_str().unwrap().to_owned())), (200, Some("trace-42".into())));
         let r = client.post(format!("{base}/v1/completions")).json(&json!({"prompt": "x", "max_tokens": -1})).send().await.unwrap();
         assert_eq!((r.status().as_u16(), r.headers().get("x-request-id")), (400, None));
+        // A client that leaves before its (long, whole) answer: logged as 499.
+        let gone = client.post(format!("{base}/v1/completions")).header("x-request-id", "gone-1").timeout(std::time::Duration::from_millis(300))
+            .json(&json!({"prompt": "x", "max_tokens": 3000, "ignore_eos": true})).send().await;
+        assert!(gone.is_err(), "answered within 300 ms: {gone:?}");
+        let t0 = std::time::Instant::now();
+        while !std::fs::read_to_string(&log).unwrap().contains("gone-1") && !disabled {
+            assert!(t0.elapsed().as_secs() < 10, "no line for the request whose client left");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
         let _ = child.kill();
         let _ = child.wait();
         let text = std::fs::read_to_string(&log).unwrap();
@@ -236,9 +245,10 @@ async fn requests_are_logged_with_the_callers_request_id() {
             assert!(lines.is_empty(), "{text}");
             continue;
         }
-        assert_eq!(lines.len(), 2, "one line per request, none for /health: {text}");
-        assert!(lines[0].contains("method=POST") && lines[0].contains("path=\"/v1/completions\"") && lines[0].contains("status=200") && lines[0].contains("request_id=\"trace-42\""), "{}", lines[0]);
+        assert_eq!(lines.len(), 3, "one line per request, none for /health: {text}");
+        assert!(lines[0].contains("method=\"POST\"") && lines[0].contains("path=\"/v1/completions\"") && lines[0].contains("status=200") && lines[0].contains("request_id=\"trace-42\""), "{}", lines[0]);
         assert!(lines[1].contains("status=400") && lines[1].contains("request_id=\"-\""), "{}", lines[1]);
+        assert!(lines[2].contains("status=499") && lines[2].contains("request_id=\"gone-1\""), "{}", lines[2]);
     }
 }
 
@@ -308,4 +318,44 @@ fn compile_kernels_without_nvrtc_says_what_is_missing() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("libnvrtc (CUDA 13's NVRTC) was not found") && err.contains("LD_LIBRARY_PATH"), "{err}");
     assert!(!cache.exists(), "nothing written");
+}
+
+/// A connection that never finishes its request (a body that never arrives whole) does not keep
+/// the server up after a signal: it exits once the connections had their grace after the engine
+/// stopped, or at once at a further signal.
+#[cfg(unix)]
+#[tokio::test]
+async fn a_stalled_connection_does_not_hold_the_exit() {
+    use tokio::io::AsyncWriteExt;
+    for second_signal in [true, false] {
+        let mut s = Server::start(&[]).await;
+        let addr = s.url("").trim_start_matches("http://").trim_end_matches('/').to_string();
+        let mut stalled = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        stalled.write_all(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{").await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        terminate(&s.child);
+        let t0 = std::time::Instant::now();
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        assert!(s.child.try_wait().unwrap().is_none(), "exited without waiting for the open request at all");
+        if second_signal {
+            terminate(&s.child);
+        }
+        let status = tokio::task::spawn_blocking(move || {
+            while s.child.try_wait().unwrap().is_none() {
+                assert!(t0.elapsed().as_secs() < 30, "still up 30 s after the signal");
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            s.child.wait().unwrap()
+        })
+        .await
+        .unwrap();
+        let took = t0.elapsed();
+        assert!(status.success(), "exit status {status}");
+        if second_signal {
+            assert!(took.as_secs_f64() < 3.0, "a second signal took {took:?}");
+        } else {
+            assert!(took.as_secs_f64() >= 4.0, "closed before the grace: {took:?}");
+        }
+        drop(stalled);
+    }
 }
