@@ -561,7 +561,8 @@ impl Core {
             accepted_prediction_tokens: s.spec_accepted,
             rejected_prediction_tokens: s.spec_drafted - s.spec_accepted,
         };
-        let _ = s.tx.send(RequestEvent::Finished { reason, usage });
+        // Measured before the client hears of the end, so /metrics read after a response
+        // counts it.
         self.metrics.success.with_label_values(&[reason.as_str()]).inc();
         let now = Instant::now();
         self.metrics.e2e.observe((now - s.req.arrival).as_secs_f64());
@@ -573,6 +574,7 @@ impl Core {
         if let Some(t) = s.first_token {
             self.metrics.decode_time.observe((now - t).as_secs_f64());
         }
+        let _ = s.tx.send(RequestEvent::Finished { reason, usage });
     }
 
     /// The backend can serve nothing more: remembers why (the handle then refuses submits),
