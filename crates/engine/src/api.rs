@@ -15,7 +15,8 @@ pub struct GenerateRequest {
     pub prompt_tokens: Vec<u32>,
     pub sampling: SamplingParams,
     pub stop: StopParams,
-    /// Log-probabilities of the prompt tokens (`echo` + `logprobs`): this many top entries each.
+    /// Log-probabilities of the prompt tokens (`echo` + `logprobs`, vLLM's `prompt_logprobs`):
+    /// this many top entries each. Such a request computes its whole prompt (no prefix-cache hit).
     pub prompt_logprobs: Option<usize>,
     /// Lower runs first; ties go to the earlier arrival (FCFS).
     pub priority: i32,
@@ -50,6 +51,14 @@ pub struct TokenLogprob {
     pub token_id: u32,
     pub logprob: f32,
     pub top: Vec<(u32, f32)>,
+}
+
+/// One prompt token's log-probability and its rank in the vocabulary: 1 + how many other tokens
+/// the model found at least as likely (vLLM's `prompt_logprobs` report it; 1 = the likeliest).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptLogprob {
+    pub token: TokenLogprob,
+    pub rank: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,7 +98,7 @@ pub struct Usage {
 pub enum RequestEvent {
     /// Sent first when `prompt_logprobs` was asked: one entry per prompt token (None for the
     /// first, which has no context).
-    PromptLogprobs(Vec<Option<TokenLogprob>>),
+    PromptLogprobs(Vec<Option<PromptLogprob>>),
     /// Newly committed output. `text` is the new text (never splits a UTF-8 character, never
     /// contains a stop string); `token_ids` and `logprobs` the tokens committed this step.
     Delta { text: String, token_ids: Vec<u32>, logprobs: Vec<TokenLogprob> },

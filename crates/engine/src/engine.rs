@@ -325,7 +325,7 @@ struct Seq {
     spec_drafted: usize,
     /// Its verify rounds, for its expected tokens per round (`SpecPolicy::expected`).
     spec_rounds: SeqRounds,
-    prompt_lp: Vec<Option<TokenLogprob>>,
+    prompt_lp: Vec<Option<PromptLogprob>>,
     prompt_lp_done: bool,
     first_scheduled: Option<Instant>,
     first_token: Option<Instant>,
@@ -1121,7 +1121,7 @@ impl Core {
                 for r in 0..lg.rows {
                     let p = start + r + 1;
                     if p < plen {
-                        s.prompt_lp.push(Some(sampler::logprobs(lg.row(r), s.token_at(p), top)));
+                        s.prompt_lp.push(Some(sampler::prompt_logprob(lg.row(r), s.token_at(p), top)));
                     }
                 }
                 if s.computed >= plen {

@@ -7,7 +7,7 @@ use peregrine_core::SamplingParams;
 use rand::{Rng, SeedableRng};
 use rand::rngs::StdRng;
 
-use crate::api::TokenLogprob;
+use crate::api::{PromptLogprob, TokenLogprob};
 
 /// A per-request source of randomness indexed by output position: the draw for output token
 /// `n` depends only on the seed and `n`. Speculative decoding relies on this: verifying a
@@ -181,6 +181,18 @@ pub fn logprobs(raw: &[f32], chosen: u32, top: usize) -> TokenLogprob {
     }
 }
 
+/// A prompt token's logprobs (as `logprobs`) with its rank: 1 + the other tokens whose logit is
+/// at least its own (vLLM counts ties against the token). A NaN logit ranks last.
+pub fn prompt_logprob(raw: &[f32], chosen: u32, top: usize) -> PromptLogprob {
+    let own = raw[chosen as usize];
+    let rank = if own.is_nan() {
+        raw.len()
+    } else {
+        1 + raw.iter().enumerate().filter(|&(i, &l)| i != chosen as usize && l >= own).count()
+    };
+    PromptLogprob { token: logprobs(raw, chosen, top), rank: rank as u32 }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -257,5 +269,16 @@ mod tests {
         let s: f64 = raw.iter().map(|&x| (x as f64).exp()).sum();
         assert!((lp.logprob as f64 - (1.0 - s.ln())).abs() < 1e-5);
         assert_eq!(lp.top.iter().map(|e| e.0).collect::<Vec<_>>(), vec![2, 1]);
+    }
+
+    #[test]
+    fn prompt_ranks_count_ties_against_the_token() {
+        let raw = [1.0f32, 3.0, 2.0, 3.0, f32::NAN];
+        let rank = |t: u32| prompt_logprob(&raw, t, 1).rank;
+        assert_eq!((rank(1), rank(3)), (2, 2), "a tie: each counts the other");
+        assert_eq!((rank(2), rank(0)), (3, 4));
+        assert_eq!(rank(4), 5, "a NaN logit ranks last");
+        let p = prompt_logprob(&raw[..4], 2, 1);
+        assert_eq!(p.token, logprobs(&raw[..4], 2, 1));
     }
 }

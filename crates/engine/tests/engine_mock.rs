@@ -718,7 +718,7 @@ fn too_small_kv_is_a_clear_error() {
     assert!(err.to_string().contains("kv_cache_memory_bytes"), "{err}");
 }
 
-fn logprob_run(chunk: usize) -> (Vec<Option<TokenLogprob>>, Vec<TokenLogprob>, Vec<u32>) {
+fn logprob_run(chunk: usize) -> (Vec<Option<PromptLogprob>>, Vec<TokenLogprob>, Vec<u32>) {
     let e = engine(Some(6), EngineConfig { max_num_batched_tokens: chunk, ..cfg() });
     let p = prompts()[3].clone();
     let mut r = req("lp", p, SamplingParams { logprobs: Some(3), ..SamplingParams::greedy() }, 5);
@@ -750,10 +750,23 @@ fn logprobs_and_prompt_logprobs() {
     assert_eq!(plp.len(), p.len());
     assert!(plp[0].is_none());
     for (i, e) in plp.iter().enumerate().skip(1) {
-        let e = e.as_ref().unwrap();
+        let PromptLogprob { token: e, rank } = e.as_ref().unwrap();
         assert_eq!(e.token_id, p[i]);
         assert_eq!(e.top.len(), 2);
         assert!(e.logprob <= 0.0 && e.top[0].1 >= e.top[1].1);
+        // Its rank agrees with the top entries: one of them, it counts those at least as likely
+        // (itself included; exact unless every entry is, when a tie past them may count too);
+        // not one of them, it ranks below them all.
+        let at_least = e.top.iter().filter(|x| x.1 >= e.logprob).count();
+        if e.top.iter().any(|&(t, _)| t == e.token_id) {
+            if at_least < e.top.len() {
+                assert_eq!(*rank as usize, at_least, "position {i}");
+            } else {
+                assert!(*rank as usize >= at_least, "position {i}: rank {rank}");
+            }
+        } else {
+            assert!(*rank as usize > e.top.len(), "position {i}: rank {rank}");
+        }
     }
     assert_eq!(lps.len(), toks.len());
     for (l, &t) in lps.iter().zip(&toks) {

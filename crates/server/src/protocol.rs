@@ -62,7 +62,6 @@ const UNSUPPORTED: &[(&str, fn(&Value) -> bool, &str)] = &[
     ("bad_words", set_list, "use `logit_bias` to ban tokens"),
     ("structural_tag", |v| !v.is_null(), "use `response_format` with a JSON schema, or `structured_outputs`"),
     ("prompt_embeds", |v| !v.is_null(), "send the prompt as text or token ids"),
-    ("prompt_logprobs", |v| !v.is_null(), "/v1/completions with `echo` and `logprobs` returns the prompt's logprobs"),
     ("kv_transfer_params", |v| !v.is_null(), "there is no disaggregated prefill here"),
     ("max_repetition_pattern_size", set_number, "repetition stops are not implemented"),
     ("min_repetition_pattern_size", set_number, "repetition stops are not implemented"),
@@ -94,7 +93,7 @@ const COMMON_FIELDS: &[&str] = &[
     "repetition_penalty", "logit_bias", "ignore_eos", "min_tokens", "priority", "skip_special_tokens", "user",
     "response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend",
     "guided_whitespace_pattern", "structured_outputs", "include_stop_str_in_output", "truncate_prompt_tokens", "allowed_token_ids",
-    "return_tokens_as_token_ids", "add_special_tokens", "cache_salt", "return_token_ids",
+    "return_tokens_as_token_ids", "add_special_tokens", "cache_salt", "return_token_ids", "prompt_logprobs",
 ];
 pub const CHAT_FIELDS: &[&str] = &["best_of", "echo", "reasoning_effort", "documents", "include_reasoning", "messages", "logprobs", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs", "add_generation_prompt", "continue_final_message", "functions", "function_call"];
 pub const COMPLETION_FIELDS: &[&str] = &["prompt", "echo", "logprobs", "suffix", "best_of"];
@@ -189,6 +188,8 @@ pub struct CommonParams {
     pub cache_salt: Option<String>,
     /// vLLM's: the response carries the prompt's and the output's token ids.
     pub return_token_ids: Option<bool>,
+    /// vLLM's: each prompt token's logprob, rank and this many likeliest alternatives.
+    pub prompt_logprobs: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -262,6 +263,9 @@ pub struct Plan {
     pub truncate_prompt_tokens: Option<usize>,
     /// Logprobs name tokens `token_id:<id>` (vLLM's `return_tokens_as_token_ids`).
     pub tokens_as_ids: bool,
+    /// The response carries the prompt's logprobs with this many alternatives each (vLLM's
+    /// `prompt_logprobs`; never when streamed).
+    pub prompt_logprobs: Option<usize>,
 }
 
 impl Plan {
@@ -397,6 +401,15 @@ pub fn plan(c: &CommonParams, logprobs: Option<usize>, vocab_size: usize, always
         Some(salt) if salt.is_empty() => return Err(ApiError::param("cache_salt", "`cache_salt` must be a non-empty string")),
         salt => salt.clone(),
     };
+    let prompt_logprobs = match c.prompt_logprobs {
+        None => None,
+        // vLLM's rules and words: refused with a stream, where it would fill something.
+        Some(k) if stream && (k > 0 || k == -1) => return Err(ApiError::param("prompt_logprobs", "`prompt_logprobs` are not available when `stream=true`")),
+        Some(0) if stream => None,
+        Some(k) if (0..=MAX_TOP_LOGPROBS as i64).contains(&k) => Some(k as usize),
+        Some(-1) => return Err(ApiError::param("prompt_logprobs", format!("`prompt_logprobs` -1 (the whole vocabulary, {vocab_size} tokens) is more than the {MAX_TOP_LOGPROBS} allowed"))),
+        Some(k) => return Err(ApiError::param("prompt_logprobs", format!("`prompt_logprobs` must be between 0 and {MAX_TOP_LOGPROBS} (or -1), got {k}"))),
+    };
     let truncate_prompt_tokens = match c.truncate_prompt_tokens {
         None => None,
         Some(-1) => Some(usize::MAX),
@@ -428,6 +441,7 @@ pub fn plan(c: &CommonParams, logprobs: Option<usize>, vocab_size: usize, always
         priority: c.priority.unwrap_or(0),
         truncate_prompt_tokens,
         tokens_as_ids: c.return_tokens_as_token_ids.unwrap_or(false),
+        prompt_logprobs,
     })
 }
 

@@ -16,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::stream::{self, SelectAll, StreamExt};
-use peregrine_engine::{FinishReason, GenerateRequest, RequestEvent, RequestStream, SubmitError, TokenLogprob};
+use peregrine_engine::{FinishReason, GenerateRequest, RequestEvent, RequestStream, SubmitError, PromptLogprob, TokenLogprob};
 use serde_json::{json, Value};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
@@ -401,6 +401,33 @@ fn legacy_logprobs(r: &Ready, entries: &[Option<TokenLogprob>], ids: &[u32], sta
     (json!({"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}), off)
 }
 
+/// `lp` with only its first `k` alternatives (the engine computed as many as the largest ask).
+fn with_top(lp: &TokenLogprob, k: usize) -> TokenLogprob {
+    TokenLogprob { top: lp.top.iter().take(k).copied().collect(), ..lp.clone() }
+}
+
+/// vLLM's `prompt_logprobs`: per prompt token, null for the first (nothing precedes it), else an
+/// object keyed by token id holding the token itself and its `k` likeliest alternatives, each
+/// `{logprob, rank, decoded_token}` (an impossible token's -inf as -9999, as vLLM clamps it).
+fn prompt_logprobs_json(r: &Ready, entries: &[Option<PromptLogprob>], prompt_len: usize, k: usize) -> Value {
+    let one = |id: u32, logprob: f32, rank: u32| {
+        let logprob = if logprob == f32::NEG_INFINITY { -9999.0 } else { logprob };
+        json!({"logprob": logprob, "rank": rank, "decoded_token": token_text(r, id)})
+    };
+    let list = (0..prompt_len).map(|i| match entries.get(i) {
+        Some(Some(PromptLogprob { token, rank })) => {
+            let mut m = serde_json::Map::new();
+            m.insert(token.token_id.to_string(), one(token.token_id, token.logprob, *rank));
+            for (place, &(id, l)) in token.top.iter().take(k).enumerate() {
+                m.entry(id.to_string()).or_insert_with(|| one(id, l, place as u32 + 1));
+            }
+            Value::Object(m)
+        }
+        _ => Value::Null,
+    });
+    Value::Array(list.collect())
+}
+
 /// OpenAI's usage object. With speculation on, `completion_tokens_details` counts the drafted
 /// tokens that were accepted and rejected (as vLLM and OpenAI's predicted outputs report them).
 fn usage_json(prompt: usize, completion: usize, cached: usize, spec: Option<(usize, usize)>) -> Value {
@@ -424,7 +451,7 @@ struct Collected {
     text: String,
     ids: Vec<u32>,
     logprobs: Vec<TokenLogprob>,
-    prompt_logprobs: Option<Vec<Option<TokenLogprob>>>,
+    prompt_logprobs: Option<Vec<Option<PromptLogprob>>>,
     finish: Option<FinishReason>,
     completion_tokens: usize,
     cached: usize,
@@ -600,7 +627,8 @@ async fn chat(State(state): State<AppState>, body: Result<Bytes, BytesRejection>
         one_call,
     };
     let id = random_id("chatcmpl");
-    let sub = submit(&state, &id, &[ids], &plan, None, "messages").await?;
+    let prompt_len = ids.len();
+    let sub = submit(&state, &id, &[ids], &plan, plan.prompt_logprobs, "messages").await?;
     let created = unix_now();
     if plan.stream {
         let mut st = StreamState::new(state.clone(), sub, id, created, true, &plan, None);
@@ -636,6 +664,10 @@ async fn chat(State(state): State<AppState>, body: Result<Bytes, BytesRejection>
                    "choices": choices, "usage": total_usage(&results, &prompt_lens, r.engine.speculative_block_size().is_some())});
     if let Some(ids) = prompt_ids {
         response["prompt_token_ids"] = json!(ids[0]);
+    }
+    // One prompt: vLLM gives its logprobs once, beside the choices.
+    if let Some(k) = plan.prompt_logprobs {
+        response["prompt_logprobs"] = prompt_logprobs_json(r, results[0].2.prompt_logprobs.as_deref().unwrap_or_default(), prompt_len, k);
     }
     Ok(Json(response).into_response())
 }
@@ -698,7 +730,8 @@ async fn completions(State(state): State<AppState>, body: Result<Bytes, BytesRej
     }
     let echo_texts = echo.then_some(echo_texts);
     let id = random_id("cmpl");
-    let prompt_lp = if echo { top } else { None };
+    // The engine's prompt entries serve the echo's logprobs and `prompt_logprobs` both.
+    let prompt_lp = if echo { top.max(plan.prompt_logprobs) } else { plan.prompt_logprobs };
     let sub = submit(&state, &id, &prompts, &plan, prompt_lp, "prompt").await?;
     let created = unix_now();
     if plan.stream {
@@ -716,8 +749,8 @@ async fn completions(State(state): State<AppState>, body: Result<Bytes, BytesRej
                 let mut entries: Vec<Option<TokenLogprob>> = Vec::new();
                 let mut ids: Vec<u32> = Vec::new();
                 if echo {
-                    let pl = c.prompt_logprobs.clone().unwrap_or_default();
-                    entries.extend(pl);
+                    let pl = c.prompt_logprobs.as_deref().unwrap_or_default();
+                    entries.extend(pl.iter().map(|e| e.as_ref().map(|e| with_top(&e.token, top.unwrap_or(0)))));
                     ids.extend(&prompts[*pi]);
                     entries.resize(ids.len(), None);
                 }
@@ -727,6 +760,9 @@ async fn completions(State(state): State<AppState>, body: Result<Bytes, BytesRej
             });
             let mut choice = json!({"index": ci, "text": format!("{prefix}{}", c.text), "logprobs": logprobs,
                    "finish_reason": c.finish.map(finish_str)});
+            if let Some(k) = plan.prompt_logprobs {
+                choice["prompt_logprobs"] = prompt_logprobs_json(r, c.prompt_logprobs.as_deref().unwrap_or_default(), prompts[*pi].len(), k);
+            }
             if plan.return_token_ids {
                 choice["prompt_token_ids"] = json!(prompts[*pi]);
                 choice["token_ids"] = json!(c.ids);
@@ -905,14 +941,15 @@ impl StreamState {
 
     /// A choice's echo chunk, once, with its prompt's logprobs where they came (`lp`: the
     /// engine's entries, one per prompt token, the first None).
-    fn send_echo(&mut self, ci: usize, pi: usize, lp: Option<Vec<Option<TokenLogprob>>>) {
+    fn send_echo(&mut self, ci: usize, pi: usize, lp: Option<Vec<Option<PromptLogprob>>>) {
         if !self.echo_waiting.remove(&ci) {
             return;
         }
         let (Some(r), Some(echo)) = (self.state.ready.get(), &self.echo) else { return };
         let text = echo.texts[pi].clone();
         let (logprobs, end) = match (lp, &echo.prompts) {
-            (Some(mut entries), Some(prompts)) => {
+            (Some(entries), Some(prompts)) => {
+                let mut entries: Vec<Option<TokenLogprob>> = entries.into_iter().map(|e| e.map(|e| e.token)).collect();
                 entries.resize(prompts[pi].len(), None);
                 legacy_logprobs(r, &entries, &prompts[pi], 0, self.tokens_as_ids)
             }

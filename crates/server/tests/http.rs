@@ -749,7 +749,7 @@ async fn return_token_ids_gives_prompt_and_output_ids() {
 
 /// A chat's `echo` (vLLM's): where the final message is the assistant's (a prefill the reply
 /// continues), the reply starts with its text, streamed as its own chunk after the role's; where
-/// it is not, nothing changes. `prompt_logprobs` is refused (not silently dropped).
+/// it is not, nothing changes.
 #[tokio::test]
 async fn chat_echo_starts_the_reply_with_the_assistant_prefill() {
     let s = Server::start(&[]).await;
@@ -772,6 +772,76 @@ async fn chat_echo_starts_the_reply_with_the_assistant_prefill() {
     let (_, a) = s.post("/v1/chat/completions", body(true, &user_last)).await;
     let (_, b) = s.post("/v1/chat/completions", body(false, &user_last)).await;
     assert_eq!(content(&a), content(&b));
-    let (st, v) = s.post("/v1/chat/completions", json!({"messages": user_last, "prompt_logprobs": 1})).await;
-    assert_eq!((st, v["error"]["param"].as_str()), (400, Some("prompt_logprobs")), "{v}");
+}
+
+/// vLLM's `prompt_logprobs`: per prompt token (null for the first) its logprob and rank, and its
+/// k likeliest alternatives ranked 1..k, keyed by token id; the same logprobs as `echo` with
+/// `logprobs` gives; the whole prompt even where the prefix cache holds it; once beside a chat's
+/// choices; refused with a stream (0 aside) and past 20.
+#[tokio::test]
+async fn prompt_logprobs_give_each_prompt_tokens_logprob_and_rank() {
+    let s = Server::start(&[]).await;
+    let prompt = json!([11, 12, 13, 14, 15, 16]);
+    let body = json!({"prompt": prompt, "max_tokens": 2, "temperature": 0, "prompt_logprobs": 3, "echo": true, "logprobs": 1});
+    let (st, v) = s.post("/v1/completions", body.clone()).await;
+    assert_eq!(st, 200, "{v}");
+    let plp = v["choices"][0]["prompt_logprobs"].as_array().unwrap_or_else(|| panic!("{v}")).clone();
+    let legacy = &v["choices"][0]["logprobs"];
+    assert_eq!(plp.len(), 6);
+    assert!(plp[0].is_null() && legacy["token_logprobs"][0].is_null());
+    for (i, entry) in plp.iter().enumerate().skip(1) {
+        let m = entry.as_object().unwrap_or_else(|| panic!("entry {i}: {entry}"));
+        let id = prompt[i].as_u64().unwrap();
+        let own = &m[&id.to_string()];
+        let (lp, rank) = (own["logprob"].as_f64().unwrap(), own["rank"].as_u64().unwrap());
+        // The echo's logprob of the same token (its top list cut to its own `logprobs`: 1).
+        assert_eq!(json!(lp), legacy["token_logprobs"][i], "entry {i}");
+        assert_eq!(legacy["top_logprobs"][i].as_object().unwrap().len(), 1, "entry {i}");
+        let (_, d) = s.post("/detokenize", json!({"tokens": [id]})).await;
+        assert_eq!(own["decoded_token"], d["prompt"], "entry {i}");
+        // The alternatives: ranks 1..3 in falling logprob; the token among them where it ranks
+        // first, and always ranked below them where it is not one of them.
+        let mut alts: Vec<(u64, f64)> = m.iter().filter(|(k, _)| **k != id.to_string()).map(|(_, e)| (e["rank"].as_u64().unwrap(), e["logprob"].as_f64().unwrap())).collect();
+        alts.sort_by_key(|a| a.0);
+        let in_top = m.len() == 3;
+        assert!(m.len() == 3 || m.len() == 4, "entry {i}: {entry}");
+        if in_top {
+            alts.push((rank, lp));
+            alts.sort_by_key(|a| a.0);
+        } else {
+            assert!(rank > 3 && lp <= alts[2].1, "entry {i}: {entry}");
+        }
+        assert_eq!(alts.iter().map(|a| a.0).collect::<Vec<_>>(), [1, 2, 3], "entry {i}: {entry}");
+        assert!(alts.windows(2).all(|w| w[0].1 >= w[1].1), "entry {i}: {entry}");
+        // Ranked first, it is strictly the likeliest: the first alternative.
+        assert!(lp <= 0.0 && (rank > 1 || (in_top && lp == alts[0].1)), "entry {i}: {entry}");
+    }
+    // Asked again (its blocks now cached): the whole prompt again, the same numbers.
+    let (_, again) = s.post("/v1/completions", body).await;
+    assert_eq!(again["choices"][0]["prompt_logprobs"], json!(plp));
+    // 0: the token alone; without `echo` the text is the output's only.
+    let (_, zero) = s.post("/v1/completions", json!({"prompt": prompt, "max_tokens": 2, "temperature": 0, "prompt_logprobs": 0})).await;
+    let zero_lp = zero["choices"][0]["prompt_logprobs"].as_array().unwrap().clone();
+    for (i, e) in zero_lp.iter().enumerate().skip(1) {
+        let id = prompt[i].to_string();
+        assert_eq!(e.as_object().unwrap().keys().collect::<Vec<_>>(), [&id]);
+        assert_eq!(e[&id], plp[i][&id], "entry {i}");
+    }
+    assert!(text_of(&again, 0).ends_with(&text_of(&zero, 0)) && text_of(&again, 0).len() > text_of(&zero, 0).len());
+    // Chats: once, beside the choices, one entry per prompt token.
+    let (st, c) = s.post("/v1/chat/completions", chat_body(json!({"n": 2, "max_tokens": 2, "prompt_logprobs": 1}))).await;
+    assert_eq!(st, 200, "{c}");
+    let chat_lp = c["prompt_logprobs"].as_array().unwrap_or_else(|| panic!("{c}"));
+    assert_eq!(chat_lp.len() as u64, c["usage"]["prompt_tokens"].as_u64().unwrap());
+    assert!(chat_lp[0].is_null() && chat_lp[1..].iter().all(|e| (1..=2).contains(&e.as_object().unwrap().len())));
+    assert!(c["choices"][0].get("prompt_logprobs").is_none());
+    // Streams: only 0; the range is vLLM's, -1 (the whole vocabulary) past it.
+    let streamed = |k: i64| json!({"prompt": "x", "max_tokens": 1, "stream": true, "prompt_logprobs": k});
+    assert_eq!(s.stream("/v1/completions", streamed(0)).await.last().map(String::as_str), Some("[DONE]"));
+    for (route, bad) in [("/v1/completions", streamed(1)), ("/v1/chat/completions", chat_body(json!({"stream": true, "prompt_logprobs": 2}))),
+                         ("/v1/completions", json!({"prompt": "x", "prompt_logprobs": 21})), ("/v1/completions", json!({"prompt": "x", "prompt_logprobs": -1})),
+                         ("/v1/chat/completions", chat_body(json!({"prompt_logprobs": -2})))] {
+        let (st, v) = s.post(route, bad.clone()).await;
+        assert_eq!((st, v["error"]["param"].as_str()), (400, Some("prompt_logprobs")), "{bad}: {v}");
+    }
 }
