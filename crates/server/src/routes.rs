@@ -16,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::stream::{self, SelectAll, StreamExt};
-use peregrine_engine::{FinishReason, GenerateRequest, RequestEvent, RequestStream, SubmitError, PromptLogprob, TokenLogprob};
+use peregrine_engine::{FinishReason, GenerateRequest, PromptLogprob, RequestEvent, RequestStream, SubmitError, TokenLogprob, Usage};
 use serde_json::{json, Value};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
@@ -682,6 +682,8 @@ struct CompletionRead {
     top: Option<usize>,
     plan: Plan,
     echo: bool,
+    /// `echo` with `max_tokens: 0`: the prompt alone comes back (`without_output`).
+    prompt_only: bool,
     prompts: Vec<PromptInput>,
 }
 
@@ -694,6 +696,13 @@ fn read_completion(state: &AppState, body: &[u8]) -> Result<CompletionRead, ApiE
         return Err(ApiError::param("suffix", "`suffix` is not supported"));
     }
     protocol::check_best_of(req.best_of, &common)?;
+    // OpenAI's legacy API and vLLM: `echo` with `max_tokens: 0` scores the prompt and generates
+    // nothing (how evaluation harnesses read a text's loglikelihood). The engine runs one token,
+    // as vLLM's does, which `without_output` drops.
+    let prompt_only = req.echo == Some(true) && common.max_tokens == Some(0) && common.max_completion_tokens.is_none();
+    if prompt_only {
+        common.max_tokens = Some(1);
+    }
     let top = match req.logprobs {
         None => None,
         Some(k) if (0..=protocol::MAX_TOP_LOGPROBS as i64).contains(&k) => Some(k as usize),
@@ -701,13 +710,13 @@ fn read_completion(state: &AppState, body: &[u8]) -> Result<CompletionRead, ApiE
     };
     let mut plan = protocol::plan(&common, top, r.engine.spec().vocab_size, state.settings.always_include_usage)?;
     plan.default_max_tokens = r.sampling_defaults.max_tokens;
-    Ok(CompletionRead { top, plan, echo: req.echo.unwrap_or(false), prompts: protocol::prompts(&req.prompt)? })
+    Ok(CompletionRead { top, plan, echo: req.echo.unwrap_or(false), prompt_only, prompts: protocol::prompts(&req.prompt)? })
 }
 
 async fn completions(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let body = body_bytes(body)?;
     let r = state.ready()?;
-    let CompletionRead { top, plan, echo, prompts: inputs } = read_request(&state, body, read_completion).await?;
+    let CompletionRead { top, plan, echo, prompt_only, prompts: inputs } = read_request(&state, body, read_completion).await?;
     let tok = r.engine.tokenizer();
     let mut prompts = Vec::new();
     let mut echo_texts = Vec::new();
@@ -732,7 +741,10 @@ async fn completions(State(state): State<AppState>, body: Result<Bytes, BytesRej
     let id = random_id("cmpl");
     // The engine's prompt entries serve the echo's logprobs and `prompt_logprobs` both.
     let prompt_lp = if echo { top.max(plan.prompt_logprobs) } else { plan.prompt_logprobs };
-    let sub = submit(&state, &id, &prompts, &plan, prompt_lp, "prompt").await?;
+    let mut sub = submit(&state, &id, &prompts, &plan, prompt_lp, "prompt").await?;
+    if prompt_only {
+        sub = without_output(sub);
+    }
     let created = unix_now();
     if plan.stream {
         let echo = echo_texts.map(|texts| Echo { texts, prompts: prompt_lp.map(|_| prompts.clone()) });
@@ -772,6 +784,42 @@ async fn completions(State(state): State<AppState>, body: Result<Bytes, BytesRej
         .collect();
     Ok(Json(json!({"id": id, "object": "text_completion", "created": created, "model": r.model_name,
                    "choices": choices, "usage": total_usage(&results, &prompt_lens, r.engine.speculative_block_size().is_some())})).into_response())
+}
+
+/// A completion's streams with the output left out (`echo` with `max_tokens: 0`): no text, ids
+/// or logprobs, no completion tokens, and `length` as the finish (vLLM's, from the one token it
+/// runs too). Each forwarder leaves when its client does, which drops the engine's stream and so
+/// aborts the request.
+fn without_output(sub: Submitted) -> Submitted {
+    let streams = sub
+        .streams
+        .into_iter()
+        .map(|(ci, pi, mut rx)| {
+            let (tx, out) = tokio::sync::mpsc::unbounded_channel();
+            tokio::spawn(async move {
+                loop {
+                    let ev = tokio::select! {
+                        ev = rx.recv() => ev,
+                        _ = tx.closed() => None,
+                    };
+                    let ev = match ev {
+                        None => break,
+                        Some(RequestEvent::Delta { .. }) => continue,
+                        Some(RequestEvent::Finished { reason, usage }) => RequestEvent::Finished {
+                            reason: if reason == FinishReason::Abort { reason } else { FinishReason::Length },
+                            usage: Usage { completion_tokens: 0, accepted_prediction_tokens: 0, rejected_prediction_tokens: 0, ..usage },
+                        },
+                        Some(other) => other,
+                    };
+                    if tx.send(ev).is_err() {
+                        break;
+                    }
+                }
+            });
+            (ci, pi, out)
+        })
+        .collect();
+    Submitted { streams, ..sub }
 }
 
 // ---------------------------------------------------------------------------------------------

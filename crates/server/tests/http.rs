@@ -845,3 +845,33 @@ async fn prompt_logprobs_give_each_prompt_tokens_logprob_and_rank() {
         assert_eq!((st, v["error"]["param"].as_str()), (400, Some("prompt_logprobs")), "{bad}: {v}");
     }
 }
+
+/// `echo` with `max_tokens: 0` (OpenAI's legacy API, vLLM; how evaluation harnesses score a
+/// text): the prompt and its logprobs alone, no completion tokens, finish `length`; streamed
+/// the same; without `echo`, 0 is refused.
+#[tokio::test]
+async fn echo_with_max_tokens_0_scores_the_prompt_alone() {
+    let s = Server::start(&[]).await;
+    let body = |max: u64| json!({"prompt": "x = 1", "max_tokens": max, "echo": true, "logprobs": 1, "temperature": 0, "ignore_eos": true, "return_token_ids": true});
+    let (st, v) = s.post("/v1/completions", body(0)).await;
+    assert_eq!(st, 200, "{v}");
+    let (_, more) = s.post("/v1/completions", body(3)).await;
+    let n_prompt = v["usage"]["prompt_tokens"].as_u64().unwrap() as usize;
+    assert_eq!((text_of(&v, 0).as_str(), v["usage"]["completion_tokens"].as_u64(), v["choices"][0]["finish_reason"].as_str()), ("x = 1", Some(0), Some("length")), "{v}");
+    assert_eq!(v["choices"][0]["token_ids"], json!([]));
+    let lp = &v["choices"][0]["logprobs"];
+    for field in ["tokens", "token_logprobs", "top_logprobs", "text_offset"] {
+        let want: Vec<Value> = more["choices"][0]["logprobs"][field].as_array().unwrap()[..n_prompt].to_vec();
+        assert_eq!(lp[field], json!(want), "{field}");
+    }
+    let mut streamed = body(0);
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let chunks: Vec<Value> = s.stream("/v1/completions", streamed).await.iter().filter(|d| *d != "[DONE]").map(|d| serde_json::from_str(d).unwrap()).collect();
+    let text: String = chunks.iter().filter_map(|c| c["choices"][0]["text"].as_str()).collect();
+    let finish: Vec<&Value> = chunks.iter().map(|c| &c["choices"][0]["finish_reason"]).filter(|f| !f.is_null()).collect();
+    assert_eq!((text.as_str(), finish), ("x = 1", vec![&json!("length")]), "{chunks:?}");
+    assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], 0);
+    let (st, v) = s.post("/v1/completions", json!({"prompt": "x", "max_tokens": 0})).await;
+    assert_eq!((st, v["error"]["param"].as_str()), (400, Some("max_tokens")), "{v}");
+}
