@@ -182,7 +182,8 @@ pub fn logprobs(raw: &[f32], chosen: u32, top: usize) -> TokenLogprob {
 }
 
 /// A prompt token's logprobs (as `logprobs`) with its rank: 1 + the other tokens whose logit is
-/// at least its own (vLLM counts ties against the token). A NaN logit ranks last.
+/// at least its own, so ties count against the token (vLLM's `>=` count). A NaN logit ranks last.
+/// Where the token is also among `top`, the server shows its place there instead.
 pub fn prompt_logprob(raw: &[f32], chosen: u32, top: usize) -> PromptLogprob {
     let own = raw[chosen as usize];
     let rank = if own.is_nan() {

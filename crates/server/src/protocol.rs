@@ -408,7 +408,7 @@ pub fn plan(c: &CommonParams, logprobs: Option<usize>, vocab_size: usize, always
         Some(0) if stream => None,
         Some(k) if (0..=MAX_TOP_LOGPROBS as i64).contains(&k) => Some(k as usize),
         Some(-1) => return Err(ApiError::param("prompt_logprobs", format!("`prompt_logprobs` -1 (the whole vocabulary, {vocab_size} tokens) is more than the {MAX_TOP_LOGPROBS} allowed"))),
-        Some(k) => return Err(ApiError::param("prompt_logprobs", format!("`prompt_logprobs` must be between 0 and {MAX_TOP_LOGPROBS} (or -1), got {k}"))),
+        Some(k) => return Err(ApiError::param("prompt_logprobs", format!("`prompt_logprobs` must be between 0 and {MAX_TOP_LOGPROBS}, got {k}"))),
     };
     let truncate_prompt_tokens = match c.truncate_prompt_tokens {
         None => None,

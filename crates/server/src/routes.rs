@@ -418,8 +418,10 @@ fn prompt_logprobs_json(r: &Ready, entries: &[Option<PromptLogprob>], prompt_len
         Some(Some(PromptLogprob { token, rank })) => {
             let mut m = serde_json::Map::new();
             m.insert(token.token_id.to_string(), one(token.token_id, token.logprob, *rank));
+            // As vLLM's dict: a prompt token among the alternatives keeps its first position
+            // but takes its place's rank (with ties, its counted rank can exceed its place).
             for (place, &(id, l)) in token.top.iter().take(k).enumerate() {
-                m.entry(id.to_string()).or_insert_with(|| one(id, l, place as u32 + 1));
+                m.insert(id.to_string(), one(id, l, place as u32 + 1));
             }
             Value::Object(m)
         }
@@ -696,9 +698,9 @@ fn read_completion(state: &AppState, body: &[u8]) -> Result<CompletionRead, ApiE
         return Err(ApiError::param("suffix", "`suffix` is not supported"));
     }
     protocol::check_best_of(req.best_of, &common)?;
-    // OpenAI's legacy API and vLLM: `echo` with `max_tokens: 0` scores the prompt and generates
-    // nothing (how evaluation harnesses read a text's loglikelihood). The engine runs one token,
-    // as vLLM's does, which `without_output` drops.
+    // OpenAI's legacy API: `echo` with `max_tokens: 0` scores the prompt and generates nothing
+    // (how evaluation harnesses read a text's loglikelihood). The engine runs one token, which
+    // `without_output` drops (vLLM runs one too but reports it: completion_tokens 1).
     let prompt_only = req.echo == Some(true) && common.max_tokens == Some(0) && common.max_completion_tokens.is_none();
     if prompt_only {
         common.max_tokens = Some(1);
@@ -787,8 +789,8 @@ async fn completions(State(state): State<AppState>, body: Result<Bytes, BytesRej
 }
 
 /// A completion's streams with the output left out (`echo` with `max_tokens: 0`): no text, ids
-/// or logprobs, no completion tokens, and `length` as the finish (vLLM's, from the one token it
-/// runs too). Each forwarder leaves when its client does, which drops the engine's stream and so
+/// or logprobs, no completion tokens, and `length` as the finish (OpenAI's legacy API; vLLM
+/// instead reports the one token it runs). Each forwarder leaves when its client does, which drops the engine's stream and so
 /// aborts the request.
 fn without_output(sub: Submitted) -> Submitted {
     let streams = sub
