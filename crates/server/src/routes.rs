@@ -360,10 +360,16 @@ fn token_name(id: u32, text: &str, as_ids: bool) -> String {
     }
 }
 
+/// A logprob as JSON: an impossible token's -inf as -9999, as vLLM clamps it (JSON has no -inf,
+/// and serde_json would write `null`, which the OpenAI SDK's float fields refuse).
+fn logprob_json(l: f32) -> Value {
+    json!(if l == f32::NEG_INFINITY { -9999.0 } else { l })
+}
+
 fn chat_logprob_entry(r: &Ready, lp: &TokenLogprob, as_ids: bool) -> Value {
     let entry = |id: u32, l: f32| {
         let text = token_text(r, id);
-        json!({"token": token_name(id, &text, as_ids), "logprob": l, "bytes": text.as_bytes()})
+        json!({"token": token_name(id, &text, as_ids), "logprob": logprob_json(l), "bytes": text.as_bytes()})
     };
     let mut e = entry(lp.token_id, lp.logprob);
     e["top_logprobs"] = lp.top.iter().map(|&(id, l)| entry(id, l)).collect();
@@ -385,10 +391,10 @@ fn legacy_logprobs(r: &Ready, entries: &[Option<TokenLogprob>], ids: &[u32], sta
         tokens.push(token_name(id, &text, as_ids));
         match e {
             Some(lp) => {
-                lps.push(json!(lp.logprob));
+                lps.push(logprob_json(lp.logprob));
                 let mut m = serde_json::Map::new();
                 for &(tid, l) in &lp.top {
-                    m.insert(token_name(tid, &token_text(r, tid), as_ids), json!(l));
+                    m.insert(token_name(tid, &token_text(r, tid), as_ids), logprob_json(l));
                 }
                 tops.push(Value::Object(m));
             }
@@ -408,11 +414,10 @@ fn with_top(lp: &TokenLogprob, k: usize) -> TokenLogprob {
 
 /// vLLM's `prompt_logprobs`: per prompt token, null for the first (nothing precedes it), else an
 /// object keyed by token id holding the token itself and its `k` likeliest alternatives, each
-/// `{logprob, rank, decoded_token}` (an impossible token's -inf as -9999, as vLLM clamps it).
+/// `{logprob, rank, decoded_token}`.
 fn prompt_logprobs_json(r: &Ready, entries: &[Option<PromptLogprob>], prompt_len: usize, k: usize) -> Value {
     let one = |id: u32, logprob: f32, rank: u32| {
-        let logprob = if logprob == f32::NEG_INFINITY { -9999.0 } else { logprob };
-        json!({"logprob": logprob, "rank": rank, "decoded_token": token_text(r, id)})
+        json!({"logprob": logprob_json(logprob), "rank": rank, "decoded_token": token_text(r, id)})
     };
     let list = (0..prompt_len).map(|i| match entries.get(i) {
         Some(Some(PromptLogprob { token, rank })) => {
@@ -1192,6 +1197,16 @@ async fn detokenize(State(state): State<AppState>, body: Result<Bytes, BytesReje
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// An impossible token's logprob is written as vLLM's -9999, never as `null` (what
+    /// serde_json makes of -inf); finite ones as they are.
+    #[test]
+    fn minus_infinity_logprobs_are_written_as_minus_9999() {
+        assert_eq!(json!(f32::NEG_INFINITY), Value::Null, "why the clamp is needed");
+        assert_eq!(serde_json::to_string(&logprob_json(f32::NEG_INFINITY)).unwrap(), "-9999.0");
+        assert_eq!(logprob_json(-1.5), json!(-1.5));
+        assert_eq!(logprob_json(0.0), json!(0.0));
+    }
 
     /// A long body is read on the blocking pool, a short one on the runtime's thread, and a
     /// reader's error comes back as it was.
