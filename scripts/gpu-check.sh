@@ -96,6 +96,11 @@ e2e() {  # $1 device, $2 port, $3 speculative model (none: off; default: the mod
     curl -s "localhost:$port/v1/completions" -H 'content-type: application/json' \
         -d '{"prompt":"def fibonacci(n):\n","max_tokens":32,"temperature":0,"min_tokens":16,"stop_token_ids":[204,271]}' \
         | python3 -c 'import json,sys; r=json.load(sys.stdin)["choices"][0]; print(json.dumps([r["text"], r["finish_reason"]]))'
+    # bad_words (a word's last token at -inf after the ones before it: history-dependent
+    # adjustments on the GPU, deferred chained steps and verify rows): greedy, as on the CPU.
+    curl -s "localhost:$port/v1/completions" -H 'content-type: application/json' \
+        -d '{"prompt":"def fibonacci(n):\n","max_tokens":32,"temperature":0,"bad_words":["Return","one-dimensional"," the"]}' \
+        | python3 -c 'import json,sys; r=json.load(sys.stdin)["choices"][0]; print(json.dumps([r["text"], r["finish_reason"]]))'
     # prompt_logprobs (every prompt row's logits; the prefix cache passed by): the likeliest
     # token at each prompt position, as on the CPU.
     curl -s "localhost:$port/v1/completions" -H 'content-type: application/json' \
@@ -130,9 +135,9 @@ e2e() {  # $1 device, $2 port, $3 speculative model (none: off; default: the mod
 # trained demo model only: on the golden fixtures' random models a value within ~1e-6 of a rounding boundary
 # rounds to neighbours one ulp apart and grows (docs/design-notes.md, "How BF16 is tested").
 # Each e2e run prints one line a request (3 prompts, JSON mode, a schema, a grammar, a regex,
-# allowed ids, penalties, min_tokens, prompt logprobs); a request that failed prints none, so
-# two failed runs cannot compare as identical.
-E2E_LINES=11
+# allowed ids, penalties, min_tokens, bad words, prompt logprobs); a request that failed prints
+# none, so two failed runs cannot compare as identical.
+E2E_LINES=12
 same() {  # $1 what, $2 GPU's file, $3 CPU's file
     if cmp -s "$LOG/$2" "$LOG/$3" && [ "$(wc -l < "$LOG/$3")" -eq "$E2E_LINES" ]; then echo "e2e $1: identical to --device cpu"; else echo "e2e $1: DIFFERS from --device cpu:"; cat "$LOG/$2"; status=1; fi
 }

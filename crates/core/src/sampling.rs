@@ -37,6 +37,10 @@ pub struct SamplingParams {
     /// Only these token ids may be sampled (vLLM's `allowed_token_ids`; sampled on the host).
     #[serde(default)]
     pub allowed_token_ids: Option<Vec<u32>>,
+    /// vLLM's `bad_words`, as token sequences: a sequence's last token is banned (-inf) wherever
+    /// the output so far ends with the tokens before it (one token: banned everywhere).
+    #[serde(default)]
+    pub bad_words: Vec<Vec<u32>>,
 }
 
 /// Structured output held to a grammar (JSON mode, `json_object`, is its own automaton).
@@ -68,6 +72,7 @@ impl Default for SamplingParams {
             json_object: false,
             guide: None,
             allowed_token_ids: None,
+            bad_words: Vec::new(),
         }
     }
 }

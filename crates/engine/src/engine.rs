@@ -1503,14 +1503,15 @@ fn no_adjustments(p: &SamplingParams) -> bool {
     p.logit_bias.is_empty() && no_penalties(p)
 }
 
-/// Whether sampling has no history-dependent adjustment (repetition, presence, frequency).
+/// Whether sampling has no history-dependent adjustment (repetition, presence, frequency,
+/// `bad_words`' bans).
 fn no_penalties(p: &SamplingParams) -> bool {
-    (p.repetition_penalty == 1.0 || p.repetition_penalty <= 0.0) && p.presence_penalty == 0.0 && p.frequency_penalty == 0.0
+    (p.repetition_penalty == 1.0 || p.repetition_penalty <= 0.0) && p.presence_penalty == 0.0 && p.frequency_penalty == 0.0 && p.bad_words.is_empty()
 }
 
 /// The logit adjustments of one row, exactly as `sampler::apply_penalties` would apply them with
-/// `output` as the tokens generated so far, then `banned` at -inf (min_tokens' ban, as the host
-/// sampler sets it): one entry per touched token, ascending ids.
+/// `output` as the tokens generated so far (`bad_words`' bans included), then `banned` at -inf
+/// (min_tokens' ban, as the host sampler sets it): one entry per touched token, ascending ids.
 fn row_adjustments(p: &SamplingParams, prompt: &[u32], output: &[u32], banned: &[u32], vocab: usize, out: &mut Vec<LogitAdjust>) {
     let mut touched: std::collections::BTreeMap<u32, LogitAdjust> = std::collections::BTreeMap::new();
     let none = |t: u32| LogitAdjust { token: t, bias: 0.0, repetition: 1.0, subtract: 0.0 };
@@ -1519,7 +1520,7 @@ fn row_adjustments(p: &SamplingParams, prompt: &[u32], output: &[u32], banned: &
             touched.entry(t).or_insert_with(|| none(t)).bias += b;
         }
     }
-    for &t in banned {
+    for t in banned.iter().copied().chain(sampler::bad_word_bans(&p.bad_words, output)) {
         if (t as usize) < vocab {
             touched.entry(t).or_insert_with(|| none(t)).bias = f32::NEG_INFINITY;
         }

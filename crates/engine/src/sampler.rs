@@ -44,8 +44,8 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
     h
 }
 
-/// Applies logit_bias and the repetition/presence/frequency penalties in place.
-/// `prompt` and `output` are the token ids seen so far.
+/// Applies logit_bias, the repetition/presence/frequency penalties and `bad_words`' bans in
+/// place. `prompt` and `output` are the token ids seen so far.
 pub fn apply_penalties(logits: &mut [f32], p: &SamplingParams, prompt: &[u32], output: &[u32]) {
     for (&id, &b) in &p.logit_bias {
         if let Some(l) = logits.get_mut(id as usize) {
@@ -76,6 +76,20 @@ pub fn apply_penalties(logits: &mut [f32], p: &SamplingParams, prompt: &[u32], o
             }
         }
     }
+    for t in bad_word_bans(&p.bad_words, output) {
+        if let Some(l) = logits.get_mut(t as usize) {
+            *l = f32::NEG_INFINITY;
+        }
+    }
+}
+
+/// The tokens `bad_words` bans after `output` (vLLM's rule): each word's last token where the
+/// output ends with the tokens before it; a one-token word everywhere.
+pub fn bad_word_bans<'a>(bad_words: &'a [Vec<u32>], output: &'a [u32]) -> impl Iterator<Item = u32> + 'a {
+    bad_words.iter().filter_map(move |w| {
+        let (&last, before) = w.split_last()?;
+        output.ends_with(before).then_some(last)
+    })
 }
 
 /// Argmax, lowest id on ties.
@@ -261,6 +275,22 @@ mod tests {
         assert_eq!(l[1], -4.0 - 0.5 - 0.25); // negative multiplied, then once in output
         assert_eq!(l[2], 0.5 - 0.5 - 0.5); // divided, presence + 2*frequency
         assert_eq!(l[3], 11.0); // bias only
+    }
+
+    /// vLLM's rule: a word's last token where the output ends with the tokens before it (a word
+    /// longer than the output by more than one token never matches); a one-token word always.
+    #[test]
+    fn bad_words_ban_a_words_last_token_after_the_rest() {
+        let words = vec![vec![7], vec![1, 2, 3], vec![2, 4]];
+        let bans = |out: &[u32]| bad_word_bans(&words, out).collect::<Vec<_>>();
+        assert_eq!(bans(&[]), [7]);
+        assert_eq!(bans(&[2]), [7, 4]);
+        assert_eq!(bans(&[5, 1, 2]), [7, 3, 4]);
+        assert_eq!(bans(&[1, 2, 5]), [7]);
+        assert_eq!(bans(&[1]), [7], "the word's start alone bans nothing");
+        let mut l = vec![0.5f32; 8];
+        apply_penalties(&mut l, &SamplingParams { bad_words: words.clone(), ..params(1.0) }, &[], &[1, 2]);
+        assert_eq!(l.iter().map(|x| x.is_finite()).collect::<Vec<_>>(), [true, true, true, false, false, true, true, false]);
     }
 
     #[test]

@@ -1141,6 +1141,46 @@ fn min_tokens_bans_the_stop_tokens_until_reached() {
     }
 }
 
+/// `bad_words` (vLLM's): a word's last token is never sampled where the output ends with the
+/// tokens before it, and a one-token word never at all; up to the first place a ban bites the
+/// output is the free one's (the same draws). On the host sampler, in overlapped steps (the
+/// backend's logit adjustments) and verifying drafts that propose exactly the banned tokens;
+/// greedy and sampled.
+#[test]
+fn bad_words_never_appear_in_the_output() {
+    let seeded = SamplingParams { temperature: 1.0, seed: Some(5), ..Default::default() };
+    for kind in ["host", "overlap", "drafts"] {
+        for p in [SamplingParams::greedy(), seeded.clone()] {
+            let e = match kind {
+                "drafts" => engine_drafting_with(cfg(), 4, true, None),
+                _ => engine_with(None, cfg(), kind == "overlap"),
+            };
+            let run = |words: Vec<Vec<u32>>| {
+                let mut r = req("bad", prompts()[0].clone(), p.clone(), 16);
+                r.sampling.bad_words = words;
+                collect(e.submit(r).unwrap())
+            };
+            let free = run(vec![]);
+            assert_eq!(free.tokens.len(), 16);
+            // Two tokens the free output has side by side, first at `at`.
+            let (a, b) = (free.tokens[2], free.tokens[3]);
+            let at = free.tokens.windows(2).position(|w| w == [a, b]).unwrap();
+            let o = run(vec![vec![a, b]]);
+            assert_eq!(o.tokens.len(), 16, "{kind}, {p:?}: {o:?}");
+            assert!(!o.tokens.windows(2).any(|w| w == [a, b]), "{kind}, {p:?}: {a} {b} in {:?}", o.tokens);
+            assert_eq!(o.tokens[..=at], free.tokens[..=at], "{kind}, {p:?}");
+            // One token: never; the output the free one's until its first place.
+            let x = free.tokens[1];
+            let first = free.tokens.iter().position(|&t| t == x).unwrap();
+            let o = run(vec![vec![x], vec![a, b]]);
+            assert!(!o.tokens.contains(&x), "{kind}, {p:?}: {x} in {:?}", o.tokens);
+            assert!(!o.tokens.windows(2).any(|w| w == [a, b]), "{kind}, {p:?}: {a} {b} in {:?}", o.tokens);
+            assert_eq!(o.tokens[..first], free.tokens[..first], "{kind}, {p:?}");
+            e.shutdown();
+        }
+    }
+}
+
 /// A stop string may end the output only in the tokens after the first `min_tokens` (vLLM's
 /// rule), even where it starts in the text before them; one that ends within them never does.
 #[test]

@@ -1,6 +1,6 @@
 //! DFlash speculative decoding inside continuous batching, on the CPU reference:
 //! - greedy output with speculation equals greedy output without it, token for token;
-//! - seeded sampling (penalties, logit_bias, stop strings, min_tokens, logprobs) is identical too,
+//! - seeded sampling (penalties, logit_bias, bad_words, stop strings, min_tokens, logprobs) is identical too,
 //!   because each position is sampled with the random number plain decoding would use there;
 //! - under KV pressure (preemption) and with prefix caching it stays identical;
 //! - a chi-square test that speculative sampling follows the target's distribution;
@@ -207,6 +207,8 @@ fn greedy_with_speculation_equals_greedy_without() {
 fn sampling_requests(t: &Tokenizer) -> Vec<GenerateRequest> {
     let mut bias = std::collections::BTreeMap::new();
     bias.insert(t.encode(" the", false).unwrap()[0], 2.0f32);
+    // A one-token word and a longer one (its last token banned after the ones before it).
+    let bad_words = vec![t.encode(" the", false).unwrap()[..1].to_vec(), t.encode("(self, ", false).unwrap()];
     prompts(t)
         .into_iter()
         .enumerate()
@@ -225,6 +227,7 @@ fn sampling_requests(t: &Tokenizer) -> Vec<GenerateRequest> {
                 json_object: false,
                 guide: None,
                 allowed_token_ids: None,
+                bad_words: if i % 4 == 2 { bad_words.clone() } else { Vec::new() },
             };
             let stop = StopParams {
                 max_tokens: 40,

@@ -59,7 +59,6 @@ const UNSUPPORTED: &[(&str, fn(&Value) -> bool, &str)] = &[
     ("length_penalty", |v| !v.is_null() && v.as_f64() != Some(1.0), "it weighs beam search, which is not implemented"),
     ("chat_template", |v| !v.is_null(), "the server's chat template (or --chat-template) renders every chat"),
     ("logits_processors", set_list, "custom logits processors cannot be loaded"),
-    ("bad_words", set_list, "use `logit_bias` to ban tokens"),
     ("structural_tag", |v| !v.is_null(), "use `response_format` with a JSON schema, or `structured_outputs`"),
     ("prompt_embeds", |v| !v.is_null(), "send the prompt as text or token ids"),
     ("kv_transfer_params", |v| !v.is_null(), "there is no disaggregated prefill here"),
@@ -67,6 +66,38 @@ const UNSUPPORTED: &[(&str, fn(&Value) -> bool, &str)] = &[
     ("min_repetition_pattern_size", set_number, "repetition stops are not implemented"),
     ("repetition_min_count", set_number, "repetition stops are not implemented"),
 ];
+
+/// At most this many `bad_words` (each costs every row of the request a suffix check a step).
+pub const MAX_BAD_WORDS: usize = 256;
+
+/// vLLM's `bad_words` as token sequences, tokenized as vLLM does: each word without its leading
+/// spaces and, where that gives as many tokens starting with another one, after one space (the
+/// word inside a text). `encode` tokenizes without special tokens.
+pub fn bad_words(words: &[String], vocab_size: usize, encode: impl Fn(&str) -> Result<Vec<u32>, String>) -> Result<Vec<Vec<u32>>, ApiError> {
+    if words.len() > MAX_BAD_WORDS {
+        return Err(ApiError::param("bad_words", format!("at most {MAX_BAD_WORDS} `bad_words`, got {}", words.len())));
+    }
+    let mut out: Vec<Vec<u32>> = Vec::new();
+    for w in words {
+        let bare = w.trim_start();
+        let err = |e: String| ApiError::param("bad_words", format!("bad word {w:?}: {e}"));
+        let ids = encode(bare).map_err(err)?;
+        let Some(&first) = ids.first() else {
+            return Err(ApiError::param("bad_words", format!("bad word {w:?} has no tokens")));
+        };
+        let spaced = encode(&format!(" {bare}")).map_err(err)?;
+        let with_space = (spaced.len() == ids.len() && spaced.first() != Some(&first)).then_some(spaced);
+        for seq in std::iter::once(ids).chain(with_space) {
+            if let Some(id) = seq.iter().find(|&&id| id as usize >= vocab_size) {
+                return Err(ApiError::param("bad_words", format!("bad word {w:?} has token {id}, outside the model's vocabulary ({vocab_size})")));
+            }
+            if !out.contains(&seq) {
+                out.push(seq);
+            }
+        }
+    }
+    Ok(out)
+}
 
 /// `best_of` = n returns every choice, as n alone does; more would need a ranking by logprob
 /// that this server does not make (vLLM's V1 engine refuses it too).
@@ -94,6 +125,7 @@ const COMMON_FIELDS: &[&str] = &[
     "response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend",
     "guided_whitespace_pattern", "structured_outputs", "include_stop_str_in_output", "truncate_prompt_tokens", "allowed_token_ids",
     "return_tokens_as_token_ids", "add_special_tokens", "cache_salt", "return_token_ids", "prompt_logprobs",
+    "bad_words",
 ];
 pub const CHAT_FIELDS: &[&str] = &["best_of", "echo", "reasoning_effort", "documents", "include_reasoning", "messages", "logprobs", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs", "add_generation_prompt", "continue_final_message", "functions", "function_call"];
 pub const COMPLETION_FIELDS: &[&str] = &["prompt", "echo", "logprobs", "suffix", "best_of"];
@@ -190,6 +222,8 @@ pub struct CommonParams {
     pub return_token_ids: Option<bool>,
     /// vLLM's: each prompt token's logprob, rank and this many likeliest alternatives.
     pub prompt_logprobs: Option<i64>,
+    /// vLLM's: words the output never contains (tokenized by `bad_words`).
+    pub bad_words: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]

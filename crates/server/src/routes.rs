@@ -360,6 +360,12 @@ fn token_name(id: u32, text: &str, as_ids: bool) -> String {
     }
 }
 
+/// The request's `bad_words` as the model's token sequences.
+fn bad_word_ids(r: &Ready, common: &protocol::CommonParams) -> Result<Vec<Vec<u32>>, ApiError> {
+    let words = common.bad_words.as_deref().unwrap_or_default();
+    protocol::bad_words(words, r.engine.spec().vocab_size, |w| r.engine.tokenizer().encode(w, false).map_err(|e| e.to_string()))
+}
+
 /// A logprob as JSON: an impossible token's -inf as -9999, as vLLM clamps it (JSON has no -inf,
 /// and serde_json would write `null`, which the OpenAI SDK's float fields refuse).
 fn logprob_json(l: f32) -> Value {
@@ -554,6 +560,7 @@ fn read_chat(state: &AppState, body: &[u8]) -> Result<ChatRead, ApiError> {
     };
     let mut plan = protocol::plan(&common, top, r.engine.spec().vocab_size, state.settings.always_include_usage)?;
     plan.default_max_tokens = r.sampling_defaults.max_tokens;
+    plan.sampling.bad_words = bad_word_ids(r, &common)?;
     let (parse_tools, forced) = match protocol::tool_use(req.tools.as_ref(), req.tool_choice.as_ref(), req.parallel_tool_calls != Some(false))? {
         ToolUse::Off => (false, None),
         ToolUse::Parse => (state.settings.parse_tool_calls, None),
@@ -717,6 +724,7 @@ fn read_completion(state: &AppState, body: &[u8]) -> Result<CompletionRead, ApiE
     };
     let mut plan = protocol::plan(&common, top, r.engine.spec().vocab_size, state.settings.always_include_usage)?;
     plan.default_max_tokens = r.sampling_defaults.max_tokens;
+    plan.sampling.bad_words = bad_word_ids(r, &common)?;
     Ok(CompletionRead { top, plan, echo: req.echo.unwrap_or(false), prompt_only, prompts: protocol::prompts(&req.prompt)? })
 }
 

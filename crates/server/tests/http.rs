@@ -255,7 +255,6 @@ async fn errors_are_openai_error_objects() {
         ("length_penalty", json!(0.8), json!(1.0)),
         ("chat_template", json!("{{ messages }}"), Value::Null),
         ("logits_processors", json!(["pkg.Proc"]), json!([])),
-        ("bad_words", json!(["x"]), json!([])),
         ("structural_tag", json!("{}"), Value::Null),
         ("prompt_embeds", json!("AAAA"), Value::Null),
         ("kv_transfer_params", json!({"do_remote_decode": true}), Value::Null),
@@ -856,6 +855,50 @@ async fn prompt_logprobs_give_each_prompt_tokens_logprob_and_rank() {
                          ("/v1/chat/completions", chat_body(json!({"prompt_logprobs": -2})))] {
         let (st, v) = s.post(route, bad.clone()).await;
         assert_eq!((st, v["error"]["param"].as_str()), (400, Some("prompt_logprobs")), "{bad}: {v}");
+    }
+}
+
+/// vLLM's `bad_words`: a word the greedy output had (one token, as /tokenize spells it) is never
+/// sampled, on both routes, and the output changes; a bad word with no tokens, too many words or
+/// a wrong type is a 400 naming the field.
+#[tokio::test]
+async fn bad_words_keep_a_word_out_of_the_output() {
+    let s = Server::start(&[]).await;
+    let ask = json!({"prompt": "def fibonacci(n):\n", "max_tokens": 24, "temperature": 0, "ignore_eos": true, "return_token_ids": true});
+    let (_, free) = s.post("/v1/completions", ask.clone()).await;
+    let ids: Vec<u64> = serde_json::from_value(free["choices"][0]["token_ids"].clone()).unwrap();
+    // The first output token that /tokenize spells as itself alone (with or without its space).
+    let mut word = None;
+    for &id in &ids {
+        let (_, d) = s.post("/detokenize", json!({"tokens": [id]})).await;
+        let text = d["prompt"].as_str().unwrap().to_owned();
+        let (_, t) = s.post("/tokenize", json!({"prompt": text.trim_start(), "add_special_tokens": false})).await;
+        if !text.trim().is_empty() && t["tokens"] == json!([id]) {
+            word = Some((id, text));
+            break;
+        }
+    }
+    let (id, text) = word.unwrap_or_else(|| panic!("no one-token word in {free}"));
+    let mut banned = ask.clone();
+    banned["bad_words"] = json!([text]);
+    let (st, v) = s.post("/v1/completions", banned).await;
+    assert_eq!(st, 200, "{v}");
+    let out: Vec<u64> = serde_json::from_value(v["choices"][0]["token_ids"].clone()).unwrap();
+    assert_eq!(out.len(), 24, "{v}");
+    assert!(!out.contains(&id), "{text:?} ({id}) in {v}");
+    assert_ne!(out, ids);
+    let (st, v) = s.post("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "Write fibonacci."}], "max_tokens": 24, "temperature": 0, "bad_words": [text], "return_token_ids": true})).await;
+    assert_eq!(st, 200, "{v}");
+    let out: Vec<u64> = serde_json::from_value(v["choices"][0]["token_ids"].clone()).unwrap();
+    assert!(!out.is_empty() && !out.contains(&id), "{text:?} ({id}) in {v}");
+    let many: Vec<String> = (0..300).map(|i| format!("w{i}")).collect();
+    for (bad, words) in [(json!(["  "]), "has no tokens"), (json!(many), "at most 256"), (json!("fib"), "bad_words")] {
+        let (st, v) = s.post("/v1/completions", json!({"prompt": "def", "max_tokens": 2, "bad_words": bad})).await;
+        assert_eq!(st, 400, "{bad}: {v}");
+        assert!(v["error"]["message"].as_str().unwrap().contains(words), "{bad}: {v}");
+        if words != "bad_words" {
+            assert_eq!(v["error"]["param"], "bad_words", "{v}");
+        }
     }
 }
 
