@@ -844,7 +844,7 @@ impl Core {
                             .into_iter()
                             .zip(seqs.iter().zip(&stuck))
                             .map(|(ids, (s, &stuck))| match (stuck, &s.constraint) {
-                                (true, Some(c)) => StepRows::Stuck(c.stuck()),
+                                (true, Some(c)) => StepRows::Stuck(stuck_reason(s, c, vocab)),
                                 _ => StepRows::Ids(ids),
                             })
                             .collect()
@@ -972,7 +972,7 @@ impl Core {
             };
             rows.push(sequence_row(s, &s.output, s.output.len(), vocab, &mut adjust));
             masks.push(s.constraint.as_ref().map(|c| {
-                c.token_mask(vocab).unwrap_or_else(|| {
+                next_token_mask(s, c, vocab).unwrap_or_else(|| {
                     stuck.push(id);
                     vec![0; token_mask_words(vocab)]
                 })
@@ -1052,7 +1052,8 @@ impl Core {
             return;
         }
         let ntok = plan.len();
-        let stuck = |id: u64| step.stuck.contains(&id).then(|| self.running.iter().find(|s| s.id == id).and_then(|s| s.constraint.as_ref()).map(|c| c.stuck())).flatten();
+        let vocab = self.backend.spec().vocab_size;
+        let stuck = |id: u64| step.stuck.contains(&id).then(|| self.running.iter().find(|s| s.id == id).and_then(|s| s.constraint.as_ref().map(|c| stuck_reason(s, c, vocab)))).flatten();
         let rows = ids.map(|ids| {
             ids.into_iter()
                 .zip(step.plan.iter().zip(&live))
@@ -1176,6 +1177,12 @@ impl Core {
                         }
                         if let Some(c) = s.constraint.as_ref().filter(|c| !c.mask(&mut proc)) {
                             stuck = Some(c.stuck().to_string());
+                            break;
+                        }
+                        // Bans (bad_words, min_tokens') over what a constraint allows can leave
+                        // nothing; sampling would then make up token 0.
+                        if proc.iter().all(|&l| l == f32::NEG_INFINITY) {
+                            stuck = Some(BANNED_ALL.to_string());
                             break;
                         }
                         let tok = sampler::sample(&proc, &s.req.sampling, &s.rng, s.output.len() as u64);
@@ -1464,7 +1471,7 @@ fn constraint_masks(seqs: &[&Seq], batch: &[SeqForward], vocab: usize, stuck: &m
     for (i, (s, b)) in seqs.iter().zip(batch).enumerate() {
         let n = output_row_count(b);
         let mask = match (&s.constraint, n) {
-            (Some(c), 1..) => Some(c.token_mask(vocab).unwrap_or_else(|| {
+            (Some(c), 1..) => Some(next_token_mask(s, c, vocab).unwrap_or_else(|| {
                 stuck[i] = true;
                 vec![0; token_mask_words(vocab)]
             })),
@@ -1473,6 +1480,29 @@ fn constraint_masks(seqs: &[&Seq], batch: &[SeqForward], vocab: usize, stuck: &m
         masks.extend(std::iter::repeat_n(mask, n));
     }
     masks
+}
+
+/// A sequence's error when bans over its constraint leave no token to sample.
+const BANNED_ALL: &str = "no token is left to sample: `bad_words` or `min_tokens` ban every token the output allows here";
+
+/// What `s`'s next token may be under its constraint `c`, less the tokens banned there
+/// (min_tokens', bad_words'; they are -inf adjustments too, but an empty mask is how a backend
+/// tells that nothing is left); None when nothing is.
+fn next_token_mask(s: &Seq, c: &Constraint, vocab: usize) -> Option<TokenMask> {
+    let mut mask = c.token_mask(vocab)?;
+    let bans = s.banned_at(s.output.len()).iter().copied().chain(sampler::bad_word_bans(&s.req.sampling.bad_words, &s.output));
+    for t in bans.filter(|&t| (t as usize) < vocab) {
+        mask[t as usize / 32] &= !(1u32 << (t % 32));
+    }
+    mask.iter().any(|&w| w != 0).then_some(mask)
+}
+
+/// Why `s` cannot go on under `c`: the constraint's own reason, or the bans over it.
+fn stuck_reason(s: &Seq, c: &Constraint, vocab: usize) -> &'static str {
+    match next_token_mask(s, c, vocab) {
+        None if c.token_mask(vocab).is_some() => BANNED_ALL,
+        _ => c.stuck(),
+    }
 }
 
 /// One row to sample from, or its sample from the backend (with its logprobs when computed there).
@@ -1497,16 +1527,16 @@ fn sampled_ids_suffice(s: &Seq) -> bool {
     s.prompt_lp_done && s.req.sampling.logprobs.is_none() && s.constraint.is_none()
 }
 
-/// Whether sampling reads the raw logits (no bias, no penalties): then a greedy row's sample is
-/// the argmax of the logits.
+/// Whether sampling reads the raw logits (no bias, bans or penalties): then a greedy row's
+/// sample is the argmax of the logits.
 fn no_adjustments(p: &SamplingParams) -> bool {
-    p.logit_bias.is_empty() && no_penalties(p)
+    p.logit_bias.is_empty() && p.bad_words.is_empty() && no_penalties(p)
 }
 
-/// Whether sampling has no history-dependent adjustment (repetition, presence, frequency,
-/// `bad_words`' bans).
+/// Whether sampling has no history-dependent adjustment (repetition, presence, frequency, a
+/// bad word of several tokens; a one-token word is banned everywhere, as a bias).
 fn no_penalties(p: &SamplingParams) -> bool {
-    (p.repetition_penalty == 1.0 || p.repetition_penalty <= 0.0) && p.presence_penalty == 0.0 && p.frequency_penalty == 0.0 && p.bad_words.is_empty()
+    (p.repetition_penalty == 1.0 || p.repetition_penalty <= 0.0) && p.presence_penalty == 0.0 && p.frequency_penalty == 0.0 && p.bad_words.iter().all(|w| w.len() <= 1)
 }
 
 /// The logit adjustments of one row, exactly as `sampler::apply_penalties` would apply them with

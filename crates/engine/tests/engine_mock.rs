@@ -1181,6 +1181,34 @@ fn bad_words_never_appear_in_the_output() {
     }
 }
 
+/// Bans over a constraint that leave no token end the sequence with an error saying so, where
+/// sampling an all -inf row would make up token 0: a one-token bad word that is the only allowed
+/// id, and a two-token one whose last token is the only one allowed after its first.
+#[test]
+fn bans_that_leave_no_token_end_the_sequence_with_an_error() {
+    let e = engine(None, cfg());
+    let mut r = req("all-banned", prompts()[0].clone(), SamplingParams::greedy(), 8);
+    r.sampling.allowed_token_ids = Some(vec![23]);
+    r.sampling.bad_words = vec![vec![23]];
+    let m = expect_error(e.submit(r.clone()).unwrap());
+    assert!(m.contains("no token is left to sample"), "{m}");
+    r.sampling.bad_words = vec![vec![23, 23]];
+    let mut rx = e.submit(r).unwrap();
+    let mut tokens = Vec::new();
+    let m = loop {
+        match rx.blocking_recv() {
+            Some(RequestEvent::Delta { token_ids, .. }) => tokens.extend(token_ids),
+            Some(RequestEvent::Error(m)) => break m,
+            other => panic!("{other:?} instead of an error"),
+        }
+    };
+    assert_eq!((tokens, m.contains("no token is left to sample")), (vec![23], true), "{m}");
+    // The engine serves on.
+    assert_eq!(collect(e.submit(req("after", prompts()[1].clone(), SamplingParams::greedy(), 4)).unwrap()).tokens.len(), 4);
+    wait_idle(&e);
+    e.shutdown();
+}
+
 /// A stop string may end the output only in the tokens after the first `min_tokens` (vLLM's
 /// rule), even where it starts in the text before them; one that ends within them never does.
 #[test]

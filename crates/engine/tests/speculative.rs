@@ -602,6 +602,82 @@ impl peregrine_core::backend::Backend for Wrap {
     }
 }
 
+/// `bad_words` that bite (from each free output: its tokens 2-3 as a word, its token 5 alone):
+/// the host sampler's outputs without a drafter are the reference, and the same come back
+/// sampled on the backend (ids, overlapped steps deferred until the step ahead is committed),
+/// with speculation (verify rows whose history holds the drafts) and both, greedy and seeded,
+/// and under allowed ids (masks less the bans); no output holds a banned word.
+#[test]
+fn bad_words_bite_alike_on_every_path() {
+    for p in pairs() {
+        let t = tokenizer(&p);
+        let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let masked_steps = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let start = |ids: bool, block: Option<usize>| {
+            let files = open_model(p.target.to_str().unwrap()).unwrap();
+            let mut m = CpuModel::load(&files.spec, files.weights.as_ref()).unwrap();
+            if block.is_some() {
+                m.attach_drafter(&open_drafter(&p.drafter).unwrap()).unwrap();
+            }
+            let cfg = EngineConfig { speculative_block_size: block, ..config() };
+            let w = Wrap { inner: m, ids, answered: answered.clone(), fused: None, logprob_steps: Default::default(), masked: Some(masked_steps.clone()), pending: None, last_ids: Vec::new(), sampled: Default::default() };
+            start_engine(Box::new(w), Arc::new(files.tokenizer.unwrap()), cfg).unwrap()
+        };
+        let mut reqs = greedy_requests(&t, 24);
+        for (i, r) in reqs.iter_mut().enumerate() {
+            r.stop.ignore_eos = true;
+            if i % 2 == 1 {
+                r.sampling = SamplingParams { temperature: 0.8, seed: Some(50 + i as u64), ..Default::default() };
+            }
+        }
+        let free = run(&start(false, None), reqs.clone());
+        for (r, f) in reqs.iter_mut().zip(&free) {
+            r.sampling.bad_words = vec![f.ids[2..4].to_vec(), vec![f.ids[5]]];
+        }
+        // Under allowed ids too: the free output's tokens and a few more.
+        let mut allowed = reqs.clone();
+        for (r, f) in allowed.iter_mut().zip(&free) {
+            let mut ids = f.ids.clone();
+            ids.extend(t.encode(" the cat sat on a mat", false).unwrap());
+            r.sampling.allowed_token_ids = Some(ids);
+        }
+        for (what, reqs) in [("free", reqs), ("allowed ids", allowed)] {
+            let base = run(&start(false, None), reqs.clone());
+            for ((r, b), f) in reqs.iter().zip(&base).zip(&free) {
+                for w in &r.sampling.bad_words {
+                    assert!(!b.ids.windows(w.len()).any(|x| x == &w[..]), "{} {what}: {w:?} in {:?}", p.name, b.ids);
+                }
+                assert_ne!(b.ids, f.ids, "{} {what}: the bans did not bite", p.name);
+            }
+            for (ids, block) in [(true, None), (false, Some(8)), (true, Some(8))] {
+                masked_steps.store(0, std::sync::atomic::Ordering::SeqCst);
+                let got = run(&start(ids, block), reqs.clone());
+                assert_same(&format!("{} {what}, ids {ids}, block {block:?}", p.name), &base, &got);
+                if ids && block.is_none() {
+                    assert!(masked_steps.load(std::sync::atomic::Ordering::SeqCst) > 0, "{} {what}: no deferred or masked step", p.name);
+                }
+            }
+        }
+        // Bans leaving nothing of the allowed ids: an error saying so, on the host and where
+        // the backend samples under the mask.
+        for ids in [false, true] {
+            let e = start(ids, None);
+            let mut r = greedy_requests(&t, 8).remove(0);
+            r.sampling.allowed_token_ids = Some(vec![free[0].ids[0]]);
+            r.sampling.bad_words = vec![vec![free[0].ids[0]]];
+            let mut rx = e.submit(r).unwrap();
+            let m = loop {
+                match rx.blocking_recv() {
+                    Some(RequestEvent::Error(m)) => break m,
+                    Some(RequestEvent::Delta { .. }) => {}
+                    other => panic!("{} ids {ids}: {other:?} instead of an error", p.name),
+                }
+            };
+            assert!(m.contains("no token is left to sample"), "{} ids {ids}: {m}", p.name);
+        }
+    }
+}
+
 /// Steps can bring back ids only (`forward_greedy`, `forward_sampled`): the outputs equal those
 /// sampled from logits on the host, greedy and seeded, with and without speculation (so the
 /// rows' uniform numbers follow the output positions), and a batch with one request that needs
@@ -690,6 +766,7 @@ fn greedy_ids_path_equals_the_logits_path() {
                 r.sampling.repetition_penalty = 1.0;
                 r.sampling.presence_penalty = 0.0;
                 r.sampling.frequency_penalty = 0.0;
+                r.sampling.bad_words.clear();
             }
             for m in [false, true] {
                 masked.set(m);
@@ -799,6 +876,7 @@ fn fused_speculative_step_equals_the_two_call_path() {
             r.sampling.repetition_penalty = 1.0;
             r.sampling.presence_penalty = 0.0;
             r.sampling.frequency_penalty = 0.0;
+            r.sampling.bad_words.clear();
         }
         let mut with_penalties = sampling_requests(&t);
         for r in with_penalties.iter_mut() {

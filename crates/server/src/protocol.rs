@@ -873,3 +873,36 @@ mod guide_tests {
         assert!(guide(json!({"json": {}, "whitespace_pattern": 3})).is_err());
     }
 }
+
+#[cfg(test)]
+mod bad_words_tests {
+    use super::*;
+
+    /// vLLM's tokenization of `bad_words`: the bare word always; the spaced one where it has as
+    /// many tokens and another first one; each sequence once; bad words refused by name.
+    #[test]
+    fn bad_words_are_tokenized_as_vllm_does() {
+        let encode = |w: &str| -> Result<Vec<u32>, String> {
+            Ok(match w {
+                "ab" => vec![1, 2],
+                " ab" => vec![3, 2],
+                "cd" => vec![4, 5],
+                " cd" => vec![6],
+                "ef" => vec![7],
+                " ef" => vec![7],
+                "big" => vec![999],
+                " big" => vec![9],
+                _ => vec![],
+            })
+        };
+        let words = |ws: &[&str]| ws.iter().map(|w| w.to_string()).collect::<Vec<_>>();
+        assert_eq!(bad_words(&words(&["  ab", "cd", "ef", "ab"]), 100, encode).unwrap(), [vec![1, 2], vec![3, 2], vec![4, 5], vec![7]]);
+        for (ws, says) in [(words(&[" "]), "has no tokens"), (words(&["big"]), "outside the model's vocabulary (100)"), (vec!["ab".to_string(); MAX_BAD_WORDS + 1], "at most 256")] {
+            let e = bad_words(&ws, 100, encode).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some("bad_words"));
+            assert!(e.message.contains(says), "{}", e.message);
+        }
+        let failing = |_: &str| -> Result<Vec<u32>, String> { Err("no tokenizer".into()) };
+        assert!(bad_words(&words(&["ab"]), 100, failing).unwrap_err().message.contains("no tokenizer"));
+    }
+}

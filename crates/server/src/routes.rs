@@ -360,10 +360,18 @@ fn token_name(id: u32, text: &str, as_ids: bool) -> String {
     }
 }
 
-/// The request's `bad_words` as the model's token sequences.
-fn bad_word_ids(r: &Ready, common: &protocol::CommonParams) -> Result<Vec<Vec<u32>>, ApiError> {
+/// The request's `bad_words` as the model's token sequences; refused where its one-token words
+/// ban every one of `allowed_token_ids` (no token could ever be sampled).
+fn set_bad_words(r: &Ready, common: &protocol::CommonParams, plan: &mut Plan) -> Result<(), ApiError> {
     let words = common.bad_words.as_deref().unwrap_or_default();
-    protocol::bad_words(words, r.engine.spec().vocab_size, |w| r.engine.tokenizer().encode(w, false).map_err(|e| e.to_string()))
+    let ids = protocol::bad_words(words, r.engine.spec().vocab_size, |w| r.engine.tokenizer().encode(w, false).map_err(|e| e.to_string()))?;
+    if let Some(allowed) = &plan.sampling.allowed_token_ids {
+        if allowed.iter().all(|a| ids.iter().any(|w| w[..] == [*a])) {
+            return Err(ApiError::param("bad_words", "`bad_words` ban every token of `allowed_token_ids`"));
+        }
+    }
+    plan.sampling.bad_words = ids;
+    Ok(())
 }
 
 /// A logprob as JSON: an impossible token's -inf as -9999, as vLLM clamps it (JSON has no -inf,
@@ -560,7 +568,7 @@ fn read_chat(state: &AppState, body: &[u8]) -> Result<ChatRead, ApiError> {
     };
     let mut plan = protocol::plan(&common, top, r.engine.spec().vocab_size, state.settings.always_include_usage)?;
     plan.default_max_tokens = r.sampling_defaults.max_tokens;
-    plan.sampling.bad_words = bad_word_ids(r, &common)?;
+    set_bad_words(r, &common, &mut plan)?;
     let (parse_tools, forced) = match protocol::tool_use(req.tools.as_ref(), req.tool_choice.as_ref(), req.parallel_tool_calls != Some(false))? {
         ToolUse::Off => (false, None),
         ToolUse::Parse => (state.settings.parse_tool_calls, None),
@@ -724,7 +732,7 @@ fn read_completion(state: &AppState, body: &[u8]) -> Result<CompletionRead, ApiE
     };
     let mut plan = protocol::plan(&common, top, r.engine.spec().vocab_size, state.settings.always_include_usage)?;
     plan.default_max_tokens = r.sampling_defaults.max_tokens;
-    plan.sampling.bad_words = bad_word_ids(r, &common)?;
+    set_bad_words(r, &common, &mut plan)?;
     Ok(CompletionRead { top, plan, echo: req.echo.unwrap_or(false), prompt_only, prompts: protocol::prompts(&req.prompt)? })
 }
 

@@ -891,6 +891,10 @@ async fn bad_words_keep_a_word_out_of_the_output() {
     assert_eq!(st, 200, "{v}");
     let out: Vec<u64> = serde_json::from_value(v["choices"][0]["token_ids"].clone()).unwrap();
     assert!(!out.is_empty() && !out.contains(&id), "{text:?} ({id}) in {v}");
+    // Its only allowed token banned: nothing could be sampled.
+    let (st, v) = s.post("/v1/completions", json!({"prompt": "def", "max_tokens": 2, "allowed_token_ids": [id], "bad_words": [text]})).await;
+    assert_eq!(st, 400, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("ban every token of `allowed_token_ids`"), "{v}");
     let many: Vec<String> = (0..300).map(|i| format!("w{i}")).collect();
     for (bad, words) in [(json!(["  "]), "has no tokens"), (json!(many), "at most 256"), (json!("fib"), "bad_words")] {
         let (st, v) = s.post("/v1/completions", json!({"prompt": "def", "max_tokens": 2, "bad_words": bad})).await;
