@@ -112,6 +112,17 @@ fn request(id: &str, prompt: Vec<u32>, sampling: SamplingParams, stop: StopParam
     GenerateRequest { request_id: id.into(), prompt_tokens: prompt, sampling, stop, prompt_logprobs: None, priority: 0, arrival: Instant::now(), cache_salt: None }
 }
 
+/// An engine over the pair's target (with its drafter and `block` when set), wrapped by `wrap`.
+fn wrapped_engine(p: &Pair, block: Option<usize>, wrap: impl FnOnce(CpuModel) -> Wrap) -> EngineHandle {
+    let files = open_model(p.target.to_str().unwrap()).unwrap();
+    let mut m = CpuModel::load(&files.spec, files.weights.as_ref()).unwrap();
+    if block.is_some() {
+        m.attach_drafter(&open_drafter(&p.drafter).unwrap()).unwrap();
+    }
+    let cfg = EngineConfig { speculative_block_size: block, ..config() };
+    start_engine(Box::new(wrap(m)), Arc::new(files.tokenizer.unwrap()), cfg).unwrap()
+}
+
 /// Submits every request at once (they batch together) and collects their outcomes.
 fn run(e: &EngineHandle, reqs: Vec<GenerateRequest>) -> Vec<Outcome> {
     run_streams(reqs.into_iter().map(|r| e.submit(r).unwrap()).collect())
@@ -405,6 +416,12 @@ struct Wrap {
 }
 
 impl Wrap {
+    /// `inner` answering ids when `ids`, counting in `answered`; no fused, masked or overlapped
+    /// steps.
+    fn new(inner: CpuModel, ids: bool, answered: &Arc<std::sync::atomic::AtomicUsize>) -> Wrap {
+        Wrap { inner, ids, answered: answered.clone(), fused: None, logprob_steps: Default::default(), masked: None, pending: None, last_ids: Vec::new(), sampled: Default::default() }
+    }
+
     /// Every output row sampled through the host sampler with its parameters, uniform number
     /// and adjustments (as LogitAdjust documents them: what the GPU applies), and its logprobs
     /// from the raw logits when `top` asks.
@@ -613,16 +630,7 @@ fn bad_words_bite_alike_on_every_path() {
         let t = tokenizer(&p);
         let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let masked_steps = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let start = |ids: bool, block: Option<usize>| {
-            let files = open_model(p.target.to_str().unwrap()).unwrap();
-            let mut m = CpuModel::load(&files.spec, files.weights.as_ref()).unwrap();
-            if block.is_some() {
-                m.attach_drafter(&open_drafter(&p.drafter).unwrap()).unwrap();
-            }
-            let cfg = EngineConfig { speculative_block_size: block, ..config() };
-            let w = Wrap { inner: m, ids, answered: answered.clone(), fused: None, logprob_steps: Default::default(), masked: Some(masked_steps.clone()), pending: None, last_ids: Vec::new(), sampled: Default::default() };
-            start_engine(Box::new(w), Arc::new(files.tokenizer.unwrap()), cfg).unwrap()
-        };
+        let start = |ids: bool, block: Option<usize>| wrapped_engine(&p, block, |m| Wrap { masked: Some(masked_steps.clone()), ..Wrap::new(m, ids, &answered) });
         let mut reqs = greedy_requests(&t, 24);
         for (i, r) in reqs.iter_mut().enumerate() {
             r.stop.ignore_eos = true;
@@ -689,15 +697,7 @@ fn greedy_ids_path_equals_the_logits_path() {
         let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let logprob_steps = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let (masked, masked_steps) = (std::cell::Cell::new(false), Arc::new(std::sync::atomic::AtomicUsize::new(0)));
-        let start = |ids: bool, block: Option<usize>| {
-            let files = open_model(p.target.to_str().unwrap()).unwrap();
-            let mut m = CpuModel::load(&files.spec, files.weights.as_ref()).unwrap();
-            if block.is_some() {
-                m.attach_drafter(&open_drafter(&p.drafter).unwrap()).unwrap();
-            }
-            let cfg = EngineConfig { speculative_block_size: block, ..config() };
-            start_engine(Box::new(Wrap { inner: m, ids, answered: answered.clone(), fused: None, logprob_steps: logprob_steps.clone(), masked: masked.get().then(|| masked_steps.clone()), pending: None, last_ids: Vec::new(), sampled: Default::default() }), Arc::new(files.tokenizer.unwrap()), cfg).unwrap()
-        };
+        let start = |ids: bool, block: Option<usize>| wrapped_engine(&p, block, |m| Wrap { logprob_steps: logprob_steps.clone(), masked: masked.get().then(|| masked_steps.clone()), ..Wrap::new(m, ids, &answered) });
         let mut mixed = greedy_requests(&t, 24);
         mixed[3].sampling.logprobs = Some(3);
         // Greedy only, with bias and penalties: the argmax of the raw logits would be wrong.
@@ -828,11 +828,8 @@ fn a_stuck_constrained_sequence_ends_with_its_error_on_either_path() {
     let mut stuck = greedy_requests(&t, 12).remove(0);
     stuck.sampling.allowed_token_ids = Some(vec![vocab + 3, vocab + 9]);
     for (ids, masked) in [(false, false), (true, false), (true, true)] {
-        let files = open_model(p.target.to_str().unwrap()).unwrap();
-        let m = CpuModel::load(&files.spec, files.weights.as_ref()).unwrap();
         let masked_steps = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let w = Wrap { inner: m, ids, answered: Default::default(), fused: None, logprob_steps: Default::default(), masked: masked.then(|| masked_steps.clone()), pending: None, last_ids: Vec::new(), sampled: Default::default() };
-        let e = start_engine(Box::new(w), Arc::new(files.tokenizer.unwrap()), config()).unwrap();
+        let e = wrapped_engine(p, None, |m| Wrap { masked: masked.then(|| masked_steps.clone()), ..Wrap::new(m, ids, &Default::default()) });
         let alone = run(&e, vec![plain.clone()]);
         let (mut rx, beside) = (e.submit(stuck.clone()).unwrap(), e.submit(plain.clone()).unwrap());
         let mut error = None;
@@ -862,14 +859,7 @@ fn fused_speculative_step_equals_the_two_call_path() {
         let t = tokenizer(&p);
         let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let fused = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let start = |f: bool| {
-            let files = open_model(p.target.to_str().unwrap()).unwrap();
-            let mut m = CpuModel::load(&files.spec, files.weights.as_ref()).unwrap();
-            m.attach_drafter(&open_drafter(&p.drafter).unwrap()).unwrap();
-            let cfg = EngineConfig { speculative_block_size: Some(8), ..config() };
-            let w = Wrap { inner: m, ids: true, answered: answered.clone(), fused: f.then(|| fused.clone()), logprob_steps: Default::default(), masked: None, pending: None, last_ids: Vec::new(), sampled: Default::default() };
-            start_engine(Box::new(w), Arc::new(files.tokenizer.unwrap()), cfg).unwrap()
-        };
+        let start = |f: bool| wrapped_engine(&p, Some(8), |m| Wrap { fused: f.then(|| fused.clone()), ..Wrap::new(m, true, &answered) });
         let mut plain_sampled = sampling_requests(&t);
         for r in plain_sampled.iter_mut() {
             r.sampling.logprobs = None;
