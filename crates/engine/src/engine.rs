@@ -844,7 +844,7 @@ impl Core {
                             .into_iter()
                             .zip(seqs.iter().zip(&stuck))
                             .map(|(ids, (s, &stuck))| match (stuck, &s.constraint) {
-                                (true, Some(c)) => StepRows::Stuck(stuck_reason(s, c, vocab)),
+                                (true, Some(c)) => StepRows::Stuck(stuck_reason(c, vocab)),
                                 _ => StepRows::Ids(ids),
                             })
                             .collect()
@@ -1053,7 +1053,7 @@ impl Core {
         }
         let ntok = plan.len();
         let vocab = self.backend.spec().vocab_size;
-        let stuck = |id: u64| step.stuck.contains(&id).then(|| self.running.iter().find(|s| s.id == id).and_then(|s| s.constraint.as_ref().map(|c| stuck_reason(s, c, vocab)))).flatten();
+        let stuck = |id: u64| step.stuck.contains(&id).then(|| self.running.iter().find(|s| s.id == id).and_then(|s| s.constraint.as_ref()).map(|c| stuck_reason(c, vocab))).flatten();
         let rows = ids.map(|ids| {
             ids.into_iter()
                 .zip(step.plan.iter().zip(&live))
@@ -1175,15 +1175,18 @@ impl Core {
                                 *l = f32::NEG_INFINITY;
                             }
                         }
-                        if let Some(c) = s.constraint.as_ref().filter(|c| !c.mask(&mut proc)) {
-                            stuck = Some(c.stuck().to_string());
-                            break;
-                        }
-                        // Bans (bad_words, min_tokens') over what a constraint allows can leave
-                        // nothing; sampling would then make up token 0.
-                        if proc.iter().all(|&l| l == f32::NEG_INFINITY) {
-                            stuck = Some(BANNED_ALL.to_string());
-                            break;
+                        if let Some(c) = &s.constraint {
+                            if !c.mask(&mut proc) {
+                                stuck = Some(c.stuck().to_string());
+                                break;
+                            }
+                            // Bans (bad_words, min_tokens') over what the constraint allows can
+                            // leave nothing; sampling would then make up token 0. (Unconstrained,
+                            // the bans are far fewer than the vocabulary.)
+                            if proc.iter().all(|&l| l == f32::NEG_INFINITY) {
+                                stuck = Some(BANNED_ALL.to_string());
+                                break;
+                            }
                         }
                         let tok = sampler::sample(&proc, &s.req.sampling, &s.rng, s.output.len() as u64);
                         if let Some(k) = s.req.sampling.logprobs {
@@ -1497,11 +1500,13 @@ fn next_token_mask(s: &Seq, c: &Constraint, vocab: usize) -> Option<TokenMask> {
     mask.iter().any(|&w| w != 0).then_some(mask)
 }
 
-/// Why `s` cannot go on under `c`: the constraint's own reason, or the bans over it.
-fn stuck_reason(s: &Seq, c: &Constraint, vocab: usize) -> &'static str {
-    match next_token_mask(s, c, vocab) {
-        None if c.token_mask(vocab).is_some() => BANNED_ALL,
-        _ => c.stuck(),
+/// Why a sequence under `c` that `next_token_mask` left nothing cannot go on: the constraint's
+/// own reason, or (where the constraint alone allows some) the bans over it.
+fn stuck_reason(c: &Constraint, vocab: usize) -> &'static str {
+    if c.token_mask(vocab).is_some() {
+        BANNED_ALL
+    } else {
+        c.stuck()
     }
 }
 

@@ -218,7 +218,9 @@ fn greedy_with_speculation_equals_greedy_without() {
 fn sampling_requests(t: &Tokenizer) -> Vec<GenerateRequest> {
     let mut bias = std::collections::BTreeMap::new();
     bias.insert(t.encode(" the", false).unwrap()[0], 2.0f32);
-    // A one-token word and a longer one (its last token banned after the ones before it).
+    // A one-token word (banned everywhere, as a bias) and a longer one, which seldom bites here
+    // but puts its requests on the history-dependent paths (bad_words_bite_alike_on_every_path
+    // makes bans bite).
     let bad_words = vec![t.encode(" the", false).unwrap()[..1].to_vec(), t.encode("(self, ", false).unwrap()];
     prompts(t)
         .into_iter()

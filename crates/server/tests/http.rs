@@ -891,6 +891,24 @@ async fn bad_words_keep_a_word_out_of_the_output() {
     assert_eq!(st, 200, "{v}");
     let out: Vec<u64> = serde_json::from_value(v["choices"][0]["token_ids"].clone()).unwrap();
     assert!(!out.is_empty() && !out.contains(&id), "{text:?} ({id}) in {v}");
+    // Logprobs are the model's own, read before bias and bans: banned or biased away, the first
+    // token changes but its position's alternatives are the free run's.
+    let lp = |extra: Value| {
+        let mut body = json!({"prompt": "def fibonacci(n):\n", "max_tokens": 1, "temperature": 0, "logprobs": 5});
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        let s = &s;
+        async move { s.post("/v1/completions", body).await.1["choices"][0]["logprobs"].clone() }
+    };
+    let free_lp = lp(json!({})).await;
+    let first = free_lp["tokens"][0].as_str().unwrap().to_owned();
+    let first_id = ids[0];
+    for extra in [json!({"logit_bias": {first_id.to_string(): -100}}), json!({"bad_words": [first]})] {
+        let got = lp(extra.clone()).await;
+        assert_ne!(got["tokens"][0], free_lp["tokens"][0], "{extra}: {got}");
+        assert_eq!(got["top_logprobs"][0], free_lp["top_logprobs"][0], "{extra}: {got}");
+        let chosen = got["tokens"][0].as_str().unwrap();
+        assert_eq!(got["token_logprobs"][0], free_lp["top_logprobs"][0][chosen], "{extra}: {got}");
+    }
     // Its only allowed token banned: nothing could be sampled.
     let (st, v) = s.post("/v1/completions", json!({"prompt": "def", "max_tokens": 2, "allowed_token_ids": [id], "bad_words": [text]})).await;
     assert_eq!(st, 400, "{v}");
