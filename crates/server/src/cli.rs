@@ -78,20 +78,39 @@ pub const DUMMY_SEED: u64 = 0x5eed;
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
 pub enum ToolCallParserKind {
+    /// Also under vLLM's names for the two forms it parses: `hermes` (JSON) and `qwen3_coder` /
+    /// `qwen3_xml` (XML), so a vLLM command line runs unchanged.
+    #[value(aliases = ["hermes", "qwen3_coder", "qwen3_xml"])]
     Auto,
     None,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
 pub enum ReasoningParserKind {
+    /// Also under vLLM's name for the same rule, `qwen3`.
+    #[value(alias = "qwen3")]
     Auto,
     None,
 }
 
-#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+/// `--generation-config`: where a request's unset sampling fields come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum GenerationConfig {
+    /// The model directory's generation_config.json.
     Auto,
+    /// The OpenAI defaults (vLLM calls this `vllm`).
     None,
+    /// The generation_config.json of another directory (as vLLM's folder form).
+    Folder(std::path::PathBuf),
+}
+
+fn parse_generation_config(s: &str) -> Result<GenerationConfig, String> {
+    match s {
+        "auto" => Ok(GenerationConfig::Auto),
+        "none" | "vllm" => Ok(GenerationConfig::None),
+        dir if std::path::Path::new(dir).join("generation_config.json").is_file() => Ok(GenerationConfig::Folder(dir.into())),
+        other => Err(format!("`{other}` is neither auto, none (alias vllm) nor a directory holding a generation_config.json")),
+    }
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -120,8 +139,8 @@ pub struct ServeArgs {
     /// layers keep the first ones).
     #[arg(long, env = "PEREGRINE_HF_OVERRIDES", value_parser = parse_overrides)]
     pub hf_overrides: Option<serde_json::Map<String, serde_json::Value>>,
-    /// Tensor-parallel degree (GPUs).
-    #[arg(long, env = "PEREGRINE_TP", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    /// Tensor-parallel degree (GPUs); also `--tensor-parallel-size` and `-tp`, as vLLM spells it.
+    #[arg(long, visible_alias = "tensor-parallel-size", env = "PEREGRINE_TP", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
     pub tp: u16,
     /// Sequences in a decode batch at most (1..=4096).
     #[arg(long, env = "PEREGRINE_MAX_NUM_SEQS", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
@@ -181,7 +200,8 @@ pub struct ServeArgs {
     /// `auto`: what a request leaves unset (temperature, top_p, top_k, min_p,
     /// repetition_penalty, and max_new_tokens as a cap on max_tokens) comes from the model
     /// directory's generation_config.json, as vLLM does; `none`: the OpenAI defaults.
-    #[arg(long, env = "PEREGRINE_GENERATION_CONFIG", value_enum, default_value_t = GenerationConfig::Auto)]
+    /// `none` (alias `vllm`): the OpenAI defaults; a directory: its generation_config.json.
+    #[arg(long, env = "PEREGRINE_GENERATION_CONFIG", value_parser = parse_generation_config, default_value = "auto")]
     pub generation_config: GenerationConfig,
     /// DFlash drafter directory for speculative decoding, or `none` to decode without one.
     /// Default: the model's own `dflash/` subfolder when it has one.
@@ -191,6 +211,11 @@ pub struct ServeArgs {
     /// drafter's `block_size`.
     #[arg(long, env = "PEREGRINE_SPECULATIVE_BLOCK_SIZE", value_parser = clap::value_parser!(u16).range(2..=16))]
     pub speculative_block_size: Option<u16>,
+    /// vLLM's form of the two flags above, a JSON object: `{"method": "dflash", "model": PATH,
+    /// "num_speculative_tokens": N}` (N drafts: a block of N + 1; `model` may be left out for
+    /// the model's own dflash/ subfolder).
+    #[arg(long, env = "PEREGRINE_SPECULATIVE_CONFIG", value_parser = parse_speculative_config, conflicts_with_all = ["speculative_model", "speculative_block_size"])]
+    pub speculative_config: Option<SpeculativeConfig>,
     /// When the drafter speculates: `adaptive` (while speculative steps measure faster than
     /// plain decoding: timed per batch size, with each sequence's own acceptance) or `always`.
     /// Outputs are the same either way; only the speed differs. On the GPU, `adaptive` decodes
@@ -206,9 +231,30 @@ pub struct ServeArgs {
     /// as vLLM's) aborts at once. A second signal aborts at once too.
     #[arg(long, env = "PEREGRINE_SHUTDOWN_TIMEOUT", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=86_400))]
     pub shutdown_timeout: u32,
-    /// Do not log each request (method, path, status, time) at info level.
-    #[arg(long, env = "PEREGRINE_DISABLE_ACCESS_LOG", value_parser = clap::builder::BoolishValueParser::new())]
+    /// Do not log each request (method, path, status, time) at info level (vLLM's name for it,
+    /// `--disable-uvicorn-access-log`, works too).
+    #[arg(long, visible_alias = "disable-uvicorn-access-log", env = "PEREGRINE_DISABLE_ACCESS_LOG", value_parser = clap::builder::BoolishValueParser::new())]
     pub disable_access_log: bool,
+    /// Turn off prefix caching: every prompt is computed in full, none of its blocks is shared
+    /// (for measurements; on by default, as vLLM's, and `--enable-prefix-caching` is accepted).
+    #[arg(long, env = "PEREGRINE_NO_ENABLE_PREFIX_CACHING", value_parser = clap::builder::BoolishValueParser::new(), overrides_with = "enable_prefix_caching")]
+    pub no_enable_prefix_caching: bool,
+    #[arg(long, hide = true, overrides_with = "no_enable_prefix_caching")]
+    pub enable_prefix_caching: bool,
+    // vLLM flags accepted so that its command lines run unchanged.
+    /// No effect: Peregrine runs no model code (`mimo_v2`'s is built in).
+    #[arg(long, help_heading = "Accepted for vLLM command lines (no effect)")]
+    pub trust_remote_code: bool,
+    /// No effect: tool calls are parsed whenever --tool-call-parser is on (the default).
+    #[arg(long, help_heading = "Accepted for vLLM command lines (no effect)")]
+    pub enable_auto_tool_choice: bool,
+    /// No effect: prompts and outputs are never logged.
+    #[arg(long, help_heading = "Accepted for vLLM command lines (no effect)")]
+    pub disable_log_requests: bool,
+    /// Only `auto`: every weight stays in its stored format on the GPU (BF16, FP8 blocks,
+    /// MXFP4) and the CPU computes in f32.
+    #[arg(long, default_value = "auto", value_parser = parse_dtype, help_heading = "Accepted for vLLM command lines (no effect)")]
+    pub dtype: String,
     /// Largest accepted request body, in bytes.
     #[arg(long, env = "PEREGRINE_MAX_BODY_BYTES", default_value_t = 32 << 20, value_parser = parse_bytes)]
     pub max_body_bytes: usize,
@@ -219,7 +265,76 @@ pub struct ServeArgs {
     pub no_overlap_steps: bool,
 }
 
-/// "512MiB", "4GiB", "1G", "1000000" -> bytes.
+/// `--speculative-config`: vLLM's JSON form of --speculative-model and --speculative-block-size.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SpeculativeConfig {
+    /// The drafter's directory (None: the model's own dflash/ subfolder).
+    pub model: Option<String>,
+    /// Tokens per block: `num_speculative_tokens` drafts after the last token.
+    pub block_size: Option<u16>,
+}
+
+fn parse_speculative_config(s: &str) -> Result<SpeculativeConfig, String> {
+    let fields = match serde_json::from_str(s) {
+        Ok(serde_json::Value::Object(m)) => m,
+        Ok(other) => return Err(format!("expected a JSON object such as '{{\"method\": \"dflash\", \"model\": \"PATH\", \"num_speculative_tokens\": 7}}', not {other}")),
+        Err(e) => return Err(format!("not JSON: {e}")),
+    };
+    let mut config = SpeculativeConfig { model: None, block_size: None };
+    for (key, value) in &fields {
+        match key.as_str() {
+            "method" if value.as_str() == Some("dflash") => {}
+            "method" => return Err(format!("method {value} is not supported: Peregrine speculates with DFlash drafters only (\"dflash\")")),
+            "model" => match value.as_str() {
+                Some(m) if !m.trim().is_empty() => config.model = Some(m.to_owned()),
+                _ => return Err(format!("model must be the drafter's directory, got {value}")),
+            },
+            "num_speculative_tokens" => match value.as_u64() {
+                Some(n @ 1..=15) => config.block_size = Some(n as u16 + 1),
+                _ => return Err(format!("num_speculative_tokens must be an integer from 1 to 15, got {value}")),
+            },
+            other => return Err(format!("`{other}` is not supported (accepted: method, model, num_speculative_tokens)")),
+        }
+    }
+    Ok(config)
+}
+
+/// `--dtype`: only `auto` (vLLM's default), since weights keep their stored formats.
+fn parse_dtype(s: &str) -> Result<String, String> {
+    match s {
+        "auto" => Ok(s.to_owned()),
+        other => Err(format!("`{other}` is not supported: Peregrine keeps every weight in its stored format on the GPU (BF16, FP8 blocks, MXFP4) and computes in f32 on the CPU, so only `auto` is taken")),
+    }
+}
+
+/// vLLM's spellings of flags, rewritten to Peregrine's before parsing: `-tp N` is `--tp N`, and
+/// underscores in a long flag's name are dashes (`--max_model_len`), as vLLM's parser allows.
+/// Values and everything after a bare `--` are left as they are.
+pub fn vllm_spellings(args: impl IntoIterator<Item = std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let mut out = Vec::new();
+    let mut flags_end = false;
+    for arg in args {
+        let Some(text) = arg.to_str().filter(|_| !flags_end) else {
+            out.push(arg);
+            continue;
+        };
+        let rewritten = if text == "--" {
+            flags_end = true;
+            text.to_owned()
+        } else if text == "-tp" || text.starts_with("-tp=") {
+            format!("-{text}")
+        } else if let Some(flag) = text.strip_prefix("--") {
+            let (name, value) = flag.split_once('=').map_or((flag, None), |(n, v)| (n, Some(v)));
+            let name = name.replace('_', "-");
+            value.map_or(format!("--{name}"), |v| format!("--{name}={v}"))
+        } else {
+            text.to_owned()
+        };
+        out.push(rewritten.into());
+    }
+    out
+}
+
 /// The KV cache's memory on the CPU when --kv-cache-memory is not given.
 pub const DEFAULT_KV_CACHE_MEMORY: usize = 512 << 20;
 
@@ -259,6 +374,7 @@ pub fn parse_fraction(s: &str) -> Result<f64, String> {
     }
 }
 
+/// "512MiB", "4GiB", "1G", "1000000" -> bytes.
 pub fn parse_bytes(s: &str) -> Result<usize, String> {
     let t = s.trim();
     let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
@@ -344,6 +460,9 @@ pub fn load(args: &ServeArgs) -> anyhow::Result<Ready> {
     if args.max_body_bytes < 1024 {
         bail!("--max-body-bytes {} refuses every request (at least 1 KiB)", args.max_body_bytes);
     }
+    if args.enable_auto_tool_choice && args.tool_call_parser == ToolCallParserKind::None {
+        bail!("--enable-auto-tool-choice asks for tool calls, and --tool-call-parser none turns their parsing off: leave one of them out");
+    }
     if args.gpu_memory_utilization.is_some() && args.device != Device::Cuda {
         bail!("--gpu-memory-utilization sizes the KV cache on a GPU (--device cuda); on the CPU give its size with --kv-cache-memory");
     }
@@ -380,12 +499,19 @@ pub fn load(args: &ServeArgs) -> anyhow::Result<Ready> {
         .transpose()
         .context("invalid chat template")?;
     let t0 = std::time::Instant::now();
-    let drafter_dir = match args.speculative_model.as_deref() {
+    // --speculative-config is vLLM's form of the two flags (clap refuses it beside them).
+    let spec_config = args.speculative_config.as_ref();
+    let speculative_model = args.speculative_model.as_deref().or(spec_config.and_then(|c| c.model.as_deref()));
+    let speculative_block_size = args.speculative_block_size.or(spec_config.and_then(|c| c.block_size));
+    let drafter_dir = match speculative_model {
         Some("none") => None,
         Some(p) => Some(std::path::PathBuf::from(p)),
         None => peregrine_model::dflash::bundled_drafter(&files.dir),
     };
-    if args.speculative_block_size.is_some() && drafter_dir.is_none() {
+    if spec_config.is_some() && drafter_dir.is_none() {
+        bail!("--speculative-config names no \"model\" and model `{path}` has no dflash/ subfolder: give the drafter's directory");
+    }
+    if speculative_block_size.is_some() && drafter_dir.is_none() {
         bail!("--speculative-block-size needs a drafter (--speculative-model PATH, or a model with a dflash/ subfolder)");
     }
     // `auto` on the CPU: the backend's own f32 (None); on a GPU, the CUDA backend's choice below.
@@ -400,7 +526,7 @@ pub fn load(args: &ServeArgs) -> anyhow::Result<Ready> {
             if let Some(dir) = &drafter_dir {
                 let draft = peregrine_model::dflash::open_drafter(dir).with_context(|| format!("cannot open the drafter in {}", dir.display()))?;
                 model.attach_drafter(&draft).with_context(|| format!("drafter {} does not fit this model", dir.display()))?;
-                tracing::info!(drafter = %dir.display(), block_size = args.speculative_block_size.map_or(draft.spec.block_size, usize::from), layers = draft.spec.layers.len(), mode = ?args.speculative_mode, "DFlash speculative decoding on");
+                tracing::info!(drafter = %dir.display(), block_size = speculative_block_size.map_or(draft.spec.block_size, usize::from), layers = draft.spec.layers.len(), mode = ?args.speculative_mode, "DFlash speculative decoding on");
             }
             Box::new(model)
         }
@@ -426,7 +552,7 @@ pub fn load(args: &ServeArgs) -> anyhow::Result<Ready> {
     if let Some(p) = spinner {
         p.finish_and_clear();
     }
-    if let Some(block) = args.speculative_block_size.map(usize::from).or(backend.draft_spec().map(|d| d.block_size)) {
+    if let Some(block) = speculative_block_size.map(usize::from).or(backend.draft_spec().map(|d| d.block_size)) {
         if (args.max_num_batched_tokens as usize) < block {
             tracing::warn!(block, max_num_batched_tokens = args.max_num_batched_tokens, "--max-num-batched-tokens is below the speculative block: a step has no room for a block of drafts, so none will be verified");
         }
@@ -449,16 +575,18 @@ pub fn load(args: &ServeArgs) -> anyhow::Result<Ready> {
         kv_cache_memory_bytes: args.kv_cache_memory.unwrap_or(DEFAULT_KV_CACHE_MEMORY),
         gpu_memory_utilization: gpu_memory_utilization(args.device, args.kv_cache_memory, args.gpu_memory_utilization),
         max_waiting: args.max_waiting as usize,
-        speculative_block_size: args.speculative_block_size.map(usize::from),
+        speculative_block_size: speculative_block_size.map(usize::from),
+        enable_prefix_caching: !args.no_enable_prefix_caching,
         model_name: Some(args.served_model_name.clone().unwrap_or_else(|| default_name.clone())),
         overlap_steps: !args.no_overlap_steps,
         speculation: args.speculative_mode,
         kv_cache_dtype,
         ..EngineConfig::default()
     };
-    let sampling_defaults = match args.generation_config {
+    let sampling_defaults = match &args.generation_config {
         // Only a model directory's own file (a config or weights file is read alone).
         GenerationConfig::Auto if !std::path::Path::new(&path).is_file() => sampling_defaults(&files.dir.join("generation_config.json"), files.spec.vocab_size)?,
+        GenerationConfig::Folder(dir) => sampling_defaults(&dir.join("generation_config.json"), files.spec.vocab_size)?,
         _ => SamplingDefaults::default(),
     };
     // (The engine names its own fields: kv_cache_memory_bytes is --kv-cache-memory, and so on.)
@@ -484,7 +612,7 @@ fn sampling_defaults(path: &std::path::Path, vocab_size: usize) -> anyhow::Resul
         tracing::warn!("{w}");
     }
     if !defaults.is_empty() {
-        tracing::info!(defaults = %defaults.describe(), "sampling defaults from the model's generation_config.json (requests override them; --generation-config none ignores them)");
+        tracing::info!(defaults = %defaults.describe(), file = %path.display(), "sampling defaults from generation_config.json (requests override them; --generation-config none ignores them)");
     }
     Ok(defaults)
 }
@@ -687,6 +815,94 @@ mod tests {
         std::env::remove_var("PEREGRINE_NO_OVERLAP_STEPS");
         assert_eq!(overlap_off(), Ok(false));
         assert!(matches!(Cli::try_parse_from(["peregrine", "serve", "--no-overlap-steps"]), Ok(Cli { command: Command::Serve(ServeArgs { no_overlap_steps: true, .. }) })));
+    }
+
+    fn serve_args(extra: &[&str]) -> Result<ServeArgs, String> {
+        let argv = [&["peregrine", "serve"], extra].concat().into_iter().map(std::ffi::OsString::from);
+        match Cli::try_parse_from(vllm_spellings(argv)) {
+            Ok(Cli { command: Command::Serve(a) }) => Ok(a),
+            Ok(other) => Err(format!("{other:?}")),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// `-tp` and underscores in long flags are vLLM's spellings; values, positionals and what
+    /// follows `--` keep theirs.
+    #[test]
+    fn vllm_spellings_become_peregrines() {
+        let spelled = |args: &[&str]| vllm_spellings(args.iter().map(std::ffi::OsString::from)).into_iter().map(|a| a.into_string().unwrap()).collect::<Vec<_>>();
+        assert_eq!(
+            spelled(&["peregrine", "serve", "/m/my_model", "-tp", "2", "-tp=4", "--max_model_len=64", "--served_model_name", "my_name", "--", "--x_y"]),
+            ["peregrine", "serve", "/m/my_model", "--tp", "2", "--tp=4", "--max-model-len=64", "--served-model-name", "my_name", "--", "--x_y"]
+        );
+        assert_eq!(spelled(&["peregrine", "serve", "-t", "--chat-template={{ a_b }}"]), ["peregrine", "serve", "-t", "--chat-template={{ a_b }}"]);
+    }
+
+    /// A vLLM `serve` command line for a MiMo model parses unchanged, each flag meaning what it
+    /// means there.
+    #[test]
+    fn a_vllm_command_line_parses() {
+        let spec = r#"{"method": "dflash", "model": "/drafts/d", "num_speculative_tokens": 7}"#;
+        let a = serve_args(&[
+            "/models/mimo", "--tensor-parallel-size", "1", "--trust-remote-code", "--enable-auto-tool-choice", "--tool-call-parser", "qwen3_coder",
+            "--reasoning-parser", "qwen3", "--generation-config", "vllm", "--max_num_seqs", "8", "--dtype", "auto", "--disable-log-requests",
+            "--disable-uvicorn-access-log", "--enable-prefix-caching", "--speculative-config", spec,
+        ])
+        .unwrap();
+        assert_eq!((a.model.as_deref(), a.tp, a.max_num_seqs), (Some("/models/mimo"), 1, 8));
+        assert_eq!((a.tool_call_parser, a.reasoning_parser, &a.generation_config), (ToolCallParserKind::Auto, ReasoningParserKind::Auto, &GenerationConfig::None));
+        assert!(a.trust_remote_code && a.enable_auto_tool_choice && a.disable_log_requests && a.disable_access_log && !a.no_enable_prefix_caching);
+        assert_eq!(a.speculative_config, Some(SpeculativeConfig { model: Some("/drafts/d".into()), block_size: Some(8) }));
+        assert_eq!(serve_args(&["-tp", "2"]).unwrap().tp, 2);
+        assert_eq!(serve_args(&["--tool-call-parser", "hermes"]).unwrap().tool_call_parser, ToolCallParserKind::Auto);
+        assert_eq!(serve_args(&["--tool-call-parser", "none"]).unwrap().tool_call_parser, ToolCallParserKind::None);
+    }
+
+    /// Prefix caching is on unless turned off; of the two flags the last one wins.
+    #[test]
+    fn prefix_caching_is_on_unless_turned_off() {
+        let off = |extra: &[&str]| serve_args(extra).map(|a| a.no_enable_prefix_caching);
+        assert_eq!(off(&[]), Ok(false));
+        assert_eq!(off(&["--no-enable-prefix-caching"]), Ok(true));
+        assert_eq!(off(&["--no-enable-prefix-caching", "--enable-prefix-caching"]), Ok(false));
+        assert_eq!(off(&["--enable-prefix-caching", "--no-enable-prefix-caching"]), Ok(true));
+    }
+
+    /// vLLM's flags this server cannot honour are refused while parsing, saying why: a dtype
+    /// other than auto, a speculative method other than DFlash, keys it does not take, a draft
+    /// count past a block of 16, and the JSON form beside the flags it stands for.
+    #[test]
+    fn vllm_flags_that_cannot_be_honoured_are_refused() {
+        for (args, words) in [
+            (&["--dtype", "bfloat16"][..], &["bfloat16", "auto"][..]),
+            (&["--speculative-config", r#"{"method": "eagle3", "model": "/d"}"#], &["eagle3", "dflash"]),
+            (&["--speculative-config", r#"{"num_speculative_tokens": 16}"#], &["num_speculative_tokens", "1 to 15"]),
+            (&["--speculative-config", r#"{"num_speculative_tokens": 0}"#], &["num_speculative_tokens"]),
+            (&["--speculative-config", r#"{"draft_tensor_parallel_size": 1}"#], &["draft_tensor_parallel_size", "accepted: method, model, num_speculative_tokens"]),
+            (&["--speculative-config", r#"{"model": ""}"#], &["drafter's directory"]),
+            (&["--speculative-config", "[7]"], &["JSON object"]),
+            (&["--speculative-config", "{}", "--speculative-model", "/d"], &["--speculative-model"]),
+            (&["--speculative-config", "{}", "--speculative-block-size", "4"], &["--speculative-block-size"]),
+            (&["--generation-config", "/no/such/dir"], &["/no/such/dir", "generation_config.json"]),
+            (&["--tool-call-parser", "mistral"], &["mistral"]),
+        ] {
+            let err = serve_args(args).map(|_| ()).unwrap_err();
+            assert!(words.iter().all(|w| err.contains(w)), "{args:?}: {err}");
+        }
+        assert_eq!(serve_args(&["--speculative-config", "{}"]).unwrap().speculative_config, Some(SpeculativeConfig { model: None, block_size: None }));
+    }
+
+    /// `--generation-config DIR` reads that directory's file; `none` and `vllm` read none.
+    #[test]
+    fn generation_config_takes_a_directory() {
+        let dir = std::env::temp_dir().join(format!("peregrine-gc-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("generation_config.json"), "{}").unwrap();
+        let gc = |v: &str| serve_args(&["--generation-config", v]).map(|a| a.generation_config);
+        assert_eq!(gc(dir.to_str().unwrap()), Ok(GenerationConfig::Folder(dir.clone())));
+        assert_eq!((gc("none"), gc("vllm"), gc("auto")), (Ok(GenerationConfig::None), Ok(GenerationConfig::None), Ok(GenerationConfig::Auto)));
+        assert_eq!(serve_args(&[]).unwrap().generation_config, GenerationConfig::Auto);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// The KV cache counts against the memory the CPU has, with the f32 weights.

@@ -1,8 +1,8 @@
 use clap::Parser;
-use peregrine_server::cli::{compile_kernels, init_logging, serve, Cli, Command, LogFormat};
+use peregrine_server::cli::{compile_kernels, init_logging, serve, vllm_spellings, Cli, Command, LogFormat};
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(vllm_spellings(std::env::args_os()));
     let args = match cli.command {
         Command::Serve(args) => args,
         Command::CompileKernels(args) => {

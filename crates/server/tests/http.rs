@@ -694,6 +694,28 @@ async fn cache_salt_keeps_prefix_cache_hits_within_a_salt() {
     assert_eq!((st, v["error"]["param"].as_str()), (400, Some("cache_salt")), "{v}");
 }
 
+/// A vLLM command line serves as it would there (its spellings, its no-op flags, its parser
+/// names), and `--no-enable-prefix-caching` turns the prefix cache off: a repeated prompt finds
+/// nothing cached, and the cache's info metric says so.
+#[tokio::test]
+async fn a_vllm_command_line_serves_and_can_turn_prefix_caching_off() {
+    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/golden/default");
+    let s = Server::start(&[
+        fixture, "-tp", "1", "--trust-remote-code", "--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--reasoning-parser", "qwen3",
+        "--generation-config", "vllm", "--dtype", "auto", "--disable-log-requests", "--max_num_seqs", "4", "--no-enable-prefix-caching",
+    ])
+    .await;
+    let body = json!({"prompt": "a long shared system prompt ".repeat(12), "max_tokens": 4, "temperature": 0});
+    let cached = |v: &Value| v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap_or_else(|| panic!("{v}"));
+    let (st, first) = s.post("/v1/completions", body.clone()).await;
+    assert_eq!((st, cached(&first)), (200, 0), "{first}");
+    let (st, again) = s.post("/v1/completions", body).await;
+    assert_eq!((st, cached(&again)), (200, 0), "nothing is cached: {again}");
+    assert_eq!(first["choices"][0]["text"], again["choices"][0]["text"], "{first} {again}");
+    let metrics = s.client.get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains(r#"enable_prefix_caching="false""#), "{metrics}");
+}
+
 /// `return_token_ids` (vLLM's): the prompt's ids (`prompt_token_ids`: on the response for chats,
 /// on each choice for completions; streamed, on each choice's first chunk) and each choice's
 /// output ids (`token_ids`; streamed, each chunk its own), the same streamed or not.

@@ -61,6 +61,24 @@ async fn speculation_changes_nothing_but_speed_and_reports_drafts() {
     assert_eq!(plain.metric("vllm:spec_decode_num_drafts_total").await, 0.0);
 }
 
+/// vLLM's `--speculative-config` is the same drafter and block as the two flags it stands for:
+/// `num_speculative_tokens` 3 is a block of 4 (the drafter's own is 8), so the same seeded
+/// output and the same accepted and rejected drafts.
+#[tokio::test]
+async fn speculative_config_is_the_flags_it_stands_for() {
+    let config = format!(r#"{{"method": "dflash", "model": "{DRAFTER}", "num_speculative_tokens": 3}}"#);
+    let flags = Server::start(&["--speculative-model", DRAFTER, "--speculative-block-size", "4", "--speculative-mode", "always"]).await;
+    let json_form = Server::start(&["--speculative-config", &config, "--speculative-mode", "always"]).await;
+    let (st, a) = flags.post("/v1/chat/completions", body(false)).await;
+    assert_eq!(st, 200, "{a}");
+    let (st, b) = json_form.post("/v1/chat/completions", body(false)).await;
+    assert_eq!(st, 200, "{b}");
+    assert_eq!(a["choices"], b["choices"]);
+    assert_eq!(a["usage"], b["usage"]);
+    let (drafted, rounds) = (json_form.metric("vllm:spec_decode_num_draft_tokens_total").await, json_form.metric("vllm:spec_decode_num_drafts_total").await);
+    assert!(rounds > 0.0 && drafted <= 3.0 * rounds, "at most 3 drafts a round: {drafted} in {rounds}");
+}
+
 fn serve_fails(args: &[&str]) -> String {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_peregrine"))
         .arg("serve")
@@ -83,6 +101,11 @@ fn bad_speculation_flags_fail_clearly() {
     assert!(e.contains("sometimes") && e.contains("adaptive, always"), "{e}");
     let e = serve_fails(&["--speculative-model", "/nonexistent/drafter"]);
     assert!(e.contains("/nonexistent/drafter"), "{e}");
+    // The JSON form without a model needs the model's own dflash/ subfolder (the fixture has none).
+    let e = serve_fails(&["--speculative-config", r#"{"num_speculative_tokens": 3}"#]);
+    assert!(e.contains("--speculative-config") && e.contains("dflash/"), "{e}");
+    let e = serve_fails(&["--enable-auto-tool-choice", "--tool-call-parser", "none"]);
+    assert!(e.contains("--enable-auto-tool-choice"), "{e}");
     // A drafter built for another target (hidden size 64 vs the demo model's 256) is refused.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_peregrine"))
         .args(["serve", "--port", "0", "--speculative-model", DRAFTER])
