@@ -8,6 +8,7 @@ pub mod error;
 pub mod generation_defaults;
 pub mod protocol;
 pub mod reasoning;
+pub mod responses;
 pub mod routes;
 pub mod state;
 pub mod tool_calls;

@@ -31,6 +31,7 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
     let api = Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
+        .route("/v1/responses", post(crate::responses::responses))
         .route("/v1/models", get(models))
         .route("/v1/models/{*model}", get(model))
         .route("/tokenize", post(tokenize))
@@ -153,7 +154,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     diff == 0
 }
 
-fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+pub(crate) fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     body.map_err(|r| {
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::too_large(format!("request body too large: {}", r.body_text()))
@@ -635,8 +636,23 @@ fn render_chat(template: &peregrine_model::chat_template::ChatTemplate, messages
 
 async fn chat(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let body = body_bytes(body)?;
+    Ok(match chat_run(&state, body).await? {
+        ChatRun::Stream(st) => sse(*st).into_response(),
+        ChatRun::Reply(reply) => Json(reply).into_response(),
+    })
+}
+
+/// A chat request under way: its chunks still to come, or its whole reply.
+pub(crate) enum ChatRun {
+    Stream(Box<StreamState>),
+    Reply(Value),
+}
+
+/// Reads, submits and (unless streamed) collects a chat request's body: what `/v1/chat/completions`
+/// answers, and what `/v1/responses` reshapes.
+pub(crate) async fn chat_run(state: &AppState, body: Bytes) -> Result<ChatRun, ApiError> {
     let r = state.ready()?;
-    let ChatRead { top, plan, tools, forced, one_call, hide_reasoning, echo, text } = read_request(&state, body, read_chat).await?;
+    let ChatRead { top, plan, tools, forced, one_call, hide_reasoning, echo, text } = read_request(state, body, read_chat).await?;
     let tok = r.engine.tokenizer();
     let mut ids = encode(tok, &text, plan.add_special_tokens.unwrap_or(false)).await?;
     plan.truncate_prompt(&mut ids, r.engine.max_model_len());
@@ -650,7 +666,7 @@ async fn chat(State(state): State<AppState>, body: Result<Bytes, BytesRejection>
     };
     let id = random_id("chatcmpl");
     let prompt_len = ids.len();
-    let sub = submit(&state, &id, &[ids], &plan, plan.prompt_logprobs, "messages").await?;
+    let sub = submit(state, &id, &[ids], &plan, plan.prompt_logprobs, "messages").await?;
     let created = unix_now();
     if plan.stream {
         let mut st = StreamState::new(state.clone(), sub, id, created, true, &plan, None);
@@ -661,7 +677,7 @@ async fn chat(State(state): State<AppState>, body: Result<Bytes, BytesRejection>
         if let Some(prefix) = echo.filter(|e| !e.is_empty()) {
             st.echo_chat(&prefix);
         }
-        return Ok(sse(st).into_response());
+        return Ok(ChatRun::Stream(Box::new(st)));
     }
     let (prompt_lens, prompt_ids) = (sub.prompt_lens.clone(), sub.prompt_ids.clone());
     let results = collect(sub).await?;
@@ -691,7 +707,7 @@ async fn chat(State(state): State<AppState>, body: Result<Bytes, BytesRejection>
     if let Some(k) = plan.prompt_logprobs {
         response["prompt_logprobs"] = prompt_logprobs_json(r, results[0].2.prompt_logprobs.as_deref().unwrap_or_default(), prompt_len, k);
     }
-    Ok(Json(response).into_response())
+    Ok(ChatRun::Reply(response))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -860,7 +876,7 @@ struct Echo {
 
 /// Turns the engine events of every choice into OpenAI chunks. Dropping it (client gone) drops
 /// the engine streams, which aborts the requests at the next engine step.
-struct StreamState {
+pub(crate) struct StreamState {
     state: AppState,
     merged: SelectAll<Tagged>,
     pending: VecDeque<String>,
@@ -1131,10 +1147,16 @@ impl StreamState {
 }
 
 fn sse(st: StreamState) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
-    let s = stream::unfold(st, |mut st| async move {
+    Sse::new(chunks(st).map(|data| Ok(Event::default().data(data)))).keep_alive(KeepAlive::default())
+}
+
+/// A stream's `data:` payloads in order (JSON chunks, an error object, then `[DONE]`); dropping
+/// it aborts the requests.
+pub(crate) fn chunks(st: StreamState) -> impl futures::Stream<Item = String> + Send {
+    stream::unfold(st, |mut st| async move {
         loop {
             if let Some(data) = st.pending.pop_front() {
-                return Some((Ok(Event::default().data(data)), st));
+                return Some((data, st));
             }
             if st.done {
                 return None;
@@ -1144,8 +1166,7 @@ fn sse(st: StreamState) -> Sse<impl futures::Stream<Item = Result<Event, Infalli
                 None => st.finish(),
             }
         }
-    });
-    Sse::new(s).keep_alive(KeepAlive::default())
+    })
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -321,6 +321,22 @@ async fn the_openai_sdk_reads_the_tool_calls() {
     tokio::task::spawn_blocking(move || e.shutdown()).await.unwrap();
 }
 
+/// The Responses API (/v1/responses) through the OpenAI Python SDK (strict validation): text,
+/// a cut by max_output_tokens, function calls and their outputs sent back as items, reasoning
+/// items, typed stream events, structured outputs, and refusals naming their field. Skips like
+/// the test above without the `.venv`.
+#[tokio::test]
+async fn the_openai_sdk_reads_responses() {
+    if common::sdk_python().is_none() {
+        eprintln!("skipped: .venv with the openai SDK not found (run scripts/test.sh)");
+        return;
+    }
+    let h = Harness::start(true).await;
+    common::run_sdk_script("test_responses_sdk.py", &format!("{}/v1", h.base)).await;
+    let e = h.engine.clone();
+    tokio::task::spawn_blocking(move || e.shutdown()).await.unwrap();
+}
+
 /// Streamed chunks of one choice gathered per field: (reasoning, content, tool calls, finish).
 fn gather(chunks: &[Value]) -> (String, String, Vec<Value>, Value) {
     let (mut reasoning, mut content, mut calls, mut finish) = (String::new(), String::new(), Vec::new(), Value::Null);

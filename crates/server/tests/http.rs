@@ -716,6 +716,55 @@ async fn a_vllm_command_line_serves_and_can_turn_prefix_caching_off() {
     assert!(metrics.contains(r#"enable_prefix_caching="false""#), "{metrics}");
 }
 
+/// `/v1/responses` is the chat route reshaped: the same text and token counts as the chat
+/// completion of the same messages (greedy and seeded), streamed events that add up to it, and
+/// the chat's validation under this route's field names.
+#[tokio::test]
+async fn responses_answer_what_the_chat_route_answers() {
+    let s = Server::start(&[]).await;
+    for sampling in [json!({"temperature": 0}), json!({"temperature": 0.9, "seed": 7})] {
+        let mut chat = json!({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "def add(a, b):"}], "max_completion_tokens": 12});
+        let mut resp = json!({"instructions": "Be brief.", "input": [{"role": "user", "content": [{"type": "input_text", "text": "def add(a, b):"}]}], "max_output_tokens": 12});
+        for (k, v) in sampling.as_object().unwrap() {
+            chat[k] = v.clone();
+            resp[k] = v.clone();
+        }
+        let (st, c) = s.post("/v1/chat/completions", chat).await;
+        assert_eq!(st, 200, "{c}");
+        let (st, r) = s.post("/v1/responses", resp.clone()).await;
+        assert_eq!(st, 200, "{r}");
+        let text = c["choices"][0]["message"]["content"].as_str().unwrap();
+        assert!(!text.is_empty(), "{c}");
+        assert_eq!(r["output"][0]["content"][0]["text"], text, "{r}");
+        assert_eq!((&r["usage"]["input_tokens"], &r["usage"]["output_tokens"]), (&c["usage"]["prompt_tokens"], &c["usage"]["completion_tokens"]));
+        let status = if c["choices"][0]["finish_reason"] == "length" { "incomplete" } else { "completed" };
+        assert_eq!((&r["object"], &r["status"], &r["instructions"]), (&json!("response"), &json!(status), &json!("Be brief.")));
+        // Streamed: numbered typed events whose deltas add up to the same text.
+        resp["stream"] = json!(true);
+        let events: Vec<Value> = s.stream("/v1/responses", resp).await.iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+        assert!(events.iter().enumerate().all(|(i, e)| e["sequence_number"] == json!(i)), "{events:?}");
+        let streamed: String = events.iter().filter(|e| e["type"] == "response.output_text.delta").map(|e| e["delta"].as_str().unwrap()).collect();
+        assert_eq!(streamed, text);
+        let last = events.last().unwrap();
+        assert_eq!(last["response"]["output"][0]["content"][0]["text"], text, "{last}");
+        assert_eq!(last["response"]["usage"]["output_tokens"], c["usage"]["completion_tokens"], "{last}");
+    }
+    // The chat's checks, named as this route's fields.
+    for (body, param) in [
+        (json!({"input": "x", "max_output_tokens": 0}), "max_output_tokens"),
+        (json!({"input": "x", "reasoning": {"effort": "extreme"}}), "reasoning.effort"),
+        (json!({"input": "x", "text": {"format": {"type": "json_schema", "name": "s", "schema": 5}}}), "text.format"),
+        (json!({"input": "x", "temperature": -1}), "temperature"),
+        (json!({"input": "x", "model": "other"}), "model"),
+    ] {
+        let (st, v) = s.post("/v1/responses", body.clone()).await;
+        assert!(st == 400 || st == 404, "{body}: {st} {v}");
+        assert_eq!(v["error"]["param"], param, "{body}: {v}");
+    }
+    let (st, v) = s.post_raw("/v1/responses", b"{not json".to_vec()).await;
+    assert_eq!((st, v["error"]["type"].as_str()), (400, Some("invalid_request_error")), "{v}");
+}
+
 /// `return_token_ids` (vLLM's): the prompt's ids (`prompt_token_ids`: on the response for chats,
 /// on each choice for completions; streamed, on each choice's first chunk) and each choice's
 /// output ids (`token_ids`; streamed, each chunk its own), the same streamed or not.

@@ -1,6 +1,6 @@
 //! schemathesis against OpenAI's OpenAPI spec (kept in ../shared/openai/openapi.yaml, never
-//! copied into the repository), restricted to createChatCompletion, createCompletion and
-//! listModels: generated requests must never get a 5xx. Skips with a message when the spec or
+//! copied into the repository), restricted to createChatCompletion, createCompletion,
+//! createResponse and listModels: generated requests must never get a 5xx. Skips with a message when the spec or
 //! the `.venv` with schemathesis is absent.
 
 mod common;
@@ -25,7 +25,7 @@ async fn openapi_fuzzing_finds_no_server_errors() {
         .arg("run")
         .arg(&spec)
         .args(["--url", &s.url("/v1")])
-        .args(["--include-operation-id", "createChatCompletion", "--include-operation-id", "createCompletion", "--include-operation-id", "listModels"])
+        .args(["--include-operation-id", "createChatCompletion", "--include-operation-id", "createCompletion", "--include-operation-id", "createResponse", "--include-operation-id", "listModels"])
         .args(["--checks", "not_a_server_error", "--max-examples", "30", "--generation-deterministic"])
         .env("NO_COLOR", "1")
         // schemathesis keeps a cache in its working directory: under target/, not in the tree.
@@ -35,5 +35,5 @@ async fn openapi_fuzzing_finds_no_server_errors() {
         .unwrap();
     let text = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "schemathesis found failures:\n{text}");
-    assert!(text.contains("Tested: 3"), "schemathesis did not test the 3 operations:\n{text}");
+    assert!(text.contains("Tested: 4"), "schemathesis did not test the 4 operations:\n{text}");
 }
