@@ -87,7 +87,9 @@ pub enum ToolCallParserKind {
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
 pub enum ReasoningParserKind {
-    /// Also under vLLM's name for the same rule, `qwen3`.
+    /// Also under `qwen3`, the vLLM parser name MiMo is served with. Unlike vLLM's current
+    /// parser, a reply that neither opens `<think>` nor follows a prompt that opened it is all
+    /// content.
     #[value(alias = "qwen3")]
     Auto,
     None,
@@ -199,8 +201,8 @@ pub struct ServeArgs {
     pub reasoning_parser: ReasoningParserKind,
     /// `auto`: what a request leaves unset (temperature, top_p, top_k, min_p,
     /// repetition_penalty, and max_new_tokens as a cap on max_tokens) comes from the model
-    /// directory's generation_config.json, as vLLM does; `none`: the OpenAI defaults.
-    /// `none` (alias `vllm`): the OpenAI defaults; a directory: its generation_config.json.
+    /// directory's generation_config.json, as vLLM does; `none` (alias `vllm`): the OpenAI
+    /// defaults; a directory: that directory's generation_config.json.
     #[arg(long, env = "PEREGRINE_GENERATION_CONFIG", value_parser = parse_generation_config, default_value = "auto")]
     pub generation_config: GenerationConfig,
     /// DFlash drafter directory for speculative decoding, or `none` to decode without one.
@@ -213,8 +215,8 @@ pub struct ServeArgs {
     pub speculative_block_size: Option<u16>,
     /// vLLM's form of the two flags above, a JSON object: `{"method": "dflash", "model": PATH,
     /// "num_speculative_tokens": N}` (N drafts: a block of N + 1; `model` may be left out for
-    /// the model's own dflash/ subfolder).
-    #[arg(long, env = "PEREGRINE_SPECULATIVE_CONFIG", value_parser = parse_speculative_config, conflicts_with_all = ["speculative_model", "speculative_block_size"])]
+    /// the model's own dflash/ subfolder). N is at most 15: a block holds 16 tokens at most.
+    #[arg(long, env = "PEREGRINE_SPECULATIVE_CONFIG", value_parser = parse_speculative_config)]
     pub speculative_config: Option<SpeculativeConfig>,
     /// When the drafter speculates: `adaptive` (while speculative steps measure faster than
     /// plain decoding: timed per batch size, with each sequence's own acceptance) or `always`.
@@ -236,16 +238,18 @@ pub struct ServeArgs {
     #[arg(long, visible_alias = "disable-uvicorn-access-log", env = "PEREGRINE_DISABLE_ACCESS_LOG", value_parser = clap::builder::BoolishValueParser::new())]
     pub disable_access_log: bool,
     /// Turn off prefix caching: every prompt is computed in full, none of its blocks is shared
-    /// (for measurements; on by default, as vLLM's, and `--enable-prefix-caching` is accepted).
-    #[arg(long, env = "PEREGRINE_NO_ENABLE_PREFIX_CACHING", value_parser = clap::builder::BoolishValueParser::new(), overrides_with = "enable_prefix_caching")]
+    /// (for measurements). On by default, as vLLM's; `--enable-prefix-caching` (vLLM's flag for
+    /// the default) wins over this flag and its variable.
+    #[arg(long, env = "PEREGRINE_NO_ENABLE_PREFIX_CACHING", value_parser = clap::builder::BoolishValueParser::new())]
     pub no_enable_prefix_caching: bool,
-    #[arg(long, hide = true, overrides_with = "no_enable_prefix_caching")]
+    #[arg(long, hide = true)]
     pub enable_prefix_caching: bool,
     // vLLM flags accepted so that its command lines run unchanged.
     /// No effect: Peregrine runs no model code (`mimo_v2`'s is built in).
     #[arg(long, help_heading = "Accepted for vLLM command lines (no effect)")]
     pub trust_remote_code: bool,
-    /// No effect: tool calls are parsed whenever --tool-call-parser is on (the default).
+    /// No effect: tool calls are parsed whenever --tool-call-parser is on (the default); refused
+    /// beside `--tool-call-parser none`.
     #[arg(long, help_heading = "Accepted for vLLM command lines (no effect)")]
     pub enable_auto_tool_choice: bool,
     /// No effect: prompts and outputs are never logged.
@@ -263,6 +267,27 @@ pub struct ServeArgs {
     /// steps while the GPU waits. Outputs are the same either way.
     #[arg(long, env = "PEREGRINE_NO_OVERLAP_STEPS", value_parser = clap::builder::BoolishValueParser::new())]
     pub no_overlap_steps: bool,
+}
+
+impl ServeArgs {
+    /// Whether the prefix cache is on: unless turned off, and always with
+    /// `--enable-prefix-caching` (from the command line; the off switch may come from its
+    /// environment variable, where clap cannot order the two).
+    pub fn prefix_caching(&self) -> bool {
+        self.enable_prefix_caching || !self.no_enable_prefix_caching
+    }
+
+    /// The drafter (`none`: no speculation; None: the model's own dflash/ subfolder) and block
+    /// size, from the two flags or from `--speculative-config`, never both.
+    pub fn speculation(&self) -> anyhow::Result<(Option<&str>, Option<u16>)> {
+        match &self.speculative_config {
+            None => Ok((self.speculative_model.as_deref(), self.speculative_block_size)),
+            Some(_) if self.speculative_model.is_some() || self.speculative_block_size.is_some() => bail!(
+                "--speculative-config is vLLM's form of --speculative-model and --speculative-block-size (PEREGRINE_SPECULATIVE_MODEL, PEREGRINE_SPECULATIVE_BLOCK_SIZE): give one form, not both"
+            ),
+            Some(c) => Ok((c.model.as_deref(), c.block_size)),
+        }
+    }
 }
 
 /// `--speculative-config`: vLLM's JSON form of --speculative-model and --speculative-block-size.
@@ -286,12 +311,13 @@ fn parse_speculative_config(s: &str) -> Result<SpeculativeConfig, String> {
             "method" if value.as_str() == Some("dflash") => {}
             "method" => return Err(format!("method {value} is not supported: Peregrine speculates with DFlash drafters only (\"dflash\")")),
             "model" => match value.as_str() {
+                Some("none") => return Err("model \"none\" speculates with no drafter: leave --speculative-config out instead".into()),
                 Some(m) if !m.trim().is_empty() => config.model = Some(m.to_owned()),
                 _ => return Err(format!("model must be the drafter's directory, got {value}")),
             },
             "num_speculative_tokens" => match value.as_u64() {
                 Some(n @ 1..=15) => config.block_size = Some(n as u16 + 1),
-                _ => return Err(format!("num_speculative_tokens must be an integer from 1 to 15, got {value}")),
+                _ => return Err(format!("num_speculative_tokens must be an integer from 1 to 15 (a block holds the last token and at most 15 drafts), got {value}")),
             },
             other => return Err(format!("`{other}` is not supported (accepted: method, model, num_speculative_tokens)")),
         }
@@ -499,16 +525,13 @@ pub fn load(args: &ServeArgs) -> anyhow::Result<Ready> {
         .transpose()
         .context("invalid chat template")?;
     let t0 = std::time::Instant::now();
-    // --speculative-config is vLLM's form of the two flags (clap refuses it beside them).
-    let spec_config = args.speculative_config.as_ref();
-    let speculative_model = args.speculative_model.as_deref().or(spec_config.and_then(|c| c.model.as_deref()));
-    let speculative_block_size = args.speculative_block_size.or(spec_config.and_then(|c| c.block_size));
+    let (speculative_model, speculative_block_size) = args.speculation()?;
     let drafter_dir = match speculative_model {
         Some("none") => None,
         Some(p) => Some(std::path::PathBuf::from(p)),
         None => peregrine_model::dflash::bundled_drafter(&files.dir),
     };
-    if spec_config.is_some() && drafter_dir.is_none() {
+    if args.speculative_config.is_some() && drafter_dir.is_none() {
         bail!("--speculative-config names no \"model\" and model `{path}` has no dflash/ subfolder: give the drafter's directory");
     }
     if speculative_block_size.is_some() && drafter_dir.is_none() {
@@ -576,7 +599,7 @@ pub fn load(args: &ServeArgs) -> anyhow::Result<Ready> {
         gpu_memory_utilization: gpu_memory_utilization(args.device, args.kv_cache_memory, args.gpu_memory_utilization),
         max_waiting: args.max_waiting as usize,
         speculative_block_size: speculative_block_size.map(usize::from),
-        enable_prefix_caching: !args.no_enable_prefix_caching,
+        enable_prefix_caching: args.prefix_caching(),
         model_name: Some(args.served_model_name.clone().unwrap_or_else(|| default_name.clone())),
         overlap_steps: !args.no_overlap_steps,
         speculation: args.speculative_mode,
@@ -851,21 +874,27 @@ mod tests {
         .unwrap();
         assert_eq!((a.model.as_deref(), a.tp, a.max_num_seqs), (Some("/models/mimo"), 1, 8));
         assert_eq!((a.tool_call_parser, a.reasoning_parser, &a.generation_config), (ToolCallParserKind::Auto, ReasoningParserKind::Auto, &GenerationConfig::None));
-        assert!(a.trust_remote_code && a.enable_auto_tool_choice && a.disable_log_requests && a.disable_access_log && !a.no_enable_prefix_caching);
+        assert!(a.trust_remote_code && a.enable_auto_tool_choice && a.disable_log_requests && a.disable_access_log && a.prefix_caching());
         assert_eq!(a.speculative_config, Some(SpeculativeConfig { model: Some("/drafts/d".into()), block_size: Some(8) }));
         assert_eq!(serve_args(&["-tp", "2"]).unwrap().tp, 2);
         assert_eq!(serve_args(&["--tool-call-parser", "hermes"]).unwrap().tool_call_parser, ToolCallParserKind::Auto);
         assert_eq!(serve_args(&["--tool-call-parser", "none"]).unwrap().tool_call_parser, ToolCallParserKind::None);
     }
 
-    /// Prefix caching is on unless turned off; of the two flags the last one wins.
+    /// Prefix caching is on unless turned off (by flag or variable); vLLM's
+    /// `--enable-prefix-caching` keeps it on, beside either.
     #[test]
     fn prefix_caching_is_on_unless_turned_off() {
-        let off = |extra: &[&str]| serve_args(extra).map(|a| a.no_enable_prefix_caching);
-        assert_eq!(off(&[]), Ok(false));
-        assert_eq!(off(&["--no-enable-prefix-caching"]), Ok(true));
-        assert_eq!(off(&["--no-enable-prefix-caching", "--enable-prefix-caching"]), Ok(false));
-        assert_eq!(off(&["--enable-prefix-caching", "--no-enable-prefix-caching"]), Ok(true));
+        let on = |extra: &[&str]| serve_args(extra).map(|a| a.prefix_caching());
+        assert_eq!(on(&[]), Ok(true));
+        assert_eq!(on(&["--no-enable-prefix-caching"]), Ok(false));
+        assert_eq!(on(&["--no-enable-prefix-caching", "--enable-prefix-caching"]), Ok(true));
+        assert_eq!(on(&["--enable-prefix-caching", "--no-enable-prefix-caching"]), Ok(true));
+        // (No other test reads this variable.)
+        std::env::set_var("PEREGRINE_NO_ENABLE_PREFIX_CACHING", "1");
+        let (off_by_env, on_by_flag) = (on(&[]), on(&["--enable-prefix-caching"]));
+        std::env::remove_var("PEREGRINE_NO_ENABLE_PREFIX_CACHING");
+        assert_eq!((off_by_env, on_by_flag), (Ok(false), Ok(true)));
     }
 
     /// vLLM's flags this server cannot honour are refused while parsing, saying why: a dtype
@@ -881,8 +910,7 @@ mod tests {
             (&["--speculative-config", r#"{"draft_tensor_parallel_size": 1}"#], &["draft_tensor_parallel_size", "accepted: method, model, num_speculative_tokens"]),
             (&["--speculative-config", r#"{"model": ""}"#], &["drafter's directory"]),
             (&["--speculative-config", "[7]"], &["JSON object"]),
-            (&["--speculative-config", "{}", "--speculative-model", "/d"], &["--speculative-model"]),
-            (&["--speculative-config", "{}", "--speculative-block-size", "4"], &["--speculative-block-size"]),
+            (&["--speculative-config", r#"{"model": "none"}"#], &["leave --speculative-config out"]),
             (&["--generation-config", "/no/such/dir"], &["/no/such/dir", "generation_config.json"]),
             (&["--tool-call-parser", "mistral"], &["mistral"]),
         ] {
@@ -890,6 +918,16 @@ mod tests {
             assert!(words.iter().all(|w| err.contains(w)), "{args:?}: {err}");
         }
         assert_eq!(serve_args(&["--speculative-config", "{}"]).unwrap().speculative_config, Some(SpeculativeConfig { model: None, block_size: None }));
+        // The JSON form beside the flags it stands for (or their variables) is refused.
+        for extra in [&["--speculative-model", "/d"][..], &["--speculative-block-size", "4"]] {
+            let a = serve_args(&[&["--speculative-config", "{}"][..], extra].concat()).unwrap();
+            let err = a.speculation().unwrap_err().to_string();
+            assert!(err.contains("give one form"), "{err}");
+        }
+        let a = serve_args(&["--speculative-config", r#"{"model": "/d", "num_speculative_tokens": 3}"#]).unwrap();
+        assert_eq!(a.speculation().unwrap(), (Some("/d"), Some(4)));
+        let a = serve_args(&["--speculative-model", "/e", "--speculative-block-size", "5"]).unwrap();
+        assert_eq!(a.speculation().unwrap(), (Some("/e"), Some(5)));
     }
 
     /// `--generation-config DIR` reads that directory's file; `none` and `vllm` read none.

@@ -52,6 +52,18 @@ async fn unset_fields_take_the_model_s_defaults() {
     assert_eq!(r["usage"]["completion_tokens"], 4, "64 - 60 tokens of room: {r}");
 }
 
+/// `--generation-config DIR` (vLLM's folder form) takes that directory's file, not the model's.
+#[tokio::test]
+async fn a_directory_gives_its_own_file() {
+    let model = model_with(json!({"max_new_tokens": 9}));
+    let other = tempfile::tempdir().unwrap();
+    std::fs::write(other.path().join("generation_config.json"), json!({"temperature": 0.0, "max_new_tokens": 3}).to_string()).unwrap();
+    let s = Server::start(&[model.path().to_str().unwrap(), "--max-model-len", "64", "--generation-config", other.path().to_str().unwrap()]).await;
+    let greedy = complete(&s, json!({"temperature": 0, "max_tokens": 3})).await;
+    assert_eq!(greedy.0, 3);
+    assert_eq!(complete(&s, json!({})).await, greedy, "the directory's cap (3) and temperature (0), not the model's cap (9)");
+}
+
 #[tokio::test]
 async fn none_ignores_the_file_and_bad_fields_are_left_out() {
     let dir = model_with(json!({"temperature": 0.0, "max_new_tokens": 5}));
