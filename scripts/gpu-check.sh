@@ -106,6 +106,11 @@ e2e() {  # $1 device, $2 port, $3 speculative model (none: off; default: the mod
     curl -s "localhost:$port/v1/completions" -H 'content-type: application/json' \
         -d '{"prompt":"def fibonacci(n):\n    if n < 2:\n","max_tokens":1,"temperature":0,"prompt_logprobs":1}' \
         | python3 -c 'import json,sys; p=json.load(sys.stdin)["choices"][0]["prompt_logprobs"]; print(json.dumps([e and [k for k, v in e.items() if v["rank"] == 1] for e in p]))'
+    # /v1/responses, streamed (a chat through the template, reshaped into typed events): greedy,
+    # as on the CPU: the output text, the last event, and its output token count.
+    curl -sN "localhost:$port/v1/responses" -H 'content-type: application/json' \
+        -d '{"instructions":"Write Python.","input":"def fibonacci(n):","max_output_tokens":32,"temperature":0,"stream":true}' \
+        | python3 -c 'import json,sys; ev=[json.loads(l[6:]) for l in sys.stdin.read().splitlines() if l.startswith("data: ")]; print(json.dumps(["".join(e["delta"] for e in ev if e["type"] == "response.output_text.delta"), ev[-1]["type"], ev[-1]["response"]["usage"]["output_tokens"]]))'
     # Seeded sampling (on the GPU for --device cuda): the same seed gives the same text, four
     # times. Under the adaptive default the GPU's verify rows round apart from its decode rows
     # and which steps draft follows their timing, so a seeded sampling request decodes plainly
@@ -135,9 +140,9 @@ e2e() {  # $1 device, $2 port, $3 speculative model (none: off; default: the mod
 # trained demo model only: on the golden fixtures' random models a value within ~1e-6 of a rounding boundary
 # rounds to neighbours one ulp apart and grows (docs/design-notes.md, "How BF16 is tested").
 # Each e2e run prints one line a request (3 prompts, JSON mode, a schema, a grammar, a regex,
-# allowed ids, penalties, min_tokens, bad words, prompt logprobs); a request that failed prints
-# none, so two failed runs cannot compare as identical.
-E2E_LINES=12
+# allowed ids, penalties, min_tokens, bad words, prompt logprobs, a streamed response); a
+# request that failed prints none, so two failed runs cannot compare as identical.
+E2E_LINES=13
 same() {  # $1 what, $2 GPU's file, $3 CPU's file
     if cmp -s "$LOG/$2" "$LOG/$3" && [ "$(wc -l < "$LOG/$3")" -eq "$E2E_LINES" ]; then echo "e2e $1: identical to --device cpu"; else echo "e2e $1: DIFFERS from --device cpu:"; cat "$LOG/$2"; status=1; fi
 }
