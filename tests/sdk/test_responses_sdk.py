@@ -42,6 +42,11 @@ calls = [i for i in r.output if i.type == "function_call"]
 assert [c.name for c in calls] == ["get_weather", "get_time"], r.output
 assert json.loads(calls[0].arguments) == {"city": "Paris", "unit": "C"}, calls
 assert all(c.call_id.startswith("call_") and c.status == "completed" for c in calls), calls
+# Streamed, the same items (the blank line between the two calls makes no message of its own).
+streamed = list(client.responses.create(model="scripted", input=[{"role": "user", "content": "ask-weather, please"}], tools=tools,
+                                        temperature=0, max_output_tokens=400, stream=True))[-1].response
+assert [(i.type, getattr(i, "name", None)) for i in streamed.output] == [(i.type, getattr(i, "name", None)) for i in r.output], streamed.output
+assert [i.type for i in r.output] == ["message", "function_call", "function_call"], r.output
 follow = [{"role": "user", "content": "ask-weather, please"}] + [c.model_dump(exclude_none=True) for c in r.output] + [
     {"type": "function_call_output", "call_id": calls[0].call_id, "output": "18 C"},
     {"type": "function_call_output", "call_id": calls[1].call_id, "output": "noon"},

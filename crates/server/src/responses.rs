@@ -37,19 +37,24 @@ pub async fn responses(State(state): State<AppState>, body: Result<Bytes, BytesR
     let body = body_bytes(body)?;
     let model = state.ready()?.model_name.clone();
     let req = crate::protocol::body_value(&body)?;
-    let (chat, echo) = chat_request(&req)?;
-    let run = chat_run(&state, Bytes::from(chat.to_string())).await.map_err(as_responses_error)?;
-    let shape = Shape { echo, id: item_id("resp"), created: unix_now(), model };
-    Ok(match run {
-        ChatRun::Reply(reply) => Json(shape.reply_response(&reply)).into_response(),
-        ChatRun::Stream(st) => {
-            let mut events = Events::new(shape);
-            let start = events.start();
-            let rest = chunks(*st).flat_map(move |data| stream::iter(events.chunk(&data)));
-            let sse = stream::iter(start).chain(rest).map(|e| Ok::<_, Infallible>(Event::default().event(e["type"].as_str().unwrap_or_default()).data(e.to_string())));
-            Sse::new(sse).keep_alive(KeepAlive::default()).into_response()
+    let (chat, echo, stream) = chat_request(&req)?;
+    // The chat always streams: one reading of its chunks gives both forms, so a response is
+    // the same items streamed or not.
+    let ChatRun::Stream(st) = chat_run(&state, Bytes::from(chat.to_string())).await.map_err(as_responses_error)? else {
+        return Err(ApiError::internal("the chat route answered a streamed request whole"));
+    };
+    let mut events = Events::new(Shape { echo, id: item_id("resp"), created: unix_now(), model });
+    if !stream {
+        let mut chunks = std::pin::pin!(chunks(*st));
+        while let Some(data) = chunks.next().await {
+            events.chunk(&data);
         }
-    })
+        return events.outcome().map(|r| Json(r).into_response());
+    }
+    let start = events.start();
+    let rest = chunks(*st).flat_map(move |data| stream::iter(events.chunk(&data)));
+    let sse = stream::iter(start).chain(rest).map(|e| Ok::<_, Infallible>(Event::default().event(e["type"].as_str().unwrap_or_default()).data(e.to_string())));
+    Ok(Sse::new(sse).keep_alive(KeepAlive::default()).into_response())
 }
 
 /// OpenAI's item ids: a type prefix, an underscore, hex.
@@ -61,21 +66,29 @@ fn given(obj: &Map<String, Value>, field: &str) -> Option<Value> {
     obj.get(field).filter(|v| !v.is_null()).cloned()
 }
 
-/// A chat error names the chat's field; the caller sent this route's.
+/// The chat's fields this route sends under other names, as (chat, Responses).
+const RENAMED: &[(&str, &str)] = &[
+    ("messages", "input"),
+    ("max_completion_tokens", "max_output_tokens"),
+    ("max_tokens", "max_output_tokens"),
+    ("response_format", "text.format"),
+    ("reasoning_effort", "reasoning.effort"),
+];
+
+/// A chat error names the chat's field; the caller sent this route's (in `param`, and in the
+/// message where it names the field whole).
 fn as_responses_error(mut e: ApiError) -> ApiError {
-    let renamed = match e.param.as_deref() {
-        Some("messages") => "input",
-        Some("max_completion_tokens") | Some("max_tokens") => "max_output_tokens",
-        Some("response_format") => "text.format",
-        Some("reasoning_effort") => "reasoning.effort",
-        _ => return e,
-    };
-    e.param = Some(renamed.to_owned());
+    if let Some(&(chat, ours)) = RENAMED.iter().find(|(chat, _)| e.param.as_deref() == Some(*chat)) {
+        e.param = Some(ours.to_owned());
+        e.message = e.message.replace(&format!("`{chat}`"), &format!("`{ours}`"));
+    }
     e
 }
 
 /// The chat request a Responses request stands for, and the request fields its response repeats.
-fn chat_request(req: &Value) -> Result<(Value, Map<String, Value>), ApiError> {
+/// Returns the chat request (always streamed), the fields to repeat, and whether the caller
+/// asked for a stream.
+fn chat_request(req: &Value) -> Result<(Value, Map<String, Value>, bool), ApiError> {
     let obj = req.as_object().ok_or_else(|| ApiError::invalid("the request body must be a JSON object"))?;
     let unknown: Vec<&String> = obj.keys().filter(|k| !OWN_FIELDS.contains(&k.as_str()) && !PASSED_FIELDS.contains(&k.as_str())).collect();
     if !unknown.is_empty() {
@@ -112,13 +125,14 @@ fn chat_request(req: &Value) -> Result<(Value, Map<String, Value>), ApiError> {
         }
         Some(_) => return Err(ApiError::param("reasoning", "`reasoning` must be an object")),
     }
-    if let Some(stream) = obj.get("stream") {
-        chat.insert("stream".into(), stream.clone());
-        if stream.as_bool() == Some(true) {
-            // The final event carries the usage.
-            chat.insert("stream_options".into(), json!({"include_usage": true}));
-        }
-    }
+    let stream = match obj.get("stream") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(ApiError::param("stream", "`stream` must be a boolean")),
+    };
+    // The usage comes as the stream's last chunk.
+    chat.insert("stream".into(), json!(true));
+    chat.insert("stream_options".into(), json!({"include_usage": true}));
     let mut echo = Map::new();
     for field in ["instructions", "max_output_tokens", "temperature", "top_p", "user", "reasoning"] {
         echo.insert(field.into(), given(obj, field).unwrap_or(Value::Null));
@@ -128,7 +142,7 @@ fn chat_request(req: &Value) -> Result<(Value, Map<String, Value>), ApiError> {
     echo.insert("parallel_tool_calls".into(), given(obj, "parallel_tool_calls").unwrap_or(json!(true)));
     echo.insert("text".into(), json!({"format": given(obj, "text").and_then(|t| given(t.as_object()?, "format")).unwrap_or(json!({"type": "text"}))}));
     echo.insert("metadata".into(), given(obj, "metadata").unwrap_or(json!({})));
-    Ok((Value::Object(chat), echo))
+    Ok((Value::Object(chat), echo, stream))
 }
 
 /// Responses fields whose effect this server does not provide: refused, naming them, rather
@@ -145,6 +159,12 @@ fn refuse_unsupported(obj: &Map<String, Value>) -> Result<(), ApiError> {
     if set("background").is_some_and(|b| b != json!(false)) {
         return Err(ApiError::param("background", "`background` is not supported: responses are served while the request waits (or streamed)"));
     }
+    if set("store").is_some_and(|v| !v.is_boolean()) {
+        return Err(ApiError::param("store", "`store` must be a boolean"));
+    }
+    if set("metadata").is_some_and(|m| m.as_object().is_none_or(|o| o.values().any(|v| !v.is_string()))) {
+        return Err(ApiError::param("metadata", "`metadata` must be an object of string values"));
+    }
     if set("prompt").is_some() {
         return Err(ApiError::param("prompt", "stored prompt templates are not supported: send `instructions` and `input`"));
     }
@@ -154,8 +174,13 @@ fn refuse_unsupported(obj: &Map<String, Value>) -> Result<(), ApiError> {
     if set("truncation").is_some_and(|t| t != json!("disabled")) {
         return Err(ApiError::param("truncation", "only `truncation: \"disabled\"` is supported: a conversation longer than the context is refused"));
     }
-    if set("include").is_some_and(|i| i.as_array().is_none_or(|list| !list.is_empty())) {
-        return Err(ApiError::param("include", "`include` is not supported (logprobs and encrypted reasoning are not returned on this route; /v1/chat/completions gives logprobs)"));
+    // Encrypted reasoning, which stateless clients ask for to send it back, is accepted: the
+    // reasoning comes as plain `content`, which a later request's reasoning items are read from.
+    if let Some(other) = set("include").and_then(|i| match i.as_array() {
+        Some(list) => list.iter().find(|v| v.as_str() != Some("reasoning.encrypted_content")).cloned(),
+        None => Some(i),
+    }) {
+        return Err(ApiError::param("include", format!("`include` {other} is not supported: only \"reasoning.encrypted_content\" is taken (reasoning comes back as plain content); /v1/chat/completions gives logprobs")));
     }
     if set("top_logprobs").is_some_and(|k| k != json!(0)) {
         return Err(ApiError::param("top_logprobs", "logprobs are not returned on this route: use /v1/chat/completions with `logprobs`"));
@@ -198,7 +223,7 @@ fn input_messages(input: Option<&Value>) -> Result<Vec<Value>, ApiError> {
                 if !matches!(role.as_str(), "user" | "system" | "developer" | "assistant") {
                     return Err(ApiError::param("input", format!("`{p}.role` `{role}` is not one of user, system, developer, assistant")));
                 }
-                let mut message = json!({"role": role, "content": message_text(obj.get("content"), &p)?});
+                let mut message = json!({"role": role, "content": message_text(obj.get("content"), &format!("{p}.content"))?});
                 if let Some(r) = reasoning.take().filter(|_| role == "assistant") {
                     message["reasoning_content"] = json!(r);
                 }
@@ -248,8 +273,8 @@ fn input_messages(input: Option<&Value>) -> Result<Vec<Value>, ApiError> {
     Ok(out)
 }
 
-/// A message's content as text: a string, or text parts (`input_text`, `output_text`) joined
-/// by newlines as the chat route joins its parts.
+/// A message's content (at path `p`) as text: a string, or text parts (`input_text`,
+/// `output_text`) joined by newlines as the chat route joins its parts.
 fn message_text(content: Option<&Value>, p: &str) -> Result<String, ApiError> {
     match content {
         Some(Value::String(s)) => Ok(s.clone()),
@@ -259,14 +284,14 @@ fn message_text(content: Option<&Value>, p: &str) -> Result<String, ApiError> {
                 match (part.get("type").and_then(Value::as_str), part.get("text").and_then(Value::as_str)) {
                     (Some("input_text" | "output_text"), Some(t)) => texts.push(t),
                     (Some(t @ ("input_image" | "input_file" | "input_audio")), _) => {
-                        return Err(ApiError::param("input", format!("`{p}.content[{j}]`: content type `{t}` is not supported by this model")))
+                        return Err(ApiError::param("input", format!("`{p}[{j}]`: content type `{t}` is not supported by this model")))
                     }
-                    _ => return Err(ApiError::param("input", format!("`{p}.content[{j}]` must be {{\"type\": \"input_text\", \"text\": ...}}"))),
+                    _ => return Err(ApiError::param("input", format!("`{p}[{j}]` must be {{\"type\": \"input_text\", \"text\": ...}}"))),
                 }
             }
             Ok(texts.join("\n"))
         }
-        _ => Err(ApiError::param("input", format!("`{p}.content` is required and must be a string or a list of text parts"))),
+        _ => Err(ApiError::param("input", format!("`{p}` is required and must be a string or a list of text parts"))),
     }
 }
 
@@ -344,42 +369,13 @@ impl Shape {
         r
     }
 
-    /// A whole chat reply as a response.
-    fn reply_response(&self, reply: &Value) -> Value {
-        let choice = &reply["choices"][0];
-        let message = &choice["message"];
-        let finish = choice["finish_reason"].as_str();
-        let status = item_status(finish);
-        let mut output = Vec::new();
-        if let Some(r) = message["reasoning_content"].as_str().filter(|r| !r.is_empty()) {
-            output.push(text_item(Kind::Reasoning, &item_id("rs"), r, "completed"));
-        }
-        let calls = message["tool_calls"].as_array().map(Vec::as_slice).unwrap_or_default();
-        let text = message["content"].as_str().unwrap_or_default();
-        if !text.is_empty() || calls.is_empty() {
-            output.push(text_item(Kind::Message, &item_id("msg"), text, "completed"));
-        }
-        output.extend(calls.iter().map(|c| call_item(&item_id("fc"), c, "completed")));
-        if let Some(last) = output.last_mut() {
-            last["status"] = json!(status);
-        }
-        self.response(response_status(finish), &output, Some(&usage(&reply["usage"])), finish)
-    }
 }
 
-/// The response's status for the chat's finish reason.
-fn response_status(finish: Option<&str>) -> &'static str {
+/// A reply cut by its length is incomplete; any other end completes it (an aborted or failed
+/// one fails instead, in `Events::fail`).
+fn status_of(finish: Option<&str>) -> &'static str {
     match finish {
         Some("length") => "incomplete",
-        Some("abort") => "cancelled",
-        _ => "completed",
-    }
-}
-
-/// The last output item's status for the chat's finish reason.
-fn item_status(finish: Option<&str>) -> &'static str {
-    match finish {
-        Some("length") | Some("abort") => "incomplete",
         _ => "completed",
     }
 }
@@ -427,21 +423,30 @@ struct Open {
 
 /// A streamed chat's chunks as Responses events: `response.created` and `in_progress`, then per
 /// item `output_item.added`, its content part, text deltas, their `done` events, and at the end
-/// `response.completed` (or `incomplete`) with the whole response; a failure mid-stream is an
-/// `error` event and `response.failed`.
+/// `response.completed` (or `incomplete`) with the whole response; a failure mid-stream (or an
+/// abort at shutdown) is an `error` event and `response.failed`. A request that is not streamed
+/// runs the same machine and answers its outcome.
 struct Events {
     shape: Shape,
     seq: u64,
     output: Vec<Value>,
     open: Option<Open>,
+    /// Blank text outside a message (between tool calls): shown only if text follows.
+    held: String,
     finish: Option<String>,
     usage: Option<Value>,
-    ended: bool,
+    /// The final response, or why there is none.
+    outcome: Option<Result<Value, ApiError>>,
 }
 
 impl Events {
     fn new(shape: Shape) -> Self {
-        Events { shape, seq: 0, output: Vec::new(), open: None, finish: None, usage: None, ended: false }
+        Events { shape, seq: 0, output: Vec::new(), open: None, held: String::new(), finish: None, usage: None, outcome: None }
+    }
+
+    /// What a request that was not streamed answers once its chunks are read.
+    fn outcome(self) -> Result<Value, ApiError> {
+        self.outcome.unwrap_or_else(|| Err(ApiError::internal("the chat stream ended without its end")))
     }
 
     /// An event's payload (its `type` is also the SSE event's name).
@@ -459,17 +464,17 @@ impl Events {
 
     /// The events one chat chunk (a `data:` payload) releases.
     fn chunk(&mut self, data: &str) -> Vec<Value> {
-        if self.ended {
+        if self.outcome.is_some() {
             return Vec::new();
         }
         if data == "[DONE]" {
             return self.end();
         }
         let Ok(v) = serde_json::from_str::<Value>(data) else {
-            return self.fail(&json!({"message": "the stream carried a malformed chunk", "code": null}));
+            return self.fail(ApiError::internal("the chat stream carried a malformed chunk"));
         };
         if let Some(error) = v.get("error") {
-            return self.fail(error);
+            return self.fail(ApiError::internal(error["message"].as_str().unwrap_or("the request failed")));
         }
         if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
             self.usage = Some(usage(u));
@@ -485,6 +490,7 @@ impl Events {
             }
             for call in delta["tool_calls"].as_array().into_iter().flatten() {
                 out.extend(self.close("completed"));
+                self.held.clear();
                 out.extend(self.call(call));
             }
             if let Some(f) = choice["finish_reason"].as_str() {
@@ -496,12 +502,22 @@ impl Events {
 
     fn text_delta(&mut self, kind: Kind, text: &str) -> Vec<Value> {
         let mut out = Vec::new();
+        let mut text = text.to_owned();
         if self.open.as_ref().map(|o| o.kind) != Some(kind) {
+            // Blank text between items (the newlines between tool calls) would be a message of
+            // its own: held until text shows it is part of one.
+            if kind == Kind::Message && text.trim().is_empty() {
+                self.held.push_str(&text);
+                return out;
+            }
             out.extend(self.close("completed"));
             out.extend(self.open_item(kind));
+            if kind == Kind::Message {
+                text.insert_str(0, &std::mem::take(&mut self.held));
+            }
         }
         let open = self.open.as_mut().expect("an item was opened above");
-        open.text.push_str(text);
+        open.text.push_str(&text);
         let (item_id, output_index) = (open.id.clone(), self.output.len());
         let body = json!({"item_id": item_id, "output_index": output_index, "content_index": 0, "delta": text});
         out.push(match kind {
@@ -576,30 +592,38 @@ impl Events {
     }
 
     fn end(&mut self) -> Vec<Value> {
-        self.ended = true;
         let finish = self.finish.clone();
-        let mut out = Vec::new();
-        // A reply with nothing to show is one empty message, as without streaming.
-        if self.open.is_none() && self.output.is_empty() {
-            out.extend(self.open_item(Kind::Message));
+        if finish.as_deref() == Some("abort") {
+            return self.fail(ApiError::unavailable("the request was aborted (server shutting down)"));
         }
-        out.extend(self.close(item_status(finish.as_deref())));
-        let status = response_status(finish.as_deref());
+        let mut out = Vec::new();
+        // A reply with nothing else to show is one message (blank, or empty).
+        if self.open.is_none() && self.output.is_empty() {
+            let held = std::mem::take(&mut self.held);
+            out.extend(self.open_item(Kind::Message));
+            if !held.is_empty() {
+                out.extend(self.text_delta(Kind::Message, &held));
+            }
+        }
+        let status = status_of(finish.as_deref());
+        out.extend(self.close(if status == "completed" { "completed" } else { "incomplete" }));
         let r = self.shape.response(status, &self.output, self.usage.as_ref(), finish.as_deref());
         let kind = if status == "completed" { "response.completed" } else { "response.incomplete" };
-        out.push(self.event(kind, json!({"response": r})));
+        out.push(self.event(kind, json!({"response": r.clone()})));
+        self.outcome = Some(Ok(r));
         out
     }
 
-    fn fail(&mut self, error: &Value) -> Vec<Value> {
-        self.ended = true;
-        let message = error["message"].as_str().unwrap_or("the request failed").to_owned();
+    /// Ends the response failed: the item under way closed incomplete (its text was sent), an
+    /// `error` event, and `response.failed`.
+    fn fail(&mut self, error: ApiError) -> Vec<Value> {
+        let mut out = self.close("incomplete");
         let mut r = self.shape.response("failed", &self.output, self.usage.as_ref(), None);
-        r["error"] = json!({"code": "server_error", "message": message});
-        vec![
-            self.event("error", json!({"code": error["code"], "message": message, "param": error["param"]})),
-            self.event("response.failed", json!({"response": r})),
-        ]
+        r["error"] = json!({"code": "server_error", "message": error.message});
+        out.push(self.event("error", json!({"code": error.code, "message": error.message, "param": null})));
+        out.push(self.event("response.failed", json!({"response": r})));
+        self.outcome = Some(Err(error));
+        out
     }
 }
 
@@ -608,11 +632,11 @@ mod tests {
     use super::*;
 
     fn chat_of(req: Value) -> Result<Value, ApiError> {
-        chat_request(&req).map(|(chat, _)| chat)
+        chat_request(&req).map(|(chat, _, _)| chat)
     }
 
     /// Instructions, messages with parts, a function call and its output become the chat turns
-    /// a client of /v1/chat/completions would send; reasoning items are left out.
+    /// a client of /v1/chat/completions would send; reasoning goes on the assistant turn after it.
     #[test]
     fn input_items_become_chat_messages() {
         let chat = chat_of(json!({
@@ -641,7 +665,10 @@ mod tests {
             ])
         );
         assert_eq!((&chat["max_completion_tokens"], &chat["temperature"], &chat["top_k"], &chat["model"]), (&json!(7), &json!(0.5), &json!(3), &json!("m")));
-        assert!(chat.get("stream").is_none() && chat.get("max_output_tokens").is_none());
+        assert!(chat.get("max_output_tokens").is_none());
+        // The chat is streamed either way (its usage last); the caller's choice comes apart.
+        assert_eq!((&chat["stream"], &chat["stream_options"]), (&json!(true), &json!({"include_usage": true})));
+        assert!(!chat_request(&json!({"input": "x"})).unwrap().2 && chat_request(&json!({"input": "x", "stream": true})).unwrap().2);
         // A call with no assistant message before it is a turn of its own, its reasoning (a
         // summary only, here) with it; reasoning before a user turn goes nowhere.
         let chat = chat_of(json!({"input": [
@@ -682,6 +709,10 @@ mod tests {
             (json!({"input": "x", "conversation": "c"}), "conversation"),
             (json!({"input": "x", "background": true}), "background"),
             (json!({"input": "x", "include": ["message.output_text.logprobs"]}), "include"),
+            (json!({"input": "x", "stream": "yes"}), "stream"),
+            (json!({"input": "x", "store": "no"}), "store"),
+            (json!({"input": "x", "metadata": "m"}), "metadata"),
+            (json!({"input": "x", "metadata": {"k": 1}}), "metadata"),
             (json!({"input": "x", "top_logprobs": 2}), "top_logprobs"),
             (json!({"input": "x", "truncation": "auto"}), "truncation"),
             (json!({"input": "x", "text": {"verbosity": "low"}}), "text.verbosity"),
@@ -699,30 +730,26 @@ mod tests {
             assert_eq!((e.status.as_u16(), e.param.as_deref()), (400, Some(param)), "{req}: {}", e.message);
         }
         // Their neutral values pass.
-        assert!(chat_of(json!({"input": "x", "include": [], "top_logprobs": 0, "truncation": "disabled", "background": false, "store": true, "text": {"verbosity": "medium"}})).is_ok());
+        assert!(chat_of(json!({"input": "x", "include": ["reasoning.encrypted_content"], "top_logprobs": 0, "truncation": "disabled", "background": false,
+                               "store": false, "metadata": {"k": "v"}, "text": {"verbosity": "medium"}}))
+        .is_ok());
     }
 
-    /// A chat reply's message becomes reasoning, message and function call items, the finish
-    /// reason the status, and the usage Responses' names.
+    /// A chat error's field and message are renamed to this route's.
     #[test]
-    fn a_chat_reply_becomes_output_items() {
-        let shape = Shape { echo: Map::new(), id: "resp_1".into(), created: 5, model: "m".into() };
-        let usage = json!({"prompt_tokens": 10, "completion_tokens": 4, "total_tokens": 14, "prompt_tokens_details": {"cached_tokens": 8}});
-        let reply = json!({"choices": [{"message": {"role": "assistant", "content": "", "reasoning_content": "think",
-                            "tool_calls": [{"id": "call_9", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}, "finish_reason": "tool_calls"}], "usage": usage});
-        let r = shape.reply_response(&reply);
-        let types: Vec<&str> = r["output"].as_array().unwrap().iter().map(|i| i["type"].as_str().unwrap()).collect();
-        assert_eq!(types, ["reasoning", "function_call"]);
-        assert_eq!((&r["output"][0]["content"][0]["text"], &r["output"][1]["call_id"], &r["status"]), (&json!("think"), &json!("call_9"), &json!("completed")));
-        assert_eq!(r["usage"], json!({"input_tokens": 10, "output_tokens": 4, "total_tokens": 14, "input_tokens_details": {"cached_tokens": 8, "cache_write_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}}));
-        let cut = json!({"choices": [{"message": {"role": "assistant", "content": "ab"}, "finish_reason": "length"}], "usage": usage});
-        let r = shape.reply_response(&cut);
-        assert_eq!((&r["status"], &r["incomplete_details"]["reason"], &r["output"][0]["status"]), (&json!("incomplete"), &json!("max_output_tokens"), &json!("incomplete")));
-        assert_eq!(r["output"][0]["content"][0], json!({"type": "output_text", "text": "ab", "annotations": []}));
+    fn chat_errors_name_this_routes_fields() {
+        let e = as_responses_error(ApiError::param("max_completion_tokens", "`max_completion_tokens` must be at least 1"));
+        assert_eq!((e.param.as_deref(), e.message.as_str()), (Some("max_output_tokens"), "`max_output_tokens` must be at least 1"));
+        assert_eq!(as_responses_error(ApiError::param("messages", "bad")).param.as_deref(), Some("input"));
+        assert_eq!(as_responses_error(ApiError::param("temperature", "bad")).param.as_deref(), Some("temperature"));
+    }
+
+    fn machine() -> Events {
+        Events::new(Shape { echo: Map::new(), id: "resp_1".into(), created: 5, model: "m".into() })
     }
 
     fn events_of(chunks: &[Value]) -> Vec<Value> {
-        let mut ev = Events::new(Shape { echo: Map::new(), id: "resp_1".into(), created: 5, model: "m".into() });
+        let mut ev = machine();
         let mut all = ev.start();
         for c in chunks {
             let data = if c == &json!("[DONE]") { "[DONE]".to_owned() } else { c.to_string() };
@@ -774,10 +801,59 @@ mod tests {
         // An empty reply is one empty message.
         let events = events_of(&[json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}), json!("[DONE]")]);
         assert_eq!(events.last().unwrap()["response"]["output"][0]["content"][0]["text"], "");
-        // A failure mid-stream.
+        // A failure mid-stream: the item under way closes incomplete, with the text it sent.
         let events = events_of(&[d(json!({"content": "x"})), json!({"error": {"message": "boom", "type": "server_error", "param": null, "code": null}}), json!("[DONE]")]);
         let types: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
         assert_eq!(&types[types.len() - 2..], ["error", "response.failed"]);
-        assert_eq!(events.last().unwrap()["response"]["error"]["message"], "boom");
+        let failed = &events.last().unwrap()["response"];
+        assert_eq!((&failed["error"]["message"], &failed["status"]), (&json!("boom"), &json!("failed")));
+        assert_eq!((&failed["output"][0]["content"][0]["text"], &failed["output"][0]["status"]), (&json!("x"), &json!("incomplete")));
+        // Aborted at shutdown: failed too, saying so.
+        let events = events_of(&[d(json!({"content": "x"})), json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "abort"}]}), json!("[DONE]")]);
+        let last = events.last().unwrap();
+        assert_eq!(last["type"], "response.failed");
+        assert!(last["response"]["error"]["message"].as_str().unwrap().contains("shutting down"), "{last}");
+    }
+
+    /// Blank text between tool calls (the newlines between `<tool_call>` blocks) makes no
+    /// message of its own; text after the calls does, with the blank text it followed.
+    #[test]
+    fn blank_text_between_calls_is_no_message() {
+        let d = |delta: Value| json!({"choices": [{"index": 0, "delta": delta, "finish_reason": null}]});
+        let call = |id: &str| json!({"tool_calls": [{"index": 0, "id": id, "type": "function", "function": {"name": "f", "arguments": "{}"}}]});
+        let end = json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]});
+        let events = events_of(&[d(json!({"content": "Checking.\n"})), d(call("a")), d(json!({"content": "\n"})), d(call("b")), d(json!({"content": "\n"})), end.clone(), json!("[DONE]")]);
+        let output = events.last().unwrap()["response"]["output"].as_array().unwrap().clone();
+        let types: Vec<&str> = output.iter().map(|i| i["type"].as_str().unwrap()).collect();
+        assert_eq!(types, ["message", "function_call", "function_call"]);
+        let events = events_of(&[d(call("a")), d(json!({"content": "\n"})), d(json!({"content": "Done."})), end.clone(), json!("[DONE]")]);
+        let output = &events.last().unwrap()["response"]["output"];
+        assert_eq!((&output[1]["type"], &output[1]["content"][0]["text"]), (&json!("message"), &json!("\nDone.")));
+        // A reply of blank text alone is still its message.
+        let events = events_of(&[d(json!({"content": " \n"})), end, json!("[DONE]")]);
+        assert_eq!(events.last().unwrap()["response"]["output"][0]["content"][0]["text"], " \n");
+    }
+
+    /// A request that is not streamed answers the final response, or the error that ended it
+    /// (a 500 for a failure, a 503 for an abort), the same machine reading the chunks.
+    #[test]
+    fn the_outcome_is_the_final_response_or_the_error() {
+        let usage = json!({"choices": [], "usage": {"prompt_tokens": 10, "completion_tokens": 4, "total_tokens": 14, "prompt_tokens_details": {"cached_tokens": 8}}});
+        let mut m = machine();
+        for c in [json!({"choices": [{"index": 0, "delta": {"content": "ab"}, "finish_reason": "length"}]}), usage] {
+            m.chunk(&c.to_string());
+        }
+        m.chunk("[DONE]");
+        let r = m.outcome().unwrap();
+        assert_eq!((&r["status"], &r["incomplete_details"]["reason"], &r["output"][0]["content"][0]["text"]), (&json!("incomplete"), &json!("max_output_tokens"), &json!("ab")));
+        assert_eq!(r["usage"], json!({"input_tokens": 10, "output_tokens": 4, "total_tokens": 14, "input_tokens_details": {"cached_tokens": 8, "cache_write_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}}));
+        let mut m = machine();
+        m.chunk(&json!({"error": {"message": "boom"}}).to_string());
+        assert_eq!(m.outcome().unwrap_err().status.as_u16(), 500);
+        let mut m = machine();
+        m.chunk(&json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "abort"}]}).to_string());
+        m.chunk("[DONE]");
+        assert_eq!(m.outcome().unwrap_err().status.as_u16(), 503);
+        assert_eq!(machine().outcome().unwrap_err().status.as_u16(), 500, "no end read");
     }
 }

@@ -761,6 +761,23 @@ async fn responses_answer_what_the_chat_route_answers() {
         assert!(st == 400 || st == 404, "{body}: {st} {v}");
         assert_eq!(v["error"]["param"], param, "{body}: {v}");
     }
+    // A tool loop's history as items renders as the chat's messages do: the same prompt tokens
+    // and the same greedy text.
+    let chat = json!({"temperature": 0, "max_completion_tokens": 8, "messages": [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": "", "reasoning_content": "look it up", "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 C"},
+        {"role": "user", "content": "and then?"}]});
+    let resp = json!({"temperature": 0, "max_output_tokens": 8, "metadata": {"run": "7"}, "input": [
+        {"role": "user", "content": "weather?"},
+        {"type": "reasoning", "id": "rs_1", "summary": [], "content": [{"type": "reasoning_text", "text": "look it up"}]},
+        {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": "{\"city\": \"Paris\"}"},
+        {"type": "function_call_output", "call_id": "call_1", "output": "18 C"},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "and then?"}]}]});
+    let ((_, c), (st, r)) = (s.post("/v1/chat/completions", chat).await, s.post("/v1/responses", resp).await);
+    assert_eq!(st, 200, "{r}");
+    assert_eq!((&r["usage"]["input_tokens"], &r["output"][0]["content"][0]["text"]), (&c["usage"]["prompt_tokens"], &c["choices"][0]["message"]["content"]), "{r}\n{c}");
+    assert_eq!(r["metadata"], json!({"run": "7"}));
     let (st, v) = s.post_raw("/v1/responses", b"{not json".to_vec()).await;
     assert_eq!((st, v["error"]["type"].as_str()), (400, Some("invalid_request_error")), "{v}");
 }
