@@ -57,6 +57,12 @@ pub async fn responses(State(state): State<AppState>, body: Result<Bytes, BytesR
     Ok(Sse::new(sse).keep_alive(KeepAlive::default()).into_response())
 }
 
+/// `GET /v1/responses/{id}` and the like (retrieve, delete, cancel, input items): nothing is
+/// stored, so there is nothing to find; said plainly rather than as an unknown route.
+pub async fn not_stored() -> ApiError {
+    ApiError::not_found("responses are not stored (every response is answered with `store: false`): there is nothing to retrieve, cancel or delete")
+}
+
 /// OpenAI's item ids: a type prefix, an underscore, hex.
 fn item_id(prefix: &str) -> String {
     format!("{prefix}_{:032x}", rand::random::<u128>())

@@ -778,6 +778,9 @@ async fn responses_answer_what_the_chat_route_answers() {
     assert_eq!(st, 200, "{r}");
     assert_eq!((&r["usage"]["input_tokens"], &r["output"][0]["content"][0]["text"]), (&c["usage"]["prompt_tokens"], &c["choices"][0]["message"]["content"]), "{r}\n{c}");
     assert_eq!(r["metadata"], json!({"run": "7"}));
+    let r = s.client.get(s.url("/v1/responses/resp_123")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    assert!(r.text().await.unwrap().contains("not stored"));
     let (st, v) = s.post_raw("/v1/responses", b"{not json".to_vec()).await;
     assert_eq!((st, v["error"]["type"].as_str()), (400, Some("invalid_request_error")), "{v}");
 }
