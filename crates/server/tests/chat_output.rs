@@ -311,14 +311,7 @@ async fn tool_calls_come_back_parsed_streamed_or_not() {
 /// prepares it); skips with a message when it is absent.
 #[tokio::test]
 async fn the_openai_sdk_reads_the_tool_calls() {
-    if common::sdk_python().is_none() {
-        eprintln!("skipped: .venv with the openai SDK not found (run scripts/test.sh)");
-        return;
-    }
-    let h = Harness::start(true).await;
-    common::run_sdk_script("test_chat_output_sdk.py", &format!("{}/v1", h.base)).await;
-    let e = h.engine.clone();
-    tokio::task::spawn_blocking(move || e.shutdown()).await.unwrap();
+    sdk_script_on_the_scripted_server("test_chat_output_sdk.py").await;
 }
 
 /// The Responses API (/v1/responses) through the OpenAI Python SDK (strict validation): text,
@@ -327,12 +320,17 @@ async fn the_openai_sdk_reads_the_tool_calls() {
 /// the test above without the `.venv`.
 #[tokio::test]
 async fn the_openai_sdk_reads_responses() {
+    sdk_script_on_the_scripted_server("test_responses_sdk.py").await;
+}
+
+/// Runs tests/sdk/`script` against a scripted server with the output parsers on.
+async fn sdk_script_on_the_scripted_server(script: &str) {
     if common::sdk_python().is_none() {
         eprintln!("skipped: .venv with the openai SDK not found (run scripts/test.sh)");
         return;
     }
     let h = Harness::start(true).await;
-    common::run_sdk_script("test_responses_sdk.py", &format!("{}/v1", h.base)).await;
+    common::run_sdk_script(script, &format!("{}/v1", h.base)).await;
     let e = h.engine.clone();
     tokio::task::spawn_blocking(move || e.shutdown()).await.unwrap();
 }
