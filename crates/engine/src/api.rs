@@ -81,6 +81,14 @@ impl FinishReason {
     }
 }
 
+/// What ended an output that stopped (vLLM's `stop_reason`): a stop token id or a stop string.
+/// EOS, a finished guide and the length limit have none.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopReason {
+    Token(u32),
+    Text(String),
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
     pub prompt_tokens: usize,
@@ -102,8 +110,9 @@ pub enum RequestEvent {
     /// Newly committed output. `text` is the new text (never splits a UTF-8 character, never
     /// contains a stop string); `token_ids` and `logprobs` the tokens committed this step.
     Delta { text: String, token_ids: Vec<u32>, logprobs: Vec<TokenLogprob> },
-    /// The last event of a successful request.
-    Finished { reason: FinishReason, usage: Usage },
+    /// The last event of a successful request; `stop_reason` says which stop id or string
+    /// ended it, where one did.
+    Finished { reason: FinishReason, usage: Usage, stop_reason: Option<StopReason> },
     /// The request failed; no further events follow.
     Error(String),
 }

@@ -331,6 +331,8 @@ struct Seq {
     first_token: Option<Instant>,
     last_token: Option<Instant>,
     finish_reason: Option<FinishReason>,
+    /// The stop id or string that ended the output, once one has.
+    stop_reason: Option<StopReason>,
     /// JSON mode's automaton or the guide's matcher over the output (sampled on the host,
     /// never speculated).
     constraint: Option<Constraint>,
@@ -390,6 +392,7 @@ impl Seq {
             first_token: None,
             last_token: None,
             finish_reason: None,
+            stop_reason: None,
             constraint,
             min_ban,
             _unfinished: unfinished,
@@ -574,7 +577,8 @@ impl Core {
         if let Some(t) = s.first_token {
             self.metrics.decode_time.observe((now - t).as_secs_f64());
         }
-        let _ = s.tx.send(RequestEvent::Finished { reason, usage });
+        let stop_reason = if reason == FinishReason::Stop { s.stop_reason.take() } else { None };
+        let _ = s.tx.send(RequestEvent::Finished { reason, usage, stop_reason });
     }
 
     /// The backend can serve nothing more: remembers why (the handle then refuses submits),
@@ -1409,7 +1413,10 @@ impl Core {
 fn commit_token(s: &mut Seq, tok: u32, eos: &[u32], max_model_len: usize) -> (String, Option<FinishReason>) {
     let stop = &s.req.stop;
     // (The stop ids and EOS are banned from sampling before min_tokens, so this holds for them.)
-    if s.output.len() >= stop.min_tokens && (stop.stop_token_ids.contains(&tok) || (!stop.ignore_eos && eos.contains(&tok))) {
+    let is_eos = !stop.ignore_eos && eos.contains(&tok);
+    if s.output.len() >= stop.min_tokens && (is_eos || stop.stop_token_ids.contains(&tok)) {
+        // EOS is named by no stop reason, as vLLM checks it first.
+        s.stop_reason = (!is_eos).then_some(StopReason::Token(tok));
         // The stop token's text is not emitted; held text is, by finish().
         return (String::new(), Some(FinishReason::Stop));
     }
@@ -1431,10 +1438,11 @@ fn commit_token(s: &mut Seq, tok: u32, eos: &[u32], max_model_len: usize) -> (St
                 let from = (from..=s.held.len()).find(|&i| s.held.is_char_boundary(i)).unwrap_or(s.held.len());
                 s.held[from..].find(x.as_str()).map(|i| (from + i, x.len()))
             };
-            let matched = stop.stop_strings.iter().filter(|x| !x.is_empty()).filter_map(ends_here).min_by_key(|&(i, _)| i);
-            if let Some((i, len)) = matched {
+            let matched = stop.stop_strings.iter().filter(|x| !x.is_empty()).filter_map(|x| ends_here(x).map(|m| (m, x))).min_by_key(|&((i, _), _)| i);
+            if let Some(((i, len), x)) = matched {
                 out = s.held[..if stop.include_stop_str { i + len } else { i }].to_string();
                 s.held.clear();
+                s.stop_reason = Some(StopReason::Text(x.clone()));
                 return (out, Some(FinishReason::Stop));
             }
         }

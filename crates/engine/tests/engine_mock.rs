@@ -273,6 +273,7 @@ struct Out {
     text: String,
     reason: Option<FinishReason>,
     usage: Usage,
+    stop_reason: Option<StopReason>,
 }
 
 fn collect(mut rx: RequestStream) -> Out {
@@ -283,9 +284,10 @@ fn collect(mut rx: RequestStream) -> Out {
                 o.text.push_str(&text);
                 o.tokens.extend(token_ids);
             }
-            RequestEvent::Finished { reason, usage } => {
+            RequestEvent::Finished { reason, usage, stop_reason } => {
                 o.reason = Some(reason);
                 o.usage = usage;
+                o.stop_reason = stop_reason;
                 break;
             }
             RequestEvent::Error(e) => panic!("request failed: {e}"),
@@ -669,7 +671,8 @@ fn stop_strings_across_token_boundaries() {
     let mut r = req("b", p, SamplingParams::greedy(), 30);
     r.stop.stop_strings = vec!["\u{1}never".into(), stop.clone()];
     let o = collect(e.submit(r).unwrap());
-    assert_eq!(o.reason, Some(FinishReason::Stop));
+    assert_eq!((o.reason, &o.stop_reason), (Some(FinishReason::Stop), &Some(StopReason::Text(stop.clone()))));
+    assert_eq!((full.reason, &full.stop_reason), (Some(FinishReason::Length), &None));
     assert_eq!(o.text, full.text[..first], "stop {stop:?}");
     assert!(o.tokens.len() < full.tokens.len());
     // Asked for, the stop string is in the output too, and the output ends there.
@@ -677,6 +680,7 @@ fn stop_strings_across_token_boundaries() {
     (r.stop.stop_strings, r.stop.include_stop_str) = (vec!["\u{1}never".into(), stop.clone()], true);
     let o2 = collect(e.submit(r).unwrap());
     assert_eq!((o2.reason, o2.text.as_str(), &o2.tokens), (Some(FinishReason::Stop), &full.text[..first + stop.len()], &o.tokens), "stop {stop:?}, included");
+    assert_eq!(o2.stop_reason, Some(StopReason::Text(stop.clone())));
     // Stop token id: ends at that token, its text not emitted.
     let mut r = req("c", prompts()[2].clone(), SamplingParams::greedy(), 30);
     let k = 7;
@@ -684,7 +688,7 @@ fn stop_strings_across_token_boundaries() {
     let o = collect(e.submit(r).unwrap());
     let at = full.tokens.iter().position(|&t| t == full.tokens[k]).unwrap();
     assert_eq!(o.tokens, full.tokens[..=at]);
-    assert_eq!(o.reason, Some(FinishReason::Stop));
+    assert_eq!((o.reason, o.stop_reason), (Some(FinishReason::Stop), Some(StopReason::Token(full.tokens[k]))));
     wait_idle(&e);
 }
 
@@ -1136,6 +1140,19 @@ fn min_tokens_bans_the_stop_tokens_until_reached() {
             assert_eq!(o.reason, Some(FinishReason::Stop), "overlap {overlap}, {p:?}: {o:?}");
             assert!(!o.tokens[..4].contains(&eos), "overlap {overlap}, {p:?}: {o:?}");
             assert_eq!(o.usage.completion_tokens, 5, "four tokens, then EOS: {o:?}");
+            assert_eq!(o.stop_reason, None, "EOS is no stop reason");
+            // EOS listed as a stop id too: still none (vLLM checks EOS first).
+            let mut r = req("eos-id", prompts()[1].clone(), p.clone(), 12);
+            r.sampling.logit_bias.insert(eos, 50.0);
+            (r.stop.ignore_eos, r.stop.stop_token_ids) = (false, vec![eos]);
+            let o = run(r);
+            assert_eq!((o.reason, o.stop_reason), (Some(FinishReason::Stop), None), "overlap {overlap}, {p:?}");
+            // With EOS ignored, that id is a stop id like any other.
+            let mut r = req("eos-ignored", prompts()[1].clone(), p.clone(), 12);
+            r.sampling.logit_bias.insert(eos, 50.0);
+            (r.stop.ignore_eos, r.stop.stop_token_ids) = (true, vec![eos]);
+            let o = run(r);
+            assert_eq!((o.reason, o.stop_reason), (Some(FinishReason::Stop), Some(StopReason::Token(eos))), "overlap {overlap}, {p:?}");
             e.shutdown();
         }
     }

@@ -140,7 +140,7 @@ fn run_streams(rxs: Vec<RequestStream>) -> Vec<Outcome> {
                         ids.extend(token_ids);
                         logprobs.extend(l);
                     }
-                    RequestEvent::Finished { reason, usage } => return Outcome { text, ids, logprobs, finish: reason, usage },
+                    RequestEvent::Finished { reason, usage, .. } => return Outcome { text, ids, logprobs, finish: reason, usage },
                     RequestEvent::Error(e) => panic!("request failed: {e}"),
                     RequestEvent::PromptLogprobs(_) => {}
                 }

@@ -16,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::stream::{self, SelectAll, StreamExt};
-use peregrine_engine::{FinishReason, GenerateRequest, PromptLogprob, RequestEvent, RequestStream, SubmitError, TokenLogprob, Usage};
+use peregrine_engine::{FinishReason, GenerateRequest, PromptLogprob, RequestEvent, RequestStream, StopReason, SubmitError, TokenLogprob, Usage};
 use serde_json::{json, Value};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
@@ -346,6 +346,15 @@ fn finish_str(f: FinishReason) -> &'static str {
     f.as_str()
 }
 
+/// vLLM's `stop_reason`: the stop token id or stop string that ended a choice, else null.
+fn stop_reason_json(r: &Option<StopReason>) -> Value {
+    match r {
+        Some(StopReason::Token(id)) => json!(id),
+        Some(StopReason::Text(t)) => json!(t),
+        None => Value::Null,
+    }
+}
+
 /// The text of one token as the logprobs formats show it.
 fn token_text(r: &Ready, id: u32) -> String {
     r.engine.tokenizer().decode(&[id], false).unwrap_or_default()
@@ -476,6 +485,7 @@ struct Collected {
     logprobs: Vec<TokenLogprob>,
     prompt_logprobs: Option<Vec<Option<PromptLogprob>>>,
     finish: Option<FinishReason>,
+    stop_reason: Option<StopReason>,
     completion_tokens: usize,
     cached: usize,
     accepted: usize,
@@ -493,8 +503,9 @@ async fn collect(sub: Submitted) -> Result<Vec<(usize, usize, Collected)>, ApiEr
                     c.ids.extend(token_ids);
                     c.logprobs.extend(logprobs);
                 }
-                RequestEvent::Finished { reason, usage } => {
+                RequestEvent::Finished { reason, usage, stop_reason } => {
                     c.finish = Some(reason);
+                    c.stop_reason = stop_reason;
                     c.completion_tokens = usage.completion_tokens;
                     c.cached = usage.cached_tokens;
                     c.accepted = usage.accepted_prediction_tokens;
@@ -692,7 +703,7 @@ pub(crate) async fn chat_run(state: &AppState, body: Bytes) -> Result<ChatRun, A
             let finish = c.finish.map(|f| parsing.finish_reason(f, calls));
             let mut choice = json!({"index": ci, "message": message,
                    "logprobs": top.map(|_| json!({"content": c.logprobs.iter().map(|lp| chat_logprob_entry(r, lp, plan.tokens_as_ids)).collect::<Vec<_>>()})),
-                   "finish_reason": finish});
+                   "finish_reason": finish, "stop_reason": stop_reason_json(&c.stop_reason)});
             if plan.return_token_ids {
                 choice["token_ids"] = json!(c.ids);
             }
@@ -811,7 +822,7 @@ async fn completions(State(state): State<AppState>, body: Result<Bytes, BytesRej
                 legacy_logprobs(r, &entries, &ids, 0, plan.tokens_as_ids).0
             });
             let mut choice = json!({"index": ci, "text": format!("{prefix}{}", c.text), "logprobs": logprobs,
-                   "finish_reason": c.finish.map(finish_str)});
+                   "finish_reason": c.finish.map(finish_str), "stop_reason": stop_reason_json(&c.stop_reason)});
             if let Some(k) = plan.prompt_logprobs {
                 choice["prompt_logprobs"] = prompt_logprobs_json(r, c.prompt_logprobs.as_deref().unwrap_or_default(), prompts[*pi].len(), k);
             }
@@ -845,9 +856,10 @@ fn without_output(sub: Submitted) -> Submitted {
                     let ev = match ev {
                         None => break,
                         Some(RequestEvent::Delta { .. }) => continue,
-                        Some(RequestEvent::Finished { reason, usage }) => RequestEvent::Finished {
+                        Some(RequestEvent::Finished { reason, usage, .. }) => RequestEvent::Finished {
                             reason: if reason == FinishReason::Abort { reason } else { FinishReason::Length },
                             usage: Usage { completion_tokens: 0, accepted_prediction_tokens: 0, rejected_prediction_tokens: 0, ..usage },
+                            stop_reason: None,
                         },
                         Some(other) => other,
                     };
@@ -1012,6 +1024,10 @@ impl StreamState {
 
     /// One chunk; `delta` is the chat delta object or the completions text.
     fn chunk(&self, index: usize, delta: Value, logprobs: Value, finish: Option<&str>) -> String {
+        self.chunk_value(index, delta, logprobs, finish).to_string()
+    }
+
+    fn chunk_value(&self, index: usize, delta: Value, logprobs: Value, finish: Option<&str>) -> Value {
         let choice = if self.chat {
             json!({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
         } else {
@@ -1024,7 +1040,7 @@ impl StreamState {
             let generated = self.choice_tokens.get(&index).copied().unwrap_or(0);
             c["usage"] = json!({"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated});
         }
-        c.to_string()
+        c
     }
 
     /// A choice's echo chunk, once, with its prompt's logprobs where they came (`lp`: the
@@ -1094,7 +1110,7 @@ impl StreamState {
                 let c = self.chunk(ci, delta, lp, None);
                 self.pending.push_back(c);
             }
-            RequestEvent::Finished { reason, usage } => {
+            RequestEvent::Finished { reason, usage, stop_reason } => {
                 self.completion_tokens += usage.completion_tokens;
                 self.choice_tokens.insert(ci, usage.completion_tokens);
                 self.cached[pi] = self.cached[pi].max(usage.cached_tokens);
@@ -1108,8 +1124,9 @@ impl StreamState {
                     self.push_deltas(ci, deltas, Value::Null);
                 }
                 let delta = if self.chat { json!({}) } else { json!("") };
-                let c = self.chunk(ci, delta, Value::Null, Some(finish));
-                self.pending.push_back(c);
+                let mut c = self.chunk_value(ci, delta, Value::Null, Some(finish));
+                c["choices"][0]["stop_reason"] = stop_reason_json(&stop_reason);
+                self.pending.push_back(c.to_string());
             }
             RequestEvent::Error(m) => {
                 self.pending.push_back(ApiError::internal(m).body().to_string());

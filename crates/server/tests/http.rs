@@ -785,6 +785,41 @@ async fn responses_answer_what_the_chat_route_answers() {
     assert_eq!((st, v["error"]["type"].as_str()), (400, Some("invalid_request_error")), "{v}");
 }
 
+/// vLLM's `stop_reason` on each choice: the stop string or stop token id that ended it, null
+/// where EOS or the length did; on the finishing chunk when streamed; on both routes.
+#[tokio::test]
+async fn stop_reason_names_the_stop_that_ended_a_choice() {
+    let s = Server::start(&[]).await;
+    let sampling = json!({"max_tokens": 16, "temperature": 0, "ignore_eos": true, "return_token_ids": true});
+    let completion = json!({"prompt": "def add(a, b):"});
+    let chat = json!({"messages": [{"role": "user", "content": "def add(a, b):"}]});
+    for (route, input) in [("/v1/completions", completion), ("/v1/chat/completions", chat)] {
+        let with = |extra: &Value| {
+            let mut b = input.clone();
+            for (k, v) in sampling.as_object().unwrap().iter().chain(extra.as_object().unwrap()) {
+                b[k] = v.clone();
+            }
+            b
+        };
+        let text_of = |v: &Value| v["choices"][0]["text"].as_str().or(v["choices"][0]["message"]["content"].as_str()).unwrap().to_owned();
+        let (_, free) = s.post(route, with(&json!({}))).await;
+        assert_eq!((&free["choices"][0]["finish_reason"], &free["choices"][0]["stop_reason"]), (&json!("length"), &Value::Null), "{route}: {free}");
+        let (text, ids) = (text_of(&free), free["choices"][0]["token_ids"].clone());
+        let stop: String = text.chars().skip(3).take(4).collect();
+        assert_eq!(stop.chars().count(), 4, "{route}: {text:?}");
+        for (extra, want) in [(json!({"stop": ["\u{1}never", stop]}), json!(stop)), (json!({"stop_token_ids": [ids[2]]}), ids[2].clone())] {
+            let body = with(&extra);
+            let (st, v) = s.post(route, body.clone()).await;
+            assert_eq!((st, &v["choices"][0]["finish_reason"], &v["choices"][0]["stop_reason"]), (200, &json!("stop"), &want), "{route} {extra}: {v}");
+            let mut streamed = body;
+            streamed["stream"] = json!(true);
+            let chunks: Vec<Value> = s.stream(route, streamed).await.iter().filter(|c| *c != "[DONE]").map(|c| serde_json::from_str(c).unwrap()).collect();
+            let last = chunks.iter().rfind(|c| !c["choices"][0]["finish_reason"].is_null()).unwrap();
+            assert_eq!(last["choices"][0]["stop_reason"], want, "{route} {extra}, streamed");
+        }
+    }
+}
+
 /// `return_token_ids` (vLLM's): the prompt's ids (`prompt_token_ids`: on the response for chats,
 /// on each choice for completions; streamed, on each choice's first chunk) and each choice's
 /// output ids (`token_ids`; streamed, each chunk its own), the same streamed or not.
