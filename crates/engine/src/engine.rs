@@ -125,6 +125,7 @@ pub fn start_engine(mut backend: Box<dyn Backend>, tokenizer: SharedTokenizer, c
     let mut eos = spec.eos_token_ids.clone();
     eos.extend(tokenizer.eos_token_ids());
     let handle_eos = eos.clone();
+    let tokenizer_eos = tokenizer.eos_token_ids();
     let core = Core {
         backend,
         kv,
@@ -136,6 +137,7 @@ pub fn start_engine(mut backend: Box<dyn Backend>, tokenizer: SharedTokenizer, c
         metrics: metrics.clone(),
         failure: failure.clone(),
         eos,
+        tokenizer_eos,
         next_id: 0,
         spec_block,
         policy: SpecPolicy::new(config.speculation, spec_block.unwrap_or(1)),
@@ -439,6 +441,9 @@ struct Core {
     metrics: Arc<Metrics>,
     failure: Arc<OnceLock<String>>,
     eos: Vec<u32>,
+    /// The tokenizer's own EOS: the one end that names no stop reason (vLLM reports the
+    /// model's other EOS ids, which it treats as stop ids).
+    tokenizer_eos: Vec<u32>,
     next_id: u64,
     spec_block: Option<usize>,
     /// When to speculate (`EngineConfig::speculation`), this step's choice, and a choice to
@@ -1208,7 +1213,7 @@ impl Core {
                 };
                 s.output.push(tok);
                 ids.push(tok);
-                let (t, mut f) = commit_token(s, tok, &self.eos, self.config.max_model_len);
+                let (t, mut f) = commit_token(s, tok, &self.eos, &self.tokenizer_eos, self.config.max_model_len);
                 text.push_str(&t);
                 if let Some(c) = s.constraint.as_mut() {
                     if let Err(e) = c.advance(tok) {
@@ -1410,13 +1415,14 @@ impl Core {
 
 /// Decodes a new token, applies the stop conditions and returns the text that may be sent now
 /// and the finish reason if the sequence ends here.
-fn commit_token(s: &mut Seq, tok: u32, eos: &[u32], max_model_len: usize) -> (String, Option<FinishReason>) {
+fn commit_token(s: &mut Seq, tok: u32, eos: &[u32], tokenizer_eos: &[u32], max_model_len: usize) -> (String, Option<FinishReason>) {
     let stop = &s.req.stop;
     // (The stop ids and EOS are banned from sampling before min_tokens, so this holds for them.)
     let is_eos = !stop.ignore_eos && eos.contains(&tok);
     if s.output.len() >= stop.min_tokens && (is_eos || stop.stop_token_ids.contains(&tok)) {
-        // EOS is named by no stop reason, as vLLM checks it first.
-        s.stop_reason = (!is_eos).then_some(StopReason::Token(tok));
+        // The tokenizer's EOS names no stop reason (vLLM checks it first); the model's other
+        // EOS ids and the stop ids name themselves.
+        s.stop_reason = (!(is_eos && tokenizer_eos.contains(&tok))).then_some(StopReason::Token(tok));
         // The stop token's text is not emitted; held text is, by finish().
         return (String::new(), Some(FinishReason::Stop));
     }

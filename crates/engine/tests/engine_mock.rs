@@ -1140,22 +1140,56 @@ fn min_tokens_bans_the_stop_tokens_until_reached() {
             assert_eq!(o.reason, Some(FinishReason::Stop), "overlap {overlap}, {p:?}: {o:?}");
             assert!(!o.tokens[..4].contains(&eos), "overlap {overlap}, {p:?}: {o:?}");
             assert_eq!(o.usage.completion_tokens, 5, "four tokens, then EOS: {o:?}");
-            assert_eq!(o.stop_reason, None, "EOS is no stop reason");
-            // EOS listed as a stop id too: still none (vLLM checks EOS first).
-            let mut r = req("eos-id", prompts()[1].clone(), p.clone(), 12);
-            r.sampling.logit_bias.insert(eos, 50.0);
-            (r.stop.ignore_eos, r.stop.stop_token_ids) = (false, vec![eos]);
-            let o = run(r);
-            assert_eq!((o.reason, o.stop_reason), (Some(FinishReason::Stop), None), "overlap {overlap}, {p:?}");
-            // With EOS ignored, that id is a stop id like any other.
-            let mut r = req("eos-ignored", prompts()[1].clone(), p.clone(), 12);
-            r.sampling.logit_bias.insert(eos, 50.0);
-            (r.stop.ignore_eos, r.stop.stop_token_ids) = (true, vec![eos]);
-            let o = run(r);
-            assert_eq!((o.reason, o.stop_reason), (Some(FinishReason::Stop), Some(StopReason::Token(eos))), "overlap {overlap}, {p:?}");
             e.shutdown();
         }
     }
+}
+
+/// `stop_reason` for the model's ends, as vLLM gives it: the tokenizer's EOS names none (also
+/// when listed as a stop id: EOS is checked first), another EOS id of the model's config names
+/// itself (vLLM makes it a stop id), and with `ignore_eos` only stop ids end the output.
+#[test]
+fn only_the_tokenizers_eos_ends_without_a_stop_reason() {
+    let mut tok = Tokenizer::from_file(&Path::new(FIX).join("tokenizer.json")).unwrap();
+    tok.set_special_tokens(None, Some("<|im_end|>".into()), false);
+    let tok_eos = tok.eos_token_ids()[0];
+    let other = (5..100).find(|t| *t != tok_eos).unwrap();
+    let mut mock = Mock::new(None, false);
+    mock.spec.eos_token_ids = vec![tok_eos, other];
+    let e = start_engine(Box::new(mock), Arc::new(tok), cfg()).unwrap();
+    let forced = |id: u32, ignore_eos: bool, stop_ids: &[u32]| {
+        let mut r = req(&format!("eos-{id}-{ignore_eos}-{stop_ids:?}"), prompts()[1].clone(), SamplingParams::greedy(), 6);
+        r.sampling.logit_bias.insert(id, 50.0);
+        (r.stop.ignore_eos, r.stop.stop_token_ids) = (ignore_eos, stop_ids.to_vec());
+        let o = collect(e.submit(r).unwrap());
+        (o.tokens.len(), o.reason, o.stop_reason)
+    };
+    let (stop, length) = (Some(FinishReason::Stop), Some(FinishReason::Length));
+    assert_eq!(forced(tok_eos, false, &[]), (1, stop, None));
+    assert_eq!(forced(tok_eos, false, &[tok_eos]), (1, stop, None));
+    assert_eq!(forced(tok_eos, true, &[tok_eos]), (1, stop, Some(StopReason::Token(tok_eos))));
+    assert_eq!(forced(tok_eos, true, &[]), (6, length, None));
+    assert_eq!(forced(other, false, &[]), (1, stop, Some(StopReason::Token(other))));
+    assert_eq!(forced(other, true, &[]), (6, length, None));
+    e.shutdown();
+}
+
+/// Of two stop strings ending in one token, the match that starts first ends the output and is
+/// the reason given, whichever is listed first.
+#[test]
+fn the_earliest_stop_string_is_the_reason() {
+    let e = engine(None, cfg());
+    let full = collect(e.submit(req("free", prompts()[2].clone(), SamplingParams::greedy(), 30)).unwrap());
+    let chars: Vec<(usize, char)> = full.text.char_indices().collect();
+    let (a, b, c) = (chars[chars.len() / 2].0, chars[chars.len() / 2 + 3].0, chars[chars.len() / 2 + 5].0);
+    // `late` starts inside `early` and both end at c: `early` wins though listed second.
+    let (early, late) = (full.text[a..c].to_string(), full.text[b..c].to_string());
+    assert!(full.text.find(&late).unwrap() >= b && full.text.find(&early).unwrap() == a, "the text repeats: {:?}", full.text);
+    let mut r = req("two", prompts()[2].clone(), SamplingParams::greedy(), 30);
+    r.stop.stop_strings = vec![late.clone(), early.clone()];
+    let o = collect(e.submit(r).unwrap());
+    assert_eq!((o.text.as_str(), o.stop_reason), (&full.text[..a], Some(StopReason::Text(early))));
+    e.shutdown();
 }
 
 /// `bad_words` (vLLM's): a word's last token is never sampled where the output ends with the

@@ -106,6 +106,7 @@ struct Outcome {
     logprobs: Vec<TokenLogprob>,
     finish: FinishReason,
     usage: Usage,
+    stop_reason: Option<StopReason>,
 }
 
 fn request(id: &str, prompt: Vec<u32>, sampling: SamplingParams, stop: StopParams) -> GenerateRequest {
@@ -140,7 +141,7 @@ fn run_streams(rxs: Vec<RequestStream>) -> Vec<Outcome> {
                         ids.extend(token_ids);
                         logprobs.extend(l);
                     }
-                    RequestEvent::Finished { reason, usage, .. } => return Outcome { text, ids, logprobs, finish: reason, usage },
+                    RequestEvent::Finished { reason, usage, stop_reason } => return Outcome { text, ids, logprobs, finish: reason, usage, stop_reason },
                     RequestEvent::Error(e) => panic!("request failed: {e}"),
                     RequestEvent::PromptLogprobs(_) => {}
                 }
@@ -178,7 +179,7 @@ fn assert_same(name: &str, base: &[Outcome], spec: &[Outcome]) {
     for (i, (a, b)) in base.iter().zip(spec).enumerate() {
         assert_eq!(a.ids, b.ids, "{name}: request {i} token ids");
         assert_eq!(a.text, b.text, "{name}: request {i} text");
-        assert_eq!(a.finish, b.finish, "{name}: request {i} finish reason");
+        assert_eq!((a.finish, &a.stop_reason), (b.finish, &b.stop_reason), "{name}: request {i} finish and stop reason");
         assert_eq!(a.logprobs, b.logprobs, "{name}: request {i} logprobs");
         assert_eq!(a.usage.completion_tokens, b.usage.completion_tokens, "{name}: request {i} completion tokens");
         assert_eq!(a.usage.prompt_tokens, b.usage.prompt_tokens);
@@ -222,6 +223,8 @@ fn sampling_requests(t: &Tokenizer) -> Vec<GenerateRequest> {
     // but puts its requests on the history-dependent paths (bad_words_bite_alike_on_every_path
     // makes bans bite).
     let bad_words = vec![t.encode(" the", false).unwrap()[..1].to_vec(), t.encode("(self, ", false).unwrap()];
+    // A stop id (a newline's token), which may end a round inside its accepted drafts.
+    let newline = *t.encode("\n", false).unwrap().last().unwrap();
     prompts(t)
         .into_iter()
         .enumerate()
@@ -246,6 +249,7 @@ fn sampling_requests(t: &Tokenizer) -> Vec<GenerateRequest> {
                 max_tokens: 40,
                 min_tokens: if i % 3 == 0 { 10 } else { 0 },
                 stop_strings: if i % 2 == 0 { vec!["\n\n".into(), "):".into()] } else { vec![] },
+                stop_token_ids: if i % 4 == 3 { vec![newline] } else { vec![] },
                 skip_special_tokens: true,
                 ..Default::default()
             };
@@ -260,6 +264,8 @@ fn seeded_sampling_with_every_option_is_identical_with_speculation() {
         let t = tokenizer(&p);
         let base = run(&engine(&p, None, config()), sampling_requests(&t));
         assert!(base.iter().any(|o| o.finish == FinishReason::Stop) || p.name != "demo", "{}: no request stopped early", p.name);
+        let named: Vec<_> = base.iter().filter_map(|o| o.stop_reason.as_ref()).collect();
+        assert!(p.name != "demo" || (named.iter().any(|r| matches!(r, StopReason::Text(_))) && named.iter().any(|r| matches!(r, StopReason::Token(_)))), "{}: stop reasons {named:?}", p.name);
         let e = engine(&p, Some(8), config());
         let spec = run(&e, sampling_requests(&t));
         assert_same(&format!("{} sampling", p.name), &base, &spec);

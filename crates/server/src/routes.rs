@@ -1031,7 +1031,8 @@ impl StreamState {
         let choice = if self.chat {
             json!({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
         } else {
-            json!({"index": index, "text": delta, "logprobs": logprobs, "finish_reason": finish})
+            // vLLM's completion chunks all carry the key (null until the last).
+            json!({"index": index, "text": delta, "logprobs": logprobs, "finish_reason": finish, "stop_reason": null})
         };
         let object = if self.chat { "chat.completion.chunk" } else { "text_completion" };
         let mut c = json!({"id": self.id, "object": object, "created": self.created, "model": self.model(), "choices": [choice]});

@@ -816,6 +816,9 @@ async fn stop_reason_names_the_stop_that_ended_a_choice() {
             let chunks: Vec<Value> = s.stream(route, streamed).await.iter().filter(|c| *c != "[DONE]").map(|c| serde_json::from_str(c).unwrap()).collect();
             let last = chunks.iter().rfind(|c| !c["choices"][0]["finish_reason"].is_null()).unwrap();
             assert_eq!(last["choices"][0]["stop_reason"], want, "{route} {extra}, streamed");
+            if route == "/v1/completions" {
+                assert!(chunks.iter().filter(|c| c["choices"].as_array().is_some_and(|a| !a.is_empty())).all(|c| c["choices"][0].get("stop_reason").is_some()), "every completion chunk has the key, as vLLM's");
+            }
         }
     }
 }
