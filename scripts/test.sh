@@ -15,9 +15,9 @@ fi
 
 scripts/fetch-test-assets.sh || echo "note: test assets could not be fetched; tests that need them will skip"
 
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import openai, schemathesis" 2>/dev/null; then
-    { python3 -m venv .venv && .venv/bin/pip install --quiet --disable-pip-version-check "openai>=1.50,<3" "schemathesis>=4,<5"; } \
-        || echo "note: could not prepare .venv (openai SDK, schemathesis); the tests that use it will skip"
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import openai, anthropic, schemathesis" 2>/dev/null; then
+    { python3 -m venv .venv && .venv/bin/pip install --quiet --disable-pip-version-check "openai>=1.50,<3" "anthropic>=0.40,<1" "schemathesis>=4,<5"; } \
+        || echo "note: could not prepare .venv (openai and anthropic SDKs, schemathesis); the tests that use it will skip"
 fi
 
 cargo test --workspace --all-targets

@@ -6,6 +6,7 @@ pub mod cli;
 pub mod default_model;
 pub mod error;
 pub mod generation_defaults;
+pub mod messages;
 pub mod protocol;
 pub mod reasoning;
 pub mod responses;

@@ -33,6 +33,8 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/responses", post(crate::responses::responses))
         .route("/v1/responses/{*id}", axum::routing::any(crate::responses::not_stored))
+        .route("/v1/messages", post(crate::messages::messages))
+        .route("/v1/messages/count_tokens", post(crate::messages::count_tokens))
         .route("/v1/models", get(models))
         .route("/v1/models/{*model}", get(model))
         .route("/tokenize", post(tokenize))
@@ -137,6 +139,8 @@ async fn auth(State(state): State<AppState>, req: Request, next: Next) -> Respon
             .and_then(|v| v.to_str().ok())
             // The scheme's name is case-insensitive (RFC 9110), the token is not.
             .and_then(|v| v.split_once(' ').filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer")).map(|(_, token)| token.trim_start()))
+            // Anthropic's clients send the key as `x-api-key`.
+            .or_else(|| req.headers().get("x-api-key").and_then(|v| v.to_str().ok()))
             .unwrap_or("");
         if !constant_time_eq(given.as_bytes(), key.as_bytes()) {
             return ApiError::unauthorized().into_response();
@@ -1220,6 +1224,14 @@ fn read_tokenize(state: &AppState, body: &[u8]) -> Result<(String, bool), ApiErr
         }
         _ => Err(ApiError::invalid("give exactly one of `prompt` or `messages`")),
     }
+}
+
+/// The tokens of a /tokenize body (a chat's rendered prompt): what `/v1/messages/count_tokens`
+/// answers.
+pub(crate) async fn count_chat_tokens(state: &AppState, body: Bytes) -> Result<usize, ApiError> {
+    let r = state.ready()?;
+    let (text, add_special_tokens) = read_request(state, body, read_tokenize).await?;
+    Ok(encode(r.engine.tokenizer(), &text, add_special_tokens).await?.len())
 }
 
 async fn tokenize(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Json<Value>, ApiError> {

@@ -323,14 +323,25 @@ async fn the_openai_sdk_reads_responses() {
     sdk_script_on_the_scripted_server("test_responses_sdk.py").await;
 }
 
-/// Runs tests/sdk/`script` against a scripted server with the output parsers on.
+/// Anthropic's Messages API (/v1/messages) through the anthropic Python SDK (strict
+/// validation): text, stop sequences, the length limit, tool use and results sent back, thinking
+/// blocks, the stream helper, count_tokens, and errors in Anthropic's shape.
+#[tokio::test]
+async fn the_anthropic_sdk_reads_messages() {
+    sdk_script_on_the_scripted_server("test_anthropic_sdk.py").await;
+}
+
+/// Runs tests/sdk/`script` against a scripted server with the output parsers on (the script
+/// gets the server's base URL; OpenAI's clients add /v1 to it).
 async fn sdk_script_on_the_scripted_server(script: &str) {
-    if common::sdk_python().is_none() {
-        eprintln!("skipped: .venv with the openai SDK not found (run scripts/test.sh)");
+    let module = if script.contains("anthropic") { "anthropic" } else { "openai" };
+    if !common::python_has(module) {
+        eprintln!("skipped: .venv with the {module} SDK not found (run scripts/test.sh)");
         return;
     }
     let h = Harness::start(true).await;
-    common::run_sdk_script(script, &format!("{}/v1", h.base)).await;
+    let base = if script.contains("anthropic") { h.base.clone() } else { format!("{}/v1", h.base) };
+    common::run_sdk_script(script, &base).await;
     let e = h.engine.clone();
     tokio::task::spawn_blocking(move || e.shutdown()).await.unwrap();
 }

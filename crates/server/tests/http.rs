@@ -785,6 +785,55 @@ async fn responses_answer_what_the_chat_route_answers() {
     assert_eq!((st, v["error"]["type"].as_str()), (400, Some("invalid_request_error")), "{v}");
 }
 
+/// `/v1/messages` (Anthropic's API) is the chat route reshaped: the same text and token counts
+/// as the chat completion of the same conversation, streamed events that add up to it,
+/// count_tokens agreeing with the usage, the key accepted as `x-api-key`, and errors in
+/// Anthropic's shape.
+#[tokio::test]
+async fn messages_answer_what_the_chat_route_answers() {
+    let s = Server::start(&["--api-key", "sk-a"]).await;
+    let post = |path: &'static str, body: Value, key: (&'static str, &'static str)| {
+        let r = s.client.post(s.url(path)).header(key.0, key.1).json(&body).send();
+        async move {
+            let r = r.await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    let (bearer, x_key) = (("authorization", "Bearer sk-a"), ("x-api-key", "sk-a"));
+    let chat = json!({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "def add(a, b):"}], "max_tokens": 12, "temperature": 0});
+    let (st, c) = post("/v1/chat/completions", chat, bearer).await;
+    assert_eq!(st, 200, "{c}");
+    let c: Value = serde_json::from_str(&c).unwrap();
+    let msg = json!({"model": c["model"], "system": "Be brief.", "messages": [{"role": "user", "content": [{"type": "text", "text": "def add(a, b):"}]}], "max_tokens": 12, "temperature": 0});
+    let (st, m) = post("/v1/messages", msg.clone(), x_key).await;
+    assert_eq!(st, 200, "{m}");
+    let m: Value = serde_json::from_str(&m).unwrap();
+    let text = c["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(!text.is_empty());
+    assert_eq!((&m["content"][0]["text"], &m["usage"]["input_tokens"], &m["usage"]["output_tokens"]), (&json!(text), &c["usage"]["prompt_tokens"], &c["usage"]["completion_tokens"]), "{m}");
+    let want_stop = if c["choices"][0]["finish_reason"] == "length" { "max_tokens" } else { "end_turn" };
+    assert_eq!((&m["type"], &m["role"], &m["stop_reason"]), (&json!("message"), &json!("assistant"), &json!(want_stop)));
+    let (_, n) = post("/v1/messages/count_tokens", json!({"system": "Be brief.", "messages": msg["messages"]}), x_key).await;
+    assert_eq!(serde_json::from_str::<Value>(&n).unwrap()["input_tokens"], c["usage"]["prompt_tokens"], "{n}");
+    // Streamed: the text deltas add up to the same text; the stop reason and usage come last.
+    let mut streamed = msg.clone();
+    streamed["stream"] = json!(true);
+    let (st, body) = post("/v1/messages", streamed, x_key).await;
+    assert_eq!(st, 200);
+    let events: Vec<Value> = body.lines().filter_map(|l| l.strip_prefix("data: ")).map(|d| serde_json::from_str(d).unwrap()).collect();
+    let deltas: String = events.iter().filter(|e| e["type"] == "content_block_delta").map(|e| e["delta"]["text"].as_str().unwrap()).collect();
+    assert_eq!(deltas, text);
+    assert_eq!((&events[0]["type"], &events.last().unwrap()["type"]), (&json!("message_start"), &json!("message_stop")));
+    let delta = &events[events.len() - 2];
+    assert_eq!((&delta["delta"]["stop_reason"], &delta["usage"]["output_tokens"]), (&json!(want_stop), &c["usage"]["completion_tokens"]), "{delta}");
+    // Errors in Anthropic's shape: a missing max_tokens, a wrong key.
+    let (st, e) = post("/v1/messages", json!({"messages": [{"role": "user", "content": "x"}]}), x_key).await;
+    let e: Value = serde_json::from_str(&e).unwrap();
+    assert_eq!((st, &e["type"], &e["error"]["type"]), (400, &json!("error"), &json!("invalid_request_error")), "{e}");
+    let (st, _) = post("/v1/messages", msg, ("x-api-key", "wrong")).await;
+    assert_eq!(st, 401);
+}
+
 /// vLLM's `stop_reason` on each choice: the stop string or stop token id that ended it, null
 /// where EOS or the length did; on the finishing chunk when streamed; on both routes.
 #[tokio::test]

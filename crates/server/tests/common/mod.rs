@@ -117,6 +117,12 @@ pub fn sdk_python() -> Option<std::path::PathBuf> {
     has_sdk.then_some(python)
 }
 
+/// Whether the repository's `.venv` Python can import `module`.
+pub fn python_has(module: &str) -> bool {
+    let python = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python");
+    python.is_file() && Command::new(&python).args(["-c", &format!("import {module}")]).status().is_ok_and(|s| s.success())
+}
+
 /// Runs tests/sdk/`script` against `base_url` with the SDK's Python and asserts it passed
 /// ("all checks passed"); skips with a message where the `.venv` is absent.
 pub async fn run_sdk_script(script: &str, base_url: &str) {
