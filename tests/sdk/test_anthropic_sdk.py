@@ -46,6 +46,10 @@ follow = ask + [{"role": "assistant", "content": [b.model_dump(exclude_none=True
 m = client.messages.create(messages=follow, tools=tools, **kw)
 assert m.content[0].text == PLAIN and m.stop_reason == "end_turn", m
 
+# A forced call (tool_choice naming a tool) is tool use too.
+m = client.messages.create(messages=[{"role": "user", "content": "ask-forced"}], tools=tools, tool_choice={"type": "tool", "name": "get_weather"}, **kw)
+assert m.stop_reason == "tool_use" and [b.name for b in m.content if b.type == "tool_use"] == ["get_weather"], m
+
 # Streamed: the SDK's helper gathers the same blocks.
 with client.messages.stream(messages=ask, tools=tools, **kw) as s:
     final = s.get_final_message()

@@ -51,7 +51,7 @@ pub async fn count_tokens(State(state): State<AppState>, body: Result<Bytes, Byt
         let body = body_bytes(body)?;
         let req = crate::protocol::body_value(&body)?;
         let (chat, _) = chat_request(&req, false)?;
-        let keep = ["model", "messages", "tools", "chat_template_kwargs"];
+        let keep = ["model", "messages", "tools", "chat_template_kwargs", "continue_final_message"];
         let tokenize: Map<String, Value> = chat.as_object().into_iter().flatten().filter(|(k, _)| keep.contains(&k.as_str())).map(|(k, v)| (k.clone(), v.clone())).collect();
         count_chat_tokens(&state, Bytes::from(Value::Object(tokenize).to_string())).await.map_err(as_messages_error)
     };
@@ -61,8 +61,13 @@ pub async fn count_tokens(State(state): State<AppState>, body: Result<Bytes, Byt
     }
 }
 
+/// A method other than POST on these routes, answered in Anthropic's shape.
+pub async fn method_not_allowed() -> Response {
+    anthropic_error(ApiError::method_not_allowed())
+}
+
 /// An error in Anthropic's shape, with its status.
-fn anthropic_error(e: ApiError) -> Response {
+pub fn anthropic_error(e: ApiError) -> Response {
     let kind = match e.status {
         StatusCode::BAD_REQUEST => "invalid_request_error",
         StatusCode::UNAUTHORIZED => "authentication_error",
@@ -123,6 +128,10 @@ fn chat_request(req: &Value, generating: bool) -> Result<(Value, bool), ApiError
         Some(_) => return Err(ApiError::param("system", "`system` must be a string or a list of text blocks")),
     }
     messages.extend(chat_messages(given(obj, "messages"))?);
+    // A final assistant turn is a prefill: the reply continues it, as Anthropic's does.
+    if messages.last().is_some_and(|m| m["role"] == "assistant" && m.get("tool_calls").is_none()) {
+        chat.insert("continue_final_message".into(), json!(true));
+    }
     chat.insert("messages".into(), Value::Array(messages));
     if let Some(tools) = given(obj, "tools") {
         chat.insert("tools".into(), chat_tools(tools)?);
@@ -134,8 +143,11 @@ fn chat_request(req: &Value, generating: bool) -> Result<(Value, bool), ApiError
             chat.insert("parallel_tool_calls".into(), json!(false));
         }
     }
+    // Thinking is off unless asked for, as Anthropic's default (templates read enable_thinking).
     match given(obj, "thinking").map(|t| t.get("type").and_then(Value::as_str)) {
-        None => {}
+        None => {
+            chat.insert("chat_template_kwargs".into(), json!({"enable_thinking": false}));
+        }
         Some(Some("enabled" | "adaptive")) => {
             chat.insert("chat_template_kwargs".into(), json!({"enable_thinking": true}));
         }
@@ -186,13 +198,13 @@ fn chat_messages(messages: Option<&Value>) -> Result<Vec<Value>, ApiError> {
                 out.push(json!({"role": role, "content": s}));
                 continue;
             }
-            Some(Value::Array(blocks)) => blocks,
-            _ => return Err(ApiError::param("messages", format!("`{p}.content` must be a string or a list of content blocks"))),
+            Some(Value::Array(blocks)) if !blocks.is_empty() => blocks,
+            _ => return Err(ApiError::param("messages", format!("`{p}.content` must be a string or a non-empty list of content blocks"))),
         };
         let (mut texts, mut calls, mut thinking) = (Vec::new(), Vec::new(), Vec::new());
         for (j, b) in blocks.iter().enumerate() {
             let bp = format!("{p}.content[{j}]");
-            let field = |f: &str| b.get(f).ok_or_else(|| ApiError::param("messages", format!("`{bp}.{f}` is required")));
+            let field = |f: &str| b.get(f).filter(|v| v.is_string()).ok_or_else(|| ApiError::param("messages", format!("`{bp}.{f}` is required and must be a string")));
             match (role, b.get("type").and_then(Value::as_str)) {
                 (_, Some("text")) => texts.push(field("text")?.as_str().unwrap_or_default().to_owned()),
                 ("user", Some("tool_result")) => {
@@ -205,7 +217,7 @@ fn chat_messages(messages: Option<&Value>) -> Result<Vec<Value>, ApiError> {
                     out.push(json!({"role": "tool", "tool_call_id": id, "content": content}));
                 }
                 ("assistant", Some("tool_use")) => {
-                    let input = field("input")?;
+                    let input = b.get("input").filter(|v| v.is_object()).ok_or_else(|| ApiError::param("messages", format!("`{bp}.input` is required and must be an object")))?;
                     calls.push(json!({"id": field("id")?, "type": "function", "function": {"name": field("name")?, "arguments": input.to_string()}}));
                 }
                 ("assistant", Some("thinking")) => thinking.push(field("thinking")?.as_str().unwrap_or_default().to_owned()),
@@ -296,7 +308,8 @@ impl Blocks {
     fn message(&self, stop_reason: Value, stop_sequence: Value) -> Value {
         json!({"id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": self.content,
                "stop_reason": stop_reason, "stop_sequence": stop_sequence,
-               "usage": {"input_tokens": self.usage.0, "output_tokens": self.usage.1, "cache_read_input_tokens": self.usage.2, "cache_creation_input_tokens": 0}})
+               // Anthropic's input tokens leave out the cached ones (the total is their sum).
+               "usage": {"input_tokens": self.usage.0 - self.usage.2.min(self.usage.0), "output_tokens": self.usage.1, "cache_read_input_tokens": self.usage.2, "cache_creation_input_tokens": 0}})
     }
 
     fn chunk(&mut self, data: &str) -> Vec<Value> {
@@ -386,8 +399,9 @@ impl Blocks {
     /// A tool call, whole: its arguments as one `input_json_delta`.
     fn tool_use(&mut self, call: &Value) -> Vec<Value> {
         let index = self.content.len();
-        let arguments = call["function"]["arguments"].as_str().unwrap_or("{}").to_owned();
-        let input: Value = serde_json::from_str(&arguments).ok().filter(Value::is_object).unwrap_or(json!({}));
+        // The input as parsed, streamed as its JSON: the same object either way.
+        let input: Value = call["function"]["arguments"].as_str().and_then(|a| serde_json::from_str(a).ok()).filter(Value::is_object).unwrap_or(json!({}));
+        let arguments = input.to_string();
         let (id, name) = (call["id"].clone(), call["function"]["name"].clone());
         self.content.push(json!({"type": "tool_use", "id": id, "name": name, "input": input}));
         vec![
@@ -411,13 +425,15 @@ impl Blocks {
             }
         }
         out.extend(self.close());
+        // A reply with calls asks for them (a forced call's chat finish is `stop`).
+        let calls = self.content.iter().any(|b| b["type"] == "tool_use");
         let (stop_reason, stop_sequence) = match (self.finish.as_deref(), &self.stop_reason) {
             (Some("length"), _) => ("max_tokens", Value::Null),
-            (Some("tool_calls"), _) => ("tool_use", Value::Null),
+            _ if calls => ("tool_use", Value::Null),
             (_, Value::String(s)) => ("stop_sequence", json!(s)),
             _ => ("end_turn", Value::Null),
         };
-        let usage = json!({"output_tokens": self.usage.1, "input_tokens": self.usage.0, "cache_read_input_tokens": self.usage.2});
+        let usage = json!({"output_tokens": self.usage.1, "input_tokens": self.usage.0 - self.usage.2.min(self.usage.0), "cache_read_input_tokens": self.usage.2});
         out.push(json!({"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence}, "usage": usage}));
         out.push(json!({"type": "message_stop"}));
         self.outcome = Some(Ok(self.message(json!(stop_reason), stop_sequence)));
@@ -473,6 +489,7 @@ mod tests {
         for (req, param) in [
             (json!({"messages": [{"role": "user", "content": "x"}]}), "max_tokens"),
             (json!({"max_tokens": 5, "messages": []}), "messages"),
+            (json!({"max_tokens": 5, "messages": [{"role": "user", "content": []}]}), "messages"),
             (json!({"max_tokens": 5, "messages": [{"role": "system", "content": "x"}]}), "messages"),
             (json!({"max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}), "messages"),
             (json!({"max_tokens": 5, "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "web_search_20250305", "name": "w"}]}), "tools"),
@@ -484,6 +501,15 @@ mod tests {
             assert_eq!((e.status.as_u16(), e.param.as_deref()), (400, Some(param)), "{req}: {}", e.message);
         }
         assert!(chat_request(&json!({"messages": [{"role": "user", "content": "x"}]}), false).is_ok(), "count_tokens needs no max_tokens");
+        // A final assistant turn is continued; thinking is off unless asked for.
+        let (chat, _) = chat_request(&json!({"max_tokens": 5, "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "The answer is"}]}), true).unwrap();
+        assert_eq!((&chat["continue_final_message"], &chat["chat_template_kwargs"]), (&json!(true), &json!({"enable_thinking": false})));
+        for bad in [json!({"type": "text", "text": 5}), json!({"type": "text"})] {
+            let req = json!({"max_tokens": 5, "messages": [{"role": "user", "content": [bad]}]});
+            assert_eq!(chat_request(&req, true).unwrap_err().param.as_deref(), Some("messages"), "{req}");
+        }
+        let req = json!({"max_tokens": 5, "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "f", "input": "{}"}]}]});
+        assert_eq!(chat_request(&req, true).unwrap_err().param.as_deref(), Some("messages"));
     }
 
     fn events_of(chunks: &[Value]) -> (Vec<Value>, Result<Value, ApiError>) {
@@ -526,7 +552,10 @@ mod tests {
             m["content"],
             json!([{"type": "thinking", "thinking": "hm", "signature": ""}, {"type": "text", "text": "Hi\n"}, {"type": "tool_use", "id": "call_1", "name": "f", "input": {"a": 1}}])
         );
-        assert_eq!((&m["usage"]["input_tokens"], &m["usage"]["cache_read_input_tokens"]), (&json!(7), &json!(4)));
+        assert_eq!((&m["usage"]["input_tokens"], &m["usage"]["cache_read_input_tokens"]), (&json!(3), &json!(4)), "the total is their sum");
+        // A forced call finishes `stop` on the chat route: still tool use here.
+        let (_, m) = events_of(&[d(json!({"tool_calls": [call]}), 3), json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop", "stop_reason": null}]}), json!("[DONE]")]);
+        assert_eq!(m.unwrap()["stop_reason"], "tool_use");
         let (_, m) = events_of(&[d(json!({"content": "x"}), 3), json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop", "stop_reason": "END"}]}), json!("[DONE]")]);
         let m = m.unwrap();
         assert_eq!((&m["stop_reason"], &m["stop_sequence"]), (&json!("stop_sequence"), &json!("END")));

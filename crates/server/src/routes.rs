@@ -33,8 +33,8 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/responses", post(crate::responses::responses))
         .route("/v1/responses/{*id}", axum::routing::any(crate::responses::not_stored))
-        .route("/v1/messages", post(crate::messages::messages))
-        .route("/v1/messages/count_tokens", post(crate::messages::count_tokens))
+        .route("/v1/messages", post(crate::messages::messages).fallback(crate::messages::method_not_allowed))
+        .route("/v1/messages/count_tokens", post(crate::messages::count_tokens).fallback(crate::messages::method_not_allowed))
         .route("/v1/models", get(models))
         .route("/v1/models/{*model}", get(model))
         .route("/tokenize", post(tokenize))
@@ -143,6 +143,9 @@ async fn auth(State(state): State<AppState>, req: Request, next: Next) -> Respon
             .or_else(|| req.headers().get("x-api-key").and_then(|v| v.to_str().ok()))
             .unwrap_or("");
         if !constant_time_eq(given.as_bytes(), key.as_bytes()) {
+            if req.uri().path().starts_with("/v1/messages") {
+                return crate::messages::anthropic_error(ApiError::unauthorized());
+            }
             return ApiError::unauthorized().into_response();
         }
     }
