@@ -17,7 +17,7 @@ use futures::stream::{self, StreamExt};
 use serde_json::{json, Map, Value};
 
 use crate::error::ApiError;
-use crate::routes::{body_bytes, chat_run, chunks, count_chat_tokens, ChatRun};
+use crate::routes::{body_bytes, chat_run, chunks, count_chat_tokens, read_chunk, ChatChunk, ChatRun};
 use crate::state::AppState;
 
 pub async fn messages(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
@@ -316,15 +316,11 @@ impl Blocks {
         if self.outcome.is_some() {
             return Vec::new();
         }
-        if data == "[DONE]" {
-            return self.end();
-        }
-        let Ok(v) = serde_json::from_str::<Value>(data) else {
-            return self.fail(ApiError::internal("the chat stream carried a malformed chunk"));
+        let v = match read_chunk(data) {
+            ChatChunk::Done => return self.end(),
+            ChatChunk::Failed(e) => return self.fail(e),
+            ChatChunk::Chunk(v) => v,
         };
-        if let Some(error) = v.get("error") {
-            return self.fail(ApiError::internal(error["message"].as_str().unwrap_or("the request failed")));
-        }
         if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
             self.usage.0 = u["prompt_tokens"].as_u64().unwrap_or(self.usage.0);
             self.usage.1 = u["completion_tokens"].as_u64().unwrap_or(self.usage.1);

@@ -16,7 +16,7 @@ use futures::stream::{self, StreamExt};
 use serde_json::{json, Map, Value};
 
 use crate::error::ApiError;
-use crate::routes::{body_bytes, chat_run, chunks, ChatRun};
+use crate::routes::{body_bytes, chat_run, chunks, read_chunk, ChatChunk, ChatRun};
 use crate::state::{unix_now, AppState};
 
 /// Fields this route reads itself (others are passed on or ignored).
@@ -473,15 +473,11 @@ impl Events {
         if self.outcome.is_some() {
             return Vec::new();
         }
-        if data == "[DONE]" {
-            return self.end();
-        }
-        let Ok(v) = serde_json::from_str::<Value>(data) else {
-            return self.fail(ApiError::internal("the chat stream carried a malformed chunk"));
+        let v = match read_chunk(data) {
+            ChatChunk::Done => return self.end(),
+            ChatChunk::Failed(e) => return self.fail(e),
+            ChatChunk::Chunk(v) => v,
         };
-        if let Some(error) = v.get("error") {
-            return self.fail(ApiError::internal(error["message"].as_str().unwrap_or("the request failed")));
-        }
         if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
             self.usage = Some(usage(u));
         }

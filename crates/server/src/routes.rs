@@ -1176,6 +1176,28 @@ fn sse(st: StreamState) -> Sse<impl futures::Stream<Item = Result<Event, Infalli
     Sse::new(chunks(st).map(|data| Ok(Event::default().data(data)))).keep_alive(KeepAlive::default())
 }
 
+/// One `data:` payload of a chat stream, as the routes that reshape it read it.
+pub(crate) enum ChatChunk {
+    /// `[DONE]`.
+    Done,
+    /// An error object (or a payload that is not JSON).
+    Failed(ApiError),
+    Chunk(Value),
+}
+
+pub(crate) fn read_chunk(data: &str) -> ChatChunk {
+    if data == "[DONE]" {
+        return ChatChunk::Done;
+    }
+    match serde_json::from_str::<Value>(data) {
+        Ok(v) => match v.get("error") {
+            Some(e) => ChatChunk::Failed(ApiError::internal(e["message"].as_str().unwrap_or("the request failed"))),
+            None => ChatChunk::Chunk(v),
+        },
+        Err(_) => ChatChunk::Failed(ApiError::internal("the chat stream carried a malformed chunk")),
+    }
+}
+
 /// A stream's `data:` payloads in order (JSON chunks, an error object, then `[DONE]`); dropping
 /// it aborts the requests.
 pub(crate) fn chunks(st: StreamState) -> impl futures::Stream<Item = String> + Send {
