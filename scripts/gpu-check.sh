@@ -111,6 +111,11 @@ e2e() {  # $1 device, $2 port, $3 speculative model (none: off; default: the mod
     curl -sN "localhost:$port/v1/responses" -H 'content-type: application/json' \
         -d '{"instructions":"Write Python.","input":"def fibonacci(n):","max_output_tokens":32,"temperature":0,"stream":true}' \
         | python3 -c 'import json,sys; ev=[json.loads(l[6:]) for l in sys.stdin.read().splitlines() if l.startswith("data: ")]; print(json.dumps(["".join(e["delta"] for e in ev if e["type"] == "response.output_text.delta"), ev[-1]["type"], ev[-1]["response"]["usage"]["output_tokens"]]))'
+    # /v1/messages (Anthropic's API over the chat route), streamed: greedy, as on the CPU: the
+    # text, the stop reason and the output tokens.
+    curl -sN "localhost:$port/v1/messages" -H 'content-type: application/json' \
+        -d '{"system":"Write Python.","messages":[{"role":"user","content":"class Stack:"}],"max_tokens":24,"temperature":0,"stream":true}' \
+        | python3 -c 'import json,sys; ev=[json.loads(l[6:]) for l in sys.stdin.read().splitlines() if l.startswith("data: ")]; d=[e for e in ev if e["type"] == "message_delta"][0]; print(json.dumps(["".join(e["delta"].get("text", "") for e in ev if e["type"] == "content_block_delta"), d["delta"]["stop_reason"], d["usage"]["output_tokens"]]))'
     # Seeded sampling (on the GPU for --device cuda): the same seed gives the same text, four
     # times. Under the adaptive default the GPU's verify rows round apart from its decode rows
     # and which steps draft follows their timing, so a seeded sampling request decodes plainly
@@ -140,9 +145,10 @@ e2e() {  # $1 device, $2 port, $3 speculative model (none: off; default: the mod
 # trained demo model only: on the golden fixtures' random models a value within ~1e-6 of a rounding boundary
 # rounds to neighbours one ulp apart and grows (docs/design-notes.md, "How BF16 is tested").
 # Each e2e run prints one line a request (3 prompts, JSON mode, a schema, a grammar, a regex,
-# allowed ids, penalties, min_tokens, bad words, prompt logprobs, a streamed response); a
-# request that failed prints none, so two failed runs cannot compare as identical.
-E2E_LINES=13
+# allowed ids, penalties, min_tokens, bad words, prompt logprobs, a streamed response, a streamed
+# Anthropic message); a request that failed prints none, so two failed runs cannot compare as
+# identical.
+E2E_LINES=14
 same() {  # $1 what, $2 GPU's file, $3 CPU's file
     if cmp -s "$LOG/$2" "$LOG/$3" && [ "$(wc -l < "$LOG/$3")" -eq "$E2E_LINES" ]; then echo "e2e $1: identical to --device cpu"; else echo "e2e $1: DIFFERS from --device cpu:"; cat "$LOG/$2"; status=1; fi
 }
