@@ -122,10 +122,10 @@ pub fn start_engine(mut backend: Box<dyn Backend>, tokenizer: SharedTokenizer, c
     let waiting = Arc::new(AtomicUsize::new(0));
     let stats = Arc::new(Mutex::new(EngineStats { total_full_blocks: num_full, free_full_blocks: num_full, ..Default::default() }));
     let failure = Arc::new(OnceLock::new());
-    let mut eos = spec.eos_token_ids.clone();
-    eos.extend(tokenizer.eos_token_ids());
-    let handle_eos = eos.clone();
     let tokenizer_eos = tokenizer.eos_token_ids();
+    let mut eos = spec.eos_token_ids.clone();
+    eos.extend(&tokenizer_eos);
+    let handle_eos = eos.clone();
     let core = Core {
         backend,
         kv,
