@@ -1231,21 +1231,30 @@ struct TokenizeRequest {
     continue_final_message: Option<bool>,
     tools: Option<Value>,
     chat_template_kwargs: Option<serde_json::Map<String, Value>>,
+    /// vLLM's: each token's vocabulary string (`"Ġworld"`, not its decoded text) beside the ids.
+    return_token_strs: Option<bool>,
 }
 
-/// A /tokenize request as read from its body: the text to encode (a chat's rendered) and
-/// whether special tokens are added.
-fn read_tokenize(state: &AppState, body: &[u8]) -> Result<(String, bool), ApiError> {
+/// What a /tokenize body asks for: the text to encode (a chat's rendered), whether special
+/// tokens are added, and whether the tokens' strings come back.
+struct Tokenize {
+    text: String,
+    add_special_tokens: bool,
+    token_strs: bool,
+}
+
+fn read_tokenize(state: &AppState, body: &[u8]) -> Result<Tokenize, ApiError> {
     let r = state.ready()?;
     let req: TokenizeRequest = protocol::parse_body(body)?;
     check_model(r, &req.model)?;
+    let token_strs = req.return_token_strs.unwrap_or(false);
     match (req.prompt, req.messages) {
-        (Some(p), None) => Ok((p, req.add_special_tokens.unwrap_or(true))),
+        (Some(text), None) => Ok(Tokenize { text, add_special_tokens: req.add_special_tokens.unwrap_or(true), token_strs }),
         (None, Some(m)) => {
             let messages = protocol::chat_messages(&m)?;
             let t = r.template.as_ref().ok_or_else(|| ApiError::invalid("this model has no chat template"))?;
             let text = render_chat(t, &messages, req.tools.as_ref(), req.add_generation_prompt, req.continue_final_message, &req.chat_template_kwargs.unwrap_or_default())?;
-            Ok((text, req.add_special_tokens.unwrap_or(false)))
+            Ok(Tokenize { text, add_special_tokens: req.add_special_tokens.unwrap_or(false), token_strs })
         }
         _ => Err(ApiError::invalid("give exactly one of `prompt` or `messages`")),
     }
@@ -1255,16 +1264,20 @@ fn read_tokenize(state: &AppState, body: &[u8]) -> Result<(String, bool), ApiErr
 /// answers.
 pub(crate) async fn count_chat_tokens(state: &AppState, body: Bytes) -> Result<usize, ApiError> {
     let r = state.ready()?;
-    let (text, add_special_tokens) = read_request(state, body, read_tokenize).await?;
-    Ok(encode(r.engine.tokenizer(), &text, add_special_tokens).await?.len())
+    let t = read_request(state, body, read_tokenize).await?;
+    Ok(encode(r.engine.tokenizer(), &t.text, t.add_special_tokens).await?.len())
 }
 
 async fn tokenize(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Json<Value>, ApiError> {
     let body = body_bytes(body)?;
     let r = state.ready()?;
-    let (text, add_special_tokens) = read_request(&state, body, read_tokenize).await?;
-    let tokens = encode(r.engine.tokenizer(), &text, add_special_tokens).await?;
-    Ok(Json(json!({"tokens": tokens, "count": tokens.len(), "max_model_len": r.engine.max_model_len()})))
+    let t = read_request(&state, body, read_tokenize).await?;
+    let tok = r.engine.tokenizer();
+    let tokens = encode(tok, &t.text, t.add_special_tokens).await?;
+    // vLLM answers `token_strs: null` unless asked; an id the vocabulary has no string for
+    // (none the encoder made) would be `null` in the list.
+    let token_strs = t.token_strs.then(|| tokens.iter().map(|&id| tok.id_to_token(id)).collect::<Vec<_>>());
+    Ok(Json(json!({"tokens": tokens, "count": tokens.len(), "max_model_len": r.engine.max_model_len(), "token_strs": token_strs})))
 }
 
 #[derive(serde::Deserialize)]

@@ -877,6 +877,29 @@ async fn stop_reason_names_the_stop_that_ended_a_choice() {
     }
 }
 
+/// /tokenize's `return_token_strs` (vLLM's): each id's vocabulary string (byte-level symbols
+/// such as `Ġ`, not decoded text), for a prompt and for a chat; `null` unless asked for.
+#[tokio::test]
+async fn tokenize_returns_token_strings_when_asked() {
+    let s = Server::start(&[]).await;
+    let tok: Value = serde_json::from_str(&std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/golden/default/tokenizer.json")).unwrap()).unwrap();
+    let id_of = |piece: &str| tok["model"]["vocab"][piece].as_u64().or_else(|| tok["added_tokens"].as_array().unwrap().iter().find(|t| t["content"] == piece).and_then(|t| t["id"].as_u64()));
+    for body in [json!({"prompt": "def hello world():", "return_token_strs": true}), json!({"messages": [{"role": "user", "content": "hello world"}], "return_token_strs": true})] {
+        let (st, v) = s.post("/tokenize", body.clone()).await;
+        assert_eq!(st, 200, "{v}");
+        let (ids, strs) = (v["tokens"].as_array().unwrap(), v["token_strs"].as_array().unwrap_or_else(|| panic!("{v}")));
+        assert_eq!(strs.len(), ids.len(), "{v}");
+        for (id, piece) in ids.iter().zip(strs) {
+            assert_eq!(id_of(piece.as_str().unwrap()), id.as_u64(), "{piece} names another token than {id}: {v}");
+        }
+        assert!(strs.iter().any(|p| p.as_str().unwrap().starts_with('Ġ')), "a word after a space is spelled as the vocabulary spells it: {v}");
+        let mut plain = body;
+        plain.as_object_mut().unwrap().remove("return_token_strs");
+        let (_, p) = s.post("/tokenize", plain).await;
+        assert_eq!((&p["tokens"], &p["token_strs"]), (&v["tokens"], &Value::Null), "{p}");
+    }
+}
+
 /// `return_token_ids` (vLLM's): the prompt's ids (`prompt_token_ids`: on the response for chats,
 /// on each choice for completions; streamed, on each choice's first chunk) and each choice's
 /// output ids (`token_ids`; streamed, each chunk its own), the same streamed or not.
