@@ -29,7 +29,7 @@ async fn run(state: AppState, body: Result<Bytes, BytesRejection>) -> Result<Res
     let model = state.ready()?.model_name.clone();
     let req = crate::protocol::body_value(&body)?;
     let (chat, stream) = chat_request(&req, true)?;
-    let ChatRun::Stream(st) = chat_run(&state, Bytes::from(chat.to_string())).await.map_err(as_messages_error)? else {
+    let ChatRun::Stream(st) = chat_run(&state, Bytes::from(chat.to_string()), None).await.map_err(as_messages_error)? else {
         return Err(ApiError::internal("the chat route answered a streamed request whole"));
     };
     let mut blocks = Blocks::new(format!("msg_{:032x}", rand::random::<u128>()), model);

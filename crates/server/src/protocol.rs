@@ -125,7 +125,7 @@ const COMMON_FIELDS: &[&str] = &[
     "response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend",
     "guided_whitespace_pattern", "structured_outputs", "include_stop_str_in_output", "truncate_prompt_tokens", "allowed_token_ids",
     "return_tokens_as_token_ids", "add_special_tokens", "cache_salt", "return_token_ids", "prompt_logprobs",
-    "bad_words",
+    "bad_words", "request_id",
 ];
 pub const CHAT_FIELDS: &[&str] = &["best_of", "echo", "reasoning_effort", "documents", "include_reasoning", "messages", "logprobs", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs", "add_generation_prompt", "continue_final_message", "functions", "function_call"];
 pub const COMPLETION_FIELDS: &[&str] = &["prompt", "echo", "logprobs", "suffix", "best_of"];
@@ -224,6 +224,8 @@ pub struct CommonParams {
     pub prompt_logprobs: Option<i64>,
     /// vLLM's: words the output never contains (tokenized by `bad_words`).
     pub bad_words: Option<Vec<String>>,
+    /// vLLM's: the response's `id` after its prefix (an `X-Request-Id` header comes first).
+    pub request_id: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -300,6 +302,8 @@ pub struct Plan {
     /// The response carries the prompt's logprobs with this many alternatives each (vLLM's
     /// `prompt_logprobs`; never when streamed).
     pub prompt_logprobs: Option<usize>,
+    /// The caller's id for the response (`request_id`), checked by `client_request_id`.
+    pub request_id: Option<String>,
 }
 
 impl Plan {
@@ -476,7 +480,26 @@ pub fn plan(c: &CommonParams, logprobs: Option<usize>, vocab_size: usize, always
         truncate_prompt_tokens,
         tokens_as_ids: c.return_tokens_as_token_ids.unwrap_or(false),
         prompt_logprobs,
+        request_id: c.request_id.as_deref().map(|id| client_request_id(id).map_err(|why| ApiError::param("request_id", format!("`request_id` {why}")))).transpose()?,
     })
+}
+
+/// The most bytes a caller's request id may have: it is repeated in every streamed chunk.
+pub const MAX_REQUEST_ID_BYTES: usize = 256;
+
+/// A caller's request id (the body's `request_id` or an `X-Request-Id` header), as it will
+/// follow `chatcmpl-` / `cmpl-` in the response's `id`; or why it cannot.
+pub fn client_request_id(id: &str) -> Result<String, String> {
+    if id.is_empty() {
+        return Err("must be a non-empty string".into());
+    }
+    if id.len() > MAX_REQUEST_ID_BYTES {
+        return Err(format!("must be at most {MAX_REQUEST_ID_BYTES} bytes, got {}", id.len()));
+    }
+    if id.chars().any(char::is_control) {
+        return Err("must not contain control characters".into());
+    }
+    Ok(id.to_owned())
 }
 
 /// `response_format`: JSON mode (`json_object`: the output is kept a JSON object, engine's

@@ -40,7 +40,7 @@ pub async fn responses(State(state): State<AppState>, body: Result<Bytes, BytesR
     let (chat, echo, stream) = chat_request(&req)?;
     // The chat always streams: one reading of its chunks gives both forms, so a response is
     // the same items streamed or not.
-    let ChatRun::Stream(st) = chat_run(&state, Bytes::from(chat.to_string())).await.map_err(as_responses_error)? else {
+    let ChatRun::Stream(st) = chat_run(&state, Bytes::from(chat.to_string()), None).await.map_err(as_responses_error)? else {
         return Err(ApiError::internal("the chat route answered a streamed request whole"));
     };
     let mut events = Events::new(Shape { echo, id: item_id("resp"), created: unix_now(), model });

@@ -9,7 +9,7 @@ use std::time::Instant;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -653,12 +653,30 @@ fn render_chat(template: &peregrine_model::chat_template::ChatTemplate, messages
     peregrine_model::chat_template::continue_final_message(&text, messages).map_err(|e| ApiError::param("continue_final_message", e.to_string()))
 }
 
-async fn chat(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+async fn chat(State(state): State<AppState>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let body = body_bytes(body)?;
-    Ok(match chat_run(&state, body).await? {
+    Ok(match chat_run(&state, body, header_request_id(&headers)).await? {
         ChatRun::Stream(st) => sse(*st).into_response(),
         ChatRun::Reply(reply) => Json(reply).into_response(),
     })
+}
+
+/// A usable `X-Request-Id` header (one that is not is left to the access log alone: a proxy's
+/// header should not fail the request).
+fn header_request_id(headers: &HeaderMap) -> Option<String> {
+    headers.get("x-request-id").and_then(|v| v.to_str().ok()).and_then(|id| protocol::client_request_id(id).ok())
+}
+
+/// The response's `id`, `{prefix}-` and the caller's id (the `X-Request-Id` header, else the
+/// body's `request_id`, as vLLM picks) or a random one; and the engine's id for the request's
+/// sequences, unique whatever the caller sent, since it seeds unseeded sampling.
+fn request_ids(prefix: &str, header_id: Option<String>, plan: &Plan) -> (String, String) {
+    let id = match header_id.or_else(|| plan.request_id.clone()) {
+        Some(caller) => format!("{prefix}-{caller}"),
+        None => random_id(prefix),
+    };
+    let engine_id = random_id(&id);
+    (id, engine_id)
 }
 
 /// A chat request under way: its chunks still to come, or its whole reply.
@@ -669,7 +687,7 @@ pub(crate) enum ChatRun {
 
 /// Reads, submits and (unless streamed) collects a chat request's body: what `/v1/chat/completions`
 /// answers, and what `/v1/responses` reshapes.
-pub(crate) async fn chat_run(state: &AppState, body: Bytes) -> Result<ChatRun, ApiError> {
+pub(crate) async fn chat_run(state: &AppState, body: Bytes, header_id: Option<String>) -> Result<ChatRun, ApiError> {
     let r = state.ready()?;
     let ChatRead { top, plan, tools, forced, one_call, hide_reasoning, echo, text } = read_request(state, body, read_chat).await?;
     let tok = r.engine.tokenizer();
@@ -683,9 +701,9 @@ pub(crate) async fn chat_run(state: &AppState, body: Bytes) -> Result<ChatRun, A
         forced,
         one_call,
     };
-    let id = random_id("chatcmpl");
+    let (id, engine_id) = request_ids("chatcmpl", header_id, &plan);
     let prompt_len = ids.len();
-    let sub = submit(state, &id, &[ids], &plan, plan.prompt_logprobs, "messages").await?;
+    let sub = submit(state, &engine_id, &[ids], &plan, plan.prompt_logprobs, "messages").await?;
     let created = unix_now();
     if plan.stream {
         let mut st = StreamState::new(state.clone(), sub, id, created, true, &plan, None);
@@ -771,7 +789,7 @@ fn read_completion(state: &AppState, body: &[u8]) -> Result<CompletionRead, ApiE
     Ok(CompletionRead { top, plan, echo: req.echo.unwrap_or(false), prompt_only, prompts: protocol::prompts(&req.prompt)? })
 }
 
-async fn completions(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+async fn completions(State(state): State<AppState>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let body = body_bytes(body)?;
     let r = state.ready()?;
     let CompletionRead { top, plan, echo, prompt_only, prompts: inputs } = read_request(&state, body, read_completion).await?;
@@ -796,10 +814,10 @@ async fn completions(State(state): State<AppState>, body: Result<Bytes, BytesRej
         prompts.push(ids);
     }
     let echo_texts = echo.then_some(echo_texts);
-    let id = random_id("cmpl");
+    let (id, engine_id) = request_ids("cmpl", header_request_id(&headers), &plan);
     // The engine's prompt entries serve the echo's logprobs and `prompt_logprobs` both.
     let prompt_lp = if echo { top.max(plan.prompt_logprobs) } else { plan.prompt_logprobs };
-    let mut sub = submit(&state, &id, &prompts, &plan, prompt_lp, "prompt").await?;
+    let mut sub = submit(&state, &engine_id, &prompts, &plan, prompt_lp, "prompt").await?;
     if prompt_only {
         sub = without_output(sub);
     }

@@ -877,6 +877,68 @@ async fn stop_reason_names_the_stop_that_ended_a_choice() {
     }
 }
 
+/// The response's `id` carries the caller's id as vLLM's does: `chatcmpl-` / `cmpl-` and the
+/// `X-Request-Id` header, else the body's `request_id`, else a random one; streamed chunks too.
+/// Two unseeded sampled requests with one id still sample apart (the engine's seed is its own);
+/// a bad `request_id` is a 400, a bad header is left out of the id.
+#[tokio::test]
+async fn response_ids_carry_the_callers_request_id() {
+    let s = Server::start(&[]).await;
+    let post = |path: &'static str, body: Value, header: Option<&'static str>| {
+        let mut r = s.client.post(s.url(path)).json(&body);
+        if let Some(h) = header {
+            r = r.header("x-request-id", h);
+        }
+        async move {
+            let r = r.send().await.unwrap();
+            let (status, echoed) = (r.status().as_u16(), r.headers().get("x-request-id").map(|v| v.to_str().unwrap().to_owned()));
+            let text = r.text().await.unwrap();
+            (status, echoed, text)
+        }
+    };
+    let chat = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 24, "temperature": 1.5, "ignore_eos": true});
+    let completion = json!({"prompt": "def f(x):", "max_tokens": 24, "temperature": 1.5, "ignore_eos": true});
+    let id = |text: &str| serde_json::from_str::<Value>(text).unwrap_or_else(|_| panic!("{text}"))["id"].as_str().unwrap().to_owned();
+    let with_field = |b: &Value, rid: &str| {
+        let mut b = b.clone();
+        b["request_id"] = json!(rid);
+        b
+    };
+    for (path, body, prefix) in [("/v1/chat/completions", &chat, "chatcmpl-"), ("/v1/completions", &completion, "cmpl-")] {
+        let (st, echoed, a) = post(path, body.clone(), Some("trace-42")).await;
+        assert_eq!((st, echoed.as_deref(), id(&a)), (200, Some("trace-42"), format!("{prefix}trace-42")), "{a}");
+        let (_, _, b) = post(path, body.clone(), Some("trace-42")).await;
+        assert_eq!(id(&b), format!("{prefix}trace-42"));
+        let text = |t: &str| serde_json::from_str::<Value>(t).unwrap()["choices"][0].to_string();
+        assert_ne!(text(&a), text(&b), "one caller id, yet the same unseeded sample twice: the id seeded it");
+        // The body's field, and the header over it.
+        let (_, _, c) = post(path, with_field(body, "mine 1"), None).await;
+        assert_eq!(id(&c), format!("{prefix}mine 1"));
+        let (_, _, d) = post(path, with_field(body, "mine 1"), Some("theirs")).await;
+        assert_eq!(id(&d), format!("{prefix}theirs"));
+        // Neither: random, and unlike the next.
+        let (_, _, e) = post(path, body.clone(), None).await;
+        let (_, _, f) = post(path, body.clone(), None).await;
+        assert!(id(&e).starts_with(prefix) && id(&e).len() > prefix.len() + 16 && id(&e) != id(&f), "{e} {f}");
+        // Streamed: every chunk.
+        let mut streamed = with_field(body, "streamed-7");
+        streamed["stream"] = json!(true);
+        let chunks = s.stream(path, streamed).await;
+        let chunks: Vec<&String> = chunks.iter().filter(|c| *c != "[DONE]").collect();
+        assert!(chunks.len() > 2 && chunks.iter().all(|c| id(c) == format!("{prefix}streamed-7")), "{chunks:?}");
+        // A bad field is refused, naming it; a bad header (too long) is only not used.
+        for bad in [json!(""), json!("x".repeat(257)), json!("a\nb"), json!(7)] {
+            let mut b = body.clone();
+            b["request_id"] = bad.clone();
+            let (st, v) = s.post(path, b).await;
+            assert_eq!((st, v["error"]["param"].as_str()), (400, Some("request_id")), "{bad}: {v}");
+        }
+        let long: &'static str = Box::leak("y".repeat(300).into_boxed_str());
+        let (st, _, g) = post(path, body.clone(), Some(long)).await;
+        assert!(st == 200 && !id(&g).contains("yyy"), "{g}");
+    }
+}
+
 /// /tokenize's `return_token_strs` (vLLM's): each id's vocabulary string (byte-level symbols
 /// such as `Ġ`, not decoded text), for a prompt and for a chat; `null` unless asked for.
 #[tokio::test]
