@@ -39,9 +39,12 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .route("/v1/models/{*model}", get(model))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
+        .route("/invocations", post(invocations))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .route("/health", get(health))
+        // SageMaker's health probe (GET or POST), as vLLM answers it.
+        .route("/ping", get(health).post(health))
         .route("/metrics", get(metrics))
         .route("/version", get(version))
         .merge(api)
@@ -88,7 +91,7 @@ pub fn cors(origins: &[String]) -> anyhow::Result<tower_http::cors::CorsLayer> {
 /// once its response starts: method, path, status, that id and the time to the response's start
 /// (a stream's own length is not in it). A request whose client left before its response
 /// started is logged as 499 (nginx's "client closed request"). /health and /metrics log at debug
-/// level: probes and scrapes come every few seconds.
+/// level (and /ping, SageMaker's /health): probes and scrapes come every few seconds.
 async fn access_log(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let request_id = req.headers().get("x-request-id").cloned();
     let mut entry = state.settings.access_log.then(|| AccessLine {
@@ -122,7 +125,7 @@ impl Drop for AccessLine {
     fn drop(&mut self) {
         let (method, path, request_id) = (&self.method, &self.path, &self.request_id);
         let (status, ms) = (self.status.unwrap_or(499), (self.t0.elapsed().as_secs_f64() * 1e4).round() / 10.0);
-        if matches!(path.as_str(), "/health" | "/metrics") {
+        if matches!(path.as_str(), "/health" | "/ping" | "/metrics") {
             tracing::debug!(target: "peregrine::access", method, path, status, ms, request_id, "request");
         } else {
             tracing::info!(target: "peregrine::access", method, path, status, ms, request_id, "request");
@@ -659,6 +662,31 @@ async fn chat(State(state): State<AppState>, headers: HeaderMap, body: Result<By
         ChatRun::Stream(st) => sse(*st).into_response(),
         ChatRun::Reply(reply) => Json(reply).into_response(),
     })
+}
+
+/// SageMaker's `/invocations` (as vLLM serves it): a chat body (`messages`) goes to
+/// /v1/chat/completions, a completion body (`prompt`) to /v1/completions.
+async fn invocations(state: State<AppState>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let bytes = body_bytes(body)?;
+    // Only which of the two keys is there (the route's handler reads the body for itself).
+    #[derive(serde::Deserialize)]
+    struct Kind {
+        messages: Option<serde::de::IgnoredAny>,
+        prompt: Option<serde::de::IgnoredAny>,
+    }
+    fn read_kind(_: &AppState, body: &[u8]) -> Result<(bool, bool), ApiError> {
+        match serde_json::from_slice::<Kind>(body) {
+            Ok(k) => Ok((k.messages.is_some(), k.prompt.is_some())),
+            // What is wrong with it, in the routes' words (not UTF-8, not JSON, not an object).
+            Err(_) => protocol::body_value(body).map(|_| (false, false)),
+        }
+    }
+    match read_request(&state.0, bytes.clone(), read_kind).await? {
+        (true, false) => chat(state, headers, Ok(bytes)).await,
+        (false, true) => completions(state, headers, Ok(bytes)).await,
+        (true, true) => Err(ApiError::invalid("/invocations takes a chat body (with `messages`) or a completion body (with `prompt`), not both")),
+        (false, false) => Err(ApiError::invalid("/invocations takes a chat body (with `messages`) or a completion body (with `prompt`)")),
+    }
 }
 
 /// A usable `X-Request-Id` header (one that is not is left to the access log alone: a proxy's

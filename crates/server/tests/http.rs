@@ -361,9 +361,11 @@ async fn api_key_is_required_when_set() {
         let r = s.client.post(s.url("/v1/completions")).header("authorization", header).json(&json!({"prompt": "x", "max_tokens": 1})).send().await.unwrap();
         assert_eq!(r.status(), want, "{header}");
     }
-    // Health and metrics stay open.
+    // Health (and SageMaker's /ping) and metrics stay open; /invocations needs the key.
     assert_eq!(s.client.get(s.url("/health")).send().await.unwrap().status(), 200);
+    assert_eq!(s.client.get(s.url("/ping")).send().await.unwrap().status(), 200);
     assert_eq!(s.client.get(s.url("/metrics")).send().await.unwrap().status(), 200);
+    assert_eq!(s.post("/invocations", json!({"prompt": "x", "max_tokens": 1})).await.0, 401);
     // A browser's CORS preflight is answered without the key (any origin by default, as vLLM),
     // and answers carry the header.
     let preflight = |s: &Server, origin: &str| {
@@ -875,6 +877,42 @@ async fn stop_reason_names_the_stop_that_ended_a_choice() {
             }
         }
     }
+}
+
+/// SageMaker's routes as vLLM serves them: `/ping` (GET or POST) answers as /health does, and
+/// `/invocations` runs a chat body as /v1/chat/completions and a completion body as
+/// /v1/completions (the same greedy output, errors included); a body that is both or neither
+/// is a 400.
+#[tokio::test]
+async fn sagemaker_ping_and_invocations() {
+    let s = Server::start(&[]).await;
+    for r in [s.client.get(s.url("/ping")).send().await.unwrap(), s.client.post(s.url("/ping")).send().await.unwrap()] {
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.json::<Value>().await.unwrap(), json!({"status": "ok"}));
+    }
+    let chat = chat_body(json!({"max_tokens": 8, "temperature": 0}));
+    let completion = json!({"prompt": "def f(x):", "max_tokens": 8, "temperature": 0});
+    for (route, body, object) in [("/v1/chat/completions", chat, "chat.completion"), ("/v1/completions", completion, "text_completion")] {
+        let ((st, direct), (st2, via)) = (s.post(route, body.clone()).await, s.post("/invocations", body.clone()).await);
+        assert_eq!((st, st2, &via["object"]), (200, 200, &json!(object)), "{via}");
+        // (The second of the two reads the first's prompt from the prefix cache.)
+        assert_eq!((text_of(&via, 0), &via["usage"]["prompt_tokens"], &via["usage"]["completion_tokens"]), (text_of(&direct, 0), &direct["usage"]["prompt_tokens"], &direct["usage"]["completion_tokens"]), "{via} vs {direct}");
+        let mut streamed = body.clone();
+        streamed["stream"] = json!(true);
+        assert_eq!(s.stream("/invocations", streamed).await.last().map(String::as_str), Some("[DONE]"));
+        // The route's own checks.
+        let mut bad = body.clone();
+        bad["temperature"] = json!(-1);
+        let ((_, want), (st, got)) = (s.post(route, bad.clone()).await, s.post("/invocations", bad).await);
+        assert_eq!((st, &got["error"]["param"]), (400, &want["error"]["param"]), "{got}");
+    }
+    let (st, both) = s.post("/invocations", json!({"prompt": "x", "messages": [{"role": "user", "content": "x"}]})).await;
+    assert!(st == 400 && both["error"]["message"].as_str().unwrap().contains("not both"), "{both}");
+    let (st, neither) = s.post("/invocations", json!({"max_tokens": 1})).await;
+    assert!(st == 400 && neither["error"]["message"].as_str().unwrap().contains("`messages`"), "{neither}");
+    let (st, broken) = s.post_raw("/invocations", b"{\"prompt\": ".to_vec()).await;
+    assert_eq!(st, 400, "{broken}");
+    assert_eq!(s.post_raw("/invocations", b"[1]".to_vec()).await.0, 400);
 }
 
 /// The response's `id` carries the caller's id as vLLM's does: `chatcmpl-` / `cmpl-` and the
