@@ -267,6 +267,21 @@ pub struct ServeArgs {
     /// steps while the GPU waits. Outputs are the same either way.
     #[arg(long, env = "PEREGRINE_NO_OVERLAP_STEPS", value_parser = clap::builder::BoolishValueParser::new())]
     pub no_overlap_steps: bool,
+    /// Requests without a `seed` of their own sample from seeds made of this and their arrival
+    /// number (the n-th generation request the server took), so a server restarted with the
+    /// same seed and sent the same requests in the same order samples the same text. Without
+    /// it, unseeded requests sample independently run to run.
+    #[arg(long, env = "PEREGRINE_SEED")]
+    pub seed: Option<u64>,
+    /// Decode steps run eagerly on the GPU, without CUDA graphs (vLLM's flag; slower; for
+    /// debugging). No effect on the CPU.
+    #[arg(long)]
+    pub enforce_eager: bool,
+    /// No effect: prefill is always chunked to --max-num-batched-tokens.
+    #[arg(long, help_heading = "Accepted for vLLM command lines (no effect)")]
+    pub enable_chunked_prefill: bool,
+    #[arg(long, hide = true)]
+    pub no_enable_chunked_prefill: bool,
 }
 
 impl ServeArgs {
@@ -489,6 +504,9 @@ pub fn load(args: &ServeArgs) -> anyhow::Result<Ready> {
     if args.enable_auto_tool_choice && args.tool_call_parser == ToolCallParserKind::None {
         bail!("--enable-auto-tool-choice asks for tool calls, and --tool-call-parser none turns their parsing off: leave one of them out");
     }
+    if args.no_enable_chunked_prefill {
+        bail!("--no-enable-chunked-prefill: prefill is always chunked here, --max-num-batched-tokens tokens a step; give that the --max-model-len for a whole prompt in one step");
+    }
     if args.gpu_memory_utilization.is_some() && args.device != Device::Cuda {
         bail!("--gpu-memory-utilization sizes the KV cache on a GPU (--device cuda); on the CPU give its size with --kv-cache-memory");
     }
@@ -569,6 +587,10 @@ pub fn load(args: &ServeArgs) -> anyhow::Result<Ready> {
                 tracing::info!(drafter = %dir.display(), layers = draft.spec.layers.len(), mode = ?args.speculative_mode, "DFlash speculative decoding on (cuda)");
             }
             kv_cache_dtype = kv_cache_dtype.or(Some(model.auto_kv_dtype()));
+            if args.enforce_eager {
+                model.set_cuda_graphs(false);
+                tracing::info!("--enforce-eager: decode steps run without CUDA graphs");
+            }
             Box::new(model)
         }
     };
@@ -733,6 +755,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         parse_tool_calls: args.tool_call_parser == ToolCallParserKind::Auto,
         parse_reasoning: args.reasoning_parser == ReasoningParserKind::Auto,
         access_log: !args.disable_access_log,
+        seed: args.seed,
     });
     tracing::info!(%addr, "listening (503 until the model is loaded)");
     let app = crate::routes::router(state.clone(), args.max_body_bytes).layer(crate::routes::cors(&args.allowed_origins)?);
@@ -869,9 +892,12 @@ mod tests {
         let a = serve_args(&[
             "/models/mimo", "--tensor-parallel-size", "1", "--trust-remote-code", "--enable-auto-tool-choice", "--tool-call-parser", "qwen3_coder",
             "--reasoning-parser", "qwen3", "--generation-config", "vllm", "--max_num_seqs", "8", "--dtype", "auto", "--disable-log-requests",
-            "--disable-uvicorn-access-log", "--enable-prefix-caching", "--speculative-config", spec,
+            "--disable-uvicorn-access-log", "--enable-prefix-caching", "--speculative-config", spec, "--seed", "42", "--enforce-eager",
+            "--enable-chunked-prefill",
         ])
         .unwrap();
+        assert_eq!((a.seed, a.enforce_eager, a.enable_chunked_prefill), (Some(42), true, true));
+        assert_eq!(serve_args(&[]).unwrap().seed, None);
         assert_eq!((a.model.as_deref(), a.tp, a.max_num_seqs), (Some("/models/mimo"), 1, 8));
         assert_eq!((a.tool_call_parser, a.reasoning_parser, &a.generation_config), (ToolCallParserKind::Auto, ReasoningParserKind::Auto, &GenerationConfig::None));
         assert!(a.trust_remote_code && a.enable_auto_tool_choice && a.disable_log_requests && a.disable_access_log && a.prefix_caching());

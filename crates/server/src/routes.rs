@@ -697,13 +697,13 @@ fn header_request_id(headers: &HeaderMap) -> Option<String> {
 
 /// The response's `id`, `{prefix}-` and the caller's id (the `X-Request-Id` header, else the
 /// body's `request_id`, as vLLM picks) or a random one; and the engine's id for the request's
-/// sequences, unique whatever the caller sent, since it seeds unseeded sampling.
-fn request_ids(prefix: &str, header_id: Option<String>, plan: &Plan) -> (String, String) {
+/// sequences (`AppState::engine_request_id`), unique whatever the caller sent.
+fn request_ids(state: &AppState, prefix: &str, header_id: Option<String>, plan: &Plan) -> (String, String) {
     let id = match header_id.or_else(|| plan.request_id.clone()) {
         Some(caller) => format!("{prefix}-{caller}"),
         None => random_id(prefix),
     };
-    let engine_id = random_id(&id);
+    let engine_id = state.engine_request_id(&id);
     (id, engine_id)
 }
 
@@ -729,7 +729,7 @@ pub(crate) async fn chat_run(state: &AppState, body: Bytes, header_id: Option<St
         forced,
         one_call,
     };
-    let (id, engine_id) = request_ids("chatcmpl", header_id, &plan);
+    let (id, engine_id) = request_ids(state, "chatcmpl", header_id, &plan);
     let prompt_len = ids.len();
     let sub = submit(state, &engine_id, &[ids], &plan, plan.prompt_logprobs, "messages").await?;
     let created = unix_now();
@@ -842,7 +842,7 @@ async fn completions(State(state): State<AppState>, headers: HeaderMap, body: Re
         prompts.push(ids);
     }
     let echo_texts = echo.then_some(echo_texts);
-    let (id, engine_id) = request_ids("cmpl", header_request_id(&headers), &plan);
+    let (id, engine_id) = request_ids(&state, "cmpl", header_request_id(&headers), &plan);
     // The engine's prompt entries serve the echo's logprobs and `prompt_logprobs` both.
     let prompt_lp = if echo { top.max(plan.prompt_logprobs) } else { plan.prompt_logprobs };
     let mut sub = submit(&state, &engine_id, &prompts, &plan, prompt_lp, "prompt").await?;
@@ -1368,7 +1368,7 @@ mod tests {
             let v: Value = protocol::parse_body(body)?;
             Ok((std::thread::current().id(), v["prompt"].as_str().map_or(0, str::len)))
         }
-        let state = AppState::new(crate::state::Settings { api_key: None, always_include_usage: false, parse_tool_calls: false, parse_reasoning: false, access_log: false });
+        let state = AppState::new(crate::state::Settings { api_key: None, always_include_usage: false, parse_tool_calls: false, parse_reasoning: false, access_log: false, seed: None });
         let runtime = std::thread::current().id();
         let body = |n: usize| Bytes::from(serde_json::to_vec(&json!({"prompt": "x".repeat(n)})).unwrap());
         let (thread, n) = read_request(&state, body(100), read).await.unwrap();

@@ -1,6 +1,6 @@
 //! Shared server state: the engine once the model is loaded, the chat template, and settings.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use peregrine_engine::EngineHandle;
@@ -28,6 +28,8 @@ pub struct Settings {
     pub parse_reasoning: bool,
     /// Log each request (method, path, status, time) at info level.
     pub access_log: bool,
+    /// `--seed`: unseeded requests sample from seeds made of this and their arrival number.
+    pub seed: Option<u64>,
 }
 
 #[derive(Clone)]
@@ -38,6 +40,8 @@ pub struct AppState {
     draining: Arc<AtomicBool>,
     /// Requests between the drain check and the engine's own count (`Submitting`).
     submitting: Arc<AtomicUsize>,
+    /// Generation requests taken so far (their arrival numbers, under `--seed`).
+    arrivals: Arc<AtomicU64>,
 }
 
 /// A request on its way into the engine, counted from before it checked for a drain until the
@@ -53,7 +57,23 @@ impl Drop for Submitting {
 
 impl AppState {
     pub fn new(settings: Settings) -> Self {
-        AppState { ready: Arc::new(OnceLock::new()), settings: Arc::new(settings), draining: Arc::new(AtomicBool::new(false)), submitting: Arc::new(AtomicUsize::new(0)) }
+        AppState {
+            ready: Arc::new(OnceLock::new()),
+            settings: Arc::new(settings),
+            draining: Arc::new(AtomicBool::new(false)),
+            submitting: Arc::new(AtomicUsize::new(0)),
+            arrivals: Arc::new(AtomicU64::new(0)),
+        }
+    }
+    /// The engine's id for a request whose response is `id`: unique, since it seeds the
+    /// request's unseeded sampling. Random by default; under `--seed` the seed and the
+    /// request's arrival number, so a restarted server sent the same requests in the same order
+    /// samples the same.
+    pub fn engine_request_id(&self, id: &str) -> String {
+        match self.settings.seed {
+            Some(seed) => format!("seed-{seed}-{}", self.arrivals.fetch_add(1, Ordering::Relaxed)),
+            None => random_id(id),
+        }
     }
     pub fn ready(&self) -> Result<&Ready, ApiError> {
         self.ready.get().ok_or_else(ApiError::loading)
@@ -97,7 +117,7 @@ mod tests {
     /// none is let in and none stays counted.
     #[test]
     fn submits_are_counted_until_the_engine_has_them_and_refused_once_draining() {
-        let state = AppState::new(Settings { api_key: None, always_include_usage: false, parse_tool_calls: false, parse_reasoning: false, access_log: false });
+        let state = AppState::new(Settings { api_key: None, always_include_usage: false, parse_tool_calls: false, parse_reasoning: false, access_log: false, seed: None });
         let a = state.start_submit().expect("not draining");
         let b = state.start_submit().expect("not draining");
         assert_eq!(state.submitting(), 2);

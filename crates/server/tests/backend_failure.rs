@@ -65,7 +65,7 @@ async fn a_lost_backend_turns_health_and_requests_into_503() {
     let tokenizer = peregrine_model::tokenizer::Tokenizer::from_file(&Path::new(FIX).join("tokenizer.json")).unwrap();
     let config = EngineConfig { max_model_len: 256, kv_cache_memory_bytes: 1 << 20, ..EngineConfig::default() };
     let engine = start_engine(Box::new(Lost { spec, forwards: 0 }), Arc::new(tokenizer), config).unwrap();
-    let state = AppState::new(Settings { api_key: None, always_include_usage: false, parse_tool_calls: true, parse_reasoning: true, access_log: false });
+    let state = AppState::new(Settings { api_key: None, always_include_usage: false, parse_tool_calls: true, parse_reasoning: true, access_log: false, seed: None });
     assert!(state.ready.set(Ready { engine: engine.clone(), template: None, model_name: "lost".into(), created: 0, sampling_defaults: Default::default() }).is_ok());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());

@@ -125,7 +125,7 @@ impl Harness {
             None,
         )
         .unwrap();
-        let state = AppState::new(Settings { api_key: None, always_include_usage: false, parse_tool_calls: parse, parse_reasoning: parse, access_log: false });
+        let state = AppState::new(Settings { api_key: None, always_include_usage: false, parse_tool_calls: parse, parse_reasoning: parse, access_log: false, seed: None });
         assert!(state.ready.set(Ready { engine: engine.clone(), template: Some(template), model_name: "scripted".into(), created: 0, sampling_defaults: Default::default() }).is_ok());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());

@@ -879,6 +879,39 @@ async fn stop_reason_names_the_stop_that_ended_a_choice() {
     }
 }
 
+/// `--seed`: unseeded sampled requests draw from seeds of the server's seed and their arrival
+/// number, so a restarted server sent the same requests in order samples the same texts (each
+/// request its own); without it two servers sample apart. A request's `seed` wins either way.
+#[tokio::test]
+async fn server_seed_makes_unseeded_sampling_repeat_across_restarts() {
+    let chat = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 24, "temperature": 1.5, "ignore_eos": true});
+    let completion = json!({"prompt": ["def f(x):", "class A:"], "n": 2, "max_tokens": 24, "temperature": 1.5, "ignore_eos": true});
+    let seeded = json!({"prompt": "x = ", "max_tokens": 24, "temperature": 1.5, "ignore_eos": true, "seed": 3});
+    let run = |args: &'static [&'static str]| {
+        let (chat, completion, seeded) = (chat.clone(), completion.clone(), seeded.clone());
+        async move {
+            let s = Server::start(args).await;
+            let mut texts = Vec::new();
+            for body in [&chat, &completion, &chat, &seeded] {
+                let (st, v) = s.post(if body.get("messages").is_some() { "/v1/chat/completions" } else { "/v1/completions" }, body.clone()).await;
+                assert_eq!(st, 200, "{v}");
+                texts.extend((0..v["choices"].as_array().unwrap().len()).map(|i| text_of(&v, i)));
+            }
+            texts
+        }
+    };
+    let (a, b) = (run(&["--seed", "11"]).await, run(&["--seed", "11"]).await);
+    assert_eq!(a, b, "one seed, the same requests in the same order");
+    assert_eq!(a.len(), 7);
+    let distinct: std::collections::HashSet<&String> = a[..6].iter().collect();
+    assert_eq!(distinct.len(), 6, "each request and choice its own seed: {a:?}");
+    let (c, d) = (run(&[]).await, run(&[]).await);
+    assert_ne!(c[..6], d[..6], "without --seed, unseeded requests sample apart run to run");
+    assert_eq!((&c[6], &d[6], &a[6]), (&b[6], &b[6], &b[6]), "a request's own seed, whatever the server's");
+    let e = run(&["--seed", "12"]).await;
+    assert_ne!(a[..6], e[..6], "another server seed, other samples");
+}
+
 /// SageMaker's routes as vLLM serves them: `/ping` (GET or POST) answers as /health does, and
 /// `/invocations` runs a chat body as /v1/chat/completions and a completion body as
 /// /v1/completions (the same greedy output, errors included); a body that is both or neither

@@ -285,7 +285,8 @@ async fn a_signal_while_the_model_loads_exits_without_finishing_the_load() {
 /// Options that would serve wrongly or not at all are refused at start, with exit status 1 and
 /// the option named: an empty API key (it would let every request in), a --chat-template that is
 /// neither a file nor a template (a mistyped path rendered every chat as its text), an empty
-/// served name, a body limit that refuses every request.
+/// served name, a body limit that refuses every request, vLLM's switch for unchunked prefill
+/// (which is not there: the error says what does that).
 #[test]
 fn bad_startup_options_are_refused_before_serving() {
     for (args, words) in [
@@ -294,6 +295,7 @@ fn bad_startup_options_are_refused_before_serving() {
         (&["--chat-template", ""][..], "--chat-template"),
         (&["--served-model-name", " "][..], "--served-model-name"),
         (&["--max-body-bytes", "0"][..], "--max-body-bytes"),
+        (&["--no-enable-chunked-prefill"][..], "--max-num-batched-tokens"),
     ] {
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_peregrine"));
         cmd.args(["serve", "--port", "0"]).args(args).env_remove("PEREGRINE_API_KEY");
