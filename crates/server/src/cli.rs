@@ -275,7 +275,7 @@ pub struct ServeArgs {
     pub seed: Option<u64>,
     /// Decode steps run eagerly on the GPU, without CUDA graphs (vLLM's flag; slower; for
     /// debugging). No effect on the CPU.
-    #[arg(long)]
+    #[arg(long, env = "PEREGRINE_ENFORCE_EAGER", value_parser = clap::builder::BoolishValueParser::new())]
     pub enforce_eager: bool,
     /// No effect: prefill is always chunked to --max-num-batched-tokens.
     #[arg(long, help_heading = "Accepted for vLLM command lines (no effect)")]
