@@ -198,6 +198,30 @@ same "demo with --gpu-memory-utilization 0.3 on cuda" e2e-cuda-util.txt e2e-demo
 grep -hoE "KV cache (sized|allocated).*" "$LOG/serve-cuda-8207.log" >> "$LOG/e2e.log" || echo "e2e: no KV sizing line in the log: DIFFERS" >> "$LOG/e2e.log"
 cat "$LOG/metrics-cuda-8206.txt" >> "$LOG/e2e.log"
 cat "$LOG/seeded.txt" >> "$LOG/e2e.log"
+# --enforce-eager (vLLM's): decode steps launched one by one, no CUDA graphs; the same text.
+e2e cuda 8214 none models/peregrine-mimo-tiny --kv-cache-dtype float32 --enforce-eager > "$LOG/e2e-cuda-eager.txt"
+{
+    same "demo with --enforce-eager on cuda (float32 pools)" e2e-cuda-eager.txt e2e-demo-cpu.txt
+    grep -q "decode steps run without CUDA graphs" "$LOG/serve-cuda-8214.log" || echo "e2e: --enforce-eager was not taken: DIFFERS"
+} >> "$LOG/e2e.log"
+# --seed: two unseeded sampled requests (sampled on the GPU), on a server started twice with one
+# seed: the same two texts each time, and not the same as each other.
+seed_run() {
+    PEREGRINE_CACHE_DIR=/tmp/pcache .bin/peregrine serve models/peregrine-mimo-tiny --device cuda --seed 5 --port 8215 > "$LOG/serve-seed-$1.log" 2>&1 &
+    local pid=$!
+    for _ in $(seq 1 120); do curl -sf localhost:8215/health >/dev/null && break; sleep 0.5; done
+    for _ in 1 2; do
+        curl -s localhost:8215/v1/completions -H 'content-type: application/json' -d '{"prompt":"def main():\n","max_tokens":32,"temperature":0.8,"ignore_eos":true}' \
+            | python3 -c 'import json,sys; print(json.dumps(json.load(sys.stdin)["choices"][0]["text"]))'
+    done
+    kill $pid; wait $pid 2>/dev/null || true
+}
+s1=$(seed_run 1); s2=$(seed_run 2)
+if [ "$(echo "$s1" | grep -c .)" -eq 2 ] && [ "$s1" = "$s2" ] && [ "$(echo "$s1" | sort -u | wc -l)" -eq 2 ]; then
+    echo "--seed on cuda: a restarted server sampled the same two texts" >> "$LOG/e2e.log"
+else
+    echo "--seed on cuda: DIFFERS between restarts ($s1 / $s2)" >> "$LOG/e2e.log"
+fi
 # Random weights made on the GPU for a config alone (--load-format dummy): served, greedy twice the same.
 PEREGRINE_CACHE_DIR=/tmp/pcache .bin/peregrine serve configs/mimo-v2-flash.json --load-format dummy \
     --hf-overrides '{"num_hidden_layers": 4}' --device cuda --gpu-memory-utilization 0.6 --port 8205 > "$LOG/serve-dummy.log" 2>&1 &

@@ -697,13 +697,17 @@ fn header_request_id(headers: &HeaderMap) -> Option<String> {
 
 /// The response's `id`, `{prefix}-` and the caller's id (the `X-Request-Id` header, else the
 /// body's `request_id`, as vLLM picks) or a random one; and the engine's id for the request's
-/// sequences (`AppState::engine_request_id`), unique whatever the caller sent.
-fn request_ids(state: &AppState, prefix: &str, header_id: Option<String>, plan: &Plan) -> (String, String) {
+/// sequences, unique whatever the caller sent (a hash of it seeds unseeded sampling). Under
+/// `--seed`, a request without a seed gets one here (`AppState::arrival_seed`).
+fn request_ids(state: &AppState, prefix: &str, header_id: Option<String>, plan: &mut Plan) -> (String, String) {
     let id = match header_id.or_else(|| plan.request_id.clone()) {
         Some(caller) => format!("{prefix}-{caller}"),
         None => random_id(prefix),
     };
-    let engine_id = state.engine_request_id(&id);
+    if plan.sampling.seed.is_none() {
+        plan.sampling.seed = state.arrival_seed();
+    }
+    let engine_id = random_id(&id);
     (id, engine_id)
 }
 
@@ -717,7 +721,7 @@ pub(crate) enum ChatRun {
 /// answers, and what `/v1/responses` reshapes.
 pub(crate) async fn chat_run(state: &AppState, body: Bytes, header_id: Option<String>) -> Result<ChatRun, ApiError> {
     let r = state.ready()?;
-    let ChatRead { top, plan, tools, forced, one_call, hide_reasoning, echo, text } = read_request(state, body, read_chat).await?;
+    let ChatRead { top, mut plan, tools, forced, one_call, hide_reasoning, echo, text } = read_request(state, body, read_chat).await?;
     let tok = r.engine.tokenizer();
     let mut ids = encode(tok, &text, plan.add_special_tokens.unwrap_or(false)).await?;
     plan.truncate_prompt(&mut ids, r.engine.max_model_len());
@@ -729,7 +733,7 @@ pub(crate) async fn chat_run(state: &AppState, body: Bytes, header_id: Option<St
         forced,
         one_call,
     };
-    let (id, engine_id) = request_ids(state, "chatcmpl", header_id, &plan);
+    let (id, engine_id) = request_ids(state, "chatcmpl", header_id, &mut plan);
     let prompt_len = ids.len();
     let sub = submit(state, &engine_id, &[ids], &plan, plan.prompt_logprobs, "messages").await?;
     let created = unix_now();
@@ -820,7 +824,7 @@ fn read_completion(state: &AppState, body: &[u8]) -> Result<CompletionRead, ApiE
 async fn completions(State(state): State<AppState>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let body = body_bytes(body)?;
     let r = state.ready()?;
-    let CompletionRead { top, plan, echo, prompt_only, prompts: inputs } = read_request(&state, body, read_completion).await?;
+    let CompletionRead { top, mut plan, echo, prompt_only, prompts: inputs } = read_request(&state, body, read_completion).await?;
     let tok = r.engine.tokenizer();
     let mut prompts = Vec::new();
     let mut echo_texts = Vec::new();
@@ -842,7 +846,7 @@ async fn completions(State(state): State<AppState>, headers: HeaderMap, body: Re
         prompts.push(ids);
     }
     let echo_texts = echo.then_some(echo_texts);
-    let (id, engine_id) = request_ids(&state, "cmpl", header_request_id(&headers), &plan);
+    let (id, engine_id) = request_ids(&state, "cmpl", header_request_id(&headers), &mut plan);
     // The engine's prompt entries serve the echo's logprobs and `prompt_logprobs` both.
     let prompt_lp = if echo { top.max(plan.prompt_logprobs) } else { plan.prompt_logprobs };
     let mut sub = submit(&state, &engine_id, &prompts, &plan, prompt_lp, "prompt").await?;
