@@ -268,11 +268,11 @@ pub struct ServeArgs {
     #[arg(long, env = "PEREGRINE_NO_OVERLAP_STEPS", value_parser = clap::builder::BoolishValueParser::new())]
     pub no_overlap_steps: bool,
     /// Requests without a `seed` of their own sample from seeds made of this and their arrival
-    /// number (the n-th generation request without a seed the server took, greedy ones included), so a server restarted with the
-    /// same seed and sent the same requests in the same order samples the same text (given as
-    /// each such request's seed: on a GPU under adaptive speculation its sampling then decodes
-    /// plainly, as any seeded request's). Without it, unseeded requests sample independently run
-    /// to run.
+    /// number (the n-th generation request without a seed the server took, greedy ones
+    /// included), so a server restarted with the same seed and sent the same requests in the
+    /// same order samples the same text (given as each such request's seed: on a GPU under
+    /// adaptive speculation its sampling then decodes plainly, as any seeded request's). Without
+    /// it, unseeded requests sample independently run to run.
     #[arg(long, env = "PEREGRINE_SEED")]
     pub seed: Option<u64>,
     /// Decode steps run eagerly on the GPU, without CUDA graphs (vLLM's flag; slower; for
