@@ -24,14 +24,18 @@ impl SeqRng {
     }
     /// A uniform number in [0, 1) for output position `n`.
     pub fn uniform_at(&self, n: u64) -> f64 {
-        // SplitMix64 finaliser over (seed, n), then a fresh StdRng: position streams are
-        // independent and well mixed.
-        let mut z = self.seed ^ n.wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^= z >> 31;
-        StdRng::seed_from_u64(z).random::<f64>()
+        // A fresh StdRng per position: position streams are independent and well mixed.
+        StdRng::seed_from_u64(mix(self.seed, n)).random::<f64>()
     }
+}
+
+/// The SplitMix64 finaliser over (seed, n): a well-mixed 64-bit number for the n-th draw of a
+/// stream (each output position's, or the server's `--seed` per arrival).
+pub fn mix(seed: u64, n: u64) -> u64 {
+    let mut z = seed ^ n.wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 /// Stable 64-bit hash (FNV-1a) used to derive a seed from a request id.

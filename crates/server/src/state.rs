@@ -66,17 +66,13 @@ impl AppState {
         }
     }
     /// Under `--seed`, the sampling seed of the next request that has none of its own: the
-    /// server's seed mixed with the request's arrival number (splitmix64's finaliser), so a
+    /// server's seed mixed with the request's arrival number (the sampler's `mix`), so a
     /// restarted server sent the same requests in the same order samples the same. A request
     /// with a seed is one the engine keeps reproducible (it decodes plainly where drafting would
     /// make its text follow step timing), which an engine-id hash would not give.
     pub fn arrival_seed(&self) -> Option<u64> {
         let seed = self.settings.seed?;
-        let n = self.arrivals.fetch_add(1, Ordering::Relaxed);
-        let mut z = seed ^ n.wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        Some(z ^ (z >> 31))
+        Some(peregrine_engine::sampler::mix(seed, self.arrivals.fetch_add(1, Ordering::Relaxed)))
     }
     pub fn ready(&self) -> Result<&Ready, ApiError> {
         self.ready.get().ok_or_else(ApiError::loading)
